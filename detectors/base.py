@@ -1,0 +1,89 @@
+"""The one small interface every detector plugin implements.
+
+Modelled on python-threatexchange's split between *what a signal is* and *how
+it is indexed*: a detector turns one image into zero or more `Evidence` items;
+fusion (``detectors.fusion``) turns a bag of evidence into a cluster's score.
+Detectors register under a stable name so configuration, evidence and
+evaluation reports can refer to them.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, ClassVar, Literal
+
+from pydantic import BaseModel, Field
+
+from detectors.imagedata import ImageData
+
+# "cheap" detectors run on every new member image of a cluster (metadata can
+# survive on one repost and not another); "model" detectors are expensive and
+# run once per cluster, in the separately scaled detect worker role.
+Cost = Literal["cheap", "model"]
+
+
+class Evidence(BaseModel):
+    """One detector's finding about one image.
+
+    ``score`` is the detector's probability that the picture is AI-generated or
+    manipulated (0 = confidently authentic, 0.5 = no opinion, 1 = AI).
+    ``weight`` says how decisive the finding is (a signed C2PA manifest or an
+    exact generator text chunk is near-conclusive; a model logit is not).
+    """
+
+    detector: str
+    score: float = Field(ge=0.0, le=1.0)
+    detail: str
+    weight: float = Field(default=1.0, ge=0.0)
+    sha256: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Detector(abc.ABC):
+    name: ClassVar[str]
+    cost: ClassVar[Cost] = "cheap"
+    version: ClassVar[str] = "1"
+
+    @abc.abstractmethod
+    def analyze(self, image: ImageData) -> list[Evidence]:
+        """Return evidence found in ``image``; an empty list means nothing found.
+
+        Must never raise for a merely unusual image: undecodable input is the
+        caller's problem (``ImageData`` raises ``ImageRejected`` before this).
+        """
+
+
+_REGISTRY: dict[str, Callable[[], Detector]] = {}
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Class decorator: make a detector available by its ``name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"detector {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    _load_builtin_plugins()
+    return sorted(_REGISTRY)
+
+
+def create(name: str) -> Detector:
+    _load_builtin_plugins()
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise KeyError(f"unknown detector {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def create_all(cost: Cost | None = None, names: list[str] | None = None) -> list[Detector]:
+    _load_builtin_plugins()
+    chosen = names if names is not None else sorted(_REGISTRY)
+    detectors = [create(n) for n in chosen]
+    return [d for d in detectors if cost is None or d.cost == cost]
+
+
+def _load_builtin_plugins() -> None:
+    # Importing the modules runs their @register decorators.
+    import detectors.plugins  # noqa: F401

@@ -1,0 +1,1 @@
+"""Built-in detector plugins; importing this package registers them."""

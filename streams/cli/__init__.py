@@ -1,0 +1,11 @@
+"""The ``deepwatch`` command line. Each command group lives in its own module
+and registers itself on the shared Typer ``app``."""
+
+from __future__ import annotations
+
+from streams.cli.app import app
+from streams.cli import pipeline, query, detect, bank, models  # noqa: F401,E402  (registration)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="deepwatch",
+    help=(
+        "Streaming monitor for AI-generated and manipulated news images.\n\n"
+        "Quick start: `deepwatch demo` starts an embedded Kafka-compatible broker and a "
+        "worker, replays a bundled feed and shows clusters as they form. "
+        "`deepwatch replay FEED.jsonl --data-dir DIR` runs the same pipeline over your feed; "
+        "`deepwatch clusters|alerts|dead-letters --data-dir DIR` query the findings afterwards."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
