@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from detectors.base import Evidence
+from detectors.hashing import ImageHashes
 
 
 def utcnow() -> datetime:
@@ -48,19 +49,22 @@ class Engagement(BaseModel):
 
 
 class ImageRef(BaseModel):
-    """Exactly one of ``url``, ``path`` or ``base64``."""
+    """Exactly one of ``url``, ``path``, ``base64`` or ``blob`` (the sha256 of
+    bytes already in deepwatch's blob store; used for inline images once
+    ingested, so image bytes never ride on internal topics)."""
 
     model_config = ConfigDict(extra="forbid")
     url: str | None = Field(default=None, max_length=4096)
     path: str | None = Field(default=None, max_length=4096)
     base64: str | None = None
+    blob: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     mime: str | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ImageRef":
-        given = [k for k in ("url", "path", "base64") if getattr(self, k)]
+        given = [k for k in ("url", "path", "base64", "blob") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError(f"image needs exactly one of url, path, base64 (got {given or 'none'})")
+            raise ValueError(f"image needs exactly one of url, path, base64, blob (got {given or 'none'})")
         if self.url and not self.url.lower().startswith(("http://", "https://")):
             raise ValueError("image.url must be http(s)")
         return self
@@ -106,15 +110,6 @@ class DeadLetter(_Record):
     at: datetime = Field(default_factory=utcnow)
 
 
-class ImageHashes(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    phash: str  # 64-bit, 16 hex chars
-    pdq: str  # 256-bit, 64 hex chars
-    pdq_quality: int
-    phash_mirror: str | None = None  # hashes of the horizontally flipped image
-    pdq_mirror: str | None = None
-
-
 class Sighting(_Record):
     """One event whose image was fetched, decoded and hashed."""
 
@@ -127,6 +122,7 @@ class Sighting(_Record):
     format: str
     hashes: ImageHashes
     evidence: list[Evidence] = Field(default_factory=list)  # cheap detectors on this image
+    ingested_at: datetime | None = None  # broker timestamp of the event: the latency clock starts here
     fetched_at: datetime = Field(default_factory=utcnow)
 
 
@@ -198,6 +194,7 @@ class ClusterSnapshot(_Record):
     merged_into: str | None = None
     models_pending: bool = False
     suppressed: str | None = None  # why alerts are suppressed (e.g. authentic-bank match)
+    alert_level: int = 0
     new_sighting: Sighting | None = None  # the sighting this revision added, if any
 
 
@@ -214,6 +211,8 @@ class Alert(_Record):
     accounts: int
     evidence: list[Evidence]
     at: datetime  # event time that triggered it
+    trigger_event_id: str | None = None
+    trigger_ingested_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -1,1 +1,186 @@
-"""(being written)"""
+"""Run the pipeline: demo, replay, ingest, worker, schema."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from streams.cli.app import app
+from streams.cli.common import Broker, Config, DataDir, err, print_json, settings_from
+from streams.settings import Settings
+
+
+def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, live_table: bool):
+    from streams import runner
+    from streams.ingest import produce_feed
+
+    with ExitStack() as stack:
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=err, transient=False,
+        )
+        err.print(f"[dim]starting broker and {workers} worker(s); logs in {Path(settings.data_dir) / 'logs'}[/]")
+        cluster = runner.start_cluster(settings, stack)
+        for _ in range(workers):
+            cluster.start_worker("pipeline")
+        if settings.detect.models:
+            cluster.start_worker("detect")
+        lines = sum(1 for _ in open(feed, "rb") if _.strip())
+        live = None
+        if live_table:
+            from streams.cli.query import cluster_table
+            from streams.store import open_store
+
+            store = open_store(settings.data_dir)
+
+            def render():
+                return Group(cluster_table(store.clusters(limit=15), title="deepwatch — live clusters"), progress)
+
+            live = stack.enter_context(Live(render(), console=Console(), refresh_per_second=2))
+        else:
+            stack.enter_context(progress)
+        t_ingest = progress.add_task("ingest", total=lines)
+        t_proc = progress.add_task("processed", total=lines)
+        started = time.monotonic()
+        produced = produce_feed(feed, cluster.bootstrap, settings, progress=lambda n: progress.advance(t_ingest, n))
+        progress.update(t_proc, total=len(produced.offsets), completed=0)
+
+        def on_progress(done: int) -> None:
+            progress.update(t_proc, completed=done)
+            if live is not None:
+                live.update(render())
+
+        complete = runner.wait_until_processed(
+            cluster, produced.offsets, timeout_s=timeout_s, on_progress=on_progress, models=bool(settings.detect.models)
+        )
+        seconds = time.monotonic() - started
+        if live is not None:
+            live.update(render())
+        return runner.summarize(settings, produced.lines, produced.offsets, produced.refused, seconds, complete)
+
+
+def _print_summary(summary, fmt_json: bool) -> None:
+    if fmt_json:
+        print_json(summary.__dict__)
+        return
+    dl = ", ".join(f"{k}={v}" for k, v in sorted(summary.dead_letters.items())) or "none"
+    err.print(
+        f"[bold]{'done' if summary.complete else 'TIMED OUT'}[/]: {summary.events} events "
+        f"({summary.produced} produced, {summary.refused_at_ingest} refused at ingest) in {summary.seconds}s "
+        f"= {summary.events_per_second} events/s; {summary.sightings} sightings, {summary.clusters} clusters, "
+        f"{summary.alerts} alerts; dead letters: {dl}"
+    )
+    if summary.alert_latency_s:
+        err.print(f"event→alert latency (s): {summary.alert_latency_s}")
+
+
+@app.command(rich_help_panel="Run")
+def replay(
+    feed: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL file of schema-v1 events (see `deepwatch schema`)."),
+    data_dir: Optional[Path] = DataDir,
+    image_root: List[Path] = typer.Option([], "--image-root", help="Extra directory local image paths may point into (repeatable). The feed's own directory is always allowed."),
+    broker: Optional[str] = Broker,
+    config: Optional[Path] = Config,
+    workers: int = typer.Option(1, min=1, max=8, help="Pipeline worker processes to run."),
+    timeout: float = typer.Option(600, help="Give up (exit 1) if the feed is not fully processed within this many seconds."),
+    json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Run the full streaming pipeline over FEED and exit when every event is
+    processed or dead-lettered.
+
+    Starts the embedded broker (unless --broker names a Kafka cluster) and the
+    workers, produces the feed, waits, prints a summary (throughput, clusters,
+    alerts, dead letters, event→alert latency) and stops everything. Findings
+    stay in --data-dir for `deepwatch clusters|alerts|dead-letters`. Local
+    image paths are allowed only under the feed's directory and --image-root.
+    """
+    roots = [feed.resolve().parent, *[r.resolve() for r in image_root]]
+    settings = settings_from(config, data_dir=data_dir, broker=broker)
+    settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
+    summary = _replay(settings, feed, workers=workers, timeout_s=timeout, live_table=False)
+    _print_summary(summary, json_summary)
+    raise typer.Exit(0 if summary.complete else 1)
+
+
+@app.command(rich_help_panel="Run")
+def demo(
+    data_dir: Optional[Path] = DataDir,
+    config: Optional[Path] = Config,
+    burst: int = typer.Option(14, min=1, help="Reposts in the demo's viral bursts."),
+) -> None:
+    """The embedded default, end to end: start a broker and a worker, replay a
+    bundled demo feed (a viral AI fake, a ComfyUI image, camera photos, hostile
+    input) and show the clusters live. Findings stay queryable afterwards."""
+    from streams.demo_feed import build_feed
+
+    settings = settings_from(config, data_dir=data_dir)
+    feed_dir = Path(settings.data_dir) / "demo-feed"
+    feed, _ = build_feed(feed_dir, burst=burst)
+    settings.ingest.image_roots = [feed_dir.resolve()]
+    summary = _replay(settings, feed, workers=1, timeout_s=600, live_table=True)
+    _print_summary(summary, False)
+    d = settings.data_dir
+    err.print(
+        f"\nExplore the findings:\n  deepwatch clusters --data-dir {d}\n  deepwatch alerts --data-dir {d} --format json\n"
+        f"  deepwatch dead-letters --data-dir {d}\n  deepwatch similar {feed_dir / 'images' / 'flood_q70.jpg'} --data-dir {d}"
+    )
+    raise typer.Exit(0 if summary.complete else 1)
+
+
+@app.command(rich_help_panel="Run")
+def ingest(
+    feed: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL file of schema-v1 events."),
+    broker: str = typer.Option(..., "--broker", help="kafka://HOST:PORT of the running pipeline's broker."),
+    config: Optional[Path] = Config,
+) -> None:
+    """Produce FEED's events to a running pipeline's events topic (malformed
+    lines too: the pipeline dead-letters them with a reason)."""
+    from streams.broker import bootstrap_of
+    from streams.ingest import produce_feed
+
+    settings = settings_from(config, broker=broker)
+    lines = sum(1 for _ in open(feed, "rb") if _.strip())
+    with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), console=err) as progress:
+        task = progress.add_task("ingest", total=lines)
+        produced = produce_feed(feed, bootstrap_of(broker), settings, progress=lambda n: progress.advance(task, n))
+    err.print(f"produced {len(produced.offsets)} events to {settings.topic('events')}; refused {produced.refused} (too large)")
+
+
+@app.command(rich_help_panel="Run")
+def worker(
+    role: str = typer.Option("pipeline", help="pipeline (ingest → cluster → sinks) or detect (learned models, own consumer group)."),
+    broker: str = typer.Option(..., "--broker", help="kafka://HOST:PORT (or tansu://HOST:PORT for Tansu with its workarounds)."),
+    data_dir: Optional[Path] = DataDir,
+    config: Optional[Path] = Config,
+    metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus /metrics on this port (0 = any free port)."),
+    create_topics: bool = typer.Option(True, help="Create missing topics with the right partition counts before starting."),
+) -> None:
+    """Run one long-lived worker process against an existing broker."""
+    from streams import worker as worker_mod
+    from streams.app import topic_specs
+    from streams.broker import bootstrap_of, ensure_topics
+
+    settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
+    if create_topics:
+        ensure_topics(bootstrap_of(broker), topic_specs(settings))
+    worker_mod.run(settings, role)
+
+
+@app.command(rich_help_panel="Run")
+def schema(out: Optional[Path] = typer.Option(None, help="Write to this file instead of stdout.")) -> None:
+    """Print the JSON Schema of input events (schema v1)."""
+    from streams.records import event_json_schema
+
+    doc = json.dumps(event_json_schema(), indent=2) + "\n"
+    if out:
+        out.write_text(doc)
+    else:
+        typer.echo(doc, nl=False)

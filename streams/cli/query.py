@@ -1,1 +1,103 @@
-"""(being written)"""
+"""Query the findings store: clusters, alerts, dead letters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from streams.cli.app import app
+from streams.cli.common import Config, DataDir, FormatOpt, check_format, print_json, settings_from
+from streams.store import open_store
+
+
+def _store(data_dir: Optional[Path], config: Optional[Path]):
+    settings = settings_from(config, data_dir=data_dir)
+    path = Path(settings.data_dir) / "findings.sqlite"
+    if not path.exists():
+        raise typer.BadParameter(f"no findings at {path}; run `deepwatch replay` or `deepwatch demo` first", param_hint="--data-dir")
+    return open_store(settings.data_dir)
+
+
+def cluster_table(clusters: list[dict], title: str = "Image clusters") -> Table:
+    t = Table(title=title, expand=True)
+    for col, kw in (("cluster", {}), ("fake", {"justify": "right"}), ("verdict", {}), ("evidence", {"ratio": 3}),
+                    ("sightings", {"justify": "right"}), ("accounts", {"justify": "right"}),
+                    ("5m", {"justify": "right"}), ("images", {"justify": "right"}), ("alert", {})):
+        t.add_column(col, **kw)
+    for c in clusters:
+        color = {"likely-ai": "red", "inconclusive": "yellow"}.get(c["verdict"], "green")
+        ev = c["evidence"][0]["detail"] if c["evidence"] else "—"
+        t.add_row(
+            c["id"], f"[{color}]{c['fake_score']:.2f}[/]", f"[{color}]{c['verdict']}[/]", ev,
+            str(c["sightings"]), str(c["accounts"]), str(c["velocity"].get("sightings_5m", 0)),
+            str(len(c["members"])),
+            ("suppressed" if c.get("suppressed") else (f"[bold red]L{c['alert_level']}[/]" if c.get("alert_level") else "")),
+        )
+    return t
+
+
+@app.command(rich_help_panel="Findings")
+def clusters(
+    data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
+    include_merged: bool = typer.Option(False, help="Also list clusters that were merged into another (they carry merged_into)."),
+    limit: Optional[int] = typer.Option(None, help="At most this many clusters, highest fake score first."),
+) -> None:
+    """List image clusters: fake score, verdict, evidence, spread and member images.
+
+    JSON form: an array of objects with id, fake_score, verdict, evidence
+    (detector, score, detail), sightings, accounts, first_seen, last_seen and
+    members (sha256, phash, pdq, event_id), plus velocity, platforms, merges.
+    """
+    check_format(fmt)
+    store = _store(data_dir, config)
+    rows = store.clusters(include_merged=include_merged, limit=limit)
+    if fmt == "json":
+        print_json(rows)
+    else:
+        Console().print(cluster_table(rows))
+
+
+@app.command(rich_help_panel="Findings")
+def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt) -> None:
+    """List alerts raised when a likely fake spread fast (one per cluster, plus escalations).
+
+    JSON form: an array of objects with alert_id, cluster_id, rule, level,
+    fake_score, verdict, velocity, sightings, accounts, evidence, at (event
+    time) and created_at.
+    """
+    check_format(fmt)
+    rows = _store(data_dir, config).alerts()
+    if fmt == "json":
+        print_json(rows)
+        return
+    t = Table(title="Alerts")
+    for col in ("time", "cluster", "level", "fake", "5m", "accounts", "rule"):
+        t.add_column(col)
+    for a in rows:
+        t.add_row(a["at"], a["cluster_id"], str(a["level"]), f"{a['fake_score']:.2f}",
+                  str(a["velocity"]["sightings_5m"]), str(a["accounts"]), a["rule"])
+    Console().print(t)
+
+
+@app.command("dead-letters", rich_help_panel="Findings")
+def dead_letters(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt) -> None:
+    """List events that could not be processed, with the stage and reason.
+
+    JSON form: an array of objects with event_id (when the event had one),
+    stage, reason, detail, source (topic, partition, offset) and at.
+    """
+    check_format(fmt)
+    rows = _store(data_dir, config).dead_letters()
+    if fmt == "json":
+        print_json(rows)
+        return
+    t = Table(title="Dead letters")
+    for col in ("event", "stage", "reason", "detail"):
+        t.add_column(col)
+    for d in rows:
+        t.add_row(d["event_id"] or "—", d["stage"], d["reason"], d["detail"])
+    Console().print(t)

@@ -1,0 +1,57 @@
+"""The repost transforms the near-duplicate bench measures recall on."""
+
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
+
+
+def _jpeg_bytes(img: Image.Image, q: int = 85) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=q)
+    return buf.getvalue()
+
+
+def _crop(img: Image.Image, frac: float) -> Image.Image:
+    w, h = img.size
+    dw, dh = round(w * (1 - frac) / 2), round(h * (1 - frac) / 2)
+    return img.crop((dw, dh, w - dw, h - dh))
+
+
+def _caption(img: Image.Image) -> Image.Image:
+    # meme-style: a line of bold text over the lower part of the picture
+    out = img.copy()
+    w, h = out.size
+    font = ImageFont.load_default(size=max(12, h // 12))
+    d = ImageDraw.Draw(out)
+    d.text((w // 20, h - h // 6), "BREAKING: this is real!!", font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+    return out
+
+
+def _screenshot(img: Image.Image) -> Image.Image:
+    # a phone screenshot of a post: white margins, a dark top bar, text below
+    w, h = img.size
+    pad, top, bottom = w // 20, h // 8, h // 6
+    out = Image.new("RGB", (w + 2 * pad, h + top + bottom), (255, 255, 255))
+    ImageDraw.Draw(out).rectangle((0, 0, out.width, top // 2), fill=(20, 20, 30))
+    out.paste(img, (pad, top))
+    ImageDraw.Draw(out).text((pad, top + h + 8), "@someone  2h  1.2k reposts", fill=(60, 60, 60))
+    return out
+
+
+# name -> bytes of the transformed repost; all re-encoded as JPEG q85 unless the
+# transform *is* the encoding
+TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
+    "jpeg_q70": lambda im: _jpeg_bytes(im, 70),
+    "jpeg_q50": lambda im: _jpeg_bytes(im, 50),
+    "resize_0.5": lambda im: _jpeg_bytes(im.resize((max(1, im.width // 2), max(1, im.height // 2)), Image.Resampling.BILINEAR)),
+    "resize_0.25": lambda im: _jpeg_bytes(im.resize((max(1, im.width // 4), max(1, im.height // 4)), Image.Resampling.BILINEAR)),
+    "crop_90": lambda im: _jpeg_bytes(_crop(im, 0.9)),
+    "crop_80": lambda im: _jpeg_bytes(_crop(im, 0.8)),
+    "caption": lambda im: _jpeg_bytes(_caption(im)),
+    "mirror": lambda im: _jpeg_bytes(ImageOps.mirror(im)),
+    "brightness_+20%": lambda im: _jpeg_bytes(ImageEnhance.Brightness(im).enhance(1.2)),
+    "screenshot_border": lambda im: _jpeg_bytes(_screenshot(im)),
+}

@@ -1,0 +1,282 @@
+"""Banks of known pictures: hash lists of debunked fakes (and of authentic
+photos that keep getting called fake), matched against every new image.
+
+One SQLite file holds all banks. Entries come from images (``add_images``)
+or from hash lists as fact-checkers and hash-sharing programs exchange them
+(``import_csv``: ThreatExchange-style ``pdq`` hex column, optional
+``id``/``label``/``quality``, and/or a ``phash`` column). Matching uses the
+same rule as clustering (``detectors.neardup.pair_match``): pHash or mirrored
+pHash within the pHash threshold, or PDQ / mirrored PDQ within the PDQ
+threshold with both qualities trusted. An imported PDQ without a quality
+column is trusted: sharing programs already drop low-quality hashes.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel
+
+from detectors.base import Evidence
+from detectors.hashing import ImageHashes, compute_hashes
+from detectors.imagedata import ImageData
+from detectors.neardup.clusters import Via
+from detectors.neardup.hamming import HammingIndex
+
+Verdict = Literal["fake", "authentic"]
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_HEX16 = re.compile(r"^[0-9a-fA-F]{16}$")
+_TRUSTED = 100  # quality assumed for imported PDQ hashes that come without one
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS banks (
+    name TEXT PRIMARY KEY,
+    verdict TEXT NOT NULL CHECK (verdict IN ('fake', 'authentic'))
+);
+CREATE TABLE IF NOT EXISTS entries (
+    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+    bank TEXT NOT NULL REFERENCES banks(name),
+    entry_id TEXT NOT NULL,
+    label TEXT,
+    phash TEXT,
+    pdq TEXT,
+    pdq_quality INTEGER,
+    sha256 TEXT,
+    UNIQUE (bank, entry_id)
+);
+"""
+
+
+class BankInfo(BaseModel):
+    name: str
+    verdict: Verdict
+    entries: int
+
+
+class BankMatch(BaseModel):
+    bank: str
+    verdict: Verdict
+    entry_id: str
+    label: str | None
+    distance: int
+    via: Via
+
+
+class BankStore:
+    def __init__(
+        self, path: str | Path, *, phash_threshold: int = 10, pdq_threshold: int = 31, pdq_min_quality: int = 50
+    ):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.phash_threshold = phash_threshold
+        self.pdq_threshold = pdq_threshold
+        self.pdq_min_quality = pdq_min_quality
+        self._db = sqlite3.connect(self.path)
+        self._db.executescript(_SCHEMA)
+        self._cache: _Loaded | None = None
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ------------------------------------------------------------- writing
+    def _ensure_bank(self, name: str, verdict: Verdict) -> None:
+        if verdict not in ("fake", "authentic"):
+            raise ValueError(f"verdict must be 'fake' or 'authentic', not {verdict!r}")
+        row = self._db.execute("SELECT verdict FROM banks WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO banks (name, verdict) VALUES (?, ?)", (name, verdict))
+        elif row[0] != verdict:
+            raise ValueError(f"bank {name!r} holds {row[0]} pictures; use another bank for {verdict} ones")
+
+    def _next_id(self, name: str) -> int:
+        row = self._db.execute(
+            "SELECT MAX(CAST(entry_id AS INTEGER)) FROM entries WHERE bank = ? AND entry_id GLOB '[0-9]*'", (name,)
+        ).fetchone()
+        return int(row[0] or 0) + 1
+
+    def add_images(
+        self,
+        name: str,
+        verdict: Verdict,
+        paths: Iterable[str | Path],
+        *,
+        progress: Callable[[Path], None] | None = None,
+    ) -> int:
+        """Hash and add image files; returns how many were new (same bytes twice count once)."""
+        self._ensure_bank(name, verdict)
+        next_id = self._next_id(name)
+        added = 0
+        for p in paths:
+            p = Path(p)
+            data = ImageData.from_path(p)
+            if self._db.execute("SELECT 1 FROM entries WHERE bank = ? AND sha256 = ?", (name, data.sha256)).fetchone():
+                if progress:
+                    progress(p)
+                continue
+            h = compute_hashes(data)
+            self._db.execute(
+                "INSERT INTO entries (bank, entry_id, label, phash, pdq, pdq_quality, sha256) VALUES (?,?,?,?,?,?,?)",
+                (name, str(next_id), p.name, h.phash, h.pdq, h.pdq_quality, data.sha256),
+            )
+            next_id += 1
+            added += 1
+            if progress:
+                progress(p)
+        self._db.commit()
+        self._cache = None
+        return added
+
+    def import_csv(self, name: str, csv_path: str | Path, verdict: Verdict) -> int:
+        """Import a shared hash list; returns rows imported (re-imported ids are replaced)."""
+        self._ensure_bank(name, verdict)
+        rows = list(_read_hash_csv(Path(csv_path)))
+        next_id = self._next_id(name)
+        n = 0
+        for r in rows:
+            entry_id = r.get("id") or str(next_id + n)
+            self._db.execute(
+                "INSERT OR REPLACE INTO entries (bank, entry_id, label, phash, pdq, pdq_quality) VALUES (?,?,?,?,?,?)",
+                (name, entry_id, r.get("label"), r.get("phash"), r.get("pdq"), r.get("quality")),
+            )
+            n += 1
+        self._db.commit()
+        self._cache = None
+        return n
+
+    # ------------------------------------------------------------- reading
+    def list_banks(self) -> list[BankInfo]:
+        rows = self._db.execute(
+            "SELECT b.name, b.verdict, COUNT(e.rowid) FROM banks b LEFT JOIN entries e ON e.bank = b.name "
+            "GROUP BY b.name ORDER BY b.name"
+        ).fetchall()
+        return [BankInfo(name=n, verdict=v, entries=c) for n, v, c in rows]
+
+    def match(self, hashes: ImageHashes) -> list[BankMatch]:
+        """Bank entries showing this picture, nearest (by distance / threshold) first."""
+        loaded = self._load()
+        best: dict[int, tuple[float, int, int, Via]] = {}
+
+        def consider(index: HammingIndex, hexes: list[tuple[Via, str]], nbits: int, radius: int) -> None:
+            if not len(index) or not hexes:
+                return
+            qi, rows, dist = index.search(HammingIndex.codes_from_hex([h for _, h in hexes], nbits), radius)
+            for q, row, d in zip(qi.tolist(), rows.tolist(), dist.tolist()):
+                via = hexes[q][0]
+                key = (d / max(1, radius), _VIA_RANK[via], d, via)
+                if row not in best or key < best[row]:
+                    best[row] = key
+
+        consider(loaded.phash, [(v, h) for v, h in (("phash", hashes.phash), ("phash_mirror", hashes.phash_mirror)) if h], 64, self.phash_threshold)
+        if hashes.pdq_quality >= self.pdq_min_quality:
+            pq = [(v, h) for v, h in (("pdq", hashes.pdq), ("pdq_mirror", hashes.pdq_mirror)) if h]
+            consider(loaded.pdq, pq, 256, self.pdq_threshold)
+        out = []
+        for row, (_, _, d, via) in sorted(best.items(), key=lambda kv: (kv[1], kv[0])):
+            bank, entry_id, label, verdict = loaded.meta[row]
+            out.append(BankMatch(bank=bank, verdict=verdict, entry_id=entry_id, label=label, distance=d, via=via))
+        return out
+
+    def _load(self) -> _Loaded:
+        if self._cache is None:
+            rows = self._db.execute(
+                "SELECT e.rowid, e.bank, e.entry_id, e.label, e.phash, e.pdq, e.pdq_quality, b.verdict "
+                "FROM entries e JOIN banks b ON b.name = e.bank ORDER BY e.rowid"
+            ).fetchall()
+            loaded = _Loaded()
+            ph = [(r[0], r[4]) for r in rows if r[4]]
+            pq = [(r[0], r[5]) for r in rows if r[5] and (r[6] if r[6] is not None else _TRUSTED) >= self.pdq_min_quality]
+            if ph:
+                loaded.phash.add(np.array([i for i, _ in ph]), HammingIndex.codes_from_hex([h for _, h in ph], 64))
+            if pq:
+                loaded.pdq.add(np.array([i for i, _ in pq]), HammingIndex.codes_from_hex([h for _, h in pq], 256))
+            loaded.meta = {r[0]: (r[1], r[2], r[3], r[7]) for r in rows}
+            self._cache = loaded
+        return self._cache
+
+
+_VIA_RANK = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4}
+
+
+class _Loaded:
+    def __init__(self) -> None:
+        self.phash = HammingIndex(64)
+        self.pdq = HammingIndex(256)
+        self.meta: dict[int, tuple[str, str, str | None, Verdict]] = {}
+
+
+def _read_hash_csv(path: Path) -> Iterable[dict[str, str | int | None]]:
+    """Rows of {id, label, pdq, phash, quality} from a shared hash list.
+
+    Accepts a header naming the columns (``pdq``/``pdq_hash``/``hash``/
+    ``signal_value``, ``phash``, ``id``/``entry_id``, ``label``/``name``/
+    ``filename``/``tags``, ``quality``/``pdq_quality``) or a headerless list
+    whose first column is the hash (64 hex = PDQ, 16 hex = pHash).
+    """
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        rows = [r for r in reader if r and any(c.strip() for c in r)]
+    if not rows:
+        return
+    head = [c.strip().lower() for c in rows[0]]
+    aliases = {
+        "pdq": ("pdq", "pdq_hash", "hash", "signal_value"),
+        "phash": ("phash", "p_hash"),
+        "id": ("id", "entry_id"),
+        "label": ("label", "name", "filename", "file", "tags"),
+        "quality": ("quality", "pdq_quality"),
+    }
+    cols = {k: next((head.index(a) for a in names if a in head), None) for k, names in aliases.items()}
+    has_header = not (_HEX64.match(head[0]) or _HEX16.match(head[0]))
+    if not has_header:
+        cols = {"id": None, "label": 1 if len(rows[0]) > 1 else None, "quality": None, "pdq": 0, "phash": 0}
+    elif cols["pdq"] is None and cols["phash"] is None:
+        raise ValueError(f"{path}: no pdq or phash column in header {rows[0]}")
+    for n, r in enumerate(rows[1:] if has_header else rows, start=2 if has_header else 1):
+        def get(key: str) -> str | None:
+            i = cols[key]
+            return r[i].strip() if i is not None and i < len(r) and r[i].strip() else None
+
+        pdq, phash = get("pdq"), get("phash")
+        pdq = pdq.lower() if pdq and _HEX64.match(pdq) else None
+        phash = phash.lower() if phash and _HEX16.match(phash) else None
+        if pdq is None and phash is None:
+            raise ValueError(f"{path}:{n}: no valid 64-hex PDQ or 16-hex pHash")
+        quality = get("quality")
+        yield {"id": get("id"), "label": get("label"), "pdq": pdq, "phash": phash, "quality": int(float(quality)) if quality else None}
+
+
+def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:
+    """Evidence per matching bank (its nearest entry); authentic banks ask fusion to suppress."""
+    out: list[Evidence] = []
+    seen: set[str] = set()
+    for m in matches:  # nearest first, so the first per bank is its best
+        if m.bank in seen:
+            continue
+        seen.add(m.bank)
+        hash_name = "PDQ" if m.via.startswith("pdq") else "pHash"
+        mirrored = " (mirrored)" if m.via.endswith("mirror") else ""
+        label = f" {m.label!r}" if m.label else ""
+        out.append(
+            Evidence(
+                detector=f"bank:{m.bank}",
+                score=0.97 if m.verdict == "fake" else 0.03,
+                # a bank hit is a human fact-check: near-conclusive, a bit less so at the threshold edge
+                weight=3.0 if m.distance <= 4 else 2.0,
+                detail=f"matches {m.bank!r} entry {m.entry_id}{label} at {hash_name} distance {m.distance}{mirrored}",
+                data={
+                    "verdict": m.verdict,
+                    "entry_id": m.entry_id,
+                    "label": m.label,
+                    "distance": m.distance,
+                    "via": m.via,
+                    "suppress": m.verdict == "authentic",
+                },
+            )
+        )
+    return out

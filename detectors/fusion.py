@@ -1,0 +1,121 @@
+"""Fuse a cluster's evidence into one fake score and a verdict.
+
+Rules, in order:
+
+1. **Direction of bank matches.** Evidence from a detector named ``bank:*``
+   says which way it points in ``data["verdict"]``: ``"authentic"`` always
+   counts against AI, ``"fake"`` always for it. If its score disagrees with
+   its verdict, the verdict wins and the score becomes 0.05 / 0.95.
+2. **One vote per detector.** A cluster is many copies of one picture, so
+   the same detector's evidence from several member images counts once: the
+   item with the largest |contribution| (below) is kept, the rest dropped.
+   Ten identical reposts are not ten times the evidence.
+3. **Weighted log-odds.** Each kept item contributes
+   ``weight * logit(clip(score, 0.01, 0.99))``; the fused score is the
+   logistic of the sum (starting from even odds). Clipping bounds any single
+   item's say, so weight, not a score of 0.9999, decides how decisive it is.
+4. **Provenance dominates models.** When a non-model item is *decisive*
+   (weight >= 2 and score <= 0.1 or >= 0.9: a C2PA AI source type, a
+   generator chunk, a signed camera capture, a bank match), learned-model
+   items (``model:*``) contribute at a quarter of their weight. Otherwise
+   models count with their own weight like anything else.
+5. **Verdict.** score >= ``likely_ai`` -> ``likely-ai``; >= ``inconclusive``
+   -> ``inconclusive``; otherwise ``no-evidence`` (no evidence *of AI*:
+   evidence pointing at authenticity also lands here, with a low score).
+6. **Nothing to go on.** With no item that carries weight and an opinion,
+   the verdict is ``no-evidence`` and the score is ``NO_EVIDENCE_SCORE`` =
+   0.2: a prior below any sensible alert threshold (alerts default to 0.7,
+   ``inconclusive`` to 0.4), so an unanalysable cluster never alerts, yet
+   above 0 because stripped metadata is not proof of authenticity.
+
+Returned evidence is the kept items (one per detector), most decisive first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from detectors.base import Evidence
+
+Verdict = Literal["likely-ai", "inconclusive", "no-evidence"]
+
+NO_EVIDENCE_SCORE = 0.2
+SCORE_CLIP = 0.01
+DECISIVE_WEIGHT = 2.0
+DECISIVE_SCORE = 0.9
+MODEL_DAMPING = 0.25
+BANK_PREFIX = "bank:"
+MODEL_PREFIX = "model:"
+_BANK_DEFAULT = {"authentic": 0.05, "fake": 0.95}
+
+
+class Fused(BaseModel):
+    score: float = Field(ge=0.0, le=1.0)
+    verdict: Verdict
+    evidence: list[Evidence]
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
+    return math.log(p / (1.0 - p))
+
+
+def effective_score(ev: Evidence) -> float:
+    """The score fusion uses: a bank match's verdict fixes its direction."""
+    if not ev.detector.startswith(BANK_PREFIX):
+        return ev.score
+    verdict = ev.data.get("verdict")
+    if verdict == "authentic":
+        return ev.score if ev.score < 0.5 else _BANK_DEFAULT["authentic"]
+    if verdict == "fake":
+        return ev.score if ev.score > 0.5 else _BANK_DEFAULT["fake"]
+    return ev.score
+
+
+def contribution(ev: Evidence) -> float:
+    """Undamped log-odds contribution of one item."""
+    return ev.weight * _logit(effective_score(ev))
+
+
+def _is_model(ev: Evidence) -> bool:
+    return ev.detector.startswith(MODEL_PREFIX)
+
+
+def _is_decisive(ev: Evidence) -> bool:
+    s = effective_score(ev)
+    return not _is_model(ev) and ev.weight >= DECISIVE_WEIGHT and (s >= DECISIVE_SCORE or s <= 1 - DECISIVE_SCORE)
+
+
+def strongest_per_detector(evidence: list[Evidence]) -> list[Evidence]:
+    best: dict[str, Evidence] = {}
+    for ev in evidence:
+        kept = best.get(ev.detector)
+        if kept is None or abs(contribution(ev)) > abs(contribution(kept)):
+            best[ev.detector] = ev
+    return list(best.values())
+
+
+def fuse(evidence: list[Evidence], *, likely_ai: float = 0.7, inconclusive: float = 0.4) -> Fused:
+    """Combine evidence from all member images of a cluster (see module doc)."""
+    kept = strongest_per_detector(evidence)
+    damp = MODEL_DAMPING if any(_is_decisive(ev) for ev in kept) else 1.0
+
+    def weighted(ev: Evidence) -> float:
+        return contribution(ev) * (damp if _is_model(ev) else 1.0)
+
+    kept.sort(key=lambda ev: abs(weighted(ev)), reverse=True)
+    if not any(weighted(ev) != 0.0 for ev in kept):
+        return Fused(score=NO_EVIDENCE_SCORE, verdict="no-evidence", evidence=kept)
+
+    total = sum(weighted(ev) for ev in kept)
+    score = 1.0 / (1.0 + math.exp(-max(min(total, 700.0), -700.0)))
+    if score >= likely_ai:
+        verdict: Verdict = "likely-ai"
+    elif score >= inconclusive:
+        verdict = "inconclusive"
+    else:
+        verdict = "no-evidence"
+    return Fused(score=score, verdict=verdict, evidence=kept)

@@ -1,0 +1,148 @@
+"""Group concurrent per-cluster requests into one forward pass.
+
+The detect worker handles clusters as independent async tasks; each wants one
+image scored. A forward pass over 32 images costs barely more than over one on
+a GPU, so submissions wait up to ``max_wait_ms`` for company (or until
+``max_batch`` are queued) and go through together.
+
+Threading: decode+transform (PIL, numpy: releases the GIL) runs on a small
+pool so it overlaps with inference; the forward pass runs on a single
+dedicated thread so batches never contend for the device and the event loop
+is never blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from detectors.base import Evidence
+from detectors.imagedata import ImageData
+from detectors.models.detector import BatchDetector, ModelDetector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    image: ImageData
+    future: asyncio.Future[list[Evidence]]
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        detector: BatchDetector,
+        max_batch: int = 16,
+        max_wait_ms: float = 20.0,
+        *,
+        prep_workers: int | None = None,
+    ):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.detector = detector
+        self.max_batch = max_batch
+        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self._prep_pool = ThreadPoolExecutor(
+            max_workers=prep_workers or min(8, os.cpu_count() or 2), thread_name_prefix="dw-prep"
+        )
+        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dw-infer")
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.batches_run = 0  # for metrics and tests
+
+    async def submit(self, image: ImageData) -> list[Evidence]:
+        """Score one image; resolves when the batch it joined has run."""
+        loop = asyncio.get_running_loop()
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        if self._runner is None or self._runner.done():
+            self._runner = loop.create_task(self._collect(), name="microbatcher")
+        fut: asyncio.Future[list[Evidence]] = loop.create_future()
+        await self._queue.put(_Pending(image, fut))
+        return await fut
+
+    async def _collect(self) -> None:
+        assert self._queue is not None
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            deadline = first.queued_at + self.max_wait
+            while len(batch) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            # Don't await the batch here: the next one can be collected and
+            # preprocessed while this one is on the device.
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            det = self.detector
+            if isinstance(det, ModelDetector):
+                # Per-image prepare so one corrupt image fails only its own submitter.
+                prepared = await asyncio.gather(
+                    *(loop.run_in_executor(self._prep_pool, det.prepare, p.image) for p in batch),
+                    return_exceptions=True,
+                )
+                ok = [(p, t) for p, t in zip(batch, prepared) if isinstance(t, torch.Tensor)]
+                for p, t in zip(batch, prepared):
+                    if isinstance(t, BaseException) and not p.future.done():
+                        p.future.set_exception(t)
+                if not ok:
+                    return
+                stacked = torch.stack([t for _, t in ok])
+                logits = await loop.run_in_executor(self._infer_pool, det.infer, stacked)
+                self.batches_run += 1
+                for (p, _), z in zip(ok, logits):
+                    if not p.future.done():
+                        p.future.set_result([det.to_evidence(p.image, float(z))])
+            else:
+                results = await loop.run_in_executor(
+                    self._infer_pool, det.predict_batch, [p.image for p in batch]
+                )
+                self.batches_run += 1
+                by_sha: dict[str, list[Evidence]] = {}
+                for ev in results:
+                    by_sha.setdefault(ev.sha256 or "", []).append(ev)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_result(by_sha.get(p.image.sha256, []))
+        except Exception as e:  # a failed batch must not leave submitters hanging
+            log.exception("batch of %d failed in %s", len(batch), self.detector.name)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(e)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            try:
+                await self._runner
+            except asyncio.CancelledError:
+                pass
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._prep_pool.shutdown(wait=False, cancel_futures=True)
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> "MicroBatcher":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

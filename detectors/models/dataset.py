@@ -1,0 +1,95 @@
+"""Labelled image sets for training and evaluation, and the "re-posted" view.
+
+A set is either a ``manifest.csv`` (columns ``file,label,generator,...``,
+label 1 = AI) or a directory with ``real/`` and ``ai/`` (or ``fake/``)
+subfolders. Files are read in place.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".mpo"}
+REPOST_MAX_SIDE = 1600
+REPOST_QUALITY = 80
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 1 = AI-generated / manipulated, 0 = real
+    generator: str | None = None
+
+
+def image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_manifest(manifest: Path) -> list[Sample]:
+    base = manifest.parent
+    out = []
+    with manifest.open(newline="") as f:
+        for row in csv.DictReader(f):
+            gen = (row.get("generator") or "").strip() or None
+            out.append(Sample(base / row["file"], int(row["label"]), gen))
+    return out
+
+
+def load_labelled(source: Path) -> list[Sample]:
+    """Manifest file, directory containing ``manifest.csv``, or ``real/`` + ``ai/``|``fake/``."""
+    if source.is_file():
+        return load_manifest(source)
+    if (source / "manifest.csv").is_file():
+        return load_manifest(source / "manifest.csv")
+    real = source / "real"
+    fakes = [d for d in (source / "ai", source / "fake") if d.is_dir()]
+    if not real.is_dir() or not fakes:
+        raise FileNotFoundError(f"{source}: no manifest.csv and no real/ + ai/ (or fake/) subfolders")
+    samples = [Sample(p, 0) for p in image_files(real)]
+    for d in fakes:
+        samples += [Sample(p, 1) for p in image_files(d)]
+    return samples
+
+
+def filter_generators(samples: list[Sample], include: str | None = None, exclude: str | None = None) -> list[Sample]:
+    """Regex filters on the generator of AI samples; real samples pass untouched."""
+    inc = re.compile(include, re.I) if include else None
+    exc = re.compile(exclude, re.I) if exclude else None
+    out = []
+    for s in samples:
+        if s.label == 1:
+            g = s.generator or ""
+            if inc and not inc.search(g):
+                continue
+            if exc and exc.search(g):
+                continue
+        out.append(s)
+    return out
+
+
+def stable_fraction(path: Path, frac: float, salt: str = "") -> bool:
+    """Deterministic pseudo-random membership (by file name), so a train run and a
+    later eval run agree on which real photos were held out."""
+    h = hashlib.sha256((salt + path.name).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < frac
+
+
+def repost_bytes(data: bytes) -> bytes:
+    """What a social platform typically serves: metadata stripped, long side
+    capped at 1600 px, 4:2:0 JPEG at quality 80."""
+    img = Image.open(io.BytesIO(data))
+    img = ImageOps.exif_transpose(img).convert("RGB")
+    w, h = img.size
+    if max(w, h) > REPOST_MAX_SIDE:
+        s = REPOST_MAX_SIDE / max(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=REPOST_QUALITY, subsampling="4:2:0")  # no exif/icc passed
+    return buf.getvalue()

@@ -1,0 +1,144 @@
+"""A learned model exposed as a ``detectors.base.Detector``.
+
+Inference is split into three steps so ``MicroBatcher`` can run them on
+different threads: ``prepare`` (decode + transform one image, CPU, parallel),
+``infer`` (one forward pass over a stacked batch, on the device, serialised)
+and ``to_evidence`` (calibration + wording).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from detectors.base import Cost, Detector, Evidence
+from detectors.imagedata import ImageData
+from detectors.models.checkpoint import ModelCard, load_checkpoint
+from detectors.models.device import select_device
+from detectors.models.nets import build_net
+from detectors.models.transforms import eval_transform
+
+log = logging.getLogger(__name__)
+
+# A model's opinion is one signal among provenance evidence; fusion should not
+# let an (imperfect) pixel classifier outvote a signed manifest.
+MODEL_EVIDENCE_WEIGHT = 1.0
+
+
+class BatchDetector(Detector):
+    """A model-cost detector that can score many images in one call."""
+
+    cost: ClassVar[Cost] = "model"
+
+    def predict_batch(self, images: list[ImageData]) -> list[Evidence]:
+        return [ev for im in images for ev in self.analyze(im)]
+
+
+class ModelDetector(BatchDetector):
+    cost: ClassVar[Cost] = "model"
+    name: ClassVar[str] = "model:?"  # replaced per instance in __init__
+
+    def __init__(self, card: ModelCard, net: torch.nn.Module, device: torch.device):
+        self.card = card
+        self.name = f"model:{card.name}"  # type: ignore[misc]  # per-instance, one class serves many models
+        self.version = card.version  # type: ignore[misc]
+        self.device = device
+        self.net = net.to(device).eval()
+        if device.type == "cuda":
+            # NHWC lets cuDNN pick tensor-core kernels for the convolutions.
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self._infer_lock = threading.Lock()
+
+    # -- the three steps -------------------------------------------------
+    def prepare(self, image: ImageData) -> torch.Tensor:
+        """Decode and transform one image to a (3, S, S) float tensor on the CPU."""
+        return eval_transform(image.rgb, self.card.input)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()  # CPU autocast is slower than fp32 for these convs
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def infer(self, batch: torch.Tensor) -> np.ndarray:
+        """Raw logits for a CPU batch (N, 3, S, S)."""
+        if self.device.type == "cuda":
+            # Pinned host memory makes the copy asynchronous (non_blocking) and
+            # lets it overlap with the previous batch's kernels.
+            batch = batch.pin_memory().to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        else:
+            batch = batch.to(self.device)
+        with self._infer_lock, torch.inference_mode(), self._autocast():
+            logits = self.net(batch)
+        return logits.float().cpu().numpy()
+
+    def to_evidence(self, image: ImageData, logit: float) -> Evidence:
+        card = self.card
+        p = float(card.calibration.apply(np.array([logit]))[0])
+        calibrated = card.calibration.method != "none"
+        detail = (
+            f"{card.label} v{card.version}: {p:.2f} "
+            f"({'calibrated' if calibrated else 'uncalibrated'}, threshold {card.threshold:g})"
+        )
+        return Evidence(
+            detector=self.name,
+            score=min(1.0, max(0.0, p)),
+            detail=detail,
+            weight=MODEL_EVIDENCE_WEIGHT,
+            sha256=image.sha256,
+            data={
+                "logit": float(logit),
+                "probability": p,
+                "threshold": card.threshold,
+                "flagged": p >= card.threshold,
+                "calibration": card.calibration.method,
+                "arch": card.arch,
+                "model_version": card.version,
+            },
+        )
+
+    # -- convenience ----------------------------------------------------
+    def logits(self, images: list[ImageData]) -> np.ndarray:
+        if not images:
+            return np.zeros(0, dtype=np.float32)
+        return self.infer(torch.stack([self.prepare(im) for im in images]))
+
+    def predict_batch(self, images: list[ImageData]) -> list[Evidence]:
+        """One Evidence per image, same order. Undecodable images raise
+        ``ImageRejected`` (the caller decoded the header already)."""
+        return [self.to_evidence(im, float(z)) for im, z in zip(images, self.logits(images))]
+
+    def analyze(self, image: ImageData) -> list[Evidence]:
+        return self.predict_batch([image])
+
+
+def load_detector(name: str, *, model_dir: Path, device: str = "auto") -> BatchDetector:
+    """Load ``<model_dir>/<name>.{safetensors,json}`` as a ready detector.
+
+    ``name`` may carry the ``model:`` prefix used in evidence. Vendor names
+    (``vendor:hive`` ...) return the HTTP plugin instead (also a
+    ``BatchDetector``), which is only possible when its API key is in the
+    environment.
+    """
+    if name.startswith("vendor:"):
+        from detectors.models.vendors import create_vendor
+
+        return create_vendor(name)
+    name = name.removeprefix("model:")
+    card, state = load_checkpoint(Path(model_dir), name)
+    net = build_net(card.arch, card.arch_params, Path(model_dir))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or (missing and card.arch != "clip-probe"):
+        raise ValueError(
+            f"weights for {name!r} do not fit architecture {card.arch!r}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    dev = select_device(device)
+    log.info("loaded model %s (%s v%s) on %s", name, card.arch, card.version, dev)
+    return ModelDetector(card, net, dev)

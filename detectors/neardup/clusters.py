@@ -1,0 +1,309 @@
+"""Near-duplicate clustering: which picture (cluster) does this image show?
+
+Decision rule (the one ``bench/neardup.py`` measures): an image matches an
+indexed member when
+
+* its pHash, or the pHash of its mirror image, is within ``phash_threshold``
+  bits of the member's pHash, or
+* its PDQ (or mirrored PDQ) is within ``pdq_threshold`` bits of the member's
+  PDQ *and both* PDQ qualities are >= ``pdq_min_quality`` (PDQ of flat,
+  low-detail images is noise; such members are not put in the PDQ index).
+
+Matching a member is necessary but not sufficient: the image must also be
+within the *representative bound* of the member's cluster (pHash within
+``max_representative_distance`` of one of the cluster's representatives, or
+PDQ within the same bound scaled by ``pdq_threshold / phash_threshold``;
+default twice each threshold). Without it a cluster could creep across
+unrelated pictures one small drift at a time (crop of a crop of a crop...).
+A cluster's representative is its founding image; a merge keeps the
+representatives of both sides.
+
+Merges: when an image matches several clusters it joins the one with the most
+members (ties: the smallest cluster id) and the others are merged into it.
+The rule reads only index state, never arrival order or wall clock, so a
+replica fed the same sequence of ``assign`` calls -- or rebuilt with ``add``
+from persisted members -- makes the same decisions and the same ids.
+
+Distances of different hashes are ranked by ``distance / threshold`` so
+"nearest first" means "most confidently the same picture first".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel
+
+from detectors.hashing import ImageHashes, hamming_hex
+from detectors.neardup.hamming import HammingIndex
+
+Via = Literal["sha256", "phash", "pdq", "phash_mirror", "pdq_mirror"]
+_VIA_ORDER: dict[str, int] = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4}
+
+
+def cluster_id_for(sha256: str) -> str:
+    """Id of the cluster this image founds: stable across processes and replays."""
+    return sha256[:16]
+
+
+class Match(BaseModel):
+    cluster_id: str
+    distance: int
+    via: Via
+
+
+class Assignment(BaseModel):
+    cluster_id: str
+    new_cluster: bool
+    new_member: bool  # False: this exact sha256 is already a member
+    merged: list[str]  # other clusters this image linked, now folded into cluster_id
+    distance: int | None
+    via: str | None
+
+
+@dataclass
+class _Rep:
+    phash: str
+    pdq: str
+    pdq_quality: int
+
+
+@dataclass
+class _Cluster:
+    members: list[str] = field(default_factory=list)
+    reps: list[_Rep] = field(default_factory=list)
+    first: _Rep | None = None  # stands in as representative if none was marked
+    last_seen: float | None = None
+
+
+def pair_match(
+    a: ImageHashes,
+    b: ImageHashes,
+    *,
+    phash_threshold: int = 10,
+    pdq_threshold: int = 31,
+    pdq_min_quality: int = 50,
+) -> tuple[int, Via] | None:
+    """The decision rule for one pair (``b`` is the indexed side, so only its
+    direct hashes are used), as ``ClusterIndex`` applies it through its index;
+    the best (distance, via) by ``distance / threshold``, or None."""
+    cands: list[tuple[float, int, int, Via]] = []
+    for via, hq in (("phash", a.phash), ("phash_mirror", a.phash_mirror)):
+        if hq:
+            d = hamming_hex(hq, b.phash)
+            if d <= phash_threshold:
+                cands.append((d / max(1, phash_threshold), _VIA_ORDER[via], d, via))  # type: ignore[arg-type]
+    if a.pdq_quality >= pdq_min_quality and b.pdq_quality >= pdq_min_quality:
+        for via, hq in (("pdq", a.pdq), ("pdq_mirror", a.pdq_mirror)):
+            if hq:
+                d = hamming_hex(hq, b.pdq)
+                if d <= pdq_threshold:
+                    cands.append((d / max(1, pdq_threshold), _VIA_ORDER[via], d, via))  # type: ignore[arg-type]
+    if not cands:
+        return None
+    _, _, d, via = min(cands)
+    return d, via
+
+
+class ClusterIndex:
+    def __init__(
+        self,
+        *,
+        phash_threshold: int = 10,
+        pdq_threshold: int = 31,
+        pdq_min_quality: int = 50,
+        max_representative_distance: int | None = None,
+    ):
+        self.phash_threshold = phash_threshold
+        self.pdq_threshold = pdq_threshold
+        self.pdq_min_quality = pdq_min_quality
+        self.rep_phash = (
+            max_representative_distance if max_representative_distance is not None else 2 * phash_threshold
+        )
+        self.rep_pdq = round(self.rep_phash * pdq_threshold / max(1, phash_threshold))
+        self._phash = HammingIndex(64)
+        self._pdq = HammingIndex(256)
+        self._clusters: dict[str, _Cluster] = {}
+        self._member_cluster: dict[str, str] = {}  # sha256 -> cluster id
+        self._member_row: dict[str, int] = {}
+        self._row_member: dict[int, str] = {}
+        self._next_row = 0
+
+    # ------------------------------------------------------------ properties
+    @property
+    def n_clusters(self) -> int:
+        return len(self._clusters)
+
+    @property
+    def n_members(self) -> int:
+        return len(self._member_cluster)
+
+    def cluster_of(self, sha256: str) -> str | None:
+        return self._member_cluster.get(sha256)
+
+    def members(self, cluster_id: str) -> list[str]:
+        return list(self._clusters[cluster_id].members)
+
+    def __contains__(self, cluster_id: str) -> bool:
+        return cluster_id in self._clusters
+
+    # ---------------------------------------------------------------- lookup
+    def lookup(self, sha256: str, hashes: ImageHashes) -> list[Match]:
+        """Clusters this image belongs to, nearest first, one match per cluster."""
+        best: dict[str, Match] = {}
+        own = self._member_cluster.get(sha256)
+        if own is not None:
+            best[own] = Match(cluster_id=own, distance=0, via="sha256")
+        for m in self._hash_matches(hashes):
+            cur = best.get(m.cluster_id)
+            if cur is None or self._rank(m) < self._rank(cur):
+                best[m.cluster_id] = m
+        found = [m for m in best.values() if m.via == "sha256" or self._within_rep_bound(m.cluster_id, hashes)]
+        return sorted(found, key=self._rank)
+
+    def _rank(self, m: Match) -> tuple[float, int, str]:
+        scale = {"sha256": 1, "phash": self.phash_threshold, "phash_mirror": self.phash_threshold}.get(
+            m.via, self.pdq_threshold
+        )
+        return (m.distance / max(1, scale), _VIA_ORDER[m.via], m.cluster_id)
+
+    def _hash_matches(self, h: ImageHashes) -> list[Match]:
+        out: list[Match] = []
+        for index, via, codes, radius in self._queries(h):
+            if not len(index):
+                continue
+            qi, rows, dist = index.search(codes, radius)
+            for q, row, d in zip(qi.tolist(), rows.tolist(), dist.tolist()):
+                sha = self._row_member[row]
+                out.append(Match(cluster_id=self._member_cluster[sha], distance=int(d), via=via[q]))
+        return out
+
+    def _queries(self, h: ImageHashes):
+        ph = [h.phash] + ([h.phash_mirror] if h.phash_mirror else [])
+        yield self._phash, ("phash", "phash_mirror"), HammingIndex.codes_from_hex(ph, 64), self.phash_threshold
+        if h.pdq_quality >= self.pdq_min_quality:
+            pq = [h.pdq] + ([h.pdq_mirror] if h.pdq_mirror else [])
+            yield self._pdq, ("pdq", "pdq_mirror"), HammingIndex.codes_from_hex(pq, 256), self.pdq_threshold
+
+    def _within_rep_bound(self, cluster_id: str, h: ImageHashes) -> bool:
+        c = self._clusters[cluster_id]
+        reps = c.reps or ([c.first] if c.first else [])
+        pdq_ok = h.pdq_quality >= self.pdq_min_quality
+        for r in reps:
+            if min(hamming_hex(h.phash, r.phash), _mirror_dist(h.phash_mirror, r.phash)) <= self.rep_phash:
+                return True
+            if pdq_ok and r.pdq_quality >= self.pdq_min_quality:
+                if min(hamming_hex(h.pdq, r.pdq), _mirror_dist(h.pdq_mirror, r.pdq)) <= self.rep_pdq:
+                    return True
+        return False
+
+    # ---------------------------------------------------------------- update
+    def assign(self, sha256: str, hashes: ImageHashes, *, ts: float | None = None) -> Assignment:
+        """Put this image in a cluster (joining, founding or merging) and index it."""
+        own = self._member_cluster.get(sha256)
+        if own is not None:
+            self.touch(own, ts)
+            return Assignment(cluster_id=own, new_cluster=False, new_member=False, merged=[], distance=0, via="sha256")
+        matches = self.lookup(sha256, hashes)
+        if not matches:
+            cid = cluster_id_for(sha256)
+            n = 16
+            while cid in self._clusters:  # 64-bit prefix collision: astronomically rare, still deterministic
+                n += 4
+                cid = sha256[:n]
+            self.add(cid, sha256, hashes, representative=True, ts=ts)
+            return Assignment(cluster_id=cid, new_cluster=True, new_member=True, merged=[], distance=None, via=None)
+        into = min(matches, key=lambda m: (-len(self._clusters[m.cluster_id].members), m.cluster_id))
+        merged = [m.cluster_id for m in matches if m.cluster_id != into.cluster_id]
+        for other in merged:
+            self.merge(into.cluster_id, other)
+        self.add(into.cluster_id, sha256, hashes, ts=ts)
+        return Assignment(
+            cluster_id=into.cluster_id,
+            new_cluster=False,
+            new_member=True,
+            merged=merged,
+            distance=into.distance,
+            via=into.via,
+        )
+
+    def add(
+        self,
+        cluster_id: str,
+        sha256: str,
+        hashes: ImageHashes,
+        *,
+        representative: bool = False,
+        ts: float | None = None,
+    ) -> None:
+        """Index a member as-is (no matching): rebuilds the index from persisted state."""
+        if sha256 in self._member_cluster:
+            return
+        c = self._clusters.setdefault(cluster_id, _Cluster())
+        rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality)
+        if representative:
+            c.reps.append(rep)
+        if c.first is None:
+            c.first = rep
+        c.members.append(sha256)
+        self.touch(cluster_id, ts)
+        row = self._next_row
+        self._next_row += 1
+        self._member_cluster[sha256] = cluster_id
+        self._member_row[sha256] = row
+        self._row_member[row] = sha256
+        ids = np.array([row], dtype=np.int64)
+        self._phash.add(ids, HammingIndex.codes_from_hex([hashes.phash], 64))
+        if hashes.pdq_quality >= self.pdq_min_quality:
+            self._pdq.add(ids, HammingIndex.codes_from_hex([hashes.pdq], 256))
+
+    def touch(self, cluster_id: str, ts: float | None) -> None:
+        """Record activity so ``evict_older_than`` keeps the cluster hot."""
+        c = self._clusters[cluster_id]
+        if ts is not None and (c.last_seen is None or ts > c.last_seen):
+            c.last_seen = ts
+
+    def merge(self, into: str, other: str) -> None:
+        """Fold ``other`` into ``into``: members, representatives, activity."""
+        if into == other or other not in self._clusters:
+            return
+        src = self._clusters.pop(other)
+        dst = self._clusters[into]
+        for sha in src.members:
+            self._member_cluster[sha] = into
+        dst.members.extend(src.members)
+        dst.reps.extend(src.reps or ([src.first] if src.first else []))
+        if src.last_seen is not None:
+            self.touch(into, src.last_seen)
+
+    def remove_cluster(self, cluster_id: str) -> None:
+        self._remove([cluster_id])
+
+    def evict_older_than(self, ts: float) -> list[str]:
+        """Drop clusters not seen since ``ts`` (no timestamp counts as old); returns
+        their ids, sorted, so the caller can persist them to the findings store."""
+        old = sorted(cid for cid, c in self._clusters.items() if c.last_seen is None or c.last_seen < ts)
+        self._remove(old)
+        return old
+
+    def _remove(self, cluster_ids: list[str]) -> None:
+        rows: list[int] = []
+        for cid in cluster_ids:
+            c = self._clusters.pop(cid, None)
+            if c is None:
+                continue
+            for sha in c.members:
+                del self._member_cluster[sha]
+                row = self._member_row.pop(sha)
+                del self._row_member[row]
+                rows.append(row)
+        if rows:
+            ids = np.asarray(rows, dtype=np.int64)
+            self._phash.remove(ids)
+            self._pdq.remove(ids)
+
+
+def _mirror_dist(mirror: str | None, other: str) -> int:
+    return hamming_hex(mirror, other) if mirror else 1 << 30

@@ -1,0 +1,105 @@
+"""A1111 "stealth pnginfo": generation parameters hidden in pixel LSBs.
+
+The stealth-pnginfo extension (and its ComfyUI/Forge ports) survives
+metadata stripping by writing the parameters into the least significant bit
+of the alpha channel (``stealth_pnginfo``, or gzip'd ``stealth_pngcomp``) or of
+R, G, B (``stealth_rgbinfo`` / ``stealth_rgbcomp``). Bits run column-major
+(x outer, y inner), MSB first: a 15-byte signature, a 32-bit payload length
+in bits, then the payload. A 120-bit signature cannot occur by chance, so a
+match is decisive. Only lossless formats can carry it.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+
+import numpy as np
+
+from detectors.base import Detector, Evidence, register
+from detectors.imagedata import ImageData, ImageRejected
+from detectors.plugins._sd_formats import recognise
+
+_SIGNATURES = {
+    "alpha": {b"stealth_pnginfo": False, b"stealth_pngcomp": True},
+    "rgb": {b"stealth_rgbinfo": False, b"stealth_rgbcomp": True},
+}
+_SIG_BITS = 15 * 8
+_LEN_BITS = 32
+MAX_PAYLOAD_BYTES = 1 << 20  # parameters are a few KiB; never unpack more than this
+_LOSSLESS_FORMATS = frozenset({"PNG", "WEBP", "TIFF"})
+
+
+def _lsb_stream(pixels: np.ndarray, n_bits: int) -> np.ndarray:
+    """The first ``n_bits`` LSBs in the extension's order. ``pixels`` is
+    (H, W) for alpha or (H, W, 3) for RGB; only the columns needed are touched."""
+    h = pixels.shape[0]
+    per_pixel = 1 if pixels.ndim == 2 else pixels.shape[2]
+    cols = min(pixels.shape[1], -(-n_bits // (h * per_pixel)))
+    part = pixels[:, :cols]
+    part = part.T if part.ndim == 2 else part.transpose(1, 0, 2)
+    return (part.reshape(-1)[:n_bits] & 1).astype(np.uint8)
+
+
+def _gunzip(data: bytes) -> bytes | None:
+    d = zlib.decompressobj(wbits=31)
+    try:
+        return d.decompress(data, MAX_PAYLOAD_BYTES)
+    except zlib.error:
+        return None
+
+
+def read_stealth(pixels: np.ndarray, mode: str) -> tuple[str, str] | None:
+    """(signature, text) when ``pixels`` carry stealth metadata, else None."""
+    capacity = pixels.size
+    if capacity < _SIG_BITS + _LEN_BITS:
+        return None
+    header = _lsb_stream(pixels, _SIG_BITS + _LEN_BITS)
+    signature = np.packbits(header[:_SIG_BITS]).tobytes()
+    compressed = _SIGNATURES[mode].get(signature)
+    if compressed is None:
+        return None
+    n_bits = int("".join(map(str, header[_SIG_BITS:])), 2)
+    if n_bits <= 0 or n_bits % 8 or n_bits > min(capacity - _SIG_BITS - _LEN_BITS, MAX_PAYLOAD_BYTES * 8):
+        return signature.decode(), ""  # the signature alone is the evidence
+    payload = np.packbits(_lsb_stream(pixels, _SIG_BITS + _LEN_BITS + n_bits)[_SIG_BITS + _LEN_BITS :]).tobytes()
+    raw = _gunzip(payload) if compressed else payload
+    return signature.decode(), (raw or b"").decode("utf-8", errors="replace")
+
+
+def _alpha(image: ImageData) -> np.ndarray | None:
+    img = image.open()
+    if "A" not in img.getbands() and "transparency" not in img.info:
+        return None
+    try:
+        with warnings.catch_warnings():  # Pillow warns about palette transparency; irrelevant here
+            warnings.simplefilter("ignore")
+            return np.asarray(img.convert("RGBA").getchannel("A"))
+    except Exception as e:  # same contract as ImageData: undecodable pixels are the caller's problem
+        raise ImageRejected("undecodable", f"image data is truncated or corrupt: {e}") from e
+
+
+@register
+class StealthPngInfoDetector(Detector):
+    name = "stealth-pnginfo"
+    cost = "cheap"
+
+    def analyze(self, image: ImageData) -> list[Evidence]:
+        if image.format not in _LOSSLESS_FORMATS:
+            return []
+        found = None
+        alpha = _alpha(image)
+        if alpha is not None:
+            found = read_stealth(alpha, "alpha")
+        if found is None:
+            found = read_stealth(np.asarray(image.rgb), "rgb")
+        if found is None:
+            return []
+        signature, text = found
+        channel = "alpha channel" if "png" in signature else "RGB channels"
+        finding = recognise("parameters", text, "stealth") if text else None
+        detail = f"AUTOMATIC1111 stealth metadata hidden in the {channel} LSBs ({signature})"
+        if finding is not None and finding.model:
+            detail += f"; model {finding.model}"
+        data = {"signature": signature, "parameters": text[:2000], "generator": finding.generator if finding else None}
+        return [Evidence(detector=self.name, score=0.99, weight=3.0, detail=detail, data=data)]

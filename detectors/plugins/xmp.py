@@ -1,0 +1,51 @@
+"""XMP provenance: IPTC DigitalSourceType and the generator named as CreatorTool.
+
+Unsigned, so weaker than C2PA, but generators (Firefly, DALL·E, Midjourney,
+Imagen) write ``Iptc4xmpExt:DigitalSourceType`` themselves and re-posting
+often keeps XMP when it drops everything else. An unsigned *capture* claim is
+trivial to forge and is therefore reported without weight.
+"""
+
+from __future__ import annotations
+
+from detectors.base import Detector, Evidence, register
+from detectors.imagedata import ImageData
+from detectors.plugins._generators import find_generator
+from detectors.plugins._source_types import classify, source_type_code
+from detectors.plugins._xmp import (
+    IPTC_EXT_NS,
+    ST_EVT_NS,
+    XMP_NS,
+    find_xmp_packets,
+    parse_packet,
+    property_values,
+)
+
+
+@register
+class XmpDetector(Detector):
+    name = "xmp"
+    cost = "cheap"
+
+    def analyze(self, image: ImageData) -> list[Evidence]:
+        roots = [r for r in (parse_packet(p) for p in find_xmp_packets(image.data)) if r is not None]
+        if not roots:
+            return []
+        codes = [c for c in (source_type_code(v) for v in property_values(roots, IPTC_EXT_NS, "DigitalSourceType")) if c]
+        tools = property_values(roots, XMP_NS, "CreatorTool") + property_values(roots, ST_EVT_NS, "softwareAgent")
+        generators = sorted({g for g in (find_generator(t, free_text=False) for t in tools) if g})
+        data = {"digital_source_types": sorted(set(codes)), "creator_tools": sorted(set(tools))[:20], "generators": generators}
+
+        ai_codes = sorted({c for c in codes if classify(c) == "ai"})
+        if ai_codes:
+            detail = f"XMP Iptc4xmpExt:DigitalSourceType is {', '.join(ai_codes)} (generative AI)"
+            if generators:
+                detail += f"; creator tool {', '.join(generators)}"
+            return [Evidence(detector=self.name, score=0.97, weight=2.0, detail=detail, data=data)]
+        if generators:
+            detail = f"XMP creator tool names an AI generator: {', '.join(generators)}"
+            return [Evidence(detector=self.name, score=0.95, weight=2.0, detail=detail, data=data)]
+        if codes:
+            detail = f"XMP Iptc4xmpExt:DigitalSourceType is {', '.join(sorted(set(codes)))} (unsigned, not AI)"
+            return [Evidence(detector=self.name, score=0.5, weight=0.0, detail=detail, data=data)]
+        return []

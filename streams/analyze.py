@@ -1,0 +1,111 @@
+"""Stages 3–5a: decode, hash and run the cheap per-image detectors.
+
+Runs in a worker thread (CPU-bound); the result is a ``Sighting`` ready for the
+single-writer cluster agent. Cheap evidence is cached per sha256 so an exact
+repost costs one blob-store lookup, not a second decode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from detectors.base import Detector, Evidence, create_all
+from detectors.hashing import ImageHashes, compute_hashes
+from detectors.imagedata import DecodeLimits, ImageData
+from streams.records import ImageEvent, ImageRef, Sighting, SourceRef
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Analyzer:
+    def __init__(self, settings: Settings, blob_root: Path):
+        self.settings = settings
+        self.limits = DecodeLimits(
+            max_pixels=settings.decode.max_pixels,
+            max_dimension=settings.decode.max_dimension,
+            max_bytes=settings.fetch.max_bytes,
+        )
+        self.detectors: list[Detector] = create_all(cost="cheap", names=settings.detect.cheap)
+        self._cache_dir = blob_root / "analysis"
+        self._cache_dir.mkdir(parents=True, exist_ok=True)
+        self._banks = _open_banks(settings.data_dir)
+
+    def analyze(self, event: ImageEvent, data: bytes, source: SourceRef) -> Sighting:
+        image = ImageData(data, limits=self.limits)  # raises ImageRejected
+        cached = self._load_cache(image.sha256)
+        if cached is not None:
+            hashes, evidence = cached
+        else:
+            # Hashing decodes pixels: truncated files surface here as ImageRejected.
+            hashes = compute_hashes(image)
+            evidence = self._detect(image)
+            self._store_cache(image.sha256, hashes, evidence)
+        if self._banks is not None:
+            evidence = [e for e in evidence if not e.detector.startswith("bank:")] + self._bank_evidence(image.sha256, hashes)
+        light_event = event.model_copy(update={"image": _without_inline(event.image, image.sha256)})
+        return Sighting(
+            event=light_event, source=source, sha256=image.sha256,
+            width=image.size[0], height=image.size[1], format=image.format,
+            hashes=hashes, evidence=evidence,
+        )
+
+    def _detect(self, image: ImageData) -> list[Evidence]:
+        found: list[Evidence] = []
+        for det in self.detectors:
+            try:
+                for ev in det.analyze(image):
+                    found.append(ev.model_copy(update={"sha256": image.sha256}))
+            except Exception:
+                # One broken detector must not lose the sighting; the others still count.
+                log.exception("detector failed", extra={"detector": det.name, "sha256": image.sha256})
+        return found
+
+    def _bank_evidence(self, sha256: str, hashes: ImageHashes) -> list[Evidence]:
+        from detectors.banks import bank_evidence
+
+        try:
+            return [e.model_copy(update={"sha256": sha256}) for e in bank_evidence(self._banks.match(hashes))]
+        except Exception:
+            log.exception("bank match failed", extra={"sha256": sha256})
+            return []
+
+    def _cache_path(self, sha256: str) -> Path:
+        return self._cache_dir / f"{sha256}.json"
+
+    def _load_cache(self, sha256: str) -> tuple[ImageHashes, list[Evidence]] | None:
+        path = self._cache_path(sha256)
+        try:
+            doc = json.loads(path.read_text())
+            return ImageHashes.model_validate(doc["hashes"]), [Evidence.model_validate(e) for e in doc["evidence"]]
+        except FileNotFoundError:
+            return None
+        except Exception:
+            path.unlink(missing_ok=True)  # stale format: recompute
+            return None
+
+    def _store_cache(self, sha256: str, hashes: ImageHashes, evidence: list[Evidence]) -> None:
+        path = self._cache_path(sha256)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"hashes": hashes.model_dump(), "evidence": [e.model_dump() for e in evidence]}))
+        tmp.replace(path)
+
+
+def _without_inline(ref: ImageRef, sha256: str) -> ImageRef:
+    # Inline bytes are now in the blob store; the sighting refers to them by hash.
+    if ref.base64 is None:
+        return ref
+    return ImageRef(blob=sha256, mime=ref.mime)
+
+
+def _open_banks(data_dir: Path):
+    path = Path(data_dir) / "banks.sqlite"
+    if not path.exists():
+        return None
+    try:
+        from detectors.banks import BankStore
+    except ImportError:
+        return None
+    return BankStore(path)

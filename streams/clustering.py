@@ -1,0 +1,316 @@
+"""The single-writer cluster engine: near-duplicate assignment, per-cluster
+virality, score fusion and alert decisions. Pure logic, no Faust: the cluster
+agent (``streams.agents``) feeds it ops and persists what it returns.
+
+Why a single writer: near neighbours cannot be found by key-partitioning (two
+reposts of one picture have unrelated sha256s), so every cluster decision is
+made in one ordered place, the 1-partition ``cluster-ops`` topic. Its state is
+a changelog-backed table, so any worker can take over (or keep a standby
+replica) and rebuild the in-memory index from it; the expensive work (fetch,
+decode, hash, detectors, models) happens in parallel before and after.
+
+At-least-once without double counting: every state records the offset of the
+last op applied to it (``applied_offset``), written atomically with the state
+itself. An op redelivered after a crash finds its offset already applied and
+only re-emits the derived outputs (snapshot, alert, detect request), which
+every sink treats idempotently. Event-id duplicates (a producer retry) are
+recognised from the trailing window and not counted twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterable
+
+from pydantic import BaseModel, Field
+
+from detectors.base import Evidence
+from detectors.fusion import fuse
+from detectors.neardup import Assignment, ClusterIndex
+from streams import virality
+from streams.records import (
+    Alert,
+    ClusterOp,
+    ClusterSnapshot,
+    DetectionResult,
+    DetectRequest,
+    Engagement,
+    Member,
+    Sighting,
+)
+from streams.settings import Settings
+
+MAX_ACCOUNTS = 10_000  # exact distinct-account counts live in the findings store
+
+
+class ClusterState(BaseModel):
+    schema_version: int = 1
+    cluster_id: str
+    revision: int = 0
+    applied_offset: int = -1
+    created_offset: int = -1
+    members: list[Member] = Field(default_factory=list)
+    evidence: list[Evidence] = Field(default_factory=list)  # cheap, per member image
+    model_evidence: list[Evidence] = Field(default_factory=list)  # once per cluster
+    models_pending: bool = False
+    sightings: int = 0
+    accounts: list[str] = Field(default_factory=list)
+    platforms: list[str] = Field(default_factory=list)
+    engagement: Engagement = Field(default_factory=Engagement)
+    recent: list[virality.RecentSighting] = Field(default_factory=list)
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+    fake_score: float = 0.0
+    verdict: str = "no-evidence"
+    suppressed: str | None = None
+    alert_level: int = 0
+    alert_velocity: int = 0
+    last_alert: Alert | None = None
+    merged_into: str | None = None
+    merged_from: list[str] = Field(default_factory=list)
+
+    def dumps(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @classmethod
+    def loads(cls, raw: bytes) -> "ClusterState":
+        return cls.model_validate_json(raw)
+
+
+@dataclass
+class Outcome:
+    writes: dict[str, ClusterState] = field(default_factory=dict)
+    snapshots: list[ClusterSnapshot] = field(default_factory=list)
+    detect_requests: list[DetectRequest] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    duplicate_event: bool = False
+    already_applied: bool = False
+
+
+Getter = Callable[[str], ClusterState | None]
+
+
+class ClusterEngine:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        d = settings.dedupe
+        self.index = ClusterIndex(
+            phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold, pdq_min_quality=d.pdq_min_quality
+        )
+        self.models_enabled = bool(settings.detect.models)
+
+    # -- recovery -----------------------------------------------------------
+    def rebuild(self, states: Iterable[ClusterState]) -> None:
+        d = self.settings.dedupe
+        self.index = ClusterIndex(
+            phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold, pdq_min_quality=d.pdq_min_quality
+        )
+        # Re-add in creation order so the index's tie-breaks match the original run.
+        live = [s for s in states if s.merged_into is None]
+        for state in sorted(live, key=lambda s: (s.created_offset, s.cluster_id)):
+            for i, m in enumerate(state.members):
+                self.index.add(state.cluster_id, m.sha256, _member_hashes(m), representative=(i == 0))
+
+    # -- ops ----------------------------------------------------------------
+    def apply(self, op: ClusterOp, offset: int, get: Getter) -> Outcome:
+        if op.kind == "sighting" and op.sighting is not None:
+            return self._sighting(op.sighting, offset, get)
+        if op.kind == "detection" and op.detection is not None:
+            return self._detection(op.detection, offset, get)
+        raise ValueError(f"cluster op of kind {op.kind!r} carries no payload")
+
+    def _sighting(self, s: Sighting, offset: int, get: Getter) -> Outcome:
+        out = Outcome()
+        assignment: Assignment = self.index.assign(s.sha256, s.hashes)
+        state = _resolve(get, assignment.cluster_id) or ClusterState(
+            cluster_id=assignment.cluster_id, created_offset=offset
+        )
+        if state.applied_offset >= offset:
+            return self._reemit(state, out, s, already=True, get=get, merged=assignment.merged)
+
+        for other_id in assignment.merged:
+            other = _resolve(get, other_id)
+            if other is None or other.cluster_id == state.cluster_id:
+                continue
+            self._fold(state, other, offset)
+            out.writes[other.cluster_id] = other
+            out.snapshots.append(self._snapshot(other, None))
+
+        if assignment.new_member and all(m.sha256 != s.sha256 for m in state.members):
+            state.members.append(Member(
+                sha256=s.sha256, phash=s.hashes.phash, pdq=s.hashes.pdq, pdq_quality=s.hashes.pdq_quality,
+                event_id=s.event.event_id, width=s.width, height=s.height, format=s.format,
+                distance=assignment.distance,
+            ))
+            known = {(e.detector, e.sha256) for e in state.evidence}
+            state.evidence.extend(e for e in s.evidence if (e.detector, e.sha256) not in known)
+            if assignment.new_cluster and self.models_enabled:
+                state.models_pending = True
+                out.detect_requests.append(DetectRequest(cluster_id=state.cluster_id, sha256=s.sha256))
+
+        t = s.event.posted_at.timestamp()
+        if any(r.e == s.event.event_id for r in state.recent):
+            out.duplicate_event = True
+        else:
+            self._count(state, s, t)
+        self._score(state)
+        self._maybe_alert(state, out, s)
+        state.revision += 1
+        state.applied_offset = offset
+        out.writes[state.cluster_id] = state
+        out.snapshots.append(self._snapshot(state, s))
+        return out
+
+    def _detection(self, r: DetectionResult, offset: int, get: Getter) -> Outcome:
+        out = Outcome()
+        state = _resolve(get, r.cluster_id)
+        if state is None:
+            return out  # cluster evicted meanwhile; the result has nothing to attach to
+        if state.applied_offset >= offset:
+            return self._reemit(state, out, None, already=True, get=get, merged=[])
+        names = {e.detector for e in r.evidence}
+        state.model_evidence = [e for e in state.model_evidence if e.detector not in names] + list(r.evidence)
+        state.models_pending = False
+        self._score(state)
+        self._maybe_alert(state, out, None)
+        state.revision += 1
+        state.applied_offset = offset
+        out.writes[state.cluster_id] = state
+        out.snapshots.append(self._snapshot(state, None))
+        return out
+
+    # -- pieces -------------------------------------------------------------
+    def _count(self, state: ClusterState, s: Sighting, t: float) -> None:
+        ev = s.event
+        state.sightings += 1
+        if ev.account_id not in state.accounts and len(state.accounts) < MAX_ACCOUNTS:
+            state.accounts.append(ev.account_id)
+        if ev.platform not in state.platforms:
+            state.platforms.append(ev.platform)
+        g = ev.engagement
+        state.engagement = Engagement(
+            likes=state.engagement.likes + g.likes, reposts=state.engagement.reposts + g.reposts,
+            replies=state.engagement.replies + g.replies, views=state.engagement.views + g.views,
+        )
+        state.first_seen = min(filter(None, [state.first_seen, ev.posted_at]))
+        state.last_seen = max(filter(None, [state.last_seen, ev.posted_at]))
+        state.recent.append(virality.RecentSighting(t=t, e=ev.event_id, a=ev.account_id, p=ev.platform, g=g.total))
+        state.recent = virality.trim(state.recent, state.last_seen.timestamp())
+
+    def _fold(self, into: ClusterState, other: ClusterState, offset: int) -> None:
+        """Merge ``other`` into ``into``: counts add up, ``other`` keeps its id
+        with ``merged_into`` so analysts can see what merged."""
+        seen = {m.sha256 for m in into.members}
+        into.members.extend(m for m in other.members if m.sha256 not in seen)
+        known = {(e.detector, e.sha256) for e in into.evidence}
+        into.evidence.extend(e for e in other.evidence if (e.detector, e.sha256) not in known)
+        names = {e.detector for e in into.model_evidence}
+        into.model_evidence.extend(e for e in other.model_evidence if e.detector not in names)
+        into.sightings += other.sightings
+        into.accounts.extend(a for a in other.accounts if a not in set(into.accounts))
+        into.accounts = into.accounts[:MAX_ACCOUNTS]
+        into.platforms.extend(p for p in other.platforms if p not in into.platforms)
+        e1, e2 = into.engagement, other.engagement
+        into.engagement = Engagement(
+            likes=e1.likes + e2.likes, reposts=e1.reposts + e2.reposts,
+            replies=e1.replies + e2.replies, views=e1.views + e2.views,
+        )
+        ids = {r.e for r in into.recent}
+        into.recent.extend(r for r in other.recent if r.e not in ids)
+        into.first_seen = min(filter(None, [into.first_seen, other.first_seen]), default=None)
+        into.last_seen = max(filter(None, [into.last_seen, other.last_seen]), default=None)
+        if into.last_seen:
+            into.recent = virality.trim(into.recent, into.last_seen.timestamp())
+        if other.alert_level > into.alert_level:
+            into.alert_level, into.alert_velocity, into.last_alert = other.alert_level, other.alert_velocity, other.last_alert
+        into.models_pending = into.models_pending and other.models_pending
+        into.merged_from = sorted({*into.merged_from, other.cluster_id, *other.merged_from})
+        other.merged_into = into.cluster_id
+        other.revision += 1
+        other.applied_offset = offset
+
+    def _score(self, state: ClusterState) -> None:
+        fused = fuse(state.evidence + state.model_evidence)
+        state.fake_score, state.verdict = fused.score, fused.verdict
+        allow = [e for e in state.evidence if e.data.get("suppress")]
+        state.suppressed = f"allow-listed: {allow[0].detail}" if allow else None
+
+    def _velocity(self, state: ClusterState):
+        return virality.velocity(state.recent, state.last_seen.timestamp() if state.last_seen else 0.0)
+
+    def _maybe_alert(self, state: ClusterState, out: Outcome, trigger: Sighting | None) -> None:
+        cfg = self.settings.alerts
+        v = self._velocity(state)
+        if state.suppressed or state.fake_score < cfg.min_fake_score:
+            return
+        if v.sightings_5m < cfg.min_sightings_5m or v.sightings_1h < cfg.min_sightings_1h:
+            return
+        if state.alert_level == 0:
+            rule = f"fake_score>={cfg.min_fake_score} and sightings_5m>={cfg.min_sightings_5m}"
+        elif v.sightings_5m >= max(1, state.alert_velocity) * cfg.escalation_factor:
+            rule = f"escalation: sightings_5m {v.sightings_5m} >= {cfg.escalation_factor}x {state.alert_velocity}"
+        else:
+            return
+        state.alert_level += 1
+        state.alert_velocity = v.sightings_5m
+        state.last_alert = Alert(
+            alert_id=f"{state.cluster_id}:{state.alert_level}", cluster_id=state.cluster_id, rule=rule,
+            level=state.alert_level, fake_score=state.fake_score, verdict=state.verdict, velocity=v,
+            sightings=state.sightings, accounts=len(state.accounts), evidence=_top(state),
+            at=state.last_seen or datetime.now(timezone.utc),
+            trigger_event_id=trigger.event.event_id if trigger else None,
+            trigger_ingested_at=trigger.ingested_at if trigger else None,
+        )
+        out.alerts.append(state.last_alert)
+
+    def _reemit(self, state: ClusterState, out: Outcome, s: Sighting | None, *, already: bool, get: Getter, merged: list[str]) -> Outcome:
+        # A crash may have landed between the state write and the sends: send
+        # again; sinks are idempotent. Finish any half-written merge as well.
+        out.already_applied = already
+        for other_id in merged:
+            other = get(other_id)
+            if other is not None and other.merged_into is None and other.cluster_id != state.cluster_id:
+                other.merged_into = state.cluster_id
+                other.revision += 1
+                out.writes[other.cluster_id] = other
+                out.snapshots.append(self._snapshot(other, None))
+        out.snapshots.append(self._snapshot(state, s))
+        if state.last_alert is not None:
+            out.alerts.append(state.last_alert)
+        if state.models_pending and state.members:
+            out.detect_requests.append(DetectRequest(cluster_id=state.cluster_id, sha256=state.members[0].sha256))
+        return out
+
+    def _snapshot(self, state: ClusterState, s: Sighting | None) -> ClusterSnapshot:
+        now = datetime.now(timezone.utc)
+        return ClusterSnapshot(
+            cluster_id=state.cluster_id, revision=state.revision, fake_score=state.fake_score,
+            verdict=state.verdict, evidence=_top(state), members=state.members,
+            sightings=state.sightings, accounts=len(state.accounts), platforms=state.platforms,
+            engagement=state.engagement, velocity=self._velocity(state),
+            first_seen=state.first_seen or now, last_seen=state.last_seen or now,
+            merged_from=state.merged_from, merged_into=state.merged_into,
+            models_pending=state.models_pending, suppressed=state.suppressed,
+            alert_level=state.alert_level, new_sighting=s,
+        )
+
+
+def _top(state: ClusterState) -> list[Evidence]:
+    return fuse(state.evidence + state.model_evidence).evidence
+
+
+def _resolve(get: Getter, cluster_id: str) -> ClusterState | None:
+    """Follow ``merged_into`` so ops addressed to a merged cluster land in its survivor."""
+    state = get(cluster_id)
+    for _ in range(64):
+        if state is None or state.merged_into is None:
+            return state
+        state = get(state.merged_into)
+    return state
+
+
+def _member_hashes(m: Member):
+    from detectors.hashing import ImageHashes
+
+    return ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality)

@@ -1,0 +1,210 @@
+"""Stage 2: get an event's image bytes — from a URL, a local path under an
+allowed root, or inline base64 — with every limit enforced.
+
+URL fetching is an SSRF surface: a hostile post can point at the metadata
+service or an internal admin page. Every hop (redirects included) is resolved
+here, all of its addresses are checked, and the connection goes to the checked
+address (Host header and TLS SNI keep the original name), so DNS cannot answer
+differently between the check and the connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import socket
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
+
+from streams.blobstore import BlobStore
+from streams.records import ImageEvent
+from streams.settings import FetchSettings, IngestSettings
+
+
+class FetchError(Exception):
+    def __init__(self, reason: str, detail: str, retryable: bool = False):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.retryable = retryable
+
+
+# Magic numbers of the formats we decode; anything else is refused before decode.
+_MAGIC = (
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+)
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    for magic, mime in _MAGIC:
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"):
+        return "image/heif"
+    return None
+
+
+def _address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved)
+
+
+async def resolve_checked(host: str, port: int, allow_private: bool) -> str:
+    """Resolve ``host`` and return one address that may be contacted."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise FetchError("dns_failure", f"cannot resolve {host}: {e}", retryable=True) from None
+    addrs = [ipaddress.ip_address(info[4][0]) for info in infos]
+    if not addrs:
+        raise FetchError("dns_failure", f"{host} has no addresses")
+    if not allow_private:
+        blocked = [str(a) for a in addrs if not _address_allowed(a)]
+        if blocked:
+            # Refuse if ANY address is internal: a round-robin answer mixing a
+            # public and a private address is a classic rebinding trick.
+            raise FetchError(
+                "blocked_address",
+                f"{host} resolves to non-public address {', '.join(blocked)}; "
+                "set fetch.allow_private_networks to allow",
+            )
+    return str(addrs[0])
+
+
+class ImageFetcher:
+    def __init__(self, fetch: FetchSettings, ingest: IngestSettings, blobs: BlobStore | None = None):
+        self.cfg = fetch
+        self.blobs = blobs
+        self.ingest = ingest
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(fetch.read_timeout_s, connect=fetch.connect_timeout_s),
+            follow_redirects=False,  # each hop is re-checked below
+            headers={"User-Agent": fetch.user_agent, "Accept": "image/*"},
+            trust_env=False,  # a proxy would bypass the address checks
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def get(self, event: ImageEvent, extra_roots: list[Path] | None = None) -> bytes:
+        ref = event.image
+        if ref.base64 is not None:
+            return self._inline(ref.base64)
+        if ref.blob is not None:
+            if self.blobs is None or not self.blobs.exists(ref.blob):
+                raise FetchError("not_found", f"blob {ref.blob} is not in the blob store")
+            return self.blobs.get(ref.blob)
+        if ref.path is not None:
+            return await asyncio.to_thread(self._local, ref.path, extra_roots or [])
+        assert ref.url is not None
+        return await self._url(ref.url)
+
+    # -- inline -------------------------------------------------------------
+    def _inline(self, b64: str) -> bytes:
+        cap = self.ingest.max_inline_bytes
+        if len(b64) > (cap * 4) // 3 + 4:
+            raise FetchError("too_large", f"inline image exceeds {cap} bytes")
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise FetchError("bad_base64", f"inline image is not valid base64: {e}") from None
+        return self._check_type(data, "inline image")
+
+    # -- local path ---------------------------------------------------------
+    def _local(self, path: str, extra_roots: list[Path]) -> bytes:
+        roots = [Path(r).resolve() for r in [*self.ingest.image_roots, *extra_roots]]
+        if not roots:
+            raise FetchError("path_not_allowed", "local image paths are disabled (no image roots configured)")
+        target = Path(path)
+        # Relative paths are relative to the first root (the feed's own directory in replay).
+        resolved = (roots[0] / target).resolve() if not target.is_absolute() else target.resolve()
+        if not any(resolved.is_relative_to(r) for r in roots):
+            raise FetchError("path_not_allowed", f"{path} is outside the allowed image roots")
+        try:
+            size = resolved.stat().st_size
+            if size > self.cfg.max_bytes:
+                raise FetchError("too_large", f"{path} is {size} bytes, limit {self.cfg.max_bytes}")
+            data = resolved.read_bytes()
+        except FileNotFoundError:
+            raise FetchError("not_found", f"{path} does not exist") from None
+        except IsADirectoryError:
+            raise FetchError("not_found", f"{path} is a directory") from None
+        except PermissionError as e:
+            raise FetchError("not_found", f"{path}: {e}") from None
+        return self._check_type(data, path)
+
+    # -- URL ----------------------------------------------------------------
+    async def _url(self, url: str) -> bytes:
+        attempt = 0
+        while True:
+            try:
+                return await self._url_once(url)
+            except FetchError as e:
+                if not e.retryable or attempt >= self.cfg.retries:
+                    raise
+            attempt += 1
+            await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
+
+    async def _url_once(self, url: str) -> bytes:
+        current = url
+        for _hop in range(self.cfg.max_redirects + 1):
+            parts = urlsplit(current)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise FetchError("bad_url", f"refusing to fetch {current!r}")
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            ip = await resolve_checked(parts.hostname, port, self.cfg.allow_private_networks)
+            host_for_url = f"[{ip}]" if ":" in ip else ip
+            pinned = urlunsplit((parts.scheme, f"{host_for_url}:{port}", parts.path or "/", parts.query, ""))
+            host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+            try:
+                async with self._client.stream(
+                    "GET", pinned, headers={"Host": host_header},
+                    extensions={"sni_hostname": parts.hostname},
+                ) as resp:
+                    if resp.is_redirect:
+                        location = resp.headers.get("location")
+                        if not location:
+                            raise FetchError("bad_response", f"redirect without Location from {current}")
+                        current = urljoin(current, location)
+                        continue
+                    if resp.status_code >= 500 or resp.status_code == 429:
+                        raise FetchError("http_error", f"HTTP {resp.status_code} from {current}", retryable=True)
+                    if resp.status_code != 200:
+                        raise FetchError("http_error", f"HTTP {resp.status_code} from {current}")
+                    declared = resp.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
+                        raise FetchError("too_large", f"{current} declares {declared} bytes, limit {self.cfg.max_bytes}")
+                    chunks: list[bytes] = []
+                    total = 0
+                    async for chunk in resp.aiter_bytes():
+                        total += len(chunk)
+                        if total > self.cfg.max_bytes:
+                            raise FetchError("too_large", f"{current} exceeds {self.cfg.max_bytes} bytes")
+                        chunks.append(chunk)
+                    return self._check_type(b"".join(chunks), current)
+            except httpx.TimeoutException as e:
+                raise FetchError("timeout", f"timed out fetching {current}: {type(e).__name__}", retryable=True) from None
+            except httpx.TransportError as e:
+                raise FetchError("unreachable", f"cannot connect to {current}: {e}", retryable=True) from None
+        raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects} redirects from {url}")
+
+    @staticmethod
+    def _check_type(data: bytes, where: str) -> bytes:
+        if not data:
+            raise FetchError("empty", f"{where} is empty")
+        if sniff_image_type(data) is None:
+            raise FetchError("not_an_image", f"{where} is not a supported image format (first bytes {data[:8]!r})")
+        return data

@@ -1,0 +1,75 @@
+"""Produce a JSONL feed of schema-v1 events to the events topic.
+
+Lines are sent as they are, malformed ones included: judging them is the
+pipeline's job (they end up as dead letters with a reason), and the producer
+must not silently drop input. Only lines too large for the broker are refused
+here, and they too become dead letters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from kafka import KafkaProducer
+
+from streams.records import DeadLetter
+from streams.settings import Settings
+
+MAX_MESSAGE_BYTES = 1_000_000  # Kafka's default max.message.bytes
+
+
+@dataclass
+class Produced:
+    offsets: set[tuple[int, int]] = field(default_factory=set)  # (partition, offset) on the events topic
+    refused: int = 0
+    lines: int = 0
+
+
+def iter_lines(feed: Path) -> Iterator[bytes]:
+    with open(feed, "rb") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                yield line
+
+
+def _event_id(line: bytes) -> str | None:
+    try:
+        doc = json.loads(line)
+        return doc.get("event_id") if isinstance(doc, dict) and isinstance(doc.get("event_id"), str) else None
+    except ValueError:
+        return None
+
+
+def produce_feed(feed: Path, bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None) -> Produced:
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5,
+        max_request_size=MAX_MESSAGE_BYTES + 4096, client_id="deepwatch-ingest",
+    )
+    out = Produced()
+    futures = []
+    try:
+        for line in iter_lines(feed):
+            out.lines += 1
+            eid = _event_id(line)
+            key = eid.encode() if eid else None
+            if len(line) > MAX_MESSAGE_BYTES:
+                dl = DeadLetter(event_id=eid, stage="validate", reason="too_large",
+                                detail=f"event is {len(line)} bytes; inline images are capped at ingest",
+                                payload_excerpt=line[:512].decode("utf-8", "replace"))
+                producer.send(settings.topic("dead-letters"), key=key, value=dl.dumps())
+                out.refused += 1
+            else:
+                futures.append(producer.send(settings.topic("events"), key=key, value=line))
+            if progress:
+                progress(1)
+        producer.flush()
+        for f in futures:
+            md = f.get(timeout=30)
+            out.offsets.add((md.partition, md.offset))
+    finally:
+        producer.close()
+    return out

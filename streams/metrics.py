@@ -1,0 +1,27 @@
+"""Prometheus metrics exposed by every worker (``metrics_port`` setting).
+Names are a contract with dashboards/ and the alert rules."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+EVENTS = Counter("deepwatch_events_total", "Events handled, by stage and outcome", ["stage", "outcome"])
+DEAD_LETTERS = Counter("deepwatch_dead_letters_total", "Events sent to the dead-letter topic", ["stage", "reason"])
+CLUSTERS = Gauge("deepwatch_clusters", "Live clusters in the cluster engine's index")
+CLUSTER_MEMBERS = Gauge("deepwatch_cluster_members", "Distinct images in the cluster engine's index")
+ALERTS = Counter("deepwatch_alerts_total", "Alerts raised", ["level"])
+WEBHOOKS = Counter("deepwatch_webhook_deliveries_total", "Webhook deliveries", ["outcome"])
+STAGE_SECONDS = Histogram(
+    "deepwatch_stage_seconds", "Time spent per stage",
+    ["stage"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+EVENT_TO_ALERT_SECONDS = Histogram(
+    "deepwatch_event_to_alert_seconds", "Wall time from ingest of the triggering event to the alert",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+
+
+def serve(port: int) -> int:
+    """Start the /metrics endpoint; port 0 picks a free one. Returns the port."""
+    server, _thread = start_http_server(port, addr="127.0.0.1" if port == 0 else "0.0.0.0")
+    return server.server_port

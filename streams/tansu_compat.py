@@ -1,0 +1,82 @@
+"""Workarounds for Tansu 0.6.0, the embedded broker. The only place that knows.
+
+Active only when the Faust broker URL uses the ``tansu://`` scheme (registered
+as a Faust transport through the ``faust.transports`` entry point), which
+``EmbeddedBroker.faust_url`` produces; any real Kafka uses the stock driver.
+
+(a) ListOffsets(latest) answers the *last batch's base offset + 1* rather than
+    the log end when that batch holds several records. Faust takes that value
+    as a changelog's highwater, so table recovery stops early (state silently
+    incomplete) and a second worker crashes with ``ConsistencyError: persisted
+    offset ... higher than ... highwater``. The Fetch response's high watermark
+    is correct, so we ask for it: fetch from the last batch's base offset
+    (which ListOffsets did give us) and read the partition's high watermark.
+(b) JoinGroup responses are held for session_timeout/2, so every rebalance
+    stalls for that long: ``streams.app`` keeps the broker session timeout at
+    ~10 s for this broker (``SESSION_TIMEOUT_S``).
+(c) The idempotent/transactional producer fails (InitProducerId v0): deepwatch
+    runs at-least-once everywhere and makes every sink idempotent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Mapping
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+SESSION_TIMEOUT_S = 10.0
+
+
+async def true_end_offsets(bootstrap: str, listed: Mapping[Any, int]) -> dict[Any, int]:
+    """Correct ListOffsets(latest) answers using Fetch high watermarks."""
+    need = {tp: off for tp, off in listed.items() if off > 0}
+    result = dict(listed)
+    if not need:
+        return result
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+        fetch_max_bytes=1 << 20, max_partition_fetch_bytes=1 << 16,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(tp.topic, tp.partition) for tp in need]
+        consumer.assign(tps)
+        for tp, off in zip(tps, need.values()):
+            consumer.seek(tp, off - 1)
+        pending = set(tps)
+        for _ in range(20):  # bounded: each getmany returns on any data
+            if not pending:
+                break
+            await consumer.getmany(*pending, timeout_ms=250)
+            for tp in list(pending):
+                hw = consumer.highwater(tp)
+                if hw is not None:
+                    pending.discard(tp)
+        for orig, tp in zip(need, tps):
+            hw = consumer.highwater(tp)
+            if hw is not None:
+                result[orig] = max(result[orig], hw)
+    finally:
+        await consumer.stop()
+    return result
+
+
+class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    async def _highwaters(self, partitions: List[Any]) -> Mapping[Any, int]:
+        listed = await super()._highwaters(partitions)
+        bootstrap = ",".join(f"{u.host}:{u.port or 9092}" for u in self.app.conf.broker)
+        return await true_end_offsets(bootstrap, listed)
+
+
+class Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> ConsumerThread:
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class Transport(faust_aiokafka.Transport):
+    Consumer = Consumer
+    driver_version = faust_aiokafka.Transport.driver_version + "+tansu-compat"
+
+
+__all__ = ["Transport", "SESSION_TIMEOUT_S", "true_end_offsets"]

@@ -1,0 +1,63 @@
+"""Run one deepwatch worker process (``deepwatch worker`` / ``python -m streams.worker``).
+
+Roles: ``pipeline`` (ingest → cluster → sinks, CPU) and ``detect`` (learned
+models, GPU-capable, own consumer group). Several workers of a role share its
+partitions; the cluster table has a standby replica on the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from streams import logs, metrics
+from streams.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def faust_broker_url(settings: Settings) -> str:
+    if settings.broker == "embedded":
+        raise SystemExit("a worker needs --broker (kafka://HOST:PORT, or tansu://HOST:PORT for the embedded broker)")
+    return settings.broker
+
+
+def run(settings: Settings, role: str) -> None:
+    logs.setup(settings.log_level, settings.log_format)
+    broker = faust_broker_url(settings)
+    if role == "pipeline":
+        from streams.app import build_pipeline_app
+
+        app = build_pipeline_app(settings, broker)
+    elif role == "detect":
+        from streams.detect_worker import build_detect_app
+
+        app = build_detect_app(settings, broker)
+    else:
+        raise SystemExit(f"unknown role {role!r}: pipeline | detect")
+    if settings.metrics_port is not None:
+        port = metrics.serve(settings.metrics_port)
+        log.info("metrics listening", extra={"port": port, "role": role})
+        port_file = os.environ.get("DEEPWATCH_METRICS_PORT_FILE")
+        if port_file:
+            with open(port_file, "w") as f:
+                f.write(str(port))
+    from faust.worker import Worker
+
+    worker = Worker(
+        app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False,
+        override_logging=False,
+    )
+    log.info("worker starting", extra={"role": role, "broker": broker, "pid": os.getpid()})
+    worker.execute_from_commandline()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    role = argv[argv.index("--role") + 1] if "--role" in argv else "pipeline"
+    run(load_settings(), role)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""MicroBatcher groups concurrent submissions; device selection falls back to CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detectors.imagedata import ImageData
+from detectors.models import MicroBatcher, ModelDetector, select_device
+from detectors.models.checkpoint import InputSpec, ModelCard
+from detectors.models.nets import SmallCNN
+
+
+def _image(seed: int, fmt: str = "PNG") -> ImageData:
+    arr = np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return ImageData(buf.getvalue())
+
+
+class CountingDetector(ModelDetector):
+    def __init__(self) -> None:
+        card = ModelCard(name="count", arch="small-cnn", input=InputSpec(size=32))
+        super().__init__(card, SmallCNN(width=4), torch.device("cpu"))
+        self.batch_sizes: list[int] = []
+
+    def infer(self, batch: torch.Tensor) -> np.ndarray:
+        self.batch_sizes.append(batch.shape[0])
+        return super().infer(batch)
+
+
+def test_concurrent_submits_become_one_forward() -> None:
+    det = CountingDetector()
+
+    async def main() -> list[list]:
+        async with MicroBatcher(det, max_batch=8, max_wait_ms=300) as mb:
+            return await asyncio.gather(*(mb.submit(_image(i)) for i in range(5)))
+
+    results = asyncio.run(main())
+    assert det.batch_sizes == [5]
+    assert all(len(r) == 1 and r[0].detector == "model:count" for r in results)
+    # each submitter gets the evidence for its own image
+    assert [r[0].sha256 for r in results] == [_image(i).sha256 for i in range(5)]
+
+
+def test_max_batch_splits() -> None:
+    det = CountingDetector()
+
+    async def main() -> None:
+        async with MicroBatcher(det, max_batch=4, max_wait_ms=300) as mb:
+            await asyncio.gather(*(mb.submit(_image(i)) for i in range(10)))
+
+    asyncio.run(main())
+    assert sorted(det.batch_sizes, reverse=True) == [4, 4, 2]
+
+
+def test_max_wait_honoured() -> None:
+    det = CountingDetector()
+
+    async def main() -> float:
+        async with MicroBatcher(det, max_batch=64, max_wait_ms=50) as mb:
+            await mb.submit(_image(0))  # warm-up (thread pools, first forward)
+            t0 = time.monotonic()
+            await mb.submit(_image(1))
+            return time.monotonic() - t0
+
+    elapsed = asyncio.run(main())
+    assert 0.045 <= elapsed < 1.0, elapsed  # waited for company, but not for a full batch
+    assert det.batch_sizes == [1, 1]
+
+
+def test_bad_image_fails_only_its_submitter() -> None:
+    det = CountingDetector()
+    good = _image(1)
+    bad = ImageData(_image(2).data[:200])  # header intact, pixel data truncated
+
+    async def main() -> list:
+        async with MicroBatcher(det, max_batch=8, max_wait_ms=100) as mb:
+            return await asyncio.gather(mb.submit(good), mb.submit(bad), return_exceptions=True)
+
+    ok, failed = asyncio.run(main())
+    assert isinstance(ok, list) and ok[0].sha256 == good.sha256
+    assert isinstance(failed, Exception)
+    assert det.batch_sizes == [1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
+def test_cuda_request_falls_back_to_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="detectors.models.device"):
+        assert select_device("cuda") == torch.device("cpu")
+        assert select_device("cuda:1") == torch.device("cpu")
+    assert "CUDA is not available" in caplog.text
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type in {"cpu", "mps"}
+    assert select_device("tpu") == torch.device("cpu")
