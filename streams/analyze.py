@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 from detectors.base import Detector, Evidence, create_all
@@ -88,9 +90,12 @@ class Analyzer:
 
     def _store_cache(self, sha256: str, hashes: ImageHashes, evidence: list[Evidence]) -> None:
         path = self._cache_path(sha256)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"hashes": hashes.model_dump(), "evidence": [e.model_dump() for e in evidence]}))
-        tmp.replace(path)
+        # Unique temp name: concurrent analyses of the same picture (a burst of
+        # reposts) each write their own file; the last rename wins, same content.
+        fd, tmp = tempfile.mkstemp(dir=self._cache_dir, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"hashes": hashes.model_dump(), "evidence": [e.model_dump() for e in evidence]}, f)
+        os.replace(tmp, path)
 
 
 def _without_inline(ref: ImageRef, sha256: str) -> ImageRef:

@@ -27,7 +27,7 @@ from streams import metrics
 from streams.analyze import Analyzer
 from streams.blobstore import DirectoryBlobStore
 from streams.broker import TopicSpec
-from streams.clustering import ClusterEngine, ClusterState
+from streams.clustering import ClusterEngine, ClusterState, state_from_seed
 from streams.fetch import FetchError, ImageFetcher
 from streams.records import ClusterOp, DeadLetter, SourceRef
 from streams.settings import Settings
@@ -96,14 +96,15 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     detect_requests = app.topic(t("detect-requests"), value_serializer="raw", key_serializer="raw")
     updates = app.topic(t("cluster-updates"), value_serializer="raw", key_serializer="raw")
     alerts = app.topic(t("alerts"), value_serializer="raw", key_serializer="raw")
-    table = app.Table(
-        CLUSTER_TABLE, partitions=1, default=None,
-        schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
-    )
+    table = app.Table(CLUSTER_TABLE, partitions=1, default=None, key_type=bytes, value_type=bytes)
+    # Faust derives table serializers from model types and falls back to JSON
+    # for plain bytes; values are our own versioned JSON (ClusterState), so
+    # store them as-is. Must be set before the table's store is first built.
+    table.key_serializer = table.value_serializer = "raw"
 
     data_dir = Path(settings.data_dir)
     blobs = DirectoryBlobStore(data_dir / "blobs")
-    state: dict[str, Any] = {"engine": None, "stale": True}
+    state: dict[str, Any] = {"engine": None, "stale": True, "seeded": {}}
 
     async def send_dead(dl: DeadLetter) -> None:
         metrics.DEAD_LETTERS.labels(dl.stage, dl.reason).inc()
@@ -158,14 +159,25 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
 
     def get_state(cluster_id: str) -> ClusterState | None:
         raw = table.get(cluster_id.encode())
-        return ClusterState.loads(raw) if raw else None
+        return ClusterState.loads(raw) if raw else state["seeded"].get(cluster_id)
 
     def engine() -> ClusterEngine:
         if state["engine"] is None or state["stale"]:
             eng = ClusterEngine(settings)
-            eng.rebuild(ClusterState.loads(v) for v in table.values() if v)
+            states = [ClusterState.loads(v) for v in table.values() if v]
+            if not states:
+                # Empty table but an existing findings store (a fresh embedded
+                # broker over an old data dir): carry on from the store so
+                # replays join the clusters already there.
+                from streams.store import open_store
+
+                store = open_store(settings.data_dir)
+                states = [state_from_seed(doc) for doc in store.cluster_seeds()]
+                store.close()
+                state["seeded"] = {s.cluster_id: s for s in states}
+            eng.rebuild(states)
             state["engine"], state["stale"] = eng, False
-            log.info("cluster index rebuilt", extra={"clusters": eng.index.n_clusters})
+            log.info("cluster index rebuilt", extra={"clusters": eng.index.n_clusters, "seeded": len(state["seeded"])})
         return state["engine"]
 
     @app.agent(ops)

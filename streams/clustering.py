@@ -296,6 +296,39 @@ class ClusterEngine:
         )
 
 
+def state_from_seed(doc: dict) -> ClusterState:
+    """Rebuild a cluster's stream state from the findings store (see
+    ``FindingsStore.cluster_seeds``). Counts come from the store's exact
+    sightings; the trailing window is refilled so duplicate events are still
+    recognised and velocity carries on."""
+    sightings = doc["sightings"]
+    last_seen = datetime.fromisoformat(doc["last_seen"])
+    recent = []
+    accounts: list[str] = []
+    totals = Engagement()
+    for s in sightings:
+        g = Engagement.model_validate_json(s["engagement"])
+        totals = Engagement(likes=totals.likes + g.likes, reposts=totals.reposts + g.reposts,
+                            replies=totals.replies + g.replies, views=totals.views + g.views)
+        if s["account_id"] not in accounts and len(accounts) < MAX_ACCOUNTS:
+            accounts.append(s["account_id"])
+        t = datetime.fromisoformat(s["posted_at"]).timestamp()
+        recent.append(virality.RecentSighting(t=t, e=s["event_id"], a=s["account_id"], p=s["platform"], g=g.total))
+    alerts = [Alert.model_validate(a) for a in doc["alerts"]]
+    return ClusterState(
+        cluster_id=doc["cluster_id"],
+        members=[Member.model_validate(m) for m in doc["members"]],
+        evidence=[Evidence.model_validate(e) for e in doc["evidence"] if not e["detector"].startswith("model:")],
+        model_evidence=[Evidence.model_validate(e) for e in doc["evidence"] if e["detector"].startswith("model:")],
+        sightings=len(sightings), accounts=accounts, platforms=doc["platforms"], engagement=totals,
+        recent=virality.trim(recent, last_seen.timestamp()),
+        first_seen=datetime.fromisoformat(doc["first_seen"]), last_seen=last_seen,
+        fake_score=doc["fake_score"], verdict=doc["verdict"], suppressed=doc["suppressed"],
+        alert_level=doc["alert_level"], alert_velocity=alerts[-1].velocity.sightings_5m if alerts else 0,
+        last_alert=alerts[-1] if alerts else None, merged_from=doc["merged_from"],
+    )
+
+
 def _top(state: ClusterState) -> list[Evidence]:
     return fuse(state.evidence + state.model_evidence).evidence
 

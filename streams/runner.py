@@ -30,6 +30,7 @@ class WorkerProcess:
     proc: subprocess.Popen
     log_path: Path
     metrics_port: int | None = None
+    expected_exit: bool = False
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc.poll() is None:
@@ -41,6 +42,8 @@ class WorkerProcess:
                 self.proc.wait()
 
     def kill(self) -> None:
+        """SIGKILL: a crash, no clean shutdown, no final commit."""
+        self.expected_exit = True
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -94,7 +97,7 @@ class Cluster:
     def check_workers(self) -> None:
         for w in self.workers:
             code = w.proc.poll()
-            if code is not None and code != 0 and not getattr(w, "_expected_exit", False):
+            if code is not None and code != 0 and not w.expected_exit:
                 tail = w.log_path.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{w.role} worker exited with {code}; log {w.log_path}:\n{tail}")
 

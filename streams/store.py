@@ -11,6 +11,7 @@ nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -192,10 +193,10 @@ class SqliteFindingsStore:
 
     def add_dead_letter(self, dl: DeadLetter) -> bool:
         src = dl.source
-        key = (
-            f"{src.topic}/{src.partition}/{src.offset}/{dl.stage}" if src
-            else f"{dl.event_id}/{dl.stage}/{dl.reason}/{hash(dl.payload_excerpt)}"
-        )
+        # Keyed by what the event is, not where it sat on the broker, so the
+        # same bad event replayed later is still one dead letter.
+        ident = dl.event_id or "sha256:" + hashlib.sha256((dl.payload_excerpt or dl.detail).encode()).hexdigest()
+        key = f"{ident}/{dl.stage}/{dl.reason}"
         with self._tx() as db:
             cur = db.execute(
                 """INSERT INTO dead_letters (dl_key, event_id, stage, reason, detail, source, payload_excerpt, at)
@@ -271,11 +272,11 @@ class SqliteFindingsStore:
         out = []
         for row in self._db.execute(
             """SELECT cluster_id, revision, fake_score, verdict, evidence, velocity, engagement, first_seen, last_seen,
-                      merged_into, merged_from, models_pending, suppressed, updated_at, alert_level
+                      merged_into, merged_from, models_pending, suppressed, updated_at, alert_level, stream_sightings
                FROM clusters ORDER BY fake_score DESC, cluster_id"""
         ):
             (cid, rev, score, verdict, evidence, vel, eng, first, last, merged_into, merged_from, pending, suppressed,
-             updated, alert_level) = row
+             updated, alert_level, stream_sightings) = row
             if merged_into and not include_merged:
                 continue
             a = agg.get(cid, {"n": 0, "accounts": set(), "platforms": set(), "first": first, "last": last})
@@ -297,6 +298,9 @@ class SqliteFindingsStore:
                 "models_pending": bool(pending),
                 "suppressed": suppressed,
                 "alert_level": alert_level,
+                # The stream's own running count; equal to `sightings` unless
+                # the stream lost or double-counted something.
+                "stream_sightings": stream_sightings,
                 "revision": rev,
                 "updated_at": updated,
             })
@@ -329,6 +333,41 @@ class SqliteFindingsStore:
         raised = self._db.execute("SELECT COALESCE(SUM(alert_level),0) FROM clusters WHERE merged_into IS NULL").fetchone()[0]
         stored = self._db.execute("SELECT COUNT(DISTINCT cluster_id || ':' || level) FROM alerts").fetchone()[0]
         return {"models": pending_models, "alerts": max(0, raised - stored)}
+
+    def cluster_seeds(self, window_s: float = 3600.0) -> list[dict[str, Any]]:
+        """What a cluster engine starting with an empty table (a fresh embedded
+        broker, a lost changelog) needs to carry on where the store left off:
+        live clusters with their members, evidence, alert state and the
+        sightings of their trailing window."""
+        roots = self._roots()
+        by_root: dict[str, dict[str, Any]] = {}
+        for row in self._db.execute(
+            """SELECT cluster_id, fake_score, verdict, evidence, first_seen, last_seen, alert_level, suppressed, platforms,
+                      merged_from FROM clusters WHERE merged_into IS NULL"""
+        ):
+            cid, score, verdict, evidence, first, last, level, suppressed, platforms, merged_from = row
+            by_root[cid] = {
+                "cluster_id": cid, "fake_score": score, "verdict": verdict, "evidence": json.loads(evidence),
+                "first_seen": first, "last_seen": last, "alert_level": level, "suppressed": suppressed,
+                "platforms": json.loads(platforms), "merged_from": json.loads(merged_from),
+                "members": [], "sightings": [], "alerts": [],
+            }
+        for row in self._db.execute(
+            "SELECT cluster_id, sha256, phash, pdq, pdq_quality, event_id, width, height, format, distance FROM members ORDER BY rowid"
+        ):
+            root = by_root.get(roots.get(row[0], row[0]))
+            if root is not None:
+                keys = ("sha256", "phash", "pdq", "pdq_quality", "event_id", "width", "height", "format", "distance")
+                root["members"].append(dict(zip(keys, row[1:])))
+        for row in self._db.execute("SELECT cluster_id, event_id, account_id, platform, posted_at, engagement FROM sightings"):
+            root = by_root.get(roots.get(row[0], row[0]))
+            if root is not None:
+                root["sightings"].append(dict(zip(("event_id", "account_id", "platform", "posted_at", "engagement"), row[1:])))
+        for cid, doc in self._db.execute("SELECT cluster_id, doc FROM alerts ORDER BY level"):
+            root = by_root.get(roots.get(cid, cid))
+            if root is not None:
+                root["alerts"].append(json.loads(doc))
+        return [r for r in by_root.values() if r["members"]]
 
     def iter_members(self) -> Iterator[MemberRow]:
         roots = self._roots()

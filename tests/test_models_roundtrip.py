@@ -103,3 +103,15 @@ def test_eval_per_generator_from_manifest(trained: Path, synth: Path, tmp_path: 
     per = rep["variants"]["original"]["per_generator"]
     assert set(per) == {"gen-a", "gen-b"}
     assert per["gen-a"]["model:tiny"]["n_pos"] == 20 and per["gen-a"]["model:tiny"]["n_neg"] == 40
+
+
+def test_clip_probe_builds_when_open_clip_present(tmp_path: Path) -> None:
+    pytest.importorskip("open_clip")
+    import torch
+
+    from detectors.models.nets import build_net
+
+    # Smallest open_clip vision tower, random weights: no backbone file, no download.
+    net = build_net("clip-probe", {"clip_model": "RN50", "backbone_file": None}, tmp_path)
+    assert net(torch.randn(2, 3, 224, 224)).shape == (2,)
+    assert set(net.state_dict()) == {"fc.weight", "fc.bias"}

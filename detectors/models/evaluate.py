@@ -27,8 +27,12 @@ Output (stable; ``schema`` bumps on any incompatible change)::
 
 ``auc``/``average_precision`` are null when only one class is present.
 A cheap detector that returns no evidence for an image has no opinion: it is
-scored 0.5 there, and ``coverage`` is the fraction of images it spoke on.
+scored 0.5 there for AUC/AP, never counts as flagged for accuracy/recall/fpr,
+and ``coverage`` is the fraction of images it spoke on.
 ``per_generator`` compares one generator's AI images against *all* real images.
+``fused`` is ``detectors.fusion.fuse`` over all evidence for the image, with
+fusion's "likely-ai" cut (0.7) as threshold; its ``coverage`` is the fraction
+of images with any evidence at all.
 """
 
 from __future__ import annotations
@@ -56,7 +60,10 @@ def metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, covered: n
     from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
     y = labels.astype(int)
-    pred = (scores >= threshold).astype(int)
+    pred = scores >= threshold
+    if covered is not None:
+        pred &= covered  # no opinion never counts as a flag, whatever the threshold
+    pred = pred.astype(int)
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     both = n_pos > 0 and n_neg > 0
     return {
@@ -72,12 +79,17 @@ def metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, covered: n
     }
 
 
-def _fuser() -> Callable[[list[Evidence]], Any] | None:
+def _fuser() -> tuple[Callable[[list[Evidence]], Any], float] | None:
+    """``detectors.fusion.fuse`` and its "likely-ai" cut (the alerting operating point)."""
     try:
+        import inspect
+
         from detectors.fusion import fuse
     except Exception:  # fusion is optional (written in parallel / may be absent)
         return None
-    return fuse
+    default = inspect.signature(fuse).parameters.get("likely_ai")
+    thr = float(default.default) if default is not None and default.default is not inspect.Parameter.empty else DEFAULT_THRESHOLD
+    return fuse, thr
 
 
 def _threshold(det: Detector) -> float:
@@ -123,7 +135,7 @@ def _variant_report(
     labels: np.ndarray,
     generators: list[str | None],
 ) -> dict[str, Any]:
-    fuse = _fuser()
+    fuser = _fuser()
     scores: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     for det in detectors:
         s = np.full(len(labels), NO_OPINION)
@@ -133,9 +145,11 @@ def _variant_report(
             if mine:
                 s[i], cov[i] = max(mine), True  # several findings: the strongest AI claim counts
         scores[det.name] = (s, cov, _threshold(det))
-    if fuse is not None:
-        fused = np.array([float(fuse(evs).score) if evs else NO_OPINION for evs in evidence])
-        scores["fused"] = (fused, np.ones(len(labels), dtype=bool), DEFAULT_THRESHOLD)
+    if fuser is not None:
+        fuse, fused_thr = fuser
+        # fuse([]) is fusion's own "nothing to go on" prior, not 0.5
+        fused = np.array([float(fuse(evs).score) for evs in evidence])
+        scores["fused"] = (fused, np.array([bool(evs) for evs in evidence]), fused_thr)
 
     report: dict[str, Any] = {
         "detectors": {k: metrics(s, labels, t, c) for k, (s, c, t) in scores.items() if k != "fused"},

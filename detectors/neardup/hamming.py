@@ -20,7 +20,7 @@ table, ~5 candidates per probe at 10M), 256-bit codes use 16 tables of 16 bits
 Inserts go to a small flat *delta* segment scanned by brute force; when it
 fills (``delta_max``) everything is compacted into a new MIH segment (deleted
 rows dropped). Deletes are tombstones until the next compaction. Memory is
-predictable: 8 bytes per 64-bit code + 4 bytes per table for the permutation
+predictable: 8 bytes per 64-bit code + (4 + 8 * words) bytes per table for the permutation and a bucket-ordered copy of the codes
 + a fixed 4 * 2**b bytes per table of offsets (see ``nbytes``).
 """
 
@@ -71,7 +71,7 @@ class HammingIndex:
         self._n = 0  # rows used in the arrays (capacity may be larger)
         self._main_n = 0  # rows [0, main_n) are in the MIH segment, the rest are delta
         self._n_dead = 0
-        self._tables: list[tuple[np.ndarray, np.ndarray]] = []  # (offsets, perm) per layout entry
+        self._tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (offsets, perm, codes in perm order)
         self._masks: dict[tuple[int, int], np.ndarray] = {}
 
     # ------------------------------------------------------------------ data
@@ -135,7 +135,9 @@ class HammingIndex:
             perm = np.argsort(keys, kind="stable").astype(np.int32)
             offsets = np.zeros((1 << bits) + 1, dtype=np.int64 if self._n >= 2**31 else np.int32)
             np.cumsum(np.bincount(keys, minlength=1 << bits), out=offsets[1:])
-            self._tables.append((offsets, perm))
+            # codes copied in bucket order: a probe reads one contiguous run
+            # instead of one cache miss per candidate (~4x at 10M codes)
+            self._tables.append((offsets, perm, self._codes[perm]))
 
     # ---------------------------------------------------------------- search
     def search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -145,8 +147,7 @@ class HammingIndex:
         for lo in range(0, len(queries), self.chunk):
             q = queries[lo : lo + self.chunk]
             if self._main_n:
-                rows_q, rows = self._mih_candidates(q, radius, 0, self._main_n)
-                hq, hr, hd = self._verify(q, rows_q, rows, radius, lo)
+                hq, hr, hd = self._mih_search(q, radius, lo)
                 # a row close on several substrings was a candidate in several tables
                 _, first = np.unique(hq * np.int64(self._main_n) + hr, return_index=True)
                 out.append((hq[first], hr[first], hd[first]))
@@ -173,16 +174,14 @@ class HammingIndex:
             hits_d.append(d[qi, ri])
         return np.concatenate(hits_q), np.concatenate(hits_r).astype(np.int64), np.concatenate(hits_d)
 
-    def _mih_candidates(self, q: np.ndarray, radius: int, start: int, end: int):
+    def _mih_search(self, q: np.ndarray, radius: int, q_offset: int):
         assert self._layout is not None
-        m = len(self._layout)
-        sub_r = radius // m
+        sub_r = radius // len(self._layout)
         if any(_n_masks(bits, sub_r) > _MAX_PROBES for _, _, bits in self._layout):
             # a radius this wide probes more keys than there are rows: scan instead
-            rows = np.arange(start, end, dtype=np.int64)
-            return np.repeat(np.arange(len(q)), len(rows)), np.tile(rows, len(q))
-        cq, cr = [], []
-        for (w, shift, bits), (offsets, perm) in zip(self._layout, self._tables):
+            return self._scan(q, radius, 0, self._main_n, q_offset)
+        hq, hr, hd = [], [], []
+        for (w, shift, bits), (offsets, perm, sorted_codes) in zip(self._layout, self._tables):
             masks = self._masks.get((bits, sub_r))
             if masks is None:
                 masks = self._masks[(bits, sub_r)] = _flip_masks(bits, sub_r)
@@ -190,23 +189,23 @@ class HammingIndex:
             probes = (qkey[:, None] ^ masks[None, :]).reshape(-1)
             starts = offsets[probes].astype(np.int64)
             lens = offsets[probes + 1] - starts
+            nz = lens > 0
+            starts, lens = starts[nz], lens[nz]
             total = int(lens.sum())
             if not total:
                 continue
             # expand every [start, start+len) range into positions without a Python loop
-            nz = lens > 0
-            starts, lens = starts[nz], lens[nz]
-            owner = np.repeat(np.arange(len(probes))[nz] // len(masks), lens)
+            owner = np.repeat(np.flatnonzero(nz) // len(masks), lens)
             run_start = np.repeat(np.cumsum(lens) - lens, lens)
             pos = np.repeat(starts, lens) + (np.arange(total) - run_start)
-            cq.append(owner)
-            cr.append(perm[pos].astype(np.int64))
-        if not cq:
+            d = np.bitwise_count(q[owner] ^ sorted_codes[pos]).sum(axis=1, dtype=np.int64)
+            ok = np.flatnonzero(d <= radius)
+            rows = perm[pos[ok]].astype(np.int64)
+            alive = self._alive[rows]
+            hq.append(owner[ok][alive] + q_offset)
+            hr.append(rows[alive])
+            hd.append(d[ok][alive])
+        if not hq:
             e = np.zeros(0, dtype=np.int64)
-            return e, e
-        return np.concatenate(cq), np.concatenate(cr)
-
-    def _verify(self, q: np.ndarray, qi: np.ndarray, rows: np.ndarray, radius: int, q_offset: int):
-        d = np.bitwise_count(q[qi] ^ self._codes[rows]).sum(axis=1, dtype=np.int64)
-        ok = (d <= radius) & self._alive[rows]
-        return qi[ok] + q_offset, rows[ok], d[ok]
+            return e, e, e
+        return np.concatenate(hq), np.concatenate(hr), np.concatenate(hd)

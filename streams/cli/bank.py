@@ -1,1 +1,223 @@
-"""(being written)"""
+"""``deepwatch bank add|import|list`` and ``deepwatch similar``: banks of known
+pictures, and "have we seen this picture?" over clusters and banks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from streams.cli.app import app
+from streams.cli.common import err, print_json
+from streams.settings import Settings, load_settings
+
+bank_app = typer.Typer(
+    name="bank",
+    help="Banks of known pictures: hash lists of debunked fakes (alert on sight) and of authentic photos (suppress).",
+    no_args_is_help=True,
+)
+app.add_typer(bank_app, name="bank")
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic"}
+
+_DataDir = typer.Option(
+    None, "--data-dir", "-d", help="Directory holding banks.sqlite and the findings (env DEEPWATCH_DATA_DIR; default ./deepwatch-data)."
+)
+_Verdict = typer.Option(
+    ..., "--verdict", help="'fake' (debunked pictures: matching images are flagged) or 'authentic' (verified photos: suppress alerts)."
+)
+_Format = typer.Option("table", "--format", "-f", help="Output format: table (for people) or json (a stable contract for tools).")
+
+
+def _settings(data_dir: Optional[Path]) -> Settings:
+    return load_settings(data_dir=data_dir)
+
+
+def _store(settings: Settings):
+    from detectors.banks import BankStore
+
+    d = settings.dedupe
+    return BankStore(
+        settings.data_dir / "banks.sqlite",
+        phash_threshold=d.phash_threshold,
+        pdq_threshold=d.pdq_threshold,
+        pdq_min_quality=d.pdq_min_quality,
+    )
+
+
+def _check_verdict(v: str) -> str:
+    if v not in ("fake", "authentic"):
+        raise typer.BadParameter("must be 'fake' or 'authentic'", param_hint="--verdict")
+    return v
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise typer.BadParameter(f"{p} does not exist", param_hint="FILES_OR_DIR")
+    return files
+
+
+@bank_app.command("add")
+def add(
+    name: str = typer.Argument(..., help="Bank name, e.g. afp-debunked."),
+    paths: list[Path] = typer.Argument(..., help="Image files and/or directories (searched recursively)."),
+    verdict: str = _Verdict,
+    data_dir: Optional[Path] = _DataDir,
+) -> None:
+    """Hash images and add them to bank NAME (created on first use)."""
+    from detectors.imagedata import ImageRejected
+
+    _check_verdict(verdict)
+    files = _expand(paths)
+    store = _store(_settings(data_dir))
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
+            task = bar.add_task(f"hashing into {name}", total=len(files))
+            added = store.add_images(name, verdict, files, progress=lambda _p: bar.advance(task))  # type: ignore[arg-type]
+    except (ImageRejected, ValueError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from e
+    finally:
+        store.close()
+    err.print(f"added {added} new image(s) to {name!r} ({len(files) - added} already there)")
+
+
+@bank_app.command("import")
+def import_(
+    name: str = typer.Argument(..., help="Bank name."),
+    csv_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="CSV with a 'pdq' (64 hex) and/or 'phash' (16 hex) column; optional id, label, quality."),
+    verdict: str = typer.Option("fake", "--verdict", help="'fake' (default: shared lists are usually debunked material) or 'authentic'."),
+    data_dir: Optional[Path] = _DataDir,
+) -> None:
+    """Import a shared hash list (ThreatExchange-style PDQ CSV, or pHash) into bank NAME."""
+    _check_verdict(verdict)
+    store = _store(_settings(data_dir))
+    try:
+        n = store.import_csv(name, csv_path, verdict)  # type: ignore[arg-type]
+    except ValueError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from e
+    finally:
+        store.close()
+    err.print(f"imported {n} hash(es) into {name!r}")
+
+
+@bank_app.command("list")
+def list_(data_dir: Optional[Path] = _DataDir, fmt: str = _Format) -> None:
+    """List banks with their verdict and number of entries."""
+    if fmt not in ("table", "json"):
+        raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
+    store = _store(_settings(data_dir))
+    try:
+        banks = store.list_banks()
+    finally:
+        store.close()
+    if fmt == "json":
+        print_json([b.model_dump() for b in banks])
+        return
+    table = Table("bank", "verdict", "entries")
+    for b in banks:
+        table.add_row(b.name, b.verdict, str(b.entries))
+    from rich.console import Console
+
+    Console().print(table)
+
+
+@app.command("similar")
+def similar(
+    image: Path = typer.Argument(..., exists=True, dir_okay=False, help="Image file to look up."),
+    data_dir: Optional[Path] = _DataDir,
+    fmt: str = typer.Option("json", "--format", "-f", help="json (an array, nearest first; [] when nothing is near) or table."),
+) -> None:
+    """Clusters and bank entries showing the same picture as IMAGE, nearest first."""
+    from detectors.hashing import compute_hashes
+    from detectors.imagedata import ImageData, ImageRejected
+
+    if fmt not in ("table", "json"):
+        raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
+    settings = _settings(data_dir)
+    try:
+        data = ImageData.from_path(image)
+        hashes = compute_hashes(data)
+    except ImageRejected as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from e
+    rows = _similar_clusters(settings, data.sha256, hashes) + _similar_banks(settings, hashes)
+    rows.sort(key=lambda r: r.pop("_rank"))
+    if fmt == "json":
+        print_json(rows)
+        return
+    table = Table("kind", "id", "distance", "via", "verdict", "label")
+    for r in rows:
+        kind = "cluster" if "cluster_id" in r else f"bank {r['bank']}"
+        table.add_row(kind, r.get("cluster_id") or r["entry_id"], str(r["distance"]), r["via"], r.get("verdict") or "", r.get("label") or "")
+    from rich.console import Console
+
+    Console().print(table)
+
+
+def _rank(settings: Settings, distance: int, via: str) -> tuple[float, int]:
+    d = settings.dedupe
+    scale = {"sha256": 1, "phash": d.phash_threshold, "phash_mirror": d.phash_threshold}.get(via, d.pdq_threshold)
+    return (distance / max(1, scale), 0 if via == "sha256" else 1)
+
+
+def _similar_clusters(settings: Settings, sha256: str, hashes: Any) -> list[dict[str, Any]]:
+    findings = settings.data_dir / "findings.sqlite"
+    if not findings.exists():
+        return []
+    from detectors.hashing import ImageHashes
+    from detectors.neardup import ClusterIndex
+    from streams.store import open_store
+
+    d = settings.dedupe
+    # members are indexed as-is: the writer already applied the chaining bound
+    # when it clustered them, so the read side only asks "near any member?"
+    index = ClusterIndex(
+        phash_threshold=d.phash_threshold,
+        pdq_threshold=d.pdq_threshold,
+        pdq_min_quality=d.pdq_min_quality,
+        max_representative_distance=1 << 20,
+    )
+    store = open_store(settings.data_dir)
+    try:
+        for m in store.iter_members():
+            h = ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality)
+            index.add(m.cluster_id, m.sha256, h)
+    finally:
+        store.close()
+    return [
+        {"cluster_id": m.cluster_id, "distance": m.distance, "via": m.via, "_rank": _rank(settings, m.distance, m.via)}
+        for m in index.lookup(sha256, hashes)
+    ]
+
+
+def _similar_banks(settings: Settings, hashes: Any) -> list[dict[str, Any]]:
+    if not (settings.data_dir / "banks.sqlite").exists():
+        return []
+    store = _store(settings)
+    try:
+        matches = store.match(hashes)
+    finally:
+        store.close()
+    return [
+        {
+            "bank": m.bank,
+            "entry_id": m.entry_id,
+            "verdict": m.verdict,
+            "label": m.label,
+            "distance": m.distance,
+            "via": m.via,
+            "_rank": _rank(settings, m.distance, m.via),
+        }
+        for m in matches
+    ]

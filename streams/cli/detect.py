@@ -1,1 +1,181 @@
-"""(being written)"""
+"""``deepwatch detect FILE...``: run the detectors on local files, no pipeline.
+
+Output (``--format json``, the default) is a JSON array on stdout, one object
+per file, in input order (directories expanded, sorted):
+
+``path``, ``sha256``, ``format``, ``width``, ``height``, ``score`` (fused,
+0..1), ``verdict`` (likely-ai | inconclusive | no-evidence), ``evidence``
+(``detector``, ``score``, ``weight``, ``detail``, ``data``), ``warnings``
+(detectors that could not finish on this file) and ``error``: null, or
+``{"reason", "message"}`` for a file that could not be read or decoded; such
+a file has null ``score``/``verdict`` and no evidence.
+
+Exit status: 0 when at least one file was analysed (undecodable files are
+reported, not fatal), 1 when every file failed, 2 for usage errors (no input
+files, ``--model`` without model support).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from detectors.base import Detector, create_all
+from detectors.fusion import fuse
+from detectors.imagedata import DecodeLimits, ImageData, ImageRejected
+from streams.cli.app import app
+
+# Directory walks pick these; files named explicitly are always tried.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif", ".dng"}
+)
+PROGRESS_MIN_FILES = 4
+
+
+class OutputFormat(str, Enum):
+    json = "json"
+    table = "table"
+
+
+def expand_inputs(paths: list[Path]) -> list[Path]:
+    """Files as given, plus image files found recursively in directories."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(p)
+    return files
+
+
+def load_model_detectors(names: list[str], model_dir: Path | None, device: str) -> list[Detector]:
+    try:
+        from detectors.models import load_detector  # lazy: torch is heavy and optional for cheap runs
+    except ImportError as e:
+        raise typer.BadParameter(
+            f"learned model support is not available in this installation ({e}); run without --model",
+            param_hint="--model",
+        ) from e
+    return [load_detector(name, model_dir=model_dir, device=device) for name in names]
+
+
+def analyze_file(path: Path, detectors: list[Detector], limits: DecodeLimits) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "path": str(path), "sha256": None, "format": None, "width": None, "height": None,
+        "score": None, "verdict": None, "evidence": [], "warnings": [], "error": None,
+    }
+    try:
+        image = ImageData.from_path(path, limits=limits)
+    except ImageRejected as e:
+        result["error"] = {"reason": e.reason, "message": str(e)}
+        return result
+    except OSError as e:
+        result["error"] = {"reason": "unreadable", "message": str(e)}
+        return result
+    result.update(sha256=image.sha256, format=image.format, width=image.size[0], height=image.size[1])
+    evidence = []
+    for det in detectors:
+        try:
+            evidence += [ev.model_copy(update={"sha256": image.sha256}) for ev in det.analyze(image)]
+        except ImageRejected as e:  # pixels undecodable: metadata findings still stand
+            result["warnings"].append(f"{det.name}: {e.reason}: {e}")
+        except Exception as e:  # one broken detector must not hide the others' findings
+            result["warnings"].append(f"{det.name}: {type(e).__name__}: {e}")
+    fused = fuse(evidence)
+    result.update(
+        score=round(fused.score, 6),
+        verdict=fused.verdict,
+        evidence=[
+            {"detector": ev.detector, "score": ev.score, "weight": ev.weight, "detail": ev.detail, "data": ev.data}
+            for ev in fused.evidence
+        ],
+    )
+    return result
+
+
+def _render_table(results: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title="deepwatch detect", show_lines=False)
+    table.add_column("file", overflow="fold")
+    table.add_column("verdict")
+    table.add_column("score", justify="right")
+    table.add_column("size")
+    table.add_column("evidence", overflow="fold")
+    styles = {"likely-ai": "bold red", "inconclusive": "yellow", "no-evidence": "green"}
+    for r in results:
+        if r["error"]:
+            error = f"{r['error']['reason']}: {r['error']['message']}"
+            table.add_row(escape(r["path"]), "[red]error[/]", "", "", escape(error))
+            continue
+        # Paths and details are untrusted text: escape so they are never read as rich markup.
+        detail = "\n".join(escape(f"[{e['detector']}] {e['detail']}") for e in r["evidence"]) or "-"
+        table.add_row(
+            escape(r["path"]),
+            f"[{styles[r['verdict']]}]{r['verdict']}[/]",
+            f"{r['score']:.3f}",
+            f"{r['format']} {r['width']}x{r['height']}",
+            detail,
+        )
+    console.print(table)
+
+
+@app.command("detect")
+def detect(
+    paths: list[Path] = typer.Argument(
+        ..., help="Image files or directories (searched recursively for image files).", show_default=False
+    ),
+    output_format: OutputFormat = typer.Option(
+        OutputFormat.json, "--format", "-f", help="json: a JSON array on stdout, one object per file; table: a rich table."
+    ),
+    model: Optional[list[str]] = typer.Option(
+        None, "--model", "-m", help="Also run this learned model detector (repeatable), e.g. --model clip-linear."
+    ),
+    model_dir: Optional[Path] = typer.Option(
+        None, "--model-dir", help="Directory holding model weights (default: the configured model directory)."
+    ),
+    device: str = typer.Option("auto", "--device", help="Device for learned models: auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Score image files for AI generation/manipulation with the cheap detectors
+    (C2PA, XMP, generator metadata, stealth metadata, invisible watermark) and
+    optional learned models. Undecodable files are reported with an `error`
+    and skipped; the exit status is 1 only if every file failed."""
+    from streams.settings import load_settings
+
+    err = Console(stderr=True)
+    files = expand_inputs(paths)
+    if not files:
+        err.print("[red]no image files found[/] in the given paths")
+        raise typer.Exit(2)
+    settings = load_settings()
+    limits = DecodeLimits(
+        max_pixels=settings.decode.max_pixels,
+        max_dimension=settings.decode.max_dimension,
+        max_bytes=settings.fetch.max_bytes,
+    )
+    detectors = create_all(cost="cheap", names=settings.detect.cheap)
+    if model:
+        detectors += load_model_detectors(model, model_dir or settings.model_dir, device)
+
+    results: list[dict[str, Any]] = []
+    with Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err, transient=True, disable=len(files) < PROGRESS_MIN_FILES,
+    ) as progress:
+        task = progress.add_task("detecting", total=len(files))
+        for f in files:
+            results.append(analyze_file(f, detectors, limits))
+            progress.advance(task)
+
+    if output_format is OutputFormat.json:
+        typer.echo(json.dumps(results, indent=2, default=str))
+    else:
+        _render_table(results, Console())
+    if all(r["error"] for r in results):
+        raise typer.Exit(1)

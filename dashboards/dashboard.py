@@ -1,0 +1,113 @@
+"""The deepwatch Grafana dashboard, built with grafana-foundation-sdk."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from grafana_foundation_sdk.builders import common as common_b
+from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.builders import prometheus, stat, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, DynamicConfigValue
+
+from dashboards import queries as q
+
+DASHBOARD_UID = "deepwatch-overview"
+DATASOURCE_UID = "deepwatch-prometheus"  # provisioned by provisioning.datasources()
+DATASOURCE = DataSourceRef(type_val="prometheus", uid=DATASOURCE_UID)
+
+
+def _query(expr: str, legend: str, ref: str = "A") -> prometheus.Dataquery:
+    return prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref).datasource(DATASOURCE)
+
+
+def _timeseries(title: str, unit: str, description: str) -> timeseries.Panel:
+    return (
+        timeseries.Panel().title(title).description(description).unit(unit).datasource(DATASOURCE)
+        .min(0).height(8).span(12).fill_opacity(10)
+        .legend(common_b.VizLegendOptions().display_mode(common.LegendDisplayMode.TABLE)
+                .placement(common.LegendPlacement.BOTTOM).show_legend(True).calcs(["lastNotNull", "max"]))
+    )
+
+
+def _stat(title: str, description: str, expr: str, legend: str = "") -> stat.Panel:
+    return (
+        stat.Panel().title(title).description(description).datasource(DATASOURCE).height(4).span(6)
+        .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]))
+        .with_target(_query(expr, legend).instant())
+    )
+
+
+def build_dashboard() -> dash.Dashboard:
+    return (
+        dash.Dashboard("deepwatch — pipeline & alerts")
+        .uid(DASHBOARD_UID)
+        .description("Events, dead letters, clusters, latency and alert delivery of the deepwatch streaming pipeline.")
+        .tags(["deepwatch", "generated"])
+        .refresh("30s")
+        .time("now-1h", "now")
+        .timezone("utc")
+        .editable()
+        .with_row(dash.Row("Overview"))
+        .with_panel(_stat("Live clusters", "Clusters in the cluster engine's index.", q.CLUSTERS))
+        .with_panel(_stat("Distinct images", "Images in the cluster engine's index.", q.CLUSTER_MEMBERS))
+        .with_panel(_stat("Alerts raised (range)", "Alerts stored by the alert sink in the dashboard range, by level.",
+                          q.ALERTS_IN_RANGE, "level {{level}}"))
+        .with_panel(_stat("Event → alert p95", "Wall time from ingest of the triggering event to the alert.",
+                          q.event_to_alert_quantile(0.95, "1h")).unit("s"))
+        .with_row(dash.Row("Throughput"))
+        .with_panel(
+            _timeseries("Events/s by stage & outcome", "ops",
+                        "Every event leaves a stage as ok, duplicate or dead_letter.")
+            .with_target(_query(q.EVENTS_RATE, "{{stage}} / {{outcome}}"))
+        )
+        .with_panel(
+            _timeseries("Dead letters/s by stage & reason", "ops",
+                        "Hostile or broken input; `deepwatch dead-letters` shows the events.")
+            .with_target(_query(q.DEAD_LETTERS_RATE, "{{stage}}: {{reason}}"))
+        )
+        .with_row(dash.Row("Latency"))
+        .with_panel(
+            _timeseries("Stage latency p50 / p95", "s", "From deepwatch_stage_seconds.")
+            .with_target(_query(q.stage_quantile(0.5), "p50 {{stage}}", "A"))
+            .with_target(_query(q.stage_quantile(0.95), "p95 {{stage}}", "B"))
+        )
+        .with_panel(
+            _timeseries("Event → alert latency", "s",
+                        "From the broker timestamp of the triggering event to the stored alert.")
+            .with_target(_query(q.event_to_alert_quantile(0.5), "p50", "A"))
+            .with_target(_query(q.event_to_alert_quantile(0.95), "p95", "B"))
+        )
+        .with_row(dash.Row("Alerts & delivery"))
+        .with_panel(
+            _timeseries("Alerts raised", "short", "New alerts per level (1 = first alert, 2+ = escalations).")
+            .with_target(_query(q.ALERTS_RATE, "level {{level}}"))
+            .draw_style(common.GraphDrawStyle.BARS)
+        )
+        .with_panel(
+            _timeseries("Webhook deliveries", "short",
+                        "Signed webhook deliveries to subscribers; failed = gave up after retries.")
+            .with_target(_query(q.WEBHOOKS_BY_OUTCOME, "{{outcome}}"))
+            .override_by_name("failed", [_red()])
+        )
+    )
+
+
+def _red() -> DynamicConfigValue:
+    return DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": "red"})
+
+
+def dashboard_json() -> dict[str, Any]:
+    """The dashboard as plain JSON (what Grafana stores and provisioning reads)."""
+    doc = json.loads(JSONEncoder(sort_keys=True).encode(build_dashboard().build()))
+    # The SDK leaves ids unset (rows get 0); Grafana needs them unique, and
+    # stable ids keep panel links (?viewPanel=N) valid across regenerations.
+    for n, panel in enumerate(doc["panels"], start=1):
+        panel["id"] = n
+    return doc
+
+
+def promql_exprs(doc: dict[str, Any]) -> list[str]:
+    return [t["expr"] for p in doc.get("panels", []) for t in p.get("targets", []) if "expr" in t]

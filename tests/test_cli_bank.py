@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from typer.testing import CliRunner
+
+from streams.cli import app  # registers every command group
+
+runner = CliRunner()
+
+
+def _picture(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:240, 0:320] / 320
+    img = np.zeros((240, 320, 3))
+    for _ in range(10):
+        fx, fy, ph = rng.uniform(0.5, 10, 2).tolist() + [rng.uniform(0, 6.3)]
+        img += rng.uniform(-1, 1, 3) * np.sin(2 * np.pi * (fx * x + fy * y) + ph)[..., None]
+    img = (img - img.min()) / (img.max() - img.min()) * 255
+    return Image.fromarray(img.astype(np.uint8))
+
+
+def _run(*args: str):
+    r = runner.invoke(app, list(args))
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def test_bank_add_list_and_similar(tmp_path: Path):
+    d = tmp_path / "data"
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(2):
+        _picture(i).save(imgs / f"fake{i}.jpg", quality=90)
+    _picture(7).save(tmp_path / "real.jpg", quality=90)
+    _run("bank", "add", "afp-debunked", "--verdict", "fake", str(imgs), "--data-dir", str(d))
+    _run("bank", "add", "verified", "--verdict", "authentic", str(tmp_path / "real.jpg"), "--data-dir", str(d))
+    banks = json.loads(_run("bank", "list", "--data-dir", str(d), "--format", "json").stdout)
+    assert banks == [
+        {"name": "afp-debunked", "verdict": "fake", "entries": 2},
+        {"name": "verified", "verdict": "authentic", "entries": 1},
+    ]
+    assert "afp-debunked" in _run("bank", "list", "--data-dir", str(d)).stdout
+
+    ImageOps.mirror(_picture(1)).resize((160, 120)).save(tmp_path / "repost.jpg", quality=60)
+    out = json.loads(_run("similar", str(tmp_path / "repost.jpg"), "--data-dir", str(d), "--format", "json").stdout)
+    assert len(out) == 1
+    assert out[0]["bank"] == "afp-debunked" and out[0]["entry_id"] == "2" and out[0]["verdict"] == "fake"
+    assert out[0]["label"] == "fake1.jpg" and out[0]["via"].endswith("mirror") and isinstance(out[0]["distance"], int)
+
+    _picture(42).save(tmp_path / "other.jpg", quality=90)
+    assert json.loads(_run("similar", str(tmp_path / "other.jpg"), "--data-dir", str(d)).stdout) == []
+
+
+def test_bank_import_and_errors(tmp_path: Path):
+    d = tmp_path / "data"
+    csv = tmp_path / "h.csv"
+    csv.write_text("id,pdq,label\n1," + "ab" * 32 + ",x.jpg\n")
+    _run("bank", "import", "te", str(csv), "--data-dir", str(d))
+    r = runner.invoke(app, ["bank", "add", "x", "--verdict", "maybe", str(csv), "--data-dir", str(d)])
+    assert r.exit_code != 0
+    for cmd in (["bank", "--help"], ["bank", "add", "--help"], ["bank", "import", "--help"], ["similar", "--help"]):
+        assert "--data-dir" in _run(*cmd).stdout or cmd == ["bank", "--help"]
+
+
+def test_similar_finds_clusters_from_the_findings_store(tmp_path: Path, monkeypatch):
+    from detectors.hashing import compute_hashes
+    from detectors.imagedata import ImageData
+
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "findings.sqlite").touch()
+    _picture(3).save(tmp_path / "orig.jpg", quality=90)
+    h = compute_hashes(ImageData.from_path(tmp_path / "orig.jpg"))
+
+    class Row:
+        cluster_id, sha256, phash, pdq, pdq_quality = "c0ffee", "ab" * 32, h.phash, h.pdq, h.pdq_quality
+
+    class Store:
+        def iter_members(self):
+            yield Row()
+
+        def close(self):
+            pass
+
+    import streams.store
+
+    monkeypatch.setattr(streams.store, "open_store", lambda data_dir: Store())
+    _picture(3).crop((4, 4, 316, 236)).save(tmp_path / "q.jpg", quality=50)
+    out = json.loads(_run("similar", str(tmp_path / "q.jpg"), "--data-dir", str(d)).stdout)
+    assert [r["cluster_id"] for r in out] == ["c0ffee"] and out[0]["via"] in ("phash", "pdq")

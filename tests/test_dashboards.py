@@ -1,0 +1,428 @@
+"""dashboards/: generated artefacts match the code, PromQL only names metrics
+that exist, publish.py speaks Grafana's HTTP API, and deploy/ agrees with both."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from dashboards import build, provisioning, queries, rules
+from dashboards.dashboard import DASHBOARD_UID, DATASOURCE_UID, dashboard_json, promql_exprs
+from streams import metrics
+from streams.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+
+
+# -- drift --------------------------------------------------------------------
+def test_generated_artefacts_are_up_to_date():
+    rendered = build.render()
+    on_disk = {str(p.relative_to(build.GENERATED)): p.read_text(encoding="utf-8")
+               for p in build.GENERATED.rglob("*") if p.is_file()}
+    stale = sorted(k for k in rendered if on_disk.get(k) != rendered[k])
+    extra = sorted(set(on_disk) - set(rendered))
+    assert not stale and not extra, (
+        f"dashboards/generated is out of date (stale: {stale}, not generated any more: {extra}); "
+        "run `python -m dashboards.build` and commit the result"
+    )
+
+
+def test_build_cli_writes_the_same_files(tmp_path):
+    assert build.main(["--out", str(tmp_path)]) == 0
+    for rel, text in build.render().items():
+        assert (tmp_path / rel).read_text(encoding="utf-8") == text
+
+
+def test_rendering_is_deterministic():
+    assert build.render() == build.render()
+
+
+# -- PromQL references only metrics and labels that exist -----------------------
+def _exported() -> dict[str, set[str]]:
+    """Sample name -> label names, for every metric streams/metrics.py defines."""
+    out: dict[str, set[str]] = {}
+    for obj in vars(metrics).values():
+        if not isinstance(obj, MetricWrapperBase):
+            continue
+        labels = set(obj._labelnames)
+        suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"],
+                    "summary": ["_sum", "_count", ""]}[obj._type]
+        for s in suffixes:
+            out[obj._name + s] = labels | ({"le"} if s == "_bucket" else set())
+    return out
+
+
+_PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right"}
+_TARGET_LABELS = {"job", "instance"}  # added by Prometheus to every scraped sample
+
+
+def _selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric name, label names used in its selector) for every selector in expr."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\[[^\]]*\]", "", e)  # range selectors, including [$__rate_interval]
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", e)
+    found = []
+    for m in re.finditer(r"(?<![\w.$])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:])\s*(\{[^}]*\})?(?!\s*\()", e):
+        name, sel = m.group(1), m.group(2) or ""
+        if name in _PROMQL_WORDS:
+            continue
+        found.append((name, set(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", sel))))
+    return found
+
+
+def _grouping_labels(expr: str) -> set[str]:
+    return {lbl.strip() for g in re.findall(r"\bby\s*\(([^)]*)\)", expr) for lbl in g.split(",") if lbl.strip()}
+
+
+def _all_exprs() -> dict[str, str]:
+    exprs = {f"panel: {e}": e for e in promql_exprs(dashboard_json())}
+    exprs.update({f"prometheus rule: {e}": e for e in rules.prometheus_rule_exprs()})
+    exprs.update({f"grafana rule: {e}": e for e in rules.grafana_rule_exprs()})
+    return exprs
+
+
+def test_selector_parser_sees_metrics_and_labels():
+    assert _selectors('sum by (stage) (rate(foo_total{stage="a",x=~"b|c"}[5m])) / bar or vector(0) > 1e-9') == [
+        ("foo_total", {"stage", "x"}), ("bar", set()),
+    ]
+
+
+def test_every_promql_metric_exists():
+    exported = _exported()
+    assert "deepwatch_events_total" in exported and "deepwatch_stage_seconds_bucket" in exported
+    problems = []
+    for where, expr in _all_exprs().items():
+        for name, labels in _selectors(expr):
+            if name in queries.EXTERNAL_METRICS:
+                continue
+            if name not in exported:
+                problems.append(f"{where}: unknown metric {name!r}")
+            elif labels - exported[name] - _TARGET_LABELS:
+                problems.append(f"{where}: {name} has no label(s) {sorted(labels - exported[name])}")
+    assert not problems, "\n".join(problems)
+
+
+def test_grouping_labels_exist_on_the_metrics_grouped():
+    exported = _exported()
+    for where, expr in _all_exprs().items():
+        names = [n for n, _ in _selectors(expr) if n in exported]
+        available = set().union(*(exported[n] for n in names)) | _TARGET_LABELS if names else set()
+        assert _grouping_labels(expr) <= available, where
+
+
+def test_every_exported_metric_is_on_the_dashboard():
+    used = {n for e in promql_exprs(dashboard_json()) for n, _ in _selectors(e)}
+    families = {n.removesuffix("_bucket").removesuffix("_total") for n in used}
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            assert obj._name in families, f"{obj._name} is exported but no panel shows it"
+
+
+# -- dashboard structure --------------------------------------------------------
+def test_dashboard_panels():
+    doc = dashboard_json()
+    assert doc["uid"] == DASHBOARD_UID
+    panels = [p for p in doc["panels"] if p["type"] != "row"]
+    titles = {p["title"] for p in panels}
+    for wanted in ("Events/s by stage & outcome", "Dead letters/s by stage & reason", "Live clusters",
+                   "Stage latency p50 / p95", "Alerts raised", "Webhook deliveries", "Event → alert latency"):
+        assert wanted in titles
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids)) and 0 not in ids
+    for p in panels:
+        assert p["datasource"]["uid"] == DATASOURCE_UID
+        assert p["targets"], p["title"]
+        assert all(t["datasource"]["uid"] == DATASOURCE_UID for t in p["targets"])
+    # no two panels overlap on the grid
+    cells = set()
+    for p in doc["panels"]:
+        g = p["gridPos"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & mine, f"{p['title']} overlaps another panel"
+        assert g["x"] + g["w"] <= 24
+        cells |= mine
+
+
+def test_latency_panel_has_both_quantiles():
+    doc = dashboard_json()
+    [panel] = [p for p in doc["panels"] if p["title"] == "Stage latency p50 / p95"]
+    exprs = [t["expr"] for t in panel["targets"]]
+    assert any(e.startswith("histogram_quantile(0.5,") for e in exprs)
+    assert any(e.startswith("histogram_quantile(0.95,") for e in exprs)
+    assert all("deepwatch_stage_seconds_bucket" in e for e in exprs)
+
+
+# -- rules and provisioning -------------------------------------------------------
+def test_operator_rules_cover_the_brief():
+    names = {r["alert"] for g in rules.prometheus_rules()["groups"] for r in g["rules"]}
+    assert {"DeepwatchDeadLetterRatioHigh", "DeepwatchNoEventsProcessed", "DeepwatchWebhookFailures",
+            "DeepwatchStageLatencyHigh"} <= names
+    for g in rules.prometheus_rules()["groups"]:
+        for r in g["rules"]:
+            assert r["labels"]["severity"] in ("warning", "critical")
+            assert r["annotations"]["summary"] and r["annotations"]["runbook"].startswith("deploy/README.md#")
+
+
+def test_runbook_sections_exist():
+    readme = (DEPLOY / "README.md").read_text().lower()
+    for g in rules.prometheus_rules()["groups"]:
+        for r in g["rules"]:
+            assert f"### {r['alert'].lower()}" in readme, f"deploy/README.md has no runbook section for {r['alert']}"
+
+
+def test_desk_rule_provisioning_file_shape():
+    doc = rules.desk_alerting_provisioning()
+    assert doc["apiVersion"] == 1
+    [group] = doc["groups"]
+    assert group["folder"] and group["name"] == rules.DESK_GROUP and group["interval"] == "60s"
+    [rule] = group["rules"]
+    assert rule["condition"] == "C"
+    assert [d["refId"] for d in rule["data"]] == ["A", "B", "C"]
+    assert rule["data"][0]["datasourceUid"] == DATASOURCE_UID
+    assert rule["data"][0]["relativeTimeRange"] == {"from": 600, "to": 0}
+    assert all(d["datasourceUid"] == "__expr__" for d in rule["data"][1:])
+    assert "deepwatch_alerts_total" in rule["data"][0]["model"]["expr"]
+    assert not {"folderUID", "ruleGroup", "orgID"} & set(rule), "the file format does not repeat the group fields"
+
+
+def test_provisioning_is_consistent():
+    [ds] = provisioning.datasources()["datasources"]
+    assert ds["uid"] == DATASOURCE_UID and ds["type"] == "prometheus"
+    [prov] = provisioning.dashboard_providers()["providers"]
+    assert prov["type"] == "file" and prov["options"]["path"] == provisioning.DASHBOARDS_PATH
+    assert prov["folder"] == rules.desk_alerting_provisioning()["groups"][0]["folder"]
+
+
+# -- publish.py against a Grafana that answers like the real one -------------------
+# Response bodies follow Grafana's documented HTTP API (dashboard, folder,
+# datasource, alerting provisioning), trimmed to the fields a client reads.
+def _grafana_routes(dashboard_status: int = 200, folder_exists: bool = False, datasource: bool = True):
+    dash_ok = {"id": 1, "uid": DASHBOARD_UID, "url": f"/d/{DASHBOARD_UID}/deepwatch-pipeline-and-alerts",
+               "status": "success", "version": 1, "slug": "deepwatch-pipeline-and-alerts"}
+    dash_err = {412: {"message": "The dashboard has been changed by someone else", "status": "version-mismatch"},
+                401: {"message": "invalid API key"},
+                403: {"message": "Access denied to save dashboard"}}
+    folder = {"id": 7, "uid": rules.DESK_FOLDER_UID, "title": rules.DESK_FOLDER_TITLE,
+              "url": f"/dashboards/f/{rules.DESK_FOLDER_UID}/deepwatch", "hasAcl": False, "canSave": True,
+              "canEdit": True, "canAdmin": True, "version": 1}
+    return {
+        # grafana-client's health.check() reads buildInfo from the frontend settings
+        ("GET", "/api/frontend/settings"): (200, {"appUrl": "http://localhost:3000/", "buildInfo": {
+            "buildstamp": 1712650000, "commit": "03f502a94d", "edition": "Open Source", "env": "production",
+            "hasUpdate": False, "hideVersion": False, "latestVersion": "", "version": "10.4.2"}}),
+        ("GET", f"/api/folders/{rules.DESK_FOLDER_UID}"): (200, folder) if folder_exists else
+            (404, {"message": "folder not found", "status": "not-found"}),
+        ("POST", "/api/folders"): (200, folder),
+        ("POST", "/api/dashboards/db"): (dashboard_status, dash_ok if dashboard_status == 200 else dash_err[dashboard_status]),
+        ("PUT", f"/api/v1/provisioning/folder/{rules.DESK_FOLDER_UID}/rule-groups/{rules.DESK_GROUP}"): (200, "ECHO"),
+        ("GET", f"/api/datasources/uid/{DATASOURCE_UID}"): (200, {"id": 1, "uid": DATASOURCE_UID, "name": "deepwatch-prometheus",
+                                                                  "type": "prometheus", "access": "proxy"}) if datasource else
+            (404, {"message": "Data source not found"}),
+    }
+
+
+class _FakeGrafana(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, routes):
+        self.routes = routes
+        self.calls: list[dict] = []
+        super().__init__(("127.0.0.1", 0), _GrafanaHandler)
+
+
+class _GrafanaHandler(BaseHTTPRequestHandler):
+    server: _FakeGrafana
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _handle(self) -> None:
+        n = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(n)) if n else None
+        path = self.path.split("?")[0]
+        self.server.calls.append({"method": self.command, "path": path, "body": body,
+                                  "auth": self.headers.get("Authorization"), "headers": dict(self.headers)})
+        status, doc = self.server.routes.get((self.command, path), (404, {"message": "Not found"}))
+        if doc == "ECHO":
+            doc = body
+        raw = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    do_GET = do_POST = do_PUT = _handle
+
+
+@pytest.fixture
+def fake_grafana(monkeypatch):
+    servers = []
+
+    def start(**kw) -> _FakeGrafana:
+        srv = _FakeGrafana(_grafana_routes(**kw))
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(srv)
+        monkeypatch.setenv("GRAFANA_URL", f"http://127.0.0.1:{srv.server_address[1]}")
+        monkeypatch.setenv("GRAFANA_TOKEN", "glsa_test_token")
+        for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_publish_creates_folder_dashboard_and_rule_group(fake_grafana):
+    from dashboards import publish
+
+    srv = fake_grafana()
+    result = publish.publish(publish.client_from_env())
+    assert result.dashboard_url == f"/d/{DASHBOARD_UID}/deepwatch-pipeline-and-alerts"
+    assert result.dashboard_version == 1 and result.grafana_version == "10.4.2"
+    assert result.folder_uid == rules.DESK_FOLDER_UID and result.datasource_found
+    calls = [(c["method"], c["path"]) for c in srv.calls]
+    assert ("POST", "/api/folders") in calls
+    assert all(c["auth"] == "Bearer glsa_test_token" for c in srv.calls)
+    [dash_call] = [c for c in srv.calls if c["path"] == "/api/dashboards/db"]
+    assert dash_call["body"]["overwrite"] is True and dash_call["body"]["folderUid"] == rules.DESK_FOLDER_UID
+    assert dash_call["body"]["dashboard"]["uid"] == DASHBOARD_UID and dash_call["body"]["dashboard"]["id"] is None
+    assert len(dash_call["body"]["dashboard"]["panels"]) == len(dashboard_json()["panels"])
+    [rule_call] = [c for c in srv.calls if c["method"] == "PUT"]
+    assert rule_call["body"]["rules"][0]["uid"] == "deepwatch-desk-alert-raised"
+    assert rule_call["headers"].get("X-Disable-Provenance") == "true", "rules must stay editable in the UI"
+
+
+def test_publish_reuses_existing_folder(fake_grafana):
+    from dashboards import publish
+
+    srv = fake_grafana(folder_exists=True)
+    publish.publish(publish.client_from_env())
+    assert ("POST", "/api/folders") not in [(c["method"], c["path"]) for c in srv.calls]
+
+
+@pytest.mark.parametrize("status, needle", [(412, "changed by someone else"), (401, "Unauthorized"), (403, "Access denied")])
+def test_publish_reports_grafana_refusals(fake_grafana, status, needle):
+    from dashboards import publish
+
+    fake_grafana(dashboard_status=status)
+    with pytest.raises(publish.PublishError, match=needle):
+        publish.publish(publish.client_from_env())
+
+
+def test_publish_warns_when_datasource_missing(fake_grafana, capsys):
+    from dashboards import publish
+
+    fake_grafana(datasource=False)
+    assert publish.main() == 0
+    assert DATASOURCE_UID in capsys.readouterr().err
+
+
+def test_publish_needs_url_and_token(monkeypatch):
+    from dashboards import publish
+
+    monkeypatch.delenv("GRAFANA_URL", raising=False)
+    monkeypatch.setenv("GRAFANA_TOKEN", "x")
+    with pytest.raises(publish.PublishError, match="GRAFANA_URL"):
+        publish.client_from_env()
+    monkeypatch.setenv("GRAFANA_URL", "http://127.0.0.1:1")
+    monkeypatch.delenv("GRAFANA_TOKEN")
+    with pytest.raises(publish.PublishError, match="GRAFANA_TOKEN"):
+        publish.client_from_env()
+
+
+@pytest.mark.live
+@pytest.mark.skipif(not os.environ.get("GRAFANA_URL"), reason="GRAFANA_URL is not set: no live Grafana to publish to")
+def test_publish_to_live_grafana():
+    from dashboards import publish
+
+    api = publish.client_from_env()
+    result = publish.publish(api, message="deepwatch live test")
+    stored = api.dashboard.get_dashboard(DASHBOARD_UID)
+    assert stored["dashboard"]["title"] == dashboard_json()["title"]
+    assert stored["meta"]["folderUid"] == result.folder_uid
+    group = api.alertingprovisioning.get_rule_group(result.folder_uid, rules.DESK_GROUP)
+    assert [r["uid"] for r in group["rules"]] == ["deepwatch-desk-alert-raised"]
+
+
+# -- deploy/ agrees with the settings object and the generated files ---------------
+def _yaml_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _settings_env_vars() -> set[str]:
+    return {f"DEEPWATCH_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_compose_parses_and_wires_services():
+    [doc] = _yaml_docs(DEPLOY / "compose.yaml")
+    svc = doc["services"]
+    for name in ("kafka", "pipeline", "detect", "prometheus", "alertmanager", "grafana", "elasticsearch"):
+        assert name in svc, f"compose has no {name} service"
+    assert svc["pipeline"]["deploy"]["replicas"] == 2
+    known = _settings_env_vars() | {"DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG"}
+    for role in ("pipeline", "detect"):
+        env = svc[role]["environment"]
+        env = env if isinstance(env, dict) else dict(e.split("=", 1) for e in env)
+        assert env["DEEPWATCH_BROKER"].startswith("kafka://kafka:")
+        assert "DEEPWATCH_DATA_DIR" in env and "DEEPWATCH_METRICS_PORT" in env
+        unknown = {k for k in env if k.startswith("DEEPWATCH_")} - known
+        assert not unknown, f"{role} sets env vars no setting reads: {unknown}"
+        assert svc[role]["command"][:2] == ["worker", "--role"] or "--role" in " ".join(svc[role]["command"])
+    mounts = " ".join(str(v) for v in svc["grafana"]["volumes"])
+    assert "dashboards/generated/grafana/provisioning" in mounts and provisioning.DASHBOARDS_PATH in mounts
+    assert "dashboards/generated/prometheus" in " ".join(str(v) for v in svc["prometheus"]["volumes"])
+
+
+def test_prometheus_config_loads_generated_rules():
+    cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert any("deepwatch-rules.yaml" in f for f in cfg["rule_files"])
+    jobs = {j["job_name"] for j in cfg["scrape_configs"]}
+    assert "deepwatch" in jobs, "rules select job=\"deepwatch\""
+    assert cfg["alerting"]["alertmanagers"]
+
+
+def test_k8s_manifests_parse_and_reference_settings():
+    docs = [d for p in sorted((DEPLOY / "k8s" / "base").glob("*.yaml")) for d in _yaml_docs(p) if "metadata" in d]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("Deployment", "deepwatch-pipeline") in kinds and ("Deployment", "deepwatch-detect") in kinds
+    assert any(k == "ConfigMap" for k, _ in kinds) and any(k == "Secret" for k, _ in kinds)
+    assert any(k == "Service" for k, _ in kinds)
+    known = _settings_env_vars() | {"DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG"}
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        [c] = d["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert {"DEEPWATCH_BROKER", "DEEPWATCH_DATA_DIR", "DEEPWATCH_CONFIG"} <= set(env), d["metadata"]["name"]
+        assert not {k for k in env if k.startswith("DEEPWATCH_")} - known
+        assert env["DEEPWATCH_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["key"]
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+        assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    # the TOML in the ConfigMap is a valid settings file
+    import tomllib
+
+    [cm] = [c for c in configmaps.values() if "deepwatch.toml" in c.get("data", {})]
+    toml = tomllib.loads(cm["data"]["deepwatch.toml"])
+    s = Settings.model_validate(toml)
+    assert s.alerts.webhooks and s.alerts.webhooks[0].secret_env == "DEEPWATCH_WEBHOOK_SECRET"
+
+
+def test_k8s_gpu_overlay_requests_a_gpu():
+    docs = [d for p in sorted((DEPLOY / "k8s" / "overlays" / "gpu").glob("*.yaml")) for d in _yaml_docs(p)]
+    text = json.dumps(docs)
+    assert "nvidia.com/gpu" in text

@@ -1,0 +1,331 @@
+"""ImageFetcher against a real HTTP server on 127.0.0.1.
+
+The server is a threaded ``http.server`` so the fetcher's real httpx stack,
+address pinning and redirect handling are exercised; nothing leaves loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import ipaddress
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import streams.fetch as fetch_mod
+from streams.fetch import FetchError, ImageFetcher
+from streams.records import ImageEvent
+from streams.settings import FetchSettings, IngestSettings
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    # HTTP/1.0: a body without Content-Length is read until the server closes,
+    # which is how the "undeclared size" case streams past the cap.
+    protocol_version = "HTTP/1.0"
+    server: "_Server"
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, length: bool = True) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if body:
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        srv = self.server
+        with srv.lock:
+            srv.hits[self.path] = srv.hits.get(self.path, 0) + 1
+            n = srv.hits[self.path]
+            srv.hosts.append(self.headers.get("Host"))
+        p = self.path
+        if p == "/img.png":
+            self._send(200, PNG, {"Content-Type": "image/png"})
+        elif p == "/big-declared":
+            # Declares more than the cap; the fetcher must not read the body.
+            self._send(200, PNG, {"Content-Length": "10000000"}, length=False)
+        elif p == "/big-streamed":
+            self._send(200, PNG + b"\0" * 5000, length=False)
+        elif p == "/missing":
+            self._send(404, b"not here")
+        elif p == "/unavailable":
+            self._send(503, b"try later")
+        elif p == "/flaky":
+            self._send(503 if n == 1 else 200, b"later" if n == 1 else PNG)
+        elif p == "/slow":
+            time.sleep(1.5)
+            self._send(200, PNG)
+        elif p == "/html":
+            self._send(200, b"<html><body>definitely a picture</body></html>", {"Content-Type": "image/png"})
+        elif p == "/to-metadata":
+            self._send(302, headers={"Location": "http://169.254.169.254/latest/meta-data/"})
+        elif p == "/to-img":
+            self._send(301, headers={"Location": "/img.png"})
+        else:
+            self._send(500, b"unknown test path")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # a handler still sleeping in /slow must not hold up teardown
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.lock = threading.Lock()
+        self.hits: dict[str, int] = {}
+        self.hosts: list[str | None] = []
+
+
+@pytest.fixture
+def server():
+    srv = _Server()
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _url(srv: _Server, path: str) -> str:
+    return f"http://127.0.0.1:{srv.server_address[1]}{path}"
+
+
+def _event(**image) -> ImageEvent:
+    return ImageEvent.model_validate({
+        "event_id": "evt-1", "platform": "x", "account_id": "acct-1",
+        "posted_at": "2026-11-20T10:00:00+00:00", "image": image,
+    })
+
+
+def _get(event: ImageEvent, fetch: FetchSettings | None = None, ingest: IngestSettings | None = None,
+         extra_roots: list[Path] | None = None) -> bytes:
+    async def go() -> bytes:
+        f = ImageFetcher(fetch or FetchSettings(), ingest or IngestSettings())
+        try:
+            return await f.get(event, extra_roots)
+        finally:
+            await f.aclose()
+
+    return asyncio.run(go())
+
+
+def _fail(*args, **kwargs) -> FetchError:
+    with pytest.raises(FetchError) as info:
+        _get(*args, **kwargs)
+    return info.value
+
+
+LOOPBACK_OK = FetchSettings(allow_private_networks=True, retries=0, read_timeout_s=5, connect_timeout_s=2)
+
+
+# -- URL: address policy ------------------------------------------------------
+def test_loopback_refused_by_default_without_connecting(server):
+    err = _fail(_event(url=_url(server, "/img.png")))
+    assert err.reason == "blocked_address"
+    assert "127.0.0.1" in err.detail and "allow_private_networks" in err.detail
+    assert server.hits == {}, "the check must happen before any connection"
+
+
+def test_localhost_name_refused_too(server):
+    err = _fail(_event(url=f"http://localhost:{server.server_address[1]}/img.png"))
+    assert err.reason == "blocked_address"
+    assert server.hits == {}
+
+
+def test_loopback_allowed_when_private_networks_allowed(server):
+    assert _get(_event(url=_url(server, "/img.png")), LOOPBACK_OK) == PNG
+    # the connection is pinned to the checked address but keeps the Host header
+    assert server.hosts == [f"127.0.0.1:{server.server_address[1]}"]
+
+
+def test_relative_redirect_followed(server):
+    assert _get(_event(url=_url(server, "/to-img")), LOOPBACK_OK) == PNG
+    assert server.hits == {"/to-img": 1, "/img.png": 1}
+
+
+def test_redirect_hop_to_blocked_address_refused(server, monkeypatch):
+    # Let the test server stand in for a public host: 127.0.0.1 passes the
+    # address check, everything else keeps the real policy. The redirect to
+    # the cloud metadata address must then be refused at the second hop.
+    real = fetch_mod._address_allowed
+
+    def allowed(ip):
+        return ip == ipaddress.ip_address("127.0.0.1") or real(ip)
+
+    monkeypatch.setattr(fetch_mod, "_address_allowed", allowed)
+    err = _fail(_event(url=_url(server, "/to-metadata")), FetchSettings(retries=0))
+    assert err.reason == "blocked_address"
+    assert "169.254.169.254" in err.detail
+    assert server.hits == {"/to-metadata": 1}
+
+
+def test_non_http_scheme_in_redirect_chain_refused():
+    # ImageRef already refuses non-http URLs; the fetcher double-checks each hop.
+    ev = _event(url="http://example.invalid/x.png")
+    ev.image.url = "file:///etc/passwd"
+    err = _fail(ev)
+    assert err.reason == "bad_url"
+
+
+# -- URL: limits and HTTP outcomes --------------------------------------------
+def test_declared_size_over_cap_refused(server):
+    cfg = LOOPBACK_OK.model_copy(update={"max_bytes": 1000})
+    err = _fail(_event(url=_url(server, "/big-declared")), cfg)
+    assert err.reason == "too_large"
+    assert "declares 10000000" in err.detail
+
+
+def test_streamed_size_over_cap_refused(server):
+    cfg = LOOPBACK_OK.model_copy(update={"max_bytes": len(PNG) + 100})
+    err = _fail(_event(url=_url(server, "/big-streamed")), cfg)
+    assert err.reason == "too_large"
+    assert "exceeds" in err.detail
+
+
+def test_404_is_http_error_and_not_retried(server):
+    cfg = LOOPBACK_OK.model_copy(update={"retries": 2})
+    err = _fail(_event(url=_url(server, "/missing")), cfg)
+    assert err.reason == "http_error" and not err.retryable
+    assert "404" in err.detail
+    assert server.hits["/missing"] == 1
+
+
+def test_503_retried_then_fails(server):
+    cfg = LOOPBACK_OK.model_copy(update={"retries": 1})
+    err = _fail(_event(url=_url(server, "/unavailable")), cfg)
+    assert err.reason == "http_error" and err.retryable
+    assert server.hits["/unavailable"] == 2  # first try + one retry
+
+
+def test_503_then_success_returns_image(server):
+    cfg = LOOPBACK_OK.model_copy(update={"retries": 1})
+    assert _get(_event(url=_url(server, "/flaky")), cfg) == PNG
+    assert server.hits["/flaky"] == 2
+
+
+def test_read_timeout(server):
+    cfg = LOOPBACK_OK.model_copy(update={"read_timeout_s": 0.3})
+    started = time.monotonic()
+    err = _fail(_event(url=_url(server, "/slow")), cfg)
+    assert err.reason == "timeout"
+    assert time.monotonic() - started < 1.4, "must give up at the read timeout, not when the server answers"
+
+
+def test_non_image_body_refused(server):
+    err = _fail(_event(url=_url(server, "/html")), LOOPBACK_OK)
+    assert err.reason == "not_an_image"
+
+
+def test_unreachable_port(server):
+    # A port nobody listens on: a connect error, not a hang.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = _fail(_event(url=f"http://127.0.0.1:{port}/x.png"), LOOPBACK_OK)
+    assert err.reason == "unreachable" and err.retryable
+
+
+# -- local paths --------------------------------------------------------------
+@pytest.fixture
+def roots(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.png").write_bytes(PNG)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(PNG)
+    (root / "escape.png").symlink_to(outside / "secret.png")
+    (root / "notes.txt").write_text("hello")
+    return root, outside
+
+
+def test_local_path_under_root(roots):
+    root, _ = roots
+    ingest = IngestSettings(image_roots=[root])
+    assert _get(_event(path="a.png"), ingest=ingest) == PNG
+    assert _get(_event(path=str(root / "a.png")), ingest=ingest) == PNG
+
+
+def test_local_paths_disabled_without_roots(roots):
+    root, _ = roots
+    assert _fail(_event(path=str(root / "a.png"))).reason == "path_not_allowed"
+
+
+@pytest.mark.parametrize("path", ["../outside/secret.png", "escape.png"])
+def test_local_path_escape_refused(roots, path):
+    root, _ = roots
+    err = _fail(_event(path=path), ingest=IngestSettings(image_roots=[root]))
+    assert err.reason == "path_not_allowed"
+
+
+def test_local_absolute_path_outside_roots_refused(roots):
+    root, outside = roots
+    err = _fail(_event(path=str(outside / "secret.png")), ingest=IngestSettings(image_roots=[root]))
+    assert err.reason == "path_not_allowed"
+
+
+def test_local_extra_root_allows(roots):
+    root, outside = roots
+    got = _get(_event(path=str(outside / "secret.png")), ingest=IngestSettings(image_roots=[root]), extra_roots=[outside])
+    assert got == PNG
+
+
+def test_local_missing_and_non_image(roots):
+    root, _ = roots
+    ingest = IngestSettings(image_roots=[root])
+    assert _fail(_event(path="nope.png"), ingest=ingest).reason == "not_found"
+    assert _fail(_event(path="notes.txt"), ingest=ingest).reason == "not_an_image"
+
+
+def test_local_size_cap(roots):
+    root, _ = roots
+    err = _fail(_event(path="a.png"), FetchSettings(max_bytes=10), IngestSettings(image_roots=[root]))
+    assert err.reason == "too_large"
+
+
+# -- inline base64 ------------------------------------------------------------
+def test_base64_roundtrip():
+    assert _get(_event(base64=base64.b64encode(PNG).decode())) == PNG
+
+
+def test_base64_over_cap_refused_before_decoding():
+    b64 = base64.b64encode(PNG + b"\0" * 4096).decode()
+    err = _fail(_event(base64=b64), ingest=IngestSettings(max_inline_bytes=1024))
+    assert err.reason == "too_large"
+
+
+def test_base64_invalid():
+    err = _fail(_event(base64="iVBORw0K***not base64***"))
+    assert err.reason == "bad_base64"
+
+
+def test_base64_of_non_image():
+    err = _fail(_event(base64=base64.b64encode(b"just some text").decode()))
+    assert err.reason == "not_an_image"
+
+
+def test_blob_without_store_is_not_found():
+    err = _fail(_event(blob="0" * 64))
+    assert err.reason == "not_found"

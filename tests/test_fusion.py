@@ -1,0 +1,75 @@
+"""Fusion rules (see detectors/fusion.py's docstring)."""
+
+from __future__ import annotations
+
+from detectors.base import Evidence
+from detectors.fusion import NO_EVIDENCE_SCORE, fuse
+
+
+def ev(detector: str, score: float, weight: float = 1.0, **data: object) -> Evidence:
+    return Evidence(detector=detector, score=score, weight=weight, detail=f"{detector} says {score}", data=dict(data))
+
+
+GENERATOR_CHUNK = ev("generator-metadata", 0.99, 3.0)
+C2PA_AI = ev("c2pa", 0.99, 3.0)
+C2PA_CAPTURE = ev("c2pa", 0.05, 2.5)
+
+
+def test_no_evidence_is_a_neutral_prior_below_thresholds() -> None:
+    fused = fuse([])
+    assert fused.verdict == "no-evidence" and fused.score == NO_EVIDENCE_SCORE
+    assert NO_EVIDENCE_SCORE < 0.4  # never inconclusive, never an alert at the default 0.7
+    informational = fuse([ev("c2pa", 0.5, 0.0)])
+    assert informational.verdict == "no-evidence" and informational.score == NO_EVIDENCE_SCORE
+    assert len(informational.evidence) == 1  # still shown to the desk
+
+
+def test_decisive_provenance_dominates_weak_model_scores() -> None:
+    fused = fuse([GENERATOR_CHUNK, ev("model:clip", 0.05, 1.0)])
+    assert fused.verdict == "likely-ai" and fused.score > 0.99
+    assert fused.evidence[0].detector == "generator-metadata"
+    # ...even a confident model with a large weight
+    assert fuse([C2PA_AI, ev("model:clip", 0.01, 3.0)]).verdict == "likely-ai"
+
+
+def test_models_count_with_their_own_weight_alone() -> None:
+    assert fuse([ev("model:a", 0.9, 1.0)]).verdict == "likely-ai"
+    assert fuse([ev("model:a", 0.6, 1.0)]).verdict == "inconclusive"
+    assert fuse([ev("model:a", 0.9, 0.2)]).score < fuse([ev("model:a", 0.9, 1.0)]).score
+
+
+def test_identical_copies_count_once() -> None:
+    one = fuse([ev("model:a", 0.8)])
+    many = fuse([ev("model:a", 0.8)] * 20)
+    assert many.score == one.score and len(many.evidence) == 1
+
+
+def test_strongest_item_per_detector_is_kept() -> None:
+    fused = fuse([ev("model:a", 0.6), ev("model:a", 0.95), ev("model:a", 0.3)])
+    assert [e.score for e in fused.evidence] == [0.95]
+
+
+def test_signed_capture_counts_against() -> None:
+    fused = fuse([C2PA_CAPTURE])
+    assert fused.verdict == "no-evidence" and fused.score < 0.01
+    assert fuse([C2PA_CAPTURE, ev("model:a", 0.9)]).verdict == "no-evidence"
+
+
+def test_bank_matches_count_by_their_verdict() -> None:
+    authentic = ev("bank:afp", 0.9, 3.0, verdict="authentic")  # score disagrees: the verdict wins
+    assert fuse([authentic]).score < 0.1
+    assert fuse([authentic, ev("model:a", 0.95)]).verdict == "no-evidence"
+    fake = ev("bank:factcheck", 0.2, 3.0, verdict="fake")
+    assert fuse([fake]).verdict == "likely-ai"
+
+
+def test_evidence_sorted_most_decisive_first() -> None:
+    fused = fuse([ev("model:a", 0.7), GENERATOR_CHUNK, ev("xmp", 0.5, 0.0), ev("invisible-watermark", 0.97, 2.5)])
+    assert [e.detector for e in fused.evidence] == ["generator-metadata", "invisible-watermark", "model:a", "xmp"]
+
+
+def test_thresholds_are_parameters() -> None:
+    item = [ev("model:a", 0.75)]
+    assert fuse(item).verdict == "likely-ai"
+    assert fuse(item, likely_ai=0.8).verdict == "inconclusive"
+    assert fuse(item, likely_ai=0.8, inconclusive=0.76).verdict == "no-evidence"

@@ -1,0 +1,113 @@
+"""End to end through the real CLI: embedded Tansu broker, a real Faust worker
+process, the demo feed (reposts, recompressions, resizes, crops, AI metadata,
+camera photos, a viral burst, a duplicate event and hostile input)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streams.demo_feed import build_feed
+
+pytestmark = pytest.mark.slow
+
+
+def deepwatch(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli.__main__", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def query(kind: str, data_dir: Path) -> list[dict]:
+    r = deepwatch(kind, "--data-dir", str(data_dir), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    feed, exp = build_feed(root / "feed")
+    data = root / "data"
+    r = deepwatch("replay", str(feed), "--data-dir", str(data), "--json", "--timeout", "240")
+    assert r.returncode == 0, f"replay failed:\n{r.stdout}\n{r.stderr[-4000:]}"
+    return feed, exp, data, json.loads(r.stdout)
+
+
+def test_every_event_is_processed_or_dead_lettered(replayed):
+    _, exp, _, summary = replayed
+    assert summary["complete"] and summary["events"] == exp.events
+    assert summary["processed"] == summary["produced"] == exp.events
+    assert summary["sightings"] == exp.events - len(exp.dead_letter_reasons) - 1  # one duplicate event
+
+
+def test_clusters_group_reposts_and_score_the_fake(replayed):
+    _, exp, data, _ = replayed
+    clusters = query("clusters", data)
+    assert len(clusters) == exp.distinct_pictures
+    for c in clusters:
+        assert {"id", "fake_score", "verdict", "evidence", "sightings", "accounts", "first_seen", "last_seen", "members"} <= c.keys()
+        for m in c["members"]:
+            assert {"sha256", "phash", "pdq", "event_id"} <= m.keys()
+        assert c["stream_sightings"] == c["sightings"]  # stream state agrees with the exact store count
+    fake = next(c for c in clusters if exp.viral_fake_sha256 in {m["sha256"] for m in c["members"]})
+    # original PNG + q70 recompression + half-size + 95% crop, one cluster
+    assert len(fake["members"]) == 4
+    assert fake["sightings"] == len(exp.viral_fake_event_ids)  # the duplicate event counted once
+    assert fake["accounts"] == len(exp.viral_fake_event_ids)
+    assert fake["verdict"] == "likely-ai" and fake["fake_score"] >= 0.9
+    assert any(e["detector"] == "generator-metadata" and e["detail"] for e in fake["evidence"])
+    def having(event_ids: list[str]) -> dict:
+        return next(c for c in clusters if {m["event_id"] for m in c["members"]} & set(event_ids))
+
+    comfy = having(exp.comfy_event_ids)
+    assert comfy["sightings"] == len(exp.comfy_event_ids)
+    assert comfy["verdict"] == "likely-ai"
+    assert any("ComfyUI" in e["detail"] for e in comfy["evidence"])
+    real = having(exp.viral_real_event_ids)
+    assert real["sightings"] == len(exp.viral_real_event_ids)
+    assert real["verdict"] == "no-evidence" and real["fake_score"] < 0.5
+
+
+def test_exactly_one_alert_for_the_viral_fake(replayed):
+    _, exp, data, _ = replayed
+    alerts = query("alerts", data)
+    clusters = query("clusters", data)
+    fake = next(c for c in clusters if exp.viral_fake_sha256 in {m["sha256"] for m in c["members"]})
+    assert len(alerts) == 1
+    a = alerts[0]
+    assert a["cluster_id"] == fake["id"] and a["level"] == 1
+    assert a["fake_score"] >= 0.9 and a["velocity"]["sightings_5m"] >= 10
+    assert {"rule", "at", "created_at"} <= a.keys()
+
+
+def test_dead_letters_name_stage_and_reason(replayed):
+    _, exp, data, _ = replayed
+    dls = query("dead-letters", data)
+    assert len(dls) == len(exp.dead_letter_reasons)
+    by_id = {d["event_id"]: d for d in dls}
+    for key, stage in exp.dead_letter_reasons.items():
+        d = by_id[None] if key.startswith("#") else by_id[key]
+        assert d["stage"] == stage and d["reason"] and d["detail"]
+    assert by_id["evt-bomb"]["reason"] == "decompression_bomb"
+    assert by_id["evt-ssrf"]["reason"] == "blocked_address"
+    assert by_id["evt-escape"]["reason"] == "path_not_allowed"
+
+
+def test_replaying_the_same_feed_changes_nothing(replayed):
+    feed, _, data, _ = replayed
+    before = query("clusters", data), query("alerts", data), query("dead-letters", data)
+    r = deepwatch("replay", str(feed), "--data-dir", str(data), "--json", "--timeout", "240")
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = query("clusters", data), query("alerts", data), query("dead-letters", data)
+    volatile = {"updated_at", "revision", "velocity", "stream_sightings"}
+    strip = lambda cs: [{k: v for k, v in c.items() if k not in volatile} for c in cs]  # noqa: E731
+    assert strip(after[0]) == strip(before[0])
+    assert after[1] == before[1]
+    assert [(d["event_id"], d["stage"], d["reason"]) for d in after[2]] == [(d["event_id"], d["stage"], d["reason"]) for d in before[2]]

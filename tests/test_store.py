@@ -1,0 +1,227 @@
+"""SqliteFindingsStore: every write is an idempotent upsert, so redelivery and
+replay change nothing, and merges are resolved when reading."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from detectors.base import Evidence
+from detectors.hashing import ImageHashes
+from streams.records import (
+    Alert, ClusterSnapshot, DeadLetter, Engagement, ImageEvent, Member, Sighting, SourceRef, Velocity,
+)
+from streams.store import SqliteFindingsStore
+
+T0 = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
+TOPIC = "deepwatch.events"
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SqliteFindingsStore(tmp_path / "findings.sqlite")
+    yield s
+    s.close()
+
+
+def _sighting(event_id: str, sha: str, offset: int, account: str = "acct-1", platform: str = "x", minute: int = 0) -> Sighting:
+    ev = ImageEvent(
+        event_id=event_id, platform=platform, account_id=account, posted_at=T0 + timedelta(minutes=minute),
+        image={"path": f"{sha[:6]}.jpg"},
+    )
+    return Sighting(
+        event=ev, source=SourceRef(topic=TOPIC, partition=0, offset=offset), sha256=sha, width=8, height=8,
+        format="PNG", hashes=ImageHashes(phash="0" * 16, pdq="0" * 64, pdq_quality=100),
+    )
+
+
+def _snap(cid: str, revision: int, *, sighting: Sighting | None = None, score: float = 0.5,
+          merged_into: str | None = None, merged_from: list[str] | None = None, alert_level: int = 0) -> ClusterSnapshot:
+    members = []
+    if sighting is not None:
+        members = [Member(sha256=sighting.sha256, phash="0" * 16, pdq="0" * 64, pdq_quality=100, event_id=sighting.event.event_id)]
+    return ClusterSnapshot(
+        cluster_id=cid, revision=revision, fake_score=score, verdict="uncertain",
+        evidence=[Evidence(detector="d", score=score, detail=f"rev {revision}")], members=members,
+        sightings=revision, accounts=1, platforms=["x"], engagement=Engagement(), velocity=Velocity(sightings_5m=revision),
+        first_seen=T0, last_seen=T0 + timedelta(minutes=revision), merged_into=merged_into,
+        merged_from=merged_from or [], alert_level=alert_level, new_sighting=sighting,
+    )
+
+
+def _alert(cid: str, level: int = 1) -> Alert:
+    return Alert(
+        alert_id=f"{cid}:{level}", cluster_id=cid, rule="viral_fake", level=level, fake_score=0.9, verdict="likely_ai",
+        velocity=Velocity(sightings_5m=12), sightings=12, accounts=12, evidence=[], at=T0, created_at=T0,
+    )
+
+
+def _dump(store: SqliteFindingsStore) -> dict:
+    """Everything a reader can see, minus the write-time column."""
+    clusters = [{k: v for k, v in c.items() if k != "updated_at"} for c in store.clusters(include_merged=True)]
+    return {
+        "clusters": clusters, "alerts": store.alerts(), "dead": store.dead_letters(),
+        "processed": store.processed_offsets(TOPIC), "members": sorted(store.iter_members(), key=lambda m: m.sha256),
+        "sightings": store.sighting_times(),
+    }
+
+
+def test_same_snapshot_twice_changes_nothing(store):
+    snap = _snap("c1", 1, sighting=_sighting("e1", "a" * 64, 0))
+    store.apply_snapshot(snap)
+    before = _dump(store)
+    store.apply_snapshot(snap)
+    assert _dump(store) == before
+    [c] = store.clusters()
+    assert c["sightings"] == 1 and c["revision"] == 1 and len(c["members"]) == 1
+    assert store.processed_offsets(TOPIC) == {(0, 0)}
+
+
+def test_older_revision_does_not_overwrite_newer(store):
+    store.apply_snapshot(_snap("c1", 1, sighting=_sighting("e1", "a" * 64, 0), score=0.2))
+    store.apply_snapshot(_snap("c1", 3, sighting=_sighting("e3", "a" * 64, 2), score=0.9))
+    # revision 2 arrives late (reordering / replay): its cluster fields are stale...
+    store.apply_snapshot(_snap("c1", 2, sighting=_sighting("e2", "b" * 64, 1), score=0.5))
+    [c] = store.clusters()
+    assert c["revision"] == 3 and c["fake_score"] == 0.9
+    assert c["evidence"][0]["detail"] == "rev 3"
+    assert c["velocity"]["sightings_5m"] == 3
+    # ...but the sighting and member it carried are facts, and are kept.
+    assert c["sightings"] == 3
+    assert {m["sha256"] for m in c["members"]} == {"a" * 64, "b" * 64}
+    assert store.processed_offsets(TOPIC) == {(0, 0), (0, 1), (0, 2)}
+
+
+def test_equal_revision_is_not_reapplied(store):
+    store.apply_snapshot(_snap("c1", 2, score=0.3))
+    store.apply_snapshot(_snap("c1", 2, score=0.8))  # a different body at the same revision: first one wins
+    assert store.clusters()[0]["fake_score"] == 0.3
+
+
+def test_same_dead_letter_twice_changes_nothing(store):
+    dl = DeadLetter(event_id="evt-x", stage="fetch", reason="blocked_address", detail="127.0.0.1",
+                    source=SourceRef(topic=TOPIC, partition=1, offset=7), at=T0)
+    assert store.add_dead_letter(dl) is True
+    assert store.add_dead_letter(dl) is False
+    # a redelivery built anew (new timestamp) is still the same dead letter
+    assert store.add_dead_letter(dl.model_copy(update={"at": T0 + timedelta(minutes=5)})) is False
+    assert len(store.dead_letters()) == 1
+    assert store.processed_offsets(TOPIC) == {(1, 7)}
+
+
+def test_sourceless_dead_letter_twice_in_one_process(store):
+    dl = DeadLetter(event_id="big", stage="validate", reason="too_large", detail="2 MB", payload_excerpt='{"event_id": "big"', at=T0)
+    assert store.add_dead_letter(dl) is True
+    assert store.add_dead_letter(dl) is False
+    assert len(store.dead_letters()) == 1
+
+
+_ADD_SOURCELESS = """
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from streams.records import DeadLetter
+from streams.store import SqliteFindingsStore
+s = SqliteFindingsStore(Path(sys.argv[1]))
+s.add_dead_letter(DeadLetter(event_id="big", stage="validate", reason="too_large", detail="2 MB",
+                             payload_excerpt='{"event_id": "big"', at=datetime(2026, 11, 20, tzinfo=timezone.utc)))
+s.close()
+"""
+
+
+# Regression: the key once used hash(), which Python salts per process, so a
+# redelivery handled by another worker (or after a restart) was stored twice.
+def test_sourceless_dead_letter_redelivered_to_another_process(tmp_path):
+    db = tmp_path / "findings.sqlite"
+    repo = Path(__file__).resolve().parents[1]
+    for seed in ("1", "2"):  # two worker processes (or one restarted): different hash salts
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", _ADD_SOURCELESS, str(db)], check=True, env=env, cwd=repo)
+    s = SqliteFindingsStore(db)
+    try:
+        assert len(s.dead_letters()) == 1
+    finally:
+        s.close()
+
+
+def test_same_alert_twice_changes_nothing(store):
+    assert store.add_alert(_alert("c1")) is True
+    assert store.add_alert(_alert("c1")) is False
+    assert store.add_alert(_alert("c1", level=2)) is True
+    assert [a["alert_id"] for a in store.alerts()] == ["c1:1", "c1:2"]
+
+
+def test_delivery_status_upserts(store):
+    assert not store.delivered("c1:1", "https://hook")
+    store.mark_delivered("c1:1", "https://hook", "failed: HTTP 500")
+    assert not store.delivered("c1:1", "https://hook")
+    store.mark_delivered("c1:1", "https://hook", "delivered")
+    store.mark_delivered("c1:1", "https://hook", "delivered")
+    assert store.delivered("c1:1", "https://hook")
+    assert not store.delivered("c1:1", "https://other")
+
+
+def test_record_processed_is_idempotent(store):
+    src = SourceRef(topic=TOPIC, partition=2, offset=9)
+    store.record_processed(src, "duplicate", "e1")
+    store.record_processed(src, "duplicate", "e1")
+    assert store.processed_offsets(TOPIC) == {(2, 9)}
+    assert store.processed_offsets("other") == set()
+
+
+def test_merged_cluster_sightings_count_toward_survivor(store):
+    store.apply_snapshot(_snap("A", 1, sighting=_sighting("e1", "a" * 64, 0, account="u1", platform="x")))
+    store.apply_snapshot(_snap("B", 1, sighting=_sighting("e2", "b" * 64, 1, account="u2", platform="bsky", minute=5)))
+    store.apply_snapshot(_snap("B", 2, sighting=_sighting("e3", "b" * 64, 2, account="u3", platform="bsky", minute=9)))
+    # B is merged into A: B's sightings keep B's id in the table, readers resolve it.
+    store.apply_snapshot(_snap("B", 3, merged_into="A"))
+    store.apply_snapshot(_snap("A", 2, merged_from=["B"]))
+
+    [a] = store.clusters()
+    assert a["id"] == "A"
+    assert a["sightings"] == 3 and a["accounts"] == 3
+    assert a["platforms"] == ["bsky", "x"]
+    assert a["first_seen"] < a["last_seen"] and a["last_seen"].startswith("2026-11-20T10:09")
+    assert {m["sha256"] for m in a["members"]} == {"a" * 64, "b" * 64}
+    assert a["merged_from"] == ["B"]
+
+    merged = {c["id"]: c for c in store.clusters(include_merged=True)}
+    assert merged["B"]["merged_into"] == "A" and merged["B"]["members"] == []
+    assert {m.cluster_id for m in store.iter_members()} == {"A"}
+
+
+def test_merge_chains_resolve_to_final_survivor(store):
+    store.apply_snapshot(_snap("A", 1, sighting=_sighting("e1", "a" * 64, 0)))
+    store.apply_snapshot(_snap("B", 1, sighting=_sighting("e2", "b" * 64, 1)))
+    store.apply_snapshot(_snap("C", 1, sighting=_sighting("e3", "c" * 64, 2)))
+    store.apply_snapshot(_snap("C", 2, merged_into="B"))
+    store.apply_snapshot(_snap("B", 2, merged_into="A"))
+    [a] = store.clusters()
+    assert a["id"] == "A" and a["sightings"] == 3
+    assert {m.cluster_id for m in store.iter_members()} == {"A"}
+
+
+def test_store_shared_by_two_connections(tmp_path):
+    # Several worker processes share the file; a second connection sees writes.
+    path = tmp_path / "f.sqlite"
+    w, r = SqliteFindingsStore(path), SqliteFindingsStore(path)
+    try:
+        w.apply_snapshot(_snap("c1", 1, sighting=_sighting("e1", "a" * 64, 0)))
+        w.add_alert(_alert("c1"))
+        assert [c["id"] for c in r.clusters()] == ["c1"]
+        assert len(r.alerts()) == 1
+    finally:
+        w.close()
+        r.close()
+
+
+def test_pending_work_counts_unstored_alerts(store):
+    store.apply_snapshot(_snap("c1", 1, alert_level=1))
+    assert store.pending_work()["alerts"] == 1
+    store.add_alert(_alert("c1"))
+    assert store.pending_work()["alerts"] == 0

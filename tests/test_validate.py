@@ -1,0 +1,116 @@
+"""parse_event: the first stage decides what is an event and says why not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streams.validate import MAX_EVENT_BYTES, InvalidEvent, parse_event
+
+GOOD = {
+    "schema_version": 1, "event_id": "evt-1", "platform": "x", "account_id": "acct-1",
+    "posted_at": "2026-11-20T10:00:00+00:00", "image": {"url": "https://cdn.example/a.jpg"},
+}
+
+
+def _raw(doc) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def _invalid(raw: bytes) -> InvalidEvent:
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(raw)
+    return info.value
+
+
+def test_valid_event_parses():
+    ev = parse_event(_raw(GOOD))
+    assert ev.event_id == "evt-1" and ev.image.url == "https://cdn.example/a.jpg"
+    assert ev.engagement.total == 0
+
+
+def test_schema_version_defaults_to_1():
+    doc = {k: v for k, v in GOOD.items() if k != "schema_version"}
+    assert parse_event(_raw(doc)).schema_version == 1
+
+
+@pytest.mark.parametrize("raw", [b"{this is not json", b"", b"\xff\xfe\x00garbage", b'{"a": 1'])
+def test_malformed_json(raw):
+    err = _invalid(raw)
+    assert err.reason == "malformed_json"
+    assert err.event_id is None
+
+
+@pytest.mark.parametrize("raw", [b"[1, 2]", b'"a string"', b"42", b"null"])
+def test_non_object_json(raw):
+    err = _invalid(raw)
+    assert err.reason == "malformed_json"
+    assert "JSON object" in err.detail
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None])
+def test_unsupported_version_keeps_event_id(version):
+    err = _invalid(_raw({**GOOD, "schema_version": version}))
+    assert err.reason == "unsupported_version"
+    assert err.event_id == "evt-1"
+    assert repr(version) in err.detail
+
+
+def test_missing_field_names_the_field():
+    doc = {k: v for k, v in GOOD.items() if k != "account_id"}
+    err = _invalid(_raw(doc))
+    assert err.reason == "schema_violation"
+    assert err.event_id == "evt-1"
+    assert "account_id" in err.detail and "required" in err.detail.lower()
+
+
+def test_naive_timestamp_rejected():
+    err = _invalid(_raw({**GOOD, "posted_at": "2026-11-20T10:00:00"}))
+    assert err.reason == "schema_violation"
+    assert "posted_at" in err.detail and "timezone" in err.detail.lower()
+
+
+def test_unknown_field_rejected():
+    err = _invalid(_raw({**GOOD, "surprise": True}))
+    assert err.reason == "schema_violation"
+    assert "surprise" in err.detail
+
+
+def test_image_needs_exactly_one_source():
+    err = _invalid(_raw({**GOOD, "image": {"url": "https://a/b.jpg", "path": "b.jpg"}}))
+    assert err.reason == "schema_violation"
+    assert "exactly one" in err.detail and "image" in err.detail
+    err = _invalid(_raw({**GOOD, "image": {}}))
+    assert "exactly one" in err.detail
+
+
+def test_non_http_url_rejected():
+    err = _invalid(_raw({**GOOD, "image": {"url": "file:///etc/passwd"}}))
+    assert err.reason == "schema_violation" and "http" in err.detail
+
+
+def test_negative_engagement_rejected():
+    err = _invalid(_raw({**GOOD, "engagement": {"likes": -1}}))
+    assert err.reason == "schema_violation"
+    assert "engagement.likes" in err.detail
+
+
+def test_non_string_event_id_not_reported_as_id():
+    err = _invalid(_raw({**GOOD, "event_id": 12345}))
+    assert err.reason == "schema_violation"
+    assert err.event_id is None
+    assert "event_id" in err.detail
+
+
+def test_detail_lists_at_most_five_problems():
+    doc = {"schema_version": 1, "a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "f": 6}
+    err = _invalid(_raw(doc))
+    assert err.reason == "schema_violation"
+    assert err.detail.count(";") == 4
+
+
+def test_oversized_event_refused_before_parsing():
+    raw = b" " * (MAX_EVENT_BYTES + 1)
+    err = _invalid(raw)
+    assert err.reason == "too_large"
