@@ -20,6 +20,7 @@ demo: install
 	$(VENV)/bin/deepwatch demo
 
 test: install
+	bash .ci/install-prometheus.sh
 	$(PY) -m pytest
 
 bench: install

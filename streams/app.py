@@ -144,6 +144,7 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
                 continue
             except Exception as e:  # a bug or an exotic image must not stop the stream
                 log.exception("analyze failed", extra={"event_id": ev.event_id})
+                metrics.EVENTS.labels("hash", "dead_letter").inc()
                 await send_dead(_dead_letter("hash", "internal_error", f"{type(e).__name__}: {e}", source, None, ev.event_id))
                 continue
             metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)

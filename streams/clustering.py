@@ -109,8 +109,11 @@ class ClusterEngine:
         # Re-add in creation order so the index's tie-breaks match the original run.
         live = [s for s in states if s.merged_into is None]
         for state in sorted(live, key=lambda s: (s.created_offset, s.cluster_id)):
+            marked = any(m.representative for m in state.members)
+            ts = state.last_seen.timestamp() if state.last_seen else None
             for i, m in enumerate(state.members):
-                self.index.add(state.cluster_id, m.sha256, _member_hashes(m), representative=(i == 0))
+                rep = m.representative if marked else i == 0  # states written before the flag existed
+                self.index.add(state.cluster_id, m.sha256, _member_hashes(m), representative=rep, ts=ts)
 
     # -- ops ----------------------------------------------------------------
     def apply(self, op: ClusterOp, offset: int, get: Getter) -> Outcome:
@@ -122,7 +125,8 @@ class ClusterEngine:
 
     def _sighting(self, s: Sighting, offset: int, get: Getter) -> Outcome:
         out = Outcome()
-        assignment: Assignment = self.index.assign(s.sha256, s.hashes)
+        t = s.event.posted_at.timestamp()
+        assignment: Assignment = self.index.assign(s.sha256, s.hashes, ts=t)
         state = _resolve(get, assignment.cluster_id) or ClusterState(
             cluster_id=assignment.cluster_id, created_offset=offset
         )
@@ -141,7 +145,7 @@ class ClusterEngine:
             state.members.append(Member(
                 sha256=s.sha256, phash=s.hashes.phash, pdq=s.hashes.pdq, pdq_quality=s.hashes.pdq_quality,
                 event_id=s.event.event_id, width=s.width, height=s.height, format=s.format,
-                distance=assignment.distance,
+                distance=assignment.distance, representative=assignment.new_cluster,
             ))
             known = {(e.detector, e.sha256) for e in state.evidence}
             state.evidence.extend(e for e in s.evidence if (e.detector, e.sha256) not in known)
@@ -149,7 +153,6 @@ class ClusterEngine:
                 state.models_pending = True
                 out.detect_requests.append(DetectRequest(cluster_id=state.cluster_id, sha256=s.sha256))
 
-        t = s.event.posted_at.timestamp()
         if any(r.e == s.event.event_id for r in state.recent):
             out.duplicate_event = True
         else:

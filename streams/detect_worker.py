@@ -36,11 +36,16 @@ def build_detect_app(settings: Settings, broker_url: str) -> faust.App:
     def load_batchers() -> list:
         from detectors.models import load_detector
         from detectors.models.batching import MicroBatcher
+        from detectors.models.vendors import enabled_vendors
 
         cfg = settings.detect
+        learned = [n for n in cfg.models if not n.startswith("vendor:")]
+        # A vendor plugin whose API key is not in the environment is skipped
+        # (logged by enabled_vendors), not a startup failure.
+        vendors = enabled_vendors([n for n in cfg.models if n.startswith("vendor:")])
         return [
             MicroBatcher(load_detector(name, model_dir=settings.model_dir, device=cfg.device), cfg.max_batch, cfg.max_wait_ms)
-            for name in cfg.models
+            for name in [*learned, *vendors]
         ]
 
     # Concurrency lets several requests wait in the micro-batcher at once.

@@ -162,6 +162,7 @@ class Member(BaseModel):
     height: int = 0
     format: str = ""
     distance: int | None = None  # distance to the cluster representative when it joined
+    representative: bool = False  # founded its cluster: the bound against chaining is measured from here
 
 
 class Velocity(BaseModel):

@@ -157,7 +157,7 @@ def ingest(
 @app.command(rich_help_panel="Run")
 def worker(
     role: str = typer.Option("pipeline", help="pipeline (ingest → cluster → sinks) or detect (learned models, own consumer group)."),
-    broker: str = typer.Option(..., "--broker", help="kafka://HOST:PORT (or tansu://HOST:PORT for Tansu with its workarounds)."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT (or tansu://HOST:PORT for Tansu with its workarounds); default: DEEPWATCH_BROKER."),
     data_dir: Optional[Path] = DataDir,
     config: Optional[Path] = Config,
     metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus /metrics on this port (0 = any free port)."),
@@ -169,8 +169,10 @@ def worker(
     from streams.broker import bootstrap_of, ensure_topics
 
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
+    if settings.broker == "embedded":
+        raise typer.BadParameter("a worker joins an existing broker: pass --broker or set DEEPWATCH_BROKER", param_hint="--broker")
     if create_topics:
-        ensure_topics(bootstrap_of(broker), topic_specs(settings))
+        ensure_topics(bootstrap_of(settings.broker), topic_specs(settings))
     worker_mod.run(settings, role)
 
 

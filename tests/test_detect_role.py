@@ -1,0 +1,75 @@
+"""The ``detect`` worker role on the real broker: a separate Faust app (own
+consumer group) runs a learned model once per new cluster, never per repost,
+and its calibrated evidence reaches the cluster's findings."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from PIL import Image
+from typer.testing import CliRunner
+
+from streams import runner
+from streams.cli import app
+from streams.demo_feed import build_feed
+from streams.ingest import produce_feed
+from streams.settings import Settings
+from streams.store import open_store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(1)
+    for sub in ("real", "ai"):
+        (root / sub).mkdir()
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(root / "real" / f"{i}.png")
+        low = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((48, 48), Image.NEAREST).save(root / "ai" / f"{i}.png")
+    out = tmp_path_factory.mktemp("models")
+    r = CliRunner().invoke(app, [
+        "train", "--real", str(root / "real"), "--fake", str(root / "ai"), "--arch", "small-cnn",
+        "--epochs", "2", "--input-size", "32", "--out", "tiny", "--model-dir", str(out),
+    ])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def count_messages(bootstrap: str, topic: str) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=3000)
+    tp = TopicPartition(topic, 0)
+    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or {0}]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    n = sum(1 for _ in consumer)
+    consumer.close()
+    assert tp in parts
+    return n
+
+
+def test_models_run_once_per_cluster_in_their_own_role(tmp_path, model_dir):
+    feed, exp = build_feed(tmp_path / "feed", burst=6)
+    settings = Settings(data_dir=tmp_path / "data", detect={"models": ["tiny"], "model_dir": model_dir, "max_batch": 4})
+    settings.ingest.image_roots = [feed.parent.resolve()]
+    with ExitStack() as stack:
+        cluster = runner.start_cluster(settings, stack)
+        cluster.start_worker("pipeline")
+        cluster.start_worker("detect")
+        produced = produce_feed(feed, cluster.bootstrap, settings)
+        assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=240, models=True)
+        requests = count_messages(cluster.bootstrap, settings.topic("detect-requests"))
+    store = open_store(settings.data_dir)
+    clusters = store.clusters()
+    assert len(clusters) == exp.distinct_pictures
+    assert requests == len(clusters)  # once per cluster, not per repost (there are many more sightings)
+    assert sum(c["sightings"] for c in clusters) > 3 * len(clusters)
+    for c in clusters:
+        assert not c["models_pending"]
+        model_ev = [e for e in c["evidence"] if e["detector"] == "model:tiny"]
+        assert len(model_ev) == 1 and 0.0 <= model_ev[0]["score"] <= 1.0 and "calibrated" in model_ev[0]["detail"]
