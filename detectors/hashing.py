@@ -57,6 +57,13 @@ class ImageHashes(BaseModel):
     pdq_quality: int
     phash_mirror: str | None = None
     pdq_mirror: str | None = None
+    # pHashes of extra views (16 hex each), for crops and screenshots: when
+    # ``trimmed``, views[0] is the content inside a detected border/padding;
+    # then the 90% and 80% centre crops of the content (the trimmed box, or the
+    # whole image). None on records made before views existed: matching falls
+    # back to the full-frame hashes.
+    views: list[str] | None = None
+    trimmed: bool = False
 
 
 def _bits_hex(bits: np.ndarray) -> str:
@@ -65,7 +72,11 @@ def _bits_hex(bits: np.ndarray) -> str:
 
 def phash_pair(image: Image.Image) -> tuple[str, str]:
     """(pHash, pHash of the mirror image) from one resize and one DCT."""
-    pixels = np.asarray(image.convert("L").resize((_HASH_SIDE, _HASH_SIDE), Image.Resampling.LANCZOS), dtype=np.float64)
+    return _phash_pair_grey(image.convert("L"))
+
+
+def _phash_pair_grey(grey: Image.Image) -> tuple[str, str]:
+    pixels = np.asarray(grey.resize((_HASH_SIDE, _HASH_SIDE), Image.Resampling.LANCZOS), dtype=np.float64)
     low = _D @ pixels @ _D.T
     mirrored = low * _ODD_COLS
     return _bits_hex(low > np.median(low)), _bits_hex(mirrored > np.median(mirrored))
@@ -79,9 +90,101 @@ def pdq_pair(image: Image.Image) -> tuple[str, str, int]:
 
 def hashes_of(image: Image.Image) -> ImageHashes:
     """Hashes of an already decoded RGB image (e.g. a thumbnail)."""
-    phash, phash_m = phash_pair(image)
+    grey = image.convert("L")
+    phash, phash_m = _phash_pair_grey(grey)
     pdq, pdq_m, quality = pdq_pair(image)
-    return ImageHashes(phash=phash, pdq=pdq, pdq_quality=quality, phash_mirror=phash_m, pdq_mirror=pdq_m)
+    views, trimmed = view_hashes(np.asarray(grey, dtype=np.float64))
+    return ImageHashes(
+        phash=phash, pdq=pdq, pdq_quality=quality, phash_mirror=phash_m, pdq_mirror=pdq_m, views=views, trimmed=trimmed
+    )
+
+
+# ------------------------------------------------------------------ views
+# Global DCT hashes move ~10 bits under a 90% crop and ~20 under an 80% one,
+# and a screenshot frame shifts and shrinks the picture the same way. So each
+# image also carries the pHash of a few *views*: the content inside a detected
+# border (screenshot frame, letterbox, padding) and centre crops of the
+# content. A repost that is a crop of an indexed picture then matches one of
+# the picture's views with its full hash, and a repost that *adds* a frame
+# matches with its trimmed view. Each view is one (8 x h) @ (h x w) @ (w x 8)
+# product: Lanczos-3 resampling of the view box to 32 x 32 (PIL's weights,
+# without its uint8 rounding) folded into the 8 low DCT rows, so views cost
+# microseconds and need no extra resize.
+VIEW_CROPS = (0.9, 0.8)
+_TRIM_TOL = 10.0  # grey levels: a border line's pixels are this close to its median
+_TRIM_LINE = 2 / 3  # fraction of a line near its median for it to count as border (text on a flat background)
+_TRIM_EDGE = 0.95  # the outermost line must be this flat for a side to be trimmed at all
+_TRIM_MIN = 0.03  # a trim removing less than this of the width and the height is no border
+_TRIM_KEEP = 0.3  # the content must keep at least this much of each side, else no trim
+
+
+def _resample(n_in: int, lo: float, hi: float) -> np.ndarray:
+    """(32, n_in) Lanczos-3 weights taking input positions [lo, hi) to 32 samples, as PIL's resize with ``box``."""
+    scale = (hi - lo) / _HASH_SIDE
+    support = max(scale, 1.0)
+    centres = lo + (np.arange(_HASH_SIDE) + 0.5) * scale
+    t = (np.arange(n_in)[None, :] + 0.5 - centres[:, None]) / support
+    w = np.where(np.abs(t) < 3, np.sinc(t) * np.sinc(t / 3), 0.0)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def view_phash(grey: np.ndarray, box: tuple[float, float, float, float]) -> str:
+    """pHash of ``grey[y0:y1, x0:x1]`` (box = x0, y0, x1, y1, float), as if cropped and hashed."""
+    x0, y0, x1, y1 = box
+    h, w = grey.shape
+    low = (_D @ _resample(h, y0, y1)) @ grey @ (_D @ _resample(w, x0, x1)).T
+    return _bits_hex(low > np.median(low))
+
+
+def _flat_run(lines: np.ndarray) -> tuple[int, int]:
+    """How many leading and trailing rows of ``lines`` look like border: flat,
+    or flat with sparse text on it (most pixels near the line's median)."""
+    n, m = lines.shape
+    med = np.partition(lines[:, ::2], m // 4, axis=1)[:, m // 4]  # median of every other pixel
+    near = (np.abs(lines - med[:, None]) <= _TRIM_TOL).mean(axis=1)
+    flat = near >= _TRIM_LINE
+
+    def run(f: np.ndarray, edge: float) -> int:
+        if edge < _TRIM_EDGE:
+            return 0
+        return len(f) if f.all() else int(np.argmin(f))
+
+    return run(flat, near[0]), run(flat[::-1], near[-1])
+
+
+def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) of the picture inside a uniform or near-uniform frame
+    (screenshot margins and bars, letterboxing, padding), or None when there is
+    no such frame. Rows first, then columns within the kept rows, then rows
+    again within the kept columns (a frame's side bars make its rows busy)."""
+    h, w = grey.shape
+    top, bottom = _flat_run(grey)
+    if top + bottom >= h:
+        return None
+    left, right = _flat_run(grey[top : h - bottom].T)
+    if left + right >= w:
+        return None
+    top2, bottom2 = _flat_run(grey[top : h - bottom, left : w - right])
+    top, bottom = top + top2, bottom + bottom2
+    x0, y0, x1, y1 = left, top, w - right, h - bottom
+    if x1 - x0 < _TRIM_KEEP * w or y1 - y0 < _TRIM_KEEP * h:
+        return None  # (nearly) flat image: nothing to trim to
+    if (w - (x1 - x0)) < _TRIM_MIN * w and (h - (y1 - y0)) < _TRIM_MIN * h:
+        return None
+    return x0, y0, x1, y1
+
+
+def view_hashes(grey: np.ndarray) -> tuple[list[str], bool]:
+    """(views, trimmed) of a grey image array: see ``ImageHashes.views``."""
+    h, w = grey.shape
+    box = content_box(grey)
+    trimmed = box is not None
+    x0, y0, x1, y1 = (float(v) for v in box) if box else (0.0, 0.0, float(w), float(h))
+    views = [view_phash(grey, (x0, y0, x1, y1))] if trimmed else []
+    for frac in VIEW_CROPS:
+        dx, dy = (x1 - x0) * (1 - frac) / 2, (y1 - y0) * (1 - frac) / 2
+        views.append(view_phash(grey, (x0 + dx, y0 + dy, x1 - dx, y1 - dy)))
+    return views, trimmed
 
 
 def compute_hashes(image: ImageData) -> ImageHashes:

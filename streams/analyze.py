@@ -33,7 +33,9 @@ class Analyzer:
         self.detectors: list[Detector] = create_all(cost="cheap", names=settings.detect.cheap)
         self._cache_dir = blob_root / "analysis"
         self._cache_dir.mkdir(parents=True, exist_ok=True)
-        self._banks = _open_banks(settings.data_dir)
+        self._banks_path = Path(settings.data_dir) / "banks.sqlite"
+        self._banks_mtime: float | None = None
+        self._banks = None
 
     def analyze(self, event: ImageEvent, data: bytes, source: SourceRef) -> Sighting:
         image = ImageData(data, limits=self.limits)  # raises ImageRejected
@@ -45,6 +47,7 @@ class Analyzer:
             hashes = compute_hashes(image)
             evidence = self._detect(image)
             self._store_cache(image.sha256, hashes, evidence)
+        self._refresh_banks()
         if self._banks is not None:
             evidence = [e for e in evidence if not e.detector.startswith("bank:")] + self._bank_evidence(image.sha256, hashes)
         light_event = event.model_copy(update={"image": _without_inline(event.image, image.sha256)})
@@ -53,6 +56,24 @@ class Analyzer:
             width=image.size[0], height=image.size[1], format=image.format,
             hashes=hashes, evidence=evidence,
         )
+
+    def _refresh_banks(self) -> None:
+        # Analysts add to banks while workers run (`deepwatch bank add`): pick
+        # up a changed bank file without a restart.
+        try:
+            mtime = self._banks_path.stat().st_mtime
+        except FileNotFoundError:
+            self._banks = None
+            return
+        if mtime != self._banks_mtime:
+            from detectors.banks import BankStore
+
+            d = self.settings.dedupe
+            self._banks = BankStore(
+                self._banks_path, phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold,
+                pdq_min_quality=d.pdq_min_quality,
+            )
+            self._banks_mtime = mtime
 
     def _detect(self, image: ImageData) -> list[Evidence]:
         found: list[Evidence] = []
@@ -103,14 +124,3 @@ def _without_inline(ref: ImageRef, sha256: str) -> ImageRef:
     if ref.base64 is None:
         return ref
     return ImageRef(blob=sha256, mime=ref.mime)
-
-
-def _open_banks(data_dir: Path):
-    path = Path(data_dir) / "banks.sqlite"
-    if not path.exists():
-        return None
-    try:
-        from detectors.banks import BankStore
-    except ImportError:
-        return None
-    return BankStore(path)

@@ -146,11 +146,12 @@ def build_feed(out_dir: Path, *, burst: int = 14, real_photos: int = 4) -> tuple
         save("flood_q70.jpg", jpeg_bytes(fake, 70)),
         save("flood_half.jpg", jpeg_bytes(fake.resize((fake.width // 2, fake.height // 2)), 85)),
         save("flood_crop95.jpg", jpeg_bytes(fake.crop((19, 12, fake.width - 19, fake.height - 12)), 88)),
+        save("flood_mirror.jpg", jpeg_bytes(fake.transpose(Image.Transpose.FLIP_LEFT_RIGHT), 85)),
     ]
     exp.viral_fake_event_ids.append(event(variants[0], 0, 1, text="Subway flooded right now!!"))
     for i in range(burst):
         exp.viral_fake_event_ids.append(event(
-            variants[1 + i % 3], 1 + i * 0.25, 100 + i, platform=["x", "bsky", "threads"][i % 3],
+            variants[1 + i % 4], 1 + i * 0.25, 100 + i, platform=["x", "bsky", "threads"][i % 3],
             text="RT flooded subway", likes=50 + i, reposts=10 + i,
         ))
     # A producer retry: the same event id again. Counted once.

@@ -57,8 +57,8 @@ def test_clusters_group_reposts_and_score_the_fake(replayed):
             assert {"sha256", "phash", "pdq", "event_id"} <= m.keys()
         assert c["stream_sightings"] == c["sightings"]  # stream state agrees with the exact store count
     fake = next(c for c in clusters if exp.viral_fake_sha256 in {m["sha256"] for m in c["members"]})
-    # original PNG + q70 recompression + half-size + 95% crop, one cluster
-    assert len(fake["members"]) == 4
+    # original PNG + q70 recompression + half-size + 95% crop + mirror image, one cluster
+    assert len(fake["members"]) == 5
     assert fake["sightings"] == len(exp.viral_fake_event_ids)  # the duplicate event counted once
     assert fake["accounts"] == len(exp.viral_fake_event_ids)
     assert fake["verdict"] == "likely-ai" and fake["fake_score"] >= 0.9
