@@ -20,6 +20,12 @@ def _crop(img: Image.Image, frac: float) -> Image.Image:
     return img.crop((dw, dh, w - dw, h - dh))
 
 
+def _crop_corner(img: Image.Image, frac: float) -> Image.Image:
+    # an off-centre crop: keeps the top-left frac x frac of the picture
+    w, h = img.size
+    return img.crop((0, 0, round(w * frac), round(h * frac)))
+
+
 def _caption(img: Image.Image) -> Image.Image:
     # meme-style: a line of bold text over the lower part of the picture
     out = img.copy()
@@ -41,6 +47,16 @@ def _screenshot(img: Image.Image) -> Image.Image:
     return out
 
 
+def _letterbox(img: Image.Image) -> Image.Image:
+    # a 16:9 black frame around the picture (video frame grabs, padded uploads)
+    w, h = img.size
+    ow = max(w + 2, round(h * 16 / 9))
+    oh = max(h, round(ow * 9 / 16))
+    out = Image.new("RGB", (ow, oh), (0, 0, 0))
+    out.paste(img, ((ow - w) // 2, (oh - h) // 2))
+    return out
+
+
 # name -> bytes of the transformed repost; all re-encoded as JPEG q85 unless the
 # transform *is* the encoding
 TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
@@ -50,8 +66,11 @@ TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
     "resize_0.25": lambda im: _jpeg_bytes(im.resize((max(1, im.width // 4), max(1, im.height // 4)), Image.Resampling.BILINEAR)),
     "crop_90": lambda im: _jpeg_bytes(_crop(im, 0.9)),
     "crop_80": lambda im: _jpeg_bytes(_crop(im, 0.8)),
+    "crop_90_corner": lambda im: _jpeg_bytes(_crop_corner(im, 0.9)),
     "caption": lambda im: _jpeg_bytes(_caption(im)),
     "mirror": lambda im: _jpeg_bytes(ImageOps.mirror(im)),
     "brightness_+20%": lambda im: _jpeg_bytes(ImageEnhance.Brightness(im).enhance(1.2)),
     "screenshot_border": lambda im: _jpeg_bytes(_screenshot(im)),
+    "screenshot_q50": lambda im: _jpeg_bytes(_screenshot(im), 50),
+    "letterbox_black": lambda im: _jpeg_bytes(_letterbox(im)),
 }

@@ -50,7 +50,8 @@ def build(root: Path, pictures: int, reposts: int, seed: int = 7) -> Path:
             variants[0] = a1111_png(pic, "news photo")
         names = []
         for v, data in enumerate(variants):
-            name = f"p{p}_{v}.{'png' if data[:4] == b'\x89PNG' else 'jpg'}"
+            ext = "png" if data.startswith(b"\x89PNG") else "jpg"
+            name = f"p{p}_{v}.{ext}"
             (images / name).write_bytes(data)
             names.append(name)
         for r in range(reposts):

@@ -25,6 +25,8 @@ tests, so hashes exchanged with other tools stay comparable.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import pdqhash
 from PIL import Image
@@ -111,28 +113,33 @@ def hashes_of(image: Image.Image) -> ImageHashes:
 # without its uint8 rounding) folded into the 8 low DCT rows, so views cost
 # microseconds and need no extra resize.
 VIEW_CROPS = (0.9, 0.8)
-_TRIM_TOL = 10.0  # grey levels: a border line's pixels are this close to its median
+_TRIM_TOL = 3.0  # grey levels: a border line's pixels are this close to its median (screenshot UI and letterbox bars are flat to 1-2 levels after JPEG)
 _TRIM_LINE = 2 / 3  # fraction of a line near its median for it to count as border (text on a flat background)
 _TRIM_EDGE = 0.95  # the outermost line must be this flat for a side to be trimmed at all
 _TRIM_MIN = 0.03  # a trim removing less than this of the width and the height is no border
 _TRIM_KEEP = 0.3  # the content must keep at least this much of each side, else no trim
 
 
-def _resample(n_in: int, lo: float, hi: float) -> np.ndarray:
-    """(32, n_in) Lanczos-3 weights taking input positions [lo, hi) to 32 samples, as PIL's resize with ``box``."""
+@lru_cache(maxsize=4096)
+def _dct_resample(n_in: int, lo: float, hi: float) -> np.ndarray:
+    """(8, n_in): the 8 low DCT rows applied to Lanczos-3 resampling of input
+    positions [lo, hi) to 32 samples (PIL's weights for ``resize`` with ``box``).
+    Cached: thumbnails come in a few sizes and crop boxes are fixed fractions."""
     scale = (hi - lo) / _HASH_SIDE
     support = max(scale, 1.0)
     centres = lo + (np.arange(_HASH_SIDE) + 0.5) * scale
     t = (np.arange(n_in)[None, :] + 0.5 - centres[:, None]) / support
     w = np.where(np.abs(t) < 3, np.sinc(t) * np.sinc(t / 3), 0.0)
-    return w / w.sum(axis=1, keepdims=True)
+    out = _D @ (w / w.sum(axis=1, keepdims=True))
+    out.flags.writeable = False
+    return out
 
 
 def view_phash(grey: np.ndarray, box: tuple[float, float, float, float]) -> str:
     """pHash of ``grey[y0:y1, x0:x1]`` (box = x0, y0, x1, y1, float), as if cropped and hashed."""
     x0, y0, x1, y1 = box
     h, w = grey.shape
-    low = (_D @ _resample(h, y0, y1)) @ grey @ (_D @ _resample(w, x0, x1)).T
+    low = _dct_resample(h, y0, y1) @ grey @ _dct_resample(w, x0, x1).T
     return _bits_hex(low > np.median(low))
 
 
@@ -142,7 +149,11 @@ def _flat_run(lines: np.ndarray) -> tuple[int, int]:
     n, m = lines.shape
     med = np.partition(lines[:, ::2], m // 4, axis=1)[:, m // 4]  # median of every other pixel
     near = (np.abs(lines - med[:, None]) <= _TRIM_TOL).mean(axis=1)
-    flat = near >= _TRIM_LINE
+    # the line's own colour must reach both ends: a row through a picture
+    # framed by margins of another colour ([margin | flat sky | margin]) is
+    # content, not border
+    ends = np.maximum(np.abs(lines[:, 0] - med), np.abs(lines[:, -1] - med)) <= 2 * _TRIM_TOL
+    flat = (near >= _TRIM_LINE) & ends
 
     def run(f: np.ndarray, edge: float) -> int:
         if edge < _TRIM_EDGE:
@@ -152,12 +163,18 @@ def _flat_run(lines: np.ndarray) -> tuple[int, int]:
     return run(flat, near[0]), run(flat[::-1], near[-1])
 
 
+def _near_median(line: np.ndarray) -> float:
+    return float((np.abs(line - np.median(line)) <= _TRIM_TOL).mean())
+
+
 def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1) of the picture inside a uniform or near-uniform frame
     (screenshot margins and bars, letterboxing, padding), or None when there is
     no such frame. Rows first, then columns within the kept rows, then rows
     again within the kept columns (a frame's side bars make its rows busy)."""
     h, w = grey.shape
+    if not any(_near_median(line) >= _TRIM_EDGE for line in (grey[0], grey[-1], grey[:, 0], grey[:, -1])):
+        return None  # no flat outer line: no frame (most pictures stop here)
     top, bottom = _flat_run(grey)
     if top + bottom >= h:
         return None

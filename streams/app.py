@@ -29,7 +29,7 @@ from streams.blobstore import DirectoryBlobStore
 from streams.broker import TopicSpec
 from streams.clustering import ClusterEngine, ClusterState, state_from_seed
 from streams.fetch import FetchError, ImageFetcher
-from streams.records import ClusterOp, DeadLetter, SourceRef
+from streams.records import ClusterOp, DeadLetter, Member, SourceRef
 from streams.settings import Settings
 from streams.tansu_compat import SESSION_TIMEOUT_S
 from streams.validate import InvalidEvent, parse_event
@@ -158,9 +158,19 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     async def _mark_stale(sender, **kwargs) -> None:
         state["stale"] = True  # the table may have changed hands: rebuild the index
 
+    from streams.store import open_store
+
+    store = open_store(settings.data_dir)
+
     def get_state(cluster_id: str) -> ClusterState | None:
         raw = table.get(cluster_id.encode())
-        return ClusterState.loads(raw) if raw else state["seeded"].get(cluster_id)
+        if raw:
+            return ClusterState.loads(raw)
+        if cluster_id in state["seeded"]:
+            return state["seeded"][cluster_id]
+        # Evicted (or never in this table): the findings store has its last state.
+        seeds = store.cluster_seeds([cluster_id])
+        return state_from_seed(seeds[0]) if seeds else None
 
     def engine() -> ClusterEngine:
         if state["engine"] is None or state["stale"]:
@@ -170,13 +180,19 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
                 # Empty table but an existing findings store (a fresh embedded
                 # broker over an old data dir): carry on from the store so
                 # replays join the clusters already there.
-                from streams.store import open_store
-
-                store = open_store(settings.data_dir)
                 states = [state_from_seed(doc) for doc in store.cluster_seeds()]
-                store.close()
                 state["seeded"] = {s.cluster_id: s for s in states}
             eng.rebuild(states)
+            # Clusters the store has but the table does not were evicted
+            # earlier: only their hashes come back, into the cold index.
+            hot = {s.cluster_id for s in states}
+            cold: dict[str, list] = {}
+            for row in store.iter_members():
+                if row.cluster_id not in hot:
+                    cold.setdefault(row.cluster_id, []).append(
+                        Member(sha256=row.sha256, phash=row.phash, pdq=row.pdq, pdq_quality=row.pdq_quality, event_id=""))
+            for cid, members in cold.items():
+                eng.add_cold(cid, members)
             state["engine"], state["stale"] = eng, False
             log.info("cluster index rebuilt", extra={"clusters": eng.index.n_clusters, "seeded": len(state["seeded"])})
         return state["engine"]
@@ -196,6 +212,12 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
                 continue
             for cid, st in out.writes.items():
                 table[cid.encode()] = st.dumps()
+                state["seeded"].pop(cid, None)
+            if engine().evict_due():
+                for cid in engine().evict(get_state):
+                    if table.get(cid.encode()):
+                        del table[cid.encode()]
+                    state["seeded"].pop(cid, None)
             for snap in out.snapshots:
                 await updates.send(key=snap.cluster_id.encode(), value=snap.dumps())
             for req in out.detect_requests:

@@ -99,16 +99,60 @@ class ClusterEngine:
             phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold, pdq_min_quality=d.pdq_min_quality
         )
         self.models_enabled = bool(settings.detect.models)
+        self.cold = self._new_index()  # hashes of evicted clusters only: 8-40 bytes a member, not their state
+        self.max_event_time = 0.0
+        self._ops_since_sweep = 0
+
+    def _new_index(self) -> ClusterIndex:
+        d = self.settings.dedupe
+        return ClusterIndex(
+            phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold, pdq_min_quality=d.pdq_min_quality
+        )
+
+    # -- eviction -----------------------------------------------------------
+    def evict_due(self) -> bool:
+        return self._ops_since_sweep >= self.settings.dedupe.evict_every_ops
+
+    def evict(self, get: Getter) -> list[str]:
+        """Move clusters idle for longer than the hot window (event time) to the
+        cold index; the caller deletes their table entries (the findings store
+        already holds their latest snapshot)."""
+        self._ops_since_sweep = 0
+        cutoff = self.max_event_time - self.settings.dedupe.hot_window_hours * 3600
+        evicted = self.index.evict_older_than(cutoff)
+        for cid in evicted:
+            state = get(cid)
+            for m in state.members if state else []:
+                self.cold.add(cid, m.sha256, _member_hashes(m), representative=m.representative)
+        return evicted
+
+    def add_cold(self, cluster_id: str, members: Iterable[Member]) -> None:
+        for m in members:
+            self.cold.add(cluster_id, m.sha256, _member_hashes(m), representative=m.representative)
+
+    def _revive(self, s: Sighting, get: Getter) -> None:
+        """A picture of an evicted cluster is back: put the cluster (its state
+        comes back through ``get``, from the store) into the hot index first,
+        so the sighting joins it instead of founding a new cluster."""
+        if self.index.lookup(s.sha256, s.hashes) or not self.cold.n_clusters:
+            return
+        for match in self.cold.lookup(s.sha256, s.hashes):
+            state = get(match.cluster_id)
+            self.cold.remove_cluster(match.cluster_id)
+            if state is None or state.merged_into:
+                continue
+            for i, m in enumerate(state.members):
+                self.index.add(state.cluster_id, m.sha256, _member_hashes(m),
+                               representative=m.representative or i == 0, ts=s.event.posted_at.timestamp())
 
     # -- recovery -----------------------------------------------------------
     def rebuild(self, states: Iterable[ClusterState]) -> None:
-        d = self.settings.dedupe
-        self.index = ClusterIndex(
-            phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold, pdq_min_quality=d.pdq_min_quality
-        )
+        self.index = self._new_index()
         # Re-add in creation order so the index's tie-breaks match the original run.
         live = [s for s in states if s.merged_into is None]
         for state in sorted(live, key=lambda s: (s.created_offset, s.cluster_id)):
+            if state.last_seen:
+                self.max_event_time = max(self.max_event_time, state.last_seen.timestamp())
             marked = any(m.representative for m in state.members)
             ts = state.last_seen.timestamp() if state.last_seen else None
             for i, m in enumerate(state.members):
@@ -126,6 +170,9 @@ class ClusterEngine:
     def _sighting(self, s: Sighting, offset: int, get: Getter) -> Outcome:
         out = Outcome()
         t = s.event.posted_at.timestamp()
+        self.max_event_time = max(self.max_event_time, t)
+        self._ops_since_sweep += 1
+        self._revive(s, get)
         assignment: Assignment = self.index.assign(s.sha256, s.hashes, ts=t)
         state = _resolve(get, assignment.cluster_id) or ClusterState(
             cluster_id=assignment.cluster_id, created_offset=offset

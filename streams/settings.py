@@ -40,6 +40,11 @@ class DedupeSettings(BaseModel):
     phash_threshold: int = 10
     pdq_threshold: int = 31
     pdq_min_quality: int = 50
+    # Clusters with no sighting for this long (event time) leave the hot index
+    # and the changelog table; the findings store keeps them, and a compact
+    # cold index of their hashes revives one if its picture resurfaces.
+    hot_window_hours: float = 24 * 7
+    evict_every_ops: int = 1000
 
 
 class DetectSettings(BaseModel):

@@ -175,3 +175,22 @@ def test_rebuilt_engine_assigns_like_the_original():
     a1 = h.engine.index.lookup(probe.sha256, probe.hashes)
     a2 = fresh.index.lookup(probe.sha256, probe.hashes)
     assert a1 and a2 and a1[0].cluster_id == a2[0].cluster_id
+
+
+def test_cold_clusters_are_evicted_and_revived_when_their_picture_resurfaces():
+    h = Harness(Settings(dedupe={"hot_window_hours": 1, "evict_every_ops": 1}))
+    old, other = scene(30), scene(31)
+    first = h.see(sighting(old, "o1", 0, "a1", [AI])).snapshots[-1].cluster_id
+    h.see(sighting(other, "n1", 180, "a2"))  # three hours later: `old` is cold
+    assert h.engine.evict_due()
+    evicted = h.engine.evict(h.get)
+    assert evicted == [first]
+    assert first not in h.engine.index and first in h.engine.cold
+    # The agent deletes the evicted entry from the table; the store would
+    # serve it back through the getter, which this harness keeps in `archive`.
+    archive = {first: h.table.pop(first)}
+    h.get = lambda cid: ClusterState.loads(h.table.get(cid) or archive[cid]) if (cid in h.table or cid in archive) else None
+    back = h.see(sighting(old.resize((384, 256)), "o2", 200, "a3"))
+    assert back.snapshots[-1].cluster_id == first  # revived, not a new cluster
+    st = h.get(first)
+    assert st.sightings == 2 and st.verdict == "likely-ai" and first not in h.engine.cold

@@ -9,11 +9,28 @@ indexed member when
   PDQ *and both* PDQ qualities are >= ``pdq_min_quality`` (PDQ of flat,
   low-detail images is noise; such members are not put in the PDQ index).
 
+Views (crops and screenshots): an image also carries the pHashes of a few
+*views* (``ImageHashes.views``: the content inside a detected border, and
+centre crops). They are indexed next to the member's pHash and pointing to the
+same member; a pair also matches when, within ``view_threshold`` bits,
+
+* the image's pHash (or mirrored pHash) equals one of the member's views (the
+  image is a crop of the member, or the member a framed copy of it),
+* one of the image's views equals the member's pHash (the other way round), or
+* a *trimmed-border* view on either side equals any view on the other (two
+  screenshots of one picture; a screenshot of a crop).
+
+A crop view never matches another crop view (both are just the full pictures
+again, and every extra pair compared costs false matches). Such matches report
+``via="phash_view"``. Members indexed without views (records from before views,
+rebuilt from stored pHash/PDQ) still match on their full hashes, and an image's
+own views still reach them.
+
 Matching a member is necessary but not sufficient: the image must also be
 within the *representative bound* of the member's cluster (pHash within
 ``max_representative_distance`` of one of the cluster's representatives, or
 PDQ within the same bound scaled by ``pdq_threshold / phash_threshold``;
-default twice each threshold). Without it a cluster could creep across
+default twice each threshold; views count under the same pairing rules). Without it a cluster could creep across
 unrelated pictures one small drift at a time (crop of a crop of a crop...).
 A cluster's representative is its founding image; a merge keeps the
 representatives of both sides.
@@ -39,8 +56,65 @@ from pydantic import BaseModel
 from detectors.hashing import ImageHashes, hamming_hex
 from detectors.neardup.hamming import HammingIndex
 
-Via = Literal["sha256", "phash", "pdq", "phash_mirror", "pdq_mirror"]
-_VIA_ORDER: dict[str, int] = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4}
+Via = Literal["sha256", "phash", "pdq", "phash_mirror", "pdq_mirror", "phash_view"]
+_VIA_ORDER: dict[str, int] = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4, "phash_view": 5}
+
+# Default radius for pHash pairs that involve a view: the bench's sweep finds no
+# extra false matches up to 9 bits (0.0015% -> 0.0028% at 10), and 8 lets the
+# multi-index search probe 2-bit instead of 3-bit neighbourhoods (~7x fewer keys)
+VIEW_THRESHOLD = 8
+
+# pHash index slots per member: id = row * _SLOTS + slot
+_SLOTS = 4
+_FULL, _TRIM, _CROP0 = 0, 1, 2  # crops take slots 2, 3
+_Q_FULL, _Q_MIRROR = -1, -2  # query-side kinds besides the view slots
+
+
+def view_slots(h: ImageHashes) -> list[tuple[int, str]]:
+    """(slot, pHash) of the views an ``ImageHashes`` carries, in index slots."""
+    views = h.views or []
+    out: list[tuple[int, str]] = []
+    if h.trimmed and views:
+        out.append((_TRIM, views[0]))
+        views = views[1:]
+    out.extend((_CROP0 + i, v) for i, v in enumerate(views[: _SLOTS - _CROP0]))
+    return out
+
+
+def _pair_allowed(q_kind: int, m_slot: int) -> bool:
+    """May a query code of this kind (full, mirror or a view slot) match an
+    indexed code in this slot? Everything but crop view against crop view."""
+    return not (q_kind >= _CROP0 and m_slot >= _CROP0)
+
+
+def _view_codes(h: ImageHashes) -> list[tuple[int, str]]:
+    """Every query-side pHash code: (kind, hex)."""
+    out = [(_Q_FULL, h.phash)]
+    if h.phash_mirror:
+        out.append((_Q_MIRROR, h.phash_mirror))
+    return out + view_slots(h)
+
+
+def _stored_codes(h: ImageHashes) -> list[tuple[int, str]]:
+    return [(_FULL, h.phash)] + view_slots(h)
+
+
+def _phash_pairs(
+    q: list[tuple[int, str]], m: list[tuple[int, str]], phash_threshold: int, view_threshold: int
+) -> list[tuple[int, Via]]:
+    """(distance, via) of every allowed pHash pair within its threshold."""
+    out: list[tuple[int, Via]] = []
+    for qk, qh in q:
+        for ms, mh in m:
+            if not _pair_allowed(qk, ms):
+                continue
+            d = hamming_hex(qh, mh)
+            if qk in (_Q_FULL, _Q_MIRROR) and ms == _FULL:
+                if d <= phash_threshold:
+                    out.append((d, "phash" if qk == _Q_FULL else "phash_mirror"))
+            elif d <= view_threshold:
+                out.append((d, "phash_view"))
+    return out
 
 
 def cluster_id_for(sha256: str) -> str:
@@ -68,6 +142,7 @@ class _Rep:
     phash: str
     pdq: str
     pdq_quality: int
+    views: list[tuple[int, str]] = field(default_factory=list)  # (slot, pHash)
 
 
 @dataclass
@@ -85,16 +160,16 @@ def pair_match(
     phash_threshold: int = 10,
     pdq_threshold: int = 31,
     pdq_min_quality: int = 50,
+    view_threshold: int | None = None,
 ) -> tuple[int, Via] | None:
     """The decision rule for one pair (``b`` is the indexed side, so only its
-    direct hashes are used), as ``ClusterIndex`` applies it through its index;
-    the best (distance, via) by ``distance / threshold``, or None."""
+    direct hashes and views are used, never its mirrors), as ``ClusterIndex``
+    applies it through its index; the best (distance, via) by
+    ``distance / threshold``, or None."""
+    vt = phash_threshold if view_threshold is None else view_threshold
     cands: list[tuple[float, int, int, Via]] = []
-    for via, hq in (("phash", a.phash), ("phash_mirror", a.phash_mirror)):
-        if hq:
-            d = hamming_hex(hq, b.phash)
-            if d <= phash_threshold:
-                cands.append((d / max(1, phash_threshold), _VIA_ORDER[via], d, via))  # type: ignore[arg-type]
+    for d, via in _phash_pairs(_view_codes(a), _stored_codes(b), phash_threshold, vt):
+        cands.append((d / max(1, phash_threshold), _VIA_ORDER[via], d, via))
     if a.pdq_quality >= pdq_min_quality and b.pdq_quality >= pdq_min_quality:
         for via, hq in (("pdq", a.pdq), ("pdq_mirror", a.pdq_mirror)):
             if hq:
@@ -115,8 +190,11 @@ class ClusterIndex:
         pdq_threshold: int = 31,
         pdq_min_quality: int = 50,
         max_representative_distance: int | None = None,
+        view_threshold: int | None = VIEW_THRESHOLD,
     ):
         self.phash_threshold = phash_threshold
+        # pHash pairs involving a view (crop/trim) may use a tighter radius
+        self.view_threshold = phash_threshold if view_threshold is None else view_threshold
         self.pdq_threshold = pdq_threshold
         self.pdq_min_quality = pdq_min_quality
         self.rep_phash = (
@@ -164,25 +242,50 @@ class ClusterIndex:
         return sorted(found, key=self._rank)
 
     def _rank(self, m: Match) -> tuple[float, int, str]:
-        scale = {"sha256": 1, "phash": self.phash_threshold, "phash_mirror": self.phash_threshold}.get(
-            m.via, self.pdq_threshold
-        )
+        scale = {
+            "sha256": 1, "phash": self.phash_threshold, "phash_mirror": self.phash_threshold,
+            "phash_view": self.phash_threshold,
+        }.get(m.via, self.pdq_threshold)
         return (m.distance / max(1, scale), _VIA_ORDER[m.via], m.cluster_id)
 
     def _hash_matches(self, h: ImageHashes) -> list[Match]:
         out: list[Match] = []
-        for index, via, codes, radius in self._queries(h):
+        if len(self._phash):
+            # full/mirror pHash against every indexed code (full hashes and
+            # views), then the image's views against them at the view radius
+            # (when tighter, a separate search probes far fewer MIH buckets);
+            # the pairing rule and radii are applied per hit
+            codes = _view_codes(h)
+            radius = max(self.phash_threshold, self.view_threshold)
+            split = 2 if self.view_threshold < self.phash_threshold else len(codes)
+            for lo, hi, r in ((0, split, radius), (split, len(codes), self.view_threshold)):
+                if lo >= hi:
+                    continue
+                kinds = [k for k, _ in codes[lo:hi]]
+                qi, ids, dist = self._phash.search(HammingIndex.codes_from_hex([c for _, c in codes[lo:hi]], 64), r)
+                for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
+                    row, slot = divmod(i, _SLOTS)
+                    qk = kinds[q]
+                    if qk in (_Q_FULL, _Q_MIRROR) and slot == _FULL:
+                        if d > self.phash_threshold:
+                            continue
+                        via: Via = "phash" if qk == _Q_FULL else "phash_mirror"
+                    elif d > self.view_threshold or not _pair_allowed(qk, slot):
+                        continue
+                    else:
+                        via = "phash_view"
+                    sha = self._row_member[row]
+                    out.append(Match(cluster_id=self._member_cluster[sha], distance=int(d), via=via))
+        for index, vias, codes, radius in self._queries(h):
             if not len(index):
                 continue
             qi, rows, dist = index.search(codes, radius)
             for q, row, d in zip(qi.tolist(), rows.tolist(), dist.tolist()):
                 sha = self._row_member[row]
-                out.append(Match(cluster_id=self._member_cluster[sha], distance=int(d), via=via[q]))
+                out.append(Match(cluster_id=self._member_cluster[sha], distance=int(d), via=vias[q]))
         return out
 
     def _queries(self, h: ImageHashes):
-        ph = [h.phash] + ([h.phash_mirror] if h.phash_mirror else [])
-        yield self._phash, ("phash", "phash_mirror"), HammingIndex.codes_from_hex(ph, 64), self.phash_threshold
         if h.pdq_quality >= self.pdq_min_quality:
             pq = [h.pdq] + ([h.pdq_mirror] if h.pdq_mirror else [])
             yield self._pdq, ("pdq", "pdq_mirror"), HammingIndex.codes_from_hex(pq, 256), self.pdq_threshold
@@ -191,8 +294,9 @@ class ClusterIndex:
         c = self._clusters[cluster_id]
         reps = c.reps or ([c.first] if c.first else [])
         pdq_ok = h.pdq_quality >= self.pdq_min_quality
+        q = _view_codes(h)
         for r in reps:
-            if min(hamming_hex(h.phash, r.phash), _mirror_dist(h.phash_mirror, r.phash)) <= self.rep_phash:
+            if _phash_pairs(q, [(_FULL, r.phash)] + r.views, self.rep_phash, self.rep_phash):
                 return True
             if pdq_ok and r.pdq_quality >= self.pdq_min_quality:
                 if min(hamming_hex(h.pdq, r.pdq), _mirror_dist(h.pdq_mirror, r.pdq)) <= self.rep_pdq:
@@ -242,7 +346,8 @@ class ClusterIndex:
         if sha256 in self._member_cluster:
             return
         c = self._clusters.setdefault(cluster_id, _Cluster())
-        rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality)
+        views = view_slots(hashes)
+        rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views)
         if representative:
             c.reps.append(rep)
         if c.first is None:
@@ -254,8 +359,12 @@ class ClusterIndex:
         self._member_cluster[sha256] = cluster_id
         self._member_row[sha256] = row
         self._row_member[row] = sha256
+        codes = [(_FULL, hashes.phash)] + views
+        self._phash.add(
+            np.array([row * _SLOTS + s for s, _ in codes], dtype=np.int64),
+            HammingIndex.codes_from_hex([c for _, c in codes], 64),
+        )
         ids = np.array([row], dtype=np.int64)
-        self._phash.add(ids, HammingIndex.codes_from_hex([hashes.phash], 64))
         if hashes.pdq_quality >= self.pdq_min_quality:
             self._pdq.add(ids, HammingIndex.codes_from_hex([hashes.pdq], 256))
 
@@ -301,7 +410,7 @@ class ClusterIndex:
                 rows.append(row)
         if rows:
             ids = np.asarray(rows, dtype=np.int64)
-            self._phash.remove(ids)
+            self._phash.remove((ids[:, None] * _SLOTS + np.arange(_SLOTS)[None, :]).reshape(-1))
             self._pdq.remove(ids)
 
 

@@ -165,13 +165,25 @@ class HammingIndex:
         alive = self._alive[start:end]
         hits_q, hits_r, hits_d = [], [], []
         block = max(1, 4_000_000 // max(1, len(codes)))  # bound the (queries x rows) temporary
+        all_alive = bool(alive.all())
         for b in range(0, len(q), block):
             qq = q[b : b + block]
-            d = np.bitwise_count(qq[:, None, :] ^ codes[None, :, :]).sum(axis=2, dtype=np.int64)
-            qi, ri = np.nonzero((d <= radius) & alive[None, :])
+            if self.words == 1:  # 64-bit codes: no word sum, uint8 distances (~3x less memory traffic)
+                d = np.bitwise_count(qq[:, :1] ^ codes[None, :, 0])
+            else:
+                d = np.bitwise_count(qq[:, None, :] ^ codes[None, :, :]).sum(axis=2, dtype=np.int16)
+            hit = d <= radius
+            if not all_alive:
+                hit &= alive[None, :]
+            if not hit.any():  # the usual case: skip the (slow) 2-D nonzero
+                continue
+            qi, ri = np.divmod(np.flatnonzero(hit), hit.shape[1])
             hits_q.append(qi + b + q_offset)
             hits_r.append(ri + start)
-            hits_d.append(d[qi, ri])
+            hits_d.append(d[qi, ri].astype(np.int64))
+        if not hits_q:
+            e = np.zeros(0, dtype=np.int64)
+            return e, e, e
         return np.concatenate(hits_q), np.concatenate(hits_r).astype(np.int64), np.concatenate(hits_d)
 
     def _mih_search(self, q: np.ndarray, radius: int, q_offset: int):
