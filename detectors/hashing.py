@@ -163,8 +163,9 @@ def _flat_run(lines: np.ndarray) -> tuple[int, int]:
     return run(flat, near[0]), run(flat[::-1], near[-1])
 
 
-def _near_median(line: np.ndarray) -> float:
-    return float((np.abs(line - np.median(line)) <= _TRIM_TOL).mean())
+def _near_median(lines: np.ndarray) -> np.ndarray:
+    """Per line: the fraction of its pixels within the tolerance of its median."""
+    return (np.abs(lines - np.median(lines, axis=1, keepdims=True)) <= _TRIM_TOL).mean(axis=1)
 
 
 def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -173,7 +174,7 @@ def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     no such frame. Rows first, then columns within the kept rows, then rows
     again within the kept columns (a frame's side bars make its rows busy)."""
     h, w = grey.shape
-    if not any(_near_median(line) >= _TRIM_EDGE for line in (grey[0], grey[-1], grey[:, 0], grey[:, -1])):
+    if max(_near_median(grey[[0, -1]]).max(), _near_median(grey[:, [0, -1]].T).max()) < _TRIM_EDGE:
         return None  # no flat outer line: no frame (most pictures stop here)
     top, bottom = _flat_run(grey)
     if top + bottom >= h:

@@ -14,6 +14,13 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+try:  # HEIC/HEIF is what phones upload; Pillow alone cannot decode it
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - optional at import, a dependency in pyproject
+    pass
+
 # Pillow's own bomb check (warn above ~89 Mpx, fail above ~179 Mpx) stays as a
 # backstop; our lower, configurable limit is checked from the header first.
 
@@ -29,7 +36,7 @@ class ImageRejected(ValueError):
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    max_pixels: int = 50_000_000
+    max_pixels: int = 100_000_000  # 50-200 MP phone cameras exist; Pillow refuses > ~179 MP regardless
     max_dimension: int = 16_384
     max_bytes: int = 25 * 1024 * 1024
 

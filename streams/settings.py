@@ -27,7 +27,7 @@ class FetchSettings(BaseModel):
 
 
 class DecodeSettings(BaseModel):
-    max_pixels: int = 50_000_000
+    max_pixels: int = 100_000_000  # 50-200 MP phone cameras exist; Pillow refuses > ~179 MP regardless
     max_dimension: int = 16_384
 
 
