@@ -9,6 +9,12 @@ same rule as clustering (``detectors.neardup.pair_match``): pHash or mirrored
 pHash within the pHash threshold, or PDQ / mirrored PDQ within the PDQ
 threshold with both qualities trusted. An imported PDQ without a quality
 column is trusted: sharing programs already drop low-quality hashes.
+
+Crops and screenshots: entries added from images also store their pHash
+*views* (``ImageHashes.views``: trimmed border, centre crops), so a cropped or
+screenshotted repost of a banked picture matches (``via="phash_view"``); an
+image's own views reach every entry with a pHash, imported ones included.
+Imported PDQ-only entries have no views: crops of those are not found.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pydantic import BaseModel
 from detectors.base import Evidence
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import ImageData
-from detectors.neardup.clusters import Via
+from detectors.neardup.clusters import SLOTS, VIEW_THRESHOLD, Via, search_phash, stored_phash_codes
 from detectors.neardup.hamming import HammingIndex
 
 Verdict = Literal["fake", "authentic"]
@@ -48,9 +54,12 @@ CREATE TABLE IF NOT EXISTS entries (
     pdq TEXT,
     pdq_quality INTEGER,
     sha256 TEXT,
+    views TEXT,
+    trimmed INTEGER,
     UNIQUE (bank, entry_id)
 );
 """
+_ADDED_COLUMNS = {"views": "TEXT", "trimmed": "INTEGER"}  # banks created before views existed get them on open
 
 
 class BankInfo(BaseModel):
@@ -70,15 +79,27 @@ class BankMatch(BaseModel):
 
 class BankStore:
     def __init__(
-        self, path: str | Path, *, phash_threshold: int = 10, pdq_threshold: int = 31, pdq_min_quality: int = 50
+        self,
+        path: str | Path,
+        *,
+        phash_threshold: int = 10,
+        pdq_threshold: int = 31,
+        pdq_min_quality: int = 50,
+        view_threshold: int = VIEW_THRESHOLD,
     ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.phash_threshold = phash_threshold
         self.pdq_threshold = pdq_threshold
         self.pdq_min_quality = pdq_min_quality
+        self.view_threshold = view_threshold
         self._db = sqlite3.connect(self.path)
         self._db.executescript(_SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(entries)")}
+        for col, typ in _ADDED_COLUMNS.items():
+            if col not in have:
+                self._db.execute(f"ALTER TABLE entries ADD COLUMN {col} {typ}")
+        self._db.commit()
         self._cache: _Loaded | None = None
 
     def close(self) -> None:
@@ -121,8 +142,9 @@ class BankStore:
                 continue
             h = compute_hashes(data)
             self._db.execute(
-                "INSERT INTO entries (bank, entry_id, label, phash, pdq, pdq_quality, sha256) VALUES (?,?,?,?,?,?,?)",
-                (name, str(next_id), p.name, h.phash, h.pdq, h.pdq_quality, data.sha256),
+                "INSERT INTO entries (bank, entry_id, label, phash, pdq, pdq_quality, sha256, views, trimmed)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (name, str(next_id), p.name, h.phash, h.pdq, h.pdq_quality, data.sha256, ",".join(h.views or []) or None, int(h.trimmed)),
             )
             next_id += 1
             added += 1
@@ -172,7 +194,10 @@ class BankStore:
                 if row not in best or key < best[row]:
                     best[row] = key
 
-        consider(loaded.phash, [(v, h) for v, h in (("phash", hashes.phash), ("phash_mirror", hashes.phash_mirror)) if h], 64, self.phash_threshold)
+        for row, d, via in search_phash(loaded.phash, hashes, self.phash_threshold, self.view_threshold):
+            key = (d / max(1, self.phash_threshold), _VIA_RANK[via], d, via)
+            if row not in best or key < best[row]:
+                best[row] = key
         if hashes.pdq_quality >= self.pdq_min_quality:
             pq = [(v, h) for v, h in (("pdq", hashes.pdq), ("pdq_mirror", hashes.pdq_mirror)) if h]
             consider(loaded.pdq, pq, 256, self.pdq_threshold)
@@ -185,14 +210,19 @@ class BankStore:
     def _load(self) -> _Loaded:
         if self._cache is None:
             rows = self._db.execute(
-                "SELECT e.rowid, e.bank, e.entry_id, e.label, e.phash, e.pdq, e.pdq_quality, b.verdict "
+                "SELECT e.rowid, e.bank, e.entry_id, e.label, e.phash, e.pdq, e.pdq_quality, b.verdict, e.views, e.trimmed "
                 "FROM entries e JOIN banks b ON b.name = e.bank ORDER BY e.rowid"
             ).fetchall()
             loaded = _Loaded()
-            ph = [(r[0], r[4]) for r in rows if r[4]]
             pq = [(r[0], r[5]) for r in rows if r[5] and (r[6] if r[6] is not None else _TRUSTED) >= self.pdq_min_quality]
-            if ph:
-                loaded.phash.add(np.array([i for i, _ in ph]), HammingIndex.codes_from_hex([h for _, h in ph], 64))
+            ids, codes = [], []
+            for r in rows:
+                if r[4]:
+                    slots, c = stored_phash_codes(r[4], r[8].split(",") if r[8] else None, bool(r[9]))
+                    ids.append(r[0] * SLOTS + slots)
+                    codes.append(c)
+            if ids:
+                loaded.phash.add(np.concatenate(ids), np.concatenate(codes))
             if pq:
                 loaded.pdq.add(np.array([i for i, _ in pq]), HammingIndex.codes_from_hex([h for _, h in pq], 256))
             loaded.meta = {r[0]: (r[1], r[2], r[3], r[7]) for r in rows}
@@ -200,7 +230,7 @@ class BankStore:
         return self._cache
 
 
-_VIA_RANK = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4}
+_VIA_RANK = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4, "phash_view": 5}
 
 
 class _Loaded:
@@ -260,7 +290,7 @@ def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:
             continue
         seen.add(m.bank)
         hash_name = "PDQ" if m.via.startswith("pdq") else "pHash"
-        mirrored = " (mirrored)" if m.via.endswith("mirror") else ""
+        mirrored = " (mirrored)" if m.via.endswith("mirror") else " (crop/screenshot view)" if m.via == "phash_view" else ""
         label = f" {m.label!r}" if m.label else ""
         out.append(
             Evidence(

@@ -18,6 +18,11 @@ nearly free:
   (0 on most photos, up to ~30 on synthetic high-frequency patterns), not
   bit-exact; the mirror recall in ``bench/neardup.py`` measures the effect.
 
+Crops and screenshots: ``views`` adds the pHash of the content inside a
+detected screenshot frame / letterbox / padding (``content_box``) and of 90%
+and 80% centre crops, each one small matrix product (see ``view_hashes``);
+``detectors.neardup`` indexes them next to the pHash.
+
 The pHash is bit-compatible with ``imagehash.phash`` (grey, 32x32 Lanczos,
 type-II DCT, 8x8 low frequencies > their median, same bit order), checked in
 tests, so hashes exchanged with other tools stay comparable.
@@ -68,6 +73,13 @@ class ImageHashes(BaseModel):
     trimmed: bool = False
 
 
+def _median64(block: np.ndarray) -> float:
+    """np.median of the 8x8 block, the same arithmetic (mean of the two middle
+    values) without np.median's per-call overhead."""
+    s = np.sort(block, axis=None)
+    return (s[31] + s[32]) / 2
+
+
 def _bits_hex(bits: np.ndarray) -> str:
     return np.packbits(np.asarray(bits, dtype=np.uint8).reshape(-1)).tobytes().hex()
 
@@ -81,7 +93,7 @@ def _phash_pair_grey(grey: Image.Image) -> tuple[str, str]:
     pixels = np.asarray(grey.resize((_HASH_SIDE, _HASH_SIDE), Image.Resampling.LANCZOS), dtype=np.float64)
     low = _D @ pixels @ _D.T
     mirrored = low * _ODD_COLS
-    return _bits_hex(low > np.median(low)), _bits_hex(mirrored > np.median(mirrored))
+    return _bits_hex(low > _median64(low)), _bits_hex(mirrored > _median64(mirrored))
 
 
 def pdq_pair(image: Image.Image) -> tuple[str, str, int]:
@@ -140,7 +152,7 @@ def view_phash(grey: np.ndarray, box: tuple[float, float, float, float]) -> str:
     x0, y0, x1, y1 = box
     h, w = grey.shape
     low = _dct_resample(h, y0, y1) @ grey @ _dct_resample(w, x0, x1).T
-    return _bits_hex(low > np.median(low))
+    return _bits_hex(low > _median64(low))
 
 
 def _flat_run(lines: np.ndarray) -> tuple[int, int]:
@@ -165,7 +177,9 @@ def _flat_run(lines: np.ndarray) -> tuple[int, int]:
 
 def _near_median(lines: np.ndarray) -> np.ndarray:
     """Per line: the fraction of its pixels within the tolerance of its median."""
-    return (np.abs(lines - np.median(lines, axis=1, keepdims=True)) <= _TRIM_TOL).mean(axis=1)
+    m = lines.shape[1]
+    med = np.partition(lines, m // 2, axis=1)[:, m // 2 : m // 2 + 1]
+    return (np.abs(lines - med) <= _TRIM_TOL).mean(axis=1)
 
 
 def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -204,13 +204,7 @@ class ClusterEngine:
             out.duplicate_event = True
         else:
             self._count(state, s, t)
-        self._score(state)
-        self._maybe_alert(state, out, s)
-        state.revision += 1
-        state.applied_offset = offset
-        out.writes[state.cluster_id] = state
-        out.snapshots.append(self._snapshot(state, s))
-        return out
+        return self._commit(state, out, offset, s)
 
     def _detection(self, r: DetectionResult, offset: int, get: Getter) -> Outcome:
         out = Outcome()
@@ -222,12 +216,17 @@ class ClusterEngine:
         names = {e.detector for e in r.evidence}
         state.model_evidence = [e for e in state.model_evidence if e.detector not in names] + list(r.evidence)
         state.models_pending = False
+        return self._commit(state, out, offset, None)
+
+    def _commit(self, state: ClusterState, out: Outcome, offset: int, s: Sighting | None) -> Outcome:
+        """Score, decide on an alert, and stamp the op's offset on the state:
+        the offset is what makes a redelivered op recognisable."""
         self._score(state)
-        self._maybe_alert(state, out, None)
+        self._maybe_alert(state, out, s)
         state.revision += 1
         state.applied_offset = offset
         out.writes[state.cluster_id] = state
-        out.snapshots.append(self._snapshot(state, None))
+        out.snapshots.append(self._snapshot(state, s))
         return out
 
     # -- pieces -------------------------------------------------------------
@@ -239,10 +238,7 @@ class ClusterEngine:
         if ev.platform not in state.platforms:
             state.platforms.append(ev.platform)
         g = ev.engagement
-        state.engagement = Engagement(
-            likes=state.engagement.likes + g.likes, reposts=state.engagement.reposts + g.reposts,
-            replies=state.engagement.replies + g.replies, views=state.engagement.views + g.views,
-        )
+        state.engagement = state.engagement + g
         state.first_seen = min(filter(None, [state.first_seen, ev.posted_at]))
         state.last_seen = max(filter(None, [state.last_seen, ev.posted_at]))
         state.recent.append(virality.RecentSighting(t=t, e=ev.event_id, a=ev.account_id, p=ev.platform, g=g.total))
@@ -261,11 +257,7 @@ class ClusterEngine:
         into.accounts.extend(a for a in other.accounts if a not in set(into.accounts))
         into.accounts = into.accounts[:MAX_ACCOUNTS]
         into.platforms.extend(p for p in other.platforms if p not in into.platforms)
-        e1, e2 = into.engagement, other.engagement
-        into.engagement = Engagement(
-            likes=e1.likes + e2.likes, reposts=e1.reposts + e2.reposts,
-            replies=e1.replies + e2.replies, views=e1.views + e2.views,
-        )
+        into.engagement = into.engagement + other.engagement
         ids = {r.e for r in into.recent}
         into.recent.extend(r for r in other.recent if r.e not in ids)
         into.first_seen = min(filter(None, [into.first_seen, other.first_seen]), default=None)
@@ -358,8 +350,7 @@ def state_from_seed(doc: dict) -> ClusterState:
     totals = Engagement()
     for s in sightings:
         g = Engagement.model_validate_json(s["engagement"])
-        totals = Engagement(likes=totals.likes + g.likes, reposts=totals.reposts + g.reposts,
-                            replies=totals.replies + g.replies, views=totals.views + g.views)
+        totals = totals + g
         if s["account_id"] not in accounts and len(accounts) < MAX_ACCOUNTS:
             accounts.append(s["account_id"])
         t = datetime.fromisoformat(s["posted_at"]).timestamp()

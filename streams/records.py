@@ -42,6 +42,10 @@ class Engagement(BaseModel):
     replies: int = Field(default=0, ge=0)
     views: int = Field(default=0, ge=0)
 
+    def __add__(self, other: "Engagement") -> "Engagement":
+        return Engagement(likes=self.likes + other.likes, reposts=self.reposts + other.reposts,
+                          replies=self.replies + other.replies, views=self.views + other.views)
+
     @property
     def total(self) -> int:
         # views dwarf everything else and are often estimated; keep them out of the sum

@@ -94,6 +94,19 @@ class Cluster:
         self.workers.append(w)
         return w
 
+    def wait_ready(self, timeout_s: float = 60.0) -> float:
+        """Wait until every worker has joined its group and recovered its
+        tables, so a replay measures the pipeline rather than process start.
+        Faust logs this as "Worker ready"; if a version stops saying so we
+        only lose the wait, not correctness. Returns seconds waited."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            self.check_workers()
+            if all("Worker ready" in w.log_path.read_text(errors="replace") for w in self.workers if not w.expected_exit):
+                break
+            time.sleep(0.1)
+        return time.monotonic() - started
+
     def check_workers(self) -> None:
         for w in self.workers:
             code = w.proc.poll()

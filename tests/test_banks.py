@@ -92,3 +92,44 @@ def test_evidence_fake_and_allow_list(tmp_path):
     assert "'afp-debunked' entry 1 'flooded-subway.jpg'" in fake.detail and "distance" in fake.detail
     [auth] = bank_evidence(store.match(_hashes(_picture(2))))
     assert auth.detector == "bank:verified" and auth.score < 0.1 and auth.data["suppress"] is True
+
+
+def test_crops_and_screenshots_of_banked_pictures_match(tmp_path):
+    store = BankStore(tmp_path / "b.sqlite")
+    store.add_images("afp-debunked", "fake", [_save(_picture(i), tmp_path / f"pic{i}.jpg") for i in range(3)])
+    img = _picture(2)
+    crop = img.crop((20, 15, 380, 285))  # 90% centre crop: the full-frame hash alone is ~10 bits off
+    m = store.match(_hashes(crop, 85))
+    assert [(x.entry_id, x.via) for x in m][:1] == [("3", "phash_view")]
+    framed = Image.new("RGB", (440, 400), (255, 255, 255))  # screenshot-style margins
+    framed.paste(img, (20, 40))
+    m = store.match(_hashes(framed, 85))
+    assert m and m[0].entry_id == "3" and m[0].via == "phash_view"
+    [ev] = bank_evidence(m)
+    assert "view" in ev.detail
+    assert all(x.entry_id == "3" for x in store.match(_hashes(crop, 85)))  # no other picture matched
+
+
+def test_bank_created_before_views_opens_and_matches(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE banks (name TEXT PRIMARY KEY, verdict TEXT NOT NULL);"
+        "CREATE TABLE entries (rowid INTEGER PRIMARY KEY AUTOINCREMENT, bank TEXT NOT NULL, entry_id TEXT NOT NULL,"
+        " label TEXT, phash TEXT, pdq TEXT, pdq_quality INTEGER, sha256 TEXT, UNIQUE (bank, entry_id));"
+    )
+    h = _hashes(_picture(4), 95)
+    db.execute("INSERT INTO banks VALUES ('old', 'fake')")
+    db.execute("INSERT INTO entries (bank, entry_id, phash, pdq, pdq_quality) VALUES ('old', '1', ?, ?, ?)", (h.phash, h.pdq, h.pdq_quality))
+    db.commit()
+    db.close()
+    store = BankStore(path)
+    assert [x.entry_id for x in store.match(_hashes(_picture(4), 50))] == ["1"]
+    # an old entry has no views, but a screenshot's trimmed view still reaches its pHash
+    framed = Image.new("RGB", (440, 400), (255, 255, 255))
+    framed.paste(_picture(4), (20, 40))
+    assert [x.via for x in store.match(_hashes(framed, 85))] == ["phash_view"]
+    store.add_images("old", "fake", [_save(_picture(5), tmp_path / "new.jpg")])
+    assert store.match(_hashes(_picture(5).crop((20, 15, 380, 285)), 85))[0].via == "phash_view"

@@ -82,3 +82,71 @@ def test_large_png_is_reduced_before_hashing():
 def test_hamming_hex():
     assert hamming_hex("00ff", "0f0f") == 8
     assert hamming_hex("ab" * 8, "ab" * 8) == 0
+
+
+def _framed(img: Image.Image) -> Image.Image:
+    """A phone-screenshot-style repost: white margins, a dark status bar, a line of text below."""
+    from PIL import ImageDraw
+
+    w, h = img.size
+    pad, top, bottom = w // 20, h // 8, h // 6
+    out = Image.new("RGB", (w + 2 * pad, h + top + bottom), (255, 255, 255))
+    ImageDraw.Draw(out).rectangle((0, 0, out.width, top // 2), fill=(20, 20, 30))
+    out.paste(img, (pad, top))
+    ImageDraw.Draw(out).text((pad, top + h + 8), "@someone  2h  1.2k reposts", fill=(60, 60, 60))
+    return out
+
+
+def test_full_box_view_matches_pil_phash():
+    # views resample with PIL's Lanczos weights in one matrix product: the
+    # whole-image "view" is the pHash itself, up to PIL's uint8 rounding
+    from detectors.hashing import view_phash
+
+    for seed in range(4):
+        img = _picture(seed, (256, 192))
+        grey = np.asarray(img.convert("L"), dtype=np.float64)
+        assert hamming_hex(view_phash(grey, (0, 0, 256, 192)), phash_pair(img)[0]) <= 2
+
+
+def test_views_present_and_old_records_still_parse():
+    h = compute_hashes(_jpeg(_picture(1)))
+    assert h.views is not None and len(h.views) == 2 and not h.trimmed  # 90% and 80% centre crops
+    assert all(len(v) == 16 for v in h.views)
+    old = ImageHashes.model_validate({"phash": h.phash, "pdq": h.pdq, "pdq_quality": h.pdq_quality})
+    assert old.views is None and old.trimmed is False
+    assert ImageHashes.model_validate_json(h.model_dump_json()) == h
+
+
+def test_crop_view_is_close_to_hash_of_the_crop():
+    img = _picture(2, (480, 360))
+    h = compute_hashes(_jpeg(img))
+    crop90 = compute_hashes(_jpeg(img.crop((24, 18, 456, 342))))
+    crop80 = compute_hashes(_jpeg(img.crop((48, 36, 432, 324))))
+    assert hamming_hex(crop90.phash, h.views[0]) <= 4
+    assert hamming_hex(crop80.phash, h.views[1]) <= 4
+
+
+def test_screenshot_border_is_trimmed():
+    from detectors.hashing import _small, content_box
+
+    img = _picture(5, (480, 360))
+    framed = _jpeg(_framed(img))
+    grey = np.asarray(_small(framed.thumbnail(128)).convert("L"), dtype=np.float64)
+    # the picture sits at (24, 45)-(504, 405) of 528 x 465; the thumbnail is half size
+    assert grey.shape == (233, 264)
+    x0, y0, x1, y1 = content_box(grey)
+    assert abs(x0 - 12) <= 1 and abs(y0 - 22.5) <= 1 and abs(x1 - 252) <= 1 and abs(y1 - 202.5) <= 1
+    for seed in (1, 3, 4):  # synthetic sinusoids are touchier than photos (bench: median 2 bits)
+        img = _picture(seed, (480, 360))
+        h = compute_hashes(_jpeg(img))
+        s = compute_hashes(_jpeg(_framed(img)))
+        assert s.trimmed and not h.trimmed
+        assert hamming_hex(s.phash, h.phash) > 12  # the frame moves the full-frame hash far away
+        assert hamming_hex(s.views[0], h.phash) <= 6  # the trimmed view is the picture again
+    # letterboxing: black bars on both sides
+    boxed = Image.new("RGB", (640, 360))
+    boxed.paste(img, (80, 0))
+    assert content_box(np.asarray(boxed.convert("L"), dtype=np.float64)) == (80, 0, 560, 360)
+    assert content_box(np.asarray(img.convert("L"), dtype=np.float64)) is None
+    flat = np.full((120, 160), 200.0)
+    assert content_box(flat) is None  # nothing but border: no content to trim to

@@ -26,11 +26,24 @@ def photos(shared_data: Path) -> list[Image.Image]:
     return [ImageData.from_path(f).thumbnail(384).copy() for f in files]
 
 
+def _screenshot(img: Image.Image) -> Image.Image:
+    w, h = img.size
+    pad, top, bottom = w // 20, h // 8, h // 6
+    out = Image.new("RGB", (w + 2 * pad, h + top + bottom), (255, 255, 255))
+    ImageDraw.Draw(out).rectangle((0, 0, out.width, top // 2), fill=(20, 20, 30))
+    out.paste(img, (pad, top))
+    ImageDraw.Draw(out).text((pad, top + h + 8), "@someone  2h  1.2k reposts", fill=(60, 60, 60))
+    return out
+
+
 def _variants(img: Image.Image) -> dict[str, Image.Image]:
     w, h = img.size
     captioned = img.copy()
     ImageDraw.Draw(captioned).text((10, h - 30), "BREAKING: look at this", fill=(255, 255, 255))
     return {
+        "crop80": img.crop((w // 10, h // 10, w - w // 10, h - h // 10)),
+        "screenshot": _screenshot(img),
+        "mirrored_crop90": ImageOps.mirror(img.crop((w // 20, h // 20, w - w // 20, h - h // 20))),
         "jpeg50": img,
         "half": img.resize((w // 2, h // 2)),
         "mirror": ImageOps.mirror(img),
@@ -48,23 +61,97 @@ def _h(img: Image.Image, q: int = 85) -> tuple[str, ImageHashes]:
 def test_variants_join_the_cluster_and_different_pictures_do_not(photos):
     index = ClusterIndex()
     founders = []
-    for img in photos:
+    picture: dict[str, int] = {}  # sha256 -> which photo
+    for i, img in enumerate(photos):
         sha, h = _h(img)
         a = index.assign(sha, h)
         assert a.new_cluster and a.cluster_id == cluster_id_for(sha)
         founders.append(a.cluster_id)
+        picture[sha] = i
     assert index.n_clusters == len(photos)
-    missed: dict[str, int] = {}
-    for cid, img in zip(founders, photos):
+    variants: list[tuple[int, str, str]] = []
+    for i, img in enumerate(photos):
         for name, v in _variants(img).items():
             sha, h = _h(v, 50 if name == "jpeg50" else 85)
-            a = index.assign(sha, h)
-            assert a.merged == [], name  # never glues two different pictures
-            if a.cluster_id != cid:
-                missed[name] = missed.get(name, 0) + 1
-    # crops are the weak spot of global DCT hashes (bench/neardup.py: ~60% at
-    # a 90% crop); everything else must join
-    assert set(missed) <= {"crop90"} and missed.get("crop90", 0) <= len(photos) // 2
+            picture[sha] = i
+            index.assign(sha, h)
+            variants.append((i, name, sha))
+    for c in {index.cluster_of(s) for s in picture}:  # never glues two different pictures
+        assert len({picture[m] for m in index.members(c)}) == 1
+    missed: dict[str, int] = {}
+    missed_photos: set[int] = set()
+    for i, name, sha in variants:  # clusters a missed variant founded may merge in later: final state
+        if index.cluster_of(sha) != index.cluster_of(next(s for s, j in picture.items() if j == i)):
+            missed[name] = missed.get(name, 0) + 1
+            missed_photos.add(i)
+    # with crop and trimmed-border views, crops and screenshots join too
+    # (bench/neardup.py: ~99% at a 90% crop, ~97% at 80%, ~98% screenshots);
+    # one of these 12 photos is a hard case whose crops/screenshot miss
+    assert len(missed_photos) <= 1, missed
+    assert not set(missed) & {"jpeg50", "half", "mirror", "caption", "brighter"}, missed
+
+
+def test_original_arriving_after_its_crop_or_screenshot_joins(photos):
+    # the reverse direction: the repost founds the cluster, the original comes later
+    for name in ("crop90", "crop80", "screenshot"):
+        index = ClusterIndex()
+        joined = 0
+        for img in photos:
+            sha_v, hv = _h(_variants(img)[name])
+            first = index.assign(sha_v, hv)
+            sha_o, ho = _h(img)
+            joined += index.assign(sha_o, ho).cluster_id == first.cluster_id
+        assert joined >= len(photos) - 1, name
+        assert index.n_clusters <= len(photos) + 1
+
+
+def test_unrelated_pictures_stay_apart_with_views(photos):
+    index = ClusterIndex()
+    picture: dict[str, int] = {}
+    for i, img in enumerate(photos):
+        for name in ("crop80", "screenshot", "jpeg50", "crop90"):
+            sha, h = _h(_variants(img)[name])
+            picture[sha] = i
+            index.assign(sha, h)
+    clusters = {index.cluster_of(s) for s in picture}
+    for c in clusters:  # views never glue two different photos
+        assert len({picture[m] for m in index.members(c)}) == 1
+    assert len(clusters) <= len(photos) + 1  # and almost every photo is one cluster
+
+
+def _viewed(phash: int, views: list[int], trimmed: bool = False) -> ImageHashes:
+    return ImageHashes(
+        phash=f"{phash:016x}", pdq="0" * 64, pdq_quality=0, views=[f"{v:016x}" for v in views], trimmed=trimmed
+    )
+
+
+def test_view_pairing_rules():
+    a, b, c, t = 0, 2**64 - 1, 0x00FF00FF00FF00FF, 0x0F0F0F0F0F0F0F0F  # pairwise >= 32 bits apart
+    index = ClusterIndex()  # view radius defaults to 8
+    index.assign(_sha(1), _viewed(a, [b, c]))  # an original with crop views b, c
+    # a crop of it (its full hash is the original's crop view): joins via the view
+    m = index.lookup(_sha(2), _viewed(_flip(b, range(3)), []))
+    assert [(x.distance, x.via) for x in m] == [(3, "phash_view")]
+    # 9 bits from the view: outside the view radius, though inside the full-frame one
+    assert index.lookup(_sha(2), _viewed(_flip(b, range(9)), [])) == []
+    # crop view against crop view never counts
+    assert index.lookup(_sha(3), _viewed(t, [b, c])) == []
+    # a screenshot whose trimmed view is the original
+    assert [x.via for x in index.lookup(_sha(4), _viewed(t, [a, b], trimmed=True))] == ["phash_view"]
+    # trimmed view against a crop view counts (screenshot of a crop)
+    assert [x.via for x in index.lookup(_sha(5), _viewed(t, [c, 12345], trimmed=True))] == ["phash_view"]
+
+
+def test_members_without_views_still_match_and_rebuild(photos):
+    # members rebuilt from stored pHash/PDQ only (no views): the full-frame rule
+    # still works, and an image's own views still reach their full hashes
+    index = ClusterIndex()
+    sha, h = _h(photos[0])
+    index.add("c0", sha, ImageHashes(phash=h.phash, pdq=h.pdq, pdq_quality=h.pdq_quality), representative=True)
+    assert index.lookup("x", _h(photos[0], 50)[1])[0].cluster_id == "c0"
+    assert index.lookup("y", _h(_screenshot(photos[0]))[1])[0].via == "phash_view"
+    index.remove_cluster("c0")
+    assert index.n_members == 0 and len(index._phash) == 0
 
 
 def test_exact_repeat_is_not_a_new_member(photos):

@@ -64,20 +64,20 @@ _VIA_ORDER: dict[str, int] = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror":
 # multi-index search probe 2-bit instead of 3-bit neighbourhoods (~7x fewer keys)
 VIEW_THRESHOLD = 8
 
-# pHash index slots per member: id = row * _SLOTS + slot
-_SLOTS = 4
+# pHash index slots per member: id = row * SLOTS + slot
+SLOTS = 4
 _FULL, _TRIM, _CROP0 = 0, 1, 2  # crops take slots 2, 3
 _Q_FULL, _Q_MIRROR = -1, -2  # query-side kinds besides the view slots
 
 
-def view_slots(h: ImageHashes) -> list[tuple[int, str]]:
-    """(slot, pHash) of the views an ``ImageHashes`` carries, in index slots."""
-    views = h.views or []
+def view_slots(views: list[str] | None, trimmed: bool) -> list[tuple[int, str]]:
+    """(slot, pHash) of an image's views (``ImageHashes.views``/``trimmed``), in index slots."""
+    views = views or []
     out: list[tuple[int, str]] = []
-    if h.trimmed and views:
+    if trimmed and views:
         out.append((_TRIM, views[0]))
         views = views[1:]
-    out.extend((_CROP0 + i, v) for i, v in enumerate(views[: _SLOTS - _CROP0]))
+    out.extend((_CROP0 + i, v) for i, v in enumerate(views[: SLOTS - _CROP0]))
     return out
 
 
@@ -92,11 +92,52 @@ def _view_codes(h: ImageHashes) -> list[tuple[int, str]]:
     out = [(_Q_FULL, h.phash)]
     if h.phash_mirror:
         out.append((_Q_MIRROR, h.phash_mirror))
-    return out + view_slots(h)
+    return out + view_slots(h.views, h.trimmed)
 
 
 def _stored_codes(h: ImageHashes) -> list[tuple[int, str]]:
-    return [(_FULL, h.phash)] + view_slots(h)
+    return [(_FULL, h.phash)] + view_slots(h.views, h.trimmed)
+
+
+def stored_phash_codes(phash: str, views: list[str] | None, trimmed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(slots, codes) to index for one member: its pHash and its views. The
+    index id of each is ``key * SLOTS + slot``; ``search_phash`` undoes it."""
+    codes = [(_FULL, phash)] + view_slots(views, trimmed)
+    return np.array([c[0] for c in codes], dtype=np.int64), HammingIndex.codes_from_hex([c[1] for c in codes], 64)
+
+
+def search_phash(
+    index: HammingIndex, h: ImageHashes, phash_threshold: int, view_threshold: int
+) -> list[tuple[int, int, Via]]:
+    """(key, distance, via) of every indexed pHash code (full hashes and views,
+    stored by ``stored_phash_codes``) that ``h`` matches under the pairing rule.
+
+    Full/mirror pHash are searched against everything at the wider radius,
+    then the image's views at the view radius (when tighter, a separate search
+    probes far fewer multi-index buckets); rule and radii are applied per hit."""
+    if not len(index):
+        return []
+    out: list[tuple[int, int, Via]] = []
+    codes = _view_codes(h)
+    split = 2 if view_threshold < phash_threshold else len(codes)
+    for lo, hi, r in ((0, split, max(phash_threshold, view_threshold)), (split, len(codes), view_threshold)):
+        if lo >= hi:
+            continue
+        kinds = [k for k, _ in codes[lo:hi]]
+        qi, ids, dist = index.search(HammingIndex.codes_from_hex([c for _, c in codes[lo:hi]], 64), r)
+        for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
+            key, slot = divmod(i, SLOTS)
+            qk = kinds[q]
+            if qk in (_Q_FULL, _Q_MIRROR) and slot == _FULL:
+                if d > phash_threshold:
+                    continue
+                via: Via = "phash" if qk == _Q_FULL else "phash_mirror"
+            elif d > view_threshold or not _pair_allowed(qk, slot):
+                continue
+            else:
+                via = "phash_view"
+            out.append((key, int(d), via))
+    return out
 
 
 def _phash_pairs(
@@ -250,32 +291,9 @@ class ClusterIndex:
 
     def _hash_matches(self, h: ImageHashes) -> list[Match]:
         out: list[Match] = []
-        if len(self._phash):
-            # full/mirror pHash against every indexed code (full hashes and
-            # views), then the image's views against them at the view radius
-            # (when tighter, a separate search probes far fewer MIH buckets);
-            # the pairing rule and radii are applied per hit
-            codes = _view_codes(h)
-            radius = max(self.phash_threshold, self.view_threshold)
-            split = 2 if self.view_threshold < self.phash_threshold else len(codes)
-            for lo, hi, r in ((0, split, radius), (split, len(codes), self.view_threshold)):
-                if lo >= hi:
-                    continue
-                kinds = [k for k, _ in codes[lo:hi]]
-                qi, ids, dist = self._phash.search(HammingIndex.codes_from_hex([c for _, c in codes[lo:hi]], 64), r)
-                for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
-                    row, slot = divmod(i, _SLOTS)
-                    qk = kinds[q]
-                    if qk in (_Q_FULL, _Q_MIRROR) and slot == _FULL:
-                        if d > self.phash_threshold:
-                            continue
-                        via: Via = "phash" if qk == _Q_FULL else "phash_mirror"
-                    elif d > self.view_threshold or not _pair_allowed(qk, slot):
-                        continue
-                    else:
-                        via = "phash_view"
-                    sha = self._row_member[row]
-                    out.append(Match(cluster_id=self._member_cluster[sha], distance=int(d), via=via))
+        for row, d, via in search_phash(self._phash, h, self.phash_threshold, self.view_threshold):
+            sha = self._row_member[row]
+            out.append(Match(cluster_id=self._member_cluster[sha], distance=d, via=via))
         for index, vias, codes, radius in self._queries(h):
             if not len(index):
                 continue
@@ -346,7 +364,7 @@ class ClusterIndex:
         if sha256 in self._member_cluster:
             return
         c = self._clusters.setdefault(cluster_id, _Cluster())
-        views = view_slots(hashes)
+        views = view_slots(hashes.views, hashes.trimmed)
         rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views)
         if representative:
             c.reps.append(rep)
@@ -359,11 +377,8 @@ class ClusterIndex:
         self._member_cluster[sha256] = cluster_id
         self._member_row[sha256] = row
         self._row_member[row] = sha256
-        codes = [(_FULL, hashes.phash)] + views
-        self._phash.add(
-            np.array([row * _SLOTS + s for s, _ in codes], dtype=np.int64),
-            HammingIndex.codes_from_hex([c for _, c in codes], 64),
-        )
+        slots, codes = stored_phash_codes(hashes.phash, hashes.views, hashes.trimmed)
+        self._phash.add(row * SLOTS + slots, codes)
         ids = np.array([row], dtype=np.int64)
         if hashes.pdq_quality >= self.pdq_min_quality:
             self._pdq.add(ids, HammingIndex.codes_from_hex([hashes.pdq], 256))
@@ -410,7 +425,7 @@ class ClusterIndex:
                 rows.append(row)
         if rows:
             ids = np.asarray(rows, dtype=np.int64)
-            self._phash.remove((ids[:, None] * _SLOTS + np.arange(_SLOTS)[None, :]).reshape(-1))
+            self._phash.remove((ids[:, None] * SLOTS + np.arange(SLOTS)[None, :]).reshape(-1))
             self._pdq.remove(ids)
 
 

@@ -34,6 +34,8 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         if settings.detect.models:
             cluster.start_worker("detect")
         lines = sum(1 for _ in open(feed, "rb") if _.strip())
+        startup = cluster.wait_ready()
+        err.print(f"[dim]workers ready after {startup:.1f}s[/]")
         live = None
         if live_table:
             from streams.cli.query import cluster_table

@@ -24,7 +24,9 @@ def _store(data_dir: Optional[Path], config: Optional[Path]):
 
 def cluster_table(clusters: list[dict], title: str = "Image clusters") -> Table:
     t = Table(title=title, expand=True)
-    for col, kw in (("cluster", {}), ("fake", {"justify": "right"}), ("verdict", {}), ("evidence", {"ratio": 3}),
+    for col, kw in (("cluster", {"no_wrap": True, "min_width": 16}), ("fake", {"justify": "right"}),
+                    ("verdict", {"no_wrap": True}),
+                    ("evidence", {"ratio": 1, "no_wrap": True, "overflow": "ellipsis"}),
                     ("sightings", {"justify": "right"}), ("accounts", {"justify": "right"}),
                     ("5m", {"justify": "right"}), ("images", {"justify": "right"}), ("alert", {})):
         t.add_column(col, **kw)
