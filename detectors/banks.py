@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel
 
-from detectors.base import Evidence
+from detectors.base import Detector, Evidence
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import ImageData
 from detectors.neardup.clusters import SLOTS, VIEW_THRESHOLD, Via, search_phash, stored_phash_codes
@@ -310,3 +310,18 @@ def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:
             )
         )
     return out
+
+
+class BankMatcher(Detector):
+    """Bank matches as a detector, for callers that analyse single files
+    (``deepwatch detect``); the stream attaches bank evidence in its analyze
+    stage from hashes it has already computed."""
+
+    name = "banks"
+    cost = "cheap"
+
+    def __init__(self, store: BankStore):
+        self.store = store
+
+    def analyze(self, image: ImageData) -> list[Evidence]:
+        return bank_evidence(self.store.match(compute_hashes(image)))

@@ -29,7 +29,7 @@ from streams.blobstore import DirectoryBlobStore
 from streams.broker import TopicSpec
 from streams.clustering import ClusterEngine, ClusterState, state_from_seed
 from streams.fetch import FetchError, ImageFetcher
-from streams.records import ClusterOp, DeadLetter, Member, SourceRef
+from streams.records import ClusterOp, DeadLetter, SourceRef
 from streams.settings import Settings
 from streams.tansu_compat import SESSION_TIMEOUT_S
 from streams.validate import InvalidEvent, parse_event
@@ -168,9 +168,8 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
             return ClusterState.loads(raw)
         if cluster_id in state["seeded"]:
             return state["seeded"][cluster_id]
-        # Evicted (or never in this table): the findings store has its last state.
-        seeds = store.cluster_seeds([cluster_id])
-        return state_from_seed(seeds[0]) if seeds else None
+        archived = store.archived_state(cluster_id)  # evicted earlier: its exact state
+        return ClusterState.loads(archived) if archived else None
 
     def engine() -> ClusterEngine:
         if state["engine"] is None or state["stale"]:
@@ -183,16 +182,14 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
                 states = [state_from_seed(doc) for doc in store.cluster_seeds()]
                 state["seeded"] = {s.cluster_id: s for s in states}
             eng.rebuild(states)
-            # Clusters the store has but the table does not were evicted
-            # earlier: only their hashes come back, into the cold index.
+            # Clusters archived but not in the table were evicted earlier:
+            # only their hashes come back, into the cold index.
             hot = {s.cluster_id for s in states}
-            cold: dict[str, list] = {}
-            for row in store.iter_members():
-                if row.cluster_id not in hot:
-                    cold.setdefault(row.cluster_id, []).append(
-                        Member(sha256=row.sha256, phash=row.phash, pdq=row.pdq, pdq_quality=row.pdq_quality, event_id=""))
-            for cid, members in cold.items():
-                eng.add_cold(cid, members)
+            for cid, raw in store.archived_states():
+                if cid not in hot:
+                    archived = ClusterState.loads(raw)
+                    if archived.merged_into is None:
+                        eng.add_cold(cid, archived.members)
             state["engine"], state["stale"] = eng, False
             log.info("cluster index rebuilt", extra={"clusters": eng.index.n_clusters, "seeded": len(state["seeded"])})
         return state["engine"]
@@ -214,7 +211,14 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
                 table[cid.encode()] = st.dumps()
                 state["seeded"].pop(cid, None)
             if engine().evict_due():
-                for cid in engine().evict(get_state):
+                evicted = engine().evict(get_state)
+                archive = {cid: st.dumps() for cid in evicted if (st := get_state(cid)) is not None}
+                if archive:
+                    # Archive first, then tombstone: a crash in between leaves
+                    # the state in both places, never in neither. Inline (not a
+                    # thread): this connection is the agent's own, and sweeps are rare.
+                    store.archive_states(archive)
+                for cid in evicted:
                     if table.get(cid.encode()):
                         del table[cid.encode()]
                     state["seeded"].pop(cid, None)

@@ -43,6 +43,9 @@ class FindingsStore(Protocol):
     def dead_letters(self) -> list[dict[str, Any]]: ...
     def processed_offsets(self, topic: str) -> set[tuple[int, int]]: ...
     def iter_members(self) -> Iterator[MemberRow]: ...
+    def archive_states(self, states: dict[str, bytes]) -> None: ...
+    def archived_state(self, cluster_id: str) -> bytes | None: ...
+    def archived_states(self) -> Iterator[tuple[str, bytes]]: ...
     def close(self) -> None: ...
 
 
@@ -108,6 +111,11 @@ CREATE TABLE IF NOT EXISTS alerts (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alerts_cluster ON alerts(cluster_id);
+CREATE TABLE IF NOT EXISTS cluster_states (
+    cluster_id TEXT PRIMARY KEY,
+    state BLOB NOT NULL,
+    archived_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now'))
+);
 CREATE TABLE IF NOT EXISTS deliveries (
     alert_id TEXT NOT NULL, target TEXT NOT NULL, status TEXT NOT NULL,
     at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
@@ -388,6 +396,26 @@ class SqliteFindingsStore:
         roots = self._roots()
         for cid, sha, ph, pdq, q in self._db.execute("SELECT cluster_id, sha256, phash, pdq, pdq_quality FROM members"):
             yield MemberRow(roots.get(cid, cid), sha, ph, pdq, q)
+
+    # -- the cluster engine's cold tier ----------------------------------------
+    # Evicted clusters' exact stream state, written synchronously by the
+    # cluster agent before it drops them from its table: the snapshot sink
+    # runs behind the stream, so the findings alone could be stale.
+    def archive_states(self, states: dict[str, bytes]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                """INSERT INTO cluster_states (cluster_id, state) VALUES (?, ?)
+                   ON CONFLICT(cluster_id) DO UPDATE SET state=excluded.state,
+                   archived_at=strftime('%Y-%m-%dT%H:%M:%fZ','now')""",
+                list(states.items()),
+            )
+
+    def archived_state(self, cluster_id: str) -> bytes | None:
+        row = self._db.execute("SELECT state FROM cluster_states WHERE cluster_id=?", (cluster_id,)).fetchone()
+        return row[0] if row else None
+
+    def archived_states(self) -> Iterator[tuple[str, bytes]]:
+        yield from self._db.execute("SELECT cluster_id, state FROM cluster_states")
 
     def sighting_times(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))

@@ -150,3 +150,13 @@ def test_screenshot_border_is_trimmed():
     assert content_box(np.asarray(img.convert("L"), dtype=np.float64)) is None
     flat = np.full((120, 160), 200.0)
     assert content_box(flat) is None  # nothing but border: no content to trim to
+
+
+def test_pdq_pair_is_bit_identical_to_compute_dihedral():
+    from detectors.hashing import pdq_pair
+
+    for seed in range(6):
+        img = _picture(seed, (256, 192))
+        hashes, quality = pdqhash.compute_dihedral(np.asarray(img))
+        bits = lambda b: np.packbits(b.astype(np.uint8)).tobytes().hex()  # noqa: E731
+        assert pdq_pair(img) == (bits(hashes[0]), bits(hashes[5]), int(quality))

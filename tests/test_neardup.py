@@ -287,3 +287,19 @@ def test_hamming_index_is_exact_through_inserts_deletes_and_compaction(nbits, ra
     bq, bi = np.nonzero((brute <= radius) & alive)
     assert set(zip(qi.tolist(), ids.tolist())) == set(zip(bq.tolist(), bi.tolist()))
     assert (d == brute[qi, ids]).all()
+
+
+def test_hamming_index_per_query_radius_is_exact():
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 2**63, (5000, 1), dtype=np.uint64)
+    queries = codes[:30].copy()
+    for i in range(30):
+        for b in rng.choice(64, i % 13, replace=False):
+            queries[i, 0] ^= np.uint64(1 << int(b))
+    radii = np.array([10, 8, 5] * 10)
+    index = HammingIndex(64, delta_max=1500, mih_min=2000)
+    index.add(np.arange(5000), codes)
+    qi, ids, d = index.search(queries, radii)
+    brute = np.bitwise_count(queries[:, None, 0] ^ codes[None, :, 0])
+    bq, bi = np.nonzero(brute <= radii[:, None])
+    assert set(zip(qi.tolist(), ids.tolist())) == set(zip(bq.tolist(), bi.tolist()))

@@ -13,22 +13,12 @@ import pytest
 
 from streams import runner
 from streams.demo_feed import build_feed
-from streams.ingest import iter_lines, produce_feed
+from streams.ingest import produce_feed
 from streams.settings import Settings
 from streams.store import open_store
+from tests.support import split_feed
 
 pytestmark = pytest.mark.slow
-
-
-def split_feed(feed: Path, parts: int) -> list[Path]:
-    lines = list(iter_lines(feed))
-    step = -(-len(lines) // parts)
-    out = []
-    for i in range(parts):
-        p = feed.with_name(f"part{i}.jsonl")
-        p.write_bytes(b"\n".join(lines[i * step:(i + 1) * step]) + b"\n")
-        out.append(p)
-    return out
 
 
 def settings_for(tmp_path: Path, feed: Path) -> Settings:

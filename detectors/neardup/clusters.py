@@ -110,33 +110,29 @@ def search_phash(
     index: HammingIndex, h: ImageHashes, phash_threshold: int, view_threshold: int
 ) -> list[tuple[int, int, Via]]:
     """(key, distance, via) of every indexed pHash code (full hashes and views,
-    stored by ``stored_phash_codes``) that ``h`` matches under the pairing rule.
-
-    Full/mirror pHash are searched against everything at the wider radius,
-    then the image's views at the view radius (when tighter, a separate search
-    probes far fewer multi-index buckets); rule and radii are applied per hit."""
+    stored by ``stored_phash_codes``) that ``h`` matches under the pairing rule."""
     if not len(index):
         return []
     out: list[tuple[int, int, Via]] = []
     codes = _view_codes(h)
-    split = 2 if view_threshold < phash_threshold else len(codes)
-    for lo, hi, r in ((0, split, max(phash_threshold, view_threshold)), (split, len(codes), view_threshold)):
-        if lo >= hi:
-            continue
-        kinds = [k for k, _ in codes[lo:hi]]
-        qi, ids, dist = index.search(HammingIndex.codes_from_hex([c for _, c in codes[lo:hi]], 64), r)
-        for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
-            key, slot = divmod(i, SLOTS)
-            qk = kinds[q]
-            if qk in (_Q_FULL, _Q_MIRROR) and slot == _FULL:
-                if d > phash_threshold:
-                    continue
-                via: Via = "phash" if qk == _Q_FULL else "phash_mirror"
-            elif d > view_threshold or not _pair_allowed(qk, slot):
+    kinds = [k for k, _ in codes]
+    # one batched search: full/mirror at the wider radius (they may hit full
+    # hashes or views), the image's views at the view radius, which probes far
+    # fewer multi-index buckets when tighter; rule and radii applied per hit
+    radii = np.array([max(phash_threshold, view_threshold) if k in (_Q_FULL, _Q_MIRROR) else view_threshold for k in kinds])
+    qi, ids, dist = index.search(HammingIndex.codes_from_hex([c for _, c in codes], 64), radii)
+    for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
+        key, slot = divmod(i, SLOTS)
+        qk = kinds[q]
+        if qk in (_Q_FULL, _Q_MIRROR) and slot == _FULL:
+            if d > phash_threshold:
                 continue
-            else:
-                via = "phash_view"
-            out.append((key, int(d), via))
+            via: Via = "phash" if qk == _Q_FULL else "phash_mirror"
+        elif d > view_threshold or not _pair_allowed(qk, slot):
+            continue
+        else:
+            via = "phash_view"
+        out.append((key, int(d), via))
     return out
 
 

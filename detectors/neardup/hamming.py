@@ -140,12 +140,16 @@ class HammingIndex:
             self._tables.append((offsets, perm, self._codes[perm]))
 
     # ---------------------------------------------------------------- search
-    def search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All (query row, id, distance) with distance <= radius, unordered."""
+    def search(self, queries: np.ndarray, radius: int | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All (query row, id, distance) with distance <= radius, unordered.
+        ``radius`` is one int or one per query (a batch mixing radii costs
+        one pass, and each query probes only its own neighbourhood)."""
         queries = np.asarray(queries, dtype=np.uint64).reshape(-1, self.words)
+        radii = np.broadcast_to(np.asarray(radius, dtype=np.int64), (len(queries),))
         out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for lo in range(0, len(queries), self.chunk):
             q = queries[lo : lo + self.chunk]
+            radius = radii[lo : lo + self.chunk]
             if self._main_n:
                 hq, hr, hd = self._mih_search(q, radius, lo)
                 # a row close on several substrings was a candidate in several tables
@@ -160,7 +164,7 @@ class HammingIndex:
         qi, rows, d = (np.concatenate(x) for x in zip(*out))
         return qi, self._ids[rows], d
 
-    def _scan(self, q: np.ndarray, radius: int, start: int, end: int, q_offset: int):
+    def _scan(self, q: np.ndarray, radius: np.ndarray, start: int, end: int, q_offset: int):
         codes = self._codes[start:end]
         alive = self._alive[start:end]
         hits_q, hits_r, hits_d = [], [], []
@@ -172,7 +176,7 @@ class HammingIndex:
                 d = np.bitwise_count(qq[:, :1] ^ codes[None, :, 0])
             else:
                 d = np.bitwise_count(qq[:, None, :] ^ codes[None, :, :]).sum(axis=2, dtype=np.int16)
-            hit = d <= radius
+            hit = d <= radius[b : b + block, None]
             if not all_alive:
                 hit &= alive[None, :]
             if not hit.any():  # the usual case: skip the (slow) 2-D nonzero
@@ -186,19 +190,28 @@ class HammingIndex:
             return e, e, e
         return np.concatenate(hits_q), np.concatenate(hits_r).astype(np.int64), np.concatenate(hits_d)
 
-    def _mih_search(self, q: np.ndarray, radius: int, q_offset: int):
+    def _mih_search(self, q: np.ndarray, radius: np.ndarray, q_offset: int):
         assert self._layout is not None
-        sub_r = radius // len(self._layout)
-        if any(_n_masks(bits, sub_r) > _MAX_PROBES for _, _, bits in self._layout):
+        sub = radius // len(self._layout)
+        levels = np.unique(sub).tolist()
+        if any(_n_masks(bits, levels[-1]) > _MAX_PROBES for _, _, bits in self._layout):
             # a radius this wide probes more keys than there are rows: scan instead
             return self._scan(q, radius, 0, self._main_n, q_offset)
+        groups = [(np.flatnonzero(sub == s) if len(levels) > 1 else None, s) for s in levels]
         hq, hr, hd = [], [], []
         for (w, shift, bits), (offsets, perm, sorted_codes) in zip(self._layout, self._tables):
-            masks = self._masks.get((bits, sub_r))
-            if masks is None:
-                masks = self._masks[(bits, sub_r)] = _flip_masks(bits, sub_r)
             qkey = ((q[:, w] >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
-            probes = (qkey[:, None] ^ masks[None, :]).reshape(-1)
+            probe_parts, owner_parts = [], []
+            for members, s in groups:  # each query probes the keys within its own sub-radius
+                masks = self._masks.get((bits, s))
+                if masks is None:
+                    masks = self._masks[(bits, s)] = _flip_masks(bits, s)
+                keys = qkey if members is None else qkey[members]
+                probe_parts.append((keys[:, None] ^ masks[None, :]).reshape(-1))
+                who = np.arange(len(q)) if members is None else members
+                owner_parts.append(np.repeat(who, len(masks)))
+            probes = probe_parts[0] if len(groups) == 1 else np.concatenate(probe_parts)
+            probe_owner = owner_parts[0] if len(groups) == 1 else np.concatenate(owner_parts)
             starts = offsets[probes].astype(np.int64)
             lens = offsets[probes + 1] - starts
             nz = lens > 0
@@ -207,11 +220,11 @@ class HammingIndex:
             if not total:
                 continue
             # expand every [start, start+len) range into positions without a Python loop
-            owner = np.repeat(np.flatnonzero(nz) // len(masks), lens)
+            owner = np.repeat(probe_owner[nz], lens)
             run_start = np.repeat(np.cumsum(lens) - lens, lens)
             pos = np.repeat(starts, lens) + (np.arange(total) - run_start)
             d = np.bitwise_count(q[owner] ^ sorted_codes[pos]).sum(axis=1, dtype=np.int64)
-            ok = np.flatnonzero(d <= radius)
+            ok = np.flatnonzero(d <= radius[owner])
             rows = perm[pos[ok]].astype(np.int64)
             alive = self._alive[rows]
             hq.append(owner[ok][alive] + q_offset)

@@ -141,6 +141,11 @@ def detect(
         None, "--model-dir", help="Directory holding model weights (default: the configured model directory)."
     ),
     device: str = typer.Option("auto", "--device", help="Device for learned models: auto, cpu, cuda, cuda:N or mps."),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", "-d",
+        help="Also match against the banks of known fakes / authentic pictures kept here (`deepwatch bank add`); "
+             "default: the configured data directory, when it has banks.",
+    ),
 ) -> None:
     """Score image files for AI generation/manipulation with the cheap detectors
     (C2PA, XMP, generator metadata, stealth metadata, invisible watermark) and
@@ -153,7 +158,7 @@ def detect(
     if not files:
         err.print("[red]no image files found[/] in the given paths")
         raise typer.Exit(2)
-    settings = load_settings()
+    settings = load_settings(data_dir=data_dir)
     limits = DecodeLimits(
         max_pixels=settings.decode.max_pixels,
         max_dimension=settings.decode.max_dimension,
@@ -162,6 +167,13 @@ def detect(
     detectors = create_all(cost="cheap", names=settings.detect.cheap)
     if model:
         detectors += load_model_detectors(model, model_dir or settings.model_dir, device)
+    banks_path = Path(settings.data_dir) / "banks.sqlite"
+    if banks_path.exists():
+        from detectors.banks import BankMatcher, BankStore
+
+        d = settings.dedupe
+        detectors.append(BankMatcher(BankStore(
+            banks_path, phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold, pdq_min_quality=d.pdq_min_quality)))
 
     results: list[dict[str, Any]] = []
     with Progress(
