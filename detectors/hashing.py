@@ -24,9 +24,12 @@ detected screenshot frame / letterbox / padding (``content_box``) and of 90%
 and 80% centre crops, each one small matrix product (see ``view_hashes``);
 ``detectors.neardup`` indexes them next to the pHash.
 
-The pHash is bit-compatible with ``imagehash.phash`` (grey, 32x32 Lanczos,
-type-II DCT, 8x8 low frequencies > their median, same bit order), checked in
-tests, so hashes exchanged with other tools stay comparable.
+``phash_pair`` is bit-compatible with ``imagehash.phash`` (grey, 32x32
+Lanczos, type-II DCT, 8x8 low frequencies > their median, same bit order),
+checked in tests; ``hashes_of`` computes the same hash with PIL's resampling
+weights in one float matrix product (no uint8 rounding between passes: equal
+on ~94% of pictures, 2 bits off on the rest), so hashes exchanged with other
+tools stay comparable.
 """
 
 from __future__ import annotations
@@ -111,11 +114,20 @@ def pdq_pair(image: Image.Image) -> tuple[str, str, int]:
 
 
 def hashes_of(image: Image.Image) -> ImageHashes:
-    """Hashes of an already decoded RGB image (e.g. a thumbnail)."""
-    grey = image.convert("L")
-    phash, phash_m = _phash_pair_grey(grey)
+    """Hashes of an already decoded RGB image (e.g. a thumbnail).
+
+    The pHash here is the whole-image *view* (PIL's Lanczos weights and the DCT
+    folded into two small matrices, see ``view_phash``): the same as
+    ``phash_pair`` up to PIL's uint8 rounding between its two resize passes --
+    identical on ~94% of the bench's pictures, 2 bits off on the rest -- for a
+    fifth of the cost, and exactly consistent with the crop views."""
+    grey = np.asarray(image.convert("L"), dtype=np.float64)
+    h, w = grey.shape
+    low = _dct_resample(h, 0.0, float(h)) @ grey @ _dct_resample(w, 0.0, float(w)).T
+    mirrored = low * _ODD_COLS
+    phash, phash_m = _bits_hex(low > _median(low)), _bits_hex(mirrored > _median(mirrored))
     pdq, pdq_m, quality = pdq_pair(image)
-    views, trimmed = view_hashes(np.asarray(grey, dtype=np.float64))
+    views, trimmed = view_hashes(grey)
     return ImageHashes(
         phash=phash, pdq=pdq, pdq_quality=quality, phash_mirror=phash_m, pdq_mirror=pdq_m, views=views, trimmed=trimmed
     )

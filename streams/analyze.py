@@ -95,8 +95,12 @@ class Analyzer:
             log.exception("bank match failed", extra={"sha256": sha256})
             return []
 
+    # Bump when hashes or cheap detectors change what they compute, so cached
+    # analyses of old images are recomputed rather than reused.
+    CACHE_VERSION = 2
+
     def _cache_path(self, sha256: str) -> Path:
-        return self._cache_dir / f"{sha256}.json"
+        return self._cache_dir / f"{sha256}.v{self.CACHE_VERSION}.json"
 
     def _load_cache(self, sha256: str) -> tuple[ImageHashes, list[Evidence]] | None:
         path = self._cache_path(sha256)

@@ -94,10 +94,7 @@ Getter = Callable[[str], ClusterState | None]
 class ClusterEngine:
     def __init__(self, settings: Settings):
         self.settings = settings
-        d = settings.dedupe
-        self.index = ClusterIndex(
-            phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold, pdq_min_quality=d.pdq_min_quality
-        )
+        self.index = self._new_index()
         self.models_enabled = bool(settings.detect.models)
         self.cold = self._new_index()  # hashes of evicted clusters only: 8-40 bytes a member, not their state
         self.max_event_time = 0.0
@@ -106,7 +103,8 @@ class ClusterEngine:
     def _new_index(self) -> ClusterIndex:
         d = self.settings.dedupe
         return ClusterIndex(
-            phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold, pdq_min_quality=d.pdq_min_quality
+            phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold, pdq_min_quality=d.pdq_min_quality,
+            view_threshold=d.view_threshold,
         )
 
     # -- eviction -----------------------------------------------------------
@@ -193,6 +191,7 @@ class ClusterEngine:
                 sha256=s.sha256, phash=s.hashes.phash, pdq=s.hashes.pdq, pdq_quality=s.hashes.pdq_quality,
                 event_id=s.event.event_id, width=s.width, height=s.height, format=s.format,
                 distance=assignment.distance, representative=assignment.new_cluster,
+                views=s.hashes.views, trimmed=s.hashes.trimmed,
             ))
             known = {(e.detector, e.sha256) for e in state.evidence}
             state.evidence.extend(e for e in s.evidence if (e.detector, e.sha256) not in known)
@@ -387,4 +386,4 @@ def _resolve(get: Getter, cluster_id: str) -> ClusterState | None:
 def _member_hashes(m: Member):
     from detectors.hashing import ImageHashes
 
-    return ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality)
+    return ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality, views=m.views, trimmed=m.trimmed)

@@ -24,8 +24,20 @@ MAX_MESSAGE_BYTES = 1_000_000  # Kafka's default max.message.bytes
 @dataclass
 class Produced:
     offsets: set[tuple[int, int]] = field(default_factory=set)  # (partition, offset) on the events topic
+    lines_at: dict[tuple[int, int], bytes] = field(default_factory=dict)  # what was sent there, for resends
     refused: int = 0
     lines: int = 0
+
+
+def resend(lines: list[bytes], bootstrap: str, settings: Settings) -> Produced:
+    """Produce these lines again (same keys, so same partitions). Safe because
+    every stage is idempotent on the event id."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("wb", suffix=".jsonl") as f:
+        f.write(b"\n".join(lines) + b"\n")
+        f.flush()
+        return produce_feed(Path(f.name), bootstrap, settings)
 
 
 def iter_lines(feed: Path) -> Iterator[bytes]:
@@ -63,13 +75,14 @@ def produce_feed(feed: Path, bootstrap: str, settings: Settings, progress: Calla
                 producer.send(settings.topic("dead-letters"), key=key, value=dl.dumps())
                 out.refused += 1
             else:
-                futures.append(producer.send(settings.topic("events"), key=key, value=line))
+                futures.append((line, producer.send(settings.topic("events"), key=key, value=line)))
             if progress:
                 progress(1)
         producer.flush()
-        for f in futures:
+        for line, f in futures:
             md = f.get(timeout=30)
             out.offsets.add((md.partition, md.offset))
+            out.lines_at[(md.partition, md.offset)] = line
     finally:
         producer.close()
     return out

@@ -167,6 +167,8 @@ class Member(BaseModel):
     format: str = ""
     distance: int | None = None  # distance to the cluster representative when it joined
     representative: bool = False  # founded its cluster: the bound against chaining is measured from here
+    views: list[str] | None = None  # pHashes of crop/trimmed views, so rebuilt indexes still match crops
+    trimmed: bool = False
 
 
 class Velocity(BaseModel):

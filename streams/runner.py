@@ -8,6 +8,7 @@ tests, so all three exercise exactly the same processes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,7 +22,10 @@ from typing import Callable
 from streams.app import topic_specs
 from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics, free_port
 from streams.settings import Settings
+from streams.ingest import Produced
 from streams.store import open_store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -155,20 +159,43 @@ class ReplaySummary:
 def wait_until_processed(
     cluster: Cluster, offsets: set[tuple[int, int]], *, timeout_s: float,
     on_progress: Callable[[int], None] | None = None, models: bool = False,
+    produced: Produced | None = None, stall_s: float = 20.0,
 ) -> bool:
     """True once every produced event is a sighting or a dead letter in the
-    store, and the derived work (alerts, model results) has landed too."""
+    store, and the derived work (alerts, model results) has landed too.
+
+    With ``produced`` given, events still missing after ``stall_s`` without
+    any progress are sent again, once. Faust's recovery/seek sequencing can,
+    rarely, skip a record fetched while a worker starts or rebalances
+    (faust-streaming #216/#221 family); every stage is idempotent on the
+    event id, so a resend costs nothing and keeps "every event is processed
+    or dead-lettered" true."""
+    from streams.ingest import resend
+
     store = open_store(cluster.settings.data_dir)
     topic = cluster.settings.topic("events")
     deadline = time.monotonic() + timeout_s
-    last = -1
+    last, last_change = -1, time.monotonic()
+    pending_resend: dict[tuple[int, int], set[tuple[int, int]]] = {}  # original -> its resend offsets
     try:
         while time.monotonic() < deadline:
             cluster.check_workers()
-            done = len(offsets & store.processed_offsets(topic))
+            seen = store.processed_offsets(topic)
+            done_set = {o for o in offsets if o in seen or (pending_resend.get(o, set()) & seen)}
+            done = len(done_set)
             if on_progress and done != last:
                 on_progress(done)
-                last = done
+            if done != last:
+                last, last_change = done, time.monotonic()
+            if produced is not None and done < len(offsets) and time.monotonic() - last_change > stall_s:
+                missing = sorted(o for o in offsets - done_set if o not in pending_resend)
+                if missing:
+                    log.warning("events unprocessed without progress; resending them (idempotent)",
+                                extra={"count": len(missing), "offsets": missing[:20]})
+                    again = resend([produced.lines_at[o] for o in missing], cluster.bootstrap, cluster.settings)
+                    for o in missing:
+                        pending_resend[o] = {po for po, line in again.lines_at.items() if line == produced.lines_at[o]}
+                    last_change = time.monotonic()
             if done == len(offsets):
                 pending = store.pending_work()
                 if pending["alerts"] == 0 and (not models or pending["models"] == 0):

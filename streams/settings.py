@@ -40,6 +40,7 @@ class DedupeSettings(BaseModel):
     phash_threshold: int = 10
     pdq_threshold: int = 31
     pdq_min_quality: int = 50
+    view_threshold: int = 8  # pHash radius when a crop/trimmed view is involved (bench/neardup.py sweep)
     # Clusters with no sighting for this long (event time) leave the hot index
     # and the changelog table; the findings store keeps them, and a compact
     # cold index of their hashes revives one if its picture resurfaces.

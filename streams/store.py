@@ -29,6 +29,8 @@ class MemberRow:
     phash: str
     pdq: str
     pdq_quality: int
+    views: list[str] | None = None
+    trimmed: bool = False
 
 
 class FindingsStore(Protocol):
@@ -77,6 +79,7 @@ CREATE TABLE IF NOT EXISTS members (
     pdq_quality INTEGER NOT NULL,
     event_id TEXT NOT NULL,
     width INTEGER, height INTEGER, format TEXT, distance INTEGER,
+    views TEXT, trimmed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (sha256)
 );
 CREATE INDEX IF NOT EXISTS members_cluster ON members(cluster_id);
@@ -135,10 +138,18 @@ class SqliteFindingsStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self) -> None:
+        """Columns added after a store file may have been created."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(members)")}
+        for column, decl in (("views", "TEXT"), ("trimmed", "INTEGER NOT NULL DEFAULT 0")):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE members ADD COLUMN {column} {decl}")
 
     def _tx(self):
         return _Tx(self._db, self._lock)
@@ -170,9 +181,11 @@ class SqliteFindingsStore:
             )
             for m in snap.members:
                 db.execute(
-                    """INSERT INTO members (sha256, cluster_id, phash, pdq, pdq_quality, event_id, width, height, format, distance)
-                       VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(sha256) DO NOTHING""",
-                    (m.sha256, snap.cluster_id, m.phash, m.pdq, m.pdq_quality, m.event_id, m.width, m.height, m.format, m.distance),
+                    """INSERT INTO members (sha256, cluster_id, phash, pdq, pdq_quality, event_id, width, height, format,
+                           distance, views, trimmed)
+                       VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(sha256) DO NOTHING""",
+                    (m.sha256, snap.cluster_id, m.phash, m.pdq, m.pdq_quality, m.event_id, m.width, m.height, m.format,
+                     m.distance, json.dumps(m.views) if m.views else None, int(m.trimmed)),
                 )
             if snap.new_sighting is not None:
                 self._insert_sighting(db, snap.cluster_id, snap.new_sighting)
@@ -375,11 +388,14 @@ class SqliteFindingsStore:
         for chunk in (ids[i:i + 500] for i in range(0, len(ids), 500)):
             marks = ",".join("?" * len(chunk))
             for row in self._db.execute(
-                f"""SELECT cluster_id, sha256, phash, pdq, pdq_quality, event_id, width, height, format, distance
+                f"""SELECT cluster_id, sha256, phash, pdq, pdq_quality, event_id, width, height, format, distance,
+                           views, trimmed
                     FROM members WHERE cluster_id IN ({marks}) ORDER BY rowid""", chunk
             ):
                 keys = ("sha256", "phash", "pdq", "pdq_quality", "event_id", "width", "height", "format", "distance")
-                by_id[owner[row[0]]]["members"].append(dict(zip(keys, row[1:])))
+                member = dict(zip(keys, row[1:10]))
+                member.update(views=json.loads(row[10]) if row[10] else None, trimmed=bool(row[11]))
+                by_id[owner[row[0]]]["members"].append(member)
             for row in self._db.execute(
                 f"""SELECT cluster_id, event_id, account_id, platform, posted_at, engagement FROM sightings
                     WHERE cluster_id IN ({marks})""", chunk
@@ -394,8 +410,10 @@ class SqliteFindingsStore:
 
     def iter_members(self) -> Iterator[MemberRow]:
         roots = self._roots()
-        for cid, sha, ph, pdq, q in self._db.execute("SELECT cluster_id, sha256, phash, pdq, pdq_quality FROM members"):
-            yield MemberRow(roots.get(cid, cid), sha, ph, pdq, q)
+        for cid, sha, ph, pdq, q, views, trimmed in self._db.execute(
+            "SELECT cluster_id, sha256, phash, pdq, pdq_quality, views, trimmed FROM members"
+        ):
+            yield MemberRow(roots.get(cid, cid), sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed))
 
     # -- the cluster engine's cold tier ----------------------------------------
     # Evicted clusters' exact stream state, written synchronously by the

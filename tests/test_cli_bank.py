@@ -66,29 +66,29 @@ def test_bank_import_and_errors(tmp_path: Path):
         assert "--data-dir" in _run(*cmd).stdout or cmd == ["bank", "--help"]
 
 
-def test_similar_finds_clusters_from_the_findings_store(tmp_path: Path, monkeypatch):
+def test_similar_finds_clusters_from_the_findings_store(tmp_path: Path):
+    from datetime import datetime, timezone
+
     from detectors.hashing import compute_hashes
     from detectors.imagedata import ImageData
+    from streams.records import ClusterSnapshot, Engagement, Member, Velocity
+    from streams.store import open_store
 
     d = tmp_path / "data"
-    d.mkdir()
-    (d / "findings.sqlite").touch()
     _picture(3).save(tmp_path / "orig.jpg", quality=90)
     h = compute_hashes(ImageData.from_path(tmp_path / "orig.jpg"))
-
-    class Row:
-        cluster_id, sha256, phash, pdq, pdq_quality = "c0ffee", "ab" * 32, h.phash, h.pdq, h.pdq_quality
-
-    class Store:
-        def iter_members(self):
-            yield Row()
-
-        def close(self):
-            pass
-
-    import streams.store
-
-    monkeypatch.setattr(streams.store, "open_store", lambda data_dir: Store())
+    now = datetime.now(timezone.utc)
+    store = open_store(d)  # the real findings store, written as the stream's sink writes it
+    store.apply_snapshot(ClusterSnapshot(
+        cluster_id="c0ffee", revision=1, fake_score=0.2, verdict="no-evidence", evidence=[],
+        members=[Member(sha256="ab" * 32, phash=h.phash, pdq=h.pdq, pdq_quality=h.pdq_quality, event_id="e1",
+                        views=h.views, trimmed=h.trimmed)],
+        sightings=1, accounts=1, platforms=["x"], engagement=Engagement(), velocity=Velocity(),
+        first_seen=now, last_seen=now,
+    ))
+    store.close()
     _picture(3).crop((4, 4, 316, 236)).save(tmp_path / "q.jpg", quality=50)
     out = json.loads(_run("similar", str(tmp_path / "q.jpg"), "--data-dir", str(d)).stdout)
-    assert [r["cluster_id"] for r in out] == ["c0ffee"] and out[0]["via"] in ("phash", "pdq")
+    assert [r["cluster_id"] for r in out] == ["c0ffee"] and out[0]["via"] in ("phash", "pdq", "phash_view")
+    _picture(99).save(tmp_path / "other.jpg", quality=90)
+    assert json.loads(_run("similar", str(tmp_path / "other.jpg"), "--data-dir", str(d)).stdout) == []

@@ -33,6 +33,11 @@ def test_evicted_clusters_revive_and_counts_stay_exact(tmp_path):
         assert runner.wait_until_processed(cluster, p1.offsets, timeout_s=180)
         w1.stop()  # clean restart: the table is recovered from a changelog with tombstones
         cluster.start_worker()
+        # Producing while a worker is still joining and seeking can, rarely
+        # and under heavy CPU load, skip a record inside Faust (observed 1 in
+        # ~4 runs at 2.5x CPU oversubscription); `replay` waits for readiness
+        # and resends stalled events, this test only waits.
+        cluster.wait_ready()
         p2 = produce_feed(second, cluster.bootstrap, settings)
         assert runner.wait_until_processed(cluster, p1.offsets | p2.offsets, timeout_s=180)
     store = open_store(settings.data_dir)

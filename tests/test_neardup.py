@@ -276,9 +276,10 @@ def test_hamming_index_is_exact_through_inserts_deletes_and_compaction(nbits, ra
     for i in range(40):  # perturb by 0..radius+2 bits
         for b in rng.choice(nbits, i % (radius + 3), replace=False):
             queries[i, b // 64] ^= np.uint64(1 << int(b % 64))
-    index = HammingIndex(nbits, delta_max=1500, mih_min=2000)  # small sizes force MIH + delta paths
-    for lo in range(0, 6000, 1000):
-        index.add(np.arange(lo, lo + 1000), codes[lo : lo + 1000])
+    index = HammingIndex(nbits, delta_max=1500, mih_min=2000)  # small sizes force main, mid and delta paths
+    for lo in range(0, 6000, 500):
+        index.add(np.arange(lo, lo + 500), codes[lo : lo + 500])
+    assert len(index._segments) == 2 and index._n - index._main_n == 1000  # main, mid, and a delta
     index.remove(np.arange(0, 40, 3))
     qi, ids, d = index.search(queries, radius)
     brute = np.bitwise_count(queries[:, None, :] ^ codes[None]).sum(axis=2)

@@ -67,6 +67,8 @@ def test_worker_killed_mid_stream_recovers_exactly(tmp_path):
         w1.kill()  # no clean shutdown, no final offset commit
         p2 = produce_feed(second, cluster.bootstrap, settings)
         cluster.start_worker()
+        # No resend safety net here (replay has one): this test must see the
+        # worker itself recover and lose nothing.
         offsets = p1.offsets | p2.offsets
         assert runner.wait_until_processed(cluster, offsets, timeout_s=240), "not everything was processed after restart"
         log = "\n".join(w.log_path.read_text() for w in cluster.workers)
@@ -82,6 +84,7 @@ def test_two_workers_agree_with_one(tmp_path):
         cluster = runner.start_cluster(settings, stack)
         cluster.start_worker()
         cluster.start_worker()
+        cluster.wait_ready()  # see test_eviction_pipeline: producing into a starting worker races Faust's seek
         produced = produce_feed(feed, cluster.bootstrap, settings)
         assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=240)
     clusters = assert_exact(settings, exp.events - len(exp.dead_letter_reasons) - 1)

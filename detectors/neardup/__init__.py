@@ -4,6 +4,13 @@ to the file (recompressed, resized, cropped, captioned, mirrored), is one cluste
 * ``clusters``: ``ClusterIndex`` -- the decision rule, merges, chaining bound.
 * ``hamming``: ``HammingIndex`` -- exact batched Hamming range search (MIH).
 
+Crops and screenshots are matched through *views* (``ImageHashes.views``: the
+content inside a detected border, 90%/80% centre crops), indexed in the same
+pHash index as extra codes of the member (~3.1 codes per member on the bench
+data; ``ClusterIndex`` docstring has the pairing rule). Members rebuilt
+without views still match on their full hashes; persisting ``views`` and
+``trimmed`` with members keeps crop-of-a-member matching across rebuilds.
+
 Distribution design
 -------------------
 Near neighbours cannot be found by key-partitioning: two reposts of one picture

@@ -17,9 +17,14 @@ speed. 64-bit codes use 3 tables of 21/21/22 bits (r=10 -> 1,794 probes per
 table, ~5 candidates per probe at 10M), 256-bit codes use 16 tables of 16 bits
 (r=31 -> 17 probes per table).
 
-Inserts go to a small flat *delta* segment scanned by brute force; when it
-fills (``delta_max``) everything is compacted into a new MIH segment (deleted
-rows dropped). Deletes are tombstones until the next compaction. Memory is
+Inserts go to a small flat *delta* segment scanned by brute force (every
+query pays one popcount per delta row, so it is kept small: ``delta_max``).
+When it fills it is folded into a *mid* MIH segment -- the rows stay where
+they are, only the mid segment's bucket tables are rebuilt, O(mid size) --
+and when the mid segment outgrows ``mid_max`` everything is compacted into
+one main MIH segment (deleted rows dropped). So inserts cost O(1) amortised
+at any hot-set size and the per-query scan stays bounded. Deletes are
+tombstones until the next compaction. Memory is
 predictable: 8 bytes per 64-bit code + (4 + 8 * words) bytes per table for the permutation and a bucket-ordered copy of the codes
 + a fixed 4 * 2**b bytes per table of offsets (see ``nbytes``).
 """
@@ -35,6 +40,11 @@ _LAYOUTS: dict[int, list[tuple[int, int, int]]] = {
     64: [(0, 0, 21), (0, 21, 21), (0, 42, 22)],
     256: [(w, s, 16) for w in range(4) for s in (0, 16, 32, 48)],
 }
+# Segments below this many rows use 16-bit keys for 64-bit codes (4 tables):
+# r=10 probes 137 keys per table instead of 1,562, and with few rows per
+# bucket that is cheaper; the 256 KiB offsets make small rebuilds cheap too.
+_SMALL_ROWS = 1 << 18
+_SMALL_LAYOUTS: dict[int, list[tuple[int, int, int]]] = {64: [(0, s, 16) for s in (0, 16, 32, 48)]}
 # Probing more keys than this per table is slower than scanning: fall back.
 _MAX_PROBES = 20_000
 
@@ -56,12 +66,15 @@ def _n_masks(bits: int, radius: int) -> int:
 class HammingIndex:
     """Exact range search; ids are caller-chosen non-negative int64."""
 
-    def __init__(self, nbits: int, *, delta_max: int = 65_536, mih_min: int = 32_768, chunk: int = 256):
+    def __init__(
+        self, nbits: int, *, delta_max: int = 8_192, mid_max: int = 262_144, mih_min: int = 32_768, chunk: int = 256
+    ):
         if nbits % 64:
             raise ValueError("nbits must be a multiple of 64")
         self.nbits = nbits
         self.words = nbits // 64
         self.delta_max = delta_max
+        self.mid_max = mid_max
         self.mih_min = mih_min
         self.chunk = chunk
         self._layout = _LAYOUTS.get(nbits)
@@ -69,9 +82,11 @@ class HammingIndex:
         self._ids = np.zeros(0, dtype=np.int64)
         self._alive = np.zeros(0, dtype=bool)
         self._n = 0  # rows used in the arrays (capacity may be larger)
-        self._main_n = 0  # rows [0, main_n) are in the MIH segment, the rest are delta
+        self._main_n = 0  # rows [0, main_n) are in MIH segments, the rest are delta
         self._n_dead = 0
-        self._tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (offsets, perm, codes in perm order)
+        # MIH segments: (start, end, layout, tables); tables: (offsets, perm within the segment, codes in perm order).
+        # At most two: main [0, a) and mid [a, main_n).
+        self._segments: list[tuple[int, int, list, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]] = []
         self._masks: dict[tuple[int, int], np.ndarray] = {}
 
     # ------------------------------------------------------------------ data
@@ -83,6 +98,10 @@ class HammingIndex:
 
     def __len__(self) -> int:
         return self._n - self._n_dead
+
+    @property
+    def _tables(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return [t for *_, tables in self._segments for t in tables]
 
     @property
     def nbytes(self) -> int:
@@ -102,8 +121,16 @@ class HammingIndex:
         self._ids[self._n : need] = ids
         self._alive[self._n : need] = True
         self._n = need
-        if self._n - self._main_n >= self.delta_max or (self._main_n == 0 and self._n >= self.mih_min):
-            self.compact()
+        if self._main_n == 0 or self._layout is None:
+            if self._n >= self.delta_max or self._n >= self.mih_min:
+                self.compact()  # builds the first main segment once there are mih_min codes
+        elif self._n - self._main_n >= self.delta_max:
+            main_end = self._segments[0][1]
+            if self._n - main_end >= self.mid_max:
+                self.compact()
+            else:  # fold the delta into the mid segment: rebuild its tables only
+                self._segments = [self._segments[0], self._build(main_end, self._n)]
+                self._main_n = self._n
 
     def remove(self, ids: np.ndarray) -> int:
         """Tombstone every row whose id is in ``ids``; O(n), meant for batches."""
@@ -126,18 +153,27 @@ class HammingIndex:
         self._alive = np.ones(len(keep), dtype=bool)
         self._n = self._main_n = len(keep)
         self._n_dead = 0
-        self._tables = []
+        self._segments = []
         if self._layout is None or self._n < self.mih_min:
             self._main_n = 0  # small: everything is scanned, nothing to build
             return
-        for w, shift, bits in self._layout:
-            keys = ((self._codes[:, w] >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
+        self._segments = [self._build(0, self._n)]
+
+    def _build(self, start: int, end: int):
+        """A segment over rows [start, end): (start, end, layout, tables); perm is relative to start."""
+        assert self._layout is not None
+        codes = self._codes[start:end]
+        layout = _SMALL_LAYOUTS.get(self.nbits, self._layout) if end - start < _SMALL_ROWS else self._layout
+        tables = []
+        for w, shift, bits in layout:
+            keys = ((codes[:, w] >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
             perm = np.argsort(keys, kind="stable").astype(np.int32)
-            offsets = np.zeros((1 << bits) + 1, dtype=np.int64 if self._n >= 2**31 else np.int32)
+            offsets = np.zeros((1 << bits) + 1, dtype=np.int64 if len(codes) >= 2**31 else np.int32)
             np.cumsum(np.bincount(keys, minlength=1 << bits), out=offsets[1:])
             # codes copied in bucket order: a probe reads one contiguous run
             # instead of one cache miss per candidate (~4x at 10M codes)
-            self._tables.append((offsets, perm, self._codes[perm]))
+            tables.append((offsets, perm, codes[perm]))
+        return start, end, layout, tables
 
     # ---------------------------------------------------------------- search
     def search(self, queries: np.ndarray, radius: int | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -150,8 +186,8 @@ class HammingIndex:
         for lo in range(0, len(queries), self.chunk):
             q = queries[lo : lo + self.chunk]
             radius = radii[lo : lo + self.chunk]
-            if self._main_n:
-                hq, hr, hd = self._mih_search(q, radius, lo)
+            for seg in self._segments:
+                hq, hr, hd = self._mih_search(q, radius, lo, seg)
                 # a row close on several substrings was a candidate in several tables
                 _, first = np.unique(hq * np.int64(self._main_n) + hr, return_index=True)
                 out.append((hq[first], hr[first], hd[first]))
@@ -190,16 +226,17 @@ class HammingIndex:
             return e, e, e
         return np.concatenate(hits_q), np.concatenate(hits_r).astype(np.int64), np.concatenate(hits_d)
 
-    def _mih_search(self, q: np.ndarray, radius: np.ndarray, q_offset: int):
+    def _mih_search(self, q: np.ndarray, radius: np.ndarray, q_offset: int, segment):
         assert self._layout is not None
-        sub = radius // len(self._layout)
+        seg_start, seg_end, layout, tables = segment
+        sub = radius // len(layout)
         levels = np.unique(sub).tolist()
-        if any(_n_masks(bits, levels[-1]) > _MAX_PROBES for _, _, bits in self._layout):
+        if any(_n_masks(bits, levels[-1]) > _MAX_PROBES for _, _, bits in layout):
             # a radius this wide probes more keys than there are rows: scan instead
-            return self._scan(q, radius, 0, self._main_n, q_offset)
+            return self._scan(q, radius, seg_start, seg_end, q_offset)
         groups = [(np.flatnonzero(sub == s) if len(levels) > 1 else None, s) for s in levels]
         hq, hr, hd = [], [], []
-        for (w, shift, bits), (offsets, perm, sorted_codes) in zip(self._layout, self._tables):
+        for (w, shift, bits), (offsets, perm, sorted_codes) in zip(layout, tables):
             qkey = ((q[:, w] >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
             probe_parts, owner_parts = [], []
             for members, s in groups:  # each query probes the keys within its own sub-radius
@@ -225,7 +262,7 @@ class HammingIndex:
             pos = np.repeat(starts, lens) + (np.arange(total) - run_start)
             d = np.bitwise_count(q[owner] ^ sorted_codes[pos]).sum(axis=1, dtype=np.int64)
             ok = np.flatnonzero(d <= radius[owner])
-            rows = perm[pos[ok]].astype(np.int64)
+            rows = perm[pos[ok]].astype(np.int64) + seg_start
             alive = self._alive[rows]
             hq.append(owner[ok][alive] + q_offset)
             hr.append(rows[alive])

@@ -167,7 +167,8 @@ def similar(
 
 def _rank(settings: Settings, distance: int, via: str) -> tuple[float, int]:
     d = settings.dedupe
-    scale = {"sha256": 1, "phash": d.phash_threshold, "phash_mirror": d.phash_threshold}.get(via, d.pdq_threshold)
+    scale = {"sha256": 1, "phash": d.phash_threshold, "phash_mirror": d.phash_threshold,
+             "phash_view": d.view_threshold}.get(via, d.pdq_threshold)
     return (distance / max(1, scale), 0 if via == "sha256" else 1)
 
 
@@ -186,12 +187,13 @@ def _similar_clusters(settings: Settings, sha256: str, hashes: Any) -> list[dict
         phash_threshold=d.phash_threshold,
         pdq_threshold=d.pdq_threshold,
         pdq_min_quality=d.pdq_min_quality,
+        view_threshold=d.view_threshold,
         max_representative_distance=1 << 20,
     )
     store = open_store(settings.data_dir)
     try:
         for m in store.iter_members():
-            h = ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality)
+            h = ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality, views=m.views, trimmed=m.trimmed)
             index.add(m.cluster_id, m.sha256, h)
     finally:
         store.close()

@@ -61,7 +61,8 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
                 live.update(render())
 
         complete = runner.wait_until_processed(
-            cluster, produced.offsets, timeout_s=timeout_s, on_progress=on_progress, models=bool(settings.detect.models)
+            cluster, produced.offsets, timeout_s=timeout_s, on_progress=on_progress, models=bool(settings.detect.models),
+            produced=produced,
         )
         seconds = time.monotonic() - started
         if live is not None:
