@@ -3,10 +3,8 @@ redelivery, merges and alert rules."""
 
 from __future__ import annotations
 
-import io
 from datetime import timedelta
 
-import pytest
 from PIL import Image
 
 from detectors.base import Evidence

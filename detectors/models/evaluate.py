@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np

@@ -19,7 +19,6 @@ Nothing in deepwatch downloads weights on its own: this runs only from
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import shutil
 from dataclasses import dataclass
