@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from detectors.base import Detector, Evidence, create_all
@@ -35,6 +36,7 @@ class Analyzer:
         self._cache_dir.mkdir(parents=True, exist_ok=True)
         self._banks_path = Path(settings.data_dir) / "banks.sqlite"
         self._banks_mtime: float | None = None
+        self._banks_checked = 0.0
         self._banks = None
 
     def analyze(self, event: ImageEvent, data: bytes, source: SourceRef) -> Sighting:
@@ -59,7 +61,11 @@ class Analyzer:
 
     def _refresh_banks(self) -> None:
         # Analysts add to banks while workers run (`deepwatch bank add`): pick
-        # up a changed bank file without a restart.
+        # up a changed bank file without a restart, looking at most every 2 s.
+        now = time.monotonic()
+        if now - self._banks_checked < 2.0:
+            return
+        self._banks_checked = now
         try:
             mtime = self._banks_path.stat().st_mtime
         except FileNotFoundError:

@@ -176,11 +176,14 @@ def wait_until_processed(
     topic = cluster.settings.topic("events")
     deadline = time.monotonic() + timeout_s
     last, last_change = -1, time.monotonic()
+    seen: set[tuple[int, int]] = set()
+    high = 0
     pending_resend: dict[tuple[int, int], set[tuple[int, int]]] = {}  # original -> its resend offsets
     try:
         while time.monotonic() < deadline:
             cluster.check_workers()
-            seen = store.processed_offsets(topic)
+            new, high = store.processed_since(topic, high)
+            seen |= new
             done_set = {o for o in offsets if o in seen or (pending_resend.get(o, set()) & seen)}
             done = len(done_set)
             if on_progress and done != last:

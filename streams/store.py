@@ -43,6 +43,7 @@ class FindingsStore(Protocol):
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[dict[str, Any]]: ...
     def alerts(self) -> list[dict[str, Any]]: ...
     def dead_letters(self) -> list[dict[str, Any]]: ...
+    def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]: ...
     def processed_offsets(self, topic: str) -> set[tuple[int, int]]: ...
     def iter_members(self) -> Iterator[MemberRow]: ...
     def archive_states(self, states: dict[str, bytes]) -> None: ...
@@ -342,6 +343,15 @@ class SqliteFindingsStore:
             d["source"] = json.loads(d["source"]) if d["source"] else None
             out.append(d)
         return out
+
+    def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]:
+        """Offsets recorded after ``after_rowid``, and the new high rowid: lets a
+        poller read only what is new instead of the whole table each time."""
+        rows = self._db.execute(
+            'SELECT rowid, partition, "offset" FROM processed WHERE topic=? AND rowid>? ORDER BY rowid',
+            (topic, after_rowid),
+        ).fetchall()
+        return {(p, o) for _, p, o in rows}, (rows[-1][0] if rows else after_rowid)
 
     def processed_offsets(self, topic: str) -> set[tuple[int, int]]:
         return {(p, o) for p, o in self._db.execute('SELECT partition, "offset" FROM processed WHERE topic=?', (topic,))}
