@@ -15,6 +15,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -135,7 +136,7 @@ class SqliteFindingsStore:
         # Several worker processes share the file: WAL lets readers run during
         # writes and busy_timeout turns lock contention into a short wait.
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._enable_wal()
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(SCHEMA)
@@ -145,12 +146,30 @@ class SqliteFindingsStore:
     def close(self) -> None:
         self._db.close()
 
+    def _enable_wal(self, timeout_s: float = 30.0) -> None:
+        # Switching a new file to WAL needs an exclusive lock and SQLite does
+        # not always wait on the busy handler for it: workers starting side by
+        # side on a fresh data dir would fail with "database is locked".
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     def _migrate(self) -> None:
         """Columns added after a store file may have been created."""
         have = {row[1] for row in self._db.execute("PRAGMA table_info(members)")}
         for column, decl in (("views", "TEXT"), ("trimmed", "INTEGER NOT NULL DEFAULT 0")):
             if column not in have:
-                self._db.execute(f"ALTER TABLE members ADD COLUMN {column} {decl}")
+                try:
+                    self._db.execute(f"ALTER TABLE members ADD COLUMN {column} {decl}")
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):  # another process migrated first
+                        raise
 
     def _tx(self):
         return _Tx(self._db, self._lock)

@@ -225,3 +225,23 @@ def test_pending_work_counts_unstored_alerts(store):
     assert store.pending_work()["alerts"] == 1
     store.add_alert(_alert("c1"))
     assert store.pending_work()["alerts"] == 0
+
+
+def test_many_processes_open_a_fresh_store_at_once(tmp_path):
+    """Workers start side by side on a new data dir: none may fail to open it."""
+    import subprocess
+    import sys
+
+    import time
+
+    # Every process imports first, then all open the same new file at one instant.
+    code = (
+        "import sys, time; from streams.store import open_store; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); open_store(sys.argv[1]).close()"
+    )
+    for attempt in range(3):
+        data = tmp_path / f"run{attempt}"
+        start = str(time.time() + 3.0)
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(data), start], stderr=subprocess.PIPE) for _ in range(12)]
+        errors = [p.communicate(timeout=60)[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0] * 12, "\n".join(e for e in errors if e)
