@@ -7,6 +7,7 @@ import numpy as np
 import pdqhash
 from PIL import Image, ImageOps
 
+from bench.neardup_transforms import screenshot
 from detectors.hashing import ImageHashes, compute_hashes, hamming_hex, hashes_of, phash_pair
 from detectors.imagedata import ImageData
 
@@ -84,19 +85,6 @@ def test_hamming_hex():
     assert hamming_hex("ab" * 8, "ab" * 8) == 0
 
 
-def _framed(img: Image.Image) -> Image.Image:
-    """A phone-screenshot-style repost: white margins, a dark status bar, a line of text below."""
-    from PIL import ImageDraw
-
-    w, h = img.size
-    pad, top, bottom = w // 20, h // 8, h // 6
-    out = Image.new("RGB", (w + 2 * pad, h + top + bottom), (255, 255, 255))
-    ImageDraw.Draw(out).rectangle((0, 0, out.width, top // 2), fill=(20, 20, 30))
-    out.paste(img, (pad, top))
-    ImageDraw.Draw(out).text((pad, top + h + 8), "@someone  2h  1.2k reposts", fill=(60, 60, 60))
-    return out
-
-
 def test_full_box_view_matches_pil_phash():
     # views resample with PIL's Lanczos weights in one matrix product: the
     # whole-image "view" is the pHash itself, up to PIL's uint8 rounding
@@ -130,7 +118,7 @@ def test_screenshot_border_is_trimmed():
     from detectors.hashing import _small, content_box
 
     img = _picture(5, (480, 360))
-    framed = _jpeg(_framed(img))
+    framed = _jpeg(screenshot(img))
     grey = np.asarray(_small(framed.thumbnail(128)).convert("L"), dtype=np.float64)
     # the picture sits at (24, 45)-(504, 405) of 528 x 465; the thumbnail is half size
     assert grey.shape == (233, 264)
@@ -139,7 +127,7 @@ def test_screenshot_border_is_trimmed():
     for seed in (1, 3, 4):  # synthetic sinusoids are touchier than photos (bench: median 2 bits)
         img = _picture(seed, (480, 360))
         h = compute_hashes(_jpeg(img))
-        s = compute_hashes(_jpeg(_framed(img)))
+        s = compute_hashes(_jpeg(screenshot(img)))
         assert s.trimmed and not h.trimmed
         assert hamming_hex(s.phash, h.phash) > 12  # the frame moves the full-frame hash far away
         assert hamming_hex(s.views[0], h.phash) <= 6  # the trimmed view is the picture again

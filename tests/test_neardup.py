@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
+from bench.neardup_transforms import screenshot
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import ImageData
 from detectors.neardup import ClusterIndex, HammingIndex, cluster_id_for
@@ -26,23 +27,13 @@ def photos(shared_data: Path) -> list[Image.Image]:
     return [ImageData.from_path(f).thumbnail(384).copy() for f in files]
 
 
-def _screenshot(img: Image.Image) -> Image.Image:
-    w, h = img.size
-    pad, top, bottom = w // 20, h // 8, h // 6
-    out = Image.new("RGB", (w + 2 * pad, h + top + bottom), (255, 255, 255))
-    ImageDraw.Draw(out).rectangle((0, 0, out.width, top // 2), fill=(20, 20, 30))
-    out.paste(img, (pad, top))
-    ImageDraw.Draw(out).text((pad, top + h + 8), "@someone  2h  1.2k reposts", fill=(60, 60, 60))
-    return out
-
-
 def _variants(img: Image.Image) -> dict[str, Image.Image]:
     w, h = img.size
     captioned = img.copy()
     ImageDraw.Draw(captioned).text((10, h - 30), "BREAKING: look at this", fill=(255, 255, 255))
     return {
         "crop80": img.crop((w // 10, h // 10, w - w // 10, h - h // 10)),
-        "screenshot": _screenshot(img),
+        "screenshot": screenshot(img),
         "mirrored_crop90": ImageOps.mirror(img.crop((w // 20, h // 20, w - w // 20, h - h // 20))),
         "jpeg50": img,
         "half": img.resize((w // 2, h // 2)),
@@ -149,7 +140,7 @@ def test_members_without_views_still_match_and_rebuild(photos):
     sha, h = _h(photos[0])
     index.add("c0", sha, ImageHashes(phash=h.phash, pdq=h.pdq, pdq_quality=h.pdq_quality), representative=True)
     assert index.lookup("x", _h(photos[0], 50)[1])[0].cluster_id == "c0"
-    assert index.lookup("y", _h(_screenshot(photos[0]))[1])[0].via == "phash_view"
+    assert index.lookup("y", _h(screenshot(photos[0]))[1])[0].via == "phash_view"
     index.remove_cluster("c0")
     assert index.n_members == 0 and len(index._phash) == 0
 
