@@ -31,6 +31,7 @@ from streams.clustering import ClusterEngine, ClusterState, state_from_seed
 from streams.fetch import FetchError, ImageFetcher
 from streams.records import ClusterOp, DeadLetter, SourceRef
 from streams.settings import Settings
+from streams.store import open_store
 from streams.tansu_compat import SESSION_TIMEOUT_S
 from streams.validate import InvalidEvent, parse_event
 
@@ -116,6 +117,14 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     async def analyze(stream):
         fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
         analyzer = Analyzer(settings, data_dir / "blobs")
+        try:
+            async for event in analyze_events(stream, fetcher, analyzer):
+                await ops.send(key=b"ops", value=event)
+        finally:
+            await fetcher.aclose()
+
+    async def analyze_events(stream, fetcher: ImageFetcher, analyzer: Analyzer):
+        """Yields serialized cluster ops; failures become dead letters here."""
         async for event in stream.events():
             msg = event.message
             raw: bytes = event.value
@@ -150,15 +159,13 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
             metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
             if msg.timestamp:
                 sighting.ingested_at = datetime.fromtimestamp(msg.timestamp, timezone.utc)
-            await ops.send(key=b"ops", value=ClusterOp(kind="sighting", sighting=sighting).dumps())
             metrics.EVENTS.labels("analyze", "ok").inc()
+            yield ClusterOp(kind="sighting", sighting=sighting).dumps()
 
     # -- stage: cluster (single writer) ----------------------------------------
     @app.on_rebalance_complete.connect
     async def _mark_stale(sender, **kwargs) -> None:
         state["stale"] = True  # the table may have changed hands: rebuild the index
-
-    from streams.store import open_store
 
     store = open_store(settings.data_dir)
 

@@ -9,7 +9,6 @@ app asked for; the single-writer cluster topic must have exactly one.
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -148,10 +147,3 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 20.
             log.info("created topic", extra={"topic": s.name, "partitions": s.partitions})
     finally:
         admin.close()
-
-
-def which_tansu() -> str | None:
-    try:
-        return _tansu_binary()
-    except Exception:
-        return shutil.which("tansu")

@@ -220,12 +220,12 @@ class ClusterEngine:
     def _commit(self, state: ClusterState, out: Outcome, offset: int, s: Sighting | None) -> Outcome:
         """Score, decide on an alert, and stamp the op's offset on the state:
         the offset is what makes a redelivered op recognisable."""
-        self._score(state)
-        self._maybe_alert(state, out, s)
+        top = self._score(state)
+        self._maybe_alert(state, out, s, top)
         state.revision += 1
         state.applied_offset = offset
         out.writes[state.cluster_id] = state
-        out.snapshots.append(self._snapshot(state, s))
+        out.snapshots.append(self._snapshot(state, s, top))
         return out
 
     # -- pieces -------------------------------------------------------------
@@ -253,7 +253,8 @@ class ClusterEngine:
         names = {e.detector for e in into.model_evidence}
         into.model_evidence.extend(e for e in other.model_evidence if e.detector not in names)
         into.sightings += other.sightings
-        into.accounts.extend(a for a in other.accounts if a not in set(into.accounts))
+        known_accounts = set(into.accounts)
+        into.accounts.extend(a for a in other.accounts if a not in known_accounts)
         into.accounts = into.accounts[:MAX_ACCOUNTS]
         into.platforms.extend(p for p in other.platforms if p not in into.platforms)
         into.engagement = into.engagement + other.engagement
@@ -271,16 +272,18 @@ class ClusterEngine:
         other.revision += 1
         other.applied_offset = offset
 
-    def _score(self, state: ClusterState) -> None:
+    def _score(self, state: ClusterState) -> list[Evidence]:
+        """Fuse the cluster's evidence; returns it ranked, for the snapshot and any alert."""
         fused = fuse(state.evidence + state.model_evidence)
         state.fake_score, state.verdict = fused.score, fused.verdict
         allow = [e for e in state.evidence if e.data.get("suppress")]
         state.suppressed = f"allow-listed: {allow[0].detail}" if allow else None
+        return fused.evidence
 
     def _velocity(self, state: ClusterState):
         return virality.velocity(state.recent, state.last_seen.timestamp() if state.last_seen else 0.0)
 
-    def _maybe_alert(self, state: ClusterState, out: Outcome, trigger: Sighting | None) -> None:
+    def _maybe_alert(self, state: ClusterState, out: Outcome, trigger: Sighting | None, top: list[Evidence]) -> None:
         cfg = self.settings.alerts
         v = self._velocity(state)
         if state.suppressed or state.fake_score < cfg.min_fake_score:
@@ -298,7 +301,7 @@ class ClusterEngine:
         state.last_alert = Alert(
             alert_id=f"{state.cluster_id}:{state.alert_level}", cluster_id=state.cluster_id, rule=rule,
             level=state.alert_level, fake_score=state.fake_score, verdict=state.verdict, velocity=v,
-            sightings=state.sightings, accounts=len(state.accounts), evidence=_top(state),
+            sightings=state.sightings, accounts=len(state.accounts), evidence=top,
             at=state.last_seen or datetime.now(timezone.utc),
             trigger_event_id=trigger.event.event_id if trigger else None,
             trigger_ingested_at=trigger.ingested_at if trigger else None,
@@ -323,11 +326,11 @@ class ClusterEngine:
             out.detect_requests.append(DetectRequest(cluster_id=state.cluster_id, sha256=state.members[0].sha256))
         return out
 
-    def _snapshot(self, state: ClusterState, s: Sighting | None) -> ClusterSnapshot:
+    def _snapshot(self, state: ClusterState, s: Sighting | None, top: list[Evidence] | None = None) -> ClusterSnapshot:
         now = datetime.now(timezone.utc)
         return ClusterSnapshot(
             cluster_id=state.cluster_id, revision=state.revision, fake_score=state.fake_score,
-            verdict=state.verdict, evidence=_top(state), members=state.members,
+            verdict=state.verdict, evidence=_top(state) if top is None else top, members=state.members,
             sightings=state.sightings, accounts=len(state.accounts), platforms=state.platforms,
             engagement=state.engagement, velocity=self._velocity(state),
             first_seen=state.first_seen or now, last_seen=state.last_seen or now,

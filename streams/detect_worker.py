@@ -31,7 +31,7 @@ def build_detect_app(settings: Settings, broker_url: str) -> faust.App:
     requests = app.topic(t("detect-requests"), value_serializer="raw", key_serializer="raw")
     ops = app.topic(t("cluster-ops"), value_serializer="raw", key_serializer="raw", partitions=1)
     blobs = DirectoryBlobStore(Path(settings.data_dir) / "blobs")
-    batchers: list = []
+    loading: list[asyncio.Future] = []
 
     def load_batchers() -> list:
         from detectors.models import load_detector
@@ -48,11 +48,17 @@ def build_detect_app(settings: Settings, broker_url: str) -> faust.App:
             for name in [*learned, *vendors]
         ]
 
+    async def shared_batchers() -> list:
+        # Every actor awaits the same load: the models are loaded once per
+        # process, not once per actor (no await between the check and the append).
+        if not loading:
+            loading.append(asyncio.ensure_future(asyncio.to_thread(load_batchers)))
+        return await loading[0]
+
     # Concurrency lets several requests wait in the micro-batcher at once.
     @app.agent(requests, concurrency=max(1, settings.detect.max_batch))
     async def detect(stream):
-        if not batchers:
-            batchers.extend(await asyncio.to_thread(load_batchers))
+        batchers = await shared_batchers()
         async for raw in stream:
             req = DetectRequest.loads(raw)
             started = time.perf_counter()

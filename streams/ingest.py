@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from kafka import KafkaProducer
 
@@ -27,17 +27,6 @@ class Produced:
     lines_at: dict[tuple[int, int], bytes] = field(default_factory=dict)  # what was sent there, for resends
     refused: int = 0
     lines: int = 0
-
-
-def resend(lines: list[bytes], bootstrap: str, settings: Settings) -> Produced:
-    """Produce these lines again (same keys, so same partitions). Safe because
-    every stage is idempotent on the event id."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("wb", suffix=".jsonl") as f:
-        f.write(b"\n".join(lines) + b"\n")
-        f.flush()
-        return produce_feed(Path(f.name), bootstrap, settings)
 
 
 def iter_lines(feed: Path) -> Iterator[bytes]:
@@ -57,6 +46,20 @@ def _event_id(line: bytes) -> str | None:
 
 
 def produce_feed(feed: Path, bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None) -> Produced:
+    return produce_lines(iter_lines(feed), bootstrap, settings, progress)
+
+
+def count_lines(feed: Path) -> int:
+    """Events in a feed, for progress bars (blank lines are not events)."""
+    return sum(1 for _ in iter_lines(feed))
+
+
+def produce_lines(
+    lines: Iterable[bytes], bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None
+) -> Produced:
+    """Produce raw event lines. Also how replay resends stalled events: same
+    keys, so same partitions, and safe because every stage is idempotent on
+    the event id."""
     producer = KafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5,
         max_request_size=MAX_MESSAGE_BYTES + 4096, client_id="deepwatch-ingest",
@@ -64,7 +67,7 @@ def produce_feed(feed: Path, bootstrap: str, settings: Settings, progress: Calla
     out = Produced()
     futures = []
     try:
-        for line in iter_lines(feed):
+        for line in lines:
             out.lines += 1
             eid = _event_id(line)
             key = eid.encode() if eid else None

@@ -16,13 +16,14 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from streams.app import topic_specs
 from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics, free_port
+from streams.ingest import Produced, produce_lines
 from streams.settings import Settings
-from streams.ingest import Produced
 from streams.store import open_store
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,6 @@ def wait_until_processed(
     (faust-streaming #216/#221 family); every stage is idempotent on the
     event id, so a resend costs nothing and keeps "every event is processed
     or dead-lettered" true."""
-    from streams.ingest import resend
-
     store = open_store(cluster.settings.data_dir)
     topic = cluster.settings.topic("events")
     deadline = time.monotonic() + timeout_s
@@ -195,7 +194,7 @@ def wait_until_processed(
                 if missing:
                     log.warning("events unprocessed without progress; resending them (idempotent)",
                                 extra={"count": len(missing), "offsets": missing[:20]})
-                    again = resend([produced.lines_at[o] for o in missing], cluster.bootstrap, cluster.settings)
+                    again = produce_lines([produced.lines_at[o] for o in missing], cluster.bootstrap, cluster.settings)
                     for o in missing:
                         pending_resend[o] = {po for po, line in again.lines_at.items() if line == produced.lines_at[o]}
                     last_change = time.monotonic()
@@ -219,8 +218,6 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
         latencies = []
         for a in alerts:
             if a.get("trigger_ingested_at") and a.get("created_at"):
-                from datetime import datetime
-
                 t0 = datetime.fromisoformat(a["trigger_ingested_at"])
                 t1 = datetime.fromisoformat(a["created_at"])
                 latencies.append(round((t1 - t0).total_seconds(), 3))

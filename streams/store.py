@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
+from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,6 @@ class MemberRow:
 
 class FindingsStore(Protocol):
     def apply_snapshot(self, snap: ClusterSnapshot) -> None: ...
-    def record_processed(self, source: SourceRef, outcome: str, event_id: str | None) -> None: ...
     def add_dead_letter(self, dl: DeadLetter) -> bool: ...
     def add_alert(self, alert: Alert) -> bool: ...
     def delivered(self, alert_id: str, target: str) -> bool: ...
@@ -224,14 +223,6 @@ class SqliteFindingsStore:
                ON CONFLICT DO NOTHING""",
             (s.source.topic, s.source.partition, s.source.offset, "sighting", ev.event_id),
         )
-
-    def record_processed(self, source: SourceRef, outcome: str, event_id: str | None) -> None:
-        with self._tx() as db:
-            db.execute(
-                """INSERT INTO processed (topic, partition, "offset", outcome, event_id) VALUES (?,?,?,?,?)
-                   ON CONFLICT DO NOTHING""",
-                (source.topic, source.partition, source.offset, outcome, event_id),
-            )
 
     def add_dead_letter(self, dl: DeadLetter) -> bool:
         src = dl.source

@@ -166,10 +166,11 @@ def test_delivery_status_upserts(store):
     assert not store.delivered("c1:1", "https://other")
 
 
-def test_record_processed_is_idempotent(store):
+def test_processed_offsets_are_idempotent_and_per_topic(store):
     src = SourceRef(topic=TOPIC, partition=2, offset=9)
-    store.record_processed(src, "duplicate", "e1")
-    store.record_processed(src, "duplicate", "e1")
+    dl = DeadLetter(event_id="e1", stage="fetch", reason="timeout", detail="timed out", source=src)
+    store.add_dead_letter(dl)
+    store.add_dead_letter(dl)
     assert store.processed_offsets(TOPIC) == {(2, 9)}
     assert store.processed_offsets("other") == set()
 

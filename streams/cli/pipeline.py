@@ -20,7 +20,7 @@ from streams.settings import Settings
 
 def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, live_table: bool):
     from streams import runner
-    from streams.ingest import produce_feed
+    from streams.ingest import count_lines, produce_feed
 
     with ExitStack() as stack:
         progress = Progress(
@@ -33,7 +33,7 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
             cluster.start_worker("pipeline")
         if settings.detect.models:
             cluster.start_worker("detect")
-        lines = sum(1 for _ in open(feed, "rb") if _.strip())
+        lines = count_lines(feed)
         startup = cluster.wait_ready()
         err.print(f"[dim]workers ready after {startup:.1f}s[/]")
         live = None
@@ -147,10 +147,10 @@ def ingest(
     """Produce FEED's events to a running pipeline's events topic (malformed
     lines too: the pipeline dead-letters them with a reason)."""
     from streams.broker import bootstrap_of
-    from streams.ingest import produce_feed
+    from streams.ingest import count_lines, produce_feed
 
     settings = settings_from(config, broker=broker)
-    lines = sum(1 for _ in open(feed, "rb") if _.strip())
+    lines = count_lines(feed)
     with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), console=err) as progress:
         task = progress.add_task("ingest", total=lines)
         produced = produce_feed(feed, bootstrap_of(broker), settings, progress=lambda n: progress.advance(task, n))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -20,6 +20,19 @@ def _store(data_dir: Optional[Path], config: Optional[Path]):
     if not path.exists():
         raise typer.BadParameter(f"no findings at {path}; run `deepwatch replay` or `deepwatch demo` first", param_hint="--data-dir")
     return open_store(settings.data_dir)
+
+
+def _emit(rows: list[dict], fmt: str, title: str, columns: tuple[str, ...], cells: Callable[[dict], tuple]) -> None:
+    """JSON (the contract for tools) or a table (for people)."""
+    if fmt == "json":
+        print_json(rows)
+        return
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*cells(row))
+    Console().print(t)
 
 
 def cluster_table(clusters: list[dict], title: str = "Image clusters") -> Table:
@@ -71,18 +84,10 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
     fake_score, verdict, velocity, sightings, accounts, evidence, at (event
     time) and created_at.
     """
-    check_format(fmt)
-    rows = _store(data_dir, config).alerts()
-    if fmt == "json":
-        print_json(rows)
-        return
-    t = Table(title="Alerts")
-    for col in ("time", "cluster", "level", "fake", "5m", "accounts", "rule"):
-        t.add_column(col)
-    for a in rows:
-        t.add_row(a["at"], a["cluster_id"], str(a["level"]), f"{a['fake_score']:.2f}",
-                  str(a["velocity"]["sightings_5m"]), str(a["accounts"]), a["rule"])
-    Console().print(t)
+    _emit(_store(data_dir, config).alerts(), check_format(fmt), "Alerts",
+          ("time", "cluster", "level", "fake", "5m", "accounts", "rule"),
+          lambda a: (a["at"], a["cluster_id"], str(a["level"]), f"{a['fake_score']:.2f}",
+                     str(a["velocity"]["sightings_5m"]), str(a["accounts"]), a["rule"]))
 
 
 @app.command("dead-letters", rich_help_panel="Findings")
@@ -92,14 +97,6 @@ def dead_letters(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Co
     JSON form: an array of objects with event_id (when the event had one),
     stage, reason, detail, source (topic, partition, offset) and at.
     """
-    check_format(fmt)
-    rows = _store(data_dir, config).dead_letters()
-    if fmt == "json":
-        print_json(rows)
-        return
-    t = Table(title="Dead letters")
-    for col in ("event", "stage", "reason", "detail"):
-        t.add_column(col)
-    for d in rows:
-        t.add_row(d["event_id"] or "—", d["stage"], d["reason"], d["detail"])
-    Console().print(t)
+    _emit(_store(data_dir, config).dead_letters(), check_format(fmt), "Dead letters",
+          ("event", "stage", "reason", "detail"),
+          lambda d: (d["event_id"] or "—", d["stage"], d["reason"], d["detail"]))
