@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -83,13 +84,31 @@ class ImageData:
             )
         return img
 
-    def _decode(self, img: Image.Image) -> Image.Image:
+    def _decode(self, img: Image.Image, mode: str = "RGB", *, oriented: bool = True) -> Image.Image:
         try:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            with warnings.catch_warnings():  # palette-transparency warnings: irrelevant to analysis
+                warnings.simplefilter("ignore")
+                img.load()
+                if oriented:
+                    img = ImageOps.exif_transpose(img)
+                return img.convert(mode)
         except Exception as e:
             raise ImageRejected("undecodable", f"image data is truncated or corrupt: {e}") from e
+
+    def pixels(self, mode: str = "RGB", *, oriented: bool = True) -> Image.Image:
+        """Full-resolution pixels in ``mode``. ``oriented=False`` keeps the
+        stored pixel grid (what a watermark or LSB payload was written into);
+        an image without EXIF rotation reuses the cached ``rgb`` decode."""
+        if mode == "RGB" and (oriented or self.orientation == 1):
+            return self.rgb
+        return self._decode(self.open(), mode, oriented=oriented)
+
+    @cached_property
+    def orientation(self) -> int:
+        try:
+            return int(self.open().getexif().get(0x0112, 1) or 1)
+        except Exception:  # unreadable EXIF: treat as unrotated
+            return 1
 
     @cached_property
     def rgb(self) -> Image.Image:

@@ -81,6 +81,20 @@ def test_stealth_uncompressed_round_trip() -> None:
     assert "model dreamshaper_8" in ev.detail
 
 
+def test_stealth_payload_is_read_from_the_stored_grid_of_an_exif_rotated_png() -> None:
+    # Rotation on display must not scramble the LSB stream, which lives in the stored pixels.
+    rgba = np.full((40, 50, 4), 255, np.uint8)
+    params = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Model: dreamshaper_8"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(_embed_stealth(rgba, params), "RGBA").save(buf, "PNG", exif=exif.tobytes())
+    image = ImageData(buf.getvalue())
+    assert image.orientation == 6 and image.rgb.size == (40, 50)  # displayed rotated
+    [ev] = StealthPngInfoDetector().analyze(image)
+    assert ev.data["parameters"] == params
+
+
 @pytest.mark.parametrize("relpath", ["bad_images/empty_image.png", "bad_images/empty_image.jpg"])
 def test_bad_images_do_not_crash_any_detector(shared_data: Path, relpath: str) -> None:
     image = ImageData.from_path(shared_data / SD / relpath)

@@ -11,13 +11,12 @@ match is decisive. Only lossless formats can carry it.
 
 from __future__ import annotations
 
-import warnings
 import zlib
 
 import numpy as np
 
 from detectors.base import Detector, Evidence, register
-from detectors.imagedata import ImageData, ImageRejected
+from detectors.imagedata import ImageData
 from detectors.plugins._sd_formats import recognise
 
 _SIGNATURES = {
@@ -67,18 +66,6 @@ def read_stealth(pixels: np.ndarray, mode: str) -> tuple[str, str] | None:
     return signature.decode(), (raw or b"").decode("utf-8", errors="replace")
 
 
-def _alpha(image: ImageData) -> np.ndarray | None:
-    img = image.open()
-    if "A" not in img.getbands() and "transparency" not in img.info:
-        return None
-    try:
-        with warnings.catch_warnings():  # Pillow warns about palette transparency; irrelevant here
-            warnings.simplefilter("ignore")
-            return np.asarray(img.convert("RGBA").getchannel("A"))
-    except Exception as e:  # same contract as ImageData: undecodable pixels are the caller's problem
-        raise ImageRejected("undecodable", f"image data is truncated or corrupt: {e}") from e
-
-
 @register
 class StealthPngInfoDetector(Detector):
     name = "stealth-pnginfo"
@@ -87,12 +74,14 @@ class StealthPngInfoDetector(Detector):
     def analyze(self, image: ImageData) -> list[Evidence]:
         if image.format not in _LOSSLESS_FORMATS:
             return []
-        found = None
-        alpha = _alpha(image)
-        if alpha is not None:
-            found = read_stealth(alpha, "alpha")
-        if found is None:
-            found = read_stealth(np.asarray(image.rgb), "rgb")
+        # The payload is written into the stored pixel grid: read it unrotated,
+        # alpha and RGB from one decode.
+        header = image.open()
+        if "A" in header.getbands() or "transparency" in header.info:
+            rgba = np.asarray(image.pixels("RGBA", oriented=False))
+            found = read_stealth(rgba[..., 3], "alpha") or read_stealth(rgba[..., :3], "rgb")
+        else:
+            found = read_stealth(np.asarray(image.pixels(oriented=False)), "rgb")
         if found is None:
             return []
         signature, text = found

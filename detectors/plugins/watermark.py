@@ -29,7 +29,7 @@ import pywt
 from PIL import Image, JpegImagePlugin
 
 from detectors.base import Detector, Evidence, register
-from detectors.imagedata import ImageData, ImageRejected
+from detectors.imagedata import ImageData
 
 SCALE = 36.0  # imwatermark's default dwtDct scale for the U channel
 BLOCK = 4
@@ -131,22 +131,6 @@ def jpeg_erased_mark(img: Image.Image) -> bool:
     return mean_q > (15.0 if subsampled else 45.0)
 
 
-def _pixels(image: ImageData) -> np.ndarray:
-    # The mark lives in the stored pixel grid; an EXIF rotation would move it,
-    # so oriented images are decoded without applying the rotation.
-    img = image.open()
-    try:
-        orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # unreadable EXIF: treat as unrotated
-        orientation = 1
-    if orientation in (None, 1):
-        return np.asarray(image.rgb)
-    try:
-        return np.asarray(img.convert("RGB"))
-    except Exception as e:  # same contract as ImageData.rgb
-        raise ImageRejected("undecodable", f"image data is truncated or corrupt: {e}") from e
-
-
 @register
 class InvisibleWatermarkDetector(Detector):
     name = "invisible-watermark"
@@ -156,7 +140,8 @@ class InvisibleWatermarkDetector(Detector):
         w, h = image.size
         if w * h < MIN_PIXELS or jpeg_erased_mark(image.open()):
             return []
-        found = detect_marks(_pixels(image))
+        # The mark lives in the stored pixel grid, which an EXIF rotation would move.
+        found = detect_marks(np.asarray(image.pixels(oriented=False)))
         if not found:
             return []
         best = min(found, key=lambda f: f["bit_errors"])
