@@ -295,3 +295,19 @@ def test_hamming_index_per_query_radius_is_exact():
     brute = np.bitwise_count(queries[:, None, 0] ^ codes[None, :, 0])
     bq, bi = np.nonzero(brute <= radii[:, None])
     assert set(zip(qi.tolist(), ids.tolist())) == set(zip(bq.tolist(), bi.tolist()))
+
+
+def test_single_inserts_below_the_mih_size_do_not_recompact(monkeypatch):
+    # The cluster agent adds one member at a time; between delta_max and
+    # mih_min each add used to trigger a full compaction.
+    index = HammingIndex(64)
+    calls = []
+    real = index.compact
+    monkeypatch.setattr(index, "compact", lambda: (calls.append(1), real())[1])
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 2**63, size=(20_000, 1), dtype=np.int64).astype(np.uint64)
+    for i in range(len(codes)):
+        index.add(np.array([i]), codes[i : i + 1])
+    assert len(calls) <= 2
+    _rows, ids, distances = index.search(codes[:5], 0)
+    assert sorted(ids.tolist()) == [0, 1, 2, 3, 4] and not distances.any()  # and still exact

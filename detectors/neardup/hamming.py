@@ -121,9 +121,13 @@ class HammingIndex:
         self._ids[self._n : need] = ids
         self._alive[self._n : need] = True
         self._n = need
-        if self._main_n == 0 or self._layout is None:
-            if self._n >= self.delta_max or self._n >= self.mih_min:
-                self.compact()  # builds the first main segment once there are mih_min codes
+        if self._main_n == 0:
+            # Below mih_min (or with no MIH layout) everything is scanned and a
+            # compaction only drops tombstones: doing it per insert once past
+            # delta_max made every add copy all arrays (~100x slower adds).
+            buildable = self._layout is not None and self._n >= self.mih_min
+            if buildable or self._n_dead > max(self.delta_max, self._n // 2):
+                self.compact()
         elif self._n - self._main_n >= self.delta_max:
             main_end = self._segments[0][1]
             if self._n - main_end >= self.mid_max:
