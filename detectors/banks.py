@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from detectors.base import Detector, Evidence
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import ImageData
-from detectors.neardup.clusters import SLOTS, VIEW_THRESHOLD, Via, search_phash, stored_phash_codes
+from detectors.neardup.clusters import SLOTS, VIEW_THRESHOLD, Via, rank_key, search_phash, stored_phash_codes
 from detectors.neardup.hamming import HammingIndex
 
 Verdict = Literal["fake", "authentic"]
@@ -58,6 +58,8 @@ CREATE TABLE IF NOT EXISTS entries (
     trimmed INTEGER,
     UNIQUE (bank, entry_id)
 );
+-- add_images skips files already in the bank: one lookup per file
+CREATE INDEX IF NOT EXISTS entries_bank_sha256 ON entries(bank, sha256);
 """
 _ADDED_COLUMNS = {"views": "TEXT", "trimmed": "INTEGER"}  # banks created before views existed get them on open
 
@@ -190,12 +192,12 @@ class BankStore:
             qi, rows, dist = index.search(HammingIndex.codes_from_hex([h for _, h in hexes], nbits), radius)
             for q, row, d in zip(qi.tolist(), rows.tolist(), dist.tolist()):
                 via = hexes[q][0]
-                key = (d / max(1, radius), _VIA_RANK[via], d, via)
+                key = (*rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via)
                 if row not in best or key < best[row]:
                     best[row] = key
 
         for row, d, via in search_phash(loaded.phash, hashes, self.phash_threshold, self.view_threshold):
-            key = (d / max(1, self.phash_threshold), _VIA_RANK[via], d, via)
+            key = (*rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via)
             if row not in best or key < best[row]:
                 best[row] = key
         if hashes.pdq_quality >= self.pdq_min_quality:
@@ -230,7 +232,6 @@ class BankStore:
         return self._cache
 
 
-_VIA_RANK = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4, "phash_view": 5}
 
 
 class _Loaded:

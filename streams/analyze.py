@@ -16,7 +16,7 @@ from pathlib import Path
 
 from detectors.base import Detector, Evidence, create_all
 from detectors.hashing import ImageHashes, compute_hashes
-from detectors.imagedata import DecodeLimits, ImageData
+from detectors.imagedata import ImageData
 from streams.records import ImageEvent, ImageRef, Sighting, SourceRef
 from streams.settings import Settings
 
@@ -26,15 +26,11 @@ log = logging.getLogger(__name__)
 class Analyzer:
     def __init__(self, settings: Settings, blob_root: Path):
         self.settings = settings
-        self.limits = DecodeLimits(
-            max_pixels=settings.decode.max_pixels,
-            max_dimension=settings.decode.max_dimension,
-            max_bytes=settings.fetch.max_bytes,
-        )
+        self.limits = settings.decode_limits()
         self.detectors: list[Detector] = create_all(cost="cheap", names=settings.detect.cheap)
         self._cache_dir = blob_root / "analysis"
         self._cache_dir.mkdir(parents=True, exist_ok=True)
-        self._banks_path = Path(settings.data_dir) / "banks.sqlite"
+        self._banks_path = settings.banks_path
         self._banks_mtime: float | None = None
         self._banks_checked = 0.0
         self._banks = None
@@ -72,13 +68,7 @@ class Analyzer:
             self._banks = None
             return
         if mtime != self._banks_mtime:
-            from detectors.banks import BankStore
-
-            d = self.settings.dedupe
-            self._banks = BankStore(
-                self._banks_path, phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold,
-                pdq_min_quality=d.pdq_min_quality,
-            )
+            self._banks = self.settings.bank_store()
             self._banks_mtime = mtime
 
     def _detect(self, image: ImageData) -> list[Evidence]:

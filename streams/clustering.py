@@ -101,11 +101,7 @@ class ClusterEngine:
         self._ops_since_sweep = 0
 
     def _new_index(self) -> ClusterIndex:
-        d = self.settings.dedupe
-        return ClusterIndex(
-            phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold, pdq_min_quality=d.pdq_min_quality,
-            view_threshold=d.view_threshold,
-        )
+        return ClusterIndex(**self.settings.dedupe.thresholds())
 
     # -- eviction -----------------------------------------------------------
     def evict_due(self) -> bool:

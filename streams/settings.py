@@ -41,6 +41,11 @@ class DedupeSettings(BaseModel):
     pdq_threshold: int = 31
     pdq_min_quality: int = 50
     view_threshold: int = 8  # pHash radius when a crop/trimmed view is involved (bench/neardup.py sweep)
+
+    def thresholds(self) -> dict[str, int]:
+        """The matching rule's keyword arguments, as ClusterIndex and BankStore take them."""
+        return {"phash_threshold": self.phash_threshold, "pdq_threshold": self.pdq_threshold,
+                "pdq_min_quality": self.pdq_min_quality, "view_threshold": self.view_threshold}
     # Clusters with no sighting for this long (event time) leave the hot index
     # and the changelog table; the findings store keeps them, and a compact
     # cold index of their hashes revives one if its picture resurfaces.
@@ -111,6 +116,22 @@ class Settings(BaseSettings):
     @property
     def model_dir(self) -> Path:
         return self.detect.model_dir or self.data_dir / "models"
+
+    @property
+    def banks_path(self) -> Path:
+        return Path(self.data_dir) / "banks.sqlite"
+
+    def bank_store(self):
+        """The banks of known pictures, matching with the configured rule."""
+        from detectors.banks import BankStore
+
+        return BankStore(self.banks_path, **self.dedupe.thresholds())
+
+    def decode_limits(self):
+        from detectors.imagedata import DecodeLimits
+
+        return DecodeLimits(max_pixels=self.decode.max_pixels, max_dimension=self.decode.max_dimension,
+                            max_bytes=self.fetch.max_bytes)
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"

@@ -59,6 +59,14 @@ from detectors.neardup.hamming import HammingIndex
 Via = Literal["sha256", "phash", "pdq", "phash_mirror", "pdq_mirror", "phash_view"]
 _VIA_ORDER: dict[str, int] = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4, "phash_view": 5}
 
+
+def rank_key(distance: int, via: str, phash_threshold: int, pdq_threshold: int) -> tuple[float, int]:
+    """How confidently a match is the same picture, most confident first:
+    distance as a fraction of its hash's threshold, then how it matched.
+    Clusters, banks and `deepwatch similar` all rank with this."""
+    scale = 1 if via == "sha256" else pdq_threshold if via.startswith("pdq") else phash_threshold
+    return (distance / max(1, scale), _VIA_ORDER[via])
+
 # Default radius for pHash pairs that involve a view: the bench's sweep finds no
 # extra false matches up to 9 bits (0.0015% -> 0.0028% at 10), and 8 lets the
 # multi-index search probe 2-bit instead of 3-bit neighbourhoods (~7x fewer keys)
@@ -279,11 +287,7 @@ class ClusterIndex:
         return sorted(found, key=self._rank)
 
     def _rank(self, m: Match) -> tuple[float, int, str]:
-        scale = {
-            "sha256": 1, "phash": self.phash_threshold, "phash_mirror": self.phash_threshold,
-            "phash_view": self.phash_threshold,
-        }.get(m.via, self.pdq_threshold)
-        return (m.distance / max(1, scale), _VIA_ORDER[m.via], m.cluster_id)
+        return (*rank_key(m.distance, m.via, self.phash_threshold, self.pdq_threshold), m.cluster_id)
 
     def _hash_matches(self, h: ImageHashes) -> list[Match]:
         out: list[Match] = []

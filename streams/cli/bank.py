@@ -37,15 +37,7 @@ def _settings(data_dir: Optional[Path]) -> Settings:
 
 
 def _store(settings: Settings):
-    from detectors.banks import BankStore
-
-    d = settings.dedupe
-    return BankStore(
-        settings.data_dir / "banks.sqlite",
-        phash_threshold=d.phash_threshold,
-        pdq_threshold=d.pdq_threshold,
-        pdq_min_quality=d.pdq_min_quality,
-    )
+    return settings.bank_store()
 
 
 def _check_verdict(v: str) -> str:
@@ -166,10 +158,9 @@ def similar(
 
 
 def _rank(settings: Settings, distance: int, via: str) -> tuple[float, int]:
-    d = settings.dedupe
-    scale = {"sha256": 1, "phash": d.phash_threshold, "phash_mirror": d.phash_threshold,
-             "phash_view": d.view_threshold}.get(via, d.pdq_threshold)
-    return (distance / max(1, scale), 0 if via == "sha256" else 1)
+    from detectors.neardup.clusters import rank_key
+
+    return rank_key(distance, via, settings.dedupe.phash_threshold, settings.dedupe.pdq_threshold)
 
 
 def _similar_clusters(settings: Settings, sha256: str, hashes: Any) -> list[dict[str, Any]]:
@@ -180,16 +171,9 @@ def _similar_clusters(settings: Settings, sha256: str, hashes: Any) -> list[dict
     from detectors.neardup import ClusterIndex
     from streams.store import open_store
 
-    d = settings.dedupe
     # members are indexed as-is: the writer already applied the chaining bound
     # when it clustered them, so the read side only asks "near any member?"
-    index = ClusterIndex(
-        phash_threshold=d.phash_threshold,
-        pdq_threshold=d.pdq_threshold,
-        pdq_min_quality=d.pdq_min_quality,
-        view_threshold=d.view_threshold,
-        max_representative_distance=1 << 20,
-    )
+    index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)
     store = open_store(settings.data_dir)
     try:
         for m in store.iter_members():

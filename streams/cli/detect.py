@@ -159,21 +159,14 @@ def detect(
         err.print("[red]no image files found[/] in the given paths")
         raise typer.Exit(2)
     settings = load_settings(data_dir=data_dir)
-    limits = DecodeLimits(
-        max_pixels=settings.decode.max_pixels,
-        max_dimension=settings.decode.max_dimension,
-        max_bytes=settings.fetch.max_bytes,
-    )
+    limits = settings.decode_limits()
     detectors = create_all(cost="cheap", names=settings.detect.cheap)
     if model:
         detectors += load_model_detectors(model, model_dir or settings.model_dir, device)
-    banks_path = Path(settings.data_dir) / "banks.sqlite"
-    if banks_path.exists():
-        from detectors.banks import BankMatcher, BankStore
+    if settings.banks_path.exists():
+        from detectors.banks import BankMatcher
 
-        d = settings.dedupe
-        detectors.append(BankMatcher(BankStore(
-            banks_path, phash_threshold=d.phash_threshold, pdq_threshold=d.pdq_threshold, pdq_min_quality=d.pdq_min_quality)))
+        detectors.append(BankMatcher(settings.bank_store()))
 
     results: list[dict[str, Any]] = []
     with Progress(
