@@ -50,9 +50,13 @@ class ModelDetector(BatchDetector):
         self.version = card.version  # type: ignore[misc]
         self.device = device
         self.net = net.to(device).eval()
+        self._amp_dtype = None
         if device.type == "cuda":
             # NHWC lets cuDNN pick tensor-core kernels for the convolutions.
             self.net = self.net.to(memory_format=torch.channels_last)
+            # Native bf16 needs Ampere (sm_80) or newer; is_bf16_supported() also
+            # says yes for emulated bf16, which is slower than fp16 on T4/V100.
+            self._amp_dtype = torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
         self._infer_lock = threading.Lock()
 
     # -- the three steps -------------------------------------------------
@@ -61,10 +65,9 @@ class ModelDetector(BatchDetector):
         return eval_transform(image.rgb, self.card.input)
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
-        if self.device.type != "cuda":
+        if self._amp_dtype is None:
             return contextlib.nullcontext()  # CPU autocast is slower than fp32 for these convs
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=self._amp_dtype)
 
     def infer(self, batch: torch.Tensor) -> np.ndarray:
         """Raw logits for a CPU batch (N, 3, S, S)."""
@@ -134,7 +137,9 @@ def load_detector(name: str, *, model_dir: Path, device: str = "auto") -> BatchD
     card, state = load_checkpoint(Path(model_dir), name)
     net = build_net(card.arch, card.arch_params, Path(model_dir))
     missing, unexpected = net.load_state_dict(state, strict=False)
-    if unexpected or (missing and card.arch != "clip-probe"):
+    # ClipProbe.load_state_dict already restricts itself to the probe head, so a
+    # checkpoint without the head shows up as missing keys here too.
+    if unexpected or missing:
         raise ValueError(
             f"weights for {name!r} do not fit architecture {card.arch!r}: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"

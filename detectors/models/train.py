@@ -106,7 +106,7 @@ def train_model(samples: list[Sample], model_dir: Path, cfg: TrainConfig, progre
     net = build_net(cfg.arch, params, model_dir)
     if cfg.init_from:
         _, state = load_checkpoint(model_dir, cfg.init_from)
-        net.load_state_dict(state, strict=cfg.arch != "clip-probe")
+        net.load_state_dict(state, strict=True)
 
     train_s, calib_s = _split(samples, cfg.calib_fraction, cfg.seed)
     loaded = [(s, _load_image(s)) for s in train_s]

@@ -47,12 +47,12 @@ class VendorDetector(BatchDetector):
         self.base_url = (base_url or os.environ.get(self.url_env) or self.default_base_url).rstrip("/")
         self.timeout = httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
         self.max_wait_s, self.poll_interval_s = max_wait_s, poll_interval_s
+        # One client per plugin: the detect worker calls predict_batch per batch,
+        # and a client per call would pay a TCP+TLS handshake every time.
+        self._http = httpx.Client(timeout=self.timeout, follow_redirects=False)
 
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}(base_url={self.base_url!r})"
-
-    def _client(self) -> httpx.Client:
-        return httpx.Client(timeout=self.timeout, follow_redirects=False)
 
     def _score(self, client: httpx.Client, image: ImageData) -> tuple[float, dict[str, Any]]:
         raise NotImplementedError
@@ -71,17 +71,16 @@ class VendorDetector(BatchDetector):
 
     def predict_batch(self, images: list[ImageData]) -> list[Evidence]:
         out = []
-        with self._client() as client:
-            for im in images:
-                try:
-                    score, data = self._score(client, im)
-                except (httpx.HTTPError, VendorError, KeyError, IndexError, TypeError, ValueError) as e:
-                    # A vendor outage must not fail the cluster: no evidence = no opinion.
-                    log.warning("%s failed for %s: %s", self.name, im.sha256[:12], type(e).__name__)
-                    continue
-                score = min(1.0, max(0.0, float(score)))
-                out.append(Evidence(detector=self.name, score=score, weight=VENDOR_WEIGHT, sha256=im.sha256,
-                                    detail=f"{self.label}: {score:.2f} (vendor score)", data=data))
+        for im in images:
+            try:
+                score, data = self._score(self._http, im)
+            except (httpx.HTTPError, VendorError, KeyError, IndexError, TypeError, ValueError) as e:
+                # A vendor outage must not fail the cluster: no evidence = no opinion.
+                log.warning("%s failed for %s: %s", self.name, im.sha256[:12], type(e).__name__)
+                continue
+            score = min(1.0, max(0.0, float(score)))
+            out.append(Evidence(detector=self.name, score=score, weight=VENDOR_WEIGHT, sha256=im.sha256,
+                                detail=f"{self.label}: {score:.2f} (vendor score)", data=data))
         return out
 
     label: ClassVar[str] = "vendor"
