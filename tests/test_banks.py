@@ -3,24 +3,17 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 from detectors.banks import BankStore, bank_evidence
 from detectors.hashing import compute_hashes
 from detectors.imagedata import ImageData
+from tests.support import picture
 
 
 def _picture(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:300, 0:400] / 400
-    img = np.zeros((300, 400, 3))
-    for _ in range(10):
-        fx, fy, ph = rng.uniform(0.5, 10, 2).tolist() + [rng.uniform(0, 6.3)]
-        img += rng.uniform(-1, 1, 3) * np.sin(2 * np.pi * (fx * x + fy * y) + ph)[..., None]
-    img = (img - img.min()) / (img.max() - img.min()) * 255
-    return Image.fromarray(img.astype(np.uint8))
+    return picture(seed)
 
 
 def _save(img: Image.Image, path: Path, q: int = 90) -> Path:

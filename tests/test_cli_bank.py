@@ -3,24 +3,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from streams.cli import app  # registers every command group
+from tests.support import picture
 
 runner = CliRunner()
 
 
 def _picture(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:240, 0:320] / 320
-    img = np.zeros((240, 320, 3))
-    for _ in range(10):
-        fx, fy, ph = rng.uniform(0.5, 10, 2).tolist() + [rng.uniform(0, 6.3)]
-        img += rng.uniform(-1, 1, 3) * np.sin(2 * np.pi * (fx * x + fy * y) + ph)[..., None]
-    img = (img - img.min()) / (img.max() - img.min()) * 255
-    return Image.fromarray(img.astype(np.uint8))
+    return picture(seed, (320, 240))
 
 
 def _run(*args: str):

@@ -63,11 +63,8 @@ def paths(model_dir: Path, name: str) -> tuple[Path, Path]:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_checkpoint(model_dir: Path, card: ModelCard, state_dict: dict[str, torch.Tensor]) -> Path:

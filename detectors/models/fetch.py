@@ -122,7 +122,8 @@ def _download(source: str, dest: Path, max_bytes: int, progress: Progress | None
 
 
 def _looks_pickled(path: Path, source: str) -> bool:
-    head = path.open("rb").read(8)
+    with path.open("rb") as f:
+        head = f.read(8)
     # zip (torch >= 1.6 format) or a raw pickle stream (protocol 2+ starts 0x80)
     return head[:2] == b"PK" or head[:1] == b"\x80" or Path(urlparse(source).path).suffix.lower() in PICKLE_SUFFIXES
 
