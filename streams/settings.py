@@ -79,6 +79,32 @@ class AlertSettings(BaseModel):
     console: bool = True
 
 
+class ConnectorSettings(BaseModel):
+    """Platform connectors (``deepwatch connect``) and the HTTP ingest endpoint."""
+
+    jetstream_url: str = "wss://jetstream2.us-east.bsky.network/subscribe"
+    bluesky_image_url: str = "https://cdn.bsky.app/img/feed_fullsize/plain/{did}/{cid}@jpeg"
+    zstd_dictionary: Path | None = None  # Jetstream's dictionary file; set to ask for compressed frames
+    cursor_overlap_s: float = 5.0  # resume this far before the saved cursor; duplicates are dropped by event id
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    idle_timeout_s: float = 60.0  # no frame (or Mastodon heartbeat) for this long: reconnect
+    connect_timeout_s: float = 10.0
+    checkpoint_every: int = 200  # events; the cursor is saved only after the broker has them
+    checkpoint_interval_s: float = 2.0
+    seen_ids_max: int = 500_000  # event ids remembered for de-duplication across reconnects and restarts
+    post_cache_max: int = 200_000  # image posts remembered so reposts/quotes become sightings
+    max_frame_bytes: int = 2 * 1024 * 1024
+    mastodon_backfill_pages: int = 5  # x 40 statuses, after a disconnect without Last-Event-ID support
+    rate_limit_max_wait_s: float = 300.0
+    ingest_tokens_env: str = "DEEPWATCH_INGEST_TOKENS"  # NAME:TOKEN[,NAME:TOKEN...] in that variable
+    ingest_max_body_bytes: int = 8 * 1024 * 1024
+    ingest_max_lines: int = 1000
+    ingest_rate_per_s: float = 50.0  # events per second per token, sustained
+    ingest_burst: int = 500
+    ingest_broker_timeout_s: float = 5.0  # longer than this without the broker: 503 + Retry-After
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPWATCH_", env_nested_delimiter="__", extra="ignore")
 
@@ -97,6 +123,7 @@ class Settings(BaseSettings):
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
     detect: DetectSettings = Field(default_factory=DetectSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    connectors: ConnectorSettings = Field(default_factory=ConnectorSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,189 @@
+"""Live sources: ``deepwatch connect bluesky|mastodon`` and ``deepwatch serve-ingest``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from streams.cli.app import app
+from streams.cli.common import Config, DataDir, err, settings_from
+from streams.settings import Settings
+
+log = logging.getLogger("deepwatch.connectors")
+
+connect_app = typer.Typer(
+    help="Read a platform live, map its image posts to schema-v1 events and produce them to a running "
+         "pipeline's broker (or print them with --dry-run). Resumable: the cursor lives in --data-dir.",
+    no_args_is_help=True,
+)
+app.add_typer(connect_app, name="connect", rich_help_panel="Run")
+
+BrokerOpt = typer.Option(None, "--broker", help="kafka://HOST:PORT of the running pipeline's broker (env DEEPWATCH_BROKER).")
+DryRun = typer.Option(False, "--dry-run", help="Print mapped events as JSONL on stdout instead of producing them; the saved cursor is not used or moved.")
+MetricsPort = typer.Option(None, "--metrics-port", help="Serve Prometheus /metrics on this port.")
+Duration = typer.Option(None, "--duration", min=0.1, help="Stop after this many seconds (default: run until Ctrl-C / SIGTERM).")
+
+
+def _fail(msg: str) -> None:
+    err.print(f"[red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def _setup(settings: Settings, metrics_port: Optional[int]) -> None:
+    from streams import logs, metrics
+
+    logs.setup(settings.log_level, settings.log_format)
+    if metrics_port is not None:
+        port = metrics.serve(metrics_port)
+        log.info("metrics listening", extra={"port": port})
+
+
+def _sink(settings: Settings, dry_run: bool):
+    """The events topic of the configured broker, or stdout."""
+    if dry_run:
+        from streams.connectors.sinks import JsonlSink
+
+        return JsonlSink()
+    if settings.broker == "embedded" or "://" not in settings.broker:
+        _fail("a connector feeds a running pipeline: pass --broker kafka://HOST:PORT (or set DEEPWATCH_BROKER), "
+              "or use --dry-run to print the mapped events")
+    from streams.app import topic_specs
+    from streams.broker import bootstrap_of, ensure_topics
+    from streams.connectors.sinks import KafkaSink
+
+    bootstrap = bootstrap_of(settings.broker)
+    try:
+        ensure_topics(bootstrap, topic_specs(settings), timeout_s=15)
+        return KafkaSink(bootstrap, settings, bootstrap_timeout_ms=15_000)
+    except Exception as e:
+        _fail(f"cannot reach the broker at {bootstrap} ({type(e).__name__}: {e}); is the pipeline running?")
+
+
+def _report(runners) -> None:
+    for r in runners:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(r.emitter.counts.items())) or "nothing read"
+        err.print(f"[dim]{r.emitter.stream}: {counts}; cursor {r.emitter.cursor}[/]")
+
+
+@connect_app.command("bluesky")
+def bluesky(
+    collections: List[str] = typer.Option([], "--collections", help="Jetstream wantedCollections (repeatable; default app.bsky.feed.post and app.bsky.feed.repost)."),
+    filter_hashtag: List[str] = typer.Option([], "--filter-hashtag", help="Keep only image posts carrying one of these hashtags (repeatable; case-insensitive)."),
+    broker: Optional[str] = BrokerOpt,
+    jetstream_url: Optional[str] = typer.Option(None, "--jetstream-url", help="Jetstream /subscribe URL (default: connectors.jetstream_url)."),
+    zstd_dictionary: Optional[Path] = typer.Option(None, "--zstd-dictionary", exists=True, dir_okay=False, help="Jetstream's zstd dictionary file: asks for compressed frames (about half the bandwidth)."),
+    data_dir: Optional[Path] = DataDir,
+    config: Optional[Path] = Config,
+    dry_run: bool = DryRun,
+    metrics_port: Optional[int] = MetricsPort,
+    duration: Optional[float] = Duration,
+) -> None:
+    """Watch Bluesky's firehose (Jetstream) for image posts, reposts and quotes."""
+    from streams.connectors.run import bluesky_stream_key, build_bluesky, open_state, run_until_signalled
+
+    settings = settings_from(config, data_dir=data_dir, broker=broker)
+    if zstd_dictionary:
+        settings.connectors.zstd_dictionary = zstd_dictionary
+    _setup(settings, metrics_port)
+    sink = _sink(settings, dry_run)
+    state = open_state(settings, bluesky_stream_key(collections, filter_hashtag), memory=dry_run)
+    runner = build_bluesky(settings, sink, state, collections=collections or None, hashtags=filter_hashtag or None,
+                           url=jetstream_url)
+    try:
+        asyncio.run(run_until_signalled([runner], duration))
+    finally:
+        _report([runner])
+        sink.close()
+        state.close()
+
+
+@connect_app.command("mastodon")
+def mastodon(
+    instance: str = typer.Option(..., "--instance", help="The instance, e.g. https://mastodon.social"),
+    hashtag: List[str] = typer.Option([], "--hashtag", help="Hashtag to stream (repeatable: one stream each). Implies --timeline hashtag."),
+    timeline: Optional[str] = typer.Option(None, "--timeline", help="public | local | hashtag | user (default: hashtag with --hashtag, else public)."),
+    token_env: Optional[str] = typer.Option(None, "--token-env", help="Name of the environment variable holding an access token (many instances require one for streaming)."),
+    streaming_url: Optional[str] = typer.Option(None, "--streaming-url", help="Streaming server base URL (default: asked from /api/v1/instance)."),
+    broker: Optional[str] = BrokerOpt,
+    data_dir: Optional[Path] = DataDir,
+    config: Optional[Path] = Config,
+    dry_run: bool = DryRun,
+    metrics_port: Optional[int] = MetricsPort,
+    duration: Optional[float] = Duration,
+) -> None:
+    """Watch a Mastodon instance's public, local or hashtag timeline for images."""
+    from streams.connectors.run import build_mastodon, mastodon_stream_key, open_state, run_until_signalled
+
+    if not instance.startswith(("http://", "https://")):
+        _fail(f"--instance must be a URL such as https://{instance}")
+    tl = timeline or ("hashtag" if hashtag else "public")
+    if tl not in ("public", "local", "hashtag", "user"):
+        _fail(f"--timeline must be public, local, hashtag or user (got {tl!r})")
+    if tl == "hashtag" and not hashtag:
+        _fail("--timeline hashtag needs at least one --hashtag")
+    token = None
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            _fail(f"--token-env names {token_env}, which is not set in the environment")
+    elif tl == "user":
+        _fail("the user timeline needs an access token: --token-env NAME")
+    settings = settings_from(config, data_dir=data_dir, broker=broker)
+    _setup(settings, metrics_port)
+    sink = _sink(settings, dry_run)
+    tags = [h.lstrip("#") for h in hashtag] if tl == "hashtag" else [None]
+    states, runners = [], []
+    for tag in tags:
+        state = open_state(settings, mastodon_stream_key(instance, tl, tag), memory=dry_run)
+        states.append(state)
+        runners.append(build_mastodon(settings, sink, state, instance=instance, timeline=tl, hashtag=tag, token=token,
+                                      streaming_url=streaming_url,
+                                      filter_hashtags=None if tl == "hashtag" else (hashtag or None)))
+
+    async def main() -> None:
+        try:
+            await run_until_signalled(runners, duration)
+        finally:
+            for r in runners:
+                await r.aclose()
+
+    from streams.connectors.mastodon import FatalStreamError
+
+    try:
+        asyncio.run(main())
+    except FatalStreamError as e:
+        _fail(str(e))
+    finally:
+        _report(runners)
+        sink.close()
+        for s in states:
+            s.close()
+
+
+@app.command("serve-ingest", rich_help_panel="Run")
+def serve_ingest(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for all interfaces)."),
+    port: int = typer.Option(8087, "--port", help="Port to listen on."),
+    broker: Optional[str] = BrokerOpt,
+    config: Optional[Path] = Config,
+) -> None:
+    """HTTP endpoint for tiplines and scrapers: POST /ingest with one JSON
+    event or NDJSON, bearer tokens from DEEPWATCH_INGEST_TOKENS
+    (NAME:TOKEN,...), 202 with a result per line; GET /metrics."""
+    from streams.ingest_server import TokenConfigError, load_tokens, serve
+
+    settings = settings_from(config, broker=broker)
+    if settings.broker == "embedded" or "://" not in settings.broker:
+        _fail("serve-ingest feeds a running pipeline: pass --broker kafka://HOST:PORT (or set DEEPWATCH_BROKER)")
+    env = settings.connectors.ingest_tokens_env
+    try:
+        if not load_tokens(env):
+            _fail(f"no ingest tokens: set {env}=NAME:TOKEN[,NAME:TOKEN] (tokens are read only from the environment)")
+    except TokenConfigError as e:
+        _fail(str(e))
+    serve(settings, host, port)

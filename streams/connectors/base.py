@@ -1,0 +1,324 @@
+"""What every platform connector shares: the mapping result type, the state
+store (cursor, seen event ids, remembered image posts), backoff, rate
+limiting, the image-URL policy and the emitter that ties them to a sink.
+
+Delivery contract: an event id is written to ``seen`` only in the same
+transaction as the cursor that covers it, and only after the sink has
+acknowledged it (``Sink.flush``). A crash therefore re-sends at most the last
+uncheckpointed window, and the resume overlap plus the seen ids turn that into
+neither a gap nor a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+from urllib.parse import urlsplit
+
+from prometheus_client import Counter, Gauge
+
+from streams.fetch import FetchError, resolve_checked
+from streams.records import DeadLetter, ImageEvent
+from streams.settings import ConnectorSettings, FetchSettings
+
+log = logging.getLogger("deepwatch.connectors")
+
+FRAMES = Counter("deepwatch_connector_frames_total", "Platform frames read, by connector and outcome",
+                 ["connector", "outcome"])
+EVENTS = Counter("deepwatch_connector_events_total", "Mapped events, by connector and outcome "
+                 "(produced, duplicate, refused)", ["connector", "outcome"])
+RECONNECTS = Counter("deepwatch_connector_reconnects_total", "Stream reconnects, by connector and reason",
+                     ["connector", "reason"])
+CURSOR_LAG = Gauge("deepwatch_connector_cursor_lag_seconds", "Wall time minus the event time of the last "
+                   "checkpointed cursor", ["connector"])
+RATE_LIMIT_WAITS = Counter("deepwatch_connector_rate_limit_waits_total", "Waits imposed by platform rate limits",
+                           ["connector"])
+
+
+class MalformedFrame(ValueError):
+    """A frame that cannot be read. Counted and skipped, never fatal."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Mapped:
+    """What one platform frame means for deepwatch."""
+
+    outcome: str  # image_post, repost, quote, no_image, filtered, delete, identity, other, unknown_subject
+    events: list[ImageEvent] = field(default_factory=list)
+    cursor: int | None = None  # platform position after this frame (Jetstream time_us, Mastodon status id)
+    remember: tuple[str, dict[str, Any]] | None = None  # (post id, what a repost needs) for later reposts/quotes
+    forget: str | None = None  # post id deleted on the platform
+
+
+# --------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------
+class ConnectorState:
+    """One SQLite file per connector stream, in the data dir."""
+
+    def __init__(self, path: Path | str, *, seen_max: int = 500_000, posts_max: int = 200_000):
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.seen_max = seen_max
+        self.posts_max = posts_max
+        self._db = sqlite3.connect(str(path), check_same_thread=False)
+        self._db.executescript(
+            """
+            PRAGMA journal_mode=WAL;
+            CREATE TABLE IF NOT EXISTS cursor (stream TEXT PRIMARY KEY, value TEXT NOT NULL, updated REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS seen (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE);
+            CREATE TABLE IF NOT EXISTS posts (seq INTEGER PRIMARY KEY AUTOINCREMENT, post_id TEXT NOT NULL UNIQUE,
+                                              doc TEXT NOT NULL);
+            """
+        )
+        self._db.commit()
+        self._pending: set[str] = set()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def cursor(self, stream: str) -> str | None:
+        row = self._db.execute("SELECT value FROM cursor WHERE stream = ?", (stream,)).fetchone()
+        return row[0] if row else None
+
+    def seen(self, event_id: str) -> bool:
+        if event_id in self._pending:
+            return True
+        return self._db.execute("SELECT 1 FROM seen WHERE event_id = ?", (event_id,)).fetchone() is not None
+
+    def mark_pending(self, event_id: str) -> None:
+        self._pending.add(event_id)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def drop_pending(self) -> None:
+        """The sink failed: forget what was not acknowledged, so a resume re-sends it."""
+        self._pending.clear()
+        self._db.rollback()
+
+    def commit(self, stream: str, cursor: str | None) -> None:
+        """Record the acknowledged ids and the cursor that covers them, atomically."""
+        db = self._db
+        db.executemany("INSERT OR IGNORE INTO seen (event_id) VALUES (?)", [(e,) for e in self._pending])
+        if cursor is not None:
+            db.execute("INSERT INTO cursor (stream, value, updated) VALUES (?, ?, ?) "
+                       "ON CONFLICT(stream) DO UPDATE SET value = excluded.value, updated = excluded.updated",
+                       (stream, cursor, time.time()))
+        db.execute("DELETE FROM seen WHERE seq <= (SELECT MAX(seq) FROM seen) - ?", (self.seen_max,))
+        db.execute("DELETE FROM posts WHERE seq <= (SELECT MAX(seq) FROM posts) - ?", (self.posts_max,))
+        db.commit()
+        self._pending.clear()
+
+    # Image posts remembered for reposts and quotes (written with the next commit).
+    def remember(self, post_id: str, doc: dict[str, Any]) -> None:
+        self._db.execute("INSERT OR REPLACE INTO posts (post_id, doc) VALUES (?, ?)", (post_id, json.dumps(doc)))
+
+    def recall(self, post_id: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT doc FROM posts WHERE post_id = ?", (post_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def forget(self, post_id: str) -> bool:
+        return self._db.execute("DELETE FROM posts WHERE post_id = ?", (post_id,)).rowcount > 0
+
+
+# --------------------------------------------------------------------------
+# Politeness
+# --------------------------------------------------------------------------
+class Backoff:
+    """Exponential backoff with full jitter (the AWS architecture blog's
+    variant): many clients reconnecting after one outage spread out instead
+    of stampeding the server together."""
+
+    def __init__(self, initial_s: float = 1.0, max_s: float = 60.0, rng: random.Random | None = None):
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        cap = min(self.max_s, self.initial_s * 2 ** self.attempt)
+        self.attempt += 1
+        return self._rng.uniform(cap / 2, cap)  # half-jitter: never hammer with a near-zero wait
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` banked."""
+
+    def __init__(self, rate: float, burst: float, clock=time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def take(self, n: float = 1.0) -> float:
+        """Take ``n`` tokens; returns 0.0 on success, else the seconds until
+        they would be available (nothing is taken then)."""
+        self._refill()
+        if n <= self._tokens:
+            self._tokens -= n
+            return 0.0
+        if n > self.burst:
+            return float("inf")
+        return (n - self._tokens) / self.rate
+
+
+# --------------------------------------------------------------------------
+# The pipeline's URL policy, applied before anything is produced
+# --------------------------------------------------------------------------
+class UrlPolicy:
+    """Refuse image URLs the pipeline's fetch stage would refuse (non-http
+    schemes, hosts resolving to private/loopback addresses unless
+    ``fetch.allow_private_networks``), using the very same check. Answers are
+    cached per host: a firehose names the same CDN host thousands of times."""
+
+    def __init__(self, fetch: FetchSettings, ttl_s: float = 300.0):
+        self.allow_private = fetch.allow_private_networks
+        self.ttl_s = ttl_s
+        self._cache: dict[tuple[str, int], tuple[float, FetchError | None]] = {}
+
+    async def check(self, url: str) -> FetchError | None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return FetchError("bad_url", f"refusing image URL {url[:200]!r}")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return FetchError("bad_url", f"bad port in image URL {url[:200]!r}")
+        key = (parts.hostname, port)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit and now - hit[0] < self.ttl_s:
+            return hit[1]
+        try:
+            await resolve_checked(parts.hostname, port, self.allow_private)
+            err = None
+        except FetchError as e:
+            err = e
+        if err is None or not err.retryable:  # DNS hiccups are not remembered
+            self._cache[key] = (now, err)
+        return err
+
+
+# --------------------------------------------------------------------------
+# Sinks and the emitter
+# --------------------------------------------------------------------------
+class Sink(Protocol):
+    def send(self, event: ImageEvent) -> None: ...
+    def dead_letter(self, dl: DeadLetter) -> None: ...
+    def flush(self) -> None:
+        """Block until everything sent is acknowledged; raise if it cannot be."""
+        ...
+    def close(self) -> None: ...
+
+
+class Emitter:
+    """Dedupe, policy-check and send mapped events; checkpoint the cursor."""
+
+    def __init__(self, connector: str, stream: str, state: ConnectorState, sink: Sink, policy: UrlPolicy,
+                 cfg: ConnectorSettings, *, cursor_time=None):
+        self.connector = connector
+        self.stream = stream
+        self.state = state
+        self.sink = sink
+        self.policy = policy
+        self.cfg = cfg
+        self._cursor: str | None = state.cursor(stream)
+        self._dirty = False
+        self._last_checkpoint = time.monotonic()
+        self._cursor_time = cursor_time  # cursor -> event time (unix seconds), for the lag gauge
+        self.counts: dict[str, int] = {}
+
+    @property
+    def cursor(self) -> str | None:
+        return self._cursor
+
+    def count(self, outcome: str) -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        FRAMES.labels(self.connector, outcome).inc()
+
+    def _event(self, outcome: str) -> None:
+        self.counts[f"events_{outcome}"] = self.counts.get(f"events_{outcome}", 0) + 1
+        EVENTS.labels(self.connector, outcome).inc()
+
+    async def apply(self, mapped: Mapped) -> None:
+        self.count(mapped.outcome)
+        if mapped.forget:
+            self.state.forget(mapped.forget)
+        if mapped.remember:
+            self.state.remember(*mapped.remember)
+        await self.emit(mapped.events)
+        if mapped.cursor is not None:
+            self.advance(str(mapped.cursor))
+        await self.maybe_checkpoint()
+
+    async def emit(self, events: Iterable[ImageEvent]) -> None:
+        for ev in events:
+            if self.state.seen(ev.event_id):
+                self._event("duplicate")
+                continue
+            refused = await self.policy.check(ev.image.url) if ev.image.url else None
+            if refused is not None:
+                self.sink.dead_letter(DeadLetter(
+                    event_id=ev.event_id, stage="fetch", reason=refused.reason,
+                    detail=f"refused by the {self.connector} connector: {refused.detail}",
+                    payload_excerpt=ev.dumps()[:512].decode("utf-8", "replace"),
+                ))
+                log.warning("image URL refused by fetch policy", extra={
+                    "connector": self.connector, "event_id": ev.event_id, "reason": refused.reason})
+                self._event("refused")
+            else:
+                self.sink.send(ev)
+                self._event("produced")
+            self.state.mark_pending(ev.event_id)
+
+    def advance(self, cursor: str) -> None:
+        self._cursor = cursor
+        self._dirty = True
+
+    async def maybe_checkpoint(self) -> None:
+        if self.state.pending >= self.cfg.checkpoint_every or (
+            self._dirty and time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_interval_s
+        ):
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        if not self._dirty and not self.state.pending:
+            return
+        try:
+            await asyncio.to_thread(self.sink.flush)
+        except Exception:
+            # Nothing unacknowledged is recorded as seen and the cursor stays
+            # where the broker last confirmed: the next run re-sends the window.
+            self.state.drop_pending()
+            self._cursor = self.state.cursor(self.stream)
+            self._dirty = False
+            raise
+        self.state.commit(self.stream, self._cursor)
+        self._dirty = False
+        self._last_checkpoint = time.monotonic()
+        if self._cursor_time and self._cursor is not None:
+            CURSOR_LAG.labels(self.connector).set(max(0.0, time.time() - self._cursor_time(self._cursor)))

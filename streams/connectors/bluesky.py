@@ -1,0 +1,378 @@
+"""Bluesky through Jetstream: commit frames over a websocket, mapped to
+schema-v1 events (one per image), resumable from the time-based cursor.
+
+Jetstream frames (``kind`` commit | identity | account) carry the author DID,
+``time_us`` (the cursor, unix microseconds) and for commits the collection,
+operation and record. Images are blob references in the post record's
+``embed`` (``app.bsky.embed.images``, or ``.media`` of
+``app.bsky.embed.recordWithMedia``); the CDN serves them by DID and blob CID.
+Reposts and quotes name the post they share by AT URI: if that post's images
+were seen, each becomes a new sighting of the same image URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Any, Callable, Literal
+from urllib.parse import urlencode
+
+import websockets
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streams.connectors.base import Backoff, Emitter, Mapped, MalformedFrame, RECONNECTS
+from streams.records import ImageEvent
+from streams.settings import ConnectorSettings
+
+log = logging.getLogger("deepwatch.connectors.bluesky")
+
+PLATFORM = "bluesky"
+POST = "app.bsky.feed.post"
+REPOST = "app.bsky.feed.repost"
+DEFAULT_COLLECTIONS = (POST, REPOST)
+TAG_FEATURE = "app.bsky.richtext.facet#tag"
+
+
+# --------------------------------------------------------------------------
+# Typed frames (only the fields we read; the rest is ignored)
+# --------------------------------------------------------------------------
+class _M(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class _Link(_M):
+    link: str = Field(alias="$link")
+
+
+class Blob(_M):
+    ref: _Link | None = None
+    cid: str | None = None  # legacy blob form: {"cid": ..., "mimeType": ...}
+    mimeType: str | None = None
+
+    @property
+    def cid_str(self) -> str | None:
+        return self.ref.link if self.ref else self.cid
+
+
+class EmbedImage(_M):
+    image: Blob
+    alt: str | None = None
+
+
+class StrongRef(_M):
+    uri: str
+    cid: str | None = None
+
+
+class EmbedRecord(_M):
+    record: StrongRef
+
+
+class Embed(_M):
+    type: str = Field(alias="$type")
+    images: list[EmbedImage] | None = None
+    media: "Embed | None" = None  # recordWithMedia
+    record: StrongRef | EmbedRecord | None = None  # record: StrongRef; recordWithMedia: EmbedRecord
+
+
+class FacetFeature(_M):
+    type: str = Field(default="", alias="$type")
+    tag: str | None = None
+
+
+class Facet(_M):
+    features: list[FacetFeature] = Field(default_factory=list)
+
+
+class PostRecord(_M):
+    text: str = ""
+    createdAt: str | None = None
+    langs: list[str] | None = None
+    facets: list[Facet] | None = None
+    tags: list[str] | None = None
+    embed: Embed | None = None
+
+
+class RepostRecord(_M):
+    subject: StrongRef
+    createdAt: str | None = None
+
+
+class Commit(_M):
+    rev: str | None = None
+    operation: Literal["create", "update", "delete"]
+    collection: str
+    rkey: str
+    record: dict[str, Any] | None = None
+    cid: str | None = None
+
+
+class Identity(_M):
+    did: str
+    handle: str | None = None
+
+
+class Frame(_M):
+    did: str
+    time_us: int
+    kind: str
+    commit: Commit | None = None
+    identity: Identity | None = None
+
+
+# --------------------------------------------------------------------------
+# Mapping
+# --------------------------------------------------------------------------
+def post_url(uri: str) -> str | None:
+    """``at://DID/app.bsky.feed.post/RKEY`` -> the bsky.app web page."""
+    parts = uri.removeprefix("at://").split("/")
+    if len(parts) == 3 and parts[1] == POST:
+        return f"https://bsky.app/profile/{parts[0]}/post/{parts[2]}"
+    return None
+
+
+def _time(created: str | None, time_us: int) -> datetime:
+    # createdAt is client-supplied and sometimes junk or naive; the relay's
+    # time_us is always there and always UTC.
+    if created:
+        try:
+            t = datetime.fromisoformat(created)
+            if t.tzinfo is not None:
+                return t
+        except ValueError:
+            pass
+    return datetime.fromtimestamp(time_us / 1e6, timezone.utc)
+
+
+def _hashtags(rec: PostRecord) -> list[str]:
+    out: dict[str, str] = {}
+    for facet in rec.facets or []:
+        for feat in facet.features:
+            if feat.type == TAG_FEATURE and feat.tag:
+                out.setdefault(feat.tag.lstrip("#").casefold(), feat.tag.lstrip("#"))
+    for tag in rec.tags or []:
+        out.setdefault(tag.lstrip("#").casefold(), tag.lstrip("#"))
+    return [t for t in out.values() if t][:256]
+
+
+def _embed_images(embed: Embed | None) -> list[Blob]:
+    if embed is None:
+        return []
+    if embed.type == "app.bsky.embed.images":
+        return [i.image for i in embed.images or []]
+    if embed.type == "app.bsky.embed.recordWithMedia":
+        return _embed_images(embed.media)
+    return []
+
+
+def _quoted_uri(embed: Embed | None) -> str | None:
+    if embed is None:
+        return None
+    rec = embed.record
+    if embed.type == "app.bsky.embed.record" and isinstance(rec, StrongRef):
+        return rec.uri
+    if embed.type == "app.bsky.embed.recordWithMedia" and isinstance(rec, EmbedRecord):
+        return rec.record.uri
+    return None
+
+
+class BlueskyMapper:
+    """Jetstream frame bytes -> ``Mapped``. Pure apart from a bounded DID ->
+    handle memory fed by identity frames (commit frames carry no handle)."""
+
+    def __init__(self, image_url: str, *, hashtags: list[str] | None = None,
+                 recall: Callable[[str], dict[str, Any] | None] = lambda _uri: None, handles_max: int = 100_000):
+        self.image_url = image_url
+        self.filter = {h.lstrip("#").casefold() for h in hashtags or []}
+        self.recall = recall
+        self._handles: OrderedDict[str, str] = OrderedDict()
+        self._handles_max = handles_max
+
+    def map(self, raw: bytes | str) -> Mapped:
+        try:
+            frame = Frame.model_validate_json(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            kind = "malformed_json" if err["type"] == "json_invalid" else "bad_frame"
+            raise MalformedFrame(kind, f"{'.'.join(map(str, err['loc'])) or '(frame)'}: {err['msg']}") from None
+        if frame.kind == "identity" and frame.identity and frame.identity.handle:
+            self._handles[frame.did] = frame.identity.handle
+            self._handles.move_to_end(frame.did)
+            if len(self._handles) > self._handles_max:
+                self._handles.popitem(last=False)
+            return Mapped("identity", cursor=frame.time_us)
+        c = frame.commit
+        if frame.kind != "commit" or c is None:
+            return Mapped("other", cursor=frame.time_us)
+        uri = f"at://{frame.did}/{c.collection}/{c.rkey}"
+        if c.operation == "delete":
+            # Schema v1 has no retraction: sightings already produced stay;
+            # the post is forgotten so later reposts do not resurrect it.
+            return Mapped("delete", cursor=frame.time_us, forget=uri if c.collection == POST else None)
+        if c.record is None:
+            raise MalformedFrame("bad_frame", f"{c.operation} of {uri} without a record")
+        try:
+            if c.collection == POST:
+                return self._post(frame, uri, PostRecord.model_validate(c.record))
+            if c.collection == REPOST:
+                return self._repost(frame, uri, RepostRecord.model_validate(c.record))
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise MalformedFrame("bad_record", f"{uri}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return Mapped("other", cursor=frame.time_us)
+
+    def _event(self, frame: Frame, event_id: str, post_id: str, url: str, doc: dict[str, Any],
+               created: str | None) -> ImageEvent:
+        try:
+            return ImageEvent(
+                event_id=event_id, platform=PLATFORM, post_id=post_id, post_url=doc.get("post_url"),
+                account_id=frame.did, account_handle=self._handles.get(frame.did),
+                posted_at=_time(created, frame.time_us), text=doc.get("text") or None, lang=doc.get("lang"),
+                hashtags=doc.get("hashtags", []), image={"url": url},
+            )
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise MalformedFrame("unmappable", f"{event_id}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+    def _post(self, frame: Frame, uri: str, rec: PostRecord) -> Mapped:
+        tags = _hashtags(rec)
+        own = [b.cid_str for b in _embed_images(rec.embed) if b.cid_str]
+        quoted = self.recall(q) if (q := _quoted_uri(rec.embed)) else None
+        if not own and not quoted:
+            return Mapped("no_image", cursor=frame.time_us)
+        if self.filter and not (self.filter & {t.casefold() for t in tags}):
+            return Mapped("filtered", cursor=frame.time_us)
+        lang = (rec.langs or [None])[0]
+        doc = {"post_url": post_url(uri), "text": rec.text, "lang": lang if lang and len(lang) <= 16 else None,
+               "hashtags": tags, "images": [self.image_url.format(did=frame.did, cid=cid) for cid in own]}
+        events = [self._event(frame, f"{uri}#{i}", uri, url, doc, rec.createdAt) for i, url in enumerate(doc["images"])]
+        if quoted:
+            # A quote re-shares the quoted post's pictures: sightings of the same URLs.
+            events += [self._event(frame, f"{uri}#q{i}", uri, url, doc, rec.createdAt)
+                       for i, url in enumerate(quoted["images"])]
+        return Mapped("image_post" if own else "quote", events=events, cursor=frame.time_us,
+                      remember=(uri, doc) if own else None)
+
+    def _repost(self, frame: Frame, uri: str, rec: RepostRecord) -> Mapped:
+        original = self.recall(rec.subject.uri)
+        if original is None:
+            return Mapped("unknown_subject", cursor=frame.time_us)  # not an image post we have seen
+        # The repost has no text or page of its own: it carries the original's.
+        events = [self._event(frame, f"{uri}#{i}", uri, url, original, rec.createdAt)
+                  for i, url in enumerate(original["images"])]
+        return Mapped("repost", events=events, cursor=frame.time_us)
+
+
+# --------------------------------------------------------------------------
+# The websocket client
+# --------------------------------------------------------------------------
+def subscribe_url(base: str, collections: list[str], cursor: int | None, compress: bool) -> str:
+    params: list[tuple[str, str]] = [("wantedCollections", c) for c in collections]
+    if cursor is not None:
+        params.append(("cursor", str(cursor)))
+    if compress:
+        params.append(("compress", "true"))
+    return f"{base}{'&' if '?' in base else '?'}{urlencode(params)}" if params else base
+
+
+def _decompressor(path):
+    import zstandard
+
+    dict_data = zstandard.ZstdCompressionDict(path.read_bytes())
+    return zstandard.ZstdDecompressor(dict_data=dict_data)
+
+
+class BlueskyConnector:
+    def __init__(self, emitter: Emitter, mapper: BlueskyMapper, cfg: ConnectorSettings, *,
+                 collections: list[str] | None = None, url: str | None = None):
+        self.emitter = emitter
+        self.mapper = mapper
+        self.cfg = cfg
+        self.collections = list(collections or DEFAULT_COLLECTIONS)
+        self.url = url or cfg.jetstream_url
+        self._zstd = _decompressor(cfg.zstd_dictionary) if cfg.zstd_dictionary else None
+        self.connects = 0
+
+    def _resume_cursor(self) -> int | None:
+        saved = self.emitter.cursor
+        if saved is None:
+            return None
+        return max(0, int(saved) - int(self.cfg.cursor_overlap_s * 1_000_000))
+
+    def _decode(self, msg: bytes | str) -> bytes | str:
+        if isinstance(msg, bytes) and self._zstd is not None:
+            import zstandard
+
+            try:
+                return self._zstd.decompress(msg, max_output_size=self.cfg.max_frame_bytes)
+            except zstandard.ZstdError as e:
+                raise MalformedFrame("bad_compression", f"zstd: {e}") from None
+        return msg
+
+    async def handle(self, msg: bytes | str) -> None:
+        try:
+            mapped = self.mapper.map(self._decode(msg))
+        except MalformedFrame as e:
+            self.emitter.count("malformed")
+            log.warning("malformed frame skipped", extra={
+                "connector": PLATFORM, "reason": e.reason, "detail": e.detail[:300],
+                "excerpt": (msg[:200] if isinstance(msg, str) else repr(msg[:200]))})
+            return
+        await self.emitter.apply(mapped)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Read until ``stop`` is set, reconnecting with backoff; checkpoints on the way out."""
+        stop = stop or asyncio.Event()
+        backoff = Backoff(self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
+        try:
+            while not stop.is_set():
+                reason = await self._session(stop, backoff)
+                await self.emitter.checkpoint()
+                if stop.is_set():
+                    break
+                RECONNECTS.labels(PLATFORM, reason).inc()
+                wait = backoff.next()
+                log.info("reconnecting", extra={"connector": PLATFORM, "reason": reason, "wait_s": round(wait, 2),
+                                                "cursor": self.emitter.cursor})
+                try:
+                    await asyncio.wait_for(stop.wait(), wait)
+                except TimeoutError:
+                    pass
+        finally:
+            await self.emitter.checkpoint()
+
+    async def _session(self, stop: asyncio.Event, backoff: Backoff) -> str:
+        url = subscribe_url(self.url, self.collections, self._resume_cursor(), self._zstd is not None)
+        self.connects += 1
+        try:
+            async with websockets.connect(
+                url, open_timeout=self.cfg.connect_timeout_s, max_size=self.cfg.max_frame_bytes,
+                ping_interval=20, ping_timeout=20, close_timeout=2,
+                user_agent_header="deepwatch-connector (+https://github.com/deepwatch)",
+            ) as ws:
+                log.info("connected", extra={"connector": PLATFORM, "url": url})
+                stopping = asyncio.ensure_future(stop.wait())
+                try:
+                    while True:
+                        recv = asyncio.ensure_future(ws.recv())
+                        done, _ = await asyncio.wait({recv, stopping}, timeout=self.cfg.idle_timeout_s,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                        if recv not in done:
+                            recv.cancel()
+                            return "stopped" if stopping in done else "idle_timeout"
+                        msg = recv.result()
+                        backoff.reset()  # a frame arrived: the server is healthy again
+                        await self.handle(msg)
+                finally:
+                    stopping.cancel()
+        except websockets.ConnectionClosed as e:
+            return "closed_ok" if isinstance(e, websockets.ConnectionClosedOK) else "closed_error"
+        except websockets.InvalidStatus as e:
+            log.warning("handshake refused", extra={"connector": PLATFORM, "status": e.response.status_code})
+            return f"http_{e.response.status_code}"
+        except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
+            log.warning("connection failed", extra={"connector": PLATFORM, "error": f"{type(e).__name__}: {e}"})
+            return "connect_failed"

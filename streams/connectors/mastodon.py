@@ -1,0 +1,401 @@
+"""Mastodon through its streaming API (server-sent events), with a bounded
+REST backfill after a disconnect.
+
+The stream sends ``event: update`` / ``status.update`` with a Status JSON and
+``event: delete`` with a status id. Mastodon's streaming server sends no SSE
+``id:`` fields, so ``Last-Event-ID`` resume only happens against servers that
+do; otherwise the statuses missed while disconnected are fetched from the REST
+timeline, paging forward from the last status id seen (``min_id`` and the
+``Link: rel="prev"`` header), at most ``mastodon_backfill_pages`` pages, with
+the ``X-RateLimit-*`` headers respected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any, Literal
+from urllib.parse import quote, urlencode, urlsplit
+
+import httpx
+from httpx_sse import SSEError, aconnect_sse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streams.connectors.base import RATE_LIMIT_WAITS, RECONNECTS, Backoff, Emitter, MalformedFrame, Mapped
+from streams.records import ImageEvent
+from streams.settings import ConnectorSettings
+
+log = logging.getLogger("deepwatch.connectors.mastodon")
+
+PLATFORM = "mastodon"
+Timeline = Literal["public", "local", "hashtag", "user"]
+PAGE = 40  # the REST timelines' maximum page size
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class MediaAttachment(_M):
+    id: str
+    type: str
+    url: str | None = None  # the original (the instance's copy for remote media)
+    remote_url: str | None = None
+
+
+class Account(_M):
+    id: str
+    username: str = ""
+    acct: str
+    url: str | None = None
+
+
+class Tag(_M):
+    name: str
+
+
+class Quote(_M):
+    state: str | None = None
+    quoted_status: "Status | None" = None
+
+
+class Status(_M):
+    id: str
+    created_at: datetime
+    uri: str | None = None
+    url: str | None = None
+    content: str = ""
+    language: str | None = None
+    account: Account
+    media_attachments: list[MediaAttachment] = Field(default_factory=list)
+    tags: list[Tag] = Field(default_factory=list)
+    reblog: "Status | None" = None
+    quote: Quote | None = None
+    favourites_count: int = 0
+    reblogs_count: int = 0
+    replies_count: int = 0
+
+
+_TAG = re.compile(r"<[^>]+>")
+_BREAK = re.compile(r"<br\s*/?>|</p>\s*<p>", re.I)
+
+
+def plain_text(content: str) -> str:
+    """Status HTML -> text (paragraphs and breaks become newlines)."""
+    return html.unescape(_TAG.sub("", _BREAK.sub("\n", content))).strip()
+
+
+def status_id_int(sid: str) -> int:
+    return int(sid) if sid.isdigit() else -1
+
+
+class MastodonMapper:
+    """Status JSON -> schema-v1 events, one per image attachment."""
+
+    def __init__(self, instance: str, *, hashtags: list[str] | None = None):
+        self.host = urlsplit(instance).hostname or instance
+        self.filter = {h.lstrip("#").casefold() for h in hashtags or []}
+
+    def _acct(self, a: Account) -> str:
+        return a.acct if "@" in a.acct else f"{a.acct}@{self.host}"
+
+    def map_update(self, data: str | bytes) -> Mapped:
+        try:
+            status = Status.model_validate_json(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            kind = "malformed_json" if err["type"] == "json_invalid" else "bad_status"
+            raise MalformedFrame(kind, f"{'.'.join(map(str, err['loc'])) or '(status)'}: {err['msg']}") from None
+        return self.map_status(status)
+
+    def map_delete(self, data: str) -> Mapped:
+        sid = data.strip().strip('"')
+        if not sid:
+            raise MalformedFrame("bad_delete", "delete without a status id")
+        # Schema v1 has no retraction: what was produced stays.
+        return Mapped("delete", forget=sid)
+
+    def map_status(self, s: Status) -> Mapped:
+        cursor = status_id_int(s.id)
+        cursor = cursor if cursor >= 0 else None
+        shared = s.reblog  # a boost: the booster's sighting of the original's pictures
+        subject = shared or s
+        images = [m for m in subject.media_attachments if m.type == "image" and (m.url or m.remote_url)]
+        quoted = subject.quote.quoted_status if subject.quote and subject.quote.state in (None, "accepted") else None
+        q_images = [m for m in quoted.media_attachments if m.type == "image" and (m.url or m.remote_url)] if quoted else []
+        if not images and not q_images:
+            return Mapped("no_image", cursor=cursor)
+        tags = [t.name for t in subject.tags][:256]
+        if self.filter and not (self.filter & {t.casefold() for t in tags}):
+            return Mapped("filtered", cursor=cursor)
+        text = plain_text(subject.content)
+        lang = subject.language if subject.language and len(subject.language) <= 16 else None
+
+        def event(suffix: str, m: MediaAttachment) -> ImageEvent:
+            eid = f"mastodon:{self.host}:{s.id}:{suffix}{m.id}"
+            try:
+                return ImageEvent(
+                    event_id=eid, platform=PLATFORM, post_id=s.uri or s.id, post_url=subject.url or subject.uri,
+                    account_id=self._acct(s.account), account_handle=f"@{self._acct(s.account)}",
+                    posted_at=s.created_at, text=text or None, lang=lang, hashtags=tags,
+                    # Engagement is this status's own: a boost's counts are not
+                    # the original's, and sightings' engagement is summed per cluster.
+                    engagement={"likes": s.favourites_count, "reposts": s.reblogs_count,
+                                "replies": s.replies_count},
+                    image={"url": m.url or m.remote_url},
+                )
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise MalformedFrame("unmappable", f"{eid}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+        events = [event("", m) for m in images] + [event("q", m) for m in q_images]
+        outcome = "repost" if shared else ("image_post" if images else "quote")
+        return Mapped(outcome, events=events, cursor=cursor)
+
+
+def stream_path(timeline: Timeline, hashtag: str | None) -> str:
+    if timeline == "hashtag":
+        return f"/api/v1/streaming/hashtag?{urlencode({'tag': hashtag})}"
+    return {"public": "/api/v1/streaming/public", "local": "/api/v1/streaming/public/local",
+            "user": "/api/v1/streaming/user"}[timeline]
+
+
+def timeline_path(timeline: Timeline, hashtag: str | None) -> str:
+    if timeline == "hashtag":
+        return f"/api/v1/timelines/tag/{quote(hashtag or '', safe='')}"
+    return {"public": "/api/v1/timelines/public", "local": "/api/v1/timelines/public?local=true",
+            "user": "/api/v1/timelines/home"}[timeline]
+
+
+class RateLimited(Exception):
+    def __init__(self, wait_s: float):
+        super().__init__(f"rate limited for {wait_s:.1f}s")
+        self.wait_s = wait_s
+
+
+class FatalStreamError(Exception):
+    """The server refuses us in a way retrying cannot fix (bad token, no such timeline)."""
+
+
+def rate_limit_wait(headers: httpx.Headers, *, low_water: int = 1, now: float | None = None) -> float:
+    """Seconds to wait before the next request, from Mastodon's headers
+    (``X-RateLimit-Remaining``, ``X-RateLimit-Reset`` as an ISO 8601 time) or
+    a ``Retry-After`` header."""
+    now = time.time() if now is None else now
+    retry_after = headers.get("retry-after")
+    if retry_after:
+        try:
+            return max(0.0, float(retry_after))
+        except ValueError:
+            pass
+    remaining = headers.get("x-ratelimit-remaining")
+    reset = headers.get("x-ratelimit-reset")
+    if remaining is None or reset is None:
+        return 0.0
+    try:
+        if int(remaining) > low_water:
+            return 0.0
+        return max(0.0, datetime.fromisoformat(reset).timestamp() - now)
+    except ValueError:
+        return 0.0
+
+
+class MastodonConnector:
+    def __init__(self, emitter: Emitter, mapper: MastodonMapper, cfg: ConnectorSettings, *, instance: str,
+                 timeline: Timeline = "public", hashtag: str | None = None, token: str | None = None,
+                 streaming_url: str | None = None, client: httpx.AsyncClient | None = None):
+        if timeline == "hashtag" and not hashtag:
+            raise ValueError("the hashtag timeline needs a hashtag")
+        self.emitter = emitter
+        self.mapper = mapper
+        self.cfg = cfg
+        self.instance = instance.rstrip("/")
+        self.timeline = timeline
+        self.hashtag = hashtag
+        self.streaming_url = streaming_url.rstrip("/") if streaming_url else None
+        headers = {"User-Agent": "deepwatch-connector (+https://github.com/deepwatch)"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.client = client or httpx.AsyncClient(
+            headers=headers, trust_env=False,
+            timeout=httpx.Timeout(cfg.idle_timeout_s, connect=cfg.connect_timeout_s),
+        )
+        self.last_event_id: str | None = None  # only servers that send SSE ids set this
+        self.connects = 0
+        self.backfilled = 0
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # -- streaming endpoint discovery ------------------------------------
+    async def _streaming_base(self) -> str:
+        if self.streaming_url:
+            return self.streaming_url
+        base = self.instance
+        try:
+            r = await self.client.get(f"{self.instance}/api/v1/instance")
+            if r.status_code == 200:
+                found = (r.json().get("urls") or {}).get("streaming_api")
+                if isinstance(found, str) and found:
+                    base = found.replace("wss://", "https://", 1).replace("ws://", "http://", 1).rstrip("/")
+        except (httpx.HTTPError, ValueError):
+            pass  # many instances proxy /api/v1/streaming on the main host anyway
+        self.streaming_url = base
+        return base
+
+    # -- handling ----------------------------------------------------------
+    async def handle(self, event: str, data: str) -> None:
+        try:
+            if event in ("update", "status.update"):
+                mapped = self.mapper.map_update(data)
+            elif event == "delete":
+                mapped = self.mapper.map_delete(data)
+            else:
+                self.emitter.count("other")
+                return
+        except MalformedFrame as e:
+            self.emitter.count("malformed")
+            log.warning("malformed frame skipped", extra={
+                "connector": PLATFORM, "event": event, "reason": e.reason, "detail": e.detail[:300],
+                "excerpt": data[:200]})
+            return
+        await self._apply(mapped)
+
+    async def _apply(self, mapped: Mapped) -> None:
+        if mapped.cursor is not None and self.emitter.cursor is not None and \
+                mapped.cursor < status_id_int(self.emitter.cursor):
+            mapped.cursor = None  # an edit of an old status must not move the cursor back
+        await self.emitter.apply(mapped)
+
+    # -- REST backfill -----------------------------------------------------
+    async def _get(self, url: str) -> httpx.Response:
+        for _ in range(5):
+            r = await self.client.get(url)
+            wait = rate_limit_wait(r.headers)
+            if r.status_code == 429:
+                wait = wait or 60.0
+            if wait > 0:
+                RATE_LIMIT_WAITS.labels(PLATFORM).inc()
+                wait = min(wait, self.cfg.rate_limit_max_wait_s)
+                log.info("rate limit: waiting", extra={"connector": PLATFORM, "wait_s": round(wait, 1),
+                                                       "status": r.status_code})
+                await asyncio.sleep(wait)
+            if r.status_code != 429:
+                return r
+        raise RateLimited(self.cfg.rate_limit_max_wait_s)
+
+    async def backfill(self) -> int:
+        """Fetch statuses newer than the cursor, oldest page first. Returns statuses read."""
+        since = self.emitter.cursor
+        if since is None:
+            return 0
+        path = timeline_path(self.timeline, self.hashtag)
+        url: str | None = f"{self.instance}{path}{'&' if '?' in path else '?'}{urlencode({'min_id': since, 'limit': PAGE})}"
+        read = 0
+        pages = 0
+        while url and pages < self.cfg.mastodon_backfill_pages:
+            r = await self._get(url)
+            if r.status_code in (401, 403, 404, 422):
+                raise FatalStreamError(f"backfill {url} answered HTTP {r.status_code}: {r.text[:200]}")
+            r.raise_for_status()
+            try:
+                page = r.json()
+            except ValueError:
+                log.warning("backfill page is not JSON", extra={"connector": PLATFORM, "url": url})
+                break
+            if not isinstance(page, list) or not page:
+                return read
+            pages += 1
+            for doc in sorted(page, key=lambda d: status_id_int(str(d.get("id", ""))) if isinstance(d, dict) else -1):
+                read += 1
+                try:
+                    mapped = self.mapper.map_status(Status.model_validate(doc))
+                except (ValidationError, MalformedFrame) as e:
+                    self.emitter.count("malformed")
+                    log.warning("malformed status in backfill skipped", extra={"connector": PLATFORM, "error": str(e)[:300]})
+                    continue
+                await self._apply(mapped)
+            prev = r.links.get("prev", {}).get("url")
+            url = prev if prev and len(page) >= PAGE else None
+        if url:
+            log.warning("backfill bound reached; older missed statuses are skipped",
+                        extra={"connector": PLATFORM, "pages": pages, "cursor": self.emitter.cursor})
+        self.backfilled += read
+        return read
+
+    # -- streaming ---------------------------------------------------------
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        backoff = Backoff(self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
+        try:
+            while not stop.is_set():
+                reason = await self._session(stop, backoff)
+                await self.emitter.checkpoint()
+                if stop.is_set():
+                    break
+                RECONNECTS.labels(PLATFORM, reason).inc()
+                wait = backoff.next()
+                log.info("reconnecting", extra={"connector": PLATFORM, "reason": reason, "wait_s": round(wait, 2),
+                                                "cursor": self.emitter.cursor})
+                try:
+                    await asyncio.wait_for(stop.wait(), wait)
+                except TimeoutError:
+                    pass
+        finally:
+            await self.emitter.checkpoint()
+
+    async def _session(self, stop: asyncio.Event, backoff: Backoff) -> str:
+        url = await self._streaming_base() + stream_path(self.timeline, self.hashtag)
+        headers = {"Accept": "text/event-stream"}
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
+        self.connects += 1
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            async with aconnect_sse(self.client, "GET", url, headers=headers) as source:
+                r = source.response
+                if r.status_code in (401, 403, 404):
+                    await r.aread()
+                    raise FatalStreamError(f"{url} answered HTTP {r.status_code}: {r.text[:200]}"
+                                           + (" (set a token with --token-env)" if r.status_code == 401 else ""))
+                if r.status_code == 429 or r.status_code >= 500:
+                    await asyncio.sleep(min(rate_limit_wait(r.headers), self.cfg.rate_limit_max_wait_s))
+                    return f"http_{r.status_code}"
+                r.raise_for_status()
+                log.info("connected", extra={"connector": PLATFORM, "url": url})
+                if not self.last_event_id and self.emitter.cursor is not None:
+                    # Connected first, then backfill to the end before reading
+                    # the stream (the server's pushes wait in the socket):
+                    # anything posted meanwhile is in one or both, the seen
+                    # ids drop the overlap, and the cursor only moves forward.
+                    await self.backfill()
+                events = source.aiter_sse().__aiter__()
+                while True:
+                    nxt = asyncio.ensure_future(events.__anext__())
+                    done, _ = await asyncio.wait({nxt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    if nxt not in done:
+                        nxt.cancel()
+                        return "stopped"
+                    try:
+                        sse = nxt.result()
+                    except StopAsyncIteration:
+                        return "closed"
+                    backoff.reset()
+                    if sse.id:
+                        self.last_event_id = sse.id
+                    await self.handle(sse.event, sse.data)
+        except httpx.TimeoutException:
+            return "idle_timeout"
+        except (httpx.TransportError, SSEError) as e:
+            log.warning("stream failed", extra={"connector": PLATFORM, "error": f"{type(e).__name__}: {e}"})
+            return "connect_failed"
+        except httpx.HTTPStatusError as e:
+            return f"http_{e.response.status_code}"
+        except RateLimited:
+            return "rate_limited"
+        finally:
+            stopping.cancel()

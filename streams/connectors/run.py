@@ -1,0 +1,75 @@
+"""Assemble and run a connector: state file, URL policy, emitter, sink.
+Shared by ``deepwatch connect`` and the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from streams.connectors.base import ConnectorState, Emitter, Sink, UrlPolicy
+from streams.connectors.bluesky import BlueskyConnector, BlueskyMapper
+from streams.connectors.mastodon import MastodonConnector, MastodonMapper, Timeline
+from streams.settings import Settings
+
+
+def state_path(settings: Settings, stream: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in stream)
+    return Path(settings.data_dir) / "connectors" / f"{safe}.sqlite"
+
+
+def open_state(settings: Settings, stream: str, *, memory: bool = False) -> ConnectorState:
+    cfg = settings.connectors
+    return ConnectorState(":memory:" if memory else state_path(settings, stream),
+                          seen_max=cfg.seen_ids_max, posts_max=cfg.post_cache_max)
+
+
+def bluesky_stream_key(collections: list[str] | None, hashtags: list[str] | None) -> str:
+    return "bluesky" + (f"-{'-'.join(sorted(h.lstrip('#').lower() for h in hashtags))}" if hashtags else "")
+
+
+def build_bluesky(settings: Settings, sink: Sink, state: ConnectorState, *, collections: list[str] | None = None,
+                  hashtags: list[str] | None = None, url: str | None = None) -> BlueskyConnector:
+    cfg = settings.connectors
+    emitter = Emitter("bluesky", bluesky_stream_key(collections, hashtags), state, sink, UrlPolicy(settings.fetch),
+                      cfg, cursor_time=lambda c: int(c) / 1e6)
+    mapper = BlueskyMapper(cfg.bluesky_image_url, hashtags=hashtags, recall=state.recall)
+    return BlueskyConnector(emitter, mapper, cfg, collections=collections, url=url)
+
+
+def mastodon_stream_key(instance: str, timeline: str, hashtag: str | None) -> str:
+    host = urlsplit(instance).hostname or instance
+    return f"mastodon-{host}-{timeline}" + (f"-{hashtag.lower()}" if hashtag else "")
+
+
+def _snowflake_time(cursor: str) -> float:
+    # Mastodon ids are (ms since epoch) << 16 | sequence.
+    return (int(cursor) >> 16) / 1000 if cursor.isdigit() else datetime.now(timezone.utc).timestamp()
+
+
+def build_mastodon(settings: Settings, sink: Sink, state: ConnectorState, *, instance: str,
+                   timeline: Timeline = "public", hashtag: str | None = None, token: str | None = None,
+                   streaming_url: str | None = None, filter_hashtags: list[str] | None = None) -> MastodonConnector:
+    cfg = settings.connectors
+    emitter = Emitter("mastodon", mastodon_stream_key(instance, timeline, hashtag), state, sink,
+                      UrlPolicy(settings.fetch), cfg, cursor_time=_snowflake_time)
+    mapper = MastodonMapper(instance, hashtags=filter_hashtags)
+    return MastodonConnector(emitter, mapper, cfg, instance=instance, timeline=timeline, hashtag=hashtag,
+                             token=token, streaming_url=streaming_url)
+
+
+async def run_until_signalled(runners: list, duration_s: float | None = None) -> None:
+    """Run connectors until SIGINT/SIGTERM (or ``duration_s``), then stop them
+    cleanly so each saves its cursor."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    if duration_s is not None:
+        loop.call_later(duration_s, stop.set)
+    await asyncio.gather(*(r.run(stop) for r in runners))

@@ -1,0 +1,89 @@
+"""Where connectors put mapped events: the pipeline's events topic, or
+stdout as JSONL for ``--dry-run``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO
+
+from kafka import KafkaProducer
+
+from streams.ingest import MAX_MESSAGE_BYTES
+from streams.records import DeadLetter, ImageEvent
+from streams.settings import Settings
+
+log = logging.getLogger("deepwatch.connectors")
+
+
+class KafkaSink:
+    """A long-lived producer with the same settings as ``streams.ingest``
+    (acks=all, event id as key so a re-sent event lands on the same partition
+    and the pipeline's idempotent stages absorb it)."""
+
+    def __init__(self, bootstrap: str, settings: Settings, *, client_id: str = "deepwatch-connector",
+                 max_block_ms: int = 10_000, request_timeout_ms: int = 10_000, flush_timeout_s: float | None = None,
+                 bootstrap_timeout_ms: int = 30_000):
+        self.settings = settings
+        self._producer = KafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5,
+            max_request_size=MAX_MESSAGE_BYTES + 4096, client_id=client_id,
+            max_block_ms=max_block_ms, request_timeout_ms=request_timeout_ms,
+            bootstrap_timeout_ms=bootstrap_timeout_ms,
+        )
+        self._futures: list = []
+        self.offsets: set[tuple[int, int]] = set()  # (partition, offset) of every acknowledged event
+        self.timeout_s = flush_timeout_s or max(1.0, request_timeout_ms / 1000 * 3)
+
+    def send(self, event: ImageEvent) -> None:
+        self._futures.append(self._producer.send(
+            self.settings.topic("events"), key=event.event_id.encode(), value=event.dumps()))
+
+    def send_raw(self, key: bytes | None, value: bytes) -> None:
+        """For the ingest endpoint: the caller's bytes exactly as validated."""
+        self._futures.append(self._producer.send(self.settings.topic("events"), key=key, value=value))
+
+    def dead_letter(self, dl: DeadLetter) -> None:
+        key = dl.event_id.encode() if dl.event_id else None
+        self._producer.send(self.settings.topic("dead-letters"), key=key, value=dl.dumps())
+
+    def flush(self) -> list[tuple[int, int]]:
+        """Wait for acknowledgements; raises the first delivery error."""
+        futures, self._futures = self._futures, []
+        self._producer.flush(timeout=self.timeout_s)
+        acked = []
+        for f in futures:
+            md = f.get(timeout=self.timeout_s)
+            acked.append((md.partition, md.offset))
+        self.offsets.update(acked)
+        return acked
+
+    def close(self) -> None:
+        self._producer.close(timeout=5)
+
+
+class JsonlSink:
+    """``--dry-run``: mapped events as JSONL on stdout; refusals as log lines."""
+
+    def __init__(self, out: IO[str] | None = None, *, keep: bool = False):
+        self.out = out or sys.stdout
+        self.keep = keep  # tests read what was sent; a long dry run must not grow without bound
+        self.events: list[ImageEvent] = []
+        self.dead: list[DeadLetter] = []
+
+    def send(self, event: ImageEvent) -> None:
+        if self.keep:
+            self.events.append(event)
+        self.out.write(event.model_dump_json(exclude_none=True) + "\n")
+
+    def dead_letter(self, dl: DeadLetter) -> None:
+        if self.keep:
+            self.dead.append(dl)
+        log.warning("would dead-letter", extra={"event_id": dl.event_id, "stage": dl.stage, "reason": dl.reason,
+                                                "detail": dl.detail})
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close(self) -> None:
+        self.out.flush()

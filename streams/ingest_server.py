@@ -1,0 +1,260 @@
+"""``deepwatch serve-ingest``: an authenticated HTTP endpoint for tiplines,
+scrapers and partner feeds.
+
+``POST /ingest`` takes one schema-v1 event (``Content-Type:
+application/json``) or many (NDJSON: one event per line, any other content
+type). Every line gets a result: ``accepted`` (produced to the events topic)
+or ``dead_lettered`` (the reason and detail are in the response AND on the
+dead-letter topic, so a rejected line is never just lost). The answer is 202
+because acceptance means "durably queued", not "analysed".
+
+Auth: bearer tokens from the environment only (``DEEPWATCH_INGEST_TOKENS`` =
+``NAME:TOKEN[,NAME:TOKEN...]``); the NAME appears in logs and metrics, never
+the token. Limits: body bytes and lines per request, and a token bucket per
+token (events per second). When the broker cannot take the batch within
+``ingest_broker_timeout_s`` the whole request is answered 503 with
+Retry-After, and the client re-sends it (event ids make that idempotent).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import os
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram, make_asgi_app
+
+from streams.connectors.base import TokenBucket, UrlPolicy
+from streams.records import DeadLetter
+from streams.settings import Settings
+from streams.validate import InvalidEvent, parse_event
+
+log = logging.getLogger("deepwatch.ingest")
+
+REQUESTS = Counter("deepwatch_ingest_requests_total", "HTTP ingest requests, by token name and status",
+                   ["token", "status"])
+LINES = Counter("deepwatch_ingest_lines_total", "HTTP ingest lines, by token name and outcome",
+                ["token", "outcome"])
+REQUEST_SECONDS = Histogram("deepwatch_ingest_request_seconds", "HTTP ingest request time",
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+
+class TokenConfigError(ValueError):
+    pass
+
+
+def load_tokens(env_name: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``NAME:TOKEN,NAME:TOKEN`` from the environment -> {token: name}."""
+    raw = (environ if environ is not None else os.environ).get(env_name, "")
+    tokens: dict[str, str] = {}
+    for i, item in enumerate(p.strip() for p in raw.split(",")):
+        if not item:
+            continue
+        name, sep, token = item.partition(":")
+        if not sep:
+            name, token = f"token-{i + 1}", item
+        if len(token) < 16:
+            raise TokenConfigError(f"{env_name}: the token for {name!r} is shorter than 16 characters; "
+                                   "use e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        tokens[token] = name
+    return tokens
+
+
+@dataclass
+class LineResult:
+    line: int
+    status: str  # accepted | dead_lettered
+    event_id: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+    def doc(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class BrokerGate:
+    """One producer shared by all requests, created on first use and
+    re-created after a failure; calls are serialised because a batch's
+    acknowledgement must be its own."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self._factory = factory
+        self._sink = None
+        self._lock = threading.Lock()
+
+    def produce(self, accepted: list[tuple[bytes | None, bytes]], dead: list[DeadLetter]) -> None:
+        with self._lock:
+            if self._sink is None:
+                self._sink = self._factory()
+            try:
+                for key, value in accepted:
+                    self._sink.send_raw(key, value)
+                for dl in dead:
+                    self._sink.dead_letter(dl)
+                self._sink.flush()
+            except Exception:
+                sink, self._sink = self._sink, None
+                try:
+                    sink.close()
+                except Exception:
+                    pass
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sink is not None:
+                self._sink.close()
+                self._sink = None
+
+
+def _sink_factory(settings: Settings) -> Callable[[], Any]:
+    from streams.broker import bootstrap_of
+    from streams.connectors.sinks import KafkaSink
+
+    timeout_ms = int(settings.connectors.ingest_broker_timeout_s * 1000)
+
+    def make():
+        return KafkaSink(bootstrap_of(settings.broker), settings, client_id="deepwatch-ingest-http",
+                         max_block_ms=timeout_ms, request_timeout_ms=timeout_ms,
+                         flush_timeout_s=settings.connectors.ingest_broker_timeout_s,
+                         bootstrap_timeout_ms=timeout_ms)
+
+    return make
+
+
+def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Callable[[], Any] | None = None) -> FastAPI:
+    """The ASGI app. ``tokens`` maps token -> name (see ``load_tokens``)."""
+    if not tokens:
+        raise TokenConfigError(f"no ingest tokens: set {settings.connectors.ingest_tokens_env}=NAME:TOKEN[,...]")
+    cfg = settings.connectors
+    gate = BrokerGate(sink_factory or _sink_factory(settings))
+    policy = UrlPolicy(settings.fetch)
+    buckets = {name: TokenBucket(cfg.ingest_rate_per_s, cfg.ingest_burst) for name in tokens.values()}
+    retry_after = str(max(1, math.ceil(cfg.ingest_broker_timeout_s)))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await run_in_threadpool(gate.close)
+
+    app = FastAPI(title="deepwatch ingest", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.mount("/metrics", make_asgi_app())
+    app.state.gate = gate
+
+    def who(request: Request) -> str | None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return None
+        found = None
+        for token, name in tokens.items():  # compare against all: no early exit timing
+            if hmac.compare_digest(token.encode(), given.strip().encode()):
+                found = name
+        return found
+
+    def answer(token: str, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+        REQUESTS.labels(token, str(status)).inc()
+        return JSONResponse(doc, status_code=status, headers=headers)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/ingest")
+    async def ingest(request: Request) -> JSONResponse:
+        started = time.monotonic()
+        name = who(request)
+        if name is None:
+            return answer("-", 401, {"error": "unauthorized", "detail": "send Authorization: Bearer <token>"},
+                          {"WWW-Authenticate": 'Bearer realm="deepwatch-ingest"'})
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cfg.ingest_max_body_bytes:
+            return answer(name, 413, {"error": "too_large", "detail": f"body over {cfg.ingest_max_body_bytes} bytes"})
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cfg.ingest_max_body_bytes:
+                return answer(name, 413, {"error": "too_large", "detail": f"body over {cfg.ingest_max_body_bytes} bytes"})
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        single = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+        lines = [body.strip()] if single else [ln.strip() for ln in body.split(b"\n")]
+        numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln]
+        if not numbered:
+            return answer(name, 400, {"error": "empty", "detail": "no events in the body"})
+        if len(numbered) > cfg.ingest_max_lines:
+            return answer(name, 413, {"error": "too_many_lines",
+                                      "detail": f"{len(numbered)} events, limit {cfg.ingest_max_lines} per request"})
+        wait = buckets[name].take(len(numbered))
+        if wait > 0:
+            return answer(name, 429, {"error": "rate_limited", "detail": f"over {cfg.ingest_rate_per_s}/s for {name}"},
+                          {"Retry-After": str(max(1, math.ceil(min(wait, 3600))))})
+
+        results: list[LineResult] = []
+        accepted: list[tuple[bytes | None, bytes]] = []
+        dead: list[DeadLetter] = []
+
+        def reject(n: int, raw: bytes, event_id: str | None, stage: str, reason: str, detail: str) -> None:
+            dead.append(DeadLetter(event_id=event_id, stage=stage, reason=reason,
+                                   detail=f"HTTP ingest ({name}), line {n}: {detail}",
+                                   payload_excerpt=raw[:512].decode("utf-8", "replace")))
+            results.append(LineResult(n, "dead_lettered", event_id, reason, detail))
+
+        for n, raw in numbered:
+            try:
+                event = parse_event(raw)
+            except InvalidEvent as e:
+                reject(n, raw, e.event_id, "validate", e.reason, e.detail)
+                continue
+            if event.image.path is not None:
+                # A remote caller must never make the pipeline read files on its host.
+                reject(n, raw, event.event_id, "validate", "path_not_allowed",
+                       "image.path is not accepted over HTTP; send url or base64")
+                continue
+            refused = await policy.check(event.image.url) if event.image.url else None
+            if refused is not None:
+                reject(n, raw, event.event_id, "fetch", refused.reason, refused.detail)
+                continue
+            accepted.append((event.event_id.encode(), raw))
+            results.append(LineResult(n, "accepted", event.event_id))
+
+        try:
+            await run_in_threadpool(gate.produce, accepted, dead)
+        except Exception as e:
+            log.warning("broker unavailable; request refused", extra={
+                "token": name, "lines": len(numbered), "error": f"{type(e).__name__}: {e}"[:300]})
+            return answer(name, 503, {"error": "broker_unavailable", "detail": "the pipeline's broker did not "
+                                      "acknowledge in time; nothing was accepted, re-send this request"},
+                          {"Retry-After": retry_after})
+        n_ok = len(accepted)
+        LINES.labels(name, "accepted").inc(n_ok)
+        LINES.labels(name, "dead_lettered").inc(len(dead))
+        REQUEST_SECONDS.observe(time.monotonic() - started)
+        log.info("ingested", extra={"token": name, "lines": len(numbered), "accepted": n_ok,
+                                    "dead_lettered": len(dead), "ms": round((time.monotonic() - started) * 1000, 1)})
+        return answer(name, 202, {"accepted": n_ok, "dead_lettered": len(dead),
+                                  "results": [r.doc() for r in results]})
+
+    return app
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from streams import logs
+
+    logs.setup(settings.log_level, settings.log_format)
+    tokens = load_tokens(settings.connectors.ingest_tokens_env)
+    app = build_app(settings, tokens)
+    log.info("ingest endpoint listening", extra={"host": host, "port": port, "tokens": sorted(set(tokens.values()))})
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
+                limit_concurrency=256, timeout_keep_alive=5)
