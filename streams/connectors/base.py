@@ -217,9 +217,12 @@ class UrlPolicy:
             await resolve_checked(parts.hostname, port, self.allow_private)
             err = None
         except FetchError as e:
+            if e.retryable:
+                # A DNS hiccup is not a verdict: the pipeline's fetch stage
+                # retries it and dead-letters it if it persists. Not cached.
+                return None
             err = e
-        if err is None or not err.retryable:  # DNS hiccups are not remembered
-            self._cache[key] = (now, err)
+        self._cache[key] = (now, err)
         return err
 
 

@@ -243,8 +243,11 @@ class BlueskyMapper:
         quoted = self.recall(q) if (q := _quoted_uri(rec.embed)) else None
         if not own and not quoted:
             return Mapped("no_image", cursor=frame.time_us)
-        if self.filter and not (self.filter & {t.casefold() for t in tags}):
-            return Mapped("filtered", cursor=frame.time_us)
+        if own and self.filter and not (self.filter & {t.casefold() for t in tags}):
+            # A quote of a post that passed the filter still counts; its own pictures do not.
+            if not quoted:
+                return Mapped("filtered", cursor=frame.time_us)
+            own = []
         lang = (rec.langs or [None])[0]
         doc = {"post_url": post_url(uri), "text": rec.text, "lang": lang if lang and len(lang) <= 16 else None,
                "hashtags": tags, "images": [self.image_url.format(did=frame.did, cid=cid) for cid in own]}

@@ -1,0 +1,286 @@
+"""Loopback stand-ins for the platforms, replaying recorded frames from
+tests/frames/: a Jetstream websocket server (websockets.serve) and a Mastodon
+server (SSE streaming + REST timelines) on http.server. Each runs in its own
+thread so the connector under test (async, or a CLI subprocess) talks to it
+over real sockets, and each records what the client asked for."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import websockets
+
+FRAMES = Path(__file__).parent / "frames"
+
+
+def jetstream_frames() -> list[str]:
+    return [ln for ln in (FRAMES / "jetstream.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def jetstream_malformed() -> list[str]:
+    return [ln for ln in (FRAMES / "jetstream_malformed.txt").read_text().splitlines() if ln.strip()]
+
+
+# --------------------------------------------------------------------------
+# Jetstream
+# --------------------------------------------------------------------------
+class JetstreamServer:
+    """Serves ``frames`` honouring ``cursor`` (time_us >= cursor) and
+    ``wantedCollections`` like Jetstream. Per connection number (0-based),
+    ``drop_after[n]`` aborts the TCP connection after that many frames,
+    ``hang_after[n]`` goes silent (connection open, nothing sent). With
+    ``zstd_dict`` and ``compress=true`` frames go out as zstd binary messages."""
+
+    def __init__(self, frames: list[str], *, drop_after: dict[int, int] | None = None,
+                 hang_after: dict[int, int] | None = None, zstd_dict: bytes | None = None):
+        self.frames = frames
+        self.drop_after = drop_after or {}
+        self.hang_after = hang_after or {}
+        self.zstd_dict = zstd_dict
+        self.requests: list[dict[str, list[str]]] = []
+        self.sent: list[int] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server = None
+        self.url = ""
+
+    def _position(self) -> list[int]:
+        # Malformed frames have no time_us: they sit at their predecessor's position.
+        pos, out = 0, []
+        for f in self.frames:
+            try:
+                pos = int(json.loads(f)["time_us"])
+            except Exception:
+                pass
+            out.append(pos)
+        return out
+
+    async def _handler(self, ws) -> None:
+        n = len(self.requests)
+        qs = parse_qs(urlsplit(ws.request.path).query)
+        self.requests.append(qs)
+        cursor = int(qs["cursor"][0]) if "cursor" in qs else None
+        wanted = set(qs.get("wantedCollections", []))
+        compress = qs.get("compress", ["false"])[0] == "true" and self.zstd_dict is not None
+        cctx = None
+        if compress:
+            import zstandard
+
+            cctx = zstandard.ZstdCompressor(dict_data=zstandard.ZstdCompressionDict(self.zstd_dict))
+        sent = 0
+        self.sent.append(0)
+        for frame, pos in zip(self.frames, self._position()):
+            if cursor is not None and pos < cursor:
+                continue
+            try:
+                doc = json.loads(frame)
+                coll = (doc.get("commit") or {}).get("collection")
+                if wanted and coll and coll not in wanted:
+                    continue
+            except Exception:
+                pass
+            if self.drop_after.get(n) == sent:
+                ws.transport.abort()
+                return
+            if self.hang_after.get(n) == sent:
+                await ws.wait_closed()
+                return
+            await ws.send(cctx.compress(frame.encode()) if cctx else frame)
+            sent += 1
+            self.sent[n] = sent
+        await ws.wait_closed()  # a live stream with nothing new: idle until the client leaves
+
+    def __enter__(self) -> "JetstreamServer":
+        self._thread.start()
+
+        async def start():
+            return await websockets.serve(self._handler, "127.0.0.1", 0)
+
+        self._server = asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"ws://127.0.0.1:{port}/subscribe"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        async def stop():
+            self._server.close()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            except TimeoutError:
+                pass
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+# --------------------------------------------------------------------------
+# Mastodon
+# --------------------------------------------------------------------------
+def sse_events(path: Path) -> list[str]:
+    """Split a recorded SSE transcript into its blocks (events and comments)."""
+    return [b + "\n\n" for b in path.read_text().split("\n\n") if b.strip()]
+
+
+@dataclass
+class MastodonScript:
+    """What the fake instance does. ``streams[n]`` is the list of SSE blocks
+    connection n receives; after them it either drops (``drop``) or idles
+    silently (a dead server behind a live socket). ``statuses`` is every
+    status the REST timelines know."""
+
+    streams: list[list[str]]
+    statuses: list[dict] = field(default_factory=list)
+    drop: bool = True
+    token: str | None = None
+    send_ids: bool = False  # SSE id: lines and Last-Event-ID replay (Mastodon itself sends none)
+    rate_limit_first: bool = False  # the first REST call answers 429 with a reset 1 s ahead
+    silent_idle_s: float = 30.0
+
+
+class MastodonServer:
+    def __init__(self, script: MastodonScript):
+        self.script = script
+        self.stream_requests: list[dict] = []
+        self.rest_requests: list[str] = []
+        self._rest_calls = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *a):  # keep test output quiet
+                pass
+
+            def _json(self, doc, status=200, headers=None):
+                body = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                parts = urlsplit(self.path)
+                qs = parse_qs(parts.query)
+                auth = self.headers.get("Authorization")
+                if outer.script.token and auth != f"Bearer {outer.script.token}":
+                    return self._json({"error": "The access token is invalid"}, 401)
+                if parts.path == "/api/v1/instance":
+                    return self._json({"uri": "mastodon.example", "version": "4.3.2",
+                                       "urls": {"streaming_api": f"ws://127.0.0.1:{outer.port}"}})
+                if parts.path.startswith("/api/v1/streaming/"):
+                    return self._stream(parts.path, qs)
+                if parts.path.startswith("/api/v1/timelines/"):
+                    return self._timeline(parts.path, qs)
+                return self._json({"error": "Record not found"}, 404)
+
+            def _stream(self, path, qs):
+                n = len(outer.stream_requests)
+                outer.stream_requests.append({"path": path, "qs": qs,
+                                              "last_event_id": self.headers.get("Last-Event-ID")})
+                blocks = outer.script.streams[min(n, len(outer.script.streams) - 1)]
+                if outer.script.send_ids:
+                    blocks = [f"id: {i}\n{b}" for i, b in enumerate(blocks)]
+                    last = self.headers.get("Last-Event-ID")
+                    if last is not None:  # replay what the client missed, as an SSE server with ids would
+                        everything = [f"id: {i}\n{b}" for i, b in enumerate(sum(outer.script.streams, []))]
+                        blocks = everything[int(last) + 1:]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                try:
+                    for b in blocks:
+                        self.wfile.write(b.encode())
+                        self.wfile.flush()
+                    if not outer.script.drop or n >= len(outer.script.streams) - 1:
+                        time.sleep(outer.script.silent_idle_s)  # the live stream goes quiet
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _timeline(self, path, qs):
+                outer.rest_requests.append(self.path)
+                outer._rest_calls += 1
+                reset = (datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat()
+                if outer.script.rate_limit_first and outer._rest_calls == 1:
+                    return self._json({"error": "Too many requests"}, 429,
+                                      {"X-RateLimit-Limit": "300", "X-RateLimit-Remaining": "0",
+                                       "X-RateLimit-Reset": reset})
+                statuses = outer.script.statuses
+                if path.startswith("/api/v1/timelines/tag/"):
+                    tag = path.rsplit("/", 1)[1].lower()
+                    statuses = [s for s in statuses if tag in {t["name"].lower() for t in s.get("tags", [])}]
+                min_id = int(qs.get("min_id", ["0"])[0])
+                limit = min(40, int(qs.get("limit", ["20"])[0]))
+                newer = sorted((s for s in statuses if int(s["id"]) > min_id), key=lambda s: int(s["id"]))[:limit]
+                page = list(reversed(newer))
+                headers = {"X-RateLimit-Limit": "300", "X-RateLimit-Remaining": "299", "X-RateLimit-Reset": reset}
+                if page:
+                    base = f"http://127.0.0.1:{outer.port}{path}"
+                    headers["Link"] = (f'<{base}?{urlencode({"max_id": page[-1]["id"]})}>; rel="next", '
+                                       f'<{base}?{urlencode({"min_id": page[0]["id"]})}>; rel="prev"')
+                return self._json(page, 200, headers)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "MastodonServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class ImageServer:
+    """Serves ``{path: bytes}`` on loopback (the CDN / media host stand-in)."""
+
+    def __init__(self, images: dict[str, bytes]):
+        self.images = images
+        self.hits: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer.hits.append(self.path)
+                body = outer.images.get(self.path)
+                if body is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png" if body.startswith(b"\x89PNG") else "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ImageServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
