@@ -1,0 +1,235 @@
+"""Mastodon connector against a loopback instance: SSE stream replaying a
+recorded transcript, REST timelines for the backfill."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+
+from streams.connectors.mastodon import FatalStreamError, MastodonMapper, plain_text, rate_limit_wait
+from streams.connectors.run import build_mastodon, open_state
+from streams.connectors.sinks import JsonlSink
+from streams.records import ImageEvent
+from streams.settings import Settings
+from tests.connector_servers import FRAMES, MastodonScript, MastodonServer, sse_events
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "mastodon.example"
+
+
+def recorded():
+    blocks = sse_events(FRAMES / "mastodon_stream.sse")
+    updates = [json.loads(b.split("data: ", 1)[1]) for b in blocks if "event: update\n" in b]
+    backfill = json.loads((FRAMES / "mastodon_backfill.json").read_text())
+    return blocks, updates, backfill
+
+
+def settings_for(tmp_path: Path, **connectors) -> Settings:
+    s = Settings(data_dir=tmp_path / "data")
+    s.connectors.backoff_initial_s = 0.05
+    s.connectors.backoff_max_s = 0.2
+    s.connectors.idle_timeout_s = 2.0
+    s.connectors.checkpoint_interval_s = 0.05
+    for k, v in connectors.items():
+        setattr(s.connectors, k, v)
+    return s
+
+
+async def run_until(runner, predicate, timeout: float = 20.0) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    deadline = time.monotonic() + timeout
+    try:
+        while not predicate() and time.monotonic() < deadline and not task.done():
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        await runner.aclose()
+
+
+def media_ids(status: dict) -> list[str]:
+    return [m["id"] for m in status["media_attachments"] if m["type"] == "image"]
+
+
+def test_recorded_statuses_map_field_by_field():
+    blocks, updates, _ = recorded()
+    m = MastodonMapper(f"https://{HOST}")
+    s1, s2, s3, s4, boost, s6, s8 = updates
+    one = m.map_update(json.dumps(s1))
+    assert one.outcome == "image_post" and one.cursor == int(s1["id"])
+    assert [e.event_id for e in one.events] == [f"mastodon:{HOST}:{s1['id']}:{mid}" for mid in media_ids(s1)]
+    e = one.events[0]
+    assert e.platform == "mastodon" and e.post_id == s1["uri"] and e.post_url == s1["url"]
+    assert e.account_id == f"user1@{HOST}" and e.account_handle == f"@user1@{HOST}"
+    assert e.image.url == s1["media_attachments"][0]["url"]  # the original, not the preview or blurhash
+    assert e.text == "Subway flooded right now #breaking\nstay safe & dry"
+    assert e.hashtags == ["breaking"] and e.lang == "en"
+    assert e.posted_at == datetime.fromisoformat(s1["created_at"])
+    assert (e.engagement.likes, e.engagement.reposts, e.engagement.replies) == (12, 30, 4)
+    assert m.map_update(json.dumps(s2)).outcome == "no_image"
+    assert m.map_update(json.dumps(s3)).outcome == "no_image"  # video only
+    remote = m.map_update(json.dumps(s4)).events[0]
+    assert remote.account_id == "user3@news.example" and "/cache/" in remote.image.url and remote.lang == "de"
+    # A boost: the booster's sighting of the original's pictures, own event ids, own (zero) engagement.
+    b = m.map_update(json.dumps(boost))
+    assert b.outcome == "repost" and [x.image.url for x in b.events] == [x.image.url for x in one.events]
+    assert {x.account_id for x in b.events} == {f"user2@{HOST}"}
+    assert all(x.event_id.startswith(f"mastodon:{HOST}:{boost['id']}:") for x in b.events)
+    assert b.events[0].engagement.total == 0 and b.events[0].text == e.text
+    # A quote of an image post.
+    q = m.map_update(json.dumps(s6))
+    assert q.outcome == "quote" and q.events[0].image.url == remote.image.url and ":q" in q.events[0].event_id
+    assert m.map_delete(s2["id"]).forget == s2["id"]
+
+
+def test_plain_text_and_rate_limit_headers():
+    assert plain_text("<p>a &amp; b</p><p>c<br>d</p>") == "a & b\nc\nd"
+    now = time.time()
+    reset = datetime.fromtimestamp(now + 30, timezone.utc).isoformat()
+    h = httpx.Headers({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset})
+    assert 29 <= rate_limit_wait(h, now=now) <= 31
+    assert rate_limit_wait(httpx.Headers({"X-RateLimit-Remaining": "250", "X-RateLimit-Reset": reset}), now=now) == 0
+    assert rate_limit_wait(httpx.Headers({"Retry-After": "7"})) == 7
+
+
+def test_stream_maps_updates_edits_deletes_and_skips_malformed(tmp_path, caplog):
+    blocks, updates, _ = recorded()
+    bad = sse_events(FRAMES / "mastodon_malformed.sse")
+    script = MastodonScript(streams=[blocks[:4] + bad + blocks[4:]], drop=False)
+    s = settings_for(tmp_path)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    with MastodonServer(script) as server, caplog.at_level(logging.WARNING, "deepwatch.connectors.mastodon"):
+        runner = build_mastodon(s, sink, open_state(s, "m"), instance=server.url, timeline="public")
+        asyncio.run(run_until(runner, lambda: runner.emitter.counts.get("delete", 0) and len(sink.events) >= 7))
+    ids = [e.event_id for e in sink.events]
+    assert len(ids) == 7 == len(set(ids))  # s1 x2, s4, boost x2, quote, s8; the edit of s4 adds nothing new
+    assert runner.emitter.counts["malformed"] == len(bad) == 4
+    assert runner.emitter.counts["no_image"] == 2 and runner.emitter.counts["events_duplicate"] == 1
+    assert sum("malformed frame skipped" in r.getMessage() for r in caplog.records) == 4
+    assert server.stream_requests[0]["path"] == "/api/v1/streaming/public"
+    assert server.rest_requests == []  # first start: live only, nothing to backfill
+    assert runner.emitter.cursor == updates[-1]["id"]  # the edit of an older status did not move it back
+
+
+def test_reconnect_without_event_ids_backfills_from_rest_without_gap_or_duplicate(tmp_path):
+    blocks, updates, missed = recorded()
+    s1, s2, s3, s4, boost, s6, s8 = updates
+    later = json.loads(json.dumps(missed[0]))
+    later["id"] = str(int(later["id"]) + 50_000)
+    for m in later["media_attachments"]:
+        m["id"] = m["id"][:-3] + "999"
+    # connection 0: s1, s2, s3, heartbeat, s4, boost, then the socket drops;
+    # meanwhile s6, s8 and the "missed" statuses are posted; connection 1 streams a new one.
+    script = MastodonScript(
+        streams=[blocks[:6], [f"event: update\ndata: {json.dumps(later)}\n\n"]],
+        statuses=[s1, s2, s3, s4, s6, s8, *missed, later],  # public REST timelines carry no boosts
+        drop=True, rate_limit_first=True,
+    )
+    s = settings_for(tmp_path)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    want = 2 + 1 + 2 + 1 + 1 + 5 + 1
+    with MastodonServer(script) as server:
+        runner = build_mastodon(s, sink, open_state(s, "m"), instance=server.url, timeline="public")
+        t0 = time.monotonic()
+        asyncio.run(run_until(runner, lambda: len(sink.events) >= want))
+    ids = [e.event_id for e in sink.events]
+    assert len(ids) == want == len(set(ids)), ids
+    assert server.stream_requests[1]["last_event_id"] is None
+    # backfill paged forward from the last status seen before the drop, after waiting out the 429
+    assert f"min_id={boost['id']}" in server.rest_requests[1]
+    assert len(server.rest_requests) >= 2 and time.monotonic() - t0 >= 0.5
+    assert runner.backfilled >= 7
+    assert {e.event_id.split(":")[2] for e in sink.events} >= {m["id"] for m in missed if m["media_attachments"]}
+
+
+def test_last_event_id_resume_needs_no_backfill(tmp_path):
+    blocks, updates, _ = recorded()
+    script = MastodonScript(streams=[blocks[:5], blocks[5:]], statuses=updates, drop=True, send_ids=True)
+    s = settings_for(tmp_path)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    with MastodonServer(script) as server:
+        runner = build_mastodon(s, sink, open_state(s, "m"), instance=server.url, timeline="public")
+        asyncio.run(run_until(runner, lambda: len(sink.events) >= 7))
+    assert len(sink.events) == 7 == len({e.event_id for e in sink.events})
+    assert server.stream_requests[1]["last_event_id"] == "4"
+    assert server.rest_requests == []
+
+
+def test_hashtag_timeline_restart_resumes_from_saved_cursor(tmp_path):
+    blocks, updates, missed = recorded()
+    s1, s2, s3, s4, boost, s6, s8 = updates
+    s = settings_for(tmp_path)
+    first = JsonlSink(io.StringIO(), keep=True)
+    script = MastodonScript(streams=[blocks[:5]], statuses=[s1, s2, s3, s4, s6, s8, *missed], drop=False)
+    with MastodonServer(script) as server:
+        runner = build_mastodon(s, first, open_state(s, "tag"), instance=server.url, timeline="hashtag",
+                                hashtag="breaking")
+        asyncio.run(run_until(runner, lambda: len(first.events) >= 3))
+        assert server.stream_requests[0]["path"] == "/api/v1/streaming/hashtag"
+        assert server.stream_requests[0]["qs"] == {"tag": ["breaking"]}
+    second = JsonlSink(io.StringIO(), keep=True)
+    script2 = MastodonScript(streams=[[":thump\n\n"]], statuses=[s1, s2, s3, s4, s6, s8, *missed], drop=False)
+    with MastodonServer(script2) as server:
+        runner = build_mastodon(s, second, open_state(s, "tag"), instance=server.url, timeline="hashtag",
+                                hashtag="breaking")
+        asyncio.run(run_until(runner, lambda: len(second.events) >= 6))
+        assert server.rest_requests[0].startswith(f"/api/v1/timelines/tag/breaking?min_id={s4['id']}")
+    ids = [e.event_id for e in first.events + second.events]
+    # s1 (2) + s4 live; then s6's quote + 5 missed (all #breaking) from the backfill; s8 is #cats
+    assert len(ids) == 9 == len(set(ids))
+
+
+def test_silent_stream_times_out_and_reconnects(tmp_path):
+    blocks, _, _ = recorded()
+    script = MastodonScript(streams=[blocks[:2], blocks[2:]], drop=False, silent_idle_s=5)
+    s = settings_for(tmp_path, idle_timeout_s=0.5)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    with MastodonServer(script) as server:
+        runner = build_mastodon(s, sink, open_state(s, "m"), instance=server.url, timeline="public")
+        asyncio.run(run_until(runner, lambda: len(sink.events) >= 7))
+    assert len(server.stream_requests) >= 2 and len(sink.events) == 7
+
+
+def test_bad_token_is_fatal_with_a_clear_message(tmp_path):
+    blocks, _, _ = recorded()
+    script = MastodonScript(streams=[blocks], token="right-token")
+    s = settings_for(tmp_path)
+    with MastodonServer(script) as server:
+        runner = build_mastodon(s, JsonlSink(io.StringIO()), open_state(s, "m"), instance=server.url,
+                                timeline="public", token="wrong-token")
+        with pytest.raises(FatalStreamError, match="401"):
+            asyncio.run(run_until(runner, lambda: False, timeout=5))
+
+
+def test_cli_dry_run_with_token_from_env(tmp_path):
+    blocks, _, _ = recorded()
+    script = MastodonScript(streams=[blocks], token="tok-from-env", drop=False)
+    with MastodonServer(script) as server:
+        r = subprocess.run(
+            [sys.executable, "-m", "streams.cli.__main__", "connect", "mastodon", "--instance", server.url,
+             "--hashtag", "breaking", "--token-env", "MASTO_TOKEN", "--dry-run", "--duration", "4"],
+            capture_output=True, text=True, timeout=60, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "MASTO_TOKEN": "tok-from-env"},
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert server.stream_requests[0]["path"] == "/api/v1/streaming/hashtag"
+    events = [ImageEvent.model_validate_json(ln) for ln in r.stdout.splitlines()]
+    assert len(events) == 7 and all(e.platform == "mastodon" for e in events)
+    r = subprocess.run(
+        [sys.executable, "-m", "streams.cli.__main__", "connect", "mastodon", "--instance", "https://x.example",
+         "--token-env", "NOT_SET_ANYWHERE", "--dry-run"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert r.returncode == 2 and "NOT_SET_ANYWHERE" in r.stderr and "Traceback" not in r.stderr
