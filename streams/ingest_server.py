@@ -30,8 +30,8 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
-from prometheus_client import Counter, Histogram, make_asgi_app
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from streams.connectors.base import TokenBucket, UrlPolicy
 from streams.records import DeadLetter
@@ -148,7 +148,10 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
 
     app = FastAPI(title="deepwatch ingest", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
-    app.mount("/metrics", make_asgi_app())
+
+    @app.get("/metrics")
+    def metrics_endpoint() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
     app.state.gate = gate
 
     def who(request: Request) -> str | None:

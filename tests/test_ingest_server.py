@@ -1,0 +1,205 @@
+"""``deepwatch serve-ingest``: auth, limits, per-line results, dead letters
+and backpressure, against the real embedded broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from kafka import KafkaConsumer, TopicPartition
+
+from streams.app import topic_specs
+from streams.broker import EmbeddedBroker, ensure_topics, free_port
+from streams.ingest_server import TokenConfigError, build_app, load_tokens
+from streams.records import DeadLetter, ImageEvent
+from streams.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "desk-token-0123456789abcdef"
+OTHER = "tipline-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def event(i: int, **over) -> dict:
+    doc = {"schema_version": 1, "event_id": f"tip-{i}", "platform": "tipline", "account_id": f"src-{i}",
+           "posted_at": "2026-11-30T10:00:00Z", "image": {"url": f"https://images.example.org/{i}.jpg"}}
+    doc.update(over)
+    return doc
+
+
+def read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float = 15) -> list[bytes]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or {0}]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        out: list[bytes] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < expect and time.monotonic() < deadline:
+            out += [m.value for m in consumer]
+        return out
+    finally:
+        consumer.close()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    with EmbeddedBroker(tmp_path_factory.mktemp("broker")) as b:
+        yield b
+
+
+@pytest.fixture
+def settings(broker, tmp_path, request):
+    # a topic prefix per test, so each test reads only its own messages
+    s = Settings(data_dir=tmp_path, broker=f"kafka://{broker.bootstrap}", topic_prefix=f"t{abs(hash(request.node.name)) % 10**8}")
+    s.connectors.ingest_burst = 100
+    ensure_topics(broker.bootstrap, topic_specs(s))
+    return s
+
+
+def client(settings: Settings, **kw) -> TestClient:
+    return TestClient(build_app(settings, {TOKEN: "desk", OTHER: "tipline"}, **kw))
+
+
+def test_tokens_come_from_the_environment_only():
+    assert load_tokens("X", {"X": f"desk:{TOKEN}, tipline:{OTHER}"}) == {TOKEN: "desk", OTHER: "tipline"}
+    assert load_tokens("X", {"X": TOKEN}) == {TOKEN: "token-1"}
+    assert load_tokens("X", {}) == {}
+    with pytest.raises(TokenConfigError, match="shorter than 16"):
+        load_tokens("X", {"X": "desk:short"})
+    with pytest.raises(TokenConfigError, match="no ingest tokens"):
+        build_app(Settings(), {})
+
+
+def test_requests_without_a_valid_bearer_token_are_refused(settings):
+    with client(settings) as c:
+        assert c.post("/ingest", content=json.dumps(event(1))).status_code == 401
+        r = c.post("/ingest", content=json.dumps(event(1)), headers={"Authorization": "Bearer nope-nope-nope-nope"})
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        r = c.post("/ingest", content=json.dumps(event(1)), headers={"Authorization": TOKEN})
+        assert r.status_code == 401
+
+
+def test_ndjson_gets_a_result_per_line_and_rejects_are_dead_lettered(settings, broker):
+    lines = [
+        json.dumps(event(1)),
+        "{not json",
+        json.dumps({k: v for k, v in event(3).items() if k != "account_id"}),
+        "",  # blank lines are not events
+        json.dumps(event(5, image={"path": "/etc/passwd"})),
+        json.dumps(event(6, image={"url": "http://127.0.0.1:8080/admin.png"})),
+        json.dumps(event(7, schema_version=2)),
+        json.dumps(event(8, text="café ☕", hashtags=["breaking"])),
+    ]
+    with client(settings) as c:
+        r = c.post("/ingest", content="\n".join(lines) + "\n", headers={**AUTH, "Content-Type": "application/x-ndjson"})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["accepted"] == 2 and body["dead_lettered"] == 5
+    by_line = {x["line"]: x for x in body["results"]}
+    assert sorted(by_line) == [1, 2, 3, 5, 6, 7, 8]
+    assert by_line[1] == {"line": 1, "status": "accepted", "event_id": "tip-1"}
+    assert by_line[2]["reason"] == "malformed_json" and by_line[2]["status"] == "dead_lettered"
+    assert by_line[3]["reason"] == "schema_violation" and "account_id" in by_line[3]["detail"]
+    assert by_line[5]["reason"] == "path_not_allowed"
+    assert by_line[6]["reason"] == "blocked_address"
+    assert by_line[7]["reason"] == "unsupported_version"
+    assert by_line[8]["status"] == "accepted"
+
+    produced = read_topic(broker.bootstrap, settings.topic("events"), 2)
+    assert sorted(ImageEvent.loads(v).event_id for v in produced) == ["tip-1", "tip-8"]
+    assert json.dumps(event(8, text="café ☕", hashtags=["breaking"])).encode() in produced  # the caller's bytes
+    dead = [DeadLetter.loads(v) for v in read_topic(broker.bootstrap, settings.topic("dead-letters"), 5)]
+    assert sorted((d.reason, d.stage) for d in dead) == sorted([
+        ("malformed_json", "validate"), ("schema_violation", "validate"), ("path_not_allowed", "validate"),
+        ("blocked_address", "fetch"), ("unsupported_version", "validate")])
+    assert all("HTTP ingest (desk)" in d.detail and d.payload_excerpt for d in dead)
+
+
+def test_one_pretty_printed_json_event(settings, broker):
+    with client(settings) as c:
+        r = c.post("/ingest", content=json.dumps(event(42), indent=2), headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 202 and r.json()["accepted"] == 1
+    assert [ImageEvent.loads(v).event_id for v in read_topic(broker.bootstrap, settings.topic("events"), 1)] == ["tip-42"]
+
+
+def test_size_and_line_limits(settings):
+    settings.connectors.ingest_max_body_bytes = 4000
+    settings.connectors.ingest_max_lines = 3
+    with client(settings) as c:
+        big = json.dumps(event(1, text="x" * 5000))
+        assert c.post("/ingest", content=big, headers=AUTH).status_code == 413
+        many = "\n".join(json.dumps(event(i)) for i in range(4))
+        r = c.post("/ingest", content=many, headers=AUTH)
+        assert r.status_code == 413 and r.json()["error"] == "too_many_lines"
+        assert c.post("/ingest", content="\n\n", headers=AUTH).status_code == 400
+
+
+def test_per_token_rate_limit(settings):
+    settings.connectors.ingest_burst = 5
+    settings.connectors.ingest_rate_per_s = 0.5
+    with client(settings) as c:
+        five = "\n".join(json.dumps(event(i)) for i in range(5))
+        assert c.post("/ingest", content=five, headers=AUTH).status_code == 202
+        r = c.post("/ingest", content=json.dumps(event(9)), headers=AUTH)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        # another token has its own bucket
+        r = c.post("/ingest", content=json.dumps(event(10)), headers={"Authorization": f"Bearer {OTHER}"})
+        assert r.status_code == 202
+        metrics = c.get("/metrics").text
+    assert 'deepwatch_ingest_requests_total{status="429",token="desk"}' in metrics
+    assert 'deepwatch_ingest_lines_total{outcome="accepted",token="tipline"}' in metrics
+
+
+def test_broker_unavailable_is_503_with_retry_after(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    settings = Settings(data_dir=tmp_path, broker=f"kafka://127.0.0.1:{dead}")
+    settings.connectors.ingest_broker_timeout_s = 1.0
+    with client(settings) as c:
+        t0 = time.monotonic()
+        r = c.post("/ingest", content=json.dumps(event(1)), headers=AUTH)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"] == "broker_unavailable" and time.monotonic() - t0 < 10
+
+
+def test_serve_ingest_command_end_to_end(broker, tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DEEPWATCH_INGEST_TOKENS": f"desk:{TOKEN}",
+           "DEEPWATCH_TOPIC_PREFIX": "cli", "DEEPWATCH_DATA_DIR": str(tmp_path)}
+    settings = Settings(topic_prefix="cli")
+    ensure_topics(broker.bootstrap, topic_specs(settings))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli.__main__", "serve-ingest", "--host", "127.0.0.1", "--port", str(port),
+         "--broker", f"kafka://{broker.bootstrap}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/ingest", headers=AUTH,
+                       content="\n".join(json.dumps(event(i)) for i in range(3)), timeout=20)
+        assert r.status_code == 202 and r.json()["accepted"] == 3
+        assert len(read_topic(broker.bootstrap, settings.topic("events"), 3)) == 3
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+    assert '"msg": "ingested"' in stderr and TOKEN not in stderr  # structured logs name the token, never show it
+    r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "serve-ingest", "--broker", "kafka://127.0.0.1:1"],
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "DEEPWATCH_INGEST_TOKENS": ""},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "DEEPWATCH_INGEST_TOKENS" in r.stderr and "Traceback" not in r.stderr
