@@ -198,7 +198,7 @@ class UrlPolicy:
     def __init__(self, fetch: FetchSettings, ttl_s: float = 300.0):
         self.allow_private = fetch.allow_private_networks
         self.ttl_s = ttl_s
-        self._cache: dict[tuple[str, int], tuple[float, FetchError | None]] = {}
+        self._cache: dict[tuple[str, int], tuple[float, FetchError | None]] = {}  # -> (expires, verdict)
 
     async def check(self, url: str) -> FetchError | None:
         parts = urlsplit(url)
@@ -211,18 +211,22 @@ class UrlPolicy:
         key = (parts.hostname, port)
         hit = self._cache.get(key)
         now = time.monotonic()
-        if hit and now - hit[0] < self.ttl_s:
+        if hit and now < hit[0]:
             return hit[1]
         try:
             await resolve_checked(parts.hostname, port, self.allow_private)
-            err = None
+            err, ttl = None, self.ttl_s
         except FetchError as e:
             if e.retryable:
                 # A DNS hiccup is not a verdict: the pipeline's fetch stage
-                # retries it and dead-letters it if it persists. Not cached.
-                return None
-            err = e
-        self._cache[key] = (now, err)
+                # retries it and dead-letters it if it persists. Remembered
+                # only briefly, so a resolver outage is not asked per event.
+                err, ttl = None, min(5.0, self.ttl_s)
+            else:
+                err, ttl = e, self.ttl_s
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (now + ttl, err)
         return err
 
 
