@@ -319,3 +319,45 @@ def test_cli_without_broker_is_one_clear_line(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(REPO), "DEEPWATCH_BROKER": "embedded"})
     assert r.returncode == 2
     assert "--broker kafka://HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+
+
+class LossyBroker:
+    """A sink that loses its unacknowledged batch when a flush fails (as a
+    broker outage can): what counts is what was acknowledged."""
+
+    def __init__(self, fail_flushes: set[int]):
+        self.fail_flushes = fail_flushes
+        self.flushes = 0
+        self.buffer: list[ImageEvent] = []
+        self.acked: list[ImageEvent] = []
+
+    def send(self, event):
+        self.buffer.append(event)
+
+    def dead_letter(self, dl):
+        raise AssertionError(f"unexpected dead letter {dl}")
+
+    def flush(self):
+        self.flushes += 1
+        batch, self.buffer = self.buffer, []
+        if self.flushes in self.fail_flushes:
+            raise TimeoutError("broker did not acknowledge in time")
+        self.acked += batch
+
+    def close(self):
+        pass
+
+
+def test_broker_failure_rolls_back_to_the_checkpoint_and_loses_nothing(tmp_path, caplog):
+    frames = jetstream_frames()
+    want = expected_ids()
+    s = settings_for(tmp_path, checkpoint_every=2)
+    sink = LossyBroker(fail_flushes={2, 3})
+    runner = build_bluesky(s, sink, open_state(s, "t"))
+    with JetstreamServer(frames) as server, caplog.at_level(logging.WARNING, "deepwatch.connectors.bluesky"):
+        runner.url = server.url
+        asyncio.run(run_until(runner, lambda: len(sink.acked) >= len(want)))
+    ids = [e.event_id for e in sink.acked]
+    assert sorted(ids) == sorted(want) and len(ids) == len(set(ids))
+    assert len(server.requests) >= 3  # each failure ended the session; each resume re-read from the checkpoint
+    assert any("broker did not acknowledge" in r.getMessage() for r in caplog.records)

@@ -42,6 +42,11 @@ RATE_LIMIT_WAITS = Counter("deepwatch_connector_rate_limit_waits_total", "Waits 
                            ["connector"])
 
 
+class SinkError(RuntimeError):
+    """The broker did not take or acknowledge events. The connector rolls
+    back to its last checkpoint and reconnects; nothing is lost."""
+
+
 class MalformedFrame(ValueError):
     """A frame that cannot be read. Counted and skipped, never fatal."""
 
@@ -298,7 +303,11 @@ class Emitter:
                     "connector": self.connector, "event_id": ev.event_id, "reason": refused.reason})
                 self._event("refused")
             else:
-                self.sink.send(ev)
+                try:
+                    self.sink.send(ev)
+                except Exception as e:
+                    self._rollback()
+                    raise SinkError(f"{type(e).__name__}: {e}") from e
                 self._event("produced")
             self.state.mark_pending(ev.event_id)
 
@@ -312,20 +321,58 @@ class Emitter:
         ):
             await self.checkpoint()
 
+    def _rollback(self) -> None:
+        # Nothing unacknowledged is recorded as seen and the cursor goes back
+        # to where the broker last confirmed: the resume re-reads the window.
+        self.state.drop_pending()
+        self._cursor = self.state.cursor(self.stream)
+        self._dirty = False
+
     async def checkpoint(self) -> None:
         if not self._dirty and not self.state.pending:
             return
         try:
             await asyncio.to_thread(self.sink.flush)
-        except Exception:
-            # Nothing unacknowledged is recorded as seen and the cursor stays
-            # where the broker last confirmed: the next run re-sends the window.
-            self.state.drop_pending()
-            self._cursor = self.state.cursor(self.stream)
-            self._dirty = False
-            raise
+        except Exception as e:
+            self._rollback()
+            raise SinkError(f"{type(e).__name__}: {e}") from e
         self.state.commit(self.stream, self._cursor)
         self._dirty = False
         self._last_checkpoint = time.monotonic()
         if self._cursor_time and self._cursor is not None:
             CURSOR_LAG.labels(self.connector).set(max(0.0, time.time() - self._cursor_time(self._cursor)))
+
+
+async def reconnect_loop(connector: str, session, emitter: Emitter, cfg: ConnectorSettings,
+                         stop: asyncio.Event) -> None:
+    """Run ``session(stop, backoff) -> reason`` until ``stop``, with backoff
+    between sessions. Broker trouble (``SinkError``) ends a session like a
+    network error: the emitter has rolled back, the next session resumes from
+    the last checkpoint. Only what retrying cannot fix propagates."""
+    backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+    log_ = logging.getLogger(f"deepwatch.connectors.{connector}")
+    try:
+        while not stop.is_set():
+            try:
+                reason = await session(stop, backoff)
+                await emitter.checkpoint()
+            except SinkError as e:
+                reason = "sink_failed"
+                log_.warning("broker did not acknowledge; resuming from the last checkpoint",
+                             extra={"connector": connector, "error": str(e)[:300], "cursor": emitter.cursor})
+            if stop.is_set():
+                break
+            RECONNECTS.labels(connector, reason).inc()
+            wait = backoff.next()
+            log_.info("reconnecting", extra={"connector": connector, "reason": reason, "wait_s": round(wait, 2),
+                                             "cursor": emitter.cursor})
+            try:
+                await asyncio.wait_for(stop.wait(), wait)
+            except TimeoutError:
+                pass
+    finally:
+        try:
+            await emitter.checkpoint()
+        except SinkError as e:
+            log_.warning("final checkpoint failed; the next run re-reads from the last saved cursor",
+                         extra={"connector": connector, "error": str(e)[:300], "cursor": emitter.cursor})

@@ -13,7 +13,6 @@ were seen, each becomes a new sighting of the same image URLs.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -23,7 +22,7 @@ from urllib.parse import urlencode
 import websockets
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import Backoff, Emitter, Mapped, MalformedFrame, RECONNECTS
+from streams.connectors.base import Backoff, Emitter, MalformedFrame, Mapped, reconnect_loop
 from streams.records import ImageEvent
 from streams.settings import ConnectorSettings
 
@@ -328,24 +327,7 @@ class BlueskyConnector:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Read until ``stop`` is set, reconnecting with backoff; checkpoints on the way out."""
-        stop = stop or asyncio.Event()
-        backoff = Backoff(self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
-        try:
-            while not stop.is_set():
-                reason = await self._session(stop, backoff)
-                await self.emitter.checkpoint()
-                if stop.is_set():
-                    break
-                RECONNECTS.labels(PLATFORM, reason).inc()
-                wait = backoff.next()
-                log.info("reconnecting", extra={"connector": PLATFORM, "reason": reason, "wait_s": round(wait, 2),
-                                                "cursor": self.emitter.cursor})
-                try:
-                    await asyncio.wait_for(stop.wait(), wait)
-                except TimeoutError:
-                    pass
-        finally:
-            await self.emitter.checkpoint()
+        await reconnect_loop(PLATFORM, self._session, self.emitter, self.cfg, stop or asyncio.Event())
 
     async def _session(self, stop: asyncio.Event, backoff: Backoff) -> str:
         url = subscribe_url(self.url, self.collections, self._resume_cursor(), self._zstd is not None)

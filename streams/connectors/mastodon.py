@@ -17,15 +17,15 @@ import html
 import logging
 import re
 import time
-from datetime import datetime, timezone
-from typing import Any, Literal
+from datetime import datetime
+from typing import Literal
 from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 from httpx_sse import SSEError, aconnect_sse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import RATE_LIMIT_WAITS, RECONNECTS, Backoff, Emitter, MalformedFrame, Mapped
+from streams.connectors.base import RATE_LIMIT_WAITS, Backoff, Emitter, MalformedFrame, Mapped, reconnect_loop
 from streams.records import ImageEvent
 from streams.settings import ConnectorSettings
 
@@ -329,24 +329,8 @@ class MastodonConnector:
 
     # -- streaming ---------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        stop = stop or asyncio.Event()
-        backoff = Backoff(self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
-        try:
-            while not stop.is_set():
-                reason = await self._session(stop, backoff)
-                await self.emitter.checkpoint()
-                if stop.is_set():
-                    break
-                RECONNECTS.labels(PLATFORM, reason).inc()
-                wait = backoff.next()
-                log.info("reconnecting", extra={"connector": PLATFORM, "reason": reason, "wait_s": round(wait, 2),
-                                                "cursor": self.emitter.cursor})
-                try:
-                    await asyncio.wait_for(stop.wait(), wait)
-                except TimeoutError:
-                    pass
-        finally:
-            await self.emitter.checkpoint()
+        """Read until ``stop`` is set, reconnecting with backoff; checkpoints on the way out."""
+        await reconnect_loop(PLATFORM, self._session, self.emitter, self.cfg, stop or asyncio.Event())
 
     async def _session(self, stop: asyncio.Event, backoff: Backoff) -> str:
         url = await self._streaming_base() + stream_path(self.timeline, self.hashtag)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import IO
 
 from kafka import KafkaProducer
@@ -32,16 +33,18 @@ class KafkaSink:
             bootstrap_timeout_ms=bootstrap_timeout_ms,
         )
         self._futures: list = []
+        self._lock = threading.Lock()  # flushes run in worker threads while the loop keeps sending
         self.offsets: set[tuple[int, int]] = set()  # (partition, offset) of every acknowledged event
         self.timeout_s = flush_timeout_s or max(1.0, request_timeout_ms / 1000 * 3)
 
     def send(self, event: ImageEvent) -> None:
-        self._futures.append(self._producer.send(
-            self.settings.topic("events"), key=event.event_id.encode(), value=event.dumps()))
+        self.send_raw(event.event_id.encode(), event.dumps())
 
     def send_raw(self, key: bytes | None, value: bytes) -> None:
-        """For the ingest endpoint: the caller's bytes exactly as validated."""
-        self._futures.append(self._producer.send(self.settings.topic("events"), key=key, value=value))
+        """Produce bytes as they are (the ingest endpoint sends the caller's validated line)."""
+        future = self._producer.send(self.settings.topic("events"), key=key, value=value)
+        with self._lock:
+            self._futures.append(future)
 
     def dead_letter(self, dl: DeadLetter) -> None:
         key = dl.event_id.encode() if dl.event_id else None
@@ -49,7 +52,8 @@ class KafkaSink:
 
     def flush(self) -> list[tuple[int, int]]:
         """Wait for acknowledgements; raises the first delivery error."""
-        futures, self._futures = self._futures, []
+        with self._lock:
+            futures, self._futures = self._futures, []
         self._producer.flush(timeout=self.timeout_s)
         acked = []
         for f in futures:
