@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import websockets
+from kafka import KafkaConsumer, TopicPartition
 
 FRAMES = Path(__file__).parent / "frames"
 
@@ -284,3 +285,18 @@ class ImageServer:
     def __exit__(self, *exc) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float = 15) -> list[bytes]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or {0}]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        out: list[bytes] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < expect and time.monotonic() < deadline:
+            out += [m.value for m in consumer]
+        return out
+    finally:
+        consumer.close()

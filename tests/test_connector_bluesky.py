@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import os
+import signal
+import time
 import socket
 import subprocess
 import sys
@@ -361,3 +363,42 @@ def test_broker_failure_rolls_back_to_the_checkpoint_and_loses_nothing(tmp_path,
     assert sorted(ids) == sorted(want) and len(ids) == len(set(ids))
     assert len(server.requests) >= 3  # each failure ended the session; each resume re-read from the checkpoint
     assert any("broker did not acknowledge" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_produces_to_the_broker_with_metrics_and_a_saved_cursor(tmp_path):
+    import httpx
+
+    from streams.broker import EmbeddedBroker, free_port
+    from tests.connector_servers import read_topic
+
+    frames = jetstream_frames()
+    port = free_port()
+    with EmbeddedBroker(tmp_path / "broker") as broker, JetstreamServer(frames) as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli.__main__", "connect", "bluesky", "--jetstream-url", server.url,
+             "--broker", f"kafka://{broker.bootstrap}", "--data-dir", str(tmp_path / "d"), "--duration", "20",
+             "--metrics-port", str(port)],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            produced = 'deepwatch_connector_events_total{connector="bluesky",outcome="produced"} 12.0'
+            text = ""
+            deadline = time.monotonic() + 40
+            while produced not in text and time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+            assert produced in text
+            assert 'deepwatch_connector_frames_total{connector="bluesky",outcome="repost"} 2.0' in text
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, errors = proc.communicate(timeout=30)
+        assert proc.returncode == 0, errors[-2000:]
+        events = [ImageEvent.loads(v) for v in read_topic(broker.bootstrap, "deepwatch.events", 12)]
+        assert sorted(e.event_id for e in events) == sorted(expected_ids())
+    saved = ConnectorState(tmp_path / "d" / "connectors" / "bluesky.sqlite").cursor("bluesky")
+    assert saved == str(json.loads(frames[-1])["time_us"])  # SIGTERM saved the cursor
+    assert out == ""  # produced, not printed

@@ -14,13 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from kafka import KafkaConsumer, TopicPartition
 
 from streams.app import topic_specs
 from streams.broker import EmbeddedBroker, ensure_topics, free_port
 from streams.ingest_server import TokenConfigError, build_app, load_tokens
 from streams.records import DeadLetter, ImageEvent
 from streams.settings import Settings
+from tests.connector_servers import read_topic
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "desk-token-0123456789abcdef"
@@ -33,21 +33,6 @@ def event(i: int, **over) -> dict:
            "posted_at": "2026-11-30T10:00:00Z", "image": {"url": f"https://images.example.org/{i}.jpg"}}
     doc.update(over)
     return doc
-
-
-def read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float = 15) -> list[bytes]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
-    try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or {0}]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        out: list[bytes] = []
-        deadline = time.monotonic() + timeout_s
-        while len(out) < expect and time.monotonic() < deadline:
-            out += [m.value for m in consumer]
-        return out
-    finally:
-        consumer.close()
 
 
 @pytest.fixture(scope="module")
