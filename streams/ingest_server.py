@@ -218,10 +218,12 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
             except InvalidEvent as e:
                 reject(n, raw, e.event_id, "validate", e.reason, e.detail)
                 continue
-            if event.image.path is not None:
-                # A remote caller must never make the pipeline read files on its host.
-                reject(n, raw, event.event_id, "validate", "path_not_allowed",
-                       "image.path is not accepted over HTTP; send url or base64")
+            if event.image.path is not None or event.image.blob is not None:
+                # A remote caller must never make the pipeline read files on its
+                # host, nor name pictures already in its blob store.
+                which = "path" if event.image.path is not None else "blob"
+                reject(n, raw, event.event_id, "validate", f"{which}_not_allowed",
+                       f"image.{which} is not accepted over HTTP; send url or base64")
                 continue
             refused = await policy.check(event.image.url) if event.image.url else None
             if refused is not None:

@@ -1,24 +1,26 @@
-"""End to end: the Bluesky connector reads a loopback Jetstream, produces to
-the real embedded broker, a real pipeline worker fetches the pictures from a
-loopback CDN and ends in clusters and an alert."""
+"""End to end: the Bluesky connector reads a loopback Jetstream and the
+Mastodon connector a loopback instance, both produce to the real embedded
+broker, a real pipeline worker fetches the pictures from a loopback CDN and
+ends in one cross-platform cluster, a second cluster and one alert."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from streams import runner
-from streams.connectors.run import build_bluesky, open_state
+from streams.connectors.run import build_bluesky, build_mastodon, open_state
 from streams.connectors.sinks import KafkaSink
-from streams.demo_feed import a1111_png, camera_jpeg, scene
+from streams.demo_feed import a1111_png, camera_jpeg, jpeg_bytes, scene
 from streams.settings import Settings
 from streams.store import open_store
-from tests.connector_servers import ImageServer, JetstreamServer, jetstream_frames, jetstream_malformed
-from tests.test_connector_bluesky import run_until
+from tests.connector_servers import (FRAMES, ImageServer, JetstreamServer, MastodonScript, MastodonServer,
+                                    jetstream_frames, jetstream_malformed, sse_events)
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +81,33 @@ def viral_frames() -> tuple[list[str], dict[str, bytes], str]:
     return lines, images, fake_uri
 
 
-def test_bluesky_connector_to_clusters_and_an_alert(tmp_path):
+def mastodon_story(cdn_url: str) -> tuple[list[str], bytes]:
+    """A recorded status re-cast: someone posts a recompressed copy of the fake
+    on Mastodon three minutes later, and someone else boosts it."""
+    blocks = sse_events(FRAMES / "mastodon_stream.sse")
+    status = json.loads(next(b for b in blocks if "event: update\n" in b).split("data: ", 1)[1])
+    status["created_at"] = "2026-11-30T10:03:00.000Z"
+    status["media_attachments"] = status["media_attachments"][:1]
+    status["media_attachments"][0]["url"] = f"{cdn_url}/media/flood_q70.jpg"
+    boost = json.loads(json.dumps(status))
+    boost.update(id=str(int(status["id"]) + 7), created_at="2026-11-30T10:03:30.000Z", reblog=status, content="",
+                 media_attachments=[], favourites_count=0, reblogs_count=0, replies_count=0)
+    boost["account"] = dict(status["account"], id="109000000000000077", username="booster", acct="booster")
+    sse = [f"event: update\ndata: {json.dumps(doc)}\n\n" for doc in (status, boost)]
+    return sse, jpeg_bytes(scene(1001), 70)
+
+
+async def run_connectors(connectors, done, timeout: float = 60.0) -> None:
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(c.run(stop)) for c in connectors]
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline and not any(t.done() for t in tasks):
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 15)
+
+
+def test_connectors_to_clusters_and_an_alert(tmp_path):
     frames, images, fake_uri = viral_frames()
     last_cursor = str(json.loads(frames[-1])["time_us"])
     settings = Settings(data_dir=tmp_path / "data")
@@ -88,19 +116,29 @@ def test_bluesky_connector_to_clusters_and_an_alert(tmp_path):
     with ExitStack() as stack:
         cdn = stack.enter_context(ImageServer(images))
         settings.connectors.bluesky_image_url = f"{cdn.url}/img/{{did}}/{{cid}}"
+        sse, q70 = mastodon_story(cdn.url)
+        images["/media/flood_q70.jpg"] = q70
         cluster = runner.start_cluster(settings, stack)
         cluster.start_worker("pipeline")
         cluster.wait_ready()
-        sink = KafkaSink(cluster.bootstrap, settings)
+        sink = KafkaSink(cluster.bootstrap, settings)  # one producer shared by both connectors
         stack.callback(sink.close)
-        state = open_state(settings, "bluesky")
-        stack.callback(state.close)
-        connector = build_bluesky(settings, sink, state)
+        bsky_state = open_state(settings, "bluesky")
+        stack.callback(bsky_state.close)
+        bluesky = build_bluesky(settings, sink, bsky_state)
+        masto_server = stack.enter_context(MastodonServer(MastodonScript(streams=[sse], drop=False, token="t" * 20)))
+        masto_state = open_state(settings, "mastodon")
+        stack.callback(masto_state.close)
+        mastodon = build_mastodon(settings, sink, masto_state, instance=masto_server.url, timeline="user",
+                                  token="t" * 20)
         with JetstreamServer(frames) as jetstream:
-            connector.url = jetstream.url
-            asyncio.run(run_until(connector, lambda: connector.emitter.cursor == last_cursor, timeout=60))
-        assert connector.emitter.counts["malformed"] == 1
-        assert len(sink.offsets) == 13  # 1 post + 11 reposts + 1 photo
+            bluesky.url = jetstream.url
+            asyncio.run(run_connectors([bluesky, mastodon], lambda: bluesky.emitter.cursor == last_cursor
+                                       and mastodon.emitter.counts.get("repost")))
+        asyncio.run(mastodon.aclose())
+        assert bluesky.emitter.counts["malformed"] == 1
+        assert masto_server.stream_requests[0]["path"] == "/api/v1/streaming/user"
+        assert len(sink.offsets) == 15  # Bluesky: 1 post + 11 reposts + 1 photo; Mastodon: a post and its boost
         assert runner.wait_until_processed(cluster, sink.offsets, timeout_s=240)
 
     store = open_store(settings.data_dir)
@@ -113,13 +151,13 @@ def test_bluesky_connector_to_clusters_and_an_alert(tmp_path):
     assert dead == []
     assert len(clusters) == 2
     fake = max(clusters, key=lambda c: c["sightings"])
-    assert fake["sightings"] == 12 and fake["accounts"] == 12 and fake["platforms"] == ["bluesky"]
+    assert fake["sightings"] == 14 and fake["accounts"] == 14
+    assert sorted(fake["platforms"]) == ["bluesky", "mastodon"]
     assert fake["verdict"] == "likely-ai" and fake["fake_score"] >= 0.9
-    # one picture, seen 12 times (the same CDN URL); which event brought it first depends on partition order
-    assert len(fake["members"]) == 1
-    assert fake["members"][0]["event_id"].startswith(("at://did:plc:reposter", fake_uri))
+    assert len(fake["members"]) == 2  # the PNG from the Bluesky CDN and the JPEG copy from Mastodon
+    assert any(m["event_id"].startswith(("at://did:plc:reposter", fake_uri)) for m in fake["members"])
     photo = min(clusters, key=lambda c: c["sightings"])
     assert photo["sightings"] == 1 and photo["verdict"] != "likely-ai"
     assert len(alerts) == 1
     assert alerts[0]["cluster_id"] == fake["id"] and alerts[0]["velocity"]["sightings_5m"] >= 10
-    assert len(cdn.hits) >= 2  # the worker really fetched the pictures from the (loopback) CDN
+    assert len(cdn.hits) >= 3  # the worker really fetched the pictures from the (loopback) CDN

@@ -83,14 +83,15 @@ def test_ndjson_gets_a_result_per_line_and_rejects_are_dead_lettered(settings, b
         json.dumps(event(6, image={"url": "http://127.0.0.1:8080/admin.png"})),
         json.dumps(event(7, schema_version=2)),
         json.dumps(event(8, text="café ☕", hashtags=["breaking"])),
+        json.dumps(event(9, image={"blob": "0" * 64})),
     ]
     with client(settings) as c:
         r = c.post("/ingest", content="\n".join(lines) + "\n", headers={**AUTH, "Content-Type": "application/x-ndjson"})
     assert r.status_code == 202, r.text
     body = r.json()
-    assert body["accepted"] == 2 and body["dead_lettered"] == 5
+    assert body["accepted"] == 2 and body["dead_lettered"] == 6
     by_line = {x["line"]: x for x in body["results"]}
-    assert sorted(by_line) == [1, 2, 3, 5, 6, 7, 8]
+    assert sorted(by_line) == [1, 2, 3, 5, 6, 7, 8, 9]
     assert by_line[1] == {"line": 1, "status": "accepted", "event_id": "tip-1"}
     assert by_line[2]["reason"] == "malformed_json" and by_line[2]["status"] == "dead_lettered"
     assert by_line[3]["reason"] == "schema_violation" and "account_id" in by_line[3]["detail"]
@@ -98,14 +99,15 @@ def test_ndjson_gets_a_result_per_line_and_rejects_are_dead_lettered(settings, b
     assert by_line[6]["reason"] == "blocked_address"
     assert by_line[7]["reason"] == "unsupported_version"
     assert by_line[8]["status"] == "accepted"
+    assert by_line[9]["reason"] == "blob_not_allowed"
 
     produced = read_topic(broker.bootstrap, settings.topic("events"), 2)
     assert sorted(ImageEvent.loads(v).event_id for v in produced) == ["tip-1", "tip-8"]
     assert json.dumps(event(8, text="café ☕", hashtags=["breaking"])).encode() in produced  # the caller's bytes
-    dead = [DeadLetter.loads(v) for v in read_topic(broker.bootstrap, settings.topic("dead-letters"), 5)]
+    dead = [DeadLetter.loads(v) for v in read_topic(broker.bootstrap, settings.topic("dead-letters"), 6)]
     assert sorted((d.reason, d.stage) for d in dead) == sorted([
         ("malformed_json", "validate"), ("schema_violation", "validate"), ("path_not_allowed", "validate"),
-        ("blocked_address", "fetch"), ("unsupported_version", "validate")])
+        ("blocked_address", "fetch"), ("unsupported_version", "validate"), ("blob_not_allowed", "validate")])
     assert all("HTTP ingest (desk)" in d.detail and d.payload_excerpt for d in dead)
 
 
