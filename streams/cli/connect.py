@@ -105,7 +105,7 @@ def bluesky(
 @connect_app.command("mastodon")
 def mastodon(
     instance: str = typer.Option(..., "--instance", help="The instance, e.g. https://mastodon.social"),
-    hashtag: List[str] = typer.Option([], "--hashtag", help="Hashtag to stream (repeatable: one stream each). Implies --timeline hashtag."),
+    hashtag: List[str] = typer.Option([], "--hashtag", help="Hashtag to stream (repeatable: one stream each; implies --timeline hashtag). With --timeline public/local/user: keep only statuses carrying one of them."),
     timeline: Optional[str] = typer.Option(None, "--timeline", help="public | local | hashtag | user (default: hashtag with --hashtag, else public)."),
     token_env: Optional[str] = typer.Option(None, "--token-env", help="Name of the environment variable holding an access token (many instances require one for streaming)."),
     streaming_url: Optional[str] = typer.Option(None, "--streaming-url", help="Streaming server base URL (default: asked from /api/v1/instance)."),
@@ -116,7 +116,7 @@ def mastodon(
     metrics_port: Optional[int] = MetricsPort,
     duration: Optional[float] = Duration,
 ) -> None:
-    """Watch a Mastodon instance's public, local or hashtag timeline for images."""
+    """Watch a Mastodon instance's public, local, hashtag or home (user) timeline for images."""
     from streams.connectors.run import build_mastodon, mastodon_stream_key, open_state, run_until_signalled
 
     if not instance.startswith(("http://", "https://")):
