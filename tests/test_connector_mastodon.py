@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -233,3 +233,16 @@ def test_cli_dry_run_with_token_from_env(tmp_path):
         capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert r.returncode == 2 and "NOT_SET_ANYWHERE" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dead_instance_backs_off_and_never_crashes(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    st = settings_for(tmp_path, connect_timeout_s=0.3)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    runner = build_mastodon(st, sink, open_state(st, "m"), instance=f"http://127.0.0.1:{dead}", timeline="local")
+    asyncio.run(run_until(runner, lambda: False, timeout=1.5))
+    assert 2 <= runner.connects < 40 and sink.events == []
