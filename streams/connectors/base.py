@@ -19,7 +19,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
@@ -251,7 +251,7 @@ class Emitter:
     """Dedupe, policy-check and send mapped events; checkpoint the cursor."""
 
     def __init__(self, connector: str, stream: str, state: ConnectorState, sink: Sink, policy: UrlPolicy,
-                 cfg: ConnectorSettings, *, cursor_time=None):
+                 cfg: ConnectorSettings, *, cursor_time: Callable[[str], float] | None = None):
         self.connector = connector
         self.stream = stream
         self.state = state
@@ -294,11 +294,15 @@ class Emitter:
                 continue
             refused = await self.policy.check(ev.image.url) if ev.image.url else None
             if refused is not None:
-                self.sink.dead_letter(DeadLetter(
-                    event_id=ev.event_id, stage="fetch", reason=refused.reason,
-                    detail=f"refused by the {self.connector} connector: {refused.detail}",
-                    payload_excerpt=ev.dumps()[:512].decode("utf-8", "replace"),
-                ))
+                try:
+                    self.sink.dead_letter(DeadLetter(
+                        event_id=ev.event_id, stage="fetch", reason=refused.reason,
+                        detail=f"refused by the {self.connector} connector: {refused.detail}",
+                        payload_excerpt=ev.dumps()[:512].decode("utf-8", "replace"),
+                    ))
+                except Exception as e:
+                    self._rollback()
+                    raise SinkError(f"{type(e).__name__}: {e}") from e
                 log.warning("image URL refused by fetch policy", extra={
                     "connector": self.connector, "event_id": ev.event_id, "reason": refused.reason})
                 self._event("refused")

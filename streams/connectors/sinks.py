@@ -33,6 +33,7 @@ class KafkaSink:
             bootstrap_timeout_ms=bootstrap_timeout_ms,
         )
         self._futures: list = []
+        self._dead_futures: list = []
         self._lock = threading.Lock()  # flushes run in worker threads while the loop keeps sending
         self.offsets: set[tuple[int, int]] = set()  # (partition, offset) of every acknowledged event
         self.timeout_s = flush_timeout_s or max(1.0, request_timeout_ms / 1000 * 3)
@@ -48,17 +49,22 @@ class KafkaSink:
 
     def dead_letter(self, dl: DeadLetter) -> None:
         key = dl.event_id.encode() if dl.event_id else None
-        self._producer.send(self.settings.topic("dead-letters"), key=key, value=dl.dumps())
+        future = self._producer.send(self.settings.topic("dead-letters"), key=key, value=dl.dumps())
+        with self._lock:
+            self._dead_futures.append(future)
 
     def flush(self) -> list[tuple[int, int]]:
         """Wait for acknowledgements; raises the first delivery error."""
         with self._lock:
             futures, self._futures = self._futures, []
+            dead, self._dead_futures = self._dead_futures, []
         self._producer.flush(timeout=self.timeout_s)
         acked = []
         for f in futures:
             md = f.get(timeout=self.timeout_s)
             acked.append((md.partition, md.offset))
+        for f in dead:
+            f.get(timeout=self.timeout_s)
         self.offsets.update(acked)
         return acked
 
