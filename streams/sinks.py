@@ -179,7 +179,8 @@ class BulkSink:
         delay = self.settings.retry_initial_s
         while todo:
             try:
-                resp = self.es.bulk(operations=_lines(todo))
+                # our own retrying (per item, never giving up), not the client's
+                resp = self.es.options(max_retries=0, retry_on_status=()).bulk(operations=_lines(todo))
             except (EsConnectionError, ConnectionTimeout) as e:
                 result.retried += 1
                 delay = self._backoff(delay, f"{type(e).__name__}", len(todo))

@@ -106,6 +106,7 @@ class FakeElasticsearch:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # small keep-alive responses: no 40 ms delayed-ACK stalls
 
             def log_message(self, *a: Any) -> None:  # quiet
                 pass
