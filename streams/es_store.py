@@ -177,7 +177,8 @@ class EsFindingsStore:
         from streams.sinks import BulkSink
 
         fs = settings.findings if settings is not None else FindingsSettings()
-        self.bulk = BulkSink(self.es, fs, dead_letters_index=self.names["dead_letters"])
+        self.bulk = BulkSink(self.es, fs, dead_letters_index=self.names["dead_letters"],
+                             processed_index=self.names["processed"])
 
     @classmethod
     def from_url(cls, url: str, settings: Any | None = None) -> "EsFindingsStore":
@@ -218,7 +219,7 @@ class EsFindingsStore:
             for name, body in T.index_templates(self.prefix).items():
                 es.indices.put_index_template(name=name, **{k if k != "_meta" else "meta": v for k, v in body.items()})
             es.put_script(id=T.SCRIPT_ID, script=T.stored_script()["script"])
-            for key in ("clusters", "alerts", "dead_letters", "deliveries"):
+            for key in ("clusters", "alerts", "dead_letters", "deliveries", "processed"):
                 alias = self.names[key]
                 if not es.indices.exists_alias(name=alias):
                     self._create_ignoring_exists(lambda: es.indices.create(
@@ -252,6 +253,8 @@ class EsFindingsStore:
         s = snap.new_sighting
         if s is not None:
             out.append(({"create": {"_index": n["sightings"], "_id": s.event.event_id}}, sighting_doc(snap.cluster_id, s)))
+            # every offset, duplicates of an earlier event included: replay accounting
+            out.append(processed_action(n["processed"], s.source, "sighting", s.event.event_id))
         sighting_params = None
         if s is not None:
             ev = s.event
@@ -286,9 +289,13 @@ class EsFindingsStore:
 
     def add_dead_letters(self, dls: Iterable[DeadLetter]) -> int:
         self.ensure_setup()
-        actions = [({"create": {"_index": self.names["dead_letters"], "_id": dead_letter_key(dl)}}, dead_letter_doc(dl))
-                   for dl in dls]
-        return self.bulk.send(actions).created
+        actions: list = []
+        for dl in dls:
+            actions.append(({"create": {"_index": self.names["dead_letters"], "_id": dead_letter_key(dl)}}, dead_letter_doc(dl)))
+            if dl.source is not None:
+                actions.append(processed_action(self.names["processed"], dl.source, "dead_letter", dl.event_id))
+        res = self.bulk.send(actions)
+        return res.created_in.get(self.names["dead_letters"], 0)
 
     def add_alert(self, alert: Alert) -> bool:
         self.ensure_setup()
@@ -296,7 +303,7 @@ class EsFindingsStore:
         doc["@timestamp"] = doc["created_at"]
         doc["evidence_summary"] = alert.evidence[0].detail if alert.evidence else None
         res = self.bulk.send([({"create": {"_index": self.names["alerts"], "_id": alert.alert_id}}, doc)])
-        return res.created == 1
+        return res.created_in.get(self.names["alerts"], 0) == 1
 
     def _delivery_id(self, alert_id: str, target: str) -> str:
         return hashlib.sha256(f"{alert_id}\0{target}".encode()).hexdigest()
@@ -461,18 +468,18 @@ class EsFindingsStore:
         return [DeadLetterRecord.model_validate(h["_source"]) for h in hits]
 
     def processed_offsets(self, topic: str) -> set[tuple[int, int]]:
-        out: set[tuple[int, int]] = set()
-        for index in (self.names["sightings"], self.names["dead_letters"]):
-            for h in self._scan(index, {"term": {"source.topic": topic}},
-                                [{"source.partition": "asc"}, {"source.offset": "asc"}], ["source"]):
-                src = h["_source"]["source"]
-                out.add((src["partition"], src["offset"]))
-        return out
+        return {(h["_source"]["partition"], h["_source"]["offset"])
+                for h in self._scan(self.names["processed"], {"term": {"topic": topic}},
+                                    [{"partition": "asc"}, {"offset": "asc"}], ["partition", "offset"])}
 
     def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]:
         """No row ids in Elasticsearch: every call answers the whole set (the
         caller unions), and the second value only counts calls."""
         return self.processed_offsets(topic), after_rowid + 1
+
+    def count_sightings(self) -> int:
+        res = self._search(self.names["sightings"], size=0, query={"match_all": {}}, track_total_hits=True)
+        return int(res["hits"]["total"]["value"])
 
     def pending_work(self) -> dict[str, int]:
         res = self._search(self.names["clusters"], size=0, query=_live(), aggs={
@@ -524,6 +531,17 @@ def _live() -> dict[str, Any]:
 
 def _norm_tag(tag: str) -> str:
     return tag.strip().lstrip("#").lower()
+
+
+def processed_action(index: str, source: Any, outcome: str, event_id: str | None,
+                     op: str = "create") -> tuple[dict, dict]:
+    """Marks one event offset as handled (a sighting or a dead letter), keyed
+    by the offset so redelivery is a no-op: the same job as SQLite's
+    ``processed`` table. ``op="index"`` overwrites: a sighting the store then
+    refused for good is relabelled a dead letter."""
+    return ({op: {"_index": index, "_id": f"{source.topic}/{source.partition}/{source.offset}"}},
+            {"topic": source.topic, "partition": source.partition, "offset": source.offset, "outcome": outcome,
+             "event_id": event_id, "@timestamp": _now()})
 
 
 def sighting_doc(cluster_id: str, s: Sighting) -> dict[str, Any]:

@@ -32,6 +32,7 @@ def names(prefix: str = "deepwatch") -> dict[str, str]:
         "alerts": f"{prefix}-alerts",
         "dead_letters": f"{prefix}-dead-letters",
         "deliveries": f"{prefix}-deliveries",
+        "processed": f"{prefix}-processed",
     }
 
 
@@ -182,8 +183,19 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
         },
         "version": v, "_meta": meta,
     }
+    processed = {
+        "template": {
+            "mappings": {
+                "dynamic": "strict",
+                "properties": {"topic": _KEYWORD, "partition": {"type": "integer"}, "offset": {"type": "long"},
+                               "outcome": _KEYWORD, "event_id": _KEYWORD, "@timestamp": {"type": "date"}},
+            },
+        },
+        "version": v, "_meta": meta,
+    }
     return {
         f"{prefix}-common": common,
+        f"{prefix}-processed-mappings": processed,
         f"{prefix}-clusters-mappings": clusters,
         f"{prefix}-sightings-mappings": sightings,
         f"{prefix}-alerts-mappings": alerts,
@@ -212,7 +224,7 @@ def index_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     v = MAPPING_VERSION
     meta = {"managed_by": "deepwatch", "mapping_version": v}
     out: dict[str, dict[str, Any]] = {}
-    for key in ("clusters", "alerts", "dead_letters", "deliveries"):
+    for key in ("clusters", "alerts", "dead_letters", "deliveries", "processed"):
         alias = n[key]
         out[alias] = {
             # versioned concrete indices only: the alias itself must never match

@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -129,6 +129,7 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 class BulkResult:
     ok: int = 0  # applied (created, updated, no-op) or already there
     created: int = 0  # create actions that made a new document
+    created_in: dict[str, int] = field(default_factory=dict)  # the same, by index (as the action named it)
     duplicates: int = 0  # create actions whose id was already there (redelivery)
     retried: int = 0  # item retries plus whole-request retries
     dead_lettered: int = 0
@@ -138,10 +139,11 @@ class BulkSink:
     """Sends bulk actions until each one is applied or dead-lettered."""
 
     def __init__(self, client: Any, settings: FindingsSettings, *, dead_letters_index: str,
-                 sleep: Callable[[float], None] = time.sleep):
+                 processed_index: str | None = None, sleep: Callable[[float], None] = time.sleep):
         self.es = client
         self.settings = settings
         self.dead_letters_index = dead_letters_index
+        self.processed_index = processed_index
         self.sleep = sleep
         self._behind_since: float | None = None
 
@@ -201,7 +203,9 @@ class BulkSink:
                 status = r.get("status", 500)
                 if 200 <= status < 300:
                     result.ok += 1
-                    result.created += int(op == "create" and r.get("result") == "created")
+                    if op == "create" and r.get("result") == "created":
+                        result.created += 1
+                        result.created_in[index] = result.created_in.get(index, 0) + 1
                     metrics.SINK_ITEMS.labels(index, "ok").inc()
                 elif status == 409 and op == "create":
                     result.ok += 1
@@ -229,7 +233,7 @@ class BulkSink:
             metrics.SINK_BEHIND_SECONDS.set(0)
 
     def _dead_letter(self, failed: list[tuple[Action, dict[str, Any]]], result: BulkResult) -> None:
-        from streams.es_store import dead_letter_doc, dead_letter_key
+        from streams.es_store import dead_letter_doc, dead_letter_key, processed_action
         from streams.records import SourceRef
 
         actions: list[Action] = []
@@ -250,6 +254,8 @@ class BulkSink:
             log.error("findings item refused; dead-lettered", extra={"reason": dl.reason, "detail": dl.detail})
             actions.append(({"create": {"_index": self.dead_letters_index, "_id": dead_letter_key(dl)}},
                             dead_letter_doc(dl)))
+            if dl.source is not None and self.processed_index:
+                actions.append(processed_action(self.processed_index, dl.source, "dead_letter", dl.event_id, op="index"))
             result.dead_lettered += 1
         self._send_chunk(actions, BulkResult(), dead_letters=False)
 

@@ -33,7 +33,7 @@ def test_setup_creates_versioned_templates_aliases_and_the_sightings_data_stream
     assert fake_es.ilm["deepwatch-sightings"]["policy"]["phases"]["delete"]["actions"] == {"delete": {}}
     assert set(fake_es.component_templates) == {
         "deepwatch-common", "deepwatch-clusters-mappings", "deepwatch-sightings-mappings", "deepwatch-alerts-mappings",
-        "deepwatch-dead-letters-mappings", "deepwatch-deliveries-mappings"}
+        "deepwatch-dead-letters-mappings", "deepwatch-deliveries-mappings", "deepwatch-processed-mappings"}
     for name, body in fake_es.component_templates.items():
         assert body["version"] == T.MAPPING_VERSION and body["_meta"]["managed_by"] == "deepwatch", name
     clusters = fake_es.index_templates["deepwatch-clusters"]
@@ -53,7 +53,7 @@ def test_setup_creates_versioned_templates_aliases_and_the_sightings_data_stream
     assert sightings["data_stream"] == {} and sightings["template"]["settings"]["index.lifecycle.name"] == "deepwatch-sightings"
     assert fake_es.scripts[T.SCRIPT_ID] == {"lang": "painless", "source": T.CLUSTER_UPSERT_SCRIPT}
     assert fake_es.aliases == {a: f"{a}-v1" for a in ("deepwatch-clusters", "deepwatch-alerts", "deepwatch-dead-letters",
-                                                      "deepwatch-deliveries")}
+                                                      "deepwatch-deliveries", "deepwatch-processed")}
     assert "deepwatch-sightings" in fake_es.data_streams
     create = fake_es.calls("PUT", "/deepwatch-clusters-v1")[0]
     assert create.body == {"aliases": {"deepwatch-clusters": {"is_write_index": True}}}
@@ -64,10 +64,10 @@ def test_setup_creates_versioned_templates_aliases_and_the_sightings_data_stream
     def creations() -> int:
         return sum(1 for r in fake_es.requests if r.method == "PUT" and r.path.startswith("/deepwatch-"))
 
-    assert creations() == 4
+    assert creations() == 5
     s2 = _store(fake_es)
     s2.ensure_setup()
-    assert creations() == 4
+    assert creations() == 5
     assert len(fake_es.calls("PUT", "/_data_stream/deepwatch-sightings")) == 2
     s.close(), s2.close()
 
@@ -78,8 +78,10 @@ def test_snapshot_is_one_bulk_request_of_sighting_create_and_guarded_cluster_ups
     s.apply_snapshot(snap)
     [bulk] = fake_es.calls("PUT", "/_bulk") + fake_es.calls("POST", "/_bulk")
     assert "x-ndjson" in bulk.headers["content-type"]
-    header1, sighting, header2, update = bulk.body
+    header1, sighting, marker_header, marker, header2, update = bulk.body
     assert header1 == {"create": {"_index": "deepwatch-sightings", "_id": "e1"}}
+    assert marker_header == {"create": {"_index": "deepwatch-processed", "_id": "deepwatch.events/0/0"}}
+    assert (marker["offset"], marker["outcome"], marker["event_id"]) == (0, "sighting", "e1")
     assert sighting["cluster_id"] == "c-fire" and sighting["@timestamp"] == snap.new_sighting.event.posted_at.isoformat()
     assert sighting["hashtags"] == ["breaking", "fire"] and sighting["source"] == {"topic": "deepwatch.events", "partition": 0, "offset": 0}
     assert header2 == {"update": {"_index": "deepwatch-clusters", "_id": "c-fire", "retry_on_conflict": 5}}
@@ -131,7 +133,7 @@ def test_partial_bulk_failure_retries_only_rejected_items(fake_es):
     s.apply_snapshots(snapshots()[:3])
     bulks = [r for r in fake_es.requests if r.path.endswith("/_bulk")]
     assert len(bulks) == 3
-    assert len(bulks[0].body) == 12  # 3 x (create sighting + update cluster)
+    assert len(bulks[0].body) == 18  # 3 x (create sighting + processed marker + update cluster)
     assert bulks[1].body == bulks[2].body and len(bulks[1].body) == 2  # only the rejected item, twice
     assert bulks[1].body[0] == {"create": {"_index": "deepwatch-sightings", "_id": "e2"}}
     assert sorted(fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]) == ["e1", "e2", "e3"]
@@ -148,7 +150,7 @@ def test_a_mapping_error_dead_letters_that_item_and_the_batch_carries_on(fake_es
     res = s.bulk.send([a for snap in snapshots()[:3] for a in s.cluster_actions(snap)]
                       # ... and one action breaks the strict mapping on the fake itself
                       + [({"index": {"_index": "deepwatch-deliveries", "_id": "x"}}, {"alert_id": "a", "surprise": 1})])
-    assert res.dead_lettered == 2 and res.ok == 5
+    assert res.dead_lettered == 2 and res.ok == 8
     stream = fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]
     assert sorted(stream) == ["e1", "e3"]
     assert fake_es.docs["deepwatch-clusters-v1"]["c-fire"]["revision"] == 3
@@ -157,6 +159,8 @@ def test_a_mapping_error_dead_letters_that_item_and_the_batch_carries_on(fake_es
     assert (e2.stage, e2.reason) == ("sink", "document_parsing_exception")
     assert e2.source.offset == 1  # the event's own offset: replay accounting sees it dead-lettered
     assert "engagement.likes" in e2.detail
+    marker = fake_es.docs["deepwatch-processed-v1"]["deepwatch.events/0/1"]
+    assert marker["outcome"] == "dead_letter"  # relabelled: the sighting never landed
     assert dls["x"].reason == "strict_dynamic_mapping_exception"
     s.close()
 
