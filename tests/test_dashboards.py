@@ -442,7 +442,9 @@ def test_k8s_manifests_parse_and_reference_settings():
     assert ("Deployment", "deepwatch-pipeline") in kinds and ("Deployment", "deepwatch-detect") in kinds
     assert any(k == "ConfigMap" for k, _ in kinds) and any(k == "Secret" for k, _ in kinds)
     assert any(k == "Service" for k, _ in kinds)
-    known = _settings_env_vars() | {"DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG"}
+    # read by streams.es_store.EsConfig (secrets only ever from the environment)
+    es_env = {"DEEPWATCH_ES_API_KEY", "DEEPWATCH_ES_USERNAME", "DEEPWATCH_ES_PASSWORD", "DEEPWATCH_ES_CA_CERTS"}
+    known = _settings_env_vars() | {"DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG"} | es_env
     configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     for d in docs:
         if d["kind"] != "Deployment":
@@ -461,9 +463,110 @@ def test_k8s_manifests_parse_and_reference_settings():
     toml = tomllib.loads(cm["data"]["deepwatch.toml"])
     s = Settings.model_validate(toml)
     assert s.alerts.webhooks and s.alerts.webhooks[0].secret_env == "DEEPWATCH_WEBHOOK_SECRET"
+    # findings in Elasticsearch; no SQLite findings file on a volume shared across nodes
+    assert s.findings.url and s.findings.url.startswith("https://")
+    for d in docs:
+        if d["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"]["accessModes"]:
+            assert d["metadata"]["name"] == "deepwatch-blobs"
+        if d["kind"] == "Deployment":
+            vols = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
+            [c] = d["spec"]["template"]["spec"]["containers"]
+            data = next(m for m in c["volumeMounts"] if m["mountPath"] == "/data")
+            assert "emptyDir" in vols[data["name"]], "the data dir (where SQLite would live) is pod-local"
+            assert all(m.get("subPath") in ("blobs", "models") for m in c["volumeMounts"]
+                       if "persistentVolumeClaim" in vols.get(m["name"], {}))
+    pipeline = next(d for d in docs if d["metadata"]["name"] == "deepwatch-pipeline")
+    env = {e["name"]: e for e in pipeline["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DEEPWATCH_ES_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "deepwatch-elasticsearch"
+
+
+def test_k8s_eck_overlay_runs_the_findings_cluster():
+    docs = [d for p in sorted((DEPLOY / "k8s" / "overlays" / "eck").glob("*.yaml")) for d in _yaml_docs(p)]
+    [es] = [d for d in docs if d.get("kind") == "Elasticsearch"]
+    assert es["metadata"]["name"] == "deepwatch"  # ECK names the service deepwatch-es-http
+    major, minor = (int(x) for x in es["spec"]["version"].split(".")[:2])
+    assert (major, minor) >= (8, 15), "bit-vector kNN needs 8.15+"
 
 
 def test_k8s_gpu_overlay_requests_a_gpu():
     docs = [d for p in sorted((DEPLOY / "k8s" / "overlays" / "gpu").glob("*.yaml")) for d in _yaml_docs(p)]
     text = json.dumps(docs)
     assert "nvidia.com/gpu" in text
+
+
+def test_cli_grafana_provision(fake_grafana, monkeypatch):
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    srv = fake_grafana()
+    url = os.environ["GRAFANA_URL"]
+    monkeypatch.delenv("GRAFANA_URL")
+    r = CliRunner().invoke(app, ["grafana", "provision", "--url", url])  # token from GRAFANA_TOKEN
+    assert r.exit_code == 0, r.output
+    assert f"{url}/d/{DASHBOARD_UID}" in r.output and "deepwatch-desk-email (DEEPWATCH_DESK_EMAILS unset)" in r.output
+    assert {c["path"] for c in srv.calls} >= {"/api/dashboards/db", "/api/v1/provisioning/policies",
+                                              f"/api/v1/provisioning/folder/{rules.DESK_FOLDER_UID}/rule-groups/{rules.DESK_GROUP}"}
+    monkeypatch.delenv("GRAFANA_TOKEN")
+    r = CliRunner().invoke(app, ["grafana", "provision", "--url", url])
+    assert r.exit_code == 2 and "GRAFANA_TOKEN" in r.output
+
+
+def test_generated_dashboards_load_into_the_sdk_types():
+    """Validation against the SDK's types: every generated dashboard parses
+    back into grafana-foundation-sdk's Dashboard model and re-encodes to the
+    same panels, targets and variables."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    for path in sorted((build.GENERATED / "grafana" / "dashboards").glob("*.json")):
+        doc = json.loads(path.read_text())
+        model = Dashboard.from_json(doc)
+        again = json.loads(JSONEncoder(sort_keys=True).encode(model))
+        assert again["uid"] == doc["uid"] and again["title"] == doc["title"], path.name
+        assert [p.get("type") for p in again["panels"]] == [p.get("type") for p in doc["panels"]], path.name
+        assert [p.get("targets") for p in again["panels"]] == [p.get("targets") for p in doc["panels"]], path.name
+        # variables: what they query (other keys are version defaults: 11.x adds auto/auto_count/auto_min)
+        key = lambda d: [(v["name"], v.get("query"), v.get("datasource")) for v in d.get("templating", {}).get("list", [])]  # noqa: E731
+        assert key(again) == key(doc), path.name
+
+
+def test_desk_dashboards_query_fields_the_es_mapping_has():
+    from dashboards import desk
+    from streams import es_templates as T
+
+    comps = T.component_templates()
+    fields = {
+        "deepwatch-es-clusters": comps["deepwatch-clusters-mappings"]["template"]["mappings"]["properties"],
+        "deepwatch-es-sightings": comps["deepwatch-sightings-mappings"]["template"]["mappings"]["properties"],
+        "deepwatch-es-alerts": comps["deepwatch-alerts-mappings"]["template"]["mappings"]["properties"],
+    }
+
+    def has(props: dict, path: str) -> bool:
+        node: dict = {"properties": props}
+        for part in path.split("."):
+            node = (node.get("properties") or {}).get(part) or (node.get("fields") or {}).get(part)
+            if node is None:
+                return False
+        return True
+
+    docs = [desk.viral_json(), desk.spread_json(), dashboard_json()]
+    checked = 0
+    for doc in docs:
+        for panel in doc["panels"]:
+            for t in panel.get("targets", []):
+                uid = t.get("datasource", {}).get("uid")
+                if uid not in fields:
+                    continue
+                used = [t["timeField"]] + [a["field"] for a in t.get("bucketAggs", []) + t.get("metrics", []) if a.get("field")]
+                for f in used:
+                    assert has(fields[uid], f), f"{doc['uid']} panel {panel['title']!r} uses {f}, not in {uid}'s mapping"
+                    checked += 1
+    for r in rules.desk_rule_group_api()["rules"]:
+        for d in r["data"]:
+            m = d["model"]
+            if m.get("datasource", {}).get("uid") in fields:
+                for a in m["bucketAggs"] + m["metrics"]:
+                    assert has(fields[m["datasource"]["uid"]], a["field"]), a
+                    checked += 1
+    assert checked > 15

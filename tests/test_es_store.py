@@ -6,8 +6,10 @@ version conflicts, the 8-vs-9 compatibility error)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -312,3 +314,24 @@ def _alert():
     from tests.findings_fixture import alerts
 
     return alerts()[0]
+
+
+ES8 = Path(__file__).resolve().parents[1] / ".es8"
+
+
+def test_pinned_8x_client_against_8x_and_9x_servers():
+    """The deployment pin (elasticsearch>=8.15,<9) against both server majors.
+    The shared test environment may carry the 9.x client; the 8.x one is then
+    run from .es8 (pip install --target .es8 'elasticsearch>=8.15,<9'
+    'elastic-transport>=8.15.1,<9')."""
+    if client_major() == 8:
+        pytest.skip("the installed client is already 8.x: the other tests in this file ran with it")
+    if not (ES8 / "elasticsearch").is_dir():
+        pytest.skip(f"no elasticsearch-py 8.x at {ES8}: pip install --target .es8 'elasticsearch>=8.15,<9' "
+                    "'elastic-transport>=8.15.1,<9' to run the pinned client here")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ES8), str(ES8.parent)])}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "compatibility or old_servers or setup_creates or search_queries or similar_uses"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ES8.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "passed" in r.stdout and "failed" not in r.stdout
