@@ -116,3 +116,46 @@ def test_alerts_and_dead_letters_read_back_typed(store):
     [dl] = store.dead_letters()
     assert (dl.stage, dl.reason, dl.source.offset) == ("fetch", "fetch_blocked", 7)
     assert store.processed_offsets("deepwatch.events") == {(0, i) for i in range(8)}
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_search_contract_and_mistakes(tmp_path):
+    import json
+
+    from streams.store import open_store
+
+    s = open_store(tmp_path)
+    fill(s)
+    s.close()
+    d = str(tmp_path)
+    r = _cli("search", "harbour", "--data-dir", d, "--format", "json")
+    assert r.returncode == 0, r.stderr
+    [hit] = json.loads(r.stdout)
+    everything = json.loads(_cli("clusters", "--data-dir", d, "--format", "json").stdout)
+    assert hit == next(c for c in everything if c["id"] == hit["id"])  # the clusters JSON shape, exactly
+    r = _cli("search", "--data-dir", d, "--since", "2026-11-20T10:04:00Z", "--until", "2026-11-20T10:31", "--sort",
+             "last_seen", "--format", "json")
+    assert [c["id"] for c in json.loads(r.stdout)] == ["c-flood", "c-pope"]  # naive --until read as UTC
+    assert "c-fire" in _cli("search", "fire", "--data-dir", d, "--format", "table").stdout
+    for args, needle in ((("--verdict", "fake"), "likely-ai, inconclusive or no-evidence"),
+                         (("--sort", "newest"), "velocity, score, last_seen, sightings"),
+                         (("--since", "yesterday"), "ISO 8601"), (("--min-score", "7"), "between 0 and 1"),
+                         (("--limit", "0"), "between 1 and 10000"), (("--store", "mysql://x"), "es://HOST:9200")):
+        r = _cli("search", "--data-dir", d, *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert needle in _flat(r.stderr), (args, r.stderr)
+    r = _cli("search", "x", "--data-dir", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "no findings at" in _flat(r.stderr)
+
+
+def _flat(text: str) -> str:
+    """rich's error panel, unwrapped: box drawing gone, whitespace collapsed."""
+    import re
+
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())

@@ -149,7 +149,7 @@ def search(
     """
     check_format(fmt)
     if verdict is not None and verdict not in VERDICTS:
-        raise typer.BadParameter(f"must be one of {', '.join(VERDICTS)}", param_hint="--verdict")
+        raise typer.BadParameter(f"must be one of {', '.join(VERDICTS[:-1])} or {VERDICTS[-1]}", param_hint="--verdict")
     if sort is not None and sort not in SORT_KEYS:
         raise typer.BadParameter(f"must be one of {', '.join(SORT_KEYS)}", param_hint="--sort")
     if min_score is not None and not 0.0 <= min_score <= 1.0:
