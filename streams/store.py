@@ -305,22 +305,29 @@ class SqliteFindingsStore:
 
     def search(self, query: ClusterQuery) -> list[ClusterRecord]:
         """``ClusterQuery`` over FTS5 and the sightings table (semantics in
-        ``ClusterQuery``'s docstring; the Elasticsearch store answers the same)."""
+        ``ClusterQuery``'s docstring; the Elasticsearch store answers the same).
+        Only candidate clusters are built: sorted searches pre-select by the
+        stream's own values in SQL (a margin wide), then order exactly."""
         relevance: dict[str, float] | None = None
         if query.sighting_filtered:
             relevance = self._matching_roots(query)
             if not relevance:
                 return []
-        out = []
-        for c in self.clusters():
-            if relevance is not None and c.id not in relevance:
-                continue
-            if query.verdict and c.verdict != query.verdict:
-                continue
-            if query.min_score is not None and c.fake_score < query.min_score:
-                continue
-            out.append(c)
+        where, args = ["merged_into IS NULL"], []
+        if query.verdict:
+            where.append("verdict = ?")
+            args.append(query.verdict)
+        if query.min_score is not None:
+            where.append("fake_score >= ?")
+            args.append(query.min_score)
         sort = query.effective_sort
+        ids = [cid for cid, in self._db.execute(
+            f"SELECT cluster_id FROM clusters WHERE {' AND '.join(where)} ORDER BY {_SQL_SORT[sort]}", args)]
+        if relevance is not None:
+            ids = [cid for cid in ids if cid in relevance]
+        if sort != "relevance":
+            ids = ids[: query.limit * 4 + 100]
+        out = [ClusterRecord.model_validate(row) for row in self._cluster_rows(only=set(ids))]
         if sort == "relevance":
             by_velocity = sort_key("velocity")
             out.sort(key=lambda c: ((relevance or {}).get(c.id, 0.0), by_velocity(c)))
@@ -365,11 +372,25 @@ class SqliteFindingsStore:
             best[root] = min(best.get(root, r), r)
         return best
 
-    def _cluster_rows(self, *, include_merged: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+    def _select(self, sql: str, ids: set[str] | None, args: tuple = ()) -> Iterator[tuple]:
+        """``sql`` with ``{where}`` as all rows, or only those whose cluster_id is in ``ids``."""
+        if ids is None:
+            yield from self._db.execute(sql.format(where="1=1"), args)
+            return
+        chunk = sorted(ids)
+        for i in range(0, len(chunk), 500):
+            part = chunk[i:i + 500]
+            yield from self._db.execute(sql.format(where=f"cluster_id IN ({','.join('?' * len(part))})"), (*args, *part))
+
+    def _cluster_rows(self, *, include_merged: bool = False, limit: int | None = None,
+                      only: set[str] | None = None) -> list[dict[str, Any]]:
+        """Cluster rows as JSON-ready dicts; ``only`` = just these surviving
+        clusters (with everything merged into them)."""
         roots = self._roots()
+        folded = None if only is None else only | {cid for cid, root in roots.items() if root in only}
         agg: dict[str, dict[str, Any]] = {}
-        for cid, account, platform, posted_at in self._db.execute(
-            "SELECT cluster_id, account_id, platform, posted_at FROM sightings"
+        for cid, account, platform, posted_at in self._select(
+            "SELECT cluster_id, account_id, platform, posted_at FROM sightings WHERE {where}", folded
         ):
             root = roots.get(cid, cid)
             a = agg.setdefault(root, {"n": 0, "accounts": set(), "platforms": set(), "first": posted_at, "last": posted_at})
@@ -379,20 +400,21 @@ class SqliteFindingsStore:
             a["first"] = min(a["first"], posted_at)
             a["last"] = max(a["last"], posted_at)
         members: dict[str, list[dict[str, Any]]] = {}
-        for row in self._db.execute(
-            "SELECT cluster_id, sha256, phash, pdq, pdq_quality, event_id, width, height, format, distance FROM members ORDER BY rowid"
-        ):
-            cid, sha, ph, pdq, q, eid, w, h, fmt, dist = row
+        member_rows = sorted(self._select(
+            "SELECT rowid, cluster_id, sha256, phash, pdq, pdq_quality, event_id, width, height, format, distance "
+            "FROM members WHERE {where}", folded))
+        for row in member_rows:
+            _rowid, cid, sha, ph, pdq, q, eid, w, h, fmt, dist = row
             members.setdefault(roots.get(cid, cid), []).append(
                 {"sha256": sha, "phash": ph, "pdq": pdq, "pdq_quality": q, "event_id": eid,
                  "width": w, "height": h, "format": fmt, "distance": dist}
             )
         out = []
-        for row in self._db.execute(
+        rows = sorted(self._select(
             """SELECT cluster_id, revision, fake_score, verdict, evidence, velocity, engagement, first_seen, last_seen,
                       merged_into, merged_from, models_pending, suppressed, updated_at, alert_level, stream_sightings
-               FROM clusters ORDER BY fake_score DESC, cluster_id"""
-        ):
+               FROM clusters WHERE {where}""", only), key=lambda r: (-r[2], r[0]))
+        for row in rows:
             (cid, rev, score, verdict, evidence, vel, eng, first, last, merged_into, merged_from, pending, suppressed,
              updated, alert_level, stream_sightings) = row
             if merged_into and not include_merged:
@@ -543,6 +565,16 @@ class SqliteFindingsStore:
 
     def sighting_times(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))
+
+
+_SQL_SORT = {  # pre-selection order for searches, the stream's own values (exact order is applied after)
+    "velocity": "json_extract(velocity, '$.sightings_5m') DESC, json_extract(velocity, '$.sightings_1h') DESC, "
+                "fake_score DESC, cluster_id",
+    "score": "fake_score DESC, cluster_id",
+    "last_seen": "julianday(last_seen) DESC, cluster_id",
+    "sightings": "stream_sightings DESC, cluster_id",
+    "relevance": "cluster_id",
+}
 
 
 class _Tx:
