@@ -393,11 +393,13 @@ class EsFindingsStore:
             score = {d["cluster_id"]: best(d) for d in docs}
             records.sort(key=lambda c: (-score[c.id], by_velocity(c)))
             return records[: q.limit]
-        hits = self._search(self.names["clusters"], query=query, size=q.limit, sort=ES_SORT[sort], source=_READ_SOURCE)
+        # pre-select by the stream's values on the documents (a margin wide, as
+        # the SQLite store does), then order by the exact counts shown
+        hits = self._search(self.names["clusters"], query=query, size=min(MAX_CANDIDATES, q.limit * 4 + 100),
+                            sort=ES_SORT[sort], source=_READ_SOURCE)
         records = self._records([h["_source"] for h in hits["hits"]["hits"]])
-        # counts shown come from the sightings; order by them exactly as SQLite does
         records.sort(key=sort_key(sort))
-        return records
+        return records[: q.limit]
 
     def _matching_clusters(self, q: ClusterQuery) -> dict[str, float]:
         """Cluster id (as recorded on the sighting) -> best score among the

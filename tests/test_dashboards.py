@@ -570,3 +570,32 @@ def test_desk_dashboards_query_fields_the_es_mapping_has():
                     assert has(fields[m["datasource"]["uid"]], a["field"]), a
                     checked += 1
     assert checked > 15
+
+
+def test_alerting_provisioning_files_parse_and_agree():
+    base = build.GENERATED / "grafana" / "provisioning"
+    for path in sorted(base.rglob("*.yaml")):
+        [doc] = _yaml_docs(path)
+        assert doc["apiVersion"] == 1, path
+    [cps] = _yaml_docs(base / "alerting" / "deepwatch-contact-points.yaml")
+    [cp] = cps["contactPoints"]
+    assert {r["type"] for r in cp["receivers"]} == {"webhook", "slack", "email"}
+    # every address is an environment reference Grafana expands, never a literal
+    for r in cp["receivers"]:
+        for key in ("url", "addresses"):
+            if key in r["settings"]:
+                assert r["settings"][key].startswith("$DEEPWATCH_"), (r["uid"], key)
+    [pol] = _yaml_docs(base / "alerting" / "deepwatch-policies.yaml")
+    [root] = pol["policies"]
+    names = {cp["name"]}
+    assert root["receiver"] in names and all(r["receiver"] in names for r in root["routes"])
+    [desk_route] = root["routes"]
+    assert ["team", "=", "factcheck-desk"] in desk_route["object_matchers"] and "cluster_id" in desk_route["group_by"]
+    [rules_doc] = _yaml_docs(base / "alerting" / "deepwatch-desk.yaml")
+    labels = {r["uid"]: r["labels"] for g in rules_doc["groups"] for r in g["rules"]}
+    assert all(lbl["team"] == "factcheck-desk" for lbl in labels.values()), "desk rules route to the desk"
+    viral = next(r for g in rules_doc["groups"] for r in g["rules"] if r["uid"] == rules.VIRAL_RULE_UID)
+    for key in ("summary", "description", "score", "evidence", "cluster_id", "runbook_url"):
+        assert viral["annotations"][key], key
+    [a] = [d for d in viral["data"] if d["refId"] == "A"]
+    assert [b["field"] for b in a["model"]["bucketAggs"]][:2] == ["cluster_id", "evidence_summary.keyword"]
