@@ -392,14 +392,14 @@ class EsFindingsStore:
             records = self._records(docs)
             score = {d["cluster_id"]: best(d) for d in docs}
             records.sort(key=lambda c: (-score[c.id], by_velocity(c)))
-            return records[: q.limit]
+            return records[: q.max_results]
         # pre-select by the stream's values on the documents (a margin wide, as
         # the SQLite store does), then order by the exact counts shown
-        hits = self._search(self.names["clusters"], query=query, size=min(MAX_CANDIDATES, q.limit * 4 + 100),
+        hits = self._search(self.names["clusters"], query=query, size=min(MAX_CANDIDATES, q.max_results * 4 + 100),
                             sort=ES_SORT[sort], source=_READ_SOURCE)
         records = self._records([h["_source"] for h in hits["hits"]["hits"]])
         records.sort(key=sort_key(sort))
-        return records[: q.limit]
+        return records[: q.max_results]
 
     def _matching_clusters(self, q: ClusterQuery) -> dict[str, float]:
         """Cluster id (as recorded on the sighting) -> best score among the

@@ -24,6 +24,7 @@ from streams.records import Alert, ClusterSnapshot, DeadLetter, Engagement, Sour
 
 Verdict = Literal["likely-ai", "inconclusive", "no-evidence"]
 SortKey = Literal["velocity", "score", "last_seen", "sightings", "relevance"]
+MAX_RESULTS = 10_000  # one Elasticsearch result window; the same bound on SQLite
 SORT_KEYS: tuple[str, ...] = ("velocity", "score", "last_seen", "sightings")
 VERDICTS: tuple[str, ...] = ("likely-ai", "inconclusive", "no-evidence")
 
@@ -174,7 +175,7 @@ class ClusterQuery(BaseModel):
     verdict: Verdict | None = None
     min_score: float | None = Field(default=None, ge=0.0, le=1.0)
     sort: SortKey | None = None
-    limit: int = Field(default=50, ge=1, le=10_000)
+    limit: int | None = Field(default=None, ge=1, le=MAX_RESULTS)  # None = every match (up to MAX_RESULTS)
 
     @field_validator("text", "platform", "account", "hashtag", mode="before")
     @classmethod
@@ -190,6 +191,10 @@ class ClusterQuery(BaseModel):
     @classmethod
     def _hashtag(cls, v: str | None) -> str | None:
         return normalize_hashtag(v) if v else v
+
+    @property
+    def max_results(self) -> int:
+        return self.limit or MAX_RESULTS
 
     @property
     def effective_sort(self) -> str:

@@ -326,14 +326,14 @@ class SqliteFindingsStore:
         if relevance is not None:
             ids = [cid for cid in ids if cid in relevance]
         if sort != "relevance":
-            ids = ids[: query.limit * 4 + 100]
+            ids = ids[: query.max_results * 4 + 100]
         out = [ClusterRecord.model_validate(row) for row in self._cluster_rows(only=set(ids))]
         if sort == "relevance":
             by_velocity = sort_key("velocity")
             out.sort(key=lambda c: ((relevance or {}).get(c.id, 0.0), by_velocity(c)))
         else:
             out.sort(key=sort_key(sort))
-        return out[: query.limit]
+        return out[: query.max_results]
 
     def _matching_roots(self, q: ClusterQuery) -> dict[str, float]:
         """Surviving cluster id -> best relevance (bm25: lower is better) over

@@ -138,7 +138,7 @@ def search(
     verdict: Optional[str] = typer.Option(None, help="likely-ai, inconclusive or no-evidence."),
     min_score: Optional[float] = typer.Option(None, help="Only clusters with a fused fake score at least this (0-1)."),
     sort: Optional[str] = typer.Option(None, help="velocity, score, last_seen or sightings (default: relevance with QUERY, else velocity)."),
-    limit: int = typer.Option(50, help="At most this many clusters."),
+    limit: Optional[int] = typer.Option(None, help="At most this many clusters (default: every match, up to 10000)."),
 ) -> None:
     """Search clusters by text, hashtag, account, platform, time, verdict and score.
 
@@ -154,7 +154,7 @@ def search(
         raise typer.BadParameter(f"must be one of {', '.join(SORT_KEYS)}", param_hint="--sort")
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         raise typer.BadParameter("must be between 0 and 1", param_hint="--min-score")
-    if not 1 <= limit <= 10_000:
+    if limit is not None and not 1 <= limit <= 10_000:
         raise typer.BadParameter("must be between 1 and 10000", param_hint="--limit")
     q = ClusterQuery(text=query, since=_when(since, "--since"), until=_when(until, "--until"), platform=platform,
                      account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort, limit=limit)
