@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from streams import es_templates as T
 from streams.findings import (
-    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, sort_key, text_terms,
+    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, SightingRecord, sort_key, text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
 
@@ -400,6 +400,21 @@ class EsFindingsStore:
         records = self._records([h["_source"] for h in hits["hits"]["hits"]])
         records.sort(key=sort_key(sort))
         return records[: q.max_results]
+
+    def cluster_sightings(self, cluster_id: str, *, limit: int = 200) -> list[SightingRecord]:
+        """The cluster's posts, newest first, those of clusters merged into it included."""
+        doc = self._search(self.names["clusters"], query={"ids": {"values": [cluster_id]}}, size=1,
+                           source=["merged_from"])["hits"]["hits"]
+        ids = [cluster_id, *((doc[0]["_source"].get("merged_from") or []) if doc else [])]
+        hits = self._search(self.names["sightings"], query={"terms": {"cluster_id": ids}}, size=min(limit, MAX_CANDIDATES),
+                            sort=[{"@timestamp": "desc"}, {"event_id": "asc"}],
+                            source={"excludes": ["@timestamp", "schema_version", "account_handle_norm", "source"]})
+        out = []
+        for h in hits["hits"]["hits"]:
+            src = dict(h["_source"])
+            src["text"] = src.get("text") or None
+            out.append(SightingRecord.model_validate({k: src.get(k) for k in SightingRecord.model_fields}))
+        return out
 
     def _matching_clusters(self, q: ClusterQuery) -> dict[str, float]:
         """Cluster id (as recorded on the sighting) -> best score among the

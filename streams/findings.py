@@ -153,6 +153,24 @@ class DeadLetterRecord(_ReadRecord):
     at: str
 
 
+class SightingRecord(_ReadRecord):
+    """One post carrying a cluster's picture (schema v1): what the desk shows
+    for "where, when, by whom"."""
+
+    event_id: str
+    cluster_id: str  # the cluster it was recorded under (may since be merged into another)
+    sha256: str
+    platform: str
+    account_id: str
+    account_handle: str | None
+    post_url: str | None
+    posted_at: str
+    text: str | None
+    hashtags: list[str]
+    lang: str | None
+    engagement: Engagement
+
+
 class ClusterQuery(BaseModel):
     """An analyst's search over clusters (``deepwatch search``, the desk).
 
@@ -262,6 +280,7 @@ class FindingsStore(Protocol):
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]: ...
     def cluster(self, cluster_id: str) -> ClusterRecord | None: ...
     def search(self, query: ClusterQuery) -> list[ClusterRecord]: ...
+    def cluster_sightings(self, cluster_id: str, *, limit: int = 200) -> list[SightingRecord]: ...
     def alerts(self) -> list[AlertRecord]: ...
     def dead_letters(self) -> list[DeadLetterRecord]: ...
 

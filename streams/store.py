@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from streams.findings import (
-    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, FindingsStore, normalize_hashtag, sort_key, text_terms,
+    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, FindingsStore, SightingRecord, normalize_hashtag, sort_key,
+    text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
 
@@ -335,6 +336,25 @@ class SqliteFindingsStore:
             out.sort(key=sort_key(sort))
         return out[: query.max_results]
 
+    def cluster_sightings(self, cluster_id: str, *, limit: int = 200) -> list[SightingRecord]:
+        """The cluster's posts, newest first, those of clusters merged into it included."""
+        roots = self._roots()
+        ids = {cid for cid, root in roots.items() if root == cluster_id} | {cluster_id}
+        rows = list(self._select(
+            """SELECT event_id, cluster_id, sha256, platform, account_id, account_handle, post_url, posted_at, text,
+                      hashtags, lang, engagement FROM sightings WHERE {where}""", ids))
+        rows.sort(key=lambda r: (-_julian(r[7]), r[0]))
+        keys = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url", "posted_at",
+                "text", "hashtags", "lang", "engagement")
+        out = []
+        for row in rows[:limit]:
+            d = dict(zip(keys, row))
+            d["hashtags"] = d["hashtags"].split() if d["hashtags"] else []
+            d["engagement"] = json.loads(d["engagement"])
+            d["text"] = d["text"] or None
+            out.append(SightingRecord.model_validate(d))
+        return out
+
     def _matching_roots(self, q: ClusterQuery) -> dict[str, float]:
         """Surviving cluster id -> best relevance (bm25: lower is better) over
         the sightings that satisfy every sighting-level condition at once."""
@@ -565,6 +585,12 @@ class SqliteFindingsStore:
 
     def sighting_times(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))
+
+
+def _julian(ts: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 _SQL_SORT = {  # pre-selection order for searches, the stream's own values (exact order is applied after)

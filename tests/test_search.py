@@ -159,3 +159,13 @@ def _flat(text: str) -> str:
     import re
 
     return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def test_cluster_sightings_newest_first_merges_included(store):
+    flood = store.cluster_sightings("c-flood")
+    assert [s.event_id for s in flood] == ["e7", "e6"]  # e7 was recorded under c-flood2, merged in
+    assert flood[0].cluster_id == "c-flood2" and flood[0].hashtags == ["storm", "subway"]
+    assert flood[1].account_handle == "@weather" and flood[1].text.startswith("Flooded streets")
+    assert flood[1].post_url == "https://bluesky.example/e6" and flood[1].lang == "en"
+    assert [s.event_id for s in store.cluster_sightings("c-fire", limit=2)] == ["e3", "e2"]
+    assert store.cluster_sightings("nope") == []
