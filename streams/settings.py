@@ -105,6 +105,22 @@ class ConnectorSettings(BaseModel):
     ingest_broker_timeout_s: float = 5.0  # longer than this without the broker: 503 + Retry-After
 
 
+class FindingsSettings(BaseModel):
+    """Where findings go. ``url`` None = the embedded SQLite file in data_dir;
+    ``es://host:9200`` / ``https://host:9200`` = Elasticsearch (credentials and
+    CA bundle only from the environment: DEEPWATCH_ES_API_KEY, or
+    DEEPWATCH_ES_USERNAME + DEEPWATCH_ES_PASSWORD, and DEEPWATCH_ES_CA_CERTS)."""
+
+    url: str | None = None
+    index_prefix: str = "deepwatch"
+    bulk_max_actions: int = 500  # a bulk request is sent at this many actions...
+    bulk_max_bytes: int = 5 * 1024 * 1024  # ...or this many bytes of NDJSON...
+    bulk_flush_s: float = 1.0  # ...or when the oldest buffered action is this old
+    retry_initial_s: float = 0.5  # backoff on 429/5xx, doubling up to retry_max_s, never giving up
+    retry_max_s: float = 30.0
+    request_timeout_s: float = 30.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPWATCH_", env_nested_delimiter="__", extra="ignore")
 
@@ -124,6 +140,7 @@ class Settings(BaseSettings):
     detect: DetectSettings = Field(default_factory=DetectSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     connectors: ConnectorSettings = Field(default_factory=ConnectorSettings)
+    findings: FindingsSettings = Field(default_factory=FindingsSettings)
 
     @classmethod
     def settings_customise_sources(

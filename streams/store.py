@@ -1,9 +1,9 @@
 """Findings: clusters, sightings, evidence, alerts and dead letters.
 
-``FindingsStore`` is the interface every sink writes through and every query
-command reads through; ``SqliteFindingsStore`` is the embedded default (one
-file in the data directory), an Elasticsearch implementation fits behind the
-same methods. Every write is an idempotent upsert keyed by something the
+``streams.findings.FindingsStore`` is the interface every sink writes through
+and every query command reads through; ``SqliteFindingsStore`` is the embedded
+default (one file in the data directory, full-text search with FTS5) and
+``streams.es_store.EsFindingsStore`` the Elasticsearch one. Every write is an idempotent upsert keyed by something the
 stream already makes stable (cluster id + revision, event id, alert id, the
 source offset of a dead letter), so at-least-once delivery and replays change
 nothing.
@@ -18,9 +18,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
+from streams.findings import (
+    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, FindingsStore, SightingRecord, normalize_hashtag, sort_key,
+    text_terms,
+)
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
+
+__all__ = ["FindingsStore", "MemberRow", "SqliteFindingsStore", "open_store"]
 
 
 @dataclass(frozen=True)
@@ -32,24 +38,6 @@ class MemberRow:
     pdq_quality: int
     views: list[str] | None = None
     trimmed: bool = False
-
-
-class FindingsStore(Protocol):
-    def apply_snapshot(self, snap: ClusterSnapshot) -> None: ...
-    def add_dead_letter(self, dl: DeadLetter) -> bool: ...
-    def add_alert(self, alert: Alert) -> bool: ...
-    def delivered(self, alert_id: str, target: str) -> bool: ...
-    def mark_delivered(self, alert_id: str, target: str, status: str) -> None: ...
-    def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[dict[str, Any]]: ...
-    def alerts(self) -> list[dict[str, Any]]: ...
-    def dead_letters(self) -> list[dict[str, Any]]: ...
-    def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]: ...
-    def processed_offsets(self, topic: str) -> set[tuple[int, int]]: ...
-    def iter_members(self) -> Iterator[MemberRow]: ...
-    def archive_states(self, states: dict[str, bytes]) -> None: ...
-    def archived_state(self, cluster_id: str) -> bytes | None: ...
-    def archived_states(self) -> Iterator[tuple[str, bytes]]: ...
-    def close(self) -> None: ...
 
 
 SCHEMA = """
@@ -94,7 +82,9 @@ CREATE TABLE IF NOT EXISTS sightings (
     post_url TEXT,
     posted_at TEXT NOT NULL,
     engagement TEXT NOT NULL,
-    text TEXT
+    text TEXT,
+    hashtags TEXT NOT NULL DEFAULT '',
+    lang TEXT
 );
 CREATE INDEX IF NOT EXISTS sightings_cluster ON sightings(cluster_id);
 CREATE TABLE IF NOT EXISTS processed (
@@ -161,14 +151,35 @@ class SqliteFindingsStore:
 
     def _migrate(self) -> None:
         """Columns added after a store file may have been created."""
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(members)")}
-        for column, decl in (("views", "TEXT"), ("trimmed", "INTEGER NOT NULL DEFAULT 0")):
-            if column not in have:
-                try:
-                    self._db.execute(f"ALTER TABLE members ADD COLUMN {column} {decl}")
-                except sqlite3.OperationalError as e:
-                    if "duplicate column" not in str(e):  # another process migrated first
-                        raise
+        for table, columns in (
+            ("members", (("views", "TEXT"), ("trimmed", "INTEGER NOT NULL DEFAULT 0"))),
+            ("sightings", (("hashtags", "TEXT NOT NULL DEFAULT ''"), ("lang", "TEXT"))),
+        ):
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, decl in columns:
+                if column not in have:
+                    try:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                    except sqlite3.OperationalError as e:
+                        if "duplicate column" not in str(e):  # another process migrated first
+                            raise
+        self._ensure_fts()
+
+    def _ensure_fts(self) -> None:
+        """Full text over post texts and hashtags: an external-content FTS5
+        index on the sightings table (rowids shared), filled as sightings
+        arrive and rebuilt once for stores written before it existed."""
+        exists = self._db.execute("SELECT 1 FROM sqlite_master WHERE name='sightings_fts'").fetchone()
+        if exists:
+            return
+        try:
+            self._db.execute(
+                "CREATE VIRTUAL TABLE sightings_fts USING fts5(text, hashtags, content='sightings', "
+                "content_rowid='rowid', tokenize='unicode61 remove_diacritics 0')")
+            self._db.execute("INSERT INTO sightings_fts(sightings_fts) VALUES('rebuild')")
+        except sqlite3.OperationalError as e:
+            if "already exists" not in str(e):  # another process created it first
+                raise
 
     def _tx(self):
         return _Tx(self._db, self._lock)
@@ -212,12 +223,17 @@ class SqliteFindingsStore:
     @staticmethod
     def _insert_sighting(db: sqlite3.Connection, cluster_id: str, s: Sighting) -> None:
         ev = s.event
-        db.execute(
+        tags = " ".join(dict.fromkeys(t for t in (normalize_hashtag(h) for h in ev.hashtags) if t))
+        cur = db.execute(
             """INSERT INTO sightings (event_id, cluster_id, sha256, platform, account_id, account_handle, post_url,
-                   posted_at, engagement, text) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(event_id) DO NOTHING""",
+                   posted_at, engagement, text, hashtags, lang) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+                   ON CONFLICT(event_id) DO NOTHING""",
             (ev.event_id, cluster_id, s.sha256, ev.platform, ev.account_id, ev.account_handle, ev.post_url,
-             ev.posted_at.isoformat(), ev.engagement.model_dump_json(), (ev.text or "")[:2000]),
+             ev.posted_at.isoformat(), ev.engagement.model_dump_json(), (ev.text or "")[:2000], tags, ev.lang),
         )
+        if cur.rowcount > 0:
+            db.execute("INSERT INTO sightings_fts(rowid, text, hashtags) VALUES (?,?,?)",
+                       (cur.lastrowid, (ev.text or "")[:2000], tags))
         db.execute(
             """INSERT INTO processed (topic, partition, "offset", outcome, event_id) VALUES (?,?,?,?,?)
                ON CONFLICT DO NOTHING""",
@@ -280,11 +296,121 @@ class SqliteFindingsStore:
             roots[cid] = cur
         return roots
 
-    def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+    def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]:
+        """Clusters, highest fake score first; counts, accounts, platforms and
+        first/last seen are exact, from the sightings (merges resolved)."""
+        return [ClusterRecord.model_validate(row) for row in self._cluster_rows(include_merged=include_merged, limit=limit)]
+
+    def cluster(self, cluster_id: str) -> ClusterRecord | None:
+        return next((c for c in self.clusters(include_merged=True) if c.id == cluster_id), None)
+
+    def search(self, query: ClusterQuery) -> list[ClusterRecord]:
+        """``ClusterQuery`` over FTS5 and the sightings table (semantics in
+        ``ClusterQuery``'s docstring; the Elasticsearch store answers the same).
+        Only candidate clusters are built: sorted searches pre-select by the
+        stream's own values in SQL (a margin wide), then order exactly."""
+        relevance: dict[str, float] | None = None
+        if query.sighting_filtered:
+            relevance = self._matching_roots(query)
+            if not relevance:
+                return []
+        where, args = ["merged_into IS NULL"], []
+        if query.verdict:
+            where.append("verdict = ?")
+            args.append(query.verdict)
+        if query.min_score is not None:
+            where.append("fake_score >= ?")
+            args.append(query.min_score)
+        sort = query.effective_sort
+        ids = [cid for cid, in self._db.execute(
+            f"SELECT cluster_id FROM clusters WHERE {' AND '.join(where)} ORDER BY {_SQL_SORT[sort]}", args)]
+        if relevance is not None:
+            ids = [cid for cid in ids if cid in relevance]
+        if sort != "relevance":
+            ids = ids[: query.max_results * 4 + 100]
+        out = [ClusterRecord.model_validate(row) for row in self._cluster_rows(only=set(ids))]
+        if sort == "relevance":
+            by_velocity = sort_key("velocity")
+            out.sort(key=lambda c: ((relevance or {}).get(c.id, 0.0), by_velocity(c)))
+        else:
+            out.sort(key=sort_key(sort))
+        return out[: query.max_results]
+
+    def cluster_sightings(self, cluster_id: str, *, limit: int = 200) -> list[SightingRecord]:
+        """The cluster's posts, newest first, those of clusters merged into it included."""
         roots = self._roots()
+        ids = {cid for cid, root in roots.items() if root == cluster_id} | {cluster_id}
+        rows = list(self._select(
+            """SELECT event_id, cluster_id, sha256, platform, account_id, account_handle, post_url, posted_at, text,
+                      hashtags, lang, engagement FROM sightings WHERE {where}""", ids))
+        rows.sort(key=lambda r: (-_julian(r[7]), r[0]))
+        keys = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url", "posted_at",
+                "text", "hashtags", "lang", "engagement")
+        out = []
+        for row in rows[:limit]:
+            d = dict(zip(keys, row))
+            d["hashtags"] = d["hashtags"].split() if d["hashtags"] else []
+            d["engagement"] = json.loads(d["engagement"])
+            d["text"] = d["text"] or None
+            out.append(SightingRecord.model_validate(d))
+        return out
+
+    def _matching_roots(self, q: ClusterQuery) -> dict[str, float]:
+        """Surviving cluster id -> best relevance (bm25: lower is better) over
+        the sightings that satisfy every sighting-level condition at once."""
+        where, args = [], []
+        sql = "SELECT s.cluster_id, {rank} FROM sightings s"
+        rank = "0.0"
+        if q.text:
+            terms = text_terms(q.text)
+            if not terms:
+                return {}
+            sql += " JOIN sightings_fts f ON f.rowid = s.rowid"
+            where.append("sightings_fts MATCH ?")
+            args.append(" AND ".join('"' + t + '"' for t in terms))
+            rank = "bm25(sightings_fts)"
+        if q.since:
+            where.append("julianday(s.posted_at) >= julianday(?)")
+            args.append(q.since.isoformat())
+        if q.until:
+            where.append("julianday(s.posted_at) <= julianday(?)")
+            args.append(q.until.isoformat())
+        if q.platform:
+            where.append("lower(s.platform) = lower(?)")
+            args.append(q.platform)
+        if q.account:
+            where.append("(s.account_id = ? OR ltrim(lower(coalesce(s.account_handle, '')), '@') = lower(?))")
+            args += [q.account, q.account]
+        if q.hashtag:
+            where.append("(' ' || s.hashtags || ' ') LIKE ? ESCAPE '\\'")
+            args.append("% " + q.hashtag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + " %")
+        sql = sql.format(rank=rank) + (" WHERE " + " AND ".join(where) if where else "")
+        roots = self._roots()
+        best: dict[str, float] = {}
+        for cid, r in self._db.execute(sql, args):
+            root = roots.get(cid, cid)
+            best[root] = min(best.get(root, r), r)
+        return best
+
+    def _select(self, sql: str, ids: set[str] | None, args: tuple = ()) -> Iterator[tuple]:
+        """``sql`` with ``{where}`` as all rows, or only those whose cluster_id is in ``ids``."""
+        if ids is None:
+            yield from self._db.execute(sql.format(where="1=1"), args)
+            return
+        chunk = sorted(ids)
+        for i in range(0, len(chunk), 500):
+            part = chunk[i:i + 500]
+            yield from self._db.execute(sql.format(where=f"cluster_id IN ({','.join('?' * len(part))})"), (*args, *part))
+
+    def _cluster_rows(self, *, include_merged: bool = False, limit: int | None = None,
+                      only: set[str] | None = None) -> list[dict[str, Any]]:
+        """Cluster rows as JSON-ready dicts; ``only`` = just these surviving
+        clusters (with everything merged into them)."""
+        roots = self._roots()
+        folded = None if only is None else only | {cid for cid, root in roots.items() if root in only}
         agg: dict[str, dict[str, Any]] = {}
-        for cid, account, platform, posted_at in self._db.execute(
-            "SELECT cluster_id, account_id, platform, posted_at FROM sightings"
+        for cid, account, platform, posted_at in self._select(
+            "SELECT cluster_id, account_id, platform, posted_at FROM sightings WHERE {where}", folded
         ):
             root = roots.get(cid, cid)
             a = agg.setdefault(root, {"n": 0, "accounts": set(), "platforms": set(), "first": posted_at, "last": posted_at})
@@ -294,20 +420,21 @@ class SqliteFindingsStore:
             a["first"] = min(a["first"], posted_at)
             a["last"] = max(a["last"], posted_at)
         members: dict[str, list[dict[str, Any]]] = {}
-        for row in self._db.execute(
-            "SELECT cluster_id, sha256, phash, pdq, pdq_quality, event_id, width, height, format, distance FROM members ORDER BY rowid"
-        ):
-            cid, sha, ph, pdq, q, eid, w, h, fmt, dist = row
+        member_rows = sorted(self._select(
+            "SELECT rowid, cluster_id, sha256, phash, pdq, pdq_quality, event_id, width, height, format, distance "
+            "FROM members WHERE {where}", folded))
+        for row in member_rows:
+            _rowid, cid, sha, ph, pdq, q, eid, w, h, fmt, dist = row
             members.setdefault(roots.get(cid, cid), []).append(
                 {"sha256": sha, "phash": ph, "pdq": pdq, "pdq_quality": q, "event_id": eid,
                  "width": w, "height": h, "format": fmt, "distance": dist}
             )
         out = []
-        for row in self._db.execute(
+        rows = sorted(self._select(
             """SELECT cluster_id, revision, fake_score, verdict, evidence, velocity, engagement, first_seen, last_seen,
                       merged_into, merged_from, models_pending, suppressed, updated_at, alert_level, stream_sightings
-               FROM clusters ORDER BY fake_score DESC, cluster_id"""
-        ):
+               FROM clusters WHERE {where}""", only), key=lambda r: (-r[2], r[0]))
+        for row in rows:
             (cid, rev, score, verdict, evidence, vel, eng, first, last, merged_into, merged_from, pending, suppressed,
              updated, alert_level, stream_sightings) = row
             if merged_into and not include_merged:
@@ -339,19 +466,17 @@ class SqliteFindingsStore:
             })
         return out[:limit] if limit else out
 
-    def alerts(self) -> list[dict[str, Any]]:
-        out = []
-        for doc, in self._db.execute("SELECT doc FROM alerts ORDER BY created_at, alert_id"):
-            out.append(json.loads(doc))
-        return out
+    def alerts(self) -> list[AlertRecord]:
+        return [AlertRecord.model_validate_json(doc)
+                for doc, in self._db.execute("SELECT doc FROM alerts ORDER BY created_at, alert_id")]
 
-    def dead_letters(self) -> list[dict[str, Any]]:
+    def dead_letters(self) -> list[DeadLetterRecord]:
         cols = ["event_id", "stage", "reason", "detail", "source", "payload_excerpt", "at"]
         out = []
         for row in self._db.execute(f"SELECT {', '.join(cols)} FROM dead_letters ORDER BY at, dl_key"):
             d = dict(zip(cols, row))
             d["source"] = json.loads(d["source"]) if d["source"] else None
-            out.append(d)
+            out.append(DeadLetterRecord.model_validate(d))
         return out
 
     def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]:
@@ -365,6 +490,9 @@ class SqliteFindingsStore:
 
     def processed_offsets(self, topic: str) -> set[tuple[int, int]]:
         return {(p, o) for p, o in self._db.execute('SELECT partition, "offset" FROM processed WHERE topic=?', (topic,))}
+
+    def count_sightings(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM sightings").fetchone()[0]
 
     def pending_work(self) -> dict[str, int]:
         """Work the stream still owes the store: model results not yet in, and
@@ -459,6 +587,22 @@ class SqliteFindingsStore:
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))
 
 
+def _julian(ts: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+_SQL_SORT = {  # pre-selection order for searches, the stream's own values (exact order is applied after)
+    "velocity": "json_extract(velocity, '$.sightings_5m') DESC, json_extract(velocity, '$.sightings_1h') DESC, "
+                "fake_score DESC, cluster_id",
+    "score": "fake_score DESC, cluster_id",
+    "last_seen": "julianday(last_seen) DESC, cluster_id",
+    "sightings": "stream_sightings DESC, cluster_id",
+    "relevance": "cluster_id",
+}
+
+
 class _Tx:
     def __init__(self, db: sqlite3.Connection, lock: threading.Lock):
         self.db, self.lock = db, lock
@@ -476,4 +620,6 @@ class _Tx:
 
 
 def open_store(data_dir: Path) -> SqliteFindingsStore:
+    """The embedded store in ``data_dir``; ``streams.findings.open_findings``
+    picks between it and Elasticsearch."""
     return SqliteFindingsStore(Path(data_dir) / "findings.sqlite")
