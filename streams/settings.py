@@ -79,6 +79,23 @@ class AlertSettings(BaseModel):
     console: bool = True
 
 
+class FindingsSettings(BaseModel):
+    """Where findings go. ``url`` None = the embedded SQLite file in data_dir;
+    ``es://host:9200`` / ``https://host:9200`` = Elasticsearch (credentials and
+    CA bundle only from the environment: DEEPWATCH_ES_API_KEY, or
+    DEEPWATCH_ES_USERNAME + DEEPWATCH_ES_PASSWORD, and DEEPWATCH_ES_CA_CERTS)."""
+
+    url: str | None = None
+    index_prefix: str = "deepwatch"
+    bulk_max_actions: int = 500  # a bulk request is sent at this many actions...
+    bulk_max_bytes: int = 5 * 1024 * 1024  # ...or this many bytes of NDJSON...
+    bulk_flush_s: float = 1.0  # ...or when the oldest buffered action is this old
+    retry_initial_s: float = 0.5  # backoff on 429/5xx, doubling up to retry_max_s, never giving up
+    retry_max_s: float = 30.0
+    request_timeout_s: float = 30.0
+    dead_letter_cap: int = 1000  # per-item failures kept in memory for `deepwatch` to report
+
+
 class DeskSettings(BaseModel):
     """The fact-check desk (``deepwatch serve``). Users live in a JSON users file
     (hashed passwords, made with ``deepwatch desk-user``); API tokens only in
@@ -119,6 +136,7 @@ class Settings(BaseSettings):
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
     detect: DetectSettings = Field(default_factory=DetectSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    findings: FindingsSettings = Field(default_factory=FindingsSettings)
     desk: DeskSettings = Field(default_factory=DeskSettings)
 
     @classmethod

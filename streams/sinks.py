@@ -16,7 +16,7 @@ import httpx
 from streams import metrics
 from streams.records import Alert, ClusterSnapshot, DeadLetter
 from streams.settings import Settings
-from streams.store import SqliteFindingsStore, open_store
+from streams.findings import FindingsStore, open_findings
 from streams.webhooks import WebhookError, deliver
 
 log = logging.getLogger("deepwatch.alerts")
@@ -25,13 +25,13 @@ log = logging.getLogger("deepwatch.alerts")
 class Sinks:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._store: SqliteFindingsStore | None = None
+        self._store: FindingsStore | None = None
         self._client: httpx.AsyncClient | None = None
 
     @property
-    def store(self) -> SqliteFindingsStore:
+    def store(self) -> FindingsStore:
         if self._store is None:
-            self._store = open_store(self.settings.data_dir)
+            self._store = open_findings(self.settings.findings.url, self.settings.data_dir, self.settings)
         return self._store
 
     async def snapshot(self, raw: bytes) -> None:

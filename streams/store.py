@@ -1,9 +1,9 @@
 """Findings: clusters, sightings, evidence, alerts and dead letters.
 
-``FindingsStore`` is the interface every sink writes through and every query
-command reads through; ``SqliteFindingsStore`` is the embedded default (one
-file in the data directory), an Elasticsearch implementation fits behind the
-same methods. Every write is an idempotent upsert keyed by something the
+``streams.findings.FindingsStore`` is the interface every sink writes through
+and every query command reads through; ``SqliteFindingsStore`` is the embedded
+default (one file in the data directory, full-text search with FTS5) and
+``streams.es_store.EsFindingsStore`` the Elasticsearch one. Every write is an idempotent upsert keyed by something the
 stream already makes stable (cluster id + revision, event id, alert id, the
 source offset of a dead letter), so at-least-once delivery and replays change
 nothing.
@@ -18,9 +18,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
+from streams.findings import (
+    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, FindingsStore, normalize_hashtag, sort_key, text_terms,
+)
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
+
+__all__ = ["FindingsStore", "MemberRow", "SqliteFindingsStore", "open_store"]
 
 
 @dataclass(frozen=True)
@@ -32,24 +37,6 @@ class MemberRow:
     pdq_quality: int
     views: list[str] | None = None
     trimmed: bool = False
-
-
-class FindingsStore(Protocol):
-    def apply_snapshot(self, snap: ClusterSnapshot) -> None: ...
-    def add_dead_letter(self, dl: DeadLetter) -> bool: ...
-    def add_alert(self, alert: Alert) -> bool: ...
-    def delivered(self, alert_id: str, target: str) -> bool: ...
-    def mark_delivered(self, alert_id: str, target: str, status: str) -> None: ...
-    def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[dict[str, Any]]: ...
-    def alerts(self) -> list[dict[str, Any]]: ...
-    def dead_letters(self) -> list[dict[str, Any]]: ...
-    def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]: ...
-    def processed_offsets(self, topic: str) -> set[tuple[int, int]]: ...
-    def iter_members(self) -> Iterator[MemberRow]: ...
-    def archive_states(self, states: dict[str, bytes]) -> None: ...
-    def archived_state(self, cluster_id: str) -> bytes | None: ...
-    def archived_states(self) -> Iterator[tuple[str, bytes]]: ...
-    def close(self) -> None: ...
 
 
 SCHEMA = """
@@ -94,7 +81,9 @@ CREATE TABLE IF NOT EXISTS sightings (
     post_url TEXT,
     posted_at TEXT NOT NULL,
     engagement TEXT NOT NULL,
-    text TEXT
+    text TEXT,
+    hashtags TEXT NOT NULL DEFAULT '',
+    lang TEXT
 );
 CREATE INDEX IF NOT EXISTS sightings_cluster ON sightings(cluster_id);
 CREATE TABLE IF NOT EXISTS processed (
@@ -161,14 +150,35 @@ class SqliteFindingsStore:
 
     def _migrate(self) -> None:
         """Columns added after a store file may have been created."""
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(members)")}
-        for column, decl in (("views", "TEXT"), ("trimmed", "INTEGER NOT NULL DEFAULT 0")):
-            if column not in have:
-                try:
-                    self._db.execute(f"ALTER TABLE members ADD COLUMN {column} {decl}")
-                except sqlite3.OperationalError as e:
-                    if "duplicate column" not in str(e):  # another process migrated first
-                        raise
+        for table, columns in (
+            ("members", (("views", "TEXT"), ("trimmed", "INTEGER NOT NULL DEFAULT 0"))),
+            ("sightings", (("hashtags", "TEXT NOT NULL DEFAULT ''"), ("lang", "TEXT"))),
+        ):
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, decl in columns:
+                if column not in have:
+                    try:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                    except sqlite3.OperationalError as e:
+                        if "duplicate column" not in str(e):  # another process migrated first
+                            raise
+        self._ensure_fts()
+
+    def _ensure_fts(self) -> None:
+        """Full text over post texts and hashtags: an external-content FTS5
+        index on the sightings table (rowids shared), filled as sightings
+        arrive and rebuilt once for stores written before it existed."""
+        exists = self._db.execute("SELECT 1 FROM sqlite_master WHERE name='sightings_fts'").fetchone()
+        if exists:
+            return
+        try:
+            self._db.execute(
+                "CREATE VIRTUAL TABLE sightings_fts USING fts5(text, hashtags, content='sightings', "
+                "content_rowid='rowid', tokenize='unicode61 remove_diacritics 0')")
+            self._db.execute("INSERT INTO sightings_fts(sightings_fts) VALUES('rebuild')")
+        except sqlite3.OperationalError as e:
+            if "already exists" not in str(e):  # another process created it first
+                raise
 
     def _tx(self):
         return _Tx(self._db, self._lock)
@@ -212,12 +222,17 @@ class SqliteFindingsStore:
     @staticmethod
     def _insert_sighting(db: sqlite3.Connection, cluster_id: str, s: Sighting) -> None:
         ev = s.event
-        db.execute(
+        tags = " ".join(dict.fromkeys(t for t in (normalize_hashtag(h) for h in ev.hashtags) if t))
+        cur = db.execute(
             """INSERT INTO sightings (event_id, cluster_id, sha256, platform, account_id, account_handle, post_url,
-                   posted_at, engagement, text) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(event_id) DO NOTHING""",
+                   posted_at, engagement, text, hashtags, lang) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+                   ON CONFLICT(event_id) DO NOTHING""",
             (ev.event_id, cluster_id, s.sha256, ev.platform, ev.account_id, ev.account_handle, ev.post_url,
-             ev.posted_at.isoformat(), ev.engagement.model_dump_json(), (ev.text or "")[:2000]),
+             ev.posted_at.isoformat(), ev.engagement.model_dump_json(), (ev.text or "")[:2000], tags, ev.lang),
         )
+        if cur.rowcount > 0:
+            db.execute("INSERT INTO sightings_fts(rowid, text, hashtags) VALUES (?,?,?)",
+                       (cur.lastrowid, (ev.text or "")[:2000], tags))
         db.execute(
             """INSERT INTO processed (topic, partition, "offset", outcome, event_id) VALUES (?,?,?,?,?)
                ON CONFLICT DO NOTHING""",
@@ -280,7 +295,77 @@ class SqliteFindingsStore:
             roots[cid] = cur
         return roots
 
-    def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+    def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]:
+        """Clusters, highest fake score first; counts, accounts, platforms and
+        first/last seen are exact, from the sightings (merges resolved)."""
+        return [ClusterRecord.model_validate(row) for row in self._cluster_rows(include_merged=include_merged, limit=limit)]
+
+    def cluster(self, cluster_id: str) -> ClusterRecord | None:
+        return next((c for c in self.clusters(include_merged=True) if c.id == cluster_id), None)
+
+    def search(self, query: ClusterQuery) -> list[ClusterRecord]:
+        """``ClusterQuery`` over FTS5 and the sightings table (semantics in
+        ``ClusterQuery``'s docstring; the Elasticsearch store answers the same)."""
+        relevance: dict[str, float] | None = None
+        if query.sighting_filtered:
+            relevance = self._matching_roots(query)
+            if not relevance:
+                return []
+        out = []
+        for c in self.clusters():
+            if relevance is not None and c.id not in relevance:
+                continue
+            if query.verdict and c.verdict != query.verdict:
+                continue
+            if query.min_score is not None and c.fake_score < query.min_score:
+                continue
+            out.append(c)
+        sort = query.effective_sort
+        if sort == "relevance":
+            by_velocity = sort_key("velocity")
+            out.sort(key=lambda c: ((relevance or {}).get(c.id, 0.0), by_velocity(c)))
+        else:
+            out.sort(key=sort_key(sort))
+        return out[: query.limit]
+
+    def _matching_roots(self, q: ClusterQuery) -> dict[str, float]:
+        """Surviving cluster id -> best relevance (bm25: lower is better) over
+        the sightings that satisfy every sighting-level condition at once."""
+        where, args = [], []
+        sql = "SELECT s.cluster_id, {rank} FROM sightings s"
+        rank = "0.0"
+        if q.text:
+            terms = text_terms(q.text)
+            if not terms:
+                return {}
+            sql += " JOIN sightings_fts f ON f.rowid = s.rowid"
+            where.append("sightings_fts MATCH ?")
+            args.append(" AND ".join('"' + t + '"' for t in terms))
+            rank = "bm25(sightings_fts)"
+        if q.since:
+            where.append("julianday(s.posted_at) >= julianday(?)")
+            args.append(q.since.isoformat())
+        if q.until:
+            where.append("julianday(s.posted_at) <= julianday(?)")
+            args.append(q.until.isoformat())
+        if q.platform:
+            where.append("lower(s.platform) = lower(?)")
+            args.append(q.platform)
+        if q.account:
+            where.append("(s.account_id = ? OR ltrim(lower(coalesce(s.account_handle, '')), '@') = lower(?))")
+            args += [q.account, q.account]
+        if q.hashtag:
+            where.append("(' ' || s.hashtags || ' ') LIKE ? ESCAPE '\\'")
+            args.append("% " + q.hashtag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + " %")
+        sql = sql.format(rank=rank) + (" WHERE " + " AND ".join(where) if where else "")
+        roots = self._roots()
+        best: dict[str, float] = {}
+        for cid, r in self._db.execute(sql, args):
+            root = roots.get(cid, cid)
+            best[root] = min(best.get(root, r), r)
+        return best
+
+    def _cluster_rows(self, *, include_merged: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
         roots = self._roots()
         agg: dict[str, dict[str, Any]] = {}
         for cid, account, platform, posted_at in self._db.execute(
@@ -339,19 +424,17 @@ class SqliteFindingsStore:
             })
         return out[:limit] if limit else out
 
-    def alerts(self) -> list[dict[str, Any]]:
-        out = []
-        for doc, in self._db.execute("SELECT doc FROM alerts ORDER BY created_at, alert_id"):
-            out.append(json.loads(doc))
-        return out
+    def alerts(self) -> list[AlertRecord]:
+        return [AlertRecord.model_validate_json(doc)
+                for doc, in self._db.execute("SELECT doc FROM alerts ORDER BY created_at, alert_id")]
 
-    def dead_letters(self) -> list[dict[str, Any]]:
+    def dead_letters(self) -> list[DeadLetterRecord]:
         cols = ["event_id", "stage", "reason", "detail", "source", "payload_excerpt", "at"]
         out = []
         for row in self._db.execute(f"SELECT {', '.join(cols)} FROM dead_letters ORDER BY at, dl_key"):
             d = dict(zip(cols, row))
             d["source"] = json.loads(d["source"]) if d["source"] else None
-            out.append(d)
+            out.append(DeadLetterRecord.model_validate(d))
         return out
 
     def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]:
@@ -476,4 +559,6 @@ class _Tx:
 
 
 def open_store(data_dir: Path) -> SqliteFindingsStore:
+    """The embedded store in ``data_dir``; ``streams.findings.open_findings``
+    picks between it and Elasticsearch."""
     return SqliteFindingsStore(Path(data_dir) / "findings.sqlite")

@@ -1,8 +1,12 @@
-"""Query the findings store: clusters, alerts, dead letters."""
+"""Query the findings store: clusters, alerts, dead letters, and analyst search.
+
+Every command takes ``--store URL`` (``es://HOST:9200``, ``https://HOST:9200``)
+to read Elasticsearch instead of the embedded SQLite file in ``--data-dir``."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from datetime import datetime, timezone
 from typing import Callable, Optional
 
 import typer
@@ -11,21 +15,40 @@ from rich.table import Table
 
 from streams.cli.app import app
 from streams.cli.common import Config, DataDir, FormatOpt, check_format, print_json, settings_from
-from streams.store import open_store
+from streams.findings import SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, StoreURLError, open_findings
+
+StoreOpt = typer.Option(
+    None, "--store",
+    help="Findings store: es://HOST:9200 or https://HOST:9200 for Elasticsearch (credentials from "
+         "DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/PASSWORD, CA bundle from DEEPWATCH_ES_CA_CERTS). "
+         "Default: the embedded SQLite file in --data-dir (env DEEPWATCH_FINDINGS__URL).")
 
 
-def _store(data_dir: Optional[Path], config: Optional[Path]):
+def _store(data_dir: Optional[Path], config: Optional[Path], store_url: Optional[str] = None) -> FindingsStore:
     settings = settings_from(config, data_dir=data_dir)
-    path = Path(settings.data_dir) / "findings.sqlite"
-    if not path.exists():
-        raise typer.BadParameter(f"no findings at {path}; run `deepwatch replay` or `deepwatch demo` first", param_hint="--data-dir")
-    return open_store(settings.data_dir)
+    url = store_url or settings.findings.url
+    if not url:
+        path = Path(settings.data_dir) / "findings.sqlite"
+        if not path.exists():
+            raise typer.BadParameter(f"no findings at {path}; run `deepwatch replay` or `deepwatch demo` first", param_hint="--data-dir")
+    try:
+        return open_findings(url, settings.data_dir, settings)
+    except StoreURLError as e:
+        raise typer.BadParameter(str(e), param_hint="--store") from None
 
 
-def _emit(rows: list[dict], fmt: str, title: str, columns: tuple[str, ...], cells: Callable[[dict], tuple]) -> None:
+def _read(data_dir: Optional[Path], config: Optional[Path], store_url: Optional[str], what: str) -> list:
+    store = _store(data_dir, config, store_url)
+    try:
+        return getattr(store, what)()
+    finally:
+        store.close()
+
+
+def _emit(rows: list, fmt: str, title: str, columns: tuple[str, ...], cells: Callable[[dict], tuple]) -> None:
     """JSON (the contract for tools) or a table (for people)."""
     if fmt == "json":
-        print_json(rows)
+        print_json([r.as_json() for r in rows])
         return
     t = Table(title=title)
     for col in columns:
@@ -35,7 +58,7 @@ def _emit(rows: list[dict], fmt: str, title: str, columns: tuple[str, ...], cell
     Console().print(t)
 
 
-def cluster_table(clusters: list[dict], title: str = "Image clusters") -> Table:
+def cluster_table(clusters: list, title: str = "Image clusters") -> Table:
     t = Table(title=title, expand=True)
     for col, kw in (("cluster", {"no_wrap": True, "min_width": 16}), ("fake", {"justify": "right"}),
                     ("verdict", {"no_wrap": True}),
@@ -58,6 +81,7 @@ def cluster_table(clusters: list[dict], title: str = "Image clusters") -> Table:
 @app.command(rich_help_panel="Findings")
 def clusters(
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
+    store_url: Optional[str] = StoreOpt,
     include_merged: bool = typer.Option(False, help="Also list clusters that were merged into another (they carry merged_into)."),
     limit: Optional[int] = typer.Option(None, help="At most this many clusters, highest fake score first."),
 ) -> None:
@@ -68,35 +92,95 @@ def clusters(
     members (sha256, phash, pdq, event_id), plus velocity, platforms, merges.
     """
     check_format(fmt)
-    store = _store(data_dir, config)
-    rows = store.clusters(include_merged=include_merged, limit=limit)
+    store = _store(data_dir, config, store_url)
+    try:
+        rows = store.clusters(include_merged=include_merged, limit=limit)
+    finally:
+        store.close()
     if fmt == "json":
-        print_json(rows)
+        print_json([r.as_json() for r in rows])
     else:
         Console().print(cluster_table(rows))
 
 
+def _when(value: Optional[str], flag: str) -> Optional[datetime]:
+    if value is None:
+        return None
+    try:
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an ISO 8601 time; use e.g. 2026-11-20T10:00:00Z or 2026-11-20",
+                                 param_hint=flag) from None
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)  # naive = UTC, as the desk reads times
+
+
 @app.command(rich_help_panel="Findings")
-def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt) -> None:
+def search(
+    query: Optional[str] = typer.Argument(None, help="Full text over post texts and hashtags: words are ANDed, \"quoted phrases\" kept together."),
+    data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
+    store_url: Optional[str] = StoreOpt,
+    since: Optional[str] = typer.Option(None, help="Only clusters with a sighting posted at or after this ISO time (naive = UTC)."),
+    until: Optional[str] = typer.Option(None, help="Only clusters with a sighting posted at or before this ISO time."),
+    platform: Optional[str] = typer.Option(None, help="Only clusters seen on this platform."),
+    account: Optional[str] = typer.Option(None, help="Only clusters posted by this account (id or @handle)."),
+    hashtag: Optional[str] = typer.Option(None, help="Only clusters posted with this hashtag (with or without #)."),
+    verdict: Optional[str] = typer.Option(None, help="likely-ai, inconclusive or no-evidence."),
+    min_score: Optional[float] = typer.Option(None, help="Only clusters with a fused fake score at least this (0-1)."),
+    sort: Optional[str] = typer.Option(None, help="velocity, score, last_seen or sightings (default: relevance with QUERY, else velocity)."),
+    limit: int = typer.Option(50, help="At most this many clusters."),
+) -> None:
+    """Search clusters by text, hashtag, account, platform, time, verdict and score.
+
+    The sighting conditions (QUERY, --since/--until, --platform, --account,
+    --hashtag) must all hold for one sighting of the cluster. JSON form: an
+    array of cluster objects, exactly as `deepwatch clusters --format json`
+    prints them, best first. Same answers on SQLite (FTS5) and Elasticsearch.
+    """
+    check_format(fmt)
+    if verdict is not None and verdict not in VERDICTS:
+        raise typer.BadParameter(f"must be one of {', '.join(VERDICTS)}", param_hint="--verdict")
+    if sort is not None and sort not in SORT_KEYS:
+        raise typer.BadParameter(f"must be one of {', '.join(SORT_KEYS)}", param_hint="--sort")
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise typer.BadParameter("must be between 0 and 1", param_hint="--min-score")
+    if not 1 <= limit <= 10_000:
+        raise typer.BadParameter("must be between 1 and 10000", param_hint="--limit")
+    q = ClusterQuery(text=query, since=_when(since, "--since"), until=_when(until, "--until"), platform=platform,
+                     account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort, limit=limit)
+    store = _store(data_dir, config, store_url)
+    try:
+        rows = store.search(q)
+    finally:
+        store.close()
+    if fmt == "json":
+        print_json([r.as_json() for r in rows])
+    else:
+        Console().print(cluster_table(rows, title=f"Search: {query}" if query else "Search"))
+
+
+@app.command(rich_help_panel="Findings")
+def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
+           store_url: Optional[str] = StoreOpt) -> None:
     """List alerts raised when a likely fake spread fast (one per cluster, plus escalations).
 
     JSON form: an array of objects with alert_id, cluster_id, rule, level,
     fake_score, verdict, velocity, sightings, accounts, evidence, at (event
     time) and created_at.
     """
-    _emit(_store(data_dir, config).alerts(), check_format(fmt), "Alerts",
+    _emit(_read(data_dir, config, store_url, "alerts"), check_format(fmt), "Alerts",
           ("time", "cluster", "level", "fake", "5m", "accounts", "rule"),
           lambda a: (a["at"], a["cluster_id"], str(a["level"]), f"{a['fake_score']:.2f}",
                      str(a["velocity"]["sightings_5m"]), str(a["accounts"]), a["rule"]))
 
 
 @app.command("dead-letters", rich_help_panel="Findings")
-def dead_letters(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt) -> None:
+def dead_letters(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
+                 store_url: Optional[str] = StoreOpt) -> None:
     """List events that could not be processed, with the stage and reason.
 
     JSON form: an array of objects with event_id (when the event had one),
     stage, reason, detail, source (topic, partition, offset) and at.
     """
-    _emit(_store(data_dir, config).dead_letters(), check_format(fmt), "Dead letters",
+    _emit(_read(data_dir, config, store_url, "dead_letters"), check_format(fmt), "Dead letters",
           ("event", "stage", "reason", "detail"),
           lambda d: (d["event_id"] or "—", d["stage"], d["reason"], d["detail"]))

@@ -1,0 +1,305 @@
+"""The findings interface: what sinks write and what queries, the desk and
+alert tooling read, whatever the backend (embedded SQLite or Elasticsearch).
+
+Read records are typed and versioned; ``ClusterRecord.as_json()`` is exactly
+the object ``deepwatch clusters --format json`` and ``deepwatch search`` print.
+The cluster engine's own state (cold tier, revival, seeding) is not part of
+this interface: findings sit only at the end of the flow.
+
+Read records also answer ``record["field"]`` / ``.get`` / ``.items()`` with
+their JSON-mode values, so callers written against the earlier dict rows keep
+working while new code uses attributes.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from streams.records import Alert, ClusterSnapshot, DeadLetter, Engagement, SourceRef, Velocity
+
+Verdict = Literal["likely-ai", "inconclusive", "no-evidence"]
+SortKey = Literal["velocity", "score", "last_seen", "sightings", "relevance"]
+SORT_KEYS: tuple[str, ...] = ("velocity", "score", "last_seen", "sightings")
+VERDICTS: tuple[str, ...] = ("likely-ai", "inconclusive", "no-evidence")
+
+
+class _ReadRecord(BaseModel):
+    """A typed store read that also reads like the JSON row it serialises to."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def as_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    # Mapping-style access over the JSON form (see module docstring).
+    def __getitem__(self, key: str) -> Any:
+        return self.as_json()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.as_json()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.as_json().get(key, default)
+
+    def keys(self):
+        return self.as_json().keys()
+
+    def items(self):
+        return self.as_json().items()
+
+
+class EvidenceItem(BaseModel):
+    """One detector finding as stored on a cluster (``Evidence`` without Nones)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    detector: str
+    score: float
+    detail: str
+    weight: float = 1.0
+    sha256: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class MemberItem(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    sha256: str
+    phash: str
+    pdq: str
+    pdq_quality: int
+    event_id: str
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    distance: int | None = None
+
+
+class ClusterRecord(_ReadRecord):
+    """One picture's cluster as every findings reader sees it (schema v1).
+
+    Fields up to ``updated_at`` are the original ``clusters --format json``
+    shape; later ones are additions (never renames)."""
+
+    id: str
+    fake_score: float
+    verdict: str
+    evidence: list[EvidenceItem]
+    sightings: int
+    accounts: int
+    platforms: list[str]
+    first_seen: str
+    last_seen: str
+    velocity: Velocity
+    engagement: Engagement
+    members: list[MemberItem]
+    merged_from: list[str]
+    merged_into: str | None
+    models_pending: bool
+    suppressed: str | None
+    alert_level: int
+    stream_sightings: int  # the stream's own running count; equals ``sightings`` unless something was lost
+    revision: int
+    updated_at: str | None
+
+    @field_validator("evidence", mode="before")
+    @classmethod
+    def _evidence(cls, v: Any) -> Any:
+        return [e.model_dump(exclude_none=True) if isinstance(e, BaseModel) else e for e in v]
+
+    def as_json(self) -> dict[str, Any]:
+        doc = self.model_dump(mode="json")
+        doc["evidence"] = [e.model_dump(mode="json", exclude_none=True) for e in self.evidence]
+        return doc
+
+
+class AlertRecord(_ReadRecord):
+    """A stored alert: the ``Alert`` message as the alert sink kept it."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    schema_version: int = 1
+    alert_id: str
+    cluster_id: str
+    rule: str
+    level: int
+    fake_score: float
+    verdict: str
+    velocity: Velocity
+    sightings: int
+    accounts: int
+    evidence: list[EvidenceItem]
+    at: datetime
+    trigger_event_id: str | None = None
+    trigger_ingested_at: datetime | None = None
+    created_at: datetime
+
+    @classmethod
+    def from_alert(cls, alert: Alert) -> "AlertRecord":
+        return cls.model_validate_json(alert.model_dump_json(exclude_none=True))
+
+
+
+class DeadLetterRecord(_ReadRecord):
+    event_id: str | None
+    stage: str
+    reason: str
+    detail: str
+    source: SourceRef | None
+    payload_excerpt: str | None
+    at: str
+
+
+class ClusterQuery(BaseModel):
+    """An analyst's search over clusters (``deepwatch search``, the desk).
+
+    Sighting-level conditions (``text``, ``since``/``until``, ``platform``,
+    ``account``, ``hashtag``) must all hold for one and the same sighting of
+    the cluster (or of a cluster merged into it); cluster-level conditions
+    (``verdict``, ``min_score``) hold for the surviving cluster. ``text`` is
+    full text over post texts and hashtags: words are ANDed, ``"quoted
+    phrases"`` kept together. Ranking: ``sort`` if given, else relevance when
+    ``text`` is given, else velocity; ties by cluster id. Merged-away clusters
+    are never returned (their survivor is)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    text: str | None = Field(default=None, max_length=1000)
+    since: datetime | None = None
+    until: datetime | None = None
+    platform: str | None = None
+    account: str | None = None  # account id or handle (a leading @ is ignored)
+    hashtag: str | None = None  # with or without the leading '#', case-insensitive
+    verdict: Verdict | None = None
+    min_score: float | None = Field(default=None, ge=0.0, le=1.0)
+    sort: SortKey | None = None
+    limit: int = Field(default=50, ge=1, le=10_000)
+
+    @field_validator("text", "platform", "account", "hashtag", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: Any) -> Any:
+        return v.strip() or None if isinstance(v, str) else v
+
+    @field_validator("account")
+    @classmethod
+    def _account(cls, v: str | None) -> str | None:
+        return v.lstrip("@") if v else v
+
+    @field_validator("hashtag")
+    @classmethod
+    def _hashtag(cls, v: str | None) -> str | None:
+        return normalize_hashtag(v) if v else v
+
+    @property
+    def effective_sort(self) -> str:
+        return self.sort or ("relevance" if self.text else "velocity")
+
+    @property
+    def sighting_filtered(self) -> bool:
+        return any(v is not None for v in (self.text, self.since, self.until, self.platform, self.account, self.hashtag))
+
+    def terms(self) -> list[str]:
+        """``text`` as search terms: quoted phrases kept whole, words lowercased."""
+        return text_terms(self.text or "")
+
+
+_TERM = re.compile(r'"([^"]+)"|(\S+)')
+_WORD = re.compile(r"[\w]+", re.UNICODE)
+
+
+def text_terms(text: str) -> list[str]:
+    out: list[str] = []
+    for phrase, word in _TERM.findall(text):
+        words = _WORD.findall((phrase or word).lower())
+        if words:
+            out.append(" ".join(words))
+    return out
+
+
+def normalize_hashtag(tag: str) -> str:
+    return tag.strip().lstrip("#").lower()
+
+
+def sort_key(sort: str):
+    """Python ordering for a finished result list; the stores push the same
+    order down into SQL / Elasticsearch. Descending on the key, then id."""
+    if sort == "score":
+        return lambda c: (-c.fake_score, c.id)
+    if sort == "last_seen":
+        return lambda c: (_neg_iso(c.last_seen), c.id)
+    if sort == "sightings":
+        return lambda c: (-c.sightings, c.id)
+    return lambda c: (-c.velocity.sightings_5m, -c.velocity.sightings_1h, -c.fake_score, c.id)
+
+
+def _neg_iso(ts: str) -> float:
+    try:
+        return -datetime.fromisoformat(ts).timestamp()
+    except ValueError:
+        return 0.0
+
+
+@runtime_checkable
+class FindingsStore(Protocol):
+    """What every findings backend provides. Writes are idempotent upserts
+    keyed by what the stream already makes stable (cluster id + revision,
+    event id, alert id, the event behind a dead letter)."""
+
+    # -- writes (the sinks) --
+    def apply_snapshot(self, snap: ClusterSnapshot) -> None: ...
+    def add_dead_letter(self, dl: DeadLetter) -> bool: ...
+    def add_alert(self, alert: Alert) -> bool: ...
+    def delivered(self, alert_id: str, target: str) -> bool: ...
+    def mark_delivered(self, alert_id: str, target: str, status: str) -> None: ...
+
+    # -- reads --
+    def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]: ...
+    def cluster(self, cluster_id: str) -> ClusterRecord | None: ...
+    def search(self, query: ClusterQuery) -> list[ClusterRecord]: ...
+    def alerts(self) -> list[AlertRecord]: ...
+    def dead_letters(self) -> list[DeadLetterRecord]: ...
+
+    # -- replay accounting (every event is a sighting or a dead letter) --
+    def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]: ...
+    def processed_offsets(self, topic: str) -> set[tuple[int, int]]: ...
+    def pending_work(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+class StoreURLError(ValueError):
+    """A --store value that names no backend deepwatch knows."""
+
+
+def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | None = None) -> FindingsStore:
+    """The findings store a command or worker should use.
+
+    ``None``/``""``/``sqlite`` -> the embedded SQLite file in ``data_dir``
+    (``sqlite:///path/file.sqlite`` for another file); ``es://host:9200``,
+    ``ess://`` (TLS) or ``http(s)://host:9200`` -> Elasticsearch, credentials
+    and CA bundle from the environment (see ``streams.es_store.EsConfig``)."""
+    url = (store_url or "").strip()
+    if not url or url in ("sqlite", "sqlite:"):
+        from streams.store import open_store
+
+        return open_store(Path(data_dir))
+    if url.startswith("sqlite://"):
+        from streams.store import SqliteFindingsStore
+
+        path = url[len("sqlite://"):]
+        if not path:
+            raise StoreURLError("sqlite:// needs a path, e.g. sqlite:///srv/deepwatch/findings.sqlite")
+        return SqliteFindingsStore(Path(path))
+    if url.split("://", 1)[0] in ("es", "ess", "http", "https"):
+        from streams.es_store import EsFindingsStore
+
+        return EsFindingsStore.from_url(url, settings=settings)
+    raise StoreURLError(
+        f"unknown findings store {store_url!r}: use es://HOST:9200, https://HOST:9200 or sqlite:///PATH "
+        "(leave --store out for the embedded SQLite file in --data-dir)")
+
+
+def iter_json(records: list[_ReadRecord]) -> Iterator[dict[str, Any]]:
+    for r in records:
+        yield r.as_json()
