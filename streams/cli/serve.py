@@ -17,7 +17,7 @@ from streams.cli.common import Config, DataDir, err, settings_from
 @app.command(rich_help_panel="Desk")
 def serve(
     data_dir: Optional[Path] = DataDir,
-    store: Optional[str] = typer.Option(None, "--store", help="Findings store URL; today only sqlite:///PATH/findings.sqlite in the data dir (the default)."),
+    store: Optional[str] = typer.Option(None, "--store", help="Findings store: sqlite:///PATH (default: findings.sqlite in --data-dir). The desk needs the SQLite store."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Reading is open on loopback; any other address requires a login."),
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on."),
     config: Optional[Path] = Config,
@@ -34,13 +34,8 @@ def serve(
     from streams.desk import create_app
 
     settings = settings_from(config, data_dir=data_dir, broker=broker)
-    if store is not None:
-        expected = (Path(settings.data_dir) / "findings.sqlite").resolve()
-        given = store.removeprefix("sqlite:///").removeprefix("sqlite://")
-        if not store.startswith("sqlite:") or Path(given).resolve() != expected:
-            raise typer.BadParameter(f"only the data dir's SQLite store is supported here: sqlite:///{expected}", param_hint="--store")
     try:
-        desk_app = create_app(settings, host=host)
+        desk_app = create_app(settings, host=host, store_url=store)
     except (FileNotFoundError, ValueError) as e:
         err.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None

@@ -28,7 +28,7 @@ from streams.desk.accounts import check_accounts
 from streams.desk.alerting import AlertPath
 from streams.desk.auth import RANK, LoginLimiter, Principal, Users, token_principal, tokens_from_env
 from streams.desk.deskdb import DeskDB
-from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound
+from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound, sqlite_path
 from streams.desk.thumbs import ThumbError, Thumbnails
 from streams.desk.verdicts import Conflict, VerdictIn, Verdicts
 from streams.settings import Settings
@@ -52,13 +52,13 @@ def is_loopback(host: str) -> bool:
 class Desk:
     """Everything one running desk holds, built once per app."""
 
-    def __init__(self, settings: Settings, host: str):
+    def __init__(self, settings: Settings, host: str, findings_path: Path):
         self.settings = settings
         data = Path(settings.data_dir)
         self.open_read = is_loopback(host) and not settings.desk.require_login_on_loopback
         self.secure_cookies = not is_loopback(host)
         self.db = DeskDB(data / "desk.sqlite")
-        self.source = FindingsSource(data, self.db)
+        self.source = FindingsSource(findings_path, self.db)
         self.users = Users(settings.desk.users_file or data / "desk-users.json")
         self.tokens = tokens_from_env(settings.desk.tokens_env)
         self.limiter = LoginLimiter(settings.desk.login_failures_per_minute)
@@ -77,11 +77,14 @@ def _error(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
-def create_app(settings: Settings, host: str = "127.0.0.1") -> FastAPI:
-    findings = Path(settings.data_dir) / "findings.sqlite"
+def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | None = None) -> FastAPI:
+    """The desk over the findings in ``settings.data_dir`` (or ``store_url``,
+    a ``sqlite:///`` path); raises FileNotFoundError/ValueError with a message
+    fit for the command line."""
+    findings = sqlite_path(store_url or settings.findings.url, Path(settings.data_dir))
     if not findings.exists():
         raise FileNotFoundError(f"no findings at {findings}; run `deepwatch demo` or `deepwatch replay` first")
-    desk = Desk(settings, host)
+    desk = Desk(settings, host, findings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from detectors.base import Evidence
 from detectors.fusion import fuse
 from streams.desk.deskdb import DeskDB, OverlayRow
-from streams.store import open_store
+from streams.findings import ClusterQuery as StoreQuery
+from streams.store import SqliteFindingsStore
 
 SortKey = Literal["velocity", "score", "last_seen", "sightings"]
 STREAM_VERDICTS = ("likely-ai", "inconclusive", "no-evidence")
@@ -77,16 +78,27 @@ def desk_bank_evidence(verdict: str, row: OverlayRow) -> Evidence:
                           "source_cluster": row.source_cluster})
 
 
+def sqlite_path(store_url: str | None, data_dir: Path) -> Path:
+    """The SQLite findings file a ``--store`` value names (None: the data dir's).
+    The desk reads sightings and accounts with SQL, so it needs the SQLite store."""
+    url = (store_url or "").strip()
+    if not url or url in ("sqlite", "sqlite:"):
+        return Path(data_dir) / "findings.sqlite"
+    if url.startswith("sqlite://") and len(url) > len("sqlite://"):
+        return Path(url[len("sqlite://"):])
+    raise ValueError(f"the desk reads the SQLite findings store (sqlite:///PATH, or leave --store out); "
+                     f"{store_url!r} is not supported by the desk yet")
+
+
 class FindingsSource:
-    def __init__(self, data_dir: Path, desk: DeskDB):
-        self.data_dir = Path(data_dir)
-        self.store = open_store(self.data_dir)
+    def __init__(self, findings_path: Path, desk: DeskDB):
+        self.path = Path(findings_path)
+        self.store = SqliteFindingsStore(self.path)
         self.desk = desk
         # A read-only connection of our own for the sighting queries the store
-        # interface has no method for yet, and for PRAGMA data_version, which
-        # changes whenever another connection (a worker's sink) commits.
-        self._ro = sqlite3.connect(f"file:{self.data_dir / 'findings.sqlite'}?mode=ro", uri=True,
-                                   check_same_thread=False, timeout=30)
+        # interface has no method for (posts, accounts, spread), and for PRAGMA
+        # data_version, which changes whenever another connection commits.
+        self._ro = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=30)
         self._lock = threading.Lock()
         self._cache_key: tuple[int, int] | None = None
         self._cache: dict[str, dict[str, Any]] = {}
@@ -102,7 +114,7 @@ class FindingsSource:
         with self._lock:
             key = (self._ro.execute("PRAGMA data_version").fetchone()[0], self.desk.version)
             if key != self._cache_key:
-                docs = self.store.clusters(include_merged=True)
+                docs = [c.as_json() for c in self.store.clusters(include_merged=True)]
                 overlay = self.desk.overlay()
                 self._cache = {d["id"]: _apply_overlay(d, overlay.get(d["id"])) for d in docs}
                 self._cache_key = key
@@ -137,13 +149,14 @@ class FindingsSource:
         return doc
 
     def search_ids(self, text: str) -> list[str]:
-        """Clusters whose id, evidence, platforms, post text, account or URL
-        mention ``text`` (case-insensitive substring)."""
+        """Clusters whose posts match ``text`` in the store's full-text search
+        (words ANDed, "quoted phrases"), plus those whose id, evidence,
+        member sha256, account or post URL contain it."""
         needle = text.strip().lower()
         if not needle:
             return []
         roots = self._roots()
-        hits: set[str] = set()
+        hits: set[str] = {c.id for c in self.store.search(StoreQuery(text=text, limit=10_000))}
         for cid, d in self._all().items():
             blob = " ".join([cid, d["verdict"], " ".join(d["platforms"]), *(e.get("detail", "") for e in d["evidence"]),
                              *(m["sha256"] for m in d["members"])]).lower()
@@ -151,8 +164,7 @@ class FindingsSource:
                 hits.add(roots.get(cid, cid))
         like = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         for (cid,) in self._ro.execute(
-            """SELECT DISTINCT cluster_id FROM sightings WHERE lower(coalesce(text,'')) LIKE ?1 ESCAPE '\\'
-               OR lower(account_id) LIKE ?1 ESCAPE '\\' OR lower(coalesce(account_handle,'')) LIKE ?1 ESCAPE '\\'
+            """SELECT DISTINCT cluster_id FROM sightings WHERE lower(account_id) LIKE ?1 ESCAPE '\\' OR lower(coalesce(account_handle,'')) LIKE ?1 ESCAPE '\\'
                OR lower(coalesce(post_url,'')) LIKE ?1 ESCAPE '\\' OR event_id = ?2""", (like, text.strip())
         ):
             hits.add(roots.get(cid, cid))
