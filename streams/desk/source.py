@@ -71,9 +71,9 @@ def _ts(s: str) -> datetime:
 
 
 def desk_bank_evidence(verdict: str, row: OverlayRow) -> Evidence:
-    """The verdict as the evidence a bank match would give (detectors.banks)."""
+    """The verdict as evidence, as decisive as a bank match (detectors.banks)."""
     fake = verdict == "fake"
-    return Evidence(detector="bank:desk-" + verdict, score=0.97 if fake else 0.03, weight=3.0, detail=row.detail,
+    return Evidence(detector="desk:verdict", score=0.97 if fake else 0.03, weight=3.0, detail=row.detail,
                     data={"verdict": verdict, "suppress": not fake, "desk_verdict_id": row.verdict_id,
                           "source_cluster": row.source_cluster})
 
@@ -333,8 +333,12 @@ def _apply_overlay(doc: dict[str, Any], row: OverlayRow | None) -> dict[str, Any
     desk = {"verdict": row.verdict, "verdict_id": row.verdict_id, "source_cluster": row.source_cluster,
             "detail": row.detail, "stream_fake_score": doc["fake_score"], "stream_verdict": doc["verdict"]}
     if row.verdict in ("fake", "authentic"):
-        ev = desk_bank_evidence(row.verdict, row)
-        fused = fuse([Evidence.model_validate(e) for e in doc["evidence"]] + [ev])
+        stream = [Evidence.model_validate(e) for e in doc["evidence"]]
+        # Reposts that arrived after the verdict carry the desk bank's match
+        # already: the same human decision must not count twice.
+        if not any(e.detector == f"bank:desk-{row.verdict}" for e in stream):
+            stream.append(desk_bank_evidence(row.verdict, row))
+        fused = fuse(stream)
         doc["fake_score"] = round(fused.score, 4)
         doc["verdict"] = fused.verdict
         doc["evidence"] = [e.model_dump(exclude_none=True) for e in fused.evidence]
