@@ -85,7 +85,8 @@ def sqlite_path(store_url: str | None, data_dir: Path) -> Path:
     if not url or url in ("sqlite", "sqlite:"):
         return Path(data_dir) / "findings.sqlite"
     if url.startswith("sqlite://") and len(url) > len("sqlite://"):
-        return Path(url[len("sqlite://"):])
+        path = url[len("sqlite://"):]
+        return Path("/" + path.lstrip("/") if path.startswith("/") else path)  # extra slashes tolerated
     raise ValueError(f"the desk reads the SQLite findings store (sqlite:///PATH, or leave --store out); "
                      f"{store_url!r} is not supported by the desk yet")
 
@@ -98,7 +99,7 @@ class FindingsSource:
         # A read-only connection of our own for the sighting queries the store
         # interface has no method for (posts, accounts, spread), and for PRAGMA
         # data_version, which changes whenever another connection commits.
-        self._ro = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=30)
+        self._ro = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False, timeout=30)
         self._lock = threading.Lock()
         self._cache_key: tuple[int, int] | None = None
         self._cache: dict[str, dict[str, Any]] = {}

@@ -27,7 +27,7 @@ def _banks_db(settings: Settings) -> sqlite3.Connection | None:
     path = settings.banks_path
     if not path.exists():
         return None
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    return sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
 
 
 def banks(settings: Settings) -> list[dict[str, Any]]:
