@@ -363,11 +363,12 @@ def test_account_alert_goes_through_the_alert_path_once(data, env, webhook):
     settings = make_settings(data)
     settings.alerts.webhooks = [WebhookSettings(url=url, retries=0)]
     with client(settings) as c:
-        c.get("/")  # the startup check has run by now
         from streams.desk.accounts import check_accounts
 
         desk = c.app.state.desk
-        assert c.portal.call(check_accounts, settings, desk.source, desk.db, desk.alerts) == []  # already raised once
+        # the startup check may or may not have run yet: across it and two more, one alert
+        raised = [c.portal.call(check_accounts, settings, desk.source, desk.db, desk.alerts) for _ in range(2)]
+        assert sum(len(r) for r in raised) <= 1 and raised[1] == []
     alerts = [a for a in open_store(data).alerts() if a.rule == "account-ai-share"]
     assert [a.alert_id for a in alerts] == ["account:persona1:1"]
     assert "5 likely-AI pictures of 5" in alerts[0].evidence[0].detail

@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 
 
 async def check_accounts(settings: Settings, source: FindingsSource, desk: DeskDB, alerts: AlertPath) -> list[str]:
+    """Raise alerts for accounts newly over the line; returns their alert ids."""
+    async with alerts.account_lock:
+        return await _check(settings, source, desk, alerts)
+
+
+async def _check(settings: Settings, source: FindingsSource, desk: DeskDB, alerts: AlertPath) -> list[str]:
     cfg = settings.desk
     raised = []
     for a in source.account_windows(timedelta(hours=cfg.account_window_hours)):

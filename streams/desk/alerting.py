@@ -23,6 +23,9 @@ class AlertPath:
         self.settings = settings
         self.sinks = Sinks(settings)
         self._producer = None
+        # Account checks run from a timer and after verdicts: one at a time,
+        # so an account crossing the line is raised once, not once per check.
+        self.account_lock = asyncio.Lock()
 
     def _publish(self, alert: Alert) -> None:
         from kafka import KafkaProducer
