@@ -66,9 +66,17 @@ def desk_entries(settings: Settings) -> list[dict[str, Any]]:
 
 
 def sparkline(counts: list[int], width: int = 120, height: int = 24) -> Markup:
-    """Inline SVG polyline of sightings per time bucket."""
+    """Inline SVG of the cluster's spread: cumulative sightings over its
+    lifetime (a steep rise is a burst; per-bucket counts of a few sightings
+    would only zigzag)."""
     if not counts:
         return Markup("")
+    total = 0
+    cumulative = []
+    for c in counts:
+        total += c
+        cumulative.append(total)
+    counts = cumulative
     top = max(counts) or 1
     step = width / max(len(counts) - 1, 1)
     pts = " ".join(f"{i * step:.1f},{height - 2 - (c / top) * (height - 4):.1f}" for i, c in enumerate(counts))
@@ -83,8 +91,14 @@ PLATFORM_COLORS = ["#d9480f", "#1c7ed6", "#2b8a3e", "#862e9c", "#e67700", "#0b72
 
 
 def spread_chart(spread: dict[str, Any], width: int = 640, height: int = 160) -> Markup:
-    """Stacked-free multi-line SVG: sightings over time, one line per platform."""
-    series = spread.get("platforms") or {}
+    """Multi-line SVG: cumulative sightings over time, one line per platform."""
+    series = {}
+    for platform, counts in (spread.get("platforms") or {}).items():
+        total, cum = 0, []
+        for c in counts:
+            total += c
+            cum.append(total)
+        series[platform] = cum
     if not series:
         return Markup('<p class="muted">no sightings</p>')
     top = max(max(v) for v in series.values()) or 1
@@ -98,7 +112,7 @@ def spread_chart(spread: dict[str, Any], width: int = 640, height: int = 160) ->
         color = PLATFORM_COLORS[i % len(PLATFORM_COLORS)]
         pts = " ".join(f"{10 + j * step:.1f},{height - (c / top) * (height - 10):.1f}" for j, c in enumerate(counts))
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"><title>{_esc(platform)}</title></polyline>')
-        parts.append(f'<text x="{legend_x}" y="{height + 15}" fill="{color}" font-size="12">{_esc(platform)} ({sum(counts)})</text>')
+        parts.append(f'<text x="{legend_x}" y="{height + 15}" fill="{color}" font-size="12">{_esc(platform)} ({counts[-1]})</text>')
         legend_x += 12 + 8 * (len(platform) + 5)
     parts.append("</svg>")
     return Markup("".join(parts))
