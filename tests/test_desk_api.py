@@ -158,9 +158,18 @@ def test_accounts_and_account_page(data, env):
 def test_search_endpoint_and_page(data, env):
     with client(make_settings(data)) as c:
         assert [d["id"] for d in c.get("/api/search?q=subway").json()] == ["c-viral"]
-        assert c.get("/api/search").status_code == 422
+        assert [d["id"] for d in c.get("/api/search?q=%22is%20this%20real%22&platform=weibo").json()] == ["c-viral"]
+        assert c.get("/api/search?q=subway&platform=telegram").json() == []
+        assert {d["id"] for d in c.get("/api/search?account=@persona1").json()} == {f"c-persona{k}" for k in range(5)}
+        assert [d["id"] for d in c.get("/api/search?account=persona1&since=2026-11-30T15:30:00Z").json()] == ["c-persona4"]
+        assert [d["id"] for d in c.get("/api/search?verdict=no-evidence&min_score=0.1").json()] == ["c-photo"]
+        assert [d["id"] for d in c.get("/api/search?q=c-quiet").json()] == ["c-quiet"]  # an id: not in any post
+        for bad in ("", "?min_score=3", "?since=soon&q=x", "?sort=hot&q=x", "?verdict=fake&q=x"):
+            r = c.get("/api/search" + bad)
+            assert r.status_code == 422 and r.json()["error"].startswith("bad request")
         page = c.get("/search?q=persona1")
         assert page.status_code == 200 and page.text.count('class="cluster-row"') == 5
+        assert c.get("/search?account=persona1&hashtag=nothing").text.count('class="cluster-row"') == 0
 
 
 def test_pages_render(data, env):

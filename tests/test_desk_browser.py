@@ -85,6 +85,23 @@ def wait_images(page, selector: str, timeout_s: float = 20.0) -> None:
     raise AssertionError(f"images {selector} did not load")
 
 
+def alerts_on_topic(bootstrap: str, topic: str, timeout_s: float = 20.0) -> list[dict]:
+    """Every alert published on the alerts topic so far (no consumer group)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not (parts := consumer.partitions_for_topic(topic)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        consumer.assign([TopicPartition(topic, p) for p in parts or ()])
+        consumer.seek_to_beginning()
+        return [json.loads(m.value) for m in consumer]
+    finally:
+        consumer.close()
+
+
 def reddish(crop: Image.Image) -> float:
     px = list(crop.getdata())
     return sum(1 for r, g, b in px if r > 150 and g < 90 and b < 90) / len(px)
@@ -183,6 +200,9 @@ def browse(browser, desk, target, cluster, settings, first, tmp_path: Path, shot
             badge = assert_visible_in(shot, page, "#verdict-history tr.verdict-row .badge", min_std=5)
             assert reddish(badge) > 0.3, "the fake badge should be drawn red"
             assert "desk-fake" in page.inner_text("#bank-entries")
+            # subscribers of the alerts topic got the confirmation (the desk ran with --broker)
+            published = alerts_on_topic(cluster.bootstrap, settings.topic("alerts"))
+            assert [a["rule"] for a in published if a["alert_id"] == f"{target.id}:desk-fake"] == ["desk-verdict-fake"]
             page.goto(desk.url + "/banks")
             assert "desk-fake" in page.inner_text("#banks-table")
             assert page.locator("#desk-entries tr.entry-row").count() == 2

@@ -31,6 +31,7 @@ from streams.desk.deskdb import DeskDB
 from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound, sqlite_path
 from streams.desk.thumbs import ThumbError, Thumbnails
 from streams.desk.verdicts import Conflict, VerdictIn, Verdicts
+from streams.findings import ClusterQuery as StoreQuery
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,21 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         except ValidationError as e:
             raise RequestValidationError([{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from None
 
+    def store_query(q: Optional[str] = Query(None, max_length=1000, description='words ANDed, "quoted phrases"'),
+                    since: Optional[str] = Query(None), until: Optional[str] = Query(None),
+                    platform: Optional[str] = Query(None), account: Optional[str] = Query(None),
+                    hashtag: Optional[str] = Query(None), verdict: Optional[str] = Query(None),
+                    min_score: Optional[float] = Query(None), sort: Optional[str] = Query(None),
+                    limit: int = Query(100)) -> StoreQuery:
+        try:
+            return StoreQuery(text=q, since=since or None, until=until or None, platform=platform, account=account,
+                              hashtag=hashtag, verdict=verdict or None, min_score=min_score, sort=sort or None,
+                              limit=limit)
+        except ValidationError as e:
+            loc = {"text": "q"}
+            raise RequestValidationError([{**err, "loc": ("query", *(loc.get(x, x) for x in err["loc"]))}
+                                          for err in e.errors()]) from None
+
     def account_query(min_ai_share: float = Query(0.0), min_posts: int = Query(1), limit: int = Query(200)) -> AccountQuery:
         try:
             return AccountQuery(min_ai_share=min_ai_share, min_posts=min_posts, limit=limit)
@@ -232,10 +248,12 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         except NotFound:
             raise _error(404, f"no account {account_id!r}") from None
 
-    @app.get("/api/search", tags=["clusters"], summary="Full-text search of clusters, posts and accounts")
-    def api_search(q: str = Query(..., min_length=1, max_length=200), limit: int = Query(100, ge=1, le=1000),
-                   _: Principal = Depends(reader)) -> list[dict[str, Any]]:
-        return desk.source.clusters(ClusterQuery(q=q, sort="score", limit=limit))
+    @app.get("/api/search", tags=["clusters"],
+             summary="Analyst search of the findings store: full text over posts and hashtags plus filters")
+    def api_search(q: StoreQuery = Depends(store_query), _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+        if q == StoreQuery(limit=q.limit):
+            raise _error(422, "bad request: give at least one of q, since, until, platform, account, hashtag, verdict, min_score")
+        return desk.source.analyst_search(q)
 
     @app.get("/api/banks", tags=["verdicts"], summary="Banks of known pictures and their sizes")
     def api_banks(_: Principal = Depends(reader)) -> list[dict[str, Any]]:
@@ -306,9 +324,10 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         return page(request, "account.html", me, a=a)
 
     @app.get("/search", response_class=HTMLResponse, include_in_schema=False)
-    def search_page(request: Request, q: str = Query("", max_length=200), me: Principal = Depends(reader)):
-        rows = desk.source.clusters(ClusterQuery(q=q, sort="score", limit=200)) if q.strip() else []
-        return page(request, "search.html", me, rows=rows, q=q, spread=desk.source.spread(rows))
+    def search_page(request: Request, q: StoreQuery = Depends(store_query), me: Principal = Depends(reader)):
+        asked = q != StoreQuery(limit=q.limit)
+        rows = desk.source.analyst_search(q) if asked else []
+        return page(request, "search.html", me, rows=rows, q=q, asked=asked, spread=desk.source.spread(rows))
 
     @app.get("/banks", response_class=HTMLResponse, include_in_schema=False)
     def banks_page(request: Request, me: Principal = Depends(reader)):

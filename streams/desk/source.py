@@ -149,6 +149,19 @@ class FindingsSource:
             raise NotFound(cluster_id)
         return doc
 
+    def analyst_search(self, q: StoreQuery) -> list[dict[str, Any]]:
+        """The store's analyst search (full text over posts and hashtags,
+        time range, platform, account, hashtag, verdict, minimum score), with
+        the desk's overlay on the results. A bare ``text`` that names no post
+        (a cluster id, a sha256, evidence wording) also finds those clusters."""
+        docs = self._all()
+        ids = [c.id for c in self.store.search(q)]
+        only_text = q.text and not any((q.since, q.until, q.platform, q.account, q.hashtag, q.verdict, q.min_score))
+        if only_text:
+            seen = set(ids)
+            ids += [cid for cid in self.search_ids(q.text) if cid not in seen]
+        return [docs[cid] for cid in ids if cid in docs][: q.limit]
+
     def search_ids(self, text: str) -> list[str]:
         """Clusters whose posts match ``text`` in the store's full-text search
         (words ANDed, "quoted phrases"), plus those whose id, evidence,
