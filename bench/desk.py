@@ -31,7 +31,9 @@ from streams.blobstore import DirectoryBlobStore  # noqa: E402
 from streams.store import open_store  # noqa: E402
 from tests.desk_support import T0, DeskServer, make_cluster  # noqa: E402
 
-DISTINCT_PICTURES = 200  # pictures are reused across clusters: hashing 10k pictures would dominate the setup
+# Every cluster has its own picture bytes (one pixel differs), hashes are
+# computed for 200 base pictures and reused: hashing 10k would dominate setup.
+DISTINCT_PICTURES = 200
 
 
 def build(data: Path, n: int) -> float:
@@ -44,7 +46,8 @@ def build(data: Path, n: int) -> float:
     for i in range(n):
         make_cluster(store, blobs, f"c{i:05d}", i % DISTINCT_PICTURES, posts=2, ai=i % 3 == 0,
                      platforms=("x", "weibo", "telegram")[i % 3:][:2] or ("x",), accounts=[f"a{i % 997}"],
-                     t0=T0 + timedelta(seconds=7 * i), texts=[f"post {i} about storm {i % 50}"], hashes_cache=cache)
+                     t0=T0 + timedelta(seconds=7 * i), texts=[f"post {i} about storm {i % 50}"], hashes_cache=cache,
+                     variant=i)
     store.close()
     return time.perf_counter() - started
 
@@ -105,12 +108,24 @@ def measure(n: int, root: Path) -> dict:
             changed.append(time.perf_counter() - t)
         api_first, api_warm = timed(desk.url + "/api/clusters?limit=1000", 3)
         load = browser_load(desk.url + "/")
+        # thumbnails over HTTP: 20 members never asked for, then the same again (cached)
+        shas = [c["members"][0]["sha256"] for c in httpx.get(desk.url + "/api/clusters?limit=40&sort=score").json()]
+        shas = list(dict.fromkeys(shas))[:20]
+        http_first, http_cached = [], []
+        with httpx.Client(timeout=60) as c:
+            for want in (http_first, http_cached):
+                for sha in shas:
+                    t = time.perf_counter()
+                    c.get(f"{desk.url}/thumb/{sha}?px=128").raise_for_status()
+                    want.append(time.perf_counter() - t)
         any_member = httpx.get(desk.url + "/api/clusters?limit=1").json()[0]["members"][0]["sha256"]
         return {"clusters": n, "build_s": round(build_s, 1), "queue_first_s": round(first, 3),
                 "queue_warm_median_s": round(statistics.median(warm), 4),
                 "queue_after_store_change_median_s": round(statistics.median(changed), 3),
                 "api_1000_first_s": round(api_first, 3), "api_1000_warm_median_s": round(statistics.median(api_warm), 4),
                 "browser_queue_load_s": round(load, 3) if load is not None else None, "_member": any_member,
+                "thumb_http_first_median_ms": round(statistics.median(http_first) * 1000, 2),
+                "thumb_http_cached_median_ms": round(statistics.median(http_cached) * 1000, 2),
                 "_url": desk.url}
     finally:
         desk.stop()
@@ -164,6 +179,8 @@ def main() -> None:
         print(f"{d['clusters']:>6} clusters: queue first {d['queue_first_s']*1000:.0f} ms, "
               f"after a store change {d['queue_after_store_change_median_s']*1000:.0f} ms (read cache rebuilt), warm {d['queue_warm_median_s']*1000:.0f} ms; /api/clusters?limit=1000 warm {d['api_1000_warm_median_s']*1000:.0f} ms; "
               f"browser load {'%.0f ms' % (d['browser_queue_load_s']*1000) if d['browser_queue_load_s'] else 'n/a'}")
+    print(f"thumbnails over HTTP (160x120 JPEG members -> 128 px, {big['clusters']} clusters): first "
+          f"{big['thumb_http_first_median_ms']} ms, cached {big['thumb_http_cached_median_ms']} ms")
     print(f"queue warm ratio {big['clusters']}/{base['clusters']}: {out['queue_warm_ratio']}x; after-change ratio {out['queue_after_change_ratio']}x")
     print(f"thumbnails ({th['source']} -> {th['thumb_px']} px): first {th['first_median_ms']} ms, cached {th['cached_median_ms']} ms "
           f"({th['first_over_cached']}x); cache {th['cache_bytes_on_disk']} B on disk <= bound {th['cache_bound_bytes']} B: {th['within_bound']}")

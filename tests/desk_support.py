@@ -40,9 +40,15 @@ def ai_evidence(sha: str) -> Evidence:
 
 
 def make_cluster(store, blobs, cid: str, seed: int, *, posts: int, ai: bool, platforms=("x",), accounts=None,
-                 t0: datetime = T0, texts=None, size=(160, 120), hashes_cache: dict | None = None) -> str:
-    """One cluster of ``posts`` sightings of one picture; returns its sha256."""
-    data = jpeg(picture(seed, size))
+                 t0: datetime = T0, texts=None, size=(160, 120), hashes_cache: dict | None = None,
+                 variant: int | None = None) -> str:
+    """One cluster of ``posts`` sightings of one picture; returns its sha256.
+    ``variant`` changes one pixel: distinct bytes (its own blob and member
+    row) with the seed's hashes reused from ``hashes_cache`` (for benches)."""
+    img = picture(seed, size)
+    if variant is not None:
+        img.putpixel((0, 0), (variant % 256, (variant // 256) % 256, (variant // 65536) % 256))
+    data = jpeg(img)
     sha = blobs.put(data)
     h = (hashes_cache or {}).get(seed) or compute_hashes(ImageData(data))
     if hashes_cache is not None:
