@@ -421,3 +421,28 @@ def test_thumbnail_cache_is_bounded(tmp_path):
     assert t.misses == 12 and t.hits == 0
     t.get(shas[-1], 128)
     assert t.hits == 1
+
+
+def test_verdict_follows_a_merge_and_merged_clusters_refuse_verdicts(data, env):
+    from streams.records import ClusterSnapshot, Engagement, Member, Velocity
+    from tests.desk_support import T0
+
+    with client(make_settings(data)) as c:
+        assert c.post("/api/clusters/c-photo/verdict", json={"verdict": "authentic"}, headers=EDITOR).status_code == 201
+        store = open_store(data)
+        photo = store.cluster("c-photo")
+        quiet = store.cluster("c-quiet")
+        common = dict(fake_score=0.2, verdict="no-evidence", evidence=[], sightings=6, accounts=6, platforms=["x"],
+                      engagement=Engagement(), velocity=Velocity(), first_seen=T0, last_seen=T0)
+        # the stream merges c-photo into c-quiet (the snapshots its sink would write)
+        store.apply_snapshot(ClusterSnapshot(cluster_id="c-photo", revision=100, merged_into="c-quiet",
+                                             members=[], **common))
+        store.apply_snapshot(ClusterSnapshot(cluster_id="c-quiet", revision=100, merged_from=["c-photo"],
+                                             members=[Member(**m.model_dump()) for m in quiet.members], **common))
+        store.close()
+        assert photo is not None
+        survivor = c.get("/api/clusters/c-quiet").json()
+        assert survivor["desk"]["verdict"] == "authentic" and survivor["desk"]["source_cluster"] == "c-photo"
+        assert survivor["sightings"] == 6  # 2 of its own + 4 of the merged cluster's
+        r = c.post("/api/clusters/c-photo/verdict", json={"verdict": "fake"}, headers=EDITOR)
+        assert r.status_code == 409 and "merged into c-quiet" in r.json()["error"]

@@ -167,5 +167,8 @@ class LoginLimiter:
 
     def failed(self, *keys: str) -> None:
         now = time.monotonic()
+        if len(self._fails) > 10_000:  # bound memory under a spray of names/addresses
+            for k in [k for k in self._fails if not self._recent(k)]:
+                del self._fails[k]
         for k in keys:
             self._fails[k].append(now)

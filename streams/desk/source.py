@@ -117,6 +117,13 @@ class FindingsSource:
             if key != self._cache_key:
                 docs = [c.as_json() for c in self.store.clusters(include_merged=True)]
                 overlay = self.desk.overlay()
+                # A verdict given on a cluster that has since been merged away
+                # carries over to its survivor (unless the survivor has its own).
+                for d in docs:
+                    if d["id"] not in overlay:
+                        inherited = [overlay[m] for m in d.get("merged_from") or [] if m in overlay]
+                        if inherited:
+                            overlay[d["id"]] = max(inherited, key=lambda r: r.verdict_id)
                 self._cache = {d["id"]: _apply_overlay(d, overlay.get(d["id"])) for d in docs}
                 self._cache_key = key
             return self._cache
