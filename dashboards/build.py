@@ -3,9 +3,13 @@
 Output layout (also what ``dashboards/generated/`` holds and deploy/ mounts)::
 
     grafana/dashboards/deepwatch-overview.json
+    grafana/dashboards/deepwatch-viral-fakes.json
+    grafana/dashboards/deepwatch-spread.json
     grafana/provisioning/datasources/deepwatch.yaml
     grafana/provisioning/dashboards/deepwatch.yaml
     grafana/provisioning/alerting/deepwatch-desk.yaml
+    grafana/provisioning/alerting/deepwatch-contact-points.yaml
+    grafana/provisioning/alerting/deepwatch-policies.yaml
     prometheus/deepwatch-rules.yaml
 
 Rendering is deterministic (sorted JSON keys, no timestamps) so the committed
@@ -22,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from dashboards import provisioning, rules
+from dashboards import desk, provisioning, rules
 from dashboards.dashboard import DASHBOARD_UID, dashboard_json
 
 GENERATED = Path(__file__).resolve().parent / "generated"
@@ -34,13 +38,21 @@ def _yaml(doc: dict[str, Any]) -> str:
     return HEADER + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=10_000, default_flow_style=False)
 
 
+def _json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
 def render() -> dict[str, str]:
     """Relative path -> file content, for every artefact."""
     return {
         f"grafana/dashboards/{DASHBOARD_UID}.json": json.dumps(dashboard_json(), indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+        f"grafana/dashboards/{desk.VIRAL_UID}.json": _json(desk.viral_json()),
+        f"grafana/dashboards/{desk.SPREAD_UID}.json": _json(desk.spread_json()),
         "grafana/provisioning/datasources/deepwatch.yaml": _yaml(provisioning.datasources()),
         "grafana/provisioning/dashboards/deepwatch.yaml": _yaml(provisioning.dashboard_providers()),
         "grafana/provisioning/alerting/deepwatch-desk.yaml": _yaml(rules.desk_alerting_provisioning()),
+        "grafana/provisioning/alerting/deepwatch-contact-points.yaml": _yaml(rules.contact_points_provisioning()),
+        "grafana/provisioning/alerting/deepwatch-policies.yaml": _yaml(rules.notification_policy_provisioning()),
         "prometheus/deepwatch-rules.yaml": _yaml(rules.prometheus_rules()),
     }
 

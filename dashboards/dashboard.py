@@ -12,6 +12,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, DynamicConfigValue
 
+from dashboards import desk
 from dashboards import queries as q
 
 DASHBOARD_UID = "deepwatch-overview"
@@ -42,7 +43,7 @@ def _stat(title: str, description: str, expr: str, legend: str = "") -> stat.Pan
 
 def build_dashboard() -> dash.Dashboard:
     return (
-        dash.Dashboard("deepwatch — pipeline & alerts")
+        dash.Dashboard("deepwatch — Pipeline health")
         .uid(DASHBOARD_UID)
         .description("Events, dead letters, clusters, latency and alert delivery of the deepwatch streaming pipeline.")
         .tags(["deepwatch", "generated"])
@@ -50,6 +51,8 @@ def build_dashboard() -> dash.Dashboard:
         .time("now-1h", "now")
         .timezone("utc")
         .editable()
+        .annotation(desk._alerts_annotation())  # deepwatch's own alerts, from the findings store
+        .link(dash.DashboardLink("Viral fakes now").type("link").url(f"/d/{desk.VIRAL_UID}").icon("dashboard"))
         .with_row(dash.Row("Overview"))
         .with_panel(_stat("Live clusters", "Clusters in the cluster engine's index.", q.CLUSTERS))
         .with_panel(_stat("Distinct images", "Images in the cluster engine's index.", q.CLUSTER_MEMBERS))
@@ -80,6 +83,19 @@ def build_dashboard() -> dash.Dashboard:
             .with_target(_query(q.event_to_alert_quantile(0.5), "p50", "A"))
             .with_target(_query(q.event_to_alert_quantile(0.95), "p95", "B"))
         )
+        .with_row(dash.Row("Findings store"))
+        .with_panel(
+            _timeseries("Findings bulk items/s", "ops",
+                        "Elasticsearch bulk items by index and outcome; dead_letter = refused for good "
+                        "(see `deepwatch dead-letters`, stage sink).")
+            .with_target(_query(q.SINK_ITEMS_RATE, "{{index}} / {{outcome}}"))
+        )
+        .with_panel(
+            _timeseries("Findings sink behind", "s",
+                        "How long the findings sink has been retrying (429/5xx); while > 0 its agents consume "
+                        "nothing and Kafka lag grows instead (backpressure, nothing dropped).")
+            .with_target(_query(q.SINK_BEHIND, "behind"))
+        )
         .with_row(dash.Row("Alerts & delivery"))
         .with_panel(
             _timeseries("Alerts raised", "short", "New alerts per level (1 = first alert, 2+ = escalations).")
@@ -106,7 +122,7 @@ def dashboard_json() -> dict[str, Any]:
     # stable ids keep panel links (?viewPanel=N) valid across regenerations.
     for n, panel in enumerate(doc["panels"], start=1):
         panel["id"] = n
-    return doc
+    return desk.annotation_fields(doc)
 
 
 def promql_exprs(doc: dict[str, Any]) -> list[str]:

@@ -1,25 +1,32 @@
-"""Upload the dashboard and the desk alert rule to a running Grafana.
+"""Upload the dashboards, the desk alert rules, contact points and the
+notification policy to a running Grafana, with grafana-client.
 
 For Grafanas that are not file-provisioned from dashboards/generated (a shared
-or hosted instance). Configuration comes from the environment only, so a token
-never lands in a command line or a file: ``GRAFANA_URL`` and ``GRAFANA_TOKEN``
-(a service-account token with dashboard and alert-rule write access).
+or hosted instance). ``deepwatch grafana provision --url URL`` (token from
+``GRAFANA_TOKEN``, or ``--token``) or, equivalently,
 
     GRAFANA_URL=https://grafana.example GRAFANA_TOKEN=glsa_... python -m dashboards.publish
+
+The token is a service-account token with dashboard, alert-rule and
+notification write access. Contact-point addresses come from the same
+environment variables the provisioning files name (DEEPWATCH_DESK_WEBHOOK_URL,
+DEEPWATCH_DESK_SLACK_WEBHOOK_URL, DEEPWATCH_DESK_EMAILS); a receiver whose
+variable is unset is left out and reported.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from grafana_client import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException
 
-from dashboards import rules
-from dashboards.dashboard import DATASOURCE_UID, dashboard_json
+from dashboards import desk, rules
+from dashboards.dashboard import DASHBOARD_UID, DATASOURCE_UID, dashboard_json
 
 
 class PublishError(Exception):
@@ -30,15 +37,23 @@ class PublishError(Exception):
 class Published:
     grafana_version: str
     folder_uid: str
-    dashboard_url: str
+    dashboard_url: str  # the pipeline-health dashboard (kept first for compatibility)
     dashboard_version: int
     rule_group: str
     datasource_found: bool
+    dashboard_urls: dict[str, str] = field(default_factory=dict)  # uid -> url, every dashboard
+    contact_points: list[str] = field(default_factory=list)  # receiver uids created or updated
+    skipped_receivers: list[str] = field(default_factory=list)  # env var unset
+    missing_datasources: list[str] = field(default_factory=list)
 
 
-def client_from_env(timeout: float = 10.0) -> GrafanaApi:
-    url = os.environ.get("GRAFANA_URL")
-    token = os.environ.get("GRAFANA_TOKEN")
+def dashboards() -> dict[str, dict[str, Any]]:
+    return {DASHBOARD_UID: dashboard_json(), desk.VIRAL_UID: desk.viral_json(), desk.SPREAD_UID: desk.spread_json()}
+
+
+def client_from_env(timeout: float = 10.0, *, url: str | None = None, token: str | None = None) -> GrafanaApi:
+    url = url or os.environ.get("GRAFANA_URL")
+    token = token or os.environ.get("GRAFANA_TOKEN")
     if not url:
         raise PublishError("GRAFANA_URL is not set")
     if not token:
@@ -55,9 +70,9 @@ def _ensure_folder(api: GrafanaApi) -> str:
     return api.folder.create_folder(rules.DESK_FOLDER_TITLE, uid=rules.DESK_FOLDER_UID)["uid"]
 
 
-def _datasource_exists(api: GrafanaApi) -> bool:
+def _datasource_exists(api: GrafanaApi, uid: str = DATASOURCE_UID) -> bool:
     try:
-        api.datasource.get_datasource_by_uid(DATASOURCE_UID)
+        api.datasource.get_datasource_by_uid(uid)
         return True
     except GrafanaClientError as e:
         if e.status_code == 404:
@@ -65,30 +80,104 @@ def _datasource_exists(api: GrafanaApi) -> bool:
         raise
 
 
+_ENV = re.compile(r"\$\{?([A-Z_][A-Z0-9_]*)\}?")
+
+
+def resolved_receivers(env: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The desk contact point's receivers as the HTTP API takes them, with
+    the environment references of the provisioning file filled in here
+    (the API does not expand them). Receivers missing a variable are skipped."""
+    env = os.environ if env is None else env
+    out, skipped = [], []
+    for cp in rules.contact_points():
+        for r in cp["receivers"]:
+            names = {m for v in r["settings"].values() if isinstance(v, str) for m in _ENV.findall(v)}
+            missing = sorted(n for n in names if not env.get(n))
+            # an optional bearer token may stay empty; the address itself may not
+            required = [n for n in missing if not n.endswith("_TOKEN")]
+            if required:
+                skipped.append(f"{r['uid']} ({', '.join(required)} unset)")
+                continue
+            settings = {k: _ENV.sub(lambda m: env.get(m.group(1), ""), v) if isinstance(v, str) else v
+                        for k, v in r["settings"].items()}
+            settings = {k: v for k, v in settings.items() if v != ""}
+            if not settings.get("authorization_credentials"):
+                settings.pop("authorization_scheme", None)
+            out.append({"uid": r["uid"], "name": cp["name"], "type": r["type"], "settings": settings,
+                        "disableResolveMessage": r["disableResolveMessage"]})
+    return out, skipped
+
+
+def _upsert_contact_points(api: GrafanaApi, receivers: list[dict[str, Any]]) -> list[str]:
+    existing = {cp.get("uid") for cp in api.alertingprovisioning.get_contactpoints() or []}
+    done = []
+    for r in receivers:
+        if r["uid"] in existing:
+            api.alertingprovisioning.update_contactpoint(r["uid"], r, disable_provenance=True)
+        else:
+            api.alertingprovisioning.create_contactpoint(r, disable_provenance=True)
+        done.append(r["uid"])
+    return done
+
+
 def publish(api: GrafanaApi, *, message: str = "deepwatch: dashboards.publish") -> Published:
-    """Create or replace the deepwatch folder, dashboard and desk rule group."""
+    """Create or replace the deepwatch folder, dashboards, desk rule group,
+    desk contact point and notification policy."""
     try:
         health = api.health.check()
         folder_uid = _ensure_folder(api)
-        # overwrite: the generated dashboard is the source of truth, whatever
-        # version the server holds (a UI edit would otherwise fail with 412).
-        saved: dict[str, Any] = api.dashboard.update_dashboard({
-            "dashboard": {**dashboard_json(), "id": None},
-            "folderUid": folder_uid, "overwrite": True, "message": message,
-        })
-        if saved.get("status") != "success":
-            raise PublishError(f"Grafana did not save the dashboard: {saved}")
+        urls: dict[str, str] = {}
+        first: dict[str, Any] = {}
+        for uid, doc in dashboards().items():
+            # overwrite: the generated dashboard is the source of truth, whatever
+            # version the server holds (a UI edit would otherwise fail with 412).
+            saved: dict[str, Any] = api.dashboard.update_dashboard({
+                "dashboard": {**doc, "id": None}, "folderUid": folder_uid, "overwrite": True, "message": message,
+            })
+            if saved.get("status") != "success":
+                raise PublishError(f"Grafana did not save dashboard {uid}: {saved}")
+            urls[uid] = saved["url"]
+            first = first or saved
         group = rules.desk_rule_group_api()
         api.alertingprovisioning.update_rule_group(folder_uid, group["title"], group, disable_provenance=True)
+        receivers, skipped = resolved_receivers()
+        contact_points = _upsert_contact_points(api, receivers) if receivers else []
+        if contact_points:
+            policy = {k: v for k, v in rules.notification_policy().items() if k != "orgId"}
+            api.alertingprovisioning.set_notification_policy_tree(policy, disable_provenance=True)
         found = _datasource_exists(api)
+        missing = [uid for uid in (desk.ES_CLUSTERS_UID, desk.ES_SIGHTINGS_UID, desk.ES_ALERTS_UID)
+                   if not _datasource_exists(api, uid)]
     except GrafanaException as e:
         # grafana-client's message carries the server's {"message": ...}; say which call failed.
         raise PublishError(f"Grafana refused the request: {e}") from e
     return Published(
         grafana_version=str(health.get("version", "unknown")), folder_uid=folder_uid,
-        dashboard_url=saved["url"], dashboard_version=int(saved["version"]), rule_group=group["title"],
-        datasource_found=found,
+        dashboard_url=first["url"], dashboard_version=int(first["version"]), rule_group=group["title"],
+        datasource_found=found, dashboard_urls=urls, contact_points=contact_points, skipped_receivers=skipped,
+        missing_datasources=missing,
     )
+
+
+def report(result: Published, base: str) -> list[str]:
+    """What to tell the operator: one line per thing done or missing (stderr for warnings)."""
+    lines = [f"dashboard {base}{url}" for url in result.dashboard_urls.values()]
+    lines.append(f"rule group {result.rule_group}; contact points: {', '.join(result.contact_points) or 'none'}")
+    return lines
+
+
+def warnings(result: Published) -> list[str]:
+    out = []
+    if not result.datasource_found:
+        out.append(f"warning: no datasource with uid {DATASOURCE_UID!r}; panels stay empty until one exists "
+                   "(see dashboards/generated/grafana/provisioning/datasources)")
+    for uid in result.missing_datasources:
+        out.append(f"warning: no Elasticsearch datasource {uid!r}: the desk dashboards and the viral-fake rule need it")
+    for r in result.skipped_receivers:
+        out.append(f"warning: receiver {r}: not provisioned")
+    if not result.contact_points:
+        out.append("warning: no contact point provisioned, notification policy left as it was")
+    return out
 
 
 def main() -> int:
@@ -98,10 +187,10 @@ def main() -> int:
         print(f"publish failed: {e}", file=sys.stderr)
         return 1
     base = os.environ["GRAFANA_URL"].rstrip("/")
-    print(f"dashboard {base}{result.dashboard_url} (version {result.dashboard_version}), rule group {result.rule_group}")
-    if not result.datasource_found:
-        print(f"warning: no datasource with uid {DATASOURCE_UID!r}; panels stay empty until one exists "
-              "(see dashboards/generated/grafana/provisioning/datasources)", file=sys.stderr)
+    for line in report(result, base):
+        print(line)
+    for line in warnings(result):
+        print(line, file=sys.stderr)
     return 0
 
 

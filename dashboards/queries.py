@@ -32,6 +32,8 @@ CLUSTERS = "max(deepwatch_clusters)"
 CLUSTER_MEMBERS = "max(deepwatch_cluster_members)"
 ALERTS_IN_RANGE = "sum by (level) (increase(deepwatch_alerts_total[$__range]))"
 ALERTS_RATE = "sum by (level) (increase(deepwatch_alerts_total[$__rate_interval]))"
+SINK_ITEMS_RATE = "sum by (index, outcome) (rate(deepwatch_sink_items_total[$__rate_interval]))"
+SINK_BEHIND = "max(deepwatch_sink_behind_seconds)"
 WEBHOOKS_BY_OUTCOME = "sum by (outcome) (increase(deepwatch_webhook_deliveries_total[$__rate_interval]))"
 
 
@@ -63,3 +65,6 @@ def events_processed(window: str = "5m") -> str:
 WEBHOOK_FAILURES_15M = 'sum(increase(deepwatch_webhook_deliveries_total{outcome="failed"}[15m])) > 0'
 ALERTS_RAISED_5M = "sum(increase(deepwatch_alerts_total[5m]))"
 WORKERS_DOWN = f"up{{{JOB}}} == 0"
+
+
+SINK_BEHIND_MAX = "max(deepwatch_sink_behind_seconds)"

@@ -12,11 +12,14 @@ import json
 from typing import Any
 
 from grafana_foundation_sdk.builders import alerting, expr, prometheus
+from grafana_foundation_sdk.builders import elasticsearch as es
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.alerting import RelativeTimeRange
 
+from dashboards import desk
 from dashboards import queries as q
 from dashboards.dashboard import DASHBOARD_UID, DATASOURCE_UID
+from streams.settings import AlertSettings
 
 RUNBOOK = "deploy/README.md#"  # one section per alert, anchored by the lower-cased alert name
 DEAD_LETTER_RATIO_MAX = 0.2  # a fifth of the input unusable is an upstream or config problem, not noise
@@ -56,6 +59,10 @@ def prometheus_rules() -> dict[str, Any]:
             _rule("DeepwatchStageLatencyHigh", f"{q.stage_quantile(0.95, '5m')} > {STAGE_P95_MAX_S}", "10m", "warning",
                   "p95 latency of stage {{ $labels.stage }} is {{ $value | humanizeDuration }}",
                   "Slow image hosts (fetch), oversized images (analyze) or a saturated cluster worker."),
+            _rule("DeepwatchFindingsSinkBehind", f"{q.SINK_BEHIND_MAX} > 60", "5m", "warning",
+                  "The findings sink has been retrying for {{ $value | humanizeDuration }}",
+                  "Elasticsearch is rejecting (429) or failing (5xx) bulk writes; the pipeline is paused behind it "
+                  "and nothing is lost, but the desk sees stale findings. Check cluster health and disk watermarks."),
             _rule("DeepwatchEventToAlertLatencyHigh",
                   f"{q.event_to_alert_quantile(0.95, '15m')} > {EVENT_TO_ALERT_P95_MAX_S}", "15m", "warning",
                   "Alerts reach the desk {{ $value | humanizeDuration }} after the triggering post (p95)",
@@ -70,11 +77,67 @@ DESK_FOLDER_TITLE = "deepwatch"
 DESK_GROUP = "deepwatch-desk"
 
 
+# The same velocity bar the stream's own alert rule uses by default.
+VIRAL_VELOCITY_MIN = AlertSettings().min_sightings_5m
+VIRAL_RULE_UID = "deepwatch-desk-viral-fake"
+
+
+def _viral_query(ref: str, field: str) -> es.Dataquery:
+    """Per live likely-AI cluster (labels cluster_id and its top evidence),
+    the max of ``field`` over the cluster documents updated in the window."""
+    return (
+        es.Dataquery().ref_id(ref).datasource(desk.ES_CLUSTERS).query(desk.LIVE_LIKELY_AI).time_field("last_seen")
+        .metrics([es.Max().id("1").field(field)])
+        .bucket_aggs([desk._terms("cluster_id", 50, "2", order_by="1"),
+                      desk._terms("evidence_summary.keyword", 1, "3"),
+                      desk._histogram("last_seen", "4")])
+    )
+
+
+def viral_fake_rule() -> alerting.Rule:
+    """A likely-AI picture whose 5-minute velocity crosses the bar: one alert
+    instance per cluster, labelled with the cluster and its evidence."""
+    window = RelativeTimeRange(from_val=900, to=0)
+    return (
+        alerting.Rule("Likely-AI picture going viral")
+        .uid(VIRAL_RULE_UID).folder_uid(DESK_FOLDER_UID).rule_group(DESK_GROUP).org_id(1)
+        .condition("C")
+        .with_query(alerting.Query("A").datasource_uid(desk.ES_CLUSTERS_UID).relative_time_range(window)
+                    .model(_viral_query("A", "velocity.sightings_5m")))
+        # max, not last: the date histogram has empty (null) buckets between updates
+        .with_query(alerting.Query("B").datasource_uid("__expr__").model(
+            expr.TypeReduce().ref_id("B").expression("A").reducer("max")))
+        .with_query(alerting.Query("C").datasource_uid("__expr__").model(
+            expr.TypeThreshold().ref_id("C").expression("B").conditions([
+                expr.ExprTypeThresholdConditions().evaluator(  # velocities are whole numbers: > N-1 is >= N
+                    expr.ExprTypeThresholdConditionsEvaluator().type("gt").params([VIRAL_VELOCITY_MIN - 1]))
+            ])))
+        .with_query(alerting.Query("D").datasource_uid(desk.ES_CLUSTERS_UID).relative_time_range(window)
+                    .model(_viral_query("D", "fake_score")))
+        .with_query(alerting.Query("E").datasource_uid("__expr__").model(
+            expr.TypeReduce().ref_id("E").expression("D").reducer("max")))
+        .for_val("0s")
+        .no_data_state("OK").exec_err_state("Error")
+        .labels({"team": "factcheck-desk", "severity": "warning", "source": "deepwatch-findings"})
+        .annotations({
+            "summary": "Likely-AI picture {{ $labels.cluster_id }} is spreading: {{ $values.B }} sightings in 5 min",
+            "description": "Fake score {{ humanizePercentage $values.E.Value }}. Evidence: "
+                           "{{ index $labels \"evidence_summary.keyword\" }}",
+            "score": "{{ $values.E }}",
+            "evidence": "{{ index $labels \"evidence_summary.keyword\" }}",
+            "cluster_id": "{{ $labels.cluster_id }}",
+            "runbook_url": f"/d/{desk.SPREAD_UID}?var-cluster={{{{ $labels.cluster_id }}}}",
+            "__dashboardUid__": desk.VIRAL_UID,
+        })
+    )
+
+
 def desk_rule_group() -> alerting.RuleGroup:
     window = RelativeTimeRange(from_val=600, to=0)  # seconds, as Grafana's API wants
     ds = {"type": "prometheus", "uid": DATASOURCE_UID}
     return (
         alerting.RuleGroup(DESK_GROUP).folder_uid(DESK_FOLDER_UID).interval(60)
+        .with_rule(viral_fake_rule())
         .with_rule(
             alerting.Rule("deepwatch raised an alert")
             .uid("deepwatch-desk-alert-raised")
@@ -123,6 +186,55 @@ def desk_alerting_provisioning() -> dict[str, Any]:
 
 def prometheus_rule_exprs() -> list[str]:
     return [r["expr"] for g in prometheus_rules()["groups"] for r in g["rules"]]
+
+
+def contact_points() -> list[dict[str, Any]]:
+    """Where desk alerts go: a signed-by-Grafana webhook, Slack and email.
+    URLs and addresses are environment references that Grafana resolves when
+    it loads the provisioning file (secrets never in the repository)."""
+    return [{
+        "orgId": 1, "name": DESK_CONTACT_POINT,
+        "receivers": [
+            {"uid": "deepwatch-desk-webhook", "type": "webhook", "disableResolveMessage": False,
+             "settings": {"url": "$DEEPWATCH_DESK_WEBHOOK_URL", "httpMethod": "POST",
+                          "authorization_scheme": "Bearer", "authorization_credentials": "$DEEPWATCH_DESK_WEBHOOK_TOKEN"}},
+            {"uid": "deepwatch-desk-slack", "type": "slack", "disableResolveMessage": False,
+             "settings": {"url": "$DEEPWATCH_DESK_SLACK_WEBHOOK_URL",
+                          "title": "{{ .CommonAnnotations.summary }}",
+                          "text": "{{ range .Alerts }}{{ .Annotations.description }}\n{{ .Annotations.runbook_url }}\n{{ end }}"}},
+            {"uid": "deepwatch-desk-email", "type": "email", "disableResolveMessage": True,
+             "settings": {"addresses": "$DEEPWATCH_DESK_EMAILS", "singleEmail": True,
+                          "subject": "{{ .CommonAnnotations.summary }}"}},
+        ],
+    }]
+
+
+DESK_CONTACT_POINT = "deepwatch-desk"
+
+
+def notification_policy() -> dict[str, Any]:
+    """Desk alerts grouped per picture (one notification thread per cluster),
+    re-sent hourly while it keeps spreading; everything else to the same
+    receiver as the root default."""
+    return {
+        "orgId": 1, "receiver": DESK_CONTACT_POINT,
+        "group_by": ["grafana_folder", "alertname"],
+        "group_wait": "30s", "group_interval": "5m", "repeat_interval": "4h",
+        "routes": [{
+            "receiver": DESK_CONTACT_POINT,
+            "object_matchers": [["team", "=", "factcheck-desk"]],
+            "group_by": ["alertname", "cluster_id"],
+            "group_wait": "10s", "group_interval": "1m", "repeat_interval": "1h",
+        }],
+    }
+
+
+def contact_points_provisioning() -> dict[str, Any]:
+    return {"apiVersion": 1, "contactPoints": contact_points()}
+
+
+def notification_policy_provisioning() -> dict[str, Any]:
+    return {"apiVersion": 1, "policies": [notification_policy()]}
 
 
 def grafana_rule_exprs() -> list[str]:

@@ -246,10 +246,14 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
 
     sinks = Sinks(settings)
 
+    # Batches by size and time; each batch is awaited until stored, so a
+    # findings store that falls behind pauses these agents (backpressure).
+    batch, within = settings.findings.bulk_max_actions, settings.findings.bulk_flush_s
+
     @app.agent(updates)
     async def sink_updates(stream):
-        async for value in stream:
-            await sinks.snapshot(value)
+        async for values in stream.take(batch, within=within):
+            await sinks.snapshots(values)
 
     @app.agent(alerts)
     async def sink_alerts(stream):
@@ -258,7 +262,7 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
 
     @app.agent(dead)
     async def sink_dead_letters(stream):
-        async for value in stream:
-            await sinks.dead_letter(value)
+        async for values in stream.take(batch, within=within):
+            await sinks.dead_letters(values)
 
     return app

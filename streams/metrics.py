@@ -25,3 +25,7 @@ def serve(port: int) -> int:
     """Start the /metrics endpoint; port 0 picks a free one. Returns the port."""
     server, _thread = start_http_server(port, addr="127.0.0.1" if port == 0 else "0.0.0.0")
     return server.server_port
+SINK_ITEMS = Counter("deepwatch_sink_items_total", "Findings-store bulk items, by index and outcome "
+                     "(ok, duplicate, retried, dead_letter)", ["index", "outcome"])
+SINK_BEHIND_SECONDS = Gauge("deepwatch_sink_behind_seconds", "How long the findings sink has been retrying "
+                            "(0 = keeping up); while > 0 its Faust agents consume nothing")

@@ -24,7 +24,7 @@ from streams.app import topic_specs
 from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics, free_port
 from streams.ingest import Produced, produce_lines
 from streams.settings import Settings
-from streams.store import open_store
+from streams.findings import open_findings
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def settings_env(settings: Settings, broker_url: str) -> dict[str, str]:
         "DEEPWATCH_LOG_LEVEL": settings.log_level,
         "DEEPWATCH_LOG_FORMAT": "json",
     })
-    for section in ("fetch", "decode", "ingest", "dedupe", "detect", "alerts"):
+    for section in ("fetch", "decode", "ingest", "dedupe", "detect", "alerts", "findings"):
         env[f"DEEPWATCH_{section.upper()}"] = getattr(settings, section).model_dump_json()
     env.pop("DEEPWATCH_CONFIG", None)  # everything is already resolved above
     return env
@@ -171,7 +171,7 @@ def wait_until_processed(
     (faust-streaming #216/#221 family); every stage is idempotent on the
     event id, so a resend costs nothing and keeps "every event is processed
     or dead-lettered" true."""
-    store = open_store(cluster.settings.data_dir)
+    store = open_findings(cluster.settings.findings.url, cluster.settings.data_dir, cluster.settings)
     topic = cluster.settings.topic("events")
     deadline = time.monotonic() + timeout_s
     last, last_change = -1, time.monotonic()
@@ -209,7 +209,7 @@ def wait_until_processed(
 
 
 def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], refused: int, seconds: float, complete: bool) -> ReplaySummary:
-    store = open_store(settings.data_dir)
+    store = open_findings(settings.findings.url, settings.data_dir, settings)
     try:
         dls: dict[str, int] = {}
         for d in store.dead_letters():
@@ -224,7 +224,7 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
         processed = len(produced & store.processed_offsets(settings.topic("events")))
         return ReplaySummary(
             events=events, produced=len(produced), refused_at_ingest=refused, processed=processed,
-            sightings=len(store.sighting_times()), dead_letters=dls, clusters=len(store.clusters()),
+            sightings=store.count_sightings(), dead_letters=dls, clusters=len(store.clusters()),
             alerts=len(alerts), seconds=round(seconds, 2),
             events_per_second=round(len(produced) / seconds, 1) if seconds else 0.0,
             alert_latency_s=latencies, complete=complete,

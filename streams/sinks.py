@@ -3,19 +3,33 @@
 Each sink is idempotent — snapshots keep the highest revision, sightings and
 alerts are keyed by event id / alert id, webhook deliveries are recorded per
 (alert, target) — so redelivered messages change nothing.
+
+``BulkSink`` is how findings reach Elasticsearch: the Faust agents hand it
+batches (``stream.take(bulk_max_actions, within=bulk_flush_s)``: by size and
+by time), it splits them by bytes, retries 429/5xx with capped exponential
+backoff (the whole request or just the rejected items) and dead-letters only
+an item Elasticsearch refuses for good (e.g. a mapping error) with the reason,
+while the rest of the batch carries on. It never gives up on retryable
+failures: the agent awaits it, so while it is behind the agent takes nothing
+more from its topic, offsets are not committed, and Faust stops fetching once
+its buffers fill (backpressure; nothing is dropped, a crash replays).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any, Callable
 
 import httpx
 
 from streams import metrics
 from streams.records import Alert, ClusterSnapshot, DeadLetter
-from streams.settings import Settings
+from streams.settings import FindingsSettings, Settings
 from streams.findings import FindingsStore, open_findings
 from streams.webhooks import WebhookError, deliver
 
@@ -35,11 +49,19 @@ class Sinks:
         return self._store
 
     async def snapshot(self, raw: bytes) -> None:
-        snap = ClusterSnapshot.loads(raw)
-        await asyncio.to_thread(self.store.apply_snapshot, snap)
+        await self.snapshots([raw])
+
+    async def snapshots(self, raws: list[bytes]) -> None:
+        """One batch in one store call (one bulk request on Elasticsearch)."""
+        snaps = [ClusterSnapshot.loads(r) for r in raws]
+        await asyncio.to_thread(_apply_snapshots, self.store, snaps)
 
     async def dead_letter(self, raw: bytes) -> None:
-        await asyncio.to_thread(self.store.add_dead_letter, DeadLetter.loads(raw))
+        await self.dead_letters([raw])
+
+    async def dead_letters(self, raws: list[bytes]) -> None:
+        dls = [DeadLetter.loads(r) for r in raws]
+        await asyncio.to_thread(_add_dead_letters, self.store, dls)
 
     async def alert(self, raw: bytes) -> None:
         alert = Alert.loads(raw)
@@ -75,3 +97,182 @@ class Sinks:
                 metrics.WEBHOOKS.labels("failed").inc()
                 log.error("webhook delivery failed", extra={"alert_id": alert.alert_id, "error": str(e)})
             await asyncio.to_thread(self.store.mark_delivered, alert.alert_id, hook.url, status)
+
+
+def _apply_snapshots(store: FindingsStore, snaps: list[ClusterSnapshot]) -> None:
+    batch = getattr(store, "apply_snapshots", None)
+    if batch is not None:
+        batch(snaps)
+    else:
+        for snap in snaps:
+            store.apply_snapshot(snap)
+
+
+def _add_dead_letters(store: FindingsStore, dls: list[DeadLetter]) -> None:
+    batch = getattr(store, "add_dead_letters", None)
+    if batch is not None:
+        batch(dls)
+    else:
+        for dl in dls:
+            store.add_dead_letter(dl)
+
+
+# ---------------------------------------------------------------------------
+# Elasticsearch bulk writes
+# ---------------------------------------------------------------------------
+Action = tuple[dict[str, Any], "dict[str, Any] | None"]  # bulk header line, source line (None for delete)
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass
+class BulkResult:
+    ok: int = 0  # applied (created, updated, no-op) or already there
+    created: int = 0  # create actions that made a new document
+    created_in: dict[str, int] = field(default_factory=dict)  # the same, by index (as the action named it)
+    duplicates: int = 0  # create actions whose id was already there (redelivery)
+    retried: int = 0  # item retries plus whole-request retries
+    dead_lettered: int = 0
+
+
+class BulkSink:
+    """Sends bulk actions until each one is applied or dead-lettered."""
+
+    def __init__(self, client: Any, settings: FindingsSettings, *, dead_letters_index: str,
+                 processed_index: str | None = None, sleep: Callable[[float], None] = time.sleep):
+        self.es = client
+        self.settings = settings
+        self.dead_letters_index = dead_letters_index
+        self.processed_index = processed_index
+        self.sleep = sleep
+        self._behind_since: float | None = None
+
+    def send(self, actions: list[Action]) -> BulkResult:
+        result = BulkResult()
+        for chunk in self._chunks(actions):
+            self._send_chunk(chunk, result)
+        return result
+
+    def _chunks(self, actions: list[Action]):
+        """Split by action count and NDJSON bytes; one oversized action goes alone."""
+        chunk: list[Action] = []
+        size = 0
+        for a in actions:
+            n = len(_ndjson([a]))
+            if chunk and (len(chunk) >= self.settings.bulk_max_actions or size + n > self.settings.bulk_max_bytes):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(a)
+            size += n
+        if chunk:
+            yield chunk
+
+    def _backoff(self, delay: float, why: str, count: int) -> float:
+        if self._behind_since is None:
+            self._behind_since = time.monotonic()
+        metrics.SINK_BEHIND_SECONDS.set(time.monotonic() - self._behind_since)
+        log.warning("findings sink behind: retrying", extra={"why": why, "items": count, "delay_s": delay})
+        self.sleep(delay)
+        return min(delay * 2, self.settings.retry_max_s)
+
+    def _send_chunk(self, todo: list[Action], result: BulkResult, *, dead_letters: bool = True) -> None:
+        from elasticsearch import ApiError, ConnectionError as EsConnectionError, ConnectionTimeout
+
+        delay = self.settings.retry_initial_s
+        while todo:
+            try:
+                # our own retrying (per item, never giving up), not the client's
+                resp = self.es.options(max_retries=0, retry_on_status=()).bulk(operations=_lines(todo))
+            except (EsConnectionError, ConnectionTimeout) as e:
+                result.retried += 1
+                delay = self._backoff(delay, f"{type(e).__name__}", len(todo))
+                continue
+            except ApiError as e:
+                if e.meta.status in RETRYABLE_STATUS:
+                    result.retried += 1
+                    delay = self._backoff(delay, f"HTTP {e.meta.status}", len(todo))
+                    continue
+                from streams.es_store import explain
+
+                raise explain(e, "the findings store") from None
+            retry: list[Action] = []
+            failed: list[tuple[Action, dict[str, Any]]] = []
+            for action, item in zip(todo, resp["items"]):
+                op, r = next(iter(item.items()))
+                index = _index_key(action)
+                status = r.get("status", 500)
+                if 200 <= status < 300:
+                    result.ok += 1
+                    if op == "create" and r.get("result") == "created":
+                        result.created += 1
+                        result.created_in[index] = result.created_in.get(index, 0) + 1
+                    metrics.SINK_ITEMS.labels(index, "ok").inc()
+                elif status == 409 and op == "create":
+                    result.ok += 1
+                    result.duplicates += 1
+                    metrics.SINK_ITEMS.labels(index, "duplicate").inc()
+                elif status in RETRYABLE_STATUS or status == 409:
+                    # 409 on an update: concurrent writers beat retry_on_conflict; the script is idempotent
+                    retry.append(action)
+                    metrics.SINK_ITEMS.labels(index, "retried").inc()
+                else:
+                    failed.append((action, r))
+            if failed:
+                if dead_letters:
+                    self._dead_letter(failed, result)
+                else:
+                    for action, r in failed:
+                        log.error("dead letter refused by the findings store; logged here only",
+                                  extra={"action": action[0], "error": r.get("error")})
+            if retry:
+                result.retried += len(retry)
+                delay = self._backoff(delay, "items rejected", len(retry))
+            todo = retry
+        if self._behind_since is not None:
+            self._behind_since = None
+            metrics.SINK_BEHIND_SECONDS.set(0)
+
+    def _dead_letter(self, failed: list[tuple[Action, dict[str, Any]]], result: BulkResult) -> None:
+        from streams.es_store import dead_letter_doc, dead_letter_key, processed_action
+        from streams.records import SourceRef
+
+        actions: list[Action] = []
+        for (header, source), r in failed:
+            op, meta = next(iter(header.items()))
+            err = r.get("error") or {}
+            reason = err.get("type", f"http_{r.get('status')}") if isinstance(err, dict) else str(err)
+            detail = err.get("reason", str(err)) if isinstance(err, dict) else str(err)
+            src = (source or {}).get("source")
+            dl = DeadLetter(
+                event_id=(source or {}).get("event_id") or meta.get("_id"), stage="sink", reason=reason[:200],
+                detail=f"{op} {meta.get('_index')}/{meta.get('_id')}: {detail}"[:2000],
+                source=SourceRef(**src) if isinstance(src, dict) else None,
+                payload_excerpt=json.dumps(source, default=str)[:512] if source is not None else None,
+            )
+            metrics.DEAD_LETTERS.labels("sink", dl.reason).inc()
+            metrics.SINK_ITEMS.labels(_index_key((header, source)), "dead_letter").inc()
+            log.error("findings item refused; dead-lettered", extra={"reason": dl.reason, "detail": dl.detail})
+            actions.append(({"create": {"_index": self.dead_letters_index, "_id": dead_letter_key(dl)}},
+                            dead_letter_doc(dl)))
+            if dl.source is not None and self.processed_index:
+                actions.append(processed_action(self.processed_index, dl.source, "dead_letter", dl.event_id, op="index"))
+            result.dead_lettered += 1
+        self._send_chunk(actions, BulkResult(), dead_letters=False)
+
+
+def _index_key(action: Action) -> str:
+    meta = next(iter(action[0].values()))
+    return str(meta.get("_index", "?"))
+
+
+def _lines(actions: list[Action]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for header, source in actions:
+        out.append(header)
+        if source is not None:
+            out.append(source)
+    return out
+
+
+def _ndjson(actions: list[Action]) -> bytes:
+    return b"".join(json.dumps(x, separators=(",", ":"), default=str).encode() + b"\n" for x in _lines(actions))

@@ -449,6 +449,9 @@ class SqliteFindingsStore:
     def processed_offsets(self, topic: str) -> set[tuple[int, int]]:
         return {(p, o) for p, o in self._db.execute('SELECT partition, "offset" FROM processed WHERE topic=?', (topic,))}
 
+    def count_sightings(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM sightings").fetchone()[0]
+
     def pending_work(self) -> dict[str, int]:
         """Work the stream still owes the store: model results not yet in, and
         alerts the cluster engine raised that the alert sink has not stored."""

@@ -25,6 +25,11 @@ DEPLOY = REPO / "deploy"
 
 # -- drift --------------------------------------------------------------------
 def test_generated_artefacts_are_up_to_date():
+    from dashboards import PINNED_SDK, sdk_version
+
+    if sdk_version() != PINNED_SDK:
+        pytest.skip(f"grafana-foundation-sdk {sdk_version()} is installed, the artefacts are generated with the pinned "
+                    f"{PINNED_SDK} (pyproject.toml); its defaults differ, so a byte comparison would only show that")
     rendered = build.render()
     on_disk = {str(p.relative_to(build.GENERATED)): p.read_text(encoding="utf-8")
                for p in build.GENERATED.rglob("*") if p.is_file()}
@@ -184,7 +189,8 @@ def test_desk_rule_provisioning_file_shape():
     assert doc["apiVersion"] == 1
     [group] = doc["groups"]
     assert group["folder"] and group["name"] == rules.DESK_GROUP and group["interval"] == "60s"
-    [rule] = group["rules"]
+    viral, rule = group["rules"]
+    assert viral["uid"] == rules.VIRAL_RULE_UID
     assert rule["condition"] == "C"
     assert [d["refId"] for d in rule["data"]] == ["A", "B", "C"]
     assert rule["data"][0]["datasourceUid"] == DATASOURCE_UID
@@ -195,8 +201,14 @@ def test_desk_rule_provisioning_file_shape():
 
 
 def test_provisioning_is_consistent():
-    [ds] = provisioning.datasources()["datasources"]
+    ds, *es_sources = provisioning.datasources()["datasources"]
     assert ds["uid"] == DATASOURCE_UID and ds["type"] == "prometheus"
+    assert {(d["uid"], d["jsonData"]["index"], d["jsonData"]["timeField"]) for d in es_sources} == {
+        ("deepwatch-es-clusters", "deepwatch-clusters", "last_seen"),
+        ("deepwatch-es-sightings", "deepwatch-sightings", "@timestamp"),
+        ("deepwatch-es-alerts", "deepwatch-alerts", "created_at")}
+    assert all(d["type"] == "elasticsearch" and "$DEEPWATCH_GRAFANA_ES_API_KEY" in d["secureJsonData"]["httpHeaderValue1"]
+               for d in es_sources), "the ES key comes from Grafana's environment, never the file"
     [prov] = provisioning.dashboard_providers()["providers"]
     assert prov["type"] == "file" and prov["options"]["path"] == provisioning.DASHBOARDS_PATH
     assert prov["folder"] == rules.desk_alerting_provisioning()["groups"][0]["folder"]
@@ -227,6 +239,19 @@ def _grafana_routes(dashboard_status: int = 200, folder_exists: bool = False, da
         ("GET", f"/api/datasources/uid/{DATASOURCE_UID}"): (200, {"id": 1, "uid": DATASOURCE_UID, "name": "deepwatch-prometheus",
                                                                   "type": "prometheus", "access": "proxy"}) if datasource else
             (404, {"message": "Data source not found"}),
+        **{("GET", f"/api/datasources/uid/{uid}"): (200, {"id": 2 + i, "uid": uid, "name": uid, "type": "elasticsearch",
+                                                          "access": "proxy"}) if datasource else
+           (404, {"message": "Data source not found"})
+           for i, uid in enumerate(("deepwatch-es-clusters", "deepwatch-es-sightings", "deepwatch-es-alerts"))},
+        # alerting provisioning API: an existing webhook receiver (updated), others created
+        ("GET", "/api/v1/provisioning/contact-points"): (200, [
+            {"uid": "deepwatch-desk-webhook", "name": "deepwatch-desk", "type": "webhook",
+             "settings": {"url": "https://old.example/hook"}, "disableResolveMessage": False},
+            {"uid": "", "name": "email receiver", "type": "email", "settings": {"addresses": "<example@email.com>"},
+             "disableResolveMessage": False}]),
+        ("POST", "/api/v1/provisioning/contact-points"): (202, "ECHO"),
+        ("PUT", "/api/v1/provisioning/contact-points/deepwatch-desk-webhook"): (202, {"message": "contactpoint updated"}),
+        ("PUT", "/api/v1/provisioning/policies"): (202, {"message": "policies updated"}),
     }
 
 
@@ -276,8 +301,11 @@ def fake_grafana(monkeypatch):
         servers.append(srv)
         monkeypatch.setenv("GRAFANA_URL", f"http://127.0.0.1:{srv.server_address[1]}")
         monkeypatch.setenv("GRAFANA_TOKEN", "glsa_test_token")
-        for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
+                    "DEEPWATCH_DESK_EMAILS", "DEEPWATCH_DESK_WEBHOOK_TOKEN"):
             monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("DEEPWATCH_DESK_WEBHOOK_URL", "https://desk.example/hook")
+        monkeypatch.setenv("DEEPWATCH_DESK_SLACK_WEBHOOK_URL", "https://hooks.slack.example/T/B/x")
         return srv
 
     yield start
@@ -297,13 +325,26 @@ def test_publish_creates_folder_dashboard_and_rule_group(fake_grafana):
     calls = [(c["method"], c["path"]) for c in srv.calls]
     assert ("POST", "/api/folders") in calls
     assert all(c["auth"] == "Bearer glsa_test_token" for c in srv.calls)
-    [dash_call] = [c for c in srv.calls if c["path"] == "/api/dashboards/db"]
+    dash_calls = [c for c in srv.calls if c["path"] == "/api/dashboards/db"]
+    assert [c["body"]["dashboard"]["uid"] for c in dash_calls] == [DASHBOARD_UID, "deepwatch-viral-fakes", "deepwatch-spread"]
+    dash_call = dash_calls[0]
     assert dash_call["body"]["overwrite"] is True and dash_call["body"]["folderUid"] == rules.DESK_FOLDER_UID
     assert dash_call["body"]["dashboard"]["uid"] == DASHBOARD_UID and dash_call["body"]["dashboard"]["id"] is None
     assert len(dash_call["body"]["dashboard"]["panels"]) == len(dashboard_json()["panels"])
-    [rule_call] = [c for c in srv.calls if c["method"] == "PUT"]
-    assert rule_call["body"]["rules"][0]["uid"] == "deepwatch-desk-alert-raised"
+    [rule_call] = [c for c in srv.calls if c["method"] == "PUT" and "/rule-groups/" in c["path"]]
+    assert [r["uid"] for r in rule_call["body"]["rules"]] == [rules.VIRAL_RULE_UID, "deepwatch-desk-alert-raised"]
     assert rule_call["headers"].get("X-Disable-Provenance") == "true", "rules must stay editable in the UI"
+    # contact points: the webhook (set in the env) updated in place, Slack created, email skipped (unset)
+    [update] = [c for c in srv.calls if c["path"] == "/api/v1/provisioning/contact-points/deepwatch-desk-webhook"]
+    assert update["body"]["settings"] == {"url": "https://desk.example/hook", "httpMethod": "POST"}
+    [create] = [c for c in srv.calls if c["method"] == "POST" and c["path"] == "/api/v1/provisioning/contact-points"]
+    assert create["body"]["type"] == "slack" and create["body"]["settings"]["url"] == "https://hooks.slack.example/T/B/x"
+    assert result.contact_points == ["deepwatch-desk-webhook", "deepwatch-desk-slack"]
+    assert result.skipped_receivers == ["deepwatch-desk-email (DEEPWATCH_DESK_EMAILS unset)"]
+    [policy] = [c for c in srv.calls if c["path"] == "/api/v1/provisioning/policies"]
+    assert policy["body"]["receiver"] == "deepwatch-desk" and "orgId" not in policy["body"]
+    assert policy["body"]["routes"][0]["object_matchers"] == [["team", "=", "factcheck-desk"]]
+    assert result.missing_datasources == []
 
 
 def test_publish_reuses_existing_folder(fake_grafana):
@@ -355,7 +396,7 @@ def test_publish_to_live_grafana():
     assert stored["dashboard"]["title"] == dashboard_json()["title"]
     assert stored["meta"]["folderUid"] == result.folder_uid
     group = api.alertingprovisioning.get_rule_group(result.folder_uid, rules.DESK_GROUP)
-    assert [r["uid"] for r in group["rules"]] == ["deepwatch-desk-alert-raised"]
+    assert [r["uid"] for r in group["rules"]] == [rules.VIRAL_RULE_UID, "deepwatch-desk-alert-raised"]
 
 
 # -- deploy/ agrees with the settings object and the generated files ---------------
@@ -401,7 +442,9 @@ def test_k8s_manifests_parse_and_reference_settings():
     assert ("Deployment", "deepwatch-pipeline") in kinds and ("Deployment", "deepwatch-detect") in kinds
     assert any(k == "ConfigMap" for k, _ in kinds) and any(k == "Secret" for k, _ in kinds)
     assert any(k == "Service" for k, _ in kinds)
-    known = _settings_env_vars() | {"DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG"}
+    # read by streams.es_store.EsConfig (secrets only ever from the environment)
+    es_env = {"DEEPWATCH_ES_API_KEY", "DEEPWATCH_ES_USERNAME", "DEEPWATCH_ES_PASSWORD", "DEEPWATCH_ES_CA_CERTS"}
+    known = _settings_env_vars() | {"DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG"} | es_env
     configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     for d in docs:
         if d["kind"] != "Deployment":
@@ -420,9 +463,110 @@ def test_k8s_manifests_parse_and_reference_settings():
     toml = tomllib.loads(cm["data"]["deepwatch.toml"])
     s = Settings.model_validate(toml)
     assert s.alerts.webhooks and s.alerts.webhooks[0].secret_env == "DEEPWATCH_WEBHOOK_SECRET"
+    # findings in Elasticsearch; no SQLite findings file on a volume shared across nodes
+    assert s.findings.url and s.findings.url.startswith("https://")
+    for d in docs:
+        if d["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"]["accessModes"]:
+            assert d["metadata"]["name"] == "deepwatch-blobs"
+        if d["kind"] == "Deployment":
+            vols = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
+            [c] = d["spec"]["template"]["spec"]["containers"]
+            data = next(m for m in c["volumeMounts"] if m["mountPath"] == "/data")
+            assert "emptyDir" in vols[data["name"]], "the data dir (where SQLite would live) is pod-local"
+            assert all(m.get("subPath") in ("blobs", "models") for m in c["volumeMounts"]
+                       if "persistentVolumeClaim" in vols.get(m["name"], {}))
+    pipeline = next(d for d in docs if d["metadata"]["name"] == "deepwatch-pipeline")
+    env = {e["name"]: e for e in pipeline["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DEEPWATCH_ES_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "deepwatch-elasticsearch"
+
+
+def test_k8s_eck_overlay_runs_the_findings_cluster():
+    docs = [d for p in sorted((DEPLOY / "k8s" / "overlays" / "eck").glob("*.yaml")) for d in _yaml_docs(p)]
+    [es] = [d for d in docs if d.get("kind") == "Elasticsearch"]
+    assert es["metadata"]["name"] == "deepwatch"  # ECK names the service deepwatch-es-http
+    major, minor = (int(x) for x in es["spec"]["version"].split(".")[:2])
+    assert (major, minor) >= (8, 15), "bit-vector kNN needs 8.15+"
 
 
 def test_k8s_gpu_overlay_requests_a_gpu():
     docs = [d for p in sorted((DEPLOY / "k8s" / "overlays" / "gpu").glob("*.yaml")) for d in _yaml_docs(p)]
     text = json.dumps(docs)
     assert "nvidia.com/gpu" in text
+
+
+def test_cli_grafana_provision(fake_grafana, monkeypatch):
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    srv = fake_grafana()
+    url = os.environ["GRAFANA_URL"]
+    monkeypatch.delenv("GRAFANA_URL")
+    r = CliRunner().invoke(app, ["grafana", "provision", "--url", url])  # token from GRAFANA_TOKEN
+    assert r.exit_code == 0, r.output
+    assert f"{url}/d/{DASHBOARD_UID}" in r.output and "deepwatch-desk-email (DEEPWATCH_DESK_EMAILS unset)" in r.output
+    assert {c["path"] for c in srv.calls} >= {"/api/dashboards/db", "/api/v1/provisioning/policies",
+                                              f"/api/v1/provisioning/folder/{rules.DESK_FOLDER_UID}/rule-groups/{rules.DESK_GROUP}"}
+    monkeypatch.delenv("GRAFANA_TOKEN")
+    r = CliRunner().invoke(app, ["grafana", "provision", "--url", url])
+    assert r.exit_code == 2 and "GRAFANA_TOKEN" in r.output
+
+
+def test_generated_dashboards_load_into_the_sdk_types():
+    """Validation against the SDK's types: every generated dashboard parses
+    back into grafana-foundation-sdk's Dashboard model and re-encodes to the
+    same panels, targets and variables."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    for path in sorted((build.GENERATED / "grafana" / "dashboards").glob("*.json")):
+        doc = json.loads(path.read_text())
+        model = Dashboard.from_json(doc)
+        again = json.loads(JSONEncoder(sort_keys=True).encode(model))
+        assert again["uid"] == doc["uid"] and again["title"] == doc["title"], path.name
+        assert [p.get("type") for p in again["panels"]] == [p.get("type") for p in doc["panels"]], path.name
+        assert [p.get("targets") for p in again["panels"]] == [p.get("targets") for p in doc["panels"]], path.name
+        # variables: what they query (other keys are version defaults: 11.x adds auto/auto_count/auto_min)
+        key = lambda d: [(v["name"], v.get("query"), v.get("datasource")) for v in d.get("templating", {}).get("list", [])]  # noqa: E731
+        assert key(again) == key(doc), path.name
+
+
+def test_desk_dashboards_query_fields_the_es_mapping_has():
+    from dashboards import desk
+    from streams import es_templates as T
+
+    comps = T.component_templates()
+    fields = {
+        "deepwatch-es-clusters": comps["deepwatch-clusters-mappings"]["template"]["mappings"]["properties"],
+        "deepwatch-es-sightings": comps["deepwatch-sightings-mappings"]["template"]["mappings"]["properties"],
+        "deepwatch-es-alerts": comps["deepwatch-alerts-mappings"]["template"]["mappings"]["properties"],
+    }
+
+    def has(props: dict, path: str) -> bool:
+        node: dict = {"properties": props}
+        for part in path.split("."):
+            node = (node.get("properties") or {}).get(part) or (node.get("fields") or {}).get(part)
+            if node is None:
+                return False
+        return True
+
+    docs = [desk.viral_json(), desk.spread_json(), dashboard_json()]
+    checked = 0
+    for doc in docs:
+        for panel in doc["panels"]:
+            for t in panel.get("targets", []):
+                uid = t.get("datasource", {}).get("uid")
+                if uid not in fields:
+                    continue
+                used = [t["timeField"]] + [a["field"] for a in t.get("bucketAggs", []) + t.get("metrics", []) if a.get("field")]
+                for f in used:
+                    assert has(fields[uid], f), f"{doc['uid']} panel {panel['title']!r} uses {f}, not in {uid}'s mapping"
+                    checked += 1
+    for r in rules.desk_rule_group_api()["rules"]:
+        for d in r["data"]:
+            m = d["model"]
+            if m.get("datasource", {}).get("uid") in fields:
+                for a in m["bucketAggs"] + m["metrics"]:
+                    assert has(fields[m["datasource"]["uid"]], a["field"]), a
+                    checked += 1
+    assert checked > 15

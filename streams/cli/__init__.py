@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from streams.cli.app import app
 from streams.cli import pipeline, query, detect, bank, models  # noqa: F401,E402  (registration)
+from streams.cli import grafana  # noqa: F401,E402  (registration)
 from streams.cli import serve  # noqa: F401,E402  (registration)
 
 

@@ -129,6 +129,7 @@ def similar(
     image: Path = typer.Argument(..., exists=True, dir_okay=False, help="Image file to look up."),
     data_dir: Optional[Path] = _DataDir,
     fmt: str = typer.Option("json", "--format", "-f", help="json (an array, nearest first; [] when nothing is near) or table."),
+    store_url: Optional[str] = typer.Option(None, "--store", help="Findings store: es://HOST:9200 or https://HOST:9200 (bit-vector kNN); default the SQLite file in --data-dir."),
 ) -> None:
     """Clusters and bank entries showing the same picture as IMAGE, nearest first."""
     from detectors.hashing import compute_hashes
@@ -143,7 +144,12 @@ def similar(
     except ImageRejected as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from e
-    rows = _similar_clusters(settings, data.sha256, hashes) + _similar_banks(settings, hashes)
+    url = store_url or settings.findings.url
+    if url:
+        rows = _similar_clusters_es(settings, url, data.sha256, hashes)
+    else:
+        rows = _similar_clusters(settings, data.sha256, hashes)
+    rows += _similar_banks(settings, hashes)
     rows.sort(key=lambda r: r.pop("_rank"))
     if fmt == "json":
         print_json(rows)
@@ -181,6 +187,39 @@ def _similar_clusters(settings: Settings, sha256: str, hashes: Any) -> list[dict
             index.add(m.cluster_id, m.sha256, h)
     finally:
         store.close()
+    return [
+        {"cluster_id": m.cluster_id, "distance": m.distance, "via": m.via, "_rank": _rank(settings, m.distance, m.via)}
+        for m in index.lookup(sha256, hashes)
+    ]
+
+
+def _similar_clusters_es(settings: Settings, url: str, sha256: str, hashes: Any) -> list[dict[str, Any]]:
+    """Elasticsearch bit-vector kNN finds the candidate clusters; the same
+    matching rule and ranking as the embedded index decide and order them."""
+    from detectors.hashing import ImageHashes
+    from detectors.neardup import ClusterIndex
+    from streams.es_store import EsError
+    from streams.findings import StoreURLError, open_findings
+
+    try:
+        store = open_findings(url, settings.data_dir, settings)
+    except (StoreURLError, EsError) as e:
+        raise typer.BadParameter(str(e), param_hint="--store") from None
+    try:
+        if not hasattr(store, "similar_candidates"):
+            return _similar_clusters(settings, sha256, hashes)
+        candidates = store.similar_candidates(sha256, hashes)
+    except EsError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    finally:
+        store.close()
+    index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)
+    for doc in candidates:
+        for m in doc.get("members") or []:
+            h = ImageHashes(phash=m["phash"], pdq=m["pdq"], pdq_quality=m["pdq_quality"], views=m.get("views"),
+                            trimmed=bool(m.get("trimmed")))
+            index.add(doc["cluster_id"], m["sha256"], h)
     return [
         {"cluster_id": m.cluster_id, "distance": m.distance, "via": m.via, "_rank": _rank(settings, m.distance, m.via)}
         for m in index.lookup(sha256, hashes)

@@ -15,7 +15,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from streams.cli.app import app
 from streams.cli.common import Broker, Config, DataDir, err, print_json, settings_from
+from streams.cli.query import StoreOpt
 from streams.settings import Settings
+
+
+def _use_store(settings: Settings, store_url: Optional[str]) -> None:
+    """--store: where findings go (checked now, so a typo fails before any broker starts)."""
+    from streams.findings import StoreURLError, open_findings
+
+    if store_url:
+        settings.findings.url = store_url
+    if settings.findings.url:
+        from streams.es_store import EsError
+
+        try:
+            store = open_findings(settings.findings.url, settings.data_dir, settings)
+            getattr(store, "ensure_setup", lambda: None)()
+            store.close()
+        except (StoreURLError, EsError) as e:
+            raise typer.BadParameter(str(e), param_hint="--store") from None
 
 
 def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, live_table: bool):
@@ -39,9 +57,9 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         live = None
         if live_table:
             from streams.cli.query import cluster_table
-            from streams.store import open_store
+            from streams.findings import open_findings
 
-            store = open_store(settings.data_dir)
+            store = open_findings(settings.findings.url, settings.data_dir, settings)
 
             def render():
                 return Group(cluster_table(store.clusters(limit=15), title="deepwatch — live clusters"), progress)
@@ -95,6 +113,7 @@ def replay(
     workers: int = typer.Option(1, min=1, max=8, help="Pipeline worker processes to run."),
     timeout: float = typer.Option(600, help="Give up (exit 1) if the feed is not fully processed within this many seconds."),
     json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    store_url: Optional[str] = StoreOpt,
 ) -> None:
     """Run the full streaming pipeline over FEED and exit when every event is
     processed or dead-lettered.
@@ -107,6 +126,7 @@ def replay(
     """
     roots = [feed.resolve().parent, *[r.resolve() for r in image_root]]
     settings = settings_from(config, data_dir=data_dir, broker=broker)
+    _use_store(settings, store_url)
     settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
     summary = _replay(settings, feed, workers=workers, timeout_s=timeout, live_table=False)
     _print_summary(summary, json_summary)
@@ -118,6 +138,7 @@ def demo(
     data_dir: Optional[Path] = DataDir,
     config: Optional[Path] = Config,
     burst: int = typer.Option(14, min=1, help="Reposts in the demo's viral bursts."),
+    store_url: Optional[str] = StoreOpt,
 ) -> None:
     """The embedded default, end to end: start a broker and a worker, replay a
     bundled demo feed (a viral AI fake, a ComfyUI image, camera photos, hostile
@@ -125,6 +146,7 @@ def demo(
     from streams.demo_feed import build_feed
 
     settings = settings_from(config, data_dir=data_dir)
+    _use_store(settings, store_url)
     feed_dir = Path(settings.data_dir) / "demo-feed"
     feed, _ = build_feed(feed_dir, burst=burst)
     settings.ingest.image_roots = [feed_dir.resolve()]
@@ -165,6 +187,7 @@ def worker(
     config: Optional[Path] = Config,
     metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus /metrics on this port (0 = any free port)."),
     create_topics: bool = typer.Option(True, help="Create missing topics with the right partition counts before starting."),
+    store_url: Optional[str] = StoreOpt,
 ) -> None:
     """Run one long-lived worker process against an existing broker."""
     from streams import worker as worker_mod
@@ -172,6 +195,7 @@ def worker(
     from streams.broker import bootstrap_of, ensure_topics
 
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
+    _use_store(settings, store_url)
     if settings.broker == "embedded":
         raise typer.BadParameter("a worker joins an existing broker: pass --broker or set DEEPWATCH_BROKER", param_hint="--broker")
     if create_topics:

@@ -6,15 +6,16 @@ to read Elasticsearch instead of the embedded SQLite file in ``--data-dir``."""
 from __future__ import annotations
 
 from pathlib import Path
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, FormatOpt, check_format, print_json, settings_from
+from streams.cli.common import Config, DataDir, FormatOpt, check_format, err, print_json, settings_from
 from streams.findings import SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, StoreURLError, open_findings
 
 StoreOpt = typer.Option(
@@ -37,12 +38,25 @@ def _store(data_dir: Optional[Path], config: Optional[Path], store_url: Optional
         raise typer.BadParameter(str(e), param_hint="--store") from None
 
 
-def _read(data_dir: Optional[Path], config: Optional[Path], store_url: Optional[str], what: str) -> list:
-    store = _store(data_dir, config, store_url)
+@contextmanager
+def _findings(data_dir: Optional[Path], config: Optional[Path], store_url: Optional[str]) -> Iterator[FindingsStore]:
+    """The store, closed afterwards; a store that cannot answer becomes one line, not a traceback."""
+    from streams.es_store import EsError
+
     try:
+        store = _store(data_dir, config, store_url)
+        try:
+            yield store
+        finally:
+            store.close()
+    except EsError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+def _read(data_dir: Optional[Path], config: Optional[Path], store_url: Optional[str], what: str) -> list:
+    with _findings(data_dir, config, store_url) as store:
         return getattr(store, what)()
-    finally:
-        store.close()
 
 
 def _emit(rows: list, fmt: str, title: str, columns: tuple[str, ...], cells: Callable[[dict], tuple]) -> None:
@@ -92,11 +106,8 @@ def clusters(
     members (sha256, phash, pdq, event_id), plus velocity, platforms, merges.
     """
     check_format(fmt)
-    store = _store(data_dir, config, store_url)
-    try:
+    with _findings(data_dir, config, store_url) as store:
         rows = store.clusters(include_merged=include_merged, limit=limit)
-    finally:
-        store.close()
     if fmt == "json":
         print_json([r.as_json() for r in rows])
     else:
@@ -147,11 +158,8 @@ def search(
         raise typer.BadParameter("must be between 1 and 10000", param_hint="--limit")
     q = ClusterQuery(text=query, since=_when(since, "--since"), until=_when(until, "--until"), platform=platform,
                      account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort, limit=limit)
-    store = _store(data_dir, config, store_url)
-    try:
+    with _findings(data_dir, config, store_url) as store:
         rows = store.search(q)
-    finally:
-        store.close()
     if fmt == "json":
         print_json([r.as_json() for r in rows])
     else:

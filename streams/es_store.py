@@ -1,0 +1,607 @@
+"""Findings in Elasticsearch: the same ``FindingsStore`` as the embedded
+SQLite file, for deployments with more than one node.
+
+Layout (``streams.es_templates``): one ``deepwatch-clusters`` document per
+cluster (``_id`` = cluster id, upserted by a stored painless script that
+keeps the highest revision), a ``deepwatch-sightings`` data stream (``_id`` =
+event id), and ``deepwatch-alerts``, ``deepwatch-dead-letters``,
+``deepwatch-deliveries`` keyed by alert id, dead-letter key and (alert,
+target). Counts shown for a cluster (sightings, accounts, platforms, first
+and last seen) are computed from the sightings, merges resolved, exactly as
+the SQLite store computes them.
+
+Client compatibility: elasticsearch-py 9.x sends ``compatible-with=9``,
+which 8.x servers refuse (400 ``media_type_header_exception``); the 8.x
+client sends ``compatible-with=8``, which 8.x and 9.x servers both accept.
+deepwatch therefore pins ``elasticsearch>=8.15,<9`` and turns the 400 into
+one clear line saying so (``EsCompatError``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from streams import es_templates as T
+from streams.findings import (
+    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, sort_key, text_terms,
+)
+from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
+
+log = logging.getLogger("deepwatch.es")
+
+MAX_CANDIDATES = 10_000  # index.max_result_window: a search matches at most this many clusters
+PAGE = 1000
+STATS_CHUNK = 200  # clusters per sightings-statistics request
+
+
+class EsError(RuntimeError):
+    """Elasticsearch is unreachable or refused a request; the message says what to do."""
+
+
+class EsCompatError(EsError):
+    pass
+
+
+@dataclass(frozen=True)
+class EsConfig:
+    url: str  # http(s)://host:port
+    api_key: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_certs: str | None = None
+    verify_certs: bool = True
+    request_timeout_s: float = 30.0
+
+    @classmethod
+    def from_url(cls, url: str, env: dict[str, str] | None = None, request_timeout_s: float = 30.0) -> "EsConfig":
+        """``es://`` = http, ``ess://`` = https; credentials never in the URL
+        (they would end up in shell history and process lists): only from
+        DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/DEEPWATCH_ES_PASSWORD,
+        CA bundle from DEEPWATCH_ES_CA_CERTS."""
+        env = os.environ if env is None else env
+        parts = urlsplit(url)
+        scheme = {"es": "http", "ess": "https"}.get(parts.scheme, parts.scheme)
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise EsError(f"cannot use {url!r} as an Elasticsearch address: give es://HOST:9200 or https://HOST:9200")
+        if parts.username or parts.password:
+            raise EsError("put Elasticsearch credentials in DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/"
+                          "DEEPWATCH_ES_PASSWORD, not in the URL")
+        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        if ":" in (parts.hostname or "") and parts.hostname and not netloc.startswith("["):
+            netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
+        if parts.port is None:
+            netloc += ":9200"
+        return cls(
+            url=urlunsplit((scheme, netloc, parts.path.rstrip("/"), "", "")),
+            api_key=env.get("DEEPWATCH_ES_API_KEY") or None,
+            username=env.get("DEEPWATCH_ES_USERNAME") or None,
+            password=env.get("DEEPWATCH_ES_PASSWORD") or None,
+            ca_certs=env.get("DEEPWATCH_ES_CA_CERTS") or None,
+            verify_certs=env.get("DEEPWATCH_ES_VERIFY_CERTS", "true").lower() not in ("0", "false", "no"),
+            request_timeout_s=request_timeout_s,
+        )
+
+    def client(self):
+        from elasticsearch import Elasticsearch
+
+        kw: dict[str, Any] = {"request_timeout": self.request_timeout_s,
+                              # reads retry on overload; the bulk sink does its own retrying
+                              "max_retries": 3, "retry_on_status": (429, 502, 503, 504), "retry_on_timeout": True}
+        if self.api_key:
+            kw["api_key"] = self.api_key
+        elif self.username:
+            kw["basic_auth"] = (self.username, self.password or "")
+        if self.url.startswith("https://"):
+            kw["verify_certs"] = self.verify_certs
+            if self.ca_certs:
+                kw["ca_certs"] = self.ca_certs
+        return Elasticsearch(self.url, **kw)
+
+
+def client_major() -> int:
+    import elasticsearch
+
+    return int(elasticsearch.__versionstr__.split(".")[0])
+
+
+def explain(e: Exception, url: str) -> EsError:
+    """One line an operator can act on, from whatever the client raised."""
+    from elasticsearch import ApiError, AuthenticationException, AuthorizationException, TransportError
+
+    if isinstance(e, EsError):
+        return e
+    if isinstance(e, ApiError):
+        err = e.body.get("error") if isinstance(e.body, dict) else None
+        kind = err.get("type") if isinstance(err, dict) else None
+        if kind == "media_type_header_exception":
+            cause = (err.get("caused_by") or {}).get("reason") or err.get("reason")
+            import elasticsearch
+
+            return EsCompatError(
+                f"Elasticsearch at {url} refused the API version this client asks for ({cause}). "
+                f"elasticsearch-py {elasticsearch.__versionstr__} sends compatible-with={client_major()}; "
+                "8.x servers only accept 7 or 8. Install the pinned client: pip install 'elasticsearch>=8.15,<9' "
+                "(it talks to 8.x and 9.x servers).")
+        if isinstance(e, AuthenticationException):
+            return EsError(f"Elasticsearch at {url} refused the credentials: set DEEPWATCH_ES_API_KEY "
+                           "(or DEEPWATCH_ES_USERNAME and DEEPWATCH_ES_PASSWORD)")
+        if isinstance(e, AuthorizationException):
+            return EsError(f"Elasticsearch at {url}: the credentials lack a privilege ({_reason(e)}); "
+                           "see docs/elasticsearch.md for the role deepwatch needs")
+        return EsError(f"Elasticsearch at {url} answered {e.meta.status}: {_reason(e)}")
+    if isinstance(e, TransportError):
+        return EsError(f"cannot reach Elasticsearch at {url} ({type(e).__name__}: {e.message}); "
+                       "check --store / DEEPWATCH_FINDINGS__URL and that the server is up")
+    return EsError(f"Elasticsearch at {url}: {type(e).__name__}: {e}")
+
+
+def _reason(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        err = body["error"]
+        return f"{err.get('type')}: {err.get('reason')}"
+    return str(getattr(e, "message", e))
+
+
+def hex_bits(hex_hash: str) -> str:
+    """A hash as the hex string ES takes for an ``element_type: bit`` vector."""
+    return hex_hash.lower()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def dead_letter_key(dl: DeadLetter) -> str:
+    """Same identity as the SQLite store: what the event is, not where it sat."""
+    ident = dl.event_id or "sha256:" + hashlib.sha256((dl.payload_excerpt or dl.detail).encode()).hexdigest()
+    return f"{ident}/{dl.stage}/{dl.reason}"
+
+
+class EsFindingsStore:
+    def __init__(self, config: EsConfig, *, prefix: str = "deepwatch", settings: Any | None = None, client: Any = None):
+        self.config = config
+        self.prefix = prefix
+        self.names = T.names(prefix)
+        self.settings = settings
+        self.es = client if client is not None else config.client()
+        self._ready = False
+        self._server: dict[str, Any] | None = None
+        from streams.settings import FindingsSettings
+        from streams.sinks import BulkSink
+
+        fs = settings.findings if settings is not None else FindingsSettings()
+        self.bulk = BulkSink(self.es, fs, dead_letters_index=self.names["dead_letters"],
+                             processed_index=self.names["processed"])
+
+    @classmethod
+    def from_url(cls, url: str, settings: Any | None = None) -> "EsFindingsStore":
+        fs = getattr(settings, "findings", None)
+        cfg = EsConfig.from_url(url, request_timeout_s=fs.request_timeout_s if fs else 30.0)
+        return cls(cfg, prefix=fs.index_prefix if fs else "deepwatch", settings=settings)
+
+    def close(self) -> None:
+        self.es.close()
+
+    # -- setup ----------------------------------------------------------------
+    def server_info(self) -> dict[str, Any]:
+        if self._server is None:
+            try:
+                self._server = dict(self.es.info())
+            except Exception as e:
+                raise explain(e, self.config.url) from None
+            number = self._server.get("version", {}).get("number", "0.0.0")
+            major, minor = (int(x) for x in number.split(".")[:2])
+            if (major, minor) < (8, 15):
+                raise EsError(f"Elasticsearch {number} at {self.config.url} is too old: deepwatch needs >= 8.15 "
+                              "(bit-vector kNN for picture lookups)")
+        return self._server
+
+    def ensure_setup(self) -> None:
+        """Create or update the ILM policy, component and index templates,
+        the upsert script, the versioned indices behind their aliases and the
+        sightings data stream. Idempotent; every worker runs it at start."""
+        if self._ready:
+            return
+        self.server_info()
+        es = self.es
+        try:
+            es.ilm.put_lifecycle(name=self.names["sightings"], policy=T.ilm_policy()["policy"])
+            for name, body in T.component_templates(self.prefix).items():
+                es.cluster.put_component_template(name=name, template=body["template"], version=body["version"],
+                                                  meta=body["_meta"])
+            for name, body in T.index_templates(self.prefix).items():
+                es.indices.put_index_template(name=name, **{k if k != "_meta" else "meta": v for k, v in body.items()})
+            es.put_script(id=T.SCRIPT_ID, script=T.stored_script()["script"])
+            for key in ("clusters", "alerts", "dead_letters", "deliveries", "processed"):
+                alias = self.names[key]
+                if not es.indices.exists_alias(name=alias):
+                    self._create_ignoring_exists(lambda: es.indices.create(
+                        index=T.concrete(alias), aliases={alias: {"is_write_index": True}}))
+            self._create_ignoring_exists(lambda: es.indices.create_data_stream(name=self.names["sightings"]))
+        except Exception as e:
+            raise explain(e, self.config.url) from None
+        self._ready = True
+
+    @staticmethod
+    def _create_ignoring_exists(create) -> None:
+        from elasticsearch import BadRequestError
+
+        try:
+            create()
+        except BadRequestError as e:  # another worker created it first
+            if "already_exists" not in str(_reason(e)):
+                raise
+
+    def refresh(self) -> None:
+        """Make everything written so far visible to searches (tests, CLI)."""
+        self.ensure_setup()
+        self.es.indices.refresh(index=",".join(self.names.values()))
+
+    flush = refresh
+
+    # -- writes ---------------------------------------------------------------
+    def cluster_actions(self, snap: ClusterSnapshot) -> list[tuple[dict, dict | None]]:
+        n = self.names
+        out: list[tuple[dict, dict | None]] = []
+        s = snap.new_sighting
+        if s is not None:
+            out.append(({"create": {"_index": n["sightings"], "_id": s.event.event_id}}, sighting_doc(snap.cluster_id, s)))
+            # every offset, duplicates of an earlier event included: replay accounting
+            out.append(processed_action(n["processed"], s.source, "sighting", s.event.event_id))
+        sighting_params = None
+        if s is not None:
+            ev = s.event
+            sighting_params = {
+                "text": (ev.text or "")[:2000] or None,
+                "hashtags": [t for t in dict.fromkeys(_norm_tag(h) for h in ev.hashtags) if t],
+                "lang": ev.lang, "account": ev.account_handle or ev.account_id, "post_url": ev.post_url,
+            }
+        out.append((
+            {"update": {"_index": n["clusters"], "_id": snap.cluster_id, "retry_on_conflict": 5}},
+            {"scripted_upsert": True, "upsert": {},
+             "script": {"id": T.SCRIPT_ID,
+                        "params": {"doc": cluster_doc(snap, self._picture_url(snap.cluster_id)),
+                                   "sighting": sighting_params, "caps": T.CAPS}}},
+        ))
+        return out
+
+    def _picture_url(self, cluster_id: str) -> str | None:
+        base = os.environ.get("DEEPWATCH_DESK_URL")
+        return f"{base.rstrip('/')}/clusters/{cluster_id}" if base else None
+
+    def apply_snapshot(self, snap: ClusterSnapshot) -> None:
+        self.apply_snapshots([snap])
+
+    def apply_snapshots(self, snaps: Iterable[ClusterSnapshot]) -> None:
+        self.ensure_setup()
+        actions = [a for snap in snaps for a in self.cluster_actions(snap)]
+        self.bulk.send(actions)
+
+    def add_dead_letter(self, dl: DeadLetter) -> bool:
+        return self.add_dead_letters([dl]) == 1
+
+    def add_dead_letters(self, dls: Iterable[DeadLetter]) -> int:
+        self.ensure_setup()
+        actions: list = []
+        for dl in dls:
+            actions.append(({"create": {"_index": self.names["dead_letters"], "_id": dead_letter_key(dl)}}, dead_letter_doc(dl)))
+            if dl.source is not None:
+                actions.append(processed_action(self.names["processed"], dl.source, "dead_letter", dl.event_id))
+        res = self.bulk.send(actions)
+        return res.created_in.get(self.names["dead_letters"], 0)
+
+    def add_alert(self, alert: Alert) -> bool:
+        self.ensure_setup()
+        doc = alert.model_dump(mode="json")
+        doc["@timestamp"] = doc["created_at"]
+        doc["evidence_summary"] = alert.evidence[0].detail if alert.evidence else None
+        res = self.bulk.send([({"create": {"_index": self.names["alerts"], "_id": alert.alert_id}}, doc)])
+        return res.created_in.get(self.names["alerts"], 0) == 1
+
+    def _delivery_id(self, alert_id: str, target: str) -> str:
+        return hashlib.sha256(f"{alert_id}\0{target}".encode()).hexdigest()
+
+    def delivered(self, alert_id: str, target: str) -> bool:
+        from elasticsearch import NotFoundError
+
+        try:
+            doc = self.es.get(index=self.names["deliveries"], id=self._delivery_id(alert_id, target))
+        except NotFoundError:
+            return False
+        return doc["_source"].get("status") == "delivered"
+
+    def mark_delivered(self, alert_id: str, target: str, status: str) -> None:
+        self.ensure_setup()
+        self.bulk.send([({"index": {"_index": self.names["deliveries"], "_id": self._delivery_id(alert_id, target)}},
+                         {"alert_id": alert_id, "target": target, "status": status, "at": _now()})])
+
+    # -- reads ----------------------------------------------------------------
+    def _search(self, index: str, **body: Any) -> dict[str, Any]:
+        from elasticsearch import NotFoundError
+
+        try:
+            return dict(self.es.search(index=index, **body))
+        except NotFoundError:  # nothing written yet: no index behind the alias
+            return {"hits": {"total": {"value": 0, "relation": "eq"}, "hits": []}, "aggregations": {}}
+        except Exception as e:
+            raise explain(e, self.config.url) from None
+
+    def _scan(self, index: str, query: dict, sort: list, source: Any = True) -> Iterator[dict[str, Any]]:
+        """Every hit, paged with search_after (no scroll contexts to leak)."""
+        after = None
+        while True:
+            body: dict[str, Any] = {"query": query, "sort": sort, "size": PAGE, "source": source}
+            if after is not None:
+                body["search_after"] = after
+            hits = self._search(index, **body)["hits"]["hits"]
+            yield from hits
+            if len(hits) < PAGE:
+                return
+            after = hits[-1]["sort"]
+
+    def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]:
+        query: dict[str, Any] = {"match_all": {}} if include_merged else _live()
+        docs = [h["_source"] for h in self._scan(self.names["clusters"], query,
+                                                 [{"fake_score": "desc"}, {"cluster_id": "asc"}], _READ_SOURCE)]
+        if limit:
+            docs = docs[:limit]
+        return self._records(docs)
+
+    def cluster(self, cluster_id: str) -> ClusterRecord | None:
+        hits = self._search(self.names["clusters"], query={"ids": {"values": [cluster_id]}}, size=1,
+                            source=_READ_SOURCE)["hits"]["hits"]
+        return self._records([hits[0]["_source"]])[0] if hits else None
+
+    def search(self, q: ClusterQuery) -> list[ClusterRecord]:
+        relevance: dict[str, float] | None = None
+        filters: list[dict[str, Any]] = []
+        if q.sighting_filtered:
+            relevance = self._matching_clusters(q)
+            if not relevance:
+                return []
+            ids = sorted(relevance)
+            filters.append({"bool": {"should": [{"terms": {"cluster_id": ids}}, {"terms": {"merged_from": ids}}],
+                                     "minimum_should_match": 1}})
+        if q.verdict:
+            filters.append({"term": {"verdict": q.verdict}})
+        if q.min_score is not None:
+            filters.append({"range": {"fake_score": {"gte": q.min_score}}})
+        query = {"bool": {"filter": filters, "must_not": [{"exists": {"field": "merged_into"}}]}}
+        sort = q.effective_sort
+        if sort == "relevance":
+            hits = self._search(self.names["clusters"], query=query, size=MAX_CANDIDATES, source=_READ_SOURCE)
+            docs = [h["_source"] for h in hits["hits"]["hits"]]
+
+            def best(doc: dict) -> float:  # a survivor ranks by its best sighting, its own or a merged one's
+                ids = [doc["cluster_id"], *doc.get("merged_from", [])]
+                return max((relevance or {}).get(i, 0.0) for i in ids)
+
+            by_velocity = sort_key("velocity")
+            records = self._records(docs)
+            score = {d["cluster_id"]: best(d) for d in docs}
+            records.sort(key=lambda c: (-score[c.id], by_velocity(c)))
+            return records[: q.limit]
+        hits = self._search(self.names["clusters"], query=query, size=q.limit, sort=ES_SORT[sort], source=_READ_SOURCE)
+        records = self._records([h["_source"] for h in hits["hits"]["hits"]])
+        # counts shown come from the sightings; order by them exactly as SQLite does
+        records.sort(key=sort_key(sort))
+        return records
+
+    def _matching_clusters(self, q: ClusterQuery) -> dict[str, float]:
+        """Cluster id (as recorded on the sighting) -> best score among the
+        sightings meeting every sighting-level condition: one hit per
+        cluster via field collapsing."""
+        must: list[dict[str, Any]] = []
+        if q.text:
+            terms = text_terms(q.text)
+            if not terms:
+                return {}
+            must = [{"multi_match": {"query": t, "type": "phrase", "fields": ["text", "hashtags.text"]}} for t in terms]
+        filters: list[dict[str, Any]] = []
+        if q.since or q.until:
+            rng: dict[str, str] = {}
+            if q.since:
+                rng["gte"] = q.since.isoformat()
+            if q.until:
+                rng["lte"] = q.until.isoformat()
+            filters.append({"range": {"@timestamp": rng}})
+        if q.platform:
+            filters.append({"term": {"platform": q.platform}})
+        if q.account:
+            filters.append({"bool": {"should": [{"term": {"account_id": q.account}},
+                                                {"term": {"account_handle_norm": q.account.lower()}}],
+                                     "minimum_should_match": 1}})
+        if q.hashtag:
+            filters.append({"term": {"hashtags": q.hashtag}})
+        res = self._search(self.names["sightings"], query={"bool": {"must": must or [{"match_all": {}}], "filter": filters}},
+                           collapse={"field": "cluster_id"}, size=MAX_CANDIDATES, source=["cluster_id"],
+                           sort=["_score", {"cluster_id": "asc"}], track_scores=True)
+        return {h["_source"]["cluster_id"]: float(h.get("_score") or 0.0) for h in res["hits"]["hits"]}
+
+    def _records(self, docs: list[dict[str, Any]]) -> list[ClusterRecord]:
+        live = [d for d in docs if not d.get("merged_into")]
+        stats: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(live), STATS_CHUNK):
+            stats.update(self._sighting_stats(live[i:i + STATS_CHUNK]))
+        return [record_from_doc(d, stats.get(d["cluster_id"])) for d in docs]
+
+    def _sighting_stats(self, docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Exact per-cluster sightings statistics, merged-away ids included."""
+        if not docs:
+            return {}
+        filters = {d["cluster_id"]: {"terms": {"cluster_id": [d["cluster_id"], *d.get("merged_from", [])]}} for d in docs}
+        aggs = {"by_cluster": {"filters": {"filters": filters}, "aggs": {
+            # exact below precision_threshold (40000, the maximum); above it ES estimates within ~1%
+            "accounts": {"cardinality": {"field": "account_id", "precision_threshold": 40000}},
+            "platforms": {"terms": {"field": "platform", "size": 100, "order": {"_key": "asc"}}},
+            "first": {"top_hits": {"size": 1, "sort": [{"@timestamp": "asc"}], "_source": ["posted_at"]}},
+            "last": {"top_hits": {"size": 1, "sort": [{"@timestamp": "desc"}], "_source": ["posted_at"]}},
+        }}}
+        res = self._search(self.names["sightings"], size=0, query={"match_all": {}}, aggs=aggs)
+        out: dict[str, dict[str, Any]] = {}
+        for cid, b in ((res.get("aggregations") or {}).get("by_cluster", {}).get("buckets") or {}).items():
+            if not b["doc_count"]:
+                continue
+            first = b["first"]["hits"]["hits"]
+            last = b["last"]["hits"]["hits"]
+            out[cid] = {"n": b["doc_count"], "accounts": int(b["accounts"]["value"]),
+                        "platforms": sorted(x["key"] for x in b["platforms"]["buckets"]),
+                        "first": first[0]["_source"]["posted_at"] if first else None,
+                        "last": last[0]["_source"]["posted_at"] if last else None}
+        return out
+
+    def alerts(self) -> list[AlertRecord]:
+        hits = self._scan(self.names["alerts"], {"match_all": {}}, [{"created_at": "asc"}, {"alert_id": "asc"}],
+                          {"excludes": ["@timestamp", "evidence_summary"]})
+        return [AlertRecord.model_validate(h["_source"]) for h in hits]
+
+    def dead_letters(self) -> list[DeadLetterRecord]:
+        hits = self._scan(self.names["dead_letters"], {"match_all": {}}, [{"@timestamp": "asc"}, {"dl_key": "asc"}],
+                          {"excludes": ["@timestamp", "dl_key", "schema_version"]})
+        return [DeadLetterRecord.model_validate(h["_source"]) for h in hits]
+
+    def processed_offsets(self, topic: str) -> set[tuple[int, int]]:
+        return {(h["_source"]["partition"], h["_source"]["offset"])
+                for h in self._scan(self.names["processed"], {"term": {"topic": topic}},
+                                    [{"partition": "asc"}, {"offset": "asc"}], ["partition", "offset"])}
+
+    def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]:
+        """No row ids in Elasticsearch: every call answers the whole set (the
+        caller unions), and the second value only counts calls."""
+        return self.processed_offsets(topic), after_rowid + 1
+
+    def count_sightings(self) -> int:
+        res = self._search(self.names["sightings"], size=0, query={"match_all": {}}, track_total_hits=True)
+        return int(res["hits"]["total"]["value"])
+
+    def pending_work(self) -> dict[str, int]:
+        res = self._search(self.names["clusters"], size=0, query=_live(), aggs={
+            "alert_levels": {"sum": {"field": "alert_level"}},
+            "models_pending": {"filter": {"term": {"models_pending": True}}},
+        })
+        aggs = res.get("aggregations") or {}
+        raised = int((aggs.get("alert_levels") or {}).get("value") or 0)
+        pending = int((aggs.get("models_pending") or {}).get("doc_count") or 0)
+        stored = self._search(self.names["alerts"], size=0, query={"match_all": {}},
+                              track_total_hits=True)["hits"]["total"]["value"]
+        return {"models": pending, "alerts": max(0, raised - stored)}
+
+    # -- picture lookups (deepwatch similar) -----------------------------------
+    def similar_candidates(self, sha256: str, hashes: Any, k: int = 20) -> list[dict[str, Any]]:
+        """Live clusters whose members are near IMAGE by bit-vector kNN
+        (Hamming on PDQ and pHash, mirrored and view hashes too) or share its
+        sha256. Only candidates: the caller applies the embedded matching
+        rule and ranking to their members (``streams.cli.bank``)."""
+        knn = []
+        for field, codes in (("members.pdq_bits", [hashes.pdq, hashes.pdq_mirror]),
+                             ("members.phash_bits", [hashes.phash, hashes.phash_mirror, *(hashes.views or [])])):
+            for code in filter(None, codes):
+                knn.append({"field": field, "query_vector": hex_bits(code), "k": k, "num_candidates": max(100, 5 * k),
+                            "filter": _live()})
+        res = self._search(
+            self.names["clusters"], knn=knn, size=len(knn) * k + 10,
+            query={"bool": {"should": [{"nested": {"path": "members", "query": {"term": {"members.sha256": sha256}}}}],
+                            "must_not": [{"exists": {"field": "merged_into"}}]}},
+            source=["cluster_id", "members.sha256", "members.phash", "members.pdq", "members.pdq_quality",
+                     "members.views", "members.trimmed"])
+        return [h["_source"] for h in res["hits"]["hits"]]
+
+
+ES_SORT = {
+    "velocity": [{"velocity.sightings_5m": "desc"}, {"velocity.sightings_1h": "desc"}, {"fake_score": "desc"},
+                 {"cluster_id": "asc"}],
+    "score": [{"fake_score": "desc"}, {"cluster_id": "asc"}],
+    "last_seen": [{"last_seen": "desc"}, {"cluster_id": "asc"}],
+    "sightings": [{"stream_sightings": "desc"}, {"cluster_id": "asc"}],
+}
+
+_READ_SOURCE = {"excludes": ["members.pdq_bits", "members.phash_bits", "sample_texts", "post_urls"]}
+
+
+def _live() -> dict[str, Any]:
+    return {"bool": {"must_not": [{"exists": {"field": "merged_into"}}]}}
+
+
+def _norm_tag(tag: str) -> str:
+    return tag.strip().lstrip("#").lower()
+
+
+def processed_action(index: str, source: Any, outcome: str, event_id: str | None,
+                     op: str = "create") -> tuple[dict, dict]:
+    """Marks one event offset as handled (a sighting or a dead letter), keyed
+    by the offset so redelivery is a no-op: the same job as SQLite's
+    ``processed`` table. ``op="index"`` overwrites: a sighting the store then
+    refused for good is relabelled a dead letter."""
+    return ({op: {"_index": index, "_id": f"{source.topic}/{source.partition}/{source.offset}"}},
+            {"topic": source.topic, "partition": source.partition, "offset": source.offset, "outcome": outcome,
+             "event_id": event_id, "@timestamp": _now()})
+
+
+def sighting_doc(cluster_id: str, s: Sighting) -> dict[str, Any]:
+    ev = s.event
+    handle = ev.account_handle
+    return {
+        "@timestamp": ev.posted_at.isoformat(), "posted_at": ev.posted_at.isoformat(), "schema_version": 1,
+        "event_id": ev.event_id, "cluster_id": cluster_id, "sha256": s.sha256, "platform": ev.platform,
+        "account_id": ev.account_id, "account_handle": handle,
+        "account_handle_norm": handle.lstrip("@").lower() if handle else None,
+        "post_url": ev.post_url, "text": (ev.text or "")[:2000],
+        "hashtags": [t for t in dict.fromkeys(_norm_tag(h) for h in ev.hashtags) if t], "lang": ev.lang,
+        "engagement": ev.engagement.model_dump(), "source": s.source.model_dump(),
+    }
+
+
+def cluster_doc(snap: ClusterSnapshot, picture_url: str | None = None) -> dict[str, Any]:
+    evidence = [e.model_dump(mode="json", exclude_none=True) for e in snap.evidence]
+    scores: dict[str, float] = {}
+    for e in snap.evidence:
+        scores[e.detector] = max(scores.get(e.detector, 0.0), e.score)
+    return {
+        "schema_version": 1, "cluster_id": snap.cluster_id, "revision": snap.revision,
+        "fake_score": snap.fake_score, "verdict": snap.verdict, "evidence": evidence,
+        "evidence_summary": snap.evidence[0].detail if snap.evidence else None,
+        "detector_scores": scores, "velocity": snap.velocity.model_dump(), "engagement": snap.engagement.model_dump(),
+        "stream_sightings": snap.sightings, "stream_accounts": snap.accounts, "platforms": snap.platforms,
+        "first_seen": snap.first_seen.isoformat(), "last_seen": snap.last_seen.isoformat(),
+        "merged_into": snap.merged_into, "merged_from": snap.merged_from, "models_pending": snap.models_pending,
+        "suppressed": snap.suppressed, "alert_level": snap.alert_level, "updated_at": _now(),
+        "blob_refs": [m.sha256 for m in snap.members], "picture_url": picture_url,
+        "members": [
+            {**m.model_dump(), "pdq_bits": hex_bits(m.pdq), "phash_bits": hex_bits(m.phash)}
+            for m in snap.members
+        ],
+    }
+
+
+def dead_letter_doc(dl: DeadLetter) -> dict[str, Any]:
+    return {
+        "schema_version": 1, "dl_key": dead_letter_key(dl), "event_id": dl.event_id, "stage": dl.stage,
+        "reason": dl.reason, "detail": dl.detail, "source": dl.source.model_dump() if dl.source else None,
+        "payload_excerpt": dl.payload_excerpt, "at": dl.at.isoformat(), "@timestamp": dl.at.isoformat(),
+    }
+
+
+_MEMBER_KEYS = ("sha256", "phash", "pdq", "pdq_quality", "event_id", "width", "height", "format", "distance")
+
+
+def record_from_doc(doc: dict[str, Any], stats: dict[str, Any] | None) -> ClusterRecord:
+    merged = bool(doc.get("merged_into"))
+    st = stats or {"n": 0, "accounts": 0, "platforms": [], "first": None, "last": None}
+    return ClusterRecord(
+        id=doc["cluster_id"], fake_score=round(doc["fake_score"], 4), verdict=doc["verdict"],
+        evidence=doc.get("evidence") or [], sightings=st["n"], accounts=st["accounts"], platforms=st["platforms"],
+        first_seen=st["first"] or doc["first_seen"], last_seen=st["last"] or doc["last_seen"],
+        velocity=doc["velocity"], engagement=doc["engagement"],
+        members=[] if merged else [{k: m.get(k) for k in _MEMBER_KEYS} for m in doc.get("members") or []],
+        merged_from=doc.get("merged_from") or [], merged_into=doc.get("merged_into"),
+        models_pending=bool(doc.get("models_pending")), suppressed=doc.get("suppressed"),
+        alert_level=doc.get("alert_level") or 0, stream_sightings=doc.get("stream_sightings") or 0,
+        revision=doc["revision"], updated_at=doc.get("updated_at"),
+    )

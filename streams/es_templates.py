@@ -1,0 +1,277 @@
+"""Elasticsearch index templates, component templates, ILM policy and the
+cluster upsert script, versioned.
+
+Readers and writers only ever name the aliases (``deepwatch-clusters``,
+``deepwatch-alerts``, ...); each points at a concrete ``<alias>-v<N>`` index.
+A mapping change bumps ``MAPPING_VERSION``: a new ``-v<N+1>`` index is
+created from the new template, the old one is reindexed into it and the
+alias swapped (``docs/elasticsearch.md``), so readers never see an outage.
+Sightings are a data stream (append-only, time-ordered, rolled over and
+expired by ILM); everything else is keyed by stable ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAPPING_VERSION = 1  # bump with any mapping change (and reindex, see module docstring)
+SCRIPT_ID = f"deepwatch-cluster-upsert-v{MAPPING_VERSION}"
+
+PDQ_BITS = 256
+PHASH_BITS = 64
+
+# Bounded, de-duplicated samples kept on the cluster document (the exact
+# per-sighting data lives in the sightings data stream).
+CAPS = {"texts": 20, "hashtags": 100, "languages": 20, "accounts": 50, "post_urls": 20}
+
+
+def names(prefix: str = "deepwatch") -> dict[str, str]:
+    return {
+        "clusters": f"{prefix}-clusters",
+        "sightings": f"{prefix}-sightings",
+        "alerts": f"{prefix}-alerts",
+        "dead_letters": f"{prefix}-dead-letters",
+        "deliveries": f"{prefix}-deliveries",
+        "processed": f"{prefix}-processed",
+    }
+
+
+def concrete(alias: str) -> str:
+    return f"{alias}-v{MAPPING_VERSION}"
+
+
+_KEYWORD = {"type": "keyword", "ignore_above": 1024}
+_TEXT_WITH_KEYWORD = {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 1024}}}
+_LOWER_KEYWORD = {"type": "keyword", "normalizer": "deepwatch_lowercase", "ignore_above": 256}
+
+_EVIDENCE = {
+    "type": "nested",
+    "properties": {
+        "detector": _KEYWORD, "score": {"type": "float"}, "weight": {"type": "float"},
+        "detail": _TEXT_WITH_KEYWORD, "sha256": _KEYWORD,
+        "data": {"type": "object", "enabled": False},  # detector-specific, shown not searched
+    },
+}
+_VELOCITY = {"properties": {k: {"type": "integer"} for k in ("sightings_5m", "sightings_1h", "accounts_1h", "engagement_1h")}}
+_ENGAGEMENT = {"properties": {k: {"type": "long"} for k in ("likes", "reposts", "replies", "views")}}
+_SOURCE_REF = {"properties": {"topic": _KEYWORD, "partition": {"type": "integer"}, "offset": {"type": "long"}}}
+
+
+def _bits(dims: int) -> dict[str, Any]:
+    # element_type bit (ES >= 8.15): Hamming distance; l2_norm is the only
+    # similarity bit vectors take and ranks by Hamming.
+    return {"type": "dense_vector", "element_type": "bit", "dims": dims, "index": True, "similarity": "l2_norm"}
+
+
+def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
+    v = MAPPING_VERSION
+    meta = {"managed_by": "deepwatch", "mapping_version": v}
+    common = {
+        "template": {
+            "settings": {
+                "analysis": {"normalizer": {"deepwatch_lowercase": {"type": "custom", "filter": ["lowercase"]}}},
+            },
+        },
+        "version": v, "_meta": meta,
+    }
+    clusters = {
+        "template": {
+            "mappings": {
+                "dynamic": "strict",
+                "properties": {
+                    "schema_version": {"type": "integer"},
+                    "cluster_id": _KEYWORD,
+                    "revision": {"type": "long"},
+                    "fake_score": {"type": "float"},
+                    "verdict": _KEYWORD,
+                    "evidence": _EVIDENCE,
+                    "evidence_summary": _TEXT_WITH_KEYWORD,
+                    "detector_scores": {"type": "object", "dynamic": True},  # detector -> its score (numbers)
+                    "velocity": _VELOCITY,
+                    "engagement": _ENGAGEMENT,
+                    "stream_sightings": {"type": "integer"},
+                    "stream_accounts": {"type": "integer"},
+                    "platforms": _KEYWORD,
+                    "first_seen": {"type": "date"},
+                    "last_seen": {"type": "date"},
+                    "merged_into": _KEYWORD,
+                    "merged_from": _KEYWORD,
+                    "models_pending": {"type": "boolean"},
+                    "suppressed": _KEYWORD,
+                    "alert_level": {"type": "integer"},
+                    "updated_at": {"type": "date"},
+                    "blob_refs": _KEYWORD,  # sha256 keys of the member images in the blob store
+                    "picture_url": _KEYWORD,  # where the desk shows the picture
+                    "sample_texts": _TEXT_WITH_KEYWORD,
+                    "hashtags": {**_LOWER_KEYWORD, "fields": {"text": {"type": "text"}}},
+                    "languages": _KEYWORD,
+                    "accounts_sample": _KEYWORD,
+                    "post_urls": {"type": "keyword", "index": False},
+                    "members": {
+                        "type": "nested",
+                        "properties": {
+                            "sha256": _KEYWORD, "phash": _KEYWORD, "pdq": _KEYWORD, "pdq_quality": {"type": "integer"},
+                            "event_id": _KEYWORD, "width": {"type": "integer"}, "height": {"type": "integer"},
+                            "format": _KEYWORD, "distance": {"type": "integer"}, "representative": {"type": "boolean"},
+                            "views": _KEYWORD, "trimmed": {"type": "boolean"},
+                            "pdq_bits": _bits(PDQ_BITS), "phash_bits": _bits(PHASH_BITS),
+                        },
+                    },
+                },
+            },
+        },
+        "version": v, "_meta": meta,
+    }
+    sightings = {
+        "template": {
+            "mappings": {
+                "dynamic": "strict",
+                "properties": {
+                    "@timestamp": {"type": "date"},  # posted_at: the data stream's time axis
+                    "posted_at": {"type": "keyword", "index": False},  # as the event gave it
+                    "schema_version": {"type": "integer"},
+                    "event_id": _KEYWORD, "cluster_id": _KEYWORD, "sha256": _KEYWORD,
+                    "platform": _KEYWORD, "account_id": _KEYWORD, "account_handle": _KEYWORD,
+                    "account_handle_norm": _LOWER_KEYWORD,
+                    "post_url": {"type": "keyword", "index": False},
+                    "text": {"type": "text"},
+                    "hashtags": {**_LOWER_KEYWORD, "fields": {"text": {"type": "text"}}},
+                    "lang": _KEYWORD,
+                    "engagement": _ENGAGEMENT,
+                    "source": _SOURCE_REF,
+                },
+            },
+        },
+        "version": v, "_meta": meta,
+    }
+    alerts = {
+        "template": {
+            "mappings": {
+                "dynamic": False,  # the alert record is kept whole in _source; these fields are searchable
+                "properties": {
+                    "alert_id": _KEYWORD, "cluster_id": _KEYWORD, "rule": _KEYWORD, "level": {"type": "integer"},
+                    "fake_score": {"type": "float"}, "verdict": _KEYWORD, "velocity": _VELOCITY,
+                    "sightings": {"type": "integer"}, "accounts": {"type": "integer"},
+                    "evidence": {"type": "object", "enabled": False}, "evidence_summary": _TEXT_WITH_KEYWORD,
+                    "at": {"type": "date"}, "created_at": {"type": "date"}, "@timestamp": {"type": "date"},
+                    "trigger_event_id": _KEYWORD, "trigger_ingested_at": {"type": "date"},
+                },
+            },
+        },
+        "version": v, "_meta": meta,
+    }
+    dead_letters = {
+        "template": {
+            "mappings": {
+                "dynamic": "strict",
+                "properties": {
+                    "schema_version": {"type": "integer"}, "dl_key": _KEYWORD, "event_id": _KEYWORD,
+                    "stage": _KEYWORD, "reason": _KEYWORD, "detail": _TEXT_WITH_KEYWORD,
+                    "source": _SOURCE_REF, "payload_excerpt": {"type": "text", "index": False},
+                    "at": {"type": "keyword", "index": False}, "@timestamp": {"type": "date"},
+                },
+            },
+        },
+        "version": v, "_meta": meta,
+    }
+    deliveries = {
+        "template": {
+            "mappings": {
+                "dynamic": "strict",
+                "properties": {"alert_id": _KEYWORD, "target": _KEYWORD, "status": _KEYWORD, "at": {"type": "date"}},
+            },
+        },
+        "version": v, "_meta": meta,
+    }
+    processed = {
+        "template": {
+            "mappings": {
+                "dynamic": "strict",
+                "properties": {"topic": _KEYWORD, "partition": {"type": "integer"}, "offset": {"type": "long"},
+                               "outcome": _KEYWORD, "event_id": _KEYWORD, "@timestamp": {"type": "date"}},
+            },
+        },
+        "version": v, "_meta": meta,
+    }
+    return {
+        f"{prefix}-common": common,
+        f"{prefix}-processed-mappings": processed,
+        f"{prefix}-clusters-mappings": clusters,
+        f"{prefix}-sightings-mappings": sightings,
+        f"{prefix}-alerts-mappings": alerts,
+        f"{prefix}-dead-letters-mappings": dead_letters,
+        f"{prefix}-deliveries-mappings": deliveries,
+    }
+
+
+def ilm_policy(hot_days: int = 7, delete_days: int = 365) -> dict[str, Any]:
+    """Sightings roll over daily (or at 50 GB a primary) and are deleted
+    after ``delete_days``; clusters, alerts and dead letters are kept."""
+    return {
+        "policy": {
+            "phases": {
+                "hot": {"actions": {"rollover": {"max_age": "1d", "max_primary_shard_size": "50gb"}}},
+                "warm": {"min_age": f"{hot_days}d", "actions": {"forcemerge": {"max_num_segments": 1}}},
+                "delete": {"min_age": f"{delete_days}d", "actions": {"delete": {}}},
+            },
+            "_meta": {"managed_by": "deepwatch"},
+        }
+    }
+
+
+def index_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
+    n = names(prefix)
+    v = MAPPING_VERSION
+    meta = {"managed_by": "deepwatch", "mapping_version": v}
+    out: dict[str, dict[str, Any]] = {}
+    for key in ("clusters", "alerts", "dead_letters", "deliveries", "processed"):
+        alias = n[key]
+        out[alias] = {
+            # versioned concrete indices only: the alias itself must never match
+            "index_patterns": [f"{alias}-v*"],
+            "composed_of": [f"{prefix}-common", f"{alias}-mappings"],
+            "template": {"settings": {"number_of_shards": 1}},
+            "priority": 200, "version": v, "_meta": meta,
+        }
+    out[n["sightings"]] = {
+        "index_patterns": [f"{n['sightings']}*"],
+        "data_stream": {},
+        "composed_of": [f"{prefix}-common", f"{n['sightings']}-mappings"],
+        "template": {"settings": {"index.lifecycle.name": n["sightings"]}},
+        "priority": 200, "version": v, "_meta": meta,
+    }
+    return out
+
+
+# The revision guard and the bounded samples, in one stored script so every
+# writer (and Kibana) runs the same code. A stale revision never overwrites a
+# newer one; its sighting (if any) still adds to the samples, which are sets,
+# so redelivery changes nothing.
+CLUSTER_UPSERT_SCRIPT = """
+void addCapped(Map src, String field, def value, int cap) {
+  if (value == null || value == '') { return; }
+  if (src[field] == null) { src[field] = new ArrayList(); }
+  List l = src[field];
+  if (!l.contains(value) && l.size() < cap) { l.add(value); }
+}
+def d = params.doc;
+boolean newer = ctx._source.revision == null || d.revision > ctx._source.revision;
+if (newer) {
+  for (def e : d.entrySet()) { ctx._source[e.getKey()] = e.getValue(); }
+} else if (params.sighting == null) {
+  ctx.op = 'noop';
+  return;
+}
+def s = params.sighting;
+if (s != null) {
+  addCapped(ctx._source, 'sample_texts', s.text, params.caps.texts);
+  for (def h : s.hashtags) { addCapped(ctx._source, 'hashtags', h, params.caps.hashtags); }
+  addCapped(ctx._source, 'languages', s.lang, params.caps.languages);
+  addCapped(ctx._source, 'accounts_sample', s.account, params.caps.accounts);
+  addCapped(ctx._source, 'post_urls', s.post_url, params.caps.post_urls);
+}
+""".strip()
+
+
+def stored_script() -> dict[str, Any]:
+    return {"script": {"lang": "painless", "source": CLUSTER_UPSERT_SCRIPT}}

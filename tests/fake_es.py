@@ -1,0 +1,843 @@
+"""A loopback stand-in for the Elasticsearch REST endpoints deepwatch uses.
+
+THIS IS A FAKE, kept honest in these ways:
+- it answers only the endpoints deepwatch calls (root info, ILM policy,
+  component/index templates, stored scripts, alias HEAD, index and data
+  stream creation, _bulk, _search, _refresh, GET _doc) with the response
+  shapes of the Elasticsearch REST API docs, the ``X-Elastic-Product``
+  header the official client insists on, and the real error bodies
+  (media_type_header_exception for a client speaking a newer major,
+  index_not_found_exception, resource_already_exists_exception,
+  version_conflict_engine_exception, es_rejected_execution_exception,
+  strict_dynamic_mapping_exception / mapper_parsing_exception);
+- documents are checked against the mappings deepwatch itself PUT (strict
+  objects, numbers, dates, bit vectors), so a bad document fails here as it
+  would on a server;
+- search implements the query DSL subset deepwatch sends (bool, term,
+  terms, ids, range, exists, nested, multi_match phrase, match_all), sort,
+  search_after, collapse, _source filtering, hybrid kNN on bit vectors
+  (score = (bits - hamming) / bits, as ES documents for element_type bit)
+  and the aggregations deepwatch asks for (filters, filter, terms,
+  cardinality - exact here, sum, top_hits).
+What it does NOT do: run painless (the one stored script deepwatch uses is
+emulated in Python by its id; a different id or source is refused), analyse
+text like ES (lowercase word tokens only; relevance is a plain tf-idf, not
+BM25), shards, replication, ILM transitions or rollover. Unknown endpoints
+answer 400 and are recorded in ``unhandled`` so tests can assert none.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from streams import es_templates as T
+
+_WORDS = re.compile(r"\w+", re.UNICODE)
+
+
+def tokens(text: str) -> list[str]:
+    return _WORDS.findall(str(text).lower())
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    params: dict[str, list[str]]
+    headers: dict[str, str]
+    body: Any  # parsed JSON, list of NDJSON lines for _bulk, or None
+
+
+@dataclass
+class ItemFault:
+    """Make matching bulk items fail ``times`` times with ``status``/``error``."""
+
+    match: Callable[[str, dict, dict | None], bool]  # (op, header meta, source) -> bool
+    status: int
+    error: dict[str, Any]
+    times: int = 1
+
+
+def rejected_execution() -> dict[str, Any]:
+    return {"type": "es_rejected_execution_exception",
+            "reason": "rejected execution of coordinating operation [coordinating_and_primary_bytes=0, "
+                      "replica_bytes=0, all_bytes=0, coordinating_operation_bytes=1048576, "
+                      "max_coordinating_and_primary_bytes=107374182]"}
+
+
+def error_body(kind: str, reason: str, status: int, **extra: Any) -> dict[str, Any]:
+    cause = {"type": kind, "reason": reason, **extra}
+    return {"error": {"root_cause": [cause], **cause}, "status": status}
+
+
+class FakeElasticsearch:
+    def __init__(self, version: str = "9.1.5"):
+        self.version = version
+        self.major = int(version.split(".")[0])
+        self.lock = threading.RLock()
+        self.requests: list[Recorded] = []
+        self.unhandled: list[Recorded] = []
+        self.crashes: list[str] = []
+        self.docs: dict[str, dict[str, dict[str, Any]]] = {}  # concrete index -> id -> source
+        self.meta: dict[str, dict[str, dict[str, int]]] = {}  # concrete index -> id -> seq/version
+        self.aliases: dict[str, str] = {}
+        self.data_streams: dict[str, str] = {}  # name -> backing index
+        self.component_templates: dict[str, dict] = {}
+        self.index_templates: dict[str, dict] = {}
+        self.scripts: dict[str, dict] = {}
+        self.ilm: dict[str, dict] = {}
+        self.request_faults: list[tuple[Callable[[str, str], bool], int, dict, int]] = []
+        self.item_faults: list[ItemFault] = []
+        self._seq = 0
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+    def start(self) -> "FakeElasticsearch":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # small keep-alive responses: no 40 ms delayed-ACK stalls
+
+            def log_message(self, *a: Any) -> None:  # quiet
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                status, body = fake.handle(self.command, self.path, dict(self.headers), raw)
+                data = b"" if body is None else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("X-Elastic-Product", "Elasticsearch")
+                self.send_header("Content-Type", f"application/vnd.elasticsearch+json;compatible-with={fake.major}")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    # -- faults -----------------------------------------------------------------
+    def fail_requests(self, status: int, body: dict, times: int = 1, path: str = "/_bulk") -> None:
+        self.request_faults.append((lambda m, p: p.split("?")[0].endswith(path), status, body, times))
+
+    def fail_items(self, match: Callable[[str, dict, dict | None], bool], status: int, error: dict, times: int = 1) -> None:
+        self.item_faults.append(ItemFault(match, status, error, times))
+
+    def calls(self, method: str, path_suffix: str) -> list[Recorded]:
+        return [r for r in self.requests if r.method == method and r.path.split("?")[0].endswith(path_suffix)]
+
+    # -- dispatch ---------------------------------------------------------------
+    def handle(self, method: str, target: str, headers: dict[str, str], raw: bytes) -> tuple[int, Any]:
+        parts = urlsplit(target)
+        path = unquote(parts.path)
+        params = parse_qs(parts.query)
+        lower = {k.lower(): v for k, v in headers.items()}
+        body: Any = None
+        if raw:
+            text = raw.decode()
+            if path.endswith("/_bulk"):
+                body = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                body = json.loads(text)
+        rec = Recorded(method, path, params, lower, body)
+        with self.lock:
+            self.requests.append(rec)
+            bad = self._check_compat(lower)
+            if bad is not None:
+                return 400, bad
+            for i, (match, status, fbody, times) in enumerate(self.request_faults):
+                if times > 0 and match(method, path):
+                    self.request_faults[i] = (match, status, fbody, times - 1)
+                    return status, fbody
+            try:
+                return self._route(method, path, params, body, rec)
+            except _Err as e:
+                return e.status, e.body
+            except Exception as e:  # a gap in the fake: make it loud, not a hang-up
+                import traceback
+
+                self.crashes.append(traceback.format_exc())
+                return 500, error_body("fake_es_crash", f"{type(e).__name__}: {e}", 500)
+
+    def _check_compat(self, h: dict[str, str]) -> dict | None:
+        """ES 8 accepts compatible-with 7 or 8; ES 9 accepts 8 or 9."""
+        for name in ("accept", "content-type"):
+            m = re.search(r"compatible-with=(\d+)", h.get(name, ""))
+            if m and int(m.group(1)) not in (self.major - 1, self.major):
+                label = "Accept" if name == "accept" else "Content-Type"
+                cause = {"type": "status_exception",
+                         "reason": f"{label} version must be either version {self.major} or {self.major - 1}, but found "
+                                   f"{m.group(1)}. {label}={h.get(name)}"}
+                return {"error": {"root_cause": [{"type": "media_type_header_exception",
+                                                  "reason": "Invalid media-type value on headers [Accept, Content-Type]"}],
+                                  "type": "media_type_header_exception",
+                                  "reason": "Invalid media-type value on headers [Accept, Content-Type]",
+                                  "caused_by": cause}, "status": 400}
+        return None
+
+    def _route(self, method: str, path: str, params: dict, body: Any, rec: Recorded) -> tuple[int, Any]:
+        seg = [s for s in path.split("/") if s]
+        ack = {"acknowledged": True}
+        if not seg and method in ("GET", "HEAD"):
+            return 200, self._info()
+        if seg[0] == "_ilm" and seg[1:2] == ["policy"] and method == "PUT":
+            self.ilm[seg[2]] = body
+            return 200, ack
+        if seg[0] == "_component_template" and method == "PUT":
+            self.component_templates[seg[1]] = body
+            return 200, ack
+        if seg[0] == "_index_template" and method == "PUT":
+            missing = [c for c in body.get("composed_of", []) if c not in self.component_templates]
+            if missing:
+                raise _Err(400, error_body("illegal_argument_exception",
+                                           f"index template [{seg[1]}] specifies component templates {missing} that do not exist", 400))
+            self.index_templates[seg[1]] = body
+            return 200, ack
+        if seg[0] == "_scripts" and method in ("PUT", "POST"):
+            self.scripts[seg[1]] = body["script"]
+            return 200, ack
+        if seg[0] == "_alias" and method == "HEAD":
+            return (200 if seg[1] in self.aliases else 404), None
+        if seg[0] == "_data_stream" and method == "PUT":
+            name = seg[1]
+            if name in self.data_streams:
+                raise _Err(400, error_body("resource_already_exists_exception", f"data_stream [{name}] already exists", 400))
+            self._create_data_stream(name)
+            return 200, ack
+        if seg[-1] == "_bulk" and method in ("POST", "PUT"):
+            return 200, self._bulk(body)
+        if len(seg) == 2 and seg[1] == "_search" and method in ("GET", "POST"):
+            return 200, self._search(seg[0], body or {})
+        if len(seg) == 2 and seg[1] == "_refresh" and method in ("GET", "POST"):
+            self._targets(seg[0])
+            return 200, {"_shards": {"total": 1, "successful": 1, "failed": 0}}
+        if len(seg) == 3 and seg[1] == "_doc" and method == "GET":
+            return self._get(seg[0], seg[2])
+        if len(seg) == 1 and method == "PUT" and not seg[0].startswith("_"):
+            return self._create_index(seg[0], body or {})
+        self.unhandled.append(rec)
+        return 400, {"error": f"no handler found for uri [{path}] and method [{method}]"}
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "name": "fake-node-0", "cluster_name": "deepwatch-fake", "cluster_uuid": "3B4tLZwcSZOUCxjIZcyF-A",
+            "version": {"number": self.version, "build_flavor": "default", "build_type": "docker",
+                        "build_hash": "0000000000000000000000000000000000000000",
+                        "build_date": "2025-01-01T00:00:00.000000000Z", "build_snapshot": False,
+                        "lucene_version": "10.2.2" if self.major >= 9 else "9.11.1",
+                        "minimum_wire_compatibility_version": "8.19.0" if self.major >= 9 else "7.17.0",
+                        "minimum_index_compatibility_version": "8.0.0" if self.major >= 9 else "7.0.0"},
+            "tagline": "You Know, for Search",
+        }
+
+    # -- indices ----------------------------------------------------------------
+    def _template_for(self, index: str) -> dict | None:
+        best = None
+        for name, t in self.index_templates.items():
+            if any(fnmatch.fnmatchcase(index, p) for p in t["index_patterns"]):
+                if best is None or t.get("priority", 0) > best.get("priority", 0):
+                    best = t
+        return best
+
+    def mappings(self, index: str) -> dict[str, Any]:
+        stream = next((n for n, b in self.data_streams.items() if b == index), None)
+        t = self._template_for(stream or index)
+        props: dict[str, Any] = {}
+        dynamic: Any = True
+        for c in (t or {}).get("composed_of", []):
+            m = self.component_templates[c].get("template", {}).get("mappings", {})
+            props.update(m.get("properties", {}))
+            dynamic = m.get("dynamic", dynamic)
+        return {"properties": props, "dynamic": dynamic}
+
+    def _create_index(self, name: str, body: dict) -> tuple[int, Any]:
+        if name in self.docs or name in self.aliases:
+            raise _Err(400, error_body("resource_already_exists_exception", f"index [{name}/fakeuuid] already exists", 400,
+                                       index_uuid="fakeuuid", index=name))
+        self.docs[name], self.meta[name] = {}, {}
+        for alias in (body.get("aliases") or {}):
+            self.aliases[alias] = name
+        return 200, {"acknowledged": True, "shards_acknowledged": True, "index": name}
+
+    def _create_data_stream(self, name: str) -> None:
+        t = self._template_for(name)
+        if t is None or "data_stream" not in t:
+            raise _Err(400, error_body("illegal_argument_exception", f"no matching index template found for data stream [{name}]", 400))
+        backing = f".ds-{name}-2026.01.01-000001"
+        self.data_streams[name] = backing
+        self.docs[backing], self.meta[backing] = {}, {}
+
+    def _resolve(self, name: str, *, auto_create_stream: bool = False) -> str:
+        if name in self.aliases:
+            return self.aliases[name]
+        if name in self.data_streams:
+            return self.data_streams[name]
+        if name in self.docs:
+            return name
+        if auto_create_stream:
+            t = self._template_for(name)
+            if t is not None and "data_stream" in t:
+                self._create_data_stream(name)
+                return self.data_streams[name]
+        raise _Err(404, error_body("index_not_found_exception", f"no such index [{name}]", 404,
+                                   **{"resource.type": "index_or_alias", "resource.id": name, "index_uuid": "_na_",
+                                      "index": name}))
+
+    def _targets(self, expr: str) -> list[str]:
+        return [self._resolve(n) for n in expr.split(",")]
+
+    def _get(self, name: str, doc_id: str) -> tuple[int, Any]:
+        index = self._resolve(name)
+        if doc_id not in self.docs[index]:
+            return 404, {"_index": index, "_id": doc_id, "found": False}
+        m = self.meta[index][doc_id]
+        return 200, {"_index": index, "_id": doc_id, "_version": m["version"], "_seq_no": m["seq"],
+                     "_primary_term": 1, "found": True, "_source": self.docs[index][doc_id]}
+
+    # -- bulk -------------------------------------------------------------------
+    def _bulk(self, lines: list[dict]) -> dict[str, Any]:
+        items = []
+        i = 0
+        while i < len(lines):
+            header = lines[i]
+            op, meta = next(iter(header.items()))
+            source = None
+            if op != "delete":
+                source = lines[i + 1]
+                i += 2
+            else:
+                i += 1
+            items.append({op: self._bulk_item(op, meta, source)})
+        errors = any("error" in next(iter(it.values())) for it in items)
+        return {"took": 3, "errors": errors, "items": items}
+
+    def _bulk_item(self, op: str, meta: dict, source: dict | None) -> dict[str, Any]:
+        name, doc_id = meta["_index"], meta.get("_id")
+        for f in self.item_faults:
+            if f.times > 0 and f.match(op, meta, source):
+                f.times -= 1
+                return {"_index": name, "_id": doc_id, "status": f.status, "error": f.error}
+        try:
+            index = self._resolve(name, auto_create_stream=True)
+            is_stream = name in self.data_streams
+            if is_stream and op != "create":
+                raise _Err(400, {"type": "illegal_argument_exception",
+                                 "reason": f"only write ops with an op_type of create are allowed in data streams"})
+            docs = self.docs[index]
+            if op == "create":
+                if doc_id in docs:
+                    m = self.meta[index][doc_id]
+                    raise _Err(409, {"type": "version_conflict_engine_exception",
+                                     "reason": f"[{doc_id}]: version conflict, document already exists (current version [{m['version']}])",
+                                     "index_uuid": "fakeuuid", "shard": "0", "index": index})
+                self._validate(index, source, is_stream)
+                return self._write(index, doc_id, source, "created")
+            if op == "index":
+                self._validate(index, source, is_stream)
+                return self._write(index, doc_id, source, "updated" if doc_id in docs else "created")
+            if op == "update":
+                return self._update(index, doc_id, source)
+            raise _Err(400, {"type": "illegal_argument_exception", "reason": f"fake does not do [{op}]"})
+        except _Err as e:
+            err = e.body.get("error", e.body) if isinstance(e.body, dict) else e.body
+            if isinstance(err, dict):
+                err = {k: v for k, v in err.items() if k != "root_cause"}
+            return {"_index": name, "_id": doc_id, "status": e.status, "error": err}
+
+    def _write(self, index: str, doc_id: str | None, source: dict, result: str) -> dict[str, Any]:
+        self._seq += 1
+        if doc_id is None:
+            doc_id = f"auto{self._seq}"
+        prev = self.meta[index].get(doc_id, {"version": 0})
+        self.docs[index][doc_id] = json.loads(json.dumps(source))
+        self.meta[index][doc_id] = {"version": prev["version"] + 1, "seq": self._seq}
+        return {"_index": index, "_id": doc_id, "_version": prev["version"] + 1, "result": result,
+                "_shards": {"total": 2, "successful": 1, "failed": 0}, "_seq_no": self._seq, "_primary_term": 1,
+                "status": 201 if result == "created" else 200}
+
+    def _update(self, index: str, doc_id: str, body: dict) -> dict[str, Any]:
+        docs = self.docs[index]
+        script = body.get("script")
+        exists = doc_id in docs
+        if script is None:
+            raise _Err(400, {"type": "illegal_argument_exception", "reason": "fake only does scripted updates"})
+        sid = script.get("id")
+        stored = self.scripts.get(sid)
+        if stored is None:
+            raise _Err(400, {"type": "resource_not_found_exception", "reason": f"unable to find script [{sid}] in cluster state"})
+        if sid != T.SCRIPT_ID or stored.get("source") != T.CLUSTER_UPSERT_SCRIPT:
+            raise _Err(400, {"type": "illegal_argument_exception", "reason": "fake emulates only deepwatch's cluster upsert script"})
+        if not exists and not body.get("scripted_upsert"):
+            raise _Err(404, {"type": "document_missing_exception", "reason": f"[{doc_id}]: document missing"})
+        src = json.loads(json.dumps(docs[doc_id])) if exists else json.loads(json.dumps(body.get("upsert") or {}))
+        op = _cluster_upsert(src, script["params"])
+        if op == "noop":
+            m = self.meta[index][doc_id]
+            return {"_index": index, "_id": doc_id, "_version": m["version"], "result": "noop",
+                    "_shards": {"total": 0, "successful": 0, "failed": 0}, "_seq_no": m["seq"], "_primary_term": 1,
+                    "status": 200}
+        self._validate(index, src, False)
+        return self._write(index, doc_id, src, "updated" if exists else "created")
+
+    # -- mapping checks ---------------------------------------------------------
+    def _validate(self, index: str, source: dict, is_stream: bool) -> None:
+        m = self.mappings(index)
+        if is_stream and "@timestamp" not in source:
+            raise _Err(400, {"type": "document_parsing_exception",
+                             "reason": "[1:2] failed to parse: data stream timestamp field [@timestamp] is missing"})
+        self._check_object(source, m["properties"], m["dynamic"], "")
+
+    def _check_object(self, obj: dict, props: dict, dynamic: Any, prefix: str) -> None:
+        for key, value in obj.items():
+            path = prefix + key
+            spec = props.get(key)
+            if spec is None:
+                if dynamic == "strict":
+                    raise _Err(400, {"type": "strict_dynamic_mapping_exception",
+                                     "reason": f"[1:2] mapping set to strict, dynamic introduction of [{key}] within "
+                                               f"[{prefix.rstrip('.') or '_doc'}] is not allowed"})
+                continue
+            for v in (value if isinstance(value, list) and spec.get("type") != "dense_vector" else [value]):
+                self._check_value(v, spec, path)
+
+    def _check_value(self, v: Any, spec: dict, path: str) -> None:
+        if v is None:
+            return
+        kind = spec.get("type", "object")
+        bad = lambda: _Err(400, {"type": "document_parsing_exception",  # noqa: E731
+                                 "reason": f"[1:2] failed to parse field [{path}] of type [{kind}]",
+                                 "caused_by": {"type": "illegal_argument_exception", "reason": f"bad value {v!r}"}})
+        if kind in ("object", "nested"):
+            if spec.get("enabled") is False:
+                return
+            if not isinstance(v, dict):
+                raise bad()
+            self._check_object(v, spec.get("properties", {}), spec.get("dynamic", "strict" if kind == "nested" else True), path + ".")
+        elif kind in ("integer", "long", "float"):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                try:
+                    float(v)
+                except (TypeError, ValueError):
+                    raise bad() from None
+        elif kind == "date":
+            try:
+                datetime.fromisoformat(str(v).replace("Z", "+00:00"))
+            except ValueError:
+                raise bad() from None
+        elif kind == "boolean":
+            if not isinstance(v, bool):
+                raise bad()
+        elif kind == "dense_vector":
+            if not isinstance(v, str) or len(v) * 4 != spec["dims"] or not re.fullmatch(r"[0-9a-f]*", v):
+                raise bad()
+        elif kind in ("keyword", "text") and isinstance(v, (dict, list)):
+            raise bad()
+
+    # -- search -----------------------------------------------------------------
+    def _search(self, expr: str, body: dict) -> dict[str, Any]:
+        indices = self._targets(expr)
+        mappings = {i: self.mappings(i) for i in indices}
+        docs = [(i, did, src) for i in indices for did, src in self.docs[i].items()]
+        n_docs = max(1, len(docs))
+        query = body.get("query") or {"match_all": {}}
+        scored: dict[tuple[str, str], float] = {}
+        for i, did, src in docs:
+            ok, score = self._eval(query, src, mappings[i], docs, did)
+            if ok:
+                scored[(i, did)] = score
+        knn = body.get("knn")
+        if knn:
+            for clause in (knn if isinstance(knn, list) else [knn]):
+                ranked = []
+                for i, did, src in docs:
+                    if "filter" in clause and not self._eval(clause["filter"], src, mappings[i], docs)[0]:
+                        continue
+                    s = _knn_score(src, clause["field"], clause["query_vector"])
+                    if s is not None:
+                        ranked.append((s, i, did))
+                ranked.sort(key=lambda t: (-t[0], t[2]))
+                for s, i, did in ranked[: clause["k"]]:
+                    scored[(i, did)] = scored.get((i, did), 0.0) + s
+            if not body.get("query"):
+                scored = {k: v for k, v in scored.items() if v > 0}
+        by_key = {(i, did): src for i, did, src in docs}
+        hits = [{"_index": i, "_id": did, "_score": s, "_source": by_key[(i, did)]} for (i, did), s in scored.items()]
+        sort = body.get("sort")
+        if sort:
+            hits.sort(key=lambda h: _sort_key(h, sort))
+            for h in hits:
+                h["sort"] = [_sort_value(h, s) for s in sort]
+            if body.get("search_after") is not None:
+                after = tuple(_cmp_key(v, o) for v, o in zip(body["search_after"], _orders(sort)))
+                hits = [h for h in hits if _sort_key(h, sort) > after]
+        else:
+            hits.sort(key=lambda h: (-h["_score"], h["_id"]))
+        if body.get("collapse"):
+            f, seen, kept = body["collapse"]["field"], set(), []
+            for h in hits:
+                vals = _values(h["_source"], f)
+                key = vals[0] if vals else None
+                if key in seen:
+                    continue
+                seen.add(key)
+                kept.append(h)
+            hits = kept
+        total = len(hits)
+        frm, size = body.get("from", 0), body.get("size", 10)
+        page = hits[frm: frm + size]
+        src_filter = body.get("_source", True)
+        out_hits = []
+        for h in page:
+            hit = {"_index": h["_index"], "_id": h["_id"],
+                   "_score": h["_score"] if (not sort or body.get("track_scores")) else None,
+                   "_source": _filter_source(h["_source"], src_filter)}
+            if "sort" in h:
+                hit["sort"] = h["sort"]
+            out_hits.append(hit)
+        resp: dict[str, Any] = {
+            "took": 2, "timed_out": False, "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0},
+            "hits": {"total": {"value": total, "relation": "eq"},
+                     "max_score": max((h["_score"] for h in out_hits if h["_score"] is not None), default=None),
+                     "hits": out_hits},
+        }
+        if body.get("aggs"):
+            matched = [(k[0], by_key[k]) for k in scored]
+            resp["aggregations"] = self._aggs(body["aggs"], matched, mappings, docs)
+        return resp
+
+    def _eval(self, q: dict, src: dict, mapping: dict, corpus: list, did: str | None = None) -> tuple[bool, float]:
+        kind, spec = next(iter(q.items()))
+        props = mapping["properties"]
+        if kind == "match_all":
+            return True, 1.0
+        if kind == "bool":
+            score = 0.0
+            for c in spec.get("must", []):
+                ok, s = self._eval(c, src, mapping, corpus, did)
+                if not ok:
+                    return False, 0.0
+                score += s
+            for c in spec.get("filter", []):
+                if not self._eval(c, src, mapping, corpus, did)[0]:
+                    return False, 0.0
+            for c in spec.get("must_not", []):
+                if self._eval(c, src, mapping, corpus, did)[0]:
+                    return False, 0.0
+            should = spec.get("should", [])
+            if should:
+                results = [self._eval(c, src, mapping, corpus, did) for c in should]
+                hits = sum(1 for ok, _ in results if ok)
+                default_min = 0 if (spec.get("must") or spec.get("filter")) else 1
+                if hits < spec.get("minimum_should_match", default_min):
+                    return False, 0.0
+                score += sum(s for ok, s in results if ok)
+            return True, score
+        if kind == "term":
+            f, v = next(iter(spec.items()))
+            v = v["value"] if isinstance(v, dict) else v
+            return self._term(src, f, [v], props), 1.0
+        if kind == "terms":
+            f, vs = next(iter(spec.items()))
+            return self._term(src, f, list(vs), props), 1.0
+        if kind == "ids":
+            return did in spec["values"], 1.0
+        if kind == "range":
+            f, r = next(iter(spec.items()))
+            is_date = _field_spec(props, f).get("type") == "date"
+            for v in _values(src, f):
+                x = _as_num(v, is_date)
+                if all(_range_ok(x, op, _as_num(b, is_date)) for op, b in r.items() if op in ("gt", "gte", "lt", "lte")):
+                    return True, 1.0
+            return False, 0.0
+        if kind == "exists":
+            return bool(_values(src, spec["field"])), 1.0
+        if kind == "nested":
+            path = spec["path"]
+            for obj in _as_list(src.get(path)):
+                ok, s = self._eval(spec["query"], {path: obj}, mapping, corpus)
+                if ok:
+                    return True, s
+            return False, 0.0
+        if kind == "multi_match":
+            assert spec.get("type") == "phrase", "deepwatch sends phrase multi_match"
+            phrase = tokens(spec["query"])
+            best = 0.0
+            for f in spec["fields"]:
+                for v in _values(src, f):
+                    toks = tokens(v)
+                    n = _phrase_count(toks, phrase)
+                    if n:
+                        df = sum(1 for _i, _d, s in corpus if any(_phrase_count(tokens(x), phrase) for x in _values(s, f)))
+                        best = max(best, n / (1 + len(toks) / 10) * math.log(1 + len(corpus) / max(1, df)))
+            return best > 0, best
+        raise AssertionError(f"fake ES: query type {kind!r} not implemented")
+
+    def _term(self, src: dict, f: str, wanted: list, props: dict) -> bool:
+        spec = _field_spec(props, f)
+        norm = (lambda x: str(x).lower()) if spec.get("normalizer") else (lambda x: x)
+        if f == "_id":
+            return False
+        have = {norm(v) for v in _values(src, f)}
+        return any(norm(w) in have for w in wanted)
+
+    def _aggs(self, aggs: dict, matched: list[tuple[str, dict]], mappings: dict, corpus: list) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, spec in aggs.items():
+            sub = spec.get("aggs") or spec.get("aggregations")
+            kind = next(k for k in spec if k not in ("aggs", "aggregations"))
+            body = spec[kind]
+            if kind == "filters":
+                buckets = {}
+                for key, q in body["filters"].items():
+                    in_bucket = [(i, s) for i, s in matched if self._eval(q, s, mappings[i], corpus)[0]]
+                    b: dict[str, Any] = {"doc_count": len(in_bucket)}
+                    if sub:
+                        b.update(self._aggs(sub, in_bucket, mappings, corpus))
+                    buckets[key] = b
+                out[name] = {"buckets": buckets}
+            elif kind == "filter":
+                in_bucket = [(i, s) for i, s in matched if self._eval(body, s, mappings[i], corpus)[0]]
+                b = {"doc_count": len(in_bucket)}
+                if sub:
+                    b.update(self._aggs(sub, in_bucket, mappings, corpus))
+                out[name] = b
+            elif kind == "cardinality":
+                out[name] = {"value": len({v for _i, s in matched for v in _values(s, body["field"])})}
+            elif kind == "sum":
+                out[name] = {"value": float(sum(_as_num(v, False) for _i, s in matched for v in _values(s, body["field"])))}
+            elif kind == "terms":
+                counts: dict[Any, int] = {}
+                for _i, s in matched:
+                    for v in set(_values(s, body["field"])):
+                        counts[v] = counts.get(v, 0) + 1
+                order = body.get("order", {"_count": "desc"})
+                if "_key" in order:
+                    keys = sorted(counts, reverse=order["_key"] == "desc")
+                else:
+                    keys = sorted(counts, key=lambda k: (-counts[k], k))
+                size = body.get("size", 10)
+                out[name] = {"doc_count_error_upper_bound": 0,
+                             "sum_other_doc_count": sum(counts[k] for k in keys[size:]),
+                             "buckets": [{"key": k, "doc_count": counts[k]} for k in keys[:size]]}
+            elif kind == "top_hits":
+                hits = [{"_index": i, "_id": "", "_score": None, "_source": s} for i, s in matched]
+                sort = body.get("sort") or []
+                hits.sort(key=lambda h: _sort_key(h, sort))
+                hits = hits[: body.get("size", 3)]
+                for h in hits:
+                    h["sort"] = [_sort_value(h, x) for x in sort]
+                    h["_source"] = _filter_source(h["_source"], body.get("_source", True))
+                out[name] = {"hits": {"total": {"value": len(matched), "relation": "eq"}, "max_score": None, "hits": hits}}
+            else:
+                raise AssertionError(f"fake ES: aggregation {kind!r} not implemented")
+        return out
+
+
+class _Err(Exception):
+    def __init__(self, status: int, body: Any):
+        self.status, self.body = status, body
+
+
+# -- the one stored script, emulated ---------------------------------------------
+def _cluster_upsert(src: dict, params: dict) -> str:
+    """Python twin of streams.es_templates.CLUSTER_UPSERT_SCRIPT."""
+    d = params["doc"]
+    newer = src.get("revision") is None or d["revision"] > src["revision"]
+    if newer:
+        src.update(json.loads(json.dumps(d)))
+    elif params.get("sighting") is None:
+        return "noop"
+    s = params.get("sighting")
+    caps = params["caps"]
+
+    def add(field: str, value: Any, cap: int) -> None:
+        if value in (None, ""):
+            return
+        if src.get(field) is None:
+            src[field] = []
+        lst = src[field]
+        if value not in lst and len(lst) < cap:
+            lst.append(value)
+
+    if s is not None:
+        add("sample_texts", s.get("text"), caps["texts"])
+        for h in s.get("hashtags") or []:
+            add("hashtags", h, caps["hashtags"])
+        add("languages", s.get("lang"), caps["languages"])
+        add("accounts_sample", s.get("account"), caps["accounts"])
+        add("post_urls", s.get("post_url"), caps["post_urls"])
+    return "updated"
+
+
+# -- field helpers ----------------------------------------------------------------
+def _as_list(v: Any) -> list:
+    return v if isinstance(v, list) else ([] if v is None else [v])
+
+
+def _values(src: dict, path: str) -> list:
+    """Leaf values at a dotted path, arrays flattened; a multi-field
+    (``hashtags.text``) reads its parent's values."""
+    cur: list = [src]
+    for part in path.split("."):
+        nxt: list = []
+        for c in cur:
+            if isinstance(c, dict) and part in c:
+                nxt.extend(_as_list(c[part]))
+        if not nxt and cur and all(not isinstance(c, dict) for c in cur):
+            return [c for c in cur if c is not None]  # multi-field: the parent's values
+        cur = nxt
+    return [c for c in cur if c is not None]
+
+
+def _field_spec(props: dict, path: str) -> dict:
+    spec: dict = {"properties": props}
+    for part in path.split("."):
+        nxt = (spec.get("properties") or {}).get(part) or (spec.get("fields") or {}).get(part)
+        if nxt is None:
+            return {}
+        spec = nxt
+    return spec
+
+
+def _as_num(v: Any, is_date: bool) -> float:
+    if is_date:
+        return datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+    return float(v)
+
+
+def _range_ok(x: float, op: str, b: float) -> bool:
+    return {"gt": x > b, "gte": x >= b, "lt": x < b, "lte": x <= b}[op]
+
+
+def _phrase_count(toks: list[str], phrase: list[str]) -> int:
+    n = len(phrase)
+    return sum(1 for i in range(len(toks) - n + 1) if toks[i:i + n] == phrase) if n else 0
+
+
+def _orders(sort: list) -> list[str]:
+    out = []
+    for s in sort:
+        if isinstance(s, str):
+            out.append("desc" if s == "_score" else "asc")
+        else:
+            f, o = next(iter(s.items()))
+            out.append(o if isinstance(o, str) else o.get("order", "asc"))
+    return out
+
+
+def _sort_value(h: dict, s: Any) -> Any:
+    if s == "_score" or (isinstance(s, dict) and "_score" in s):
+        return h["_score"]
+    f = s if isinstance(s, str) else next(iter(s))
+    vals = _values(h["_source"], f)
+    if not vals:
+        return None
+    v = vals[0]
+    if f in ("@timestamp", "first_seen", "last_seen", "created_at", "updated_at", "at"):
+        try:
+            return int(datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp() * 1000)
+        except ValueError:
+            return v
+    return v
+
+
+def _cmp_key(v: Any, order: str) -> tuple:
+    if v is None:  # missing values sort last either way
+        return (1, 0)
+    if isinstance(v, bool):
+        v = int(v)
+    if isinstance(v, (int, float)):
+        return (0, -v if order == "desc" else v)
+    if order == "desc":
+        return (0, tuple(-ord(c) for c in str(v)) + (1,))
+    return (0, tuple(ord(c) for c in str(v)) + (0,))
+
+
+def _sort_key(h: dict, sort: list) -> tuple:
+    return tuple(_cmp_key(_sort_value(h, s), o) for s, o in zip(sort, _orders(sort)))
+
+
+def _filter_source(src: dict, spec: Any) -> Any:
+    if spec is True or spec is None:
+        return src
+    if spec is False:
+        return None
+    includes = spec if isinstance(spec, list) else spec.get("includes") or []
+    excludes = [] if isinstance(spec, list) else spec.get("excludes") or []
+    out = _pick(src, includes) if includes else json.loads(json.dumps(src))
+    for ex in excludes:
+        _drop(out, ex.split("."))
+    return out
+
+
+def _pick(obj: Any, paths: list[str]) -> Any:
+    if isinstance(obj, list):
+        return [_pick(o, paths) for o in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out: dict[str, Any] = {}
+    for p in paths:
+        head, _, rest = p.partition(".")
+        if head not in obj:
+            continue
+        if not rest:
+            out[head] = obj[head]
+        else:
+            sub = _pick(obj[head], [rest])
+            if isinstance(sub, list) and isinstance(out.get(head), list):
+                out[head] = [{**a, **b} for a, b in zip(out[head], sub)]
+            elif isinstance(sub, dict) and isinstance(out.get(head), dict):
+                out[head].update(sub)
+            else:
+                out[head] = sub
+    return out
+
+
+def _drop(obj: Any, parts: list[str]) -> None:
+    if isinstance(obj, list):
+        for o in obj:
+            _drop(o, parts)
+        return
+    if not isinstance(obj, dict) or parts[0] not in obj:
+        return
+    if len(parts) == 1:
+        del obj[parts[0]]
+    else:
+        _drop(obj[parts[0]], parts[1:])
+
+
+def _knn_score(src: dict, field: str, query_hex: str) -> float | None:
+    """Best (bits - hamming) / bits over the field's vectors (nested included)."""
+    best = None
+    q = int(query_hex, 16)
+    bits = len(query_hex) * 4
+    for v in _values(src, field):
+        if not isinstance(v, str) or len(v) != len(query_hex):
+            continue
+        s = (bits - bin(int(v, 16) ^ q).count("1")) / bits
+        best = s if best is None else max(best, s)
+    return best

@@ -1,0 +1,93 @@
+"""Live suite: the Elasticsearch findings store against a real cluster.
+
+Runs only when DEEPWATCH_ES_URL is set (es://, ess://, http(s)://; credentials
+in DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/PASSWORD, CA bundle in
+DEEPWATCH_ES_CA_CERTS). Everything it creates carries a random index prefix
+and is deleted afterwards (the stored script id is shared and left in place).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from streams.findings import ClusterQuery
+from streams.settings import FindingsSettings, Settings
+from tests.findings_fixture import fill, snapshots
+
+URL = os.environ.get("DEEPWATCH_ES_URL")
+pytestmark = [pytest.mark.live,
+              pytest.mark.skipif(not URL, reason="DEEPWATCH_ES_URL is not set: no live Elasticsearch to test against")]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    from streams.es_store import EsFindingsStore
+    from streams.store import SqliteFindingsStore
+
+    prefix = f"deepwatch-test-{uuid.uuid4().hex[:8]}"
+    s = EsFindingsStore.from_url(URL, settings=Settings(findings=FindingsSettings(index_prefix=prefix)))
+    sq = SqliteFindingsStore(tmp_path_factory.mktemp("live") / "findings.sqlite")
+    try:
+        fill(s)
+        s.refresh()
+        fill(sq)
+        yield s, sq
+    finally:
+        es = s.es
+        es.options(ignore_status=404).indices.delete_data_stream(name=s.names["sightings"])
+        es.options(ignore_status=404).indices.delete(index=f"{prefix}-*")
+        for name in list(s.names.values()):
+            es.options(ignore_status=404).indices.delete_index_template(name=name)
+        for name in (f"{prefix}-common", *(f"{v}-mappings" for v in s.names.values())):
+            es.options(ignore_status=404).cluster.delete_component_template(name=name)
+        es.options(ignore_status=404).ilm.delete_lifecycle(name=s.names["sightings"])
+        s.close()
+        sq.close()
+
+
+def test_server_is_supported(live):
+    s, _ = live
+    number = s.server_info()["version"]["number"]
+    assert tuple(int(x) for x in number.split(".")[:2]) >= (8, 15)
+
+
+def test_templates_are_installed_with_their_version(live):
+    from streams import es_templates as T
+
+    s, _ = live
+    got = s.es.indices.get_index_template(name=s.names["clusters"])["index_templates"][0]["index_template"]
+    assert got["version"] == T.MAPPING_VERSION
+    mapping = s.es.indices.get_mapping(index=s.names["clusters"])
+    [(_, m)] = mapping.body.items()
+    assert m["mappings"]["properties"]["members"]["properties"]["pdq_bits"]["element_type"] == "bit"
+
+
+@pytest.mark.parametrize("query", [
+    ClusterQuery(sort="score"), ClusterQuery(sort="velocity"), ClusterQuery(text='"white puffer"'),
+    ClusterQuery(hashtag="storm", sort="sightings"), ClusterQuery(platform="mastodon"),
+    ClusterQuery(verdict="likely-ai"), ClusterQuery(account="@citydesk"),
+])
+def test_search_agrees_with_sqlite(live, query):
+    s, sq = live
+    strip = lambda rows: [{k: v for k, v in r.as_json().items() if k != "updated_at"} for r in rows]  # noqa: E731
+    assert strip(s.search(query)) == strip(sq.search(query))
+
+
+def test_stale_revision_is_a_noop_on_a_real_cluster(live):
+    s, _ = live
+    before = s.cluster("c-fire")
+    s.apply_snapshot(snapshots()[0])  # revision 1 again
+    s.refresh()
+    assert s.cluster("c-fire").revision == before.revision == 3
+
+
+def test_knn_finds_the_member(live):
+    from detectors.hashing import ImageHashes
+
+    s, _ = live
+    m = snapshots()[0].members[0]
+    found = s.similar_candidates("0" * 64, ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=100))
+    assert "c-fire" in [d["cluster_id"] for d in found]

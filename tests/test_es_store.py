@@ -1,0 +1,337 @@
+"""The Elasticsearch findings store against the loopback fake (tests/fake_es.py):
+the requests deepwatch sends (templates, bulk NDJSON, queries, kNN) and how it
+handles the answers a real cluster gives (429s, 5xx, partial bulk failures,
+version conflicts, the 8-vs-9 compatibility error)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from streams import es_templates as T
+from streams.es_store import EsCompatError, EsConfig, EsError, EsFindingsStore, client_major
+from streams.findings import ClusterQuery
+from streams.settings import FindingsSettings, Settings
+from tests.fake_es import FakeElasticsearch, error_body, rejected_execution
+from tests.findings_fixture import fill, snapshots
+
+
+def _store(es: FakeElasticsearch, **findings) -> EsFindingsStore:
+    settings = Settings(findings=FindingsSettings(retry_initial_s=0.001, retry_max_s=0.004, **findings))
+    s = EsFindingsStore.from_url(es.url.replace("http://", "es://"), settings=settings)
+    s.bulk.sleep = lambda _s: None
+    return s
+
+
+def test_setup_creates_versioned_templates_aliases_and_the_sightings_data_stream(fake_es):
+    s = _store(fake_es)
+    s.ensure_setup()
+    assert fake_es.ilm["deepwatch-sightings"]["policy"]["phases"]["delete"]["actions"] == {"delete": {}}
+    assert set(fake_es.component_templates) == {
+        "deepwatch-common", "deepwatch-clusters-mappings", "deepwatch-sightings-mappings", "deepwatch-alerts-mappings",
+        "deepwatch-dead-letters-mappings", "deepwatch-deliveries-mappings", "deepwatch-processed-mappings"}
+    for name, body in fake_es.component_templates.items():
+        assert body["version"] == T.MAPPING_VERSION and body["_meta"]["managed_by"] == "deepwatch", name
+    clusters = fake_es.index_templates["deepwatch-clusters"]
+    assert clusters["index_patterns"] == ["deepwatch-clusters-v*"] and clusters["version"] == T.MAPPING_VERSION
+    assert clusters["composed_of"] == ["deepwatch-common", "deepwatch-clusters-mappings"]
+    props = fake_es.component_templates["deepwatch-clusters-mappings"]["template"]["mappings"]["properties"]
+    members = props["members"]
+    assert members["type"] == "nested"
+    assert members["properties"]["pdq_bits"] == {"type": "dense_vector", "element_type": "bit", "dims": 256,
+                                                 "index": True, "similarity": "l2_norm"}
+    assert members["properties"]["phash_bits"]["dims"] == 64
+    assert props["sample_texts"]["fields"]["keyword"]["type"] == "keyword"
+    for field in ("fake_score", "verdict", "evidence", "detector_scores", "velocity", "platforms", "accounts_sample",
+                  "hashtags", "languages", "first_seen", "last_seen", "blob_refs", "evidence_summary"):
+        assert field in props, field
+    sightings = fake_es.index_templates["deepwatch-sightings"]
+    assert sightings["data_stream"] == {} and sightings["template"]["settings"]["index.lifecycle.name"] == "deepwatch-sightings"
+    assert fake_es.scripts[T.SCRIPT_ID] == {"lang": "painless", "source": T.CLUSTER_UPSERT_SCRIPT}
+    assert fake_es.aliases == {a: f"{a}-v1" for a in ("deepwatch-clusters", "deepwatch-alerts", "deepwatch-dead-letters",
+                                                      "deepwatch-deliveries", "deepwatch-processed")}
+    assert "deepwatch-sightings" in fake_es.data_streams
+    create = fake_es.calls("PUT", "/deepwatch-clusters-v1")[0]
+    assert create.body == {"aliases": {"deepwatch-clusters": {"is_write_index": True}}}
+    # every request asked for the API version this client speaks
+    assert all(f"compatible-with={client_major()}" in r.headers.get("accept", "") for r in fake_es.requests)
+
+    # a second worker starting: nothing re-created, "already exists" tolerated
+    def creations() -> int:
+        return sum(1 for r in fake_es.requests if r.method == "PUT" and r.path.startswith("/deepwatch-"))
+
+    assert creations() == 5
+    s2 = _store(fake_es)
+    s2.ensure_setup()
+    assert creations() == 5
+    assert len(fake_es.calls("PUT", "/_data_stream/deepwatch-sightings")) == 2
+    s.close(), s2.close()
+
+
+def test_snapshot_is_one_bulk_request_of_sighting_create_and_guarded_cluster_upsert(fake_es):
+    s = _store(fake_es)
+    snap = snapshots()[0]
+    s.apply_snapshot(snap)
+    [bulk] = fake_es.calls("PUT", "/_bulk") + fake_es.calls("POST", "/_bulk")
+    assert "x-ndjson" in bulk.headers["content-type"]
+    header1, sighting, marker_header, marker, header2, update = bulk.body
+    assert header1 == {"create": {"_index": "deepwatch-sightings", "_id": "e1"}}
+    assert marker_header == {"create": {"_index": "deepwatch-processed", "_id": "deepwatch.events/0/0"}}
+    assert (marker["offset"], marker["outcome"], marker["event_id"]) == (0, "sighting", "e1")
+    assert sighting["cluster_id"] == "c-fire" and sighting["@timestamp"] == snap.new_sighting.event.posted_at.isoformat()
+    assert sighting["hashtags"] == ["breaking", "fire"] and sighting["source"] == {"topic": "deepwatch.events", "partition": 0, "offset": 0}
+    assert header2 == {"update": {"_index": "deepwatch-clusters", "_id": "c-fire", "retry_on_conflict": 5}}
+    assert update["scripted_upsert"] is True and update["upsert"] == {}
+    assert update["script"]["id"] == T.SCRIPT_ID
+    params = update["script"]["params"]
+    assert params["doc"]["revision"] == 1 and params["doc"]["members"][0]["pdq_bits"] == snap.members[0].pdq
+    assert params["sighting"]["text"] == "Huge fire at the harbour right now"
+    s.close()
+
+
+def test_stale_revisions_never_overwrite_and_redelivery_changes_nothing(fake_es):
+    s = _store(fake_es)
+    snaps = [x for x in snapshots() if x.cluster_id == "c-fire"]
+    for snap in reversed(snaps):  # newest first: the older ones are stale when they arrive
+        s.apply_snapshot(snap)
+    doc = fake_es.docs["deepwatch-clusters-v1"]["c-fire"]
+    assert doc["revision"] == 3
+    # the stale revisions' sightings still landed (their own documents), once each
+    stream = fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]
+    assert sorted(stream) == ["e1", "e2", "e3"]
+    assert sorted(doc["sample_texts"]) == sorted(x.new_sighting.event.text for x in snaps)
+    version = fake_es.meta["deepwatch-clusters-v1"]["c-fire"]["version"]
+    for snap in snaps:  # at-least-once: the whole history again
+        s.apply_snapshot(snap)
+    assert fake_es.docs["deepwatch-clusters-v1"]["c-fire"] == doc
+    assert fake_es.meta["deepwatch-clusters-v1"]["c-fire"]["version"] == version + len(snaps)  # script ran, changed nothing
+    assert sorted(fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]) == ["e1", "e2", "e3"]
+    s.close()
+
+
+def test_whole_request_429_and_503_are_retried_with_backoff(fake_es):
+    s = _store(fake_es)
+    s.ensure_setup()
+    waits: list[float] = []
+    s.bulk.sleep = waits.append
+    fake_es.fail_requests(429, error_body("es_rejected_execution_exception", rejected_execution()["reason"], 429), times=2)
+    fake_es.fail_requests(503, error_body("unavailable_shards_exception", "primary shard is not active", 503), times=1)
+    assert s.add_alert(_alert()) is True
+    assert waits == [0.001, 0.002, 0.004]  # doubling, capped at retry_max_s
+    assert "c-fire:1" in fake_es.docs["deepwatch-alerts-v1"]
+    s.close()
+
+
+def test_partial_bulk_failure_retries_only_rejected_items(fake_es):
+    s = _store(fake_es)
+    s.ensure_setup()
+    fake_es.fail_items(lambda op, meta, src: meta.get("_id") == "e2", 429, rejected_execution(), times=2)
+    s.apply_snapshots(snapshots()[:3])
+    bulks = [r for r in fake_es.requests if r.path.endswith("/_bulk")]
+    assert len(bulks) == 3
+    assert len(bulks[0].body) == 18  # 3 x (create sighting + processed marker + update cluster)
+    assert bulks[1].body == bulks[2].body and len(bulks[1].body) == 2  # only the rejected item, twice
+    assert bulks[1].body[0] == {"create": {"_index": "deepwatch-sightings", "_id": "e2"}}
+    assert sorted(fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]) == ["e1", "e2", "e3"]
+    s.close()
+
+
+def test_a_mapping_error_dead_letters_that_item_and_the_batch_carries_on(fake_es):
+    s = _store(fake_es)
+    s.ensure_setup()
+    # the server refuses one sighting for good (a real document_parsing_exception body) ...
+    fake_es.fail_items(lambda op, meta, src: meta.get("_id") == "e2", 400, {
+        "type": "document_parsing_exception", "reason": "[1:223] failed to parse field [engagement.likes] of type [long]",
+        "caused_by": {"type": "illegal_argument_exception", "reason": "Value [12k] is not a number"}})
+    res = s.bulk.send([a for snap in snapshots()[:3] for a in s.cluster_actions(snap)]
+                      # ... and one action breaks the strict mapping on the fake itself
+                      + [({"index": {"_index": "deepwatch-deliveries", "_id": "x"}}, {"alert_id": "a", "surprise": 1})])
+    assert res.dead_lettered == 2 and res.ok == 8
+    stream = fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]
+    assert sorted(stream) == ["e1", "e3"]
+    assert fake_es.docs["deepwatch-clusters-v1"]["c-fire"]["revision"] == 3
+    dls = {d.event_id: d for d in s.dead_letters()}
+    e2 = dls["e2"]
+    assert (e2.stage, e2.reason) == ("sink", "document_parsing_exception")
+    assert e2.source.offset == 1  # the event's own offset: replay accounting sees it dead-lettered
+    assert "engagement.likes" in e2.detail
+    marker = fake_es.docs["deepwatch-processed-v1"]["deepwatch.events/0/1"]
+    assert marker["outcome"] == "dead_letter"  # relabelled: the sighting never landed
+    assert dls["x"].reason == "strict_dynamic_mapping_exception"
+    s.close()
+
+
+def test_version_conflict_on_create_is_a_duplicate_not_an_error(fake_es):
+    s = _store(fake_es)
+    assert s.add_alert(_alert()) is True
+    assert s.add_alert(_alert()) is False  # 409 version_conflict_engine_exception: already stored
+    [_, second] = [r for r in fake_es.requests if r.path.endswith("/_bulk")]
+    assert second.body[0] == {"create": {"_index": "deepwatch-alerts", "_id": "c-fire:1"}}
+    assert s.dead_letters() == []
+    s.close()
+
+
+def test_search_queries_sent(fake_es):
+    s = _store(fake_es)
+    fill(s)
+    s.refresh()
+    n = len(fake_es.requests)
+    s.search(ClusterQuery(text='harbour "fire"', platform="x", hashtag="#Breaking", verdict="likely-ai", min_score=0.5))
+    first, second, third = [r for r in fake_es.requests[n:] if r.path.endswith("/_search")]
+    assert first.path == "/deepwatch-sightings/_search"
+    q = first.body["query"]["bool"]
+    assert q["must"] == [{"multi_match": {"query": "harbour", "type": "phrase", "fields": ["text", "hashtags.text"]}},
+                         {"multi_match": {"query": "fire", "type": "phrase", "fields": ["text", "hashtags.text"]}}]
+    assert {"term": {"platform": "x"}} in q["filter"] and {"term": {"hashtags": "breaking"}} in q["filter"]
+    assert first.body["collapse"] == {"field": "cluster_id"}
+    assert second.path == "/deepwatch-clusters/_search"
+    f = second.body["query"]["bool"]
+    assert {"term": {"verdict": "likely-ai"}} in f["filter"] and {"range": {"fake_score": {"gte": 0.5}}} in f["filter"]
+    assert f["must_not"] == [{"exists": {"field": "merged_into"}}]
+    assert third.path == "/deepwatch-sightings/_search" and "by_cluster" in third.body["aggs"]
+    s.close()
+
+
+def test_similar_uses_bit_vector_knn(fake_es):
+    from detectors.hashing import ImageHashes
+
+    s = _store(fake_es)
+    fill(s)
+    s.refresh()
+    snap = snapshots()[0]
+    m = snap.members[0]
+    near_pdq = f"{int(m.pdq, 16) ^ 0b111:064x}"  # 3 bits off
+    q = ImageHashes(phash=m.phash, pdq=near_pdq, pdq_quality=100, pdq_mirror="f" * 64)
+    n = len(fake_es.requests)
+    found = s.similar_candidates("0" * 64, q)
+    assert [d["cluster_id"] for d in found][0] == "c-fire"
+    [req] = [r for r in fake_es.requests[n:] if r.path.endswith("/_search")]
+    knn = req.body["knn"]
+    assert {"field": "members.pdq_bits", "query_vector": near_pdq, "k": 20, "num_candidates": 100,
+            "filter": {"bool": {"must_not": [{"exists": {"field": "merged_into"}}]}}} in knn
+    assert any(k["field"] == "members.pdq_bits" and k["query_vector"] == "f" * 64 for k in knn)  # the mirror image
+    assert any(k["field"] == "members.phash_bits" and k["query_vector"] == m.phash for k in knn)
+    assert req.body["query"]["bool"]["should"] == [
+        {"nested": {"path": "members", "query": {"term": {"members.sha256": "0" * 64}}}}]
+    s.close()
+
+
+def test_reads_before_anything_was_written_are_empty(fake_es):
+    s = _store(fake_es)
+    assert s.clusters() == [] and s.search(ClusterQuery(text="x")) == [] and s.alerts() == []
+    s.close()
+
+
+# -- client/server compatibility -------------------------------------------------
+@pytest.mark.parametrize("server", ["8.15.3", "8.19.2", "9.1.5"])
+def test_client_server_major_compatibility(server):
+    es = FakeElasticsearch(version=server).start()
+    try:
+        s = EsFindingsStore(EsConfig.from_url(es.url))
+        if server.startswith("8.") and client_major() >= 9:
+            with pytest.raises(EsCompatError) as e:
+                s.ensure_setup()
+            assert "compatible-with=9" in str(e.value) and "elasticsearch>=8.15,<9" in str(e.value)
+            assert es.requests[0].headers["accept"].endswith("compatible-with=9")
+        else:
+            s.ensure_setup()
+            assert s.server_info()["version"]["number"] == server
+        s.close()
+    finally:
+        es.stop()
+
+
+@pytest.mark.parametrize("server,sent,ok", [("8.15.3", 8, True), ("8.15.3", 9, False), ("9.1.5", 8, True),
+                                            ("9.1.5", 9, True), ("9.1.5", 7, False)])
+def test_what_each_server_major_accepts(server, sent, ok):
+    """Why the 8.x client is pinned: compatible-with=8 is the one both majors take."""
+    es = FakeElasticsearch(version=server).start()
+    try:
+        mime = f"application/vnd.elasticsearch+json; compatible-with={sent}"
+        r = httpx.get(es.url + "/", headers={"Accept": mime, "Content-Type": mime})
+        assert (r.status_code == 200) is ok
+        if not ok:
+            assert r.json()["error"]["type"] == "media_type_header_exception"
+    finally:
+        es.stop()
+
+
+def test_old_servers_are_refused_with_the_reason():
+    es = FakeElasticsearch(version="8.14.3").start()
+    try:
+        if client_major() >= 9:
+            pytest.skip("the installed elasticsearch-py 9.x cannot talk to 8.x at all (see the compatibility test)")
+        with pytest.raises(EsError, match="needs >= 8.15"):
+            EsFindingsStore(EsConfig.from_url(es.url)).ensure_setup()
+    finally:
+        es.stop()
+
+
+def test_urls_and_credentials_come_from_the_environment():
+    c = EsConfig.from_url("es://search.internal", env={"DEEPWATCH_ES_API_KEY": "k", "DEEPWATCH_ES_CA_CERTS": "/ca.pem"})
+    assert (c.url, c.api_key, c.ca_certs) == ("http://search.internal:9200", "k", "/ca.pem")
+    c = EsConfig.from_url("ess://search.internal:9243", env={"DEEPWATCH_ES_USERNAME": "u", "DEEPWATCH_ES_PASSWORD": "p"})
+    assert (c.url, c.username, c.password) == ("https://search.internal:9243", "u", "p")
+    with pytest.raises(EsError, match="not in the URL"):
+        EsConfig.from_url("https://elastic:secret@search.internal:9200", env={})
+
+
+def test_cli_reports_an_unreachable_store_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "streams.cli", "search", "fire", "--data-dir", str(tmp_path),
+                        "--store", "es://127.0.0.1:9", "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "cannot reach Elasticsearch at http://127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_search_on_es_matches_sqlite(fake_es, tmp_path):
+    from streams.store import open_store
+
+    sq = open_store(tmp_path)
+    fill(sq)
+    sq.close()
+    es = _store(fake_es)
+    fill(es)
+    es.refresh()
+    es.close()
+
+    def run(*args: str) -> list[dict]:
+        r = subprocess.run([sys.executable, "-m", "streams.cli", "search", *args, "--data-dir", str(tmp_path),
+                            "--format", "json"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return [{k: v for k, v in c.items() if k != "updated_at"} for c in json.loads(r.stdout)]
+
+    for args in (["harbour"], ["--sort", "score"], ["--hashtag", "storm"], ["--verdict", "likely-ai", "--sort", "velocity"]):
+        assert run(*args) == run(*args, "--store", fake_es.url), args
+
+
+def _alert():
+    from tests.findings_fixture import alerts
+
+    return alerts()[0]
+
+
+ES8 = Path(__file__).resolve().parents[1] / ".es8"
+
+
+def test_pinned_8x_client_against_8x_and_9x_servers():
+    """The deployment pin (elasticsearch>=8.15,<9) against both server majors.
+    The shared test environment may carry the 9.x client; the 8.x one is then
+    run from .es8 (pip install --target .es8 'elasticsearch>=8.15,<9'
+    'elastic-transport>=8.15.1,<9')."""
+    if client_major() == 8:
+        pytest.skip("the installed client is already 8.x: the other tests in this file ran with it")
+    if not (ES8 / "elasticsearch").is_dir():
+        pytest.skip(f"no elasticsearch-py 8.x at {ES8}: pip install --target .es8 'elasticsearch>=8.15,<9' "
+                    "'elastic-transport>=8.15.1,<9' to run the pinned client here")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ES8), str(ES8.parent)])}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "compatibility or old_servers or setup_creates or search_queries or similar_uses"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ES8.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "passed" in r.stdout and "failed" not in r.stdout
