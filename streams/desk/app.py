@@ -82,7 +82,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     """The desk over the findings in ``settings.data_dir`` (or ``store_url``,
     a ``sqlite:///`` path); raises FileNotFoundError/ValueError with a message
     fit for the command line."""
-    findings = sqlite_path(store_url or settings.findings.url, Path(settings.data_dir))
+    if store_url:
+        # Desk alerts go through the sinks: make them write to the store the desk reads.
+        settings = settings.model_copy(deep=True)
+        settings.findings.url = store_url
+    findings = sqlite_path(settings.findings.url, Path(settings.data_dir))
     if not findings.exists():
         raise FileNotFoundError(f"no findings at {findings}; run `deepwatch demo` or `deepwatch replay` first")
     desk = Desk(settings, host, findings)
