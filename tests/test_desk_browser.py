@@ -224,3 +224,80 @@ def browse(browser, desk, target, cluster, settings, first, tmp_path: Path, shot
             assert "frank" in page.inner_text("#posts")
             assert page.locator("#members figure").count() == 3
             assert_visible_in(shot, page, "#members figure:nth-child(3) img", min_std=10)
+
+
+def test_queue_refreshes_itself_and_accounts_search_pages_show_their_findings(tmp_path):
+    """No pipeline here: a store written the way the sink writes it, and the
+    desk with a 1 s refresh. A cluster written while the queue is open shows
+    up without a reload; the accounts and search pages show what matters."""
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    from streams.blobstore import DirectoryBlobStore
+    from tests.desk_support import make_cluster, small_store
+
+    small_store(tmp_path)
+    env = {**os.environ, "DEEPWATCH_DESK__REFRESH_S": "1", "DESK_PW": PASSWORD}
+    r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "desk-user", "vic", "--role", "viewer",
+                        "--password-env", "DESK_PW", "--data-dir", str(tmp_path)],
+                       capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    desk = DeskServer(tmp_path, env=env)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                # a wrong password is refused on the page
+                page.goto(desk.url + "/login")
+                page.fill("input[name=username]", "vic")
+                page.fill("input[name=password]", "not the password")
+                page.click("#login-submit")
+                assert page.inner_text("#login-error") == "wrong user name or password"
+                page.fill("input[name=username]", "vic")
+                page.fill("input[name=password]", PASSWORD)
+                page.click("#login-submit")
+                page.wait_for_url(desk.url + "/")
+                assert page.locator("tr.cluster-row").count() == 8
+
+                # the auto-refresh brings a new cluster in without a reload
+                store = open_store(tmp_path)
+                make_cluster(store, DirectoryBlobStore(tmp_path / "blobs"), "c-fresh", 9, posts=15, ai=True,
+                             platforms=("threads",))
+                store.close()
+                deadline = time.monotonic() + 15
+                while page.locator("tr[data-cluster='c-fresh']").count() == 0 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert page.locator("tr.cluster-row").first.get_attribute("data-cluster") == "c-fresh"  # fastest now
+                assert page.evaluate("performance.getEntriesByType('navigation').length") == 1  # no reload happened
+                wait_images(page, "tr[data-cluster='c-fresh'] img.thumb")
+                shot = page.screenshot(path=str(tmp_path / "refreshed.png"))
+                assert_visible_in(shot, page, "tr[data-cluster='c-fresh'] img.thumb", min_std=10)
+                assert reddish(assert_visible_in(shot, page, "tr[data-cluster='c-fresh'] .badge", min_std=5)) > 0.3
+
+                # a viewer sees no verdict form
+                page.goto(desk.url + "/clusters/c-fresh")
+                assert page.locator("#verdict-form").count() == 0
+
+                # accounts: the persona account on top, 100 % likely-AI
+                page.goto(desk.url + "/accounts?min_ai_share=0.9&min_posts=3")
+                shot = page.screenshot(path=str(tmp_path / "accounts.png"))
+                top = page.locator("tr.account-row").first
+                assert "@persona1" in top.inner_text() and "100%" in top.inner_text()
+                assert_visible_in(shot, page, "tr.account-row", min_std=5)
+                top.locator("a").first.click()
+                page.wait_for_url(desk.url + "/accounts/persona1")
+                wait_images(page, "table.posts img.thumb")
+                assert page.locator("table.posts tbody tr").count() == 5
+
+                # search: a phrase from the posts
+                page.goto(desk.url + "/search")
+                page.fill("input[name=q]", '"flooded subway"')
+                page.click("#search-form button[type=submit]")
+                page.wait_for_selector("#result-count")
+                assert page.inner_text("#result-count") == "1 cluster(s)"
+                assert page.locator("tr.cluster-row").first.get_attribute("data-cluster") == "c-viral"
+            finally:
+                browser.close()
+    finally:
+        desk.stop()

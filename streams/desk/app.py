@@ -202,11 +202,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                     since: Optional[str] = Query(None), until: Optional[str] = Query(None),
                     platform: Optional[str] = Query(None), account: Optional[str] = Query(None),
                     hashtag: Optional[str] = Query(None), verdict: Optional[str] = Query(None),
-                    min_score: Optional[float] = Query(None), sort: Optional[str] = Query(None),
+                    min_score: Optional[str] = Query(None, description="0..1"), sort: Optional[str] = Query(None),
                     limit: int = Query(100)) -> StoreQuery:
         try:
             return StoreQuery(text=q, since=since or None, until=until or None, platform=platform, account=account,
-                              hashtag=hashtag, verdict=verdict or None, min_score=min_score, sort=sort or None,
+                              hashtag=hashtag, verdict=verdict or None, min_score=min_score or None, sort=sort or None,
                               limit=limit)
         except ValidationError as e:
             loc = {"text": "q"}
