@@ -47,6 +47,11 @@ def test_serve_mistakes_are_one_clear_line(tmp_path):
     assert r.returncode == 2 and "SQLite" in r.stderr and "Traceback" not in r.stderr
     r = deepwatch("serve", "--data-dir", str(tmp_path), "--port", "0", env={"DEEPWATCH_DESK_TOKENS": "editor:me:short"})
     assert r.returncode == 2 and "role:name:token" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "desk-users.json").write_text('{"users": [{"name": "x", "role": "root", "password": "plain"}]}')
+    r = deepwatch("serve", "--data-dir", str(tmp_path), "--port", "0")
+    said = " ".join(r.stderr.split())  # rich wraps long lines
+    assert r.returncode == 2 and "desk-users.json is not valid: role:" in said and "Traceback" not in said
+    (tmp_path / "desk-users.json").unlink()
     r = deepwatch("desk-user", "eve", "--role", "admin", "--data-dir", str(tmp_path), "--password-env", "X")
     assert r.returncode == 2 and "viewer or editor" in r.stderr
     r = deepwatch("desk-user", "eve", "--role", "editor", "--data-dir", str(tmp_path), "--password-env", "PW",

@@ -61,6 +61,7 @@ class Desk:
         self.db = DeskDB(data / "desk.sqlite")
         self.source = FindingsSource(findings_path, self.db)
         self.users = Users(settings.desk.users_file or data / "desk-users.json")
+        len(self.users)  # a broken users file stops the start with its reason
         self.tokens = tokens_from_env(settings.desk.tokens_env)
         self.limiter = LoginLimiter(settings.desk.login_failures_per_minute)
         self.alerts = AlertPath(settings)

@@ -27,7 +27,7 @@ from collections import defaultdict, deque
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 Role = Literal["viewer", "editor"]
 RANK = {"viewer": 1, "editor": 2}
@@ -90,8 +90,15 @@ class Users:
             self._users, self._mtime = {}, None
             return
         if mtime != self._mtime:
-            doc = json.loads(self.path.read_text())
-            self._users = {u.name: u for u in (UserEntry.model_validate(x) for x in doc.get("users", []))}
+            try:
+                doc = json.loads(self.path.read_text())
+                self._users = {u.name: u for u in (UserEntry.model_validate(x) for x in doc.get("users", []))}
+            except ValidationError as e:  # schema: say which file and field, not a traceback
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"users file {self.path} is not valid: {where}: {err['msg']}") from None
+            except (ValueError, AttributeError) as e:  # not JSON, or not an object
+                raise ValueError(f"users file {self.path} is not valid: {e}".splitlines()[0]) from None
             self._mtime = mtime
 
     def check(self, name: str, password: str) -> UserEntry | None:
