@@ -245,13 +245,15 @@ class FindingsSource:
         return doc
 
     # -- accounts -------------------------------------------------------------
-    def accounts(self, q: AccountQuery) -> list[dict[str, Any]]:
+    def accounts(self, q: AccountQuery, only: str | None = None) -> list[dict[str, Any]]:
         docs = self._all()
         roots = self._roots()
         ai = {cid for cid, d in docs.items() if _is_ai(d)}
         acc: dict[str, dict[str, Any]] = {}
+        sql = "SELECT account_id, account_handle, platform, sha256, cluster_id, posted_at FROM sightings"
         for account, handle, platform, sha, cid, posted in self._ro.execute(
-            "SELECT account_id, account_handle, platform, sha256, cluster_id, posted_at FROM sightings ORDER BY posted_at"
+            sql + (" WHERE account_id=?" if only is not None else "") + " ORDER BY posted_at",
+            (only,) if only is not None else (),
         ):
             root = roots.get(cid, cid)
             a = acc.get(account)
@@ -278,7 +280,7 @@ class FindingsSource:
         return out[: q.limit]
 
     def account(self, account_id: str) -> dict[str, Any]:
-        for a in self.accounts(AccountQuery(min_posts=0, limit=5000)):
+        for a in self.accounts(AccountQuery(min_posts=0), only=account_id):
             if a["id"] == account_id:
                 rows = self._ro.execute(
                     """SELECT event_id, cluster_id, sha256, platform, post_url, posted_at, text FROM sightings
