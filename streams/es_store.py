@@ -35,6 +35,7 @@ from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
 
 log = logging.getLogger("deepwatch.es")
 
+PROCESSED_MARGIN_MS = 30_000  # re-read window of processed_since: refresh interval + writer clock skew
 MAX_CANDIDATES = 10_000  # index.max_result_window: a search matches at most this many clusters
 PAGE = 1000
 STATS_CHUNK = 200  # clusters per sightings-statistics request
@@ -152,6 +153,10 @@ def _reason(e: Any) -> str:
 def hex_bits(hex_hash: str) -> str:
     """A hash as the hex string ES takes for an ``element_type: bit`` vector."""
     return hex_hash.lower()
+
+
+def _epoch_ms(ts: str) -> int:
+    return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 def _now() -> str:
@@ -473,9 +478,24 @@ class EsFindingsStore:
                                     [{"partition": "asc"}, {"offset": "asc"}], ["partition", "offset"])}
 
     def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]:
-        """No row ids in Elasticsearch: every call answers the whole set (the
-        caller unions), and the second value only counts calls."""
-        return self.processed_offsets(topic), after_rowid + 1
+        """Offsets marked since the watermark ``after_rowid`` (epoch ms of the
+        newest marker seen; 0 = all), and the new watermark. No row ids here:
+        markers carry their write time, and each poll re-reads a margin
+        before the watermark (refresh interval plus clock skew between
+        writers), so a marker made visible late is still seen; the caller
+        unions the sets."""
+        query: dict[str, Any] = {"term": {"topic": topic}}
+        if after_rowid:
+            query = {"bool": {"filter": [query, {"range": {"@timestamp": {
+                "gte": after_rowid - PROCESSED_MARGIN_MS, "format": "epoch_millis"}}}]}}
+        out: set[tuple[int, int]] = set()
+        newest = after_rowid
+        for h in self._scan(self.names["processed"], query, [{"@timestamp": "asc"}, {"partition": "asc"}, {"offset": "asc"}],
+                            ["partition", "offset", "@timestamp"]):
+            src = h["_source"]
+            out.add((src["partition"], src["offset"]))
+            newest = max(newest, _epoch_ms(src["@timestamp"]))
+        return out, newest
 
     def count_sightings(self) -> int:
         res = self._search(self.names["sightings"], size=0, query={"match_all": {}}, track_total_hits=True)

@@ -335,3 +335,59 @@ def test_pinned_8x_client_against_8x_and_9x_servers():
                        capture_output=True, text=True, timeout=300, env=env, cwd=ES8.parent)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "passed" in r.stdout and "failed" not in r.stdout
+
+
+def test_cli_similar_on_es_ranks_like_the_embedded_index(fake_es, tmp_path):
+    """`deepwatch similar IMAGE --store es://…`: kNN candidates, the embedded rule and ranking."""
+    from datetime import datetime, timezone
+
+    from detectors.hashing import compute_hashes
+    from detectors.imagedata import ImageData
+    from streams.records import ClusterSnapshot, Engagement, Member, Velocity
+    from streams.store import open_store
+    from tests.support import picture
+
+    now = datetime.now(timezone.utc)
+    snaps = []
+    for seed, cid in ((3, "c0ffee"), (7, "beef00")):
+        picture(seed, (320, 240)).save(tmp_path / f"{cid}.jpg", quality=90)
+        h = compute_hashes(ImageData.from_path(tmp_path / f"{cid}.jpg"))
+        snaps.append(ClusterSnapshot(
+            cluster_id=cid, revision=1, fake_score=0.2, verdict="no-evidence", evidence=[],
+            members=[Member(sha256=cid * 8 + "0" * 16, phash=h.phash, pdq=h.pdq, pdq_quality=h.pdq_quality,
+                            event_id=f"e-{cid}", views=h.views, trimmed=h.trimmed)],
+            sightings=1, accounts=1, platforms=["x"], engagement=Engagement(), velocity=Velocity(),
+            first_seen=now, last_seen=now))
+    sq = open_store(tmp_path / "data")
+    es = _store(fake_es)
+    for snap in snaps:
+        sq.apply_snapshot(snap)
+        es.apply_snapshot(snap)
+    sq.close(), es.close()
+    picture(3, (320, 240)).crop((4, 4, 316, 236)).save(tmp_path / "q.jpg", quality=50)
+
+    def similar(*extra: str) -> list[dict]:
+        r = subprocess.run([sys.executable, "-m", "streams.cli", "similar", str(tmp_path / "q.jpg"), "--data-dir",
+                            str(tmp_path / "data"), *extra], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    n = len(fake_es.requests)
+    on_es = similar("--store", fake_es.url)
+    assert on_es == similar() and [r["cluster_id"] for r in on_es] == ["c0ffee"]
+    assert any("knn" in (r.body or {}) for r in fake_es.requests[n:])
+
+
+def test_processed_since_reads_only_recent_markers_with_a_margin(fake_es):
+    s = _store(fake_es)
+    fill(s)
+    everything, mark = s.processed_since("deepwatch.events", 0)
+    assert everything == {(0, i) for i in range(8)} and mark > 0
+    again, mark2 = s.processed_since("deepwatch.events", mark)
+    assert again == everything and mark2 == mark  # all within the re-read margin
+    [req] = [r for r in fake_es.requests[-1:] if r.path.endswith("/_search")]
+    assert req.body["query"]["bool"]["filter"][1] == {"range": {"@timestamp": {
+        "gte": mark - 30_000, "format": "epoch_millis"}}}
+    old = mark + 31_000  # a poll long after: nothing new
+    assert s.processed_since("deepwatch.events", old) == (set(), old)
+    s.close()
