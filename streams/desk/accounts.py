@@ -8,6 +8,7 @@ is stable (``account:<id>:1``), so re-checks never duplicate it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
 
@@ -30,7 +31,9 @@ async def check_accounts(settings: Settings, source: FindingsSource, desk: DeskD
 async def _check(settings: Settings, source: FindingsSource, desk: DeskDB, alerts: AlertPath) -> list[str]:
     cfg = settings.desk
     raised = []
-    for a in source.account_windows(timedelta(hours=cfg.account_window_hours)):
+    # A full pass over the sightings: off the event loop, so pages keep answering.
+    windows = await asyncio.to_thread(source.account_windows, timedelta(hours=cfg.account_window_hours))
+    for a in windows:
         if a["ai_pictures"] < cfg.account_min_ai_pictures or a["ai_share"] < cfg.account_min_ai_share:
             continue
         if desk.account_alerted(a["id"]):
