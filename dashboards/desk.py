@@ -56,18 +56,20 @@ def _histogram(field: str, id_: str) -> es.DateHistogram:
         es.ElasticsearchDateHistogramSettings().interval("auto").min_doc_count("0"))
 
 
-def _alerts_annotation(query: str = "*") -> dash.AnnotationQuery:
-    return (dash.AnnotationQuery().name("deepwatch alerts").datasource(ES_ALERTS).enable(True).icon_color("red"))
+def _alerts_annotation() -> dash.AnnotationQuery:
+    # the query and field settings are added by annotation_fields() below
+    return dash.AnnotationQuery().name("deepwatch alerts").datasource(ES_ALERTS).enable(True).icon_color("red")
 
 
 def _link(title: str, url: str) -> dict[str, Any]:
     return {"title": title, "url": url}
 
 
-def _stat(title: str, description: str, target: es.Dataquery, unit: str = "none") -> stat.Panel:
+def _stat(title: str, description: str, target: es.Dataquery, calc: str, unit: str = "none") -> stat.Panel:
+    # the targets bucket by time: "sum" totals the range, "max" takes its peak
     return (stat.Panel().title(title).description(description).datasource(target.build().datasource)
             .height(4).span(6).unit(unit)
-            .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+            .reduce_options(common_b.ReduceDataOptions().calcs([calc]).values(False))
             .with_target(target))
 
 
@@ -119,16 +121,17 @@ def viral_dashboard() -> dash.Dashboard:
         .annotation(_alerts_annotation())
         .with_panel(_stat("Likely-AI pictures active", "Live likely-AI clusters with a sighting in the time range.",
                           _es("A", ES_CLUSTERS, LIVE_LIKELY_AI, "last_seen").metrics([_count()])
-                          .bucket_aggs([_histogram("last_seen", "2")])))
+                          .bucket_aggs([_histogram("last_seen", "2")]), "sum"))
         .with_panel(_stat("Fastest spread (sightings / 5 min)", "The highest 5-minute velocity among them.",
                           _es("A", ES_CLUSTERS, LIVE_LIKELY_AI, "last_seen").metrics([
-                              es.Max().id("1").field("velocity.sightings_5m")]).bucket_aggs([_histogram("last_seen", "2")])))
+                              es.Max().id("1").field("velocity.sightings_5m")]).bucket_aggs([_histogram("last_seen", "2")]),
+                          "max"))
         .with_panel(_stat("Alerts raised", "deepwatch alerts in the time range (first alerts and escalations).",
                           _es("A", ES_ALERTS, "*", "created_at").metrics([_count()])
-                          .bucket_aggs([_histogram("created_at", "2")])))
+                          .bucket_aggs([_histogram("created_at", "2")]), "sum"))
         .with_panel(_stat("Sightings", "Posts carrying any tracked picture in the time range.",
                           _es("A", ES_SIGHTINGS, "*", "@timestamp").metrics([_count()])
-                          .bucket_aggs([_histogram("@timestamp", "2")])))
+                          .bucket_aggs([_histogram("@timestamp", "2")]), "sum"))
         .with_panel(viral_table)
     )
 

@@ -93,7 +93,6 @@ class FindingsSettings(BaseModel):
     retry_initial_s: float = 0.5  # backoff on 429/5xx, doubling up to retry_max_s, never giving up
     retry_max_s: float = 30.0
     request_timeout_s: float = 30.0
-    dead_letter_cap: int = 1000  # per-item failures kept in memory for `deepwatch` to report
 
 
 class DeskSettings(BaseModel):

@@ -46,6 +46,8 @@ class Sinks:
     def store(self) -> FindingsStore:
         if self._store is None:
             self._store = open_findings(self.settings.findings.url, self.settings.data_dir, self.settings)
+            # Elasticsearch: templates, ILM policy, script, aliases before the first write
+            getattr(self._store, "ensure_setup", lambda: None)()
         return self._store
 
     async def snapshot(self, raw: bytes) -> None:

@@ -391,3 +391,40 @@ def test_processed_since_reads_only_recent_markers_with_a_margin(fake_es):
     old = mark + 31_000  # a poll long after: nothing new
     assert s.processed_since("deepwatch.events", old) == (set(), old)
     s.close()
+
+
+def test_sink_holds_the_batch_while_elasticsearch_rejects_and_loses_nothing(fake_es, tmp_path):
+    """What the Faust sink agents await: while Elasticsearch answers 429 the
+    call does not return (the agent takes nothing more, offsets stay
+    uncommitted); once it accepts, every item is stored exactly once."""
+    import asyncio
+    import time
+
+    from streams import metrics
+    from streams.sinks import Sinks
+
+    settings = Settings(data_dir=tmp_path, findings=FindingsSettings(
+        url=fake_es.url, retry_initial_s=0.05, retry_max_s=0.05))
+    sinks = Sinks(settings)
+    sinks.store.ensure_setup()
+    body = error_body("es_rejected_execution_exception", rejected_execution()["reason"], 429)
+    fake_es.fail_requests(429, body, times=6)
+    raws = [snap.dumps() for snap in snapshots()]
+
+    async def scenario() -> tuple[bool, float]:
+        task = asyncio.create_task(sinks.snapshots(raws))
+        await asyncio.sleep(0.15)
+        held = not task.done()
+        behind = metrics.SINK_BEHIND_SECONDS._value.get()
+        await asyncio.wait_for(task, timeout=10)
+        return held, behind
+
+    started = time.monotonic()
+    held, behind = asyncio.run(scenario())
+    assert held and behind > 0, "the batch must be held, and the gauge must say the sink is behind"
+    assert time.monotonic() - started >= 0.25  # six backoffs of 50 ms
+    assert metrics.SINK_BEHIND_SECONDS._value.get() == 0
+    stream = fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]
+    assert sorted(stream) == [f"e{i}" for i in range(1, 8)]
+    assert len(fake_es.docs["deepwatch-processed-v1"]) == 7
+    sinks.store.close()

@@ -150,6 +150,19 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                         summary="p95 latency of stage fetch is 9.75s")]},
                 ],
             },
+            {   # the findings sink retrying for minutes (Elasticsearch answering 429), then catching up
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_sink_behind_seconds{job="deepwatch",instance="w1"}',
+                     "values": "0 30 90 150 210 270 330 390 450 510 0 0 0 0 0 0 0 0"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "3m", "alertname": "DeepwatchFindingsSinkBehind", "exp_alerts": []},  # pending
+                    {"eval_time": "9m", "alertname": "DeepwatchFindingsSinkBehind", "exp_alerts": [_expected_alert(
+                        "DeepwatchFindingsSinkBehind", summary="The findings sink has been retrying for 8m 30s")]},
+                    {"eval_time": "16m", "alertname": "DeepwatchFindingsSinkBehind", "exp_alerts": []},
+                ],
+            },
             {   # a failed webhook delivery
                 "interval": "1m",
                 "input_series": [
