@@ -21,6 +21,7 @@ demo: install
 
 test: install
 	bash .ci/install-prometheus.sh
+	bash .ci/install-chromium.sh
 	$(PY) -m pytest
 
 bench: install

@@ -121,6 +121,28 @@ class FindingsSettings(BaseModel):
     request_timeout_s: float = 30.0
 
 
+class DeskSettings(BaseModel):
+    """The fact-check desk (``deepwatch serve``). Users live in a JSON users file
+    (hashed passwords, made with ``deepwatch desk-user``); API tokens only in
+    the environment variable named by ``tokens_env`` as ``role:name:token``
+    items separated by commas. There are no default credentials."""
+
+    users_file: Path | None = None  # default: <data_dir>/desk-users.json
+    tokens_env: str = "DEEPWATCH_DESK_TOKENS"
+    require_login_on_loopback: bool = False  # reading is open on 127.0.0.1/::1 unless set
+    session_hours: float = 12.0
+    login_failures_per_minute: int = 5  # per client address and per user name
+    refresh_s: int = 30  # queue auto-refresh
+    thumb_px: int = 256
+    thumb_cache_mb: int = 64
+    # account alerts: at least this many likely-AI pictures, and this share of
+    # the account's pictures, within the trailing window before its last post
+    account_min_ai_pictures: int = 5
+    account_min_ai_share: float = 0.6
+    account_window_hours: float = 24 * 7
+    account_check_s: float = 30.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPWATCH_", env_nested_delimiter="__", extra="ignore")
 
@@ -141,6 +163,7 @@ class Settings(BaseSettings):
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     connectors: ConnectorSettings = Field(default_factory=ConnectorSettings)
     findings: FindingsSettings = Field(default_factory=FindingsSettings)
+    desk: DeskSettings = Field(default_factory=DeskSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -7,6 +7,7 @@ from streams.cli.app import app
 from streams.cli import pipeline, query, detect, bank, models  # noqa: F401,E402  (registration)
 from streams.cli import connect  # noqa: F401,E402  (registration)
 from streams.cli import grafana  # noqa: F401,E402  (registration)
+from streams.cli import serve  # noqa: F401,E402  (registration)
 
 
 def main() -> None:

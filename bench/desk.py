@@ -1,0 +1,190 @@
+"""Desk speed: queue page load with 10,000 clusters in the findings store, and
+thumbnail cache behaviour.
+
+Runs `deepwatch serve` as its own process over a generated store (real
+pictures in the blob store, real hashes, snapshots written through the
+store's own apply_snapshot) and times HTTP requests; with Debian's chromium
+present it also times the queue in a real browser (navigation to the load
+event, thumbnails included). Ratios are against a baseline measured in the
+same run: a 1,000-cluster store for the queue, the cached request for
+thumbnails.
+
+    python bench/desk.py [--clusters 10000] [--baseline 1000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from streams.blobstore import DirectoryBlobStore  # noqa: E402
+from streams.store import open_store  # noqa: E402
+from tests.desk_support import T0, DeskServer, make_cluster  # noqa: E402
+
+# Every cluster has its own picture bytes (one pixel differs), hashes are
+# computed for 200 base pictures and reused: hashing 10k would dominate setup.
+DISTINCT_PICTURES = 200
+
+
+def build(data: Path, n: int) -> float:
+    started = time.perf_counter()
+    store = open_store(data)
+    blobs = DirectoryBlobStore(data / "blobs")
+    cache: dict = {}
+    from datetime import timedelta
+
+    for i in range(n):
+        make_cluster(store, blobs, f"c{i:05d}", i % DISTINCT_PICTURES, posts=2, ai=i % 3 == 0,
+                     platforms=("x", "weibo", "telegram")[i % 3:][:2] or ("x",), accounts=[f"a{i % 997}"],
+                     t0=T0 + timedelta(seconds=7 * i), texts=[f"post {i} about storm {i % 50}"], hashes_cache=cache,
+                     variant=i)
+    store.close()
+    return time.perf_counter() - started
+
+
+def timed(url: str, n: int = 5) -> tuple[float, list[float]]:
+    """(first request, the following n) in seconds."""
+    with httpx.Client(timeout=120) as c:
+        t = time.perf_counter()
+        r = c.get(url)
+        r.raise_for_status()
+        first = time.perf_counter() - t
+        rest = []
+        for _ in range(n):
+            t = time.perf_counter()
+            c.get(url).raise_for_status()
+            rest.append(time.perf_counter() - t)
+    return first, rest
+
+
+def browser_load(url: str) -> float | None:
+    chromium = shutil.which("chromium")
+    if not chromium:
+        return None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return None
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = b.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url, wait_until="load")  # warm the connection and the desk's cache
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                page.goto(url, wait_until="load")
+                times.append(time.perf_counter() - t)
+            return statistics.median(times)
+        finally:
+            b.close()
+
+
+def measure(n: int, root: Path) -> dict:
+    data = root / f"store-{n}"
+    build_s = build(data, n)
+    desk = DeskServer(data)
+    try:
+        first, warm = timed(desk.url + "/")
+        # A worker's sink commits: the desk's read cache (keyed on SQLite's
+        # data_version) is rebuilt on the next request; time that request.
+        changed = []
+        for k in range(3):
+            store = open_store(data)
+            make_cluster(store, DirectoryBlobStore(data / "blobs"), f"new{k}", k, posts=1, ai=True)
+            store.close()
+            t = time.perf_counter()
+            httpx.get(desk.url + "/", timeout=120).raise_for_status()
+            changed.append(time.perf_counter() - t)
+        api_first, api_warm = timed(desk.url + "/api/clusters?limit=1000", 3)
+        load = browser_load(desk.url + "/")
+        # thumbnails over HTTP: 20 members never asked for, then the same again (cached)
+        shas = [c["members"][0]["sha256"] for c in httpx.get(desk.url + "/api/clusters?limit=40&sort=score").json()]
+        shas = list(dict.fromkeys(shas))[:20]
+        http_first, http_cached = [], []
+        with httpx.Client(timeout=60) as c:
+            for want in (http_first, http_cached):
+                for sha in shas:
+                    t = time.perf_counter()
+                    c.get(f"{desk.url}/thumb/{sha}?px=128").raise_for_status()
+                    want.append(time.perf_counter() - t)
+        any_member = httpx.get(desk.url + "/api/clusters?limit=1").json()[0]["members"][0]["sha256"]
+        return {"clusters": n, "build_s": round(build_s, 1), "queue_first_s": round(first, 3),
+                "queue_warm_median_s": round(statistics.median(warm), 4),
+                "queue_after_store_change_median_s": round(statistics.median(changed), 3),
+                "api_1000_first_s": round(api_first, 3), "api_1000_warm_median_s": round(statistics.median(api_warm), 4),
+                "browser_queue_load_s": round(load, 3) if load is not None else None, "_member": any_member,
+                "thumb_http_first_median_ms": round(statistics.median(http_first) * 1000, 2),
+                "thumb_http_cached_median_ms": round(statistics.median(http_cached) * 1000, 2),
+                "_url": desk.url}
+    finally:
+        desk.stop()
+
+
+def thumbs(root: Path) -> dict:
+    from streams.desk.thumbs import Thumbnails
+    from tests.desk_support import jpeg
+    from tests.support import picture
+
+    blobs = DirectoryBlobStore(root / "tblobs")
+    shas = [blobs.put(jpeg(picture(10_000 + i, (1600, 1200)), 90)) for i in range(30)]
+    t = Thumbnails(root / "tblobs", root / "tcache", max_bytes=256 * 1024, max_pixels=10**8)
+    first, cached = [], []
+    for s in shas:
+        a = time.perf_counter()
+        t.get(s, 256)
+        first.append(time.perf_counter() - a)
+        a = time.perf_counter()
+        t.get(s, 256)
+        cached.append(time.perf_counter() - a)
+    on_disk = sum(p.stat().st_size for p in (root / "tcache").glob("*.jpg"))
+    return {"pictures": len(shas), "source": "1600x1200 JPEG", "thumb_px": 256,
+            "first_median_ms": round(statistics.median(first) * 1000, 2),
+            "cached_median_ms": round(statistics.median(cached) * 1000, 3),
+            "first_over_cached": round(statistics.median(first) / statistics.median(cached), 1),
+            "cache_bound_bytes": t.max_bytes, "cache_bytes_on_disk": on_disk,
+            "within_bound": on_disk <= t.max_bytes, "misses": t.misses, "hits": t.hits}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clusters", type=int, default=10_000)
+    ap.add_argument("--baseline", type=int, default=1_000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="deepwatch-bench-desk-") as tmp:
+        root = Path(tmp)
+        base = measure(args.baseline, root)
+        big = measure(args.clusters, root)
+        th = thumbs(root)
+    for d in (base, big):
+        d.pop("_member"), d.pop("_url")
+    out = {"baseline": base, "measured": big, "thumbnails": th,
+           "queue_warm_ratio": round(big["queue_warm_median_s"] / base["queue_warm_median_s"], 2),
+           "queue_after_change_ratio": round(big["queue_after_store_change_median_s"] / base["queue_after_store_change_median_s"], 2)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    for d in (base, big):
+        print(f"{d['clusters']:>6} clusters: queue first {d['queue_first_s']*1000:.0f} ms, "
+              f"after a store change {d['queue_after_store_change_median_s']*1000:.0f} ms (read cache rebuilt), warm {d['queue_warm_median_s']*1000:.0f} ms; /api/clusters?limit=1000 warm {d['api_1000_warm_median_s']*1000:.0f} ms; "
+              f"browser load {'%.0f ms' % (d['browser_queue_load_s']*1000) if d['browser_queue_load_s'] else 'n/a'}")
+    print(f"thumbnails over HTTP (160x120 JPEG members -> 128 px, {big['clusters']} clusters): first "
+          f"{big['thumb_http_first_median_ms']} ms, cached {big['thumb_http_cached_median_ms']} ms")
+    print(f"queue warm ratio {big['clusters']}/{base['clusters']}: {out['queue_warm_ratio']}x; after-change ratio {out['queue_after_change_ratio']}x")
+    print(f"thumbnails ({th['source']} -> {th['thumb_px']} px): first {th['first_median_ms']} ms, cached {th['cached_median_ms']} ms "
+          f"({th['first_over_cached']}x); cache {th['cache_bytes_on_disk']} B on disk <= bound {th['cache_bound_bytes']} B: {th['within_bound']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""``deepwatch serve``: the fact-check desk (web app + REST API), and
+``deepwatch desk-user`` to create its users."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from streams.cli.app import app
+from streams.cli.common import Config, DataDir, err, settings_from
+
+
+@app.command(rich_help_panel="Desk")
+def serve(
+    data_dir: Optional[Path] = DataDir,
+    store: Optional[str] = typer.Option(None, "--store", help="Findings store: sqlite:///PATH (default: findings.sqlite in --data-dir). The desk needs the SQLite store."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Reading is open on loopback; any other address requires a login."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on."),
+    config: Optional[Path] = Config,
+    broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT: also publish desk alerts on the alerts topic."),
+) -> None:
+    """Start the fact-check desk: the queue, clusters, verdicts, accounts and search, with a REST API (/docs).
+
+    Verdicts need an editor: a user from the users file (`deepwatch desk-user`)
+    or a token in DEEPWATCH_DESK_TOKENS (role:name:token,...). There are no
+    default credentials.
+    """
+    import uvicorn
+
+    from streams.desk import create_app
+
+    settings = settings_from(config, data_dir=data_dir, broker=broker)
+    try:
+        desk_app = create_app(settings, host=host, store_url=store)
+    except (FileNotFoundError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    err.print(f"[dim]desk on http://{host}:{port}/ (API docs at /docs); data in {settings.data_dir}[/]")
+    uvicorn.run(desk_app, host=host, port=port, log_level="warning", proxy_headers=False, server_header=False)
+
+
+@app.command("desk-user", rich_help_panel="Desk")
+def desk_user(
+    name: str = typer.Argument(..., help="User name (letters, digits, . _ @ -)."),
+    role: str = typer.Option("viewer", "--role", help="viewer (reads) or editor (reads and records verdicts)."),
+    data_dir: Optional[Path] = DataDir,
+    config: Optional[Path] = Config,
+    password_env: Optional[str] = typer.Option(None, "--password-env", help="Read the password from this environment variable instead of a prompt."),
+) -> None:
+    """Create or replace a desk user in the users file (scrypt-hashed password)."""
+    from pydantic import ValidationError
+
+    from streams.desk.auth import add_user
+
+    if role not in ("viewer", "editor"):
+        raise typer.BadParameter("must be viewer or editor", param_hint="--role")
+    settings = settings_from(config, data_dir=data_dir)
+    if password_env:
+        password = os.environ.get(password_env, "")
+        if not password:
+            raise typer.BadParameter(f"environment variable {password_env} is empty or unset", param_hint="--password-env")
+    else:
+        password = getpass.getpass(f"password for {name}: ")
+        if password != getpass.getpass("again: "):
+            raise typer.BadParameter("the two passwords differ")
+    if len(password) < 10:
+        raise typer.BadParameter("use at least 10 characters", param_hint="password")
+    path = settings.desk.users_file or Path(settings.data_dir) / "desk-users.json"
+    try:
+        add_user(path, name, role, password)
+    except ValidationError as e:
+        raise typer.BadParameter(e.errors()[0]["msg"], param_hint="NAME") from None
+    err.print(f"{name} ({role}) saved in {path}")

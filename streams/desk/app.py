@@ -1,0 +1,400 @@
+"""The desk's FastAPI application: pages, the REST API and their guards.
+
+``create_app(settings, host)`` builds it; ``host`` is the address the server
+binds, which decides whether reading is open (loopback) or needs a login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import quote, urlencode
+
+from fastapi import Depends, FastAPI, Form, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from streams.desk import views
+from streams.desk.accounts import check_accounts
+from streams.desk.alerting import AlertPath
+from streams.desk.auth import RANK, LoginLimiter, Principal, Users, token_principal, tokens_from_env
+from streams.desk.deskdb import DeskDB
+from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound, sqlite_path
+from streams.desk.thumbs import ThumbError, Thumbnails
+from streams.desk.verdicts import Conflict, VerdictIn, Verdicts
+from streams.findings import ClusterQuery as StoreQuery
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).parent
+SESSION_COOKIE = "dw_session"
+LOGIN_CSRF_COOKIE = "dw_login_csrf"
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Desk:
+    """Everything one running desk holds, built once per app."""
+
+    def __init__(self, settings: Settings, host: str, findings_path: Path):
+        self.settings = settings
+        data = Path(settings.data_dir)
+        self.open_read = is_loopback(host) and not settings.desk.require_login_on_loopback
+        self.secure_cookies = not is_loopback(host)
+        self.db = DeskDB(data / "desk.sqlite")
+        self.source = FindingsSource(findings_path, self.db)
+        self.users = Users(settings.desk.users_file or data / "desk-users.json")
+        len(self.users)  # a broken users file stops the start with its reason
+        self.tokens = tokens_from_env(settings.desk.tokens_env)
+        self.limiter = LoginLimiter(settings.desk.login_failures_per_minute)
+        self.alerts = AlertPath(settings)
+        self.verdicts = Verdicts(settings, self.source, self.db, self.alerts)
+        self.thumbs = Thumbnails(data / "blobs", data / "desk" / "thumbs",
+                                 max_bytes=settings.desk.thumb_cache_mb * 1024 * 1024, max_pixels=settings.decode.max_pixels)
+
+    def close(self) -> None:
+        self.alerts.close()
+        self.source.close()
+        self.db.close()
+
+
+def _error(status: int, message: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=message)
+
+
+def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | None = None) -> FastAPI:
+    """The desk over the findings in ``settings.data_dir`` (or ``store_url``,
+    a ``sqlite:///`` path); raises FileNotFoundError/ValueError with a message
+    fit for the command line."""
+    if store_url:
+        # Desk alerts go through the sinks: make them write to the store the desk reads.
+        settings = settings.model_copy(deep=True)
+        settings.findings.url = store_url
+    findings = sqlite_path(settings.findings.url, Path(settings.data_dir))
+    if not findings.exists():
+        raise FileNotFoundError(f"no findings at {findings}; run `deepwatch demo` or `deepwatch replay` first")
+    desk = Desk(settings, host, findings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(_account_loop(desk))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            desk.close()
+
+    app = FastAPI(title="deepwatch desk", version="1", lifespan=lifespan,
+                  description="Fact-check desk: the queue of image clusters, evidence, verdicts and accounts.")
+    app.state.desk = desk
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    views.register_filters(templates.env)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    # -- guards ---------------------------------------------------------------
+    def principal(request: Request) -> Principal | None:
+        auth = request.headers.get("authorization", "")
+        if auth:
+            scheme, _, token = auth.partition(" ")
+            p = token_principal(desk.tokens, token.strip()) if scheme.lower() == "bearer" else None
+            if p is None:
+                raise _error(401, "invalid bearer token")
+            return p
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if cookie:
+            s = desk.db.session(cookie)
+            if s is not None:
+                return Principal(user=s.user, role=s.role, via="session", csrf=s.csrf)
+        return None
+
+    def reader(request: Request) -> Principal:
+        p = principal(request)
+        if p is not None:
+            return p
+        if desk.open_read:
+            return Principal(user="anonymous", role="viewer", via="open")
+        raise _error(401, "login required: this desk is not on a loopback address")
+
+    def editor(request: Request) -> Principal:
+        p = principal(request)
+        if p is None:
+            raise _error(401, "an editor login or bearer token is required to record verdicts")
+        if RANK[p.role] < RANK["editor"]:
+            raise _error(403, f"{p.user} is a {p.role}; recording verdicts needs the editor role")
+        return p
+
+    def check_csrf(p: Principal, presented: str | None) -> None:
+        # Cookies ride along with cross-site requests; a bearer token does not.
+        if p.via == "session" and not (presented and p.csrf and secrets.compare_digest(presented, p.csrf)):
+            raise _error(403, "CSRF token missing or wrong; reload the page and try again")
+
+    # -- errors -----------------------------------------------------------------
+    def wants_json(request: Request) -> bool:
+        return request.url.path.startswith("/api/") or request.url.path.startswith("/thumb/")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        if wants_json(request):
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+            return JSONResponse({"error": exc.detail, "status": exc.status_code}, exc.status_code, headers=headers)
+        if exc.status_code == 401 and request.method == "GET":
+            return RedirectResponse("/login?next=" + quote(str(request.url.path)), 303)
+        return templates.TemplateResponse(request, "error.html", {"status": exc.status_code, "message": exc.detail,
+                                                                  "me": None}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        problems = [f"{'.'.join(str(x) for x in e['loc'] if x not in ('query', 'body', 'path'))}: {e['msg']}" for e in exc.errors()]
+        msg = "bad request: " + "; ".join(problems)
+        if wants_json(request):
+            return JSONResponse({"error": msg, "status": 422, "detail": [
+                {"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]}, 422)
+        return templates.TemplateResponse(request, "error.html", {"status": 422, "message": msg, "me": None}, status_code=422)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        resp: Response = await call_next(request)
+        docs = request.url.path in ("/docs", "/redoc")
+        # /docs is FastAPI's Swagger UI, which loads its script from a CDN.
+        resp.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self' data: https://fastapi.tiangolo.com; "
+            "script-src 'self' https://cdn.jsdelivr.net 'unsafe-inline'; style-src 'self' https://cdn.jsdelivr.net; "
+            "frame-ancestors 'none'" if docs else
+            "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+            "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+        )
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["X-Frame-Options"] = "DENY"
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        resp.headers["Cross-Origin-Opener-Policy"] = "same-origin"
+        if desk.secure_cookies:
+            resp.headers["Strict-Transport-Security"] = "max-age=31536000"
+        return resp
+
+    def cluster_query(verdict: Optional[str] = Query(None), platform: Optional[str] = Query(None),
+                      since: Optional[str] = Query(None), q: Optional[str] = Query(None),
+                      sort: str = Query("velocity"), limit: int = Query(100)) -> ClusterQuery:
+        try:
+            return ClusterQuery(verdict=verdict or None, platform=platform or None, since=since or None, q=q or None,
+                                sort=sort, limit=limit)
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from None
+
+    def store_query(q: Optional[str] = Query(None, max_length=1000, description='words ANDed, "quoted phrases"'),
+                    since: Optional[str] = Query(None), until: Optional[str] = Query(None),
+                    platform: Optional[str] = Query(None), account: Optional[str] = Query(None),
+                    hashtag: Optional[str] = Query(None), verdict: Optional[str] = Query(None),
+                    min_score: Optional[str] = Query(None, description="0..1"), sort: Optional[str] = Query(None),
+                    limit: int = Query(100)) -> StoreQuery:
+        try:
+            return StoreQuery(text=q, since=since or None, until=until or None, platform=platform, account=account,
+                              hashtag=hashtag, verdict=verdict or None, min_score=min_score or None, sort=sort or None,
+                              limit=limit)
+        except ValidationError as e:
+            loc = {"text": "q"}
+            raise RequestValidationError([{**err, "loc": ("query", *(loc.get(x, x) for x in err["loc"]))}
+                                          for err in e.errors()]) from None
+
+    def account_query(min_ai_share: float = Query(0.0), min_posts: int = Query(1), limit: int = Query(200)) -> AccountQuery:
+        try:
+            return AccountQuery(min_ai_share=min_ai_share, min_posts=min_posts, limit=limit)
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from None
+
+    def get_cluster(cluster_id: str) -> dict[str, Any]:
+        try:
+            return desk.source.detail(cluster_id)
+        except NotFound:
+            raise _error(404, f"no cluster {cluster_id!r}") from None
+
+    # -- API --------------------------------------------------------------------
+    @app.get("/api/clusters", tags=["clusters"], summary="Clusters, in the `deepwatch clusters --format json` shape")
+    def api_clusters(q: ClusterQuery = Depends(cluster_query), _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+        return desk.source.clusters(q)
+
+    @app.get("/api/clusters/{cluster_id}", tags=["clusters"],
+             summary="One cluster with members, sightings over time, evidence and verdict history")
+    def api_cluster(cluster_id: str, _: Principal = Depends(reader)) -> dict[str, Any]:
+        return get_cluster(cluster_id)
+
+    @app.post("/api/clusters/{cluster_id}/verdict", tags=["verdicts"], status_code=201,
+              summary="Record a verdict (editor): fake / authentic feed the banks; needs-review flags it")
+    async def api_verdict(cluster_id: str, body: VerdictIn, request: Request, who: Principal = Depends(editor)) -> dict[str, Any]:
+        check_csrf(who, request.headers.get("x-csrf-token"))
+        return (await _record(cluster_id, body, who)).model_dump(mode="json")
+
+    @app.get("/api/accounts", tags=["accounts"], summary="Accounts with posts, pictures, AI share, first/last seen, platforms")
+    def api_accounts(q: AccountQuery = Depends(account_query), _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+        return desk.source.accounts(q)
+
+    @app.get("/api/accounts/{account_id}", tags=["accounts"], summary="One account with its recent posts")
+    def api_account(account_id: str, _: Principal = Depends(reader)) -> dict[str, Any]:
+        try:
+            return desk.source.account(account_id)
+        except NotFound:
+            raise _error(404, f"no account {account_id!r}") from None
+
+    @app.get("/api/search", tags=["clusters"],
+             summary="Analyst search of the findings store: full text over posts and hashtags plus filters")
+    def api_search(q: StoreQuery = Depends(store_query), _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+        if q == StoreQuery(limit=q.limit):
+            raise _error(422, "bad request: give at least one of q, since, until, platform, account, hashtag, verdict, min_score")
+        return desk.source.analyst_search(q)
+
+    @app.get("/api/banks", tags=["verdicts"], summary="Banks of known pictures and their sizes")
+    def api_banks(_: Principal = Depends(reader)) -> list[dict[str, Any]]:
+        return views.banks(settings)
+
+    @app.get("/thumb/{sha256}", tags=["pictures"], summary="A resized JPEG of a cluster member (never the original bytes)")
+    def thumb(sha256: str, px: int = Query(settings.desk.thumb_px, ge=32, le=1024), _: Principal = Depends(reader)) -> Response:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise _error(400, "not a sha256 hex digest")
+        if sha256 not in views.member_shas(desk.source):
+            raise _error(404, f"no cluster member {sha256}")
+        try:
+            data = desk.thumbs.get(sha256, px)
+        except ThumbError as e:
+            raise _error(404, str(e)) from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+    async def _record(cluster_id: str, body: VerdictIn, who: Principal):
+        try:
+            rec = await desk.verdicts.record(cluster_id, body, who)
+        except NotFound:
+            raise _error(404, f"no cluster {cluster_id!r}") from None
+        except Conflict as e:
+            raise _error(409, str(e)) from None
+        await check_accounts(settings, desk.source, desk.db, desk.alerts)
+        return rec
+
+    # -- pages ------------------------------------------------------------------
+    def page(request: Request, name: str, me: Principal, **ctx: Any) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, {"me": me, "settings": settings, **ctx})
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def queue(request: Request, q: ClusterQuery = Depends(cluster_query), partial: bool = False,
+              me: Principal = Depends(reader)):
+        rows = desk.source.clusters(q)
+        spread = desk.source.spread(rows)
+        platforms = sorted({p for c in rows for p in c["platforms"]})
+        return page(request, "queue_rows.html" if partial else "queue.html", me, rows=rows, spread=spread, query=q,
+                    platforms=platforms, refresh_s=settings.desk.refresh_s,
+                    partial_url="/?" + urlencode({**{k: v for k, v in request.query_params.items()}, "partial": 1}))
+
+    @app.get("/clusters/{cluster_id}", response_class=HTMLResponse, include_in_schema=False)
+    def cluster_page(request: Request, cluster_id: str, me: Principal = Depends(reader)):
+        doc = get_cluster(cluster_id)
+        return page(request, "cluster.html", me, c=doc, banks=views.bank_entries_for(settings, doc))
+
+    @app.post("/clusters/{cluster_id}/verdict", include_in_schema=False)
+    async def cluster_verdict_form(cluster_id: str, verdict: str = Form(...), note: str = Form(""),
+                                   csrf: str = Form(""), who: Principal = Depends(editor)):
+        check_csrf(who, csrf)
+        try:
+            body = VerdictIn(verdict=verdict, note=note)
+        except ValidationError as e:
+            raise _error(422, f"bad verdict: {e.errors()[0]['msg']}") from None
+        await _record(cluster_id, body, who)
+        return RedirectResponse(f"/clusters/{quote(cluster_id)}#history", 303)
+
+    @app.get("/accounts", response_class=HTMLResponse, include_in_schema=False)
+    def accounts_page(request: Request, q: AccountQuery = Depends(account_query), me: Principal = Depends(reader)):
+        return page(request, "accounts.html", me, rows=desk.source.accounts(q), query=q)
+
+    @app.get("/accounts/{account_id}", response_class=HTMLResponse, include_in_schema=False)
+    def account_page(request: Request, account_id: str, me: Principal = Depends(reader)):
+        try:
+            a = desk.source.account(account_id)
+        except NotFound:
+            raise _error(404, f"no account {account_id!r}") from None
+        return page(request, "account.html", me, a=a)
+
+    @app.get("/search", response_class=HTMLResponse, include_in_schema=False)
+    def search_page(request: Request, q: StoreQuery = Depends(store_query), me: Principal = Depends(reader)):
+        asked = q != StoreQuery(limit=q.limit)
+        rows = desk.source.analyst_search(q) if asked else []
+        return page(request, "search.html", me, rows=rows, q=q, asked=asked, spread=desk.source.spread(rows))
+
+    @app.get("/banks", response_class=HTMLResponse, include_in_schema=False)
+    def banks_page(request: Request, me: Principal = Depends(reader)):
+        return page(request, "banks.html", me, banks=views.banks(settings), entries=views.desk_entries(settings))
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_form(request: Request, next: str = "/"):
+        token = secrets.token_urlsafe(24)
+        resp = templates.TemplateResponse(request, "login.html", {"me": None, "csrf": token, "next": _safe_next(next),
+                                                                   "error": None, "has_users": len(desk.users) > 0})
+        resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure_cookies, max_age=3600)
+        return resp
+
+    @app.post("/login", include_in_schema=False)
+    def login(request: Request, username: str = Form(..., max_length=64), password: str = Form(..., max_length=1024),
+              csrf: str = Form(""), next: str = Form("/")):
+        expected = request.cookies.get(LOGIN_CSRF_COOKIE)
+        if not (expected and csrf and secrets.compare_digest(expected, csrf)):
+            raise _error(403, "CSRF token missing or wrong; reload the login page and try again")
+        client = request.client.host if request.client else "unknown"
+        keys = (f"ip:{client}", f"user:{username}")
+        wait = desk.limiter.blocked(*keys)
+        if wait > 0:
+            raise HTTPException(429, f"too many failed logins; try again in {int(wait) + 1} s")
+        user = desk.users.check(username, password)
+        if user is None:
+            desk.limiter.failed(*keys)
+            log.warning("desk login failed", extra={"user": username, "client": client})
+            token = secrets.token_urlsafe(24)
+            resp = templates.TemplateResponse(request, "login.html", {"me": None, "csrf": token, "next": _safe_next(next),
+                                                                       "error": "wrong user name or password",
+                                                                       "has_users": True}, status_code=401)
+            resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure_cookies, max_age=3600)
+            return resp
+        token, _ = desk.db.new_session(user.name, user.role, settings.desk.session_hours)
+        resp = RedirectResponse(_safe_next(next), 303)
+        resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure_cookies,
+                        max_age=int(settings.desk.session_hours * 3600))
+        resp.delete_cookie(LOGIN_CSRF_COOKIE)
+        return resp
+
+    @app.post("/logout", include_in_schema=False)
+    def logout(request: Request, csrf: str = Form(""), me: Principal = Depends(reader)):
+        if me.via == "session":
+            check_csrf(me, csrf)
+            desk.db.end_session(request.cookies.get(SESSION_COOKIE, ""))
+        resp = RedirectResponse("/", 303)
+        resp.delete_cookie(SESSION_COOKIE)
+        return resp
+
+    return app
+
+
+def _safe_next(target: str) -> str:
+    # Only same-site paths: "//evil.example" or "https://..." would be an open redirect.
+    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+
+
+async def _account_loop(desk: Desk) -> None:
+    while True:
+        try:
+            await check_accounts(desk.settings, desk.source, desk.db, desk.alerts)
+        except Exception:
+            log.exception("account alert check failed")
+        await asyncio.sleep(desk.settings.desk.account_check_s)

@@ -1,0 +1,211 @@
+"""The desk's own tables, in ``<data_dir>/desk.sqlite`` (not the findings
+store): the verdict audit trail, the per-cluster overlay verdicts imply,
+login sessions, and which account alerts were raised.
+
+The audit trail is append-only: triggers refuse UPDATE and DELETE, so a
+verdict once recorded stays, and a change of mind is a new row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+DeskVerdict = Literal["fake", "authentic", "needs-review"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    verdict_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster_id TEXT NOT NULL,
+    verdict TEXT NOT NULL CHECK (verdict IN ('fake', 'authentic', 'needs-review')),
+    note TEXT NOT NULL,
+    user TEXT NOT NULL,
+    role TEXT NOT NULL,
+    at TEXT NOT NULL,
+    cluster_state TEXT NOT NULL
+);
+-- What a verdict did (bank entries, clusters re-scored, alerts), written once
+-- after its effects ran: a separate insert, so the audit rows never change.
+CREATE TABLE IF NOT EXISTS verdict_effects (verdict_id INTEGER PRIMARY KEY, effects TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS verdicts_cluster ON verdicts(cluster_id);
+CREATE TRIGGER IF NOT EXISTS verdicts_no_update BEFORE UPDATE ON verdicts
+    BEGIN SELECT RAISE(ABORT, 'the verdict audit trail is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS verdicts_no_delete BEFORE DELETE ON verdicts
+    BEGIN SELECT RAISE(ABORT, 'the verdict audit trail is append-only'); END;
+-- What the latest verdicts mean for each cluster, own or by a bank match
+-- (rewritten whenever a verdict is recorded; the audit trail is the truth).
+CREATE TABLE IF NOT EXISTS overlay (
+    cluster_id TEXT PRIMARY KEY,
+    verdict TEXT NOT NULL,
+    verdict_id INTEGER NOT NULL,
+    source_cluster TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    role TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS account_alerts (
+    account_id TEXT PRIMARY KEY,
+    alert_id TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+"""
+
+
+class VerdictRecord(BaseModel):
+    """One row of the audit trail, as the API returns it."""
+
+    schema_version: int = 1
+    verdict_id: int
+    cluster_id: str
+    verdict: DeskVerdict
+    note: str
+    user: str
+    role: str
+    at: datetime
+    cluster_state: dict[str, Any]  # fake score, verdict, sightings... when the verdict was given
+    effects: dict[str, Any] = Field(default_factory=dict)
+
+
+class OverlayRow(BaseModel):
+    cluster_id: str
+    verdict: DeskVerdict
+    verdict_id: int
+    source_cluster: str  # the cluster the verdict was given on (itself, or the one it matched)
+    detail: str
+
+
+class Session(BaseModel):
+    user: str
+    role: str
+    csrf: str
+
+
+def _hash_token(token: str) -> str:
+    # Only the hash is stored: a copy of the database does not log anyone in.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class DeskDB:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self.version = 0  # bumped on every verdict: read caches key on it
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- verdicts -------------------------------------------------------------
+    def add_verdict(self, cluster_id: str, verdict: str, note: str, user: str, role: str,
+                    cluster_state: dict[str, Any]) -> VerdictRecord:
+        at = datetime.now(timezone.utc)
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO verdicts (cluster_id, verdict, note, user, role, at, cluster_state) VALUES (?,?,?,?,?,?,?)",
+                (cluster_id, verdict, note, user, role, at.isoformat(), json.dumps(cluster_state, default=str)),
+            )
+            self.version += 1
+        return VerdictRecord(verdict_id=cur.lastrowid, cluster_id=cluster_id, verdict=verdict, note=note, user=user,
+                             role=role, at=at, cluster_state=cluster_state)
+
+    def record_effects(self, verdict_id: int, effects: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO verdict_effects (verdict_id, effects) VALUES (?, ?)",
+                             (verdict_id, json.dumps(effects, default=str)))
+
+    def history(self, cluster_ids: list[str]) -> list[VerdictRecord]:
+        if not cluster_ids:
+            return []
+        marks = ",".join("?" * len(cluster_ids))
+        rows = self._db.execute(
+            f"""SELECT v.verdict_id, v.cluster_id, v.verdict, v.note, v.user, v.role, v.at, v.cluster_state,
+                       COALESCE(e.effects, '{{}}')
+                FROM verdicts v LEFT JOIN verdict_effects e ON e.verdict_id = v.verdict_id
+                WHERE v.cluster_id IN ({marks}) ORDER BY v.verdict_id""", cluster_ids,
+        ).fetchall()
+        return [VerdictRecord(verdict_id=r[0], cluster_id=r[1], verdict=r[2], note=r[3], user=r[4], role=r[5],
+                              at=datetime.fromisoformat(r[6]), cluster_state=json.loads(r[7]), effects=json.loads(r[8]))
+                for r in rows]
+
+    def latest_verdicts(self) -> dict[str, VerdictRecord]:
+        """Each judged cluster's latest verdict."""
+        out: dict[str, VerdictRecord] = {}
+        ids = [r[0] for r in self._db.execute("SELECT DISTINCT cluster_id FROM verdicts")]
+        for rec in self.history(ids):
+            out[rec.cluster_id] = rec
+        return out
+
+    # -- overlay ---------------------------------------------------------------
+    def set_overlay(self, rows: list[OverlayRow], clear_source: str) -> None:
+        """Replace what the verdict on ``clear_source`` implied with ``rows``."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM overlay WHERE source_cluster=?", (clear_source,))
+                for r in rows:
+                    # A cluster's own verdict beats one inherited through a match.
+                    own = self._db.execute("SELECT source_cluster FROM overlay WHERE cluster_id=?", (r.cluster_id,)).fetchone()
+                    if own and own[0] == r.cluster_id and r.source_cluster != r.cluster_id:
+                        continue
+                    self._db.execute(
+                        """INSERT INTO overlay (cluster_id, verdict, verdict_id, source_cluster, detail) VALUES (?,?,?,?,?)
+                           ON CONFLICT(cluster_id) DO UPDATE SET verdict=excluded.verdict, verdict_id=excluded.verdict_id,
+                           source_cluster=excluded.source_cluster, detail=excluded.detail""",
+                        (r.cluster_id, r.verdict, r.verdict_id, r.source_cluster, r.detail),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self.version += 1
+
+    def overlay(self) -> dict[str, OverlayRow]:
+        rows = self._db.execute("SELECT cluster_id, verdict, verdict_id, source_cluster, detail FROM overlay").fetchall()
+        return {r[0]: OverlayRow(cluster_id=r[0], verdict=r[1], verdict_id=r[2], source_cluster=r[3], detail=r[4]) for r in rows}
+
+    # -- sessions --------------------------------------------------------------
+    def new_session(self, user: str, role: str, hours: float) -> tuple[str, Session]:
+        token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        with self._lock:
+            self._db.execute("DELETE FROM sessions WHERE expires < ?", (time.time(),))
+            self._db.execute("INSERT INTO sessions (token_hash, user, role, csrf, expires) VALUES (?,?,?,?,?)",
+                             (_hash_token(token), user, role, csrf, time.time() + hours * 3600))
+        return token, Session(user=user, role=role, csrf=csrf)
+
+    def session(self, token: str) -> Session | None:
+        row = self._db.execute("SELECT user, role, csrf, expires FROM sessions WHERE token_hash=?",
+                               (_hash_token(token),)).fetchone()
+        if row is None or row[3] < time.time():
+            return None
+        return Session(user=row[0], role=row[1], csrf=row[2])
+
+    def end_session(self, token: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM sessions WHERE token_hash=?", (_hash_token(token),))
+
+    # -- account alerts --------------------------------------------------------
+    def account_alerted(self, account_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM account_alerts WHERE account_id=?", (account_id,)).fetchone() is not None
+
+    def mark_account_alerted(self, account_id: str, alert_id: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO account_alerts (account_id, alert_id, at) VALUES (?,?,?)",
+                             (account_id, alert_id, datetime.now(timezone.utc).isoformat()))

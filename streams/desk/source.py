@@ -1,0 +1,383 @@
+"""The desk's one adapter to the findings store: everything the desk reads
+about clusters, sightings and accounts goes through ``FindingsSource``, so a
+change of store interface is a change here only.
+
+Cluster documents keep the ``deepwatch clusters --format json`` shape; the
+desk's verdict overlay adds a ``desk`` key and, where a verdict says fake or
+authentic, re-scores ``fake_score``/``verdict``/``suppressed`` (the stream's
+own values stay under ``desk.stream_fake_score``/``desk.stream_verdict``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from detectors.base import Evidence
+from detectors.fusion import fuse
+from streams.desk.deskdb import DeskDB, OverlayRow
+from streams.findings import ClusterQuery as StoreQuery
+from streams.store import SqliteFindingsStore
+
+SortKey = Literal["velocity", "score", "last_seen", "sightings"]
+STREAM_VERDICTS = ("likely-ai", "inconclusive", "no-evidence")
+DESK_VERDICTS = ("fake", "authentic", "needs-review", "unreviewed")
+
+
+class NotFound(LookupError):
+    pass
+
+
+class ClusterQuery(BaseModel):
+    """Filters of ``GET /api/clusters`` (and the queue page)."""
+
+    model_config = ConfigDict(extra="forbid")
+    verdict: str | None = None
+    platform: str | None = Field(default=None, max_length=64)
+    since: datetime | None = None
+    q: str | None = Field(default=None, max_length=200)
+    sort: SortKey = "velocity"
+    limit: int = Field(default=100, ge=1, le=1000)
+
+    @field_validator("verdict")
+    @classmethod
+    def _verdict(cls, v: str | None) -> str | None:
+        if v and v not in STREAM_VERDICTS + DESK_VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(STREAM_VERDICTS + DESK_VERDICTS)}")
+        return v or None
+
+    @field_validator("since")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        return v.replace(tzinfo=timezone.utc) if v is not None and v.tzinfo is None else v
+
+
+class AccountQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_ai_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_posts: int = Field(default=1, ge=0)
+    limit: int = Field(default=200, ge=1, le=5000)
+
+
+def _ts(s: str) -> datetime:
+    d = datetime.fromisoformat(s)
+    return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+
+
+def desk_bank_evidence(verdict: str, row: OverlayRow) -> Evidence:
+    """The verdict as evidence, as decisive as a bank match (detectors.banks)."""
+    fake = verdict == "fake"
+    return Evidence(detector="desk:verdict", score=0.97 if fake else 0.03, weight=3.0, detail=row.detail,
+                    data={"verdict": verdict, "suppress": not fake, "desk_verdict_id": row.verdict_id,
+                          "source_cluster": row.source_cluster})
+
+
+def sqlite_path(store_url: str | None, data_dir: Path) -> Path:
+    """The SQLite findings file a ``--store`` value names (None: the data dir's).
+    The desk reads sightings and accounts with SQL, so it needs the SQLite store."""
+    url = (store_url or "").strip()
+    if not url or url in ("sqlite", "sqlite:"):
+        return Path(data_dir) / "findings.sqlite"
+    if url.startswith("sqlite://") and len(url) > len("sqlite://"):
+        path = url[len("sqlite://"):]
+        return Path("/" + path.lstrip("/") if path.startswith("/") else path)  # extra slashes tolerated
+    raise ValueError(f"the desk reads the SQLite findings store (sqlite:///PATH, or leave --store out); "
+                     f"{store_url!r} is not supported by the desk yet")
+
+
+class FindingsSource:
+    def __init__(self, findings_path: Path, desk: DeskDB):
+        self.path = Path(findings_path)
+        self.store = SqliteFindingsStore(self.path)
+        self.desk = desk
+        # A read-only connection of our own for the sighting queries the store
+        # interface has no method for (posts, accounts, spread), and for PRAGMA
+        # data_version, which changes whenever another connection commits.
+        self._ro = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False, timeout=30)
+        self._lock = threading.Lock()
+        self._cache_key: tuple[int, int] | None = None
+        self._cache: dict[str, dict[str, Any]] = {}
+
+    def close(self) -> None:
+        self._ro.close()
+        self.store.close()
+
+    # -- clusters -------------------------------------------------------------
+    def _all(self) -> dict[str, dict[str, Any]]:
+        """Every cluster (merged ones too) with the overlay applied, cached
+        until the store or the desk's verdicts change."""
+        with self._lock:
+            key = (self._ro.execute("PRAGMA data_version").fetchone()[0], self.desk.version)
+            if key != self._cache_key:
+                docs = [c.as_json() for c in self.store.clusters(include_merged=True)]
+                overlay = self.desk.overlay()
+                # A verdict given on a cluster that has since been merged away
+                # carries over to its survivor (unless the survivor has its own).
+                for d in docs:
+                    if d["id"] not in overlay:
+                        inherited = [overlay[m] for m in d.get("merged_from") or [] if m in overlay]
+                        if inherited:
+                            overlay[d["id"]] = max(inherited, key=lambda r: r.verdict_id)
+                self._cache = {d["id"]: _apply_overlay(d, overlay.get(d["id"])) for d in docs}
+                self._cache_key = key
+            return self._cache
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._cache_key = None
+
+    def clusters(self, q: ClusterQuery) -> list[dict[str, Any]]:
+        docs = [d for d in self._all().values() if not d.get("merged_into")]
+        if q.verdict in STREAM_VERDICTS:
+            docs = [d for d in docs if d["verdict"] == q.verdict]
+        elif q.verdict == "unreviewed":
+            docs = [d for d in docs if not d.get("desk")]
+        elif q.verdict:
+            docs = [d for d in docs if (d.get("desk") or {}).get("verdict") == q.verdict]
+        if q.platform:
+            docs = [d for d in docs if q.platform in d["platforms"]]
+        if q.since:
+            docs = [d for d in docs if d["last_seen"] and _ts(d["last_seen"]) >= q.since]
+        if q.q:
+            hits = set(self.search_ids(q.q))
+            docs = [d for d in docs if d["id"] in hits]
+        docs.sort(key=_sort_key(q.sort), reverse=True)
+        return docs[: q.limit]
+
+    def cluster(self, cluster_id: str) -> dict[str, Any]:
+        doc = self._all().get(cluster_id)
+        if doc is None:
+            raise NotFound(cluster_id)
+        return doc
+
+    def analyst_search(self, q: StoreQuery) -> list[dict[str, Any]]:
+        """The store's analyst search (full text over posts and hashtags,
+        time range, platform, account, hashtag, verdict, minimum score), with
+        the desk's overlay on the results. A bare ``text`` that names no post
+        (a cluster id, a sha256, evidence wording) also finds those clusters."""
+        docs = self._all()
+        ids = [c.id for c in self.store.search(q)]
+        only_text = q.text and not any((q.since, q.until, q.platform, q.account, q.hashtag, q.verdict, q.min_score))
+        if only_text:
+            seen = set(ids)
+            ids += [cid for cid in self.search_ids(q.text) if cid not in seen]
+        return [docs[cid] for cid in ids if cid in docs][: q.limit]
+
+    def search_ids(self, text: str) -> list[str]:
+        """Clusters whose posts match ``text`` in the store's full-text search
+        (words ANDed, "quoted phrases"), plus those whose id, evidence,
+        member sha256, account or post URL contain it."""
+        needle = text.strip().lower()
+        if not needle:
+            return []
+        roots = self._roots()
+        hits: set[str] = {c.id for c in self.store.search(StoreQuery(text=text, limit=10_000))}
+        for cid, d in self._all().items():
+            blob = " ".join([cid, d["verdict"], " ".join(d["platforms"]), *(e.get("detail", "") for e in d["evidence"]),
+                             *(m["sha256"] for m in d["members"])]).lower()
+            if needle in blob:
+                hits.add(roots.get(cid, cid))
+        like = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        for (cid,) in self._ro.execute(
+            """SELECT DISTINCT cluster_id FROM sightings WHERE lower(account_id) LIKE ?1 ESCAPE '\\' OR lower(coalesce(account_handle,'')) LIKE ?1 ESCAPE '\\'
+               OR lower(coalesce(post_url,'')) LIKE ?1 ESCAPE '\\' OR event_id = ?2""", (like, text.strip())
+        ):
+            hits.add(roots.get(cid, cid))
+        return sorted(hits)
+
+    def _roots(self) -> dict[str, str]:
+        out = {}
+        for cid, d in self._all().items():
+            for m in d.get("merged_from") or []:
+                out[m] = cid
+        return out
+
+    # -- sightings ------------------------------------------------------------
+    def sightings(self, cluster_ids: list[str], limit: int | None = None) -> list[dict[str, Any]]:
+        if not cluster_ids:
+            return []
+        marks = ",".join("?" * len(cluster_ids))
+        cols = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
+                "posted_at", "text")
+        sql = f"SELECT {', '.join(cols)} FROM sightings WHERE cluster_id IN ({marks}) ORDER BY posted_at"
+        rows = self._ro.execute(sql + (f" LIMIT {int(limit)}" if limit else ""), cluster_ids).fetchall()
+        return [dict(zip(cols, r)) for r in rows]
+
+    def spread(self, clusters: list[dict[str, Any]], buckets: int = 24) -> dict[str, list[int]]:
+        """Sightings per time bucket between each cluster's first and last
+        sighting: the queue's sparklines, with one query for the page."""
+        ids = {c["id"]: c["id"] for c in clusters}
+        for c in clusters:
+            for m in c.get("merged_from") or []:
+                ids[m] = c["id"]
+        out = {c["id"]: [0] * buckets for c in clusters}
+        if not ids:
+            return out
+        span = {c["id"]: (_ts(c["first_seen"]), _ts(c["last_seen"])) for c in clusters if c["first_seen"]}
+        keys = list(ids)
+        for chunk in (keys[i:i + 500] for i in range(0, len(keys), 500)):
+            for cid, posted in self._ro.execute(
+                f"SELECT cluster_id, posted_at FROM sightings WHERE cluster_id IN ({','.join('?' * len(chunk))})", chunk
+            ):
+                root = ids[cid]
+                if root not in span:
+                    continue
+                first, last = span[root]
+                width = max((last - first).total_seconds(), 1.0)
+                i = int((_ts(posted) - first).total_seconds() / width * (buckets - 1))
+                out[root][min(max(i, 0), buckets - 1)] += 1
+        return out
+
+    def detail(self, cluster_id: str) -> dict[str, Any]:
+        """One cluster with its sightings, spread by platform, and verdict history."""
+        doc = dict(self.cluster(cluster_id))
+        ids = [cluster_id, *(doc.get("merged_from") or [])]
+        sightings = self.sightings(ids)
+        doc["sightings_detail"] = sightings
+        doc["spread_by_platform"] = _spread_by_platform(sightings)
+        doc["verdict_history"] = [v.model_dump(mode="json") for v in self.desk.history([cluster_id])]
+        return doc
+
+    # -- accounts -------------------------------------------------------------
+    def accounts(self, q: AccountQuery, only: str | None = None) -> list[dict[str, Any]]:
+        docs = self._all()
+        roots = self._roots()
+        ai = {cid for cid, d in docs.items() if _is_ai(d)}
+        acc: dict[str, dict[str, Any]] = {}
+        sql = "SELECT account_id, account_handle, platform, sha256, cluster_id, posted_at FROM sightings"
+        for account, handle, platform, sha, cid, posted in self._ro.execute(
+            sql + (" WHERE account_id=?" if only is not None else "") + " ORDER BY posted_at",
+            (only,) if only is not None else (),
+        ):
+            root = roots.get(cid, cid)
+            a = acc.get(account)
+            if a is None:
+                a = acc[account] = {"id": account, "handle": handle, "posts": 0, "pics": set(), "ai_pics": set(),
+                                    "platforms": set(), "clusters": set(), "first_seen": posted, "last_seen": posted,
+                                    "times": []}
+            a["posts"] += 1
+            a["pics"].add(sha)
+            if root in ai:
+                a["ai_pics"].add(sha)
+            a["platforms"].add(platform)
+            a["clusters"].add(root)
+            a["last_seen"] = posted
+            a["handle"] = a["handle"] or handle
+            a["times"].append(posted)
+        out = []
+        for a in acc.values():
+            share = len(a["ai_pics"]) / len(a["pics"]) if a["pics"] else 0.0
+            if share < q.min_ai_share or a["posts"] < q.min_posts:
+                continue
+            out.append(_account_doc(a, share, ai))
+        out.sort(key=lambda d: (d["ai_share"], d["ai_pictures"], d["posts"]), reverse=True)
+        return out[: q.limit]
+
+    def account(self, account_id: str) -> dict[str, Any]:
+        for a in self.accounts(AccountQuery(min_posts=0), only=account_id):
+            if a["id"] == account_id:
+                rows = self._ro.execute(
+                    """SELECT event_id, cluster_id, sha256, platform, post_url, posted_at, text FROM sightings
+                       WHERE account_id=? ORDER BY posted_at DESC LIMIT 200""", (account_id,)).fetchall()
+                roots = self._roots()
+                a["posts_detail"] = [dict(zip(("event_id", "cluster_id", "sha256", "platform", "post_url", "posted_at",
+                                               "text"), r)) | {"cluster_id": roots.get(r[1], r[1])} for r in rows]
+                return a
+        raise NotFound(account_id)
+
+    def account_windows(self, window: timedelta) -> list[dict[str, Any]]:
+        """Per account: likely-AI pictures and share within ``window`` before
+        its last post (what account alerts are decided on)."""
+        docs = self._all()
+        roots = self._roots()
+        ai = {cid for cid, d in docs.items() if _is_ai(d)}
+        posts: dict[str, list[tuple[datetime, str, bool, str]]] = defaultdict(list)
+        for account, sha, cid, posted, platform in self._ro.execute(
+            "SELECT account_id, sha256, cluster_id, posted_at, platform FROM sightings"
+        ):
+            root = roots.get(cid, cid)
+            posts[account].append((_ts(posted), sha, root in ai, platform))
+        out = []
+        for account, rows in posts.items():
+            last = max(t for t, *_ in rows)
+            recent = [r for r in rows if r[0] >= last - window]
+            pics = {sha for _, sha, _, _ in recent}
+            ai_pics = {sha for _, sha, is_ai, _ in recent if is_ai}
+            out.append({"id": account, "pictures": len(pics), "ai_pictures": len(ai_pics),
+                        "ai_share": len(ai_pics) / len(pics) if pics else 0.0, "posts": len(recent),
+                        "last_seen": last, "platforms": sorted({p for *_, p in recent})})
+        return out
+
+
+def _is_ai(d: dict[str, Any]) -> bool:
+    desk = (d.get("desk") or {}).get("verdict")
+    if desk in ("fake", "authentic"):
+        return desk == "fake"
+    return d["verdict"] == "likely-ai"
+
+
+def _account_doc(a: dict[str, Any], share: float, ai: set[str]) -> dict[str, Any]:
+    times = [_ts(t) for t in a["times"]]
+    gaps = sorted((b - c).total_seconds() for b, c in zip(times[1:], times[:-1]))
+    span_days = max((times[-1] - times[0]).total_seconds() / 86400, 1 / 24)
+    return {
+        "id": a["id"], "handle": a["handle"], "posts": a["posts"], "pictures": len(a["pics"]),
+        "ai_pictures": len(a["ai_pics"]), "ai_share": round(share, 4),
+        "first_seen": a["first_seen"], "last_seen": a["last_seen"], "platforms": sorted(a["platforms"]),
+        "clusters": sorted(a["clusters"]), "ai_clusters": sorted(a["clusters"] & ai),
+        "cadence": {"posts_per_day": round(a["posts"] / span_days, 2),
+                    "median_gap_s": gaps[len(gaps) // 2] if gaps else None},
+    }
+
+
+def _spread_by_platform(sightings: list[dict[str, Any]], buckets: int = 24) -> dict[str, Any]:
+    if not sightings:
+        return {"start": None, "end": None, "buckets": buckets, "platforms": {}}
+    times = [_ts(s["posted_at"]) for s in sightings]
+    first, last = min(times), max(times)
+    width = max((last - first).total_seconds(), 1.0)
+    series: dict[str, list[int]] = {}
+    for s, t in zip(sightings, times):
+        row = series.setdefault(s["platform"], [0] * buckets)
+        row[min(int((t - first).total_seconds() / width * (buckets - 1)), buckets - 1)] += 1
+    return {"start": first.isoformat(), "end": last.isoformat(), "buckets": buckets, "platforms": series}
+
+
+def _apply_overlay(doc: dict[str, Any], row: OverlayRow | None) -> dict[str, Any]:
+    if row is None:
+        return doc
+    doc = dict(doc)
+    desk = {"verdict": row.verdict, "verdict_id": row.verdict_id, "source_cluster": row.source_cluster,
+            "detail": row.detail, "stream_fake_score": doc["fake_score"], "stream_verdict": doc["verdict"]}
+    if row.verdict in ("fake", "authentic"):
+        stream = [Evidence.model_validate(e) for e in doc["evidence"]]
+        # Reposts that arrived after the verdict carry the desk bank's match
+        # already: the same human decision must not count twice.
+        if not any(e.detector == f"bank:desk-{row.verdict}" for e in stream):
+            stream.append(desk_bank_evidence(row.verdict, row))
+        fused = fuse(stream)
+        doc["fake_score"] = round(fused.score, 4)
+        doc["verdict"] = fused.verdict
+        doc["evidence"] = [e.model_dump(exclude_none=True) for e in fused.evidence]
+        if row.verdict == "authentic":
+            doc["suppressed"] = f"desk verdict authentic: {row.detail}"
+    doc["desk"] = desk
+    return doc
+
+
+def _sort_key(sort: str):
+    if sort == "score":
+        return lambda d: (d["fake_score"], d["sightings"])
+    if sort == "last_seen":
+        return lambda d: d["last_seen"] or ""
+    if sort == "sightings":
+        return lambda d: (d["sightings"], d["fake_score"])
+    # velocity: viral likely-AI first, then by how fast it spreads now
+    return lambda d: (_is_ai(d) and not d.get("suppressed"), d["velocity"].get("sightings_5m", 0),
+                      d["velocity"].get("sightings_1h", 0), d["fake_score"])

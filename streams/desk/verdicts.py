@@ -1,0 +1,166 @@
+"""Recording a verdict and carrying out what it means.
+
+1. The audit row (who, when, note, the cluster's state at that moment) is
+   written first: whatever fails later, the decision is on record.
+2. Banks: ``fake`` puts the cluster's pictures in the ``desk-fake`` bank,
+   ``authentic`` in ``desk-authentic`` (the banks file every analyze stage
+   re-reads within seconds, so the very next repost carries the match);
+   a changed mind withdraws the cluster's pictures from the other desk bank,
+   ``needs-review`` from both.
+3. Retroactively: every stored cluster whose members match the judged
+   pictures (same rule as the banks) gets the verdict in the desk overlay,
+   which re-scores it on read (``source._apply_overlay``).
+4. Alerts: ``fake`` raises/confirms one alert per affected cluster with a
+   stable id (``<cluster>:desk-fake``) through the shared alert path;
+   ``authentic`` marks them suppressed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from detectors.banks import BankStore
+from detectors.base import Evidence
+from detectors.hashing import ImageHashes
+from streams.blobstore import DirectoryBlobStore
+from streams.desk.alerting import AlertPath
+from streams.desk.auth import Principal
+from streams.desk.deskdb import DeskDB, DeskVerdict, OverlayRow, VerdictRecord
+from streams.desk.source import FindingsSource, desk_bank_evidence
+from streams.records import Alert, Velocity
+from streams.settings import Settings
+
+BANKS = {"fake": "desk-fake", "authentic": "desk-authentic"}
+
+
+class VerdictIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    verdict: DeskVerdict
+    note: str = Field(default="", max_length=4000)
+
+
+class Conflict(Exception):
+    pass
+
+
+def cluster_state(doc: dict[str, Any]) -> dict[str, Any]:
+    """What the editor saw: kept with the verdict in the audit trail."""
+    keys = ("fake_score", "verdict", "sightings", "accounts", "platforms", "first_seen", "last_seen", "velocity",
+            "alert_level", "suppressed", "revision", "desk")
+    state = {k: doc.get(k) for k in keys}
+    state["evidence"] = [{"detector": e["detector"], "score": e["score"], "detail": e["detail"]} for e in doc["evidence"][:5]]
+    state["members"] = [m["sha256"] for m in doc["members"]]
+    return state
+
+
+class Verdicts:
+    def __init__(self, settings: Settings, source: FindingsSource, desk: DeskDB, alerts: AlertPath):
+        self.settings, self.source, self.desk, self.alerts = settings, source, desk, alerts
+        self.blobs = DirectoryBlobStore(Path(settings.data_dir) / "blobs")
+        self._lock = asyncio.Lock()  # one verdict at a time: bank and overlay rewrites must not interleave
+
+    async def record(self, cluster_id: str, body: VerdictIn, who: Principal) -> VerdictRecord:
+        async with self._lock:
+            doc = self.source.cluster(cluster_id)  # NotFound -> 404
+            if doc.get("merged_into"):
+                raise Conflict(f"cluster {cluster_id} was merged into {doc['merged_into']}; record the verdict there")
+            rec = self.desk.add_verdict(cluster_id, body.verdict, body.note, who.user, who.role, cluster_state(doc))
+            effects = await asyncio.to_thread(self._banks_and_overlay, rec, doc)
+            self.source.invalidate()
+            effects["alerts"] = await self._alerts(rec, effects["clusters"])
+            self.desk.record_effects(rec.verdict_id, effects)
+            rec.effects = effects
+            return rec
+
+    # -- banks and the retroactive overlay ---------------------------------------
+    def _banks_and_overlay(self, rec: VerdictRecord, doc: dict[str, Any]) -> dict[str, Any]:
+        shas = [m["sha256"] for m in doc["members"] if self.blobs.exists(m["sha256"])]
+        withdrawn = self._withdraw(shas, [b for v, b in BANKS.items() if v != rec.verdict])
+        detail = f"desk verdict {rec.verdict} by {rec.user} on cluster {rec.cluster_id}" + (f": {rec.note}" if rec.note else "")
+        rows = [OverlayRow(cluster_id=rec.cluster_id, verdict=rec.verdict, verdict_id=rec.verdict_id,
+                           source_cluster=rec.cluster_id, detail=detail)]
+        added = 0
+        if rec.verdict in BANKS and shas:
+            with tempfile.TemporaryDirectory(prefix="deepwatch-desk-") as tmp:
+                # add_images labels entries with the file name: name them after the cluster
+                paths = []
+                for sha in shas:
+                    p = Path(tmp) / f"cluster-{rec.cluster_id}-{sha[:12]}"
+                    p.write_bytes(self.blobs.get(sha))
+                    paths.append(p)
+                bank = self.settings.bank_store()
+                try:
+                    added = bank.add_images(BANKS[rec.verdict], rec.verdict, paths)
+                finally:
+                    bank.close()
+                matched = self._matching_clusters(paths, rec.verdict)
+            for cid in sorted(matched - {rec.cluster_id}):
+                rows.append(OverlayRow(cluster_id=cid, verdict=rec.verdict, verdict_id=rec.verdict_id,
+                                       source_cluster=rec.cluster_id, detail=detail + f" (matches cluster {rec.cluster_id})"))
+        self.desk.set_overlay(rows, clear_source=rec.cluster_id)
+        return {"bank": BANKS.get(rec.verdict), "bank_entries_added": added, "withdrawn": withdrawn,
+                "clusters": [r.cluster_id for r in rows]}
+
+    def _withdraw(self, shas: list[str], banks: list[str]) -> int:
+        """Remove these pictures from desk banks a new verdict contradicts.
+        BankStore has no delete: the desk owns these two banks' rows."""
+        path = self.settings.banks_path
+        if not shas or not banks or not path.exists():
+            return 0
+        db = sqlite3.connect(path, timeout=30)
+        try:
+            with db:
+                cur = db.execute(
+                    f"DELETE FROM entries WHERE bank IN ({','.join('?' * len(banks))}) AND sha256 IN ({','.join('?' * len(shas))})",
+                    [*banks, *shas])
+            return cur.rowcount
+        finally:
+            db.close()
+
+    def _matching_clusters(self, paths: list[Path], verdict: str) -> set[str]:
+        """Stored clusters with a member matching the judged pictures, using a
+        private in-memory bank of just these pictures and the banks' own rule."""
+        probe = BankStore(":memory:", **self.settings.dedupe.thresholds())
+        try:
+            probe.add_images("probe", verdict, paths)
+            hits: set[str] = set()
+            for m in self.source.store.iter_members():
+                if m.cluster_id in hits:
+                    continue
+                h = ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality, views=m.views, trimmed=m.trimmed)
+                if probe.match(h):
+                    hits.add(m.cluster_id)
+            return hits
+        finally:
+            probe.close()
+
+    # -- alerts ------------------------------------------------------------------
+    async def _alerts(self, rec: VerdictRecord, cluster_ids: list[str]) -> list[str]:
+        if rec.verdict != "fake":
+            return []
+        raised = []
+        for cid in cluster_ids:
+            try:
+                doc = self.source.cluster(cid)
+            except LookupError:
+                continue
+            desk = doc.get("desk") or {}
+            ev = desk_bank_evidence("fake", OverlayRow(cluster_id=cid, verdict="fake", verdict_id=rec.verdict_id,
+                                                       source_cluster=rec.cluster_id, detail=desk.get("detail", "")))
+            alert = Alert(
+                alert_id=f"{cid}:desk-fake", cluster_id=cid, rule="desk-verdict-fake", level=max(1, doc.get("alert_level") or 0),
+                fake_score=doc["fake_score"], verdict=doc["verdict"], velocity=Velocity(**doc["velocity"]),
+                sightings=doc["sightings"], accounts=doc["accounts"],
+                evidence=[ev] + [Evidence.model_validate(e) for e in doc["evidence"] if e["detector"] != ev.detector][:4],
+                at=datetime.now(timezone.utc),
+            )
+            await self.alerts.raise_alert(alert)
+            raised.append(alert.alert_id)
+        return raised

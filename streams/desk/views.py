@@ -1,0 +1,146 @@
+"""Small read helpers and Jinja filters for the desk pages."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+from typing import Any
+
+from markupsafe import Markup
+
+from streams.desk.source import FindingsSource
+from streams.settings import Settings
+
+_member_cache: tuple[int, set[str]] = (0, set())
+
+
+def member_shas(source: FindingsSource) -> set[str]:
+    """Pictures the desk may show: members of stored clusters."""
+    global _member_cache
+    docs = source._all()
+    if _member_cache[0] != id(docs):
+        _member_cache = (id(docs), {m["sha256"] for d in docs.values() for m in d["members"]})
+    return _member_cache[1]
+
+
+def _banks_db(settings: Settings) -> sqlite3.Connection | None:
+    path = settings.banks_path
+    if not path.exists():
+        return None
+    return sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
+
+
+def banks(settings: Settings) -> list[dict[str, Any]]:
+    db = _banks_db(settings)
+    if db is None:
+        return []
+    try:
+        rows = db.execute("SELECT b.name, b.verdict, COUNT(e.rowid) FROM banks b LEFT JOIN entries e ON e.bank = b.name "
+                          "GROUP BY b.name ORDER BY b.name").fetchall()
+        return [{"name": n, "verdict": v, "entries": c} for n, v, c in rows]
+    finally:
+        db.close()
+
+
+def _entries(settings: Settings, where: str, args: list[Any]) -> list[dict[str, Any]]:
+    db = _banks_db(settings)
+    if db is None:
+        return []
+    try:
+        rows = db.execute(f"SELECT e.bank, b.verdict, e.entry_id, e.label, e.sha256 FROM entries e JOIN banks b ON b.name = e.bank "
+                          f"WHERE {where} ORDER BY e.rowid DESC LIMIT 500", args).fetchall()
+        return [dict(zip(("bank", "verdict", "entry_id", "label", "sha256"), r)) for r in rows]
+    finally:
+        db.close()
+
+
+def bank_entries_for(settings: Settings, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    shas = [m["sha256"] for m in doc["members"]]
+    if not shas:
+        return []
+    return _entries(settings, f"e.sha256 IN ({','.join('?' * len(shas))})", shas)
+
+
+def desk_entries(settings: Settings) -> list[dict[str, Any]]:
+    return _entries(settings, "e.bank IN ('desk-fake', 'desk-authentic')", [])
+
+
+def sparkline(counts: list[int], width: int = 120, height: int = 24) -> Markup:
+    """Inline SVG of the cluster's spread: cumulative sightings over its
+    lifetime (a steep rise is a burst; per-bucket counts of a few sightings
+    would only zigzag)."""
+    if not counts:
+        return Markup("")
+    total = 0
+    cumulative = []
+    for c in counts:
+        total += c
+        cumulative.append(total)
+    counts = cumulative
+    top = max(counts) or 1
+    step = width / max(len(counts) - 1, 1)
+    pts = " ".join(f"{i * step:.1f},{height - 2 - (c / top) * (height - 4):.1f}" for i, c in enumerate(counts))
+    return Markup(
+        f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="spread: {sum(counts)} sightings"><polyline fill="none" stroke="currentColor" '
+        f'stroke-width="1.5" points="{pts}"/></svg>'
+    )
+
+
+PLATFORM_COLORS = ["#d9480f", "#1c7ed6", "#2b8a3e", "#862e9c", "#e67700", "#0b7285", "#5c940d", "#c2255c"]
+
+
+def spread_chart(spread: dict[str, Any], width: int = 640, height: int = 160) -> Markup:
+    """Multi-line SVG: cumulative sightings over time, one line per platform."""
+    series = {}
+    for platform, counts in (spread.get("platforms") or {}).items():
+        total, cum = 0, []
+        for c in counts:
+            total += c
+            cum.append(total)
+        series[platform] = cum
+    if not series:
+        return Markup('<p class="muted">no sightings</p>')
+    top = max(max(v) for v in series.values()) or 1
+    n = spread["buckets"]
+    step = (width - 20) / max(n - 1, 1)
+    parts = [f'<svg class="chart" width="{width}" height="{height + 20}" viewBox="0 0 {width} {height + 20}" role="img" '
+             f'aria-label="spread over time by platform">',
+             f'<line x1="10" y1="{height}" x2="{width - 10}" y2="{height}" stroke="#999"/>']
+    legend_x = 10
+    for i, (platform, counts) in enumerate(sorted(series.items())):
+        color = PLATFORM_COLORS[i % len(PLATFORM_COLORS)]
+        pts = " ".join(f"{10 + j * step:.1f},{height - (c / top) * (height - 10):.1f}" for j, c in enumerate(counts))
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"><title>{_esc(platform)}</title></polyline>')
+        parts.append(f'<text x="{legend_x}" y="{height + 15}" fill="{color}" font-size="12">{_esc(platform)} ({counts[-1]})</text>')
+        legend_x += 12 + 8 * (len(platform) + 5)
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def _esc(s: str) -> str:
+    return str(Markup.escape(s))
+
+
+def when(value: Any) -> str:
+    if not value:
+        return "—"
+    try:
+        d = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value)
+    return d.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def band(doc: dict[str, Any]) -> str:
+    desk = (doc.get("desk") or {}).get("verdict")
+    if desk:
+        return desk
+    return doc["verdict"]
+
+
+def register_filters(env) -> None:
+    env.filters["sparkline"] = sparkline
+    env.filters["spread_chart"] = spread_chart
+    env.filters["when"] = when
+    env.globals["band"] = band

@@ -1,0 +1,133 @@
+"""Builds findings stores for the desk tests and bench: real pictures in the
+blob store, real hashes, and cluster snapshots written through the store's
+own ``apply_snapshot`` (as the stream's sink writes them)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+
+from detectors.base import Evidence
+from detectors.hashing import compute_hashes
+from detectors.imagedata import ImageData
+from streams.blobstore import DirectoryBlobStore
+from streams.records import ClusterSnapshot, Engagement, ImageEvent, ImageRef, Member, Sighting, SourceRef, Velocity
+from streams.store import open_store
+from tests.support import picture
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def jpeg(img, quality: int = 85) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def ai_evidence(sha: str) -> Evidence:
+    return Evidence(detector="metadata", score=0.98, weight=3.0, sha256=sha,
+                    detail="PNG text chunk names the generator: Stable Diffusion XL")
+
+
+def make_cluster(store, blobs, cid: str, seed: int, *, posts: int, ai: bool, platforms=("x",), accounts=None,
+                 t0: datetime = T0, texts=None, size=(160, 120), hashes_cache: dict | None = None,
+                 variant: int | None = None) -> str:
+    """One cluster of ``posts`` sightings of one picture; returns its sha256.
+    ``variant`` changes one pixel: distinct bytes (its own blob and member
+    row) with the seed's hashes reused from ``hashes_cache`` (for benches)."""
+    img = picture(seed, size)
+    if variant is not None:
+        img.putpixel((0, 0), (variant % 256, (variant // 256) % 256, (variant // 65536) % 256))
+    data = jpeg(img)
+    sha = blobs.put(data)
+    h = (hashes_cache or {}).get(seed) or compute_hashes(ImageData(data))
+    if hashes_cache is not None:
+        hashes_cache[seed] = h
+    evidence = [ai_evidence(sha)] if ai else []
+    score, verdict = (0.95, "likely-ai") if ai else (0.2, "no-evidence")
+    member = Member(sha256=sha, phash=h.phash, pdq=h.pdq, pdq_quality=h.pdq_quality, event_id=f"{cid}-e0",
+                    width=size[0], height=size[1], format="JPEG", views=h.views, trimmed=h.trimmed, representative=True)
+    for i in range(posts):
+        when = t0 + timedelta(seconds=30 * i)
+        account = (accounts or [f"{cid}-acct{i}"])[i % len(accounts or [f"{cid}-acct{i}"])]
+        ev = ImageEvent(event_id=f"{cid}-e{i}", platform=platforms[i % len(platforms)], account_id=account,
+                        account_handle=f"@{account}", post_url=f"https://example.org/{cid}/{i}", posted_at=when,
+                        text=(texts or ["a picture"])[i % len(texts or ["a picture"])], image=ImageRef(blob=sha))
+        s = Sighting(event=ev, source=SourceRef(topic="deepwatch.events", partition=0, offset=hash((cid, i)) & 0xFFFFFFF),
+                     sha256=sha, width=size[0], height=size[1], format="JPEG", hashes=h, evidence=evidence)
+        store.apply_snapshot(ClusterSnapshot(
+            cluster_id=cid, revision=i + 1, fake_score=score, verdict=verdict, evidence=evidence, members=[member],
+            sightings=i + 1, accounts=i + 1, platforms=sorted(set(platforms)), engagement=Engagement(),
+            velocity=Velocity(sightings_5m=min(i + 1, 10), sightings_1h=i + 1), first_seen=t0, last_seen=when,
+            alert_level=1 if ai and i >= 9 else 0, new_sighting=s))
+    return sha
+
+
+def small_store(data: Path) -> dict[str, str]:
+    """Four clusters: a viral likely-AI one, a quiet likely-AI one, an ordinary
+    photo, and a persona account posting AI pictures. Returns id -> sha256."""
+    store = open_store(data)
+    blobs = DirectoryBlobStore(data / "blobs")
+    out = {
+        "c-viral": make_cluster(store, blobs, "c-viral", 1, posts=12, ai=True, platforms=("x", "weibo"),
+                                texts=["flooded subway station", "is this real?"]),
+        "c-quiet": make_cluster(store, blobs, "c-quiet", 2, posts=2, ai=True, platforms=("telegram",)),
+        "c-photo": make_cluster(store, blobs, "c-photo", 3, posts=4, ai=False, platforms=("x",), texts=["harbour at dawn"]),
+    }
+    for k in range(5):  # a persona account: five AI pictures, nothing else
+        cid = f"c-persona{k}"
+        out[cid] = make_cluster(store, blobs, cid, 100 + k, posts=1, ai=True, platforms=("xiaohongshu",),
+                                accounts=["persona1"], t0=T0 + timedelta(hours=k))
+    store.close()
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DeskServer:
+    """``deepwatch serve`` as a real process on a free loopback port."""
+
+    def __init__(self, data: Path, env: dict[str, str] | None = None, host: str = "127.0.0.1", extra: tuple = ()):
+        self.port = free_port()
+        self.host = host
+        self.url = f"http://{host}:{self.port}"
+        self.log = data / f"desk-{self.port}.log"
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli.__main__", "serve", "--data-dir", str(data), "--host", host,
+                 "--port", str(self.port), *extra], stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"desk exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+            try:
+                httpx.get(self.url + "/openapi.json", timeout=2)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("desk did not start: " + self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -1,0 +1,62 @@
+"""`deepwatch serve` as the contract states it: its own process (FastAPI +
+uvicorn) on a loopback port over a data dir; and its command-line mistakes
+end in one clear line, not a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+
+from tests.desk_support import REPO, DeskServer, small_store
+
+
+def deepwatch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streams.cli.__main__", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def test_serve_contract(tmp_path):
+    small_store(tmp_path)
+    desk = DeskServer(tmp_path, extra=("--store", f"sqlite:///{tmp_path / 'findings.sqlite'}"))
+    try:
+        with httpx.Client(base_url=desk.url, timeout=30) as c:
+            page = c.get("/")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            assert 'id="queue"' in page.text
+            rows = c.get("/api/clusters?sort=score&limit=3").json()
+            assert len(rows) == 3 and rows[0]["fake_score"] >= rows[-1]["fake_score"]
+            assert c.get("/api/clusters/c-viral").json()["id"] == "c-viral"
+            assert c.get("/api/accounts?min_ai_share=0.5&min_posts=5").json()[0]["id"] == "persona1"
+            r = c.post("/api/clusters/c-viral/verdict", json={"verdict": "fake", "note": "x"})
+            assert r.status_code == 401 and r.json()["error"]
+            assert c.get("/docs").status_code == 200
+            assert "/api/clusters" in c.get("/openapi.json").json()["paths"]
+    finally:
+        desk.stop()
+
+
+def test_serve_mistakes_are_one_clear_line(tmp_path):
+    r = deepwatch("serve", "--data-dir", str(tmp_path / "nothing"), "--port", "0")
+    assert r.returncode == 2 and "no findings at" in r.stderr and "deepwatch demo" in r.stderr
+    assert "Traceback" not in r.stderr
+    small_store(tmp_path)
+    r = deepwatch("serve", "--data-dir", str(tmp_path), "--store", "es://localhost:9200", "--port", "0")
+    assert r.returncode == 2 and "SQLite" in r.stderr and "Traceback" not in r.stderr
+    r = deepwatch("serve", "--data-dir", str(tmp_path), "--port", "0", env={"DEEPWATCH_DESK_TOKENS": "editor:me:short"})
+    assert r.returncode == 2 and "role:name:token" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "desk-users.json").write_text('{"users": [{"name": "x", "role": "root", "password": "plain"}]}')
+    r = deepwatch("serve", "--data-dir", str(tmp_path), "--port", "0")
+    said = " ".join(r.stderr.split())  # rich wraps long lines
+    assert r.returncode == 2 and "desk-users.json is not valid: role:" in said and "Traceback" not in said
+    (tmp_path / "desk-users.json").unlink()
+    r = deepwatch("desk-user", "eve", "--role", "admin", "--data-dir", str(tmp_path), "--password-env", "X")
+    assert r.returncode == 2 and "viewer or editor" in r.stderr
+    r = deepwatch("desk-user", "eve", "--role", "editor", "--data-dir", str(tmp_path), "--password-env", "PW",
+                  env={"PW": "short"})
+    assert r.returncode == 2 and "10 characters" in r.stderr
+    r = deepwatch("desk-user", "eve", "--role", "editor", "--data-dir", str(tmp_path), "--password-env", "PW",
+                  env={"PW": "long enough password"})
+    assert r.returncode == 0 and (tmp_path / "desk-users.json").exists()
