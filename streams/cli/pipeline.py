@@ -67,7 +67,8 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         seconds = time.monotonic() - started
         if live is not None:
             live.update(render())
-        return runner.summarize(settings, produced.lines, produced.offsets, produced.refused, seconds, complete)
+        return runner.summarize(settings, produced.lines, produced.offsets, produced.refused, seconds, complete,
+                                run=produced.run)
 
 
 def _print_summary(summary, fmt_json: bool) -> None:
