@@ -227,6 +227,9 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     from streams.sinks import Sinks
 
     sinks = Sinks(settings)
+    from streams.webhooks import install_redelivery
+
+    install_redelivery(app, settings)  # failed webhooks are retried, in order per cluster
 
     @app.agent(updates)
     async def sink_updates(stream):

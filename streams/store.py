@@ -287,6 +287,15 @@ class SqliteFindingsStore:
         ).fetchall()
         return [Alert.model_validate_json(doc) for doc, in rows]
 
+    def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool:
+        """Whether an earlier alert of ``cluster_id`` still awaits delivery to ``target``."""
+        row = self._db.execute(
+            """SELECT 1 FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
+               WHERE d.target=? AND a.cluster_id=? AND a.level<? AND d.status != 'delivered' LIMIT 1""",
+            (target, cluster_id, level),
+        ).fetchone()
+        return row is not None
+
     def delivery_status(self) -> dict[str, list[dict[str, str]]]:
         """alert id -> [{target, status, at}] for `deepwatch alerts`."""
         out: dict[str, list[dict[str, str]]] = {}

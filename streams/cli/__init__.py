@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from streams.cli.app import app
 from streams.cli import pipeline, query, detect, bank, models  # noqa: F401,E402  (registration)
+from streams.cli import settings_cmd  # noqa: F401,E402  (registration)
 
 
 def main() -> None:
-    app()
+    from streams.cli.common import run_cli
+
+    run_cli(app)

@@ -142,28 +142,34 @@ def demo(
 @app.command(rich_help_panel="Run")
 def ingest(
     feed: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL file of schema-v1 events."),
-    broker: str = typer.Option(..., "--broker", help="kafka://HOST:PORT of the running pipeline's broker."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT of the running pipeline's broker (`deepwatch broker` prints it); default: DEEPWATCH_BROKER."),
     config: Optional[Path] = Config,
 ) -> None:
     """Produce FEED's events to a running pipeline's events topic (malformed
     lines too: the pipeline dead-letters them with a reason)."""
-    from streams.broker import bootstrap_of
+    from streams.broker import bootstrap_of, check_reachable
     from streams.ingest import count_lines, produce_feed
 
     settings = settings_from(config, broker=broker)
+    if settings.broker == "embedded":
+        raise typer.BadParameter("ingest sends to a running broker: pass --broker kafka://HOST:PORT or set DEEPWATCH_BROKER", param_hint="--broker")
+    bootstrap = bootstrap_of(settings.broker)
+    check_reachable(bootstrap)
     lines = count_lines(feed)
     with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), console=err) as progress:
         task = progress.add_task("ingest", total=lines)
-        produced = produce_feed(feed, bootstrap_of(broker), settings, progress=lambda n: progress.advance(task, n))
-    err.print(f"produced {len(produced.offsets)} events to {settings.topic('events')}; refused {produced.refused} (too large)")
+        produced = produce_feed(feed, bootstrap, settings, progress=lambda n: progress.advance(task, n))
+    err.print(f"produced {len(produced.offsets)} events to {settings.topic('events')} (run {produced.run}); "
+              f"refused {produced.refused} (too large)")
 
 
 @app.command(rich_help_panel="Run")
 def worker(
     role: str = typer.Option("pipeline", help="pipeline (ingest → cluster → sinks) or detect (learned models, own consumer group)."),
-    broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT (or tansu://HOST:PORT for Tansu with its workarounds); default: DEEPWATCH_BROKER."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT[,HOST:PORT] (`deepwatch broker` prints one); default: DEEPWATCH_BROKER. The embedded broker's quirks are detected, not configured."),
     data_dir: Optional[Path] = DataDir,
     config: Optional[Path] = Config,
+    image_root: List[Path] = typer.Option([], "--image-root", help="Directory local image `path`s may point into (repeatable; adds to ingest.image_roots)."),
     metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus /metrics on this port (0 = any free port)."),
     create_topics: bool = typer.Option(True, help="Create missing topics with the right partition counts before starting."),
 ) -> None:
@@ -174,10 +180,61 @@ def worker(
 
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
     if settings.broker == "embedded":
-        raise typer.BadParameter("a worker joins an existing broker: pass --broker or set DEEPWATCH_BROKER", param_hint="--broker")
+        raise typer.BadParameter("a worker joins an existing broker: pass --broker kafka://HOST:PORT (`deepwatch broker` starts one) or set DEEPWATCH_BROKER", param_hint="--broker")
+    for root in image_root:
+        if not root.is_dir():
+            raise typer.BadParameter(f"{root} is not a directory", param_hint="--image-root")
+    settings.ingest.image_roots = [*settings.ingest.image_roots, *[r.resolve() for r in image_root]]
     if create_topics:
-        ensure_topics(bootstrap_of(settings.broker), topic_specs(settings))
+        ensure_topics(bootstrap_of(settings.broker), topic_specs(settings), settings=settings)
     worker_mod.run(settings, role)
+
+
+@app.command(rich_help_panel="Run")
+def broker(
+    data_dir: Optional[Path] = DataDir,
+    port: int = typer.Option(9092, min=0, max=65535, help="Port to listen on (0 = any free port)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default: the embedded broker has no authentication)."),
+    config: Optional[Path] = Config,
+) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu) in the foreground and
+    print its URL; workers and `deepwatch ingest` take it as --broker. Topics
+    are created up front. Storage is in memory: stopping it (Ctrl-C, SIGTERM)
+    forgets the topics, while findings stay in the workers' data dir."""
+    import signal
+
+    from streams.app import topic_specs
+    from streams.broker import EmbeddedBroker, ensure_topics, free_port
+
+    settings = settings_from(config, data_dir=data_dir)
+    log_dir = Path(settings.data_dir) / "logs"
+    b = EmbeddedBroker(log_dir, host=host)
+    b.port = port or free_port(host)
+    try:
+        b.start()
+    except (RuntimeError, TimeoutError) as e:
+        raise typer.BadParameter(f"cannot start the broker on {host}:{b.port} ({e}); is the port taken? try --port 0", param_hint="--port") from None
+    stopping = {"now": False}
+
+    def stop(*_: object) -> None:
+        stopping["now"] = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        ensure_topics(b.bootstrap, topic_specs(settings), settings=settings)
+        typer.echo(b.url, err=False)  # stdout: the one line a script captures
+        err.print(f"[dim]broker listening; log {b.log_path}. Next: deepwatch worker --broker {b.url} --data-dir DIR; "
+                  f"deepwatch ingest FEED.jsonl --broker {b.url}. Ctrl-C stops it.[/]")
+        import sys
+
+        sys.stdout.flush()
+        while not stopping["now"]:
+            if b._proc is not None and b._proc.poll() is not None:
+                raise typer.BadParameter(f"the broker exited with {b._proc.returncode}; see {b.log_path}")
+            time.sleep(0.2)
+    finally:
+        b.stop()
 
 
 @app.command(rich_help_panel="Run")
