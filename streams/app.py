@@ -116,13 +116,15 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     # One failure rule for the whole stage (streams.stage): every event ends as
     # a cluster op, an accounted duplicate or a dead letter with stage and
     # reason; nothing an event does can end the agent or the worker.
+    from streams.stage import AnalyzeStage, SharedIds, run_of
+
+    shared_ids = SharedIds()  # one per worker: the 4 actors below judge same-id events in turn
+
     @app.agent(events, concurrency=4)
     async def analyze(stream):
-        from streams.stage import AnalyzeStage, run_of
-
         fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
         stage = AnalyzeStage(settings, fetcher, Analyzer(settings, data_dir / "blobs"), blobs.put,
-                             lambda: open_store(settings.data_dir))
+                             lambda: open_store(settings.data_dir), shared_ids)
         try:
             async for event in stream.events():
                 msg = event.message

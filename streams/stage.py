@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -66,67 +67,104 @@ def run_of(headers: Any) -> str | None:
     return None
 
 
+class SharedIds:
+    """What the concurrent analyze actors of one worker share: the recent
+    event id -> picture map, and one lock per event id in flight, so two
+    events with the same id are judged one after the other (same id -> same
+    partition -> same worker, so this is complete across workers too)."""
+
+    def __init__(self, capacity: int = 100_000):
+        self.capacity = capacity
+        self.recent: OrderedDict[str, str] = OrderedDict()
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def remember(self, event_id: str, sha256: str) -> None:
+        self.recent[event_id] = sha256
+        self.recent.move_to_end(event_id)
+        while len(self.recent) > self.capacity:
+            self.recent.popitem(last=False)
+
+    @asynccontextmanager
+    async def hold(self, event_id: str):
+        lock, users = self._locks.get(event_id, (asyncio.Lock(), 0))
+        self._locks[event_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[event_id]
+            if users <= 1:
+                del self._locks[event_id]
+            else:
+                self._locks[event_id] = (lock, users - 1)
+
+
 class AnalyzeStage:
     """validate -> event-time check -> fetch -> decode/hash/cheap detectors ->
     duplicate check -> cluster op. ``store`` answers "which picture does this
     event id already have" (the findings store, exact and unbounded in time)."""
 
     def __init__(self, settings: Settings, fetcher: Any, analyzer: Any, put_blob: Callable[[bytes], Any],
-                 store_factory: Callable[[], Any]):
+                 store_factory: Callable[[], Any], shared: SharedIds | None = None):
         self.settings = settings
         self.fetcher = fetcher
         self.analyzer = analyzer
         self.put_blob = put_blob
         self._store_factory = store_factory
         self._store = None
-        # event id -> sha256 of sightings this process sent but the store may
+        self._stage = "validate"  # the stage the current event is in, for its dead letter
+        # event id -> sha256 of sightings this worker sent but the store may
         # not have yet (the sink runs behind the stream).
-        self._recent: OrderedDict[str, str] = OrderedDict()
+        self.shared = shared or SharedIds()
 
     async def process(self, raw: bytes, source: SourceRef, broker_ts: float | None = None) -> Result:
-        stage = "validate"
+        """One event in, one outcome out; never raises (except cancellation)."""
+        self._stage = "validate"
         event_id = None
-        started = time.perf_counter()
         deadline = self.settings.ingest.event_deadline_s
         try:
             async with asyncio.timeout(deadline):
                 ev = parse_event(raw)
                 event_id = ev.event_id
                 self._check_event_time(ev.posted_at, broker_ts)
-                stage = "fetch"
-                data = await self.fetcher.get(ev)
-                metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
-                stage = "decode"
-                t1 = time.perf_counter()
-                sighting: Sighting = await asyncio.to_thread(self.analyzer.analyze, ev, data, source)
-                await asyncio.to_thread(self.put_blob, data)
-                metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
-                stage = "dedupe"
-                if await self._is_duplicate(ev.event_id, sighting.sha256):
-                    metrics.EVENTS.labels("analyze", "duplicate").inc()
-                    return Result(duplicate=True, event_id=ev.event_id)
-                if broker_ts:
-                    sighting.ingested_at = datetime.fromtimestamp(broker_ts, timezone.utc)
-                op = ClusterOp(kind="sighting", sighting=sighting).dumps()
-                if len(op) > MAX_OP_BYTES:
-                    raise StageError("too_large", f"cluster op is {len(op)} bytes, limit {MAX_OP_BYTES}")
-                self._remember(ev.event_id, sighting.sha256)
-                metrics.EVENTS.labels("analyze", "ok").inc()
-                return Result(op=op, event_id=ev.event_id)
+                async with self.shared.hold(ev.event_id):
+                    return await self._analyze(ev, source, broker_ts)
         except TimeoutError:
-            return self._dead(stage, "deadline", f"event took longer than {deadline}s (ingest.event_deadline_s) "
-                              f"in stage {stage}", source, raw, event_id)
+            return self._dead(self._stage, "deadline", f"event took longer than {deadline}s "
+                              f"(ingest.event_deadline_s) in stage {self._stage}", source, raw, event_id)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the point: nothing escapes as a crash
             reason = getattr(e, "reason", None)
             if reason is None:
-                log.exception("analyze failed", extra={"event_id": event_id, "stage": stage})
+                log.exception("analyze failed", extra={"event_id": event_id, "stage": self._stage})
                 reason, detail = "internal_error", f"{type(e).__name__}: {e}"
             else:
                 detail = getattr(e, "detail", None) or str(e)
-            event_id = event_id or getattr(e, "event_id", None)
-            return self._dead(stage, reason, detail, source, raw, event_id)
+            return self._dead(self._stage, reason, detail, source, raw, event_id or getattr(e, "event_id", None))
+
+    async def _analyze(self, ev: Any, source: SourceRef, broker_ts: float | None) -> Result:
+        started = time.perf_counter()
+        self._stage = "fetch"
+        data = await self.fetcher.get(ev)
+        metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
+        self._stage = "decode"
+        t1 = time.perf_counter()
+        sighting: Sighting = await asyncio.to_thread(self.analyzer.analyze, ev, data, source)
+        await asyncio.to_thread(self.put_blob, data)
+        metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
+        self._stage = "dedupe"
+        if await self._is_duplicate(ev.event_id, sighting.sha256):
+            metrics.EVENTS.labels("analyze", "duplicate").inc()
+            return Result(duplicate=True, event_id=ev.event_id)
+        if broker_ts:
+            sighting.ingested_at = datetime.fromtimestamp(broker_ts, timezone.utc)
+        op = ClusterOp(kind="sighting", sighting=sighting).dumps()
+        if len(op) > MAX_OP_BYTES:
+            raise StageError("too_large", f"cluster op is {len(op)} bytes, limit {MAX_OP_BYTES}")
+        self.shared.remember(ev.event_id, sighting.sha256)
+        metrics.EVENTS.labels("analyze", "ok").inc()
+        return Result(op=op, event_id=ev.event_id)
 
     def _dead(self, stage: str, reason: str, detail: str, source: SourceRef, raw: bytes, event_id: str | None) -> Result:
         metrics.EVENTS.labels(stage, "dead_letter").inc()
@@ -147,16 +185,10 @@ class AnalyzeStage:
             raise StageError("future_posted_at", f"posted_at {posted_at.isoformat()} is more than {skew:.0f}s after "
                              f"ingest time {ingested.isoformat()} (ingest.max_future_skew_s)")
 
-    def _remember(self, event_id: str, sha256: str) -> None:
-        self._recent[event_id] = sha256
-        self._recent.move_to_end(event_id)
-        while len(self._recent) > 100_000:
-            self._recent.popitem(last=False)
-
     async def _is_duplicate(self, event_id: str, sha256: str) -> bool:
         """True for an exact repeat of a stored sighting; ``StageError`` when
         the event id is already taken by a different picture."""
-        known = self._recent.get(event_id)
+        known = self.shared.recent.get(event_id)
         if known is None:
             known = await asyncio.to_thread(self._stored_sha, event_id)
             if known is not None:
