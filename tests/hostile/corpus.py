@@ -95,7 +95,7 @@ def build() -> tuple[list[bytes], dict]:
     add(_event("path-long", {"path": "files/" + "n" * 300 + ".png"}), "dead:fetch:bad_path", "path-long")
     add(_event("path-loop", {"path": "loop/a.png"}), "dead:fetch:bad_path", "path-loop")
     add(json.dumps(_event("big-int", {"path": "files/ok-1.png"}, engagement={"likes": 1})).replace(
-        '"likes": 1', '"likes": ' + "9" * 5000).encode(), "dead:validate:malformed_json", "big-int")
+        '"likes": 1', '"likes": ' + "9" * 5000).encode(), "dead:validate:malformed_json")  # unparseable: no id
     # Defect class 2: lines that killed replay/ingest.
     add(b"[" * 5000 + b"]" * 5000, "dead:validate:malformed_json")
     add(json.dumps(_event("surrogate-\ud800", {"path": "files/ok-1.png"})).encode(), "dead:validate:malformed_json")
