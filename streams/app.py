@@ -116,15 +116,16 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     # One failure rule for the whole stage (streams.stage): every event ends as
     # a cluster op, an accounted duplicate or a dead letter with stage and
     # reason; nothing an event does can end the agent or the worker.
-    from streams.stage import AnalyzeStage, SharedIds, run_of
+    from streams.stage import AnalyzeStage, SharedIds, once, run_of
 
     shared_ids = SharedIds()  # one per worker: the 4 actors below judge same-id events in turn
+    analyze_store = once(lambda: open_store(settings.data_dir))  # opened in a thread, on first use
 
     @app.agent(events, concurrency=4)
     async def analyze(stream):
         fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
         stage = AnalyzeStage(settings, fetcher, Analyzer(settings, data_dir / "blobs"), blobs.put,
-                             lambda: open_store(settings.data_dir), shared_ids)
+                             analyze_store, shared_ids)
         try:
             async for event in stream.events():
                 msg = event.message

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
@@ -65,6 +66,37 @@ def run_of(headers: Any) -> str | None:
             except UnicodeDecodeError:
                 return None
     return None
+
+
+class Serialized:
+    """One store connection shared by threads, used by one thread at a time.
+
+    sqlite3 serialises a connection with a mutex that a statement holds while
+    it waits out busy_timeout; a second thread touching the same connection
+    then waits on that mutex in a call that does not release the GIL, and the
+    whole worker (event loop included) freezes until the timeout (measured:
+    30 s stalls in the kill -9 drill). Taking this lock first avoids that.
+    The store is opened on first use, in the calling (worker) thread."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self._factory = factory
+        self._store: Any = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                if self._store is None:
+                    self._store = self._factory()
+                return getattr(self._store, name)(*args, **kwargs)
+
+        return call
+
+
+def once(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """A factory for one shared ``Serialized`` store."""
+    shared = Serialized(factory)
+    return lambda: shared
 
 
 class SharedIds:
@@ -217,6 +249,4 @@ class AnalyzeStage:
                           f"this event has sha256:{second} (event ids must be unique per post)")
 
     def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        self._store = None  # shared (``once``); the process exit closes it

@@ -534,7 +534,13 @@ class _Tx:
 
     def __enter__(self) -> sqlite3.Connection:
         self.lock.acquire()
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            # "database is locked" after busy_timeout: without this release
+            # every later transaction on this store would wait forever.
+            self.lock.release()
+            raise
         return self.db
 
     def __exit__(self, exc_type, *_: object) -> None:

@@ -94,20 +94,16 @@ class Redeliverer:
     """Retries failed webhook deliveries from the findings store."""
 
     def __init__(self, settings: Settings, store_factory: Callable[[], Any]):
+        from streams.stage import once
+
         self.settings = settings
-        self._store_factory = store_factory
-        self._store: Any = None
+        self._db = once(store_factory)  # opened in a worker thread on first use, never on the event loop
         self._client: httpx.AsyncClient | None = None
         self._lock = asyncio.Lock()
 
-    def _db(self) -> Any:
-        if self._store is None:
-            self._store = self._store_factory()
-        return self._store
-
     async def earlier_pending(self, hook: WebhookSettings, alert: Alert) -> bool:
         try:
-            return await asyncio.to_thread(self._db().undelivered_before, hook.url, alert.cluster_id, alert.level)
+            return await asyncio.to_thread(lambda: self._db().undelivered_before(hook.url, alert.cluster_id, alert.level))
         except Exception:  # the gate only orders deliveries; it must never stop one
             log.exception("webhook ordering check failed")
             return False
@@ -122,14 +118,16 @@ class Redeliverer:
                 self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
             done = 0
             for hook in hooks:
-                for alert in await asyncio.to_thread(self._db().failed_deliveries, hook.url):
+                # Every store call in a thread, opening included: SQLite may
+                # wait on a lock, and the event loop must never wait with it.
+                for alert in await asyncio.to_thread(lambda: self._db().failed_deliveries(hook.url)):
                     try:
                         status = await _post(hook, alert, self._client)
                     except WebhookError as e:
-                        await asyncio.to_thread(self._db().mark_delivered, alert.alert_id, hook.url, f"failed: {e}")
+                        await asyncio.to_thread(lambda: self._db().mark_delivered(alert.alert_id, hook.url, f"failed: {e}"))
                         log.warning("webhook redelivery failed; will retry", extra={"alert_id": alert.alert_id, "error": str(e)})
                         break  # still down: keep the order, try again next round
-                    await asyncio.to_thread(self._db().mark_delivered, alert.alert_id, hook.url, status)
+                    await asyncio.to_thread(lambda: self._db().mark_delivered(alert.alert_id, hook.url, status))
                     log.info("webhook redelivered", extra={"alert_id": alert.alert_id, "target": hook.url})
                     done += 1
             return done
