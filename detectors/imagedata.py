@@ -208,6 +208,8 @@ class ImageData:
                 img = Image.open(io.BytesIO(self._decodable))
         except Image.DecompressionBombError as e:
             raise ImageRejected("decompression_bomb", str(e)) from e
+        except Image.UnidentifiedImageError as e:
+            raise ImageRejected("undecodable", "not a decodable image (unknown or corrupt format)") from e
         except Exception as e:  # PIL raises many types for garbage input
             raise ImageRejected("undecodable", f"not a decodable image: {e}") from e
         w, h = img.size

@@ -31,7 +31,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from streams.broker import BrokerError
     from streams.settings_check import SettingsError
 
-    types: list[type[BaseException]] = [UserError, SettingsError, BrokerError]
+    import httpx
+
+    # OSError: a file or address the user named is missing, unreadable or
+    # unreachable; httpx.HTTPError: a URL the user gave cannot be fetched.
+    types: list[type[BaseException]] = [UserError, SettingsError, BrokerError, OSError, httpx.HTTPError]
     for module, name in (("detectors.models.fetch", "FetchError"), ("detectors.models.fetch", "ModelFetchError"),
                          ("detectors.models.vendors", "VendorError"), ("detectors.models.checkpoint", "CheckpointError"),
                          ("kafka.errors", "NoBrokersAvailable")):
@@ -53,7 +57,13 @@ def run_cli(app: Any) -> None:
         sys.exit(130)
     except Exception as e:
         if isinstance(e, user_error_types()):
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            message = str(e) or type(e).__name__
+            request = getattr(e, "_request", None)  # httpx errors know their URL; say which
+            if request is not None:
+                message = f"cannot fetch {request.url}: {message}"
+            from rich.markup import escape
+
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.exit(2)
         raise
 
