@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -114,6 +115,17 @@ def replay(
     raise typer.Exit(0 if summary.complete else 1)
 
 
+def _prog() -> str:
+    """How the user invoked deepwatch, so printed hints run as printed."""
+    import shutil
+    import sys
+
+    name = Path(sys.argv[0]).name
+    if name == "deepwatch" or (name != "__main__.py" and shutil.which("deepwatch")):
+        return "deepwatch"
+    return f"{shlex.quote(sys.executable)} -m streams.cli"
+
+
 @app.command(rich_help_panel="Run")
 def demo(
     data_dir: Optional[Path] = DataDir,
@@ -131,10 +143,13 @@ def demo(
     settings.ingest.image_roots = [feed_dir.resolve()]
     summary = _replay(settings, feed, workers=1, timeout_s=600, live_table=True)
     _print_summary(summary, False)
-    d = settings.data_dir
+    d = shlex.quote(str(settings.data_dir))
+    prog = _prog()
+    sample = shlex.quote(str(feed_dir / "images" / "flood_q70.jpg"))
     err.print(
-        f"\nExplore the findings:\n  deepwatch clusters --data-dir {d}\n  deepwatch alerts --data-dir {d} --format json\n"
-        f"  deepwatch dead-letters --data-dir {d}\n  deepwatch similar {feed_dir / 'images' / 'flood_q70.jpg'} --data-dir {d}"
+        f"\nExplore the findings:\n  {prog} clusters --data-dir {d}\n  {prog} alerts --data-dir {d} --format json\n"
+        f"  {prog} dead-letters --data-dir {d}\n  {prog} similar {sample} --data-dir {d}",
+        markup=False, highlight=False, soft_wrap=True,
     )
     raise typer.Exit(0 if summary.complete else 1)
 
