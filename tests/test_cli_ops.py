@@ -97,3 +97,9 @@ def test_broker_command_runs_in_the_foreground_and_prints_its_url(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def test_worker_image_root_must_exist(tmp_path):
+    r = deepwatch("worker", "--broker", "kafka://127.0.0.1:9", "--image-root", str(tmp_path / "nope"),
+                  "--data-dir", str(tmp_path), timeout=30)
+    assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr

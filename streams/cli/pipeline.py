@@ -96,7 +96,8 @@ def replay(
     config: Optional[Path] = Config,
     workers: int = typer.Option(1, min=1, max=8, help="Pipeline worker processes to run."),
     timeout: float = typer.Option(600, help="Give up (exit 1) if the feed is not fully processed within this many seconds."),
-    json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    json_summary: bool = typer.Option(False, "--json", help="Same as --format json."),
+    fmt: str = typer.Option("table", "--format", "-f", help="Summary format: table (a line on stderr, for people) or json (on stdout, for tools)."),
 ) -> None:
     """Run the full streaming pipeline over FEED and exit when every event is
     processed or dead-lettered.
@@ -107,6 +108,9 @@ def replay(
     stay in --data-dir for `deepwatch clusters|alerts|dead-letters`. Local
     image paths are allowed only under the feed's directory and --image-root.
     """
+    from streams.cli.common import check_format
+
+    json_summary = json_summary or check_format(fmt) == "json"
     roots = [feed.resolve().parent, *[r.resolve() for r in image_root]]
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
