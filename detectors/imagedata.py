@@ -127,17 +127,19 @@ def _text_too_large(ctype: bytes, body: bytes, limit: int) -> bool:
         return False  # malformed, but small: Pillow decides
 
 
-def strip_oversized_png_text(data: bytes, limit: int) -> tuple[bytes, list[str]]:
+def strip_oversized_png_text(data: bytes, limit: int, *, all_text: bool = False) -> tuple[bytes, list[str]]:
     """``data`` without the PNG text chunks that decompress beyond ``limit``
-    (Pillow refuses the whole image for one of them), and what was dropped."""
+    (Pillow refuses the whole image for one of them), or without every text
+    chunk (``all_text``: their sum was over Pillow's total), and what was dropped."""
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
         return data, []
     out, notes, pos = [data[:8]], [], 8
     while pos + 8 <= len(data):
         length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
         end = pos + 12 + length
-        if ctype in _TEXT_CHUNKS and _text_too_large(ctype, data[pos + 8:pos + 8 + length], limit):
-            notes.append(f"{ctype.decode()} chunk of {length} bytes decompresses beyond {limit} bytes; skipped")
+        if ctype in _TEXT_CHUNKS and (all_text or _text_too_large(ctype, data[pos + 8:pos + 8 + length], limit)):
+            notes.append(f"{ctype.decode()} chunk of {length} bytes "
+                         f"{'(text chunks together over the limit)' if all_text else f'decompresses beyond {limit} bytes'}; skipped")
         else:
             out.append(data[pos:end])
         pos = end
@@ -197,11 +199,14 @@ class ImageData:
         try:
             try:
                 img = Image.open(io.BytesIO(self._decodable))
-            except ValueError as e:
-                if "too large" not in str(e).lower() or self._decodable is not self.data:
+            except ValueError:
+                if self._decodable is not self.data or not self.data.startswith(b"\x89PNG"):
                     raise
-                # A padded metadata chunk must not hide the pixels from analysis.
+                # Padded metadata must not hide the pixels from analysis: drop
+                # the oversized text chunk(s), or all text if only their sum was.
                 self._decodable, notes = strip_oversized_png_text(self.data, PngImagePlugin.MAX_TEXT_CHUNK)
+                if not notes:
+                    self._decodable, notes = strip_oversized_png_text(self.data, 0, all_text=True)
                 if not notes:
                     raise
                 self.notes.extend(notes)

@@ -446,3 +446,15 @@ def test_embedded_broker_is_detected_behind_a_kafka_url(tmp_path):
         assert b.url.startswith("kafka://")
         assert faust_broker_url(Settings(), b.url) == f"tansu://{b.bootstrap}"  # internal: the compat transport
         assert faust_broker_url(Settings(kafka={"quirks": "none"}), b.url) == f"kafka://{b.bootstrap}"
+
+
+def test_png_whose_text_chunks_only_together_exceed_the_limit_is_still_analysed():
+    import struct
+    import zlib
+
+    png = corpus.picture_png(8)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)  # noqa: E731
+    one = chunk(b"zTXt", b"c\x00\x00" + zlib.compress(b"B" * (900 << 10), 9))  # under the 1 MB per-chunk limit
+    data = png[:33] + one * 80 + png[33:]  # ~70 MB of text in total: over Pillow's 64 MB sum
+    image = ImageData(data)
+    assert image.rgb.size == (256, 192) and image.notes
