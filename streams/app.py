@@ -142,7 +142,13 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
                     result.dead = _dead_letter("cluster", "send_failed", f"{type(e).__name__}: {e}", source, None,
                                                result.event_id)
                 if result.dead is not None:
-                    await send_dead(result.dead)
+                    for attempt in range(3):
+                        try:
+                            await send_dead(result.dead)
+                            break
+                        except Exception:  # the broker itself failing: retry, then say so, never crash
+                            log.exception("dead letter not sent", extra={"offset": msg.offset, "attempt": attempt})
+                            await asyncio.sleep(1.0)
         finally:
             stage.close()
             await fetcher.aclose()

@@ -57,14 +57,14 @@ def run_of(headers: Any) -> str | None:
 
     if not headers:
         return None
-    items = headers.items() if isinstance(headers, dict) else headers
-    for key, value in items:
-        key = key.decode() if isinstance(key, bytes) else key
-        if key == RUN_HEADER and value:
-            try:
-                return (value.decode() if isinstance(value, bytes) else str(value))[:64]
-            except UnicodeDecodeError:
-                return None
+    try:  # headers come from whoever produced the message: never let them raise
+        items = headers.items() if hasattr(headers, "items") else headers
+        for key, value in items:
+            key = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+            if key == RUN_HEADER and value:
+                return (value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))[:64]
+    except Exception:
+        return None
     return None
 
 
