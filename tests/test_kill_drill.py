@@ -84,7 +84,12 @@ def test_kill_9_and_receiver_outage_lose_nothing_and_count_nothing_twice(tmp_pat
         w1.kill()  # SIGKILL mid-stream: no clean shutdown, no final commit
         p2 = produce_feed(second, cluster.bootstrap, settings)
         cluster.start_worker()
-        assert runner.wait_until_processed(cluster, p1.offsets | p2.offsets, timeout_s=240)
+        if not runner.wait_until_processed(cluster, p1.offsets | p2.offsets, timeout_s=240):
+            done = open_store(settings.data_dir).processed_offsets(settings.topic("events"))
+            stalls = [line for w in cluster.workers for line in w.log_path.read_text(errors="replace").splitlines()
+                      if "woke up too late" in line or "locked" in line][:5]
+            pytest.fail(f"{len((p1.offsets | p2.offsets) - done)} event(s) never processed "
+                        f"after the restart; loop stalls / lock errors: {stalls}")
 
         store = open_store(settings.data_dir)
         stack.callback(store.close)
