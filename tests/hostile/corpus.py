@@ -101,6 +101,9 @@ def build() -> tuple[list[bytes], dict]:
     add(json.dumps(_event("surrogate-\ud800", {"path": "files/ok-1.png"})).encode(), "dead:validate:malformed_json")
     add(_event("x" * 600_000, {"path": "files/ok-1.png"}), "dead:validate:schema_violation")
     add(b"{" + b'"pad": "' + b"z" * 990_000 + b'"', "dead:validate:malformed_json")  # near-limit garbage
+    # Over the broker's message size: refused by ingest itself, whose dead
+    # letter used to carry the whole 1 MB event id (and be refused in turn).
+    add(_event("y" * 1_050_000, {"path": "files/ok-1.png"}), "dead:validate:too_large")
     # Defect class 3: hangs.
     add(_event("fifo", {"path": "fifo.png"}), "dead:fetch:not_a_file", "fifo")
     add(_event("slow-drip", {"url": "{SLOW_URL}"}), "dead:fetch:timeout", "slow-drip")
@@ -115,7 +118,7 @@ def build() -> tuple[list[bytes], dict]:
     # Forward compatibility: an unknown schema_version stays a clear dead letter.
     add({**_event("v2", {"path": "files/ok-1.png"}), "schema_version": 2}, "dead:validate:unsupported_version", "v2")
     add(_event("bad-b64", {"base64": "!!!not base64!!!"}), "dead:fetch:bad_base64", "bad-b64")
-    return lines, {"events": expected, "anonymous": anonymous}
+    return lines, {"events": expected, "anonymous": anonymous, "refused_at_ingest": 1}
 
 
 def write() -> None:
