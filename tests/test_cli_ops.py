@@ -103,3 +103,26 @@ def test_worker_image_root_must_exist(tmp_path):
     r = deepwatch("worker", "--broker", "kafka://127.0.0.1:9", "--image-root", str(tmp_path / "nope"),
                   "--data-dir", str(tmp_path), timeout=30)
     assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_alerts_show_webhook_delivery_status_and_json_alias(tmp_path):
+    import json
+    from datetime import datetime, timezone
+
+    from streams.records import Alert, Velocity
+    from streams.store import open_store
+
+    store = open_store(tmp_path)
+    alert = Alert(alert_id="c1:1", cluster_id="c1", rule="r", level=1, fake_score=0.9, verdict="likely-ai",
+                  velocity=Velocity(sightings_5m=12), sightings=12, accounts=12, evidence=[],
+                  at=datetime(2026, 5, 1, tzinfo=timezone.utc))
+    store.add_alert(alert)
+    store.mark_delivered("c1:1", "https://desk.example/hook", "failed: HTTP 503")
+    assert [a.alert_id for a in store.failed_deliveries("https://desk.example/hook")] == ["c1:1"]
+    store.close()
+    r = deepwatch("alerts", "--data-dir", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    [doc] = json.loads(r.stdout)
+    assert doc["deliveries"][0]["status"] == "failed: HTTP 503"
+    r = deepwatch("alerts", "--data-dir", str(tmp_path), env={"COLUMNS": "60"})
+    assert r.returncode == 0 and "503" in r.stdout  # a narrow terminal wraps the column, never drops it
