@@ -209,9 +209,9 @@ class AnalyzeStage:
         # future-dated post would push every real sighting out of them and
         # silence the cluster. Bound event time by ingest time; the offender
         # is dead-lettered (its own sighting is the only thing lost).
+        # Ingest time is this worker's clock, not the message timestamp: a
+        # producer's CreateTime can be anything (old mirrored topics, wrong clocks).
         ingested = datetime.now(timezone.utc)
-        if broker_ts:
-            ingested = min(ingested, datetime.fromtimestamp(broker_ts, timezone.utc))
         skew = self.settings.ingest.max_future_skew_s
         if posted_at > ingested + timedelta(seconds=skew):
             raise StageError("future_posted_at", f"posted_at {posted_at.isoformat()} is more than {skew:.0f}s after "
