@@ -19,6 +19,7 @@ NEEDS = {"neardup.py": [SHARED / "detect-dev", SHARED / "detect-dev2"]}
 
 def main() -> int:
     quick = "--quick" in sys.argv[1:]
+    only = {a for a in sys.argv[1:] if a.endswith(".py")}  # e.g. `run_all.py --quick soak.py`
     runs = [
         ["neardup.py", *(["--quick"] if quick else [])],
         ["detector_throughput.py", *(["--seconds", "2"] if quick else [])],
@@ -26,6 +27,7 @@ def main() -> int:
         ["soak.py", *(["--quick"] if quick else ["--seconds", "900"])],
     ]
     failed, skipped = 0, []
+    runs = [r for r in runs if not only or r[0] in only]
     for script, *args in runs:
         missing = [p for p in NEEDS.get(script) or [] if not p.is_dir()]
         if missing:

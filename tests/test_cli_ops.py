@@ -126,3 +126,16 @@ def test_alerts_show_webhook_delivery_status_and_json_alias(tmp_path):
     assert doc["deliveries"][0]["status"] == "failed: HTTP 503"
     r = deepwatch("alerts", "--data-dir", str(tmp_path), env={"COLUMNS": "60"})
     assert r.returncode == 0 and "503" in r.stdout  # a narrow terminal wraps the column, never drops it
+
+
+def test_bench_needing_shared_data_is_skipped_with_the_reason(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", Path(__file__).resolve().parents[1] / "bench" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    monkeypatch.setattr(run_all, "NEEDS", {"neardup.py": [tmp_path / "absent"]})
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--quick", "neardup.py"])
+    assert run_all.main() == 0
+    out = capsys.readouterr().out
+    assert "neardup.py: SKIPPED: needs" in out and "absent" in out and "1 skipped" in out
