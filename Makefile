@@ -24,8 +24,10 @@ test: install
 	bash .ci/install-chromium.sh
 	$(PY) -m pytest
 
+# BENCH_ARGS=--quick for a short pass; benches needing ../shared/data skip with the reason.
+BENCH_ARGS ?=
 bench: install
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) deepwatch-data .pytest_cache

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
+import threading
 import warnings
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 try:  # HEIC/HEIF is what phones upload; Pillow alone cannot decode it
     import pillow_heif
@@ -40,6 +45,106 @@ class DecodeLimits:
     max_pixels: int = 100_000_000  # 50-200 MP phone cameras exist; Pillow refuses > ~179 MP regardless
     max_dimension: int = 16_384
     max_bytes: int = 25 * 1024 * 1024
+    # Decoded bytes one image may cost: pixels x bands x frames, checked from
+    # the header before any pixel is decoded. A 43-byte GIF can declare a
+    # 96 MP canvas and a 390 KB PNG 81 MP of RGBA; the pixel cap alone lets
+    # both through. JPEGs above it are decoded reduced (DCT scaling) instead.
+    max_decode_bytes: int = 200 * 1024 * 1024
+
+
+# Bands the analysis holds per pixel at least: every decode ends in RGB.
+_OUTPUT_BANDS = 3
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    try:
+        bands = Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        bands = 4
+    wide = mode.startswith(("I", "F")) or ";16" in mode
+    return max(bands * (4 if wide else 1), _OUTPUT_BANDS)
+
+
+def decode_cost(img: Image.Image) -> int:
+    """Bytes a decode of ``img`` holds: pixels x bands x frames (only the
+    first frame of an animation is ever decoded here)."""
+    w, h = img.size
+    return w * h * _bytes_per_pixel(img.mode)
+
+
+class DecodeBudget:
+    """Decoded bytes in flight across this process's analysis threads: a
+    burst of large images waits its turn instead of multiplying the peak."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def reserve(self, cost: int, timeout_s: float = 60.0) -> Iterator[None]:
+        cost = min(cost, self.capacity)  # callers reject above capacity; never deadlock on rounding
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._used + cost <= self.capacity, timeout_s):
+                raise ImageRejected("busy", f"decode memory budget busy for {timeout_s:.0f}s")
+            self._used += cost
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= cost
+                self._cond.notify_all()
+
+
+_budgets: dict[int, DecodeBudget] = {}
+_budgets_lock = threading.Lock()
+
+
+def process_budget(capacity: int) -> DecodeBudget:
+    """One budget per capacity per process (normally exactly one)."""
+    with _budgets_lock:
+        return _budgets.setdefault(capacity, DecodeBudget(capacity))
+
+
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _text_too_large(ctype: bytes, body: bytes, limit: int) -> bool:
+    if ctype == b"tEXt":
+        return len(body) > limit
+    try:
+        if ctype == b"zTXt":
+            comp = body.split(b"\0", 1)[1][1:]
+        else:  # iTXt: keyword\0 flag method lang\0 tkey\0 text
+            keyword, rest = body.split(b"\0", 1)
+            if rest[0] == 0:
+                return len(rest) > limit
+            comp = rest[2:].split(b"\0", 2)[2]
+        d = zlib.decompressobj()
+        d.decompress(comp, limit + 1)
+        return bool(d.unconsumed_tail)
+    except (IndexError, zlib.error):
+        return False  # malformed, but small: Pillow decides
+
+
+def strip_oversized_png_text(data: bytes, limit: int, *, all_text: bool = False) -> tuple[bytes, list[str]]:
+    """``data`` without the PNG text chunks that decompress beyond ``limit``
+    (Pillow refuses the whole image for one of them), or without every text
+    chunk (``all_text``: their sum was over Pillow's total), and what was dropped."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return data, []
+    out, notes, pos = [data[:8]], [], 8
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if ctype in _TEXT_CHUNKS and (all_text or _text_too_large(ctype, data[pos + 8:pos + 8 + length], limit)):
+            notes.append(f"{ctype.decode()} chunk of {length} bytes "
+                         f"{'(text chunks together over the limit)' if all_text else f'decompresses beyond {limit} bytes'}; skipped")
+        else:
+            out.append(data[pos:end])
+        pos = end
+    out.append(data[pos:])
+    return b"".join(out), notes
 
 
 class ImageData:
@@ -53,9 +158,17 @@ class ImageData:
             raise ImageRejected("empty", "image is empty (0 bytes)")
         if len(data) > self.limits.max_bytes:
             raise ImageRejected("too_large", f"image is {len(data)} bytes, limit {self.limits.max_bytes}")
-        header = self.open()  # validates format and dimensions without decoding pixels
+        # What decoding could not use, said out loud (e.g. an oversized metadata
+        # chunk skipped so the pixels are still analysed): callers report it.
+        self.notes: list[str] = []
+        self._decodable = data
+        header = self.open()  # validates format, dimensions and cost without decoding pixels
         self.format: str = (header.format or "UNKNOWN").upper()
         self.size: tuple[int, int] = header.size
+        self.decode_cost = decode_cost(header)
+        self._reduce = 1  # JPEG DCT scale used when the full decode is over budget
+        if self.decode_cost > self.limits.max_decode_bytes:
+            self._fit_budget(header)
 
     @classmethod
     def from_path(cls, path: str | Path, limits: DecodeLimits | None = None) -> "ImageData":
@@ -65,12 +178,43 @@ class ImageData:
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
+    def _fit_budget(self, header: Image.Image) -> None:
+        budget = self.limits.max_decode_bytes
+        if header.format == "JPEG":
+            for scale in (2, 4, 8):
+                if self.decode_cost // (scale * scale) <= budget:
+                    self._reduce = scale
+                    self.decode_cost //= scale * scale
+                    self.notes.append(f"decoded at 1/{scale} scale: full size would need "
+                                      f"{self.decode_cost * scale * scale >> 20} MiB, budget {budget >> 20} MiB")
+                    return
+        w, h = header.size
+        raise ImageRejected(
+            "memory_budget",
+            f"{w}x{h} {header.mode} needs {decode_cost(header) >> 20} MiB decoded, budget {budget >> 20} MiB "
+            "(decode.max_decode_mb)")
+
     def open(self) -> Image.Image:
         """A fresh, not-yet-decoded PIL image: for metadata (info, text chunks, EXIF)."""
         try:
-            img = Image.open(io.BytesIO(self.data))
+            try:
+                img = Image.open(io.BytesIO(self._decodable))
+            except ValueError:
+                if self._decodable is not self.data or not self.data.startswith(b"\x89PNG"):
+                    raise
+                # Padded metadata must not hide the pixels from analysis: drop
+                # the oversized text chunk(s), or all text if only their sum was.
+                self._decodable, notes = strip_oversized_png_text(self.data, PngImagePlugin.MAX_TEXT_CHUNK)
+                if not notes:
+                    self._decodable, notes = strip_oversized_png_text(self.data, 0, all_text=True)
+                if not notes:
+                    raise
+                self.notes.extend(notes)
+                img = Image.open(io.BytesIO(self._decodable))
         except Image.DecompressionBombError as e:
             raise ImageRejected("decompression_bomb", str(e)) from e
+        except Image.UnidentifiedImageError as e:
+            raise ImageRejected("undecodable", "not a decodable image (unknown or corrupt format)") from e
         except Exception as e:  # PIL raises many types for garbage input
             raise ImageRejected("undecodable", f"not a decodable image: {e}") from e
         w, h = img.size
@@ -85,6 +229,9 @@ class ImageData:
         return img
 
     def _decode(self, img: Image.Image, mode: str = "RGB", *, oriented: bool = True) -> Image.Image:
+        if self._reduce > 1 and img.format == "JPEG" and img.size == self.size:
+            w, h = img.size
+            img.draft(img.mode, (w // self._reduce, h // self._reduce))
         try:
             with warnings.catch_warnings():  # palette-transparency warnings: irrelevant to analysis
                 warnings.simplefilter("ignore")

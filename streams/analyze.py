@@ -16,7 +16,7 @@ from pathlib import Path
 
 from detectors.base import Detector, Evidence, create_all
 from detectors.hashing import ImageHashes, compute_hashes
-from detectors.imagedata import ImageData
+from detectors.imagedata import ImageData, process_budget
 from streams.records import ImageEvent, ImageRef, Sighting, SourceRef
 from streams.settings import Settings
 
@@ -36,14 +36,20 @@ class Analyzer:
         self._banks = None
 
     def analyze(self, event: ImageEvent, data: bytes, source: SourceRef) -> Sighting:
-        image = ImageData(data, limits=self.limits)  # raises ImageRejected
+        image = ImageData(data, limits=self.limits)  # raises ImageRejected (incl. over the memory budget)
         cached = self._load_cache(image.sha256)
         if cached is not None:
             hashes, evidence = cached
         else:
-            # Hashing decodes pixels: truncated files surface here as ImageRejected.
-            hashes = compute_hashes(image)
-            evidence = self._detect(image)
+            # Decodes share one per-process memory budget: a burst of large
+            # images waits rather than multiplying the worker's peak.
+            with process_budget(self.limits.max_decode_bytes).reserve(image.decode_cost):
+                # Hashing decodes pixels: truncated files surface here as ImageRejected.
+                hashes = compute_hashes(image)
+                evidence = self._detect(image)
+            # What decoding had to skip or reduce is evidence too (weight 0: it informs, never scores).
+            evidence += [Evidence(detector="decode", score=0.5, weight=0.0, detail=note, sha256=image.sha256)
+                         for note in image.notes]
             self._store_cache(image.sha256, hashes, evidence)
         self._refresh_banks()
         if self._banks is not None:

@@ -22,18 +22,16 @@ from typing import Any
 
 import faust
 
-from detectors.imagedata import ImageRejected
 from streams import metrics
 from streams.analyze import Analyzer
 from streams.blobstore import DirectoryBlobStore
-from streams.broker import TopicSpec
+from streams.broker import TopicSpec, faust_credentials
 from streams.clustering import ClusterEngine, ClusterState, state_from_seed
-from streams.fetch import FetchError, ImageFetcher
+from streams.fetch import ImageFetcher
 from streams.records import ClusterOp, DeadLetter, SourceRef
 from streams.settings import Settings
 from streams.store import open_store
 from streams.tansu_compat import SESSION_TIMEOUT_S
-from streams.validate import InvalidEvent, parse_event
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +76,7 @@ def _faust_app(app_id: str, settings: Settings, broker_url: str) -> faust.App:
         web_enabled=False,
         producer_acks=-1,
         stream_wait_empty=False,
+        broker_credentials=faust_credentials(settings),  # SASL/SSL for managed Kafka (settings.kafka)
     )
 
 
@@ -110,57 +109,49 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     async def send_dead(dl: DeadLetter) -> None:
         metrics.DEAD_LETTERS.labels(dl.stage, dl.reason).inc()
         log.warning("dead letter", extra={"stage": dl.stage, "reason": dl.reason, "event_id": dl.event_id, "detail": dl.detail})
-        await dead.send(key=(dl.event_id or "").encode() or None, value=dl.dumps())
+        # DeadLetter is bounded and valid UTF-8 by construction (streams.records).
+        await dead.send(key=(dl.event_id or "").encode("utf-8", "replace") or None, value=dl.dumps())
 
     # -- stage: validate, fetch, decode, hash, cheap detectors -----------------
+    # One failure rule for the whole stage (streams.stage): every event ends as
+    # a cluster op, an accounted duplicate or a dead letter with stage and
+    # reason; nothing an event does can end the agent or the worker.
+    from streams.stage import AnalyzeStage, SharedIds, once, run_of
+
+    shared_ids = SharedIds()  # one per worker: the 4 actors below judge same-id events in turn
+    analyze_store = once(lambda: open_store(settings.data_dir))  # opened in a thread, on first use
+
     @app.agent(events, concurrency=4)
     async def analyze(stream):
         fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
-        analyzer = Analyzer(settings, data_dir / "blobs")
+        stage = AnalyzeStage(settings, fetcher, Analyzer(settings, data_dir / "blobs"), blobs.put,
+                             analyze_store, shared_ids)
         try:
-            async for event in analyze_events(stream, fetcher, analyzer):
-                await ops.send(key=b"ops", value=event)
+            async for event in stream.events():
+                msg = event.message
+                source = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                                   run=run_of(getattr(msg, "headers", None)))
+                result = await stage.process(event.value, source, msg.timestamp or None)
+                try:
+                    if result.op is not None:
+                        await ops.send(key=b"ops", value=result.op)
+                    elif result.duplicate:
+                        await asyncio.to_thread(stage.mark_duplicate, source, result.event_id)
+                except Exception as e:  # e.g. the broker refusing the message: still one dead letter
+                    log.exception("analyze output failed", extra={"offset": msg.offset})
+                    result.dead = _dead_letter("cluster", "send_failed", f"{type(e).__name__}: {e}", source, None,
+                                               result.event_id)
+                if result.dead is not None:
+                    for attempt in range(3):
+                        try:
+                            await send_dead(result.dead)
+                            break
+                        except Exception:  # the broker itself failing: retry, then say so, never crash
+                            log.exception("dead letter not sent", extra={"offset": msg.offset, "attempt": attempt})
+                            await asyncio.sleep(1.0)
         finally:
+            stage.close()
             await fetcher.aclose()
-
-    async def analyze_events(stream, fetcher: ImageFetcher, analyzer: Analyzer):
-        """Yields serialized cluster ops; failures become dead letters here."""
-        async for event in stream.events():
-            msg = event.message
-            raw: bytes = event.value
-            source = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-            started = time.perf_counter()
-            try:
-                ev = parse_event(raw)
-            except InvalidEvent as e:
-                metrics.EVENTS.labels("validate", "dead_letter").inc()
-                await send_dead(_dead_letter("validate", e.reason, e.detail, source, raw, e.event_id))
-                continue
-            try:
-                data = await fetcher.get(ev)
-                metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
-            except FetchError as e:
-                metrics.EVENTS.labels("fetch", "dead_letter").inc()
-                await send_dead(_dead_letter("fetch", e.reason, e.detail, source, None, ev.event_id))
-                continue
-            t1 = time.perf_counter()
-            try:
-                sighting = await asyncio.to_thread(analyzer.analyze, ev, data, source)
-                await asyncio.to_thread(blobs.put, data)
-            except ImageRejected as e:
-                metrics.EVENTS.labels("decode", "dead_letter").inc()
-                await send_dead(_dead_letter("decode", e.reason, str(e), source, None, ev.event_id))
-                continue
-            except Exception as e:  # a bug or an exotic image must not stop the stream
-                log.exception("analyze failed", extra={"event_id": ev.event_id})
-                metrics.EVENTS.labels("hash", "dead_letter").inc()
-                await send_dead(_dead_letter("hash", "internal_error", f"{type(e).__name__}: {e}", source, None, ev.event_id))
-                continue
-            metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
-            if msg.timestamp:
-                sighting.ingested_at = datetime.fromtimestamp(msg.timestamp, timezone.utc)
-            metrics.EVENTS.labels("analyze", "ok").inc()
-            yield ClusterOp(kind="sighting", sighting=sighting).dumps()
 
     # -- stage: cluster (single writer) ----------------------------------------
     @app.on_rebalance_complete.connect
@@ -245,6 +236,9 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     from streams.sinks import Sinks
 
     sinks = Sinks(settings)
+    from streams.webhooks import install_redelivery
+
+    install_redelivery(app, settings)  # failed webhooks are retried, in order per cluster
 
     # Batches by size and time; each batch is awaited until stored, so a
     # findings store that falls behind pauses these agents (backpressure).

@@ -54,10 +54,12 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     @property
-    def faust_url(self) -> str:
-        # The tansu:// scheme selects streams.tansu_compat's Faust transport,
-        # which carries the workarounds that only this broker needs.
-        return f"tansu://{self.bootstrap}"
+    def url(self) -> str:
+        """What users and workers are given: the same scheme as any Kafka.
+        Workers detect that it is Tansu (``uses_tansu_quirks``)."""
+        return f"kafka://{self.bootstrap}"
+
+    faust_url = url  # older name
 
     def start(self, timeout_s: float = 15.0) -> "EmbeddedBroker":
         log_dir = self._log_dir or Path(tempfile.mkdtemp(prefix="deepwatch-broker-"))
@@ -109,19 +111,122 @@ class TopicSpec:
     compacted: bool = False
 
 
+class BrokerError(RuntimeError):
+    """A broker address that is wrong or unreachable; the message says which and how to fix it."""
+
+
 def bootstrap_of(url: str) -> str:
-    """``kafka://h1:9092,h2:9092`` (or ``tansu://``) -> ``h1:9092,h2:9092``."""
-    return url.split("://", 1)[-1].rstrip("/")
+    """``kafka://h1:9092,h2:9092`` (or the legacy ``tansu://``, or bare
+    ``h1:9092``) -> ``h1:9092,h2:9092``, every HOST:PORT checked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "kafka", url
+    if scheme not in ("kafka", "tansu"):
+        raise BrokerError(f"broker URL {url!r} must look like kafka://HOST:PORT[,HOST:PORT]")
+    hosts = [h for h in rest.rstrip("/").split(",") if h]
+    if not hosts:
+        raise BrokerError(f"broker URL {url!r} names no HOST:PORT; use kafka://HOST:PORT")
+    for h in hosts:
+        host, colon, port = h.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise BrokerError(f"broker address {h!r} in {url!r} is not HOST:PORT (port 1-65535)")
+    return ",".join(hosts)
 
 
-def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 20.0) -> None:
+def _hostport(h: str) -> tuple[str, int]:
+    host, _, port = h.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(bootstrap: str, timeout_s: float = 3.0) -> None:
+    """Fail fast, naming the address, instead of a client's 30 s of retries."""
+    errors = []
+    for h in bootstrap.split(","):
+        try:
+            socket.create_connection(_hostport(h), timeout_s).close()
+            return
+        except OSError as e:
+            errors.append(f"{h}: {e.strerror or e}")
+    raise BrokerError(
+        f"cannot reach the Kafka broker at {bootstrap} ({'; '.join(errors)}); "
+        "start one with `deepwatch broker` or pass --broker kafka://HOST:PORT of a running one")
+
+
+def kafka_client_options(settings) -> dict:
+    """kafka-python keyword arguments for the configured security (SASL/SSL)."""
+    import os
+
+    k = settings.kafka
+    opts: dict = {}
+    if k.security_protocol != "PLAINTEXT":
+        opts["security_protocol"] = k.security_protocol
+    if k.security_protocol.startswith("SASL"):
+        password = os.environ.get(k.sasl_password_env)
+        if not (k.sasl_mechanism and k.sasl_username and password):
+            raise BrokerError(f"kafka.security_protocol={k.security_protocol} needs kafka.sasl_mechanism, "
+                              f"kafka.sasl_username and the password in ${k.sasl_password_env}")
+        opts.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username, sasl_plain_password=password)
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if getattr(k, name):
+            opts[name] = str(getattr(k, name))
+    return opts
+
+
+def faust_credentials(settings):
+    """The same security for Faust (aiokafka), or None for PLAINTEXT."""
+    import os
+    import ssl
+
+    import faust
+
+    k = settings.kafka
+    if k.security_protocol == "PLAINTEXT":
+        return None
+    context = None
+    if k.security_protocol.endswith("SSL"):
+        context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+        if k.ssl_certfile:
+            context.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
+    if k.security_protocol.startswith("SASL"):
+        kafka_client_options(settings)  # same completeness check, same message
+        return faust.SASLCredentials(username=k.sasl_username, password=os.environ[k.sasl_password_env],
+                                     ssl_context=context, mechanism=k.sasl_mechanism)
+    return faust.SSLCredentials(context)
+
+
+def uses_tansu_quirks(settings, bootstrap: str) -> bool:
+    """Whether the broker is Tansu, which needs streams.tansu_compat: from
+    ``kafka.quirks``, or ("auto") from the cluster id the broker reports."""
+    mode = settings.kafka.quirks
+    if mode != "auto":
+        return mode == "tansu"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="deepwatch-probe", request_timeout_ms=5000,
+                             **kafka_client_options(settings))
+    try:
+        return "tansu" in str(admin.describe_cluster().get("cluster_id") or "").lower()
+    finally:
+        admin.close()
+
+
+def faust_broker_url(settings, url: str) -> str:
+    """The URL Faust is given: ``tansu://`` selects the compat transport
+    internally; users only ever write kafka://."""
+    bootstrap = bootstrap_of(url)
+    check_reachable(bootstrap)
+    scheme = "tansu" if url.startswith("tansu://") or uses_tansu_quirks(settings, bootstrap) else "kafka"
+    return f"{scheme}://{bootstrap}"
+
+
+def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 20.0, settings=None) -> None:
     """Create missing topics with explicit partition counts; existing ones are
     left alone (a partition-count mismatch is logged: changing it would break
     keyed state)."""
+    check_reachable(bootstrap)
     deadline = time.monotonic() + timeout_s
+    opts = kafka_client_options(settings) if settings is not None else {}
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="deepwatch-admin")
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="deepwatch-admin", **opts)
             break
         except Exception:
             if time.monotonic() > deadline:

@@ -14,7 +14,9 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import os
 import socket
+import stat
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -56,9 +58,28 @@ def sniff_image_type(data: bytes) -> str | None:
     return None
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries and that a gateway would reach:
+    IPv4-mapped, 6to4 (2002::/16), Teredo (2001::/32) and NAT64 (RFC 6052)."""
+    found = [a for a in (ip.ipv4_mapped, ip.sixtofour) if a is not None]
+    if ip.teredo:
+        found.extend(ip.teredo)
+    if any(ip in net for net in _NAT64):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 def _address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            return _address_allowed(ip.ipv4_mapped)
+        inner = embedded_ipv4(ip)
+        if inner:
+            # The gateway's address space is global; what it forwards to is not necessarily.
+            return all(_address_allowed(a) for a in inner)
     return ip.is_global and not (ip.is_multicast or ip.is_reserved)
 
 
@@ -68,7 +89,9 @@ async def resolve_checked(host: str, port: int, allow_private: bool) -> str:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise FetchError("dns_failure", f"cannot resolve {host}: {e}", retryable=True) from None
-    addrs = [ipaddress.ip_address(info[4][0]) for info in infos]
+    except (UnicodeError, ValueError) as e:  # IDNA failures, NUL bytes: never a resolvable name
+        raise FetchError("bad_url", f"invalid host name {host[:100]!r}: {e}") from None
+    addrs = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
     if not addrs:
         raise FetchError("dns_failure", f"{host} has no addresses")
     if not allow_private:
@@ -100,6 +123,17 @@ class ImageFetcher:
         await self._client.aclose()
 
     async def get(self, event: ImageEvent, extra_roots: list[Path] | None = None) -> bytes:
+        """The image bytes, or ``FetchError``; never longer than
+        ``fetch.total_timeout_s`` whatever the source does."""
+        try:
+            async with asyncio.timeout(self.cfg.total_timeout_s):
+                return await self._get(event, extra_roots)
+        except TimeoutError:
+            where = event.image.url or event.image.path or "image"
+            raise FetchError("timeout", f"fetching {where[:200]} took longer than {self.cfg.total_timeout_s}s "
+                             "(fetch.total_timeout_s)") from None
+
+    async def _get(self, event: ImageEvent, extra_roots: list[Path] | None) -> bytes:
         ref = event.image
         if ref.base64 is not None:
             return self._inline(ref.base64)
@@ -128,23 +162,45 @@ class ImageFetcher:
         roots = [Path(r).resolve() for r in [*self.ingest.image_roots, *extra_roots]]
         if not roots:
             raise FetchError("path_not_allowed", "local image paths are disabled (no image roots configured)")
-        target = Path(path)
-        # Relative paths are relative to the first root (the feed's own directory in replay).
-        resolved = (roots[0] / target).resolve() if not target.is_absolute() else target.resolve()
-        if not any(resolved.is_relative_to(r) for r in roots):
-            raise FetchError("path_not_allowed", f"{path} is outside the allowed image roots")
+        shown = repr(path[:200])
         try:
-            size = resolved.stat().st_size
-            if size > self.cfg.max_bytes:
-                raise FetchError("too_large", f"{path} is {size} bytes, limit {self.cfg.max_bytes}")
-            data = resolved.read_bytes()
+            target = Path(path)
+            # Relative paths are relative to the first root (the feed's own directory in replay).
+            resolved = (roots[0] / target).resolve() if not target.is_absolute() else target.resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # symlink loop, NUL byte, name too long
+            raise FetchError("bad_path", f"{shown}: {e}") from None
+        if not any(resolved.is_relative_to(r) for r in roots):
+            raise FetchError("path_not_allowed", f"{shown} is outside the allowed image roots")
+        return self._check_type(self._read_regular(resolved, shown), shown)
+
+    def _read_regular(self, resolved: Path, shown: str) -> bytes:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise block until a
+        # writer appears (forever, holding a thread); then only regular files
+        # are read, so devices and sockets never are.
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(resolved, flags)
         except FileNotFoundError:
-            raise FetchError("not_found", f"{path} does not exist") from None
-        except IsADirectoryError:
-            raise FetchError("not_found", f"{path} is a directory") from None
-        except PermissionError as e:
-            raise FetchError("not_found", f"{path}: {e}") from None
-        return self._check_type(data, path)
+            raise FetchError("not_found", f"{shown} does not exist") from None
+        except (OSError, ValueError) as e:
+            raise FetchError("bad_path", f"{shown}: {e}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise FetchError("not_a_file", f"{shown} is {kind}")
+            if st.st_size > self.cfg.max_bytes:
+                raise FetchError("too_large", f"{shown} is {st.st_size} bytes, limit {self.cfg.max_bytes}")
+            os.set_blocking(fd, True)
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(self.cfg.max_bytes + 1)  # the file may grow after fstat
+        except OSError as e:
+            raise FetchError("bad_path", f"{shown}: {e}") from None
+        finally:
+            os.close(fd)
+        if len(data) > self.cfg.max_bytes:
+            raise FetchError("too_large", f"{shown} exceeds {self.cfg.max_bytes} bytes")
+        return data
 
     # -- URL ----------------------------------------------------------------
     async def _url(self, url: str) -> bytes:
@@ -161,14 +217,18 @@ class ImageFetcher:
     async def _url_once(self, url: str) -> bytes:
         current = url
         for _hop in range(self.cfg.max_redirects + 1):
-            parts = urlsplit(current)
+            try:
+                parts = urlsplit(current)
+                explicit_port = parts.port  # raises ValueError for "port 99999" or "[::1/x"
+            except ValueError as e:
+                raise FetchError("bad_url", f"invalid URL {current[:200]!r}: {e}") from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise FetchError("bad_url", f"refusing to fetch {current!r}")
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+                raise FetchError("bad_url", f"refusing to fetch {current[:200]!r}")
+            port = explicit_port or (443 if parts.scheme == "https" else 80)
             ip = await resolve_checked(parts.hostname, port, self.cfg.allow_private_networks)
             host_for_url = f"[{ip}]" if ":" in ip else ip
             pinned = urlunsplit((parts.scheme, f"{host_for_url}:{port}", parts.path or "/", parts.query, ""))
-            host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+            host_header = parts.hostname if explicit_port is None else f"{parts.hostname}:{explicit_port}"
             try:
                 async with self._client.stream(
                     "GET", pinned, headers={"Host": host_header},
@@ -199,6 +259,8 @@ class ImageFetcher:
                 raise FetchError("timeout", f"timed out fetching {current}: {type(e).__name__}", retryable=True) from None
             except httpx.TransportError as e:
                 raise FetchError("unreachable", f"cannot connect to {current}: {e}", retryable=True) from None
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError, ValueError) as e:
+                raise FetchError("bad_url", f"invalid URL {current[:200]!r}: {e}") from None
         raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects} redirects from {url}")
 
     @staticmethod

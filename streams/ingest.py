@@ -8,7 +8,7 @@ here, and they too become dead letters.
 
 from __future__ import annotations
 
-import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -17,8 +17,14 @@ from kafka import KafkaProducer
 
 from streams.records import DeadLetter
 from streams.settings import Settings
+from streams.validate import MAX_EVENT_BYTES, event_id_of
 
-MAX_MESSAGE_BYTES = 1_000_000  # Kafka's default max.message.bytes
+MAX_MESSAGE_BYTES = MAX_EVENT_BYTES  # Kafka's default max.message.bytes; the worker's limit too
+RUN_HEADER = "deepwatch-run"  # names the producing run, so completion is judged per run
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
 
 
 @dataclass
@@ -27,6 +33,7 @@ class Produced:
     lines_at: dict[tuple[int, int], bytes] = field(default_factory=dict)  # what was sent there, for resends
     refused: int = 0
     lines: int = 0
+    run: str = field(default_factory=new_run_id)
 
 
 def iter_lines(feed: Path) -> Iterator[bytes]:
@@ -37,16 +44,9 @@ def iter_lines(feed: Path) -> Iterator[bytes]:
                 yield line
 
 
-def _event_id(line: bytes) -> str | None:
-    try:
-        doc = json.loads(line)
-        return doc.get("event_id") if isinstance(doc, dict) and isinstance(doc.get("event_id"), str) else None
-    except ValueError:
-        return None
-
-
-def produce_feed(feed: Path, bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None) -> Produced:
-    return produce_lines(iter_lines(feed), bootstrap, settings, progress)
+def produce_feed(feed: Path, bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None,
+                 run: str | None = None) -> Produced:
+    return produce_lines(iter_lines(feed), bootstrap, settings, progress, run=run)
 
 
 def count_lines(feed: Path) -> int:
@@ -55,30 +55,36 @@ def count_lines(feed: Path) -> int:
 
 
 def produce_lines(
-    lines: Iterable[bytes], bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None
+    lines: Iterable[bytes], bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None,
+    *, run: str | None = None,
 ) -> Produced:
-    """Produce raw event lines. Also how replay resends stalled events: same
-    keys, so same partitions, and safe because every stage is idempotent on
-    the event id."""
+    """Produce raw event lines, each with a ``deepwatch-run`` header naming
+    this run. Also how replay resends stalled events: same keys, so same
+    partitions, same run, and safe because every stage is idempotent on the
+    event id."""
+    from streams.broker import kafka_client_options
+
     producer = KafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5,
         max_request_size=MAX_MESSAGE_BYTES + 4096, client_id="deepwatch-ingest",
+        **kafka_client_options(settings),
     )
-    out = Produced()
+    out = Produced(run=run) if run else Produced()
+    headers = [(RUN_HEADER, out.run.encode())]
     futures = []
     try:
         for line in lines:
             out.lines += 1
-            eid = _event_id(line)
+            eid = event_id_of(line)
             key = eid.encode() if eid else None
             if len(line) > MAX_MESSAGE_BYTES:
                 dl = DeadLetter(event_id=eid, stage="validate", reason="too_large",
                                 detail=f"event is {len(line)} bytes; inline images are capped at ingest",
                                 payload_excerpt=line[:512].decode("utf-8", "replace"))
-                producer.send(settings.topic("dead-letters"), key=key, value=dl.dumps())
+                producer.send(settings.topic("dead-letters"), key=key, value=dl.dumps(), headers=headers)
                 out.refused += 1
             else:
-                futures.append((line, producer.send(settings.topic("events"), key=key, value=line)))
+                futures.append((line, producer.send(settings.topic("events"), key=key, value=line, headers=headers)))
             if progress:
                 progress(1)
         producer.flush()

@@ -9,9 +9,9 @@ with ``deepwatch schema``) so producers outside this code base can validate.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from detectors.base import Evidence
 from detectors.hashing import ImageHashes
@@ -35,12 +35,17 @@ class _Record(BaseModel):
 # --------------------------------------------------------------------------
 # Input: the social-media image event (schema v1)
 # --------------------------------------------------------------------------
+# Counts above 2**53 are not exact in JSON consumers (JavaScript, Elasticsearch
+# doubles) and no real post has them: refuse rather than carry a bignum around.
+MAX_COUNT = 2**53
+
+
 class Engagement(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    likes: int = Field(default=0, ge=0)
-    reposts: int = Field(default=0, ge=0)
-    replies: int = Field(default=0, ge=0)
-    views: int = Field(default=0, ge=0)
+    likes: int = Field(default=0, ge=0, le=MAX_COUNT)
+    reposts: int = Field(default=0, ge=0, le=MAX_COUNT)
+    replies: int = Field(default=0, ge=0, le=MAX_COUNT)
+    views: int = Field(default=0, ge=0, le=MAX_COUNT)
 
     def __add__(self, other: "Engagement") -> "Engagement":
         return Engagement(likes=self.likes + other.likes, reposts=self.reposts + other.reposts,
@@ -62,7 +67,7 @@ class ImageRef(BaseModel):
     path: str | None = Field(default=None, max_length=4096)
     base64: str | None = None
     blob: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    mime: str | None = None
+    mime: str | None = Field(default=None, max_length=128)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ImageRef":
@@ -74,7 +79,20 @@ class ImageRef(BaseModel):
         return self
 
 
+# Size bounds on everything an event carries besides inline image bytes: a
+# sighting (the event plus hashes and evidence) must always fit in one broker
+# message, so no stage downstream can be handed a record it cannot send.
+MAX_TEXT_CHARS = 10_000
+MAX_TAG_CHARS = 256
+
+
 class ImageEvent(_Record):
+    """Schema v1. Unknown top-level fields are ignored (not an error), so a
+    producer may add fields before deepwatch knows them; unknown fields inside
+    ``image`` or ``engagement`` and an unknown ``schema_version`` are still
+    refused. ``text`` longer than ``MAX_TEXT_CHARS`` is truncated, not refused."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"additionalProperties": True})
     schema_version: Literal[1] = 1
     event_id: str = Field(min_length=1, max_length=256)
     platform: str = Field(min_length=1, max_length=64)
@@ -83,11 +101,36 @@ class ImageEvent(_Record):
     account_id: str = Field(min_length=1, max_length=256)
     account_handle: str | None = Field(default=None, max_length=256)
     posted_at: AwareDatetime
-    text: str | None = Field(default=None, max_length=100_000)
+    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     lang: str | None = Field(default=None, max_length=16)
-    hashtags: list[str] = Field(default_factory=list, max_length=256)
+    hashtags: list[Annotated[str, StringConstraints(max_length=MAX_TAG_CHARS)]] = Field(default_factory=list, max_length=64)
     engagement: Engagement = Field(default_factory=Engagement)
     image: ImageRef
+
+    @model_validator(mode="before")
+    @classmethod
+    def _truncate_text(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("text"), str) and len(data["text"]) > MAX_TEXT_CHARS:
+            data = {**data, "text": data["text"][: MAX_TEXT_CHARS - 1] + "…"}
+        return data
+
+
+def usable_event_id(value: Any) -> str | None:
+    """``value`` if it can serve as an event id in keys, logs and the store
+    (a string of 1..256 characters that encodes as UTF-8), else None. Used to
+    name an event in a dead letter even when the event itself is invalid."""
+    if not isinstance(value, str) or not 0 < len(value) <= 256:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+        return None
+    return value
+
+
+def _clip(text: str, limit: int) -> str:
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --------------------------------------------------------------------------
@@ -101,17 +144,38 @@ class SourceRef(BaseModel):
     topic: str
     partition: int
     offset: int
+    run: str | None = None  # the producing run (`deepwatch-run` header): how replay knows what is its own
+
+
+DeadLetterStage = Literal["validate", "fetch", "decode", "hash", "dedupe", "detect", "cluster", "sink"]
 
 
 class DeadLetter(_Record):
+    """Always small and always encodable, whatever the event that caused it:
+    fields are clipped and made valid UTF-8 on construction, so writing the
+    dead letter can never fail the way the event did."""
+
     schema_version: Literal[1] = 1
     event_id: str | None = None
-    stage: Literal["validate", "fetch", "decode", "hash", "detect", "cluster", "sink"]
+    stage: DeadLetterStage
     reason: str  # short code, e.g. "fetch_blocked", "decompression_bomb"
     detail: str  # human-readable
     source: SourceRef | None = None
     payload_excerpt: str | None = None  # first bytes of the raw message, for debugging
     at: datetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("event_id") is not None:
+            data["event_id"] = usable_event_id(data["event_id"]) or _clip(str(data["event_id"]), 200)
+        for key, limit in (("reason", 64), ("detail", 2000), ("payload_excerpt", 512)):
+            if isinstance(data.get(key), str):
+                data[key] = _clip(data[key], limit)
+        return data
 
 
 class Sighting(_Record):

@@ -66,7 +66,7 @@ def settings_env(settings: Settings, broker_url: str) -> dict[str, str]:
         "DEEPWATCH_LOG_LEVEL": settings.log_level,
         "DEEPWATCH_LOG_FORMAT": "json",
     })
-    for section in ("fetch", "decode", "ingest", "dedupe", "detect", "alerts", "findings"):
+    for section in ("fetch", "decode", "ingest", "dedupe", "detect", "alerts", "kafka", "findings"):
         env[f"DEEPWATCH_{section.upper()}"] = getattr(settings, section).model_dump_json()
     env.pop("DEEPWATCH_CONFIG", None)  # everything is already resolved above
     return env
@@ -129,10 +129,10 @@ def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None 
     log_dir.mkdir(parents=True, exist_ok=True)
     if settings.broker == "embedded":
         broker = stack.enter_context(EmbeddedBroker(log_dir))
-        broker_url, bootstrap = broker.faust_url, broker.bootstrap
+        broker_url, bootstrap = broker.url, broker.bootstrap
     else:
         broker_url, bootstrap = settings.broker, bootstrap_of(settings.broker)
-    ensure_topics(bootstrap, topic_specs(settings))
+    ensure_topics(bootstrap, topic_specs(settings), settings=settings)
     cluster = Cluster(settings, broker_url, bootstrap, log_dir)
     stack.callback(cluster.stop)
     return cluster
@@ -165,6 +165,11 @@ def wait_until_processed(
     """True once every produced event is a sighting or a dead letter in the
     store, and the derived work (alerts, model results) has landed too.
 
+    With ``produced`` given, only rows written for its run count (the
+    ``deepwatch-run`` header): a fresh embedded broker over an existing data
+    dir reuses (partition, offset) pairs, and rows an earlier run left there
+    must not pass for this run's work.
+
     With ``produced`` given, events still missing after ``stall_s`` without
     any progress are sent again, once. Faust's recovery/seek sequencing can,
     rarely, skip a record fetched while a worker starts or rebalances
@@ -181,7 +186,10 @@ def wait_until_processed(
     try:
         while time.monotonic() < deadline:
             cluster.check_workers()
-            new, high = store.processed_since(topic, high)
+            if produced is not None:
+                new, high = store.run_processed_since(produced.run, topic, high)
+            else:
+                new, high = store.processed_since(topic, high)
             seen |= new
             done_set = {o for o in offsets if o in seen or (pending_resend.get(o, set()) & seen)}
             done = len(done_set)
@@ -194,7 +202,8 @@ def wait_until_processed(
                 if missing:
                     log.warning("events unprocessed without progress; resending them (idempotent)",
                                 extra={"count": len(missing), "offsets": missing[:20]})
-                    again = produce_lines([produced.lines_at[o] for o in missing], cluster.bootstrap, cluster.settings)
+                    again = produce_lines([produced.lines_at[o] for o in missing], cluster.bootstrap, cluster.settings,
+                                          run=produced.run)
                     for o in missing:
                         pending_resend[o] = {po for po, line in again.lines_at.items() if line == produced.lines_at[o]}
                     last_change = time.monotonic()
@@ -208,7 +217,8 @@ def wait_until_processed(
         store.close()
 
 
-def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], refused: int, seconds: float, complete: bool) -> ReplaySummary:
+def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], refused: int, seconds: float, complete: bool,
+              run: str | None = None) -> ReplaySummary:
     store = open_findings(settings.findings.url, settings.data_dir, settings)
     try:
         dls: dict[str, int] = {}
@@ -221,7 +231,10 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
                 t0 = datetime.fromisoformat(a["trigger_ingested_at"])
                 t1 = datetime.fromisoformat(a["created_at"])
                 latencies.append(round((t1 - t0).total_seconds(), 3))
-        processed = len(produced & store.processed_offsets(settings.topic("events")))
+        if run is not None:
+            processed = len(produced & store.run_processed_since(run, settings.topic("events"), 0)[0])
+        else:
+            processed = len(produced & store.processed_offsets(settings.topic("events")))
         return ReplaySummary(
             events=events, produced=len(produced), refused_at_ingest=refused, processed=processed,
             sightings=store.count_sightings(), dead_letters=dls, clusters=len(store.clusters()),

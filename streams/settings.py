@@ -10,33 +10,43 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
-class FetchSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt key is an error naming the closest valid one (load_settings),
+    # never a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+class FetchSettings(_Section):
     allow_private_networks: bool = False  # loopback/private/link-local refused unless set
     max_bytes: int = 25 * 1024 * 1024
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 15.0
+    total_timeout_s: float = 30.0  # whole fetch incl. redirects and retries: a byte-a-second server cannot stall a task
     retries: int = 2
     max_redirects: int = 3
     user_agent: str = "deepwatch/0.1 (+https://github.com/deepwatch)"
 
 
-class DecodeSettings(BaseModel):
+class DecodeSettings(_Section):
     max_pixels: int = 100_000_000  # 50-200 MP phone cameras exist; Pillow refuses > ~179 MP regardless
     max_dimension: int = 16_384
+    max_decode_mb: int = 200  # decoded bytes (pixels x bands x frames) one image may cost; also the per-process total
 
 
-class IngestSettings(BaseModel):
+class IngestSettings(_Section):
     max_inline_bytes: int = 2 * 1024 * 1024  # base64-decoded size cap for inline images
     image_roots: list[Path] = Field(default_factory=list)  # local `path` images allowed only below these
+    event_deadline_s: float = 120.0  # one event's whole analyze stage (fetch, decode, hash); then a dead letter
+    max_future_skew_s: float = 900.0  # posted_at later than ingest time + this is dead-lettered (future_posted_at)
 
 
-class DedupeSettings(BaseModel):
+class DedupeSettings(_Section):
     phash_threshold: int = 10
     pdq_threshold: int = 31
     pdq_min_quality: int = 50
@@ -53,7 +63,7 @@ class DedupeSettings(BaseModel):
     evict_every_ops: int = 1000
 
 
-class DetectSettings(BaseModel):
+class DetectSettings(_Section):
     cheap: list[str] | None = None  # None = every registered cheap detector
     models: list[str] = Field(default_factory=list)  # learned models to run once per cluster
     model_dir: Path | None = None  # default: <data_dir>/models
@@ -62,14 +72,14 @@ class DetectSettings(BaseModel):
     max_wait_ms: float = 20.0
 
 
-class WebhookSettings(BaseModel):
+class WebhookSettings(_Section):
     url: str
     secret_env: str = "DEEPWATCH_WEBHOOK_SECRET"  # name of the env var holding the HMAC key
     timeout_s: float = 5.0
     retries: int = 3
 
 
-class AlertSettings(BaseModel):
+class AlertSettings(_Section):
     min_fake_score: float = 0.7
     min_sightings_5m: int = 10  # velocity: sightings of the cluster in the trailing 5 minutes
     min_sightings_1h: int = 0
@@ -77,9 +87,26 @@ class AlertSettings(BaseModel):
     escalation_factor: float = 3.0
     webhooks: list[WebhookSettings] = Field(default_factory=list)
     console: bool = True
+    webhook_redeliver_s: float = 60.0  # how often failed webhook deliveries are tried again, oldest first
 
 
-class ConnectorSettings(BaseModel):
+class KafkaSettings(_Section):
+    """Client security for a managed Kafka (Confluent Cloud, MSK, Aiven...).
+    The password is read from the environment variable named here."""
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password_env: str = "DEEPWATCH_KAFKA_PASSWORD"  # name of the env var holding the SASL password
+    ssl_cafile: Path | None = None  # CA bundle; default: the system's
+    ssl_certfile: Path | None = None  # client certificate (mutual TLS)
+    ssl_keyfile: Path | None = None
+    # The embedded broker (Tansu) needs workarounds (streams.tansu_compat); "auto" detects it
+    # from the cluster id it reports, so the URL is kafka://HOST:PORT either way.
+    quirks: Literal["auto", "tansu", "none"] = "auto"
+
+
+class ConnectorSettings(_Section):
     """Platform connectors (``deepwatch connect``) and the HTTP ingest endpoint."""
 
     jetstream_url: str = "wss://jetstream2.us-east.bsky.network/subscribe"
@@ -105,7 +132,7 @@ class ConnectorSettings(BaseModel):
     ingest_broker_timeout_s: float = 5.0  # longer than this without the broker: 503 + Retry-After
 
 
-class FindingsSettings(BaseModel):
+class FindingsSettings(_Section):
     """Where findings go. ``url`` None = the embedded SQLite file in data_dir;
     ``es://host:9200`` / ``https://host:9200`` = Elasticsearch (credentials and
     CA bundle only from the environment: DEEPWATCH_ES_API_KEY, or
@@ -121,7 +148,7 @@ class FindingsSettings(BaseModel):
     request_timeout_s: float = 30.0
 
 
-class DeskSettings(BaseModel):
+class DeskSettings(_Section):
     """The fact-check desk (``deepwatch serve``). Users live in a JSON users file
     (hashed passwords, made with ``deepwatch desk-user``); API tokens only in
     the environment variable named by ``tokens_env`` as ``role:name:token``
@@ -161,6 +188,7 @@ class Settings(BaseSettings):
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
     detect: DetectSettings = Field(default_factory=DetectSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     connectors: ConnectorSettings = Field(default_factory=ConnectorSettings)
     findings: FindingsSettings = Field(default_factory=FindingsSettings)
     desk: DeskSettings = Field(default_factory=DeskSettings)
@@ -198,7 +226,7 @@ class Settings(BaseSettings):
         from detectors.imagedata import DecodeLimits
 
         return DecodeLimits(max_pixels=self.decode.max_pixels, max_dimension=self.decode.max_dimension,
-                            max_bytes=self.fetch.max_bytes)
+                            max_bytes=self.fetch.max_bytes, max_decode_bytes=self.decode.max_decode_mb << 20)
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"
@@ -209,4 +237,10 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     (``None`` values are ignored so unset flags do not mask env/TOML)."""
     if config is not None:
         os.environ["DEEPWATCH_CONFIG"] = str(config)
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    from streams.settings_check import check_environment, explain
+
+    check_environment(os.environ)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        raise explain(e) from None

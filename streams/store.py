@@ -24,7 +24,7 @@ from streams.findings import (
     AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, FindingsStore, SightingRecord, normalize_hashtag, sort_key,
     text_terms,
 )
-from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
+from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 
 __all__ = ["FindingsStore", "MemberRow", "SqliteFindingsStore", "open_store"]
 
@@ -109,6 +109,11 @@ CREATE TABLE IF NOT EXISTS cluster_states (
     cluster_id TEXT PRIMARY KEY,
     state BLOB NOT NULL,
     archived_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now'))
+);
+CREATE TABLE IF NOT EXISTS processed_runs (
+    run TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" INTEGER NOT NULL,
+    outcome TEXT NOT NULL, event_id TEXT,
+    PRIMARY KEY (run, topic, partition, "offset")
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     alert_id TEXT NOT NULL, target TEXT NOT NULL, status TEXT NOT NULL,
@@ -239,6 +244,7 @@ class SqliteFindingsStore:
                ON CONFLICT DO NOTHING""",
             (s.source.topic, s.source.partition, s.source.offset, "sighting", ev.event_id),
         )
+        _record_run(db, s.source, "sighting", ev.event_id)
 
     def add_dead_letter(self, dl: DeadLetter) -> bool:
         src = dl.source
@@ -259,7 +265,61 @@ class SqliteFindingsStore:
                        ON CONFLICT DO NOTHING""",
                     (src.topic, src.partition, src.offset, "dead_letter", dl.event_id),
                 )
+                _record_run(db, src, "dead_letter", dl.event_id)
             return cur.rowcount > 0
+
+    # -- per-run accounting and duplicate checks (issue 7) --------------------
+    def mark_processed(self, source: SourceRef, outcome: str, event_id: str | None) -> None:
+        """An event that ends as neither a new sighting nor a dead letter (an
+        exact duplicate of a stored sighting) is still accounted for."""
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO processed (topic, partition, "offset", outcome, event_id) VALUES (?,?,?,?,?)
+                   ON CONFLICT DO NOTHING""",
+                (source.topic, source.partition, source.offset, outcome, event_id),
+            )
+            _record_run(db, source, outcome, event_id)
+
+    def run_processed_since(self, run: str, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]:
+        """Like ``processed_since`` but only events produced by ``run``: a fresh
+        broker reuses (partition, offset) pairs an earlier run left in the store."""
+        rows = self._db.execute(
+            'SELECT rowid, partition, "offset" FROM processed_runs WHERE run=? AND topic=? AND rowid>? ORDER BY rowid',
+            (run, topic, after_rowid),
+        ).fetchall()
+        return {(p, o) for _, p, o in rows}, (rows[-1][0] if rows else after_rowid)
+
+    def sighting_sha256(self, event_id: str) -> str | None:
+        row = self._db.execute("SELECT sha256 FROM sightings WHERE event_id=?", (event_id,)).fetchone()
+        return row[0] if row else None
+
+    def failed_deliveries(self, target: str) -> list[Alert]:
+        """Alerts whose delivery to ``target`` failed, oldest first (per cluster
+        that is also level order), for redelivery."""
+        rows = self._db.execute(
+            """SELECT a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
+               WHERE d.target=? AND d.status != 'delivered' ORDER BY a.created_at, a.level, a.alert_id""",
+            (target,),
+        ).fetchall()
+        return [Alert.model_validate_json(doc) for doc, in rows]
+
+    def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool:
+        """Whether an earlier alert of ``cluster_id`` still awaits delivery to ``target``."""
+        row = self._db.execute(
+            """SELECT 1 FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
+               WHERE d.target=? AND a.cluster_id=? AND a.level<? AND d.status != 'delivered' LIMIT 1""",
+            (target, cluster_id, level),
+        ).fetchone()
+        return row is not None
+
+    def delivery_status(self) -> dict[str, list[dict[str, str]]]:
+        """alert id -> [{target, status, at}] for `deepwatch alerts`."""
+        out: dict[str, list[dict[str, str]]] = {}
+        for alert_id, target, status, at in self._db.execute(
+            "SELECT alert_id, target, status, at FROM deliveries ORDER BY at"
+        ):
+            out.setdefault(alert_id, []).append({"target": target, "status": status, "at": at})
+        return out
 
     def add_alert(self, alert: Alert) -> bool:
         with self._tx() as db:
@@ -603,13 +663,28 @@ _SQL_SORT = {  # pre-selection order for searches, the stream's own values (exac
 }
 
 
+def _record_run(db: sqlite3.Connection, src: SourceRef, outcome: str, event_id: str | None) -> None:
+    if src.run:
+        db.execute(
+            """INSERT INTO processed_runs (run, topic, partition, "offset", outcome, event_id) VALUES (?,?,?,?,?,?)
+               ON CONFLICT DO NOTHING""",
+            (src.run, src.topic, src.partition, src.offset, outcome, event_id),
+        )
+
+
 class _Tx:
     def __init__(self, db: sqlite3.Connection, lock: threading.Lock):
         self.db, self.lock = db, lock
 
     def __enter__(self) -> sqlite3.Connection:
         self.lock.acquire()
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            # "database is locked" after busy_timeout: without this release
+            # every later transaction on this store would wait forever.
+            self.lock.release()
+            raise
         return self.db
 
     def __exit__(self, exc_type, *_: object) -> None:

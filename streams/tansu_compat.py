@@ -1,8 +1,10 @@
 """Workarounds for Tansu 0.6.0, the embedded broker. The only place that knows.
 
-Active only when the Faust broker URL uses the ``tansu://`` scheme (registered
-as a Faust transport through the ``faust.transports`` entry point), which
-``EmbeddedBroker.faust_url`` produces; any real Kafka uses the stock driver.
+Active only for Tansu: users always write ``kafka://HOST:PORT``;
+``streams.broker.faust_broker_url`` detects Tansu from the cluster id it
+reports (or ``kafka.quirks``) and hands Faust the internal ``tansu://``
+scheme, registered as a Faust transport through the ``faust.transports``
+entry point. Any real Kafka uses the stock driver.
 
 (a) ListOffsets(latest) answers the *last batch's base offset + 1* rather than
     the log end when that batch holds several records. Faust takes that value

@@ -18,9 +18,14 @@ log = logging.getLogger(__name__)
 
 
 def faust_broker_url(settings: Settings) -> str:
+    from streams.broker import BrokerError, faust_broker_url as resolve
+
     if settings.broker == "embedded":
-        raise SystemExit("a worker needs --broker (kafka://HOST:PORT, or tansu://HOST:PORT for the embedded broker)")
-    return settings.broker
+        raise SystemExit("a worker needs --broker kafka://HOST:PORT (`deepwatch broker` prints one) or DEEPWATCH_BROKER")
+    try:
+        return resolve(settings, settings.broker)
+    except BrokerError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def run(settings: Settings, role: str) -> None:
@@ -54,9 +59,15 @@ def run(settings: Settings, role: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from streams.settings_check import SettingsError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     role = argv[argv.index("--role") + 1] if "--role" in argv else "pipeline"
-    run(load_settings(), role)
+    try:
+        settings = load_settings()
+    except SettingsError as e:
+        raise SystemExit(f"error: {e}") from None
+    run(settings, role)
 
 
 if __name__ == "__main__":

@@ -71,8 +71,11 @@ def test_naive_timestamp_rejected():
     assert "posted_at" in err.detail and "timezone" in err.detail.lower()
 
 
-def test_unknown_field_rejected():
-    err = _invalid(_raw({**GOOD, "surprise": True}))
+def test_unknown_top_level_field_is_ignored_but_nested_one_rejected():
+    # Forward compatibility: a producer may add top-level fields first.
+    ev = parse_event(_raw({**GOOD, "surprise": True}))
+    assert ev.event_id == GOOD["event_id"] and "surprise" not in ev.model_dump()
+    err = _invalid(_raw({**GOOD, "engagement": {"likes": 1, "surprise": 2}}))
     assert err.reason == "schema_violation"
     assert "surprise" in err.detail
 

@@ -8,7 +8,10 @@ from streams.cli import pipeline, query, detect, bank, models  # noqa: F401,E402
 from streams.cli import connect  # noqa: F401,E402  (registration)
 from streams.cli import grafana  # noqa: F401,E402  (registration)
 from streams.cli import serve  # noqa: F401,E402  (registration)
+from streams.cli import settings_cmd  # noqa: F401,E402  (registration)
 
 
 def main() -> None:
-    app()
+    from streams.cli.common import run_cli
+
+    run_cli(app)

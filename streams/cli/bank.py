@@ -64,23 +64,51 @@ def add(
     paths: list[Path] = typer.Argument(..., help="Image files and/or directories (searched recursively)."),
     verdict: str = _Verdict,
     data_dir: Optional[Path] = _DataDir,
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Add the readable files and list the others, instead of adding nothing."),
 ) -> None:
-    """Hash images and add them to bank NAME (created on first use)."""
-    from detectors.imagedata import ImageRejected
+    """Hash images and add them to bank NAME (created on first use).
+
+    All or nothing: if any file is not an image deepwatch can read, each bad
+    file is named and nothing is added, unless --skip-bad adds the rest."""
+    from detectors.imagedata import ImageData, ImageRejected
 
     _check_verdict(verdict)
     files = _expand(paths)
-    store = _store(_settings(data_dir))
+    settings = _settings(data_dir)
+    bad: list[str] = []
+    for f in files:  # header checks first: cheap, and they catch almost every bad file
+        try:
+            ImageData.from_path(f, limits=settings.decode_limits())
+        except (ImageRejected, OSError) as e:
+            bad.append(f"{f}: {e}")
+    if bad and not skip_bad:
+        for line in bad:
+            err.print(f"[red]error:[/] {line}", soft_wrap=True)
+        err.print(f"nothing added to {name!r}: {len(bad)} of {len(files)} file(s) unreadable; "
+                  "remove them or pass --skip-bad to add the rest", soft_wrap=True)
+        raise typer.Exit(2)
+    good = [f for f in files if not any(line.startswith(f"{f}: ") for line in bad)]
+    store = _store(settings)
+    done: list[Path] = []
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
-            task = bar.add_task(f"hashing into {name}", total=len(files))
-            added = store.add_images(name, verdict, files, progress=lambda _p: bar.advance(task))  # type: ignore[arg-type]
-    except (ImageRejected, ValueError) as e:
-        err.print(f"[red]error:[/] {e}")
+            task = bar.add_task(f"hashing into {name}", total=len(good))
+
+            def step(p: Path) -> None:
+                done.append(p)
+                bar.advance(task)
+
+            added = store.add_images(name, verdict, good, progress=step)  # type: ignore[arg-type]
+    except (ImageRejected, ValueError, OSError) as e:
+        culprit = good[len(done)] if len(done) < len(good) else "?"
+        err.print(f"[red]error:[/] {culprit}: {e}; nothing added to {name!r} (remove the file and run again)", soft_wrap=True)
         raise typer.Exit(2) from e
     finally:
         store.close()
-    err.print(f"added {added} new image(s) to {name!r} ({len(files) - added} already there)")
+    for line in bad:
+        err.print(f"skipped {line}", soft_wrap=True)
+    err.print(f"added {added} new image(s) to {name!r} ({len(good) - added} already there"
+              f"{f', {len(bad)} skipped' if bad else ''})")
 
 
 @bank_app.command("import")

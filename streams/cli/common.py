@@ -18,6 +18,54 @@ DataDir = typer.Option(None, "--data-dir", "-d", help="Directory for findings, b
 Config = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="TOML settings file (env DEEPWATCH_CONFIG). Environment variables override it.")
 Broker = typer.Option(None, "--broker", help="'embedded' (start a Tansu broker) or kafka://HOST:PORT[,HOST:PORT] for an external cluster.")
 FormatOpt = typer.Option("table", "--format", "-f", help="Output format: table (for people) or json (a stable contract for tools).")
+JsonAlias = typer.Option(False, "--json", help="Same as --format json.")
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message is one line saying how."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input or setup is wrong", not "deepwatch has
+    a bug": the CLI prints their message as one line instead of a traceback."""
+    from streams.broker import BrokerError
+    from streams.settings_check import SettingsError
+
+    import httpx
+
+    # OSError: a file or address the user named is missing, unreadable or
+    # unreachable; httpx.HTTPError: a URL the user gave cannot be fetched.
+    types: list[type[BaseException]] = [UserError, SettingsError, BrokerError, OSError, httpx.HTTPError]
+    for module, name in (("detectors.models.fetch", "FetchError"), ("detectors.models.fetch", "ModelFetchError"),
+                         ("detectors.models.vendors", "VendorError"), ("detectors.models.checkpoint", "CheckpointError"),
+                         ("kafka.errors", "NoBrokersAvailable")):
+        try:
+            mod = __import__(module, fromlist=[name])
+            if isinstance(getattr(mod, name, None), type):
+                types.append(getattr(mod, name))
+        except Exception:  # an optional part that does not import is not a reason to crash here
+            continue
+    return tuple(types)
+
+
+def run_cli(app: Any) -> None:
+    """Run the Typer app; user errors end as one line on stderr and exit 2."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:
+        if isinstance(e, user_error_types()):
+            message = str(e) or type(e).__name__
+            request = getattr(e, "_request", None)  # httpx errors know their URL; say which
+            if request is not None:
+                message = f"cannot fetch {request.url}: {message}"
+            from rich.markup import escape
+
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        raise
 
 
 def settings_from(config: Optional[Path] = None, **overrides: Any) -> Settings:

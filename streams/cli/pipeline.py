@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -85,7 +86,8 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         seconds = time.monotonic() - started
         if live is not None:
             live.update(render())
-        return runner.summarize(settings, produced.lines, produced.offsets, produced.refused, seconds, complete)
+        return runner.summarize(settings, produced.lines, produced.offsets, produced.refused, seconds, complete,
+                                run=produced.run)
 
 
 def _print_summary(summary, fmt_json: bool) -> None:
@@ -112,7 +114,8 @@ def replay(
     config: Optional[Path] = Config,
     workers: int = typer.Option(1, min=1, max=8, help="Pipeline worker processes to run."),
     timeout: float = typer.Option(600, help="Give up (exit 1) if the feed is not fully processed within this many seconds."),
-    json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    json_summary: bool = typer.Option(False, "--json", help="Same as --format json."),
+    fmt: str = typer.Option("table", "--format", "-f", help="Summary format: table (a line on stderr, for people) or json (on stdout, for tools)."),
     store_url: Optional[str] = StoreOpt,
 ) -> None:
     """Run the full streaming pipeline over FEED and exit when every event is
@@ -124,6 +127,9 @@ def replay(
     stay in --data-dir for `deepwatch clusters|alerts|dead-letters`. Local
     image paths are allowed only under the feed's directory and --image-root.
     """
+    from streams.cli.common import check_format
+
+    json_summary = json_summary or check_format(fmt) == "json"
     roots = [feed.resolve().parent, *[r.resolve() for r in image_root]]
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     _use_store(settings, store_url)
@@ -131,6 +137,17 @@ def replay(
     summary = _replay(settings, feed, workers=workers, timeout_s=timeout, live_table=False)
     _print_summary(summary, json_summary)
     raise typer.Exit(0 if summary.complete else 1)
+
+
+def _prog() -> str:
+    """How the user invoked deepwatch, so printed hints run as printed."""
+    import shutil
+    import sys
+
+    name = Path(sys.argv[0]).name
+    if name == "deepwatch" or (name != "__main__.py" and shutil.which("deepwatch")):
+        return "deepwatch"
+    return f"{shlex.quote(sys.executable)} -m streams.cli"
 
 
 @app.command(rich_help_panel="Run")
@@ -152,10 +169,13 @@ def demo(
     settings.ingest.image_roots = [feed_dir.resolve()]
     summary = _replay(settings, feed, workers=1, timeout_s=600, live_table=True)
     _print_summary(summary, False)
-    d = settings.data_dir
+    d = shlex.quote(str(settings.data_dir))
+    prog = _prog()
+    sample = shlex.quote(str(feed_dir / "images" / "flood_q70.jpg"))
     err.print(
-        f"\nExplore the findings:\n  deepwatch clusters --data-dir {d}\n  deepwatch alerts --data-dir {d} --format json\n"
-        f"  deepwatch dead-letters --data-dir {d}\n  deepwatch similar {feed_dir / 'images' / 'flood_q70.jpg'} --data-dir {d}"
+        f"\nExplore the findings:\n  {prog} clusters --data-dir {d}\n  {prog} alerts --data-dir {d} --format json\n"
+        f"  {prog} dead-letters --data-dir {d}\n  {prog} similar {sample} --data-dir {d}",
+        markup=False, highlight=False, soft_wrap=True,
     )
     raise typer.Exit(0 if summary.complete else 1)
 
@@ -163,28 +183,34 @@ def demo(
 @app.command(rich_help_panel="Run")
 def ingest(
     feed: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL file of schema-v1 events."),
-    broker: str = typer.Option(..., "--broker", help="kafka://HOST:PORT of the running pipeline's broker."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT of the running pipeline's broker (`deepwatch broker` prints it); default: DEEPWATCH_BROKER."),
     config: Optional[Path] = Config,
 ) -> None:
     """Produce FEED's events to a running pipeline's events topic (malformed
     lines too: the pipeline dead-letters them with a reason)."""
-    from streams.broker import bootstrap_of
+    from streams.broker import bootstrap_of, check_reachable
     from streams.ingest import count_lines, produce_feed
 
     settings = settings_from(config, broker=broker)
+    if settings.broker == "embedded":
+        raise typer.BadParameter("ingest sends to a running broker: pass --broker kafka://HOST:PORT or set DEEPWATCH_BROKER", param_hint="--broker")
+    bootstrap = bootstrap_of(settings.broker)
+    check_reachable(bootstrap)
     lines = count_lines(feed)
     with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), console=err) as progress:
         task = progress.add_task("ingest", total=lines)
-        produced = produce_feed(feed, bootstrap_of(broker), settings, progress=lambda n: progress.advance(task, n))
-    err.print(f"produced {len(produced.offsets)} events to {settings.topic('events')}; refused {produced.refused} (too large)")
+        produced = produce_feed(feed, bootstrap, settings, progress=lambda n: progress.advance(task, n))
+    err.print(f"produced {len(produced.offsets)} events to {settings.topic('events')} (run {produced.run}); "
+              f"refused {produced.refused} (too large)")
 
 
 @app.command(rich_help_panel="Run")
 def worker(
     role: str = typer.Option("pipeline", help="pipeline (ingest → cluster → sinks) or detect (learned models, own consumer group)."),
-    broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT (or tansu://HOST:PORT for Tansu with its workarounds); default: DEEPWATCH_BROKER."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT[,HOST:PORT] (`deepwatch broker` prints one); default: DEEPWATCH_BROKER. The embedded broker's quirks are detected, not configured."),
     data_dir: Optional[Path] = DataDir,
     config: Optional[Path] = Config,
+    image_root: List[Path] = typer.Option([], "--image-root", help="Directory local image `path`s may point into (repeatable; adds to ingest.image_roots)."),
     metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus /metrics on this port (0 = any free port)."),
     create_topics: bool = typer.Option(True, help="Create missing topics with the right partition counts before starting."),
     store_url: Optional[str] = StoreOpt,
@@ -197,10 +223,61 @@ def worker(
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
     _use_store(settings, store_url)
     if settings.broker == "embedded":
-        raise typer.BadParameter("a worker joins an existing broker: pass --broker or set DEEPWATCH_BROKER", param_hint="--broker")
+        raise typer.BadParameter("a worker joins an existing broker: pass --broker kafka://HOST:PORT (`deepwatch broker` starts one) or set DEEPWATCH_BROKER", param_hint="--broker")
+    for root in image_root:
+        if not root.is_dir():
+            raise typer.BadParameter(f"{root} is not a directory", param_hint="--image-root")
+    settings.ingest.image_roots = [*settings.ingest.image_roots, *[r.resolve() for r in image_root]]
     if create_topics:
-        ensure_topics(bootstrap_of(settings.broker), topic_specs(settings))
+        ensure_topics(bootstrap_of(settings.broker), topic_specs(settings), settings=settings)
     worker_mod.run(settings, role)
+
+
+@app.command(rich_help_panel="Run")
+def broker(
+    data_dir: Optional[Path] = DataDir,
+    port: int = typer.Option(9092, min=0, max=65535, help="Port to listen on (0 = any free port)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default: the embedded broker has no authentication)."),
+    config: Optional[Path] = Config,
+) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu) in the foreground and
+    print its URL; workers and `deepwatch ingest` take it as --broker. Topics
+    are created up front. Storage is in memory: stopping it (Ctrl-C, SIGTERM)
+    forgets the topics, while findings stay in the workers' data dir."""
+    import signal
+
+    from streams.app import topic_specs
+    from streams.broker import EmbeddedBroker, ensure_topics, free_port
+
+    settings = settings_from(config, data_dir=data_dir)
+    log_dir = Path(settings.data_dir) / "logs"
+    b = EmbeddedBroker(log_dir, host=host)
+    b.port = port or free_port(host)
+    try:
+        b.start()
+    except (RuntimeError, TimeoutError) as e:
+        raise typer.BadParameter(f"cannot start the broker on {host}:{b.port} ({e}); is the port taken? try --port 0", param_hint="--port") from None
+    stopping = {"now": False}
+
+    def stop(*_: object) -> None:
+        stopping["now"] = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        ensure_topics(b.bootstrap, topic_specs(settings), settings=settings)
+        typer.echo(b.url, err=False)  # stdout: the one line a script captures
+        err.print(f"[dim]broker listening; log {b.log_path}. Next: deepwatch worker --broker {b.url} --data-dir DIR; "
+                  f"deepwatch ingest FEED.jsonl --broker {b.url}. Ctrl-C stops it.[/]")
+        import sys
+
+        sys.stdout.flush()
+        while not stopping["now"]:
+            if b._proc is not None and b._proc.poll() is not None:
+                raise typer.BadParameter(f"the broker exited with {b._proc.returncode}; see {b.log_path}")
+            time.sleep(0.2)
+    finally:
+        b.stop()
 
 
 @app.command(rich_help_panel="Run")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, FormatOpt, check_format, err, print_json, settings_from
+from streams.cli.common import Config, DataDir, FormatOpt, JsonAlias, check_format, err, print_json, settings_from
 from streams.findings import SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, StoreURLError, open_findings
 
 StoreOpt = typer.Option(
@@ -62,11 +62,11 @@ def _read(data_dir: Optional[Path], config: Optional[Path], store_url: Optional[
 def _emit(rows: list, fmt: str, title: str, columns: tuple[str, ...], cells: Callable[[dict], tuple]) -> None:
     """JSON (the contract for tools) or a table (for people)."""
     if fmt == "json":
-        print_json([r.as_json() for r in rows])
+        print_json([r.as_json() if hasattr(r, "as_json") else r for r in rows])
         return
     t = Table(title=title)
     for col in columns:
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # wrap long evidence and ids; never cut them off
     for row in rows:
         t.add_row(*cells(row))
     Console().print(t)
@@ -76,7 +76,7 @@ def cluster_table(clusters: list, title: str = "Image clusters") -> Table:
     t = Table(title=title, expand=True)
     for col, kw in (("cluster", {"no_wrap": True, "min_width": 16}), ("fake", {"justify": "right"}),
                     ("verdict", {"no_wrap": True}),
-                    ("evidence", {"ratio": 1, "no_wrap": True, "overflow": "ellipsis"}),
+                    ("evidence", {"ratio": 1, "overflow": "fold"}),
                     ("sightings", {"justify": "right"}), ("accounts", {"justify": "right"}),
                     ("5m", {"justify": "right"}), ("images", {"justify": "right"}), ("alert", {})):
         t.add_column(col, **kw)
@@ -98,6 +98,7 @@ def clusters(
     store_url: Optional[str] = StoreOpt,
     include_merged: bool = typer.Option(False, help="Also list clusters that were merged into another (they carry merged_into)."),
     limit: Optional[int] = typer.Option(None, help="At most this many clusters, highest fake score first."),
+    as_json: bool = JsonAlias,
 ) -> None:
     """List image clusters: fake score, verdict, evidence, spread and member images.
 
@@ -105,7 +106,7 @@ def clusters(
     (detector, score, detail), sightings, accounts, first_seen, last_seen and
     members (sha256, phash, pdq, event_id), plus velocity, platforms, merges.
     """
-    check_format(fmt)
+    fmt = "json" if as_json else check_format(fmt)
     with _findings(data_dir, config, store_url) as store:
         rows = store.clusters(include_merged=include_merged, limit=limit)
     if fmt == "json":
@@ -168,27 +169,36 @@ def search(
 
 @app.command(rich_help_panel="Findings")
 def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
-           store_url: Optional[str] = StoreOpt) -> None:
+           store_url: Optional[str] = StoreOpt, as_json: bool = JsonAlias) -> None:
     """List alerts raised when a likely fake spread fast (one per cluster, plus escalations).
 
     JSON form: an array of objects with alert_id, cluster_id, rule, level,
     fake_score, verdict, velocity, sightings, accounts, evidence, at (event
-    time) and created_at.
+    time), created_at and deliveries (per webhook target: status, at; a
+    failed delivery is retried every alerts.webhook_redeliver_s).
     """
-    _emit(_read(data_dir, config, store_url, "alerts"), check_format(fmt), "Alerts",
-          ("time", "cluster", "level", "fake", "5m", "accounts", "rule"),
+    fmt = "json" if as_json else check_format(fmt)
+    with _findings(data_dir, config, store_url) as store:
+        status = store.delivery_status()
+        rows = [dict(a.as_json(), deliveries=status.get(a.alert_id, [])) for a in store.alerts()]
+
+    def delivery(a: dict) -> str:
+        return "; ".join(d["status"][:60] for d in a["deliveries"]) or "—"
+
+    _emit(rows, fmt, "Alerts",
+          ("time", "cluster", "level", "fake", "5m", "accounts", "rule", "webhook"),
           lambda a: (a["at"], a["cluster_id"], str(a["level"]), f"{a['fake_score']:.2f}",
-                     str(a["velocity"]["sightings_5m"]), str(a["accounts"]), a["rule"]))
+                     str(a["velocity"]["sightings_5m"]), str(a["accounts"]), a["rule"], delivery(a)))
 
 
 @app.command("dead-letters", rich_help_panel="Findings")
 def dead_letters(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
-                 store_url: Optional[str] = StoreOpt) -> None:
+                 store_url: Optional[str] = StoreOpt, as_json: bool = JsonAlias) -> None:
     """List events that could not be processed, with the stage and reason.
 
     JSON form: an array of objects with event_id (when the event had one),
     stage, reason, detail, source (topic, partition, offset) and at.
     """
-    _emit(_read(data_dir, config, store_url, "dead_letters"), check_format(fmt), "Dead letters",
+    _emit(_read(data_dir, config, store_url, "dead_letters"), "json" if as_json else check_format(fmt), "Dead letters",
           ("event", "stage", "reason", "detail"),
           lambda d: (d["event_id"] or "—", d["stage"], d["reason"], d["detail"]))

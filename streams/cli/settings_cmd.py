@@ -1,0 +1,36 @@
+"""``deepwatch settings``: the settings reference, and the values in effect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from streams.cli.app import app
+from streams.cli.common import Config, settings_from
+
+
+@app.command("settings", rich_help_panel="Run")
+def settings_cmd(
+    fmt: str = typer.Option("markdown", "--format", "-f", help="markdown (the reference, as in docs/settings.md) or json (the values in effect)."),
+    config: Optional[Path] = Config,
+    out: Optional[Path] = typer.Option(None, help="Write to this file instead of stdout."),
+) -> None:
+    """Every setting with its environment variable, type, default and meaning
+    (markdown), or the values this environment and --config resolve to (json).
+    Unknown DEEPWATCH_* variables and TOML keys are errors naming the closest
+    valid key."""
+    from streams.settings_check import reference_markdown
+
+    if fmt == "markdown":
+        doc = reference_markdown()
+    elif fmt == "json":
+        doc = json.dumps(json.loads(settings_from(config).model_dump_json()), indent=2) + "\n"
+    else:
+        raise typer.BadParameter("must be 'markdown' or 'json'", param_hint="--format")
+    if out:
+        out.write_text(doc)
+    else:
+        typer.echo(doc, nl=False)

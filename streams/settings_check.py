@@ -1,0 +1,160 @@
+"""Refuse settings deepwatch would silently ignore, and describe the valid ones.
+
+An unknown ``DEEPWATCH_*`` variable or TOML key is a startup error naming the
+closest valid key: ``DEEPWATCH_FETCH__IMAGE_ROOTS`` (a real mistake: the
+setting lives under ``ingest``) used to be dropped without a word. The same
+walk over the settings models generates the reference (``deepwatch settings``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+import typing
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from pydantic import BaseModel, ValidationError
+
+# Environment variables that are not settings fields but are read by deepwatch.
+NON_SETTING_ENV = {
+    "DEEPWATCH_CONFIG",  # the TOML file
+    "DEEPWATCH_METRICS_PORT_FILE",  # where a worker writes its metrics port (tests, supervisors)
+    "DEEPWATCH_HIVE_URL", "DEEPWATCH_SENSITY_URL", "DEEPWATCH_REALITY_DEFENDER_URL",  # vendor endpoints
+    "DEEPWATCH_INGEST_TOKENS", "DEEPWATCH_DESK_TOKENS",  # serve-ingest / desk API tokens (secrets)
+    # Elasticsearch connection (streams.es_store) and the live test suite's server
+    "DEEPWATCH_ES_USERNAME", "DEEPWATCH_ES_CA_CERTS", "DEEPWATCH_ES_VERIFY_CERTS", "DEEPWATCH_ES_URL",
+    # read by Grafana's provisioning files (dashboards/), which may share the environment
+    "DEEPWATCH_DESK_EMAILS", "DEEPWATCH_DESK_WEBHOOK_URL", "DEEPWATCH_DESK_SLACK_WEBHOOK_URL", "DEEPWATCH_DESK_URL",
+}
+# Secrets live only in the environment under names the settings point at
+# (``secret_env``, ``sasl_password_env``); their names are the user's choice.
+SECRET_SUFFIXES = ("_SECRET", "_TOKEN", "_KEY", "_PASSWORD")
+
+
+class SettingsError(ValueError):
+    """A settings mistake, with the fix in the message (one line)."""
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if inspect.isclass(arg) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def setting_paths(model: type[BaseModel] | None = None, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every leaf setting as (dotted path, pydantic FieldInfo)."""
+    if model is None:
+        from streams.settings import Settings
+
+        model = Settings
+    for name, field in model.model_fields.items():
+        sub = _model_of(field.annotation)
+        origin = typing.get_origin(field.annotation)
+        if sub is not None and origin not in (list, dict):
+            yield from setting_paths(sub, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def closest(path: str) -> str | None:
+    valid = [p for p, _ in setting_paths()]
+    found = difflib.get_close_matches(path, valid, n=1, cutoff=0.5)
+    if found:
+        return found[0]
+    leaf = path.rsplit(".", 1)[-1]
+    same_leaf = [p for p in valid if p.rsplit(".", 1)[-1] == leaf]
+    return same_leaf[0] if same_leaf else None
+
+
+def _env_name(path: str) -> str:
+    return "DEEPWATCH_" + path.upper().replace(".", "__")
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    from streams.settings import Settings
+
+    top = {name.upper() for name in Settings.model_fields}
+    sections = {name.upper() for name, f in Settings.model_fields.items() if _model_of(f.annotation)}
+    valid_nested = {_env_name(p) for p, _ in setting_paths()}
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith("DEEPWATCH_") or upper in NON_SETTING_ENV or upper.endswith(SECRET_SUFFIXES):
+            continue
+        rest = upper[len("DEEPWATCH_"):]
+        if "__" not in rest:
+            if rest in top:
+                continue  # a whole section may be given as JSON (DEEPWATCH_FETCH='{...}')
+        elif rest.split("__", 1)[0] in sections and upper in valid_nested:
+            continue
+        path = rest.lower().replace("__", ".")
+        near = closest(path)
+        hint = f"; did you mean {_env_name(near)}?" if near else "; see `deepwatch settings`"
+        raise SettingsError(f"unknown setting in the environment: {name}{hint}")
+
+
+def explain(e: ValidationError) -> SettingsError:
+    """Turn pydantic's multi-line report into one line with the fix."""
+    for err in e.errors():
+        if err["type"] == "extra_forbidden":
+            path = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+            near = closest(path)
+            hint = f"; did you mean {near!r} (env {_env_name(near)})?" if near else "; see `deepwatch settings`"
+            return SettingsError(f"unknown setting {path!r} (in the TOML file or DEEPWATCH_* environment){hint}")
+    err = e.errors()[0]
+    path = ".".join(str(p) for p in err["loc"])
+    return SettingsError(f"invalid setting {path!r}: {err['msg']} (got {str(err.get('input'))[:80]!r})")
+
+
+def _comments(model: type[BaseModel]) -> dict[str, str]:
+    """Trailing ``# why`` comments of field lines: the settings module's
+    comments are the documentation, so the reference cannot drift from them."""
+    try:
+        src = inspect.getsource(model)
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for m in re.finditer(r"^\s+(\w+):[^\n#]*#\s*(.+)$", src, re.M):
+        out.setdefault(m.group(1), m.group(2).strip())
+    return out
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
+    text = text or str(annotation).replace("typing.", "").replace("pathlib.", "")
+    return text.replace("|", "or").replace("NoneType", "None")
+
+
+def reference_markdown() -> str:
+    from streams.settings import Settings
+
+    lines = [
+        "# deepwatch settings reference",
+        "",
+        "Generated by `deepwatch settings --format markdown` from `streams/settings.py`; do not edit by hand.",
+        "",
+        "Precedence (highest first): command-line flags, environment variables, the TOML file",
+        "(`--config` or `DEEPWATCH_CONFIG`), defaults. Nested keys use `__` in the environment",
+        "(`DEEPWATCH_ALERTS__MIN_FAKE_SCORE=0.8`) and a table in TOML (`[alerts] min_fake_score = 0.8`).",
+        "An unknown `DEEPWATCH_*` variable or TOML key is a startup error naming the closest valid key.",
+        "Secrets are never settings: a setting names the environment variable that holds them.",
+        "",
+        "| setting | environment | type | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for path, field in setting_paths(Settings):
+        parts = path.split(".")
+        owner: type[BaseModel] = Settings
+        for part in parts[:-1]:
+            owner = _model_of(owner.model_fields[part].annotation)  # type: ignore[assignment]
+        doc = _comments(owner).get(parts[-1], "")
+        default = field.default_factory() if field.default_factory is not None else field.default
+        if isinstance(default, Path):
+            default = str(default)
+        lines.append(f"| `{path}` | `{_env_name(path)}` | {_type_name(field.annotation)} | `{default!r}` | {doc.replace('|', '/')} |")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,252 @@
+"""The analyze stage for one event, with its one failure rule: whatever goes
+wrong ends as a dead letter naming the stage and a reason.
+
+Known failures carry their own reason (``InvalidEvent``, ``FetchError``,
+``ImageRejected``, ``StageError``); anything else is ``internal_error`` for
+the stage that was running, and running out of time is ``deadline``. So one
+hostile event can neither crash the agent (and with it the worker and the
+events queued behind it) nor hold it: fetch has its own overall deadline
+(``fetch.total_timeout_s``) and the whole event another
+(``ingest.event_deadline_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+from streams import metrics
+from streams.records import ClusterOp, DeadLetter, Sighting, SourceRef
+from streams.settings import Settings
+from streams.validate import MAX_EVENT_BYTES, parse_event
+
+log = logging.getLogger(__name__)
+
+# A cluster op must fit in one broker message; events are bounded so that it
+# always does (streams.records), and this says so loudly if that ever breaks.
+MAX_OP_BYTES = MAX_EVENT_BYTES
+
+
+class StageError(Exception):
+    """A refusal decided by the stage itself (not by a parser or fetcher)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Result:
+    op: bytes | None = None  # serialized ClusterOp for the cluster topic
+    dead: DeadLetter | None = None
+    duplicate: bool = False  # an exact redelivery of a stored sighting: accounted, not re-counted
+    event_id: str | None = None
+
+
+def run_of(headers: Any) -> str | None:
+    """The ``deepwatch-run`` header, whatever shape the client gives headers in."""
+    from streams.ingest import RUN_HEADER
+
+    if not headers:
+        return None
+    try:  # headers come from whoever produced the message: never let them raise
+        items = headers.items() if hasattr(headers, "items") else headers
+        for key, value in items:
+            key = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+            if key == RUN_HEADER and value:
+                return (value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))[:64]
+    except Exception:
+        return None
+    return None
+
+
+class Serialized:
+    """One store connection shared by threads, used by one thread at a time.
+
+    sqlite3 serialises a connection with a mutex that a statement holds while
+    it waits out busy_timeout; a second thread touching the same connection
+    then waits on that mutex in a call that does not release the GIL, and the
+    whole worker (event loop included) freezes until the timeout (measured:
+    30 s stalls in the kill -9 drill). Taking this lock first avoids that.
+    The store is opened on first use, in the calling (worker) thread."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self._factory = factory
+        self._store: Any = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                if self._store is None:
+                    self._store = self._factory()
+                return getattr(self._store, name)(*args, **kwargs)
+
+        return call
+
+
+def once(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """A factory for one shared ``Serialized`` store."""
+    shared = Serialized(factory)
+    return lambda: shared
+
+
+class SharedIds:
+    """What the concurrent analyze actors of one worker share: the recent
+    event id -> picture map, and one lock per event id in flight, so two
+    events with the same id are judged one after the other (same id -> same
+    partition -> same worker, so this is complete across workers too)."""
+
+    def __init__(self, capacity: int = 100_000):
+        self.capacity = capacity
+        self.recent: OrderedDict[str, str] = OrderedDict()
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def remember(self, event_id: str, sha256: str) -> None:
+        self.recent[event_id] = sha256
+        self.recent.move_to_end(event_id)
+        while len(self.recent) > self.capacity:
+            self.recent.popitem(last=False)
+
+    @asynccontextmanager
+    async def hold(self, event_id: str):
+        lock, users = self._locks.get(event_id, (asyncio.Lock(), 0))
+        self._locks[event_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[event_id]
+            if users <= 1:
+                del self._locks[event_id]
+            else:
+                self._locks[event_id] = (lock, users - 1)
+
+
+class AnalyzeStage:
+    """validate -> event-time check -> fetch -> decode/hash/cheap detectors ->
+    duplicate check -> cluster op. ``store`` answers "which picture does this
+    event id already have" (the findings store, exact and unbounded in time)."""
+
+    def __init__(self, settings: Settings, fetcher: Any, analyzer: Any, put_blob: Callable[[bytes], Any],
+                 store_factory: Callable[[], Any], shared: SharedIds | None = None):
+        self.settings = settings
+        self.fetcher = fetcher
+        self.analyzer = analyzer
+        self.put_blob = put_blob
+        self._store_factory = store_factory
+        self._store = None
+        self._stage = "validate"  # the stage the current event is in, for its dead letter
+        # event id -> sha256 of sightings this worker sent but the store may
+        # not have yet (the sink runs behind the stream).
+        self.shared = shared or SharedIds()
+
+    async def process(self, raw: bytes, source: SourceRef, broker_ts: float | None = None) -> Result:
+        """One event in, one outcome out; never raises (except cancellation)."""
+        self._stage = "validate"
+        event_id = None
+        deadline = self.settings.ingest.event_deadline_s
+        try:
+            async with asyncio.timeout(deadline):
+                ev = parse_event(raw)
+                event_id = ev.event_id
+                self._check_event_time(ev.posted_at, broker_ts)
+                async with self.shared.hold(ev.event_id):
+                    return await self._analyze(ev, source, broker_ts)
+        except TimeoutError:
+            return self._dead(self._stage, "deadline", f"event took longer than {deadline}s "
+                              f"(ingest.event_deadline_s) in stage {self._stage}", source, raw, event_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the point: nothing escapes as a crash
+            reason = getattr(e, "reason", None)
+            if reason is None:
+                log.exception("analyze failed", extra={"event_id": event_id, "stage": self._stage})
+                reason, detail = "internal_error", f"{type(e).__name__}: {e}"
+            else:
+                detail = getattr(e, "detail", None) or str(e)
+            return self._dead(self._stage, reason, detail, source, raw, event_id or getattr(e, "event_id", None))
+
+    async def _analyze(self, ev: Any, source: SourceRef, broker_ts: float | None) -> Result:
+        started = time.perf_counter()
+        self._stage = "fetch"
+        data = await self.fetcher.get(ev)
+        metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
+        self._stage = "decode"
+        t1 = time.perf_counter()
+        sighting: Sighting = await asyncio.to_thread(self.analyzer.analyze, ev, data, source)
+        await asyncio.to_thread(self.put_blob, data)
+        metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
+        self._stage = "dedupe"
+        if await self._is_duplicate(ev.event_id, sighting.sha256):
+            metrics.EVENTS.labels("analyze", "duplicate").inc()
+            return Result(duplicate=True, event_id=ev.event_id)
+        if broker_ts:
+            sighting.ingested_at = datetime.fromtimestamp(broker_ts, timezone.utc)
+        op = ClusterOp(kind="sighting", sighting=sighting).dumps()
+        if len(op) > MAX_OP_BYTES:
+            raise StageError("too_large", f"cluster op is {len(op)} bytes, limit {MAX_OP_BYTES}")
+        self.shared.remember(ev.event_id, sighting.sha256)
+        metrics.EVENTS.labels("analyze", "ok").inc()
+        return Result(op=op, event_id=ev.event_id)
+
+    def _dead(self, stage: str, reason: str, detail: str, source: SourceRef, raw: bytes, event_id: str | None) -> Result:
+        metrics.EVENTS.labels(stage, "dead_letter").inc()
+        excerpt = bytes(raw[:512]).decode("utf-8", "replace") if stage == "validate" else None
+        return Result(dead=DeadLetter(event_id=event_id, stage=stage, reason=reason, detail=detail,
+                                      source=source, payload_excerpt=excerpt), event_id=event_id)
+
+    def _check_event_time(self, posted_at: datetime, broker_ts: float | None) -> None:
+        # Windows end at the newest posted_at a cluster has seen, so one
+        # future-dated post would push every real sighting out of them and
+        # silence the cluster. Bound event time by ingest time; the offender
+        # is dead-lettered (its own sighting is the only thing lost).
+        # Ingest time is this worker's clock, not the message timestamp: a
+        # producer's CreateTime can be anything (old mirrored topics, wrong clocks).
+        ingested = datetime.now(timezone.utc)
+        skew = self.settings.ingest.max_future_skew_s
+        if posted_at > ingested + timedelta(seconds=skew):
+            raise StageError("future_posted_at", f"posted_at {posted_at.isoformat()} is more than {skew:.0f}s after "
+                             f"ingest time {ingested.isoformat()} (ingest.max_future_skew_s)")
+
+    async def _is_duplicate(self, event_id: str, sha256: str) -> bool:
+        """True for an exact repeat of a stored sighting; ``StageError`` when
+        the event id is already taken by a different picture."""
+        known = self.shared.recent.get(event_id)
+        if known is None:
+            known = await asyncio.to_thread(self._stored_sha, event_id)
+            if known is not None:
+                if known != sha256:
+                    raise self._conflict(event_id, known, sha256)
+                return True  # the store has it: do not count it again, however old it is
+            return False
+        if known != sha256:
+            raise self._conflict(event_id, known, sha256)
+        return False  # sent moments ago by us: the cluster engine recognises the repeat
+
+    def _db(self):
+        if self._store is None:
+            self._store = self._store_factory()
+        return self._store
+
+    def _stored_sha(self, event_id: str) -> str | None:
+        return self._db().sighting_sha256(event_id)
+
+    def mark_duplicate(self, source: SourceRef, event_id: str | None) -> None:
+        self._db().mark_processed(source, "duplicate", event_id)
+
+    @staticmethod
+    def _conflict(event_id: str, first: str, second: str) -> StageError:
+        return StageError("conflict", f"event_id {event_id!r} was first seen with picture sha256:{first}; "
+                          f"this event has sha256:{second} (event ids must be unique per post)")
+
+    def close(self) -> None:
+        self._store = None  # shared (``once``); the process exit closes it

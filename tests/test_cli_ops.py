@@ -1,0 +1,141 @@
+"""Operating deepwatch from the command line: `deepwatch broker` as a
+foreground service, the settings reference, and user mistakes answered with
+one line that says how to fix them (never a traceback)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.hostile import corpus
+
+
+def deepwatch(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streams.cli.__main__", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) >= 1, r.stderr
+    return lines[0]
+
+
+def test_unknown_setting_is_one_line_naming_the_closest(tmp_path):
+    r = deepwatch("clusters", "--data-dir", str(tmp_path), env={"DEEPWATCH_FETCH__IMAGE_ROOTS": "[]"})
+    assert "DEEPWATCH_INGEST__IMAGE_ROOTS" in one_line_error(r)
+
+
+def test_unreachable_broker_is_one_line_with_the_address(tmp_path):
+    from streams.broker import free_port
+
+    port = free_port()
+    feed = tmp_path / "f.jsonl"
+    feed.write_text("{}\n")
+    line = one_line_error(deepwatch("ingest", str(feed), "--broker", f"kafka://127.0.0.1:{port}", timeout=30))
+    assert f"127.0.0.1:{port}" in line and "deepwatch broker" in line
+    r = deepwatch("worker", "--broker", "kafka://127.0.0.1:99999", "--data-dir", str(tmp_path), timeout=30)
+    assert "99999" in one_line_error(r)
+
+
+def test_bad_model_url_and_unknown_model_are_one_line(tmp_path):
+    img = tmp_path / "a.png"
+    img.write_bytes(corpus.picture_png(1, (64, 64)))
+    line = one_line_error(deepwatch("models", "fetch", "npr", "--url", "https://nonexistent.invalid/w.safetensors",
+                                    "--data-dir", str(tmp_path), timeout=60))
+    assert "nonexistent.invalid" in line
+    line = one_line_error(deepwatch("detect", str(img), "--model", "nosuch", env={"DEEPWATCH_DATA_DIR": str(tmp_path)}))
+    assert "nosuch" in line and "models fetch" in line
+
+
+def test_eval_with_nothing_to_evaluate_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "empty" in one_line_error(deepwatch("eval", str(tmp_path / "empty")))
+
+
+def test_bank_add_names_the_bad_file_and_adds_nothing_or_the_rest(tmp_path):
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    good.write_bytes(corpus.picture_png(2, (64, 64)))
+    bad.write_bytes(b"not a picture")
+    data = str(tmp_path / "data")
+    r = deepwatch("bank", "add", "b", str(good), str(bad), "--verdict", "fake", "-d", data)
+    assert "bad.png" in one_line_error(r) and "nothing added" in r.stderr and "--skip-bad" in r.stderr
+    r = deepwatch("bank", "list", "-d", data, "--format", "json")
+    assert r.returncode == 0 and '"b"' not in r.stdout
+    r = deepwatch("bank", "add", "b", str(good), str(bad), "--verdict", "fake", "-d", data, "--skip-bad")
+    assert r.returncode == 0 and "skipped" in r.stderr and "bad.png" in r.stderr and "added 1" in r.stderr
+
+
+def test_settings_reference_command(tmp_path):
+    r = deepwatch("settings", "--format", "markdown")
+    assert r.returncode == 0 and "DEEPWATCH_FETCH__TOTAL_TIMEOUT_S" in r.stdout and "kafka.sasl_mechanism" in r.stdout
+    r = deepwatch("settings", "--format", "json", env={"DEEPWATCH_PARTITIONS": "2"})
+    assert r.returncode == 0 and '"partitions": 2' in r.stdout
+
+
+@pytest.mark.slow
+def test_broker_command_runs_in_the_foreground_and_prints_its_url(tmp_path):
+    from kafka import KafkaAdminClient
+
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli.__main__", "broker", "--port", "0",
+                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("kafka://127.0.0.1:"), (url, proc.stderr.read() if proc.poll() is not None else "")
+        admin = KafkaAdminClient(bootstrap_servers=url.removeprefix("kafka://"), client_id="t")
+        try:
+            assert "deepwatch.events" in admin.list_topics()  # topics are created up front
+        finally:
+            admin.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_worker_image_root_must_exist(tmp_path):
+    r = deepwatch("worker", "--broker", "kafka://127.0.0.1:9", "--image-root", str(tmp_path / "nope"),
+                  "--data-dir", str(tmp_path), timeout=30)
+    assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_alerts_show_webhook_delivery_status_and_json_alias(tmp_path):
+    import json
+    from datetime import datetime, timezone
+
+    from streams.records import Alert, Velocity
+    from streams.store import open_store
+
+    store = open_store(tmp_path)
+    alert = Alert(alert_id="c1:1", cluster_id="c1", rule="r", level=1, fake_score=0.9, verdict="likely-ai",
+                  velocity=Velocity(sightings_5m=12), sightings=12, accounts=12, evidence=[],
+                  at=datetime(2026, 5, 1, tzinfo=timezone.utc))
+    store.add_alert(alert)
+    store.mark_delivered("c1:1", "https://desk.example/hook", "failed: HTTP 503")
+    assert [a.alert_id for a in store.failed_deliveries("https://desk.example/hook")] == ["c1:1"]
+    store.close()
+    r = deepwatch("alerts", "--data-dir", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    [doc] = json.loads(r.stdout)
+    assert doc["deliveries"][0]["status"] == "failed: HTTP 503"
+    r = deepwatch("alerts", "--data-dir", str(tmp_path), env={"COLUMNS": "60"})
+    assert r.returncode == 0 and "503" in r.stdout  # a narrow terminal wraps the column, never drops it
+
+
+def test_bench_needing_shared_data_is_skipped_with_the_reason(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", Path(__file__).resolve().parents[1] / "bench" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    monkeypatch.setattr(run_all, "NEEDS", {"neardup.py": [tmp_path / "absent"]})
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--quick", "neardup.py"])
+    assert run_all.main() == 0
+    out = capsys.readouterr().out
+    assert "neardup.py: SKIPPED: needs" in out and "absent" in out and "1 skipped" in out

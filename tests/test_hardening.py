@@ -1,0 +1,460 @@
+"""Hostile input and operator mistakes, one test per defect class of issue 7.
+
+Every test here failed on the code before the fix (a crash, a hang, a silent
+loss or a silent success); the pipeline-level drill is test_hostile_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ipaddress
+import json
+import os
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from detectors.imagedata import DecodeLimits, ImageData, ImageRejected, process_budget
+from streams.fetch import FetchError, ImageFetcher, _address_allowed
+from streams.records import DeadLetter, ImageEvent, SourceRef
+from streams.settings import FetchSettings, IngestSettings, Settings
+from streams.stage import AnalyzeStage
+from streams.validate import MAX_EVENT_BYTES, InvalidEvent, event_id_of, parse_event
+from tests.hostile import corpus
+
+GOOD = {"event_id": "e-1", "platform": "x", "account_id": "a-1", "posted_at": "2026-05-01T12:00:00Z",
+        "image": {"url": "https://example.com/a.jpg"}}
+
+
+def _invalid(raw: bytes) -> InvalidEvent:
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(raw)
+    return info.value
+
+
+# -- event parsing ------------------------------------------------------------
+def test_json_nested_5000_deep_is_a_dead_letter_not_a_recursion_error():
+    assert _invalid(b"[" * 5000 + b"]" * 5000).reason == "malformed_json"
+    assert _invalid(b'{"a":' * 5000 + b"1" + b"}" * 5000).reason == "malformed_json"
+    assert event_id_of(b"[" * 100_000) is None  # ingest's look at the id never raises either
+
+
+def test_5000_digit_integer_is_malformed_json():
+    raw = json.dumps(GOOD).replace('"platform"', '"n": ' + "9" * 5000 + ', "platform"').encode()
+    assert _invalid(raw).reason == "malformed_json"
+    huge = json.dumps({**GOOD, "engagement": {"likes": 10**20}}).encode()
+    assert _invalid(huge).reason == "schema_violation"  # representable, but beyond any real count
+
+
+def test_lone_surrogate_in_event_id():
+    raw = json.dumps({**GOOD, "event_id": "a\ud800b"}).encode()
+    err = _invalid(raw)
+    assert err.reason == "malformed_json" and err.event_id is None
+    assert event_id_of(raw) is None
+    dl = DeadLetter(event_id="a\ud800b", stage="validate", reason=err.reason, detail="x\udfff")
+    dl.dumps().decode("utf-8")  # the dead letter itself always encodes
+
+
+def test_600kb_event_id_and_its_dead_letter_stay_small():
+    raw = json.dumps({**GOOD, "event_id": "x" * 600_000}).encode()
+    err = _invalid(raw)
+    assert err.reason == "schema_violation" and err.event_id is None
+    dl = DeadLetter(event_id="x" * 600_000, stage="validate", reason="r" * 1000, detail="d" * 900_000,
+                    payload_excerpt=raw.decode())
+    assert len(dl.dumps()) < 4000
+
+
+def test_event_near_one_megabyte_is_bounded_before_it_reaches_a_topic():
+    doc = {**GOOD, "text": "spam " * 150_000, "hashtags": ["t"] * 10}
+    ev = parse_event(json.dumps(doc).encode())
+    assert len(ev.text) <= 10_000  # truncated, not refused: the sighting still counts
+    assert len(ev.dumps()) < 64_000
+    assert _invalid(json.dumps({**GOOD, "hashtags": ["x" * 300_000]}).encode()).reason == "schema_violation"
+    assert _invalid(b" " * (MAX_EVENT_BYTES + 1)).reason == "too_large"
+
+
+def test_unknown_top_level_field_is_kept_out_and_version_still_checked():
+    assert parse_event(json.dumps({**GOOD, "new_thing": [1, 2]}).encode()).event_id == "e-1"
+    assert _invalid(json.dumps({**GOOD, "schema_version": 2}).encode()).reason == "unsupported_version"
+
+
+# -- URL and path handling ----------------------------------------------------
+def _event(**image) -> ImageEvent:
+    return ImageEvent.model_validate({**GOOD, "image": image})
+
+
+def _fetch(event: ImageEvent, fetch: FetchSettings | None = None, ingest: IngestSettings | None = None) -> bytes:
+    async def go() -> bytes:
+        f = ImageFetcher(fetch or FetchSettings(retries=0), ingest or IngestSettings())
+        try:
+            return await f.get(event)
+        finally:
+            await f.aclose()
+
+    return asyncio.run(go())
+
+
+def _fetch_fails(event: ImageEvent, **kw) -> FetchError:
+    with pytest.raises(FetchError) as info:
+        _fetch(event, **kw)
+    return info.value
+
+
+@pytest.mark.parametrize("url", ["http://example.com:99999/a.jpg", "http://[::1/x", "http://exa\u0000mple.com/a",
+                                 "http://[fe80::1%25eth0/x", "https://" + "a" * 300 + ".com/x"])
+def test_malformed_urls_are_bad_url_not_a_crash(url):
+    err = _fetch_fails(_event(url=url))
+    assert err.reason in ("bad_url", "dns_failure", "blocked_address")
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "root"
+    r.mkdir()
+    (r / "ok.png").write_bytes(corpus.picture_png(1, (32, 32)))
+    return r
+
+
+@pytest.mark.parametrize("name", ["a\x00b.png", "n" * 300 + ".png", "../" * 40 + "x.png"])
+def test_hostile_path_names_are_fetch_errors(root, name):
+    err = _fetch_fails(_event(path=name), ingest=IngestSettings(image_roots=[root]))
+    assert err.reason in ("bad_path", "path_not_allowed", "not_found")
+
+
+def test_symlink_loop_is_bad_path(root):
+    (root / "a").symlink_to(root / "b")
+    (root / "b").symlink_to(root / "a")
+    assert _fetch_fails(_event(path="a/x.png"), ingest=IngestSettings(image_roots=[root])).reason == "bad_path"
+
+
+def test_fifo_in_image_root_does_not_block(root):
+    os.mkfifo(root / "pipe.png")
+    result: dict = {}
+
+    def go() -> None:
+        try:
+            _fetch(_event(path="pipe.png"), ingest=IngestSettings(image_roots=[root]))
+        except FetchError as e:
+            result["err"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "opening a FIFO blocked the fetch thread"
+    assert result["err"].reason == "not_a_file"
+
+
+class _Drip(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+        try:
+            for b in b"\x89PNG\r\n\x1a\n" * 100:
+                self.wfile.write(bytes([b]))
+                self.wfile.flush()
+                time.sleep(0.5)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def drip_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+    srv.daemon_threads = True
+    srv.block_on_close = False
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/drip.png"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_slow_drip_server_hits_the_overall_fetch_deadline(drip_server):
+    cfg = FetchSettings(allow_private_networks=True, retries=0, read_timeout_s=5, total_timeout_s=2)
+    started = time.monotonic()
+    err = _fetch_fails(_event(url=drip_server), fetch=cfg)
+    assert err.reason == "timeout" and "total_timeout_s" in err.detail
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("addr", [
+    "2002:7f00:1::",  # 6to4 of 127.0.0.1
+    "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254 (cloud metadata)
+    "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+    "64:ff9b::a9fe:a9fe",  # NAT64 of the metadata service
+    "64:ff9b:1::a00:1",  # local-use NAT64 of 10.0.0.1
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo whose client is 127.0.0.1
+    "::ffff:10.0.0.1",
+])
+def test_ipv6_addresses_embedding_internal_ipv4_are_refused(addr):
+    assert not _address_allowed(ipaddress.ip_address(addr))
+
+
+def test_public_addresses_still_pass():
+    for addr in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "2002:5db8:d822::1", "64:ff9b::5db8:d822"):
+        assert _address_allowed(ipaddress.ip_address(addr)), addr
+
+
+def test_dns_answer_with_embedded_loopback_is_blocked(monkeypatch):
+    async def fake_getaddrinfo(self, host, port, **kw):
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("64:ff9b::7f00:1", port, 0, 0))]
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
+    assert _fetch_fails(_event(url="http://innocent.example/a.png")).reason == "blocked_address"
+
+
+# -- image decoding -------------------------------------------------------------
+def test_43_byte_gif_with_96_mp_canvas_is_refused_before_decoding():
+    data = corpus.gif_canvas_bomb()
+    assert len(data) < 64
+    with pytest.raises(ImageRejected) as e:
+        ImageData(data)
+    assert e.value.reason == "memory_budget" and "decode.max_decode_mb" in str(e.value)
+
+
+def test_small_rgba_png_costing_gigabytes_is_refused_before_decoding():
+    data = corpus.rgba_png_bomb()
+    assert len(data) < 400_000
+    started = time.perf_counter()
+    with pytest.raises(ImageRejected) as e:
+        ImageData(data)
+    assert e.value.reason == "memory_budget"
+    assert time.perf_counter() - started < 1.0
+
+
+def test_large_jpeg_over_budget_is_decoded_reduced_and_says_so():
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (10, 200, 30)).save(buf, "JPEG")
+    image = ImageData(buf.getvalue(), limits=DecodeLimits(max_decode_bytes=10 << 20))
+    assert image.rgb.size[0] <= 2000 and image.decode_cost <= 10 << 20
+    assert any("1/2 scale" in n or "1/4 scale" in n for n in image.notes)
+
+
+def test_png_padded_with_a_50mb_ztxt_chunk_is_still_analysed():
+    data = corpus.ztxt_padded_png(mb=50)
+    image = ImageData(data)
+    assert image.rgb.size == (256, 192)  # the pixels were read
+    assert any("zTXt" in n for n in image.notes)
+    assert image.sha256 == __import__("hashlib").sha256(data).hexdigest()  # identity is the bytes as sent
+
+
+def test_decode_budget_serialises_large_decodes():
+    budget = process_budget(1000)
+    order = []
+
+    def hold(tag: str) -> None:
+        with budget.reserve(800):
+            order.append(f"{tag}+")
+            time.sleep(0.2)
+            order.append(f"{tag}-")
+
+    threads = [threading.Thread(target=hold, args=(t,)) for t in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order[1].endswith("-") and order[3].endswith("-"), order  # never both held at once
+
+
+# -- the analyze stage: one failure rule --------------------------------------
+class _Fetcher:
+    def __init__(self, data=None, exc=None, delay=0.0):
+        self.data, self.exc, self.delay = data, exc, delay
+
+    async def get(self, ev):
+        await asyncio.sleep(self.delay)
+        if self.exc:
+            raise self.exc
+        return self.data
+
+
+class _Store:
+    def __init__(self, known=None):
+        self.known = known or {}
+        self.marked = []
+
+    def sighting_sha256(self, event_id):
+        return self.known.get(event_id)
+
+    def mark_processed(self, source, outcome, event_id):
+        self.marked.append((source, outcome, event_id))
+
+    def close(self):
+        pass
+
+
+def _stage(tmp_path, fetcher, store=None, **ingest) -> AnalyzeStage:
+    from streams.analyze import Analyzer
+
+    settings = Settings(data_dir=tmp_path / "data", ingest=ingest)
+    return AnalyzeStage(settings, fetcher, Analyzer(settings, tmp_path / "blobs"), lambda data: None,
+                        lambda: store or _Store())
+
+
+SRC = SourceRef(topic="t", partition=0, offset=1, run="r1")
+
+
+def _raw(**over) -> bytes:
+    return json.dumps({**GOOD, **over}).encode()
+
+
+def test_any_unexpected_exception_becomes_a_dead_letter_with_its_stage(tmp_path):
+    stage = _stage(tmp_path, _Fetcher(exc=ZeroDivisionError("boom")))
+    r = asyncio.run(stage.process(_raw(), SRC))
+    assert r.op is None and r.dead.stage == "fetch" and r.dead.reason == "internal_error"
+    assert "ZeroDivisionError" in r.dead.detail and r.dead.source == SRC and r.dead.event_id == "e-1"
+
+
+def test_per_event_deadline(tmp_path):
+    stage = _stage(tmp_path, _Fetcher(delay=30), event_deadline_s=0.5)
+    started = time.monotonic()
+    r = asyncio.run(stage.process(_raw(), SRC))
+    assert r.dead.reason == "deadline" and r.dead.stage == "fetch"
+    assert time.monotonic() - started < 5
+
+
+def test_future_posted_at_is_dead_lettered_with_the_setting_named(tmp_path):
+    stage = _stage(tmp_path, _Fetcher(data=corpus.picture_png(1)))
+    r = asyncio.run(stage.process(_raw(posted_at="9999-12-31T23:59:59Z"), SRC, time.time()))
+    assert r.dead.stage == "validate" and r.dead.reason == "future_posted_at"
+    assert "ingest.max_future_skew_s" in r.dead.detail
+    near_future = datetime.now(timezone.utc).timestamp() + 60
+    ok = asyncio.run(stage.process(_raw(posted_at=datetime.fromtimestamp(near_future, timezone.utc).isoformat()),
+                                   SRC, time.time()))
+    assert ok.op is not None  # clocks disagree by a minute all the time
+
+
+def test_same_event_id_with_another_picture_is_a_conflict_naming_both(tmp_path):
+    stage = _stage(tmp_path, _Fetcher(data=corpus.picture_png(1)))
+    first = asyncio.run(stage.process(_raw(), SRC))
+    assert first.op is not None
+    stage.fetcher = _Fetcher(data=corpus.picture_png(2))
+    second = asyncio.run(stage.process(_raw(), SRC))
+    assert second.dead.reason == "conflict" and second.dead.stage == "dedupe"
+    assert second.dead.detail.count("sha256:") == 2
+
+
+def test_redelivered_event_already_in_the_store_is_not_counted_again(tmp_path):
+    import hashlib
+
+    data = corpus.picture_png(3)
+    store = _Store({"e-1": hashlib.sha256(data).hexdigest()})
+    stage = _stage(tmp_path, _Fetcher(data=data), store)
+    r = asyncio.run(stage.process(_raw(), SRC))
+    assert r.duplicate and r.op is None and r.dead is None  # however long ago it was stored
+    stage.mark_duplicate(SRC, r.event_id)
+    assert store.marked == [(SRC, "duplicate", "e-1")]
+
+
+def test_cluster_op_always_fits_in_a_broker_message(tmp_path):
+    stage = _stage(tmp_path, _Fetcher(data=corpus.picture_png(4)))
+    r = asyncio.run(stage.process(_raw(text="\u0000" * 150_000, hashtags=["#" * 256] * 64,
+                                       account_handle="h" * 256), SRC))
+    assert r.op is not None and len(r.op) < 1_000_000
+
+
+# -- settings -----------------------------------------------------------------
+def test_unknown_env_var_names_the_closest_key(monkeypatch):
+    from streams.settings import load_settings
+    from streams.settings_check import SettingsError
+
+    monkeypatch.setenv("DEEPWATCH_FETCH__IMAGE_ROOTS", '["/tmp"]')
+    with pytest.raises(SettingsError, match="DEEPWATCH_INGEST__IMAGE_ROOTS"):
+        load_settings()
+    monkeypatch.delenv("DEEPWATCH_FETCH__IMAGE_ROOTS")
+    monkeypatch.setenv("DEEPWATCH_PARTITION", "3")
+    with pytest.raises(SettingsError, match="DEEPWATCH_PARTITIONS"):
+        load_settings()
+
+
+def test_unknown_toml_key_names_the_closest_key(tmp_path, monkeypatch):
+    from streams.settings import load_settings
+    from streams.settings_check import SettingsError
+
+    cfg = tmp_path / "d.toml"
+    cfg.write_text("[alerts]\nmin_fake_scor = 0.8\n")
+    monkeypatch.setenv("DEEPWATCH_CONFIG", str(cfg))  # what --config does; undone after the test
+    with pytest.raises(SettingsError, match="alerts.min_fake_score"):
+        load_settings()
+
+
+def test_secrets_and_known_extras_are_not_settings_errors(monkeypatch):
+    from streams.settings import load_settings
+
+    monkeypatch.setenv("DEEPWATCH_WEBHOOK_SECRET", "x")
+    monkeypatch.setenv("DEEPWATCH_KAFKA_PASSWORD", "x")
+    monkeypatch.setenv("DEEPWATCH_ALERTS__MIN_FAKE_SCORE", "0.8")
+    assert load_settings().alerts.min_fake_score == 0.8
+
+
+def test_sasl_ssl_options_for_managed_kafka(monkeypatch):
+    from streams.broker import BrokerError, kafka_client_options
+
+    s = Settings(kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "u"})
+    with pytest.raises(BrokerError, match="DEEPWATCH_KAFKA_PASSWORD"):
+        kafka_client_options(s)
+    monkeypatch.setenv("DEEPWATCH_KAFKA_PASSWORD", "pw")
+    assert kafka_client_options(s) == {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                                       "sasl_plain_username": "u", "sasl_plain_password": "pw"}
+
+
+def test_settings_reference_is_generated_and_committed():
+    from streams.settings_check import reference_markdown, setting_paths
+
+    doc = reference_markdown()
+    for path, _ in setting_paths():
+        assert f"`{path}`" in doc
+    committed = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
+    assert committed.read_text() == doc, "run `deepwatch settings --out docs/settings.md`"
+
+
+# -- broker addresses ---------------------------------------------------------
+@pytest.mark.parametrize("url", ["kafka://h:99999", "kafka://h", "http://h:9092", "kafka://"])
+def test_bad_broker_urls_say_what_is_wrong(url):
+    from streams.broker import BrokerError, bootstrap_of
+
+    with pytest.raises(BrokerError):
+        bootstrap_of(url)
+
+
+def test_unreachable_broker_fails_fast_with_the_address():
+    from streams.broker import BrokerError, check_reachable, free_port
+
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match=f"127.0.0.1:{port}"):
+        check_reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 5
+
+
+def test_embedded_broker_is_detected_behind_a_kafka_url(tmp_path):
+    from streams.broker import EmbeddedBroker, faust_broker_url
+
+    with EmbeddedBroker(tmp_path) as b:
+        assert b.url.startswith("kafka://")
+        assert faust_broker_url(Settings(), b.url) == f"tansu://{b.bootstrap}"  # internal: the compat transport
+        assert faust_broker_url(Settings(kafka={"quirks": "none"}), b.url) == f"kafka://{b.bootstrap}"
+
+
+def test_png_whose_text_chunks_only_together_exceed_the_limit_is_still_analysed():
+    import struct
+    import zlib
+
+    png = corpus.picture_png(8)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)  # noqa: E731
+    one = chunk(b"zTXt", b"c\x00\x00" + zlib.compress(b"B" * (900 << 10), 9))  # under the 1 MB per-chunk limit
+    data = png[:33] + one * 80 + png[33:]  # ~70 MB of text in total: over Pillow's 64 MB sum
+    image = ImageData(data)
+    assert image.rgb.size == (256, 192) and image.notes
