@@ -116,10 +116,13 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     # One failure rule for the whole stage (streams.stage): every event ends as
     # a cluster op, an accounted duplicate or a dead letter with stage and
     # reason; nothing an event does can end the agent or the worker.
+    from streams.findings import open_findings
     from streams.stage import AnalyzeStage, SharedIds, once, run_of
 
     shared_ids = SharedIds()  # one per worker: the 4 actors below judge same-id events in turn
-    analyze_store = once(lambda: open_store(settings.data_dir))  # opened in a thread, on first use
+    # The store the sinks write (SQLite or Elasticsearch), opened in a thread
+    # on first use; ``once`` serialises its calls (see streams.stage.Serialized).
+    analyze_store = once(lambda: open_findings(settings.findings.url, settings.data_dir, settings))
 
     @app.agent(events, concurrency=4)
     async def analyze(stream):

@@ -31,7 +31,7 @@ from streams import es_templates as T
 from streams.findings import (
     AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, SightingRecord, sort_key, text_terms,
 )
-from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
+from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 
 log = logging.getLogger("deepwatch.es")
 
@@ -327,6 +327,65 @@ class EsFindingsStore:
         self.bulk.send([({"index": {"_index": self.names["deliveries"], "_id": self._delivery_id(alert_id, target)}},
                          {"alert_id": alert_id, "target": target, "status": status, "at": _now()})])
 
+    def failed_deliveries(self, target: str) -> list[Alert]:
+        """Alerts whose delivery to ``target`` failed, oldest first (per
+        cluster that is also level order), for redelivery. Reads what
+        searches see: a failure marked within the refresh interval waits for
+        the next round."""
+        ids = [h["_source"]["alert_id"] for h in self._scan(
+            self.names["deliveries"],
+            {"bool": {"filter": [{"term": {"target": target}}], "must_not": [{"term": {"status": "delivered"}}]}},
+            [{"alert_id": "asc"}], ["alert_id"])]
+        alerts: list[Alert] = []
+        for i in range(0, len(ids), PAGE):
+            alerts += [_alert_from_doc(h["_source"]) for h in self._scan(
+                self.names["alerts"], {"terms": {"alert_id": ids[i:i + PAGE]}}, [{"alert_id": "asc"}], True)]
+        alerts.sort(key=lambda a: (a.created_at, a.level, a.alert_id))
+        return alerts
+
+    def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool:
+        """Whether an earlier alert of ``cluster_id`` still awaits delivery to
+        ``target``. Delivery states are read by id (real-time GET), so a
+        failure marked a moment ago already holds the next alert back."""
+        from elasticsearch import NotFoundError
+
+        earlier = self._search(self.names["alerts"], size=MAX_CANDIDATES, source=["alert_id"], query={"bool": {"filter": [
+            {"term": {"cluster_id": cluster_id}}, {"range": {"level": {"lt": level}}}]}})["hits"]["hits"]
+        for h in earlier:
+            try:
+                doc = self.es.get(index=self.names["deliveries"], id=self._delivery_id(h["_source"]["alert_id"], target))
+            except NotFoundError:
+                continue  # never attempted to this target: nothing to wait for
+            except Exception as e:
+                raise explain(e, self.config.url) from None
+            if doc["_source"].get("status") != "delivered":
+                return True
+        return False
+
+    def delivery_status(self) -> dict[str, list[dict[str, str]]]:
+        """alert id -> [{target, status, at}] for `deepwatch alerts`."""
+        out: dict[str, list[dict[str, str]]] = {}
+        for h in self._scan(self.names["deliveries"], {"match_all": {}},
+                            [{"at": "asc"}, {"alert_id": "asc"}, {"target": "asc"}], ["alert_id", "target", "status", "at"]):
+            src = h["_source"]
+            out.setdefault(src["alert_id"], []).append({"target": src["target"], "status": src["status"], "at": src["at"]})
+        return out
+
+    # -- per-run accounting and duplicate checks -------------------------------
+    def mark_processed(self, source: SourceRef, outcome: str, event_id: str | None) -> None:
+        """An event that ends as neither a new sighting nor a dead letter (an
+        exact duplicate of a stored sighting) is still accounted for."""
+        self.ensure_setup()
+        self.bulk.send([processed_action(self.names["processed"], source, outcome, event_id)])
+
+    def sighting_sha256(self, event_id: str) -> str | None:
+        """The picture a stored sighting of ``event_id`` carries (searchable
+        sightings only: the analyze stage's own memory covers the last
+        moments)."""
+        hits = self._search(self.names["sightings"], query={"term": {"event_id": event_id}}, size=1,
+                            source=["sha256"])["hits"]["hits"]
+        return hits[0]["_source"]["sha256"] if hits else None
+
     # -- reads ----------------------------------------------------------------
     def _search(self, index: str, **body: Any) -> dict[str, Any]:
         from elasticsearch import NotFoundError
@@ -501,10 +560,18 @@ class EsFindingsStore:
         before the watermark (refresh interval plus clock skew between
         writers), so a marker made visible late is still seen; the caller
         unions the sets."""
-        query: dict[str, Any] = {"term": {"topic": topic}}
+        return self._markers_since([{"term": {"topic": topic}}], after_rowid)
+
+    def run_processed_since(self, run: str, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]:
+        """Like ``processed_since`` but only events produced by ``run``: a fresh
+        broker reuses (partition, offset) pairs an earlier run left in the store."""
+        return self._markers_since([{"term": {"topic": topic}}, {"term": {"run": run}}], after_rowid)
+
+    def _markers_since(self, filters: list[dict[str, Any]], after_rowid: int) -> tuple[set[tuple[int, int]], int]:
+        filters = list(filters)
         if after_rowid:
-            query = {"bool": {"filter": [query, {"range": {"@timestamp": {
-                "gte": after_rowid - PROCESSED_MARGIN_MS, "format": "epoch_millis"}}}]}}
+            filters.append({"range": {"@timestamp": {"gte": after_rowid - PROCESSED_MARGIN_MS, "format": "epoch_millis"}}})
+        query: dict[str, Any] = {"bool": {"filter": filters}}
         out: set[tuple[int, int]] = set()
         newest = after_rowid
         for h in self._scan(self.names["processed"], query, [{"@timestamp": "asc"}, {"partition": "asc"}, {"offset": "asc"}],
@@ -574,11 +641,23 @@ def processed_action(index: str, source: Any, outcome: str, event_id: str | None
                      op: str = "create") -> tuple[dict, dict]:
     """Marks one event offset as handled (a sighting or a dead letter), keyed
     by the offset so redelivery is a no-op: the same job as SQLite's
-    ``processed`` table. ``op="index"`` overwrites: a sighting the store then
-    refused for good is relabelled a dead letter."""
-    return ({op: {"_index": index, "_id": f"{source.topic}/{source.partition}/{source.offset}"}},
-            {"topic": source.topic, "partition": source.partition, "offset": source.offset, "outcome": outcome,
-             "event_id": event_id, "@timestamp": _now()})
+    ``processed`` and ``processed_runs`` tables. An event carrying its
+    producing run is keyed by run and offset: a fresh broker reuses offsets
+    an earlier run marked, and this run's marker must not be refused as a
+    duplicate of that one. ``op="index"`` overwrites: a sighting the store
+    then refused for good is relabelled a dead letter."""
+    run = getattr(source, "run", None)
+    key = f"{source.topic}/{source.partition}/{source.offset}"
+    doc = {"topic": source.topic, "partition": source.partition, "offset": source.offset, "outcome": outcome,
+           "event_id": event_id, "@timestamp": _now()}
+    if run:
+        doc["run"] = run
+    return ({op: {"_index": index, "_id": f"{run}/{key}" if run else key}}, doc)
+
+
+def _alert_from_doc(doc: dict[str, Any]) -> Alert:
+    """The ``Alert`` message back from its stored document (``add_alert``)."""
+    return Alert.model_validate({k: v for k, v in doc.items() if k not in ("@timestamp", "evidence_summary")})
 
 
 def sighting_doc(cluster_id: str, s: Sighting) -> dict[str, Any]:
@@ -591,7 +670,7 @@ def sighting_doc(cluster_id: str, s: Sighting) -> dict[str, Any]:
         "account_handle_norm": handle.lstrip("@").lower() if handle else None,
         "post_url": ev.post_url, "text": (ev.text or "")[:2000],
         "hashtags": [t for t in dict.fromkeys(_norm_tag(h) for h in ev.hashtags) if t], "lang": ev.lang,
-        "engagement": ev.engagement.model_dump(), "source": s.source.model_dump(),
+        "engagement": ev.engagement.model_dump(), "source": s.source.model_dump(exclude_none=True),
     }
 
 
@@ -620,7 +699,7 @@ def cluster_doc(snap: ClusterSnapshot, picture_url: str | None = None) -> dict[s
 def dead_letter_doc(dl: DeadLetter) -> dict[str, Any]:
     return {
         "schema_version": 1, "dl_key": dead_letter_key(dl), "event_id": dl.event_id, "stage": dl.stage,
-        "reason": dl.reason, "detail": dl.detail, "source": dl.source.model_dump() if dl.source else None,
+        "reason": dl.reason, "detail": dl.detail, "source": dl.source.model_dump(exclude_none=True) if dl.source else None,
         "payload_excerpt": dl.payload_excerpt, "at": dl.at.isoformat(), "@timestamp": dl.at.isoformat(),
     }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-MAPPING_VERSION = 1  # bump with any mapping change (and reindex, see module docstring)
+MAPPING_VERSION = 2  # bump with any mapping change (and reindex, see module docstring); 2: run on source refs and markers
 SCRIPT_ID = f"deepwatch-cluster-upsert-v{MAPPING_VERSION}"
 
 PDQ_BITS = 256
@@ -54,7 +54,8 @@ _EVIDENCE = {
 }
 _VELOCITY = {"properties": {k: {"type": "integer"} for k in ("sightings_5m", "sightings_1h", "accounts_1h", "engagement_1h")}}
 _ENGAGEMENT = {"properties": {k: {"type": "long"} for k in ("likes", "reposts", "replies", "views")}}
-_SOURCE_REF = {"properties": {"topic": _KEYWORD, "partition": {"type": "integer"}, "offset": {"type": "long"}}}
+_SOURCE_REF = {"properties": {"topic": _KEYWORD, "partition": {"type": "integer"}, "offset": {"type": "long"},
+                               "run": _KEYWORD}}
 
 
 def _bits(dims: int) -> dict[str, Any]:
@@ -188,6 +189,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
             "mappings": {
                 "dynamic": "strict",
                 "properties": {"topic": _KEYWORD, "partition": {"type": "integer"}, "offset": {"type": "long"},
+                               "run": _KEYWORD,  # the producing run: replay accounting per run
                                "outcome": _KEYWORD, "event_id": _KEYWORD, "@timestamp": {"type": "date"}},
             },
         },

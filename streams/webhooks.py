@@ -146,9 +146,10 @@ def install_redelivery(app: Any, settings: Settings) -> Redeliverer | None:
     global _gate
     if not settings.alerts.webhooks:
         return None
-    from streams.store import open_store
+    from streams.findings import open_findings
 
-    redeliverer = Redeliverer(settings, lambda: open_store(settings.data_dir))
+    # the store the alert sink records deliveries in (SQLite or Elasticsearch)
+    redeliverer = Redeliverer(settings, lambda: open_findings(settings.findings.url, settings.data_dir, settings))
     _gate = redeliverer
 
     @app.timer(interval=settings.alerts.webhook_redeliver_s, on_leader=True)

@@ -422,9 +422,9 @@ class FakeElasticsearch:
                                                f"[{prefix.rstrip('.') or '_doc'}] is not allowed"})
                 continue
             for v in (value if isinstance(value, list) and spec.get("type") != "dense_vector" else [value]):
-                self._check_value(v, spec, path)
+                self._check_value(v, spec, path, dynamic)
 
-    def _check_value(self, v: Any, spec: dict, path: str) -> None:
+    def _check_value(self, v: Any, spec: dict, path: str, parent_dynamic: Any = True) -> None:
         if v is None:
             return
         kind = spec.get("type", "object")
@@ -436,7 +436,8 @@ class FakeElasticsearch:
                 return
             if not isinstance(v, dict):
                 raise bad()
-            self._check_object(v, spec.get("properties", {}), spec.get("dynamic", "strict" if kind == "nested" else True), path + ".")
+            # an object without its own ``dynamic`` inherits its parent's (as ES does)
+            self._check_object(v, spec.get("properties", {}), spec.get("dynamic", parent_dynamic), path + ".")
         elif kind in ("integer", "long", "float"):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 try:

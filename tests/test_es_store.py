@@ -54,10 +54,10 @@ def test_setup_creates_versioned_templates_aliases_and_the_sightings_data_stream
     sightings = fake_es.index_templates["deepwatch-sightings"]
     assert sightings["data_stream"] == {} and sightings["template"]["settings"]["index.lifecycle.name"] == "deepwatch-sightings"
     assert fake_es.scripts[T.SCRIPT_ID] == {"lang": "painless", "source": T.CLUSTER_UPSERT_SCRIPT}
-    assert fake_es.aliases == {a: f"{a}-v1" for a in ("deepwatch-clusters", "deepwatch-alerts", "deepwatch-dead-letters",
+    assert fake_es.aliases == {a: f"{a}-v{T.MAPPING_VERSION}" for a in ("deepwatch-clusters", "deepwatch-alerts", "deepwatch-dead-letters",
                                                       "deepwatch-deliveries", "deepwatch-processed")}
     assert "deepwatch-sightings" in fake_es.data_streams
-    create = fake_es.calls("PUT", "/deepwatch-clusters-v1")[0]
+    create = fake_es.calls("PUT", "/" + T.concrete("deepwatch-clusters"))[0]
     assert create.body == {"aliases": {"deepwatch-clusters": {"is_write_index": True}}}
     # every request asked for the API version this client speaks
     assert all(f"compatible-with={client_major()}" in r.headers.get("accept", "") for r in fake_es.requests)
@@ -100,17 +100,17 @@ def test_stale_revisions_never_overwrite_and_redelivery_changes_nothing(fake_es)
     snaps = [x for x in snapshots() if x.cluster_id == "c-fire"]
     for snap in reversed(snaps):  # newest first: the older ones are stale when they arrive
         s.apply_snapshot(snap)
-    doc = fake_es.docs["deepwatch-clusters-v1"]["c-fire"]
+    doc = fake_es.docs[T.concrete("deepwatch-clusters")]["c-fire"]
     assert doc["revision"] == 3
     # the stale revisions' sightings still landed (their own documents), once each
     stream = fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]
     assert sorted(stream) == ["e1", "e2", "e3"]
     assert sorted(doc["sample_texts"]) == sorted(x.new_sighting.event.text for x in snaps)
-    version = fake_es.meta["deepwatch-clusters-v1"]["c-fire"]["version"]
+    version = fake_es.meta[T.concrete("deepwatch-clusters")]["c-fire"]["version"]
     for snap in snaps:  # at-least-once: the whole history again
         s.apply_snapshot(snap)
-    assert fake_es.docs["deepwatch-clusters-v1"]["c-fire"] == doc
-    assert fake_es.meta["deepwatch-clusters-v1"]["c-fire"]["version"] == version + len(snaps)  # script ran, changed nothing
+    assert fake_es.docs[T.concrete("deepwatch-clusters")]["c-fire"] == doc
+    assert fake_es.meta[T.concrete("deepwatch-clusters")]["c-fire"]["version"] == version + len(snaps)  # script ran, changed nothing
     assert sorted(fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]) == ["e1", "e2", "e3"]
     s.close()
 
@@ -124,7 +124,7 @@ def test_whole_request_429_and_503_are_retried_with_backoff(fake_es):
     fake_es.fail_requests(503, error_body("unavailable_shards_exception", "primary shard is not active", 503), times=1)
     assert s.add_alert(_alert()) is True
     assert waits == [0.001, 0.002, 0.004]  # doubling, capped at retry_max_s
-    assert "c-fire:1" in fake_es.docs["deepwatch-alerts-v1"]
+    assert "c-fire:1" in fake_es.docs[T.concrete("deepwatch-alerts")]
     s.close()
 
 
@@ -155,13 +155,13 @@ def test_a_mapping_error_dead_letters_that_item_and_the_batch_carries_on(fake_es
     assert res.dead_lettered == 2 and res.ok == 8
     stream = fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]
     assert sorted(stream) == ["e1", "e3"]
-    assert fake_es.docs["deepwatch-clusters-v1"]["c-fire"]["revision"] == 3
+    assert fake_es.docs[T.concrete("deepwatch-clusters")]["c-fire"]["revision"] == 3
     dls = {d.event_id: d for d in s.dead_letters()}
     e2 = dls["e2"]
     assert (e2.stage, e2.reason) == ("sink", "document_parsing_exception")
     assert e2.source.offset == 1  # the event's own offset: replay accounting sees it dead-lettered
     assert "engagement.likes" in e2.detail
-    marker = fake_es.docs["deepwatch-processed-v1"]["deepwatch.events/0/1"]
+    marker = fake_es.docs[T.concrete("deepwatch-processed")]["deepwatch.events/0/1"]
     assert marker["outcome"] == "dead_letter"  # relabelled: the sighting never landed
     assert dls["x"].reason == "strict_dynamic_mapping_exception"
     s.close()
@@ -426,5 +426,5 @@ def test_sink_holds_the_batch_while_elasticsearch_rejects_and_loses_nothing(fake
     assert metrics.SINK_BEHIND_SECONDS._value.get() == 0
     stream = fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]
     assert sorted(stream) == [f"e{i}" for i in range(1, 8)]
-    assert len(fake_es.docs["deepwatch-processed-v1"]) == 7
+    assert len(fake_es.docs[T.concrete("deepwatch-processed")]) == 7
     sinks.store.close()

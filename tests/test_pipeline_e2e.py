@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from streams.demo_feed import build_feed
+from streams.es_templates import concrete
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,7 @@ def replayed(request, tmp_path_factory):
     if es is not None:
         es.stop()
         assert not es.crashes and not es.unhandled, (es.crashes, [(u.method, u.path) for u in es.unhandled])
-        assert es.data_streams and es.docs["deepwatch-clusters-v1"], "the worker wrote its findings to Elasticsearch"
+        assert es.data_streams and es.docs[concrete("deepwatch-clusters")], "the worker wrote its findings to Elasticsearch"
 
 
 def test_every_event_is_processed_or_dead_lettered(replayed):
