@@ -428,3 +428,125 @@ def test_sink_holds_the_batch_while_elasticsearch_rejects_and_loses_nothing(fake
     assert sorted(stream) == [f"e{i}" for i in range(1, 8)]
     assert len(fake_es.docs[T.concrete("deepwatch-processed")]) == 7
     sinks.store.close()
+
+
+# -- the methods issue 7 added to the interface, on both backends ------------------------------
+def _both(fake_es, tmp_path):
+    from streams.store import open_store
+
+    return {"sqlite": open_store(tmp_path), "es": _store(fake_es)}
+
+
+def test_es_store_provides_the_whole_findings_interface(fake_es):
+    from streams.findings import FindingsStore
+
+    s = _store(fake_es)
+    assert isinstance(s, FindingsStore)
+    missing = [m for m in FindingsStore.__dict__ if not m.startswith("_") and not hasattr(s, m)]
+    assert missing == []
+    s.close()
+
+
+def test_run_accounting_keeps_runs_apart_when_a_fresh_broker_reuses_offsets(fake_es, tmp_path):
+    from streams.records import DeadLetter, SourceRef
+    from tests.findings_fixture import TOPIC
+
+    def ref(run: str, offset: int) -> SourceRef:
+        return SourceRef(topic=TOPIC, partition=0, offset=offset, run=run)
+
+    first = snapshots()[0]
+    snap = first.model_copy(update={"new_sighting": first.new_sighting.model_copy(update={"source": ref("r2", 2)})})
+    got = {}
+    for name, s in _both(fake_es, tmp_path).items():
+        s.mark_processed(ref("r1", 0), "duplicate", "e0")
+        s.mark_processed(ref("r1", 1), "duplicate", "e1")
+        # run r2 on a fresh broker: the same offsets again, then a sighting and a dead letter
+        s.mark_processed(ref("r2", 0), "duplicate", "e0")
+        s.mark_processed(ref("r2", 0), "duplicate", "e0")  # redelivered: still one marker
+        s.add_dead_letter(DeadLetter(event_id="bad", stage="fetch", reason="fetch_blocked", detail="private address",
+                                     source=ref("r2", 1)))
+        s.apply_snapshot(snap)
+        getattr(s, "refresh", lambda: None)()
+        got[name] = {run: s.run_processed_since(run, TOPIC, 0)[0] for run in ("r1", "r2", "r3")}
+        got[name]["all"] = s.processed_offsets(TOPIC)
+        got[name]["dl_source"] = s.dead_letters()[0].source
+        s.close()
+    assert got["es"] == got["sqlite"] == {
+        "r1": {(0, 0), (0, 1)}, "r2": {(0, 0), (0, 1), (0, 2)}, "r3": set(), "all": {(0, 0), (0, 1), (0, 2)},
+        "dl_source": ref("r2", 1)}
+    markers = fake_es.docs[T.concrete("deepwatch-processed")]
+    assert sorted(markers) == ["r1/deepwatch.events/0/0", "r1/deepwatch.events/0/1", "r2/deepwatch.events/0/0",
+                               "r2/deepwatch.events/0/1", "r2/deepwatch.events/0/2"]
+    assert markers["r2/deepwatch.events/0/1"]["outcome"] == "dead_letter"
+    assert markers["r2/deepwatch.events/0/2"] == {**markers["r2/deepwatch.events/0/2"], "run": "r2", "event_id": "e1",
+                                                  "outcome": "sighting"}
+    sighting = fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]["e1"]
+    assert sighting["source"] == {"topic": TOPIC, "partition": 0, "offset": 2, "run": "r2"}
+
+
+def test_run_processed_since_rereads_a_margin_before_its_watermark(fake_es):
+    from streams.records import SourceRef
+    from tests.findings_fixture import TOPIC
+
+    s = _store(fake_es)
+    for i in range(3):
+        s.mark_processed(SourceRef(topic=TOPIC, partition=1, offset=i, run="r1"), "duplicate", f"e{i}")
+    s.mark_processed(SourceRef(topic=TOPIC, partition=1, offset=9, run="r0"), "duplicate", "old")
+    got, mark = s.run_processed_since("r1", TOPIC, 0)
+    assert got == {(1, 0), (1, 1), (1, 2)} and mark > 0
+    assert s.run_processed_since("r1", TOPIC, mark) == (got, mark)  # within the margin: read again, unioned by the caller
+    req = [r for r in fake_es.requests if r.path.endswith("/_search")][-1]
+    assert req.body["query"]["bool"]["filter"] == [
+        {"term": {"topic": TOPIC}}, {"term": {"run": "r1"}},
+        {"range": {"@timestamp": {"gte": mark - 30_000, "format": "epoch_millis"}}}]
+    assert s.run_processed_since("r1", TOPIC, mark + 31_000) == (set(), mark + 31_000)
+    s.close()
+
+
+def test_sighting_sha256_answers_the_duplicate_check_from_either_store(fake_es, tmp_path):
+    from tests.findings_fixture import SHA
+
+    for s in _both(fake_es, tmp_path).values():
+        fill(s)
+        getattr(s, "refresh", lambda: None)()
+        assert [s.sighting_sha256(e) for e in ("e1", "e4", "e7", "nope")] == [SHA["a"], SHA["b"], SHA["d"], None]
+        s.close()
+
+
+def test_failed_deliveries_order_gate_and_status_match_sqlite(fake_es, tmp_path):
+    from datetime import timedelta
+
+    hook, other = "https://desk.example/hook", "https://other.example/hook"
+    a1 = _alert()
+    a2 = a1.model_copy(update={"alert_id": "c-fire:2", "level": 2, "created_at": a1.created_at + timedelta(minutes=5)})
+    a3 = a1.model_copy(update={"alert_id": "c-pope:1", "cluster_id": "c-pope", "created_at": a1.created_at + timedelta(minutes=1)})
+    got = {}
+    for name, s in _both(fake_es, tmp_path).items():
+        for a in (a2, a3, a1):
+            s.add_alert(a)
+        s.mark_delivered("c-fire:2", hook, "failed: queued behind c-fire:1")
+        s.mark_delivered("c-fire:1", hook, "failed: HTTP 503 " + "x" * 1100)  # longer than keyword ignore_above
+        s.mark_delivered("c-pope:1", hook, "delivered")
+        s.mark_delivered("c-fire:1", other, "delivered")
+        getattr(s, "refresh", lambda: None)()
+        r = {"failed": [a.model_dump(mode="json") for a in s.failed_deliveries(hook)],
+             "failed_other": s.failed_deliveries(other),
+             "gate": [s.undelivered_before(hook, "c-fire", 2), s.undelivered_before(hook, "c-fire", 1),
+                      s.undelivered_before(other, "c-fire", 2), s.undelivered_before(hook, "c-pope", 5)],
+             "status": {k: sorted((d["target"], d["status"][:20]) for d in v) for k, v in s.delivery_status().items()}}
+        s.mark_delivered("c-fire:1", hook, "delivered")  # the receiver came back
+        getattr(s, "refresh", lambda: None)()
+        r["gate_after"] = s.undelivered_before(hook, "c-fire", 2)
+        r["failed_after"] = [a.alert_id for a in s.failed_deliveries(hook)]
+        got[name] = r
+        s.close()
+    assert got["es"] == got["sqlite"]
+    es = got["es"]
+    assert [a["alert_id"] for a in es["failed"]] == ["c-fire:1", "c-fire:2"]  # oldest first: redelivered in order
+    assert es["failed"][0] == a1.model_dump(mode="json")  # the Alert message itself, ready to POST again
+    assert es["failed_other"] == [] and es["gate"] == [True, False, False, False]
+    assert es["status"] == {"c-fire:1": [("https://desk.example/hook", "failed: HTTP 503 xxx"),
+                                         ("https://other.example/hook", "delivered")],
+                            "c-fire:2": [("https://desk.example/hook", "failed: queued behin")],
+                            "c-pope:1": [("https://desk.example/hook", "delivered")]}
+    assert es["gate_after"] is False and es["failed_after"] == ["c-fire:2"]
