@@ -550,3 +550,72 @@ def test_failed_deliveries_order_gate_and_status_match_sqlite(fake_es, tmp_path)
                             "c-fire:2": [("https://desk.example/hook", "failed: queued behin")],
                             "c-pope:1": [("https://desk.example/hook", "delivered")]}
     assert es["gate_after"] is False and es["failed_after"] == ["c-fire:2"]
+
+
+def test_analyze_stage_duplicate_check_reads_the_elasticsearch_findings(fake_es, tmp_path):
+    """The analyze stage given the store app.py now gives it (the one the
+    sinks write, opened from ``findings.url``): with findings in Elasticsearch, a redelivered event already stored there
+    is recognised, accounted for there, and no SQLite file is consulted."""
+    import asyncio
+    import hashlib
+
+    from streams.analyze import Analyzer
+    from streams.findings import open_findings
+    from streams.stage import AnalyzeStage, once
+    from tests.test_hardening import SRC, _Fetcher, _raw
+    from tests.hostile import corpus
+
+    data = corpus.picture_png(3)
+    settings = Settings(data_dir=tmp_path / "data", findings=FindingsSettings(url=fake_es.url))
+    writer = _store(fake_es)
+    snap = snapshots()[0]
+    s = snap.new_sighting
+    writer.apply_snapshot(snap.model_copy(update={"new_sighting": s.model_copy(update={
+        "sha256": hashlib.sha256(data).hexdigest(), "event": s.event.model_copy(update={"event_id": "e-1"})})}))
+    writer.close()
+    store = once(lambda: open_findings(settings.findings.url, settings.data_dir, settings))
+    stage = AnalyzeStage(settings, _Fetcher(data=data), Analyzer(settings, tmp_path / "blobs"), lambda _d: None, store)
+    r = asyncio.run(stage.process(_raw(), SRC))
+    assert r.duplicate and r.op is None and r.dead is None
+    stage.mark_duplicate(SRC, r.event_id)
+    marker = fake_es.docs[T.concrete("deepwatch-processed")]["r1/t/0/1"]
+    assert (marker["outcome"], marker["event_id"], marker["run"]) == ("duplicate", "e-1", "r1")
+    assert not (tmp_path / "data" / "findings.sqlite").exists()
+
+
+def test_webhook_redelivery_reads_and_marks_deliveries_in_elasticsearch(fake_es, tmp_path, monkeypatch):
+    import asyncio
+    import threading
+
+    from streams import webhooks
+    from streams.settings import AlertSettings, WebhookSettings
+    from tests.test_webhooks import ENV, SECRET, _Receiver
+
+    monkeypatch.setenv(ENV, SECRET)
+    monkeypatch.setattr(webhooks, "_gate", None)  # install_redelivery sets the module's gate; undone after
+    srv = _Receiver([200])
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        hook = WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0, timeout_s=2)
+        settings = Settings(data_dir=tmp_path / "data", findings=FindingsSettings(url=fake_es.url),
+                            alerts=AlertSettings(webhooks=[hook]))
+        writer = _store(fake_es)
+        writer.add_alert(_alert())
+        writer.mark_delivered("c-fire:1", hook.url, "failed: HTTP 503")
+        timers = []
+
+        class _App:  # the one Faust app method install_redelivery uses
+            def timer(self, **kw):
+                return lambda fn: timers.append((kw, fn)) or fn
+
+        redeliverer = webhooks.install_redelivery(_App(), settings)
+        assert timers and timers[0][0]["on_leader"] is True
+        assert asyncio.run(redeliverer.run_once()) == 1
+        asyncio.run(redeliverer.aclose())
+        assert [r["headers"][webhooks.DELIVERY_HEADER] for r in srv.requests] == ["c-fire:1"] and srv.requests[0]["valid"]
+        assert writer.delivered("c-fire:1", hook.url) and writer.failed_deliveries(hook.url) == []
+        assert not (tmp_path / "data" / "findings.sqlite").exists()
+        writer.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()

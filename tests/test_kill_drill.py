@@ -93,7 +93,7 @@ def test_kill_9_and_receiver_outage_lose_nothing_and_count_nothing_twice(tmp_pat
 
         store = open_store(settings.data_dir)
         stack.callback(store.close)
-        alerts = [Alert.model_validate(a) for a in store.alerts()]
+        alerts = [Alert.model_validate(a.as_json()) for a in store.alerts()]
         assert max(a.level for a in alerts) >= 3, "the drill needs escalations to check their order"
         status = store.delivery_status()
         assert all(s["status"] != "delivered" for a in alerts for s in status.get(a.alert_id, [])), \
