@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from detectors.base import Cost, Detector, Evidence
+from detectors.base import Cost, Detector, Evidence, EvidenceKind
 from detectors.imagedata import ImageData
 from detectors.models.checkpoint import ModelCard, load_checkpoint
 from detectors.models.device import select_device
@@ -90,6 +90,7 @@ class ModelDetector(BatchDetector):
             f"({'calibrated' if calibrated else 'uncalibrated'}, threshold {card.threshold:g})"
         )
         return Evidence(
+            kind=EvidenceKind.MODEL,
             detector=self.name,
             score=min(1.0, max(0.0, p)),
             detail=detail,
