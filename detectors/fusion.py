@@ -95,7 +95,11 @@ def strongest_per_detector(evidence: list[Evidence]) -> list[Evidence]:
     return list(best.values())
 
 
-def fuse(evidence: list[Evidence], *, likely_ai: float = 0.7, inconclusive: float = 0.4) -> Fused:
+LIKELY_AI = 0.7
+INCONCLUSIVE = 0.4
+
+
+def fuse(evidence: list[Evidence], *, likely_ai: float = LIKELY_AI, inconclusive: float = INCONCLUSIVE) -> Fused:
     """Combine evidence from all member images of a cluster (see module doc)."""
     kept = strongest_per_detector(evidence)
     damp = MODEL_DAMPING if any(_is_decisive(ev) for ev in kept) else 1.0
