@@ -132,3 +132,24 @@ def test_pixel_evidence_alone_reaches_likely_ai_only_past_its_threshold() -> Non
     # and a generator chunk is not undone by a pixel opinion that it looks real
     chunk = Evidence(detector="generator-metadata", kind=EvidenceKind.METADATA, score=0.99, weight=3.0, detail="A1111")
     assert fuse([chunk, px(0.01)]).verdict == "likely-ai"
+
+
+def test_micro_batcher_groups_concurrent_pictures_into_one_forward(detector) -> None:
+    import asyncio
+
+    from detectors.models.batching import MicroBatcher
+
+    images = [_jpeg(10 + i, (320, 240)) for i in range(4)]
+    expected = [e.data["logit"] for e in detector.predict_batch(images)]
+
+    async def go():
+        mb = MicroBatcher(detector, max_batch=8, max_wait_ms=200)
+        try:
+            return await asyncio.gather(*(mb.submit(im) for im in images)), mb.batches_run
+        finally:
+            await mb.close()
+
+    results, batches = asyncio.run(go())
+    assert batches == 1
+    assert [r[0].sha256 for r in results] == [im.sha256 for im in images]
+    np.testing.assert_allclose([r[0].data["logit"] for r in results], expected, rtol=1e-4, atol=1e-4)

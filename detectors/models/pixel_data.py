@@ -177,16 +177,21 @@ class FeatureCache:
         self.root = Path(root) / f"{backbone}-d{draft_min_side}-c{max_crops}"
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_crops = max_crops
+        self._memo: dict[Path, dict[str, np.ndarray]] = {}
 
     def path(self, sample: Sample, variant: str) -> Path:
         return self.root / f"{sample.key}-{variant}.npz"
 
     def get(self, sample: Sample, variant: str) -> dict[str, np.ndarray] | None:
+        # Cross-validation reads every file once per fold: keep them in memory (float16, ~60 kB each).
         p = self.path(sample, variant)
-        if not p.exists():
-            return None
-        with np.load(p) as z:
-            return {k: z[k].astype(np.float32) for k in z.files}
+        hit = self._memo.get(p)
+        if hit is None:
+            if not p.exists():
+                return None
+            with np.load(p) as z:
+                hit = self._memo[p] = {k: z[k] for k in z.files}
+        return {k: v.astype(np.float32) for k, v in hit.items()}
 
     def put(self, sample: Sample, variant: str, taps: dict[str, np.ndarray]) -> None:
         p = self.path(sample, variant)

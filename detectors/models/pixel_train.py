@@ -103,7 +103,7 @@ def cross_validate(samples: list[Sample], cache: FeatureCache, spec: FeatureSpec
     rng = np.random.default_rng(params.seed)
     uniq = np.unique(groups)
     perm = dict(zip(uniq, rng.permutation(len(uniq))))
-    gkf = GroupKFold(n_splits=params.folds)
+    gkf = GroupKFold(n_splits=min(params.folds, len(uniq)))
     fold_of = np.full(len(samples), -1)
     feats = {v: matrix(samples, v, cache, spec) for v in EVAL_VARIANTS}
     oof = {v: np.full(len(samples), np.nan) for v in EVAL_VARIANTS}

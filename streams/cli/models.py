@@ -238,7 +238,11 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
         except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
             err.print(f"[red]error:[/] {e}")
             raise typer.Exit(1) from None
-    card_path = target.with_name("MODEL_CARD.md" if target.parent.name == "heads" else f"{target.stem}.md")
+    from detectors.models.pixel_probe import HEADS_DIR
+
+    # The packaged head's card has a fixed name; a user's head gets <name>.md beside it.
+    packaged = target.parent.resolve() == HEADS_DIR.resolve()
+    card_path = target.with_name("MODEL_CARD.md" if packaged else f"{target.stem}.md")
     card_path.write_text(render_model_card(head.card), encoding="utf-8")
     o = head.card.metrics["reposted"]["overall"]
     err.print(
