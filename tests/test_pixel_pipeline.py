@@ -16,9 +16,9 @@ from tests.test_pipeline_e2e import deepwatch, query
 
 pytestmark = pytest.mark.slow
 
-# A StyleGAN2 portrait from train-extra the shipped head scores well above its
+# A FLUX.1-dev picture (ComfyUI example, re-encoded here so no copy keeps its metadata) the shipped head scores well above its
 # operating threshold as a stripped re-post (asserted below, before the pipeline runs).
-VIRAL_AI = "train-extra/ai/NVlabs__stylegan2/docs__stylegan2-teaser-1024x256.png"
+VIRAL_AI = "detect-dev/ai/flux_dev_example.png"
 REAL = ["detect-dev2/real/google__dreambooth/dataset__vase__01.jpg"]
 BASE = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -148,6 +148,10 @@ def train_cmd(
     probe_c: Annotated[float, typer.Option("--probe-c", help="pixel-probe: inverse L2 strength of the logistic head.")] = 0.01,
     crops: Annotated[int, typer.Option("--crops", help="pixel-probe: 224-px crops per picture (1-5; speed vs accuracy).")] = 2,
     group_by: Annotated[str, typer.Option("--group-by", help="pixel-probe CV groups: generator | family.")] = "generator",
+    augment: Annotated[
+        int, typer.Option("--augment", help="pixel-probe: extra randomly re-encoded copies per picture (JPEG q60-95, "
+                          "resize 0.5-1, crop, blur), both classes alike; 0 = re-posted copies only.")
+    ] = 0,
     data_dir: DataDirOpt = None,
     model_dir: ModelDirOpt = None,
     config: ConfigOpt = None,
@@ -160,7 +164,8 @@ def train_cmd(
     """
     if recipe == "pixel-probe":
         _train_pixel_probe(data, out=out, head_out=head_out, cache_dir=cache_dir, probe_c=probe_c, crops=crops,
-                           group_by=group_by, seed=seed, config=config, data_dir=data_dir, model_dir=model_dir)
+                           group_by=group_by, seed=seed, augment=augment, config=config, data_dir=data_dir,
+                           model_dir=model_dir)
         return
     if recipe != "cnn":
         err.print(f"[red]error:[/] unknown --recipe {recipe!r}; use cnn or pixel-probe")
@@ -204,7 +209,7 @@ def train_cmd(
 
 
 def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cache_dir: Path | None, probe_c: float,
-                       crops: int, group_by: str, seed: int, config, data_dir, model_dir) -> None:
+                       crops: int, group_by: str, seed: int, augment: int, config, data_dir, model_dir) -> None:
     from streams.settings import load_settings
 
     if not data:
@@ -232,7 +237,8 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
         try:
             head, _, _ = train_pixel_probe(
                 data, target, cache_dir=cache, spec=FeatureSpec(crops=crops), name=name,
-                params=ProbeParams(C=probe_c, seed=seed), group_by=group_by,
+                params=ProbeParams(C=probe_c, seed=seed, train_variants=("reposted", *(f"aug{k}" for k in range(augment)))),
+                group_by=group_by,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
         except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
