@@ -23,7 +23,9 @@ not trained on.
 
 from __future__ import annotations
 
+import logging
 import threading
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -32,6 +34,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from detectors.imagedata import ImageData
+
+log = logging.getLogger(__name__)
 
 CROP = 224
 # Draft decode keeps the short side at least this long: JPEG DCT scaling
@@ -99,33 +103,56 @@ def _load_backbone(name: str) -> torch.nn.Module:
     return net.eval()
 
 
+class _Taps(torch.nn.Module):
+    """Backbone forward returning the pooled taps (head mean, head std, block stats)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        stats = []
+        for block in net._blocks:
+            x = block(x)
+            stats += [x.mean((2, 3)), x.std((2, 3))]
+        h = net._bn1(net._conv_head(x))  # pre-activation head
+        return h.mean((2, 3)), h.std((2, 3)), torch.cat(stats, 1)
+
+
 class Backbone:
-    """Frozen feature extractor; thread-safe (one forward at a time)."""
+    """Frozen feature extractor; thread-safe (one forward at a time).
+
+    On CPU the taps module is traced and frozen (TorchScript folds the batch
+    norms into the convolutions): measured 1.28x faster than eager with the
+    same outputs to 2e-5; NHWC (channels-last) was another 1.4-1.9x.
+    """
 
     def __init__(self, name: str = "efficientnet-lite0", device: torch.device | None = None):
         self.name = name
         self.device = device or torch.device("cpu")
-        self.net = _load_backbone(name).to(self.device)
+        self.net = _load_backbone(name).to(self.device).to(memory_format=torch.channels_last)
         self._lock = threading.Lock()
-        # NHWC: measured 1.4-1.9x faster on CPU (oneDNN) as well as on GPU.
-        self.net = self.net.to(memory_format=torch.channels_last)
+        module = _Taps(self.net).eval()
+        if self.device.type == "cpu":
+            example = torch.zeros(2, 3, CROP, CROP).to(memory_format=torch.channels_last)
+            try:
+                # TorchScript is deprecated in favour of torch.compile, whose first
+                # call costs minutes on 2 cores; eager stays the fallback.
+                with warnings.catch_warnings(), torch.inference_mode():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    module = torch.jit.freeze(torch.jit.trace(module, example))
+            except (AttributeError, RuntimeError) as e:
+                log.info("TorchScript unavailable (%s); running the backbone eagerly", e)
+        self._module = module
 
     def taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """All taps for a (N, 3, 224, 224) batch, each (N, D), pooled over space."""
-        net = self.net
         with self._lock, torch.inference_mode():
             x = x.to(self.device, memory_format=torch.channels_last)
-            x = net._swish(net._bn0(net._conv_stem(x)))
-            blocks = []
-            for idx, block in enumerate(net._blocks):
-                x = block(x, drop_connect_rate=None)
-                blocks += [x.mean((2, 3)), x.std((2, 3))]
-            h = net._bn1(net._conv_head(x))
-            return {
-                "head_mean": h.mean((2, 3)).float().cpu(),
-                "head_std": h.std((2, 3)).float().cpu(),
-                "blocks": torch.cat(blocks, 1).float().cpu(),
-            }
+            head_mean, head_std, blocks = self._module(x)
+            return {"head_mean": head_mean.float().cpu(), "head_std": head_std.float().cpu(), "blocks": blocks.float().cpu()}
 
 
 def select_taps(all_taps: dict[str, np.ndarray], taps: list[str]) -> np.ndarray:
