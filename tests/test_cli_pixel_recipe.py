@@ -85,3 +85,19 @@ def test_train_recipe_usage_errors_are_one_line(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "no manifest.csv" in r.output
     r = CliRunner().invoke(app, ["train", "--recipe", "pixel-probe"])
     assert r.exit_code == 2 and "needs --data" in r.output
+
+
+def test_eval_reports_the_packaged_pixel_model_per_generator_and_category(manifest: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["eval", str(manifest), "--model", "pixel-probe-lite0", "--no-cheap", "--format", "json",
+                                 "--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["models"]["model:pixel-probe-lite0"]["arch"] == "efficientnet-lite0+linear-probe"
+    for variant in ("original", "reposted"):
+        v = rep["variants"][variant]
+        m = v["detectors"]["model:pixel-probe-lite0"]
+        assert {"auc", "average_precision", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr"} <= set(m)
+        assert m["threshold"] == pytest.approx(rep["models"]["model:pixel-probe-lite0"]["threshold"])
+        assert set(v["per_generator"]) == {"gen-0 (demo)", "gen-1 (demo)", "gen-2 (demo)"}
+        assert set(v["per_category"]) == {"portrait", "landscape"}
+        assert v["per_category"]["portrait"]["model:pixel-probe-lite0"]["n_neg"] == 6
