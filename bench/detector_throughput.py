@@ -98,7 +98,8 @@ def bench_pixel(seconds: float) -> None:
         det = load_pixel_detector(device=dev)
         shipped = det.spec.crops
         print(f"{dev}: end-to-end images/s (1600 px JPEG re-posts), shipped head uses {shipped} crop(s)")
-        print(f"{'crops':>5} " + " ".join(f"{'b=' + str(b):>8}" for b in BATCHES) + "  " + " ".join(f"{'x b' + str(b):>6}" for b in BATCHES[1:]))
+        print(f"{'crops':>5} " + " ".join(f"{'b=' + str(b):>8}" for b in BATCHES) + "  " + " ".join(f"{'x b' + str(b):>6}" for b in BATCHES[1:])
+              + "  fwd-only b=16  e2e/fwd")
         for crops in (1, shipped, 5) if shipped not in (1, 5) else (1, 5):
             det.spec = det.spec.model_copy(update={"crops": crops})
             rates = []
@@ -106,8 +107,11 @@ def bench_pixel(seconds: float) -> None:
                 imgs = repost[:b]
                 # fresh ImageData each call: the decode is part of the cost
                 rates.append(_rate(lambda: det.infer(torch.stack([det.prepare(ImageData(d)) for d in imgs])), b, seconds))
-            print(f"{crops:>5} " + " ".join(f"{r:8.1f}" for r in rates) + "  " + " ".join(f"{r / rates[0]:6.2f}" for r in rates[1:]),
-                  flush=True)
+            # Baseline in the same run: the backbone forward alone on ready crops (no decode, no head).
+            crops_t = torch.randn(16 * crops, 3, 224, 224)
+            fwd = _rate(lambda: det.backbone.taps(crops_t), 16, seconds)
+            print(f"{crops:>5} " + " ".join(f"{r:8.1f}" for r in rates) + "  " + " ".join(f"{r / rates[0]:6.2f}" for r in rates[1:])
+                  + f"  {fwd:13.1f}  {rates[1] / fwd:7.2f}", flush=True)
         det.spec = det.spec.model_copy(update={"crops": shipped})
 
 

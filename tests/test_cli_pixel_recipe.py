@@ -101,3 +101,13 @@ def test_eval_reports_the_packaged_pixel_model_per_generator_and_category(manife
         assert set(v["per_generator"]) == {"gen-0 (demo)", "gen-1 (demo)", "gen-2 (demo)"}
         assert set(v["per_category"]) == {"portrait", "landscape"}
         assert v["per_category"]["portrait"]["model:pixel-probe-lite0"]["n_neg"] == 6
+
+
+def test_a_configured_head_that_cannot_load_warns_and_metadata_still_runs(tmp_path: Path, monkeypatch) -> None:
+    img = tmp_path / "a.jpg"
+    picture(7).save(img, quality=90)
+    monkeypatch.setenv("DEEPWATCH_DETECT__PIXEL_HEAD", str(tmp_path / "missing.safetensors"))
+    r = CliRunner().invoke(app, ["detect", "--format", "json", "--data-dir", str(tmp_path / "d"), str(img)])
+    assert r.exit_code == 0
+    assert "not loaded" in r.stderr and "deepwatch train --recipe pixel-probe" in r.stderr
+    assert json.loads(r.stdout)[0]["evidence"] == []

@@ -71,11 +71,25 @@ def load_model_detectors(
             param_hint="--model",
         ) from e
     configured = configured or []
-    wanted = list(names) + [n for n in configured if n not in VENDORS] + enabled_vendors(configured)
-    try:
-        return [load_detector(name, model_dir=model_dir, device=device, head=head) for name in dict.fromkeys(wanted)]
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-        raise typer.BadParameter(f"{e}", param_hint="--model / detect.models") from e
+    asked = list(dict.fromkeys(names))
+    loaded: list[Detector] = []
+    for name in asked:
+        try:
+            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head))
+        except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+            raise typer.BadParameter(f"{e}", param_hint="--model") from e
+    for name in [n for n in configured if n not in VENDORS] + enabled_vendors(configured):
+        if name in asked:
+            continue
+        try:
+            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head))
+        except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as e:
+            # A configured (default) model that cannot load must not stop metadata checks.
+            Console(stderr=True).print(
+                f"[yellow]warning:[/] model {name!r} from detect.models not loaded ({e}); "
+                "continuing without it (--no-models to skip models)"
+            )
+    return loaded
 
 
 def analyze_file(path: Path, detectors: list[Detector], limits: DecodeLimits) -> dict[str, Any]:
