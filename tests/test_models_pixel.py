@@ -97,6 +97,13 @@ def test_head_round_trips_calibration_threshold_and_weights(tmp_path) -> None:
     np.testing.assert_allclose(loaded.probabilities(X), head.probabilities(X), rtol=1e-5)
     with pytest.raises(ValueError, match="expects 1280 features"):
         loaded.logits(np.zeros((1, 10)))
+    rng = np.random.default_rng(1)
+    mlp = PixelHead(card=card.model_copy(update={"head": "mlp"}), w=rng.normal(size=8), b=-0.1,
+                    W1=rng.normal(size=(1280, 8)), b1=rng.normal(size=8))
+    again = PixelHead.load(mlp.save(tmp_path / "mlp.safetensors"))
+    assert again.card.head == "mlp" and again.W1.shape == (1280, 8)
+    np.testing.assert_allclose(again.logits(X), mlp.logits(X), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mlp.logits(X), np.maximum(X @ mlp.W1 + mlp.b1, 0) @ mlp.w + mlp.b)
 
 
 def test_a_user_head_replaces_the_packaged_one(tmp_path) -> None:

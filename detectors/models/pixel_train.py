@@ -45,6 +45,8 @@ class ProbeParams:
     train_variants: tuple[str, ...] = ("reposted",)
     folds: int = 10
     seed: int = 0
+    hidden: int = 64  # 0 = linear head; N = one ReLU hidden layer of N units (measured better, docs)
+    alpha: float = 1.0  # MLP L2 strength
 
 
 @dataclass
@@ -71,13 +73,38 @@ def sample_weights(samples: list[Sample], weighting: str) -> np.ndarray:
     return w
 
 
-def _fit(X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float, seed: int) -> tuple[np.ndarray, float]:
-    """Standardise + L2 logistic regression; returns (w, b) with the standardiser folded in."""
+@dataclass
+class HeadWeights:
+    """Head parameters with the standardiser folded in (see ``PixelHead``)."""
+
+    w: np.ndarray
+    b: float
+    W1: np.ndarray | None = None
+    b1: np.ndarray | None = None
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        if self.W1 is not None:
+            X = np.maximum(X @ self.W1 + self.b1, 0.0)
+        return X @ self.w + self.b
+
+
+def _fit(X: np.ndarray, y: np.ndarray, w: np.ndarray, params: "ProbeParams") -> HeadWeights:
+    """Standardise, then L2 logistic regression (``hidden == 0``) or a one-hidden-layer
+    ReLU MLP; the standardiser is folded into the (first) layer."""
     scaler = StandardScaler().fit(X)
-    lr = LogisticRegression(C=C, max_iter=3000, random_state=seed)
-    lr.fit(scaler.transform(X), y, sample_weight=w)
-    coef = lr.coef_[0] / scaler.scale_
-    return coef, float(lr.intercept_[0] - coef @ scaler.mean_)
+    Z = scaler.transform(X)
+    if params.hidden == 0:
+        lr = LogisticRegression(C=params.C, max_iter=3000, random_state=params.seed)
+        lr.fit(Z, y, sample_weight=w)
+        coef = lr.coef_[0] / scaler.scale_
+        return HeadWeights(coef, float(lr.intercept_[0] - coef @ scaler.mean_))
+    from sklearn.neural_network import MLPClassifier
+
+    mlp = MLPClassifier((params.hidden,), alpha=params.alpha, max_iter=300, random_state=params.seed)
+    mlp.fit(Z, y, sample_weight=w)
+    W1 = mlp.coefs_[0] / scaler.scale_[:, None]
+    b1 = mlp.intercepts_[0] - scaler.mean_ @ W1
+    return HeadWeights(mlp.coefs_[1][:, 0], float(mlp.intercepts_[1][0]), W1, b1)
 
 
 def _rows(samples: list[Sample], idx: np.ndarray, variants, cache, spec, weighting):
@@ -91,10 +118,10 @@ def _rows(samples: list[Sample], idx: np.ndarray, variants, cache, spec, weighti
     return np.concatenate(Xs), np.concatenate(ys), np.concatenate(ws)
 
 
-def fit_head(samples: list[Sample], cache: FeatureCache, spec: FeatureSpec, params: ProbeParams) -> tuple[np.ndarray, float]:
+def fit_head(samples: list[Sample], cache: FeatureCache, spec: FeatureSpec, params: ProbeParams) -> HeadWeights:
     idx = np.arange(len(samples))
     X, y, w = _rows(samples, idx, params.train_variants, cache, spec, params.weighting)
-    return _fit(X, y, w, params.C, params.seed)
+    return _fit(X, y, w, params)
 
 
 def cross_validate(samples: list[Sample], cache: FeatureCache, spec: FeatureSpec, params: ProbeParams) -> CvResult:
@@ -112,10 +139,10 @@ def cross_validate(samples: list[Sample], cache: FeatureCache, spec: FeatureSpec
     for k, (tr, te) in enumerate(gkf.split(np.zeros(len(samples)), y, [perm[g] for g in groups])):
         fold_of[te] = k
         X, yy, w = _rows(samples, tr, params.train_variants, cache, spec, params.weighting)
-        coef, b = _fit(X, yy, w, params.C, params.seed)
+        hw = _fit(X, yy, w, params)
         for v, (Xv, present) in feats.items():
             sel = te[present[te]]
-            oof[v][sel] = Xv[sel] @ coef + b
+            oof[v][sel] = hw.logits(Xv[sel])
     return CvResult(oof=oof, present={v: feats[v][1] for v in EVAL_VARIANTS}, fold_of=fold_of)
 
 
@@ -202,7 +229,7 @@ def train_pixel_probe(
         f"{params.folds}-fold GroupKFold, groups = {group_by} for AI pictures and source for real photos; "
         f"probe trained on the {' + '.join(params.train_variants)} variants of the training folds; scores out-of-fold"
     )
-    coef, b = fit_head(samples, cache, spec, params)
+    hw = fit_head(samples, cache, spec, params)
     from detectors.models.pixel_data import generator_name
 
     # Only generators with a few pictures say anything; named without provenance notes.
@@ -211,6 +238,7 @@ def train_pixel_probe(
     strong = list(dict.fromkeys(g for g, m in gens if (m.get("auc") or 0) >= 0.95))
     card = HeadCard(
         name=name, version=version, spec=spec, calibration=cal, threshold=threshold,
+        head="mlp" if params.hidden else "linear",
         threshold_target=f"<= {max_fpr:.0%} false positives on real photos incl. portraits in leave-generator-out tests",
         reliable_on=("generators held out in training, AUC >= 0.95: " + _summarise_names(strong)) if strong
         else "no generator measured above AUC 0.95",
@@ -223,6 +251,7 @@ def train_pixel_probe(
             "manifest_sha256": manifest_digest(manifests),
             "n_ai": int(sum(s.label for s in samples)), "n_real": int(sum(1 - s.label for s in samples)),
             "seed": params.seed, "C": params.C, "weighting": params.weighting,
+            "head": f"mlp({params.hidden}, alpha={params.alpha})" if params.hidden else "linear",
             "train_variants": list(params.train_variants),
             "augmentations": "both classes: re-post (strip, long side <= 1600, JPEG q80); aug: crop 60-100% area, "
                              "resize 0.5-1.0, Gaussian blur 0.3-1.0 px with p=0.3, JPEG q60-95",
@@ -230,7 +259,7 @@ def train_pixel_probe(
         },
         metrics=metrics,
     )
-    head = PixelHead(card=card, w=coef, b=b)
+    head = PixelHead(card=card, w=hw.w, b=hw.b, W1=hw.W1, b1=hw.b1)
     head.save(Path(out))
     return head, samples, cv
 

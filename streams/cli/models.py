@@ -148,6 +148,10 @@ def train_cmd(
     probe_c: Annotated[float, typer.Option("--probe-c", help="pixel-probe: inverse L2 strength of the logistic head.")] = 0.01,
     crops: Annotated[int, typer.Option("--crops", help="pixel-probe: 224-px crops per picture (1-5; speed vs accuracy).")] = 2,
     group_by: Annotated[str, typer.Option("--group-by", help="pixel-probe CV groups: generator | family.")] = "generator",
+    hidden: Annotated[
+        int, typer.Option("--hidden", help="pixel-probe: hidden ReLU units of the head (0 = linear logistic regression).")
+    ] = 64,
+    alpha: Annotated[float, typer.Option("--alpha", help="pixel-probe: L2 strength of the MLP head.")] = 1.0,
     augment: Annotated[
         int, typer.Option("--augment", help="pixel-probe: extra randomly re-encoded copies per picture (JPEG q60-95, "
                           "resize 0.5-1, crop, blur), both classes alike; 0 = re-posted copies only.")
@@ -164,7 +168,8 @@ def train_cmd(
     """
     if recipe == "pixel-probe":
         _train_pixel_probe(data, out=out, head_out=head_out, cache_dir=cache_dir, probe_c=probe_c, crops=crops,
-                           group_by=group_by, seed=seed, augment=augment, config=config, data_dir=data_dir,
+                           group_by=group_by, seed=seed, augment=augment, hidden=hidden, alpha=alpha,
+                           config=config, data_dir=data_dir,
                            model_dir=model_dir)
         return
     if recipe != "cnn":
@@ -209,7 +214,8 @@ def train_cmd(
 
 
 def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cache_dir: Path | None, probe_c: float,
-                       crops: int, group_by: str, seed: int, augment: int, config, data_dir, model_dir) -> None:
+                       crops: int, group_by: str, seed: int, augment: int, hidden: int, alpha: float,
+                       config, data_dir, model_dir) -> None:
     from streams.settings import load_settings
 
     if not data:
@@ -219,8 +225,8 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
     if missing:
         err.print(f"[red]error:[/] no manifest.csv at {missing[0]} (give a manifest file or a folder holding one)")
         raise typer.Exit(2)
-    if group_by not in ("generator", "family") or not 1 <= crops <= 5:
-        err.print("[red]error:[/] --group-by is generator or family, --crops is 1..5")
+    if group_by not in ("generator", "family") or not 1 <= crops <= 5 or hidden < 0:
+        err.print("[red]error:[/] --group-by is generator or family, --crops is 1..5, --hidden >= 0")
         raise typer.Exit(2)
     from detectors.models.pixel_backbone import FeatureSpec
     from detectors.models.pixel_probe import render_model_card
@@ -237,7 +243,8 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
         try:
             head, _, _ = train_pixel_probe(
                 data, target, cache_dir=cache, spec=FeatureSpec(crops=crops), name=name,
-                params=ProbeParams(C=probe_c, seed=seed, train_variants=("reposted", *(f"aug{k}" for k in range(augment)))),
+                params=ProbeParams(C=probe_c, seed=seed, hidden=hidden, alpha=alpha,
+                                   train_variants=("reposted", *(f"aug{k}" for k in range(augment)))),
                 group_by=group_by,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
