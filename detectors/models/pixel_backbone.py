@@ -23,9 +23,9 @@ not trained on.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
-import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -103,6 +103,23 @@ def _load_backbone(name: str) -> torch.nn.Module:
     return net.eval()
 
 
+def _fold_batchnorms(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy with every eval-mode batch norm folded into the convolution before it.
+    Same outputs (measured to 2e-5), 1.3-1.7x faster on CPU; the head tap
+    ``_bn1(_conv_head(x))`` becomes the folded ``_conv_head(x)``."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net = copy.deepcopy(net).eval()
+    net._conv_stem, net._bn0 = fuse_conv_bn_eval(net._conv_stem, net._bn0), torch.nn.Identity()
+    for b in net._blocks:
+        if hasattr(b, "_expand_conv"):
+            b._expand_conv, b._bn0 = fuse_conv_bn_eval(b._expand_conv, b._bn0), torch.nn.Identity()
+        b._depthwise_conv, b._bn1 = fuse_conv_bn_eval(b._depthwise_conv, b._bn1), torch.nn.Identity()
+        b._project_conv, b._bn2 = fuse_conv_bn_eval(b._project_conv, b._bn2), torch.nn.Identity()
+    net._conv_head, net._bn1 = fuse_conv_bn_eval(net._conv_head, net._bn1), torch.nn.Identity()
+    return net
+
+
 class _Taps(torch.nn.Module):
     """Backbone forward returning the pooled taps (head mean, head std, block stats)."""
 
@@ -124,28 +141,15 @@ class _Taps(torch.nn.Module):
 class Backbone:
     """Frozen feature extractor; thread-safe (one forward at a time).
 
-    On CPU the taps module is traced and frozen (TorchScript folds the batch
-    norms into the convolutions): measured 1.28x faster than eager with the
-    same outputs to 2e-5; NHWC (channels-last) was another 1.4-1.9x.
+    Batch norms are folded into the convolutions and tensors run channels-last
+    (NHWC): measured 1.3-1.7x and 1.4-1.9x faster on CPU respectively.
     """
 
     def __init__(self, name: str = "efficientnet-lite0", device: torch.device | None = None):
         self.name = name
         self.device = device or torch.device("cpu")
-        self.net = _load_backbone(name).to(self.device).to(memory_format=torch.channels_last)
+        self._module = _Taps(_fold_batchnorms(_load_backbone(name))).to(self.device).to(memory_format=torch.channels_last)
         self._lock = threading.Lock()
-        module = _Taps(self.net).eval()
-        if self.device.type == "cpu":
-            example = torch.zeros(2, 3, CROP, CROP).to(memory_format=torch.channels_last)
-            try:
-                # TorchScript is deprecated in favour of torch.compile, whose first
-                # call costs minutes on 2 cores; eager stays the fallback.
-                with warnings.catch_warnings(), torch.inference_mode():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    module = torch.jit.freeze(torch.jit.trace(module, example))
-            except (AttributeError, RuntimeError) as e:
-                log.info("TorchScript unavailable (%s); running the backbone eagerly", e)
-        self._module = module
 
     def taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """All taps for a (N, 3, 224, 224) batch, each (N, D), pooled over space."""
