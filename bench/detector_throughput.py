@@ -68,15 +68,19 @@ def _jpegs(size: tuple[int, int], n: int) -> list[bytes]:
 
 
 def _rate(fn, n_items: int, seconds: float) -> float:
+    """Items/s of the MEDIAN call (after two warm-up calls), over at least ``seconds``
+    and 5 calls: on a machine shared with other jobs a window average is dominated
+    by moments this process was not scheduled; the median is not."""
     fn()  # warm-up (kernel selection, allocator), twice
     fn()
-    n, t0 = 0, time.perf_counter()
-    while True:
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
         fn()
-        n += n_items
-        dt = time.perf_counter() - t0
-        if dt >= seconds:
-            return n / dt
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return n_items / times[len(times) // 2]
 
 
 def bench_pixel(seconds: float) -> None:
