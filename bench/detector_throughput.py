@@ -1,9 +1,18 @@
 """Images/s of each model architecture at batch 1, 16 and 64, on CPU and (when
 present) GPU, with the speed-up over batch 1 measured in the same run.
 
-Measures the forward pass on preprocessed tensors (what MicroBatcher's
-inference thread does), with randomly initialised weights: speed does not
-depend on the weights. Usage: python bench/detector_throughput.py [--seconds S]
+Two parts:
+
+* ``pixel``: the packaged pixel detector END TO END (JPEG bytes -> decode ->
+  crops -> backbone -> head -> calibrated score), on synthetic JPEGs of two
+  sizes (a 12 MP camera original and a 1600 px re-post), at batch 1/16/64 and
+  with 1, 2 (shipped) and 5 crops; plus decode time with JPEG draft mode
+  against a full decode, measured in the same run (the ratio is the point).
+* ``arch``: the forward pass of the trainable architectures on preprocessed
+  tensors (what MicroBatcher's inference thread does), randomly initialised:
+  speed does not depend on the weights.
+
+Usage: python bench/detector_throughput.py [--seconds S] [--part pixel|arch|all]
 """
 
 from __future__ import annotations
@@ -39,11 +48,88 @@ def bench(det: ModelDetector, batch: int, seconds: float) -> float:
             return n / dt
 
 
+def _jpegs(size: tuple[int, int], n: int) -> list[bytes]:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    w, h = size
+    for _ in range(n):
+        # smooth gradients + noise: JPEG cost similar to a photo
+        base = np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.3, 1, 3) + np.linspace(0, 80, h)[:, None, None]
+        img = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=88)
+        out.append(buf.getvalue())
+    return out
+
+
+def _rate(fn, n_items: int, seconds: float) -> float:
+    """Items/s of the MEDIAN call (after two warm-up calls), over at least ``seconds``
+    and 5 calls: on a machine shared with other jobs a window average is dominated
+    by moments this process was not scheduled; the median is not."""
+    fn()  # warm-up (kernel selection, allocator), twice
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return n_items / times[len(times) // 2]
+
+
+def bench_pixel(seconds: float) -> None:
+    from detectors.imagedata import ImageData
+    from detectors.models.pixel_backbone import FeatureSpec, decode_for_model, image_crops
+    from detectors.models.pixel_detector import load_pixel_detector
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if len(devices) == 1:
+        print("pixel detector: no GPU in this session; CPU only")
+    for size in ((4000, 3000), (1600, 1067)):
+        data = _jpegs(size, 4)
+        spec = FeatureSpec()
+        full = _rate(lambda: [image_crops(ImageData(d).rgb, spec.crops) for d in data], len(data), seconds)
+        draft = _rate(lambda: [image_crops(decode_for_model(ImageData(d), spec), spec.crops) for d in data], len(data), seconds)
+        print(f"decode+crop {size[0]}x{size[1]}: full decode {full:7.1f} img/s, draft decode {draft:7.1f} img/s,"
+              f" draft/full = {draft / full:.2f}x")
+    repost = _jpegs((1600, 1067), 64)
+    for dev in devices:
+        det = load_pixel_detector(device=dev)
+        shipped = det.spec.crops
+        print(f"{dev}: end-to-end images/s (1600 px JPEG re-posts), shipped head uses {shipped} crop(s)")
+        print(f"{'crops':>5} " + " ".join(f"{'b=' + str(b):>8}" for b in BATCHES) + "  " + " ".join(f"{'x b' + str(b):>6}" for b in BATCHES[1:])
+              + "  fwd-only b=16  e2e/fwd")
+        for crops in (1, shipped, 5) if shipped not in (1, 5) else (1, 5):
+            det.spec = det.spec.model_copy(update={"crops": crops})
+            rates = []
+            for b in BATCHES:
+                imgs = repost[:b]
+                # fresh ImageData each call: the decode is part of the cost
+                rates.append(_rate(lambda: det.infer(torch.stack([det.prepare(ImageData(d)) for d in imgs])), b, seconds))
+            # Baseline in the same run: the backbone forward alone on ready crops (no decode, no head).
+            crops_t = torch.randn(16 * crops, 3, 224, 224)
+            fwd = _rate(lambda: det.backbone.taps(crops_t), 16, seconds)
+            print(f"{crops:>5} " + " ".join(f"{r:8.1f}" for r in rates) + "  " + " ".join(f"{r / rates[0]:6.2f}" for r in rates[1:])
+                  + f"  {fwd:13.1f}  {rates[1] / fwd:7.2f}", flush=True)
+        det.spec = det.spec.model_copy(update={"crops": shipped})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per (arch, batch)")
     ap.add_argument("--arch", action="append", help="limit to these architectures")
+    ap.add_argument("--part", choices=("pixel", "arch", "all"), default="all")
     args = ap.parse_args()
+    if args.part in ("pixel", "all"):
+        bench_pixel(args.seconds)
+    if args.part == "pixel":
+        return
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     archs = args.arch or [a for a in ARCHITECTURES if a != "clip-probe" or clip_available()]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")

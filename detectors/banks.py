@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel
 
-from detectors.base import Detector, Evidence
+from detectors.base import Detector, Evidence, EvidenceKind
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import ImageData
 from detectors.neardup.clusters import SLOTS, VIEW_THRESHOLD, Via, rank_key, search_phash, stored_phash_codes
@@ -296,6 +296,7 @@ def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:
         out.append(
             Evidence(
                 detector=f"bank:{m.bank}",
+                kind=EvidenceKind.BANK,
                 score=0.97 if m.verdict == "fake" else 0.03,
                 # a bank hit is a human fact-check: near-conclusive, a bit less so at the threshold edge
                 weight=3.0 if m.distance <= 4 else 2.0,

@@ -10,9 +10,10 @@ evaluation reports can refer to them.
 from __future__ import annotations
 
 import abc
+from enum import Enum
 from typing import Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from detectors.imagedata import ImageData
 
@@ -20,6 +21,36 @@ from detectors.imagedata import ImageData
 # survive on one repost and not another); "model" detectors are expensive and
 # run once per cluster, in the separately scaled detect worker role.
 Cost = Literal["cheap", "model"]
+
+
+class EvidenceKind(str, Enum):
+    """What sort of signal an evidence item is; set by the detector that made it.
+
+    Fusion and cluster seeding decide by kind, never by detector name:
+    ``model`` and ``vendor`` are learned pixel classifiers (damped when
+    provenance is decisive), ``bank`` carries a fact-check verdict,
+    ``metadata``/``provenance``/``watermark`` are facts read from the file.
+    """
+
+    METADATA = "metadata"
+    PROVENANCE = "provenance"
+    WATERMARK = "watermark"
+    BANK = "bank"
+    MODEL = "model"
+    VENDOR = "vendor"
+
+    @property
+    def learned(self) -> bool:
+        """A statistical pixel classifier's opinion rather than a fact in the file."""
+        return self in (EvidenceKind.MODEL, EvidenceKind.VENDOR)
+
+
+# Records written before ``kind`` existed named their sort in the detector
+# name; this mapping is used ONLY to read those old records (see
+# ``Evidence._legacy_kind``), never to decide behaviour for new evidence.
+_LEGACY_PREFIX_KIND = {"model:": EvidenceKind.MODEL, "vendor:": EvidenceKind.VENDOR, "bank:": EvidenceKind.BANK}
+_LEGACY_NAME_KIND = {"c2pa": EvidenceKind.PROVENANCE, "xmp": EvidenceKind.PROVENANCE,
+                     "invisible-watermark": EvidenceKind.WATERMARK}
 
 
 class Evidence(BaseModel):
@@ -32,17 +63,32 @@ class Evidence(BaseModel):
     """
 
     detector: str
+    kind: EvidenceKind = EvidenceKind.METADATA
     score: float = Field(ge=0.0, le=1.0)
     detail: str
     weight: float = Field(default=1.0, ge=0.0)
     sha256: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_kind(cls, raw: Any) -> Any:
+        # Stored clusters and findings from before ``kind`` carry no kind:
+        # recover it from the name scheme they were written with.
+        if isinstance(raw, dict) and raw.get("kind") is None and isinstance(raw.get("detector"), str):
+            name = raw["detector"]
+            kind = _LEGACY_NAME_KIND.get(name) or next(
+                (k for p, k in _LEGACY_PREFIX_KIND.items() if name.startswith(p)), EvidenceKind.METADATA)
+            raw = {**raw, "kind": kind}
+        return raw
+
 
 class Detector(abc.ABC):
     name: ClassVar[str]
     cost: ClassVar[Cost] = "cheap"
     version: ClassVar[str] = "1"
+    #: the kind stamped on this detector's evidence (see ``EvidenceKind``)
+    kind: ClassVar[EvidenceKind] = EvidenceKind.METADATA
 
     @abc.abstractmethod
     def analyze(self, image: ImageData) -> list[Evidence]:

@@ -2,8 +2,7 @@
 
 Rules, in order:
 
-1. **Direction of bank matches.** Evidence from a detector named ``bank:*``
-   says which way it points in ``data["verdict"]``: ``"authentic"`` always
+1. **Direction of bank matches.** Evidence of kind ``bank`` says which way it points in ``data["verdict"]``: ``"authentic"`` always
    counts against AI, ``"fake"`` always for it. If its score disagrees with
    its verdict, the verdict wins and the score becomes 0.05 / 0.95.
 2. **One vote per detector.** A cluster is many copies of one picture, so
@@ -16,8 +15,8 @@ Rules, in order:
    item's say, so weight, not a score of 0.9999, decides how decisive it is.
 4. **Provenance dominates models.** When a non-model item is *decisive*
    (weight >= 2 and score <= 0.1 or >= 0.9: a C2PA AI source type, a
-   generator chunk, a signed camera capture, a bank match), learned-model
-   items (``model:*``) contribute at a quarter of their weight. Otherwise
+   generator chunk, a signed camera capture, a bank match), learned pixel
+   classifiers (kind ``model`` or ``vendor``) contribute at a quarter of their weight. Otherwise
    models count with their own weight like anything else.
 5. **Verdict.** score >= ``likely_ai`` -> ``likely-ai``; >= ``inconclusive``
    -> ``inconclusive``; otherwise ``no-evidence`` (no evidence *of AI*:
@@ -38,7 +37,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from detectors.base import Evidence
+from detectors.base import Evidence, EvidenceKind
 
 Verdict = Literal["likely-ai", "inconclusive", "no-evidence"]
 
@@ -47,8 +46,6 @@ SCORE_CLIP = 0.01
 DECISIVE_WEIGHT = 2.0
 DECISIVE_SCORE = 0.9
 MODEL_DAMPING = 0.25
-BANK_PREFIX = "bank:"
-MODEL_PREFIX = "model:"
 _BANK_DEFAULT = {"authentic": 0.05, "fake": 0.95}
 
 
@@ -65,7 +62,7 @@ def _logit(p: float) -> float:
 
 def effective_score(ev: Evidence) -> float:
     """The score fusion uses: a bank match's verdict fixes its direction."""
-    if not ev.detector.startswith(BANK_PREFIX):
+    if ev.kind != EvidenceKind.BANK:
         return ev.score
     verdict = ev.data.get("verdict")
     if verdict == "authentic":
@@ -81,7 +78,7 @@ def contribution(ev: Evidence) -> float:
 
 
 def _is_model(ev: Evidence) -> bool:
-    return ev.detector.startswith(MODEL_PREFIX)
+    return ev.kind.learned
 
 
 def _is_decisive(ev: Evidence) -> bool:
@@ -98,7 +95,11 @@ def strongest_per_detector(evidence: list[Evidence]) -> list[Evidence]:
     return list(best.values())
 
 
-def fuse(evidence: list[Evidence], *, likely_ai: float = 0.7, inconclusive: float = 0.4) -> Fused:
+LIKELY_AI = 0.7
+INCONCLUSIVE = 0.4
+
+
+def fuse(evidence: list[Evidence], *, likely_ai: float = LIKELY_AI, inconclusive: float = INCONCLUSIVE) -> Fused:
     """Combine evidence from all member images of a cluster (see module doc)."""
     kept = strongest_per_detector(evidence)
     damp = MODEL_DAMPING if any(_is_decisive(ev) for ev in kept) else 1.0

@@ -36,15 +36,18 @@ def build_detect_app(settings: Settings, broker_url: str) -> faust.App:
     def load_batchers() -> list:
         from detectors.models import load_detector
         from detectors.models.batching import MicroBatcher
-        from detectors.models.vendors import enabled_vendors
+        from detectors.models.vendors import VENDORS, enabled_vendors
 
         cfg = settings.detect
-        learned = [n for n in cfg.models if not n.startswith("vendor:")]
+        learned = [n for n in cfg.models if n not in VENDORS]
         # A vendor plugin whose API key is not in the environment is skipped
         # (logged by enabled_vendors), not a startup failure.
-        vendors = enabled_vendors([n for n in cfg.models if n.startswith("vendor:")])
+        vendors = enabled_vendors([n for n in cfg.models if n in VENDORS])
         return [
-            MicroBatcher(load_detector(name, model_dir=settings.model_dir, device=cfg.device), cfg.max_batch, cfg.max_wait_ms)
+            MicroBatcher(
+                load_detector(name, model_dir=settings.model_dir, device=cfg.device, head=cfg.pixel_head),
+                cfg.max_batch, cfg.max_wait_ms,
+            )
             for name in [*learned, *vendors]
         ]
 

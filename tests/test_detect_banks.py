@@ -34,6 +34,6 @@ def test_detect_uses_banks_in_the_data_dir(tmp_path):
     assert real_result["verdict"] == "no-evidence" and real_result["score"] < 0.2
     assert any(e["detector"] == "bank:wire" for e in real_result["evidence"])
 
-    # Without the data dir's banks the stripped fake carries no evidence at all.
-    r = runner.invoke(app, ["detect", str(repost_fake), "--format", "json", "--data-dir", str(tmp_path / "empty")])
+    # Without the data dir's banks (and the pixel model) the stripped fake carries no evidence at all.
+    r = runner.invoke(app, ["detect", str(repost_fake), "--format", "json", "--no-models", "--data-dir", str(tmp_path / "empty")])
     assert json.loads(r.stdout)[0]["verdict"] == "no-evidence"

@@ -73,3 +73,27 @@ def test_thresholds_are_parameters() -> None:
     assert fuse(item).verdict == "likely-ai"
     assert fuse(item, likely_ai=0.8).verdict == "inconclusive"
     assert fuse(item, likely_ai=0.8, inconclusive=0.76).verdict == "no-evidence"
+
+
+def test_kind_not_name_decides_damping_and_bank_direction() -> None:
+    from detectors.base import EvidenceKind
+
+    # A vendor pixel classifier is a learned opinion: damped under decisive provenance like models.
+    vendor = Evidence(detector="hive", kind=EvidenceKind.VENDOR, score=0.01, weight=3.0, detail="vendor")
+    plain = Evidence(detector="hive", kind=EvidenceKind.METADATA, score=0.01, weight=3.0, detail="not learned")
+    assert fuse([C2PA_AI, vendor]).score > fuse([C2PA_AI, plain]).score
+    # A bank verdict is read by kind, whatever the detector is called.
+    bank = Evidence(detector="wire desk", kind=EvidenceKind.BANK, score=0.9, weight=3.0, detail="b", data={"verdict": "authentic"})
+    assert fuse([bank]).score < 0.1
+
+
+def test_old_records_without_kind_still_parse_with_their_kind() -> None:
+    from detectors.base import EvidenceKind
+
+    assert Evidence.model_validate({"detector": "model:x", "score": 0.5, "detail": "d"}).kind == EvidenceKind.MODEL
+    assert Evidence.model_validate({"detector": "vendor:hive", "score": 0.5, "detail": "d"}).kind == EvidenceKind.VENDOR
+    assert Evidence.model_validate({"detector": "bank:afp", "score": 0.5, "detail": "d"}).kind == EvidenceKind.BANK
+    assert Evidence.model_validate({"detector": "c2pa", "score": 0.5, "detail": "d"}).kind == EvidenceKind.PROVENANCE
+    assert Evidence.model_validate({"detector": "generator-metadata", "score": 0.5, "detail": "d"}).kind == EvidenceKind.METADATA
+    round_trip = Evidence.model_validate_json(Evidence(detector="m", kind=EvidenceKind.MODEL, score=0.7, detail="d").model_dump_json())
+    assert round_trip.kind == EvidenceKind.MODEL

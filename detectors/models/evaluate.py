@@ -22,8 +22,13 @@ Output (stable; ``schema`` bumps on any incompatible change)::
       }
     }
 
-    METRICS = {auc, average_precision, accuracy, recall, fpr, threshold,
-               n_pos, n_neg, coverage}
+    METRICS = {auc, average_precision, tpr_at_1pct_fpr, tpr_at_5pct_fpr,
+               accuracy, recall, fpr, threshold, n_pos, n_neg, coverage}
+
+Each variant also has ``per_category`` (shape of ``per_generator``) when the
+manifest has a ``category`` column: that category's pictures, both classes,
+so a real-only category shows its false-positive rate (``fpr``).
+"original" is the file as published.
 
 ``auc``/``average_precision`` are null when only one class is present.
 A cheap detector that returns no evidence for an image has no opinion: it is
@@ -68,6 +73,8 @@ def metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, covered: n
     return {
         "auc": round(float(roc_auc_score(y, scores)), 4) if both else None,
         "average_precision": round(float(average_precision_score(y, scores)), 4) if both else None,
+        "tpr_at_1pct_fpr": _tpr(y, scores, 0.01),
+        "tpr_at_5pct_fpr": _tpr(y, scores, 0.05),
         "accuracy": round(float(accuracy_score(y, pred)), 4) if len(y) else None,
         "recall": round(float(pred[y == 1].mean()), 4) if n_pos else None,
         "fpr": round(float(pred[y == 0].mean()), 4) if n_neg else None,
@@ -76,6 +83,13 @@ def metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, covered: n
         "n_neg": n_neg,
         "coverage": round(float(covered.mean()), 4) if covered is not None and len(covered) else 1.0,
     }
+
+
+def _tpr(y: np.ndarray, scores: np.ndarray, fpr: float) -> float | None:
+    from detectors.models.pixel_metrics import tpr_at_fpr
+
+    v = tpr_at_fpr(y, scores, fpr)
+    return None if v is None else round(v, 4)
 
 
 def _fuser() -> tuple[Callable[[list[Evidence]], Any], float] | None:
@@ -91,9 +105,19 @@ def _fuser() -> tuple[Callable[[list[Evidence]], Any], float] | None:
     return fuse, thr
 
 
+def _describe(d: Detector) -> dict[str, Any] | None:
+    describe = getattr(d, "describe", None)
+    if describe is not None:
+        return describe()
+    card = getattr(d, "card", None)
+    if card is None:
+        return None
+    return {"arch": card.arch, "version": card.version, "threshold": card.threshold, "calibration": card.calibration.method}
+
+
 def _threshold(det: Detector) -> float:
     card = getattr(det, "card", None)
-    return float(card.threshold) if card is not None else DEFAULT_THRESHOLD
+    return float(card.threshold) if card is not None else float(getattr(det, "threshold", DEFAULT_THRESHOLD))
 
 
 def _run_detectors(detectors: list[Detector], images: list[ImageData], batch: int) -> list[list[Evidence]]:
@@ -133,6 +157,7 @@ def _variant_report(
     evidence: list[list[Evidence]],
     labels: np.ndarray,
     generators: list[str | None],
+    categories: list[str | None] | None = None,
 ) -> dict[str, Any]:
     fuser = _fuser()
     scores: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
@@ -154,6 +179,7 @@ def _variant_report(
         "detectors": {k: metrics(s, labels, t, c) for k, (s, c, t) in scores.items() if k != "fused"},
         "fused": metrics(*_pick(scores["fused"], labels)) if "fused" in scores else None,
         "per_generator": {},
+        "per_category": {},
     }
     gens = sorted({g for g, y in zip(generators, labels) if y == 1 and g})
     neg = labels == 0
@@ -161,6 +187,11 @@ def _variant_report(
         mask = neg | np.array([gg == g for gg in generators])
         report["per_generator"][g] = {
             k: metrics(s[mask], labels[mask], t, c[mask]) for k, (s, c, t) in scores.items()
+        }
+    for c in sorted({c for c in categories or [] if c}):
+        mask = np.array([cc == c for cc in categories])
+        report["per_category"][c] = {
+            k: metrics(s[mask], labels[mask], t, c_[mask]) for k, (s, c_, t) in scores.items()
         }
     return report
 
@@ -205,16 +236,7 @@ def evaluate(
         "n": len(kept),
         "n_pos": int(labels.sum()) if len(labels) else 0,
         "n_neg": int(len(labels) - labels.sum()) if len(labels) else 0,
-        "models": {
-            d.name: {
-                "arch": d.card.arch,
-                "version": d.card.version,
-                "threshold": d.card.threshold,
-                "calibration": d.card.calibration.method,
-            }
-            for d in detectors
-            if getattr(d, "card", None) is not None
-        },
+        "models": {d.name: _describe(d) for d in detectors if _describe(d) is not None},
         "skipped": skipped,
         "excluded_trained": excluded,
         "variants": {},
@@ -237,6 +259,7 @@ def evaluate(
             evidence += _run_detectors(detectors, chunk, batch)
             if progress:
                 progress(variant, min(start + batch, len(kept)), len(kept))
-        report = _variant_report(detectors, evidence, labels[valid], [generators[i] for i in valid])
+        report = _variant_report(detectors, evidence, labels[valid], [generators[i] for i in valid],
+                                 [kept[i][0].category for i in valid])
         result["variants"][variant] = {"n": len(valid), **report}
     return result

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from detectors.base import Evidence
+from detectors.base import Evidence, EvidenceKind
 from detectors.imagedata import ImageData
 from detectors.models.detector import BatchDetector
 
@@ -79,7 +79,7 @@ class VendorDetector(BatchDetector):
                 log.warning("%s failed for %s: %s", self.name, im.sha256[:12], type(e).__name__)
                 continue
             score = min(1.0, max(0.0, float(score)))
-            out.append(Evidence(detector=self.name, score=score, weight=VENDOR_WEIGHT, sha256=im.sha256,
+            out.append(Evidence(detector=self.name, kind=EvidenceKind.VENDOR, score=score, weight=VENDOR_WEIGHT, sha256=im.sha256,
                                 detail=f"{self.label}: {score:.2f} (vendor score)", data=data))
         return out
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import c2pa
 
-from detectors.base import Detector, Evidence, register
+from detectors.base import Detector, Evidence, EvidenceKind, register
 from detectors.imagedata import ImageData
 from detectors.plugins._source_types import classify, source_type_code
 
@@ -148,7 +148,7 @@ def assess_store(store: dict[str, Any]) -> Evidence:
         declared = ", ".join(sorted({s["code"] for s in sources})) or "no digital source type"
         detail = f"C2PA manifest present ({declared}); {facts}"
         score, weight = 0.5, 0.0
-    return Evidence(detector=C2paDetector.name, score=score, weight=weight, detail=detail, data=data)
+    return Evidence(detector=C2paDetector.name, kind=C2paDetector.kind, score=score, weight=weight, detail=detail, data=data)
 
 
 def _not_read(message: str) -> Evidence:
@@ -162,12 +162,13 @@ def _not_read(message: str) -> Evidence:
     else:
         detail = f"C2PA data present but unreadable: {message[:200]}"
         data = {"error": message[:500]}
-    return Evidence(detector=C2paDetector.name, score=0.5, weight=0.0, detail=detail, data=data)
+    return Evidence(detector=C2paDetector.name, kind=C2paDetector.kind, score=0.5, weight=0.0, detail=detail, data=data)
 
 
 @register
 class C2paDetector(Detector):
     name = "c2pa"
+    kind = EvidenceKind.PROVENANCE
     cost = "cheap"
 
     def analyze(self, image: ImageData) -> list[Evidence]:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from detectors.base import Detector, Evidence, register
+from detectors.base import Detector, Evidence, EvidenceKind, register
 from detectors.imagedata import ImageData
 from detectors.plugins._png_text import MAX_VALUE_BYTES, read_png_metadata
 from detectors.plugins._sd_formats import Finding, recognise
@@ -127,6 +127,7 @@ def _summarise(findings: list[Finding]) -> str:
 @register
 class GeneratorMetadataDetector(Detector):
     name = "generator-metadata"
+    kind = EvidenceKind.METADATA
     cost = "cheap"
 
     def analyze(self, image: ImageData) -> list[Evidence]:
@@ -142,4 +143,4 @@ class GeneratorMetadataDetector(Detector):
             ],
             "generators": sorted({f.generator for f in findings}),
         }
-        return [Evidence(detector=self.name, score=score, weight=weight, detail=_summarise(findings), data=data)]
+        return [Evidence(detector=self.name, kind=self.kind, score=score, weight=weight, detail=_summarise(findings), data=data)]

@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from detectors.base import Detector, Evidence, register
+from detectors.base import Detector, Evidence, EvidenceKind, register
 from detectors.imagedata import ImageData
 from detectors.plugins._sd_formats import recognise
 
@@ -69,6 +69,7 @@ def read_stealth(pixels: np.ndarray, mode: str) -> tuple[str, str] | None:
 @register
 class StealthPngInfoDetector(Detector):
     name = "stealth-pnginfo"
+    kind = EvidenceKind.METADATA
     cost = "cheap"
 
     def analyze(self, image: ImageData) -> list[Evidence]:
@@ -91,4 +92,4 @@ class StealthPngInfoDetector(Detector):
         if finding is not None and finding.model:
             detail += f"; model {finding.model}"
         data = {"signature": signature, "parameters": text[:2000], "generator": finding.generator if finding else None}
-        return [Evidence(detector=self.name, score=0.99, weight=3.0, detail=detail, data=data)]
+        return [Evidence(detector=self.name, kind=self.kind, score=0.99, weight=3.0, detail=detail, data=data)]

@@ -28,7 +28,7 @@ import numpy as np
 import pywt
 from PIL import Image, JpegImagePlugin
 
-from detectors.base import Detector, Evidence, register
+from detectors.base import Detector, Evidence, EvidenceKind, register
 from detectors.imagedata import ImageData
 
 SCALE = 36.0  # imwatermark's default dwtDct scale for the U channel
@@ -134,6 +134,7 @@ def jpeg_erased_mark(img: Image.Image) -> bool:
 @register
 class InvisibleWatermarkDetector(Detector):
     name = "invisible-watermark"
+    kind = EvidenceKind.WATERMARK
     cost = "cheap"
 
     def analyze(self, image: ImageData) -> list[Evidence]:
@@ -147,4 +148,4 @@ class InvisibleWatermarkDetector(Detector):
         best = min(found, key=lambda f: f["bit_errors"])
         detail = (f"{best['generator']} invisible watermark ({best['mark']}, dwtDct) decoded with "
                   f"{best['bit_errors']}/{best['bits']} bit errors")
-        return [Evidence(detector=self.name, score=0.97, weight=2.5, detail=detail, data={"marks": found})]
+        return [Evidence(detector=self.name, kind=self.kind, score=0.97, weight=2.5, detail=detail, data={"marks": found})]

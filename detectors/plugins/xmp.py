@@ -8,7 +8,7 @@ trivial to forge and is therefore reported without weight.
 
 from __future__ import annotations
 
-from detectors.base import Detector, Evidence, register
+from detectors.base import Detector, Evidence, EvidenceKind, register
 from detectors.imagedata import ImageData
 from detectors.plugins._generators import find_generator
 from detectors.plugins._source_types import classify, source_type_code
@@ -25,6 +25,7 @@ from detectors.plugins._xmp import (
 @register
 class XmpDetector(Detector):
     name = "xmp"
+    kind = EvidenceKind.PROVENANCE
     cost = "cheap"
 
     def analyze(self, image: ImageData) -> list[Evidence]:
@@ -41,11 +42,11 @@ class XmpDetector(Detector):
             detail = f"XMP Iptc4xmpExt:DigitalSourceType is {', '.join(ai_codes)} (generative AI)"
             if generators:
                 detail += f"; creator tool {', '.join(generators)}"
-            return [Evidence(detector=self.name, score=0.97, weight=2.0, detail=detail, data=data)]
+            return [Evidence(detector=self.name, kind=self.kind, score=0.97, weight=2.0, detail=detail, data=data)]
         if generators:
             detail = f"XMP creator tool names an AI generator: {', '.join(generators)}"
-            return [Evidence(detector=self.name, score=0.95, weight=2.0, detail=detail, data=data)]
+            return [Evidence(detector=self.name, kind=self.kind, score=0.95, weight=2.0, detail=detail, data=data)]
         if codes:
             detail = f"XMP Iptc4xmpExt:DigitalSourceType is {', '.join(sorted(set(codes)))} (unsigned, not AI)"
-            return [Evidence(detector=self.name, score=0.5, weight=0.0, detail=detail, data=data)]
+            return [Evidence(detector=self.name, kind=self.kind, score=0.5, weight=0.0, detail=detail, data=data)]
         return []

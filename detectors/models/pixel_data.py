@@ -1,0 +1,200 @@
+"""Labelled pictures for the pixel probe: manifests, re-post variants, feature cache.
+
+A *manifest* is a CSV with at least ``file,label`` (1 = AI) and optionally
+``generator``, ``category``, ``repo``/``source``. Several manifests can be
+combined; every sample gets a leave-generator-out *group*:
+
+* AI pictures are grouped by generator (``group_by="generator"``) or, more
+  strictly, by generator *family* (``group_by="family"``: all StyleGAN
+  derivatives are one family, all Stable Diffusion 1.x/2.x one family ...),
+  so a fold never trains on a sibling of what it tests on;
+* real photos are grouped by where they came from (repository / camera), so
+  real photos are split into folds too.
+
+Variants (``variant_bytes``) are what a picture looks like after a re-post:
+``published`` (the file as is), ``reposted`` (metadata stripped, long side
+<= 1600 px, JPEG q80) and ``aug<k>`` (random JPEG q60-95, resize 0.5-1.0,
+crop, mild blur; seeded per picture). Both classes get the same treatment,
+which removes the format shortcut (AI = PNG, real = camera JPEG).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+
+REPOST_LONG_SIDE = 1600
+REPOST_QUALITY = 80
+
+# Generator family by keyword, first match wins (lower-cased generator text).
+_FAMILIES = [
+    ("stylegan|pixel2style2pixel|restyle|sam age|interfacegan|pggan|alae", "stylegan-family"),
+    ("sdxl|stability ai model", "sdxl"),
+    ("sd3", "sd3"),
+    ("stable cascade|stable_cascade", "stable-cascade"),
+    ("karlo|unclip", "unclip"),
+    ("stable diffusion|ic-light|ip-adapter|lcm|inpaint|area_composition|2_pass|discord", "sd1-2"),
+    ("kandinsky", "kandinsky"),
+    ("vqgan", "vqgan-clip"),
+    ("infinity", "infinity"),
+    ("biggan", "biggan"),
+    ("flux", "flux"),
+    ("hidream", "hidream"),
+    ("chroma", "chroma"),
+]
+
+
+def generator_name(generator: str) -> str:
+    """The generator without its parenthesised provenance notes ("SD 2.0-base (Core ML)" -> "sd 2.0-base")."""
+    g = re.sub(r"\s*\(.*", "", generator.lower()).strip().removeprefix("comfyui:")
+    return g or "unknown"
+
+
+def generator_family(generator: str) -> str:
+    g = generator.lower()
+    for pattern, family in _FAMILIES:
+        if re.search(pattern, g):
+            return family
+    g = g.removeprefix("comfyui:")
+    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(.*?\)", "", g)).strip("-") or "unknown"
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+    generator: str
+    group: str
+    category: str
+    dataset: str
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:24]
+
+
+def read_manifest(path: Path, group_by: str = "generator") -> list[Sample]:
+    """Samples of one manifest CSV; file paths are relative to its folder.
+
+    ``group_by`` is ``generator`` (each generator held out on its own) or
+    ``family`` (all StyleGAN derivatives together, all SD 1.x/2.x together...).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.csv"
+    root = path.parent
+    out = []
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            label = int(row["label"])
+            generator = (row.get("generator") or "unknown").strip()
+            source = (row.get("repo") or row.get("source") or "").split("@")[0]
+            if label:
+                group = "ai:" + (generator_family(generator) if group_by == "family" else generator_name(generator))
+            else:
+                group = "real:" + (source or generator_family(generator))
+            out.append(
+                Sample(root / row["file"], label, generator, group, (row.get("category") or "general").strip(), root.name)
+            )
+    return out
+
+
+def manifest_digest(paths: list[Path]) -> str:
+    """sha256 over the manifests' bytes, in the order given: names the training data in the model card."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        h.update((p / "manifest.csv" if p.is_dir() else p).read_bytes())
+    return h.hexdigest()
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _open_rgb(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img = ImageOps.exif_transpose(img)
+    return img.convert("RGB")
+
+
+def repost(data: bytes) -> bytes:
+    """What a social platform does: strip metadata, cap the long side, JPEG q80."""
+    img = _open_rgb(data)
+    img.thumbnail((REPOST_LONG_SIDE, REPOST_LONG_SIDE), Image.BICUBIC)
+    return _jpeg(img, REPOST_QUALITY)
+
+
+def augment(data: bytes, seed: int) -> bytes:
+    """One random re-encoding (same distribution for both classes)."""
+    rng = random.Random(seed)
+    img = _open_rgb(data)
+    w, h = img.size
+    area = rng.uniform(0.6, 1.0)
+    cw, ch = max(64, int(w * area**0.5)), max(64, int(h * area**0.5))
+    left, top = rng.randint(0, max(0, w - cw)), rng.randint(0, max(0, h - ch))
+    img = img.crop((left, top, left + cw, top + ch))
+    s = rng.uniform(0.5, 1.0)
+    long_side = max(img.size) * s
+    if long_side > REPOST_LONG_SIDE:
+        s *= REPOST_LONG_SIDE / long_side
+    if s < 0.999:
+        img = img.resize((max(32, round(img.width * s)), max(32, round(img.height * s))), Image.BICUBIC)
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    return _jpeg(img, rng.randint(60, 95))
+
+
+def variant_bytes(sample: Sample, variant: str) -> bytes:
+    data = sample.path.read_bytes()
+    if variant == "published":
+        return data
+    if variant == "reposted":
+        return repost(data)
+    if variant.startswith("aug"):
+        return augment(data, int(sample.key[:8], 16) + 7919 * int(variant[3:]))
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+class FeatureCache:
+    """Per-crop backbone taps, one ``.npz`` per (picture, variant, backbone, decode).
+
+    Backbone features of a frozen network never change, so every experiment
+    and every retraining reuses them; only the small probe is refitted.
+    """
+
+    def __init__(self, root: Path, backbone: str, draft_min_side: int, max_crops: int = 5):
+        self.root = Path(root) / f"{backbone}-d{draft_min_side}-c{max_crops}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_crops = max_crops
+        self._memo: dict[Path, dict[str, np.ndarray]] = {}
+
+    def path(self, sample: Sample, variant: str) -> Path:
+        return self.root / f"{sample.key}-{variant}.npz"
+
+    def get(self, sample: Sample, variant: str) -> dict[str, np.ndarray] | None:
+        # Cross-validation reads every file once per fold: keep them in memory (float16, ~60 kB each).
+        p = self.path(sample, variant)
+        hit = self._memo.get(p)
+        if hit is None:
+            if not p.exists():
+                return None
+            with np.load(p) as z:
+                hit = self._memo[p] = {k: z[k] for k in z.files}
+        return {k: v.astype(np.float32) for k, v in hit.items()}
+
+    def put(self, sample: Sample, variant: str, taps: dict[str, np.ndarray]) -> None:
+        p = self.path(sample, variant)
+        tmp = p.with_suffix(".tmp.npz")
+        np.savez(tmp, **{k: v.astype(np.float16) for k, v in taps.items()})
+        tmp.replace(p)

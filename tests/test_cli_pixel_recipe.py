@@ -1,0 +1,113 @@
+"""`deepwatch train --recipe pixel-probe` and `deepwatch eval --leave-generator-out`
+on a small synthetic manifest (no ../shared needed), and a user-trained head
+used by `deepwatch detect` through settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+from typer.testing import CliRunner
+
+import streams.cli.detect  # noqa: F401
+import streams.cli.models  # noqa: F401
+from streams.cli.app import app
+from tests.support import picture
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("feature-cache")  # both tests reuse the backbone features
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("set")
+    rows = ["file,label,generator,category,source"]
+    rng = np.random.default_rng(0)
+    for g in range(3):
+        for i in range(4):
+            seed = 100 * g + i
+            # "real": plane waves + sensor-like noise; "AI": the same, blurred and posterised per generator
+            real = np.asarray(picture(seed, (360, 280)), float) + rng.normal(0, 9, (280, 360, 3))
+            Image.fromarray(np.clip(real, 0, 255).astype(np.uint8)).save(root / f"real_{g}_{i}.jpg", quality=90)
+            ai = picture(seed + 50, (360, 280)).filter(ImageFilter.GaussianBlur(1 + g)).quantize(32 + 16 * g).convert("RGB")
+            ai.save(root / f"ai_{g}_{i}.png")
+            cat = "portrait" if i % 2 else "landscape"
+            rows += [f"real_{g}_{i}.jpg,0,camera,{cat},cam{g}/repo@1", f"ai_{g}_{i}.png,1,gen-{g} (demo),{cat},gen{g}@1"]
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_leave_generator_out_eval_reports_per_generator_and_category(manifest: Path, cache: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["eval", str(manifest), "--leave-generator-out", "--format", "json",
+                                 "--crops", "1", "--cache-dir", str(cache), "--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["mode"] == "leave-generator-out" and set(rep["variants"]) == {"reposted", "published"}
+    for v in rep["variants"].values():
+        assert set(v["generators"]) == {"gen-0 (demo)", "gen-1 (demo)", "gen-2 (demo)"}
+        assert set(v["categories"]) == {"portrait", "landscape"}
+        o = v["overall"]
+        assert o["n"] == 24 and {"auc", "ap", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr"} <= set(o)
+        assert 0.0 <= o["auc"] <= 1.0
+    assert set(rep["real_categories_reposted"]) == {"portrait", "landscape"}
+
+
+def test_train_recipe_writes_a_head_settings_can_point_at(manifest: Path, cache: Path, tmp_path: Path, monkeypatch) -> None:
+    head = tmp_path / "heads" / "mine.safetensors"
+    r = CliRunner().invoke(app, ["train", "--recipe", "pixel-probe", "--data", str(manifest), "--out", "newsroom-probe",
+                                 "--crops", "1", "--head-out", str(head), "--cache-dir", str(cache),
+                                 "--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert head.is_file() and (tmp_path / "heads" / "mine.md").is_file()
+    card = (tmp_path / "heads" / "mine.md").read_text()
+    assert "manifest sha256" in card and "Leave-generator-out" in card
+    from detectors.models.pixel_probe import PixelHead
+
+    loaded = PixelHead.load(head)
+    assert loaded.card.name == "newsroom-probe" and loaded.card.calibration.n == 24
+    assert loaded.card.spec.crops == 1
+
+    monkeypatch.setenv("DEEPWATCH_DETECT__PIXEL_HEAD", str(head))
+    r = CliRunner().invoke(app, ["detect", "--format", "json", "--data-dir", str(tmp_path / "d"),
+                                 str(manifest / "ai_1_0.png")])
+    assert r.exit_code == 0, r.output
+    ev = [e for e in json.loads(r.stdout)[0]["evidence"] if e["kind"] == "model"]
+    assert [e["detector"] for e in ev] == ["model:newsroom-probe"]
+
+
+def test_train_recipe_usage_errors_are_one_line(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["train", "--recipe", "pixel-probe", "--data", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "no manifest.csv" in r.output
+    r = CliRunner().invoke(app, ["train", "--recipe", "pixel-probe"])
+    assert r.exit_code == 2 and "needs --data" in r.output
+
+
+def test_eval_reports_the_packaged_pixel_model_per_generator_and_category(manifest: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["eval", str(manifest), "--model", "pixel-probe-lite0", "--no-cheap", "--format", "json",
+                                 "--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["models"]["model:pixel-probe-lite0"]["arch"] == "efficientnet-lite0+linear-probe"
+    for variant in ("original", "reposted"):
+        v = rep["variants"][variant]
+        m = v["detectors"]["model:pixel-probe-lite0"]
+        assert {"auc", "average_precision", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr"} <= set(m)
+        assert m["threshold"] == pytest.approx(rep["models"]["model:pixel-probe-lite0"]["threshold"])
+        assert set(v["per_generator"]) == {"gen-0 (demo)", "gen-1 (demo)", "gen-2 (demo)"}
+        assert set(v["per_category"]) == {"portrait", "landscape"}
+        assert v["per_category"]["portrait"]["model:pixel-probe-lite0"]["n_neg"] == 6
+
+
+def test_a_configured_head_that_cannot_load_warns_and_metadata_still_runs(tmp_path: Path, monkeypatch) -> None:
+    img = tmp_path / "a.jpg"
+    picture(7).save(img, quality=90)
+    monkeypatch.setenv("DEEPWATCH_DETECT__PIXEL_HEAD", str(tmp_path / "missing.safetensors"))
+    r = CliRunner().invoke(app, ["detect", "--format", "json", "--data-dir", str(tmp_path / "d"), str(img)])
+    assert r.exit_code == 0
+    assert "not loaded" in r.stderr and "deepwatch train --recipe pixel-probe" in r.stderr
+    assert json.loads(r.stdout)[0]["evidence"] == []

