@@ -44,7 +44,7 @@ sends them to the same worker, and LSH-style bucketing by hash prefix is lossy
   one by a store lookup).
 """
 
-from detectors.neardup.clusters import Assignment, ClusterIndex, Match, Via, cluster_id_for, pair_match
+from detectors.neardup.clusters import Assignment, ClusterIndex, Match, MergeAudit, Via, cluster_id_for, pair_match
 from detectors.neardup.hamming import HammingIndex
 
-__all__ = ["Assignment", "ClusterIndex", "HammingIndex", "Match", "Via", "cluster_id_for", "pair_match"]
+__all__ = ["Assignment", "ClusterIndex", "HammingIndex", "Match", "MergeAudit", "Via", "cluster_id_for", "pair_match"]

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from detectors.hashing import ImageHashes, hamming_hex
 from detectors.neardup.hamming import HammingIndex
@@ -72,9 +72,15 @@ def rank_key(distance: int, via: str, phash_threshold: int, pdq_threshold: int) 
 # multi-index search probe 2-bit instead of 3-bit neighbourhoods (~7x fewer keys)
 VIEW_THRESHOLD = 8
 
+# Below this PDQ quality a picture is (nearly) flat -- a black frame, a moon on
+# black -- and its pHash is noise around zero: it may match another flat
+# picture, never a detailed one (the cluster bench found flat frames gluing
+# unrelated photos' caption-bar reposts together).
+FLAT_QUALITY = 30
+
 # pHash index slots per member: id = row * SLOTS + slot
-SLOTS = 4
-_FULL, _TRIM, _CROP0 = 0, 1, 2  # crops take slots 2, 3
+SLOTS = 32
+_FULL, _TRIM, _CROP0 = 0, 1, 2  # centre crops take slots 2, 3; off-centre views 4..25
 _Q_FULL, _Q_MIRROR = -1, -2  # query-side kinds besides the view slots
 
 
@@ -148,7 +154,14 @@ def _phash_pairs(
     q: list[tuple[int, str]], m: list[tuple[int, str]], phash_threshold: int, view_threshold: int
 ) -> list[tuple[int, Via]]:
     """(distance, via) of every allowed pHash pair within its threshold."""
-    out: list[tuple[int, Via]] = []
+    return [(d, via) for d, via, _, _ in _phash_pairs_detail(q, m, phash_threshold, view_threshold)]
+
+
+def _phash_pairs_detail(
+    q: list[tuple[int, str]], m: list[tuple[int, str]], phash_threshold: int, view_threshold: int
+) -> list[tuple[int, Via, int, int]]:
+    """(distance, via, query kind, indexed slot) of every allowed pHash pair within its threshold."""
+    out: list[tuple[int, Via, int, int]] = []
     for qk, qh in q:
         for ms, mh in m:
             if not _pair_allowed(qk, ms):
@@ -156,9 +169,9 @@ def _phash_pairs(
             d = hamming_hex(qh, mh)
             if qk in (_Q_FULL, _Q_MIRROR) and ms == _FULL:
                 if d <= phash_threshold:
-                    out.append((d, "phash" if qk == _Q_FULL else "phash_mirror"))
+                    out.append((d, "phash" if qk == _Q_FULL else "phash_mirror", qk, ms))
             elif d <= view_threshold:
-                out.append((d, "phash_view"))
+                out.append((d, "phash_view", qk, ms))
     return out
 
 
@@ -173,6 +186,19 @@ class Match(BaseModel):
     via: Via
 
 
+class MergeAudit(BaseModel):
+    """Why two clusters became one: the linking image and how far it is from
+    each side's picture, on both hashes (a merge needs both to agree)."""
+
+    into: str
+    other: str
+    link_sha256: str
+    into_phash: int
+    into_pdq: int
+    other_phash: int
+    other_pdq: int
+
+
 class Assignment(BaseModel):
     cluster_id: str
     new_cluster: bool
@@ -180,6 +206,13 @@ class Assignment(BaseModel):
     merged: list[str]  # other clusters this image linked, now folded into cluster_id
     distance: int | None
     via: str | None
+    # the member now stands for the cluster's picture: it founded the cluster,
+    # or it is a larger copy of it (the founder is a crop of this image)
+    representative: bool = False
+    merge_audit: list[MergeAudit] = Field(default_factory=list)
+    # clusters whose picture the image also matched, but not on both hashes:
+    # it joined one of them and linked nothing
+    declined: list[str] = Field(default_factory=list)
 
 
 @dataclass
@@ -188,6 +221,7 @@ class _Rep:
     pdq: str
     pdq_quality: int
     views: list[tuple[int, str]] = field(default_factory=list)  # (slot, pHash)
+    founder: bool = True  # founded a cluster; larger copies joined later are not, and promote nothing
 
 
 @dataclass
@@ -196,6 +230,9 @@ class _Cluster:
     reps: list[_Rep] = field(default_factory=list)
     first: _Rep | None = None  # stands in as representative if none was marked
     last_seen: float | None = None
+
+    def pictures(self) -> list[_Rep]:
+        return self.reps or ([self.first] if self.first else [])
 
 
 def pair_match(
@@ -236,16 +273,25 @@ class ClusterIndex:
         pdq_min_quality: int = 50,
         max_representative_distance: int | None = None,
         view_threshold: int | None = VIEW_THRESHOLD,
+        index_members: bool | None = None,
     ):
         self.phash_threshold = phash_threshold
         # pHash pairs involving a view (crop/trim) may use a tighter radius
         self.view_threshold = phash_threshold if view_threshold is None else view_threshold
         self.pdq_threshold = pdq_threshold
         self.pdq_min_quality = pdq_min_quality
-        self.rep_phash = (
-            max_representative_distance if max_representative_distance is not None else 2 * phash_threshold
-        )
-        self.rep_pdq = round(self.rep_phash * pdq_threshold / max(1, phash_threshold))
+        # The picture bound: by default the pair rule itself, against the
+        # representatives only. A caller that wants every member's matches
+        # regardless (a bank cross-check) widens it.
+        if max_representative_distance is None:
+            self.rep_phash, self.rep_view, self.rep_pdq = phash_threshold, self.view_threshold, pdq_threshold
+        else:
+            self.rep_phash = self.rep_view = max_representative_distance
+            self.rep_pdq = round(max_representative_distance * pdq_threshold / max(1, phash_threshold))
+        # Only representatives decide, so only they need to be searchable: the
+        # index holds ~one picture per cluster, not every repost. A read side
+        # asking "near any member?" (widened bound) indexes every member.
+        self.index_members = max_representative_distance is not None if index_members is None else index_members
         self._phash = HammingIndex(64)
         self._pdq = HammingIndex(256)
         self._clusters: dict[str, _Cluster] = {}
@@ -274,7 +320,11 @@ class ClusterIndex:
 
     # ---------------------------------------------------------------- lookup
     def lookup(self, sha256: str, hashes: ImageHashes) -> list[Match]:
-        """Clusters this image belongs to, nearest first, one match per cluster."""
+        """Clusters whose *picture* this image shows, nearest first, one match
+        per cluster (the distance to its nearest member). Members only nominate
+        candidates; the image must match one of the cluster's representatives
+        under the pair rule, so a chain of small drifts never reaches a
+        different picture."""
         best: dict[str, Match] = {}
         own = self._member_cluster.get(sha256)
         if own is not None:
@@ -283,7 +333,7 @@ class ClusterIndex:
             cur = best.get(m.cluster_id)
             if cur is None or self._rank(m) < self._rank(cur):
                 best[m.cluster_id] = m
-        found = [m for m in best.values() if m.via == "sha256" or self._within_rep_bound(m.cluster_id, hashes)]
+        found = [m for m in best.values() if m.via == "sha256" or self._picture_match(m.cluster_id, hashes)]
         return sorted(found, key=self._rank)
 
     def _rank(self, m: Match) -> tuple[float, int, str]:
@@ -308,47 +358,93 @@ class ClusterIndex:
             pq = [h.pdq] + ([h.pdq_mirror] if h.pdq_mirror else [])
             yield self._pdq, ("pdq", "pdq_mirror"), HammingIndex.codes_from_hex(pq, 256), self.pdq_threshold
 
-    def _within_rep_bound(self, cluster_id: str, h: ImageHashes) -> bool:
-        c = self._clusters[cluster_id]
-        reps = c.reps or ([c.first] if c.first else [])
+    def _picture_match(self, cluster_id: str, h: ImageHashes) -> tuple[tuple[float, int], int, Via, bool] | None:
+        """The image against the cluster's representatives under the pair rule:
+        (rank, distance, via, grows) of the best pair, or None. ``grows``: a
+        centre-crop view of the image equals a founder's full picture, i.e.
+        the founder is a crop of this (larger) image."""
+        best = None
         pdq_ok = h.pdq_quality >= self.pdq_min_quality
         q = _view_codes(h)
-        for r in reps:
-            if _phash_pairs(q, [(_FULL, r.phash)] + r.views, self.rep_phash, self.rep_phash):
-                return True
+        flat = h.pdq_quality < FLAT_QUALITY
+        for r in self._clusters[cluster_id].pictures():
+            cands: list[tuple[int, Via, bool]] = []
+            if flat == (r.pdq_quality < FLAT_QUALITY):
+                cands = [
+                    (d, via, r.founder and qk >= _CROP0 and ms in (_FULL, _TRIM))
+                    for d, via, qk, ms in _phash_pairs_detail(q, [(_FULL, r.phash)] + r.views, self.rep_phash, self.rep_view)
+                ]
             if pdq_ok and r.pdq_quality >= self.pdq_min_quality:
-                if min(hamming_hex(h.pdq, r.pdq), _mirror_dist(h.pdq_mirror, r.pdq)) <= self.rep_pdq:
-                    return True
-        return False
+                for via, hq in (("pdq", h.pdq), ("pdq_mirror", h.pdq_mirror)):
+                    if hq and (d := hamming_hex(hq, r.pdq)) <= self.rep_pdq:
+                        cands.append((d, via, False))  # type: ignore[arg-type]
+            for d, via, grows in cands:
+                key = (rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via, grows)
+                if best is None or key[:3] < best[:3] or (key[:3] == best[:3] and grows and not best[3]):
+                    best = key
+        return best
+
+    def _agreement(self, cluster_id: str, h: ImageHashes) -> tuple[int, int] | None:
+        """(pHash, PDQ) distances to a representative that *both* hashes match,
+        in one orientation (direct or mirrored), or None. The bar for linking
+        two clusters: one hash alone can be fooled by a similar composition,
+        two independent ones agreeing on the full frame rarely are."""
+        if h.pdq_quality < self.pdq_min_quality:
+            return None
+        best = None
+        for r in self._clusters[cluster_id].pictures():
+            if r.pdq_quality < self.pdq_min_quality:
+                continue
+            for ph, pq in ((h.phash, h.pdq), (h.phash_mirror, h.pdq_mirror)):
+                if not ph or not pq:
+                    continue
+                dp, dq = hamming_hex(ph, r.phash), hamming_hex(pq, r.pdq)
+                if dp <= self.phash_threshold and dq <= self.pdq_threshold and (best is None or (dp, dq) < best):
+                    best = (dp, dq)
+        return best
 
     # ---------------------------------------------------------------- update
     def assign(self, sha256: str, hashes: ImageHashes, *, ts: float | None = None) -> Assignment:
-        """Put this image in a cluster (joining, founding or merging) and index it."""
+        """Put this image in a cluster (joining, founding or merging) and index it.
+
+        It joins a cluster only when it matches the cluster's picture (its
+        representatives, with their views). Matching several clusters links
+        them only when both hashes agree with each side's picture
+        (``_agreement``); the merge is audited. Otherwise the image joins the
+        nearest picture (ties: most members, then smallest id) and links
+        nothing."""
         own = self._member_cluster.get(sha256)
         if own is not None:
             self.touch(own, ts)
             return Assignment(cluster_id=own, new_cluster=False, new_member=False, merged=[], distance=0, via="sha256")
-        matches = self.lookup(sha256, hashes)
-        if not matches:
+        pics = {m.cluster_id: p for m in self.lookup(sha256, hashes) if (p := self._picture_match(m.cluster_id, hashes))}
+        if not pics:
             cid = cluster_id_for(sha256)
             n = 16
             while cid in self._clusters:  # 64-bit prefix collision: astronomically rare, still deterministic
                 n += 4
                 cid = sha256[:n]
             self.add(cid, sha256, hashes, representative=True, ts=ts)
-            return Assignment(cluster_id=cid, new_cluster=True, new_member=True, merged=[], distance=None, via=None)
-        into = min(matches, key=lambda m: (-len(self._clusters[m.cluster_id].members), m.cluster_id))
-        merged = [m.cluster_id for m in matches if m.cluster_id != into.cluster_id]
-        for other in merged:
-            self.merge(into.cluster_id, other)
-        self.add(into.cluster_id, sha256, hashes, ts=ts)
+            return Assignment(cluster_id=cid, new_cluster=True, new_member=True, merged=[], distance=None, via=None,
+                              representative=True)
+        size = {cid: len(self._clusters[cid].members) for cid in pics}
+        agree = {cid: a for cid in sorted(pics) if (a := self._agreement(cid, hashes))}
+        audit: list[MergeAudit] = []
+        if len(agree) >= 2:
+            into = min(agree, key=lambda c: (-size[c], c))
+            merged = sorted(c for c in agree if c != into)
+            for other in merged:
+                audit.append(MergeAudit(into=into, other=other, link_sha256=sha256, into_phash=agree[into][0],
+                                        into_pdq=agree[into][1], other_phash=agree[other][0], other_pdq=agree[other][1]))
+                self.merge(into, other)
+        else:
+            into = min(pics, key=lambda c: (0 if c in agree else 1, pics[c][0], -size[c], c))
+            merged = []
+        _, distance, via, grows = pics[into]
+        self.add(into, sha256, hashes, representative=grows, founder=False, ts=ts)
         return Assignment(
-            cluster_id=into.cluster_id,
-            new_cluster=False,
-            new_member=True,
-            merged=merged,
-            distance=into.distance,
-            via=into.via,
+            cluster_id=into, new_cluster=False, new_member=True, merged=merged, distance=distance, via=via,
+            representative=grows, merge_audit=audit, declined=sorted(c for c in pics if c != into and c not in merged),
         )
 
     def add(
@@ -358,23 +454,29 @@ class ClusterIndex:
         hashes: ImageHashes,
         *,
         representative: bool = False,
+        founder: bool | None = None,
         ts: float | None = None,
     ) -> None:
-        """Index a member as-is (no matching): rebuilds the index from persisted state."""
+        """Index a member as-is (no matching): rebuilds the index from persisted
+        state. ``founder`` (default: ``representative``) marks a representative
+        that founded its cluster; only founders let a larger copy become one."""
         if sha256 in self._member_cluster:
             return
         c = self._clusters.setdefault(cluster_id, _Cluster())
         views = view_slots(hashes.views, hashes.trimmed)
-        rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views)
+        rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views, representative if founder is None else founder)
         if representative:
             c.reps.append(rep)
         if c.first is None:
             c.first = rep
+        searchable = representative or self.index_members or not c.members
         c.members.append(sha256)
         self.touch(cluster_id, ts)
+        self._member_cluster[sha256] = cluster_id
+        if not searchable:
+            return
         row = self._next_row
         self._next_row += 1
-        self._member_cluster[sha256] = cluster_id
         self._member_row[sha256] = row
         self._row_member[row] = sha256
         slots, codes = stored_phash_codes(hashes.phash, hashes.views, hashes.trimmed)
@@ -398,7 +500,7 @@ class ClusterIndex:
         for sha in src.members:
             self._member_cluster[sha] = into
         dst.members.extend(src.members)
-        dst.reps.extend(src.reps or ([src.first] if src.first else []))
+        dst.reps.extend(src.pictures())
         if src.last_seen is not None:
             self.touch(into, src.last_seen)
 
@@ -407,7 +509,7 @@ class ClusterIndex:
 
     def evict_older_than(self, ts: float) -> list[str]:
         """Drop clusters not seen since ``ts`` (no timestamp counts as old); returns
-        their ids, sorted, so the caller can persist them to the findings store."""
+        their ids, sorted, so the caller can archive them (``streams.engine_state``)."""
         old = sorted(cid for cid, c in self._clusters.items() if c.last_seen is None or c.last_seen < ts)
         self._remove(old)
         return old
@@ -420,14 +522,11 @@ class ClusterIndex:
                 continue
             for sha in c.members:
                 del self._member_cluster[sha]
-                row = self._member_row.pop(sha)
-                del self._row_member[row]
-                rows.append(row)
+                row = self._member_row.pop(sha, None)
+                if row is not None:
+                    del self._row_member[row]
+                    rows.append(row)
         if rows:
             ids = np.asarray(rows, dtype=np.int64)
             self._phash.remove((ids[:, None] * SLOTS + np.arange(SLOTS)[None, :]).reshape(-1))
             self._pdq.remove(ids)
-
-
-def _mirror_dist(mirror: str | None, other: str) -> int:
-    return hamming_hex(mirror, other) if mirror else 1 << 30
