@@ -76,7 +76,7 @@ VIEW_THRESHOLD = 8
 # black -- and its pHash is noise around zero: it may match another flat
 # picture, never a detailed one (the cluster bench found flat frames gluing
 # unrelated photos' caption-bar reposts together).
-FLAT_QUALITY = 30
+FLAT_QUALITY = 10
 
 # pHash index slots per member: id = row * SLOTS + slot
 SLOTS = 32
