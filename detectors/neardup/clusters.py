@@ -378,8 +378,11 @@ class ClusterIndex:
                 for via, hq in (("pdq", h.pdq), ("pdq_mirror", h.pdq_mirror)):
                     if hq and (d := hamming_hex(hq, r.pdq)) <= self.rep_pdq:
                         cands.append((d, via, False))  # type: ignore[arg-type]
+            # a larger copy only when nothing matches the founder full frame to
+            # full frame (the image is not simply the same framing again)
+            same_frame = any(via != "phash_view" for _, via, _ in cands)
             for d, via, grows in cands:
-                key = (rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via, grows)
+                key = (rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via, grows and not same_frame)
                 if best is None or key[:3] < best[:3] or (key[:3] == best[:3] and grows and not best[3]):
                     best = key
         return best
