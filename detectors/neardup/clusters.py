@@ -441,7 +441,7 @@ class ClusterIndex:
                                         into_pdq=agree[into][1], other_phash=agree[other][0], other_pdq=agree[other][1]))
                 self.merge(into, other)
         else:
-            into = min(pics, key=lambda c: (0 if c in agree else 1, pics[c][0], -size[c], c))
+            into = min(pics, key=lambda c: (pics[c][0], 0 if c in agree else 1, -size[c], c))
             merged = []
         _, distance, via, grows = pics[into]
         self.add(into, sha256, hashes, representative=grows, founder=False, ts=ts)
