@@ -17,6 +17,17 @@ itself. An op redelivered after a crash finds its offset already applied and
 only re-emits the derived outputs (snapshot, alert, detect request), which
 every sink treats idempotently. Event-id duplicates (a producer retry) are
 recognised from the trailing window and not counted twice.
+
+Past one writer: per op the writer does one batched Hamming range search over
+the representatives' codes plus a dict update; hashing, decoding and
+detectors happen in the partitioned stages before it. When the cluster
+stage's ops/s (``bench/clusters.py`` prints it; not yet measured at 1M/10M
+members, see the README) falls below the event rate, candidate search splits
+by hash bands: N searchers each own the MIH substring tables of one band
+(exact by the pigeonhole argument in ``detectors.neardup.hamming``) and
+answer candidate cluster ids; the writer keeps only verification against
+representatives, the decision and merges, still on the one ordered topic, so
+decisions stay deterministic and replayable.
 """
 
 from __future__ import annotations
