@@ -1,7 +1,8 @@
 """Cluster merges on the real broker: two reposts that are each near the
 original but not near each other start two clusters; the original then links
-them. The clusters merge into one id, counts add up, and analysts can see
-what merged."""
+them -- pHash and PDQ both agree with each side, the bar for a merge. The
+clusters merge into one id, counts add up, and analysts can see what merged
+(and why: the merge audit on the state)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ def feed_of(path: Path, items: list[tuple[str, str, int]]) -> Path:
 
 
 def test_an_image_linking_two_clusters_merges_them(tmp_path):
-    picture = scene(8000, (1024, 768))  # found by search: banners at 20% are >10 bits apart, each <=10 from it
+    # found by search: banners at 20% are 14 pHash / 40 PDQ bits apart, the
+    # picture 10 / 24 and 10 / 26 from them (both hashes agree with each side)
+    picture = scene(8010, (1024, 768))
     images = tmp_path / "images"
     images.mkdir()
     for name, img in (("left.jpg", banner(picture, "left")), ("right.jpg", banner(picture, "right")), ("orig.jpg", picture)):
