@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.neardup_images import load_images  # noqa: E402
 from bench.neardup_transforms import CLUSTER_TRANSFORMS  # noqa: E402
-from detectors.hashing import ImageHashes, compute_hashes  # noqa: E402
+from detectors.hashing import VIEW_BOXES, ImageHashes, compute_hashes  # noqa: E402
 from detectors.imagedata import ImageData  # noqa: E402
 from detectors.neardup import ClusterIndex  # noqa: E402
 
@@ -83,10 +83,11 @@ def picture_groups(images) -> list[int]:
 def hashed_variants(images, cache_dir: Path) -> list[tuple[int, str, str, ImageHashes]]:
     """(image index, transform, sha256, hashes) for every original and variant."""
     cache_dir.mkdir(parents=True, exist_ok=True)
+    views_key = hashlib.sha256(repr(VIEW_BOXES).encode()).hexdigest()[:8]  # hashes change with the views
     out = []
     for i, (name, im) in enumerate(images):
         key = hashlib.sha256((name + "|" + ",".join(CLUSTER_TRANSFORMS)).encode()).hexdigest()[:24]
-        f = cache_dir / f"{key}.json"
+        f = cache_dir / f"{key}-{views_key}.json"
         if f.exists():
             rows = json.loads(f.read_text())
         else:

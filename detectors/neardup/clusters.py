@@ -222,6 +222,30 @@ class _Rep:
     pdq_quality: int
     views: list[tuple[int, str]] = field(default_factory=list)  # (slot, pHash)
     founder: bool = True  # founded a cluster; larger copies joined later are not, and promote nothing
+    slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
+    codes: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        pairs = [(_FULL, self.phash)] + self.views
+        self.slots = np.array([s for s, _ in pairs], dtype=np.int64)
+        self.codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
+
+
+@dataclass
+class _Query:
+    """An image's query-side pHash codes (full, mirror, views) as arrays."""
+
+    codes: np.ndarray
+    kinds: np.ndarray
+    full: np.ndarray  # full or mirrored pHash
+    crop: np.ndarray  # a crop view (never paired with another crop view)
+
+    @classmethod
+    def of(cls, h: ImageHashes) -> "_Query":
+        pairs = _view_codes(h)
+        kinds = np.array([k for k, _ in pairs], dtype=np.int64)
+        codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
+        return cls(codes, kinds, kinds < 0, kinds >= _CROP0)
 
 
 @dataclass
@@ -292,7 +316,10 @@ class ClusterIndex:
         # index holds ~one picture per cluster, not every repost. A read side
         # asking "near any member?" (widened bound) indexes every member.
         self.index_members = max_representative_distance is not None if index_members is None else index_members
+        # full frames (pHash, trimmed view) and crop views apart: the image's
+        # many crop views may only meet full frames, so they search the small index
         self._phash = HammingIndex(64)
+        self._phash_views = HammingIndex(64)
         self._pdq = HammingIndex(256)
         self._clusters: dict[str, _Cluster] = {}
         self._member_cluster: dict[str, str] = {}  # sha256 -> cluster id
@@ -325,32 +352,63 @@ class ClusterIndex:
         candidates; the image must match one of the cluster's representatives
         under the pair rule, so a chain of small drifts never reaches a
         different picture."""
-        best: dict[str, Match] = {}
-        own = self._member_cluster.get(sha256)
-        if own is not None:
-            best[own] = Match(cluster_id=own, distance=0, via="sha256")
-        for m in self._hash_matches(hashes):
-            cur = best.get(m.cluster_id)
-            if cur is None or self._rank(m) < self._rank(cur):
-                best[m.cluster_id] = m
-        found = [m for m in best.values() if m.via == "sha256" or self._picture_match(m.cluster_id, hashes)]
+        near, pics = self._pictures(sha256, hashes)
+        found = [Match(cluster_id=cid, distance=d, via=via) for cid, (_, d, via) in near.items()
+                 if via == "sha256" or cid in pics]
         return sorted(found, key=self._rank)
 
     def _rank(self, m: Match) -> tuple[float, int, str]:
         return (*rank_key(m.distance, m.via, self.phash_threshold, self.pdq_threshold), m.cluster_id)
 
-    def _hash_matches(self, h: ImageHashes) -> list[Match]:
-        out: list[Match] = []
-        for row, d, via in search_phash(self._phash, h, self.phash_threshold, self.view_threshold):
-            sha = self._row_member[row]
-            out.append(Match(cluster_id=self._member_cluster[sha], distance=d, via=via))
+    def _pictures(self, sha256: str, h: ImageHashes) -> tuple[dict[str, tuple], dict[str, tuple]]:
+        """(nearest indexed match per candidate cluster, picture match per
+        cluster whose picture the image shows); see ``_picture_match``."""
+        near: dict[str, tuple] = {}
+        own = self._member_cluster.get(sha256)
+        if own is not None:
+            near[own] = ((0.0, 0), 0, "sha256")
+        for cid, d, via in self._hash_matches(h):
+            key = (rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via)
+            cur = near.get(cid)
+            if cur is None or key < cur:
+                near[cid] = key
+        q = _Query.of(h) if near else None
+        pics = {cid: p for cid in near if (p := self._picture_match(cid, h, q))}
+        return near, pics
+
+    def _hash_matches(self, h: ImageHashes) -> list[tuple[str, int, Via]]:
+        out: list[tuple[str, int, Via]] = []
+        codes = _view_codes(h)
+        kinds = np.array([k for k, _ in codes], dtype=np.int64)
+        q = HammingIndex.codes_from_hex([c for _, c in codes], 64)
+        wide = kinds < 0  # full or mirrored pHash: may meet full hashes at the pHash radius
+        radii = np.where(wide, max(self.phash_threshold, self.view_threshold), self.view_threshold)
+        hits = []
+        if len(self._phash):
+            hits.append(self._phash.search(q, radii))
+        frames = np.flatnonzero(kinds < _CROP0)  # crop views never meet crop views
+        if len(frames) and len(self._phash_views):
+            qi, ids, dist = self._phash_views.search(q[frames], self.view_threshold)
+            hits.append((frames[qi], ids, dist))
+        for qi, ids, dist in hits:
+            for qq, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
+                row, slot = divmod(i, SLOTS)
+                qk = int(kinds[qq])
+                if qk < 0 and slot == _FULL:
+                    if d > self.phash_threshold:
+                        continue
+                    via: Via = "phash" if qk == _Q_FULL else "phash_mirror"
+                elif d > self.view_threshold or not _pair_allowed(qk, slot):
+                    continue
+                else:
+                    via = "phash_view"
+                out.append((self._member_cluster[self._row_member[row]], int(d), via))
         for index, vias, codes, radius in self._queries(h):
             if not len(index):
                 continue
             qi, rows, dist = index.search(codes, radius)
             for q, row, d in zip(qi.tolist(), rows.tolist(), dist.tolist()):
-                sha = self._row_member[row]
-                out.append(Match(cluster_id=self._member_cluster[sha], distance=int(d), via=vias[q]))
+                out.append((self._member_cluster[self._row_member[row]], int(d), vias[q]))
         return out
 
     def _queries(self, h: ImageHashes):
@@ -358,31 +416,40 @@ class ClusterIndex:
             pq = [h.pdq] + ([h.pdq_mirror] if h.pdq_mirror else [])
             yield self._pdq, ("pdq", "pdq_mirror"), HammingIndex.codes_from_hex(pq, 256), self.pdq_threshold
 
-    def _picture_match(self, cluster_id: str, h: ImageHashes) -> tuple[tuple[float, int], int, Via, bool] | None:
+    def _picture_match(self, cluster_id: str, h: ImageHashes, q: "_Query | None" = None) -> tuple[tuple[float, int], int, Via, bool] | None:
         """The image against the cluster's representatives under the pair rule:
         (rank, distance, via, grows) of the best pair, or None. ``grows``: a
-        centre-crop view of the image equals a founder's full picture, i.e.
-        the founder is a crop of this (larger) image."""
+        centre-crop view of the image equals a founder's full picture (and
+        nothing matches full frame to full frame), i.e. the founder is a crop
+        of this larger image. One small popcount matrix per representative."""
+        q = q or _Query.of(h)
         best = None
         pdq_ok = h.pdq_quality >= self.pdq_min_quality
-        q = _view_codes(h)
         flat = h.pdq_quality < FLAT_QUALITY
         for r in self._clusters[cluster_id].pictures():
-            cands: list[tuple[int, Via, bool]] = []
+            cands: list[tuple[tuple[float, int], int, Via]] = []
+            grows = False
             if flat == (r.pdq_quality < FLAT_QUALITY):
-                cands = [
-                    (d, via, r.founder and qk >= _CROP0 and ms in (_FULL, _TRIM))
-                    for d, via, qk, ms in _phash_pairs_detail(q, [(_FULL, r.phash)] + r.views, self.rep_phash, self.rep_view)
-                ]
+                d = np.bitwise_count(q.codes[:, None] ^ r.codes[None, :])
+                full_pair = q.full[:, None] & (r.slots == _FULL)[None, :]
+                allowed = ~(q.crop[:, None] & (r.slots >= _CROP0)[None, :])
+                hit = allowed & (d <= np.where(full_pair, self.rep_phash, self.rep_view))
+                if hit.any():
+                    qi, ri = np.nonzero(hit)
+                    dd, fp = d[qi, ri].astype(np.int64), full_pair[qi, ri]
+                    order = np.where(fp, np.where(q.kinds[qi] == _Q_FULL, _VIA_ORDER["phash"], _VIA_ORDER["phash_mirror"]),
+                                     _VIA_ORDER["phash_view"])
+                    k = int(np.lexsort((order, dd))[0])
+                    via: Via = "phash_view" if not fp[k] else ("phash" if q.kinds[qi[k]] == _Q_FULL else "phash_mirror")
+                    cands.append((rank_key(int(dd[k]), via, self.phash_threshold, self.pdq_threshold), int(dd[k]), via))
+                    grows = r.founder and bool((q.crop[qi] & (r.slots[ri] <= _TRIM)).any()) and not fp.any()
             if pdq_ok and r.pdq_quality >= self.pdq_min_quality:
-                for via, hq in (("pdq", h.pdq), ("pdq_mirror", h.pdq_mirror)):
-                    if hq and (d := hamming_hex(hq, r.pdq)) <= self.rep_pdq:
-                        cands.append((d, via, False))  # type: ignore[arg-type]
-            # a larger copy only when nothing matches the founder full frame to
-            # full frame (the image is not simply the same framing again)
-            same_frame = any(via != "phash_view" for _, via, _ in cands)
-            for d, via, grows in cands:
-                key = (rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via, grows and not same_frame)
+                for pvia, hq in (("pdq", h.pdq), ("pdq_mirror", h.pdq_mirror)):
+                    if hq and (dq := hamming_hex(hq, r.pdq)) <= self.rep_pdq:
+                        cands.append((rank_key(dq, pvia, self.phash_threshold, self.pdq_threshold), dq, pvia))  # type: ignore[arg-type]
+                        grows = False  # same framing on PDQ: not a larger copy
+            for c in cands:
+                key = (*c, grows)
                 if best is None or key[:3] < best[:3] or (key[:3] == best[:3] and grows and not best[3]):
                     best = key
         return best
@@ -420,7 +487,7 @@ class ClusterIndex:
         if own is not None:
             self.touch(own, ts)
             return Assignment(cluster_id=own, new_cluster=False, new_member=False, merged=[], distance=0, via="sha256")
-        pics = {m.cluster_id: p for m in self.lookup(sha256, hashes) if (p := self._picture_match(m.cluster_id, hashes))}
+        _, pics = self._pictures(sha256, hashes)
         if not pics:
             cid = cluster_id_for(sha256)
             n = 16
@@ -483,7 +550,10 @@ class ClusterIndex:
         self._member_row[sha256] = row
         self._row_member[row] = sha256
         slots, codes = stored_phash_codes(hashes.phash, hashes.views, hashes.trimmed)
-        self._phash.add(row * SLOTS + slots, codes)
+        frame = slots < _CROP0
+        self._phash.add(row * SLOTS + slots[frame], codes[frame])
+        if not frame.all():
+            self._phash_views.add(row * SLOTS + slots[~frame], codes[~frame])
         ids = np.array([row], dtype=np.int64)
         if hashes.pdq_quality >= self.pdq_min_quality:
             self._pdq.add(ids, HammingIndex.codes_from_hex([hashes.pdq], 256))
@@ -531,5 +601,7 @@ class ClusterIndex:
                     rows.append(row)
         if rows:
             ids = np.asarray(rows, dtype=np.int64)
-            self._phash.remove((ids[:, None] * SLOTS + np.arange(SLOTS)[None, :]).reshape(-1))
+            every = (ids[:, None] * SLOTS + np.arange(SLOTS)[None, :]).reshape(-1)
+            self._phash.remove(every)
+            self._phash_views.remove(every)
             self._pdq.remove(ids)
