@@ -558,6 +558,54 @@ class ClusterIndex:
         if hashes.pdq_quality >= self.pdq_min_quality:
             self._pdq.add(ids, HammingIndex.codes_from_hex([hashes.pdq], 256))
 
+    def add_bulk(
+        self,
+        cluster_ids: list[str],
+        shas: list[str],
+        phash: np.ndarray,
+        pdq: np.ndarray,
+        pdq_quality: np.ndarray,
+        views: np.ndarray,
+        representative: np.ndarray,
+    ) -> None:
+        """``add`` for many members at once (rebuilding a large index, the
+        scale bench): ``phash`` (n,) and ``views`` (n, k) uint64 centre/off-centre
+        crop views (no trimmed view), ``pdq`` (n, 4) uint64. One index insert per
+        hash kind instead of one per member."""
+        n = len(shas)
+        rows = np.full(n, -1, dtype=np.int64)
+        for i in range(n):
+            sha, cid = shas[i], cluster_ids[i]
+            if sha in self._member_cluster:
+                continue
+            c = self._clusters.get(cid)
+            if c is None:
+                c = self._clusters[cid] = _Cluster()
+            rep = bool(representative[i])
+            if rep or self.index_members or not c.members:
+                row = self._next_row
+                self._next_row += 1
+                self._member_row[sha] = row
+                self._row_member[row] = sha
+                rows[i] = row
+            if rep or c.first is None:
+                r = _Rep(f"{int(phash[i]):016x}", "".join(f"{int(w):016x}" for w in pdq[i]), int(pdq_quality[i]),
+                         [(_CROP0 + j, f"{int(v):016x}") for j, v in enumerate(views[i])], rep)
+                if rep:
+                    c.reps.append(r)
+                if c.first is None:
+                    c.first = r
+            c.members.append(sha)
+            self._member_cluster[sha] = cid
+        keep = rows >= 0
+        r = rows[keep]
+        self._phash.add(r * SLOTS + _FULL, phash[keep].reshape(-1, 1))
+        k = views.shape[1]
+        self._phash_views.add((r[:, None] * SLOTS + _CROP0 + np.arange(k)[None, :]).reshape(-1),
+                              views[keep].reshape(-1, 1))
+        trusted = keep & (pdq_quality >= self.pdq_min_quality)
+        self._pdq.add(rows[trusted], pdq[trusted])
+
     def touch(self, cluster_id: str, ts: float | None) -> None:
         """Record activity so ``evict_older_than`` keeps the cluster hot."""
         c = self._clusters[cluster_id]
