@@ -220,15 +220,16 @@ class _Rep:
     phash: str
     pdq: str
     pdq_quality: int
-    views: list[tuple[int, str]] = field(default_factory=list)  # (slot, pHash)
+    views: list[tuple[int, str]] = field(default_factory=list, repr=False)  # (slot, pHash); dropped once encoded
     founder: bool = True  # founded a cluster; larger copies joined later are not, and promote nothing
     slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
     codes: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         pairs = [(_FULL, self.phash)] + self.views
-        self.slots = np.array([s for s, _ in pairs], dtype=np.int64)
+        self.slots = np.array([s for s, _ in pairs], dtype=np.int8)
         self.codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
+        self.views = []  # ~3 KB of strings per representative; the arrays are what is used
 
 
 @dataclass
@@ -367,29 +368,39 @@ class ClusterIndex:
         own = self._member_cluster.get(sha256)
         if own is not None:
             near[own] = ((0.0, 0), 0, "sha256")
-        for cid, d, via in self._hash_matches(h):
-            key = (rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via)
-            cur = near.get(cid)
-            if cur is None or key < cur:
-                near[cid] = key
-        q = _Query.of(h) if near else None
-        pics = {cid: p for cid in near if (p := self._picture_match(cid, h, q))}
+        q = _Query.of(h)
+        pics: dict[str, tuple] = {}
+        # Full frames first (pHash, mirror, PDQ): most reposts end here. Only
+        # full-frame agreement can link clusters, so the image's crop and
+        # trimmed views are searched only when no picture matched yet.
+        for views in (False, True):
+            for cid, d, via in self._hash_matches(h, q, views=views):
+                key = (rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via)
+                cur = near.get(cid)
+                if cur is None or key < cur:
+                    near[cid] = key
+            pics = {cid: p for cid in near if (p := self._picture_match(cid, h, q))}
+            if pics:
+                break
         return near, pics
 
-    def _hash_matches(self, h: ImageHashes) -> list[tuple[str, int, Via]]:
+    def _hash_matches(self, h: ImageHashes, query: "_Query", *, views: bool) -> list[tuple[str, int, Via]]:
+        """Indexed codes the image meets: with ``views`` False its full and
+        mirrored hashes (pHash and PDQ), with ``views`` True its views."""
         out: list[tuple[str, int, Via]] = []
-        codes = _view_codes(h)
-        kinds = np.array([k for k, _ in codes], dtype=np.int64)
-        q = HammingIndex.codes_from_hex([c for _, c in codes], 64)
-        wide = kinds < 0  # full or mirrored pHash: may meet full hashes at the pHash radius
+        pick = np.flatnonzero(query.kinds >= 0) if views else np.flatnonzero(query.kinds < 0)
+        kinds = query.kinds
+        q = query.codes[pick].reshape(-1, 1)
+        wide = kinds[pick] < 0  # full or mirrored pHash: may meet full hashes at the pHash radius
         radii = np.where(wide, max(self.phash_threshold, self.view_threshold), self.view_threshold)
         hits = []
-        if len(self._phash):
-            hits.append(self._phash.search(q, radii))
-        frames = np.flatnonzero(kinds < _CROP0)  # crop views never meet crop views
+        if len(self._phash) and len(pick):
+            qi, ids, dist = self._phash.search(q, radii)
+            hits.append((pick[qi], ids, dist))
+        frames = np.flatnonzero(kinds[pick] < _CROP0)  # crop views never meet crop views
         if len(frames) and len(self._phash_views):
             qi, ids, dist = self._phash_views.search(q[frames], self.view_threshold)
-            hits.append((frames[qi], ids, dist))
+            hits.append((pick[frames[qi]], ids, dist))
         for qi, ids, dist in hits:
             for qq, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
                 row, slot = divmod(i, SLOTS)
@@ -403,6 +414,8 @@ class ClusterIndex:
                 else:
                     via = "phash_view"
                 out.append((self._member_cluster[self._row_member[row]], int(d), via))
+        if views:
+            return out
         for index, vias, codes, radius in self._queries(h):
             if not len(index):
                 continue
