@@ -66,6 +66,8 @@ class ImageHashes(BaseModel):
     phash: str  # 64-bit, 16 hex chars
     pdq: str  # 256-bit, 64 hex chars
     pdq_quality: int
+    # the mirror image's pHash -- of the trimmed view when ``trimmed`` (a framed
+    # image is matched by its content, see ``detectors.neardup``)
     phash_mirror: str | None = None
     pdq_mirror: str | None = None
     # pHashes of extra views (16 hex each), for crops and screenshots: when
@@ -128,6 +130,12 @@ def hashes_of(image: Image.Image) -> ImageHashes:
     phash, phash_m = _bits_hex(low > _median(low)), _bits_hex(mirrored > _median(mirrored))
     pdq, pdq_m, quality = pdq_pair(image)
     views, trimmed = view_hashes(grey)
+    if trimmed:
+        box = content_box(grey)
+        assert box is not None
+        low = _dct_resample(h, float(box[1]), float(box[3])) @ grey @ _dct_resample(w, float(box[0]), float(box[2])).T
+        mirrored = low * _ODD_COLS
+        phash_m = _bits_hex(mirrored > _median(mirrored))
     return ImageHashes(
         phash=phash, pdq=pdq, pdq_quality=quality, phash_mirror=phash_m, pdq_mirror=pdq_m, views=views, trimmed=trimmed
     )
@@ -145,15 +153,18 @@ def hashes_of(image: Image.Image) -> ImageHashes:
 # without its uint8 rounding) folded into the 8 low DCT rows, so views cost
 # microseconds and need no extra resize.
 VIEW_CROPS = (0.9, 0.8)
+# Bump when what ``hashes_of`` computes changes (caches of hashes key on it).
+HASHES_VERSION = 3
 # Off-centre views (x0, y0, x1, y1 as fractions of the content box), after the
 # centre crops: 90% and 85% crops on a 3x3 grid of offsets, and the picture without a top / bottom /
 # both bands -- what remains when a caption bar covers up to 1/6 of a repost.
 # Such a repost's own trimmed view (the bar detected as border) or its full
 # hash then meets one of these on the indexed picture, and the other way round.
+VIEW_BANDS = ((0.0, 0.0, 1.0, 7 / 8), (0.0, 1 / 8, 1.0, 1.0), (0.0, 1 / 12, 1.0, 11 / 12), (0.0, 0.0, 1.0, 5 / 6), (0.0, 1 / 6, 1.0, 1.0))
 VIEW_BOXES = tuple(
     (ox * (1 - f) / 2, oy * (1 - f) / 2, ox * (1 - f) / 2 + f, oy * (1 - f) / 2 + f)
     for f in (0.9, 0.85) for oy in (0, 1, 2) for ox in (0, 1, 2) if (f, ox, oy) != (0.9, 1, 1)
-) + ((0.0, 0.0, 1.0, 7 / 8), (0.0, 1 / 8, 1.0, 1.0), (0.0, 1 / 12, 1.0, 11 / 12), (0.0, 0.0, 1.0, 5 / 6), (0.0, 1 / 6, 1.0, 1.0))
+) + VIEW_BANDS
 _TRIM_TOL = 3.0  # grey levels: a border line's pixels are this close to its median (screenshot UI and letterbox bars are flat to 1-2 levels after JPEG)
 _TRIM_LINE = 2 / 3  # fraction of a line near its median for it to count as border (text on a flat background)
 _TRIM_EDGE = 0.95  # the outermost line must be this flat for a side to be trimmed at all

@@ -53,7 +53,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from detectors.hashing import ImageHashes, hamming_hex
+from detectors.hashing import VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, hamming_hex
 from detectors.neardup.hamming import HammingIndex
 
 Via = Literal["sha256", "phash", "pdq", "phash_mirror", "pdq_mirror", "phash_view"]
@@ -81,6 +81,7 @@ FLAT_QUALITY = 10
 # pHash index slots per member: id = row * SLOTS + slot
 SLOTS = 32
 _FULL, _TRIM, _CROP0 = 0, 1, 2  # centre crops take slots 2, 3; off-centre views 4..25
+_BAND0 = _CROP0 + len(VIEW_CROPS) + len(VIEW_BOXES) - len(VIEW_BANDS)  # the band views' slots (caption bars)
 _Q_FULL, _Q_MIRROR = -1, -2  # query-side kinds besides the view slots
 
 
@@ -97,26 +98,38 @@ def view_slots(views: list[str] | None, trimmed: bool) -> list[tuple[int, str]]:
 
 def _pair_allowed(q_kind: int, m_slot: int) -> bool:
     """May a query code of this kind (full, mirror or a view slot) match an
-    indexed code in this slot? Everything but crop view against crop view."""
-    return not (q_kind >= _CROP0 and m_slot >= _CROP0)
+    indexed code in this slot? Everything but crop view against crop view --
+    except a band view against the same band (a caption bar over one copy's
+    edge leaves the rest of the picture, that band, identical)."""
+    return not (q_kind >= _CROP0 and m_slot >= _CROP0) or (q_kind == m_slot and q_kind >= _BAND0)
+
+
+def _framed(views: list[str] | None, trimmed: bool) -> bool:
+    """A detected frame (screenshot, border, letterbox) dominates the whole
+    image's hashes: two framed copies of *different* pictures match on them
+    (the cluster bench found screenshots gluing unrelated pictures at 0 bits).
+    Such an image is matched by its trimmed view and crops only."""
+    return bool(trimmed and views)
 
 
 def _view_codes(h: ImageHashes) -> list[tuple[int, str]]:
     """Every query-side pHash code: (kind, hex)."""
-    out = [(_Q_FULL, h.phash)]
-    if h.phash_mirror:
+    out = [] if _framed(h.views, h.trimmed) else [(_Q_FULL, h.phash)]
+    if h.phash_mirror:  # of the trimmed view when framed (``ImageHashes.phash_mirror``)
         out.append((_Q_MIRROR, h.phash_mirror))
     return out + view_slots(h.views, h.trimmed)
 
 
 def _stored_codes(h: ImageHashes) -> list[tuple[int, str]]:
-    return [(_FULL, h.phash)] + view_slots(h.views, h.trimmed)
+    full = [] if _framed(h.views, h.trimmed) else [(_FULL, h.phash)]
+    return full + view_slots(h.views, h.trimmed)
 
 
 def stored_phash_codes(phash: str, views: list[str] | None, trimmed: bool) -> tuple[np.ndarray, np.ndarray]:
     """(slots, codes) to index for one member: its pHash and its views. The
     index id of each is ``key * SLOTS + slot``; ``search_phash`` undoes it."""
-    codes = [(_FULL, phash)] + view_slots(views, trimmed)
+    full = [] if _framed(views, trimmed) else [(_FULL, phash)]
+    codes = full + view_slots(views, trimmed)
     return np.array([c[0] for c in codes], dtype=np.int64), HammingIndex.codes_from_hex([c[1] for c in codes], 64)
 
 
@@ -222,11 +235,12 @@ class _Rep:
     pdq_quality: int
     views: list[tuple[int, str]] = field(default_factory=list, repr=False)  # (slot, pHash); dropped once encoded
     founder: bool = True  # founded a cluster; larger copies joined later are not, and promote nothing
+    framed: bool = False  # full-frame hashes show the frame, not the picture: views only, no PDQ
     slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
     codes: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        pairs = [(_FULL, self.phash)] + self.views
+        pairs = ([] if self.framed else [(_FULL, self.phash)]) + self.views
         self.slots = np.array([s for s, _ in pairs], dtype=np.int8)
         self.codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
         self.views = []  # ~3 KB of strings per representative; the arrays are what is used
@@ -277,7 +291,8 @@ def pair_match(
     cands: list[tuple[float, int, int, Via]] = []
     for d, via in _phash_pairs(_view_codes(a), _stored_codes(b), phash_threshold, vt):
         cands.append((d / max(1, phash_threshold), _VIA_ORDER[via], d, via))
-    if a.pdq_quality >= pdq_min_quality and b.pdq_quality >= pdq_min_quality:
+    framed = _framed(a.views, a.trimmed) or _framed(b.views, b.trimmed)
+    if not framed and a.pdq_quality >= pdq_min_quality and b.pdq_quality >= pdq_min_quality:
         for via, hq in (("pdq", a.pdq), ("pdq_mirror", a.pdq_mirror)):
             if hq:
                 d = hamming_hex(hq, b.pdq)
@@ -397,7 +412,8 @@ class ClusterIndex:
         if len(self._phash) and len(pick):
             qi, ids, dist = self._phash.search(q, radii)
             hits.append((pick[qi], ids, dist))
-        frames = np.flatnonzero(kinds[pick] < _CROP0)  # crop views never meet crop views
+        # crop views never meet crop views, band views meet their own band
+        frames = np.flatnonzero((kinds[pick] < _CROP0) | (kinds[pick] >= _BAND0))
         if len(frames) and len(self._phash_views):
             qi, ids, dist = self._phash_views.search(q[frames], self.view_threshold)
             hits.append((pick[frames[qi]], ids, dist))
@@ -425,7 +441,7 @@ class ClusterIndex:
         return out
 
     def _queries(self, h: ImageHashes):
-        if h.pdq_quality >= self.pdq_min_quality:
+        if h.pdq_quality >= self.pdq_min_quality and not _framed(h.views, h.trimmed):
             pq = [h.pdq] + ([h.pdq_mirror] if h.pdq_mirror else [])
             yield self._pdq, ("pdq", "pdq_mirror"), HammingIndex.codes_from_hex(pq, 256), self.pdq_threshold
 
@@ -437,7 +453,7 @@ class ClusterIndex:
         of this larger image. One small popcount matrix per representative."""
         q = q or _Query.of(h)
         best = None
-        pdq_ok = h.pdq_quality >= self.pdq_min_quality
+        pdq_ok = h.pdq_quality >= self.pdq_min_quality and not _framed(h.views, h.trimmed)
         flat = h.pdq_quality < FLAT_QUALITY
         for r in self._clusters[cluster_id].pictures():
             cands: list[tuple[tuple[float, int], int, Via]] = []
@@ -445,7 +461,8 @@ class ClusterIndex:
             if flat == (r.pdq_quality < FLAT_QUALITY):
                 d = np.bitwise_count(q.codes[:, None] ^ r.codes[None, :])
                 full_pair = q.full[:, None] & (r.slots == _FULL)[None, :]
-                allowed = ~(q.crop[:, None] & (r.slots >= _CROP0)[None, :])
+                allowed = ~(q.crop[:, None] & (r.slots >= _CROP0)[None, :]) | (
+                    (q.kinds[:, None] == r.slots[None, :]) & (q.kinds >= _BAND0)[:, None])
                 hit = allowed & (d <= np.where(full_pair, self.rep_phash, self.rep_view))
                 if hit.any():
                     qi, ri = np.nonzero(hit)
@@ -456,7 +473,7 @@ class ClusterIndex:
                     via: Via = "phash_view" if not fp[k] else ("phash" if q.kinds[qi[k]] == _Q_FULL else "phash_mirror")
                     cands.append((rank_key(int(dd[k]), via, self.phash_threshold, self.pdq_threshold), int(dd[k]), via))
                     grows = r.founder and bool((q.crop[qi] & (r.slots[ri] <= _TRIM)).any()) and not fp.any()
-            if pdq_ok and r.pdq_quality >= self.pdq_min_quality:
+            if pdq_ok and r.pdq_quality >= self.pdq_min_quality and not r.framed:
                 for pvia, hq in (("pdq", h.pdq), ("pdq_mirror", h.pdq_mirror)):
                     if hq and (dq := hamming_hex(hq, r.pdq)) <= self.rep_pdq:
                         cands.append((rank_key(dq, pvia, self.phash_threshold, self.pdq_threshold), dq, pvia))  # type: ignore[arg-type]
@@ -472,11 +489,11 @@ class ClusterIndex:
         in one orientation (direct or mirrored), or None. The bar for linking
         two clusters: one hash alone can be fooled by a similar composition,
         two independent ones agreeing on the full frame rarely are."""
-        if h.pdq_quality < self.pdq_min_quality:
+        if h.pdq_quality < self.pdq_min_quality or _framed(h.views, h.trimmed):
             return None
         best = None
         for r in self._clusters[cluster_id].pictures():
-            if r.pdq_quality < self.pdq_min_quality:
+            if r.pdq_quality < self.pdq_min_quality or r.framed:
                 continue
             for ph, pq in ((h.phash, h.pdq), (h.phash_mirror, h.pdq_mirror)):
                 if not ph or not pq:
@@ -512,18 +529,24 @@ class ClusterIndex:
                               representative=True)
         size = {cid: len(self._clusters[cid].members) for cid in pics}
         agree = {cid: a for cid in sorted(pics) if (a := self._agreement(cid, hashes))}
+        # Only full-frame agreement of both hashes is strong enough to join two
+        # clusters. (Also letting a larger copy link its crop's cluster, even
+        # at <= 2 bits, lengthened the cluster bench's chains from 8 to 11.)
+        links = agree
         audit: list[MergeAudit] = []
-        if len(agree) >= 2:
-            into = min(agree, key=lambda c: (-size[c], c))
-            merged = sorted(c for c in agree if c != into)
+        if len(links) >= 2:
+            into = min(links, key=lambda c: (-size[c], c))
+            merged = sorted(c for c in links if c != into)
             for other in merged:
-                audit.append(MergeAudit(into=into, other=other, link_sha256=sha256, into_phash=agree[into][0],
-                                        into_pdq=agree[into][1], other_phash=agree[other][0], other_pdq=agree[other][1]))
+                audit.append(MergeAudit(into=into, other=other, link_sha256=sha256, into_phash=links[into][0],
+                                        into_pdq=links[into][1], other_phash=links[other][0], other_pdq=links[other][1]))
                 self.merge(into, other)
+            grows = any(pics[c][3] for c in links)
         else:
             into = min(pics, key=lambda c: (pics[c][0], 0 if c in agree else 1, -size[c], c))
             merged = []
-        _, distance, via, grows = pics[into]
+            grows = pics[into][3]
+        _, distance, via, _ = pics[into]
         self.add(into, sha256, hashes, representative=grows, founder=False, ts=ts)
         return Assignment(
             cluster_id=into, new_cluster=False, new_member=True, merged=merged, distance=distance, via=via,
@@ -547,7 +570,8 @@ class ClusterIndex:
             return
         c = self._clusters.setdefault(cluster_id, _Cluster())
         views = view_slots(hashes.views, hashes.trimmed)
-        rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views, representative if founder is None else founder)
+        rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views, representative if founder is None else founder,
+                   _framed(hashes.views, hashes.trimmed))
         if representative:
             c.reps.append(rep)
         if c.first is None:
@@ -568,7 +592,7 @@ class ClusterIndex:
         if not frame.all():
             self._phash_views.add(row * SLOTS + slots[~frame], codes[~frame])
         ids = np.array([row], dtype=np.int64)
-        if hashes.pdq_quality >= self.pdq_min_quality:
+        if hashes.pdq_quality >= self.pdq_min_quality and not _framed(hashes.views, hashes.trimmed):
             self._pdq.add(ids, HammingIndex.codes_from_hex([hashes.pdq], 256))
 
     def add_bulk(
