@@ -64,7 +64,7 @@ def rank_key(distance: int, via: str, phash_threshold: int, pdq_threshold: int) 
     """How confidently a match is the same picture, most confident first:
     distance as a fraction of its hash's threshold, then how it matched.
     Clusters, banks and `deepwatch similar` all rank with this."""
-    scale = 1 if via == "sha256" else pdq_threshold if via.startswith("pdq") else phash_threshold
+    scale = 1 if via == "sha256" else pdq_threshold if via in ("pdq", "pdq_mirror") else phash_threshold
     return (distance / max(1, scale), _VIA_ORDER[via])
 
 # Default radius for pHash pairs that involve a view: the bench's sweep finds no
