@@ -66,8 +66,6 @@ class ImageHashes(BaseModel):
     phash: str  # 64-bit, 16 hex chars
     pdq: str  # 256-bit, 64 hex chars
     pdq_quality: int
-    # the mirror image's pHash -- of the trimmed view when ``trimmed`` (a framed
-    # image is matched by its content, see ``detectors.neardup``)
     phash_mirror: str | None = None
     pdq_mirror: str | None = None
     # pHashes of extra views (16 hex each), for crops and screenshots: when
@@ -130,12 +128,6 @@ def hashes_of(image: Image.Image) -> ImageHashes:
     phash, phash_m = _bits_hex(low > _median(low)), _bits_hex(mirrored > _median(mirrored))
     pdq, pdq_m, quality = pdq_pair(image)
     views, trimmed = view_hashes(grey)
-    if trimmed:
-        box = content_box(grey)
-        assert box is not None
-        low = _dct_resample(h, float(box[1]), float(box[3])) @ grey @ _dct_resample(w, float(box[0]), float(box[2])).T
-        mirrored = low * _ODD_COLS
-        phash_m = _bits_hex(mirrored > _median(mirrored))
     return ImageHashes(
         phash=phash, pdq=pdq, pdq_quality=quality, phash_mirror=phash_m, pdq_mirror=pdq_m, views=views, trimmed=trimmed
     )

@@ -105,17 +105,23 @@ def _pair_allowed(q_kind: int, m_slot: int) -> bool:
 
 
 def _framed(views: list[str] | None, trimmed: bool) -> bool:
-    """A detected frame (screenshot, border, letterbox) dominates the whole
-    image's hashes: two framed copies of *different* pictures match on them
-    (the cluster bench found screenshots gluing unrelated pictures at 0 bits).
-    Such an image is matched by its trimmed view and crops only."""
+    """A detected frame (screenshot, border, letterbox, caption bar) dominates
+    the whole image's hashes: two framed copies of *different* pictures match
+    on them (the cluster bench found screenshots gluing unrelated pictures at
+    0 bits). Such an image is matched by its trimmed view and crops only.
+    Measured alternatives on the cluster bench: allowing full-frame pairs
+    between a framed and an unframed image (only framed-framed refused): 0.09
+    fewer clusters per picture, 39 more impure clusters; querying the mirror
+    of the trimmed view: 0.06 fewer, 17 more impure."""
     return bool(trimmed and views)
 
 
 def _view_codes(h: ImageHashes) -> list[tuple[int, str]]:
     """Every query-side pHash code: (kind, hex)."""
-    out = [] if _framed(h.views, h.trimmed) else [(_Q_FULL, h.phash)]
-    if h.phash_mirror:  # of the trimmed view when framed (``ImageHashes.phash_mirror``)
+    if _framed(h.views, h.trimmed):
+        return view_slots(h.views, h.trimmed)
+    out = [(_Q_FULL, h.phash)]
+    if h.phash_mirror:
         out.append((_Q_MIRROR, h.phash_mirror))
     return out + view_slots(h.views, h.trimmed)
 
