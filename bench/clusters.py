@@ -179,6 +179,7 @@ def main(
     print(f"{'pictures split over >1 cluster':40s} {len(split):10d}")
     print(f"{'pictures per cluster':40s} {np.mean([len(p) for p in pics_by_cluster.values()]):10.3f}")
     print(f"{'clusters holding >1 distinct picture':40s} {len(impure):10d}  0")
+    print(f"{'  pictures in those clusters':40s} {sum(len(ps) for ps in impure.values()):10d}")
     loose_impure = [c for c, ps in impure.items() if len({loose[first_file[p]] for p in ps}) > 1]
     print(f"{'  of which not one composition (loose)':40s} {len(loose_impure):10d}")
     print(f"{'largest chain (pictures in one cluster)':40s} {largest:10d}  1")

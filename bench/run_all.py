@@ -17,6 +17,8 @@ def main() -> int:
         ["neardup.py", *(["--quick"] if quick else [])],
         ["detector_throughput.py", *(["--seconds", "2"] if quick else [])],
         ["replay.py", *(["--pictures", "20"] if quick else [])],
+        ["clusters.py", *(["--limit", "150"] if quick else [])],
+        ["cluster_scale.py", *(["--sizes", "200000"] if quick else ["--sizes", "1000000"])],
     ]
     failed = 0
     for script, *args in runs:
