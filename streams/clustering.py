@@ -209,7 +209,9 @@ class ClusterEngine:
                 sha256=s.sha256, phash=s.hashes.phash, pdq=s.hashes.pdq, pdq_quality=s.hashes.pdq_quality,
                 event_id=s.event.event_id, width=s.width, height=s.height, format=s.format,
                 distance=assignment.distance, representative=assignment.representative,
-                views=s.hashes.views, trimmed=s.hashes.trimmed,
+                # only representatives are matched against (and indexed), so
+                # only they keep their ~25 view hashes in the state
+                views=s.hashes.views if assignment.representative else None, trimmed=s.hashes.trimmed,
             ))
             known = {(e.detector, e.sha256) for e in state.evidence}
             state.evidence.extend(e for e in s.evidence if (e.detector, e.sha256) not in known)

@@ -194,3 +194,17 @@ def test_cold_clusters_are_evicted_and_revived_when_their_picture_resurfaces():
     assert back.snapshots[-1].cluster_id == first  # revived, not a new cluster
     st = h.get(first)
     assert st.sightings == 2 and st.verdict == "likely-ai" and first not in h.engine.cold
+
+
+def test_a_clearly_better_copy_is_sent_to_the_models_again():
+    h = Harness(Settings(detect={"models": ["clip-probe"]}))
+    pic = scene(11)
+    small = h.see(sighting(pic.resize((320, 240)), "e1", 0))
+    assert [r.sha256 for r in small.detect_requests] == [small.snapshots[-1].new_sighting.sha256]
+    cid = small.snapshots[-1].cluster_id
+    same = h.see(sighting(pic.resize((320, 240)), "e2", 1, quality=70))  # no better: no new request
+    assert same.snapshots[-1].cluster_id == cid and same.detect_requests == []
+    big = h.see(sighting(pic.resize((640, 480)), "e3", 2))  # 4x the pixels
+    assert big.snapshots[-1].cluster_id == cid
+    assert [(r.cluster_id, r.sha256) for r in big.detect_requests] == [(cid, big.snapshots[-1].new_sighting.sha256)]
+    assert h.get(cid).models_pending and h.get(cid).detect_sha256 == big.snapshots[-1].new_sighting.sha256
