@@ -18,12 +18,14 @@ only re-emits the derived outputs (snapshot, alert, detect request), which
 every sink treats idempotently. Event-id duplicates (a producer retry) are
 recognised from the trailing window and not counted twice.
 
-Past one writer: per op the writer does one batched Hamming range search over
-the representatives' codes plus a dict update; hashing, decoding and
-detectors happen in the partitioned stages before it. When the cluster
-stage's ops/s (``bench/clusters.py`` prints it; not yet measured at 1M/10M
-members, see the README) falls below the event rate, candidate search splits
-by hash bands: N searchers each own the MIH substring tables of one band
+Past one writer: per op the writer does a few batched Hamming range searches
+over the representatives' codes, verification against a few representatives,
+and the state update; hashing, decoding and detectors happen in the
+partitioned stages before it. ``bench/cluster_scale.py`` measures ``assign``
+alone at 260 ops/s with 1M members in the hot index and 175 ops/s with 10M
+(synthetic codes; ~1.3 GiB per million members), against ~100 events/s for
+the whole pipeline on 2 cores. When ingest outgrows that (more machines), or
+memory does, candidate search splits by hash bands (docs/clusters.md): N searchers each own the MIH substring tables of one band
 (exact by the pigeonhole argument in ``detectors.neardup.hamming``) and
 answer candidate cluster ids; the writer keeps only verification against
 representatives, the decision and merges, still on the one ordered topic, so
