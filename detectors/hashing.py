@@ -66,6 +66,7 @@ class ImageHashes(BaseModel):
     phash: str  # 64-bit, 16 hex chars
     pdq: str  # 256-bit, 64 hex chars
     pdq_quality: int
+    # the mirror image's pHash; of the trimmed view when ``trimmed``
     phash_mirror: str | None = None
     pdq_mirror: str | None = None
     # pHashes of extra views (16 hex each), for crops and screenshots: when
@@ -128,6 +129,11 @@ def hashes_of(image: Image.Image) -> ImageHashes:
     phash, phash_m = _bits_hex(low > _median(low)), _bits_hex(mirrored > _median(mirrored))
     pdq, pdq_m, quality = pdq_pair(image)
     views, trimmed = view_hashes(grey)
+    if trimmed:  # framed: the mirror of the content, not of the frame (``detectors.neardup``)
+        x0, y0, x1, y1 = content_box(grey)  # type: ignore[misc]
+        low = _dct_resample(h, float(y0), float(y1)) @ grey @ _dct_resample(w, float(x0), float(x1)).T
+        mirrored = low * _ODD_COLS
+        phash_m = _bits_hex(mirrored > _median(mirrored))
     return ImageHashes(
         phash=phash, pdq=pdq, pdq_quality=quality, phash_mirror=phash_m, pdq_mirror=pdq_m, views=views, trimmed=trimmed
     )

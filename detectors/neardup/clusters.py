@@ -108,18 +108,22 @@ def _framed(views: list[str] | None, trimmed: bool) -> bool:
     """A detected frame (screenshot, border, letterbox, caption bar) dominates
     the whole image's hashes: two framed copies of *different* pictures match
     on them (the cluster bench found screenshots gluing unrelated pictures at
-    0 bits). Such an image is matched by its trimmed view and crops only.
-    Measured alternatives on the cluster bench: allowing full-frame pairs
-    between a framed and an unframed image (only framed-framed refused): 0.09
-    fewer clusters per picture, 39 more impure clusters; querying the mirror
-    of the trimmed view: 0.06 fewer, 17 more impure."""
+    0 bits). Such an image is matched by its trimmed view, crops, and the
+    mirror of its trimmed view (at the view radius, against full frames and
+    trimmed views only). Measured alternative on the cluster bench: allowing
+    full-frame pairs between a framed and an unframed image (only
+    framed-framed refused): 0.09 fewer clusters per picture, 39 more impure
+    clusters."""
     return bool(trimmed and views)
 
 
 def _view_codes(h: ImageHashes) -> list[tuple[int, str]]:
     """Every query-side pHash code: (kind, hex)."""
     if _framed(h.views, h.trimmed):
-        return view_slots(h.views, h.trimmed)
+        # the mirror of the trimmed view (``ImageHashes.phash_mirror``): a
+        # mirrored framed repost; it meets full frames and trimmed views only
+        mirror = [(_Q_MIRROR, h.phash_mirror)] if h.phash_mirror else []
+        return mirror + view_slots(h.views, h.trimmed)
     out = [(_Q_FULL, h.phash)]
     if h.phash_mirror:
         out.append((_Q_MIRROR, h.phash_mirror))
@@ -260,13 +264,14 @@ class _Query:
     kinds: np.ndarray
     full: np.ndarray  # full or mirrored pHash
     crop: np.ndarray  # a crop view (never paired with another crop view)
+    framed: bool  # a detected frame (``_framed``): its mirror code is its trimmed view's
 
     @classmethod
     def of(cls, h: ImageHashes) -> "_Query":
         pairs = _view_codes(h)
         kinds = np.array([k for k, _ in pairs], dtype=np.int64)
         codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
-        return cls(codes, kinds, kinds < 0, kinds >= _CROP0)
+        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, _framed(h.views, h.trimmed))
 
 
 @dataclass
@@ -454,9 +459,9 @@ class ClusterIndex:
     def _picture_match(self, cluster_id: str, h: ImageHashes, q: "_Query | None" = None) -> tuple[tuple[float, int], int, Via, bool] | None:
         """The image against the cluster's representatives under the pair rule:
         (rank, distance, via, grows) of the best pair, or None. ``grows``: a
-        centre-crop view of the image equals a founder's full picture (and
-        nothing matches full frame to full frame), i.e. the founder is a crop
-        of this larger image. One small popcount matrix per representative."""
+        crop view of the image meets a founder's full picture closer than the
+        image's own full frame does, i.e. the founder is a crop of this larger
+        image. One small popcount matrix per representative."""
         q = q or _Query.of(h)
         best = None
         pdq_ok = h.pdq_quality >= self.pdq_min_quality and not _framed(h.views, h.trimmed)
@@ -469,6 +474,9 @@ class ClusterIndex:
                 full_pair = q.full[:, None] & (r.slots == _FULL)[None, :]
                 allowed = ~(q.crop[:, None] & (r.slots >= _CROP0)[None, :]) | (
                     (q.kinds[:, None] == r.slots[None, :]) & (q.kinds >= _BAND0)[:, None])
+                if q.framed:  # its mirror code is a trimmed view's: view radius, frames only
+                    allowed &= ~(q.full[:, None] & (r.slots >= _CROP0)[None, :])
+                    full_pair = np.zeros_like(full_pair)
                 hit = allowed & (d <= np.where(full_pair, self.rep_phash, self.rep_view))
                 if hit.any():
                     qi, ri = np.nonzero(hit)
@@ -478,12 +486,14 @@ class ClusterIndex:
                     k = int(np.lexsort((order, dd))[0])
                     via: Via = "phash_view" if not fp[k] else ("phash" if q.kinds[qi[k]] == _Q_FULL else "phash_mirror")
                     cands.append((rank_key(int(dd[k]), via, self.phash_threshold, self.pdq_threshold), int(dd[k]), via))
-                    grows = r.founder and bool((q.crop[qi] & (r.slots[ri] <= _TRIM)).any()) and not fp.any()
+                    # a larger copy: one of its crops meets the founder's frame
+                    # closer than its own full frame does (not just the same framing)
+                    g = q.crop[qi] & (r.slots[ri] <= _TRIM)
+                    grows = r.founder and bool(g.any()) and (not fp.any() or int(dd[g].min()) < int(dd[fp].min()))
             if pdq_ok and r.pdq_quality >= self.pdq_min_quality and not r.framed:
                 for pvia, hq in (("pdq", h.pdq), ("pdq_mirror", h.pdq_mirror)):
                     if hq and (dq := hamming_hex(hq, r.pdq)) <= self.rep_pdq:
                         cands.append((rank_key(dq, pvia, self.phash_threshold, self.pdq_threshold), dq, pvia))  # type: ignore[arg-type]
-                        grows = False  # same framing on PDQ: not a larger copy
             for c in cands:
                 key = (*c, grows)
                 if best is None or key[:3] < best[:3] or (key[:3] == best[:3] and grows and not best[3]):
