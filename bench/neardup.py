@@ -210,7 +210,8 @@ def stage_speed(images, index_size: int, vt: int) -> None:
     print(f"naive (full decode, imagehash.phash, pdqhash.compute, linear scan; no mirrors)  {t_naive:6.2f} ms/image")
     print(f"deepwatch (draft decode, pHash+PDQ+both mirrors+views, ClusterIndex.assign)     {t_ours:6.2f} ms/image")
     print(f"speed-up vs naive: {t_naive / t_ours:.1f}x  [target >= 5x]   vs bare decode: {t_ours / t_bare:.2f}x  [target <= 2.5x]")
-    print(f"(cluster index of {index_size:,} members, {len(index._phash):,} pHash codes incl. views, built via add() in {build:.1f} s)")
+    codes = len(index._phash) + len(index._phash_views)
+    print(f"(cluster index of {index_size:,} members, {codes:,} pHash codes incl. views, built via add() in {build:.1f} s)")
     memory(200_000)
 
 
@@ -226,14 +227,16 @@ def memory(n: int) -> None:
         pdq = "".join(f"{int(v):016x}" for v in pq[i])
         index.add(f"c{i}", f"s{i}", ImageHashes(phash=f"{int(ph[i, 0]):016x}", pdq=pdq, pdq_quality=90, views=vs, trimmed=trimmed))
     index._phash.compact()
+    index._phash_views.compact()
     index._pdq.compact()
 
     def split(h: HammingIndex) -> tuple[float, float]:
         fixed = sum(t[0].nbytes for t in h._tables)  # bucket offsets: a constant per table, not per code
         return (h.nbytes - fixed) / n * 1e6 / 2**20, fixed / 2**20
 
-    (ph_m, ph_fixed), (pq_m, pq_fixed) = split(index._phash), split(index._pdq)
-    codes_per_member = len(index._phash) / n
+    (fr_m, fr_fixed), (vw_m, vw_fixed), (pq_m, pq_fixed) = split(index._phash), split(index._phash_views), split(index._pdq)
+    ph_m, ph_fixed = fr_m + vw_m, fr_fixed + vw_fixed
+    codes_per_member = (len(index._phash) + len(index._phash_views)) / n
     print(f"index memory ({n:,} members with views and trusted PDQ, compacted): pHash incl. views {ph_m:.0f} MiB per million members"
           f" ({codes_per_member:.1f} codes each; {ph_m / codes_per_member:.0f} without views), PDQ {pq_m:.0f} MiB per million,"
           f" + fixed bucket tables {ph_fixed + pq_fixed:.0f} MiB")

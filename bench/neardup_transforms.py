@@ -75,3 +75,61 @@ TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
     "screenshot_q50": lambda im: _jpeg_bytes(screenshot(im), 50),
     "letterbox_black": lambda im: _jpeg_bytes(_letterbox(im)),
 }
+
+
+# ---------------------------------------------------------------- cluster bench
+# Repost shapes the cluster bench adds: captions at either edge (a bar or text
+# covering up to 1/6 of the picture), plain borders, off-centre crops.
+def _bar(img: Image.Image, frac: float, where: str, fill=(0, 0, 0), text: str | None = None) -> Image.Image:
+    out = img.copy()
+    w, h = out.size
+    bh = max(1, round(h * frac))
+    boxes = {"top": [(0, 0, w, bh)], "bottom": [(0, h - bh, w, h)], "both": [(0, 0, w, bh // 2), (0, h - bh // 2, w, h)]}[where]
+    d = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=max(10, bh // 2 if where != "both" else bh // 4))
+    for box in boxes:
+        d.rectangle(box, fill=fill)
+        if text:
+            ink = (255, 255, 255) if sum(fill) < 384 else (0, 0, 0)
+            d.text((box[0] + w // 30, box[1] + (box[3] - box[1]) // 5), text, font=font, fill=ink)
+    return out
+
+
+def _border(img: Image.Image, frac: float = 0.05, fill=(255, 255, 255)) -> Image.Image:
+    w, h = img.size
+    p = max(1, round(min(w, h) * frac))
+    out = Image.new("RGB", (w + 2 * p, h + 2 * p), fill)
+    out.paste(img.convert("RGB"), (p, p))
+    return out
+
+
+def _crop_box(img: Image.Image, x0: float, y0: float, x1: float, y1: float) -> Image.Image:
+    w, h = img.size
+    return img.crop((round(w * x0), round(h * y0), round(w * x1), round(h * y1)))
+
+
+CLUSTER_TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
+    "jpeg_q70": TRANSFORMS["jpeg_q70"],
+    "jpeg_q50": TRANSFORMS["jpeg_q50"],
+    "resize_0.5": TRANSFORMS["resize_0.5"],
+    "resize_0.25": TRANSFORMS["resize_0.25"],
+    "crop_90": TRANSFORMS["crop_90"],
+    "crop_80": TRANSFORMS["crop_80"],
+    "crop_90_topleft": TRANSFORMS["crop_90_corner"],
+    "crop_85_bottomright": lambda im: _jpeg_bytes(_crop_box(im, 0.15, 0.15, 1.0, 1.0)),
+    "crop_90_left": lambda im: _jpeg_bytes(_crop_box(im, 0.0, 0.05, 0.9, 0.95)),
+    "caption_text": TRANSFORMS["caption"],
+    "bar_bottom_1/8_black": lambda im: _jpeg_bytes(_bar(im, 1 / 8, "bottom", text="BREAKING NEWS")),
+    "bar_top_1/8_white": lambda im: _jpeg_bytes(_bar(im, 1 / 8, "top", fill=(255, 255, 255), text="you won't believe this")),
+    "bar_bottom_1/6_white": lambda im: _jpeg_bytes(_bar(im, 1 / 6, "bottom", fill=(255, 255, 255), text="share before they delete it")),
+    "bars_top+bottom_1/6": lambda im: _jpeg_bytes(_bar(im, 1 / 6, "both", text="WHEN YOU SEE IT")),
+    "border_white": lambda im: _jpeg_bytes(_border(im)),
+    "border_black_q60": lambda im: _jpeg_bytes(_border(im, 0.08, (0, 0, 0)), 60),
+    "mirror": TRANSFORMS["mirror"],
+    "mirror_crop_90": lambda im: _jpeg_bytes(ImageOps.mirror(_crop(im, 0.9))),
+    "brightness_+20%": TRANSFORMS["brightness_+20%"],
+    "screenshot": TRANSFORMS["screenshot_border"],
+    "screenshot_q50": TRANSFORMS["screenshot_q50"],
+    "letterbox_black": TRANSFORMS["letterbox_black"],
+    "screenshot_of_crop_90": lambda im: _jpeg_bytes(screenshot(_crop(im, 0.9))),
+}

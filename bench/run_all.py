@@ -25,6 +25,8 @@ def main() -> int:
         ["detector_throughput.py", *(["--seconds", "2"] if quick else [])],
         ["replay.py", *(["--pictures", "20"] if quick else [])],
         ["soak.py", *(["--quick"] if quick else ["--seconds", "900"])],
+        ["clusters.py", *(["--limit", "150"] if quick else [])],
+        ["cluster_scale.py", *(["--sizes", "200000"] if quick else ["--sizes", "1000000"])],
     ]
     failed, skipped = 0, []
     runs = [r for r in runs if not only or r[0] in only]

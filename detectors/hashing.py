@@ -66,12 +66,13 @@ class ImageHashes(BaseModel):
     phash: str  # 64-bit, 16 hex chars
     pdq: str  # 256-bit, 64 hex chars
     pdq_quality: int
+    # the mirror image's pHash; of the trimmed view when ``trimmed``
     phash_mirror: str | None = None
     pdq_mirror: str | None = None
     # pHashes of extra views (16 hex each), for crops and screenshots: when
     # ``trimmed``, views[0] is the content inside a detected border/padding;
     # then the 90% and 80% centre crops of the content (the trimmed box, or the
-    # whole image). None on records made before views existed: matching falls
+    # whole image), then the off-centre ``VIEW_BOXES``. None on records made before views existed: matching falls
     # back to the full-frame hashes.
     views: list[str] | None = None
     trimmed: bool = False
@@ -128,6 +129,11 @@ def hashes_of(image: Image.Image) -> ImageHashes:
     phash, phash_m = _bits_hex(low > _median(low)), _bits_hex(mirrored > _median(mirrored))
     pdq, pdq_m, quality = pdq_pair(image)
     views, trimmed = view_hashes(grey)
+    if trimmed:  # framed: the mirror of the content, not of the frame (``detectors.neardup``)
+        x0, y0, x1, y1 = content_box(grey)  # type: ignore[misc]
+        low = _dct_resample(h, float(y0), float(y1)) @ grey @ _dct_resample(w, float(x0), float(x1)).T
+        mirrored = low * _ODD_COLS
+        phash_m = _bits_hex(mirrored > _median(mirrored))
     return ImageHashes(
         phash=phash, pdq=pdq, pdq_quality=quality, phash_mirror=phash_m, pdq_mirror=pdq_m, views=views, trimmed=trimmed
     )
@@ -145,6 +151,18 @@ def hashes_of(image: Image.Image) -> ImageHashes:
 # without its uint8 rounding) folded into the 8 low DCT rows, so views cost
 # microseconds and need no extra resize.
 VIEW_CROPS = (0.9, 0.8)
+# Bump when what ``hashes_of`` computes changes (caches of hashes key on it).
+HASHES_VERSION = 3
+# Off-centre views (x0, y0, x1, y1 as fractions of the content box), after the
+# centre crops: 90% and 85% crops on a 3x3 grid of offsets, and the picture without a top / bottom /
+# both bands -- what remains when a caption bar covers up to 1/6 of a repost.
+# Such a repost's own trimmed view (the bar detected as border) or its full
+# hash then meets one of these on the indexed picture, and the other way round.
+VIEW_BANDS = ((0.0, 0.0, 1.0, 7 / 8), (0.0, 1 / 8, 1.0, 1.0), (0.0, 1 / 12, 1.0, 11 / 12), (0.0, 0.0, 1.0, 5 / 6), (0.0, 1 / 6, 1.0, 1.0))
+VIEW_BOXES = tuple(
+    (ox * (1 - f) / 2, oy * (1 - f) / 2, ox * (1 - f) / 2 + f, oy * (1 - f) / 2 + f)
+    for f in (0.9, 0.85) for oy in (0, 1, 2) for ox in (0, 1, 2) if (f, ox, oy) != (0.9, 1, 1)
+) + VIEW_BANDS
 _TRIM_TOL = 3.0  # grey levels: a border line's pixels are this close to its median (screenshot UI and letterbox bars are flat to 1-2 levels after JPEG)
 _TRIM_LINE = 2 / 3  # fraction of a line near its median for it to count as border (text on a flat background)
 _TRIM_EDGE = 0.95  # the outermost line must be this flat for a side to be trimmed at all
@@ -236,6 +254,9 @@ def view_hashes(grey: np.ndarray) -> tuple[list[str], bool]:
     for frac in VIEW_CROPS:
         dx, dy = (x1 - x0) * (1 - frac) / 2, (y1 - y0) * (1 - frac) / 2
         views.append(view_phash(grey, (x0 + dx, y0 + dy, x1 - dx, y1 - dy)))
+    cw, ch = x1 - x0, y1 - y0
+    for bx0, by0, bx1, by1 in VIEW_BOXES:
+        views.append(view_phash(grey, (x0 + bx0 * cw, y0 + by0 * ch, x0 + bx1 * cw, y0 + by1 * ch)))
     return views, trimmed
 
 

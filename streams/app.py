@@ -18,7 +18,6 @@ import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import faust
 
@@ -26,11 +25,11 @@ from streams import metrics
 from streams.analyze import Analyzer
 from streams.blobstore import DirectoryBlobStore
 from streams.broker import TopicSpec, faust_credentials
-from streams.clustering import ClusterEngine, ClusterState, state_from_seed
+from streams.cluster_stage import ClusterStage
+from streams.engine_state import open_engine_state
 from streams.fetch import ImageFetcher
 from streams.records import ClusterOp, DeadLetter, SourceRef
 from streams.settings import Settings
-from streams.store import open_store
 from streams.tansu_compat import SESSION_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,6 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
 
     data_dir = Path(settings.data_dir)
     blobs = DirectoryBlobStore(data_dir / "blobs")
-    state: dict[str, Any] = {"engine": None, "stale": True, "seeded": {}}
 
     async def send_dead(dl: DeadLetter) -> None:
         metrics.DEAD_LETTERS.labels(dl.stage, dl.reason).inc()
@@ -157,83 +155,13 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
             await fetcher.aclose()
 
     # -- stage: cluster (single writer) ----------------------------------------
-    @app.on_rebalance_complete.connect
-    async def _mark_stale(sender, **kwargs) -> None:
-        state["stale"] = True  # the table may have changed hands: rebuild the index
-
-    store = open_store(settings.data_dir)
-
-    def get_state(cluster_id: str) -> ClusterState | None:
-        raw = table.get(cluster_id.encode())
-        if raw:
-            return ClusterState.loads(raw)
-        if cluster_id in state["seeded"]:
-            return state["seeded"][cluster_id]
-        archived = store.archived_state(cluster_id)  # evicted earlier: its exact state
-        return ClusterState.loads(archived) if archived else None
-
-    def engine() -> ClusterEngine:
-        if state["engine"] is None or state["stale"]:
-            eng = ClusterEngine(settings)
-            states = [ClusterState.loads(v) for v in table.values() if v]
-            if not states:
-                # Empty table but an existing findings store (a fresh embedded
-                # broker over an old data dir): carry on from the store so
-                # replays join the clusters already there.
-                states = [state_from_seed(doc) for doc in store.cluster_seeds()]
-                state["seeded"] = {s.cluster_id: s for s in states}
-            eng.rebuild(states)
-            # Clusters archived but not in the table were evicted earlier:
-            # only their hashes come back, into the cold index.
-            hot = {s.cluster_id for s in states}
-            for cid, raw in store.archived_states():
-                if cid not in hot:
-                    archived = ClusterState.loads(raw)
-                    if archived.merged_into is None:
-                        eng.add_cold(cid, archived.members)
-            state["engine"], state["stale"] = eng, False
-            log.info("cluster index rebuilt", extra={"clusters": eng.index.n_clusters, "seeded": len(state["seeded"])})
-        return state["engine"]
+    stage = ClusterStage(settings, table, open_engine_state(settings.data_dir), updates=updates,
+                         detect_requests=detect_requests, alerts=alerts, send_dead=send_dead)
+    app.on_rebalance_complete.connect(stage.on_rebalance)
 
     @app.agent(ops)
     async def cluster(stream):
-        async for event in stream.events():
-            msg = event.message
-            started = time.perf_counter()
-            try:
-                op = ClusterOp.loads(event.value)
-                out = engine().apply(op, msg.offset, get_state)
-            except Exception as e:
-                log.exception("cluster op failed", extra={"offset": msg.offset})
-                src = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-                await send_dead(_dead_letter("cluster", "internal_error", f"{type(e).__name__}: {e}", src, event.value, None))
-                continue
-            for cid, st in out.writes.items():
-                table[cid.encode()] = st.dumps()
-                state["seeded"].pop(cid, None)
-            if engine().evict_due():
-                evicted = engine().evict(get_state)
-                archive = {cid: st.dumps() for cid in evicted if (st := get_state(cid)) is not None}
-                if archive:
-                    # Archive first, then tombstone: a crash in between leaves
-                    # the state in both places, never in neither. Inline (not a
-                    # thread): this connection is the agent's own, and sweeps are rare.
-                    store.archive_states(archive)
-                for cid in evicted:
-                    if table.get(cid.encode()):
-                        del table[cid.encode()]
-                    state["seeded"].pop(cid, None)
-            for snap in out.snapshots:
-                await updates.send(key=snap.cluster_id.encode(), value=snap.dumps())
-            for req in out.detect_requests:
-                await detect_requests.send(key=req.cluster_id.encode(), value=req.dumps())
-            for alert in out.alerts:
-                await alerts.send(key=alert.cluster_id.encode(), value=alert.dumps())
-            eng = state["engine"]
-            metrics.CLUSTERS.set(eng.index.n_clusters)
-            metrics.CLUSTER_MEMBERS.set(eng.index.n_members)
-            metrics.STAGE_SECONDS.labels("cluster").observe(time.perf_counter() - started)
-            metrics.EVENTS.labels("cluster", "duplicate" if out.duplicate_event else "ok").inc()
+        await stage.run(stream)
 
     # -- sinks -----------------------------------------------------------------
     from streams.sinks import Sinks

@@ -105,11 +105,6 @@ CREATE TABLE IF NOT EXISTS alerts (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alerts_cluster ON alerts(cluster_id);
-CREATE TABLE IF NOT EXISTS cluster_states (
-    cluster_id TEXT PRIMARY KEY,
-    state BLOB NOT NULL,
-    archived_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now'))
-);
 CREATE TABLE IF NOT EXISTS processed_runs (
     run TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" INTEGER NOT NULL,
     outcome TEXT NOT NULL, event_id TEXT,
@@ -564,84 +559,12 @@ class SqliteFindingsStore:
         stored = self._db.execute("SELECT COUNT(DISTINCT cluster_id || ':' || level) FROM alerts").fetchone()[0]
         return {"models": pending_models, "alerts": max(0, raised - stored)}
 
-    def cluster_seeds(self, cluster_ids: list[str] | None = None) -> list[dict[str, Any]]:
-        """What a cluster engine needs to carry on where the store left off:
-        live clusters with their members, evidence, alert state and sightings.
-        All of them (a fresh embedded broker over an old data dir) or the
-        given ids (reviving an evicted cluster: indexed lookups only)."""
-        where, args = "merged_into IS NULL", ()
-        if cluster_ids is not None:
-            if not cluster_ids:
-                return []
-            where += f" AND cluster_id IN ({','.join('?' * len(cluster_ids))})"
-            args = tuple(cluster_ids)
-        by_id: dict[str, dict[str, Any]] = {}
-        for row in self._db.execute(
-            f"""SELECT cluster_id, fake_score, verdict, evidence, first_seen, last_seen, alert_level, suppressed, platforms,
-                      merged_from FROM clusters WHERE {where}""", args
-        ):
-            cid, score, verdict, evidence, first, last, level, suppressed, platforms, merged_from = row
-            by_id[cid] = {
-                "cluster_id": cid, "fake_score": score, "verdict": verdict, "evidence": json.loads(evidence),
-                "first_seen": first, "last_seen": last, "alert_level": level, "suppressed": suppressed,
-                "platforms": json.loads(platforms), "merged_from": json.loads(merged_from),
-                "members": [], "sightings": [], "alerts": [],
-            }
-        # Rows recorded under a merged-away id belong to its survivor; merged_from
-        # lists every id folded in, transitively.
-        owner = {cid: cid for cid in by_id}
-        for cid, doc in by_id.items():
-            owner.update({m: cid for m in doc["merged_from"]})
-        ids = list(owner)
-        for chunk in (ids[i:i + 500] for i in range(0, len(ids), 500)):
-            marks = ",".join("?" * len(chunk))
-            for row in self._db.execute(
-                f"""SELECT cluster_id, sha256, phash, pdq, pdq_quality, event_id, width, height, format, distance,
-                           views, trimmed
-                    FROM members WHERE cluster_id IN ({marks}) ORDER BY rowid""", chunk
-            ):
-                keys = ("sha256", "phash", "pdq", "pdq_quality", "event_id", "width", "height", "format", "distance")
-                member = dict(zip(keys, row[1:10]))
-                member.update(views=json.loads(row[10]) if row[10] else None, trimmed=bool(row[11]))
-                by_id[owner[row[0]]]["members"].append(member)
-            for row in self._db.execute(
-                f"""SELECT cluster_id, event_id, account_id, platform, posted_at, engagement FROM sightings
-                    WHERE cluster_id IN ({marks})""", chunk
-            ):
-                by_id[owner[row[0]]]["sightings"].append(
-                    dict(zip(("event_id", "account_id", "platform", "posted_at", "engagement"), row[1:])))
-            for cid, doc in self._db.execute(
-                f"SELECT cluster_id, doc FROM alerts WHERE cluster_id IN ({marks}) ORDER BY level", chunk
-            ):
-                by_id[owner[cid]]["alerts"].append(json.loads(doc))
-        return [r for r in by_id.values() if r["members"]]
-
     def iter_members(self) -> Iterator[MemberRow]:
         roots = self._roots()
         for cid, sha, ph, pdq, q, views, trimmed in self._db.execute(
             "SELECT cluster_id, sha256, phash, pdq, pdq_quality, views, trimmed FROM members"
         ):
             yield MemberRow(roots.get(cid, cid), sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed))
-
-    # -- the cluster engine's cold tier ----------------------------------------
-    # Evicted clusters' exact stream state, written synchronously by the
-    # cluster agent before it drops them from its table: the snapshot sink
-    # runs behind the stream, so the findings alone could be stale.
-    def archive_states(self, states: dict[str, bytes]) -> None:
-        with self._tx() as db:
-            db.executemany(
-                """INSERT INTO cluster_states (cluster_id, state) VALUES (?, ?)
-                   ON CONFLICT(cluster_id) DO UPDATE SET state=excluded.state,
-                   archived_at=strftime('%Y-%m-%dT%H:%M:%fZ','now')""",
-                list(states.items()),
-            )
-
-    def archived_state(self, cluster_id: str) -> bytes | None:
-        row = self._db.execute("SELECT state FROM cluster_states WHERE cluster_id=?", (cluster_id,)).fetchone()
-        return row[0] if row else None
-
-    def archived_states(self) -> Iterator[tuple[str, bytes]]:
-        yield from self._db.execute("SELECT cluster_id, state FROM cluster_states")
 
     def sighting_times(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))

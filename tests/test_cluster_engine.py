@@ -92,28 +92,30 @@ def test_redelivered_op_is_not_applied_twice_but_outputs_are_reemitted():
     assert [a.alert_id for a in again.alerts] == [h.alerts[0].alert_id]  # same id: idempotent downstream
 
 
-def hashed(s: Sighting, phash: int) -> Sighting:
-    """The same sighting with a chosen pHash (and an untrusted PDQ), to put
-    pictures at exact Hamming distances from each other."""
+def hashed(s: Sighting, phash: int, pdq_bits: int = 0) -> Sighting:
+    """The same sighting with a chosen pHash and PDQ (its lowest ``pdq_bits``
+    set, trusted), to put pictures at exact Hamming distances from each other."""
     return s.model_copy(update={"sha256": f"{phash:064x}", "hashes": ImageHashes(
-        phash=f"{phash:016x}", pdq="0" * 64, pdq_quality=0)})
+        phash=f"{phash:016x}", pdq=f"{(1 << pdq_bits) - 1:064x}", pdq_quality=90)})
 
 
 def test_image_linking_two_clusters_merges_them_and_counts_add_up():
     h = Harness(Settings(dedupe={"phash_threshold": 10}))
     pic = scene(5)
     a = h.see(hashed(sighting(pic, "e1", 0, "a1", [AI]), 0)).snapshots[-1].cluster_id
-    b = h.see(hashed(sighting(pic, "e2", 1, "a2"), 0xFFFFF)).snapshots[-1].cluster_id  # 20 bits away
+    b = h.see(hashed(sighting(pic, "e2", 1, "a2"), 0xFFFFF, 40)).snapshots[-1].cluster_id  # 20 / 40 bits away
     assert a != b
-    out = h.see(hashed(sighting(pic, "e3", 2, "a3"), 0x3FF))  # 10 bits from each: links them
+    out = h.see(hashed(sighting(pic, "e3", 2, "a3"), 0x3FF, 20))  # 10 / 20 bits from each: both hashes link them
     survivor = out.snapshots[-1]
     merged = [s for s in out.snapshots if s.merged_into]
     assert len(merged) == 1 and merged[0].merged_into == survivor.cluster_id
     assert {survivor.cluster_id, merged[0].cluster_id} == {a, b}
     assert survivor.sightings == 3 and survivor.merged_from == [merged[0].cluster_id]
     assert len(survivor.members) == 3 and survivor.verdict == "likely-ai"  # evidence travels with the merge
+    audit = h.get(survivor.cluster_id).merges
+    assert [(m.other, m.link_sha256, m.into_phash, m.into_pdq) for m in audit] == [(merged[0].cluster_id, f"{0x3FF:064x}", 10, 20)]
     # Ops addressed to the merged cluster land in the survivor.
-    later = h.see(hashed(sighting(pic, "e4", 3, "a4"), 0xFFFFF))
+    later = h.see(hashed(sighting(pic, "e4", 3, "a4"), 0xFFFFF, 40))
     assert later.snapshots[-1].cluster_id == survivor.cluster_id
 
 
@@ -192,3 +194,17 @@ def test_cold_clusters_are_evicted_and_revived_when_their_picture_resurfaces():
     assert back.snapshots[-1].cluster_id == first  # revived, not a new cluster
     st = h.get(first)
     assert st.sightings == 2 and st.verdict == "likely-ai" and first not in h.engine.cold
+
+
+def test_a_clearly_better_copy_is_sent_to_the_models_again():
+    h = Harness(Settings(detect={"models": ["clip-probe"]}))
+    pic = scene(11)
+    small = h.see(sighting(pic.resize((320, 240)), "e1", 0))
+    assert [r.sha256 for r in small.detect_requests] == [small.snapshots[-1].new_sighting.sha256]
+    cid = small.snapshots[-1].cluster_id
+    same = h.see(sighting(pic.resize((320, 240)), "e2", 1, quality=70))  # no better: no new request
+    assert same.snapshots[-1].cluster_id == cid and same.detect_requests == []
+    big = h.see(sighting(pic.resize((640, 480)), "e3", 2))  # 4x the pixels
+    assert big.snapshots[-1].cluster_id == cid
+    assert [(r.cluster_id, r.sha256) for r in big.detect_requests] == [(cid, big.snapshots[-1].new_sighting.sha256)]
+    assert h.get(cid).models_pending and h.get(cid).detect_sha256 == big.snapshots[-1].new_sighting.sha256

@@ -11,40 +11,47 @@ data; ``ClusterIndex`` docstring has the pairing rule). Members rebuilt
 without views still match on their full hashes; persisting ``views`` and
 ``trimmed`` with members keeps crop-of-a-member matching across rebuilds.
 
+Cluster precision
+-----------------
+Members only nominate candidate clusters; an image joins a cluster when it
+matches the cluster's *picture*: one of its representatives (the founder, a
+larger copy the founder is a crop of, the founders of merged clusters) with
+their views, under the pair rule. So a chain of small drifts (crop of a crop,
+a similar picture near a repost) never reaches a different picture. An image
+matching several pictures links them only when pHash *and* PDQ both agree with
+each side; the merge is audited (``MergeAudit``: link, distances), otherwise
+it joins the nearest picture and ``declined`` lists the others. Only
+representatives are indexed. Flat pictures (PDQ quality < ``FLAT_QUALITY``)
+never match detailed ones.
+
 Distribution design
 -------------------
 Near neighbours cannot be found by key-partitioning: two reposts of one picture
 have different sha256 and different (if close) hashes, so no partitioning key
-sends them to the same worker, and LSH-style bucketing by hash prefix is lossy
-(a one-bit change in the prefix moves the image). The stream therefore keeps
-*one* logical cluster index:
+sends them to the same worker. The stream therefore keeps *one* logical
+cluster index:
 
-* **Single writer.** A cluster agent consumes a 1-partition ``dedupe`` topic and
-  is the only process that calls ``ClusterIndex.assign``. Its decisions (new
-  member -> cluster id, merges, representative flag, last-seen) are written to a
-  changelog-backed table. ``assign`` is deterministic and reads only index
-  state, so a restarted writer that replays the changelog (``add``/``merge``)
-  and then the uncommitted tail of the topic reproduces the same ids and merges.
-* **Read replicas.** Every worker rebuilds a replica ``ClusterIndex`` from the
-  same changelog and uses ``lookup`` for reads (``deepwatch similar``, enriching
-  alerts, bank checks), so reads scale with workers without touching the writer.
-* **Scaling the writer.** The writer's work per image is one batched range
-  search (~sub-millisecond at millions of codes, see ``bench/neardup.py``) plus
-  a dict update; hashing -- the expensive part -- happens upstream in the
-  partitioned workers, which send only (sha256, hashes, ts) to the writer. If one
-  writer is ever not enough, workers can pre-filter with their replica: an image
-  whose sha256 is already a member, or whose lookup finds exactly one cluster,
-  can be answered locally and only *founding* and *linking* images need the
-  writer's serialisation; the writer still records every decision so merges stay
-  single-sourced.
+* **Single writer.** The cluster stage (``streams.cluster_stage``) consumes the
+  1-partition ``cluster-ops`` topic and is the only caller of
+  ``ClusterIndex.assign``. Its decisions live in the changelog-backed
+  ``clusters`` table (and, write-through, in ``streams.engine_state``).
+  ``assign`` is deterministic and reads only index state, so a restarted
+  writer that rebuilds from the table (``add``) and replays the uncommitted
+  tail reproduces the same ids and merges.
+* **Reads.** ``deepwatch similar`` builds its own index from the findings
+  store's members (``index_members=True``: "near any member?"); nothing reads
+  the writer's index.
+* **Past one writer** (see ``streams.clustering``): candidate search can be
+  partitioned by hash bands (the MIH substrings of ``HammingIndex``), with a
+  merge protocol on the single ordered topic.
 * **Bounded memory.** ``evict_older_than(ts)`` drops clusters not seen since
-  ``ts`` (event time) from the hot set; the caller persists them in the findings
-  store, where ``deepwatch similar`` can still find them. A cold picture that
-  comes back founds a fresh hot cluster (the caller may link it to the archived
-  one by a store lookup).
+  ``ts`` (event time) from the hot set; the stage archives their exact state
+  in ``streams.engine_state`` and keeps their hashes in a compact cold index.
+  A cold picture that comes back *revives* its old cluster (same id, counts
+  carry on) instead of founding a fresh one.
 """
 
-from detectors.neardup.clusters import Assignment, ClusterIndex, Match, Via, cluster_id_for, pair_match
+from detectors.neardup.clusters import Assignment, ClusterIndex, Match, MergeAudit, Via, cluster_id_for, pair_match
 from detectors.neardup.hamming import HammingIndex
 
-__all__ = ["Assignment", "ClusterIndex", "HammingIndex", "Match", "Via", "cluster_id_for", "pair_match"]
+__all__ = ["Assignment", "ClusterIndex", "HammingIndex", "Match", "MergeAudit", "Via", "cluster_id_for", "pair_match"]

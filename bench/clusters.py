@@ -1,0 +1,199 @@
+"""Cluster bench: does a feed of reposts end as one cluster per picture?
+
+Pairwise match rates say little about clusters: one false link chains two
+pictures together. So this bench builds a feed over the shared data sets --
+every picture as its original plus every repost shape of
+``bench.neardup_transforms.CLUSTER_TRANSFORMS`` (recompress, resize, centre and
+off-centre crops, captions and bars top and bottom covering up to 1/6,
+borders, mirrors, screenshots) -- shuffles it, feeds it to
+``ClusterIndex.assign`` in that order (the engine's decision unit, without
+broker) and reports:
+
+* clusters per picture (target <= 1.02) and the pictures split;
+* pictures per cluster: clusters holding two distinct pictures (target 0) and
+  the largest chain (most distinct pictures in one cluster);
+* splits per transform: variants not in their picture's main cluster;
+* merges with their audit, and a replay of the whole feed (must change nothing).
+
+"Distinct pictures": the shared sets hold some pictures twice under different
+names (one render saved twice, a camera JPEG and its HDR-off twin). Files whose
+pixels are near-identical (32x32 grey thumbnails within 3 grey levels on
+average, same aspect) count as one picture; the bench lists those groups.
+Same-prompt different-seed generations are *different* pictures here, which is
+exactly what a cluster must keep apart. The report also says how many impure
+clusters are not even one *composition* (``LOOSE_DIFF``): the rest hold
+generation variants of one seed or exposure variants of one shot.
+
+    .venv/bin/python bench/clusters.py [--limit N] [--seed 1] [DIR ...]
+
+DIRs default to ../shared/data/{detect-dev,detect-dev2,train-extra}; skips with
+the reason when they are absent. Hashes are cached under the temp dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import typer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.neardup_images import load_images  # noqa: E402
+from bench.neardup_transforms import CLUSTER_TRANSFORMS  # noqa: E402
+from detectors.hashing import HASHES_VERSION, VIEW_BOXES, ImageHashes, compute_hashes  # noqa: E402
+from detectors.imagedata import ImageData  # noqa: E402
+from detectors.neardup import ClusterIndex  # noqa: E402
+
+DEFAULT_DIRS = ["detect-dev", "detect-dev2", "train-extra"]
+# A second, looser identity for the report only: same composition (32x32 grey
+# within 12 levels on average) -- one seed rendered on different compute
+# units, HDR on/off of one shot -- which a desk may well call one picture.
+LOOSE_DIFF = 12.0
+
+
+def _orig_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def picture_groups(images, max_diff: float = 3.0) -> list[int]:
+    """Group id per image: near-identical pixels (see module docstring) share one."""
+    thumbs = np.stack([np.asarray(im.convert("L").resize((32, 32)), dtype=np.float32) for _, im in images])
+    aspect = np.array([im.width / im.height for _, im in images])
+    group = list(range(len(images)))
+
+    def find(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    for i in range(len(images)):
+        diff = np.abs(thumbs[i + 1:] - thumbs[i]).mean(axis=(1, 2))
+        for j in np.nonzero((diff <= max_diff) & (np.abs(aspect[i + 1:] / aspect[i] - 1) < 0.02))[0] + i + 1:
+            group[find(int(j))] = find(i)
+    return [find(i) for i in range(len(images))]
+
+
+def hashed_variants(images, cache_dir: Path) -> list[tuple[int, str, str, ImageHashes]]:
+    """(image index, transform, sha256, hashes) for every original and variant."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    views_key = hashlib.sha256(f"{HASHES_VERSION}{VIEW_BOXES!r}".encode()).hexdigest()[:8]  # hashes change with these
+    out = []
+    for i, (name, im) in enumerate(images):
+        key = hashlib.sha256((name + "|" + ",".join(CLUSTER_TRANSFORMS)).encode()).hexdigest()[:24]
+        f = cache_dir / f"{key}-{views_key}.json"
+        if f.exists():
+            rows = json.loads(f.read_text())
+        else:
+            rows = []
+            for t, fn in {"original": _orig_bytes, **CLUSTER_TRANSFORMS}.items():
+                data = ImageData(fn(im))
+                rows.append([t, data.sha256, compute_hashes(data).model_dump()])
+            f.write_text(json.dumps(rows))
+        out.extend((i, t, sha, ImageHashes.model_validate(h)) for t, sha, h in rows)
+    return out
+
+
+def run(feed, index: ClusterIndex) -> tuple[dict[str, str], list]:
+    merges = []
+    for _, _, sha, h in feed:
+        a = index.assign(sha, h)
+        merges.extend(a.merge_audit)
+    return {sha: index.cluster_of(sha) for _, _, sha, _ in feed}, merges
+
+
+def main(
+    dirs: list[Path] = typer.Argument(None, help="image directories (default: the shared data sets)"),
+    limit: int = typer.Option(0, help="use only the first N distinct images (0: all)"),
+    seed: int = typer.Option(1, help="feed order"),
+    cache: Path = typer.Option(Path(tempfile.gettempdir()) / "dw-cluster-bench", help="hash cache directory"),
+) -> None:
+    dirs = dirs or [REPO.parent / "shared" / "data" / d for d in DEFAULT_DIRS]
+    missing = [d for d in dirs if not d.is_dir()]
+    if missing:
+        print(f"SKIP: image directories not found: {', '.join(map(str, missing))} (the shared data sets live in ../shared/data)")
+        raise typer.Exit(0)
+    t0 = time.perf_counter()
+    images = load_images(dirs, limit=limit or None)
+    group = picture_groups(images)
+    loose = picture_groups(images, LOOSE_DIFF)
+    members: dict[int, list[str]] = defaultdict(list)
+    for i, g in enumerate(group):
+        members[g].append(images[i][0])
+    twins = [v for v in members.values() if len(v) > 1]
+    feed = hashed_variants(images, cache)
+    random.Random(seed).shuffle(feed)
+    prep = time.perf_counter() - t0
+
+    index = ClusterIndex()
+    t1 = time.perf_counter()
+    cluster_of, merges = run(feed, index)
+    took = time.perf_counter() - t1
+    before = (index.n_clusters, index.n_members)
+    replay, replay_merges = run(feed, index)
+    replay_same = replay == cluster_of and not replay_merges and (index.n_clusters, index.n_members) == before
+
+    pic_of_sha: dict[str, int] = {}
+    transform_of: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    first_file = {}
+    for i, g in enumerate(group):
+        first_file.setdefault(g, i)
+    for i, t, sha, _ in feed:
+        pic_of_sha.setdefault(sha, group[i])
+        transform_of[sha].append((group[i], t))
+    clusters_by_pic: dict[int, Counter] = defaultdict(Counter)
+    pics_by_cluster: dict[str, set[int]] = defaultdict(set)
+    for i, t, sha, _ in feed:
+        clusters_by_pic[group[i]][cluster_of[sha]] += 1
+        pics_by_cluster[cluster_of[sha]].add(group[i])
+    main_cluster = {p: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for p, c in clusters_by_pic.items()}
+    n_pics = len(clusters_by_pic)
+    cpp = np.mean([len(c) for c in clusters_by_pic.values()])
+    split = sorted(p for p, c in clusters_by_pic.items() if len(c) > 1)
+    impure = {cid: ps for cid, ps in pics_by_cluster.items() if len(ps) > 1}
+    largest = max(len(ps) for ps in pics_by_cluster.values())
+    per_t: dict[str, list[bool]] = defaultdict(list)
+    for i, t, sha, _ in feed:
+        per_t[t].append(cluster_of[sha] != main_cluster[group[i]])
+
+    print(f"# deepwatch cluster bench: {len(images)} files from {', '.join(str(d) for d in dirs)}")
+    print(f"{n_pics} distinct pictures ({len(twins)} groups of near-identical files counted once), "
+          f"{len(feed)} events ({1 + len(CLUSTER_TRANSFORMS)} per file: original + every transform), seed {seed}")
+    for v in twins:
+        print(f"  one picture: {'  ~  '.join(v)}")
+    print(f"\n{'metric':40s} {'value':>10s}  target")
+    print(f"{'clusters':40s} {index.n_clusters:10d}")
+    print(f"{'clusters per picture':40s} {cpp:10.3f}  <= 1.02")
+    print(f"{'pictures split over >1 cluster':40s} {len(split):10d}")
+    print(f"{'pictures per cluster':40s} {np.mean([len(p) for p in pics_by_cluster.values()]):10.3f}")
+    print(f"{'clusters holding >1 distinct picture':40s} {len(impure):10d}  0")
+    print(f"{'  pictures in those clusters':40s} {sum(len(ps) for ps in impure.values()):10d}")
+    loose_impure = [c for c, ps in impure.items() if len({loose[first_file[p]] for p in ps}) > 1]
+    print(f"{'  of which not one composition (loose)':40s} {len(loose_impure):10d}")
+    print(f"{'largest chain (pictures in one cluster)':40s} {largest:10d}  1")
+    print(f"{'merges (audited)':40s} {len(merges):10d}")
+    print(f"{'replay of the whole feed changes nothing':40s} {str(replay_same):>10s}  True")
+    print(f"\n{'transform':24s} {'split':>6s} {'of':>5s}")
+    for t in ["original", *CLUSTER_TRANSFORMS]:
+        print(f"{t:24s} {sum(per_t[t]):6d} {len(per_t[t]):5d}")
+    for cid, ps in sorted(impure.items())[:10]:
+        print(f"  impure cluster {cid}: " + " + ".join(members[p][0] for p in sorted(ps)))
+    for m in merges[:10]:
+        print(f"  merge: {m.model_dump_json()}")
+    print(f"\nassign: {len(feed) / took:,.0f} ops/s (in-process, one core; prep {prep:.0f} s incl. decode+hash)")
+
+
+if __name__ == "__main__":
+    typer.run(main)

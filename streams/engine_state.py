@@ -1,0 +1,126 @@
+"""The cluster engine's own durable state, apart from the findings store.
+
+The cluster stage's primary state is its changelog-backed table on the
+broker. This store is the engine's second copy, for what the broker cannot
+give it:
+
+* **Cold tier.** Clusters evicted from the hot index (idle longer than the hot
+  window) leave the table; their exact state is archived here first, and a
+  picture that resurfaces revives its cluster from here.
+* **Seeding a fresh broker.** The embedded broker may start empty over an old
+  data directory (``deepwatch replay`` twice). Every state the stage writes is
+  also written here (write-through, one small transaction per op, ~0.1 ms), so
+  a fresh table carries on from the exact engine state: counts, trailing
+  window (duplicate events recognised), alert levels, merges.
+
+The findings store stays at the end of the flow (sinks write it, queries read
+it); nothing in the engine reads it. ``EngineStateStore`` is the interface,
+``SqliteEngineState`` the embedded backend (one file in the data directory).
+Offsets in a state belong to the broker that wrote them: ``reset_offsets``
+clears them when a fresh broker starts over the same file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Protocol
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS engine_states (
+    cluster_id TEXT PRIMARY KEY,
+    state BLOB NOT NULL,
+    archived INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS engine_states_archived ON engine_states(archived);
+"""
+
+
+class EngineStateStore(Protocol):
+    def put(self, states: dict[str, bytes]) -> None: ...
+    def archive(self, states: dict[str, bytes]) -> None: ...
+    def get(self, cluster_id: str) -> bytes | None: ...
+    def hot(self) -> Iterator[tuple[str, bytes]]: ...
+    def archived(self) -> Iterator[tuple[str, bytes]]: ...
+    def close(self) -> None: ...
+
+
+class SqliteEngineState:
+    """``put`` upserts hot states, ``archive`` moves states to the cold tier;
+    a later ``put`` of an archived cluster (revived) makes it hot again.
+    ``hot``/``archived`` iterate in first-write order, so a rebuilt index adds
+    clusters in the order they were created."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # one writer, state also on the changelog: a power cut may lose the
+        # last few ops here, which the broker still holds; no fsync per op
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM engine_states").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _upsert(self, states: dict[str, bytes], archived: int) -> None:
+        if not states:
+            return
+        rows = []
+        for cid, raw in states.items():
+            self._seq += 1
+            rows.append((cid, raw, archived, self._seq))
+        with self._tx() as db:
+            db.executemany(
+                """INSERT INTO engine_states (cluster_id, state, archived, seq) VALUES (?, ?, ?, ?)
+                   ON CONFLICT(cluster_id) DO UPDATE SET state=excluded.state, archived=excluded.archived""",
+                rows,
+            )
+
+    def put(self, states: dict[str, bytes]) -> None:
+        self._upsert(states, 0)
+
+    def archive(self, states: dict[str, bytes]) -> None:
+        self._upsert(states, 1)
+
+    def get(self, cluster_id: str) -> bytes | None:
+        row = self._db.execute("SELECT state FROM engine_states WHERE cluster_id=?", (cluster_id,)).fetchone()
+        return row[0] if row else None
+
+    def get_archived(self, cluster_id: str) -> bytes | None:
+        row = self._db.execute(
+            "SELECT state FROM engine_states WHERE cluster_id=? AND archived=1", (cluster_id,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def hot(self) -> Iterator[tuple[str, bytes]]:
+        yield from self._db.execute("SELECT cluster_id, state FROM engine_states WHERE archived=0 ORDER BY seq")
+
+    def archived(self) -> Iterator[tuple[str, bytes]]:
+        yield from self._db.execute("SELECT cluster_id, state FROM engine_states WHERE archived=1 ORDER BY seq")
+
+    def count(self) -> tuple[int, int]:
+        """(hot, archived) states."""
+        rows = dict(self._db.execute("SELECT archived, COUNT(*) FROM engine_states GROUP BY archived").fetchall())
+        return rows.get(0, 0), rows.get(1, 0)
+
+
+def open_engine_state(data_dir: Path) -> SqliteEngineState:
+    return SqliteEngineState(Path(data_dir) / "engine-state.sqlite")
