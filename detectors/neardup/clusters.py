@@ -1,42 +1,39 @@
 """Near-duplicate clustering: which picture (cluster) does this image show?
 
-Decision rule (the one ``bench/neardup.py`` measures): an image matches an
-indexed member when
+Pair rule (the one ``bench/neardup.py`` measures, ``pair_match``): an image
+matches another when
 
 * its pHash, or the pHash of its mirror image, is within ``phash_threshold``
-  bits of the member's pHash, or
-* its PDQ (or mirrored PDQ) is within ``pdq_threshold`` bits of the member's
+  bits of the other's pHash, or
+* its PDQ (or mirrored PDQ) is within ``pdq_threshold`` bits of the other's
   PDQ *and both* PDQ qualities are >= ``pdq_min_quality`` (PDQ of flat,
-  low-detail images is noise; such members are not put in the PDQ index).
+  low-detail images is noise).
 
-Views (crops and screenshots): an image also carries the pHashes of a few
-*views* (``ImageHashes.views``: the content inside a detected border, and
-centre crops). They are indexed next to the member's pHash and pointing to the
-same member; a pair also matches when, within ``view_threshold`` bits,
+Views (crops, screenshots, captions): an image also carries the pHashes of
+*views* (``ImageHashes.views``: the content inside a detected frame, centre
+crops, off-centre crops, bands without the top/bottom edge). A pair also
+matches, within ``view_threshold`` bits, when
 
-* the image's pHash (or mirrored pHash) equals one of the member's views (the
-  image is a crop of the member, or the member a framed copy of it),
-* one of the image's views equals the member's pHash (the other way round), or
-* a *trimmed-border* view on either side equals any view on the other (two
-  screenshots of one picture; a screenshot of a crop).
+* the image's pHash (or mirrored pHash) equals one of the other's views (the
+  image is a crop of it, or it a framed copy of the image), or the other way
+  round,
+* a *trimmed-frame* view on either side equals any code on the other (two
+  screenshots of one picture; a screenshot of a crop), or
+* a band view equals the *same* band on the other (a caption bar over an edge).
 
-A crop view never matches another crop view (both are just the full pictures
-again, and every extra pair compared costs false matches). Such matches report
-``via="phash_view"``. Members indexed without views (records from before views,
-rebuilt from stored pHash/PDQ) still match on their full hashes, and an image's
-own views still reach them.
+Other crop views never meet crop views (more pairs, more false matches).
+Framed images (``_framed``) never match on their full-frame hashes, which
+show the frame; their mirror code is their trimmed view's. Flat pictures
+(PDQ quality < ``FLAT_QUALITY``) match only flat ones.
 
-Matching a member is necessary but not sufficient: the image must also be
-within the *representative bound* of the member's cluster (pHash within
-``max_representative_distance`` of one of the cluster's representatives, or
-PDQ within the same bound scaled by ``pdq_threshold / phash_threshold``;
-default twice each threshold; views count under the same pairing rules). Without it a cluster could creep across
-unrelated pictures one small drift at a time (crop of a crop of a crop...).
-A cluster's representative is its founding image; a merge keeps the
-representatives of both sides.
-
-Merges: when an image matches several clusters it joins the one with the most
-members (ties: the smallest cluster id) and the others are merged into it.
+Clusters (``ClusterIndex``): members only nominate candidate clusters; an
+image joins a cluster when it matches one of the cluster's *representatives*
+(its founder, a larger copy whose crop is the founder, founders of clusters
+merged in) -- never merely another member, so no single-link chains. An image
+matching several pictures links them only when pHash *and* PDQ agree, full
+frame, with each (``_agreement``); the merge is audited (``MergeAudit``).
+Otherwise it joins the nearest picture (ties: most members, smallest id) and
+``Assignment.declined`` names the others. Only representatives are indexed.
 The rule reads only index state, never arrival order or wall clock, so a
 replica fed the same sequence of ``assign`` calls -- or rebuilt with ``add``
 from persisted members -- makes the same decisions and the same ids.
@@ -109,8 +106,7 @@ def _framed(views: list[str] | None, trimmed: bool) -> bool:
     the whole image's hashes: two framed copies of *different* pictures match
     on them (the cluster bench found screenshots gluing unrelated pictures at
     0 bits). Such an image is matched by its trimmed view, crops, and the
-    mirror of its trimmed view (at the view radius, against full frames and
-    trimmed views only). Measured alternative on the cluster bench: allowing
+    mirror of its trimmed view (at the view radius). Measured alternative on the cluster bench: allowing
     full-frame pairs between a framed and an unframed image (only
     framed-framed refused): 0.09 fewer clusters per picture, 39 more impure
     clusters."""
@@ -121,7 +117,9 @@ def _view_codes(h: ImageHashes) -> list[tuple[int, str]]:
     """Every query-side pHash code: (kind, hex)."""
     if _framed(h.views, h.trimmed):
         # the mirror of the trimmed view (``ImageHashes.phash_mirror``): a
-        # mirrored framed repost; it meets full frames and trimmed views only
+        # mirrored framed repost; view radius, and crop views only of framed
+        # pictures (against unframed ones it cost the cluster bench 25 impure
+        # clusters)
         mirror = [(_Q_MIRROR, h.phash_mirror)] if h.phash_mirror else []
         return mirror + view_slots(h.views, h.trimmed)
     out = [(_Q_FULL, h.phash)]
@@ -474,9 +472,10 @@ class ClusterIndex:
                 full_pair = q.full[:, None] & (r.slots == _FULL)[None, :]
                 allowed = ~(q.crop[:, None] & (r.slots >= _CROP0)[None, :]) | (
                     (q.kinds[:, None] == r.slots[None, :]) & (q.kinds >= _BAND0)[:, None])
-                if q.framed:  # its mirror code is a trimmed view's: view radius, frames only
-                    allowed &= ~(q.full[:, None] & (r.slots >= _CROP0)[None, :])
-                    full_pair = np.zeros_like(full_pair)
+                if q.framed:  # its mirror code is a trimmed view's: the view radius,
+                    full_pair = np.zeros_like(full_pair)  # and crop views of framed pictures only
+                    if not r.framed:
+                        allowed &= ~(q.full[:, None] & (r.slots >= _CROP0)[None, :])
                 hit = allowed & (d <= np.where(full_pair, self.rep_phash, self.rep_view))
                 if hit.any():
                     qi, ri = np.nonzero(hit)
