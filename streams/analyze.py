@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from detectors.base import Detector, Evidence, create_all
+from detectors.base import Detector, Evidence, EvidenceKind, create_all
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import ImageData, process_budget
 from streams.records import ImageEvent, ImageRef, Sighting, SourceRef
@@ -53,7 +53,7 @@ class Analyzer:
             self._store_cache(image.sha256, hashes, evidence)
         self._refresh_banks()
         if self._banks is not None:
-            evidence = [e for e in evidence if not e.detector.startswith("bank:")] + self._bank_evidence(image.sha256, hashes)
+            evidence = [e for e in evidence if e.kind is not EvidenceKind.BANK] + self._bank_evidence(image.sha256, hashes)
         light_event = event.model_copy(update={"image": _without_inline(event.image, image.sha256)})
         return Sighting(
             event=light_event, source=source, sha256=image.sha256,
@@ -99,7 +99,7 @@ class Analyzer:
 
     # Bump when hashes or cheap detectors change what they compute, so cached
     # analyses of old images are recomputed rather than reused.
-    CACHE_VERSION = 2
+    CACHE_VERSION = 3  # 3: hashes carry off-centre and caption-band views (cluster precision)
 
     def _cache_path(self, sha256: str) -> Path:
         return self._cache_dir / f"{sha256}.v{self.CACHE_VERSION}.json"
