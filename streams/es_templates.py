@@ -47,7 +47,7 @@ _LOWER_KEYWORD = {"type": "keyword", "normalizer": "deepwatch_lowercase", "ignor
 _EVIDENCE = {
     "type": "nested",
     "properties": {
-        "detector": _KEYWORD, "score": {"type": "float"}, "weight": {"type": "float"},
+        "detector": _KEYWORD, "kind": _KEYWORD, "score": {"type": "float"}, "weight": {"type": "float"},
         "detail": _TEXT_WITH_KEYWORD, "sha256": _KEYWORD,
         "data": {"type": "object", "enabled": False},  # detector-specific, shown not searched
     },
