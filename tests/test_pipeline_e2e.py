@@ -48,13 +48,15 @@ def replayed(request, tmp_path_factory):
 
         es = FakeElasticsearch().start()
         STORE_ENV["DEEPWATCH_FINDINGS__URL"] = es.url.replace("http://", "es://")
-    root = tmp_path_factory.mktemp(f"e2e-{request.param}")
-    feed, exp = build_feed(root / "feed")
-    data = root / "data"
-    r = deepwatch("replay", str(feed), "--data-dir", str(data), "--json", "--timeout", "240")
-    assert r.returncode == 0, f"replay failed:\n{r.stdout}\n{r.stderr[-4000:]}"
-    yield feed, exp, data, json.loads(r.stdout)
-    STORE_ENV.clear()
+    try:  # STORE_ENV is shared with modules that import deepwatch(): never leave it set
+        root = tmp_path_factory.mktemp(f"e2e-{request.param}")
+        feed, exp = build_feed(root / "feed")
+        data = root / "data"
+        r = deepwatch("replay", str(feed), "--data-dir", str(data), "--json", "--timeout", "240")
+        assert r.returncode == 0, f"replay failed:\n{r.stdout}\n{r.stderr[-4000:]}"
+        yield feed, exp, data, json.loads(r.stdout)
+    finally:
+        STORE_ENV.clear()
     if es is not None:
         es.stop()
         assert not es.crashes and not es.unhandled, (es.crashes, [(u.method, u.path) for u in es.unhandled])

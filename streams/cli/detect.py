@@ -32,6 +32,7 @@ from detectors.base import Detector, create_all
 from detectors.fusion import fuse
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected
 from streams.cli.app import app
+from streams.cli.common import UserError
 
 # Directory walks pick these; files named explicitly are always tried.
 IMAGE_SUFFIXES = frozenset(
@@ -77,7 +78,7 @@ def load_model_detectors(
         try:
             loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head))
         except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-            raise typer.BadParameter(f"{e}", param_hint="--model") from e
+            raise UserError(f"--model {name}: {e}") from None
     for name in [n for n in configured if n not in VENDORS] + enabled_vendors(configured):
         if name in asked:
             continue
