@@ -467,12 +467,28 @@ class EsFindingsStore:
         ids = [cluster_id, *((doc[0]["_source"].get("merged_from") or []) if doc else [])]
         hits = self._search(self.names["sightings"], query={"terms": {"cluster_id": ids}}, size=min(limit, MAX_CANDIDATES),
                             sort=[{"@timestamp": "desc"}, {"event_id": "asc"}],
-                            source={"excludes": ["@timestamp", "schema_version", "account_handle_norm", "source"]})
-        out = []
-        for h in hits["hits"]["hits"]:
-            src = dict(h["_source"])
-            src["text"] = src.get("text") or None
-            out.append(SightingRecord.model_validate({k: src.get(k) for k in SightingRecord.model_fields}))
+                            source=_SIGHTING_SOURCE)
+        return [_sighting_from_doc(h["_source"]) for h in hits["hits"]["hits"]]
+
+    def sightings(self, *, cluster_ids: list[str] | None = None, account_id: str | None = None,
+                  newest_first: bool = False, limit: int | None = None) -> list[SightingRecord]:
+        """Sightings as recorded (see ``FindingsStore.sightings``): a terms /
+        term filter over the sightings data stream, paged with search_after."""
+        filters: list[dict[str, Any]] = []
+        if cluster_ids is not None:
+            if not cluster_ids:
+                return []
+            filters.append({"terms": {"cluster_id": sorted(set(cluster_ids))}})
+        if account_id is not None:
+            filters.append({"term": {"account_id": account_id}})
+        order = "desc" if newest_first else "asc"
+        hits = self._scan(self.names["sightings"], {"bool": {"filter": filters}},
+                          [{"@timestamp": order}, {"event_id": order}], _SIGHTING_SOURCE)
+        out: list[SightingRecord] = []
+        for h in hits:
+            out.append(_sighting_from_doc(h["_source"]))
+            if limit and len(out) >= limit:
+                break
         return out
 
     def _matching_clusters(self, q: ClusterQuery) -> dict[str, float]:
@@ -658,6 +674,15 @@ def processed_action(index: str, source: Any, outcome: str, event_id: str | None
 def _alert_from_doc(doc: dict[str, Any]) -> Alert:
     """The ``Alert`` message back from its stored document (``add_alert``)."""
     return Alert.model_validate({k: v for k, v in doc.items() if k not in ("@timestamp", "evidence_summary")})
+
+
+_SIGHTING_SOURCE = {"excludes": ["@timestamp", "schema_version", "account_handle_norm", "source"]}
+
+
+def _sighting_from_doc(doc: dict[str, Any]) -> SightingRecord:
+    src = dict(doc)
+    src["text"] = src.get("text") or None
+    return SightingRecord.model_validate({k: src.get(k) for k in SightingRecord.model_fields})
 
 
 def sighting_doc(cluster_id: str, s: Sighting) -> dict[str, Any]:

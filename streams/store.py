@@ -399,16 +399,32 @@ class SqliteFindingsStore:
             """SELECT event_id, cluster_id, sha256, platform, account_id, account_handle, post_url, posted_at, text,
                       hashtags, lang, engagement FROM sightings WHERE {where}""", ids))
         rows.sort(key=lambda r: (-_julian(r[7]), r[0]))
-        keys = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url", "posted_at",
-                "text", "hashtags", "lang", "engagement")
-        out = []
-        for row in rows[:limit]:
-            d = dict(zip(keys, row))
-            d["hashtags"] = d["hashtags"].split() if d["hashtags"] else []
-            d["engagement"] = json.loads(d["engagement"])
-            d["text"] = d["text"] or None
-            out.append(SightingRecord.model_validate(d))
-        return out
+        return [_sighting_record(row) for row in rows[:limit]]
+
+    def sightings(self, *, cluster_ids: list[str] | None = None, account_id: str | None = None,
+                  newest_first: bool = False, limit: int | None = None) -> list[SightingRecord]:
+        """Sightings as recorded (see ``FindingsStore.sightings``)."""
+        where, args = [], []
+        if cluster_ids is not None:
+            if not cluster_ids:
+                return []
+            where.append("cluster_id IN (SELECT value FROM json_each(?))")
+            args.append(json.dumps(list(cluster_ids)))
+        if account_id is not None:
+            where.append("account_id = ?")
+            args.append(account_id)
+        order = "DESC" if newest_first else "ASC"
+        sql = ("SELECT event_id, cluster_id, sha256, platform, account_id, account_handle, post_url, posted_at, text, "
+               "hashtags, lang, engagement FROM sightings" + (" WHERE " + " AND ".join(where) if where else "")
+               + f" ORDER BY julianday(posted_at) {order}, event_id {order}" + (" LIMIT ?" if limit else ""))
+        if limit:
+            args.append(int(limit))
+        return [_sighting_record(row) for row in self._db.execute(sql, args)]
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits to the file: lets a
+        reader cache derived views until the findings change."""
+        return self._db.execute("PRAGMA data_version").fetchone()[0]
 
     def _matching_roots(self, q: ClusterQuery) -> dict[str, float]:
         """Surviving cluster id -> best relevance (bm25: lower is better) over
@@ -568,6 +584,18 @@ class SqliteFindingsStore:
 
     def sighting_times(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))
+
+
+_SIGHTING_COLS = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
+                  "posted_at", "text", "hashtags", "lang", "engagement")
+
+
+def _sighting_record(row: tuple) -> SightingRecord:
+    d = dict(zip(_SIGHTING_COLS, row))
+    d["hashtags"] = d["hashtags"].split() if d["hashtags"] else []
+    d["engagement"] = json.loads(d["engagement"])
+    d["text"] = d["text"] or None
+    return SightingRecord.model_validate(d)
 
 
 def _julian(ts: str) -> float:

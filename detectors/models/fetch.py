@@ -19,7 +19,6 @@ Nothing in deepwatch downloads weights on its own: this runs only from
 
 from __future__ import annotations
 
-import ipaddress
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from safetensors.torch import save_file
 
 from detectors.models.checkpoint import ModelCard, paths, sha256_file, validate_name, write_card
 from detectors.models.nets import get_arch
+from detectors.netaddr import is_loopback
 
 DEFAULT_MAX_BYTES = 4 * 1024**3
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
@@ -57,23 +57,12 @@ class KnownModel:
 KNOWN_MODELS: dict[str, KnownModel] = {}
 
 
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _source_kind(source: str) -> str:
     u = urlparse(source)
     if u.scheme == "https":
         return "http"
     if u.scheme == "http":
-        if not _is_loopback(u.hostname):
+        if not is_loopback(u.hostname):
             raise FetchError(f"refusing plain-http URL {source!r}: use https (http is allowed only for localhost)")
         return "http"
     if u.scheme == "file" or u.scheme == "" or (len(u.scheme) == 1 and source[1:3] in (":\\", ":/")):
@@ -103,7 +92,7 @@ def _download(source: str, dest: Path, max_bytes: int, progress: Progress | None
     t = httpx.Timeout(timeout, connect=min(10.0, timeout))
     with httpx.Client(timeout=t, follow_redirects=True, max_redirects=5) as client:
         with client.stream("GET", source) as r:
-            if r.url.scheme != "https" and not _is_loopback(r.url.host):
+            if r.url.scheme != "https" and not is_loopback(r.url.host):
                 raise FetchError(f"redirected to non-https URL {r.url}")
             if r.status_code != 200:
                 raise FetchError(f"GET {source} -> HTTP {r.status_code}")

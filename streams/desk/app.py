@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import secrets
 from pathlib import Path
@@ -23,15 +22,17 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from detectors.netaddr import is_loopback
 from streams.desk import views
 from streams.desk.accounts import check_accounts
 from streams.desk.alerting import AlertPath
 from streams.desk.auth import RANK, LoginLimiter, Principal, Users, token_principal, tokens_from_env
 from streams.desk.deskdb import DeskDB
-from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound, sqlite_path
+from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound
 from streams.desk.thumbs import ThumbError, Thumbnails
 from streams.desk.verdicts import Conflict, VerdictIn, Verdicts
 from streams.findings import ClusterQuery as StoreQuery
+from streams.findings import FindingsStore, open_findings
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,31 +42,23 @@ LOGIN_CSRF_COOKIE = "dw_login_csrf"
 SHA256 = r"^[0-9a-f]{64}$"
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 class Desk:
     """Everything one running desk holds, built once per app."""
 
-    def __init__(self, settings: Settings, host: str, findings_path: Path):
+    def __init__(self, settings: Settings, host: str, store: FindingsStore):
         self.settings = settings
         data = Path(settings.data_dir)
         self.open_read = is_loopback(host) and not settings.desk.require_login_on_loopback
         self.secure_cookies = not is_loopback(host)
         self.db = DeskDB(data / "desk.sqlite")
-        self.source = FindingsSource(findings_path, self.db)
+        self.source = FindingsSource(store, self.db)
         self.users = Users(settings.desk.users_file or data / "desk-users.json")
         len(self.users)  # a broken users file stops the start with its reason
         self.tokens = tokens_from_env(settings.desk.tokens_env)
         self.limiter = LoginLimiter(settings.desk.login_failures_per_minute)
         self.alerts = AlertPath(settings)
         self.verdicts = Verdicts(settings, self.source, self.db, self.alerts)
+        self.account_check: asyncio.Future | None = None  # the timer's check in flight, if any
         self.thumbs = Thumbnails(data / "blobs", data / "desk" / "thumbs",
                                  max_bytes=settings.desk.thumb_cache_mb * 1024 * 1024, max_pixels=settings.decode.max_pixels)
 
@@ -75,22 +68,37 @@ class Desk:
         self.db.close()
 
 
+def _open_store(settings: Settings) -> FindingsStore:
+    """The findings store to read; a missing SQLite file is refused (opening
+    would create an empty one), an unreachable Elasticsearch says why."""
+    url = (settings.findings.url or "").strip()
+    if not url or url.startswith("sqlite"):
+        rest = url[len("sqlite://"):] if url.startswith("sqlite://") else ""
+        path = Path(rest) if rest else Path(settings.data_dir) / "findings.sqlite"
+        if not path.exists():
+            raise FileNotFoundError(f"no findings at {path}; run `deepwatch demo` or `deepwatch replay` first")
+    store = open_findings(url or None, settings.data_dir, settings)
+    try:
+        store.count_sightings()  # fail at start, not on the first page
+    except Exception as e:
+        store.close()
+        raise ValueError(f"cannot read the findings store {url}: {e}") from None
+    return store
+
+
 def _error(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
 def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | None = None) -> FastAPI:
-    """The desk over the findings in ``settings.data_dir`` (or ``store_url``,
-    a ``sqlite:///`` path); raises FileNotFoundError/ValueError with a message
-    fit for the command line."""
+    """The desk over the findings in ``settings.data_dir`` (or ``store_url``:
+    ``sqlite:///PATH`` or an Elasticsearch ``es://HOST:9200``); raises
+    FileNotFoundError/ValueError with a message fit for the command line."""
     if store_url:
         # Desk alerts go through the sinks: make them write to the store the desk reads.
         settings = settings.model_copy(deep=True)
         settings.findings.url = store_url
-    findings = sqlite_path(settings.findings.url, Path(settings.data_dir))
-    if not findings.exists():
-        raise FileNotFoundError(f"no findings at {findings}; run `deepwatch demo` or `deepwatch replay` first")
-    desk = Desk(settings, host, findings)
+    desk = Desk(settings, host, _open_store(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -101,6 +109,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            # A check cancelled mid-write would leave a thread writing to a
+            # store we are about to close: let it finish first.
+            if desk.account_check is not None:
+                with contextlib.suppress(Exception):
+                    await desk.account_check
             desk.close()
 
     app = FastAPI(title="deepwatch desk", version="1", lifespan=lifespan,
@@ -393,8 +406,11 @@ def _safe_next(target: str) -> str:
 
 async def _account_loop(desk: Desk) -> None:
     while True:
+        desk.account_check = asyncio.ensure_future(check_accounts(desk.settings, desk.source, desk.db, desk.alerts))
         try:
-            await check_accounts(desk.settings, desk.source, desk.db, desk.alerts)
+            await asyncio.shield(desk.account_check)  # shutdown waits for it instead (see lifespan)
+        except asyncio.CancelledError:
+            raise
         except Exception:
             log.exception("account alert check failed")
         await asyncio.sleep(desk.settings.desk.account_check_s)

@@ -1,6 +1,7 @@
 """The desk's one adapter to the findings store: everything the desk reads
-about clusters, sightings and accounts goes through ``FindingsSource``, so a
-change of store interface is a change here only.
+about clusters, sightings and accounts goes through ``FindingsSource``, and
+``FindingsSource`` reads only through the typed ``FindingsStore`` interface,
+so the desk runs on any findings backend (SQLite or Elasticsearch).
 
 Cluster documents keep the ``deepwatch clusters --format json`` shape; the
 desk's verdict overlay adds a ``desk`` key and, where a verdict says fake or
@@ -10,12 +11,11 @@ own values stay under ``desk.stream_fake_score``/``desk.stream_verdict``).
 
 from __future__ import annotations
 
-import sqlite3
 import threading
+import time
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -23,7 +23,14 @@ from detectors.base import Evidence
 from detectors.fusion import fuse
 from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.findings import ClusterQuery as StoreQuery
-from streams.store import SqliteFindingsStore
+from streams.findings import FindingsStore, SightingRecord
+from streams.store import MemberRow
+
+# How long cached views live on a store with no change signal (Elasticsearch):
+# short enough that the queue feels live, long enough that page loads share one read.
+CACHE_TTL_S = 5.0
+SIGHTING_FIELDS = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
+                   "posted_at", "text")
 
 SortKey = Literal["velocity", "score", "last_seen", "sightings"]
 STREAM_VERDICTS = ("likely-ai", "inconclusive", "no-evidence")
@@ -78,42 +85,39 @@ def desk_bank_evidence(verdict: str, row: OverlayRow) -> Evidence:
                           "source_cluster": row.source_cluster})
 
 
-def sqlite_path(store_url: str | None, data_dir: Path) -> Path:
-    """The SQLite findings file a ``--store`` value names (None: the data dir's).
-    The desk reads sightings and accounts with SQL, so it needs the SQLite store."""
-    url = (store_url or "").strip()
-    if not url or url in ("sqlite", "sqlite:"):
-        return Path(data_dir) / "findings.sqlite"
-    if url.startswith("sqlite://") and len(url) > len("sqlite://"):
-        path = url[len("sqlite://"):]
-        return Path("/" + path.lstrip("/") if path.startswith("/") else path)  # extra slashes tolerated
-    raise ValueError(f"the desk reads the SQLite findings store (sqlite:///PATH, or leave --store out); "
-                     f"{store_url!r} is not supported by the desk yet")
-
-
 class FindingsSource:
-    def __init__(self, findings_path: Path, desk: DeskDB):
-        self.path = Path(findings_path)
-        self.store = SqliteFindingsStore(self.path)
+    def __init__(self, store: FindingsStore, desk: DeskDB, ttl_s: float = CACHE_TTL_S):
+        self.store = store
         self.desk = desk
-        # A read-only connection of our own for the sighting queries the store
-        # interface has no method for (posts, accounts, spread), and for PRAGMA
-        # data_version, which changes whenever another connection commits.
-        self._ro = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False, timeout=30)
+        self.ttl_s = ttl_s
         self._lock = threading.Lock()
-        self._cache_key: tuple[int, int] | None = None
+        self._cache_key: tuple[Any, int] | None = None
         self._cache: dict[str, dict[str, Any]] = {}
+        self._sightings_key: tuple[Any, int] | None = None
+        self._sightings: list[SightingRecord] = []
+        self._ttl_epoch = 0
+        self._ttl_at = 0.0
 
     def close(self) -> None:
-        self._ro.close()
         self.store.close()
+
+    def _store_version(self) -> Any:
+        """A value that changes when the findings change: SQLite's data_version
+        where the store has one, else a counter bumped every ``ttl_s``."""
+        version = getattr(self.store, "data_version", None)
+        if version is not None:
+            return version()
+        now = time.monotonic()
+        if now - self._ttl_at >= self.ttl_s:
+            self._ttl_at, self._ttl_epoch = now, self._ttl_epoch + 1
+        return self._ttl_epoch
 
     # -- clusters -------------------------------------------------------------
     def _all(self) -> dict[str, dict[str, Any]]:
         """Every cluster (merged ones too) with the overlay applied, cached
         until the store or the desk's verdicts change."""
         with self._lock:
-            key = (self._ro.execute("PRAGMA data_version").fetchone()[0], self.desk.version)
+            key = (self._store_version(), self.desk.version)
             if key != self._cache_key:
                 docs = [c.as_json() for c in self.store.clusters(include_merged=True)]
                 overlay = self.desk.overlay()
@@ -131,6 +135,18 @@ class FindingsSource:
     def invalidate(self) -> None:
         with self._lock:
             self._cache_key = None
+            self._sightings_key = None
+            self._ttl_at = 0.0
+
+    def _all_sightings(self) -> list[SightingRecord]:
+        """Every sighting, oldest first, cached like ``_all`` (read only by the
+        account views and the free-text account/URL match, never by the queue)."""
+        with self._lock:
+            key = (self._store_version(), 0)
+            if key != self._sightings_key:
+                self._sightings = self.store.sightings()
+                self._sightings_key = key
+            return self._sightings
 
     def clusters(self, q: ClusterQuery) -> list[dict[str, Any]]:
         docs = [d for d in self._all().values() if not d.get("merged_into")]
@@ -183,12 +199,11 @@ class FindingsSource:
                              *(m["sha256"] for m in d["members"])]).lower()
             if needle in blob:
                 hits.add(roots.get(cid, cid))
-        like = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        for (cid,) in self._ro.execute(
-            """SELECT DISTINCT cluster_id FROM sightings WHERE lower(account_id) LIKE ?1 ESCAPE '\\' OR lower(coalesce(account_handle,'')) LIKE ?1 ESCAPE '\\'
-               OR lower(coalesce(post_url,'')) LIKE ?1 ESCAPE '\\' OR event_id = ?2""", (like, text.strip())
-        ):
-            hits.add(roots.get(cid, cid))
+        exact = text.strip()
+        for s in self._all_sightings():
+            if (s.event_id == exact or needle in s.account_id.lower() or needle in (s.account_handle or "").lower()
+                    or needle in (s.post_url or "").lower()):
+                hits.add(roots.get(s.cluster_id, s.cluster_id))
         return sorted(hits)
 
     def _roots(self) -> dict[str, str]:
@@ -198,16 +213,25 @@ class FindingsSource:
                 out[m] = cid
         return out
 
+    def iter_members(self) -> Iterator[MemberRow]:
+        """Every stored member's hashes under its surviving cluster. The SQLite
+        store also keeps each member's crop views; other stores give the
+        full-frame hashes only, which the banks' matching falls back to."""
+        own = getattr(self.store, "iter_members", None)
+        if own is not None:
+            yield from own()
+            return
+        roots = self._roots()
+        for cid, d in self._all().items():
+            for m in d["members"]:
+                yield MemberRow(roots.get(cid, cid), m["sha256"], m["phash"], m["pdq"], m["pdq_quality"])
+
     # -- sightings ------------------------------------------------------------
     def sightings(self, cluster_ids: list[str], limit: int | None = None) -> list[dict[str, Any]]:
         if not cluster_ids:
             return []
-        marks = ",".join("?" * len(cluster_ids))
-        cols = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
-                "posted_at", "text")
-        sql = f"SELECT {', '.join(cols)} FROM sightings WHERE cluster_id IN ({marks}) ORDER BY posted_at"
-        rows = self._ro.execute(sql + (f" LIMIT {int(limit)}" if limit else ""), cluster_ids).fetchall()
-        return [dict(zip(cols, r)) for r in rows]
+        return [{k: getattr(s, k) for k in SIGHTING_FIELDS}
+                for s in self.store.sightings(cluster_ids=list(cluster_ids), limit=limit)]
 
     def spread(self, clusters: list[dict[str, Any]], buckets: int = 24) -> dict[str, list[int]]:
         """Sightings per time bucket between each cluster's first and last
@@ -222,9 +246,8 @@ class FindingsSource:
         span = {c["id"]: (_ts(c["first_seen"]), _ts(c["last_seen"])) for c in clusters if c["first_seen"]}
         keys = list(ids)
         for chunk in (keys[i:i + 500] for i in range(0, len(keys), 500)):
-            for cid, posted in self._ro.execute(
-                f"SELECT cluster_id, posted_at FROM sightings WHERE cluster_id IN ({','.join('?' * len(chunk))})", chunk
-            ):
+            for s in self.store.sightings(cluster_ids=chunk):
+                cid, posted = s.cluster_id, s.posted_at
                 root = ids[cid]
                 if root not in span:
                     continue
@@ -250,11 +273,10 @@ class FindingsSource:
         roots = self._roots()
         ai = {cid for cid, d in docs.items() if _is_ai(d)}
         acc: dict[str, dict[str, Any]] = {}
-        sql = "SELECT account_id, account_handle, platform, sha256, cluster_id, posted_at FROM sightings"
-        for account, handle, platform, sha, cid, posted in self._ro.execute(
-            sql + (" WHERE account_id=?" if only is not None else "") + " ORDER BY posted_at",
-            (only,) if only is not None else (),
-        ):
+        rows = self.store.sightings(account_id=only) if only is not None else self._all_sightings()
+        for s in rows:
+            account, handle, platform, sha, cid, posted = (s.account_id, s.account_handle, s.platform, s.sha256,
+                                                           s.cluster_id, s.posted_at)
             root = roots.get(cid, cid)
             a = acc.get(account)
             if a is None:
@@ -282,12 +304,11 @@ class FindingsSource:
     def account(self, account_id: str) -> dict[str, Any]:
         for a in self.accounts(AccountQuery(min_posts=0), only=account_id):
             if a["id"] == account_id:
-                rows = self._ro.execute(
-                    """SELECT event_id, cluster_id, sha256, platform, post_url, posted_at, text FROM sightings
-                       WHERE account_id=? ORDER BY posted_at DESC LIMIT 200""", (account_id,)).fetchall()
+                rows = self.store.sightings(account_id=account_id, newest_first=True, limit=200)
                 roots = self._roots()
-                a["posts_detail"] = [dict(zip(("event_id", "cluster_id", "sha256", "platform", "post_url", "posted_at",
-                                               "text"), r)) | {"cluster_id": roots.get(r[1], r[1])} for r in rows]
+                a["posts_detail"] = [{"event_id": s.event_id, "cluster_id": roots.get(s.cluster_id, s.cluster_id),
+                                      "sha256": s.sha256, "platform": s.platform, "post_url": s.post_url,
+                                      "posted_at": s.posted_at, "text": s.text} for s in rows]
                 return a
         raise NotFound(account_id)
 
@@ -298,9 +319,8 @@ class FindingsSource:
         roots = self._roots()
         ai = {cid for cid, d in docs.items() if _is_ai(d)}
         posts: dict[str, list[tuple[datetime, str, bool, str]]] = defaultdict(list)
-        for account, sha, cid, posted, platform in self._ro.execute(
-            "SELECT account_id, sha256, cluster_id, posted_at, platform FROM sightings"
-        ):
+        for s in self._all_sightings():
+            account, sha, cid, posted, platform = s.account_id, s.sha256, s.cluster_id, s.posted_at, s.platform
             root = roots.get(cid, cid)
             posts[account].append((_ts(posted), sha, root in ai, platform))
         out = []

@@ -131,7 +131,7 @@ class Verdicts:
         try:
             probe.add_images("probe", verdict, paths)
             hits: set[str] = set()
-            for m in self.source.store.iter_members():
+            for m in self.source.iter_members():
                 if m.cluster_id in hits:
                     continue
                 h = ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality, views=m.views, trimmed=m.trimmed)
