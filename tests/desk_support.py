@@ -73,10 +73,12 @@ def make_cluster(store, blobs, cid: str, seed: int, *, posts: int, ai: bool, pla
     return sha
 
 
-def small_store(data: Path) -> dict[str, str]:
+def small_store(data: Path, store=None) -> dict[str, str]:
     """Four clusters: a viral likely-AI one, a quiet likely-AI one, an ordinary
-    photo, and a persona account posting AI pictures. Returns id -> sha256."""
-    store = open_store(data)
+    photo, and a persona account posting AI pictures. Returns id -> sha256.
+    Written to ``store`` (any findings store; it is flushed and closed) or
+    else to the SQLite file in ``data``; pictures go to ``data``/blobs."""
+    store = store if store is not None else open_store(data)
     blobs = DirectoryBlobStore(data / "blobs")
     out = {
         "c-viral": make_cluster(store, blobs, "c-viral", 1, posts=12, ai=True, platforms=("x", "weibo"),
@@ -88,6 +90,7 @@ def small_store(data: Path) -> dict[str, str]:
         cid = f"c-persona{k}"
         out[cid] = make_cluster(store, blobs, cid, 100 + k, posts=1, ai=True, platforms=("xiaohongshu",),
                                 accounts=["persona1"], t0=T0 + timedelta(hours=k))
+    getattr(store, "flush", lambda: None)()  # Elasticsearch: make the writes searchable
     store.close()
     return out
 

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from streams.blobstore import DirectoryBlobStore
 from streams.desk import create_app
 from streams.desk.auth import add_user, hash_password, verify_password
+from streams.findings import open_findings
 from streams.settings import Settings, WebhookSettings
 from streams.store import open_store
 from streams.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
@@ -57,8 +58,26 @@ def data(tmp_path) -> Path:
     return tmp_path
 
 
-def make_settings(data: Path, **desk) -> Settings:
+@pytest.fixture(params=["sqlite", "es"])
+def backend(request, tmp_path) -> tuple[Path, str | None]:
+    """The same small store on each findings backend: the SQLite file in the
+    data dir, or Elasticsearch (the loopback fake in tests/fake_es.py).
+    Yields (data dir, store URL; None = the data dir's SQLite file)."""
+    if request.param == "sqlite":
+        small_store(tmp_path)
+        yield tmp_path, None
+        return
+    from streams.es_store import EsFindingsStore
+
+    es = request.getfixturevalue("fake_es")
+    small_store(tmp_path, EsFindingsStore.from_url(es.url))
+    assert not (tmp_path / "findings.sqlite").exists()  # the desk must not fall back to a SQLite file
+    yield tmp_path, es.url
+
+
+def make_settings(data: Path, store_url: str | None = None, **desk) -> Settings:
     s = Settings(data_dir=data)
+    s.findings.url = store_url
     for k, v in desk.items():
         setattr(s.desk, k, v)
     s.desk.account_check_s = 3600  # the background check runs once at start; tests call it explicitly
@@ -76,9 +95,10 @@ def client(settings: Settings, host: str = "127.0.0.1") -> TestClient:
 
 
 # ---------------------------------------------------------------- reading
-def test_clusters_shape_matches_the_cli_and_queue_order(data, env):
-    cli_rows = [c.as_json() for c in open_store(data).clusters()]
-    with client(make_settings(data)) as c:
+def test_clusters_shape_matches_the_cli_and_queue_order(backend, env):
+    data, url = backend
+    cli_rows = [c.as_json() for c in open_findings(url, data).clusters()]
+    with client(make_settings(data, url)) as c:
         rows = c.get("/api/clusters").json()
     assert {r["id"] for r in rows} == {r["id"] for r in cli_rows}
     for r in rows:
@@ -97,8 +117,9 @@ def test_clusters_shape_matches_the_cli_and_queue_order(data, env):
     ("sort=sightings&limit=2", ["c-viral", "c-photo"]),
     ("verdict=unreviewed&platform=x&sort=score", ["c-viral", "c-photo"]),
 ])
-def test_cluster_filters(data, env, query, expect):
-    with client(make_settings(data)) as c:
+def test_cluster_filters(backend, env, query, expect):
+    data, url = backend
+    with client(make_settings(data, url)) as c:
         r = c.get("/api/clusters?" + query)
     assert r.status_code == 200
     assert [d["id"] for d in r.json()] == expect
@@ -117,8 +138,9 @@ def test_bad_filters_are_clear_422_json(data, env, query, field):
     assert any(d["loc"][-1] == field for d in body["detail"])
 
 
-def test_cluster_detail_and_bad_ids(data, env):
-    with client(make_settings(data)) as c:
+def test_cluster_detail_and_bad_ids(backend, env):
+    data, url = backend
+    with client(make_settings(data, url)) as c:
         d = c.get("/api/clusters/c-viral").json()
         assert d["sightings"] == 12 and len(d["sightings_detail"]) == 12
         assert set(d["spread_by_platform"]["platforms"]) == {"x", "weibo"}
@@ -136,8 +158,9 @@ def test_cluster_detail_and_bad_ids(data, env):
         assert r.status_code == 422
 
 
-def test_accounts_and_account_page(data, env):
-    with client(make_settings(data)) as c:
+def test_accounts_and_account_page(backend, env):
+    data, url = backend
+    with client(make_settings(data, url)) as c:
         rows = c.get("/api/accounts?min_ai_share=0.9&min_posts=3").json()
         assert [a["id"] for a in rows] == ["persona1"]
         p = rows[0]
@@ -155,8 +178,9 @@ def test_accounts_and_account_page(data, env):
         assert page.status_code == 200 and "persona1" in page.text and "100%" in page.text
 
 
-def test_search_endpoint_and_page(data, env):
-    with client(make_settings(data)) as c:
+def test_search_endpoint_and_page(backend, env):
+    data, url = backend
+    with client(make_settings(data, url)) as c:
         assert [d["id"] for d in c.get("/api/search?q=subway").json()] == ["c-viral"]
         assert [d["id"] for d in c.get("/api/search?q=%22is%20this%20real%22&platform=weibo").json()] == ["c-viral"]
         assert c.get("/api/search?q=subway&platform=telegram").json() == []
@@ -340,8 +364,9 @@ def test_fake_verdict_feeds_the_bank_rescoring_matches_and_alerting_once(data, e
         assert [h["note"] for h in hist] == ["traced to a generator", "second look"]
 
 
-def test_authentic_verdict_suppresses_and_withdraws_from_the_fake_bank(data, env):
-    with client(make_settings(data)) as c:
+def test_authentic_verdict_suppresses_and_withdraws_from_the_fake_bank(backend, env):
+    data, url = backend
+    with client(make_settings(data, url)) as c:
         c.post("/api/clusters/c-viral/verdict", json={"verdict": "fake"}, headers=EDITOR)
         r = c.post("/api/clusters/c-viral/verdict", json={"verdict": "authentic", "note": "agency photo"}, headers=EDITOR)
         assert r.json()["effects"]["withdrawn"] == 1

@@ -4,13 +4,14 @@ end in one clear line, not a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import httpx
 
-from tests.desk_support import REPO, DeskServer, small_store
+from tests.desk_support import REPO, DeskServer, free_port, small_store
 
 
 def deepwatch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -38,13 +39,44 @@ def test_serve_contract(tmp_path):
         desk.stop()
 
 
+def test_serve_on_elasticsearch(tmp_path, fake_es):
+    """The same desk over an Elasticsearch findings store (the loopback fake):
+    no SQLite findings file is read or made."""
+    from streams.es_store import EsFindingsStore
+
+    small_store(tmp_path, EsFindingsStore.from_url(fake_es.url))
+    port = fake_es.url.rsplit(":", 1)[1]
+    desk = DeskServer(tmp_path, extra=("--store", f"es://127.0.0.1:{port}"))
+    try:
+        with httpx.Client(base_url=desk.url, timeout=30) as c:
+            page = c.get("/")
+            assert page.status_code == 200 and 'id="queue"' in page.text and "c-viral" in page.text
+            rows = c.get("/api/clusters").json()
+            assert rows[0]["id"] == "c-viral" and len(rows) == 8
+            d = c.get("/api/clusters/c-viral").json()
+            assert d["sightings"] == 12 and len(d["sightings_detail"]) == 12
+            assert c.get("/api/accounts?min_ai_share=0.5&min_posts=5").json()[0]["id"] == "persona1"
+            assert len(c.get("/api/accounts/persona1").json()["posts_detail"]) == 5
+            assert c.get("/clusters/c-viral").status_code == 200 and c.get("/accounts").status_code == 200
+    finally:
+        desk.stop()
+    assert not (tmp_path / "findings.sqlite").exists()
+    # the account page read that account's sightings from the data stream
+    searches = fake_es.calls("POST", "/deepwatch-sightings/_search") + fake_es.calls("GET", "/deepwatch-sightings/_search")
+    assert any('"account_id": "persona1"' in json.dumps(r.body) for r in searches)
+
+
 def test_serve_mistakes_are_one_clear_line(tmp_path):
     r = deepwatch("serve", "--data-dir", str(tmp_path / "nothing"), "--port", "0")
     assert r.returncode == 2 and "no findings at" in r.stderr and "deepwatch demo" in r.stderr
     assert "Traceback" not in r.stderr
     small_store(tmp_path)
-    r = deepwatch("serve", "--data-dir", str(tmp_path), "--store", "es://localhost:9200", "--port", "0")
-    assert r.returncode == 2 and "SQLite" in r.stderr and "Traceback" not in r.stderr
+    r = deepwatch("serve", "--data-dir", str(tmp_path), "--store", f"es://127.0.0.1:{free_port()}", "--port", "0")
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "cannot read the findings store es://127.0.0.1:" in said and "Traceback" not in said
+    r = deepwatch("serve", "--data-dir", str(tmp_path), "--store", "mysql://db/x", "--port", "0")
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "unknown findings store" in said and "Traceback" not in said
     r = deepwatch("serve", "--data-dir", str(tmp_path), "--port", "0", env={"DEEPWATCH_DESK_TOKENS": "editor:me:short"})
     assert r.returncode == 2 and "role:name:token" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "desk-users.json").write_text('{"users": [{"name": "x", "role": "root", "password": "plain"}]}')

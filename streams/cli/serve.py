@@ -17,7 +17,7 @@ from streams.cli.common import Config, DataDir, err, settings_from
 @app.command(rich_help_panel="Desk")
 def serve(
     data_dir: Optional[Path] = DataDir,
-    store: Optional[str] = typer.Option(None, "--store", help="Findings store: sqlite:///PATH (default: findings.sqlite in --data-dir). The desk needs the SQLite store."),
+    store: Optional[str] = typer.Option(None, "--store", help="Findings store: sqlite:///PATH or es://HOST:9200 / https://HOST:9200 (default: findings.sqlite in --data-dir)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Reading is open on loopback; any other address requires a login."),
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on."),
     config: Optional[Path] = Config,

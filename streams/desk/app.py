@@ -77,7 +77,12 @@ def _open_store(settings: Settings) -> FindingsStore:
         path = Path(rest) if rest else Path(settings.data_dir) / "findings.sqlite"
         if not path.exists():
             raise FileNotFoundError(f"no findings at {path}; run `deepwatch demo` or `deepwatch replay` first")
-    store = open_findings(url or None, settings.data_dir, settings)
+    try:
+        store = open_findings(url or None, settings.data_dir, settings)
+    except ValueError:
+        raise
+    except Exception as e:  # e.g. an Elasticsearch address it cannot use
+        raise ValueError(str(e)) from None
     try:
         store.count_sightings()  # fail at start, not on the first page
     except Exception as e:
