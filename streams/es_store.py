@@ -613,6 +613,24 @@ class EsFindingsStore:
                               track_total_hits=True)["hits"]["total"]["value"]
         return {"models": pending, "alerts": max(0, raised - stored)}
 
+    def iter_members(self) -> Iterator[Any]:
+        """Every stored member's hashes (crop views included) under its
+        surviving cluster, as ``SqliteFindingsStore.iter_members`` gives them."""
+        from streams.store import MemberRow
+
+        docs = [h["_source"] for h in self._scan(
+            self.names["clusters"], {"match_all": {}}, [{"cluster_id": "asc"}],
+            ["cluster_id", "merged_into", "members.sha256", "members.phash", "members.pdq", "members.pdq_quality",
+             "members.views", "members.trimmed"])]
+        into = {d["cluster_id"]: d.get("merged_into") for d in docs}
+        for d in docs:
+            root, hops = d["cluster_id"], 0
+            while into.get(root) and hops < 64:
+                root, hops = into[root], hops + 1
+            for m in d.get("members") or []:
+                yield MemberRow(root, m["sha256"], m["phash"], m["pdq"], m["pdq_quality"], m.get("views") or None,
+                                bool(m.get("trimmed")))
+
     # -- picture lookups (deepwatch similar) -----------------------------------
     def similar_candidates(self, sha256: str, hashes: Any, k: int = 20) -> list[dict[str, Any]]:
         """Live clusters whose members are near IMAGE by bit-vector kNN

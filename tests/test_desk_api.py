@@ -7,6 +7,7 @@ import http.server
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -471,3 +472,37 @@ def test_verdict_follows_a_merge_and_merged_clusters_refuse_verdicts(data, env):
         assert survivor["sightings"] == 6  # 2 of its own + 4 of the merged cluster's
         r = c.post("/api/clusters/c-photo/verdict", json={"verdict": "fake"}, headers=EDITOR)
         assert r.status_code == 409 and "merged into c-quiet" in r.json()["error"]
+
+
+class _ProtocolOnly:
+    """A findings store offering only the FindingsStore interface: none of the
+    SQLite store's extras (data_version, iter_members)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        if name in ("data_version", "iter_members"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def test_source_on_a_store_with_only_the_interface(data):
+    from streams.desk.deskdb import DeskDB
+    from streams.desk.source import ClusterQuery, FindingsSource
+
+    store = open_store(data)
+    src = FindingsSource(_ProtocolOnly(store), DeskDB(data / "desk.sqlite"), ttl_s=0.3)
+    try:
+        # members from the cluster records: the same pictures and full-frame hashes
+        assert ({(m.cluster_id, m.sha256, m.phash) for m in src.iter_members()}
+                == {(m.cluster_id, m.sha256, m.phash) for m in store.iter_members()})
+        before = {d["id"] for d in src.clusters(ClusterQuery())}
+        make_cluster(store, DirectoryBlobStore(data / "blobs"), "c-late", 55, posts=1, ai=False)
+        # no change signal: the cached view stands until the TTL runs out
+        assert {d["id"] for d in src.clusters(ClusterQuery())} == before
+        time.sleep(0.35)
+        assert {d["id"] for d in src.clusters(ClusterQuery())} == before | {"c-late"}
+    finally:
+        src.close()
+        src.desk.close()

@@ -169,3 +169,21 @@ def test_cluster_sightings_newest_first_merges_included(store):
     assert flood[1].post_url == "https://bluesky.example/e6" and flood[1].lang == "en"
     assert [s.event_id for s in store.cluster_sightings("c-fire", limit=2)] == ["e3", "e2"]
     assert store.cluster_sightings("nope") == []
+
+
+def test_sightings_by_clusters_and_account_as_recorded(store):
+    """The many-cluster / per-account read the desk aggregates over: cluster
+    ids as recorded (no merge resolution), oldest first unless asked."""
+    assert [s.event_id for s in store.sightings()] == ["e1", "e2", "e3", "e4", "e5", "e6", "e7"]
+    got = store.sightings(cluster_ids=["c-flood", "c-flood2", "c-pope"])
+    assert [(s.event_id, s.cluster_id) for s in got] == [
+        ("e4", "c-pope"), ("e5", "c-pope"), ("e6", "c-flood"), ("e7", "c-flood2")]
+    assert store.sightings(cluster_ids=["c-flood"])[0].account_handle == "@weather"
+    assert [s.event_id for s in store.sightings(account_id="u2")] == ["e2"]
+    assert store.sightings(account_id="u2", cluster_ids=["c-pope"]) == []
+    assert [s.event_id for s in store.sightings(cluster_ids=["c-fire"], newest_first=True, limit=2)] == ["e3", "e2"]
+    assert store.sightings(cluster_ids=[]) == [] and store.sightings(account_id="nobody") == []
+    assert store.sightings(cluster_ids=["c-fire"])[0] == store.cluster_sightings("c-fire")[-1]  # same record
+    # member hashes under the surviving cluster (the desk's retroactive verdict matching)
+    members = {(m.cluster_id, m.sha256) for m in store.iter_members()}
+    assert members == {("c-fire", "a" * 64), ("c-pope", "b" * 64), ("c-flood", "c" * 64), ("c-flood", "d" * 64)}

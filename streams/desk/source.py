@@ -214,9 +214,10 @@ class FindingsSource:
         return out
 
     def iter_members(self) -> Iterator[MemberRow]:
-        """Every stored member's hashes under its surviving cluster. The SQLite
-        store also keeps each member's crop views; other stores give the
-        full-frame hashes only, which the banks' matching falls back to."""
+        """Every stored member's hashes (crop views included) under its
+        surviving cluster: the store's own ``iter_members`` where it has one
+        (SQLite, Elasticsearch), else the members of the cluster records, with
+        full-frame hashes only (the banks' matching falls back to those)."""
         own = getattr(self.store, "iter_members", None)
         if own is not None:
             yield from own()
