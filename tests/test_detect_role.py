@@ -16,6 +16,7 @@ from streams import runner
 from streams.cli import app
 from streams.demo_feed import build_feed
 from streams.ingest import produce_feed
+from streams.records import DetectRequest
 from streams.settings import Settings
 from streams.store import open_store
 
@@ -41,16 +42,16 @@ def model_dir(tmp_path_factory):
     return out
 
 
-def count_messages(bootstrap: str, topic: str) -> int:
+def detect_requests(bootstrap: str, topic: str) -> list[DetectRequest]:
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=3000)
     tp = TopicPartition(topic, 0)
     parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or {0}]
     consumer.assign(parts)
     consumer.seek_to_beginning(*parts)
-    n = sum(1 for _ in consumer)
+    out = [DetectRequest.model_validate_json(m.value) for m in consumer]
     consumer.close()
     assert tp in parts
-    return n
+    return out
 
 
 def test_models_run_once_per_cluster_in_their_own_role(tmp_path, model_dir):
@@ -63,12 +64,17 @@ def test_models_run_once_per_cluster_in_their_own_role(tmp_path, model_dir):
         cluster.start_worker("detect")
         produced = produce_feed(feed, cluster.bootstrap, settings)
         assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=240, models=True)
-        requests = count_messages(cluster.bootstrap, settings.topic("detect-requests"))
+        requests = detect_requests(cluster.bootstrap, settings.topic("detect-requests"))
     store = open_store(settings.data_dir)
     clusters = store.clusters()
     assert len(clusters) == exp.distinct_pictures
-    assert requests == len(clusters)  # once per cluster, not per repost (there are many more sightings)
-    assert sum(c["sightings"] for c in clusters) > 3 * len(clusters)
+    # Once per cluster, never per repost: a cluster is asked about again only
+    # when a clearly better copy (another image) joins it, never twice for one image.
+    pairs = [(r.cluster_id, r.sha256) for r in requests]
+    assert len(pairs) == len(set(pairs))
+    assert {c["id"] for c in clusters} <= {r.cluster_id for r in requests}
+    assert len(requests) <= sum(len(c["members"]) for c in clusters)
+    assert sum(c["sightings"] for c in clusters) > 3 * len(clusters)  # many reposts, none of them asked about
     for c in clusters:
         assert not c["models_pending"]
         model_ev = [e for e in c["evidence"] if e["detector"] == "model:tiny"]
