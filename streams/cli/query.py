@@ -74,9 +74,12 @@ def _emit(rows: list, fmt: str, title: str, columns: tuple[str, ...], cells: Cal
 
 def cluster_table(clusters: list, title: str = "Image clusters") -> Table:
     t = Table(title=title, expand=True)
-    for col, kw in (("cluster", {"no_wrap": True, "min_width": 16}), ("fake", {"justify": "right"}),
+    # Evidence wraps rather than being cut off; its minimum width keeps a narrow
+    # terminal from squeezing it to one letter per line.
+    for col, kw in (("cluster", {"no_wrap": True, "min_width": 16}),
+                    ("fake", {"justify": "right"}),
                     ("verdict", {"no_wrap": True}),
-                    ("evidence", {"ratio": 1, "overflow": "fold"}),
+                    ("evidence", {"ratio": 1, "min_width": 12, "overflow": "fold"}),
                     ("sightings", {"justify": "right"}), ("accounts", {"justify": "right"}),
                     ("5m", {"justify": "right"}), ("images", {"justify": "right"}), ("alert", {})):
         t.add_column(col, **kw)
