@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from streams.sqlite_wal import enable_wal
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS engine_states (
     cluster_id TEXT PRIMARY KEY,
@@ -59,7 +61,7 @@ class SqliteEngineState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._db)  # workers may open a fresh file together
         # one writer, state also on the changelog: a power cut may lose the
         # last few ops here, which the broker still holds; no fsync per op
         self._db.execute("PRAGMA synchronous=NORMAL")

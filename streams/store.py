@@ -15,7 +15,6 @@ import hashlib
 import json
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +24,7 @@ from streams.findings import (
     text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
+from streams.sqlite_wal import enable_wal
 
 __all__ = ["FindingsStore", "MemberRow", "SqliteFindingsStore", "open_store"]
 
@@ -125,7 +125,7 @@ class SqliteFindingsStore:
         # Several worker processes share the file: WAL lets readers run during
         # writes and busy_timeout turns lock contention into a short wait.
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._enable_wal()
+        enable_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(SCHEMA)
@@ -134,20 +134,6 @@ class SqliteFindingsStore:
 
     def close(self) -> None:
         self._db.close()
-
-    def _enable_wal(self, timeout_s: float = 30.0) -> None:
-        # Switching a new file to WAL needs an exclusive lock and SQLite does
-        # not always wait on the busy handler for it: workers starting side by
-        # side on a fresh data dir would fail with "database is locked".
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                return
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
     def _migrate(self) -> None:
         """Columns added after a store file may have been created."""

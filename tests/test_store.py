@@ -228,17 +228,20 @@ def test_pending_work_counts_unstored_alerts(store):
     assert store.pending_work()["alerts"] == 0
 
 
-def test_many_processes_open_a_fresh_store_at_once(tmp_path):
-    """Workers start side by side on a new data dir: none may fail to open it."""
+@pytest.mark.parametrize("opener", ["streams.store:open_store", "streams.engine_state:open_engine_state"])
+def test_many_processes_open_a_fresh_store_at_once(tmp_path, opener):
+    """Workers start side by side on a new data dir: none may fail to open the
+    findings store or the cluster engine's own state."""
     import subprocess
     import sys
 
     import time
 
+    module, func = opener.split(":")
     # Every process imports first, then all open the same new file at one instant.
     code = (
-        "import sys, time; from streams.store import open_store; "
-        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); open_store(sys.argv[1]).close()"
+        f"import sys, time; from {module} import {func}; "
+        f"time.sleep(max(0.0, float(sys.argv[2]) - time.time())); {func}(sys.argv[1]).close()"
     )
     for attempt in range(3):
         data = tmp_path / f"run{attempt}"
