@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import faust
@@ -28,7 +26,7 @@ from streams.broker import TopicSpec, faust_credentials
 from streams.cluster_stage import ClusterStage
 from streams.engine_state import open_engine_state
 from streams.fetch import ImageFetcher
-from streams.records import ClusterOp, DeadLetter, SourceRef
+from streams.records import DeadLetter, SourceRef
 from streams.settings import Settings
 from streams.tansu_compat import SESSION_TIMEOUT_S
 

@@ -124,7 +124,8 @@ class Redeliverer:
                     try:
                         status = await _post(hook, alert, self._client)
                     except WebhookError as e:
-                        await asyncio.to_thread(lambda: self._db().mark_delivered(alert.alert_id, hook.url, f"failed: {e}"))
+                        failed = f"failed: {e}"
+                        await asyncio.to_thread(lambda: self._db().mark_delivered(alert.alert_id, hook.url, failed))
                         log.warning("webhook redelivery failed; will retry", extra={"alert_id": alert.alert_id, "error": str(e)})
                         break  # still down: keep the order, try again next round
                     await asyncio.to_thread(lambda: self._db().mark_delivered(alert.alert_id, hook.url, status))

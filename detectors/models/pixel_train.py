@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -192,9 +193,9 @@ def people_fp_rates(samples: list[Sample], p: np.ndarray, threshold: float) -> d
 
 def train_pixel_probe(
     manifests: list,
-    out: "Path",
+    out: Path,
     *,
-    cache_dir: "Path",
+    cache_dir: Path,
     spec: FeatureSpec | None = None,
     params: ProbeParams | None = None,
     name: str = "pixel-probe-lite0",

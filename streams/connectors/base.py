@@ -19,14 +19,17 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, ValidationError
 
 from streams.fetch import FetchError, resolve_checked
 from streams.records import DeadLetter, ImageEvent
 from streams.settings import ConnectorSettings, FetchSettings
+
+M = TypeVar("M", bound=BaseModel)
 
 log = logging.getLogger("deepwatch.connectors")
 
@@ -54,6 +57,17 @@ class MalformedFrame(ValueError):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+def parse_frame(model: type[M], raw: bytes | str, invalid: str, what: str) -> M:
+    """``raw`` validated as ``model``, or MalformedFrame: ``malformed_json`` when
+    it is not JSON, else ``invalid`` naming the first bad field (or ``what``)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        kind = "malformed_json" if err["type"] == "json_invalid" else invalid
+        raise MalformedFrame(kind, f"{'.'.join(map(str, err['loc'])) or what}: {err['msg']}") from None
 
 
 @dataclass

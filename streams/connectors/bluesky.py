@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 import websockets
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import Backoff, Emitter, MalformedFrame, Mapped, reconnect_loop
+from streams.connectors.base import Backoff, Emitter, MalformedFrame, Mapped, parse_frame, reconnect_loop
 from streams.records import ImageEvent
 from streams.settings import ConnectorSettings
 
@@ -191,12 +191,7 @@ class BlueskyMapper:
         self._handles_max = handles_max
 
     def map(self, raw: bytes | str) -> Mapped:
-        try:
-            frame = Frame.model_validate_json(raw)
-        except ValidationError as e:
-            err = e.errors()[0]
-            kind = "malformed_json" if err["type"] == "json_invalid" else "bad_frame"
-            raise MalformedFrame(kind, f"{'.'.join(map(str, err['loc'])) or '(frame)'}: {err['msg']}") from None
+        frame = parse_frame(Frame, raw, "bad_frame", "(frame)")
         if frame.kind == "identity" and frame.identity and frame.identity.handle:
             self._handles[frame.did] = frame.identity.handle
             self._handles.move_to_end(frame.did)

@@ -25,7 +25,7 @@ import httpx
 from httpx_sse import SSEError, aconnect_sse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import RATE_LIMIT_WAITS, Backoff, Emitter, MalformedFrame, Mapped, reconnect_loop
+from streams.connectors.base import RATE_LIMIT_WAITS, Backoff, Emitter, MalformedFrame, Mapped, parse_frame, reconnect_loop
 from streams.records import ImageEvent
 from streams.settings import ConnectorSettings
 
@@ -104,13 +104,7 @@ class MastodonMapper:
         return a.acct if "@" in a.acct else f"{a.acct}@{self.host}"
 
     def map_update(self, data: str | bytes) -> Mapped:
-        try:
-            status = Status.model_validate_json(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            kind = "malformed_json" if err["type"] == "json_invalid" else "bad_status"
-            raise MalformedFrame(kind, f"{'.'.join(map(str, err['loc'])) or '(status)'}: {err['msg']}") from None
-        return self.map_status(status)
+        return self.map_status(parse_frame(Status, data, "bad_status", "(status)"))
 
     def map_delete(self, data: str) -> Mapped:
         sid = data.strip().strip('"')
