@@ -214,6 +214,7 @@ class ClusterEngine:
                 # only representatives are matched against (and indexed), so
                 # only they keep their ~25 view hashes in the state
                 views=s.hashes.views if assignment.representative else None, trimmed=s.hashes.trimmed,
+                thumb=s.hashes.thumb if assignment.representative else None,
             ))
             known = {(e.detector, e.sha256) for e in state.evidence}
             state.evidence.extend(e for e in s.evidence if (e.detector, e.sha256) not in known)
@@ -396,4 +397,5 @@ def _resolve(get: Getter, cluster_id: str) -> ClusterState | None:
 def _member_hashes(m: Member):
     from detectors.hashing import ImageHashes
 
-    return ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality, views=m.views, trimmed=m.trimmed)
+    return ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality, views=m.views, trimmed=m.trimmed,
+                       thumb=m.thumb)

@@ -233,6 +233,7 @@ class Member(BaseModel):
     representative: bool = False  # founded its cluster: the bound against chaining is measured from here
     views: list[str] | None = None  # pHashes of crop/trimmed views, so rebuilt indexes still match crops
     trimmed: bool = False
+    thumb: str | None = None  # representatives: the grey thumbnail hash matches are verified on
 
 
 class Velocity(BaseModel):

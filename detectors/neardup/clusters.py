@@ -50,8 +50,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from detectors.hashing import VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, hamming_hex
+from detectors.hashing import VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, hamming_hex, thumb_array
 from detectors.neardup.hamming import HammingIndex
+from detectors.neardup.verify import FULL, VIEW_SLOT_BOXES, Box, aligned_residual
 
 Via = Literal["sha256", "phash", "pdq", "phash_mirror", "pdq_mirror", "phash_view"]
 _VIA_ORDER: dict[str, int] = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4, "phash_view": 5}
@@ -68,6 +69,25 @@ def rank_key(distance: int, via: str, phash_threshold: int, pdq_threshold: int) 
 # extra false matches up to 9 bits (0.0015% -> 0.0028% at 10), and 8 lets the
 # multi-index search probe 2-bit instead of 3-bit neighbourhoods (~7x fewer keys)
 VIEW_THRESHOLD = 8
+
+# Pixel verification: the most a hash pair's aligned regions may differ
+# (``verify.aligned_residual``, median grey levels); None: off. The cluster
+# bench's candidate pairs: same picture p99 8, different pictures p1 ~6.
+VERIFY_MAX: float | None = 6.0
+_UNVERIFIED = 1e9  # residual recorded for a pair that had no thumbnails to compare
+# Two clusters may be linked by pixels alone when the image's verified
+# residual to each side's picture is at most this (grey levels).
+MERGE_RESIDUAL: float | None = 4.0
+# Anchors: a joining copy becomes a representative when it met the picture
+# by a view, PDQ, or a pHash farther than this; at most this many
+# representatives per cluster (merges may add more).
+ANCHOR_DISTANCE = 4
+MAX_REPRESENTATIVES = 8
+
+
+def _residual_or_none(r: float) -> float | None:
+    return None if r >= _UNVERIFIED else round(r, 2)
+_VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
 
 # Below this PDQ quality a picture is (nearly) flat -- a black frame, a moon on
 # black -- and its pHash is noise around zero: it may match another flat
@@ -209,15 +229,21 @@ class Match(BaseModel):
 
 class MergeAudit(BaseModel):
     """Why two clusters became one: the linking image and how far it is from
-    each side's picture, on both hashes (a merge needs both to agree)."""
+    each side's picture -- pHash and PDQ distances when both hashes agreed
+    full frame, and the pixel residual of the verified regions
+    (``verify``; None on audits from before it, or without thumbnails). A
+    link by pixels alone (``into_pdq``/``other_pdq`` None) needs a residual
+    within ``ClusterIndex.merge_residual`` on both sides."""
 
     into: str
     other: str
     link_sha256: str
     into_phash: int
-    into_pdq: int
+    into_pdq: int | None = None
     other_phash: int
-    other_pdq: int
+    other_pdq: int | None = None
+    into_residual: float | None = None
+    other_residual: float | None = None
 
 
 class Assignment(BaseModel):
@@ -244,6 +270,8 @@ class _Rep:
     views: list[tuple[int, str]] = field(default_factory=list, repr=False)  # (slot, pHash); dropped once encoded
     founder: bool = True  # founded a cluster; larger copies joined later are not, and promote nothing
     framed: bool = False  # full-frame hashes show the frame, not the picture: views only, no PDQ
+    thumb: np.ndarray | None = field(default=None, repr=False)  # 32x32 grey content (``verify``); None: trust hashes
+    sha256: str = ""
     slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
     codes: np.ndarray = field(init=False)
 
@@ -263,13 +291,20 @@ class _Query:
     full: np.ndarray  # full or mirrored pHash
     crop: np.ndarray  # a crop view (never paired with another crop view)
     framed: bool  # a detected frame (``_framed``): its mirror code is its trimmed view's
+    thumb: np.ndarray | None = None
 
     @classmethod
     def of(cls, h: ImageHashes) -> "_Query":
         pairs = _view_codes(h)
         kinds = np.array([k for k, _ in pairs], dtype=np.int64)
         codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
-        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, _framed(h.views, h.trimmed))
+        thumb = thumb_array(h.thumb) if h.thumb else None
+        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, _framed(h.views, h.trimmed), thumb)
+
+
+def _box(kind: int) -> Box:
+    """The content region a query kind or index slot hashes (``verify``)."""
+    return VIEW_SLOT_BOXES[kind - _CROP0] if kind >= _CROP0 else FULL
 
 
 @dataclass
@@ -323,7 +358,13 @@ class ClusterIndex:
         max_representative_distance: int | None = None,
         view_threshold: int | None = VIEW_THRESHOLD,
         index_members: bool | None = None,
+        verify_max: float | None = VERIFY_MAX,
+        merge_residual: float | None = MERGE_RESIDUAL,
+        max_representatives: int = MAX_REPRESENTATIVES,
     ):
+        self.verify_max = verify_max
+        self.merge_residual = merge_residual if verify_max is not None else None
+        self.max_representatives = max_representatives
         self.phash_threshold = phash_threshold
         # pHash pairs involving a view (crop/trim) may use a tighter radius
         self.view_threshold = phash_threshold if view_threshold is None else view_threshold
@@ -462,6 +503,7 @@ class ClusterIndex:
         image. One small popcount matrix per representative."""
         q = q or _Query.of(h)
         best = None
+        resid = _UNVERIFIED  # smallest pixel residual of a verified pair
         pdq_ok = h.pdq_quality >= self.pdq_min_quality and not _framed(h.views, h.trimmed)
         flat = h.pdq_quality < FLAT_QUALITY
         for r in self._clusters[cluster_id].pictures():
@@ -477,12 +519,19 @@ class ClusterIndex:
                     if not r.framed:
                         allowed &= ~(q.full[:, None] & (r.slots >= _CROP0)[None, :])
                 hit = allowed & (d <= np.where(full_pair, self.rep_phash, self.rep_view))
+                k = None
                 if hit.any():
                     qi, ri = np.nonzero(hit)
                     dd, fp = d[qi, ri].astype(np.int64), full_pair[qi, ri]
                     order = np.where(fp, np.where(q.kinds[qi] == _Q_FULL, _VIA_ORDER["phash"], _VIA_ORDER["phash_mirror"]),
                                      _VIA_ORDER["phash_view"])
-                    k = int(np.lexsort((order, dd))[0])
+                    # nearest pair first; the first whose regions' pixels agree
+                    for j in np.lexsort((order, dd))[:_VERIFY_TRIES]:
+                        score = self._residual(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]))
+                        if self._passes(score):
+                            k, resid = int(j), min(resid, score if score is not None else _UNVERIFIED)
+                            break
+                if k is not None:
                     via: Via = "phash_view" if not fp[k] else ("phash" if q.kinds[qi[k]] == _Q_FULL else "phash_mirror")
                     cands.append((rank_key(int(dd[k]), via, self.phash_threshold, self.pdq_threshold), int(dd[k]), via))
                     # a larger copy: one of its crops meets the founder's frame
@@ -491,13 +540,30 @@ class ClusterIndex:
                     grows = r.founder and bool(g.any()) and (not fp.any() or int(dd[g].min()) < int(dd[fp].min()))
             if pdq_ok and r.pdq_quality >= self.pdq_min_quality and not r.framed:
                 for pvia, hq in (("pdq", h.pdq), ("pdq_mirror", h.pdq_mirror)):
-                    if hq and (dq := hamming_hex(hq, r.pdq)) <= self.rep_pdq:
+                    if not hq or (dq := hamming_hex(hq, r.pdq)) > self.rep_pdq:
+                        continue
+                    score = self._residual(q, r, _Q_FULL if pvia == "pdq" else _Q_MIRROR, _FULL)
+                    if self._passes(score):
+                        resid = min(resid, score if score is not None else _UNVERIFIED)
                         cands.append((rank_key(dq, pvia, self.phash_threshold, self.pdq_threshold), dq, pvia))  # type: ignore[arg-type]
             for c in cands:
                 key = (*c, grows)
                 if best is None or key[:3] < best[:3] or (key[:3] == best[:3] and grows and not best[3]):
                     best = key
-        return best
+        return None if best is None else (*best, resid)
+
+    def _residual(self, q: "_Query", r: _Rep, kind: int, slot: int) -> float | None:
+        """Pixel residual (grey levels) of the query's region for ``kind``
+        against the representative's for ``slot``, aligned (``verify``), or
+        None when either side has no thumbnail (records from before
+        thumbnails) or verification is off."""
+        if self.verify_max is None or q.thumb is None or r.thumb is None:
+            return None
+        return aligned_residual(q.thumb, _box(kind), r.thumb, _box(slot), mirror=kind == _Q_MIRROR,
+                                good_enough=self.verify_max)
+
+    def _passes(self, score: float | None) -> bool:
+        return score is None or self.verify_max is None or score <= self.verify_max
 
     def _agreement(self, cluster_id: str, h: ImageHashes) -> tuple[int, int] | None:
         """(pHash, PDQ) distances to a representative that *both* hashes match,
@@ -507,14 +573,16 @@ class ClusterIndex:
         if h.pdq_quality < self.pdq_min_quality or _framed(h.views, h.trimmed):
             return None
         best = None
+        q = _Query.of(h)
         for r in self._clusters[cluster_id].pictures():
             if r.pdq_quality < self.pdq_min_quality or r.framed:
                 continue
-            for ph, pq in ((h.phash, h.pdq), (h.phash_mirror, h.pdq_mirror)):
+            for kind, ph, pq in ((_Q_FULL, h.phash, h.pdq), (_Q_MIRROR, h.phash_mirror, h.pdq_mirror)):
                 if not ph or not pq:
                     continue
                 dp, dq = hamming_hex(ph, r.phash), hamming_hex(pq, r.pdq)
-                if dp <= self.phash_threshold and dq <= self.pdq_threshold and (best is None or (dp, dq) < best):
+                if dp <= self.phash_threshold and dq <= self.pdq_threshold and (best is None or (dp, dq) < best) \
+                        and self._passes(self._residual(q, r, kind, _FULL)):
                     best = (dp, dq)
         return best
 
@@ -544,28 +612,42 @@ class ClusterIndex:
                               representative=True)
         size = {cid: len(self._clusters[cid].members) for cid in pics}
         agree = {cid: a for cid in sorted(pics) if (a := self._agreement(cid, hashes))}
-        # Only full-frame agreement of both hashes is strong enough to join two
-        # clusters. (Also letting a larger copy link its crop's cluster, even
+        # Linking two clusters needs full-frame agreement of both hashes, or
+        # pixels verified to within ``merge_residual`` on each side (a crop
+        # with a caption that shows both halves of a split picture).
+        # (Letting a larger copy link its crop's cluster on hashes alone, even
         # at <= 2 bits, lengthened the cluster bench's chains from 8 to 11.)
-        links = agree
+        links = {c: (agree[c][0] if c in agree else pics[c][1], agree[c][1] if c in agree else None) for c in sorted(pics)
+                 if c in agree or (self.merge_residual is not None and pics[c][4] <= self.merge_residual)}
         audit: list[MergeAudit] = []
         if len(links) >= 2:
             into = min(links, key=lambda c: (-size[c], c))
             merged = sorted(c for c in links if c != into)
             for other in merged:
-                audit.append(MergeAudit(into=into, other=other, link_sha256=sha256, into_phash=links[into][0],
-                                        into_pdq=links[into][1], other_phash=links[other][0], other_pdq=links[other][1]))
+                audit.append(MergeAudit(
+                    into=into, other=other, link_sha256=sha256, into_phash=links[into][0], into_pdq=links[into][1],
+                    other_phash=links[other][0], other_pdq=links[other][1],
+                    into_residual=_residual_or_none(pics[into][4]), other_residual=_residual_or_none(pics[other][4])))
                 self.merge(into, other)
             grows = any(pics[c][3] for c in links)
         else:
             into = min(pics, key=lambda c: (pics[c][0], 0 if c in agree else 1, -size[c], c))
             merged = []
             grows = pics[into][3]
-        _, distance, via, _ = pics[into]
-        self.add(into, sha256, hashes, representative=grows, founder=False, ts=ts)
+        _, distance, via, _, _ = pics[into]
+        # A copy that met the picture only through a view, or far from it,
+        # becomes one more representative (an *anchor*, bounded per cluster):
+        # later compound reposts (a screenshot of a crop, a caption on a
+        # crop) meet it where they would miss the founder. Safe from chaining
+        # because every join is pixel-verified against the representative.
+        anchor = (not grows and self.verify_max is not None and hashes.thumb is not None
+                  and len(self._clusters[into].reps) < self.max_representatives
+                  and (via not in ("phash", "phash_mirror") or distance > ANCHOR_DISTANCE))
+        rep = grows or anchor
+        self.add(into, sha256, hashes, representative=rep, founder=False, ts=ts)
         return Assignment(
             cluster_id=into, new_cluster=False, new_member=True, merged=merged, distance=distance, via=via,
-            representative=grows, merge_audit=audit, declined=sorted(c for c in pics if c != into and c not in merged),
+            representative=rep, merge_audit=audit, declined=sorted(c for c in pics if c != into and c not in merged),
         )
 
     def add(
@@ -586,7 +668,7 @@ class ClusterIndex:
         c = self._clusters.setdefault(cluster_id, _Cluster())
         views = view_slots(hashes.views, hashes.trimmed)
         rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views, representative if founder is None else founder,
-                   _framed(hashes.views, hashes.trimmed))
+                   _framed(hashes.views, hashes.trimmed), thumb_array(hashes.thumb) if hashes.thumb else None, sha256)
         if representative:
             c.reps.append(rep)
         if c.first is None:
