@@ -256,6 +256,8 @@ _TRIM_TOL = 3.0  # grey levels: a border line's pixels are this close to its med
 _TRIM_LINE = 2 / 3  # fraction of a line near its median for it to count as border (text on a flat background)
 _TRIM_EDGE = 0.95  # the outermost line must be this flat for a side to be trimmed at all
 _TRIM_MIN = 0.03  # a trim removing less than this of the width and the height is no border
+_TRIM_BAR = 0.2  # a caption bar with text is trimmed up to this fraction of the side (captions up to 1/6)
+_TRIM_BARISH = 1 / 3  # a text row of a caption bar: at least this much of it in the bar's colour
 _TRIM_KEEP = 0.3  # the content must keep at least this much of each side, else no trim
 
 
@@ -294,12 +296,21 @@ def _flat_run(lines: np.ndarray) -> tuple[int, int]:
     ends = np.maximum(np.abs(lines[:, 0] - med), np.abs(lines[:, -1] - med)) <= 2 * _TRIM_TOL
     flat = (near >= _TRIM_LINE) & ends
 
-    def run(f: np.ndarray, edge: float) -> int:
+    def run(f: np.ndarray, edge: float, colour: float, ls: np.ndarray) -> int:
         if edge < _TRIM_EDGE:
             return 0
-        return len(f) if f.all() else int(np.argmin(f))
+        n_flat = len(f) if f.all() else int(np.argmin(f))
+        # A caption bar with large text: the text rows are not flat, but the
+        # bar's colour still fills a good part of them and the bar's last
+        # rows (under the text) are flat again. Extend through such rows to
+        # the last flat one, within _TRIM_BAR of the side.
+        span = ls[: max(1, int(len(ls) * _TRIM_BAR))]
+        barish = (np.abs(span - colour) <= _TRIM_TOL).mean(axis=1) >= _TRIM_BARISH
+        k = len(barish) if barish.all() else int(np.argmin(barish))
+        last = np.flatnonzero(f[:k])
+        return max(n_flat, int(last[-1]) + 1 if len(last) else 0)
 
-    return run(flat, near[0]), run(flat[::-1], near[-1])
+    return run(flat, near[0], med[0], lines), run(flat[::-1], near[-1], med[-1], lines[::-1])
 
 
 def _near_median(lines: np.ndarray) -> np.ndarray:

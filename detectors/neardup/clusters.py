@@ -52,7 +52,7 @@ from pydantic import BaseModel, Field
 
 from detectors.hashing import VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, hamming_hex, thumb_array
 from detectors.neardup.hamming import HammingIndex
-from detectors.neardup.verify import FULL, VIEW_SLOT_BOXES, Box, aligned_residual
+from detectors.neardup.verify import FULL, VIEW_SLOT_BOXES, Box, aligned_residual, residual
 
 Via = Literal["sha256", "phash", "pdq", "phash_mirror", "pdq_mirror", "phash_view"]
 _VIA_ORDER: dict[str, int] = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4, "phash_view": 5}
@@ -526,10 +526,12 @@ class ClusterIndex:
                     order = np.where(fp, np.where(q.kinds[qi] == _Q_FULL, _VIA_ORDER["phash"], _VIA_ORDER["phash_mirror"]),
                                      _VIA_ORDER["phash_view"])
                     # nearest pair first; the first whose regions' pixels agree
-                    for j in np.lexsort((order, dd))[:_VERIFY_TRIES]:
-                        score = self._residual(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]))
+                    # at the boxes the hashes name, then aligned (costlier) for the nearest
+                    tries = np.lexsort((order, dd))[:_VERIFY_TRIES].tolist()
+                    for j, search in [(j, False) for j in tries] + [(tries[0], True)]:
+                        score = self._residual(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]), search=search)
                         if self._passes(score):
-                            k, resid = int(j), min(resid, score if score is not None else _UNVERIFIED)
+                            k, resid = j, min(resid, score if score is not None else _UNVERIFIED)
                             break
                 if k is not None:
                     via: Via = "phash_view" if not fp[k] else ("phash" if q.kinds[qi[k]] == _Q_FULL else "phash_mirror")
@@ -552,13 +554,15 @@ class ClusterIndex:
                     best = key
         return None if best is None else (*best, resid)
 
-    def _residual(self, q: "_Query", r: _Rep, kind: int, slot: int) -> float | None:
+    def _residual(self, q: "_Query", r: _Rep, kind: int, slot: int, search: bool = True) -> float | None:
         """Pixel residual (grey levels) of the query's region for ``kind``
         against the representative's for ``slot``, aligned (``verify``), or
         None when either side has no thumbnail (records from before
         thumbnails) or verification is off."""
         if self.verify_max is None or q.thumb is None or r.thumb is None:
             return None
+        if not search:
+            return residual(q.thumb, _box(kind), r.thumb, _box(slot), mirror=kind == _Q_MIRROR)
         return aligned_residual(q.thumb, _box(kind), r.thumb, _box(slot), mirror=kind == _Q_MIRROR,
                                 good_enough=self.verify_max)
 

@@ -35,14 +35,15 @@ Box = tuple[float, float, float, float]
 FULL: Box = (0.0, 0.0, 1.0, 1.0)
 _SIDE = 16
 _EDGE_MOVES = (-0.12, -0.08, -0.04, 0.04, 0.08, 0.12)
-_MIN_SIDE = 0.5  # a searched box keeps at least half of each side
+_MIN_SIDE = 0.5
+_DARK, _BRIGHT, _MIN_MID = 8.0, 247.0, 24  # gain fit: unclipped pixels, and enough of them  # a searched box keeps at least half of each side
 # content fractions of the view slots, in ``ImageHashes.views`` order after the trimmed view
 VIEW_SLOT_BOXES: tuple[Box, ...] = tuple(
     ((1 - f) / 2, (1 - f) / 2, (1 + f) / 2, (1 + f) / 2) for f in VIEW_CROPS
 ) + tuple(VIEW_BOXES)
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=16384)
 def _area(lo: float, hi: float) -> np.ndarray:
     """(16, 32): area weights taking the thumbnail's pixels covering [lo, hi)
     (fractions of its side) to 16 equal bins."""
@@ -57,14 +58,22 @@ def _area(lo: float, hi: float) -> np.ndarray:
 
 def region(thumb: np.ndarray, box: Box) -> np.ndarray:
     """The 16x16 of ``box`` (x0, y0, x1, y1 fractions) of a thumbnail."""
-    x0, y0, x1, y1 = (round(v, 4) for v in box)  # bounded cache keys
+    x0, y0, x1, y1 = box
     return _area(y0, y1) @ thumb @ _area(x0, x1).T
 
 
-def _residual(ra: np.ndarray, rb: np.ndarray) -> float:
-    gain = float((ra * rb).sum()) / max(float((ra * ra).sum()), 1e-6)
-    e = np.abs(ra * gain - rb).reshape(-1)
-    return float(np.partition(e, len(e) // 2)[len(e) // 2])
+def _residuals(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
+    """Per candidate (leading axis, broadcast): median |gain * ra - rb|. The
+    gain is fitted on pixels unclipped on both sides (a brightened repost
+    saturates its highlights) and pixels saturated on both count as equal."""
+    ra, rb = np.broadcast_arrays(ra, rb)
+    mid = (ra > _DARK) & (ra < _BRIGHT) & (rb > _DARK) & (rb < _BRIGHT)
+    sa, sb = (ra * mid).sum(axis=(-2, -1), keepdims=True), (rb * mid).sum(axis=(-2, -1), keepdims=True)
+    gain = np.where(mid.sum(axis=(-2, -1), keepdims=True) >= _MIN_MID, sb / np.maximum(sa, 1e-6), 1.0)
+    fit = ra * gain
+    e = np.where((fit >= _BRIGHT) & (rb >= _BRIGHT), 0.0, np.abs(fit - rb)).reshape(*ra.shape[:-2], -1)
+    k = e.shape[-1] // 2
+    return np.partition(e, k, axis=-1)[..., k]
 
 
 def residual(a: np.ndarray, a_box: Box, b: np.ndarray, b_box: Box, mirror: bool = False) -> float:
@@ -72,38 +81,43 @@ def residual(a: np.ndarray, a_box: Box, b: np.ndarray, b_box: Box, mirror: bool 
     when ``mirror``), gain-matched, and ``b``'s ``b_box``."""
     if mirror:
         a = a[:, ::-1]
-    return _residual(region(a, a_box), region(b, b_box))
+    return float(_residuals(region(a, a_box), region(b, b_box)))
 
 
 def aligned_residual(a: np.ndarray, a_box: Box, b: np.ndarray, b_box: Box, mirror: bool = False,
                      good_enough: float = 0.0) -> float:
     """``residual`` at the given boxes, or -- when that is above
     ``good_enough`` -- the smallest over boxes whose edges moved (see module
-    docstring). Deterministic: a fixed search order."""
+    docstring): per edge, all moves at once. Deterministic: fixed order."""
     if mirror:
         a = a[:, ::-1]
-    ra = region(a, a_box)
-    best = _residual(ra, region(b, b_box))
+    thumbs = (a, b)
+    boxes = [list(a_box), list(b_box)]
+    regions = [region(a, a_box), region(b, b_box)]
+    best = float(_residuals(regions[0], regions[1]))
     if best <= good_enough:
         return best
-    boxes = [list(a_box), list(b_box)]
-    regions = [ra, region(b, b_box)]
     for _ in range(2):
-        for side, thumb in ((0, a), (1, b)):
-            box = boxes[side]
+        for side in (0, 1):
+            box, thumb = boxes[side], thumbs[side]
             for e in range(4):
-                base, keep = box[e], box[e]
-                for move in _EDGE_MOVES:
-                    v = min(1.0, max(0.0, base + move))
-                    if (box[e + 2] - v if e < 2 else v - box[e - 2]) < _MIN_SIDE:
-                        continue
-                    box[e] = v
-                    r = region(thumb, tuple(box))  # type: ignore[arg-type]
-                    s = _residual(r, regions[1]) if side == 0 else _residual(regions[0], r)
-                    if s < best:
-                        best, keep = s, v
-                box[e] = keep
-                regions[side] = region(thumb, tuple(box))  # type: ignore[arg-type]
+                lo_side = e < 2
+                vals = [min(1.0, max(0.0, box[e] + m)) for m in _EDGE_MOVES]
+                vals = [v for v in vals if (box[e + 2] - v if lo_side else v - box[e - 2]) >= _MIN_SIDE]
+                if not vals:
+                    continue
+                if e % 2:  # a y edge: stack row matrices
+                    ys = np.stack([_area(v, box[3]) if e == 1 else _area(box[1], v) for v in vals])
+                    cand = ys @ thumb @ _area(box[0], box[2]).T
+                else:
+                    xs = np.stack([_area(v, box[2]) if e == 0 else _area(box[0], v) for v in vals])
+                    cand = _area(box[1], box[3]) @ thumb @ xs.transpose(0, 2, 1)
+                res = _residuals(cand, regions[1]) if side == 0 else _residuals(regions[0], cand)
+                i = int(np.argmin(res))
+                if res[i] < best:
+                    best = float(res[i])
+                    box[e] = vals[i]
+                    regions[side] = cand[i]
             if best <= good_enough:
                 return best
     return best

@@ -1,0 +1,150 @@
+"""Cluster precision with pixel verification: look-alike pictures whose
+pHashes are close stay apart, while caption bars, mirrors and brightened
+copies still join their picture, and the same ops give the same clusters."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance, ImageOps
+
+from bench.neardup_transforms import _bar, _crop, screenshot
+from detectors.hashing import ImageHashes, compute_hashes, hamming_hex, thumb_array
+from detectors.imagedata import ImageData
+from detectors.neardup import ClusterIndex, pair_match
+from detectors.neardup.verify import FULL, aligned_residual, residual
+
+
+def _h(img: Image.Image, q: int = 88) -> tuple[str, ImageHashes]:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=q)
+    d = ImageData(buf.getvalue())
+    return d.sha256, compute_hashes(d)
+
+
+def _lookalikes(seed: int = 3, size=(480, 360)) -> tuple[Image.Image, Image.Image]:
+    """Two pictures with one layout (the same large blobs, as aligned faces or
+    one prompt's seeds share) and different content at the scale a viewer
+    sees (different mid-frequency detail): pHash cannot tell them apart."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    base = np.zeros((h, w))
+    for _ in range(4):
+        fx, fy, ph = rng.uniform(0.3, 1.5, 2).tolist() + [rng.uniform(0, 6.3)]
+        base += np.sin(2 * np.pi * (fx * x + fy * y) + ph)
+
+    def detail(r: np.random.Generator) -> np.ndarray:
+        out = np.zeros((h, w))
+        for _ in range(6):
+            fx, fy, ph = r.uniform(3, 7, 2).tolist() + [r.uniform(0, 6.3)]
+            out += np.sin(2 * np.pi * (fx * x + fy * y) + ph)
+        return out
+
+    def picture(d: np.ndarray) -> Image.Image:
+        v = base * 45 + d * 9 + 128
+        rgb = np.clip(np.stack([v, v * 0.9 + 10, v * 0.8 + 20], -1), 0, 255).astype(np.uint8)
+        return Image.fromarray(rgb)
+
+    return picture(detail(np.random.default_rng(seed + 100))), picture(detail(np.random.default_rng(seed + 200)))
+
+
+def test_lookalikes_are_hash_neighbours_but_pixels_differ():
+    a, b = _lookalikes()
+    (_, ha), (_, hb) = _h(a), _h(b)
+    assert hamming_hex(ha.phash, hb.phash) <= 10  # the old rule's pair match
+    assert pair_match(ha, hb) is not None
+    assert residual(thumb_array(ha.thumb), FULL, thumb_array(hb.thumb), FULL) > 6.0
+
+
+def test_two_similar_but_different_pictures_stay_apart_while_their_reposts_join():
+    a, b = _lookalikes()
+    old = ClusterIndex(verify_max=None)  # hashes alone: one cluster
+    assert old.assign(*_h(a)).cluster_id == old.assign(*_h(b)).cluster_id
+    index = ClusterIndex()
+    ca, cb = index.assign(*_h(a)).cluster_id, index.assign(*_h(b)).cluster_id
+    assert ca != cb
+    for img, want in ((a, ca), (b, cb)):
+        for variant in (_crop(img, 0.9), img.resize((240, 180)), ImageOps.mirror(img),
+                        _bar(img, 1 / 8, "bottom", text="BREAKING NEWS"), screenshot(img)):
+            assert index.assign(*_h(variant, 70)).cluster_id == want
+    assert index.n_clusters == 2
+
+
+def test_aligned_gan_faces_stay_apart(shared_data: Path):
+    """Style-mixing outputs of one coarse source: same pose and layout, 0-4
+    pHash bits apart; the old rule put them in one cluster."""
+    d = shared_data / "train-extra" / "ai" / "podgorskiy__ALAE"
+    files = [d / f"style_mixing__output__rec_coarse_5_{i}.jpg" for i in (2, 3, 4)]
+    if not all(f.is_file() for f in files):
+        pytest.skip(f"ALAE style-mixing samples not in {d}")
+    hashes = [compute_hashes(ImageData.from_path(f)) for f in files]
+    index = ClusterIndex()
+    ids = {index.assign(str(i), h).cluster_id for i, h in enumerate(hashes)}
+    assert len(ids) == 3
+
+
+@pytest.mark.parametrize("order", ["picture first", "caption first"])
+def test_caption_bars_up_to_a_sixth_join_their_picture_in_either_order(shared_data: Path, order: str):
+    files = sorted((shared_data / "detect-dev" / "real").glob("*.jpg"))[:6]
+    joined = total = 0
+    for f in files:
+        img = ImageData.from_path(f).thumbnail(384).copy()
+        for bar in (_bar(img, 1 / 8, "bottom", text="BREAKING NEWS"),
+                    _bar(img, 1 / 6, "bottom", fill=(255, 255, 255), text="share before they delete it"),
+                    _bar(img, 1 / 6, "both", text="WHEN YOU SEE IT"),
+                    _bar(img, 1 / 8, "top", fill=(255, 255, 255), text="you won't believe this")):
+            index = ClusterIndex()
+            first, second = (img, bar) if order == "picture first" else (bar, img)
+            c = index.assign(*_h(first)).cluster_id
+            joined += index.assign(*_h(second)).cluster_id == c
+            total += 1
+    assert joined >= total - 1, f"{joined} of {total}"
+
+
+def test_mirror_and_brightened_copies_join(shared_data: Path):
+    files = sorted((shared_data / "detect-dev" / "real").glob("*.jpg"))[:6]
+    for f in files:
+        img = ImageData.from_path(f).thumbnail(384).copy()
+        index = ClusterIndex()
+        c = index.assign(*_h(img)).cluster_id
+        assert index.assign(*_h(ImageOps.mirror(img))).cluster_id == c, f.name
+        assert index.assign(*_h(ImageEnhance.Brightness(img).enhance(1.2))).cluster_id == c, f.name
+
+
+def test_alignment_search_recovers_copies_trimmed_of_different_bars():
+    a, _ = _lookalikes(5)
+    top = _bar(a, 1 / 6, "bottom", text="X")  # content: the top five sixths
+    t_a = thumb_array(_h(a)[1].thumb)
+    t_top = thumb_array(_h(top.crop((0, 0, top.width, round(top.height * 5 / 6))))[1].thumb)
+    # the hashes' boxes say "whole picture" on both sides: a sixth apart
+    assert residual(t_top, FULL, t_a, FULL) > aligned_residual(t_top, FULL, t_a, FULL, good_enough=0.0)
+    assert aligned_residual(t_top, FULL, t_a, FULL, good_enough=0.0) <= 6.0
+
+
+def test_replaying_the_same_ops_gives_the_same_clusters_merges_and_representatives(shared_data: Path):
+    files = sorted((shared_data / "detect-dev" / "real").glob("*.jpg"))[:5]
+    feed = []
+    for f in files:
+        img = ImageData.from_path(f).thumbnail(320).copy()
+        for v in (img, _crop(img, 0.85), screenshot(_crop(img, 0.9)), _bar(_crop(img, 0.9), 1 / 8, "bottom", text="B"),
+                  ImageOps.mirror(img), _bar(img, 1 / 6, "top", fill=(255, 255, 255), text="share")):
+            feed.append(_h(v))
+    random.Random(7).shuffle(feed)
+
+    def run(index: ClusterIndex):
+        return [index.assign(sha, h).model_dump() for sha, h in feed]
+
+    one, two = ClusterIndex(), ClusterIndex()
+    first = run(one)
+    assert run(two) == first
+    again = run(one)  # the same feed again: every image is already a member
+    assert all(not a["new_member"] and a["cluster_id"] == one.cluster_of(sha) for a, (sha, _) in zip(again, feed))
+    assert {sha: one.cluster_of(sha) for sha, _ in feed} == {sha: two.cluster_of(sha) for sha, _ in feed}
+    reps = lambda ix: sorted((cid, r.sha256) for cid, c in ix._clusters.items() for r in c.reps)  # noqa: E731
+    assert reps(one) == reps(two)
+    assert one.n_clusters <= len(files) + 1
