@@ -2,21 +2,26 @@
 ops/s with N members already in the hot index (default 1M and 10M).
 
 The members are *synthetic* codes (random 64-bit pHashes with 24 view codes
-each, random 256-bit PDQs), four members per cluster, one of them the
-representative -- no image set holds millions of pictures. Queries are a mix
+each, random 256-bit PDQs, and for representatives a random 32x32 grey
+thumbnail, the 1 KB pixel verification keeps per representative), four
+members per cluster, one of them the representative -- no image set holds millions of pictures. Queries are a mix
 like a live feed: half reposts of indexed pictures (0-6 pHash bits and 0-20 PDQ
-bits flipped: they join), half new pictures (they found clusters and are
+bits flipped, the representative's thumbnail with a little noise: they join
+after pixel verification), half new pictures (they found clusters and are
 indexed). Random codes are the easy case for candidate search (few
 near-collisions); real pictures cluster in hash space somewhat, so read these
 as an upper bound for the search and an exact cost for everything else.
 
     .venv/bin/python bench/cluster_scale.py [--sizes 1000000,10000000] [--queries 2000]
 
-Prints build time, resident memory growth and ops/s per size, one core.
+Prints build time, resident memory growth and ops/s per size, one core; and
+in the same run, on a second query set of the same mix, ops/s with pixel
+verification off (hashes alone, the previous rule) for the ratio.
 """
 
 from __future__ import annotations
 
+import base64
 import resource
 import sys
 import time
@@ -41,7 +46,7 @@ def _flip(x: np.ndarray, bits: int, rng: np.random.Generator, width: int) -> np.
     return x
 
 
-def build(n: int, rng: np.random.Generator, chunk: int = 1_000_000) -> tuple[ClusterIndex, np.ndarray, np.ndarray, np.ndarray]:
+def build(n: int, rng: np.random.Generator, chunk: int = 1_000_000) -> tuple[ClusterIndex, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     index = ClusterIndex()
     reps = []
     for lo in range(0, n, chunk):
@@ -53,16 +58,18 @@ def build(n: int, rng: np.random.Generator, chunk: int = 1_000_000) -> tuple[Clu
         rep = ids % PER_CLUSTER == 0
         cids = [f"c{i // PER_CLUSTER:015x}" for i in ids.tolist()]
         shas = [f"{i:064x}" for i in ids.tolist()]
-        index.add_bulk(cids, shas, ph, pq, np.full(m, 90), vw, rep)
-        reps.append((ph[rep], pq[rep], vw[rep]))
+        th = rng.integers(0, 256, (m, 32, 32), dtype=np.uint8)
+        index.add_bulk(cids, shas, ph, pq, np.full(m, 90), vw, rep, thumbs=np.where(rep[:, None, None], th, 0))
+        reps.append((ph[rep], pq[rep], vw[rep], th[rep]))
     index._phash.compact()
     index._phash_views.compact()
     index._pdq.compact()
-    ph, pq, vw = (np.concatenate(x) for x in zip(*reps))
-    return index, ph, pq, vw
+    ph, pq, vw, th = (np.concatenate(x) for x in zip(*reps))
+    return index, ph, pq, vw, th
 
 
-def queries(k: int, ph: np.ndarray, pq: np.ndarray, vw: np.ndarray, rng: np.random.Generator) -> list[tuple[str, ImageHashes]]:
+def queries(k: int, ph: np.ndarray, pq: np.ndarray, vw: np.ndarray, th: np.ndarray,
+            rng: np.random.Generator) -> list[tuple[str, ImageHashes]]:
     out = []
     for i in range(k):
         if i % 2 == 0:  # a repost of an indexed picture
@@ -70,13 +77,16 @@ def queries(k: int, ph: np.ndarray, pq: np.ndarray, vw: np.ndarray, rng: np.rand
             p = _flip(ph[j : j + 1], int(rng.integers(0, 7)), rng, 64)[0]
             q = _flip(pq[j], int(rng.integers(0, 21)), rng, 256)
             v = vw[j]
+            t = np.clip(th[j].astype(np.int16) + rng.integers(-3, 4, th[j].shape), 0, 255).astype(np.uint8)
         else:  # a new picture
             p = rng.integers(0, 2**63, dtype=np.uint64)
             q = rng.integers(0, 2**63, 4, dtype=np.uint64)
             v = rng.integers(0, 2**63, VIEWS, dtype=np.uint64)
+            t = rng.integers(0, 256, (32, 32), dtype=np.uint8)
         h = ImageHashes(phash=f"{int(p):016x}", pdq="".join(f"{int(w):016x}" for w in q), pdq_quality=90,
                         phash_mirror=f"{int(p) ^ 0x5555555555555555:016x}", pdq_mirror=None,
-                        views=[f"{int(x):016x}" for x in v], trimmed=False)
+                        views=[f"{int(x):016x}" for x in v], trimmed=False,
+                        thumb=base64.b64encode(t.tobytes()).decode())
         out.append((f"q{i:063x}", h))
     return out
 
@@ -87,21 +97,29 @@ def main(
 ) -> None:
     print("# cluster stage alone: ClusterIndex.assign with N synthetic members in the hot index, one core")
     print(f"# {PER_CLUSTER} members per cluster (1 representative), {VIEWS} view codes per member, queries half reposts / half new")
-    print(f"{'members':>12s} {'reps indexed':>13s} {'build s':>8s} {'RSS +GiB':>9s} {'assign ops/s':>13s} {'joined':>7s} {'founded':>8s}")
+    print(f"{'members':>12s} {'reps indexed':>13s} {'build s':>8s} {'RSS +GiB':>9s} {'assign ops/s':>13s} {'joined':>7s} "
+          f"{'founded':>8s} {'ops/s unverified':>17s}")
     for n in (int(x) for x in sizes.split(",")):
         rng = np.random.default_rng(n)
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.perf_counter()
-        index, ph, pq, vw = build(n, rng)
+        index, ph, pq, vw, th = build(n, rng)
         built = time.perf_counter() - t
         rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20
-        qs = queries(n_queries, ph, pq, vw, rng)
+        qs = queries(n_queries, ph, pq, vw, th, rng)
         t = time.perf_counter()
         res = [index.assign(s, h) for s, h in qs]
         ops = len(qs) / (time.perf_counter() - t)
         joined = sum(not r.new_cluster for r in res)
-        print(f"{n:12,d} {len(ph):13,d} {built:8.0f} {rss:9.1f} {ops:13,.0f} {joined:7d} {len(res) - joined:8d}", flush=True)
-        del index, ph, pq, vw
+        qs = [(f"u{s[1:]}", h) for s, h in queries(n_queries, ph, pq, vw, th, rng)]
+        index.verify_max = None
+        t = time.perf_counter()
+        for s, h in qs:
+            index.assign(s, h)
+        plain = len(qs) / (time.perf_counter() - t)
+        print(f"{n:12,d} {len(ph):13,d} {built:8.0f} {rss:9.1f} {ops:13,.0f} {joined:7d} {len(res) - joined:8d} {plain:17,.0f}",
+              flush=True)
+        del index, ph, pq, vw, th
 
 
 if __name__ == "__main__":

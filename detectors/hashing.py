@@ -222,10 +222,11 @@ def _thumb_b64(square: np.ndarray) -> str:
     return base64.b64encode(np.clip(np.rint(t), 0, 255).astype(np.uint8).tobytes()).decode()
 
 
-def thumb_array(thumb: str) -> np.ndarray:
-    """``ImageHashes.thumb`` back to a (THUMB_SIDE, THUMB_SIDE) float32 array."""
+def thumb_array(thumb: str, dtype: type = np.float32) -> np.ndarray:
+    """``ImageHashes.thumb`` back to a (THUMB_SIDE, THUMB_SIDE) array (float32,
+    or uint8 to keep: 1 KB)."""
     raw = np.frombuffer(base64.b64decode(thumb), dtype=np.uint8)
-    return raw.astype(np.float32).reshape(THUMB_SIDE, THUMB_SIDE)
+    return raw.astype(dtype).reshape(THUMB_SIDE, THUMB_SIDE)
 
 
 # ------------------------------------------------------------------ views

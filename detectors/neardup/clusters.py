@@ -270,7 +270,7 @@ class _Rep:
     views: list[tuple[int, str]] = field(default_factory=list, repr=False)  # (slot, pHash); dropped once encoded
     founder: bool = True  # founded a cluster; larger copies joined later are not, and promote nothing
     framed: bool = False  # full-frame hashes show the frame, not the picture: views only, no PDQ
-    thumb: np.ndarray | None = field(default=None, repr=False)  # 32x32 grey content (``verify``); None: trust hashes
+    thumb: np.ndarray | None = field(default=None, repr=False)  # 32x32 uint8 grey content (``verify``); None: trust hashes
     sha256: str = ""
     slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
     codes: np.ndarray = field(init=False)
@@ -561,9 +561,10 @@ class ClusterIndex:
         thumbnails) or verification is off."""
         if self.verify_max is None or q.thumb is None or r.thumb is None:
             return None
+        rt = r.thumb.astype(np.float32)
         if not search:
-            return residual(q.thumb, _box(kind), r.thumb, _box(slot), mirror=kind == _Q_MIRROR)
-        return aligned_residual(q.thumb, _box(kind), r.thumb, _box(slot), mirror=kind == _Q_MIRROR,
+            return residual(q.thumb, _box(kind), rt, _box(slot), mirror=kind == _Q_MIRROR)
+        return aligned_residual(q.thumb, _box(kind), rt, _box(slot), mirror=kind == _Q_MIRROR,
                                 good_enough=self.verify_max)
 
     def _passes(self, score: float | None) -> bool:
@@ -672,7 +673,7 @@ class ClusterIndex:
         c = self._clusters.setdefault(cluster_id, _Cluster())
         views = view_slots(hashes.views, hashes.trimmed)
         rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views, representative if founder is None else founder,
-                   _framed(hashes.views, hashes.trimmed), thumb_array(hashes.thumb) if hashes.thumb else None, sha256)
+                   _framed(hashes.views, hashes.trimmed), thumb_array(hashes.thumb, np.uint8) if hashes.thumb else None, sha256)
         if representative:
             c.reps.append(rep)
         if c.first is None:
@@ -705,10 +706,11 @@ class ClusterIndex:
         pdq_quality: np.ndarray,
         views: np.ndarray,
         representative: np.ndarray,
+        thumbs: np.ndarray | None = None,
     ) -> None:
         """``add`` for many members at once (rebuilding a large index, the
         scale bench): ``phash`` (n,) and ``views`` (n, k) uint64 centre/off-centre
-        crop views (no trimmed view), ``pdq`` (n, 4) uint64. One index insert per
+        crop views (no trimmed view), ``pdq`` (n, 4) uint64, ``thumbs`` (n, 32, 32) uint8 or None. One index insert per
         hash kind instead of one per member."""
         n = len(shas)
         rows = np.full(n, -1, dtype=np.int64)
@@ -728,7 +730,8 @@ class ClusterIndex:
                 rows[i] = row
             if rep or c.first is None:
                 r = _Rep(f"{int(phash[i]):016x}", "".join(f"{int(w):016x}" for w in pdq[i]), int(pdq_quality[i]),
-                         [(_CROP0 + j, f"{int(v):016x}") for j, v in enumerate(views[i])], rep)
+                         [(_CROP0 + j, f"{int(v):016x}") for j, v in enumerate(views[i])], rep,
+                         thumb=None if thumbs is None else thumbs[i].copy(), sha256=sha)
                 if rep:
                     c.reps.append(r)
                 if c.first is None:
