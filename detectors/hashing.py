@@ -258,7 +258,7 @@ _TRIM_LINE = 2 / 3  # fraction of a line near its median for it to count as bord
 _TRIM_EDGE = 0.95  # the outermost line must be this flat for a side to be trimmed at all
 _TRIM_MIN = 0.03  # a trim removing less than this of the width and the height is no border
 _TRIM_BAR = 0.2  # a caption bar with text is trimmed up to this fraction of the side (captions up to 1/6)
-_TRIM_BARISH = 1 / 3  # a text row of a caption bar: at least this much of it in the bar's colour
+_TRIM_BARISH = 0.12  # a text row of a caption bar (downscaled: glyphs blur to grey): this much of it in the bar colour
 _TRIM_KEEP = 0.3  # the content must keep at least this much of each side, else no trim
 
 
