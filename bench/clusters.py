@@ -13,7 +13,10 @@ broker) and reports:
 * pictures per cluster: clusters holding two distinct pictures (target 0) and
   the largest chain (most distinct pictures in one cluster);
 * splits per transform: variants not in their picture's main cluster;
-* merges with their audit, and a replay of the whole feed (must change nothing).
+* merges with their audit, and a replay of the whole feed (must change nothing);
+* the same for the previous rule -- hashes alone: no pixel verification, no
+  anchors, merges on pHash+PDQ agreement only -- on the same feed in the same
+  run (``--no-compare`` skips it).
 
 "Distinct pictures": the shared sets hold some pictures twice under different
 names (one render saved twice, a camera JPEG and its HDR-off twin). Files whose
@@ -114,11 +117,48 @@ def run(feed, index: ClusterIndex) -> tuple[dict[str, str], list]:
     return {sha: index.cluster_of(sha) for _, _, sha, _ in feed}, merges
 
 
+def measure(feed, group: list[int], loose: list[int], index: ClusterIndex) -> dict:
+    """Run the feed through ``index``, then again (replay), and the metrics."""
+    t1 = time.perf_counter()
+    cluster_of, merges = run(feed, index)
+    took = time.perf_counter() - t1
+    before = (index.n_clusters, index.n_members)
+    replay, replay_merges = run(feed, index)
+    first_file: dict[int, int] = {}
+    for i, g in enumerate(group):
+        first_file.setdefault(g, i)
+    clusters_by_pic: dict[int, Counter] = defaultdict(Counter)
+    pics_by_cluster: dict[str, set[int]] = defaultdict(set)
+    for i, _, sha, _ in feed:
+        clusters_by_pic[group[i]][cluster_of[sha]] += 1
+        pics_by_cluster[cluster_of[sha]].add(group[i])
+    main_cluster = {p: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for p, c in clusters_by_pic.items()}
+    impure = {cid: ps for cid, ps in pics_by_cluster.items() if len(ps) > 1}
+    per_t: dict[str, list[bool]] = defaultdict(list)
+    for i, t, sha, _ in feed:
+        per_t[t].append(cluster_of[sha] != main_cluster[group[i]])
+    return {
+        "clusters": index.n_clusters,
+        "cpp": float(np.mean([len(c) for c in clusters_by_pic.values()])),
+        "split": sum(len(c) > 1 for c in clusters_by_pic.values()),
+        "ppc": float(np.mean([len(p) for p in pics_by_cluster.values()])),
+        "impure": impure,
+        "in_impure": sum(len(ps) for ps in impure.values()),
+        "loose_impure": sum(len({loose[first_file[p]] for p in ps}) > 1 for ps in impure.values()),
+        "largest": max(len(ps) for ps in pics_by_cluster.values()),
+        "merges": merges,
+        "replay_same": replay == cluster_of and not replay_merges and (index.n_clusters, index.n_members) == before,
+        "per_t": per_t,
+        "ops": len(feed) / took,
+    }
+
+
 def main(
     dirs: list[Path] = typer.Argument(None, help="image directories (default: the shared data sets)"),
     limit: int = typer.Option(0, help="use only the first N distinct images (0: all)"),
     seed: int = typer.Option(1, help="feed order"),
     cache: Path = typer.Option(Path(tempfile.gettempdir()) / "dw-cluster-bench", help="hash cache directory"),
+    compare: bool = typer.Option(True, help="also run the previous rule (hashes alone) on the same feed"),
 ) -> None:
     dirs = dirs or [REPO.parent / "shared" / "data" / d for d in DEFAULT_DIRS]
     missing = [d for d in dirs if not d.is_dir()]
@@ -137,62 +177,38 @@ def main(
     random.Random(seed).shuffle(feed)
     prep = time.perf_counter() - t0
 
-    index = ClusterIndex()
-    t1 = time.perf_counter()
-    cluster_of, merges = run(feed, index)
-    took = time.perf_counter() - t1
-    before = (index.n_clusters, index.n_members)
-    replay, replay_merges = run(feed, index)
-    replay_same = replay == cluster_of and not replay_merges and (index.n_clusters, index.n_members) == before
-
-    pic_of_sha: dict[str, int] = {}
-    transform_of: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    first_file = {}
-    for i, g in enumerate(group):
-        first_file.setdefault(g, i)
-    for i, t, sha, _ in feed:
-        pic_of_sha.setdefault(sha, group[i])
-        transform_of[sha].append((group[i], t))
-    clusters_by_pic: dict[int, Counter] = defaultdict(Counter)
-    pics_by_cluster: dict[str, set[int]] = defaultdict(set)
-    for i, t, sha, _ in feed:
-        clusters_by_pic[group[i]][cluster_of[sha]] += 1
-        pics_by_cluster[cluster_of[sha]].add(group[i])
-    main_cluster = {p: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for p, c in clusters_by_pic.items()}
-    n_pics = len(clusters_by_pic)
-    cpp = np.mean([len(c) for c in clusters_by_pic.values()])
-    split = sorted(p for p, c in clusters_by_pic.items() if len(c) > 1)
-    impure = {cid: ps for cid, ps in pics_by_cluster.items() if len(ps) > 1}
-    largest = max(len(ps) for ps in pics_by_cluster.values())
-    per_t: dict[str, list[bool]] = defaultdict(list)
-    for i, t, sha, _ in feed:
-        per_t[t].append(cluster_of[sha] != main_cluster[group[i]])
+    now = measure(feed, group, loose, ClusterIndex())
+    # the previous rule: hashes alone (no pixel verification, no anchors, merges on pHash+PDQ only)
+    old = measure(feed, group, loose, ClusterIndex(verify_max=None)) if compare else None
+    n_pics = len({g for g in group})
 
     print(f"# deepwatch cluster bench: {len(images)} files from {', '.join(str(d) for d in dirs)}")
     print(f"{n_pics} distinct pictures ({len(twins)} groups of near-identical files counted once), "
           f"{len(feed)} events ({1 + len(CLUSTER_TRANSFORMS)} per file: original + every transform), seed {seed}")
     for v in twins:
         print(f"  one picture: {'  ~  '.join(v)}")
-    print(f"\n{'metric':40s} {'value':>10s}  target")
-    print(f"{'clusters':40s} {index.n_clusters:10d}")
-    print(f"{'clusters per picture':40s} {cpp:10.3f}  <= 1.02")
-    print(f"{'pictures split over >1 cluster':40s} {len(split):10d}")
-    print(f"{'pictures per cluster':40s} {np.mean([len(p) for p in pics_by_cluster.values()]):10.3f}")
-    print(f"{'clusters holding >1 distinct picture':40s} {len(impure):10d}  0")
-    print(f"{'  pictures in those clusters':40s} {sum(len(ps) for ps in impure.values()):10d}")
-    loose_impure = [c for c, ps in impure.items() if len({loose[first_file[p]] for p in ps}) > 1]
-    print(f"{'  of which not one composition (loose)':40s} {len(loose_impure):10d}")
-    print(f"{'largest chain (pictures in one cluster)':40s} {largest:10d}  1")
-    print(f"{'merges (audited)':40s} {len(merges):10d}")
-    print(f"{'replay of the whole feed changes nothing':40s} {str(replay_same):>10s}  True")
-    print(f"\n{'transform':24s} {'split':>6s} {'of':>5s}")
+    cols = [("now", now)] + ([("hashes alone", old)] if old else [])
+    print(f"\n{'metric':40s} " + " ".join(f"{c:>13s}" for c, _ in cols) + "  target")
+    rows = [("clusters", "clusters", "d", ""), ("clusters per picture", "cpp", ".3f", "<= 1.02"),
+            ("pictures split over >1 cluster", "split", "d", ""), ("pictures per cluster", "ppc", ".3f", ""),
+            ("clusters holding >1 distinct picture", None, "d", "0"), ("  pictures in those clusters", "in_impure", "d", ""),
+            ("  of which not one composition (loose)", "loose_impure", "d", ""),
+            ("largest chain (pictures in one cluster)", "largest", "d", "1"), ("merges (audited)", None, "d", ""),
+            ("replay of the whole feed changes nothing", "replay_same", "", "True"), ("assign ops/s", "ops", ",.0f", "")]
+    for label, key, fmt, target in rows:
+        vals = []
+        for _, m in cols:
+            v = len(m["impure"]) if label.startswith("clusters holding") else len(m["merges"]) if key is None else m[key]
+            vals.append(f"{str(v) if fmt == '' else format(v, fmt):>13s}")
+        print(f"{label:40s} " + " ".join(vals) + f"  {target}")
+    print(f"\n{'splits per transform':24s} " + " ".join(f"{c:>13s}" for c, _ in cols) + f" {'of':>5s}")
     for t in ["original", *CLUSTER_TRANSFORMS]:
-        print(f"{t:24s} {sum(per_t[t]):6d} {len(per_t[t]):5d}")
-    for cid, ps in sorted(impure.items())[:10]:
+        print(f"{t:24s} " + " ".join(f"{sum(m['per_t'][t]):13d}" for _, m in cols) + f" {len(now['per_t'][t]):5d}")
+    for cid, ps in sorted(now["impure"].items()):
         print(f"  impure cluster {cid}: " + " + ".join(members[p][0] for p in sorted(ps)))
-    for m in merges[:10]:
+    for m in now["merges"][:10]:
         print(f"  merge: {m.model_dump_json()}")
-    print(f"\nassign: {len(feed) / took:,.0f} ops/s (in-process, one core; prep {prep:.0f} s incl. decode+hash)")
+    print(f"\n(in-process, one core; prep {prep:.0f} s incl. decode+hash)")
 
 
 if __name__ == "__main__":

@@ -63,17 +63,25 @@ def region(thumb: np.ndarray, box: Box) -> np.ndarray:
 
 
 def _residuals(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
-    """Per candidate (leading axis, broadcast): median |gain * ra - rb|. The
-    gain is fitted on pixels unclipped on both sides (a brightened repost
-    saturates its highlights) and pixels saturated on both count as equal."""
+    """Per candidate (leading axis, broadcast): median |gain * ra - rb| over
+    the informative pixels. The gain is fitted on pixels unclipped on both
+    sides (a brightened repost saturates its highlights); pixels black on
+    both or saturated on both say nothing and are left out (a mostly black
+    photo and a face on black would otherwise agree by their backgrounds),
+    unless fewer than ``_MIN_MID`` pixels remain (a flat picture)."""
     ra, rb = np.broadcast_arrays(ra, rb)
     mid = (ra > _DARK) & (ra < _BRIGHT) & (rb > _DARK) & (rb < _BRIGHT)
     sa, sb = (ra * mid).sum(axis=(-2, -1), keepdims=True), (rb * mid).sum(axis=(-2, -1), keepdims=True)
     gain = np.where(mid.sum(axis=(-2, -1), keepdims=True) >= _MIN_MID, sb / np.maximum(sa, 1e-6), 1.0)
     fit = ra * gain
-    e = np.where((fit >= _BRIGHT) & (rb >= _BRIGHT), 0.0, np.abs(fit - rb)).reshape(*ra.shape[:-2], -1)
-    k = e.shape[-1] // 2
-    return np.partition(e, k, axis=-1)[..., k]
+    shape = (*ra.shape[:-2], -1)
+    e = np.abs(fit - rb).reshape(shape)
+    same_end = (((fit <= _DARK) & (rb <= _DARK)) | ((fit >= _BRIGHT) & (rb >= _BRIGHT))).reshape(shape)
+    n = (~same_end).sum(axis=-1, keepdims=True)
+    use = ~same_end | (n < _MIN_MID)
+    e = np.sort(np.where(use, e, np.inf), axis=-1)
+    k = np.maximum(use.sum(axis=-1, keepdims=True) // 2, 0)
+    return np.take_along_axis(e, k, axis=-1)[..., 0]
 
 
 def residual(a: np.ndarray, a_box: Box, b: np.ndarray, b_box: Box, mirror: bool = False) -> float:
