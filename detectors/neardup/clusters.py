@@ -45,7 +45,7 @@ Distances of different hashes are ranked by ``distance / threshold`` so
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -706,11 +706,11 @@ class ClusterIndex:
         pdq_quality: np.ndarray,
         views: np.ndarray,
         representative: np.ndarray,
-        thumbs: np.ndarray | None = None,
+        thumbs: "Sequence[np.ndarray | None] | None" = None,
     ) -> None:
         """``add`` for many members at once (rebuilding a large index, the
         scale bench): ``phash`` (n,) and ``views`` (n, k) uint64 centre/off-centre
-        crop views (no trimmed view), ``pdq`` (n, 4) uint64, ``thumbs`` (n, 32, 32) uint8 or None. One index insert per
+        crop views (no trimmed view), ``pdq`` (n, 4) uint64, ``thumbs`` (n,) 32x32 uint8 arrays (None: no thumbnail), or None. One index insert per
         hash kind instead of one per member."""
         n = len(shas)
         rows = np.full(n, -1, dtype=np.int64)
@@ -731,7 +731,8 @@ class ClusterIndex:
             if rep or c.first is None:
                 r = _Rep(f"{int(phash[i]):016x}", "".join(f"{int(w):016x}" for w in pdq[i]), int(pdq_quality[i]),
                          [(_CROP0 + j, f"{int(v):016x}") for j, v in enumerate(views[i])], rep,
-                         thumb=None if thumbs is None else thumbs[i].copy(), sha256=sha)
+                         thumb=None if thumbs is None or thumbs[i] is None else np.array(thumbs[i], dtype=np.uint8),
+                         sha256=sha)
                 if rep:
                     c.reps.append(r)
                 if c.first is None:
