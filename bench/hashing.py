@@ -6,7 +6,7 @@ previous implementation, on the same images in the same run.
   bands) as its own Lanczos-resampled DCT of the whole thumbnail (one pair of
   resample matrices per view, cached by size and box, so a stream of varied
   image sizes mostly misses), with NumPy's BLAS left multi-threaded.
-* ``current`` -- ``detectors.hashing.hashes_of``: one box-filtered 96x96 copy
+* ``current`` -- ``detectors.hashing.hashes_of``: one box-filtered 128x128 copy
   of the content, all views' DCT blocks in one batched product from fixed
   matrices, BLAS held to one thread for these tiny products, plus the
   verification thumbnail.

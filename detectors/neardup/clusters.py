@@ -77,7 +77,7 @@ VERIFY_MAX: float | None = 6.0
 _UNVERIFIED = 1e9  # residual recorded for a pair that had no thumbnails to compare
 # Two clusters may be linked by pixels alone when the image's verified
 # residual to each side's picture is at most this (grey levels).
-MERGE_RESIDUAL: float | None = 5.0
+MERGE_RESIDUAL: float | None = 6.0
 # Anchors: a joining copy becomes a representative when it met the picture
 # by a view, PDQ, or a pHash farther than this; at most this many
 # representatives per cluster (merges may add more).
