@@ -78,6 +78,7 @@ _UNVERIFIED = 1e9  # residual recorded for a pair that had no thumbnails to comp
 # Two clusters may be linked by pixels alone when the image's verified
 # residual to each side's picture is at most this (grey levels).
 MERGE_RESIDUAL: float | None = 6.0
+MERGE_QUANTILE = 0.8  # ... at this quantile of the pixels, not the median (``_links_by_pixels``)
 # Anchors: a joining copy becomes a representative when it met the picture
 # by a view, PDQ, or a pHash farther than this; at most this many
 # representatives per cluster (merges may add more).
@@ -504,6 +505,7 @@ class ClusterIndex:
         q = q or _Query.of(h)
         best = None
         resid = _UNVERIFIED  # smallest pixel residual of a verified pair
+        pair = None  # (representative, query kind, slot) of that pair
         pdq_ok = h.pdq_quality >= self.pdq_min_quality and not _framed(h.views, h.trimmed)
         flat = h.pdq_quality < FLAT_QUALITY
         for r in self._clusters[cluster_id].pictures():
@@ -531,7 +533,9 @@ class ClusterIndex:
                     for j, search in [(j, False) for j in tries] + [(tries[0], True)]:
                         score = self._residual(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]), search=search)
                         if self._passes(score):
-                            k, resid = j, min(resid, score if score is not None else _UNVERIFIED)
+                            k = j
+                            if score is not None and score < resid:
+                                resid, pair = score, (r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]))
                             break
                 if k is not None:
                     via: Via = "phash_view" if not fp[k] else ("phash" if q.kinds[qi[k]] == _Q_FULL else "phash_mirror")
@@ -546,15 +550,17 @@ class ClusterIndex:
                         continue
                     score = self._residual(q, r, _Q_FULL if pvia == "pdq" else _Q_MIRROR, _FULL)
                     if self._passes(score):
-                        resid = min(resid, score if score is not None else _UNVERIFIED)
+                        if score is not None and score < resid:
+                            resid, pair = score, (r, _Q_FULL if pvia == "pdq" else _Q_MIRROR, _FULL)
                         cands.append((rank_key(dq, pvia, self.phash_threshold, self.pdq_threshold), dq, pvia))  # type: ignore[arg-type]
             for c in cands:
                 key = (*c, grows)
                 if best is None or key[:3] < best[:3] or (key[:3] == best[:3] and grows and not best[3]):
                     best = key
-        return None if best is None else (*best, resid)
+        return None if best is None else (*best, resid, pair)
 
-    def _residual(self, q: "_Query", r: _Rep, kind: int, slot: int, search: bool = True) -> float | None:
+    def _residual(self, q: "_Query", r: _Rep, kind: int, slot: int, search: bool = True,
+                  quantile: float = 0.5) -> float | None:
         """Pixel residual (grey levels) of the query's region for ``kind``
         against the representative's for ``slot``, aligned (``verify``), or
         None when either side has no thumbnail (records from before
@@ -563,9 +569,22 @@ class ClusterIndex:
             return None
         rt = r.thumb.astype(np.float32)
         if not search:
-            return residual(q.thumb, _box(kind), rt, _box(slot), mirror=kind == _Q_MIRROR)
+            return residual(q.thumb, _box(kind), rt, _box(slot), mirror=kind == _Q_MIRROR, quantile=quantile)
         return aligned_residual(q.thumb, _box(kind), rt, _box(slot), mirror=kind == _Q_MIRROR,
-                                good_enough=self.verify_max)
+                                good_enough=self.verify_max, quantile=quantile)
+
+    def _links_by_pixels(self, q: "_Query", pic: tuple) -> bool:
+        """May this verified picture match link its cluster to another? Its
+        pixels must agree almost everywhere (``MERGE_QUANTILE`` of the
+        residuals within ``merge_residual``), not just at the median: an
+        image that shares three quarters with each of two different pictures
+        (one inpainted, one repainted) verifies against both, and must link
+        neither."""
+        if self.merge_residual is None or pic[5] is None or pic[4] > self.merge_residual:
+            return False
+        r, kind, slot = pic[5]
+        strict = self._residual(q, r, kind, slot, quantile=MERGE_QUANTILE)
+        return strict is not None and strict <= self.merge_residual
 
     def _passes(self, score: float | None) -> bool:
         return score is None or self.verify_max is None or score <= self.verify_max
@@ -622,8 +641,9 @@ class ClusterIndex:
         # with a caption that shows both halves of a split picture).
         # (Letting a larger copy link its crop's cluster on hashes alone, even
         # at <= 2 bits, lengthened the cluster bench's chains from 8 to 11.)
+        q = _Query.of(hashes)
         links = {c: (agree[c][0] if c in agree else pics[c][1], agree[c][1] if c in agree else None) for c in sorted(pics)
-                 if c in agree or (self.merge_residual is not None and pics[c][4] <= self.merge_residual)}
+                 if c in agree or self._links_by_pixels(q, pics[c])}
         audit: list[MergeAudit] = []
         if len(links) >= 2:
             into = min(links, key=lambda c: (-size[c], c))
@@ -639,7 +659,7 @@ class ClusterIndex:
             into = min(pics, key=lambda c: (pics[c][0], 0 if c in agree else 1, -size[c], c))
             merged = []
             grows = pics[into][3]
-        _, distance, via, _, _ = pics[into]
+        _, distance, via, _, _, _ = pics[into]
         # A copy that met the picture only through a view, or far from it,
         # becomes one more representative (an *anchor*, bounded per cluster):
         # later compound reposts (a screenshot of a crop, a caption on a

@@ -62,9 +62,9 @@ def region(thumb: np.ndarray, box: Box) -> np.ndarray:
     return _area(y0, y1) @ thumb @ _area(x0, x1).T
 
 
-def _residuals(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
-    """Per candidate (leading axis, broadcast): median |gain * ra - rb| over
-    the informative pixels. The gain is fitted on pixels unclipped on both
+def _residuals(ra: np.ndarray, rb: np.ndarray, quantile: float = 0.5) -> np.ndarray:
+    """Per candidate (leading axis, broadcast): the ``quantile`` (median by
+    default) of |gain * ra - rb| over the informative pixels. The gain is fitted on pixels unclipped on both
     sides (a brightened repost saturates its highlights); pixels black on
     both or saturated on both say nothing and are left out (a mostly black
     photo and a face on black would otherwise agree by their backgrounds),
@@ -80,20 +80,20 @@ def _residuals(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
     n = (~same_end).sum(axis=-1, keepdims=True)
     use = ~same_end | (n < _MIN_MID)
     e = np.sort(np.where(use, e, np.inf), axis=-1)
-    k = np.maximum(use.sum(axis=-1, keepdims=True) // 2, 0)
+    k = np.maximum((use.sum(axis=-1, keepdims=True) * quantile).astype(np.int64), 0)
     return np.take_along_axis(e, k, axis=-1)[..., 0]
 
 
-def residual(a: np.ndarray, a_box: Box, b: np.ndarray, b_box: Box, mirror: bool = False) -> float:
+def residual(a: np.ndarray, a_box: Box, b: np.ndarray, b_box: Box, mirror: bool = False, quantile: float = 0.5) -> float:
     """Median grey-level difference of ``a``'s ``a_box`` (of its mirror image
     when ``mirror``), gain-matched, and ``b``'s ``b_box``."""
     if mirror:
         a = a[:, ::-1]
-    return float(_residuals(region(a, a_box), region(b, b_box)))
+    return float(_residuals(region(a, a_box), region(b, b_box), quantile))
 
 
 def aligned_residual(a: np.ndarray, a_box: Box, b: np.ndarray, b_box: Box, mirror: bool = False,
-                     good_enough: float = 0.0) -> float:
+                     good_enough: float = 0.0, quantile: float = 0.5) -> float:
     """``residual`` at the given boxes, or -- when that is above
     ``good_enough`` -- the smallest over boxes whose edges moved (see module
     docstring): per edge, all moves at once. Deterministic: fixed order."""
@@ -102,7 +102,7 @@ def aligned_residual(a: np.ndarray, a_box: Box, b: np.ndarray, b_box: Box, mirro
     thumbs = (a, b)
     boxes = [list(a_box), list(b_box)]
     regions = [region(a, a_box), region(b, b_box)]
-    best = float(_residuals(regions[0], regions[1]))
+    best = float(_residuals(regions[0], regions[1], quantile))
     if best <= good_enough:
         return best
     for _ in range(2):
@@ -120,7 +120,7 @@ def aligned_residual(a: np.ndarray, a_box: Box, b: np.ndarray, b_box: Box, mirro
                 else:
                     xs = np.stack([_area(v, box[2]) if e == 0 else _area(box[0], v) for v in vals])
                     cand = _area(box[1], box[3]) @ thumb @ xs.transpose(0, 2, 1)
-                res = _residuals(cand, regions[1]) if side == 0 else _residuals(regions[0], cand)
+                res = _residuals(cand, regions[1], quantile) if side == 0 else _residuals(regions[0], cand, quantile)
                 i = int(np.argmin(res))
                 if res[i] < best:
                     best = float(res[i])
