@@ -156,3 +156,19 @@ def test_replaying_the_same_ops_gives_the_same_clusters_merges_and_representativ
     for sha, _, name in feed:
         pictures.setdefault(one.cluster_of(sha), set()).add(name)
     assert all(len(p) == 1 for p in pictures.values())  # compound reposts may split, never mix
+
+
+def test_a_composite_sharing_most_pixels_with_two_pictures_links_neither():
+    """One scene, the scene with its left half repainted, and an in-between
+    composite (left quarter repainted) that shares three quarters of its
+    pixels with each: it verifies against both at the median and joins one,
+    but a link needs agreement almost everywhere, so nothing merges."""
+    from tests.test_cluster_precision_pipeline import pictures
+
+    a, b, mid = pictures()
+    index = ClusterIndex()
+    ca, cb = index.assign(*_h(a)).cluster_id, index.assign(*_h(b)).cluster_id
+    assert ca != cb
+    m = index.assign(*_h(mid))
+    assert m.cluster_id in (ca, cb) and not m.merged and not m.merge_audit
+    assert index.n_clusters == 2

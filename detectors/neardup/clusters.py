@@ -78,7 +78,8 @@ _UNVERIFIED = 1e9  # residual recorded for a pair that had no thumbnails to comp
 # Two clusters may be linked by pixels alone when the image's verified
 # residual to each side's picture is at most this (grey levels).
 MERGE_RESIDUAL: float | None = 6.0
-MERGE_QUANTILE = 0.8  # ... at this quantile of the pixels, not the median (``_links_by_pixels``)
+MERGE_QUANTILE = 0.8  # ... and at this quantile of the pixels within MERGE_STRICT (``_links_by_pixels``)
+MERGE_STRICT = 6.0
 # Anchors: a joining copy becomes a representative when it met the picture
 # by a view, PDQ, or a pHash farther than this; at most this many
 # representatives per cluster (merges may add more).
@@ -361,8 +362,10 @@ class ClusterIndex:
         index_members: bool | None = None,
         verify_max: float | None = VERIFY_MAX,
         merge_residual: float | None = MERGE_RESIDUAL,
+        merge_strict: float = MERGE_STRICT,
         max_representatives: int = MAX_REPRESENTATIVES,
     ):
+        self.merge_strict = merge_strict
         self.verify_max = verify_max
         self.merge_residual = merge_residual if verify_max is not None else None
         self.max_representatives = max_representatives
@@ -576,7 +579,7 @@ class ClusterIndex:
     def _links_by_pixels(self, q: "_Query", pic: tuple) -> bool:
         """May this verified picture match link its cluster to another? Its
         pixels must agree almost everywhere (``MERGE_QUANTILE`` of the
-        residuals within ``merge_residual``), not just at the median: an
+        residuals within ``merge_strict``), not just at the median: an
         image that shares three quarters with each of two different pictures
         (one inpainted, one repainted) verifies against both, and must link
         neither."""
@@ -584,7 +587,7 @@ class ClusterIndex:
             return False
         r, kind, slot = pic[5]
         strict = self._residual(q, r, kind, slot, quantile=MERGE_QUANTILE)
-        return strict is not None and strict <= self.merge_residual
+        return strict is not None and strict <= self.merge_strict
 
     def _passes(self, score: float | None) -> bool:
         return score is None or self.verify_max is None or score <= self.verify_max
