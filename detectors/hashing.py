@@ -20,15 +20,19 @@ nearly free:
   bit-exact; the mirror recall in ``bench/neardup.py`` measures the effect.
 
 Crops and screenshots: ``views`` adds the pHash of the content inside a
-detected screenshot frame / letterbox / padding (``content_box``) and of 90%
-and 80% centre crops, each one small matrix product (see ``view_hashes``);
-``detectors.neardup`` indexes them next to the pHash.
+detected screenshot frame / letterbox / padding / caption bar
+(``content_box``), of centre and off-centre crops and of bands; all of them
+come from one 128 px box-filtered copy of the content in one batched product
+(``_view_lows``), with a 32x32 grey thumbnail of the content
+(``ImageHashes.thumb``) that ``detectors.neardup.verify`` checks hash matches
+on. ``view_hashes``/``view_phash`` are the exact per-view reference (Lanczos
+on the whole thumbnail), kept for tests and ``bench/hashing.py``.
 
 ``phash_pair`` is bit-compatible with ``imagehash.phash`` (grey, 32x32
 Lanczos, type-II DCT, 8x8 low frequencies > their median, same bit order),
 checked in tests; ``hashes_of`` computes the same hash with PIL's resampling
-weights in one float matrix product (no uint8 rounding between passes: equal
-on ~94% of pictures, 2 bits off on the rest), so hashes exchanged with other
+weights folded into the DCT, from the work copy (within 2 bits at p99 of the
+exact per-view path on the shared images), so hashes exchanged with other
 tools stay comparable.
 """
 
