@@ -156,6 +156,18 @@ def render_model_card(card: HeadCard) -> str:
               "| category | n | FP at threshold | FP at 0.5 |", "|---|---|---|---|"]
     for c, m in (card.metrics.get("real_categories_reposted") or {}).items():
         lines.append(f"| {c} | {m['n']} | {_pct(m['fp_at_threshold'])} | {_pct(m['fp_at_0.5'])} |")
+    pr = card.metrics.get("stream_prior_reposted")
+    if pr and "real" in pr:
+        lines += ["", "### Calibration prior (re-posted, out-of-fold)", "",
+                  f"Probabilities are calibrated on folds where {pr['calibration_ai_share']:.0%} of the pictures are AI. "
+                  f"Re-stated for a news stream where {pr['stated_prior']:.0%} are AI (log-odds shifted by Bayes' rule), "
+                  "fewer real photos reach 0.5, but every score moves alike: the ranking, AUC, TPR at a fixed FPR and "
+                  "the set flagged at the operating threshold do not change. This is not a discrimination gain. "
+                  f"The operating threshold {card.threshold:.3f} reads {pr['threshold_at_prior']:.3f} under that prior.", "",
+                  "| real photos | n | >= 0.5 at the calibration balance | >= 0.5 at the stated prior |", "|---|---|---|---|"]
+        for k, label in (("real", "all"), ("real_people", "portraits, people, crowds")):
+            if k in pr:
+                lines.append(f"| {label} | {pr[k]['n']} | {_pct(pr[k]['above_0.5_balanced'])} | {_pct(pr[k]['above_0.5_at_prior'])} |")
     lines += ["", "### Per generator (re-posted; its AI pictures against all real photos)", "",
               "| generator | n AI | AUC | TPR@1%FPR | TPR@threshold |", "|---|---|---|---|---|"]
     for g, m in ((card.metrics.get("reposted") or {}).get("generators") or {}).items():
