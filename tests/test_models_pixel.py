@@ -75,6 +75,23 @@ def test_loads_backbone_from_the_installed_wheel_and_the_packaged_head(detector)
     assert card.trained_on["manifest_sha256"] and card.metrics["reposted"]["overall"]["auc"] > 0.7
 
 
+def test_onnxruntime_backbone_matches_torch(detector) -> None:
+    # On CPU the backbone runs exported to onnxruntime; torch (GPU, or a failed export) must give the same taps.
+    bb = detector.backbone
+    assert bb.runtime == "onnxruntime"
+    x = torch.from_numpy(image_crops(picture(4, (400, 300)), 2))
+    fast = bb.taps(x)
+    ort, bb._ort = bb._ort, None
+    try:
+        assert bb.runtime == "torch"
+        slow = bb.taps(x)
+    finally:
+        bb._ort = ort
+    assert set(fast) == set(slow) == {"head_mean", "head_std", "blocks"}
+    for k in fast:
+        np.testing.assert_allclose(fast[k].numpy(), slow[k].numpy(), rtol=1e-3, atol=1e-3)
+
+
 def test_batch_matches_single_image_inference(detector) -> None:
     images = [_jpeg(1, (640, 480)), _jpeg(2, (300, 900)), _jpeg(3, (150, 120))]  # last one is upscaled to a crop
     batch = detector.predict_batch(images)
