@@ -118,6 +118,15 @@ def bench_pixel(seconds: float) -> None:
             print(f"{crops:>5} " + " ".join(f"{r:8.1f}" for r in rates) + "  " + " ".join(f"{r / rates[0]:6.2f}" for r in rates[1:])
                   + f"  {fwd:13.1f}  {rates[1] / fwd:7.2f}", flush=True)
         det.spec = det.spec.model_copy(update={"crops": shipped})
+        if det.backbone.runtime == "onnxruntime":
+            # Baseline in the same run: the same backbone forward in torch (channels-last, folded BNs).
+            crops_t = torch.randn(16 * shipped, 3, 224, 224)
+            fwd_ort = _rate(lambda: det.backbone.taps(crops_t), 16, seconds)
+            ort, det.backbone._ort = det.backbone._ort, None
+            fwd_torch = _rate(lambda: det.backbone.taps(crops_t), 16, seconds)
+            det.backbone._ort = ort
+            print(f"{det.spec.backbone} forward, {shipped} crops, b=16: onnxruntime {fwd_ort:.1f} img/s, "
+                  f"torch {fwd_torch:.1f} img/s, ort/torch = {fwd_ort / fwd_torch:.2f}x", flush=True)
 
 
 def main() -> None:

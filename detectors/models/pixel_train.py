@@ -178,6 +178,38 @@ def cv_report(samples: list[Sample], cv: CvResult, cal, threshold: float) -> dic
     return out
 
 
+# A news stream is mostly real photos. Calibrated probabilities assume the AI share of the
+# calibration folds (about half); under a stated stream prior the same logit means a lower
+# probability. Reported only (the shipped probabilities and threshold stay on the training
+# balance): a prior shift moves every score alike and changes no ranking, so it is NOT a
+# discrimination gain; AUC and TPR at a fixed FPR are.
+STREAM_PRIOR = 0.1
+
+
+def at_prior(p: np.ndarray, trained_share: float, prior: float = STREAM_PRIOR) -> np.ndarray:
+    """Probabilities re-stated for a stream where ``prior`` of the pictures are AI (Bayes: shift the log-odds)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    z = np.log(p / (1 - p)) + np.log(prior / (1 - prior)) - np.log(trained_share / (1 - trained_share))
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def prior_report(samples: list[Sample], p: np.ndarray, threshold: float, prior: float = STREAM_PRIOR) -> dict:
+    """Share of real photos (all, and portraits/people/crowds) scored >= 0.5 under the training balance and
+    under the stated stream prior. The flagged set at the operating threshold is the same under both."""
+    y = np.array([s.label for s in samples])
+    ok = ~np.isnan(p)
+    share = float(y[ok].mean())
+    q = at_prior(np.nan_to_num(p, nan=0.0), share, prior)
+    people = np.array([s.category in PEOPLE for s in samples])
+    out = {"calibration_ai_share": share, "stated_prior": prior}
+    for name, m in (("real", (y == 0) & ok), ("real_people", (y == 0) & ok & people)):
+        if m.any():
+            out[name] = {"n": int(m.sum()), "above_0.5_balanced": float((p[m] >= 0.5).mean()),
+                         "above_0.5_at_prior": float((q[m] >= 0.5).mean())}
+    out["threshold_at_prior"] = float(at_prior(np.array([threshold]), share, prior)[0])
+    return out
+
+
 def people_fp_rates(samples: list[Sample], p: np.ndarray, threshold: float) -> dict[str, dict[str, float]]:
     """Per real-photo category: share scored >= the operating threshold and >= 0.5."""
     out = {}
@@ -198,7 +230,7 @@ def train_pixel_probe(
     cache_dir: Path,
     spec: FeatureSpec | None = None,
     params: ProbeParams | None = None,
-    name: str = "pixel-probe-lite0",
+    name: str = "pixel-probe-lite2",
     version: str = "1",
     group_by: str = "generator",
     max_fpr: float = 0.01,
@@ -226,6 +258,7 @@ def train_pixel_probe(
     cal, threshold = calibrate_and_threshold(samples, cv, max_fpr)
     metrics = cv_report(samples, cv, cal, threshold)
     metrics["real_categories_reposted"] = people_fp_rates(samples, cal.apply(cv.oof["reposted"]), threshold)
+    metrics["stream_prior_reposted"] = prior_report(samples, cal.apply(cv.oof["reposted"]), threshold)
     metrics["protocol"] = (
         f"{params.folds}-fold GroupKFold, groups = {group_by} for AI pictures and source for real photos; "
         f"probe trained on the {' + '.join(params.train_variants)} variants of the training folds; scores out-of-fold"

@@ -233,7 +233,7 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
     from detectors.models.pixel_train import ProbeParams, train_pixel_probe
 
     settings = load_settings(config, data_dir=data_dir)
-    name = "pixel-probe-lite0" if out == "detector" else out
+    name = "pixel-probe-lite2" if out == "detector" else out
     target = head_out or (_model_dir(config, data_dir, model_dir) / f"{name}.safetensors")
     cache = cache_dir or Path(settings.data_dir) / "cache" / "pixel-features"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
