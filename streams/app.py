@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import faust
@@ -28,7 +29,8 @@ from streams.engine_state import open_engine_state
 from streams.fetch import ImageFetcher
 from streams.records import DeadLetter, SourceRef
 from streams.settings import Settings
-from streams.tansu_compat import SESSION_TIMEOUT_S
+from streams.faust_tuning import TABLE_MANAGER
+from streams.tansu_compat import HEARTBEAT_INTERVAL_S, SESSION_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +69,14 @@ def _faust_app(app_id: str, settings: Settings, broker_url: str) -> faust.App:
         consumer_auto_offset_reset="earliest",
         # Tansu holds JoinGroup answers for session_timeout/2 (streams.tansu_compat (b)).
         broker_session_timeout=SESSION_TIMEOUT_S if tansu else 60.0,
-        broker_heartbeat_interval=3.0,
+        broker_heartbeat_interval=HEARTBEAT_INTERVAL_S if tansu else 3.0,
         broker_commit_interval=1.0,
         table_standby_replicas=1,
         web_enabled=False,
         producer_acks=-1,
         stream_wait_empty=False,
         broker_credentials=faust_credentials(settings),  # SASL/SSL for managed Kafka (settings.kafka)
+        TableManager=TABLE_MANAGER,  # no fixed 1 s sleep before joining the group (streams.faust_tuning)
     )
 
 
@@ -133,7 +136,9 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
                 result = await stage.process(event.value, source, msg.timestamp or None)
                 try:
                     if result.op is not None:
+                        sent = time.perf_counter()
                         await ops.send(key=b"ops", value=result.op)
+                        metrics.STAGE_SECONDS.labels("send").observe(time.perf_counter() - sent)
                     elif result.duplicate:
                         await asyncio.to_thread(stage.mark_duplicate, source, result.event_id)
                 except Exception as e:  # e.g. the broker refusing the message: still one dead letter
@@ -176,7 +181,9 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     @app.agent(updates)
     async def sink_updates(stream):
         async for values in stream.take(batch, within=within):
+            stored = time.perf_counter()
             await sinks.snapshots(values)
+            metrics.STAGE_SECONDS.labels("sink").observe(time.perf_counter() - stored)
 
     @app.agent(alerts)
     async def sink_alerts(stream):

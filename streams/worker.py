@@ -48,9 +48,9 @@ def run(settings: Settings, role: str) -> None:
         if port_file:
             with open(port_file, "w") as f:
                 f.write(str(port))
-    from faust.worker import Worker
+    from streams.faust_tuning import PromptWorker
 
-    worker = Worker(
+    worker = PromptWorker(
         app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False,
         override_logging=False,
     )
