@@ -246,12 +246,13 @@ def replay_process(feed: Path, data_dir: Path, workers: int, extra: list[str] = 
     return summary
 
 
-def paced_latency(feed: Path, root: Path, rate: float, workers: int, pictures: int = 8, every: int = 20) -> dict:
+def paced_latency(feed: Path, root: Path, rate: float, workers: int, pictures: int = 12, reposts: int = 8,
+                  every: int = 20) -> dict:
     """Event->alert latency under load: the filer's feed produced at ``rate``
     events/s through ``workers`` pipeline workers (and the detect role), with
     one of ``pictures`` viral AI fakes (generator metadata) every ``every``
-    events -- each picture posted 12 times within 5 minutes of event time,
-    enough to alert at ``min_sightings_5m=5``. Returns latencies and the rate
+    events -- each picture posted ``reposts`` times 10 s of event time apart,
+    so each alerts at ``min_sightings_5m=5``. Returns latencies and the rate
     achieved."""
     from streams.ingest import produce_lines
 
@@ -267,11 +268,11 @@ def paced_latency(feed: Path, root: Path, rate: float, workers: int, pictures: i
         ev = json.loads(raw)
         ev["image"]["path"] = str(feed.parent / ev["image"]["path"])
         lines.append(json.dumps(ev).encode())
-        if n % every == every - 1 and viral < 12 * pictures:
+        if n % every == every - 1 and viral < reposts * pictures:
             p, k = viral % pictures, viral // pictures
             lines.append(json.dumps({
                 "event_id": f"viral{viral}", "platform": "x", "account_id": f"v{viral}",
-                "posted_at": (BASE_TIME + timedelta(seconds=n)).isoformat(),
+                "posted_at": (BASE_TIME + timedelta(seconds=10 * k)).isoformat(),
                 "image": {"path": str(images / (f"orig{p}.png" if k == 0 else f"repost{p}.jpg"))},
             }).encode())
             viral += 1

@@ -123,7 +123,7 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     # on first use; ``once`` serialises its calls (see streams.stage.Serialized).
     analyze_store = once(lambda: open_findings(settings.findings.url, settings.data_dir, settings))
 
-    @app.agent(events, concurrency=4)
+    @app.agent(events, concurrency=settings.ingest.analyze_concurrency)
     async def analyze(stream):
         fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
         stage = AnalyzeStage(settings, fetcher, Analyzer(settings, data_dir / "blobs"), blobs.put,
