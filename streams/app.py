@@ -23,7 +23,7 @@ import faust
 from streams import metrics
 from streams.analyze import Analyzer
 from streams.blobstore import DirectoryBlobStore
-from streams.broker import TopicSpec, faust_credentials
+from streams.broker import faust_credentials
 from streams.cluster_stage import ClusterStage
 from streams.engine_state import open_engine_state
 from streams.fetch import ImageFetcher
@@ -31,27 +31,9 @@ from streams.records import DeadLetter, SourceRef
 from streams.settings import Settings
 from streams.faust_tuning import TABLE_MANAGER
 from streams.tansu_compat import HEARTBEAT_INTERVAL_S, SESSION_TIMEOUT_S
+from streams.topics import CLUSTER_TABLE, topic_specs  # noqa: F401 - topic_specs is re-exported
 
 log = logging.getLogger(__name__)
-
-CLUSTER_TABLE = "clusters"
-
-
-def topic_specs(settings: Settings) -> list[TopicSpec]:
-    p = settings.partitions
-    t = settings.topic
-    return [
-        TopicSpec(t("events"), p),
-        TopicSpec(t("dead-letters"), p),
-        TopicSpec(t("cluster-ops"), 1),  # the single ordered place where clusters are decided
-        TopicSpec(t("detect-requests"), p),
-        TopicSpec(t("cluster-updates"), p),
-        TopicSpec(t("alerts"), p),
-        TopicSpec(f"{settings.app_id}-{CLUSTER_TABLE}-changelog", 1, compacted=True),
-        TopicSpec(f"{settings.app_id}-__assignor-__leader", 1),
-        TopicSpec(f"{settings.app_id}-detect-__assignor-__leader", 1),
-    ]
-
 
 def _faust_app(app_id: str, settings: Settings, broker_url: str) -> faust.App:
     tansu = broker_url.startswith("tansu://")

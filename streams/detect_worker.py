@@ -85,23 +85,32 @@ def build_detect_app(settings: Settings, broker_url: str) -> faust.App:
         cfg = settings.detect
         async for raws in stream.take(max(1, cfg.max_batch), within=max(cfg.max_wait_ms, 1.0) / 1000):
             started = time.perf_counter()
-            latest: dict[str, DetectRequest] = {}
-            for raw in raws:
-                try:
-                    req = DetectRequest.loads(raw)
-                except Exception:  # not ours to crash on: nothing waits for a request nobody can read
-                    log.exception("unreadable detect request")
-                    continue
-                latest.pop(req.cluster_id, None)
-                latest[req.cluster_id] = req  # re-inserted: answers keep the order of the last requests
-            shas = list(dict.fromkeys(r.sha256 for r in latest.values()))
+            answer = coalesce(raws)
+            shas = list(dict.fromkeys(r.sha256 for r in answer))
             found = dict(zip(shas, await asyncio.gather(*(analyse(sha, batchers) for sha in shas))))
-            for req in latest.values():
+            for req in answer:
                 evidence, error = found[req.sha256]
                 result = DetectionResult(cluster_id=req.cluster_id, sha256=req.sha256, evidence=evidence,
                                          models=list(cfg.models), error=error)
                 await ops.send(key=b"ops", value=ClusterOp(kind="detection", detection=result).dumps())
             metrics.STAGE_SECONDS.labels("detect").observe(time.perf_counter() - started)
-            metrics.EVENTS.labels("detect", "coalesced").inc(len(raws) - len(latest))
+            metrics.EVENTS.labels("detect", "coalesced").inc(len(raws) - len(answer))
 
     return app
+
+
+def coalesce(raws: list[bytes]) -> list[DetectRequest]:
+    """The requests of a batch worth answering: the last one per cluster, in
+    the order of those last requests. A cluster waits for one result
+    (``models_pending`` is a flag), and its last request names its best copy.
+    Unreadable requests are logged and dropped: nothing waits for them."""
+    latest: dict[str, DetectRequest] = {}
+    for raw in raws:
+        try:
+            req = DetectRequest.loads(raw)
+        except Exception:
+            log.exception("unreadable detect request", extra={"excerpt": bytes(raw[:200]).decode("utf-8", "replace")})
+            continue
+        latest.pop(req.cluster_id, None)  # re-inserted below: answers keep the order of the last requests
+        latest[req.cluster_id] = req
+    return list(latest.values())

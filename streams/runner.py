@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from streams.app import topic_specs
+from streams.topics import topic_specs
 from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics, free_port
 from streams.ingest import Produced, produce_lines
 from streams.settings import Settings
