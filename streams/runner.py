@@ -267,6 +267,7 @@ def wait_until_processed(
     cluster: Cluster, offsets: set[tuple[int, int]], *, timeout_s: float,
     on_progress: Callable[[int], None] | None = None, models: bool = False,
     produced: Produced | None = None, stall_s: float = 20.0, marks: dict[str, float] | None = None,
+    models_stall_s: float = 60.0,
 ) -> bool:
     """True once every produced event is a sighting or a dead letter in the
     store, and the derived work (alerts, model results) has landed too.
@@ -287,6 +288,7 @@ def wait_until_processed(
     topic = cluster.settings.topic("events")
     deadline = time.monotonic() + timeout_s
     last, last_change = -1, time.monotonic()
+    last_models, models_change = -1, time.monotonic()
     seen: set[tuple[int, int]] = set()
     high = 0
     pending_resend: dict[tuple[int, int], set[tuple[int, int]]] = {}  # original -> its resend offsets
@@ -315,10 +317,17 @@ def wait_until_processed(
                         pending_resend[o] = {po for po, line in again.lines_at.items() if line == produced.lines_at[o]}
                     last_change = time.monotonic()
             if done == len(offsets):
+                now = time.monotonic()
                 if marks is not None:
-                    marks.setdefault("events_done", time.monotonic())
+                    marks.setdefault("events_done", now)
                 pending = store.pending_work()
                 if pending["alerts"] == 0 and (not models or pending["models"] == 0):
+                    return True
+                if pending["models"] != last_models:
+                    last_models, models_change = pending["models"], now
+                elif pending["alerts"] == 0 and now - models_change > models_stall_s:
+                    log.warning("model results stopped arriving; not waiting for them any longer",
+                                extra={"clusters_pending": pending["models"], "stall_s": models_stall_s})
                     return True
             time.sleep(0.1)
         return False
