@@ -5,8 +5,9 @@ while starting still get registered; deepwatch creates its one table when the
 app is built, before the worker starts, so that second only delays joining
 the consumer group. mode's ``Worker`` sleeps 1 s in a sentinel task at every
 shutdown after the app has already stopped (offsets committed, producer
-flushed), and up to 1 s more waiting for leftover tasks it then cancels. Both are pure waiting: a replay pays them once per worker process,
-a long-lived worker never notices.
+flushed), and up to 1 s more waiting for leftover tasks it then cancels.
+All of it is pure waiting: a replay pays it once per worker process, a
+long-lived worker never notices.
 """
 
 from __future__ import annotations
