@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
+from bench.naive_pipeline import naive  # noqa: E402
 from streams import runner  # noqa: E402
 from streams.analyze import Analyzer  # noqa: E402
 from streams.clustering import ClusterEngine, ClusterState  # noqa: E402
@@ -73,27 +77,6 @@ def build(root: Path, pictures: int, reposts: int, seed: int = 7) -> Path:
     feed = root / "feed.jsonl"
     feed.write_text("\n".join(lines) + "\n")
     return feed
-
-
-def naive(feed: Path) -> float:
-    """The baseline: one process, full decode, imagehash + pdqhash, linear scan."""
-    import imagehash
-    import pdqhash
-    from PIL import Image
-
-    lines = feed.read_bytes().splitlines()
-    seen: list[tuple[int, int, int]] = []  # (pHash, PDQ as one int, cluster)
-    started = time.perf_counter()
-    for raw in lines:
-        ev = json.loads(raw)
-        with Image.open(feed.parent / ev["image"]["path"]) as im:
-            rgb = im.convert("RGB")
-        ph = int(str(imagehash.phash(rgb)), 16)
-        vec, _ = pdqhash.compute(np.asarray(rgb))
-        pq = int("".join(map(str, vec.tolist())), 2)
-        cluster = next((c for p, q, c in seen if (p ^ ph).bit_count() <= 10 or (q ^ pq).bit_count() <= 31), len(seen))
-        seen.append((ph, pq, cluster))
-    return len(lines) / (time.perf_counter() - started)
 
 
 def in_process(feed: Path, settings: Settings) -> tuple[float, dict[str, float]]:
@@ -193,13 +176,231 @@ def latency(root: Path, settings: Settings, rate: float, pictures: int = 8, burs
     return out, achieved
 
 
+# ----------------------------------------------------------------- the filer's way
+# The issue's measurement, as a new user would take it: a feed of N events over
+# P held-out pictures (each event one random variant of its picture), the wall
+# time of `deepwatch replay` from process start to exit against a naive
+# single-process pipeline run as its own process too -- start-up included on
+# both sides.
+
+FILER_DIRS = ["detect-dev", "detect-dev2"]  # held out from the pixel model's training (train-extra)
+FILER_VARIANTS = ("jpeg_q70", "resize_0.5", "crop_90", "caption")  # re-encoded, half size, 90% crop, caption
+
+
+def build_filer_feed(root: Path, events: int, pictures: int, seed: int = 10, max_side: int = 1024) -> Path | None:
+    """The feed, or None when ``../shared`` is absent. Cached in ``root``
+    (keyed by the arguments) so repeated runs skip the image work."""
+    shared = REPO.parent / "shared" / "data"
+    dirs = [shared / d for d in FILER_DIRS if (shared / d).is_dir()]
+    if not dirs:
+        return None
+    root = root / f"filer-{events}-{pictures}-{seed}-{max_side}"
+    feed = root / "feed.jsonl"
+    if feed.exists():
+        return feed
+    from bench.neardup_images import load_images
+    from bench.neardup_transforms import TRANSFORMS
+
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    pics = load_images(dirs, max_side=max_side, limit=pictures)
+    for p, (_, img) in enumerate(pics):
+        for v in FILER_VARIANTS:
+            (images / f"p{p}_{v}.jpg").write_bytes(TRANSFORMS[v](img))
+    rng = random.Random(seed)
+    lines = []
+    for n in range(events):
+        p = rng.randrange(len(pics))
+        lines.append(json.dumps({
+            "event_id": f"e{n}", "platform": rng.choice(["x", "bsky", "mastodon"]), "account_id": f"a{rng.randrange(10**6)}",
+            "posted_at": (BASE_TIME + timedelta(seconds=n)).isoformat(),
+            "image": {"path": f"images/p{p}_{rng.choice(FILER_VARIANTS)}.jpg"},
+        }))
+    feed.write_text("\n".join(lines) + "\n")
+    return feed
+
+
+def naive_process(feed: Path) -> dict:
+    """The naive pipeline as its own process (its imports and start-up count):
+    wall seconds from spawn to exit, and its loop's events/s."""
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "naive_pipeline.py"), str(feed)],
+                         capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t0
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "loop_eps": doc["eps"]}
+
+
+def replay_process(feed: Path, data_dir: Path, workers: int, extra: list[str] = (), repo: Path = REPO) -> dict:
+    """``deepwatch replay`` as a user runs it: wall seconds from spawn to exit
+    (``repo``: the checkout whose code runs, e.g. an export of an older commit)."""
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    cmd = [sys.executable, "-m", "streams.cli", "replay", str(feed), "--workers", str(workers),
+           "--data-dir", str(data_dir), "--format", "json", *extra]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"replay failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    summary = json.loads(out.stdout)
+    summary["wall_s"] = wall
+    return summary
+
+
+def paced_latency(feed: Path, root: Path, rate: float, workers: int, pictures: int = 12, reposts: int = 8,
+                  every: int = 20) -> dict:
+    """Event->alert latency under load: the filer's feed produced at ``rate``
+    events/s through ``workers`` pipeline workers (and the detect role), with
+    one of ``pictures`` viral AI fakes (generator metadata) every ``every``
+    events -- each picture posted ``reposts`` times 10 s of event time apart,
+    so each alerts at ``min_sightings_5m=5``. Returns latencies and the rate
+    achieved."""
+    from streams.ingest import produce_lines
+
+    images = root / "viral"
+    images.mkdir(parents=True, exist_ok=True)
+    for p in range(pictures):
+        pic = scene(77_777 + p)
+        (images / f"orig{p}.png").write_bytes(a1111_png(pic, "fake"))
+        (images / f"repost{p}.jpg").write_bytes(jpeg_bytes(pic, 75))
+    lines = []
+    viral = 0
+    for n, raw in enumerate(feed.read_bytes().splitlines()):
+        ev = json.loads(raw)
+        ev["image"]["path"] = str(feed.parent / ev["image"]["path"])
+        lines.append(json.dumps(ev).encode())
+        if n % every == every - 1 and viral < reposts * pictures:
+            p, k = viral % pictures, viral // pictures
+            lines.append(json.dumps({
+                "event_id": f"viral{viral}", "platform": "x", "account_id": f"v{viral}",
+                "posted_at": (BASE_TIME + timedelta(seconds=10 * k)).isoformat(),
+                "image": {"path": str(images / (f"orig{p}.png" if k == 0 else f"repost{p}.jpg"))},
+            }).encode())
+            viral += 1
+    s = Settings(data_dir=root / "data", alerts={"min_sightings_5m": 5})
+    s.ingest.image_roots = [feed.parent, images]
+    with ExitStack() as stack:
+        cluster = runner.start_cluster(s, stack)
+        for _ in range(workers):
+            cluster.start_worker("pipeline")
+        cluster.start_worker("detect")
+        cluster.wait_ready(roles=("pipeline",))
+        started = time.perf_counter()
+
+        def paced():
+            for i, line in enumerate(lines):
+                time.sleep(max(0.0, started + i / rate - time.perf_counter()))
+                yield line
+
+        produced = produce_lines(paced(), cluster.bootstrap, s)
+        achieved = len(lines) / (time.perf_counter() - started)
+        assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=600, produced=produced)
+    store = open_store(s.data_dir)
+    lat = []
+    for a in store.alerts():
+        if a.get("trigger_ingested_at"):
+            t0 = datetime.fromisoformat(a["trigger_ingested_at"])
+            lat.append((datetime.fromisoformat(a["created_at"]) - t0).total_seconds())
+    return {"latencies": lat, "rate": achieved, "events": len(lines)}
+
+
+def p95(values: list[float]) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, round(0.95 * (len(v) - 1)))]
+
+
+def filer(args: argparse.Namespace) -> None:
+    cache = Path(args.cache or tempfile.gettempdir()) / "dw-bench-replay"
+    feed = build_filer_feed(cache, args.events, args.filer_pictures)
+    if feed is None:
+        print(f"skipped: the filer's feed needs the shared sets ({REPO.parent / 'shared' / 'data'} is absent)")
+        return
+    n = args.events
+    print(f"feed: {n} events over {args.filer_pictures} held-out pictures, variants {', '.join(FILER_VARIANTS)} "
+          f"(<= 1024 px); load average before: {os.getloadavg()[0]:.2f}")
+    runs: list[tuple[str, dict]] = []
+    naive_walls: list[dict] = [naive_process(feed)]
+    for spec in args.runs:
+        workers, _, flags = spec.partition(":")
+        extra = [*args.replay_arg, *(f"--{f}" for f in flags.split(",") if f)]
+        with tempfile.TemporaryDirectory(prefix="dw-replay-") as tmp:
+            label = f"{workers} worker(s)" + (f", {' '.join(extra)}" if extra else "")
+            runs.append((label, replay_process(feed, Path(tmp), int(workers), extra)))
+        if args.compare_repo and not flags:
+            with tempfile.TemporaryDirectory(prefix="dw-replay-") as tmp:
+                runs.append((f"{workers} worker(s), BEFORE ({args.compare_repo})",
+                             replay_process(feed, Path(tmp), int(workers), args.replay_arg, Path(args.compare_repo))))
+        naive_walls.append(naive_process(feed))  # interleaved: the machine is shared
+    naive_wall = statistics.median(r["wall_s"] for r in naive_walls)
+    naive_loop = statistics.median(r["loop_eps"] for r in naive_walls)
+    print(f"naive single process (full decode, imagehash+pdqhash, linear scan), {len(naive_walls)} runs: "
+          f"wall {naive_wall:.1f}s incl. start-up = {n / naive_wall:.1f} events/s; loop alone {naive_loop:.1f} events/s")
+    for label, s in runs:
+        t = s.get("timings") or {}
+        ingest = s.get("ingest_seconds") or s["seconds"]
+        lat = p95(s.get("alert_latency_s") or [])
+        print(f"deepwatch replay, {label}: wall {s['wall_s']:.1f}s = {n / s['wall_s']:.1f} events/s "
+              f"= {naive_wall / s['wall_s']:.2f}x naive WITH start-up  [target >= 3x]; "
+              f"every event accounted {ingest:.1f}s after the first was produced = {s['events_per_second']:.1f} events/s "
+              f"= {s['events_per_second'] / naive_loop:.2f}x the naive loop WITHOUT start-up; returned after {s['seconds']:.1f}s "
+              f"({s.get('models_pending', 0)} clusters without model result); complete={s['complete']}, "
+              f"{s['sightings']} sightings, {sum(s['dead_letters'].values())} dead letters, {s['clusters']} clusters, "
+              f"{s['alerts']} alerts (event->alert in this backlog replay: "
+              f"{'-' if lat is None else f'p95 {lat * 1000:.0f} ms'})")
+        if t:
+            print("  phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if isinstance(v, (int, float))))
+        for role, stages in (s.get("stage_seconds") or {}).items():
+            secs = {k: v for k, v in stages.items() if not k.startswith("events:")}
+            counts = {k[7:]: int(v) for k, v in stages.items() if k.startswith("events:")}
+            print(f"  {role} stage seconds (summed over its workers and concurrent actors): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(secs.items(), key=lambda kv: -kv[1])))
+            if counts:
+                print(f"  {role} events: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    best = max((r for _, r in runs), key=lambda r: r["events_per_second"], default=None)
+    rates = [args.rate] if args.rate else [f * best["events_per_second"] for f in args.latency_fractions] if best else []
+    for rate in [] if args.no_latency else rates:
+        workers = args.latency_workers
+        with tempfile.TemporaryDirectory(prefix="dw-latency-") as tmp:
+            lat = paced_latency(feed, Path(tmp), rate, workers)
+        v = lat["latencies"]
+        if v:
+            print(f"event->alert latency under load: {lat['events']} events at {lat['rate']:.1f} events/s "
+                  f"({rate / best['events_per_second']:.0%} of the best replay rate), {workers} worker(s) + detect role, "
+                  f"{len(v)} alerts: median {statistics.median(v) * 1000:.0f} ms, p95 {p95(v) * 1000:.0f} ms, "
+                  f"max {max(v) * 1000:.0f} ms  [target p95 < 3000 ms]; load average {os.getloadavg()[0]:.2f}")
+        else:
+            print("event->alert latency under load: no alert raised")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pictures", type=int, default=60)
     ap.add_argument("--reposts", type=int, default=6)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rate", type=float, default=0.0, help="events/s for the latency run (0: 80%% of the streaming rate)")
+    ap.add_argument("--filer", action="store_true",
+                    help="measure the issue's way: wall time of `deepwatch replay` (start-up included) vs the naive "
+                         "pipeline as its own process, on a feed over held-out shared pictures")
+    ap.add_argument("--events", type=int, default=2000, help="--filer: events in the feed")
+    ap.add_argument("--filer-pictures", type=int, default=200, help="--filer: pictures in the feed")
+    ap.add_argument("--runs", nargs="+", default=["1", "2", "2:no-wait-models"],
+                    help="--filer: replay runs to compare, each WORKERS[:FLAG,...] (flags are replay's long options "
+                         "without the dashes), e.g. 2:no-wait-models")
+    ap.add_argument("--replay-arg", action="append", default=[], help="--filer: extra argument for replay (repeatable)")
+    ap.add_argument("--compare-repo", help="--filer: also run each flag-less replay with the code of this checkout "
+                    "(e.g. `git archive OLD | tar -x -C DIR`), in the same run")
+    ap.add_argument("--no-latency", action="store_true", help="--filer: skip the paced latency run")
+    ap.add_argument("--latency-fractions", type=float, nargs="+", default=[0.5, 0.8],
+                    help="--filer: paced latency runs at these fractions of the best replay's events/s")
+    ap.add_argument("--latency-workers", type=int, default=2, help="--filer: pipeline workers in the latency run")
+    ap.add_argument("--cache", help="--filer: where the built feed is cached (default: the temp dir)")
     args = ap.parse_args()
+    if args.filer:
+        filer(args)
+        return
     with tempfile.TemporaryDirectory(prefix="dw-bench-") as tmp:
         root = Path(tmp)
         feed = build(root / "feed", args.pictures, args.reposts)

@@ -17,6 +17,7 @@ from pathlib import Path
 from detectors.base import Detector, Evidence, EvidenceKind, create_all
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import ImageData, process_budget
+from streams import metrics
 from streams.records import ImageEvent, ImageRef, Sighting, SourceRef
 from streams.settings import Settings
 
@@ -45,8 +46,12 @@ class Analyzer:
             # images waits rather than multiplying the worker's peak.
             with process_budget(self.limits.max_decode_bytes).reserve(image.decode_cost):
                 # Hashing decodes pixels: truncated files surface here as ImageRejected.
+                t0 = time.perf_counter()
                 hashes = compute_hashes(image)
+                t1 = time.perf_counter()
                 evidence = self._detect(image)
+                metrics.STAGE_SECONDS.labels("hashes").observe(t1 - t0)  # decode, hashes and views
+                metrics.STAGE_SECONDS.labels("detectors").observe(time.perf_counter() - t1)
             # What decoding had to skip or reduce is evidence too (weight 0: it informs, never scores).
             evidence += [Evidence(detector="decode", score=0.5, weight=0.0, detail=note, sha256=image.sha256)
                          for note in image.notes]

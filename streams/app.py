@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import faust
@@ -22,34 +23,17 @@ import faust
 from streams import metrics
 from streams.analyze import Analyzer
 from streams.blobstore import DirectoryBlobStore
-from streams.broker import TopicSpec, faust_credentials
+from streams.broker import faust_credentials
 from streams.cluster_stage import ClusterStage
 from streams.engine_state import open_engine_state
 from streams.fetch import ImageFetcher
 from streams.records import DeadLetter, SourceRef
 from streams.settings import Settings
-from streams.tansu_compat import SESSION_TIMEOUT_S
+from streams.faust_tuning import TABLE_MANAGER
+from streams.tansu_compat import HEARTBEAT_INTERVAL_S, SESSION_TIMEOUT_S
+from streams.topics import CLUSTER_TABLE, topic_specs  # noqa: F401 - topic_specs is re-exported
 
 log = logging.getLogger(__name__)
-
-CLUSTER_TABLE = "clusters"
-
-
-def topic_specs(settings: Settings) -> list[TopicSpec]:
-    p = settings.partitions
-    t = settings.topic
-    return [
-        TopicSpec(t("events"), p),
-        TopicSpec(t("dead-letters"), p),
-        TopicSpec(t("cluster-ops"), 1),  # the single ordered place where clusters are decided
-        TopicSpec(t("detect-requests"), p),
-        TopicSpec(t("cluster-updates"), p),
-        TopicSpec(t("alerts"), p),
-        TopicSpec(f"{settings.app_id}-{CLUSTER_TABLE}-changelog", 1, compacted=True),
-        TopicSpec(f"{settings.app_id}-__assignor-__leader", 1),
-        TopicSpec(f"{settings.app_id}-detect-__assignor-__leader", 1),
-    ]
-
 
 def _faust_app(app_id: str, settings: Settings, broker_url: str) -> faust.App:
     tansu = broker_url.startswith("tansu://")
@@ -67,13 +51,14 @@ def _faust_app(app_id: str, settings: Settings, broker_url: str) -> faust.App:
         consumer_auto_offset_reset="earliest",
         # Tansu holds JoinGroup answers for session_timeout/2 (streams.tansu_compat (b)).
         broker_session_timeout=SESSION_TIMEOUT_S if tansu else 60.0,
-        broker_heartbeat_interval=3.0,
+        broker_heartbeat_interval=HEARTBEAT_INTERVAL_S if tansu else 3.0,
         broker_commit_interval=1.0,
         table_standby_replicas=1,
         web_enabled=False,
         producer_acks=-1,
         stream_wait_empty=False,
         broker_credentials=faust_credentials(settings),  # SASL/SSL for managed Kafka (settings.kafka)
+        TableManager=TABLE_MANAGER,  # no fixed 1 s sleep before joining the group (streams.faust_tuning)
     )
 
 
@@ -120,7 +105,7 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     # on first use; ``once`` serialises its calls (see streams.stage.Serialized).
     analyze_store = once(lambda: open_findings(settings.findings.url, settings.data_dir, settings))
 
-    @app.agent(events, concurrency=4)
+    @app.agent(events, concurrency=settings.ingest.analyze_concurrency)
     async def analyze(stream):
         fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
         stage = AnalyzeStage(settings, fetcher, Analyzer(settings, data_dir / "blobs"), blobs.put,
@@ -133,7 +118,9 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
                 result = await stage.process(event.value, source, msg.timestamp or None)
                 try:
                     if result.op is not None:
+                        sent = time.perf_counter()
                         await ops.send(key=b"ops", value=result.op)
+                        metrics.STAGE_SECONDS.labels("send").observe(time.perf_counter() - sent)
                     elif result.duplicate:
                         await asyncio.to_thread(stage.mark_duplicate, source, result.event_id)
                 except Exception as e:  # e.g. the broker refusing the message: still one dead letter
@@ -176,7 +163,9 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     @app.agent(updates)
     async def sink_updates(stream):
         async for values in stream.take(batch, within=within):
+            stored = time.perf_counter()
             await sinks.snapshots(values)
+            metrics.STAGE_SECONDS.labels("sink").observe(time.perf_counter() - stored)
 
     @app.agent(alerts)
     async def sink_alerts(stream):

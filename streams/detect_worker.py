@@ -2,8 +2,12 @@
 
 A separate Faust app id, hence its own consumer group, so GPU workers scale
 independently of the CPU pipeline. Requests carry only a sha256; the image
-comes from the blob store. Concurrent requests are grouped by a micro-batcher
-so the GPU sees full batches.
+comes from the blob store. Requests are taken in batches (``detect.max_batch``
+within ``detect.max_wait_ms``) and coalesced before any model runs: of several
+requests for one cluster only the last is answered (a cluster waits for one
+result, and the last request names its best copy), and a picture requested
+by several clusters is analysed once. The micro-batcher then hands the model
+full batches.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ def build_detect_app(settings: Settings, broker_url: str) -> faust.App:
     loading: list[asyncio.Future] = []
 
     def load_batchers() -> list:
+        started = time.perf_counter()
+        batchers = _load_batchers()
+        log.info("models loaded", extra={"seconds": round(time.perf_counter() - started, 3),
+                                         "models": list(settings.detect.models)})
+        return batchers
+
+    def _load_batchers() -> list:
         from detectors.models import load_detector
         from detectors.models.batching import MicroBatcher
         from detectors.models.vendors import VENDORS, enabled_vendors
@@ -58,30 +69,48 @@ def build_detect_app(settings: Settings, broker_url: str) -> faust.App:
             loading.append(asyncio.ensure_future(asyncio.to_thread(load_batchers)))
         return await loading[0]
 
-    # Concurrency lets several requests wait in the micro-batcher at once.
-    @app.agent(requests, concurrency=max(1, settings.detect.max_batch))
+    async def analyse(sha256: str, batchers: list) -> tuple[list, str | None]:
+        try:
+            image = await asyncio.to_thread(lambda: ImageData(blobs.get(sha256)))
+            results = await asyncio.gather(*(b.submit(image) for b in batchers))
+            return [e.model_copy(update={"sha256": sha256}) for found in results for e in found], None
+        except Exception as e:
+            # Reported to the cluster so it stops waiting; its score simply lacks model evidence.
+            log.exception("model detection failed", extra={"sha256": sha256})
+            return [], f"{type(e).__name__}: {e}"
+
+    @app.agent(requests)
     async def detect(stream):
         batchers = await shared_batchers()
-        async for raw in stream:
-            req = DetectRequest.loads(raw)
+        cfg = settings.detect
+        async for raws in stream.take(max(1, cfg.max_batch), within=max(cfg.max_wait_ms, 1.0) / 1000):
             started = time.perf_counter()
-            try:
-                image = await asyncio.to_thread(lambda: ImageData(blobs.get(req.sha256)))
-                results = await asyncio.gather(*(b.submit(image) for b in batchers))
-                evidence = [e.model_copy(update={"sha256": req.sha256}) for found in results for e in found]
-                result = DetectionResult(
-                    cluster_id=req.cluster_id, sha256=req.sha256, evidence=evidence,
-                    models=list(settings.detect.models),
-                )
-            except Exception as e:
-                # Report the failure to the cluster so it stops waiting; its
-                # score simply lacks model evidence.
-                log.exception("model detection failed", extra={"cluster_id": req.cluster_id})
-                result = DetectionResult(
-                    cluster_id=req.cluster_id, sha256=req.sha256, evidence=[],
-                    models=list(settings.detect.models), error=f"{type(e).__name__}: {e}",
-                )
+            answer = coalesce(raws)
+            shas = list(dict.fromkeys(r.sha256 for r in answer))
+            found = dict(zip(shas, await asyncio.gather(*(analyse(sha, batchers) for sha in shas))))
+            for req in answer:
+                evidence, error = found[req.sha256]
+                result = DetectionResult(cluster_id=req.cluster_id, sha256=req.sha256, evidence=evidence,
+                                         models=list(cfg.models), error=error)
+                await ops.send(key=b"ops", value=ClusterOp(kind="detection", detection=result).dumps())
             metrics.STAGE_SECONDS.labels("detect").observe(time.perf_counter() - started)
-            await ops.send(key=b"ops", value=ClusterOp(kind="detection", detection=result).dumps())
+            metrics.EVENTS.labels("detect", "coalesced").inc(len(raws) - len(answer))
 
     return app
+
+
+def coalesce(raws: list[bytes]) -> list[DetectRequest]:
+    """The requests of a batch worth answering: the last one per cluster, in
+    the order of those last requests. A cluster waits for one result
+    (``models_pending`` is a flag), and its last request names its best copy.
+    Unreadable requests are logged and dropped: nothing waits for them."""
+    latest: dict[str, DetectRequest] = {}
+    for raw in raws:
+        try:
+            req = DetectRequest.loads(raw)
+        except Exception:
+            log.exception("unreadable detect request", extra={"excerpt": bytes(raw[:200]).decode("utf-8", "replace")})
+            continue
+        latest.pop(req.cluster_id, None)  # re-inserted below: answers keep the order of the last requests
+        latest[req.cluster_id] = req
+    return list(latest.values())

@@ -20,13 +20,28 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from streams.app import topic_specs
+from streams.topics import topic_specs
 from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics, free_port
 from streams.ingest import Produced, produce_lines
 from streams.settings import Settings
 from streams.findings import open_findings
 
 log = logging.getLogger(__name__)
+
+
+# Local workers share the machine's cores with each other and the broker:
+# one BLAS/OpenMP thread each (torch included) instead of one per core in
+# every process, which on 2 cores made the pixel model ~3x slower per image
+# and took that time from the pipeline. A value the user set is kept.
+LOCAL_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+# The detect role runs at a lower CPU priority next to local pipeline
+# workers: ingest keeps the cores it needs, the model uses what is left and
+# catches up when the feed ends (a dedicated detect machine is unaffected).
+DETECT_NICE = 10
+# How long a stopping worker may take before it is killed. The detect role
+# keeps no state of its own (results go to the broker), and a model busy on
+# a batch holds its process exit until the batch ends.
+STOP_GRACE_S = {"detect": 2.0}
 
 
 @dataclass
@@ -36,15 +51,76 @@ class WorkerProcess:
     log_path: Path
     metrics_port: int | None = None
     expected_exit: bool = False
+    spawned_at: float = field(default_factory=time.time)  # wall clock, comparable with log timestamps
 
     def stop(self, timeout: float = 20.0) -> None:
+        self.terminate()
+        self.wait_stopped(timeout)
+
+    def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = 20.0) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_times(self) -> dict[str, float]:
+        """Seconds from spawn to the worker's start-up milestones, read from
+        its JSON log: ``imports`` (process up, settings read, app built),
+        ``join`` (group joined, tables recovered: "Worker ready") and, for
+        the detect role, ``models`` (models loaded, counted from spawn)."""
+        marks = {"worker starting": "imports", "Worker ready": "ready", "models loaded": "models"}
+        out: dict[str, float] = {}
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return out
+        for line in text.splitlines():
+            start = line.find('{"ts"')
+            if start < 0:
+                continue
             try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                doc = json.loads(line[start:])
+            except ValueError:
+                continue
+            msg = str(doc.get("msg", ""))
+            for needle, name in marks.items():
+                if needle in msg and name not in out:
+                    out[name] = datetime.fromisoformat(doc["ts"]).timestamp() - self.spawned_at
+        if "ready" in out and "imports" in out:
+            out["join"] = out.pop("ready") - out["imports"]
+        return out
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds spent per stage so far (the ``deepwatch_stage_seconds``
+        histogram's sums, plus ``events:STAGE:OUTCOME`` counts), scraped from
+        the worker's /metrics; empty when it serves none or cannot be reached."""
+        if self.metrics_port is None or self.proc.poll() is not None:
+            return {}
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            if fam.name == "deepwatch_stage_seconds":
+                for sample in fam.samples:
+                    if sample.name.endswith("_sum"):
+                        out[sample.labels["stage"]] = sample.value
+            elif fam.name == "deepwatch_events":
+                for sample in fam.samples:
+                    if sample.name.endswith("_total"):
+                        out[f"events:{sample.labels['stage']}:{sample.labels['outcome']}"] = sample.value
+        return out
 
     def kill(self) -> None:
         """SIGKILL: a crash, no clean shutdown, no final commit."""
@@ -81,36 +157,52 @@ class Cluster:
     bootstrap: str
     log_dir: Path
     workers: list[WorkerProcess] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # start-up phases, seconds
 
     def start_worker(self, role: str = "pipeline", metrics: bool = True) -> WorkerProcess:
         idx = sum(1 for w in self.workers if w.role == role)
         log_path = self.log_dir / f"worker-{role}-{idx}-{int(time.time() * 1000)}.log"
         env = settings_env(self.settings, self.broker_url)
+        for k, v in LOCAL_THREAD_ENV.items():
+            env.setdefault(k, v)
         port = None
         if metrics:
             port = free_port()
             env["DEEPWATCH_METRICS_PORT"] = str(port)
+        nice = DETECT_NICE if role == "detect" else 0
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "streams.worker", "--role", role],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                preexec_fn=(lambda: os.nice(nice)) if nice else None,
             )
         w = WorkerProcess(role, proc, log_path, port)
         self.workers.append(w)
         return w
 
-    def wait_ready(self, timeout_s: float = 60.0) -> float:
-        """Wait until every worker has joined its group and recovered its
-        tables, so a replay measures the pipeline rather than process start.
-        Faust logs this as "Worker ready"; if a version stops saying so we
-        only lose the wait, not correctness. Returns seconds waited."""
+    def wait_ready(self, timeout_s: float = 60.0, roles: tuple[str, ...] | None = None) -> float:
+        """Wait until every worker (of ``roles``, default all) has joined its
+        group and recovered its tables, so a replay measures the pipeline
+        rather than process start. Faust logs this as "Worker ready"; if a
+        version stops saying so we only lose the wait, not correctness.
+        Polls the logs every 50 ms. Returns seconds waited."""
         started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
+        waiting = [w for w in self.workers if not w.expected_exit and (roles is None or w.role in roles)]
+        while waiting and time.monotonic() - started < timeout_s:
             self.check_workers()
-            if all("Worker ready" in w.log_path.read_text(errors="replace") for w in self.workers if not w.expected_exit):
-                break
-            time.sleep(0.1)
+            waiting = [w for w in waiting if "Worker ready" not in w.log_path.read_text(errors="replace")]
+            if waiting:
+                time.sleep(0.05)
         return time.monotonic() - started
+
+    def stage_seconds(self) -> dict[str, dict[str, float]]:
+        """Per role, seconds spent per stage summed over its running workers."""
+        out: dict[str, dict[str, float]] = {}
+        for w in self.workers:
+            for stage, secs in w.stage_seconds().items():
+                role = out.setdefault(w.role, {})
+                role[stage] = role.get(stage, 0.0) + secs
+        return out
 
     def check_workers(self) -> None:
         for w in self.workers:
@@ -120,20 +212,27 @@ class Cluster:
                 raise RuntimeError(f"{w.role} worker exited with {code}; log {w.log_path}:\n{tail}")
 
     def stop(self) -> None:
+        # All at once: each worker's clean shutdown (final commit, producer
+        # flush) takes a moment, and they do not depend on each other.
         for w in self.workers:
-            w.stop()
+            w.terminate()
+        for w in self.workers:
+            w.wait_stopped(STOP_GRACE_S.get(w.role, 20.0))
 
 
 def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None = None) -> Cluster:
     log_dir = Path(log_dir or Path(settings.data_dir) / "logs")
     log_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
     if settings.broker == "embedded":
         broker = stack.enter_context(EmbeddedBroker(log_dir))
         broker_url, bootstrap = broker.url, broker.bootstrap
     else:
         broker_url, bootstrap = settings.broker, bootstrap_of(settings.broker)
+    t1 = time.monotonic()
     ensure_topics(bootstrap, topic_specs(settings), settings=settings)
     cluster = Cluster(settings, broker_url, bootstrap, log_dir)
+    cluster.timings.update(broker_start=t1 - t0, topics=time.monotonic() - t1)
     stack.callback(cluster.stop)
     return cluster
 
@@ -152,6 +251,13 @@ class ReplaySummary:
     events_per_second: float
     alert_latency_s: list[float]
     complete: bool
+    # Added for the throughput bench; seconds. ``seconds`` runs from the first
+    # event produced until everything replay waits for has landed;
+    # ``ingest_seconds`` until every event was a sighting or dead letter.
+    ingest_seconds: float | None = None
+    models_pending: int = 0  # clusters still waiting for a model result when replay returned
+    timings: dict[str, float] = field(default_factory=dict)  # start-up and shutdown phases
+    stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # per role, per stage (summed)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -160,7 +266,8 @@ class ReplaySummary:
 def wait_until_processed(
     cluster: Cluster, offsets: set[tuple[int, int]], *, timeout_s: float,
     on_progress: Callable[[int], None] | None = None, models: bool = False,
-    produced: Produced | None = None, stall_s: float = 20.0,
+    produced: Produced | None = None, stall_s: float = 20.0, marks: dict[str, float] | None = None,
+    models_stall_s: float = 60.0,
 ) -> bool:
     """True once every produced event is a sighting or a dead letter in the
     store, and the derived work (alerts, model results) has landed too.
@@ -171,7 +278,8 @@ def wait_until_processed(
     must not pass for this run's work.
 
     With ``produced`` given, events still missing after ``stall_s`` without
-    any progress are sent again, once. Faust's recovery/seek sequencing can,
+    any progress are sent again, once. ``marks`` (if given) gets
+    ``events_done``: the monotonic time every event was accounted for. Faust's recovery/seek sequencing can,
     rarely, skip a record fetched while a worker starts or rebalances
     (faust-streaming #216/#221 family); every stage is idempotent on the
     event id, so a resend costs nothing and keeps "every event is processed
@@ -180,6 +288,7 @@ def wait_until_processed(
     topic = cluster.settings.topic("events")
     deadline = time.monotonic() + timeout_s
     last, last_change = -1, time.monotonic()
+    last_models, models_change = -1, time.monotonic()
     seen: set[tuple[int, int]] = set()
     high = 0
     pending_resend: dict[tuple[int, int], set[tuple[int, int]]] = {}  # original -> its resend offsets
@@ -208,17 +317,39 @@ def wait_until_processed(
                         pending_resend[o] = {po for po, line in again.lines_at.items() if line == produced.lines_at[o]}
                     last_change = time.monotonic()
             if done == len(offsets):
+                now = time.monotonic()
+                if marks is not None:
+                    marks.setdefault("events_done", now)
                 pending = store.pending_work()
                 if pending["alerts"] == 0 and (not models or pending["models"] == 0):
                     return True
-            time.sleep(0.2)
+                if pending["models"] != last_models:
+                    last_models, models_change = pending["models"], now
+                elif pending["alerts"] == 0 and now - models_change > models_stall_s:
+                    log.warning("model results stopped arriving; not waiting for them any longer",
+                                extra={"clusters_pending": pending["models"], "stall_s": models_stall_s})
+                    return True
+            time.sleep(0.1)
         return False
     finally:
         store.close()
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere), so
+    a command can report what its own imports cost before its first line ran."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], refused: int, seconds: float, complete: bool,
-              run: str | None = None) -> ReplaySummary:
+              run: str | None = None, ingest_seconds: float | None = None) -> ReplaySummary:
     store = open_findings(settings.findings.url, settings.data_dir, settings)
     try:
         dls: dict[str, int] = {}
@@ -239,8 +370,10 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
             events=events, produced=len(produced), refused_at_ingest=refused, processed=processed,
             sightings=store.count_sightings(), dead_letters=dls, clusters=len(store.clusters()),
             alerts=len(alerts), seconds=round(seconds, 2),
-            events_per_second=round(len(produced) / seconds, 1) if seconds else 0.0,
+            events_per_second=round(len(produced) / (ingest_seconds or seconds), 1) if seconds else 0.0,
             alert_latency_s=latencies, complete=complete,
+            ingest_seconds=None if ingest_seconds is None else round(ingest_seconds, 2),
+            models_pending=store.pending_work()["models"],
         )
     finally:
         store.close()

@@ -44,6 +44,7 @@ class IngestSettings(_Section):
     image_roots: list[Path] = Field(default_factory=list)  # local `path` images allowed only below these
     event_deadline_s: float = 120.0  # one event's whole analyze stage (fetch, decode, hash); then a dead letter
     max_future_skew_s: float = 900.0  # posted_at later than ingest time + this is dead-lettered (future_posted_at)
+    analyze_concurrency: int = Field(2, ge=1, le=64)  # events one pipeline worker analyses at once; more adds GIL contention
 
 
 class DedupeSettings(_Section):

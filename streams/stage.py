@@ -182,16 +182,24 @@ class AnalyzeStage:
         metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
         self._stage = "decode"
         t1 = time.perf_counter()
-        sighting: Sighting = await asyncio.to_thread(self.analyzer.analyze, ev, data, source)
-        await asyncio.to_thread(self.put_blob, data)
+        # One thread hop for the blocking work of an event (analysis, blob
+        # write, the store's answer on this event id): every hop waits for a
+        # pool thread and then for the GIL, which under load cost more than
+        # the blob write and the lookup themselves.
+        recent = self.shared.recent.get(ev.event_id)
+        sighting, stored = await asyncio.to_thread(self._blocking, ev, data, source, recent is None)
         metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
         self._stage = "dedupe"
-        if await self._is_duplicate(ev.event_id, sighting.sha256):
+        if isinstance(stored, BaseException):
+            raise stored
+        if self._is_duplicate(ev.event_id, sighting.sha256, recent, stored):
             metrics.EVENTS.labels("analyze", "duplicate").inc()
             return Result(duplicate=True, event_id=ev.event_id)
         if broker_ts:
             sighting.ingested_at = datetime.fromtimestamp(broker_ts, timezone.utc)
+        t4 = time.perf_counter()
         op = ClusterOp(kind="sighting", sighting=sighting).dumps()
+        metrics.STAGE_SECONDS.labels("serialize").observe(time.perf_counter() - t4)
         if len(op) > MAX_OP_BYTES:
             raise StageError("too_large", f"cluster op is {len(op)} bytes, limit {MAX_OP_BYTES}")
         self.shared.remember(ev.event_id, sighting.sha256)
@@ -217,19 +225,37 @@ class AnalyzeStage:
             raise StageError("future_posted_at", f"posted_at {posted_at.isoformat()} is more than {skew:.0f}s after "
                              f"ingest time {ingested.isoformat()} (ingest.max_future_skew_s)")
 
-    async def _is_duplicate(self, event_id: str, sha256: str) -> bool:
+    def _blocking(self, ev: Any, data: bytes, source: SourceRef, lookup: bool) -> tuple[Sighting, Any]:
+        """Analysis, blob write and (``lookup``) the stored picture of this
+        event id, in a worker thread. A failing lookup is returned, not
+        raised, so its dead letter names the dedupe stage."""
+        sighting: Sighting = self.analyzer.analyze(ev, data, source)
+        t0 = time.perf_counter()
+        self.put_blob(data)
+        t1 = time.perf_counter()
+        metrics.STAGE_SECONDS.labels("blob").observe(t1 - t0)
+        stored: Any = None
+        if lookup:
+            try:
+                stored = self._stored_sha(ev.event_id)
+            except Exception as e:  # noqa: BLE001 - re-raised in the dedupe stage
+                stored = e
+            metrics.STAGE_SECONDS.labels("dedupe").observe(time.perf_counter() - t1)
+        return sighting, stored
+
+    def _is_duplicate(self, event_id: str, sha256: str, recent: str | None, stored: str | None) -> bool:
         """True for an exact repeat of a stored sighting; ``StageError`` when
-        the event id is already taken by a different picture."""
-        known = self.shared.recent.get(event_id)
-        if known is None:
-            known = await asyncio.to_thread(self._stored_sha, event_id)
-            if known is not None:
-                if known != sha256:
-                    raise self._conflict(event_id, known, sha256)
+        the event id is already taken by a different picture. ``recent`` is
+        what this worker sent moments ago under the id, ``stored`` what the
+        store holds (looked up only when ``recent`` is None)."""
+        if recent is None:
+            if stored is not None:
+                if stored != sha256:
+                    raise self._conflict(event_id, stored, sha256)
                 return True  # the store has it: do not count it again, however old it is
             return False
-        if known != sha256:
-            raise self._conflict(event_id, known, sha256)
+        if recent != sha256:
+            raise self._conflict(event_id, recent, sha256)
         return False  # sent moments ago by us: the cluster engine recognises the repeat
 
     def _db(self):

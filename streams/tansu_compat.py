@@ -14,8 +14,12 @@ entry point. Any real Kafka uses the stock driver.
     is correct, so we ask for it: fetch from the last batch's base offset
     (which ListOffsets did give us) and read the partition's high watermark.
 (b) JoinGroup responses are held for session_timeout/2, so every rebalance
-    stalls for that long: ``streams.app`` keeps the broker session timeout at
-    ~10 s for this broker (``SESSION_TIMEOUT_S``).
+    (and every worker's first join) stalls for that long: ``streams.app``
+    keeps the broker session timeout short for this broker
+    (``SESSION_TIMEOUT_S``, heartbeats every ``HEARTBEAT_INTERVAL_S``: Kafka's
+    rule of a third of the session). Heartbeats come from the consumer's own
+    thread, so a busy event loop does not miss them; the embedded broker is
+    on loopback.
 (c) The idempotent/transactional producer fails (InitProducerId v0): deepwatch
     runs at-least-once everywhere and makes every sink idempotent.
 (d) A long-polling Fetch is held for its whole max-wait even when records
@@ -32,7 +36,8 @@ from typing import Any, List, Mapping
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
-SESSION_TIMEOUT_S = 10.0
+SESSION_TIMEOUT_S = 3.0
+HEARTBEAT_INTERVAL_S = 0.75
 FETCH_MAX_WAIT_MS = 50
 
 
@@ -94,4 +99,4 @@ class Transport(faust_aiokafka.Transport):
     driver_version = faust_aiokafka.Transport.driver_version + "+tansu-compat"
 
 
-__all__ = ["Transport", "SESSION_TIMEOUT_S", "true_end_offsets"]
+__all__ = ["Transport", "SESSION_TIMEOUT_S", "HEARTBEAT_INTERVAL_S", "true_end_offsets"]

@@ -37,10 +37,21 @@ def _use_store(settings: Settings, store_url: Optional[str]) -> None:
             raise typer.BadParameter(str(e), param_hint="--store") from None
 
 
-def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, live_table: bool):
+def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, live_table: bool,
+            wait_models: bool = True):
+    """Start, produce, wait, summarize, stop. Waits for every event to be a
+    sighting or dead letter and for the alerts that raised; with
+    ``wait_models`` also for the detect role's results (the embedded broker
+    forgets unanswered requests when it stops). ``timings`` in the summary
+    holds the start-up and shutdown phases."""
     from streams import runner
     from streams.ingest import count_lines, produce_feed
 
+    timings: dict[str, float] = {}
+    age = runner.process_age()
+    if age is not None:
+        timings["imports"] = age  # interpreter start to here: the CLI's own imports
+    models = bool(settings.detect.models)
     with ExitStack() as stack:
         progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -48,12 +59,14 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         )
         err.print(f"[dim]starting broker and {workers} worker(s); logs in {Path(settings.data_dir) / 'logs'}[/]")
         cluster = runner.start_cluster(settings, stack)
+        timings.update(cluster.timings)
         for _ in range(workers):
             cluster.start_worker("pipeline")
-        if settings.detect.models:
-            cluster.start_worker("detect")
+        if models:
+            cluster.start_worker("detect")  # loads its models meanwhile; requests wait in their topic
         lines = count_lines(feed)
-        startup = cluster.wait_ready()
+        startup = cluster.wait_ready(roles=("pipeline",))
+        timings["workers_ready"] = startup
         err.print(f"[dim]workers ready after {startup:.1f}s[/]")
         live = None
         if live_table:
@@ -72,6 +85,7 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         t_proc = progress.add_task("processed", total=lines)
         started = time.monotonic()
         produced = produce_feed(feed, cluster.bootstrap, settings, progress=lambda n: progress.advance(t_ingest, n))
+        timings["produce"] = time.monotonic() - started
         progress.update(t_proc, total=len(produced.offsets), completed=0)
 
         def on_progress(done: int) -> None:
@@ -79,15 +93,25 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
             if live is not None:
                 live.update(render())
 
+        marks: dict[str, float] = {}
         complete = runner.wait_until_processed(
-            cluster, produced.offsets, timeout_s=timeout_s, on_progress=on_progress, models=bool(settings.detect.models),
-            produced=produced,
+            cluster, produced.offsets, timeout_s=timeout_s, on_progress=on_progress, models=models and wait_models,
+            produced=produced, marks=marks,
         )
         seconds = time.monotonic() - started
         if live is not None:
             live.update(render())
-        return runner.summarize(settings, produced.lines, produced.offsets, produced.refused, seconds, complete,
-                                run=produced.run)
+        summary = runner.summarize(settings, produced.lines, produced.offsets, produced.refused, seconds, complete,
+                                   run=produced.run, ingest_seconds=marks.get("events_done", started + seconds) - started)
+        summary.stage_seconds = cluster.stage_seconds()
+        for w in cluster.workers:
+            for phase, secs in w.log_times().items():
+                key = f"{w.role}_{phase}"
+                timings[key] = max(timings.get(key, 0.0), secs)
+        stopping = time.monotonic()
+    timings["shutdown"] = time.monotonic() - stopping
+    summary.timings = {k: round(v, 3) for k, v in timings.items()}
+    return summary
 
 
 def _print_summary(summary, fmt_json: bool) -> None:
@@ -101,6 +125,9 @@ def _print_summary(summary, fmt_json: bool) -> None:
         f"= {summary.events_per_second} events/s; {summary.sightings} sightings, {summary.clusters} clusters, "
         f"{summary.alerts} alerts; dead letters: {dl}"
     )
+    if summary.models_pending:
+        err.print(f"{summary.models_pending} cluster(s) still wait for a model result (--no-wait-models); "
+                  "their scores lack model evidence")
     if summary.alert_latency_s:
         err.print(f"event→alert latency (s): {summary.alert_latency_s}")
 
@@ -117,9 +144,10 @@ def replay(
     json_summary: bool = typer.Option(False, "--json", help="Same as --format json."),
     fmt: str = typer.Option("table", "--format", "-f", help="Summary format: table (a line on stderr, for people) or json (on stdout, for tools)."),
     store_url: Optional[str] = StoreOpt,
+    wait_models: bool = typer.Option(True, "--wait-models/--no-wait-models", help="Also wait for the learned models' results (detect role) before exiting. Without: exit once every event is a sighting or dead letter and its alerts are stored; clusters whose model result had not landed keep models_pending (the embedded broker forgets their requests)."),
 ) -> None:
     """Run the full streaming pipeline over FEED and exit when every event is
-    processed or dead-lettered.
+    processed or dead-lettered (and, by default, every model result is in).
 
     Starts the embedded broker (unless --broker names a Kafka cluster) and the
     workers, produces the feed, waits, prints a summary (throughput, clusters,
@@ -134,7 +162,7 @@ def replay(
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     _use_store(settings, store_url)
     settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
-    summary = _replay(settings, feed, workers=workers, timeout_s=timeout, live_table=False)
+    summary = _replay(settings, feed, workers=workers, timeout_s=timeout, live_table=False, wait_models=wait_models)
     _print_summary(summary, json_summary)
     raise typer.Exit(0 if summary.complete else 1)
 

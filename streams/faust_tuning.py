@@ -1,0 +1,44 @@
+"""Faust/mode start-up and shutdown without fixed sleeps.
+
+Faust's ``TableManager.on_start`` sleeps 1 s so that tables an agent creates
+while starting still get registered; deepwatch creates its one table when the
+app is built, before the worker starts, so that second only delays joining
+the consumer group. mode's ``Worker`` sleeps 1 s in a sentinel task at every
+shutdown after the app has already stopped (offsets committed, producer
+flushed), and up to 1 s more waiting for leftover tasks it then cancels.
+All of it is pure waiting: a replay pays it once per worker process, a
+long-lived worker never notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from faust.tables.manager import TableManager
+from faust.worker import Worker
+
+
+class PromptTableManager(TableManager):
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
+
+class PromptWorker(Worker):
+    async def _sentinel_task(self) -> None:
+        await asyncio.sleep(0)  # one more turn of the loop is all the sentinel is for
+
+    def _gather_all(self) -> None:
+        # mode waits up to 1 s for every leftover task, then cancels the rest;
+        # by now the app has stopped, and what is left are loops that only end
+        # when cancelled (e.g. a micro-batcher's collector). 0.2 s is plenty.
+        for _ in range(2):
+            if not asyncio.all_tasks(loop=self.loop):
+                break
+            self.loop.run_until_complete(asyncio.sleep(0.1))
+        for task in asyncio.all_tasks(loop=self.loop):
+            task.cancel()
+
+
+TABLE_MANAGER = f"{__name__}:PromptTableManager"

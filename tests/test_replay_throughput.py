@@ -1,0 +1,85 @@
+"""What the throughput work changed in `deepwatch replay` and its workers:
+the detect role's request coalescing, the summary's timings, the
+--no-wait-models exit, and a worker's prompt exit keeping its exit status.
+The speed itself is measured by bench/replay.py, never here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streams.demo_feed import build_feed
+from streams.detect_worker import coalesce
+from streams.records import DetectRequest
+from streams.runner import WorkerProcess, process_age
+
+
+def req(cluster: str, sha: str) -> bytes:
+    return DetectRequest(cluster_id=cluster, sha256=sha).dumps()
+
+
+def test_coalesce_answers_the_last_request_per_cluster_in_order():
+    a1, b1, a2, c1 = "a" * 64, "b" * 64, "c" * 64, "d" * 64
+    out = coalesce([req("A", a1), req("B", b1), req("A", a2), b"{not json", req("C", c1)])
+    # A's first request is superseded by its better copy; the unreadable one is dropped, not fatal
+    assert [(r.cluster_id, r.sha256) for r in out] == [("B", b1), ("A", a2), ("C", c1)]
+    assert coalesce([]) == []
+
+
+def test_worker_log_times_read_the_json_log(tmp_path):
+    log = tmp_path / "w.log"
+    log.write_text(
+        '{"ts": "2026-01-01T00:00:01.000+00:00", "msg": "worker starting"}\n'
+        "noise that is not json\n"
+        '\x1b[?25h{"ts": "2026-01-01T00:00:03.500+00:00", "msg": "[^---Recovery]: Worker ready"}\n'
+        '{"ts": "2026-01-01T00:00:04.000+00:00", "msg": "models loaded"}\n'
+    )
+    from datetime import datetime, timezone
+
+    w = WorkerProcess("detect", proc=None, log_path=log)  # type: ignore[arg-type]
+    w.spawned_at = datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()
+    assert w.log_times() == {"imports": 1.0, "join": 2.5, "models": 4.0}
+    assert 0 <= process_age() < 3600
+
+
+@pytest.mark.parametrize("code,expect", [(0, 0), (3, 3), (None, 0), ("error: bad broker", 1)])
+def test_worker_exit_keeps_its_status(code, expect):
+    r = subprocess.run([sys.executable, "-c", f"from streams.worker import _exit_now; _exit_now({code!r})"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert r.returncode == expect
+    if isinstance(code, str):
+        assert code in r.stderr
+
+
+@pytest.mark.slow
+def test_replay_no_wait_models_reports_timings_and_accounts_every_event(tmp_path):
+    feed, exp = build_feed(tmp_path / "feed", burst=4)
+    data = tmp_path / "data"
+    r = subprocess.run(
+        [sys.executable, "-m", "streams.cli.__main__", "replay", str(feed), "--data-dir", str(data), "--json",
+         "--no-wait-models", "--workers", "2", "--timeout", "240"],
+        capture_output=True, text=True, timeout=400,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    s = json.loads(r.stdout)
+    lines = [ln for ln in Path(feed).read_text().splitlines() if ln.strip()]
+    assert s["complete"] and s["events"] == len(lines)
+    # every event is exactly one sighting or one dead letter (the feed repeats one event: counted once)
+    assert s["processed"] == s["produced"]
+    assert sum(s["dead_letters"].values()) == len(exp.dead_letter_reasons)
+    assert s["sightings"] == exp.events - len(exp.dead_letter_reasons) - 1
+    assert s["ingest_seconds"] <= s["seconds"]
+    assert s["models_pending"] >= 0
+    for phase in ("imports", "broker_start", "topics", "workers_ready", "produce", "pipeline_imports",
+                  "pipeline_join", "shutdown"):
+        assert phase in s["timings"], phase
+    stages = s["stage_seconds"]["pipeline"]
+    for stage in ("fetch", "hashes", "analyze", "cluster", "send", "serialize"):
+        assert stages[stage] > 0, stage
+    assert stages["events:analyze:ok"] > 0
+    assert s["timings"]["shutdown"] < 15  # workers leave without the interpreter's teardown
