@@ -31,7 +31,7 @@ from streams.records import DeadLetter, SourceRef
 from streams.settings import Settings
 from streams.faust_tuning import TABLE_MANAGER
 from streams.tansu_compat import HEARTBEAT_INTERVAL_S, SESSION_TIMEOUT_S
-from streams.topics import CLUSTER_TABLE, topic_specs  # noqa: F401 - topic_specs is re-exported
+from streams.topics import CLUSTER_TABLE
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from streams.app import topic_specs
+from streams.topics import topic_specs
 from streams.broker import EmbeddedBroker, ensure_topics, free_port
 from streams.ingest_server import TokenConfigError, build_app, load_tokens
 from streams.records import DeadLetter, ImageEvent

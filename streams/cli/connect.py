@@ -52,7 +52,7 @@ def _sink(settings: Settings, dry_run: bool):
     if settings.broker == "embedded" or "://" not in settings.broker:
         _fail("a connector feeds a running pipeline: pass --broker kafka://HOST:PORT (or set DEEPWATCH_BROKER), "
               "or use --dry-run to print the mapped events")
-    from streams.app import topic_specs
+    from streams.topics import topic_specs
     from streams.broker import bootstrap_of, ensure_topics
     from streams.connectors.sinks import KafkaSink
 

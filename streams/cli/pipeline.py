@@ -245,7 +245,7 @@ def worker(
 ) -> None:
     """Run one long-lived worker process against an existing broker."""
     from streams import worker as worker_mod
-    from streams.app import topic_specs
+    from streams.topics import topic_specs
     from streams.broker import bootstrap_of, ensure_topics
 
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
@@ -274,7 +274,7 @@ def broker(
     forgets the topics, while findings stay in the workers' data dir."""
     import signal
 
-    from streams.app import topic_specs
+    from streams.topics import topic_specs
     from streams.broker import EmbeddedBroker, ensure_topics, free_port
 
     settings = settings_from(config, data_dir=data_dir)
