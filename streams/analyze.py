@@ -46,12 +46,10 @@ class Analyzer:
             # images waits rather than multiplying the worker's peak.
             with process_budget(self.limits.max_decode_bytes).reserve(image.decode_cost):
                 # Hashing decodes pixels: truncated files surface here as ImageRejected.
-                t0 = time.perf_counter()
-                hashes = compute_hashes(image)
-                t1 = time.perf_counter()
-                evidence = self._detect(image)
-                metrics.STAGE_SECONDS.labels("hashes").observe(t1 - t0)  # decode, hashes and views
-                metrics.STAGE_SECONDS.labels("detectors").observe(time.perf_counter() - t1)
+                with metrics.STAGE_SECONDS.labels("hashes").time():  # decode, hashes and views
+                    hashes = compute_hashes(image)
+                with metrics.STAGE_SECONDS.labels("detectors").time():
+                    evidence = self._detect(image)
             # What decoding had to skip or reduce is evidence too (weight 0: it informs, never scores).
             evidence += [Evidence(detector="decode", score=0.5, weight=0.0, detail=note, sha256=image.sha256)
                          for note in image.notes]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 
 import faust
@@ -118,9 +117,8 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
                 result = await stage.process(event.value, source, msg.timestamp or None)
                 try:
                     if result.op is not None:
-                        sent = time.perf_counter()
-                        await ops.send(key=b"ops", value=result.op)
-                        metrics.STAGE_SECONDS.labels("send").observe(time.perf_counter() - sent)
+                        with metrics.STAGE_SECONDS.labels("send").time():
+                            await ops.send(key=b"ops", value=result.op)
                     elif result.duplicate:
                         await asyncio.to_thread(stage.mark_duplicate, source, result.event_id)
                 except Exception as e:  # e.g. the broker refusing the message: still one dead letter
@@ -163,9 +161,8 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     @app.agent(updates)
     async def sink_updates(stream):
         async for values in stream.take(batch, within=within):
-            stored = time.perf_counter()
-            await sinks.snapshots(values)
-            metrics.STAGE_SECONDS.labels("sink").observe(time.perf_counter() - stored)
+            with metrics.STAGE_SECONDS.labels("sink").time():
+                await sinks.snapshots(values)
 
     @app.agent(alerts)
     async def sink_alerts(stream):

@@ -197,9 +197,8 @@ class AnalyzeStage:
             return Result(duplicate=True, event_id=ev.event_id)
         if broker_ts:
             sighting.ingested_at = datetime.fromtimestamp(broker_ts, timezone.utc)
-        t4 = time.perf_counter()
-        op = ClusterOp(kind="sighting", sighting=sighting).dumps()
-        metrics.STAGE_SECONDS.labels("serialize").observe(time.perf_counter() - t4)
+        with metrics.STAGE_SECONDS.labels("serialize").time():
+            op = ClusterOp(kind="sighting", sighting=sighting).dumps()
         if len(op) > MAX_OP_BYTES:
             raise StageError("too_large", f"cluster op is {len(op)} bytes, limit {MAX_OP_BYTES}")
         self.shared.remember(ev.event_id, sighting.sha256)
@@ -230,17 +229,15 @@ class AnalyzeStage:
         event id, in a worker thread. A failing lookup is returned, not
         raised, so its dead letter names the dedupe stage."""
         sighting: Sighting = self.analyzer.analyze(ev, data, source)
-        t0 = time.perf_counter()
-        self.put_blob(data)
-        t1 = time.perf_counter()
-        metrics.STAGE_SECONDS.labels("blob").observe(t1 - t0)
+        with metrics.STAGE_SECONDS.labels("blob").time():
+            self.put_blob(data)
         stored: Any = None
         if lookup:
-            try:
-                stored = self._stored_sha(ev.event_id)
-            except Exception as e:  # noqa: BLE001 - re-raised in the dedupe stage
-                stored = e
-            metrics.STAGE_SECONDS.labels("dedupe").observe(time.perf_counter() - t1)
+            with metrics.STAGE_SECONDS.labels("dedupe").time():
+                try:
+                    stored = self._stored_sha(ev.event_id)
+                except Exception as e:  # noqa: BLE001 - re-raised in the dedupe stage
+                    stored = e
         return sighting, stored
 
     def _is_duplicate(self, event_id: str, sha256: str, recent: str | None, stored: str | None) -> bool:

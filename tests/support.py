@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +39,39 @@ def split_feed(feed: Path, parts: int) -> list[Path]:
         p.write_bytes(b"\n".join(lines[i * step:(i + 1) * step]) + b"\n")
         out.append(p)
     return out
+
+
+class _Drip(BaseHTTPRequestHandler):
+    """Answers 200 and then one byte of a PNG signature every 0.5 s: a fetch
+    that never stalls long enough for a read timeout, only a total deadline."""
+
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+        try:
+            for b in b"\x89PNG\r\n\x1a\n" * 100:
+                self.wfile.write(bytes([b]))
+                self.wfile.flush()
+                time.sleep(0.5)
+        except OSError:
+            pass
+
+
+@contextmanager
+def slow_drip_url() -> Iterator[str]:
+    """A loopback URL whose image drips in forever (see ``_Drip``)."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+    srv.daemon_threads = True
+    srv.block_on_close = False
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/drip.png"
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from streams.settings import FetchSettings, IngestSettings, Settings
 from streams.stage import AnalyzeStage
 from streams.validate import MAX_EVENT_BYTES, InvalidEvent, event_id_of, parse_event
 from tests.hostile import corpus
+from tests.support import slow_drip_url
 
 GOOD = {"event_id": "e-1", "platform": "x", "account_id": "a-1", "posted_at": "2026-05-01T12:00:00Z",
         "image": {"url": "https://example.com/a.jpg"}}
@@ -151,34 +151,10 @@ def test_fifo_in_image_root_does_not_block(root):
     assert result["err"].reason == "not_a_file"
 
 
-class _Drip(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.end_headers()
-        try:
-            for b in b"\x89PNG\r\n\x1a\n" * 100:
-                self.wfile.write(bytes([b]))
-                self.wfile.flush()
-                time.sleep(0.5)
-        except OSError:
-            pass
-
-
 @pytest.fixture
 def drip_server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
-    srv.daemon_threads = True
-    srv.block_on_close = False
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/drip.png"
-    srv.shutdown()
-    srv.server_close()
+    with slow_drip_url() as url:
+        yield url
 
 
 def test_slow_drip_server_hits_the_overall_fetch_deadline(drip_server):

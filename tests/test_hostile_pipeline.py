@@ -18,14 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from streams.store import open_store
 from tests.hostile import corpus
-from tests.test_hardening import _Drip
+from tests.support import slow_drip_url
 
 pytestmark = pytest.mark.slow
 
@@ -99,13 +98,8 @@ def replay(feed: Path, data: Path, env: dict, timeout: float = 300) -> tuple[sub
 
 @pytest.fixture(scope="module")
 def drip():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
-    srv.daemon_threads = True
-    srv.block_on_close = False
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/drip.png"
-    srv.shutdown()
-    srv.server_close()
+    with slow_drip_url() as url:
+        yield url
 
 
 ENV = {

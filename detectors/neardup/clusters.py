@@ -87,9 +87,11 @@ ANCHOR_DISTANCE = 4
 MAX_REPRESENTATIVES = 8
 
 
+_VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
+
+
 def _residual_or_none(r: float) -> float | None:
     return None if r >= _UNVERIFIED else round(r, 2)
-_VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
 
 # Below this PDQ quality a picture is (nearly) flat -- a black frame, a moon on
 # black -- and its pHash is noise around zero: it may match another flat
@@ -422,7 +424,7 @@ class ClusterIndex:
         candidates; the image must match one of the cluster's representatives
         under the pair rule, so a chain of small drifts never reaches a
         different picture."""
-        near, pics = self._pictures(sha256, hashes)
+        near, pics = self._pictures(sha256, hashes, _Query.of(hashes))
         found = [Match(cluster_id=cid, distance=d, via=via) for cid, (_, d, via) in near.items()
                  if via == "sha256" or cid in pics]
         return sorted(found, key=self._rank)
@@ -430,14 +432,13 @@ class ClusterIndex:
     def _rank(self, m: Match) -> tuple[float, int, str]:
         return (*rank_key(m.distance, m.via, self.phash_threshold, self.pdq_threshold), m.cluster_id)
 
-    def _pictures(self, sha256: str, h: ImageHashes) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    def _pictures(self, sha256: str, h: ImageHashes, q: "_Query") -> tuple[dict[str, tuple], dict[str, tuple]]:
         """(nearest indexed match per candidate cluster, picture match per
         cluster whose picture the image shows); see ``_picture_match``."""
         near: dict[str, tuple] = {}
         own = self._member_cluster.get(sha256)
         if own is not None:
             near[own] = ((0.0, 0), 0, "sha256")
-        q = _Query.of(h)
         pics: dict[str, tuple] = {}
         # Full frames first (pHash, mirror, PDQ): most reposts end here. Only
         # full-frame agreement can link clusters, so the image's crop and
@@ -592,7 +593,7 @@ class ClusterIndex:
     def _passes(self, score: float | None) -> bool:
         return score is None or self.verify_max is None or score <= self.verify_max
 
-    def _agreement(self, cluster_id: str, h: ImageHashes) -> tuple[int, int] | None:
+    def _agreement(self, cluster_id: str, h: ImageHashes, q: "_Query") -> tuple[int, int] | None:
         """(pHash, PDQ) distances to a representative that *both* hashes match,
         in one orientation (direct or mirrored), or None. The bar for linking
         two clusters: one hash alone can be fooled by a similar composition,
@@ -600,7 +601,6 @@ class ClusterIndex:
         if h.pdq_quality < self.pdq_min_quality or _framed(h.views, h.trimmed):
             return None
         best = None
-        q = _Query.of(h)
         for r in self._clusters[cluster_id].pictures():
             if r.pdq_quality < self.pdq_min_quality or r.framed:
                 continue
@@ -627,7 +627,8 @@ class ClusterIndex:
         if own is not None:
             self.touch(own, ts)
             return Assignment(cluster_id=own, new_cluster=False, new_member=False, merged=[], distance=0, via="sha256")
-        _, pics = self._pictures(sha256, hashes)
+        q = _Query.of(hashes)  # codes and thumbnail decoded once for every check below
+        _, pics = self._pictures(sha256, hashes, q)
         if not pics:
             cid = cluster_id_for(sha256)
             n = 16
@@ -638,13 +639,12 @@ class ClusterIndex:
             return Assignment(cluster_id=cid, new_cluster=True, new_member=True, merged=[], distance=None, via=None,
                               representative=True)
         size = {cid: len(self._clusters[cid].members) for cid in pics}
-        agree = {cid: a for cid in sorted(pics) if (a := self._agreement(cid, hashes))}
+        agree = {cid: a for cid in sorted(pics) if (a := self._agreement(cid, hashes, q))}
         # Linking two clusters needs full-frame agreement of both hashes, or
         # pixels verified to within ``merge_residual`` on each side (a crop
         # with a caption that shows both halves of a split picture).
         # (Letting a larger copy link its crop's cluster on hashes alone, even
         # at <= 2 bits, lengthened the cluster bench's chains from 8 to 11.)
-        q = _Query.of(hashes)
         links = {c: (agree[c][0] if c in agree else pics[c][1], agree[c][1] if c in agree else None) for c in sorted(pics)
                  if c in agree or self._links_by_pixels(q, pics[c])}
         audit: list[MergeAudit] = []

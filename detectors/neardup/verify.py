@@ -35,8 +35,8 @@ Box = tuple[float, float, float, float]
 FULL: Box = (0.0, 0.0, 1.0, 1.0)
 _SIDE = 16
 _EDGE_MOVES = (-0.12, -0.08, -0.04, 0.04, 0.08, 0.12)
-_MIN_SIDE = 0.5
-_DARK, _BRIGHT, _MIN_MID = 8.0, 247.0, 24  # gain fit: unclipped pixels, and enough of them  # a searched box keeps at least half of each side
+_MIN_SIDE = 0.5  # a searched box keeps at least half of each side
+_DARK, _BRIGHT, _MIN_MID = 8.0, 247.0, 24  # gain fit: unclipped pixels, and enough of them
 # content fractions of the view slots, in ``ImageHashes.views`` order after the trimmed view
 VIEW_SLOT_BOXES: tuple[Box, ...] = tuple(
     ((1 - f) / 2, (1 - f) / 2, (1 + f) / 2, (1 + f) / 2) for f in VIEW_CROPS
