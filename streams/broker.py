@@ -22,6 +22,10 @@ from kafka.errors import TopicAlreadyExistsError
 
 log = logging.getLogger(__name__)
 
+# The Faust transport for any Kafka: the stock driver with safe offset
+# commits (streams.safe_commits, registered in pyproject's entry points).
+SAFE_KAFKA = "dwkafka"
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -209,11 +213,12 @@ def uses_tansu_quirks(settings, bootstrap: str) -> bool:
 
 
 def faust_broker_url(settings, url: str) -> str:
-    """The URL Faust is given: ``tansu://`` selects the compat transport
-    internally; users only ever write kafka://."""
+    """The URL Faust is given: ``tansu://`` selects the compat transport,
+    ``dwkafka://`` the stock one for any Kafka; both commit offsets safely
+    (``streams.safe_commits``). Users only ever write kafka://."""
     bootstrap = bootstrap_of(url)
     check_reachable(bootstrap)
-    scheme = "tansu" if url.startswith("tansu://") or uses_tansu_quirks(settings, bootstrap) else "kafka"
+    scheme = "tansu" if url.startswith("tansu://") or uses_tansu_quirks(settings, bootstrap) else SAFE_KAFKA
     return f"{scheme}://{bootstrap}"
 
 

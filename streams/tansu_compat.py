@@ -36,6 +36,8 @@ from typing import Any, List, Mapping
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from streams.safe_commits import SafeCommits
+
 SESSION_TIMEOUT_S = 3.0
 HEARTBEAT_INTERVAL_S = 0.75
 FETCH_MAX_WAIT_MS = 50
@@ -89,7 +91,7 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return await true_end_offsets(bootstrap, listed)
 
 
-class Consumer(faust_aiokafka.Consumer):
+class Consumer(SafeCommits, faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 

@@ -5,6 +5,7 @@ as one."""
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -89,3 +90,48 @@ def test_two_workers_agree_with_one(tmp_path):
         assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=240)
     clusters = assert_exact(settings, exp.events - len(exp.dead_letter_reasons) - 1)
     assert len(clusters) == exp.distinct_pictures
+
+
+def test_event_in_flight_when_the_worker_dies_is_processed_by_the_next(tmp_path):
+    """The first event's image drips in slowly; the events after it finish and
+    their offsets are committed while it is still being fetched. Killing the
+    worker then must not lose it: the next worker starts from it again
+    (streams.safe_commits; stock Faust commits past it)."""
+    from streams.store import open_store as store_at
+    from tests.support import picture, slow_drip_url
+
+    (tmp_path / "feed" / "img").mkdir(parents=True)
+    lines = []
+    with slow_drip_url() as drip:
+        lines.append({"event_id": "slow-0", "platform": "x", "account_id": "a0",
+                      "posted_at": "2026-11-01T12:00:00+00:00", "image": {"url": drip}})
+        for i in range(1, 13):
+            picture(500 + i).save(tmp_path / "feed" / "img" / f"p{i}.jpg", quality=90)
+            lines.append({"event_id": f"fast-{i}", "platform": "x", "account_id": f"a{i}",
+                          "posted_at": f"2026-11-01T12:00:{i:02d}+00:00", "image": {"path": f"img/p{i}.jpg"}})
+        feed = tmp_path / "feed" / "feed.jsonl"
+        feed.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        settings = settings_for(tmp_path, feed)
+        settings.partitions = 1  # the slow event heads the one partition the fast ones follow
+        settings.fetch.allow_private_networks = True  # the drip server is on loopback
+        settings.fetch.total_timeout_s = 12.0
+        settings.fetch.retries = 0
+        with ExitStack() as stack:
+            cluster = runner.start_cluster(settings, stack)
+            w1 = cluster.start_worker()
+            cluster.wait_ready()
+            produced = produce_feed(feed, cluster.bootstrap, settings)
+            wait_processed_at_least(settings, 12)
+            store = store_at(settings.data_dir)
+            in_flight = store.processed_offsets(settings.topic("events"))
+            store.close()
+            assert (0, 0) not in in_flight, "the slow event finished before the kill: nothing was tested"
+            time.sleep(2.5)  # commits run every second (broker_commit_interval)
+            w1.kill()
+            cluster.start_worker()
+            assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=120), \
+                "the event in flight at the kill was never processed"
+    store = store_at(settings.data_dir)
+    dead = [d for d in store.dead_letters() if d["event_id"] == "slow-0"]
+    store.close()
+    assert len(dead) == 1 and dead[0]["stage"] == "fetch", dead
