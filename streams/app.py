@@ -28,6 +28,7 @@ from streams.engine_state import open_engine_state
 from streams.fetch import ImageFetcher
 from streams.records import DeadLetter, SourceRef
 from streams.settings import Settings
+from streams.stall_guard import install as install_stall_guard
 from streams.faust_tuning import TABLE_MANAGER
 from streams.tansu_compat import HEARTBEAT_INTERVAL_S, SESSION_TIMEOUT_S
 from streams.topics import CLUSTER_TABLE
@@ -38,7 +39,7 @@ def _faust_app(app_id: str, settings: Settings, broker_url: str) -> faust.App:
     tansu = broker_url.startswith("tansu://")
     datadir = Path(settings.data_dir) / "faust" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
-    return faust.App(
+    app = faust.App(
         app_id,
         broker=broker_url,
         store="memory://",  # state is rebuilt from the changelog; nothing to corrupt on disk
@@ -59,6 +60,10 @@ def _faust_app(app_id: str, settings: Settings, broker_url: str) -> faust.App:
         broker_credentials=faust_credentials(settings),  # SASL/SSL for managed Kafka (settings.kafka)
         TableManager=TABLE_MANAGER,  # no fixed 1 s sleep before joining the group (streams.faust_tuning)
     )
+    # Partitions that stop being read while records wait are read again: a
+    # worker idling there would never recover by itself (streams.stall_guard).
+    install_stall_guard(app)
+    return app
 
 
 def _dead_letter(stage: str, reason: str, detail: str, source: SourceRef, raw: bytes | None, event_id: str | None) -> DeadLetter:
@@ -141,6 +146,12 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     stage = ClusterStage(settings, table, open_engine_state(settings.data_dir), updates=updates,
                          detect_requests=detect_requests, alerts=alerts, send_dead=send_dead)
     app.on_rebalance_complete.connect(stage.on_rebalance)
+
+    @app.on_rebalance_complete.connect
+    async def log_assignment(sender=None, **kwargs):
+        # Which worker owns what is the first question when events stop moving.
+        active = sorted(f"{tp.topic}:{tp.partition}" for tp in app.assignor.assigned_actives())
+        log.info("partitions assigned", extra={"generation": app.consumer_generation_id, "active": active})
 
     @app.agent(ops)
     async def cluster(stream):

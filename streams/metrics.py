@@ -15,6 +15,9 @@ STAGE_SECONDS = Histogram(
     "deepwatch_stage_seconds", "Time spent per stage",
     ["stage"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+OFFSET_REREADS = Counter("deepwatch_offset_rereads_total", "Stream partitions read again from an offset, by why: "
+                         "dropped (a record skipped before processing), stalled (nothing read while records waited)",
+                         ["topic", "why"])
 EVENT_TO_ALERT_SECONDS = Histogram(
     "deepwatch_event_to_alert_seconds", "Wall time from ingest of the triggering event to the alert",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),

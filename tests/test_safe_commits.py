@@ -1,8 +1,10 @@
-"""Offset commits never pass an event still in flight (streams.safe_commits).
+"""Offset commits never pass an event that was not processed
+(streams.safe_commits).
 
-Exercised on the real Faust consumer objects (no broker needed: commits are
-computed, not sent). The kill -9 drills (test_kill_drill, test_worker_restart)
-are where this loses events end to end when it is wrong.
+Exercised on the real Faust consumer objects; the broker calls a commit
+decision can trigger (seek, earliest offsets) are recorded instead of sent.
+The kill -9 drills (test_kill_drill, test_worker_restart) are where this
+loses events end to end when it is wrong.
 """
 
 from __future__ import annotations
@@ -15,10 +17,25 @@ from faust.types import TP
 from faust.types.tuples import Message
 from hypothesis import given, settings, strategies as st
 
+from streams import safe_commits
 from streams.safe_commits import SafeCommits
 
 TOPIC = "events"
 TP0 = TP(TOPIC, 0)
+
+
+class Broker:
+    """What the consumer asked of the broker."""
+
+    def __init__(self, start: int = 0):
+        self.start = start
+        self.seeks: list[tuple[TP, int]] = []
+
+    async def seek(self, tp, offset):
+        self.seeks.append((tp, offset))
+
+    async def earliest_offsets(self, *tps):
+        return {tp: self.start for tp in tps}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +55,16 @@ def consumer():
     return asyncio.run(build())
 
 
+@pytest.fixture
+def broker(consumer, monkeypatch):
+    b = Broker()
+    monkeypatch.setattr(consumer, "seek", b.seek, raising=False)
+    monkeypatch.setattr(consumer, "earliest_offsets", b.earliest_offsets, raising=False)
+    return b
+
+
 def reset(c, committed):
-    for d in (c._acked, c._acked_index, c._committed_offset, c._gap):
+    for d in (c._acked, c._acked_index, c._committed_offset, c._gap, c._reread_state()):
         d.clear()
     c._unacked_messages.clear()
     if committed is not None:
@@ -53,6 +78,17 @@ def taken(c, offsets):
     return msgs
 
 
+async def commit_point(c):
+    """One commit decision, then let what it scheduled run; the new
+    committed offset (as Faust records it after committing) or None."""
+    new = c._new_offset(TP0)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    if new is not None:
+        c._committed_offset[TP0] = new
+    return new
+
+
 def test_the_transports_deepwatch_uses_commit_safely(consumer):
     from faust.transport import by_url
 
@@ -60,57 +96,128 @@ def test_the_transports_deepwatch_uses_commit_safely(consumer):
     assert issubclass(by_url("tansu://127.0.0.1:1").Consumer, SafeCommits)
 
 
-@pytest.mark.parametrize("committed", [None, 0, 10])
-def test_a_slow_head_holds_the_commit_back(consumer, committed):
-    start = committed or 0
-    reset(consumer, committed)
-    msgs = taken(consumer, range(start, start + 4))
-    for o in range(start + 1, start + 4):  # the first is still being fetched
-        assert consumer.ack(msgs[o])
-    assert consumer._new_offset(TP0) is None  # stock Faust 0.15.3 commits start + 4 here
-    consumer.ack(msgs[start])
-    assert consumer._new_offset(TP0) == start + 4
+@pytest.mark.parametrize("committed", [0, 10])
+def test_a_slow_head_holds_the_commit_back(consumer, broker, committed):
+    async def scenario():
+        reset(consumer, committed)
+        msgs = taken(consumer, range(committed, committed + 4))
+        for o in range(committed + 1, committed + 4):  # the first is still being fetched
+            assert consumer.ack(msgs[o])
+        assert await commit_point(consumer) is None  # stock Faust 0.15.3 commits committed + 4 here
+        assert broker.seeks == []  # in flight, not dropped: nothing to re-read
+        consumer.ack(msgs[committed])
+        assert await commit_point(consumer) == committed + 4
+
+    asyncio.run(scenario())
 
 
-def test_commits_up_to_the_first_in_flight_and_keeps_the_rest(consumer):
-    reset(consumer, 10)
-    msgs = taken(consumer, range(10, 16))
-    for o in (10, 11, 13, 14, 15):
-        consumer.ack(msgs[o])
-    assert consumer._new_offset(TP0) == 12
-    consumer._committed_offset[TP0] = 12
-    assert consumer._new_offset(TP0) is None
-    consumer.ack(msgs[12])
-    assert consumer._new_offset(TP0) == 16
+def test_a_new_group_commits_from_the_partitions_first_offset(consumer, broker):
+    async def scenario():
+        broker.start = 3  # older records deleted by retention
+        reset(consumer, None)
+        msgs = taken(consumer, range(3, 7))
+        for o in (4, 5, 6):
+            consumer.ack(msgs[o])
+        assert await commit_point(consumer) is None  # first learns where the partition starts
+        assert consumer._committed_offset[TP0] == 3
+        assert await commit_point(consumer) is None  # 3 is still in flight
+        consumer.ack(msgs[3])
+        assert await commit_point(consumer) == 7
+
+    asyncio.run(scenario())
 
 
-def test_a_gap_does_not_cover_the_message_after_it(consumer):
-    # Faust records a gap [r+1, offset] that includes the message that arrives
-    # after it; while that message is in flight the gap must not commit it.
-    reset(consumer, 10)
-    msgs = taken(consumer, [10, 15, 16])
-    consumer._gap[TP0].addi(11, 16)
-    consumer.ack(msgs[10])
-    consumer.ack(msgs[16])
-    assert consumer._new_offset(TP0) == 15  # 10 done, 11..14 never existed, 15 in flight
-    consumer._committed_offset[TP0] = 15
-    consumer.ack(msgs[15])
-    assert consumer._new_offset(TP0) == 17
+def test_commits_up_to_the_first_in_flight_and_keeps_the_rest(consumer, broker):
+    async def scenario():
+        reset(consumer, 10)
+        msgs = taken(consumer, range(10, 16))
+        for o in (10, 11, 13, 14, 15):
+            consumer.ack(msgs[o])
+        assert await commit_point(consumer) == 12
+        assert await commit_point(consumer) is None
+        consumer.ack(msgs[12])
+        assert await commit_point(consumer) == 16
+
+    asyncio.run(scenario())
 
 
-@settings(max_examples=200, deadline=None)
+def test_a_dropped_record_is_read_again_not_committed_over(consumer, broker):
+    # Faust's stream skipped offset 11 (never taken, never acked) and went on:
+    # the commit stops at it and the partition is read again from there.
+    async def scenario():
+        reset(consumer, 10)
+        msgs = taken(consumer, [10, 12, 13])
+        for m in msgs.values():
+            consumer.ack(m)
+        assert await commit_point(consumer) == 11
+        assert await commit_point(consumer) is None
+        assert broker.seeks == [(TP0, 11)]
+        assert await commit_point(consumer) is None
+        assert broker.seeks == [(TP0, 11)]  # asked once, then given time to come round
+        again = taken(consumer, [11, 12, 13])  # the re-read
+        for m in again.values():
+            consumer.ack(m)
+        assert await commit_point(consumer) == 14
+
+    asyncio.run(scenario())
+
+
+def test_an_offset_without_a_record_is_passed_over_after_rereads(consumer, broker, monkeypatch):
+    monkeypatch.setattr(safe_commits, "REREAD_AFTER_S", 0.0)
+
+    async def scenario():
+        reset(consumer, 20)
+        msgs = taken(consumer, [21, 22])  # 20 is a transaction marker / compacted away
+        for m in msgs.values():
+            consumer.ack(m)
+        for _ in range(safe_commits.REREAD_TRIES):
+            assert await commit_point(consumer) is None
+        assert broker.seeks == [(TP0, 20)] * safe_commits.REREAD_TRIES
+        assert await commit_point(consumer) == 23
+
+    asyncio.run(scenario())
+
+
+def test_a_gap_does_not_cover_the_record_that_ends_it(consumer, broker):
+    # The reader saw 10 then 15: 11..14 hold no records, 15 does and is not
+    # done until it is acked (Faust's own bookkeeping counted it as a gap).
+    async def scenario():
+        reset(consumer, 10)
+        msgs = taken(consumer, [10, 15, 16])
+        await consumer._add_gap(TP0, 11, 15)
+        consumer.ack(msgs[10])
+        consumer.ack(msgs[16])
+        assert await commit_point(consumer) == 15
+        consumer.ack(msgs[15])
+        assert await commit_point(consumer) == 17
+        assert broker.seeks == []
+
+    asyncio.run(scenario())
+
+
+@settings(max_examples=150, deadline=None)
 @given(n=st.integers(1, 30), data=st.data())
-def test_never_past_in_flight_and_everything_once_all_are_done(consumer, n, data):
+def test_never_past_an_unprocessed_record_and_everything_once_all_are_done(consumer, n, data):
     committed = data.draw(st.sampled_from([None, 0, 5]))
     start = committed or 0
-    reset(consumer, committed)
-    msgs = taken(consumer, range(start, start + n))
-    order = data.draw(st.permutations(list(msgs)))
-    for i, o in enumerate(order):
-        consumer.ack(msgs[o])
-        new = consumer._new_offset(TP0)
-        pending = order[i + 1:]
-        if new is not None:
-            assert not pending or new <= min(pending)
-            consumer._committed_offset[TP0] = new
-    assert consumer._committed_offset[TP0] == start + n
+    order = data.draw(st.permutations(list(range(start, start + n))))
+    b = Broker(start)
+    consumer.seek, consumer.earliest_offsets = b.seek, b.earliest_offsets
+
+    async def scenario():
+        reset(consumer, committed)
+        msgs = taken(consumer, range(start, start + n))
+        for i, o in enumerate(order):
+            consumer.ack(msgs[o])
+            new = await commit_point(consumer)
+            pending = order[i + 1:]
+            if new is not None:
+                assert not pending or new <= min(pending)
+        await commit_point(consumer)
+        assert consumer._committed_offset[TP0] == start + n
+        assert b.seeks == []  # nothing was dropped, so nothing is re-read
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        del consumer.seek, consumer.earliest_offsets
