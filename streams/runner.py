@@ -34,10 +34,8 @@ log = logging.getLogger(__name__)
 # every process, which on 2 cores made the pixel model ~3x slower per image
 # and took that time from the pipeline. A value the user set is kept.
 LOCAL_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-# ... except the detect role: niced (below), it takes only the CPU the
-# pipeline leaves, and once the feed has drained (reniced to 0) its model
-# tail gets every core instead of one.
-DETECT_THREAD_ENV = {k: str(os.cpu_count() or 1) for k in LOCAL_THREAD_ENV}
+# The detect role too: two ONNX threads made its tail slower, not faster,
+# next to other busy processes (bench/replay.py --filer, load 5-6).
 # The detect role runs at a lower CPU priority next to local pipeline
 # workers: ingest keeps the cores it needs, the model uses what is left and
 # catches up when the feed ends (a dedicated detect machine is unaffected).
@@ -167,7 +165,7 @@ class Cluster:
         idx = sum(1 for w in self.workers if w.role == role)
         log_path = self.log_dir / f"worker-{role}-{idx}-{int(time.time() * 1000)}.log"
         env = settings_env(self.settings, self.broker_url)
-        for k, v in (DETECT_THREAD_ENV if role == "detect" else LOCAL_THREAD_ENV).items():
+        for k, v in LOCAL_THREAD_ENV.items():
             env.setdefault(k, v)
         port = None
         if metrics:

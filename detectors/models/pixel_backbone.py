@@ -229,10 +229,6 @@ def _onnx_session(name: str, build: Callable[[], torch.nn.Module]):
         return None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
-    if opts.intra_op_num_threads > 1:
-        # Idle pool threads sleep instead of spinning: next to other busy
-        # processes a spin only burns the CPU they need.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     path = onnx_cache_path(name)
     if path is not None and path.is_file():
         try:
