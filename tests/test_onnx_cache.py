@@ -19,8 +19,8 @@ from detectors.models import pixel_backbone as pb  # noqa: E402
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(pb.CACHE_ENV, str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    monkeypatch.setenv(pb.CACHE_ENV, str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "deepwatch"
 
 
 def test_second_load_comes_from_the_cache_with_the_same_taps(cache_dir, monkeypatch, caplog):
@@ -43,7 +43,7 @@ def test_second_load_comes_from_the_cache_with_the_same_taps(cache_dir, monkeypa
 
     # A damaged file (a disk filled mid-copy, say) is exported again, with a warning.
     monkeypatch.undo()
-    monkeypatch.setenv(pb.CACHE_ENV, str(cache_dir))
+    monkeypatch.setenv(pb.CACHE_ENV, str(cache_dir.parent))
     files[0].write_bytes(b"not a model")
     with caplog.at_level(logging.WARNING, logger=pb.__name__):
         again = pb.Backbone()

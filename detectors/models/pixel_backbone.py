@@ -158,7 +158,9 @@ class _Taps(torch.nn.Module):
 # took 1.8 s on a quiet machine and ~10 s next to a running pipeline, at
 # every start of every detect worker. The file name holds everything the
 # graph depends on, so an upgrade or a code change exports afresh.
-CACHE_ENV = "DEEPWATCH_CACHE_DIR"  # default: $XDG_CACHE_HOME/deepwatch, else ~/.cache/deepwatch
+# Where: $XDG_CACHE_HOME/deepwatch, else ~/.cache/deepwatch (the XDG convention
+# rather than a DEEPWATCH_* variable: those are settings, checked by name).
+CACHE_ENV = "XDG_CACHE_HOME"
 ONNX_OPSET = 17
 
 
@@ -181,8 +183,8 @@ def onnx_cache_path(name: str) -> Path | None:
     except (PackageNotFoundError, OSError, TypeError):
         return None
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepwatch"
-    return Path(root) / "onnx" / f"{name}-{key}.onnx"
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache") / "deepwatch"
+    return root / "onnx" / f"{name}-{key}.onnx"
 
 
 def _export_onnx(module: torch.nn.Module) -> bytes | None:
