@@ -62,8 +62,8 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         timings.update(cluster.timings)
         spawned = time.monotonic()
         if models:
-            # First: its imports and model load are the longest start-up (it
-            # runs niced, so the pipeline workers still start first).
+            # First: its imports and model load are the longest start-up; it
+            # is niced, so the pipeline workers still get the cores.
             cluster.start_worker("detect")
         for _ in range(workers):
             cluster.start_worker("pipeline")
