@@ -319,6 +319,11 @@ def filer(args: argparse.Namespace) -> None:
     n = args.events
     print(f"feed: {n} events over {args.filer_pictures} held-out pictures, variants {', '.join(FILER_VARIANTS)} "
           f"(<= 1024 px); load average before: {os.getloadavg()[0]:.2f}")
+    from detectors.models.pixel_backbone import DEFAULT_BACKBONE, onnx_cache_path
+
+    onnx = onnx_cache_path(DEFAULT_BACKBONE)
+    print(f"pixel backbone ONNX export: {'cached at ' + str(onnx) if onnx and onnx.is_file() else 'not cached yet'} "
+          "(the first replay on a machine exports it, ~2-10 s more)")
     runs: list[tuple[str, dict]] = []
     naive_walls: list[dict] = [naive_process(feed)]
     for spec in args.runs:

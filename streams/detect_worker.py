@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faust
@@ -35,7 +36,6 @@ def build_detect_app(settings: Settings, broker_url: str) -> faust.App:
     requests = app.topic(t("detect-requests"), value_serializer="raw", key_serializer="raw")
     ops = app.topic(t("cluster-ops"), value_serializer="raw", key_serializer="raw", partitions=1)
     blobs = DirectoryBlobStore(Path(settings.data_dir) / "blobs")
-    loading: list[asyncio.Future] = []
 
     def load_batchers() -> list:
         started = time.perf_counter()
@@ -62,12 +62,15 @@ def build_detect_app(settings: Settings, broker_url: str) -> faust.App:
             for name in [*learned, *vendors]
         ]
 
+    # The load starts now, in a thread, while Faust connects and joins its
+    # group (a JoinGroup alone is held for seconds by the embedded broker):
+    # the models are ready sooner, and once per process, not once per actor.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="detect-load")
+    loading = pool.submit(load_batchers)
+    pool.shutdown(wait=False)  # the load still runs; the thread ends with it
+
     async def shared_batchers() -> list:
-        # Every actor awaits the same load: the models are loaded once per
-        # process, not once per actor (no await between the check and the append).
-        if not loading:
-            loading.append(asyncio.ensure_future(asyncio.to_thread(load_batchers)))
-        return await loading[0]
+        return await asyncio.wrap_future(loading)
 
     async def analyse(sha256: str, batchers: list) -> tuple[list, str | None]:
         try:

@@ -83,3 +83,32 @@ def test_replay_no_wait_models_reports_timings_and_accounts_every_event(tmp_path
         assert stages[stage] > 0, stage
     assert stages["events:analyze:ok"] > 0
     assert s["timings"]["shutdown"] < 15  # workers leave without the interpreter's teardown
+
+
+def test_renice_reaches_every_thread_of_the_role(tmp_path):
+    """Niceness is per thread on Linux and inherited: renicing only the pid
+    would leave the model threads a detect worker started at nice 10."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("per-thread niceness is read from /proc (Linux only)")
+    from streams.runner import Cluster
+    from streams.settings import Settings
+
+    script = "import os, threading, time\nos.nice(10)\nthreading.Thread(target=time.sleep, args=(30,)).start()\nprint('up', flush=True)\ntime.sleep(30)\n"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen([sys.executable, "-c", "import os, time; os.nice(10); print('up', flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up" and other.stdout.readline().strip() == "up"
+        cluster = Cluster(Settings(data_dir=tmp_path), "", "", tmp_path)
+        cluster.workers += [WorkerProcess("detect", proc, tmp_path / "d.log"), WorkerProcess("pipeline", other, tmp_path / "p.log")]
+        tids = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
+        assert len(tids) == 2
+        changed = cluster.renice("detect", 0)
+        privileged = os.geteuid() == 0
+        assert changed == (2 if privileged else 0)  # without CAP_SYS_NICE: nothing changes, nothing raises
+        assert [os.getpriority(os.PRIO_PROCESS, t) for t in tids] == [0 if privileged else 10] * 2
+        assert os.getpriority(os.PRIO_PROCESS, other.pid) == 10  # other roles untouched
+    finally:
+        for p in (proc, other):
+            p.kill()
+            p.wait()

