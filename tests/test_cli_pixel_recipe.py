@@ -111,3 +111,17 @@ def test_a_configured_head_that_cannot_load_warns_and_metadata_still_runs(tmp_pa
     assert r.exit_code == 0
     assert "not loaded" in r.stderr and "deepwatch train --recipe pixel-probe" in r.stderr
     assert json.loads(r.stdout)[0]["evidence"] == []
+
+
+def test_leave_generator_out_eval_trains_on_extra_copies_and_refuses_unknown_ones(manifest: Path, cache: Path, tmp_path: Path) -> None:
+    args = ["eval", str(manifest), "--leave-generator-out", "--format", "json", "--crops", "1",
+            "--cache-dir", str(cache), "--data-dir", str(tmp_path / "d")]
+    r = CliRunner().invoke(app, [*args, "--train-variant", "jpeg0"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["train_variants"] == ["reposted", "jpeg0"] and rep["seed"] == 0
+    assert rep["variants"]["reposted"]["overall"]["n"] == 24  # held-out folds are still scored re-posted only
+    assert len(list(cache.rglob("*-jpeg0.npz"))) == 24  # the extra copies went through the feature cache
+
+    r = CliRunner().invoke(app, [*args, "--train-variant", "sepia"])
+    assert r.exit_code == 2 and "not one of published, aug<k>, jpeg<k>" in r.output and "Traceback" not in r.output

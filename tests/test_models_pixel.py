@@ -193,3 +193,26 @@ def test_micro_batcher_groups_concurrent_pictures_into_one_forward(detector) -> 
     assert batches == 1
     assert [r[0].sha256 for r in results] == [im.sha256 for im in images]
     np.testing.assert_allclose([r[0].data["logit"] for r in results], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_training_variants_treat_both_classes_alike_and_are_reproducible(tmp_path) -> None:
+    """``reposted`` caps the long side at JPEG q80; ``jpeg<k>`` re-encodes at the native scale (no resize
+    below the cap, so pixel-level traces survive); ``aug<k>`` may downscale. All are seeded per picture."""
+    from PIL import Image
+
+    from detectors.models.pixel_data import REPOST_LONG_SIDE, Sample, variant_bytes
+
+    src = tmp_path / "big.png"
+    picture(3, (2000, 1200)).save(src)
+    s = Sample(src, 1, "gen", "ai:gen", "general", "set")
+    rep = Image.open(io.BytesIO(variant_bytes(s, "reposted")))
+    assert rep.format == "JPEG" and max(rep.size) == REPOST_LONG_SIDE
+    j0, j1 = variant_bytes(s, "jpeg0"), variant_bytes(s, "jpeg1")
+    assert j0 == variant_bytes(s, "jpeg0") and j0 != j1  # seeded per picture and copy
+    for data in (j0, j1):
+        im = Image.open(io.BytesIO(data))
+        # a crop of 80-100% of the area of the re-post, never rescaled
+        assert im.format == "JPEG" and im.width * im.height >= 0.8 * rep.width * rep.height - 2 * (rep.width + rep.height)
+        assert im.width <= rep.width and im.height <= rep.height
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_bytes(s, "sepia")

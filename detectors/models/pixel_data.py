@@ -13,8 +13,9 @@ combined; every sample gets a leave-generator-out *group*:
 
 Variants (``variant_bytes``) are what a picture looks like after a re-post:
 ``published`` (the file as is), ``reposted`` (metadata stripped, long side
-<= 1600 px, JPEG q80) and ``aug<k>`` (random JPEG q60-95, resize 0.5-1.0,
-crop, mild blur; seeded per picture). Both classes get the same treatment,
+<= 1600 px, JPEG q80), ``aug<k>`` (random JPEG q60-95, resize 0.5-1.0,
+crop, mild blur; seeded per picture) and ``jpeg<k>`` (a re-post at random
+JPEG q60-95 and framing, native scale). Both classes get the same treatment,
 which removes the format shortcut (AI = PNG, real = camera JPEG).
 """
 
@@ -155,12 +156,30 @@ def augment(data: bytes, seed: int) -> bytes:
     return _jpeg(img, rng.randint(60, 95))
 
 
+def reencode(data: bytes, seed: int) -> bytes:
+    """A re-post at another JPEG quality (q60-95) and framing (crop 80-100% of the area at even
+    offsets), keeping the native scale: no resize below the re-post cap, no blur. Downscaling and
+    blur erase the pixel-level generator traces the probe relies on, and as training rows they
+    measured worse leave-generator-out (docs/pixel-detector.md, third round)."""
+    rng = random.Random(seed)
+    img = _open_rgb(data)
+    img.thumbnail((REPOST_LONG_SIDE, REPOST_LONG_SIDE), Image.BICUBIC)
+    w, h = img.size
+    side = rng.uniform(0.8, 1.0) ** 0.5
+    cw, ch = max(64, int(w * side)), max(64, int(h * side))
+    left = rng.randint(0, max(0, w - cw)) // 2 * 2
+    top = rng.randint(0, max(0, h - ch)) // 2 * 2
+    return _jpeg(img.crop((left, top, left + cw, top + ch)), rng.randint(60, 95))
+
+
 def variant_bytes(sample: Sample, variant: str) -> bytes:
     data = sample.path.read_bytes()
     if variant == "published":
         return data
     if variant == "reposted":
         return repost(data)
+    if variant.startswith("jpeg"):
+        return reencode(data, int(sample.key[:8], 16) + 104729 * (1 + int(variant[4:])))
     if variant.startswith("aug"):
         return augment(data, int(sample.key[:8], 16) + 7919 * int(variant[3:]))
     raise ValueError(f"unknown variant {variant!r}")

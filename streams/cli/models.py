@@ -288,6 +288,11 @@ def eval_cmd(
     group_by: Annotated[str, typer.Option("--group-by", help="With --leave-generator-out: generator | family.")] = "generator",
     crops: Annotated[int, typer.Option("--crops", help="With --leave-generator-out: crops per picture (1-5).")] = 2,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="With --leave-generator-out: backbone feature cache.")] = None,
+    train_variant: Annotated[list[str], typer.Option(
+        "--train-variant", help="With --leave-generator-out: extra training copies besides the re-post: published, "
+        "aug<k> (crop, resize 0.5-1.0, blur, JPEG q60-95) or jpeg<k> (JPEG q60-95 + crop at native scale); held-out "
+        "folds are always scored re-posted and as published.")] = [],  # noqa: B006
+    seed: Annotated[int, typer.Option("--seed", help="With --leave-generator-out: fold shuffle and head seed.")] = 0,
     data_dir: DataDirOpt = None,
     model_dir: ModelDirOpt = None,
     config: ConfigOpt = None,
@@ -308,7 +313,7 @@ def eval_cmd(
         raise typer.Exit(2)
     if leave_generator_out:
         _eval_leave_generator_out(sources, group_by=group_by, crops=crops, cache_dir=cache_dir, config=config,
-                                  data_dir=data_dir, as_json=format == "json")
+                                  data_dir=data_dir, as_json=format == "json", train_variants=train_variant, seed=seed)
         return
     source = Path(",".join(str(p) for p in sources))
     try:
@@ -351,9 +356,15 @@ def eval_cmd(
 
 
 def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int, cache_dir: Path | None, config, data_dir,
-                              as_json: bool) -> None:
+                              as_json: bool, train_variants: list[str] = (), seed: int = 0) -> None:
+    import re
+
     from streams.settings import load_settings
 
+    bad = [v for v in train_variants if not re.fullmatch(r"published|aug\d+|jpeg\d+", v)]
+    if bad:
+        err.print(f"[red]error:[/] --train-variant {bad[0]!r} is not one of published, aug<k>, jpeg<k> (e.g. jpeg0)")
+        raise typer.Exit(2)
     manifests = [p if p.is_file() else p / "manifest.csv" for p in sources]
     if not all(m.is_file() for m in manifests):
         err.print("[red]error:[/] --leave-generator-out needs manifests with a generator column (manifest.csv or its folder)")
@@ -366,7 +377,8 @@ def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int,
     )
 
     settings = load_settings(config, data_dir=data_dir)
-    spec, params = FeatureSpec(crops=crops), ProbeParams()
+    spec = FeatureSpec(crops=crops)
+    params = ProbeParams(train_variants=tuple(dict.fromkeys(("reposted", *train_variants))), seed=seed)
     samples = [s for m in manifests for s in read_manifest(m, group_by)]
     cache = FeatureCache(cache_dir or Path(settings.data_dir) / "cache" / "pixel-features", spec.backbone, spec.draft_min_side)
     with Progress(TextColumn("backbone features (cached)"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -378,6 +390,7 @@ def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int,
     cal, thr = calibrate_and_threshold(samples, cv)
     report = {"schema": 1, "mode": "leave-generator-out", "group_by": group_by, "folds": params.folds,
               "dataset": [str(m) for m in manifests], "threshold": thr, "crops": crops,
+              "train_variants": list(params.train_variants), "seed": seed,
               "variants": cv_report(samples, cv, cal, thr),
               "real_categories_reposted": people_fp_rates(samples, cal.apply(cv.oof["reposted"]), thr)}
     if as_json:
