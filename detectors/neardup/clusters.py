@@ -44,6 +44,7 @@ Distances of different hashes are ranked by ``distance / threshold`` so
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -248,6 +249,12 @@ class MergeAudit(BaseModel):
     other_pdq: int | None = None
     into_residual: float | None = None
     other_residual: float | None = None
+    # a link by representatives (``ClusterIndex._reps_join``): this
+    # representative of one side joins the other side's picture, at this
+    # distance and pixel residual; None on links by the image alone
+    representative_sha256: str | None = None
+    representative_distance: int | None = None
+    representative_residual: float | None = None
 
 
 class Assignment(BaseModel):
@@ -284,6 +291,15 @@ class _Rep:
         self.slots = np.array([s for s, _ in pairs], dtype=np.int8)
         self.codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
         self.views = []  # ~3 KB of strings per representative; the arrays are what is used
+
+    def hashes(self) -> ImageHashes:
+        """The representative as a query (``_reps_join``): its hashes, views
+        and thumbnail, rebuilt from the arrays (no mirrors: the other
+        direction covers a mirrored pair's other side)."""
+        views = [f"{int(c):016x}" for s, c in zip(self.slots.tolist(), self.codes.tolist()) if s != _FULL]
+        thumb = None if self.thumb is None else base64.b64encode(self.thumb.astype(np.uint8).tobytes()).decode()
+        return ImageHashes(phash=self.phash, pdq=self.pdq, pdq_quality=self.pdq_quality, views=views or None,
+                           trimmed=self.framed, thumb=thumb)
 
 
 @dataclass
@@ -366,7 +382,9 @@ class ClusterIndex:
         merge_residual: float | None = MERGE_RESIDUAL,
         merge_strict: float = MERGE_STRICT,
         max_representatives: int = MAX_REPRESENTATIVES,
+        representative_links: bool = True,
     ):
+        self.representative_links = representative_links  # ``_reps_join``; off: links by the image alone
         self.merge_strict = merge_strict
         self.verify_max = verify_max
         self.merge_residual = merge_residual if verify_max is not None else None
@@ -593,6 +611,26 @@ class ClusterIndex:
     def _passes(self, score: float | None) -> bool:
         return score is None or self.verify_max is None or score <= self.verify_max
 
+    def _reps_join(self, src: str, dst: str) -> tuple[_Rep, tuple] | None:
+        """The first representative of ``src`` (stored order) that matches
+        ``dst``'s picture under the join rule with pixels that agree almost
+        everywhere (``_links_by_pixels``), with the match; None when none
+        does or verification is off."""
+        if self.verify_max is None or not self.representative_links:
+            return None
+        for r in self._clusters[src].pictures():
+            if r.thumb is None:
+                continue
+            h = r.hashes()
+            q = _Query.of(h)
+            m = self._picture_match(dst, h, q)
+            # as strict as a link by an image's pixels: a representative that
+            # is itself a composite (an anchor that shares three quarters with
+            # each of two pictures) must not carry one picture into the other
+            if m is not None and self._links_by_pixels(q, m):
+                return r, m
+        return None
+
     def _agreement(self, cluster_id: str, h: ImageHashes, q: "_Query") -> tuple[int, int] | None:
         """(pHash, PDQ) distances to a representative that *both* hashes match,
         in one orientation (direct or mirrored), or None. The bar for linking
@@ -662,6 +700,23 @@ class ClusterIndex:
             into = min(pics, key=lambda c: (pics[c][0], 0 if c in agree else 1, -size[c], c))
             merged = []
             grows = pics[into][3]
+        # Order independence: a cluster whose representative would join the
+        # survivor's picture now (or the other way round) is the same picture,
+        # split only because its copy arrived before the copies that bridge
+        # them; the image that met both nominates the pair.
+        for other in sorted(c for c in pics if c != into and c not in merged and c in self._clusters):
+            rj = self._reps_join(other, into) or self._reps_join(into, other)
+            if rj is None:
+                continue
+            rep, m = rj
+            audit.append(MergeAudit(
+                into=into, other=other, link_sha256=sha256, into_phash=pics[into][1], other_phash=pics[other][1],
+                into_residual=_residual_or_none(pics[into][4]), other_residual=_residual_or_none(pics[other][4]),
+                representative_sha256=rep.sha256, representative_distance=m[1],
+                representative_residual=_residual_or_none(m[4])))
+            self.merge(into, other)
+            merged.append(other)
+        merged.sort()
         _, distance, via, _, _, _ = pics[into]
         # A copy that met the picture only through a view, or far from it,
         # becomes one more representative (an *anchor*, bounded per cluster):
