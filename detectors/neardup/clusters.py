@@ -31,9 +31,16 @@ image joins a cluster when it matches one of the cluster's *representatives*
 (its founder, a larger copy whose crop is the founder, founders of clusters
 merged in) -- never merely another member, so no single-link chains. An image
 matching several pictures links them only when pHash *and* PDQ agree, full
-frame, with each (``_agreement``); the merge is audited (``MergeAudit``).
-Otherwise it joins the nearest picture (ties: most members, smallest id) and
-``Assignment.declined`` names the others. Only representatives are indexed.
+frame, with each (``_agreement``), or its pixels agree with each almost
+everywhere (``_links_by_pixels``). Failing that, the pair it nominated is
+still one picture split by arrival order when one side's representative
+would join the other's picture now (``_reps_join``: trusted representatives
+-- founders, anchors agreeing with a founder almost everywhere -- against
+each other under the join rule; other anchors only as strictly as a link
+by pixels). Every
+merge is audited (``MergeAudit``). Otherwise it joins the nearest picture
+(ties: most members, smallest id) and ``Assignment.declined`` names the
+others. Only representatives are indexed.
 The rule reads only index state, never arrival order or wall clock, so a
 replica fed the same sequence of ``assign`` calls -- or rebuilt with ``add``
 from persisted members -- makes the same decisions and the same ids.
@@ -518,19 +525,22 @@ class ClusterIndex:
             pq = [h.pdq] + ([h.pdq_mirror] if h.pdq_mirror else [])
             yield self._pdq, ("pdq", "pdq_mirror"), HammingIndex.codes_from_hex(pq, 256), self.pdq_threshold
 
-    def _picture_match(self, cluster_id: str, h: ImageHashes, q: "_Query | None" = None) -> tuple[tuple[float, int], int, Via, bool] | None:
-        """The image against the cluster's representatives under the pair rule:
-        (rank, distance, via, grows) of the best pair, or None. ``grows``: a
-        crop view of the image meets a founder's full picture closer than the
-        image's own full frame does, i.e. the founder is a crop of this larger
-        image. One small popcount matrix per representative."""
+    def _picture_match(self, cluster_id: str, h: ImageHashes, q: "_Query | None" = None,
+                       reps: "list[_Rep] | None" = None) -> tuple[tuple[float, int], int, Via, bool] | None:
+        """The image against the cluster's representatives (or just
+        ``reps``) under the pair rule: (rank, distance, via, grows, smallest
+        verified residual, its (representative, kind, slot)) of the best
+        pair, or None. ``grows``: a crop view of the image meets a founder's
+        full picture closer than the image's own full frame does, i.e. the
+        founder is a crop of this larger image. One small popcount matrix per
+        representative."""
         q = q or _Query.of(h)
         best = None
         resid = _UNVERIFIED  # smallest pixel residual of a verified pair
         pair = None  # (representative, query kind, slot) of that pair
         pdq_ok = h.pdq_quality >= self.pdq_min_quality and not _framed(h.views, h.trimmed)
         flat = h.pdq_quality < FLAT_QUALITY
-        for r in self._clusters[cluster_id].pictures():
+        for r in self._clusters[cluster_id].pictures() if reps is None else reps:
             cands: list[tuple[tuple[float, int], int, Via]] = []
             grows = False
             if flat == (r.pdq_quality < FLAT_QUALITY):
@@ -618,18 +628,40 @@ class ClusterIndex:
         does or verification is off."""
         if self.verify_max is None or not self.representative_links:
             return None
+        trusted = [r for r in self._clusters[dst].pictures() if self._trusted(dst, r)]
         for r in self._clusters[src].pictures():
             if r.thumb is None:
                 continue
             h = r.hashes()
             q = _Query.of(h)
+            # trusted against trusted: the join rule (would it join if it
+            # came now?). Neither is a composite of the other side that got
+            # in on a median match.
+            if trusted and self._trusted(src, r) and (m := self._picture_match(dst, h, q, reps=trusted)) is not None \
+                    and m[4] < _UNVERIFIED:
+                return r, m
+            # other anchors may be such composites (three quarters of each of
+            # two pictures): as strict as a link by an image's own pixels
             m = self._picture_match(dst, h, q)
-            # as strict as a link by an image's pixels: a representative that
-            # is itself a composite (an anchor that shares three quarters with
-            # each of two pictures) must not carry one picture into the other
             if m is not None and self._links_by_pixels(q, m):
                 return r, m
         return None
+
+    def _trusted(self, cluster_id: str, r: _Rep) -> bool:
+        """A representative that stands for its cluster's picture as surely
+        as its founder: a founder, or an anchor whose pixels agree almost
+        everywhere with one of the cluster's founders (``_links_by_pixels``)
+        -- not a composite that got in on a median match. Read from index
+        state only, so a rebuilt index answers the same."""
+        if r.founder:
+            return True
+        founders = [f for f in self._clusters[cluster_id].pictures() if f.founder]
+        if not founders or r.thumb is None:
+            return False
+        h = r.hashes()
+        q = _Query.of(h)
+        m = self._picture_match(cluster_id, h, q, reps=founders)
+        return m is not None and self._links_by_pixels(q, m)
 
     def _agreement(self, cluster_id: str, h: ImageHashes, q: "_Query") -> tuple[int, int] | None:
         """(pHash, PDQ) distances to a representative that *both* hashes match,
