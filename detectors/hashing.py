@@ -246,7 +246,7 @@ def thumb_array(thumb: str, dtype: type = np.float32) -> np.ndarray:
 # microseconds and need no extra resize.
 VIEW_CROPS = (0.9, 0.8)
 # Bump when what ``hashes_of`` computes changes (caches of hashes key on it).
-HASHES_VERSION = 5  # 5: text bars at the edge (a screenshot caption under a small picture) trimmed
+HASHES_VERSION = 5  # 5: a text bar reaching the edge (a screenshot caption under a small picture) is trimmed
 # Off-centre views (x0, y0, x1, y1 as fractions of the content box), after the
 # centre crops: 90% and 85% crops on a 3x3 grid of offsets, and the picture without a top / bottom /
 # both bands -- what remains when a caption bar covers up to 1/6 of a repost.
@@ -358,8 +358,9 @@ def _near_median(lines: np.ndarray) -> np.ndarray:
 
 def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1) of the picture inside a uniform or near-uniform frame
-    (screenshot margins and bars, letterboxing, padding), or None when there is
-    no such frame. Rows first, then columns within the kept rows, then rows
+    (screenshot margins and bars, letterboxing, padding; in the first row
+    pass also a UI-coloured text bar reaching the edge, ``_text_bar_end``),
+    or None when there is no such frame. Rows first, then columns within the kept rows, then rows
     again within the kept columns (a frame's side bars make its rows busy)."""
     h, w = grey.shape
     if max(_near_median(grey[[0, -1]]).max(), _near_median(grey[:, [0, -1]].T).max()) < _TRIM_EDGE:

@@ -290,6 +290,7 @@ class _Rep:
     framed: bool = False  # full-frame hashes show the frame, not the picture: views only, no PDQ
     thumb: np.ndarray | None = field(default=None, repr=False)  # 32x32 uint8 grey content (``verify``); None: trust hashes
     sha256: str = ""
+    trust: tuple[int, bool] | None = field(default=None, repr=False)  # ``ClusterIndex._trusted`` memo: (founders, answer)
     slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
     codes: np.ndarray = field(init=False)
 
@@ -658,10 +659,16 @@ class ClusterIndex:
         founders = [f for f in self._clusters[cluster_id].pictures() if f.founder]
         if not founders or r.thumb is None:
             return False
+        # memo: founders are only ever added (merges), so a True stays
+        # True and a False holds while the founder count is unchanged
+        if r.trust is not None and (r.trust[1] or r.trust[0] == len(founders)):
+            return r.trust[1]
         h = r.hashes()
         q = _Query.of(h)
         m = self._picture_match(cluster_id, h, q, reps=founders)
-        return m is not None and self._links_by_pixels(q, m)
+        ok = m is not None and self._links_by_pixels(q, m)
+        r.trust = (len(founders), ok)
+        return ok
 
     def _agreement(self, cluster_id: str, h: ImageHashes, q: "_Query") -> tuple[int, int] | None:
         """(pHash, PDQ) distances to a representative that *both* hashes match,
