@@ -15,8 +15,9 @@ as an upper bound for the search and an exact cost for everything else.
     .venv/bin/python bench/cluster_scale.py [--sizes 1000000,10000000] [--queries 2000]
 
 Prints build time, resident memory growth and ops/s per size, one core; and
-in the same run, on a second query set of the same mix, ops/s with pixel
-verification off (hashes alone, the previous rule) for the ratio.
+in the same run, on further query sets of the same mix, ops/s with pixel
+verification off (hashes alone) and without links by representatives
+(``ClusterIndex(representative_links=False)``, the rule before them) for the ratios.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def main(
     print("# cluster stage alone: ClusterIndex.assign with N synthetic members in the hot index, one core")
     print(f"# {PER_CLUSTER} members per cluster (1 representative), {VIEWS} view codes per member, queries half reposts / half new")
     print(f"{'members':>12s} {'reps indexed':>13s} {'build s':>8s} {'RSS +GiB':>9s} {'assign ops/s':>13s} {'joined':>7s} "
-          f"{'founded':>8s} {'ops/s unverified':>17s}")
+          f"{'founded':>8s} {'ops/s unverified':>17s} {'ops/s no rep-link':>16s}")
     for n in (int(x) for x in sizes.split(",")):
         rng = np.random.default_rng(n)
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -110,21 +111,24 @@ def main(
         rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20
         qs = queries(n_queries, ph, pq, vw, th, rng)
         plain_qs = [(f"u{s[1:]}", h) for s, h in queries(n_queries, ph, pq, vw, th, rng)]
-        # alternate blocks of the two query sets so both see the same machine load and index growth
-        verify_max, spent, res = index.verify_max, [0.0, 0.0], []
+        nolink_qs = [(f"v{s[1:]}", h) for s, h in queries(n_queries, ph, pq, vw, th, rng)]
+        # alternate blocks of the query sets so all see the same machine load and index growth:
+        # the rule as is, hashes alone (no verification), and without links by representatives
+        verify_max, spent, res = index.verify_max, [0.0, 0.0, 0.0], []
         for lo in range(0, n_queries, 100):
-            for k, block in enumerate((qs[lo:lo + 100], plain_qs[lo:lo + 100])):
-                index.verify_max = verify_max if k == 0 else None
+            for k, block in enumerate((qs[lo:lo + 100], plain_qs[lo:lo + 100], nolink_qs[lo:lo + 100])):
+                index.verify_max = None if k == 1 else verify_max
+                index.representative_links = k == 0
                 t = time.perf_counter()
                 out = [index.assign(s, h) for s, h in block]
                 spent[k] += time.perf_counter() - t
                 if k == 0:
                     res += out
-        index.verify_max = verify_max
-        ops, plain = len(qs) / spent[0], len(plain_qs) / spent[1]
+        index.verify_max, index.representative_links = verify_max, True
+        ops, plain, nolink = len(qs) / spent[0], len(plain_qs) / spent[1], len(nolink_qs) / spent[2]
         joined = sum(not r.new_cluster for r in res)
-        print(f"{n:12,d} {len(ph):13,d} {built:8.0f} {rss:9.1f} {ops:13,.0f} {joined:7d} {len(res) - joined:8d} {plain:17,.0f}",
-              flush=True)
+        print(f"{n:12,d} {len(ph):13,d} {built:8.0f} {rss:9.1f} {ops:13,.0f} {joined:7d} {len(res) - joined:8d} {plain:17,.0f}"
+              f" {nolink:16,.0f}", flush=True)
         del index, ph, pq, vw, th
 
 

@@ -60,7 +60,10 @@ MAX_ACCOUNTS = 10_000  # exact distinct-account counts live in the findings stor
 
 
 class ClusterState(BaseModel):
-    schema_version: int = 1
+    # 2: members may carry ``thumb`` (pixel verification) and merge audits the
+    # ``representative_*`` of a link by representatives; both optional, so a
+    # version-1 state loads as it is (and its members match on hashes alone)
+    schema_version: int = 2
     cluster_id: str
     revision: int = 0
     applied_offset: int = -1

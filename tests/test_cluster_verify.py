@@ -171,4 +171,64 @@ def test_a_composite_sharing_most_pixels_with_two_pictures_links_neither():
     assert ca != cb
     m = index.assign(*_h(mid))
     assert m.cluster_id in (ca, cb) and not m.merged and not m.merge_audit
+    assert m.declined == [cb if m.cluster_id == ca else ca]  # it met both pictures
     assert index.n_clusters == 2
+
+
+# One picture's reposts in the cluster bench's feed order (seed 1): its
+# crop and caption copies found a second cluster before the copies that
+# bridge them arrive, and no single later copy's pixels agree with both
+# sides closely enough to link them (80th percentile) -- but one cluster's
+# representative joins the other's picture: order alone split them.
+_BENCH_ORDER = ["bar_bottom_1/6_white", "mirror_crop_90", "jpeg_q50", "bars_top+bottom_1/6", "resize_0.5",
+                "brightness_+20%", "jpeg_q70", "screenshot_q50", "original", "bar_top_1/8_white", "screenshot",
+                "screenshot_of_crop_90", "resize_0.25", "caption_text", "bar_bottom_1/8_black", "letterbox_black",
+                "border_black_q60", "crop_90_topleft", "crop_90", "crop_80", "mirror", "crop_90_left", "border_white",
+                "crop_85_bottomright"]
+
+
+def test_clusters_split_by_arrival_order_are_joined_by_their_representatives(shared_data: Path):
+    from bench.neardup_transforms import CLUSTER_TRANSFORMS
+
+    img = ImageData.from_path(shared_data / "detect-dev" / "ai" / "flux_dev_example.png").rgb.copy()
+    img.thumbnail((1024, 1024))  # as the bench loads it
+    feed = []
+    for t in _BENCH_ORDER:
+        if t == "original":
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=95)
+            data = ImageData(buf.getvalue())
+        else:
+            data = ImageData(CLUSTER_TRANSFORMS[t](img))
+        feed.append((data.sha256, compute_hashes(data)))
+
+    before = ClusterIndex(representative_links=False)
+    for sha, h in feed:
+        before.assign(sha, h)
+    assert before.n_clusters == 2  # without the rule: split by arrival order
+    index = ClusterIndex()
+    audits = [m for sha, h in feed for m in index.assign(sha, h).merge_audit]
+    assert index.n_clusters == 1
+    rep_links = [m for m in audits if m.representative_sha256]
+    assert rep_links and all(m.representative_residual is not None and m.representative_residual <= 6 for m in rep_links)
+    assert all(index.cluster_of(m.representative_sha256) == index.cluster_of(feed[0][0]) for m in rep_links)
+
+
+def test_two_different_pictures_of_one_subject_stay_apart_under_representative_links():
+    """Two pictures of one scene (one half repainted) and reposts of the
+    in-between composite that meet both pictures: every such repost
+    nominates the pair, but neither picture's representatives (nor the
+    anchors the reposts add) join the other's picture, so nothing merges."""
+    from tests.test_cluster_precision_pipeline import pictures
+
+    a, b, mid = pictures()
+    index = ClusterIndex()
+    ca, cb = index.assign(*_h(a)).cluster_id, index.assign(*_h(b)).cluster_id
+    nominated = 0
+    for copy in (mid, _crop(mid, 0.9), _bar(mid, 1 / 8, "bottom", text="BREAKING"), ImageOps.mirror(mid),
+                 screenshot(mid), _crop(a, 0.9), _bar(b, 1 / 6, "top", fill=(255, 255, 255), text="wow")):
+        res = index.assign(*_h(copy))
+        nominated += bool(res.declined)
+        assert res.merged == [] and not res.merge_audit
+    assert nominated >= 2  # the composite and its mirror
+    assert index.n_clusters == 2 and ca in index and cb in index

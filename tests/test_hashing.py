@@ -149,3 +149,20 @@ def test_pdq_pair_is_bit_identical_to_compute_dihedral():
         hashes, quality = pdqhash.compute_dihedral(np.asarray(img))
         bits = lambda b: np.packbits(b.astype(np.uint8)).tobytes().hex()  # noqa: E731
         assert pdq_pair(img) == (bits(hashes[0]), bits(hashes[5]), int(quality))
+
+
+def test_screenshot_caption_reaching_the_bottom_edge_is_trimmed():
+    """A small picture's screenshot: the caption line under it runs into the
+    bottom edge, so no outer row is flat; the flat strip between the caption
+    and the picture still marks where the bar ends (HASHES_VERSION 5)."""
+    from detectors.hashing import _small, content_box
+
+    for seed in (1, 2, 4, 6):
+        img = _picture(seed, (116, 116))
+        shot = screenshot(img)  # pad 5, top bar 14, caption bar 19 px with text in it
+        grey = np.asarray(_small(_jpeg(shot).thumbnail(128)).convert("L"), dtype=np.float64)
+        assert (np.abs(grey[-1] - 255) > 3).mean() > 0.05  # the text reaches the edge row: not flat
+        x0, y0, x1, y1 = content_box(grey)
+        assert (abs(x0 - 5) <= 1 and abs(y0 - 14) <= 1 and abs(x1 - 121) <= 1 and abs(y1 - 130) <= 1), (x0, y0, x1, y1)
+        h, s = compute_hashes(_jpeg(img)), compute_hashes(_jpeg(shot))
+        assert s.trimmed and hamming_hex(s.views[0], h.phash) <= 8

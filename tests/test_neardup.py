@@ -195,7 +195,8 @@ def test_image_linking_two_clusters_merges_them_only_when_both_hashes_agree():
     assert [m.model_dump() for m in bridge.merge_audit] == [{
         "into": a.cluster_id, "other": b.cluster_id, "link_sha256": _sha(4),
         "into_phash": 8, "into_pdq": 20, "other_phash": 8, "other_pdq": 20,
-        "into_residual": None, "other_residual": None}]  # synthetic hashes: no thumbnails to verify
+        "into_residual": None, "other_residual": None,  # synthetic hashes: no thumbnails to verify
+        "representative_sha256": None, "representative_distance": None, "representative_residual": None}]
     assert b.cluster_id not in index
     assert index.n_clusters == 1 and index.n_members == 4
     assert sorted(index.members(a.cluster_id)) == sorted(_sha(i) for i in (1, 2, 3, 4))

@@ -19,7 +19,10 @@ larger copy the founder is a crop of, the founders of merged clusters) with
 their views, under the pair rule. So a chain of small drifts (crop of a crop,
 a similar picture near a repost) never reaches a different picture. An image
 matching several pictures links them only when pHash *and* PDQ both agree with
-each side; the merge is audited (``MergeAudit``: link, distances), otherwise
+each side (or its pixels agree with each almost everywhere); a pair it
+nominated is also linked when one side's representative would join the
+other's picture now (a split by arrival order). Every merge is audited
+(``MergeAudit``: link, distances, residuals, the representative), otherwise
 it joins the nearest picture and ``declined`` lists the others. Only
 representatives are indexed. Flat pictures (PDQ quality < ``FLAT_QUALITY``)
 never match detailed ones.

@@ -31,9 +31,16 @@ image joins a cluster when it matches one of the cluster's *representatives*
 (its founder, a larger copy whose crop is the founder, founders of clusters
 merged in) -- never merely another member, so no single-link chains. An image
 matching several pictures links them only when pHash *and* PDQ agree, full
-frame, with each (``_agreement``); the merge is audited (``MergeAudit``).
-Otherwise it joins the nearest picture (ties: most members, smallest id) and
-``Assignment.declined`` names the others. Only representatives are indexed.
+frame, with each (``_agreement``), or its pixels agree with each almost
+everywhere (``_links_by_pixels``). Failing that, the pair it nominated is
+still one picture split by arrival order when one side's representative
+would join the other's picture now (``_reps_join``: trusted representatives
+-- founders, anchors agreeing with a founder almost everywhere -- against
+each other under the join rule; other anchors only as strictly as a link
+by pixels). Every
+merge is audited (``MergeAudit``). Otherwise it joins the nearest picture
+(ties: most members, smallest id) and ``Assignment.declined`` names the
+others. Only representatives are indexed.
 The rule reads only index state, never arrival order or wall clock, so a
 replica fed the same sequence of ``assign`` calls -- or rebuilt with ``add``
 from persisted members -- makes the same decisions and the same ids.
@@ -44,6 +51,7 @@ Distances of different hashes are ranked by ``distance / threshold`` so
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -248,6 +256,12 @@ class MergeAudit(BaseModel):
     other_pdq: int | None = None
     into_residual: float | None = None
     other_residual: float | None = None
+    # a link by representatives (``ClusterIndex._reps_join``): this
+    # representative of one side joins the other side's picture, at this
+    # distance and pixel residual; None on links by the image alone
+    representative_sha256: str | None = None
+    representative_distance: int | None = None
+    representative_residual: float | None = None
 
 
 class Assignment(BaseModel):
@@ -276,6 +290,7 @@ class _Rep:
     framed: bool = False  # full-frame hashes show the frame, not the picture: views only, no PDQ
     thumb: np.ndarray | None = field(default=None, repr=False)  # 32x32 uint8 grey content (``verify``); None: trust hashes
     sha256: str = ""
+    trust: tuple[int, bool] | None = field(default=None, repr=False)  # ``ClusterIndex._trusted`` memo: (founders, answer)
     slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
     codes: np.ndarray = field(init=False)
 
@@ -284,6 +299,15 @@ class _Rep:
         self.slots = np.array([s for s, _ in pairs], dtype=np.int8)
         self.codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
         self.views = []  # ~3 KB of strings per representative; the arrays are what is used
+
+    def hashes(self) -> ImageHashes:
+        """The representative as a query (``_reps_join``): its hashes, views
+        and thumbnail, rebuilt from the arrays (no mirrors: the other
+        direction covers a mirrored pair's other side)."""
+        views = [f"{int(c):016x}" for s, c in zip(self.slots.tolist(), self.codes.tolist()) if s != _FULL]
+        thumb = None if self.thumb is None else base64.b64encode(self.thumb.astype(np.uint8).tobytes()).decode()
+        return ImageHashes(phash=self.phash, pdq=self.pdq, pdq_quality=self.pdq_quality, views=views or None,
+                           trimmed=self.framed, thumb=thumb)
 
 
 @dataclass
@@ -366,7 +390,9 @@ class ClusterIndex:
         merge_residual: float | None = MERGE_RESIDUAL,
         merge_strict: float = MERGE_STRICT,
         max_representatives: int = MAX_REPRESENTATIVES,
+        representative_links: bool = True,
     ):
+        self.representative_links = representative_links  # ``_reps_join``; off: links by the image alone
         self.merge_strict = merge_strict
         self.verify_max = verify_max
         self.merge_residual = merge_residual if verify_max is not None else None
@@ -500,19 +526,22 @@ class ClusterIndex:
             pq = [h.pdq] + ([h.pdq_mirror] if h.pdq_mirror else [])
             yield self._pdq, ("pdq", "pdq_mirror"), HammingIndex.codes_from_hex(pq, 256), self.pdq_threshold
 
-    def _picture_match(self, cluster_id: str, h: ImageHashes, q: "_Query | None" = None) -> tuple[tuple[float, int], int, Via, bool] | None:
-        """The image against the cluster's representatives under the pair rule:
-        (rank, distance, via, grows) of the best pair, or None. ``grows``: a
-        crop view of the image meets a founder's full picture closer than the
-        image's own full frame does, i.e. the founder is a crop of this larger
-        image. One small popcount matrix per representative."""
+    def _picture_match(self, cluster_id: str, h: ImageHashes, q: "_Query | None" = None,
+                       reps: "list[_Rep] | None" = None) -> tuple[tuple[float, int], int, Via, bool] | None:
+        """The image against the cluster's representatives (or just
+        ``reps``) under the pair rule: (rank, distance, via, grows, smallest
+        verified residual, its (representative, kind, slot)) of the best
+        pair, or None. ``grows``: a crop view of the image meets a founder's
+        full picture closer than the image's own full frame does, i.e. the
+        founder is a crop of this larger image. One small popcount matrix per
+        representative."""
         q = q or _Query.of(h)
         best = None
         resid = _UNVERIFIED  # smallest pixel residual of a verified pair
         pair = None  # (representative, query kind, slot) of that pair
         pdq_ok = h.pdq_quality >= self.pdq_min_quality and not _framed(h.views, h.trimmed)
         flat = h.pdq_quality < FLAT_QUALITY
-        for r in self._clusters[cluster_id].pictures():
+        for r in self._clusters[cluster_id].pictures() if reps is None else reps:
             cands: list[tuple[tuple[float, int], int, Via]] = []
             grows = False
             if flat == (r.pdq_quality < FLAT_QUALITY):
@@ -593,6 +622,54 @@ class ClusterIndex:
     def _passes(self, score: float | None) -> bool:
         return score is None or self.verify_max is None or score <= self.verify_max
 
+    def _reps_join(self, src: str, dst: str) -> tuple[_Rep, tuple] | None:
+        """The first representative of ``src`` (stored order) that matches
+        ``dst``'s picture under the join rule with pixels that agree almost
+        everywhere (``_links_by_pixels``), with the match; None when none
+        does or verification is off."""
+        if self.verify_max is None or not self.representative_links:
+            return None
+        trusted = [r for r in self._clusters[dst].pictures() if self._trusted(dst, r)]
+        for r in self._clusters[src].pictures():
+            if r.thumb is None:
+                continue
+            h = r.hashes()
+            q = _Query.of(h)
+            # trusted against trusted: the join rule (would it join if it
+            # came now?). Neither is a composite of the other side that got
+            # in on a median match.
+            if trusted and self._trusted(src, r) and (m := self._picture_match(dst, h, q, reps=trusted)) is not None \
+                    and m[4] < _UNVERIFIED:
+                return r, m
+            # other anchors may be such composites (three quarters of each of
+            # two pictures): as strict as a link by an image's own pixels
+            m = self._picture_match(dst, h, q)
+            if m is not None and self._links_by_pixels(q, m):
+                return r, m
+        return None
+
+    def _trusted(self, cluster_id: str, r: _Rep) -> bool:
+        """A representative that stands for its cluster's picture as surely
+        as its founder: a founder, or an anchor whose pixels agree almost
+        everywhere with one of the cluster's founders (``_links_by_pixels``)
+        -- not a composite that got in on a median match. Read from index
+        state only, so a rebuilt index answers the same."""
+        if r.founder:
+            return True
+        founders = [f for f in self._clusters[cluster_id].pictures() if f.founder]
+        if not founders or r.thumb is None:
+            return False
+        # memo: founders are only ever added (merges), so a True stays
+        # True and a False holds while the founder count is unchanged
+        if r.trust is not None and (r.trust[1] or r.trust[0] == len(founders)):
+            return r.trust[1]
+        h = r.hashes()
+        q = _Query.of(h)
+        m = self._picture_match(cluster_id, h, q, reps=founders)
+        ok = m is not None and self._links_by_pixels(q, m)
+        r.trust = (len(founders), ok)
+        return ok
+
     def _agreement(self, cluster_id: str, h: ImageHashes, q: "_Query") -> tuple[int, int] | None:
         """(pHash, PDQ) distances to a representative that *both* hashes match,
         in one orientation (direct or mirrored), or None. The bar for linking
@@ -662,6 +739,23 @@ class ClusterIndex:
             into = min(pics, key=lambda c: (pics[c][0], 0 if c in agree else 1, -size[c], c))
             merged = []
             grows = pics[into][3]
+        # Order independence: a cluster whose representative would join the
+        # survivor's picture now (or the other way round) is the same picture,
+        # split only because its copy arrived before the copies that bridge
+        # them; the image that met both nominates the pair.
+        for other in sorted(c for c in pics if c != into and c not in merged and c in self._clusters):
+            rj = self._reps_join(other, into) or self._reps_join(into, other)
+            if rj is None:
+                continue
+            rep, m = rj
+            audit.append(MergeAudit(
+                into=into, other=other, link_sha256=sha256, into_phash=pics[into][1], other_phash=pics[other][1],
+                into_residual=_residual_or_none(pics[into][4]), other_residual=_residual_or_none(pics[other][4]),
+                representative_sha256=rep.sha256, representative_distance=m[1],
+                representative_residual=_residual_or_none(m[4])))
+            self.merge(into, other)
+            merged.append(other)
+        merged.sort()
         _, distance, via, _, _, _ = pics[into]
         # A copy that met the picture only through a view, or far from it,
         # becomes one more representative (an *anchor*, bounded per cluster):
