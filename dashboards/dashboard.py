@@ -108,6 +108,14 @@ def build_dashboard() -> dash.Dashboard:
             .with_target(_query(q.WEBHOOKS_BY_OUTCOME, "{{outcome}}"))
             .override_by_name("failed", [_red()])
         )
+        .with_panel(
+            _timeseries("Partitions read again", "short",
+                        "Offsets re-read by workers: dropped = a record skipped before processing, stalled = a "
+                        "partition that read nothing while records waited. Rare; a steady rate means a broker "
+                        "or client problem (docs/hardening.md).")
+            .with_target(_query(q.OFFSET_REREADS, "{{topic}} {{why}}"))
+            .draw_style(common.GraphDrawStyle.BARS)
+        )
     )
 
 

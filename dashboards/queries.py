@@ -34,6 +34,7 @@ ALERTS_IN_RANGE = "sum by (level) (increase(deepwatch_alerts_total[$__range]))"
 ALERTS_RATE = "sum by (level) (increase(deepwatch_alerts_total[$__rate_interval]))"
 SINK_ITEMS_RATE = "sum by (index, outcome) (rate(deepwatch_sink_items_total[$__rate_interval]))"
 SINK_BEHIND = "max(deepwatch_sink_behind_seconds)"
+OFFSET_REREADS = "sum by (topic, why) (increase(deepwatch_offset_rereads_total[$__rate_interval]))"
 WEBHOOKS_BY_OUTCOME = "sum by (outcome) (increase(deepwatch_webhook_deliveries_total[$__rate_interval]))"
 
 

@@ -421,7 +421,8 @@ def test_embedded_broker_is_detected_behind_a_kafka_url(tmp_path):
     with EmbeddedBroker(tmp_path) as b:
         assert b.url.startswith("kafka://")
         assert faust_broker_url(Settings(), b.url) == f"tansu://{b.bootstrap}"  # internal: the compat transport
-        assert faust_broker_url(Settings(kafka={"quirks": "none"}), b.url) == f"kafka://{b.bootstrap}"
+        # any Kafka: the stock driver with safe commits (streams.safe_commits)
+        assert faust_broker_url(Settings(kafka={"quirks": "none"}), b.url) == f"dwkafka://{b.bootstrap}"
 
 
 def test_png_whose_text_chunks_only_together_exceed_the_limit_is_still_analysed():
