@@ -306,11 +306,11 @@ def wait_until_processed(
 
     With ``produced`` given, events still missing after ``stall_s`` without
     any progress are sent again, once. ``marks`` (if given) gets
-    ``events_done``: the monotonic time every event was accounted for. Faust's recovery/seek sequencing can,
-    rarely, skip a record fetched while a worker starts or rebalances
-    (faust-streaming #216/#221 family); every stage is idempotent on the
-    event id, so a resend costs nothing and keeps "every event is processed
-    or dead-lettered" true.
+    ``events_done``: the monotonic time every event was accounted for.
+    Workers re-read what Faust drops around an assignment and partitions
+    that stall (``streams.safe_commits``, ``streams.stall_guard``); the
+    resend is the last safety net behind them, and costs nothing: every
+    stage is idempotent on the event id.
 
     Once every event is accounted for and ``models`` are awaited, the detect
     role's threads are reniced to 0 (``Cluster.renice``): the pipeline is
