@@ -231,7 +231,7 @@ def train_pixel_probe(
     spec: FeatureSpec | None = None,
     params: ProbeParams | None = None,
     name: str = "pixel-probe-lite2",
-    version: str = "1",
+    version: str = "2",  # v1: 2 crops; v2: 3 crops (docs/pixel-detector.md, fourth round)
     group_by: str = "generator",
     max_fpr: float = 0.01,
     progress=None,

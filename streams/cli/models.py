@@ -146,7 +146,7 @@ def train_cmd(
         Optional[Path], typer.Option("--cache-dir", help="pixel-probe: backbone feature cache (default <data-dir>/cache/pixel-features).")
     ] = None,
     probe_c: Annotated[float, typer.Option("--probe-c", help="pixel-probe: inverse L2 strength of the logistic head.")] = 0.01,
-    crops: Annotated[int, typer.Option("--crops", help="pixel-probe: 224-px crops per picture (1-5; speed vs accuracy).")] = 2,
+    crops: Annotated[int, typer.Option("--crops", help="pixel-probe: 224-px crops per picture (1-5; speed vs accuracy; the shipped head uses 3).")] = 3,
     group_by: Annotated[str, typer.Option("--group-by", help="pixel-probe CV groups: generator | family.")] = "generator",
     hidden: Annotated[
         int, typer.Option("--hidden", help="pixel-probe: hidden ReLU units of the head (0 = linear logistic regression).")
@@ -286,7 +286,7 @@ def eval_cmd(
                            "holding out whole generators (and real-photo sources) per fold; per generator and category metrics.")
     ] = False,
     group_by: Annotated[str, typer.Option("--group-by", help="With --leave-generator-out: generator | family.")] = "generator",
-    crops: Annotated[int, typer.Option("--crops", help="With --leave-generator-out: crops per picture (1-5).")] = 2,
+    crops: Annotated[int, typer.Option("--crops", help="With --leave-generator-out: crops per picture (1-5; the shipped head uses 3).")] = 3,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="With --leave-generator-out: backbone feature cache.")] = None,
     train_variant: Annotated[list[str], typer.Option(
         "--train-variant", help="With --leave-generator-out: extra training copies besides the re-post: published, "
