@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
+from detectors.atomic_file import write_atomically
 from detectors.base import Detector, Evidence, EvidenceKind, create_all
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import ImageData, process_budget
@@ -120,12 +119,10 @@ class Analyzer:
 
     def _store_cache(self, sha256: str, hashes: ImageHashes, evidence: list[Evidence]) -> None:
         path = self._cache_path(sha256)
-        # Unique temp name: concurrent analyses of the same picture (a burst of
-        # reposts) each write their own file; the last rename wins, same content.
-        fd, tmp = tempfile.mkstemp(dir=self._cache_dir, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"hashes": hashes.model_dump(), "evidence": [e.model_dump() for e in evidence]}, f)
-        os.replace(tmp, path)
+        # Concurrent analyses of the same picture (a burst of reposts) each
+        # write their own temp file; the last rename wins, same content.
+        doc = {"hashes": hashes.model_dump(), "evidence": [e.model_dump() for e in evidence]}
+        write_atomically(path, json.dumps(doc).encode())
 
 
 def _without_inline(ref: ImageRef, sha256: str) -> ImageRef:

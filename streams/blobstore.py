@@ -5,10 +5,10 @@ interface fronts S3-compatible storage."""
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Protocol
+
+from detectors.atomic_file import write_atomically
 
 
 class BlobStore(Protocol):
@@ -32,16 +32,7 @@ class DirectoryBlobStore:
         path = self._path(digest)
         if path.exists():
             return digest  # write-once: same name, same bytes
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Atomic rename so a concurrent reader never sees a half-written blob.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, data)  # a concurrent reader never sees a half-written blob
         return digest
 
     def get(self, sha256: str) -> bytes:

@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="the ONNX path needs onnxruntime")
 
+from detectors.atomic_file import write_atomically  # noqa: E402
 from detectors.models import pixel_backbone as pb  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def test_the_key_follows_what_the_graph_depends_on(cache_dir, monkeypatch):
 def test_concurrent_writers_leave_one_whole_file(tmp_path):
     path = tmp_path / "onnx" / "net.onnx"
     payloads = [bytes([i]) * 2_000_000 for i in range(6)]
-    threads = [threading.Thread(target=pb._write_atomically, args=(path, p)) for p in payloads]
+    threads = [threading.Thread(target=write_atomically, args=(path, p)) for p in payloads]
     for t in threads:
         t.start()
     for t in threads:

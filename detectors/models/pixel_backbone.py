@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from detectors.atomic_file import write_atomically
 from detectors.imagedata import ImageData
 
 log = logging.getLogger(__name__)
@@ -204,23 +205,6 @@ def _export_onnx(module: torch.nn.Module) -> bytes | None:
     return buf.getvalue()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Concurrent workers may export at once: each writes its own temp file
-    and renames it into place, so a reader sees a whole file or none."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _onnx_session(name: str, build: Callable[[], torch.nn.Module]):
     """The taps module exported to ONNX and run by onnxruntime: measured 3-5x the crops/s of the
     same module in torch on these 2 CPU cores (same outputs to 1e-5). The export comes from the
@@ -242,7 +226,7 @@ def _onnx_session(name: str, build: Callable[[], torch.nn.Module]):
         return None
     if path is not None:
         try:
-            _write_atomically(path, graph)
+            write_atomically(path, graph)
         except OSError as e:  # a read-only home: run without the cache
             log.warning("cannot cache the onnx export in %s (%s); set %s to a writable dir", path.parent, e, CACHE_ENV)
     return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
