@@ -27,9 +27,9 @@ from streams.cluster_stage import ClusterStage
 from streams.engine_state import open_engine_state
 from streams.fetch import ImageFetcher
 from streams.records import DeadLetter, SourceRef
+from streams.faust_tuning import TABLE_MANAGER
 from streams.settings import Settings
 from streams.stall_guard import install as install_stall_guard
-from streams.faust_tuning import TABLE_MANAGER
 from streams.tansu_compat import HEARTBEAT_INTERVAL_S, SESSION_TIMEOUT_S
 from streams.topics import CLUSTER_TABLE
 

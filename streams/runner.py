@@ -32,10 +32,10 @@ log = logging.getLogger(__name__)
 # Local workers share the machine's cores with each other and the broker:
 # one BLAS/OpenMP thread each (torch included) instead of one per core in
 # every process, which on 2 cores made the pixel model ~3x slower per image
-# and took that time from the pipeline. A value the user set is kept.
+# and took that time from the pipeline. The detect role too: two ONNX threads
+# made its model tail slower, not faster, next to other busy processes
+# (bench/replay.py --filer). A value the user set is kept.
 LOCAL_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-# The detect role included: two ONNX threads made its model tail slower,
-# not faster, next to other busy processes (bench/replay.py --filer).
 # The detect role runs at a lower CPU priority next to local pipeline
 # workers: ingest keeps the cores it needs, the model uses what is left and
 # catches up when the feed ends (a dedicated detect machine is unaffected).

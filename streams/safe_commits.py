@@ -54,12 +54,10 @@ REREAD_AFTER_S = 5.0  # time for a re-read record to come round before asking ag
 class SafeCommits:
     """Mixin for a Faust ``Consumer``: see the module docstring."""
 
-    def _reread_state(self) -> dict[tuple[TP, int], tuple[int, float]]:
-        # (tp, offset) -> (re-reads asked, when last); created on first use
-        # because Faust builds consumers through mode's Service __init__
-        if not hasattr(self, "_rereads"):
-            self._rereads: dict[tuple[TP, int], tuple[int, float]] = {}
-        return self._rereads
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rereads: dict[tuple[TP, int], tuple[int, float]] = {}  # (tp, offset) -> (re-reads asked, when last)
+        self._learning: set[TP] = set()  # partitions whose first offset is being looked up
 
     async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
         # Faust passes the record that ended the gap as ``offset_to``: that
@@ -103,7 +101,7 @@ class SafeCommits:
         """Ask for the partition to be read again from ``offset``; True once it
         has been re-read ``REREAD_TRIES`` times and the offset still never
         came (then there is no record at it)."""
-        state = self._reread_state()
+        state = self._rereads
         tries, last = state.get((tp, offset), (0, 0.0))
         now = time.monotonic()
         if tries and now - last < REREAD_AFTER_S:
@@ -123,11 +121,9 @@ class SafeCommits:
     def _learn_start(self, tp: TP) -> None:
         """No committed offset yet (a new group): the partition's first offset
         is the commit point. Looked up once, off the commit path."""
-        pending = self._reread_state()
-        key = (tp, -1)
-        if key in pending:
+        if tp in self._learning:
             return
-        pending[key] = (0, time.monotonic())
+        self._learning.add(tp)
 
         async def learn() -> None:
             try:
@@ -135,7 +131,7 @@ class SafeCommits:
                 if start is not None and self._committed_offset[tp] is None:
                     self._committed_offset[tp] = start
             finally:
-                pending.pop(key, None)
+                self._learning.discard(tp)
 
         self._spawn(learn())
 

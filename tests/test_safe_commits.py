@@ -64,7 +64,7 @@ def broker(consumer, monkeypatch):
 
 
 def reset(c, committed):
-    for d in (c._acked, c._acked_index, c._committed_offset, c._gap, c._reread_state()):
+    for d in (c._acked, c._acked_index, c._committed_offset, c._gap, c._rereads, c._learning):
         d.clear()
     c._unacked_messages.clear()
     if committed is not None:
