@@ -17,9 +17,10 @@ Features for one image (what the probe in ``pixel_probe`` is trained on):
   output mean and std (Lite2: 21 blocks, 4,912 numbers); taps are then averaged over
   the crops.
 
-Which taps and how many crops is a *recipe* (``FeatureSpec``); the head
-records the spec it was trained with, so a head never meets features it was
-not trained on.
+Which taps, how many crops and which precision is a *recipe* (``FeatureSpec``);
+the head records the spec it was trained with, so a head never meets features
+it was not trained on. On CPU the shipped head runs the int8-quantized graph
+(``pixel_int8``: ranges shipped in the head, graph built and cached locally).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import logging
 import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, Union
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from pydantic import BaseModel, Field
 
 from detectors.atomic_file import write_atomically
 from detectors.imagedata import ImageData
+from detectors.models.pixel_int8 import Int8Ranges
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,10 @@ class FeatureSpec(BaseModel):
     crops: int = Field(default=2, ge=1, le=5)
     taps: list[str] = Field(default_factory=lambda: ["head_mean", "blocks"])
     draft_min_side: int = DRAFT_MIN_SIDE
+    # The runtime the head's training features came from: "int8" = the quantized onnxruntime graph
+    # built from the head's shipped ranges (the recipe's default since v3), "fp32" = float (ONNX or torch).
+    # Heads saved before this field existed are fp32 (``HeadCard`` reads them so).
+    precision: Literal["fp32", "int8"] = "int8"
 
 
 def crop_boxes(w: int, h: int, n: int, size: int = CROP) -> list[tuple[int, int, int, int]]:
@@ -205,59 +211,161 @@ def _export_onnx(module: torch.nn.Module) -> bytes | None:
     return buf.getvalue()
 
 
-def _onnx_session(name: str, build: Callable[[], torch.nn.Module]):
-    """The taps module exported to ONNX and run by onnxruntime: measured 3-5x the crops/s of the
-    same module in torch on these 2 CPU cores (same outputs to 1e-5). The export comes from the
-    disk cache when there (``build`` is then never called). None when unavailable."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
+def _fp32_graph(name: str, build: Callable[[], torch.nn.Module]) -> bytes | None:
+    """The fp32 ONNX graph of backbone ``name``: from the disk cache when there (``build`` is then
+    never called), else exported and cached. None when the export fails."""
     path = onnx_cache_path(name)
     if path is not None and path.is_file():
+        graph = path.read_bytes()
         try:
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # a damaged file: export again and replace it
+            _session(graph)  # a damaged file (a disk filled mid-copy): export again and replace it
+            return graph
+        except Exception as e:
             log.warning("cached onnx export %s unreadable (%s); exporting again", path, e)
     graph = _export_onnx(build())
-    if graph is None:
-        return None
-    if path is not None:
-        try:
-            write_atomically(path, graph)
-        except OSError as e:  # a read-only home: run without the cache
-            log.warning("cannot cache the onnx export in %s (%s); set %s to a writable dir", path.parent, e, CACHE_ENV)
+    if graph is not None and path is not None:
+        _cache_write(path, graph)
+    return graph
+
+
+def _cache_write(path: Path, graph: bytes) -> None:
+    try:
+        write_atomically(path, graph)
+    except OSError as e:  # a read-only home: run without the cache
+        log.warning("cannot cache the onnx graph in %s (%s); set %s to a writable dir", path.parent, e, CACHE_ENV)
+
+
+def _session(graph: bytes):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.log_severity_level = 3  # the quantized graph's "unused initializer" notices are not problems
     return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+
+
+def int8_cache_path(name: str, ranges: Int8Ranges) -> Path | None:
+    """Where the int8 graph built from ``ranges`` is cached: the fp32 key plus the ranges'
+    digest, the onnxruntime version (its quantizer writes the graph) and the quantizing code."""
+    import hashlib
+    import inspect
+
+    import onnxruntime
+
+    from detectors.models import pixel_int8
+
+    base = onnx_cache_path(name)
+    if base is None:
+        return None
+    key = hashlib.sha256("\0".join([base.name, ranges.digest(), onnxruntime.__version__,
+                                     inspect.getsource(pixel_int8)]).encode()).hexdigest()[:16]
+    return base.with_name(f"{base.stem}-int8-{key}.onnx")
+
+
+def _int8_session(name: str, ranges: Int8Ranges, build: Callable[[], torch.nn.Module]):
+    """The int8 graph from the cache, or built from the fp32 graph + ``ranges`` (offline, ~2 s)."""
+    from detectors.models.pixel_int8 import build_int8
+
+    path = int8_cache_path(name, ranges)
+    if path is not None and path.is_file():
+        try:
+            return _session(path.read_bytes())
+        except Exception as e:
+            log.warning("cached int8 graph %s unreadable (%s); building it again", path, e)
+    fp32 = _fp32_graph(name, build)
+    if fp32 is None:
+        return None
+    graph = build_int8(fp32, ranges)
+    if path is not None:
+        _cache_write(path, graph)
+    return _session(graph)
+
+
+def calibrate_int8(name: str, crops: np.ndarray) -> Int8Ranges:
+    """Activation ranges of backbone ``name``'s fp32 graph over real ``crops`` (what the
+    pixel-probe recipe ships in the head); the int8 graph they give is cached on the way."""
+    from detectors.models.pixel_int8 import calibrate
+
+    fp32 = _fp32_graph(name, lambda: _taps_module(name, torch.device("cpu")))
+    if fp32 is None:
+        raise RuntimeError("int8 calibration needs the ONNX export of the backbone (torch.onnx / onnx missing?)")
+    ranges, graph = calibrate(name, fp32, crops)
+    path = int8_cache_path(name, ranges)
+    if path is not None:
+        _cache_write(path, graph)
+    return ranges
+
+
+def packaged_int8(name: str) -> Int8Ranges | None:
+    """The int8 ranges shipped in the packaged head, when it is an int8 head of backbone ``name``."""
+    from detectors.models.pixel_probe import DEFAULT_HEAD, PixelHead
+
+    try:
+        card = PixelHead.load(DEFAULT_HEAD).card
+    except (OSError, ValueError):
+        return None
+    if card.spec.precision == "int8" and card.int8 is not None and card.int8.backbone == name:
+        return card.int8
+    return None
+
+
+PACKAGED = "packaged"
+
+
+def _taps_module(name: str, device: torch.device) -> torch.nn.Module:
+    module = _Taps(_fold_batchnorms(_load_backbone(name))).eval()
+    return module.to(device).to(memory_format=torch.channels_last)
+
+
+def _cpu_session(name: str, int8: Int8Ranges | None, build: Callable[[], torch.nn.Module]):
+    """(onnxruntime session, quantized?) for the CPU; (None, False) when onnxruntime is missing
+    or the export fails (torch then runs it). Ranges that do not fit the graph fall back to fp32."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None, False
+    if int8 is not None:
+        try:
+            sess = _int8_session(name, int8, build)
+            if sess is not None:
+                return sess, True
+        except (ValueError, RuntimeError) as e:
+            log.warning("int8 pixel backbone unavailable (%s); running fp32, which the head was not trained on", e)
+    graph = _fp32_graph(name, build)
+    return (_session(graph), False) if graph is not None else (None, False)
 
 
 class Backbone:
     """Frozen feature extractor; thread-safe (one forward at a time).
 
     Batch norms are folded into the convolutions. On CPU the module runs in
-    onnxruntime (3-5x torch's rate here); elsewhere, or without onnxruntime,
-    in torch channels-last (NHWC, 1.4-1.9x over NCHW on CPU).
+    onnxruntime (3-5x torch's rate here), quantized to int8 when ``int8``
+    ranges are given (another 1.5-1.9x; ``PACKAGED``: those of the shipped
+    head, so features match what it was trained on); elsewhere, or without
+    onnxruntime, in torch fp32 channels-last (NHWC, 1.4-1.9x over NCHW on CPU).
     """
 
-    def __init__(self, name: str = DEFAULT_BACKBONE, device: torch.device | None = None):
+    def __init__(self, name: str = DEFAULT_BACKBONE, device: torch.device | None = None,
+                 int8: Union[Int8Ranges, None, Literal["packaged"]] = PACKAGED):
         self.name = name
         self.device = device or torch.device("cpu")
         self._module: torch.nn.Module | None = None  # built only when torch runs it (or onnx must be exported)
-        self._ort = _onnx_session(name, self._build) if self.device.type == "cpu" else None
+        self.int8 = packaged_int8(name) if int8 == PACKAGED else int8
+        self._ort, self.quantized = None, False
+        if self.device.type == "cpu":
+            self._ort, self.quantized = _cpu_session(name, self.int8, self._build)
         if self._ort is None:
             self._build()
         self._lock = threading.Lock()
 
     def _build(self) -> torch.nn.Module:
         if self._module is None:
-            module = _Taps(_fold_batchnorms(_load_backbone(self.name))).eval()
-            self._module = module.to(self.device).to(memory_format=torch.channels_last)
+            self._module = _taps_module(self.name, self.device)
         return self._module
 
     @property
     def runtime(self) -> str:
-        return "onnxruntime" if self._ort is not None else "torch"
+        return ("onnxruntime-int8" if self.quantized else "onnxruntime") if self._ort is not None else "torch"
 
     def taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """All taps for a (N, 3, 224, 224) batch, each (N, D), pooled over space."""

@@ -192,8 +192,14 @@ class FeatureCache:
     and every retraining reuses them; only the small probe is refitted.
     """
 
-    def __init__(self, root: Path, backbone: str, draft_min_side: int, max_crops: int = 5):
-        self.root = Path(root) / f"{backbone}-d{draft_min_side}-c{max_crops}"
+    def __init__(self, root: Path, backbone: str, draft_min_side: int, max_crops: int = 5, int8="packaged"):
+        # int8 features live apart from fp32 ones, keyed by the ranges that made them; the default
+        # matches ``Backbone``'s (the packaged head's ranges), so the two never disagree.
+        from detectors.models.pixel_backbone import PACKAGED, packaged_int8
+
+        int8 = packaged_int8(backbone) if int8 == PACKAGED else int8
+        tag = f"-int8-{int8.digest()[:12]}" if int8 is not None else ""
+        self.root = Path(root) / f"{backbone}-d{draft_min_side}-c{max_crops}{tag}"
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_crops = max_crops
         self._memo: dict[Path, dict[str, np.ndarray]] = {}

@@ -63,7 +63,10 @@ class PixelProbeDetector(StagedDetector):
         self.spec = head.card.spec
         self.name = f"model:{head.card.name}"  # type: ignore[misc]
         self.version = head.card.version  # type: ignore[misc]
-        self.backbone = Backbone(self.spec.backbone, device or torch.device("cpu"))
+        int8 = head.card.int8 if self.spec.precision == "int8" else None
+        if self.spec.precision == "int8" and int8 is None:
+            log.warning("pixel head %s says int8 but carries no int8 ranges; running fp32", head.card.name)
+        self.backbone = Backbone(self.spec.backbone, device or torch.device("cpu"), int8=int8)
 
     @property
     def threshold(self) -> float:
@@ -72,6 +75,7 @@ class PixelProbeDetector(StagedDetector):
     def describe(self) -> dict:
         c = self.head.card
         return {"arch": f"{c.spec.backbone}+linear-probe", "version": c.version, "threshold": c.threshold,
+                "runtime": self.backbone.runtime, "trained_for": c.spec.precision,
                 "calibration": c.calibration.method, "crops": c.spec.crops, "taps": list(c.spec.taps)}
 
     def prepare(self, image: ImageData) -> torch.Tensor:

@@ -44,6 +44,25 @@ def extract(
     return skipped
 
 
+CALIBRATION_PICTURES = 120  # x 3 crops: what the fifth round calibrated on (docs/pixel-detector.md)
+
+
+def calibration_crops(samples: list[Sample], spec: FeatureSpec, n_pictures: int = CALIBRATION_PICTURES) -> np.ndarray:
+    """Crops to calibrate the int8 ranges on: the re-posted copies of an even, deterministic
+    spread of the training pictures (sorted by content key, every k-th), 3 crops each."""
+    ordered = sorted(samples, key=lambda s: s.key)
+    step = max(1, len(ordered) // n_pictures)
+    out = []
+    for s in ordered[::step][:n_pictures]:
+        try:
+            out.append(image_crops(decode_for_model(ImageData(variant_bytes(s, "reposted"), path=str(s.path)), spec), 3))
+        except (ImageRejected, OSError, ValueError):
+            continue
+    if not out:
+        raise ValueError("no decodable pictures to calibrate the int8 backbone on")
+    return np.concatenate(out)
+
+
 def matrix(samples: list[Sample], variant: str, cache: FeatureCache, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
     """(X, present) for ``samples`` in ``variant``: X rows of missing pictures are zeros, ``present`` False."""
     rows, present = [], []

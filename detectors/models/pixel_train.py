@@ -231,7 +231,7 @@ def train_pixel_probe(
     spec: FeatureSpec | None = None,
     params: ProbeParams | None = None,
     name: str = "pixel-probe-lite2",
-    version: str = "2",  # v1: 2 crops; v2: 3 crops (docs/pixel-detector.md, fourth round)
+    version: str = "3",  # v1: 2 crops; v2: 3 crops; v3: int8 backbone (docs/pixel-detector.md, rounds 4-5)
     group_by: str = "generator",
     max_fpr: float = 0.01,
     progress=None,
@@ -240,9 +240,9 @@ def train_pixel_probe(
     and threshold on out-of-fold scores -> final head on everything -> save."""
     from pathlib import Path
 
-    from detectors.models.pixel_backbone import Backbone
+    from detectors.models.pixel_backbone import Backbone, calibrate_int8
     from detectors.models.pixel_data import FeatureCache, manifest_digest, read_manifest
-    from detectors.models.pixel_features import extract
+    from detectors.models.pixel_features import calibration_crops, extract
     from detectors.models.pixel_probe import HeadCard, PixelHead
 
     spec = spec or FeatureSpec()
@@ -251,9 +251,11 @@ def train_pixel_probe(
     samples = [s for m in manifests for s in read_manifest(m, group_by)]
     if len({s.label for s in samples}) < 2:
         raise ValueError("training needs both AI (label 1) and real (label 0) pictures")
-    cache = FeatureCache(Path(cache_dir), spec.backbone, spec.draft_min_side)
+    # int8: activation ranges calibrated on the training pictures, shipped in the head.
+    int8 = calibrate_int8(spec.backbone, calibration_crops(samples, spec)) if spec.precision == "int8" else None
+    cache = FeatureCache(Path(cache_dir), spec.backbone, spec.draft_min_side, int8=int8)
     variants = sorted(set(params.train_variants) | set(EVAL_VARIANTS))
-    skipped = extract(samples, variants, cache, Backbone(spec.backbone), spec, progress=progress)
+    skipped = extract(samples, variants, cache, Backbone(spec.backbone, int8=int8), spec, progress=progress)
     cv = cross_validate(samples, cache, spec, params)
     cal, threshold = calibrate_and_threshold(samples, cv, max_fpr)
     metrics = cv_report(samples, cv, cal, threshold)
@@ -271,7 +273,7 @@ def train_pixel_probe(
     weak = list(dict.fromkeys(g for g, m in gens if (m.get("auc") or 1) < 0.8))
     strong = list(dict.fromkeys(g for g, m in gens if (m.get("auc") or 0) >= 0.95))
     card = HeadCard(
-        name=name, version=version, spec=spec, calibration=cal, threshold=threshold,
+        name=name, version=version, spec=spec, calibration=cal, threshold=threshold, int8=int8,
         head="mlp" if params.hidden else "linear",
         threshold_target=f"<= {max_fpr:.0%} false positives on real photos incl. portraits in leave-generator-out tests",
         reliable_on=("generators held out in training, AUC >= 0.95: " + _summarise_names(strong)) if strong
