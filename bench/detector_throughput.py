@@ -6,13 +6,15 @@ Two parts:
 * ``pixel``: the packaged pixel detector END TO END (JPEG bytes -> decode ->
   crops -> backbone -> head -> calibrated score), on synthetic JPEGs of two
   sizes (a 12 MP camera original and a 1600 px re-post), at batch 1/16/64 and
-  with 1, 2 (shipped) and 5 crops; plus decode time with JPEG draft mode
-  against a full decode, measured in the same run (the ratio is the point).
+  with 1, 3 (shipped) and 5 crops; plus decode time with JPEG draft mode
+  against a full decode, measured in the same run (the ratio is the point);
+  and, when the shipped head runs the int8 backbone, int8 against the fp32
+  graph end to end at batch 16, interleaved round by round (``--rounds``).
 * ``arch``: the forward pass of the trainable architectures on preprocessed
   tensors (what MicroBatcher's inference thread does), randomly initialised:
   speed does not depend on the weights.
 
-Usage: python bench/detector_throughput.py [--seconds S] [--part pixel|arch|all]
+Usage: python bench/detector_throughput.py [--seconds S] [--part pixel|int8|arch|all] [--rounds N]
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _rate(fn, n_items: int, seconds: float) -> float:
     return n_items / times[len(times) // 2]
 
 
-def bench_pixel(seconds: float) -> None:
+def bench_pixel(seconds: float, rounds: int = 7) -> None:
     from detectors.imagedata import ImageData
     from detectors.models.pixel_backbone import FeatureSpec, decode_for_model, image_crops
     from detectors.models.pixel_detector import load_pixel_detector
@@ -127,16 +129,55 @@ def bench_pixel(seconds: float) -> None:
             det.backbone._ort = ort
             print(f"{det.spec.backbone} forward, {shipped} crops, b=16: onnxruntime {fwd_ort:.1f} img/s, "
                   f"torch {fwd_torch:.1f} img/s, ort/torch = {fwd_ort / fwd_torch:.2f}x", flush=True)
+        if det.backbone.quantized:
+            compare_precisions(det, repost[:16], rounds)
+
+
+def compare_precisions(det, jpegs: list[bytes], rounds: int) -> None:
+    """int8 against fp32 end to end (decode + crops + backbone + head) at batch 16, interleaved:
+    each round times every (precision, crops) cell once, so load changes hit all cells alike."""
+    import os
+    import statistics
+
+    from detectors.imagedata import ImageData
+    from detectors.models.pixel_backbone import Backbone
+
+    backbones = {"fp32": Backbone(det.spec.backbone, int8=None), "int8": det.backbone}
+    shipped = det.spec.crops
+    cells = [(p, k) for k in dict.fromkeys((shipped, 4, 5)) for p in backbones]
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
+    for r in range(rounds + 1):  # round 0 warms every cell up
+        for p, k in cells:
+            det.backbone, det.spec = backbones[p], det.spec.model_copy(update={"crops": k})
+            t0 = time.perf_counter()
+            det.infer(torch.stack([det.prepare(ImageData(d)) for d in jpegs]))
+            if r:
+                times[(p, k)].append(len(jpegs) / (time.perf_counter() - t0))
+    det.backbone, det.spec = backbones["int8"], det.spec.model_copy(update={"crops": shipped})
+    print(f"int8 vs fp32, end to end b={len(jpegs)}, {rounds} interleaved rounds (median img/s), load {os.getloadavg()[0]:.1f}:")
+    for k in dict.fromkeys((shipped, 4, 5)):
+        f, q = statistics.median(times[("fp32", k)]), statistics.median(times[("int8", k)])
+        print(f"  {k} crops: fp32 {f:6.1f}  int8 {q:6.1f}  int8/fp32 = {q / f:.2f}x", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per (arch, batch)")
     ap.add_argument("--arch", action="append", help="limit to these architectures")
-    ap.add_argument("--part", choices=("pixel", "arch", "all"), default="all")
+    ap.add_argument("--part", choices=("pixel", "int8", "arch", "all"), default="all",
+                    help="int8: only the interleaved int8-vs-fp32 comparison of the pixel detector")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the int8-vs-fp32 comparison")
     args = ap.parse_args()
+    if args.part == "int8":
+        from detectors.models.pixel_detector import load_pixel_detector
+
+        det = load_pixel_detector(device="cpu")
+        if not det.backbone.quantized:
+            raise SystemExit(f"the pixel detector runs {det.backbone.runtime}, not int8: nothing to compare")
+        compare_precisions(det, _jpegs((1600, 1067), 16), args.rounds)
+        return
     if args.part in ("pixel", "all"):
-        bench_pixel(args.seconds)
+        bench_pixel(args.seconds, args.rounds)
     if args.part == "pixel":
         return
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

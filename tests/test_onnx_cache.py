@@ -25,7 +25,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_second_load_comes_from_the_cache_with_the_same_taps(cache_dir, monkeypatch, caplog):
-    cold = pb.Backbone()
+    cold = pb.Backbone(int8=None)
     assert cold.runtime == "onnxruntime"
     files = sorted((cache_dir / "onnx").iterdir())
     assert [f.name for f in files] == [pb.onnx_cache_path(pb.DEFAULT_BACKBONE).name]  # no temp file left behind
@@ -35,7 +35,7 @@ def test_second_load_comes_from_the_cache_with_the_same_taps(cache_dir, monkeypa
         raise AssertionError("a cached export must not build the torch module")
 
     monkeypatch.setattr(pb.Backbone, "_build", no_build)
-    warm = pb.Backbone()
+    warm = pb.Backbone(int8=None)
     assert warm.runtime == "onnxruntime" and warm._module is None
     x = torch.from_numpy(np.random.default_rng(3).uniform(-1, 1, (2, 3, pb.CROP, pb.CROP)).astype(np.float32))
     a, b = cold.taps(x), warm.taps(x)
@@ -47,7 +47,7 @@ def test_second_load_comes_from_the_cache_with_the_same_taps(cache_dir, monkeypa
     monkeypatch.setenv(pb.CACHE_ENV, str(cache_dir.parent))
     files[0].write_bytes(b"not a model")
     with caplog.at_level(logging.WARNING, logger=pb.__name__):
-        again = pb.Backbone()
+        again = pb.Backbone(int8=None)
     assert "unreadable" in caplog.text
     assert again.runtime == "onnxruntime" and files[0].stat().st_size > 1_000_000
     np.testing.assert_allclose(again.taps(x)["blocks"].numpy(), a["blocks"].numpy(), atol=1e-5)

