@@ -95,6 +95,7 @@ ANCHOR_DISTANCE = 4
 MAX_REPRESENTATIVES = 8
 
 
+_VIEWS_SEARCHED = ""  # ``ClusterIndex._pictures``: a key no cluster id takes
 _VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
 
 
@@ -451,6 +452,7 @@ class ClusterIndex:
         under the pair rule, so a chain of small drifts never reaches a
         different picture."""
         near, pics = self._pictures(sha256, hashes, _Query.of(hashes))
+        near.pop(_VIEWS_SEARCHED, None)
         found = [Match(cluster_id=cid, distance=d, via=via) for cid, (_, d, via) in near.items()
                  if via == "sha256" or cid in pics]
         return sorted(found, key=self._rank)
@@ -460,7 +462,9 @@ class ClusterIndex:
 
     def _pictures(self, sha256: str, h: ImageHashes, q: "_Query") -> tuple[dict[str, tuple], dict[str, tuple]]:
         """(nearest indexed match per candidate cluster, picture match per
-        cluster whose picture the image shows); see ``_picture_match``."""
+        cluster whose picture the image shows); see ``_picture_match``.
+        ``near`` holds the key ``_VIEWS_SEARCHED`` when the image's views
+        were searched too."""
         near: dict[str, tuple] = {}
         own = self._member_cluster.get(sha256)
         if own is not None:
@@ -478,6 +482,8 @@ class ClusterIndex:
             pics = {cid: p for cid in near if (p := self._picture_match(cid, h, q))}
             if pics:
                 break
+        else:
+            near[_VIEWS_SEARCHED] = ()
         return near, pics
 
     def _hash_matches(self, h: ImageHashes, query: "_Query", *, views: bool) -> list[tuple[str, int, Via]]:
@@ -648,6 +654,39 @@ class ClusterIndex:
                 return r, m
         return None
 
+    def _bridge(self, into: str, sha256: str, h: ImageHashes, q: "_Query", near: dict, tried: set[str]):
+        """Clusters that are ``into``'s picture now that this image is one of
+        its representatives: every cluster the image's hashes came near
+        (full frames and views), not yet tried, whose representative joins
+        ``into``'s picture or the other way round (``_reps_join``). A
+        cluster founded by a crop before the copy that covers it became a
+        representative is otherwise never met again: the covering copy met
+        its own picture on full frames and never searched its views.
+        Yields (cluster, join) in id order; reads index state only."""
+        if self.verify_max is None or not self.representative_links:
+            return
+        cands = set(near) - {_VIEWS_SEARCHED}
+        if _VIEWS_SEARCHED not in near:
+            cands |= {cid for cid, _, _ in self._hash_matches(h, q, views=True)}
+        for other in sorted(cands - tried - {into}):
+            if other not in self._clusters or self._member_cluster.get(sha256) != into:
+                continue
+            rj = self._reps_join(other, into) or self._reps_join(into, other)
+            if rj is not None:
+                yield other, rj
+
+    @staticmethod
+    def _rep_audit(into: str, other: str, sha256: str, pin: tuple | None, pother: tuple | None,
+                   rj: tuple) -> "MergeAudit":
+        rep, m = rj
+        return MergeAudit(
+            into=into, other=other, link_sha256=sha256, into_phash=pin[1] if pin else 0,
+            other_phash=pother[1] if pother else m[1],
+            into_residual=_residual_or_none(pin[4]) if pin else None,
+            other_residual=_residual_or_none(pother[4]) if pother else None,
+            representative_sha256=rep.sha256, representative_distance=m[1],
+            representative_residual=_residual_or_none(m[4]))
+
     def _trusted(self, cluster_id: str, r: _Rep) -> bool:
         """A representative that stands for its cluster's picture as surely
         as its founder: a founder, or an anchor whose pixels agree almost
@@ -705,7 +744,7 @@ class ClusterIndex:
             self.touch(own, ts)
             return Assignment(cluster_id=own, new_cluster=False, new_member=False, merged=[], distance=0, via="sha256")
         q = _Query.of(hashes)  # codes and thumbnail decoded once for every check below
-        _, pics = self._pictures(sha256, hashes, q)
+        near, pics = self._pictures(sha256, hashes, q)
         if not pics:
             cid = cluster_id_for(sha256)
             n = 16
@@ -713,8 +752,14 @@ class ClusterIndex:
                 n += 4
                 cid = sha256[:n]
             self.add(cid, sha256, hashes, representative=True, ts=ts)
-            return Assignment(cluster_id=cid, new_cluster=True, new_member=True, merged=[], distance=None, via=None,
-                              representative=True)
+            audit = []
+            merged = []
+            for other, rj in self._bridge(cid, sha256, hashes, q, near, set()):
+                audit.append(self._rep_audit(cid, other, sha256, None, None, rj))
+                self.merge(cid, other)
+                merged.append(other)
+            return Assignment(cluster_id=cid, new_cluster=not merged, new_member=True, merged=sorted(merged),
+                              distance=None, via=None, representative=True, merge_audit=audit)
         size = {cid: len(self._clusters[cid].members) for cid in pics}
         agree = {cid: a for cid in sorted(pics) if (a := self._agreement(cid, hashes, q))}
         # Linking two clusters needs full-frame agreement of both hashes, or
@@ -747,12 +792,7 @@ class ClusterIndex:
             rj = self._reps_join(other, into) or self._reps_join(into, other)
             if rj is None:
                 continue
-            rep, m = rj
-            audit.append(MergeAudit(
-                into=into, other=other, link_sha256=sha256, into_phash=pics[into][1], other_phash=pics[other][1],
-                into_residual=_residual_or_none(pics[into][4]), other_residual=_residual_or_none(pics[other][4]),
-                representative_sha256=rep.sha256, representative_distance=m[1],
-                representative_residual=_residual_or_none(m[4])))
+            audit.append(self._rep_audit(into, other, sha256, pics[into], pics[other], rj))
             self.merge(into, other)
             merged.append(other)
         merged.sort()
@@ -767,6 +807,13 @@ class ClusterIndex:
                   and (via not in ("phash", "phash_mirror") or distance > ANCHOR_DISTANCE))
         rep = grows or anchor
         self.add(into, sha256, hashes, representative=rep, founder=False, ts=ts)
+        if rep:
+            tried = set(pics) | set(merged)
+            for other, rj in self._bridge(into, sha256, hashes, q, near, tried):
+                audit.append(self._rep_audit(into, other, sha256, pics[into], None, rj))
+                self.merge(into, other)
+                merged.append(other)
+            merged.sort()
         return Assignment(
             cluster_id=into, new_cluster=False, new_member=True, merged=merged, distance=distance, via=via,
             representative=rep, merge_audit=audit, declined=sorted(c for c in pics if c != into and c not in merged),
