@@ -58,7 +58,9 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from detectors.hashing import VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, hamming_hex, thumb_array
+from detectors.hashing import (
+    FRAME_CROPS, N_VIEWS, VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, decode_box, frame_extras, hamming_hex, thumb_array,
+)
 from detectors.neardup.hamming import HammingIndex
 from detectors.neardup.verify import FULL, VIEW_SLOT_BOXES, Box, aligned_residual, residual
 
@@ -112,18 +114,52 @@ FLAT_QUALITY = 10
 SLOTS = 32
 _FULL, _TRIM, _CROP0 = 0, 1, 2  # centre crops take slots 2, 3; off-centre views 4..25
 _BAND0 = _CROP0 + len(VIEW_CROPS) + len(VIEW_BOXES) - len(VIEW_BANDS)  # the band views' slots (caption bars)
-_Q_FULL, _Q_MIRROR = -1, -2  # query-side kinds besides the view slots
+# A trimmed image (hashes v6 on, ``frame_extras``): its whole frame's centre
+# crops (slots 26, 27, crop views in frame coordinates) and its whole frame's
+# pHash (slot 28, indexed with the full frames). Pixels of pairs that involve
+# them are compared mapped through each side's content box (``_region``).
+_FRAME0 = _BAND0 + len(VIEW_BANDS)
+_FRAME_FULL = _FRAME0 + len(FRAME_CROPS)
+_Q_FULL, _Q_MIRROR, _Q_FRAME = -1, -2, -3  # query-side kinds besides the view slots (_Q_FRAME: a trimmed image's whole frame)
+_FULL_KINDS = (_Q_FULL, _Q_MIRROR, _Q_FRAME)
 
 
 def view_slots(views: list[str] | None, trimmed: bool) -> list[tuple[int, str]]:
     """(slot, pHash) of an image's views (``ImageHashes.views``/``trimmed``), in index slots."""
+    extras = frame_extras(views, trimmed)
     views = views or []
     out: list[tuple[int, str]] = []
     if trimmed and views:
         out.append((_TRIM, views[0]))
         views = views[1:]
-    out.extend((_CROP0 + i, v) for i, v in enumerate(views[: SLOTS - _CROP0]))
+    if extras:
+        out.extend((_CROP0 + i, v) for i, v in enumerate(views[:N_VIEWS]))
+        out.extend((_FRAME0 + i, v) for i, v in enumerate(extras[0]))
+    else:
+        out.extend((_CROP0 + i, v) for i, v in enumerate(views[: _FRAME0 - _CROP0]))
     return out
+
+
+def _allowed_table() -> np.ndarray:
+    """(query kind + 3, slot) -> may they pair (``_pair_allowed``)."""
+    t = np.zeros((SLOTS + 3, SLOTS), dtype=bool)
+    for qk in range(-3, SLOTS):
+        for ms in range(SLOTS):
+            crop_q, crop_m = qk >= _CROP0, _CROP0 <= ms < _FRAME_FULL
+            band_same = qk == ms and _BAND0 <= qk < _FRAME0
+            if ms == _FRAME_FULL:  # a trimmed image's whole frame: its crops, or another whole frame
+                ok = crop_q or qk == _Q_FRAME
+            elif qk == _Q_FRAME:  # a trimmed image's whole frame: crops of any picture
+                ok = crop_m
+            elif ms >= _FRAME0:  # a trimmed image's frame crops: full frames (not mirrored) and trimmed views
+                ok = qk in (_Q_FULL, _TRIM)
+            else:
+                ok = not (crop_q and crop_m) or band_same
+            t[qk + 3, ms] = ok
+    return t
+
+
+_ALLOWED = _allowed_table()
 
 
 def _pair_allowed(q_kind: int, m_slot: int) -> bool:
@@ -131,7 +167,7 @@ def _pair_allowed(q_kind: int, m_slot: int) -> bool:
     indexed code in this slot? Everything but crop view against crop view --
     except a band view against the same band (a caption bar over one copy's
     edge leaves the rest of the picture, that band, identical)."""
-    return not (q_kind >= _CROP0 and m_slot >= _CROP0) or (q_kind == m_slot and q_kind >= _BAND0)
+    return bool(_ALLOWED[q_kind + 3, m_slot])
 
 
 def _framed(views: list[str] | None, trimmed: bool) -> bool:
@@ -154,23 +190,30 @@ def _view_codes(h: ImageHashes) -> list[tuple[int, str]]:
         # pictures (against unframed ones it cost the cluster bench 25 impure
         # clusters)
         mirror = [(_Q_MIRROR, h.phash_mirror)] if h.phash_mirror else []
-        return mirror + view_slots(h.views, h.trimmed)
+        frame = [(_Q_FRAME, h.phash)] if frame_extras(h.views, h.trimmed) else []
+        return mirror + frame + view_slots(h.views, h.trimmed)
     out = [(_Q_FULL, h.phash)]
     if h.phash_mirror:
         out.append((_Q_MIRROR, h.phash_mirror))
     return out + view_slots(h.views, h.trimmed)
 
 
+def _full_code(phash: str, views: list[str] | None, trimmed: bool) -> list[tuple[int, str]]:
+    """The stored whole-frame code: slot ``_FULL``, or ``_FRAME_FULL`` for a
+    trimmed v6 image, or none for an older trimmed one."""
+    if not _framed(views, trimmed):
+        return [(_FULL, phash)]
+    return [(_FRAME_FULL, phash)] if frame_extras(views, trimmed) else []
+
+
 def _stored_codes(h: ImageHashes) -> list[tuple[int, str]]:
-    full = [] if _framed(h.views, h.trimmed) else [(_FULL, h.phash)]
-    return full + view_slots(h.views, h.trimmed)
+    return _full_code(h.phash, h.views, h.trimmed) + view_slots(h.views, h.trimmed)
 
 
 def stored_phash_codes(phash: str, views: list[str] | None, trimmed: bool) -> tuple[np.ndarray, np.ndarray]:
     """(slots, codes) to index for one member: its pHash and its views. The
     index id of each is ``key * SLOTS + slot``; ``search_phash`` undoes it."""
-    full = [] if _framed(views, trimmed) else [(_FULL, phash)]
-    codes = full + view_slots(views, trimmed)
+    codes = _full_code(phash, views, trimmed) + view_slots(views, trimmed)
     return np.array([c[0] for c in codes], dtype=np.int64), HammingIndex.codes_from_hex([c[1] for c in codes], 64)
 
 
@@ -187,15 +230,15 @@ def search_phash(
     # one batched search: full/mirror at the wider radius (they may hit full
     # hashes or views), the image's views at the view radius, which probes far
     # fewer multi-index buckets when tighter; rule and radii applied per hit
-    radii = np.array([max(phash_threshold, view_threshold) if k in (_Q_FULL, _Q_MIRROR) else view_threshold for k in kinds])
+    radii = np.array([max(phash_threshold, view_threshold) if k in _FULL_KINDS else view_threshold for k in kinds])
     qi, ids, dist = index.search(HammingIndex.codes_from_hex([c for _, c in codes], 64), radii)
     for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
         key, slot = divmod(i, SLOTS)
         qk = kinds[q]
-        if qk in (_Q_FULL, _Q_MIRROR) and slot == _FULL:
+        if _full_pair(qk, slot):
             if d > phash_threshold:
                 continue
-            via: Via = "phash" if qk == _Q_FULL else "phash_mirror"
+            via: Via = "phash_mirror" if qk == _Q_MIRROR else "phash"
         elif d > view_threshold or not _pair_allowed(qk, slot):
             continue
         else:
@@ -221,12 +264,17 @@ def _phash_pairs_detail(
             if not _pair_allowed(qk, ms):
                 continue
             d = hamming_hex(qh, mh)
-            if qk in (_Q_FULL, _Q_MIRROR) and ms == _FULL:
+            if _full_pair(qk, ms):
                 if d <= phash_threshold:
-                    out.append((d, "phash" if qk == _Q_FULL else "phash_mirror", qk, ms))
+                    out.append((d, "phash_mirror" if qk == _Q_MIRROR else "phash", qk, ms))
             elif d <= view_threshold:
                 out.append((d, "phash_view", qk, ms))
     return out
+
+
+def _full_pair(q_kind: int, m_slot: int) -> bool:
+    """Whole frame against whole frame (the pHash radius; other pairs take the view radius)."""
+    return (q_kind in (_Q_FULL, _Q_MIRROR) and m_slot == _FULL) or (q_kind == _Q_FRAME and m_slot == _FRAME_FULL)
 
 
 def cluster_id_for(sha256: str) -> str:
@@ -292,11 +340,16 @@ class _Rep:
     thumb: np.ndarray | None = field(default=None, repr=False)  # 32x32 uint8 grey content (``verify``); None: trust hashes
     sha256: str = ""
     trust: tuple[int, bool] | None = field(default=None, repr=False)  # ``ClusterIndex._trusted`` memo: (founders, answer)
+    box_code: str | None = None  # a trimmed v6 image's content box (``encode_box``): frame-relative codes
+    box: tuple[float, float, float, float] | None = field(init=False, default=None)
     slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
     codes: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        pairs = ([] if self.framed else [(_FULL, self.phash)]) + self.views
+        if self.box_code:
+            self.box = decode_box(self.box_code)
+        full = [(_FRAME_FULL, self.phash)] if self.box_code else [] if self.framed else [(_FULL, self.phash)]
+        pairs = full + self.views
         self.slots = np.array([s for s, _ in pairs], dtype=np.int8)
         self.codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
         self.views = []  # ~3 KB of strings per representative; the arrays are what is used
@@ -305,7 +358,8 @@ class _Rep:
         """The representative as a query (``_reps_join``): its hashes, views
         and thumbnail, rebuilt from the arrays (no mirrors: the other
         direction covers a mirrored pair's other side)."""
-        views = [f"{int(c):016x}" for s, c in zip(self.slots.tolist(), self.codes.tolist()) if s != _FULL]
+        views = [f"{int(c):016x}" for s, c in zip(self.slots.tolist(), self.codes.tolist())
+                 if s not in (_FULL, _FRAME_FULL)] + ([self.box_code] if self.box_code else [])
         thumb = None if self.thumb is None else base64.b64encode(self.thumb.astype(np.uint8).tobytes()).decode()
         return ImageHashes(phash=self.phash, pdq=self.pdq, pdq_quality=self.pdq_quality, views=views or None,
                            trimmed=self.framed, thumb=thumb)
@@ -321,6 +375,7 @@ class _Query:
     crop: np.ndarray  # a crop view (never paired with another crop view)
     framed: bool  # a detected frame (``_framed``): its mirror code is its trimmed view's
     thumb: np.ndarray | None = None
+    box: tuple[float, float, float, float] | None = None  # content box in the frame (``frame_extras``)
 
     @classmethod
     def of(cls, h: ImageHashes) -> "_Query":
@@ -328,12 +383,53 @@ class _Query:
         kinds = np.array([k for k, _ in pairs], dtype=np.int64)
         codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
         thumb = thumb_array(h.thumb) if h.thumb else None
-        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, _framed(h.views, h.trimmed), thumb)
+        extras = frame_extras(h.views, h.trimmed)
+        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, _framed(h.views, h.trimmed), thumb,
+                   extras[1] if extras else None)
 
 
 def _box(kind: int) -> Box:
     """The content region a query kind or index slot hashes (``verify``)."""
     return VIEW_SLOT_BOXES[kind - _CROP0] if kind >= _CROP0 else FULL
+
+
+_FRAME_BOXES: dict[int, Box] = {
+    _FRAME0 + i: ((1 - f) / 2, (1 - f) / 2, (1 + f) / 2, (1 + f) / 2) for i, f in enumerate(FRAME_CROPS)
+} | {_Q_FRAME: FULL, _FRAME_FULL: FULL}
+
+
+def _region(kind: int, box: tuple[float, float, float, float] | None) -> Box:
+    """The region a kind or slot hashes in its image's thumbnail (content)
+    coordinates; frame-relative ones mapped through the content box, so they
+    may reach outside [0, 1] (the trimmed margin)."""
+    b = _FRAME_BOXES.get(kind)
+    if b is None:
+        return _box(kind)
+    if box is None:
+        return b
+    cx0, cy0, cx1, cy1 = box
+    cw, ch = max(cx1 - cx0, 1e-6), max(cy1 - cy0, 1e-6)
+    return ((b[0] - cx0) / cw, (b[1] - cy0) / ch, (b[2] - cx0) / cw, (b[3] - cy0) / ch)
+
+
+_MIN_OVERLAP = 0.3  # of each side of a frame-relative pair that must lie on both thumbnails
+
+
+def _clip_pair(a: Box, b: Box) -> tuple[Box, Box] | None:
+    """Two corresponding regions shrunk alike to the part that lies inside
+    both thumbnails (a trimmed margin has no thumbnail pixels); None when
+    too little is left to compare."""
+    oa, ob = list(a), list(b)
+    for ax in (0, 1):
+        a0, a1, b0, b1 = a[ax], a[ax + 2], b[ax], b[ax + 2]
+        wa, wb = max(a1 - a0, 1e-6), max(b1 - b0, 1e-6)
+        t0 = max(0.0, -a0 / wa, -b0 / wb)
+        t1 = min(1.0, (1 - a0) / wa, (1 - b0) / wb)
+        if t1 - t0 < _MIN_OVERLAP:
+            return None
+        oa[ax], oa[ax + 2] = a0 + t0 * wa, a0 + t1 * wa
+        ob[ax], ob[ax + 2] = b0 + t0 * wb, b0 + t1 * wb
+    return (oa[0], oa[1], oa[2], oa[3]), (ob[0], ob[1], ob[2], ob[3])
 
 
 @dataclass
@@ -493,14 +589,14 @@ class ClusterIndex:
         pick = np.flatnonzero(query.kinds >= 0) if views else np.flatnonzero(query.kinds < 0)
         kinds = query.kinds
         q = query.codes[pick].reshape(-1, 1)
-        wide = kinds[pick] < 0  # full or mirrored pHash: may meet full hashes at the pHash radius
+        wide = kinds[pick] < 0  # full, mirrored or frame pHash: may meet full hashes at the pHash radius
         radii = np.where(wide, max(self.phash_threshold, self.view_threshold), self.view_threshold)
         hits = []
         if len(self._phash) and len(pick):
             qi, ids, dist = self._phash.search(q, radii)
             hits.append((pick[qi], ids, dist))
         # crop views never meet crop views, band views meet their own band
-        frames = np.flatnonzero((kinds[pick] < _CROP0) | (kinds[pick] >= _BAND0))
+        frames = np.flatnonzero((kinds[pick] < _CROP0) | ((kinds[pick] >= _BAND0) & (kinds[pick] < _FRAME0)))
         if len(frames) and len(self._phash_views):
             qi, ids, dist = self._phash_views.search(q[frames], self.view_threshold)
             hits.append((pick[frames[qi]], ids, dist))
@@ -508,10 +604,10 @@ class ClusterIndex:
             for qq, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
                 row, slot = divmod(i, SLOTS)
                 qk = int(kinds[qq])
-                if qk < 0 and slot == _FULL:
+                if _full_pair(qk, slot):
                     if d > self.phash_threshold:
                         continue
-                    via: Via = "phash" if qk == _Q_FULL else "phash_mirror"
+                    via: Via = "phash_mirror" if qk == _Q_MIRROR else "phash"
                 elif d > self.view_threshold or not _pair_allowed(qk, slot):
                     continue
                 else:
@@ -552,19 +648,19 @@ class ClusterIndex:
             grows = False
             if flat == (r.pdq_quality < FLAT_QUALITY):
                 d = np.bitwise_count(q.codes[:, None] ^ r.codes[None, :])
-                full_pair = q.full[:, None] & (r.slots == _FULL)[None, :]
-                allowed = ~(q.crop[:, None] & (r.slots >= _CROP0)[None, :]) | (
-                    (q.kinds[:, None] == r.slots[None, :]) & (q.kinds >= _BAND0)[:, None])
+                full_pair = (((q.kinds == _Q_FULL) | (q.kinds == _Q_MIRROR))[:, None] & (r.slots == _FULL)[None, :]) | (
+                    (q.kinds == _Q_FRAME)[:, None] & (r.slots == _FRAME_FULL)[None, :])
+                allowed = _ALLOWED[q.kinds + 3][:, r.slots]
                 if q.framed:  # its mirror code is a trimmed view's: the view radius,
-                    full_pair = np.zeros_like(full_pair)  # and crop views of framed pictures only
+                    full_pair &= (q.kinds != _Q_MIRROR)[:, None]  # and crop views of framed pictures only
                     if not r.framed:
-                        allowed &= ~(q.full[:, None] & (r.slots >= _CROP0)[None, :])
+                        allowed &= ~((q.kinds == _Q_MIRROR)[:, None] & (r.slots >= _CROP0)[None, :])
                 hit = allowed & (d <= np.where(full_pair, self.rep_phash, self.rep_view))
                 k = None
                 if hit.any():
                     qi, ri = np.nonzero(hit)
                     dd, fp = d[qi, ri].astype(np.int64), full_pair[qi, ri]
-                    order = np.where(fp, np.where(q.kinds[qi] == _Q_FULL, _VIA_ORDER["phash"], _VIA_ORDER["phash_mirror"]),
+                    order = np.where(fp, np.where(q.kinds[qi] == _Q_MIRROR, _VIA_ORDER["phash_mirror"], _VIA_ORDER["phash"]),
                                      _VIA_ORDER["phash_view"])
                     # nearest pair first; the first whose regions' pixels agree
                     # at the boxes the hashes name, then aligned (costlier) for the nearest
@@ -577,7 +673,7 @@ class ClusterIndex:
                                 resid, pair = score, (r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]))
                             break
                 if k is not None:
-                    via: Via = "phash_view" if not fp[k] else ("phash" if q.kinds[qi[k]] == _Q_FULL else "phash_mirror")
+                    via: Via = "phash_view" if not fp[k] else ("phash_mirror" if q.kinds[qi[k]] == _Q_MIRROR else "phash")
                     cands.append((rank_key(int(dd[k]), via, self.phash_threshold, self.pdq_threshold), int(dd[k]), via))
                     # a larger copy: one of its crops meets the founder's frame
                     # closer than its own full frame does (not just the same framing)
@@ -607,9 +703,15 @@ class ClusterIndex:
         if self.verify_max is None or q.thumb is None or r.thumb is None:
             return None
         rt = r.thumb.astype(np.float32)
+        qb, rb = _region(kind, q.box), _region(slot, r.box)
+        if kind in _FRAME_BOXES or slot in _FRAME_BOXES:
+            clipped = _clip_pair(qb, rb)
+            if clipped is None:
+                return _UNVERIFIED
+            qb, rb = clipped
         if not search:
-            return residual(q.thumb, _box(kind), rt, _box(slot), mirror=kind == _Q_MIRROR, quantile=quantile)
-        return aligned_residual(q.thumb, _box(kind), rt, _box(slot), mirror=kind == _Q_MIRROR,
+            return residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, quantile=quantile)
+        return aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR,
                                 good_enough=self.verify_max, quantile=quantile)
 
     def _links_by_pixels(self, q: "_Query", pic: tuple) -> bool:
@@ -836,8 +938,10 @@ class ClusterIndex:
             return
         c = self._clusters.setdefault(cluster_id, _Cluster())
         views = view_slots(hashes.views, hashes.trimmed)
+        extras = frame_extras(hashes.views, hashes.trimmed)
         rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views, representative if founder is None else founder,
-                   _framed(hashes.views, hashes.trimmed), thumb_array(hashes.thumb, np.uint8) if hashes.thumb else None, sha256)
+                   _framed(hashes.views, hashes.trimmed), thumb_array(hashes.thumb, np.uint8) if hashes.thumb else None, sha256,
+                   box_code=hashes.views[-1] if extras and hashes.views else None)
         if representative:
             c.reps.append(rep)
         if c.first is None:
@@ -853,7 +957,7 @@ class ClusterIndex:
         self._member_row[sha256] = row
         self._row_member[row] = sha256
         slots, codes = stored_phash_codes(hashes.phash, hashes.views, hashes.trimmed)
-        frame = slots < _CROP0
+        frame = (slots < _CROP0) | (slots == _FRAME_FULL)
         self._phash.add(row * SLOTS + slots[frame], codes[frame])
         if not frame.all():
             self._phash_views.add(row * SLOTS + slots[~frame], codes[~frame])
