@@ -98,7 +98,12 @@ MAX_REPRESENTATIVES = 8
 
 
 _VIEWS_SEARCHED = ""  # ``ClusterIndex._pictures``: a key no cluster id takes
-_VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
+_VERIFY_TRIES = 4
+# ``_bridge``: candidate clusters a new representative tries (nearest
+# first), verified at the boxes the hashes name only (no aligned search):
+# on the cluster bench 3 tries without alignment keep all but 2 of the
+# joins of unbounded aligned tries, at a quarter of the cost
+_BRIDGE_TRIES = 3  # nearest pairs per representative tried before giving up on it
 
 
 def _residual_or_none(r: float) -> float | None:
@@ -629,7 +634,7 @@ class ClusterIndex:
             yield self._pdq, ("pdq", "pdq_mirror"), HammingIndex.codes_from_hex(pq, 256), self.pdq_threshold
 
     def _picture_match(self, cluster_id: str, h: ImageHashes, q: "_Query | None" = None,
-                       reps: "list[_Rep] | None" = None) -> tuple[tuple[float, int], int, Via, bool] | None:
+                       reps: "list[_Rep] | None" = None, align: bool = True) -> tuple[tuple[float, int], int, Via, bool] | None:
         """The image against the cluster's representatives (or just
         ``reps``) under the pair rule: (rank, distance, via, grows, smallest
         verified residual, its (representative, kind, slot)) of the best
@@ -665,7 +670,7 @@ class ClusterIndex:
                     # nearest pair first; the first whose regions' pixels agree
                     # at the boxes the hashes name, then aligned (costlier) for the nearest
                     tries = np.lexsort((order, dd))[:_VERIFY_TRIES].tolist()
-                    for j, search in [(j, False) for j in tries] + [(tries[0], True)]:
+                    for j, search in [(j, False) for j in tries] + ([(tries[0], True)] if align else []):
                         score = self._residual(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]), search=search)
                         if self._passes(score):
                             k = j
@@ -730,31 +735,47 @@ class ClusterIndex:
     def _passes(self, score: float | None) -> bool:
         return score is None or self.verify_max is None or score <= self.verify_max
 
-    def _reps_join(self, src: str, dst: str) -> tuple[_Rep, tuple] | None:
-        """The first representative of ``src`` (stored order) that matches
-        ``dst``'s picture under the join rule with pixels that agree almost
+    def _reps_join(self, src: str, dst: str, *, src_reps: "list[_Rep] | None" = None,
+                   dst_reps: "list[_Rep] | None" = None, align: bool = True) -> tuple[_Rep, tuple] | None:
+        """The first representative of ``src`` (stored order; only
+        ``src_reps`` when given) that matches ``dst``'s picture (only
+        ``dst_reps`` when given) under the join rule with pixels that agree almost
         everywhere (``_links_by_pixels``), with the match; None when none
         does or verification is off."""
         if self.verify_max is None or not self.representative_links:
             return None
-        trusted = [r for r in self._clusters[dst].pictures() if self._trusted(dst, r)]
-        for r in self._clusters[src].pictures():
-            if r.thumb is None:
-                continue
+        dst_pics = self._clusters[dst].pictures() if dst_reps is None else dst_reps
+        trusted = [r for r in dst_pics if self._trusted(dst, r)]
+        radius = max(self.rep_phash, self.rep_view)
+        for r in self._clusters[src].pictures() if src_reps is None else src_reps:
+            if r.thumb is None or not any(self._may_pair(r, d, radius) for d in dst_pics):
+                continue  # no hash of it comes near any of dst's: no match, and no pixels to compare
             h = r.hashes()
             q = _Query.of(h)
             # trusted against trusted: the join rule (would it join if it
             # came now?). Neither is a composite of the other side that got
             # in on a median match.
-            if trusted and self._trusted(src, r) and (m := self._picture_match(dst, h, q, reps=trusted)) is not None \
-                    and m[4] < _UNVERIFIED:
-                return r, m
+            m, same = None, False
+            if trusted and self._trusted(src, r):
+                m = self._picture_match(dst, h, q, reps=trusted, align=align)
+                if m is not None and m[4] < _UNVERIFIED:
+                    return r, m
+                same = len(trusted) == len(dst_pics)  # every picture trusted: the call below is this one
             # other anchors may be such composites (three quarters of each of
             # two pictures): as strict as a link by an image's own pixels
-            m = self._picture_match(dst, h, q)
+            if not same:
+                m = self._picture_match(dst, h, q, reps=dst_reps, align=align)
             if m is not None and self._links_by_pixels(q, m):
                 return r, m
         return None
+
+    def _may_pair(self, a: _Rep, b: _Rep, radius: int) -> bool:
+        """Could ``_picture_match`` find any pair between these two
+        representatives' hashes? (Any pHash code within ``radius``, or PDQ
+        within its radius: a superset of the rule's pairs, for skipping.)"""
+        if int(np.bitwise_count(a.codes[:, None] ^ b.codes[None, :]).min()) <= radius:
+            return True
+        return hamming_hex(a.pdq, b.pdq) <= self.rep_pdq
 
     def _bridge(self, into: str, sha256: str, h: ImageHashes, q: "_Query", near: dict, tried: set[str]):
         """Clusters that are ``into``'s picture now that this image is one of
@@ -764,18 +785,47 @@ class ClusterIndex:
         cluster founded by a crop before the copy that covers it became a
         representative is otherwise never met again: the covering copy met
         its own picture on full frames and never searched its views.
+        Only pairs with the new representative are tried (the rest were
+        there before it), and only one way for the clusters ``near`` --
+        ``_pictures`` already matched the image against their pictures.
         Yields (cluster, join) in id order; reads index state only."""
         if self.verify_max is None or not self.representative_links:
             return
-        cands = set(near) - {_VIEWS_SEARCHED}
+        new = [r for r in self._clusters[into].reps if r.sha256 == sha256]
+        if not new:
+            return
+        rank = {cid: v[0] for cid, v in near.items() if cid != _VIEWS_SEARCHED}
+        seen = set(rank)
         if _VIEWS_SEARCHED not in near:
-            cands |= {cid for cid, _, _ in self._hash_matches(h, q, views=True)}
-        for other in sorted(cands - tried - {into}):
-            if other not in self._clusters or self._member_cluster.get(sha256) != into:
-                continue
-            rj = self._reps_join(other, into) or self._reps_join(into, other)
+            for cid, d, via in self._crop_founders(q):
+                key = rank_key(d, via, self.phash_threshold, self.pdq_threshold)
+                if cid not in seen and (cid not in rank or key < rank[cid]):
+                    rank[cid] = key
+        extra = set(rank) - seen
+        # nearest first, a few: a screenshot's whole frame comes near every
+        # other screenshot, and each try verifies pixels
+        cands = sorted((c for c in rank if c not in tried and c != into and c in self._clusters),
+                       key=lambda c: (rank[c], c))[:_BRIDGE_TRIES]
+        for other in cands:
+            rj = self._reps_join(other, into, dst_reps=new, align=False)
+            if rj is None and other in extra:
+                rj = self._reps_join(into, other, src_reps=new, align=False)
             if rj is not None:
                 yield other, rj
+
+    def _crop_founders(self, q: "_Query") -> list[tuple[str, int, Via]]:
+        """The image's views against indexed whole frames only (the small
+        index): pictures founded by a crop of this image."""
+        pick = np.flatnonzero(q.kinds >= 0)
+        if not len(pick) or not len(self._phash):
+            return []
+        qi, ids, dist = self._phash.search(q.codes[pick].reshape(-1, 1), self.view_threshold)
+        out: list[tuple[str, int, Via]] = []
+        for qq, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
+            row, slot = divmod(i, SLOTS)
+            if _pair_allowed(int(q.kinds[pick[qq]]), slot):
+                out.append((self._member_cluster[self._row_member[row]], int(d), "phash_view"))
+        return out
 
     @staticmethod
     def _rep_audit(into: str, other: str, sha256: str, pin: tuple | None, pother: tuple | None,
