@@ -77,8 +77,10 @@ class ImageHashes(BaseModel):
     # pHashes of extra views (16 hex each), for crops and screenshots: when
     # ``trimmed``, views[0] is the content inside a detected border/padding;
     # then the 90% and 80% centre crops of the content (the trimmed box, or the
-    # whole image), then the off-centre ``VIEW_BOXES``. None on records made before views existed: matching falls
-    # back to the full-frame hashes.
+    # whole image), then the off-centre ``VIEW_BOXES``; when ``trimmed``
+    # (v6 on) then the whole frame's ``FRAME_CROPS`` centre crops and the
+    # content box (``encode_box``, ``frame_extras``). None on records made
+    # before views existed: matching falls back to the full-frame hashes.
     views: list[str] | None = None
     trimmed: bool = False
     # 32x32 grey thumbnail of the content (trimmed box or whole image), base64
@@ -149,8 +151,11 @@ def _hashes_of(image: Image.Image) -> ImageHashes:
     codes = _codes(lows)
     mirror = _codes(lows[:1] * _ODD_COLS)[0]  # of the content: a framed copy's mirror is its picture's
     if trimmed:
-        phash = _codes(_view_lows(_work(grey_img, None), full_only=True))[0]
-        views = codes  # views[0]: the trimmed content
+        frame = _codes(_view_lows(_work(grey_img, None), first=1 + len(FRAME_CROPS)))
+        phash = frame[0]
+        # views[0]: the trimmed content; then the content's views, the
+        # whole frame's centre crops and where the content sits in the frame
+        views = codes + frame[1:] + [encode_box(box, grey.shape)]
     else:
         phash, views = codes[0], codes[1:]
     pdq, pdq_m, quality = pdq_pair(image)
@@ -195,12 +200,13 @@ def _view_bank(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-def _view_lows(square: np.ndarray, full_only: bool = False) -> np.ndarray:
+def _view_lows(square: np.ndarray, first: int | None = None) -> np.ndarray:
     """(V, 8, 8) low DCT blocks of every view of a ``_WORK`` square at once:
-    one (n x n) @ (n x 8V) product, then a batched (8 x n) @ (n x 8) per view."""
+    one (n x n) @ (n x 8V) product, then a batched (8 x n) @ (n x 8) per view
+    (only the ``first`` views -- the whole square, then centre crops -- when given)."""
     rows, cols = _view_bank(square.shape[0])
-    if full_only:
-        return (rows[0] @ square @ cols[:_LOW].T)[None]
+    if first is not None:
+        rows, cols = rows[:first], cols[: first * _LOW]
     t = (square @ cols.T).reshape(square.shape[0], len(rows), _LOW).transpose(1, 0, 2)
     return rows @ t
 
@@ -245,8 +251,15 @@ def thumb_array(thumb: str, dtype: type = np.float32) -> np.ndarray:
 # without its uint8 rounding) folded into the 8 low DCT rows, so views cost
 # microseconds and need no extra resize.
 VIEW_CROPS = (0.9, 0.8)
+# A trimmed image's views end with centre crops of its *whole frame* (the
+# first ``FRAME_CROPS`` of ``VIEW_CROPS``) and its content box
+# (``encode_box``): a picture with a flat margin of its own trims
+# differently in every copy (a crop cuts the margin away, a caption bar
+# meets it), and these let a copy meet it relative to the untrimmed frame,
+# verified on pixels mapped through the box (``detectors.neardup``).
+FRAME_CROPS = VIEW_CROPS
 # Bump when what ``hashes_of`` computes changes (caches of hashes key on it).
-HASHES_VERSION = 5  # 5: a text bar reaching the edge (a screenshot caption under a small picture) is trimmed
+HASHES_VERSION = 6  # 6: trimmed images carry their frame's centre crops and content box; 5: screenshot caption lines trimmed
 # Off-centre views (x0, y0, x1, y1 as fractions of the content box), after the
 # centre crops: 90% and 85% crops on a 3x3 grid of offsets, and the picture without a top / bottom /
 # both bands -- what remains when a caption bar covers up to 1/6 of a repost.
@@ -384,6 +397,33 @@ def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     return x0, y0, x1, y1
 
 
+N_VIEWS = len(VIEW_CROPS) + len(VIEW_BOXES)  # content views of every record (after a trimmed view)
+
+
+def encode_box(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> str:
+    """The content box as fractions of the frame (x0, y0, x1, y1), 16 bits
+    each: 16 hex chars, so it travels in ``ImageHashes.views`` through every
+    store that keeps views."""
+    h, w = shape[:2]
+    fr = (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
+    return "".join(f"{round(min(1.0, max(0.0, v)) * 0xFFFF):04x}" for v in fr)
+
+
+def frame_extras(views: list[str] | None, trimmed: bool) -> tuple[list[str], tuple[float, float, float, float]] | None:
+    """(frame crop views, content box as frame fractions) of a trimmed
+    record from ``HASHES_VERSION`` 6 on; None for other records (untrimmed,
+    or made before: they match as before)."""
+    if not trimmed or not views or len(views) != 1 + N_VIEWS + len(FRAME_CROPS) + 1:
+        return None
+    return views[1 + N_VIEWS : -1], decode_box(views[-1])
+
+
+def decode_box(code: str) -> tuple[float, float, float, float]:
+    """``encode_box`` back to (x0, y0, x1, y1) fractions of the frame."""
+    x0, y0, x1, y1 = (int(code[i : i + 4], 16) / 0xFFFF for i in range(0, 16, 4))
+    return x0, y0, x1, y1
+
+
 def view_hashes(grey: np.ndarray) -> tuple[list[str], bool]:
     """(views, trimmed) of a grey image array: see ``ImageHashes.views``."""
     h, w = grey.shape
@@ -397,6 +437,11 @@ def view_hashes(grey: np.ndarray) -> tuple[list[str], bool]:
     cw, ch = x1 - x0, y1 - y0
     for bx0, by0, bx1, by1 in VIEW_BOXES:
         views.append(view_phash(grey, (x0 + bx0 * cw, y0 + by0 * ch, x0 + bx1 * cw, y0 + by1 * ch)))
+    if box:
+        for frac in FRAME_CROPS:
+            dx, dy = w * (1 - frac) / 2, h * (1 - frac) / 2
+            views.append(view_phash(grey, (dx, dy, w - dx, h - dy)))
+        views.append(encode_box(box, grey.shape))
     return views, trimmed
 
 

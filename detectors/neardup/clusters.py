@@ -58,7 +58,9 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from detectors.hashing import VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, hamming_hex, thumb_array
+from detectors.hashing import (
+    FRAME_CROPS, N_VIEWS, VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, decode_box, frame_extras, hamming_hex, thumb_array,
+)
 from detectors.neardup.hamming import HammingIndex
 from detectors.neardup.verify import FULL, VIEW_SLOT_BOXES, Box, aligned_residual, residual
 
@@ -95,7 +97,13 @@ ANCHOR_DISTANCE = 4
 MAX_REPRESENTATIVES = 8
 
 
-_VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
+_VIEWS_SEARCHED = ""  # ``ClusterIndex._pictures``: a key no cluster id takes
+_VERIFY_TRIES = 4
+# ``_bridge``: candidate clusters a new representative tries (nearest
+# first), verified at the boxes the hashes name only (no aligned search):
+# on the cluster bench 3 tries without alignment keep all but 2 of the
+# joins of unbounded aligned tries, at a quarter of the cost
+_BRIDGE_TRIES = 3  # nearest pairs per representative tried before giving up on it
 
 
 def _residual_or_none(r: float) -> float | None:
@@ -111,18 +119,52 @@ FLAT_QUALITY = 10
 SLOTS = 32
 _FULL, _TRIM, _CROP0 = 0, 1, 2  # centre crops take slots 2, 3; off-centre views 4..25
 _BAND0 = _CROP0 + len(VIEW_CROPS) + len(VIEW_BOXES) - len(VIEW_BANDS)  # the band views' slots (caption bars)
-_Q_FULL, _Q_MIRROR = -1, -2  # query-side kinds besides the view slots
+# A trimmed image (hashes v6 on, ``frame_extras``): its whole frame's centre
+# crops (slots 26, 27, crop views in frame coordinates) and its whole frame's
+# pHash (slot 28, indexed with the full frames). Pixels of pairs that involve
+# them are compared mapped through each side's content box (``_region``).
+_FRAME0 = _BAND0 + len(VIEW_BANDS)
+_FRAME_FULL = _FRAME0 + len(FRAME_CROPS)
+_Q_FULL, _Q_MIRROR, _Q_FRAME = -1, -2, -3  # query-side kinds besides the view slots (_Q_FRAME: a trimmed image's whole frame)
+_FULL_KINDS = (_Q_FULL, _Q_MIRROR, _Q_FRAME)
 
 
 def view_slots(views: list[str] | None, trimmed: bool) -> list[tuple[int, str]]:
     """(slot, pHash) of an image's views (``ImageHashes.views``/``trimmed``), in index slots."""
+    extras = frame_extras(views, trimmed)
     views = views or []
     out: list[tuple[int, str]] = []
     if trimmed and views:
         out.append((_TRIM, views[0]))
         views = views[1:]
-    out.extend((_CROP0 + i, v) for i, v in enumerate(views[: SLOTS - _CROP0]))
+    if extras:
+        out.extend((_CROP0 + i, v) for i, v in enumerate(views[:N_VIEWS]))
+        out.extend((_FRAME0 + i, v) for i, v in enumerate(extras[0]))
+    else:
+        out.extend((_CROP0 + i, v) for i, v in enumerate(views[: _FRAME0 - _CROP0]))
     return out
+
+
+def _allowed_table() -> np.ndarray:
+    """(query kind + 3, slot) -> may they pair (``_pair_allowed``)."""
+    t = np.zeros((SLOTS + 3, SLOTS), dtype=bool)
+    for qk in range(-3, SLOTS):
+        for ms in range(SLOTS):
+            crop_q, crop_m = qk >= _CROP0, _CROP0 <= ms < _FRAME_FULL
+            band_same = qk == ms and _BAND0 <= qk < _FRAME0
+            if ms == _FRAME_FULL:  # a trimmed image's whole frame: its crops, or another whole frame
+                ok = crop_q or qk == _Q_FRAME
+            elif qk == _Q_FRAME:  # a trimmed image's whole frame: crops of any picture
+                ok = crop_m
+            elif ms >= _FRAME0:  # a trimmed image's frame crops: full frames (not mirrored) and trimmed views
+                ok = qk in (_Q_FULL, _TRIM)
+            else:
+                ok = not (crop_q and crop_m) or band_same
+            t[qk + 3, ms] = ok
+    return t
+
+
+_ALLOWED = _allowed_table()
 
 
 def _pair_allowed(q_kind: int, m_slot: int) -> bool:
@@ -130,7 +172,7 @@ def _pair_allowed(q_kind: int, m_slot: int) -> bool:
     indexed code in this slot? Everything but crop view against crop view --
     except a band view against the same band (a caption bar over one copy's
     edge leaves the rest of the picture, that band, identical)."""
-    return not (q_kind >= _CROP0 and m_slot >= _CROP0) or (q_kind == m_slot and q_kind >= _BAND0)
+    return bool(_ALLOWED[q_kind + 3, m_slot])
 
 
 def _framed(views: list[str] | None, trimmed: bool) -> bool:
@@ -153,23 +195,30 @@ def _view_codes(h: ImageHashes) -> list[tuple[int, str]]:
         # pictures (against unframed ones it cost the cluster bench 25 impure
         # clusters)
         mirror = [(_Q_MIRROR, h.phash_mirror)] if h.phash_mirror else []
-        return mirror + view_slots(h.views, h.trimmed)
+        frame = [(_Q_FRAME, h.phash)] if frame_extras(h.views, h.trimmed) else []
+        return mirror + frame + view_slots(h.views, h.trimmed)
     out = [(_Q_FULL, h.phash)]
     if h.phash_mirror:
         out.append((_Q_MIRROR, h.phash_mirror))
     return out + view_slots(h.views, h.trimmed)
 
 
+def _full_code(phash: str, views: list[str] | None, trimmed: bool) -> list[tuple[int, str]]:
+    """The stored whole-frame code: slot ``_FULL``, or ``_FRAME_FULL`` for a
+    trimmed v6 image, or none for an older trimmed one."""
+    if not _framed(views, trimmed):
+        return [(_FULL, phash)]
+    return [(_FRAME_FULL, phash)] if frame_extras(views, trimmed) else []
+
+
 def _stored_codes(h: ImageHashes) -> list[tuple[int, str]]:
-    full = [] if _framed(h.views, h.trimmed) else [(_FULL, h.phash)]
-    return full + view_slots(h.views, h.trimmed)
+    return _full_code(h.phash, h.views, h.trimmed) + view_slots(h.views, h.trimmed)
 
 
 def stored_phash_codes(phash: str, views: list[str] | None, trimmed: bool) -> tuple[np.ndarray, np.ndarray]:
     """(slots, codes) to index for one member: its pHash and its views. The
     index id of each is ``key * SLOTS + slot``; ``search_phash`` undoes it."""
-    full = [] if _framed(views, trimmed) else [(_FULL, phash)]
-    codes = full + view_slots(views, trimmed)
+    codes = _full_code(phash, views, trimmed) + view_slots(views, trimmed)
     return np.array([c[0] for c in codes], dtype=np.int64), HammingIndex.codes_from_hex([c[1] for c in codes], 64)
 
 
@@ -186,15 +235,15 @@ def search_phash(
     # one batched search: full/mirror at the wider radius (they may hit full
     # hashes or views), the image's views at the view radius, which probes far
     # fewer multi-index buckets when tighter; rule and radii applied per hit
-    radii = np.array([max(phash_threshold, view_threshold) if k in (_Q_FULL, _Q_MIRROR) else view_threshold for k in kinds])
+    radii = np.array([max(phash_threshold, view_threshold) if k in _FULL_KINDS else view_threshold for k in kinds])
     qi, ids, dist = index.search(HammingIndex.codes_from_hex([c for _, c in codes], 64), radii)
     for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
         key, slot = divmod(i, SLOTS)
         qk = kinds[q]
-        if qk in (_Q_FULL, _Q_MIRROR) and slot == _FULL:
+        if _full_pair(qk, slot):
             if d > phash_threshold:
                 continue
-            via: Via = "phash" if qk == _Q_FULL else "phash_mirror"
+            via: Via = "phash_mirror" if qk == _Q_MIRROR else "phash"
         elif d > view_threshold or not _pair_allowed(qk, slot):
             continue
         else:
@@ -220,12 +269,17 @@ def _phash_pairs_detail(
             if not _pair_allowed(qk, ms):
                 continue
             d = hamming_hex(qh, mh)
-            if qk in (_Q_FULL, _Q_MIRROR) and ms == _FULL:
+            if _full_pair(qk, ms):
                 if d <= phash_threshold:
-                    out.append((d, "phash" if qk == _Q_FULL else "phash_mirror", qk, ms))
+                    out.append((d, "phash_mirror" if qk == _Q_MIRROR else "phash", qk, ms))
             elif d <= view_threshold:
                 out.append((d, "phash_view", qk, ms))
     return out
+
+
+def _full_pair(q_kind: int, m_slot: int) -> bool:
+    """Whole frame against whole frame (the pHash radius; other pairs take the view radius)."""
+    return (q_kind in (_Q_FULL, _Q_MIRROR) and m_slot == _FULL) or (q_kind == _Q_FRAME and m_slot == _FRAME_FULL)
 
 
 def cluster_id_for(sha256: str) -> str:
@@ -291,11 +345,16 @@ class _Rep:
     thumb: np.ndarray | None = field(default=None, repr=False)  # 32x32 uint8 grey content (``verify``); None: trust hashes
     sha256: str = ""
     trust: tuple[int, bool] | None = field(default=None, repr=False)  # ``ClusterIndex._trusted`` memo: (founders, answer)
+    box_code: str | None = None  # a trimmed v6 image's content box (``encode_box``): frame-relative codes
+    box: tuple[float, float, float, float] | None = field(init=False, default=None)
     slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
     codes: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        pairs = ([] if self.framed else [(_FULL, self.phash)]) + self.views
+        if self.box_code:
+            self.box = decode_box(self.box_code)
+        full = [(_FRAME_FULL, self.phash)] if self.box_code else [] if self.framed else [(_FULL, self.phash)]
+        pairs = full + self.views
         self.slots = np.array([s for s, _ in pairs], dtype=np.int8)
         self.codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
         self.views = []  # ~3 KB of strings per representative; the arrays are what is used
@@ -304,7 +363,8 @@ class _Rep:
         """The representative as a query (``_reps_join``): its hashes, views
         and thumbnail, rebuilt from the arrays (no mirrors: the other
         direction covers a mirrored pair's other side)."""
-        views = [f"{int(c):016x}" for s, c in zip(self.slots.tolist(), self.codes.tolist()) if s != _FULL]
+        views = [f"{int(c):016x}" for s, c in zip(self.slots.tolist(), self.codes.tolist())
+                 if s not in (_FULL, _FRAME_FULL)] + ([self.box_code] if self.box_code else [])
         thumb = None if self.thumb is None else base64.b64encode(self.thumb.astype(np.uint8).tobytes()).decode()
         return ImageHashes(phash=self.phash, pdq=self.pdq, pdq_quality=self.pdq_quality, views=views or None,
                            trimmed=self.framed, thumb=thumb)
@@ -320,6 +380,7 @@ class _Query:
     crop: np.ndarray  # a crop view (never paired with another crop view)
     framed: bool  # a detected frame (``_framed``): its mirror code is its trimmed view's
     thumb: np.ndarray | None = None
+    box: tuple[float, float, float, float] | None = None  # content box in the frame (``frame_extras``)
 
     @classmethod
     def of(cls, h: ImageHashes) -> "_Query":
@@ -327,12 +388,53 @@ class _Query:
         kinds = np.array([k for k, _ in pairs], dtype=np.int64)
         codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
         thumb = thumb_array(h.thumb) if h.thumb else None
-        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, _framed(h.views, h.trimmed), thumb)
+        extras = frame_extras(h.views, h.trimmed)
+        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, _framed(h.views, h.trimmed), thumb,
+                   extras[1] if extras else None)
 
 
 def _box(kind: int) -> Box:
     """The content region a query kind or index slot hashes (``verify``)."""
     return VIEW_SLOT_BOXES[kind - _CROP0] if kind >= _CROP0 else FULL
+
+
+_FRAME_BOXES: dict[int, Box] = {
+    _FRAME0 + i: ((1 - f) / 2, (1 - f) / 2, (1 + f) / 2, (1 + f) / 2) for i, f in enumerate(FRAME_CROPS)
+} | {_Q_FRAME: FULL, _FRAME_FULL: FULL}
+
+
+def _region(kind: int, box: tuple[float, float, float, float] | None) -> Box:
+    """The region a kind or slot hashes in its image's thumbnail (content)
+    coordinates; frame-relative ones mapped through the content box, so they
+    may reach outside [0, 1] (the trimmed margin)."""
+    b = _FRAME_BOXES.get(kind)
+    if b is None:
+        return _box(kind)
+    if box is None:
+        return b
+    cx0, cy0, cx1, cy1 = box
+    cw, ch = max(cx1 - cx0, 1e-6), max(cy1 - cy0, 1e-6)
+    return ((b[0] - cx0) / cw, (b[1] - cy0) / ch, (b[2] - cx0) / cw, (b[3] - cy0) / ch)
+
+
+_MIN_OVERLAP = 0.3  # of each side of a frame-relative pair that must lie on both thumbnails
+
+
+def _clip_pair(a: Box, b: Box) -> tuple[Box, Box] | None:
+    """Two corresponding regions shrunk alike to the part that lies inside
+    both thumbnails (a trimmed margin has no thumbnail pixels); None when
+    too little is left to compare."""
+    oa, ob = list(a), list(b)
+    for ax in (0, 1):
+        a0, a1, b0, b1 = a[ax], a[ax + 2], b[ax], b[ax + 2]
+        wa, wb = max(a1 - a0, 1e-6), max(b1 - b0, 1e-6)
+        t0 = max(0.0, -a0 / wa, -b0 / wb)
+        t1 = min(1.0, (1 - a0) / wa, (1 - b0) / wb)
+        if t1 - t0 < _MIN_OVERLAP:
+            return None
+        oa[ax], oa[ax + 2] = a0 + t0 * wa, a0 + t1 * wa
+        ob[ax], ob[ax + 2] = b0 + t0 * wb, b0 + t1 * wb
+    return (oa[0], oa[1], oa[2], oa[3]), (ob[0], ob[1], ob[2], ob[3])
 
 
 @dataclass
@@ -451,6 +553,7 @@ class ClusterIndex:
         under the pair rule, so a chain of small drifts never reaches a
         different picture."""
         near, pics = self._pictures(sha256, hashes, _Query.of(hashes))
+        near.pop(_VIEWS_SEARCHED, None)
         found = [Match(cluster_id=cid, distance=d, via=via) for cid, (_, d, via) in near.items()
                  if via == "sha256" or cid in pics]
         return sorted(found, key=self._rank)
@@ -460,7 +563,9 @@ class ClusterIndex:
 
     def _pictures(self, sha256: str, h: ImageHashes, q: "_Query") -> tuple[dict[str, tuple], dict[str, tuple]]:
         """(nearest indexed match per candidate cluster, picture match per
-        cluster whose picture the image shows); see ``_picture_match``."""
+        cluster whose picture the image shows); see ``_picture_match``.
+        ``near`` holds the key ``_VIEWS_SEARCHED`` when the image's views
+        were searched too."""
         near: dict[str, tuple] = {}
         own = self._member_cluster.get(sha256)
         if own is not None:
@@ -478,6 +583,8 @@ class ClusterIndex:
             pics = {cid: p for cid in near if (p := self._picture_match(cid, h, q))}
             if pics:
                 break
+        else:
+            near[_VIEWS_SEARCHED] = ()
         return near, pics
 
     def _hash_matches(self, h: ImageHashes, query: "_Query", *, views: bool) -> list[tuple[str, int, Via]]:
@@ -487,14 +594,14 @@ class ClusterIndex:
         pick = np.flatnonzero(query.kinds >= 0) if views else np.flatnonzero(query.kinds < 0)
         kinds = query.kinds
         q = query.codes[pick].reshape(-1, 1)
-        wide = kinds[pick] < 0  # full or mirrored pHash: may meet full hashes at the pHash radius
+        wide = kinds[pick] < 0  # full, mirrored or frame pHash: may meet full hashes at the pHash radius
         radii = np.where(wide, max(self.phash_threshold, self.view_threshold), self.view_threshold)
         hits = []
         if len(self._phash) and len(pick):
             qi, ids, dist = self._phash.search(q, radii)
             hits.append((pick[qi], ids, dist))
         # crop views never meet crop views, band views meet their own band
-        frames = np.flatnonzero((kinds[pick] < _CROP0) | (kinds[pick] >= _BAND0))
+        frames = np.flatnonzero((kinds[pick] < _CROP0) | ((kinds[pick] >= _BAND0) & (kinds[pick] < _FRAME0)))
         if len(frames) and len(self._phash_views):
             qi, ids, dist = self._phash_views.search(q[frames], self.view_threshold)
             hits.append((pick[frames[qi]], ids, dist))
@@ -502,10 +609,10 @@ class ClusterIndex:
             for qq, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
                 row, slot = divmod(i, SLOTS)
                 qk = int(kinds[qq])
-                if qk < 0 and slot == _FULL:
+                if _full_pair(qk, slot):
                     if d > self.phash_threshold:
                         continue
-                    via: Via = "phash" if qk == _Q_FULL else "phash_mirror"
+                    via: Via = "phash_mirror" if qk == _Q_MIRROR else "phash"
                 elif d > self.view_threshold or not _pair_allowed(qk, slot):
                     continue
                 else:
@@ -527,7 +634,7 @@ class ClusterIndex:
             yield self._pdq, ("pdq", "pdq_mirror"), HammingIndex.codes_from_hex(pq, 256), self.pdq_threshold
 
     def _picture_match(self, cluster_id: str, h: ImageHashes, q: "_Query | None" = None,
-                       reps: "list[_Rep] | None" = None) -> tuple[tuple[float, int], int, Via, bool] | None:
+                       reps: "list[_Rep] | None" = None, align: bool = True) -> tuple[tuple[float, int], int, Via, bool] | None:
         """The image against the cluster's representatives (or just
         ``reps``) under the pair rule: (rank, distance, via, grows, smallest
         verified residual, its (representative, kind, slot)) of the best
@@ -546,24 +653,24 @@ class ClusterIndex:
             grows = False
             if flat == (r.pdq_quality < FLAT_QUALITY):
                 d = np.bitwise_count(q.codes[:, None] ^ r.codes[None, :])
-                full_pair = q.full[:, None] & (r.slots == _FULL)[None, :]
-                allowed = ~(q.crop[:, None] & (r.slots >= _CROP0)[None, :]) | (
-                    (q.kinds[:, None] == r.slots[None, :]) & (q.kinds >= _BAND0)[:, None])
+                full_pair = (((q.kinds == _Q_FULL) | (q.kinds == _Q_MIRROR))[:, None] & (r.slots == _FULL)[None, :]) | (
+                    (q.kinds == _Q_FRAME)[:, None] & (r.slots == _FRAME_FULL)[None, :])
+                allowed = _ALLOWED[q.kinds + 3][:, r.slots]
                 if q.framed:  # its mirror code is a trimmed view's: the view radius,
-                    full_pair = np.zeros_like(full_pair)  # and crop views of framed pictures only
+                    full_pair &= (q.kinds != _Q_MIRROR)[:, None]  # and crop views of framed pictures only
                     if not r.framed:
-                        allowed &= ~(q.full[:, None] & (r.slots >= _CROP0)[None, :])
+                        allowed &= ~((q.kinds == _Q_MIRROR)[:, None] & (r.slots >= _CROP0)[None, :])
                 hit = allowed & (d <= np.where(full_pair, self.rep_phash, self.rep_view))
                 k = None
                 if hit.any():
                     qi, ri = np.nonzero(hit)
                     dd, fp = d[qi, ri].astype(np.int64), full_pair[qi, ri]
-                    order = np.where(fp, np.where(q.kinds[qi] == _Q_FULL, _VIA_ORDER["phash"], _VIA_ORDER["phash_mirror"]),
+                    order = np.where(fp, np.where(q.kinds[qi] == _Q_MIRROR, _VIA_ORDER["phash_mirror"], _VIA_ORDER["phash"]),
                                      _VIA_ORDER["phash_view"])
                     # nearest pair first; the first whose regions' pixels agree
                     # at the boxes the hashes name, then aligned (costlier) for the nearest
                     tries = np.lexsort((order, dd))[:_VERIFY_TRIES].tolist()
-                    for j, search in [(j, False) for j in tries] + [(tries[0], True)]:
+                    for j, search in [(j, False) for j in tries] + ([(tries[0], True)] if align else []):
                         score = self._residual(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]), search=search)
                         if self._passes(score):
                             k = j
@@ -571,7 +678,7 @@ class ClusterIndex:
                                 resid, pair = score, (r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]))
                             break
                 if k is not None:
-                    via: Via = "phash_view" if not fp[k] else ("phash" if q.kinds[qi[k]] == _Q_FULL else "phash_mirror")
+                    via: Via = "phash_view" if not fp[k] else ("phash_mirror" if q.kinds[qi[k]] == _Q_MIRROR else "phash")
                     cands.append((rank_key(int(dd[k]), via, self.phash_threshold, self.pdq_threshold), int(dd[k]), via))
                     # a larger copy: one of its crops meets the founder's frame
                     # closer than its own full frame does (not just the same framing)
@@ -601,9 +708,15 @@ class ClusterIndex:
         if self.verify_max is None or q.thumb is None or r.thumb is None:
             return None
         rt = r.thumb.astype(np.float32)
+        qb, rb = _region(kind, q.box), _region(slot, r.box)
+        if kind in _FRAME_BOXES or slot in _FRAME_BOXES:
+            clipped = _clip_pair(qb, rb)
+            if clipped is None:
+                return _UNVERIFIED
+            qb, rb = clipped
         if not search:
-            return residual(q.thumb, _box(kind), rt, _box(slot), mirror=kind == _Q_MIRROR, quantile=quantile)
-        return aligned_residual(q.thumb, _box(kind), rt, _box(slot), mirror=kind == _Q_MIRROR,
+            return residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, quantile=quantile)
+        return aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR,
                                 good_enough=self.verify_max, quantile=quantile)
 
     def _links_by_pixels(self, q: "_Query", pic: tuple) -> bool:
@@ -622,31 +735,109 @@ class ClusterIndex:
     def _passes(self, score: float | None) -> bool:
         return score is None or self.verify_max is None or score <= self.verify_max
 
-    def _reps_join(self, src: str, dst: str) -> tuple[_Rep, tuple] | None:
-        """The first representative of ``src`` (stored order) that matches
-        ``dst``'s picture under the join rule with pixels that agree almost
+    def _reps_join(self, src: str, dst: str, *, src_reps: "list[_Rep] | None" = None,
+                   dst_reps: "list[_Rep] | None" = None, align: bool = True) -> tuple[_Rep, tuple] | None:
+        """The first representative of ``src`` (stored order; only
+        ``src_reps`` when given) that matches ``dst``'s picture (only
+        ``dst_reps`` when given) under the join rule with pixels that agree almost
         everywhere (``_links_by_pixels``), with the match; None when none
         does or verification is off."""
         if self.verify_max is None or not self.representative_links:
             return None
-        trusted = [r for r in self._clusters[dst].pictures() if self._trusted(dst, r)]
-        for r in self._clusters[src].pictures():
-            if r.thumb is None:
-                continue
+        dst_pics = self._clusters[dst].pictures() if dst_reps is None else dst_reps
+        trusted = [r for r in dst_pics if self._trusted(dst, r)]
+        radius = max(self.rep_phash, self.rep_view)
+        for r in self._clusters[src].pictures() if src_reps is None else src_reps:
+            if r.thumb is None or not any(self._may_pair(r, d, radius) for d in dst_pics):
+                continue  # no hash of it comes near any of dst's: no match, and no pixels to compare
             h = r.hashes()
             q = _Query.of(h)
             # trusted against trusted: the join rule (would it join if it
             # came now?). Neither is a composite of the other side that got
             # in on a median match.
-            if trusted and self._trusted(src, r) and (m := self._picture_match(dst, h, q, reps=trusted)) is not None \
-                    and m[4] < _UNVERIFIED:
-                return r, m
+            m, same = None, False
+            if trusted and self._trusted(src, r):
+                m = self._picture_match(dst, h, q, reps=trusted, align=align)
+                if m is not None and m[4] < _UNVERIFIED:
+                    return r, m
+                same = len(trusted) == len(dst_pics)  # every picture trusted: the call below is this one
             # other anchors may be such composites (three quarters of each of
             # two pictures): as strict as a link by an image's own pixels
-            m = self._picture_match(dst, h, q)
+            if not same:
+                m = self._picture_match(dst, h, q, reps=dst_reps, align=align)
             if m is not None and self._links_by_pixels(q, m):
                 return r, m
         return None
+
+    def _may_pair(self, a: _Rep, b: _Rep, radius: int) -> bool:
+        """Could ``_picture_match`` find any pair between these two
+        representatives' hashes? (Any pHash code within ``radius``, or PDQ
+        within its radius: a superset of the rule's pairs, for skipping.)"""
+        if int(np.bitwise_count(a.codes[:, None] ^ b.codes[None, :]).min()) <= radius:
+            return True
+        return hamming_hex(a.pdq, b.pdq) <= self.rep_pdq
+
+    def _bridge(self, into: str, sha256: str, h: ImageHashes, q: "_Query", near: dict, tried: set[str]):
+        """Clusters that are ``into``'s picture now that this image is one of
+        its representatives: every cluster the image's hashes came near
+        (full frames and views), not yet tried, whose representative joins
+        ``into``'s picture or the other way round (``_reps_join``). A
+        cluster founded by a crop before the copy that covers it became a
+        representative is otherwise never met again: the covering copy met
+        its own picture on full frames and never searched its views.
+        Only pairs with the new representative are tried (the rest were
+        there before it), and only one way for the clusters ``near`` --
+        ``_pictures`` already matched the image against their pictures.
+        Yields (cluster, join) in id order; reads index state only."""
+        if self.verify_max is None or not self.representative_links:
+            return
+        new = [r for r in self._clusters[into].reps if r.sha256 == sha256]
+        if not new:
+            return
+        rank = {cid: v[0] for cid, v in near.items() if cid != _VIEWS_SEARCHED}
+        seen = set(rank)
+        if _VIEWS_SEARCHED not in near:
+            for cid, d, via in self._crop_founders(q):
+                key = rank_key(d, via, self.phash_threshold, self.pdq_threshold)
+                if cid not in seen and (cid not in rank or key < rank[cid]):
+                    rank[cid] = key
+        extra = set(rank) - seen
+        # nearest first, a few: a screenshot's whole frame comes near every
+        # other screenshot, and each try verifies pixels
+        cands = sorted((c for c in rank if c not in tried and c != into and c in self._clusters),
+                       key=lambda c: (rank[c], c))[:_BRIDGE_TRIES]
+        for other in cands:
+            rj = self._reps_join(other, into, dst_reps=new, align=False)
+            if rj is None and other in extra:
+                rj = self._reps_join(into, other, src_reps=new, align=False)
+            if rj is not None:
+                yield other, rj
+
+    def _crop_founders(self, q: "_Query") -> list[tuple[str, int, Via]]:
+        """The image's views against indexed whole frames only (the small
+        index): pictures founded by a crop of this image."""
+        pick = np.flatnonzero(q.kinds >= 0)
+        if not len(pick) or not len(self._phash):
+            return []
+        qi, ids, dist = self._phash.search(q.codes[pick].reshape(-1, 1), self.view_threshold)
+        out: list[tuple[str, int, Via]] = []
+        for qq, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
+            row, slot = divmod(i, SLOTS)
+            if _pair_allowed(int(q.kinds[pick[qq]]), slot):
+                out.append((self._member_cluster[self._row_member[row]], int(d), "phash_view"))
+        return out
+
+    @staticmethod
+    def _rep_audit(into: str, other: str, sha256: str, pin: tuple | None, pother: tuple | None,
+                   rj: tuple) -> "MergeAudit":
+        rep, m = rj
+        return MergeAudit(
+            into=into, other=other, link_sha256=sha256, into_phash=pin[1] if pin else 0,
+            other_phash=pother[1] if pother else m[1],
+            into_residual=_residual_or_none(pin[4]) if pin else None,
+            other_residual=_residual_or_none(pother[4]) if pother else None,
+            representative_sha256=rep.sha256, representative_distance=m[1],
+            representative_residual=_residual_or_none(m[4]))
 
     def _trusted(self, cluster_id: str, r: _Rep) -> bool:
         """A representative that stands for its cluster's picture as surely
@@ -705,7 +896,7 @@ class ClusterIndex:
             self.touch(own, ts)
             return Assignment(cluster_id=own, new_cluster=False, new_member=False, merged=[], distance=0, via="sha256")
         q = _Query.of(hashes)  # codes and thumbnail decoded once for every check below
-        _, pics = self._pictures(sha256, hashes, q)
+        near, pics = self._pictures(sha256, hashes, q)
         if not pics:
             cid = cluster_id_for(sha256)
             n = 16
@@ -713,8 +904,14 @@ class ClusterIndex:
                 n += 4
                 cid = sha256[:n]
             self.add(cid, sha256, hashes, representative=True, ts=ts)
-            return Assignment(cluster_id=cid, new_cluster=True, new_member=True, merged=[], distance=None, via=None,
-                              representative=True)
+            audit = []
+            merged = []
+            for other, rj in self._bridge(cid, sha256, hashes, q, near, set()):
+                audit.append(self._rep_audit(cid, other, sha256, None, None, rj))
+                self.merge(cid, other)
+                merged.append(other)
+            return Assignment(cluster_id=cid, new_cluster=not merged, new_member=True, merged=sorted(merged),
+                              distance=None, via=None, representative=True, merge_audit=audit)
         size = {cid: len(self._clusters[cid].members) for cid in pics}
         agree = {cid: a for cid in sorted(pics) if (a := self._agreement(cid, hashes, q))}
         # Linking two clusters needs full-frame agreement of both hashes, or
@@ -747,12 +944,7 @@ class ClusterIndex:
             rj = self._reps_join(other, into) or self._reps_join(into, other)
             if rj is None:
                 continue
-            rep, m = rj
-            audit.append(MergeAudit(
-                into=into, other=other, link_sha256=sha256, into_phash=pics[into][1], other_phash=pics[other][1],
-                into_residual=_residual_or_none(pics[into][4]), other_residual=_residual_or_none(pics[other][4]),
-                representative_sha256=rep.sha256, representative_distance=m[1],
-                representative_residual=_residual_or_none(m[4])))
+            audit.append(self._rep_audit(into, other, sha256, pics[into], pics[other], rj))
             self.merge(into, other)
             merged.append(other)
         merged.sort()
@@ -767,6 +959,13 @@ class ClusterIndex:
                   and (via not in ("phash", "phash_mirror") or distance > ANCHOR_DISTANCE))
         rep = grows or anchor
         self.add(into, sha256, hashes, representative=rep, founder=False, ts=ts)
+        if rep:
+            tried = set(pics) | set(merged)
+            for other, rj in self._bridge(into, sha256, hashes, q, near, tried):
+                audit.append(self._rep_audit(into, other, sha256, pics[into], None, rj))
+                self.merge(into, other)
+                merged.append(other)
+            merged.sort()
         return Assignment(
             cluster_id=into, new_cluster=False, new_member=True, merged=merged, distance=distance, via=via,
             representative=rep, merge_audit=audit, declined=sorted(c for c in pics if c != into and c not in merged),
@@ -789,8 +988,10 @@ class ClusterIndex:
             return
         c = self._clusters.setdefault(cluster_id, _Cluster())
         views = view_slots(hashes.views, hashes.trimmed)
+        extras = frame_extras(hashes.views, hashes.trimmed)
         rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views, representative if founder is None else founder,
-                   _framed(hashes.views, hashes.trimmed), thumb_array(hashes.thumb, np.uint8) if hashes.thumb else None, sha256)
+                   _framed(hashes.views, hashes.trimmed), thumb_array(hashes.thumb, np.uint8) if hashes.thumb else None, sha256,
+                   box_code=hashes.views[-1] if extras and hashes.views else None)
         if representative:
             c.reps.append(rep)
         if c.first is None:
@@ -806,7 +1007,7 @@ class ClusterIndex:
         self._member_row[sha256] = row
         self._row_member[row] = sha256
         slots, codes = stored_phash_codes(hashes.phash, hashes.views, hashes.trimmed)
-        frame = slots < _CROP0
+        frame = (slots < _CROP0) | (slots == _FRAME_FULL)
         self._phash.add(row * SLOTS + slots[frame], codes[frame])
         if not frame.all():
             self._phash_views.add(row * SLOTS + slots[~frame], codes[~frame])
