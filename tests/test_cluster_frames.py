@@ -64,9 +64,19 @@ def test_a_trimmed_record_carries_frame_crops_that_meet_the_crop_of_its_frame():
     crops, box = extras
     assert len(crops) == len(FRAME_CROPS)
     assert box[1] == pytest.approx(1 / 9, abs=0.02) and box[3] == pytest.approx(1.0, abs=0.01)
-    _, hc = _h(_crop(framed, 0.9))
+    sc, hc = _h(_crop(framed, 0.9))
     assert hamming_hex(hc.phash, crops[0]) <= 8
-    assert pair_match(hc, h, view_threshold=8) is not None
+    # the hash-only rule (banks) leaves whole-frame pairs out; clusters verify them on pixels
+    assert pair_match(hc, _as_v5(h), view_threshold=8) == pair_match(hc, h, view_threshold=8)
+    index = ClusterIndex()
+    cid = index.assign("0" * 64, h).cluster_id
+    a = index.assign(sc, hc)
+    assert a.cluster_id == cid and a.via == "phash_view"
+    # without pixel verification the frame pair is not taken: the index
+    # answers as the hash-only rule does
+    plain = ClusterIndex(verify_max=None)
+    plain.assign("0" * 64, h)
+    assert (plain.lookup(sc, hc) == []) == (pair_match(hc, h, view_threshold=8) is None)
 
 
 @pytest.mark.parametrize("name", _MARGIN_PICTURES)

@@ -240,6 +240,8 @@ def search_phash(
     for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
         key, slot = divmod(i, SLOTS)
         qk = kinds[q]
+        if _frame_relative(qk, slot):
+            continue  # needs pixels mapped through the content box: clusters only
         if _full_pair(qk, slot):
             if d > phash_threshold:
                 continue
@@ -266,7 +268,7 @@ def _phash_pairs_detail(
     out: list[tuple[int, Via, int, int]] = []
     for qk, qh in q:
         for ms, mh in m:
-            if not _pair_allowed(qk, ms):
+            if not _pair_allowed(qk, ms) or _frame_relative(qk, ms):
                 continue
             d = hamming_hex(qh, mh)
             if _full_pair(qk, ms):
@@ -275,6 +277,15 @@ def _phash_pairs_detail(
             elif d <= view_threshold:
                 out.append((d, "phash_view", qk, ms))
     return out
+
+
+def _frame_relative(q_kind: int, m_slot: int) -> bool:
+    """A pair involving a trimmed image's whole-frame codes (v6). Its hashes
+    alone are weak -- two screenshots of different pictures meet on their
+    frames -- so only ``ClusterIndex`` pairs them, with pixels verified
+    through the content boxes; the hash-only rule (``pair_match``,
+    ``search_phash``: banks) leaves them out and matches as with v5 records."""
+    return q_kind == _Q_FRAME or m_slot >= _FRAME0
 
 
 def _full_pair(q_kind: int, m_slot: int) -> bool:
@@ -460,7 +471,9 @@ def pair_match(
     """The decision rule for one pair (``b`` is the indexed side, so only its
     direct hashes and views are used, never its mirrors), as ``ClusterIndex``
     applies it through its index; the best (distance, via) by
-    ``distance / threshold``, or None."""
+    ``distance / threshold``, or None. Hashes only: pairs of a trimmed
+    image's whole-frame codes, which ``ClusterIndex`` takes only with pixels
+    verified (``_frame_relative``), are left out."""
     vt = phash_threshold if view_threshold is None else view_threshold
     cands: list[tuple[float, int, int, Via]] = []
     for d, via in _phash_pairs(_view_codes(a), _stored_codes(b), phash_threshold, vt):
@@ -656,6 +669,8 @@ class ClusterIndex:
                 full_pair = (((q.kinds == _Q_FULL) | (q.kinds == _Q_MIRROR))[:, None] & (r.slots == _FULL)[None, :]) | (
                     (q.kinds == _Q_FRAME)[:, None] & (r.slots == _FRAME_FULL)[None, :])
                 allowed = _ALLOWED[q.kinds + 3][:, r.slots]
+                if self.verify_max is None or q.thumb is None or r.thumb is None:  # frame pairs need pixels
+                    allowed &= ~((q.kinds == _Q_FRAME)[:, None] | (r.slots >= _FRAME0)[None, :])
                 if q.framed:  # its mirror code is a trimmed view's: the view radius,
                     full_pair &= (q.kinds != _Q_MIRROR)[:, None]  # and crop views of framed pictures only
                     if not r.framed:
