@@ -22,9 +22,18 @@ matches, within ``view_threshold`` bits, when
 * a band view equals the *same* band on the other (a caption bar over an edge).
 
 Other crop views never meet crop views (more pairs, more false matches).
-Framed images (``_framed``) never match on their full-frame hashes, which
-show the frame; their mirror code is their trimmed view's. Flat pictures
+Framed images (``_framed``) never match on their full-frame hashes as an
+unframed picture's (they show the frame); their mirror code is their trimmed view's. Flat pictures
 (PDQ quality < ``FLAT_QUALITY``) match only flat ones.
+
+Frame-relative codes (hash records v6, ``hashing.frame_extras``): a
+trimmed image also carries its whole frame's pHash and centre crops and its
+content box, because a picture with a flat margin of its own trims
+differently in every copy. Its whole frame may meet crop views and other
+whole frames, its frame crops meet full frames and trimmed views -- only in
+``ClusterIndex``, with pixels compared through each side's content box
+(``_region``, ``_clip_pair``); the hash-only rule leaves them out
+(``_frame_relative``).
 
 Clusters (``ClusterIndex``): members only nominate candidate clusters; an
 image joins a cluster when it matches one of the cluster's *representatives*
@@ -37,7 +46,8 @@ still one picture split by arrival order when one side's representative
 would join the other's picture now (``_reps_join``: trusted representatives
 -- founders, anchors agreeing with a founder almost everywhere -- against
 each other under the join rule; other anchors only as strictly as a link
-by pixels). Every
+by pixels). A copy that becomes a representative bridges the clusters it
+came near the same way, through itself (``_bridge``). Every
 merge is audited (``MergeAudit``). Otherwise it joins the nearest picture
 (ties: most members, smallest id) and ``Assignment.declined`` names the
 others. Only representatives are indexed.
@@ -180,7 +190,8 @@ def _framed(views: list[str] | None, trimmed: bool) -> bool:
     the whole image's hashes: two framed copies of *different* pictures match
     on them (the cluster bench found screenshots gluing unrelated pictures at
     0 bits). Such an image is matched by its trimmed view, crops, and the
-    mirror of its trimmed view (at the view radius). Measured alternative on the cluster bench: allowing
+    mirror of its trimmed view (at the view radius) -- and, v6 records in
+    ``ClusterIndex``, by frame-relative codes verified on pixels. Measured alternative on the cluster bench: allowing
     full-frame pairs between a framed and an unframed image (only
     framed-framed refused): 0.09 fewer clusters per picture, 39 more impure
     clusters."""
