@@ -22,9 +22,18 @@ matches, within ``view_threshold`` bits, when
 * a band view equals the *same* band on the other (a caption bar over an edge).
 
 Other crop views never meet crop views (more pairs, more false matches).
-Framed images (``_framed``) never match on their full-frame hashes, which
-show the frame; their mirror code is their trimmed view's. Flat pictures
+Framed images (``_framed``) never match on their full-frame hashes as an
+unframed picture's (they show the frame); their mirror code is their trimmed view's. Flat pictures
 (PDQ quality < ``FLAT_QUALITY``) match only flat ones.
+
+Frame-relative codes (hash records v6, ``hashing.frame_extras``): a
+trimmed image also carries its whole frame's pHash and centre crops and its
+content box, because a picture with a flat margin of its own trims
+differently in every copy. Its whole frame may meet crop views and other
+whole frames, its frame crops meet full frames and trimmed views -- only in
+``ClusterIndex``, with pixels compared through each side's content box
+(``_region``, ``_clip_pair``); the hash-only rule leaves them out
+(``_frame_relative``).
 
 Clusters (``ClusterIndex``): members only nominate candidate clusters; an
 image joins a cluster when it matches one of the cluster's *representatives*
@@ -37,7 +46,8 @@ still one picture split by arrival order when one side's representative
 would join the other's picture now (``_reps_join``: trusted representatives
 -- founders, anchors agreeing with a founder almost everywhere -- against
 each other under the join rule; other anchors only as strictly as a link
-by pixels). Every
+by pixels). A copy that becomes a representative bridges the clusters it
+came near the same way, through itself (``_bridge``). Every
 merge is audited (``MergeAudit``). Otherwise it joins the nearest picture
 (ties: most members, smallest id) and ``Assignment.declined`` names the
 others. Only representatives are indexed.
@@ -180,7 +190,8 @@ def _framed(views: list[str] | None, trimmed: bool) -> bool:
     the whole image's hashes: two framed copies of *different* pictures match
     on them (the cluster bench found screenshots gluing unrelated pictures at
     0 bits). Such an image is matched by its trimmed view, crops, and the
-    mirror of its trimmed view (at the view radius). Measured alternative on the cluster bench: allowing
+    mirror of its trimmed view (at the view radius) -- and, v6 records in
+    ``ClusterIndex``, by frame-relative codes verified on pixels. Measured alternative on the cluster bench: allowing
     full-frame pairs between a framed and an unframed image (only
     framed-framed refused): 0.09 fewer clusters per picture, 39 more impure
     clusters."""
@@ -240,6 +251,8 @@ def search_phash(
     for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
         key, slot = divmod(i, SLOTS)
         qk = kinds[q]
+        if _frame_relative(qk, slot):
+            continue  # needs pixels mapped through the content box: clusters only
         if _full_pair(qk, slot):
             if d > phash_threshold:
                 continue
@@ -266,7 +279,7 @@ def _phash_pairs_detail(
     out: list[tuple[int, Via, int, int]] = []
     for qk, qh in q:
         for ms, mh in m:
-            if not _pair_allowed(qk, ms):
+            if not _pair_allowed(qk, ms) or _frame_relative(qk, ms):
                 continue
             d = hamming_hex(qh, mh)
             if _full_pair(qk, ms):
@@ -275,6 +288,15 @@ def _phash_pairs_detail(
             elif d <= view_threshold:
                 out.append((d, "phash_view", qk, ms))
     return out
+
+
+def _frame_relative(q_kind: int, m_slot: int) -> bool:
+    """A pair involving a trimmed image's whole-frame codes (v6). Its hashes
+    alone are weak -- two screenshots of different pictures meet on their
+    frames -- so only ``ClusterIndex`` pairs them, with pixels verified
+    through the content boxes; the hash-only rule (``pair_match``,
+    ``search_phash``: banks) leaves them out and matches as with v5 records."""
+    return q_kind == _Q_FRAME or m_slot >= _FRAME0
 
 
 def _full_pair(q_kind: int, m_slot: int) -> bool:
@@ -460,7 +482,9 @@ def pair_match(
     """The decision rule for one pair (``b`` is the indexed side, so only its
     direct hashes and views are used, never its mirrors), as ``ClusterIndex``
     applies it through its index; the best (distance, via) by
-    ``distance / threshold``, or None."""
+    ``distance / threshold``, or None. Hashes only: pairs of a trimmed
+    image's whole-frame codes, which ``ClusterIndex`` takes only with pixels
+    verified (``_frame_relative``), are left out."""
     vt = phash_threshold if view_threshold is None else view_threshold
     cands: list[tuple[float, int, int, Via]] = []
     for d, via in _phash_pairs(_view_codes(a), _stored_codes(b), phash_threshold, vt):
@@ -656,6 +680,8 @@ class ClusterIndex:
                 full_pair = (((q.kinds == _Q_FULL) | (q.kinds == _Q_MIRROR))[:, None] & (r.slots == _FULL)[None, :]) | (
                     (q.kinds == _Q_FRAME)[:, None] & (r.slots == _FRAME_FULL)[None, :])
                 allowed = _ALLOWED[q.kinds + 3][:, r.slots]
+                if self.verify_max is None or q.thumb is None or r.thumb is None:  # frame pairs need pixels
+                    allowed &= ~((q.kinds == _Q_FRAME)[:, None] | (r.slots >= _FRAME0)[None, :])
                 if q.framed:  # its mirror code is a trimmed view's: the view radius,
                     full_pair &= (q.kinds != _Q_MIRROR)[:, None]  # and crop views of framed pictures only
                     if not r.framed:

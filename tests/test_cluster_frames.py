@@ -1,0 +1,111 @@
+"""Hash record v6: a trimmed image carries its whole frame's centre crops and
+its content box, so a picture with a flat margin of its own -- which every
+copy trims differently (a crop cuts the margin away, a caption bar meets it)
+-- still meets its reposts, verified on pixels mapped through each side's
+content box; and screenshots of different pictures, whose whole frames now
+meet, stay apart."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench.neardup_transforms import CLUSTER_TRANSFORMS, _crop, screenshot
+from detectors.hashing import (
+    FRAME_CROPS, N_VIEWS, ImageHashes, compute_hashes, decode_box, encode_box, frame_extras, hamming_hex,
+)
+from detectors.imagedata import ImageData
+from detectors.neardup import ClusterIndex, pair_match
+from tests.test_cluster_verify import _h, _lookalikes
+
+# shared pictures with a flat margin of their own (black background, a
+# white band) that split over several clusters with v5 records
+_MARGIN_PICTURES = ["train-extra/real/yfeng95__PRNet/TestImages__AFLW2000__image02283.jpg",
+                    "train-extra/real/InstantID__InstantID/examples__poses__pose.jpg"]
+_REPOSTS = ["crop_90", "bar_bottom_1/8_black", "caption_text", "resize_0.5", "jpeg_q70"]
+
+
+def _as_v5(h: ImageHashes) -> ImageHashes:
+    """The record as hashes v5 made it: no frame crops, no content box."""
+    return h.model_copy(update={"views": h.views[: 1 + N_VIEWS]}) if frame_extras(h.views, h.trimmed) else h
+
+
+def _feed(path: Path) -> list[tuple[str, str, ImageHashes]]:
+    img = ImageData.from_path(path).rgb.copy()
+    img.thumbnail((1024, 1024))  # as the cluster bench loads it
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    datas = [("original", ImageData(buf.getvalue()))] + [(t, ImageData(CLUSTER_TRANSFORMS[t](img))) for t in _REPOSTS]
+    return [(t, d.sha256, compute_hashes(d)) for t, d in datas]
+
+
+def test_box_code_round_trips_and_old_records_have_no_frame_extras():
+    code = encode_box((10, 0, 90, 75), (100, 100))
+    assert len(code) == 16 and int(code, 16) >= 0  # a pHash-shaped string: every store that keeps views keeps it
+    assert decode_box(code) == pytest.approx((0.1, 0.0, 0.9, 0.75), abs=1e-4)
+    assert frame_extras(None, True) is None
+    assert frame_extras(["0" * 16] * (1 + N_VIEWS), True) is None  # a v5 trimmed record
+    assert frame_extras(["0" * 16] * N_VIEWS, False) is None  # untrimmed: unchanged layout
+
+
+def test_a_trimmed_record_carries_frame_crops_that_meet_the_crop_of_its_frame():
+    # a picture on a flat white margin above it: the margin is trimmed, and a
+    # 90% crop of the whole frame (which cuts most of the margin) is met by
+    # the record's frame crop
+    a, _ = _lookalikes()
+    framed = Image.new("RGB", (a.width, a.height + a.height // 8), (255, 255, 255))
+    framed.paste(a, (0, a.height // 8))
+    _, h = _h(framed)
+    extras = frame_extras(h.views, h.trimmed)
+    assert h.trimmed and extras is not None
+    crops, box = extras
+    assert len(crops) == len(FRAME_CROPS)
+    assert box[1] == pytest.approx(1 / 9, abs=0.02) and box[3] == pytest.approx(1.0, abs=0.01)
+    sc, hc = _h(_crop(framed, 0.9))
+    assert hamming_hex(hc.phash, crops[0]) <= 8
+    # the hash-only rule (banks) leaves whole-frame pairs out; clusters verify them on pixels
+    assert pair_match(hc, _as_v5(h), view_threshold=8) == pair_match(hc, h, view_threshold=8)
+    index = ClusterIndex()
+    cid = index.assign("0" * 64, h).cluster_id
+    a = index.assign(sc, hc)
+    assert a.cluster_id == cid and a.via == "phash_view"
+    # without pixel verification the frame pair is not taken: the index
+    # answers as the hash-only rule does
+    plain = ClusterIndex(verify_max=None)
+    plain.assign("0" * 64, h)
+    assert (plain.lookup(sc, hc) == []) == (pair_match(hc, h, view_threshold=8) is None)
+
+
+@pytest.mark.parametrize("name", _MARGIN_PICTURES)
+def test_a_picture_with_its_own_margin_keeps_its_reposts_in_one_cluster_in_either_order(shared_data: Path, name: str):
+    feed = _feed(shared_data / name)
+    for order in (1, -1):
+        index = ClusterIndex()
+        ids = {index.assign(sha, h).cluster_id for _, sha, h in feed[::order]}
+        assert len(ids) == 1 and index.n_clusters == 1, order
+        # replaying changes nothing
+        again = [index.assign(sha, h) for _, sha, h in feed[::order]]
+        assert all(not a.new_member and not a.merged for a in again) and index.n_clusters == 1
+    # the cause, for the record: the same copies as v5 records split
+    old = ClusterIndex()
+    for _, sha, h in feed:
+        old.assign(sha, _as_v5(h))
+    assert old.n_clusters > 1
+
+
+def test_screenshots_of_two_lookalike_pictures_stay_apart_while_their_copies_join():
+    a, b = _lookalikes()
+    feed = [("a", _h(a)), ("b", _h(b)), ("a", _h(screenshot(a))), ("b", _h(screenshot(b))),
+            ("a", _h(_crop(a, 0.9))), ("b", _h(screenshot(_crop(b, 0.9))))]
+    sa, sb = feed[2][1][1], feed[3][1][1]
+    assert frame_extras(sa.views, sa.trimmed) and frame_extras(sb.views, sb.trimmed)
+    assert hamming_hex(sa.phash, sb.phash) <= 10  # the whole frames meet: only pixels tell them apart
+    index = ClusterIndex()
+    got: dict[str, set[str]] = {"a": set(), "b": set()}
+    for pic, (sha, h) in feed:
+        got[pic].add(index.assign(sha, h).cluster_id)
+    assert len(got["a"]) == 1 and len(got["b"]) == 1 and got["a"] != got["b"]
+    assert index.n_clusters == 2
