@@ -78,11 +78,15 @@ class ImageHashes(BaseModel):
     # ``trimmed``, views[0] is the content inside a detected border/padding;
     # then the 90% and 80% centre crops of the content (the trimmed box, or the
     # whole image), then the off-centre ``VIEW_BOXES``; when ``trimmed``
-    # (v6 on) then the whole frame's ``FRAME_CROPS`` centre crops and the
-    # content box (``encode_box``, ``frame_extras``). None on records made
-    # before views existed: matching falls back to the full-frame hashes.
+    # (v6 on) then the whole frame's ``FRAME_CROPS`` centre crops
+    # (``frame_extras``). None on records made before views existed:
+    # matching falls back to the full-frame hashes.
     views: list[str] | None = None
     trimmed: bool = False
+    # where the trimmed content sits in the whole frame, (x0, y0, x1, y1) as
+    # fractions of the frame: set with the frame crops (v6 on); pairs of
+    # frame-relative codes are verified on pixels mapped through it
+    content_box: tuple[float, float, float, float] | None = None
     # 32x32 grey thumbnail of the content (trimmed box or whole image), base64
     # uint8: hash matches are verified on it (``detectors.neardup``); None on
     # records made before it existed (matching then trusts the hashes alone)
@@ -153,15 +157,15 @@ def _hashes_of(image: Image.Image) -> ImageHashes:
     if trimmed:
         frame = _codes(_view_lows(_work(grey_img, None), first=1 + len(FRAME_CROPS)))
         phash = frame[0]
-        # views[0]: the trimmed content; then the content's views, the
-        # whole frame's centre crops and where the content sits in the frame
-        views = codes + frame[1:] + [encode_box(box, grey.shape)]
+        # views[0]: the trimmed content; then the content's views and the
+        # whole frame's centre crops
+        views = codes + frame[1:]
     else:
         phash, views = codes[0], codes[1:]
     pdq, pdq_m, quality = pdq_pair(image)
     return ImageHashes(
         phash=phash, pdq=pdq, pdq_quality=quality, phash_mirror=mirror, pdq_mirror=pdq_m, views=views,
-        trimmed=trimmed, thumb=_thumb_b64(content),
+        trimmed=trimmed, thumb=_thumb_b64(content), content_box=frame_fractions(box, grey.shape) if box else None,
     )
 
 
@@ -253,7 +257,7 @@ def thumb_array(thumb: str, dtype: type = np.float32) -> np.ndarray:
 VIEW_CROPS = (0.9, 0.8)
 # A trimmed image's views end with centre crops of its *whole frame* (the
 # first ``FRAME_CROPS`` of ``VIEW_CROPS``) and its content box
-# (``encode_box``): a picture with a flat margin of its own trims
+# (``ImageHashes.content_box``): a picture with a flat margin of its own trims
 # differently in every copy (a crop cuts the margin away, a caption bar
 # meets it), and these let a copy meet it relative to the untrimmed frame,
 # verified on pixels mapped through the box (``detectors.neardup``).
@@ -400,28 +404,20 @@ def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
 N_VIEWS = len(VIEW_CROPS) + len(VIEW_BOXES)  # content views of every record (after a trimmed view)
 
 
-def encode_box(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> str:
-    """The content box as fractions of the frame (x0, y0, x1, y1), 16 bits
-    each: 16 hex chars, so it travels in ``ImageHashes.views`` through every
-    store that keeps views."""
+def frame_fractions(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> tuple[float, float, float, float]:
+    """A content box in pixels as fractions of the frame (``ImageHashes.content_box``)."""
     h, w = shape[:2]
-    fr = (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
-    return "".join(f"{round(min(1.0, max(0.0, v)) * 0xFFFF):04x}" for v in fr)
+    return tuple(round(min(1.0, max(0.0, v)), 5) for v in (box[0] / w, box[1] / h, box[2] / w, box[3] / h))  # type: ignore[return-value]
 
 
-def frame_extras(views: list[str] | None, trimmed: bool) -> tuple[list[str], tuple[float, float, float, float]] | None:
-    """(frame crop views, content box as frame fractions) of a trimmed
-    record from ``HASHES_VERSION`` 6 on; None for other records (untrimmed,
-    or made before: they match as before)."""
-    if not trimmed or not views or len(views) != 1 + N_VIEWS + len(FRAME_CROPS) + 1:
+def frame_extras(views: list[str] | None, trimmed: bool) -> list[str] | None:
+    """The whole frame's centre-crop views of a trimmed record from
+    ``HASHES_VERSION`` 6 on (its ``content_box`` says where the content
+    sits); None for other records (untrimmed, or made before: they match as
+    before)."""
+    if not trimmed or not views or len(views) != 1 + N_VIEWS + len(FRAME_CROPS):
         return None
-    return views[1 + N_VIEWS : -1], decode_box(views[-1])
-
-
-def decode_box(code: str) -> tuple[float, float, float, float]:
-    """``encode_box`` back to (x0, y0, x1, y1) fractions of the frame."""
-    x0, y0, x1, y1 = (int(code[i : i + 4], 16) / 0xFFFF for i in range(0, 16, 4))
-    return x0, y0, x1, y1
+    return views[1 + N_VIEWS :]
 
 
 def view_hashes(grey: np.ndarray) -> tuple[list[str], bool]:
@@ -441,7 +437,6 @@ def view_hashes(grey: np.ndarray) -> tuple[list[str], bool]:
         for frac in FRAME_CROPS:
             dx, dy = w * (1 - frac) / 2, h * (1 - frac) / 2
             views.append(view_phash(grey, (dx, dy, w - dx, h - dy)))
-        views.append(encode_box(box, grey.shape))
     return views, trimmed
 
 

@@ -101,7 +101,7 @@ class Analyzer:
 
     # Bump when hashes or cheap detectors change what they compute, so cached
     # analyses of old images are recomputed rather than reused.
-    CACHE_VERSION = 3  # 3: hashes carry off-centre and caption-band views (cluster precision)
+    CACHE_VERSION = 4  # 4: hashes v6 (frame crops, content box); 3: off-centre and caption-band views
 
     def _cache_path(self, sha256: str) -> Path:
         return self._cache_dir / f"{sha256}.v{self.CACHE_VERSION}.json"

@@ -62,8 +62,9 @@ MAX_ACCOUNTS = 10_000  # exact distinct-account counts live in the findings stor
 class ClusterState(BaseModel):
     # 2: members may carry ``thumb`` (pixel verification) and merge audits the
     # ``representative_*`` of a link by representatives; both optional, so a
-    # version-1 state loads as it is (and its members match on hashes alone)
-    schema_version: int = 2
+    # version-1 state loads as it is (and its members match on hashes alone);
+    # 3: representatives may carry ``content_box`` (hashes v6), optional too
+    schema_version: int = 3
     cluster_id: str
     revision: int = 0
     applied_offset: int = -1
@@ -224,6 +225,7 @@ class ClusterEngine:
                 # only they keep their ~25 view hashes in the state
                 views=s.hashes.views if assignment.representative else None, trimmed=s.hashes.trimmed,
                 thumb=s.hashes.thumb if assignment.representative else None,
+                content_box=s.hashes.content_box if assignment.representative else None,
             ))
             known = {(e.detector, e.sha256) for e in state.evidence}
             state.evidence.extend(e for e in s.evidence if (e.detector, e.sha256) not in known)
@@ -407,4 +409,4 @@ def _member_hashes(m: Member):
     from detectors.hashing import ImageHashes
 
     return ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality, views=m.views, trimmed=m.trimmed,
-                       thumb=m.thumb)
+                       thumb=m.thumb, content_box=m.content_box)

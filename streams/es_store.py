@@ -733,8 +733,9 @@ def cluster_doc(snap: ClusterSnapshot, picture_url: str | None = None) -> dict[s
         "suppressed": snap.suppressed, "alert_level": snap.alert_level, "updated_at": _now(),
         "blob_refs": [m.sha256 for m in snap.members], "picture_url": picture_url,
         "members": [
-            # the verification thumbnail is engine state (engine-state.sqlite), not a search field
-            {**m.model_dump(exclude={"thumb"}), "pdq_bits": hex_bits(m.pdq), "phash_bits": hex_bits(m.phash)}
+            # the verification thumbnail and content box are engine state
+            # (engine-state.sqlite), not search fields
+            {**m.model_dump(exclude={"thumb", "content_box"}), "pdq_bits": hex_bits(m.pdq), "phash_bits": hex_bits(m.phash)}
             for m in snap.members
         ],
     }

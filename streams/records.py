@@ -234,6 +234,7 @@ class Member(BaseModel):
     views: list[str] | None = None  # pHashes of crop/trimmed views, so rebuilt indexes still match crops
     trimmed: bool = False
     thumb: str | None = None  # representatives: the grey thumbnail hash matches are verified on
+    content_box: tuple[float, float, float, float] | None = None  # representatives: ``ImageHashes.content_box``
 
 
 class Velocity(BaseModel):

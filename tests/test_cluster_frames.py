@@ -15,7 +15,7 @@ from PIL import Image
 
 from bench.neardup_transforms import CLUSTER_TRANSFORMS, _crop, screenshot
 from detectors.hashing import (
-    FRAME_CROPS, N_VIEWS, ImageHashes, compute_hashes, decode_box, encode_box, frame_extras, hamming_hex,
+    FRAME_CROPS, N_VIEWS, ImageHashes, compute_hashes, frame_extras, frame_fractions, hamming_hex,
 )
 from detectors.imagedata import ImageData
 from detectors.neardup import ClusterIndex, pair_match
@@ -30,7 +30,9 @@ _REPOSTS = ["crop_90", "bar_bottom_1/8_black", "caption_text", "resize_0.5", "jp
 
 def _as_v5(h: ImageHashes) -> ImageHashes:
     """The record as hashes v5 made it: no frame crops, no content box."""
-    return h.model_copy(update={"views": h.views[: 1 + N_VIEWS]}) if frame_extras(h.views, h.trimmed) else h
+    if not frame_extras(h.views, h.trimmed):
+        return h
+    return h.model_copy(update={"views": h.views[: 1 + N_VIEWS], "content_box": None})
 
 
 def _feed(path: Path) -> list[tuple[str, str, ImageHashes]]:
@@ -42,10 +44,12 @@ def _feed(path: Path) -> list[tuple[str, str, ImageHashes]]:
     return [(t, d.sha256, compute_hashes(d)) for t, d in datas]
 
 
-def test_box_code_round_trips_and_old_records_have_no_frame_extras():
-    code = encode_box((10, 0, 90, 75), (100, 100))
-    assert len(code) == 16 and int(code, 16) >= 0  # a pHash-shaped string: every store that keeps views keeps it
-    assert decode_box(code) == pytest.approx((0.1, 0.0, 0.9, 0.75), abs=1e-4)
+def test_content_box_survives_the_record_and_old_records_have_no_frame_extras():
+    box = frame_fractions((10, 0, 90, 75), (100, 100))
+    assert box == pytest.approx((0.1, 0.0, 0.9, 0.75))
+    h = ImageHashes(phash="0" * 16, pdq="0" * 64, pdq_quality=100, views=["0" * 16] * (1 + N_VIEWS + len(FRAME_CROPS)),
+                    trimmed=True, content_box=box)
+    assert ImageHashes.model_validate_json(h.model_dump_json()) == h  # the box is a typed field, not a view
     assert frame_extras(None, True) is None
     assert frame_extras(["0" * 16] * (1 + N_VIEWS), True) is None  # a v5 trimmed record
     assert frame_extras(["0" * 16] * N_VIEWS, False) is None  # untrimmed: unchanged layout
@@ -59,9 +63,8 @@ def test_a_trimmed_record_carries_frame_crops_that_meet_the_crop_of_its_frame():
     framed = Image.new("RGB", (a.width, a.height + a.height // 8), (255, 255, 255))
     framed.paste(a, (0, a.height // 8))
     _, h = _h(framed)
-    extras = frame_extras(h.views, h.trimmed)
-    assert h.trimmed and extras is not None
-    crops, box = extras
+    crops, box = frame_extras(h.views, h.trimmed), h.content_box
+    assert h.trimmed and crops is not None and box is not None
     assert len(crops) == len(FRAME_CROPS)
     assert box[1] == pytest.approx(1 / 9, abs=0.02) and box[3] == pytest.approx(1.0, abs=0.01)
     sc, hc = _h(_crop(framed, 0.9))

@@ -204,7 +204,7 @@ def test_clusters_split_by_arrival_order_are_joined_by_their_representatives(sha
         # as hash records made before v6 (no frame-relative codes, which
         # join this order on their own): they still load and match as before
         if frame_extras(h.views, h.trimmed):
-            h = h.model_copy(update={"views": h.views[: 1 + N_VIEWS]})
+            h = h.model_copy(update={"views": h.views[: 1 + N_VIEWS], "content_box": None})
         feed.append((data.sha256, h))
 
     before = ClusterIndex(representative_links=False)

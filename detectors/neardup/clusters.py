@@ -69,7 +69,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from detectors.hashing import (
-    FRAME_CROPS, N_VIEWS, VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, decode_box, frame_extras, hamming_hex, thumb_array,
+    FRAME_CROPS, N_VIEWS, VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, frame_extras, hamming_hex, thumb_array,
 )
 from detectors.neardup.hamming import HammingIndex
 from detectors.neardup.verify import FULL, VIEW_SLOT_BOXES, Box, aligned_residual, residual
@@ -149,7 +149,7 @@ def view_slots(views: list[str] | None, trimmed: bool) -> list[tuple[int, str]]:
         views = views[1:]
     if extras:
         out.extend((_CROP0 + i, v) for i, v in enumerate(views[:N_VIEWS]))
-        out.extend((_FRAME0 + i, v) for i, v in enumerate(extras[0]))
+        out.extend((_FRAME0 + i, v) for i, v in enumerate(extras))
     else:
         out.extend((_CROP0 + i, v) for i, v in enumerate(views[: _FRAME0 - _CROP0]))
     return out
@@ -367,15 +367,12 @@ class _Rep:
     thumb: np.ndarray | None = field(default=None, repr=False)  # 32x32 uint8 grey content (``verify``); None: trust hashes
     sha256: str = ""
     trust: tuple[int, bool] | None = field(default=None, repr=False)  # ``ClusterIndex._trusted`` memo: (founders, answer)
-    box_code: str | None = None  # a trimmed v6 image's content box (``encode_box``): frame-relative codes
-    box: tuple[float, float, float, float] | None = field(init=False, default=None)
+    box: tuple[float, float, float, float] | None = None  # a trimmed v6 image's content box: frame-relative codes
     slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
     codes: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.box_code:
-            self.box = decode_box(self.box_code)
-        full = [(_FRAME_FULL, self.phash)] if self.box_code else [] if self.framed else [(_FULL, self.phash)]
+        full = [(_FRAME_FULL, self.phash)] if self.box else [] if self.framed else [(_FULL, self.phash)]
         pairs = full + self.views
         self.slots = np.array([s for s, _ in pairs], dtype=np.int8)
         self.codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
@@ -386,10 +383,10 @@ class _Rep:
         and thumbnail, rebuilt from the arrays (no mirrors: the other
         direction covers a mirrored pair's other side)."""
         views = [f"{int(c):016x}" for s, c in zip(self.slots.tolist(), self.codes.tolist())
-                 if s not in (_FULL, _FRAME_FULL)] + ([self.box_code] if self.box_code else [])
+                 if s not in (_FULL, _FRAME_FULL)]
         thumb = None if self.thumb is None else base64.b64encode(self.thumb.astype(np.uint8).tobytes()).decode()
         return ImageHashes(phash=self.phash, pdq=self.pdq, pdq_quality=self.pdq_quality, views=views or None,
-                           trimmed=self.framed, thumb=thumb)
+                           trimmed=self.framed, thumb=thumb, content_box=self.box)
 
 
 @dataclass
@@ -412,7 +409,7 @@ class _Query:
         thumb = thumb_array(h.thumb) if h.thumb else None
         extras = frame_extras(h.views, h.trimmed)
         return cls(codes, kinds, kinds < 0, kinds >= _CROP0, _framed(h.views, h.trimmed), thumb,
-                   extras[1] if extras else None)
+                   h.content_box if extras else None)
 
 
 def _box(kind: int) -> Box:
@@ -1017,7 +1014,7 @@ class ClusterIndex:
         extras = frame_extras(hashes.views, hashes.trimmed)
         rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views, representative if founder is None else founder,
                    _framed(hashes.views, hashes.trimmed), thumb_array(hashes.thumb, np.uint8) if hashes.thumb else None, sha256,
-                   box_code=hashes.views[-1] if extras and hashes.views else None)
+                   box=hashes.content_box if extras else None)
         if representative:
             c.reps.append(rep)
         if c.first is None:
