@@ -107,13 +107,12 @@ ANCHOR_DISTANCE = 4
 MAX_REPRESENTATIVES = 8
 
 
-_VIEWS_SEARCHED = ""  # ``ClusterIndex._pictures``: a key no cluster id takes
-_VERIFY_TRIES = 4
+_VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
 # ``_bridge``: candidate clusters a new representative tries (nearest
 # first), verified at the boxes the hashes name only (no aligned search):
 # on the cluster bench 3 tries without alignment keep all but 2 of the
 # joins of unbounded aligned tries, at a quarter of the cost
-_BRIDGE_TRIES = 3  # nearest pairs per representative tried before giving up on it
+_BRIDGE_TRIES = 3
 
 
 def _residual_or_none(r: float) -> float | None:
@@ -573,8 +572,7 @@ class ClusterIndex:
         candidates; the image must match one of the cluster's representatives
         under the pair rule, so a chain of small drifts never reaches a
         different picture."""
-        near, pics = self._pictures(sha256, hashes, _Query.of(hashes))
-        near.pop(_VIEWS_SEARCHED, None)
+        near, pics, _ = self._pictures(sha256, hashes, _Query.of(hashes))
         found = [Match(cluster_id=cid, distance=d, via=via) for cid, (_, d, via) in near.items()
                  if via == "sha256" or cid in pics]
         return sorted(found, key=self._rank)
@@ -582,11 +580,10 @@ class ClusterIndex:
     def _rank(self, m: Match) -> tuple[float, int, str]:
         return (*rank_key(m.distance, m.via, self.phash_threshold, self.pdq_threshold), m.cluster_id)
 
-    def _pictures(self, sha256: str, h: ImageHashes, q: "_Query") -> tuple[dict[str, tuple], dict[str, tuple]]:
+    def _pictures(self, sha256: str, h: ImageHashes, q: "_Query") -> tuple[dict[str, tuple], dict[str, tuple], bool]:
         """(nearest indexed match per candidate cluster, picture match per
-        cluster whose picture the image shows); see ``_picture_match``.
-        ``near`` holds the key ``_VIEWS_SEARCHED`` when the image's views
-        were searched too."""
+        cluster whose picture the image shows, whether no picture matched
+        even with the image's views searched too); see ``_picture_match``."""
         near: dict[str, tuple] = {}
         own = self._member_cluster.get(sha256)
         if own is not None:
@@ -603,10 +600,8 @@ class ClusterIndex:
                     near[cid] = key
             pics = {cid: p for cid in near if (p := self._picture_match(cid, h, q))}
             if pics:
-                break
-        else:
-            near[_VIEWS_SEARCHED] = ()
-        return near, pics
+                return near, pics, False
+        return near, pics, True
 
     def _hash_matches(self, h: ImageHashes, query: "_Query", *, views: bool) -> list[tuple[str, int, Via]]:
         """Indexed codes the image meets: with ``views`` False its full and
@@ -800,7 +795,8 @@ class ClusterIndex:
             return True
         return hamming_hex(a.pdq, b.pdq) <= self.rep_pdq
 
-    def _bridge(self, into: str, sha256: str, h: ImageHashes, q: "_Query", near: dict, tried: set[str]):
+    def _bridge(self, into: str, sha256: str, h: ImageHashes, q: "_Query", near: dict, exhausted: bool,
+                tried: set[str]):
         """Clusters that are ``into``'s picture now that this image is one of
         its representatives: every cluster the image's hashes came near
         (full frames and views), not yet tried, whose representative joins
@@ -811,15 +807,17 @@ class ClusterIndex:
         Only pairs with the new representative are tried (the rest were
         there before it), and only one way for the clusters ``near`` --
         ``_pictures`` already matched the image against their pictures.
+        ``exhausted``: ``_pictures`` searched the image's views and found no
+        picture (then the clusters founded by a crop of it are in ``near``).
         Yields (cluster, join) in id order; reads index state only."""
         if self.verify_max is None or not self.representative_links:
             return
         new = [r for r in self._clusters[into].reps if r.sha256 == sha256]
         if not new:
             return
-        rank = {cid: v[0] for cid, v in near.items() if cid != _VIEWS_SEARCHED}
+        rank = {cid: v[0] for cid, v in near.items()}
         seen = set(rank)
-        if _VIEWS_SEARCHED not in near:
+        if not exhausted:
             for cid, d, via in self._crop_founders(q):
                 key = rank_key(d, via, self.phash_threshold, self.pdq_threshold)
                 if cid not in seen and (cid not in rank or key < rank[cid]):
@@ -919,7 +917,7 @@ class ClusterIndex:
             self.touch(own, ts)
             return Assignment(cluster_id=own, new_cluster=False, new_member=False, merged=[], distance=0, via="sha256")
         q = _Query.of(hashes)  # codes and thumbnail decoded once for every check below
-        near, pics = self._pictures(sha256, hashes, q)
+        near, pics, exhausted = self._pictures(sha256, hashes, q)
         if not pics:
             cid = cluster_id_for(sha256)
             n = 16
@@ -929,7 +927,7 @@ class ClusterIndex:
             self.add(cid, sha256, hashes, representative=True, ts=ts)
             audit = []
             merged = []
-            for other, rj in self._bridge(cid, sha256, hashes, q, near, set()):
+            for other, rj in self._bridge(cid, sha256, hashes, q, near, exhausted, set()):
                 audit.append(self._rep_audit(cid, other, sha256, None, None, rj))
                 self.merge(cid, other)
                 merged.append(other)
@@ -984,7 +982,7 @@ class ClusterIndex:
         self.add(into, sha256, hashes, representative=rep, founder=False, ts=ts)
         if rep:
             tried = set(pics) | set(merged)
-            for other, rj in self._bridge(into, sha256, hashes, q, near, tried):
+            for other, rj in self._bridge(into, sha256, hashes, q, near, exhausted, tried):
                 audit.append(self._rep_audit(into, other, sha256, pics[into], None, rj))
                 self.merge(into, other)
                 merged.append(other)
