@@ -93,7 +93,8 @@ def picture_groups(images, max_diff: float = 3.0) -> list[int]:
 def hashed_variants(images, cache_dir: Path) -> list[tuple[int, str, str, ImageHashes]]:
     """(image index, transform, sha256, hashes) for every original and variant."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    views_key = hashlib.sha256(f"{HASHES_VERSION}{VIEW_BOXES!r}".encode()).hexdigest()[:8]  # hashes change with these
+    # hashes change with these (and the record's shape with its fields)
+    views_key = hashlib.sha256(f"{HASHES_VERSION}{VIEW_BOXES!r}{sorted(ImageHashes.model_fields)}".encode()).hexdigest()[:8]
     out = []
     for i, (name, im) in enumerate(images):
         key = hashlib.sha256((name + "|" + ",".join(CLUSTER_TRANSFORMS)).encode()).hexdigest()[:24]
