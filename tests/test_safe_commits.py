@@ -78,6 +78,12 @@ def taken(c, offsets):
     return msgs
 
 
+def done(c, offsets):
+    """Messages taken and processed (acked), as a stream finishes them."""
+    for m in taken(c, offsets).values():
+        c.ack(m)
+
+
 async def commit_point(c):
     """One commit decision, then let what it scheduled run; the new
     committed offset (as Faust records it after committing) or None."""
@@ -146,17 +152,13 @@ def test_a_dropped_record_is_read_again_not_committed_over(consumer, broker):
     # the commit stops at it and the partition is read again from there.
     async def scenario():
         reset(consumer, 10)
-        msgs = taken(consumer, [10, 12, 13])
-        for m in msgs.values():
-            consumer.ack(m)
+        done(consumer, [10, 12, 13])
         assert await commit_point(consumer) == 11
         assert await commit_point(consumer) is None
         assert broker.seeks == [(TP0, 11)]
         assert await commit_point(consumer) is None
         assert broker.seeks == [(TP0, 11)]  # asked once, then given time to come round
-        again = taken(consumer, [11, 12, 13])  # the re-read
-        for m in again.values():
-            consumer.ack(m)
+        done(consumer, [11, 12, 13])  # the re-read
         assert await commit_point(consumer) == 14
 
     asyncio.run(scenario())
@@ -167,9 +169,7 @@ def test_an_offset_without_a_record_is_passed_over_after_rereads(consumer, broke
 
     async def scenario():
         reset(consumer, 20)
-        msgs = taken(consumer, [21, 22])  # 20 is a transaction marker / compacted away
-        for m in msgs.values():
-            consumer.ack(m)
+        done(consumer, [21, 22])  # 20 is a transaction marker / compacted away
         for _ in range(safe_commits.REREAD_TRIES):
             assert await commit_point(consumer) is None
         assert broker.seeks == [(TP0, 20)] * safe_commits.REREAD_TRIES
