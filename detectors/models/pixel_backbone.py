@@ -218,7 +218,11 @@ def _fp32_graph(name: str, build: Callable[[], torch.nn.Module]) -> bytes | None
     if path is not None and path.is_file():
         graph = path.read_bytes()
         try:
-            _session(graph)  # a damaged file (a disk filled mid-copy): export again and replace it
+            # a damaged file (a disk filled mid-copy): export again and replace it. Parsing
+            # the protobuf says so; a session here would cost its graph optimisation twice
+            import onnx
+
+            onnx.load_model_from_string(graph)
             return graph
         except Exception as e:
             log.warning("cached onnx export %s unreadable (%s); exporting again", path, e)
