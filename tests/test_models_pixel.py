@@ -115,7 +115,7 @@ print(json.dumps({"torch": "torch" in sys.modules, "runtime": det.backbone.runti
 @pytest.mark.skipif(not __import__("importlib.metadata").metadata.version("torch").endswith("+cpu"),
                     reason="checks a CPU-only torch build, where 'auto' can only mean the CPU")
 def test_a_cpu_worker_with_the_cached_graph_never_imports_torch(tmp_path) -> None:
-    # torch costs a detect worker or `deepwatch detect` about 4 s and 220 MB: on the CPU, with the
+    # torch costs a detect worker or `deepwatch detect` about 180 MB and seconds: on the CPU, with the
     # graph cached (the first run caches it), onnxruntime runs the model alone, with the same result.
     import json
     import subprocess

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def _accelerator_possible() -> bool:
     """Whether ``auto`` could pick anything but the CPU, answered without importing torch
-    (about 4 s and 220 MB): a CPU-only torch build, or no GPU driver on the machine, means no."""
+    (about 180 MB and seconds of start-up): a CPU-only torch build, or no GPU driver on the machine, means no."""
     try:
         if version("torch").endswith("+cpu"):
             return False

@@ -4,7 +4,7 @@ batch norms, wrap the forward so it returns the pooled taps, export to ONNX.
 Imported only when torch must run: on a GPU, to export the ONNX graph the
 first time (it is cached on disk, ``pixel_backbone.onnx_cache_path``), or
 without onnxruntime. A CPU worker with a cached graph never imports torch
-(about 4 s and 220 MB less per process, measured on the 2-core machine).
+(about 180 MB and 1-4 s less per process on the 2-core machine: docs/pixel-detector.md).
 The ONNX cache key hashes this file's text, so editing anything here exports
 the graph afresh.
 """
