@@ -121,7 +121,7 @@ def test_leave_generator_out_eval_trains_on_extra_copies_and_refuses_unknown_one
     rep = json.loads(r.stdout)
     assert rep["train_variants"] == ["reposted", "jpeg0"] and rep["seed"] == 0
     assert rep["variants"]["reposted"]["overall"]["n"] == 24  # held-out folds are still scored re-posted only
-    assert len(list(cache.rglob("*-jpeg0.npz"))) == 24  # the extra copies went through the feature cache
+    assert len(list(cache.rglob("*-jpeg0-canonical.npz"))) == 24  # the extra copies went through the feature cache
 
     r = CliRunner().invoke(app, [*args, "--train-variant", "sepia"])
     assert r.exit_code == 2 and "not one of published, aug<k>, jpeg<k>" in r.output and "Traceback" not in r.output

@@ -29,8 +29,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
+
+if TYPE_CHECKING:
+    from detectors.imagedata import ImageData
 
 REPOST_LONG_SIDE = 1600
 REPOST_QUALITY = 80
@@ -131,9 +136,57 @@ def _open_rgb(data: bytes) -> Image.Image:
 
 def repost(data: bytes) -> bytes:
     """What a social platform does: strip metadata, cap the long side, JPEG q80."""
-    img = _open_rgb(data)
+    return repost_rgb(_open_rgb(data))
+
+
+def repost_rgb(img: Image.Image) -> bytes:
+    """``repost`` of decoded, oriented RGB pixels (``img`` is left as it is)."""
+    img = img.copy()
     img.thumbnail((REPOST_LONG_SIDE, REPOST_LONG_SIDE), Image.BICUBIC)
     return _jpeg(img, REPOST_QUALITY)
+
+
+# A JPEG at or below this estimated quality and within the re-post long side is taken as a
+# re-post as it is: platforms re-encode below q90, cameras, phones and editors mostly save at q90
+# and above. Measured leave-generator-out as published (docs/pixel-detector.md, sixth round):
+# <= 85 and <= 89 gave the same gain; taking q90 files as they are gave most of it back (the
+# shared sets hold many real photos saved at exactly q90), any quality all of it.
+REPOST_LIKE_MAX_QUALITY = 89
+# The IJG (libjpeg) luminance table at quality 50: quality scales it (``jpeg_quality``).
+_IJG_LUMA = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+                      14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113,
+                      92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64)
+
+
+def jpeg_quality(img: Image.Image) -> float | None:
+    """Estimated IJG quality (1-100) of an opened JPEG from its luminance quantization table:
+    libjpeg scales the quality-50 table by 200 - 2q percent above q50 and by 5000 / q below
+    (Pillow's tables are in natural order, like ``_IJG_LUMA``). Exact to about 0.1 for libjpeg
+    encoders; a rough figure for encoders with tables of their own."""
+    tables = getattr(img, "quantization", None) or {}
+    luma = tables.get(0)
+    if luma is None or len(luma) < 64:
+        return None
+    scale = float(np.mean(np.asarray(luma[:64], dtype=np.float64) / _IJG_LUMA)) * 100
+    return (200 - scale) / 2 if scale <= 100 else 5000 / scale
+
+
+def repost_like(image: ImageData) -> bool:
+    """A JPEG no larger than a re-post and compressed at least as much as platforms do."""
+    if image.format != "JPEG" or max(image.size) > REPOST_LONG_SIDE:
+        return False
+    q = jpeg_quality(image.open())
+    return q is not None and round(q) <= REPOST_LIKE_MAX_QUALITY
+
+
+def canonical(image: ImageData) -> ImageData:
+    """``image`` as the probe was trained to see it: as it is when it looks like a re-post, else
+    re-posted (``repost``: the training rows' encoding), from pixels decoded within its limits."""
+    if repost_like(image):
+        return image
+    from detectors.imagedata import ImageData
+
+    return ImageData(repost_rgb(image.rgb), path=image.path, limits=image.limits)
 
 
 def augment(data: bytes, seed: int) -> bytes:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from detectors.imagedata import ImageData, ImageRejected
 from detectors.models.pixel_backbone import Backbone, FeatureSpec, crop_taps, decode_for_model, image_crops, select_taps
-from detectors.models.pixel_data import FeatureCache, Sample, variant_bytes
+from detectors.models.pixel_data import FeatureCache, Sample, repost_like, variant_bytes
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +28,47 @@ def extract(
 ) -> list[tuple[Sample, str, str]]:
     """Compute missing per-crop taps for ``n_crops`` crops (default: all ``cache.max_crops``;
     the recipe's ``spec.crops`` is enough to train it). Returns skipped (sample, variant, reason)."""
-    todo = [(s, v) for v in variants for s in samples if not cache.path(s, v).exists()]
+    wanted = dict.fromkeys((s, v, cached_variant(s, v, spec)) for v in variants for s in samples)
+    todo = [(s, v, c) for s, v, c in wanted if not cache.path(s, c).exists()]
     skipped = []
     started = time.monotonic()
-    for i, (s, v) in enumerate(todo):
+    for i, (s, v, c) in enumerate(todo):
+        if cache.path(s, c).exists():  # another variant's entry (a published picture seen re-posted)
+            continue
         try:
             image = ImageData(variant_bytes(s, v), path=str(s.path))
             crops = image_crops(decode_for_model(image, spec), n_crops or cache.max_crops)
         except (ImageRejected, OSError, ValueError) as e:
             skipped.append((s, v, str(e)))
             continue
-        cache.put(s, v, crop_taps(backbone, crops))
+        cache.put(s, c, crop_taps(backbone, crops))
         if progress:
             progress(i + 1, len(todo))
         elif (i + 1) % 50 == 0:
             log.info("features %d/%d (%.1f/s)", i + 1, len(todo), (i + 1) / (time.monotonic() - started))
     return skipped
+
+
+def cached_variant(sample: Sample, variant: str, spec: FeatureSpec) -> str:
+    """The cache entry holding what the probe sees of ``sample`` in ``variant``.
+
+    With ``spec.canonical_input`` the probe sees a published picture that is not re-post-like
+    exactly as its re-posted copy (the same bytes: ``pixel_data.canonical``), so the two share
+    an entry; augmented copies get entries of their own (those at q90 and above are re-posted again).
+    """
+    if not spec.canonical_input or variant == "reposted":
+        return variant
+    if variant == "published":
+        return "published" if _published_repost_like(str(sample.path)) else "reposted"
+    return f"{variant}-canonical"
+
+
+@lru_cache(maxsize=None)
+def _published_repost_like(path: str) -> bool:
+    try:
+        return repost_like(ImageData(Path(path).read_bytes(), path=path))
+    except (ImageRejected, OSError):
+        return True  # skipped by ``extract`` either way
 
 
 CALIBRATION_PICTURES = 120  # x 3 crops: what the fifth round calibrated on (docs/pixel-detector.md)
@@ -67,7 +94,7 @@ def matrix(samples: list[Sample], variant: str, cache: FeatureCache, spec: Featu
     """(X, present) for ``samples`` in ``variant``: X rows of missing pictures are zeros, ``present`` False."""
     rows, present = [], []
     for s in samples:
-        taps = cache.get(s, variant)
+        taps = cache.get(s, cached_variant(s, variant, spec))
         if taps is None:
             rows.append(None)
             present.append(False)

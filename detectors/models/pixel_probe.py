@@ -50,6 +50,9 @@ class HeadCard(BaseModel):
         # Heads written before FeatureSpec.precision existed were trained on fp32 features.
         if isinstance(data, dict) and isinstance(data.get("spec"), dict) and "precision" not in data["spec"]:
             data = {**data, "spec": {**data["spec"], "precision": "fp32"}}
+        # ... and those written before FeatureSpec.canonical_input saw every picture as given.
+        if isinstance(data, dict) and isinstance(data.get("spec"), dict) and "canonical_input" not in data["spec"]:
+            data = {**data, "spec": {**data["spec"], "canonical_input": False}}
         return data
 
 

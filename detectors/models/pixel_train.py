@@ -231,7 +231,7 @@ def train_pixel_probe(
     spec: FeatureSpec | None = None,
     params: ProbeParams | None = None,
     name: str = "pixel-probe-lite2",
-    version: str = "3",  # v1: 2 crops; v2: 3 crops; v3: int8 backbone (docs/pixel-detector.md, rounds 4-5)
+    version: str = "4",  # v1: 2 crops; v2: 3 crops; v3: int8 backbone; v4: canonical input (docs/pixel-detector.md)
     group_by: str = "generator",
     max_fpr: float = 0.01,
     progress=None,

