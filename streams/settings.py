@@ -173,6 +173,18 @@ class DeskSettings(_Section):
     account_check_s: float = 30.0
 
 
+class BatchSettings(_Section):
+    """How many messages a pipeline stage takes per step. Batches spread the
+    streaming cost of a message (thread hop, store transaction, changelog
+    write, produce request) over many; a stage waits at most ``*_within_s``
+    for a batch to fill, which bounds the latency this adds."""
+
+    cluster_max_ops: int = Field(200, ge=1, le=10_000)  # cluster ops per engine-state transaction
+    cluster_within_s: float = Field(0.02, gt=0, le=5.0)
+    analyze_max_events: int = Field(16, ge=1, le=1000)  # events one analyze actor takes per thread hop
+    analyze_within_s: float = Field(0.02, gt=0, le=5.0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPWATCH_", env_nested_delimiter="__", extra="ignore")
 
@@ -195,6 +207,7 @@ class Settings(BaseSettings):
     connectors: ConnectorSettings = Field(default_factory=ConnectorSettings)
     findings: FindingsSettings = Field(default_factory=FindingsSettings)
     desk: DeskSettings = Field(default_factory=DeskSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
 
     @classmethod
     def settings_customise_sources(
