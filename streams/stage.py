@@ -34,6 +34,35 @@ log = logging.getLogger(__name__)
 MAX_OP_BYTES = MAX_EVENT_BYTES
 
 
+BLOBS_REMEMBERED = 100_000  # ~10 MB of digests: repeats of a recent picture skip the blob store
+
+
+class _RecentSet:
+    """A bounded set that forgets its oldest entries first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()  # the analyze actors' threads share it
+
+    def __contains__(self, item: str) -> bool:
+        return item in self._items
+
+    def add(self, item: str) -> None:
+        with self._lock:
+            self._items[item] = None
+            self._items.move_to_end(item)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+@dataclass
+class FetchFailed:
+    """A local read that failed in the analysis hop (re-raised in the fetch stage)."""
+
+    error: BaseException
+
+
 class StageError(Exception):
     """A refusal decided by the stage itself (not by a parser or fetcher)."""
 
@@ -148,6 +177,7 @@ class AnalyzeStage:
         # event id -> sha256 of sightings this worker sent but the store may
         # not have yet (the sink runs behind the stream).
         self.shared = shared or SharedIds()
+        self._blobs = _RecentSet(BLOBS_REMEMBERED)  # sha256 of blobs this stage put
 
     async def process(self, raw: bytes, source: SourceRef, broker_ts: float | None = None) -> Result:
         """One event in, one outcome out; never raises (except cancellation)."""
@@ -176,19 +206,24 @@ class AnalyzeStage:
             return self._dead(self._stage, reason, detail, source, raw, event_id or getattr(e, "event_id", None))
 
     async def _analyze(self, ev: Any, source: SourceRef, broker_ts: float | None) -> Result:
-        started = time.perf_counter()
-        self._stage = "fetch"
-        data = await self.fetcher.get(ev)
-        metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
+        data: bytes | None = None
+        if ev.image.path is None:  # a local file is read in the analysis hop below
+            started = time.perf_counter()
+            self._stage = "fetch"
+            data = await self.fetcher.get(ev)
+            metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
         self._stage = "decode"
         t1 = time.perf_counter()
-        # One thread hop for the blocking work of an event (analysis, blob
-        # write, the store's answer on this event id): every hop waits for a
-        # pool thread and then for the GIL, which under load cost more than
-        # the blob write and the lookup themselves.
+        # One thread hop for the blocking work of an event (local read,
+        # analysis, blob write, the store's answer on this event id): every
+        # hop waits for a pool thread and then for the GIL, which under load
+        # cost more than the read, the blob write and the lookup themselves.
         recent = self.shared.recent.get(ev.event_id)
         sighting, stored = await asyncio.to_thread(self._blocking, ev, data, source, recent is None)
         metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
+        if isinstance(sighting, FetchFailed):
+            self._stage = "fetch"
+            raise sighting.error
         self._stage = "dedupe"
         if isinstance(stored, BaseException):
             raise stored
@@ -224,13 +259,23 @@ class AnalyzeStage:
             raise StageError("future_posted_at", f"posted_at {posted_at.isoformat()} is more than {skew:.0f}s after "
                              f"ingest time {ingested.isoformat()} (ingest.max_future_skew_s)")
 
-    def _blocking(self, ev: Any, data: bytes, source: SourceRef, lookup: bool) -> tuple[Sighting, Any]:
-        """Analysis, blob write and (``lookup``) the stored picture of this
-        event id, in a worker thread. A failing lookup is returned, not
-        raised, so its dead letter names the dedupe stage."""
+    def _blocking(self, ev: Any, data: bytes | None, source: SourceRef, lookup: bool) -> tuple[Any, Any]:
+        """The local read (``data`` None), analysis, blob write and
+        (``lookup``) the stored picture of this event id, in a worker thread.
+        A failing read or lookup is returned, not raised, so its dead letter
+        names its own stage (fetch, dedupe)."""
+        if data is None:
+            started = time.perf_counter()
+            try:
+                data = self.fetcher.read_local(ev)
+            except Exception as e:  # noqa: BLE001 - re-raised in the fetch stage
+                return FetchFailed(e), None
+            metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
         sighting: Sighting = self.analyzer.analyze(ev, data, source)
-        with metrics.STAGE_SECONDS.labels("blob").time():
-            self.put_blob(data)
+        if sighting.sha256 not in self._blobs:  # content-addressed: once stored, stored
+            with metrics.STAGE_SECONDS.labels("blob").time():
+                self.put_blob(data)
+            self._blobs.add(sighting.sha256)
         stored: Any = None
         if lookup:
             with metrics.STAGE_SECONDS.labels("dedupe").time():
