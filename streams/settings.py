@@ -174,15 +174,17 @@ class DeskSettings(_Section):
 
 
 class BatchSettings(_Section):
-    """How many messages a pipeline stage takes per step. Batches spread the
-    streaming cost of a message (thread hop, store transaction, changelog
-    write, produce request) over many; a stage waits at most ``*_within_s``
-    for a batch to fill, which bounds the latency this adds."""
+    """The streaming cost per message. The cluster stage takes ops in batches,
+    which spreads a store transaction, changelog writes and produce requests
+    over many; it waits at most ``cluster_within_s`` for a batch to fill,
+    which bounds the latency this adds."""
 
     cluster_max_ops: int = Field(200, ge=1, le=10_000)  # cluster ops per engine-state transaction
     cluster_within_s: float = Field(0.02, gt=0, le=5.0)
-    analyze_max_events: int = Field(16, ge=1, le=1000)  # events one analyze actor takes per thread hop
-    analyze_within_s: float = Field(0.02, gt=0, le=5.0)
+    # Pictures up to this many pixels are analysed on the worker's event loop,
+    # larger ones in a thread (0: always a thread). A thread hop per event
+    # costs more than decoding and hashing a small picture (streams.stage).
+    analyze_inline_max_pixels: int = Field(4_000_000, ge=0)
 
 
 class Settings(BaseSettings):

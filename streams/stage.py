@@ -13,14 +13,18 @@ events queued behind it) nor hold it: fetch has its own overall deadline
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
+
+from PIL import Image
 
 from streams import metrics
 from streams.records import ClusterOp, DeadLetter, Sighting, SourceRef
@@ -54,13 +58,6 @@ class _RecentSet:
             self._items.move_to_end(item)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
-
-
-@dataclass
-class FetchFailed:
-    """A local read that failed in the analysis hop (re-raised in the fetch stage)."""
-
-    error: BaseException
 
 
 class StageError(Exception):
@@ -206,24 +203,33 @@ class AnalyzeStage:
             return self._dead(self._stage, reason, detail, source, raw, event_id or getattr(e, "event_id", None))
 
     async def _analyze(self, ev: Any, source: SourceRef, broker_ts: float | None) -> Result:
-        data: bytes | None = None
-        if ev.image.path is None:  # a local file is read in the analysis hop below
-            started = time.perf_counter()
-            self._stage = "fetch"
+        started = time.perf_counter()
+        self._stage = "fetch"
+        # A local file is read on the event loop: a regular file no larger
+        # than fetch.max_bytes (FIFOs and devices are refused unread), which
+        # costs less than a thread hop. A fetcher without a blocking local
+        # read (stand-ins in tests and benches) serves everything from ``get``.
+        read_local = getattr(self.fetcher, "read_local", None)
+        data = read_local(ev) if read_local is not None and ev.image.path is not None else None
+        if data is None:
             data = await self.fetcher.get(ev)
-            metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
+        metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
         self._stage = "decode"
         t1 = time.perf_counter()
-        # One thread hop for the blocking work of an event (local read,
-        # analysis, blob write, the store's answer on this event id): every
-        # hop waits for a pool thread and then for the GIL, which under load
-        # cost more than the read, the blob write and the lookup themselves.
         recent = self.shared.recent.get(ev.event_id)
-        sighting, stored = await asyncio.to_thread(self._blocking, ev, data, source, recent is None)
+        if self._small(data):
+            # Analysed on the event loop: a picture this small decodes and
+            # hashes in a few milliseconds, while a thread hop costs its
+            # handoffs and, far more, the GIL ping-pong between the loop and
+            # the pool thread on every syscall either side makes (measured:
+            # 20-30% of a pipeline worker's CPU).
+            sighting, stored = self._blocking(ev, data, source, recent is None)
+        else:
+            # One thread hop for the blocking work of a large picture
+            # (analysis, blob write, the store's answer on this event id), so
+            # the loop and its deadlines keep running meanwhile.
+            sighting, stored = await asyncio.to_thread(self._blocking, ev, data, source, recent is None)
         metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
-        if isinstance(sighting, FetchFailed):
-            self._stage = "fetch"
-            raise sighting.error
         self._stage = "dedupe"
         if isinstance(stored, BaseException):
             raise stored
@@ -259,18 +265,27 @@ class AnalyzeStage:
             raise StageError("future_posted_at", f"posted_at {posted_at.isoformat()} is more than {skew:.0f}s after "
                              f"ingest time {ingested.isoformat()} (ingest.max_future_skew_s)")
 
-    def _blocking(self, ev: Any, data: bytes | None, source: SourceRef, lookup: bool) -> tuple[Any, Any]:
-        """The local read (``data`` None), analysis, blob write and
-        (``lookup``) the stored picture of this event id, in a worker thread.
-        A failing read or lookup is returned, not raised, so its dead letter
-        names its own stage (fetch, dedupe)."""
-        if data is None:
-            started = time.perf_counter()
-            try:
-                data = self.fetcher.read_local(ev)
-            except Exception as e:  # noqa: BLE001 - re-raised in the fetch stage
-                return FetchFailed(e), None
-            metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
+    def _small(self, data: bytes) -> bool:
+        """Whether a picture is small enough to analyse on the event loop
+        (``batch.analyze_inline_max_pixels``, judged from its header; a
+        header PIL cannot read goes to a thread, where its rejection costs
+        the loop nothing)."""
+        cap = self.settings.batch.analyze_inline_max_pixels
+        if cap <= 0 or len(data) > cap:  # compressed bytes above the pixel cap: large by any measure
+            return False
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a decompression-bomb warning is for the thread to raise
+                with Image.open(io.BytesIO(data)) as img:
+                    w, h = img.size
+        except Exception:  # noqa: BLE001 - judged (and rejected) in the thread
+            return False
+        return w * h <= cap
+
+    def _blocking(self, ev: Any, data: bytes, source: SourceRef, lookup: bool) -> tuple[Sighting, Any]:
+        """Analysis, blob write and (``lookup``) the stored picture of this
+        event id, on the loop or in a worker thread. A failing lookup is
+        returned, not raised, so its dead letter names the dedupe stage."""
         sighting: Sighting = self.analyzer.analyze(ev, data, source)
         if sighting.sha256 not in self._blobs:  # content-addressed: once stored, stored
             with metrics.STAGE_SECONDS.labels("blob").time():
