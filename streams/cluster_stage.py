@@ -217,7 +217,16 @@ class ClusterStage:
 
     async def _dead(self, source: SourceRef, raw: bytes, detail: str) -> None:
         excerpt = raw[:512].decode("utf-8", "replace") if raw is not None else None
-        await self.send_dead(DeadLetter(event_id=None, stage="cluster", reason="internal_error", detail=detail,
+        event_id = None
+        try:  # a sighting op that decodes names its event: the dead letter accounts for that event
+            op = ClusterOp.loads(raw)
+        except Exception:  # noqa: BLE001 - undecodable: the op's own offset is all there is
+            op = None
+        if op is not None and op.sighting is not None:
+            event_id = op.sighting.event.event_id
+            detail = f"{detail} (cluster op at {source.topic}:{source.partition}:{source.offset})"
+            source = op.sighting.source
+        await self.send_dead(DeadLetter(event_id=event_id, stage="cluster", reason="internal_error", detail=detail,
                                         source=source, payload_excerpt=excerpt))
 
 

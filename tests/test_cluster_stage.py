@@ -222,8 +222,11 @@ def test_a_batch_whose_writes_fail_is_dead_lettered_and_the_index_rebuilt_from_t
     run_batches(stage, ops[:4], 4)
     stage.states.broken = True
     run_batches(stage, ops[4:8], 4, first_offset=4)
-    assert [(d.reason, d.source.offset) for d in dead] == [("internal_error", o) for o in range(4, 8)]
-    assert all("disk full" in d.detail for d in dead)
+    # each names its event (so replay's accounting counts it) and the op's offset
+    events = [ClusterOp.loads(op).sighting for op in ops[4:8]]
+    assert [(d.reason, d.event_id, d.source) for d in dead] == [("internal_error", s.event.event_id, s.source)
+                                                                 for s in events]
+    assert all("disk full" in d.detail and f"cluster-ops:0:{o}" in d.detail for d, o in zip(dead, range(4, 8)))
     assert len(topics["updates"].sent) == 4  # nothing of the failed batch went out
     stage.states.broken = False
     run_batches(stage, ops[8:], 4, first_offset=8)
