@@ -179,7 +179,10 @@ class BatchSettings(_Section):
     over many; it waits at most ``cluster_within_s`` for a batch to fill,
     which bounds the latency this adds."""
 
-    cluster_max_ops: int = Field(200, ge=1, le=10_000)  # cluster ops per engine-state transaction
+    # Cluster ops per engine-state transaction. A batch is applied without
+    # yielding to the event loop (no rebalance can land half-way), so this
+    # also bounds how long the worker's other agents wait: ~50-100 ms.
+    cluster_max_ops: int = Field(50, ge=1, le=10_000)
     cluster_within_s: float = Field(0.02, gt=0, le=5.0)
     # Pictures up to this many pixels are analysed on the worker's event loop,
     # larger ones in a thread (0: always a thread). A thread hop per event
