@@ -7,7 +7,11 @@ the stage that was running, and running out of time is ``deadline``. So one
 hostile event can neither crash the agent (and with it the worker and the
 events queued behind it) nor hold it: fetch has its own overall deadline
 (``fetch.total_timeout_s``) and the whole event another
-(``ingest.event_deadline_s``).
+(``ingest.event_deadline_s``). The deadline cannot interrupt work on the event
+loop itself: only local reads (regular files up to ``fetch.max_bytes``) and
+pictures up to ``batch.analyze_inline_max_pixels`` run there, a few
+milliseconds each; anything larger is analysed in a thread the deadline
+covers.
 """
 
 from __future__ import annotations
