@@ -82,7 +82,12 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     detect_requests = app.topic(t("detect-requests"), value_serializer="raw", key_serializer="raw")
     updates = app.topic(t("cluster-updates"), value_serializer="raw", key_serializer="raw")
     alerts = app.topic(t("alerts"), value_serializer="raw", key_serializer="raw")
-    table = app.Table(CLUSTER_TABLE, partitions=1, default=None, key_type=bytes, value_type=bytes)
+    # use_partitioner: the cluster stage writes the table once per batch, after
+    # its ops were taken (streams.cluster_stage), where Faust knows no
+    # "current event" to take the partition from; the table and its changelog
+    # have one partition, so the producer's partitioner names the same one.
+    table = app.Table(CLUSTER_TABLE, partitions=1, default=None, key_type=bytes, value_type=bytes,
+                      use_partitioner=True)
     # Faust derives table serializers from model types and falls back to JSON
     # for plain bytes; values are our own versioned JSON (ClusterState), so
     # store them as-is. Must be set before the table's store is first built.

@@ -7,11 +7,30 @@ table after a rebalance), the table itself, seeding a fresh table from
 ``streams.engine_state``, eviction to the cold tier and revival from it. The
 app only wires it: topics in, topics out, the rebalance signal.
 
-Per op: decode, ``ClusterEngine.apply``, write the states (engine state store
-first, then the table: a crash in between replays the op, which the states'
-``applied_offset`` makes idempotent), sweep idle clusters to the cold tier
-when due, then send snapshots, detect requests and alerts. An op that fails
-becomes one dead letter (stage ``cluster``) and the stream goes on.
+Ops come in batches (``settings.batch``: up to ``cluster_max_ops``, or what
+arrived within ``cluster_within_s``). Each op is decoded and applied through
+``ClusterEngine.apply`` in offset order, exactly as one at a time; what a
+batch changes is the streaming cost around them:
+
+* the states the batch wrote reach the engine state store in one
+  transaction and the table once per cluster (its last state: every state
+  carries the ``applied_offset`` of the last op that touched it) -- engine
+  state store first, then the table, so a crash in between replays the
+  batch, which ``applied_offset`` makes idempotent;
+* the ops are acked only after those writes and after every snapshot,
+  detect request, alert and dead letter of the batch was handed to the
+  producer (whose flush precedes every offset commit), so a crash anywhere
+  in a batch re-reads all of it.
+
+Snapshots are all sent, not only each cluster's last: a snapshot carries the
+sighting its revision added (``new_sighting``), which is how sightings reach
+the findings store. Alerts are never coalesced either. While a batch is
+applied, ``get_state`` reads the batch's own pending states first, so op
+*k+1* sees what op *k* did. An op that fails becomes one dead letter (stage
+``cluster``) and the rest of the batch goes on; its pending states are the
+ones before it, as a failed op leaves the table today. A batch whose writes
+fail makes every op of it not yet written a dead letter and rebuilds the
+index from the table.
 
 Past one writer: see ``streams.clustering`` (module docstring) and the
 README's "Cluster stage at scale" section for when one writer stops being
@@ -25,7 +44,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from streams import metrics
-from streams.clustering import ClusterEngine, ClusterState
+from streams.clustering import ClusterEngine, ClusterState, Outcome
 from streams.engine_state import SqliteEngineState
 from streams.records import ClusterOp, DeadLetter, SourceRef
 from streams.settings import Settings
@@ -55,13 +74,15 @@ class ClusterStage:
         self._engine: ClusterEngine | None = None
         self._stale = True
         self._seeded: dict[str, ClusterState] = {}
+        self._pending: dict[str, bytes] = {}  # states the batch being applied wrote, not yet in the table
 
     # -- state ----------------------------------------------------------------
     async def on_rebalance(self, sender: Any = None, **kwargs: Any) -> None:
         self._stale = True  # the table may have changed hands: rebuild the index
 
     def get_state(self, cluster_id: str) -> ClusterState | None:
-        raw = self.table.get(cluster_id.encode())
+        # A state the batch being applied wrote is newer than the table's.
+        raw = self._pending.get(cluster_id) or self.table.get(cluster_id.encode())
         if raw:
             return ClusterState.loads(raw)
         if cluster_id in self._seeded:
@@ -102,33 +123,78 @@ class ClusterStage:
 
     # -- the agent ---------------------------------------------------------------
     async def run(self, stream: Any) -> None:
-        async for event in stream.events():
-            await self.handle(event.value, event.message)
+        """Consume ``stream`` in batches, acking each batch's events only once
+        everything it produced is written and handed to the producer."""
+        batch = self.settings.batch
+        async for events in stream.noack_take(batch.cluster_max_ops, within=batch.cluster_within_s):
+            await self.handle_batch([(e.value, e.message) for e in events])
+            for e in events:
+                await stream.ack(e)
 
     async def handle(self, value: bytes, msg: Any) -> None:
+        await self.handle_batch([(value, msg)])
+
+    async def handle_batch(self, items: list[tuple[bytes, Any]]) -> None:
         started = time.perf_counter()
-        try:
-            op = ClusterOp.loads(value)
-            out = self.engine.apply(op, msg.offset, self.get_state)
-            self._write({cid: st.dumps() for cid, st in out.writes.items()})
-            if self.engine.evict_due():
-                self._evict()
-        except Exception as e:  # a bug or a poison op must not stop the single writer
-            log.exception("cluster op failed", extra={"offset": msg.offset})
+        outs, failed = self._apply_all(items)
+        for out in outs:
+            for snap in out.snapshots:
+                await self.updates.send(key=snap.cluster_id.encode(), value=snap.dumps())
+            for req in out.detect_requests:
+                await self.detect_requests.send(key=req.cluster_id.encode(), value=req.dumps())
+            for alert in out.alerts:
+                await self.alerts.send(key=alert.cluster_id.encode(), value=alert.dumps())
+        for (value, msg), detail in failed:
             src = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-            await self._dead(src, value, f"{type(e).__name__}: {e}")
-            return
-        for snap in out.snapshots:
-            await self.updates.send(key=snap.cluster_id.encode(), value=snap.dumps())
-        for req in out.detect_requests:
-            await self.detect_requests.send(key=req.cluster_id.encode(), value=req.dumps())
-        for alert in out.alerts:
-            await self.alerts.send(key=alert.cluster_id.encode(), value=alert.dumps())
+            await self._dead(src, value, detail)
         eng = self.engine
         metrics.CLUSTERS.set(eng.index.n_clusters)
         metrics.CLUSTER_MEMBERS.set(eng.index.n_members)
         metrics.STAGE_SECONDS.labels("cluster").observe(time.perf_counter() - started)
-        metrics.EVENTS.labels("cluster", "duplicate" if out.duplicate_event else "ok").inc()
+        for out in outs:
+            metrics.EVENTS.labels("cluster", "duplicate" if out.duplicate_event else "ok").inc()
+
+    def _apply_all(self, items: list[tuple[bytes, Any]]) -> tuple[list[Outcome], list[tuple[tuple[bytes, Any], str]]]:
+        """Apply a batch in order and write what it changed; no await in here,
+        so no rebalance can swap the engine half-way through a batch.
+        Returns the outcomes of the ops that applied and were written, and the
+        failed ops with their error."""
+        written: list[Outcome] = []
+        unwritten: list[tuple[tuple[bytes, Any], Outcome]] = []  # applied since the last flush
+        failed: list[tuple[tuple[bytes, Any], str]] = []
+
+        def flush() -> None:
+            writes, self._pending = self._pending, {}
+            self._write(writes)
+            written.extend(out for _, out in unwritten)
+            unwritten.clear()
+
+        self._pending = {}
+        done = 0  # items attempted so far
+        try:
+            for value, msg in items:
+                done += 1
+                try:
+                    op = ClusterOp.loads(value)
+                    out = self.engine.apply(op, msg.offset, self.get_state)
+                    writes = {cid: st.dumps() for cid, st in out.writes.items()}
+                except Exception as e:  # a bug or a poison op must not stop the single writer
+                    log.exception("cluster op failed", extra={"offset": msg.offset})
+                    failed.append(((value, msg), f"{type(e).__name__}: {e}"))
+                    continue
+                self._pending.update(writes)
+                unwritten.append(((value, msg), out))
+                if self.engine.evict_due():
+                    flush()  # eviction reads and deletes table entries: they must be current
+                    self._evict()
+            flush()
+        except Exception as e:  # the store or the table refused the batch's writes
+            log.exception("cluster batch not written", extra={"ops": len(items)})
+            self._pending = {}
+            self._stale = True  # the index is ahead of the table now: rebuild it from the table
+            detail = f"{type(e).__name__}: {e}"
+            failed += [(item, detail) for item, _ in unwritten] + [(item, detail) for item in items[done:]]
+        return written, failed
 
     def _write(self, writes: dict[str, bytes]) -> None:
         if not writes:
@@ -151,7 +217,16 @@ class ClusterStage:
 
     async def _dead(self, source: SourceRef, raw: bytes, detail: str) -> None:
         excerpt = raw[:512].decode("utf-8", "replace") if raw is not None else None
-        await self.send_dead(DeadLetter(event_id=None, stage="cluster", reason="internal_error", detail=detail,
+        event_id = None
+        try:  # a sighting op that decodes names its event: the dead letter accounts for that event
+            op = ClusterOp.loads(raw)
+        except Exception:  # noqa: BLE001 - undecodable: the op's own offset is all there is
+            op = None
+        if op is not None and op.sighting is not None:
+            event_id = op.sighting.event.event_id
+            detail = f"{detail} (cluster op at {source.topic}:{source.partition}:{source.offset})"
+            source = op.sighting.source
+        await self.send_dead(DeadLetter(event_id=event_id, stage="cluster", reason="internal_error", detail=detail,
                                         source=source, payload_excerpt=excerpt))
 
 

@@ -9,7 +9,8 @@ give it:
   picture that resurfaces revives its cluster from here.
 * **Seeding a fresh broker.** The embedded broker may start empty over an old
   data directory (``deepwatch replay`` twice). Every state the stage writes is
-  also written here (write-through, one small transaction per op, ~0.1 ms), so
+  also written here (write-through, one transaction per batch of ops, before
+  the table: ``streams.cluster_stage``), so
   a fresh table carries on from the exact engine state: counts, trailing
   window (duplicate events recognised), alert levels, merges.
 

@@ -146,6 +146,14 @@ class ImageFetcher:
         assert ref.url is not None
         return await self._url(ref.url)
 
+    def read_local(self, event: ImageEvent) -> bytes | None:
+        """A local ``path`` image's bytes, or None when the image is not a
+        local path. The same checks as ``get``; blocking, but only on a
+        regular file of at most ``fetch.max_bytes`` below the image roots."""
+        if event.image.path is None or event.image.base64 is not None or event.image.blob is not None:
+            return None
+        return self._local(event.image.path, [])
+
     # -- inline -------------------------------------------------------------
     def _inline(self, b64: str) -> bytes:
         cap = self.ingest.max_inline_bytes

@@ -173,6 +173,23 @@ class DeskSettings(_Section):
     account_check_s: float = 30.0
 
 
+class BatchSettings(_Section):
+    """The streaming cost per message. The cluster stage takes ops in batches,
+    which spreads a store transaction, changelog writes and produce requests
+    over many; it waits at most ``cluster_within_s`` for a batch to fill,
+    which bounds the latency this adds."""
+
+    # Cluster ops per engine-state transaction. A batch is applied without
+    # yielding to the event loop (no rebalance can land half-way), so this
+    # also bounds how long the worker's other agents wait: ~50-100 ms.
+    cluster_max_ops: int = Field(50, ge=1, le=10_000)
+    cluster_within_s: float = Field(0.02, gt=0, le=5.0)
+    # Pictures up to this many pixels are analysed on the worker's event loop,
+    # larger ones in a thread (0: always a thread). A thread hop per event
+    # costs more than decoding and hashing a small picture (streams.stage).
+    analyze_inline_max_pixels: int = Field(4_000_000, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPWATCH_", env_nested_delimiter="__", extra="ignore")
 
@@ -195,6 +212,7 @@ class Settings(BaseSettings):
     connectors: ConnectorSettings = Field(default_factory=ConnectorSettings)
     findings: FindingsSettings = Field(default_factory=FindingsSettings)
     desk: DeskSettings = Field(default_factory=DeskSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
 
     @classmethod
     def settings_customise_sources(

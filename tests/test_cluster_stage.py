@@ -6,13 +6,14 @@ tier, revival and poison ops."""
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 from streams.cluster_stage import ClusterStage
 from streams.clustering import ClusterState
 from streams.demo_feed import scene
 from streams.engine_state import open_engine_state
-from streams.records import ClusterOp
+from streams.records import Alert, ClusterOp
 from streams.settings import Settings
 from tests.test_cluster_engine import sighting
 
@@ -95,3 +96,139 @@ def test_a_poison_op_becomes_one_dead_letter_and_the_stage_goes_on(tmp_path):
     run(stage, [b"{not json"] + ops_for([(1, 0)]), first_offset=0)
     assert [(d.stage, d.reason, d.source.offset) for d in dead] == [("cluster", "internal_error", 0)]
     assert len(topics["updates"].sent) == 1
+
+
+# -- batches -------------------------------------------------------------------
+class CountingTable(dict):
+    """The changelog table, counting writes (each one is a changelog message)."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def __setitem__(self, key, value):
+        self.writes += 1
+        super().__setitem__(key, value)
+
+
+def run_batches(stage: ClusterStage, ops: list[bytes], size: int, first_offset: int = 0) -> None:
+    async def go():
+        items = [(op, Msg(first_offset + i)) for i, op in enumerate(ops)]
+        for k in range(0, len(items), size):
+            await stage.handle_batch(items[k:k + size])
+    asyncio.run(go())
+
+
+def viral_feed() -> list[bytes]:
+    """Three pictures interleaved, one of them an AI fake going viral (three
+    alert levels), one exact repost of an event id: merges aside, every op
+    kind of a busy minute."""
+    from tests.test_cluster_engine import AI
+
+    ss = [sighting(scene(7), "v0", 0, "va0", [AI])]
+    for i in range(1, 12):
+        ss.append(sighting(scene(7), f"v{i}", i * 0.2, f"va{i}"))
+        ss.append(sighting(scene(20 + i % 2), f"o{i}", i * 0.2, f"oa{i}"))
+    ss.append(ss[3])  # the same event again: recognised, not counted twice
+    return [ClusterOp(kind="sighting", sighting=s).dumps() for s in ss]
+
+
+def _outputs(tmp_path, name: str, ops: list[bytes], size: int | None):
+    settings = Settings(data_dir=tmp_path / name, alerts={"min_sightings_5m": 3, "escalation_factor": 2.0})
+    table = CountingTable()
+    stage, topics, dead = stage_for(settings, table)
+    if size is None:
+        run(stage, ops)
+    else:
+        run_batches(stage, ops, size)
+    return stage, table, topics, dead
+
+
+def stable(raws) -> list:
+    """Messages or states as JSON without the wall-clock stamp an alert gets
+    when it is raised (``created_at``): what must not depend on batching."""
+    def strip(doc):
+        if isinstance(doc, dict):
+            return {k: strip(v) for k, v in doc.items() if k != "created_at"}
+        return [strip(v) for v in doc] if isinstance(doc, list) else doc
+    return [(k, strip(json.loads(v))) for k, v in raws]
+
+
+def test_a_batch_ends_where_op_by_op_ends_with_one_write_per_cluster(tmp_path):
+    ops = viral_feed()
+    one, one_table, one_topics, one_dead = _outputs(tmp_path, "one", ops, None)
+    batch, batch_table, batch_topics, batch_dead = _outputs(tmp_path, "batch", ops, 10)
+    assert not one_dead and not batch_dead
+    # the same final table and engine state store
+    assert stable(sorted(batch_table.items())) == stable(sorted(one_table.items())) and len(one_table) == 3
+    assert stable(sorted(batch.states.hot())) == stable(sorted(one.states.hot()))
+    # every snapshot (each carries the sighting it added) and every alert, in order
+    for topic in ("updates", "alerts", "detect_requests"):
+        assert stable(batch_topics[topic].sent) == stable(one_topics[topic].sent), topic
+    assert [Alert.loads(v).level for _, v in batch_topics["alerts"].sent] == [1, 2, 3]
+    # ...but a table write per cluster per batch, not per op
+    assert one_table.writes == len(ops)
+    assert batch_table.writes < one_table.writes / 2
+
+
+def test_a_poison_op_in_the_middle_of_a_batch_is_one_dead_letter_and_the_rest_applies(tmp_path):
+    ops = viral_feed()
+    poisoned = ops[:5] + [b'{"kind": "sighting"}'] + ops[5:]
+    clean, clean_table, clean_topics, _ = _outputs(tmp_path, "clean", ops, None)
+    settings = Settings(data_dir=tmp_path / "poisoned", alerts={"min_sightings_5m": 3, "escalation_factor": 2.0})
+    table = CountingTable()
+    stage, topics, dead = stage_for(settings, table)
+    run_batches(stage, poisoned, len(poisoned))  # one batch
+    assert [(d.stage, d.reason, d.source.offset) for d in dead] == [("cluster", "internal_error", 5)]
+    assert len(topics["updates"].sent) == len(clean_topics["updates"].sent)
+    assert [Alert.loads(v).alert_id for _, v in topics["alerts"].sent] == \
+        [Alert.loads(v).alert_id for _, v in clean_topics["alerts"].sent]
+    counts = sorted(ClusterState.loads(v).sightings for v in table.values())
+    assert counts == sorted(ClusterState.loads(v).sightings for v in clean_table.values())
+
+
+def test_replaying_batches_over_their_own_table_changes_nothing(tmp_path):
+    ops = viral_feed()
+    stage, table, topics, dead = _outputs(tmp_path, "replay", ops, 7)
+    before = stable(sorted(table.items()))
+    sent = {k: len(t.sent) for k, t in topics.items()}
+    run_batches(stage, ops, 5)  # the same offsets again, cut differently (a crash before the commit)
+    assert stable(sorted(table.items())) == before and not dead
+    # redelivered ops re-emit the cluster's last alert, under its id: idempotent downstream
+    assert {Alert.loads(v).alert_id for _, v in topics["alerts"].sent[sent["alerts"]:]} <= \
+        {Alert.loads(v).alert_id for _, v in topics["alerts"].sent[:sent["alerts"]]}
+
+
+class FailingStates:
+    """An engine state store that refuses writes while ``broken``."""
+
+    def __init__(self, real):
+        self.real, self.broken = real, False
+
+    def put(self, states):
+        if self.broken:
+            raise OSError("disk full")
+        self.real.put(states)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_batch_whose_writes_fail_is_dead_lettered_and_the_index_rebuilt_from_the_table(tmp_path):
+    ops = viral_feed()
+    settings = Settings(data_dir=tmp_path, alerts={"min_sightings_5m": 3, "escalation_factor": 2.0})
+    stage, topics, dead = stage_for(settings, {})
+    stage.states = FailingStates(stage.states)
+    run_batches(stage, ops[:4], 4)
+    stage.states.broken = True
+    run_batches(stage, ops[4:8], 4, first_offset=4)
+    # each names its event (so replay's accounting counts it) and the op's offset
+    events = [ClusterOp.loads(op).sighting for op in ops[4:8]]
+    assert [(d.reason, d.event_id, d.source) for d in dead] == [("internal_error", s.event.event_id, s.source)
+                                                                 for s in events]
+    assert all("disk full" in d.detail and f"cluster-ops:0:{o}" in d.detail for d, o in zip(dead, range(4, 8)))
+    assert len(topics["updates"].sent) == 4  # nothing of the failed batch went out
+    stage.states.broken = False
+    run_batches(stage, ops[8:], 4, first_offset=8)
+    members = sum(len(ClusterState.loads(v).members) for v in stage.table.values())
+    assert members == stage.engine.index.n_members  # the index agrees with the table again

@@ -1,0 +1,97 @@
+"""The analyze stage's local reads and small pictures run on the event loop;
+large pictures take one thread hop (``streams.stage``). Real fetcher, real
+analyzer, real blob store; only the findings store is a stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from streams.analyze import Analyzer
+from streams.blobstore import DirectoryBlobStore
+from streams.fetch import ImageFetcher
+from streams.records import ClusterOp, SourceRef
+from streams.settings import Settings
+from streams.stage import AnalyzeStage
+from tests.hostile import corpus
+
+
+class _Store:
+    def sighting_sha256(self, event_id):
+        return None
+
+
+def _event(n: int, path: str) -> bytes:
+    return json.dumps({"event_id": f"e{n}", "platform": "x", "account_id": f"a{n}",
+                       "posted_at": "2026-05-01T12:00:00Z", "image": {"path": path}}).encode()
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "small.png").write_bytes(corpus.picture_png(1, (256, 192)))
+    (images / "large.png").write_bytes(corpus.picture_png(2, (640, 480)))
+    hops: list[str] = []
+    real = asyncio.to_thread
+
+    async def counting(fn, *args, **kwargs):
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+
+    def make(inline_max_pixels: int):
+        settings = Settings(data_dir=tmp_path / "data", ingest={"image_roots": [images]},
+                            batch={"analyze_inline_max_pixels": inline_max_pixels})
+        blobs = DirectoryBlobStore(tmp_path / "blobs")
+        puts: list[bytes] = []
+
+        def put(data: bytes) -> str:
+            puts.append(data)
+            return blobs.put(data)
+
+        fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
+        stage = AnalyzeStage(settings, fetcher, Analyzer(settings, tmp_path / "blobs"), put, lambda: _Store())
+        return stage, puts
+
+    return make, hops
+
+
+def _run(stage: AnalyzeStage, events: list[bytes]):
+    async def go():
+        return [await stage.process(raw, SourceRef(topic="events", partition=0, offset=i)) for i, raw in enumerate(events)]
+    return asyncio.run(go())
+
+
+def test_a_small_local_picture_takes_no_thread_hop_and_a_large_one_takes_one(setup):
+    make, hops = setup
+    stage, _ = make(200_000)  # 256x192 is under it, 640x480 over
+    small, large = _run(stage, [_event(0, "small.png"), _event(1, "large.png")])
+    assert ClusterOp.loads(small.op).sighting.width == 256
+    assert ClusterOp.loads(large.op).sighting.width == 640
+    assert hops == ["_blocking"]  # the large picture's analysis only; no hop for either read
+
+
+def test_inline_off_means_one_hop_per_event(setup):
+    make, hops = setup
+    stage, _ = make(0)
+    results = _run(stage, [_event(0, "small.png"), _event(1, "small.png")])
+    assert all(r.op is not None for r in results) and hops == ["_blocking", "_blocking"]
+
+
+def test_a_missing_local_file_is_a_fetch_dead_letter(setup):
+    make, _ = setup
+    stage, _ = make(4_000_000)
+    [r] = _run(stage, [_event(0, "nope.png")])
+    assert r.op is None and (r.dead.stage, r.dead.reason) == ("fetch", "not_found") and r.dead.event_id == "e0"
+
+
+def test_a_repeated_picture_is_put_in_the_blob_store_once(setup):
+    make, _ = setup
+    stage, puts = make(4_000_000)
+    results = _run(stage, [_event(n, "small.png") for n in range(3)] + [_event(3, "large.png")])
+    assert all(r.op is not None for r in results)
+    assert len(puts) == 2
