@@ -207,10 +207,11 @@ def test_clusters_split_by_arrival_order_are_joined_by_their_representatives(sha
             h = h.model_copy(update={"views": h.views[: 1 + N_VIEWS], "content_box": None})
         feed.append((data.sha256, h))
 
-    before = ClusterIndex(representative_links=False)
+    # without links by representatives or by pixels: split by arrival order
+    before = ClusterIndex(representative_links=False, merge_residual=None)
     for sha, h in feed:
         before.assign(sha, h)
-    assert before.n_clusters == 2  # without the rule: split by arrival order
+    assert before.n_clusters == 2
     index = ClusterIndex()
     audits = [m for sha, h in feed for m in index.assign(sha, h).merge_audit]
     assert index.n_clusters == 1

@@ -98,8 +98,8 @@ _UNVERIFIED = 1e9  # residual recorded for a pair that had no thumbnails to comp
 # Two clusters may be linked by pixels alone when the image's verified
 # residual to each side's picture is at most this (grey levels).
 MERGE_RESIDUAL: float | None = 6.0
-MERGE_QUANTILE = 0.8  # ... and at this quantile of the pixels within MERGE_STRICT (``_links_by_pixels``)
-MERGE_STRICT = 6.0
+MERGE_QUANTILE = 0.8  # ... and at this quantile of the pixels within MERGE_STRICT (``_links_by_pixels``),
+MERGE_STRICT = 4.0  # both regions blurred 1-2-1 first (``verify._smooth``): see ``_links_by_pixels``
 # Anchors: a joining copy becomes a representative when it met the picture
 # by a view, PDQ, or a pHash farther than this; at most this many
 # representatives per cluster (merges may add more).
@@ -718,7 +718,7 @@ class ClusterIndex:
         return None if best is None else (*best, resid, pair)
 
     def _residual(self, q: "_Query", r: _Rep, kind: int, slot: int, search: bool = True,
-                  quantile: float = 0.5) -> float | None:
+                  quantile: float = 0.5, strict: bool = False) -> float | None:
         """Pixel residual (grey levels) of the query's region for ``kind``
         against the representative's for ``slot``, aligned (``verify``), or
         None when either side has no thumbnail (records from before
@@ -733,9 +733,9 @@ class ClusterIndex:
                 return _UNVERIFIED
             qb, rb = clipped
         if not search:
-            return residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, quantile=quantile)
-        return aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR,
-                                good_enough=self.verify_max, quantile=quantile)
+            return residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, quantile=quantile, smooth=strict)
+        return aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=strict,
+                                good_enough=self.merge_strict if strict else self.verify_max, quantile=quantile)
 
     def _links_by_pixels(self, q: "_Query", pic: tuple) -> bool:
         """May this verified picture match link its cluster to another? Its
@@ -747,7 +747,7 @@ class ClusterIndex:
         if self.merge_residual is None or pic[5] is None or pic[4] > self.merge_residual:
             return False
         r, kind, slot = pic[5]
-        strict = self._residual(q, r, kind, slot, quantile=MERGE_QUANTILE)
+        strict = self._residual(q, r, kind, slot, quantile=MERGE_QUANTILE, strict=True)
         return strict is not None and strict <= self.merge_strict
 
     def _passes(self, score: float | None) -> bool:
