@@ -970,18 +970,23 @@ class ClusterIndex:
             merged.append(other)
         merged.sort()
         _, distance, via, _, _, _ = pics[into]
-        # A copy that met the picture only through a view, or far from it,
-        # becomes one more representative (an *anchor*, bounded per cluster):
+        # A copy that met the picture only through a view, only mirrored (its
+        # views are the other orientation's: a crop of it never meets the
+        # picture's), or far from it, becomes one more representative (an
+        # *anchor*, bounded per cluster):
         # later compound reposts (a screenshot of a crop, a caption on a
         # crop) meet it where they would miss the founder. Safe from chaining
         # because every join is pixel-verified against the representative.
         anchor = (not grows and self.verify_max is not None and hashes.thumb is not None
                   and len(self._clusters[into].reps) < self.max_representatives
-                  and (via not in ("phash", "phash_mirror") or distance > ANCHOR_DISTANCE))
+                  and (via != "phash" or distance > ANCHOR_DISTANCE))
         rep = grows or anchor
         self.add(into, sha256, hashes, representative=rep, founder=False, ts=ts)
         if rep:
-            tried = set(pics) | set(merged)
+            # declined pictures too: they were tried before this image stood
+            # for its picture (a whole copy meeting a crop's cluster at a
+            # median too loose to link by its own pixels)
+            tried = set(merged)
             for other, rj in self._bridge(into, sha256, hashes, q, near, exhausted, tried):
                 audit.append(self._rep_audit(into, other, sha256, pics[into], None, rj))
                 self.merge(into, other)
