@@ -41,13 +41,15 @@ image joins a cluster when it matches one of the cluster's *representatives*
 merged in) -- never merely another member, so no single-link chains. An image
 matching several pictures links them only when pHash *and* PDQ agree, full
 frame, with each (``_agreement``), or its pixels agree with each almost
-everywhere (``_links_by_pixels``). Failing that, the pair it nominated is
+everywhere (``_links_by_pixels``: 80th percentile of the blurred
+regions). Failing that, the pair it nominated is
 still one picture split by arrival order when one side's representative
 would join the other's picture now (``_reps_join``: trusted representatives
 -- founders, anchors agreeing with a founder almost everywhere -- against
 each other under the join rule; other anchors only as strictly as a link
 by pixels). A copy that becomes a representative bridges the clusters it
-came near the same way, through itself (``_bridge``). Every
+came near the same way, through itself (``_bridge``), including those it
+declined. Every
 merge is audited (``MergeAudit``). Otherwise it joins the nearest picture
 (ties: most members, smallest id) and ``Assignment.declined`` names the
 others. Only representatives are indexed.
@@ -101,7 +103,7 @@ MERGE_RESIDUAL: float | None = 6.0
 MERGE_QUANTILE = 0.8  # ... and at this quantile of the pixels within MERGE_STRICT (``_links_by_pixels``),
 MERGE_STRICT = 4.0  # both regions blurred 1-2-1 first (``verify._smooth``): see ``_links_by_pixels``
 # Anchors: a joining copy becomes a representative when it met the picture
-# by a view, PDQ, or a pHash farther than this; at most this many
+# by a view, PDQ, only mirrored, or a pHash farther than this; at most this many
 # representatives per cluster (merges may add more).
 ANCHOR_DISTANCE = 4
 MAX_REPRESENTATIVES = 8
@@ -740,7 +742,9 @@ class ClusterIndex:
     def _links_by_pixels(self, q: "_Query", pic: tuple) -> bool:
         """May this verified picture match link its cluster to another? Its
         pixels must agree almost everywhere (``MERGE_QUANTILE`` of the
-        residuals within ``merge_strict``), not just at the median: an
+        residuals of both regions blurred 1-2-1 within ``merge_strict``:
+        a detailed crop's sampling phase blurs away, a repainted quarter
+        does not; ``verify`` docstring), not just at the median: an
         image that shares three quarters with each of two different pictures
         (one inpainted, one repainted) verifies against both, and must link
         neither."""
@@ -799,7 +803,9 @@ class ClusterIndex:
                 tried: set[str]):
         """Clusters that are ``into``'s picture now that this image is one of
         its representatives: every cluster the image's hashes came near
-        (full frames and views), not yet tried, whose representative joins
+        (full frames and views), not yet tried with it as a representative
+        (``tried``: the ones it merged; a declined cluster is tried again,
+        now through it), whose representative joins
         ``into``'s picture or the other way round (``_reps_join``). A
         cluster founded by a crop before the copy that covers it became a
         representative is otherwise never met again: the covering copy met
