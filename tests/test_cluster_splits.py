@@ -10,29 +10,24 @@ levels while the picture is the same."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 from bench.neardup_transforms import _crop, _crop_box
-from detectors.hashing import ImageHashes, compute_hashes, thumb_array
-from detectors.imagedata import ImageData
+from detectors.hashing import ImageHashes, thumb_array
 from detectors.neardup import ClusterIndex
 from detectors.neardup.clusters import MERGE_STRICT
 from detectors.neardup.verify import residual
+from tests.test_cluster_verify import _h as _hashed
+from tests.test_cluster_verify import waves
 
 
 def detailed(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
     """Smooth large structure plus flat blocks of 12 px (1/53 of the width)."""
     rng = np.random.default_rng(seed)
     w, h = size
-    y, x = np.mgrid[0:h, 0:w] / max(w, h)
-    base = np.zeros((h, w))
-    for _ in range(5):
-        fx, fy, ph = rng.uniform(0.3, 2, 2).tolist() + [rng.uniform(0, 6.3)]
-        base += np.sin(2 * np.pi * (fx * x + fy * y) + ph)
+    base = waves(rng, size, 5, 0.3, 2)
     blocks = Image.fromarray((rng.random((h // 12, w // 12)) * 255).astype(np.uint8))
     noise = np.asarray(blocks.resize((w, h), Image.Resampling.NEAREST), dtype=float)
     v = base * 30 + (noise - 128) * 0.8 + 128
@@ -40,10 +35,7 @@ def detailed(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
 
 
 def _h(img: Image.Image, q: int = 85) -> tuple[str, ImageHashes]:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, "JPEG", quality=q)
-    d = ImageData(buf.getvalue())
-    return d.sha256, compute_hashes(d)
+    return _hashed(img, q)
 
 
 def _bottom_right(img: Image.Image) -> Image.Image:
