@@ -96,6 +96,15 @@ VIEW_THRESHOLD = 8
 # (``verify.aligned_residual``, median grey levels); None: off. The cluster
 # bench's candidate pairs: same picture p99 8, different pictures p1 ~6.
 VERIFY_MAX: float | None = 6.0
+# ... or, when the median misses that bound by little (at most
+# VERIFY_NEAR), the median of both regions blurred 1-2-1 at the boxes the
+# hashes name is at most VERIFY_SMOOTH (``_residual``): a detailed
+# picture's off-centre crop, sampled by the thumbnails at another phase,
+# is at 6.2-6.4 raw and 2.1-2.3 blurred on the cluster bench, while
+# look-alikes that differ in mid-frequency detail are at 9-13 raw (and
+# 1.8-3.7 blurred). VERIFY_SMOOTH None: off.
+VERIFY_NEAR = 8.0
+VERIFY_SMOOTH: float | None = 3.0
 _UNVERIFIED = 1e9  # residual recorded for a pair that had no thumbnails to compare
 # Two clusters may be linked by pixels alone when the image's verified
 # residual to each side's picture is at most this (grey levels).
@@ -511,6 +520,7 @@ class ClusterIndex:
         view_threshold: int | None = VIEW_THRESHOLD,
         index_members: bool | None = None,
         verify_max: float | None = VERIFY_MAX,
+        verify_smooth: float | None = VERIFY_SMOOTH,
         merge_residual: float | None = MERGE_RESIDUAL,
         merge_strict: float = MERGE_STRICT,
         max_representatives: int = MAX_REPRESENTATIVES,
@@ -519,6 +529,7 @@ class ClusterIndex:
         self.representative_links = representative_links  # ``_reps_join``; off: links by the image alone
         self.merge_strict = merge_strict
         self.verify_max = verify_max
+        self.verify_smooth = verify_smooth
         self.merge_residual = merge_residual if verify_max is not None else None
         self.max_representatives = max_representatives
         self.phash_threshold = phash_threshold
@@ -735,9 +746,16 @@ class ClusterIndex:
                 return _UNVERIFIED
             qb, rb = clipped
         if not search:
-            return residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, quantile=quantile, smooth=strict)
-        return aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=strict,
-                                good_enough=self.merge_strict if strict else self.verify_max, quantile=quantile)
+            out = residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, quantile=quantile, smooth=strict)
+        else:
+            out = aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=strict,
+                                   good_enough=self.merge_strict if strict else self.verify_max, quantile=quantile)
+        if strict or quantile != 0.5 or self.verify_smooth is None or not self.verify_max < out <= VERIFY_NEAR:
+            return out
+        # a detailed picture sampled at another phase (an off-centre crop):
+        # the blurred regions at the named boxes agree closely
+        blurred = residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=True)
+        return blurred if blurred <= self.verify_smooth else out
 
     def _links_by_pixels(self, q: "_Query", pic: tuple) -> bool:
         """May this verified picture match link its cluster to another? Its
