@@ -26,24 +26,25 @@ def _h(img: Image.Image, q: int = 88) -> tuple[str, ImageHashes]:
     return d.sha256, compute_hashes(d)
 
 
+def waves(rng: np.random.Generator, size: tuple[int, int], n: int, lo: float, hi: float) -> np.ndarray:
+    """A sum of ``n`` plane waves, frequencies in [lo, hi) cycles per longer side."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    out = np.zeros((h, w))
+    for _ in range(n):
+        fx, fy, ph = rng.uniform(lo, hi, 2).tolist() + [rng.uniform(0, 6.3)]
+        out += np.sin(2 * np.pi * (fx * x + fy * y) + ph)
+    return out
+
+
 def _lookalikes(seed: int = 3, size=(480, 360)) -> tuple[Image.Image, Image.Image]:
     """Two pictures with one layout (the same large blobs, as aligned faces or
     one prompt's seeds share) and different content at the scale a viewer
     sees (different mid-frequency detail): pHash cannot tell them apart."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w] / max(w, h)
-    base = np.zeros((h, w))
-    for _ in range(4):
-        fx, fy, ph = rng.uniform(0.3, 1.5, 2).tolist() + [rng.uniform(0, 6.3)]
-        base += np.sin(2 * np.pi * (fx * x + fy * y) + ph)
+    base = waves(np.random.default_rng(seed), size, 4, 0.3, 1.5)
 
     def detail(r: np.random.Generator) -> np.ndarray:
-        out = np.zeros((h, w))
-        for _ in range(6):
-            fx, fy, ph = r.uniform(3, 7, 2).tolist() + [r.uniform(0, 6.3)]
-            out += np.sin(2 * np.pi * (fx * x + fy * y) + ph)
-        return out
+        return waves(r, size, 6, 3, 7)
 
     def picture(d: np.ndarray) -> Image.Image:
         v = base * 45 + d * 9 + 128
@@ -207,10 +208,11 @@ def test_clusters_split_by_arrival_order_are_joined_by_their_representatives(sha
             h = h.model_copy(update={"views": h.views[: 1 + N_VIEWS], "content_box": None})
         feed.append((data.sha256, h))
 
-    before = ClusterIndex(representative_links=False)
+    # without links by representatives or by pixels: split by arrival order
+    before = ClusterIndex(representative_links=False, merge_residual=None)
     for sha, h in feed:
         before.assign(sha, h)
-    assert before.n_clusters == 2  # without the rule: split by arrival order
+    assert before.n_clusters == 2
     index = ClusterIndex()
     audits = [m for sha, h in feed for m in index.assign(sha, h).merge_audit]
     assert index.n_clusters == 1

@@ -41,13 +41,15 @@ image joins a cluster when it matches one of the cluster's *representatives*
 merged in) -- never merely another member, so no single-link chains. An image
 matching several pictures links them only when pHash *and* PDQ agree, full
 frame, with each (``_agreement``), or its pixels agree with each almost
-everywhere (``_links_by_pixels``). Failing that, the pair it nominated is
+everywhere (``_links_by_pixels``: 80th percentile of the blurred
+regions). Failing that, the pair it nominated is
 still one picture split by arrival order when one side's representative
 would join the other's picture now (``_reps_join``: trusted representatives
 -- founders, anchors agreeing with a founder almost everywhere -- against
 each other under the join rule; other anchors only as strictly as a link
 by pixels). A copy that becomes a representative bridges the clusters it
-came near the same way, through itself (``_bridge``). Every
+came near the same way, through itself (``_bridge``), including those it
+declined. Every
 merge is audited (``MergeAudit``). Otherwise it joins the nearest picture
 (ties: most members, smallest id) and ``Assignment.declined`` names the
 others. Only representatives are indexed.
@@ -94,14 +96,23 @@ VIEW_THRESHOLD = 8
 # (``verify.aligned_residual``, median grey levels); None: off. The cluster
 # bench's candidate pairs: same picture p99 8, different pictures p1 ~6.
 VERIFY_MAX: float | None = 6.0
+# ... or, when the median misses that bound by little (at most
+# VERIFY_NEAR), the median of both regions blurred 1-2-1 at the boxes the
+# hashes name is at most VERIFY_SMOOTH (``_residual``): a detailed
+# picture's off-centre crop, sampled by the thumbnails at another phase,
+# is at 6.2-6.4 raw and 2.1-2.3 blurred on the cluster bench, while
+# look-alikes that differ in mid-frequency detail are at 9-13 raw (and
+# 1.8-3.7 blurred). VERIFY_SMOOTH None: off.
+VERIFY_NEAR = 8.0
+VERIFY_SMOOTH: float | None = 3.0
 _UNVERIFIED = 1e9  # residual recorded for a pair that had no thumbnails to compare
 # Two clusters may be linked by pixels alone when the image's verified
 # residual to each side's picture is at most this (grey levels).
 MERGE_RESIDUAL: float | None = 6.0
-MERGE_QUANTILE = 0.8  # ... and at this quantile of the pixels within MERGE_STRICT (``_links_by_pixels``)
-MERGE_STRICT = 6.0
+MERGE_QUANTILE = 0.8  # ... and at this quantile of the pixels within MERGE_STRICT (``_links_by_pixels``),
+MERGE_STRICT = 4.0  # both regions blurred 1-2-1 first (``verify._smooth``): see ``_links_by_pixels``
 # Anchors: a joining copy becomes a representative when it met the picture
-# by a view, PDQ, or a pHash farther than this; at most this many
+# by a view, PDQ, only mirrored, or a pHash farther than this; at most this many
 # representatives per cluster (merges may add more).
 ANCHOR_DISTANCE = 4
 MAX_REPRESENTATIVES = 8
@@ -509,6 +520,7 @@ class ClusterIndex:
         view_threshold: int | None = VIEW_THRESHOLD,
         index_members: bool | None = None,
         verify_max: float | None = VERIFY_MAX,
+        verify_smooth: float | None = VERIFY_SMOOTH,
         merge_residual: float | None = MERGE_RESIDUAL,
         merge_strict: float = MERGE_STRICT,
         max_representatives: int = MAX_REPRESENTATIVES,
@@ -517,6 +529,7 @@ class ClusterIndex:
         self.representative_links = representative_links  # ``_reps_join``; off: links by the image alone
         self.merge_strict = merge_strict
         self.verify_max = verify_max
+        self.verify_smooth = verify_smooth
         self.merge_residual = merge_residual if verify_max is not None else None
         self.max_representatives = max_representatives
         self.phash_threshold = phash_threshold
@@ -718,7 +731,7 @@ class ClusterIndex:
         return None if best is None else (*best, resid, pair)
 
     def _residual(self, q: "_Query", r: _Rep, kind: int, slot: int, search: bool = True,
-                  quantile: float = 0.5) -> float | None:
+                  quantile: float = 0.5, strict: bool = False) -> float | None:
         """Pixel residual (grey levels) of the query's region for ``kind``
         against the representative's for ``slot``, aligned (``verify``), or
         None when either side has no thumbnail (records from before
@@ -733,21 +746,30 @@ class ClusterIndex:
                 return _UNVERIFIED
             qb, rb = clipped
         if not search:
-            return residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, quantile=quantile)
-        return aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR,
-                                good_enough=self.verify_max, quantile=quantile)
+            out = residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, quantile=quantile, smooth=strict)
+        else:
+            out = aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=strict,
+                                   good_enough=self.merge_strict if strict else self.verify_max, quantile=quantile)
+        if strict or quantile != 0.5 or self.verify_smooth is None or not self.verify_max < out <= VERIFY_NEAR:
+            return out
+        # a detailed picture sampled at another phase (an off-centre crop):
+        # the blurred regions at the named boxes agree closely
+        blurred = residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=True)
+        return blurred if blurred <= self.verify_smooth else out
 
     def _links_by_pixels(self, q: "_Query", pic: tuple) -> bool:
         """May this verified picture match link its cluster to another? Its
         pixels must agree almost everywhere (``MERGE_QUANTILE`` of the
-        residuals within ``merge_strict``), not just at the median: an
+        residuals of both regions blurred 1-2-1 within ``merge_strict``:
+        a detailed crop's sampling phase blurs away, a repainted quarter
+        does not; ``verify`` docstring), not just at the median: an
         image that shares three quarters with each of two different pictures
         (one inpainted, one repainted) verifies against both, and must link
         neither."""
         if self.merge_residual is None or pic[5] is None or pic[4] > self.merge_residual:
             return False
         r, kind, slot = pic[5]
-        strict = self._residual(q, r, kind, slot, quantile=MERGE_QUANTILE)
+        strict = self._residual(q, r, kind, slot, quantile=MERGE_QUANTILE, strict=True)
         return strict is not None and strict <= self.merge_strict
 
     def _passes(self, score: float | None) -> bool:
@@ -799,7 +821,9 @@ class ClusterIndex:
                 tried: set[str]):
         """Clusters that are ``into``'s picture now that this image is one of
         its representatives: every cluster the image's hashes came near
-        (full frames and views), not yet tried, whose representative joins
+        (full frames and views), not yet tried with it as a representative
+        (``tried``: the ones it merged; a declined cluster is tried again,
+        now through it), whose representative joins
         ``into``'s picture or the other way round (``_reps_join``). A
         cluster founded by a crop before the copy that covers it became a
         representative is otherwise never met again: the covering copy met
@@ -970,18 +994,23 @@ class ClusterIndex:
             merged.append(other)
         merged.sort()
         _, distance, via, _, _, _ = pics[into]
-        # A copy that met the picture only through a view, or far from it,
-        # becomes one more representative (an *anchor*, bounded per cluster):
+        # A copy that met the picture only through a view, only mirrored (its
+        # views are the other orientation's: a crop of it never meets the
+        # picture's), or far from it, becomes one more representative (an
+        # *anchor*, bounded per cluster):
         # later compound reposts (a screenshot of a crop, a caption on a
         # crop) meet it where they would miss the founder. Safe from chaining
         # because every join is pixel-verified against the representative.
         anchor = (not grows and self.verify_max is not None and hashes.thumb is not None
                   and len(self._clusters[into].reps) < self.max_representatives
-                  and (via not in ("phash", "phash_mirror") or distance > ANCHOR_DISTANCE))
+                  and (via != "phash" or distance > ANCHOR_DISTANCE))
         rep = grows or anchor
         self.add(into, sha256, hashes, representative=rep, founder=False, ts=ts)
         if rep:
-            tried = set(pics) | set(merged)
+            # declined pictures too: they were tried before this image stood
+            # for its picture (a whole copy meeting a crop's cluster at a
+            # median too loose to link by its own pixels)
+            tried = set(merged)
             for other, rj in self._bridge(into, sha256, hashes, q, near, exhausted, tried):
                 audit.append(self._rep_audit(into, other, sha256, pics[into], None, rj))
                 self.merge(into, other)
