@@ -310,6 +310,13 @@ class StoreURLError(ValueError):
     """A --store value that names no backend deepwatch knows."""
 
 
+def reads_are_local(store_url: str | None) -> bool:
+    """Whether the store ``open_findings`` gives for this URL answers reads from a local file
+    (SQLite: a read never waits on the network, and in WAL mode not on writers either)."""
+    url = (store_url or "").strip()
+    return not url or url in ("sqlite", "sqlite:") or url.startswith("sqlite://")
+
+
 def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | None = None) -> FindingsStore:
     """The findings store a command or worker should use.
 

@@ -187,6 +187,8 @@ class BatchSettings(_Section):
     # Pictures up to this many pixels are analysed on the worker's event loop,
     # larger ones in a thread (0: always a thread). A thread hop per event
     # costs more than decoding and hashing a small picture (streams.stage).
+    # With an Elasticsearch findings store, events whose id must be looked up
+    # still take the thread (a network round trip must not hold the loop).
     analyze_inline_max_pixels: int = Field(4_000_000, ge=0)
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from streams import metrics
+from streams.findings import reads_are_local
 from streams.records import ClusterOp, DeadLetter, Sighting, SourceRef
 from streams.settings import Settings
 from streams.validate import MAX_EVENT_BYTES, parse_event
@@ -179,6 +180,7 @@ class AnalyzeStage:
         # not have yet (the sink runs behind the stream).
         self.shared = shared or SharedIds()
         self._blobs = _RecentSet(BLOBS_REMEMBERED)  # sha256 of blobs this stage put
+        self._local_reads = reads_are_local(settings.findings.url)
 
     async def process(self, raw: bytes, source: SourceRef, broker_ts: float | None = None) -> Result:
         """One event in, one outcome out; never raises (except cancellation)."""
@@ -221,12 +223,14 @@ class AnalyzeStage:
         self._stage = "decode"
         t1 = time.perf_counter()
         recent = self.shared.recent.get(ev.event_id)
-        if self._small(data):
+        if self._small(data) and (recent is not None or self._local_reads):
             # Analysed on the event loop: a picture this small decodes and
             # hashes in a few milliseconds, while a thread hop costs its
             # handoffs and, far more, the GIL ping-pong between the loop and
             # the pool thread on every syscall either side makes (measured:
-            # 20-30% of a pipeline worker's CPU).
+            # 20-30% of a pipeline worker's CPU). Only with a local findings
+            # store: an Elasticsearch lookup of the event id is a network
+            # round trip, which must not hold the loop.
             sighting, stored = self._blocking(ev, data, source, recent is None)
         else:
             # One thread hop for the blocking work of a large picture

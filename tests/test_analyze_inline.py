@@ -43,9 +43,9 @@ def setup(tmp_path, monkeypatch):
 
     monkeypatch.setattr(asyncio, "to_thread", counting)
 
-    def make(inline_max_pixels: int):
+    def make(inline_max_pixels: int, store_url: str = ""):
         settings = Settings(data_dir=tmp_path / "data", ingest={"image_roots": [images]},
-                            batch={"analyze_inline_max_pixels": inline_max_pixels})
+                            batch={"analyze_inline_max_pixels": inline_max_pixels}, findings={"url": store_url})
         blobs = DirectoryBlobStore(tmp_path / "blobs")
         puts: list[bytes] = []
 
@@ -80,6 +80,16 @@ def test_inline_off_means_one_hop_per_event(setup):
     stage, _ = make(0)
     results = _run(stage, [_event(0, "small.png"), _event(1, "small.png")])
     assert all(r.op is not None for r in results) and hops == ["_blocking", "_blocking"]
+
+
+def test_with_elasticsearch_an_event_id_lookup_never_runs_on_the_loop(setup):
+    # Looking an event id up in Elasticsearch is a network round trip: it takes the thread hop even for a
+    # small picture. An id this worker saw moments ago needs no lookup, so it stays on the loop.
+    make, hops = setup
+    stage, _ = make(4_000_000, "https://es.example:9200")
+    first, again = _run(stage, [_event(0, "small.png"), _event(0, "small.png")])
+    assert first.op is not None and again.op is not None  # the repeat: the cluster engine recognises it
+    assert hops == ["_blocking"]
 
 
 def test_a_missing_local_file_is_a_fetch_dead_letter(setup):
