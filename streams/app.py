@@ -109,7 +109,7 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     from streams.findings import open_findings
     from streams.stage import AnalyzeStage, SharedIds, once, run_of
 
-    shared_ids = SharedIds()  # one per worker: the 4 actors below judge same-id events in turn
+    shared_ids = SharedIds()  # one per worker: its analyze actors judge same-id events in turn
     # The store the sinks write (SQLite or Elasticsearch), opened in a thread
     # on first use; ``once`` serialises its calls (see streams.stage.Serialized).
     analyze_store = once(lambda: open_findings(settings.findings.url, settings.data_dir, settings))

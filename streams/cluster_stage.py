@@ -132,6 +132,7 @@ class ClusterStage:
                 await stream.ack(e)
 
     async def handle(self, value: bytes, msg: Any) -> None:
+        """One op as a batch of one (the op-by-op behaviour batches are checked against)."""
         await self.handle_batch([(value, msg)])
 
     async def handle_batch(self, items: list[tuple[bytes, Any]]) -> None:

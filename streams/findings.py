@@ -310,11 +310,14 @@ class StoreURLError(ValueError):
     """A --store value that names no backend deepwatch knows."""
 
 
+def _is_sqlite(url: str) -> bool:
+    return not url or url in ("sqlite", "sqlite:") or url.startswith("sqlite://")
+
+
 def reads_are_local(store_url: str | None) -> bool:
     """Whether the store ``open_findings`` gives for this URL answers reads from a local file
     (SQLite: a read never waits on the network, and in WAL mode not on writers either)."""
-    url = (store_url or "").strip()
-    return not url or url in ("sqlite", "sqlite:") or url.startswith("sqlite://")
+    return _is_sqlite((store_url or "").strip())
 
 
 def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | None = None) -> FindingsStore:
@@ -325,7 +328,7 @@ def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | N
     ``ess://`` (TLS) or ``http(s)://host:9200`` -> Elasticsearch, credentials
     and CA bundle from the environment (see ``streams.es_store.EsConfig``)."""
     url = (store_url or "").strip()
-    if not url or url in ("sqlite", "sqlite:"):
+    if _is_sqlite(url) and not url.startswith("sqlite://"):
         from streams.store import open_store
 
         return open_store(Path(data_dir))

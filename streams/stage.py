@@ -46,21 +46,25 @@ MAX_OP_BYTES = MAX_EVENT_BYTES
 BLOBS_REMEMBERED = 100_000  # ~10 MB of digests: repeats of a recent picture skip the blob store
 
 
-class _RecentSet:
-    """A bounded set that forgets its oldest entries first."""
+class _Recent:
+    """A bounded key -> value map that forgets its oldest entries first; the
+    analyze actors' threads may write it concurrently."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._items: OrderedDict[str, None] = OrderedDict()
-        self._lock = threading.Lock()  # the analyze actors' threads share it
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def __contains__(self, item: str) -> bool:
-        return item in self._items
+    def get(self, key: str) -> Any:
+        return self._items.get(key)
 
-    def add(self, item: str) -> None:
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def put(self, key: str, value: Any = None) -> None:
         with self._lock:
-            self._items[item] = None
-            self._items.move_to_end(item)
+            self._items[key] = value
+            self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
@@ -137,15 +141,11 @@ class SharedIds:
     partition -> same worker, so this is complete across workers too)."""
 
     def __init__(self, capacity: int = 100_000):
-        self.capacity = capacity
-        self.recent: OrderedDict[str, str] = OrderedDict()
+        self.recent = _Recent(capacity)  # event id -> sha256
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def remember(self, event_id: str, sha256: str) -> None:
-        self.recent[event_id] = sha256
-        self.recent.move_to_end(event_id)
-        while len(self.recent) > self.capacity:
-            self.recent.popitem(last=False)
+        self.recent.put(event_id, sha256)
 
     @asynccontextmanager
     async def hold(self, event_id: str):
@@ -179,7 +179,7 @@ class AnalyzeStage:
         # event id -> sha256 of sightings this worker sent but the store may
         # not have yet (the sink runs behind the stream).
         self.shared = shared or SharedIds()
-        self._blobs = _RecentSet(BLOBS_REMEMBERED)  # sha256 of blobs this stage put
+        self._blobs = _Recent(BLOBS_REMEMBERED)  # sha256 of blobs this stage put
         self._local_reads = reads_are_local(settings.findings.url)
 
     async def process(self, raw: bytes, source: SourceRef, broker_ts: float | None = None) -> Result:
@@ -298,7 +298,7 @@ class AnalyzeStage:
         if sighting.sha256 not in self._blobs:  # content-addressed: once stored, stored
             with metrics.STAGE_SECONDS.labels("blob").time():
                 self.put_blob(data)
-            self._blobs.add(sighting.sha256)
+            self._blobs.put(sighting.sha256)
         stored: Any = None
         if lookup:
             with metrics.STAGE_SECONDS.labels("dedupe").time():

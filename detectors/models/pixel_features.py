@@ -28,13 +28,18 @@ def extract(
 ) -> list[tuple[Sample, str, str]]:
     """Compute missing per-crop taps for ``n_crops`` crops (default: all ``cache.max_crops``;
     the recipe's ``spec.crops`` is enough to train it). Returns skipped (sample, variant, reason)."""
-    wanted = dict.fromkeys((s, v, cached_variant(s, v, spec)) for v in variants for s in samples)
-    todo = [(s, v, c) for s, v, c in wanted if not cache.path(s, c).exists()]
+    # (sample, cache entry) -> the variant to compute it from: two variants may share an entry
+    # (a published picture the probe sees re-posted, ``cached_variant``)
+    missing: dict[tuple[Sample, str], str] = {}
+    for v in variants:
+        for s in samples:
+            c = cached_variant(s, v, spec)
+            if not cache.path(s, c).exists():
+                missing.setdefault((s, c), v)
+    todo = [(s, v, c) for (s, c), v in missing.items()]
     skipped = []
     started = time.monotonic()
     for i, (s, v, c) in enumerate(todo):
-        if cache.path(s, c).exists():  # another variant's entry (a published picture seen re-posted)
-            continue
         try:
             image = ImageData(variant_bytes(s, v), path=str(s.path))
             crops = image_crops(decode_for_model(image, spec), n_crops or cache.max_crops)
