@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol, runtime_checkable
+from typing import Any, Iterable, Iterator, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -271,6 +271,7 @@ class FindingsStore(Protocol):
 
     # -- writes (the sinks) --
     def apply_snapshot(self, snap: ClusterSnapshot) -> None: ...
+    def apply_snapshots(self, snaps: Iterable[ClusterSnapshot]) -> None: ...
     def add_dead_letter(self, dl: DeadLetter) -> bool: ...
     def add_alert(self, alert: Alert) -> bool: ...
     def delivered(self, alert_id: str, target: str) -> bool: ...

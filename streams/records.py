@@ -270,6 +270,18 @@ class ClusterSnapshot(_Record):
     alert_level: int = 0
     new_sighting: Sighting | None = None  # the sighting this revision added, if any
 
+    def dumps(self) -> bytes:
+        # Verification thumbnails, content boxes and view hashes of the new
+        # sighting are engine state (the cluster table, engine-state.sqlite):
+        # no sink stores them, and they were half of every snapshot's bytes,
+        # sent once per event. Members keep their views: banks and desk
+        # verdicts read them from the findings store.
+        return self.model_dump_json(exclude_none=True, exclude=_ENGINE_ONLY).encode()
+
+
+_ENGINE_ONLY = {"members": {"__all__": {"thumb", "content_box"}},
+                "new_sighting": {"hashes": {"thumb", "views", "content_box"}}}
+
 
 class Alert(_Record):
     schema_version: Literal[1] = 1

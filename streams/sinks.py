@@ -56,7 +56,7 @@ class Sinks:
     async def snapshots(self, raws: list[bytes]) -> None:
         """One batch in one store call (one bulk request on Elasticsearch)."""
         snaps = [ClusterSnapshot.loads(r) for r in raws]
-        await asyncio.to_thread(_apply_snapshots, self.store, snaps)
+        await asyncio.to_thread(self.store.apply_snapshots, snaps)
 
     async def dead_letter(self, raw: bytes) -> None:
         await self.dead_letters([raw])
@@ -99,15 +99,6 @@ class Sinks:
                 metrics.WEBHOOKS.labels("failed").inc()
                 log.error("webhook delivery failed", extra={"alert_id": alert.alert_id, "error": str(e)})
             await asyncio.to_thread(self.store.mark_delivered, alert.alert_id, hook.url, status)
-
-
-def _apply_snapshots(store: FindingsStore, snaps: list[ClusterSnapshot]) -> None:
-    batch = getattr(store, "apply_snapshots", None)
-    if batch is not None:
-        batch(snaps)
-    else:
-        for snap in snaps:
-            store.apply_snapshot(snap)
 
 
 def _add_dead_letters(store: FindingsStore, dls: list[DeadLetter]) -> None:

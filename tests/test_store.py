@@ -103,6 +103,34 @@ def test_equal_revision_is_not_reapplied(store):
     assert store.clusters()[0]["fake_score"] == 0.3
 
 
+def test_a_batch_ends_as_one_by_one(tmp_path):
+    """The sink hands a whole batch to one transaction: stale and equal
+    revisions, a merge, and members and sightings of every snapshot end
+    exactly as if each snapshot had been applied alone."""
+    batch = [
+        _snap("c1", 1, sighting=_sighting("e1", "a" * 64, 0), score=0.2),
+        _snap("c1", 3, sighting=_sighting("e3", "a" * 64, 2), score=0.9),
+        _snap("c1", 2, sighting=_sighting("e2", "b" * 64, 1), score=0.5),  # late, stale fields, new member
+        _snap("c2", 1, sighting=_sighting("e4", "c" * 64, 3), score=0.3),
+        _snap("c2", 1, score=0.7),  # same revision, other body: the first wins
+        _snap("c3", 1, sighting=_sighting("e5", "d" * 64, 4)),
+        _snap("c3", 2, merged_into="c1"),
+        _snap("c1", 4, merged_from=["c3"], sighting=_sighting("e6", "b" * 64, 5), score=0.95),
+    ]
+    dumps = []
+    for name, apply in (("alone", lambda s, b: [s.apply_snapshot(x) for x in b]), ("batch", lambda s, b: s.apply_snapshots(b))):
+        s = SqliteFindingsStore(tmp_path / f"{name}.sqlite")
+        apply(s, batch[:5])
+        apply(s, batch[5:])
+        apply(s, batch)  # redelivered whole
+        dumps.append(_dump(s))
+        s.close()
+    assert dumps[0] == dumps[1]
+    clusters = {c["id"]: c for c in dumps[1]["clusters"]}
+    assert clusters["c1"]["revision"] == 4 and clusters["c2"]["fake_score"] == 0.3
+    assert clusters["c3"]["merged_into"] == "c1" and len(dumps[1]["sightings"]) == 6
+
+
 def test_same_dead_letter_twice_changes_nothing(store):
     dl = DeadLetter(event_id="evt-x", stage="fetch", reason="blocked_address", detail="127.0.0.1",
                     source=SourceRef(topic=TOPIC, partition=1, offset=7), at=T0)
@@ -249,3 +277,22 @@ def test_many_processes_open_a_fresh_store_at_once(tmp_path, opener):
         procs = [subprocess.Popen([sys.executable, "-c", code, str(data), start], stderr=subprocess.PIPE) for _ in range(12)]
         errors = [p.communicate(timeout=60)[1].decode() for p in procs]
         assert [p.returncode for p in procs] == [0] * 12, "\n".join(e for e in errors if e)
+
+
+def test_snapshots_on_the_wire_leave_engine_state_out(store):
+    """Thumbnails and content boxes are engine state: a snapshot on the topic
+    carries everything the sinks store and nothing of them."""
+    s = _sighting("e1", "a" * 64, 0)
+    s = s.model_copy(update={"hashes": s.hashes.model_copy(update={"thumb": "QUJD" * 300, "views": ["1" * 16] * 25})})
+    member = Member(sha256="a" * 64, phash="0" * 16, pdq="0" * 64, pdq_quality=100, event_id="e1",
+                    representative=True, views=["2" * 16] * 3, thumb="QUJD" * 300, content_box=(0.0, 0.1, 1.0, 0.9))
+    snap = _snap("c1", 1, sighting=s).model_copy(update={"members": [member]})
+    raw = snap.dumps()
+    assert b"QUJD" not in raw and len(raw) < len(snap.model_dump_json())
+    back = ClusterSnapshot.loads(raw)
+    assert back.members[0].thumb is None and back.members[0].content_box is None
+    assert back.members[0].views == ["2" * 16] * 3 and back.new_sighting.hashes.views is None
+    assert back.model_dump(exclude={"members", "new_sighting"}) == snap.model_dump(exclude={"members", "new_sighting"})
+    store.apply_snapshot(back)
+    [m] = store.iter_members()
+    assert m.views == ["2" * 16] * 3
