@@ -14,13 +14,17 @@ from pathlib import Path
 
 from detectors.atomic_file import write_atomically
 from detectors.base import Detector, Evidence, EvidenceKind, create_all
-from detectors.hashing import ImageHashes, compute_hashes
+from detectors.hashing import HASHES_VERSION, ImageHashes, compute_hashes
 from detectors.imagedata import ImageData, process_budget
 from streams import metrics
+from streams.recent import Recent
 from streams.records import ImageEvent, ImageRef, Sighting, SourceRef
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+ANALYSES_REMEMBERED = 2_000  # ~5 KB each: about 10 MB per analyze stage
 
 
 class Analyzer:
@@ -30,6 +34,9 @@ class Analyzer:
         self.detectors: list[Detector] = create_all(cost="cheap", names=settings.detect.cheap)
         self._cache_dir = blob_root / "analysis"
         self._cache_dir.mkdir(parents=True, exist_ok=True)
+        # A viral picture is reposted byte for byte within minutes: its
+        # analysis is kept in memory too, not only read back from disk.
+        self._recent = Recent(ANALYSES_REMEMBERED)
         self._banks_path = settings.banks_path
         self._banks_mtime: float | None = None
         self._banks_checked = 0.0
@@ -99,18 +106,24 @@ class Analyzer:
             log.exception("bank match failed", extra={"sha256": sha256})
             return []
 
-    # Bump when hashes or cheap detectors change what they compute, so cached
-    # analyses of old images are recomputed rather than reused.
+    # Bump when cheap detectors change what they compute, so cached analyses
+    # of old images are recomputed rather than reused (a new hash record
+    # version does that by itself: it is part of the file name).
     CACHE_VERSION = 4  # 4: hashes v6 (frame crops, content box); 3: off-centre and caption-band views
 
     def _cache_path(self, sha256: str) -> Path:
-        return self._cache_dir / f"{sha256}.v{self.CACHE_VERSION}.json"
+        return self._cache_dir / f"{sha256}.v{self.CACHE_VERSION}.h{HASHES_VERSION}.json"
 
     def _load_cache(self, sha256: str) -> tuple[ImageHashes, list[Evidence]] | None:
+        hit = self._recent.get(sha256)
+        if hit is not None:
+            return hit
         path = self._cache_path(sha256)
         try:
             doc = json.loads(path.read_text())
-            return ImageHashes.model_validate(doc["hashes"]), [Evidence.model_validate(e) for e in doc["evidence"]]
+            hit = ImageHashes.model_validate(doc["hashes"]), [Evidence.model_validate(e) for e in doc["evidence"]]
+            self._recent.put(sha256, hit)
+            return hit
         except FileNotFoundError:
             return None
         except Exception:
@@ -123,6 +136,7 @@ class Analyzer:
         # write their own temp file; the last rename wins, same content.
         doc = {"hashes": hashes.model_dump(), "evidence": [e.model_dump() for e in evidence]}
         write_atomically(path, json.dumps(doc).encode())
+        self._recent.put(sha256, (hashes, evidence))
 
 
 def _without_inline(ref: ImageRef, sha256: str) -> ImageRef:

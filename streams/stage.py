@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 import warnings
-from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -32,6 +31,7 @@ from PIL import Image
 
 from streams import metrics
 from streams.findings import reads_are_local
+from streams.recent import Recent
 from streams.records import ClusterOp, DeadLetter, Sighting, SourceRef
 from streams.settings import Settings
 from streams.validate import MAX_EVENT_BYTES, parse_event
@@ -44,29 +44,6 @@ MAX_OP_BYTES = MAX_EVENT_BYTES
 
 
 BLOBS_REMEMBERED = 100_000  # ~10 MB of digests: repeats of a recent picture skip the blob store
-
-
-class _Recent:
-    """A bounded key -> value map that forgets its oldest entries first; the
-    analyze actors' threads may write it concurrently."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> Any:
-        return self._items.get(key)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._items
-
-    def put(self, key: str, value: Any = None) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
 
 
 class StageError(Exception):
@@ -141,7 +118,7 @@ class SharedIds:
     partition -> same worker, so this is complete across workers too)."""
 
     def __init__(self, capacity: int = 100_000):
-        self.recent = _Recent(capacity)  # event id -> sha256
+        self.recent = Recent(capacity)  # event id -> sha256
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def remember(self, event_id: str, sha256: str) -> None:
@@ -179,7 +156,7 @@ class AnalyzeStage:
         # event id -> sha256 of sightings this worker sent but the store may
         # not have yet (the sink runs behind the stream).
         self.shared = shared or SharedIds()
-        self._blobs = _Recent(BLOBS_REMEMBERED)  # sha256 of blobs this stage put
+        self._blobs = Recent(BLOBS_REMEMBERED)  # sha256 of blobs this stage put
         self._local_reads = reads_are_local(settings.findings.url)
 
     async def process(self, raw: bytes, source: SourceRef, broker_ts: float | None = None) -> Result:

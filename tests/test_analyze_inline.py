@@ -105,3 +105,23 @@ def test_a_repeated_picture_is_put_in_the_blob_store_once(setup):
     results = _run(stage, [_event(n, "small.png") for n in range(3)] + [_event(3, "large.png")])
     assert all(r.op is not None for r in results)
     assert len(puts) == 2
+
+
+def test_a_repeated_picture_is_analysed_once_and_read_back_from_memory(setup, monkeypatch):
+    """Reposts of the same bytes reuse the first analysis: hashed once, and
+    read back from memory, not from the on-disk cache (removed here)."""
+    import streams.analyze as analyze
+
+    make, _ = setup
+    stage, _ = make(4_000_000)
+    calls = []
+    real = analyze.compute_hashes
+    monkeypatch.setattr(analyze, "compute_hashes", lambda image: calls.append(image.sha256) or real(image))
+    [first] = _run(stage, [_event(0, "small.png")])
+    cached = list((stage.analyzer._cache_dir).glob("*.json"))
+    assert len(cached) == 1 and f".h{analyze.HASHES_VERSION}." in cached[0].name
+    cached[0].unlink()
+    again = _run(stage, [_event(n, "small.png") for n in range(1, 4)])
+    assert len(calls) == 1
+    hashes = {ClusterOp.loads(r.op).sighting.hashes.model_dump_json() for r in [first, *again]}
+    assert len(hashes) == 1
