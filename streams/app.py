@@ -49,7 +49,7 @@ def _faust_app(app_id: str, settings: Settings, broker_url: str) -> faust.App:
         topic_allow_declare=False,  # every topic is created up front (streams.broker.ensure_topics)
         processing_guarantee="at_least_once",
         consumer_auto_offset_reset="earliest",
-        # Tansu holds JoinGroup answers for session_timeout/2 (streams.tansu_compat (b)).
+        # Tansu holds JoinGroup answers for about half the session (streams.tansu_compat (b)).
         broker_session_timeout=SESSION_TIMEOUT_S if tansu else 60.0,
         broker_heartbeat_interval=HEARTBEAT_INTERVAL_S if tansu else 3.0,
         broker_commit_interval=1.0,
