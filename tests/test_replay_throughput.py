@@ -5,6 +5,7 @@ The speed itself is measured by bench/replay.py, never here."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from streams.demo_feed import build_feed
-from streams.detect_worker import coalesce
+from streams.detect_worker import answer, coalesce
 from streams.records import DetectRequest
 from streams.runner import WorkerProcess, process_age
 
@@ -29,6 +30,32 @@ def test_coalesce_answers_the_last_request_per_cluster_in_order():
     # A's first request is superseded by its better copy; the unreadable one is dropped, not fatal
     assert [(r.cluster_id, r.sha256) for r in out] == [("B", b1), ("A", a2), ("C", c1)]
     assert coalesce([]) == []
+
+
+def test_answers_leave_as_their_pictures_are_done_each_picture_analysed_once():
+    a1, a2, b1 = "a" * 64, "c" * 64, "b" * 64
+    # A's first copy, B, then A's better copy and a second cluster showing B's picture
+    raws = [req("A", a1), req("B", b1), req("A", a2), req("D", b1)]
+    analysed, sent = [], []
+
+    async def go():
+        b_sent = asyncio.Event()
+
+        async def analyse(sha):
+            analysed.append(sha)
+            if sha == a2:
+                await b_sent.wait()  # A's picture can only finish once B's answer has left
+            return [sha[:1]], None
+
+        async def send(r, evidence, error):
+            sent.append((r.cluster_id, r.sha256, evidence))
+            b_sent.set()
+
+        return await asyncio.wait_for(answer(raws, analyse, send), 5)
+
+    assert asyncio.run(go()) == 3
+    assert sorted(analysed) == sorted([b1, a2])  # A's first copy never, B's picture once for two clusters
+    assert sent == [("B", b1, ["b"]), ("A", a2, ["c"]), ("D", b1, ["b"])]  # in request order
 
 
 def test_worker_log_times_read_the_json_log(tmp_path):
