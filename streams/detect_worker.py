@@ -117,8 +117,12 @@ async def answer(raws: list[bytes], analyse: Callable[[str], Awaitable[tuple[lis
     soon as its picture is done. Returns the answers sent."""
     reqs = coalesce(raws)
     found = {sha: asyncio.ensure_future(analyse(sha)) for sha in dict.fromkeys(r.sha256 for r in reqs)}
-    for req in reqs:
-        await send(req, *await found[req.sha256])
+    try:
+        for req in reqs:
+            await send(req, *await found[req.sha256])
+    finally:  # a worker stopping mid-batch leaves no analysis running behind it
+        for task in found.values():
+            task.cancel()
     return len(reqs)
 
 
