@@ -145,7 +145,7 @@ class FindingsSettings(_Section):
     index_prefix: str = "deepwatch"
     bulk_max_actions: int = 500  # a bulk request is sent at this many actions...
     bulk_max_bytes: int = 5 * 1024 * 1024  # ...or this many bytes of NDJSON...
-    bulk_flush_s: float = 1.0  # ...or when the oldest buffered action is this old
+    bulk_flush_s: float = 0.2  # ...or every this many seconds: how stale the store may be behind the stream
     retry_initial_s: float = 0.5  # backoff on 429/5xx, doubling up to retry_max_s, never giving up
     retry_max_s: float = 30.0
     request_timeout_s: float = 30.0
