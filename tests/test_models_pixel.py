@@ -255,3 +255,44 @@ def test_training_variants_treat_both_classes_alike_and_are_reproducible(tmp_pat
         assert im.width <= rep.width and im.height <= rep.height
     with pytest.raises(ValueError, match="unknown variant"):
         variant_bytes(s, "sepia")
+
+
+def test_single_threaded_sessions_run_forwards_side_by_side(detector, monkeypatch) -> None:
+    """Local workers run onnxruntime on one thread (OMP_NUM_THREADS=1): then
+    batches infer side by side on the batcher's pool, one per core (at most
+    MAX_CONCURRENT_FORWARDS), and concurrent forwards give the scores one at
+    a time gives."""
+    import asyncio
+    import os
+    import threading
+
+    from detectors.models.batching import MicroBatcher
+    from detectors.models.pixel_backbone import MAX_CONCURRENT_FORWARDS
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert detector.concurrent_forwards == 1  # a multi-threaded session uses the cores itself
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert detector.concurrent_forwards == min(os.cpu_count() or 1, MAX_CONCURRENT_FORWARDS)
+    monkeypatch.setattr(type(detector), "concurrent_forwards", property(lambda self: 2))
+
+    images = [_jpeg(20 + i, (320, 240)) for i in range(4)]
+    expected = [e.data["logit"] for e in detector.predict_batch(images)]
+    both_in = threading.Barrier(2, timeout=30)  # passes only while two forwards are in flight
+    real_infer = detector.infer
+
+    def infer(batch):
+        both_in.wait()
+        return real_infer(batch)
+
+    monkeypatch.setattr(detector, "infer", infer)
+
+    async def go():
+        mb = MicroBatcher(detector, max_batch=2, max_wait_ms=200)
+        try:
+            return await asyncio.gather(*(mb.submit(im) for im in images)), mb.batches_run
+        finally:
+            await mb.close()
+
+    results, batches = asyncio.run(go())
+    assert batches == 2
+    np.testing.assert_allclose([r[0].data["logit"] for r in results], expected, rtol=1e-4, atol=1e-4)

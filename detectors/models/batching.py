@@ -6,9 +6,12 @@ a GPU, so submissions wait up to ``max_wait_ms`` for company (or until
 ``max_batch`` are queued) and go through together.
 
 Threading: decode+transform (PIL, numpy: releases the GIL) runs on a small
-pool so it overlaps with inference; the forward pass runs on a single
-dedicated thread so batches never contend for the device and the event loop
-is never blocked.
+pool so it overlaps with inference; forward passes run on a dedicated pool,
+never on the event loop. That pool has one thread (batches never contend for
+a device or for a runtime that spreads one call over every core) unless the
+detector's forward is single-threaded (``concurrent_forwards``): then one per
+core, so a backlog of batches -- a replay's model tail -- uses every core
+while a busy machine's other work still comes first for a niced worker.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class MicroBatcher:
         self._prep_pool = ThreadPoolExecutor(
             max_workers=prep_workers or min(8, os.cpu_count() or 2), thread_name_prefix="dw-prep"
         )
-        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dw-infer")
+        forwards = detector.concurrent_forwards if isinstance(detector, StagedDetector) else 1
+        self._infer_pool = ThreadPoolExecutor(max_workers=max(1, forwards), thread_name_prefix="dw-infer")
         self._queue: asyncio.Queue[_Pending] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()

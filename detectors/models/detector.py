@@ -45,6 +45,11 @@ class StagedDetector(BatchDetector):
     """A model detector split into ``prepare`` / ``infer`` / ``to_evidence``
     (see module doc) so ``MicroBatcher`` can overlap decoding with inference."""
 
+    # How many ``infer`` calls may run at once: 1 (a device, or a runtime
+    # that already spreads one call over every core) unless the detector says
+    # its forward is single-threaded and thread-safe.
+    concurrent_forwards: int = 1
+
     def prepare(self, image: ImageData) -> Any:  # pragma: no cover - abstract
         """One image as model input (an array or tensor of fixed shape)."""
         raise NotImplementedError

@@ -68,6 +68,10 @@ class PixelProbeDetector(StagedDetector):
         self.backbone = Backbone(self.spec.backbone, device or "cpu", int8=int8)
 
     @property
+    def concurrent_forwards(self) -> int:  # type: ignore[override]
+        return self.backbone.concurrent_forwards
+
+    @property
     def threshold(self) -> float:
         return self.head.card.threshold
 
