@@ -213,22 +213,27 @@ def test_pixel_evidence_alone_reaches_likely_ai_only_past_its_threshold() -> Non
     assert fuse([chunk, px(0.01)]).verdict == "likely-ai"
 
 
-def test_micro_batcher_groups_concurrent_pictures_into_one_forward(detector) -> None:
+def _through_batcher(detector, images, max_batch: int):
+    """Every picture submitted at once to a MicroBatcher: (results, batches run)."""
     import asyncio
 
     from detectors.models.batching import MicroBatcher
 
-    images = [_jpeg(10 + i, (320, 240)) for i in range(4)]
-    expected = [e.data["logit"] for e in detector.predict_batch(images)]
-
     async def go():
-        mb = MicroBatcher(detector, max_batch=8, max_wait_ms=200)
+        mb = MicroBatcher(detector, max_batch=max_batch, max_wait_ms=200)
         try:
             return await asyncio.gather(*(mb.submit(im) for im in images)), mb.batches_run
         finally:
             await mb.close()
 
-    results, batches = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_micro_batcher_groups_concurrent_pictures_into_one_forward(detector) -> None:
+    images = [_jpeg(10 + i, (320, 240)) for i in range(4)]
+    expected = [e.data["logit"] for e in detector.predict_batch(images)]
+
+    results, batches = _through_batcher(detector, images, max_batch=8)
     assert batches == 1
     assert [r[0].sha256 for r in results] == [im.sha256 for im in images]
     np.testing.assert_allclose([r[0].data["logit"] for r in results], expected, rtol=1e-4, atol=1e-4)
@@ -262,11 +267,9 @@ def test_single_threaded_sessions_run_forwards_side_by_side(detector, monkeypatc
     batches infer side by side on the batcher's pool, one per core (at most
     MAX_CONCURRENT_FORWARDS), and concurrent forwards give the scores one at
     a time gives."""
-    import asyncio
     import os
     import threading
 
-    from detectors.models.batching import MicroBatcher
     from detectors.models.pixel_backbone import MAX_CONCURRENT_FORWARDS
 
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
@@ -286,13 +289,6 @@ def test_single_threaded_sessions_run_forwards_side_by_side(detector, monkeypatc
 
     monkeypatch.setattr(detector, "infer", infer)
 
-    async def go():
-        mb = MicroBatcher(detector, max_batch=2, max_wait_ms=200)
-        try:
-            return await asyncio.gather(*(mb.submit(im) for im in images)), mb.batches_run
-        finally:
-            await mb.close()
-
-    results, batches = asyncio.run(go())
+    results, batches = _through_batcher(detector, images, max_batch=2)
     assert batches == 2
     np.testing.assert_allclose([r[0].data["logit"] for r in results], expected, rtol=1e-4, atol=1e-4)
