@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import abc
 from enum import Enum
-from typing import Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from detectors.imagedata import ImageData
+if TYPE_CHECKING:  # annotations only: evidence records need no image code
+    from detectors.imagedata import ImageData
 
 # "cheap" detectors run on every new member image of a cluster (metadata can
 # survive on one repost and not another); "model" detectors are expensive and

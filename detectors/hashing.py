@@ -44,8 +44,8 @@ from functools import lru_cache
 import numpy as np
 import pdqhash
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
 
+from detectors.hash_record import ImageHashes  # noqa: F401 - re-exported: the record hashes_of returns
 from detectors.imagedata import ImageData
 
 _PDQ_ODD_COLS = np.where(np.arange(16) % 2 == 1, -1.0, 1.0)[None, :]  # PDQ's DCT rows are frequencies 1..16
@@ -64,33 +64,6 @@ def _dct_rows(n: int, k: int) -> np.ndarray:
 
 _D = _dct_rows(_HASH_SIDE, _LOW)
 _ODD_COLS = np.where(np.arange(_LOW) % 2 == 1, -1.0, 1.0)[None, :]
-
-
-class ImageHashes(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    phash: str  # 64-bit, 16 hex chars
-    pdq: str  # 256-bit, 64 hex chars
-    pdq_quality: int
-    # the mirror image's pHash; of the trimmed view when ``trimmed``
-    phash_mirror: str | None = None
-    pdq_mirror: str | None = None
-    # pHashes of extra views (16 hex each), for crops and screenshots: when
-    # ``trimmed``, views[0] is the content inside a detected border/padding;
-    # then the 90% and 80% centre crops of the content (the trimmed box, or the
-    # whole image), then the off-centre ``VIEW_BOXES``; when ``trimmed``
-    # (v6 on) then the whole frame's ``FRAME_CROPS`` centre crops
-    # (``frame_extras``). None on records made before views existed:
-    # matching falls back to the full-frame hashes.
-    views: list[str] | None = None
-    trimmed: bool = False
-    # where the trimmed content sits in the whole frame, (x0, y0, x1, y1) as
-    # fractions of the frame: set with the frame crops (v6 on); pairs of
-    # frame-relative codes are verified on pixels mapped through it
-    content_box: tuple[float, float, float, float] | None = None
-    # 32x32 grey thumbnail of the content (trimmed box or whole image), base64
-    # uint8: hash matches are verified on it (``detectors.neardup``); None on
-    # records made before it existed (matching then trusts the hashes alone)
-    thumb: str | None = None
 
 
 def _median(block: np.ndarray) -> float:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from detectors.base import Evidence
-from detectors.hashing import ImageHashes
+from detectors.hash_record import ImageHashes
 
 
 def utcnow() -> datetime:
