@@ -100,3 +100,34 @@ def test_cuda_request_falls_back_to_cpu(caplog: pytest.LogCaptureFixture) -> Non
     assert select_device("cpu") == torch.device("cpu")
     assert select_device("auto").type in {"cpu", "mps"}
     assert select_device("tpu") == torch.device("cpu")
+
+
+def test_a_backlog_holds_prepared_pixels_for_few_batches_and_still_fills_them() -> None:
+    """However deep the queue, only one batch per forward plus the one being
+    prepared hold decoded pixels; the rest wait as bytes, and batches that
+    waited are still filled to max_batch."""
+
+    class Slow(CountingDetector):
+        live = peak = 0
+
+        def prepare(self, image):
+            Slow.live += 1
+            Slow.peak = max(Slow.peak, Slow.live)
+            return super().prepare(image)
+
+        def infer(self, batch):
+            time.sleep(0.05)
+            out = super().infer(batch)
+            Slow.live -= batch.shape[0]
+            return out
+
+    det = Slow()
+
+    async def main() -> None:
+        async with MicroBatcher(det, max_batch=4, max_wait_ms=20) as mb:
+            await asyncio.gather(*(mb.submit(_image(i)) for i in range(20)))
+
+    asyncio.run(main())
+    assert det.concurrent_forwards == 1
+    assert Slow.peak <= 2 * 4  # (forwards + 1) batches of 4
+    assert det.batch_sizes == [4] * 5

@@ -54,8 +54,12 @@ class MicroBatcher:
         self._prep_pool = ThreadPoolExecutor(
             max_workers=prep_workers or min(8, os.cpu_count() or 2), thread_name_prefix="dw-prep"
         )
-        forwards = detector.concurrent_forwards if isinstance(detector, StagedDetector) else 1
-        self._infer_pool = ThreadPoolExecutor(max_workers=max(1, forwards), thread_name_prefix="dw-infer")
+        forwards = max(1, detector.concurrent_forwards if isinstance(detector, StagedDetector) else 1)
+        self._infer_pool = ThreadPoolExecutor(max_workers=forwards, thread_name_prefix="dw-infer")
+        # Batches in flight (prepared pixels held until their forward ends):
+        # one per forward, plus the one being prepared. A backlog waits in the
+        # queue as compressed bytes, so memory stays bounded however deep it is.
+        self._slots = asyncio.Semaphore(forwards + 1)
         self._queue: asyncio.Queue[_Pending] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -75,22 +79,39 @@ class MicroBatcher:
     async def _collect(self) -> None:
         assert self._queue is not None
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            deadline = first.queued_at + self.max_wait
-            while len(batch) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
             # Don't await the batch here: the next one can be collected and
             # preprocessed while this one is on the device.
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slots.release()
+
+    async def _next_batch(self) -> list[_Pending]:
+        assert self._queue is not None
+        first = await self._queue.get()
+        batch = [first]
+        deadline = first.queued_at + self.max_wait
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():  # a backlog fills the batch whatever the deadline
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
 
     async def _run(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
