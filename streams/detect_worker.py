@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +26,7 @@ import faust
 from detectors.imagedata import ImageData
 from streams import metrics
 from streams.faust_app import faust_app
+from streams.priority import renice_threads
 from streams.blobstore import DirectoryBlobStore
 from streams.records import ClusterOp, DetectionResult, DetectRequest
 from streams.settings import Settings
@@ -34,7 +36,10 @@ log = logging.getLogger(__name__)
 TAKE_BATCHES = 8  # requests taken at once: this many model batches (``detect.max_batch``)
 
 
-def build_detect_app(settings: Settings, broker_url: str) -> faust.App:
+def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int | None = None) -> faust.App:
+    """The detect role's app; its models load in a thread from now on.
+    ``nice_after_load``: lower the whole process to this niceness once they
+    are loaded (local workers: the load itself then runs at normal priority)."""
     app = faust_app(f"{settings.app_id}-detect", settings, broker_url)
     t = settings.topic
     requests = app.topic(t("detect-requests"), value_serializer="raw", key_serializer="raw")
@@ -46,6 +51,8 @@ def build_detect_app(settings: Settings, broker_url: str) -> faust.App:
         batchers = _load_batchers()
         log.info("models loaded", extra={"seconds": round(time.perf_counter() - started, 3),
                                          "models": list(settings.detect.models)})
+        if nice_after_load is not None:
+            renice_threads(os.getpid(), nice_after_load)
         return batchers
 
     def _load_batchers() -> list:

@@ -23,6 +23,7 @@ from typing import Callable
 from streams.topics import topic_specs
 from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics, free_port
 from streams.ingest import Produced, produce_lines
+from streams.priority import renice_threads
 from streams.settings import Settings
 from streams.findings import open_findings
 
@@ -171,12 +172,14 @@ class Cluster:
         if metrics:
             port = free_port()
             env["DEEPWATCH_METRICS_PORT"] = str(port)
-        nice = DETECT_NICE if role == "detect" else 0
+        # The detect role loads its models at normal priority (a one-off
+        # fraction of a second of CPU that, niced, took 6-8 s next to a
+        # pipeline already at work) and lowers itself to DETECT_NICE after.
+        args = ["--nice-after-load", str(DETECT_NICE)] if role == "detect" else []
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.worker", "--role", role],
+                [sys.executable, "-m", "streams.worker", "--role", role, *args],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                preexec_fn=(lambda: os.nice(nice)) if nice else None,
             )
         w = WorkerProcess(role, proc, log_path, port)
         self.workers.append(w)
@@ -207,28 +210,14 @@ class Cluster:
         return out
 
     def renice(self, role: str, nice: int = 0) -> int:
-        """Set every thread of ``role``'s workers to ``nice`` (Linux niceness is
-        per thread, and threads inherit it, so the model threads a detect
-        worker started are reniced one by one). Used once the feed has drained:
+        """Set every thread of ``role``'s workers to ``nice``
+        (``streams.priority.renice_threads``). Used once the feed has drained:
         the detect role then gets its full share of the cores instead of what
         neighbouring processes leave. Raising priority needs CAP_SYS_NICE;
         without it nothing changes (the role stays niced, results still come).
         Returns the threads changed."""
-        changed = 0
-        for w in self.workers:
-            if w.role != role or w.proc.poll() is not None:
-                continue
-            try:
-                tids = [int(t) for t in os.listdir(f"/proc/{w.proc.pid}/task")]
-            except OSError:
-                tids = [w.proc.pid]
-            for tid in tids:
-                try:
-                    os.setpriority(os.PRIO_PROCESS, tid, nice)
-                    changed += 1
-                except OSError:  # EPERM without the capability, ESRCH for a thread that just ended
-                    pass
-        return changed
+        return sum(renice_threads(w.proc.pid, nice) for w in self.workers
+                   if w.role == role and w.proc.poll() is None)
 
     def check_workers(self) -> None:
         for w in self.workers:

@@ -30,7 +30,7 @@ def faust_broker_url(settings: Settings) -> str:
         raise SystemExit(f"error: {e}") from None
 
 
-def run(settings: Settings, role: str) -> None:
+def run(settings: Settings, role: str, nice_after_load: int | None = None) -> None:
     logs.setup(settings.log_level, settings.log_format)
     if role == "pipeline":
         # The event loop thread runs the consumer, the sends and the single
@@ -46,7 +46,7 @@ def run(settings: Settings, role: str) -> None:
     elif role == "detect":
         from streams.detect_worker import build_detect_app
 
-        app = build_detect_app(settings, broker)
+        app = build_detect_app(settings, broker, nice_after_load=nice_after_load)
     else:
         raise SystemExit(f"unknown role {role!r}: pipeline | detect")
     if settings.metrics_port is not None:
@@ -90,11 +90,12 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     role = argv[argv.index("--role") + 1] if "--role" in argv else "pipeline"
+    nice = int(argv[argv.index("--nice-after-load") + 1]) if "--nice-after-load" in argv else None
     try:
         settings = load_settings()
     except SettingsError as e:
         raise SystemExit(f"error: {e}") from None
-    run(settings, role)
+    run(settings, role, nice)
 
 
 if __name__ == "__main__":

@@ -139,3 +139,29 @@ def test_renice_reaches_every_thread_of_the_role(tmp_path):
         for p in (proc, other):
             p.kill()
             p.wait()
+
+
+def test_a_local_detect_worker_loads_its_models_first_and_lowers_itself_after(tmp_path):
+    """Niced from the start, the detect role's model load (a fraction of a
+    second of CPU) took 6-8 s next to a pipeline already at work; now it
+    loads at normal priority and every thread drops to DETECT_NICE after."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("per-thread niceness is read from /proc (Linux only)")
+    import time
+    from contextlib import ExitStack
+
+    from streams import runner
+    from streams.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", detect={"models": []})
+    with ExitStack() as stack:
+        cluster = runner.start_cluster(settings, stack)
+        w = cluster.start_worker("detect")
+        deadline = time.monotonic() + 60
+        while "models loaded" not in w.log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline and w.proc.poll() is None, w.log_path.read_text()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.2)
+        tids = [int(t) for t in os.listdir(f"/proc/{w.proc.pid}/task")]
+        assert len(tids) > 1
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {runner.DETECT_NICE}
