@@ -263,7 +263,7 @@ VIEW_CROPS = (0.9, 0.8)
 # verified on pixels mapped through the box (``detectors.neardup``).
 FRAME_CROPS = VIEW_CROPS
 # Bump when what ``hashes_of`` computes changes (caches of hashes key on it).
-HASHES_VERSION = 6  # 6: trimmed images carry their frame's centre crops and content box; 5: screenshot caption lines trimmed
+HASHES_VERSION = 7  # 7: a border layer of another colour trims only when flat as an outer edge, letterboxed small pictures trimmed columns first; 6: trimmed images carry their frame's centre crops and content box; 5: screenshot caption lines trimmed
 # Off-centre views (x0, y0, x1, y1 as fractions of the content box), after the
 # centre crops: 90% and 85% crops on a 3x3 grid of offsets, and the picture without a top / bottom /
 # both bands -- what remains when a caption bar covers up to 1/6 of a repost.
@@ -286,6 +286,7 @@ _TRIM_STRIP = 0.85  # ... each this much in it (JPEG rings next to the text)
 _TRIM_GLYPHS = 0.5  # ... after a line less than this much in it (glyphs)
 _TRIM_UI_LIGHT, _TRIM_UI_DARK = 235.0, 30.0  # ... in a UI colour (light or dark mode), not a picture's sky
 _TRIM_KEEP = 0.3  # the content must keep at least this much of each side, else no trim
+_TRIM_LAYER = 12.0  # grey levels between the medians of two border lines that make them two layers (``_flat_run``)
 
 
 @lru_cache(maxsize=4096)
@@ -323,6 +324,15 @@ def _flat_run(lines: np.ndarray, text_bars: bool = False) -> tuple[int, int]:
     ends = np.maximum(np.abs(lines[:, 0] - med), np.abs(lines[:, -1] - med)) <= 2 * _TRIM_TOL
     flat = (near >= _TRIM_LINE) & ends
 
+    def layered(f: np.ndarray, nr: np.ndarray, md: np.ndarray) -> np.ndarray:
+        # A line of another colour than the one before it starts a new layer
+        # (a letterbox's black bar, then the picture's own light margin), and
+        # must be as flat as an outer edge: the picture's edge inside a frame
+        # trims as it would standalone, not at the looser inner bound, which
+        # cut letterboxed copies into their picture (HASHES_VERSION 7)
+        brk = np.abs(np.diff(md, prepend=md[:1])) > _TRIM_LAYER
+        return f & (~brk | (nr >= _TRIM_EDGE))
+
     def run(f: np.ndarray, edge: float, colour: float, ls: np.ndarray) -> int:
         # The outermost line must be flat -- or, for a text bar reaching the
         # edge (a screenshot's caption line under a small picture), mostly
@@ -344,7 +354,8 @@ def _flat_run(lines: np.ndarray, text_bars: bool = False) -> tuple[int, int]:
         last = np.flatnonzero(f[:k])
         return max(n_flat, text_end, int(last[-1]) + 1 if len(last) else 0)
 
-    return run(flat, near[0], med[0], lines), run(flat[::-1], near[-1], med[-1], lines[::-1])
+    return (run(layered(flat, near, med), near[0], med[0], lines),
+            run(layered(flat[::-1], near[::-1], med[::-1]), near[-1], med[-1], lines[::-1]))
 
 
 def _text_bar_end(lines: np.ndarray, colour: float) -> int:
@@ -386,13 +397,24 @@ def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     # the picture): in the column and second row passes the rule cut into
     # pictures with a flat-ish side (11-22 of 637 caption-bar copies)
     top, bottom = _flat_run(grey, text_bars=True)
-    if top + bottom >= h:
-        return None
-    left, right = _flat_run(grey[top : h - bottom].T)
-    if left + right >= w:
-        return None
-    top2, bottom2 = _flat_run(grey[top : h - bottom, left : w - right])
-    top, bottom = top + top2, bottom + bottom2
+    if top + bottom < h:
+        left, right = _flat_run(grey[top : h - bottom].T)
+        if left + right >= w:
+            return None
+        top2, bottom2 = _flat_run(grey[top : h - bottom, left : w - right])
+        top, bottom = top + top2, bottom + bottom2
+    else:
+        # every row is mostly border: a small picture on a background of its
+        # own colour, letterboxed (black bars, black backdrop) -- its columns
+        # first, then rows within them, then columns again (HASHES_VERSION 7)
+        left, right = _flat_run(grey.T)
+        if left + right >= w:
+            return None
+        top, bottom = _flat_run(grey[:, left : w - right])
+        if top + bottom >= h:
+            return None
+        left2, right2 = _flat_run(grey[top : h - bottom, left : w - right].T)
+        left, right = left + left2, right + right2
     x0, y0, x1, y1 = left, top, w - right, h - bottom
     if x1 - x0 < _TRIM_KEEP * w or y1 - y0 < _TRIM_KEEP * h:
         return None  # (nearly) flat image: nothing to trim to
