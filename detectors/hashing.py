@@ -285,7 +285,9 @@ _TRIM_FLAT_RUN = 3  # ... and this many lines of that colour within the bar's re
 _TRIM_STRIP = 0.85  # ... each this much in it (JPEG rings next to the text)
 _TRIM_GLYPHS = 0.5  # ... after a line less than this much in it (glyphs)
 _TRIM_UI_LIGHT, _TRIM_UI_DARK = 235.0, 30.0  # ... in a UI colour (light or dark mode), not a picture's sky
-_TRIM_KEEP = 0.3  # the content must keep at least this much of each side, else no trim
+# the content must keep at least this much of each side -- or half of it on
+# one side with the area of this much of each (a small picture letterboxed)
+_TRIM_KEEP = 0.3
 _TRIM_LAYER = 12.0  # grey levels between the medians of two border lines that make them two layers (``_flat_run``)
 
 
@@ -384,6 +386,19 @@ def _near_median(lines: np.ndarray) -> np.ndarray:
     return (np.abs(lines - med) <= _TRIM_TOL).mean(axis=1)
 
 
+def _strict_run(lines: np.ndarray) -> tuple[int, int]:
+    """How many leading and trailing rows of ``lines`` are flat as an outer
+    edge: ``_TRIM_EDGE`` of the row near its median, that colour at both ends."""
+    m = lines.shape[1]
+    med = np.partition(lines, m // 2, axis=1)[:, m // 2]
+    near = (np.abs(lines - med[:, None]) <= _TRIM_TOL).mean(axis=1)
+    ends = np.maximum(np.abs(lines[:, 0] - med), np.abs(lines[:, -1] - med)) <= 2 * _TRIM_TOL
+    ok = (near >= _TRIM_EDGE) & ends
+    if ok.all():
+        return len(ok), 0
+    return int(np.argmin(ok)), int(np.argmin(ok[::-1]))
+
+
 def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1) of the picture inside a uniform or near-uniform frame
     (screenshot margins and bars, letterboxing, padding; in the first row
@@ -396,7 +411,13 @@ def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     # text bars only as whole rows of the image (a caption line over or under
     # the picture): in the column and second row passes the rule cut into
     # pictures with a flat-ish side (11-22 of 637 caption-bar copies)
-    top, bottom = _flat_run(grey, text_bars=True)
+    # rows measured inside the columns flat as an edge (a letterbox's bars):
+    # else a dark picture's rows count as border for the bars beside them,
+    # and its letterboxed copy trims into it (HASHES_VERSION 7)
+    bars = _strict_run(grey.T)
+    if sum(bars) >= w:
+        return None
+    top, bottom = _flat_run(grey[:, bars[0] : w - bars[1]], text_bars=True)
     if top + bottom < h:
         left, right = _flat_run(grey[top : h - bottom].T)
         if left + right >= w:
@@ -416,7 +437,8 @@ def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
         left2, right2 = _flat_run(grey[top : h - bottom, left : w - right].T)
         left, right = left + left2, right + right2
     x0, y0, x1, y1 = left, top, w - right, h - bottom
-    if x1 - x0 < _TRIM_KEEP * w or y1 - y0 < _TRIM_KEEP * h:
+    fx, fy = (x1 - x0) / w, (y1 - y0) / h
+    if fx * fy < _TRIM_KEEP**2 or min(fx, fy) < _TRIM_KEEP / 2:
         return None  # (nearly) flat image: nothing to trim to
     if (w - (x1 - x0)) < _TRIM_MIN * w and (h - (y1 - y0)) < _TRIM_MIN * h:
         return None
