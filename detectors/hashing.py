@@ -79,7 +79,8 @@ class ImageHashes(BaseModel):
     # then the 90% and 80% centre crops of the content (the trimmed box, or the
     # whole image), then the off-centre ``VIEW_BOXES``; when ``trimmed``
     # (v6 on) then the whole frame's ``FRAME_CROPS`` centre crops
-    # (``frame_extras``). None on records made before views existed:
+    # (``frame_extras``); last (v7 on) the content's ``SIDE_BANDS``
+    # (``side_views``). None on records made before views existed:
     # matching falls back to the full-frame hashes.
     views: list[str] | None = None
     trimmed: bool = False
@@ -154,14 +155,15 @@ def _hashes_of(image: Image.Image) -> ImageHashes:
     lows = _view_lows(content)
     codes = _codes(lows)
     mirror = _codes(lows[:1] * _ODD_COLS)[0]  # of the content: a framed copy's mirror is its picture's
+    main, sides = codes[: 1 + N_VIEWS], codes[1 + N_VIEWS :]
     if trimmed:
         frame = _codes(_view_lows(_work(grey_img, None), first=1 + len(FRAME_CROPS)))
         phash = frame[0]
-        # views[0]: the trimmed content; then the content's views and the
-        # whole frame's centre crops
-        views = codes + frame[1:]
+        # views[0]: the trimmed content; then the content's views, the
+        # whole frame's centre crops, the content's side bands
+        views = main + frame[1:] + sides
     else:
-        phash, views = codes[0], codes[1:]
+        phash, views = main[0], main[1:] + sides
     pdq, pdq_m, quality = pdq_pair(image)
     return ImageHashes(
         phash=phash, pdq=pdq, pdq_quality=quality, phash_mirror=mirror, pdq_mirror=pdq_m, views=views,
@@ -196,9 +198,9 @@ def _work(grey: Image.Image, box: tuple[int, int, int, int] | None) -> np.ndarra
 def _view_bank(n: int) -> tuple[np.ndarray, np.ndarray]:
     """(V, 8, n) row and (V * 8, n) column matrices of every view box of an
     ``n`` square (the whole square first, then ``VIEW_CROPS`` centre crops,
-    then ``VIEW_BOXES``): fixed, so built once."""
+    then ``VIEW_BOXES``, then ``SIDE_BANDS``): fixed, so built once."""
     boxes = [(0.0, 0.0, 1.0, 1.0)] + [((1 - f) / 2, (1 - f) / 2, (1 + f) / 2, (1 + f) / 2) for f in VIEW_CROPS]
-    boxes += list(VIEW_BOXES)
+    boxes += list(VIEW_BOXES) + list(SIDE_BANDS)
     rows = np.stack([_dct_resample(n, y0 * n, y1 * n) for _, y0, _, y1 in boxes]).astype(np.float32)
     cols = np.concatenate([_dct_resample(n, x0 * n, x1 * n) for x0, _, x1, _ in boxes]).astype(np.float32)
     return rows, cols
@@ -263,7 +265,7 @@ VIEW_CROPS = (0.9, 0.8)
 # verified on pixels mapped through the box (``detectors.neardup``).
 FRAME_CROPS = VIEW_CROPS
 # Bump when what ``hashes_of`` computes changes (caches of hashes key on it).
-HASHES_VERSION = 7  # 7: a border layer of another colour trims only when flat as an outer edge, letterboxed small pictures trimmed columns first; 6: trimmed images carry their frame's centre crops and content box; 5: screenshot caption lines trimmed
+HASHES_VERSION = 7  # 7: side bands (``SIDE_BANDS``), rows trimmed inside the columns flat as an edge; 6: trimmed images carry their frame's centre crops and content box; 5: screenshot caption lines trimmed
 # Off-centre views (x0, y0, x1, y1 as fractions of the content box), after the
 # centre crops: 90% and 85% crops on a 3x3 grid of offsets, and the picture without a top / bottom /
 # both bands -- what remains when a caption bar covers up to 1/6 of a repost.
@@ -274,6 +276,13 @@ VIEW_BOXES = tuple(
     (ox * (1 - f) / 2, oy * (1 - f) / 2, ox * (1 - f) / 2 + f, oy * (1 - f) / 2 + f)
     for f in (0.9, 0.85) for oy in (0, 1, 2) for ox in (0, 1, 2) if (f, ox, oy) != (0.9, 1, 1)
 ) + VIEW_BANDS
+# Side bands (``HASHES_VERSION`` 7): the content without a tenth or 15% of
+# its left or right side -- an off-centre crop of a picture with a flat
+# top/bottom margin of its own cuts one side only once trimmed (the cluster
+# bench's 85% bottom-right crop of a face on a flat backdrop met no view
+# within 8 bits; its side band within 0-4). Stored after the frame crops
+# (``side_views``): records before version 7 have none and match as before.
+SIDE_BANDS = ((0.1, 0.0, 1.0, 1.0), (0.15, 0.0, 1.0, 1.0), (0.0, 0.0, 0.9, 1.0), (0.0, 0.0, 0.85, 1.0))
 _TRIM_TOL = 3.0  # grey levels: a border line's pixels are this close to its median (screenshot UI and letterbox bars are flat to 1-2 levels after JPEG)
 _TRIM_LINE = 2 / 3  # fraction of a line near its median for it to count as border (text on a flat background)
 _TRIM_EDGE = 0.95  # the outermost line must be this flat for a side to be trimmed at all
@@ -459,9 +468,20 @@ def frame_extras(views: list[str] | None, trimmed: bool) -> list[str] | None:
     ``HASHES_VERSION`` 6 on (its ``content_box`` says where the content
     sits); None for other records (untrimmed, or made before: they match as
     before)."""
-    if not trimmed or not views or len(views) != 1 + N_VIEWS + len(FRAME_CROPS):
+    if not trimmed or not views or len(views) not in (1 + N_VIEWS + len(FRAME_CROPS), _N_TRIMMED):
         return None
-    return views[1 + N_VIEWS :]
+    return views[1 + N_VIEWS : 1 + N_VIEWS + len(FRAME_CROPS)]
+
+
+_N_TRIMMED = 1 + N_VIEWS + len(FRAME_CROPS) + len(SIDE_BANDS)  # views of a trimmed record from version 7 on
+
+
+def side_views(views: list[str] | None, trimmed: bool) -> list[str]:
+    """The side-band views (``SIDE_BANDS``) of a record from ``HASHES_VERSION``
+    7 on, the last of its views; none for older records."""
+    if not views or len(views) != (_N_TRIMMED if trimmed else N_VIEWS + len(SIDE_BANDS)):
+        return []
+    return views[-len(SIDE_BANDS) :]
 
 
 def view_hashes(grey: np.ndarray) -> tuple[list[str], bool]:
@@ -481,6 +501,8 @@ def view_hashes(grey: np.ndarray) -> tuple[list[str], bool]:
         for frac in FRAME_CROPS:
             dx, dy = w * (1 - frac) / 2, h * (1 - frac) / 2
             views.append(view_phash(grey, (dx, dy, w - dx, h - dy)))
+    for bx0, by0, bx1, by1 in SIDE_BANDS:
+        views.append(view_phash(grey, (x0 + bx0 * cw, y0 + by0 * ch, x0 + bx1 * cw, y0 + by1 * ch)))
     return views, trimmed
 
 

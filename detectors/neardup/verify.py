@@ -104,6 +104,18 @@ def _residuals(ra: np.ndarray, rb: np.ndarray, quantile: float = 0.5, smooth: bo
     return np.take_along_axis(e, k, axis=-1)[..., 0]
 
 
+def informative(a: np.ndarray, a_box: Box, b: np.ndarray, b_box: Box, mirror: bool = False) -> int:
+    """How many of the 16x16 pixels of the two regions are informative: not
+    black on both sides nor saturated on both (``_residuals`` leaves those
+    out, and compares everything when fewer than ``_MIN_MID`` remain -- two
+    screenshots of different dark pictures then agree on their UI)."""
+    if mirror:
+        a = a[:, ::-1]
+    ra, rb = region(a, a_box), region(b, b_box)
+    same_end = ((ra <= _DARK) & (rb <= _DARK)) | ((ra >= _BRIGHT) & (rb >= _BRIGHT))
+    return int((~same_end).sum())
+
+
 def residual(a: np.ndarray, a_box: Box, b: np.ndarray, b_box: Box, mirror: bool = False, quantile: float = 0.5,
              smooth: bool = False) -> float:
     """Median grey-level difference of ``a``'s ``a_box`` (of its mirror image
