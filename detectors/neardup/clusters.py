@@ -22,6 +22,10 @@ matches, within ``view_threshold`` bits, when
 * a band view equals the *same* band on the other (a caption bar over an edge).
 
 Other crop views never meet crop views (more pairs, more false matches).
+Side bands (hashes v7: the content without a tenth or 15% of one side) pair
+like bands; in ``ClusterIndex`` such a pair must agree almost everywhere
+on informative pixels, and may join an image but never link two clusters
+or make an anchor trusted (a band leaves out where two pictures differ).
 Framed images (``_framed``) never match on their full-frame hashes as an
 unframed picture's (they show the frame); their mirror code is their trimmed view's. Flat pictures
 (PDQ quality < ``FLAT_QUALITY``) match only flat ones.
@@ -29,8 +33,10 @@ unframed picture's (they show the frame); their mirror code is their trimmed vie
 Frame-relative codes (hash records v6, ``hashing.frame_extras``): a
 trimmed image also carries its whole frame's pHash and centre crops and its
 content box, because a picture with a flat margin of its own trims
-differently in every copy. Its whole frame may meet crop views and other
-whole frames, its frame crops meet full frames and trimmed views -- only in
+differently in every copy. Its whole frame may meet crop views, other
+whole frames and (v7) full frames -- a brightened copy whose backdrop
+saturates to a flat margin trims where its picture does not -- its frame
+crops meet full frames and trimmed views -- only in
 ``ClusterIndex``, with pixels compared through each side's content box
 (``_region``, ``_clip_pair``); the hash-only rule leaves them out
 (``_frame_relative``).
@@ -180,10 +186,10 @@ def _allowed_table() -> np.ndarray:
         for ms in range(SLOTS):
             crop_q, crop_m = qk >= _CROP0, _CROP0 <= ms < _FRAME_FULL or ms >= _SIDE0
             band_same = qk == ms and (_BAND0 <= qk < _FRAME0 or qk >= _SIDE0)
-            if ms == _FRAME_FULL:  # a trimmed image's whole frame: its crops, or another whole frame
-                ok = crop_q or qk == _Q_FRAME
-            elif qk == _Q_FRAME:  # a trimmed image's whole frame: crops of any picture
-                ok = crop_m
+            if ms == _FRAME_FULL:  # a trimmed image's whole frame: its crops, another whole frame or a full one
+                ok = crop_q or qk in (_Q_FRAME, _Q_FULL)
+            elif qk == _Q_FRAME:  # a trimmed image's whole frame: crops or the full frame of any picture
+                ok = crop_m or ms == _FULL
             elif _FRAME0 <= ms < _FRAME_FULL:  # a trimmed image's frame crops: full frames (not mirrored) and trimmed views
                 ok = qk in (_Q_FULL, _TRIM)
             else:
