@@ -412,8 +412,12 @@ def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1) of the picture inside a uniform or near-uniform frame
     (screenshot margins and bars, letterboxing, padding; in the first row
     pass also a UI-coloured text bar reaching the edge, ``_text_bar_end``),
-    or None when there is no such frame. Rows first, then columns within the kept rows, then rows
-    again within the kept columns (a frame's side bars make its rows busy)."""
+    or None when there is no such frame. Rows first (measured inside the
+    outer columns flat as an edge), then columns within the kept rows, then
+    rows again within the kept columns (a frame's side bars make its rows
+    busy); columns first when every row is border. The content keeps 30% of
+    each side, or 15% of one with 9% of the area (a small picture
+    letterboxed)."""
     h, w = grey.shape
     if max(_near_median(grey[[0, -1]]).max(), _near_median(grey[:, [0, -1]].T).max()) < _TRIM_EDGE:
         return None  # no flat outer line: no frame (most pictures stop here)
