@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from bench.neardup_transforms import _crop_box, screenshot
 from detectors.hashing import SIDE_BANDS, hamming_hex, side_views
-from detectors.neardup import ClusterIndex
+from detectors.neardup import ClusterIndex, pair_match
 from tests.test_cluster_verify import _h, waves
 
 
@@ -107,3 +107,10 @@ def test_a_side_band_pair_is_not_verified_on_uninformative_pixels():
     a = index.assign("a" * 64, ha)
     b = index.assign(sb, query)
     assert b.cluster_id != a.cluster_id and b.new_cluster
+    # the hash-only rule (banks, ``deepwatch similar``) never pairs side bands:
+    # without pixels nothing would check the part they leave out
+    # (the same answer with the side bands scrambled; the 0-bit side pair is not it)
+    n = len(SIDE_BANDS)
+    flipped = ha.model_copy(update={"views": ha.views[:-n] + [f"{int(v, 16) ^ (2**64 - 1):016x}" for v in ha.views[-n:]]})
+    found = pair_match(query, ha, view_threshold=8)
+    assert found == pair_match(query, flipped, view_threshold=8) and (found is None or found[0] > 0)

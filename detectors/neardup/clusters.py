@@ -25,7 +25,8 @@ Other crop views never meet crop views (more pairs, more false matches).
 Side bands (hashes v7: the content without a tenth or 15% of one side) pair
 like bands; in ``ClusterIndex`` such a pair must agree almost everywhere
 on informative pixels, and may join an image but never link two clusters
-or make an anchor trusted (a band leaves out where two pictures differ).
+or make an anchor trusted (a band leaves out where two pictures differ);
+the hash-only rule leaves them out (``_pixels_only``).
 Framed images (``_framed``) never match on their full-frame hashes as an
 unframed picture's (they show the frame); their mirror code is their trimmed view's. Flat pictures
 (PDQ quality < ``FLAT_QUALITY``) match only flat ones.
@@ -275,8 +276,8 @@ def search_phash(
     for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
         key, slot = divmod(i, SLOTS)
         qk = kinds[q]
-        if _frame_relative(qk, slot):
-            continue  # needs pixels mapped through the content box: clusters only
+        if _pixels_only(qk, slot):
+            continue  # needs pixels (mapped through the content box; a side band's strict test): clusters only
         if _full_pair(qk, slot):
             if d > phash_threshold:
                 continue
@@ -303,7 +304,7 @@ def _phash_pairs_detail(
     out: list[tuple[int, Via, int, int]] = []
     for qk, qh in q:
         for ms, mh in m:
-            if not _pair_allowed(qk, ms) or _frame_relative(qk, ms):
+            if not _pair_allowed(qk, ms) or _pixels_only(qk, ms):
                 continue
             d = hamming_hex(qh, mh)
             if _full_pair(qk, ms):
@@ -321,6 +322,14 @@ def _frame_relative(q_kind: int, m_slot: int) -> bool:
     through the content boxes; the hash-only rule (``pair_match``,
     ``search_phash``: banks) leaves them out and matches as with v5 records."""
     return q_kind == _Q_FRAME or _FRAME0 <= m_slot <= _FRAME_FULL
+
+
+def _pixels_only(q_kind: int, m_slot: int) -> bool:
+    """A pair the hash-only rule leaves out: frame-relative codes
+    (``_frame_relative``) and side bands (hashes v7), which a side of the
+    picture being repainted leaves at a few bits -- ``ClusterIndex`` takes
+    them only with pixels verified strictly (``_residual``)."""
+    return _frame_relative(q_kind, m_slot) or q_kind >= _SIDE0 or m_slot >= _SIDE0
 
 
 def _full_pair(q_kind: int, m_slot: int) -> bool:
@@ -507,7 +516,7 @@ def pair_match(
     applies it through its index; the best (distance, via) by
     ``distance / threshold``, or None. Hashes only: pairs of a trimmed
     image's whole-frame codes, which ``ClusterIndex`` takes only with pixels
-    verified (``_frame_relative``), are left out."""
+    verified (``_frame_relative``), and side bands are left out (``_pixels_only``)."""
     vt = phash_threshold if view_threshold is None else view_threshold
     cands: list[tuple[float, int, int, Via]] = []
     for d, via in _phash_pairs(_view_codes(a), _stored_codes(b), phash_threshold, vt):
@@ -705,8 +714,9 @@ class ClusterIndex:
                 full_pair = (((q.kinds == _Q_FULL) | (q.kinds == _Q_MIRROR))[:, None] & (r.slots == _FULL)[None, :]) | (
                     (q.kinds == _Q_FRAME)[:, None] & (r.slots == _FRAME_FULL)[None, :])
                 allowed = _ALLOWED[q.kinds + 3][:, r.slots]
-                if self.verify_max is None or q.thumb is None or r.thumb is None:  # frame pairs need pixels
+                if self.verify_max is None or q.thumb is None or r.thumb is None:  # frame and side pairs need pixels
                     allowed &= ~((q.kinds == _Q_FRAME)[:, None] | ((r.slots >= _FRAME0) & (r.slots <= _FRAME_FULL))[None, :])
+                    allowed &= ~((q.kinds >= _SIDE0)[:, None] | (r.slots >= _SIDE0)[None, :])
                 if not sides:
                     allowed &= ~((q.kinds >= _SIDE0)[:, None] | (r.slots >= _SIDE0)[None, :])
                 if q.framed:  # its mirror code is a trimmed view's: the view radius,
