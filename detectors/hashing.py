@@ -265,7 +265,7 @@ VIEW_CROPS = (0.9, 0.8)
 # verified on pixels mapped through the box (``detectors.neardup``).
 FRAME_CROPS = VIEW_CROPS
 # Bump when what ``hashes_of`` computes changes (caches of hashes key on it).
-HASHES_VERSION = 7  # 7: side bands (``SIDE_BANDS``), rows trimmed inside the columns flat as an edge; 6: trimmed images carry their frame's centre crops and content box; 5: screenshot caption lines trimmed
+HASHES_VERSION = 7  # 7: side bands (``SIDE_BANDS``), rows trimmed inside the columns flat as an edge, border layers; 6: trimmed images carry their frame's centre crops and content box; 5: screenshot caption lines trimmed
 # Off-centre views (x0, y0, x1, y1 as fractions of the content box), after the
 # centre crops: 90% and 85% crops on a 3x3 grid of offsets, and the picture without a top / bottom /
 # both bands -- what remains when a caption bar covers up to 1/6 of a repost.
@@ -294,8 +294,8 @@ _TRIM_FLAT_RUN = 3  # ... and this many lines of that colour within the bar's re
 _TRIM_STRIP = 0.85  # ... each this much in it (JPEG rings next to the text)
 _TRIM_GLYPHS = 0.5  # ... after a line less than this much in it (glyphs)
 _TRIM_UI_LIGHT, _TRIM_UI_DARK = 235.0, 30.0  # ... in a UI colour (light or dark mode), not a picture's sky
-# the content must keep at least this much of each side -- or half of it on
-# one side with the area of this much of each (a small picture letterboxed)
+# the content must keep at least this much squared of the area, and half of
+# it of each side (a small picture letterboxed keeps less than this of its width)
 _TRIM_KEEP = 0.3
 _TRIM_LAYER = 12.0  # grey levels between the medians of two border lines that make them two layers (``_flat_run``)
 
@@ -415,9 +415,9 @@ def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     or None when there is no such frame. Rows first (measured inside the
     outer columns flat as an edge), then columns within the kept rows, then
     rows again within the kept columns (a frame's side bars make its rows
-    busy); columns first when every row is border. The content keeps 30% of
-    each side, or 15% of one with 9% of the area (a small picture
-    letterboxed)."""
+    busy); columns first when every row is border. The content keeps at
+    least 9% of the frame's area and 15% of each side (was 30% of each: a
+    small picture letterboxed)."""
     h, w = grey.shape
     if max(_near_median(grey[[0, -1]]).max(), _near_median(grey[:, [0, -1]].T).max()) < _TRIM_EDGE:
         return None  # no flat outer line: no frame (most pictures stop here)
