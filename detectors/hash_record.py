@@ -24,7 +24,8 @@ class ImageHashes(BaseModel):
     # then the 90% and 80% centre crops of the content (the trimmed box, or the
     # whole image), then the off-centre ``VIEW_BOXES``; when ``trimmed``
     # (v6 on) then the whole frame's ``FRAME_CROPS`` centre crops
-    # (``frame_extras``). None on records made before views existed:
+    # (``frame_extras``); last (v7 on) the content's ``SIDE_BANDS``
+    # (``side_views``). None on records made before views existed:
     # matching falls back to the full-frame hashes.
     views: list[str] | None = None
     trimmed: bool = False

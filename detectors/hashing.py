@@ -127,14 +127,15 @@ def _hashes_of(image: Image.Image) -> ImageHashes:
     lows = _view_lows(content)
     codes = _codes(lows)
     mirror = _codes(lows[:1] * _ODD_COLS)[0]  # of the content: a framed copy's mirror is its picture's
+    main, sides = codes[: 1 + N_VIEWS], codes[1 + N_VIEWS :]
     if trimmed:
         frame = _codes(_view_lows(_work(grey_img, None), first=1 + len(FRAME_CROPS)))
         phash = frame[0]
-        # views[0]: the trimmed content; then the content's views and the
-        # whole frame's centre crops
-        views = codes + frame[1:]
+        # views[0]: the trimmed content; then the content's views, the
+        # whole frame's centre crops, the content's side bands
+        views = main + frame[1:] + sides
     else:
-        phash, views = codes[0], codes[1:]
+        phash, views = main[0], main[1:] + sides
     pdq, pdq_m, quality = pdq_pair(image)
     return ImageHashes(
         phash=phash, pdq=pdq, pdq_quality=quality, phash_mirror=mirror, pdq_mirror=pdq_m, views=views,
@@ -169,9 +170,9 @@ def _work(grey: Image.Image, box: tuple[int, int, int, int] | None) -> np.ndarra
 def _view_bank(n: int) -> tuple[np.ndarray, np.ndarray]:
     """(V, 8, n) row and (V * 8, n) column matrices of every view box of an
     ``n`` square (the whole square first, then ``VIEW_CROPS`` centre crops,
-    then ``VIEW_BOXES``): fixed, so built once."""
+    then ``VIEW_BOXES``, then ``SIDE_BANDS``): fixed, so built once."""
     boxes = [(0.0, 0.0, 1.0, 1.0)] + [((1 - f) / 2, (1 - f) / 2, (1 + f) / 2, (1 + f) / 2) for f in VIEW_CROPS]
-    boxes += list(VIEW_BOXES)
+    boxes += list(VIEW_BOXES) + list(SIDE_BANDS)
     rows = np.stack([_dct_resample(n, y0 * n, y1 * n) for _, y0, _, y1 in boxes]).astype(np.float32)
     cols = np.concatenate([_dct_resample(n, x0 * n, x1 * n) for x0, _, x1, _ in boxes]).astype(np.float32)
     return rows, cols
@@ -236,7 +237,7 @@ VIEW_CROPS = (0.9, 0.8)
 # verified on pixels mapped through the box (``detectors.neardup``).
 FRAME_CROPS = VIEW_CROPS
 # Bump when what ``hashes_of`` computes changes (caches of hashes key on it).
-HASHES_VERSION = 6  # 6: trimmed images carry their frame's centre crops and content box; 5: screenshot caption lines trimmed
+HASHES_VERSION = 7  # 7: side bands (``SIDE_BANDS``), rows trimmed inside the columns flat as an edge, border layers; 6: trimmed images carry their frame's centre crops and content box; 5: screenshot caption lines trimmed
 # Off-centre views (x0, y0, x1, y1 as fractions of the content box), after the
 # centre crops: 90% and 85% crops on a 3x3 grid of offsets, and the picture without a top / bottom /
 # both bands -- what remains when a caption bar covers up to 1/6 of a repost.
@@ -247,6 +248,13 @@ VIEW_BOXES = tuple(
     (ox * (1 - f) / 2, oy * (1 - f) / 2, ox * (1 - f) / 2 + f, oy * (1 - f) / 2 + f)
     for f in (0.9, 0.85) for oy in (0, 1, 2) for ox in (0, 1, 2) if (f, ox, oy) != (0.9, 1, 1)
 ) + VIEW_BANDS
+# Side bands (``HASHES_VERSION`` 7): the content without a tenth or 15% of
+# its left or right side -- an off-centre crop of a picture with a flat
+# top/bottom margin of its own cuts one side only once trimmed (the cluster
+# bench's 85% bottom-right crop of a face on a flat backdrop met no view
+# within 8 bits; its side band within 0-4). Stored after the frame crops
+# (``side_views``): records before version 7 have none and match as before.
+SIDE_BANDS = ((0.1, 0.0, 1.0, 1.0), (0.15, 0.0, 1.0, 1.0), (0.0, 0.0, 0.9, 1.0), (0.0, 0.0, 0.85, 1.0))
 _TRIM_TOL = 3.0  # grey levels: a border line's pixels are this close to its median (screenshot UI and letterbox bars are flat to 1-2 levels after JPEG)
 _TRIM_LINE = 2 / 3  # fraction of a line near its median for it to count as border (text on a flat background)
 _TRIM_EDGE = 0.95  # the outermost line must be this flat for a side to be trimmed at all
@@ -258,7 +266,10 @@ _TRIM_FLAT_RUN = 3  # ... and this many lines of that colour within the bar's re
 _TRIM_STRIP = 0.85  # ... each this much in it (JPEG rings next to the text)
 _TRIM_GLYPHS = 0.5  # ... after a line less than this much in it (glyphs)
 _TRIM_UI_LIGHT, _TRIM_UI_DARK = 235.0, 30.0  # ... in a UI colour (light or dark mode), not a picture's sky
-_TRIM_KEEP = 0.3  # the content must keep at least this much of each side, else no trim
+# the content must keep at least this much squared of the area, and half of
+# it of each side (a small picture letterboxed keeps less than this of its width)
+_TRIM_KEEP = 0.3
+_TRIM_LAYER = 12.0  # grey levels between the medians of two border lines that make them two layers (``_flat_run``)
 
 
 @lru_cache(maxsize=4096)
@@ -296,6 +307,15 @@ def _flat_run(lines: np.ndarray, text_bars: bool = False) -> tuple[int, int]:
     ends = np.maximum(np.abs(lines[:, 0] - med), np.abs(lines[:, -1] - med)) <= 2 * _TRIM_TOL
     flat = (near >= _TRIM_LINE) & ends
 
+    def layered(f: np.ndarray, nr: np.ndarray, md: np.ndarray) -> np.ndarray:
+        # A line of another colour than the one before it starts a new layer
+        # (a letterbox's black bar, then the picture's own light margin), and
+        # must be as flat as an outer edge: the picture's edge inside a frame
+        # trims as it would standalone, not at the looser inner bound, which
+        # cut letterboxed copies into their picture (HASHES_VERSION 7)
+        brk = np.abs(np.diff(md, prepend=md[:1])) > _TRIM_LAYER
+        return f & (~brk | (nr >= _TRIM_EDGE))
+
     def run(f: np.ndarray, edge: float, colour: float, ls: np.ndarray) -> int:
         # The outermost line must be flat -- or, for a text bar reaching the
         # edge (a screenshot's caption line under a small picture), mostly
@@ -317,7 +337,8 @@ def _flat_run(lines: np.ndarray, text_bars: bool = False) -> tuple[int, int]:
         last = np.flatnonzero(f[:k])
         return max(n_flat, text_end, int(last[-1]) + 1 if len(last) else 0)
 
-    return run(flat, near[0], med[0], lines), run(flat[::-1], near[-1], med[-1], lines[::-1])
+    return (run(layered(flat, near, med), near[0], med[0], lines),
+            run(layered(flat[::-1], near[::-1], med[::-1]), near[-1], med[-1], lines[::-1]))
 
 
 def _text_bar_end(lines: np.ndarray, colour: float) -> int:
@@ -346,28 +367,63 @@ def _near_median(lines: np.ndarray) -> np.ndarray:
     return (np.abs(lines - med) <= _TRIM_TOL).mean(axis=1)
 
 
+def _strict_run(lines: np.ndarray) -> tuple[int, int]:
+    """How many leading and trailing rows of ``lines`` are flat as an outer
+    edge: ``_TRIM_EDGE`` of the row near its median, that colour at both ends."""
+    m = lines.shape[1]
+    med = np.partition(lines, m // 2, axis=1)[:, m // 2]
+    near = (np.abs(lines - med[:, None]) <= _TRIM_TOL).mean(axis=1)
+    ends = np.maximum(np.abs(lines[:, 0] - med), np.abs(lines[:, -1] - med)) <= 2 * _TRIM_TOL
+    ok = (near >= _TRIM_EDGE) & ends
+    if ok.all():
+        return len(ok), 0
+    return int(np.argmin(ok)), int(np.argmin(ok[::-1]))
+
+
 def content_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1) of the picture inside a uniform or near-uniform frame
     (screenshot margins and bars, letterboxing, padding; in the first row
     pass also a UI-coloured text bar reaching the edge, ``_text_bar_end``),
-    or None when there is no such frame. Rows first, then columns within the kept rows, then rows
-    again within the kept columns (a frame's side bars make its rows busy)."""
+    or None when there is no such frame. Rows first (measured inside the
+    outer columns flat as an edge), then columns within the kept rows, then
+    rows again within the kept columns (a frame's side bars make its rows
+    busy); columns first when every row is border. The content keeps at
+    least 9% of the frame's area and 15% of each side (was 30% of each: a
+    small picture letterboxed)."""
     h, w = grey.shape
     if max(_near_median(grey[[0, -1]]).max(), _near_median(grey[:, [0, -1]].T).max()) < _TRIM_EDGE:
         return None  # no flat outer line: no frame (most pictures stop here)
     # text bars only as whole rows of the image (a caption line over or under
     # the picture): in the column and second row passes the rule cut into
     # pictures with a flat-ish side (11-22 of 637 caption-bar copies)
-    top, bottom = _flat_run(grey, text_bars=True)
-    if top + bottom >= h:
+    # rows measured inside the columns flat as an edge (a letterbox's bars):
+    # else a dark picture's rows count as border for the bars beside them,
+    # and its letterboxed copy trims into it (HASHES_VERSION 7)
+    bars = _strict_run(grey.T)
+    if sum(bars) >= w:
         return None
-    left, right = _flat_run(grey[top : h - bottom].T)
-    if left + right >= w:
-        return None
-    top2, bottom2 = _flat_run(grey[top : h - bottom, left : w - right])
-    top, bottom = top + top2, bottom + bottom2
+    top, bottom = _flat_run(grey[:, bars[0] : w - bars[1]], text_bars=True)
+    if top + bottom < h:
+        left, right = _flat_run(grey[top : h - bottom].T)
+        if left + right >= w:
+            return None
+        top2, bottom2 = _flat_run(grey[top : h - bottom, left : w - right])
+        top, bottom = top + top2, bottom + bottom2
+    else:
+        # every row is mostly border: a small picture on a background of its
+        # own colour, letterboxed (black bars, black backdrop) -- its columns
+        # first, then rows within them, then columns again (HASHES_VERSION 7)
+        left, right = _flat_run(grey.T)
+        if left + right >= w:
+            return None
+        top, bottom = _flat_run(grey[:, left : w - right])
+        if top + bottom >= h:
+            return None
+        left2, right2 = _flat_run(grey[top : h - bottom, left : w - right].T)
+        left, right = left + left2, right + right2
     x0, y0, x1, y1 = left, top, w - right, h - bottom
-    if x1 - x0 < _TRIM_KEEP * w or y1 - y0 < _TRIM_KEEP * h:
+    fx, fy = (x1 - x0) / w, (y1 - y0) / h
+    if fx * fy < _TRIM_KEEP**2 or min(fx, fy) < _TRIM_KEEP / 2:
         return None  # (nearly) flat image: nothing to trim to
     if (w - (x1 - x0)) < _TRIM_MIN * w and (h - (y1 - y0)) < _TRIM_MIN * h:
         return None
@@ -388,9 +444,20 @@ def frame_extras(views: list[str] | None, trimmed: bool) -> list[str] | None:
     ``HASHES_VERSION`` 6 on (its ``content_box`` says where the content
     sits); None for other records (untrimmed, or made before: they match as
     before)."""
-    if not trimmed or not views or len(views) != 1 + N_VIEWS + len(FRAME_CROPS):
+    if not trimmed or not views or len(views) not in (1 + N_VIEWS + len(FRAME_CROPS), _N_TRIMMED):
         return None
-    return views[1 + N_VIEWS :]
+    return views[1 + N_VIEWS : 1 + N_VIEWS + len(FRAME_CROPS)]
+
+
+_N_TRIMMED = 1 + N_VIEWS + len(FRAME_CROPS) + len(SIDE_BANDS)  # views of a trimmed record from version 7 on
+
+
+def side_views(views: list[str] | None, trimmed: bool) -> list[str]:
+    """The side-band views (``SIDE_BANDS``) of a record from ``HASHES_VERSION``
+    7 on, the last of its views; none for older records."""
+    if not views or len(views) != (_N_TRIMMED if trimmed else N_VIEWS + len(SIDE_BANDS)):
+        return []
+    return views[-len(SIDE_BANDS) :]
 
 
 def view_hashes(grey: np.ndarray) -> tuple[list[str], bool]:
@@ -410,6 +477,8 @@ def view_hashes(grey: np.ndarray) -> tuple[list[str], bool]:
         for frac in FRAME_CROPS:
             dx, dy = w * (1 - frac) / 2, h * (1 - frac) / 2
             views.append(view_phash(grey, (dx, dy, w - dx, h - dy)))
+    for bx0, by0, bx1, by1 in SIDE_BANDS:
+        views.append(view_phash(grey, (x0 + bx0 * cw, y0 + by0 * ch, x0 + bx1 * cw, y0 + by1 * ch)))
     return views, trimmed
 
 

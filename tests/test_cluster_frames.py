@@ -70,7 +70,11 @@ def test_a_trimmed_record_carries_frame_crops_that_meet_the_crop_of_its_frame():
     sc, hc = _h(_crop(framed, 0.9))
     assert hamming_hex(hc.phash, crops[0]) <= 8
     # the hash-only rule (banks) leaves whole-frame pairs out; clusters verify them on pixels
-    assert pair_match(hc, _as_v5(h), view_threshold=8) == pair_match(hc, h, view_threshold=8)
+    n = 1 + N_VIEWS
+    flipped = [f"{int(v, 16) ^ (2**64 - 1):016x}" for v in h.views[n : n + len(FRAME_CROPS)]]
+    other_frame = h.model_copy(update={"views": h.views[:n] + flipped + h.views[n + len(FRAME_CROPS):],
+                                       "phash": f"{int(h.phash, 16) ^ (2**64 - 1):016x}"})
+    assert pair_match(hc, other_frame, view_threshold=8) == pair_match(hc, h, view_threshold=8)
     index = ClusterIndex()
     cid = index.assign("0" * 64, h).cluster_id
     a = index.assign(sc, hc)
@@ -92,11 +96,14 @@ def test_a_picture_with_its_own_margin_keeps_its_reposts_in_one_cluster_in_eithe
         # replaying changes nothing
         again = [index.assign(sha, h) for _, sha, h in feed[::order]]
         assert all(not a.new_member and not a.merged for a in again) and index.n_clusters == 1
-    # the cause, for the record: the same copies as v5 records split
+    # the cause, for the record: the same copies as v5 records (no frame
+    # codes) split -- with v5 frame detection; since v7 (rows trimmed inside
+    # the columns flat as an edge) the pose picture's copies trim alike and
+    # stay together even without frame codes
     old = ClusterIndex()
     for _, sha, h in feed:
         old.assign(sha, _as_v5(h))
-    assert old.n_clusters > 1
+    assert old.n_clusters > 1 or "pose" in name
 
 
 def test_screenshots_of_two_lookalike_pictures_stay_apart_while_their_copies_join():

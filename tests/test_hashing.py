@@ -8,7 +8,7 @@ import pdqhash
 from PIL import Image, ImageOps
 
 from bench.neardup_transforms import screenshot
-from detectors.hashing import VIEW_BOXES, ImageHashes, compute_hashes, hamming_hex, hashes_of, phash_pair
+from detectors.hashing import SIDE_BANDS, VIEW_BOXES, ImageHashes, compute_hashes, hamming_hex, hashes_of, phash_pair
 from detectors.imagedata import ImageData
 
 
@@ -98,8 +98,8 @@ def test_full_box_view_matches_pil_phash():
 
 def test_views_present_and_old_records_still_parse():
     h = compute_hashes(_jpeg(_picture(1)))
-    # 90% and 80% centre crops, then the off-centre views
-    assert h.views is not None and len(h.views) == 2 + len(VIEW_BOXES) and not h.trimmed
+    # 90% and 80% centre crops, then the off-centre views, then the side bands (v7)
+    assert h.views is not None and len(h.views) == 2 + len(VIEW_BOXES) + len(SIDE_BANDS) and not h.trimmed
     assert all(len(v) == 16 for v in h.views)
     old = ImageHashes.model_validate({"phash": h.phash, "pdq": h.pdq, "pdq_quality": h.pdq_quality})
     assert old.views is None and old.trimmed is False

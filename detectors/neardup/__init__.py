@@ -5,7 +5,8 @@ to the file (recompressed, resized, cropped, captioned, mirrored), is one cluste
 * ``hamming``: ``HammingIndex`` -- exact batched Hamming range search (MIH).
 
 Crops and screenshots are matched through *views* (``ImageHashes.views``: the
-content inside a detected border, 90%/80% centre crops), indexed in the same
+content inside a detected border, 90%/80% centre crops, off-centre crops,
+bands without a caption edge and -- hashes v7 -- side bands), indexed in the same
 pHash index as extra codes of the member (~3.1 codes per member on the bench
 data; ``ClusterIndex`` docstring has the pairing rule). Members rebuilt
 without views still match on their full hashes; persisting ``views`` and

@@ -22,6 +22,11 @@ matches, within ``view_threshold`` bits, when
 * a band view equals the *same* band on the other (a caption bar over an edge).
 
 Other crop views never meet crop views (more pairs, more false matches).
+Side bands (hashes v7: the content without a tenth or 15% of one side) pair
+like bands; in ``ClusterIndex`` such a pair must agree almost everywhere
+on informative pixels, and may join an image but never link two clusters
+or make an anchor trusted (a band leaves out where two pictures differ);
+the hash-only rule leaves them out (``_pixels_only``).
 Framed images (``_framed``) never match on their full-frame hashes as an
 unframed picture's (they show the frame); their mirror code is their trimmed view's. Flat pictures
 (PDQ quality < ``FLAT_QUALITY``) match only flat ones.
@@ -29,8 +34,10 @@ unframed picture's (they show the frame); their mirror code is their trimmed vie
 Frame-relative codes (hash records v6, ``hashing.frame_extras``): a
 trimmed image also carries its whole frame's pHash and centre crops and its
 content box, because a picture with a flat margin of its own trims
-differently in every copy. Its whole frame may meet crop views and other
-whole frames, its frame crops meet full frames and trimmed views -- only in
+differently in every copy. Its whole frame may meet crop views, other
+whole frames and (v7) full frames -- a brightened copy whose backdrop
+saturates to a flat margin trims where its picture does not -- its frame
+crops meet full frames and trimmed views -- only in
 ``ClusterIndex``, with pixels compared through each side's content box
 (``_region``, ``_clip_pair``); the hash-only rule leaves them out
 (``_frame_relative``).
@@ -71,10 +78,11 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from detectors.hashing import (
-    FRAME_CROPS, N_VIEWS, VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, frame_extras, hamming_hex, thumb_array,
+    FRAME_CROPS, N_VIEWS, SIDE_BANDS, VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, frame_extras, hamming_hex,
+    side_views, thumb_array,
 )
 from detectors.neardup.hamming import HammingIndex
-from detectors.neardup.verify import FULL, VIEW_SLOT_BOXES, Box, aligned_residual, residual
+from detectors.neardup.verify import FULL, VIEW_SLOT_BOXES, Box, aligned_residual, informative, residual
 
 Via = Literal["sha256", "phash", "pdq", "phash_mirror", "pdq_mirror", "phash_view"]
 _VIA_ORDER: dict[str, int] = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4, "phash_view": 5}
@@ -119,6 +127,9 @@ MAX_REPRESENTATIVES = 8
 
 
 _VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
+# A side-band pair is verified on at least this many of the 256 pixels that
+# are neither black nor saturated on both sides (``verify.informative``)
+_MIN_INFORMATIVE = 128
 # ``_bridge``: candidate clusters a new representative tries (nearest
 # first), verified at the boxes the hashes name only (no aligned search):
 # on the cluster bench 3 tries without alignment keep all but 2 of the
@@ -136,7 +147,7 @@ def _residual_or_none(r: float) -> float | None:
 FLAT_QUALITY = 10
 
 # pHash index slots per member: id = row * SLOTS + slot
-SLOTS = 32
+SLOTS = 40
 _FULL, _TRIM, _CROP0 = 0, 1, 2  # centre crops take slots 2, 3; off-centre views 4..25
 _BAND0 = _CROP0 + len(VIEW_CROPS) + len(VIEW_BOXES) - len(VIEW_BANDS)  # the band views' slots (caption bars)
 # A trimmed image (hashes v6 on, ``frame_extras``): its whole frame's centre
@@ -145,6 +156,9 @@ _BAND0 = _CROP0 + len(VIEW_CROPS) + len(VIEW_BOXES) - len(VIEW_BANDS)  # the ban
 # them are compared mapped through each side's content box (``_region``).
 _FRAME0 = _BAND0 + len(VIEW_BANDS)
 _FRAME_FULL = _FRAME0 + len(FRAME_CROPS)
+# Side bands (hashes v7, ``SIDE_BANDS``): slots 29-32, paired like bands
+# (with full frames and trimmed views, and the same side band)
+_SIDE0 = _FRAME_FULL + 1
 _Q_FULL, _Q_MIRROR, _Q_FRAME = -1, -2, -3  # query-side kinds besides the view slots (_Q_FRAME: a trimmed image's whole frame)
 _FULL_KINDS = (_Q_FULL, _Q_MIRROR, _Q_FRAME)
 
@@ -152,7 +166,7 @@ _FULL_KINDS = (_Q_FULL, _Q_MIRROR, _Q_FRAME)
 def view_slots(views: list[str] | None, trimmed: bool) -> list[tuple[int, str]]:
     """(slot, pHash) of an image's views (``ImageHashes.views``/``trimmed``), in index slots."""
     extras = frame_extras(views, trimmed)
-    views = views or []
+    views = views_all = views or []
     out: list[tuple[int, str]] = []
     if trimmed and views:
         out.append((_TRIM, views[0]))
@@ -162,6 +176,7 @@ def view_slots(views: list[str] | None, trimmed: bool) -> list[tuple[int, str]]:
         out.extend((_FRAME0 + i, v) for i, v in enumerate(extras))
     else:
         out.extend((_CROP0 + i, v) for i, v in enumerate(views[: _FRAME0 - _CROP0]))
+    out.extend((_SIDE0 + i, v) for i, v in enumerate(side_views(views_all, trimmed)))
     return out
 
 
@@ -170,13 +185,13 @@ def _allowed_table() -> np.ndarray:
     t = np.zeros((SLOTS + 3, SLOTS), dtype=bool)
     for qk in range(-3, SLOTS):
         for ms in range(SLOTS):
-            crop_q, crop_m = qk >= _CROP0, _CROP0 <= ms < _FRAME_FULL
-            band_same = qk == ms and _BAND0 <= qk < _FRAME0
-            if ms == _FRAME_FULL:  # a trimmed image's whole frame: its crops, or another whole frame
-                ok = crop_q or qk == _Q_FRAME
-            elif qk == _Q_FRAME:  # a trimmed image's whole frame: crops of any picture
-                ok = crop_m
-            elif ms >= _FRAME0:  # a trimmed image's frame crops: full frames (not mirrored) and trimmed views
+            crop_q, crop_m = qk >= _CROP0, _CROP0 <= ms < _FRAME_FULL or ms >= _SIDE0
+            band_same = qk == ms and (_BAND0 <= qk < _FRAME0 or qk >= _SIDE0)
+            if ms == _FRAME_FULL:  # a trimmed image's whole frame: its crops, another whole frame or a full one
+                ok = crop_q or qk in (_Q_FRAME, _Q_FULL)
+            elif qk == _Q_FRAME:  # a trimmed image's whole frame: crops or the full frame of any picture
+                ok = crop_m or ms == _FULL
+            elif _FRAME0 <= ms < _FRAME_FULL:  # a trimmed image's frame crops: full frames (not mirrored) and trimmed views
                 ok = qk in (_Q_FULL, _TRIM)
             else:
                 ok = not (crop_q and crop_m) or band_same
@@ -261,8 +276,8 @@ def search_phash(
     for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
         key, slot = divmod(i, SLOTS)
         qk = kinds[q]
-        if _frame_relative(qk, slot):
-            continue  # needs pixels mapped through the content box: clusters only
+        if _pixels_only(qk, slot):
+            continue  # needs pixels (mapped through the content box; a side band's strict test): clusters only
         if _full_pair(qk, slot):
             if d > phash_threshold:
                 continue
@@ -289,7 +304,7 @@ def _phash_pairs_detail(
     out: list[tuple[int, Via, int, int]] = []
     for qk, qh in q:
         for ms, mh in m:
-            if not _pair_allowed(qk, ms) or _frame_relative(qk, ms):
+            if not _pair_allowed(qk, ms) or _pixels_only(qk, ms):
                 continue
             d = hamming_hex(qh, mh)
             if _full_pair(qk, ms):
@@ -306,7 +321,15 @@ def _frame_relative(q_kind: int, m_slot: int) -> bool:
     frames -- so only ``ClusterIndex`` pairs them, with pixels verified
     through the content boxes; the hash-only rule (``pair_match``,
     ``search_phash``: banks) leaves them out and matches as with v5 records."""
-    return q_kind == _Q_FRAME or m_slot >= _FRAME0
+    return q_kind == _Q_FRAME or _FRAME0 <= m_slot <= _FRAME_FULL
+
+
+def _pixels_only(q_kind: int, m_slot: int) -> bool:
+    """A pair the hash-only rule leaves out: frame-relative codes
+    (``_frame_relative``) and side bands (hashes v7), which a side of the
+    picture being repainted leaves at a few bits -- ``ClusterIndex`` takes
+    them only with pixels verified strictly (``_residual``)."""
+    return _frame_relative(q_kind, m_slot) or q_kind >= _SIDE0 or m_slot >= _SIDE0
 
 
 def _full_pair(q_kind: int, m_slot: int) -> bool:
@@ -424,6 +447,8 @@ class _Query:
 
 def _box(kind: int) -> Box:
     """The content region a query kind or index slot hashes (``verify``)."""
+    if kind >= _SIDE0:
+        return SIDE_BANDS[kind - _SIDE0]
     return VIEW_SLOT_BOXES[kind - _CROP0] if kind >= _CROP0 else FULL
 
 
@@ -491,7 +516,7 @@ def pair_match(
     applies it through its index; the best (distance, via) by
     ``distance / threshold``, or None. Hashes only: pairs of a trimmed
     image's whole-frame codes, which ``ClusterIndex`` takes only with pixels
-    verified (``_frame_relative``), are left out."""
+    verified (``_frame_relative``), and side bands are left out (``_pixels_only``)."""
     vt = phash_threshold if view_threshold is None else view_threshold
     cands: list[tuple[float, int, int, Via]] = []
     for d, via in _phash_pairs(_view_codes(a), _stored_codes(b), phash_threshold, vt):
@@ -630,7 +655,8 @@ class ClusterIndex:
             qi, ids, dist = self._phash.search(q, radii)
             hits.append((pick[qi], ids, dist))
         # crop views never meet crop views, band views meet their own band
-        frames = np.flatnonzero((kinds[pick] < _CROP0) | ((kinds[pick] >= _BAND0) & (kinds[pick] < _FRAME0)))
+        frames = np.flatnonzero((kinds[pick] < _CROP0) | ((kinds[pick] >= _BAND0) & (kinds[pick] < _FRAME0))
+                                | (kinds[pick] >= _SIDE0))
         if len(frames) and len(self._phash_views):
             qi, ids, dist = self._phash_views.search(q[frames], self.view_threshold)
             hits.append((pick[frames[qi]], ids, dist))
@@ -663,14 +689,17 @@ class ClusterIndex:
             yield self._pdq, ("pdq", "pdq_mirror"), HammingIndex.codes_from_hex(pq, 256), self.pdq_threshold
 
     def _picture_match(self, cluster_id: str, h: ImageHashes, q: "_Query | None" = None,
-                       reps: "list[_Rep] | None" = None, align: bool = True) -> tuple[tuple[float, int], int, Via, bool] | None:
+                       reps: "list[_Rep] | None" = None, align: bool = True,
+                       sides: bool = True) -> tuple[tuple[float, int], int, Via, bool] | None:
         """The image against the cluster's representatives (or just
         ``reps``) under the pair rule: (rank, distance, via, grows, smallest
         verified residual, its (representative, kind, slot)) of the best
         pair, or None. ``grows``: a crop view of the image meets a founder's
         full picture closer than the image's own full frame does, i.e. the
-        founder is a crop of this larger image. One small popcount matrix per
-        representative."""
+        founder is a crop of this larger image. ``sides`` False: no side-band
+        pairs (they may join an image, never link or trust: a side band
+        leaves out the part where two pictures may differ). One small
+        popcount matrix per representative."""
         q = q or _Query.of(h)
         best = None
         resid = _UNVERIFIED  # smallest pixel residual of a verified pair
@@ -685,8 +714,11 @@ class ClusterIndex:
                 full_pair = (((q.kinds == _Q_FULL) | (q.kinds == _Q_MIRROR))[:, None] & (r.slots == _FULL)[None, :]) | (
                     (q.kinds == _Q_FRAME)[:, None] & (r.slots == _FRAME_FULL)[None, :])
                 allowed = _ALLOWED[q.kinds + 3][:, r.slots]
-                if self.verify_max is None or q.thumb is None or r.thumb is None:  # frame pairs need pixels
-                    allowed &= ~((q.kinds == _Q_FRAME)[:, None] | (r.slots >= _FRAME0)[None, :])
+                if self.verify_max is None or q.thumb is None or r.thumb is None:  # frame and side pairs need pixels
+                    allowed &= ~((q.kinds == _Q_FRAME)[:, None] | ((r.slots >= _FRAME0) & (r.slots <= _FRAME_FULL))[None, :])
+                    allowed &= ~((q.kinds >= _SIDE0)[:, None] | (r.slots >= _SIDE0)[None, :])
+                if not sides:
+                    allowed &= ~((q.kinds >= _SIDE0)[:, None] | (r.slots >= _SIDE0)[None, :])
                 if q.framed:  # its mirror code is a trimmed view's: the view radius,
                     full_pair &= (q.kinds != _Q_MIRROR)[:, None]  # and crop views of framed pictures only
                     if not r.framed:
@@ -750,6 +782,15 @@ class ClusterIndex:
         else:
             out = aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=strict,
                                    good_enough=self.merge_strict if strict else self.verify_max, quantile=quantile)
+        if not strict and quantile == 0.5 and (kind >= _SIDE0 or slot >= _SIDE0) and out <= VERIFY_NEAR:
+            # a side band leaves a sixth out at most, so the rest must agree
+            # almost everywhere, as strictly as a link: over a band, a
+            # picture with its left half repainted agrees at the median
+            # -- on pixels that say something (not black or saturated on both)
+            far = aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=True,
+                                   good_enough=self.merge_strict, quantile=MERGE_QUANTILE)
+            if far > self.merge_strict or informative(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR) < _MIN_INFORMATIVE:
+                return _UNVERIFIED
         if strict or quantile != 0.5 or self.verify_smooth is None or not self.verify_max < out <= VERIFY_NEAR:
             return out
         # a detailed picture sampled at another phase (an off-centre crop):
@@ -769,6 +810,8 @@ class ClusterIndex:
         if self.merge_residual is None or pic[5] is None or pic[4] > self.merge_residual:
             return False
         r, kind, slot = pic[5]
+        if kind >= _SIDE0 or slot >= _SIDE0:
+            return False  # met through a side band only: joins, never links
         strict = self._residual(q, r, kind, slot, quantile=MERGE_QUANTILE, strict=True)
         return strict is not None and strict <= self.merge_strict
 
@@ -797,14 +840,14 @@ class ClusterIndex:
             # in on a median match.
             m, same = None, False
             if trusted and self._trusted(src, r):
-                m = self._picture_match(dst, h, q, reps=trusted, align=align)
+                m = self._picture_match(dst, h, q, reps=trusted, align=align, sides=False)
                 if m is not None and m[4] < _UNVERIFIED:
                     return r, m
                 same = len(trusted) == len(dst_pics)  # every picture trusted: the call below is this one
             # other anchors may be such composites (three quarters of each of
             # two pictures): as strict as a link by an image's own pixels
             if not same:
-                m = self._picture_match(dst, h, q, reps=dst_reps, align=align)
+                m = self._picture_match(dst, h, q, reps=dst_reps, align=align, sides=False)
             if m is not None and self._links_by_pixels(q, m):
                 return r, m
         return None
@@ -901,7 +944,7 @@ class ClusterIndex:
             return r.trust[1]
         h = r.hashes()
         q = _Query.of(h)
-        m = self._picture_match(cluster_id, h, q, reps=founders)
+        m = self._picture_match(cluster_id, h, q, reps=founders, sides=False)
         ok = m is not None and self._links_by_pixels(q, m)
         r.trust = (len(founders), ok)
         return ok
