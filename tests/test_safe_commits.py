@@ -221,3 +221,35 @@ def test_never_past_an_unprocessed_record_and_everything_once_all_are_done(consu
         asyncio.run(scenario())
     finally:
         del consumer.seek, consumer.earliest_offsets
+
+
+def test_on_the_embedded_broker_a_skipped_offset_is_read_again_not_booked_as_a_gap(monkeypatch):
+    """Tansu makes a record visible after later ones when several producers
+    write a partition (streams.tansu_compat (e)): the reader saw 10 then 12,
+    but 11 exists. Not booked as a gap: the commit stops at 11 and the
+    partition is read again from it."""
+
+    async def scenario():
+        app = faust.App("safe-commits-tansu-test", broker="tansu://127.0.0.1:1")
+        topic = app.topic(TOPIC)
+
+        @app.agent(topic)
+        async def analyze(stream):  # pragma: no cover - never started
+            async for _ in stream:
+                pass
+
+        app.topics._acking_topics.add(TOPIC)
+        c = app.consumer
+        b = Broker()
+        monkeypatch.setattr(c, "seek", b.seek, raising=False)
+        reset(c, 10)
+        msgs = taken(c, [10, 12])
+        await c._add_gap(TP0, 11, 12)  # what Faust's reader does on seeing 12 after 10
+        for m in msgs.values():
+            c.ack(m)
+        assert await commit_point(c) == 11
+        assert await commit_point(c) is None and b.seeks == [(TP0, 11)]
+        done(c, [11, 12])  # the re-read finds it
+        assert await commit_point(c) == 13
+
+    asyncio.run(scenario())
