@@ -63,7 +63,7 @@ class Sinks:
 
     async def dead_letters(self, raws: list[bytes]) -> None:
         dls = [DeadLetter.loads(r) for r in raws]
-        await asyncio.to_thread(_add_dead_letters, self.store, dls)
+        await asyncio.to_thread(self.store.add_dead_letters, dls)
 
     async def alert(self, raw: bytes) -> None:
         alert = Alert.loads(raw)
@@ -99,15 +99,6 @@ class Sinks:
                 metrics.WEBHOOKS.labels("failed").inc()
                 log.error("webhook delivery failed", extra={"alert_id": alert.alert_id, "error": str(e)})
             await asyncio.to_thread(self.store.mark_delivered, alert.alert_id, hook.url, status)
-
-
-def _add_dead_letters(store: FindingsStore, dls: list[DeadLetter]) -> None:
-    batch = getattr(store, "add_dead_letters", None)
-    if batch is not None:
-        batch(dls)
-    else:
-        for dl in dls:
-            store.add_dead_letter(dl)
 
 
 # ---------------------------------------------------------------------------

@@ -249,26 +249,34 @@ class SqliteFindingsStore:
         _record_run(db, s.source, "sighting", ev.event_id)
 
     def add_dead_letter(self, dl: DeadLetter) -> bool:
+        return self.add_dead_letters([dl]) > 0
+
+    def add_dead_letters(self, dls: Iterable[DeadLetter]) -> int:
+        """A batch in one transaction; returns how many were new."""
+        with self._tx() as db:
+            return sum(self._insert_dead_letter(db, dl) for dl in dls)
+
+    @staticmethod
+    def _insert_dead_letter(db: sqlite3.Connection, dl: DeadLetter) -> bool:
         src = dl.source
         # Keyed by what the event is, not where it sat on the broker, so the
         # same bad event replayed later is still one dead letter.
         ident = dl.event_id or "sha256:" + hashlib.sha256((dl.payload_excerpt or dl.detail).encode()).hexdigest()
         key = f"{ident}/{dl.stage}/{dl.reason}"
-        with self._tx() as db:
-            cur = db.execute(
-                """INSERT INTO dead_letters (dl_key, event_id, stage, reason, detail, source, payload_excerpt, at)
-                   VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING""",
-                (key, dl.event_id, dl.stage, dl.reason, dl.detail, src.model_dump_json() if src else None,
-                 dl.payload_excerpt, dl.at.isoformat()),
+        cur = db.execute(
+            """INSERT INTO dead_letters (dl_key, event_id, stage, reason, detail, source, payload_excerpt, at)
+               VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING""",
+            (key, dl.event_id, dl.stage, dl.reason, dl.detail, src.model_dump_json() if src else None,
+             dl.payload_excerpt, dl.at.isoformat()),
+        )
+        if src is not None:
+            db.execute(
+                """INSERT INTO processed (topic, partition, "offset", outcome, event_id) VALUES (?,?,?,?,?)
+                   ON CONFLICT DO NOTHING""",
+                (src.topic, src.partition, src.offset, "dead_letter", dl.event_id),
             )
-            if src is not None:
-                db.execute(
-                    """INSERT INTO processed (topic, partition, "offset", outcome, event_id) VALUES (?,?,?,?,?)
-                       ON CONFLICT DO NOTHING""",
-                    (src.topic, src.partition, src.offset, "dead_letter", dl.event_id),
-                )
-                _record_run(db, src, "dead_letter", dl.event_id)
-            return cur.rowcount > 0
+            _record_run(db, src, "dead_letter", dl.event_id)
+        return cur.rowcount > 0
 
     # -- per-run accounting and duplicate checks (issue 7) --------------------
     def mark_processed(self, source: SourceRef, outcome: str, event_id: str | None) -> None:

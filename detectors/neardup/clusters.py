@@ -714,11 +714,12 @@ class ClusterIndex:
                 full_pair = (((q.kinds == _Q_FULL) | (q.kinds == _Q_MIRROR))[:, None] & (r.slots == _FULL)[None, :]) | (
                     (q.kinds == _Q_FRAME)[:, None] & (r.slots == _FRAME_FULL)[None, :])
                 allowed = _ALLOWED[q.kinds + 3][:, r.slots]
+                side_pair = (q.kinds >= _SIDE0)[:, None] | (r.slots >= _SIDE0)[None, :]
                 if self.verify_max is None or q.thumb is None or r.thumb is None:  # frame and side pairs need pixels
                     allowed &= ~((q.kinds == _Q_FRAME)[:, None] | ((r.slots >= _FRAME0) & (r.slots <= _FRAME_FULL))[None, :])
-                    allowed &= ~((q.kinds >= _SIDE0)[:, None] | (r.slots >= _SIDE0)[None, :])
-                if not sides:
-                    allowed &= ~((q.kinds >= _SIDE0)[:, None] | (r.slots >= _SIDE0)[None, :])
+                    allowed &= ~side_pair
+                elif not sides:
+                    allowed &= ~side_pair
                 if q.framed:  # its mirror code is a trimmed view's: the view radius,
                     full_pair &= (q.kinds != _Q_MIRROR)[:, None]  # and crop views of framed pictures only
                     if not r.framed:
