@@ -15,6 +15,12 @@ mean much):
 * the latency from an event's ingest to its alert while several viral
   pictures arrive at a given rate (p50/p95).
 
+With ``--filer`` (the issue's way): the wall time of ``deepwatch replay`` as a
+user runs it (start-up included; by default once with replay's own worker
+count and once with 1) against the naive pipeline as its own process, and
+event→alert latency at 3x the naive pipeline's events/s (the issue's load)
+and at fractions of the best replay's rate.
+
 Usage: python bench/replay.py [--pictures 60] [--reposts 6] [--workers 2] [--rate 20]
 """
 
@@ -230,11 +236,13 @@ def naive_process(feed: Path) -> dict:
     return {"wall_s": wall, "loop_eps": doc["eps"]}
 
 
-def replay_process(feed: Path, data_dir: Path, workers: int, extra: list[str] = (), repo: Path = REPO) -> dict:
+def replay_process(feed: Path, data_dir: Path, workers: int | None, extra: list[str] = (), repo: Path = REPO) -> dict:
     """``deepwatch replay`` as a user runs it: wall seconds from spawn to exit
-    (``repo``: the checkout whose code runs, e.g. an export of an older commit)."""
+    (``repo``: the checkout whose code runs, e.g. an export of an older commit;
+    ``workers`` None: replay's own default)."""
     env = dict(os.environ, PYTHONPATH=str(repo))
-    cmd = [sys.executable, "-m", "streams.cli", "replay", str(feed), "--workers", str(workers),
+    cmd = [sys.executable, "-m", "streams.cli", "replay", str(feed),
+           *([] if workers is None else ["--workers", str(workers)]),
            "--data-dir", str(data_dir), "--format", "json", *extra]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo)
@@ -328,14 +336,19 @@ def filer(args: argparse.Namespace) -> None:
     naive_walls: list[dict] = [naive_process(feed)]
     for spec in args.runs:
         workers, _, flags = spec.partition(":")
+        count = None if workers == "default" else int(workers)
         extra = [*args.replay_arg, *(f"--{f}" for f in flags.split(",") if f)]
         with tempfile.TemporaryDirectory(prefix="dw-replay-") as tmp:
-            label = f"{workers} worker(s)" + (f", {' '.join(extra)}" if extra else "")
-            runs.append((label, replay_process(feed, Path(tmp), int(workers), extra)))
+            summary = replay_process(feed, Path(tmp), count, extra)
+            label = (f"{workers} worker(s)" if count else f"default ({summary.get('workers')} worker(s))") + (
+                f", {' '.join(extra)}" if extra else "")
+            runs.append((label, summary))
         if args.compare_repo and not flags:
             with tempfile.TemporaryDirectory(prefix="dw-replay-") as tmp:
-                runs.append((f"{workers} worker(s), BEFORE ({args.compare_repo})",
-                             replay_process(feed, Path(tmp), int(workers), args.replay_arg, Path(args.compare_repo))))
+                # an older checkout may not know the default: it gets the count this one chose
+                runs.append((f"{count or summary.get('workers') or 1} worker(s), BEFORE ({args.compare_repo})",
+                             replay_process(feed, Path(tmp), count or summary.get("workers") or 1, args.replay_arg,
+                                            Path(args.compare_repo))))
         naive_walls.append(naive_process(feed))  # interleaved: the machine is shared
     naive_wall = statistics.median(r["wall_s"] for r in naive_walls)
     naive_loop = statistics.median(r["loop_eps"] for r in naive_walls)
@@ -364,6 +377,10 @@ def filer(args: argparse.Namespace) -> None:
                 print(f"  {role} events: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     best = max((r for _, r in runs), key=lambda r: r["events_per_second"], default=None)
     rates = [args.rate] if args.rate else [f * best["events_per_second"] for f in args.latency_fractions] if best else []
+    # The issue's load: 3x the naive pipeline's events/s (start-up included), measured in this run.
+    target_rate = 3 * n / naive_wall
+    if not args.rate and best:
+        rates.insert(0, target_rate)
     for rate in [] if args.no_latency else rates:
         workers = args.latency_workers
         with tempfile.TemporaryDirectory(prefix="dw-latency-") as tmp:
@@ -371,7 +388,8 @@ def filer(args: argparse.Namespace) -> None:
         v = lat["latencies"]
         if v:
             print(f"event->alert latency under load: {lat['events']} events at {lat['rate']:.1f} events/s "
-                  f"({rate / best['events_per_second']:.0%} of the best replay rate), {workers} worker(s) + detect role, "
+                  f"({'3x the naive pipeline, the target load: ' if rate == target_rate else ''}"
+                  f"{rate / best['events_per_second']:.0%} of the best replay rate), {workers} worker(s) + detect role, "
                   f"{len(v)} alerts: median {statistics.median(v) * 1000:.0f} ms, p95 {p95(v) * 1000:.0f} ms, "
                   f"max {max(v) * 1000:.0f} ms  [target p95 < 3000 ms]; load average {os.getloadavg()[0]:.2f}")
         else:
@@ -390,9 +408,10 @@ def main() -> None:
                          "pipeline as its own process, on a feed over held-out shared pictures")
     ap.add_argument("--events", type=int, default=2000, help="--filer: events in the feed")
     ap.add_argument("--filer-pictures", type=int, default=200, help="--filer: pictures in the feed")
-    ap.add_argument("--runs", nargs="+", default=["1", "2", "2:no-wait-models"],
-                    help="--filer: replay runs to compare, each WORKERS[:FLAG,...] (flags are replay's long options "
-                         "without the dashes), e.g. 2:no-wait-models")
+    ap.add_argument("--runs", nargs="+", default=["default", "1", "2:no-wait-models"],
+                    help="--filer: replay runs to compare, each WORKERS[:FLAG,...] (WORKERS a count or `default`, "
+                         "replay's own choice; flags are replay's long options without the dashes), "
+                         "e.g. 2:no-wait-models")
     ap.add_argument("--replay-arg", action="append", default=[], help="--filer: extra argument for replay (repeatable)")
     ap.add_argument("--compare-repo", help="--filer: also run each flag-less replay with the code of this checkout "
                     "(e.g. `git archive OLD | tar -x -C DIR`), in the same run")

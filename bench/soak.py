@@ -93,7 +93,7 @@ async def soak(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="deepwatch-soak-"))
     settings = Settings(data_dir=tmp)
     stage = AnalyzeStage(settings, PictureFetcher(pictures(args.pictures)), Analyzer(settings, tmp / "blobs"),
-                         lambda data: None, NoStore)
+                         lambda data, sha256: None, NoStore)
     engine = ClusterEngine(settings)
     table: dict[str, bytes] = {}
 

@@ -12,7 +12,7 @@ from detectors.atomic_file import write_atomically
 
 
 class BlobStore(Protocol):
-    def put(self, data: bytes) -> str: ...
+    def put(self, data: bytes, sha256: str | None = None) -> str: ...
     def get(self, sha256: str) -> bytes: ...
     def exists(self, sha256: str) -> bool: ...
 
@@ -27,8 +27,11 @@ class DirectoryBlobStore:
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self.root / sha256[:2] / sha256[2:4] / sha256
 
-    def put(self, data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
+    def put(self, data: bytes, sha256: str | None = None) -> str:
+        """Store ``data`` under its digest. ``sha256``: the digest the caller
+        already took of these very bytes (the analyze stage has it), so they
+        are not hashed twice; a wrong one is the caller's bug, not input's."""
+        digest = sha256 or hashlib.sha256(data).hexdigest()
         path = self._path(digest)
         if path.exists():
             return digest  # write-once: same name, same bytes

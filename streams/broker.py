@@ -16,9 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +201,8 @@ def uses_tansu_quirks(settings, bootstrap: str) -> bool:
     mode = settings.kafka.quirks
     if mode != "auto":
         return mode == "tansu"
+    from kafka import KafkaAdminClient  # here: workers given tansu:// never load kafka-python (~0.15 s)
+
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="deepwatch-probe", request_timeout_ms=5000,
                              **kafka_client_options(settings))
     try:
@@ -226,6 +225,10 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 20.
     """Create missing topics with explicit partition counts; existing ones are
     left alone (a partition-count mismatch is logged: changing it would break
     keyed state)."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
     check_reachable(bootstrap)
     deadline = time.monotonic() + timeout_s
     opts = kafka_client_options(settings) if settings is not None else {}

@@ -112,12 +112,23 @@ class ImageFetcher:
         self.cfg = fetch
         self.blobs = blobs
         self.ingest = ingest
+        self._roots: dict[tuple[str, ...], list[Path]] = {}
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(fetch.read_timeout_s, connect=fetch.connect_timeout_s),
             follow_redirects=False,  # each hop is re-checked below
             headers={"User-Agent": fetch.user_agent, "Accept": "image/*"},
             trust_env=False,  # a proxy would bypass the address checks
         )
+
+    def _resolved_roots(self, roots: tuple[Path, ...]) -> list[Path]:
+        # Resolved once per set of roots, not per event: resolving walks every
+        # path component with a syscall. A root repointed later keeps the
+        # directory it named when first used, the stricter of the two readings.
+        key = tuple(str(r) for r in roots)
+        resolved = self._roots.get(key)
+        if resolved is None:
+            resolved = self._roots[key] = [Path(r).resolve() for r in roots]
+        return resolved
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -167,7 +178,7 @@ class ImageFetcher:
 
     # -- local path ---------------------------------------------------------
     def _local(self, path: str, extra_roots: list[Path]) -> bytes:
-        roots = [Path(r).resolve() for r in [*self.ingest.image_roots, *extra_roots]]
+        roots = self._resolved_roots((*self.ingest.image_roots, *extra_roots))
         if not roots:
             raise FetchError("path_not_allowed", "local image paths are disabled (no image roots configured)")
         shown = repr(path[:200])

@@ -274,6 +274,7 @@ class ReplaySummary:
     models_pending: int = 0  # clusters still waiting for a model result when replay returned
     timings: dict[str, float] = field(default_factory=dict)  # start-up and shutdown phases
     stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # per role, per stage (summed)
+    workers: int | None = None  # pipeline worker processes that ran
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)

@@ -144,7 +144,7 @@ class AnalyzeStage:
     duplicate check -> cluster op. ``store`` answers "which picture does this
     event id already have" (the findings store, exact and unbounded in time)."""
 
-    def __init__(self, settings: Settings, fetcher: Any, analyzer: Any, put_blob: Callable[[bytes], Any],
+    def __init__(self, settings: Settings, fetcher: Any, analyzer: Any, put_blob: Callable[[bytes, str], Any],
                  store_factory: Callable[[], Any], shared: SharedIds | None = None):
         self.settings = settings
         self.fetcher = fetcher
@@ -274,7 +274,7 @@ class AnalyzeStage:
         sighting: Sighting = self.analyzer.analyze(ev, data, source)
         if sighting.sha256 not in self._blobs:  # content-addressed: once stored, stored
             with metrics.STAGE_SECONDS.labels("blob").time():
-                self.put_blob(data)
+                self.put_blob(data, sighting.sha256)
             self._blobs.put(sighting.sha256)
         stored: Any = None
         if lookup:

@@ -49,9 +49,9 @@ def setup(tmp_path, monkeypatch):
         blobs = DirectoryBlobStore(tmp_path / "blobs")
         puts: list[bytes] = []
 
-        def put(data: bytes) -> str:
+        def put(data: bytes, sha256: str) -> str:
             puts.append(data)
-            return blobs.put(data)
+            return blobs.put(data, sha256)
 
         fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
         stage = AnalyzeStage(settings, fetcher, Analyzer(settings, tmp_path / "blobs"), put, lambda: _Store())

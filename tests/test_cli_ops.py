@@ -139,3 +139,18 @@ def test_bench_needing_shared_data_is_skipped_with_the_reason(tmp_path, monkeypa
     assert run_all.main() == 0
     out = capsys.readouterr().out
     assert "neardup.py: SKIPPED: needs" in out and "absent" in out and "1 skipped" in out
+
+
+def test_replay_runs_one_pipeline_worker_per_core_up_to_the_partitions(monkeypatch):
+    """Without --workers, replay runs one pipeline worker per core it may use,
+    never more than the events topic has partitions (more would idle)."""
+    from streams.cli.pipeline import default_workers
+    from streams.settings import Settings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_workers(Settings(partitions=4)) == 2
+    assert default_workers(Settings(partitions=1)) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert default_workers(Settings(partitions=4)) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert default_workers(Settings(partitions=4)) == 1

@@ -574,7 +574,7 @@ def test_analyze_stage_duplicate_check_reads_the_elasticsearch_findings(fake_es,
         "sha256": hashlib.sha256(data).hexdigest(), "event": s.event.model_copy(update={"event_id": "e-1"})})}))
     writer.close()
     store = once(lambda: open_findings(settings.findings.url, settings.data_dir, settings))
-    stage = AnalyzeStage(settings, _Fetcher(data=data), Analyzer(settings, tmp_path / "blobs"), lambda _d: None, store)
+    stage = AnalyzeStage(settings, _Fetcher(data=data), Analyzer(settings, tmp_path / "blobs"), lambda _d, _s: None, store)
     r = asyncio.run(stage.process(_raw(), SRC))
     assert r.duplicate and r.op is None and r.dead is None
     stage.mark_duplicate(SRC, r.event_id)

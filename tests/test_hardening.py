@@ -275,7 +275,7 @@ def _stage(tmp_path, fetcher, store=None, **ingest) -> AnalyzeStage:
     from streams.analyze import Analyzer
 
     settings = Settings(data_dir=tmp_path / "data", ingest=ingest)
-    return AnalyzeStage(settings, fetcher, Analyzer(settings, tmp_path / "blobs"), lambda data: None,
+    return AnalyzeStage(settings, fetcher, Analyzer(settings, tmp_path / "blobs"), lambda data, sha256: None,
                         lambda: store or _Store())
 
 

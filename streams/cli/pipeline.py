@@ -37,6 +37,21 @@ def _use_store(settings: Settings, store_url: Optional[str]) -> None:
             raise typer.BadParameter(str(e), param_hint="--store") from None
 
 
+def default_workers(settings: Settings) -> int:
+    """Pipeline workers when ``--workers`` is not given: one per core this
+    process may use, at most one per events partition (more would idle).
+    Measured on 2 cores (docs/clusters.md, "Session 8"): 2 workers finish the
+    filer's replay sooner than 1 in every run since session 7, or tie on a busy
+    machine; one pipeline process is the bottleneck, the detect role is niced."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, settings.partitions))
+
+
 def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, live_table: bool,
             wait_models: bool = True):
     """Start, produce, wait, summarize, stop. Waits for every event to be a
@@ -110,6 +125,7 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         summary = runner.summarize(settings, produced.lines, produced.offsets, produced.refused, seconds, complete,
                                    run=produced.run, ingest_seconds=marks.get("events_done", started + seconds) - started)
         summary.stage_seconds = cluster.stage_seconds()
+        summary.workers = workers
         for w in cluster.workers:
             for phase, secs in w.log_times().items():
                 key = f"{w.role}_{phase}"
@@ -145,7 +161,7 @@ def replay(
     image_root: List[Path] = typer.Option([], "--image-root", help="Extra directory local image paths may point into (repeatable). The feed's own directory is always allowed."),
     broker: Optional[str] = Broker,
     config: Optional[Path] = Config,
-    workers: int = typer.Option(1, min=1, max=8, help="Pipeline worker processes to run."),
+    workers: Optional[int] = typer.Option(None, min=1, max=8, show_default="one per CPU core, at most the events topic's partitions", help="Pipeline worker processes to run."),
     timeout: float = typer.Option(600, help="Give up (exit 1) if the feed is not fully processed within this many seconds."),
     json_summary: bool = typer.Option(False, "--json", help="Same as --format json."),
     fmt: str = typer.Option("table", "--format", "-f", help="Summary format: table (a line on stderr, for people) or json (on stdout, for tools)."),
@@ -168,7 +184,8 @@ def replay(
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     _use_store(settings, store_url)
     settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
-    summary = _replay(settings, feed, workers=workers, timeout_s=timeout, live_table=False, wait_models=wait_models)
+    summary = _replay(settings, feed, workers=workers or default_workers(settings), timeout_s=timeout,
+                      live_table=False, wait_models=wait_models)
     _print_summary(summary, json_summary)
     raise typer.Exit(0 if summary.complete else 1)
 
