@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from kafka import KafkaProducer
-
 from streams.records import DeadLetter
 from streams.settings import Settings
 from streams.validate import MAX_EVENT_BYTES, event_id_of
@@ -62,6 +60,8 @@ def produce_lines(
     this run. Also how replay resends stalled events: same keys, so same
     partitions, same run, and safe because every stage is idempotent on the
     event id."""
+    from kafka import KafkaProducer  # here: workers import this module for RUN_HEADER alone
+
     from streams.broker import kafka_client_options
 
     producer = KafkaProducer(

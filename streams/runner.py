@@ -242,6 +242,11 @@ def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None 
     if settings.broker == "embedded":
         broker = stack.enter_context(EmbeddedBroker(log_dir))
         broker_url, bootstrap = broker.url, broker.bootstrap
+        if settings.kafka.quirks == "auto":
+            # We started it, so we know it is Tansu: each worker would otherwise
+            # import an admin client and ask the broker (measured: 0.15-0.7 s
+            # of every worker's start-up, more on a busy machine).
+            settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"quirks": "tansu"})})
     else:
         broker_url, bootstrap = settings.broker, bootstrap_of(settings.broker)
     t1 = time.monotonic()

@@ -40,3 +40,22 @@ def test_true_end_offsets_reports_the_real_log_end():
         assert listed < 10
         empty = TopicPartition("empty", 0)
         assert asyncio.run(listed_and_corrected(broker.bootstrap, empty)) == (0, 0)
+
+
+def test_workers_of_the_embedded_broker_are_told_it_is_tansu(tmp_path):
+    """The runner started the broker, so its workers are told the quirks
+    instead of each probing the broker at start-up; the caller's settings
+    keep "auto", and the probe on the real broker agrees."""
+    from contextlib import ExitStack
+
+    from streams.broker import uses_tansu_quirks
+    from streams.runner import settings_env, start_cluster
+    from streams.settings import Settings
+
+    settings = Settings(data_dir=tmp_path)
+    with ExitStack() as stack:
+        cluster = start_cluster(settings, stack)
+        assert cluster.settings.kafka.quirks == "tansu"
+        assert '"quirks":"tansu"' in settings_env(cluster.settings, cluster.broker_url)["DEEPWATCH_KAFKA"]
+        assert settings.kafka.quirks == "auto"
+        assert uses_tansu_quirks(settings, cluster.bootstrap)
