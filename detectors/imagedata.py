@@ -150,8 +150,12 @@ def strip_oversized_png_text(data: bytes, limit: int, *, all_text: bool = False)
 class ImageData:
     """Undecoded image bytes plus lazily decoded views of them."""
 
-    def __init__(self, data: bytes, *, path: str | None = None, limits: DecodeLimits | None = None):
+    def __init__(self, data: bytes, *, path: str | None = None, limits: DecodeLimits | None = None,
+                 sha256: str | None = None):
+        """``sha256``: the digest of ``data`` if the caller already took it."""
         self.data = data
+        if sha256 is not None:
+            self.__dict__["sha256"] = sha256  # the cached_property's slot
         self.path = path
         self.limits = limits or DecodeLimits()
         if len(data) == 0:
@@ -163,6 +167,7 @@ class ImageData:
         self.notes: list[str] = []
         self._decodable = data
         header = self.open()  # validates format, dimensions and cost without decoding pixels
+        self.header = header
         self.format: str = (header.format or "UNKNOWN").upper()
         self.size: tuple[int, int] = header.size
         self.decode_cost = decode_cost(header)
@@ -194,8 +199,15 @@ class ImageData:
             f"{w}x{h} {header.mode} needs {decode_cost(header) >> 20} MiB decoded, budget {budget >> 20} MiB "
             "(decode.max_decode_mb)")
 
+    # ``header`` (set in __init__): the PIL image the checks above opened, for
+    # reading metadata (info, EXIF, quantization tables) without parsing the
+    # file again -- most of a small JPEG's cost before its pixels. Never draft,
+    # crop or convert it: decoding starts from a fresh ``open()``.
+    header: Image.Image
+
     def open(self) -> Image.Image:
-        """A fresh, not-yet-decoded PIL image: for metadata (info, text chunks, EXIF)."""
+        """A fresh, not-yet-decoded PIL image (decoding starts from one; for
+        metadata alone, ``header`` is already open)."""
         try:
             try:
                 img = Image.open(io.BytesIO(self._decodable))
@@ -253,7 +265,7 @@ class ImageData:
     @cached_property
     def orientation(self) -> int:
         try:
-            return int(self.open().getexif().get(0x0112, 1) or 1)
+            return int(self.header.getexif().get(0x0112, 1) or 1)
         except Exception:  # unreadable EXIF: treat as unrotated
             return 1
 

@@ -1,16 +1,19 @@
 """Stages 3–5a: decode, hash and run the cheap per-image detectors.
 
-Runs in a worker thread (CPU-bound); the result is a ``Sighting`` ready for the
-single-writer cluster agent. Cheap evidence is cached per sha256 so an exact
-repost costs one blob-store lookup, not a second decode.
+Runs on the worker's event loop for small pictures and in a thread for large
+ones (``streams.stage``); the result is a ``Sighting`` ready for the
+single-writer cluster agent. An analysis is kept per sha256, in memory and on
+disk, so an exact repost costs a digest and a lookup, not a second decode.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from detectors.atomic_file import write_atomically
 from detectors.base import Detector, Evidence, EvidenceKind, create_all
@@ -25,6 +28,15 @@ log = logging.getLogger(__name__)
 
 
 ANALYSES_REMEMBERED = 2_000  # ~5 KB each: about 10 MB per analyze stage
+
+
+class Analysis(NamedTuple):
+    """What one picture's bytes yield, whichever event carried them."""
+
+    hashes: ImageHashes
+    evidence: list[Evidence]
+    size: tuple[int, int]
+    format: str
 
 
 class Analyzer:
@@ -43,8 +55,24 @@ class Analyzer:
         self._banks = None
 
     def analyze(self, event: ImageEvent, data: bytes, source: SourceRef) -> Sighting:
-        image = ImageData(data, limits=self.limits)  # raises ImageRejected (incl. over the memory budget)
-        cached = self._load_cache(image.sha256)
+        sha256 = hashlib.sha256(data).hexdigest()
+        # Bytes this process analysed moments ago (a repost) passed the same
+        # limits then: they are not opened again.
+        known = self._recent.get(sha256) or self._analyse(data, sha256)
+        hashes, evidence = known.hashes, known.evidence
+        self._refresh_banks()
+        if self._banks is not None:
+            evidence = [e for e in evidence if e.kind is not EvidenceKind.BANK] + self._bank_evidence(sha256, hashes)
+        light_event = event.model_copy(update={"image": _without_inline(event.image, sha256)})
+        return Sighting(
+            event=light_event, source=source, sha256=sha256,
+            width=known.size[0], height=known.size[1], format=known.format,
+            hashes=hashes, evidence=evidence,
+        )
+
+    def _analyse(self, data: bytes, sha256: str) -> Analysis:
+        image = ImageData(data, limits=self.limits, sha256=sha256)  # raises ImageRejected (incl. over the memory budget)
+        cached = self._load_cache(sha256)
         if cached is not None:
             hashes, evidence = cached
         else:
@@ -57,18 +85,12 @@ class Analyzer:
                 with metrics.STAGE_SECONDS.labels("detectors").time():
                     evidence = self._detect(image)
             # What decoding had to skip or reduce is evidence too (weight 0: it informs, never scores).
-            evidence += [Evidence(detector="decode", score=0.5, weight=0.0, detail=note, sha256=image.sha256)
+            evidence += [Evidence(detector="decode", score=0.5, weight=0.0, detail=note, sha256=sha256)
                          for note in image.notes]
-            self._store_cache(image.sha256, hashes, evidence)
-        self._refresh_banks()
-        if self._banks is not None:
-            evidence = [e for e in evidence if e.kind is not EvidenceKind.BANK] + self._bank_evidence(image.sha256, hashes)
-        light_event = event.model_copy(update={"image": _without_inline(event.image, image.sha256)})
-        return Sighting(
-            event=light_event, source=source, sha256=image.sha256,
-            width=image.size[0], height=image.size[1], format=image.format,
-            hashes=hashes, evidence=evidence,
-        )
+            self._store_cache(sha256, hashes, evidence)
+        known = Analysis(hashes, evidence, image.size, image.format)
+        self._recent.put(sha256, known)
+        return known
 
     def _refresh_banks(self) -> None:
         # Analysts add to banks while workers run (`deepwatch bank add`): pick
@@ -115,15 +137,10 @@ class Analyzer:
         return self._cache_dir / f"{sha256}.v{self.CACHE_VERSION}.h{HASHES_VERSION}.json"
 
     def _load_cache(self, sha256: str) -> tuple[ImageHashes, list[Evidence]] | None:
-        hit = self._recent.get(sha256)
-        if hit is not None:
-            return hit
         path = self._cache_path(sha256)
         try:
             doc = json.loads(path.read_text())
-            hit = ImageHashes.model_validate(doc["hashes"]), [Evidence.model_validate(e) for e in doc["evidence"]]
-            self._recent.put(sha256, hit)
-            return hit
+            return ImageHashes.model_validate(doc["hashes"]), [Evidence.model_validate(e) for e in doc["evidence"]]
         except FileNotFoundError:
             return None
         except Exception:
@@ -136,7 +153,6 @@ class Analyzer:
         # write their own temp file; the last rename wins, same content.
         doc = {"hashes": hashes.model_dump(), "evidence": [e.model_dump() for e in evidence]}
         write_atomically(path, json.dumps(doc).encode())
-        self._recent.put(sha256, (hashes, evidence))
 
 
 def _without_inline(ref: ImageRef, sha256: str) -> ImageRef:

@@ -175,7 +175,7 @@ def repost_like(image: ImageData) -> bool:
     """A JPEG no larger than a re-post and compressed at least as much as platforms do."""
     if image.format != "JPEG" or max(image.size) > REPOST_LONG_SIDE:
         return False
-    q = jpeg_quality(image.open())
+    q = jpeg_quality(image.header)
     return q is not None and round(q) <= REPOST_LIKE_MAX_QUALITY
 
 

@@ -100,7 +100,7 @@ def text_items(image: ImageData) -> Iterator[tuple[str, str, str]]:
         if exif is not None:
             yield from _exif_items(exif)
         return
-    img = image.open()
+    img = image.header
     comment = img.info.get("comment")
     if comment:
         yield "comment", _text(comment), f"{image.format} comment"

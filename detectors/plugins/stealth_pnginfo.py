@@ -77,7 +77,7 @@ class StealthPngInfoDetector(Detector):
             return []
         # The payload is written into the stored pixel grid: read it unrotated,
         # alpha and RGB from one decode.
-        header = image.open()
+        header = image.header
         if "A" in header.getbands() or "transparency" in header.info:
             rgba = np.asarray(image.pixels("RGBA", oriented=False))
             found = read_stealth(rgba[..., 3], "alpha") or read_stealth(rgba[..., :3], "rgb")

@@ -139,7 +139,7 @@ class InvisibleWatermarkDetector(Detector):
 
     def analyze(self, image: ImageData) -> list[Evidence]:
         w, h = image.size
-        if w * h < MIN_PIXELS or jpeg_erased_mark(image.open()):
+        if w * h < MIN_PIXELS or jpeg_erased_mark(image.header):
             return []
         # The mark lives in the stored pixel grid, which an EXIF rotation would move.
         found = detect_marks(np.asarray(image.pixels(oriented=False)))
