@@ -78,6 +78,12 @@ def build_dashboard() -> dash.Dashboard:
             .with_target(_query(q.stage_quantile(0.95), "p95 {{stage}}", "B"))
         )
         .with_panel(
+            _timeseries("Waiting before each stage p95", "s",
+                        "How old a message is when its stage takes it up (deepwatch_stage_lag_seconds): the "
+                        "stage whose wait grows is the one behind.")
+            .with_target(_query(q.stage_lag_quantile(0.95), "p95 {{stage}}"))
+        )
+        .with_panel(
             _timeseries("Event → alert latency", "s",
                         "From the broker timestamp of the triggering event to the stored alert.")
             .with_target(_query(q.event_to_alert_quantile(0.5), "p50", "A"))

@@ -42,6 +42,10 @@ def stage_quantile(q: float, window: str = "$__rate_interval") -> str:
     return f"histogram_quantile({q}, sum by (stage, le) (rate(deepwatch_stage_seconds_bucket[{window}])))"
 
 
+def stage_lag_quantile(q: float, window: str = "$__rate_interval") -> str:
+    return f"histogram_quantile({q}, sum by (stage, le) (rate(deepwatch_stage_lag_seconds_bucket[{window}])))"
+
+
 def event_to_alert_quantile(q: float, window: str = "$__rate_interval") -> str:
     return f"histogram_quantile({q}, sum by (le) (rate(deepwatch_event_to_alert_seconds_bucket[{window}])))"
 

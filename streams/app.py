@@ -91,6 +91,7 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
                 msg = event.message
                 source = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset,
                                    run=run_of(getattr(msg, "headers", None)))
+                metrics.observe_lag("analyze", msg.timestamp)
                 result = await stage.process(event.value, source, msg.timestamp or None)
                 try:
                     if result.op is not None:

@@ -137,6 +137,8 @@ class ClusterStage:
 
     async def handle_batch(self, items: list[tuple[bytes, Any]]) -> None:
         started = time.perf_counter()
+        for _, msg in items:
+            metrics.observe_lag("cluster", getattr(msg, "timestamp", None))
         outs, failed = self._apply_all(items)
         for out in outs:
             for snap in out.snapshots:

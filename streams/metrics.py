@@ -3,6 +3,8 @@ Names are a contract with dashboards/ and the alert rules."""
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 EVENTS = Counter("deepwatch_events_total", "Events handled, by stage and outcome", ["stage", "outcome"])
@@ -15,6 +17,20 @@ STAGE_SECONDS = Histogram(
     "deepwatch_stage_seconds", "Time spent per stage",
     ["stage"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+STAGE_LAG = Histogram(
+    "deepwatch_stage_lag_seconds", "Age of a message when its stage takes it up (wall clock minus the message's "
+    "broker timestamp): where a backlog is waiting",
+    ["stage"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+
+def observe_lag(stage: str, broker_timestamp: float | None) -> None:
+    """Record ``STAGE_LAG`` for a message with this broker timestamp (seconds;
+    a missing one is not a lag of 56 years)."""
+    if broker_timestamp:
+        STAGE_LAG.labels(stage).observe(max(0.0, time.time() - broker_timestamp))
+
+
 OFFSET_REREADS = Counter("deepwatch_offset_rereads_total", "Stream partitions read again from an offset, by why: "
                          "dropped (a record skipped before processing), stalled (nothing read while records waited)",
                          ["topic", "why"])

@@ -100,7 +100,9 @@ class WorkerProcess:
 
     def stage_seconds(self) -> dict[str, float]:
         """Seconds spent per stage so far (the ``deepwatch_stage_seconds``
-        histogram's sums, plus ``events:STAGE:OUTCOME`` counts), scraped from
+        histogram's sums, plus ``events:STAGE:OUTCOME`` counts and the
+        ``deepwatch_stage_lag_seconds`` sums and counts as
+        ``lag_sum:STAGE``/``lag_count:STAGE``), scraped from
         the worker's /metrics; empty when it serves none or cannot be reached."""
         if self.metrics_port is None or self.proc.poll() is not None:
             return {}
@@ -119,6 +121,11 @@ class WorkerProcess:
                 for sample in fam.samples:
                     if sample.name.endswith("_sum"):
                         out[sample.labels["stage"]] = sample.value
+            elif fam.name == "deepwatch_stage_lag_seconds":
+                for sample in fam.samples:
+                    kind = sample.name.rpartition("_")[2]
+                    if kind in ("sum", "count"):
+                        out[f"lag_{kind}:{sample.labels['stage']}"] = sample.value
             elif fam.name == "deepwatch_events":
                 for sample in fam.samples:
                     if sample.name.endswith("_total"):

@@ -109,6 +109,13 @@ def test_replay_no_wait_models_reports_timings_and_accounts_every_event(tmp_path
     for stage in ("fetch", "hashes", "analyze", "cluster", "send", "serialize"):
         assert stages[stage] > 0, stage
     assert stages["events:analyze:ok"] > 0
+    # how long messages waited for each stage, scraped from both workers: every
+    # analysed event and every op was observed, none waited longer than the run
+    assert stages["lag_count:analyze"] >= stages["events:analyze:ok"]
+    assert stages["lag_count:cluster"] >= stages["events:cluster:ok"]
+    for stage in ("analyze", "cluster"):
+        assert 0 < stages[f"lag_sum:{stage}"] / stages[f"lag_count:{stage}"] < s["seconds"] + s["timings"]["workers_ready"]
+    assert s["workers"] == 2
     assert s["timings"]["shutdown"] < 15  # workers leave without the interpreter's teardown
 
 
