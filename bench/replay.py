@@ -255,13 +255,15 @@ def replay_process(feed: Path, data_dir: Path, workers: int | None, extra: list[
 
 
 def paced_latency(feed: Path, root: Path, rate: float, workers: int, pictures: int = 12, reposts: int = 8,
-                  every: int = 20) -> dict:
+                  every: int = 20, split: bool = False) -> dict:
     """Event->alert latency under load: the filer's feed produced at ``rate``
     events/s through ``workers`` pipeline workers (and the detect role), with
     one of ``pictures`` viral AI fakes (generator metadata) every ``every``
     events -- each picture posted ``reposts`` times 10 s of event time apart,
-    so each alerts at ``min_sightings_5m=5``. Returns latencies and the rate
-    achieved."""
+    so each alerts at ``min_sightings_5m=5``. ``split``: ``workers`` analyze
+    workers and a cluster worker instead of pipeline workers (replay
+    --split). Returns latencies, the rate achieved and the mean wait per
+    stage."""
     from streams.ingest import produce_lines
 
     images = root / "viral"
@@ -288,10 +290,12 @@ def paced_latency(feed: Path, root: Path, rate: float, workers: int, pictures: i
     s.ingest.image_roots = [feed.parent, images]
     with ExitStack() as stack:
         cluster = runner.start_cluster(s, stack)
+        if split:
+            cluster.start_worker("cluster")
         for _ in range(workers):
-            cluster.start_worker("pipeline")
+            cluster.start_worker("analyze" if split else "pipeline")
         cluster.start_worker("detect")
-        cluster.wait_ready(roles=("pipeline",))
+        cluster.wait_ready(roles=("pipeline", "analyze", "cluster"))
         started = time.perf_counter()
 
         def paced():
@@ -302,7 +306,8 @@ def paced_latency(feed: Path, root: Path, rate: float, workers: int, pictures: i
         produced = produce_lines(paced(), cluster.bootstrap, s)
         achieved = len(lines) / (time.perf_counter() - started)
         assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=600, produced=produced)
-        waits = mean_lags(cluster.stage_seconds().get("pipeline", {}))
+        stages = cluster.stage_seconds()
+        waits = mean_lags({k: v for role in ("pipeline", "analyze", "cluster") for k, v in stages.get(role, {}).items()})
     store = open_store(s.data_dir)
     lat = []
     for a in store.alerts():

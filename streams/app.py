@@ -1,4 +1,6 @@
-"""The Faust application: topics, the cluster table and one agent per stage.
+"""The Faust application: topics, the cluster table and one agent per stage
+(``build_pipeline_app``; the analyze stage and the cluster stage with its
+sinks can also run as separate roles).
 
 Data flows one way:
   events ─analyze─▶ cluster-ops (1 partition) ─cluster─▶ cluster-updates ─sink─▶ findings store
@@ -22,7 +24,7 @@ import faust
 from streams import metrics
 from streams.analyze import Analyzer
 from streams.blobstore import DirectoryBlobStore
-from streams.cluster_stage import ClusterStage
+from streams.cluster_stage import ClusterStage, SendDead
 from streams.engine_state import open_engine_state
 from streams.faust_app import faust_app
 from streams.fetch import ImageFetcher
@@ -33,6 +35,9 @@ from streams.topics import CLUSTER_TABLE
 log = logging.getLogger(__name__)
 
 
+ANALYZE_GROUP_SUFFIX = "-analyze"  # the analyze role's consumer group: the app id plus this
+
+
 def _dead_letter(stage: str, reason: str, detail: str, source: SourceRef, raw: bytes | None, event_id: str | None) -> DeadLetter:
     excerpt = None
     if raw is not None:
@@ -40,28 +45,22 @@ def _dead_letter(stage: str, reason: str, detail: str, source: SourceRef, raw: b
     return DeadLetter(event_id=event_id, stage=stage, reason=reason, detail=detail, source=source, payload_excerpt=excerpt)
 
 
-def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
-    app = faust_app(settings.app_id, settings, broker_url)
+ANALYZE_GROUP_SUFFIX = "-analyze"
+
+
+def build_pipeline_app(settings: Settings, broker_url: str, *, analyze: bool = True, cluster: bool = True) -> faust.App:
+    """The pipeline's Faust app. A ``pipeline`` worker runs every stage; the
+    ``analyze`` role (``cluster=False``) runs only the analyze stage, in a
+    consumer group of its own, and the ``cluster`` role (``analyze=False``)
+    the single writer and the sinks. A deployment runs pipeline workers, or
+    analyze workers plus cluster workers, never both kinds on one feed: a
+    pipeline worker and an analyze worker would each take every event."""
+    if not (analyze or cluster):
+        raise ValueError("a pipeline app needs at least one of its stages")
+    app = faust_app(settings.app_id + ("" if cluster else ANALYZE_GROUP_SUFFIX), settings, broker_url)
     t = settings.topic
-    events = app.topic(t("events"), value_serializer="raw", key_serializer="raw")
     dead = app.topic(t("dead-letters"), value_serializer="raw", key_serializer="raw")
     ops = app.topic(t("cluster-ops"), value_serializer="raw", key_serializer="raw", partitions=1)
-    detect_requests = app.topic(t("detect-requests"), value_serializer="raw", key_serializer="raw")
-    updates = app.topic(t("cluster-updates"), value_serializer="raw", key_serializer="raw")
-    alerts = app.topic(t("alerts"), value_serializer="raw", key_serializer="raw")
-    # use_partitioner: the cluster stage writes the table once per batch, after
-    # its ops were taken (streams.cluster_stage), where Faust knows no
-    # "current event" to take the partition from; the table and its changelog
-    # have one partition, so the producer's partitioner names the same one.
-    table = app.Table(CLUSTER_TABLE, partitions=1, default=None, key_type=bytes, value_type=bytes,
-                      use_partitioner=True)
-    # Faust derives table serializers from model types and falls back to JSON
-    # for plain bytes; values are our own versioned JSON (ClusterState), so
-    # store them as-is. Must be set before the table's store is first built.
-    table.key_serializer = table.value_serializer = "raw"
-
-    data_dir = Path(settings.data_dir)
-    blobs = DirectoryBlobStore(data_dir / "blobs")
 
     async def send_dead(dl: DeadLetter) -> None:
         metrics.DEAD_LETTERS.labels(dl.stage, dl.reason).inc()
@@ -69,13 +68,31 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
         # DeadLetter is bounded and valid UTF-8 by construction (streams.records).
         await dead.send(key=(dl.event_id or "").encode("utf-8", "replace") or None, value=dl.dumps())
 
-    # -- stage: validate, fetch, decode, hash, cheap detectors -----------------
-    # One failure rule for the whole stage (streams.stage): every event ends as
-    # a cluster op, an accounted duplicate or a dead letter with stage and
-    # reason; nothing an event does can end the agent or the worker.
+    @app.on_rebalance_complete.connect
+    async def log_assignment(sender=None, **kwargs):
+        # Which worker owns what is the first question when events stop moving.
+        active = sorted(f"{tp.topic}:{tp.partition}" for tp in app.assignor.assigned_actives())
+        log.info("partitions assigned", extra={"generation": app.consumer_generation_id, "active": active})
+
+    if analyze:
+        _analyze_stage(app, settings, ops, send_dead)
+    if cluster:
+        _cluster_stage_and_sinks(app, settings, ops, dead, send_dead)
+    return app
+
+
+def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_dead: SendDead) -> None:
+    """validate, fetch, decode, hash, cheap detectors: events in, cluster ops out.
+
+    One failure rule for the whole stage (streams.stage): every event ends as
+    a cluster op, an accounted duplicate or a dead letter with stage and
+    reason; nothing an event does can end the agent or the worker."""
     from streams.findings import open_findings
     from streams.stage import AnalyzeStage, SharedIds, once, run_of
 
+    events = app.topic(settings.topic("events"), value_serializer="raw", key_serializer="raw")
+    data_dir = Path(settings.data_dir)
+    blobs = DirectoryBlobStore(data_dir / "blobs")
     shared_ids = SharedIds()  # one per worker: its analyze actors judge same-id events in turn
     # The store the sinks write (SQLite or Elasticsearch), opened in a thread
     # on first use; ``once`` serialises its calls (see streams.stage.Serialized).
@@ -115,16 +132,29 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
             stage.close()
             await fetcher.aclose()
 
-    # -- stage: cluster (single writer) ----------------------------------------
+
+def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.TopicT, dead: faust.TopicT,
+                             send_dead: SendDead) -> None:
+    """The single writer (cluster ops in; snapshots, detect requests and
+    alerts out) and the sinks that store what it decided."""
+    t = settings.topic
+    detect_requests = app.topic(t("detect-requests"), value_serializer="raw", key_serializer="raw")
+    updates = app.topic(t("cluster-updates"), value_serializer="raw", key_serializer="raw")
+    alerts = app.topic(t("alerts"), value_serializer="raw", key_serializer="raw")
+    # use_partitioner: the cluster stage writes the table once per batch, after
+    # its ops were taken (streams.cluster_stage), where Faust knows no
+    # "current event" to take the partition from; the table and its changelog
+    # have one partition, so the producer's partitioner names the same one.
+    table = app.Table(CLUSTER_TABLE, partitions=1, default=None, key_type=bytes, value_type=bytes,
+                      use_partitioner=True)
+    # Faust derives table serializers from model types and falls back to JSON
+    # for plain bytes; values are our own versioned JSON (ClusterState), so
+    # store them as-is. Must be set before the table's store is first built.
+    table.key_serializer = table.value_serializer = "raw"
+
     stage = ClusterStage(settings, table, open_engine_state(settings.data_dir), updates=updates,
                          detect_requests=detect_requests, alerts=alerts, send_dead=send_dead)
     app.on_rebalance_complete.connect(stage.on_rebalance)
-
-    @app.on_rebalance_complete.connect
-    async def log_assignment(sender=None, **kwargs):
-        # Which worker owns what is the first question when events stop moving.
-        active = sorted(f"{tp.topic}:{tp.partition}" for tp in app.assignor.assigned_actives())
-        log.info("partitions assigned", extra={"generation": app.consumer_generation_id, "active": active})
 
     @app.agent(ops)
     async def cluster(stream):
@@ -157,5 +187,3 @@ def build_pipeline_app(settings: Settings, broker_url: str) -> faust.App:
     async def sink_dead_letters(stream):
         async for values in stream.take(batch, within=within):
             await sinks.dead_letters(values)
-
-    return app

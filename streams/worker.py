@@ -1,8 +1,11 @@
 """Run one deepwatch worker process (``deepwatch worker`` / ``python -m streams.worker``).
 
 Roles: ``pipeline`` (ingest → cluster → sinks, CPU) and ``detect`` (learned
-models, GPU-capable, own consumer group). Several workers of a role share its
-partitions; the cluster table has a standby replica on the others.
+models, GPU-capable, own consumer group); ``analyze`` (ingest → cluster ops,
+own consumer group) and ``cluster`` (the single writer and the sinks) split
+the pipeline in two, so the writer does not share a process with analysis.
+Several workers of a role share its partitions; the cluster table has a
+standby replica on the others.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from streams.settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 PIPELINE_SWITCH_INTERVAL_S = 0.001
+# pipeline: every stage; analyze and cluster: its two halves, for running the
+# single writer apart from the analysis (streams.app.build_pipeline_app)
+PIPELINE_ROLES = ("pipeline", "analyze", "cluster")
 
 
 def faust_broker_url(settings: Settings) -> str:
@@ -32,23 +38,23 @@ def faust_broker_url(settings: Settings) -> str:
 
 def run(settings: Settings, role: str, nice_after_load: int | None = None) -> None:
     logs.setup(settings.log_level, settings.log_format)
-    if role == "pipeline":
+    if role in PIPELINE_ROLES:
         # The event loop thread runs the consumer, the sends and the single
         # cluster writer; analyze threads hashing images would otherwise keep
         # it waiting up to the default 5 ms for the GIL at every hand-over
         # (measured: ~15% more events/s at 1 ms, bench/replay.py --filer).
         sys.setswitchinterval(PIPELINE_SWITCH_INTERVAL_S)
     broker = faust_broker_url(settings)
-    if role == "pipeline":
+    if role in PIPELINE_ROLES:
         from streams.app import build_pipeline_app
 
-        app = build_pipeline_app(settings, broker)
+        app = build_pipeline_app(settings, broker, analyze=role != "cluster", cluster=role != "analyze")
     elif role == "detect":
         from streams.detect_worker import build_detect_app
 
         app = build_detect_app(settings, broker, nice_after_load=nice_after_load)
     else:
-        raise SystemExit(f"unknown role {role!r}: pipeline | detect")
+        raise SystemExit(f"unknown role {role!r}: pipeline | analyze | cluster | detect")
     if settings.metrics_port is not None:
         port = metrics.serve(settings.metrics_port)
         log.info("metrics listening", extra={"port": port, "role": role})

@@ -154,3 +154,10 @@ def test_replay_runs_one_pipeline_worker_per_core_up_to_the_partitions(monkeypat
     assert default_workers(Settings(partitions=4)) == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     assert default_workers(Settings(partitions=4)) == 1
+
+
+def test_unknown_worker_role_is_a_usage_error_naming_the_roles(tmp_path):
+    r = deepwatch("worker", "--role", "analyse", "--broker", "kafka://127.0.0.1:9", "--data-dir", str(tmp_path), timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    said = " ".join(r.stderr.replace("│", " ").split())
+    assert "unknown role 'analyse': pipeline, analyze, cluster or detect" in said

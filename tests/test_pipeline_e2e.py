@@ -4,7 +4,9 @@ camera photos, a viral burst, a duplicate event and hostile input).
 
 Runs once per findings store: the embedded SQLite file, and Elasticsearch
 (the loopback fake in tests/fake_es.py, selected the way operators select it:
-DEEPWATCH_FINDINGS__URL). `deepwatch search` must answer the same from both."""
+DEEPWATCH_FINDINGS__URL); and once more on SQLite with the pipeline in two
+halves (`replay --split`: analyze workers and a cluster worker). `deepwatch
+search` must answer the same from all three."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def query(kind: str, data_dir: Path) -> list[dict]:
     return json.loads(r.stdout)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "elasticsearch"])
+@pytest.fixture(scope="module", params=["sqlite", "elasticsearch", "split"])
 def replayed(request, tmp_path_factory):
     es = None
     STORE_ENV.clear()
@@ -52,7 +54,8 @@ def replayed(request, tmp_path_factory):
         root = tmp_path_factory.mktemp(f"e2e-{request.param}")
         feed, exp = build_feed(root / "feed")
         data = root / "data"
-        r = deepwatch("replay", str(feed), "--data-dir", str(data), "--json", "--timeout", "240")
+        layout = ["--split"] if request.param == "split" else []
+        r = deepwatch("replay", str(feed), "--data-dir", str(data), "--json", "--timeout", "240", *layout)
         assert r.returncode == 0, f"replay failed:\n{r.stdout}\n{r.stderr[-4000:]}"
         yield feed, exp, data, json.loads(r.stdout)
     finally:
@@ -158,7 +161,7 @@ def test_search_answers_the_same_on_every_store(replayed, request):
     if store == "sqlite":
         return
     if "sqlite" not in SEARCHES:
-        pytest.skip("the SQLite replay did not run in this session: nothing to compare the Elasticsearch answers with")
+        pytest.skip(f"the SQLite replay did not run in this session: nothing to compare the {store} answers with")
     # Two separate replays: a cluster's id is its founding image's hash, and
     # which variant of a picture reaches the cluster engine first can differ
     # between runs, so clusters are compared by what they are (their pictures

@@ -53,7 +53,7 @@ def default_workers(settings: Settings) -> int:
 
 
 def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, live_table: bool,
-            wait_models: bool = True):
+            wait_models: bool = True, split: bool = False):
     """Start, produce, wait, summarize, stop. Waits for every event to be a
     sighting or dead letter and for the alerts that raised; with
     ``wait_models`` also for the detect role's results (the embedded broker
@@ -80,8 +80,10 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
             # First: its imports and model load are the longest start-up; it
             # is niced, so the pipeline workers still get the cores.
             cluster.start_worker("detect")
+        if split:
+            cluster.start_worker("cluster")
         for _ in range(workers):
-            cluster.start_worker("pipeline")
+            cluster.start_worker("analyze" if split else "pipeline")
         lines = count_lines(feed)
         live = None
         if live_table:
@@ -104,7 +106,7 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         produced = produce_feed(feed, cluster.bootstrap, settings, progress=lambda n: progress.advance(t_ingest, n))
         timings["produce"] = time.monotonic() - producing
         progress.update(t_proc, total=len(produced.offsets), completed=0)
-        cluster.wait_ready(roles=("pipeline",))
+        cluster.wait_ready(roles=("pipeline", "analyze", "cluster"))
         started = time.monotonic()  # throughput counts from here: start-up is reported as its own phase
         timings["workers_ready"] = started - spawned
         err.print(f"[dim]workers ready after {started - spawned:.1f}s[/]")
@@ -166,6 +168,7 @@ def replay(
     json_summary: bool = typer.Option(False, "--json", help="Same as --format json."),
     fmt: str = typer.Option("table", "--format", "-f", help="Summary format: table (a line on stderr, for people) or json (on stdout, for tools)."),
     store_url: Optional[str] = StoreOpt,
+    split: bool = typer.Option(False, "--split/--no-split", help="Run the single writer and the sinks in a process of their own (role cluster) beside WORKERS analyze workers, instead of WORKERS pipeline workers that each run every stage."),
     wait_models: bool = typer.Option(True, "--wait-models/--no-wait-models", help="Also wait for the learned models' results (detect role) before exiting. Without: exit once every event is a sighting or dead letter and its alerts are stored; clusters whose model result had not landed keep models_pending (the embedded broker forgets their requests)."),
 ) -> None:
     """Run the full streaming pipeline over FEED and exit when every event is
@@ -185,7 +188,7 @@ def replay(
     _use_store(settings, store_url)
     settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
     summary = _replay(settings, feed, workers=workers or default_workers(settings), timeout_s=timeout,
-                      live_table=False, wait_models=wait_models)
+                      live_table=False, wait_models=wait_models, split=split)
     _print_summary(summary, json_summary)
     raise typer.Exit(0 if summary.complete else 1)
 
@@ -257,7 +260,7 @@ def ingest(
 
 @app.command(rich_help_panel="Run")
 def worker(
-    role: str = typer.Option("pipeline", help="pipeline (ingest → cluster → sinks) or detect (learned models, own consumer group)."),
+    role: str = typer.Option("pipeline", help="pipeline (ingest → cluster → sinks), detect (learned models, own consumer group), or the pipeline in two halves: analyze (ingest → cluster ops, own consumer group) plus cluster (the single writer and the sinks). Run pipeline workers or analyze+cluster workers on a feed, not both."),
     broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT[,HOST:PORT] (`deepwatch broker` prints one); default: DEEPWATCH_BROKER. The embedded broker's quirks are detected, not configured."),
     data_dir: Optional[Path] = DataDir,
     config: Optional[Path] = Config,
@@ -271,6 +274,8 @@ def worker(
     from streams.topics import topic_specs
     from streams.broker import bootstrap_of, ensure_topics
 
+    if role not in (*worker_mod.PIPELINE_ROLES, "detect"):
+        raise typer.BadParameter(f"unknown role {role!r}: pipeline, analyze, cluster or detect", param_hint="--role")
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
     _use_store(settings, store_url)
     if settings.broker == "embedded":
