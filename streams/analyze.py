@@ -54,8 +54,14 @@ class Analyzer:
         self._banks_checked = 0.0
         self._banks = None
 
-    def analyze(self, event: ImageEvent, data: bytes, source: SourceRef) -> Sighting:
-        sha256 = hashlib.sha256(data).hexdigest()
+    def knows(self, sha256: str) -> bool:
+        """Whether these bytes were analysed by this process moments ago: their
+        sighting then costs no decode at all."""
+        return self._recent.get(sha256) is not None
+
+    def analyze(self, event: ImageEvent, data: bytes, source: SourceRef, sha256: str | None = None) -> Sighting:
+        """``sha256``: the digest of ``data`` if the caller already took it."""
+        sha256 = sha256 or hashlib.sha256(data).hexdigest()
         # Bytes this process analysed moments ago (a repost) passed the same
         # limits then: they are not opened again.
         known = self._recent.get(sha256) or self._analyse(data, sha256)

@@ -17,6 +17,7 @@ covers.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 import threading
@@ -200,20 +201,24 @@ class AnalyzeStage:
         self._stage = "decode"
         t1 = time.perf_counter()
         recent = self.shared.recent.get(ev.event_id)
-        if self._small(data) and (recent is not None or self._local_reads):
-            # Analysed on the event loop: a picture this small decodes and
+        # Digested here only when small enough to digest on the loop.
+        sha256 = hashlib.sha256(data).hexdigest() if len(data) <= self.settings.batch.analyze_inline_max_pixels else None
+        known = sha256 is not None and self.analyzer.knows(sha256)
+        if (known or self._small(data)) and (recent is not None or self._local_reads):
+            # Analysed on the event loop: a repost of bytes analysed moments
+            # ago costs no decode at all, and a picture this small decodes and
             # hashes in a few milliseconds, while a thread hop costs its
             # handoffs and, far more, the GIL ping-pong between the loop and
             # the pool thread on every syscall either side makes (measured:
             # 20-30% of a pipeline worker's CPU). Only with a local findings
             # store: an Elasticsearch lookup of the event id is a network
             # round trip, which must not hold the loop.
-            sighting, stored = self._blocking(ev, data, source, recent is None)
+            sighting, stored = self._blocking(ev, data, sha256, source, recent is None)
         else:
             # One thread hop for the blocking work of a large picture
             # (analysis, blob write, the store's answer on this event id), so
             # the loop and its deadlines keep running meanwhile.
-            sighting, stored = await asyncio.to_thread(self._blocking, ev, data, source, recent is None)
+            sighting, stored = await asyncio.to_thread(self._blocking, ev, data, sha256, source, recent is None)
         metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
         self._stage = "dedupe"
         if isinstance(stored, BaseException):
@@ -267,11 +272,12 @@ class AnalyzeStage:
             return False
         return w * h <= cap
 
-    def _blocking(self, ev: Any, data: bytes, source: SourceRef, lookup: bool) -> tuple[Sighting, Any]:
+    def _blocking(self, ev: Any, data: bytes, sha256: str | None, source: SourceRef, lookup: bool) -> tuple[Sighting, Any]:
         """Analysis, blob write and (``lookup``) the stored picture of this
-        event id, on the loop or in a worker thread. A failing lookup is
-        returned, not raised, so its dead letter names the dedupe stage."""
-        sighting: Sighting = self.analyzer.analyze(ev, data, source)
+        event id, on the loop or in a worker thread (``sha256``: the digest of
+        ``data`` if already taken). A failing lookup is returned, not raised,
+        so its dead letter names the dedupe stage."""
+        sighting: Sighting = self.analyzer.analyze(ev, data, source, sha256)
         if sighting.sha256 not in self._blobs:  # content-addressed: once stored, stored
             with metrics.STAGE_SECONDS.labels("blob").time():
                 self.put_blob(data, sighting.sha256)

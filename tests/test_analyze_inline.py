@@ -125,3 +125,30 @@ def test_a_repeated_picture_is_analysed_once_and_read_back_from_memory(setup, mo
     assert len(calls) == 1
     hashes = {ClusterOp.loads(r.op).sighting.hashes.model_dump_json() for r in [first, *again]}
     assert len(hashes) == 1
+
+
+def test_a_repost_of_a_large_picture_stays_on_the_loop_and_is_not_opened_again(setup, monkeypatch):
+    """A large picture takes its thread hop once; its reposts (same bytes,
+    moments later) cost a digest and a lookup on the loop: no hop, no decode,
+    not even a header parse, and the same sighting facts."""
+    import streams.analyze as analyze
+
+    import io
+
+    from PIL import Image
+
+    make, hops = setup
+    stage, _ = make(200_000)  # 640x480 is over it; its bytes (a smooth JPEG, a few kB) are not
+    smooth = Image.linear_gradient("L").resize((640, 480)).convert("RGB")
+    buf = io.BytesIO()
+    smooth.save(buf, "JPEG", quality=90)
+    assert len(buf.getvalue()) < 200_000
+    (stage.settings.ingest.image_roots[0] / "large.jpg").write_bytes(buf.getvalue())
+    opened = []
+    real = analyze.ImageData
+    monkeypatch.setattr(analyze, "ImageData", lambda data, **kw: opened.append(1) or real(data, **kw))
+    results = _run(stage, [_event(n, "large.jpg") for n in range(3)])
+    assert hops == ["_blocking"] and len(opened) == 1
+    sightings = [ClusterOp.loads(r.op).sighting for r in results]
+    assert {(s.sha256, s.width, s.height, s.format, s.hashes.model_dump_json()) for s in sightings}.__len__() == 1
+    assert [s.event.event_id for s in sightings] == ["e0", "e1", "e2"]
