@@ -72,6 +72,25 @@ def region(thumb: np.ndarray, box: Box) -> np.ndarray:
     return _area(y0, y1) @ thumb @ _area(x0, x1).T
 
 
+# One-colour regions (``uniform_level``): inset by this fraction of each
+# side (a caption bar's edge bleeds into the thumbnail's next row), and at
+# most this many grey levels between the region's darkest and lightest pixel
+_UNIFORM_INSET = 0.05
+UNIFORM_RANGE = 4.0
+
+
+def uniform_level(thumb: np.ndarray, box: Box = FULL) -> float | None:
+    """The grey level of ``box`` of a thumbnail when it is one colour (a
+    black frame; what a caption bar leaves of one), else None. Such a region
+    has no hash -- pHash and PDQ of a flat picture are noise -- so a flat
+    picture is found by its level (``ClusterIndex``)."""
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) * _UNIFORM_INSET, (y1 - y0) * _UNIFORM_INSET
+    r = region(thumb, (x0 + dx, y0 + dy, x1 - dx, y1 - dy))
+    lo, hi = float(r.min()), float(r.max())
+    return round((lo + hi) / 2, 2) if hi - lo <= UNIFORM_RANGE else None
+
+
 def _smooth(r: np.ndarray) -> np.ndarray:
     """A 1-2-1 blur over the last two axes (edges repeated; slicing, not
     ``np.pad``, which cost more than the blur on 16x16 regions)."""
