@@ -88,7 +88,7 @@ from detectors.hashing import (
 )
 from detectors.neardup.hamming import HammingIndex
 from detectors.neardup.verify import (
-    FULL, VIEW_SLOT_BOXES, Box, aligned_residual, informative, residual, uniform_level,
+    FULL, VIEW_SLOT_BOXES, Box, aligned_residual, informative, residual, uniform_levels,
 )
 
 # "uniform": a one-colour picture met by its grey level (``ClusterIndex``
@@ -483,12 +483,8 @@ class _Query:
 def _uniform_levels(thumb: np.ndarray, content: int) -> tuple[tuple[int, float], ...]:
     """(kind, grey level) of the content (as kind ``content``) and of each
     band view's region that is one colour (``verify.uniform_level``)."""
-    out = []
-    for kind in (content, *range(_BAND0, _FRAME0)):
-        lv = uniform_level(thumb, _box(kind))
-        if lv is not None:
-            out.append((kind, lv))
-    return tuple(out)
+    kinds = (content, *range(_BAND0, _FRAME0))
+    return tuple((k, lv) for k, lv in zip(kinds, uniform_levels(thumb, _UNIFORM_BOXES)) if lv is not None)
 
 
 def _uniform_pair(q_kind: int, m_slot: int) -> bool:
@@ -510,6 +506,9 @@ def _box(kind: int) -> Box:
         return SIDE_BANDS[kind - _SIDE0]
     return VIEW_SLOT_BOXES[kind - _CROP0] if kind >= _CROP0 else FULL
 
+
+# the regions ``_uniform_levels`` measures: the content, then the band views
+_UNIFORM_BOXES = (FULL, *(_box(k) for k in range(_BAND0, _FRAME0)))
 
 _FRAME_BOXES: dict[int, Box] = {
     _FRAME0 + i: ((1 - f) / 2, (1 - f) / 2, (1 + f) / 2, (1 + f) / 2) for i, f in enumerate(FRAME_CROPS)
