@@ -736,7 +736,7 @@ class ClusterIndex:
                 out.append((self._member_cluster[self._row_member[row]], int(d), via))
         if views:
             return out
-        for _, lv in query.levels:
+        for _, lv in query.levels if self.verify_max is not None else ():  # pixels decide these: none without
             for b in range(int((lv - UNIFORM_DIFF) // _UNIFORM_BUCKET), int((lv + UNIFORM_DIFF) // _UNIFORM_BUCKET) + 1):
                 for row in self._uniform.get(b, ()):
                     m = _uniform_match(query.levels, self._row_levels[row])
