@@ -29,7 +29,12 @@ or make an anchor trusted (a band leaves out where two pictures differ);
 the hash-only rule leaves them out (``_pixels_only``).
 Framed images (``_framed``) never match on their full-frame hashes as an
 unframed picture's (they show the frame); their mirror code is their trimmed view's. Flat pictures
-(PDQ quality < ``FLAT_QUALITY``) match only flat ones.
+(PDQ quality < ``FLAT_QUALITY``) match only flat ones -- in ``ClusterIndex``
+also detailed ones whose pixels agree with them nearly everywhere
+(``_flat_agrees``: a dark picture's caption-bar copy, detailed by its bar).
+One-colour regions (a black frame, what a caption bar leaves of it) have no
+hash at all: ``ClusterIndex`` pairs them by grey level (``_uniform_levels``,
+via ``"uniform"``); the hash-only rule does not.
 
 Frame-relative codes (hash records v6, ``hashing.frame_extras``): a
 trimmed image also carries its whole frame's pHash and centre crops and its
@@ -82,10 +87,15 @@ from detectors.hashing import (
     side_views, thumb_array,
 )
 from detectors.neardup.hamming import HammingIndex
-from detectors.neardup.verify import FULL, VIEW_SLOT_BOXES, Box, aligned_residual, informative, residual
+from detectors.neardup.verify import (
+    FULL, VIEW_SLOT_BOXES, Box, aligned_residual, informative, residual, uniform_levels,
+)
 
-Via = Literal["sha256", "phash", "pdq", "phash_mirror", "pdq_mirror", "phash_view"]
-_VIA_ORDER: dict[str, int] = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4, "phash_view": 5}
+# "uniform": a one-colour picture met by its grey level (``ClusterIndex``
+# only; the distance is grey levels): its hashes are noise
+Via = Literal["sha256", "phash", "pdq", "phash_mirror", "pdq_mirror", "phash_view", "uniform"]
+_VIA_ORDER: dict[str, int] = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4, "phash_view": 5,
+                              "uniform": 6}
 
 
 def rank_key(distance: int, via: str, phash_threshold: int, pdq_threshold: int) -> tuple[float, int]:
@@ -145,6 +155,24 @@ def _residual_or_none(r: float) -> float | None:
 # picture, never a detailed one (the cluster bench found flat frames gluing
 # unrelated photos' caption-bar reposts together).
 FLAT_QUALITY = 10
+# ... unless pixels say otherwise (session 8): PDQ quality is the *whole
+# frame's*, so a dark picture's caption-bar copy (its bar is detail) was
+# "detailed" and never met the picture; a flat/detailed pair may pair when
+# both have thumbnails and their regions agree nearly everywhere (99th
+# percentile of the blurred aligned residual <= 6 grey levels; the cluster
+# bench's such pairs of one picture are all <= 5, a bright moon on black
+# against a black frame is at tens)
+FLAT_QUANTILE, FLAT_STRICT = 0.99, 6.0
+# One-colour pictures (session 8; ``verify.uniform_level``): the content
+# of an image, or a band of it (what a caption bar over an edge leaves: the
+# band views' regions), may be one colour. Representatives are indexed by
+# those grey levels (buckets of ``_UNIFORM_BUCKET``), and two such regions
+# within ``UNIFORM_DIFF`` levels pair like hashes do (content with content
+# or a band, a band with the same band: ``_uniform_pair``): a black
+# frame's captioned copies -- the caption is the only detail, so nothing
+# was trimmed and every hash showed the caption -- meet the frame.
+UNIFORM_DIFF = 4.0
+_UNIFORM_BUCKET = 8
 
 # pHash index slots per member: id = row * SLOTS + slot
 SLOTS = 40
@@ -403,8 +431,11 @@ class _Rep:
     box: tuple[float, float, float, float] | None = None  # a trimmed v6 image's content box: frame-relative codes
     slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
     codes: np.ndarray = field(init=False)
+    levels: tuple[tuple[int, float], ...] = field(init=False)  # (slot, grey level) of one-colour regions (``_uniform_levels``)
 
     def __post_init__(self) -> None:
+        self.levels = () if self.thumb is None else _uniform_levels(self.thumb.astype(np.float32),
+                                                                     _TRIM if self.framed else _FULL)
         full = [(_FRAME_FULL, self.phash)] if self.box else [] if self.framed else [(_FULL, self.phash)]
         pairs = full + self.views
         self.slots = np.array([s for s, _ in pairs], dtype=np.int8)
@@ -433,6 +464,9 @@ class _Query:
     framed: bool  # a detected frame (``_framed``): its mirror code is its trimmed view's
     thumb: np.ndarray | None = None
     box: tuple[float, float, float, float] | None = None  # content box in the frame (``frame_extras``)
+    # (kind, grey level) of its content and bands that are one colour
+    # (``uniform_level``): what meets a one-colour picture
+    levels: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def of(cls, h: ImageHashes) -> "_Query":
@@ -441,8 +475,29 @@ class _Query:
         codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
         thumb = thumb_array(h.thumb) if h.thumb else None
         extras = frame_extras(h.views, h.trimmed)
-        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, _framed(h.views, h.trimmed), thumb,
-                   h.content_box if extras else None)
+        framed = _framed(h.views, h.trimmed)
+        levels = () if thumb is None else _uniform_levels(thumb, _TRIM if framed else _Q_FULL)
+        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, framed, thumb, h.content_box if extras else None, levels)
+
+
+def _uniform_levels(thumb: np.ndarray, content: int) -> tuple[tuple[int, float], ...]:
+    """(kind, grey level) of the content (as kind ``content``) and of each
+    band view's region that is one colour (``verify.uniform_level``)."""
+    kinds = (content, *range(_BAND0, _FRAME0))
+    return tuple((k, lv) for k, lv in zip(kinds, uniform_levels(thumb, _UNIFORM_BOXES)) if lv is not None)
+
+
+def _uniform_pair(q_kind: int, m_slot: int) -> bool:
+    """May one-colour regions of these kinds pair? Content with anything,
+    a band with the same band (as hashes pair)."""
+    return q_kind in (_Q_FULL, _TRIM) or m_slot in (_FULL, _TRIM) or q_kind == m_slot
+
+
+def _uniform_match(a: tuple[tuple[int, float], ...], b: tuple[tuple[int, float], ...]) -> tuple[float, int, int] | None:
+    """(level difference, kind, slot) of the closest allowed pair of
+    one-colour regions, or None."""
+    pairs = [(abs(la - lb), ka, kb) for ka, la in a for kb, lb in b if _uniform_pair(ka, kb)]
+    return min(pairs) if pairs else None
 
 
 def _box(kind: int) -> Box:
@@ -451,6 +506,9 @@ def _box(kind: int) -> Box:
         return SIDE_BANDS[kind - _SIDE0]
     return VIEW_SLOT_BOXES[kind - _CROP0] if kind >= _CROP0 else FULL
 
+
+# the regions ``_uniform_levels`` measures: the content, then the band views
+_UNIFORM_BOXES = (FULL, *(_box(k) for k in range(_BAND0, _FRAME0)))
 
 _FRAME_BOXES: dict[int, Box] = {
     _FRAME0 + i: ((1 - f) / 2, (1 - f) / 2, (1 + f) / 2, (1 + f) / 2) for i, f in enumerate(FRAME_CROPS)
@@ -579,6 +637,9 @@ class ClusterIndex:
         self._phash = HammingIndex(64)
         self._phash_views = HammingIndex(64)
         self._pdq = HammingIndex(256)
+        # one-colour regions of representatives: level bucket -> rows, row -> its (slot, level)s
+        self._uniform: dict[int, list[int]] = {}
+        self._row_levels: dict[int, tuple[tuple[int, float], ...]] = {}
         self._clusters: dict[str, _Cluster] = {}
         self._member_cluster: dict[str, str] = {}  # sha256 -> cluster id
         self._member_row: dict[str, int] = {}
@@ -675,6 +736,12 @@ class ClusterIndex:
                 out.append((self._member_cluster[self._row_member[row]], int(d), via))
         if views:
             return out
+        for _, lv in query.levels if self.verify_max is not None else ():  # pixels decide these: none without
+            for b in range(int((lv - UNIFORM_DIFF) // _UNIFORM_BUCKET), int((lv + UNIFORM_DIFF) // _UNIFORM_BUCKET) + 1):
+                for row in self._uniform.get(b, ()):
+                    m = _uniform_match(query.levels, self._row_levels[row])
+                    if m is not None and m[0] <= UNIFORM_DIFF:
+                        out.append((self._member_cluster[self._row_member[row]], int(round(m[0])), "uniform"))
         for index, vias, codes, radius in self._queries(h):
             if not len(index):
                 continue
@@ -706,10 +773,14 @@ class ClusterIndex:
         pair = None  # (representative, query kind, slot) of that pair
         pdq_ok = h.pdq_quality >= self.pdq_min_quality and not _framed(h.views, h.trimmed)
         flat = h.pdq_quality < FLAT_QUALITY
+        pixels = self.verify_max is not None and q.thumb is not None
         for r in self._clusters[cluster_id].pictures() if reps is None else reps:
             cands: list[tuple[tuple[float, int], int, Via]] = []
             grows = False
-            if flat == (r.pdq_quality < FLAT_QUALITY):
+            # flat against detailed: only on pixels that agree everywhere
+            # (``_flat_agrees``) -- a frame's PDQ quality is the frame's
+            same_flat = flat == (r.pdq_quality < FLAT_QUALITY)
+            if same_flat or (pixels and r.thumb is not None):
                 d = np.bitwise_count(q.codes[:, None] ^ r.codes[None, :])
                 full_pair = (((q.kinds == _Q_FULL) | (q.kinds == _Q_MIRROR))[:, None] & (r.slots == _FULL)[None, :]) | (
                     (q.kinds == _Q_FRAME)[:, None] & (r.slots == _FRAME_FULL)[None, :])
@@ -736,7 +807,7 @@ class ClusterIndex:
                     tries = np.lexsort((order, dd))[:_VERIFY_TRIES].tolist()
                     for j, search in [(j, False) for j in tries] + ([(tries[0], True)] if align else []):
                         score = self._residual(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]), search=search)
-                        if self._passes(score):
+                        if self._passes(score) and (same_flat or self._flat_agrees(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]))):
                             k = j
                             if score is not None and score < resid:
                                 resid, pair = score, (r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]))
@@ -757,6 +828,14 @@ class ClusterIndex:
                         if score is not None and score < resid:
                             resid, pair = score, (r, _Q_FULL if pvia == "pdq" else _Q_MIRROR, _FULL)
                         cands.append((rank_key(dq, pvia, self.phash_threshold, self.pdq_threshold), dq, pvia))  # type: ignore[arg-type]
+            if r.levels and q.levels and self.verify_max is not None:
+                # one-colour regions: grey levels instead of hashes (noise there)
+                um = _uniform_match(q.levels, r.levels)
+                if um is not None and um[0] <= UNIFORM_DIFF:
+                    dl = int(round(um[0]))
+                    cands.append((rank_key(dl, "uniform", self.phash_threshold, self.pdq_threshold), dl, "uniform"))
+                    if um[0] < resid:
+                        resid, pair = um[0], (r, um[1], um[2])
             for c in cands:
                 key = (*c, grows)
                 if best is None or key[:3] < best[:3] or (key[:3] == best[:3] and grows and not best[3]):
@@ -798,6 +877,16 @@ class ClusterIndex:
         # the blurred regions at the named boxes agree closely
         blurred = residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=True)
         return blurred if blurred <= self.verify_smooth else out
+
+    def _flat_agrees(self, q: "_Query", r: _Rep, kind: int, slot: int) -> bool:
+        """May a flat image (PDQ quality < ``FLAT_QUALITY``) and a detailed
+        one pair? Only when their regions agree nearly everywhere
+        (``FLAT_QUANTILE`` of the blurred residual within ``FLAT_STRICT``):
+        the caption-bar copy of a dark picture is "detailed" by its bar's
+        PDQ, while its trimmed content is the dark picture; a moon on black
+        is detailed where a black frame is not."""
+        far = self._residual(q, r, kind, slot, quantile=FLAT_QUANTILE, strict=True)
+        return far is not None and far <= FLAT_STRICT
 
     def _links_by_pixels(self, q: "_Query", pic: tuple) -> bool:
         """May this verified picture match link its cluster to another? Its
@@ -858,6 +947,8 @@ class ClusterIndex:
         representatives' hashes? (Any pHash code within ``radius``, or PDQ
         within its radius: a superset of the rule's pairs, for skipping.)"""
         if int(np.bitwise_count(a.codes[:, None] ^ b.codes[None, :]).min()) <= radius:
+            return True
+        if (m := _uniform_match(a.levels, b.levels)) is not None and m[0] <= UNIFORM_DIFF:
             return True
         return hamming_hex(a.pdq, b.pdq) <= self.rep_pdq
 
@@ -1047,7 +1138,7 @@ class ClusterIndex:
         # because every join is pixel-verified against the representative.
         anchor = (not grows and self.verify_max is not None and hashes.thumb is not None
                   and len(self._clusters[into].reps) < self.max_representatives
-                  and (via != "phash" or distance > ANCHOR_DISTANCE))
+                  and via != "uniform" and (via != "phash" or distance > ANCHOR_DISTANCE))
         rep = grows or anchor
         self.add(into, sha256, hashes, representative=rep, founder=False, ts=ts)
         if rep:
@@ -1105,6 +1196,7 @@ class ClusterIndex:
         self._phash.add(row * SLOTS + slots[frame], codes[frame])
         if not frame.all():
             self._phash_views.add(row * SLOTS + slots[~frame], codes[~frame])
+        self._index_levels(row, rep.levels)
         ids = np.array([row], dtype=np.int64)
         if hashes.pdq_quality >= self.pdq_min_quality and not _framed(hashes.views, hashes.trimmed):
             self._pdq.add(ids, HammingIndex.codes_from_hex([hashes.pdq], 256))
@@ -1149,6 +1241,8 @@ class ClusterIndex:
                     c.reps.append(r)
                 if c.first is None:
                     c.first = r
+                if rows[i] >= 0:
+                    self._index_levels(int(rows[i]), r.levels)
             c.members.append(sha)
             self._member_cluster[sha] = cid
         keep = rows >= 0
@@ -1159,6 +1253,13 @@ class ClusterIndex:
                               views[keep].reshape(-1, 1))
         trusted = keep & (pdq_quality >= self.pdq_min_quality)
         self._pdq.add(rows[trusted], pdq[trusted])
+
+    def _index_levels(self, row: int, levels: tuple[tuple[int, float], ...]) -> None:
+        """Index a representative's one-colour regions by grey level."""
+        if levels:
+            self._row_levels[row] = levels
+            for b in sorted({int(lv // _UNIFORM_BUCKET) for _, lv in levels}):
+                self._uniform.setdefault(b, []).append(row)
 
     def touch(self, cluster_id: str, ts: float | None) -> None:
         """Record activity so ``evict_older_than`` keeps the cluster hot."""
@@ -1201,6 +1302,8 @@ class ClusterIndex:
                 if row is not None:
                     del self._row_member[row]
                     rows.append(row)
+                    for b in sorted({int(lv // _UNIFORM_BUCKET) for _, lv in self._row_levels.pop(row, ())}):
+                        self._uniform[b].remove(row)
         if rows:
             ids = np.asarray(rows, dtype=np.int64)
             every = (ids[:, None] * SLOTS + np.arange(SLOTS)[None, :]).reshape(-1)

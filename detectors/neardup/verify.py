@@ -72,6 +72,32 @@ def region(thumb: np.ndarray, box: Box) -> np.ndarray:
     return _area(y0, y1) @ thumb @ _area(x0, x1).T
 
 
+# One-colour regions (``uniform_level``): inset by this fraction of each
+# side (a caption bar's edge bleeds into the thumbnail's next row), and at
+# most this many grey levels between the region's darkest and lightest pixel
+_UNIFORM_INSET = 0.05
+UNIFORM_RANGE = 4.0
+
+
+def uniform_level(thumb: np.ndarray, box: Box = FULL) -> float | None:
+    """The grey level of ``box`` of a thumbnail when it is one colour (a
+    black frame; what a caption bar leaves of one), else None. Such a region
+    has no hash -- pHash and PDQ of a flat picture are noise -- so a flat
+    picture is found by its level (``ClusterIndex``)."""
+    return uniform_levels(thumb, (box,))[0]
+
+
+def uniform_levels(thumb: np.ndarray, boxes: tuple[Box, ...]) -> list[float | None]:
+    """``uniform_level`` of several boxes in one batched product."""
+    inset = [(x0 + (x1 - x0) * _UNIFORM_INSET, y0 + (y1 - y0) * _UNIFORM_INSET,
+              x1 - (x1 - x0) * _UNIFORM_INSET, y1 - (y1 - y0) * _UNIFORM_INSET) for x0, y0, x1, y1 in boxes]
+    rows = np.stack([_area(y0, y1) for _, y0, _, y1 in inset])
+    cols = np.stack([_area(x0, x1).T for x0, _, x1, _ in inset])
+    r = (rows @ thumb @ cols).reshape(len(boxes), -1)
+    lo, hi = r.min(axis=1), r.max(axis=1)
+    return [round(float(a + b) / 2, 2) if b - a <= UNIFORM_RANGE else None for a, b in zip(lo.tolist(), hi.tolist())]
+
+
 def _smooth(r: np.ndarray) -> np.ndarray:
     """A 1-2-1 blur over the last two axes (edges repeated; slicing, not
     ``np.pad``, which cost more than the blur on 16x16 regions)."""
