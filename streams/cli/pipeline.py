@@ -40,9 +40,10 @@ def _use_store(settings: Settings, store_url: Optional[str]) -> None:
 def default_workers(settings: Settings) -> int:
     """Pipeline workers when ``--workers`` is not given: one per core this
     process may use, at most one per events partition (more would idle).
-    Measured on 2 cores (docs/clusters.md, "Session 8"): 2 workers finish the
-    filer's replay sooner than 1 in every run since session 7, or tie on a busy
-    machine; one pipeline process is the bottleneck, the detect role is niced."""
+    Measured on 2 cores (docs/clusters.md, "Session 8"): one pipeline process
+    is the bottleneck, and 2 workers won every quiet same-run pair (2.59-3.33x
+    the naive pipeline against 2.28-2.72x); on a loaded machine the two were
+    close, the second worker's imports costing start-up."""
     import os
 
     try:
@@ -163,7 +164,7 @@ def replay(
     image_root: List[Path] = typer.Option([], "--image-root", help="Extra directory local image paths may point into (repeatable). The feed's own directory is always allowed."),
     broker: Optional[str] = Broker,
     config: Optional[Path] = Config,
-    workers: Optional[int] = typer.Option(None, min=1, max=8, show_default="one per CPU core, at most the events topic's partitions", help="Pipeline worker processes to run."),
+    workers: Optional[int] = typer.Option(None, min=1, max=8, show_default="one per CPU core, at most the events topic's partitions", help="Pipeline worker processes to run (with --split: analyze workers)."),
     timeout: float = typer.Option(600, help="Give up (exit 1) if the feed is not fully processed within this many seconds."),
     json_summary: bool = typer.Option(False, "--json", help="Same as --format json."),
     fmt: str = typer.Option("table", "--format", "-f", help="Summary format: table (a line on stderr, for people) or json (on stdout, for tools)."),
