@@ -57,7 +57,8 @@ class EmbeddedBroker:
     @property
     def url(self) -> str:
         """What users and workers are given: the same scheme as any Kafka.
-        Workers detect that it is Tansu (``uses_tansu_quirks``)."""
+        Workers detect that it is Tansu (``uses_tansu_quirks``); those the
+        runner starts beside it are told (``streams.runner.start_cluster``)."""
         return f"kafka://{self.bootstrap}"
 
     faust_url = url  # older name
