@@ -30,12 +30,9 @@ from streams.faust_app import faust_app
 from streams.fetch import ImageFetcher
 from streams.records import DeadLetter, SourceRef
 from streams.settings import Settings
-from streams.topics import CLUSTER_TABLE
+from streams.topics import ANALYZE_GROUP_SUFFIX, CLUSTER_TABLE
 
 log = logging.getLogger(__name__)
-
-
-ANALYZE_GROUP_SUFFIX = "-analyze"  # the analyze role's consumer group: the app id plus this
 
 
 def _dead_letter(stage: str, reason: str, detail: str, source: SourceRef, raw: bytes | None, event_id: str | None) -> DeadLetter:
@@ -44,8 +41,6 @@ def _dead_letter(stage: str, reason: str, detail: str, source: SourceRef, raw: b
         excerpt = raw[:512].decode("utf-8", "replace")
     return DeadLetter(event_id=event_id, stage=stage, reason=reason, detail=detail, source=source, payload_excerpt=excerpt)
 
-
-ANALYZE_GROUP_SUFFIX = "-analyze"
 
 
 def build_pipeline_app(settings: Settings, broker_url: str, *, analyze: bool = True, cluster: bool = True) -> faust.App:

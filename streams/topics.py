@@ -11,6 +11,7 @@ from streams.broker import TopicSpec
 from streams.settings import Settings
 
 CLUSTER_TABLE = "clusters"
+ANALYZE_GROUP_SUFFIX = "-analyze"  # the analyze role's consumer group (streams.app): the app id plus this
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
@@ -26,4 +27,5 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(f"{settings.app_id}-{CLUSTER_TABLE}-changelog", 1, compacted=True),
         TopicSpec(f"{settings.app_id}-__assignor-__leader", 1),
         TopicSpec(f"{settings.app_id}-detect-__assignor-__leader", 1),
+        TopicSpec(f"{settings.app_id}{ANALYZE_GROUP_SUFFIX}-__assignor-__leader", 1),
     ]
