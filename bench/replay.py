@@ -52,6 +52,7 @@ from streams.ingest import produce_feed  # noqa: E402
 from streams.records import ClusterOp, SourceRef  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.store import open_store  # noqa: E402
+from streams.topics import PIPELINE_ROLES  # noqa: E402
 from streams.validate import parse_event  # noqa: E402
 
 
@@ -295,7 +296,7 @@ def paced_latency(feed: Path, root: Path, rate: float, workers: int, pictures: i
         for _ in range(workers):
             cluster.start_worker("analyze" if split else "pipeline")
         cluster.start_worker("detect")
-        cluster.wait_ready(roles=("pipeline", "analyze", "cluster"))
+        cluster.wait_ready(roles=PIPELINE_ROLES)
         started = time.perf_counter()
 
         def paced():
@@ -307,7 +308,7 @@ def paced_latency(feed: Path, root: Path, rate: float, workers: int, pictures: i
         achieved = len(lines) / (time.perf_counter() - started)
         assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=600, produced=produced)
         stages = cluster.stage_seconds()
-        waits = mean_lags({k: v for role in ("pipeline", "analyze", "cluster") for k, v in stages.get(role, {}).items()})
+        waits = mean_lags({k: v for role in PIPELINE_ROLES for k, v in stages.get(role, {}).items()})
     store = open_store(s.data_dir)
     lat = []
     for a in store.alerts():

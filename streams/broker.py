@@ -202,7 +202,7 @@ def uses_tansu_quirks(settings, bootstrap: str) -> bool:
     mode = settings.kafka.quirks
     if mode != "auto":
         return mode == "tansu"
-    from kafka import KafkaAdminClient  # here: workers given tansu:// never load kafka-python (~0.15 s)
+    from kafka import KafkaAdminClient  # here: workers told the quirks never load kafka-python (~0.15 s)
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="deepwatch-probe", request_timeout_ms=5000,
                              **kafka_client_options(settings))

@@ -12,6 +12,10 @@ from streams.settings import Settings
 
 CLUSTER_TABLE = "clusters"
 ANALYZE_GROUP_SUFFIX = "-analyze"  # the analyze role's consumer group (streams.app): the app id plus this
+# Worker roles that run pipeline stages: every stage, or its two halves
+# (streams.app.build_pipeline_app); ``detect`` is the other role.
+PIPELINE_ROLES = ("pipeline", "analyze", "cluster")
+ROLES = (*PIPELINE_ROLES, "detect")
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:

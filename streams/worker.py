@@ -16,13 +16,11 @@ import sys
 
 from streams import logs, metrics
 from streams.settings import Settings, load_settings
+from streams.topics import PIPELINE_ROLES, ROLES
 
 log = logging.getLogger(__name__)
 
 PIPELINE_SWITCH_INTERVAL_S = 0.001
-# pipeline: every stage; analyze and cluster: its two halves, for running the
-# single writer apart from the analysis (streams.app.build_pipeline_app)
-PIPELINE_ROLES = ("pipeline", "analyze", "cluster")
 
 
 def faust_broker_url(settings: Settings) -> str:
@@ -54,7 +52,7 @@ def run(settings: Settings, role: str, nice_after_load: int | None = None) -> No
 
         app = build_detect_app(settings, broker, nice_after_load=nice_after_load)
     else:
-        raise SystemExit(f"unknown role {role!r}: pipeline | analyze | cluster | detect")
+        raise SystemExit(f"unknown role {role!r}: {' | '.join(ROLES)}")
     if settings.metrics_port is not None:
         port = metrics.serve(settings.metrics_port)
         log.info("metrics listening", extra={"port": port, "role": role})

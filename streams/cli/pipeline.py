@@ -62,6 +62,7 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
     holds the start-up and shutdown phases."""
     from streams import runner
     from streams.ingest import count_lines, produce_feed
+    from streams.topics import PIPELINE_ROLES
 
     timings: dict[str, float] = {}
     age = runner.process_age()
@@ -107,7 +108,7 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         produced = produce_feed(feed, cluster.bootstrap, settings, progress=lambda n: progress.advance(t_ingest, n))
         timings["produce"] = time.monotonic() - producing
         progress.update(t_proc, total=len(produced.offsets), completed=0)
-        cluster.wait_ready(roles=("pipeline", "analyze", "cluster"))
+        cluster.wait_ready(roles=PIPELINE_ROLES)
         started = time.monotonic()  # throughput counts from here: start-up is reported as its own phase
         timings["workers_ready"] = started - spawned
         err.print(f"[dim]workers ready after {started - spawned:.1f}s[/]")
@@ -272,11 +273,11 @@ def worker(
 ) -> None:
     """Run one long-lived worker process against an existing broker."""
     from streams import worker as worker_mod
-    from streams.topics import topic_specs
+    from streams.topics import ROLES, topic_specs
     from streams.broker import bootstrap_of, ensure_topics
 
-    if role not in (*worker_mod.PIPELINE_ROLES, "detect"):
-        raise typer.BadParameter(f"unknown role {role!r}: pipeline, analyze, cluster or detect", param_hint="--role")
+    if role not in ROLES:
+        raise typer.BadParameter(f"unknown role {role!r}: {', '.join(ROLES[:-1])} or {ROLES[-1]}", param_hint="--role")
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
     _use_store(settings, store_url)
     if settings.broker == "embedded":
