@@ -33,8 +33,8 @@ fail makes every op of it not yet written a dead letter and rebuilds the
 index from the table.
 
 Past one writer: see ``streams.clustering`` (module docstring) and the
-README's "Cluster stage at scale" section for when one writer stops being
-enough and how candidate search splits by hash bands.
+README's "The single writer at scale" (in "Clusters") for when one writer
+stops being enough and how candidate search splits by hash bands.
 """
 
 from __future__ import annotations
