@@ -122,6 +122,25 @@ def build_dashboard() -> dash.Dashboard:
             .with_target(_query(q.OFFSET_REREADS, "{{topic}} {{why}}"))
             .draw_style(common.GraphDrawStyle.BARS)
         )
+        .with_row(dash.Row("Desk"))
+        .with_panel(
+            _timeseries("Desk requests/s by route & status", "reqps",
+                        "The fact-check desk (deepwatch serve), by route template; 5xx usually means the "
+                        "findings store is unreachable.")
+            .with_target(_query(q.DESK_REQUESTS_RATE, "{{route}} {{status}}"))
+        )
+        .with_panel(
+            _timeseries("Desk request p95 by route", "s", "From deepwatch_desk_request_seconds.")
+            .with_target(_query(q.desk_request_quantile(0.95), "p95 {{route}}"))
+        )
+        .with_panel(
+            _timeseries("Desk verdicts and logins", "short",
+                        "Verdicts recorded by editors, and login attempts by outcome (failed and rate_limited "
+                        "in bursts: someone guessing passwords).")
+            .with_target(_query(q.DESK_VERDICTS, "verdict {{verdict}}", "A"))
+            .with_target(_query(q.DESK_LOGINS, "login {{outcome}}", "B"))
+            .draw_style(common.GraphDrawStyle.BARS)
+        )
     )
 
 

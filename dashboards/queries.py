@@ -73,3 +73,23 @@ WORKERS_DOWN = f"up{{{JOB}}} == 0"
 
 
 SINK_BEHIND_MAX = "max(deepwatch_sink_behind_seconds)"
+
+
+# -- the desk (deepwatch serve; its own scrape job, deploy/prometheus/prometheus.yml)
+DESK_JOB = 'job="deepwatch-desk"'
+DESK_DOWN = f"up{{{DESK_JOB}}} == 0"
+DESK_REQUESTS_RATE = ('sum by (route, status) (rate(deepwatch_desk_requests_total[$__rate_interval]))')
+DESK_VERDICTS = "sum by (verdict) (increase(deepwatch_desk_verdicts_total[$__rate_interval]))"
+DESK_LOGINS = "sum by (outcome) (increase(deepwatch_desk_logins_total[$__rate_interval]))"
+
+
+def desk_request_quantile(q: float, window: str = "$__rate_interval") -> str:
+    return f"histogram_quantile({q}, sum by (route, le) (rate(deepwatch_desk_request_seconds_bucket[{window}])))"
+
+
+def desk_error_ratio(window: str = "10m") -> str:
+    """Share of desk requests answered 5xx (a broken findings store shows here
+    first); no requests reads as no errors."""
+    errors = f'(sum(rate(deepwatch_desk_requests_total{{status=~"5.."}}[{window}])) or vector(0))'
+    every = f"sum(rate(deepwatch_desk_requests_total[{window}]))"
+    return f"{errors} / clamp_min({every}, 1e-9)"

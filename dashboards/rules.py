@@ -24,6 +24,7 @@ from streams.settings import AlertSettings
 RUNBOOK = "deploy/README.md#"  # one section per alert, anchored by the lower-cased alert name
 DEAD_LETTER_RATIO_MAX = 0.2  # a fifth of the input unusable is an upstream or config problem, not noise
 STAGE_P95_MAX_S = 5.0  # fetch read timeout is 15 s; a p95 of 5 s means the feed is falling behind
+DESK_ERROR_RATIO_MAX = 0.05  # of desk requests answered 5xx over 10 minutes
 EVENT_TO_ALERT_P95_MAX_S = 60.0
 
 
@@ -63,6 +64,12 @@ def prometheus_rules() -> dict[str, Any]:
                   "The findings sink has been retrying for {{ $value | humanizeDuration }}",
                   "Elasticsearch is rejecting (429) or failing (5xx) bulk writes; the pipeline is paused behind it "
                   "and nothing is lost, but the desk sees stale findings. Check cluster health and disk watermarks."),
+            _rule("DeepwatchDeskDown", q.DESK_DOWN, "5m", "critical",
+                  "The fact-check desk {{ $labels.instance }} is not answering /metrics",
+                  "Fact-checkers cannot open the queue or record verdicts; alerts still reach subscribers."),
+            _rule("DeepwatchDeskErrors", f"{q.desk_error_ratio('10m')} > {DESK_ERROR_RATIO_MAX}", "10m", "warning",
+                  "{{ $value | humanizePercentage }} of desk requests fail with a server error",
+                  "Usually the findings store: Elasticsearch unreachable, its API key revoked or its index missing."),
             _rule("DeepwatchEventToAlertLatencyHigh",
                   f"{q.event_to_alert_quantile(0.95, '15m')} > {EVENT_TO_ALERT_P95_MAX_S}", "15m", "warning",
                   "Alerts reach the desk {{ $value | humanizeDuration }} after the triggering post (p95)",

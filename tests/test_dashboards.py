@@ -17,6 +17,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from dashboards import build, provisioning, queries, rules
 from dashboards.dashboard import DASHBOARD_UID, DATASOURCE_UID, dashboard_json, promql_exprs
 from streams import metrics
+from streams.desk import observe as desk_observe
 from streams.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,9 +54,10 @@ def test_rendering_is_deterministic():
 
 # -- PromQL references only metrics and labels that exist -----------------------
 def _exported() -> dict[str, set[str]]:
-    """Sample name -> label names, for every metric streams/metrics.py defines."""
+    """Sample name -> label names, for every metric the workers (streams/metrics.py)
+    and the desk (streams/desk/observe.py) define."""
     out: dict[str, set[str]] = {}
-    for obj in vars(metrics).values():
+    for obj in [*vars(metrics).values(), *vars(desk_observe).values()]:
         if not isinstance(obj, MetricWrapperBase):
             continue
         labels = set(obj._labelnames)
@@ -411,10 +413,14 @@ def _settings_env_vars() -> set[str]:
 def test_compose_parses_and_wires_services():
     [doc] = _yaml_docs(DEPLOY / "compose.yaml")
     svc = doc["services"]
-    for name in ("kafka", "pipeline", "detect", "prometheus", "alertmanager", "grafana", "elasticsearch"):
+    for name in ("kafka", "pipeline", "detect", "desk", "prometheus", "alertmanager", "grafana", "elasticsearch"):
         assert name in svc, f"compose has no {name} service"
     assert svc["pipeline"]["deploy"]["replicas"] == 2
-    known = _settings_env_vars() | {"DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG"}
+    known = _settings_env_vars() | {"DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG", "DEEPWATCH_DESK_TOKENS"}
+    desk = svc["desk"]
+    assert desk["command"][0] == "serve" and "0.0.0.0" in desk["command"]
+    assert "/healthz" in " ".join(desk["healthcheck"]["test"])
+    assert all(p.startswith("127.0.0.1:") for p in desk["ports"]), "the desk is published on loopback only"
     for role in ("pipeline", "detect"):
         env = svc[role]["environment"]
         env = env if isinstance(env, dict) else dict(e.split("=", 1) for e in env)
@@ -433,6 +439,8 @@ def test_prometheus_config_loads_generated_rules():
     assert any("deepwatch-rules.yaml" in f for f in cfg["rule_files"])
     jobs = {j["job_name"] for j in cfg["scrape_configs"]}
     assert "deepwatch" in jobs, "rules select job=\"deepwatch\""
+    desk_job = {j["job_name"]: j for j in cfg["scrape_configs"]}["deepwatch-desk"]
+    assert desk_job["dns_sd_configs"][0]["names"] == ["desk"], "the desk is scraped apart from the workers' job"
     assert cfg["alerting"]["alertmanagers"]
 
 
@@ -440,11 +448,12 @@ def test_k8s_manifests_parse_and_reference_settings():
     docs = [d for p in sorted((DEPLOY / "k8s" / "base").glob("*.yaml")) for d in _yaml_docs(p) if "metadata" in d]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert ("Deployment", "deepwatch-pipeline") in kinds and ("Deployment", "deepwatch-detect") in kinds
+    assert ("Deployment", "deepwatch-desk") in kinds and ("Service", "deepwatch-desk") in kinds
     assert any(k == "ConfigMap" for k, _ in kinds) and any(k == "Secret" for k, _ in kinds)
     assert any(k == "Service" for k, _ in kinds)
     # read by streams.es_store.EsConfig (secrets only ever from the environment)
     es_env = {"DEEPWATCH_ES_API_KEY", "DEEPWATCH_ES_USERNAME", "DEEPWATCH_ES_PASSWORD", "DEEPWATCH_ES_CA_CERTS"}
-    known = _settings_env_vars() | {"DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG"} | es_env
+    known = _settings_env_vars() | {"DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG", "DEEPWATCH_DESK_TOKENS"} | es_env
     configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     for d in docs:
         if d["kind"] != "Deployment":
@@ -456,6 +465,12 @@ def test_k8s_manifests_parse_and_reference_settings():
         assert env["DEEPWATCH_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["key"]
         assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
         assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    [desk] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "deepwatch-desk"]
+    [c] = desk["spec"]["template"]["spec"]["containers"]
+    assert c["args"][0] == "serve" and c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    tokens = {e["name"]: e for e in c["env"]}["DEEPWATCH_DESK_TOKENS"]["valueFrom"]["secretKeyRef"]
+    assert tokens["optional"] is True, "tokens are optional: users can log in without any"
+    assert desk["spec"]["replicas"] == 1 and desk["spec"]["strategy"]["type"] == "Recreate"
     # the TOML in the ConfigMap is a valid settings file
     import tomllib
 
@@ -472,9 +487,18 @@ def test_k8s_manifests_parse_and_reference_settings():
             vols = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
             [c] = d["spec"]["template"]["spec"]["containers"]
             data = next(m for m in c["volumeMounts"] if m["mountPath"] == "/data")
-            assert "emptyDir" in vols[data["name"]], "the data dir (where SQLite would live) is pod-local"
+            # SQLite never on a volume two pods open: pod-local, or a ReadWriteOnce
+            # claim of a one-replica Deployment that lets go before it restarts
+            claim = vols[data["name"]].get("persistentVolumeClaim", {}).get("claimName")
+            if claim is None:
+                assert "emptyDir" in vols[data["name"]], "the data dir (where SQLite would live) is pod-local"
+            else:
+                [pvc] = [p for p in docs if p["kind"] == "PersistentVolumeClaim" and p["metadata"]["name"] == claim]
+                assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"], claim
+                assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"]["type"] == "Recreate"
+            # of the claim pods share, only the write-once blob store and the models
             assert all(m.get("subPath") in ("blobs", "models") for m in c["volumeMounts"]
-                       if "persistentVolumeClaim" in vols.get(m["name"], {}))
+                       if vols.get(m["name"], {}).get("persistentVolumeClaim", {}).get("claimName") == "deepwatch-blobs")
     pipeline = next(d for d in docs if d["metadata"]["name"] == "deepwatch-pipeline")
     env = {e["name"]: e for e in pipeline["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["DEEPWATCH_ES_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "deepwatch-elasticsearch"

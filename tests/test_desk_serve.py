@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -92,3 +93,50 @@ def test_serve_mistakes_are_one_clear_line(tmp_path):
     r = deepwatch("desk-user", "eve", "--role", "editor", "--data-dir", str(tmp_path), "--password-env", "PW",
                   env={"PW": "long enough password"})
     assert r.returncode == 0 and (tmp_path / "desk-users.json").exists()
+
+
+def test_serve_health_and_metrics(tmp_path):
+    """Probes get /healthz without a login even where reading needs one; the
+    operator's Prometheus reads request, verdict and login counters on
+    --metrics-port, apart from the desk's own port, labelled by route
+    template (no cluster ids in label values)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    small_store(tmp_path)
+    token = "k" * 32
+    metrics_port = free_port()
+    desk = DeskServer(tmp_path, env={"DEEPWATCH_DESK__REQUIRE_LOGIN_ON_LOOPBACK": "true",
+                                     "DEEPWATCH_DESK_TOKENS": f"editor:ci-bot:{token}"},
+                      extra=("--metrics-port", str(metrics_port)))
+    try:
+        with httpx.Client(base_url=desk.url, timeout=30) as c:
+            assert c.get("/healthz").json() == {"status": "ok"}
+            assert c.get("/api/clusters").status_code == 401
+            assert c.get("/metrics").status_code == 404  # not on the desk's port
+            auth = {"Authorization": f"Bearer {token}"}
+            assert c.get("/api/clusters/c-viral", headers=auth).status_code == 200
+            r = c.post("/api/clusters/c-viral/verdict", json={"verdict": "needs-review", "note": "check"}, headers=auth)
+            assert r.status_code == 201
+            form = c.get("/login").text
+            csrf = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+            r = c.post("/login", data={"username": "erin", "password": "not the password", "csrf": csrf})
+            assert r.status_code == 401
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    finally:
+        desk.stop()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def requests(route: str, status: str, method: str = "GET") -> float:
+        return samples.get(("deepwatch_desk_requests_total",
+                            (("method", method), ("route", route), ("status", status))), 0.0)
+
+    assert requests("/healthz", "200") == 1
+    assert requests("/api/clusters", "401") == 1
+    assert requests("unmatched", "404") == 1
+    assert requests("/api/clusters/{cluster_id}", "200") == 1
+    assert requests("/api/clusters/{cluster_id}/verdict", "201", "POST") == 1
+    assert samples[("deepwatch_desk_verdicts_total", (("verdict", "needs-review"),))] == 1
+    assert samples[("deepwatch_desk_logins_total", (("outcome", "failed"),))] == 1
+    assert samples[("deepwatch_desk_request_seconds_count", (("route", "/api/clusters/{cluster_id}"),))] == 1
+    assert not any("c-viral" in str(labels) for _, labels in samples)

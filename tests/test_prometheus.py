@@ -163,6 +163,27 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                     {"eval_time": "16m", "alertname": "DeepwatchFindingsSinkBehind", "exp_alerts": []},
                 ],
             },
+            {   # the desk answers 1 of 10 requests with a 500 (a findings store gone), then its scrape stops
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_desk_requests_total{job="deepwatch-desk",instance="d1",route="/",method="GET",status="200"}',
+                     "values": "0+540x20"},
+                    {"series": 'deepwatch_desk_requests_total{job="deepwatch-desk",instance="d1",route="/",method="GET",status="500"}',
+                     "values": "0+60x20"},
+                    {"series": 'up{job="deepwatch-desk",instance="d1"}', "values": "1x20 0x15"},
+                    {"series": 'up{job="deepwatch",instance="w1"}', "values": "1x35"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "5m", "alertname": "DeepwatchDeskErrors", "exp_alerts": []},  # pending
+                    {"eval_time": "18m", "alertname": "DeepwatchDeskErrors", "exp_alerts": [_expected_alert(
+                        "DeepwatchDeskErrors", summary="10% of desk requests fail with a server error")]},
+                    {"eval_time": "18m", "alertname": "DeepwatchDeskDown", "exp_alerts": []},
+                    {"eval_time": "30m", "alertname": "DeepwatchDeskDown", "exp_alerts": [_expected_alert(
+                        "DeepwatchDeskDown", {"instance": "d1", "job": "deepwatch-desk"},
+                        summary="The fact-check desk d1 is not answering /metrics")]},
+                    {"eval_time": "30m", "alertname": "DeepwatchWorkerDown", "exp_alerts": []},
+                ],
+            },
             {   # a failed webhook delivery
                 "interval": "1m",
                 "input_series": [

@@ -22,6 +22,7 @@ def serve(
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on."),
     config: Optional[Path] = Config,
     broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT: also publish desk alerts on the alerts topic."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535, help="Serve Prometheus /metrics (requests by route, verdicts, logins) on this port, apart from the desk's (env DEEPWATCH_METRICS_PORT)."),
 ) -> None:
     """Start the fact-check desk: the queue, clusters, verdicts, accounts and search, with a REST API (/docs).
 
@@ -33,13 +34,22 @@ def serve(
 
     from streams.desk import create_app
 
-    settings = settings_from(config, data_dir=data_dir, broker=broker)
+    settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
     try:
         desk_app = create_app(settings, host=host, store_url=store)
     except (FileNotFoundError, ValueError) as e:
         err.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
     err.print(f"[dim]desk on http://{host}:{port}/ (API docs at /docs); data in {settings.data_dir}[/]")
+    if settings.metrics_port is not None:
+        from streams import metrics
+
+        try:
+            shown = metrics.serve(settings.metrics_port)
+        except OSError as e:
+            err.print(f"[red]error: cannot serve metrics on port {settings.metrics_port}: {e.strerror}; pick another --metrics-port[/]")
+            raise typer.Exit(2) from None
+        err.print(f"[dim]metrics on port {shown} (/metrics)[/]")
     uvicorn.run(desk_app, host=host, port=port, log_level="warning", proxy_headers=False, server_header=False)
 
 

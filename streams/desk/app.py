@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from detectors.netaddr import is_loopback
-from streams.desk import views
+from streams.desk import observe, views
 from streams.desk.accounts import check_accounts
 from streams.desk.alerting import AlertPath
 from streams.desk.auth import RANK, LoginLimiter, Principal, Users, token_principal, tokens_from_env
@@ -208,6 +208,13 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             resp.headers["Strict-Transport-Security"] = "max-age=31536000"
         return resp
 
+    app.middleware("http")(observe.observe)  # outermost: it also counts what the inner layers answered
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        # For liveness and readiness probes: open, like the probes that call it.
+        return {"status": "ok"}
+
     def cluster_query(verdict: Optional[str] = Query(None), platform: Optional[str] = Query(None),
                       since: Optional[str] = Query(None), q: Optional[str] = Query(None),
                       sort: str = Query("velocity"), limit: int = Query(100)) -> ClusterQuery:
@@ -297,6 +304,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     async def _record(cluster_id: str, body: VerdictIn, who: Principal):
         try:
             rec = await desk.verdicts.record(cluster_id, body, who)
+            observe.VERDICTS.labels(body.verdict).inc()
         except NotFound:
             raise _error(404, f"no cluster {cluster_id!r}") from None
         except Conflict as e:
@@ -374,10 +382,12 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         keys = (f"ip:{client}", f"user:{username}")
         wait = desk.limiter.blocked(*keys)
         if wait > 0:
+            observe.LOGINS.labels("rate_limited").inc()
             raise HTTPException(429, f"too many failed logins; try again in {int(wait) + 1} s")
         user = desk.users.check(username, password)
         if user is None:
             desk.limiter.failed(*keys)
+            observe.LOGINS.labels("failed").inc()
             log.warning("desk login failed", extra={"user": username, "client": client})
             token = secrets.token_urlsafe(24)
             resp = templates.TemplateResponse(request, "login.html", {"me": None, "csrf": token, "next": _safe_next(next),
@@ -386,6 +396,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure_cookies, max_age=3600)
             return resp
         token, _ = desk.db.new_session(user.name, user.role, settings.desk.session_hours)
+        observe.LOGINS.labels("ok").inc()
         resp = RedirectResponse(_safe_next(next), 303)
         resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure_cookies,
                         max_age=int(settings.desk.session_hours * 3600))
