@@ -15,6 +15,15 @@ Crops and screenshots: entries added from images also store their pHash
 screenshotted repost of a banked picture matches (``via="phash_view"``); an
 image's own views reach every entry with a pHash, imported ones included.
 Imported PDQ-only entries have no views: crops of those are not found.
+
+Pixels: entries added from images keep their whole hash record (``record``,
+with its 32x32 thumbnail) and match exactly as a cluster's picture does
+(``ClusterIndex.lookup``: the hash pair verified on pixels). Hashes alone put
+look-alikes within reach -- one prompt's seeds, aligned faces, a sketch and
+a painting of one subject -- and a bank hit is near-conclusive evidence, so a
+fact-check of one picture must not mark its look-alikes. Entries without a
+record (imported hash lists, entries added before records were kept) and
+queries without a thumbnail match on hashes alone.
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ from pydantic import BaseModel
 from detectors.base import Detector, Evidence, EvidenceKind
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import ImageData
-from detectors.neardup.clusters import SLOTS, VIEW_THRESHOLD, Via, rank_key, search_phash, stored_phash_codes
+from detectors.neardup.clusters import (
+    SLOTS, VIEW_THRESHOLD, ClusterIndex, Via, rank_key, search_phash, stored_phash_codes,
+)
 from detectors.neardup.hamming import HammingIndex
 
 Verdict = Literal["fake", "authentic"]
@@ -61,7 +72,8 @@ CREATE TABLE IF NOT EXISTS entries (
 -- add_images skips files already in the bank: one lookup per file
 CREATE INDEX IF NOT EXISTS entries_bank_sha256 ON entries(bank, sha256);
 """
-_ADDED_COLUMNS = {"views": "TEXT", "trimmed": "INTEGER"}  # banks created before views existed get them on open
+# banks created before these columns existed get them on open
+_ADDED_COLUMNS = {"views": "TEXT", "trimmed": "INTEGER", "record": "TEXT"}
 
 
 class BankInfo(BaseModel):
@@ -138,15 +150,23 @@ class BankStore:
         for p in paths:
             p = Path(p)
             data = ImageData.from_path(p)
-            if self._db.execute("SELECT 1 FROM entries WHERE bank = ? AND sha256 = ?", (name, data.sha256)).fetchone():
+            have = self._db.execute("SELECT rowid, record FROM entries WHERE bank = ? AND sha256 = ?",
+                                    (name, data.sha256)).fetchone()
+            if have is not None and have[1] is not None:
                 if progress:
                     progress(p)
                 continue
             h = compute_hashes(data)
+            if have is not None:  # added before records were kept: now it can be verified on pixels
+                self._db.execute("UPDATE entries SET record = ? WHERE rowid = ?", (h.model_dump_json(), have[0]))
+                if progress:
+                    progress(p)
+                continue
             self._db.execute(
-                "INSERT INTO entries (bank, entry_id, label, phash, pdq, pdq_quality, sha256, views, trimmed)"
-                " VALUES (?,?,?,?,?,?,?,?,?)",
-                (name, str(next_id), p.name, h.phash, h.pdq, h.pdq_quality, data.sha256, ",".join(h.views or []) or None, int(h.trimmed)),
+                "INSERT INTO entries (bank, entry_id, label, phash, pdq, pdq_quality, sha256, views, trimmed, record)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (name, str(next_id), p.name, h.phash, h.pdq, h.pdq_quality, data.sha256, ",".join(h.views or []) or None,
+                 int(h.trimmed), h.model_dump_json()),
             )
             next_id += 1
             added += 1
@@ -182,27 +202,38 @@ class BankStore:
         return [BankInfo(name=n, verdict=v, entries=c) for n, v, c in rows]
 
     def match(self, hashes: ImageHashes) -> list[BankMatch]:
-        """Bank entries showing this picture, nearest (by distance / threshold) first."""
+        """Bank entries showing this picture, nearest (by distance / threshold) first:
+        entries with a record when the pixels agree too, the others on hashes alone."""
         loaded = self._load()
         best: dict[int, tuple[float, int, int, Via]] = {}
+        verified = hashes.thumb is not None and loaded.pictures.n_clusters > 0
+        if verified:
+            for m in loaded.pictures.lookup("", hashes):
+                row = int(m.cluster_id)
+                best[row] = (*rank_key(m.distance, m.via, self.phash_threshold, self.pdq_threshold), m.distance, m.via)
 
-        def consider(index: HammingIndex, hexes: list[tuple[Via, str]], nbits: int, radius: int) -> None:
+        def consider(index: HammingIndex, hexes: list[tuple[Via, str]], nbits: int, radius: int,
+                     skip: frozenset[int]) -> None:
             if not len(index) or not hexes:
                 return
             qi, rows, dist = index.search(HammingIndex.codes_from_hex([h for _, h in hexes], nbits), radius)
             for q, row, d in zip(qi.tolist(), rows.tolist(), dist.tolist()):
+                if row in skip:
+                    continue
                 via = hexes[q][0]
                 key = (*rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via)
                 if row not in best or key < best[row]:
                     best[row] = key
 
         for row, d, via in search_phash(loaded.phash, hashes, self.phash_threshold, self.view_threshold):
+            if verified and row in loaded.recorded:
+                continue  # its pixels answered above
             key = (*rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via)
             if row not in best or key < best[row]:
                 best[row] = key
         if hashes.pdq_quality >= self.pdq_min_quality:
             pq = [(v, h) for v, h in (("pdq", hashes.pdq), ("pdq_mirror", hashes.pdq_mirror)) if h]
-            consider(loaded.pdq, pq, 256, self.pdq_threshold)
+            consider(loaded.pdq, pq, 256, self.pdq_threshold, loaded.recorded if verified else frozenset())
         out = []
         for row, (_, _, d, via) in sorted(best.items(), key=lambda kv: (kv[1], kv[0])):
             bank, entry_id, label, verdict = loaded.meta[row]
@@ -212,10 +243,17 @@ class BankStore:
     def _load(self) -> _Loaded:
         if self._cache is None:
             rows = self._db.execute(
-                "SELECT e.rowid, e.bank, e.entry_id, e.label, e.phash, e.pdq, e.pdq_quality, b.verdict, e.views, e.trimmed "
-                "FROM entries e JOIN banks b ON b.name = e.bank ORDER BY e.rowid"
+                "SELECT e.rowid, e.bank, e.entry_id, e.label, e.phash, e.pdq, e.pdq_quality, b.verdict, e.views, e.trimmed,"
+                " e.record FROM entries e JOIN banks b ON b.name = e.bank ORDER BY e.rowid"
             ).fetchall()
-            loaded = _Loaded()
+            loaded = _Loaded(self.phash_threshold, self.pdq_threshold, self.pdq_min_quality, self.view_threshold)
+            for r in rows:
+                record = ImageHashes.model_validate_json(r[10]) if r[10] else None
+                if record is not None and record.thumb is not None:
+                    # one picture per entry; the member key only has to be unique
+                    loaded.pictures.add(str(r[0]), f"entry:{r[0]}", record, representative=True)
+                    loaded.recorded.add(r[0])
+            loaded.recorded = frozenset(loaded.recorded)
             pq = [(r[0], r[5]) for r in rows if r[5] and (r[6] if r[6] is not None else _TRUSTED) >= self.pdq_min_quality]
             ids, codes = [], []
             for r in rows:
@@ -235,9 +273,13 @@ class BankStore:
 
 
 class _Loaded:
-    def __init__(self) -> None:
-        self.phash = HammingIndex(64)
+    def __init__(self, phash_threshold: int, pdq_threshold: int, pdq_min_quality: int, view_threshold: int) -> None:
+        self.phash = HammingIndex(64)  # every entry's pHash codes
         self.pdq = HammingIndex(256)
+        # entries with a record: one cluster per entry, matched with pixels
+        self.pictures = ClusterIndex(phash_threshold=phash_threshold, pdq_threshold=pdq_threshold,
+                                     pdq_min_quality=pdq_min_quality, view_threshold=view_threshold)
+        self.recorded: frozenset[int] | set[int] = set()
         self.meta: dict[int, tuple[str, str, str | None, Verdict]] = {}
 
 

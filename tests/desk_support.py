@@ -41,11 +41,13 @@ def ai_evidence(sha: str) -> Evidence:
 
 def make_cluster(store, blobs, cid: str, seed: int, *, posts: int, ai: bool, platforms=("x",), accounts=None,
                  t0: datetime = T0, texts=None, size=(160, 120), hashes_cache: dict | None = None,
-                 variant: int | None = None) -> str:
-    """One cluster of ``posts`` sightings of one picture; returns its sha256.
+                 variant: int | None = None, img=None) -> str:
+    """One cluster of ``posts`` sightings of one picture (``img``, else the
+    seed's ``picture`` at ``size``); returns its sha256.
     ``variant`` changes one pixel: distinct bytes (its own blob and member
     row) with the seed's hashes reused from ``hashes_cache`` (for benches)."""
-    img = picture(seed, size)
+    img = picture(seed, size) if img is None else img.convert("RGB")
+    size = img.size
     if variant is not None:
         img.putpixel((0, 0), (variant % 256, (variant // 256) % 256, (variant // 65536) % 256))
     data = jpeg(img)

@@ -126,3 +126,51 @@ def test_bank_created_before_views_opens_and_matches(tmp_path):
     assert [x.via for x in store.match(_hashes(framed, 85))] == ["phash_view"]
     store.add_images("old", "fake", [_save(_picture(5), tmp_path / "new.jpg")])
     assert store.match(_hashes(_picture(5).crop((20, 15, 380, 285)), 85))[0].via == "phash_view"
+
+
+def test_a_banked_picture_does_not_mark_its_look_alikes(tmp_path):
+    """Two pictures with one layout (one prompt's seeds, aligned faces) are
+    hash neighbours: a fact-check of one must not mark the other. Banked from
+    its file, an entry matches on pixels as a cluster's picture does, while
+    reposts of the picture itself (crop, resize, mirror, caption bar,
+    screenshot) still match."""
+    from bench.neardup_transforms import _bar, _crop, screenshot
+    from detectors.neardup import pair_match
+    from tests.test_cluster_verify import _lookalikes
+
+    a, b = _lookalikes()
+    store = BankStore(tmp_path / "banks.sqlite")
+    store.add_images("desk-fake", "fake", [_save(a, tmp_path / "a.jpg")])
+    assert pair_match(_hashes(a), _hashes(b)) is not None  # hashes alone call them one picture
+    assert store.match(_hashes(b)) == []
+    for variant in (_crop(a, 0.9), a.resize((240, 180)), ImageOps.mirror(a),
+                    _bar(a, 1 / 8, "bottom", text="BREAKING NEWS"), screenshot(a)):
+        assert [m.entry_id for m in store.match(_hashes(variant.convert("RGB")))] == ["1"]
+    # an imported hash list has no pixels: its entries still match on hashes
+    csv_path = tmp_path / "shared.csv"
+    csv_path.write_text(f"pdq,phash,id\n{_hashes(a).pdq},{_hashes(a).phash},x1\n")
+    store.import_csv("partner", csv_path, "fake")
+    assert sorted(m.bank for m in store.match(_hashes(a.resize((240, 180)), 70))) == ["desk-fake", "partner"]
+
+
+def test_entries_banked_before_records_are_upgraded_when_added_again(tmp_path):
+    """A bank made before entries kept their record matched look-alikes on
+    hashes; adding the same file again keeps its id and adds the record."""
+    import sqlite3
+
+    from tests.test_cluster_verify import _lookalikes
+
+    a, b = _lookalikes()
+    path = _save(a, tmp_path / "a.jpg")
+    store = BankStore(tmp_path / "banks.sqlite")
+    store.add_images("desk-fake", "fake", [path])
+    store.close()
+    db = sqlite3.connect(tmp_path / "banks.sqlite")
+    db.execute("UPDATE entries SET record = NULL")
+    db.commit()
+    db.close()
+    store = BankStore(tmp_path / "banks.sqlite")
+    assert [m.entry_id for m in store.match(_hashes(b))] == ["1"]  # hashes alone
+    assert store.add_images("desk-fake", "fake", [path]) == 0
+    assert store.match(_hashes(b)) == []
+    assert [m.entry_id for m in store.match(_hashes(a))] == ["1"]

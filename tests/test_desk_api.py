@@ -365,6 +365,27 @@ def test_fake_verdict_feeds_the_bank_rescoring_matches_and_alerting_once(data, e
         assert [h["note"] for h in hist] == ["traced to a generator", "second look"]
 
 
+def test_a_fake_verdict_does_not_judge_look_alike_pictures(data, env):
+    """A stored member the hashes nominate is judged with the picture only when
+    its own pixels (from the blob store) agree: one prompt's other seed, a hash
+    neighbour, stays unjudged, while a repost of the picture is judged."""
+    from tests.test_cluster_verify import _lookalikes
+
+    a, b = _lookalikes()
+    store = open_store(data)
+    blobs = DirectoryBlobStore(data / "blobs")
+    make_cluster(store, blobs, "c-seed1", 0, posts=2, ai=True, img=a)
+    make_cluster(store, blobs, "c-seed1-repost", 0, posts=2, ai=False, img=a.resize((240, 180)))
+    make_cluster(store, blobs, "c-seed2", 0, posts=2, ai=False, img=b)
+    store.close()
+    with client(make_settings(data)) as c:
+        r = c.post("/api/clusters/c-seed1/verdict", json={"verdict": "fake"}, headers=EDITOR)
+        assert r.status_code == 201
+        assert set(r.json()["effects"]["clusters"]) == {"c-seed1", "c-seed1-repost"}
+        assert c.get("/api/clusters/c-seed2").json()["verdict"] == "no-evidence"
+        assert c.get("/api/clusters/c-seed1-repost").json()["verdict"] == "likely-ai"
+
+
 def test_authentic_verdict_suppresses_and_withdraws_from_the_fake_bank(backend, env):
     data, url = backend
     with client(make_settings(data, url)) as c:

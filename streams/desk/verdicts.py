@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from detectors.banks import BankStore
 from detectors.base import Evidence
-from detectors.hashing import ImageHashes
+from detectors.hashing import ImageHashes, compute_hashes
+from detectors.imagedata import ImageData, ImageRejected
 from streams.blobstore import DirectoryBlobStore
 from streams.desk.alerting import AlertPath
 from streams.desk.auth import Principal
@@ -126,7 +127,11 @@ class Verdicts:
 
     def _matching_clusters(self, paths: list[Path], verdict: str) -> set[str]:
         """Stored clusters with a member matching the judged pictures, using a
-        private in-memory bank of just these pictures and the banks' own rule."""
+        private in-memory bank of just these pictures and the banks' own rule.
+        Stored members carry hashes but no thumbnail, so a member the hashes
+        nominate is checked again on its pixels from the blob store, as a repost
+        would be: a look-alike (one prompt's other seed) is not judged with it.
+        A member whose bytes are gone is taken on its hashes."""
         probe = BankStore(":memory:", **self.settings.dedupe.thresholds())
         try:
             probe.add_images("probe", verdict, paths)
@@ -135,11 +140,19 @@ class Verdicts:
                 if m.cluster_id in hits:
                     continue
                 h = ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality, views=m.views, trimmed=m.trimmed)
-                if probe.match(h):
+                if probe.match(h) and self._pixels_agree(probe, m.sha256):
                     hits.add(m.cluster_id)
             return hits
         finally:
             probe.close()
+
+    def _pixels_agree(self, probe: BankStore, sha256: str) -> bool:
+        try:
+            data = ImageData(self.blobs.get(sha256), limits=self.settings.decode_limits())
+            full = compute_hashes(data)
+        except (OSError, ImageRejected):
+            return True  # no bytes to look at: the hashes decide, as before
+        return bool(probe.match(full))
 
     # -- alerts ------------------------------------------------------------------
     async def _alerts(self, rec: VerdictRecord, cluster_ids: list[str]) -> list[str]:
