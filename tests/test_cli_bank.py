@@ -85,3 +85,41 @@ def test_similar_finds_clusters_from_the_findings_store(tmp_path: Path):
     assert [r["cluster_id"] for r in out] == ["c0ffee"] and out[0]["via"] in ("phash", "pdq", "phash_view")
     _picture(99).save(tmp_path / "other.jpg", quality=90)
     assert json.loads(_run("similar", str(tmp_path / "other.jpg"), "--data-dir", str(d)).stdout) == []
+
+
+def test_similar_leaves_out_look_alikes_on_their_pixels(tmp_path: Path):
+    """Clusters the hashes find are checked again on their members' pixels
+    from the blob store: a repost of one picture finds its cluster, not the
+    cluster of a look-alike (one prompt's other seed) that the hashes alone
+    call the same picture."""
+    import io
+    from datetime import datetime, timezone
+
+    from detectors.hashing import compute_hashes
+    from detectors.imagedata import ImageData
+    from streams.blobstore import DirectoryBlobStore
+    from streams.records import ClusterSnapshot, Engagement, Member, Velocity
+    from streams.store import open_store
+    from tests.test_cluster_verify import _lookalikes
+
+    d = tmp_path / "data"
+    blobs = DirectoryBlobStore(d / "blobs")
+    now = datetime.now(timezone.utc)
+    store = open_store(d)
+    for cid, img in zip(("c-seed1", "c-seed2"), _lookalikes()):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        sha = blobs.put(buf.getvalue())
+        h = compute_hashes(ImageData(buf.getvalue()))
+        store.apply_snapshot(ClusterSnapshot(
+            cluster_id=cid, revision=1, fake_score=0.2, verdict="no-evidence", evidence=[],
+            members=[Member(sha256=sha, phash=h.phash, pdq=h.pdq, pdq_quality=h.pdq_quality, event_id=f"{cid}-e1",
+                            views=h.views, trimmed=h.trimmed)],
+            sightings=1, accounts=1, platforms=["x"], engagement=Engagement(), velocity=Velocity(),
+            first_seen=now, last_seen=now,
+        ))
+    store.close()
+    a, _ = _lookalikes()
+    a.resize((240, 180)).save(tmp_path / "repost.jpg", quality=60)
+    out = json.loads(_run("similar", str(tmp_path / "repost.jpg"), "--data-dir", str(d)).stdout)
+    assert [r["cluster_id"] for r in out] == ["c-seed1"]

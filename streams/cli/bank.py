@@ -208,13 +208,40 @@ def _similar_clusters(settings: Settings, sha256: str, hashes: Any) -> list[dict
     # members are indexed as-is: the writer already applied the chaining bound
     # when it clustered them, so the read side only asks "near any member?"
     index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)
+    members: dict[str, list[tuple[str, ImageHashes]]] = {}
     store = open_store(settings.data_dir)
     try:
         for m in store.iter_members():
             h = ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality, views=m.views, trimmed=m.trimmed)
             index.add(m.cluster_id, m.sha256, h)
+            members.setdefault(m.cluster_id, []).append((m.sha256, h))
     finally:
         store.close()
+    return _on_pixels(settings, sha256, hashes, index.lookup(sha256, hashes), members)
+
+
+def _on_pixels(settings: Settings, sha256: str, hashes: Any, found: list[Any],
+               members: dict[str, list[tuple[str, Any]]]) -> list[dict[str, Any]]:
+    """The clusters the hashes found, kept when the image matches one of their
+    members on pixels too, as the cluster writer decides. Stored members carry
+    hashes without the thumbnail, so each found cluster's members are hashed
+    again from the blob store; a member whose bytes are gone keeps its stored
+    hashes, which then decide alone. Without this, look-alikes (one prompt's
+    other seed) come back as "the same picture"."""
+    from detectors.hashing import compute_hashes
+    from detectors.imagedata import ImageData, ImageRejected
+    from detectors.neardup import ClusterIndex
+    from streams.blobstore import DirectoryBlobStore
+
+    blobs = DirectoryBlobStore(settings.data_dir / "blobs")
+    index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)
+    for f in found:
+        for sha, stored in members.get(f.cluster_id, []):
+            try:
+                h = compute_hashes(ImageData(blobs.get(sha), limits=settings.decode_limits()))
+            except (OSError, ImageRejected):
+                h = stored
+            index.add(f.cluster_id, sha, h, representative=True)
     return [
         {"cluster_id": m.cluster_id, "distance": m.distance, "via": m.via, "_rank": _rank(settings, m.distance, m.via)}
         for m in index.lookup(sha256, hashes)
@@ -243,15 +270,14 @@ def _similar_clusters_es(settings: Settings, url: str, sha256: str, hashes: Any)
     finally:
         store.close()
     index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)
+    members: dict[str, list[tuple[str, ImageHashes]]] = {}
     for doc in candidates:
         for m in doc.get("members") or []:
             h = ImageHashes(phash=m["phash"], pdq=m["pdq"], pdq_quality=m["pdq_quality"], views=m.get("views"),
                             trimmed=bool(m.get("trimmed")))
             index.add(doc["cluster_id"], m["sha256"], h)
-    return [
-        {"cluster_id": m.cluster_id, "distance": m.distance, "via": m.via, "_rank": _rank(settings, m.distance, m.via)}
-        for m in index.lookup(sha256, hashes)
-    ]
+            members.setdefault(doc["cluster_id"], []).append((m["sha256"], h))
+    return _on_pixels(settings, sha256, hashes, index.lookup(sha256, hashes), members)
 
 
 def _similar_banks(settings: Settings, hashes: Any) -> list[dict[str, Any]]:
