@@ -247,13 +247,14 @@ class BankStore:
                 " e.record FROM entries e JOIN banks b ON b.name = e.bank ORDER BY e.rowid"
             ).fetchall()
             loaded = _Loaded(self.phash_threshold, self.pdq_threshold, self.pdq_min_quality, self.view_threshold)
+            recorded = set()
             for r in rows:
                 record = ImageHashes.model_validate_json(r[10]) if r[10] else None
                 if record is not None and record.thumb is not None:
                     # one picture per entry; the member key only has to be unique
                     loaded.pictures.add(str(r[0]), f"entry:{r[0]}", record, representative=True)
-                    loaded.recorded.add(r[0])
-            loaded.recorded = frozenset(loaded.recorded)
+                    recorded.add(r[0])
+            loaded.recorded = frozenset(recorded)
             pq = [(r[0], r[5]) for r in rows if r[5] and (r[6] if r[6] is not None else _TRUSTED) >= self.pdq_min_quality]
             ids, codes = [], []
             for r in rows:
@@ -279,7 +280,7 @@ class _Loaded:
         # entries with a record: one cluster per entry, matched with pixels
         self.pictures = ClusterIndex(phash_threshold=phash_threshold, pdq_threshold=pdq_threshold,
                                      pdq_min_quality=pdq_min_quality, view_threshold=view_threshold)
-        self.recorded: frozenset[int] | set[int] = set()
+        self.recorded: frozenset[int] = frozenset()  # their rows
         self.meta: dict[int, tuple[str, str, str | None, Verdict]] = {}
 
 
