@@ -120,10 +120,12 @@ def bench_pixel(seconds: float, rounds: int = 7) -> None:
         print(f"decode+crop {size[0]}x{size[1]} {fmt}: full decode {full:7.1f} img/s, draft decode {draft:7.1f} img/s"
               f" ({draft / full:.2f}x), canonical {canon:7.1f} img/s ({canon / draft:.2f}x draft)")
     repost = _jpegs((1600, 1067), 64)
-    for dev in devices:
-        det = load_pixel_detector(device=dev)
+    # On a GPU, fp32 first: the baseline the default autocast (bf16, fp16 before Ampere) is read against.
+    for dev, amp in [(d, a) for d in devices for a in (("auto",) if d == "cpu" else ("off", "auto"))]:
+        det = load_pixel_detector(device=dev, amp=amp)
         shipped = det.spec.crops
-        print(f"{dev}: end-to-end images/s (1600 px JPEG re-posts), shipped head uses {shipped} crop(s)")
+        print(f"{dev} ({det.backbone.runtime}): end-to-end images/s (1600 px JPEG re-posts), "
+              f"shipped head uses {shipped} crop(s)")
         print(f"{'crops':>5} " + " ".join(f"{'b=' + str(b):>8}" for b in BATCHES) + "  " + " ".join(f"{'x b' + str(b):>6}" for b in BATCHES[1:])
               + "  fwd-only b=16  e2e/fwd")
         for crops in (1, shipped, 5) if shipped not in (1, 5) else (1, 5):

@@ -71,6 +71,9 @@ class DetectSettings(_Section):
     pixel_head: Path | None = None  # your own head for the pixel probe (deepwatch train --recipe pixel-probe)
     model_dir: Path | None = None  # default: <data_dir>/models
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # the packaged pixel model's torch forward: auto = bf16 autocast on CUDA (fp16 before
+    # Ampere), fp32 elsewhere; off = fp32 everywhere; bf16 | fp16 = forced (CPU: torch, not onnxruntime)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     max_batch: int = 16
     max_wait_ms: float = 20.0
 

