@@ -7,7 +7,7 @@ store's own apply_snapshot) and times HTTP requests; with Debian's chromium
 present it also times the queue in a real browser (navigation to the load
 event, thumbnails included). Ratios are against a baseline measured in the
 same run: a 1,000-cluster store for the queue, the cached request for
-thumbnails.
+thumbnails, and a full read of the store for the read cache after a write.
 
     python bench/desk.py [--clusters 10000] [--baseline 1000] [--json]
 """
@@ -119,7 +119,8 @@ def measure(n: int, root: Path) -> dict:
                     c.get(f"{desk.url}/thumb/{sha}?px=128").raise_for_status()
                     want.append(time.perf_counter() - t)
         any_member = httpx.get(desk.url + "/api/clusters?limit=1").json()[0]["members"][0]["sha256"]
-        return {"clusters": n, "build_s": round(build_s, 1), "queue_first_s": round(first, 3),
+        cache = cache_refresh(data)
+        return {**cache, "clusters": n, "build_s": round(build_s, 1), "queue_first_s": round(first, 3),
                 "queue_warm_median_s": round(statistics.median(warm), 4),
                 "queue_after_store_change_median_s": round(statistics.median(changed), 3),
                 "api_1000_first_s": round(api_first, 3), "api_1000_warm_median_s": round(statistics.median(api_warm), 4),
@@ -129,6 +130,36 @@ def measure(n: int, root: Path) -> dict:
                 "_url": desk.url}
     finally:
         desk.stop()
+
+
+def cache_refresh(data: Path, rounds: int = 3) -> dict:
+    """The desk's read cache in process, on the same store: read again after
+    one new cluster was written (only what changed, ``changes_since``) against
+    a full read of every cluster (the cache invalidated), alternating."""
+    from streams.desk.deskdb import DeskDB
+    from streams.desk.source import FindingsSource
+
+    src = FindingsSource(open_store(data), DeskDB(data / "bench-cache-desk.sqlite"))
+    try:
+        src._all()
+        incremental, full = [], []
+        for k in range(rounds):
+            store = open_store(data)
+            make_cluster(store, DirectoryBlobStore(data / "blobs"), f"cache{k}", k, posts=1, ai=True)
+            store.close()
+            t = time.perf_counter()
+            src._all()
+            incremental.append(time.perf_counter() - t)
+            src.invalidate()
+            t = time.perf_counter()
+            src._all()
+            full.append(time.perf_counter() - t)
+    finally:
+        src.close()
+        src.desk.close()
+    inc, whole = statistics.median(incremental), statistics.median(full)
+    return {"cache_after_write_median_s": round(inc, 4), "cache_full_read_median_s": round(whole, 4),
+            "full_over_incremental": round(whole / inc, 1)}
 
 
 def thumbs(root: Path) -> dict:
@@ -182,6 +213,10 @@ def main() -> None:
     print(f"thumbnails over HTTP (160x120 JPEG members -> 128 px, {big['clusters']} clusters): first "
           f"{big['thumb_http_first_median_ms']} ms, cached {big['thumb_http_cached_median_ms']} ms")
     print(f"queue warm ratio {big['clusters']}/{base['clusters']}: {out['queue_warm_ratio']}x; after-change ratio {out['queue_after_change_ratio']}x")
+    for d in (base, big):
+        print(f"{d['clusters']:>6} clusters: read cache after one write {d['cache_after_write_median_s']*1000:.1f} ms "
+              f"(only what changed) against a full read {d['cache_full_read_median_s']*1000:.0f} ms, same store: "
+              f"{d['full_over_incremental']}x")
     print(f"thumbnails ({th['source']} -> {th['thumb_px']} px): first {th['first_median_ms']} ms, cached {th['cached_median_ms']} ms "
           f"({th['first_over_cached']}x); cache {th['cache_bytes_on_disk']} B on disk <= bound {th['cache_bound_bytes']} B: {th['within_bound']}")
 

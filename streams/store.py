@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS clusters (
     models_pending INTEGER NOT NULL,
     suppressed TEXT,
     alert_level INTEGER NOT NULL DEFAULT 0,
-    updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now'))
+    updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+    seq INTEGER NOT NULL DEFAULT 0  -- store-wide write counter: which rows changed since a reader looked
 );
 CREATE TABLE IF NOT EXISTS members (
     sha256 TEXT NOT NULL,
@@ -140,6 +141,7 @@ class SqliteFindingsStore:
         for table, columns in (
             ("members", (("views", "TEXT"), ("trimmed", "INTEGER NOT NULL DEFAULT 0"))),
             ("sightings", (("hashtags", "TEXT NOT NULL DEFAULT ''"), ("lang", "TEXT"))),
+            ("clusters", (("seq", "INTEGER NOT NULL DEFAULT 0"),)),
         ):
             have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             for column, decl in columns:
@@ -149,6 +151,7 @@ class SqliteFindingsStore:
                     except sqlite3.OperationalError as e:
                         if "duplicate column" not in str(e):  # another process migrated first
                             raise
+        self._db.execute("CREATE INDEX IF NOT EXISTS clusters_seq ON clusters(seq)")
         self._ensure_fts()
 
     def _ensure_fts(self) -> None:
@@ -198,8 +201,8 @@ class SqliteFindingsStore:
             db.executemany(
                 """INSERT INTO clusters (cluster_id, revision, fake_score, verdict, evidence, velocity, platforms,
                         engagement, stream_sightings, first_seen, last_seen, merged_into, merged_from, models_pending, suppressed,
-                        alert_level)
-                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                        alert_level, seq)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,(SELECT COALESCE(MAX(seq), 0) + 1 FROM clusters))
                    ON CONFLICT(cluster_id) DO UPDATE SET
                         revision=excluded.revision, fake_score=excluded.fake_score, verdict=excluded.verdict,
                         evidence=excluded.evidence, velocity=excluded.velocity, platforms=excluded.platforms,
@@ -207,7 +210,7 @@ class SqliteFindingsStore:
                         first_seen=excluded.first_seen, last_seen=excluded.last_seen, merged_into=excluded.merged_into,
                         merged_from=excluded.merged_from, models_pending=excluded.models_pending,
                         suppressed=excluded.suppressed, alert_level=excluded.alert_level,
-                        updated_at=strftime('%Y-%m-%dT%H:%M:%fZ','now')
+                        updated_at=strftime('%Y-%m-%dT%H:%M:%fZ','now'), seq=excluded.seq
                    WHERE excluded.revision > clusters.revision""",
                 [(
                     snap.cluster_id, snap.revision, snap.fake_score, snap.verdict,
@@ -370,6 +373,34 @@ class SqliteFindingsStore:
         """Clusters, highest fake score first; counts, accounts, platforms and
         first/last seen are exact, from the sightings (merges resolved)."""
         return [ClusterRecord.model_validate(row) for row in self._cluster_rows(include_merged=include_merged, limit=limit)]
+
+    def clusters_by_id(self, ids: set[str]) -> list[ClusterRecord]:
+        """These clusters' records (merged ones too), built exactly as ``clusters`` builds them."""
+        if not ids:
+            return []
+        return [ClusterRecord.model_validate(row) for row in self._cluster_rows(include_merged=True, only=set(ids))]
+
+    def changes_since(self, cursor: tuple[int, int] | None) -> tuple[set[str] | None, tuple[int, int]]:
+        """The clusters whose records may differ from when ``cursor`` (a value
+        this method returned) was taken, and the cursor to ask with next time;
+        None instead of a set when there is no cursor yet (read everything).
+        A record changes when its row is written (``seq``), or when a sighting
+        of it or of a cluster merged into it arrives (sightings' rowids). Rows
+        committed while this runs are left to the next call, never lost:
+        writers commit one at a time, each with a higher ``seq``."""
+        seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM clusters").fetchone()[0]
+        rowid = self._db.execute("SELECT COALESCE(MAX(rowid), 0) FROM sightings").fetchone()[0]
+        if cursor is None:
+            return None, (seq, rowid)
+        seq0, rowid0 = cursor
+        ids = {cid for cid, in self._db.execute(
+            "SELECT cluster_id FROM clusters WHERE seq > ? AND seq <= ?", (seq0, seq))}
+        ids |= {cid for cid, in self._db.execute(
+            "SELECT DISTINCT cluster_id FROM sightings WHERE rowid > ? AND rowid <= ?", (rowid0, rowid))}
+        if ids:
+            roots = self._roots()
+            ids |= {roots.get(cid, cid) for cid in ids}
+        return ids, (seq, rowid)
 
     def cluster(self, cluster_id: str) -> ClusterRecord | None:
         return next((c for c in self.clusters(include_merged=True) if c.id == cluster_id), None)

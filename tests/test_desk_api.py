@@ -527,3 +527,46 @@ def test_source_on_a_store_with_only_the_interface(data):
     finally:
         src.close()
         src.desk.close()
+
+
+def test_the_desk_reads_only_the_clusters_that_changed(tmp_path):
+    """On SQLite the desk's cache reads again just the clusters written since
+    it last looked -- a new revision, a merge, a new cluster, and the root of a
+    merged cluster whose late sighting arrived -- and ends equal to a fresh
+    full read."""
+    from streams.desk.deskdb import DeskDB
+    from streams.desk.source import FindingsSource
+    from tests.test_store import _sighting, _snap
+
+    writer = open_store(tmp_path)
+    writer.apply_snapshots([_snap(f"c{i}", 1, sighting=_sighting(f"e{i}", f"{i:064x}", i)) for i in range(20)])
+    reader = open_store(tmp_path)
+    read_by_id: list[set[str]] = []
+    by_id = reader.clusters_by_id
+    reader.clusters_by_id = lambda ids: read_by_id.append(set(ids)) or by_id(ids)  # type: ignore[method-assign]
+    src = FindingsSource(reader, DeskDB(tmp_path / "desk.sqlite"))
+    fresh = None
+    try:
+        assert len(src._all()) == 20 and read_by_id == []  # the first read is a full one
+        writer.apply_snapshots([
+            _snap("c1", 2, sighting=_sighting("e1b", "a" * 64, 100), score=0.9),
+            _snap("c3", 2, merged_into="c2"), _snap("c2", 2, merged_from=["c3"]),
+            _snap("c20", 1, sighting=_sighting("e20", "b" * 64, 101)),
+        ])
+        src._all()
+        assert read_by_id == [{"c1", "c2", "c3", "c20"}]
+        # an older revision of the merged cluster: its row stays, its sighting counts for the survivor
+        writer.apply_snapshots([_snap("c3", 1, sighting=_sighting("e3late", "c" * 64, 102, account="late"))])
+        got = src._all()
+        assert read_by_id[-1] == {"c3", "c2"}
+        assert got["c2"]["sightings"] == 3 and got["c2"]["accounts"] == 2
+        fresh = FindingsSource(open_store(tmp_path), DeskDB(tmp_path / "desk2.sqlite"))
+        assert got == fresh._all()
+        src._all()
+        assert len(read_by_id) == 2  # nothing changed: nothing read
+    finally:
+        for s in (src, fresh):
+            if s is not None:
+                s.close()
+                s.desk.close()
+        writer.close()

@@ -29,6 +29,8 @@ from streams.store import MemberRow
 # How long cached views live on a store with no change signal (Elasticsearch):
 # short enough that the queue feels live, long enough that page loads share one read.
 CACHE_TTL_S = 5.0
+# Above this share of the cached clusters changed, one full read is cheaper than reading them by id.
+INCREMENTAL_MAX_SHARE = 0.25
 SIGHTING_FIELDS = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
                    "posted_at", "text")
 
@@ -93,6 +95,7 @@ class FindingsSource:
         self._lock = threading.Lock()
         self._cache_key: tuple[Any, int] | None = None
         self._cache: dict[str, dict[str, Any]] = {}
+        self._cursor: Any = None  # the store's ``changes_since`` cursor of the cached read
         self._sightings_key: tuple[Any, int] | None = None
         self._sightings: list[SightingRecord] = []
         self._ttl_epoch = 0
@@ -115,26 +118,41 @@ class FindingsSource:
     # -- clusters -------------------------------------------------------------
     def _all(self) -> dict[str, dict[str, Any]]:
         """Every cluster (merged ones too) with the overlay applied, cached
-        until the store or the desk's verdicts change."""
+        until the store or the desk's verdicts change. When only the store
+        changed and it can say which clusters (``changes_since``: SQLite),
+        just those are read again: with workers writing all the time, a full
+        read of 10,000 clusters cost ~1.5 s on every queue refresh."""
         with self._lock:
             key = (self._store_version(), self.desk.version)
-            if key != self._cache_key:
+            if key == self._cache_key:
+                return self._cache
+            changes = getattr(self.store, "changes_since", None)
+            changed, cursor = (None, None) if changes is None else changes(self._cursor)
+            if self._cache_key is None or key[1] != self._cache_key[1] or changed is None \
+                    or len(changed) > INCREMENTAL_MAX_SHARE * max(1, len(self._cache)):
                 docs = [c.as_json() for c in self.store.clusters(include_merged=True)]
-                overlay = self.desk.overlay()
-                # A verdict given on a cluster that has since been merged away
-                # carries over to its survivor (unless the survivor has its own).
-                for d in docs:
-                    if d["id"] not in overlay:
-                        inherited = [overlay[m] for m in d.get("merged_from") or [] if m in overlay]
-                        if inherited:
-                            overlay[d["id"]] = max(inherited, key=lambda r: r.verdict_id)
-                self._cache = {d["id"]: _apply_overlay(d, overlay.get(d["id"])) for d in docs}
-                self._cache_key = key
+                self._cache = self._overlaid(docs)
+            elif changed:
+                docs = [c.as_json() for c in self.store.clusters_by_id(changed)]
+                self._cache = {**self._cache, **self._overlaid(docs)}
+            self._cache_key, self._cursor = key, cursor
             return self._cache
+
+    def _overlaid(self, docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        overlay = self.desk.overlay()
+        # A verdict given on a cluster that has since been merged away
+        # carries over to its survivor (unless the survivor has its own).
+        for d in docs:
+            if d["id"] not in overlay:
+                inherited = [overlay[m] for m in d.get("merged_from") or [] if m in overlay]
+                if inherited:
+                    overlay[d["id"]] = max(inherited, key=lambda r: r.verdict_id)
+        return {d["id"]: _apply_overlay(d, overlay.get(d["id"])) for d in docs}
 
     def invalidate(self) -> None:
         with self._lock:
             self._cache_key = None
+            self._cursor = None
             self._sightings_key = None
             self._ttl_at = 0.0
 
