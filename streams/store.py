@@ -467,6 +467,22 @@ class SqliteFindingsStore:
             args.append(int(limit))
         return [_sighting_record(row) for row in self._db.execute(sql, args)]
 
+    def sightings_since(self, rowid: int) -> tuple[list[SightingRecord], int]:
+        """The sightings recorded after ``rowid`` (0, or a value this method
+        returned), oldest first as ``sightings`` orders them, and the rowid to
+        ask with next time. Sightings are never rewritten, so these are
+        exactly what was added: a reader keeps every sighting current without
+        reading them all again."""
+        rows = self._db.execute(
+            "SELECT rowid, julianday(posted_at), event_id, cluster_id, sha256, platform, account_id, account_handle, "
+            "post_url, posted_at, text, hashtags, lang, engagement FROM sightings WHERE rowid > ? ORDER BY rowid",
+            (rowid,)).fetchall()
+        if not rows:
+            return [], rowid
+        last = rows[-1][0]
+        rows.sort(key=lambda r: (r[1], r[2]))
+        return [_sighting_record(r[2:]) for r in rows], last
+
     def data_version(self) -> int:
         """Changes whenever another connection commits to the file: lets a
         reader cache derived views until the findings change."""

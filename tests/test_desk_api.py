@@ -570,3 +570,34 @@ def test_the_desk_reads_only_the_clusters_that_changed(tmp_path):
                 s.close()
                 s.desk.close()
         writer.close()
+
+
+def test_the_desk_keeps_every_sighting_current_reading_only_new_ones(tmp_path):
+    """Account pages and account alerts read every sighting: on SQLite the
+    desk reads only those added since, merged into the same order a full read
+    gives, late posts included."""
+    from streams.desk.deskdb import DeskDB
+    from streams.desk.source import FindingsSource
+    from tests.test_store import _sighting, _snap
+
+    writer = open_store(tmp_path)
+    writer.apply_snapshots([_snap(f"c{i}", 1, sighting=_sighting(f"e{i}", f"{i:064x}", i, minute=10 * i)) for i in range(5)])
+    reader = open_store(tmp_path)
+    src = FindingsSource(reader, DeskDB(tmp_path / "desk.sqlite"))
+    try:
+        assert [s.event_id for s in src._all_sightings()] == [f"e{i}" for i in range(5)]
+        read = []
+        since = reader.sightings_since
+        reader.sightings_since = lambda rowid: read.append(rowid) or since(rowid)  # type: ignore[method-assign]
+        writer.apply_snapshots([
+            _snap("c1", 2, sighting=_sighting("e-late", "d" * 64, 50, minute=5)),  # posted before e1, recorded last
+            _snap("c9", 1, sighting=_sighting("e-new", "e" * 64, 51, minute=99)),
+        ])
+        got = [s.event_id for s in src._all_sightings()]
+        assert read and read[-1] > 0  # asked only for what came after the cached rowid
+        assert got == [s.event_id for s in open_store(tmp_path).sightings()]
+        assert got == ["e0", "e-late", "e1", "e2", "e3", "e4", "e-new"]
+    finally:
+        src.close()
+        src.desk.close()
+        writer.close()

@@ -79,6 +79,11 @@ def _ts(s: str) -> datetime:
     return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
 
 
+def _sighting_order(s: SightingRecord) -> tuple[datetime, str]:
+    """The store's order of sightings (``julianday(posted_at), event_id``)."""
+    return _ts(s.posted_at), s.event_id
+
+
 def desk_bank_evidence(verdict: str, row: OverlayRow) -> Evidence:
     """The verdict as evidence, as decisive as a bank match (detectors.banks)."""
     fake = verdict == "fake"
@@ -98,6 +103,7 @@ class FindingsSource:
         self._cursor: Any = None  # the store's ``changes_since`` cursor of the cached read
         self._sightings_key: tuple[Any, int] | None = None
         self._sightings: list[SightingRecord] = []
+        self._sightings_rowid = 0  # the store's ``sightings_since`` cursor of the cached list
         self._ttl_epoch = 0
         self._ttl_at = 0.0
 
@@ -154,15 +160,25 @@ class FindingsSource:
             self._cache_key = None
             self._cursor = None
             self._sightings_key = None
+            self._sightings, self._sightings_rowid = [], 0
             self._ttl_at = 0.0
 
     def _all_sightings(self) -> list[SightingRecord]:
         """Every sighting, oldest first, cached like ``_all`` (read only by the
-        account views and the free-text account/URL match, never by the queue)."""
+        account views, account alerts and the free-text account/URL match,
+        never by the queue). On SQLite only the sightings added since are
+        read (``sightings_since``) and merged in order."""
         with self._lock:
             key = (self._store_version(), 0)
             if key != self._sightings_key:
-                self._sightings = self.store.sightings()
+                since = getattr(self.store, "sightings_since", None)
+                if since is None:
+                    self._sightings = self.store.sightings()
+                else:
+                    added, self._sightings_rowid = since(self._sightings_rowid)
+                    if added:
+                        # two runs already in order: the sort merges them in linear time
+                        self._sightings = sorted([*self._sightings, *added], key=_sighting_order)
                 self._sightings_key = key
             return self._sightings
 
