@@ -229,12 +229,18 @@ class BankStore:
             # Entries with a record answer on pixels. Asked only when the hashes
             # nominated one: most images match no bank entry, and the hash
             # search alone costs about half as much.
-            verified = {int(m.cluster_id): m for m in loaded.pictures.lookup("", hashes)}
-            for row in loaded.recorded.intersection(best):
-                if row not in verified:
+            nominated = loaded.recorded.intersection(best)
+            pictures = ClusterIndex(phash_threshold=self.phash_threshold, pdq_threshold=self.pdq_threshold,
+                                    pdq_min_quality=self.pdq_min_quality, view_threshold=self.view_threshold)
+            for row in nominated:  # one picture per entry; the member key only has to be unique
+                pictures.add(str(row), f"entry:{row}", loaded.record(row), representative=True)
+            verified = {int(m.cluster_id): m for m in pictures.lookup("", hashes)}
+            for row in nominated:
+                if row in verified:
+                    m = verified[row]
+                    best[row] = (*rank_key(m.distance, m.via, self.phash_threshold, self.pdq_threshold), m.distance, m.via)
+                else:
                     del best[row]
-            for row, m in verified.items():
-                best[row] = (*rank_key(m.distance, m.via, self.phash_threshold, self.pdq_threshold), m.distance, m.via)
         out = []
         for row, (_, _, d, via) in sorted(best.items(), key=lambda kv: (kv[1], kv[0])):
             bank, entry_id, label, verdict = loaded.meta[row]
@@ -247,15 +253,9 @@ class BankStore:
                 "SELECT e.rowid, e.bank, e.entry_id, e.label, e.phash, e.pdq, e.pdq_quality, b.verdict, e.views, e.trimmed,"
                 " e.record FROM entries e JOIN banks b ON b.name = e.bank ORDER BY e.rowid"
             ).fetchall()
-            loaded = _Loaded(self.phash_threshold, self.pdq_threshold, self.pdq_min_quality, self.view_threshold)
-            recorded = set()
-            for r in rows:
-                record = ImageHashes.model_validate_json(r[10]) if r[10] else None
-                if record is not None and record.thumb is not None:
-                    # one picture per entry; the member key only has to be unique
-                    loaded.pictures.add(str(r[0]), f"entry:{r[0]}", record, representative=True)
-                    recorded.add(r[0])
-            loaded.recorded = frozenset(recorded)
+            loaded = _Loaded()
+            loaded.records = {r[0]: r[10] for r in rows if r[10] and '"thumb":null' not in r[10]}
+            loaded.recorded = frozenset(loaded.records)
             pq = [(r[0], r[5]) for r in rows if r[5] and (r[6] if r[6] is not None else _TRUSTED) >= self.pdq_min_quality]
             ids, codes = [], []
             for r in rows:
@@ -275,14 +275,20 @@ class BankStore:
 
 
 class _Loaded:
-    def __init__(self, phash_threshold: int, pdq_threshold: int, pdq_min_quality: int, view_threshold: int) -> None:
+    def __init__(self) -> None:
         self.phash = HammingIndex(64)  # every entry's pHash codes
         self.pdq = HammingIndex(256)
-        # entries with a record: one cluster per entry, matched with pixels
-        self.pictures = ClusterIndex(phash_threshold=phash_threshold, pdq_threshold=pdq_threshold,
-                                     pdq_min_quality=pdq_min_quality, view_threshold=view_threshold)
-        self.recorded: frozenset[int] = frozenset()  # their rows
+        # entries with a hash record that has a thumbnail: row -> its JSON,
+        # read when the hashes first nominate the entry
+        self.records: dict[int, str] = {}
+        self.recorded: frozenset[int] = frozenset()
+        self._parsed: dict[int, ImageHashes] = {}
         self.meta: dict[int, tuple[str, str, str | None, Verdict]] = {}
+
+    def record(self, row: int) -> ImageHashes:
+        if row not in self._parsed:
+            self._parsed[row] = ImageHashes.model_validate_json(self.records[row])
+        return self._parsed[row]
 
 
 def _read_hash_csv(path: Path) -> Iterable[dict[str, str | int | None]]:
