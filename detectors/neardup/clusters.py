@@ -140,9 +140,10 @@ MAX_REPRESENTATIVES = 8
 # Pairs that verify at a median residual of at least this (grey levels)
 # are re-verified on full pixels when a pixel source is configured
 # (``ClusterIndex(pixels=...)``, ``localized.EditCheck``): the bench's
-# joins of two different pictures verified at 3.3-5.8, while 93% of
-# same-picture joins verify below 3 and never pay for the check.
-EDIT_FROM = 3.0
+# joins of two different pictures verified at 3.3-5.8, those the check
+# tells apart at 4.6-5.8, while 98% of same-picture joins verify below 4.5
+# and never pay for the check (~0.15 s).
+EDIT_FROM = 4.5
 
 _VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
 # A side-band pair is verified on at least this many of the 256 pixels that
@@ -540,6 +541,16 @@ def _region(kind: int, box: tuple[float, float, float, float] | None) -> Box:
     return ((b[0] - cx0) / cw, (b[1] - cy0) / ch, (b[2] - cx0) / cw, (b[3] - cy0) / ch)
 
 
+def _pair_regions(q: "_Query", r: "_Rep", kind: int, slot: int) -> tuple[Box, Box] | None:
+    """The regions a query kind and a representative slot compare, in each
+    one's content coordinates; frame-relative pairs clipped alike to what
+    lies on both (None: too little)."""
+    qb, rb = _region(kind, q.box), _region(slot, r.box)
+    if kind in _FRAME_BOXES or slot in _FRAME_BOXES:
+        return _clip_pair(qb, rb)
+    return qb, rb
+
+
 def _in_frame(b: Box, content: tuple[float, float, float, float] | None) -> Box:
     """A region in content (thumbnail) coordinates as fractions of the frame."""
     if content is None:
@@ -790,7 +801,10 @@ class ClusterIndex:
         full picture closer than the image's own full frame does, i.e. the
         founder is a crop of this larger image. ``sides`` False: no side-band
         pairs (they may join an image, never link or trust: a side band
-        leaves out the part where two pictures may differ). One small
+        leaves out the part where two pictures may differ). With a pixel
+        source, a match whose smallest verified residual is at least
+        ``edit_from`` is re-verified on the images' own pixels
+        (``_is_edit``): None when they show an edit. One small
         popcount matrix per representative."""
         q = q or _Query.of(h)
         best = None
@@ -832,8 +846,7 @@ class ClusterIndex:
                     tries = np.lexsort((order, dd))[:_VERIFY_TRIES].tolist()
                     for j, search in [(j, False) for j in tries] + ([(tries[0], True)] if align else []):
                         score = self._residual(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]), search=search)
-                        if self._passes(score) and (same_flat or self._flat_agrees(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]))) \
-                                and not self._is_edit(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]), score):
+                        if self._passes(score) and (same_flat or self._flat_agrees(q, r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]))):
                             k = j
                             if score is not None and score < resid:
                                 resid, pair = score, (r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]))
@@ -850,7 +863,7 @@ class ClusterIndex:
                     if not hq or (dq := hamming_hex(hq, r.pdq)) > self.rep_pdq:
                         continue
                     score = self._residual(q, r, _Q_FULL if pvia == "pdq" else _Q_MIRROR, _FULL)
-                    if self._passes(score) and not self._is_edit(q, r, _Q_FULL if pvia == "pdq" else _Q_MIRROR, _FULL, score):
+                    if self._passes(score):
                         if score is not None and score < resid:
                             resid, pair = score, (r, _Q_FULL if pvia == "pdq" else _Q_MIRROR, _FULL)
                         cands.append((rank_key(dq, pvia, self.phash_threshold, self.pdq_threshold), dq, pvia))  # type: ignore[arg-type]
@@ -866,7 +879,13 @@ class ClusterIndex:
                 key = (*c, grows)
                 if best is None or key[:3] < best[:3] or (key[:3] == best[:3] and grows and not best[3]):
                     best = key
-        return None if best is None else (*best, resid, pair)
+        if best is None:
+            return None
+        # The picture's best pixel evidence is borderline: re-verified on the
+        # images' own pixels (one check per image and representative)
+        if pair is not None and self._is_edit(q, *pair, resid):
+            return None
+        return (*best, resid, pair)
 
     def _residual(self, q: "_Query", r: _Rep, kind: int, slot: int, search: bool = True,
                   quantile: float = 0.5, strict: bool = False) -> float | None:
@@ -877,12 +896,10 @@ class ClusterIndex:
         if self.verify_max is None or q.thumb is None or r.thumb is None:
             return None
         rt = r.thumb.astype(np.float32)
-        qb, rb = _region(kind, q.box), _region(slot, r.box)
-        if kind in _FRAME_BOXES or slot in _FRAME_BOXES:
-            clipped = _clip_pair(qb, rb)
-            if clipped is None:
-                return _UNVERIFIED
-            qb, rb = clipped
+        boxes = _pair_regions(q, r, kind, slot)
+        if boxes is None:
+            return _UNVERIFIED
+        qb, rb = boxes
         if not search:
             out = residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, quantile=quantile, smooth=strict)
         else:
@@ -912,12 +929,10 @@ class ClusterIndex:
         gone -- so the record alone decides, as without a source."""
         if self.edits is None or score is None or score < self.edit_from or not q.sha256 or not r.sha256:
             return False
-        qb, rb = _region(kind, q.box), _region(slot, r.box)
-        if kind in _FRAME_BOXES or slot in _FRAME_BOXES:
-            clipped = _clip_pair(qb, rb)
-            if clipped is None:
-                return False
-            qb, rb = clipped
+        boxes = _pair_regions(q, r, kind, slot)
+        if boxes is None:
+            return False
+        qb, rb = boxes
         mirror = kind == _Q_MIRROR
         qc = q.content
         if mirror and qc is not None:  # the query's region is in its mirrored content
@@ -1106,8 +1121,7 @@ class ClusterIndex:
                     continue
                 dp, dq = hamming_hex(ph, r.phash), hamming_hex(pq, r.pdq)
                 if dp <= self.phash_threshold and dq <= self.pdq_threshold and (best is None or (dp, dq) < best) \
-                        and self._passes(score := self._residual(q, r, kind, _FULL)) \
-                        and not self._is_edit(q, r, kind, _FULL, score):
+                        and self._passes(self._residual(q, r, kind, _FULL)):
                     best = (dp, dq)
         return best
 
