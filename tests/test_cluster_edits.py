@@ -150,3 +150,16 @@ def test_the_check_runs_only_on_borderline_pairs():
     index.assign(*blobs.add(jpeg(img)))
     index.assign(*blobs.add(jpeg(img, 70)))
     assert index.n_clusters == 1 and not blobs.asked and index.edits.runs == 0
+
+
+def test_the_same_ops_and_blobs_give_the_same_clusters():
+    """Replay: a fresh index fed the same ops over the same blobs decides
+    the same (the check reads content-addressed bytes only)."""
+    img, ed = _pair(1)
+    blobs = Blobs()
+    ops = [blobs.add(jpeg(ed)), blobs.add(jpeg(img)), blobs.add(jpeg(img, 70)), blobs.add(jpeg(_crop(img, 0.9)))]
+    runs = []
+    for _ in range(2):
+        index = ClusterIndex(pixels=blobs)
+        runs.append([index.assign(sha, h).cluster_id for sha, h in ops])
+    assert runs[0] == runs[1] and len(set(runs[0])) == 2

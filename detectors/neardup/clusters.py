@@ -65,7 +65,13 @@ declined. Every
 merge is audited (``MergeAudit``). Otherwise it joins the nearest picture
 (ties: most members, smallest id) and ``Assignment.declined`` names the
 others. Only representatives are indexed.
-The rule reads only index state, never arrival order or wall clock, so a
+With a pixel source (``ClusterIndex(pixels=...)``), a picture whose best
+verified pair is borderline (median residual >= ``EDIT_FROM``) is
+re-verified on both images' own pixels (``detectors.neardup.localized``):
+an edit of one part of the picture does not join it. Missing pixels leave
+the decision to the record.
+The rule reads only index state (and, with a pixel source, the members'
+content-addressed bytes), never arrival order or wall clock, so a
 replica fed the same sequence of ``assign`` calls -- or rebuilt with ``add``
 from persisted members -- makes the same decisions and the same ids.
 

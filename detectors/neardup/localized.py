@@ -23,10 +23,11 @@ named:
    largest window mean is the *peak* (grey levels).
 
 Measured on the cluster bench's verified pairs (seed 1, docs/clusters.md
-"Session 9"): same picture p99 24 / p99.9 54, the pairs that first joined
-two different pictures 5.6-78 (inpaintings 55-78, a StyleCLIP edit 44, a
-second compute unit 20-44; SAM age edits 6-9 are texture everywhere and
-stay out of reach). ``EDIT_PEAK`` is set where same-picture pairs are rare.
+"Session 9"): same picture p99 24 / p99.9 54 (3 of 1,189 above 35), the
+pairs that first joined two different pictures 5.6-78 (inpaintings 55 and
+78, renders of one seed on two compute units 21-44, StyleCLIP edits 23-38;
+SAM age edits at 6-9 are texture everywhere and stay out of reach).
+``EDIT_PEAK`` is set where same-picture pairs are rare.
 
 Pure: bytes or arrays in, a number out; no broker, no store. The caller
 supplies the bytes (``PixelSource``) and decides when the check is worth
@@ -35,6 +36,7 @@ its ~0.1 s (``ClusterIndex`` runs it on borderline joins only).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -231,8 +233,6 @@ class EditCheck:
         if key in self._answers:
             self._answers.move_to_end(key)
             return self._answers[key]
-        import time
-
         t0 = time.perf_counter()
         a, b = self.image(a_sha), self.image(b_sha)
         answer = None
