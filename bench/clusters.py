@@ -14,7 +14,13 @@ broker) and reports:
   the largest chain (most distinct pictures in one cluster);
 * splits per transform: variants not in their picture's main cluster;
 * merges with their audit, and a replay of the whole feed (must change nothing);
-* the same, on the same feed in the same run, for the rule without links by
+* borderline joins re-verified on the variants' own pixels
+  (``ClusterIndex(pixels=...)``, ``detectors.neardup.localized``): the
+  bench hands the index a pixel source that re-renders a variant's bytes
+  from its picture on demand (what the blob store is in the pipeline), and
+  reports how often the check ran and its cost per assign;
+* the same, on the same feed in the same run, for the records alone (no
+  pixel source: the rule before session 9), for the rule without links by
   representatives (``ClusterIndex(representative_links=False)``) and for
   hashes alone: no pixel verification, no anchors, merges on pHash+PDQ only
   (``--no-compare`` skips both).
@@ -45,6 +51,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import typer
@@ -111,6 +118,25 @@ def hashed_variants(images, cache_dir: Path) -> list[tuple[int, str, str, ImageH
     return out
 
 
+def feed_pixels(images, feed) -> tuple[Callable[[str], bytes | None], list[float]]:
+    """A pixel source over the feed: a variant's bytes re-rendered from its
+    picture (deterministic encoders, so the same sha256), and the seconds
+    spent rendering (not the check's own cost: a blob read in the pipeline)."""
+    where = {sha: (i, t) for i, t, sha, _ in feed}
+    spent = [0.0]
+
+    def get(sha256: str) -> bytes | None:
+        if sha256 not in where:
+            return None
+        t0 = time.perf_counter()
+        i, t = where[sha256]
+        im = images[i][1]
+        data = _orig_bytes(im) if t == "original" else CLUSTER_TRANSFORMS[t](im)
+        spent[0] += time.perf_counter() - t0
+        return data
+    return get, spent
+
+
 def run(feed, index: ClusterIndex) -> tuple[dict[str, str], list]:
     merges = []
     for _, _, sha, h in feed:
@@ -152,6 +178,8 @@ def measure(feed, group: list[int], loose: list[int], index: ClusterIndex) -> di
         "replay_same": replay == cluster_of and not replay_merges and (index.n_clusters, index.n_members) == before,
         "per_t": per_t,
         "ops": len(feed) / took,
+        "checks": index.edits.runs if index.edits else 0,
+        "check_s": index.edits.seconds if index.edits else 0.0,
     }
 
 
@@ -161,6 +189,7 @@ def main(
     seed: int = typer.Option(1, help="feed order"),
     cache: Path = typer.Option(Path(tempfile.gettempdir()) / "dw-cluster-bench", help="hash cache directory"),
     compare: bool = typer.Option(True, help="also run the rule without representative links, and hashes alone, on the same feed"),
+    pixels: bool = typer.Option(True, help="re-verify borderline joins on the variants' pixels (and compare with the records alone)"),
 ) -> None:
     dirs = dirs or [REPO.parent / "shared" / "data" / d for d in DEFAULT_DIRS]
     missing = [d for d in dirs if not d.is_dir()]
@@ -179,7 +208,10 @@ def main(
     random.Random(seed).shuffle(feed)
     prep = time.perf_counter() - t0
 
-    now = measure(feed, group, loose, ClusterIndex())
+    source, render = feed_pixels(images, feed)
+    now = measure(feed, group, loose, ClusterIndex(pixels=source if pixels else None))
+    # the records alone: no pixel source (the rule before session 9)
+    plain = measure(feed, group, loose, ClusterIndex()) if compare and pixels else None
     # without links by representatives (the rule before them), and hashes
     # alone (no pixel verification, no anchors, merges on pHash+PDQ only)
     nolink = measure(feed, group, loose, ClusterIndex(representative_links=False)) if compare else None
@@ -191,7 +223,8 @@ def main(
           f"{len(feed)} events ({1 + len(CLUSTER_TRANSFORMS)} per file: original + every transform), seed {seed}")
     for v in twins:
         print(f"  one picture: {'  ~  '.join(v)}")
-    cols = [("now", now)] + ([("no rep links", nolink), ("hashes alone", old)] if old and nolink else [])
+    cols = [("now", now)] + ([("records alone", plain)] if plain else []) + (
+        [("no rep links", nolink), ("hashes alone", old)] if old and nolink else [])
     print(f"\n{'metric':40s} " + " ".join(f"{c:>13s}" for c, _ in cols) + "  target")
     rows = [("clusters", "clusters", "d", ""), ("clusters per picture", "cpp", ".3f", "<= 1.02"),
             ("pictures split over >1 cluster", "split", "d", ""), ("pictures per cluster", "ppc", ".3f", ""),
@@ -212,6 +245,13 @@ def main(
         print(f"  impure cluster {cid}: " + " + ".join(members[p][0] for p in sorted(ps)))
     for m in now["merges"][:10]:
         print(f"  merge: {m.model_dump_json()}")
+    if pixels:
+        n = now["checks"]
+        print(f"\npixel re-verifications (residual >= {ClusterIndex().edit_from}): {n} over {len(feed)} assigns "
+              f"(replay included), {now['check_s'] - render[0]:.1f} s decode+compare "
+              f"({1000 * (now['check_s'] - render[0]) / max(n, 1):.0f} ms each, "
+              f"{1000 * (now['check_s'] - render[0]) / len(feed):.2f} ms per assign), plus {render[0]:.1f} s re-rendering "
+              "variants (the bench's stand-in for blob reads)")
     print(f"\n(in-process, one core; prep {prep:.0f} s incl. decode+hash)")
 
 

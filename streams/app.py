@@ -25,6 +25,7 @@ from streams import metrics
 from streams.analyze import Analyzer
 from streams.blobstore import DirectoryBlobStore
 from streams.cluster_stage import ClusterStage, SendDead
+from streams.clustering import blob_pixels
 from streams.engine_state import open_engine_state
 from streams.faust_app import faust_app
 from streams.fetch import ImageFetcher
@@ -148,7 +149,8 @@ def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.Topi
     table.key_serializer = table.value_serializer = "raw"
 
     stage = ClusterStage(settings, table, open_engine_state(settings.data_dir), updates=updates,
-                         detect_requests=detect_requests, alerts=alerts, send_dead=send_dead)
+                         detect_requests=detect_requests, alerts=alerts, send_dead=send_dead,
+                         pixels=blob_pixels(DirectoryBlobStore(Path(settings.data_dir) / "blobs")))
     app.on_rebalance_complete.connect(stage.on_rebalance)
 
     @app.agent(ops)

@@ -43,6 +43,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
+from detectors.neardup.localized import PixelSource
 from streams import metrics
 from streams.clustering import ClusterEngine, ClusterState, Outcome
 from streams.engine_state import SqliteEngineState
@@ -65,8 +66,10 @@ class ClusterStage:
         detect_requests: Any,
         alerts: Any,
         send_dead: SendDead,
+        pixels: PixelSource | None = None,
     ):
         self.settings = settings
+        self.pixels = pixels  # borderline joins re-verified on these (``ClusterIndex``); None: the records alone
         self.table = table  # Faust table (or any mapping of bytes -> bytes) of ClusterState JSON
         self.states = states
         self.updates, self.detect_requests, self.alerts = updates, detect_requests, alerts
@@ -98,7 +101,7 @@ class ClusterStage:
         return self._engine
 
     def _rebuild(self) -> ClusterEngine:
-        eng = ClusterEngine(self.settings)
+        eng = ClusterEngine(self.settings, pixels=self.pixels)
         states = [ClusterState.loads(v) for v in self.table.values() if v]
         self._seeded = {}
         if not states:

@@ -43,6 +43,7 @@ from pydantic import BaseModel, Field
 from detectors.base import Evidence
 from detectors.fusion import fuse
 from detectors.neardup import Assignment, ClusterIndex, MergeAudit
+from detectors.neardup.localized import PixelSource
 from streams import virality
 from streams.records import (
     Alert,
@@ -54,6 +55,7 @@ from streams.records import (
     Member,
     Sighting,
 )
+from streams.blobstore import BlobStore
 from streams.settings import Settings
 
 MAX_ACCOUNTS = 10_000  # exact distinct-account counts live in the findings store
@@ -112,9 +114,23 @@ class Outcome:
 Getter = Callable[[str], ClusterState | None]
 
 
+def blob_pixels(blobs: BlobStore) -> PixelSource:
+    """The blob store as the index's pixel source: a member's bytes, or None
+    once its blob is gone (then the 32x32 record alone decides)."""
+    def get(sha256: str) -> bytes | None:
+        try:
+            return blobs.get(sha256)
+        except (OSError, ValueError):
+            return None
+    return get
+
+
 class ClusterEngine:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, pixels: PixelSource | None = None):
+        """``pixels``: image bytes by sha256 (``blob_pixels``), for
+        re-verifying borderline joins on full pixels (``ClusterIndex``)."""
         self.settings = settings
+        self.pixels = pixels
         self.index = self._new_index()
         self.models_enabled = bool(settings.detect.models)
         self.cold = self._new_index()  # hashes of evicted clusters only: 8-40 bytes a member, not their state
@@ -122,7 +138,7 @@ class ClusterEngine:
         self._ops_since_sweep = 0
 
     def _new_index(self) -> ClusterIndex:
-        return ClusterIndex(**self.settings.dedupe.thresholds())
+        return ClusterIndex(**self.settings.dedupe.thresholds(), pixels=self.pixels)
 
     # -- eviction -----------------------------------------------------------
     def evict_due(self) -> bool:

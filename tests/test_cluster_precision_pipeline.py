@@ -26,6 +26,22 @@ pytestmark = pytest.mark.slow
 ONE_PARTITION = {"DEEPWATCH_PARTITIONS": "1"}
 
 
+def write_feed(root: Path, images: dict[str, bytes]) -> Path:
+    """``root``/images/NAME for each image and ``root``/feed.jsonl with one
+    event per image, a minute apart, in this order."""
+    (root / "images").mkdir()
+    lines = []
+    for i, (name, data) in enumerate(images.items()):
+        (root / "images" / name).write_bytes(data)
+        lines.append(json.dumps({
+            "event_id": f"ev-{name}", "platform": "x", "account_id": f"acct-{i}",
+            "posted_at": (BASE_TIME + timedelta(minutes=i)).isoformat(), "image": {"path": f"images/{name}"},
+        }))
+    feed = root / "feed.jsonl"
+    feed.write_text("\n".join(lines) + "\n")
+    return feed
+
+
 def pictures():
     a = scene(8002, (1024, 768))
     b = a.copy()
@@ -38,8 +54,6 @@ def pictures():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
-    images = root / "images"
-    images.mkdir()
     a, b, mid = pictures()
     reposts = {
         "a.jpg": (a, "A"), "b.jpg": (b, "B"),
@@ -50,15 +64,7 @@ def run(tmp_path_factory):
         "mid.jpg": (mid, None),
         "b_top.jpg": (_bar(b, 1 / 8, "top", fill=(255, 255, 255), text="share this"), "B"),
     }
-    lines = []
-    for i, (name, (img, _)) in enumerate(reposts.items()):
-        (images / name).write_bytes(jpeg_bytes(img, 88))
-        lines.append(json.dumps({
-            "event_id": f"ev-{name}", "platform": "x", "account_id": f"acct-{i}",
-            "posted_at": (BASE_TIME + timedelta(minutes=i)).isoformat(), "image": {"path": f"images/{name}"},
-        }))
-    feed = root / "feed.jsonl"
-    feed.write_text("\n".join(lines) + "\n")
+    feed = write_feed(root, {name: jpeg_bytes(img, 88) for name, (img, _) in reposts.items()})
     data = root / "data"
     r = deepwatch("replay", str(feed), "--data-dir", str(data), "--json", "--timeout", "240", env=ONE_PARTITION)
     assert r.returncode == 0, f"replay failed:\n{r.stdout}\n{r.stderr[-4000:]}"

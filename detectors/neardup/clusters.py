@@ -65,7 +65,13 @@ declined. Every
 merge is audited (``MergeAudit``). Otherwise it joins the nearest picture
 (ties: most members, smallest id) and ``Assignment.declined`` names the
 others. Only representatives are indexed.
-The rule reads only index state, never arrival order or wall clock, so a
+With a pixel source (``ClusterIndex(pixels=...)``), a picture whose best
+verified pair is borderline (median residual >= ``EDIT_FROM``) is
+re-verified on both images' own pixels (``detectors.neardup.localized``):
+an edit of one part of the picture does not join it. Missing pixels leave
+the decision to the record.
+The rule reads only index state (and, with a pixel source, the members'
+content-addressed bytes), never arrival order or wall clock, so a
 replica fed the same sequence of ``assign`` calls -- or rebuilt with ``add``
 from persisted members -- makes the same decisions and the same ids.
 
@@ -87,6 +93,7 @@ from detectors.hashing import (
     side_views, thumb_array,
 )
 from detectors.neardup.hamming import HammingIndex
+from detectors.neardup.localized import EditCheck, PixelSource
 from detectors.neardup.verify import (
     FULL, VIEW_SLOT_BOXES, Box, aligned_residual, informative, residual, uniform_levels,
 )
@@ -135,6 +142,14 @@ MERGE_STRICT = 4.0  # both regions blurred 1-2-1 first (``verify._smooth``): see
 ANCHOR_DISTANCE = 4
 MAX_REPRESENTATIVES = 8
 
+
+# Pairs that verify at a median residual of at least this (grey levels)
+# are re-verified on full pixels when a pixel source is configured
+# (``ClusterIndex(pixels=...)``, ``localized.EditCheck``): the bench's
+# joins of two different pictures verified at 3.3-5.8, those the check
+# tells apart at 4.6-5.8, while 98% of same-picture joins verify below 4.5
+# and never pay for the check (~0.15 s).
+EDIT_FROM = 4.5
 
 _VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
 # A side-band pair is verified on at least this many of the 256 pixels that
@@ -467,9 +482,11 @@ class _Query:
     # (kind, grey level) of its content and bands that are one colour
     # (``uniform_level``): what meets a one-colour picture
     levels: tuple[tuple[int, float], ...] = ()
+    sha256: str = ""  # whose pixels ``EditCheck`` may fetch ("" : none)
+    content: tuple[float, float, float, float] | None = None  # ``ImageHashes.content_box``, any record version
 
     @classmethod
-    def of(cls, h: ImageHashes) -> "_Query":
+    def of(cls, h: ImageHashes, sha256: str = "") -> "_Query":
         pairs = _view_codes(h)
         kinds = np.array([k for k, _ in pairs], dtype=np.int64)
         codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
@@ -477,7 +494,8 @@ class _Query:
         extras = frame_extras(h.views, h.trimmed)
         framed = _framed(h.views, h.trimmed)
         levels = () if thumb is None else _uniform_levels(thumb, _TRIM if framed else _Q_FULL)
-        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, framed, thumb, h.content_box if extras else None, levels)
+        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, framed, thumb, h.content_box if extras else None, levels,
+                   sha256, h.content_box)
 
 
 def _uniform_levels(thumb: np.ndarray, content: int) -> tuple[tuple[int, float], ...]:
@@ -527,6 +545,24 @@ def _region(kind: int, box: tuple[float, float, float, float] | None) -> Box:
     cx0, cy0, cx1, cy1 = box
     cw, ch = max(cx1 - cx0, 1e-6), max(cy1 - cy0, 1e-6)
     return ((b[0] - cx0) / cw, (b[1] - cy0) / ch, (b[2] - cx0) / cw, (b[3] - cy0) / ch)
+
+
+def _pair_regions(q: "_Query", r: "_Rep", kind: int, slot: int) -> tuple[Box, Box] | None:
+    """The regions a query kind and a representative slot compare, in each
+    one's content coordinates; frame-relative pairs clipped alike to what
+    lies on both (None: too little)."""
+    qb, rb = _region(kind, q.box), _region(slot, r.box)
+    if kind in _FRAME_BOXES or slot in _FRAME_BOXES:
+        return _clip_pair(qb, rb)
+    return qb, rb
+
+
+def _in_frame(b: Box, content: tuple[float, float, float, float] | None) -> Box:
+    """A region in content (thumbnail) coordinates as fractions of the frame."""
+    if content is None:
+        return b
+    cw, ch = content[2] - content[0], content[3] - content[1]
+    return (content[0] + b[0] * cw, content[1] + b[1] * ch, content[0] + b[2] * cw, content[1] + b[3] * ch)
 
 
 _MIN_OVERLAP = 0.3  # of each side of a frame-relative pair that must lie on both thumbnails
@@ -608,7 +644,13 @@ class ClusterIndex:
         merge_strict: float = MERGE_STRICT,
         max_representatives: int = MAX_REPRESENTATIVES,
         representative_links: bool = True,
+        pixels: PixelSource | None = None,
+        edit_from: float = EDIT_FROM,
     ):
+        # Borderline pairs (residual >= edit_from) re-verified on the images'
+        # own pixels (``localized``); None: the 32x32 record alone decides
+        self.edits = EditCheck(pixels) if pixels is not None else None
+        self.edit_from = edit_from
         self.representative_links = representative_links  # ``_reps_join``; off: links by the image alone
         self.merge_strict = merge_strict
         self.verify_max = verify_max
@@ -671,7 +713,7 @@ class ClusterIndex:
         candidates; the image must match one of the cluster's representatives
         under the pair rule, so a chain of small drifts never reaches a
         different picture."""
-        near, pics, _ = self._pictures(sha256, hashes, _Query.of(hashes))
+        near, pics, _ = self._pictures(sha256, hashes, _Query.of(hashes, sha256))
         found = [Match(cluster_id=cid, distance=d, via=via) for cid, (_, d, via) in near.items()
                  if via == "sha256" or cid in pics]
         return sorted(found, key=self._rank)
@@ -765,7 +807,10 @@ class ClusterIndex:
         full picture closer than the image's own full frame does, i.e. the
         founder is a crop of this larger image. ``sides`` False: no side-band
         pairs (they may join an image, never link or trust: a side band
-        leaves out the part where two pictures may differ). One small
+        leaves out the part where two pictures may differ). With a pixel
+        source, a match whose smallest verified residual is at least
+        ``edit_from`` is re-verified on the images' own pixels
+        (``_is_edit``): None when they show an edit. One small
         popcount matrix per representative."""
         q = q or _Query.of(h)
         best = None
@@ -840,7 +885,13 @@ class ClusterIndex:
                 key = (*c, grows)
                 if best is None or key[:3] < best[:3] or (key[:3] == best[:3] and grows and not best[3]):
                     best = key
-        return None if best is None else (*best, resid, pair)
+        if best is None:
+            return None
+        # The picture's best pixel evidence is borderline: re-verified on the
+        # images' own pixels (one check per image and representative)
+        if pair is not None and self._is_edit(q, *pair, resid):
+            return None
+        return (*best, resid, pair)
 
     def _residual(self, q: "_Query", r: _Rep, kind: int, slot: int, search: bool = True,
                   quantile: float = 0.5, strict: bool = False) -> float | None:
@@ -851,12 +902,10 @@ class ClusterIndex:
         if self.verify_max is None or q.thumb is None or r.thumb is None:
             return None
         rt = r.thumb.astype(np.float32)
-        qb, rb = _region(kind, q.box), _region(slot, r.box)
-        if kind in _FRAME_BOXES or slot in _FRAME_BOXES:
-            clipped = _clip_pair(qb, rb)
-            if clipped is None:
-                return _UNVERIFIED
-            qb, rb = clipped
+        boxes = _pair_regions(q, r, kind, slot)
+        if boxes is None:
+            return _UNVERIFIED
+        qb, rb = boxes
         if not search:
             out = residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, quantile=quantile, smooth=strict)
         else:
@@ -877,6 +926,27 @@ class ClusterIndex:
         # the blurred regions at the named boxes agree closely
         blurred = residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=True)
         return blurred if blurred <= self.verify_smooth else out
+
+    def _is_edit(self, q: "_Query", r: _Rep, kind: int, slot: int, score: float | None) -> bool:
+        """Does a pair that verified on the 32x32 record, at a residual of at
+        least ``edit_from``, show an edit on the images' own pixels (one part
+        of the interior differs: ``localized``)? False whenever it cannot
+        tell -- no pixel source, a pixel-less side, either image's bytes
+        gone -- so the record alone decides, as without a source."""
+        if self.edits is None or score is None or score < self.edit_from or not q.sha256 or not r.sha256:
+            return False
+        boxes = _pair_regions(q, r, kind, slot)
+        if boxes is None:
+            return False
+        qb, rb = boxes
+        mirror = kind == _Q_MIRROR
+        qc = q.content
+        if mirror and qc is not None:  # the query's region is in its mirrored content
+            qc = (1 - qc[2], qc[1], 1 - qc[0], qc[3])
+        qf, rf = _in_frame(qb, qc), _in_frame(rb, r.box)
+        if mirror:  # back to the stored image's frame; ``is_edit`` flips image and boxes alike
+            qf = (1 - qf[2], qf[1], 1 - qf[0], qf[3])
+        return bool(self.edits.is_edit(q.sha256, qf, q.content, r.sha256, rf, r.box, mirror=mirror))
 
     def _flat_agrees(self, q: "_Query", r: _Rep, kind: int, slot: int) -> bool:
         """May a flat image (PDQ quality < ``FLAT_QUALITY``) and a detailed
@@ -924,7 +994,7 @@ class ClusterIndex:
             if r.thumb is None or not any(self._may_pair(r, d, radius) for d in dst_pics):
                 continue  # no hash of it comes near any of dst's: no match, and no pixels to compare
             h = r.hashes()
-            q = _Query.of(h)
+            q = _Query.of(h, r.sha256)
             # trusted against trusted: the join rule (would it join if it
             # came now?). Neither is a composite of the other side that got
             # in on a median match.
@@ -1035,7 +1105,7 @@ class ClusterIndex:
         if r.trust is not None and (r.trust[1] or r.trust[0] == len(founders)):
             return r.trust[1]
         h = r.hashes()
-        q = _Query.of(h)
+        q = _Query.of(h, r.sha256)
         m = self._picture_match(cluster_id, h, q, reps=founders, sides=False)
         ok = m is not None and self._links_by_pixels(q, m)
         r.trust = (len(founders), ok)
@@ -1075,7 +1145,7 @@ class ClusterIndex:
         if own is not None:
             self.touch(own, ts)
             return Assignment(cluster_id=own, new_cluster=False, new_member=False, merged=[], distance=0, via="sha256")
-        q = _Query.of(hashes)  # codes and thumbnail decoded once for every check below
+        q = _Query.of(hashes, sha256)  # codes and thumbnail decoded once for every check below
         near, pics, exhausted = self._pictures(sha256, hashes, q)
         if not pics:
             cid = cluster_id_for(sha256)

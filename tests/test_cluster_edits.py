@@ -1,0 +1,165 @@
+"""An edit of a picture stays apart from the picture (``ClusterIndex`` with a
+pixel source, ``detectors.neardup.localized``), its reposts do not.
+
+The 32x32 record verifies on the *median* residual, which ignores a caption
+over a sixth of the picture and so ignores an object painted into it just
+as well. A generative edit re-renders the whole picture slightly too (the
+residual lands in the borderline band, >= ``EDIT_FROM``), and there the
+images' own pixels are compared: one part of the interior differing by far
+more than the rest is an edit. The pictures are synthetic: a detailed
+photo-like picture, and a copy re-rendered with a smooth field of a few
+grey levels and one object painted in (another texture at the same mean,
+so pHash and the median barely move)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.neardup_transforms import _bar, _crop
+from detectors.hashing import ImageHashes, compute_hashes
+from detectors.imagedata import ImageData
+from detectors.neardup import ClusterIndex
+from detectors.neardup.clusters import _Query
+from detectors.neardup.localized import EDIT_PEAK, grey, local_peak
+from tests.test_cluster_splits import detailed
+
+
+def edited(img: Image.Image, seed: int, amp: float = 8.0, r: float = 0.1, contrast: float = 80.0) -> Image.Image:
+    """``img`` re-rendered (a smooth field of +-``amp`` grey levels) with one
+    object painted in: inside an ellipse of radius ``r`` (of the width), a
+    light-and-shadow texture at the region's own mean."""
+    w, h = img.size
+    rng = np.random.default_rng(seed + 100)
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    field = np.zeros((h, w))
+    for _ in range(3):
+        fx, fy, ph = rng.uniform(0.5, 2, 2).tolist() + [rng.uniform(0, 6.3)]
+        field += np.sin(2 * np.pi * (fx * x + fy * y) + ph)
+    a = np.asarray(img, dtype=float) + amp * field[..., None] / 2
+    inside = ((x - 0.45) / r) ** 2 + ((y - 0.5 * h / w) / (1.2 * r)) ** 2 <= 1
+    a[inside] = a[inside].mean(axis=0) + (contrast * np.sin(2 * np.pi * 6 * (x + 0.5 * y)))[inside][:, None]
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def jpeg(img: Image.Image, q: int = 88) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=q)
+    return buf.getvalue()
+
+
+class Blobs:
+    """A pixel source over bytes kept by sha256 (the blob store's role);
+    ``drop`` forgets one, as an evicted blob."""
+
+    def __init__(self):
+        self.data: dict[str, bytes] = {}
+        self.asked: list[str] = []
+
+    def add(self, data: bytes) -> tuple[str, ImageHashes]:
+        d = ImageData(data)
+        self.data[d.sha256] = data
+        return d.sha256, compute_hashes(d)
+
+    def __call__(self, sha256: str) -> bytes | None:
+        self.asked.append(sha256)
+        return self.data.get(sha256)
+
+
+# seed -> (re-render field, the painted object's contrast): the record's
+# residual in the band that is re-verified (>= EDIT_FROM), the object strong
+# enough to be an edit and mild enough that pHash still pairs the two
+EDIT = {1: (8.0, 80.0), 8: (10.0, 110.0)}
+SEEDS = list(EDIT)
+
+
+def _pair(seed: int):
+    img = detailed(seed, (480, 360), amp=0.5)
+    return img, edited(img, seed, amp=EDIT[seed][0], contrast=EDIT[seed][1])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_edit_verifies_on_the_record_in_the_borderline_band(seed: int):
+    """The precondition: without pixels the edit joins its picture, through a
+    pair whose median residual is in the band the pixels re-verify."""
+    img, ed = _pair(seed)
+    blobs = Blobs()
+    (sp, hp), (se, he) = blobs.add(jpeg(img)), blobs.add(jpeg(ed))
+    index = ClusterIndex()
+    founder = index.assign(sp, hp)
+    match = index._picture_match(founder.cluster_id, he, _Query.of(he, se))
+    assert match is not None and index.edit_from <= match[4] <= 6.0
+    assert index.assign(se, he).cluster_id == founder.cluster_id
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_local_peak_tells_the_edit_from_the_reposts(seed: int):
+    img, ed = _pair(seed)
+    g = grey(jpeg(img))
+    assert local_peak(grey(jpeg(ed)), (0, 0, 1, 1), g, (0, 0, 1, 1)) > EDIT_PEAK + 5
+    for copy in (jpeg(img, 70), jpeg(img.resize((240, 180)))):
+        assert local_peak(grey(copy), (0, 0, 1, 1), g, (0, 0, 1, 1)) < EDIT_PEAK / 2
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("edit_first", [False, True])
+def test_an_edited_copy_stays_apart_while_reposts_join(seed: int, edit_first: bool):
+    """With the pixel source the edit founds its own cluster (either order);
+    the picture's recompressed, half-size, captioned and 90%-cropped copies
+    join the picture, not the edit."""
+    img, ed = _pair(seed)
+    blobs = Blobs()
+    index = ClusterIndex(pixels=blobs)
+    orig, edit = blobs.add(jpeg(img)), blobs.add(jpeg(ed))
+    first, second = (edit, orig) if edit_first else (orig, edit)
+    a, b = index.assign(*first), index.assign(*second)
+    assert a.cluster_id != b.cluster_id and index.n_clusters == 2
+    picture = index.cluster_of(orig[0])
+    copies = [jpeg(img, 70), jpeg(img.resize((240, 180))),
+              jpeg(_bar(img, 1 / 8, "bottom", fill=(0, 0, 0), text="you won't believe this")), jpeg(_crop(img, 0.9))]
+    for data in copies:
+        sha, h = blobs.add(data)
+        assert index.assign(sha, h).cluster_id == picture
+    assert index.n_clusters == 2 and index.edits is not None and index.edits.runs >= 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_missing_blob_falls_back_to_the_record(seed: int):
+    """No bytes for the edit (blob evicted): the record alone decides, as
+    without a pixel source -- the edit joins, and the same ops give the same
+    clusters as an index without pixels."""
+    img, ed = _pair(seed)
+    blobs = Blobs()
+    orig = blobs.add(jpeg(img))
+    sha, h = ImageData(jpeg(ed)).sha256, compute_hashes(ImageData(jpeg(ed)))  # never stored
+    index, plain = ClusterIndex(pixels=blobs), ClusterIndex()
+    for ix in (index, plain):
+        ix.assign(*orig)
+    assert index.assign(sha, h).cluster_id == plain.assign(sha, h).cluster_id == index.cluster_of(orig[0])
+    assert sha in blobs.asked and index.edits.runs == 0
+
+
+def test_the_check_runs_only_on_borderline_pairs():
+    """A plain recompress verifies far below ``EDIT_FROM``: no pixels read."""
+    img = detailed(3, (480, 360), amp=0.5)
+    blobs = Blobs()
+    index = ClusterIndex(pixels=blobs)
+    index.assign(*blobs.add(jpeg(img)))
+    index.assign(*blobs.add(jpeg(img, 70)))
+    assert index.n_clusters == 1 and not blobs.asked and index.edits.runs == 0
+
+
+def test_the_same_ops_and_blobs_give_the_same_clusters():
+    """Replay: a fresh index fed the same ops over the same blobs decides
+    the same (the check reads content-addressed bytes only)."""
+    img, ed = _pair(1)
+    blobs = Blobs()
+    ops = [blobs.add(jpeg(ed)), blobs.add(jpeg(img)), blobs.add(jpeg(img, 70)), blobs.add(jpeg(_crop(img, 0.9)))]
+    runs = []
+    for _ in range(2):
+        index = ClusterIndex(pixels=blobs)
+        runs.append([index.assign(sha, h).cluster_id for sha, h in ops])
+    assert runs[0] == runs[1] and len(set(runs[0])) == 2
