@@ -138,7 +138,8 @@ class ClusterEngine:
         self._ops_since_sweep = 0
 
     def _new_index(self) -> ClusterIndex:
-        return ClusterIndex(**self.settings.dedupe.thresholds(), pixels=self.pixels)
+        return ClusterIndex(**self.settings.dedupe.thresholds(), pixels=self.pixels,
+                            pixel_limits=self.settings.decode_limits())
 
     # -- eviction -----------------------------------------------------------
     def evict_due(self) -> bool:

@@ -93,6 +93,7 @@ from detectors.hashing import (
     side_views, thumb_array,
 )
 from detectors.neardup.hamming import HammingIndex
+from detectors.imagedata import DecodeLimits
 from detectors.neardup.localized import EditCheck, PixelSource
 from detectors.neardup.verify import (
     FULL, VIEW_SLOT_BOXES, Box, aligned_residual, informative, residual, uniform_levels,
@@ -645,11 +646,13 @@ class ClusterIndex:
         max_representatives: int = MAX_REPRESENTATIVES,
         representative_links: bool = True,
         pixels: PixelSource | None = None,
+        pixel_limits: DecodeLimits | None = None,
         edit_from: float = EDIT_FROM,
     ):
         # Borderline pairs (residual >= edit_from) re-verified on the images'
         # own pixels (``localized``); None: the 32x32 record alone decides
-        self.edits = EditCheck(pixels) if pixels is not None else None
+        # the deployment's decode bounds for those pixels (None: ``DecodeLimits``' defaults)
+        self.edits = EditCheck(pixels, pixel_limits or DecodeLimits()) if pixels is not None else None
         self.edit_from = edit_from
         self.representative_links = representative_links  # ``_reps_join``; off: links by the image alone
         self.merge_strict = merge_strict
