@@ -158,8 +158,9 @@ class BankStore:
                     progress(p)
                 continue
             h = compute_hashes(data)
+            record = h.model_dump_json() if h.thumb is not None else None  # kept for its pixels only
             if have is not None:  # added before records were kept: now it can be verified on pixels
-                self._db.execute("UPDATE entries SET record = ? WHERE rowid = ?", (h.model_dump_json(), have[0]))
+                self._db.execute("UPDATE entries SET record = ? WHERE rowid = ?", (record, have[0]))
                 if progress:
                     progress(p)
                 continue
@@ -167,7 +168,7 @@ class BankStore:
                 "INSERT INTO entries (bank, entry_id, label, phash, pdq, pdq_quality, sha256, views, trimmed, record)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (name, str(next_id), p.name, h.phash, h.pdq, h.pdq_quality, data.sha256, ",".join(h.views or []) or None,
-                 int(h.trimmed), h.model_dump_json()),
+                 int(h.trimmed), record),
             )
             next_id += 1
             added += 1
@@ -254,7 +255,7 @@ class BankStore:
                 " e.record FROM entries e JOIN banks b ON b.name = e.bank ORDER BY e.rowid"
             ).fetchall()
             loaded = _Loaded()
-            loaded.records = {r[0]: r[10] for r in rows if r[10] and '"thumb":null' not in r[10]}
+            loaded.records = {r[0]: r[10] for r in rows if r[10]}
             loaded.recorded = frozenset(loaded.records)
             pq = [(r[0], r[5]) for r in rows if r[5] and (r[6] if r[6] is not None else _TRUSTED) >= self.pdq_min_quality]
             ids, codes = [], []
@@ -278,8 +279,8 @@ class _Loaded:
     def __init__(self) -> None:
         self.phash = HammingIndex(64)  # every entry's pHash codes
         self.pdq = HammingIndex(256)
-        # entries with a hash record that has a thumbnail: row -> its JSON,
-        # read when the hashes first nominate the entry
+        # entries with a hash record (written only with a thumbnail): row ->
+        # its JSON, parsed when the hashes first nominate the entry
         self.records: dict[int, str] = {}
         self.recorded: frozenset[int] = frozenset()
         self._parsed: dict[int, ImageHashes] = {}

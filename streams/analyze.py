@@ -18,8 +18,9 @@ from typing import NamedTuple
 from detectors.atomic_file import write_atomically
 from detectors.base import Detector, Evidence, EvidenceKind, create_all
 from detectors.hashing import HASHES_VERSION, ImageHashes, compute_hashes
-from detectors.imagedata import ImageData, process_budget
+from detectors.imagedata import ImageData, ImageRejected, process_budget
 from streams import metrics
+from streams.blobstore import DirectoryBlobStore
 from streams.recent import Recent
 from streams.records import ImageEvent, ImageRef, Sighting, SourceRef
 from streams.settings import Settings
@@ -137,10 +138,9 @@ class Analyzer:
     # Bump when cheap detectors change what they compute, so cached analyses
     # of old images are recomputed rather than reused (a new hash record
     # version does that by itself: it is part of the file name).
-    CACHE_VERSION = 4  # 4: hashes v6 (frame crops, content box); 3: off-centre and caption-band views
 
     def _cache_path(self, sha256: str) -> Path:
-        return self._cache_dir / f"{sha256}.v{self.CACHE_VERSION}.h{HASHES_VERSION}.json"
+        return analysis_path(self._cache_dir.parent, sha256)
 
     def _load_cache(self, sha256: str) -> tuple[ImageHashes, list[Evidence]] | None:
         path = self._cache_path(sha256)
@@ -159,6 +159,31 @@ class Analyzer:
         # write their own temp file; the last rename wins, same content.
         doc = {"hashes": hashes.model_dump(), "evidence": [e.model_dump() for e in evidence]}
         write_atomically(path, json.dumps(doc).encode())
+
+
+ANALYSIS_CACHE_VERSION = 4  # 4: hashes v6 (frame crops, content box); 3: off-centre and caption-band views
+
+
+def analysis_path(blob_root: Path, sha256: str) -> Path:
+    """Where the analyze stage keeps an image's hash record and cheap evidence."""
+    return blob_root / "analysis" / f"{sha256}.v{ANALYSIS_CACHE_VERSION}.h{HASHES_VERSION}.json"
+
+
+def recorded_hashes(settings: Settings, sha256: str) -> ImageHashes | None:
+    """A stored image's whole hash record, its 32x32 thumbnail included, for
+    readers of the findings store (whose members carry hashes without it):
+    the one the analyze stage kept, else computed again from the blob-store
+    bytes within the decode limits; None when neither is there or the bytes
+    do not decode."""
+    blob_root = Path(settings.data_dir) / "blobs"
+    try:
+        return ImageHashes.model_validate(json.loads(analysis_path(blob_root, sha256).read_text())["hashes"])
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        return compute_hashes(ImageData(DirectoryBlobStore(blob_root).get(sha256), limits=settings.decode_limits()))
+    except (OSError, ImageRejected):
+        return None
 
 
 def _without_inline(ref: ImageRef, sha256: str) -> ImageRef:

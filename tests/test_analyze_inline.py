@@ -152,3 +152,29 @@ def test_a_repost_of_a_large_picture_stays_on_the_loop_and_is_not_opened_again(s
     sightings = [ClusterOp.loads(r.op).sighting for r in results]
     assert {(s.sha256, s.width, s.height, s.format, s.hashes.model_dump_json()) for s in sightings}.__len__() == 1
     assert [s.event.event_id for s in sightings] == ["e0", "e1", "e2"]
+
+
+def test_recorded_hashes_come_from_the_analysis_kept_or_else_the_blob(tmp_path):
+    """Readers of the findings store (the desk, `deepwatch similar`) get an
+    image's whole hash record: the one the analyze stage kept, without
+    decoding anything, or else hashed again from its blob-store bytes."""
+    import io
+
+    import streams.analyze as analyze
+    from detectors.hashing import compute_hashes
+    from detectors.imagedata import ImageData
+    from streams.blobstore import DirectoryBlobStore
+    from tests.support import picture
+
+    settings = Settings(data_dir=tmp_path)
+    analyzer = analyze.Analyzer(settings, tmp_path / "blobs")
+    jpegs = []
+    for seed in (1, 2):
+        buf = io.BytesIO()
+        picture(seed, (200, 150)).save(buf, "JPEG", quality=85)
+        jpegs.append(buf.getvalue())
+    kept = analyzer._analyse(jpegs[0], ImageData(jpegs[0]).sha256).hashes  # analysed, its bytes never stored
+    assert analyze.recorded_hashes(settings, ImageData(jpegs[0]).sha256) == kept and kept.thumb
+    sha = DirectoryBlobStore(tmp_path / "blobs").put(jpegs[1])  # stored, never analysed
+    assert analyze.recorded_hashes(settings, sha) == compute_hashes(ImageData(jpegs[1]))
+    assert analyze.recorded_hashes(settings, "0" * 64) is None

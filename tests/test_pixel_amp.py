@@ -27,7 +27,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_amp_choice_follows_the_device():
-    from detectors.models.pixel_torch import amp_dtype
+    from detectors.models.device import amp_dtype
 
     assert amp_dtype("auto", "cpu") is None  # CPU autocast is slower than fp32 here
     assert amp_dtype("off", "cpu") is None

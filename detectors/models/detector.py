@@ -85,18 +85,17 @@ class ModelDetector(StagedDetector):
     def __init__(self, card: ModelCard, net: "torch.nn.Module", device: "torch.device"):
         import torch
 
+        from detectors.models.device import amp_dtype
+
         self.card = card
         self.name = f"model:{card.name}"  # type: ignore[misc]  # per-instance, one class serves many models
         self.version = card.version  # type: ignore[misc]
         self.device = device
         self.net = net.to(device).eval()
-        self._amp_dtype = None
+        self._amp_dtype = amp_dtype("auto", device)
         if device.type == "cuda":
             # NHWC lets cuDNN pick tensor-core kernels for the convolutions.
             self.net = self.net.to(memory_format=torch.channels_last)
-            # Native bf16 needs Ampere (sm_80) or newer; is_bf16_supported() also
-            # says yes for emulated bf16, which is slower than fp16 on T4/V100.
-            self._amp_dtype = torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
         self._infer_lock = threading.Lock()
 
     # -- the three steps -------------------------------------------------

@@ -80,3 +80,24 @@ def select_device(pref: str = "auto") -> "torch.device":
         return torch.device("mps")
     log.warning("unknown device %r; using cpu", pref)
     return torch.device("cpu")
+
+
+def amp_dtype(amp: str, device: "torch.device | str") -> "torch.dtype | None":
+    """The autocast dtype for ``amp`` (``auto | off | bf16 | fp16``) on ``device``.
+    ``auto``: on CUDA bf16 where it is native (Ampere, sm_80, on), else fp16;
+    nothing elsewhere (CPU autocast is slower than fp32 for these convolutions)."""
+    import torch
+
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if amp != "auto":
+        raise ValueError(f"amp must be auto, off, bf16 or fp16, not {amp!r}")
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    # is_bf16_supported() also says yes for emulated bf16, which is slower than fp16 on T4/V100
+    return torch.bfloat16 if torch.cuda.get_device_capability(dev)[0] >= 8 else torch.float16

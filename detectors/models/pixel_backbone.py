@@ -343,7 +343,7 @@ class Backbone:
             self._ort, self.quantized = _cpu_session(name, self.int8, self._build)
         if self._ort is None:
             self._build()
-            from detectors.models.pixel_torch import amp_dtype
+            from detectors.models.device import amp_dtype
 
             self._amp_dtype = amp_dtype(amp, self.device)
         self._lock = threading.Lock()

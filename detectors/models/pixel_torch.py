@@ -11,6 +11,7 @@ the graph afresh.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from functools import lru_cache
@@ -91,32 +92,11 @@ def taps_module(name: str, device: "torch.device | str" = "cpu") -> torch.nn.Mod
     return module.to(device).to(memory_format=torch.channels_last)
 
 
-def amp_dtype(amp: str, device: "torch.device | str") -> "torch.dtype | None":
-    """The autocast dtype for ``amp`` (``auto | off | bf16 | fp16``) on ``device``.
-    ``auto``: on CUDA bf16 where it is native (sm_80 on), else fp16; nothing
-    elsewhere (CPU autocast is slower than fp32 for these convolutions)."""
-    dev = torch.device(device)
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if amp != "auto":
-        raise ValueError(f"amp must be auto, off, bf16 or fp16, not {amp!r}")
-    if dev.type != "cuda":
-        return None
-    # is_bf16_supported() also says yes for emulated bf16, slower than fp16 on T4/V100
-    return torch.bfloat16 if torch.cuda.get_device_capability(dev)[0] >= 8 else torch.float16
-
-
 def forward_taps(module: torch.nn.Module, device: torch.device, x, amp: "torch.dtype | None" = None) -> tuple:
     """Taps for a numpy (N, 3, 224, 224) batch, as float32 numpy arrays;
     under autocast to ``amp`` when given (the pooled statistics come out in
     that dtype and are widened back)."""
-    with torch.inference_mode():
+    autocast = contextlib.nullcontext() if amp is None else torch.autocast(torch.device(device).type, dtype=amp)
+    with torch.inference_mode(), autocast:
         t = torch.from_numpy(x).to(device, memory_format=torch.channels_last)
-        if amp is None:
-            return tuple(o.float().cpu().numpy() for o in module(t))
-        with torch.autocast(torch.device(device).type, dtype=amp):
-            return tuple(o.float().cpu().numpy() for o in module(t))
+        return tuple(o.float().cpu().numpy() for o in module(t))

@@ -224,24 +224,17 @@ def _on_pixels(settings: Settings, sha256: str, hashes: Any, found: list[Any],
                members: dict[str, list[tuple[str, Any]]]) -> list[dict[str, Any]]:
     """The clusters the hashes found, kept when the image matches one of their
     members on pixels too, as the cluster writer decides. Stored members carry
-    hashes without the thumbnail, so each found cluster's members are hashed
-    again from the blob store; a member whose bytes are gone keeps its stored
-    hashes, which then decide alone. Without this, look-alikes (one prompt's
-    other seed) come back as "the same picture"."""
-    from detectors.hashing import compute_hashes
-    from detectors.imagedata import ImageData, ImageRejected
+    hashes without the thumbnail, so each found cluster's members are read
+    with their whole record (``recorded_hashes``); a member with neither record
+    nor bytes keeps its stored hashes, which then decide alone. Without this,
+    look-alikes (one prompt's other seed) come back as "the same picture"."""
     from detectors.neardup import ClusterIndex
-    from streams.blobstore import DirectoryBlobStore
+    from streams.analyze import recorded_hashes
 
-    blobs = DirectoryBlobStore(settings.data_dir / "blobs")
     index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)
     for f in found:
         for sha, stored in members.get(f.cluster_id, []):
-            try:
-                h = compute_hashes(ImageData(blobs.get(sha), limits=settings.decode_limits()))
-            except (OSError, ImageRejected):
-                h = stored
-            index.add(f.cluster_id, sha, h, representative=True)
+            index.add(f.cluster_id, sha, recorded_hashes(settings, sha) or stored, representative=True)
     return [
         {"cluster_id": m.cluster_id, "distance": m.distance, "via": m.via, "_rank": _rank(settings, m.distance, m.via)}
         for m in index.lookup(sha256, hashes)

@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from detectors.banks import BankStore
 from detectors.base import Evidence
-from detectors.hashing import ImageHashes, compute_hashes
-from detectors.imagedata import ImageData, ImageRejected
+from detectors.hashing import ImageHashes
+from streams.analyze import recorded_hashes
 from streams.blobstore import DirectoryBlobStore
 from streams.desk.alerting import AlertPath
 from streams.desk.auth import Principal
@@ -130,8 +130,8 @@ class Verdicts:
         private in-memory bank of just these pictures and the banks' own rule.
         Stored members carry hashes but no thumbnail, so a member the hashes
         nominate is checked again on its pixels from the blob store, as a repost
-        would be: a look-alike (one prompt's other seed) is not judged with it.
-        A member whose bytes are gone is taken on its hashes."""
+        would be (``recorded_hashes``): a look-alike (one prompt's other seed)
+        is not judged with it. A member with neither is taken on its hashes."""
         probe = BankStore(":memory:", **self.settings.dedupe.thresholds())
         try:
             probe.add_images("probe", verdict, paths)
@@ -147,12 +147,8 @@ class Verdicts:
             probe.close()
 
     def _pixels_agree(self, probe: BankStore, sha256: str) -> bool:
-        try:
-            data = ImageData(self.blobs.get(sha256), limits=self.settings.decode_limits())
-            full = compute_hashes(data)
-        except (OSError, ImageRejected):
-            return True  # no bytes to look at: the hashes decide, as before
-        return bool(probe.match(full))
+        full = recorded_hashes(self.settings, sha256)
+        return full is None or bool(probe.match(full))  # no record nor bytes: the hashes decide, as before
 
     # -- alerts ------------------------------------------------------------------
     async def _alerts(self, rec: VerdictRecord, cluster_ids: list[str]) -> list[str]:
