@@ -7,7 +7,9 @@ the consumer group. mode's ``Worker`` sleeps 1 s in a sentinel task at every
 shutdown after the app has already stopped (offsets committed, producer
 flushed), and up to 1 s more waiting for leftover tasks it then cancels.
 All of it is pure waiting: a replay pays it once per worker process, a
-long-lived worker never notices.
+long-lived worker never notices. ``PromptWorker`` also keeps the worker's
+command line as its process title (with its state), where Faust would put
+its own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 
 from faust.tables.manager import TableManager
+from setproctitle import getproctitle, setproctitle
 from faust.worker import Worker
 
 
@@ -26,6 +29,13 @@ class PromptTableManager(TableManager):
 
 
 class PromptWorker(Worker):
+    def _setproctitle(self, info: str, **_: object) -> None:
+        # Faust's title ("[Faust:Worker] -init- deepwatch -p 6066 ...") hides the role
+        # and names a web port no worker opens; keep the command line (a forked
+        # worker's is set by streams.zygote) and add the state.
+        base = getproctitle().split(" [", 1)[0]
+        setproctitle(f"{base} [{info}]")
+
     async def _sentinel_task(self) -> None:
         await asyncio.sleep(0)  # one more turn of the loop is all the sentinel is for
 

@@ -2,7 +2,9 @@
 accounting that says when every event is processed or dead-lettered.
 
 Used by ``deepwatch replay`` and ``deepwatch demo``, and by the end-to-end
-tests, so all three exercise exactly the same processes.
+tests, so all three exercise exactly the same processes. Workers are forked
+from a zygote that imported them once (``streams.zygote``;
+``settings.local_workers = "spawn"``: each a fresh interpreter).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from streams.ingest import Produced, produce_lines
 from streams.priority import renice_threads
 from streams.settings import Settings
 from streams.findings import open_findings
+from streams.zygote import Zygote, ZygoteChild
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ STOP_GRACE_S = {"detect": 2.0}
 @dataclass
 class WorkerProcess:
     role: str
-    proc: subprocess.Popen
+    proc: "subprocess.Popen | ZygoteChild"
     log_path: Path
     metrics_port: int | None = None
     expected_exit: bool = False
@@ -168,6 +171,7 @@ class Cluster:
     log_dir: Path
     workers: list[WorkerProcess] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # start-up phases, seconds
+    zygote: Zygote | None = None  # workers are forked from it when it runs (streams.zygote)
 
     def start_worker(self, role: str = "pipeline", metrics: bool = True) -> WorkerProcess:
         idx = sum(1 for w in self.workers if w.role == role)
@@ -183,11 +187,21 @@ class Cluster:
         # fraction of a second of CPU that, niced, took 6-8 s next to a
         # pipeline already at work) and lowers itself to DETECT_NICE after.
         args = ["--nice-after-load", str(DETECT_NICE)] if role == "detect" else []
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.worker", "--role", role, *args],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            )
+        argv = ["--role", role, *args]
+        proc: subprocess.Popen | ZygoteChild | None = None
+        if self.zygote is not None and self.zygote.alive():
+            log_path.touch()  # the child opens it moments later; readers of the log may look before
+            try:
+                proc = self.zygote.spawn(argv, env, log_path)
+            except RuntimeError as e:  # it failed to import or died: a fresh interpreter does the same job
+                log.warning("worker zygote unavailable; starting a fresh process", extra={"error": str(e)})
+                self.zygote = None
+        if proc is None:
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "streams.worker", *argv],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                )
         w = WorkerProcess(role, proc, log_path, port)
         self.workers.append(w)
         return w
@@ -240,12 +254,19 @@ class Cluster:
             w.terminate()
         for w in self.workers:
             w.wait_stopped(STOP_GRACE_S.get(w.role, 20.0))
+        if self.zygote is not None:
+            self.zygote.close()
 
 
 def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None = None) -> Cluster:
     log_dir = Path(log_dir or Path(settings.data_dir) / "logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    # First: the zygote imports what every worker needs while the broker starts.
+    zygote = None
+    if settings.local_workers == "fork":
+        zygote = Zygote({**LOCAL_THREAD_ENV, **os.environ})
+        stack.callback(zygote.close)  # also when the broker fails to start; Cluster.stop closes it after the workers
     if settings.broker == "embedded":
         broker = stack.enter_context(EmbeddedBroker(log_dir))
         broker_url, bootstrap = broker.url, broker.bootstrap
@@ -258,7 +279,7 @@ def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None 
         broker_url, bootstrap = settings.broker, bootstrap_of(settings.broker)
     t1 = time.monotonic()
     ensure_topics(bootstrap, topic_specs(settings), settings=settings)
-    cluster = Cluster(settings, broker_url, bootstrap, log_dir)
+    cluster = Cluster(settings, broker_url, bootstrap, log_dir, zygote=zygote)
     cluster.timings.update(broker_start=t1 - t0, topics=time.monotonic() - t1)
     stack.callback(cluster.stop)
     return cluster

@@ -206,6 +206,10 @@ class Settings(BaseSettings):
     metrics_port: int | None = None  # Prometheus /metrics on workers; 0 = any free port
     log_level: str = "INFO"
     log_format: str = "json"  # json | console
+    # Forked from one process that imported the pipeline once (streams.zygote:
+    # about a second of CPU less per worker), or each a fresh interpreter.
+    # `deepwatch worker` is always a process of its own.
+    local_workers: Literal["fork", "spawn"] = "fork"  # how replay/demo/run start local workers: fork / spawn
 
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     decode: DecodeSettings = Field(default_factory=DecodeSettings)

@@ -1,0 +1,251 @@
+"""Local worker processes forked from one that has already imported them.
+
+A local worker is a Python process that imports faust, aiokafka, numpy,
+PIL, pydantic and deepwatch's stages before it can join its group: about
+a second of CPU each. ``deepwatch replay`` starts three at once (two
+pipeline workers and the detect role), and on two cores those imports took
+3-4 s of every replay's start-up. The zygote imports them once, while the
+broker starts, and forks a worker per request: a fork shares the imported
+modules copy-on-write and starts at once.
+
+The zygote is ``python -m streams.zygote``, started by ``streams.runner``
+with the environment every local worker shares (one BLAS thread each, see
+``runner.LOCAL_THREAD_ENV``: read when numpy is imported, so here). It has
+one thread, so forking it is safe. Its protocol is JSON lines: requests
+``{"argv": [...], "env": {...}, "log": PATH}`` on stdin; on stdout
+``{"ready": true}`` once imported, ``{"pid": N}`` per request (in order) and
+``{"exit": N, "code": C}`` when a worker ends (``C`` as
+``subprocess.Popen.returncode``: negative for a signal). EOF on stdin ends
+the zygote; workers it forked run on until they are stopped.
+
+``ZygoteChild`` gives the runner the part of ``subprocess.Popen`` it uses
+(``pid``, ``poll``, ``wait``, ``send_signal``, ``kill``, ``returncode``).
+Production workers (``deepwatch worker``, one per container) are plain
+processes; the zygote is only for the local runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from setproctitle import getproctitle, setproctitle
+
+# What every role imports before it joins: the worker module, the Faust app,
+# the pipeline's stages. The detect role's model runtime is left out: it
+# brings native thread pools that are not safe to fork.
+PRELOAD = ("streams.worker", "streams.faust_app", "streams.faust_tuning", "streams.app", "streams.detect_worker")
+
+
+# -- the zygote process ----------------------------------------------------------
+def _child(req: dict) -> None:
+    """In the forked child: become the worker the request names. Never returns."""
+    code = 1
+    try:
+        # What a fresh interpreter starts with (the zygote ignores Ctrl-C: its
+        # workers stop through the runner, and it has nothing to clean up).
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.environ.clear()
+        os.environ.update(req["env"])
+        fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.close(null)
+        sys.argv = ["streams.worker", *req["argv"]]
+        # ps, top and anything that finds workers by command line (the kill drill, a
+        # memory watcher) see what a spawned worker shows, not the zygote's line
+        setproctitle(f"{sys.executable} -m streams.worker {' '.join(req['argv'])}")
+        from streams.worker import main
+
+        main(list(req["argv"]))  # exits the process itself (streams.worker._exit_now)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - the worker's own failure: in its log, as a spawned worker's would be
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _reap(out) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        out.write(json.dumps({"exit": pid, "code": code}) + "\n")
+        out.flush()
+
+
+def serve() -> None:
+    import importlib
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the runner stops us
+    setproctitle(getproctitle())  # claims the argv and environ memory now, while environ is the one it started with
+    for name in PRELOAD:
+        importlib.import_module(name)
+    out = os.fdopen(os.dup(1), "w")
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    buf = b""
+    while True:
+        ready, _, _ = select.select([0], [], [], 0.05)
+        _reap(out)
+        if not ready:
+            continue
+        chunk = os.read(0, 65536)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            req = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                out.close()
+                _child(req)
+            out.write(json.dumps({"pid": pid}) + "\n")
+            out.flush()
+
+
+# -- the runner's side ------------------------------------------------------------
+class ZygoteChild:
+    """A worker the zygote forked: the ``subprocess.Popen`` surface the runner uses."""
+
+    def __init__(self, zygote: "Zygote", pid: int):
+        self._zygote = zygote
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._zygote.exit_code(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._zygote.wait_exit(self.pid, timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0.0)
+        self.returncode = code
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Zygote:
+    """Start the zygote (``start``), fork workers from it (``spawn``), and
+    follow their exits. Started early, it imports while the broker starts;
+    ``spawn`` waits for it to be ready."""
+
+    def __init__(self, env: dict[str, str]):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=None, env=env, bufsize=0,
+        )
+        self._cond = threading.Condition()
+        self._ready = False
+        self._pids: list[int] = []
+        self._exits: dict[int, int] = {}
+        self._lock = threading.Lock()  # one request in flight: answers come in request order
+        self._reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            msg = json.loads(raw)
+            with self._cond:
+                if msg.get("ready"):
+                    self._ready = True
+                elif "pid" in msg:
+                    self._pids.append(msg["pid"])
+                elif "exit" in msg:
+                    self._exits[msg["exit"]] = msg["code"]
+                self._cond.notify_all()
+        with self._cond:
+            self._ready = False
+            self._cond.notify_all()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def spawn(self, argv: list[str], env: dict[str, str], log: Path, timeout_s: float = 60.0) -> ZygoteChild:
+        with self._lock:
+            deadline = time.monotonic() + timeout_s
+            with self._cond:
+                while not self._ready:
+                    if not self.alive() or not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                        raise RuntimeError(f"the worker zygote is not running (exit {self.proc.poll()})")
+                n = len(self._pids)
+            assert self.proc.stdin is not None
+            self.proc.stdin.write((json.dumps({"argv": argv, "env": env, "log": str(log)}) + "\n").encode())
+            with self._cond:
+                while len(self._pids) == n:
+                    if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                        raise RuntimeError("the worker zygote did not answer")
+                return ZygoteChild(self, self._pids[n])
+
+    def exit_code(self, pid: int) -> int | None:
+        with self._cond:
+            return self._exits.get(pid)
+
+    def wait_exit(self, pid: int, timeout: float | None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while pid not in self._exits:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                if not self.alive() and pid not in self._exits:
+                    # the zygote is gone and cannot report: ask the kernel whether the pid still runs
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        return -signal.SIGKILL
+                self._cond.wait(0.05 if left is None else min(left, 0.05))
+            return self._exits[pid]
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+if __name__ == "__main__":
+    serve()
+    os._exit(0)  # no interpreter teardown of everything it preloaded (a few tenths of a second)

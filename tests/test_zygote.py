@@ -1,0 +1,75 @@
+"""Local workers forked from the zygote (streams.zygote): each gets its
+request's environment, argv and log file, and the runner follows, signals and
+reaps it as it does a spawned process; `local_workers = "spawn"` still starts
+fresh interpreters."""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from streams import runner
+from streams.settings import Settings
+from streams.zygote import Zygote
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
+def test_a_forked_worker_runs_the_worker_entry_point_with_the_request_env_and_log(tmp_path):
+    z = Zygote(dict(os.environ))
+    try:
+        log = tmp_path / "w.log"
+        # The embedded broker is refused by `deepwatch worker` with one line and exit 1:
+        # the worker's own main ran in the child, with this env, writing to this log.
+        child = z.spawn(["--role", "pipeline"], {**os.environ, "DEEPWATCH_BROKER": "embedded"}, log)
+        assert child.wait(30) == 1 and child.poll() == 1
+        assert "a worker needs --broker" in log.read_text()
+        other = z.spawn(["--role", "pipeline"], {**os.environ, "DEEPWATCH_BROKER": "kafka://127.0.0.1:1"},
+                        tmp_path / "x.log")
+        assert other.wait(30) == 1
+        assert "cannot reach the Kafka broker at 127.0.0.1:1" in (tmp_path / "x.log").read_text()
+    finally:
+        z.close()
+    assert z.proc.poll() == 0  # EOF on its stdin ends it
+
+
+@pytest.mark.slow
+def test_runner_forks_workers_that_stop_on_sigterm_and_report_sigkill(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    assert settings.local_workers == "fork"
+    with ExitStack() as stack:
+        cluster = runner.start_cluster(settings, stack)
+        assert cluster.zygote is not None
+        w = cluster.start_worker("pipeline")
+        cluster.wait_ready(timeout_s=60)
+        assert "Worker ready" in w.log_path.read_text()
+        assert parent_of(w.proc.pid) == cluster.zygote.proc.pid  # forked, not a fresh interpreter
+        # ps shows the worker's role and state, not the zygote's command line
+        assert b"streams.worker --role pipeline [init]" in Path(f"/proc/{w.proc.pid}/cmdline").read_bytes()
+        w.stop(timeout=30)
+        assert w.proc.returncode == 0, w.log_path.read_text()[-2000:]
+
+        killed = cluster.start_worker("pipeline")
+        cluster.wait_ready(timeout_s=60)
+        killed.kill()
+        assert killed.proc.returncode == -signal.SIGKILL
+        zygote = cluster.zygote
+    assert zygote.proc.poll() is not None  # closed with the cluster
+
+
+@pytest.mark.slow
+def test_spawn_mode_starts_fresh_interpreters(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", local_workers="spawn")
+    with ExitStack() as stack:
+        cluster = runner.start_cluster(settings, stack)
+        assert cluster.zygote is None
+        w = cluster.start_worker("pipeline")
+        cluster.wait_ready(timeout_s=60)
+        assert parent_of(w.proc.pid) == os.getpid()
