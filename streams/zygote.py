@@ -218,23 +218,28 @@ class Zygote:
 
     def exit_code(self, pid: int) -> int | None:
         with self._cond:
-            return self._exits.get(pid)
+            if pid in self._exits:
+                return self._exits[pid]
+        if self.alive():
+            return None
+        # The zygote is gone (killed, out of memory) and can no longer report:
+        # its orphans are reaped by init, so a pid that is gone has exited, how is lost.
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return -signal.SIGKILL
+        return None
 
     def wait_exit(self, pid: int, timeout: float | None) -> int | None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while pid not in self._exits:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                if not self.alive() and pid not in self._exits:
-                    # the zygote is gone and cannot report: ask the kernel whether the pid still runs
-                    try:
-                        os.kill(pid, 0)
-                    except ProcessLookupError:
-                        return -signal.SIGKILL
-                self._cond.wait(0.05 if left is None else min(left, 0.05))
-            return self._exits[pid]
+        while True:
+            code = self.exit_code(pid)
+            left = None if deadline is None else deadline - time.monotonic()
+            if code is not None or (left is not None and left <= 0):
+                return code
+            with self._cond:
+                if pid not in self._exits:
+                    self._cond.wait(0.05 if left is None else min(left, 0.05))
 
     def close(self) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.closed:

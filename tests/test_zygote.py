@@ -73,3 +73,20 @@ def test_spawn_mode_starts_fresh_interpreters(tmp_path):
         w = cluster.start_worker("pipeline")
         cluster.wait_ready(timeout_s=60)
         assert parent_of(w.proc.pid) == os.getpid()
+
+
+@pytest.mark.slow
+def test_a_worker_whose_zygote_died_is_still_followed(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    with ExitStack() as stack:
+        cluster = runner.start_cluster(settings, stack)
+        w = cluster.start_worker("pipeline")
+        cluster.wait_ready(timeout_s=60)
+        cluster.zygote.proc.kill()  # e.g. the out-of-memory killer
+        cluster.zygote.proc.wait()
+        assert w.proc.poll() is None  # the worker runs on, reparented
+        os.kill(w.proc.pid, signal.SIGKILL)
+        assert w.proc.wait(10) == -signal.SIGKILL  # its end is still seen, if not how
+        with pytest.raises(RuntimeError, match="pipeline worker exited"):
+            cluster.check_workers()
+        w.expected_exit = True
