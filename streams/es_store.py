@@ -35,7 +35,7 @@ from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, Source
 
 log = logging.getLogger("deepwatch.es")
 
-PROCESSED_MARGIN_MS = 30_000  # re-read window of processed_since: refresh interval + writer clock skew
+PROCESSED_MARGIN_MS = 30_000  # re-read window of processed_since and changes_since: refresh interval + writer clock skew
 MAX_CANDIDATES = 10_000  # index.max_result_window: a search matches at most this many clusters
 PAGE = 1000
 STATS_CHUNK = 200  # clusters per sightings-statistics request
@@ -170,6 +170,8 @@ def dead_letter_key(dl: DeadLetter) -> str:
 
 
 class EsFindingsStore:
+    changes_margin_ms = PROCESSED_MARGIN_MS  # how far before its cursor ``changes_since`` looks again
+
     def __init__(self, config: EsConfig, *, prefix: str = "deepwatch", settings: Any | None = None, client: Any = None):
         self.config = config
         self.prefix = prefix
@@ -417,6 +419,40 @@ class EsFindingsStore:
         if limit:
             docs = docs[:limit]
         return self._records(docs)
+
+    def clusters_by_id(self, ids: set[str]) -> list[ClusterRecord]:
+        """These clusters' records (merged ones too), built exactly as ``clusters`` builds them."""
+        wanted = sorted(ids)
+        docs: list[dict[str, Any]] = []
+        for i in range(0, len(wanted), PAGE):
+            docs += [h["_source"] for h in self._scan(self.names["clusters"], {"ids": {"values": wanted[i:i + PAGE]}},
+                                                      [{"cluster_id": "asc"}], _READ_SOURCE)]
+        return self._records(docs)
+
+    def changes_since(self, cursor: int | None) -> tuple[set[str] | None, int]:
+        """The clusters whose records may differ from when ``cursor`` (a value
+        this method returned) was taken, and the cursor to ask with next time;
+        None instead of a set when there is no cursor yet (read everything).
+        Every revision of a cluster -- a sighting, a merge, a model result --
+        rewrites its document with its writer's clock (``updated_at``). The
+        cursor is the newest ``updated_at`` seen (epoch ms), and each call
+        re-reads a margin before it, as ``processed_since`` does (refresh
+        interval plus clock skew between writers): a document made visible
+        late is still seen, at the price of re-reading the last margin's
+        clusters."""
+        index = self.names["clusters"]
+        if cursor is None:
+            hits = self._search(index, query={"match_all": {}}, size=1, sort=[{"updated_at": "desc"}],
+                                source=["updated_at"])["hits"]["hits"]
+            newest = _epoch_ms(hits[0]["_source"]["updated_at"]) if hits and hits[0]["_source"].get("updated_at") else 0
+            return None, newest
+        query = {"range": {"updated_at": {"gte": cursor - self.changes_margin_ms, "format": "epoch_millis"}}}
+        ids: set[str] = set()
+        newest = cursor
+        for h in self._scan(index, query, [{"updated_at": "asc"}, {"cluster_id": "asc"}], ["cluster_id", "updated_at"]):
+            ids.add(h["_source"]["cluster_id"])
+            newest = max(newest, _epoch_ms(h["_source"]["updated_at"]))
+        return ids, newest
 
     def cluster(self, cluster_id: str) -> ClusterRecord | None:
         hits = self._search(self.names["clusters"], query={"ids": {"values": [cluster_id]}}, size=1,

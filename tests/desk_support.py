@@ -97,6 +97,14 @@ def small_store(data: Path, store=None) -> dict[str, str]:
     return out
 
 
+def close_sources(*sources) -> None:
+    """Close desk read sources (``FindingsSource``) a test opened, with their desk databases."""
+    for s in sources:
+        if s is not None:
+            s.close()
+            s.desk.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ from streams.findings import open_findings
 from streams.settings import Settings, WebhookSettings
 from streams.store import open_store
 from streams.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from tests.desk_support import make_cluster, small_store
+from tests.desk_support import close_sources, make_cluster, small_store
 
 EDITOR_TOKEN = "editor-token-0123456789abcdef"
 VIEWER_TOKEN = "viewer-token-0123456789abcdef"
@@ -565,10 +565,7 @@ def test_the_desk_reads_only_the_clusters_that_changed(tmp_path):
         src._all()
         assert len(read_by_id) == 2  # nothing changed: nothing read
     finally:
-        for s in (src, fresh):
-            if s is not None:
-                s.close()
-                s.desk.close()
+        close_sources(src, fresh)
         writer.close()
 
 

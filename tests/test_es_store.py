@@ -18,6 +18,7 @@ from streams import es_templates as T
 from streams.es_store import EsCompatError, EsConfig, EsError, EsFindingsStore, client_major
 from streams.findings import ClusterQuery
 from streams.settings import FindingsSettings, Settings
+from tests.desk_support import close_sources
 from tests.fake_es import FakeElasticsearch, error_body, rejected_execution
 from tests.findings_fixture import fill, snapshots
 
@@ -619,3 +620,46 @@ def test_webhook_redelivery_reads_and_marks_deliveries_in_elasticsearch(fake_es,
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_the_desk_reads_only_the_clusters_that_changed_on_elasticsearch(fake_es, tmp_path):
+    """The desk's cache on an Elasticsearch store: after its first full read
+    it asks ``changes_since`` (documents rewritten since the newest
+    ``updated_at`` it saw, a margin before it) and reads just those again --
+    a new revision, a merge, a new cluster -- ending equal to a full read."""
+    import time as _time
+
+    from streams.desk.deskdb import DeskDB
+    from streams.desk.source import FindingsSource
+    from tests.test_store import _sighting, _snap
+
+    writer = _store(fake_es)
+    writer.apply_snapshots([_snap(f"c{i}", 1, sighting=_sighting(f"e{i}", f"{i:064x}", i)) for i in range(60)])
+    _time.sleep(0.01)  # a batch shares its updated_at: the newest write before the desk looks is this one alone
+    writer.apply_snapshots([_snap("c99", 1, sighting=_sighting("e99", "9" * 64, 99))])
+    writer.refresh()
+    reader = _store(fake_es)
+    reader.changes_margin_ms = 1  # the fake has no refresh delay or clock skew to cover
+    read_by_id: list[set[str]] = []
+    by_id = reader.clusters_by_id
+    reader.clusters_by_id = lambda ids: read_by_id.append(set(ids)) or by_id(ids)  # type: ignore[method-assign]
+    src = FindingsSource(reader, DeskDB(tmp_path / "desk.sqlite"), ttl_s=0.0)
+    fresh = None
+    try:
+        assert len(src._all()) == 61 and read_by_id == []  # the first read is a full one
+        _time.sleep(0.01)  # later writes carry a later updated_at
+        writer.apply_snapshots([
+            _snap("c1", 2, sighting=_sighting("e1b", "a" * 64, 100), score=0.9),
+            _snap("c3", 2, merged_into="c2"), _snap("c2", 2, merged_from=["c3"]),
+            _snap("c60", 1, sighting=_sighting("e60", "b" * 64, 101)),
+        ])
+        writer.refresh()
+        got = src._all()
+        # what changed, and the newest write it had already seen (the margin looks again)
+        assert read_by_id == [{"c1", "c2", "c3", "c60", "c99"}]
+        assert got["c1"]["fake_score"] == 0.9 and got["c3"]["merged_into"] == "c2" and "c60" in got
+        fresh = FindingsSource(_store(fake_es), DeskDB(tmp_path / "desk2.sqlite"))
+        assert got == fresh._all()
+    finally:
+        close_sources(src, fresh)
+        writer.close()

@@ -125,7 +125,7 @@ class FindingsSource:
     def _all(self) -> dict[str, dict[str, Any]]:
         """Every cluster (merged ones too) with the overlay applied, cached
         until the store or the desk's verdicts change. When only the store
-        changed and it can say which clusters (``changes_since``: SQLite),
+        changed and it can say which clusters (``changes_since``: SQLite, Elasticsearch),
         just those are read again: with workers writing all the time, a full
         read of 10,000 clusters cost ~1.5 s on every queue refresh."""
         with self._lock:
