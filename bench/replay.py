@@ -17,8 +17,9 @@ mean much):
 
 With ``--filer`` (the issue's way): the wall time of ``deepwatch replay`` as a
 user runs it (start-up included; by default once with replay's own worker
-count and once with 1) against the naive pipeline as its own process, and
-event→alert latency at 3x the naive pipeline's events/s (the issue's load)
+count and once with 1) against the naive pipeline as its own process, the
+CPU seconds of each one's whole process tree (what a busy machine has to
+find for it), and event→alert latency at 3x the naive pipeline's events/s (the issue's load)
 and at fractions of the best replay's rate.
 
 Usage: python bench/replay.py [--pictures 60] [--reposts 6] [--workers 2] [--rate 20]
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -226,15 +228,24 @@ def build_filer_feed(root: Path, events: int, pictures: int, seed: int = 10, max
     return feed
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every descendant process waited for so
+    far: around one ``subprocess.run`` it is that command's whole process
+    tree (a replay's CLI, broker, zygote and workers: each is reaped by its
+    parent before the command exits)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def naive_process(feed: Path) -> dict:
     """The naive pipeline as its own process (its imports and start-up count):
-    wall seconds from spawn to exit, and its loop's events/s."""
-    t0 = time.perf_counter()
+    wall seconds from spawn to exit, CPU seconds, and its loop's events/s."""
+    t0, c0 = time.perf_counter(), children_cpu()
     out = subprocess.run([sys.executable, str(REPO / "bench" / "naive_pipeline.py"), str(feed)],
                          capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
     doc = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "loop_eps": doc["eps"]}
+    return {"wall_s": wall, "cpu_s": children_cpu() - c0, "loop_eps": doc["eps"]}
 
 
 def replay_process(feed: Path, data_dir: Path, workers: int | None, extra: list[str] = (), repo: Path = REPO) -> dict:
@@ -245,13 +256,14 @@ def replay_process(feed: Path, data_dir: Path, workers: int | None, extra: list[
     cmd = [sys.executable, "-m", "streams.cli", "replay", str(feed),
            *([] if workers is None else ["--workers", str(workers)]),
            "--data-dir", str(data_dir), "--format", "json", *extra]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), children_cpu()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"replay failed ({out.returncode}):\n{out.stderr[-4000:]}")
     summary = json.loads(out.stdout)
     summary["wall_s"] = wall
+    summary["cpu_s"] = children_cpu() - c0
     return summary
 
 
@@ -366,8 +378,10 @@ def filer(args: argparse.Namespace) -> None:
         naive_walls.append(naive_process(feed))  # interleaved: the machine is shared
     naive_wall = statistics.median(r["wall_s"] for r in naive_walls)
     naive_loop = statistics.median(r["loop_eps"] for r in naive_walls)
+    naive_cpu = statistics.median(r["cpu_s"] for r in naive_walls)
     print(f"naive single process (full decode, imagehash+pdqhash, linear scan), {len(naive_walls)} runs: "
-          f"wall {naive_wall:.1f}s incl. start-up = {n / naive_wall:.1f} events/s; loop alone {naive_loop:.1f} events/s")
+          f"wall {naive_wall:.1f}s incl. start-up = {n / naive_wall:.1f} events/s; loop alone {naive_loop:.1f} events/s; "
+          f"{naive_cpu:.1f} CPU-s")
     for label, s in runs:
         t = s.get("timings") or {}
         ingest = s.get("ingest_seconds") or s["seconds"]
@@ -379,7 +393,9 @@ def filer(args: argparse.Namespace) -> None:
               f"({s.get('models_pending', 0)} clusters without model result); complete={s['complete']}, "
               f"{s['sightings']} sightings, {sum(s['dead_letters'].values())} dead letters, {s['clusters']} clusters, "
               f"{s['alerts']} alerts (event->alert in this backlog replay: "
-              f"{'-' if lat is None else f'p95 {lat * 1000:.0f} ms'})")
+              f"{'-' if lat is None else f'p95 {lat * 1000:.0f} ms'}); "
+              # the whole process tree's CPU: what a machine busy with other work has to find for it
+              f"{s['cpu_s']:.1f} CPU-s = {s['cpu_s'] / naive_cpu:.2f}x the naive pipeline's")
         if t:
             print("  phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if isinstance(v, (int, float))))
         for role, stages in (s.get("stage_seconds") or {}).items():
