@@ -151,6 +151,13 @@ MAX_REPRESENTATIVES = 8
 # tells apart at 4.6-5.8, while 98% of same-picture joins verify below 4.5
 # and never pay for the check (~0.15 s).
 EDIT_FROM = 4.5
+# Links that would *join two existing clusters* (an image linking several,
+# a representative link, a bridge) are re-verified on pixels from this
+# lower residual (session 10): merges are rare (~1% of assigns) and one
+# wrong merge mixes two whole clusters -- the bench's flux / Stable Cascade
+# inpaintings met again through a representative link at 4.33 after their
+# first join was refused.
+MERGE_EDIT_FROM = 0.0
 
 _VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
 # A side-band pair is verified on at least this many of the 256 pixels that
@@ -592,6 +599,9 @@ class _Cluster:
     reps: list[_Rep] = field(default_factory=list)
     first: _Rep | None = None  # stands in as representative if none was marked
     last_seen: float | None = None
+    # an edit check told one of its pictures from another image's: its
+    # joins are re-verified on pixels from ``merge_edit_from`` (see ``assign``)
+    apart: bool = False
 
     def pictures(self) -> list[_Rep]:
         return self.reps or ([self.first] if self.first else [])
@@ -648,12 +658,17 @@ class ClusterIndex:
         pixels: PixelSource | None = None,
         pixel_limits: DecodeLimits | None = None,
         edit_from: float = EDIT_FROM,
+        merge_edit_from: float | None = MERGE_EDIT_FROM,
     ):
         # Borderline pairs (residual >= edit_from) re-verified on the images'
         # own pixels (``localized``); None: the 32x32 record alone decides
         # the deployment's decode bounds for those pixels (None: ``DecodeLimits``' defaults)
         self.edits = EditCheck(pixels, pixel_limits or DecodeLimits()) if pixels is not None else None
         self.edit_from = edit_from
+        # the same for decisions between pictures (merges, a choice among
+        # several, joins of a cluster marked ``apart``); None: off (session 9)
+        self.merge_edit_from = merge_edit_from
+        self._edit_pairs: list[tuple[str, str]] = []  # (image, representative) the check told apart this assign
         self.representative_links = representative_links  # ``_reps_join``; off: links by the image alone
         self.merge_strict = merge_strict
         self.verify_max = verify_max
@@ -892,7 +907,8 @@ class ClusterIndex:
             return None
         # The picture's best pixel evidence is borderline: re-verified on the
         # images' own pixels (one check per image and representative)
-        if pair is not None and self._is_edit(q, *pair, resid):
+        floor = self.merge_edit_from if self._clusters[cluster_id].apart else None  # None: edit_from
+        if pair is not None and self._is_edit(q, *pair, resid, floor=floor):
             return None
         return (*best, resid, pair)
 
@@ -930,13 +946,22 @@ class ClusterIndex:
         blurred = residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=True)
         return blurred if blurred <= self.verify_smooth else out
 
-    def _is_edit(self, q: "_Query", r: _Rep, kind: int, slot: int, score: float | None) -> bool:
+    def _merge_edit(self, q: "_Query", m: tuple | None) -> bool:
+        """Does this picture match, about to merge two clusters, show an edit
+        on pixels? The stricter rule for merges: re-verified from
+        ``merge_edit_from`` rather than ``edit_from``."""
+        return (self.merge_edit_from is not None and m is not None and m[5] is not None
+                and self._is_edit(q, *m[5], m[4], floor=self.merge_edit_from))
+
+    def _is_edit(self, q: "_Query", r: _Rep, kind: int, slot: int, score: float | None,
+                 floor: float | None = None) -> bool:
         """Does a pair that verified on the 32x32 record, at a residual of at
         least ``edit_from``, show an edit on the images' own pixels (one part
         of the interior differs: ``localized``)? False whenever it cannot
         tell -- no pixel source, a pixel-less side, either image's bytes
         gone -- so the record alone decides, as without a source."""
-        if self.edits is None or score is None or score < self.edit_from or not q.sha256 or not r.sha256:
+        floor = self.edit_from if floor is None else floor
+        if self.edits is None or score is None or score < floor or not q.sha256 or not r.sha256:
             return False
         boxes = _pair_regions(q, r, kind, slot)
         if boxes is None:
@@ -949,7 +974,10 @@ class ClusterIndex:
         qf, rf = _in_frame(qb, qc), _in_frame(rb, r.box)
         if mirror:  # back to the stored image's frame; ``is_edit`` flips image and boxes alike
             qf = (1 - qf[2], qf[1], 1 - qf[0], qf[3])
-        return bool(self.edits.is_edit(q.sha256, qf, q.content, r.sha256, rf, r.box, mirror=mirror))
+        edit = bool(self.edits.is_edit(q.sha256, qf, q.content, r.sha256, rf, r.box, mirror=mirror))
+        if edit:
+            self._edit_pairs.append((q.sha256, r.sha256))
+        return edit
 
     def _flat_agrees(self, q: "_Query", r: _Rep, kind: int, slot: int) -> bool:
         """May a flat image (PDQ quality < ``FLAT_QUALITY``) and a detailed
@@ -1005,13 +1033,15 @@ class ClusterIndex:
             if trusted and self._trusted(src, r):
                 m = self._picture_match(dst, h, q, reps=trusted, align=align, sides=False)
                 if m is not None and m[4] < _UNVERIFIED:
-                    return r, m
+                    if not self._merge_edit(q, m):
+                        return r, m
+                    continue  # an edit of dst's picture on pixels: no link through this one
                 same = len(trusted) == len(dst_pics)  # every picture trusted: the call below is this one
             # other anchors may be such composites (three quarters of each of
             # two pictures): as strict as a link by an image's own pixels
             if not same:
                 m = self._picture_match(dst, h, q, reps=dst_reps, align=align, sides=False)
-            if m is not None and self._links_by_pixels(q, m):
+            if m is not None and self._links_by_pixels(q, m) and not self._merge_edit(q, m):
                 return r, m
         return None
 
@@ -1138,6 +1168,22 @@ class ClusterIndex:
     def assign(self, sha256: str, hashes: ImageHashes, *, ts: float | None = None) -> Assignment:
         """Put this image in a cluster (joining, founding or merging) and index it.
 
+        The clusters of both sides of every pair the edit check told apart
+        on the way are marked ``apart``: their pictures have a look-alike
+        edit, so a later copy joining one of them is re-verified on pixels
+        from ``merge_edit_from`` -- a recompressed copy of the edit, at a
+        residual below ``edit_from``, would otherwise undo the refusal."""
+        self._edit_pairs = []
+        out = self._assign(sha256, hashes, ts=ts)
+        for pair in self._edit_pairs:
+            for sha in pair:
+                if (cid := self._member_cluster.get(sha)) is not None:
+                    self._clusters[cid].apart = True
+        return out
+
+    def _assign(self, sha256: str, hashes: ImageHashes, *, ts: float | None = None) -> Assignment:
+        """``assign`` without the marks.
+
         It joins a cluster only when it matches the cluster's picture (its
         representatives, with their views). Matching several clusters links
         them only when both hashes agree with each side's picture
@@ -1150,6 +1196,13 @@ class ClusterIndex:
             return Assignment(cluster_id=own, new_cluster=False, new_member=False, merged=[], distance=0, via="sha256")
         q = _Query.of(hashes, sha256)  # codes and thumbnail decoded once for every check below
         near, pics, exhausted = self._pictures(sha256, hashes, q)
+        if len(pics) >= 2 and self.edits is not None and self.merge_edit_from is not None:
+            # The image shows several pictures: it may link them, or must
+            # choose one. Both are decisions between pictures, so each
+            # candidate is re-verified on pixels from ``merge_edit_from``
+            # (not only borderline pairs): one that shows an edit of the
+            # image is neither linked nor joined. None left: a picture of its own.
+            pics = {c: p for c, p in pics.items() if not self._merge_edit(q, p)}
         if not pics:
             cid = cluster_id_for(sha256)
             n = 16
@@ -1350,6 +1403,7 @@ class ClusterIndex:
             self._member_cluster[sha] = into
         dst.members.extend(src.members)
         dst.reps.extend(src.pictures())
+        dst.apart = dst.apart or src.apart
         if src.last_seen is not None:
             self.touch(into, src.last_seen)
 
