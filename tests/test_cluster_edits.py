@@ -163,3 +163,41 @@ def test_the_same_ops_and_blobs_give_the_same_clusters():
         index = ClusterIndex(pixels=blobs)
         runs.append([index.assign(sha, h).cluster_id for sha, h in ops])
     assert runs[0] == runs[1] and len(set(runs[0])) == 2
+
+
+def _feed(img: Image.Image, ed: Image.Image) -> list[tuple[str, Image.Image]]:
+    """The edit's and the picture's reposts, interleaved (``_bar``/``_crop`` shapes of the bench)."""
+    from bench.neardup_transforms import CLUSTER_TRANSFORMS
+    out = []
+    for t in ("jpeg_q70", "jpeg_q50", "resize_0.5", "crop_90", "bar_bottom_1/6_white", "border_white", "screenshot",
+              "mirror", "brightness_+20%", "crop_90_topleft"):
+        out += [("edit", CLUSTER_TRANSFORMS[t](ed)), ("picture", CLUSTER_TRANSFORMS[t](img))]
+    return out
+
+
+@pytest.mark.parametrize("merge_edit_from", [None, 0.0])
+def test_a_representative_link_between_an_edit_and_its_picture_is_refused_on_pixels(merge_edit_from):
+    """The edit is told apart on its first join (residual >= ``EDIT_FROM``).
+    Later the picture's off-centre crop becomes an anchor, and its pair with
+    the edit's founder verifies at a residual just below ``EDIT_FROM``: under
+    the session 9 rule (``merge_edit_from=None``) that representative link
+    merged the two clusters back; a merge is now re-verified on pixels from
+    ``merge_edit_from`` and refused. Every repost stays with its own picture."""
+    seed = 8
+    img, ed = _pair(seed)
+    blobs = Blobs()
+    index = ClusterIndex(pixels=blobs, merge_edit_from=merge_edit_from)
+    picture = index.assign(*blobs.add(jpeg(img))).cluster_id
+    edit = index.assign(*blobs.add(jpeg(ed))).cluster_id
+    assert picture != edit
+    merges = []
+    for which, data in _feed(img, ed):
+        a = index.assign(*blobs.add(data))
+        merges += a.merge_audit
+        if merge_edit_from is not None:
+            assert a.cluster_id == (edit if which == "edit" else picture), which
+    if merge_edit_from is None:  # the precondition: the link the stricter rule refuses
+        assert index.n_clusters == 1 and any(m.representative_residual is not None
+                                             and m.representative_residual < index.edit_from for m in merges)
+    else:
+        assert index.n_clusters == 2 and not merges
