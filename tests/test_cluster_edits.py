@@ -201,3 +201,31 @@ def test_a_representative_link_between_an_edit_and_its_picture_is_refused_on_pix
                                              and m.representative_residual < index.edit_from for m in merges)
     else:
         assert index.n_clusters == 2 and not merges
+
+
+@pytest.mark.parametrize("merge_edit_from", [None, 0.0])
+def test_a_refused_join_is_not_undone_by_a_later_weaker_pair(merge_edit_from):
+    """The edit founds its own cluster (its hashes are too far from the
+    picture's). Its first recompressed copy meets both, and the edit's
+    founder would join the picture through a pair just below ``EDIT_FROM``:
+    under the session 9 rule (``merge_edit_from=None``) that representative
+    link merged them. Now the merge is re-verified and refused, and both
+    clusters are marked ``apart``: the later reposts of either, which meet
+    the other picture through pairs below ``EDIT_FROM`` too, are re-verified
+    on pixels as well (without the mark one of them joined the wrong
+    picture). Every repost ends with its own picture."""
+    img = detailed(6, (480, 360), amp=0.5)
+    ed = edited(img, 6, amp=10.0, contrast=110.0)
+    blobs = Blobs()
+    index = ClusterIndex(pixels=blobs, merge_edit_from=merge_edit_from)
+    picture = index.assign(*blobs.add(jpeg(img))).cluster_id
+    edit = index.assign(*blobs.add(jpeg(ed))).cluster_id
+    assert picture != edit
+    wrong = 0
+    for which, data in _feed(img, ed):
+        wrong += index.assign(*blobs.add(data)).cluster_id != (edit if which == "edit" else picture)
+    if merge_edit_from is None:  # the precondition: the weaker pairs undid the separation
+        assert wrong and index.n_clusters == 1
+    else:
+        assert wrong == 0 and index.n_clusters == 2
+        assert all(c.apart for c in index._clusters.values())

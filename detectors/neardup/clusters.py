@@ -1196,28 +1196,8 @@ class ClusterIndex:
             return Assignment(cluster_id=own, new_cluster=False, new_member=False, merged=[], distance=0, via="sha256")
         q = _Query.of(hashes, sha256)  # codes and thumbnail decoded once for every check below
         near, pics, exhausted = self._pictures(sha256, hashes, q)
-        if len(pics) >= 2 and self.edits is not None and self.merge_edit_from is not None:
-            # The image shows several pictures: it may link them, or must
-            # choose one. Both are decisions between pictures, so each
-            # candidate is re-verified on pixels from ``merge_edit_from``
-            # (not only borderline pairs): one that shows an edit of the
-            # image is neither linked nor joined. None left: a picture of its own.
-            pics = {c: p for c, p in pics.items() if not self._merge_edit(q, p)}
         if not pics:
-            cid = cluster_id_for(sha256)
-            n = 16
-            while cid in self._clusters:  # 64-bit prefix collision: astronomically rare, still deterministic
-                n += 4
-                cid = sha256[:n]
-            self.add(cid, sha256, hashes, representative=True, ts=ts)
-            audit = []
-            merged = []
-            for other, rj in self._bridge(cid, sha256, hashes, q, near, exhausted, set()):
-                audit.append(self._rep_audit(cid, other, sha256, None, None, rj))
-                self.merge(cid, other)
-                merged.append(other)
-            return Assignment(cluster_id=cid, new_cluster=not merged, new_member=True, merged=sorted(merged),
-                              distance=None, via=None, representative=True, merge_audit=audit)
+            return self._found(sha256, hashes, q, near, exhausted, ts)
         size = {cid: len(self._clusters[cid].members) for cid in pics}
         agree = {cid: a for cid in sorted(pics) if (a := self._agreement(cid, hashes, q))}
         # Linking two clusters needs full-frame agreement of both hashes, or
@@ -1227,6 +1207,16 @@ class ClusterIndex:
         # at <= 2 bits, lengthened the cluster bench's chains from 8 to 11.)
         links = {c: (agree[c][0] if c in agree else pics[c][1], agree[c][1] if c in agree else None) for c in sorted(pics)
                  if c in agree or self._links_by_pixels(q, pics[c])}
+        if len(links) >= 2:
+            # a merge: each side re-verified on pixels from ``merge_edit_from``
+            # (not only borderline pairs); a side that shows an edit of the
+            # image is neither linked nor joined
+            edits = {c for c in links if self._merge_edit(q, pics[c])}
+            if edits:
+                links = {c: v for c, v in links.items() if c not in edits}
+                pics = {c: p for c, p in pics.items() if c not in edits}
+                if not pics:  # an edit of every picture it showed: a picture of its own
+                    return self._found(sha256, hashes, q, near, exhausted, ts)
         audit: list[MergeAudit] = []
         if len(links) >= 2:
             into = min(links, key=lambda c: (-size[c], c))
@@ -1281,6 +1271,25 @@ class ClusterIndex:
             cluster_id=into, new_cluster=False, new_member=True, merged=merged, distance=distance, via=via,
             representative=rep, merge_audit=audit, declined=sorted(c for c in pics if c != into and c not in merged),
         )
+
+    def _found(self, sha256: str, hashes: ImageHashes, q: "_Query", near: dict, exhausted: bool,
+               ts: float | None) -> Assignment:
+        """The image founds a cluster (it shows no indexed picture), which
+        then bridges the clusters it came near (``_bridge``)."""
+        cid = cluster_id_for(sha256)
+        n = 16
+        while cid in self._clusters:  # 64-bit prefix collision: astronomically rare, still deterministic
+            n += 4
+            cid = sha256[:n]
+        self.add(cid, sha256, hashes, representative=True, ts=ts)
+        audit = []
+        merged = []
+        for other, rj in self._bridge(cid, sha256, hashes, q, near, exhausted, set()):
+            audit.append(self._rep_audit(cid, other, sha256, None, None, rj))
+            self.merge(cid, other)
+            merged.append(other)
+        return Assignment(cluster_id=cid, new_cluster=not merged, new_member=True, merged=sorted(merged),
+                          distance=None, via=None, representative=True, merge_audit=audit)
 
     def add(
         self,
