@@ -194,7 +194,8 @@ def main(
     compare: bool = typer.Option(True, help="also run the rule without representative links, and hashes alone, on the same feed"),
     pixels: bool = typer.Option(True, help="re-verify borderline joins on the variants' pixels (and compare with the records alone)"),
     baseline: bool = typer.Option(True, help="also run the session 9 rule (pixels for borderline joins only, merges not "
-                                  "re-verified: merge_edit_from=None) on the same feed, also with --no-compare"),
+                                  "re-verified, merge_edit_from=None; frame-relative pairs on 30%, min_overlap=0.3) "
+                                  "on the same feed, also with --no-compare"),
 ) -> None:
     dirs = dirs or [REPO.parent / "shared" / "data" / d for d in DEFAULT_DIRS]
     missing = [d for d in dirs if not d.is_dir()]
@@ -215,8 +216,9 @@ def main(
 
     source, render = feed_pixels(images, feed)
     now = measure(feed, group, loose, ClusterIndex(pixels=source if pixels else None), render)
-    # the session 9 rule: decisions between pictures not re-verified on pixels
-    s9 = measure(feed, group, loose, ClusterIndex(pixels=source, merge_edit_from=None), render) \
+    # the session 9 rule: decisions between pictures not re-verified on
+    # pixels, frame-relative pairs compared on 30% of each side
+    s9 = measure(feed, group, loose, ClusterIndex(pixels=source, merge_edit_from=None, min_overlap=0.3), render) \
         if baseline and pixels else None
     # the records alone: no pixel source (the rule before session 9)
     plain = measure(feed, group, loose, ClusterIndex()) if compare and pixels else None
