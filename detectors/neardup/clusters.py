@@ -68,7 +68,10 @@ others. Only representatives are indexed.
 With a pixel source (``ClusterIndex(pixels=...)``), a picture whose best
 verified pair is borderline (median residual >= ``EDIT_FROM``) is
 re-verified on both images' own pixels (``detectors.neardup.localized``):
-an edit of one part of the picture does not join it. Missing pixels leave
+an edit of one part of the picture does not join it. Decisions between
+pictures -- links that would merge two clusters, and joins of a cluster
+the check has told from a look-alike (``_Cluster.apart``) -- are
+re-verified from ``merge_edit_from`` (any residual). Missing pixels leave
 the decision to the record.
 The rule reads only index state (and, with a pixel source, the members'
 content-addressed bytes), never arrival order or wall clock, so a
@@ -1105,6 +1108,15 @@ class ClusterIndex:
             if rj is not None:
                 yield other, rj
 
+    def _may_bridge(self, into: str, q: "_Query", near: dict, exhausted: bool) -> bool:
+        """Would ``_bridge`` have any cluster but ``into`` to try with this
+        image as a representative? (Only asked with a pixel source and
+        ``merge_edit_from`` set: it costs a view search.)"""
+        if self.edits is None or self.merge_edit_from is None or not self.representative_links:
+            return False
+        return any(c != into for c in near) or (
+            not exhausted and any(c != into for c, _, _ in self._crop_founders(q)))
+
     def _crop_founders(self, q: "_Query") -> list[tuple[str, int, Via]]:
         """The image's views against indexed whole frames only (the small
         index): pictures founded by a crop of this image."""
@@ -1205,6 +1217,12 @@ class ClusterIndex:
             return Assignment(cluster_id=own, new_cluster=False, new_member=False, merged=[], distance=0, via="sha256")
         q = _Query.of(hashes, sha256)  # codes and thumbnail decoded once for every check below
         near, pics, exhausted = self._pictures(sha256, hashes, q)
+        if len(pics) >= 2:
+            # The image shows several pictures: it may link them, or must
+            # choose one -- decisions between pictures, so each candidate
+            # is re-verified from ``merge_edit_from``: one that shows an
+            # edit of the image is neither linked nor joined
+            pics = {c: p for c, p in pics.items() if not self._merge_edit(q, p)}
         if not pics:
             return self._found(sha256, hashes, q, near, exhausted, ts)
         size = {cid: len(self._clusters[cid].members) for cid in pics}
@@ -1216,16 +1234,6 @@ class ClusterIndex:
         # at <= 2 bits, lengthened the cluster bench's chains from 8 to 11.)
         links = {c: (agree[c][0] if c in agree else pics[c][1], agree[c][1] if c in agree else None) for c in sorted(pics)
                  if c in agree or self._links_by_pixels(q, pics[c])}
-        if len(links) >= 2:
-            # a merge: each side re-verified on pixels from ``merge_edit_from``
-            # (not only borderline pairs); a side that shows an edit of the
-            # image is neither linked nor joined
-            edits = {c for c in links if self._merge_edit(q, pics[c])}
-            if edits:
-                links = {c: v for c, v in links.items() if c not in edits}
-                pics = {c: p for c, p in pics.items() if c not in edits}
-                if not pics:  # an edit of every picture it showed: a picture of its own
-                    return self._found(sha256, hashes, q, near, exhausted, ts)
         audit: list[MergeAudit] = []
         if len(links) >= 2:
             into = min(links, key=lambda c: (-size[c], c))
@@ -1265,6 +1273,11 @@ class ClusterIndex:
                   and len(self._clusters[into].reps) < self.max_representatives
                   and via != "uniform" and (via != "phash" or distance > ANCHOR_DISTANCE))
         rep = grows or anchor
+        if rep and len(pics) == 1 and self._may_bridge(into, q, near, exhausted) and self._merge_edit(q, pics[into]):
+            # it would stand for the picture and bridge other clusters
+            # through itself: its own join is a decision between pictures
+            # too (with several pictures it was re-verified above)
+            return self._found(sha256, hashes, q, near, exhausted, ts)
         self.add(into, sha256, hashes, representative=rep, founder=False, ts=ts)
         if rep:
             # declined pictures too: they were tried before this image stood
