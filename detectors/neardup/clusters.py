@@ -85,6 +85,7 @@ Distances of different hashes are ranked by ``distance / threshold`` so
 from __future__ import annotations
 
 import base64
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -1108,15 +1109,6 @@ class ClusterIndex:
             if rj is not None:
                 yield other, rj
 
-    def _may_bridge(self, into: str, q: "_Query", near: dict, exhausted: bool) -> bool:
-        """Would ``_bridge`` have any cluster but ``into`` to try with this
-        image as a representative? (Only asked with a pixel source and
-        ``merge_edit_from`` set: it costs a view search.)"""
-        if self.edits is None or self.merge_edit_from is None or not self.representative_links:
-            return False
-        return any(c != into for c in near) or (
-            not exhausted and any(c != into for c, _, _ in self._crop_founders(q)))
-
     def _crop_founders(self, q: "_Query") -> list[tuple[str, int, Via]]:
         """The image's views against indexed whole frames only (the small
         index): pictures founded by a crop of this image."""
@@ -1273,18 +1265,21 @@ class ClusterIndex:
                   and len(self._clusters[into].reps) < self.max_representatives
                   and via != "uniform" and (via != "phash" or distance > ANCHOR_DISTANCE))
         rep = grows or anchor
-        if rep and len(pics) == 1 and self._may_bridge(into, q, near, exhausted) and self._merge_edit(q, pics[into]):
-            # it would stand for the picture and bridge other clusters
-            # through itself: its own join is a decision between pictures
-            # too (with several pictures it was re-verified above)
-            return self._found(sha256, hashes, q, near, exhausted, ts)
         self.add(into, sha256, hashes, representative=rep, founder=False, ts=ts)
         if rep:
             # declined pictures too: they were tried before this image stood
             # for its picture (a whole copy meeting a crop's cluster at a
             # median too loose to link by its own pixels)
             tried = set(merged)
-            for other, rj in self._bridge(into, sha256, hashes, q, near, exhausted, tried):
+            bridges = self._bridge(into, sha256, hashes, q, near, exhausted, tried)
+            first = next(bridges, None)
+            if first is not None and len(pics) == 1 and self._merge_edit(q, pics[into]):
+                # it would merge another cluster through itself: its own
+                # join is a decision between pictures too (with several
+                # pictures it was re-verified above), and it shows an edit
+                self._drop_member(into, sha256)
+                return self._found(sha256, hashes, q, near, exhausted, ts)
+            for other, rj in itertools.chain([first] if first is not None else [], bridges):
                 audit.append(self._rep_audit(into, other, sha256, pics[into], None, rj))
                 self.merge(into, other)
                 merged.append(other)
@@ -1449,19 +1444,38 @@ class ClusterIndex:
         return old
 
     def _remove(self, cluster_ids: list[str]) -> None:
-        rows: list[int] = []
+        gone: list[str] = []
         for cid in cluster_ids:
             c = self._clusters.pop(cid, None)
             if c is None:
                 continue
             for sha in c.members:
                 del self._member_cluster[sha]
-                row = self._member_row.pop(sha, None)
-                if row is not None:
-                    del self._row_member[row]
-                    rows.append(row)
-                    for b in sorted({int(lv // _UNIFORM_BUCKET) for _, lv in self._row_levels.pop(row, ())}):
-                        self._uniform[b].remove(row)
+            gone.extend(c.members)
+        self._drop_rows(gone)
+
+    def _drop_member(self, cluster_id: str, sha256: str) -> None:
+        """Undo the ``add`` of the cluster's last member (``assign``: a
+        representative whose join turned out to be an edit once it would
+        bridge): nothing left but an unused row number and its activity time."""
+        c = self._clusters[cluster_id]
+        assert c.members[-1] == sha256
+        c.members.pop()
+        if c.reps and c.reps[-1].sha256 == sha256:
+            c.reps.pop()
+        del self._member_cluster[sha256]
+        self._drop_rows([sha256])
+
+    def _drop_rows(self, shas: list[str]) -> None:
+        """Forget these members' index rows (searchable ones only)."""
+        rows: list[int] = []
+        for sha in shas:
+            row = self._member_row.pop(sha, None)
+            if row is not None:
+                del self._row_member[row]
+                rows.append(row)
+                for b in sorted({int(lv // _UNIFORM_BUCKET) for _, lv in self._row_levels.pop(row, ())}):
+                    self._uniform[b].remove(row)
         if rows:
             ids = np.asarray(rows, dtype=np.int64)
             every = (ids[:, None] * SLOTS + np.arange(SLOTS)[None, :]).reshape(-1)
