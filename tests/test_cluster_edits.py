@@ -229,3 +229,31 @@ def test_a_refused_join_is_not_undone_by_a_later_weaker_pair(merge_edit_from):
     else:
         assert wrong == 0 and index.n_clusters == 2
         assert all(c.apart for c in index._clusters.values())
+
+
+@pytest.mark.parametrize("merge_edit_from", [None, 0.0])
+def test_a_copy_that_would_bridge_through_a_wrong_join_founds_apart(merge_edit_from):
+    """The edit came first; the picture's crop founded a cluster of its own.
+    The picture's half-size copy meets only the edit's cluster (a pair
+    below ``EDIT_FROM``: never checked), joins it as an anchor and bridges
+    the crop's cluster through itself -- under the session 9 rule
+    (``merge_edit_from=None``) the picture and the edit end in one
+    cluster. A representative about to bridge re-verifies its own join:
+    the copy shows an edit of the cluster it joined, its join is undone,
+    and it founds the picture's cluster (with its crop) apart from the edit."""
+    from bench.neardup_transforms import CLUSTER_TRANSFORMS
+    img = detailed(6, (480, 360), amp=0.5)
+    ed = edited(img, 6, amp=10.0, contrast=110.0)
+    blobs = Blobs()
+    index = ClusterIndex(pixels=blobs, merge_edit_from=merge_edit_from)
+    edit_sha, h = blobs.add(CLUSTER_TRANSFORMS["jpeg_q70"](ed))
+    edit = index.assign(edit_sha, h).cluster_id
+    crop_sha, h = blobs.add(CLUSTER_TRANSFORMS["crop_85_bottomright"](img))
+    assert index.assign(crop_sha, h).cluster_id != edit
+    copy = index.assign(*blobs.add(CLUSTER_TRANSFORMS["resize_0.5"](img)))
+    assert copy.merged  # the crop's cluster is bridged either way
+    if merge_edit_from is None:  # the precondition: through a join to the edit
+        assert copy.cluster_id == edit and index.n_clusters == 1
+    else:
+        assert copy.new_member and copy.cluster_id not in (edit,) and index.cluster_of(crop_sha) == copy.cluster_id
+        assert index.members(edit) == [edit_sha] and index.n_clusters == 2 and index.n_members == 3
