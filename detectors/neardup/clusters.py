@@ -155,12 +155,15 @@ MAX_REPRESENTATIVES = 8
 # tells apart at 4.6-5.8, while 98% of same-picture joins verify below 4.5
 # and never pay for the check (~0.15 s).
 EDIT_FROM = 4.5
-# Links that would *join two existing clusters* (an image linking several,
-# a representative link, a bridge) are re-verified on pixels from this
-# lower residual (session 10): merges are rare (~1% of assigns) and one
-# wrong merge mixes two whole clusters -- the bench's flux / Stable Cascade
-# inpaintings met again through a representative link at 4.33 after their
-# first join was refused.
+# Decisions between pictures are re-verified on pixels from this residual
+# (session 10; 0: any): links that would join two existing clusters (an
+# image linking several, a representative link, a bridge), the choice of
+# an image that shows several pictures, a new representative's own join
+# when it is about to bridge, and every join of a cluster marked
+# ``apart``. Merges are ~1% of assigns and one wrong merge mixes two whole
+# clusters: the bench's flux / Stable Cascade inpaintings met again through
+# a representative link at 4.33 after their first join was refused, and
+# through a copy linking both at 1.65 (a floor of 3 let that one through).
 MERGE_EDIT_FROM = 0.0
 
 _VERIFY_TRIES = 4  # nearest pairs per representative tried before giving up on it
