@@ -19,6 +19,10 @@ broker) and reports:
   bench hands the index a pixel source that re-renders a variant's bytes
   from its picture on demand (what the blob store is in the pipeline), and
   reports how often the check ran and its cost per assign;
+* the session 9 rule on the same feed in the same run (``--baseline``, on
+  by default, also with ``--no-compare``): decisions between pictures not
+  re-verified on pixels (``merge_edit_from=None``), frame-relative pairs
+  compared on 30% of each side (``min_overlap=0.3``);
 * the same, on the same feed in the same run, for the records alone (no
   pixel source: the rule before session 9), for the rule without links by
   representatives (``ClusterIndex(representative_links=False)``) and for
