@@ -19,6 +19,10 @@ broker) and reports:
   bench hands the index a pixel source that re-renders a variant's bytes
   from its picture on demand (what the blob store is in the pipeline), and
   reports how often the check ran and its cost per assign;
+* the session 9 rule on the same feed in the same run (``--baseline``, on
+  by default, also with ``--no-compare``): decisions between pictures not
+  re-verified on pixels (``merge_edit_from=None``), frame-relative pairs
+  compared on 30% of each side (``min_overlap=0.3``);
 * the same, on the same feed in the same run, for the records alone (no
   pixel source: the rule before session 9), for the rule without links by
   representatives (``ClusterIndex(representative_links=False)``) and for
@@ -145,8 +149,10 @@ def run(feed, index: ClusterIndex) -> tuple[dict[str, str], list]:
     return {sha: index.cluster_of(sha) for _, _, sha, _ in feed}, merges
 
 
-def measure(feed, group: list[int], loose: list[int], index: ClusterIndex) -> dict:
-    """Run the feed through ``index``, then again (replay), and the metrics."""
+def measure(feed, group: list[int], loose: list[int], index: ClusterIndex, render: list[float] | None = None) -> dict:
+    """Run the feed through ``index``, then again (replay), and the metrics.
+    ``render``: the pixel source's re-rendering seconds (``feed_pixels``)."""
+    r0 = render[0] if render else 0.0
     t1 = time.perf_counter()
     cluster_of, merges = run(feed, index)
     took = time.perf_counter() - t1
@@ -180,6 +186,7 @@ def measure(feed, group: list[int], loose: list[int], index: ClusterIndex) -> di
         "ops": len(feed) / took,
         "checks": index.edits.runs if index.edits else 0,
         "check_s": index.edits.seconds if index.edits else 0.0,
+        "render_s": (render[0] - r0) if render else 0.0,
     }
 
 
@@ -190,6 +197,9 @@ def main(
     cache: Path = typer.Option(Path(tempfile.gettempdir()) / "dw-cluster-bench", help="hash cache directory"),
     compare: bool = typer.Option(True, help="also run the rule without representative links, and hashes alone, on the same feed"),
     pixels: bool = typer.Option(True, help="re-verify borderline joins on the variants' pixels (and compare with the records alone)"),
+    baseline: bool = typer.Option(True, help="also run the session 9 rule (pixels for borderline joins only, merges not "
+                                  "re-verified, merge_edit_from=None; frame-relative pairs on 30%, min_overlap=0.3) "
+                                  "on the same feed, also with --no-compare"),
 ) -> None:
     dirs = dirs or [REPO.parent / "shared" / "data" / d for d in DEFAULT_DIRS]
     missing = [d for d in dirs if not d.is_dir()]
@@ -209,7 +219,11 @@ def main(
     prep = time.perf_counter() - t0
 
     source, render = feed_pixels(images, feed)
-    now = measure(feed, group, loose, ClusterIndex(pixels=source if pixels else None))
+    now = measure(feed, group, loose, ClusterIndex(pixels=source if pixels else None), render)
+    # the session 9 rule: decisions between pictures not re-verified on
+    # pixels, frame-relative pairs compared on 30% of each side
+    s9 = measure(feed, group, loose, ClusterIndex(pixels=source, merge_edit_from=None, min_overlap=0.3), render) \
+        if baseline and pixels else None
     # the records alone: no pixel source (the rule before session 9)
     plain = measure(feed, group, loose, ClusterIndex()) if compare and pixels else None
     # without links by representatives (the rule before them), and hashes
@@ -223,7 +237,7 @@ def main(
           f"{len(feed)} events ({1 + len(CLUSTER_TRANSFORMS)} per file: original + every transform), seed {seed}")
     for v in twins:
         print(f"  one picture: {'  ~  '.join(v)}")
-    cols = [("now", now)] + ([("records alone", plain)] if plain else []) + (
+    cols = [("now", now)] + ([("session 9", s9)] if s9 else []) + ([("records alone", plain)] if plain else []) + (
         [("no rep links", nolink), ("hashes alone", old)] if old and nolink else [])
     print(f"\n{'metric':40s} " + " ".join(f"{c:>13s}" for c, _ in cols) + "  target")
     rows = [("clusters", "clusters", "d", ""), ("clusters per picture", "cpp", ".3f", "<= 1.02"),
@@ -246,12 +260,13 @@ def main(
     for m in now["merges"][:10]:
         print(f"  merge: {m.model_dump_json()}")
     if pixels:
-        n = now["checks"]
-        print(f"\npixel re-verifications (residual >= {ClusterIndex().edit_from}): {n} over {len(feed)} assigns "
-              f"(replay included), {now['check_s'] - render[0]:.1f} s decode+compare "
-              f"({1000 * (now['check_s'] - render[0]) / max(n, 1):.0f} ms each, "
-              f"{1000 * (now['check_s'] - render[0]) / len(feed):.2f} ms per assign), plus {render[0]:.1f} s re-rendering "
-              "variants (the bench's stand-in for blob reads)")
+        print(f"\npixel re-verifications (residual >= {ClusterIndex().edit_from}; decisions between pictures "
+              f"from {ClusterIndex().merge_edit_from}), over {len(feed)} assigns (replay included):")
+    for label, m in [("now", now)] + ([("session 9", s9)] if s9 else []) if pixels else []:
+        n, secs = m["checks"], m["check_s"] - m["render_s"]
+        print(f"  {label}: {n} checks, {secs:.1f} s decode+compare ({1000 * secs / max(n, 1):.0f} ms each, "
+              f"{1000 * secs / len(feed):.2f} ms per assign), plus {m['render_s']:.1f} s re-rendering variants "
+              "(the bench's stand-in for blob reads)")
     print(f"\n(in-process, one core; prep {prep:.0f} s incl. decode+hash)")
 
 

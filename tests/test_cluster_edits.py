@@ -163,3 +163,97 @@ def test_the_same_ops_and_blobs_give_the_same_clusters():
         index = ClusterIndex(pixels=blobs)
         runs.append([index.assign(sha, h).cluster_id for sha, h in ops])
     assert runs[0] == runs[1] and len(set(runs[0])) == 2
+
+
+def _feed(img: Image.Image, ed: Image.Image) -> list[tuple[str, Image.Image]]:
+    """The edit's and the picture's reposts, interleaved (``_bar``/``_crop`` shapes of the bench)."""
+    from bench.neardup_transforms import CLUSTER_TRANSFORMS
+    out = []
+    for t in ("jpeg_q70", "jpeg_q50", "resize_0.5", "crop_90", "bar_bottom_1/6_white", "border_white", "screenshot",
+              "mirror", "brightness_+20%", "crop_90_topleft"):
+        out += [("edit", CLUSTER_TRANSFORMS[t](ed)), ("picture", CLUSTER_TRANSFORMS[t](img))]
+    return out
+
+
+@pytest.mark.parametrize("merge_edit_from", [None, 0.0])
+def test_a_representative_link_between_an_edit_and_its_picture_is_refused_on_pixels(merge_edit_from):
+    """The edit is told apart on its first join (residual >= ``EDIT_FROM``).
+    Later the picture's off-centre crop becomes an anchor, and its pair with
+    the edit's founder verifies at a residual just below ``EDIT_FROM``: under
+    the session 9 rule (``merge_edit_from=None``) that representative link
+    merged the two clusters back; a merge is now re-verified on pixels from
+    ``merge_edit_from`` and refused. Every repost stays with its own picture."""
+    seed = 8
+    img, ed = _pair(seed)
+    blobs = Blobs()
+    index = ClusterIndex(pixels=blobs, merge_edit_from=merge_edit_from)
+    picture = index.assign(*blobs.add(jpeg(img))).cluster_id
+    edit = index.assign(*blobs.add(jpeg(ed))).cluster_id
+    assert picture != edit
+    merges = []
+    for which, data in _feed(img, ed):
+        a = index.assign(*blobs.add(data))
+        merges += a.merge_audit
+        if merge_edit_from is not None:
+            assert a.cluster_id == (edit if which == "edit" else picture), which
+    if merge_edit_from is None:  # the precondition: the link the stricter rule refuses
+        assert index.n_clusters == 1 and any(m.representative_residual is not None
+                                             and m.representative_residual < index.edit_from for m in merges)
+    else:
+        assert index.n_clusters == 2 and not merges
+
+
+@pytest.mark.parametrize("merge_edit_from", [None, 0.0])
+def test_a_refused_join_is_not_undone_by_a_later_weaker_pair(merge_edit_from):
+    """The edit founds its own cluster (its hashes are too far from the
+    picture's). Its first recompressed copy meets both, and the edit's
+    founder would join the picture through a pair just below ``EDIT_FROM``:
+    under the session 9 rule (``merge_edit_from=None``) that representative
+    link merged them. Now the merge is re-verified and refused, and both
+    clusters are marked ``apart``: the later reposts of either, which meet
+    the other picture through pairs below ``EDIT_FROM`` too, are re-verified
+    on pixels as well (without the mark one of them joined the wrong
+    picture). Every repost ends with its own picture."""
+    img = detailed(6, (480, 360), amp=0.5)
+    ed = edited(img, 6, amp=10.0, contrast=110.0)
+    blobs = Blobs()
+    index = ClusterIndex(pixels=blobs, merge_edit_from=merge_edit_from)
+    picture = index.assign(*blobs.add(jpeg(img))).cluster_id
+    edit = index.assign(*blobs.add(jpeg(ed))).cluster_id
+    assert picture != edit
+    wrong = 0
+    for which, data in _feed(img, ed):
+        wrong += index.assign(*blobs.add(data)).cluster_id != (edit if which == "edit" else picture)
+    if merge_edit_from is None:  # the precondition: the weaker pairs undid the separation
+        assert wrong and index.n_clusters == 1
+    else:
+        assert wrong == 0 and index.n_clusters == 2
+        assert all(c.apart for c in index._clusters.values())
+
+
+@pytest.mark.parametrize("merge_edit_from", [None, 0.0])
+def test_a_copy_that_would_bridge_through_a_wrong_join_founds_apart(merge_edit_from):
+    """The edit came first; the picture's crop founded a cluster of its own.
+    The picture's half-size copy meets only the edit's cluster (a pair
+    below ``EDIT_FROM``: never checked), joins it as an anchor and bridges
+    the crop's cluster through itself -- under the session 9 rule
+    (``merge_edit_from=None``) the picture and the edit end in one
+    cluster. A representative about to bridge re-verifies its own join:
+    the copy shows an edit of the cluster it joined, its join is undone,
+    and it founds the picture's cluster (with its crop) apart from the edit."""
+    from bench.neardup_transforms import CLUSTER_TRANSFORMS
+    img = detailed(6, (480, 360), amp=0.5)
+    ed = edited(img, 6, amp=10.0, contrast=110.0)
+    blobs = Blobs()
+    index = ClusterIndex(pixels=blobs, merge_edit_from=merge_edit_from)
+    edit_sha, h = blobs.add(CLUSTER_TRANSFORMS["jpeg_q70"](ed))
+    edit = index.assign(edit_sha, h).cluster_id
+    crop_sha, h = blobs.add(CLUSTER_TRANSFORMS["crop_85_bottomright"](img))
+    assert index.assign(crop_sha, h).cluster_id != edit
+    copy = index.assign(*blobs.add(CLUSTER_TRANSFORMS["resize_0.5"](img)))
+    assert copy.merged  # the crop's cluster is bridged either way
+    if merge_edit_from is None:  # the precondition: through a join to the edit
+        assert copy.cluster_id == edit and index.n_clusters == 1
+    else:
+        assert copy.new_member and copy.cluster_id not in (edit,) and index.cluster_of(crop_sha) == copy.cluster_id
+        assert index.members(edit) == [edit_sha] and index.n_clusters == 2 and index.n_members == 3

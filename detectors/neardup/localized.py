@@ -78,6 +78,11 @@ def grey(data: bytes, limits: DecodeLimits | None = None) -> Image.Image:
     return im
 
 
+def _region(im: Image.Image, box: Box, n: int) -> np.ndarray:
+    """``_crop`` blurred 3x3: what the alignment compares."""
+    return _box_mean(_crop(im, box, n), 3)
+
+
 def _crop(im: Image.Image, box: Box, n: int) -> np.ndarray:
     w, h = im.size
     b = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
@@ -85,11 +90,16 @@ def _crop(im: Image.Image, box: Box, n: int) -> np.ndarray:
 
 
 def _box_mean(x: np.ndarray, k: int) -> np.ndarray:
-    """k x k box mean (edges repeated), same shape: integral image."""
+    """k x k box mean (edges repeated), same shape and dtype: integral image
+    in float64 (edges repeated by indexing: ``np.pad`` cost more than the sums)."""
     p = k // 2
-    c = np.pad(np.pad(x, p, mode="edge").cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    n, m = x.shape
+    rows, cols = np.clip(np.arange(-p, n + p), 0, n - 1), np.clip(np.arange(-p, m + p), 0, m - 1)
+    c = np.zeros((n + 2 * p + 1, m + 2 * p + 1))
+    np.cumsum(x[rows][:, cols], axis=0, out=c[1:, 1:])
+    np.cumsum(c[1:, 1:], axis=1, out=c[1:, 1:])
     s = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
-    return s[: x.shape[0], : x.shape[1]] / (k * k)
+    return (s[:n, :m] / (k * k)).astype(x.dtype)
 
 
 def _gain(a: np.ndarray, b: np.ndarray) -> float:
@@ -98,7 +108,7 @@ def _gain(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _cost(a: np.ndarray, b: np.ndarray, mean: bool) -> float:
-    a, b = _box_mean(a, 3), _box_mean(b, 3)
+    """Residual of two regions already blurred 3x3 (``_region``)."""
     e = np.abs(a * _gain(a, b) - b)
     if not mean:
         return float(np.median(e))
@@ -110,7 +120,7 @@ def _align(ims: tuple[Image.Image, Image.Image], boxes: tuple[Box, Box], n: int,
            mean: bool) -> tuple[Box, Box]:
     """Coordinate descent over the eight box edges; fixed order, so deterministic."""
     bx = [list(boxes[0]), list(boxes[1])]
-    regs = [_crop(ims[0], boxes[0], n), _crop(ims[1], boxes[1], n)]
+    regs = [_region(ims[0], boxes[0], n), _region(ims[1], boxes[1], n)]  # the side not moved is blurred once
     best = _cost(regs[0], regs[1], mean)
     for scale in scales:
         for side in (0, 1):
@@ -122,7 +132,7 @@ def _align(ims: tuple[Image.Image, Image.Image], boxes: tuple[Box, Box], n: int,
                     nb[e] = min(1.0, max(0.0, box[e] + m * scale * span))
                     if nb[2] - nb[0] < _MIN_SIDE or nb[3] - nb[1] < _MIN_SIDE:
                         continue
-                    reg = _crop(ims[side], (nb[0], nb[1], nb[2], nb[3]), n)
+                    reg = _region(ims[side], (nb[0], nb[1], nb[2], nb[3]), n)
                     c = _cost(reg, regs[1], mean) if side == 0 else _cost(regs[0], reg, mean)
                     if c < best:
                         best, regs[side], bx[side], box = c, reg, nb, nb
@@ -179,7 +189,7 @@ def local_peak(a: Image.Image, a_box: Box, b: Image.Image, b_box: Box, *, a_cont
         return 0.0
     boxes = _align((a, b), clipped, _COARSE, (1.0, 0.5, 0.25), mean=False)
     qb, rb = _align((a, b), boxes, _FINE, (0.25, 0.1), mean=True)
-    ra, rb_ = _box_mean(_crop(a, qb, SIDE), 3), _box_mean(_crop(b, rb, SIDE), 3)
+    ra, rb_ = _region(a, qb, SIDE), _region(b, rb, SIDE)
     ra = ra * _gain(ra, rb_)
     e = np.maximum(_shifted_min(ra, rb_, SHIFT), _shifted_min(rb_, ra, SHIFT))
     clip = (ra <= _DARK) | (ra >= _BRIGHT) | (rb_ <= _DARK) | (rb_ >= _BRIGHT)
