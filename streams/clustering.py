@@ -65,8 +65,10 @@ class ClusterState(BaseModel):
     # 2: members may carry ``thumb`` (pixel verification) and merge audits the
     # ``representative_*`` of a link by representatives; both optional, so a
     # version-1 state loads as it is (and its members match on hashes alone);
-    # 3: representatives may carry ``content_box`` (hashes v6), optional too
-    schema_version: int = 3
+    # 3: representatives may carry ``content_box`` (hashes v6), optional too;
+    # 4: ``apart`` (ClusterIndex: the edit check told the picture from a
+    # look-alike), False when absent
+    schema_version: int = 4
     cluster_id: str
     revision: int = 0
     applied_offset: int = -1
@@ -92,6 +94,7 @@ class ClusterState(BaseModel):
     merged_from: list[str] = Field(default_factory=list)
     merges: list[MergeAudit] = Field(default_factory=list)  # why each merged cluster was linked
     detect_sha256: str | None = None  # the copy models last ran (or are pending) on: the best seen
+    apart: bool = False  # has a look-alike edit: joins re-verified on pixels (``ClusterIndex``, ``Assignment.apart``)
 
     def dumps(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
@@ -180,11 +183,7 @@ class ClusterEngine:
             self.cold.remove_cluster(match.cluster_id)
             if state is None or state.merged_into:
                 continue
-            marked = any(m.representative for m in state.members)
-            for i, m in enumerate(state.members):
-                rep = m.representative if marked else i == 0
-                self.index.add(state.cluster_id, m.sha256, _member_hashes(m), representative=rep,
-                               founder=rep and m.distance is None, ts=s.event.posted_at.timestamp())
+            self._index_state(state, s.event.posted_at.timestamp())
 
     # -- recovery -----------------------------------------------------------
     def rebuild(self, states: Iterable[ClusterState]) -> None:
@@ -194,13 +193,19 @@ class ClusterEngine:
         for state in sorted(live, key=lambda s: (s.created_offset, s.cluster_id)):
             if state.last_seen:
                 self.max_event_time = max(self.max_event_time, state.last_seen.timestamp())
-            marked = any(m.representative for m in state.members)
-            ts = state.last_seen.timestamp() if state.last_seen else None
-            for i, m in enumerate(state.members):
-                rep = m.representative if marked else i == 0  # states written before the flag existed
-                # founders joined nothing (no distance); larger copies promoted later did
-                self.index.add(state.cluster_id, m.sha256, _member_hashes(m), representative=rep,
-                               founder=rep and m.distance is None, ts=ts)
+            self._index_state(state, state.last_seen.timestamp() if state.last_seen else None)
+
+    def _index_state(self, state: ClusterState, ts: float | None) -> None:
+        """Put a stored cluster back into the hot index: its members, which of
+        them stand for its picture, and its ``apart`` mark."""
+        marked = any(m.representative for m in state.members)
+        for i, m in enumerate(state.members):
+            rep = m.representative if marked else i == 0  # states written before the flag existed
+            # founders joined nothing (no distance); larger copies promoted later did
+            self.index.add(state.cluster_id, m.sha256, _member_hashes(m), representative=rep,
+                           founder=rep and m.distance is None, ts=ts)
+        if state.apart:
+            self.index.mark_apart(state.cluster_id)
 
     # -- ops ----------------------------------------------------------------
     def apply(self, op: ClusterOp, offset: int, get: Getter) -> Outcome:
@@ -232,6 +237,12 @@ class ClusterEngine:
             out.snapshots.append(self._snapshot(other, None))
 
         state.merges.extend(a for a in assignment.merge_audit if a not in state.merges)
+        for cid in assignment.apart:
+            marked = state if cid == state.cluster_id else _resolve(get, cid)
+            if marked is not None and not marked.apart:
+                marked.apart = True
+                if marked is not state:
+                    out.writes[marked.cluster_id] = marked  # a look-alike's cluster, not otherwise touched
         if assignment.new_member and all(m.sha256 != s.sha256 for m in state.members):
             better = not assignment.new_cluster and _better_copy(s, state.members)
             state.members.append(Member(
@@ -324,6 +335,7 @@ class ClusterEngine:
         into.models_pending = into.models_pending and other.models_pending
         into.merged_from = sorted({*into.merged_from, other.cluster_id, *other.merged_from})
         into.merges.extend(a for a in other.merges if a not in into.merges)
+        into.apart = into.apart or other.apart
         other.merged_into = into.cluster_id
         other.revision += 1
         other.applied_offset = offset

@@ -257,3 +257,49 @@ def test_a_copy_that_would_bridge_through_a_wrong_join_founds_apart(merge_edit_f
     else:
         assert copy.new_member and copy.cluster_id not in (edit,) and index.cluster_of(crop_sha) == copy.cluster_id
         assert index.members(edit) == [edit_sha] and index.n_clusters == 2 and index.n_members == 3
+
+
+def test_the_apart_marks_survive_a_rebuild_from_engine_state():
+    """The marks live in engine state (``ClusterState.apart``): an engine
+    rebuilt from the stored states -- a restart, a rebalance -- has them
+    back, so it re-verifies joins of the marked clusters as the one that set
+    them did, and the later reposts still end with their own picture."""
+    from datetime import timedelta
+
+    from streams.clustering import ClusterEngine, ClusterState
+    from streams.demo_feed import BASE_TIME
+    from streams.records import ClusterOp, ImageEvent, Sighting, SourceRef
+    from streams.settings import Settings
+
+    img = detailed(6, (480, 360), amp=0.5)
+    ed = edited(img, 6, amp=10.0, contrast=110.0)
+    blobs = Blobs()
+    table: dict[str, bytes] = {}
+
+    def apply(engine: ClusterEngine, data: bytes, n: int) -> str:
+        sha, hashes = blobs.add(data)
+        im = ImageData(data)
+        ev = ImageEvent.model_validate({"event_id": f"e{n}", "platform": "x", "account_id": "a",
+                                        "posted_at": (BASE_TIME + timedelta(minutes=n)).isoformat(),
+                                        "image": {"url": "https://img.example/x.jpg"}})
+        s = Sighting(event=ev, source=SourceRef(topic="t", partition=0, offset=n), sha256=sha,
+                     width=im.size[0], height=im.size[1], format=im.format, hashes=hashes)
+        out = engine.apply(ClusterOp(kind="sighting", sighting=s), n,
+                           lambda c: ClusterState.loads(table[c]) if c in table else None)
+        for cid, st in out.writes.items():
+            table[cid] = st.dumps()
+        return out.snapshots[-1].cluster_id
+
+    settings = Settings()
+    first = ClusterEngine(settings, pixels=blobs)
+    picture, edit = apply(first, jpeg(img), 0), apply(first, jpeg(ed), 1)
+    feed = list(_feed(img, ed))
+    which, data = feed[0]
+    assert apply(first, data, 2) == (edit if which == "edit" else picture)
+    assert all(ClusterState.loads(raw).apart for raw in table.values())  # both marked, and stored
+
+    rebuilt = ClusterEngine(settings, pixels=blobs)
+    rebuilt.rebuild(ClusterState.loads(raw) for raw in table.values())
+    assert rebuilt.index._clusters[picture].apart and rebuilt.index._clusters[edit].apart
+    for n, (which, data) in enumerate(feed[1:], 3):
+        assert apply(rebuilt, data, n) == (edit if which == "edit" else picture), which

@@ -219,7 +219,7 @@ def test_version_1_states_load_and_rebuild_next_to_version_2():
     h.see(sighting(pic, "v1", 0))
     (cid, raw), = h.table.items()
     st = ClusterState.loads(raw)
-    assert st.schema_version == 3 and st.members[0].thumb is not None
+    assert st.schema_version == 4 and st.members[0].thumb is not None
     import json
 
     doc = json.loads(raw)

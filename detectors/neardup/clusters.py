@@ -445,6 +445,9 @@ class Assignment(BaseModel):
     # clusters whose picture the image also matched, but not on both hashes:
     # it joined one of them and linked nothing
     declined: list[str] = Field(default_factory=list)
+    # clusters this assign marked ``apart`` (ids after it): engine state keeps
+    # the mark, so an index rebuilt from it re-verifies their joins as before
+    apart: list[str] = Field(default_factory=list)
 
 
 @dataclass
@@ -1191,11 +1194,21 @@ class ClusterIndex:
         residual below ``edit_from``, would otherwise undo the refusal."""
         self._edit_pairs = []
         out = self._assign(sha256, hashes, ts=ts)
+        marked: set[str] = set()
         for pair in self._edit_pairs:
             for sha in pair:
-                if (cid := self._member_cluster.get(sha)) is not None:
+                if (cid := self._member_cluster.get(sha)) is not None and not self._clusters[cid].apart:
                     self._clusters[cid].apart = True
+                    marked.add(cid)
+        if marked:
+            out.apart = sorted(marked)
         return out
+
+    def mark_apart(self, cluster_id: str) -> None:
+        """Restore a mark ``assign`` set (``Assignment.apart``), e.g. when
+        the index is rebuilt from stored cluster states."""
+        if cluster_id in self._clusters:
+            self._clusters[cluster_id].apart = True
 
     def _assign(self, sha256: str, hashes: ImageHashes, *, ts: float | None = None) -> Assignment:
         """``assign`` without the marks.
