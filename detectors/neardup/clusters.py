@@ -76,7 +76,8 @@ the decision to the record.
 The rule reads only index state (and, with a pixel source, the members'
 content-addressed bytes), never arrival order or wall clock, so a
 replica fed the same sequence of ``assign`` calls -- or rebuilt with ``add``
-from persisted members -- makes the same decisions and the same ids.
+from persisted members and ``mark_apart`` from their clusters' marks --
+makes the same decisions and the same ids.
 
 Distances of different hashes are ranked by ``distance / threshold`` so
 "nearest first" means "most confidently the same picture first".
