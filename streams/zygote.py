@@ -40,9 +40,11 @@ from pathlib import Path
 from setproctitle import getproctitle, setproctitle
 
 # What every role imports before it joins: the worker module, the Faust app,
-# the pipeline's stages. The detect role's model runtime is left out: it
-# brings native thread pools that are not safe to fork.
-PRELOAD = ("streams.worker", "streams.faust_app", "streams.faust_tuning", "streams.app", "streams.detect_worker")
+# the pipeline's stages and the detector plugins each analyze actor builds
+# (OpenCV among them). The detect role's model runtime is left out: it brings
+# native thread pools that are not safe to fork.
+PRELOAD = ("streams.worker", "streams.faust_app", "streams.faust_tuning", "streams.app", "streams.detect_worker",
+           "detectors.plugins")
 
 
 # -- the zygote process ----------------------------------------------------------
