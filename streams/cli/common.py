@@ -48,8 +48,22 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a supervisor, ``timeout``, ``kill``), unwinding like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def run_cli(app: Any) -> None:
-    """Run the Typer app; user errors end as one line on stderr and exit 2."""
+    """Run the Typer app; user errors end as one line on stderr and exit 2.
+    SIGTERM unwinds like Ctrl-C: a command that started workers and a broker
+    stops them on its way out instead of leaving them running (commands with
+    their own handling -- the worker, the desk server -- install theirs)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except KeyboardInterrupt:
