@@ -45,8 +45,8 @@ class Analyzer:
         self.settings = settings
         self.limits = settings.decode_limits()
         self.detectors: list[Detector] = create_all(cost="cheap", names=settings.detect.cheap)
-        self._cache_dir = blob_root / "analysis"
-        self._cache_dir.mkdir(parents=True, exist_ok=True)
+        self._blob_root = blob_root
+        (blob_root / ANALYSIS_DIR).mkdir(parents=True, exist_ok=True)
         # A viral picture is reposted byte for byte within minutes: its
         # analysis is kept in memory too, not only read back from disk.
         self._recent = Recent(ANALYSES_REMEMBERED)
@@ -135,12 +135,8 @@ class Analyzer:
             log.exception("bank match failed", extra={"sha256": sha256})
             return []
 
-    # Bump when cheap detectors change what they compute, so cached analyses
-    # of old images are recomputed rather than reused (a new hash record
-    # version does that by itself: it is part of the file name).
-
     def _cache_path(self, sha256: str) -> Path:
-        return analysis_path(self._cache_dir.parent, sha256)
+        return analysis_path(self._blob_root, sha256)
 
     def _load_cache(self, sha256: str) -> tuple[ImageHashes, list[Evidence]] | None:
         path = self._cache_path(sha256)
@@ -161,12 +157,16 @@ class Analyzer:
         write_atomically(path, json.dumps(doc).encode())
 
 
+# Bump when cheap detectors change what they compute, so cached analyses of
+# old images are recomputed rather than reused (a new hash record version does
+# that by itself: it is part of the file name).
 ANALYSIS_CACHE_VERSION = 4  # 4: hashes v6 (frame crops, content box); 3: off-centre and caption-band views
+ANALYSIS_DIR = "analysis"  # under the blob root
 
 
 def analysis_path(blob_root: Path, sha256: str) -> Path:
     """Where the analyze stage keeps an image's hash record and cheap evidence."""
-    return blob_root / "analysis" / f"{sha256}.v{ANALYSIS_CACHE_VERSION}.h{HASHES_VERSION}.json"
+    return blob_root / ANALYSIS_DIR / f"{sha256}.v{ANALYSIS_CACHE_VERSION}.h{HASHES_VERSION}.json"
 
 
 def recorded_hashes(settings: Settings, sha256: str) -> ImageHashes | None:

@@ -118,7 +118,7 @@ def test_a_repeated_picture_is_analysed_once_and_read_back_from_memory(setup, mo
     real = analyze.compute_hashes
     monkeypatch.setattr(analyze, "compute_hashes", lambda image: calls.append(image.sha256) or real(image))
     [first] = _run(stage, [_event(0, "small.png")])
-    cached = list((stage.analyzer._cache_dir).glob("*.json"))
+    cached = list((stage.analyzer._blob_root / analyze.ANALYSIS_DIR).glob("*.json"))
     assert len(cached) == 1 and f".h{analyze.HASHES_VERSION}." in cached[0].name
     cached[0].unlink()
     again = _run(stage, [_event(n, "small.png") for n in range(1, 4)])

@@ -44,7 +44,7 @@ whole frames and (v7) full frames -- a brightened copy whose backdrop
 saturates to a flat margin trims where its picture does not -- its frame
 crops meet full frames and trimmed views -- only in
 ``ClusterIndex``, with pixels compared through each side's content box
-(``_region``, ``_clip_pair``); the hash-only rule leaves them out
+(``_region``, ``verify.clip_pair``); the hash-only rule leaves them out
 (``_frame_relative``).
 
 Clusters (``ClusterIndex``): members only nominate candidate clusters; an
@@ -101,7 +101,7 @@ from detectors.neardup.hamming import HammingIndex
 from detectors.imagedata import DecodeLimits
 from detectors.neardup.localized import EditCheck, PixelSource
 from detectors.neardup.verify import (
-    FULL, VIEW_SLOT_BOXES, Box, aligned_residual, informative, residual, uniform_levels,
+    FULL, VIEW_SLOT_BOXES, Box, aligned_residual, clip_pair, informative, residual, uniform_levels,
 )
 
 # "uniform": a one-colour picture met by its grey level (``ClusterIndex``
@@ -582,7 +582,7 @@ def _pair_regions(q: "_Query", r: "_Rep", kind: int, slot: int,
     lies on both (None: too little)."""
     qb, rb = _region(kind, q.box), _region(slot, r.box)
     if kind in _FRAME_BOXES or slot in _FRAME_BOXES:
-        return _clip_pair(qb, rb, min_overlap)
+        return clip_pair(qb, rb, min_overlap)
     return qb, rb
 
 
@@ -592,23 +592,6 @@ def _in_frame(b: Box, content: tuple[float, float, float, float] | None) -> Box:
         return b
     cw, ch = content[2] - content[0], content[3] - content[1]
     return (content[0] + b[0] * cw, content[1] + b[1] * ch, content[0] + b[2] * cw, content[1] + b[3] * ch)
-
-
-def _clip_pair(a: Box, b: Box, min_overlap: float = _MIN_OVERLAP) -> tuple[Box, Box] | None:
-    """Two corresponding regions shrunk alike to the part that lies inside
-    both thumbnails (a trimmed margin has no thumbnail pixels); None when
-    too little is left to compare."""
-    oa, ob = list(a), list(b)
-    for ax in (0, 1):
-        a0, a1, b0, b1 = a[ax], a[ax + 2], b[ax], b[ax + 2]
-        wa, wb = max(a1 - a0, 1e-6), max(b1 - b0, 1e-6)
-        t0 = max(0.0, -a0 / wa, -b0 / wb)
-        t1 = min(1.0, (1 - a0) / wa, (1 - b0) / wb)
-        if t1 - t0 < min_overlap:
-            return None
-        oa[ax], oa[ax + 2] = a0 + t0 * wa, a0 + t1 * wa
-        ob[ax], ob[ax + 2] = b0 + t0 * wb, b0 + t1 * wb
-    return (oa[0], oa[1], oa[2], oa[3]), (ob[0], ob[1], ob[2], ob[3])
 
 
 @dataclass
@@ -680,14 +663,15 @@ class ClusterIndex:
         min_overlap: float = _MIN_OVERLAP,
     ):
         # Borderline pairs (residual >= edit_from) re-verified on the images'
-        # own pixels (``localized``); None: the 32x32 record alone decides
-        # the deployment's decode bounds for those pixels (None: ``DecodeLimits``' defaults)
+        # own pixels (``localized``), decoded within the deployment's bounds
+        # (``pixel_limits``; None: ``DecodeLimits``' defaults); no pixel
+        # source: the 32x32 record alone decides
         self.edits = EditCheck(pixels, pixel_limits or DecodeLimits()) if pixels is not None else None
         self.edit_from = edit_from
         # the same for decisions between pictures (merges, a choice among
         # several, joins of a cluster marked ``apart``); None: off (session 9)
         self.merge_edit_from = merge_edit_from
-        self.min_overlap = min_overlap  # of a frame-relative pair's sides on both thumbnails (``_clip_pair``)
+        self.min_overlap = min_overlap  # of a frame-relative pair's sides on both thumbnails (``verify.clip_pair``)
         self._edit_pairs: list[tuple[str, str]] = []  # (image, representative) the check told apart this assign
         self.representative_links = representative_links  # ``_reps_join``; off: links by the image alone
         self.merge_strict = merge_strict

@@ -45,8 +45,7 @@ import numpy as np
 from PIL import Image
 
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected
-
-Box = tuple[float, float, float, float]
+from detectors.neardup.verify import Box, clip_pair
 
 WORK_SIDE = 256  # short side the images are compared from
 SIDE = 128  # the compared regions, square
@@ -139,21 +138,6 @@ def _align(ims: tuple[Image.Image, Image.Image], boxes: tuple[Box, Box], n: int,
     return (bx[0][0], bx[0][1], bx[0][2], bx[0][3]), (bx[1][0], bx[1][1], bx[1][2], bx[1][3])
 
 
-def _clip_pair(a: Box, b: Box) -> tuple[Box, Box] | None:
-    """Both boxes shrunk alike to the part inside both frames (a
-    frame-relative region may reach past a trimmed margin)."""
-    oa, ob = list(a), list(b)
-    for ax in (0, 1):
-        a0, a1, b0, b1 = a[ax], a[ax + 2], b[ax], b[ax + 2]
-        wa, wb = max(a1 - a0, 1e-6), max(b1 - b0, 1e-6)
-        t0, t1 = max(0.0, -a0 / wa, -b0 / wb), min(1.0, (1 - a0) / wa, (1 - b0) / wb)
-        if t1 - t0 < _MIN_SIDE:
-            return None
-        oa[ax], oa[ax + 2] = a0 + t0 * wa, a0 + t1 * wa
-        ob[ax], ob[ax + 2] = b0 + t0 * wb, b0 + t1 * wb
-    return (oa[0], oa[1], oa[2], oa[3]), (ob[0], ob[1], ob[2], ob[3])
-
-
 def _shifted_min(a: np.ndarray, b: np.ndarray, r: int) -> np.ndarray:
     """Per pixel: the smallest |a(p) - b(p + s)| over shifts |s| <= r."""
     n, m = a.shape
@@ -184,7 +168,7 @@ def local_peak(a: Image.Image, a_box: Box, b: Image.Image, b_box: Box, *, a_cont
     its frame (``ImageHashes.content_box``; None: the whole frame). A mirrored
     pair is the caller's to flip (image and boxes). 0.0 when nothing is left
     to compare."""
-    clipped = _clip_pair(a_box, b_box)
+    clipped = clip_pair(a_box, b_box, _MIN_SIDE)
     if clipped is None:
         return 0.0
     boxes = _align((a, b), clipped, _COARSE, (1.0, 0.5, 0.25), mean=False)

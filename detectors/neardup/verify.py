@@ -54,6 +54,24 @@ VIEW_SLOT_BOXES: tuple[Box, ...] = tuple(
 
 
 @lru_cache(maxsize=16384)
+def clip_pair(a: Box, b: Box, min_overlap: float) -> tuple[Box, Box] | None:
+    """Two corresponding regions (fractions of two frames) shrunk alike to
+    the part that lies inside both frames -- a frame-relative region may
+    reach past a trimmed margin, which has no pixels; None when less than
+    ``min_overlap`` of each side is left to compare."""
+    oa, ob = list(a), list(b)
+    for ax in (0, 1):
+        a0, a1, b0, b1 = a[ax], a[ax + 2], b[ax], b[ax + 2]
+        wa, wb = max(a1 - a0, 1e-6), max(b1 - b0, 1e-6)
+        t0 = max(0.0, -a0 / wa, -b0 / wb)
+        t1 = min(1.0, (1 - a0) / wa, (1 - b0) / wb)
+        if t1 - t0 < min_overlap:
+            return None
+        oa[ax], oa[ax + 2] = a0 + t0 * wa, a0 + t1 * wa
+        ob[ax], ob[ax + 2] = b0 + t0 * wb, b0 + t1 * wb
+    return (oa[0], oa[1], oa[2], oa[3]), (ob[0], ob[1], ob[2], ob[3])
+
+
 def _area(lo: float, hi: float) -> np.ndarray:
     """(16, 32): area weights taking the thumbnail's pixels covering [lo, hi)
     (fractions of its side) to 16 equal bins."""
