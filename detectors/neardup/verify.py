@@ -72,6 +72,7 @@ def clip_pair(a: Box, b: Box, min_overlap: float) -> tuple[Box, Box] | None:
     return (oa[0], oa[1], oa[2], oa[3]), (ob[0], ob[1], ob[2], ob[3])
 
 
+@lru_cache(maxsize=4096)
 def _area(lo: float, hi: float) -> np.ndarray:
     """(16, 32): area weights taking the thumbnail's pixels covering [lo, hi)
     (fractions of its side) to 16 equal bins."""
