@@ -45,7 +45,7 @@ from typing import Any, Awaitable, Callable
 
 from detectors.neardup.localized import PixelSource
 from streams import metrics
-from streams.clustering import ClusterEngine, ClusterState, Outcome
+from streams.clustering import ClusterEngine, ClusterState, Outcome, fit
 from streams.engine_state import SqliteEngineState
 from streams.records import ClusterOp, DeadLetter, SourceRef
 from streams.settings import Settings
@@ -78,12 +78,23 @@ class ClusterStage:
         self._stale = True
         self._seeded: dict[str, ClusterState] = {}
         self._pending: dict[str, bytes] = {}  # states the batch being applied wrote, not yet in the table
+        # ... and those states as objects: the next op of the batch takes them
+        # as they are instead of parsing them again (a viral cluster's state is
+        # hundreds of KB: its parse was most of each op's time). ``_read``: the
+        # clusters the op being applied asked for, whose objects it may have
+        # changed -- if it fails, they are parsed again from ``_pending``.
+        self._live: dict[str, ClusterState] = {}
+        self._read: set[str] = set()
 
     # -- state ----------------------------------------------------------------
     async def on_rebalance(self, sender: Any = None, **kwargs: Any) -> None:
         self._stale = True  # the table may have changed hands: rebuild the index
 
     def get_state(self, cluster_id: str) -> ClusterState | None:
+        live = self._live.get(cluster_id)
+        if live is not None:
+            self._read.add(cluster_id)
+            return live
         # A state the batch being applied wrote is newer than the table's.
         raw = self._pending.get(cluster_id) or self.table.get(cluster_id.encode())
         if raw:
@@ -175,24 +186,29 @@ class ClusterStage:
 
         def flush() -> None:
             writes, self._pending = self._pending, {}
+            self._live = {}
             self._write(writes)
             written.extend(out for _, out in unwritten)
             unwritten.clear()
 
-        self._pending = {}
+        self._pending, self._live = {}, {}
         done = 0  # items attempted so far
         try:
             for value, msg in items:
                 done += 1
+                self._read = set()
                 try:
                     op = ClusterOp.loads(value)
                     out = self.engine.apply(op, msg.offset, self.get_state)
-                    writes = {cid: st.dumps() for cid, st in out.writes.items()}
+                    writes = {cid: fit(st) for cid, st in out.writes.items()}
                 except Exception as e:  # a bug or a poison op must not stop the single writer
                     log.exception("cluster op failed", extra={"offset": msg.offset})
                     failed.append(((value, msg), f"{type(e).__name__}: {e}"))
+                    for cid in self._read:  # it may have changed them half-way: the states before it
+                        self._live.pop(cid, None)
                     continue
                 self._pending.update(writes)
+                self._live.update(out.writes)
                 unwritten.append(((value, msg), out))
                 if self.engine.evict_due():
                     flush()  # eviction reads and deletes table entries: they must be current
@@ -200,7 +216,7 @@ class ClusterStage:
             flush()
         except Exception as e:  # the store or the table refused the batch's writes
             log.exception("cluster batch not written", extra={"ops": len(items)})
-            self._pending = {}
+            self._pending, self._live = {}, {}
             self._stale = True  # the index is ahead of the table now: rebuild it from the table
             detail = f"{type(e).__name__}: {e}"
             failed += [(item, detail) for item, _ in unwritten] + [(item, detail) for item in items[done:]]
@@ -216,7 +232,7 @@ class ClusterStage:
 
     def _evict(self) -> None:
         evicted = self.engine.evict(self.get_state)
-        archive = {cid: st.dumps() for cid in evicted if (st := self.get_state(cid)) is not None}
+        archive = {cid: fit(st) for cid in evicted if (st := self.get_state(cid)) is not None}
         # Archive first, then tombstone: a crash in between leaves the state in
         # both places, never in neither.
         self.states.archive(archive)

@@ -34,6 +34,7 @@ decisions stay deterministic and replayable.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable
@@ -54,11 +55,14 @@ from streams.records import (
     Engagement,
     Member,
     Sighting,
+    Velocity,
 )
 from streams.blobstore import BlobStore
 from streams.settings import Settings
 
 MAX_ACCOUNTS = 10_000  # exact distinct-account counts live in the findings store
+
+log = logging.getLogger(__name__)
 
 
 class ClusterState(BaseModel):
@@ -102,6 +106,69 @@ class ClusterState(BaseModel):
     @classmethod
     def loads(cls, raw: bytes) -> "ClusterState":
         return cls.model_validate_json(raw)
+
+
+# Kafka refuses a record over its max.message.bytes (1 MB by default), and the
+# cluster table's changelog carries a cluster's whole state on every update. A
+# viral picture's last hour and accounts alone pass that: 1.1 MB measured with
+# 12,000 Bluesky-style ids (accounts of 32 characters, events of 70; the
+# schema allows 256) reposting one picture. So no state is written larger
+# than this (``fit``).
+MAX_STATE_BYTES = 768 * 1024
+_FIT_TO = 0.75  # of the budget, once shed: the next updates have room, so shedding stays rare
+
+
+def fit(state: ClusterState, limit: int = MAX_STATE_BYTES) -> bytes:
+    """``state.dumps()``, at most ``limit`` bytes where shedding can get it
+    there. Over the limit, the state sheds down to ``_FIT_TO`` of it: the
+    oldest sightings of its last hour and its newest accounts, in proportion
+    to the bytes each takes (its windows then count fewer, as past
+    ``virality.MAX_RECENT``; the account list is a lower bound already past
+    ``MAX_ACCOUNTS``, and the findings store counts accounts exactly), then
+    the newest members that are not representatives (the findings store
+    keeps every member it was sent; the index keeps them until a rebuild,
+    after which their copies join through the representatives). Depends on
+    the state alone, so a replay sheds alike. Mutates ``state``."""
+    raw = state.dumps()
+    if len(raw) <= limit:
+        return raw
+    before = len(raw)
+    target = int(limit * _FIT_TO)
+    while len(raw) > target and (_shed_window(state, len(raw) - target) or _shed_members(state, len(raw) - target)):
+        raw = state.dumps()
+    log.warning("cluster state shed to fit the changelog", extra={
+        "cluster_id": state.cluster_id, "bytes_before": before, "bytes": len(raw), "recent": len(state.recent),
+        "accounts": len(state.accounts), "members": len(state.members)})
+    return raw
+
+
+def _shed_count(over: int, entry_bytes: int, n: int) -> int:
+    return min(n, over // max(1, entry_bytes) + 1)
+
+
+def _shed_window(state: ClusterState, over: int) -> bool:
+    """``over`` bytes off the last hour's oldest sightings and the newest
+    accounts, each its share by size; False when both are empty."""
+    r_each = len(state.recent[-1].model_dump_json()) + 1 if state.recent else 0
+    a_each = len(state.accounts[-1]) + 3 if state.accounts else 0
+    r_bytes, a_bytes = r_each * len(state.recent), a_each * len(state.accounts)
+    if r_bytes + a_bytes == 0:
+        return False
+    if state.recent:
+        state.recent = state.recent[_shed_count(over * r_bytes // (r_bytes + a_bytes), r_each, len(state.recent)):]
+    if state.accounts:
+        del state.accounts[-_shed_count(over * a_bytes // (r_bytes + a_bytes), a_each, len(state.accounts)):]
+    return True
+
+
+def _shed_members(state: ClusterState, over: int) -> bool:
+    others = [i for i, m in enumerate(state.members) if not m.representative and i > 0]
+    if not others:
+        return False
+    k = _shed_count(over, len(state.members[others[-1]].model_dump_json(exclude_none=True)) + 1, len(others))
+    drop = set(others[-k:])
+    state.members = [m for i, m in enumerate(state.members) if i not in drop]
+    return True
 
 
 @dataclass
@@ -265,7 +332,7 @@ class ClusterEngine:
                 state.detect_sha256 = s.sha256
                 out.detect_requests.append(DetectRequest(cluster_id=state.cluster_id, sha256=s.sha256))
 
-        if any(r.e == s.event.event_id for r in state.recent):
+        if virality.seen(state.recent, s.event.event_id, t):
             out.duplicate_event = True
         else:
             self._count(state, s, t)
@@ -287,11 +354,12 @@ class ClusterEngine:
         """Score, decide on an alert, and stamp the op's offset on the state:
         the offset is what makes a redelivered op recognisable."""
         top = self._score(state)
-        self._maybe_alert(state, out, s, top)
+        v = self._velocity(state)  # once: it reads the whole last hour
+        self._maybe_alert(state, out, s, top, v)
         state.revision += 1
         state.applied_offset = offset
         out.writes[state.cluster_id] = state
-        out.snapshots.append(self._snapshot(state, s, top))
+        out.snapshots.append(self._snapshot(state, s, top, v))
         return out
 
     # -- pieces -------------------------------------------------------------
@@ -306,8 +374,9 @@ class ClusterEngine:
         state.engagement = state.engagement + g
         state.first_seen = min(filter(None, [state.first_seen, ev.posted_at]))
         state.last_seen = max(filter(None, [state.last_seen, ev.posted_at]))
-        state.recent.append(virality.RecentSighting(t=t, e=ev.event_id, a=ev.account_id, p=ev.platform, g=g.total))
-        state.recent = virality.trim(state.recent, state.last_seen.timestamp())
+        state.recent = virality.add(state.recent, virality.RecentSighting(t=t, e=ev.event_id, a=ev.account_id,
+                                                                          p=ev.platform, g=g.total),
+                                    state.last_seen.timestamp())
 
     def _fold(self, into: ClusterState, other: ClusterState, offset: int) -> None:
         """Merge ``other`` into ``into``: counts add up, ``other`` keeps its id
@@ -351,9 +420,9 @@ class ClusterEngine:
     def _velocity(self, state: ClusterState):
         return virality.velocity(state.recent, state.last_seen.timestamp() if state.last_seen else 0.0)
 
-    def _maybe_alert(self, state: ClusterState, out: Outcome, trigger: Sighting | None, top: list[Evidence]) -> None:
+    def _maybe_alert(self, state: ClusterState, out: Outcome, trigger: Sighting | None, top: list[Evidence],
+                     v: Velocity) -> None:
         cfg = self.settings.alerts
-        v = self._velocity(state)
         if state.suppressed or state.fake_score < cfg.min_fake_score:
             return
         if v.sightings_5m < cfg.min_sightings_5m or v.sightings_1h < cfg.min_sightings_1h:
@@ -395,13 +464,14 @@ class ClusterEngine:
             out.detect_requests.append(DetectRequest(cluster_id=state.cluster_id, sha256=sha))
         return out
 
-    def _snapshot(self, state: ClusterState, s: Sighting | None, top: list[Evidence] | None = None) -> ClusterSnapshot:
+    def _snapshot(self, state: ClusterState, s: Sighting | None, top: list[Evidence] | None = None,
+                  v: Velocity | None = None) -> ClusterSnapshot:
         now = datetime.now(timezone.utc)
         return ClusterSnapshot(
             cluster_id=state.cluster_id, revision=state.revision, fake_score=state.fake_score,
             verdict=state.verdict, evidence=_top(state) if top is None else top, members=state.members,
             sightings=state.sightings, accounts=len(state.accounts), platforms=state.platforms,
-            engagement=state.engagement, velocity=self._velocity(state),
+            engagement=state.engagement, velocity=self._velocity(state) if v is None else v,
             first_seen=state.first_seen or now, last_seen=state.last_seen or now,
             merged_from=state.merged_from, merged_into=state.merged_into,
             models_pending=state.models_pending, suppressed=state.suppressed,

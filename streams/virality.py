@@ -4,6 +4,8 @@ exactly as the live one did)."""
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
+
 from pydantic import BaseModel
 
 from streams.records import Velocity
@@ -24,18 +26,48 @@ class RecentSighting(BaseModel):
     g: int  # engagement (likes + reposts + replies)
 
 
+def _t(r: RecentSighting) -> float:
+    return r.t
+
+
+# ``recent`` is kept sorted by event time (``trim`` sorts, ``add`` inserts in
+# place), so the windows are found by bisection: a viral cluster holds
+# MAX_RECENT sightings, and scanning and sorting all of them on every sighting
+# cost its single writer ~19 ms per sighting (measured at 16,000 reposts).
 def trim(recent: list[RecentSighting], now: float) -> list[RecentSighting]:
+    """The last hour before ``now``, sorted by time, at most ``MAX_RECENT``."""
     kept = [r for r in recent if r.t > now - WINDOW_1H]
-    kept.sort(key=lambda r: r.t)
+    kept.sort(key=_t)
     return kept[-MAX_RECENT:]
 
 
+def add(recent: list[RecentSighting], r: RecentSighting, now: float) -> list[RecentSighting]:
+    """``trim(recent + [r], now)`` for a ``recent`` that ``trim`` or ``add``
+    returned: ``r`` inserted after the sightings of its time, the window cut
+    by bisection."""
+    insort(recent, r, key=_t)
+    start = max(bisect_right(recent, now - WINDOW_1H, key=_t), len(recent) - MAX_RECENT)
+    return recent[start:] if start > 0 else recent
+
+
+def seen(recent: list[RecentSighting], event_id: str, t: float) -> bool:
+    """Is the event ``event_id`` of event time ``t`` one of ``recent`` (sorted,
+    as ``trim`` and ``add`` leave it)? Only the sightings of its time are compared."""
+    for r in recent[bisect_left(recent, t, key=_t):]:
+        if r.t != t:
+            return False
+        if r.e == event_id:
+            return True
+    return False
+
+
 def velocity(recent: list[RecentSighting], now: float) -> Velocity:
-    in_5m = [r for r in recent if r.t > now - WINDOW_5M]
-    in_1h = [r for r in recent if r.t > now - WINDOW_1H]
+    """The trailing windows ending at ``now``, over ``recent`` sorted by time
+    (as ``trim`` and ``add`` leave it)."""
+    last_hour = recent[bisect_right(recent, now - WINDOW_1H, key=_t):]
     return Velocity(
-        sightings_5m=len(in_5m),
-        sightings_1h=len(in_1h),
-        accounts_1h=len({r.a for r in in_1h}),
-        engagement_1h=sum(r.g for r in in_1h),
+        sightings_5m=len(recent) - bisect_right(recent, now - WINDOW_5M, key=_t),
+        sightings_1h=len(last_hour),
+        accounts_1h=len({r.a for r in last_hour}),
+        engagement_1h=sum(r.g for r in last_hour),
     )

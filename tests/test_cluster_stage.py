@@ -232,3 +232,27 @@ def test_a_batch_whose_writes_fail_is_dead_lettered_and_the_index_rebuilt_from_t
     run_batches(stage, ops[8:], 4, first_offset=8)
     members = sum(len(ClusterState.loads(v).members) for v in stage.table.values())
     assert members == stage.engine.index.n_members  # the index agrees with the table again
+
+
+def test_an_op_that_fails_after_changing_a_state_leaves_the_batch_as_before_it(tmp_path):
+    """The batch keeps its states as objects between ops (no parse per op);
+    an op that raises half-way through its cluster's state must not leave
+    its changes there: the states are those before it, as op by op."""
+    ops = viral_feed()
+    clean, clean_table, clean_topics, _ = _outputs(tmp_path, "clean", ops[:5] + ops[6:], None)
+    settings = Settings(data_dir=tmp_path / "failing", alerts={"min_sightings_5m": 3, "escalation_factor": 2.0})
+    table = CountingTable()
+    stage, topics, dead = stage_for(settings, table)
+    real = stage.engine._count
+    sixth = ClusterOp.loads(ops[5]).sighting.event.event_id
+
+    def count_then_fail(state, s, t):
+        real(state, s, t)  # the state is changed...
+        if s.event.event_id == sixth:
+            raise RuntimeError("boom")  # ...and the op fails
+
+    stage.engine._count = count_then_fail
+    run_batches(stage, ops, len(ops))  # one batch
+    assert [d.stage for d in dead] == ["cluster"] and "cluster-ops:0:5" in dead[0].detail
+    counts = sorted(ClusterState.loads(v).sightings for v in table.values())
+    assert counts == sorted(ClusterState.loads(v).sightings for v in clean_table.values())
