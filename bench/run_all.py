@@ -27,6 +27,7 @@ def main() -> int:
         ["soak.py", *(["--quick"] if quick else ["--seconds", "900"])],
         ["clusters.py", *(["--limit", "150"] if quick else [])],
         ["cluster_scale.py", *(["--sizes", "200000"] if quick else ["--sizes", "1000000"])],
+        ["viral_cluster.py", *(["--reposts", "3000"] if quick else [])],
     ]
     failed, skipped = 0, []
     runs = [r for r in runs if not only or r[0] in only]

@@ -16,14 +16,20 @@ last op applied to it (``applied_offset``), written atomically with the state
 itself. An op redelivered after a crash finds its offset already applied and
 only re-emits the derived outputs (snapshot, alert, detect request), which
 every sink treats idempotently. Event-id duplicates (a producer retry) are
-recognised from the trailing window and not counted twice.
+recognised from the trailing window (by id at the event's time) and not
+counted twice.
+
+A state stays bounded however viral its picture: its trailing window is
+kept sorted and read by bisection (``streams.virality``), and ``fit`` keeps
+what is written under ``MAX_STATE_BYTES`` (Kafka's default record limit is
+1 MB). ``bench/viral_cluster.py``: ~2 ms per sighting at 12,000 reposts.
 
 Past one writer: per op the writer does a few batched Hamming range searches
 over the representatives' codes, verification against a few representatives,
 and the state update; hashing, decoding and detectors happen in the
 partitioned stages before it. ``bench/cluster_scale.py`` measures ``assign``
-alone at 260 ops/s with 1M members in the hot index and 175 ops/s with 10M
-(synthetic codes; ~1.3 GiB per million members), against ~100 events/s for
+alone at 324 ops/s with 1M members in the hot index and 167 ops/s with 10M
+(synthetic codes; ~2 GiB per million members), against ~100-300 events/s for
 the whole pipeline on 2 cores. When ingest outgrows that (more machines), or
 memory does, candidate search splits by hash bands (docs/clusters.md): N searchers each own the MIH substring tables of one band
 (exact by the pigeonhole argument in ``detectors.neardup.hamming``) and
