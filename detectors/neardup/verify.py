@@ -143,17 +143,19 @@ def _residuals(ra: np.ndarray, rb: np.ndarray, quantile: float = 0.5, smooth: bo
     unless fewer than ``_MIN_MID`` pixels remain (a flat picture)."""
     if smooth:
         ra, rb = _smooth(ra), _smooth(rb)
-    ra, rb = np.broadcast_arrays(ra, rb)
+    # every array below takes the broadcast shape from its operands (no
+    # ``np.broadcast_arrays``), and ``e`` and ``use`` are fresh, so changed in
+    # place: on these 16x16 regions the calls' overhead is the cost
     mid = (ra > _DARK) & (ra < _BRIGHT) & (rb > _DARK) & (rb < _BRIGHT)
     sa, sb = (ra * mid).sum(axis=(-2, -1), keepdims=True), (rb * mid).sum(axis=(-2, -1), keepdims=True)
     gain = np.where(mid.sum(axis=(-2, -1), keepdims=True) >= _MIN_MID, sb / np.maximum(sa, 1e-6), 1.0)
     fit = ra * gain
-    shape = (*ra.shape[:-2], -1)
-    e = np.abs(fit - rb).reshape(shape)
-    same_end = (((fit <= _DARK) & (rb <= _DARK)) | ((fit >= _BRIGHT) & (rb >= _BRIGHT))).reshape(shape)
-    n = (~same_end).sum(axis=-1, keepdims=True)
-    use = ~same_end | (n < _MIN_MID)
-    e = np.where(use, e, np.inf)
+    diff = fit - rb
+    shape = (*diff.shape[:-2], -1)
+    e = np.abs(diff).reshape(shape)
+    use = ~(((fit <= _DARK) & (rb <= _DARK)) | ((fit >= _BRIGHT) & (rb >= _BRIGHT))).reshape(shape)
+    use |= use.sum(axis=-1, keepdims=True) < _MIN_MID
+    e[~use] = np.inf
     k = np.maximum((use.sum(axis=-1, keepdims=True) * quantile).astype(np.int64), 0)
     if k.size and (k == k.flat[0]).all():  # one rank for every candidate (the usual case): select, not sort
         kk = int(k.flat[0])
