@@ -76,9 +76,9 @@ def run(reposts: int, slices: int, batch: int) -> list[tuple[int, float, int]]:
     ops = [op(i) for i in range(reposts)]
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=tmp)
-        table: dict = {}
 
         class Sized(dict):
+            """The table, remembering the largest state written to it."""
             largest = 0
 
             def __setitem__(self, k, v):

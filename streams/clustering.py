@@ -168,6 +168,7 @@ def _shed_window(state: ClusterState, over: int) -> bool:
 
 
 def _shed_members(state: ClusterState, over: int) -> bool:
+    # the first member stays too: the copy that founded the cluster
     others = [i for i, m in enumerate(state.members) if not m.representative and i > 0]
     if not others:
         return False
