@@ -114,12 +114,13 @@ class ClusterState(BaseModel):
         return cls.model_validate_json(raw)
 
 
-# Kafka refuses a record over its max.message.bytes (1 MB by default), and the
-# cluster table's changelog carries a cluster's whole state on every update. A
-# viral picture's last hour and accounts alone pass that: 1.1 MB measured with
-# 12,000 Bluesky-style ids (accounts of 32 characters, events of 70; the
-# schema allows 256) reposting one picture. So no state is written larger
-# than this (``fit``).
+# Faust's producer refuses a record over 1,000,000 bytes (its
+# ``producer_max_request_size``: aiokafka raises MessageSizeTooLargeError),
+# Kafka's default max.message.bytes is 1 MB, and the cluster table's changelog
+# carries a cluster's whole state on every update. A viral picture's last hour
+# and accounts alone pass that: 1.1 MB measured with 12,000 Bluesky-style ids
+# (accounts of 32 characters, events of 70; the schema allows 256) reposting
+# one picture. So no state is written larger than this (``fit``).
 MAX_STATE_BYTES = 768 * 1024
 _FIT_TO = 0.75  # of the budget, once shed: the next updates have room, so shedding stays rare
 
