@@ -4,6 +4,7 @@ scanning every sighting, and no state is written past what Kafka accepts."""
 from __future__ import annotations
 
 import json
+from unittest.mock import patch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,22 +29,23 @@ sightings = st.lists(st.tuples(st.integers(0, 8000), st.integers(0, 30), st.inte
 
 
 @settings(max_examples=200, deadline=None)
-@given(sightings, st.integers(0, 8000))
-def test_adding_sightings_one_by_one_matches_sorting_them_all(rows, late):
+@given(sightings, st.integers(0, 8000), st.sampled_from([5000, 7]))
+def test_adding_sightings_one_by_one_matches_sorting_them_all(rows, late, cap):
     recent: list[RecentSighting] = []
     scanned: list[RecentSighting] = []
     now = 0.0
-    for i, (t, a, g) in enumerate([*rows, (late, 0, 1)]):  # the last one may come out of order
-        r = RecentSighting(t=float(t), e=f"e{i}", a=f"a{a}", p="x", g=g)
-        now = max(now, r.t)
-        recent = virality.add(recent, r, now)
-        scanned = virality.trim([*scanned, r], now)
-        assert recent == scanned
-        v = virality.velocity(recent, now)
-        assert (v.sightings_5m, v.sightings_1h, v.accounts_1h, v.engagement_1h) == scanned_velocity(scanned, now)
-        for j, other in enumerate(scanned):
-            assert virality.seen(recent, other.e, other.t)
-        assert not virality.seen(recent, "never", r.t)
+    with patch.object(virality, "MAX_RECENT", cap):  # 7: the cap on the window's length bites too
+        for i, (t, a, g) in enumerate([*rows, (late, 0, 1)]):  # the last one may come out of order
+            r = RecentSighting(t=float(t), e=f"e{i}", a=f"a{a}", p="x", g=g)
+            now = max(now, r.t)
+            recent = virality.add(recent, r, now)
+            scanned = virality.trim([*scanned, r], now)
+            assert recent == scanned
+            v = virality.velocity(recent, now)
+            assert (v.sightings_5m, v.sightings_1h, v.accounts_1h, v.engagement_1h) == scanned_velocity(scanned, now)
+            for other in scanned:
+                assert virality.seen(recent, other.e, other.t)
+            assert not virality.seen(recent, "never", r.t)
 
 
 def viral_state(reposts: int, id_chars: int) -> ClusterState:
