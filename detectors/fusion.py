@@ -16,8 +16,11 @@ Rules, in order:
 4. **Provenance dominates models.** When a non-model item is *decisive*
    (weight >= 2 and score <= 0.1 or >= 0.9: a C2PA AI source type, a
    generator chunk, a signed camera capture, a bank match), learned pixel
-   classifiers (kind ``model`` or ``vendor``) contribute at a quarter of their weight. Otherwise
-   models count with their own weight like anything else.
+   classifiers (kind ``model`` or ``vendor``) contribute at a quarter of their weight.
+   So does a learned item that points the other way from a non-model item of
+   weight >= 1 (a generator named in free text is not undone by a pixel model
+   that did not see it). Otherwise models count with their own weight like
+   anything else.
 5. **Verdict.** score >= ``likely_ai`` -> ``likely-ai``; >= ``inconclusive``
    -> ``inconclusive``; otherwise ``no-evidence`` (no evidence *of AI*:
    evidence pointing at authenticity also lands here, with a low score).
@@ -46,6 +49,7 @@ SCORE_CLIP = 0.01
 DECISIVE_WEIGHT = 2.0
 DECISIVE_SCORE = 0.9
 MODEL_DAMPING = 0.25
+CONTRADICTED_BY_WEIGHT = 1.0
 _BANK_DEFAULT = {"authentic": 0.05, "fake": 0.95}
 
 
@@ -102,10 +106,16 @@ INCONCLUSIVE = 0.4
 def fuse(evidence: list[Evidence], *, likely_ai: float = LIKELY_AI, inconclusive: float = INCONCLUSIVE) -> Fused:
     """Combine evidence from all member images of a cluster (see module doc)."""
     kept = strongest_per_detector(evidence)
-    damp = MODEL_DAMPING if any(_is_decisive(ev) for ev in kept) else 1.0
+    decisive = any(_is_decisive(ev) for ev in kept)
+    # The directions (+1 AI, -1 authentic) that non-model items of some weight point in.
+    held = {math.copysign(1.0, contribution(ev)) for ev in kept
+            if not _is_model(ev) and ev.weight >= CONTRADICTED_BY_WEIGHT and contribution(ev) != 0.0}
 
     def weighted(ev: Evidence) -> float:
-        return contribution(ev) * (damp if _is_model(ev) else 1.0)
+        c = contribution(ev)
+        if _is_model(ev) and (decisive or (c != 0.0 and -math.copysign(1.0, c) in held)):
+            return c * MODEL_DAMPING
+        return c
 
     kept.sort(key=lambda ev: abs(weighted(ev)), reverse=True)
     if not any(weighted(ev) != 0.0 for ev in kept):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from detectors.base import Evidence
-from detectors.fusion import NO_EVIDENCE_SCORE, fuse
+from detectors.fusion import NO_EVIDENCE_SCORE, contribution, fuse
 
 
 def ev(detector: str, score: float, weight: float = 1.0, **data: object) -> Evidence:
@@ -36,6 +40,22 @@ def test_models_count_with_their_own_weight_alone() -> None:
     assert fuse([ev("model:a", 0.9, 1.0)]).verdict == "likely-ai"
     assert fuse([ev("model:a", 0.6, 1.0)]).verdict == "inconclusive"
     assert fuse([ev("model:a", 0.9, 0.2)]).score < fuse([ev("model:a", 0.9, 1.0)]).score
+
+
+def test_a_model_does_not_undo_metadata_it_contradicts() -> None:
+    from detectors.base import EvidenceKind
+
+    named = Evidence(detector="generator-metadata", kind=EvidenceKind.METADATA, score=0.9, weight=1.5,
+                     detail="Midjourney named in the description")  # free text: weight 1.5, not decisive
+    looks_real = Evidence(detector="model:px", kind=EvidenceKind.MODEL, score=0.02, weight=1.9, detail="px")
+    assert fuse([looks_real]).verdict == "no-evidence"
+    assert fuse([named, looks_real]).verdict == "likely-ai"  # the model counts at a quarter against it
+    agrees = looks_real.model_copy(update={"score": 0.9})
+    assert fuse([named, agrees]).score > fuse([named]).score > fuse([named, looks_real]).score
+    # an item below weight 1 (an unvalidated capture claim) leaves the model its full say
+    faint = Evidence(detector="c2pa", kind=EvidenceKind.PROVENANCE, score=0.35, weight=0.5, detail="unvalidated")
+    full = contribution(faint) + contribution(agrees)
+    assert fuse([faint, agrees]).score == pytest.approx(1 / (1 + math.exp(-full)))
 
 
 def test_identical_copies_count_once() -> None:

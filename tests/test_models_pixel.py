@@ -14,9 +14,9 @@ import torch
 from detectors.base import Evidence, EvidenceKind
 from detectors.fusion import LIKELY_AI, fuse
 from detectors.imagedata import ImageData
-from detectors.models.calibration import Calibration
+from detectors.models.calibration import Calibration, fit_calibration
 from detectors.models.pixel_backbone import CROP, Backbone, FeatureSpec, crop_boxes, image_crops
-from detectors.models.pixel_detector import evidence_weight, load_pixel_detector
+from detectors.models.pixel_detector import MAX_WEIGHT, evidence_weight, load_pixel_detector
 from detectors.models.pixel_metrics import threshold_for_fpr
 from detectors.models.pixel_probe import DEFAULT_HEAD, HeadCard, PixelHead
 from tests.support import picture
@@ -186,6 +186,63 @@ def test_a_user_head_replaces_the_packaged_one(tmp_path) -> None:
     assert det.name == "model:my-newsroom-head" and det.threshold == 0.9
     with pytest.raises(FileNotFoundError, match="deepwatch train --recipe pixel-probe"):
         PixelHead.load(tmp_path / "missing.safetensors")
+
+
+def test_a_restated_calibration_moves_what_a_score_reads_not_the_order(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(-1.0, 1.5, 300), rng.normal(1.5, 1.5, 300)])
+    cal = fit_calibration(z, np.r_[np.zeros(300), np.ones(300)])
+    assert cal.share == cal.prior == 0.5
+    stated = cal.restated(0.2)
+    p, q = cal.apply(z), stated.apply(z)
+    np.testing.assert_allclose(q / (1 - q), p / (1 - p) * (0.2 / 0.8), rtol=1e-9)  # Bayes: the odds times 1/4
+    assert (np.argsort(p, kind="stable") == np.argsort(q, kind="stable")).all()
+    assert stated.restated(0.5).b == pytest.approx(cal.b) and stated.restated(0.2) == stated
+    card = HeadCard(calibration=stated, threshold=0.6)
+    loaded = PixelHead.load(PixelHead(card=card, w=np.ones(3), b=0.0).save(tmp_path / "h.safetensors")).card
+    assert (loaded.calibration.share, loaded.calibration.prior) == (0.5, 0.2)
+    with pytest.raises(ValueError, match="AI share"):
+        Calibration(method="platt", a=1.0, b=0.0, n=10).restated(0.2)  # saved before shares were recorded
+
+
+def test_training_states_the_prior_at_which_few_real_photos_reach_even_odds() -> None:
+    from pathlib import Path
+
+    from detectors.models.pixel_data import Sample
+    from detectors.models.pixel_train import LEAN_FPR, CvResult, _fpr_point, calibrate_and_threshold
+
+    rng = np.random.default_rng(3)
+    n = 400
+    y = np.r_[np.zeros(n), np.ones(n)].astype(int)
+    cats = ["portrait" if i % 3 == 0 else "landscape" for i in range(2 * n)]
+    samples = [Sample(Path(f"{i}.jpg"), int(y[i]), "g", f"g{i % 7}", cats[i], "d") for i in range(2 * n)]
+    z = np.where(y == 1, rng.normal(1.0, 1.2, 2 * n), rng.normal(-1.0, 1.2, 2 * n))
+    cv = CvResult(oof={"reposted": z, "published": z + rng.normal(0, 0.2, 2 * n)},
+                  present={}, fold_of=np.zeros(2 * n, int))
+    cal, thr = calibrate_and_threshold(samples, cv, max_fpr=0.01)
+    assert cal.share == pytest.approx(0.5) and cal.prior < 0.5
+    people = np.array([c == "portrait" for c in cats]) & (y == 0)
+    for v in ("reposted", "published"):
+        p = cal.apply(cv.oof[v])
+        for m in (y == 0, people):
+            assert (p[m] >= 0.5).mean() <= LEAN_FPR + 1 / m.sum()  # even odds sit at the 97th percentile
+            assert (p[m] >= thr).mean() <= 0.01  # and the threshold keeps to its false-positive target
+    # the flagged set is the one the fitted (unstated) calibration flags at the same false-positive target
+    fitted = cal.restated(cal.share)
+    assert ((cal.apply(z) >= thr) == (fitted.apply(z) >= _fpr_point(samples, cv, fitted, 0.01))).all()
+
+
+def test_the_packaged_head_states_its_prior_and_crosses_likely_ai_at_its_threshold(detector) -> None:
+    card = detector.head.card
+    assert card.calibration.share == pytest.approx(0.5, abs=0.05) and 0.05 < card.calibration.prior < card.calibration.share
+    pr = card.metrics["prior_reposted"]
+    assert pr["real_people"]["above_0.5_at_prior"] < pr["real_people"]["above_0.5_balanced"]
+    w = evidence_weight(card.threshold)
+    assert w < MAX_WEIGHT  # not capped: pixel evidence alone reaches likely-ai exactly at the threshold
+    at = Evidence(detector="model:px", kind=EvidenceKind.MODEL, score=card.threshold, weight=w, detail="px")
+    assert fuse([at]).score == pytest.approx(LIKELY_AI)
+    ev = detector.analyze(_jpeg(4, (512, 512)))[0]
+    assert f"{card.calibration.prior:.0%} of pictures are AI" in ev.detail and ev.data["prior"] == card.calibration.prior
 
 
 def test_threshold_for_fpr_keeps_false_positives_at_or_below_target() -> None:

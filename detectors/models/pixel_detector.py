@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 
 from detectors.base import Cost, Evidence, EvidenceKind
-from detectors.fusion import LIKELY_AI
+from detectors.fusion import DECISIVE_WEIGHT, LIKELY_AI
 from detectors.imagedata import ImageData
 from detectors.models.detector import StagedDetector
 from detectors.models.device import select_device_lazily
@@ -26,25 +26,34 @@ log = logging.getLogger(__name__)
 
 
 
+# Pixel evidence never outweighs a decisive provenance item (weight >= DECISIVE_WEIGHT), which
+# also damps it to a quarter.
+MAX_WEIGHT = DECISIVE_WEIGHT
+
+
 def evidence_weight(threshold: float) -> float:
     """Fusion weight that makes pixel evidence ALONE cross fusion's likely-ai
     cut exactly at the head's operating threshold (chosen for <= 1% false
     positives), never earlier: weight * logit(threshold) = logit(LIKELY_AI).
-    At most 1, so metadata and provenance items (weight 2-5, and decisive
-    ones damp models to a quarter) always stay stronger."""
+    At most ``MAX_WEIGHT``: with a threshold closer to 0.5 than that allows,
+    pixel evidence alone crosses later than its threshold."""
     lt = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else 0.0
     if lt <= 0:
         return 1.0
-    return min(1.0, math.log(LIKELY_AI / (1 - LIKELY_AI)) / lt)
+    return min(MAX_WEIGHT, math.log(LIKELY_AI / (1 - LIKELY_AI)) / lt)
+
 
 def _prior_clause(card) -> str:
     """The probability's stated prior, so a desk does not read 0.6 as "60% of such pictures are fakes"."""
-    pr = card.metrics.get("stream_prior_reposted") or {}
-    share = pr.get("calibration_ai_share")
-    if share is None:
+    cal = card.calibration
+    if cal.prior is None or cal.share is None:
         return ""
-    return (f" The probability assumes {share:.0%} of pictures are AI, as in training; in a stream where "
-            f"{pr['stated_prior']:.0%} are, the same score means less (the threshold reads {pr['threshold_at_prior']:.2f}).")
+    if abs(cal.prior - cal.share) < 1e-9:
+        return f" The probability assumes {cal.prior:.0%} of pictures are AI, as in training."
+    lean = (card.metrics.get("prior_reposted") or {}).get("lean_fpr")
+    return (f" The probability is stated for a stream where {cal.prior:.0%} of pictures are AI (its calibration "
+            f"set held {cal.share:.0%})"
+            + (f": about {lean:.0%} of real photos, portraits included, reached 0.5 in those tests." if lean else "."))
 
 
 # Names ``detect.models`` may list for packaged models (looked up, not prefix-matched).
@@ -123,6 +132,7 @@ class PixelProbeDetector(StagedDetector):
                 "threshold": card.threshold,
                 "flagged": flagged,
                 "calibration": card.calibration.method,
+                "prior": card.calibration.prior,
                 "arch": f"{card.spec.backbone}+linear-probe",
                 "model_version": card.version,
                 "crops": card.spec.crops,

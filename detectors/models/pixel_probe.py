@@ -158,8 +158,9 @@ def render_model_card(card: HeadCard) -> str:
         f"- augmentations: {t.get('augmentations', '-')}",
         "",
         "## Calibration and operating threshold",
-        f"- {card.calibration.method} calibration fitted on {card.calibration.n} out-of-fold (held-out) re-posted scores: "
-        f"p = sigmoid({card.calibration.a:.4f} * logit + {card.calibration.b:.4f})",
+        f"- {card.calibration.method} calibration fitted on {card.calibration.n} out-of-fold (held-out) re-posted scores"
+        + (f", stated for a {card.calibration.prior:.0%} AI prior" if card.calibration.prior is not None else "")
+        + f": p = sigmoid({card.calibration.a:.4f} * logit {'-' if card.calibration.b < 0 else '+'} {abs(card.calibration.b):.4f})",
         f"- threshold {card.threshold:.4f} (calibrated probability): {card.threshold_target}",
         "",
         "## Leave-generator-out results (out-of-fold)",
@@ -177,15 +178,17 @@ def render_model_card(card: HeadCard) -> str:
               "| category | n | FP at threshold | FP at 0.5 |", "|---|---|---|---|"]
     for c, m in (card.metrics.get("real_categories_reposted") or {}).items():
         lines.append(f"| {c} | {m['n']} | {_pct(m['fp_at_threshold'])} | {_pct(m['fp_at_0.5'])} |")
-    pr = card.metrics.get("stream_prior_reposted")
+    pr = card.metrics.get("prior_reposted")
     if pr and "real" in pr:
-        lines += ["", "### Calibration prior (re-posted, out-of-fold)", "",
-                  f"Probabilities are calibrated on folds where {pr['calibration_ai_share']:.0%} of the pictures are AI. "
-                  f"Re-stated for a news stream where {pr['stated_prior']:.0%} are AI (log-odds shifted by Bayes' rule), "
-                  "fewer real photos reach 0.5, but every score moves alike: the ranking, AUC, TPR at a fixed FPR and "
-                  "the set flagged at the operating threshold do not change. This is not a discrimination gain. "
-                  f"The operating threshold {card.threshold:.3f} reads {pr['threshold_at_prior']:.3f} under that prior.", "",
-                  "| real photos | n | >= 0.5 at the calibration balance | >= 0.5 at the stated prior |", "|---|---|---|---|"]
+        lines += ["", "### Stated prior (re-posted, out-of-fold)", "",
+                  f"The calibration was fitted on folds where {pr['calibration_ai_share']:.0%} of the pictures are AI. Its "
+                  f"probabilities are stated for a stream where {pr['stated_prior']:.0%} are (Bayes' rule: the log-odds "
+                  f"shift), the share at which about {pr['lean_fpr']:.0%} of real photos, and of real portraits, people "
+                  "and crowds alone, reach 0.5 (their 97th percentile, interpolated, sits at 0.5). A news stream is mostly "
+                  "real photos, mostly of people. The shift moves every "
+                  "score alike: the ranking, AUC, TPR at a fixed FPR and the set flagged at the operating threshold do not "
+                  "change. It is not a discrimination gain.", "",
+                  "| real photos | n | >= 0.5 at the calibration share | >= 0.5 at the stated prior |", "|---|---|---|---|"]
         for k, label in (("real", "all"), ("real_people", "portraits, people, crowds")):
             if k in pr:
                 lines.append(f"| {label} | {pr[k]['n']} | {_pct(pr[k]['above_0.5_balanced'])} | {_pct(pr[k]['above_0.5_at_prior'])} |")

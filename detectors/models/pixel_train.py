@@ -8,8 +8,10 @@ siblings of, which says nothing about the next generator.
 Training rows are the *re-posted* and *augmented* variants of the training
 folds (both classes re-encoded alike); the held-out fold is scored as
 re-posted and as published. Out-of-fold scores then give the calibration
-(Platt, fitted on held-out folds only), the operating threshold (<= 1% false
-positives on real photos, portraits included) and the reported metrics.
+(Platt, fitted on held-out folds only, its probabilities stated for the AI
+share at which <= 3% of real photos reach 0.5), the operating threshold
+(<= 1% false positives on real photos, portraits included) and the reported
+metrics.
 """
 
 from __future__ import annotations
@@ -147,23 +149,45 @@ def cross_validate(samples: list[Sample], cache: FeatureCache, spec: FeatureSpec
     return CvResult(oof=oof, present={v: feats[v][1] for v in EVAL_VARIANTS}, fold_of=fold_of)
 
 
-def calibrate_and_threshold(samples: list[Sample], cv: CvResult, max_fpr: float = 0.01):
-    """Platt calibration on out-of-fold re-posted logits, and the calibrated
-    threshold that keeps false positives <= ``max_fpr`` on all real photos AND
-    on real portraits/people alone (as published and re-posted)."""
+# Where a probability of 0.5 sits: at most this share of real photos (and of real portraits,
+# people and crowds alone) score at or above it out of fold. A desk reads 0.5 as "leans AI",
+# and a news stream is mostly real photos, most of them of people (docs/pixel-detector.md).
+LEAN_FPR = 0.03
+
+
+def _fpr_point(samples: list[Sample], cv: CvResult, cal, max_fpr: float, *, percentile: bool = False) -> float:
+    """The calibrated score at or above which <= ``max_fpr`` of the real photos score, and of the
+    real portraits/people alone, as published and re-posted: the largest of those four points.
+    ``percentile``: the (1 - max_fpr) percentile, interpolated, instead of the strict count (on 127
+    portraits, "3%" would otherwise allow 3 pictures: 2.4%)."""
     y = np.array([s.label for s in samples])
-    z = cv.oof["reposted"]
-    ok = ~np.isnan(z)
-    cal = fit_calibration(z[ok], y[ok], method="platt")
     people = np.array([s.category in PEOPLE for s in samples])
     candidates = []
     for v in EVAL_VARIANTS:
         p = cal.apply(np.nan_to_num(cv.oof[v], nan=-50.0))
         real = (y == 0) & ~np.isnan(cv.oof[v])
-        candidates.append(threshold_for_fpr(p[real], max_fpr))
-        if (real & people).sum() >= 20:
-            candidates.append(threshold_for_fpr(p[real & people], max_fpr))
-    return cal, float(max(candidates))
+        for m in (real, real & people):
+            if m is real or m.sum() >= 20:
+                candidates.append(np.quantile(p[m], 1 - max_fpr) if percentile else threshold_for_fpr(p[m], max_fpr))
+    return float(max(candidates))
+
+
+def calibrate_and_threshold(samples: list[Sample], cv: CvResult, max_fpr: float = 0.01, lean_fpr: float = LEAN_FPR):
+    """Platt calibration on out-of-fold re-posted logits, stated for the AI share that puts 0.5
+    where <= ``lean_fpr`` of real photos reach it; then the calibrated threshold that keeps false
+    positives <= ``max_fpr`` on all real photos AND on real portraits/people alone (as published
+    and re-posted). Restating moves no ranking: the flagged set is the one the fitted calibration
+    would flag at the same false-positive rate."""
+    y = np.array([s.label for s in samples])
+    z = cv.oof["reposted"]
+    ok = ~np.isnan(z)
+    cal = fit_calibration(z[ok], y[ok], method="platt")
+    if cal.share is not None:
+        lean = min(max(_fpr_point(samples, cv, cal, lean_fpr, percentile=True), 1e-6), 1 - 1e-6)
+        # Bayes: the prior whose odds are the fitted share's odds divided by the lean point's.
+        odds = cal.share / (1 - cal.share) * (1 - lean) / lean
+        cal = cal.restated(odds / (1 + odds))
+    return cal, _fpr_point(samples, cv, cal, max_fpr)
 
 
 def cv_report(samples: list[Sample], cv: CvResult, cal, threshold: float) -> dict:
@@ -178,35 +202,19 @@ def cv_report(samples: list[Sample], cv: CvResult, cal, threshold: float) -> dic
     return out
 
 
-# A news stream is mostly real photos. Calibrated probabilities assume the AI share of the
-# calibration folds (about half); under a stated stream prior the same logit means a lower
-# probability. Reported only (the shipped probabilities and threshold stay on the training
-# balance): a prior shift moves every score alike and changes no ranking, so it is NOT a
-# discrimination gain; AUC and TPR at a fixed FPR are.
-STREAM_PRIOR = 0.1
-
-
-def at_prior(p: np.ndarray, trained_share: float, prior: float = STREAM_PRIOR) -> np.ndarray:
-    """Probabilities re-stated for a stream where ``prior`` of the pictures are AI (Bayes: shift the log-odds)."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
-    z = np.log(p / (1 - p)) + np.log(prior / (1 - prior)) - np.log(trained_share / (1 - trained_share))
-    return 1.0 / (1.0 + np.exp(-z))
-
-
-def prior_report(samples: list[Sample], p: np.ndarray, threshold: float, prior: float = STREAM_PRIOR) -> dict:
-    """Share of real photos (all, and portraits/people/crowds) scored >= 0.5 under the training balance and
-    under the stated stream prior. The flagged set at the operating threshold is the same under both."""
+def prior_report(samples: list[Sample], z: np.ndarray, cal) -> dict:
+    """Share of real photos (all, and portraits/people/crowds) scored >= 0.5 at the calibration
+    rows' AI share and at the stated prior (``calibrate_and_threshold``), from out-of-fold logits."""
     y = np.array([s.label for s in samples])
-    ok = ~np.isnan(p)
-    share = float(y[ok].mean())
-    q = at_prior(np.nan_to_num(p, nan=0.0), share, prior)
+    ok = ~np.isnan(z)
+    z = np.nan_to_num(z, nan=-50.0)
+    fitted, stated = cal.restated(cal.share).apply(z), cal.apply(z)
     people = np.array([s.category in PEOPLE for s in samples])
-    out = {"calibration_ai_share": share, "stated_prior": prior}
+    out = {"calibration_ai_share": cal.share, "stated_prior": cal.prior, "lean_fpr": LEAN_FPR}
     for name, m in (("real", (y == 0) & ok), ("real_people", (y == 0) & ok & people)):
         if m.any():
-            out[name] = {"n": int(m.sum()), "above_0.5_balanced": float((p[m] >= 0.5).mean()),
-                         "above_0.5_at_prior": float((q[m] >= 0.5).mean())}
-    out["threshold_at_prior"] = float(at_prior(np.array([threshold]), share, prior)[0])
+            out[name] = {"n": int(m.sum()), "above_0.5_balanced": float((fitted[m] >= 0.5).mean()),
+                         "above_0.5_at_prior": float((stated[m] >= 0.5).mean())}
     return out
 
 
@@ -231,7 +239,7 @@ def train_pixel_probe(
     spec: FeatureSpec | None = None,
     params: ProbeParams | None = None,
     name: str = "pixel-probe-lite2",
-    version: str = "4",  # v1: 2 crops; v2: 3 crops; v3: int8 backbone; v4: canonical input (docs/pixel-detector.md)
+    version: str = "5",  # v1: 2 crops; v2: 3 crops; v3: int8 backbone; v4: canonical input; v5: stated prior (docs/pixel-detector.md)
     group_by: str = "generator",
     max_fpr: float = 0.01,
     progress=None,
@@ -260,7 +268,7 @@ def train_pixel_probe(
     cal, threshold = calibrate_and_threshold(samples, cv, max_fpr)
     metrics = cv_report(samples, cv, cal, threshold)
     metrics["real_categories_reposted"] = people_fp_rates(samples, cal.apply(cv.oof["reposted"]), threshold)
-    metrics["stream_prior_reposted"] = prior_report(samples, cal.apply(cv.oof["reposted"]), threshold)
+    metrics["prior_reposted"] = prior_report(samples, cv.oof["reposted"], cal)
     metrics["protocol"] = (
         f"{params.folds}-fold GroupKFold, groups = {group_by} for AI pictures and source for real photos; "
         f"probe trained on the {' + '.join(params.train_variants)} variants of the training folds; scores out-of-fold"
