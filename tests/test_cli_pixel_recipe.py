@@ -78,6 +78,10 @@ def test_train_recipe_writes_a_head_settings_can_point_at(manifest: Path, cache:
     assert r.exit_code == 0, r.output
     ev = [e for e in json.loads(r.stdout)[0]["evidence"] if e["kind"] == "model"]
     assert [e["detector"] for e in ev] == ["model:newsroom-probe"]
+    # the head names its training pictures, so eval can leave them out: here that is all of them
+    assert len(loaded.card.trained_on["files_sha256"]) == 24
+    r = CliRunner().invoke(app, ["eval", str(manifest), "--exclude-trained", "--no-cheap", "--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 1 and "24 file(s) excluded as training data" in r.stderr
 
 
 def test_train_recipe_usage_errors_are_one_line(tmp_path: Path) -> None:
@@ -88,8 +92,8 @@ def test_train_recipe_usage_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_eval_reports_the_packaged_pixel_model_per_generator_and_category(manifest: Path, tmp_path: Path) -> None:
-    r = CliRunner().invoke(app, ["eval", str(manifest), "--model", "pixel-probe-lite2", "--no-cheap", "--format", "json",
-                                 "--data-dir", str(tmp_path / "d")])
+    # No --model: eval measures what `deepwatch detect` runs by default, the packaged pixel probe included.
+    r = CliRunner().invoke(app, ["eval", str(manifest), "--no-cheap", "--format", "json", "--data-dir", str(tmp_path / "d")])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["models"]["model:pixel-probe-lite2"]["arch"] == "efficientnet-lite2+linear-probe"
@@ -100,7 +104,17 @@ def test_eval_reports_the_packaged_pixel_model_per_generator_and_category(manife
         assert m["threshold"] == pytest.approx(rep["models"]["model:pixel-probe-lite2"]["threshold"])
         assert set(v["per_generator"]) == {"gen-0 (demo)", "gen-1 (demo)", "gen-2 (demo)"}
         assert set(v["per_category"]) == {"portrait", "landscape"}
-        assert v["per_category"]["portrait"]["model:pixel-probe-lite2"]["n_neg"] == 6
+        portraits = v["per_category"]["portrait"]["model:pixel-probe-lite2"]
+        assert portraits["n_neg"] == 6 and 0.0 <= portraits["real_above_0.5"] <= 1.0
+
+
+def test_eval_without_models_measures_the_cheap_detectors_alone(manifest: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["eval", str(manifest), "--no-models", "--variant", "original", "--format", "json",
+                                 "--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["models"] == {} and "generator-metadata" in rep["variants"]["original"]["detectors"]
+    assert not any(name.startswith("model:") for name in rep["variants"]["original"]["detectors"])
 
 
 def test_a_configured_head_that_cannot_load_warns_and_metadata_still_runs(tmp_path: Path, monkeypatch) -> None:

@@ -115,3 +115,17 @@ def test_clip_probe_builds_when_open_clip_present(tmp_path: Path) -> None:
     net = build_net("clip-probe", {"clip_model": "RN50", "backbone_file": None}, tmp_path)
     assert net(torch.randn(2, 3, 224, 224)).shape == (2,)
     assert set(net.state_dict()) == {"fc.weight", "fc.bias"}
+
+
+def test_eval_metrics_count_real_pictures_at_even_odds_only_where_a_detector_spoke() -> None:
+    import numpy as np
+
+    from detectors.models.evaluate import NO_OPINION, metrics
+
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    scores = np.array([0.2, 0.55, NO_OPINION, 0.9, 0.8, NO_OPINION])
+    spoke = np.array([True, True, False, True, True, False])
+    m = metrics(scores, labels, 0.7, spoke)
+    assert m["real_above_0.5"] == 0.5  # 0.55 and 0.9 of four real pictures; the silent one is no opinion
+    assert m["fpr"] == 0.25 and m["recall"] == 0.5
+    assert metrics(scores[4:], labels[4:], 0.7, spoke[4:])["real_above_0.5"] is None  # no real pictures

@@ -50,6 +50,11 @@ class StagedDetector(BatchDetector):
     # its forward is single-threaded and thread-safe.
     concurrent_forwards: int = 1
 
+    @property
+    def trained_files(self) -> frozenset[str]:
+        """SHA-256 of the files it was trained or calibrated on, where recorded (``eval --exclude-trained``)."""
+        return frozenset()
+
     def prepare(self, image: ImageData) -> Any:  # pragma: no cover - abstract
         """One image as model input (an array or tensor of fixed shape)."""
         raise NotImplementedError
@@ -97,6 +102,10 @@ class ModelDetector(StagedDetector):
             # NHWC lets cuDNN pick tensor-core kernels for the convolutions.
             self.net = self.net.to(memory_format=torch.channels_last)
         self._infer_lock = threading.Lock()
+
+    @property
+    def trained_files(self) -> frozenset[str]:
+        return frozenset(self.card.training.get("files_sha256", []))
 
     # -- the three steps -------------------------------------------------
     def prepare(self, image: ImageData) -> "torch.Tensor":

@@ -23,11 +23,13 @@ Output (stable; ``schema`` bumps on any incompatible change)::
     }
 
     METRICS = {auc, average_precision, tpr_at_1pct_fpr, tpr_at_5pct_fpr,
-               accuracy, recall, fpr, threshold, n_pos, n_neg, coverage}
+               accuracy, recall, fpr, real_above_0.5, threshold, n_pos, n_neg, coverage}
 
 Each variant also has ``per_category`` (shape of ``per_generator``) when the
 manifest has a ``category`` column: that category's pictures, both classes,
-so a real-only category shows its false-positive rate (``fpr``).
+so a real-only category shows its false-positive rate (``fpr``) and the share
+of its real pictures scored >= 0.5 (``real_above_0.5``: a desk reads 0.5 as
+"leans AI"; no opinion never counts).
 "original" is the file as published.
 
 ``auc``/``average_precision`` are null when only one class is present.
@@ -65,8 +67,10 @@ def metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, covered: n
 
     y = labels.astype(int)
     pred = scores >= threshold
+    leans = scores >= 0.5
     if covered is not None:
         pred &= covered  # no opinion never counts as a flag, whatever the threshold
+        leans &= covered
     pred = pred.astype(int)
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     both = n_pos > 0 and n_neg > 0
@@ -78,6 +82,7 @@ def metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, covered: n
         "accuracy": round(float(accuracy_score(y, pred)), 4) if len(y) else None,
         "recall": round(float(pred[y == 1].mean()), 4) if n_pos else None,
         "fpr": round(float(pred[y == 0].mean()), 4) if n_neg else None,
+        "real_above_0.5": round(float(leans[y == 0].mean()), 4) if n_neg else None,
         "threshold": threshold,
         "n_pos": n_pos,
         "n_neg": n_neg,
@@ -227,6 +232,9 @@ def evaluate(
                 excluded += 1
                 continue
         kept.append((s, data))
+    if not kept:
+        raise ValueError(f"nothing left to evaluate: {excluded} file(s) excluded as training data (--exclude-trained), "
+                         f"{len(skipped)} unreadable")
 
     labels = np.array([s.label for s, _ in kept])
     generators = [s.generator for s, _ in kept]

@@ -113,6 +113,14 @@ def read_manifest(path: Path, group_by: str = "generator") -> list[Sample]:
     return out
 
 
+def file_sha256(path: Path) -> str | None:
+    """A training file's content digest (None when it cannot be read: it was skipped anyway)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def manifest_digest(paths: list[Path]) -> str:
     """sha256 over the manifests' bytes, in the order given: names the training data in the model card."""
     h = hashlib.sha256()

@@ -84,6 +84,10 @@ class PixelProbeDetector(StagedDetector):
     def threshold(self) -> float:
         return self.head.card.threshold
 
+    @property
+    def trained_files(self) -> frozenset[str]:
+        return frozenset(self.head.card.trained_on.get("files_sha256", []))
+
     def describe(self) -> dict:
         c = self.head.card
         return {"arch": f"{c.spec.backbone}+linear-probe", "version": c.version, "threshold": c.threshold,

@@ -274,7 +274,7 @@ def train_pixel_probe(
         f"probe trained on the {' + '.join(params.train_variants)} variants of the training folds; scores out-of-fold"
     )
     hw = fit_head(samples, cache, spec, params)
-    from detectors.models.pixel_data import generator_name
+    from detectors.models.pixel_data import file_sha256, generator_name
 
     # Only generators with a few pictures say anything; named without provenance notes.
     gens = [(generator_name(g), m) for g, m in metrics["reposted"]["generators"].items() if m["n_ai"] >= 3]
@@ -293,6 +293,8 @@ def train_pixel_probe(
         trained_on={
             "manifests": [str(m) for m in manifests],
             "manifest_sha256": manifest_digest(manifests),
+            # every picture's digest, so `deepwatch eval --exclude-trained` can leave them out
+            "files_sha256": sorted({d for d in map(file_sha256, (s.path for s in samples)) if d}),
             "n_ai": int(sum(s.label for s in samples)), "n_real": int(sum(1 - s.label for s in samples)),
             "seed": params.seed, "C": params.C, "weighting": params.weighting,
             "head": f"mlp({params.hidden}, alpha={params.alpha})" if params.hidden else "linear",

@@ -271,6 +271,9 @@ def eval_cmd(
         list[Path], typer.Argument(help="Labelled set(s): manifest.csv, a folder holding one, or a folder with real/ and ai/ (or fake/).")
     ],
     model: Annotated[list[str], typer.Option("--model", help="Model (or vendor:NAME) to evaluate, repeatable.")] = [],  # noqa: B006
+    models: Annotated[bool, typer.Option(
+        "--models/--no-models", help="Also evaluate the configured learned models (detect.models; default: the packaged "
+        "pixel probe), as `deepwatch detect` runs them. --no-models: only --model and the cheap detectors.")] = True,
     cheap: Annotated[bool, typer.Option("--cheap/--no-cheap", help="Also run the cheap provenance detectors.")] = True,
     format: Annotated[str, typer.Option("--format", help="json | table")] = "table",
     exclude_generators: Annotated[Optional[str], typer.Option("--exclude-generators", help="Regex: drop AI images of these generators.")] = None,
@@ -303,7 +306,6 @@ def eval_cmd(
     detectors/models/evaluate.py."""
     from detectors.base import create_all
     from detectors.models.dataset import filter_generators, load_labelled
-    from detectors.models.detector import load_detector
     from detectors.models.evaluate import VARIANTS, evaluate
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -321,25 +323,29 @@ def eval_cmd(
     except FileNotFoundError as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
-    target = _model_dir(config, data_dir, model_dir)
+    from streams.cli.detect import load_model_detectors
+    from streams.cli.common import UserError
+    from streams.settings import load_settings
+
+    settings = load_settings(config, data_dir=data_dir)
+    target = model_dir or settings.model_dir
     dets = []
     if cheap:
         try:
             dets += create_all(cost="cheap")
         except Exception as e:  # noqa: BLE001  a broken cheap plugin should not block model eval
             err.print(f"[yellow]warning:[/] cheap detectors unavailable: {e}")
-    for name in model:
-        try:
-            dets.append(load_detector(name, model_dir=target, device=device))
-        except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-            err.print(f"[red]error:[/] {e}")
-            raise typer.Exit(1) from None
+    try:
+        # The same learned detectors `deepwatch detect` runs: --model ones, then the configured ones.
+        dets += load_model_detectors(list(model), target, device, settings.detect.pixel_head,
+                                     list(settings.detect.models) if models else [], amp=settings.detect.amp)
+    except UserError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
     exclude: set[str] = set()
     if exclude_trained:
         for d in dets:
-            card = getattr(d, "card", None)
-            if card is not None:
-                exclude |= set(card.training.get("files_sha256", []))
+            exclude |= getattr(d, "trained_files", frozenset())  # cheap detectors learned nothing
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   console=err, transient=True) as bar:
         task = bar.add_task("eval", total=len(samples))
@@ -347,8 +353,12 @@ def eval_cmd(
         def progress(phase: str, done: int, total: int) -> None:
             bar.update(task, description=phase, completed=done, total=total)
 
-        report = evaluate(samples, dets, dataset=str(source), batch=batch, variants=variant or VARIANTS,
-                          exclude_sha256=exclude or None, progress=progress)
+        try:
+            report = evaluate(samples, dets, dataset=str(source), batch=batch, variants=variant or VARIANTS,
+                              exclude_sha256=exclude or None, progress=progress)
+        except ValueError as e:
+            err.print(f"[red]error:[/] {e}")
+            raise typer.Exit(1) from None
     if format == "json":
         print(json.dumps(report, indent=2))
         return
@@ -415,10 +425,11 @@ def _print_table(report: dict) -> None:
     con.print(f"{report['dataset']}: {report['n']} images ({report['n_pos']} AI, {report['n_neg']} real)"
               + (f", {report['excluded_trained']} excluded as training data" if report["excluded_trained"] else ""))
     for vname, v in report["variants"].items():
-        t = Table("detector", "AUC", "AP", "acc", "recall", "FPR", "thr", "coverage", title=f"{vname} (n={v['n']})")
+        t = Table("detector", "AUC", "AP", "acc", "recall", "FPR", "real >= 0.5", "thr", "coverage", title=f"{vname} (n={v['n']})")
         rows = dict(v["detectors"])
         if v.get("fused"):
             rows["fused"] = v["fused"]
         for name, m in rows.items():
-            t.add_row(name, *(_fmt(m[k]) for k in ("auc", "average_precision", "accuracy", "recall", "fpr", "threshold", "coverage")))
+            t.add_row(name, *(_fmt(m.get(k)) for k in ("auc", "average_precision", "accuracy", "recall", "fpr", "real_above_0.5",
+                                                       "threshold", "coverage")))
         con.print(t)
