@@ -24,8 +24,6 @@ from detectors.models.pixel_probe import DEFAULT_HEAD, PixelHead
 
 log = logging.getLogger(__name__)
 
-
-
 # Pixel evidence never outweighs a decisive provenance item (weight >= DECISIVE_WEIGHT), which
 # also damps it to a quarter.
 MAX_WEIGHT = DECISIVE_WEIGHT

@@ -9,7 +9,7 @@ Training rows are the *re-posted* and *augmented* variants of the training
 folds (both classes re-encoded alike); the held-out fold is scored as
 re-posted and as published. Out-of-fold scores then give the calibration
 (Platt, fitted on held-out folds only, its probabilities stated for the AI
-share at which <= 3% of real photos reach 0.5), the operating threshold
+share at which about 3% of real photos reach 0.5), the operating threshold
 (<= 1% false positives on real photos, portraits included) and the reported
 metrics.
 """
@@ -149,8 +149,8 @@ def cross_validate(samples: list[Sample], cache: FeatureCache, spec: FeatureSpec
     return CvResult(oof=oof, present={v: feats[v][1] for v in EVAL_VARIANTS}, fold_of=fold_of)
 
 
-# Where a probability of 0.5 sits: at most this share of real photos (and of real portraits,
-# people and crowds alone) score at or above it out of fold. A desk reads 0.5 as "leans AI",
+# Where a probability of 0.5 sits: about this share of real photos (and of real portraits,
+# people and crowds alone) score at or above it out of fold (an interpolated percentile). A desk reads 0.5 as "leans AI",
 # and a news stream is mostly real photos, most of them of people (docs/pixel-detector.md).
 LEAN_FPR = 0.03
 
@@ -174,7 +174,7 @@ def _fpr_point(samples: list[Sample], cv: CvResult, cal, max_fpr: float, *, perc
 
 def calibrate_and_threshold(samples: list[Sample], cv: CvResult, max_fpr: float = 0.01, lean_fpr: float = LEAN_FPR):
     """Platt calibration on out-of-fold re-posted logits, stated for the AI share that puts 0.5
-    where <= ``lean_fpr`` of real photos reach it; then the calibrated threshold that keeps false
+    at the (1 - ``lean_fpr``) percentile of real photos' scores; then the calibrated threshold that keeps false
     positives <= ``max_fpr`` on all real photos AND on real portraits/people alone (as published
     and re-posted). Restating moves no ranking: the flagged set is the one the fitted calibration
     would flag at the same false-positive rate."""

@@ -323,8 +323,8 @@ def eval_cmd(
     except FileNotFoundError as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
-    from streams.cli.detect import load_model_detectors
     from streams.cli.common import UserError
+    from streams.cli.detect import load_model_detectors
     from streams.settings import load_settings
 
     settings = load_settings(config, data_dir=data_dir)
