@@ -58,6 +58,8 @@ def test_bad_model_url_and_unknown_model_are_one_line(tmp_path):
 def test_eval_with_nothing_to_evaluate_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "empty" in one_line_error(deepwatch("eval", str(tmp_path / "empty")))
+    # a misspelt variant is named, not silently scored as a re-post
+    assert "not one of original, reposted" in one_line_error(deepwatch("eval", str(tmp_path / "empty"), "--variant", "repost"))
 
 
 def test_bank_add_names_the_bad_file_and_adds_nothing_or_the_rest(tmp_path):

@@ -313,6 +313,10 @@ def eval_cmd(
     if missing:
         err.print(f"[red]error:[/] {missing[0]} does not exist (give a manifest.csv or a folder)")
         raise typer.Exit(2)
+    unknown = [v for v in variant if v not in VARIANTS]
+    if unknown:
+        err.print(f"[red]error:[/] --variant {unknown[0]!r} is not one of {', '.join(VARIANTS)}")
+        raise typer.Exit(2)
     if leave_generator_out:
         _eval_leave_generator_out(sources, group_by=group_by, crops=crops, cache_dir=cache_dir, config=config,
                                   data_dir=data_dir, as_json=format == "json", train_variants=train_variant, seed=seed)
