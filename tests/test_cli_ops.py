@@ -60,6 +60,7 @@ def test_eval_with_nothing_to_evaluate_is_one_line(tmp_path):
     assert "empty" in one_line_error(deepwatch("eval", str(tmp_path / "empty")))
     # a misspelt variant is named, not silently scored as a re-post
     assert "not one of original, reposted" in one_line_error(deepwatch("eval", str(tmp_path / "empty"), "--variant", "repost"))
+    assert "--format is json or table" in one_line_error(deepwatch("eval", str(tmp_path / "empty"), "--format", "yaml"))
 
 
 def test_bank_add_names_the_bad_file_and_adds_nothing_or_the_rest(tmp_path):

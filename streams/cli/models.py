@@ -317,6 +317,9 @@ def eval_cmd(
     if unknown:
         err.print(f"[red]error:[/] --variant {unknown[0]!r} is not one of {', '.join(VARIANTS)}")
         raise typer.Exit(2)
+    if format not in ("json", "table") or group_by not in ("generator", "family"):
+        err.print("[red]error:[/] --format is json or table, --group-by is generator or family")
+        raise typer.Exit(2)
     if leave_generator_out:
         _eval_leave_generator_out(sources, group_by=group_by, crops=crops, cache_dir=cache_dir, config=config,
                                   data_dir=data_dir, as_json=format == "json", train_variants=train_variant, seed=seed)
