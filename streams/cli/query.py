@@ -100,7 +100,7 @@ def clusters(
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
     store_url: Optional[str] = StoreOpt,
     include_merged: bool = typer.Option(False, help="Also list clusters that were merged into another (they carry merged_into)."),
-    limit: Optional[int] = typer.Option(None, help="At most this many clusters, highest fake score first."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most this many clusters, highest fake score first."),
     as_json: bool = JsonAlias,
 ) -> None:
     """List image clusters: fake score, verdict, evidence, spread and member images.
