@@ -28,18 +28,11 @@ from streams.ingest import Produced, produce_lines
 from streams.priority import renice_threads
 from streams.settings import Settings
 from streams.findings import open_findings
-from streams.zygote import Zygote, ZygoteChild
+from streams.zygote import LOCAL_THREAD_ENV, Zygote, ZygoteChild, take_prestarted
 
 log = logging.getLogger(__name__)
 
 
-# Local workers share the machine's cores with each other and the broker:
-# one BLAS/OpenMP thread each (torch included) instead of one per core in
-# every process, which on 2 cores made the pixel model ~3x slower per image
-# and took that time from the pipeline. The detect role too: two ONNX threads
-# made its model tail slower, not faster, next to other busy processes
-# (bench/replay.py --filer). A value the user set is kept.
-LOCAL_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 # The detect role runs at a lower CPU priority next to local pipeline
 # workers: ingest keeps the cores it needs, the model uses what is left and
 # catches up when the feed ends (a dedicated detect machine is unaffected).
@@ -262,10 +255,15 @@ def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None 
     log_dir = Path(log_dir or Path(settings.data_dir) / "logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    # First: the zygote imports what every worker needs while the broker starts.
-    zygote = None
+    # First: the zygote imports what every worker needs while the broker starts
+    # (the console script may have started it already, while the CLI imported).
+    zygote = take_prestarted()
+    if settings.local_workers != "fork" and zygote is not None:
+        zygote.proc.kill()
+        zygote.close()
+        zygote = None
     if settings.local_workers == "fork":
-        zygote = Zygote({**LOCAL_THREAD_ENV, **os.environ})
+        zygote = zygote or Zygote({**LOCAL_THREAD_ENV, **os.environ})
         stack.callback(zygote.close)  # also when the broker fails to start; Cluster.stop closes it after the workers
     if settings.broker == "embedded":
         broker = stack.enter_context(EmbeddedBroker(log_dir))

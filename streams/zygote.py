@@ -10,13 +10,19 @@ modules copy-on-write and starts at once.
 
 The zygote is ``python -m streams.zygote``, started by ``streams.runner``
 with the environment every local worker shares (one BLAS thread each, see
-``runner.LOCAL_THREAD_ENV``: read when numpy is imported, so here). It has
+``LOCAL_THREAD_ENV``: read when numpy is imported, so here). It has
 one thread, so forking it is safe. Its protocol is JSON lines: requests
 ``{"argv": [...], "env": {...}, "log": PATH}`` on stdin; on stdout
 ``{"ready": true}`` once imported, ``{"pid": N}`` per request (in order) and
 ``{"exit": N, "code": C}`` when a worker ends (``C`` as
 ``subprocess.Popen.returncode``: negative for a signal). EOF on stdin ends
 the zygote; workers it forked run on until they are stopped.
+
+The console script starts it before the command line imports itself when
+the command will fork workers (``prestart``, called by ``streams.console``):
+its second of imports then runs beside the CLI's own half second on the
+other core instead of after it. ``runner.start_cluster`` takes it
+(``take_prestarted``); a command that ends before that kills it at exit.
 
 ``ZygoteChild`` gives the runner the part of ``subprocess.Popen`` it uses
 (``pid``, ``poll``, ``wait``, ``send_signal``, ``kill``, ``returncode``).
@@ -38,6 +44,17 @@ import traceback
 from pathlib import Path
 
 from setproctitle import getproctitle, setproctitle
+
+# Local workers share the machine's cores with each other and the broker:
+# one BLAS/OpenMP thread each (torch included) instead of one per core in
+# every process, which on 2 cores made the pixel model ~3x slower per image
+# and took that time from the pipeline. The detect role too: two ONNX threads
+# made its model tail slower, not faster, next to other busy processes
+# (bench/replay.py --filer). A value the user set is kept. Read when numpy is
+# imported, so the zygote starts with it.
+LOCAL_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+# The commands that fork local workers (``streams.cli.pipeline``'s replay and demo).
+FORKING_COMMANDS = frozenset({"replay", "demo"})
 
 # What every role imports before it joins: the worker module, the Faust app,
 # the pipeline's stages and the detector plugins each analyze actor builds
@@ -130,8 +147,11 @@ def serve() -> None:
     setproctitle(getproctitle())  # claims the argv and environ memory now, while environ is the one it started with
     preload()
     out = os.fdopen(os.dup(1), "w")
-    out.write(json.dumps({"ready": True}) + "\n")
-    out.flush()
+    try:
+        out.write(json.dumps({"ready": True}) + "\n")
+        out.flush()
+    except BrokenPipeError:  # the command that started us ended first (a prestarted zygote, a usage error)
+        return
     buf = b""
     while True:
         ready, _, _ = select.select([0], [], [], 0.05)
@@ -271,6 +291,41 @@ class Zygote:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+_prestarted: Zygote | None = None
+
+
+def prestart(args: list[str]) -> Zygote | None:
+    """Start the zygote now if ``args`` (the command line after the program
+    name) run a command that forks local workers; ``take_prestarted`` hands
+    it over. Help requests start nothing. A command that never takes it (a
+    usage error, ``local_workers = "spawn"``) kills it when it exits."""
+    global _prestarted
+    if _prestarted is not None or not args or args[0] not in FORKING_COMMANDS or {"--help", "-h"} & set(args):
+        return _prestarted
+    import atexit
+
+    _prestarted = Zygote({**LOCAL_THREAD_ENV, **os.environ})
+    atexit.register(_discard_prestarted)
+    return _prestarted
+
+
+def take_prestarted() -> Zygote | None:
+    """The zygote ``prestart`` started, once (None if none, or it died)."""
+    global _prestarted
+    z, _prestarted = _prestarted, None
+    if z is not None and not z.alive():
+        z.close()
+        return None
+    return z
+
+
+def _discard_prestarted() -> None:
+    z = take_prestarted()
+    if z is not None:
+        z.proc.kill()  # nothing forked from it yet: nothing to wait for
+        z.close()
 
 
 if __name__ == "__main__":

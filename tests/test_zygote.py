@@ -126,3 +126,57 @@ def test_a_forked_worker_builds_its_app_from_what_the_zygote_preloaded(tmp_path)
     assert out.returncode == 0, out.stderr
     built = json.loads(out.stdout.strip().splitlines()[-1])
     assert built == {"new": [], "entry_points": 0}
+
+
+def _zygotes_marked(marker: str) -> list[int]:
+    """Live zygote processes whose environment holds ``marker``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"streams.zygote" in cmd and marker.encode() in env:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_the_console_script_prestarts_the_zygote_only_for_commands_that_fork_workers(monkeypatch):
+    from streams import zygote
+
+    for args in ([], ["clusters"], ["replay", "--help"], ["demo", "-h"]):
+        assert zygote.prestart(args) is None
+    assert zygote.take_prestarted() is None
+    z = zygote.prestart(["replay", "feed.jsonl"])
+    try:
+        assert z is not None and z.alive()
+        assert zygote.prestart(["replay", "feed.jsonl"]) is z  # one, however often asked
+        assert zygote.take_prestarted() is z
+        assert zygote.take_prestarted() is None  # handed over once
+        # it is a working zygote: it forks a worker as one started by the runner would
+        child = z.spawn(["--role", "pipeline"], {**os.environ, "DEEPWATCH_BROKER": "embedded"}, Path(os.devnull))
+        assert child.wait(30) == 1
+    finally:
+        z.close()
+
+
+@pytest.mark.parametrize("args", [["replay", "/nonexistent/feed.jsonl"], ["replay", "--no-such-option", "x"]])
+def test_a_replay_that_ends_on_a_usage_error_leaves_no_zygote_and_no_traceback(tmp_path, args):
+    import subprocess
+    import sys
+    import time
+
+    marker = f"DW_TEST_MARKER_{os.getpid()}_{len(args[1])}"
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from streams.console import main; sys.argv[0] = 'deepwatch'; main()", *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, marker: "1"}, cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and ("does not exist" in done.stderr or "No such option" in done.stderr)
+    # run() returned once every holder of its stderr pipe had closed it, the
+    # zygote included (it inherits stderr): any complaint of its is above
+    time.sleep(0.2)
+    assert _zygotes_marked(marker) == []

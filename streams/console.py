@@ -1,0 +1,19 @@
+"""The ``deepwatch`` console script.
+
+Kept apart from ``streams.cli`` (whose package imports every command, about
+half a second) so that a command which forks local workers can start their
+zygote first and let it import beside the command line (``streams.zygote.prestart``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    from streams.zygote import prestart
+
+    prestart(sys.argv[1:])
+    from streams.cli import main as cli_main
+
+    cli_main()
