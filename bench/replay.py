@@ -253,7 +253,9 @@ def replay_process(feed: Path, data_dir: Path, workers: int | None, extra: list[
     (``repo``: the checkout whose code runs, e.g. an export of an older commit;
     ``workers`` None: replay's own default)."""
     env = dict(os.environ, PYTHONPATH=str(repo))
-    cmd = [sys.executable, "-m", "streams.cli", "replay", str(feed),
+    # the console script's module where the checkout has one (what `deepwatch` runs), else the package's
+    entry = "streams.console" if (repo / "streams" / "console.py").is_file() else "streams.cli"
+    cmd = [sys.executable, "-m", entry, "replay", str(feed),
            *([] if workers is None else ["--workers", str(workers)]),
            "--data-dir", str(data_dir), "--format", "json", *extra]
     t0, c0 = time.perf_counter(), children_cpu()

@@ -17,3 +17,7 @@ def main() -> None:
     from streams.cli import main as cli_main
 
     cli_main()
+
+
+if __name__ == "__main__":  # python -m streams.console: what the script runs, for benches and checkouts
+    main()
