@@ -42,11 +42,14 @@ def test_a_forked_worker_runs_the_worker_entry_point_with_the_request_env_and_lo
 
 @pytest.mark.slow
 def test_runner_forks_workers_that_stop_on_sigterm_and_report_sigkill(tmp_path):
+    from streams import zygote as zygotes
+
     settings = Settings(data_dir=tmp_path / "data")
     assert settings.local_workers == "fork"
+    early = zygotes.prestart(["replay", "feed.jsonl"])  # as `deepwatch replay` does before reading settings
     with ExitStack() as stack:
         cluster = runner.start_cluster(settings, stack)
-        assert cluster.zygote is not None
+        assert cluster.zygote is early is not None  # the one already importing, not a second
         w = cluster.start_worker("pipeline")
         cluster.wait_ready(timeout_s=60)
         assert "Worker ready" in w.log_path.read_text()
@@ -66,10 +69,14 @@ def test_runner_forks_workers_that_stop_on_sigterm_and_report_sigkill(tmp_path):
 
 @pytest.mark.slow
 def test_spawn_mode_starts_fresh_interpreters(tmp_path):
+    from streams import zygote
+
     settings = Settings(data_dir=tmp_path / "data", local_workers="spawn")
+    early = zygote.prestart(["replay", "feed.jsonl"])  # what the console script did before settings were read
     with ExitStack() as stack:
         cluster = runner.start_cluster(settings, stack)
         assert cluster.zygote is None
+        assert early is not None and early.proc.poll() is not None  # not used, so not left running
         w = cluster.start_worker("pipeline")
         cluster.wait_ready(timeout_s=60)
         assert parent_of(w.proc.pid) == os.getpid()
