@@ -259,8 +259,7 @@ def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None 
     # (the console script may have started it already, while the CLI imported).
     zygote = take_prestarted()
     if settings.local_workers != "fork" and zygote is not None:
-        zygote.proc.kill()
-        zygote.close()
+        zygote.discard()
         zygote = None
     if settings.local_workers == "fork":
         zygote = zygote or Zygote({**LOCAL_THREAD_ENV, **os.environ})

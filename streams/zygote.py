@@ -286,6 +286,11 @@ class Zygote:
                 if pid not in self._exits:
                     self._cond.wait(0.05 if left is None else min(left, 0.05))
 
+    def discard(self) -> None:
+        """Stop a zygote nothing was forked from: no need to let it finish importing."""
+        self.proc.kill()
+        self.close()
+
     def close(self) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()
@@ -327,8 +332,7 @@ def take_prestarted() -> Zygote | None:
 def _discard_prestarted() -> None:
     z = take_prestarted()
     if z is not None:
-        z.proc.kill()  # nothing forked from it yet: nothing to wait for
-        z.close()
+        z.discard()
 
 
 if __name__ == "__main__":
