@@ -64,6 +64,10 @@ class EmbeddedBroker:
     faust_url = url  # older name
 
     def start(self, timeout_s: float = 15.0) -> "EmbeddedBroker":
+        """Start the broker and wait until it listens; a no-op while it runs
+        (a second process would hold no port and outlive ``stop``)."""
+        if self._proc is not None and self._proc.poll() is None:
+            return self
         log_dir = self._log_dir or Path(tempfile.mkdtemp(prefix="deepwatch-broker-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / "tansu.log"

@@ -59,3 +59,10 @@ def test_workers_of_the_embedded_broker_are_told_it_is_tansu(tmp_path):
         assert '"quirks":"tansu"' in settings_env(cluster.settings, cluster.broker_url)["DEEPWATCH_KAFKA"]
         assert settings.kafka.quirks == "auto"
         assert uses_tansu_quirks(settings, cluster.bootstrap)
+
+
+def test_starting_a_running_broker_again_starts_no_second_process(tmp_path):
+    with EmbeddedBroker(tmp_path) as broker:
+        first = broker._proc
+        assert broker.start() is broker and broker._proc is first
+    assert first.poll() is not None  # stopped with the context: nothing left behind
