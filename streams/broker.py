@@ -86,6 +86,17 @@ class EmbeddedBroker:
             # (``stop``) after its workers.
             self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           process_group=0)
+        try:
+            self._wait_listening(timeout_s)
+        except BaseException:
+            # Ctrl-C while it starts included: ``with`` never reached ``__exit__``,
+            # and a broker in its own process group would outlive us.
+            self.stop()
+            raise
+        return self
+
+    def _wait_listening(self, timeout_s: float) -> None:
+        assert self._proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -93,10 +104,9 @@ class EmbeddedBroker:
             try:
                 socket.create_connection((self.host, self.port), 0.2).close()
                 log.info("embedded broker up", extra={"bootstrap": self.bootstrap})
-                return self
+                return
             except OSError:
                 time.sleep(0.05)
-        self.stop()
         raise TimeoutError(f"tansu did not listen on {self.bootstrap} within {timeout_s}s")
 
     def stop(self) -> None:

@@ -11,11 +11,14 @@ import sys
 
 
 def main() -> None:
-    from streams.zygote import prestart
+    try:
+        from streams.zygote import prestart
 
-    prestart(sys.argv[1:])
-    from streams.cli import main as cli_main
-
+        prestart(sys.argv[1:])
+        from streams.cli import main as cli_main
+    except KeyboardInterrupt:  # Ctrl-C while the command line imports: as once it runs (streams.cli.common.run_cli)
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
     cli_main()
 
 

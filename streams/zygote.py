@@ -32,6 +32,7 @@ processes; the zygote is only for the local runner.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -177,6 +178,23 @@ def serve() -> None:
 
 
 # -- the runner's side ------------------------------------------------------------
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while the zygote is started. Ctrl-C reaches the whole
+    foreground group, and ``serve`` ignores it, but only once Python runs it;
+    an ignored SIGINT survives exec and Python leaves it ignored, so a Ctrl-C
+    in the zygote's first moments cannot kill it with a traceback either.
+    Only the main thread may change signal handlers; elsewhere: as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class ZygoteChild:
     """A worker the zygote forked: the ``subprocess.Popen`` surface the runner uses."""
 
@@ -214,10 +232,11 @@ class Zygote:
     ``spawn`` waits for it to be ready."""
 
     def __init__(self, env: dict[str, str]):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=None, env=env, bufsize=0,
-        )
+        with _sigint_ignored():
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streams.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=None, env=env, bufsize=0,
+            )
         self._cond = threading.Condition()
         self._ready = False
         self._pids: list[int] = []

@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_replay(tmp_path: Path, **popen) -> subprocess.Popen:
-    """A replay in a session of its own, returned once its workers are ready."""
+    """A replay in a session of its own, started as the ``deepwatch`` script starts it (its zygote
+    prestarted), returned once its workers are ready."""
     feed = build(tmp_path / "feed", pictures=40, reposts=10)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "replay", str(feed), "--data-dir", str(tmp_path / "data")],
+        [sys.executable, "-m", "streams.console", "replay", str(feed), "--data-dir", str(tmp_path / "data")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True, **popen,
     )
     assert proc.stderr is not None
@@ -75,3 +76,40 @@ def test_sigterm_to_the_cli_alone_stops_what_it_started(tmp_path):
     assert proc.returncode not in (0, None)
     assert took < 10, f"replay took {took:.1f}s to end after SIGTERM"
     assert_nothing_left(proc, tmp_path)
+
+
+def _brokers_logging_to(log: Path) -> list[int]:
+    """Live processes whose stdout is ``log`` (the embedded broker writes its log there)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(os.readlink(entry / "fd" / "1")) == log:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.parametrize("after_s", [0.2, 0.6, 1.0, 1.4])
+def test_ctrl_c_while_replay_starts_leaves_nothing_and_no_traceback(tmp_path, after_s):
+    # during the command line's imports (the zygote prestarted beside them), the broker's start, or the workers'
+    feed = build(tmp_path / "feed", pictures=4, reposts=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams.console", "replay", str(feed), "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(after_s)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode not in (0, None) and "Traceback" not in err, err[-2000:]
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no zygote or worker of the group is left
+    assert _brokers_logging_to(tmp_path / "data" / "logs" / "tansu.log") == []  # nor the broker, in its own group
