@@ -262,7 +262,7 @@ def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None 
         zygote.discard()
         zygote = None
     if settings.local_workers == "fork":
-        zygote = zygote or Zygote({**LOCAL_THREAD_ENV, **os.environ})
+        zygote = zygote or Zygote()
         stack.callback(zygote.close)  # also when the broker fails to start; Cluster.stop closes it after the workers
     if settings.broker == "embedded":
         broker = stack.enter_context(EmbeddedBroker(log_dir))

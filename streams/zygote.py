@@ -231,7 +231,10 @@ class Zygote:
     follow their exits. Started early, it imports while the broker starts;
     ``spawn`` waits for it to be ready."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str] | None = None):
+        """``env``: the environment it imports with; by default this process's, with
+        ``LOCAL_THREAD_ENV`` wherever it sets nothing."""
+        env = {**LOCAL_THREAD_ENV, **os.environ} if env is None else env
         with _sigint_ignored():
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "streams.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -333,7 +336,7 @@ def prestart(args: list[str]) -> Zygote | None:
         return _prestarted
     import atexit
 
-    _prestarted = Zygote({**LOCAL_THREAD_ENV, **os.environ})
+    _prestarted = Zygote()
     atexit.register(_discard_prestarted)
     return _prestarted
 

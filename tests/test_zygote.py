@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -151,7 +154,7 @@ def _zygotes_marked(marker: str) -> list[int]:
     return pids
 
 
-def test_the_console_script_prestarts_the_zygote_only_for_commands_that_fork_workers(monkeypatch):
+def test_the_console_script_prestarts_the_zygote_only_for_commands_that_fork_workers():
     from streams import zygote
 
     for args in ([], ["clusters"], ["replay", "--help"], ["demo", "-h"]):
@@ -172,10 +175,6 @@ def test_the_console_script_prestarts_the_zygote_only_for_commands_that_fork_wor
 
 @pytest.mark.parametrize("args", [["replay", "/nonexistent/feed.jsonl"], ["replay", "--no-such-option", "x"]])
 def test_a_replay_that_ends_on_a_usage_error_leaves_no_zygote_and_no_traceback(tmp_path, args):
-    import subprocess
-    import sys
-    import time
-
     marker = f"DW_TEST_MARKER_{os.getpid()}_{len(args[1])}"
     done = subprocess.run(
         [sys.executable, "-c", "import sys; from streams.console import main; sys.argv[0] = 'deepwatch'; main()", *args],
