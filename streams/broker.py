@@ -9,6 +9,7 @@ app asked for; the single-writer cluster topic must have exactly one.
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -40,7 +41,9 @@ class EmbeddedBroker:
     """Tansu (Kafka-compatible, Rust) on a free loopback port, memory storage.
 
     Use as a context manager; the process is killed on exit. Its log goes to a
-    file in ``log_dir`` so a failing test or demo can show why.
+    file in ``log_dir`` so a failing test or demo can show why. Without a
+    ``log_dir`` it goes to a temporary directory, removed when the broker
+    stops unless its start failed (the error names the log).
     """
 
     def __init__(self, log_dir: Path | None = None, host: str = "127.0.0.1"):
@@ -49,6 +52,7 @@ class EmbeddedBroker:
         self._log_dir = log_dir
         self._proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
+        self._temp_log_dir: Path | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -68,8 +72,11 @@ class EmbeddedBroker:
         (a second process would hold no port and outlive ``stop``)."""
         if self._proc is not None and self._proc.poll() is None:
             return self
-        log_dir = self._log_dir or Path(tempfile.mkdtemp(prefix="deepwatch-broker-"))
-        log_dir.mkdir(parents=True, exist_ok=True)
+        if self._log_dir is None:
+            log_dir = self._temp_log_dir = Path(tempfile.mkdtemp(prefix="deepwatch-broker-"))
+        else:
+            log_dir = self._log_dir
+            log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / "tansu.log"
         url = f"tcp://{self.bootstrap}"
         cmd = [
@@ -91,6 +98,7 @@ class EmbeddedBroker:
         except BaseException:
             # Ctrl-C while it starts included: ``with`` never reached ``__exit__``,
             # and a broker in its own process group would outlive us.
+            self._temp_log_dir = None  # kept: the error names its log
             self.stop()
             raise
         return self
@@ -118,6 +126,9 @@ class EmbeddedBroker:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
+        if self._temp_log_dir is not None:
+            shutil.rmtree(self._temp_log_dir, ignore_errors=True)
+            self._temp_log_dir = None
 
     def __enter__(self) -> "EmbeddedBroker":
         return self.start()

@@ -11,6 +11,7 @@ import io
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -423,6 +424,24 @@ def test_embedded_broker_is_detected_behind_a_kafka_url(tmp_path):
         assert faust_broker_url(Settings(), b.url) == f"tansu://{b.bootstrap}"  # internal: the compat transport
         # any Kafka: the stock driver with safe commits (streams.safe_commits)
         assert faust_broker_url(Settings(kafka={"quirks": "none"}), b.url) == f"dwkafka://{b.bootstrap}"
+
+
+def test_embedded_broker_leaves_no_temporary_log_dir_behind(monkeypatch):
+    from streams import broker as broker_mod
+    from streams.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as b:
+        log_dir = b.log_path.parent
+        assert log_dir.is_dir() and log_dir.name.startswith("deepwatch-broker-")
+    assert not log_dir.exists()  # a clean stop removes the directory it made
+
+    # a failed start keeps it: the error message points at the log
+    monkeypatch.setattr(broker_mod, "_tansu_binary", lambda: "/bin/false")
+    failing = EmbeddedBroker()
+    with pytest.raises(RuntimeError, match="see .*tansu.log"):
+        failing.start()
+    assert failing.log_path.exists()
+    shutil.rmtree(failing.log_path.parent)
 
 
 def test_png_whose_text_chunks_only_together_exceed_the_limit_is_still_analysed():
