@@ -619,6 +619,12 @@ class EsFindingsStore:
         broker reuses (partition, offset) pairs an earlier run left in the store."""
         return self._markers_since([{"term": {"topic": topic}}, {"term": {"run": run}}], after_rowid)
 
+    def run_outcomes(self, run: str, topic: str) -> dict[tuple[int, int], str]:
+        query = {"bool": {"filter": [{"term": {"topic": topic}}, {"term": {"run": run}}]}}
+        return {(h["_source"]["partition"], h["_source"]["offset"]): h["_source"]["outcome"]
+                for h in self._scan(self.names["processed"], query, [{"partition": "asc"}, {"offset": "asc"}],
+                                    ["partition", "offset", "outcome"])}
+
     def _markers_since(self, filters: list[dict[str, Any]], after_rowid: int) -> tuple[set[tuple[int, int]], int]:
         filters = list(filters)
         if after_rowid:

@@ -305,6 +305,10 @@ class ReplaySummary:
     timings: dict[str, float] = field(default_factory=dict)  # start-up and shutdown phases
     stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # per role, per stage (summed)
     workers: int | None = None  # pipeline worker processes that ran
+    # This run's events by how they ended (sighting, duplicate, dead_letter);
+    # ``sightings``, ``dead_letters``, ``clusters`` and ``alerts`` count the
+    # whole store, which earlier runs into the same data dir add to.
+    run_outcomes: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -417,8 +421,12 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
                 t0 = datetime.fromisoformat(a["trigger_ingested_at"])
                 t1 = datetime.fromisoformat(a["created_at"])
                 latencies.append(round((t1 - t0).total_seconds(), 3))
+        outcomes: dict[str, int] = {}
         if run is not None:
-            processed = len(produced & store.run_processed_since(run, settings.topic("events"), 0)[0])
+            ended = store.run_outcomes(run, settings.topic("events"))
+            for offset in produced & ended.keys():
+                outcomes[ended[offset]] = outcomes.get(ended[offset], 0) + 1
+            processed = sum(outcomes.values())
         else:
             processed = len(produced & store.processed_offsets(settings.topic("events")))
         return ReplaySummary(
@@ -428,7 +436,7 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
             events_per_second=round(len(produced) / (ingest_seconds or seconds), 1) if seconds else 0.0,
             alert_latency_s=latencies, complete=complete,
             ingest_seconds=None if ingest_seconds is None else round(ingest_seconds, 2),
-            models_pending=store.pending_work()["models"],
+            models_pending=store.pending_work()["models"], run_outcomes=outcomes,
         )
     finally:
         store.close()

@@ -68,6 +68,7 @@ def run(tmp_path_factory):
     data = root / "data"
     r = deepwatch("replay", str(feed), "--data-dir", str(data), "--json", "--timeout", "240", env=ONE_PARTITION)
     assert r.returncode == 0, f"replay failed:\n{r.stdout}\n{r.stderr[-4000:]}"
+    assert json.loads(r.stdout)["run_outcomes"] == {"sighting": len(reposts)}
     return feed, data, {f"ev-{n}": who for n, (_, who) in reposts.items()}
 
 
@@ -91,6 +92,10 @@ def test_replaying_the_same_feed_twice_changes_nothing(run):
     for _ in range(2):
         r = deepwatch("replay", str(feed), "--data-dir", str(data), "--json", "--timeout", "240", env=ONE_PARTITION)
         assert r.returncode == 0, r.stderr[-3000:]
+        summary = json.loads(r.stdout)
+        # this run's events were all stored before; the totals are the data dir's
+        assert summary["run_outcomes"] == {"duplicate": summary["events"]}
+        assert summary["sightings"] == sum(c["sightings"] for c in before[0])
     after = query("clusters", data), query("alerts", data)
     volatile = {"updated_at", "revision", "velocity", "stream_sightings"}
     strip = lambda cs: [{k: v for k, v in c.items() if k not in volatile} for c in cs]  # noqa: E731

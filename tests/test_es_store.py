@@ -471,10 +471,11 @@ def test_run_accounting_keeps_runs_apart_when_a_fresh_broker_reuses_offsets(fake
         got[name] = {run: s.run_processed_since(run, TOPIC, 0)[0] for run in ("r1", "r2", "r3")}
         got[name]["all"] = s.processed_offsets(TOPIC)
         got[name]["dl_source"] = s.dead_letters()[0].source
+        got[name]["r2_outcomes"] = s.run_outcomes("r2", TOPIC)
         s.close()
     assert got["es"] == got["sqlite"] == {
         "r1": {(0, 0), (0, 1)}, "r2": {(0, 0), (0, 1), (0, 2)}, "r3": set(), "all": {(0, 0), (0, 1), (0, 2)},
-        "dl_source": ref("r2", 1)}
+        "dl_source": ref("r2", 1), "r2_outcomes": {(0, 0): "duplicate", (0, 1): "dead_letter", (0, 2): "sighting"}}
     markers = fake_es.docs[T.concrete("deepwatch-processed")]
     assert sorted(markers) == ["r1/deepwatch.events/0/0", "r1/deepwatch.events/0/1", "r2/deepwatch.events/0/0",
                                "r2/deepwatch.events/0/1", "r2/deepwatch.events/0/2"]

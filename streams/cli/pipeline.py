@@ -145,12 +145,16 @@ def _print_summary(summary, fmt_json: bool) -> None:
         print_json(summary.__dict__)
         return
     dl = ", ".join(f"{k}={v}" for k, v in sorted(summary.dead_letters.items())) or "none"
+    ended = summary.run_outcomes
     err.print(
         f"[bold]{'done' if summary.complete else 'TIMED OUT'}[/]: {summary.events} events "
         f"({summary.produced} produced, {summary.refused_at_ingest} refused at ingest) in {summary.seconds}s "
-        f"= {summary.events_per_second} events/s; {summary.sightings} sightings, {summary.clusters} clusters, "
-        f"{summary.alerts} alerts; dead letters: {dl}"
+        f"= {summary.events_per_second} events/s; this run: {ended.get('sighting', 0)} sightings, "
+        f"{ended.get('duplicate', 0)} already stored, {ended.get('dead_letter', 0)} dead letters"
     )
+    # the store's totals: earlier runs into the same data dir count too
+    err.print(f"data dir: {summary.sightings} sightings, {summary.clusters} clusters, {summary.alerts} alerts; "
+              f"dead letters: {dl} (`deepwatch dead-letters` lists them)")
     if summary.models_pending:
         err.print(f"{summary.models_pending} cluster(s) still wait for a model result (--no-wait-models); "
                   "their scores lack model evidence")
