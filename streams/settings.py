@@ -267,9 +267,11 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     (``None`` values are ignored so unset flags do not mask env/TOML)."""
     if config is not None:
         os.environ["DEEPWATCH_CONFIG"] = str(config)
-    from streams.settings_check import check_environment, explain
+    from streams.settings_check import check_environment, check_toml_file, explain
 
     check_environment(os.environ)
+    if os.environ.get("DEEPWATCH_CONFIG"):
+        check_toml_file(Path(os.environ["DEEPWATCH_CONFIG"]))
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:

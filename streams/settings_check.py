@@ -97,6 +97,36 @@ def check_environment(environ: Mapping[str, str]) -> None:
         raise SettingsError(f"unknown setting in the environment: {name}{hint}")
 
 
+def check_toml_file(path: Path) -> None:
+    """The settings file must exist, parse and name only known top-level
+    settings (sections reject unknown keys themselves; the top level cannot,
+    since it also receives ``DEEPWATCH_*`` variables that are not settings).
+    The settings source would skip a missing file and, for a broken one,
+    raise a parser traceback."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"settings file {str(path)!r} (--config or DEEPWATCH_CONFIG) does not exist; "
+                            "give the path of a TOML file, or unset DEEPWATCH_CONFIG") from None
+    except IsADirectoryError:
+        raise SettingsError(f"settings file {str(path)!r} is a directory; give the path of a TOML file") from None
+    except OSError as e:
+        raise SettingsError(f"cannot read settings file {str(path)!r}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SettingsError(f"settings file {str(path)!r} is not valid TOML: {e}; "
+                            "see `deepwatch settings` for the keys and deploy/deepwatch.toml for an example") from None
+    from streams.settings import Settings
+
+    for key in doc:
+        if key not in Settings.model_fields:
+            near = closest(key)
+            hint = f"; did you mean {near!r}?" if near else "; see `deepwatch settings`"
+            raise SettingsError(f"unknown setting {key!r} in {str(path)!r}{hint}")
+
+
 def explain(e: ValidationError) -> SettingsError:
     """Turn pydantic's multi-line report into one line with the fix."""
     for err in e.errors():

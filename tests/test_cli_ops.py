@@ -33,6 +33,13 @@ def test_unknown_setting_is_one_line_naming_the_closest(tmp_path):
     assert "DEEPWATCH_INGEST__IMAGE_ROOTS" in one_line_error(r)
 
 
+def test_broken_settings_file_is_one_line_not_a_traceback(tmp_path):
+    cfg = tmp_path / "deepwatch.toml"
+    cfg.write_text("[fetch\n")
+    r = deepwatch("clusters", "--data-dir", str(tmp_path), "--config", str(cfg))
+    assert r.returncode != 0 and "not valid TOML" in one_line_error(r)
+
+
 def test_unreachable_broker_is_one_line_with_the_address(tmp_path):
     from streams.broker import free_port
 

@@ -367,6 +367,25 @@ def test_unknown_toml_key_names_the_closest_key(tmp_path, monkeypatch):
         load_settings()
 
 
+@pytest.mark.parametrize("text, expected", [
+    ('brokr = "kafka://k:9092"\n', "unknown setting 'brokr' in .*did you mean 'broker'"),  # top level: was ignored
+    ('broker = kafka://k:9092\n', "is not valid TOML"),  # was a tomllib traceback
+    (None, "does not exist"),  # DEEPWATCH_CONFIG naming no file: was ignored, defaults used
+])
+def test_a_settings_file_that_cannot_be_used_is_one_clear_error(tmp_path, monkeypatch, text, expected):
+    from streams.settings import load_settings
+    from streams.settings_check import SettingsError
+
+    cfg = tmp_path / "d.toml"
+    if text is not None:
+        cfg.write_text(text)
+    monkeypatch.setenv("DEEPWATCH_CONFIG", str(cfg))
+    with pytest.raises(SettingsError, match=expected):
+        load_settings()
+    cfg.write_text('broker = "kafka://k:9092"\n[alerts]\nmin_fake_score = 0.8\n')
+    assert load_settings().broker == "kafka://k:9092"
+
+
 def test_secrets_and_known_extras_are_not_settings_errors(monkeypatch):
     from streams.settings import load_settings
 
