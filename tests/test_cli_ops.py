@@ -40,6 +40,14 @@ def test_broken_settings_file_is_one_line_not_a_traceback(tmp_path):
     assert r.returncode != 0 and "not valid TOML" in one_line_error(r)
 
 
+def test_desk_user_without_a_terminal_says_how_to_give_the_password(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "desk-user", "ana", "--data-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Aborted" not in r.stderr
+    assert "--password-env" in r.stderr
+    assert not (tmp_path / "desk-users.json").exists()
+
+
 def test_unreachable_broker_is_one_line_with_the_address(tmp_path):
     from streams.broker import free_port
 

@@ -74,8 +74,13 @@ def desk_user(
         if not password:
             raise typer.BadParameter(f"environment variable {password_env} is empty or unset", param_hint="--password-env")
     else:
-        password = getpass.getpass(f"password for {name}: ")
-        if password != getpass.getpass("again: "):
+        try:
+            password = getpass.getpass(f"password for {name}: ")
+            again = getpass.getpass("again: ")
+        except EOFError:  # no terminal and nothing on standard input
+            raise typer.BadParameter("no password was typed; run it in a terminal, or put the password in an "
+                                     "environment variable and pass --password-env NAME", param_hint="password") from None
+        if password != again:
             raise typer.BadParameter("the two passwords differ")
     if len(password) < 10:
         raise typer.BadParameter("use at least 10 characters", param_hint="password")
