@@ -28,7 +28,7 @@ from streams.ingest import Produced, produce_lines
 from streams.priority import renice_threads
 from streams.settings import Settings
 from streams.findings import open_findings
-from streams.zygote import LOCAL_THREAD_ENV, Zygote, ZygoteChild, take_prestarted
+from streams.zygote import LOCAL_THREAD_ENV, SAFE_PATH, Zygote, ZygoteChild, take_prestarted
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class Cluster:
         if proc is None:
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "streams.worker", *argv],
+                    [sys.executable, *SAFE_PATH, "-m", "streams.worker", *argv],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 )
         w = WorkerProcess(role, proc, log_path, port)

@@ -8,14 +8,15 @@ pipeline workers and the detect role), and on two cores those imports took
 broker starts, and forks a worker per request: a fork shares the imported
 modules copy-on-write and starts at once.
 
-The zygote is ``python -m streams.zygote``, started by ``streams.runner``
+The zygote is ``python -P -m streams.zygote`` (``SAFE_PATH``), started by ``streams.runner``
 with the environment every local worker shares (one BLAS thread each, see
 ``LOCAL_THREAD_ENV``: read when numpy is imported, so here). It has
 one thread, so forking it is safe. Its protocol is JSON lines: requests
 ``{"argv": [...], "env": {...}, "log": PATH}`` on stdin; on stdout
 ``{"ready": true}`` once imported, ``{"pid": N}`` per request (in order) and
 ``{"exit": N, "code": C}`` when a worker ends (``C`` as
-``subprocess.Popen.returncode``: negative for a signal). EOF on stdin ends
+``subprocess.Popen.returncode``: negative for a signal); anything else the
+process prints goes to stderr. EOF on stdin ends
 the zygote; workers it forked run on until they are stopped.
 
 The console script starts it before the command line imports itself when
@@ -54,6 +55,10 @@ from setproctitle import getproctitle, setproctitle
 # (bench/replay.py --filer). A value the user set is kept. Read when numpy is
 # imported, so the zygote starts with it.
 LOCAL_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+# Interpreter flag for every local worker process: the current directory is not
+# put on sys.path (``python -m`` would put it first), so a file there named like a
+# module a worker imports (``cv2.py``, ``json.py``) cannot replace it.
+SAFE_PATH = ("-P",)
 # The commands that fork local workers (``streams.cli.pipeline``'s replay and demo).
 FORKING_COMMANDS = frozenset({"replay", "demo"})
 
@@ -149,8 +154,11 @@ def _reap(out) -> None:
 def serve() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the runner stops us
     setproctitle(getproctitle())  # claims the argv and environ memory now, while environ is the one it started with
-    preload()
+    # The protocol gets stdout's pipe to itself; whatever a library prints while
+    # it is imported (or later) goes to stderr instead of corrupting it.
     out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    preload()
     try:
         out.write(json.dumps({"ready": True}) + "\n")
         out.flush()
@@ -237,7 +245,7 @@ class Zygote:
         env = {**LOCAL_THREAD_ENV, **os.environ} if env is None else env
         with _sigint_ignored():
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                [sys.executable, *SAFE_PATH, "-m", "streams.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=None, env=env, bufsize=0,
             )
         self._cond = threading.Condition()
@@ -251,7 +259,12 @@ class Zygote:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
-            msg = json.loads(raw)
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                continue  # not a protocol line (``serve`` keeps stdout to the protocol; belt and braces)
+            if not isinstance(msg, dict):
+                continue
             with self._cond:
                 if msg.get("ready"):
                     self._ready = True

@@ -186,3 +186,42 @@ def test_a_replay_that_ends_on_a_usage_error_leaves_no_zygote_and_no_traceback(t
     # zygote included (it inherits stderr): any complaint of its is above
     time.sleep(0.2)
     assert _zygotes_marked(marker) == []
+
+
+def test_output_on_stdout_while_the_zygote_starts_does_not_break_its_protocol(tmp_path):
+    # a sitecustomize (or any library) printing while the interpreter starts and imports
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("print('hello from sitecustomize')\nprint('{\"pid\": 1}')\n")
+    z = Zygote({**os.environ, "PYTHONPATH": str(site)})
+    try:
+        log = tmp_path / "w.log"
+        child = z.spawn(["--role", "pipeline"], {**os.environ, "DEEPWATCH_BROKER": "embedded"}, log)
+        assert child.pid != 1 and child.wait(30) == 1
+        assert "a worker needs --broker" in log.read_text()
+    finally:
+        z.close()
+
+
+@pytest.mark.slow
+def test_replay_from_a_directory_with_a_file_named_like_a_module_workers_import(tmp_path):
+    """``python -m`` puts the current directory first on sys.path: a ``cv2.py``
+    there replaced OpenCV in every local worker (the demo hung for minutes)."""
+    import json
+
+    from bench.replay import build
+
+    script = Path(sys.executable).with_name("deepwatch")
+    if not script.exists():
+        pytest.skip(f"no console script at {script} (run `make install`)")
+    feed = build(tmp_path / "feed", pictures=4, reposts=2)
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = tmp_path / "shadow-imported"
+    (work / "cv2.py").write_text(f"open({str(marker)!r}, 'w').close()\nprint('not OpenCV')\nraise SystemExit(3)\n")
+    r = subprocess.run([str(script), "replay", str(feed), "--data-dir", str(tmp_path / "data"), "--json", "--timeout", "120"],
+                       cwd=work, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["complete"] and summary["processed"] == summary["produced"] > 0
+    assert not marker.exists() and "Traceback" not in r.stderr
