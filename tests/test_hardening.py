@@ -463,6 +463,30 @@ def test_embedded_broker_leaves_no_temporary_log_dir_behind(monkeypatch):
     shutil.rmtree(failing.log_path.parent)
 
 
+def test_ctrl_c_just_as_the_broker_process_is_created_stops_it(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+
+    from streams import broker as broker_mod
+    from streams.broker import EmbeddedBroker
+
+    created = []
+    real_popen = subprocess.Popen
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        created.append(proc)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives before Popen has returned to the broker
+        return proc
+
+    monkeypatch.setattr(broker_mod.subprocess, "Popen", popen_then_ctrl_c)
+    b = EmbeddedBroker(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        b.start()
+    assert created and created[0].poll() is not None  # the broker it created was stopped
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_png_whose_text_chunks_only_together_exceed_the_limit_is_still_analysed():
     import struct
     import zlib

@@ -225,3 +225,25 @@ def test_replay_from_a_directory_with_a_file_named_like_a_module_workers_import(
     summary = json.loads(r.stdout)
     assert summary["complete"] and summary["processed"] == summary["produced"] > 0
     assert not marker.exists() and "Traceback" not in r.stderr
+
+
+def test_closing_the_zygote_stops_a_worker_the_runner_never_heard_of(tmp_path):
+    # Ctrl-C while the runner waited for a spawn's pid: the worker runs, unknown to the
+    # runner, which stops the workers it knows and closes the zygote.
+    import socket
+
+    with socket.socket() as silent:  # a "broker" that accepts and never answers: the worker waits on it
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        z = Zygote(dict(os.environ))
+        try:
+            child = z.spawn(["--role", "pipeline"], {**os.environ, "DEEPWATCH_BROKER": f"kafka://127.0.0.1:{silent.getsockname()[1]}"},
+                            tmp_path / "w.log")
+            time.sleep(1.0)
+            assert child.poll() is None  # still starting, waiting on the broker
+        finally:
+            started = time.monotonic()
+            z.close()
+        assert z.proc.returncode == 0 and time.monotonic() - started < 10
+        with pytest.raises(ProcessLookupError):
+            os.kill(child.pid, 0)
