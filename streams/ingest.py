@@ -18,6 +18,7 @@ from streams.settings import Settings
 from streams.validate import MAX_EVENT_BYTES, event_id_of
 
 MAX_MESSAGE_BYTES = MAX_EVENT_BYTES  # Kafka's default max.message.bytes; the worker's limit too
+SETTLE_BYTES = 64 << 20  # ``produce_lines(keep=False)`` confirms delivery after this many bytes of events
 RUN_HEADER = "deepwatch-run"  # names the producing run, so completion is judged per run
 
 
@@ -31,20 +32,27 @@ class Produced:
     lines_at: dict[tuple[int, int], bytes] = field(default_factory=dict)  # what was sent there, for resends
     refused: int = 0
     lines: int = 0
+    sent: int = 0  # events the broker acknowledged (``offsets`` holds them too, when kept)
     run: str = field(default_factory=new_run_id)
 
 
-def iter_lines(feed: Path) -> Iterator[bytes]:
+def iter_lines(feed: Path, limit: int = MAX_MESSAGE_BYTES + 1) -> Iterator[bytes]:
+    """The feed's non-blank lines, stripped. A line longer than ``limit`` is
+    never held whole (a feed may be one endless line): its first ``limit``
+    bytes stand for it, which ingest refuses as too large, as it would the line."""
     with open(feed, "rb") as f:
-        for line in f:
+        while line := f.readline(limit):
+            if len(line) == limit and not line.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass  # the rest of the over-long line, read and dropped
             line = line.strip()
             if line:
                 yield line
 
 
 def produce_feed(feed: Path, bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None,
-                 run: str | None = None) -> Produced:
-    return produce_lines(iter_lines(feed), bootstrap, settings, progress, run=run)
+                 run: str | None = None, *, keep: bool = True) -> Produced:
+    return produce_lines(iter_lines(feed), bootstrap, settings, progress, run=run, keep=keep)
 
 
 def count_lines(feed: Path) -> int:
@@ -54,12 +62,17 @@ def count_lines(feed: Path) -> int:
 
 def produce_lines(
     lines: Iterable[bytes], bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None,
-    *, run: str | None = None,
+    *, run: str | None = None, keep: bool = True,
 ) -> Produced:
     """Produce raw event lines, each with a ``deepwatch-run`` header naming
     this run. Also how replay resends stalled events: same keys, so same
     partitions, same run, and safe because every stage is idempotent on the
-    event id."""
+    event id.
+
+    ``keep``: remember where each event landed and its bytes (``offsets``,
+    ``lines_at``: replay waits for them and resends stalled ones). Without it
+    only ``sent`` is counted, and memory stays bounded however long the feed
+    (``deepwatch ingest``): delivery is confirmed every ``SETTLE_BYTES``."""
     from kafka import KafkaProducer  # here: workers import this module for RUN_HEADER alone
 
     from streams.broker import kafka_client_options
@@ -71,7 +84,20 @@ def produce_lines(
     )
     out = Produced(run=run) if run else Produced()
     headers = [(RUN_HEADER, out.run.encode())]
-    futures = []
+    futures: list = []
+    pending_bytes = 0
+
+    def settle() -> None:
+        nonlocal pending_bytes
+        for line, f in futures:
+            md = f.get(timeout=30)
+            out.sent += 1
+            if keep:
+                out.offsets.add((md.partition, md.offset))
+                out.lines_at[(md.partition, md.offset)] = line
+        futures.clear()
+        pending_bytes = 0
+
     try:
         for line in lines:
             out.lines += 1
@@ -79,19 +105,19 @@ def produce_lines(
             key = eid.encode() if eid else None
             if len(line) > MAX_MESSAGE_BYTES:
                 dl = DeadLetter(event_id=eid, stage="validate", reason="too_large",
-                                detail=f"event is {len(line)} bytes; inline images are capped at ingest",
+                                detail=f"event is over {MAX_MESSAGE_BYTES} bytes; inline images are capped at ingest",
                                 payload_excerpt=line[:512].decode("utf-8", "replace"))
                 producer.send(settings.topic("dead-letters"), key=key, value=dl.dumps(), headers=headers)
                 out.refused += 1
             else:
                 futures.append((line, producer.send(settings.topic("events"), key=key, value=line, headers=headers)))
+                pending_bytes += len(line)
+                if not keep and pending_bytes >= SETTLE_BYTES:
+                    settle()
             if progress:
                 progress(1)
         producer.flush()
-        for line, f in futures:
-            md = f.get(timeout=30)
-            out.offsets.add((md.partition, md.offset))
-            out.lines_at[(md.partition, md.offset)] = line
+        settle()
     finally:
         producer.close()
     return out

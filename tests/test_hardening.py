@@ -487,6 +487,45 @@ def test_ctrl_c_just_as_the_broker_process_is_created_stops_it(tmp_path, monkeyp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_endless_feed_line_is_never_held_whole(tmp_path):
+    from streams.ingest import MAX_MESSAGE_BYTES, iter_lines
+
+    feed = tmp_path / "feed.jsonl"
+    with open(feed, "wb") as f:
+        f.write(b'{"a": 1}\n\n')
+        f.write(b"x" * (3 * MAX_MESSAGE_BYTES + 17) + b"\n")  # one line three times the limit
+        f.write(b'{"b": 2}\n')
+        f.write(b"y" * (MAX_MESSAGE_BYTES + 5))  # and one without a newline at the end
+    got = list(iter_lines(feed))
+    assert [len(line) for line in got] == [8, MAX_MESSAGE_BYTES + 1, 8, MAX_MESSAGE_BYTES + 1]
+    assert got[0] == b'{"a": 1}' and got[2] == b'{"b": 2}'
+
+
+def test_ingest_without_keeping_offsets_counts_and_refuses_what_it_must(tmp_path, monkeypatch):
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streams import ingest
+    from streams.broker import EmbeddedBroker, ensure_topics
+    from streams.topics import topic_specs
+
+    monkeypatch.setattr(ingest, "SETTLE_BYTES", 100)  # confirm deliveries every few events
+    settings = Settings(partitions=1)
+    feed = tmp_path / "feed.jsonl"
+    feed.write_bytes(b"".join(b'{"n": %d, "pad": "%s"}\n' % (i, b"p" * 40) for i in range(25))
+                     + b"z" * (ingest.MAX_MESSAGE_BYTES + 10) + b"\n")
+    with EmbeddedBroker(tmp_path / "broker") as b:
+        ensure_topics(b.bootstrap, topic_specs(settings), settings=settings)
+        produced = ingest.produce_feed(feed, b.bootstrap, settings, keep=False)
+        assert (produced.lines, produced.sent, produced.refused) == (26, 25, 1)
+        assert not produced.offsets and not produced.lines_at  # nothing per event kept
+        consumer = KafkaConsumer(bootstrap_servers=b.bootstrap, consumer_timeout_ms=3000)
+        consumer.assign([TopicPartition(settings.topic("events"), 0)])
+        consumer.seek_to_beginning()
+        values = [m.value for m in consumer]
+        consumer.close()
+        assert len(values) == 25 and values[0].startswith(b'{"n": 0,')
+
+
 def test_png_whose_text_chunks_only_together_exceed_the_limit_is_still_analysed():
     import struct
     import zlib

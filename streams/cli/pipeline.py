@@ -259,8 +259,8 @@ def ingest(
     lines = count_lines(feed)
     with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), console=err) as progress:
         task = progress.add_task("ingest", total=lines)
-        produced = produce_feed(feed, bootstrap, settings, progress=lambda n: progress.advance(task, n))
-    err.print(f"produced {len(produced.offsets)} events to {settings.topic('events')} (run {produced.run}); "
+        produced = produce_feed(feed, bootstrap, settings, progress=lambda n: progress.advance(task, n), keep=False)
+    err.print(f"produced {produced.sent} events to {settings.topic('events')} (run {produced.run}); "
               f"refused {produced.refused} (too large)")
 
 
