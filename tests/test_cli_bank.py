@@ -55,6 +55,10 @@ def test_bank_import_and_errors(tmp_path: Path):
     _run("bank", "import", "te", str(csv), "--data-dir", str(d))
     r = runner.invoke(app, ["bank", "add", "x", "--verdict", "maybe", str(csv), "--data-dir", str(d)])
     assert r.exit_code != 0
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["bank", "add", "x", "--verdict", "fake", str(tmp_path / "empty"), "--data-dir", str(d)])
+    assert r.exit_code == 2 and "no image files" in r.output  # not an empty bank created in silence
+    assert [b["name"] for b in json.loads(_run("bank", "list", "--data-dir", str(d), "--format", "json").stdout)] == ["te"]
     for cmd in (["bank", "--help"], ["bank", "add", "--help"], ["bank", "import", "--help"], ["similar", "--help"]):
         assert "--data-dir" in _run(*cmd).stdout or cmd == ["bank", "--help"]
 

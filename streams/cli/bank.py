@@ -54,7 +54,10 @@ def _expand(paths: list[Path]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            raise typer.BadParameter(f"{p} does not exist", param_hint="FILES_OR_DIR")
+            raise typer.BadParameter(f"{p} does not exist", param_hint="PATHS")
+    if not files:
+        raise typer.BadParameter(f"no image files in {', '.join(map(str, paths))} (looked for "
+                                 f"{', '.join(sorted(_IMAGE_SUFFIXES))}); nothing added", param_hint="PATHS")
     return files
 
 
