@@ -619,11 +619,11 @@ class EsFindingsStore:
         broker reuses (partition, offset) pairs an earlier run left in the store."""
         return self._markers_since([{"term": {"topic": topic}}, {"term": {"run": run}}], after_rowid)
 
-    def run_outcomes(self, run: str, topic: str) -> dict[tuple[int, int], str]:
+    def run_outcomes(self, run: str, topic: str) -> dict[tuple[int, int], tuple[str, str | None]]:
         query = {"bool": {"filter": [{"term": {"topic": topic}}, {"term": {"run": run}}]}}
-        return {(h["_source"]["partition"], h["_source"]["offset"]): h["_source"]["outcome"]
+        return {(h["_source"]["partition"], h["_source"]["offset"]): (h["_source"]["outcome"], h["_source"].get("event_id"))
                 for h in self._scan(self.names["processed"], query, [{"partition": "asc"}, {"offset": "asc"}],
-                                    ["partition", "offset", "outcome"])}
+                                    ["partition", "offset", "outcome", "event_id"])}
 
     def _markers_since(self, filters: list[dict[str, Any]], after_rowid: int) -> tuple[set[tuple[int, int]], int]:
         filters = list(filters)

@@ -305,9 +305,11 @@ class ReplaySummary:
     timings: dict[str, float] = field(default_factory=dict)  # start-up and shutdown phases
     stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # per role, per stage (summed)
     workers: int | None = None  # pipeline worker processes that ran
-    # This run's events by how they ended (sighting, duplicate, dead_letter);
-    # ``sightings``, ``dead_letters``, ``clusters`` and ``alerts`` count the
-    # whole store, which earlier runs into the same data dir add to.
+    # This run's events by how they ended: sighting (a post this run stored
+    # first), duplicate (its post was already stored, by an earlier run or an
+    # earlier copy in this feed), dead_letter. ``sightings``, ``dead_letters``,
+    # ``clusters`` and ``alerts`` count the whole store, which earlier runs
+    # into the same data dir add to.
     run_outcomes: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -424,9 +426,14 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
         outcomes: dict[str, int] = {}
         if run is not None:
             ended = store.run_outcomes(run, settings.topic("events"))
-            for offset in produced & ended.keys():
-                outcomes[ended[offset]] = outcomes.get(ended[offset], 0) + 1
-            processed = sum(outcomes.values())
+            mine = [ended[o] for o in produced & ended.keys()]
+            posts = {eid for outcome, eid in mine if outcome == "sighting"}
+            stored = sum(1 for outcome, _ in mine if outcome in ("sighting", "duplicate"))
+            # a post repeated within the run counts once as new, its repeats as already stored,
+            # however the race between its copies went
+            outcomes = {"sighting": len(posts), "duplicate": stored - len(posts),
+                        "dead_letter": sum(1 for outcome, _ in mine if outcome == "dead_letter")}
+            processed = len(mine)
         else:
             processed = len(produced & store.processed_offsets(settings.topic("events")))
         return ReplaySummary(

@@ -302,10 +302,10 @@ class SqliteFindingsStore:
         ).fetchall()
         return {(p, o) for _, p, o in rows}, (rows[-1][0] if rows else after_rowid)
 
-    def run_outcomes(self, run: str, topic: str) -> dict[tuple[int, int], str]:
-        rows = self._db.execute('SELECT partition, "offset", outcome FROM processed_runs WHERE run=? AND topic=?',
+    def run_outcomes(self, run: str, topic: str) -> dict[tuple[int, int], tuple[str, str | None]]:
+        rows = self._db.execute('SELECT partition, "offset", outcome, event_id FROM processed_runs WHERE run=? AND topic=?',
                                 (run, topic))
-        return {(p, o): outcome for p, o, outcome in rows}
+        return {(p, o): (outcome, event_id) for p, o, outcome, event_id in rows}
 
     def sighting_sha256(self, event_id: str) -> str | None:
         row = self._db.execute("SELECT sha256 FROM sightings WHERE event_id=?", (event_id,)).fetchone()

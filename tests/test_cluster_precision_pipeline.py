@@ -68,7 +68,7 @@ def run(tmp_path_factory):
     data = root / "data"
     r = deepwatch("replay", str(feed), "--data-dir", str(data), "--json", "--timeout", "240", env=ONE_PARTITION)
     assert r.returncode == 0, f"replay failed:\n{r.stdout}\n{r.stderr[-4000:]}"
-    assert json.loads(r.stdout)["run_outcomes"] == {"sighting": len(reposts)}
+    assert json.loads(r.stdout)["run_outcomes"] == {"sighting": len(reposts), "duplicate": 0, "dead_letter": 0}
     return feed, data, {f"ev-{n}": who for n, (_, who) in reposts.items()}
 
 
@@ -94,7 +94,7 @@ def test_replaying_the_same_feed_twice_changes_nothing(run):
         assert r.returncode == 0, r.stderr[-3000:]
         summary = json.loads(r.stdout)
         # this run's events were all stored before; the totals are the data dir's
-        assert summary["run_outcomes"] == {"duplicate": summary["events"]}
+        assert summary["run_outcomes"] == {"sighting": 0, "duplicate": summary["events"], "dead_letter": 0}
         assert summary["sightings"] == sum(c["sightings"] for c in before[0])
     after = query("clusters", data), query("alerts", data)
     volatile = {"updated_at", "revision", "velocity", "stream_sightings"}

@@ -475,7 +475,8 @@ def test_run_accounting_keeps_runs_apart_when_a_fresh_broker_reuses_offsets(fake
         s.close()
     assert got["es"] == got["sqlite"] == {
         "r1": {(0, 0), (0, 1)}, "r2": {(0, 0), (0, 1), (0, 2)}, "r3": set(), "all": {(0, 0), (0, 1), (0, 2)},
-        "dl_source": ref("r2", 1), "r2_outcomes": {(0, 0): "duplicate", (0, 1): "dead_letter", (0, 2): "sighting"}}
+        "dl_source": ref("r2", 1), "r2_outcomes": {(0, 0): ("duplicate", "e0"), (0, 1): ("dead_letter", "bad"),
+                                             (0, 2): ("sighting", "e1")}}
     markers = fake_es.docs[T.concrete("deepwatch-processed")]
     assert sorted(markers) == ["r1/deepwatch.events/0/0", "r1/deepwatch.events/0/1", "r2/deepwatch.events/0/0",
                                "r2/deepwatch.events/0/1", "r2/deepwatch.events/0/2"]

@@ -149,7 +149,7 @@ def _print_summary(summary, fmt_json: bool) -> None:
     err.print(
         f"[bold]{'done' if summary.complete else 'TIMED OUT'}[/]: {summary.events} events "
         f"({summary.produced} produced, {summary.refused_at_ingest} refused at ingest) in {summary.seconds}s "
-        f"= {summary.events_per_second} events/s; this run: {ended.get('sighting', 0)} sightings, "
+        f"= {summary.events_per_second} events/s; this run: {ended.get('sighting', 0)} new sightings, "
         f"{ended.get('duplicate', 0)} already stored, {ended.get('dead_letter', 0)} dead letters"
     )
     # the store's totals: earlier runs into the same data dir count too
