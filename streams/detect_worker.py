@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,7 +96,10 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
 
     @app.agent(requests)
     async def detect(stream):
-        batchers = await shared_batchers()
+        try:
+            batchers = await shared_batchers()
+        except Exception as e:  # a model named in detect.models that is missing, or a head that does not load
+            _fatal(f"the detect role cannot load detect.models {list(settings.detect.models)}: {e}")
         cfg = settings.detect
         # Up to several model batches of requests at a time: a backlog (a
         # burst of new clusters) then coalesces a cluster's first request
@@ -115,6 +119,15 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
             metrics.EVENTS.labels("detect", "coalesced").inc(len(raws) - answered)
 
     return app
+
+
+def _fatal(message: str) -> None:
+    """A configuration the role cannot run with: one ``error:`` line in its log
+    and exit 2, instead of Faust restarting the agent into the same failure
+    (it did, every few milliseconds). Nothing was consumed yet: nothing to commit."""
+    log.critical(message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 async def answer(raws: list[bytes], analyse: Callable[[str], Awaitable[tuple[list, str | None]]],

@@ -238,7 +238,10 @@ class Cluster:
             code = w.proc.poll()
             if code is not None and code != 0 and not w.expected_exit:
                 tail = w.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{w.role} worker exited with {code}; log {w.log_path}:\n{tail}")
+                said = [line for line in tail.splitlines() if line.startswith("error: ")]
+                if said:  # the worker said why (a setting it cannot run with): that line, not the log
+                    raise WorkerExited(f"{w.role} worker exited with {code}: {said[-1][len('error: '):]} (log {w.log_path})")
+                raise WorkerExited(f"{w.role} worker exited with {code}; log {w.log_path}:\n{tail}")
 
     def stop(self) -> None:
         # All at once: each worker's clean shutdown (final commit, producer
@@ -280,6 +283,11 @@ def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None 
     cluster.timings.update(broker_start=t1 - t0, topics=time.monotonic() - t1)
     stack.callback(cluster.stop)
     return cluster
+
+
+class WorkerExited(RuntimeError):
+    """A local worker ended while the command needed it; the message says why
+    when the worker did (its last ``error:`` line), else shows its log's tail."""
 
 
 @dataclass

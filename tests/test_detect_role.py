@@ -79,3 +79,21 @@ def test_models_run_once_per_cluster_in_their_own_role(tmp_path, model_dir):
         assert not c["models_pending"]
         model_ev = [e for e in c["evidence"] if e["detector"] == "model:tiny"]
         assert len(model_ev) == 1 and 0.0 <= model_ev[0]["score"] <= 1.0 and "calibrated" in model_ev[0]["detail"]
+
+
+def test_a_model_the_detect_role_cannot_load_ends_replay_with_one_line(tmp_path):
+    # was: the detect agent crashed and Faust restarted it into the same error, every few
+    # milliseconds, while replay waited for model results that could never come
+    import os
+    import subprocess
+    import sys
+
+    from bench.replay import build
+
+    feed = build(tmp_path / "feed", pictures=4, reposts=2)
+    r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "replay", str(feed), "--data-dir", str(tmp_path / "data"),
+                        "--timeout", "120"], capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "DEEPWATCH_DETECT__MODELS": '["nope"]'})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert error and "detect worker exited with 2" in error[0] and "model 'nope' not found" in error[0]

@@ -38,7 +38,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError, SettingsError, BrokerError, OSError, httpx.HTTPError]
     for module, name in (("detectors.models.fetch", "FetchError"), ("detectors.models.fetch", "ModelFetchError"),
                          ("detectors.models.vendors", "VendorError"), ("detectors.models.checkpoint", "CheckpointError"),
-                         ("kafka.errors", "NoBrokersAvailable")):
+                         ("kafka.errors", "NoBrokersAvailable"), ("streams.runner", "WorkerExited")):
         try:
             mod = __import__(module, fromlist=[name])
             if isinstance(getattr(mod, name, None), type):
