@@ -24,34 +24,34 @@ class _Section(BaseModel):
 
 class FetchSettings(_Section):
     allow_private_networks: bool = False  # loopback/private/link-local refused unless set
-    max_bytes: int = 25 * 1024 * 1024
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 15.0
-    total_timeout_s: float = 30.0  # whole fetch incl. redirects and retries: a byte-a-second server cannot stall a task
-    retries: int = 2
-    max_redirects: int = 3
+    max_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(15.0, gt=0)
+    total_timeout_s: float = Field(30.0, gt=0)  # whole fetch incl. redirects and retries: a byte-a-second server cannot stall a task
+    retries: int = Field(2, ge=0)
+    max_redirects: int = Field(3, ge=0)
     user_agent: str = "deepwatch/0.1 (+https://github.com/deepwatch)"
 
 
 class DecodeSettings(_Section):
-    max_pixels: int = 100_000_000  # 50-200 MP phone cameras exist; Pillow refuses > ~179 MP regardless
-    max_dimension: int = 16_384
-    max_decode_mb: int = 200  # decoded bytes (pixels x bands x frames) one image may cost; also the per-process total
+    max_pixels: int = Field(100_000_000, gt=0)  # 50-200 MP phone cameras exist; Pillow refuses > ~179 MP regardless
+    max_dimension: int = Field(16_384, gt=0)
+    max_decode_mb: int = Field(200, gt=0)  # decoded bytes (pixels x bands x frames) one image may cost; also the per-process total
 
 
 class IngestSettings(_Section):
-    max_inline_bytes: int = 2 * 1024 * 1024  # base64-decoded size cap for inline images
+    max_inline_bytes: int = Field(2 * 1024 * 1024, gt=0)  # base64-decoded size cap for inline images
     image_roots: list[Path] = Field(default_factory=list)  # local `path` images allowed only below these
-    event_deadline_s: float = 120.0  # one event's whole analyze stage (fetch, decode, hash); then a dead letter
-    max_future_skew_s: float = 900.0  # posted_at later than ingest time + this is dead-lettered (future_posted_at)
+    event_deadline_s: float = Field(120.0, gt=0)  # one event's whole analyze stage (fetch, decode, hash); then a dead letter
+    max_future_skew_s: float = Field(900.0, ge=0)  # posted_at later than ingest time + this is dead-lettered (future_posted_at)
     analyze_concurrency: int = Field(2, ge=1, le=64)  # events one pipeline worker analyses at once; more adds GIL contention
 
 
 class DedupeSettings(_Section):
-    phash_threshold: int = 10
-    pdq_threshold: int = 31
-    pdq_min_quality: int = 50
-    view_threshold: int = 8  # pHash radius when a crop/trimmed view is involved (bench/neardup.py sweep)
+    phash_threshold: int = Field(10, ge=0)
+    pdq_threshold: int = Field(31, ge=0)
+    pdq_min_quality: int = Field(50, ge=0)
+    view_threshold: int = Field(8, ge=0)  # pHash radius when a crop/trimmed view is involved (bench/neardup.py sweep)
 
     def thresholds(self) -> dict[str, int]:
         """The matching rule's keyword arguments, as ClusterIndex and BankStore take them."""
@@ -60,8 +60,8 @@ class DedupeSettings(_Section):
     # Clusters with no sighting for this long (event time) leave the hot index
     # and the changelog table; the findings store keeps them, and a compact
     # cold index of their hashes revives one if its picture resurfaces.
-    hot_window_hours: float = 24 * 7
-    evict_every_ops: int = 1000
+    hot_window_hours: float = Field(24 * 7, gt=0)
+    evict_every_ops: int = Field(1000, gt=0)
 
 
 class DetectSettings(_Section):
@@ -74,26 +74,26 @@ class DetectSettings(_Section):
     # the packaged pixel model's torch forward: auto = bf16 autocast on CUDA (fp16 before
     # Ampere), fp32 elsewhere; off = fp32 everywhere; bf16 | fp16 = forced (CPU: torch, not onnxruntime)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    max_batch: int = 16
-    max_wait_ms: float = 20.0
+    max_batch: int = Field(16, gt=0)
+    max_wait_ms: float = Field(20.0, gt=0)
 
 
 class WebhookSettings(_Section):
     url: str
     secret_env: str = "DEEPWATCH_WEBHOOK_SECRET"  # name of the env var holding the HMAC key
-    timeout_s: float = 5.0
-    retries: int = 3
+    timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0)
 
 
 class AlertSettings(_Section):
-    min_fake_score: float = 0.7
-    min_sightings_5m: int = 10  # velocity: sightings of the cluster in the trailing 5 minutes
-    min_sightings_1h: int = 0
+    min_fake_score: float = Field(0.7, ge=0, le=1)
+    min_sightings_5m: int = Field(10, ge=0)  # velocity: sightings of the cluster in the trailing 5 minutes
+    min_sightings_1h: int = Field(0, ge=0)
     # escalation re-alerts when the 5-minute velocity reaches this multiple of the last alert's
-    escalation_factor: float = 3.0
+    escalation_factor: float = Field(3.0, gt=1)
     webhooks: list[WebhookSettings] = Field(default_factory=list)
     console: bool = True
-    webhook_redeliver_s: float = 60.0  # how often failed webhook deliveries are tried again, oldest first
+    webhook_redeliver_s: float = Field(60.0, gt=0)  # how often failed webhook deliveries are tried again, oldest first
 
 
 class KafkaSettings(_Section):
@@ -118,24 +118,24 @@ class ConnectorSettings(_Section):
     jetstream_url: str = "wss://jetstream2.us-east.bsky.network/subscribe"
     bluesky_image_url: str = "https://cdn.bsky.app/img/feed_fullsize/plain/{did}/{cid}@jpeg"
     zstd_dictionary: Path | None = None  # Jetstream's dictionary file; set to ask for compressed frames
-    cursor_overlap_s: float = 5.0  # resume this far before the saved cursor; duplicates are dropped by event id
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-    idle_timeout_s: float = 60.0  # no frame (or Mastodon heartbeat) for this long: reconnect
-    connect_timeout_s: float = 10.0
-    checkpoint_every: int = 200  # events; the cursor is saved only after the broker has them
-    checkpoint_interval_s: float = 2.0
-    seen_ids_max: int = 500_000  # event ids remembered for de-duplication across reconnects and restarts
-    post_cache_max: int = 200_000  # image posts remembered so reposts/quotes become sightings
-    max_frame_bytes: int = 2 * 1024 * 1024
-    mastodon_backfill_pages: int = 5  # x 40 statuses, after a disconnect without Last-Event-ID support
-    rate_limit_max_wait_s: float = 300.0
+    cursor_overlap_s: float = Field(5.0, ge=0)  # resume this far before the saved cursor; duplicates are dropped by event id
+    backoff_initial_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)
+    idle_timeout_s: float = Field(60.0, gt=0)  # no frame (or Mastodon heartbeat) for this long: reconnect
+    connect_timeout_s: float = Field(10.0, gt=0)
+    checkpoint_every: int = Field(200, gt=0)  # events; the cursor is saved only after the broker has them
+    checkpoint_interval_s: float = Field(2.0, gt=0)
+    seen_ids_max: int = Field(500_000, gt=0)  # event ids remembered for de-duplication across reconnects and restarts
+    post_cache_max: int = Field(200_000, gt=0)  # image posts remembered so reposts/quotes become sightings
+    max_frame_bytes: int = Field(2 * 1024 * 1024, gt=0)
+    mastodon_backfill_pages: int = Field(5, ge=0)  # x 40 statuses, after a disconnect without Last-Event-ID support
+    rate_limit_max_wait_s: float = Field(300.0, gt=0)
     ingest_tokens_env: str = "DEEPWATCH_INGEST_TOKENS"  # NAME:TOKEN[,NAME:TOKEN...] in that variable
-    ingest_max_body_bytes: int = 8 * 1024 * 1024
-    ingest_max_lines: int = 1000
-    ingest_rate_per_s: float = 50.0  # events per second per token, sustained
-    ingest_burst: int = 500
-    ingest_broker_timeout_s: float = 5.0  # longer than this without the broker: 503 + Retry-After
+    ingest_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    ingest_max_lines: int = Field(1000, gt=0)
+    ingest_rate_per_s: float = Field(50.0, gt=0)  # events per second per token, sustained
+    ingest_burst: int = Field(500, gt=0)
+    ingest_broker_timeout_s: float = Field(5.0, gt=0)  # longer than this without the broker: 503 + Retry-After
 
 
 class FindingsSettings(_Section):
@@ -146,12 +146,12 @@ class FindingsSettings(_Section):
 
     url: str | None = None
     index_prefix: str = "deepwatch"
-    bulk_max_actions: int = 500  # a bulk request is sent at this many actions...
-    bulk_max_bytes: int = 5 * 1024 * 1024  # ...or this many bytes of NDJSON...
-    bulk_flush_s: float = 0.2  # ...or every this many seconds: how stale the store may be behind the stream
-    retry_initial_s: float = 0.5  # backoff on 429/5xx, doubling up to retry_max_s, never giving up
-    retry_max_s: float = 30.0
-    request_timeout_s: float = 30.0
+    bulk_max_actions: int = Field(500, gt=0)  # a bulk request is sent at this many actions...
+    bulk_max_bytes: int = Field(5 * 1024 * 1024, gt=0)  # ...or this many bytes of NDJSON...
+    bulk_flush_s: float = Field(0.2, gt=0)  # ...or every this many seconds: how stale the store may be behind the stream
+    retry_initial_s: float = Field(0.5, gt=0)  # backoff on 429/5xx, doubling up to retry_max_s, never giving up
+    retry_max_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
 
 
 class DeskSettings(_Section):
@@ -163,17 +163,17 @@ class DeskSettings(_Section):
     users_file: Path | None = None  # default: <data_dir>/desk-users.json
     tokens_env: str = "DEEPWATCH_DESK_TOKENS"
     require_login_on_loopback: bool = False  # reading is open on 127.0.0.1/::1 unless set
-    session_hours: float = 12.0
-    login_failures_per_minute: int = 5  # per client address and per user name
-    refresh_s: int = 30  # queue auto-refresh
-    thumb_px: int = 256
-    thumb_cache_mb: int = 64
+    session_hours: float = Field(12.0, gt=0)
+    login_failures_per_minute: int = Field(5, gt=0)  # per client address and per user name
+    refresh_s: int = Field(30, ge=0)  # queue auto-refresh
+    thumb_px: int = Field(256, gt=0)
+    thumb_cache_mb: int = Field(64, gt=0)
     # account alerts: at least this many likely-AI pictures, and this share of
     # the account's pictures, within the trailing window before its last post
-    account_min_ai_pictures: int = 5
-    account_min_ai_share: float = 0.6
-    account_window_hours: float = 24 * 7
-    account_check_s: float = 30.0
+    account_min_ai_pictures: int = Field(5, ge=0)
+    account_min_ai_share: float = Field(0.6, ge=0, le=1)
+    account_window_hours: float = Field(24 * 7, gt=0)
+    account_check_s: float = Field(30.0, gt=0)
 
 
 class BatchSettings(_Section):
@@ -201,9 +201,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("deepwatch-data")
     broker: str = "embedded"  # "embedded" (Tansu) or kafka://host:port[,host:port]
     topic_prefix: str = "deepwatch"
-    partitions: int = 4
+    partitions: int = Field(4, gt=0)
     app_id: str = "deepwatch"
-    metrics_port: int | None = None  # Prometheus /metrics on workers; 0 = any free port
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics on workers; 0 = any free port
     log_level: str = "INFO"
     log_format: str = "json"  # json | console
     # Forked from one process that imported the pipeline once (streams.zygote:

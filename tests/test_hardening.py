@@ -386,6 +386,18 @@ def test_a_settings_file_that_cannot_be_used_is_one_clear_error(tmp_path, monkey
     assert load_settings().broker == "kafka://k:9092"
 
 
+@pytest.mark.parametrize("name, value", [("DEEPWATCH_PARTITIONS", "0"), ("DEEPWATCH_FETCH__READ_TIMEOUT_S", "-1"),
+                                         ("DEEPWATCH_ALERTS__MIN_FAKE_SCORE", "1.5"), ("DEEPWATCH_METRICS_PORT", "70000")])
+def test_numbers_outside_their_range_are_settings_errors(monkeypatch, name, value):
+    # partitions = 0 was a ZeroDivisionError traceback in the producer
+    from streams.settings import load_settings
+    from streams.settings_check import SettingsError
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match="invalid setting"):
+        load_settings()
+
+
 def test_secrets_and_known_extras_are_not_settings_errors(monkeypatch):
     from streams.settings import load_settings
 
