@@ -97,7 +97,11 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
             def render():
                 return Group(cluster_table(store.clusters(limit=15), title="deepwatch — live clusters"), progress)
 
-            live = stack.enter_context(Live(render(), console=Console(), refresh_per_second=2))
+            out = Console()
+            # Off a terminal, rich leaves the last frame without a newline: whatever
+            # comes next (the summary, on stderr, in a `2>&1 | tee` log) would join it.
+            stack.callback(lambda: out.is_terminal or out.line())
+            live = stack.enter_context(Live(render(), console=out, refresh_per_second=2))
         else:
             stack.enter_context(progress)
         t_ingest = progress.add_task("ingest", total=lines)
