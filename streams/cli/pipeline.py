@@ -174,7 +174,7 @@ def replay(
     broker: Optional[str] = Broker,
     config: Optional[Path] = Config,
     workers: Optional[int] = typer.Option(None, min=1, max=8, show_default="one per CPU core, at most the events topic's partitions", help="Pipeline worker processes to run (with --split: analyze workers)."),
-    timeout: float = typer.Option(600, help="Give up (exit 1) if the feed is not fully processed within this many seconds."),
+    timeout: float = typer.Option(600, min=1, help="Give up (exit 1) if the feed is not fully processed within this many seconds."),
     json_summary: bool = typer.Option(False, "--json", help="Same as --format json."),
     fmt: str = typer.Option("table", "--format", "-f", help="Summary format: table (a line on stderr, for people) or json (on stdout, for tools)."),
     store_url: Optional[str] = StoreOpt,
