@@ -168,7 +168,7 @@ def mastodon(
 @app.command("serve-ingest", rich_help_panel="Run")
 def serve_ingest(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for all interfaces)."),
-    port: int = typer.Option(8087, "--port", help="Port to listen on."),
+    port: int = typer.Option(8087, "--port", min=1, max=65535, help="Port to listen on."),
     broker: Optional[str] = BrokerOpt,
     config: Optional[Path] = Config,
 ) -> None:

@@ -25,7 +25,7 @@ def provision(
         None, "--token", envvar="GRAFANA_TOKEN",
         help="Service-account token with dashboard, alert-rule and notification write access. Prefer the "
              "GRAFANA_TOKEN environment variable: a flag ends up in shell history."),
-    timeout: float = typer.Option(10.0, help="Seconds per Grafana request."),
+    timeout: float = typer.Option(10.0, min=0.1, help="Seconds per Grafana request."),
 ) -> None:
     """Create or replace the deepwatch folder, the three dashboards (Pipeline
     health, Viral fakes now, One picture's spread), the desk rule group, the

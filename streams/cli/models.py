@@ -52,7 +52,7 @@ def fetch_cmd(
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Accept a pickled .pt/.pth (loaded weights-only, converted to safetensors).")
     ] = False,
-    max_mb: Annotated[int, typer.Option("--max-mb", help="Refuse downloads larger than this.")] = 4096,
+    max_mb: Annotated[int, typer.Option("--max-mb", min=1, help="Refuse downloads larger than this.")] = 4096,
     data_dir: DataDirOpt = None,
     model_dir: ModelDirOpt = None,
     config: ConfigOpt = None,
@@ -124,8 +124,8 @@ def train_cmd(
         float, typer.Option("--real-fraction", help="With --manifest, use this deterministic fraction of the real images (rest held out).")
     ] = 1.0,
     arch: Annotated[str, typer.Option("--arch", help="npr-r50 | small-cnn | clip-probe (needs open_clip).")] = "npr-r50",
-    epochs: Annotated[int, typer.Option("--epochs")] = 5,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     input_size: Annotated[Optional[int], typer.Option("--input-size", help="Square input side (default per arch).")] = None,
     calibration: Annotated[str, typer.Option("--calibration", help="platt | temperature | none")] = "platt",
@@ -283,7 +283,7 @@ def eval_cmd(
     ] = False,
     variant: Annotated[list[str], typer.Option("--variant", help="original and/or reposted (default both).")] = [],  # noqa: B006
     device: Annotated[str, typer.Option("--device")] = "auto",
-    batch: Annotated[int, typer.Option("--batch")] = 16,
+    batch: Annotated[int, typer.Option("--batch", min=1)] = 16,
     leave_generator_out: Annotated[
         bool, typer.Option("--leave-generator-out", help="Instead: cross-validate the pixel-probe recipe on these manifests, "
                            "holding out whole generators (and real-photo sources) per fold; per generator and category metrics.")
