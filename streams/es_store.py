@@ -135,6 +135,9 @@ def explain(e: Exception, url: str) -> EsError:
         if isinstance(e, AuthorizationException):
             return EsError(f"Elasticsearch at {url}: the credentials lack a privilege ({_reason(e)}); "
                            "see docs/elasticsearch.md for the role deepwatch needs")
+        if not _es_error_body(e):  # not an Elasticsearch error body: an HTML page, a proxy's answer
+            return EsError(f"{url} answered {e.meta.status} with no Elasticsearch error ({_reason(e)}); "
+                           "is it an Elasticsearch server? check --store / DEEPWATCH_FINDINGS__URL")
         return EsError(f"Elasticsearch at {url} answered {e.meta.status}: {_reason(e)}")
     if isinstance(e, TransportError):
         return EsError(f"cannot reach Elasticsearch at {url} ({type(e).__name__}: {e.message}); "
@@ -142,12 +145,19 @@ def explain(e: Exception, url: str) -> EsError:
     return EsError(f"Elasticsearch at {url}: {type(e).__name__}: {e}")
 
 
+def _es_error_body(e: Any) -> bool:
+    """Whether an error response carries Elasticsearch's own error document."""
+    body = getattr(e, "body", None)
+    return isinstance(body, dict) and isinstance(body.get("error"), (dict, str))
+
+
 def _reason(e: Any) -> str:
     body = getattr(e, "body", None)
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         err = body["error"]
         return f"{err.get('type')}: {err.get('reason')}"
-    return str(getattr(e, "message", e))
+    text = " ".join(str(getattr(e, "message", e)).split())  # one line, however the server formatted it
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def hex_bits(hex_hash: str) -> str:
@@ -394,7 +404,10 @@ class EsFindingsStore:
 
         try:
             return dict(self.es.search(index=index, **body))
-        except NotFoundError:  # nothing written yet: no index behind the alias
+        except NotFoundError as e:
+            if not _es_error_body(e):  # a 404 page from a server that is not Elasticsearch (a wrong URL)
+                raise explain(e, self.config.url) from None
+            # nothing written yet: no index behind the alias
             return {"hits": {"total": {"value": 0, "relation": "eq"}, "hits": []}, "aggregations": {}}
         except Exception as e:
             raise explain(e, self.config.url) from None

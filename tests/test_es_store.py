@@ -290,6 +290,37 @@ def test_cli_reports_an_unreachable_store_in_one_line(tmp_path):
     assert "cannot reach Elasticsearch at http://127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_store_url_that_is_not_elasticsearch_is_named_in_one_short_line(tmp_path):
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):  # a web server, not Elasticsearch: an HTML error page
+        def do_POST(self):
+            body = b"<!DOCTYPE html>\n<html>\n<body>\n" + b"<p>Not here.</p>\n" * 200 + b"</body></html>\n"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_PUT = do_HEAD = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = subprocess.run([sys.executable, "-m", "streams.cli", "search", "fire", "--data-dir", str(tmp_path),
+                            "--store", f"es://127.0.0.1:{server.server_address[1]}", "--format", "json"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "is it an Elasticsearch server?" in said and len(said) < 600  # was: the whole page
+
+
 def test_cli_search_on_es_matches_sqlite(fake_es, tmp_path):
     from streams.store import open_store
 
