@@ -49,7 +49,10 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
 
     def load_batchers() -> list:
         started = time.perf_counter()
-        batchers = _load_batchers()
+        try:
+            batchers = _load_batchers()
+        except Exception as e:  # a model named in detect.models that is missing, or a head that does not load
+            _fatal(f"the detect role cannot load detect.models {list(settings.detect.models)}: {e}")
         log.info("models loaded", extra={"seconds": round(time.perf_counter() - started, 3),
                                          "models": list(settings.detect.models)})
         if nice_after_load is not None:
@@ -96,10 +99,7 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
 
     @app.agent(requests)
     async def detect(stream):
-        try:
-            batchers = await shared_batchers()
-        except Exception as e:  # a model named in detect.models that is missing, or a head that does not load
-            _fatal(f"the detect role cannot load detect.models {list(settings.detect.models)}: {e}")
+        batchers = await shared_batchers()
         cfg = settings.detect
         # Up to several model batches of requests at a time: a backlog (a
         # burst of new clusters) then coalesces a cluster's first request
@@ -123,8 +123,9 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
 
 def _fatal(message: str) -> None:
     """A configuration the role cannot run with: one ``error:`` line in its log
-    and exit 2, instead of Faust restarting the agent into the same failure
-    (it did, every few milliseconds). Nothing was consumed yet: nothing to commit."""
+    and exit 2, at once (from the load thread, whether or not the broker is up)
+    instead of Faust restarting the agent into the same failure (it did, every
+    few milliseconds). Nothing was consumed yet: nothing to commit."""
     log.critical(message)
     print(f"error: {message}", file=sys.stderr, flush=True)
     os._exit(2)
