@@ -198,3 +198,17 @@ def test_demo_runs_end_to_end_as_make_demo_runs_it(tmp_path):
     assert r.stdout.endswith("\n")  # the live table's last frame ends its line: the summary never joins it
     alerts = deepwatch("alerts", "--data-dir", str(tmp_path / "data"), "--format", "json")
     assert alerts.returncode == 0 and len(json.loads(alerts.stdout)) == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["replay", "feed.jsonl", "--timeout", "0"],  # timed out at once
+    ["eval", "set", "--batch", "0"],  # leaked "range() arg 3 must not be zero"
+    ["train", "--epochs", "0"], ["train", "--batch-size", "0"],
+    ["models", "fetch", "m", "--max-mb", "0"], ["serve-ingest", "--port", "70000"], ["grafana", "provision", "--timeout", "0"],
+])
+def test_number_options_out_of_range_are_usage_errors(tmp_path, args):
+    (tmp_path / "feed.jsonl").write_text("")
+    (tmp_path / "set").mkdir()
+    r = deepwatch(*args, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "Invalid value for '--" in " ".join(r.stderr.split()), r.stderr[-1500:]
