@@ -43,9 +43,11 @@ def _tansu_binary() -> str:
 def _hold_sigint(interrupted: list[int]):
     """Until ``_release_sigint``: a Ctrl-C is noted, not raised. Raised inside
     ``subprocess.Popen`` (after the fork) or just after it, it would leave a
-    broker nobody knows of (seen once in the interrupt tests). A
-    handler rather than a blocked signal: a child inherits a signal mask, and
-    the broker must stay stoppable. None off the main thread (no handlers there)."""
+    broker nobody knows of (seen once in the interrupt tests). A noting
+    handler, not a blocked signal (a child inherits the mask, and the broker
+    must stay stoppable) nor an ignored one (``zygote._sigint_ignored``: right
+    for the zygote, but here the Ctrl-C must still end the command). None off
+    the main thread (no handlers there)."""
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))

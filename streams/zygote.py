@@ -153,7 +153,7 @@ def _reap(out, children: set[int]) -> None:
         try:
             out.write(json.dumps({"exit": pid, "code": code}) + "\n")
             out.flush()
-        except (BrokenPipeError, ValueError):  # the runner is gone (ValueError: ``out`` already closed)
+        except BrokenPipeError:  # the runner is gone
             pass
 
 
@@ -289,7 +289,7 @@ class Zygote:
             try:
                 msg = json.loads(raw)
             except ValueError:
-                continue  # not a protocol line (``serve`` keeps stdout to the protocol; belt and braces)
+                continue  # printed before ``serve`` took stdout for the protocol (a sitecustomize, a .pth file)
             if not isinstance(msg, dict):
                 continue
             with self._cond:
