@@ -259,16 +259,56 @@ def faust_credentials(settings):
     return faust.SSLCredentials(context)
 
 
+def _not_kafka(bootstrap: str, settings, timeout_ms: int, e: Exception) -> BrokerError:
+    protocol = settings.kafka.security_protocol if settings is not None else "PLAINTEXT"
+    return BrokerError(
+        f"{bootstrap} accepts connections but did not answer as a Kafka broker within {round(timeout_ms / 1000)} s "
+        f"({type(e).__name__}); check the address, and kafka.security_protocol "
+        f"(now {protocol}) if the listener needs TLS or SASL")
+
+
+# A port that accepts connections but does not answer the Kafka protocol (a
+# TLS listener dialled in plaintext, another service) passes check_reachable;
+# kafka-python would then wait its default 30 s and end in a timeout traceback.
+# Both constructors below bound that wait and say what is wrong instead, and
+# both apply the configured TLS/SASL (kafka_client_options) so no client of
+# ours connects to a secured cluster without it.
+
+def admin_client(bootstrap: str, settings, *, client_id: str, timeout_s: float):
+    """A kafka-python admin client, or a BrokerError saying why not."""
+    from kafka import KafkaAdminClient  # here: workers told the quirks never load kafka-python (~0.15 s)
+    from kafka.errors import KafkaError
+
+    opts = kafka_client_options(settings) if settings is not None else {}
+    timeout_ms = max(1000, int(timeout_s * 1000))
+    try:
+        return KafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id, bootstrap_timeout_ms=timeout_ms,
+                                request_timeout_ms=max(timeout_ms, 5000), **opts)
+    except KafkaError as e:
+        raise _not_kafka(bootstrap, settings, timeout_ms, e) from None
+
+
+def kafka_producer(bootstrap: str, settings, *, client_id: str, timeout_s: float = 15.0, **config):
+    """A kafka-python producer (``config``: its keyword arguments), or a
+    BrokerError saying why not."""
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
+
+    timeout_ms = max(1000, int(timeout_s * 1000))
+    try:
+        return KafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, bootstrap_timeout_ms=timeout_ms,
+                             **config, **kafka_client_options(settings))
+    except KafkaError as e:
+        raise _not_kafka(bootstrap, settings, timeout_ms, e) from None
+
+
 def uses_tansu_quirks(settings, bootstrap: str) -> bool:
     """Whether the broker is Tansu, which needs streams.tansu_compat: from
     ``kafka.quirks``, or ("auto") from the cluster id the broker reports."""
     mode = settings.kafka.quirks
     if mode != "auto":
         return mode == "tansu"
-    from kafka import KafkaAdminClient  # here: workers told the quirks never load kafka-python (~0.15 s)
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="deepwatch-probe", request_timeout_ms=5000,
-                             **kafka_client_options(settings))
+    admin = admin_client(bootstrap, settings, client_id="deepwatch-probe", timeout_s=10)
     try:
         return "tansu" in str(admin.describe_cluster().get("cluster_id") or "").lower()
     finally:
@@ -289,18 +329,21 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 20.
     """Create missing topics with explicit partition counts; existing ones are
     left alone (a partition-count mismatch is logged: changing it would break
     keyed state)."""
-    from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
     check_reachable(bootstrap)
+    if settings is not None:
+        kafka_client_options(settings)  # incomplete TLS/SASL settings fail now, not after the retries
     deadline = time.monotonic() + timeout_s
-    opts = kafka_client_options(settings) if settings is not None else {}
     while True:
+        # Retried: a broker we just started may accept connections before it
+        # answers; each try waits only for what is left of the deadline.
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="deepwatch-admin", **opts)
+            admin = admin_client(bootstrap, settings, client_id="deepwatch-admin",
+                                 timeout_s=max(1.0, deadline - time.monotonic()))
             break
-        except Exception:
+        except BrokerError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)

@@ -73,15 +73,10 @@ def produce_lines(
     ``lines_at``: replay waits for them and resends stalled ones). Without it
     only ``sent`` is counted, and memory stays bounded however long the feed
     (``deepwatch ingest``): delivery is confirmed every ``SETTLE_BYTES``."""
-    from kafka import KafkaProducer  # here: workers import this module for RUN_HEADER alone
+    from streams.broker import kafka_producer  # here: workers import this module for RUN_HEADER alone
 
-    from streams.broker import kafka_client_options
-
-    producer = KafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5,
-        max_request_size=MAX_MESSAGE_BYTES + 4096, client_id="deepwatch-ingest",
-        **kafka_client_options(settings),
-    )
+    producer = kafka_producer(bootstrap, settings, client_id="deepwatch-ingest", acks="all", linger_ms=5, retries=5,
+                              max_request_size=MAX_MESSAGE_BYTES + 4096)
     out = Produced(run=run) if run else Produced()
     headers = [(RUN_HEADER, out.run.encode())]
     futures: list = []

@@ -447,6 +447,74 @@ def test_unreachable_broker_fails_fast_with_the_address():
     assert time.monotonic() - started < 5
 
 
+@pytest.fixture
+def silent_port():
+    """A port that accepts connections and never answers (a TLS listener
+    dialled in plaintext looks the same to a Kafka client)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield server.getsockname()[1]
+    stop.set()
+    t.join()
+    for c in held:
+        c.close()
+    server.close()
+
+
+def test_a_port_that_does_not_speak_kafka_is_a_clear_error_within_the_timeout(silent_port):
+    # Was: kafka-python's own 30 s bootstrap wait per try, then a
+    # KafkaTimeoutError traceback from `deepwatch worker`, `ingest` and `replay`.
+    from streams.broker import BrokerError, ensure_topics, kafka_producer
+    from streams.topics import topic_specs
+
+    bootstrap = f"127.0.0.1:{silent_port}"
+    for make in (lambda: ensure_topics(bootstrap, topic_specs(Settings()), timeout_s=2, settings=Settings()),
+                 lambda: kafka_producer(bootstrap, Settings(), client_id="t", timeout_s=2)):
+        started = time.monotonic()
+        with pytest.raises(BrokerError, match=f"{bootstrap} accepts connections but did not answer as a Kafka broker"):
+            make()
+        assert time.monotonic() - started < 8
+
+
+def test_every_kafka_client_applies_the_configured_security(monkeypatch, tmp_path):
+    # The connectors' sink and the desk's alert producer built their clients
+    # without kafka.security_protocol: a SASL cluster got plaintext. With the
+    # password missing, each now stops at the settings check.
+    from streams.broker import BrokerError
+    from streams.connectors.sinks import KafkaSink
+    from streams.desk.alerting import AlertPath
+    from streams.records import Alert, Velocity
+
+    monkeypatch.delenv("DEEPWATCH_KAFKA_PASSWORD", raising=False)
+    settings = Settings(broker="kafka://127.0.0.1:1", data_dir=tmp_path,
+                        kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "u"})
+    with pytest.raises(BrokerError, match="DEEPWATCH_KAFKA_PASSWORD"):
+        KafkaSink("127.0.0.1:1", settings)
+    path = AlertPath(settings)
+    alert = Alert(alert_id="c1:1", cluster_id="c1", rule="r", level=1, fake_score=0.9, verdict="likely-ai",
+                  velocity=Velocity(sightings_5m=12), sightings=12, accounts=12, evidence=[],
+                  at=datetime(2026, 5, 1, tzinfo=timezone.utc))
+    try:
+        with pytest.raises(BrokerError, match="DEEPWATCH_KAFKA_PASSWORD"):
+            path._publish(alert)
+    finally:
+        path.close()
+
+
 def test_embedded_broker_is_detected_behind_a_kafka_url(tmp_path):
     from streams.broker import EmbeddedBroker, faust_broker_url
 

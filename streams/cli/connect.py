@@ -58,7 +58,7 @@ def _sink(settings: Settings, dry_run: bool):
 
     bootstrap = bootstrap_of(settings.broker)
     try:
-        ensure_topics(bootstrap, topic_specs(settings), timeout_s=15)
+        ensure_topics(bootstrap, topic_specs(settings), timeout_s=15, settings=settings)
         return KafkaSink(bootstrap, settings, bootstrap_timeout_ms=15_000)
     except Exception as e:
         _fail(f"cannot reach the broker at {bootstrap} ({type(e).__name__}: {e}); is the pipeline running?")

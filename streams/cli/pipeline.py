@@ -74,7 +74,8 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=err, transient=False,
         )
-        err.print(f"[dim]starting broker and {workers} worker(s); logs in {Path(settings.data_dir) / 'logs'}[/]")
+        what = "the embedded broker and " if settings.broker == "embedded" else ""
+        err.print(f"[dim]starting {what}{workers} worker(s); logs in {Path(settings.data_dir) / 'logs'}[/]")
         cluster = runner.start_cluster(settings, stack)
         timings.update(cluster.timings)
         spawned = time.monotonic()

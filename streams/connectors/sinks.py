@@ -8,8 +8,7 @@ import sys
 import threading
 from typing import IO
 
-from kafka import KafkaProducer
-
+from streams.broker import kafka_producer
 from streams.ingest import MAX_MESSAGE_BYTES
 from streams.records import DeadLetter, ImageEvent
 from streams.settings import Settings
@@ -26,11 +25,10 @@ class KafkaSink:
                  max_block_ms: int = 10_000, request_timeout_ms: int = 10_000, flush_timeout_s: float | None = None,
                  bootstrap_timeout_ms: int = 30_000):
         self.settings = settings
-        self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5,
-            max_request_size=MAX_MESSAGE_BYTES + 4096, client_id=client_id,
+        self._producer = kafka_producer(
+            bootstrap, settings, client_id=client_id, timeout_s=bootstrap_timeout_ms / 1000,
+            acks="all", linger_ms=5, retries=5, max_request_size=MAX_MESSAGE_BYTES + 4096,
             max_block_ms=max_block_ms, request_timeout_ms=request_timeout_ms,
-            bootstrap_timeout_ms=bootstrap_timeout_ms,
         )
         self._futures: list = []
         self._dead_futures: list = []

@@ -28,13 +28,11 @@ class AlertPath:
         self.account_lock = asyncio.Lock()
 
     def _publish(self, alert: Alert) -> None:
-        from kafka import KafkaProducer
-
-        from streams.broker import bootstrap_of
+        from streams.broker import bootstrap_of, kafka_producer
 
         if self._producer is None:
-            self._producer = KafkaProducer(bootstrap_servers=bootstrap_of(self.settings.broker), acks="all",
-                                           client_id="deepwatch-desk")
+            self._producer = kafka_producer(bootstrap_of(self.settings.broker), self.settings, client_id="deepwatch-desk",
+                                            acks="all")
         self._producer.send(self.settings.topic("alerts"), key=alert.cluster_id.encode(), value=alert.dumps())
         self._producer.flush(timeout=10)
 
