@@ -318,7 +318,7 @@ def paced_latency(feed: Path, root: Path, rate: float, workers: int, pictures: i
                 time.sleep(max(0.0, started + i / rate - time.perf_counter()))
                 yield line
 
-        produced = produce_lines(paced(), cluster.bootstrap, s)
+        produced = produce_lines(enumerate(paced()), cluster.bootstrap, s, read_back=lines.__getitem__)
         achieved = len(lines) / (time.perf_counter() - started)
         assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=600, produced=produced)
         stages = cluster.stage_seconds()

@@ -18,7 +18,7 @@ from streams.settings import Settings
 from streams.validate import MAX_EVENT_BYTES, event_id_of
 
 MAX_MESSAGE_BYTES = MAX_EVENT_BYTES  # Kafka's default max.message.bytes; the worker's limit too
-SETTLE_BYTES = 64 << 20  # ``produce_lines(keep=False)`` confirms delivery after this many bytes of events
+SETTLE_BYTES = 64 << 20  # ``produce_lines`` confirms delivery after this many bytes of events
 RUN_HEADER = "deepwatch-run"  # names the producing run, so completion is judged per run
 
 
@@ -29,72 +29,97 @@ def new_run_id() -> str:
 @dataclass
 class Produced:
     offsets: set[tuple[int, int]] = field(default_factory=set)  # (partition, offset) on the events topic
-    lines_at: dict[tuple[int, int], bytes] = field(default_factory=dict)  # what was sent there, for resends
+    # Where each event sent there came from (a byte position in the feed);
+    # ``read_back`` turns it into the event again, for resends. Events are
+    # not held: a feed of large inline images would fill memory.
+    origin: dict[tuple[int, int], int] = field(default_factory=dict)
+    read_back: Callable[[int], bytes] | None = None
     refused: int = 0
     lines: int = 0
     sent: int = 0  # events the broker acknowledged (``offsets`` holds them too, when kept)
     run: str = field(default_factory=new_run_id)
 
 
-def iter_lines(feed: Path, limit: int = MAX_MESSAGE_BYTES + 1) -> Iterator[bytes]:
-    """The feed's non-blank lines, stripped. A line longer than ``limit`` is
+def iter_lines_at(feed: Path, limit: int = MAX_MESSAGE_BYTES + 1) -> Iterator[tuple[int, bytes]]:
+    """The feed's non-blank lines, stripped, each with the byte position it
+    starts at (``line_at`` reads it again). A line longer than ``limit`` is
     never held whole (a feed may be one endless line): its first ``limit``
     bytes stand for it, which ingest refuses as too large, as it would the line."""
     with open(feed, "rb") as f:
-        while line := f.readline(limit):
+        seekable = f.seekable()  # a pipe has no positions: its lines cannot be read back
+        while True:
+            at = f.tell() if seekable else -1
+            line = f.readline(limit)
+            if not line:
+                return
             if len(line) == limit and not line.endswith(b"\n"):
                 while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
                     pass  # the rest of the over-long line, read and dropped
             line = line.strip()
             if line:
-                yield line
+                yield at, line
+
+
+def iter_lines(feed: Path, limit: int = MAX_MESSAGE_BYTES + 1) -> Iterator[bytes]:
+    """``iter_lines_at`` without the positions."""
+    return (line for _, line in iter_lines_at(feed, limit))
+
+
+def line_at(feed: Path, at: int, limit: int = MAX_MESSAGE_BYTES + 1) -> bytes:
+    """The feed line that starts at byte ``at``, as ``iter_lines_at`` gave it."""
+    with open(feed, "rb") as f:
+        f.seek(at)
+        return f.readline(limit).strip()
 
 
 def produce_feed(feed: Path, bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None,
                  run: str | None = None, *, keep: bool = True) -> Produced:
-    return produce_lines(iter_lines(feed), bootstrap, settings, progress, run=run, keep=keep)
+    return produce_lines(iter_lines_at(feed), bootstrap, settings, progress, run=run, keep=keep,
+                         read_back=lambda at: line_at(feed, at))
 
 
 def count_lines(feed: Path) -> int:
     """Events in a feed, for progress bars (blank lines are not events)."""
-    return sum(1 for _ in iter_lines(feed))
+    return sum(1 for _ in iter_lines_at(feed))
 
 
 def produce_lines(
-    lines: Iterable[bytes], bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None,
-    *, run: str | None = None, keep: bool = True,
+    lines: Iterable[tuple[int, bytes]], bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None,
+    *, run: str | None = None, keep: bool = True, read_back: Callable[[int], bytes] | None = None,
 ) -> Produced:
-    """Produce raw event lines, each with a ``deepwatch-run`` header naming
-    this run. Also how replay resends stalled events: same keys, so same
-    partitions, same run, and safe because every stage is idempotent on the
-    event id.
+    """Produce raw event lines, each given with where it came from (an int
+    ``read_back`` turns back into the line), and each with a
+    ``deepwatch-run`` header naming this run. Also how replay resends
+    stalled events: same keys, so same partitions, same run, and safe
+    because every stage is idempotent on the event id.
 
-    ``keep``: remember where each event landed and its bytes (``offsets``,
-    ``lines_at``: replay waits for them and resends stalled ones). Without it
-    only ``sent`` is counted, and memory stays bounded however long the feed
-    (``deepwatch ingest``): delivery is confirmed every ``SETTLE_BYTES``."""
+    ``keep``: remember where each event landed and where it came from
+    (``offsets``, ``origin``: replay waits for them and resends stalled
+    ones); without it only ``sent`` is counted. Either way delivery is
+    confirmed every ``SETTLE_BYTES``, so memory stays bounded by that, not
+    by the feed."""
     from streams.broker import kafka_producer  # here: workers import this module for RUN_HEADER alone
 
     producer = kafka_producer(bootstrap, settings, client_id="deepwatch-ingest", acks="all", linger_ms=5, retries=5,
                               max_request_size=MAX_MESSAGE_BYTES + 4096)
-    out = Produced(run=run) if run else Produced()
+    out = Produced(run=run, read_back=read_back) if run else Produced(read_back=read_back)
     headers = [(RUN_HEADER, out.run.encode())]
     futures: list = []
     pending_bytes = 0
 
     def settle() -> None:
         nonlocal pending_bytes
-        for line, f in futures:
+        for at, f in futures:
             md = f.get(timeout=30)
             out.sent += 1
             if keep:
                 out.offsets.add((md.partition, md.offset))
-                out.lines_at[(md.partition, md.offset)] = line
+                out.origin[(md.partition, md.offset)] = at
         futures.clear()
         pending_bytes = 0
 
     try:
-        for line in lines:
+        for at, line in lines:
             out.lines += 1
             eid = event_id_of(line)
             key = eid.encode() if eid else None
@@ -105,9 +130,9 @@ def produce_lines(
                 producer.send(settings.topic("dead-letters"), key=key, value=dl.dumps(), headers=headers)
                 out.refused += 1
             else:
-                futures.append((line, producer.send(settings.topic("events"), key=key, value=line, headers=headers)))
+                futures.append((at, producer.send(settings.topic("events"), key=key, value=line, headers=headers)))
                 pending_bytes += len(line)
-                if not keep and pending_bytes >= SETTLE_BYTES:
+                if pending_bytes >= SETTLE_BYTES:
                     settle()
             if progress:
                 progress(1)

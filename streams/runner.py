@@ -356,7 +356,9 @@ def wait_until_processed(
     last_models, models_change = -1, time.monotonic()
     seen: set[tuple[int, int]] = set()
     high = 0
-    pending_resend: dict[tuple[int, int], set[tuple[int, int]]] = {}  # original -> its resend offsets
+    done_set: set[tuple[int, int]] = set()
+    resent: set[tuple[int, int]] = set()  # originals sent again
+    resent_as: dict[tuple[int, int], tuple[int, int]] = {}  # a resend's offset -> its original's
     reniced = False
     try:
         while time.monotonic() < deadline:
@@ -366,21 +368,33 @@ def wait_until_processed(
             else:
                 new, high = store.processed_since(topic, high)
             seen |= new
-            done_set = {o for o in offsets if o in seen or (pending_resend.get(o, set()) & seen)}
+            # Counted as rows arrive, not by scanning every offset each poll
+            # (a million-event feed would cost the poll loop a core).
+            for po in new:
+                if po in offsets:
+                    done_set.add(po)
+                elif po in resent_as:
+                    done_set.add(resent_as[po])
             done = len(done_set)
             if on_progress and done != last:
                 on_progress(done)
             if done != last:
                 last, last_change = done, time.monotonic()
             if produced is not None and done < len(offsets) and time.monotonic() - last_change > stall_s:
-                missing = sorted(o for o in offsets - done_set if o not in pending_resend)
+                missing = sorted(offsets - done_set - resent)
                 if missing:
                     log.warning("events unprocessed without progress; resending them (idempotent)",
                                 extra={"count": len(missing), "offsets": missing[:20]})
-                    again = produce_lines([produced.lines_at[o] for o in missing], cluster.bootstrap, cluster.settings,
-                                          run=produced.run)
-                    for o in missing:
-                        pending_resend[o] = {po for po, line in again.lines_at.items() if line == produced.lines_at[o]}
+                    read_back = produced.read_back
+                    assert read_back is not None, "resends need the producer's read_back"
+                    again = produce_lines(((produced.origin[o], read_back(produced.origin[o])) for o in missing),
+                                          cluster.bootstrap, cluster.settings, run=produced.run, read_back=read_back)
+                    original_at = {produced.origin[o]: o for o in missing}
+                    for po, at in again.origin.items():
+                        resent_as[po] = original_at[at]
+                        if po in seen:
+                            done_set.add(original_at[at])
+                    resent.update(missing)
                     last_change = time.monotonic()
             if done == len(offsets):
                 now = time.monotonic()

@@ -597,13 +597,68 @@ def test_ingest_without_keeping_offsets_counts_and_refuses_what_it_must(tmp_path
         ensure_topics(b.bootstrap, topic_specs(settings), settings=settings)
         produced = ingest.produce_feed(feed, b.bootstrap, settings, keep=False)
         assert (produced.lines, produced.sent, produced.refused) == (26, 25, 1)
-        assert not produced.offsets and not produced.lines_at  # nothing per event kept
+        assert not produced.offsets and not produced.origin  # nothing per event kept
         consumer = KafkaConsumer(bootstrap_servers=b.bootstrap, consumer_timeout_ms=3000)
         consumer.assign([TopicPartition(settings.topic("events"), 0)])
         consumer.seek_to_beginning()
         values = [m.value for m in consumer]
         consumer.close()
         assert len(values) == 25 and values[0].startswith(b'{"n": 0,')
+
+
+PRODUCE_AND_MEASURE = """
+import json, resource, sys
+from pathlib import Path
+from streams import ingest
+from streams.settings import Settings
+
+ingest.SETTLE_BYTES = 8 << 20
+feed, bootstrap = Path(sys.argv[1]), sys.argv[2]
+settings = Settings(partitions=2)
+ingest.produce_feed(feed.with_name("warm.jsonl"), bootstrap, settings)  # imports, producer, metadata
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+produced = ingest.produce_feed(feed, bootstrap, settings)
+grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+events = {f"{p}:{o}": produced.read_back(at).decode() for (p, o), at in produced.origin.items()}
+print(json.dumps({"grown_mb": grown_mb, "sent": produced.sent, "events": events}))
+"""
+
+
+def test_replay_keeps_where_events_came_from_not_the_events(tmp_path):
+    # Replay kept every event's bytes until the end, for resends: a feed of
+    # large inline images filled memory (this one grew the process by more
+    # than the feed's 110 MB). It keeps each event's place in the feed now,
+    # and reads it back for a resend.
+    import subprocess
+    import sys
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streams.broker import EmbeddedBroker, ensure_topics
+    from streams.topics import topic_specs
+
+    settings = Settings(partitions=2)
+    feed = tmp_path / "feed.jsonl"
+    pad = "A" * 900_000
+    with open(feed, "w") as f:
+        for i in range(120):
+            f.write(json.dumps({"event_id": f"e{i}", "pad": pad[i:]}) + "\n\n")
+    (tmp_path / "warm.jsonl").write_text('{"event_id": "warm"}\n')
+    with EmbeddedBroker(tmp_path / "broker") as b:
+        ensure_topics(b.bootstrap, topic_specs(settings), settings=settings)
+        run = subprocess.run([sys.executable, "-c", PRODUCE_AND_MEASURE, str(feed), b.bootstrap],
+                             capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+        assert run.returncode == 0, run.stderr[-2000:]
+        got = json.loads(run.stdout)
+        consumer = KafkaConsumer(bootstrap_servers=b.bootstrap, consumer_timeout_ms=5000, fetch_max_bytes=64 << 20)
+        consumer.assign([TopicPartition(settings.topic("events"), p) for p in range(2)])
+        consumer.seek_to_beginning()
+        on_topic = {f"{m.partition}:{m.offset}": m.value.decode() for m in consumer}
+        consumer.close()
+    assert got["sent"] == 120
+    assert got["grown_mb"] < 60, got["grown_mb"]
+    # each read-back is exactly what landed at that offset (the warm-up event aside)
+    assert got["events"] == {k: v for k, v in on_topic.items() if '"warm"' not in v}
 
 
 def test_png_whose_text_chunks_only_together_exceed_the_limit_is_still_analysed():

@@ -27,7 +27,7 @@ def test_stalled_events_are_resent_once_and_counted_once(tmp_path):
         # an offset that never gets processed: add one no worker will ever see.
         ghost = (0, 10_000)
         produced.offsets.add(ghost)
-        produced.lines_at[ghost] = produced.lines_at[next(iter(sorted(produced.offsets - {ghost})))]
+        produced.origin[ghost] = produced.origin[next(iter(sorted(produced.offsets - {ghost})))]
         cluster.start_worker()
         assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=120, produced=produced, stall_s=3)
     store = open_store(settings.data_dir)
