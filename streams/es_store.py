@@ -140,7 +140,9 @@ def explain(e: Exception, url: str) -> EsError:
                            "is it an Elasticsearch server? check --store / DEEPWATCH_FINDINGS__URL")
         return EsError(f"Elasticsearch at {url} answered {e.meta.status}: {_reason(e)}")
     if isinstance(e, TransportError):
-        return EsError(f"cannot reach Elasticsearch at {url} ({type(e).__name__}: {e.message}); "
+        from streams.net_errors import network_reason
+
+        return EsError(f"cannot reach Elasticsearch at {url} ({network_reason(e)}); "
                        "check --store / DEEPWATCH_FINDINGS__URL and that the server is up")
     return EsError(f"Elasticsearch at {url}: {type(e).__name__}: {e}")
 

@@ -212,3 +212,19 @@ def test_number_options_out_of_range_are_usage_errors(tmp_path, args):
     r = deepwatch(*args, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "Invalid value for '--" in " ".join(r.stderr.split()), r.stderr[-1500:]
+
+
+def test_error_lines_stay_one_line_on_a_narrow_terminal(tmp_path):
+    # Commands that printed their own error (serve-ingest, connect, grafana,
+    # the findings queries) let rich wrap it at the terminal's width: three
+    # lines for a short token, and a urllib3 object repr for a refused port.
+    narrow = {"COLUMNS": "40"}
+    r = deepwatch("serve-ingest", "--broker", "kafka://127.0.0.1:1",
+                  env={**narrow, "DEEPWATCH_INGEST_TOKENS": "tip:short"})
+    assert r.stderr.splitlines() == [one_line_error(r)] and "shorter than 16 characters" in r.stderr
+    r = deepwatch("connect", "mastodon", "--instance", "https://mastodon.example", "--broker", "kafka://127.0.0.1:1",
+                  env=narrow)
+    # the broker check's own message, not wrapped in a second "cannot reach the broker"
+    assert r.stderr.splitlines() == [one_line_error(r)] and r.stderr.count("cannot reach") == 1
+    r = deepwatch("grafana", "provision", "--url", "http://127.0.0.1:1", "--token", "t", env=narrow)
+    assert r.stderr.splitlines() == ["error: cannot reach Grafana at http://127.0.0.1:1: Connection refused"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -56,6 +56,20 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def print_error(message: str) -> None:
+    """``error: MESSAGE`` on stderr as one line: soft wrap, so a narrow
+    terminal or an 80-column log does not break it (a script greps it)."""
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str) -> NoReturn:
+    """End the command on a user mistake: one ``error:`` line, exit 2."""
+    print_error(message)
+    raise typer.Exit(2)
+
+
 def run_cli(app: Any) -> None:
     """Run the Typer app; user errors end as one line on stderr and exit 2.
     SIGTERM unwinds like Ctrl-C: a command that started workers and a broker
@@ -75,9 +89,7 @@ def run_cli(app: Any) -> None:
             request = getattr(e, "_request", None)  # httpx errors know their URL; say which
             if request is not None:
                 message = f"cannot fetch {request.url}: {message}"
-            from rich.markup import escape
-
-            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            print_error(message)
             sys.exit(2)
         raise
 

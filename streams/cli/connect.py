@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, err, settings_from
+from streams.cli.common import Config, DataDir, err, fail, settings_from
 from streams.settings import Settings
 
 log = logging.getLogger("deepwatch.connectors")
@@ -27,11 +27,6 @@ BrokerOpt = typer.Option(None, "--broker", help="kafka://HOST:PORT of the runnin
 DryRun = typer.Option(False, "--dry-run", help="Print mapped events as JSONL on stdout instead of producing them; the saved cursor is not used or moved.")
 MetricsPort = typer.Option(None, "--metrics-port", help="Serve Prometheus /metrics on this port.")
 Duration = typer.Option(None, "--duration", min=0.1, help="Stop after this many seconds (default: run until Ctrl-C / SIGTERM).")
-
-
-def _fail(msg: str) -> None:
-    err.print(f"[red]error:[/] {msg}")
-    raise typer.Exit(2)
 
 
 def _setup(settings: Settings, metrics_port: Optional[int]) -> None:
@@ -50,18 +45,20 @@ def _sink(settings: Settings, dry_run: bool):
 
         return JsonlSink()
     if settings.broker == "embedded" or "://" not in settings.broker:
-        _fail("a connector feeds a running pipeline: pass --broker kafka://HOST:PORT (or set DEEPWATCH_BROKER), "
+        fail("a connector feeds a running pipeline: pass --broker kafka://HOST:PORT (or set DEEPWATCH_BROKER), "
               "or use --dry-run to print the mapped events")
     from streams.topics import topic_specs
-    from streams.broker import bootstrap_of, ensure_topics
+    from streams.broker import BrokerError, bootstrap_of, ensure_topics
     from streams.connectors.sinks import KafkaSink
 
     bootstrap = bootstrap_of(settings.broker)
     try:
         ensure_topics(bootstrap, topic_specs(settings), timeout_s=15, settings=settings)
         return KafkaSink(bootstrap, settings, bootstrap_timeout_ms=15_000)
+    except BrokerError as e:
+        fail(str(e))  # says which address and what to do already
     except Exception as e:
-        _fail(f"cannot reach the broker at {bootstrap} ({type(e).__name__}: {e}); is the pipeline running?")
+        fail(f"cannot reach the broker at {bootstrap} ({type(e).__name__}: {e}); is the pipeline running?")
 
 
 def _report(runners) -> None:
@@ -120,19 +117,19 @@ def mastodon(
     from streams.connectors.run import build_mastodon, mastodon_stream_key, open_state, run_until_signalled
 
     if not instance.startswith(("http://", "https://")):
-        _fail(f"--instance must be a URL such as https://{instance}")
+        fail(f"--instance must be a URL such as https://{instance}")
     tl = timeline or ("hashtag" if hashtag else "public")
     if tl not in ("public", "local", "hashtag", "user"):
-        _fail(f"--timeline must be public, local, hashtag or user (got {tl!r})")
+        fail(f"--timeline must be public, local, hashtag or user (got {tl!r})")
     if tl == "hashtag" and not hashtag:
-        _fail("--timeline hashtag needs at least one --hashtag")
+        fail("--timeline hashtag needs at least one --hashtag")
     token = None
     if token_env:
         token = os.environ.get(token_env)
         if not token:
-            _fail(f"--token-env names {token_env}, which is not set in the environment")
+            fail(f"--token-env names {token_env}, which is not set in the environment")
     elif tl == "user":
-        _fail("the user timeline needs an access token: --token-env NAME")
+        fail("the user timeline needs an access token: --token-env NAME")
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     _setup(settings, metrics_port)
     sink = _sink(settings, dry_run)
@@ -157,7 +154,7 @@ def mastodon(
     try:
         asyncio.run(main())
     except FatalStreamError as e:
-        _fail(str(e))
+        fail(str(e))
     finally:
         _report(runners)
         sink.close()
@@ -179,11 +176,11 @@ def serve_ingest(
 
     settings = settings_from(config, broker=broker)
     if settings.broker == "embedded" or "://" not in settings.broker:
-        _fail("serve-ingest feeds a running pipeline: pass --broker kafka://HOST:PORT (or set DEEPWATCH_BROKER)")
+        fail("serve-ingest feeds a running pipeline: pass --broker kafka://HOST:PORT (or set DEEPWATCH_BROKER)")
     env = settings.connectors.ingest_tokens_env
     try:
         if not load_tokens(env):
-            _fail(f"no ingest tokens: set {env}=NAME:TOKEN[,NAME:TOKEN] (tokens are read only from the environment)")
+            fail(f"no ingest tokens: set {env}=NAME:TOKEN[,NAME:TOKEN] (tokens are read only from the environment)")
     except TokenConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     serve(settings, host, port)

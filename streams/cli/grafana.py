@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from streams.cli.app import app
-from streams.cli.common import err
+from streams.cli.common import err, fail
 
 grafana_app = typer.Typer(name="grafana", help="Grafana dashboards and desk alerting, as code.", no_args_is_help=True)
 app.add_typer(grafana_app, name="grafana", rich_help_panel="Findings")
@@ -42,11 +42,11 @@ def provision(
         api = publish.client_from_env(timeout, url=url, token=token)
         result = publish.publish(api, message="deepwatch grafana provision")
     except publish.PublishError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(str(e))
     except Exception as e:  # connection refused, TLS, DNS: one line, not a traceback
-        err.print(f"[red]error:[/] cannot reach Grafana at {url}: {type(e).__name__}: {e}")
-        raise typer.Exit(2) from None
+        from streams.net_errors import network_reason
+
+        fail(f"cannot reach Grafana at {url}: {network_reason(e)}")
     for line in publish.report(result, url.rstrip("/")):
         print(line)
     for line in publish.warnings(result):

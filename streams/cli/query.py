@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, FormatOpt, JsonAlias, check_format, err, print_json, settings_from
+from streams.cli.common import Config, DataDir, FormatOpt, JsonAlias, check_format, fail, print_json, settings_from
 from streams.findings import SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, StoreURLError, open_findings
 
 StoreOpt = typer.Option(
@@ -50,8 +50,7 @@ def _findings(data_dir: Optional[Path], config: Optional[Path], store_url: Optio
         finally:
             store.close()
     except EsError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(str(e))
 
 
 def _read(data_dir: Optional[Path], config: Optional[Path], store_url: Optional[str], what: str) -> list:
