@@ -200,15 +200,22 @@ class ClusterQuery(BaseModel):
     def _blank_is_none(cls, v: Any) -> Any:
         return v.strip() or None if isinstance(v, str) else v
 
+    # What normalises to nothing ("@", "#", text of punctuation only) is no
+    # filter at all, rather than a condition that matches every cluster.
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str | None) -> str | None:
+        return v if v and text_terms(v) else None
+
     @field_validator("account")
     @classmethod
     def _account(cls, v: str | None) -> str | None:
-        return v.lstrip("@") if v else v
+        return v.lstrip("@").strip() or None if v else None
 
     @field_validator("hashtag")
     @classmethod
     def _hashtag(cls, v: str | None) -> str | None:
-        return normalize_hashtag(v) if v else v
+        return normalize_hashtag(v) or None if v else None
 
     @property
     def max_results(self) -> int:
@@ -221,6 +228,11 @@ class ClusterQuery(BaseModel):
     @property
     def sighting_filtered(self) -> bool:
         return any(v is not None for v in (self.text, self.since, self.until, self.platform, self.account, self.hashtag))
+
+    @property
+    def filtered(self) -> bool:
+        """Whether any condition narrows the result (``sort`` and ``limit`` do not)."""
+        return self.sighting_filtered or self.verdict is not None or self.min_score is not None
 
     def terms(self) -> list[str]:
         """``text`` as search terms: quoted phrases kept whole, words lowercased."""

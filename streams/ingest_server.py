@@ -24,6 +24,7 @@ import math
 import os
 import threading
 import time
+import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -131,6 +132,22 @@ def _sink_factory(settings: Settings) -> Callable[[], Any]:
     return make
 
 
+def _gunzip(body: bytes, limit: int) -> tuple[bytes, tuple[int, dict[str, str]] | None]:
+    """A gzip body inflated to at most ``limit`` bytes (the body limit holds
+    for what the events are, not for what was sent: a small bomb must not
+    inflate to gigabytes), or the (status, answer) refusing it."""
+    inflater = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        return b"", (400, {"error": "bad_gzip", "detail": f"Content-Encoding gzip, but the body is not gzip: {e}"})
+    if len(out) > limit or inflater.unconsumed_tail:
+        return b"", (413, {"error": "too_large", "detail": f"body over {limit} bytes once decompressed"})
+    if not inflater.eof:
+        return b"", (400, {"error": "bad_gzip", "detail": "the gzip body is cut short"})
+    return out, None
+
+
 def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Callable[[], Any] | None = None) -> FastAPI:
     """The ASGI app. ``tokens`` maps token -> name (see ``load_tokens``)."""
     if not tokens:
@@ -168,7 +185,7 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         REQUESTS.labels(token, str(status)).inc()
         return JSONResponse(doc, status_code=status, headers=headers)
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # uptime checkers send HEAD
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -189,6 +206,15 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
                 return answer(name, 413, {"error": "too_large", "detail": f"body over {cfg.ingest_max_body_bytes} bytes"})
             chunks.append(chunk)
         body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding == "gzip":
+            body, problem = _gunzip(body, cfg.ingest_max_body_bytes)
+            if problem is not None:
+                return answer(name, *problem)
+        elif encoding not in ("", "identity"):
+            # Read as it is, a compressed body would be dead-lettered line by line as "malformed JSON".
+            return answer(name, 415, {"error": "unsupported_encoding",
+                                      "detail": f"Content-Encoding {encoding!r}: send gzip or an uncompressed body"})
         single = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
         lines = [body.strip()] if single else [ln.strip() for ln in body.split(b"\n")]
         numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln]

@@ -228,3 +228,16 @@ def test_error_lines_stay_one_line_on_a_narrow_terminal(tmp_path):
     assert r.stderr.splitlines() == [one_line_error(r)] and r.stderr.count("cannot reach") == 1
     r = deepwatch("grafana", "provision", "--url", "http://127.0.0.1:1", "--token", "t", env=narrow)
     assert r.stderr.splitlines() == ["error: cannot reach Grafana at http://127.0.0.1:1: Connection refused"]
+
+
+def test_desk_user_on_a_broken_users_file_or_a_settings_like_variable(tmp_path):
+    users = tmp_path / "desk-users.json"
+    users.write_text("{broken")
+    r = deepwatch("desk-user", "ana", "--data-dir", str(tmp_path), "--password-env", "DW_TEST_PW",
+                  env={"DW_TEST_PW": "long enough password"})
+    assert "users file" in one_line_error(r) and "is not valid" in r.stderr  # was a JSONDecodeError traceback
+    assert users.read_text() == "{broken"  # left as it was
+    # A DEEPWATCH_* name not shaped like a secret would be refused as an unknown setting
+    r = deepwatch("desk-user", "ana", "--data-dir", str(tmp_path), "--password-env", "DEEPWATCH_DESK_PW",
+                  env={"DEEPWATCH_DESK_PW": "long enough password"})
+    assert r.returncode == 2 and "DEEPWATCH_DESK_PASSWORD" in r.stderr and "unknown setting" not in r.stderr

@@ -157,6 +157,11 @@ def test_cluster_detail_and_bad_ids(backend, env):
         assert r.status_code == 422 and "verdict" in r.json()["error"]
         r = c.post("/api/clusters/c-viral/verdict", json={"verdict": "fake", "extra": 1}, headers=EDITOR)
         assert r.status_code == 422
+        # a body that is wrong as a whole is named, not left as an empty field name
+        for body, said in ((b"", "bad request: body: Field required"), (b"[]", "bad request: body: Input should be"),
+                           (b"{bad", "bad request: body: not valid JSON (Expecting property name")):
+            r = c.post("/api/clusters/c-viral/verdict", content=body, headers={"Content-Type": "application/json", **EDITOR})
+            assert r.status_code == 422 and r.json()["error"].startswith(said)
 
 
 def test_accounts_and_account_page(backend, env):
@@ -179,6 +184,20 @@ def test_accounts_and_account_page(backend, env):
         assert page.status_code == 200 and "persona1" in page.text and "100%" in page.text
 
 
+def test_account_ids_with_a_slash(data, env):
+    # Producers that reuse ids across platforms prefix them (docs/desk.md): "x/123" must have its page too.
+    store = open_store(data)
+    make_cluster(store, DirectoryBlobStore(data / "blobs"), "c-prefixed", 55, posts=2, ai=True, accounts=["x/123"])
+    store.close()
+    with client(make_settings(data)) as c:
+        page = c.get("/clusters/c-prefixed")
+        assert 'href="/accounts/x/123"' in page.text
+        assert c.get("/accounts/x/123").status_code == 200
+        r = c.get("/api/accounts/x%2F123")
+        assert r.status_code == 200 and r.json()["id"] == "x/123" and r.json()["posts"] == 2
+        assert c.get("/api/accounts/x/nobody").json() == {"error": "no account 'x/nobody'", "status": 404}
+
+
 def test_search_endpoint_and_page(backend, env):
     data, url = backend
     with client(make_settings(data, url)) as c:
@@ -187,6 +206,9 @@ def test_search_endpoint_and_page(backend, env):
         assert c.get("/api/search?q=subway&platform=telegram").json() == []
         assert {d["id"] for d in c.get("/api/search?account=@persona1").json()} == {f"c-persona{k}" for k in range(5)}
         assert [d["id"] for d in c.get("/api/search?account=persona1&since=2026-11-30T15:30:00Z").json()] == ["c-persona4"]
+        # a sort, or a filter that normalises to nothing, is not a filter: it returned every cluster
+        for nothing in ("sort=score", "account=@", "hashtag=%23", "q=%21%21%21"):
+            assert c.get(f"/api/search?{nothing}").status_code == 422, nothing
         assert [d["id"] for d in c.get("/api/search?verdict=no-evidence&min_score=0.1").json()] == ["c-photo"]
         assert [d["id"] for d in c.get("/api/search?q=c-quiet").json()] == ["c-quiet"]  # an id: not in any post
         for bad in ("", "?min_score=3", "?since=soon&q=x", "?sort=hot&q=x", "?verdict=fake&q=x"):
@@ -220,6 +242,33 @@ def test_security_headers(data, env):
     assert "default-src 'self'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
     assert r.headers["referrer-policy"] == "no-referrer"
+
+
+def test_wrong_methods_say_which_are_allowed(data, env):
+    with client(make_settings(data)) as c:
+        for path in ("/api/clusters", "/"):
+            r = c.put(path)
+            assert r.status_code == 405 and r.headers["allow"] == "GET"
+        r = c.get("/api/clusters/c-viral/verdict")
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["status"] == 405
+        assert c.head("/healthz").status_code == 200  # uptime checkers send HEAD
+
+
+def test_request_bodies_are_bounded(data, env):
+    # FastAPI reads a whole body before the guards: an anonymous client could make the desk hold gigabytes.
+    with client(make_settings(data)) as c:
+        r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "fake", "note": "x" * 100_000})
+        assert r.status_code == 413 and r.json() == {"error": "request body over 65536 bytes", "status": 413}
+        assert r.headers["x-frame-options"] == "DENY"
+        chunks = (b"x" * 10_000 for _ in range(20))  # no Content-Length: counted as it arrives
+        r = c.post("/api/clusters/c-quiet/verdict", content=chunks, headers={"Content-Type": "application/json", **EDITOR})
+        assert r.status_code == 413
+        r = c.post("/login", data={"username": "alice", "password": "p" * 100_000, "csrf": "x"})
+        assert r.status_code == 413 and "request body over" in r.text
+        note = "é" * 4000  # the longest note, JSON-escaped, still fits
+        r = c.post("/api/clusters/c-quiet/verdict", content=json.dumps({"verdict": "needs-review", "note": note}),
+                   headers={"Content-Type": "application/json", **EDITOR})
+        assert r.status_code == 201
 
 
 # ------------------------------------------------------------------- auth
@@ -313,6 +362,53 @@ def test_login_is_rate_limited(data, env):
             assert _login(c, "alice", "nope").status_code == 401
         r = _login(c, "alice", "correct horse battery")  # even the right password waits now
         assert r.status_code == 429 and "too many failed logins" in r.text
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+
+
+def test_parallel_login_guesses_are_rate_limited_too(data, env):
+    # Each guess costs a password hash: fired together, none had failed yet when
+    # the others were checked against the limit, so every one of them was tried.
+    from concurrent.futures import ThreadPoolExecutor
+
+    add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
+    with client(make_settings(data, login_failures_per_minute=3)) as c:
+        page = c.get("/login")
+        csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+        guess = lambda i: c.post("/login", data={"username": "alice", "password": f"guess {i}", "csrf": csrf}).status_code
+        with ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(guess, range(12)))
+    assert sorted(codes) == [401] * 3 + [429] * 9
+
+
+def test_sessions_follow_the_users_file(data, env):
+    add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
+    with client(make_settings(data)) as c:
+        _login(c, "alice", "correct horse battery")
+        page = c.get("/clusters/c-quiet")
+        csrf = page.text.split('id="verdict-form"')[1].split('name="csrf" value="')[1].split('"')[0]
+        verdict = lambda: c.post("/api/clusters/c-quiet/verdict", json={"verdict": "needs-review"}, headers={"X-CSRF-Token": csrf})
+        assert verdict().status_code == 201
+        time.sleep(0.01)  # a new mtime for the users file
+        add_user(data / "desk-users.json", "alice", "viewer", "correct horse battery")  # demoted
+        r = verdict()
+        assert r.status_code == 403 and "alice is a viewer" in r.json()["error"]
+        time.sleep(0.01)
+        (data / "desk-users.json").write_text("{broken")  # broken by hand while the desk runs
+        r = verdict()  # the users read before still decide: not a 500 for every request
+        assert r.status_code == 403 and "alice is a viewer" in r.json()["error"]
+        assert c.get("/clusters/c-quiet").status_code == 200
+        time.sleep(0.01)
+        (data / "desk-users.json").write_text('{"users": []}')  # removed
+        assert verdict().status_code == 401
+
+
+def test_a_broken_users_file_is_refused_not_rewritten(tmp_path):
+    path = tmp_path / "desk-users.json"
+    for broken in ("{bad", "[]", '{"users": [{"name": "x"}]}'):
+        path.write_text(broken)
+        with pytest.raises(ValueError, match=f"users file {path} is not valid"):
+            add_user(path, "alice", "editor", "correct horse battery")
+        assert path.read_text() == broken
 
 
 def test_open_redirect_is_refused(data, env):
@@ -468,6 +564,26 @@ def test_thumbnail_cache_is_bounded(tmp_path):
     assert t.misses == 12 and t.hits == 0
     t.get(shas[-1], 128)
     assert t.hits == 1
+
+
+def test_thumbnails_follow_the_current_clusters(monkeypatch):
+    # Which pictures may be shown was cached by the id() of the cluster view;
+    # CPython gives a new view the address of a freed one, and the new view
+    # was then answered from the old set. Here every view has one address.
+    from streams.desk import views
+
+    class Source:
+        docs: dict = {}
+
+        def _all(self):
+            return self.docs
+
+    monkeypatch.setattr(views, "id", lambda obj: 1, raising=False)
+    src = Source()
+    src.docs = {"c1": {"members": [{"sha256": "a" * 64}]}}
+    assert views.member_shas(src) == {"a" * 64}
+    src.docs = {"c2": {"members": [{"sha256": "b" * 64}]}}  # the store changed
+    assert views.member_shas(src) == {"b" * 64}
 
 
 def test_verdict_follows_a_merge_and_merged_clusters_refuse_verdicts(data, env):

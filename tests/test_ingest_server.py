@@ -130,6 +130,27 @@ def test_size_and_line_limits(settings):
         assert c.post("/ingest", content="\n\n", headers=AUTH).status_code == 400
 
 
+def test_gzip_bodies_are_inflated_within_the_body_limit(settings):
+    # A gzip body was read as it came: every line dead-lettered as malformed JSON.
+    import gzip
+
+    settings.connectors.ingest_max_body_bytes = 4000
+    gz = {**AUTH, "Content-Encoding": "gzip"}
+    two = "\n".join(json.dumps(event(i)) for i in range(2)).encode()
+    with client(settings) as c:
+        r = c.post("/ingest", content=gzip.compress(two), headers=gz)
+        assert r.status_code == 202 and r.json()["accepted"] == 2
+        bomb = gzip.compress(b"\n" * 1_000_000)  # about 1 KB sent, 1 MB once inflated
+        assert len(bomb) < 4000
+        r = c.post("/ingest", content=bomb, headers=gz)
+        assert r.status_code == 413 and "decompressed" in r.json()["detail"]
+        assert c.post("/ingest", content=two, headers=gz).json()["error"] == "bad_gzip"
+        assert c.post("/ingest", content=gzip.compress(two)[:-12], headers=gz).json()["error"] == "bad_gzip"
+        r = c.post("/ingest", content=two, headers={**AUTH, "Content-Encoding": "br"})
+        assert r.status_code == 415 and r.json()["error"] == "unsupported_encoding"
+        assert c.head("/healthz").status_code == 200  # uptime checkers send HEAD
+
+
 def test_per_token_rate_limit(settings):
     settings.connectors.ingest_burst = 5
     settings.connectors.ingest_rate_per_s = 0.5

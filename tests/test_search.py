@@ -187,3 +187,10 @@ def test_sightings_by_clusters_and_account_as_recorded(store):
     # member hashes under the surviving cluster (the desk's retroactive verdict matching)
     members = {(m.cluster_id, m.sha256) for m in store.iter_members()}
     assert members == {("c-fire", "a" * 64), ("c-pope", "b" * 64), ("c-flood", "c" * 64), ("c-flood", "d" * 64)}
+
+
+def test_filters_that_normalise_to_nothing_are_no_filter(store):
+    # "@", "#" and punctuation-only text became "" and matched every cluster
+    assert ClusterQuery(account="@", hashtag="#", text="!!! ...") == ClusterQuery()
+    assert not ClusterQuery(sort="score", limit=5).filtered
+    assert ClusterQuery(min_score=0.0).filtered and ClusterQuery(account="@ana").account == "ana"

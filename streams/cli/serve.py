@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, err, settings_from
+from streams.cli.common import Config, DataDir, err, fail, settings_from
 
 
 @app.command(rich_help_panel="Desk")
@@ -65,9 +65,14 @@ def desk_user(
     from pydantic import ValidationError
 
     from streams.desk.auth import add_user
+    from streams.settings_check import SECRET_SUFFIXES
 
     if role not in ("viewer", "editor"):
         raise typer.BadParameter("must be viewer or editor", param_hint="--role")
+    if password_env and password_env.upper().startswith("DEEPWATCH_") and not password_env.upper().endswith(SECRET_SUFFIXES):
+        # The settings loader reads DEEPWATCH_* as settings and refuses unknown ones.
+        raise typer.BadParameter(f"{password_env} would be read as a setting: end the name in {', '.join(SECRET_SUFFIXES)} "
+                                 "(e.g. DEEPWATCH_DESK_PASSWORD), or drop the DEEPWATCH_ prefix", param_hint="--password-env")
     settings = settings_from(config, data_dir=data_dir)
     if password_env:
         password = os.environ.get(password_env, "")
@@ -89,4 +94,6 @@ def desk_user(
         add_user(path, name, role, password)
     except ValidationError as e:
         raise typer.BadParameter(e.errors()[0]["msg"], param_hint="NAME") from None
+    except ValueError as e:  # the users file is broken; add_user left it as it was
+        fail(f"{e}; fix or move the file, then run this again")
     err.print(f"{name} ({role}) saved in {path}")

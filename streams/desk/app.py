@@ -40,6 +40,37 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "dw_session"
 LOGIN_CSRF_COOKIE = "dw_login_csrf"
 SHA256 = r"^[0-9a-f]{64}$"
+# The largest request body read: a verdict (a note of at most 4,000 characters,
+# 6 bytes each when JSON-escaped) or a login form fits many times over.
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` (declared or as
+    received) ends in 413 when the route reads it. FastAPI reads and parses
+    a whole body before any guard runs, so without a bound anyone who can
+    reach the desk could make it hold gigabytes."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        received = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes or not declared.isdigit() or int(declared) > self.max_bytes:
+                # Raised inside the route's body read: its exception handlers answer.
+                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 class Desk:
@@ -140,8 +171,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie:
             s = desk.db.session(cookie)
-            if s is not None:
-                return Principal(user=s.user, role=s.role, via="session", csrf=s.csrf)
+            # The users file decides, not the role at login: a user demoted or
+            # removed since (`deepwatch desk-user`) must not keep an editor's session.
+            user = desk.users.get(s.user) if s is not None else None
+            if user is not None:
+                return Principal(user=user.name, role=user.role, via="session", csrf=s.csrf)
         return None
 
     def reader(request: Request) -> Principal:
@@ -171,22 +205,27 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
+        # The exception's own headers stay: Allow on a 405, Retry-After on a 429.
+        headers = dict(exc.headers or {})
         if wants_json(request):
-            headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+            if exc.status_code == 401:
+                headers["WWW-Authenticate"] = "Bearer"
             return JSONResponse({"error": exc.detail, "status": exc.status_code}, exc.status_code, headers=headers)
         if exc.status_code == 401 and request.method == "GET":
             return RedirectResponse("/login?next=" + quote(str(request.url.path)), 303)
         return templates.TemplateResponse(request, "error.html", {"status": exc.status_code, "message": exc.detail,
-                                                                  "me": None}, status_code=exc.status_code)
+                                                                  "me": None}, status_code=exc.status_code,
+                                          headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
-        problems = [f"{'.'.join(str(x) for x in e['loc'] if x not in ('query', 'body', 'path'))}: {e['msg']}" for e in exc.errors()]
-        msg = "bad request: " + "; ".join(problems)
+        msg = "bad request: " + "; ".join(_problem(e) for e in exc.errors())
         if wants_json(request):
             return JSONResponse({"error": msg, "status": 422, "detail": [
                 {"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]}, 422)
         return templates.TemplateResponse(request, "error.html", {"status": 422, "message": msg, "me": None}, status_code=422)
+
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)  # innermost: its 413 gets the headers below
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -210,7 +249,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     app.middleware("http")(observe.observe)  # outermost: it also counts what the inner layers answered
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.api_route("/healthz", methods=["GET", "HEAD"], include_in_schema=False)  # uptime checkers send HEAD
     def healthz() -> dict[str, str]:
         # For liveness and readiness probes: open, like the probes that call it.
         return {"status": "ok"}
@@ -271,7 +310,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     def api_accounts(q: AccountQuery = Depends(account_query), _: Principal = Depends(reader)) -> list[dict[str, Any]]:
         return desk.source.accounts(q)
 
-    @app.get("/api/accounts/{account_id}", tags=["accounts"], summary="One account with its recent posts")
+    @app.get("/api/accounts/{account_id:path}", tags=["accounts"], summary="One account with its recent posts")
     def api_account(account_id: str, _: Principal = Depends(reader)) -> dict[str, Any]:
         try:
             return desk.source.account(account_id)
@@ -281,7 +320,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     @app.get("/api/search", tags=["clusters"],
              summary="Analyst search of the findings store: full text over posts and hashtags plus filters")
     def api_search(q: StoreQuery = Depends(store_query), _: Principal = Depends(reader)) -> list[dict[str, Any]]:
-        if q == StoreQuery(limit=q.limit):
+        if not q.filtered:
             raise _error(422, "bad request: give at least one of q, since, until, platform, account, hashtag, verdict, min_score")
         return desk.source.analyst_search(q)
 
@@ -346,7 +385,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     def accounts_page(request: Request, q: AccountQuery = Depends(account_query), me: Principal = Depends(reader)):
         return page(request, "accounts.html", me, rows=desk.source.accounts(q), query=q)
 
-    @app.get("/accounts/{account_id}", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/accounts/{account_id:path}", response_class=HTMLResponse, include_in_schema=False)
     def account_page(request: Request, account_id: str, me: Principal = Depends(reader)):
         try:
             a = desk.source.account(account_id)
@@ -380,13 +419,13 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             raise _error(403, "CSRF token missing or wrong; reload the login page and try again")
         client = request.client.host if request.client else "unknown"
         keys = (f"ip:{client}", f"user:{username}")
-        wait = desk.limiter.blocked(*keys)
-        if wait > 0:
+        wait, stamp = desk.limiter.attempt(*keys)
+        if stamp is None:
             observe.LOGINS.labels("rate_limited").inc()
-            raise HTTPException(429, f"too many failed logins; try again in {int(wait) + 1} s")
+            raise HTTPException(429, f"too many failed logins; try again in {int(wait) + 1} s",
+                                headers={"Retry-After": str(int(wait) + 1)})
         user = desk.users.check(username, password)
         if user is None:
-            desk.limiter.failed(*keys)
             observe.LOGINS.labels("failed").inc()
             log.warning("desk login failed", extra={"user": username, "client": client})
             token = secrets.token_urlsafe(24)
@@ -395,6 +434,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                                                                        "has_users": True}, status_code=401)
             resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure_cookies, max_age=3600)
             return resp
+        desk.limiter.succeeded(stamp, *keys)
         token, _ = desk.db.new_session(user.name, user.role, settings.desk.session_hours)
         observe.LOGINS.labels("ok").inc()
         resp = RedirectResponse(_safe_next(next), 303)
@@ -413,6 +453,15 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         return resp
 
     return app
+
+
+def _problem(err: dict[str, Any]) -> str:
+    """One validation error as ``field: message``; the field is the parameter's
+    name, or ``body`` when the body as a whole is wrong (not JSON, not an object)."""
+    if err.get("type") == "json_invalid":
+        return f"body: not valid JSON ({err.get('ctx', {}).get('error', err['msg'])} at character {err['loc'][-1]})"
+    field = ".".join(str(x) for x in err["loc"] if x not in ("query", "body", "path"))
+    return f"{field or err['loc'][0]}: {err['msg']}"
 
 
 def _safe_next(target: str) -> str:

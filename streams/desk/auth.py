@@ -17,17 +17,22 @@ is read-only (and only on loopback).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import threading
 import time
 from collections import defaultdict, deque
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
+
+log = logging.getLogger(__name__)
 
 Role = Literal["viewer", "editor"]
 RANK = {"viewer": 1, "editor": 2}
@@ -79,6 +84,7 @@ class Users:
         self.path = Path(path)
         self._users: dict[str, UserEntry] = {}
         self._mtime: float | None = None
+        self._read_once = False
         # A fixed dummy hash, checked for unknown names so a login takes as
         # long for a name that does not exist as for a wrong password.
         self._dummy = hash_password(secrets.token_hex(8))
@@ -91,15 +97,17 @@ class Users:
             return
         if mtime != self._mtime:
             try:
-                doc = json.loads(self.path.read_text())
-                self._users = {u.name: u for u in (UserEntry.model_validate(x) for x in doc.get("users", []))}
-            except ValidationError as e:  # schema: say which file and field, not a traceback
-                err = e.errors()[0]
-                where = ".".join(str(x) for x in err["loc"])
-                raise ValueError(f"users file {self.path} is not valid: {where}: {err['msg']}") from None
-            except (ValueError, AttributeError) as e:  # not JSON, or not an object
-                raise ValueError(f"users file {self.path} is not valid: {e}".splitlines()[0]) from None
+                self._users = {u.name: u for u in _read_users(self.path)[1]}
+            except ValueError as e:
+                if not self._read_once:
+                    raise  # at start: the desk does not start on a broken file
+                # Broken by hand while the desk runs: every request reads the
+                # users now (sessions follow roles), so raising would answer 500
+                # to everyone. Keep the users read last, say so once per change.
+                log.error("users file not valid; keeping the users read before it changed",
+                          extra={"path": str(self.path), "error": str(e)})
             self._mtime = mtime
+            self._read_once = True
 
     def check(self, name: str, password: str) -> UserEntry | None:
         self._load()
@@ -107,15 +115,35 @@ class Users:
         ok = verify_password(password, user.password if user else self._dummy)
         return user if ok and user else None
 
+    def get(self, name: str) -> UserEntry | None:
+        """The user as the file says now (sessions follow a changed role or a removed user)."""
+        self._load()
+        return self._users.get(name)
+
     def __len__(self) -> int:
         self._load()
         return len(self._users)
 
 
+def _read_users(path: Path) -> tuple[dict, list[UserEntry]]:
+    """The users file as read and its entries; ValueError naming the file
+    and the problem when it is not valid."""
+    try:
+        doc = json.loads(path.read_text())
+        return doc, [UserEntry.model_validate(x) for x in doc.get("users", [])]
+    except ValidationError as e:  # schema: say which file and field, not a traceback
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"users file {path} is not valid: {where}: {err['msg']}") from None
+    except (ValueError, AttributeError) as e:  # not JSON, or not an object
+        raise ValueError(f"users file {path} is not valid: {e}".splitlines()[0]) from None
+
+
 def add_user(path: Path, name: str, role: str, password: str) -> None:
-    """Create or replace one user in the users file (written 0600)."""
+    """Create or replace one user in the users file (written 0600). A users
+    file that is not valid raises ValueError and is left as it is."""
     entry = UserEntry(name=name, role=role, password=hash_password(password))
-    doc = json.loads(path.read_text()) if path.exists() else {"users": []}
+    doc = _read_users(path)[0] if path.exists() else {"users": []}
     doc["users"] = [u for u in doc.get("users", []) if u.get("name") != name] + [entry.model_dump()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -150,11 +178,28 @@ def token_principal(tokens: dict[str, tuple[str, Role]], presented: str) -> Prin
 
 class LoginLimiter:
     """At most ``per_minute`` failed logins per key (client address, user
-    name) in a sliding minute; successes do not count."""
+    name) in a sliding minute; successes do not count.
+
+    ``attempt`` checks and counts in one step, before the password is checked:
+    parallel guesses must not all pass the check while none has failed yet."""
 
     def __init__(self, per_minute: int):
         self.per_minute = per_minute
         self._fails: dict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()  # logins run in the threadpool
+
+    def attempt(self, *keys: str) -> tuple[float, float | None]:
+        """(seconds to wait, 0 when allowed; the attempt's stamp, counted as a
+        failure until ``succeeded`` withdraws it, None when refused)."""
+        with self._lock:
+            wait = self._blocked(*keys)
+            return (wait, None) if wait > 0 else (0.0, self._count(*keys))
+
+    def succeeded(self, stamp: float, *keys: str) -> None:
+        with self._lock:
+            for k in keys:
+                with contextlib.suppress(ValueError):
+                    self._fails[k].remove(stamp)
 
     def _recent(self, key: str) -> deque[float]:
         q = self._fails[key]
@@ -163,7 +208,7 @@ class LoginLimiter:
             q.popleft()
         return q
 
-    def blocked(self, *keys: str) -> float:
+    def _blocked(self, *keys: str) -> float:
         """Seconds to wait, 0 when allowed."""
         wait = 0.0
         for k in keys:
@@ -172,10 +217,11 @@ class LoginLimiter:
                 wait = max(wait, 60 - (time.monotonic() - q[0]))
         return wait
 
-    def failed(self, *keys: str) -> None:
+    def _count(self, *keys: str) -> float:
         now = time.monotonic()
         if len(self._fails) > 10_000:  # bound memory under a spray of names/addresses
             for k in [k for k in self._fails if not self._recent(k)]:
                 del self._fails[k]
         for k in keys:
             self._fails[k].append(now)
+        return now

@@ -11,15 +11,17 @@ from markupsafe import Markup
 from streams.desk.source import FindingsSource
 from streams.settings import Settings
 
-_member_cache: tuple[int, set[str]] = (0, set())
+# The cluster view the set was made from, held (not its id(): a freed view's
+# id is reused by the next one, which would then be answered from the old set).
+_member_cache: tuple[dict[str, Any] | None, set[str]] = (None, set())
 
 
 def member_shas(source: FindingsSource) -> set[str]:
     """Pictures the desk may show: members of stored clusters."""
     global _member_cache
     docs = source._all()
-    if _member_cache[0] != id(docs):
-        _member_cache = (id(docs), {m["sha256"] for d in docs.values() for m in d["members"]})
+    if _member_cache[0] is not docs:
+        _member_cache = (docs, {m["sha256"] for d in docs.values() for m in d["members"]})
     return _member_cache[1]
 
 

@@ -9,6 +9,9 @@
     if ((box && !box.checked) || document.hidden) return;
     try {
       const r = await fetch(table.dataset.partial, { credentials: "same-origin" });
+      // A redirect means the session ended: the answer is the login page,
+      // which must not land inside the table. Reloading shows it whole.
+      if (r.redirected) { window.location.reload(); return; }
       if (r.ok) document.getElementById("queue-rows").innerHTML = await r.text();
     } catch (e) { /* next tick retries */ }
   }
