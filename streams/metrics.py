@@ -3,6 +3,7 @@ Names are a contract with dashboards/ and the alert rules."""
 
 from __future__ import annotations
 
+import errno
 import time
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -42,8 +43,18 @@ EVENT_TO_ALERT_SECONDS = Histogram(
 
 def serve(port: int) -> int:
     """Start the /metrics endpoint; port 0 picks a free one. Returns the port."""
-    server, _thread = start_http_server(port, addr="127.0.0.1" if port == 0 else "0.0.0.0")
+    from streams.net_errors import PortInUse
+
+    try:
+        server, _thread = start_http_server(port, addr="127.0.0.1" if port == 0 else "0.0.0.0")
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(f"metrics port {port} is in use by another process; pick another --metrics-port "
+                            "(or DEEPWATCH_METRICS_PORT), or 0 for any free one") from None
+        raise
     return server.server_port
+
+
 SINK_ITEMS = Counter("deepwatch_sink_items_total", "Findings-store bulk items, by index and outcome "
                      "(ok, duplicate, retried, dead_letter)", ["index", "outcome"])
 SINK_BEHIND_SECONDS = Gauge("deepwatch_sink_behind_seconds", "How long the findings sink has been retrying "

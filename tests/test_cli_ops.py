@@ -241,3 +241,29 @@ def test_desk_user_on_a_broken_users_file_or_a_settings_like_variable(tmp_path):
     r = deepwatch("desk-user", "ana", "--data-dir", str(tmp_path), "--password-env", "DEEPWATCH_DESK_PW",
                   env={"DEEPWATCH_DESK_PW": "long enough password"})
     assert r.returncode == 2 and "DEEPWATCH_DESK_PASSWORD" in r.stderr and "unknown setting" not in r.stderr
+
+
+def test_a_port_in_use_is_one_line_naming_the_option(tmp_path):
+    # uvicorn logged a JSON bind error after its start-up and exited 3;
+    # the metrics server raised "[Errno 98] Address already in use".
+    import socket
+
+    from streams import metrics
+    from streams.net_errors import PortInUse
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = deepwatch("serve", "--port", str(port), "--data-dir", str(tmp_path))
+        assert r.stderr.splitlines() == [f"error: port {port} on 127.0.0.1 is in use by another process; pick another --port"]
+        r = deepwatch("serve-ingest", "--port", str(port), "--broker", "kafka://127.0.0.1:1",
+                      env={"DEEPWATCH_INGEST_TOKENS": "tip:0123456789abcdef0123"})
+        assert f"port {port} on 127.0.0.1 is in use" in one_line_error(r)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUse) as caught:
+            metrics.serve(port)
+        assert str(caught.value).startswith(f"metrics port {port} is in use") and "Errno" not in str(caught.value)

@@ -173,6 +173,7 @@ def serve_ingest(
     event or NDJSON, bearer tokens from DEEPWATCH_INGEST_TOKENS
     (NAME:TOKEN,...), 202 with a result per line; GET /metrics."""
     from streams.ingest_server import TokenConfigError, load_tokens, serve
+    from streams.net_errors import ensure_port_free
 
     settings = settings_from(config, broker=broker)
     if settings.broker == "embedded" or "://" not in settings.broker:
@@ -183,4 +184,5 @@ def serve_ingest(
             fail(f"no ingest tokens: set {env}=NAME:TOKEN[,NAME:TOKEN] (tokens are read only from the environment)")
     except TokenConfigError as e:
         fail(str(e))
+    ensure_port_free(host, port, "pick another --port")
     serve(settings, host, port)

@@ -34,21 +34,19 @@ def serve(
 
     from streams.desk import create_app
 
+    from streams.net_errors import ensure_port_free
+
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
+    ensure_port_free(host, port, "pick another --port")
     try:
         desk_app = create_app(settings, host=host, store_url=store)
     except (FileNotFoundError, ValueError) as e:
-        err.print(f"[red]{e}[/]")
-        raise typer.Exit(2) from None
+        fail(str(e))
     err.print(f"[dim]desk on http://{host}:{port}/ (API docs at /docs); data in {settings.data_dir}[/]")
     if settings.metrics_port is not None:
         from streams import metrics
 
-        try:
-            shown = metrics.serve(settings.metrics_port)
-        except OSError as e:
-            err.print(f"[red]error: cannot serve metrics on port {settings.metrics_port}: {e.strerror}; pick another --metrics-port[/]")
-            raise typer.Exit(2) from None
+        shown = metrics.serve(settings.metrics_port)
         err.print(f"[dim]metrics on port {shown} (/metrics)[/]")
     uvicorn.run(desk_app, host=host, port=port, log_level="warning", proxy_headers=False, server_header=False)
 
