@@ -41,7 +41,7 @@ from pydantic import BaseModel
 
 from detectors.base import Detector, Evidence, EvidenceKind
 from detectors.hashing import ImageHashes, compute_hashes
-from detectors.imagedata import ImageData
+from detectors.imagedata import DecodeLimits, ImageData
 from detectors.neardup.clusters import (
     SLOTS, VIEW_THRESHOLD, ClusterIndex, Via, rank_key, search_phash, stored_phash_codes,
 )
@@ -143,14 +143,27 @@ class BankStore:
         paths: Iterable[str | Path],
         *,
         progress: Callable[[Path], None] | None = None,
+        limits: DecodeLimits | None = None,
     ) -> int:
-        """Hash and add image files; returns how many were new (same bytes twice count once)."""
+        """Hash and add image files; returns how many were new (same bytes twice count once).
+        ``limits``: the decode limits to read them under (the configured ones; default DecodeLimits()).
+        All or nothing: a file that fails leaves the store as it was."""
+        try:
+            return self._add_images(name, verdict, paths, progress, limits)
+        except BaseException:
+            # without this the half-written rows stay pending on the connection
+            # and the next successful call on this store would commit them
+            self._db.rollback()
+            raise
+
+    def _add_images(self, name: str, verdict: Verdict, paths: Iterable[str | Path],
+                    progress: Callable[[Path], None] | None, limits: DecodeLimits | None) -> int:
         self._ensure_bank(name, verdict)
         next_id = self._next_id(name)
         added = 0
         for p in paths:
             p = Path(p)
-            data = ImageData.from_path(p)
+            data = ImageData.from_path(p, limits=limits)
             have = self._db.execute("SELECT rowid, record FROM entries WHERE bank = ? AND sha256 = ?",
                                     (name, data.sha256)).fetchone()
             if have is not None and have[1] is not None:
@@ -179,7 +192,15 @@ class BankStore:
         return added
 
     def import_csv(self, name: str, csv_path: str | Path, verdict: Verdict) -> int:
-        """Import a shared hash list; returns rows imported (re-imported ids are replaced)."""
+        """Import a shared hash list; returns rows imported (re-imported ids are replaced).
+        All or nothing: a bad row leaves the store as it was (see ``add_images``)."""
+        try:
+            return self._import_csv(name, Path(csv_path), verdict)
+        except BaseException:
+            self._db.rollback()
+            raise
+
+    def _import_csv(self, name: str, csv_path: Path, verdict: Verdict) -> int:
         self._ensure_bank(name, verdict)
         rows = list(_read_hash_csv(Path(csv_path)))
         next_id = self._next_id(name)
@@ -300,9 +321,14 @@ def _read_hash_csv(path: Path) -> Iterable[dict[str, str | int | None]]:
     ``filename``/``tags``, ``quality``/``pdq_quality``) or a headerless list
     whose first column is the hash (64 hex = PDQ, 16 hex = pHash).
     """
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        rows = [r for r in reader if r and any(c.strip() for c in r)]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = [r for r in reader if r and any(c.strip() for c in r)]
+    except csv.Error as e:  # a field over csv's size limit, a malformed quote: not a hash list
+        raise ValueError(f"{path}:{reader.line_num}: not a readable CSV ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); is it a CSV hash list?") from None
     if not rows:
         return
     head = [c.strip().lower() for c in rows[0]]
@@ -329,8 +355,22 @@ def _read_hash_csv(path: Path) -> Iterable[dict[str, str | int | None]]:
         phash = phash.lower() if phash and _HEX16.match(phash) else None
         if pdq is None and phash is None:
             raise ValueError(f"{path}:{n}: no valid 64-hex PDQ or 16-hex pHash")
-        quality = get("quality")
-        yield {"id": get("id"), "label": get("label"), "pdq": pdq, "phash": phash, "quality": int(float(quality)) if quality else None}
+        quality = _quality(get("quality"), f"{path}:{n}")
+        yield {"id": get("id"), "label": get("label"), "pdq": pdq, "phash": phash, "quality": quality}
+
+
+def _quality(text: str | None, where: str) -> int | None:
+    """A PDQ quality cell as an int 0..100 (PDQ's scale; "87.0" is accepted),
+    None when empty; anything else ("abc", "inf", "nan", 250) names its row."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 100:  # also false for nan
+        raise ValueError(f"{where}: quality {text!r} is not a number from 0 to 100")
+    return int(value)
 
 
 def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:

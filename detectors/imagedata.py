@@ -177,7 +177,15 @@ class ImageData:
 
     @classmethod
     def from_path(cls, path: str | Path, limits: DecodeLimits | None = None) -> "ImageData":
-        return cls(Path(path).read_bytes(), path=str(path), limits=limits)
+        """The image in the file at ``path``. Reads at most ``max_bytes`` + 1
+        bytes: a multi-gigabyte file or a device such as /dev/zero is refused
+        as ``too_large`` instead of being read into memory whole."""
+        limits = limits or DecodeLimits()
+        with open(path, "rb") as f:
+            data = f.read(limits.max_bytes + 1)
+        if len(data) > limits.max_bytes:
+            raise ImageRejected("too_large", f"image is over {limits.max_bytes} bytes, the limit")
+        return cls(data, path=str(path), limits=limits)
 
     @cached_property
     def sha256(self) -> str:

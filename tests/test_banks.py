@@ -174,3 +174,33 @@ def test_entries_banked_before_records_are_upgraded_when_added_again(tmp_path):
     assert store.add_images("desk-fake", "fake", [path]) == 0
     assert store.match(_hashes(b)) == []
     assert [m.entry_id for m in store.match(_hashes(a))] == ["1"]
+
+
+@pytest.mark.parametrize("body, says", [
+    ("pdq,quality\n{pdq},inf\n", "bad.csv:2: quality 'inf' is not a number from 0 to 100"),  # was an OverflowError
+    ("pdq,quality\n{pdq},abc\n", "bad.csv:2: quality 'abc'"),  # was "could not convert string to float"
+    ("pdq,label\n{pdq},{long}\n", "bad.csv:2: not a readable CSV"),  # was a csv.Error traceback
+])
+def test_a_bad_hash_list_is_a_value_error_naming_file_and_row(tmp_path, body, says):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(body.format(pdq="a" * 64, long="x" * 200_000))
+    store = BankStore(tmp_path / "b.sqlite")
+    with pytest.raises(ValueError) as e:
+        store.import_csv("x", bad, "fake")
+    assert says in str(e.value)
+    assert store.list_banks() == []  # nothing half-imported
+
+
+def test_a_hash_list_that_is_not_text_names_the_file(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"\xff\xfe\x00\x01binary")
+    with pytest.raises(ValueError, match="bad.csv: not UTF-8 text"):
+        BankStore(tmp_path / "b.sqlite").import_csv("x", bad, "fake")
+
+
+def test_add_images_reads_under_the_limits_given(tmp_path):
+    from detectors.imagedata import DecodeLimits, ImageRejected
+
+    path = _save(_picture(1), tmp_path / "a.jpg")
+    with pytest.raises(ImageRejected, match="over 100 bytes"):
+        BankStore(tmp_path / "b.sqlite").add_images("x", "fake", [path], limits=DecodeLimits(max_bytes=100))

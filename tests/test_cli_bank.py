@@ -127,3 +127,41 @@ def test_similar_leaves_out_look_alikes_on_their_pixels(tmp_path: Path):
     a.resize((240, 180)).save(tmp_path / "repost.jpg", quality=60)
     out = json.loads(_run("similar", str(tmp_path / "repost.jpg"), "--data-dir", str(d)).stdout)
     assert [r["cluster_id"] for r in out] == ["c-seed1"]
+
+
+def test_names_that_look_like_markup_are_shown_as_typed(tmp_path: Path):
+    # a bank called "[/x]" crashed rich's progress bar (MarkupError traceback);
+    # "[red]b" and a file "[bold]a.jpg" lost their brackets in tables and messages
+    d, imgs = tmp_path / "data", tmp_path / "imgs"
+    imgs.mkdir()
+    _picture(1).save(imgs / "[bold]a.jpg", quality=90)
+    for bank in ("[/x]", "[red]b"):
+        assert f"added 1 new image(s) to '{bank}'" in _run("bank", "add", bank, "--verdict", "fake", str(imgs),
+                                                             "--data-dir", str(d)).output
+    listed = _run("bank", "list", "--data-dir", str(d)).stdout
+    assert "[/x]" in listed and "[red]b" in listed
+    found = _run("similar", str(imgs / "[bold]a.jpg"), "--data-dir", str(d), "--format", "table").stdout
+    assert "[bold]a.jpg" in found and "bank [red]b" in found
+
+
+def test_a_verdict_clash_says_so_instead_of_blaming_a_file(tmp_path: Path):
+    d = tmp_path / "data"
+    _picture(1).save(tmp_path / "a.jpg", quality=90)
+    _run("bank", "add", "b", "--verdict", "fake", str(tmp_path / "a.jpg"), "--data-dir", str(d))
+    r = runner.invoke(app, ["bank", "add", "b", "--verdict", "authentic", str(tmp_path / "a.jpg"), "--data-dir", str(d)])
+    assert r.exit_code == 2 and "remove the file" not in r.output
+    assert "error: bank 'b' holds fake pictures, not authentic ones; use another bank name, or --verdict fake" in r.output
+
+
+def test_import_errors_are_one_line_with_file_and_row(tmp_path: Path):
+    csv = tmp_path / "list.csv"
+    csv.write_text(f"pdq,quality\n{'a' * 64},inf\n")  # was an OverflowError traceback
+    r = runner.invoke(app, ["bank", "import", "b", str(csv), "--data-dir", str(tmp_path / "data")])
+    assert r.exit_code == 2 and "list.csv:2: quality 'inf' is not a number from 0 to 100" in r.output
+
+
+def test_similar_names_the_file_it_cannot_read(tmp_path: Path):
+    empty = tmp_path / "[b]empty.jpg"
+    empty.write_bytes(b"")
+    r = runner.invoke(app, ["similar", str(empty), "--data-dir", str(tmp_path / "data")])
+    assert r.exit_code == 2 and "[b]empty.jpg: image is empty" in r.output

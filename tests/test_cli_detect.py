@@ -77,3 +77,45 @@ def test_every_option_has_help(runner: CliRunner) -> None:
     for option in ("--format", "--model", "--model-dir", "--device"):
         assert option in out
     assert "recursively" in out and "repeatable" in out
+
+
+def test_a_path_that_does_not_exist_is_a_usage_error(runner: CliRunner, tmp_path: Path) -> None:
+    # a typo or a shell glob that matched nothing: one error line naming it, not a JSON "result"
+    picture = tmp_path / "a.png"
+    picture.write_bytes(b"not an image")
+    result = runner.invoke(app, ["detect", "--no-models", str(picture), str(tmp_path / "missing*.jpg")])
+    assert result.exit_code == 2 and "[" not in result.stdout
+    assert "error: no such file or directory:" in result.output and "missing*.jpg" in result.output
+
+
+def test_no_image_files_says_error_and_what_was_looked_for(runner: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    result = runner.invoke(app, ["detect", "--no-models", str(tmp_path)])
+    assert result.exit_code == 2 and "error: no image files in" in result.output and ".jpg" in result.output
+
+
+def test_unknown_device_is_a_usage_error_not_a_silent_cpu_run(runner: CliRunner, tmp_path: Path) -> None:
+    picture = tmp_path / "a.png"
+    picture.write_bytes(b"not an image")
+    result = runner.invoke(app, ["detect", "--no-models", "--device", "cdua", str(picture)])
+    assert result.exit_code == 2 and "--device 'cdua' is not one of" in result.output
+
+
+def test_an_oversized_file_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    # `detect` (and bank add, similar) read through ImageData.from_path: a
+    # multi-gigabyte file or /dev/zero must not be read into memory first.
+    import tracemalloc
+
+    from detectors.imagedata import DecodeLimits, ImageData, ImageRejected
+
+    big = tmp_path / "big.jpg"
+    with big.open("wb") as f:
+        f.truncate(64 * 1024 * 1024)  # sparse: costs no disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageRejected) as e:
+            ImageData.from_path(big, limits=DecodeLimits(max_bytes=4096))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.reason == "too_large" and peak < 1024 * 1024

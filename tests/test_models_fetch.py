@@ -67,7 +67,8 @@ def test_sha_mismatch_refused_nothing_left(served: tuple[str, Path], tmp_path: P
     assert list(tmp_path.iterdir()) == []
     r = CliRunner().invoke(app, ["models", "fetch", "bad", "--url", f"{base}/tiny.safetensors",
                                  "--sha256", "0" * 64, "--model-dir", str(tmp_path)])
-    assert r.exit_code == 1 and "sha256 mismatch" in r.output
+    # a user-fixable failure: exit 2 and one error line, as an unreachable URL is
+    assert r.exit_code == 2 and "error: sha256 mismatch" in r.output
     assert list(tmp_path.iterdir()) == []
 
 
@@ -106,3 +107,49 @@ def test_insecure_urls_refused(tmp_path: Path) -> None:
         fetch_model("x", model_dir=tmp_path, url="ftp://example.com/w.safetensors")
     with pytest.raises(FetchError, match="--url"):
         fetch_model("x", model_dir=tmp_path)
+
+
+def test_a_malformed_sha256_is_refused_before_downloading(served: tuple[str, Path], tmp_path: Path) -> None:
+    base, _ = served
+    got: list[int] = []
+    with pytest.raises(FetchError, match="not a sha256 digest"):
+        fetch_model("x", model_dir=tmp_path, url=f"{base}/tiny.safetensors", sha256="ab12",
+                    progress=lambda done, total: got.append(done))
+    assert got == [] and list(tmp_path.iterdir()) == []
+
+
+# --- train / eval: user mistakes are one error line and exit 2, before any work
+
+def _manifest(tmp_path: Path, body: str) -> Path:
+    m = tmp_path / "manifest.csv"
+    m.write_text(body)
+    return m
+
+
+@pytest.mark.parametrize("body, says", [
+    ("path,label\na.jpg,0\n", "manifest.csv: no file column"),  # was KeyError: 'file'
+    ("file,kind\na.jpg,0\n", "manifest.csv: no label column"),
+    ("file,label\na.jpg,real\n", "manifest.csv:2: label 'real' is not 0 (real) or 1 (AI)"),  # was a ValueError traceback
+    ("file,label\na.jpg,0\nb.png,7\n", "manifest.csv:3: label '7'"),  # was counted as 7 AI images
+    ("file,label\na.jpg,0\n,1\n", "manifest.csv:3: empty file column"),  # was the folder itself
+])
+def test_eval_and_train_name_the_bad_manifest_line(tmp_path: Path, body: str, says: str) -> None:
+    m = _manifest(tmp_path, body)
+    for args in (["eval", str(m), "--no-models", "--no-cheap"], ["train", "--manifest", str(m), "--arch", "small-cnn"],
+                 ["eval", str(m), "--leave-generator-out"], ["train", "--recipe", "pixel-probe", "--data", str(m)]):
+        r = CliRunner().invoke(app, [*args, "--data-dir", str(tmp_path / "d")])
+        assert r.exit_code == 2 and f"error: {m}" in r.output and says in r.output, (args, r.output, r.exception)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["train", "--real", "{tmp}/nope", "--fake", "{tmp}"], "--real {tmp}/nope: no such folder"),  # was read as empty
+    (["train", "--real", "{tmp}", "--fake", "{tmp}", "--calibration", "bogus"], "--calibration 'bogus' is not one of"),
+    (["train", "--real", "{tmp}", "--fake", "{tmp}", "--arch", "nope"], "--arch 'nope' is not one of"),
+    (["train", "--real", "{tmp}", "--fake", "{tmp}", "--real-fraction", "5"], "--real-fraction 5 is not between 0 and 1"),
+    (["train", "--real", "{tmp}", "--fake", "{tmp}", "--generators", "("], "--generators '(' is not a valid regular"),
+    (["eval", "{tmp}", "--exclude-generators", "[a"], "--exclude-generators '[a' is not a valid regular"),
+    (["eval", "{tmp}", "--device", "cdua"], "--device 'cdua' is not one of"),  # was a silent CPU run
+])
+def test_train_and_eval_options_are_checked_up_front(tmp_path: Path, args: list[str], says: str) -> None:
+    r = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args] + ["--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "error: " + says.format(tmp=tmp_path) in r.output, r.output

@@ -33,13 +33,47 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file and line."""
+
+
+def manifest_rows(manifest: Path) -> list[tuple[dict[str, str], int]]:
+    """The rows of ``manifest`` with their ``label`` as 0 or 1. A missing
+    ``file``/``label`` column, an empty ``file`` cell, a label other than 0/1
+    (``7`` counted as seven AI images in the metrics), a malformed CSV or non
+    UTF-8 bytes raise ManifestError naming the line, instead of a KeyError
+    traceback or silently wrong numbers."""
+    manifest = Path(manifest)
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("file", "label") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ManifestError(f"{manifest}: no {' or '.join(missing)} column (header: {reader.fieldnames or 'none'}); "
+                                    "a manifest has file,label[,generator,category]")
+            out = []
+            for row in reader:
+                where = f"{manifest}:{reader.line_num}"
+                label = (row.get("label") or "").strip()
+                if label not in ("0", "1"):
+                    raise ManifestError(f"{where}: label {label!r} is not 0 (real) or 1 (AI)")
+                if not (row.get("file") or "").strip():
+                    raise ManifestError(f"{where}: empty file column")
+                out.append((row, int(label)))
+            return out
+    except csv.Error as e:
+        raise ManifestError(f"{manifest}: not a readable CSV ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{manifest}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def load_manifest(manifest: Path) -> list[Sample]:
+    """Samples of a manifest (see ``manifest_rows``); paths are relative to its folder."""
     base = manifest.parent
     out = []
-    with manifest.open(newline="") as f:
-        for row in csv.DictReader(f):
-            gen = (row.get("generator") or "").strip() or None
-            out.append(Sample(base / row["file"], int(row["label"]), gen, (row.get("category") or "").strip() or None))
+    for row, label in manifest_rows(manifest):
+        gen = (row.get("generator") or "").strip() or None
+        out.append(Sample(base / row["file"].strip(), label, gen, (row.get("category") or "").strip() or None))
     return out
 
 

@@ -19,6 +19,7 @@ Nothing in deepwatch downloads weights on its own: this runs only from
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from detectors.models.nets import get_arch
 from detectors.netaddr import is_loopback
 
 DEFAULT_MAX_BYTES = 4 * 1024**3
+_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 
 Progress = Callable[[int, int | None], None]  # (bytes so far, total or None)
@@ -160,6 +162,9 @@ def fetch_model(
     progress: Progress | None = None,
 ) -> ModelCard:
     validate_name(name)
+    if sha256 is not None and not _SHA256_RE.fullmatch(sha256.strip()):
+        # checked before the download: a typo'd hash would otherwise cost the whole transfer
+        raise FetchError(f"--sha256 {sha256!r} is not a sha256 digest (64 hex digits); nothing downloaded")
     if url is None:
         known = KNOWN_MODELS.get(name)
         if known is None:

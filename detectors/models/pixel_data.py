@@ -21,7 +21,6 @@ which removes the format shortcut (AI = PNG, real = camera JPEG).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import random
@@ -33,6 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
+
+from detectors.models.dataset import manifest_rows  # one reading of the format (columns, labels 0/1)
 
 if TYPE_CHECKING:
     from detectors.imagedata import ImageData
@@ -98,18 +99,16 @@ def read_manifest(path: Path, group_by: str = "generator") -> list[Sample]:
         path = path / "manifest.csv"
     root = path.parent
     out = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            label = int(row["label"])
-            generator = (row.get("generator") or "unknown").strip()
-            source = (row.get("repo") or row.get("source") or "").split("@")[0]
-            if label:
-                group = "ai:" + (generator_family(generator) if group_by == "family" else generator_name(generator))
-            else:
-                group = "real:" + (source or generator_family(generator))
-            out.append(
-                Sample(root / row["file"], label, generator, group, (row.get("category") or "general").strip(), root.name)
-            )
+    for row, label in manifest_rows(path):
+        generator = (row.get("generator") or "unknown").strip()
+        source = (row.get("repo") or row.get("source") or "").split("@")[0]
+        if label:
+            group = "ai:" + (generator_family(generator) if group_by == "family" else generator_name(generator))
+        else:
+            group = "real:" + (source or generator_family(generator))
+        out.append(
+            Sample(root / row["file"].strip(), label, generator, group, (row.get("category") or "general").strip(), root.name)
+        )
     return out
 
 

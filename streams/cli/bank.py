@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from streams.cli.app import app
-from streams.cli.common import err, print_json
+from streams.cli.common import err, fail, print_error, print_json
 from streams.settings import Settings, load_settings
 
 bank_app = typer.Typer(
@@ -30,6 +31,13 @@ _Verdict = typer.Option(
     ..., "--verdict", help="'fake' (debunked pictures: matching images are flagged) or 'authentic' (verified photos: suppress alerts)."
 )
 _Format = typer.Option("table", "--format", "-f", help="Output format: table (for people) or json (a stable contract for tools).")
+
+
+def _say(message: str) -> None:
+    """One stderr line, never wrapped, never read as rich markup: bank names,
+    file names and error texts are the user's, and a name such as "[/x]"
+    would otherwise crash rich or vanish from the output."""
+    err.print(escape(message), highlight=False, soft_wrap=True)
 
 
 def _settings(data_dir: Optional[Path]) -> Settings:
@@ -78,40 +86,51 @@ def add(
     _check_verdict(verdict)
     files = _expand(paths)
     settings = _settings(data_dir)
+    limits = settings.decode_limits()
     bad: list[str] = []
     for f in files:  # header checks first: cheap, and they catch almost every bad file
         try:
-            ImageData.from_path(f, limits=settings.decode_limits())
+            ImageData.from_path(f, limits=limits)
         except (ImageRejected, OSError) as e:
             bad.append(f"{f}: {e}")
     if bad and not skip_bad:
         for line in bad:
-            err.print(f"[red]error:[/] {line}", soft_wrap=True)
-        err.print(f"nothing added to {name!r}: {len(bad)} of {len(files)} file(s) unreadable; "
-                  "remove them or pass --skip-bad to add the rest", soft_wrap=True)
+            print_error(line)
+        _say(f"nothing added to {name!r}: {len(bad)} of {len(files)} file(s) unreadable; "
+             "remove them or pass --skip-bad to add the rest")
         raise typer.Exit(2)
     good = [f for f in files if not any(line.startswith(f"{f}: ") for line in bad)]
     store = _store(settings)
     done: list[Path] = []
     try:
+        _check_bank_verdict(store, name, verdict)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
-            task = bar.add_task(f"hashing into {name}", total=len(good))
+            task = bar.add_task(escape(f"hashing into {name}"), total=len(good))
 
             def step(p: Path) -> None:
                 done.append(p)
                 bar.advance(task)
 
-            added = store.add_images(name, verdict, good, progress=step)  # type: ignore[arg-type]
+            added = store.add_images(name, verdict, good, progress=step, limits=limits)  # type: ignore[arg-type]
     except (ImageRejected, ValueError, OSError) as e:
         culprit = good[len(done)] if len(done) < len(good) else "?"
-        err.print(f"[red]error:[/] {culprit}: {e}; nothing added to {name!r} (remove the file and run again)", soft_wrap=True)
-        raise typer.Exit(2) from e
+        fail(f"{culprit}: {e}; nothing added to {name!r} (remove the file and run again)")
     finally:
         store.close()
     for line in bad:
-        err.print(f"skipped {line}", soft_wrap=True)
-    err.print(f"added {added} new image(s) to {name!r} ({len(good) - added} already there"
-              f"{f', {len(bad)} skipped' if bad else ''})")
+        _say(f"skipped {line}")
+    _say(f"added {added} new image(s) to {name!r} ({len(good) - added} already there"
+         f"{f', {len(bad)} skipped' if bad else ''})")
+
+
+def _check_bank_verdict(store: Any, name: str, verdict: str) -> None:
+    """A bank keeps one verdict: adding authentic pictures to a bank of fakes
+    (or the reverse) is refused before any file is hashed, with the fix, not
+    blamed on the first file."""
+    existing = {b.name: b.verdict for b in store.list_banks()}.get(name)
+    if existing is not None and existing != verdict:
+        fail(f"bank {name!r} holds {existing} pictures, not {verdict} ones; "
+                     f"use another bank name, or --verdict {existing}")
 
 
 @bank_app.command("import")
@@ -125,13 +144,13 @@ def import_(
     _check_verdict(verdict)
     store = _store(_settings(data_dir))
     try:
+        _check_bank_verdict(store, name, verdict)
         n = store.import_csv(name, csv_path, verdict)  # type: ignore[arg-type]
     except ValueError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from e
+        fail(str(e))
     finally:
         store.close()
-    err.print(f"imported {n} hash(es) into {name!r}")
+    _say(f"imported {n} hash(es) into {name!r}")
 
 
 @bank_app.command("list")
@@ -149,7 +168,7 @@ def list_(data_dir: Optional[Path] = _DataDir, fmt: str = _Format) -> None:
         return
     table = Table("bank", "verdict", "entries")
     for b in banks:
-        table.add_row(b.name, b.verdict, str(b.entries))
+        table.add_row(escape(b.name), b.verdict, str(b.entries))
     from rich.console import Console
 
     Console().print(table)
@@ -169,12 +188,11 @@ def similar(
     if fmt not in ("table", "json"):
         raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
     settings = _settings(data_dir)
-    try:
-        data = ImageData.from_path(image)
+    try:  # under the configured decode limits, as `detect` and the pipeline read images
+        data = ImageData.from_path(image, limits=settings.decode_limits())
         hashes = compute_hashes(data)
     except ImageRejected as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from e
+        fail(f"{image}: {e}")
     url = store_url or settings.findings.url
     if url:
         rows = _similar_clusters_es(settings, url, data.sha256, hashes)
@@ -188,7 +206,9 @@ def similar(
     table = Table("kind", "id", "distance", "via", "verdict", "label")
     for r in rows:
         kind = "cluster" if "cluster_id" in r else f"bank {r['bank']}"
-        table.add_row(kind, r.get("cluster_id") or r["entry_id"], str(r["distance"]), r["via"], r.get("verdict") or "", r.get("label") or "")
+        # bank names and labels (file names, imported CSV text) are untrusted: never markup
+        table.add_row(escape(kind), escape(r.get("cluster_id") or r["entry_id"]), str(r["distance"]), r["via"],
+                      r.get("verdict") or "", escape(r.get("label") or ""))
     from rich.console import Console
 
     Console().print(table)
@@ -261,8 +281,7 @@ def _similar_clusters_es(settings: Settings, url: str, sha256: str, hashes: Any)
             return _similar_clusters(settings, sha256, hashes)
         candidates = store.similar_candidates(sha256, hashes)
     except EsError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(str(e))
     finally:
         store.close()
     index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)

@@ -11,13 +11,15 @@ per file, in input order (directories expanded, sorted):
 a file has null ``score``/``verdict`` and no evidence.
 
 Exit status: 0 when at least one file was analysed (undecodable files are
-reported, not fatal), 1 when every file failed, 2 for usage errors (no input
-files, ``--model`` without model support).
+reported, not fatal), 1 when every file failed, 2 for usage errors (a path
+that does not exist, no image files in the given paths, an unknown
+``--device``, ``--model`` without model support).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -32,13 +34,14 @@ from detectors.base import Detector, create_all
 from detectors.fusion import fuse
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected
 from streams.cli.app import app
-from streams.cli.common import UserError
+from streams.cli.common import UserError, fail
 
 # Directory walks pick these; files named explicitly are always tried.
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif", ".dng"}
 )
 PROGRESS_MIN_FILES = 4
+DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?", re.IGNORECASE)
 
 
 class OutputFormat(str, Enum):
@@ -46,8 +49,21 @@ class OutputFormat(str, Enum):
     table = "table"
 
 
+def check_device(device: str) -> str:
+    """``device`` if it is one --device accepts; a typo such as ``cdua`` is a
+    usage error here, where the model loader would quietly fall back to the CPU."""
+    if not DEVICE_RE.fullmatch(device.strip()):
+        fail(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return device
+
+
 def expand_inputs(paths: list[Path]) -> list[Path]:
-    """Files as given, plus image files found recursively in directories."""
+    """Files as given, plus image files found recursively in directories.
+    A path that does not exist is a usage error naming it (a typo or a glob
+    that matched nothing), not a per-file result."""
+    missing = [str(p) for p in paths if not p.exists() and not p.is_symlink()]
+    if missing:
+        fail(f"no such file or directory: {', '.join(missing)}")
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
@@ -168,7 +184,7 @@ def detect(
     models: bool = typer.Option(
         True, "--models/--no-models",
         help="Run the configured learned models (detect.models; default: the packaged pixel probe). "
-             "--no-models: metadata/provenance detectors only.",
+             "--no-models: metadata/provenance detectors only, plus any --model asked for.",
     ),
     model_dir: Optional[Path] = typer.Option(
         None, "--model-dir", help="Directory holding model weights (default: the configured model directory)."
@@ -187,10 +203,11 @@ def detect(
     from streams.settings import load_settings
 
     err = Console(stderr=True)
+    check_device(device)
     files = expand_inputs(paths)
     if not files:
-        err.print("[red]no image files found[/] in the given paths")
-        raise typer.Exit(2)
+        fail(f"no image files in {', '.join(map(str, paths))} (looked for "
+                          f"{', '.join(sorted(IMAGE_SUFFIXES))}); name other files explicitly")
     settings = load_settings(data_dir=data_dir)
     limits = settings.decode_limits()
     detectors = create_all(cost="cheap", names=settings.detect.cheap)

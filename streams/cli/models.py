@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from streams.cli.app import app
+from streams.cli.common import fail, print_error
 
 models_app = typer.Typer(
     help="Manage learned detector weights in the model dir (<data-dir>/models unless detect.model_dir is set).",
@@ -29,6 +30,28 @@ ModelDirOpt = Annotated[
     Optional[Path], typer.Option("--model-dir", help="Model directory (default: settings detect.model_dir or <data-dir>/models).")
 ]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file.")]
+
+
+def _check_regex(pattern: str | None, option: str) -> None:
+    """A --generators style pattern that does not compile is a usage error, not an re.error traceback."""
+    import re
+
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            fail(f"{option} {pattern!r} is not a valid regular expression: {e}")
+
+
+def _load_samples(load: Callable[[], list]) -> list:
+    """``load()`` (a manifest reader); a manifest with missing columns, bad
+    labels or bad bytes becomes one error line naming the file and line."""
+    from detectors.models.dataset import ManifestError
+
+    try:
+        return load()
+    except (ManifestError, FileNotFoundError) as e:
+        fail(str(e))
 
 
 def _model_dir(config: Path | None, data_dir: Path | None, model_dir: Path | None) -> Path:
@@ -78,8 +101,8 @@ def fetch_cmd(
             card = fetch_model(name, model_dir=target, url=url, sha256=sha256, arch=arch,
                                allow_pickle=allow_pickle, max_bytes=max_mb * 1024 * 1024, progress=progress)
         except (FetchError, KeyError, ValueError) as e:
-            err.print(f"[red]error:[/] {e}")
-            raise typer.Exit(1) from None
+            # a bad URL, path, name or hash: the user's to fix, as a network error is (exit 2)
+            fail(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
     err.print(f"stored {name} ({card.arch} v{card.version}) in {target}  sha256 {card.weights_sha256}")
 
 
@@ -173,22 +196,21 @@ def train_cmd(
                            model_dir=model_dir)
         return
     if recipe != "cnn":
-        err.print(f"[red]error:[/] unknown --recipe {recipe!r}; use cnn or pixel-probe")
-        raise typer.Exit(2)
+        fail(f"unknown --recipe {recipe!r}; use cnn or pixel-probe")
     from detectors.models.dataset import Sample, filter_generators, image_files, load_manifest, stable_fraction
     from detectors.models.train import TrainConfig, train_model
 
+    _check_cnn_options(real, fake, generators, real_fraction, arch, calibration, out)
     samples: list[Sample] = []
     for d in real:
         samples += [Sample(p, 0) for p in image_files(d)]
     for d in fake:
         samples += [Sample(p, 1) for p in image_files(d)]
     if manifest is not None:
-        m = filter_generators(load_manifest(manifest), include=generators)
+        m = filter_generators(_load_samples(lambda: load_manifest(manifest)), include=generators)
         samples += [s for s in m if s.label == 1 or stable_fraction(s.path, real_fraction)]
     if not samples:
-        err.print("[red]error:[/] no images: give --real/--fake folders or --manifest")
-        raise typer.Exit(2)
+        fail("no images: give --real/--fake folders or --manifest")
     target = _model_dir(config, data_dir, model_dir)
     cfg = TrainConfig(arch=arch, name=out, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
                       calibration=calibration, seed=seed, init_from=init_from)  # type: ignore[arg-type]
@@ -203,7 +225,7 @@ def train_cmd(
         try:
             card = train_model(samples, target, cfg, progress)
         except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
-            err.print(f"[red]error:[/] {e}")
+            print_error(str(e))
             raise typer.Exit(1) from None
     tr = card.training
     err.print(
@@ -213,21 +235,47 @@ def train_cmd(
     )
 
 
+def _check_cnn_options(real: list[Path], fake: list[Path], generators: str | None, real_fraction: float, arch: str,
+                       calibration: str, out: str) -> None:
+    """Mistakes the cnn recipe used to take quietly (a typo'd folder read as
+    empty, ``--calibration bogus`` trained as platt, ``--real-fraction 5`` as 1)
+    or only after loading everything (an unknown --arch, a bad --out name)."""
+    from detectors.models.checkpoint import validate_name
+    from detectors.models.nets import ARCHITECTURES
+
+    for option, folders in (("--real", real), ("--fake", fake)):
+        for d in folders:
+            if not d.is_dir():
+                fail(f"{option} {d}: no such folder")
+    _check_regex(generators, "--generators")
+    if not 0.0 <= real_fraction <= 1.0:
+        fail(f"--real-fraction {real_fraction:g} is not between 0 and 1")
+    if arch not in ARCHITECTURES:
+        fail(f"--arch {arch!r} is not one of {', '.join(sorted(ARCHITECTURES))}")
+    if calibration not in ("platt", "temperature", "none"):
+        fail(f"--calibration {calibration!r} is not one of platt, temperature, none")
+    try:
+        validate_name(out)
+    except ValueError as e:
+        fail(f"--out: {e}")
+
+
 def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cache_dir: Path | None, probe_c: float,
                        crops: int, group_by: str, seed: int, augment: int, hidden: int, alpha: float,
                        config, data_dir, model_dir) -> None:
     from streams.settings import load_settings
 
     if not data:
-        err.print("[red]error:[/] --recipe pixel-probe needs --data MANIFEST_OR_DIR (repeatable)")
-        raise typer.Exit(2)
+        fail("--recipe pixel-probe needs --data MANIFEST_OR_DIR (repeatable)")
     missing = [d for d in data if not (d.is_file() or (d / "manifest.csv").is_file())]
     if missing:
-        err.print(f"[red]error:[/] no manifest.csv at {missing[0]} (give a manifest file or a folder holding one)")
-        raise typer.Exit(2)
+        fail(f"no manifest.csv at {missing[0]} (give a manifest file or a folder holding one)")
     if group_by not in ("generator", "family") or not 1 <= crops <= 5 or hidden < 0:
-        err.print("[red]error:[/] --group-by is generator or family, --crops is 1..5, --hidden >= 0")
-        raise typer.Exit(2)
+        fail("--group-by is generator or family, --crops is 1..5, --hidden >= 0")
+    from detectors.models.pixel_data import read_manifest
+
+    for d in data:  # a bad manifest is named now, not after minutes of feature extraction
+        _load_samples(lambda: read_manifest(d))
     from detectors.models.pixel_backbone import FeatureSpec
     from detectors.models.pixel_probe import render_model_card
     from detectors.models.pixel_train import ProbeParams, train_pixel_probe
@@ -249,7 +297,7 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
         except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
-            err.print(f"[red]error:[/] {e}")
+            print_error(str(e))
             raise typer.Exit(1) from None
     from detectors.models.pixel_probe import HEADS_DIR
 
@@ -311,25 +359,24 @@ def eval_cmd(
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     missing = [p for p in sources if not p.exists()]
     if missing:
-        err.print(f"[red]error:[/] {missing[0]} does not exist (give a manifest.csv or a folder)")
-        raise typer.Exit(2)
+        fail(f"{missing[0]} does not exist (give a manifest.csv or a folder)")
     unknown = [v for v in variant if v not in VARIANTS]
     if unknown:
-        err.print(f"[red]error:[/] --variant {unknown[0]!r} is not one of {', '.join(VARIANTS)}")
-        raise typer.Exit(2)
+        fail(f"--variant {unknown[0]!r} is not one of {', '.join(VARIANTS)}")
     if format not in ("json", "table") or group_by not in ("generator", "family"):
-        err.print("[red]error:[/] --format is json or table, --group-by is generator or family")
-        raise typer.Exit(2)
+        fail("--format is json or table, --group-by is generator or family")
+    _check_regex(generators, "--generators")
+    _check_regex(exclude_generators, "--exclude-generators")
+    from streams.cli.detect import check_device
+
+    check_device(device)
     if leave_generator_out:
         _eval_leave_generator_out(sources, group_by=group_by, crops=crops, cache_dir=cache_dir, config=config,
                                   data_dir=data_dir, as_json=format == "json", train_variants=train_variant, seed=seed)
         return
     source = Path(",".join(str(p) for p in sources))
-    try:
-        samples = filter_generators([s for p in sources for s in load_labelled(p)], include=generators, exclude=exclude_generators)
-    except FileNotFoundError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+    samples = filter_generators(_load_samples(lambda: [s for p in sources for s in load_labelled(p)]),
+                                include=generators, exclude=exclude_generators)
     from streams.cli.common import UserError
     from streams.cli.detect import load_model_detectors
     from streams.settings import load_settings
@@ -339,7 +386,7 @@ def eval_cmd(
     dets = []
     if cheap:
         try:
-            dets += create_all(cost="cheap")
+            dets += create_all(cost="cheap", names=settings.detect.cheap)  # the ones `deepwatch detect` runs
         except Exception as e:  # noqa: BLE001  a broken cheap plugin should not block model eval
             err.print(f"[yellow]warning:[/] cheap detectors unavailable: {e}")
     try:
@@ -347,7 +394,7 @@ def eval_cmd(
         dets += load_model_detectors(list(model), target, device, settings.detect.pixel_head,
                                      list(settings.detect.models) if models else [], amp=settings.detect.amp)
     except UserError as e:
-        err.print(f"[red]error:[/] {e}")
+        print_error(str(e))
         raise typer.Exit(1) from None
     exclude: set[str] = set()
     if exclude_trained:
@@ -364,7 +411,7 @@ def eval_cmd(
             report = evaluate(samples, dets, dataset=str(source), batch=batch, variants=variant or VARIANTS,
                               exclude_sha256=exclude or None, progress=progress)
         except ValueError as e:
-            err.print(f"[red]error:[/] {e}")
+            print_error(str(e))
             raise typer.Exit(1) from None
     if format == "json":
         print(json.dumps(report, indent=2))
@@ -380,12 +427,10 @@ def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int,
 
     bad = [v for v in train_variants if not re.fullmatch(r"published|aug\d+|jpeg\d+", v)]
     if bad:
-        err.print(f"[red]error:[/] --train-variant {bad[0]!r} is not one of published, aug<k>, jpeg<k> (e.g. jpeg0)")
-        raise typer.Exit(2)
+        fail(f"--train-variant {bad[0]!r} is not one of published, aug<k>, jpeg<k> (e.g. jpeg0)")
     manifests = [p if p.is_file() else p / "manifest.csv" for p in sources]
     if not all(m.is_file() for m in manifests):
-        err.print("[red]error:[/] --leave-generator-out needs manifests with a generator column (manifest.csv or its folder)")
-        raise typer.Exit(2)
+        fail("--leave-generator-out needs manifests with a generator column (manifest.csv or its folder)")
     from detectors.models.pixel_backbone import Backbone, FeatureSpec
     from detectors.models.pixel_data import FeatureCache, read_manifest
     from detectors.models.pixel_features import extract
@@ -396,7 +441,7 @@ def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int,
     settings = load_settings(config, data_dir=data_dir)
     spec = FeatureSpec(crops=crops)
     params = ProbeParams(train_variants=tuple(dict.fromkeys(("reposted", *train_variants))), seed=seed)
-    samples = [s for m in manifests for s in read_manifest(m, group_by)]
+    samples = _load_samples(lambda: [s for m in manifests for s in read_manifest(m, group_by)])
     cache = FeatureCache(cache_dir or Path(settings.data_dir) / "cache" / "pixel-features", spec.backbone, spec.draft_min_side)
     with Progress(TextColumn("backbone features (cached)"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   console=err, transient=True) as bar:
