@@ -201,8 +201,10 @@ class BankStore:
             raise
 
     def _import_csv(self, name: str, csv_path: Path, verdict: Verdict) -> int:
-        self._ensure_bank(name, verdict)
         rows = list(_read_hash_csv(Path(csv_path)))
+        if not rows:  # an empty download or a header alone: say so, and make no empty bank
+            raise ValueError(f"{csv_path}: no hashes in it (empty, or a header only)")
+        self._ensure_bank(name, verdict)
         next_id = self._next_id(name)
         n = 0
         for r in rows:

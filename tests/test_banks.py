@@ -180,6 +180,8 @@ def test_entries_banked_before_records_are_upgraded_when_added_again(tmp_path):
     ("pdq,quality\n{pdq},inf\n", "bad.csv:2: quality 'inf' is not a number from 0 to 100"),  # was an OverflowError
     ("pdq,quality\n{pdq},abc\n", "bad.csv:2: quality 'abc'"),  # was "could not convert string to float"
     ("pdq,label\n{pdq},{long}\n", "bad.csv:2: not a readable CSV"),  # was a csv.Error traceback
+    ("pdq,quality\n", "bad.csv: no hashes in it"),  # was "imported 0" into a new empty bank
+    ("", "bad.csv: no hashes in it"),
 ])
 def test_a_bad_hash_list_is_a_value_error_naming_file_and_row(tmp_path, body, says):
     bad = tmp_path / "bad.csv"

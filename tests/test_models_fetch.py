@@ -58,6 +58,9 @@ def test_fetch_verifies_and_loads(served: tuple[str, Path], tmp_path: Path) -> N
     assert det.name == "model:mine"
     r = CliRunner().invoke(app, ["models", "list", "--model-dir", str(tmp_path), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)[0]["name"] == "mine"
+    # a file given as the model dir: was "no models in FILE"
+    r = CliRunner().invoke(app, ["models", "list", "--model-dir", str(tmp_path / "mine.json")])
+    assert r.exit_code == 2 and "is a file, not a model directory" in r.output
 
 
 def test_sha_mismatch_refused_nothing_left(served: tuple[str, Path], tmp_path: Path) -> None:
@@ -149,6 +152,10 @@ def test_eval_and_train_name_the_bad_manifest_line(tmp_path: Path, body: str, sa
     (["train", "--real", "{tmp}", "--fake", "{tmp}", "--generators", "("], "--generators '(' is not a valid regular"),
     (["eval", "{tmp}", "--exclude-generators", "[a"], "--exclude-generators '[a' is not a valid regular"),
     (["eval", "{tmp}", "--device", "cdua"], "--device 'cdua' is not one of"),  # was a silent CPU run
+    # each recipe ignored the other's options: pixel-probe trained on --data alone
+    (["train", "--recipe", "pixel-probe", "--data", "{tmp}", "--real", "{tmp}", "--epochs", "3"],
+     "--real, --epochs do not apply to --recipe pixel-probe"),
+    (["train", "--real", "{tmp}", "--fake", "{tmp}", "--crops", "2"], "--crops does not apply to --recipe cnn"),
 ])
 def test_train_and_eval_options_are_checked_up_front(tmp_path: Path, args: list[str], says: str) -> None:
     r = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args] + ["--data-dir", str(tmp_path / "d")])

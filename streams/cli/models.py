@@ -117,6 +117,8 @@ def list_cmd(
     from detectors.models.checkpoint import list_models
 
     target = _model_dir(config, data_dir, model_dir)
+    if target.exists() and not target.is_dir():
+        fail(f"{target} is a file, not a model directory; give --model-dir a folder")
     cards = list_models(target)
     if as_json:
         print(json.dumps([c.model_dump(mode="json", exclude={"training": {"files_sha256"}}) for c in cards], indent=2))
@@ -135,6 +137,7 @@ def list_cmd(
 
 @app.command("train")
 def train_cmd(
+    ctx: typer.Context,
     real: Annotated[list[Path], typer.Option("--real", help="Folder of real photos (repeatable).")] = [],  # noqa: B006
     fake: Annotated[list[Path], typer.Option("--fake", help="Folder of AI-generated images (repeatable).")] = [],  # noqa: B006
     manifest: Annotated[
@@ -189,6 +192,7 @@ def train_cmd(
     cropped and blurred during training so the network cannot learn "PNG = AI".
     A stratified quarter of the data is held out to fit the calibration.
     """
+    _check_recipe_options(ctx, recipe)
     if recipe == "pixel-probe":
         _train_pixel_probe(data, out=out, head_out=head_out, cache_dir=cache_dir, probe_c=probe_c, crops=crops,
                            group_by=group_by, seed=seed, augment=augment, hidden=hidden, alpha=alpha,
@@ -233,6 +237,22 @@ def train_cmd(
         f"calibration {card.calibration.method} on {card.calibration.n}, "
         f"held-out AUC {tr['calibration_split'].get('auc', 'n/a')}"
     )
+
+
+_CNN_ONLY = ("real", "fake", "manifest", "generators", "real_fraction", "arch", "epochs", "batch_size", "lr",
+             "input_size", "calibration", "init_from")
+_PROBE_ONLY = ("data", "head_out", "cache_dir", "probe_c", "crops", "group_by", "hidden", "alpha", "augment")
+
+
+def _check_recipe_options(ctx: typer.Context, recipe: str) -> None:
+    """Options of the other recipe, typed on the command line, are a mistake
+    to say: each recipe ignored the other's (``--recipe pixel-probe --real
+    DIR`` trained on the shared manifests alone)."""
+    other = _CNN_ONLY if recipe == "pixel-probe" else _PROBE_ONLY if recipe == "cnn" else ()
+    given = [f"--{n.replace('_', '-')}" for n in other if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"]
+    if given:
+        fail(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --recipe {recipe}; "
+             f"see `deepwatch train --help` for which options each recipe takes")
 
 
 def _check_cnn_options(real: list[Path], fake: list[Path], generators: str | None, real_fraction: float, arch: str,
