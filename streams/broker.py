@@ -315,12 +315,47 @@ def uses_tansu_quirks(settings, bootstrap: str) -> bool:
         admin.close()
 
 
+def check_speaks_kafka(bootstrap: str, settings, timeout_s: float = 10.0) -> None:
+    """A BrokerError unless some bootstrap address answers a Kafka
+    ApiVersions request within ``timeout_s``. Faust's producer waits
+    ``producer_request_timeout`` (20 minutes) for a silent port, logging
+    nothing. Only plaintext listeners are asked (SASL answers ApiVersions
+    before the handshake); a TLS listener would need the handshake first."""
+    from aiokafka.protocol.admin import ApiVersionRequest_v0  # the worker's own client library: no new import cost
+    from aiokafka.protocol.api import RequestHeader_v1
+    from aiokafka.protocol.types import Int32
+
+    if settings.kafka.security_protocol not in ("PLAINTEXT", "SASL_PLAINTEXT"):
+        return
+    request = ApiVersionRequest_v0()
+    payload = RequestHeader_v1(request, correlation_id=7, client_id="deepwatch-probe").encode() + request.encode()
+    probe = Int32.encode(len(payload)) + payload
+    deadline = time.monotonic() + timeout_s
+    for h in bootstrap.split(","):
+        try:
+            with socket.create_connection(_hostport(h), max(0.1, deadline - time.monotonic())) as conn:
+                conn.sendall(probe)
+                answer = b""
+                while len(answer) < 8:
+                    conn.settimeout(max(0.1, deadline - time.monotonic()))
+                    chunk = conn.recv(8 - len(answer))
+                    if not chunk:
+                        break
+                    answer += chunk
+            if answer[4:8] == Int32.encode(7):  # the response echoes the correlation id
+                return
+        except OSError:
+            continue
+    raise _not_kafka(bootstrap, settings, int(timeout_s * 1000), TimeoutError("no ApiVersions answer"))
+
+
 def faust_broker_url(settings, url: str) -> str:
     """The URL Faust is given: ``tansu://`` selects the compat transport,
     ``dwkafka://`` the stock one for any Kafka; both commit offsets safely
     (``streams.safe_commits``). Users only ever write kafka://."""
     bootstrap = bootstrap_of(url)
     check_reachable(bootstrap)
+    check_speaks_kafka(bootstrap, settings)
     scheme = "tansu" if url.startswith("tansu://") or uses_tansu_quirks(settings, bootstrap) else SAFE_KAFKA
     return f"{scheme}://{bootstrap}"
 

@@ -478,12 +478,14 @@ def silent_port():
 def test_a_port_that_does_not_speak_kafka_is_a_clear_error_within_the_timeout(silent_port):
     # Was: kafka-python's own 30 s bootstrap wait per try, then a
     # KafkaTimeoutError traceback from `deepwatch worker`, `ingest` and `replay`.
-    from streams.broker import BrokerError, ensure_topics, kafka_producer
+    # Faust's producer waited 20 minutes for it, logging nothing (check_speaks_kafka).
+    from streams.broker import BrokerError, check_speaks_kafka, ensure_topics, kafka_producer
     from streams.topics import topic_specs
 
     bootstrap = f"127.0.0.1:{silent_port}"
     for make in (lambda: ensure_topics(bootstrap, topic_specs(Settings()), timeout_s=2, settings=Settings()),
-                 lambda: kafka_producer(bootstrap, Settings(), client_id="t", timeout_s=2)):
+                 lambda: kafka_producer(bootstrap, Settings(), client_id="t", timeout_s=2),
+                 lambda: check_speaks_kafka(bootstrap, Settings(), timeout_s=2)):
         started = time.monotonic()
         with pytest.raises(BrokerError, match=f"{bootstrap} accepts connections but did not answer as a Kafka broker"):
             make()
@@ -516,10 +518,11 @@ def test_every_kafka_client_applies_the_configured_security(monkeypatch, tmp_pat
 
 
 def test_embedded_broker_is_detected_behind_a_kafka_url(tmp_path):
-    from streams.broker import EmbeddedBroker, faust_broker_url
+    from streams.broker import EmbeddedBroker, check_speaks_kafka, faust_broker_url, free_port
 
     with EmbeddedBroker(tmp_path) as b:
         assert b.url.startswith("kafka://")
+        check_speaks_kafka(f"127.0.0.1:{free_port()},{b.bootstrap}", Settings(), timeout_s=2)  # one answering is enough
         assert faust_broker_url(Settings(), b.url) == f"tansu://{b.bootstrap}"  # internal: the compat transport
         # any Kafka: the stock driver with safe commits (streams.safe_commits)
         assert faust_broker_url(Settings(kafka={"quirks": "none"}), b.url) == f"dwkafka://{b.bootstrap}"
