@@ -1,0 +1,417 @@
+"""deploy/ (image, compose, Kubernetes) agrees with what the code does.
+
+Nothing here builds an image or starts a container: the files are parsed and
+checked against the settings loader (which refuses unknown ``DEEPWATCH_*``
+variables), the command line, the routes the apps serve and each other.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKENS?|API_KEY)$")
+
+
+# -- loading -----------------------------------------------------------------------
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _compose() -> dict:
+    [doc] = _docs(DEPLOY / "compose.yaml")
+    return doc
+
+
+def _deepwatch_services() -> dict[str, dict]:
+    return {n: s for n, s in _compose()["services"].items()
+            if "build" in s or str(s.get("image", "")).startswith("deepwatch")}
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    return env if isinstance(env, dict) else dict(e.split("=", 1) for e in env)
+
+
+def _kustomize_resources(directory: Path) -> list[dict]:
+    """What `kubectl apply -k DIR` applies, without patches: every resource file
+    the kustomization lists, recursively through bases."""
+    [kust] = _docs(directory / "kustomization.yaml")
+    out: list[dict] = []
+    for res in kust.get("resources", []):
+        target = (directory / res).resolve()
+        out += _kustomize_resources(target) if target.is_dir() else _docs(target)
+    return out
+
+
+def _deployments(directory: Path = K8S / "base") -> list[dict]:
+    return [d for d in _kustomize_resources(directory) if d.get("kind") == "Deployment"]
+
+
+def _containers(dep: dict) -> list[dict]:
+    return dep["spec"]["template"]["spec"]["containers"]
+
+
+def _cli():
+    import typer
+
+    from streams.cli import app
+
+    return typer.main.get_command(app)
+
+
+# -- every file parses ---------------------------------------------------------------
+def test_every_yaml_file_under_deploy_parses():
+    files = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
+    assert len(files) >= 10
+    for path in files:
+        assert _docs(path), f"{path} is empty"
+
+
+def test_settings_files_are_valid():
+    from streams.settings import Settings
+
+    Settings.model_validate(tomllib.loads((DEPLOY / "deepwatch.toml").read_text()))
+    for cm in (d for d in _kustomize_resources(K8S / "base") if d["kind"] == "ConfigMap"):
+        for key, text in cm["data"].items():
+            if key.endswith(".toml"):
+                Settings.model_validate(tomllib.loads(text))
+
+
+# -- environment variables: the loader refuses unknown DEEPWATCH_* ------------------
+def _all_deepwatch_env() -> list[tuple[str, str]]:
+    found = [(f"compose/{name}", k) for name, s in _deepwatch_services().items() for k in _env(s)]
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in _docs(path):
+            spec = (doc.get("spec") or {}).get("template", {}).get("spec", {})
+            for c in spec.get("containers", []) + spec.get("initContainers", []):
+                found += [(f"{path.relative_to(DEPLOY)}/{c['name']}", e["name"]) for e in c.get("env", [])]
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        found += [("Dockerfile", m) for m in re.findall(r"\b(DEEPWATCH_[A-Z0-9_]+)=", line)]
+    return [(where, name) for where, name in found if name.startswith("DEEPWATCH_")]
+
+
+def test_every_deepwatch_variable_is_one_the_settings_loader_accepts():
+    from streams.settings_check import SettingsError, check_environment
+
+    found = _all_deepwatch_env()
+    assert len({w for w, _ in found}) >= 6, found  # compose services, k8s containers, the Dockerfile
+    bad = []
+    for where, name in found:
+        try:
+            check_environment({name: "x"})
+        except SettingsError as e:
+            bad.append(f"{where}: {e}")
+    assert not bad, bad
+
+
+# -- the command line ----------------------------------------------------------------
+def _check_command(cli, argv: list[str], where: str) -> None:
+    cmd, rest = cli, list(argv)
+    while hasattr(cmd, "commands"):  # a group (typer may vendor its own click)
+        assert rest and rest[0] in cmd.commands, f"{where}: `deepwatch {' '.join(argv)}`: no such command"
+        cmd, rest = cmd.commands[rest[0]], rest[1:]
+    opts = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    for arg in rest:
+        if arg.startswith("--"):
+            assert arg.split("=", 1)[0] in opts, f"{where}: `deepwatch {' '.join(argv)}`: {arg} is not an option of {cmd.name}"
+
+
+def _invocations() -> list[tuple[str, list[str]]]:
+    out = [(f"compose/{n}", list(s["command"])) for n, s in _deepwatch_services().items() if s.get("command")]
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in _docs(path):
+            for c in (doc.get("spec") or {}).get("template", {}).get("spec", {}).get("containers", []):
+                if c.get("args"):
+                    out.append((f"{path.relative_to(DEPLOY)}/{c['name']}", list(c["args"])))
+    # commands the deploy docs and comments tell an operator to type
+    for path in [DEPLOY / "README.md", DEPLOY / "compose.yaml", *sorted(K8S.rglob("*.yaml"))]:
+        for m in re.finditer(r"(?<![\w/.-])deepwatch ([a-z][a-z-]+(?: [^\n`|;&)#]*)?)", path.read_text()):
+            words = m.group(1).split()
+            if words[0] in ("worker", "serve", "ingest", "desk-user", "dead-letters", "alerts", "clusters", "search",
+                            "grafana", "broker", "settings", "serve-ingest", "connect", "bank", "models", "replay"):
+                out.append((f"{path.relative_to(DEPLOY)}", words))
+    return out
+
+
+def test_every_command_and_flag_in_deploy_exists():
+    cli = _cli()
+    found = _invocations()
+    assert sum(w.startswith("compose/") for w, _ in found) >= 3 and any("README" in w for w, _ in found)
+    for where, argv in found:
+        _check_command(cli, argv, where)
+
+
+# -- ports and probes ----------------------------------------------------------------
+def _routes(module: Path) -> set[str]:
+    text = module.read_text()
+    return set(re.findall(r"@app\.(?:get|api_route|post)\(\s*\"([^\"]+)\"", text))
+
+
+DESK_ROUTES = _routes(REPO / "streams" / "desk" / "app.py")
+INGEST_ROUTES = _routes(REPO / "streams" / "ingest_server.py")
+
+
+def _opt(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def _served_paths(argv: list[str], port: int, metrics_port: int | None) -> set[str] | None:
+    """Paths a `deepwatch ...` process answers on ``port`` (None: it does not listen there)."""
+    if metrics_port is not None and port == metrics_port:
+        return {"/metrics"}  # prometheus_client's server (streams.metrics.serve)
+    if argv[0] == "serve" and port == int(_opt(argv, "--port") or 8080):
+        return DESK_ROUTES
+    if argv[0] == "serve-ingest" and port == int(_opt(argv, "--port") or 8087):
+        return INGEST_ROUTES
+    return None
+
+
+def test_desk_and_ingest_answer_health_probes():
+    assert "/healthz" in DESK_ROUTES and "/healthz" in INGEST_ROUTES and "/metrics" in INGEST_ROUTES
+
+
+def test_k8s_ports_and_probes_point_at_what_the_process_serves():
+    for dep in _deployments():
+        meta = dep["spec"]["template"]["metadata"]
+        for c in _containers(dep):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            metrics_port = int(env["DEEPWATCH_METRICS_PORT"]) if env.get("DEEPWATCH_METRICS_PORT") else None
+            ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+            where = dep["metadata"]["name"]
+            if "metrics" in ports:
+                assert ports["metrics"] == metrics_port, f"{where}: the metrics port is not DEEPWATCH_METRICS_PORT"
+                assert int(meta["annotations"]["prometheus.io/port"]) == metrics_port, where
+            for name, port in ports.items():
+                assert _served_paths(c["args"], port, metrics_port) is not None, f"{where}: nothing listens on {name}={port}"
+            for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                probe = c.get(kind, {}).get("httpGet")
+                if probe:
+                    port = ports.get(probe["port"], probe["port"])
+                    served = _served_paths(c["args"], int(port), metrics_port)
+                    assert served and probe["path"] in served, f"{where}: {kind} {probe['path']} on {port}: not served"
+    services = [d for d in _kustomize_resources(K8S / "base") if d["kind"] == "Service"]
+    by_component = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in _deployments()}
+    for svc in services:
+        [dep] = [by_component[svc["spec"]["selector"]["app.kubernetes.io/component"]]]
+        names = {p["name"] for c in _containers(dep) for p in c.get("ports", [])}
+        for p in svc["spec"]["ports"]:
+            assert p["targetPort"] in names, f"{svc['metadata']['name']}: targetPort {p['targetPort']} is no container port"
+
+
+def test_compose_ports_healthchecks_and_scrapes_agree():
+    compose = _compose()
+    for name, svc in _deepwatch_services().items():
+        env = _env(svc)
+        metrics_port = int(env["DEEPWATCH_METRICS_PORT"]) if env.get("DEEPWATCH_METRICS_PORT") else None
+        argv = svc["command"]
+        test = " ".join(svc.get("healthcheck", {}).get("test", []))
+        for port, path in re.findall(r"http://(?:127\.0\.0\.1|localhost):(\d+)(/[\w/-]*)", test):
+            served = _served_paths(argv, int(port), metrics_port)
+            assert served and path in served, f"compose/{name}: healthcheck {path} on {port}: not served"
+        for published in svc.get("ports", []):
+            target = int(str(published).rsplit(":", 1)[1])
+            assert _served_paths(argv, target, metrics_port) is not None, f"compose/{name}: nothing listens on {target}"
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    for job in prom["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            for target in sd["names"]:
+                assert int(_env(compose["services"][target])["DEEPWATCH_METRICS_PORT"]) == sd["port"], (job["job_name"], target)
+
+
+def test_compose_services_reach_the_broker_and_the_host_can_too():
+    compose = _compose()
+    kafka = _env(compose["services"]["kafka"])
+    advertised = {u.split("://", 1)[0]: u.split("://", 1)[1] for u in kafka["KAFKA_ADVERTISED_LISTENERS"].split(",")}
+    for name, svc in _deepwatch_services().items():
+        for url in [_env(svc).get("DEEPWATCH_BROKER"), _opt(svc["command"], "--broker")]:
+            if url:
+                assert url.removeprefix("kafka://") in advertised.values(), f"compose/{name}: {url} is not a listener"
+                assert url.removeprefix("kafka://").split(":")[0] in compose["services"], name
+    # the README's way to produce events from the host must reach a listener
+    # advertised under an address the host can use, and published there
+    readme = (DEPLOY / "README.md").read_text()
+    hosts = re.findall(r"deepwatch ingest \S+ --broker kafka://([\w.]+:\d+)", readme)
+    assert hosts, "deploy/README.md shows no way to produce events"
+    published = {str(p).rsplit(":", 2)[-2] + ":" + str(p).rsplit(":", 1)[1] for p in compose["services"]["kafka"].get("ports", [])}
+    for hostport in hosts:
+        assert hostport in advertised.values(), f"{hostport} is not an advertised listener (clients get sent those)"
+        assert hostport.split(":")[1] in {p.split(":")[1] for p in published}, f"kafka does not publish {hostport}"
+
+
+# -- secrets, exposure, privileges, resources ----------------------------------------
+def test_compose_publishes_on_loopback_only_and_has_no_default_credentials():
+    for name, svc in _compose()["services"].items():
+        for p in svc.get("ports", []):
+            assert str(p).startswith("127.0.0.1:"), f"compose/{name} publishes {p} on every interface"
+        for key, value in _env(svc).items():
+            if SECRET_NAME.search(key) and value not in (None, ""):
+                v = str(value)
+                m = re.fullmatch(r"\$\{(\w+)(?:(:?[-?])(.*))?\}", v)
+                assert m, f"compose/{name}: {key} is a literal, not from the environment"
+                assert m.group(2) in (None, ":?", "?") or m.group(3) == "", f"compose/{name}: {key} defaults to {m.group(3)!r}"
+
+
+def test_k8s_secrets_come_from_secret_objects_and_none_is_applied_from_git():
+    for dep in _deployments():
+        for c in _containers(dep):
+            for e in c.get("env", []):
+                if SECRET_NAME.search(e["name"]):
+                    assert "secretKeyRef" in e.get("valueFrom", {}), f"{dep['metadata']['name']}: {e['name']} in plain env"
+    for overlay in (K8S / "base", *sorted((K8S / "overlays").iterdir())):
+        applied = _kustomize_resources(overlay)
+        secrets = [d["metadata"]["name"] for d in applied if d.get("kind") == "Secret"]
+        assert not secrets, f"{overlay.name} applies Secrets from git (placeholders would overwrite real keys): {secrets}"
+        for cm in (d for d in applied if d.get("kind") == "ConfigMap"):
+            text = "\n".join(map(str, cm.get("data", {}).values()))
+            assert not re.search(r"(?im)^\s*(password|api_key|token|secret)\s*=", text), cm["metadata"]["name"]
+
+
+def test_k8s_pods_run_restricted_with_limits():
+    for dep in _deployments():
+        name = dep["metadata"]["name"]
+        pod = dep["spec"]["template"]["spec"]
+        sc = pod.get("securityContext", {})
+        assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0, name
+        assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        for c in _containers(dep):
+            csc = c.get("securityContext", {})
+            assert csc.get("allowPrivilegeEscalation") is False and "ALL" in csc.get("capabilities", {}).get("drop", []), name
+            assert not csc.get("privileged") and csc.get("runAsUser", 1) != 0, name
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c.get("resources", {}).get(kind, {})), f"{name}: no {kind}"
+
+
+def test_compose_deepwatch_services_have_memory_limits():
+    for name, svc in _deepwatch_services().items():
+        assert svc.get("mem_limit") or svc.get("deploy", {}).get("resources", {}).get("limits"), name
+
+
+# -- the data directory --------------------------------------------------------------
+def test_every_process_writes_its_data_dir_to_a_volume():
+    for name, svc in _deepwatch_services().items():
+        data = _env(svc)["DEEPWATCH_DATA_DIR"]
+        targets = {str(v).split(":")[1] for v in svc["volumes"] if not str(v).endswith(":ro")}
+        assert data in targets, f"compose/{name}: {data} is no writable volume"
+    for dep in _deployments():
+        for c in _containers(dep):
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            data = env["DEEPWATCH_DATA_DIR"]
+            assert data in mounts and not mounts[data].get("readOnly"), f"{dep['metadata']['name']}: {data}"
+            # pipeline workers store every fetched picture in the blob store
+            if "pipeline" in c["args"] or "analyze" in c["args"]:
+                blobs = mounts.get(f"{data}/blobs")
+                assert blobs and not blobs.get("readOnly"), f"{dep['metadata']['name']}: the blob store is not writable"
+
+
+# -- the image -----------------------------------------------------------------------
+def _dockerfile() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    return [tuple(line.strip().split(None, 1)) for line in text.splitlines()  # type: ignore[misc]
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def test_dockerfile_copies_what_the_package_needs():
+    steps = _dockerfile()
+    copied = []
+    for op, rest in steps:
+        if op == "COPY":
+            *sources, _dest = rest.split()
+            for src in (s for s in sources if not s.startswith("--")):
+                assert list(REPO.glob(src)), f"COPY {src}: no such file in the build context (the repo root)"
+                copied.append(src)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages <= set(copied), f"pip install . needs {packages - set(copied)} copied"
+    assert project["project"]["readme"] in copied
+    ignored = [line.strip() for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for src in copied:
+        assert not any(Path(src).match(pat) or src == pat for pat in ignored), f"{src} is both copied and ignored"
+
+
+def test_dockerfile_pins_cpu_torch_before_the_package_and_runs_non_root():
+    steps = _dockerfile()
+    args = dict(r.split("=", 1) for op, r in steps if op == "ARG" and "=" in r)
+    assert args["TORCH_SPEC"].strip('"') == "torch==2.13.0"
+    assert args["TORCH_INDEX_URL"].strip('"').endswith("/whl/cpu")
+    runs = [r for op, r in steps if op == "RUN"]
+    torch_at = next(i for i, r in enumerate(runs) if "${TORCH_SPEC}" in r and "${TORCH_INDEX_URL}" in r)
+    package_at = next(i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
+    assert torch_at < package_at, "torch must be installed (CPU build) before pip resolves the package's deps"
+    [base] = [r for op, r in steps if op == "FROM"]
+    assert ":" in base and not base.endswith(":latest")
+    users = [r for op, r in steps if op == "USER"]
+    assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0", "numeric, non-root USER"
+    assert [r for op, r in steps if op == "ENTRYPOINT"] == ['["deepwatch"]']
+
+
+# -- monitoring ----------------------------------------------------------------------
+def _rule_jobs() -> set[str]:
+    rules = (REPO / "dashboards" / "generated" / "prometheus" / "deepwatch-rules.yaml").read_text()
+    return set(re.findall(r'job="([\w-]+)"', rules))
+
+
+def _relabel(cfg: list[dict], labels: dict[str, str]) -> dict[str, str] | None:
+    """Prometheus' keep/drop/replace for the subset these files use."""
+    labels = dict(labels)
+    for r in cfg:
+        value = ";".join(labels.get(s, "") for s in r["source_labels"])
+        hit = re.fullmatch(r.get("regex", "(.*)"), value)
+        action = r.get("action", "replace")
+        if action == "keep" and not hit or action == "drop" and hit:
+            return None
+        if action == "replace" and hit:
+            labels[r["target_label"]] = hit.expand(r.get("replacement", "$1").replace("$1", r"\1"))
+    return labels
+
+
+def test_k8s_scrape_jobs_are_the_ones_the_rules_select():
+    cfg = yaml.safe_load((K8S / "prometheus-scrape.yml").read_text())
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    assert _rule_jobs() <= set(jobs) | {"kafka"}, "rules select jobs the Kubernetes scrape config does not define"
+    compose_jobs = {j["job_name"] for j in yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]}
+    assert _rule_jobs() <= compose_jobs
+    for dep in _deployments():
+        component = dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        for c in _containers(dep):
+            for port in c.get("ports", []):
+                labels = {"__meta_kubernetes_pod_label_app_kubernetes_io_name": "deepwatch",
+                          "__meta_kubernetes_pod_label_app_kubernetes_io_component": component,
+                          "__meta_kubernetes_pod_container_port_name": port["name"],
+                          "__meta_kubernetes_pod_name": f"{component}-0"}
+                scraped = [name for name, j in jobs.items() if _relabel(j["relabel_configs"], labels) is not None]
+                want = [] if port["name"] != "metrics" else ["deepwatch-desk" if component == "desk" else "deepwatch"]
+                assert scraped == want, (component, port["name"], scraped)
+
+
+# -- kustomize itself, where kubectl is installed -------------------------------------
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("overlay", ["base", "overlays/eck", "overlays/gpu"])
+def test_kustomize_builds(overlay):
+    from streams.settings_check import check_environment
+
+    res = subprocess.run(["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    for d in (d for d in docs if d["kind"] == "Deployment"):
+        assert d["metadata"]["namespace"] == "deepwatch"
+        for c in _containers(d):
+            check_environment({e["name"]: "x" for e in c.get("env", []) if e["name"].startswith("DEEPWATCH_")})
+    if overlay.endswith("gpu"):
+        [detect] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "deepwatch-detect"]
+        [c] = _containers(detect)
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert {"name": "DEEPWATCH_DETECT__DEVICE", "value": "cuda"} in c["env"]
