@@ -364,8 +364,7 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 20.
     """Create missing topics with explicit partition counts; existing ones are
     left alone (a partition-count mismatch is logged: changing it would break
     keyed state)."""
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
 
     check_reachable(bootstrap)
     if settings is not None:
@@ -384,18 +383,22 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 20.
             time.sleep(0.2)
     try:
         existing = set(admin.list_topics())
-        new = [
-            NewTopic(
-                s.name, s.partitions, 1,
-                topic_configs={"cleanup.policy": "compact"} if s.compacted else {},
-            )
+        replicas = settings.kafka.replication_factor if settings is not None else 1
+        new = {
+            s.name: {"num_partitions": s.partitions, "replication_factor": replicas,
+                     "configs": {"cleanup.policy": "compact"} if s.compacted else {}}
             for s in specs if s.name not in existing
-        ]
+        }
         if new:
             try:
                 admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass  # another process won the race; same spec
+            except KafkaError as e:  # more replicas than brokers, no ACL to create topics, ...
+                raise BrokerError(
+                    f"the broker at {bootstrap} refused to create {len(new)} topic(s) ({', '.join(sorted(new))}) "
+                    f"with {replicas} replica(s): {e}; set kafka.replication_factor to at most the number of "
+                    "brokers, or create the topics yourself and run workers with --no-create-topics") from None
         for s in specs:
             if s.name in existing:
                 continue

@@ -30,7 +30,7 @@ def faust_app(app_id: str, settings: Settings, broker_url: str) -> faust.App:
         store="memory://",  # state is rebuilt from the changelog; nothing to corrupt on disk
         datadir=str(datadir),
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.kafka.replication_factor,
         topic_allow_declare=False,  # every topic is created up front (streams.broker.ensure_topics)
         processing_guarantee="at_least_once",
         consumer_auto_offset_reset="earliest",

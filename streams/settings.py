@@ -110,6 +110,8 @@ class KafkaSettings(_Section):
     # The embedded broker (Tansu) needs workarounds (streams.tansu_compat); "auto" detects it
     # from the cluster id it reports, so the URL is kafka://HOST:PORT either way.
     quirks: Literal["auto", "tansu", "none"] = "auto"
+    # 1 suits the single-node embedded broker; managed services may refuse fewer than 3.
+    replication_factor: int = Field(1, ge=1, le=32)  # copies of each topic deepwatch creates; 3 on a production cluster
 
 
 class ConnectorSettings(_Section):

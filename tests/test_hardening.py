@@ -517,6 +517,35 @@ def test_every_kafka_client_applies_the_configured_security(monkeypatch, tmp_pat
         path.close()
 
 
+def test_topics_are_created_with_the_configured_replicas_and_a_refusal_is_one_error(tmp_path, monkeypatch):
+    # Topics were always created with one replica: one lost broker lost events
+    # and the cluster table's changelog, and managed Kafka refused them.
+    from kafka import KafkaAdminClient
+    from kafka.errors import InvalidReplicationFactorError
+
+    from streams.broker import BrokerError, EmbeddedBroker, ensure_topics
+    from streams.topics import topic_specs
+
+    asked: list[dict] = []
+    real_create = KafkaAdminClient.create_topics
+
+    def create(self, new_topics, *a, **kw):
+        asked.append(new_topics)
+        if len(asked) > 1:  # what a three-broker-minimum cluster answers
+            raise InvalidReplicationFactorError("Replication factor: 3 larger than available brokers: 1.")
+        return real_create(self, new_topics, *a, **kw)
+
+    monkeypatch.setattr(KafkaAdminClient, "create_topics", create)
+    with EmbeddedBroker(tmp_path) as b:
+        settings = Settings(topic_prefix="rf", kafka={"replication_factor": 3})
+        ensure_topics(b.bootstrap, topic_specs(settings), settings=settings)
+        assert {v["replication_factor"] for v in asked[0].values()} == {3}
+        assert any(v["configs"] == {"cleanup.policy": "compact"} for v in asked[0].values())
+        other = Settings(topic_prefix="rf2", kafka={"replication_factor": 3})
+        with pytest.raises(BrokerError, match="with 3 replica.*set kafka.replication_factor to at most"):
+            ensure_topics(b.bootstrap, topic_specs(other), settings=other)
+
+
 def test_embedded_broker_is_detected_behind_a_kafka_url(tmp_path):
     from streams.broker import EmbeddedBroker, check_speaks_kafka, faust_broker_url, free_port
 
