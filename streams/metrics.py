@@ -1,12 +1,16 @@
-"""Prometheus metrics exposed by every worker (``metrics_port`` setting).
-Names are a contract with dashboards/ and the alert rules."""
+"""Prometheus metrics exposed by every worker (``metrics_port`` setting), and
+the worker's liveness on the same port (``/healthz``). Names are a contract
+with dashboards/ and the alert rules."""
 
 from __future__ import annotations
 
 import errno
+import threading
 import time
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 EVENTS = Counter("deepwatch_events_total", "Events handled, by stage and outcome", ["stage", "outcome"])
 DEAD_LETTERS = Counter("deepwatch_dead_letters_total", "Events sent to the dead-letter topic", ["stage", "reason"])
@@ -41,17 +45,63 @@ EVENT_TO_ALERT_SECONDS = Histogram(
 )
 
 
+# A worker's event loop beats every HEARTBEAT_S (worker.py); /healthz on the
+# metrics port answers 503 once it has been silent for LIVENESS_S. The metrics
+# server runs in its own thread, so /metrics alone answers even while the loop
+# is stuck: a liveness probe needs the beat.
+HEARTBEAT_S = 5.0
+LIVENESS_S = 120.0
+LOOP_HEARTBEAT = Gauge("deepwatch_loop_heartbeat_timestamp_seconds",
+                       "Unix time of the worker event loop's last heartbeat")
+_last_beat: float | None = None  # monotonic; None: no heartbeat yet (starting, or a process without one)
+
+
+def beat() -> None:
+    """Called from the event loop: it is alive."""
+    global _last_beat
+    _last_beat = time.monotonic()
+    LOOP_HEARTBEAT.set_to_current_time()
+
+
+def liveness() -> tuple[int, str]:
+    """(HTTP status, text) for /healthz."""
+    if _last_beat is None:
+        return 200, "ok: no heartbeat yet"
+    age = time.monotonic() - _last_beat
+    if age > LIVENESS_S:
+        return 503, f"event loop silent for {age:.0f} s (limit {LIVENESS_S:.0f} s)"
+    return 200, f"ok: event loop beat {age:.1f} s ago"
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # probes every few seconds: not log lines
+        pass
+
+
 def serve(port: int) -> int:
-    """Start the /metrics endpoint; port 0 picks a free one. Returns the port."""
+    """Start /metrics and /healthz (``liveness``) in a daemon thread; port 0
+    picks a free one. Returns the port."""
     from streams.net_errors import PortInUse
 
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict, start_response):
+        if environ.get("PATH_INFO") == "/healthz":
+            status, text = liveness()
+            start_response(f"{status} {'OK' if status == 200 else 'Service Unavailable'}",
+                           [("Content-Type", "text/plain; charset=utf-8")])
+            return [text.encode()]
+        return metrics_app(environ, start_response)
+
     try:
-        server, _thread = start_http_server(port, addr="127.0.0.1" if port == 0 else "0.0.0.0")
+        server = make_server("127.0.0.1" if port == 0 else "0.0.0.0", port, app, ThreadingWSGIServer,
+                             handler_class=_QuietHandler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise PortInUse(f"metrics port {port} is in use by another process; pick another --metrics-port "
                             "(or DEEPWATCH_METRICS_PORT), or 0 for any free one") from None
         raise
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server.server_port
 
 

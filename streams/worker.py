@@ -53,6 +53,10 @@ def run(settings: Settings, role: str, nice_after_load: int | None = None) -> No
         app = build_detect_app(settings, broker, nice_after_load=nice_after_load)
     else:
         raise SystemExit(f"unknown role {role!r}: {' | '.join(ROLES)}")
+    @app.timer(interval=metrics.HEARTBEAT_S)
+    async def heartbeat() -> None:  # on the event loop: /healthz goes 503 when these stop
+        metrics.beat()
+
     if settings.metrics_port is not None:
         port = metrics.serve(settings.metrics_port)
         log.info("metrics listening", extra={"port": port, "role": role})

@@ -160,6 +160,8 @@ def _routes(module: Path) -> set[str]:
 
 DESK_ROUTES = _routes(REPO / "streams" / "desk" / "app.py")
 INGEST_ROUTES = _routes(REPO / "streams" / "ingest_server.py")
+# streams.metrics.serve: prometheus_client's /metrics plus the paths it answers itself (/healthz)
+METRICS_ROUTES = {"/metrics", *re.findall(r'"PATH_INFO"\) == "([^"]+)"', (REPO / "streams" / "metrics.py").read_text())}
 
 
 def _opt(argv: list[str], flag: str) -> str | None:
@@ -169,7 +171,7 @@ def _opt(argv: list[str], flag: str) -> str | None:
 def _served_paths(argv: list[str], port: int, metrics_port: int | None) -> set[str] | None:
     """Paths a `deepwatch ...` process answers on ``port`` (None: it does not listen there)."""
     if metrics_port is not None and port == metrics_port:
-        return {"/metrics"}  # prometheus_client's server (streams.metrics.serve)
+        return METRICS_ROUTES
     if argv[0] == "serve" and port == int(_opt(argv, "--port") or 8080):
         return DESK_ROUTES
     if argv[0] == "serve-ingest" and port == int(_opt(argv, "--port") or 8087):
@@ -179,6 +181,7 @@ def _served_paths(argv: list[str], port: int, metrics_port: int | None) -> set[s
 
 def test_desk_and_ingest_answer_health_probes():
     assert "/healthz" in DESK_ROUTES and "/healthz" in INGEST_ROUTES and "/metrics" in INGEST_ROUTES
+    assert METRICS_ROUTES == {"/metrics", "/healthz"}
 
 
 def test_k8s_ports_and_probes_point_at_what_the_process_serves():
