@@ -58,7 +58,8 @@ def build_dashboard() -> dash.Dashboard:
         .with_panel(_stat("Distinct images", "Images in the cluster engine's index.", q.CLUSTER_MEMBERS))
         .with_panel(_stat("Alerts raised (range)", "Alerts stored by the alert sink in the dashboard range, by level.",
                           q.ALERTS_IN_RANGE, "level {{level}}"))
-        .with_panel(_stat("Event → alert p95", "Wall time from ingest of the triggering event to the alert.",
+        .with_panel(_stat("Event → alert p95", "Wall time from ingest of the triggering event to the alert (reads at most 60 s: the "
+                          "histogram's largest bucket; DeepwatchEventToAlertLatencyHigh counts the slower ones).",
                           q.event_to_alert_quantile(0.95, "1h")).unit("s"))
         .with_row(dash.Row("Throughput"))
         .with_panel(
@@ -85,9 +86,16 @@ def build_dashboard() -> dash.Dashboard:
         )
         .with_panel(
             _timeseries("Event → alert latency", "s",
-                        "From the broker timestamp of the triggering event to the stored alert.")
+                        "From the broker timestamp of the triggering event to the stored alert; quantiles stop at 60 s, "
+                        "the histogram's largest bucket.")
             .with_target(_query(q.event_to_alert_quantile(0.5), "p50", "A"))
             .with_target(_query(q.event_to_alert_quantile(0.95), "p95", "B"))
+        )
+        .with_panel(
+            _timeseries("Event loop silence by worker", "s",
+                        "Seconds since each worker's event loop last beat (every 5 s); past 120 s its /healthz "
+                        "answers 503 and Kubernetes restarts it, while /metrics still answers.")
+            .with_target(_query(q.LOOP_SILENCE, "{{instance}}"))
         )
         .with_row(dash.Row("Findings store"))
         .with_panel(
@@ -104,7 +112,7 @@ def build_dashboard() -> dash.Dashboard:
         )
         .with_row(dash.Row("Alerts & delivery"))
         .with_panel(
-            _timeseries("Alerts raised", "short", "New alerts per level (1 = first alert, 2+ = escalations).")
+            _timeseries("Alerts raised", "short", "New alerts per level in each bar's interval (1 = first alert, 2+ = escalations).")
             .with_target(_query(q.ALERTS_RATE, "level {{level}}"))
             .draw_style(common.GraphDrawStyle.BARS)
         )

@@ -20,7 +20,31 @@ EVENTS_TOPIC = "deepwatch.events"  # settings.topic("events") with the default t
 
 # Stages where an incoming event either leaves analysis as a sighting or is
 # dead-lettered; counting these gives "events that entered the pipeline".
-INGRESS_DEAD_STAGES = "validate|fetch|decode|hash"
+# Every stage streams/stage.py names in a dead letter (AnalyzeStage._stage):
+# "dedupe" is where an event id already taken by another picture, or a
+# findings store that cannot answer the lookup, ends an event. ("hash" is a
+# DeadLetterStage the records allow; harmless to match.)
+INGRESS_DEAD_STAGES = "validate|fetch|decode|hash|dedupe"
+
+
+def counted(selector: str, window: str) -> str:
+    """How much the counters of ``selector`` went up in the last ``window``,
+    exactly, counting series born inside it.
+
+    ``increase()`` needs two samples of a series: prometheus_client creates a
+    labelled counter's series at its first ``inc()``, so the first scrape
+    already reads 1 and ``increase()`` never sees that first alert (webhook
+    failure, verdict...) of a worker process. Here a series absent ``window``
+    ago counts with its whole value, a series that went down (a restarted
+    worker) with its value since the restart, any other by its difference.
+    Differences of raw values telescope: bars of ``counted(x, "$__interval")``
+    at step ``$__interval`` add up to the true total, where ``increase`` over
+    the wider ``$__rate_interval`` counted each event in several bars.
+    Caveat: a scrape gap longer than the lookback (5 min) makes a series look
+    newborn once.
+    """
+    return f"(({selector} - {selector} offset {window}) >= 0 or {selector})"
+
 
 # -- dashboard panels ($__rate_interval is Grafana's; rules use fixed windows) --
 EVENTS_RATE = "sum by (stage, outcome) (rate(deepwatch_events_total[$__rate_interval]))"
@@ -30,12 +54,16 @@ DEAD_LETTERS_RATE = "sum by (stage, reason) (rate(deepwatch_dead_letters_total[$
 # is the honest aggregate.
 CLUSTERS = "max(deepwatch_clusters)"
 CLUSTER_MEMBERS = "max(deepwatch_cluster_members)"
-ALERTS_IN_RANGE = "sum by (level) (increase(deepwatch_alerts_total[$__range]))"
-ALERTS_RATE = "sum by (level) (increase(deepwatch_alerts_total[$__rate_interval]))"
+ALERTS_IN_RANGE = f"sum by (level) ({counted('deepwatch_alerts_total', '$__range')})"
+# Per-bar counts of rare events: one bar per $__interval step, each event in one bar.
+ALERTS_RATE = f"sum by (level) ({counted('deepwatch_alerts_total', '$__interval')})"
 SINK_ITEMS_RATE = "sum by (index, outcome) (rate(deepwatch_sink_items_total[$__rate_interval]))"
 SINK_BEHIND = "max(deepwatch_sink_behind_seconds)"
-OFFSET_REREADS = "sum by (topic, why) (increase(deepwatch_offset_rereads_total[$__rate_interval]))"
-WEBHOOKS_BY_OUTCOME = "sum by (outcome) (increase(deepwatch_webhook_deliveries_total[$__rate_interval]))"
+# Seconds since each worker's event loop last beat (streams/metrics.py: /healthz answers 503 after
+# LIVENESS_S); 0 = no heartbeat yet (starting, or a process without one), left out.
+LOOP_SILENCE = "time() - (deepwatch_loop_heartbeat_timestamp_seconds > 0)"
+OFFSET_REREADS = f"sum by (topic, why) ({counted('deepwatch_offset_rereads_total', '$__interval')})"
+WEBHOOKS_BY_OUTCOME = f"sum by (outcome) ({counted('deepwatch_webhook_deliveries_total', '$__interval')})"
 
 
 def stage_quantile(q: float, window: str = "$__rate_interval") -> str:
@@ -64,11 +92,24 @@ def events_arriving(window: str = "5m") -> str:
 
 
 def events_processed(window: str = "5m") -> str:
-    return f'(sum(rate(deepwatch_events_total{{stage=~"validate|fetch|decode|analyze"}}[{window}])) or vector(0))'
+    return f'(sum(rate(deepwatch_events_total{{stage=~"{INGRESS_DEAD_STAGES}|analyze"}}[{window}])) or vector(0))'
 
 
-WEBHOOK_FAILURES_15M = 'sum(increase(deepwatch_webhook_deliveries_total{outcome="failed"}[15m])) > 0'
-ALERTS_RAISED_5M = "sum(increase(deepwatch_alerts_total[5m]))"
+def event_to_alert_slower_than(bound: str, window: str = "15m") -> str:
+    """Share of alerts stored more than ``bound`` seconds after their event.
+    ``bound`` must be a bucket boundary of deepwatch_event_to_alert_seconds:
+    histogram_quantile() never answers more than the largest finite bucket
+    (60 s), so "p95 > 60 s" cannot be written as a quantile; "more than 5 %
+    above 60 s" is the same condition, read off the 60 s bucket. Prometheus 3
+    and protobuf scrapes write le="60.0", Prometheus 2 text scrapes le="60"."""
+    total = f"sum(rate(deepwatch_event_to_alert_seconds_count[{window}]))"
+    within = f'sum(rate(deepwatch_event_to_alert_seconds_bucket{{le=~"{bound}|{bound}.0"}}[{window}]))'
+    return f"({total} - {within}) / {total}"
+
+
+_WEBHOOK_FAILED = 'deepwatch_webhook_deliveries_total{outcome="failed"}'
+WEBHOOK_FAILURES_15M = f"sum({counted(_WEBHOOK_FAILED, '15m')}) > 0"
+ALERTS_RAISED_5M = f"sum({counted('deepwatch_alerts_total', '5m')})"
 WORKERS_DOWN = f"up{{{JOB}}} == 0"
 
 
@@ -79,8 +120,8 @@ SINK_BEHIND_MAX = "max(deepwatch_sink_behind_seconds)"
 DESK_JOB = 'job="deepwatch-desk"'
 DESK_DOWN = f"up{{{DESK_JOB}}} == 0"
 DESK_REQUESTS_RATE = ('sum by (route, status) (rate(deepwatch_desk_requests_total[$__rate_interval]))')
-DESK_VERDICTS = "sum by (verdict) (increase(deepwatch_desk_verdicts_total[$__rate_interval]))"
-DESK_LOGINS = "sum by (outcome) (increase(deepwatch_desk_logins_total[$__rate_interval]))"
+DESK_VERDICTS = f"sum by (verdict) ({counted('deepwatch_desk_verdicts_total', '$__interval')})"
+DESK_LOGINS = f"sum by (outcome) ({counted('deepwatch_desk_logins_total', '$__interval')})"
 
 
 def desk_request_quantile(q: float, window: str = "$__rate_interval") -> str:

@@ -461,8 +461,9 @@ def test_k8s_manifests_parse_and_reference_settings():
         [c] = d["spec"]["template"]["spec"]["containers"]
         env = {e["name"]: e for e in c.get("env", [])}
         assert {"DEEPWATCH_BROKER", "DEEPWATCH_DATA_DIR", "DEEPWATCH_CONFIG"} <= set(env), d["metadata"]["name"]
-        assert not {k for k in env if k.startswith("DEEPWATCH_")} - known
-        assert env["DEEPWATCH_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["key"]
+        assert not {k for k in env if k.startswith("DEEPWATCH_")} - known - {"DEEPWATCH_INGEST_TOKENS"}
+        if c["args"][0] != "serve-ingest":  # every process that raises alerts signs its webhooks
+            assert env["DEEPWATCH_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["key"]
         assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
         assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     [desk] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "deepwatch-desk"]
@@ -623,3 +624,64 @@ def test_alerting_provisioning_files_parse_and_agree():
         assert viral["annotations"][key], key
     [a] = [d for d in viral["data"] if d["refId"] == "A"]
     assert [b["field"] for b in a["model"]["bucketAggs"]][:2] == ["cluster_id", "evidence_summary.keyword"]
+
+
+# -- rules and panels that can fire / count what they claim ----------------------
+def _histograms() -> dict[str, tuple[float, ...]]:
+    """Histogram name -> its finite bucket bounds, for every histogram the
+    workers and the desk export."""
+    return {obj._name: tuple(b for b in obj._upper_bounds if b != float("inf"))
+            for obj in [*vars(metrics).values(), *vars(desk_observe).values()]
+            if isinstance(obj, MetricWrapperBase) and obj._type == "histogram"}
+
+
+def test_histogram_quantile_thresholds_are_reachable():
+    """histogram_quantile() never answers more than the largest finite bucket
+    (everything above lands in +Inf and reads as that bound), so a rule
+    `quantile > N` with N at or above it can never fire: the event-to-alert
+    rule compared its p95 with 60 s, the top bucket."""
+    hists = _histograms()
+    problems = []
+    for expr in rules.prometheus_rule_exprs():
+        for name, threshold in re.findall(r"histogram_quantile\(.*?(\w+)_bucket\[.*?\)\)\)\s*>\s*([0-9.e+]+)", expr):
+            if float(threshold) >= max(hists[name]):
+                problems.append(f"{name}: quantile > {threshold} but the largest bucket is {max(hists[name])}: {expr}")
+    assert not problems, "\n".join(problems)
+
+
+def test_bucket_matchers_name_real_bucket_bounds():
+    hists = _histograms()
+    checked = 0
+    for where, expr in _all_exprs().items():
+        for name, values in re.findall(r'(\w+)_bucket\{[^}]*le=~?"([^"]+)"', expr):
+            bounds = {float(v) for v in values.split("|")}
+            assert bounds <= set(hists[name]), f"{where}: le {values} is not a bucket of {name} {hists[name]}"
+            checked += 1
+    assert checked, "the event-to-alert rule reads the 60 s bucket"
+    assert rules.EVENT_TO_ALERT_P95_MAX_S in _histograms()["deepwatch_event_to_alert_seconds"]
+
+
+def test_dead_letter_stages_cover_the_analyze_stage():
+    """The ratio and "no events processed" rules count the stages an event can
+    be dead-lettered in; "dedupe" (an event id taken by another picture, a
+    findings store that cannot answer) was missing, so a store outage that
+    dead-letters every event raised neither alert."""
+    from dashboards import queries
+
+    src = (REPO / "streams" / "stage.py").read_text()
+    stages = set(re.findall(r'self\._stage = "(\w+)"', src))
+    assert {"validate", "fetch", "decode", "dedupe"} <= stages
+    assert stages <= set(queries.INGRESS_DEAD_STAGES.split("|"))
+    assert stages <= set(re.search(r'stage=~"([^"]+)"', queries.events_processed()).group(1).split("|"))
+
+
+def test_counter_panels_count_each_event_once():
+    """Per-bar counts must not use increase() over $__rate_interval: that
+    window is up to 4 steps wide, so one alert showed in up to four bars, and
+    increase() never sees a labelled counter's first increment (the series is
+    born at 1). tests/test_prometheus.py checks the replacement on series."""
+    for expr in promql_exprs(dashboard_json()):
+        assert not re.search(r"increase\([^)]*\[\$__rate_interval\]\)", expr), expr
+    for expr in [*rules.prometheus_rule_exprs(), *rules.grafana_rule_exprs(), *promql_exprs(dashboard_json())]:
+        for name in re.findall(r"increase\((\w+)", expr):
+            pytest.fail(f"increase() over a rare-event counter misses its first increment: {name} in {expr}")

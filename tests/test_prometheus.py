@@ -195,6 +195,63 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                      "exp_alerts": [_expected_alert("DeepwatchWebhookFailures")]},
                 ],
             },
+            {   # the first failed delivery of a worker: prometheus_client creates the labelled series at
+                # its first inc(), so Prometheus never sees it at 0 (increase() read this as no failure)
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_webhook_deliveries_total{job="deepwatch",instance="w1",outcome="delivered"}',
+                     "values": "3x30"},
+                    {"series": 'deepwatch_webhook_deliveries_total{job="deepwatch",instance="w1",outcome="failed"}',
+                     "values": "_ _ 1x28"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "4m", "alertname": "DeepwatchWebhookFailures", "exp_alerts": []},  # pending
+                    {"eval_time": "10m", "alertname": "DeepwatchWebhookFailures",
+                     "exp_alerts": [_expected_alert("DeepwatchWebhookFailures")]},
+                    {"eval_time": "25m", "alertname": "DeepwatchWebhookFailures", "exp_alerts": []},  # 15 min later
+                ],
+            },
+            {   # every alert stored minutes after its event: p95 > 60 s, while histogram_quantile() never reads
+                # more than the 60 s top bucket (the old `quantile > 60` rule could not fire)
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'deepwatch_event_to_alert_seconds_bucket{{job="deepwatch",instance="w1",le="{le}"}}',
+                     "values": "0+2x40" if le == "+Inf" else "0+1x40"}
+                    for le in ("10.0", "30.0", "60.0", "+Inf")
+                ] + [{"series": 'deepwatch_event_to_alert_seconds_count{job="deepwatch",instance="w1"}',
+                      "values": "0+2x40"}],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "DeepwatchEventToAlertLatencyHigh", "exp_alerts": []},  # pending
+                    {"eval_time": "35m", "alertname": "DeepwatchEventToAlertLatencyHigh", "exp_alerts": [
+                        _expected_alert("DeepwatchEventToAlertLatencyHigh",
+                                        summary="50% of alerts reach the desk more than 60s after the triggering "
+                                                "post (p95 above 60s)")]},
+                ],
+            },
+            {   # 1 in 50 alerts slow (2 %): p95 is well under 60 s, no alert
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'deepwatch_event_to_alert_seconds_bucket{{job="deepwatch",instance="w1",le="{le}"}}',
+                     "values": "0+50x40" if le == "+Inf" else "0+49x40"} for le in ("10", "60", "+Inf")
+                ] + [{"series": 'deepwatch_event_to_alert_seconds_count{job="deepwatch",instance="w1"}',
+                      "values": "0+50x40"}],
+                "alert_rule_test": [
+                    {"eval_time": "35m", "alertname": "DeepwatchEventToAlertLatencyHigh", "exp_alerts": []},
+                ],
+            },
+            {   # the findings store cannot answer the event-id lookup: every event dead-lettered in "dedupe"
+                "interval": "1m",
+                "input_series": [
+                    {"series": ok, "values": "0+60x40"},
+                    {"series": 'deepwatch_dead_letters_total{job="deepwatch",instance="w1",stage="dedupe",reason="internal_error"}',
+                     "values": "0+120x40"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "DeepwatchDeadLetterRatioHigh", "exp_alerts": [_expected_alert(
+                        "DeepwatchDeadLetterRatioHigh",
+                        summary="More than 66.67% of incoming events are dead-lettered")]},
+                ],
+            },
         ],
     }
     path = tmp_path / "rules.test.yaml"
@@ -285,6 +342,19 @@ def test_worker_metrics_match_feed_and_prometheus_scrapes_them(tmp_path, generat
         cluster = runner.start_cluster(settings, stack)
         worker = cluster.start_worker("pipeline")
         assert worker.metrics_port
+        # Prometheus scrapes from before the first event, as in production: the
+        # alert counter's series is born during the run (what the desk rule and
+        # the alert panels must count), not already there at the first scrape.
+        base = None
+        if PROMETHEUS is not None:
+            # the generated rules as they are, except evaluated every second (the
+            # group's own 30 s would outlast the test)
+            fast = yaml.safe_load((generated / "prometheus" / "deepwatch-rules.yaml").read_text())
+            for g in fast["groups"]:
+                g["interval"] = "1s"
+            fast_rules = tmp_path / "deepwatch-rules-1s.yaml"
+            fast_rules.write_text(yaml.safe_dump(fast, sort_keys=False))
+            base = _start_prometheus(tmp_path, worker.metrics_port, fast_rules, stack)
         produced = produce_feed(feed, cluster.bootstrap, settings)
         assert len(produced.offsets) == exp.events
         assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=90), "feed not processed in time"
@@ -328,17 +398,9 @@ def test_worker_metrics_match_feed_and_prometheus_scrapes_them(tmp_path, generat
         assert stage_counts[("cluster",)] == exp.events - n_dead
 
         # (b) a real Prometheus scrapes the worker with the generated rules loaded
-        if PROMETHEUS is None:
+        if base is None:
             pytest.skip("prometheus not on PATH (apt-get install prometheus): direct /metrics checks passed, "
                         "scrape through a real Prometheus skipped")
-        # the generated rules as they are, except evaluated every second (the
-        # group's own 30 s would outlast the test)
-        fast = yaml.safe_load((generated / "prometheus" / "deepwatch-rules.yaml").read_text())
-        for g in fast["groups"]:
-            g["interval"] = "1s"
-        fast_rules = tmp_path / "deepwatch-rules-1s.yaml"
-        fast_rules.write_text(yaml.safe_dump(fast, sort_keys=False))
-        base = _start_prometheus(tmp_path, worker.metrics_port, fast_rules, stack)
         deadline = time.monotonic() + 20
         result: list[dict] = []
         while time.monotonic() < deadline:
@@ -363,3 +425,65 @@ def test_worker_metrics_match_feed_and_prometheus_scrapes_them(tmp_path, generat
                 break
             time.sleep(0.5)
         assert all(h == "ok" for h in health.values()), json.dumps(health)
+
+        # (c) every panel and rule expression, as Grafana and Prometheus send it,
+        # evaluates against what the worker exports
+        from dashboards import queries as q
+        from dashboards.dashboard import dashboard_json, promql_exprs
+
+        exprs = [*promql_exprs(dashboard_json()), *rules.prometheus_rule_exprs(), *rules.grafana_rule_exprs()]
+        deadline = time.monotonic() + 15  # rate() needs two samples of every series, born late in the run
+        while time.monotonic() < deadline and not all(
+                float(r["value"][1]) >= 3 for r in _query(base, "count_over_time(deepwatch_events_total[4m])")):
+            time.sleep(0.5)
+        answers = {e: _query(base, _grafana_vars(e, interval="1m", range_="1h")) for e in exprs}
+        # a pipeline worker exports these after the demo feed (webhooks, the
+        # Elasticsearch sink, re-reads and the desk have nothing to show here)
+        for expr in (q.EVENTS_RATE, q.DEAD_LETTERS_RATE, q.CLUSTERS, q.CLUSTER_MEMBERS, q.ALERTS_IN_RANGE,
+                     q.ALERTS_RATE, q.SINK_BEHIND, q.stage_quantile(0.95), q.stage_lag_quantile(0.95),
+                     q.event_to_alert_quantile(0.95, "1h"), q.ALERTS_RAISED_5M):
+            assert answers[expr], f"no series for {expr}"
+        # the worker's one alert, born during the scrape: increase() read 0 here,
+        # so the desk rule "deepwatch raised an alert" never fired for it
+        [raised] = answers[q.ALERTS_RAISED_5M]
+        assert float(raised["value"][1]) == n_alerts
+        [in_range] = answers[q.ALERTS_IN_RANGE]
+        assert (in_range["metric"], float(in_range["value"][1])) == ({"level": "1"}, n_alerts)
+        clusters = {float(r["value"][1]) for r in answers[q.CLUSTERS]}
+        assert clusters == {float(exp.distinct_pictures)}
+
+
+def _grafana_vars(expr: str, interval: str = "1m", range_: str = "10m") -> str:
+    """A panel expression as Grafana sends it (step = $__interval)."""
+    return (expr.replace("$__rate_interval", "4m").replace("$__interval", interval).replace("$__range", range_))
+
+
+@needs_promtool
+def test_counter_panels_and_desk_rule_count_each_alert_once(tmp_path):
+    """One bar per $__interval step must show each alert in exactly one bar,
+    including a worker's first alert (its series is born at 1). With
+    increase(...[$__rate_interval]) the first alert showed nowhere and later
+    ones in several bars; the desk rule "deepwatch raised an alert" never
+    fired for a worker's first alert."""
+    from dashboards import queries as q
+
+    series = 'deepwatch_alerts_total{job="deepwatch",instance="w1",level="1"}'
+    bar = _grafana_vars(q.ALERTS_RATE)
+    cases = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "15s",
+        # no series until the first alert (3m), the second at 6m15s; the worker restarts (no scrape from
+        # 9m30s to 10m) and raises a third at 10m15s, its counter born again at 1
+        "input_series": [{"series": series, "values": "_x12 1x12 2x12 _x3 1x30"}],
+        "promql_expr_test": [
+            *({"expr": bar, "eval_time": f"{m}m", "exp_samples": [{"labels": '{level="1"}', "value": v}]}
+              for m, v in ((3, 1), (4, 0), (5, 0), (6, 0), (7, 1), (8, 0), (10, 0), (11, 1), (12, 0))),
+            {"expr": _grafana_vars(q.ALERTS_IN_RANGE, range_="9m"), "eval_time": "9m",
+             "exp_samples": [{"labels": '{level="1"}', "value": 2}]},
+            {"expr": q.ALERTS_RAISED_5M, "eval_time": "4m", "exp_samples": [{"labels": "{}", "value": 1}]},
+            {"expr": q.ALERTS_RAISED_5M, "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]},
+            {"expr": q.ALERTS_RAISED_5M, "eval_time": "16m", "exp_samples": [{"labels": "{}", "value": 0}]},
+        ],
+    }]}
+    path = tmp_path / "bars.test.yaml"
+    path.write_text(yaml.safe_dump(cases, sort_keys=False))
+    _promtool("test", "rules", str(path))
