@@ -229,7 +229,10 @@ def test_compose_ports_healthchecks_and_scrapes_agree():
     for job in prom["scrape_configs"]:
         for sd in job.get("dns_sd_configs", []):
             for target in sd["names"]:
-                assert int(_env(compose["services"][target])["DEEPWATCH_METRICS_PORT"]) == sd["port"], (job["job_name"], target)
+                svc = compose["services"][target]
+                metrics_port = _env(svc).get("DEEPWATCH_METRICS_PORT")
+                served = _served_paths(svc["command"], sd["port"], int(metrics_port) if metrics_port else None)
+                assert served and "/metrics" in served, (job["job_name"], target, sd["port"])
 
 
 def test_compose_services_reach_the_broker_and_the_host_can_too():
@@ -395,7 +398,10 @@ def test_k8s_scrape_jobs_are_the_ones_the_rules_select():
                           "__meta_kubernetes_pod_container_port_name": port["name"],
                           "__meta_kubernetes_pod_name": f"{component}-0"}
                 scraped = [name for name, j in jobs.items() if _relabel(j["relabel_configs"], labels) is not None]
-                want = [] if port["name"] != "metrics" else ["deepwatch-desk" if component == "desk" else "deepwatch"]
+                if component == "ingest":  # serve-ingest: /metrics on its http port
+                    want = ["deepwatch-ingest"] if port["name"] == "http" else []
+                else:
+                    want = [] if port["name"] != "metrics" else ["deepwatch-desk" if component == "desk" else "deepwatch"]
                 assert scraped == want, (component, port["name"], scraped)
 
 
