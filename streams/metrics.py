@@ -18,6 +18,11 @@ CLUSTERS = Gauge("deepwatch_clusters", "Live clusters in the cluster engine's in
 CLUSTER_MEMBERS = Gauge("deepwatch_cluster_members", "Distinct images in the cluster engine's index")
 ALERTS = Counter("deepwatch_alerts_total", "Alerts raised", ["level"])
 WEBHOOKS = Counter("deepwatch_webhook_deliveries_total", "Webhook deliveries", ["outcome"])
+# Rare events' series exist at 0 from the start: a series born at 1 hides its
+# first event from increase() and from alert rules (dashboards/queries.counted).
+ALERTS.labels("1")
+for _outcome in ("delivered", "failed"):
+    WEBHOOKS.labels(_outcome)
 STAGE_SECONDS = Histogram(
     "deepwatch_stage_seconds", "Time spent per stage",
     ["stage"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
@@ -41,7 +46,8 @@ OFFSET_REREADS = Counter("deepwatch_offset_rereads_total", "Stream partitions re
                          ["topic", "why"])
 EVENT_TO_ALERT_SECONDS = Histogram(
     "deepwatch_event_to_alert_seconds", "Wall time from ingest of the triggering event to the alert",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+    # past 60 s too: a p95 of "60" would otherwise stand for anything slower
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
 
 

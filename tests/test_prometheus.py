@@ -487,3 +487,19 @@ def test_counter_panels_and_desk_rule_count_each_alert_once(tmp_path):
     path = tmp_path / "bars.test.yaml"
     path.write_text(yaml.safe_dump(cases, sort_keys=False))
     _promtool("test", "rules", str(path))
+
+
+def test_rare_event_counters_exist_at_zero_from_the_start():
+    # A labelled series born at its first inc() reads 1 at its first scrape, so
+    # increase() and the rules never saw a worker's first alert, webhook failure,
+    # verdict or failed login.
+    from prometheus_client import generate_latest
+
+    import streams.desk.observe  # noqa: F401  registers the desk's counters
+    import streams.metrics  # noqa: F401
+
+    text = generate_latest().decode()
+    for series in ('deepwatch_alerts_total{level="1"}', 'deepwatch_webhook_deliveries_total{outcome="failed"}',
+                   'deepwatch_desk_verdicts_total{verdict="fake"}', 'deepwatch_desk_logins_total{outcome="failed"}'):
+        assert series in text, series
+    assert 'deepwatch_event_to_alert_seconds_bucket{le="300.0"}' in text or "le=\"300.0\"" in text

@@ -8,11 +8,13 @@ through a proxy, while metrics are for the operator's Prometheus.
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, get_args
 
 from prometheus_client import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
+
+from streams.desk.deskdb import DeskVerdict
 
 REQUESTS = Counter("deepwatch_desk_requests_total", "Desk HTTP requests, by route template, method and status",
                    ["route", "method", "status"])
@@ -21,6 +23,11 @@ REQUEST_SECONDS = Histogram("deepwatch_desk_request_seconds", "Desk request time
 VERDICTS = Counter("deepwatch_desk_verdicts_total", "Verdicts recorded at the desk, by verdict", ["verdict"])
 LOGINS = Counter("deepwatch_desk_logins_total", "Desk login attempts, by outcome (ok, failed, rate_limited)",
                  ["outcome"])
+# At 0 from the start, so the first verdict or failed login is an increase a rule can see.
+for _verdict in get_args(DeskVerdict):
+    VERDICTS.labels(_verdict)
+for _outcome in ("ok", "failed", "rate_limited"):
+    LOGINS.labels(_outcome)
 
 
 def route_of(scope: dict[str, Any]) -> str:
