@@ -34,18 +34,22 @@ def jetstream_malformed() -> list[str]:
 # Jetstream
 # --------------------------------------------------------------------------
 class JetstreamServer:
-    """Serves ``frames`` honouring ``cursor`` (time_us >= cursor) and
-    ``wantedCollections`` like Jetstream. Per connection number (0-based),
-    ``drop_after[n]`` aborts the TCP connection after that many frames,
-    ``hang_after[n]`` goes silent (connection open, nothing sent). With
-    ``zstd_dict`` and ``compress=true`` frames go out as zstd binary messages."""
+    """Serves ``frames`` honouring ``cursor`` (time_us >= cursor),
+    ``wantedCollections`` and ``maxMessageSizeBytes`` (larger frames are left
+    out; ``honour_max_size=False`` plays a server that ignores it) like
+    Jetstream. Per connection number (0-based), ``drop_after[n]`` aborts the
+    TCP connection after that many frames, ``hang_after[n]`` goes silent
+    (connection open, nothing sent). With ``zstd_dict`` and ``compress=true``
+    frames go out as zstd binary messages."""
 
     def __init__(self, frames: list[str], *, drop_after: dict[int, int] | None = None,
-                 hang_after: dict[int, int] | None = None, zstd_dict: bytes | None = None):
+                 hang_after: dict[int, int] | None = None, zstd_dict: bytes | None = None,
+                 honour_max_size: bool = True):
         self.frames = frames
         self.drop_after = drop_after or {}
         self.hang_after = hang_after or {}
         self.zstd_dict = zstd_dict
+        self.honour_max_size = honour_max_size
         self.requests: list[dict[str, list[str]]] = []
         self.sent: list[int] = []
         self._loop = asyncio.new_event_loop()
@@ -70,6 +74,7 @@ class JetstreamServer:
         self.requests.append(qs)
         cursor = int(qs["cursor"][0]) if "cursor" in qs else None
         wanted = set(qs.get("wantedCollections", []))
+        max_size = int(qs.get("maxMessageSizeBytes", ["0"])[0]) if self.honour_max_size else 0
         compress = qs.get("compress", ["false"])[0] == "true" and self.zstd_dict is not None
         cctx = None
         if compress:
@@ -88,6 +93,8 @@ class JetstreamServer:
                     continue
             except Exception:
                 pass
+            if max_size and len(frame.encode()) > max_size:
+                continue
             if self.drop_after.get(n) == sent:
                 ws.transport.abort()
                 return
@@ -145,6 +152,7 @@ class MastodonScript:
     send_ids: bool = False  # SSE id: lines and Last-Event-ID replay (Mastodon itself sends none)
     rate_limit_first: bool = False  # the first REST call answers 429 with a reset 1 s ahead
     silent_idle_s: float = 30.0
+    stream_answers: dict[int, tuple[int, dict]] = field(default_factory=dict)  # connection n -> (status, headers)
 
 
 class MastodonServer:
@@ -190,6 +198,9 @@ class MastodonServer:
                 n = len(outer.stream_requests)
                 outer.stream_requests.append({"path": path, "qs": qs,
                                               "last_event_id": self.headers.get("Last-Event-ID")})
+                if n in outer.script.stream_answers:
+                    status, headers = outer.script.stream_answers[n]
+                    return self._json({"error": f"HTTP {status}"}, status, headers)
                 blocks = outer.script.streams[min(n, len(outer.script.streams) - 1)]
                 if outer.script.send_ids:
                     blocks = [f"id: {i}\n{b}" for i, b in enumerate(blocks)]

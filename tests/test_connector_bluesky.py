@@ -402,3 +402,114 @@ def test_cli_produces_to_the_broker_with_metrics_and_a_saved_cursor(tmp_path):
     saved = ConnectorState(tmp_path / "d" / "connectors" / "bluesky.sqlite").cursor("bluesky")
     assert saved == str(json.loads(frames[-1])["time_us"])  # SIGTERM saved the cursor
     assert out == ""  # produced, not printed
+
+
+# --------------------------------------------------------------------------
+# Odd but legal frames, and what a days-long run meets
+# --------------------------------------------------------------------------
+def _image_post(rkey: str, record: dict, *, did: str = "did:plc:5xrilav5fvcyk43kkpdhieyg",
+                time_us: int = 1732960900000000) -> str:
+    blob = {"$type": "blob", "ref": {"$link": "bafkreiaaaa"}, "mimeType": "image/jpeg", "size": 1}
+    record = {"$type": "app.bsky.feed.post", "text": "x", "createdAt": "2024-11-30T10:00:00Z",
+              "embed": {"$type": "app.bsky.embed.images", "images": [{"alt": "", "image": blob}]}, **record}
+    return json.dumps({"did": did, "time_us": time_us, "kind": "commit", "commit": {
+        "rev": "r", "operation": "create", "collection": "app.bsky.feed.post", "rkey": rkey, "record": record}})
+
+
+def test_posts_with_more_or_longer_tags_than_the_schema_holds_still_map():
+    m = BlueskyMapper(CDN)
+    facets = [{"features": [{"$type": "app.bsky.richtext.facet#tag", "tag": f"t{i}"}]} for i in range(100)]
+    many = m.map(_image_post("a", {"facets": facets}))
+    assert many.outcome == "image_post" and len(many.events) == 1
+    assert many.events[0].hashtags == [f"t{i}" for i in range(64)]
+    long = m.map(_image_post("b", {"tags": ["y" * 600, "news"]}))
+    assert long.outcome == "image_post" and long.events[0].hashtags == ["news"]
+
+
+def test_time_us_beyond_datetime_is_a_malformed_frame_not_a_crash():
+    from streams.connectors.base import MalformedFrame
+
+    m = BlueskyMapper(CDN)
+    with pytest.raises(MalformedFrame) as ei:
+        m.map(_image_post("a", {"createdAt": None}, time_us=10**19))
+    assert ei.value.reason == "bad_frame"
+
+
+def test_an_overlong_handle_does_not_drop_that_accounts_posts():
+    did = "did:plc:5xrilav5fvcyk43kkpdhieyg"
+    m = BlueskyMapper(CDN)
+    m.map(json.dumps({"did": did, "time_us": 1, "kind": "identity", "identity": {"did": did, "handle": "h" * 300}}))
+    r = m.map(_image_post("a", {}, did=did))
+    assert r.outcome == "image_post" and len(r.events) == 1 and r.events[0].account_handle is None
+
+
+def test_jetstream_url_scheme_is_checked_before_connecting(tmp_path):
+    from streams.connectors.bluesky import websocket_url
+
+    assert websocket_url("https://jetstream.example/subscribe") == "wss://jetstream.example/subscribe"
+    assert websocket_url("ws://127.0.0.1:6008/subscribe") == "ws://127.0.0.1:6008/subscribe"
+    for bad in ("notaurl", "ftp://x/subscribe", "wss://"):
+        with pytest.raises(ValueError, match="ws:// or wss://"):
+            websocket_url(bad)
+    s = settings_for(tmp_path)
+    runner = build_bluesky(s, JsonlSink(io.StringIO()), open_state(s, "t"), url="http://127.0.0.1:9/subscribe")
+    assert runner.url == "ws://127.0.0.1:9/subscribe"
+
+
+def _with_oversized_frame(frames: list[str]) -> list[str]:
+    big = json.loads(frames[3])
+    big["commit"]["record"]["text"] = "x" * 300_000
+    return frames[:4] + [json.dumps(big)] + frames[4:]
+
+
+def test_oversized_frame_is_left_out_by_jetstream_and_does_not_stall_the_stream(tmp_path):
+    frames = _with_oversized_frame(jetstream_frames())
+    s = settings_for(tmp_path, max_frame_bytes=100_000)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    runner = build_bluesky(s, sink, open_state(s, "t"))
+    with JetstreamServer(frames) as server:
+        runner.url = server.url
+        asyncio.run(run_until(runner, lambda: len(sink.events) >= 12, timeout=8))
+    assert server.requests[0]["maxMessageSizeBytes"] == ["100000"]
+    assert [e.event_id for e in sink.events] == expected_ids()
+    assert len(server.requests) == 1
+
+
+def test_oversized_frame_from_a_server_ignoring_the_limit_backs_off_instead_of_storming(tmp_path, caplog):
+    # The resume overlap re-delivers frames before the oversized one on every
+    # connection; they must not count as a healthy server resetting the backoff.
+    frames = _with_oversized_frame(jetstream_frames())
+    s = settings_for(tmp_path, max_frame_bytes=100_000, backoff_initial_s=0.05, backoff_max_s=30.0)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    runner = build_bluesky(s, sink, open_state(s, "t"))
+    with JetstreamServer(frames, honour_max_size=False) as server, \
+            caplog.at_level(logging.ERROR, "deepwatch.connectors.bluesky"):
+        runner.url = server.url
+        asyncio.run(run_until(runner, lambda: False, timeout=3))
+    assert 2 <= runner.connects <= 8  # 0.05, 0.1, 0.2, ... s apart; without growth it was dozens
+    assert any("larger than connectors.max_frame_bytes" in r.getMessage() for r in caplog.records)
+
+
+class ClosedStdout:
+    """stdout after ``| head`` has exited."""
+
+    def write(self, _text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_dry_run_into_a_closed_pipe_stops_instead_of_reconnecting_forever(tmp_path):
+    s = settings_for(tmp_path)
+    runner = build_bluesky(s, JsonlSink(ClosedStdout()), open_state(s, "t", memory=True))
+    with JetstreamServer(jetstream_frames()) as server:
+        runner.url = server.url
+
+        async def go():
+            stop = asyncio.Event()
+            await asyncio.wait_for(runner.run(stop), 5)  # ends by itself, without stop being set
+            return stop
+
+        stop = asyncio.run(go())
+    assert not stop.is_set() and len(server.requests) == 1

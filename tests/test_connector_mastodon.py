@@ -246,3 +246,40 @@ def test_dead_instance_backs_off_and_never_crashes(tmp_path):
     runner = build_mastodon(st, sink, open_state(st, "m"), instance=f"http://127.0.0.1:{dead}", timeline="local")
     asyncio.run(run_until(runner, lambda: False, timeout=1.5))
     assert 2 <= runner.connects < 40 and sink.events == []
+
+
+# --------------------------------------------------------------------------
+# Odd but legal statuses, and what a days-long run meets
+# --------------------------------------------------------------------------
+def test_statuses_with_many_or_long_tags_and_drifted_counters_still_map():
+    _, updates, _ = recorded()
+    s1 = updates[0]
+    m = MastodonMapper(f"https://{HOST}")
+    many = m.map_update(json.dumps({**s1, "tags": [{"name": f"t{i}"} for i in range(100)]}))
+    assert many.outcome == "image_post" and many.events[0].hashtags == [f"t{i}" for i in range(64)]
+    long = m.map_update(json.dumps({**s1, "tags": [{"name": "y" * 300}, {"name": "news"}]}))
+    assert long.outcome == "image_post" and long.events[0].hashtags == ["news"]
+    drifted = m.map_update(json.dumps({**s1, "reblogs_count": -1, "favourites_count": 2**60}))
+    assert drifted.outcome == "image_post" and len(drifted.events) == 2
+    assert (drifted.events[0].engagement.reposts, drifted.events[0].engagement.likes) == (0, 2**53)
+
+
+def test_retry_after_as_an_http_date():
+    from email.utils import format_datetime
+
+    now = time.time()
+    when = format_datetime(datetime.fromtimestamp(now + 30, timezone.utc), usegmt=True)
+    assert 28 <= rate_limit_wait(httpx.Headers({"Retry-After": when}), now=now) <= 31
+    assert rate_limit_wait(httpx.Headers({"Retry-After": "soon"}), now=now) == 0
+
+
+def test_stop_ends_a_long_rate_limit_wait(tmp_path):
+    script = MastodonScript(streams=[[":thump\n\n"]], stream_answers={0: (429, {"Retry-After": "120"})})
+    s = settings_for(tmp_path)
+    with MastodonServer(script) as server:
+        runner = build_mastodon(s, JsonlSink(io.StringIO()), open_state(s, "m"), instance=server.url,
+                                timeline="public")
+        t0 = time.monotonic()
+        asyncio.run(run_until(runner, lambda: len(server.stream_requests) >= 1 and time.monotonic() - t0 > 0.5,
+                              timeout=5))
+        assert time.monotonic() - t0 < 4  # Ctrl-C / SIGTERM does not wait out the two minutes

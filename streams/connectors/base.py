@@ -26,7 +26,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
 
 from streams.fetch import FetchError, resolve_checked
-from streams.records import DeadLetter, ImageEvent
+from streams.records import MAX_TAG_CHARS, DeadLetter, ImageEvent
 from streams.settings import ConnectorSettings, FetchSettings
 
 M = TypeVar("M", bound=BaseModel)
@@ -68,6 +68,17 @@ def parse_frame(model: type[M], raw: bytes | str, invalid: str, what: str) -> M:
         err = e.errors()[0]
         kind = "malformed_json" if err["type"] == "json_invalid" else invalid
         raise MalformedFrame(kind, f"{'.'.join(map(str, err['loc'])) or what}: {err['msg']}") from None
+
+
+MAX_HASHTAGS = 64  # ImageEvent.hashtags holds at most this many
+
+
+def clip_hashtags(tags: Iterable[str]) -> list[str]:
+    """The hashtags an event can carry: at most ``MAX_HASHTAGS``, each at most
+    ``MAX_TAG_CHARS`` long (longer ones are left out). A post with more or
+    longer tags than schema v1 allows is legal on the platforms (spam, long
+    remote statuses); it must still map instead of failing validation."""
+    return [t for t in tags if t and len(t) <= MAX_TAG_CHARS][:MAX_HASHTAGS]
 
 
 @dataclass
@@ -366,7 +377,8 @@ async def reconnect_loop(connector: str, session, emitter: Emitter, cfg: Connect
     """Run ``session(stop, backoff) -> reason`` until ``stop``, with backoff
     between sessions. Broker trouble (``SinkError``) ends a session like a
     network error: the emitter has rolled back, the next session resumes from
-    the last checkpoint. Only what retrying cannot fix propagates."""
+    the last checkpoint, except a closed output (``BrokenPipeError``), which
+    ends the run. Only what retrying cannot fix propagates."""
     backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
     log_ = logging.getLogger(f"deepwatch.connectors.{connector}")
     try:
@@ -375,6 +387,11 @@ async def reconnect_loop(connector: str, session, emitter: Emitter, cfg: Connect
                 reason = await session(stop, backoff)
                 await emitter.checkpoint()
             except SinkError as e:
+                if isinstance(e.__cause__, BrokenPipeError):
+                    # stdout (``--dry-run | head``) is gone for good: retrying
+                    # would only reconnect to the platform forever.
+                    log_.error("output closed; stopping", extra={"connector": connector, "cursor": emitter.cursor})
+                    break
                 reason = "sink_failed"
                 log_.warning("broker did not acknowledge; resuming from the last checkpoint",
                              extra={"connector": connector, "error": str(e)[:300], "cursor": emitter.cursor})

@@ -17,12 +17,13 @@ import logging
 from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import websockets
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import Backoff, Emitter, MalformedFrame, Mapped, parse_frame, reconnect_loop
+from streams.connectors.base import (Backoff, Emitter, MalformedFrame, Mapped, clip_hashtags, parse_frame,
+                                     reconnect_loop)
 from streams.records import ImageEvent
 from streams.settings import ConnectorSettings
 
@@ -33,6 +34,8 @@ POST = "app.bsky.feed.post"
 REPOST = "app.bsky.feed.repost"
 DEFAULT_COLLECTIONS = (POST, REPOST)
 TAG_FEATURE = "app.bsky.richtext.facet#tag"
+MAX_HANDLE_CHARS = 253  # a handle is a DNS name
+TOO_BIG = 1009  # websocket close code: message larger than we accept
 
 
 # --------------------------------------------------------------------------
@@ -135,7 +138,8 @@ def post_url(uri: str) -> str | None:
 
 def _time(created: str | None, time_us: int) -> datetime:
     # createdAt is client-supplied and sometimes junk or naive; the relay's
-    # time_us is always there and always UTC.
+    # time_us is always there and always UTC, but only an int: one beyond
+    # what datetime holds makes the frame malformed, not the connector crash.
     if created:
         try:
             t = datetime.fromisoformat(created)
@@ -143,7 +147,10 @@ def _time(created: str | None, time_us: int) -> datetime:
                 return t
         except ValueError:
             pass
-    return datetime.fromtimestamp(time_us / 1e6, timezone.utc)
+    try:
+        return datetime.fromtimestamp(time_us / 1e6, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise MalformedFrame("bad_frame", f"time_us {time_us} is not a usable time") from None
 
 
 def _hashtags(rec: PostRecord) -> list[str]:
@@ -154,7 +161,7 @@ def _hashtags(rec: PostRecord) -> list[str]:
                 out.setdefault(feat.tag.lstrip("#").casefold(), feat.tag.lstrip("#"))
     for tag in rec.tags or []:
         out.setdefault(tag.lstrip("#").casefold(), tag.lstrip("#"))
-    return [t for t in out.values() if t][:256]
+    return clip_hashtags(out.values())
 
 
 def _embed_images(embed: Embed | None) -> list[Blob]:
@@ -192,7 +199,10 @@ class BlueskyMapper:
 
     def map(self, raw: bytes | str) -> Mapped:
         frame = parse_frame(Frame, raw, "bad_frame", "(frame)")
-        if frame.kind == "identity" and frame.identity and frame.identity.handle:
+        # A "handle" longer than a DNS name is ignored: kept, it would make every
+        # later event of that DID fail validation; left out, they carry none.
+        if frame.kind == "identity" and frame.identity and frame.identity.handle \
+                and len(frame.identity.handle) <= MAX_HANDLE_CHARS:
             self._handles[frame.did] = frame.identity.handle
             self._handles.move_to_end(frame.did)
             if len(self._handles) > self._handles_max:
@@ -266,13 +276,31 @@ class BlueskyMapper:
 # --------------------------------------------------------------------------
 # The websocket client
 # --------------------------------------------------------------------------
-def subscribe_url(base: str, collections: list[str], cursor: int | None, compress: bool) -> str:
+def subscribe_url(base: str, collections: list[str], cursor: int | None, compress: bool,
+                  max_message_bytes: int | None = None) -> str:
+    """Jetstream's /subscribe URL. ``maxMessageSizeBytes`` makes Jetstream
+    leave out frames we would refuse anyway: a frame over the websocket's
+    ``max_size`` closes the connection, and since the cursor cannot move
+    past a frame never read, every resume would meet it again."""
     params: list[tuple[str, str]] = [("wantedCollections", c) for c in collections]
     if cursor is not None:
         params.append(("cursor", str(cursor)))
     if compress:
         params.append(("compress", "true"))
+    if max_message_bytes:
+        params.append(("maxMessageSizeBytes", str(max_message_bytes)))
     return f"{base}{'&' if '?' in base else '?'}{urlencode(params)}" if params else base
+
+
+def websocket_url(url: str) -> str:
+    """``url`` as a ws(s):// URL: an http(s):// one (as pasted from a browser
+    or docs) is mapped to its websocket scheme; anything else is a ValueError
+    naming the URL, raised before any connection is tried."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"the Jetstream URL must be ws:// or wss://HOST/subscribe (got {url!r})")
+    return urlunsplit(parts._replace(scheme=scheme))
 
 
 def _decompressor(path):
@@ -289,7 +317,7 @@ class BlueskyConnector:
         self.mapper = mapper
         self.cfg = cfg
         self.collections = list(collections or DEFAULT_COLLECTIONS)
-        self.url = url or cfg.jetstream_url
+        self.url = websocket_url(url or cfg.jetstream_url)
         self._zstd = _decompressor(cfg.zstd_dictionary) if cfg.zstd_dictionary else None
         self.connects = 0
 
@@ -324,8 +352,16 @@ class BlueskyConnector:
         """Read until ``stop`` is set, reconnecting with backoff; checkpoints on the way out."""
         await reconnect_loop(PLATFORM, self._session, self.emitter, self.cfg, stop or asyncio.Event())
 
+    def _progressed(self, start: str | None) -> bool:
+        """Whether the cursor moved past where this connection started:
+        frames of the resume overlap alone do not prove a healthy server."""
+        now = self.emitter.cursor
+        return now is not None and (start is None or int(now) > int(start))
+
     async def _session(self, stop: asyncio.Event, backoff: Backoff) -> str:
-        url = subscribe_url(self.url, self.collections, self._resume_cursor(), self._zstd is not None)
+        url = subscribe_url(self.url, self.collections, self._resume_cursor(), self._zstd is not None,
+                            self.cfg.max_frame_bytes)
+        start = self.emitter.cursor
         self.connects += 1
         try:
             async with websockets.connect(
@@ -343,12 +379,19 @@ class BlueskyConnector:
                         if recv not in done:
                             recv.cancel()
                             return "stopped" if stopping in done else "idle_timeout"
-                        msg = recv.result()
-                        backoff.reset()  # a frame arrived: the server is healthy again
-                        await self.handle(msg)
+                        await self.handle(recv.result())
+                        if self._progressed(start):
+                            backoff.reset()  # new frames flow: the server is healthy again
                 finally:
                     stopping.cancel()
         except websockets.ConnectionClosed as e:
+            if e.sent is not None and e.sent.code == TOO_BIG:
+                # A server that ignored maxMessageSizeBytes: the resume meets the
+                # same frame again, so say what to change (backoff keeps growing).
+                log.error("frame larger than connectors.max_frame_bytes; raise it to get past this frame",
+                          extra={"connector": PLATFORM, "max_frame_bytes": self.cfg.max_frame_bytes,
+                                 "cursor": self.emitter.cursor})
+                return "frame_too_big"
             return "closed_ok" if isinstance(e, websockets.ConnectionClosedOK) else "closed_error"
         except websockets.InvalidStatus as e:
             log.warning("handshake refused", extra={"connector": PLATFORM, "status": e.response.status_code})

@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import Literal
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -25,8 +26,9 @@ import httpx
 from httpx_sse import SSEError, aconnect_sse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import RATE_LIMIT_WAITS, Backoff, Emitter, MalformedFrame, Mapped, parse_frame, reconnect_loop
-from streams.records import ImageEvent
+from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, MalformedFrame, Mapped, clip_hashtags,
+                                     parse_frame, reconnect_loop)
+from streams.records import MAX_COUNT, ImageEvent
 from streams.settings import ConnectorSettings
 
 log = logging.getLogger("deepwatch.connectors.mastodon")
@@ -93,6 +95,13 @@ def status_id_int(sid: str) -> int:
     return int(sid) if sid.isdigit() else -1
 
 
+def _count(n: int) -> int:
+    # Mastodon's counters are caches that can drift below zero (and a remote
+    # server may send anything): clamp into the schema's range rather than
+    # lose the pictures of a status over its like count.
+    return max(0, min(n, MAX_COUNT))
+
+
 class MastodonMapper:
     """Status JSON -> schema-v1 events, one per image attachment."""
 
@@ -123,7 +132,7 @@ class MastodonMapper:
         q_images = [m for m in quoted.media_attachments if m.type == "image" and (m.url or m.remote_url)] if quoted else []
         if not images and not q_images:
             return Mapped("no_image", cursor=cursor)
-        tags = [t.name for t in subject.tags][:256]
+        tags = clip_hashtags(t.name for t in subject.tags)
         if self.filter and not (self.filter & {t.casefold() for t in tags}):
             return Mapped("filtered", cursor=cursor)
         text = plain_text(subject.content)
@@ -138,8 +147,8 @@ class MastodonMapper:
                     posted_at=s.created_at, text=text or None, lang=lang, hashtags=tags,
                     # Engagement is this status's own: a boost's counts are not
                     # the original's, and sightings' engagement is summed per cluster.
-                    engagement={"likes": s.favourites_count, "reposts": s.reblogs_count,
-                                "replies": s.replies_count},
+                    engagement={"likes": _count(s.favourites_count), "reposts": _count(s.reblogs_count),
+                                "replies": _count(s.replies_count)},
                     image={"url": m.url or m.remote_url},
                 )
             except ValidationError as e:
@@ -178,13 +187,17 @@ class FatalStreamError(Exception):
 def rate_limit_wait(headers: httpx.Headers, *, low_water: int = 1, now: float | None = None) -> float:
     """Seconds to wait before the next request, from Mastodon's headers
     (``X-RateLimit-Remaining``, ``X-RateLimit-Reset`` as an ISO 8601 time) or
-    a ``Retry-After`` header."""
+    a ``Retry-After`` header (seconds or an HTTP date)."""
     now = time.time() if now is None else now
     retry_after = headers.get("retry-after")
     if retry_after:
         try:
             return max(0.0, float(retry_after))
         except ValueError:
+            pass
+        try:  # the other form RFC 9110 allows: an HTTP date
+            return max(0.0, parsedate_to_datetime(retry_after).timestamp() - now)
+        except (TypeError, ValueError, IndexError):
             pass
     remaining = headers.get("x-ratelimit-remaining")
     reset = headers.get("x-ratelimit-reset")
@@ -219,11 +232,21 @@ class MastodonConnector:
             timeout=httpx.Timeout(cfg.idle_timeout_s, connect=cfg.connect_timeout_s),
         )
         self.last_event_id: str | None = None  # only servers that send SSE ids set this
+        self._stop = asyncio.Event()  # run()'s: rate-limit waits end early on it
         self.connects = 0
         self.backfilled = 0
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` (a rate-limit wait, up to ``rate_limit_max_wait_s``),
+        ending early when the connector is stopped: Ctrl-C or SIGTERM must not
+        wait out a five-minute Retry-After."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            pass
 
     # -- streaming endpoint discovery ------------------------------------
     async def _streaming_base(self) -> str:
@@ -277,8 +300,8 @@ class MastodonConnector:
                 wait = min(wait, self.cfg.rate_limit_max_wait_s)
                 log.info("rate limit: waiting", extra={"connector": PLATFORM, "wait_s": round(wait, 1),
                                                        "status": r.status_code})
-                await asyncio.sleep(wait)
-            if r.status_code != 429:
+                await self._pause(wait)
+            if r.status_code != 429 or self._stop.is_set():
                 return r
         raise RateLimited(self.cfg.rate_limit_max_wait_s)
 
@@ -316,7 +339,7 @@ class MastodonConnector:
             prev = r.links.get("prev", {}).get("url")
             url = prev if prev and len(page) >= PAGE else None
         if url:
-            log.warning("backfill bound reached; older missed statuses are skipped",
+            log.warning("backfill bound reached; the newer missed statuses are skipped",
                         extra={"connector": PLATFORM, "pages": pages, "cursor": self.emitter.cursor})
         self.backfilled += read
         return read
@@ -324,7 +347,8 @@ class MastodonConnector:
     # -- streaming ---------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Read until ``stop`` is set, reconnecting with backoff; checkpoints on the way out."""
-        await reconnect_loop(PLATFORM, self._session, self.emitter, self.cfg, stop or asyncio.Event())
+        self._stop = stop or asyncio.Event()
+        await reconnect_loop(PLATFORM, self._session, self.emitter, self.cfg, self._stop)
 
     async def _session(self, stop: asyncio.Event, backoff: Backoff) -> str:
         url = await self._streaming_base() + stream_path(self.timeline, self.hashtag)
@@ -341,7 +365,7 @@ class MastodonConnector:
                     raise FatalStreamError(f"{url} answered HTTP {r.status_code}: {r.text[:200]}"
                                            + (" (set a token with --token-env)" if r.status_code == 401 else ""))
                 if r.status_code == 429 or r.status_code >= 500:
-                    await asyncio.sleep(min(rate_limit_wait(r.headers), self.cfg.rate_limit_max_wait_s))
+                    await self._pause(min(rate_limit_wait(r.headers), self.cfg.rate_limit_max_wait_s))
                     return f"http_{r.status_code}"
                 r.raise_for_status()
                 log.info("connected", extra={"connector": PLATFORM, "url": url})
