@@ -267,3 +267,12 @@ def test_a_port_in_use_is_one_line_naming_the_option(tmp_path):
         with pytest.raises(PortInUse) as caught:
             metrics.serve(port)
         assert str(caught.value).startswith(f"metrics port {port} is in use") and "Errno" not in str(caught.value)
+
+
+def test_connector_option_mistakes_are_one_line():
+    # both were ValueError tracebacks from inside the connector builders
+    r = deepwatch("connect", "bluesky", "--jetstream-url", "ftp://x", "--dry-run", "--duration", "1")
+    assert "ws:// or wss://" in one_line_error(r)
+    r = deepwatch("connect", "mastodon", "--instance", "https://m.example", "--hashtag", "#", "--dry-run",
+                  "--duration", "1")
+    assert "--hashtag needs a tag" in one_line_error(r)

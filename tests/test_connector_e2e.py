@@ -121,15 +121,16 @@ def test_connectors_to_clusters_and_an_alert(tmp_path):
         cluster = runner.start_cluster(settings, stack)
         cluster.start_worker("pipeline")
         cluster.wait_ready()
-        sink = KafkaSink(cluster.bootstrap, settings)  # one producer shared by both connectors
+        # one producer shared by both connectors, a channel each (each confirms only its own sends)
+        sink = KafkaSink(cluster.bootstrap, settings, keep_offsets=True)
         stack.callback(sink.close)
         bsky_state = open_state(settings, "bluesky")
         stack.callback(bsky_state.close)
-        bluesky = build_bluesky(settings, sink, bsky_state)
+        bluesky = build_bluesky(settings, sink.channel(), bsky_state)
         masto_server = stack.enter_context(MastodonServer(MastodonScript(streams=[sse], drop=False, token="t" * 20)))
         masto_state = open_state(settings, "mastodon")
         stack.callback(masto_state.close)
-        mastodon = build_mastodon(settings, sink, masto_state, instance=masto_server.url, timeline="user",
+        mastodon = build_mastodon(settings, sink.channel(), masto_state, instance=masto_server.url, timeline="user",
                                   token="t" * 20)
         with JetstreamServer(frames) as jetstream:
             bluesky.url = jetstream.url
@@ -138,8 +139,10 @@ def test_connectors_to_clusters_and_an_alert(tmp_path):
         asyncio.run(mastodon.aclose())
         assert bluesky.emitter.counts["malformed"] == 1
         assert masto_server.stream_requests[0]["path"] == "/api/v1/streaming/user"
-        assert len(sink.offsets) == 15  # Bluesky: 1 post + 11 reposts + 1 photo; Mastodon: a post and its boost
-        assert runner.wait_until_processed(cluster, sink.offsets, timeout_s=240)
+        # Bluesky: 1 post + 11 reposts + 1 photo; Mastodon: a post and its boost
+        assert (len(bluesky.emitter.sink.offsets), len(mastodon.emitter.sink.offsets)) == (13, 2)
+        assert runner.wait_until_processed(cluster, bluesky.emitter.sink.offsets | mastodon.emitter.sink.offsets,
+                                           timeout_s=240)
 
     store = open_store(settings.data_dir)
     try:

@@ -546,6 +546,31 @@ def test_topics_are_created_with_the_configured_replicas_and_a_refusal_is_one_er
             ensure_topics(b.bootstrap, topic_specs(other), settings=other)
 
 
+def test_connector_channels_confirm_only_their_own_sends(tmp_path):
+    # Mastodon --hashtag streams shared one sink: a flush took every stream's
+    # pending sends, so one stream's failure discarded another's unconfirmed
+    # events, which that stream then checkpointed past. And the sink kept every
+    # acknowledged offset of a connector running for days.
+    from streams.broker import EmbeddedBroker, ensure_topics
+    from streams.connectors.sinks import KafkaSink
+    from streams.topics import topic_specs
+
+    settings = Settings(topic_prefix="ch")
+    with EmbeddedBroker(tmp_path) as b:
+        ensure_topics(b.bootstrap, topic_specs(settings), settings=settings)
+        sink = KafkaSink(b.bootstrap, settings)
+        one, two = sink.channel(), sink.channel()
+        one.send_raw(b"a", b'{"n": 1}')
+        two.send_raw(b"b", b'{"n": 2}')
+        two.send_raw(b"c", b'{"n": 3}')
+        assert (len(one.flush()), len(two.flush()), len(sink.flush())) == (1, 2, 0)
+        assert not one.offsets and not sink.offsets  # nothing kept unless asked (keep_offsets)
+        one.close()  # a channel leaves the shared producer open
+        two.send_raw(b"d", b'{"n": 4}')
+        assert len(two.flush()) == 1
+        sink.close()
+
+
 def test_embedded_broker_is_detected_behind_a_kafka_url(tmp_path):
     from streams.broker import EmbeddedBroker, check_speaks_kafka, faust_broker_url, free_port
 

@@ -89,8 +89,13 @@ def bluesky(
     _setup(settings, metrics_port)
     sink = _sink(settings, dry_run)
     state = open_state(settings, bluesky_stream_key(collections, filter_hashtag), memory=dry_run)
-    runner = build_bluesky(settings, sink, state, collections=collections or None, hashtags=filter_hashtag or None,
-                           url=jetstream_url)
+    try:
+        runner = build_bluesky(settings, sink, state, collections=collections or None, hashtags=filter_hashtag or None,
+                               url=jetstream_url)
+    except ValueError as e:  # a --jetstream-url that is not ws(s)/http(s), ...
+        sink.close()
+        state.close()
+        fail(str(e))
     try:
         asyncio.run(run_until_signalled([runner], duration))
     finally:
@@ -135,10 +140,13 @@ def mastodon(
     sink = _sink(settings, dry_run)
     tags = [h.lstrip("#") for h in hashtag] if tl == "hashtag" else [None]
     states, runners = [], []
+    if tl == "hashtag" and not all(tags):
+        fail("--hashtag needs a tag after the '#', e.g. --hashtag breaking")
     for tag in tags:
         state = open_state(settings, mastodon_stream_key(instance, tl, tag), memory=dry_run)
         states.append(state)
-        runners.append(build_mastodon(settings, sink, state, instance=instance, timeline=tl, hashtag=tag, token=token,
+        # a channel each: one stream's failed flush must not drop another's unconfirmed sends
+        runners.append(build_mastodon(settings, sink.channel(), state, instance=instance, timeline=tl, hashtag=tag, token=token,
                                       streaming_url=streaming_url,
                                       filter_hashtags=None if tl == "hashtag" else (hashtag or None)))
 

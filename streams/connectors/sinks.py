@@ -19,22 +19,41 @@ log = logging.getLogger("deepwatch.connectors")
 class KafkaSink:
     """A long-lived producer with the same settings as ``streams.ingest``
     (acks=all, event id as key so a re-sent event lands on the same partition
-    and the pipeline's idempotent stages absorb it)."""
+    and the pipeline's idempotent stages absorb it).
+
+    ``flush`` confirms what was sent through this object. Connectors that
+    share one producer each take a ``channel()``: a flush that fails for one
+    stream must not swallow another stream's unconfirmed sends, which that
+    stream would then checkpoint past as if delivered."""
 
     def __init__(self, bootstrap: str, settings: Settings, *, client_id: str = "deepwatch-connector",
                  max_block_ms: int = 10_000, request_timeout_ms: int = 10_000, flush_timeout_s: float | None = None,
-                 bootstrap_timeout_ms: int = 30_000):
+                 bootstrap_timeout_ms: int = 30_000, keep_offsets: bool = False):
         self.settings = settings
         self._producer = kafka_producer(
             bootstrap, settings, client_id=client_id, timeout_s=bootstrap_timeout_ms / 1000,
             acks="all", linger_ms=5, retries=5, max_request_size=MAX_MESSAGE_BYTES + 4096,
             max_block_ms=max_block_ms, request_timeout_ms=request_timeout_ms,
         )
+        self.timeout_s = flush_timeout_s or max(1.0, request_timeout_ms / 1000 * 3)
+        self._owner = True
+        self._init_pending(keep_offsets)
+
+    def _init_pending(self, keep_offsets: bool) -> None:
         self._futures: list = []
         self._dead_futures: list = []
         self._lock = threading.Lock()  # flushes run in worker threads while the loop keeps sending
-        self.offsets: set[tuple[int, int]] = set()  # (partition, offset) of every acknowledged event
-        self.timeout_s = flush_timeout_s or max(1.0, request_timeout_ms / 1000 * 3)
+        # (partition, offset) of every acknowledged event: for tests and benches that wait for them;
+        # off by default, since a connector running for days would grow it by one entry per event
+        self.keep_offsets = keep_offsets
+        self.offsets: set[tuple[int, int]] = set()
+
+    def channel(self) -> "KafkaSink":
+        """A sink on the same producer whose ``flush`` confirms only its own sends."""
+        other = object.__new__(KafkaSink)
+        other.settings, other._producer, other.timeout_s, other._owner = self.settings, self._producer, self.timeout_s, False
+        other._init_pending(self.keep_offsets)
+        return other
 
     def send(self, event: ImageEvent) -> None:
         self.send_raw(event.event_id.encode(), event.dumps())
@@ -63,11 +82,13 @@ class KafkaSink:
             acked.append((md.partition, md.offset))
         for f in dead:
             f.get(timeout=self.timeout_s)
-        self.offsets.update(acked)
+        if self.keep_offsets:
+            self.offsets.update(acked)
         return acked
 
     def close(self) -> None:
-        self._producer.close(timeout=5)
+        if self._owner:  # channels share the producer; its owner closes it
+            self._producer.close(timeout=5)
 
 
 class JsonlSink:
@@ -89,6 +110,9 @@ class JsonlSink:
             self.dead.append(dl)
         log.warning("would dead-letter", extra={"event_id": dl.event_id, "stage": dl.stage, "reason": dl.reason,
                                                 "detail": dl.detail})
+
+    def channel(self) -> "JsonlSink":
+        return self  # one stdout: nothing to keep apart
 
     def flush(self) -> None:
         self.out.flush()
