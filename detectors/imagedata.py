@@ -72,6 +72,53 @@ def decode_cost(img: Image.Image) -> int:
     return w * h * _bytes_per_pixel(img.mode)
 
 
+_PROGRESSIVE_SOF = (0xC2, 0xC6, 0xCA, 0xCE)
+
+
+def _jpeg_multi_scan(data: bytes) -> bool:
+    """Whether libjpeg decodes this JPEG from a whole-image coefficient
+    buffer: progressive (SOF2/6/10/14), or a first scan that carries fewer
+    components than the frame (non-interleaved sequential). Walks the marker
+    segments up to the first SOS; anything unreadable counts as multi-scan."""
+    pos, n = 2, len(data)
+    components = 0
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return True
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD9)):  # standalone markers: no length
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _PROGRESSIVE_SOF:
+            return True
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 < n:
+            components = data[pos + 9]
+        if marker == 0xDA:
+            return pos + 4 < n and data[pos + 4] < components
+        pos += 2 + length
+    return True
+
+
+def jpeg_coefficient_bytes(data: bytes, img: Image.Image) -> int:
+    """Bytes libjpeg holds for a multi-scan JPEG's DCT coefficients (2 bytes
+    each, every component at its own sampling) before the first pixel comes
+    out; 0 for other images. Kept at full resolution whatever the DCT scaling
+    of the output, so a 1.5 MB progressive 16384x6100 CMYK file holds 800 MB
+    even when decoded at 1/8 scale."""
+    layers = getattr(img, "layer", None)
+    if img.format != "JPEG" or not layers or not _jpeg_multi_scan(data):
+        return 0
+    w, h = img.size
+    h_max = max(layer[1] for layer in layers) or 1
+    v_max = max(layer[2] for layer in layers) or 1
+    blocks = sum(-(-w * max(hs, 1) // (8 * h_max)) * -(-h * max(vs, 1) // (8 * v_max)) for _, hs, vs, _ in layers)
+    return blocks * 64 * 2
+
+
 class DecodeBudget:
     """Decoded bytes in flight across this process's analysis threads: a
     burst of large images waits its turn instead of multiplying the peak."""
@@ -170,7 +217,10 @@ class ImageData:
         self.header = header
         self.format: str = (header.format or "UNKNOWN").upper()
         self.size: tuple[int, int] = header.size
-        self.decode_cost = decode_cost(header)
+        # A multi-scan JPEG's coefficients are held in full while it decodes,
+        # whatever the output scale: part of its cost, never reduced.
+        self._coefficients = jpeg_coefficient_bytes(data, header)
+        self.decode_cost = decode_cost(header) + self._coefficients
         self._reduce = 1  # JPEG DCT scale used when the full decode is over budget
         if self.decode_cost > self.limits.max_decode_bytes:
             self._fit_budget(header)
@@ -193,18 +243,20 @@ class ImageData:
 
     def _fit_budget(self, header: Image.Image) -> None:
         budget = self.limits.max_decode_bytes
+        full = self.decode_cost - self._coefficients  # the output, which DCT scaling shrinks
         if header.format == "JPEG":
             for scale in (2, 4, 8):
-                if self.decode_cost // (scale * scale) <= budget:
+                if full // (scale * scale) + self._coefficients <= budget:
                     self._reduce = scale
-                    self.decode_cost //= scale * scale
+                    self.decode_cost = full // (scale * scale) + self._coefficients
                     self.notes.append(f"decoded at 1/{scale} scale: full size would need "
-                                      f"{self.decode_cost * scale * scale >> 20} MiB, budget {budget >> 20} MiB")
+                                      f"{full >> 20} MiB, budget {budget >> 20} MiB")
                     return
         w, h = header.size
+        held = f" (+{self._coefficients >> 20} MiB of DCT coefficients)" if self._coefficients else ""
         raise ImageRejected(
             "memory_budget",
-            f"{w}x{h} {header.mode} needs {decode_cost(header) >> 20} MiB decoded, budget {budget >> 20} MiB "
+            f"{w}x{h} {header.mode} needs {full >> 20} MiB decoded{held}, budget {budget >> 20} MiB "
             "(decode.max_decode_mb)")
 
     # ``header`` (set in __init__): the PIL image the checks above opened, for
@@ -256,9 +308,17 @@ class ImageData:
             with warnings.catch_warnings():  # palette-transparency warnings: irrelevant to analysis
                 warnings.simplefilter("ignore")
                 img.load()
+                # In place and no same-mode convert: each copy of a full-size
+                # decode is as large as the decode itself, and none of them is
+                # in the budget (``decode_cost`` counts one image).
                 if oriented:
-                    img = ImageOps.exif_transpose(img)
-                return img.convert(mode)
+                    ImageOps.exif_transpose(img, in_place=True)
+                if img.mode != mode:
+                    return img.convert(mode)
+                # The pixels without the file object: a decoder can hold a
+                # buffer as large as the image (WebP keeps its canvas and the
+                # frame it returned) for as long as the file object lives.
+                return img._new(img.im)
         except Exception as e:
             raise ImageRejected("undecodable", f"image data is truncated or corrupt: {e}") from e
 
@@ -290,12 +350,17 @@ class ImageData:
         if cached is not None:
             return cached
         img = self.open()
+        out = None
         if img.format == "JPEG":
             w, h = img.size
             scale = max(1, min(w, h) // min_side)
             if scale > 1:
                 img.draft("RGB", (w // scale, h // scale))
-        out = self._decode(img)
+                out = self._decode(img)
+        if out is None:
+            # No reduced decode exists for this source: the full one is
+            # ``rgb``, shared rather than decoded (and held) a second time.
+            out = self.rgb
         self._thumbs[min_side] = out
         return out
 

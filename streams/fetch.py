@@ -19,6 +19,7 @@ import os
 import socket
 import ssl
 import stat
+import zlib
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -58,6 +59,73 @@ def sniff_image_type(data: bytes) -> str | None:
     if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"):
         return "image/heif"
     return None
+
+
+# Statuses whose Location is followed; any other 3xx (300, 304, 305) is an
+# answer without an image, not a redirect.
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class BoundedBody:
+    """A response body decoded from its raw bytes with the size limit applied
+    to the bytes received *and* to the decoded bytes as they are produced,
+    never after. httpx's own decoding inflates each chunk in full and stacks
+    encodings: a 7 KB body sent as ``Content-Encoding: gzip, gzip`` inflates
+    to gigabytes in one call, on the event loop. Images are compressed
+    already, so only ``identity`` is asked for; a server that encodes anyway
+    may use one layer of gzip or deflate (zlib or raw), anything else is
+    refused."""
+
+    def __init__(self, encoding: str, limit: int, where: str):
+        self.limit = limit
+        self.where = where
+        self.received = 0
+        self.total = 0
+        self.chunks: list[bytes] = []
+        codings = [c.strip().lower() for c in encoding.split(",") if c.strip().lower() not in ("", "identity")]
+        if len(codings) > 1 or (codings and codings[0] not in ("gzip", "x-gzip", "deflate")):
+            raise FetchError("bad_encoding", f"{where} sent Content-Encoding {encoding[:100]!r}; "
+                             "only one layer of gzip or deflate is accepted")
+        # wbits 47: a gzip or a zlib header, whichever comes
+        self._inflate = zlib.decompressobj(47) if codings else None
+        # deflate sent without the zlib header (raw) is common: until the first
+        # output proves the header, keep the input to start over raw
+        self._unproven: bytes | None = b"" if codings == ["deflate"] else None
+
+    def feed(self, raw: bytes) -> None:
+        if self._inflate is None:
+            return self._keep(raw)
+        # Compressed bytes are bounded too: input past the end of a gzip stream
+        # (kept by zlib as unused_data) and empty deflate blocks inflate to nothing.
+        self.received += len(raw)
+        if self.received > self.limit:
+            raise FetchError("too_large", f"{self.where} sent over {self.limit} compressed bytes")
+        self._inflate_and_keep(raw)
+
+    def _inflate_and_keep(self, raw: bytes) -> None:
+        if self._unproven is not None:
+            self._unproven += raw
+        try:
+            # At most one byte past the limit per call: a bomb never inflates further.
+            out = self._inflate.decompress(raw, self.limit - self.total + 1)
+        except zlib.error as e:
+            if self._unproven is None:
+                raise FetchError("bad_response", f"{self.where}: corrupt compressed body: {e}") from None
+            seen, self._unproven = self._unproven, None
+            self._inflate = zlib.decompressobj(-15)
+            return self._inflate_and_keep(seen)
+        if out:
+            self._unproven = None
+        self._keep(out)
+
+    def _keep(self, data: bytes) -> None:
+        self.total += len(data)
+        if self.total > self.limit:
+            raise FetchError("too_large", f"{self.where} exceeds {self.limit} bytes")
+        self.chunks.append(data)
+
+    def bytes(self) -> bytes:
+        return b"".join(self.chunks)
 
 
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
@@ -127,7 +195,7 @@ class ImageFetcher:
             verify=tls_context(),
             timeout=httpx.Timeout(fetch.read_timeout_s, connect=fetch.connect_timeout_s),
             follow_redirects=False,  # each hop is re-checked below
-            headers={"User-Agent": fetch.user_agent, "Accept": "image/*"},
+            headers={"User-Agent": fetch.user_agent, "Accept": "image/*", "Accept-Encoding": "identity"},
             trust_env=False,  # a proxy would bypass the address checks
         )
 
@@ -264,7 +332,7 @@ class ImageFetcher:
                     "GET", pinned, headers={"Host": host_header},
                     extensions={"sni_hostname": parts.hostname},
                 ) as resp:
-                    if resp.is_redirect:
+                    if resp.status_code in _REDIRECTS:
                         location = resp.headers.get("location")
                         if not location:
                             raise FetchError("bad_response", f"redirect without Location from {current}")
@@ -277,14 +345,10 @@ class ImageFetcher:
                     declared = resp.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
                         raise FetchError("too_large", f"{current} declares {declared} bytes, limit {self.cfg.max_bytes}")
-                    chunks: list[bytes] = []
-                    total = 0
-                    async for chunk in resp.aiter_bytes():
-                        total += len(chunk)
-                        if total > self.cfg.max_bytes:
-                            raise FetchError("too_large", f"{current} exceeds {self.cfg.max_bytes} bytes")
-                        chunks.append(chunk)
-                    return self._check_type(b"".join(chunks), current)
+                    body = BoundedBody(resp.headers.get("content-encoding", ""), self.cfg.max_bytes, current)
+                    async for chunk in resp.aiter_raw():
+                        body.feed(chunk)
+                    return self._check_type(body.bytes(), current)
             except httpx.TimeoutException as e:
                 raise FetchError("timeout", f"timed out fetching {current}: {type(e).__name__}", retryable=True) from None
             except httpx.TransportError as e:

@@ -12,6 +12,8 @@ import io
 import ipaddress
 import threading
 import time
+import tracemalloc
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -31,6 +33,16 @@ def _png() -> bytes:
 
 
 PNG = _png()
+
+
+def _gzip_of_zeros(mb: int) -> bytes:
+    """``mb`` MiB of zeros, gzipped (~1 KB per MiB): a decompression bomb."""
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = bytes(1 << 20)
+    return b"".join(comp.compress(block) for _ in range(mb)) + comp.flush()
+
+
+GZIP_BOMB = _gzip_of_zeros(256)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -81,6 +93,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(302, headers={"Location": "http://169.254.169.254/latest/meta-data/"})
         elif p == "/to-img":
             self._send(301, headers={"Location": "/img.png"})
+        elif p == "/not-modified":
+            self._send(304)
+        elif p == "/gzip-img":
+            self._send(200, zlib.compress(PNG, wbits=31), {"Content-Encoding": "gzip"})
+        elif p == "/raw-deflate-img":
+            comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+            self._send(200, comp.compress(PNG) + comp.flush(), {"Content-Encoding": "deflate"})
+        elif p == "/gzip-bomb":
+            self._send(200, GZIP_BOMB, {"Content-Encoding": "gzip"})
+        elif p == "/gzip-gzip-bomb":
+            self._send(200, zlib.compress(GZIP_BOMB, 9, wbits=31), {"Content-Encoding": "gzip, gzip"})
+        elif p == "/gzip-then-garbage":
+            self._send(200, zlib.compress(PNG, wbits=31) + bytes(5000), {"Content-Encoding": "gzip"})
         else:
             self._send(500, b"unknown test path")
 
@@ -200,6 +225,43 @@ def test_streamed_size_over_cap_refused(server):
     err = _fail(_event(url=_url(server, "/big-streamed")), cfg)
     assert err.reason == "too_large"
     assert "exceeds" in err.detail
+
+
+def test_gzip_bomb_is_refused_without_inflating_it(server):
+    # 256 KB on the wire, 256 MiB inflated: httpx's decoder inflated each
+    # 64 KB network read whole (64 MiB) before the size check saw it.
+    cfg = LOOPBACK_OK.model_copy(update={"max_bytes": 1 << 20})
+    tracemalloc.start()
+    try:
+        err = _fail(_event(url=_url(server, "/gzip-bomb")), cfg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.reason == "too_large"
+    assert peak < 16 << 20, f"peak {peak >> 20} MiB while refusing a 1 MiB-capped body"
+
+
+def test_stacked_content_encodings_are_refused(server):
+    # Each gzip layer multiplies by up to 1000: "gzip, gzip" made a 7 KB body
+    # inflate to gigabytes in one call on the event loop.
+    err = _fail(_event(url=_url(server, "/gzip-gzip-bomb")), LOOPBACK_OK)
+    assert err.reason == "bad_encoding" and not err.retryable
+
+
+def test_one_layer_of_gzip_or_raw_deflate_is_still_read(server):
+    assert _get(_event(url=_url(server, "/gzip-img")), LOOPBACK_OK) == PNG
+    assert _get(_event(url=_url(server, "/raw-deflate-img")), LOOPBACK_OK) == PNG
+
+
+def test_bytes_after_the_gzip_stream_count_against_the_cap(server):
+    cfg = LOOPBACK_OK.model_copy(update={"max_bytes": 1000})
+    err = _fail(_event(url=_url(server, "/gzip-then-garbage")), cfg)
+    assert err.reason == "too_large"
+
+
+def test_304_is_an_http_error_not_a_redirect(server):
+    err = _fail(_event(url=_url(server, "/not-modified")), LOOPBACK_OK)
+    assert err.reason == "http_error" and "304" in err.detail
 
 
 def test_404_is_http_error_and_not_retried(server):

@@ -66,3 +66,96 @@ def test_phone_heic_decodes(shared_data):
         pytest.skip("no HEIC sample in shared data")
     im = ImageData.from_path(heic)
     assert im.format == "HEIF" and min(im.rgb.size) > 1000
+
+
+def _jpeg(size: tuple[int, int], **save) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 30)).save(buf, "JPEG", quality=20, **save)
+    return buf.getvalue()
+
+
+def test_progressive_jpeg_counts_its_coefficient_buffer():
+    # libjpeg holds every DCT coefficient of a progressive file (2 bytes each,
+    # at full size whatever the output scale): a 1.5 MB 16384x6100 CMYK file
+    # held 800 MB while the budget, decoding it at 1/2 scale, counted 100.
+    limits = DecodeLimits(max_decode_bytes=20 << 20)
+    with pytest.raises(ImageRejected) as e:  # 36 MB of coefficients; the 1/2-scale output alone would fit
+        ImageData(_jpeg((4000, 3000), progressive=True), limits=limits)
+    assert e.value.reason == "memory_budget" and "DCT coefficients" in str(e.value)
+    baseline = ImageData(_jpeg((4000, 3000)), limits=limits)  # single scan: decoded reduced, as before
+    assert baseline.decode_cost <= 20 << 20 and baseline.rgb.size[0] <= 2000
+    small = ImageData(_jpeg((400, 300), progressive=True))
+    assert small.decode_cost >= 400 * 300 * (3 + 3)  # output + 4:2:0 coefficients, in the budget's reservation
+
+
+def test_multi_scan_jpeg_is_recognised_from_its_first_scan():
+    from detectors.imagedata import _jpeg_multi_scan
+
+    baseline = _jpeg((64, 48))
+    assert not _jpeg_multi_scan(baseline)
+    assert _jpeg_multi_scan(_jpeg((64, 48), progressive=True))
+    sos = baseline.index(b"\xff\xda")
+    one_component = baseline[: sos + 4] + b"\x01" + baseline[sos + 5:]  # a non-interleaved first scan
+    assert _jpeg_multi_scan(one_component)
+    assert _jpeg_multi_scan(b"\xff\xd8\x00garbage")  # unreadable: counted as the costlier kind
+
+
+def test_decoded_views_share_one_full_size_decode():
+    # A PNG has no reduced decode: the hashing thumbnail was a second full
+    # decode held next to ``rgb``, each made through two more full-size
+    # copies (EXIF transpose, same-mode convert) -- 6x the budgeted bytes.
+    buf = io.BytesIO()
+    scene(5, (600, 400)).save(buf, "PNG")
+    image = ImageData(buf.getvalue())
+    assert image.thumbnail(128) is image.rgb
+
+
+def test_decoded_pixels_do_not_keep_the_decoder_alive():
+    # WebP's decoder keeps its canvas and the frame it returned (2x the image)
+    # for as long as the file object lives: the pixels are handed out without it.
+    from PIL import ImageFile
+
+    buf = io.BytesIO()
+    scene(6, (300, 200)).save(buf, "WEBP")
+    image = ImageData(buf.getvalue())
+    assert not isinstance(image.rgb, ImageFile.ImageFile)
+    assert not isinstance(image.pixels("RGB", oriented=False), ImageFile.ImageFile)
+
+
+def test_exif_rotation_of_a_png_is_applied_in_place():
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    buf = io.BytesIO()
+    scene(7, (300, 200)).save(buf, "PNG", exif=exif.tobytes())
+    image = ImageData(buf.getvalue())
+    assert image.rgb.size == (200, 300) and image.pixels(oriented=False).size == (300, 200)
+
+
+def _rss_mib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) >> 10 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc")
+def test_memory_of_a_large_decode_is_given_back_after_analysis(tmp_path):
+    # Freed pixel buffers stayed in the decoding thread's malloc arena: a
+    # pipeline worker peaked at 1.8 GB after three pictures under the budget.
+    import threading
+
+    from streams.analyze import Analyzer
+    from streams.records import SourceRef
+    from streams.settings import Settings
+    from tests.hostile.corpus import rgba_png_bomb
+
+    analyzer = Analyzer(Settings(data_dir=tmp_path), tmp_path / "blobs")
+    event = __import__("streams.records", fromlist=["ImageEvent"]).ImageEvent.model_validate(
+        {"event_id": "big", "platform": "x", "account_id": "a", "posted_at": "2026-01-01T00:00:00Z",
+         "image": {"url": "https://example.com/a.png"}})
+    before = _rss_mib()
+    for i in range(3):  # each in its own thread, as the pipeline's to_thread pool does
+        data = rgba_png_bomb(3000 + i, 3000)  # ~36 MB of RGBA each, different bytes
+        t = threading.Thread(target=analyzer.analyze, args=(event, data, SourceRef(topic="t", partition=0, offset=i)))
+        t.start()
+        t.join()
+    grown = _rss_mib() - before
+    assert grown < 80, f"worker kept {grown} MiB after its analyses ended"
