@@ -14,6 +14,7 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+from PIL import Image
 
 from detectors.base import Detector, Evidence, EvidenceKind, register
 from detectors.imagedata import ImageData
@@ -29,13 +30,19 @@ MAX_PAYLOAD_BYTES = 1 << 20  # parameters are a few KiB; never unpack more than 
 _LOSSLESS_FORMATS = frozenset({"PNG", "WEBP", "TIFF"})
 
 
-def _lsb_stream(pixels: np.ndarray, n_bits: int) -> np.ndarray:
-    """The first ``n_bits`` LSBs in the extension's order. ``pixels`` is
-    (H, W) for alpha or (H, W, 3) for RGB; only the columns needed are touched."""
-    h = pixels.shape[0]
-    per_pixel = 1 if pixels.ndim == 2 else pixels.shape[2]
-    cols = min(pixels.shape[1], -(-n_bits // (h * per_pixel)))
-    part = pixels[:, :cols]
+def _per_pixel(mode: str) -> int:
+    return 1 if mode == "alpha" else 3
+
+
+def _lsb_stream(img: Image.Image, mode: str, n_bits: int) -> np.ndarray:
+    """The first ``n_bits`` LSBs in the extension's order, from the alpha
+    channel (``mode`` "alpha", an RGBA ``img``) or R, G, B ("rgb"). Bits run
+    column-major, so only the first columns are read: as an array, the whole
+    picture would be another full-size copy outside the decode budget."""
+    w, h = img.size
+    cols = min(w, -(-n_bits // (h * _per_pixel(mode))))
+    part = np.asarray(img.crop((0, 0, cols, h)))
+    part = part[..., 3] if mode == "alpha" else part[..., :3]
     part = part.T if part.ndim == 2 else part.transpose(1, 0, 2)
     return (part.reshape(-1)[:n_bits] & 1).astype(np.uint8)
 
@@ -48,12 +55,13 @@ def _gunzip(data: bytes) -> bytes | None:
         return None
 
 
-def read_stealth(pixels: np.ndarray, mode: str) -> tuple[str, str] | None:
-    """(signature, text) when ``pixels`` carry stealth metadata, else None."""
-    capacity = pixels.size
+def read_stealth(img: Image.Image, mode: str) -> tuple[str, str] | None:
+    """(signature, text) when the ``mode`` ("alpha" or "rgb") channels of
+    ``img`` carry stealth metadata, else None."""
+    capacity = img.size[0] * img.size[1] * _per_pixel(mode)
     if capacity < _SIG_BITS + _LEN_BITS:
         return None
-    header = _lsb_stream(pixels, _SIG_BITS + _LEN_BITS)
+    header = _lsb_stream(img, mode, _SIG_BITS + _LEN_BITS)
     signature = np.packbits(header[:_SIG_BITS]).tobytes()
     compressed = _SIGNATURES[mode].get(signature)
     if compressed is None:
@@ -61,7 +69,7 @@ def read_stealth(pixels: np.ndarray, mode: str) -> tuple[str, str] | None:
     n_bits = int("".join(map(str, header[_SIG_BITS:])), 2)
     if n_bits <= 0 or n_bits % 8 or n_bits > min(capacity - _SIG_BITS - _LEN_BITS, MAX_PAYLOAD_BYTES * 8):
         return signature.decode(), ""  # the signature alone is the evidence
-    payload = np.packbits(_lsb_stream(pixels, _SIG_BITS + _LEN_BITS + n_bits)[_SIG_BITS + _LEN_BITS :]).tobytes()
+    payload = np.packbits(_lsb_stream(img, mode, _SIG_BITS + _LEN_BITS + n_bits)[_SIG_BITS + _LEN_BITS :]).tobytes()
     raw = _gunzip(payload) if compressed else payload
     return signature.decode(), (raw or b"").decode("utf-8", errors="replace")
 
@@ -79,10 +87,10 @@ class StealthPngInfoDetector(Detector):
         # alpha and RGB from one decode.
         header = image.header
         if "A" in header.getbands() or "transparency" in header.info:
-            rgba = np.asarray(image.pixels("RGBA", oriented=False))
-            found = read_stealth(rgba[..., 3], "alpha") or read_stealth(rgba[..., :3], "rgb")
+            rgba = image.pixels("RGBA", oriented=False)
+            found = read_stealth(rgba, "alpha") or read_stealth(rgba, "rgb")
         else:
-            found = read_stealth(np.asarray(image.pixels(oriented=False)), "rgb")
+            found = read_stealth(image.pixels(oriented=False), "rgb")
         if found is None:
             return []
         signature, text = found

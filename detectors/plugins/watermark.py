@@ -87,13 +87,18 @@ def decode(bits: np.ndarray, index: np.ndarray, length: int) -> np.ndarray:
     return (avg * 255 > 127).astype(np.uint8)
 
 
-def top_band(rgb: np.ndarray) -> np.ndarray:
-    """Full-width rows from the top, a multiple of 8 pixels (whole LL blocks),
+def band_rows(w: int, h: int) -> int:
+    """Rows of the top band: a multiple of 8 pixels (whole LL blocks),
     holding at most ``MAX_BLOCKS`` blocks."""
-    h, w = rgb.shape[:2]
     blocks_per_row = max(1, (w // 4 * 4 // 2) // BLOCK)
     block_rows = max(1, MAX_BLOCKS // blocks_per_row)
-    return rgb[: min(h, block_rows * 2 * BLOCK)]
+    return min(h, block_rows * 2 * BLOCK)
+
+
+def top_band(rgb: np.ndarray) -> np.ndarray:
+    """Full-width rows from the top (``band_rows``)."""
+    h, w = rgb.shape[:2]
+    return rgb[: band_rows(w, h)]
 
 
 def detect_marks(rgb: np.ndarray) -> list[dict[str, object]]:
@@ -101,7 +106,12 @@ def detect_marks(rgb: np.ndarray) -> list[dict[str, object]]:
     h, w = rgb.shape[:2]
     if h * w < MIN_PIXELS:
         return []
-    band = top_band(rgb)
+    return marks_in_band(top_band(rgb))
+
+
+def marks_in_band(band: np.ndarray) -> list[dict[str, object]]:
+    """Every known mark found in the top band (``band_rows``) of a picture."""
+    w = band.shape[1]
     found = []
     for order, bgr in (("bgr", band[:, :, ::-1]), ("rgb", band)):
         bits, index = block_bits(bgr, w)
@@ -142,7 +152,11 @@ class InvisibleWatermarkDetector(Detector):
         if w * h < MIN_PIXELS or jpeg_erased_mark(image.header):
             return []
         # The mark lives in the stored pixel grid, which an EXIF rotation would move.
-        found = detect_marks(np.asarray(image.pixels(oriented=False)))
+        # Only the top band is read: as an array, the whole picture would be one
+        # more full-size copy, outside the decode budget.
+        pixels = image.pixels(oriented=False)
+        rows = band_rows(w, h)
+        found = marks_in_band(np.asarray(pixels.crop((0, 0, w, rows)) if rows < h else pixels))
         if not found:
             return []
         best = min(found, key=lambda f: f["bit_errors"])
