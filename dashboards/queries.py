@@ -111,6 +111,12 @@ _WEBHOOK_FAILED = 'deepwatch_webhook_deliveries_total{outcome="failed"}'
 WEBHOOK_FAILURES_15M = f"sum({counted(_WEBHOOK_FAILED, '15m')}) > 0"
 ALERTS_RAISED_5M = f"sum({counted('deepwatch_alerts_total', '5m')})"
 WORKERS_DOWN = f"up{{{JOB}}} == 0"
+# No worker target at all: DNS or pod discovery finds none once every replica
+# is gone, and then there is no `up` series to be 0.
+NO_WORKERS = f"absent(up{{{JOB}}})"
+# A worker whose process answers /metrics while its event loop has stopped
+# beating (streams.metrics.LIVENESS_S; its /healthz already answers 503).
+WORKER_LOOP_SILENCE = f"time() - max by (instance) (deepwatch_loop_heartbeat_timestamp_seconds{{{JOB}}} > 0)"
 
 
 SINK_BEHIND_MAX = "max(deepwatch_sink_behind_seconds)"

@@ -19,6 +19,7 @@ from grafana_foundation_sdk.models.alerting import RelativeTimeRange
 from dashboards import desk
 from dashboards import queries as q
 from dashboards.dashboard import DASHBOARD_UID, DATASOURCE_UID
+from streams.metrics import LIVENESS_S
 from streams.settings import AlertSettings
 
 RUNBOOK = "deploy/README.md#"  # one section per alert, anchored by the lower-cased alert name
@@ -26,6 +27,7 @@ DEAD_LETTER_RATIO_MAX = 0.2  # a fifth of the input unusable is an upstream or c
 STAGE_P95_MAX_S = 5.0  # fetch read timeout is 15 s; a p95 of 5 s means the feed is falling behind
 DESK_ERROR_RATIO_MAX = 0.05  # of desk requests answered 5xx over 10 minutes
 EVENT_TO_ALERT_P95_MAX_S = 60.0  # a bucket boundary of deepwatch_event_to_alert_seconds (tested)
+LOOP_SILENCE_MAX_S = int(LIVENESS_S)  # as the worker's own /healthz judges it
 
 
 def _rule(name: str, expr_: str, for_: str, severity: str, summary: str, description: str) -> dict[str, Any]:
@@ -53,6 +55,13 @@ def prometheus_rules() -> dict[str, Any]:
             _rule("DeepwatchWorkerDown", q.WORKERS_DOWN, "5m", "critical",
                   "deepwatch worker {{ $labels.instance }} is not answering /metrics",
                   "The worker process is down or its metrics port is unreachable."),
+            _rule("DeepwatchNoWorkers", q.NO_WORKERS, "5m", "critical",
+                  "No deepwatch worker is being scraped",
+                  "Every pipeline and detect worker is gone (or Prometheus discovers none): nothing is analysed."),
+            _rule("DeepwatchWorkerLoopStalled", f"{q.WORKER_LOOP_SILENCE} > {LOOP_SILENCE_MAX_S}", "2m", "critical",
+                  "deepwatch worker {{ $labels.instance }}: event loop silent for {{ $value | humanizeDuration }}",
+                  "The process answers /metrics but its event loop has stopped: it consumes nothing. "
+                  "Its /healthz answers 503, so a liveness probe restarts it; elsewhere restart it by hand."),
             _rule("DeepwatchWebhookFailures", q.WEBHOOK_FAILURES_15M, "5m", "warning",
                   "Webhook deliveries to alert subscribers are failing",
                   "Deliveries gave up after retries; subscribers are missing alerts. Check the receiver, "

@@ -239,6 +239,25 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                     {"eval_time": "35m", "alertname": "DeepwatchEventToAlertLatencyHigh", "exp_alerts": []},
                 ],
             },
+            {   # w1's loop stops beating at 5 m while w2's goes on; then every worker target disappears
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_loop_heartbeat_timestamp_seconds{job="deepwatch",instance="w1"}',
+                     "values": "0+60x5 300x35"},
+                    {"series": 'deepwatch_loop_heartbeat_timestamp_seconds{job="deepwatch",instance="w2"}',
+                     "values": "0+60x40"},
+                    {"series": 'up{job="deepwatch",instance="w1"}', "values": "1x20"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "6m", "alertname": "DeepwatchWorkerLoopStalled", "exp_alerts": []},
+                    {"eval_time": "12m", "alertname": "DeepwatchWorkerLoopStalled", "exp_alerts": [_expected_alert(
+                        "DeepwatchWorkerLoopStalled", {"instance": "w1"},
+                        summary="deepwatch worker w1: event loop silent for 7m 0s")]},
+                    {"eval_time": "15m", "alertname": "DeepwatchNoWorkers", "exp_alerts": []},
+                    {"eval_time": "35m", "alertname": "DeepwatchNoWorkers",
+                     "exp_alerts": [_expected_alert("DeepwatchNoWorkers", {"job": "deepwatch"})]},
+                ],
+            },
             {   # the findings store cannot answer the event-id lookup: every event dead-lettered in "dedupe"
                 "interval": "1m",
                 "input_series": [
