@@ -283,3 +283,19 @@ def test_stop_ends_a_long_rate_limit_wait(tmp_path):
         asyncio.run(run_until(runner, lambda: len(server.stream_requests) >= 1 and time.monotonic() - t0 > 0.5,
                               timeout=5))
         assert time.monotonic() - t0 < 4  # Ctrl-C / SIGTERM does not wait out the two minutes
+
+
+def test_an_event_without_end_is_cut_at_the_frame_cap_not_held(tmp_path, caplog):
+    # httpx-sse reads a line until its newline: a server streaming one endless
+    # "data:" line made the connector hold all of it. The stream is capped per
+    # event (bytes between blank lines) at connectors.max_frame_bytes.
+    blocks, _, _ = recorded()
+    endless = "event: update\ndata: " + "x" * 300_000  # no end, and over the cap
+    script = MastodonScript(streams=[blocks[:2] + [endless], blocks[2:4]], drop=True)
+    s = settings_for(tmp_path, max_frame_bytes=64 * 1024)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    with MastodonServer(script) as server, caplog.at_level(logging.WARNING, "deepwatch.connectors.mastodon"):
+        runner = build_mastodon(s, sink, open_state(s, "m"), instance=server.url, timeline="public")
+        asyncio.run(run_until(runner, lambda: len(server.stream_requests) >= 2 and len(sink.events) >= 2))
+    assert len(server.stream_requests) >= 2 and sink.events  # cut, reconnected, still reading
+    assert any("over 65536 bytes" in str(getattr(r, "error", "")) for r in caplog.records)

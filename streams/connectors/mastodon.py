@@ -160,6 +160,63 @@ class MastodonMapper:
         return Mapped(outcome, events=events, cursor=cursor)
 
 
+class TooLarge(httpx.TransportError):
+    """A response (a REST page) or one streamed event larger than the cap."""
+
+
+class _CappedStream(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, limit: int, per_event: bool):
+        self.inner, self.limit, self.per_event = inner, limit, per_event
+
+    async def __aiter__(self):
+        pending = 0  # bytes since the last event boundary (a blank line) or since the start
+        tail = b""
+        async for chunk in self.inner:
+            pending += len(chunk)
+            if self.per_event:
+                window = tail + chunk
+                cut = max(window.rfind(b"\n\n"), window.rfind(b"\r\n\r\n"))
+                if cut >= 0:
+                    pending = len(window) - cut
+                tail = window[-3:]
+            if pending > self.limit:
+                what = "one event of the stream" if self.per_event else "the response"
+                raise TooLarge(f"{what} is over {self.limit} bytes (connectors.max_frame_bytes)")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class CappedTransport(httpx.AsyncBaseTransport):
+    """Bounds what an instance can make the connector hold: a REST page at
+    most ``PAGE_FACTOR`` x ``limit`` bytes, a streamed event (server-sent
+    events run for days) at most ``limit`` bytes between blank lines. httpx would otherwise read a
+    page, or a line without an end, into memory whole. Encoded answers are
+    refused: the cap counts bytes as received, and a compressed body would
+    inflate past it."""
+
+    # A page holds up to PAGE statuses, each far smaller than a streamed frame may be.
+    PAGE_FACTOR = 8
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, limit: int):
+        self.inner, self.limit = inner, limit
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            await response.aclose()
+            raise TooLarge(f"{request.url.host} answered with Content-Encoding {encoding!r} though asked for identity")
+        per_event = "text/event-stream" in request.headers.get("accept", "")
+        cap = self.limit if per_event else self.limit * self.PAGE_FACTOR
+        response.stream = _CappedStream(response.stream, cap, per_event)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def stream_path(timeline: Timeline, hashtag: str | None) -> str:
     if timeline == "hashtag":
         return f"/api/v1/streaming/hashtag?{urlencode({'tag': hashtag})}"
@@ -227,8 +284,10 @@ class MastodonConnector:
         headers = {"User-Agent": "deepwatch-connector (+https://github.com/deepwatch)"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        headers["Accept-Encoding"] = "identity"  # the caps below count bytes as they come (no bomb to inflate)
         self.client = client or httpx.AsyncClient(
             headers=headers, trust_env=False,
+            transport=CappedTransport(httpx.AsyncHTTPTransport(), cfg.max_frame_bytes),
             timeout=httpx.Timeout(cfg.idle_timeout_s, connect=cfg.connect_timeout_s),
         )
         self.last_event_id: str | None = None  # only servers that send SSE ids set this
