@@ -228,6 +228,8 @@ def test_error_lines_stay_one_line_on_a_narrow_terminal(tmp_path):
     assert r.stderr.splitlines() == [one_line_error(r)] and r.stderr.count("cannot reach") == 1
     r = deepwatch("grafana", "provision", "--url", "http://127.0.0.1:1", "--token", "t", env=narrow)
     assert r.stderr.splitlines() == ["error: cannot reach Grafana at http://127.0.0.1:1: Connection refused"]
+    r = deepwatch("grafana", "provision", "--url", "grafana.example", "--token", "t")
+    assert r.returncode == 2 and "not an http(s) URL" in r.stderr  # was requests' "Invalid URL '://None/...'"
 
 
 def test_desk_user_on_a_broken_users_file_or_a_settings_like_variable(tmp_path):

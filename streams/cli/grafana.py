@@ -36,6 +36,8 @@ def provision(
 
     if not url:
         raise typer.BadParameter("give the Grafana URL, e.g. --url https://grafana.example", param_hint="--url")
+    if not url.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{url!r} is not an http(s) URL; e.g. --url https://grafana.example", param_hint="--url")
     if not token:
         raise typer.BadParameter("set GRAFANA_TOKEN to a service-account token (or pass --token)", param_hint="--token")
     try:
