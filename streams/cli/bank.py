@@ -71,8 +71,8 @@ def _expand(paths: list[Path]) -> list[Path]:
 
 @bank_app.command("add")
 def add(
-    name: str = typer.Argument(..., help="Bank name, e.g. afp-debunked."),
-    paths: list[Path] = typer.Argument(..., help="Image files and/or directories (searched recursively)."),
+    name: str = typer.Argument(..., metavar="NAME", help="Bank name, e.g. afp-debunked."),
+    paths: list[Path] = typer.Argument(..., metavar="PATHS", help="Image files and/or directories (searched recursively)."),
     verdict: str = _Verdict,
     data_dir: Optional[Path] = _DataDir,
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Add the readable files and list the others, instead of adding nothing."),
@@ -135,8 +135,8 @@ def _check_bank_verdict(store: Any, name: str, verdict: str) -> None:
 
 @bank_app.command("import")
 def import_(
-    name: str = typer.Argument(..., help="Bank name."),
-    csv_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="CSV with a 'pdq' (64 hex) and/or 'phash' (16 hex) column; optional id, label, quality."),
+    name: str = typer.Argument(..., metavar="NAME", help="Bank name."),
+    csv_path: Path = typer.Argument(..., metavar="CSV", exists=True, dir_okay=False, help="CSV with a 'pdq' (64 hex) and/or 'phash' (16 hex) column; optional id, label, quality."),
     verdict: str = typer.Option("fake", "--verdict", help="'fake' (default: shared lists are usually debunked material) or 'authentic'."),
     data_dir: Optional[Path] = _DataDir,
 ) -> None:
@@ -176,7 +176,7 @@ def list_(data_dir: Optional[Path] = _DataDir, fmt: str = _Format) -> None:
 
 @app.command("similar")
 def similar(
-    image: Path = typer.Argument(..., exists=True, dir_okay=False, help="Image file to look up."),
+    image: Path = typer.Argument(..., metavar="IMAGE", exists=True, dir_okay=False, help="Image file to look up."),
     data_dir: Optional[Path] = _DataDir,
     fmt: str = typer.Option("json", "--format", "-f", help="json (an array, nearest first; [] when nothing is near) or table."),
     store_url: Optional[str] = typer.Option(None, "--store", help="Findings store: es://HOST:9200 or https://HOST:9200 (bit-vector kNN); default the SQLite file in --data-dir."),

@@ -173,7 +173,7 @@ def _render_table(results: list[dict[str, Any]], console: Console) -> None:
 @app.command("detect")
 def detect(
     paths: list[Path] = typer.Argument(
-        ..., help="Image files or directories (searched recursively for image files).", show_default=False
+        ..., metavar="PATHS", help="Image files or directories (searched recursively for image files).", show_default=False
     ),
     output_format: OutputFormat = typer.Option(
         OutputFormat.json, "--format", "-f", help="json: a JSON array on stdout, one object per file; table: a rich table."

@@ -64,7 +64,7 @@ def _model_dir(config: Path | None, data_dir: Path | None, model_dir: Path | Non
 
 @models_app.command("fetch")
 def fetch_cmd(
-    name: Annotated[str, typer.Argument(help="Name to store the model under (used by --model / detect.models).")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Name to store the model under (used by --model / detect.models).")],
     url: Annotated[
         Optional[str], typer.Option("--url", help="https URL, file:// URL or local path of the .safetensors weights.")
     ] = None,
@@ -336,7 +336,7 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
 @app.command("eval")
 def eval_cmd(
     sources: Annotated[
-        list[Path], typer.Argument(help="Labelled set(s): manifest.csv, a folder holding one, or a folder with real/ and ai/ (or fake/).")
+        list[Path], typer.Argument(metavar="SOURCES", help="Labelled set(s): manifest.csv, a folder holding one, or a folder with real/ and ai/ (or fake/).")
     ],
     model: Annotated[list[str], typer.Option("--model", help="Model (or vendor:NAME) to evaluate, repeatable.")] = [],  # noqa: B006
     models: Annotated[bool, typer.Option(

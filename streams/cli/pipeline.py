@@ -169,7 +169,7 @@ def _print_summary(summary, fmt_json: bool) -> None:
 
 @app.command(rich_help_panel="Run")
 def replay(
-    feed: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL file of schema-v1 events (see `deepwatch schema`)."),
+    feed: Path = typer.Argument(..., metavar="FEED", exists=True, dir_okay=False, help="JSONL file of schema-v1 events (see `deepwatch schema`)."),
     data_dir: Optional[Path] = DataDir,
     image_root: List[Path] = typer.Option([], "--image-root", help="Extra directory local image paths may point into (repeatable). The feed's own directory is always allowed."),
     broker: Optional[str] = Broker,
@@ -247,7 +247,7 @@ def demo(
 
 @app.command(rich_help_panel="Run")
 def ingest(
-    feed: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL file of schema-v1 events."),
+    feed: Path = typer.Argument(..., metavar="FEED", exists=True, dir_okay=False, help="JSONL file of schema-v1 events."),
     broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT of the running pipeline's broker (`deepwatch broker` prints it); default: DEEPWATCH_BROKER."),
     config: Optional[Path] = Config,
 ) -> None:

@@ -130,7 +130,7 @@ def _when(value: Optional[str], flag: str) -> Optional[datetime]:
 
 @app.command(rich_help_panel="Findings")
 def search(
-    query: Optional[str] = typer.Argument(None, help="Full text over post texts and hashtags: words are ANDed, \"quoted phrases\" kept together."),
+    query: Optional[str] = typer.Argument(None, metavar="QUERY", help="Full text over post texts and hashtags: words are ANDed, \"quoted phrases\" kept together."),
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
     store_url: Optional[str] = StoreOpt,
     since: Optional[str] = typer.Option(None, help="Only clusters with a sighting posted at or after this ISO time (naive = UTC)."),

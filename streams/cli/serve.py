@@ -53,7 +53,7 @@ def serve(
 
 @app.command("desk-user", rich_help_panel="Desk")
 def desk_user(
-    name: str = typer.Argument(..., help="User name (letters, digits, . _ @ -)."),
+    name: str = typer.Argument(..., metavar="NAME", help="User name (letters, digits, . _ @ -)."),
     role: str = typer.Option("viewer", "--role", help="viewer (reads) or editor (reads and records verdicts)."),
     data_dir: Optional[Path] = DataDir,
     config: Optional[Path] = Config,
