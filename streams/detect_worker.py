@@ -14,6 +14,7 @@ answer is sent as soon as its picture is done.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import sys
@@ -88,14 +89,7 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
         return await asyncio.wrap_future(loading)
 
     async def analyse(sha256: str, batchers: list) -> tuple[list, str | None]:
-        try:
-            image = await asyncio.to_thread(lambda: ImageData(blobs.get(sha256)))
-            results = await asyncio.gather(*(b.submit(image) for b in batchers))
-            return [e.model_copy(update={"sha256": sha256}) for found in results for e in found], None
-        except Exception as e:
-            # Reported to the cluster so it stops waiting; its score simply lacks model evidence.
-            log.exception("model detection failed", extra={"sha256": sha256})
-            return [], f"{type(e).__name__}: {e}"
+        return await analyse_picture(sha256, lambda: blobs.get(sha256), batchers)
 
     @app.agent(requests)
     async def detect(stream):
@@ -145,6 +139,39 @@ async def answer(raws: list[bytes], analyse: Callable[[str], Awaitable[tuple[lis
         for task in found.values():
             task.cancel()
     return len(reqs)
+
+
+def _verified(sha256: str, data: bytes) -> ImageData:
+    """The picture ``sha256`` from its blob's bytes, which must still be it: a blob
+    damaged on disk that still decodes would be scored as somebody else's pixels."""
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise ValueError(f"blob {sha256} is corrupt on disk: its bytes hash to {found}")
+    return ImageData(data, sha256=sha256)
+
+
+async def analyse_picture(sha256: str, read: Callable[[], bytes], batchers: list) -> tuple[list, str | None]:
+    """Evidence of every model for one picture, and an error line (None when all answered).
+    A model that fails costs only its own evidence, not that of the others; a picture that
+    cannot be read or decoded is an error for all. Reported to the cluster either way, so
+    it stops waiting; its score simply lacks that model's evidence."""
+    try:
+        image = await asyncio.to_thread(lambda: _verified(sha256, read()))
+    except Exception as e:
+        log.exception("model detection failed", extra={"sha256": sha256})
+        return [], f"{type(e).__name__}: {e}"
+    results = await asyncio.gather(*(b.submit(image) for b in batchers), return_exceptions=True)
+    evidence, errors = [], []
+    for b, found in zip(batchers, results):
+        if isinstance(found, BaseException):
+            if not isinstance(found, Exception):  # cancelled: the worker is stopping
+                raise found
+            log.error("model detection failed", exc_info=found,
+                      extra={"sha256": sha256, "model": getattr(b.detector, "name", "?")})
+            errors.append(f"{getattr(b.detector, 'name', '?')}: {type(found).__name__}: {found}")
+            continue
+        evidence.extend(e.model_copy(update={"sha256": sha256}) for e in found)
+    return evidence, ("; ".join(errors) or None)
 
 
 def coalesce(raws: list[bytes]) -> list[DetectRequest]:

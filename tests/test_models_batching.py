@@ -131,3 +131,54 @@ def test_a_backlog_holds_prepared_pixels_for_few_batches_and_still_fills_them() 
     assert det.concurrent_forwards == 1
     assert Slow.peak <= 2 * 4  # (forwards + 1) batches of 4
     assert det.batch_sizes == [4] * 5
+
+
+class FlatFails(CountingDetector):
+    """A model that cannot take a one-colour picture: ``mode`` says how it fails."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def infer(self, batch: torch.Tensor) -> np.ndarray:
+        flat = batch.flatten(2).std(2).amax(1) == 0  # one colour
+        out = super().infer(batch)
+        if self.mode == "raise" and bool(flat.any()):
+            raise RuntimeError("cannot take a flat picture")
+        if self.mode != "raise":
+            out[flat.numpy()] = float(self.mode)  # "nan", "inf"
+        return out
+
+
+def _flat() -> ImageData:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (90, 90, 90)).save(buf, format="PNG")
+    return ImageData(buf.getvalue())
+
+
+def _score_with_one_flat(det: CountingDetector) -> tuple[list, object]:
+    async def main() -> list:
+        async with MicroBatcher(det, max_batch=8, max_wait_ms=200) as mb:
+            return await asyncio.gather(*(mb.submit(im) for im in [_image(1), _flat(), _image(2), _image(3)]),
+                                        return_exceptions=True)
+
+    results = asyncio.run(main())
+    return [results[0], *results[2:]], results[1]
+
+
+def test_a_picture_the_model_cannot_take_fails_alone_not_its_whole_batch() -> None:
+    # was: the batch's forward raised and every picture in it got that error
+    det = FlatFails("raise")
+    good, flat = _score_with_one_flat(det)
+    assert isinstance(flat, RuntimeError)
+    assert [r[0].sha256 for r in good] == [_image(i).sha256 for i in (1, 2, 3)]
+    assert det.batch_sizes == [4, 1, 1, 1, 1]  # tried together first, then one by one
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_a_non_finite_logit_is_an_error_not_a_confident_real(bad: str) -> None:
+    # was: NaN became score 0.0 ("not AI", probability NaN) and reached fusion and the store
+    good, flat = _score_with_one_flat(FlatFails(bad))
+    assert isinstance(flat, ValueError) and "non-finite" in str(flat)
+    assert [r[0].sha256 for r in good] == [_image(i).sha256 for i in (1, 2, 3)]
+    assert all(np.isfinite(r[0].data["logit"]) for r in good)

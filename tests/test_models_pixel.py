@@ -349,3 +349,40 @@ def test_single_threaded_sessions_run_forwards_side_by_side(detector, monkeypatc
     results, batches = _through_batcher(detector, images, max_batch=2)
     assert batches == 2
     np.testing.assert_allclose([r[0].data["logit"] for r in results], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_thin_strip_is_cropped_without_upscaling_it_whole(monkeypatch) -> None:
+    # was: a 1x1600 strip (a few hundred bytes) was resized whole to 224x358400 first:
+    # 320 MB for three crops, per picture, on each of the prep threads at once
+    from PIL import Image
+
+    from detectors.models.checkpoint import InputSpec
+    from detectors.models.pixel_backbone import MAX_UPSCALED_PIXELS
+    from detectors.models.transforms import fit_to_input
+
+    sizes = []
+    resize = Image.Image.resize
+
+    def recording(self, size, *a, **k):
+        sizes.append(tuple(size))
+        return resize(self, size, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    strip = picture(3, (1, 1600))
+    crops = image_crops(strip, 3)
+    assert crops.shape == (3, 3, CROP, CROP) and np.isfinite(crops).all()
+    assert fit_to_input(picture(3, (1600, 2)), InputSpec(size=64)).size == (64, 64)
+    assert sizes and max(w * h for w, h in sizes) <= MAX_UPSCALED_PIXELS
+
+
+@pytest.mark.parametrize("size", [(200, 150), (100, 1000), (50, 50)])
+def test_pictures_of_ordinary_shape_are_upscaled_whole_as_before(size) -> None:
+    # the shipped head's numbers were measured on these pixels: unchanged
+    from PIL import Image
+
+    img = picture(5, size)
+    w, h = size
+    s = CROP / min(w, h)
+    big = img.resize((max(CROP, round(w * s)), max(CROP, round(h * s))), Image.BICUBIC)
+    old = np.stack([np.asarray(big.crop(b), dtype=np.uint8) for b in crop_boxes(*big.size, 3)])
+    assert np.array_equal(image_crops(img, 3), (old.transpose(0, 3, 1, 2).astype(np.float32) / 127.5) - 1.0)

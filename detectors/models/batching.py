@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from detectors.base import Evidence
 from detectors.imagedata import ImageData
@@ -129,12 +131,20 @@ class MicroBatcher:
                         p.future.set_exception(t)
                 if not ok:
                     return
-                stacked = det.stack([t for _, t in ok])
-                logits = await loop.run_in_executor(self._infer_pool, det.infer, stacked)
+                try:
+                    logits = await loop.run_in_executor(self._infer_pool, self._forward, [t for _, t in ok])
+                except Exception:
+                    if len(ok) == 1:
+                        raise
+                    # One picture the model cannot take must not cost the others their
+                    # results: each is run alone, and only the one(s) that fail again fail.
+                    log.warning("batch of %d failed in %s; running its pictures one by one",
+                                len(ok), det.name, exc_info=True)
+                    await asyncio.gather(*(self._run_alone(p, t) for p, t in ok))
+                    return
                 self.batches_run += 1
                 for (p, _), z in zip(ok, logits):
-                    if not p.future.done():
-                        p.future.set_result([det.to_evidence(p.image, float(z))])
+                    self._answer(p, float(z))
             else:
                 results = await loop.run_in_executor(
                     self._infer_pool, det.predict_batch, [p.image for p in batch]
@@ -151,6 +161,38 @@ class MicroBatcher:
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(e)
+
+    def _forward(self, prepared: list) -> Any:
+        """Stack and infer (on the inference pool: a stack of a full batch is tens of MB to copy)."""
+        det = self.detector
+        assert isinstance(det, StagedDetector)
+        return det.infer(det.stack(prepared))
+
+    async def _run_alone(self, p: _Pending, prepared: Any) -> None:
+        try:
+            logits = await asyncio.get_running_loop().run_in_executor(self._infer_pool, self._forward, [prepared])
+        except Exception as e:
+            log.exception("picture %s failed in %s", p.image.sha256, self.detector.name)
+            if not p.future.done():
+                p.future.set_exception(e)
+            return
+        self.batches_run += 1
+        self._answer(p, float(logits[0]))
+
+    def _answer(self, p: _Pending, logit: float) -> None:
+        """One submitter's evidence. A logit that is not a finite number (a model that overflowed:
+        fp16 on a GPU, a broken checkpoint) is that picture's error, never evidence: clamped, it
+        read as a confident "not AI" (score 0.0, probability NaN). A picture whose evidence
+        cannot be written fails alone."""
+        if p.future.done():
+            return
+        try:
+            if not math.isfinite(logit):
+                raise ValueError(f"{self.detector.name} gave a non-finite logit ({logit}) for {p.image.sha256}")
+            p.future.set_result([self.detector.to_evidence(p.image, logit)])  # type: ignore[attr-defined]
+        except Exception as e:
+            log.error("no evidence from %s for %s: %s", self.detector.name, p.image.sha256, e)
+            p.future.set_exception(e)
 
     async def close(self) -> None:
         if self._runner is not None:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from detectors.models.checkpoint import InputSpec
+from detectors.models.pixel_backbone import resized_crops
 
 
 def _resize_short(img: Image.Image, short: int) -> Image.Image:
@@ -40,7 +41,12 @@ def fit_to_input(img: Image.Image, spec: InputSpec) -> Image.Image:
     than the input are resized: resampling would blur the very pixel-level
     traces NPR-style models read."""
     if spec.mode == "resize" or min(img.size) < spec.size:
-        img = _resize_short(img, spec.size)
+        w, h = img.size
+        s = spec.size / min(w, h)
+        tw, th = max(spec.size, round(w * s)), max(spec.size, round(h * s))
+        left, top = (tw - spec.size) // 4 * 2, (th - spec.size) // 4 * 2  # as ``_center_crop``
+        # resized whole (as ``_resize_short``) unless that is huge (a thin strip): then the crop's region alone
+        return resized_crops(img, (tw, th), [(left, top, left + spec.size, top + spec.size)])[0]
     return _center_crop(img, spec.size)
 
 
