@@ -355,7 +355,11 @@ class ClusterEngine:
             return self._reemit(state, out, None, already=True, get=get, merged=[])
         names = {e.detector for e in r.evidence}
         state.model_evidence = [e for e in state.model_evidence if e.detector not in names] + list(r.evidence)
-        state.models_pending = False
+        # Only the answer for the copy the models were last asked about ends the
+        # wait: an older copy's result (a better copy joined meanwhile) or a
+        # merged-away cluster's still leaves a request in flight.
+        if state.detect_sha256 in (None, r.sha256):
+            state.models_pending = False
         return self._commit(state, out, offset, None)
 
     def _commit(self, state: ClusterState, out: Outcome, offset: int, s: Sighting | None) -> Outcome:

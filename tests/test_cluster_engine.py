@@ -208,6 +208,15 @@ def test_a_clearly_better_copy_is_sent_to_the_models_again():
     assert big.snapshots[-1].cluster_id == cid
     assert [(r.cluster_id, r.sha256) for r in big.detect_requests] == [(cid, big.snapshots[-1].new_sighting.sha256)]
     assert h.get(cid).models_pending and h.get(cid).detect_sha256 == big.snapshots[-1].new_sighting.sha256
+    # The first copy's result arrives late: its evidence counts, but the better
+    # copy's request is still in flight (replay would stop waiting for it).
+    model_ev = Evidence(detector="model:clip-probe", score=0.6, weight=3.0, detail="clip-probe v1: 0.6")
+    h.apply(ClusterOp(kind="detection", detection=DetectionResult(
+        cluster_id=cid, sha256=small.snapshots[-1].new_sighting.sha256, evidence=[model_ev], models=["clip-probe"])))
+    assert h.get(cid).models_pending and h.get(cid).model_evidence == [model_ev]
+    h.apply(ClusterOp(kind="detection", detection=DetectionResult(
+        cluster_id=cid, sha256=big.snapshots[-1].new_sighting.sha256, evidence=[model_ev], models=["clip-probe"])))
+    assert not h.get(cid).models_pending
 
 
 def test_version_1_states_load_and_rebuild_next_to_version_2():
