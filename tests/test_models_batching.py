@@ -182,3 +182,13 @@ def test_a_non_finite_logit_is_an_error_not_a_confident_real(bad: str) -> None:
     assert isinstance(flat, ValueError) and "non-finite" in str(flat)
     assert [r[0].sha256 for r in good] == [_image(i).sha256 for i in (1, 2, 3)]
     assert all(np.isfinite(r[0].data["logit"]) for r in good)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_predict_batch_refuses_a_non_finite_logit_too(bad: str) -> None:
+    # `deepwatch detect` and eval call predict_batch, not the micro-batcher: a NaN
+    # logit was a confident "not AI" there. It raises (both retry image by image).
+    det = FlatFails(bad)
+    with pytest.raises(ValueError, match="non-finite"):
+        det.predict_batch([_image(1), _flat()])
+    assert [e.sha256 for e in det.predict_batch([_image(1)])] == [_image(1).sha256]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import ClassVar
@@ -76,8 +77,14 @@ class StagedDetector(BatchDetector):
 
     def predict_batch(self, images: list[ImageData]) -> list[Evidence]:
         """One Evidence per image, same order. Undecodable images raise
-        ``ImageRejected`` (the caller decoded the header already)."""
-        return [self.to_evidence(im, float(z)) for im, z in zip(images, self.logits(images))]
+        ``ImageRejected`` (the caller decoded the header already); a logit that
+        is not a finite number raises ValueError (callers retry image by image),
+        where ``to_evidence`` would have read it as a confident "not AI"."""
+        logits = [float(z) for z in self.logits(images)]
+        bad = [im.path or im.sha256 for im, z in zip(images, logits) if not math.isfinite(z)]
+        if bad:
+            raise ValueError(f"{self.name} gave a non-finite logit for {', '.join(bad[:3])}")
+        return [self.to_evidence(im, z) for im, z in zip(images, logits)]
 
     def analyze(self, image: ImageData) -> list[Evidence]:
         return self.predict_batch([image])
