@@ -20,9 +20,10 @@ one clear line saying so (``EsCompatError``).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dc_field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -36,7 +37,9 @@ from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, Source
 log = logging.getLogger("deepwatch.es")
 
 PROCESSED_MARGIN_MS = 30_000  # re-read window of processed_since and changes_since: refresh interval + writer clock skew
-MAX_CANDIDATES = 10_000  # index.max_result_window: a search matches at most this many clusters
+MAX_CANDIDATES = 10_000  # index.max_result_window: the most hits one search request may ask for
+MATCH_PAGE = 10_000  # composite-aggregation buckets per page (search.max_buckets is 65,536)
+ID_CHUNK = 10_000  # cluster ids per terms filter (index.max_terms_count is 65,536)
 PAGE = 1000
 STATS_CHUNK = 200  # clusters per sightings-statistics request
 
@@ -52,9 +55,9 @@ class EsCompatError(EsError):
 @dataclass(frozen=True)
 class EsConfig:
     url: str  # http(s)://host:port
-    api_key: str | None = None
+    api_key: str | None = dc_field(default=None, repr=False)  # secrets stay out of reprs, tracebacks and logs
     username: str | None = None
-    password: str | None = None
+    password: str | None = dc_field(default=None, repr=False)
     ca_certs: str | None = None
     verify_certs: bool = True
     request_timeout_s: float = 30.0
@@ -69,7 +72,8 @@ class EsConfig:
         parts = urlsplit(url)
         scheme = {"es": "http", "ess": "https"}.get(parts.scheme, parts.scheme)
         if scheme not in ("http", "https") or not parts.hostname:
-            raise EsError(f"cannot use {url!r} as an Elasticsearch address: give es://HOST:9200 or https://HOST:9200")
+            raise EsError(f"cannot use {_without_userinfo(url)!r} as an Elasticsearch address: "
+                          "give es://HOST:9200 or https://HOST:9200")
         if parts.username or parts.password:
             raise EsError("put Elasticsearch credentials in DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/"
                           "DEEPWATCH_ES_PASSWORD, not in the URL")
@@ -103,6 +107,18 @@ class EsConfig:
             if self.ca_certs:
                 kw["ca_certs"] = self.ca_certs
         return Elasticsearch(self.url, **kw)
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` as it may be shown: whatever precedes an ``@`` in its
+    authority (a user and password) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    return f"{scheme}{sep}{authority}{slash}{path}"
 
 
 def client_major() -> int:
@@ -157,7 +173,14 @@ def _reason(e: Any) -> str:
     body = getattr(e, "body", None)
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         err = body["error"]
-        return f"{err.get('type')}: {err.get('reason')}"
+        said = f"{err.get('type')}: {err.get('reason')}"
+        # "search_phase_execution_exception: all shards failed" says nothing:
+        # the shards' own refusal is the root cause
+        roots = err.get("root_cause") if isinstance(err.get("root_cause"), list) else []
+        root = roots[0] if roots and isinstance(roots[0], dict) else err.get("caused_by")
+        if isinstance(root, dict) and root.get("reason") and root.get("reason") != err.get("reason"):
+            said += f" ({root.get('type')}: {root.get('reason')})"
+        return said
     text = " ".join(str(getattr(e, "message", e)).split())  # one line, however the server formatted it
     return text if len(text) <= 200 else text[:200] + "..."
 
@@ -476,38 +499,60 @@ class EsFindingsStore:
 
     def search(self, q: ClusterQuery) -> list[ClusterRecord]:
         relevance: dict[str, float] | None = None
-        filters: list[dict[str, Any]] = []
+        chunks: list[list[str] | None] = [None]
         if q.sighting_filtered:
             relevance = self._matching_clusters(q)
             if not relevance:
                 return []
             ids = sorted(relevance)
-            filters.append({"bool": {"should": [{"terms": {"cluster_id": ids}}, {"terms": {"merged_from": ids}}],
-                                     "minimum_should_match": 1}})
+            # every matching cluster, however many: a terms filter per chunk
+            # (index.max_terms_count is 65,536), not only a first result window
+            chunks = [ids[i:i + ID_CHUNK] for i in range(0, len(ids), ID_CHUNK)]
+        base: list[dict[str, Any]] = []
         if q.verdict:
-            filters.append({"term": {"verdict": q.verdict}})
+            base.append({"term": {"verdict": q.verdict}})
         if q.min_score is not None:
-            filters.append({"range": {"fake_score": {"gte": q.min_score}}})
-        query = {"bool": {"filter": filters, "must_not": [{"exists": {"field": "merged_into"}}]}}
+            base.append({"range": {"fake_score": {"gte": q.min_score}}})
+
+        def query(chunk: list[str] | None) -> dict[str, Any]:
+            filters = list(base)
+            if chunk is not None:
+                filters.append({"bool": {"should": [{"terms": {"cluster_id": chunk}}, {"terms": {"merged_from": chunk}}],
+                                         "minimum_should_match": 1}})
+            return {"bool": {"filter": filters, "must_not": [{"exists": {"field": "merged_into"}}]}}
+
         sort = q.effective_sort
         if sort == "relevance":
-            hits = self._search(self.names["clusters"], query=query, size=MAX_CANDIDATES, source=_READ_SOURCE)
-            docs = [h["_source"] for h in hits["hits"]["hits"]]
-
-            def best(doc: dict) -> float:  # a survivor ranks by its best sighting, its own or a merged one's
-                ids = [doc["cluster_id"], *doc.get("merged_from", [])]
-                return max((relevance or {}).get(i, 0.0) for i in ids)
-
+            # rank every surviving cluster by its best sighting (its own or a
+            # merged one's), then velocity, from a few fields; build only the top
+            score_of = relevance or {}
+            rank: dict[str, tuple] = {}
+            for chunk in chunks:
+                for h in self._scan(self.names["clusters"], query(chunk), [{"cluster_id": "asc"}],
+                                    ["cluster_id", "merged_from", "velocity", "fake_score"]):
+                    d = h["_source"]
+                    v = d.get("velocity") or {}
+                    best = max(score_of.get(i, 0.0) for i in [d["cluster_id"], *(d.get("merged_from") or [])])
+                    rank[d["cluster_id"]] = (-best, -(v.get("sightings_5m") or 0), -(v.get("sightings_1h") or 0),
+                                             -round(d.get("fake_score") or 0.0, 4), d["cluster_id"])
+            top = {k[-1]: k for k in heapq.nsmallest(q.max_results, rank.values())}
             by_velocity = sort_key("velocity")
-            records = self._records(docs)
-            score = {d["cluster_id"]: best(d) for d in docs}
-            records.sort(key=lambda c: (-score[c.id], by_velocity(c)))
+            records = self.clusters_by_id(set(top))
+            records.sort(key=lambda c: (top[c.id][0], by_velocity(c)))
             return records[: q.max_results]
         # pre-select by the stream's values on the documents (a margin wide, as
         # the SQLite store does), then order by the exact counts shown
-        hits = self._search(self.names["clusters"], query=query, size=min(MAX_CANDIDATES, q.max_results * 4 + 100),
-                            sort=ES_SORT[sort], source=_READ_SOURCE)
-        records = self._records([h["_source"] for h in hits["hits"]["hits"]])
+        want = min(MAX_CANDIDATES, q.max_results * 4 + 100)
+        orders = [next(iter(x.values())) for x in ES_SORT[sort]]
+        picked: dict[str, tuple[tuple, dict[str, Any]]] = {}
+        for chunk in chunks:
+            hits = self._search(self.names["clusters"], query=query(chunk), size=want, sort=ES_SORT[sort],
+                                source=_READ_SOURCE)["hits"]["hits"]
+            for h in hits:
+                picked[h["_source"]["cluster_id"]] = (_sort_order_key(h.get("sort") or [], orders), h["_source"])
+            if len(picked) > want:  # the best ``want`` over the chunks so far
+                picked = dict(heapq.nsmallest(want, picked.items(), key=lambda kv: kv[1][0]))
+        records = self._records([doc for _key, doc in sorted(picked.values(), key=lambda kd: kd[0])])
         records.sort(key=sort_key(sort))
         return records[: q.max_results]
 
@@ -544,8 +589,9 @@ class EsFindingsStore:
 
     def _matching_clusters(self, q: ClusterQuery) -> dict[str, float]:
         """Cluster id (as recorded on the sighting) -> best score among the
-        sightings meeting every sighting-level condition: one hit per
-        cluster via field collapsing."""
+        sightings meeting every sighting-level condition (1.0 each unless
+        the search ranks by relevance): every matching cluster, one
+        composite-aggregation bucket each."""
         must: list[dict[str, Any]] = []
         if q.text:
             terms = text_terms(q.text)
@@ -568,10 +614,29 @@ class EsFindingsStore:
                                      "minimum_should_match": 1}})
         if q.hashtag:
             filters.append({"term": {"hashtags": q.hashtag}})
-        res = self._search(self.names["sightings"], query={"bool": {"must": must or [{"match_all": {}}], "filter": filters}},
-                           collapse={"field": "cluster_id"}, size=MAX_CANDIDATES, source=["cluster_id"],
-                           sort=["_score", {"cluster_id": "asc"}], track_scores=True)
-        return {h["_source"]["cluster_id"]: float(h.get("_score") or 0.0) for h in res["hits"]["hits"]}
+        query = {"bool": {"must": must or [{"match_all": {}}], "filter": filters}}
+        # Every matching cluster, paged (a composite aggregation): a collapsed
+        # search stops at index.max_result_window (10,000 clusters), and which
+        # 10,000 it keeps (by score, ties by id) is not what a sorted or a
+        # verdict-filtered search needs.
+        scored = q.effective_sort == "relevance"
+        out: dict[str, float] = {}
+        after: dict[str, Any] | None = None
+        while True:
+            comp: dict[str, Any] = {"size": MATCH_PAGE, "sources": [{"cluster_id": {"terms": {"field": "cluster_id"}}}]}
+            if after:
+                comp["after"] = after
+            agg: dict[str, Any] = {"composite": comp}
+            if scored:  # the best-matching sighting's score
+                agg["aggs"] = {"best": {"max": {"script": {"source": "_score"}}}}
+            res = self._search(self.names["sightings"], size=0, query=query, aggs={"clusters": agg})
+            part = (res.get("aggregations") or {}).get("clusters") or {}
+            buckets = part.get("buckets") or []
+            for b in buckets:
+                out[b["key"]["cluster_id"]] = float((b.get("best") or {}).get("value") or 0.0) if scored else 1.0
+            after = part.get("after_key")
+            if len(buckets) < MATCH_PAGE or not after:
+                return out
 
     def _records(self, docs: list[dict[str, Any]]) -> list[ClusterRecord]:
         live = [d for d in docs if not d.get("merged_into")]
@@ -718,6 +783,22 @@ ES_SORT = {
 }
 
 _READ_SOURCE = {"excludes": ["members.pdq_bits", "members.phash_bits", "sample_texts", "post_urls"]}
+
+
+def _sort_order_key(values: list, orders: list[str]) -> tuple:
+    """A hit's ``sort`` values as a Python key in the order ES sorted by
+    (missing values last, as ES puts them by default)."""
+    out = []
+    for v, order in zip(values, orders):
+        if isinstance(v, str) and v in ("Infinity", "-Infinity"):
+            v = float(v)
+        if v is None:
+            out.append((1, 0))
+        elif isinstance(v, str):  # keyword tie-breaker, ascending
+            out.append((0, v))
+        else:
+            out.append((0, -v if order == "desc" else v))
+    return tuple(out)
 
 
 def _live() -> dict[str, Any]:

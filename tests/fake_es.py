@@ -18,7 +18,13 @@ THIS IS A FAKE, kept honest in these ways:
   search_after, collapse, _source filtering, hybrid kNN on bit vectors
   (score = (bits - hamming) / bits, as ES documents for element_type bit)
   and the aggregations deepwatch asks for (filters, filter, terms,
-  cardinality - exact here, sum, top_hits).
+  cardinality - exact here, sum, max - of a field or of the script
+  ``_score`` -, composite with one terms source, top_hits);
+- and the search API's limits: ``from + size`` over index.max_result_window
+  (10,000) and a terms query over index.max_terms_count (65,536) are refused
+  with 400, as a server refuses them, and ``hits.total`` counts documents
+  (not collapsed groups) exactly only up to ``track_total_hits`` (default
+  10,000, then ``"relation": "gte"``).
 What it does NOT do: run painless (the one stored script deepwatch uses is
 emulated in Python by its id; a different id or source is refused), analyse
 text like ES (lowercase word tokens only; relevance is a plain tf-idf, not
@@ -98,6 +104,7 @@ class FakeElasticsearch:
         self.request_faults: list[tuple[Callable[[str, str], bool], int, dict, int]] = []
         self.item_faults: list[ItemFault] = []
         self._seq = 0
+        self._scores: dict[int, float] = {}
         self._server: ThreadingHTTPServer | None = None
 
     # -- lifecycle --------------------------------------------------------------
@@ -460,6 +467,15 @@ class FakeElasticsearch:
 
     # -- search -----------------------------------------------------------------
     def _search(self, expr: str, body: dict) -> dict[str, Any]:
+        # index.max_result_window (default 10,000) bounds from + size, search_after
+        # or not: a larger window is refused, not truncated (search-request-from-size)
+        window = body.get("from", 0) + body.get("size", 10)
+        if window > MAX_RESULT_WINDOW:
+            raise _Err(400, _search_phase_error(
+                "illegal_argument_exception",
+                f"Result window is too large, from + size must be less than or equal to: [{MAX_RESULT_WINDOW}] but was "
+                f"[{window}]. See the scroll api for a more efficient way to request large data sets. This limit can be "
+                "set by changing the [index.max_result_window] index level setting."))
         indices = self._targets(expr)
         mappings = {i: self.mappings(i) for i in indices}
         docs = [(i, did, src) for i in indices for did, src in self.docs[i].items()]
@@ -507,7 +523,13 @@ class FakeElasticsearch:
                 seen.add(key)
                 kept.append(h)
             hits = kept
-        total = len(hits)
+        # hits.total counts matching documents, not collapsed groups
+        # (collapse-search-results), exactly only up to track_total_hits
+        # (default 10,000; beyond it "gte" and the bound)
+        total, relation = len(scored), "eq"
+        track = body.get("track_total_hits", MAX_RESULT_WINDOW)
+        if track is not True and total > int(track):
+            total, relation = int(track), "gte"
         frm, size = body.get("from", 0), body.get("size", 10)
         page = hits[frm: frm + size]
         src_filter = body.get("_source", True)
@@ -521,12 +543,13 @@ class FakeElasticsearch:
             out_hits.append(hit)
         resp: dict[str, Any] = {
             "took": 2, "timed_out": False, "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0},
-            "hits": {"total": {"value": total, "relation": "eq"},
+            "hits": {"total": {"value": total, "relation": relation},
                      "max_score": max((h["_score"] for h in out_hits if h["_score"] is not None), default=None),
                      "hits": out_hits},
         }
         if body.get("aggs"):
             matched = [(k[0], by_key[k]) for k in scored]
+            self._scores = {id(by_key[k]): v for k, v in scored.items()}  # for a max of the script "_score"
             resp["aggregations"] = self._aggs(body["aggs"], matched, mappings, docs)
         return resp
 
@@ -563,6 +586,11 @@ class FakeElasticsearch:
             return self._term(src, f, [v], props), 1.0
         if kind == "terms":
             f, vs = next(iter(spec.items()))
+            if len(vs) > MAX_TERMS_COUNT:  # index.max_terms_count (query-dsl-terms-query)
+                raise _Err(400, _search_phase_error(
+                    "illegal_argument_exception",
+                    f"The number of terms [{len(vs)}] used in the Terms Query request has exceeded the allowed maximum of "
+                    f"[{MAX_TERMS_COUNT}]. This maximum can be set by changing the [index.max_terms_count] index level setting."))
             return self._term(src, f, list(vs), props), 1.0
         if kind == "ids":
             return did in spec["values"], 1.0
@@ -630,6 +658,35 @@ class FakeElasticsearch:
                 out[name] = b
             elif kind == "cardinality":
                 out[name] = {"value": len({v for _i, s in matched for v in _values(s, body["field"])})}
+            elif kind == "max":
+                if body.get("script") in ("_score", {"source": "_score"}, {"source": "_score", "lang": "painless"}):
+                    vals = [self._scores.get(id(s), 0.0) for _i, s in matched]
+                else:
+                    vals = [_as_num(v, False) for _i, s in matched for v in _values(s, body["field"])]
+                out[name] = {"value": max(vals) if vals else None}
+            elif kind == "composite":
+                # one terms source, keys ascending, paged by ``after`` (search-aggregations-bucket-composite)
+                [source] = body["sources"]
+                [(src_name, src_spec)] = source.items()
+                field_name = src_spec["terms"]["field"]
+                groups: dict[Any, list] = {}
+                for i, s in matched:
+                    for v in set(_values(s, field_name)):
+                        groups.setdefault(v, []).append((i, s))
+                keys = sorted(groups)
+                if body.get("after"):
+                    keys = [k for k in keys if k > body["after"][src_name]]
+                size = body.get("size", 10)
+                page_keys = keys[:size]
+                buckets = []
+                for k in page_keys:
+                    b = {"key": {src_name: k}, "doc_count": len(groups[k])}
+                    if sub:
+                        b.update(self._aggs(sub, groups[k], mappings, corpus))
+                    buckets.append(b)
+                out[name] = {"buckets": buckets}
+                if page_keys:
+                    out[name]["after_key"] = {src_name: page_keys[-1]}
             elif kind == "sum":
                 out[name] = {"value": float(sum(_as_num(v, False) for _i, s in matched for v in _values(s, body["field"])))}
             elif kind == "terms":
@@ -658,6 +715,19 @@ class FakeElasticsearch:
             else:
                 raise AssertionError(f"fake ES: aggregation {kind!r} not implemented")
         return out
+
+
+MAX_RESULT_WINDOW = 10_000  # index.max_result_window's default
+MAX_TERMS_COUNT = 65_536  # index.max_terms_count's default
+
+
+def _search_phase_error(kind: str, reason: str) -> dict[str, Any]:
+    """A shard-level refusal as the search API reports it: 400, all shards failed."""
+    cause = {"type": kind, "reason": reason}
+    return {"error": {"root_cause": [cause], "type": "search_phase_execution_exception", "reason": "all shards failed",
+                      "phase": "query", "grouped": True,
+                      "failed_shards": [{"shard": 0, "index": "fake", "node": "fake-node-0", "reason": cause}],
+                      "caused_by": cause}, "status": 400}
 
 
 class _Err(Exception):

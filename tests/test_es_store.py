@@ -184,18 +184,107 @@ def test_search_queries_sent(fake_es):
     s.refresh()
     n = len(fake_es.requests)
     s.search(ClusterQuery(text='harbour "fire"', platform="x", hashtag="#Breaking", verdict="likely-ai", min_score=0.5))
-    first, second, third = [r for r in fake_es.requests[n:] if r.path.endswith("/_search")]
+    first, second, third, fourth = [r for r in fake_es.requests[n:] if r.path.endswith("/_search")]
     assert first.path == "/deepwatch-sightings/_search"
     q = first.body["query"]["bool"]
     assert q["must"] == [{"multi_match": {"query": "harbour", "type": "phrase", "fields": ["text", "hashtags.text"]}},
                          {"multi_match": {"query": "fire", "type": "phrase", "fields": ["text", "hashtags.text"]}}]
     assert {"term": {"platform": "x"}} in q["filter"] and {"term": {"hashtags": "breaking"}} in q["filter"]
-    assert first.body["collapse"] == {"field": "cluster_id"}
+    # every matching cluster, paged, with its best sighting's score (not a collapsed first result window)
+    assert first.body["size"] == 0 and first.body["aggs"]["clusters"] == {
+        "composite": {"size": 10_000, "sources": [{"cluster_id": {"terms": {"field": "cluster_id"}}}]},
+        "aggs": {"best": {"max": {"script": {"source": "_score"}}}}}
     assert second.path == "/deepwatch-clusters/_search"
     f = second.body["query"]["bool"]
     assert {"term": {"verdict": "likely-ai"}} in f["filter"] and {"range": {"fake_score": {"gte": 0.5}}} in f["filter"]
     assert f["must_not"] == [{"exists": {"field": "merged_into"}}]
-    assert third.path == "/deepwatch-sightings/_search" and "by_cluster" in third.body["aggs"]
+    assert third.path == "/deepwatch-clusters/_search" and third.body["query"] == {"ids": {"values": ["c-fire"]}}
+    assert fourth.path == "/deepwatch-sightings/_search" and "by_cluster" in fourth.body["aggs"]
+    s.close()
+
+
+def _many_clusters(n: int) -> list:
+    """``n`` one-sighting clusters on x with the same post text: ``k00`` ...
+    in id order, the later ids the faster (and the only likely-AI ones in
+    the last quarter), so a store that keeps the first ids of a truncated
+    match list answers wrong."""
+    from datetime import timedelta
+
+    from streams.records import ClusterSnapshot, Engagement, Velocity
+    from tests.findings_fixture import T0, _member, _sighting
+
+    out = []
+    for i in range(n):
+        cid = f"k{i:02d}"
+        s = _sighting(i, (f"ev-{cid}", cid, "a", f"u{i}", None, "x", i, "harbour fire", ["fire"]))
+        likely = i >= n - n // 4
+        out.append(ClusterSnapshot(
+            cluster_id=cid, revision=1, fake_score=0.9 if likely else 0.3, verdict="likely-ai" if likely else "no-evidence",
+            evidence=[], members=[_member(s)], sightings=1, accounts=1, platforms=["x"], engagement=Engagement(),
+            velocity=Velocity(sightings_5m=i, sightings_1h=1),
+            first_seen=T0 + timedelta(minutes=i), last_seen=T0 + timedelta(minutes=i), new_sighting=s))
+    return out
+
+
+@pytest.mark.parametrize("query, expected", [
+    # a sorted search with a sighting filter: was the first result window of matching ids (k00..k19), then sorted
+    (dict(platform="x", sort="velocity", limit=3), ["k29", "k28", "k27"]),
+    # relevance with a cluster-level filter: the likely-AI clusters all lay beyond the first window, so none came back
+    (dict(text="harbour", verdict="likely-ai"), ["k29", "k28", "k27", "k26", "k25", "k24", "k23"]),
+])
+def test_search_sees_every_matching_cluster_beyond_one_result_window(fake_es, monkeypatch, tmp_path, query, expected):
+    """More matching clusters than index.max_result_window (shrunk here to 20
+    on both sides, with small pages and id chunks so paging and merging run):
+    the answer is SQLite's, not that of the first 10,000 clusters by id."""
+    import streams.es_store as es_store
+    import tests.fake_es as fake_mod
+    from streams.store import open_store
+
+    monkeypatch.setattr(fake_mod, "MAX_RESULT_WINDOW", 20)
+    monkeypatch.setattr(es_store, "MAX_CANDIDATES", 20)
+    monkeypatch.setattr(es_store, "MATCH_PAGE", 7, raising=False)
+    monkeypatch.setattr(es_store, "ID_CHUNK", 11, raising=False)
+    monkeypatch.setattr(es_store, "PAGE", 5)
+    s = _store(fake_es)
+    sq = open_store(tmp_path)
+    for snap in _many_clusters(30):
+        s.apply_snapshot(snap)
+        sq.apply_snapshot(snap)
+    s.refresh()
+    q = ClusterQuery(**query)
+    assert [c.id for c in sq.search(q)] == expected
+    assert [c.id for c in s.search(q)] == expected
+    assert not [r for r in fake_es.requests if r.path.endswith("/_search") and (r.body or {}).get("size", 10) > 20]
+    s.close(), sq.close()
+
+
+def test_fake_refuses_what_a_server_refuses_and_counts_totals_as_a_server_does(fake_es):
+    """index.max_result_window, index.max_terms_count, track_total_hits and
+    collapse totals, as the search API documents them."""
+    from elasticsearch import BadRequestError
+
+    s = _store(fake_es)
+    fill(s)
+    s.refresh()
+    with pytest.raises(BadRequestError, match="Result window is too large"):
+        s.es.search(index="deepwatch-sightings", size=10_001)
+    with pytest.raises(BadRequestError, match="max_terms_count"):
+        s.es.search(index="deepwatch-sightings", query={"terms": {"cluster_id": [str(i) for i in range(65_537)]}})
+    # hits.total counts documents, not collapsed groups
+    res = s.es.search(index="deepwatch-sightings", collapse={"field": "cluster_id"}, query={"match_all": {}})
+    assert res["hits"]["total"] == {"value": 7, "relation": "eq"} and len(res["hits"]["hits"]) == 4
+    res = s.es.search(index="deepwatch-sightings", track_total_hits=3, size=0)
+    assert res["hits"]["total"] == {"value": 3, "relation": "gte"}
+    s.close()
+
+
+def test_a_refused_search_names_the_shards_reason_not_only_all_shards_failed(fake_es):
+    s = _store(fake_es)
+    s.ensure_setup()
+    with pytest.raises(EsError) as e:
+        s._search("deepwatch-sightings", size=10_001)
+    # was "answered 400: search_phase_execution_exception: all shards failed"
+    assert "all shards failed (illegal_argument_exception: Result window is too large" in str(e.value), str(e.value)
     s.close()
 
 
@@ -281,6 +370,22 @@ def test_urls_and_credentials_come_from_the_environment():
     assert (c.url, c.username, c.password) == ("https://search.internal:9243", "u", "p")
     with pytest.raises(EsError, match="not in the URL"):
         EsConfig.from_url("https://elastic:secret@search.internal:9200", env={})
+
+
+@pytest.mark.parametrize("url", ["esx://elastic:hunter2@search.internal:9200", "https://elastic:hunter2@",
+                                 "ftp://elastic:hunter2@search.internal/x"])
+def test_a_refused_store_url_is_named_without_its_password(url):
+    with pytest.raises(EsError) as e:
+        EsConfig.from_url(url, env={})
+    assert "hunter2" not in str(e.value) and "elastic:" not in str(e.value), str(e.value)
+    assert "***@" in str(e.value)
+
+
+def test_the_config_repr_keeps_its_secrets():
+    c = EsConfig.from_url("es://search.internal", env={"DEEPWATCH_ES_API_KEY": "c2VjcmV0LWFwaS1rZXk=",
+                                                       "DEEPWATCH_ES_USERNAME": "u", "DEEPWATCH_ES_PASSWORD": "hunter2"})
+    assert "c2VjcmV0LWFwaS1rZXk=" not in repr(c) and "hunter2" not in repr(c) and "search.internal" in repr(c)
+    assert c.api_key == "c2VjcmV0LWFwaS1rZXk=" and c.password == "hunter2"
 
 
 def test_cli_reports_an_unreachable_store_in_one_line(tmp_path):
