@@ -198,10 +198,24 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+MAX_ID_BYTES = 512  # Elasticsearch refuses a longer _id, and in a bulk request the whole request (400)
+
+
+def doc_id(key: str) -> str:
+    """``key`` as a document ``_id``: itself, or its digest when over 512 UTF-8
+    bytes. An event id is at most 256 characters, which can be 1,024 bytes;
+    one such id in a bulk request made Elasticsearch refuse every document in
+    it (elastic/elasticsearch#54549). Deterministic, so a redelivery is still
+    the same document."""
+    if len(key.encode()) <= MAX_ID_BYTES:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
 def dead_letter_key(dl: DeadLetter) -> str:
     """Same identity as the SQLite store: what the event is, not where it sat."""
     ident = dl.event_id or "sha256:" + hashlib.sha256((dl.payload_excerpt or dl.detail).encode()).hexdigest()
-    return f"{ident}/{dl.stage}/{dl.reason}"
+    return doc_id(f"{ident}/{dl.stage}/{dl.reason}")
 
 
 class EsFindingsStore:
@@ -294,7 +308,8 @@ class EsFindingsStore:
         out: list[tuple[dict, dict | None]] = []
         s = snap.new_sighting
         if s is not None:
-            out.append(({"create": {"_index": n["sightings"], "_id": s.event.event_id}}, sighting_doc(snap.cluster_id, s)))
+            out.append(({"create": {"_index": n["sightings"], "_id": doc_id(s.event.event_id)}},
+                        sighting_doc(snap.cluster_id, s)))
             # every offset, duplicates of an earlier event included: replay accounting
             out.append(processed_action(n["processed"], s.source, "sighting", s.event.event_id))
         sighting_params = None
@@ -824,7 +839,7 @@ def processed_action(index: str, source: Any, outcome: str, event_id: str | None
            "event_id": event_id, "@timestamp": _now()}
     if run:
         doc["run"] = run
-    return ({op: {"_index": index, "_id": f"{run}/{key}" if run else key}}, doc)
+    return ({op: {"_index": index, "_id": doc_id(f"{run}/{key}" if run else key)}}, doc)
 
 
 def _alert_from_doc(doc: dict[str, Any]) -> Alert:

@@ -327,6 +327,19 @@ class FakeElasticsearch:
 
     # -- bulk -------------------------------------------------------------------
     def _bulk(self, lines: list[dict]) -> dict[str, Any]:
+        # Request validation refuses the whole bulk request, not the one item
+        # (IndexRequest.validate; elastic/elasticsearch#54549).
+        headers, i = [], 0
+        while i < len(lines):
+            op, meta = next(iter(lines[i].items()))
+            headers.append(meta)
+            i += 1 if op == "delete" else 2
+        too_long = [m.get("_id") for m in headers if len(str(m.get("_id") or "").encode()) > 512]
+        if too_long:
+            n = len(str(too_long[0]).encode())
+            raise _Err(400, error_body("action_request_validation_exception",
+                                       f"Validation Failed: 1: id [{too_long[0]}] is too long, must be no longer "
+                                       f"than 512 bytes but was: {n};", 400))
         items = []
         i = 0
         while i < len(lines):

@@ -805,3 +805,23 @@ def test_the_desk_reads_only_the_clusters_that_changed_on_elasticsearch(fake_es,
     finally:
         close_sources(src, fresh)
         writer.close()
+
+
+def test_an_event_id_over_512_bytes_is_stored_under_its_digest(fake_es):
+    # An event id is at most 256 characters: as many as 1,024 UTF-8 bytes. Used
+    # as the sighting's _id it made Elasticsearch refuse the whole bulk request
+    # (400 for every document in it), so the sink stopped on one event.
+    from streams.es_store import doc_id
+
+    s = _store(fake_es)
+    snap = snapshots()[0]
+    long_id = "事" * 256
+    event = snap.new_sighting.event.model_copy(update={"event_id": long_id})
+    snap = snap.model_copy(update={"new_sighting": snap.new_sighting.model_copy(update={"event": event})})
+    s.apply_snapshot(snap)
+    stream = fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]
+    assert list(stream) == [doc_id(long_id)] and len(doc_id(long_id)) < 512
+    assert stream[doc_id(long_id)]["event_id"] == long_id
+    s.apply_snapshot(snap)  # redelivered: the same document, not a second one
+    assert len(fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]) == 1
+    s.close()
