@@ -29,9 +29,9 @@ import httpx
 
 from streams import metrics
 from streams.records import Alert, ClusterSnapshot, DeadLetter
-from streams.settings import FindingsSettings, Settings
+from streams.settings import FindingsSettings, Settings, WebhookSettings
 from streams.findings import FindingsStore, open_findings
-from streams.webhooks import WebhookError, deliver
+from streams.webhooks import WebhookError, deliver, target_label
 
 log = logging.getLogger("deepwatch.alerts")
 
@@ -83,22 +83,30 @@ class Sinks:
         await self._webhooks(alert)
 
     async def _webhooks(self, alert: Alert) -> None:
+        """Every receiver at once: a slow or failing one (its retries and
+        timeouts add up) must not hold back the others."""
         hooks = self.settings.alerts.webhooks
         if not hooks:
             return
         if self._client is None:
             self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
-        for hook in hooks:
-            if await asyncio.to_thread(self.store.delivered, alert.alert_id, hook.url):
-                continue
-            try:
-                status = await deliver(hook, alert, self._client)
-                metrics.WEBHOOKS.labels("delivered").inc()
-            except WebhookError as e:
-                status = f"failed: {e}"
-                metrics.WEBHOOKS.labels("failed").inc()
-                log.error("webhook delivery failed", extra={"alert_id": alert.alert_id, "error": str(e)})
-            await asyncio.to_thread(self.store.mark_delivered, alert.alert_id, hook.url, status)
+        results = await asyncio.gather(*(self._webhook(hook, alert) for hook in hooks), return_exceptions=True)
+        for r in results:  # raised only once all are done, so none runs on unawaited
+            if isinstance(r, BaseException):
+                raise r
+
+    async def _webhook(self, hook: WebhookSettings, alert: Alert) -> None:
+        if await asyncio.to_thread(self.store.delivered, alert.alert_id, hook.url):
+            return
+        try:
+            status = await deliver(hook, alert, self._client)
+            metrics.WEBHOOKS.labels("delivered").inc()
+        except WebhookError as e:
+            status = f"failed: {e}"
+            metrics.WEBHOOKS.labels("failed").inc()
+            log.error("webhook delivery failed",
+                      extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
+        await asyncio.to_thread(self.store.mark_delivered, alert.alert_id, hook.url, status)
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import socketserver
 import threading
 import time
 from datetime import datetime, timezone
@@ -13,9 +16,9 @@ import pytest
 
 from detectors.base import Evidence
 from streams.records import Alert, Velocity
-from streams.settings import WebhookSettings
+from streams.settings import Settings, WebhookSettings
 from streams.webhooks import (
-    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookError, deliver, sign, verify,
+    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookError, deliver, sign, target_label, verify,
 )
 
 SECRET = "s3cret-for-tests"
@@ -42,6 +45,8 @@ class _Receiver(ThreadingHTTPServer):
         self.statuses = statuses
         self.requests: list[dict] = []
         self.lock = threading.Lock()
+        self.location: str | None = None  # sent with every answer when set
+        self.before_answer = lambda: None  # runs (outside the lock) before each answer
         super().__init__(("127.0.0.1", 0), _ReceiverHandler)
 
 
@@ -62,7 +67,11 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
                 "valid": verify(SECRET.encode(), self.headers[TIMESTAMP_HEADER], body, self.headers[SIGNATURE_HEADER]),
             })
             status = srv.statuses[min(n, len(srv.statuses) - 1)]
+        # getattr: tests/test_kill_drill.py serves this handler from its own server class
+        getattr(srv, "before_answer", lambda: None)()
         self.send_response(status)
+        if getattr(srv, "location", None):
+            self.send_header("Location", srv.location)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -87,10 +96,12 @@ def _hook(srv: _Receiver, retries: int) -> WebhookSettings:
     return WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=retries, timeout_s=2)
 
 
-def _deliver(hook: WebhookSettings, alert: Alert) -> str:
+def _deliver(hook: WebhookSettings, alert: Alert, *, within_s: float = 30, **client_kw) -> str:
+    """deliver() with a fresh client; a test fails (TimeoutError) rather
+    than hangs if it takes more than ``within_s``."""
     async def go() -> str:
-        async with httpx.AsyncClient(trust_env=False) as client:
-            return await deliver(hook, alert, client)
+        async with httpx.AsyncClient(trust_env=False, **client_kw) as client:
+            return await asyncio.wait_for(deliver(hook, alert, client), within_s)
 
     return asyncio.run(go())
 
@@ -176,3 +187,227 @@ def test_connection_refused_is_a_webhook_error(monkeypatch):
     hook = WebhookSettings(url=f"http://127.0.0.1:{port}/hook", secret_env=ENV, retries=0, timeout_s=1)
     with pytest.raises(WebhookError, match="ConnectError"):
         _deliver(hook, _alert())
+
+
+def test_verify_answers_false_to_garbage_headers():
+    body = b"{}"
+    ts = str(int(time.time()))
+    assert not verify(SECRET.encode(), ts, body, "sha256=\u00e9t\u00e9"), "non-ASCII signature: False, not TypeError"
+    assert not verify(SECRET.encode(), None, body, None), "missing headers"
+    for odd in ("nan", "inf"):  # float() accepts them; "nan" is never older than max_age_s
+        assert not verify(SECRET.encode(), odd, body, sign(SECRET.encode(), odd, body)), odd
+
+
+# -- hostile or broken receivers -----------------------------------------------
+class _RawServer(socketserver.ThreadingTCPServer):
+    """A receiver speaking raw HTTP/1.1: ``answer(sock, stop)`` writes whatever
+    it likes once the request has been read."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.stop = threading.Event()
+        super().__init__(("127.0.0.1", 0), _RawHandler)
+
+
+class _RawHandler(socketserver.StreamRequestHandler):
+    server: _RawServer
+
+    def handle(self) -> None:
+        length = 0
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        self.rfile.read(length)
+        try:
+            self.server.answer(self.connection, self.server.stop)
+        except OSError:
+            pass  # the client hung up: what these tests expect
+
+
+@pytest.fixture
+def raw_receiver():
+    servers: list[_RawServer] = []
+
+    def start(answer) -> _RawServer:
+        srv = _RawServer(answer)
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.stop.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+def _raw_hook(srv: _RawServer, timeout_s: float) -> WebhookSettings:
+    return WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0,
+                           timeout_s=timeout_s)
+
+
+def test_a_trickling_receiver_is_cut_off_at_timeout_s(raw_receiver, monkeypatch):
+    """httpx's timeout is per read: a header byte every 0.2 s never trips a
+    1 s read timeout, so without a total bound the delivery never ended."""
+    monkeypatch.setenv(ENV, SECRET)
+
+    def trickle(sock: socket.socket, stop: threading.Event) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\n")
+        while not stop.wait(0.2):
+            sock.sendall(b"X")
+
+    srv = raw_receiver(trickle)
+    started = time.monotonic()
+    with pytest.raises(WebhookError, match="no answer within 1 s"):
+        _deliver(_raw_hook(srv, timeout_s=1), _alert(), within_s=5)
+    assert time.monotonic() - started < 3
+
+
+def test_a_huge_answer_body_is_never_read(raw_receiver, monkeypatch):
+    """Only the status counts: a receiver announcing (and sending) 2 GB
+    is answered by closing the connection, not by buffering it."""
+    monkeypatch.setenv(ENV, SECRET)
+    sent = [0]
+
+    def flood(sock: socket.socket, stop: threading.Event) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2147483648\r\n\r\n")
+        chunk = b"x" * 65536
+        while not stop.is_set() and sent[0] < 2**31:
+            sock.sendall(chunk)
+            sent[0] += len(chunk)
+
+    srv = raw_receiver(flood)
+    assert _deliver(_raw_hook(srv, timeout_s=2), _alert(), within_s=5) == "delivered"
+    time.sleep(0.2)
+    assert sent[0] < 64 * 2**20, f"the client read {sent[0]} bytes of the answer"
+
+
+@pytest.mark.parametrize("follow", [False, True], ids=["plain-client", "client-following-redirects"])
+def test_redirects_are_neither_followed_nor_retried(receiver, monkeypatch, follow):
+    """A 307 would resend the signed alert wherever the receiver points
+    (an internal address included); a redirect is a configuration error."""
+    monkeypatch.setenv(ENV, SECRET)
+    elsewhere = receiver(200)
+    srv = receiver(307)
+    srv.location = f"http://127.0.0.1:{elsewhere.server_address[1]}/internal"
+    with pytest.raises(WebhookError, match="HTTP 307 redirect to http://127.0.0.1:.* not followed"):
+        _deliver(_hook(srv, retries=3), _alert(), follow_redirects=follow)
+    assert len(srv.requests) == 1, "a redirect is not retried"
+    assert elsewhere.requests == [], "the signed alert went where the redirect pointed"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/hook", "ftp://127.0.0.1/hook", "http:///hook"])
+def test_an_invalid_url_is_a_webhook_error(monkeypatch, url):
+    """Not an exception that stops the alert sink (a port out of range came
+    out of httpx as an ExceptionGroup)."""
+    monkeypatch.setenv(ENV, SECRET)
+    with pytest.raises(WebhookError, match="invalid webhook URL"):
+        _deliver(WebhookSettings(url=url, secret_env=ENV, retries=2, timeout_s=1), _alert(), within_s=5)
+
+
+def test_a_token_in_the_url_never_reaches_errors_or_logs(receiver, monkeypatch, tmp_path, caplog):
+    """Webhook URLs often carry their credential (path, query, user info):
+    failures and logs name the receiver by scheme, host and port only."""
+    monkeypatch.setenv(ENV, SECRET)
+    srv = receiver(500)
+    port = srv.server_address[1]
+    url = f"http://bob:PASSW0RD@127.0.0.1:{port}/hooks/T0KEN?key=K3Y"
+    assert target_label(url) == f"http://127.0.0.1:{port}"
+    sinks, store = _sinks(tmp_path, monkeypatch, WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2))
+    with caplog.at_level(logging.INFO):
+        asyncio.run(_sink_alert(sinks, _alert()))
+    [status] = store.delivery_status()["c-1:1"]
+    assert status["status"].startswith(f"failed: http://127.0.0.1:{port}: HTTP 500")
+    # httpx's own request log names the full URL; streams.logs.setup keeps it at WARNING
+    logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records if r.name != "httpx")
+    assert "webhook delivery failed" in logged
+    for secret in ("PASSW0RD", "T0KEN", "K3Y"):
+        assert secret not in status["status"] and secret not in logged, secret
+
+
+@pytest.fixture
+def fake_dns(monkeypatch):
+    """Host names of the tests' choosing (what a subscriber controls: its
+    own DNS), everything else resolved for real."""
+    names: dict[str, str] = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host in names:
+            return real(names[host], port, *args, **kwargs)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return names
+
+
+@pytest.mark.parametrize("host", ["169.254.169.254", "[fd00:ec2::254]", "[::ffff:169.254.169.254]", "metadata.hooks.test"])
+def test_metadata_and_link_local_receivers_are_refused(monkeypatch, fake_dns, host):
+    """Whether the URL names the address or a DNS name resolves there, no
+    request is made and nothing is retried."""
+    monkeypatch.setenv(ENV, SECRET)
+    fake_dns["metadata.hooks.test"] = "169.254.169.254"
+    hook = WebhookSettings(url=f"http://{host}/latest/meta-data/", secret_env=ENV, retries=3, timeout_s=1)
+    with pytest.raises(WebhookError, match="refused: .*cloud metadata addresses are never webhook receivers"):
+        _deliver(hook, _alert(), within_s=3)
+
+
+def test_the_checked_address_is_the_one_connected_to(receiver, monkeypatch, fake_dns):
+    """The host is resolved once, checked, and connected to by address with
+    the name in the Host header, so a second DNS answer cannot differ."""
+    monkeypatch.setenv(ENV, SECRET)
+    srv = receiver(200)
+    port = srv.server_address[1]
+    fake_dns["hooks.test"] = "127.0.0.1"
+    hook = WebhookSettings(url=f"http://hooks.test:{port}/hook", secret_env=ENV, retries=0, timeout_s=2)
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def counting(host, *args, **kwargs):
+        asked.append(host)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", counting)
+    assert _deliver(hook, _alert()) == "delivered"
+    [req] = srv.requests
+    assert req["headers"]["Host"] == f"hooks.test:{port}" and req["valid"]
+    assert asked.count("hooks.test") == 1, asked
+
+
+# -- the alert sink ----------------------------------------------------------------
+def _sinks(tmp_path, monkeypatch, *hooks: WebhookSettings):
+    from streams import webhooks
+    from streams.sinks import Sinks
+
+    monkeypatch.setattr(webhooks, "_gate", None)  # no ordering gate from another test's install_redelivery
+    settings = Settings(data_dir=tmp_path)
+    settings.alerts.console = False
+    settings.alerts.webhooks = list(hooks)
+    sinks = Sinks(settings)
+    return sinks, sinks.store
+
+
+async def _sink_alert(sinks, alert: Alert) -> None:
+    try:
+        await asyncio.wait_for(sinks.alert(alert.model_dump_json().encode()), 30)
+    finally:
+        if sinks._client is not None:
+            await sinks._client.aclose()
+
+
+def test_a_slow_receiver_does_not_hold_back_another(receiver, monkeypatch, tmp_path):
+    """The slow receiver only answers once the other one has its alert: one
+    after the other, it timed out waiting; side by side, both get it."""
+    monkeypatch.setenv(ENV, SECRET)
+    slow, fast = receiver(200), receiver(200)
+    fast_got = threading.Event()
+    slow.before_answer = lambda: fast_got.wait(4)
+    fast.before_answer = fast_got.set
+    sinks, store = _sinks(tmp_path, monkeypatch, _hook(slow, retries=0), _hook(fast, retries=0))
+    asyncio.run(_sink_alert(sinks, _alert()))
+    assert [s["status"] for s in store.delivery_status()["c-1:1"]] == ["delivered", "delivered"]
+    assert len(slow.requests) == len(fast.requests) == 1
