@@ -386,8 +386,10 @@ class EsFindingsStore:
         the next round."""
         ids = [h["_source"]["alert_id"] for h in self._scan(
             self.names["deliveries"],
+            # "rejected: ..." is left out here, not by a prefix query: a status longer than
+            # the keyword's ignore_above is not indexed, and no query on it would match
             {"bool": {"filter": [{"term": {"target": target}}], "must_not": [{"term": {"status": "delivered"}}]}},
-            [{"alert_id": "asc"}], ["alert_id"])]
+            [{"alert_id": "asc"}], ["alert_id", "status"]) if _still_failing(h["_source"].get("status"))]
         alerts: list[Alert] = []
         for i in range(0, len(ids), PAGE):
             alerts += [_alert_from_doc(h["_source"]) for h in self._scan(
@@ -410,7 +412,7 @@ class EsFindingsStore:
                 continue  # never attempted to this target: nothing to wait for
             except Exception as e:
                 raise explain(e, self.config.url) from None
-            if doc["_source"].get("status") != "delivered":
+            if _still_failing(doc["_source"].get("status")):
                 return True
         return False
 
@@ -798,6 +800,12 @@ ES_SORT = {
 }
 
 _READ_SOURCE = {"excludes": ["members.pdq_bits", "members.phash_bits", "sample_texts", "post_urls"]}
+
+
+def _still_failing(status: str | None) -> bool:
+    """A delivery redelivery will try again: ``failed: ...``. ``delivered`` is
+    done and ``rejected: ...`` never will be (the receiver refused it for good)."""
+    return bool(status) and not status.startswith(("delivered", "rejected"))
 
 
 def _sort_order_key(values: list, orders: list[str]) -> tuple:

@@ -21,7 +21,7 @@ WEBHOOKS = Counter("deepwatch_webhook_deliveries_total", "Webhook deliveries", [
 # Rare events' series exist at 0 from the start: a series born at 1 hides its
 # first event from increase() and from alert rules (dashboards/queries.counted).
 ALERTS.labels("1")
-for _outcome in ("delivered", "failed"):
+for _outcome in ("delivered", "failed", "rejected"):
     WEBHOOKS.labels(_outcome)
 STAGE_SECONDS = Histogram(
     "deepwatch_stage_seconds", "Time spent per stage",

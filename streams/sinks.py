@@ -31,7 +31,7 @@ from streams import metrics
 from streams.records import Alert, ClusterSnapshot, DeadLetter
 from streams.settings import FindingsSettings, Settings, WebhookSettings
 from streams.findings import FindingsStore, open_findings
-from streams.webhooks import WebhookError, deliver, target_label
+from streams.webhooks import WebhookError, deliver, delivery_status, target_label
 
 log = logging.getLogger("deepwatch.alerts")
 
@@ -102,8 +102,8 @@ class Sinks:
             status = await deliver(hook, alert, self._client)
             metrics.WEBHOOKS.labels("delivered").inc()
         except WebhookError as e:
-            status = f"failed: {e}"
-            metrics.WEBHOOKS.labels("failed").inc()
+            status = delivery_status(e)
+            metrics.WEBHOOKS.labels(status.split(":", 1)[0]).inc()  # failed | rejected
             log.error("webhook delivery failed",
                       extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
         await asyncio.to_thread(self.store.mark_delivered, alert.alert_id, hook.url, status)

@@ -312,11 +312,12 @@ class SqliteFindingsStore:
         return row[0] if row else None
 
     def failed_deliveries(self, target: str) -> list[Alert]:
-        """Alerts whose delivery to ``target`` failed, oldest first (per cluster
-        that is also level order), for redelivery."""
+        """Alerts whose delivery to ``target`` failed (and may still go
+        through: not ``rejected``), oldest first (per cluster that is also
+        level order), for redelivery."""
         rows = self._db.execute(
             """SELECT a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
-               WHERE d.target=? AND d.status != 'delivered' ORDER BY a.created_at, a.level, a.alert_id""",
+               WHERE d.target=? AND d.status LIKE 'failed%' ORDER BY a.created_at, a.level, a.alert_id""",
             (target,),
         ).fetchall()
         return [Alert.model_validate_json(doc) for doc, in rows]
@@ -325,7 +326,7 @@ class SqliteFindingsStore:
         """Whether an earlier alert of ``cluster_id`` still awaits delivery to ``target``."""
         row = self._db.execute(
             """SELECT 1 FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
-               WHERE d.target=? AND a.cluster_id=? AND a.level<? AND d.status != 'delivered' LIMIT 1""",
+               WHERE d.target=? AND a.cluster_id=? AND a.level<? AND d.status LIKE 'failed%' LIMIT 1""",
             (target, cluster_id, level),
         ).fetchone()
         return row is not None

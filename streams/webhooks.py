@@ -12,7 +12,8 @@ A delivery that still fails after its retries is not forgotten: the
 ``alerts.webhook_redeliver_s`` (and at worker start), oldest first, stopping
 at the first failure so a receiver that comes back gets every alert of a
 cluster in order. While an older alert of a cluster is undelivered, a newer
-one queues behind it rather than overtaking it.
+one queues behind it rather than overtaking it. An alert the receiver refuses
+for good (``WebhookRejected``) is recorded as ``rejected`` and skipped.
 
 Each attempt is bounded in total by the hook's ``timeout_s`` (a receiver
 trickling its answer cannot hold a delivery), the answer's body is never read
@@ -87,6 +88,13 @@ def verify(secret: bytes, timestamp: str | None, body: bytes, signature: str | N
     return hmac.compare_digest(sign(secret, timestamp, body).encode(), (signature or "").encode(errors="replace"))
 
 
+def delivery_status(e: WebhookError) -> str:
+    """The stored status of a delivery that did not go through: ``rejected:``
+    (for good: redelivery skips it, later alerts do not wait for it) or
+    ``failed:`` (tried again, and later alerts of its cluster queue behind it)."""
+    return f"{'rejected' if isinstance(e, WebhookRejected) else 'failed'}: {e}"
+
+
 def target_label(url: str) -> str:
     """``scheme://host[:port]`` of a webhook URL, for logs and delivery
     statuses: the path, query or user info of a webhook URL often holds a token."""
@@ -105,6 +113,13 @@ class WebhookError(Exception):
     pass
 
 
+class WebhookRejected(WebhookError):
+    """The receiver (or its URL) refused this alert for good: a 4xx other than
+    408/429, a redirect, an invalid or refused address. Recorded as
+    ``rejected``, not ``failed``: redelivery skips it, so one alert a receiver
+    will never take does not hold every later alert to it back forever."""
+
+
 async def deliver(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) -> str:
     """POST the alert; returns "delivered" or raises WebhookError after retries."""
     if _gate is not None and await _gate.earlier_pending(hook, alert):
@@ -119,7 +134,7 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
     shown = target_label(hook.url)
     problem = _url_problem(hook.url)
     if problem:
-        raise WebhookError(f"{shown}: invalid webhook URL ({problem})")
+        raise WebhookRejected(f"{shown}: invalid webhook URL ({problem})")
     body = alert.model_dump_json().encode()
     last = "no attempt"
     for attempt in range(hook.retries + 1):
@@ -135,11 +150,11 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
         except TimeoutError:
             last = f"no answer within {hook.timeout_s:g} s"
         except _Refused as e:
-            raise WebhookError(f"{shown}: refused: {e}") from None
+            raise WebhookRejected(f"{shown}: refused: {e}") from None
         except OSError as e:  # name resolution (socket.gaierror)
             last = f"cannot resolve: {e}"
         except (httpx.InvalidURL, UnicodeError) as e:  # what _url_problem did not catch (IDNA); never gets better
-            raise WebhookError(f"{shown}: invalid webhook URL ({type(e).__name__})") from None
+            raise WebhookRejected(f"{shown}: invalid webhook URL ({type(e).__name__})") from None
         except httpx.HTTPError as e:
             # httpx may quote the URL in its message; it can hold a token
             last = f"{type(e).__name__}: {e}".replace(hook.url, shown)
@@ -152,10 +167,9 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
                 # says, internal addresses included) and never retried: the
                 # configured URL is what has to change.
                 where = target_label(urljoin(hook.url, location)) if location else "no Location"
-                last += f" redirect to {where} not followed; update the webhook URL"
-                break
+                raise WebhookRejected(f"{shown}: {last} redirect to {where} not followed; update the webhook URL")
             if 400 <= status < 500 and status not in (408, 429):
-                break  # the receiver rejected it; retrying will not help
+                raise WebhookRejected(f"{shown}: {last}")  # the receiver rejected it; retrying will not help
         if attempt < hook.retries:
             await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
     raise WebhookError(f"{shown}: {last}")
@@ -266,8 +280,14 @@ class Redeliverer:
                 for alert in await asyncio.to_thread(lambda: self._db().failed_deliveries(hook.url)):
                     try:
                         status = await _post(hook, alert, self._client)
+                    except WebhookRejected as e:
+                        rejected = delivery_status(e)
+                        await asyncio.to_thread(lambda: self._db().mark_delivered(alert.alert_id, hook.url, rejected))
+                        log.error("webhook receiver rejected an alert for good; going on with the next",
+                                  extra={"alert_id": alert.alert_id, "error": str(e)})
+                        continue
                     except WebhookError as e:
-                        failed = f"failed: {e}"
+                        failed = delivery_status(e)
                         await asyncio.to_thread(lambda: self._db().mark_delivered(alert.alert_id, hook.url, failed))
                         log.warning("webhook redelivery failed; will retry", extra={"alert_id": alert.alert_id, "error": str(e)})
                         break  # still down: keep the order, try again next round

@@ -671,9 +671,11 @@ def test_failed_deliveries_order_gate_and_status_match_sqlite(fake_es, tmp_path)
         s.mark_delivered("c-fire:1", hook, "failed: HTTP 503 " + "x" * 1100)  # longer than keyword ignore_above
         s.mark_delivered("c-pope:1", hook, "delivered")
         s.mark_delivered("c-fire:1", other, "delivered")
+        s.mark_delivered("c-fire:2", other, "rejected: HTTP 400")  # for good: neither redelivered nor a gate
         getattr(s, "refresh", lambda: None)()
         r = {"failed": [a.model_dump(mode="json") for a in s.failed_deliveries(hook)],
              "failed_other": s.failed_deliveries(other),
+             "gate_rejected": s.undelivered_before(other, "c-fire", 3),
              "gate": [s.undelivered_before(hook, "c-fire", 2), s.undelivered_before(hook, "c-fire", 1),
                       s.undelivered_before(other, "c-fire", 2), s.undelivered_before(hook, "c-pope", 5)],
              "status": {k: sorted((d["target"], d["status"][:20]) for d in v) for k, v in s.delivery_status().items()}}
@@ -687,10 +689,11 @@ def test_failed_deliveries_order_gate_and_status_match_sqlite(fake_es, tmp_path)
     es = got["es"]
     assert [a["alert_id"] for a in es["failed"]] == ["c-fire:1", "c-fire:2"]  # oldest first: redelivered in order
     assert es["failed"][0] == a1.model_dump(mode="json")  # the Alert message itself, ready to POST again
-    assert es["failed_other"] == [] and es["gate"] == [True, False, False, False]
+    assert es["failed_other"] == [] and es["gate"] == [True, False, False, False] and es["gate_rejected"] is False
     assert es["status"] == {"c-fire:1": [("https://desk.example/hook", "failed: HTTP 503 xxx"),
                                          ("https://other.example/hook", "delivered")],
-                            "c-fire:2": [("https://desk.example/hook", "failed: queued behin")],
+                            "c-fire:2": [("https://desk.example/hook", "failed: queued behin"),
+                                         ("https://other.example/hook", "rejected: HTTP 400")],
                             "c-pope:1": [("https://desk.example/hook", "delivered")]}
     assert es["gate_after"] is False and es["failed_after"] == ["c-fire:2"]
 

@@ -411,3 +411,38 @@ def test_a_slow_receiver_does_not_hold_back_another(receiver, monkeypatch, tmp_p
     asyncio.run(_sink_alert(sinks, _alert()))
     assert [s["status"] for s in store.delivery_status()["c-1:1"]] == ["delivered", "delivered"]
     assert len(slow.requests) == len(fast.requests) == 1
+
+
+def test_an_alert_a_receiver_rejects_for_good_does_not_block_the_later_ones(receiver, monkeypatch, tmp_path):
+    """A receiver answers 400 to one alert (its schema check, say) and then
+    goes down for a while. The 400 was stored as "failed", so redelivery tried
+    that alert first every round, got 400 again and stopped: no later alert
+    ever reached the receiver once it came back."""
+    from streams.webhooks import Redeliverer
+
+    monkeypatch.setenv(ENV, SECRET)
+    srv = receiver(400, 503, 200)
+    hook = _hook(srv, retries=0)
+    sinks, store = _sinks(tmp_path, monkeypatch, hook)
+    first = _alert()
+    later = first.model_copy(update={"alert_id": "c-2:1", "cluster_id": "c-2",
+                                     "at": datetime(2026, 11, 20, 10, 9, tzinfo=timezone.utc)})
+    asyncio.run(_sink_alert(sinks, first))  # 400: rejected for good
+    sinks._client = None
+    asyncio.run(_sink_alert(sinks, later))  # 503: failed, to be tried again
+    statuses = {a: s[0]["status"] for a, s in store.delivery_status().items()}
+    assert statuses["c-1:1"].startswith("rejected: ") and statuses["c-2:1"].startswith("failed: ")
+    assert [a.alert_id for a in store.failed_deliveries(hook.url)] == ["c-2:1"]
+
+    settings = Settings(data_dir=tmp_path)
+    settings.alerts.webhooks = [hook]
+    redeliverer = Redeliverer(settings, lambda: store)
+
+    async def once() -> int:
+        try:
+            return await redeliverer.run_once()
+        finally:
+            await redeliverer.aclose()
+
+    assert asyncio.run(once()) == 1  # the later alert, not the rejected one again
+    assert store.delivered("c-2:1", hook.url) and len(srv.requests) == 3
