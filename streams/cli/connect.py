@@ -145,10 +145,16 @@ def mastodon(
     for tag in tags:
         state = open_state(settings, mastodon_stream_key(instance, tl, tag), memory=dry_run)
         states.append(state)
-        # a channel each: one stream's failed flush must not drop another's unconfirmed sends
-        runners.append(build_mastodon(settings, sink.channel(), state, instance=instance, timeline=tl, hashtag=tag, token=token,
-                                      streaming_url=streaming_url,
-                                      filter_hashtags=None if tl == "hashtag" else (hashtag or None)))
+        try:
+            # a channel each: one stream's failed flush must not drop another's unconfirmed sends
+            runners.append(build_mastodon(settings, sink.channel(), state, instance=instance, timeline=tl, hashtag=tag,
+                                          token=token, streaming_url=streaming_url,
+                                          filter_hashtags=None if tl == "hashtag" else (hashtag or None)))
+        except ValueError as e:  # what the builder refuses, as for bluesky
+            sink.close()
+            for st in states:
+                st.close()
+            fail(str(e))
 
     async def main() -> None:
         try:
