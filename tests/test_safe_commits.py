@@ -58,14 +58,15 @@ def consumer():
 @pytest.fixture
 def broker(consumer, monkeypatch):
     b = Broker()
-    monkeypatch.setattr(consumer, "seek", b.seek, raising=False)
+    monkeypatch.setattr(consumer, "_seek", b.seek, raising=False)
     monkeypatch.setattr(consumer, "earliest_offsets", b.earliest_offsets, raising=False)
     return b
 
 
 def reset(c, committed):
-    for d in (c._acked, c._acked_index, c._committed_offset, c._gap, c._rereads, c._learning):
+    for d in (c._acked, c._acked_index, c._committed_offset, c._gap, c._rereads, c._learning, c._read_offset):
         d.clear()
+    getattr(c._read_offset, "_rewinds", {}).clear()
     c._unacked_messages.clear()
     if committed is not None:
         c._committed_offset[TP0] = committed
@@ -164,6 +165,29 @@ def test_a_dropped_record_is_read_again_not_committed_over(consumer, broker):
     asyncio.run(scenario())
 
 
+def test_a_reread_record_is_not_dropped_by_records_fetched_before_the_seek(consumer, broker):
+    # Faust's drain loop drops a record below the partition's read position
+    # and moves the position to each record it hands on. Records 12-14 were
+    # fetched before the seek back to 11 and are handed on after it: the
+    # position must still let 11 (and what follows it) through.
+    async def scenario():
+        reset(consumer, 10)
+        positions = consumer._read_offset
+        positions[TP0] = 13  # Faust's drain loop handed on 10, 12, 13
+        done(consumer, [10, 12, 13])
+        assert await commit_point(consumer) == 11
+        assert await commit_point(consumer) is None  # asks for 11 again
+        assert broker.seeks == [(TP0, 11)]
+        for old in (14, 15):
+            positions[TP0] = old  # fetched before the seek, handed on after it
+        assert positions[TP0] is None or positions[TP0] <= 11  # stock Faust: 15, and 11 is dropped again
+        positions[TP0] = 11  # the re-read record itself
+        positions[TP0] = 12
+        assert positions[TP0] == 12  # the rewind is over: moves count again
+
+    asyncio.run(scenario())
+
+
 def test_an_offset_without_a_record_is_passed_over_after_rereads(consumer, broker, monkeypatch):
     monkeypatch.setattr(safe_commits, "REREAD_AFTER_S", 0.0)
 
@@ -174,6 +198,8 @@ def test_an_offset_without_a_record_is_passed_over_after_rereads(consumer, broke
             assert await commit_point(consumer) is None
         assert broker.seeks == [(TP0, 20)] * safe_commits.REREAD_TRIES
         assert await commit_point(consumer) == 23
+        consumer._read_offset[TP0] = 23
+        assert consumer._read_offset[TP0] == 23  # the rewind ended with the pass-over
 
     asyncio.run(scenario())
 
@@ -202,7 +228,7 @@ def test_never_past_an_unprocessed_record_and_everything_once_all_are_done(consu
     start = committed or 0
     order = data.draw(st.permutations(list(range(start, start + n))))
     b = Broker(start)
-    consumer.seek, consumer.earliest_offsets = b.seek, b.earliest_offsets
+    consumer._seek, consumer.earliest_offsets = b.seek, b.earliest_offsets
 
     async def scenario():
         reset(consumer, committed)
@@ -220,7 +246,7 @@ def test_never_past_an_unprocessed_record_and_everything_once_all_are_done(consu
     try:
         asyncio.run(scenario())
     finally:
-        del consumer.seek, consumer.earliest_offsets
+        del consumer._seek, consumer.earliest_offsets
 
 
 def test_on_the_embedded_broker_a_skipped_offset_is_read_again_not_booked_as_a_gap(monkeypatch):
@@ -241,7 +267,7 @@ def test_on_the_embedded_broker_a_skipped_offset_is_read_again_not_booked_as_a_g
         app.topics._acking_topics.add(TOPIC)
         c = app.consumer
         b = Broker()
-        monkeypatch.setattr(c, "seek", b.seek, raising=False)
+        monkeypatch.setattr(c, "_seek", b.seek, raising=False)
         reset(c, 10)
         msgs = taken(c, [10, 12])
         await c._add_gap(TP0, 11, 12)  # what Faust's reader does on seeing 12 after 10
