@@ -28,9 +28,12 @@ the findings store. Alerts are never coalesced either. While a batch is
 applied, ``get_state`` reads the batch's own pending states first, so op
 *k+1* sees what op *k* did. An op that fails becomes one dead letter (stage
 ``cluster``) and the rest of the batch goes on; its pending states are the
-ones before it, as a failed op leaves the table today. A batch whose writes
-fail makes every op of it not yet written a dead letter and rebuilds the
-index from the table.
+ones before it, as a failed op leaves the table today. One the engine
+refused up front (``InvalidOp``: malformed hashes, non-finite evidence)
+changed nothing; any other failure may have changed the index half-way, so
+the batch so far is written and the index rebuilt from the table. A batch
+whose writes fail makes every op of it not yet written a dead letter and
+rebuilds the index from the table.
 
 Past one writer: see ``streams.clustering`` (module docstring) and the
 README's "The single writer at scale" (in "Clusters") for when one writer
@@ -45,7 +48,7 @@ from typing import Any, Awaitable, Callable
 
 from detectors.neardup.localized import PixelSource
 from streams import metrics
-from streams.clustering import ClusterEngine, ClusterState, Outcome, fit
+from streams.clustering import ClusterEngine, ClusterState, InvalidOp, Outcome, fit
 from streams.engine_state import SqliteEngineState
 from streams.records import ClusterOp, DeadLetter, SourceRef
 from streams.settings import Settings
@@ -100,7 +103,9 @@ class ClusterStage:
         if raw:
             return ClusterState.loads(raw)
         if cluster_id in self._seeded:
-            return self._seeded[cluster_id]
+            # a copy: the op may change it and then fail, and the seed must
+            # stay as the store had it (for the next op, and a rebuild)
+            return self._seeded[cluster_id].model_copy(deep=True)
         archived = self.states.get_archived(cluster_id)  # evicted earlier: its exact state
         return ClusterState.loads(archived) if archived else None
 
@@ -114,8 +119,13 @@ class ClusterStage:
     def _rebuild(self) -> ClusterEngine:
         eng = ClusterEngine(self.settings, pixels=self.pixels)
         states = [ClusterState.loads(v) for v in self.table.values() if v]
-        self._seeded = {}
-        if not states:
+        if states:
+            # Seeded clusters not written yet are in no table: a rebuild
+            # (rebalance, failed batch) after a fresh broker's seeding keeps
+            # them, or their pictures would found new clusters from zero.
+            in_table = {s.cluster_id for s in states}
+            states += [s for cid, s in self._seeded.items() if cid not in in_table]
+        else:
             # An empty table over an existing data dir is a fresh broker: carry
             # on from the engine state store. Its offsets belong to the old
             # broker, so they are cleared (the cold tier's too).
@@ -197,8 +207,10 @@ class ClusterStage:
             for value, msg in items:
                 done += 1
                 self._read = set()
+                applying = False
                 try:
                     op = ClusterOp.loads(value)
+                    applying = True
                     out = self.engine.apply(op, msg.offset, self.get_state)
                     writes = {cid: fit(st) for cid, st in out.writes.items()}
                 except Exception as e:  # a bug or a poison op must not stop the single writer
@@ -206,6 +218,11 @@ class ClusterStage:
                     failed.append(((value, msg), f"{type(e).__name__}: {e}"))
                     for cid in self._read:  # it may have changed them half-way: the states before it
                         self._live.pop(cid, None)
+                    if applying and not isinstance(e, InvalidOp):
+                        # ... and the index too (a member or cluster no state
+                        # has): rebuild it from the states before this op
+                        flush()
+                        self._stale = True
                     continue
                 self._pending.update(writes)
                 self._live.update(out.writes)

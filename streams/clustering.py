@@ -40,7 +40,11 @@ decisions stay deterministic and replayable.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable
@@ -49,6 +53,7 @@ from pydantic import BaseModel, Field
 
 from detectors.base import Evidence
 from detectors.fusion import fuse
+from detectors.hashing import THUMB_SIDE
 from detectors.neardup import Assignment, ClusterIndex, MergeAudit
 from detectors.neardup.localized import PixelSource
 from streams import virality
@@ -284,11 +289,12 @@ class ClusterEngine:
 
     # -- ops ----------------------------------------------------------------
     def apply(self, op: ClusterOp, offset: int, get: Getter) -> Outcome:
+        _check(op)
         if op.kind == "sighting" and op.sighting is not None:
             return self._sighting(op.sighting, offset, get)
         if op.kind == "detection" and op.detection is not None:
             return self._detection(op.detection, offset, get)
-        raise ValueError(f"cluster op of kind {op.kind!r} carries no payload")
+        raise InvalidOp(f"cluster op of kind {op.kind!r} carries no payload")
 
     def _sighting(self, s: Sighting, offset: int, get: Getter) -> Outcome:
         out = Outcome()
@@ -489,6 +495,48 @@ class ClusterEngine:
             models_pending=state.models_pending, suppressed=state.suppressed,
             alert_level=state.alert_level, new_sighting=s,
         )
+
+
+class InvalidOp(ValueError):
+    """An op refused before it changed anything (``_check``)."""
+
+
+_HEX16, _HEX64 = re.compile(r"[0-9a-fA-F]{16}"), re.compile(r"[0-9a-fA-F]{64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check(op: ClusterOp) -> None:
+    """Refuse, before anything changes, an op the index or the state cannot
+    take. A hash of the wrong length or a bad thumbnail failed half-way
+    through ``assign`` (or, where only a later op parses it, failed that
+    op), and codes whose lengths only add up were indexed misaligned; a
+    non-finite number is written to the state as JSON ``null``, which no
+    later read of that cluster's state (nor an index rebuild) can load."""
+    if op.sighting is not None:
+        h = op.sighting.hashes
+        # the sha256 names the cluster it founds (``cluster_id_for``): a short
+        # one could equal an existing id at every length ``_found`` tries
+        bad = ["sha256"] if not _SHA256.fullmatch(op.sighting.sha256) else []
+        bad += [k for k, v, pat in (("phash", h.phash, _HEX16), ("pdq", h.pdq, _HEX64),
+                                   ("phash_mirror", h.phash_mirror, _HEX16), ("pdq_mirror", h.pdq_mirror, _HEX64))
+               if v is not None and not pat.fullmatch(v)]
+        bad += [f"views[{i}]" for i, v in enumerate(h.views or []) if not _HEX16.fullmatch(v)]
+        if h.thumb is not None and not _thumb_ok(h.thumb):
+            bad.append("thumb")
+        if h.content_box is not None and not all(math.isfinite(x) for x in h.content_box):
+            bad.append("content_box")
+        if bad:
+            raise InvalidOp(f"sighting {op.sighting.sha256[:64]!r} is malformed: {', '.join(bad[:8])}")
+    evidence = op.sighting.evidence if op.sighting is not None else op.detection.evidence if op.detection else []
+    if any(not (math.isfinite(e.score) and math.isfinite(e.weight)) for e in evidence):
+        raise InvalidOp("evidence with a non-finite score or weight")
+
+
+def _thumb_ok(thumb: str) -> bool:
+    try:
+        return len(base64.b64decode(thumb, validate=True)) == THUMB_SIDE * THUMB_SIDE
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _better_copy(s: Sighting, members: list[Member]) -> bool:
