@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import SettingsError as PydanticSettingsError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
@@ -269,7 +270,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     (``None`` values are ignored so unset flags do not mask env/TOML)."""
     if config is not None:
         os.environ["DEEPWATCH_CONFIG"] = str(config)
-    from streams.settings_check import check_environment, check_toml_file, explain
+    from streams.settings_check import check_environment, check_toml_file, explain, explain_source_error
 
     check_environment(os.environ)
     if os.environ.get("DEEPWATCH_CONFIG"):
@@ -278,3 +279,5 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
         raise explain(e) from None
+    except PydanticSettingsError as e:
+        raise explain_source_error(e, os.environ) from None

@@ -127,6 +127,11 @@ def check_toml_file(path: Path) -> None:
             raise SettingsError(f"unknown setting {key!r} in {str(path)!r}{hint}")
 
 
+def redact_userinfo(text: str) -> str:
+    """``text`` with any user:password of a URL in it (several hosts too) as ``***``."""
+    return re.sub(r"(://|,)[^/@?#,\s]*@", r"\1***@", text)
+
+
 def explain(e: ValidationError) -> SettingsError:
     """Turn pydantic's multi-line report into one line with the fix."""
     for err in e.errors():
@@ -137,7 +142,36 @@ def explain(e: ValidationError) -> SettingsError:
             return SettingsError(f"unknown setting {path!r} (in the TOML file or DEEPWATCH_* environment){hint}")
     err = e.errors()[0]
     path = ".".join(str(p) for p in err["loc"])
-    return SettingsError(f"invalid setting {path!r}: {err['msg']} (got {str(err.get('input'))[:80]!r})")
+    return SettingsError(f"invalid setting {path!r}: {err['msg']} (got {redact_userinfo(str(err.get('input')))[:80]!r})")
+
+
+def explain_source_error(e: Exception, environ: Mapping[str, str]) -> SettingsError:
+    """pydantic-settings' "error parsing value for field ..." (a list or table
+    setting whose environment value is not JSON) as one line naming the
+    variable and the form it needs; it names only the top-level field."""
+    import json
+
+    m = re.search(r'field "(\w+)"', str(e))
+    field = m.group(1).upper() if m else ""
+    for name, value in environ.items():
+        upper = name.upper()
+        if not field or not (upper == f"DEEPWATCH_{field}" or upper.startswith(f"DEEPWATCH_{field}__")):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            path = upper[len("DEEPWATCH_"):].lower().replace("__", ".")
+            info = dict(setting_paths()).get(path)
+            kinds = {typing.get_origin(a) for a in (info.annotation, *typing.get_args(info.annotation))} if info else set()
+            if list not in kinds:
+                example = '\'{"key": "value"}\''
+            elif _model_of(info.annotation) is not None:
+                example = '\'[{"key": "value"}]\''
+            else:
+                example = '\'["a", "b"]\''
+            return SettingsError(f"invalid setting in the environment: {name} must be JSON, e.g. {name}={example} "
+                                 f"(got {value[:80]!r})")
+    return SettingsError(f"invalid setting in the environment: {e}; list and table settings take JSON values")
 
 
 def _comments(model: type[BaseModel]) -> dict[str, str]:

@@ -26,7 +26,17 @@ from streams.findings import (
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
 
-__all__ = ["FindingsStore", "MemberRow", "SqliteFindingsStore", "open_store"]
+__all__ = ["FindingsStore", "MemberRow", "SqliteFindingsStore", "StoreError", "open_store"]
+
+# PRAGMA user_version of the files this code writes. Older files are migrated
+# (``_migrate``); a newer one is refused rather than half-understood.
+SCHEMA_VERSION = 1
+
+
+class StoreError(OSError):
+    """The findings file cannot be used (corrupt, another program's file, from
+    a newer deepwatch, a row that does not read back); one line with the fix.
+    An OSError: like a missing file, the CLI reports it without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -125,13 +135,43 @@ class SqliteFindingsStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Several worker processes share the file: WAL lets readers run during
         # writes and busy_timeout turns lock contention into a short wait.
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        enable_wal(self._db)
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(SCHEMA)
-        self._migrate()
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open findings store {str(self.path)!r} ({e}): it must be a file in a "
+                             "writable directory; give --data-dir or --store another place") from None
+        try:
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._check_kind()  # first: WAL mode would persist in another program's file
+            enable_wal(self._db)
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+            self._migrate()
+            if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as e:
+            self._db.close()
+            if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError) or "malformed" in str(e):
+                raise StoreError(f"findings store {str(self.path)!r} is not a readable SQLite database ({e}): "
+                                 "move it aside (deepwatch starts a new one) or restore it from a backup") from None
+            raise StoreError(f"cannot open findings store {str(self.path)!r}: {e}") from None
+        except StoreError:
+            self._db.close()
+            raise
         self._lock = threading.Lock()
+
+    def _check_kind(self) -> None:
+        """Refuse a file this code would misread or damage: one from a newer
+        deepwatch, or another program's database (``--store sqlite:///…/banks.sqlite``)
+        that CREATE TABLE IF NOT EXISTS would quietly add findings tables to."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"findings store {str(self.path)!r} was written by a newer deepwatch (schema {version}; "
+                             f"this one reads up to {SCHEMA_VERSION}): upgrade deepwatch, or use another --data-dir")
+        tables = {name for name, in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and not tables & {"clusters", "sightings", "processed"}:
+            raise StoreError(f"{str(self.path)!r} is not a deepwatch findings store (its tables: "
+                             f"{', '.join(sorted(tables)[:5])}): give --store the findings file, or another path")
 
     def close(self) -> None:
         self._db.close()
@@ -316,11 +356,11 @@ class SqliteFindingsStore:
         through: not ``rejected``), oldest first (per cluster that is also
         level order), for redelivery."""
         rows = self._db.execute(
-            """SELECT a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
+            """SELECT a.alert_id, a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
                WHERE d.target=? AND d.status LIKE 'failed%' ORDER BY a.created_at, a.level, a.alert_id""",
             (target,),
         ).fetchall()
-        return [Alert.model_validate_json(doc) for doc, in rows]
+        return [self._valid("alert", alert_id, lambda: Alert.model_validate_json(doc)) for alert_id, doc in rows]
 
     def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool:
         """Whether an earlier alert of ``cluster_id`` still awaits delivery to ``target``."""
@@ -378,13 +418,40 @@ class SqliteFindingsStore:
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]:
         """Clusters, highest fake score first; counts, accounts, platforms and
         first/last seen are exact, from the sightings (merges resolved)."""
-        return [ClusterRecord.model_validate(row) for row in self._cluster_rows(include_merged=include_merged, limit=limit)]
+        if not limit:
+            return self._cluster_records(self._cluster_rows(include_merged=include_merged))
+        # The live table asks for the top few every refresh: build only those,
+        # not every cluster of the store to keep the first `limit`.
+        ids = {cid for cid, in self._db.execute(
+            "SELECT cluster_id FROM clusters" + ("" if include_merged else " WHERE merged_into IS NULL")
+            + " ORDER BY fake_score DESC, cluster_id LIMIT ?", (int(limit),))}
+        return self.clusters_by_id(ids) if ids else []
 
     def clusters_by_id(self, ids: set[str]) -> list[ClusterRecord]:
         """These clusters' records (merged ones too), built exactly as ``clusters`` builds them."""
         if not ids:
             return []
-        return [ClusterRecord.model_validate(row) for row in self._cluster_rows(include_merged=True, only=set(ids))]
+        return self._cluster_records(self._cluster_rows(include_merged=True, only=set(ids)))
+
+    def _cluster_records(self, rows: list[dict[str, Any]]) -> list[ClusterRecord]:
+        return [self._valid("cluster", row["id"], lambda: ClusterRecord.model_validate(row)) for row in rows]
+
+    def _valid(self, kind: str, key: Any, build: Any) -> Any:
+        """``build()``, a typed record from a stored row; a row that does not
+        validate (edited by hand, or damaged) is one clear error naming it,
+        not a pydantic or JSON traceback."""
+        try:
+            return build()
+        except (ValueError, TypeError) as e:
+            errors = getattr(e, "errors", None)
+            if callable(errors):
+                first = errors()[0]
+                why = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+            else:
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StoreError(f"findings store {str(self.path)!r}: {kind} {str(key)!r} does not read back as a "
+                             f"record ({why}); the row was changed outside deepwatch, restore the file from a backup "
+                             "or replay the feed into a new --data-dir") from None
 
     def changes_since(self, cursor: tuple[int, int] | None) -> tuple[set[str] | None, tuple[int, int]]:
         """The clusters whose records may differ from when ``cursor`` (a value
@@ -409,7 +476,8 @@ class SqliteFindingsStore:
         return ids, (seq, rowid)
 
     def cluster(self, cluster_id: str) -> ClusterRecord | None:
-        return next((c for c in self.clusters(include_merged=True) if c.id == cluster_id), None)
+        # Only this cluster (and what merged into it): the desk asks per page view.
+        return next(iter(self.clusters_by_id({cluster_id})), None)
 
     def search(self, query: ClusterQuery) -> list[ClusterRecord]:
         """``ClusterQuery`` over FTS5 and the sightings table (semantics in
@@ -435,7 +503,7 @@ class SqliteFindingsStore:
             ids = [cid for cid in ids if cid in relevance]
         if sort != "relevance":
             ids = ids[: query.max_results * 4 + 100]
-        out = [ClusterRecord.model_validate(row) for row in self._cluster_rows(only=set(ids))]
+        out = self._cluster_records(self._cluster_rows(only=set(ids)))
         if sort == "relevance":
             by_velocity = sort_key("velocity")
             out.sort(key=lambda c: ((relevance or {}).get(c.id, 0.0), by_velocity(c)))
@@ -451,7 +519,7 @@ class SqliteFindingsStore:
             """SELECT event_id, cluster_id, sha256, platform, account_id, account_handle, post_url, posted_at, text,
                       hashtags, lang, engagement FROM sightings WHERE {where}""", ids))
         rows.sort(key=lambda r: (-_julian(r[7]), r[0]))
-        return [_sighting_record(row) for row in rows[:limit]]
+        return [self._sighting(row) for row in rows[:limit]]
 
     def sightings(self, *, cluster_ids: list[str] | None = None, account_id: str | None = None,
                   newest_first: bool = False, limit: int | None = None) -> list[SightingRecord]:
@@ -471,7 +539,7 @@ class SqliteFindingsStore:
                + f" ORDER BY julianday(posted_at) {order}, event_id {order}" + (" LIMIT ?" if limit else ""))
         if limit:
             args.append(int(limit))
-        return [_sighting_record(row) for row in self._db.execute(sql, args)]
+        return [self._sighting(row) for row in self._db.execute(sql, args)]
 
     def sightings_since(self, rowid: int) -> tuple[list[SightingRecord], int]:
         """The sightings recorded after ``rowid`` (0, or a value this method
@@ -487,7 +555,7 @@ class SqliteFindingsStore:
             return [], rowid
         last = rows[-1][0]
         rows.sort(key=lambda r: (r[1], r[2]))
-        return [_sighting_record(r[2:]) for r in rows], last
+        return [self._sighting(r[2:]) for r in rows], last
 
     def data_version(self) -> int:
         """Changes whenever another connection commits to the file: lets a
@@ -579,7 +647,7 @@ class SqliteFindingsStore:
             if merged_into and not include_merged:
                 continue
             a = agg.get(cid, {"n": 0, "accounts": set(), "platforms": set(), "first": first, "last": last})
-            out.append({
+            out.append(self._valid("cluster", cid, lambda: {
                 "id": cid,
                 "fake_score": round(score, 4),
                 "verdict": verdict,
@@ -602,21 +670,24 @@ class SqliteFindingsStore:
                 "stream_sightings": stream_sightings,
                 "revision": rev,
                 "updated_at": updated,
-            })
+            }))
         return out[:limit] if limit else out
 
     def alerts(self) -> list[AlertRecord]:
-        return [AlertRecord.model_validate_json(doc)
-                for doc, in self._db.execute("SELECT doc FROM alerts ORDER BY created_at, alert_id")]
+        return [self._valid("alert", alert_id, lambda: AlertRecord.model_validate_json(doc))
+                for alert_id, doc in self._db.execute("SELECT alert_id, doc FROM alerts ORDER BY created_at, alert_id")]
 
     def dead_letters(self) -> list[DeadLetterRecord]:
         cols = ["event_id", "stage", "reason", "detail", "source", "payload_excerpt", "at"]
         out = []
-        for row in self._db.execute(f"SELECT {', '.join(cols)} FROM dead_letters ORDER BY at, dl_key"):
+        for key, *row in self._db.execute(f"SELECT dl_key, {', '.join(cols)} FROM dead_letters ORDER BY at, dl_key"):
             d = dict(zip(cols, row))
-            d["source"] = json.loads(d["source"]) if d["source"] else None
-            out.append(DeadLetterRecord.model_validate(d))
+            out.append(self._valid("dead letter", key, lambda: DeadLetterRecord.model_validate(
+                dict(d, source=json.loads(d["source"]) if d["source"] else None))))
         return out
+
+    def _sighting(self, row: tuple) -> SightingRecord:
+        return self._valid("sighting", row[0], lambda: _sighting_record(row))
 
     def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]:
         """Offsets recorded after ``after_rowid``, and the new high rowid: lets a

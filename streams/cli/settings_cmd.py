@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from streams.cli.app import app
 from streams.cli.common import Config, settings_from
+from streams.settings_check import redact_userinfo
 
 
 @app.command("settings", rich_help_panel="Run")
@@ -27,10 +28,23 @@ def settings_cmd(
     if fmt == "markdown":
         doc = reference_markdown()
     elif fmt == "json":
-        doc = json.dumps(json.loads(settings_from(config).model_dump_json()), indent=2) + "\n"
+        doc = json.dumps(_redacted(json.loads(settings_from(config).model_dump_json())), indent=2) + "\n"
     else:
         raise typer.BadParameter("must be 'markdown' or 'json'", param_hint="--format")
     if out:
         out.write_text(doc)
     else:
         typer.echo(doc, nl=False)
+
+
+def _redacted(value: Any) -> Any:
+    """Values with any user:password in a URL (findings.url, broker, webhook
+    URLs) as ``***@``: this output gets pasted into tickets, and deepwatch
+    takes credentials only from the environment anyway."""
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, str):
+        return redact_userinfo(value)
+    return value

@@ -1,0 +1,139 @@
+"""Settings and findings-store mistakes an operator or analyst makes: each is
+one ``error:`` line naming the fix (real CLI, real SQLite files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streams.store import SCHEMA_VERSION, SqliteFindingsStore, StoreError
+from tests.test_store import _alert, _sighting, _snap
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("DEEPWATCH_")}
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**base, "PYTHONPATH": str(ROOT), **(env or {})}, cwd=cwd or ROOT)
+
+
+def _one_error_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+# -- settings -------------------------------------------------------------------
+@pytest.mark.parametrize("name, value, example", [
+    ("DEEPWATCH_INGEST__IMAGE_ROOTS", "/srv/images", '["a", "b"]'),  # a list setting given as a plain path
+    ("DEEPWATCH_DETECT__MODELS", "a,b", '["a", "b"]'),
+    ("DEEPWATCH_ALERTS__WEBHOOKS", "https://hooks.example/x", '[{"key": "value"}]'),
+    ("DEEPWATCH_FETCH", "{max_bytes: 5}", '{"key": "value"}'),  # a whole section, not JSON
+])
+def test_a_list_or_table_setting_in_the_environment_that_is_not_json_is_one_line(name, value, example):
+    # was a pydantic_settings.SettingsError traceback naming only the section
+    line = _one_error_line(_cli("settings", "--format", "json", env={name: value}))
+    assert name in line and example in line, line
+
+
+def test_settings_json_does_not_print_credentials_in_urls(tmp_path):
+    cfg = tmp_path / "d.toml"
+    cfg.write_text('[findings]\nurl = "https://elastic:hunter2@es.internal:9200"\n')
+    r = _cli("settings", "--format", "json", "--config", str(cfg),
+             env={"DEEPWATCH_BROKER": "kafka://svc:s3cret@k1:9092,svc:s3cret@k2:9092"})
+    assert r.returncode == 0, r.stderr
+    assert "hunter2" not in r.stdout and "s3cret" not in r.stdout
+    doc = json.loads(r.stdout)
+    assert doc["findings"]["url"] == "https://***@es.internal:9200"
+    assert doc["broker"] == "kafka://***@k1:9092,***@k2:9092"
+
+
+def test_a_rejected_value_is_echoed_without_its_credentials(tmp_path):
+    cfg = tmp_path / "d.toml"
+    cfg.write_text('[alerts]\nwebhooks = "https://user:hunter2@hooks.example/x"\n')
+    line = _one_error_line(_cli("settings", "--format", "json", "--config", str(cfg)))
+    assert "alerts.webhooks" in line and "hunter2" not in line
+
+
+# -- store files that cannot be used ---------------------------------------------
+@pytest.mark.parametrize("content, expected", [
+    (b"this is a text file, not a database\n" * 200, "is not a readable SQLite database"),
+    (None, "cannot open findings store"),  # a directory where the file should be
+])
+def test_a_findings_file_that_is_not_a_database_is_one_line(tmp_path, content, expected):
+    path = tmp_path / "findings.sqlite"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    line = _one_error_line(_cli("clusters", "--data-dir", str(tmp_path)))
+    assert expected in line and "findings.sqlite" in line, line
+    if content is not None:
+        assert path.read_bytes() == content  # nothing was written over it
+
+
+def test_another_programs_database_is_refused_and_left_alone(tmp_path):
+    other = tmp_path / "banks.sqlite"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE banks (name TEXT)")
+    db.commit()
+    db.close()
+    line = _one_error_line(_cli("clusters", "--store", f"sqlite://{other}"))
+    assert "not a deepwatch findings store" in line, line
+    tables = {n for n, in sqlite3.connect(other).execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"banks"}  # no findings tables quietly added to it
+
+
+def test_a_store_from_a_newer_deepwatch_is_refused(tmp_path):
+    path = tmp_path / "findings.sqlite"
+    SqliteFindingsStore(path).close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="newer deepwatch"):
+        SqliteFindingsStore(path)
+    line = _one_error_line(_cli("clusters", "--data-dir", str(tmp_path)))
+    assert "newer deepwatch" in line
+
+
+# -- rows that do not read back -----------------------------------------------------
+def _store_with_two_clusters(path: Path) -> SqliteFindingsStore:
+    store = SqliteFindingsStore(path)
+    store.apply_snapshots([_snap("good", 1, sighting=_sighting("e1", "a" * 64, 1), score=0.9),
+                           _snap("bad", 1, sighting=_sighting("e2", "b" * 64, 2), score=0.1)])
+    store.add_alert(_alert("good"))
+    return store
+
+
+def test_one_damaged_cluster_row_does_not_break_looking_up_another(tmp_path):
+    store = _store_with_two_clusters(tmp_path / "findings.sqlite")
+    store._db.execute("UPDATE clusters SET evidence='{not json' WHERE cluster_id='bad'")
+    # cluster() read (and validated) every cluster of the store to return one
+    assert store.cluster("good").id == "good"
+    # the live table's top-N built every cluster to keep the first N
+    assert [c.id for c in store.clusters(limit=1)] == ["good"]
+    with pytest.raises(StoreError, match="cluster 'bad' does not read back"):
+        store.clusters()
+    store.close()
+
+
+def test_damaged_rows_are_one_error_line_naming_the_row(tmp_path):
+    store = _store_with_two_clusters(tmp_path / "findings.sqlite")
+    store._db.execute("UPDATE clusters SET velocity='{\"sightings_5m\": \"many\"}' WHERE cluster_id='bad'")
+    store._db.execute("UPDATE alerts SET doc='{}' WHERE alert_id='good:1'")
+    store.close()
+    line = _one_error_line(_cli("clusters", "--data-dir", str(tmp_path), "--format", "json"))
+    assert "cluster 'bad'" in line and "velocity" in line, line
+    line = _one_error_line(_cli("alerts", "--data-dir", str(tmp_path), "--format", "json"))
+    assert "alert 'good:1'" in line, line
