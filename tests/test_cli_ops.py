@@ -278,3 +278,18 @@ def test_connector_option_mistakes_are_one_line():
     r = deepwatch("connect", "mastodon", "--instance", "https://m.example", "--hashtag", "#", "--dry-run",
                   "--duration", "1")
     assert "--hashtag needs a tag" in one_line_error(r)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["replay", "--bogus", "x"], "No such option: --bogus"),
+    (["replay"], "Missing argument 'FEED'"),
+    (["settings", "--config", "."], "is a directory"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_usage_mistakes_are_one_error_line_naming_the_help(tmp_path, args, says):
+    # Typer drew these as a five-line box (Usage:, Try ..., a framed message).
+    r = deepwatch(*args, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
+    assert "--help'" in lines[0]

@@ -77,7 +77,12 @@ def run_cli(app: Any) -> None:
     their own handling -- the worker, the desk server -- install theirs)."""
     import signal
 
+    from typer import rich_utils
+
     signal.signal(signal.SIGTERM, _terminate)
+    # Typer draws a usage mistake (bad option value, unknown option, missing
+    # argument) as a five-line box; it is one line like every other mistake.
+    rich_utils.rich_format_error = _usage_error
     try:
         app()
     except KeyboardInterrupt:
@@ -92,6 +97,13 @@ def run_cli(app: Any) -> None:
             print_error(message)
             sys.exit(2)
         raise
+
+
+def _usage_error(e: Any) -> None:
+    """A click usage error as one ``error:`` line naming the help to read."""
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    print_error(e.format_message() + hint)
 
 
 def settings_from(config: Optional[Path] = None, **overrides: Any) -> Settings:
