@@ -20,6 +20,10 @@ from streams.validate import MAX_EVENT_BYTES, event_id_of
 MAX_MESSAGE_BYTES = MAX_EVENT_BYTES  # Kafka's default max.message.bytes; the worker's limit too
 SETTLE_BYTES = 64 << 20  # ``produce_lines`` confirms delivery after this many bytes of events
 RUN_HEADER = "deepwatch-run"  # names the producing run, so completion is judged per run
+# No acknowledgement for this long while events wait for one: the broker is
+# gone. (kafka-python's flush() waits for ever: a broker that died mid-feed
+# hung `deepwatch ingest` and replay's resends.)
+ACK_STALL_S = 30.0
 
 
 def new_run_id() -> str:
@@ -73,9 +77,9 @@ def line_at(feed: Path, at: int, limit: int = MAX_MESSAGE_BYTES + 1) -> bytes:
 
 
 def produce_feed(feed: Path, bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None,
-                 run: str | None = None, *, keep: bool = True) -> Produced:
+                 run: str | None = None, *, keep: bool = True, out: Produced | None = None) -> Produced:
     return produce_lines(iter_lines_at(feed), bootstrap, settings, progress, run=run, keep=keep,
-                         read_back=lambda at: line_at(feed, at))
+                         read_back=lambda at: line_at(feed, at), out=out)
 
 
 def count_lines(feed: Path) -> int:
@@ -86,6 +90,7 @@ def count_lines(feed: Path) -> int:
 def produce_lines(
     lines: Iterable[tuple[int, bytes]], bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None,
     *, run: str | None = None, keep: bool = True, read_back: Callable[[int], bytes] | None = None,
+    ack_stall_s: float = ACK_STALL_S, out: Produced | None = None,
 ) -> Produced:
     """Produce raw event lines, each given with where it came from (an int
     ``read_back`` turns back into the line), and each with a
@@ -97,27 +102,66 @@ def produce_lines(
     (``offsets``, ``origin``: replay waits for them and resends stalled
     ones); without it only ``sent`` is counted. Either way delivery is
     confirmed every ``SETTLE_BYTES``, so memory stays bounded by that, not
-    by the feed."""
-    from streams.broker import kafka_producer  # here: workers import this module for RUN_HEADER alone
+    by the feed.
+
+    A broker that stops acknowledging for ``ack_stall_s`` ends it with a
+    ``BrokerError`` saying how many events it confirmed. ``out``: the
+    ``Produced`` to fill, so a caller interrupted (Ctrl-C) can say how far it got."""
+    import time
+
+    from kafka.errors import KafkaError
+
+    from streams.broker import BrokerError, kafka_producer  # here: workers import this module for RUN_HEADER alone
 
     producer = kafka_producer(bootstrap, settings, client_id="deepwatch-ingest", acks="all", linger_ms=5, retries=5,
                               max_request_size=MAX_MESSAGE_BYTES + 4096)
-    out = Produced(run=run, read_back=read_back) if run else Produced(read_back=read_back)
+    if out is None:
+        out = Produced(run=run, read_back=read_back) if run else Produced(read_back=read_back)
+    else:
+        out.read_back = read_back
     headers = [(RUN_HEADER, out.run.encode())]
     futures: list = []
+    dead_futures: list = []  # dead letters for lines refused here: confirmed like events
     pending_bytes = 0
+    settled = 0  # of ``futures``, counted in ``out`` already
+
+    def acked() -> None:
+        """Wait until every pending send is answered, while answers keep coming."""
+        done, changed = -1, time.monotonic()
+        while True:
+            now_done = sum(1 for _, f in futures if f.is_done)
+            if now_done == len(futures) and all(f.is_done for f in dead_futures):
+                return
+            if now_done != done:
+                done, changed = now_done, time.monotonic()
+            elif time.monotonic() - changed > ack_stall_s:
+                raise BrokerError(
+                    f"the broker at {bootstrap} stopped acknowledging (nothing for {ack_stall_s:g}s): "
+                    f"{out.sent + now_done} of {out.lines} events confirmed, run {out.run}; "
+                    "re-run once it is back (event ids make resent events harmless)")
+            try:
+                producer.flush(timeout=min(1.0, ack_stall_s))
+            except KafkaError:  # not all answered yet
+                pass
 
     def settle() -> None:
-        nonlocal pending_bytes
+        nonlocal pending_bytes, settled
+        acked()
+        for f in dead_futures:
+            f.get(timeout=0)  # raises what the broker answered, if it refused it
+        dead_futures.clear()
         for at, f in futures:
-            md = f.get(timeout=30)
+            md = f.get(timeout=0)
             out.sent += 1
+            settled += 1
             if keep:
                 out.offsets.add((md.partition, md.offset))
                 out.origin[(md.partition, md.offset)] = at
         futures.clear()
+        settled = 0
         pending_bytes = 0
 
+    clean = False
     try:
         for at, line in lines:
             out.lines += 1
@@ -127,7 +171,8 @@ def produce_lines(
                 dl = DeadLetter(event_id=eid, stage="validate", reason="too_large",
                                 detail=f"event is over {MAX_MESSAGE_BYTES} bytes; inline images are capped at ingest",
                                 payload_excerpt=line[:512].decode("utf-8", "replace"))
-                producer.send(settings.topic("dead-letters"), key=key, value=dl.dumps(), headers=headers)
+                dead_futures.append(producer.send(settings.topic("dead-letters"), key=key, value=dl.dumps(),
+                                                  headers=headers))
                 out.refused += 1
             else:
                 futures.append((at, producer.send(settings.topic("events"), key=key, value=line, headers=headers)))
@@ -136,8 +181,32 @@ def produce_lines(
                     settle()
             if progress:
                 progress(1)
-        producer.flush()
         settle()
+        clean = True
+    except KafkaError as e:  # a send the broker refused or let expire
+        raise BrokerError(f"the broker at {bootstrap} did not take the events ({type(e).__name__}: {e}): "
+                          f"{out.sent} of {out.lines} confirmed, run {out.run}; re-run once it is back "
+                          "(event ids make resent events harmless)") from None
     finally:
-        producer.close()
+        if clean:
+            producer.close()
+        else:
+            _abandon(producer)
+            out.sent += sum(1 for _, f in futures[settled:] if f.is_done and f.succeeded())
     return out
+
+
+def _abandon(producer) -> None:
+    """Close a producer whose queued events may never be acknowledged (the
+    broker is gone, or the user pressed Ctrl-C): close() without a timeout
+    waits for them for ever, and kafka-python's close(timeout) raises from its
+    flush before it stops the sender thread (its __del__ then raises again)."""
+    from kafka.errors import KafkaError
+
+    try:
+        producer.close(timeout=5)
+    except KafkaError:
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+        producer._closed = True

@@ -18,6 +18,7 @@ Retry-After, and the client re-sends it (event ids make that idempotent).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -47,6 +48,15 @@ LINES = Counter("deepwatch_ingest_lines_total", "HTTP ingest lines, by token nam
                 ["token", "outcome"])
 REQUEST_SECONDS = Histogram("deepwatch_ingest_request_seconds", "HTTP ingest request time",
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+
+# Slow clients: a request's head (request line and headers) must arrive within
+# HEADER_TIMEOUT_S of the connection opening or of the previous response, and
+# its body within BODY_TIMEOUT_S of the head (8 MiB at ~140 KB/s). uvicorn has
+# neither: a client trickling a byte now and then held its connection, and
+# `limit_concurrency` of them answered every other client 503.
+HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 60.0
 
 
 class TokenConfigError(ValueError):
@@ -82,33 +92,57 @@ class LineResult:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
+class BrokerUnavailable(RuntimeError):
+    pass
+
+
 class BrokerGate:
     """One producer shared by all requests, created on first use and
     re-created after a failure; calls are serialised because a batch's
-    acknowledgement must be its own."""
+    acknowledgement must be its own.
 
-    def __init__(self, factory: Callable[[], Any]):
+    With the broker down each call waits up to ``timeout_s`` for it, so
+    callers queued behind each other would wait for all of those before
+    them in turn (the 10th client ~10 timeouts). A call waits at most
+    ``timeout_s`` for its turn, and for ``timeout_s`` after a failure calls
+    fail at once instead of asking the broker again."""
+
+    def __init__(self, factory: Callable[[], Any], timeout_s: float = 5.0):
         self._factory = factory
+        self._timeout_s = timeout_s
         self._sink = None
+        self._failed_at: float | None = None
         self._lock = threading.Lock()
 
     def produce(self, accepted: list[tuple[bytes | None, bytes]], dead: list[DeadLetter]) -> None:
-        with self._lock:
+        if not self._lock.acquire(timeout=self._timeout_s):
+            raise BrokerUnavailable(f"no turn at the broker within {self._timeout_s:g}s")
+        try:
+            if self._failed_at is not None and time.monotonic() - self._failed_at < self._timeout_s:
+                raise BrokerUnavailable("the broker failed moments ago")
             if self._sink is None:
-                self._sink = self._factory()
+                try:
+                    self._sink = self._factory()
+                except Exception:
+                    self._failed_at = time.monotonic()
+                    raise
             try:
                 for key, value in accepted:
                     self._sink.send_raw(key, value)
                 for dl in dead:
                     self._sink.dead_letter(dl)
                 self._sink.flush()
+                self._failed_at = None
             except Exception:
+                self._failed_at = time.monotonic()
                 sink, self._sink = self._sink, None
                 try:
                     sink.close()
                 except Exception:
                     pass
                 raise
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:
@@ -148,12 +182,13 @@ def _gunzip(body: bytes, limit: int) -> tuple[bytes, tuple[int, dict[str, str]] 
     return out, None
 
 
-def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Callable[[], Any] | None = None) -> FastAPI:
+def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Callable[[], Any] | None = None,
+              body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The ASGI app. ``tokens`` maps token -> name (see ``load_tokens``)."""
     if not tokens:
         raise TokenConfigError(f"no ingest tokens: set {settings.connectors.ingest_tokens_env}=NAME:TOKEN[,...]")
     cfg = settings.connectors
-    gate = BrokerGate(sink_factory or _sink_factory(settings))
+    gate = BrokerGate(sink_factory or _sink_factory(settings), cfg.ingest_broker_timeout_s)
     policy = UrlPolicy(settings.fetch)
     buckets = {name: TokenBucket(cfg.ingest_rate_per_s, cfg.ingest_burst) for name in tokens.values()}
     retry_after = str(max(1, math.ceil(cfg.ingest_broker_timeout_s)))
@@ -200,11 +235,19 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         if declared and declared.isdigit() and int(declared) > cfg.ingest_max_body_bytes:
             return answer(name, 413, {"error": "too_large", "detail": f"body over {cfg.ingest_max_body_bytes} bytes"})
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.ingest_max_body_bytes:
-                return answer(name, 413, {"error": "too_large", "detail": f"body over {cfg.ingest_max_body_bytes} bytes"})
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > cfg.ingest_max_body_bytes:
+                        return answer(name, 413, {"error": "too_large",
+                                                  "detail": f"body over {cfg.ingest_max_body_bytes} bytes"})
+                    chunks.append(chunk)
+        except TimeoutError:
+            log.warning("slow request body; connection closed", extra={"token": name, "bytes": size})
+            return answer(name, 408, {"error": "body_timeout", "detail": f"the body did not arrive within "
+                                      f"{body_timeout_s:g}s; nothing was accepted, re-send this request"},
+                          {"Connection": "close"})
         body = b"".join(chunks)
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding == "gzip":
@@ -220,9 +263,11 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln]
         if not numbered:
             return answer(name, 400, {"error": "empty", "detail": "no events in the body"})
-        if len(numbered) > cfg.ingest_max_lines:
+        # More than the bucket ever holds could never pass: not "retry later" but "split it".
+        limit = min(cfg.ingest_max_lines, cfg.ingest_burst)
+        if len(numbered) > limit:
             return answer(name, 413, {"error": "too_many_lines",
-                                      "detail": f"{len(numbered)} events, limit {cfg.ingest_max_lines} per request"})
+                                      "detail": f"{len(numbered)} events, limit {limit} per request"})
         wait = buckets[name].take(len(numbered))
         if wait > 0:
             return answer(name, 429, {"error": "rate_limited", "detail": f"over {cfg.ingest_rate_per_s}/s for {name}"},
@@ -278,14 +323,55 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
     return app
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def head_deadline_protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose next request head
+    has not arrived ``header_timeout_s`` after the connection opened or the
+    previous response ended. (uvicorn's keep-alive timer stops at the first
+    byte, so trickled headers kept it open for good.)"""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadlineProtocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_late, self.cycle)
+
+        def _head_late(self, cycle_then: Any) -> None:
+            self._head_timer = None
+            # A new cycle means a head arrived; an unfinished one, a request at work (pipelined).
+            idle = self.cycle is cycle_then and (self.cycle is None or self.cycle.response_complete)
+            if idle and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+    return HeadDeadlineProtocol
+
+
+def serve(settings: Settings, host: str, port: int, *, header_timeout_s: float = HEADER_TIMEOUT_S,
+          body_timeout_s: float = BODY_TIMEOUT_S) -> None:
     import uvicorn
 
     from streams import logs
 
     logs.setup(settings.log_level, settings.log_format)
     tokens = load_tokens(settings.connectors.ingest_tokens_env)
-    app = build_app(settings, tokens)
+    app = build_app(settings, tokens, body_timeout_s=body_timeout_s)
     log.info("ingest endpoint listening", extra={"host": host, "port": port, "tokens": sorted(set(tokens.values()))})
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
-                limit_concurrency=256, timeout_keep_alive=5)
+                limit_concurrency=256, timeout_keep_alive=5, http=head_deadline_protocol(header_timeout_s))

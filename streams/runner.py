@@ -57,6 +57,7 @@ class WorkerProcess:
         self.wait_stopped(timeout)
 
     def terminate(self) -> None:
+        self.expected_exit = True
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
@@ -236,7 +237,12 @@ class Cluster:
     def check_workers(self) -> None:
         for w in self.workers:
             code = w.proc.poll()
-            if code is not None and code != 0 and not w.expected_exit:
+            if code is not None and not w.expected_exit:
+                if code == 0:
+                    # A clean stop nobody here asked for: a signal that reached the
+                    # worker alone. Waiting on would wait for the whole timeout.
+                    raise WorkerExited(f"{w.role} worker stopped (exit 0) while it was still needed; something "
+                                       f"outside this command stopped it (a SIGTERM or Ctrl-C); log {w.log_path}")
                 tail = w.log_path.read_text(errors="replace")[-3000:]
                 said = [line for line in tail.splitlines() if line.startswith("error: ")]
                 if said:  # the worker said why (a setting it cannot run with): that line, not the log

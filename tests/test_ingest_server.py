@@ -211,3 +211,16 @@ def test_serve_ingest_command_end_to_end(broker, tmp_path):
                        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "DEEPWATCH_INGEST_TOKENS": ""},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "DEEPWATCH_INGEST_TOKENS" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_request_larger_than_the_token_burst_is_refused_as_too_many_lines_not_rate_limited(settings):
+    # With the defaults (1000 lines a request, a burst of 500) a request of 501
+    # lines was answered 429 "Retry-After: 3600" however long the client waited.
+    settings.connectors.ingest_burst = 5
+    settings.connectors.ingest_max_lines = 10
+    with client(settings) as c:
+        six = "\n".join(json.dumps(event(i)) for i in range(6))
+        r = c.post("/ingest", content=six, headers=AUTH)
+        assert r.status_code == 413 and r.json()["error"] == "too_many_lines", r.text
+        assert "5" in r.json()["detail"] and "retry-after" not in r.headers
+        assert c.post("/ingest", content="\n".join(json.dumps(event(i)) for i in range(5)), headers=AUTH).status_code == 202

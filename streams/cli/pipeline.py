@@ -194,6 +194,10 @@ def replay(
     from streams.cli.common import check_format
 
     json_summary = json_summary or check_format(fmt) == "json"
+    if not feed.is_file():
+        raise typer.BadParameter(f"{feed} is not a regular file (a pipe?): replay reads the feed more than once "
+                                 "(to count it, and to resend stalled events); save it to a file first",
+                                 param_hint="FEED")
     roots = [feed.resolve().parent, *[r.resolve() for r in image_root]]
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     _use_store(settings, store_url)
@@ -254,17 +258,28 @@ def ingest(
     """Produce FEED's events to a running pipeline's events topic (malformed
     lines too: the pipeline dead-letters them with a reason)."""
     from streams.broker import bootstrap_of, check_reachable
-    from streams.ingest import count_lines, produce_feed
+    from streams.ingest import Produced, count_lines, produce_feed
 
     settings = settings_from(config, broker=broker)
     if settings.broker == "embedded":
         raise typer.BadParameter("ingest sends to a running broker: pass --broker kafka://HOST:PORT or set DEEPWATCH_BROKER", param_hint="--broker")
     bootstrap = bootstrap_of(settings.broker)
     check_reachable(bootstrap)
-    lines = count_lines(feed)
-    with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), console=err) as progress:
-        task = progress.add_task("ingest", total=lines)
-        produced = produce_feed(feed, bootstrap, settings, progress=lambda n: progress.advance(task, n), keep=False)
+    # A pipe (`cat feed | deepwatch ingest /dev/stdin`) can be read only once:
+    # counting its lines first left nothing to send ("produced 0 events").
+    lines = count_lines(feed) if feed.is_file() else None
+    produced = Produced()
+    try:
+        with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), console=err) as progress:
+            task = progress.add_task("ingest", total=lines)
+            produce_feed(feed, bootstrap, settings, progress=lambda n: progress.advance(task, n), keep=False,
+                         out=produced)
+    except KeyboardInterrupt:  # typer turns it into a silent exit 130: say how far the feed got
+        total = lines if lines is not None else f"{produced.lines} read"
+        err.print(f"interrupted: {produced.sent} of {total} events confirmed by the broker (run {produced.run}); "
+                  "the others may be missing: re-run the feed (event ids make resent events harmless)",
+                  markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     err.print(f"produced {produced.sent} events to {settings.topic('events')} (run {produced.run}); "
               f"refused {produced.refused} (too large)")
 
