@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-MAPPING_VERSION = 2  # bump with any mapping change (and reindex, see module docstring); 2: run on source refs and markers
+# bump with any mapping change (and reindex, see module docstring); 2: run on
+# source refs and markers; 3: velocity counts are long (an hour's engagement
+# past 2**31 was refused as an integer, and the cluster's snapshots with it)
+MAPPING_VERSION = 3
 SCRIPT_ID = f"deepwatch-cluster-upsert-v{MAPPING_VERSION}"
 
 PDQ_BITS = 256
@@ -52,7 +55,7 @@ _EVIDENCE = {
         "data": {"type": "object", "enabled": False},  # detector-specific, shown not searched
     },
 }
-_VELOCITY = {"properties": {k: {"type": "integer"} for k in ("sightings_5m", "sightings_1h", "accounts_1h", "engagement_1h")}}
+_VELOCITY = {"properties": {k: {"type": "long"} for k in ("sightings_5m", "sightings_1h", "accounts_1h", "engagement_1h")}}
 _ENGAGEMENT = {"properties": {k: {"type": "long"} for k in ("likes", "reposts", "replies", "views")}}
 _SOURCE_REF = {"properties": {"topic": _KEYWORD, "partition": {"type": "integer"}, "offset": {"type": "long"},
                                "run": _KEYWORD}}

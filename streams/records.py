@@ -48,8 +48,14 @@ class Engagement(BaseModel):
     views: int = Field(default=0, ge=0, le=MAX_COUNT)
 
     def __add__(self, other: "Engagement") -> "Engagement":
-        return Engagement(likes=self.likes + other.likes, reposts=self.reposts + other.reposts,
-                          replies=self.replies + other.replies, views=self.views + other.views)
+        # A cluster's running total saturates: two posts each claiming
+        # MAX_COUNT likes failed validation here, and every later sighting of
+        # that cluster with it (it never updated or alerted again).
+        def cap(a: int, b: int) -> int:
+            return min(a + b, MAX_COUNT)
+
+        return Engagement(likes=cap(self.likes, other.likes), reposts=cap(self.reposts, other.reposts),
+                          replies=cap(self.replies, other.replies), views=cap(self.views, other.views))
 
     @property
     def total(self) -> int:

@@ -4,6 +4,15 @@ Each sink is idempotent — snapshots keep the highest revision, sightings and
 alerts are keyed by event id / alert id, webhook deliveries are recorded per
 (alert, target) — so redelivered messages change nothing.
 
+A store that cannot write (``sqlite3.OperationalError``: the file locked past
+its busy timeout, the disk full, a read-only file) holds the batch: ``Sinks``
+logs each failure and retries it with capped exponential backoff
+(``findings.retry_initial_s`` doubling to ``retry_max_s``) until the store
+takes it, and ``deepwatch_sink_behind_seconds`` says for how long (the
+``DeepwatchFindingsSinkBehind`` rule). It does not raise: a Faust stream acks
+the events it handed out once the agent's loop ends, however it ends, so an
+agent that crashed on the error and was restarted had lost that batch.
+
 ``BulkSink`` is how findings reach Elasticsearch: the Faust agents hand it
 batches (``stream.take(bulk_max_actions, within=bulk_flush_s)``: by size and
 by time), it splits them by bytes, retries 429/5xx with capped exponential
@@ -20,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import httpx
 
@@ -35,20 +46,67 @@ from streams.webhooks import WebhookError, deliver, delivery_status, target_labe
 
 log = logging.getLogger("deepwatch.alerts")
 
+R = TypeVar("R")
+
 
 class Sinks:
-    def __init__(self, settings: Settings):
+    """``retry_for_s``: how long a failing write is retried before its error
+    is raised; None (the stream's sink agents) retries until the store takes
+    it. A caller that answers someone (a desk request) gives a bound."""
+
+    def __init__(self, settings: Settings, *, retry_for_s: float | None = None):
         self.settings = settings
+        self.retry_for_s = retry_for_s
         self._store: FindingsStore | None = None
         self._client: httpx.AsyncClient | None = None
+        self._open_lock = threading.Lock()
+        self._retrying = 0  # writes now waiting out a failure, across this worker's sink agents
+        self._behind_since: float | None = None
 
     @property
     def store(self) -> FindingsStore:
-        if self._store is None:
-            self._store = open_findings(self.settings.findings.url, self.settings.data_dir, self.settings)
-            # Elasticsearch: templates, ILM policy, script, aliases before the first write
-            getattr(self._store, "ensure_setup", lambda: None)()
+        # Opened by the first write's thread (not on the event loop: Elasticsearch
+        # set-up is network round trips); two agents' first writes open one store.
+        with self._open_lock:
+            if self._store is None:
+                store = open_findings(self.settings.findings.url, self.settings.data_dir, self.settings)
+                # Elasticsearch: templates, ILM policy, script, aliases before the first write
+                getattr(store, "ensure_setup", lambda: None)()
+                self._store = store
         return self._store
+
+    async def _write(self, what: str, items: int, write: Callable[[FindingsStore], R]) -> R:
+        """``write(store)`` in a thread, again and again until the store takes
+        it (see the module docstring): the agent awaits this, so its messages
+        stay unacked meanwhile. Other errors are raised as they come."""
+        delay = self.settings.findings.retry_initial_s
+        failing = False
+        started = time.monotonic()
+        try:
+            while True:
+                try:
+                    return await asyncio.to_thread(lambda: write(self.store))
+                except sqlite3.OperationalError as e:
+                    if self.retry_for_s is not None and time.monotonic() - started >= self.retry_for_s:
+                        log.error(f"findings store write failed ({what}, {items} items): {e}; giving up",
+                                  extra={"what": what, "items": items, "error": str(e)})
+                        raise
+                    if not failing:
+                        failing = True
+                        self._retrying += 1
+                        if self._behind_since is None:
+                            self._behind_since = time.monotonic()
+                    metrics.SINK_BEHIND_SECONDS.set(time.monotonic() - self._behind_since)
+                    log.error(f"findings store write failed ({what}, {items} items): {e}; retrying in {delay:g}s",
+                              extra={"what": what, "items": items, "error": str(e), "delay_s": delay})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.settings.findings.retry_max_s)
+        finally:
+            if failing:
+                self._retrying -= 1
+                if self._retrying == 0:
+                    self._behind_since = None
+                    metrics.SINK_BEHIND_SECONDS.set(0)
 
     async def snapshot(self, raw: bytes) -> None:
         await self.snapshots([raw])
@@ -56,18 +114,18 @@ class Sinks:
     async def snapshots(self, raws: list[bytes]) -> None:
         """One batch in one store call (one bulk request on Elasticsearch)."""
         snaps = [ClusterSnapshot.loads(r) for r in raws]
-        await asyncio.to_thread(self.store.apply_snapshots, snaps)
+        await self._write("snapshots", len(snaps), lambda store: store.apply_snapshots(snaps))
 
     async def dead_letter(self, raw: bytes) -> None:
         await self.dead_letters([raw])
 
     async def dead_letters(self, raws: list[bytes]) -> None:
         dls = [DeadLetter.loads(r) for r in raws]
-        await asyncio.to_thread(self.store.add_dead_letters, dls)
+        await self._write("dead letters", len(dls), lambda store: store.add_dead_letters(dls))
 
     async def alert(self, raw: bytes) -> None:
         alert = Alert.loads(raw)
-        new = await asyncio.to_thread(self.store.add_alert, alert)
+        new = await self._write("alert", 1, lambda store: store.add_alert(alert))
         if new:
             metrics.ALERTS.labels(str(alert.level)).inc()
             if alert.trigger_ingested_at:
@@ -96,7 +154,7 @@ class Sinks:
                 raise r
 
     async def _webhook(self, hook: WebhookSettings, alert: Alert) -> None:
-        if await asyncio.to_thread(self.store.delivered, alert.alert_id, hook.url):
+        if await self._write("delivery", 1, lambda store: store.delivered(alert.alert_id, hook.url)):
             return
         try:
             status = await deliver(hook, alert, self._client)
@@ -106,7 +164,7 @@ class Sinks:
             metrics.WEBHOOKS.labels(status.split(":", 1)[0]).inc()  # failed | rejected
             log.error("webhook delivery failed",
                       extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
-        await asyncio.to_thread(self.store.mark_delivered, alert.alert_id, hook.url, status)
+        await self._write("delivery", 1, lambda store: store.mark_delivered(alert.alert_id, hook.url, status))
 
 
 # ---------------------------------------------------------------------------

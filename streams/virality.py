@@ -8,7 +8,7 @@ from bisect import bisect_left, bisect_right, insort
 
 from pydantic import BaseModel
 
-from streams.records import Velocity
+from streams.records import MAX_COUNT, Velocity
 
 WINDOW_5M = 300.0
 WINDOW_1H = 3600.0
@@ -64,11 +64,15 @@ def seen(recent: list[RecentSighting], event_id: str, t: float) -> bool:
 
 def velocity(recent: list[RecentSighting], now: float) -> Velocity:
     """The trailing windows ending at ``now``, over ``recent`` sorted by time
-    (as ``trim`` and ``add`` leave it)."""
+    (as ``trim`` and ``add`` leave it). Sightings count posts (an account
+    posting twice counts twice), ``accounts_1h`` distinct accounts;
+    ``engagement_1h`` saturates at ``MAX_COUNT``."""
     last_hour = recent[bisect_right(recent, now - WINDOW_1H, key=_t):]
     return Velocity(
         sightings_5m=len(recent) - bisect_right(recent, now - WINDOW_5M, key=_t),
         sightings_1h=len(last_hour),
         accounts_1h=len({r.a for r in last_hour}),
-        engagement_1h=sum(r.g for r in last_hour),
+        # one post may claim 3 * MAX_COUNT; past MAX_COUNT a JSON consumer (the
+        # desk, Grafana) reads the sum inexactly, why events refuse larger counts
+        engagement_1h=min(sum(r.g for r in last_hour), MAX_COUNT),
     )

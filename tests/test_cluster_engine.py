@@ -243,3 +243,21 @@ def test_version_1_states_load_and_rebuild_next_to_version_2():
     fresh.rebuild([old])
     probe = sighting(pic.resize((400, 266)), "probe", 9)
     assert [m.cluster_id for m in fresh.index.lookup(probe.sha256, probe.hashes)] == [cid]
+
+
+def test_engagement_past_the_largest_exact_count_saturates_instead_of_freezing_the_cluster():
+    # Two posts each claiming 2**53 likes: the cluster's running total failed
+    # validation, and every later sighting of the cluster with it.
+    from streams.records import MAX_COUNT, Engagement
+
+    h = Harness()
+    pic = scene(7)
+    huge = Engagement(likes=MAX_COUNT, views=MAX_COUNT)
+    cid = None
+    for i in range(3):
+        s = sighting(pic, f"e{i}", i, f"a{i}")
+        s = s.model_copy(update={"event": s.event.model_copy(update={"engagement": huge})})
+        cid = h.see(s).snapshots[-1].cluster_id
+    st = h.get(cid)
+    assert st.engagement.likes == MAX_COUNT and st.engagement.views == MAX_COUNT
+    assert st.sightings == 3

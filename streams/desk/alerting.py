@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 class AlertPath:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.sinks = Sinks(settings)
+        # bounded: a verdict request waits this long at most on a findings
+        # file that cannot be written, then fails (the stream's sinks hold on)
+        self.sinks = Sinks(settings, retry_for_s=10)
         self._producer = None
         # Account checks run from a timer and after verdicts: one at a time,
         # so an account crossing the line is raised once, not once per check.
