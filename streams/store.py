@@ -397,8 +397,11 @@ class SqliteFindingsStore:
     def mark_delivered(self, alert_id: str, target: str, status: str) -> None:
         with self._tx() as db:
             db.execute(
+                # never back from delivered: a slow attempt that failed after the
+                # redelivery loop's succeeded would have the receiver sent it again
                 """INSERT INTO deliveries (alert_id, target, status) VALUES (?,?,?)
-                   ON CONFLICT(alert_id, target) DO UPDATE SET status=excluded.status""",
+                   ON CONFLICT(alert_id, target) DO UPDATE SET status=excluded.status
+                   WHERE deliveries.status != 'delivered'""",
                 (alert_id, target, status),
             )
 

@@ -192,6 +192,9 @@ def test_delivery_status_upserts(store):
     store.mark_delivered("c1:1", "https://hook", "delivered")
     assert store.delivered("c1:1", "https://hook")
     assert not store.delivered("c1:1", "https://other")
+    # a slower attempt that failed, recorded after one that went through
+    store.mark_delivered("c1:1", "https://hook", "failed: HTTP 503")
+    assert store.delivered("c1:1", "https://hook") and store.failed_deliveries("https://hook") == []
 
 
 def test_processed_offsets_are_idempotent_and_per_topic(store):
