@@ -118,7 +118,7 @@ class ClusterStage:
 
     def _rebuild(self) -> ClusterEngine:
         eng = ClusterEngine(self.settings, pixels=self.pixels)
-        states = [ClusterState.loads(v) for v in self.table.values() if v]
+        states = _loadable(((k, v) for k, v in self.table.items() if v), "table")
         if states:
             # Seeded clusters not written yet are in no table: a rebuild
             # (rebalance, failed batch) after a fresh broker's seeding keeps
@@ -129,19 +129,17 @@ class ClusterStage:
             # An empty table over an existing data dir is a fresh broker: carry
             # on from the engine state store. Its offsets belong to the old
             # broker, so they are cleared (the cold tier's too).
-            states = [_fresh(ClusterState.loads(raw)) for _, raw in self.states.hot()]
+            states = [_fresh(s) for s in _loadable(self.states.hot(), "engine state")]
             self._seeded = {s.cluster_id: s for s in states}
-            stale = {cid: _fresh(ClusterState.loads(raw)).dumps() for cid, raw in self.states.archived()}
+            stale = {s.cluster_id: _fresh(s).dumps() for s in _loadable(self.states.archived(), "cold tier")}
             self.states.archive(stale)
         eng.rebuild(states)
         # Clusters archived but not hot were evicted earlier: only their hashes
         # come back, into the cold index.
         hot = {s.cluster_id for s in states}
-        for cid, raw in self.states.archived():
-            if cid not in hot:
-                archived = ClusterState.loads(raw)
-                if archived.merged_into is None:
-                    eng.add_cold(cid, archived.members)
+        for archived in _loadable(((cid, raw) for cid, raw in self.states.archived() if cid not in hot), "cold tier"):
+            if archived.merged_into is None:
+                eng.add_cold(archived.cluster_id, archived.members)
         log.info("cluster index rebuilt", extra={"clusters": eng.index.n_clusters, "seeded": len(self._seeded)})
         return eng
 
@@ -271,6 +269,23 @@ class ClusterStage:
             source = op.sighting.source
         await self.send_dead(DeadLetter(event_id=event_id, stage="cluster", reason="internal_error", detail=detail,
                                         source=source, payload_excerpt=excerpt))
+
+
+def _loadable(raws: Any, where: str) -> list[ClusterState]:
+    """The states of ``raws`` ((key, bytes) pairs) that load. One that does
+    not (damaged, or written by another version) is logged and left out: it
+    stopped the whole stage (the rebuild raised on every batch, so no op was
+    applied again); left out, only the ops that read that cluster fail, each
+    one dead letter."""
+    out = []
+    for key, raw in raws:
+        try:
+            out.append(ClusterState.loads(raw))
+        except Exception as e:
+            name = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+            log.error("cluster state does not load; left out of the index",
+                      extra={"cluster_id": name[:64], "where": where, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return out
 
 
 def _fresh(state: ClusterState) -> ClusterState:

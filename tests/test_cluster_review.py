@@ -139,3 +139,18 @@ def test_an_op_that_fails_after_indexing_its_image_leaves_index_and_table_agreei
     # picture 2's cluster is the one its surviving copy founded, with itself as its picture
     assert all(s.members and s.members[0].representative for s in states.values())
     assert _agrees(stage)
+
+
+def test_a_state_that_does_not_load_costs_its_own_ops_not_the_whole_stage(tmp_path):
+    # A damaged table value (or one another version wrote): the rebuild
+    # raised on every batch, so the single writer applied nothing again.
+    table: dict = {}
+    stage, _, dead = stage_for(Settings(data_dir=tmp_path), table)
+    run(stage, [_op(1, "e0", 0), _op(2, "e1", 1)])
+    first = sighting(scene(1), "e0", 0, "e0").sha256
+    damaged = next(k for k, s in _states(table).items() if any(m.sha256 == first for m in s.members)).encode()
+    table[damaged] = b'{"schema_version": 1, "cluster_id": null}'
+    stage._stale = True  # a rebalance: the index is rebuilt from the table
+    run(stage, [_op(2, "e2", 2, quality=70), _op(3, "e3", 3)], first_offset=2)
+    assert dead == []  # picture 2's cluster and a new picture still work
+    assert sorted(s.sightings for k, s in _states({k: v for k, v in table.items() if k != damaged}).items()) == [1, 2]
