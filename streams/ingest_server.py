@@ -14,6 +14,10 @@ the token. Limits: body bytes and lines per request, and a token bucket per
 token (events per second). When the broker cannot take the batch within
 ``ingest_broker_timeout_s`` the whole request is answered 503 with
 Retry-After, and the client re-sends it (event ids make that idempotent).
+Memory: request bodies held at once, all requests together, stay within
+``ingest_max_buffered_bytes``; a request that would go over it is answered
+503 "busy" with Retry-After at once (with a Content-Length, before its body
+is read).
 """
 
 from __future__ import annotations
@@ -23,17 +27,19 @@ import hmac
 import logging
 import math
 import os
+import re
 import threading
 import time
 import zlib
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import ClientDisconnect
 
 from streams.connectors.base import TokenBucket, UrlPolicy
 from streams.records import DeadLetter
@@ -48,6 +54,8 @@ LINES = Counter("deepwatch_ingest_lines_total", "HTTP ingest lines, by token nam
                 ["token", "outcome"])
 REQUEST_SECONDS = Histogram("deepwatch_ingest_request_seconds", "HTTP ingest request time",
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+BUFFERED_BYTES = Gauge("deepwatch_ingest_buffered_bytes",
+                       "Request bytes the HTTP ingest endpoint holds in memory, all requests together")
 
 
 # Slow clients: a request's head (request line and headers) must arrive within
@@ -151,6 +159,50 @@ class BrokerGate:
                 self._sink = None
 
 
+class BufferBudget:
+    """Request bytes held in memory by all requests together. The body limit
+    bounds one request, but uvicorn lets 256 run at once: without a shared
+    budget, token holders sending maximal bodies could take gigabytes.
+
+    Used only from the event loop (never from the thread pool), so it needs
+    no lock: nothing else runs between a check and its update."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    @contextmanager
+    def hold(self) -> Iterator["Hold"]:
+        """One request's share, given back however the request ends
+        (answered, refused, timed out, client gone, exception)."""
+        share = Hold(self)
+        try:
+            yield share
+        finally:
+            self.held -= share.bytes
+            BUFFERED_BYTES.dec(share.bytes)
+            share.bytes = 0
+
+
+class Hold:
+    def __init__(self, budget: BufferBudget):
+        self._budget = budget
+        self.bytes = 0
+
+    def more(self, n: int) -> bool:
+        """Reserve ``n`` more bytes; False, reserving nothing, if that would
+        take the server over its budget. A request alone may go over it:
+        otherwise a budget below the body limit would refuse a large
+        request for good, however long its client waited."""
+        budget = self._budget
+        if budget.held + n > budget.limit and budget.held > self.bytes:
+            return False
+        self.bytes += n
+        budget.held += n
+        BUFFERED_BYTES.inc(n)
+        return True
+
+
 def _sink_factory(settings: Settings) -> Callable[[], Any]:
     from streams.broker import bootstrap_of
     from streams.connectors.sinks import KafkaSink
@@ -182,6 +234,24 @@ def _gunzip(body: bytes, limit: int) -> tuple[bytes, tuple[int, dict[str, str]] 
     return out, None
 
 
+_EVENT_LINE = re.compile(rb"\S[^\n]*")  # from a line's first non-blank byte to its end
+
+
+def _event_lines(body: bytes, limit: int) -> list[tuple[int, bytes]]:
+    """The non-blank lines, stripped and numbered from 1, but no more than
+    ``limit`` + 1: splitting an 8 MiB body of 3-byte lines up front made
+    ~375 MiB of Python objects before the line limit refused it."""
+    found: list[tuple[int, bytes]] = []
+    line, pos = 1, 0
+    for m in _EVENT_LINE.finditer(body):
+        line += body.count(b"\n", pos, m.start())
+        pos = m.start()
+        found.append((line, m.group().rstrip()))
+        if len(found) > limit:
+            break
+    return found
+
+
 def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Callable[[], Any] | None = None,
               body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The ASGI app. ``tokens`` maps token -> name (see ``load_tokens``)."""
@@ -192,6 +262,7 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
     policy = UrlPolicy(settings.fetch)
     buckets = {name: TokenBucket(cfg.ingest_rate_per_s, cfg.ingest_burst) for name in tokens.values()}
     retry_after = str(max(1, math.ceil(cfg.ingest_broker_timeout_s)))
+    budget = BufferBudget(cfg.ingest_max_buffered_bytes)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -205,6 +276,7 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
     def metrics_endpoint() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
     app.state.gate = gate
+    app.state.budget = budget
 
     def who(request: Request) -> str | None:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -224,6 +296,11 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    def busy(name: str) -> JSONResponse:
+        # Bodies in flight are gone within seconds (the body and broker deadlines), so soon is worth a retry.
+        return answer(name, 503, {"error": "busy", "detail": "the endpoint holds as many request bodies as it "
+                                  "may; nothing was accepted, re-send this request shortly"}, {"Retry-After": "1"})
+
     @app.post("/ingest")
     async def ingest(request: Request) -> JSONResponse:
         started = time.monotonic()
@@ -231,9 +308,22 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         if name is None:
             return answer("-", 401, {"error": "unauthorized", "detail": "send Authorization: Bearer <token>"},
                           {"WWW-Authenticate": 'Bearer realm="deepwatch-ingest"'})
+        with budget.hold() as hold:
+            try:
+                return await handle(request, name, started, hold)
+            except ClientDisconnect:
+                # Nobody to answer; caught only so that it is not logged as a server error.
+                log.info("client went away mid-request", extra={"token": name})
+                return answer(name, 499, {"error": "client_disconnected"})
+
+    async def handle(request: Request, name: str, started: float, hold: Hold) -> JSONResponse:
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cfg.ingest_max_body_bytes:
+        declared_n = int(declared) if declared and declared.isdigit() else None
+        if declared_n is not None and declared_n > cfg.ingest_max_body_bytes:
             return answer(name, 413, {"error": "too_large", "detail": f"body over {cfg.ingest_max_body_bytes} bytes"})
+        # With a Content-Length, the whole body is reserved before a byte of it is read.
+        if declared_n is not None and not hold.more(declared_n):
+            return busy(name)
         chunks, size = [], 0
         try:
             async with asyncio.timeout(body_timeout_s):
@@ -242,6 +332,9 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
                     if size > cfg.ingest_max_body_bytes:
                         return answer(name, 413, {"error": "too_large",
                                                   "detail": f"body over {cfg.ingest_max_body_bytes} bytes"})
+                    # Without one (chunked), the bytes are reserved as they come.
+                    if size > hold.bytes and not hold.more(size - hold.bytes):
+                        return busy(name)
                     chunks.append(chunk)
         except TimeoutError:
             log.warning("slow request body; connection closed", extra={"token": name, "bytes": size})
@@ -249,25 +342,34 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
                                       f"{body_timeout_s:g}s; nothing was accepted, re-send this request"},
                           {"Connection": "close"})
         body = b"".join(chunks)
+        del chunks  # one copy of the body at a time, not the chunks and the joined body too
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding == "gzip":
             body, problem = _gunzip(body, cfg.ingest_max_body_bytes)
             if problem is not None:
                 return answer(name, *problem)
+            # The inflated body is reserved after the fact, but inflating never
+            # awaits: at most one unreserved body (within the body limit) exists
+            # at any moment, and it is dropped here if the budget cannot take it.
+            # The compressed bytes stay counted: a small margin on the safe side.
+            if not hold.more(len(body)):
+                return busy(name)
         elif encoding not in ("", "identity"):
             # Read as it is, a compressed body would be dead-lettered line by line as "malformed JSON".
             return answer(name, 415, {"error": "unsupported_encoding",
                                       "detail": f"Content-Encoding {encoding!r}: send gzip or an uncompressed body"})
         single = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
-        lines = [body.strip()] if single else [ln.strip() for ln in body.split(b"\n")]
-        numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln]
-        if not numbered:
-            return answer(name, 400, {"error": "empty", "detail": "no events in the body"})
         # More than the bucket ever holds could never pass: not "retry later" but "split it".
         limit = min(cfg.ingest_max_lines, cfg.ingest_burst)
+        numbered = [(1, body.strip())] if single else _event_lines(body, limit)
+        # The lines are the copy kept while the events are checked (URL checks
+        # may wait on DNS), so the body goes now.
+        del body
+        if not numbered or not numbered[0][1]:
+            return answer(name, 400, {"error": "empty", "detail": "no events in the body"})
         if len(numbered) > limit:
             return answer(name, 413, {"error": "too_many_lines",
-                                      "detail": f"{len(numbered)} events, limit {limit} per request"})
+                                      "detail": f"more than {limit} events; the limit is {limit} per request"})
         wait = buckets[name].take(len(numbered))
         if wait > 0:
             return answer(name, 429, {"error": "rate_limited", "detail": f"over {cfg.ingest_rate_per_s}/s for {name}"},

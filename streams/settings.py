@@ -135,6 +135,7 @@ class ConnectorSettings(_Section):
     rate_limit_max_wait_s: float = Field(300.0, gt=0)
     ingest_tokens_env: str = "DEEPWATCH_INGEST_TOKENS"  # NAME:TOKEN[,NAME:TOKEN...] in that variable
     ingest_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    ingest_max_buffered_bytes: int = Field(64 * 1024 * 1024, gt=0)  # request bytes in memory, all requests together; over: 503 busy
     ingest_max_lines: int = Field(1000, gt=0)
     ingest_rate_per_s: float = Field(50.0, gt=0)  # events per second per token, sustained
     ingest_burst: int = Field(500, gt=0)

@@ -8,7 +8,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -224,3 +227,153 @@ def test_a_request_larger_than_the_token_burst_is_refused_as_too_many_lines_not_
         assert r.status_code == 413 and r.json()["error"] == "too_many_lines", r.text
         assert "5" in r.json()["detail"] and "retry-after" not in r.headers
         assert c.post("/ingest", content="\n".join(json.dumps(event(i)) for i in range(5)), headers=AUTH).status_code == 202
+
+
+# -- the shared budget of buffered request bytes ------------------------------
+@contextmanager
+def live_server(settings: Settings):
+    """The app under a real uvicorn on a loopback port, in a thread: only a
+    real server lets a client hold a request open with half its body sent."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(settings, {TOKEN: "desk"}), host="127.0.0.1", port=port,
+                                           log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+def buffered_bytes(port: int) -> float | None:
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+        if line.startswith("deepwatch_ingest_buffered_bytes "):
+            return float(line.split()[1])
+    return None
+
+
+def wait_for_buffered(port: int, value: float, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while (got := buffered_bytes(port)) != value:
+        assert time.monotonic() < deadline, f"buffered bytes {got}, expected {value}"
+        time.sleep(0.05)
+
+
+def ndjson_of_size(first: int, size: int) -> bytes:
+    """Valid events, padded (in their text) to exactly ``size`` bytes."""
+    lines = [json.dumps(event(first + i, text="")) for i in range(3)]
+    pad = size - len("\n".join(lines))
+    assert pad > 0
+    lines[0] = json.dumps(event(first, text="x" * pad))
+    body = "\n".join(lines).encode()
+    assert len(body) == size
+    return body
+
+
+def open_request(port: int, head_extra: str, first_bytes: bytes) -> socket.socket:
+    """A request whose head and ``first_bytes`` of body are sent, the rest not (yet)."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall((f"POST /ingest HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+               f"Content-Type: application/x-ndjson\r\n{head_extra}\r\n").encode() + first_bytes)
+    return s
+
+
+def test_concurrent_bodies_beyond_the_buffer_budget_are_refused_busy_and_the_budget_frees(settings):
+    # Memory was bounded per request only: 256 concurrent 8 MiB bodies (each
+    # held about three times over) could take gigabytes.
+    settings.connectors.ingest_max_buffered_bytes = 10_000
+    held = ndjson_of_size(100, 6000)
+    with live_server(settings) as port:
+        url = f"http://127.0.0.1:{port}/ingest"
+        assert buffered_bytes(port) == 0
+        holder = open_request(port, f"Content-Length: {len(held)}\r\n", held[:3000])
+        try:
+            wait_for_buffered(port, 6000)  # the declared length, reserved before the body is read
+
+            def post(i: int) -> httpx.Response:
+                return httpx.post(url, content=ndjson_of_size(10 * i, 6000), headers=AUTH, timeout=20)
+
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(5) as pool:
+                refused = list(pool.map(post, range(1, 6)))
+            assert time.monotonic() - t0 < 5
+            for r in refused:
+                assert r.status_code == 503, r.text
+                assert r.json()["error"] == "busy" and r.headers["retry-after"] == "1"
+            # a small request still fits beside the one held
+            r = httpx.post(url, content=json.dumps(event(90)), headers=AUTH, timeout=20)
+            assert r.status_code == 202, r.text
+            holder.sendall(held[3000:])
+            holder.settimeout(20)
+            answer = holder.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 202"), answer
+        finally:
+            holder.close()
+        wait_for_buffered(port, 0)
+        r = httpx.post(url, content=ndjson_of_size(200, 9000), headers=AUTH, timeout=20)
+        assert r.status_code == 202 and r.json()["accepted"] == 3, r.text
+        assert buffered_bytes(port) == 0
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'deepwatch_ingest_requests_total{status="503",token="desk"}' in metrics
+
+
+def test_a_client_gone_mid_body_gives_its_reservation_back(settings):
+    settings.connectors.ingest_max_buffered_bytes = 10_000
+    with live_server(settings) as port:
+        # with a Content-Length: reserved up front
+        gone = open_request(port, "Content-Length: 8000\r\n", b"{" * 100)
+        wait_for_buffered(port, 8000)
+        gone.close()
+        wait_for_buffered(port, 0)
+        # chunked: reserved as the chunks come
+        gone = open_request(port, "Transfer-Encoding: chunked\r\n", b"bb8\r\n" + b"{" * 3000 + b"\r\n")
+        wait_for_buffered(port, 3000)
+        gone.close()
+        wait_for_buffered(port, 0)
+        # had either kept its bytes, this one would not fit beside it
+        r = httpx.post(f"http://127.0.0.1:{port}/ingest", content=ndjson_of_size(1, 9000), headers=AUTH, timeout=20)
+        assert r.status_code == 202, r.text
+
+
+def test_an_inflated_gzip_body_counts_against_the_buffer_budget(settings):
+    import gzip
+
+    settings.connectors.ingest_max_buffered_bytes = 10_000
+    inflates = gzip.compress(ndjson_of_size(1, 9000))  # well under 1 KB sent
+    gz = {**AUTH, "Content-Encoding": "gzip"}
+    with live_server(settings) as port:
+        url = f"http://127.0.0.1:{port}/ingest"
+        holder = open_request(port, "Content-Length: 2000\r\n", b"{")
+        try:
+            wait_for_buffered(port, 2000)
+            r = httpx.post(url, content=inflates, headers=gz, timeout=20)
+            assert r.status_code == 503 and r.json()["error"] == "busy", r.text
+        finally:
+            holder.close()
+        wait_for_buffered(port, 0)
+        r = httpx.post(url, content=inflates, headers=gz, timeout=20)
+        assert r.status_code == 202 and r.json()["accepted"] == 3, r.text
+
+
+def test_a_body_of_many_short_lines_is_refused_without_splitting_it_all(settings):
+    # Split up front, an 8 MiB body of 3-byte lines made ~375 MiB of Python
+    # objects before the line limit refused it: 47 times what the budget counts.
+    import tracemalloc
+
+    body = b"xx\n" * (settings.connectors.ingest_max_body_bytes // 3)
+    with client(settings) as c:
+        tracemalloc.start()
+        try:
+            r = c.post("/ingest", content=body, headers=AUTH)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert r.status_code == 413 and r.json()["error"] == "too_many_lines", r.text
+    assert peak < 4 * len(body), f"peak {peak / 2**20:.0f} MiB for a {len(body) / 2**20:.0f} MiB body"
