@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from streams import es_templates as T
 from streams.findings import (
-    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, SightingRecord, sort_key, text_terms,
+    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Page, SightingRecord, read_limit, sort_key, text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 
@@ -42,6 +42,11 @@ MATCH_PAGE = 10_000  # composite-aggregation buckets per page (search.max_bucket
 ID_CHUNK = 10_000  # cluster ids per terms filter (index.max_terms_count is 65,536)
 PAGE = 1000
 STATS_CHUNK = 200  # clusters per sightings-statistics request
+
+
+# mark_delivered's guard: once delivered, a delivery stays delivered (the update is then a noop).
+DELIVERY_SCRIPT = ("if ('delivered'.equals(ctx._source.status)) { ctx.op = 'noop' } "
+                   "else { ctx._source.status = params.status; ctx._source.at = params.at }")
 
 
 class EsError(RuntimeError):
@@ -375,9 +380,19 @@ class EsFindingsStore:
         return doc["_source"].get("status") == "delivered"
 
     def mark_delivered(self, alert_id: str, target: str, status: str) -> None:
+        """Record a delivery attempt's outcome, never moving a status away from
+        ``delivered``: a slow attempt that failed, recorded after a redelivery
+        that succeeded, would have the alert sent again. One update with the
+        guard in painless (``ctx.op = 'noop'``) and the first record as its
+        ``upsert``, so the check and the write are one step on the shard."""
         self.ensure_setup()
-        self.bulk.send([({"index": {"_index": self.names["deliveries"], "_id": self._delivery_id(alert_id, target)}},
-                         {"alert_id": alert_id, "target": target, "status": status, "at": _now()})])
+        doc = {"alert_id": alert_id, "target": target, "status": status, "at": _now()}
+        self.bulk.send([(
+            {"update": {"_index": self.names["deliveries"], "_id": self._delivery_id(alert_id, target),
+                        "retry_on_conflict": 5}},
+            {"script": {"source": DELIVERY_SCRIPT, "lang": "painless", "params": {"status": status, "at": doc["at"]}},
+             "upsert": doc},
+        )])
 
     def failed_deliveries(self, target: str) -> list[Alert]:
         """Alerts whose delivery to ``target`` failed, oldest first (per
@@ -687,15 +702,43 @@ class EsFindingsStore:
                         "last": last[0]["_source"]["posted_at"] if last else None}
         return out
 
-    def alerts(self) -> list[AlertRecord]:
-        hits = self._scan(self.names["alerts"], {"match_all": {}}, [{"created_at": "asc"}, {"alert_id": "asc"}],
-                          {"excludes": ["@timestamp", "evidence_summary"]})
-        return [AlertRecord.model_validate(h["_source"]) for h in hits]
+    def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
+        hits = self._newest(self.names["alerts"], ("created_at", "alert_id"),
+                            {"excludes": ["@timestamp", "evidence_summary"]}, limit)
+        return Page([AlertRecord.model_validate(h["_source"]) for h in hits], hits.total)
 
-    def dead_letters(self) -> list[DeadLetterRecord]:
-        hits = self._scan(self.names["dead_letters"], {"match_all": {}}, [{"@timestamp": "asc"}, {"dl_key": "asc"}],
-                          {"excludes": ["@timestamp", "dl_key", "schema_version"]})
-        return [DeadLetterRecord.model_validate(h["_source"]) for h in hits]
+    def dead_letters(self, *, limit: int | None = None) -> Page[DeadLetterRecord]:
+        hits = self._newest(self.names["dead_letters"], ("@timestamp", "dl_key"),
+                            {"excludes": ["@timestamp", "dl_key", "schema_version"]}, limit)
+        return Page([DeadLetterRecord.model_validate(h["_source"]) for h in hits], hits.total)
+
+    def _newest(self, index: str, fields: tuple[str, ...], source: Any, limit: int | None) -> Page[dict[str, Any]]:
+        """Every hit of ``index`` ascending on ``fields``; with ``limit`` only
+        the last ``limit``: read newest first, ``size`` at most a page and
+        ``search_after`` beyond it (never past index.max_result_window), the
+        exact total from the first page (``track_total_hits``)."""
+        limit = read_limit(limit)
+        if limit is None:
+            return Page(self._scan(index, {"match_all": {}}, [{f: "asc"} for f in fields], source))
+        sort = [{f: "desc"} for f in fields]
+        out: list[dict[str, Any]] = []
+        total, after = 0, None
+        while len(out) < limit:
+            body: dict[str, Any] = {"query": {"match_all": {}}, "sort": sort, "size": min(PAGE, limit - len(out)),
+                                    "source": source}
+            if after is None:
+                body["track_total_hits"] = True
+            else:
+                body["search_after"] = after
+            res = self._search(index, **body)["hits"]
+            if after is None:
+                total = int(res["total"]["value"])
+            out += res["hits"]
+            if len(res["hits"]) < body["size"]:
+                break
+            after = res["hits"][-1]["sort"]
+        out.reverse()
+        return Page(out, total)
 
     def processed_offsets(self, topic: str) -> set[tuple[int, int]]:
         return {(h["_source"]["partition"], h["_source"]["offset"])

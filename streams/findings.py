@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Protocol, runtime_checkable
+from typing import Any, Generic, Iterable, Iterator, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -52,6 +52,32 @@ class _ReadRecord(BaseModel):
 
     def items(self):
         return self.as_json().items()
+
+
+R = TypeVar("R")
+
+
+class Page(list, Generic[R]):
+    """The rows of a bounded read (``alerts(limit=...)``, ``dead_letters(limit=...)``):
+    a plain list, plus ``total``, how many rows there are in all (``len(page) <
+    page.total`` when the limit cut the read)."""
+
+    def __init__(self, rows: Iterable[R] = (), total: int | None = None):
+        super().__init__(rows)
+        self.total = len(self) if total is None else max(total, len(self))
+
+    @property
+    def cut(self) -> bool:
+        return len(self) < self.total
+
+
+def read_limit(limit: int | None) -> int | None:
+    """``limit`` as the stores take it: None (or 0) = every row, else at least 1."""
+    if limit is None or limit == 0:
+        return None
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
+    return int(limit)
 
 
 class EvidenceItem(BaseModel):
@@ -305,8 +331,14 @@ class FindingsStore(Protocol):
         condition), ordered by ``posted_at`` (then event id), up to ``limit``
         (None: all). For readers that aggregate many clusters or accounts."""
         ...
-    def alerts(self) -> list[AlertRecord]: ...
-    def dead_letters(self) -> list[DeadLetterRecord]: ...
+    def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
+        """Stored alerts, oldest first (``created_at``, then alert id); with
+        ``limit`` only the newest ``limit`` of them (still oldest first), the
+        bound pushed into the query. ``total`` counts them all."""
+        ...
+    def dead_letters(self, *, limit: int | None = None) -> Page[DeadLetterRecord]:
+        """Dead letters, oldest first (``at``, then their key); ``limit`` as for ``alerts``."""
+        ...
 
     # -- replay accounting (every event is a sighting or a dead letter) --
     def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]: ...

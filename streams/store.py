@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from streams.findings import (
-    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, FindingsStore, SightingRecord, normalize_hashtag, sort_key,
-    text_terms,
+    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, FindingsStore, Page, SightingRecord, normalize_hashtag,
+    read_limit, sort_key, text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
@@ -676,18 +676,34 @@ class SqliteFindingsStore:
             }))
         return out[:limit] if limit else out
 
-    def alerts(self) -> list[AlertRecord]:
-        return [self._valid("alert", alert_id, lambda: AlertRecord.model_validate_json(doc))
-                for alert_id, doc in self._db.execute("SELECT alert_id, doc FROM alerts ORDER BY created_at, alert_id")]
+    def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
+        rows, total = self._newest("alerts", "alert_id, doc", ("created_at", "alert_id"), limit)
+        return Page([self._valid("alert", alert_id, lambda: AlertRecord.model_validate_json(doc))
+                     for alert_id, doc in rows], total)
 
-    def dead_letters(self) -> list[DeadLetterRecord]:
+    def dead_letters(self, *, limit: int | None = None) -> Page[DeadLetterRecord]:
         cols = ["event_id", "stage", "reason", "detail", "source", "payload_excerpt", "at"]
+        rows, total = self._newest("dead_letters", f"dl_key, {', '.join(cols)}", ("at", "dl_key"), limit)
         out = []
-        for key, *row in self._db.execute(f"SELECT dl_key, {', '.join(cols)} FROM dead_letters ORDER BY at, dl_key"):
+        for key, *row in rows:
             d = dict(zip(cols, row))
             out.append(self._valid("dead letter", key, lambda: DeadLetterRecord.model_validate(
                 dict(d, source=json.loads(d["source"]) if d["source"] else None))))
-        return out
+        return Page(out, total)
+
+    def _newest(self, table: str, cols: str, order: tuple[str, ...], limit: int | None) -> tuple[Iterable[tuple], int | None]:
+        """Rows of ``table`` in ``order`` (ascending) and how many there are in
+        all (None: as many as came); with ``limit`` the last ``limit`` of them,
+        read newest first with SQL LIMIT (SQLite keeps only that many in its
+        sorter) and counted only when the limit cut them."""
+        limit = read_limit(limit)
+        if limit is None:
+            return self._db.execute(f"SELECT {cols} FROM {table} ORDER BY {', '.join(order)}"), None
+        rows = self._db.execute(f"SELECT {cols} FROM {table} ORDER BY {', '.join(f'{c} DESC' for c in order)} LIMIT ?",
+                                (limit,)).fetchall()
+        rows.reverse()
+        total = len(rows) if len(rows) < limit else self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        return rows, total
 
     def _sighting(self, row: tuple) -> SightingRecord:
         return self._valid("sighting", row[0], lambda: _sighting_record(row))

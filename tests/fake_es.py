@@ -26,7 +26,8 @@ THIS IS A FAKE, kept honest in these ways:
   (not collapsed groups) exactly only up to ``track_total_hits`` (default
   10,000, then ``"relation": "gte"``).
 What it does NOT do: run painless (the one stored script deepwatch uses is
-emulated in Python by its id; a different id or source is refused), analyse
+emulated in Python by its id, the inline ones - the delivery guard - by their
+exact source; a different id or source is refused), analyse
 text like ES (lowercase word tokens only; relevance is a plain tf-idf, not
 BM25), shards, replication, ILM transitions or rollover. Unknown endpoints
 answer 400 and are recorded in ``unhandled`` so tests can assert none.
@@ -405,16 +406,31 @@ class FakeElasticsearch:
         exists = doc_id in docs
         if script is None:
             raise _Err(400, {"type": "illegal_argument_exception", "reason": "fake only does scripted updates"})
-        sid = script.get("id")
-        stored = self.scripts.get(sid)
-        if stored is None:
-            raise _Err(400, {"type": "resource_not_found_exception", "reason": f"unable to find script [{sid}] in cluster state"})
-        if sid != T.SCRIPT_ID or stored.get("source") != T.CLUSTER_UPSERT_SCRIPT:
-            raise _Err(400, {"type": "illegal_argument_exception", "reason": "fake emulates only deepwatch's cluster upsert script"})
+        if "source" in script:  # an inline script: only the ones deepwatch sends, emulated by their exact source
+            if script.get("lang", "painless") != "painless":
+                raise _Err(400, {"type": "illegal_argument_exception", "reason": f"script_lang not supported [{script['lang']}]"})
+            run = _INLINE_SCRIPTS.get(script["source"])
+            if run is None:
+                raise _Err(400, {"type": "illegal_argument_exception", "reason": "fake emulates only deepwatch's inline scripts"})
+        else:
+            sid = script.get("id")
+            stored = self.scripts.get(sid)
+            if stored is None:
+                raise _Err(400, {"type": "resource_not_found_exception", "reason": f"unable to find script [{sid}] in cluster state"})
+            if sid != T.SCRIPT_ID or stored.get("source") != T.CLUSTER_UPSERT_SCRIPT:
+                raise _Err(400, {"type": "illegal_argument_exception", "reason": "fake emulates only deepwatch's cluster upsert script"})
+            run = _cluster_upsert
         if not exists and not body.get("scripted_upsert"):
-            raise _Err(404, {"type": "document_missing_exception", "reason": f"[{doc_id}]: document missing"})
+            # docs-update: a missing document gets the ``upsert`` content as it is, the script
+            # not run; without one the update fails
+            if "upsert" not in body:
+                raise _Err(404, {"type": "document_missing_exception", "reason": f"[{doc_id}]: document missing",
+                                 "index_uuid": "fakeuuid", "shard": "0", "index": index})
+            upsert = json.loads(json.dumps(body["upsert"]))
+            self._validate(index, upsert, False)
+            return self._write(index, doc_id, upsert, "created")
         src = json.loads(json.dumps(docs[doc_id])) if exists else json.loads(json.dumps(body.get("upsert") or {}))
-        op = _cluster_upsert(src, script["params"])
+        op = run(src, script.get("params") or {})
         if op == "noop":
             m = self.meta[index][doc_id]
             return {"_index": index, "_id": doc_id, "_version": m["version"], "result": "noop",
@@ -777,6 +793,23 @@ def _cluster_upsert(src: dict, params: dict) -> str:
         add("accounts_sample", s.get("account"), caps["accounts"])
         add("post_urls", s.get("post_url"), caps["post_urls"])
     return "updated"
+
+
+def _delivery_guard(src: dict, params: dict) -> str:
+    """Python twin of streams.es_store.DELIVERY_SCRIPT: delivered stays delivered."""
+    if src.get("status") == "delivered":
+        return "noop"
+    src["status"], src["at"] = params["status"], params["at"]
+    return "updated"
+
+
+def _inline_scripts() -> dict[str, Callable[[dict, dict], str]]:
+    from streams.es_store import DELIVERY_SCRIPT
+
+    return {DELIVERY_SCRIPT: _delivery_guard}
+
+
+_INLINE_SCRIPTS = _inline_scripts()
 
 
 # -- field helpers ----------------------------------------------------------------

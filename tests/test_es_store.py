@@ -828,3 +828,71 @@ def test_an_event_id_over_512_bytes_is_stored_under_its_digest(fake_es):
     s.apply_snapshot(snap)  # redelivered: the same document, not a second one
     assert len(fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]) == 1
     s.close()
+
+
+def test_delivered_is_never_set_back_by_a_slower_failed_attempt(fake_es, tmp_path):
+    """A slow webhook attempt that failed, recorded after the redelivery that
+    succeeded, must not turn "delivered" back into "failed" (the redelivery
+    loop would send the alert again). ES guards it in one scripted update with
+    an upsert, as the SQLite store does in its ON CONFLICT ... WHERE."""
+    from streams.es_store import DELIVERY_SCRIPT
+
+    hook = "https://desk.example/hook"
+    got = {}
+    for name, s in _both(fake_es, tmp_path).items():
+        s.add_alert(_alert())
+        s.mark_delivered("c-fire:1", hook, "failed: HTTP 503")  # first attempt: upserted
+        getattr(s, "refresh", lambda: None)()
+        r = {"first": [s.delivered("c-fire:1", hook), [a.alert_id for a in s.failed_deliveries(hook)]]}
+        s.mark_delivered("c-fire:1", hook, "delivered")  # the redelivery went through
+        s.mark_delivered("c-fire:1", hook, "failed: timed out")  # the slow first attempt, recorded late
+        s.mark_delivered("c-fire:1", hook, "rejected: HTTP 400")
+        getattr(s, "refresh", lambda: None)()
+        r["after"] = [s.delivered("c-fire:1", hook), [a.alert_id for a in s.failed_deliveries(hook)],
+                      s.undelivered_before(hook, "c-fire", 2),
+                      {k: [(d["target"], d["status"]) for d in v] for k, v in s.delivery_status().items()}]
+        got[name] = r
+        s.close()
+    assert got["es"] == got["sqlite"]
+    assert got["es"] == {"first": [False, ["c-fire:1"]],
+                         "after": [True, [], False, {"c-fire:1": [(hook, "delivered")]}]}
+    # the request: an update whose painless guard noops on "delivered", the first record as the upsert
+    lines = [line for r in fake_es.requests if r.path.endswith("/_bulk") for line in r.body]
+    at = max(i for i, line in enumerate(lines)
+             if isinstance(line.get("update"), dict) and line["update"].get("_index") == "deepwatch-deliveries")
+    header, body = lines[at], lines[at + 1]
+    assert set(header) == {"update"} and header["update"]["_index"] == "deepwatch-deliveries"
+    assert body["script"] == {"source": DELIVERY_SCRIPT, "lang": "painless",
+                              "params": {"status": "rejected: HTTP 400", "at": body["upsert"]["at"]}}
+    assert body["upsert"]["status"] == "rejected: HTTP 400" and "scripted_upsert" not in body
+    [doc] = fake_es.docs[T.concrete("deepwatch-deliveries")].values()
+    assert doc["status"] == "delivered"
+
+
+def test_fake_update_answers_like_es_for_upsert_noop_and_missing(fake_es):
+    """The fake's side of the delivery guard, as docs-update describes it: a
+    missing document gets the upsert as it is (script not run), an existing
+    one runs the script (``ctx.op = 'noop'`` answers ``result: noop``), and
+    with neither document nor upsert it is document_missing_exception (404)."""
+    from streams.es_store import DELIVERY_SCRIPT
+
+    s = _store(fake_es)
+    s.ensure_setup()
+    index = "deepwatch-deliveries"
+
+    def update(body: dict) -> dict:
+        resp = httpx.post(f"{fake_es.url}/_bulk", headers={"content-type": "application/x-ndjson"},
+                          content="\n".join(json.dumps(x) for x in ({"update": {"_index": index, "_id": "d1"}}, body)) + "\n")
+        return resp.json()["items"][0]["update"]
+
+    script = {"source": DELIVERY_SCRIPT, "lang": "painless", "params": {"status": "failed: x", "at": "2026-01-01T00:00:01Z"}}
+    missing = update({"script": script})
+    assert missing["status"] == 404 and missing["error"]["type"] == "document_missing_exception"
+    upsert = {"alert_id": "a", "target": "t", "status": "delivered", "at": "2026-01-01T00:00:00Z"}
+    created = update({"script": script, "upsert": upsert})
+    assert created["result"] == "created" and created["status"] == 201
+    noop = update({"script": script, "upsert": upsert})
+    assert noop["result"] == "noop" and noop["status"] == 200 and noop["_version"] == 1
+    other = update({"script": {"source": "ctx._source.status = 'x'"}, "upsert": upsert})
+    assert other["status"] == 400  # painless the fake does not emulate is refused, not half-run
+    s.close()

@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, FormatOpt, JsonAlias, check_format, fail, print_json, settings_from
+from streams.cli.common import (
+    Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, print_json, settings_from,
+)
 from streams.findings import SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, StoreURLError, open_findings
 
 StoreOpt = typer.Option(
@@ -53,9 +55,26 @@ def _findings(data_dir: Optional[Path], config: Optional[Path], store_url: Optio
         fail(str(e))
 
 
-def _read(data_dir: Optional[Path], config: Optional[Path], store_url: Optional[str], what: str) -> list:
-    with _findings(data_dir, config, store_url) as store:
-        return getattr(store, what)()
+DEFAULT_LIMIT = 100
+
+
+def _limit_opt(what: str) -> typer.Option:
+    return typer.Option(None, "--limit", min=0, show_default=False,
+                        help=f"Show the newest N {what}, listed oldest first; 0: all of them. Default: the newest "
+                             f"{DEFAULT_LIMIT} in a table, all of them in JSON (what tools read stays complete). "
+                             "A note on stderr says when there were more.")
+
+
+def _limit_for(limit: Optional[int], fmt: str) -> int:
+    return limit if limit is not None else (0 if fmt == "json" else DEFAULT_LIMIT)
+
+
+def _note_cut(rows: list, what: str, limit: int) -> None:
+    """One line on stderr when --limit left rows out (stdout, table or JSON array, stays as it was)."""
+    total = getattr(rows, "total", len(rows))
+    if len(rows) < total:
+        err.print(f"showing the newest {len(rows):,} of {total:,} {what}; --limit N for more, --limit 0 for all",
+                  highlight=False, soft_wrap=True)
 
 
 def _emit(rows: list, fmt: str, title: str, columns: tuple[str, ...], cells: Callable[[dict], tuple]) -> None:
@@ -171,18 +190,23 @@ def search(
 
 @app.command(rich_help_panel="Findings")
 def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
-           store_url: Optional[str] = StoreOpt, as_json: bool = JsonAlias) -> None:
+           store_url: Optional[str] = StoreOpt, as_json: bool = JsonAlias,
+           limit: Optional[int] = _limit_opt("alerts")) -> None:
     """List alerts raised when a likely fake spread fast (one per cluster, plus escalations).
 
-    JSON form: an array of objects with alert_id, cluster_id, rule, level,
-    fake_score, verdict, velocity, sightings, accounts, evidence, at (event
-    time), created_at and deliveries (per webhook target: status, at; a
-    failed delivery is retried every alerts.webhook_redeliver_s).
+    A table shows the newest 100 by default, JSON all of them (--limit),
+    oldest first. JSON form: an array of objects with alert_id, cluster_id, rule, level, fake_score, verdict,
+    velocity, sightings, accounts, evidence, at (event time), created_at and
+    deliveries (per webhook target: status, at; a failed delivery is retried
+    every alerts.webhook_redeliver_s).
     """
     fmt = "json" if as_json else check_format(fmt)
+    limit = _limit_for(limit, fmt)
     with _findings(data_dir, config, store_url) as store:
+        found = store.alerts(limit=limit)
         status = store.delivery_status()
-        rows = [dict(a.as_json(), deliveries=status.get(a.alert_id, [])) for a in store.alerts()]
+        rows = [dict(a.as_json(), deliveries=status.get(a.alert_id, [])) for a in found]
+    _note_cut(found, "alerts", limit)
 
     def delivery(a: dict) -> str:
         return "; ".join(d["status"][:60] for d in a["deliveries"]) or "—"
@@ -195,12 +219,19 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
 
 @app.command("dead-letters", rich_help_panel="Findings")
 def dead_letters(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
-                 store_url: Optional[str] = StoreOpt, as_json: bool = JsonAlias) -> None:
+                 store_url: Optional[str] = StoreOpt, as_json: bool = JsonAlias,
+                 limit: Optional[int] = _limit_opt("dead letters")) -> None:
     """List events that could not be processed, with the stage and reason.
 
-    JSON form: an array of objects with event_id (when the event had one),
-    stage, reason, detail, source (topic, partition, offset) and at.
+    A table shows the newest 100 by default, JSON all of them (--limit),
+    oldest first. JSON form: an array of objects with event_id (when the event had one), stage, reason, detail,
+    source (topic, partition, offset) and at.
     """
-    _emit(_read(data_dir, config, store_url, "dead_letters"), "json" if as_json else check_format(fmt), "Dead letters",
+    fmt = "json" if as_json else check_format(fmt)
+    limit = _limit_for(limit, fmt)
+    with _findings(data_dir, config, store_url) as store:
+        rows = store.dead_letters(limit=limit)
+    _note_cut(rows, "dead letters", limit)
+    _emit(rows, fmt, "Dead letters",
           ("event", "stage", "reason", "detail"),
           lambda d: (d["event_id"] or "—", d["stage"], d["reason"], d["detail"]))
