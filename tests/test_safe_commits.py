@@ -14,7 +14,7 @@ import asyncio
 import faust
 import pytest
 from faust.types import TP
-from faust.types.tuples import Message
+from faust.types.tuples import ConsumerMessage, Message
 from hypothesis import given, settings, strategies as st
 
 from streams import safe_commits
@@ -184,6 +184,27 @@ def test_a_reread_record_is_not_dropped_by_records_fetched_before_the_seek(consu
         positions[TP0] = 11  # the re-read record itself
         positions[TP0] = 12
         assert positions[TP0] == 12  # the rewind is over: moves count again
+
+    asyncio.run(scenario())
+
+
+def test_a_record_the_stream_skipped_and_acked_is_read_again_not_counted_done(consumer, broker):
+    # Faust's stream skips a record fetched around an assignment (its
+    # generation changed) and still acks it on the way out: that offset
+    # counted as done and the commit passed it, with nothing logged.
+    async def scenario():
+        reset(consumer, 0)
+        skipped = ConsumerMessage(TOPIC, 0, 0, 0.0, None, None, b"k", b"v", None)  # never taken by a stream
+        assert not skipped.tracked
+        assert consumer.ack(skipped) is False
+        done(consumer, [1, 2])
+        assert await commit_point(consumer) is None
+        assert broker.seeks == [(TP0, 0)]  # read again from it
+        again = ConsumerMessage(TOPIC, 0, 0, 0.0, None, None, b"k", b"v", None)
+        again.tracked = True  # what the stream does when it takes the message
+        consumer.track_message(again)
+        assert consumer.ack(again) is True
+        assert await commit_point(consumer) == 3
 
     asyncio.run(scenario())
 
