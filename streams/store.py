@@ -116,6 +116,10 @@ CREATE TABLE IF NOT EXISTS alerts (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alerts_cluster ON alerts(cluster_id);
+-- the newest N alerts / dead letters (deepwatch alerts, dead-letters) read in
+-- this order: without these SQLite sorted the whole table for every page
+CREATE INDEX IF NOT EXISTS alerts_created ON alerts(created_at, alert_id);
+CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters(at, dl_key);
 CREATE TABLE IF NOT EXISTS processed_runs (
     run TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" INTEGER NOT NULL,
     outcome TEXT NOT NULL, event_id TEXT,

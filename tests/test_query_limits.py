@@ -204,3 +204,14 @@ def test_default_limit_is_100_in_a_table_and_all_in_json(tmp_path):
     assert len(json.loads(r.stdout)) == 130 and "showing" not in r.stderr
     r = deepwatch("dead-letters", "--data-dir", str(tmp_path), "--limit", "-1")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_sqlite_reads_the_newest_n_through_an_index_not_a_sort_of_the_table(tmp_path):
+    from streams.store import open_store
+
+    s = _fill(open_store(tmp_path))
+    for table, order in (("dead_letters", "at DESC, dl_key DESC"), ("alerts", "created_at DESC, alert_id DESC")):
+        plan = " ".join(str(row[-1]) for row in s._db.execute(
+            f"EXPLAIN QUERY PLAN SELECT * FROM {table} ORDER BY {order} LIMIT 3"))
+        assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, (table, plan)
+    s.close()
