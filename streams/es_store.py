@@ -431,11 +431,19 @@ class EsFindingsStore:
                 return True
         return False
 
-    def delivery_status(self) -> dict[str, list[dict[str, str]]]:
-        """alert id -> [{target, status, at}] for `deepwatch alerts`."""
+    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[dict[str, str]]]:
+        """alert id -> [{target, status, at}] for `deepwatch alerts`: of
+        ``alert_ids`` only when given (a page of alerts, not every delivery)."""
+        if alert_ids is None:
+            queries = [{"match_all": {}}]
+        else:
+            ids = list(alert_ids)
+            queries = [{"terms": {"alert_id": ids[i:i + PAGE]}} for i in range(0, len(ids), PAGE)]
+        hits = [h for q in queries for h in self._scan(
+            self.names["deliveries"], q, [{"at": "asc"}, {"alert_id": "asc"}, {"target": "asc"}],
+            ["alert_id", "target", "status", "at"])]
         out: dict[str, list[dict[str, str]]] = {}
-        for h in self._scan(self.names["deliveries"], {"match_all": {}},
-                            [{"at": "asc"}, {"alert_id": "asc"}, {"target": "asc"}], ["alert_id", "target", "status", "at"]):
+        for h in sorted(hits, key=lambda h: h["_source"]["at"]):
             src = h["_source"]
             out.setdefault(src["alert_id"], []).append({"target": src["target"], "status": src["status"], "at": src["at"]})
         return out

@@ -375,12 +375,19 @@ class SqliteFindingsStore:
         ).fetchone()
         return row is not None
 
-    def delivery_status(self) -> dict[str, list[dict[str, str]]]:
-        """alert id -> [{target, status, at}] for `deepwatch alerts`."""
+    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[dict[str, str]]]:
+        """alert id -> [{target, status, at}] for `deepwatch alerts`: of
+        ``alert_ids`` only when given (a page of alerts, not every delivery)."""
+        sql = "SELECT alert_id, target, status, at FROM deliveries"
+        if alert_ids is None:
+            rows = list(self._db.execute(sql))
+        else:
+            ids, rows = list(alert_ids), []
+            for i in range(0, len(ids), 500):  # within SQLite's bound on parameters
+                chunk = ids[i:i + 500]
+                rows += self._db.execute(f"{sql} WHERE alert_id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
         out: dict[str, list[dict[str, str]]] = {}
-        for alert_id, target, status, at in self._db.execute(
-            "SELECT alert_id, target, status, at FROM deliveries ORDER BY at"
-        ):
+        for alert_id, target, status, at in sorted(rows, key=lambda r: r[3]):
             out.setdefault(alert_id, []).append({"target": target, "status": status, "at": at})
         return out
 

@@ -215,3 +215,15 @@ def test_sqlite_reads_the_newest_n_through_an_index_not_a_sort_of_the_table(tmp_
             f"EXPLAIN QUERY PLAN SELECT * FROM {table} ORDER BY {order} LIMIT 3"))
         assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, (table, plan)
     s.close()
+
+
+def test_delivery_statuses_of_a_page_of_alerts_only(store):
+    # `deepwatch alerts --limit N` read every delivery record of the store to label N alerts.
+    for i in range(1, 6):
+        store.mark_delivered(f"c-fire:{i}", "https://hooks.example/a", "delivered")
+    store.mark_delivered("c-fire:5", "https://hooks.example/b", "failed: HTTP 503")
+    getattr(store, "refresh", lambda: None)()
+    every = store.delivery_status()
+    page = store.delivery_status(["c-fire:4", "c-fire:5", "c-none:1"])
+    assert page == {k: every[k] for k in ("c-fire:4", "c-fire:5")}
+    assert len(page["c-fire:5"]) == 2 and store.delivery_status([]) == {}

@@ -204,7 +204,7 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
     limit = _limit_for(limit, fmt)
     with _findings(data_dir, config, store_url) as store:
         found = store.alerts(limit=limit)
-        status = store.delivery_status()
+        status = store.delivery_status([a.alert_id for a in found] if limit else None)
         rows = [dict(a.as_json(), deliveries=status.get(a.alert_id, [])) for a in found]
     _note_cut(found, "alerts", limit)
 
