@@ -68,6 +68,7 @@ def test_ctrl_c_ends_replay_and_every_process_it_started_within_seconds(tmp_path
     assert proc.returncode not in (0, None)
     assert took < 10, f"replay took {took:.1f}s to end after Ctrl-C"
     assert_nothing_left(proc, tmp_path)
+    assert proc.stderr.read().strip().splitlines()[-1:] == ["interrupted"]  # not a silent exit 130
 
 
 def test_sigterm_to_the_cli_alone_stops_what_it_started(tmp_path):
@@ -76,6 +77,7 @@ def test_sigterm_to_the_cli_alone_stops_what_it_started(tmp_path):
     assert proc.returncode not in (0, None)
     assert took < 10, f"replay took {took:.1f}s to end after SIGTERM"
     assert_nothing_left(proc, tmp_path)
+    assert proc.stderr.read().strip().splitlines()[-1:] == ["terminated"]
 
 
 def _group_members(pgid: int) -> list[str]:

@@ -88,6 +88,13 @@ def run_cli(app: Any) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except SystemExit as e:
+        # Typer turns Ctrl-C (and SIGTERM: ``Terminated``) into a silent exit
+        # 130; a command that says more raises its own Exit, without a cause.
+        stopped = e.__context__
+        if e.code == 130 and isinstance(getattr(stopped, "__cause__", None), KeyboardInterrupt):
+            err.print("terminated" if isinstance(stopped.__cause__, Terminated) else "interrupted")
+        raise
     except Exception as e:
         if isinstance(e, user_error_types()):
             message = str(e) or type(e).__name__
