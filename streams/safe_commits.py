@@ -71,8 +71,9 @@ class ReadPositions(defaultdict):
     (already handed on) and moves the position to each record it hands on.
     After a seek back, the records fetched before the seek are still being
     handed on and moved the position past the rewound offset again, so the
-    re-read record was dropped as seen (measured: 1 re-read in 14 runs of
-    tests/test_tansu_visibility.py failed so and waited for the next). While
+    re-read record was dropped as seen (measured: in 14 runs of
+    tests/test_tansu_visibility.py, 1 of 5 re-reads failed so and waited for
+    the next). While
     a rewind is pending the position stays unset (nothing is dropped; stages
     are idempotent) and moves are ignored until the rewound offset itself is
     handed on. A rewind whose offset holds no record is ended by ``settle``.
