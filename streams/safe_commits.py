@@ -15,10 +15,10 @@ holes (faust-streaming #606 is the open report of the first):
   partition, fetched as a restarted worker joined, lost this way in about
   1 run in 20 of the kill -9 drill, and in CI. Worse, the stream *acks* the
   record it skips (its generation check ``break``s to the ``finally`` that
-  acks the event), so it even counted as done: offset 0 of
-  tests/test_tansu_visibility.py was lost so in 2 of 3 full-suite runs with
-  nothing logged. ``ack`` here counts only records a stream took
-  (``message.tracked``).
+  acks the event), so it even counted as done, with nothing logged: the one
+  path that explains offset 0 of tests/test_tansu_visibility.py lost in 2 of
+  3 full-suite runs with an empty worker log. ``ack`` here counts only
+  records a stream took (``message.tracked``).
 * its gap bookkeeping (offsets that never arrive) also marks the record that
   ends the gap as done before anything processed it.
 
