@@ -9,6 +9,7 @@ here, and they too become dead letters.
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -120,10 +121,9 @@ def produce_lines(
     else:
         out.read_back = read_back
     headers = [(RUN_HEADER, out.run.encode())]
-    futures: list = []
+    futures: deque = deque()  # (origin, send future) not yet counted in ``out``
     dead_futures: list = []  # dead letters for lines refused here: confirmed like events
     pending_bytes = 0
-    settled = 0  # of ``futures``, counted in ``out`` already
 
     def acked() -> None:
         """Wait until every pending send is answered, while answers keep coming."""
@@ -145,20 +145,19 @@ def produce_lines(
                 pass
 
     def settle() -> None:
-        nonlocal pending_bytes, settled
+        nonlocal pending_bytes
         acked()
         for f in dead_futures:
             f.get(timeout=0)  # raises what the broker answered, if it refused it
         dead_futures.clear()
-        for at, f in futures:
-            md = f.get(timeout=0)
+        while futures:
+            at, f = futures[0]
+            md = f.get(timeout=0)  # raises what the broker answered, if it refused it
+            futures.popleft()
             out.sent += 1
-            settled += 1
             if keep:
                 out.offsets.add((md.partition, md.offset))
                 out.origin[(md.partition, md.offset)] = at
-        futures.clear()
-        settled = 0
         pending_bytes = 0
 
     clean = False
@@ -192,7 +191,7 @@ def produce_lines(
             producer.close()
         else:
             _abandon(producer)
-            out.sent += sum(1 for _, f in futures[settled:] if f.is_done and f.succeeded())
+            out.sent += sum(1 for _, f in futures if f.is_done and f.succeeded())
     return out
 
 

@@ -623,8 +623,7 @@ class SqliteFindingsStore:
             part = chunk[i:i + 500]
             yield from self._db.execute(sql.format(where=f"cluster_id IN ({','.join('?' * len(part))})"), (*args, *part))
 
-    def _cluster_rows(self, *, include_merged: bool = False, limit: int | None = None,
-                      only: set[str] | None = None) -> list[dict[str, Any]]:
+    def _cluster_rows(self, *, include_merged: bool = False, only: set[str] | None = None) -> list[dict[str, Any]]:
         """Cluster rows as JSON-ready dicts; ``only`` = just these surviving
         clusters (with everything merged into them)."""
         roots = self._roots()
@@ -685,7 +684,7 @@ class SqliteFindingsStore:
                 "revision": rev,
                 "updated_at": updated,
             }))
-        return out[:limit] if limit else out
+        return out
 
     def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
         rows, total = self._newest("alerts", "alert_id, doc", ("created_at", "alert_id"), limit)

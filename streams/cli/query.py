@@ -18,7 +18,7 @@ from streams.cli.app import app
 from streams.cli.common import (
     Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, print_json, settings_from,
 )
-from streams.findings import SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, StoreURLError, open_findings
+from streams.findings import SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, StoreURLError, open_findings
 
 StoreOpt = typer.Option(
     None, "--store",
@@ -69,11 +69,10 @@ def _limit_for(limit: Optional[int], fmt: str) -> int:
     return limit if limit is not None else (0 if fmt == "json" else DEFAULT_LIMIT)
 
 
-def _note_cut(rows: list, what: str, limit: int) -> None:
+def _note_cut(rows: Page, what: str) -> None:
     """One line on stderr when --limit left rows out (stdout, table or JSON array, stays as it was)."""
-    total = getattr(rows, "total", len(rows))
-    if len(rows) < total:
-        err.print(f"showing the newest {len(rows):,} of {total:,} {what}; --limit N for more, --limit 0 for all",
+    if rows.cut:
+        err.print(f"showing the newest {len(rows):,} of {rows.total:,} {what}; --limit N for more, --limit 0 for all",
                   highlight=False, soft_wrap=True)
 
 
@@ -195,10 +194,11 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
     """List alerts raised when a likely fake spread fast (one per cluster, plus escalations).
 
     A table shows the newest 100 by default, JSON all of them (--limit),
-    oldest first. JSON form: an array of objects with alert_id, cluster_id, rule, level, fake_score, verdict,
-    velocity, sightings, accounts, evidence, at (event time), created_at and
-    deliveries (per webhook target: status, at; a failed delivery is retried
-    every alerts.webhook_redeliver_s).
+    oldest first. JSON form: an array of objects with alert_id, cluster_id,
+    rule, level, fake_score, verdict, velocity, sightings, accounts,
+    evidence, at (event time), created_at and deliveries (per webhook
+    target: status, at; a failed delivery is retried every
+    alerts.webhook_redeliver_s).
     """
     fmt = "json" if as_json else check_format(fmt)
     limit = _limit_for(limit, fmt)
@@ -206,7 +206,7 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
         found = store.alerts(limit=limit)
         status = store.delivery_status([a.alert_id for a in found] if limit else None)
         rows = [dict(a.as_json(), deliveries=status.get(a.alert_id, [])) for a in found]
-    _note_cut(found, "alerts", limit)
+    _note_cut(found, "alerts")
 
     def delivery(a: dict) -> str:
         return "; ".join(d["status"][:60] for d in a["deliveries"]) or "—"
@@ -224,14 +224,15 @@ def dead_letters(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Co
     """List events that could not be processed, with the stage and reason.
 
     A table shows the newest 100 by default, JSON all of them (--limit),
-    oldest first. JSON form: an array of objects with event_id (when the event had one), stage, reason, detail,
-    source (topic, partition, offset) and at.
+    oldest first. JSON form: an array of objects with event_id (when the
+    event had one), stage, reason, detail, source (topic, partition, offset)
+    and at.
     """
     fmt = "json" if as_json else check_format(fmt)
     limit = _limit_for(limit, fmt)
     with _findings(data_dir, config, store_url) as store:
         rows = store.dead_letters(limit=limit)
-    _note_cut(rows, "dead letters", limit)
+    _note_cut(rows, "dead letters")
     _emit(rows, fmt, "Dead letters",
           ("event", "stage", "reason", "detail"),
           lambda d: (d["event_id"] or "—", d["stage"], d["reason"], d["detail"]))
