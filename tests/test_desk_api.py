@@ -380,6 +380,23 @@ def test_parallel_login_guesses_are_rate_limited_too(data, env):
     assert sorted(codes) == [401] * 3 + [429] * 9
 
 
+def test_a_login_form_open_in_another_tab_still_logs_in(data, env):
+    # Every login page and every failed login set a new CSRF cookie: the form
+    # of a tab opened earlier (or a second try already on its way) then failed
+    # its CSRF check with 403, and parallel guesses saw 403 among the 429s.
+    add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
+    with client(make_settings(data)) as c:
+        token = lambda page: page.text.split('name="csrf" value="')[1].split('"')[0]
+        first, second = token(c.get("/login")), token(c.get("/login"))
+        r = c.post("/login", data={"username": "alice", "password": "wrong", "csrf": first})
+        assert r.status_code == 401 and token(r) == first
+        r = c.post("/login", data={"username": "alice", "password": "correct horse battery", "csrf": second},
+                   follow_redirects=False)
+        assert r.status_code == 303 and "dw_session" in r.cookies
+        c.cookies.set("dw_login_csrf", "not-a-token")  # anything else is replaced
+        assert token(c.get("/login")) != "not-a-token"
+
+
 def test_sessions_follow_the_users_file(data, env):
     add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
     with client(make_settings(data)) as c:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Optional
@@ -405,7 +406,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_form(request: Request, next: str = "/"):
-        token = secrets.token_urlsafe(24)
+        # A token the browser already holds is kept: a new one would replace
+        # the cookie, and the login form of another open tab would then fail.
+        token = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+        if not _LOGIN_TOKEN.fullmatch(token):
+            token = secrets.token_urlsafe(24)
         resp = templates.TemplateResponse(request, "login.html", {"me": None, "csrf": token, "next": _safe_next(next),
                                                                    "error": None, "has_users": len(desk.users) > 0})
         resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure_cookies, max_age=3600)
@@ -428,12 +433,12 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         if user is None:
             observe.LOGINS.labels("failed").inc()
             log.warning("desk login failed", extra={"user": username, "client": client})
-            token = secrets.token_urlsafe(24)
-            resp = templates.TemplateResponse(request, "login.html", {"me": None, "csrf": token, "next": _safe_next(next),
+            # The form again with the same token: a new one would set a new
+            # cookie, and a login form open in another tab (or a second try
+            # already on its way) would then fail its CSRF check.
+            return templates.TemplateResponse(request, "login.html", {"me": None, "csrf": expected, "next": _safe_next(next),
                                                                        "error": "wrong user name or password",
                                                                        "has_users": True}, status_code=401)
-            resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure_cookies, max_age=3600)
-            return resp
         desk.limiter.succeeded(stamp, *keys)
         token, _ = desk.db.new_session(user.name, user.role, settings.desk.session_hours)
         observe.LOGINS.labels("ok").inc()
@@ -462,6 +467,9 @@ def _problem(err: dict[str, Any]) -> str:
         return f"body: not valid JSON ({err.get('ctx', {}).get('error', err['msg'])} at character {err['loc'][-1]})"
     field = ".".join(str(x) for x in err["loc"] if x not in ("query", "body", "path"))
     return f"{field or err['loc'][0]}: {err['msg']}"
+
+
+_LOGIN_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")  # what secrets.token_urlsafe(24) makes
 
 
 def _safe_next(target: str) -> str:
