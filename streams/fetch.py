@@ -61,6 +61,10 @@ def sniff_image_type(data: bytes) -> str | None:
     return None
 
 
+# Longest wait for a DNS answer (the system resolver, timing out and retrying
+# each of its servers, can take 30 s or more).
+DNS_TIMEOUT_S = 5.0
+
 # Statuses whose Location is followed; any other 3xx (300, 304, 305) is an
 # answer without an image, not a redirect.
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -153,10 +157,16 @@ def _address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_reserved)
 
 
-async def resolve_checked(host: str, port: int, allow_private: bool) -> str:
-    """Resolve ``host`` and return one address that may be contacted."""
+async def resolve_checked(host: str, port: int, allow_private: bool, timeout_s: float = DNS_TIMEOUT_S) -> str:
+    """Resolve ``host`` and return one address that may be contacted. The
+    answer is awaited ``timeout_s`` at most: the system resolver's own
+    retries can take far longer, and callers outside a fetch (the
+    connectors' and ingest endpoint's URL policy) have no other deadline."""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        async with asyncio.timeout(timeout_s):
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        raise FetchError("dns_failure", f"resolving {host} took longer than {timeout_s:g}s", retryable=True) from None
     except socket.gaierror as e:
         raise FetchError("dns_failure", f"cannot resolve {host}: {e}", retryable=True) from None
     except (UnicodeError, ValueError) as e:  # IDNA failures, NUL bytes: never a resolvable name

@@ -192,6 +192,31 @@ def test_dns_answer_with_embedded_loopback_is_blocked(monkeypatch):
     assert _fetch_fails(_event(url="http://innocent.example/a.png")).reason == "blocked_address"
 
 
+def test_a_resolver_that_never_answers_is_given_up_on(monkeypatch):
+    # The connectors' and ingest endpoint's URL policy resolved with no
+    # deadline: a resolver that hung held the stream (or the request) for as
+    # long as the system resolver's retries took.
+    from streams.connectors.base import UrlPolicy
+    from streams.fetch import FetchError, resolve_checked
+    from streams.settings import Settings
+
+    async def hung_getaddrinfo(self, host, port, **kw):
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", hung_getaddrinfo)
+
+    async def main():
+        started = time.monotonic()
+        with pytest.raises(FetchError) as e:
+            await resolve_checked("slow.example", 443, False, timeout_s=0.2)
+        assert e.value.reason == "dns_failure" and e.value.retryable and "0.2s" in e.value.detail
+        policy = UrlPolicy(Settings().fetch, dns_timeout_s=0.2)
+        assert await policy.check("https://slow.example/a.jpg") is None  # no verdict: the fetch stage checks again
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 2.0
+
+
 # -- image decoding -------------------------------------------------------------
 def test_43_byte_gif_with_96_mp_canvas_is_refused_before_decoding():
     data = corpus.gif_canvas_bomb()

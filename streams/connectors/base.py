@@ -225,9 +225,12 @@ class UrlPolicy:
     ``fetch.allow_private_networks``), using the very same check. Answers are
     cached per host: a firehose names the same CDN host thousands of times."""
 
-    def __init__(self, fetch: FetchSettings, ttl_s: float = 300.0):
+    def __init__(self, fetch: FetchSettings, ttl_s: float = 300.0, dns_timeout_s: float = 2.0):
         self.allow_private = fetch.allow_private_networks
         self.ttl_s = ttl_s
+        # Short: checks run one at a time in a connector's stream or an ingest
+        # request, and a late answer is no verdict (the fetch stage checks again).
+        self.dns_timeout_s = dns_timeout_s
         self._cache: dict[tuple[str, int], tuple[float, FetchError | None]] = {}  # -> (expires, verdict)
 
     async def check(self, url: str) -> FetchError | None:
@@ -244,7 +247,7 @@ class UrlPolicy:
         if hit and now < hit[0]:
             return hit[1]
         try:
-            await resolve_checked(parts.hostname, port, self.allow_private)
+            await resolve_checked(parts.hostname, port, self.allow_private, timeout_s=self.dns_timeout_s)
             err, ttl = None, self.ttl_s
         except FetchError as e:
             if e.retryable:
