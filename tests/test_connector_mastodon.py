@@ -248,6 +248,22 @@ def test_dead_instance_backs_off_and_never_crashes(tmp_path):
     assert 2 <= runner.connects < 40 and sink.events == []
 
 
+def test_a_stream_closed_after_every_event_is_reconnected_to_with_growing_waits(tmp_path):
+    # Every event reset the backoff: a server (or proxy) that closed each
+    # stream after one event was reconnected to at the first step for ever
+    # (old code: 20-30 connections in these 2 s; growing waits allow about 6).
+    blocks, _, _ = recorded()
+    update = next(b for b in blocks if "event: update\n" in b)
+    script = MastodonScript(streams=[[update]] * 200, drop=True)
+    st = settings_for(tmp_path, backoff_initial_s=0.05, backoff_max_s=1.0)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    with MastodonServer(script) as server:
+        runner = build_mastodon(st, sink, open_state(st, "m"), instance=server.url, timeline="local")
+        asyncio.run(run_until(runner, lambda: False, timeout=2.0))
+    assert 3 <= runner.connects <= 9, runner.connects
+    assert len(sink.events) >= 1  # the event itself was taken (once: the rest are repeats)
+
+
 # --------------------------------------------------------------------------
 # Odd but legal statuses, and what a days-long run meets
 # --------------------------------------------------------------------------

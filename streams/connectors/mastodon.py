@@ -36,6 +36,10 @@ log = logging.getLogger("deepwatch.connectors.mastodon")
 PLATFORM = "mastodon"
 Timeline = Literal["public", "local", "hashtag", "user"]
 PAGE = 40  # the REST timelines' maximum page size
+# A connection that has lasted this long is healthy: events on it reset the
+# backoff. Events alone do not: a server (or proxy) that closes each stream
+# after an event or two was reconnected to at the first backoff step for ever.
+HEALTHY_AFTER_S = 10.0
 
 
 class _M(BaseModel):
@@ -435,6 +439,7 @@ class MastodonConnector:
                     # ids drop the overlap, and the cursor only moves forward.
                     await self.backfill()
                 events = source.aiter_sse().__aiter__()
+                connected_at = time.monotonic()
                 while True:
                     nxt = asyncio.ensure_future(events.__anext__())
                     done, _ = await asyncio.wait({nxt, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -445,7 +450,8 @@ class MastodonConnector:
                         sse = nxt.result()
                     except StopAsyncIteration:
                         return "closed"
-                    backoff.reset()
+                    if time.monotonic() - connected_at >= HEALTHY_AFTER_S:
+                        backoff.reset()
                     if sse.id:
                         self.last_event_id = sse.id
                     await self.handle(sse.event, sse.data)
