@@ -346,7 +346,7 @@ class ClusterEngine:
                 state.detect_sha256 = s.sha256
                 out.detect_requests.append(DetectRequest(cluster_id=state.cluster_id, sha256=s.sha256))
 
-        if virality.seen(state.recent, s.event.event_id, t):
+        if virality.seen(state.recent, s.event.event_id):
             out.duplicate_event = True
         else:
             self._count(state, s, t)

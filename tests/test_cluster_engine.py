@@ -78,6 +78,20 @@ def test_reposts_join_one_cluster_and_count_once_per_event():
     assert st.verdict == "likely-ai" and st.fake_score >= 0.9  # evidence of the original raises the cluster
 
 
+def test_an_event_resent_with_another_time_counts_once():
+    # An event id names one post: a resend claiming another posted_at (a feed
+    # written twice, a platform correcting the time) was counted as a second
+    # sighting, while the findings store kept one (its key is the event id).
+    h = Harness()
+    pic = scene(1)
+    cid = h.see(sighting(pic, "e1", 0, "a1")).snapshots[-1].cluster_id
+    h.see(sighting(pic, "e2", 1, "a2"))
+    again = h.see(sighting(pic, "e1", 7, "a1"))
+    assert again.duplicate_event
+    st = h.get(cid)
+    assert st.sightings == 2 and len(st.recent) == 2 and st.engagement.total == 0
+
+
 def test_redelivered_op_is_not_applied_twice_but_outputs_are_reemitted():
     h = Harness(Settings(alerts={"min_sightings_5m": 2}))
     pic = scene(3)

@@ -44,8 +44,8 @@ def test_adding_sightings_one_by_one_matches_sorting_them_all(rows, late, cap):
             v = virality.velocity(recent, now)
             assert (v.sightings_5m, v.sightings_1h, v.accounts_1h, v.engagement_1h) == scanned_velocity(scanned, now)
             for other in scanned:
-                assert virality.seen(recent, other.e, other.t)
-            assert not virality.seen(recent, "never", r.t)
+                assert virality.seen(recent, other.e)
+            assert not virality.seen(recent, "never")
 
 
 def viral_state(reposts: int, id_chars: int) -> ClusterState:
