@@ -40,7 +40,9 @@ class HeldSignals:
     def __enter__(self) -> "HeldSignals":
         if threading.current_thread() is threading.main_thread():
             for signum in self._signums:
-                self._previous[signum] = signal.signal(signum, self._note)
+                previous = signal.signal(signum, self._note)
+                # None: a handler not set from Python, which cannot be set back
+                self._previous[signum] = signal.SIG_DFL if previous is None else previous
         return self
 
     def __exit__(self, *exc: object) -> None:
