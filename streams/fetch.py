@@ -21,11 +21,12 @@ import ssl
 import stat
 import zlib
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 
 from streams.blobstore import BlobStore
+from streams.host_breaker import HostBreaker, HostUnavailable
 from streams.records import ImageEvent
 from streams.settings import FetchSettings, IngestSettings
 
@@ -201,6 +202,7 @@ class ImageFetcher:
         self.blobs = blobs
         self.ingest = ingest
         self._roots: dict[tuple[str, ...], list[Path]] = {}
+        self.breaker = HostBreaker(fetch.breaker_timeouts, fetch.breaker_cooldown_s)
         self._client = httpx.AsyncClient(
             verify=tls_context(),
             timeout=httpx.Timeout(fetch.read_timeout_s, connect=fetch.connect_timeout_s),
@@ -333,39 +335,61 @@ class ImageFetcher:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise FetchError("bad_url", f"refusing to fetch {current[:200]!r}")
             port = explicit_port or (443 if parts.scheme == "https" else 80)
-            ip = await resolve_checked(parts.hostname, port, self.cfg.allow_private_networks)
-            host_for_url = f"[{ip}]" if ":" in ip else ip
-            pinned = urlunsplit((parts.scheme, f"{host_for_url}:{port}", parts.path or "/", parts.query, ""))
-            host_header = parts.hostname if explicit_port is None else f"{parts.hostname}:{explicit_port}"
+            host = f"{parts.hostname}:{port}"
             try:
-                async with self._client.stream(
-                    "GET", pinned, headers={"Host": host_header},
-                    extensions={"sni_hostname": parts.hostname},
-                ) as resp:
-                    if resp.status_code in _REDIRECTS:
-                        location = resp.headers.get("location")
-                        if not location:
-                            raise FetchError("bad_response", f"redirect without Location from {current}")
-                        current = urljoin(current, location)
-                        continue
-                    if resp.status_code >= 500 or resp.status_code == 429:
-                        raise FetchError("http_error", f"HTTP {resp.status_code} from {current}", retryable=True)
-                    if resp.status_code != 200:
-                        raise FetchError("http_error", f"HTTP {resp.status_code} from {current}")
-                    declared = resp.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
-                        raise FetchError("too_large", f"{current} declares {declared} bytes, limit {self.cfg.max_bytes}")
-                    body = BoundedBody(resp.headers.get("content-encoding", ""), self.cfg.max_bytes, current)
-                    async for chunk in resp.aiter_raw():
-                        body.feed(chunk)
-                    return self._check_type(body.bytes(), current)
-            except httpx.TimeoutException as e:
-                raise FetchError("timeout", f"timed out fetching {current}: {type(e).__name__}", retryable=True) from None
-            except httpx.TransportError as e:
-                raise FetchError("unreachable", f"cannot connect to {current}: {e}", retryable=True) from None
-            except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError, ValueError) as e:
-                raise FetchError("bad_url", f"invalid URL {current[:200]!r}: {e}") from None
+                self.breaker.check(host)
+            except HostUnavailable as e:
+                raise FetchError("host_unavailable", e.detail) from None
+            try:
+                data, location = await self._hop(current, parts, explicit_port, port)
+            except FetchError as e:
+                if e.reason == "timeout":
+                    self.breaker.timed_out(host)
+                else:
+                    self.breaker.answered(host)
+                raise
+            except asyncio.CancelledError:  # fetch.total_timeout_s or the event's deadline: it stalled us
+                self.breaker.timed_out(host)
+                raise
+            self.breaker.answered(host)
+            if data is not None:
+                return data
+            current = urljoin(current, location)
         raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects} redirects from {url}")
+
+    async def _hop(self, current: str, parts: SplitResult, explicit_port: int | None, port: int) -> tuple[bytes | None, str]:
+        """One request: the image's bytes, or (None, the redirect's Location)."""
+        ip = await resolve_checked(parts.hostname, port, self.cfg.allow_private_networks)
+        host_for_url = f"[{ip}]" if ":" in ip else ip
+        pinned = urlunsplit((parts.scheme, f"{host_for_url}:{port}", parts.path or "/", parts.query, ""))
+        host_header = parts.hostname if explicit_port is None else f"{parts.hostname}:{explicit_port}"
+        try:
+            async with self._client.stream(
+                "GET", pinned, headers={"Host": host_header},
+                extensions={"sni_hostname": parts.hostname},
+            ) as resp:
+                if resp.status_code in _REDIRECTS:
+                    location = resp.headers.get("location")
+                    if not location:
+                        raise FetchError("bad_response", f"redirect without Location from {current}")
+                    return None, location
+                if resp.status_code >= 500 or resp.status_code == 429:
+                    raise FetchError("http_error", f"HTTP {resp.status_code} from {current}", retryable=True)
+                if resp.status_code != 200:
+                    raise FetchError("http_error", f"HTTP {resp.status_code} from {current}")
+                declared = resp.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
+                    raise FetchError("too_large", f"{current} declares {declared} bytes, limit {self.cfg.max_bytes}")
+                body = BoundedBody(resp.headers.get("content-encoding", ""), self.cfg.max_bytes, current)
+                async for chunk in resp.aiter_raw():
+                    body.feed(chunk)
+                return self._check_type(body.bytes(), current), ""
+        except httpx.TimeoutException as e:
+            raise FetchError("timeout", f"timed out fetching {current}: {type(e).__name__}", retryable=True) from None
+        except httpx.TransportError as e:
+            raise FetchError("unreachable", f"cannot connect to {current}: {e}", retryable=True) from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError, ValueError) as e:
+            raise FetchError("bad_url", f"invalid URL {current[:200]!r}: {e}") from None
 
     @staticmethod
     def _check_type(data: bytes, where: str) -> bytes:

@@ -115,3 +115,5 @@ SINK_ITEMS = Counter("deepwatch_sink_items_total", "Findings-store bulk items, b
                      "(ok, duplicate, retried, dead_letter)", ["index", "outcome"])
 SINK_BEHIND_SECONDS = Gauge("deepwatch_sink_behind_seconds", "How long the findings sink has been retrying "
                             "(0 = keeping up); while > 0 its Faust agents consume nothing")
+FETCH_HOST_PAUSES = Counter("deepwatch_fetch_host_pauses_total", "Image hosts paused after timing out "
+                            "fetch.breaker_timeouts times in a row (streams.host_breaker)")

@@ -31,6 +31,8 @@ class FetchSettings(_Section):
     total_timeout_s: float = Field(30.0, gt=0)  # whole fetch incl. redirects and retries: a byte-a-second server cannot stall a task
     retries: int = Field(2, ge=0)
     max_redirects: int = Field(3, ge=0)
+    breaker_timeouts: int = Field(5, ge=0)  # timeouts in a row that pause a host (fetch:host_unavailable); 0: never
+    breaker_cooldown_s: float = Field(30.0, gt=0)  # a paused host's first pause; doubles (to 5 min) while its try times out
     user_agent: str = "deepwatch/0.1 (+https://github.com/deepwatch)"
 
 
