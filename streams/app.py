@@ -29,6 +29,7 @@ from streams.clustering import blob_pixels
 from streams.engine_state import open_engine_state
 from streams.faust_app import faust_app
 from streams.fetch import ImageFetcher
+from streams.host_breaker import HostBreaker
 from streams.records import DeadLetter, SourceRef
 from streams.settings import Settings
 from streams.topics import ANALYZE_GROUP_SUFFIX, CLUSTER_TABLE
@@ -90,13 +91,14 @@ def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_d
     data_dir = Path(settings.data_dir)
     blobs = DirectoryBlobStore(data_dir / "blobs")
     shared_ids = SharedIds()  # one per worker: its analyze actors judge same-id events in turn
+    breaker = HostBreaker(settings.fetch.breaker_timeouts, settings.fetch.breaker_cooldown_s)  # and pause stalling hosts together
     # The store the sinks write (SQLite or Elasticsearch), opened in a thread
     # on first use; ``once`` serialises its calls (see streams.stage.Serialized).
     analyze_store = once(lambda: open_findings(settings.findings.url, settings.data_dir, settings))
 
     @app.agent(events, concurrency=settings.ingest.analyze_concurrency)
     async def analyze(stream):
-        fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
+        fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs, breaker)
         stage = AnalyzeStage(settings, fetcher, Analyzer(settings, data_dir / "blobs"), blobs.put,
                              analyze_store, shared_ids)
         try:

@@ -197,12 +197,15 @@ def tls_context() -> ssl.SSLContext:
 
 
 class ImageFetcher:
-    def __init__(self, fetch: FetchSettings, ingest: IngestSettings, blobs: BlobStore | None = None):
+    def __init__(self, fetch: FetchSettings, ingest: IngestSettings, blobs: BlobStore | None = None,
+                 breaker: HostBreaker | None = None):
+        """``breaker``: shared by the fetchers of one process (what they learn
+        of a host is the process's); by default this fetcher's own."""
         self.cfg = fetch
         self.blobs = blobs
         self.ingest = ingest
         self._roots: dict[tuple[str, ...], list[Path]] = {}
-        self.breaker = HostBreaker(fetch.breaker_timeouts, fetch.breaker_cooldown_s)
+        self.breaker = breaker or HostBreaker(fetch.breaker_timeouts, fetch.breaker_cooldown_s)
         self._client = httpx.AsyncClient(
             verify=tls_context(),
             timeout=httpx.Timeout(fetch.read_timeout_s, connect=fetch.connect_timeout_s),

@@ -7,6 +7,7 @@ import asyncio
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,8 @@ from streams.records import ImageEvent
 from streams.settings import FetchSettings, IngestSettings
 from tests.connector_servers import ImageServer
 from tests.test_fetch import PNG
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Clock:
@@ -168,3 +171,57 @@ def test_a_fetch_cut_by_the_total_timeout_counts_and_a_host_that_answers_again_i
     f.breaker.answered(host)
     f.breaker.check(host)
     f.breaker.check(host)
+
+
+def test_in_the_pipeline_posts_at_a_tarpit_end_fast_and_the_others_are_all_seen(tmp_path):
+    # Real broker, `deepwatch replay` and its workers: 16 posts at a host that
+    # never answers, 16 at a live one. Each end as one outcome; most tarpit
+    # posts end at once as host_unavailable instead of each holding a slot.
+    import io
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from streams.store import open_store
+
+    def png(seed: int) -> bytes:
+        buf = io.BytesIO()
+        Image.effect_noise((96, 96), 40 + seed).convert("RGB").resize((200, 150)).save(buf, "PNG")
+        return buf.getvalue()
+
+    tarpit = Tarpit()
+    images = {f"/p{i}.png": png(i) for i in range(16)}
+    with ImageServer(images) as good:
+        feed = tmp_path / "feed.jsonl"
+        lines = []
+        for i in range(16):
+            for kind, url in (("slow", f"http://127.0.0.1:{tarpit.port}/x{i}.jpg"), ("ok", f"{good.url}/p{i}.png")):
+                lines.append(json.dumps({"schema_version": 1, "event_id": f"{kind}{i}", "platform": "x", "account_id": "a",
+                                         "posted_at": "2026-11-20T10:00:00Z", "image": {"url": url}}))
+        feed.write_text("\n".join(lines) + "\n")
+        env = {**os.environ, "DEEPWATCH_FETCH__ALLOW_PRIVATE_NETWORKS": "true", "DEEPWATCH_FETCH__RETRIES": "0",
+               "DEEPWATCH_FETCH__READ_TIMEOUT_S": "1", "DEEPWATCH_FETCH__BREAKER_TIMEOUTS": "2"}
+        r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "replay", str(feed), "--data-dir",
+                            str(tmp_path / "data"), "--json", "--timeout", "180", "--workers", "2"],
+                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    tarpit.close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["complete"] and summary["processed"] == 32
+    store = open_store(tmp_path / "data")
+    try:
+        seen = set(store.sighting_times())
+        dead = {d["event_id"]: d["reason"] for d in store.dead_letters()}
+    finally:
+        store.close()
+    assert seen == {f"ok{i}" for i in range(16)}
+    assert set(dead) == {f"slow{i}" for i in range(16)}
+    reasons = sorted(dead.values())
+    # Each of the 2 workers pauses the host after 2 timeouts; a fetch its other
+    # analyze slot began before that still times out: at most 3 per worker.
+    assert reasons.count("timeout") <= 2 * 3 and reasons.count("host_unavailable") >= 10, reasons
+    assert reasons.count("host_unavailable") + reasons.count("timeout") == 16, reasons
+    assert tarpit.accepted <= 2 * 3
