@@ -401,7 +401,7 @@ def filer(args: argparse.Namespace) -> None:
         if t:
             print("  phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if isinstance(v, (int, float))))
         for role, stages in (s.get("stage_seconds") or {}).items():
-            secs = {k: v for k, v in stages.items() if not k.startswith(("events:", "lag_"))}
+            secs = {k: v for k, v in stages.items() if not k.startswith(("events:", "lag_", "count:"))}
             counts = {k[7:]: int(v) for k, v in stages.items() if k.startswith("events:")}
             print(f"  {role} stage seconds (summed over its workers and concurrent actors): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in sorted(secs.items(), key=lambda kv: -kv[1])))

@@ -97,7 +97,8 @@ class WorkerProcess:
 
     def stage_seconds(self) -> dict[str, float]:
         """Seconds spent per stage so far (the ``deepwatch_stage_seconds``
-        histogram's sums, plus ``events:STAGE:OUTCOME`` counts and the
+        histogram's sums, and its counts as ``count:STAGE``, plus
+        ``events:STAGE:OUTCOME`` counts and the
         ``deepwatch_stage_lag_seconds`` sums and counts as
         ``lag_sum:STAGE``/``lag_count:STAGE``), scraped from
         the worker's /metrics; empty when it serves none or cannot be reached."""
@@ -118,6 +119,8 @@ class WorkerProcess:
                 for sample in fam.samples:
                     if sample.name.endswith("_sum"):
                         out[sample.labels["stage"]] = sample.value
+                    elif sample.name.endswith("_count"):
+                        out[f"count:{sample.labels['stage']}"] = sample.value
             elif fam.name == "deepwatch_stage_lag_seconds":
                 for sample in fam.samples:
                     kind = sample.name.rpartition("_")[2]
