@@ -72,6 +72,13 @@ def build_dashboard() -> dash.Dashboard:
                         "Hostile or broken input; `deepwatch dead-letters` shows the events.")
             .with_target(_query(q.DEAD_LETTERS_RATE, "{{stage}}: {{reason}}"))
         )
+        .with_panel(
+            _timeseries("Image hosts paused", "short",
+                        "Hosts that timed out fetch.breaker_timeouts times in a row, paused per worker; their posts "
+                        "end as fetch:host_unavailable until a try gets an answer (worker logs name the host).")
+            .with_target(_query(q.HOST_PAUSES, "pauses"))
+            .draw_style(common.GraphDrawStyle.BARS)
+        )
         .with_row(dash.Row("Latency"))
         .with_panel(
             _timeseries("Stage latency p50 / p95", "s", "From deepwatch_stage_seconds.")

@@ -64,6 +64,7 @@ SINK_BEHIND = "max(deepwatch_sink_behind_seconds)"
 LOOP_SILENCE = "time() - (deepwatch_loop_heartbeat_timestamp_seconds > 0)"
 OFFSET_REREADS = f"sum by (topic, why) ({counted('deepwatch_offset_rereads_total', '$__interval')})"
 WEBHOOKS_BY_OUTCOME = f"sum by (outcome) ({counted('deepwatch_webhook_deliveries_total', '$__interval')})"
+HOST_PAUSES = f"sum({counted('deepwatch_fetch_host_pauses_total', '$__interval')})"
 
 
 def stage_quantile(q: float, window: str = "$__rate_interval") -> str:
@@ -120,6 +121,7 @@ WORKER_LOOP_SILENCE = f"time() - max by (instance) (deepwatch_loop_heartbeat_tim
 
 
 SINK_BEHIND_MAX = "max(deepwatch_sink_behind_seconds)"
+HOST_PAUSES_15M = f"sum({counted('deepwatch_fetch_host_pauses_total', '15m')}) > 0"
 
 
 # -- the desk (deepwatch serve; its own scrape job, deploy/prometheus/prometheus.yml)

@@ -69,6 +69,11 @@ def prometheus_rules() -> dict[str, Any]:
             _rule("DeepwatchStageLatencyHigh", f"{q.stage_quantile(0.95, '5m')} > {STAGE_P95_MAX_S}", "10m", "warning",
                   "p95 latency of stage {{ $labels.stage }} is {{ $value | humanizeDuration }}",
                   "Slow image hosts (fetch), oversized images (analyze) or a saturated cluster worker."),
+            _rule("DeepwatchImageHostsPaused", q.HOST_PAUSES_15M, "0m", "warning",
+                  "Image hosts keep timing out; their posts are dead-lettered as fetch:host_unavailable",
+                  "A worker paused a host after fetch.breaker_timeouts timeouts in a row (streams.host_breaker). "
+                  "The worker logs 'image host paused after timeouts' with the host: a CDN outage, a network "
+                  "problem on the workers' side, or a host set up to hold fetchers."),
             _rule("DeepwatchFindingsSinkBehind", f"{q.SINK_BEHIND_MAX} > 60", "5m", "warning",
                   "The findings sink has been retrying for {{ $value | humanizeDuration }}",
                   "Elasticsearch is rejecting (429) or failing (5xx) bulk writes; the pipeline is paused behind it "

@@ -195,6 +195,19 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                      "exp_alerts": [_expected_alert("DeepwatchWebhookFailures")]},
                 ],
             },
+            {   # a worker paused an image host: warned at once, quiet again 15 minutes later
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_fetch_host_pauses_total{job="deepwatch",instance="w1"}',
+                     "values": "0 0 0 1x30"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "2m", "alertname": "DeepwatchImageHostsPaused", "exp_alerts": []},
+                    {"eval_time": "4m", "alertname": "DeepwatchImageHostsPaused",
+                     "exp_alerts": [_expected_alert("DeepwatchImageHostsPaused")]},
+                    {"eval_time": "25m", "alertname": "DeepwatchImageHostsPaused", "exp_alerts": []},
+                ],
+            },
             {   # the first failed delivery of a worker: prometheus_client creates the labelled series at
                 # its first inc(), so Prometheus never sees it at 0 (increase() read this as no failure)
                 "interval": "1m",
