@@ -351,8 +351,13 @@ class ImageFetcher:
                 else:
                     self.breaker.answered(host)
                 raise
-            except asyncio.CancelledError:  # fetch.total_timeout_s or the event's deadline: it stalled us
-                self.breaker.timed_out(host)
+            except BaseException as e:
+                # Cancelled: fetch.total_timeout_s or the event's deadline, it
+                # stalled us. Anything else still ends a try let through.
+                if isinstance(e, asyncio.CancelledError):
+                    self.breaker.timed_out(host)
+                else:
+                    self.breaker.answered(host)
                 raise
             self.breaker.answered(host)
             if data is not None:

@@ -225,3 +225,29 @@ def test_in_the_pipeline_posts_at_a_tarpit_end_fast_and_the_others_are_all_seen(
     assert reasons.count("timeout") <= 2 * 3 and reasons.count("host_unavailable") >= 10, reasons
     assert reasons.count("host_unavailable") + reasons.count("timeout") == 16, reasons
     assert tarpit.accepted <= 2 * 3
+
+
+def test_a_try_that_fails_unexpectedly_does_not_leave_the_host_paused_for_good(monkeypatch):
+    # The try let through after a pause must end the wait however it ends; a
+    # try that raised something unforeseen left every later fetch refused.
+    clock = Clock()
+    f = ImageFetcher(FetchSettings(allow_private_networks=True, breaker_timeouts=1), IngestSettings())
+    f.breaker._clock = clock
+    host = "127.0.0.1:9"
+    f.breaker.timed_out(host)
+    clock.now += 60
+
+    async def broken(*args):
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(f, "_hop", broken)
+
+    async def main():
+        try:
+            with pytest.raises(RuntimeError):
+                await f.get(_event(f"http://{host}/a.jpg", 1))
+        finally:
+            await f.aclose()
+
+    asyncio.run(main())
+    f.breaker.check(host)  # not paused: that try answered, if badly
