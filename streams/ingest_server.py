@@ -253,8 +253,10 @@ def _event_lines(body: bytes, limit: int) -> list[tuple[int, bytes]]:
 
 
 def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Callable[[], Any] | None = None,
-              body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
-    """The ASGI app. ``tokens`` maps token -> name (see ``load_tokens``)."""
+              body_timeout_s: float = BODY_TIMEOUT_S, public_metrics: bool = True) -> FastAPI:
+    """The ASGI app. ``tokens`` maps token -> name (see ``load_tokens``).
+    ``public_metrics``: answer GET /metrics here too; off when they are served
+    on a port of their own (token names are in their labels)."""
     if not tokens:
         raise TokenConfigError(f"no ingest tokens: set {settings.connectors.ingest_tokens_env}=NAME:TOKEN[,...]")
     cfg = settings.connectors
@@ -272,9 +274,10 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
     app = FastAPI(title="deepwatch ingest", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
 
-    @app.get("/metrics")
-    def metrics_endpoint() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    if public_metrics:
+        @app.get("/metrics")
+        def metrics_endpoint() -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
     app.state.gate = gate
     app.state.budget = budget
 
@@ -466,14 +469,18 @@ def head_deadline_protocol(header_timeout_s: float) -> type:
 
 
 def serve(settings: Settings, host: str, port: int, *, header_timeout_s: float = HEADER_TIMEOUT_S,
-          body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+          body_timeout_s: float = BODY_TIMEOUT_S, metrics_port: int | None = None) -> None:
+    """Serve until stopped. ``metrics_port``: /metrics (and /healthz) there
+    instead of on ``port``, which may face the internet."""
     import uvicorn
 
-    from streams import logs
+    from streams import logs, metrics
 
     logs.setup(settings.log_level, settings.log_format)
     tokens = load_tokens(settings.connectors.ingest_tokens_env)
-    app = build_app(settings, tokens, body_timeout_s=body_timeout_s)
+    app = build_app(settings, tokens, body_timeout_s=body_timeout_s, public_metrics=metrics_port is None)
+    if metrics_port is not None:
+        log.info("metrics listening", extra={"port": metrics.serve(metrics_port)})
     log.info("ingest endpoint listening", extra={"host": host, "port": port, "tokens": sorted(set(tokens.values()))})
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
                 limit_concurrency=256, timeout_keep_alive=5, http=head_deadline_protocol(header_timeout_s))

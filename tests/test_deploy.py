@@ -398,8 +398,8 @@ def test_k8s_scrape_jobs_are_the_ones_the_rules_select():
                           "__meta_kubernetes_pod_container_port_name": port["name"],
                           "__meta_kubernetes_pod_name": f"{component}-0"}
                 scraped = [name for name, j in jobs.items() if _relabel(j["relabel_configs"], labels) is not None]
-                if component == "ingest":  # serve-ingest: /metrics on its http port
-                    want = ["deepwatch-ingest"] if port["name"] == "http" else []
+                if component == "ingest":  # serve-ingest: /metrics on its metrics port, off the ingress's http one
+                    want = ["deepwatch-ingest"] if port["name"] == "metrics" else []
                 else:
                     want = [] if port["name"] != "metrics" else ["deepwatch-desk" if component == "desk" else "deepwatch"]
                 assert scraped == want, (component, port["name"], scraped)

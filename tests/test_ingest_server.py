@@ -184,14 +184,14 @@ def test_broker_unavailable_is_503_with_retry_after(tmp_path):
 
 
 def test_serve_ingest_command_end_to_end(broker, tmp_path):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "DEEPWATCH_INGEST_TOKENS": f"desk:{TOKEN}",
            "DEEPWATCH_TOPIC_PREFIX": "cli", "DEEPWATCH_DATA_DIR": str(tmp_path)}
     settings = Settings(topic_prefix="cli")
     ensure_topics(broker.bootstrap, topic_specs(settings))
     proc = subprocess.Popen(
         [sys.executable, "-m", "streams.cli.__main__", "serve-ingest", "--host", "127.0.0.1", "--port", str(port),
-         "--broker", f"kafka://{broker.bootstrap}"],
+         "--broker", f"kafka://{broker.bootstrap}", "--metrics-port", str(metrics_port)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -206,6 +206,10 @@ def test_serve_ingest_command_end_to_end(broker, tmp_path):
                        content="\n".join(json.dumps(event(i)) for i in range(3)), timeout=20)
         assert r.status_code == 202 and r.json()["accepted"] == 3
         assert len(read_topic(broker.bootstrap, settings.topic("events"), 3)) == 3
+        # --metrics-port: metrics (their labels name token holders) off the public port
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 404
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert scraped.status_code == 200 and 'deepwatch_ingest_requests_total{status="202",token="desk"}' in scraped.text
     finally:
         proc.terminate()
         _, stderr = proc.communicate(timeout=20)
@@ -214,6 +218,10 @@ def test_serve_ingest_command_end_to_end(broker, tmp_path):
                        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "DEEPWATCH_INGEST_TOKENS": ""},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "DEEPWATCH_INGEST_TOKENS" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "serve-ingest", "--broker", "kafka://127.0.0.1:1",
+                        "--port", "8099", "--metrics-port", "8099"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "--metrics-port 8099 is --port too" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_request_larger_than_the_token_burst_is_refused_as_too_many_lines_not_rate_limited(settings):

@@ -182,14 +182,20 @@ def serve_ingest(
     port: int = typer.Option(8087, "--port", min=1, max=65535, help="Port to listen on."),
     broker: Optional[str] = BrokerOpt,
     config: Optional[Path] = Config,
+    metrics_port: Optional[int] = typer.Option(
+        None, "--metrics-port", min=0, max=65535,
+        help="Serve Prometheus /metrics on this port instead of --port (their labels name the token holders); "
+             "for an endpoint facing the internet. Default: DEEPWATCH_METRICS_PORT, else on --port."),
 ) -> None:
     """HTTP endpoint for tiplines and scrapers: POST /ingest with one JSON
     event or NDJSON, bearer tokens from DEEPWATCH_INGEST_TOKENS
-    (NAME:TOKEN,...), 202 with a result per line; GET /metrics."""
+    (NAME:TOKEN,...), 202 with a result per line; GET /metrics (on
+    --metrics-port when given)."""
     from streams.ingest_server import TokenConfigError, load_tokens, serve
     from streams.net_errors import ensure_port_free
 
-    settings = settings_from(config, broker=broker)
+    settings = settings_from(config, broker=broker, metrics_port=metrics_port)
+    metrics_port = settings.metrics_port
     if settings.broker == "embedded" or "://" not in settings.broker:
         fail("serve-ingest feeds a running pipeline: pass --broker kafka://HOST:PORT (or set DEEPWATCH_BROKER)")
     env = settings.connectors.ingest_tokens_env
@@ -198,5 +204,7 @@ def serve_ingest(
             fail(f"no ingest tokens: set {env}=NAME:TOKEN[,NAME:TOKEN] (tokens are read only from the environment)")
     except TokenConfigError as e:
         fail(str(e))
+    if metrics_port == port:
+        fail(f"--metrics-port {metrics_port} is --port too; give metrics a port of their own")
     ensure_port_free(host, port, "pick another --port")
-    serve(settings, host, port)
+    serve(settings, host, port, metrics_port=metrics_port)
