@@ -9,6 +9,7 @@ app asked for; the single-writer cluster topic must have exactly one.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,48 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+PORT_TRIES = 3  # ports the embedded broker tries when the one it was given is taken before it binds it
+
+
+class PortTaken(Exception):
+    """The embedded broker could not bind its port: something took it after ``free_port``."""
+
+
+def _listening(pid: int, host: str, port: int) -> bool:
+    """Whether process ``pid`` listens on ``port``. From /proc on Linux: a
+    connection alone may reach whatever else took the port meanwhile (and
+    the broker then exits, unable to bind it). Elsewhere, whether anything
+    accepts a connection there."""
+    try:
+        sockets = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith("socket:["):
+                sockets.add(target[8:-1])
+        listeners = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(table) as f:
+                    next(f)  # the header
+                    for line in f:
+                        cols = line.split()
+                        # local address HEX_IP:HEX_PORT, state 0A = LISTEN, inode
+                        if cols[3] == "0A" and int(cols[1].rpartition(":")[2], 16) == port:
+                            listeners.add(cols[9])
+            except FileNotFoundError:  # no IPv6
+                continue
+        return bool(sockets & listeners)
+    except OSError:  # no /proc (not Linux)
+        try:
+            socket.create_connection((host, port), 0.2).close()
+            return True
+        except OSError:
+            return False
 
 
 def _tansu_binary() -> str:
@@ -80,6 +123,24 @@ class EmbeddedBroker:
             log_dir = self._log_dir
             log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / "tansu.log"
+        for _ in range(PORT_TRIES - 1):
+            try:
+                self._start_once(timeout_s)
+                return self
+            except PortTaken:
+                # free_port() let the port go before the broker bound it: another
+                # process took it meanwhile (any program's outgoing connection may).
+                log.warning("embedded broker port taken meanwhile; trying another", extra={"port": self.port})
+                self.port = free_port(self.host)
+        try:
+            self._start_once(timeout_s)
+        except PortTaken:
+            raise RuntimeError(f"tansu found {PORT_TRIES} free ports taken before it could bind them; "
+                               f"see {self.log_path}") from None
+        return self
+
+    def _start_once(self, timeout_s: float) -> None:
+        assert self.log_path is not None
         url = f"tcp://{self.bootstrap}"
         cmd = [
             _tansu_binary(), "broker",
@@ -87,6 +148,7 @@ class EmbeddedBroker:
             "--advertised-listener-url", url,
             "--storage-engine", "memory://tansu/",
         ]
+        log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
         try:
             # Held: raised inside ``Popen`` (after the fork) or just after it, a
             # Ctrl-C would leave a broker nobody knows of (seen once in the
@@ -99,27 +161,31 @@ class EmbeddedBroker:
                 # (``stop``) after its workers.
                 self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                               process_group=0)
-            self._wait_listening(timeout_s)
+            self._wait_listening(timeout_s, log_from)
+        except PortTaken:
+            self._proc = None
+            raise
         except BaseException:
             # Ctrl-C while it starts included: ``with`` never reached ``__exit__``,
             # and a broker in its own process group would outlive us.
             self._temp_log_dir = None  # kept: the error names its log
             self.stop()
             raise
-        return self
 
-    def _wait_listening(self, timeout_s: float) -> None:
-        assert self._proc is not None
+    def _wait_listening(self, timeout_s: float, log_from: int = 0) -> None:
+        assert self._proc is not None and self.log_path is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                with open(self.log_path, "rb") as f:
+                    f.seek(log_from)
+                    if b"AddrInUse" in f.read():
+                        raise PortTaken(self.port)
                 raise RuntimeError(f"tansu exited with {self._proc.returncode}; see {self.log_path}")
-            try:
-                socket.create_connection((self.host, self.port), 0.2).close()
+            if _listening(self._proc.pid, self.host, self.port):
                 log.info("embedded broker up", extra={"bootstrap": self.bootstrap})
                 return
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         raise TimeoutError(f"tansu did not listen on {self.bootstrap} within {timeout_s}s")
 
     def stop(self) -> None:

@@ -625,6 +625,33 @@ def test_embedded_broker_leaves_no_temporary_log_dir_behind(monkeypatch):
     shutil.rmtree(failing.log_path.parent)
 
 
+def test_the_embedded_broker_moves_on_when_its_port_is_taken_before_it_binds(tmp_path):
+    # free_port() lets the port go before the broker binds it. Whatever took it
+    # meanwhile answered the "is it listening" probe, so the broker counted as
+    # up on a port it never held (it had exited, unable to bind), and every
+    # client then talked to the other program.
+    from kafka import KafkaAdminClient
+
+    from streams.broker import EmbeddedBroker
+
+    b = EmbeddedBroker(tmp_path)
+    squatter = socket.socket()
+    squatter.bind((b.host, b.port))
+    squatter.listen(8)
+    taken = b.port
+    try:
+        with b:
+            assert b.port != taken
+            admin = KafkaAdminClient(bootstrap_servers=b.bootstrap, request_timeout_ms=10_000)
+            try:
+                assert admin.describe_cluster()["brokers"]
+            finally:
+                admin.close()
+    finally:
+        squatter.close()
+    assert "AddrInUse" in (tmp_path / "tansu.log").read_text(errors="replace")
+
+
 def test_ctrl_c_just_as_the_broker_process_is_created_stops_it(tmp_path, monkeypatch):
     import signal
     import subprocess
