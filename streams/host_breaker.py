@@ -33,7 +33,8 @@ MAX_HOSTS = 10_000
 
 
 class HostUnavailable(Exception):
-    """The host's breaker is open: ``detail`` says since when and until when."""
+    """The host is paused: ``detail`` says how many timeouts paused it and for
+    how much longer (or that a try is under way)."""
 
     def __init__(self, detail: str):
         super().__init__(detail)

@@ -56,7 +56,8 @@ def seen(recent: list[RecentSighting], event_id: str) -> bool:
     post whatever time a resend of it claims, so every sighting is compared
     (an event resent with another ``posted_at`` counted twice when only the
     sightings of its time were). Beyond the window an old id is forgotten.
-    The scan costs ~0.2 ms at ``MAX_RECENT``; writing such a state costs far more."""
+    The scan took 0.26 ms at ``MAX_RECENT`` (2-core VM), beside the ~19 ms
+    the single writer spends per sighting of such a cluster (above)."""
     return any(r.e == event_id for r in recent)
 
 
