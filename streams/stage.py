@@ -204,21 +204,22 @@ class AnalyzeStage:
         # Digested here only when small enough to digest on the loop.
         sha256 = hashlib.sha256(data).hexdigest() if len(data) <= self.settings.batch.analyze_inline_max_pixels else None
         known = sha256 is not None and self.analyzer.knows(sha256)
-        if (known or self._small(data)) and (recent is not None or self._local_reads):
+        if (known or self._small(data)) and self._local_reads:
             # Analysed on the event loop: a repost of bytes analysed moments
             # ago costs no decode at all, and a picture this small decodes and
             # hashes in a few milliseconds, while a thread hop costs its
             # handoffs and, far more, the GIL ping-pong between the loop and
             # the pool thread on every syscall either side makes (measured:
             # 20-30% of a pipeline worker's CPU). Only with a local findings
-            # store: an Elasticsearch lookup of the event id is a network
-            # round trip, which must not hold the loop.
-            sighting, stored = self._blocking(ev, data, sha256, source, recent is None)
+            # store: the event id is looked up in the store (below), and an
+            # Elasticsearch lookup is a network round trip, which must not
+            # hold the loop.
+            sighting, stored = self._blocking(ev, data, sha256, source)
         else:
             # One thread hop for the blocking work of a large picture
             # (analysis, blob write, the store's answer on this event id), so
             # the loop and its deadlines keep running meanwhile.
-            sighting, stored = await asyncio.to_thread(self._blocking, ev, data, sha256, source, recent is None)
+            sighting, stored = await asyncio.to_thread(self._blocking, ev, data, sha256, source)
         metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
         self._stage = "dedupe"
         if isinstance(stored, BaseException):
@@ -272,39 +273,40 @@ class AnalyzeStage:
             return False
         return w * h <= cap
 
-    def _blocking(self, ev: Any, data: bytes, sha256: str | None, source: SourceRef, lookup: bool) -> tuple[Sighting, Any]:
-        """Analysis, blob write and (``lookup``) the stored picture of this
-        event id, on the loop or in a worker thread (``sha256``: the digest of
-        ``data`` if already taken). A failing lookup is returned, not raised,
-        so its dead letter names the dedupe stage."""
+    def _blocking(self, ev: Any, data: bytes, sha256: str | None, source: SourceRef) -> tuple[Sighting, Any]:
+        """Analysis, blob write and the stored picture of this event id, on
+        the loop or in a worker thread (``sha256``: the digest of ``data`` if
+        already taken). A failing lookup is returned, not raised, so its dead
+        letter names the dedupe stage."""
         sighting: Sighting = self.analyzer.analyze(ev, data, source, sha256)
         if sighting.sha256 not in self._blobs:  # content-addressed: once stored, stored
             with metrics.STAGE_SECONDS.labels("blob").time():
                 self.put_blob(data, sighting.sha256)
             self._blobs.put(sighting.sha256)
-        stored: Any = None
-        if lookup:
-            with metrics.STAGE_SECONDS.labels("dedupe").time():
-                try:
-                    stored = self._stored_sha(ev.event_id)
-                except Exception as e:  # noqa: BLE001 - re-raised in the dedupe stage
-                    stored = e
+        stored: Any
+        with metrics.STAGE_SECONDS.labels("dedupe").time():
+            try:
+                stored = self._stored_sha(ev.event_id)
+            except Exception as e:  # noqa: BLE001 - re-raised in the dedupe stage
+                stored = e
         return sighting, stored
 
     def _is_duplicate(self, event_id: str, sha256: str, recent: str | None, stored: str | None) -> bool:
         """True for an exact repeat of a stored sighting; ``StageError`` when
         the event id is already taken by a different picture. ``recent`` is
-        what this worker sent moments ago under the id, ``stored`` what the
-        store holds (looked up only when ``recent`` is None)."""
-        if recent is None:
-            if stored is not None:
-                if stored != sha256:
-                    raise self._conflict(event_id, stored, sha256)
-                return True  # the store has it: do not count it again, however old it is
-            return False
-        if recent != sha256:
-            raise self._conflict(event_id, recent, sha256)
-        return False  # sent moments ago by us: the cluster engine recognises the repeat
+        what this worker sent under the id, ``stored`` what the store holds.
+
+        The store is asked even when this worker sent the id: ``recent``
+        holds ids by count, not by time, and the cluster engine recognises a
+        repeat only among a cluster's sightings of the last hour of event
+        time (at most ``virality.MAX_RECENT``), so a resend older than that
+        counted again in the stream while the store kept one sighting."""
+        for first in (stored, recent):
+            if first is not None and first != sha256:
+                raise self._conflict(event_id, first, sha256)
+        if stored is not None:
+            return True  # the store has it: do not count it again, however old it is
+        return False  # none stored yet (in flight): the cluster engine recognises a repeat sent moments ago
 
     def _db(self):
         if self._store is None:

@@ -19,8 +19,13 @@ from tests.hostile import corpus
 
 
 class _Store:
+    """The findings store's answer to the duplicate check: what it holds."""
+
+    def __init__(self):
+        self.sightings: dict[str, str] = {}  # event id -> sha256
+
     def sighting_sha256(self, event_id):
-        return None
+        return self.sightings.get(event_id)
 
 
 def _event(n: int, path: str) -> bytes:
@@ -43,7 +48,7 @@ def setup(tmp_path, monkeypatch):
 
     monkeypatch.setattr(asyncio, "to_thread", counting)
 
-    def make(inline_max_pixels: int, store_url: str = ""):
+    def make(inline_max_pixels: int, store_url: str = "", store: _Store | None = None):
         settings = Settings(data_dir=tmp_path / "data", ingest={"image_roots": [images]},
                             batch={"analyze_inline_max_pixels": inline_max_pixels}, findings={"url": store_url})
         blobs = DirectoryBlobStore(tmp_path / "blobs")
@@ -54,7 +59,8 @@ def setup(tmp_path, monkeypatch):
             return blobs.put(data, sha256)
 
         fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
-        stage = AnalyzeStage(settings, fetcher, Analyzer(settings, tmp_path / "blobs"), put, lambda: _Store())
+        findings = store or _Store()
+        stage = AnalyzeStage(settings, fetcher, Analyzer(settings, tmp_path / "blobs"), put, lambda: findings)
         return stage, puts
 
     return make, hops
@@ -84,12 +90,28 @@ def test_inline_off_means_one_hop_per_event(setup):
 
 def test_with_elasticsearch_an_event_id_lookup_never_runs_on_the_loop(setup):
     # Looking an event id up in Elasticsearch is a network round trip: it takes the thread hop even for a
-    # small picture. An id this worker saw moments ago needs no lookup, so it stays on the loop.
+    # small picture, and for an id this worker sent moments ago (the store is asked about every id).
     make, hops = setup
     stage, _ = make(4_000_000, "https://es.example:9200")
     first, again = _run(stage, [_event(0, "small.png"), _event(0, "small.png")])
-    assert first.op is not None and again.op is not None  # the repeat: the cluster engine recognises it
-    assert hops == ["_blocking"]
+    assert first.op is not None and again.op is not None  # not stored yet: the cluster engine recognises it
+    assert hops == ["_blocking", "_blocking"]
+
+
+def test_a_resend_the_store_holds_is_a_duplicate_though_this_worker_sent_it(setup):
+    """The worker's memory of ids it sent is kept by count, the cluster
+    engine's by an hour of event time: a resend the store already holds is a
+    duplicate here, however long ago this worker sent it (before, it went to
+    the engine, which counted it again once past its window)."""
+    make, _ = setup
+    store = _Store()
+    stage, _ = make(4_000_000, store=store)
+    [first] = _run(stage, [_event(0, "small.png")])
+    store.sightings["e0"] = ClusterOp.loads(first.op).sighting.sha256  # the sinks stored it
+    [again] = _run(stage, [_event(0, "small.png")])
+    assert again.duplicate and again.op is None and again.dead is None
+    [other] = _run(stage, [_event(0, "large.png")])  # the same id with another picture
+    assert other.dead is not None and other.dead.reason == "conflict"
 
 
 def test_a_missing_local_file_is_a_fetch_dead_letter(setup):
