@@ -90,13 +90,16 @@ def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_d
     events = app.topic(settings.topic("events"), value_serializer="raw", key_serializer="raw")
     data_dir = Path(settings.data_dir)
     blobs = DirectoryBlobStore(data_dir / "blobs")
-    shared_ids = SharedIds()  # one per worker: its analyze actors judge same-id events in turn
+    ingest = settings.ingest
+    # one per worker: its analyze actors judge same-id events in turn and share the analysis slots
+    shared_ids = SharedIds(analyze_slots=ingest.analyze_concurrency)
     breaker = HostBreaker(settings.fetch.breaker_timeouts, settings.fetch.breaker_cooldown_s)  # and pause stalling hosts together
     # The store the sinks write (SQLite or Elasticsearch), opened in a thread
     # on first use; ``once`` serialises its calls (see streams.stage.Serialized).
     analyze_store = once(lambda: open_findings(settings.findings.url, settings.data_dir, settings))
 
-    @app.agent(events, concurrency=settings.ingest.analyze_concurrency)
+    # More actors than analysis slots: an event waiting on its image host does not hold up the others.
+    @app.agent(events, concurrency=max(ingest.fetch_concurrency, ingest.analyze_concurrency))
     async def analyze(stream):
         fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs, breaker)
         stage = AnalyzeStage(settings, fetcher, Analyzer(settings, data_dir / "blobs"), blobs.put,

@@ -1,8 +1,8 @@
 """A circuit breaker per image host: a host that keeps timing out is not
 waited on again for a while.
 
-A pipeline worker analyses a few events at once (``ingest.analyze_concurrency``,
-2 by default), and a fetch from a host that never answers holds its slot until
+A pipeline worker takes a few events at once (``ingest.fetch_concurrency``,
+8 by default), and a fetch from a host that never answers holds its slot until
 ``fetch.total_timeout_s``. A burst of posts pointing at such a host (a
 black-holed CDN, or a tarpit chosen on purpose) then held every slot and
 stalled every other event behind it for minutes. After

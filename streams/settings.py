@@ -47,7 +47,8 @@ class IngestSettings(_Section):
     image_roots: list[Path] = Field(default_factory=list)  # local `path` images allowed only below these
     event_deadline_s: float = Field(120.0, gt=0)  # one event's whole analyze stage (fetch, decode, hash); then a dead letter
     max_future_skew_s: float = Field(900.0, ge=0)  # posted_at later than ingest time + this is dead-lettered (future_posted_at)
-    analyze_concurrency: int = Field(2, ge=1, le=64)  # events one pipeline worker analyses at once; more adds GIL contention
+    analyze_concurrency: int = Field(2, ge=1, le=64)  # events one pipeline worker decodes and hashes at once; more adds GIL contention
+    fetch_concurrency: int = Field(8, ge=1, le=256)  # events one pipeline worker takes at once, fetching their images; analysed analyze_concurrency at a time
 
 
 class DedupeSettings(_Section):

@@ -114,13 +114,21 @@ def once(factory: Callable[[], Any]) -> Callable[[], Any]:
 
 class SharedIds:
     """What the concurrent analyze actors of one worker share: the recent
-    event id -> picture map, and one lock per event id in flight, so two
-    events with the same id are judged one after the other (same id -> same
-    partition -> same worker, so this is complete across workers too)."""
+    event id -> picture map, one lock per event id in flight, so two events
+    with the same id are judged one after the other (same id -> same
+    partition -> same worker, so this is complete across workers too), and
+    the ``analyzing`` slots.
 
-    def __init__(self, capacity: int = 100_000):
+    A worker runs more actors than it analyses events at once: an actor
+    waiting on an image host holds no analysis slot, so a slow host delays
+    only its own events while the others are decoded and hashed."""
+
+    def __init__(self, capacity: int = 100_000, analyze_slots: int = 2):
         self.recent = Recent(capacity)  # event id -> sha256
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # decode, hashes and cheap detectors: CPU work, so more at once than
+        # the worker has cores only adds GIL contention and decoded pixels
+        self.analyzing = asyncio.Semaphore(analyze_slots)
 
     def remember(self, event_id: str, sha256: str) -> None:
         self.recent.put(event_id, sha256)
@@ -199,6 +207,10 @@ class AnalyzeStage:
             data = await self.fetcher.get(ev)
         metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
         self._stage = "decode"
+        async with self.shared.analyzing:
+            return await self._analyze_fetched(ev, data, source, broker_ts)
+
+    async def _analyze_fetched(self, ev: Any, data: bytes, source: SourceRef, broker_ts: float | None) -> Result:
         t1 = time.perf_counter()
         recent = self.shared.recent.get(ev.event_id)
         # Digested here only when small enough to digest on the loop.

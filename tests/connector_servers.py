@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import websockets
@@ -260,9 +261,11 @@ class MastodonServer:
 
 
 class ImageServer:
-    """Serves ``{path: bytes}`` on loopback (the CDN / media host stand-in)."""
+    """Serves ``{path: bytes}`` on loopback (the CDN / media host stand-in).
+    ``before_answer``: called in each request's thread before it is answered
+    (a slow host)."""
 
-    def __init__(self, images: dict[str, bytes]):
+    def __init__(self, images: dict[str, bytes], before_answer: Callable[[], Any] | None = None):
         self.images = images
         self.hits: list[str] = []
         outer = self
@@ -273,6 +276,8 @@ class ImageServer:
 
             def do_GET(self):
                 outer.hits.append(self.path)
+                if before_answer is not None:
+                    before_answer()
                 body = outer.images.get(self.path)
                 if body is None:
                     self.send_response(404)

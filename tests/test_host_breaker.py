@@ -202,8 +202,11 @@ def test_in_the_pipeline_posts_at_a_tarpit_end_fast_and_the_others_are_all_seen(
                 lines.append(json.dumps({"schema_version": 1, "event_id": f"{kind}{i}", "platform": "x", "account_id": "a",
                                          "posted_at": "2026-11-20T10:00:00Z", "image": {"url": url}}))
         feed.write_text("\n".join(lines) + "\n")
+        # Two fetch slots per worker (8 by default): with 16 tarpit posts, 8 at
+        # once per worker would all time out together before the pause.
         env = {**os.environ, "DEEPWATCH_FETCH__ALLOW_PRIVATE_NETWORKS": "true", "DEEPWATCH_FETCH__RETRIES": "0",
-               "DEEPWATCH_FETCH__READ_TIMEOUT_S": "1", "DEEPWATCH_FETCH__BREAKER_TIMEOUTS": "2"}
+               "DEEPWATCH_FETCH__READ_TIMEOUT_S": "1", "DEEPWATCH_FETCH__BREAKER_TIMEOUTS": "2",
+               "DEEPWATCH_INGEST__FETCH_CONCURRENCY": "2"}
         r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "replay", str(feed), "--data-dir",
                             str(tmp_path / "data"), "--json", "--timeout", "180", "--workers", "2"],
                            capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
@@ -221,7 +224,7 @@ def test_in_the_pipeline_posts_at_a_tarpit_end_fast_and_the_others_are_all_seen(
     assert set(dead) == {f"slow{i}" for i in range(16)}
     reasons = sorted(dead.values())
     # Each of the 2 workers pauses the host after 2 timeouts; a fetch its other
-    # analyze slot began before that still times out: at most 3 per worker.
+    # fetch slot began before that still times out: at most 3 per worker.
     assert reasons.count("timeout") <= 2 * 3 and reasons.count("host_unavailable") >= 10, reasons
     assert reasons.count("host_unavailable") + reasons.count("timeout") == 16, reasons
     assert tarpit.accepted <= 2 * 3
