@@ -710,6 +710,35 @@ class EsFindingsStore:
                         "last": last[0]["_source"]["posted_at"] if last else None}
         return out
 
+    def sighting_histogram(self, cluster_ids: list[str], start: datetime, end: datetime,
+                           buckets: int) -> dict[str, list[int]]:
+        """See ``FindingsStore.sighting_histogram``: one request, a
+        ``date_range`` aggregation whose ranges are the buckets (the first
+        and last open-ended, as the clamp), each split by platform."""
+        out: dict[str, list[int]] = {}
+        if not cluster_ids or buckets < 1:
+            return out
+        step_ms = max((end - start).total_seconds(), 1.0) * 1000 / max(buckets - 1, 1)
+        edges = [str(round(start.timestamp() * 1000 + k * step_ms)) for k in range(1, buckets)]
+        ranges: list[dict[str, str]] = []
+        for k in range(buckets):
+            r = {"key": str(k)}
+            if k > 0:
+                r["from"] = edges[k - 1]
+            if k < buckets - 1:
+                r["to"] = edges[k]
+            ranges.append(r)
+        if buckets == 1:
+            ranges = [{"key": "0", "from": "0"}, {"key": "0", "to": "0"}]  # a range needs an end: both halves of time
+        aggs = {"spread": {"date_range": {"field": "@timestamp", "format": "epoch_millis", "ranges": ranges},
+                           "aggs": {"platforms": {"terms": {"field": "platform", "size": 100}}}}}
+        query = {"bool": {"filter": [{"terms": {"cluster_id": sorted(set(cluster_ids))}}]}}
+        res = self._search(self.names["sightings"], size=0, query=query, aggs=aggs)
+        for b in (res.get("aggregations") or {}).get("spread", {}).get("buckets") or []:
+            for p in b["platforms"]["buckets"]:
+                out.setdefault(p["key"], [0] * buckets)[int(b["key"])] += p["doc_count"]
+        return out
+
     def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
         hits = self._newest(self.names["alerts"], ("created_at", "alert_id"),
                             {"excludes": ["@timestamp", "evidence_summary"]}, limit)

@@ -331,6 +331,15 @@ class FindingsStore(Protocol):
         condition), ordered by ``posted_at`` (then event id), up to ``limit``
         (None: all). For readers that aggregate many clusters or accounts."""
         ...
+    def sighting_histogram(self, cluster_ids: list[str], start: datetime, end: datetime,
+                           buckets: int) -> dict[str, list[int]]:
+        """Sightings of any of ``cluster_ids`` per platform in ``buckets``
+        equal steps from ``start`` to ``end``: a sighting at ``t`` counts in
+        bucket ``int((t - start) / width * (buckets - 1))`` (width: ``end -
+        start``, at least a second), clamped to the first and last bucket.
+        Counted by the store, so a cluster of millions of sightings costs one
+        answer of platforms x buckets, not its sightings."""
+        ...
     def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
         """Stored alerts, oldest first (``created_at``, then alert id); with
         ``limit`` only the newest ``limit`` of them (still oldest first), the

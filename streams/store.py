@@ -16,6 +16,7 @@ import json
 import sqlite3
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -555,6 +556,22 @@ class SqliteFindingsStore:
             args.append(int(limit))
         return [self._sighting(row) for row in self._db.execute(sql, args)]
 
+    def sighting_histogram(self, cluster_ids: list[str], start: datetime, end: datetime,
+                           buckets: int) -> dict[str, list[int]]:
+        """See ``FindingsStore.sighting_histogram``: one GROUP BY over the cluster index."""
+        out: dict[str, list[int]] = {}
+        if not cluster_ids or buckets < 1:
+            return out
+        width = max((end - start).total_seconds(), 1.0)
+        day0 = start.timestamp() / 86400.0 + 2440587.5  # the julian day of ``start``
+        rows = self._db.execute(
+            "SELECT platform, MAX(0, MIN(?, CAST((julianday(posted_at) - ?) * 86400.0 / ? * ? AS INTEGER))) AS b, "
+            "COUNT(*) FROM sightings WHERE cluster_id IN (SELECT value FROM json_each(?)) GROUP BY platform, b",
+            (buckets - 1, day0, width, buckets - 1, json.dumps(list(cluster_ids))))
+        for platform, b, n in rows:
+            out.setdefault(platform, [0] * buckets)[b] += n
+        return out
+
     def sightings_since(self, rowid: int) -> tuple[list[SightingRecord], int]:
         """The sightings recorded after ``rowid`` (0, or a value this method
         returned), oldest first as ``sightings`` orders them, and the rowid to
@@ -767,8 +784,6 @@ def _sighting_record(row: tuple) -> SightingRecord:
 
 
 def _julian(ts: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 

@@ -17,7 +17,7 @@ THIS IS A FAKE, kept honest in these ways:
   terms, ids, range, exists, nested, multi_match phrase, match_all), sort,
   search_after, collapse, _source filtering, hybrid kNN on bit vectors
   (score = (bits - hamming) / bits, as ES documents for element_type bit)
-  and the aggregations deepwatch asks for (filters, filter, terms,
+  and the aggregations deepwatch asks for (filters, filter, terms, date_range,
   cardinality - exact here, sum, max - of a field or of the script
   ``_score`` -, composite with one terms source, top_hits);
 - and the search API's limits: ``from + size`` over index.max_result_window
@@ -716,6 +716,25 @@ class FakeElasticsearch:
                 out[name] = {"buckets": buckets}
                 if page_keys:
                     out[name]["after_key"] = {src_name: page_keys[-1]}
+            elif kind == "date_range":
+                # from inclusive, to exclusive; bounds as ``format`` epoch_millis strings; buckets in the
+                # ranges' order, each with its ``key`` (search-aggregations-bucket-daterange-aggregation)
+                assert body.get("format") == "epoch_millis", "fake ES: date_range bounds in epoch_millis only"
+                buckets_out = []
+                for r in body["ranges"]:
+                    lo = float(r["from"]) / 1000 if "from" in r else float("-inf")
+                    hi = float(r["to"]) / 1000 if "to" in r else float("inf")
+                    in_bucket = [(i, s) for i, s in matched
+                                 if any(lo <= _as_num(v, True) < hi for v in _values(s, body["field"]))]
+                    b = {"key": r.get("key", f"{r.get('from', '*')}-{r.get('to', '*')}"), "doc_count": len(in_bucket)}
+                    if "from" in r:
+                        b["from"] = float(r["from"])
+                    if "to" in r:
+                        b["to"] = float(r["to"])
+                    if sub:
+                        b.update(self._aggs(sub, in_bucket, mappings, corpus))
+                    buckets_out.append(b)
+                out[name] = {"buckets": buckets_out}
             elif kind == "sum":
                 out[name] = {"value": float(sum(_as_num(v, False) for _i, s in matched for v in _values(s, body["field"])))}
             elif kind == "terms":

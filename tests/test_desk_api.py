@@ -139,6 +139,37 @@ def test_bad_filters_are_clear_422_json(data, env, query, field):
     assert any(d["loc"][-1] == field for d in body["detail"])
 
 
+def test_a_big_cluster_is_answered_with_its_first_sightings_and_a_spread_counted_by_the_store(backend, env):
+    """One GET of a viral cluster read every sighting (a 100 MB answer and
+    gigabytes of memory at 300,000): the detail carries the first 200, and
+    the spread by platform and the queue's sparkline are counted by the
+    store over all of them."""
+    from datetime import timedelta
+
+    from tests.desk_support import T0
+
+    data, url = backend
+    store = open_findings(url, data)
+    make_cluster(store, DirectoryBlobStore(data / "blobs"), "c-huge", 77, posts=450, ai=True,
+                 platforms=("x", "bluesky", "mastodon"), t0=T0 - timedelta(days=1))
+    getattr(store, "refresh", lambda: None)()
+    store.close()
+    with client(make_settings(data, url)) as c:
+        d = c.get("/api/clusters/c-huge").json()
+        assert d["sightings"] == 450 and len(d["sightings_detail"]) == 200 and d["sightings_detail_truncated"]
+        assert [s["event_id"] for s in d["sightings_detail"][:2]] == ["c-huge-e0", "c-huge-e1"]  # oldest first
+        spread = d["spread_by_platform"]
+        assert {k: sum(v) for k, v in spread["platforms"].items()} == {"x": 150, "bluesky": 150, "mastodon": 150}
+        # posts every 30 s over 224.5 minutes in 24 buckets: the last bucket starts at the last post
+        assert all(len(v) == 24 and v[0] > 0 for v in spread["platforms"].values())
+        assert {k: v[-1] for k, v in spread["platforms"].items()} == {"x": 0, "bluesky": 0, "mastodon": 1}  # post 449
+        assert c.get("/api/clusters/c-viral").json()["sightings_detail_truncated"] is False
+        page = c.get("/clusters/c-huge")
+        assert page.status_code == 200 and "the first 25 of 450 posts" in page.text
+        queue = c.get("/?sort=sightings")
+        assert queue.status_code == 200 and "c-huge" in queue.text
+
+
 def test_cluster_detail_and_bad_ids(backend, env):
     data, url = backend
     with client(make_settings(data, url)) as c:

@@ -896,3 +896,41 @@ def test_fake_update_answers_like_es_for_upsert_noop_and_missing(fake_es):
     other = update({"script": {"source": "ctx._source.status = 'x'"}, "upsert": upsert})
     assert other["status"] == 400  # painless the fake does not emulate is refused, not half-run
     s.close()
+
+
+def _histogram_by_hand(sightings, start, end, buckets):
+    """The desk's bucketing as it was done from every sighting read back."""
+    from datetime import datetime
+
+    width = max((end - start).total_seconds(), 1.0)
+    out: dict[str, list[int]] = {}
+    for s in sightings:
+        t = datetime.fromisoformat(s.posted_at.replace("Z", "+00:00"))
+        b = min(max(int((t - start).total_seconds() / width * (buckets - 1)), 0), buckets - 1)
+        out.setdefault(s.platform, [0] * buckets)[b] += 1
+    return out
+
+
+@pytest.mark.parametrize("ids, span_min, buckets", [
+    (["c-fire"], (0, 2), 24),
+    (["c-flood", "c-flood2"], (30, 40), 7),  # a merge: both ids
+    (["c-fire", "c-pope", "c-flood"], (1, 6), 5),  # a span narrower than the posts: clamped to the ends
+    (["c-pope"], (5, 5), 24),  # one instant: a second wide
+    (["c-fire", "c-pope"], (0, 7), 1),
+    (["nope"], (0, 1), 24),
+])
+def test_sighting_histogram_counts_as_the_desk_did_in_either_store(fake_es, tmp_path, ids, span_min, buckets):
+    from datetime import timedelta
+
+    from tests.findings_fixture import T0
+
+    start, end = (T0 + timedelta(minutes=m) for m in span_min)
+    got = {}
+    for name, s in _both(fake_es, tmp_path).items():
+        fill(s)
+        getattr(s, "refresh", lambda: None)()
+        got[name] = s.sighting_histogram(ids, start, end, buckets)
+        expected = _histogram_by_hand(s.sightings(cluster_ids=ids), start, end, buckets)
+        s.close()
+        assert got[name] == expected, name
+    assert got["es"] == got["sqlite"]

@@ -29,6 +29,7 @@ from streams.store import MemberRow
 # How long cached views live on a store with no change signal (Elasticsearch):
 # short enough that the queue feels live, long enough that page loads share one read.
 CACHE_TTL_S = 5.0
+DETAIL_SIGHTINGS = 200  # a cluster's sightings its page and /api/clusters/{id} carry; viral ones have millions
 # Above this share of the cached clusters changed, one full read is cheaper than reading them by id.
 INCREMENTAL_MAX_SHARE = 0.25
 SIGHTING_FIELDS = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
@@ -270,37 +271,36 @@ class FindingsSource:
 
     def spread(self, clusters: list[dict[str, Any]], buckets: int = 24) -> dict[str, list[int]]:
         """Sightings per time bucket between each cluster's first and last
-        sighting: the queue's sparklines, with one query for the page."""
-        ids = {c["id"]: c["id"] for c in clusters}
-        for c in clusters:
-            for m in c.get("merged_from") or []:
-                ids[m] = c["id"]
+        sighting: the queue's sparklines, counted by the store (one
+        ``sighting_histogram`` per cluster), whatever a cluster's size."""
         out = {c["id"]: [0] * buckets for c in clusters}
-        if not ids:
-            return out
-        span = {c["id"]: (_ts(c["first_seen"]), _ts(c["last_seen"])) for c in clusters if c["first_seen"]}
-        keys = list(ids)
-        for chunk in (keys[i:i + 500] for i in range(0, len(keys), 500)):
-            for s in self.store.sightings(cluster_ids=chunk):
-                cid, posted = s.cluster_id, s.posted_at
-                root = ids[cid]
-                if root not in span:
-                    continue
-                first, last = span[root]
-                width = max((last - first).total_seconds(), 1.0)
-                i = int((_ts(posted) - first).total_seconds() / width * (buckets - 1))
-                out[root][min(max(i, 0), buckets - 1)] += 1
+        for c in clusters:
+            if not c["first_seen"]:
+                continue
+            per_platform = self.store.sighting_histogram(
+                [c["id"], *(c.get("merged_from") or [])], _ts(c["first_seen"]), _ts(c["last_seen"]), buckets)
+            out[c["id"]] = [sum(col) for col in zip(*per_platform.values())] or out[c["id"]]
         return out
 
-    def detail(self, cluster_id: str) -> dict[str, Any]:
-        """One cluster with its sightings, spread by platform, and verdict history."""
+    def detail(self, cluster_id: str, sightings: int = DETAIL_SIGHTINGS) -> dict[str, Any]:
+        """One cluster with its first ``sightings`` sightings (oldest first:
+        who posted it first), its spread by platform over all of them, and
+        its verdict history."""
         doc = dict(self.cluster(cluster_id))
         ids = [cluster_id, *(doc.get("merged_from") or [])]
-        sightings = self.sightings(ids)
-        doc["sightings_detail"] = sightings
-        doc["spread_by_platform"] = _spread_by_platform(sightings)
+        doc["sightings_detail"] = self.sightings(ids, limit=sightings)
+        doc["sightings_detail_truncated"] = len(doc["sightings_detail"]) < doc["sightings"]
+        doc["spread_by_platform"] = self._spread_by_platform(ids, doc["first_seen"], doc["last_seen"])
         doc["verdict_history"] = [v.model_dump(mode="json") for v in self.desk.history([cluster_id])]
         return doc
+
+    def _spread_by_platform(self, ids: list[str], first: str | None, last: str | None,
+                            buckets: int = 24) -> dict[str, Any]:
+        if not first or not last:
+            return {"start": None, "end": None, "buckets": buckets, "platforms": {}}
+        start, end = _ts(first), _ts(last)
+        return {"start": start.isoformat(), "end": end.isoformat(), "buckets": buckets,
+                "platforms": self.store.sighting_histogram(ids, start, end, buckets)}
 
     # -- accounts -------------------------------------------------------------
     def accounts(self, q: AccountQuery, only: str | None = None) -> list[dict[str, Any]]:
@@ -389,19 +389,6 @@ def _account_doc(a: dict[str, Any], share: float, ai: set[str]) -> dict[str, Any
         "cadence": {"posts_per_day": round(a["posts"] / span_days, 2),
                     "median_gap_s": gaps[len(gaps) // 2] if gaps else None},
     }
-
-
-def _spread_by_platform(sightings: list[dict[str, Any]], buckets: int = 24) -> dict[str, Any]:
-    if not sightings:
-        return {"start": None, "end": None, "buckets": buckets, "platforms": {}}
-    times = [_ts(s["posted_at"]) for s in sightings]
-    first, last = min(times), max(times)
-    width = max((last - first).total_seconds(), 1.0)
-    series: dict[str, list[int]] = {}
-    for s, t in zip(sightings, times):
-        row = series.setdefault(s["platform"], [0] * buckets)
-        row[min(int((t - first).total_seconds() / width * (buckets - 1)), buckets - 1)] += 1
-    return {"start": first.isoformat(), "end": last.isoformat(), "buckets": buckets, "platforms": series}
 
 
 def _apply_overlay(doc: dict[str, Any], row: OverlayRow | None) -> dict[str, Any]:
