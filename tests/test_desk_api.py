@@ -114,6 +114,8 @@ def test_clusters_shape_matches_the_cli_and_queue_order(backend, env):
     ("platform=telegram", ["c-quiet"]),
     ("q=subway", ["c-viral"]),
     ("q=%22harbour%20at%20dawn%22", ["c-photo"]),
+    ("q=%21%21%21", []),  # no word to look for: matched every cluster
+    ("q=c-quie", ["c-quiet"]),  # part of an id
     ("since=2026-11-30T15:30:00Z&sort=last_seen", ["c-persona4"]),
     ("sort=sightings&limit=2", ["c-viral", "c-photo"]),
     ("verdict=unreviewed&platform=x&sort=score", ["c-viral", "c-photo"]),
@@ -448,6 +450,27 @@ def test_sessions_follow_the_users_file(data, env):
         time.sleep(0.01)
         (data / "desk-users.json").write_text('{"users": []}')  # removed
         assert verdict().status_code == 401
+        time.sleep(0.01)
+        add_user(data / "desk-users.json", "alice", "editor", "a new password")  # the name given to someone again
+        assert verdict().status_code == 401  # the old session does not come back with it
+
+
+def test_a_new_password_ends_the_sessions_opened_with_the_old_one(data, env):
+    add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
+    with client(make_settings(data)) as c:
+        _login(c, "alice", "correct horse battery")
+        csrf = c.get("/clusters/c-quiet").text.split('id="verdict-form"')[1].split('name="csrf" value="')[1].split('"')[0]
+        verdict = lambda: c.post("/api/clusters/c-quiet/verdict", json={"verdict": "needs-review"}, headers={"X-CSRF-Token": csrf})
+        assert verdict().status_code == 201
+        time.sleep(0.01)
+        add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")  # the same password again
+        assert verdict().status_code == 201
+        time.sleep(0.01)
+        add_user(data / "desk-users.json", "alice", "editor", "it may have leaked")  # reset
+        assert verdict().status_code == 401
+        _login(c, "alice", "it may have leaked")
+        csrf = c.get("/clusters/c-quiet").text.split('id="verdict-form"')[1].split('name="csrf" value="')[1].split('"')[0]
+        assert verdict().status_code == 201
 
 
 def test_a_broken_users_file_is_refused_not_rewritten(tmp_path):
@@ -762,3 +785,55 @@ def test_the_desk_keeps_every_sighting_current_reading_only_new_ones(tmp_path):
         src.close()
         src.desk.close()
         writer.close()
+
+
+def test_sessions_of_a_desk_database_from_before_credentials_need_a_new_login(tmp_path):
+    from streams.desk.deskdb import DeskDB, _hash_token
+
+    db = sqlite3.connect(tmp_path / "desk.sqlite")
+    db.execute("CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, user TEXT NOT NULL, role TEXT NOT NULL, "
+               "csrf TEXT NOT NULL, expires REAL NOT NULL)")
+    db.execute("INSERT INTO sessions VALUES (?, 'alice', 'editor', 'c', ?)", (_hash_token("old"), time.time() + 3600))
+    db.commit()
+    db.close()
+    desk = DeskDB(tmp_path / "desk.sqlite")
+    try:
+        assert desk.session("old").credential == ""  # matches no user's password: a new login
+        token, _ = desk.new_session("alice", "editor", 1, "cred")
+        assert desk.session(token).credential == "cred"
+    finally:
+        desk.close()
+
+
+def test_open_reads_answer_only_requests_addressed_to_a_loopback_name(data, env):
+    """DNS rebinding: a page on attacker.example points its name at
+    127.0.0.1 and reads the loopback desk as its own origin; its requests
+    still say Host: attacker.example."""
+    with client(make_settings(data)) as c:
+        for host in ("127.0.0.1:8765", "localhost:8765", "localhost", "[::1]:8765"):
+            assert c.get("/api/clusters", headers={"Host": host}).status_code == 200, host
+        for host in ("attacker.example:8765", "attacker.example", "127.0.0.1.attacker.example", "[::2]:80"):
+            r = c.get("/api/clusters", headers={"Host": host})
+            assert r.status_code == 403 and "loopback name" in r.json()["error"], host
+        r = c.get("/api/clusters", headers={"Host": "attacker.example", **VIEWER})  # a token is not the browser's
+        assert r.status_code == 200
+
+
+def test_refused_login_attempts_add_nothing_to_the_limiter():
+    """A blocked address spraying new user names: each refused attempt
+    added a key, past the limiter's bound, until an allowed one pruned them."""
+    from streams.desk.auth import LoginLimiter
+
+    limiter = LoginLimiter(per_minute=5)
+    for i in range(5):
+        wait, stamp = limiter.attempt("addr:203.0.113.9", f"user:u{i}")
+        assert wait == 0 and stamp is not None
+    for i in range(5, 20_005):
+        wait, stamp = limiter.attempt("addr:203.0.113.9", f"user:u{i}")
+        assert wait > 0 and stamp is None
+    assert len(limiter._fails) == 6  # the address and the five names that failed
+    wait, stamp = limiter.attempt("addr:198.51.100.1", "user:alice")  # another address is not blocked
+    assert wait == 0
+    limiter.succeeded(stamp, "addr:198.51.100.1", "user:alice")
+    limiter.succeeded(1.0, "addr:nobody", "user:nobody")  # a stamp never counted: nothing to withdraw, no key
+    assert len(limiter._fails) == 8 and not limiter._fails["addr:198.51.100.1"]

@@ -121,6 +121,8 @@ def test_serve_health_and_metrics(tmp_path):
             csrf = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
             r = c.post("/login", data={"username": "erin", "password": "not the password", "csrf": csrf})
             assert r.status_code == 401
+            for n in range(3):  # made-up method names: each was a series of its own, kept for ever
+                assert c.request(f"X{n}" * 200, "/").status_code == 405
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     finally:
         desk.stop()
@@ -140,3 +142,6 @@ def test_serve_health_and_metrics(tmp_path):
     assert samples[("deepwatch_desk_logins_total", (("outcome", "failed"),))] == 1
     assert samples[("deepwatch_desk_request_seconds_count", (("route", "/api/clusters/{cluster_id}"),))] == 1
     assert not any("c-viral" in str(labels) for _, labels in samples)
+    assert requests("/", "405", "OTHER") == 3
+    assert {dict(labels)["method"] for name, labels in samples if name == "deepwatch_desk_requests_total"} <= {
+        "GET", "POST", "OTHER"}

@@ -27,7 +27,7 @@ from detectors.netaddr import is_loopback
 from streams.desk import observe, views
 from streams.desk.accounts import check_accounts
 from streams.desk.alerting import AlertPath
-from streams.desk.auth import RANK, LoginLimiter, Principal, Users, token_principal, tokens_from_env
+from streams.desk.auth import RANK, LoginLimiter, Principal, Users, credential_of, token_principal, tokens_from_env
 from streams.desk.deskdb import DeskDB
 from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound
 from streams.desk.thumbs import ThumbError, Thumbnails
@@ -173,9 +173,10 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         if cookie:
             s = desk.db.session(cookie)
             # The users file decides, not the role at login: a user demoted or
-            # removed since (`deepwatch desk-user`) must not keep an editor's session.
+            # removed since (`deepwatch desk-user`) must not keep an editor's
+            # session, nor one whose password was changed (it may have leaked).
             user = desk.users.get(s.user) if s is not None else None
-            if user is not None:
+            if user is not None and secrets.compare_digest(s.credential, credential_of(user)):
                 return Principal(user=user.name, role=user.role, via="session", csrf=s.csrf)
         return None
 
@@ -184,6 +185,12 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         if p is not None:
             return p
         if desk.open_read:
+            # A web page the analyst visits can point its own name at
+            # 127.0.0.1 (DNS rebinding) and read a loopback desk as if it
+            # were its own origin; the Host header still carries its name.
+            if not is_loopback(_host_name(request.headers.get("host", ""))):
+                raise _error(403, "reading without a login is for requests addressed to this machine by a loopback "
+                                  "name (localhost, 127.0.0.1, [::1]); use one of those, or log in")
             return Principal(user="anonymous", role="viewer", via="open")
         raise _error(401, "login required: this desk is not on a loopback address")
 
@@ -440,7 +447,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                                                                        "error": "wrong user name or password",
                                                                        "has_users": True}, status_code=401)
         desk.limiter.succeeded(stamp, *keys)
-        token, _ = desk.db.new_session(user.name, user.role, settings.desk.session_hours)
+        token, _ = desk.db.new_session(user.name, user.role, settings.desk.session_hours, credential_of(user))
         observe.LOGINS.labels("ok").inc()
         resp = RedirectResponse(_safe_next(next), 303)
         resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure_cookies,
@@ -470,6 +477,13 @@ def _problem(err: dict[str, Any]) -> str:
 
 
 _LOGIN_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")  # what secrets.token_urlsafe(24) makes
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:8080`` -> ``[::1]``."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _safe_next(target: str) -> str:

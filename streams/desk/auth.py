@@ -139,11 +139,22 @@ def _read_users(path: Path) -> tuple[dict, list[UserEntry]]:
         raise ValueError(f"users file {path} is not valid: {e}".splitlines()[0]) from None
 
 
+def credential_of(user: UserEntry) -> str:
+    """Names the password a user has now (a digest of its salted hash, not
+    the hash): a session opened with it lasts only while it is the same."""
+    return hashlib.sha256(user.password.encode()).hexdigest()
+
+
 def add_user(path: Path, name: str, role: str, password: str) -> None:
     """Create or replace one user in the users file (written 0600). A users
-    file that is not valid raises ValueError and is left as it is."""
-    entry = UserEntry(name=name, role=role, password=hash_password(password))
+    file that is not valid raises ValueError and is left as it is. The same
+    password given again keeps its stored hash, so a change of role alone
+    leaves the user's sessions open (they follow the new role); a new
+    password ends them (``credential_of``)."""
     doc = _read_users(path)[0] if path.exists() else {"users": []}
+    before = next((u for u in doc.get("users", []) if u.get("name") == name), None)
+    kept = before.get("password") if before and verify_password(password, str(before.get("password", ""))) else None
+    entry = UserEntry(name=name, role=role, password=kept or hash_password(password))
     doc["users"] = [u for u in doc.get("users", []) if u.get("name") != name] + [entry.model_dump()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -199,10 +210,14 @@ class LoginLimiter:
         with self._lock:
             for k in keys:
                 with contextlib.suppress(ValueError):
-                    self._fails[k].remove(stamp)
+                    self._fails.get(k, deque()).remove(stamp)
 
     def _recent(self, key: str) -> deque[float]:
-        q = self._fails[key]
+        # ``get``, not the defaultdict's insertion: a refused attempt (a spray
+        # of new user names from one blocked address) must add no key.
+        q = self._fails.get(key)
+        if q is None:
+            return deque()
         cutoff = time.monotonic() - 60
         while q and q[0] < cutoff:
             q.popleft()

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     user TEXT NOT NULL,
     role TEXT NOT NULL,
     csrf TEXT NOT NULL,
-    expires REAL NOT NULL
+    expires REAL NOT NULL,
+    credential TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS account_alerts (
     account_id TEXT PRIMARY KEY,
@@ -94,6 +95,9 @@ class Session(BaseModel):
     user: str
     role: str
     csrf: str
+    # which password the session was opened with (``auth.credential_of``):
+    # a new password, or a user removed and added again, ends it
+    credential: str = ""
 
 
 def _hash_token(token: str) -> str:
@@ -109,6 +113,9 @@ class DeskDB:
         enable_wal(self._db)
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        if "credential" not in columns:  # a desk.sqlite from before: its sessions name no password, so none is valid
+            self._db.execute("ALTER TABLE sessions ADD COLUMN credential TEXT NOT NULL DEFAULT ''")
         self._lock = threading.Lock()
         self.version = 0  # bumped on every verdict: read caches key on it
 
@@ -184,20 +191,21 @@ class DeskDB:
         return {r[0]: OverlayRow(cluster_id=r[0], verdict=r[1], verdict_id=r[2], source_cluster=r[3], detail=r[4]) for r in rows}
 
     # -- sessions --------------------------------------------------------------
-    def new_session(self, user: str, role: str, hours: float) -> tuple[str, Session]:
+    def new_session(self, user: str, role: str, hours: float, credential: str) -> tuple[str, Session]:
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         with self._lock:
             self._db.execute("DELETE FROM sessions WHERE expires < ?", (time.time(),))
-            self._db.execute("INSERT INTO sessions (token_hash, user, role, csrf, expires) VALUES (?,?,?,?,?)",
-                             (_hash_token(token), user, role, csrf, time.time() + hours * 3600))
-        return token, Session(user=user, role=role, csrf=csrf)
+            self._db.execute(
+                "INSERT INTO sessions (token_hash, user, role, csrf, expires, credential) VALUES (?,?,?,?,?,?)",
+                (_hash_token(token), user, role, csrf, time.time() + hours * 3600, credential))
+        return token, Session(user=user, role=role, csrf=csrf, credential=credential)
 
     def session(self, token: str) -> Session | None:
-        row = self._db.execute("SELECT user, role, csrf, expires FROM sessions WHERE token_hash=?",
+        row = self._db.execute("SELECT user, role, csrf, expires, credential FROM sessions WHERE token_hash=?",
                                (_hash_token(token),)).fetchone()
         if row is None or row[3] < time.time():
             return None
-        return Session(user=row[0], role=row[1], csrf=row[2])
+        return Session(user=row[0], role=row[1], csrf=row[2], credential=row[4])
 
     def end_session(self, token: str) -> None:
         with self._lock:

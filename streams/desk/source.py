@@ -23,7 +23,7 @@ from detectors.base import Evidence
 from detectors.fusion import fuse
 from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import FindingsStore, SightingRecord
+from streams.findings import FindingsStore, SightingRecord, text_terms
 from streams.store import MemberRow
 
 # How long cached views live on a store with no change signal (Elasticsearch):
@@ -228,7 +228,10 @@ class FindingsSource:
         if not needle:
             return []
         roots = self._roots()
-        hits: set[str] = {c.id for c in self.store.search(StoreQuery(text=text, limit=10_000))}
+        # Text without a word ("!!!") is no full-text condition to the store,
+        # which then matches every cluster; here it can only match as a substring.
+        hits: set[str] = ({c.id for c in self.store.search(StoreQuery(text=text, limit=10_000))}
+                          if text_terms(text) else set())
         for cid, d in self._all().items():
             blob = " ".join([cid, d["verdict"], " ".join(d["platforms"]), *(e.get("detail", "") for e in d["evidence"]),
                              *(m["sha256"] for m in d["members"])]).lower()
