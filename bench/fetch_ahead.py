@@ -3,11 +3,14 @@ served over HTTP by a loopback image host that answers each request after a
 fixed latency (a CDN's round trip), at ``ingest.fetch_concurrency`` 2 (what
 a worker fetched at once before: one per analysis slot) and at the default.
 
+With ``--local`` the feed keeps its local paths (no image host): what the
+setting costs where there is no network to wait on.
+
 Prints the wall time of each replay (start-up included), alternating the two
 settings, and the ratio of their medians measured in the same run. Skips
 with the reason when ``../shared`` is absent.
 
-Usage: python bench/fetch_ahead.py [--latency-ms 80] [--rounds 2] [--events 1000]
+Usage: python bench/fetch_ahead.py [--latency-ms 80] [--rounds 2] [--events 1000] [--local]
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="replays of each setting, alternating")
     ap.add_argument("--events", type=int, default=1000)
     ap.add_argument("--ahead", type=int, default=None, help="fetch_concurrency to compare with 2 (default: the setting's default)")
+    ap.add_argument("--local", action="store_true", help="the feed's local paths, no image host")
     args = ap.parse_args()
 
     from streams.settings import IngestSettings
@@ -102,7 +106,8 @@ def main() -> None:
     httpd = serve(feed.parent.resolve(), args.latency_ms / 1000)
     try:
         with tempfile.TemporaryDirectory(prefix="dw-fetch-ahead-") as tmp:
-            urls = url_feed(feed, f"http://127.0.0.1:{httpd.server_address[1]}", Path(tmp) / "feed.jsonl")
+            urls = feed if args.local else url_feed(feed, f"http://127.0.0.1:{httpd.server_address[1]}",
+                                                    Path(tmp) / "feed.jsonl")
             walls: dict[int, list[float]] = {2: [], ahead: []}
             for r in range(args.rounds):
                 for conc in (2, ahead):
@@ -113,7 +118,8 @@ def main() -> None:
     finally:
         httpd.shutdown()
     before, now = statistics.median(walls[2]), statistics.median(walls[ahead])
-    print(f"\n{args.events} events, image host latency {args.latency_ms:g} ms, load average {os.getloadavg()[0]:.1f}")
+    host = "local files" if args.local else f"image host latency {args.latency_ms:g} ms"
+    print(f"\n{args.events} events, {host}, load average {os.getloadavg()[0]:.1f}")
     print(f"median wall: fetch_concurrency 2 {before:.1f} s, {ahead} {now:.1f} s: {before / now:.2f}x")
 
 
