@@ -1,5 +1,6 @@
 """Network errors in the words an operator needs: why a connection failed,
-and which port to change when one to listen on is taken.
+and which option to change when an address or port to listen on cannot be
+used.
 
 HTTP clients wrap the socket error several layers deep (urllib3's
 ``NewConnectionError`` inside ``MaxRetryError`` inside requests'
@@ -47,28 +48,46 @@ def network_reason(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-class PortInUse(OSError):
-    """A port this process was told to listen on is taken. An OSError, so the
-    CLI prints it as one line; its text is the message alone, with the fix."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.EADDRINUSE, message)
+class _OneLineOSError(OSError):
+    """Made as ``(errno, message)``. An OSError, so the CLI prints it as one
+    line; its text is the message alone, with the fix (no ``[Errno N]``)."""
 
     def __str__(self) -> str:
         return self.strerror
 
 
-def ensure_port_free(host: str, port: int, fix: str) -> None:
+class PortInUse(_OneLineOSError):
+    """A port this process was told to listen on is taken."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EADDRINUSE, message)
+
+
+class AddressNotUsable(_OneLineOSError):
+    """The address this process was told to listen on does not resolve, or is
+    not one of this machine's."""
+
+
+_LISTEN_HINT = "use 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or the address of one of its interfaces"
+
+
+def ensure_port_free(host: str, port: int, fix: str, host_option: str = "--host") -> None:
     """Fail before a server starts, rather than let it log a bind error
-    after its start-up (uvicorn's exit 3). ``fix`` names the option to change."""
-    if port == 0:
-        return
+    after its start-up (uvicorn's exit 3). ``fix`` names the option to change
+    when the port is taken; ``host_option`` the one that gave ``host``, named
+    when it cannot be listened on. Port 0 checks the address alone."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
+        except socket.gaierror:
+            raise AddressNotUsable(errno.EADDRNOTAVAIL, f"{host_option} {host} is neither an IP address nor a "
+                                                        f"host name that resolves; {_LISTEN_HINT}") from None
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise PortInUse(f"port {port} on {host} is in use by another process; {fix}") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise AddressNotUsable(errno.EADDRNOTAVAIL, f"{host_option} {host} is not an address of this "
+                                                            f"machine; {_LISTEN_HINT}") from None
             raise

@@ -10,17 +10,38 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_settings import SettingsError as PydanticSettingsError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
 class _Section(BaseModel):
     # A misspelt key is an error naming the closest valid one (load_settings),
-    # never a silently ignored setting.
-    model_config = ConfigDict(extra="forbid")
+    # never a silently ignored setting. No inf or nan: inf passes every lower
+    # bound, then overflows where a duration becomes an integer (an
+    # ingest_broker_timeout_s of inf was an OverflowError traceback).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _level_name(value: Any) -> Any:
+    """A level name as logging knows it: any case, WARN and FATAL as aliases
+    (logging accepts them, so configurations may use them)."""
+    if isinstance(value, str):
+        value = value.strip().upper()
+        return {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(value, value)
+    return value
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+# Checked, so a mistake is one settings error line, not logging's ValueError
+# traceback at start-up (level) or console output where JSON was meant (format).
+LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_level_name)]
+LogFormat = Annotated[Literal["json", "console"], BeforeValidator(_lower)]
 
 
 class FetchSettings(_Section):
@@ -203,7 +224,8 @@ class BatchSettings(_Section):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DEEPWATCH_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="DEEPWATCH_", env_nested_delimiter="__", extra="ignore",
+                                      allow_inf_nan=False)  # as in _Section
 
     data_dir: Path = Path("deepwatch-data")
     broker: str = "embedded"  # "embedded" (Tansu) or kafka://host:port[,host:port]
@@ -211,8 +233,8 @@ class Settings(BaseSettings):
     partitions: int = Field(4, gt=0)
     app_id: str = "deepwatch"
     metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics on workers; 0 = any free port
-    log_level: str = "INFO"
-    log_format: str = "json"  # json | console
+    log_level: LogLevel = "INFO"  # in any case; WARN and FATAL are taken as WARNING and CRITICAL
+    log_format: LogFormat = "json"  # json: one object per line, for log shippers; console: readable lines
     # Forked from one process that imported the pipeline once (streams.zygote:
     # about a second of CPU less per worker), or each a fresh interpreter.
     # `deepwatch worker` is always a process of its own.

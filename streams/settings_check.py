@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import re
+import stat
 import typing
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -29,8 +31,13 @@ NON_SETTING_ENV = {
     "DEEPWATCH_DESK_EMAILS", "DEEPWATCH_DESK_WEBHOOK_URL", "DEEPWATCH_DESK_SLACK_WEBHOOK_URL", "DEEPWATCH_DESK_URL",
 }
 # Secrets live only in the environment under names the settings point at
-# (``secret_env``, ``sasl_password_env``); their names are the user's choice.
-SECRET_SUFFIXES = ("_SECRET", "_TOKEN", "_KEY", "_PASSWORD")
+# (``secret_env``, ``sasl_password_env``, ``ingest_tokens_env``, ``tokens_env``);
+# their names are the user's choice. A token list is plural, as in the default
+# DEEPWATCH_INGEST_TOKENS.
+SECRET_SUFFIXES = ("_SECRET", "_TOKEN", "_TOKENS", "_KEY", "_PASSWORD")
+# Settings files are a few KB. A bound keeps a device such as /dev/zero, or a
+# huge file named by mistake, from being read until memory runs out.
+MAX_SETTINGS_FILE_BYTES = 1 << 20
 
 
 class SettingsError(ValueError):
@@ -98,21 +105,31 @@ def check_environment(environ: Mapping[str, str]) -> None:
 
 
 def check_toml_file(path: Path) -> None:
-    """The settings file must exist, parse and name only known top-level
+    """The settings file must exist, be a regular file of at most
+    ``MAX_SETTINGS_FILE_BYTES``, parse and name only known top-level
     settings (sections reject unknown keys themselves; the top level cannot,
     since it also receives ``DEEPWATCH_*`` variables that are not settings).
-    The settings source would skip a missing file and, for a broken one,
-    raise a parser traceback."""
+    The settings source would skip a missing file, for a broken one raise a
+    parser traceback, and read a device or a FIFO without end."""
     import tomllib
 
     try:
+        # stat before open: opening a FIFO blocks until a writer comes
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise SettingsError(f"settings file {str(path)!r} is a directory; give the path of a TOML file")
+        if not stat.S_ISREG(mode):
+            raise SettingsError(f"settings file {str(path)!r} is not a regular file (a device, pipe or socket); "
+                                "give the path of a TOML file")
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            data = f.read(MAX_SETTINGS_FILE_BYTES + 1)  # one byte over tells a file too large
+        if len(data) > MAX_SETTINGS_FILE_BYTES:
+            raise SettingsError(f"settings file {str(path)!r} is larger than {MAX_SETTINGS_FILE_BYTES >> 20} MiB; "
+                                "give the path of a TOML settings file (they are a few KB)")
+        doc = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise SettingsError(f"settings file {str(path)!r} (--config or DEEPWATCH_CONFIG) does not exist; "
                             "give the path of a TOML file, or unset DEEPWATCH_CONFIG") from None
-    except IsADirectoryError:
-        raise SettingsError(f"settings file {str(path)!r} is a directory; give the path of a TOML file") from None
     except OSError as e:
         raise SettingsError(f"cannot read settings file {str(path)!r}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -331,7 +331,10 @@ def broker(
     from streams.topics import topic_specs
     from streams.broker import EmbeddedBroker, ensure_topics, free_port
 
+    from streams.net_errors import ensure_port_free
+
     settings = settings_from(config, data_dir=data_dir)
+    ensure_port_free(host, port, "pick another --port, or --port 0 for any free one")
     log_dir = Path(settings.data_dir) / "logs"
     b = EmbeddedBroker(log_dir, host=host)
     b.port = port or free_port(host)

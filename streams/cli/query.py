@@ -27,13 +27,29 @@ StoreOpt = typer.Option(
          "Default: the embedded SQLite file in --data-dir (env DEEPWATCH_FINDINGS__URL).")
 
 
+def _sqlite_path(url: str, data_dir: Path) -> Optional[Path]:
+    """The file ``open_findings`` opens for this URL; None for any other
+    store (Elasticsearch) or a URL it refuses (``sqlite://`` without a path)."""
+    url = url.strip()
+    if url.startswith("sqlite://"):
+        return Path(url[len("sqlite://"):]) if url != "sqlite://" else None
+    return Path(data_dir) / "findings.sqlite" if url in ("", "sqlite", "sqlite:") else None
+
+
 def _store(data_dir: Optional[Path], config: Optional[Path], store_url: Optional[str] = None) -> FindingsStore:
+    """The findings store to read. Opening a SQLite file creates it (and its
+    directories), so a mistyped path is refused here rather than answered
+    with an empty store."""
     settings = settings_from(config, data_dir=data_dir)
-    url = store_url or settings.findings.url
-    if not url:
-        path = Path(settings.data_dir) / "findings.sqlite"
-        if not path.exists():
-            raise typer.BadParameter(f"no findings at {path}; run `deepwatch replay` or `deepwatch demo` first", param_hint="--data-dir")
+    url = store_url or settings.findings.url or ""
+    path = _sqlite_path(url, settings.data_dir)
+    if path is not None and not path.exists():
+        if not url.strip().startswith("sqlite://"):
+            raise typer.BadParameter(f"no findings at {path}; run `deepwatch replay` or `deepwatch demo` first",
+                                     param_hint="--data-dir")
+        where = "--store" if store_url else "findings.url"
+        fix = "" if store_url else " (DEEPWATCH_FINDINGS__URL or the settings file)"
+        raise typer.BadParameter(f"no findings at {path}; check the path{fix}", param_hint=where)
     try:
         return open_findings(url, settings.data_dir, settings)
     except StoreURLError as e:

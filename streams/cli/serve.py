@@ -37,6 +37,10 @@ def serve(
     from streams.net_errors import ensure_port_free
 
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
+    # The metrics server would take the port first and the desk fail to bind it
+    # after its start-up; 0 on both is two free ports, no clash.
+    if settings.metrics_port == port and port != 0:
+        fail(f"--metrics-port {port} is --port too; give metrics a port of their own")
     ensure_port_free(host, port, "pick another --port")
     try:
         desk_app = create_app(settings, host=host, store_url=store)

@@ -1,0 +1,183 @@
+"""Start-up mistakes in settings, listen addresses and store paths: each is one
+``error:`` line naming the fix, exit 2, through the real CLI (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = {"DEEPWATCH_INGEST_TOKENS": "tip:0123456789abcdef0123"}
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+         preexec_fn=None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("DEEPWATCH_")}
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**base, "PYTHONPATH": str(ROOT), **(env or {})}, cwd=ROOT,
+                          preexec_fn=preexec_fn)
+
+
+def _one_error_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _settings_json(env: dict[str, str]) -> dict:
+    r = _cli("settings", "--format", "json", env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+# -- log level and format ------------------------------------------------------------
+@pytest.mark.parametrize("args", [
+    ["serve-ingest", "--broker", "kafka://127.0.0.1:1"],
+    ["connect", "bluesky", "--dry-run", "--duration", "1"],
+    ["worker", "--broker", "kafka://127.0.0.1:1"],
+])
+def test_an_unknown_log_level_is_one_settings_line(tmp_path, args):
+    # was logging's "ValueError: Unknown level: 'LOUD'" traceback once the command had started
+    extra = ["--port", str(_free_port())] if args[0] == "serve-ingest" else ["--data-dir", str(tmp_path)]
+    line = _one_error_line(_cli(*args, *extra, env={**TOKENS, "DEEPWATCH_LOG_LEVEL": "LOUD"}))
+    assert "log_level" in line and "'WARNING'" in line and "LOUD" in line, line
+
+
+def test_an_unknown_log_format_is_refused_not_taken_as_console():
+    line = _one_error_line(_cli("settings", "--format", "json", env={"DEEPWATCH_LOG_FORMAT": "xml"}))
+    assert "log_format" in line and "'json' or 'console'" in line, line
+
+
+def test_log_level_and_format_names_are_taken_in_any_case():
+    # logging took these before the names were checked; they must keep working
+    doc = _settings_json({"DEEPWATCH_LOG_LEVEL": "debug", "DEEPWATCH_LOG_FORMAT": "Console"})
+    assert (doc["log_level"], doc["log_format"]) == ("DEBUG", "console")
+    assert _settings_json({"DEEPWATCH_LOG_LEVEL": "warn"})["log_level"] == "WARNING"
+
+
+# -- inf and nan ---------------------------------------------------------------------
+def test_an_infinite_timeout_is_one_settings_line_not_an_overflow():
+    # was an OverflowError traceback from serve-ingest
+    env = {**TOKENS, "DEEPWATCH_CONNECTORS__INGEST_BROKER_TIMEOUT_S": "inf"}
+    line = _one_error_line(_cli("serve-ingest", "--port", str(_free_port()), "--broker", "kafka://127.0.0.1:1", env=env))
+    assert "connectors.ingest_broker_timeout_s" in line and "finite" in line, line
+
+
+@pytest.mark.parametrize("name, value", [("DEEPWATCH_ALERTS__MIN_FAKE_SCORE", "nan"),
+                                         ("DEEPWATCH_FETCH__READ_TIMEOUT_S", "Infinity"),
+                                         ("DEEPWATCH_BATCH__CLUSTER_WITHIN_S", "-inf")])
+def test_inf_and_nan_are_refused_for_every_number_setting(name, value):
+    line = _one_error_line(_cli("settings", "--format", "json", env={name: value}))
+    assert "invalid setting" in line and "finite" in line, line
+
+
+def test_inf_in_the_settings_file_is_refused(tmp_path):
+    cfg = tmp_path / "d.toml"
+    cfg.write_text("[fetch]\nread_timeout_s = inf\n")  # TOML has inf and nan literals
+    line = _one_error_line(_cli("settings", "--format", "json", "--config", str(cfg)))
+    assert "fetch.read_timeout_s" in line and "finite" in line, line
+
+
+# -- settings files that are not files -----------------------------------------------
+def _address_space_1gib() -> None:
+    # the old code read /dev/zero until memory ran out: bound the test machine's share
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def test_a_device_as_the_settings_file_is_refused_unread():
+    r = _cli("settings", "--format", "json", env={"DEEPWATCH_CONFIG": "/dev/zero"}, preexec_fn=_address_space_1gib)
+    line = _one_error_line(r)
+    assert "'/dev/zero' is not a regular file" in line, line
+
+
+def test_a_fifo_as_the_settings_file_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "cfg.fifo"
+    os.mkfifo(fifo)
+    line = _one_error_line(_cli("clusters", "--data-dir", str(tmp_path), "--config", str(fifo), timeout=30))
+    assert "is not a regular file" in line and "cfg.fifo" in line, line  # opening it waited for a writer
+
+
+def test_a_settings_file_over_one_mib_is_refused(tmp_path):
+    cfg = tmp_path / "big.toml"
+    cfg.write_bytes(b"# padding\n" * ((1 << 20) // 10 + 1))  # valid TOML, only too large
+    line = _one_error_line(_cli("settings", "--format", "json", "--config", str(cfg)))
+    assert "larger than 1 MiB" in line, line
+
+
+# -- secret variable names -----------------------------------------------------------
+def test_a_token_list_variable_named_like_the_default_is_not_an_unknown_setting():
+    # DEEPWATCH_INGEST_TOKENS is the default name; DEEPWATCH_TIPLINE_TOKENS was "unknown setting"
+    doc = _settings_json({"DEEPWATCH_CONNECTORS__INGEST_TOKENS_ENV": "DEEPWATCH_TIPLINE_TOKENS",
+                          "DEEPWATCH_TIPLINE_TOKENS": "tip:0123456789abcdef0123"})
+    assert doc["connectors"]["ingest_tokens_env"] == "DEEPWATCH_TIPLINE_TOKENS"
+
+
+# -- listen addresses ----------------------------------------------------------------
+def test_the_desk_refuses_its_own_port_as_the_metrics_port(tmp_path):
+    # the metrics server took the port, then uvicorn failed to bind it: exit 3 after "metrics on port"
+    port = str(_free_port())
+    line = _one_error_line(_cli("serve", "--data-dir", str(tmp_path), "--port", port, "--metrics-port", port))
+    assert line == f"error: --metrics-port {port} is --port too; give metrics a port of their own"
+    r = _cli("serve", "--data-dir", str(tmp_path), "--port", port, env={"DEEPWATCH_METRICS_PORT": port})
+    assert "is --port too" in _one_error_line(r)
+
+
+@pytest.mark.parametrize("args", [["serve-ingest", "--broker", "kafka://127.0.0.1:1"], ["serve"], ["broker"]])
+@pytest.mark.parametrize("host, says", [
+    ("999.1.1.1", "--host 999.1.1.1 is neither an IP address nor a host name that resolves"),  # [Errno -2]
+    ("192.0.2.1", "--host 192.0.2.1 is not an address of this machine"),  # [Errno 99], TEST-NET-1
+])
+def test_a_listen_address_that_cannot_be_used_names_host_and_the_fix(tmp_path, args, host, says):
+    line = _one_error_line(_cli(*args, "--host", host, "--port", str(_free_port()),
+                                *(["--data-dir", str(tmp_path)] if args[0] in ("serve", "broker") else []), env=TOKENS))
+    assert says in line and "0.0.0.0" in line and "Errno" not in line, line
+
+
+def test_port_zero_checks_the_address_alone():
+    from streams.net_errors import AddressNotUsable, ensure_port_free
+
+    ensure_port_free("127.0.0.1", 0, "pick another --port")
+    with pytest.raises(AddressNotUsable, match="^--listen 192.0.2.1 is not an address of this machine"):
+        ensure_port_free("192.0.2.1", 0, "pick another --port", host_option="--listen")
+
+
+# -- a store path typed wrong ----------------------------------------------------------
+@pytest.mark.parametrize("command", [["clusters"], ["search", "x"], ["dead-letters"], ["alerts"]])
+def test_a_mistyped_sqlite_store_path_is_refused_and_nothing_is_created(tmp_path, command):
+    # was an empty findings.sqlite (and its directories) created, "no clusters", exit 0
+    path = tmp_path / "typo" / "sub" / "findings.sqlite"
+    line = _one_error_line(_cli(*command, "--store", f"sqlite://{path}", "--format", "json"))
+    assert f"no findings at {path}" in line and "--store" in line, line
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_mistyped_sqlite_store_path_in_the_settings_is_refused_naming_the_setting(tmp_path):
+    path = tmp_path / "typo" / "findings.sqlite"
+    r = _cli("clusters", "--data-dir", str(tmp_path), env={"DEEPWATCH_FINDINGS__URL": f"sqlite://{path}"})
+    line = _one_error_line(r)
+    assert f"no findings at {path}" in line and "DEEPWATCH_FINDINGS__URL" in line, line
+    assert not (tmp_path / "typo").exists()
+
+
+def test_an_existing_sqlite_store_path_is_still_read(tmp_path):
+    from streams.store import SqliteFindingsStore
+
+    path = tmp_path / "elsewhere.sqlite"
+    SqliteFindingsStore(path).close()
+    r = _cli("clusters", "--store", f"sqlite://{path}", "--format", "json")
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
