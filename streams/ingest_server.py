@@ -15,9 +15,10 @@ token (events per second). When the broker cannot take the batch within
 ``ingest_broker_timeout_s`` the whole request is answered 503 with
 Retry-After, and the client re-sends it (event ids make that idempotent).
 Memory: request bodies held at once, all requests together, stay within
-``ingest_max_buffered_bytes``; a request that would go over it is answered
-503 "busy" with Retry-After at once (with a Content-Length, before its body
-is read).
+``ingest_max_buffered_bytes``, and with several token names no one of them
+holds over half of it. Bytes count as they arrive; a request that would go
+over is answered 503 "busy" with Retry-After at once (with a Content-Length
+that cannot fit, before its body is read).
 """
 
 from __future__ import annotations
@@ -72,15 +73,22 @@ class TokenConfigError(ValueError):
 
 
 def load_tokens(env_name: str, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """``NAME:TOKEN,NAME:TOKEN`` from the environment -> {token: name}."""
+    """``NAME:TOKEN,NAME:TOKEN`` from the environment -> {token: name}.
+    Blanks around names and tokens are dropped (``desk: TOKEN`` kept the
+    space, and no request could ever match it); a token with blanks inside
+    is refused (no bearer token has any, RFC 6750: likely a missing comma)."""
     raw = (environ if environ is not None else os.environ).get(env_name, "")
     tokens: dict[str, str] = {}
     for i, item in enumerate(p.strip() for p in raw.split(",")):
         if not item:
             continue
         name, sep, token = item.partition(":")
+        name, token = name.strip(), token.strip()
         if not sep:
             name, token = f"token-{i + 1}", item
+        if any(c.isspace() for c in token):
+            raise TokenConfigError(f"{env_name}: the token for {name!r} contains whitespace, which no bearer "
+                                   "token has; separate entries with commas: NAME:TOKEN,NAME:TOKEN")
         if len(token) < 16:
             raise TokenConfigError(f"{env_name}: the token for {name!r} is shorter than 16 characters; "
                                    "use e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
@@ -164,41 +172,61 @@ class BufferBudget:
     bounds one request, but uvicorn lets 256 run at once: without a shared
     budget, token holders sending maximal bodies could take gigabytes.
 
+    ``per_token``: the most one token name may hold, so that one token holder
+    cannot fill the budget and lock every other one out (default: all of it).
+
     Used only from the event loop (never from the thread pool), so it needs
     no lock: nothing else runs between a check and its update."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, per_token: int | None = None):
         self.limit = limit
+        self.per_token = limit if per_token is None else per_token
         self.held = 0
+        self.by_token: dict[str, int] = {}
 
     @contextmanager
-    def hold(self) -> Iterator["Hold"]:
+    def hold(self, token: str) -> Iterator["Hold"]:
         """One request's share, given back however the request ends
         (answered, refused, timed out, client gone, exception)."""
-        share = Hold(self)
+        share = Hold(self, token)
         try:
             yield share
         finally:
             self.held -= share.bytes
+            left = self.by_token.get(token, 0) - share.bytes
+            if left > 0:
+                self.by_token[token] = left
+            else:
+                self.by_token.pop(token, None)
             BUFFERED_BYTES.dec(share.bytes)
             share.bytes = 0
 
 
 class Hold:
-    def __init__(self, budget: BufferBudget):
+    def __init__(self, budget: BufferBudget, token: str):
         self._budget = budget
+        self._token = token
         self.bytes = 0
 
-    def more(self, n: int) -> bool:
-        """Reserve ``n`` more bytes; False, reserving nothing, if that would
-        take the server over its budget. A request alone may go over it:
-        otherwise a budget below the body limit would refuse a large
-        request for good, however long its client waited."""
+    def fits(self, n: int) -> bool:
+        """Whether ``n`` more bytes would fit, both in the server's budget and
+        in this token's share of it. A request alone (of all, or of its
+        token's) may go over: otherwise a budget below the body limit would
+        refuse a large request for good, however long its client waited."""
         budget = self._budget
-        if budget.held + n > budget.limit and budget.held > self.bytes:
+        mine = budget.by_token.get(self._token, 0)
+        over_all = budget.held + n > budget.limit and budget.held > self.bytes
+        over_share = mine + n > budget.per_token and mine > self.bytes
+        return not (over_all or over_share)
+
+    def more(self, n: int) -> bool:
+        """Reserve ``n`` more bytes; False, reserving nothing, if they do not fit."""
+        if not self.fits(n):
             return False
+        budget = self._budget
         self.bytes += n
         budget.held += n
+        budget.by_token[self._token] = budget.by_token.get(self._token, 0) + n
         BUFFERED_BYTES.inc(n)
         return True
 
@@ -218,20 +246,49 @@ def _sink_factory(settings: Settings) -> Callable[[], Any]:
     return make
 
 
+# Concatenated gzip files are one valid gzip body (RFC 1952: a series of
+# members); each member costs a fresh inflater, so a body of thousands of empty
+# 20-byte members would spend seconds of the event loop for no events at all.
+MAX_GZIP_MEMBERS = 10_000
+# zlib copies the input left after a member's end (unused_data): fed whole, a
+# body of many members was copied once per member; fed in steps, the copy is small.
+_GZIP_STEP = 64 * 1024
+
+
 def _gunzip(body: bytes, limit: int) -> tuple[bytes, tuple[int, dict[str, str]] | None]:
-    """A gzip body inflated to at most ``limit`` bytes (the body limit holds
-    for what the events are, not for what was sent: a small bomb must not
-    inflate to gigabytes), or the (status, answer) refusing it."""
+    """A gzip body, every member of it, inflated to at most ``limit`` bytes in
+    all (the body limit holds for what the events are, not for what was
+    sent: a small bomb must not inflate to gigabytes), or the (status,
+    answer) refusing it: bytes after a member that are not another member
+    are refused, never ignored (the events in them would be lost unseen)."""
+    def bad(detail: str) -> tuple[bytes, tuple[int, dict[str, str]]]:
+        return b"", (400, {"error": "bad_gzip", "detail": detail})
+
     inflater = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as e:
-        return b"", (400, {"error": "bad_gzip", "detail": f"Content-Encoding gzip, but the body is not gzip: {e}"})
-    if len(out) > limit or inflater.unconsumed_tail:
-        return b"", (413, {"error": "too_large", "detail": f"body over {limit} bytes once decompressed"})
+    members, size, out = 1, 0, []
+    view = memoryview(body)
+    for start in range(0, len(body), _GZIP_STEP):
+        data = view[start:start + _GZIP_STEP]
+        while data:
+            if inflater.eof:  # a member ended and bytes follow: another member must start here
+                members += 1
+                if members > MAX_GZIP_MEMBERS:
+                    return bad(f"more than {MAX_GZIP_MEMBERS} gzip members in one body")
+                inflater = zlib.decompressobj(wbits=31)
+            try:
+                piece = inflater.decompress(data, limit + 1 - size)
+            except zlib.error as e:
+                if members == 1:
+                    return bad(f"Content-Encoding gzip, but the body is not gzip: {e}")
+                return bad(f"the bytes after gzip member {members - 1} are not another gzip member: {e}")
+            size += len(piece)
+            if size > limit:
+                return b"", (413, {"error": "too_large", "detail": f"body over {limit} bytes once decompressed"})
+            out.append(piece)
+            data = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
     if not inflater.eof:
-        return b"", (400, {"error": "bad_gzip", "detail": "the gzip body is cut short"})
-    return out, None
+        return bad("the gzip body is cut short")
+    return b"".join(out), None
 
 
 _EVENT_LINE = re.compile(rb"\S[^\n]*")  # from a line's first non-blank byte to its end
@@ -264,7 +321,11 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
     policy = UrlPolicy(settings.fetch)
     buckets = {name: TokenBucket(cfg.ingest_rate_per_s, cfg.ingest_burst) for name in tokens.values()}
     retry_after = str(max(1, math.ceil(cfg.ingest_broker_timeout_s)))
-    budget = BufferBudget(cfg.ingest_max_buffered_bytes)
+    # With several token holders none may hold over half the budget: one of
+    # them sending slowly on many connections must leave room for the others.
+    several = len(set(tokens.values())) > 1
+    budget = BufferBudget(cfg.ingest_max_buffered_bytes,
+                          cfg.ingest_max_buffered_bytes // 2 if several else None)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -311,7 +372,7 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         if name is None:
             return answer("-", 401, {"error": "unauthorized", "detail": "send Authorization: Bearer <token>"},
                           {"WWW-Authenticate": 'Bearer realm="deepwatch-ingest"'})
-        with budget.hold() as hold:
+        with budget.hold(name) as hold:
             try:
                 return await handle(request, name, started, hold)
             except ClientDisconnect:
@@ -324,8 +385,11 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         declared_n = int(declared) if declared and declared.isdigit() else None
         if declared_n is not None and declared_n > cfg.ingest_max_body_bytes:
             return answer(name, 413, {"error": "too_large", "detail": f"body over {cfg.ingest_max_body_bytes} bytes"})
-        # With a Content-Length, the whole body is reserved before a byte of it is read.
-        if declared_n is not None and not hold.more(declared_n):
+        # A body that could not fit now is refused before it is read, but bytes
+        # are reserved only as they arrive: a declared length costs nothing to
+        # send, and 8 requests declaring 8 MiB that never came held the whole
+        # budget, every other client answered busy, for the body timeout.
+        if declared_n is not None and not hold.fits(declared_n):
             return busy(name)
         chunks, size = [], 0
         try:
@@ -335,8 +399,7 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
                     if size > cfg.ingest_max_body_bytes:
                         return answer(name, 413, {"error": "too_large",
                                                   "detail": f"body over {cfg.ingest_max_body_bytes} bytes"})
-                    # Without one (chunked), the bytes are reserved as they come.
-                    if size > hold.bytes and not hold.more(size - hold.bytes):
+                    if chunk and not hold.more(len(chunk)):
                         return busy(name)
                     chunks.append(chunk)
         except TimeoutError:

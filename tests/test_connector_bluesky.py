@@ -269,8 +269,14 @@ def test_dead_servers_back_off_and_never_crash(tmp_path):
     assert sink.events == []
 
 
-def test_private_image_urls_are_dead_lettered_not_produced(tmp_path):
-    s = settings_for(tmp_path, bluesky_image_url="http://127.0.0.1:9/img/{did}/{cid}")
+@pytest.mark.parametrize("image_url, reason", [
+    ("http://127.0.0.1:9/img/{did}/{cid}", "blocked_address"),
+    # urlsplit raises ValueError for "http://[..." outside the URL policy's
+    # guard: the first such post ended the connector's run.
+    ("http://[::1/img/{did}/{cid}", "bad_url"),
+])
+def test_refused_image_urls_are_dead_lettered_not_produced(tmp_path, image_url, reason):
+    s = settings_for(tmp_path, bluesky_image_url=image_url)
     assert not s.fetch.allow_private_networks
     sink = JsonlSink(io.StringIO(), keep=True)
     runner = build_bluesky(s, sink, open_state(s, "t"))
@@ -278,8 +284,8 @@ def test_private_image_urls_are_dead_lettered_not_produced(tmp_path):
         runner.url = server.url
         asyncio.run(run_until(runner, lambda: len(sink.dead) >= 12))
     assert sink.events == []
-    assert len(sink.dead) == 12 and {d.reason for d in sink.dead} == {"blocked_address"}
-    assert {d.stage for d in sink.dead} == {"fetch"} and all(d.event_id for d in sink.dead)
+    assert len(sink.dead) == 12 and {(d.stage, d.reason) for d in sink.dead} == {("fetch", reason)}
+    assert all(d.event_id for d in sink.dead)
 
 
 def test_zstd_compressed_frames(tmp_path):
@@ -321,6 +327,16 @@ def test_cli_without_broker_is_one_clear_line(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(REPO), "DEEPWATCH_BROKER": "embedded"})
     assert r.returncode == 2
     assert "--broker kafka://HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_metrics_port_out_of_range_is_one_clear_line(tmp_path):
+    # --metrics-port had no bounds: 99999 ended in an OverflowError traceback.
+    for bad in ("99999", "-1"):
+        r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "connect", "bluesky", "--dry-run",
+                            "--duration", "1", "--metrics-port", bad, "--data-dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert r.returncode == 2 and "--metrics-port" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 class LossyBroker:

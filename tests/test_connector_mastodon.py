@@ -123,6 +123,27 @@ def test_stream_maps_updates_edits_deletes_and_skips_malformed(tmp_path, caplog)
     assert runner.emitter.cursor == updates[-1]["id"]  # the edit of an older status did not move it back
 
 
+def test_image_urls_that_cannot_be_parsed_are_dead_lettered_and_the_stream_goes_on(tmp_path):
+    # urlsplit raises ValueError for these; the URL policy let it out, and one
+    # such status from an instance ended the connector's run.
+    blocks, updates, _ = recorded()
+    first = updates[0]["media_attachments"]
+    hostile = blocks[0].replace(first[0]["url"], "http://[::1/x.jpeg").replace(
+        first[1]["url"], "http://a\\uff03b@files.mastodon.example/y.jpeg")  # \uff03: NFKC makes it '#'
+    assert hostile != blocks[0]
+    script = MastodonScript(streams=[[hostile] + blocks[1:]], drop=False)
+    s = settings_for(tmp_path)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    with MastodonServer(script) as server:
+        runner = build_mastodon(s, sink, open_state(s, "m"), instance=server.url, timeline="public")
+        asyncio.run(run_until(runner, lambda: runner.emitter.counts.get("delete", 0) and len(sink.events) >= 5))
+    assert sorted((d.reason, d.stage) for d in sink.dead) == [("bad_url", "fetch")] * 2
+    assert sorted(d.event_id.rsplit(":", 2)[1:] for d in sink.dead) == sorted([updates[0]["id"], m]
+                                                                               for m in media_ids(updates[0]))
+    assert len(sink.events) == 5  # the 7 of the recording less the two refused
+    assert runner.emitter.cursor == updates[-1]["id"]
+
+
 def test_reconnect_without_event_ids_backfills_from_rest_without_gap_or_duplicate(tmp_path):
     blocks, updates, missed = recorded()
     s1, s2, s3, s4, boost, s6, s8 = updates
@@ -233,6 +254,16 @@ def test_cli_dry_run_with_token_from_env(tmp_path):
         capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert r.returncode == 2 and "NOT_SET_ANYWHERE" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_instance_url_that_cannot_be_parsed_is_one_clear_line(tmp_path):
+    for bad in ("https://[::1", "https://mastodon.example:99999"):
+        r = subprocess.run(
+            [sys.executable, "-m", "streams.cli.__main__", "connect", "mastodon", "--instance", bad, "--dry-run",
+             "--duration", "1", "--data-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert r.returncode == 2 and "--instance" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_dead_instance_backs_off_and_never_crashes(tmp_path):

@@ -67,6 +67,16 @@ def test_tokens_come_from_the_environment_only():
         build_app(Settings(), {})
 
 
+def test_blanks_around_a_configured_token_are_dropped_and_blanks_inside_refused(settings):
+    # "desk: TOKEN" kept the space: the server started, and every request was 401.
+    tokens = load_tokens("X", {"X": f"desk: {TOKEN} , tipline :{OTHER}\t"})
+    assert tokens == {TOKEN: "desk", OTHER: "tipline"}
+    with TestClient(build_app(settings, tokens)) as c:
+        assert c.post("/ingest", content=json.dumps(event(1)), headers=AUTH).status_code == 202
+    with pytest.raises(TokenConfigError, match="'desk' contains whitespace.*commas"):
+        load_tokens("X", {"X": f"desk:{TOKEN} tipline:{OTHER}"})  # a missing comma
+
+
 def test_requests_without_a_valid_bearer_token_are_refused(settings):
     with client(settings) as c:
         assert c.post("/ingest", content=json.dumps(event(1))).status_code == 401
@@ -154,6 +164,58 @@ def test_gzip_bodies_are_inflated_within_the_body_limit(settings):
         assert c.head("/healthz").status_code == 200  # uptime checkers send HEAD
 
 
+def test_every_member_of_a_multi_member_gzip_body_is_read(settings, broker):
+    # `cat a.gz b.gz` is one valid gzip body (RFC 1952); only the first
+    # member's events were taken, the rest lost behind a 202.
+    import gzip
+
+    settings.connectors.ingest_max_body_bytes = 4000
+    gz = {**AUTH, "Content-Encoding": "gzip"}
+    first = "\n".join(json.dumps(event(i)) for i in range(2)).encode() + b"\n"
+    second = json.dumps(event(2)).encode() + b"\n"
+    with client(settings) as c:
+        r = c.post("/ingest", content=gzip.compress(first) + gzip.compress(second), headers=gz)
+        assert r.status_code == 202 and r.json()["accepted"] == 3, r.text
+        assert sorted(ImageEvent.loads(v).event_id for v in read_topic(broker.bootstrap, settings.topic("events"), 3)) \
+            == ["tip-0", "tip-1", "tip-2"]
+        # the body limit holds for all members together
+        half = gzip.compress(b"\n" * 2500)
+        r = c.post("/ingest", content=half + half, headers=gz)
+        assert r.status_code == 413 and "decompressed" in r.json()["detail"], r.text
+        # bytes after a member that are not another member: refused, not ignored
+        r = c.post("/ingest", content=gzip.compress(second) + b"tip-9 was here\n", headers=gz)
+        assert r.status_code == 400 and r.json()["error"] == "bad_gzip", r.text
+        assert "after gzip member 1" in r.json()["detail"]
+        r = c.post("/ingest", content=gzip.compress(second) + gzip.compress(second)[:-12], headers=gz)
+        assert r.status_code == 400 and "cut short" in r.json()["detail"], r.text
+        # a flood of empty members is refused at a bound, not inflated one by one for seconds
+        settings.connectors.ingest_max_body_bytes = 8 * 1024 * 1024  # read per request: 4 MB of members fit
+        t0 = time.monotonic()
+        r = c.post("/ingest", content=gzip.compress(b"") * 200_000, headers=gz)
+        assert r.status_code == 400 and "gzip members" in r.json()["detail"], r.text
+        assert time.monotonic() - t0 < 2
+
+
+def test_an_image_url_that_cannot_be_parsed_is_a_dead_letter_not_a_lost_batch(settings, broker):
+    # urlsplit raised ValueError outside the URL policy's guard: the request
+    # was answered 500 and its valid lines neither accepted nor dead-lettered.
+    lines = [json.dumps(event(1)),
+             json.dumps(event(2, image={"url": "http://[::1/x.jpg"})),
+             json.dumps(event(3, image={"url": "http://a\uff03b@images.example.org/3.jpg"})),
+             json.dumps(event(4))]
+    with client(settings) as c:
+        r = c.post("/ingest", content="\n".join(lines), headers={**AUTH, "Content-Type": "application/x-ndjson"})
+    assert r.status_code == 202, r.text
+    by_line = {x["line"]: x for x in r.json()["results"]}
+    assert [by_line[n]["status"] for n in (1, 2, 3, 4)] == ["accepted", "dead_lettered", "dead_lettered", "accepted"]
+    assert by_line[2]["reason"] == by_line[3]["reason"] == "bad_url"
+    produced = read_topic(broker.bootstrap, settings.topic("events"), 2)
+    assert sorted(ImageEvent.loads(v).event_id for v in produced) == ["tip-1", "tip-4"]
+    dead = [DeadLetter.loads(v) for v in read_topic(broker.bootstrap, settings.topic("dead-letters"), 2)]
+    assert sorted((d.event_id, d.stage, d.reason) for d in dead) == [("tip-2", "fetch", "bad_url"),
+                                                                     ("tip-3", "fetch", "bad_url")]
+
+
 def test_per_token_rate_limit(settings):
     settings.connectors.ingest_burst = 5
     settings.connectors.ingest_rate_per_s = 0.5
@@ -224,6 +286,18 @@ def test_serve_ingest_command_end_to_end(broker, tmp_path):
     assert r.returncode == 2 and "--metrics-port 8099 is --port too" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_serve_ingest_refuses_a_broker_url_it_could_never_use_at_start(tmp_path):
+    # It started, and answered every request 503 "re-send" for good, where
+    # `deepwatch ingest` refuses the same URL with one line.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DEEPWATCH_INGEST_TOKENS": f"desk:{TOKEN}",
+           "DEEPWATCH_DATA_DIR": str(tmp_path)}
+    for url, says in (("kafka://127.0.0.1:99999", "port 1-65535"), ("http://127.0.0.1:9092", "kafka://HOST:PORT")):
+        r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "serve-ingest", "--port", str(free_port()),
+                            "--broker", url], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_a_request_larger_than_the_token_burst_is_refused_as_too_many_lines_not_rate_limited(settings):
     # With the defaults (1000 lines a request, a burst of 500) a request of 501
     # lines was answered 429 "Retry-After: 3600" however long the client waited.
@@ -239,14 +313,15 @@ def test_a_request_larger_than_the_token_burst_is_refused_as_too_many_lines_not_
 
 # -- the shared budget of buffered request bytes ------------------------------
 @contextmanager
-def live_server(settings: Settings):
+def live_server(settings: Settings, tokens: dict[str, str] | None = None):
     """The app under a real uvicorn on a loopback port, in a thread: only a
-    real server lets a client hold a request open with half its body sent."""
+    real server lets a client hold a request open with half its body sent.
+    ``tokens``: token -> name (default: TOKEN as "desk" only)."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(settings, {TOKEN: "desk"}), host="127.0.0.1", port=port,
-                                           log_config=None, access_log=False))
+    server = uvicorn.Server(uvicorn.Config(build_app(settings, tokens or {TOKEN: "desk"}), host="127.0.0.1",
+                                           port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -285,10 +360,10 @@ def ndjson_of_size(first: int, size: int) -> bytes:
     return body
 
 
-def open_request(port: int, head_extra: str, first_bytes: bytes) -> socket.socket:
+def open_request(port: int, head_extra: str, first_bytes: bytes, token: str = TOKEN) -> socket.socket:
     """A request whose head and ``first_bytes`` of body are sent, the rest not (yet)."""
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall((f"POST /ingest HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+    s.sendall((f"POST /ingest HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
                f"Content-Type: application/x-ndjson\r\n{head_extra}\r\n").encode() + first_bytes)
     return s
 
@@ -301,9 +376,9 @@ def test_concurrent_bodies_beyond_the_buffer_budget_are_refused_busy_and_the_bud
     with live_server(settings) as port:
         url = f"http://127.0.0.1:{port}/ingest"
         assert buffered_bytes(port) == 0
-        holder = open_request(port, f"Content-Length: {len(held)}\r\n", held[:3000])
+        holder = open_request(port, f"Content-Length: {len(held)}\r\n", held[:5000])
         try:
-            wait_for_buffered(port, 6000)  # the declared length, reserved before the body is read
+            wait_for_buffered(port, 5000)  # what arrived, not what was declared
 
             def post(i: int) -> httpx.Response:
                 return httpx.post(url, content=ndjson_of_size(10 * i, 6000), headers=AUTH, timeout=20)
@@ -318,7 +393,7 @@ def test_concurrent_bodies_beyond_the_buffer_budget_are_refused_busy_and_the_bud
             # a small request still fits beside the one held
             r = httpx.post(url, content=json.dumps(event(90)), headers=AUTH, timeout=20)
             assert r.status_code == 202, r.text
-            holder.sendall(held[3000:])
+            holder.sendall(held[5000:])
             holder.settimeout(20)
             answer = holder.recv(65536)
             assert answer.startswith(b"HTTP/1.1 202"), answer
@@ -332,15 +407,78 @@ def test_concurrent_bodies_beyond_the_buffer_budget_are_refused_busy_and_the_bud
     assert 'deepwatch_ingest_requests_total{status="503",token="desk"}' in metrics
 
 
+def test_declared_lengths_never_sent_do_not_lock_other_token_holders_out(settings):
+    # A declared Content-Length was reserved before a byte arrived: one token
+    # holder opening requests declaring the body limit and sending nothing
+    # answered every other client 503 busy for the 60 s body timeout.
+    settings.connectors.ingest_max_body_bytes = 5000
+    settings.connectors.ingest_max_buffered_bytes = 8 * 5000
+    body = ndjson_of_size(1, 5000)
+    with live_server(settings, {TOKEN: "desk", OTHER: "tipline"}) as port:
+        hogs = [open_request(port, "Content-Length: 5000\r\n", body[:1]) for _ in range(8)]
+        try:
+            wait_for_buffered(port, 8)  # what arrived, not what was declared
+            r = httpx.post(f"http://127.0.0.1:{port}/ingest", content=json.dumps(event(90)),
+                           headers={"Authorization": f"Bearer {OTHER}"}, timeout=20)
+            assert r.status_code == 202, r.text
+        finally:
+            for h in hogs:
+                h.close()
+        wait_for_buffered(port, 0)
+
+
+def test_one_token_holder_sending_slowly_holds_at_most_half_the_budget(settings):
+    # Sending all but the last byte of each body, one token holder could
+    # still fill the whole budget; with several token names each may hold
+    # half of it, so the others keep room.
+    import select
+
+    settings.connectors.ingest_max_body_bytes = 5000
+    settings.connectors.ingest_max_buffered_bytes = 8 * 5000
+    with live_server(settings, {TOKEN: "desk", OTHER: "tipline"}) as port:
+        bodies = [ndjson_of_size(10 * i, 5000) for i in range(8)]
+        hogs = [open_request(port, "Content-Length: 5000\r\n", b[:1]) for b in bodies]
+        try:
+            wait_for_buffered(port, 8)
+            answered = {}
+            for i, (h, b) in enumerate(zip(hogs, bodies)):
+                before = buffered_bytes(port)
+                h.sendall(b[1:-1])
+                deadline = time.monotonic() + 10
+                while buffered_bytes(port) != before + len(b) - 2:  # held, or refused:
+                    if select.select([h], [], [], 0.05)[0]:
+                        answered[i] = h.recv(65536)
+                        break
+                    assert time.monotonic() < deadline, f"request {i}: neither held nor answered"
+            # four bodies of 4999 bytes are half the budget: the next ones are refused
+            assert sorted(answered) == [4, 5, 6, 7], answered
+            assert all(a.startswith(b"HTTP/1.1 503") and b'"busy"' in a for a in answered.values()), answered
+            assert buffered_bytes(port) == 4 * 4999
+            # the other token holder's largest body still fits beside them
+            r = httpx.post(f"http://127.0.0.1:{port}/ingest", content=ndjson_of_size(100, 5000),
+                           headers={"Authorization": f"Bearer {OTHER}"}, timeout=20)
+            assert r.status_code == 202, r.text
+            # and the hog's bodies held are served once their last byte comes
+            for i, (h, b) in enumerate(zip(hogs, bodies)):
+                if i not in answered:
+                    h.sendall(b[-1:])
+                    h.settimeout(20)
+                    assert h.recv(65536).startswith(b"HTTP/1.1 202")
+        finally:
+            for h in hogs:
+                h.close()
+        wait_for_buffered(port, 0)
+
+
 def test_a_client_gone_mid_body_gives_its_reservation_back(settings):
     settings.connectors.ingest_max_buffered_bytes = 10_000
     with live_server(settings) as port:
-        # with a Content-Length: reserved up front
-        gone = open_request(port, "Content-Length: 8000\r\n", b"{" * 100)
-        wait_for_buffered(port, 8000)
+        # with a Content-Length
+        gone = open_request(port, "Content-Length: 8000\r\n", b"{" * 3000)
+        wait_for_buffered(port, 3000)
         gone.close()
         wait_for_buffered(port, 0)
-        # chunked: reserved as the chunks come
+        # chunked
         gone = open_request(port, "Transfer-Encoding: chunked\r\n", b"bb8\r\n" + b"{" * 3000 + b"\r\n")
         wait_for_buffered(port, 3000)
         gone.close()
@@ -358,7 +496,7 @@ def test_an_inflated_gzip_body_counts_against_the_buffer_budget(settings):
     gz = {**AUTH, "Content-Encoding": "gzip"}
     with live_server(settings) as port:
         url = f"http://127.0.0.1:{port}/ingest"
-        holder = open_request(port, "Content-Length: 2000\r\n", b"{")
+        holder = open_request(port, "Content-Length: 3000\r\n", b"{" * 2000)
         try:
             wait_for_buffered(port, 2000)
             r = httpx.post(url, content=inflates, headers=gz, timeout=20)

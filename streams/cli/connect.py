@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 from typing import List, Optional
+from urllib.parse import urlsplit
 
 import typer
 
@@ -25,7 +26,7 @@ app.add_typer(connect_app, name="connect", rich_help_panel="Run")
 
 BrokerOpt = typer.Option(None, "--broker", help="kafka://HOST:PORT of the running pipeline's broker (env DEEPWATCH_BROKER).")
 DryRun = typer.Option(False, "--dry-run", help="Print mapped events as JSONL on stdout instead of producing them; the saved cursor is not used or moved.")
-MetricsPort = typer.Option(None, "--metrics-port", help="Serve Prometheus /metrics on this port.")
+MetricsPort = typer.Option(None, "--metrics-port", min=0, max=65535, help="Serve Prometheus /metrics on this port.")
 Duration = typer.Option(None, "--duration", min=0.1, help="Stop after this many seconds (default: run until Ctrl-C / SIGTERM).")
 
 
@@ -123,6 +124,10 @@ def mastodon(
 
     if not instance.startswith(("http://", "https://")):
         fail(f"--instance must be a URL such as https://{instance}")
+    try:
+        urlsplit(instance).port  # what it cannot read ("https://[::1", port 99999) ended in a traceback later
+    except ValueError as e:
+        fail(f"--instance {instance!r} is not a valid URL: {e}")
     tl = timeline or ("hashtag" if hashtag else "public")
     if tl not in ("public", "local", "hashtag", "user"):
         fail(f"--timeline must be public, local, hashtag or user (got {tl!r})")
@@ -198,6 +203,14 @@ def serve_ingest(
     metrics_port = settings.metrics_port
     if settings.broker == "embedded" or "://" not in settings.broker:
         fail("serve-ingest feeds a running pipeline: pass --broker kafka://HOST:PORT (or set DEEPWATCH_BROKER)")
+    from streams.broker import BrokerError, bootstrap_of
+
+    try:
+        # The producer is made on the first request: a URL it can never use
+        # would otherwise start fine and answer every request 503 "re-send".
+        bootstrap_of(settings.broker)
+    except BrokerError as e:
+        fail(str(e))
     env = settings.connectors.ingest_tokens_env
     try:
         if not load_tokens(env):

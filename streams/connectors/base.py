@@ -234,13 +234,18 @@ class UrlPolicy:
         self._cache: dict[tuple[str, int], tuple[float, FetchError | None]] = {}  # -> (expires, verdict)
 
     async def check(self, url: str) -> FetchError | None:
-        parts = urlsplit(url)
+        """The refusal the fetch stage would give ``url``, or None to let it through."""
+        try:
+            parts = urlsplit(url)
+            # Both raise ValueError on what a platform or caller may send ("http://[::1/x",
+            # a netloc NFKC changes, port 99999): a verdict on that URL, never an error of
+            # the request or stream carrying it.
+            explicit_port = parts.port
+        except ValueError as e:
+            return FetchError("bad_url", f"invalid image URL {url[:200]!r}: {e}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return FetchError("bad_url", f"refusing image URL {url[:200]!r}")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            return FetchError("bad_url", f"bad port in image URL {url[:200]!r}")
+        port = explicit_port or (443 if parts.scheme == "https" else 80)
         key = (parts.hostname, port)
         hit = self._cache.get(key)
         now = time.monotonic()
