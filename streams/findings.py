@@ -382,6 +382,19 @@ def reads_are_local(store_url: str | None) -> bool:
     return _is_sqlite((store_url or "").strip())
 
 
+def sqlite_file(store_url: str | None, data_dir: Path | str) -> Path | None:
+    """The SQLite file ``open_findings`` opens for this URL (creating it, and
+    its directories, if missing), or None for another backend."""
+    url = (store_url or "").strip()
+    if not _is_sqlite(url):
+        return None
+    if not url.startswith("sqlite://"):
+        return Path(data_dir) / "findings.sqlite"  # as streams.store.open_store
+    if url == "sqlite://":
+        raise StoreURLError("sqlite:// needs a path, e.g. sqlite:///srv/deepwatch/findings.sqlite")
+    return Path(url[len("sqlite://"):])
+
+
 def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | None = None) -> FindingsStore:
     """The findings store a command or worker should use.
 
@@ -390,17 +403,11 @@ def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | N
     ``ess://`` (TLS) or ``http(s)://host:9200`` -> Elasticsearch, credentials
     and CA bundle from the environment (see ``streams.es_store.EsConfig``)."""
     url = (store_url or "").strip()
-    if _is_sqlite(url) and not url.startswith("sqlite://"):
-        from streams.store import open_store
-
-        return open_store(Path(data_dir))
-    if url.startswith("sqlite://"):
+    path = sqlite_file(url, data_dir)
+    if path is not None:
         from streams.store import SqliteFindingsStore
 
-        path = url[len("sqlite://"):]
-        if not path:
-            raise StoreURLError("sqlite:// needs a path, e.g. sqlite:///srv/deepwatch/findings.sqlite")
-        return SqliteFindingsStore(Path(path))
+        return SqliteFindingsStore(path)
     if url.split("://", 1)[0] in ("es", "ess", "http", "https"):
         from streams.es_store import EsFindingsStore
 

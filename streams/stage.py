@@ -316,9 +316,9 @@ class AnalyzeStage:
         for first in (stored, recent):
             if first is not None and first != sha256:
                 raise self._conflict(event_id, first, sha256)
-        if stored is not None:
-            return True  # the store has it: do not count it again, however old it is
-        return False  # none stored yet (in flight): the cluster engine recognises a repeat sent moments ago
+        # Stored: not counted again, however old. Not yet (in flight): the
+        # cluster engine recognises a repeat sent moments ago.
+        return stored is not None
 
     def _db(self):
         if self._store is None:

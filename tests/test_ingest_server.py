@@ -368,6 +368,20 @@ def open_request(port: int, head_extra: str, first_bytes: bytes, token: str = TO
     return s
 
 
+@contextmanager
+def first_bytes_of(port: int, bodies: list[bytes]):
+    """One request per body, each sent with its Content-Length and first byte
+    only (a token holder sending slowly, or never); closed on the way out,
+    and then the server must give back every byte they held."""
+    held = [open_request(port, f"Content-Length: {len(b)}\r\n", b[:1]) for b in bodies]
+    try:
+        yield held
+    finally:
+        for h in held:
+            h.close()
+    wait_for_buffered(port, 0)
+
+
 def test_concurrent_bodies_beyond_the_buffer_budget_are_refused_busy_and_the_budget_frees(settings):
     # Memory was bounded per request only: 256 concurrent 8 MiB bodies (each
     # held about three times over) could take gigabytes.
@@ -414,17 +428,11 @@ def test_declared_lengths_never_sent_do_not_lock_other_token_holders_out(setting
     settings.connectors.ingest_max_body_bytes = 5000
     settings.connectors.ingest_max_buffered_bytes = 8 * 5000
     body = ndjson_of_size(1, 5000)
-    with live_server(settings, {TOKEN: "desk", OTHER: "tipline"}) as port:
-        hogs = [open_request(port, "Content-Length: 5000\r\n", body[:1]) for _ in range(8)]
-        try:
-            wait_for_buffered(port, 8)  # what arrived, not what was declared
-            r = httpx.post(f"http://127.0.0.1:{port}/ingest", content=json.dumps(event(90)),
-                           headers={"Authorization": f"Bearer {OTHER}"}, timeout=20)
-            assert r.status_code == 202, r.text
-        finally:
-            for h in hogs:
-                h.close()
-        wait_for_buffered(port, 0)
+    with live_server(settings, {TOKEN: "desk", OTHER: "tipline"}) as port, first_bytes_of(port, [body] * 8):
+        wait_for_buffered(port, 8)  # what arrived, not what was declared
+        r = httpx.post(f"http://127.0.0.1:{port}/ingest", content=json.dumps(event(90)),
+                       headers={"Authorization": f"Bearer {OTHER}"}, timeout=20)
+        assert r.status_code == 202, r.text
 
 
 def test_one_token_holder_sending_slowly_holds_at_most_half_the_budget(settings):
@@ -435,39 +443,33 @@ def test_one_token_holder_sending_slowly_holds_at_most_half_the_budget(settings)
 
     settings.connectors.ingest_max_body_bytes = 5000
     settings.connectors.ingest_max_buffered_bytes = 8 * 5000
-    with live_server(settings, {TOKEN: "desk", OTHER: "tipline"}) as port:
-        bodies = [ndjson_of_size(10 * i, 5000) for i in range(8)]
-        hogs = [open_request(port, "Content-Length: 5000\r\n", b[:1]) for b in bodies]
-        try:
-            wait_for_buffered(port, 8)
-            answered = {}
-            for i, (h, b) in enumerate(zip(hogs, bodies)):
-                before = buffered_bytes(port)
-                h.sendall(b[1:-1])
-                deadline = time.monotonic() + 10
-                while buffered_bytes(port) != before + len(b) - 2:  # held, or refused:
-                    if select.select([h], [], [], 0.05)[0]:
-                        answered[i] = h.recv(65536)
-                        break
-                    assert time.monotonic() < deadline, f"request {i}: neither held nor answered"
-            # four bodies of 4999 bytes are half the budget: the next ones are refused
-            assert sorted(answered) == [4, 5, 6, 7], answered
-            assert all(a.startswith(b"HTTP/1.1 503") and b'"busy"' in a for a in answered.values()), answered
-            assert buffered_bytes(port) == 4 * 4999
-            # the other token holder's largest body still fits beside them
-            r = httpx.post(f"http://127.0.0.1:{port}/ingest", content=ndjson_of_size(100, 5000),
-                           headers={"Authorization": f"Bearer {OTHER}"}, timeout=20)
-            assert r.status_code == 202, r.text
-            # and the hog's bodies held are served once their last byte comes
-            for i, (h, b) in enumerate(zip(hogs, bodies)):
-                if i not in answered:
-                    h.sendall(b[-1:])
-                    h.settimeout(20)
-                    assert h.recv(65536).startswith(b"HTTP/1.1 202")
-        finally:
-            for h in hogs:
-                h.close()
-        wait_for_buffered(port, 0)
+    bodies = [ndjson_of_size(10 * i, 5000) for i in range(8)]
+    with live_server(settings, {TOKEN: "desk", OTHER: "tipline"}) as port, first_bytes_of(port, bodies) as hogs:
+        wait_for_buffered(port, 8)
+        answered = {}
+        for i, (h, b) in enumerate(zip(hogs, bodies)):
+            before = buffered_bytes(port)
+            h.sendall(b[1:-1])
+            deadline = time.monotonic() + 10
+            while buffered_bytes(port) != before + len(b) - 2:  # held, or refused:
+                if select.select([h], [], [], 0.05)[0]:
+                    answered[i] = h.recv(65536)
+                    break
+                assert time.monotonic() < deadline, f"request {i}: neither held nor answered"
+        # four bodies of 4999 bytes are half the budget: the next ones are refused
+        assert sorted(answered) == [4, 5, 6, 7], answered
+        assert all(a.startswith(b"HTTP/1.1 503") and b'"busy"' in a for a in answered.values()), answered
+        assert buffered_bytes(port) == 4 * 4999
+        # the other token holder's largest body still fits beside them
+        r = httpx.post(f"http://127.0.0.1:{port}/ingest", content=ndjson_of_size(100, 5000),
+                       headers={"Authorization": f"Bearer {OTHER}"}, timeout=20)
+        assert r.status_code == 202, r.text
+        # and the hog's bodies held are served once their last byte comes
+        for i, (h, b) in enumerate(zip(hogs, bodies)):
+            if i not in answered:
+                h.sendall(b[-1:])
+                h.settimeout(20)
+                assert h.recv(65536).startswith(b"HTTP/1.1 202")
 
 
 def test_a_client_gone_mid_body_gives_its_reservation_back(settings):

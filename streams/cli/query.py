@@ -18,7 +18,7 @@ from streams.cli.app import app
 from streams.cli.common import (
     Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, print_json, settings_from,
 )
-from streams.findings import SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, StoreURLError, open_findings
+from streams.findings import SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, StoreURLError, open_findings, sqlite_file
 
 StoreOpt = typer.Option(
     None, "--store",
@@ -27,22 +27,16 @@ StoreOpt = typer.Option(
          "Default: the embedded SQLite file in --data-dir (env DEEPWATCH_FINDINGS__URL).")
 
 
-def _sqlite_path(url: str, data_dir: Path) -> Optional[Path]:
-    """The file ``open_findings`` opens for this URL; None for any other
-    store (Elasticsearch) or a URL it refuses (``sqlite://`` without a path)."""
-    url = url.strip()
-    if url.startswith("sqlite://"):
-        return Path(url[len("sqlite://"):]) if url != "sqlite://" else None
-    return Path(data_dir) / "findings.sqlite" if url in ("", "sqlite", "sqlite:") else None
-
-
 def _store(data_dir: Optional[Path], config: Optional[Path], store_url: Optional[str] = None) -> FindingsStore:
     """The findings store to read. Opening a SQLite file creates it (and its
     directories), so a mistyped path is refused here rather than answered
     with an empty store."""
     settings = settings_from(config, data_dir=data_dir)
     url = store_url or settings.findings.url or ""
-    path = _sqlite_path(url, settings.data_dir)
+    try:
+        path = sqlite_file(url, settings.data_dir)
+    except StoreURLError as e:
+        raise typer.BadParameter(str(e), param_hint="--store") from None
     if path is not None and not path.exists():
         if not url.strip().startswith("sqlite://"):
             raise typer.BadParameter(f"no findings at {path}; run `deepwatch replay` or `deepwatch demo` first",

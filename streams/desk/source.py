@@ -285,13 +285,13 @@ class FindingsSource:
             out[c["id"]] = [sum(col) for col in zip(*per_platform.values())] or out[c["id"]]
         return out
 
-    def detail(self, cluster_id: str, sightings: int = DETAIL_SIGHTINGS) -> dict[str, Any]:
-        """One cluster with its first ``sightings`` sightings (oldest first:
-        who posted it first), its spread by platform over all of them, and
-        its verdict history."""
+    def detail(self, cluster_id: str, first: int = DETAIL_SIGHTINGS) -> dict[str, Any]:
+        """One cluster with its ``first`` sightings (oldest first: who posted
+        it first), its spread by platform over all of them, and its verdict
+        history."""
         doc = dict(self.cluster(cluster_id))
         ids = [cluster_id, *(doc.get("merged_from") or [])]
-        doc["sightings_detail"] = self.sightings(ids, limit=sightings)
+        doc["sightings_detail"] = self.sightings(ids, limit=first)
         doc["sightings_detail_truncated"] = len(doc["sightings_detail"]) < doc["sightings"]
         doc["spread_by_platform"] = self._spread_by_platform(ids, doc["first_seen"], doc["last_seen"])
         doc["verdict_history"] = [v.model_dump(mode="json") for v in self.desk.history([cluster_id])]
