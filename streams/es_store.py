@@ -22,15 +22,17 @@ from __future__ import annotations
 import hashlib
 import heapq
 import logging
+import math
 import os
 from dataclasses import dataclass, field as dc_field
-from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any, Collection, Iterable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from streams import es_templates as T
 from streams.findings import (
-    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Page, SightingRecord, read_limit, sort_key, text_terms,
+    MAX_RESULTS, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Page,
+    SightingRecord, account_rank, read_limit, sort_key, text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 
@@ -42,6 +44,13 @@ MATCH_PAGE = 10_000  # composite-aggregation buckets per page (search.max_bucket
 ID_CHUNK = 10_000  # cluster ids per terms filter (index.max_terms_count is 65,536)
 PAGE = 1000
 STATS_CHUNK = 200  # clusters per sightings-statistics request
+# Accounts per composite page: with up to 100 platform buckets each, one page
+# stays under search.max_buckets (65,536).
+ACCOUNT_PAGE = 500
+WINDOW_CHUNK = 200  # accounts per windowed-statistics request (a filters aggregation)
+POSTS_PAGE = 10_000  # posts per search_after page when reading returned accounts' posts (max_result_window)
+# exact below this many distinct values per bucket (the maximum); above it ES estimates within ~1%
+CARDINALITY_PRECISION = 40_000
 
 
 # mark_delivered's guard: once delivered, a delivery stays delivered (the update is then a noop).
@@ -710,6 +719,194 @@ class EsFindingsStore:
                         "last": last[0]["_source"]["posted_at"] if last else None}
         return out
 
+    def _composite(self, index: str, query: dict[str, Any], field: str, aggs: dict[str, Any],
+                   page: int) -> Iterator[dict[str, Any]]:
+        """Every bucket of a composite aggregation over ``field`` (keys
+        ascending), ``page`` buckets a request, each with ``aggs``."""
+        after: dict[str, Any] | None = None
+        while True:
+            comp: dict[str, Any] = {"size": page, "sources": [{"key": {"terms": {"field": field}}}]}
+            if after:
+                comp["after"] = after
+            agg: dict[str, Any] = {"composite": comp}
+            if aggs:
+                agg["aggs"] = aggs
+            res = self._search(index, size=0, query=query, aggs={"by": agg})
+            part = (res.get("aggregations") or {}).get("by") or {}
+            buckets = part.get("buckets") or []
+            yield from buckets
+            after = part.get("after_key")
+            if len(buckets) < page or not after:
+                return
+
+    def account_aggregates(self, ai_cluster_ids: Collection[str], *, account_id: str | None = None,
+                           min_posts: int = 0, min_ai_share: float = 0.0,
+                           limit: int | None = None) -> list[AccountAggregate]:
+        """See ``FindingsStore.account_aggregates``: a composite aggregation
+        over ``account_id`` (``ACCOUNT_PAGE`` accounts a request) counting
+        each account's posts, pictures and AI pictures (``cardinality``:
+        exact up to 40,000 distinct pictures an account, the most ES counts
+        exactly; above that an estimate within about 1 %), platforms, and
+        its first and last post and first handle (``top_hits``); the filter
+        and the ranking are applied as pages arrive, keeping only the best
+        ``limit``. Then one ``search_after`` read of the returned accounts'
+        posts (sort values and cluster id only) for their clusters and
+        median gap."""
+        limit = read_limit(limit)
+        in_order = [{"@timestamp": "asc"}, {"event_id": "asc"}]
+        aggs = {
+            "pictures": {"cardinality": {"field": "sha256", "precision_threshold": CARDINALITY_PRECISION}},
+            "ai": {"filter": _in_ids("cluster_id", ai_cluster_ids),
+                   "aggs": {"pictures": {"cardinality": {"field": "sha256", "precision_threshold": CARDINALITY_PRECISION}}}},
+            "platforms": {"terms": {"field": "platform", "size": 100, "order": {"_key": "asc"}}},
+            "first": {"top_hits": {"size": 1, "sort": in_order, "_source": ["posted_at", "event_id"]}},
+            "last": {"top_hits": {"size": 1, "sort": [{"@timestamp": "desc"}, {"event_id": "desc"}],
+                                  "_source": ["posted_at"]}},
+            # the first non-empty handle (an empty string is a value to ES, not to the desk)
+            "handle": {"filter": {"bool": {"filter": [{"exists": {"field": "account_handle"}}],
+                                           "must_not": [{"term": {"account_handle": ""}}]}},
+                       "aggs": {"first": {"top_hits": {"size": 1, "sort": in_order, "_source": ["account_handle"]}}}},
+        }
+        query: dict[str, Any] = {"bool": {"filter": [] if account_id is None else [{"term": {"account_id": account_id}}]}}
+
+        def ranked() -> Iterator[tuple[tuple, dict[str, Any]]]:
+            for b in self._composite(self.names["sightings"], query, "account_id", aggs, ACCOUNT_PAGE):
+                posts, pics, ai_pics = b["doc_count"], int(b["pictures"]["value"]), int(b["ai"]["pictures"]["value"])
+                if posts < min_posts or (ai_pics / pics if pics else 0.0) < min_ai_share:
+                    continue
+                first = b["first"]["hits"]["hits"][0]
+                share, n_ai, n = account_rank(ai_pics, pics, posts)
+                yield (-share, -n_ai, -n, first["sort"][0], first["_source"]["event_id"]), {
+                    "account_id": b["key"]["key"], "posts": posts, "pictures": pics, "ai_pictures": ai_pics,
+                    "first_seen": first["_source"]["posted_at"], "first_event_id": first["_source"]["event_id"],
+                    "last_seen": b["last"]["hits"]["hits"][0]["_source"]["posted_at"],
+                    "platforms": sorted(p["key"] for p in b["platforms"]["buckets"]),
+                    "handle": next((h["_source"].get("account_handle")
+                                    for h in b["handle"]["first"]["hits"]["hits"]), None)}
+
+        rows = [row for _key, row in (heapq.nsmallest(limit, ranked(), key=lambda kr: kr[0]) if limit
+                                      else sorted(ranked(), key=lambda kr: kr[0]))]
+        details = self._account_posts([r["account_id"] for r in rows])
+        return [AccountAggregate(**r, **details.get(r["account_id"], {"cluster_ids": [], "median_gap_s": None}))
+                for r in rows]
+
+    def _account_posts(self, accounts: list[str]) -> dict[str, dict[str, Any]]:
+        """Per account: its distinct cluster ids and the median gap between
+        consecutive posts, from one ``search_after`` read of these
+        accounts' posts in account and posting order (sort values and the
+        cluster id only); one account's gaps are held at a time."""
+        out: dict[str, dict[str, Any]] = {}
+        if not accounts:
+            return out
+        current: str | None = None
+        clusters: set[str] = set()
+        gaps: list[int] = []
+        prev = 0
+
+        def close() -> None:
+            if current is not None:
+                gaps.sort()
+                out[current] = {"cluster_ids": sorted(clusters),
+                                "median_gap_s": gaps[len(gaps) // 2] / 1000 if gaps else None}
+
+        sort = [{"account_id": "asc"}, {"@timestamp": "asc"}, {"event_id": "asc"}]
+        for i in range(0, len(accounts), ID_CHUNK):
+            query = {"terms": {"account_id": sorted(accounts[i:i + ID_CHUNK])}}
+            after = None
+            while True:
+                body: dict[str, Any] = {"query": query, "sort": sort, "size": POSTS_PAGE, "source": ["cluster_id"]}
+                if after is not None:
+                    body["search_after"] = after
+                hits = self._search(self.names["sightings"], **body)["hits"]["hits"]
+                for h in hits:
+                    account, ms, _eid = h["sort"]
+                    if account != current:
+                        close()
+                        current, clusters, gaps = account, set(), []
+                    else:
+                        gaps.append(int(ms) - prev)
+                    prev = int(ms)
+                    clusters.add(h["_source"]["cluster_id"])
+                if len(hits) < POSTS_PAGE:
+                    break
+                after = hits[-1]["sort"]
+        close()
+        return out
+
+    def account_windows(self, window: timedelta, ai_cluster_ids: Collection[str], *,
+                        min_ai_pictures: int = 0) -> list[AccountWindow]:
+        """See ``FindingsStore.account_windows``. Each account's window ends
+        at its own last post, so no one query covers them all: a composite
+        aggregation first finds every account's last post and its posts in
+        AI clusters overall; an account with fewer of those than
+        ``min_ai_pictures`` cannot have that many AI pictures in any window
+        and is dropped there (an exact bound, unlike a cardinality). The
+        rest are counted within their windows, ``WINDOW_CHUNK`` accounts a
+        request (a ``filters`` aggregation, one filter per account and
+        window; distinct pictures by ``cardinality``, exact up to 40,000 an
+        account and window). With the desk's threshold of a few AI pictures
+        the second step reads only accounts that posted AI pictures at all."""
+        ai = _in_ids("cluster_id", ai_cluster_ids)
+        index = self.names["sightings"]
+        lasts: list[tuple[str, int]] = []
+        for b in self._composite(index, {"match_all": {}}, "account_id",
+                                 {"last": {"max": {"field": "@timestamp"}}, "ai": {"filter": ai}}, ACCOUNT_PAGE):
+            if b["ai"]["doc_count"] >= min_ai_pictures and b["last"]["value"] is not None:
+                lasts.append((b["key"]["key"], int(b["last"]["value"])))
+        window_ms = window / timedelta(milliseconds=1)
+        pictures = {"cardinality": {"field": "sha256", "precision_threshold": CARDINALITY_PRECISION}}
+        out: list[AccountWindow] = []
+        for i in range(0, len(lasts), WINDOW_CHUNK):
+            chunk = lasts[i:i + WINDOW_CHUNK]
+            filters = {account: {"bool": {"filter": [
+                {"term": {"account_id": account}},
+                # up to the last post found above: posts arriving meanwhile wait for the next check
+                {"range": {"@timestamp": {"gte": math.ceil(last - window_ms), "lte": last, "format": "epoch_millis"}}},
+            ]}} for account, last in chunk}
+            aggs = {"by": {"filters": {"filters": filters}, "aggs": {
+                "pictures": pictures, "ai": {"filter": ai, "aggs": {"pictures": pictures}},
+                "platforms": {"terms": {"field": "platform", "size": 100, "order": {"_key": "asc"}}},
+                # the earliest-recorded of equal last posts, as a pass in posting order keeps
+                "last": {"top_hits": {"size": 1, "sort": [{"@timestamp": "desc"}, {"event_id": "asc"}],
+                                      "_source": ["posted_at"]}},
+            }}}
+            res = self._search(index, size=0, query={"terms": {"account_id": [a for a, _ in chunk]}}, aggs=aggs)
+            buckets = ((res.get("aggregations") or {}).get("by") or {}).get("buckets") or {}
+            for account, _last in chunk:
+                b = buckets.get(account)
+                if not b or not b["doc_count"] or int(b["ai"]["pictures"]["value"]) < min_ai_pictures:
+                    continue
+                out.append(AccountWindow(
+                    account_id=account, pictures=int(b["pictures"]["value"]),
+                    ai_pictures=int(b["ai"]["pictures"]["value"]), posts=b["doc_count"],
+                    platforms=sorted(p["key"] for p in b["platforms"]["buckets"]),
+                    last_seen=b["last"]["hits"]["hits"][0]["_source"]["posted_at"]))
+        return out
+
+    def match_sightings(self, text: str, *, limit: int = MAX_RESULTS) -> list[str]:
+        """See ``FindingsStore.match_sightings``: a ``term`` on the event id
+        and case-insensitive ``wildcard`` queries (``*needle*``) on the
+        account id, handle and post URL (the URL is a doc-values-only
+        keyword: ES answers that by scanning, slower but allowed), the
+        distinct cluster ids by a composite aggregation. Leading wildcards
+        are expensive queries: a cluster with ``search.allow_expensive_queries``
+        off refuses them."""
+        exact = text.strip()
+        if not exact:
+            return []
+        pattern = "*" + "".join("\\" + c if c in "*?\\" else c for c in exact.lower()) + "*"
+        query = {"bool": {"should": [
+            {"term": {"event_id": exact}},
+            *({"wildcard": {f: {"value": pattern, "case_insensitive": True}}}
+              for f in ("account_id", "account_handle", "post_url")),
+        ], "minimum_should_match": 1}}
+        out: list[str] = []
+        for b in self._composite(self.names["sightings"], query, "cluster_id", {}, min(max(1, limit), MATCH_PAGE)):
+            out.append(b["key"]["key"])
+            if len(out) >= limit:
+                break
+        return out
+
     def sighting_histogram(self, cluster_ids: list[str], start: datetime, end: datetime,
                            buckets: int) -> dict[str, list[int]]:
         """See ``FindingsStore.sighting_histogram``: one request, a
@@ -902,6 +1099,16 @@ def _sort_order_key(values: list, orders: list[str]) -> tuple:
         else:
             out.append((0, -v if order == "desc" else v))
     return tuple(out)
+
+
+def _in_ids(field: str, ids: Collection[str]) -> dict[str, Any]:
+    """A filter: ``field`` is one of ``ids`` (none: matches nothing), a terms
+    query per ``ID_CHUNK`` ids (index.max_terms_count is 65,536 a query)."""
+    wanted = sorted(set(ids))
+    if len(wanted) <= ID_CHUNK:
+        return {"terms": {field: wanted}}
+    return {"bool": {"should": [{"terms": {field: wanted[i:i + ID_CHUNK]}} for i in range(0, len(wanted), ID_CHUNK)],
+                     "minimum_should_match": 1}}
 
 
 def _live() -> dict[str, Any]:

@@ -14,9 +14,9 @@ working while new code uses attributes.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Generic, Iterable, Iterator, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Collection, Generic, Iterable, Iterator, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -197,6 +197,43 @@ class SightingRecord(_ReadRecord):
     engagement: Engagement
 
 
+class AccountAggregate(_ReadRecord):
+    """One account's sightings, counted by the store (schema v1): what the
+    desk's account list and account page are built from, without the desk
+    reading the sightings. "AI" is the caller's set of cluster ids
+    (``FindingsStore.account_aggregates``)."""
+
+    account_id: str
+    handle: str | None  # the first non-empty handle, in posting order
+    posts: int
+    pictures: int  # distinct sha256
+    ai_pictures: int  # distinct sha256 among its sightings recorded under an AI cluster id
+    first_seen: str  # posted_at of its first post (store order: posted_at, then event id), as recorded
+    last_seen: str  # and of its last
+    first_event_id: str  # ties in the ranking go to the account that posted first
+    platforms: list[str]  # sorted
+    cluster_ids: list[str]  # sorted, as recorded (not resolved through merges)
+    median_gap_s: float | None  # between consecutive posts, to the millisecond; None with one post
+
+
+class AccountWindow(_ReadRecord):
+    """One account's posts within a window before its own last post (schema
+    v1): what account alerts are decided on."""
+
+    account_id: str
+    pictures: int  # distinct sha256 within the window
+    ai_pictures: int
+    posts: int
+    platforms: list[str]  # sorted
+    last_seen: str  # posted_at of its last post, as recorded
+
+
+def account_rank(ai_pictures: int, pictures: int, posts: int) -> tuple[float, int, int]:
+    """The account list's order, descending: AI share as shown (rounded to
+    4 places), then AI pictures, then posts (then, ascending, first post)."""
+    return round(ai_pictures / pictures if pictures else 0.0, 4), ai_pictures, posts
+
+
 class ClusterQuery(BaseModel):
     """An analyst's search over clusters (``deepwatch search``, the desk).
 
@@ -339,6 +376,33 @@ class FindingsStore(Protocol):
         start``, at least a second), clamped to the first and last bucket.
         Counted by the store, so a cluster of millions of sightings costs one
         answer of platforms x buckets, not its sightings."""
+        ...
+    def account_aggregates(self, ai_cluster_ids: Collection[str], *, account_id: str | None = None,
+                           min_posts: int = 0, min_ai_share: float = 0.0,
+                           limit: int | None = None) -> list[AccountAggregate]:
+        """Per account (only ``account_id`` when given): posts, distinct
+        pictures, distinct pictures among its sightings recorded under one of
+        ``ai_cluster_ids`` (the caller decides what is AI, merged-away ids
+        included), first/last post, platforms. Only accounts with at least
+        ``min_posts`` posts and an AI share (``ai_pictures / pictures``) of at
+        least ``min_ai_share``; ranked by ``account_rank`` descending, then by
+        first post (``posted_at``, event id) ascending; the first ``limit``
+        (None: all). ``cluster_ids`` and ``median_gap_s`` are computed for the
+        returned accounts only: their cost is those accounts' posts, never the
+        store's. Counted by the store, whatever the number of sightings."""
+        ...
+    def account_windows(self, window: timedelta, ai_cluster_ids: Collection[str], *,
+                        min_ai_pictures: int = 0) -> list[AccountWindow]:
+        """Per account, its posts from ``window`` before its own last post up
+        to it (times to the millisecond): distinct pictures, distinct AI
+        pictures (as in ``account_aggregates``), posts, platforms. Only
+        accounts with at least ``min_ai_pictures`` AI pictures in their
+        window, ordered by account id."""
+        ...
+    def match_sightings(self, text: str, *, limit: int = MAX_RESULTS) -> list[str]:
+        """Cluster ids (as recorded, sorted, at most ``limit``) of the
+        sightings whose event id is ``text`` (stripped), or whose account id,
+        account handle or post URL contain it, ignoring case."""
         ...
     def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
         """Stored alerts, oldest first (``created_at``, then alert id); with

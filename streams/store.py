@@ -18,11 +18,12 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from datetime import timedelta
+from typing import Any, Collection, Iterable, Iterator
 
 from streams.findings import (
-    AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, FindingsStore, Page, SightingRecord, normalize_hashtag,
-    read_limit, sort_key, text_terms,
+    MAX_RESULTS, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord,
+    FindingsStore, Page, SightingRecord, normalize_hashtag, read_limit, sort_key, text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
@@ -99,6 +100,9 @@ CREATE TABLE IF NOT EXISTS sightings (
     lang TEXT
 );
 CREATE INDEX IF NOT EXISTS sightings_cluster ON sightings(cluster_id);
+-- the desk's account views and alerts (account_aggregates, account_windows)
+-- group by account, and an account's page reads its posts in this order
+CREATE INDEX IF NOT EXISTS sightings_account ON sightings(account_id, julianday(posted_at), event_id);
 CREATE TABLE IF NOT EXISTS processed (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" INTEGER NOT NULL,
     outcome TEXT NOT NULL, event_id TEXT,
@@ -147,6 +151,10 @@ class SqliteFindingsStore:
                              "writable directory; give --data-dir or --store another place") from None
         try:
             self._db.execute("PRAGMA busy_timeout=30000")
+            # the account list ranks by the AI share as shown: Python's rounding, not SQLite's
+            self._db.create_function("dw_round", 2, round, deterministic=True)
+            self._db.create_function("dw_lower", 1, lambda v: v.lower() if isinstance(v, str) else v,
+                                     deterministic=True)
             self._check_kind()  # first: WAL mode would persist in another program's file
             enable_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -572,21 +580,108 @@ class SqliteFindingsStore:
             out.setdefault(platform, [0] * buckets)[b] += n
         return out
 
-    def sightings_since(self, rowid: int) -> tuple[list[SightingRecord], int]:
-        """The sightings recorded after ``rowid`` (0, or a value this method
-        returned), oldest first as ``sightings`` orders them, and the rowid to
-        ask with next time. Sightings are never rewritten, so these are
-        exactly what was added: a reader keeps every sighting current without
-        reading them all again."""
+    def account_aggregates(self, ai_cluster_ids: Collection[str], *, account_id: str | None = None,
+                           min_posts: int = 0, min_ai_share: float = 0.0,
+                           limit: int | None = None) -> list[AccountAggregate]:
+        """See ``FindingsStore.account_aggregates``: one GROUP BY over the
+        sightings, filtered, ranked and cut in SQL; then the returned
+        accounts' first/last posts and handle by event id, and their
+        clusters and median gap over the account index."""
+        limit = read_limit(limit)
+        args: list[Any] = [json.dumps(sorted(set(ai_cluster_ids)))]
+        # Every account: one pass over the table, sorted by SQLite's sorter, measured
+        # 1.6x faster than walking the account index and reading each row from it.
+        where = "NOT INDEXED"
+        if account_id is not None:
+            where = "WHERE account_id = ?"
+            args.append(account_id)
+        args += [int(min_posts), float(min_ai_share)]
+        if limit:
+            args.append(limit)
         rows = self._db.execute(
-            "SELECT rowid, julianday(posted_at), event_id, cluster_id, sha256, platform, account_id, account_handle, "
-            "post_url, posted_at, text, hashtags, lang, engagement FROM sightings WHERE rowid > ? ORDER BY rowid",
-            (rowid,)).fetchall()
+            # filtered and ranked outside the GROUP BY: as a HAVING, SQLite counted the distinct values again
+            f"""SELECT * FROM (
+                    SELECT account_id, COUNT(*) AS posts, COUNT(DISTINCT sha256) AS pics,
+                           COUNT(DISTINCT CASE WHEN ai THEN sha256 END) AS ai_pics, MIN(k) AS first_k, MAX(k),
+                           MIN(CASE WHEN account_handle <> '' THEN k END), json_group_array(DISTINCT platform)
+                    FROM (SELECT account_id, sha256, platform, account_handle,
+                                 cluster_id IN (SELECT value FROM json_each(?)) AS ai, {_ORDER_KEY} AS k
+                          FROM sightings {where})
+                    GROUP BY account_id)
+                WHERE posts >= ? AND ai_pics * 1.0 / pics >= ?
+                ORDER BY dw_round(ai_pics * 1.0 / pics, 4) DESC, ai_pics DESC, posts DESC, first_k
+                {"LIMIT ?" if limit else ""}""", args).fetchall()
         if not rows:
-            return [], rowid
-        last = rows[-1][0]
-        rows.sort(key=lambda r: (r[1], r[2]))
-        return [self._sighting(r[2:]) for r in rows], last
+            return []
+        # the keys end in the event id (after the 16-digit time): read those few posts by key
+        events = {k[16:] for row in rows for k in row[4:7] if k}
+        posts = {eid: (posted, handle) for eid, posted, handle in self._db.execute(
+            "SELECT event_id, posted_at, account_handle FROM sightings WHERE event_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(events)),))}
+        accounts = json.dumps([row[0] for row in rows])
+        clusters = {a: sorted(json.loads(ids)) for a, ids in self._db.execute(
+            "SELECT account_id, json_group_array(DISTINCT cluster_id) FROM sightings "
+            "WHERE account_id IN (SELECT value FROM json_each(?)) GROUP BY account_id", (accounts,))}
+        # the median of the gaps between consecutive posts, in posting order
+        gaps = dict(self._db.execute(
+            f"""WITH t AS (SELECT account_id, {_MS} AS ms, event_id FROM sightings
+                           WHERE account_id IN (SELECT value FROM json_each(?))),
+                     g AS (SELECT account_id, ms - LAG(ms) OVER (PARTITION BY account_id ORDER BY ms, event_id) AS gap
+                           FROM t),
+                     r AS (SELECT account_id, gap, ROW_NUMBER() OVER (PARTITION BY account_id ORDER BY gap) - 1 AS i,
+                                  COUNT(*) OVER (PARTITION BY account_id) AS n FROM g WHERE gap IS NOT NULL)
+                SELECT account_id, gap FROM r WHERE i = n / 2""", (accounts,)))
+        out = []
+        for account, n, pics, ai_pics, first_k, last_k, handle_k, platforms in rows:
+            first, last = first_k[16:], last_k[16:]
+            out.append(self._valid("account", account, lambda: AccountAggregate(
+                account_id=account, handle=posts[handle_k[16:]][1] if handle_k else None, posts=n, pictures=pics,
+                ai_pictures=ai_pics, first_seen=posts[first][0], last_seen=posts[last][0], first_event_id=first,
+                platforms=sorted(json.loads(platforms)), cluster_ids=clusters.get(account, []),
+                median_gap_s=gaps[account] / 1000 if gaps.get(account) is not None else None)))
+        return out
+
+    def account_windows(self, window: timedelta, ai_cluster_ids: Collection[str], *,
+                        min_ai_pictures: int = 0) -> list[AccountWindow]:
+        """See ``FindingsStore.account_windows``: the sightings joined to
+        their account's last post (a GROUP BY over the account index),
+        grouped again within the window."""
+        rows = self._db.execute(
+            f"""WITH last AS (SELECT account_id, CAST(round(MAX(julianday(posted_at)) * 86400000) AS INTEGER) AS ms
+                              FROM sightings GROUP BY account_id),
+                     s AS (SELECT account_id, sha256, platform, event_id, {_MS} AS ms,
+                                  cluster_id IN (SELECT value FROM json_each(?)) AS ai FROM sightings)
+                SELECT s.account_id, COUNT(DISTINCT s.sha256), COUNT(DISTINCT CASE WHEN s.ai THEN s.sha256 END) AS ai_pics,
+                       COUNT(*), json_group_array(DISTINCT s.platform), MIN(CASE WHEN s.ms = last.ms THEN s.event_id END)
+                FROM s JOIN last ON last.account_id = s.account_id
+                WHERE s.ms >= last.ms - ?
+                GROUP BY s.account_id HAVING ai_pics >= ? ORDER BY s.account_id""",
+            (json.dumps(sorted(set(ai_cluster_ids))), window / timedelta(milliseconds=1), int(min_ai_pictures))).fetchall()
+        posted = dict(self._db.execute(
+            "SELECT event_id, posted_at FROM sightings WHERE event_id IN (SELECT value FROM json_each(?))",
+            (json.dumps([r[5] for r in rows]),)))
+        return [self._valid("account", account, lambda: AccountWindow(
+                    account_id=account, pictures=pics, ai_pictures=ai_pics, posts=n,
+                    platforms=sorted(json.loads(platforms)), last_seen=posted[last]))
+                for account, pics, ai_pics, n, platforms, last in rows]
+
+    def match_sightings(self, text: str, *, limit: int = MAX_RESULTS) -> list[str]:
+        """See ``FindingsStore.match_sightings``: a scan of the sightings in
+        SQL. LIKE folds ASCII case only: a needle with other letters is
+        compared in Python's lowercase (a function per row, slower)."""
+        exact = text.strip()
+        needle = exact.lower()
+        if not needle:
+            return []
+        if needle.isascii():
+            pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            cond = " OR ".join(f"{c} LIKE ?1 ESCAPE '\\'" for c in ("account_id", "account_handle", "post_url"))
+        else:
+            pattern = needle
+            cond = " OR ".join(f"instr(dw_lower({c}), ?1) > 0" for c in ("account_id", "account_handle", "post_url"))
+        return [cid for cid, in self._db.execute(
+            f"SELECT DISTINCT cluster_id FROM sightings WHERE event_id = ?2 OR {cond} ORDER BY cluster_id LIMIT ?3",
+            (pattern, exact, int(limit)))]
 
     def data_version(self) -> int:
         """Changes whenever another connection commits to the file: lets a
@@ -781,6 +876,13 @@ def _sighting_record(row: tuple) -> SightingRecord:
     d["engagement"] = json.loads(d["engagement"])
     d["text"] = d["text"] or None
     return SightingRecord.model_validate(d)
+
+
+# A post's time in whole milliseconds (SQLite's own precision), and a text key
+# that orders posts as ``sightings`` does (time, then event id) and ends in
+# the event id after 16 fixed digits.
+_MS = "CAST(round(julianday(posted_at) * 86400000) AS INTEGER)"
+_ORDER_KEY = f"printf('%016d', {_MS}) || event_id"
 
 
 def _julian(ts: str) -> float:

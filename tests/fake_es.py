@@ -14,12 +14,15 @@ THIS IS A FAKE, kept honest in these ways:
   objects, numbers, dates, bit vectors), so a bad document fails here as it
   would on a server;
 - search implements the query DSL subset deepwatch sends (bool, term,
-  terms, ids, range, exists, nested, multi_match phrase, match_all), sort,
+  terms, ids, range, exists, nested, multi_match phrase, match_all,
+  wildcard - case_insensitive too -), sort,
   search_after, collapse, _source filtering, hybrid kNN on bit vectors
   (score = (bits - hamming) / bits, as ES documents for element_type bit)
   and the aggregations deepwatch asks for (filters, filter, terms, date_range,
-  cardinality - exact here, sum, max - of a field or of the script
-  ``_score`` -, composite with one terms source, top_hits);
+  cardinality - exact here, sum, max - of a field, a date's in epoch
+  milliseconds, or of the script ``_score`` -, composite with one terms
+  source, top_hits); dates are kept to the millisecond, as a ``date`` field
+  keeps them;
 - and the search API's limits: ``from + size`` over index.max_result_window
   (10,000) and a terms query over index.max_terms_count (65,536) are refused
   with 400, as a server refuses them, and ``hits.total`` counts documents
@@ -41,7 +44,7 @@ import math
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -633,6 +636,14 @@ class FakeElasticsearch:
                 if all(_range_ok(x, op, bound(b)) for op, b in r.items() if op in ("gt", "gte", "lt", "lte")):
                     return True, 1.0
             return False, 0.0
+        if kind == "wildcard":
+            # query-dsl-wildcard-query: the whole value matches the pattern; case_insensitive
+            # (7.10+) folds case, as does the field's normalizer. Doc-values-only keywords
+            # (index: false) answer too, by a scan (elastic/elasticsearch#83404).
+            f, w = next(iter(spec.items()))
+            w = w if isinstance(w, dict) else {"value": w}
+            fold = bool(w.get("case_insensitive")) or bool(_field_spec(props, f).get("normalizer"))
+            return any(_wildcard_match(w["value"], str(v), fold) for v in _values(src, f)), 1.0
         if kind == "exists":
             return bool(_values(src, spec["field"])), 1.0
         if kind == "nested":
@@ -690,9 +701,18 @@ class FakeElasticsearch:
             elif kind == "max":
                 if body.get("script") in ("_score", {"source": "_score"}, {"source": "_score", "lang": "painless"}):
                     vals = [self._scores.get(id(s), 0.0) for _i, s in matched]
-                else:
-                    vals = [_as_num(v, False) for _i, s in matched for v in _values(s, body["field"])]
+                    out[name] = {"value": max(vals) if vals else None}
+                    continue
+                # a date field: epoch milliseconds as a double, and value_as_string in the
+                # field's default format (search-aggregations-metrics-max-aggregation)
+                is_date = any(_field_spec(mappings[i]["properties"], body["field"]).get("type") == "date"
+                              for i, _s in matched)
+                vals = [float(_date_ms(v)) if is_date else _as_num(v, False)
+                        for _i, s in matched for v in _values(s, body["field"])]
                 out[name] = {"value": max(vals) if vals else None}
+                if is_date and vals:
+                    out[name]["value_as_string"] = (_EPOCH + timedelta(milliseconds=max(vals))).strftime(
+                        "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
             elif kind == "composite":
                 # one terms source, keys ascending, paged by ``after`` (search-aggregations-bucket-composite)
                 [source] = body["sources"]
@@ -861,10 +881,37 @@ def _field_spec(props: dict, path: str) -> dict:
     return spec
 
 
+def _date_ms(v: Any) -> int:
+    """A date as ES keeps a ``date`` field: whole milliseconds since the epoch
+    (finer digits dropped), a date without an offset read as UTC."""
+    d = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=timezone.utc)
+    return (d - _EPOCH) // timedelta(milliseconds=1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def _as_num(v: Any, is_date: bool) -> float:
     if is_date:
-        return datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+        return _date_ms(v) / 1000
     return float(v)
+
+
+def _wildcard_match(pattern: str, value: str, fold: bool) -> bool:
+    """The wildcard query's pattern (``*`` any run, ``?`` one character,
+    a backslash escapes the next) against a whole keyword value."""
+    rx, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            rx.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        rx.append(".*" if c == "*" else "." if c == "?" else re.escape(c))
+        i += 1
+    return re.fullmatch("".join(rx), value, re.DOTALL | (re.IGNORECASE if fold else 0)) is not None
 
 
 def _range_ok(x: float, op: str, b: float) -> bool:
@@ -897,7 +944,7 @@ def _sort_value(h: dict, s: Any) -> Any:
     v = vals[0]
     if f in ("@timestamp", "first_seen", "last_seen", "created_at", "updated_at", "at"):
         try:
-            return int(datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp() * 1000)
+            return _date_ms(v)
         except ValueError:
             return v
     return v

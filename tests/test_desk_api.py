@@ -756,31 +756,33 @@ def test_the_desk_reads_only_the_clusters_that_changed(tmp_path):
         writer.close()
 
 
-def test_the_desk_keeps_every_sighting_current_reading_only_new_ones(tmp_path):
-    """Account pages and account alerts read every sighting: on SQLite the
-    desk reads only those added since, merged into the same order a full read
-    gives, late posts included."""
+def test_account_views_follow_new_sightings_late_posts_included(tmp_path):
+    """Account pages and account alerts are counted by the store on every
+    read (no copy of the sightings in the desk to keep current): what was
+    written since, a post recorded late included, is in the next answer."""
+    from datetime import timedelta
+
     from streams.desk.deskdb import DeskDB
     from streams.desk.source import FindingsSource
     from tests.test_store import _sighting, _snap
 
     writer = open_store(tmp_path)
     writer.apply_snapshots([_snap(f"c{i}", 1, sighting=_sighting(f"e{i}", f"{i:064x}", i, minute=10 * i)) for i in range(5)])
-    reader = open_store(tmp_path)
-    src = FindingsSource(reader, DeskDB(tmp_path / "desk.sqlite"))
+    src = FindingsSource(open_store(tmp_path), DeskDB(tmp_path / "desk.sqlite"))
     try:
-        assert [s.event_id for s in src._all_sightings()] == [f"e{i}" for i in range(5)]
-        read = []
-        since = reader.sightings_since
-        reader.sightings_since = lambda rowid: read.append(rowid) or since(rowid)  # type: ignore[method-assign]
+        a = src.account("acct-1")
+        assert (a["posts"], a["cadence"]["median_gap_s"]) == (5, 600.0)
+        assert [w["posts"] for w in src.account_windows(timedelta(minutes=60))] == [5]
         writer.apply_snapshots([
             _snap("c1", 2, sighting=_sighting("e-late", "d" * 64, 50, minute=5)),  # posted before e1, recorded last
             _snap("c9", 1, sighting=_sighting("e-new", "e" * 64, 51, minute=99)),
         ])
-        got = [s.event_id for s in src._all_sightings()]
-        assert read and read[-1] > 0  # asked only for what came after the cached rowid
-        assert got == [s.event_id for s in open_store(tmp_path).sightings()]
-        assert got == ["e0", "e-late", "e1", "e2", "e3", "e4", "e-new"]
+        a = src.account("acct-1")
+        # gaps 5, 5, 10, 10, 10, 59 minutes
+        assert (a["posts"], a["pictures"], a["cadence"]["median_gap_s"]) == (7, 7, 600.0)
+        assert a["first_seen"] < a["last_seen"] and a["last_seen"].startswith("2026-11-20T11:39")
+        assert [d["event_id"] for d in a["posts_detail"]][:2] == ["e-new", "e4"]
+        assert [w["posts"] for w in src.account_windows(timedelta(minutes=60))] == [2]
     finally:
         src.close()
         src.desk.close()

@@ -31,8 +31,10 @@ async def check_accounts(settings: Settings, source: FindingsSource, desk: DeskD
 async def _check(settings: Settings, source: FindingsSource, desk: DeskDB, alerts: AlertPath) -> list[str]:
     cfg = settings.desk
     raised = []
-    # A full pass over the sightings: off the event loop, so pages keep answering.
-    windows = await asyncio.to_thread(source.account_windows, timedelta(hours=cfg.account_window_hours))
+    # Counted by the store, which can skip accounts below the line at once; still
+    # a pass over every account: off the event loop, so pages keep answering.
+    windows = await asyncio.to_thread(source.account_windows, timedelta(hours=cfg.account_window_hours),
+                                      cfg.account_min_ai_pictures)
     for a in windows:
         if a["ai_pictures"] < cfg.account_min_ai_pictures or a["ai_share"] < cfg.account_min_ai_share:
             continue

@@ -11,9 +11,9 @@ own values stay under ``desk.stream_fake_score``/``desk.stream_verdict``).
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
-from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator, Literal
 
@@ -23,12 +23,13 @@ from detectors.base import Evidence
 from detectors.fusion import fuse
 from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import FindingsStore, SightingRecord, text_terms
+from streams.findings import MAX_RESULTS, AccountAggregate, FindingsStore, text_terms
 from streams.store import MemberRow
 
 # How long cached views live on a store with no change signal (Elasticsearch):
 # short enough that the queue feels live, long enough that page loads share one read.
 CACHE_TTL_S = 5.0
+ACCOUNT_QUERIES_CACHED = 32  # distinct account queries (filters, one account's page) kept per findings version
 DETAIL_SIGHTINGS = 200  # a cluster's sightings its page and /api/clusters/{id} carry; viral ones have millions
 # Above this share of the cached clusters changed, one full read is cheaper than reading them by id.
 INCREMENTAL_MAX_SHARE = 0.25
@@ -80,11 +81,6 @@ def _ts(s: str) -> datetime:
     return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
 
 
-def _sighting_order(s: SightingRecord) -> tuple[datetime, str]:
-    """The store's order of sightings (``julianday(posted_at), event_id``)."""
-    return _ts(s.posted_at), s.event_id
-
-
 def desk_bank_evidence(verdict: str, row: OverlayRow) -> Evidence:
     """The verdict as evidence, as decisive as a bank match (detectors.banks)."""
     fake = verdict == "fake"
@@ -102,9 +98,10 @@ class FindingsSource:
         self._cache_key: tuple[Any, int] | None = None
         self._cache: dict[str, dict[str, Any]] = {}
         self._cursor: Any = None  # the store's ``changes_since`` cursor of the cached read
-        self._sightings_key: tuple[Any, int] | None = None
-        self._sightings: list[SightingRecord] = []
-        self._sightings_rowid = 0  # the store's ``sightings_since`` cursor of the cached list
+        # account lists by query, while neither the findings nor the verdicts change
+        # (counting every account costs a pass over the sightings in the store)
+        self._accounts_key: tuple[Any, int] | None = None
+        self._accounts: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
         self._ttl_epoch = 0
         self._ttl_at = 0.0
 
@@ -160,28 +157,8 @@ class FindingsSource:
         with self._lock:
             self._cache_key = None
             self._cursor = None
-            self._sightings_key = None
-            self._sightings, self._sightings_rowid = [], 0
+            self._accounts_key, self._accounts = None, {}
             self._ttl_at = 0.0
-
-    def _all_sightings(self) -> list[SightingRecord]:
-        """Every sighting, oldest first, cached like ``_all`` (read only by the
-        account views, account alerts and the free-text account/URL match,
-        never by the queue). On SQLite only the sightings added since are
-        read (``sightings_since``) and merged in order."""
-        with self._lock:
-            key = (self._store_version(), 0)
-            if key != self._sightings_key:
-                since = getattr(self.store, "sightings_since", None)
-                if since is None:
-                    self._sightings = self.store.sightings()
-                else:
-                    added, self._sightings_rowid = since(self._sightings_rowid)
-                    if added:
-                        # two runs already in order: the sort merges them in linear time
-                        self._sightings = sorted([*self._sightings, *added], key=_sighting_order)
-                self._sightings_key = key
-            return self._sightings
 
     def clusters(self, q: ClusterQuery) -> list[dict[str, Any]]:
         docs = [d for d in self._all().values() if not d.get("merged_into")]
@@ -223,7 +200,9 @@ class FindingsSource:
     def search_ids(self, text: str) -> list[str]:
         """Clusters whose posts match ``text`` in the store's full-text search
         (words ANDed, "quoted phrases"), plus those whose id, evidence,
-        member sha256, account or post URL contain it."""
+        member sha256, account or post URL contain it (or whose event id it
+        is). Sightings are matched by the store (``match_sightings``), never
+        read here."""
         needle = text.strip().lower()
         if not needle:
             return []
@@ -237,12 +216,20 @@ class FindingsSource:
                              *(m["sha256"] for m in d["members"])]).lower()
             if needle in blob:
                 hits.add(roots.get(cid, cid))
-        exact = text.strip()
-        for s in self._all_sightings():
-            if (s.event_id == exact or needle in s.account_id.lower() or needle in (s.account_handle or "").lower()
-                    or needle in (s.post_url or "").lower()):
-                hits.add(roots.get(s.cluster_id, s.cluster_id))
+        for cid in self.store.match_sightings(text, limit=MAX_RESULTS):
+            hits.add(roots.get(cid, cid))
         return sorted(hits)
+
+    def _ai(self) -> tuple[set[str], set[str], dict[str, str]]:
+        """The AI clusters as the desk decides them (``_is_ai``, desk verdicts
+        over the stream's) in the two forms the account views need: every
+        cluster id a sighting may be recorded under whose surviving cluster
+        is AI (merged-away ids included: what the store counts by), the AI
+        clusters themselves, and the merge map."""
+        docs = self._all()
+        roots = self._roots()
+        ai = {cid for cid, d in docs.items() if _is_ai(d)}
+        return {cid for cid in (*docs, *roots) if roots.get(cid, cid) in ai}, ai, roots
 
     def _roots(self) -> dict[str, str]:
         out = {}
@@ -307,37 +294,24 @@ class FindingsSource:
 
     # -- accounts -------------------------------------------------------------
     def accounts(self, q: AccountQuery, only: str | None = None) -> list[dict[str, Any]]:
-        docs = self._all()
-        roots = self._roots()
-        ai = {cid for cid, d in docs.items() if _is_ai(d)}
-        acc: dict[str, dict[str, Any]] = {}
-        rows = self.store.sightings(account_id=only) if only is not None else self._all_sightings()
-        for s in rows:
-            account, handle, platform, sha, cid, posted = (s.account_id, s.account_handle, s.platform, s.sha256,
-                                                           s.cluster_id, s.posted_at)
-            root = roots.get(cid, cid)
-            a = acc.get(account)
-            if a is None:
-                a = acc[account] = {"id": account, "handle": handle, "posts": 0, "pics": set(), "ai_pics": set(),
-                                    "platforms": set(), "clusters": set(), "first_seen": posted, "last_seen": posted,
-                                    "times": []}
-            a["posts"] += 1
-            a["pics"].add(sha)
-            if root in ai:
-                a["ai_pics"].add(sha)
-            a["platforms"].add(platform)
-            a["clusters"].add(root)
-            a["last_seen"] = posted
-            a["handle"] = a["handle"] or handle
-            a["times"].append(posted)
-        out = []
-        for a in acc.values():
-            share = len(a["ai_pics"]) / len(a["pics"]) if a["pics"] else 0.0
-            if share < q.min_ai_share or a["posts"] < q.min_posts:
-                continue
-            out.append(_account_doc(a, share, ai))
-        out.sort(key=lambda d: (d["ai_share"], d["ai_pictures"], d["posts"]), reverse=True)
-        return out[: q.limit]
+        """Accounts ranked by AI share, AI pictures and posts, as the store
+        counts them (``account_aggregates``): the desk reads per-account
+        rows, never the sightings."""
+        with self._lock:
+            key = (self._store_version(), self.desk.version)
+            if key != self._accounts_key:
+                self._accounts_key, self._accounts = key, {}
+            cached = self._accounts.get((q.model_dump_json(), only))
+        if cached is not None:
+            return copy.deepcopy(cached)  # callers add to the documents (``account``)
+        ai_ids, ai, roots = self._ai()
+        rows = self.store.account_aggregates(ai_ids, account_id=only, min_posts=q.min_posts,
+                                             min_ai_share=q.min_ai_share, limit=q.limit)
+        docs = [_account_doc(a, roots, ai) for a in rows]
+        with self._lock:
+            if self._accounts_key == key and len(self._accounts) < ACCOUNT_QUERIES_CACHED:
+                self._accounts[(q.model_dump_json(), only)] = copy.deepcopy(docs)
+        return docs
 
     def account(self, account_id: str) -> dict[str, Any]:
         for a in self.accounts(AccountQuery(min_posts=0), only=account_id):
@@ -350,27 +324,16 @@ class FindingsSource:
                 return a
         raise NotFound(account_id)
 
-    def account_windows(self, window: timedelta) -> list[dict[str, Any]]:
+    def account_windows(self, window: timedelta, min_ai_pictures: int = 0) -> list[dict[str, Any]]:
         """Per account: likely-AI pictures and share within ``window`` before
-        its last post (what account alerts are decided on)."""
-        docs = self._all()
-        roots = self._roots()
-        ai = {cid for cid, d in docs.items() if _is_ai(d)}
-        posts: dict[str, list[tuple[datetime, str, bool, str]]] = defaultdict(list)
-        for s in self._all_sightings():
-            account, sha, cid, posted, platform = s.account_id, s.sha256, s.cluster_id, s.posted_at, s.platform
-            root = roots.get(cid, cid)
-            posts[account].append((_ts(posted), sha, root in ai, platform))
-        out = []
-        for account, rows in posts.items():
-            last = max(t for t, *_ in rows)
-            recent = [r for r in rows if r[0] >= last - window]
-            pics = {sha for _, sha, _, _ in recent}
-            ai_pics = {sha for _, sha, is_ai, _ in recent if is_ai}
-            out.append({"id": account, "pictures": len(pics), "ai_pictures": len(ai_pics),
-                        "ai_share": len(ai_pics) / len(pics) if pics else 0.0, "posts": len(recent),
-                        "last_seen": last, "platforms": sorted({p for *_, p in recent})})
-        return out
+        its last post (what account alerts are decided on), counted by the
+        store (``account_windows``); only accounts with at least
+        ``min_ai_pictures`` of them, ordered by account id."""
+        ai_ids, _ai, _roots = self._ai()
+        return [{"id": r.account_id, "pictures": r.pictures, "ai_pictures": r.ai_pictures,
+                 "ai_share": r.ai_pictures / r.pictures if r.pictures else 0.0, "posts": r.posts,
+                 "last_seen": _ts(r.last_seen), "platforms": list(r.platforms)}
+                for r in self.store.account_windows(window, ai_ids, min_ai_pictures=min_ai_pictures)]
 
 
 def _is_ai(d: dict[str, Any]) -> bool:
@@ -380,17 +343,16 @@ def _is_ai(d: dict[str, Any]) -> bool:
     return d["verdict"] == "likely-ai"
 
 
-def _account_doc(a: dict[str, Any], share: float, ai: set[str]) -> dict[str, Any]:
-    times = [_ts(t) for t in a["times"]]
-    gaps = sorted((b - c).total_seconds() for b, c in zip(times[1:], times[:-1]))
-    span_days = max((times[-1] - times[0]).total_seconds() / 86400, 1 / 24)
+def _account_doc(a: AccountAggregate, roots: dict[str, str], ai: set[str]) -> dict[str, Any]:
+    clusters = {roots.get(cid, cid) for cid in a.cluster_ids}
+    share = a.ai_pictures / a.pictures if a.pictures else 0.0
+    span_days = max((_ts(a.last_seen) - _ts(a.first_seen)).total_seconds() / 86400, 1 / 24)
     return {
-        "id": a["id"], "handle": a["handle"], "posts": a["posts"], "pictures": len(a["pics"]),
-        "ai_pictures": len(a["ai_pics"]), "ai_share": round(share, 4),
-        "first_seen": a["first_seen"], "last_seen": a["last_seen"], "platforms": sorted(a["platforms"]),
-        "clusters": sorted(a["clusters"]), "ai_clusters": sorted(a["clusters"] & ai),
-        "cadence": {"posts_per_day": round(a["posts"] / span_days, 2),
-                    "median_gap_s": gaps[len(gaps) // 2] if gaps else None},
+        "id": a.account_id, "handle": a.handle, "posts": a.posts, "pictures": a.pictures,
+        "ai_pictures": a.ai_pictures, "ai_share": round(share, 4),
+        "first_seen": a.first_seen, "last_seen": a.last_seen, "platforms": list(a.platforms),
+        "clusters": sorted(clusters), "ai_clusters": sorted(clusters & ai),
+        "cadence": {"posts_per_day": round(a.posts / span_days, 2), "median_gap_s": a.median_gap_s},
     }
 
 
