@@ -352,8 +352,26 @@ class EsFindingsStore:
 
     def apply_snapshots(self, snaps: Iterable[ClusterSnapshot]) -> None:
         self.ensure_setup()
-        actions = [a for snap in snaps for a in self.cluster_actions(snap)]
+        snaps = list(snaps)
+        stored = self._stored_sightings([s.new_sighting.event.event_id for s in snaps if s.new_sighting is not None])
+        actions = [a for snap in snaps for a in self.cluster_actions(snap)
+                   if not (stored and "create" in a[0] and a[0]["create"]["_index"] == self.names["sightings"]
+                           and a[1]["event_id"] in stored)]
         self.bulk.send(actions)
+
+    def _stored_sightings(self, event_ids: list[str]) -> set[str]:
+        """Which of ``event_ids`` already have a searchable sighting. A
+        ``create`` by event id refuses a second copy only within one backing
+        index: a sink batch redelivered after a crash that straddles a
+        rollover of the sightings data stream would write its sightings
+        again. One terms search per batch, on a keyword field."""
+        found: set[str] = set()
+        for i in range(0, len(event_ids), ID_CHUNK):
+            chunk = event_ids[i:i + ID_CHUNK]
+            hits = self._search(self.names["sightings"], query={"terms": {"event_id": chunk}},
+                                size=len(chunk), source=["event_id"])["hits"]["hits"]
+            found.update(h["_source"]["event_id"] for h in hits)
+        return found
 
     def add_dead_letter(self, dl: DeadLetter) -> bool:
         return self.add_dead_letters([dl]) == 1

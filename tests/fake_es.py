@@ -32,7 +32,8 @@ What it does NOT do: run painless (the one stored script deepwatch uses is
 emulated in Python by its id, the inline ones - the delivery guard - by their
 exact source; a different id or source is refused), analyse
 text like ES (lowercase word tokens only; relevance is a plain tf-idf, not
-BM25), shards, replication, ILM transitions or rollover. Unknown endpoints
+BM25), shards, replication or ILM transitions; a data stream rolls over only
+when told (``POST <stream>/_rollover``). Unknown endpoints
 answer 400 and are recorded in ``unhandled`` so tests can assert none.
 """
 
@@ -100,7 +101,8 @@ class FakeElasticsearch:
         self.docs: dict[str, dict[str, dict[str, Any]]] = {}  # concrete index -> id -> source
         self.meta: dict[str, dict[str, dict[str, int]]] = {}  # concrete index -> id -> seq/version
         self.aliases: dict[str, str] = {}
-        self.data_streams: dict[str, str] = {}  # name -> backing index
+        self.data_streams: dict[str, str] = {}  # name -> its write (newest) backing index
+        self.stream_backing: dict[str, list[str]] = {}  # name -> every backing index, oldest first
         self.component_templates: dict[str, dict] = {}
         self.index_templates: dict[str, dict] = {}
         self.scripts: dict[str, dict] = {}
@@ -239,6 +241,8 @@ class FakeElasticsearch:
                 raise _Err(400, error_body("resource_already_exists_exception", f"data_stream [{name}] already exists", 400))
             self._create_data_stream(name)
             return 200, ack
+        if len(seg) == 2 and seg[1] == "_rollover" and method == "POST" and seg[0] in self.data_streams:
+            return 200, self._rollover(seg[0])
         if seg[-1] == "_bulk" and method in ("POST", "PUT"):
             return 200, self._bulk(body)
         if len(seg) == 2 and seg[1] == "_search" and method in ("GET", "POST"):
@@ -275,7 +279,7 @@ class FakeElasticsearch:
         return best
 
     def mappings(self, index: str) -> dict[str, Any]:
-        stream = next((n for n, b in self.data_streams.items() if b == index), None)
+        stream = next((n for n, bs in self.stream_backing.items() if index in bs), None)
         t = self._template_for(stream or index)
         props: dict[str, Any] = {}
         dynamic: Any = True
@@ -300,7 +304,20 @@ class FakeElasticsearch:
             raise _Err(400, error_body("illegal_argument_exception", f"no matching index template found for data stream [{name}]", 400))
         backing = f".ds-{name}-2026.01.01-000001"
         self.data_streams[name] = backing
+        self.stream_backing[name] = [backing]
         self.docs[backing], self.meta[backing] = {}, {}
+
+    def _rollover(self, name: str) -> dict[str, Any]:
+        """A new write index for the stream (unconditional, as ``POST
+        <stream>/_rollover`` with no body): ids are unique per backing index
+        only, so a ``create`` of an id written before now succeeds again."""
+        old = self.data_streams[name]
+        new = f"{old.rsplit('-', 1)[0]}-{len(self.stream_backing[name]) + 1:06d}"
+        self.data_streams[name] = new
+        self.stream_backing[name].append(new)
+        self.docs[new], self.meta[new] = {}, {}
+        return {"acknowledged": True, "shards_acknowledged": True, "old_index": old, "new_index": new,
+                "rolled_over": True, "dry_run": False, "lazy": False, "conditions": {}}
 
     def _resolve(self, name: str, *, auto_create_stream: bool = False) -> str:
         if name in self.aliases:
@@ -319,7 +336,8 @@ class FakeElasticsearch:
                                       "index": name}))
 
     def _targets(self, expr: str) -> list[str]:
-        return [self._resolve(n) for n in expr.split(",")]
+        """The concrete indices a read of ``expr`` covers: every backing index of a data stream."""
+        return [i for n in expr.split(",") for i in self.stream_backing.get(n) or [self._resolve(n)]]
 
     def _get(self, name: str, doc_id: str) -> tuple[int, Any]:
         index = self._resolve(name)

@@ -116,6 +116,21 @@ def test_stale_revisions_never_overwrite_and_redelivery_changes_nothing(fake_es)
     s.close()
 
 
+def test_a_batch_redelivered_across_a_rollover_writes_no_sighting_twice(fake_es):
+    s = _store(fake_es)
+    snaps = [x for x in snapshots() if x.cluster_id == "c-fire"]
+    s.apply_snapshots(snaps)
+    s.es.indices.rollover(alias="deepwatch-sightings")  # the daily rollover, between the write and the crash
+    s.apply_snapshots(snaps)  # the sink's offsets were not committed: the whole batch again
+    s.apply_snapshots([*snaps, *(x for x in snapshots() if x.cluster_id != "c-fire")])  # and with new ones
+    backing = fake_es.stream_backing["deepwatch-sightings"]
+    assert len(backing) == 2 and sorted(fake_es.docs[backing[0]]) == ["e1", "e2", "e3"]
+    new = {x.new_sighting.event.event_id for x in snapshots() if x.cluster_id != "c-fire" and x.new_sighting}
+    assert new and set(fake_es.docs[backing[1]]) == new
+    assert len(s.sightings()) == 3 + len(new)
+    s.close()
+
+
 def test_whole_request_429_and_503_are_retried_with_backoff(fake_es):
     s = _store(fake_es)
     s.ensure_setup()
