@@ -8,10 +8,10 @@ with ``deepwatch schema``) so producers outside this code base can validate.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from detectors.base import Evidence
 from detectors.hash_record import ImageHashes
@@ -90,6 +90,8 @@ class ImageRef(BaseModel):
 # message, so no stage downstream can be handed a record it cannot send.
 MAX_TEXT_CHARS = 10_000
 MAX_TAG_CHARS = 256
+# posted_at's UTC offset: the real ones span -12:00..+14:00.
+MAX_UTC_OFFSET = timedelta(hours=14)
 
 
 class ImageEvent(_Record):
@@ -112,6 +114,25 @@ class ImageEvent(_Record):
     hashtags: list[Annotated[str, StringConstraints(max_length=MAX_TAG_CHARS)]] = Field(default_factory=list, max_length=64)
     engagement: Engagement = Field(default_factory=Engagement)
     image: ImageRef
+
+    @field_validator("posted_at")
+    @classmethod
+    def _posted_at_in_utc_range(cls, value: datetime) -> datetime:
+        # ISO 8601 takes offsets up to +-23:59 and any year 1-9999 in local
+        # time: "0001-01-01T00:00:00+14:00" is before the earliest datetime
+        # in UTC, so converting it later overflows. Real offsets are within
+        # -12:00..+14:00; SQLite's julianday() (the store orders and windows
+        # sightings by it) returns NULL past +-14:59.
+        offset = value.utcoffset()
+        if offset is not None and abs(offset) > MAX_UTC_OFFSET:
+            minutes = int(abs(offset).total_seconds()) // 60
+            shown = f"{'-' if offset < timedelta(0) else '+'}{minutes // 60:02d}:{minutes % 60:02d}"
+            raise ValueError(f"UTC offset {shown} is beyond +-14:00 (no time zone uses it)")
+        try:
+            value.astimezone(timezone.utc)
+        except OverflowError:
+            raise ValueError(f"{value.isoformat()} is outside the years 1-9999 in UTC") from None
+        return value
 
     @model_validator(mode="before")
     @classmethod

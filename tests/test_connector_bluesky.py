@@ -451,6 +451,15 @@ def test_time_us_beyond_datetime_is_a_malformed_frame_not_a_crash():
     assert ei.value.reason == "bad_frame"
 
 
+@pytest.mark.parametrize("created", ["0001-01-01T00:00:00+14:00", "2024-11-30T10:00:00-23:59"])
+def test_a_created_at_no_utc_time_can_hold_falls_back_to_the_relay_time(created):
+    # the event schema refuses these (offset beyond +-14:00, before year 1 in UTC);
+    # createdAt is the client's, so the post maps with the relay's time instead
+    r = BlueskyMapper(CDN).map(_image_post("a", {"createdAt": created}, time_us=1732960900000000))
+    assert r.outcome == "image_post"
+    assert r.events[0].posted_at == datetime.fromtimestamp(1732960900, timezone.utc)
+
+
 def test_an_overlong_handle_does_not_drop_that_accounts_posts():
     did = "did:plc:5xrilav5fvcyk43kkpdhieyg"
     m = BlueskyMapper(CDN)

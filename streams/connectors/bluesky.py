@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streams.connectors.base import (Backoff, Emitter, MalformedFrame, Mapped, clip_hashtags, parse_frame,
                                      reconnect_loop)
-from streams.records import ImageEvent
+from streams.records import MAX_UTC_OFFSET, ImageEvent
 from streams.settings import ConnectorSettings
 
 log = logging.getLogger("deepwatch.connectors.bluesky")
@@ -143,9 +143,10 @@ def _time(created: str | None, time_us: int) -> datetime:
     if created:
         try:
             t = datetime.fromisoformat(created)
-            if t.tzinfo is not None:
+            if t.tzinfo is not None and abs(t.utcoffset()) <= MAX_UTC_OFFSET:
+                t.astimezone(timezone.utc)  # year 1 at +14:00 is before any UTC time
                 return t
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
     try:
         return datetime.fromtimestamp(time_us / 1e6, timezone.utc)
