@@ -125,9 +125,18 @@ def build_dashboard() -> dash.Dashboard:
         )
         .with_panel(
             _timeseries("Webhook deliveries", "short",
-                        "Signed webhook deliveries to subscribers; failed = gave up after retries.")
+                        "Signed webhook delivery attempts to subscribers: failed = gave up after retries "
+                        "(redelivery counts each round that fails again), rejected = refused for good.")
             .with_target(_query(q.WEBHOOKS_BY_OUTCOME, "{{outcome}}"))
             .override_by_name("failed", [_red()])
+            .override_by_name("rejected", [_red()])
+        )
+        .with_panel(
+            _timeseries("Webhook deliveries waiting", "short",
+                        "Per target (scheme://host:port#hash): queued = being sent, failed = retried every "
+                        "alerts.webhook_redeliver_s, rejected = refused for good, waiting for an operator "
+                        "(`deepwatch redeliver` lists them; `deepwatch redeliver TARGET` sends them again).")
+            .with_target(_query(q.WEBHOOK_UNDELIVERED, "{{target}} {{status}}"))
         )
         .with_panel(
             _timeseries("Partitions read again", "short",

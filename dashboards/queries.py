@@ -108,8 +108,14 @@ def event_to_alert_slower_than(bound: str, window: str = "15m") -> str:
     return f"({total} - {within}) / {total}"
 
 
-_WEBHOOK_FAILED = 'deepwatch_webhook_deliveries_total{outcome="failed"}'
-WEBHOOK_FAILURES_15M = f"sum({counted(_WEBHOOK_FAILED, '15m')}) > 0"
+# Failed (gave up after retries; redelivery counts each round that fails again, so a
+# receiver that stays down keeps this firing) or rejected (refused for good: 401/403/404/410,
+# a redirect; not retried on its own): either way a subscriber is missing alerts.
+_WEBHOOK_UNDELIVERED = 'deepwatch_webhook_deliveries_total{outcome=~"failed|rejected"}'
+WEBHOOK_FAILURES_15M = f"sum({counted(_WEBHOOK_UNDELIVERED, '15m')}) > 0"
+# Deliveries not delivered, per target and status (queued | failed | rejected). Every
+# worker exports the same numbers from the findings store: max, not sum.
+WEBHOOK_UNDELIVERED = "max by (target, status) (deepwatch_webhook_undelivered)"
 ALERTS_RAISED_5M = f"sum({counted('deepwatch_alerts_total', '5m')})"
 WORKERS_DOWN = f"up{{{JOB}}} == 0"
 # No worker target at all: DNS or pod discovery finds none once every replica

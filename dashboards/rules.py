@@ -63,9 +63,11 @@ def prometheus_rules() -> dict[str, Any]:
                   "The process answers /metrics but its event loop has stopped: it consumes nothing. "
                   "Its /healthz answers 503, so a liveness probe restarts it; elsewhere restart it by hand."),
             _rule("DeepwatchWebhookFailures", q.WEBHOOK_FAILURES_15M, "5m", "warning",
-                  "Webhook deliveries to alert subscribers are failing",
-                  "Deliveries gave up after retries; subscribers are missing alerts. Check the receiver, "
-                  "its TLS and the HMAC secret."),
+                  "Webhook deliveries to alert subscribers are failing or rejected",
+                  "Deliveries gave up after retries (failed: redelivered later) or the receiver refused them "
+                  "(rejected: 401/403/404/410 or a redirect, not retried on its own); subscribers are missing "
+                  "alerts. `deepwatch redeliver` lists what waits per target; check the receiver, its URL, its "
+                  "TLS and the HMAC secret, then `deepwatch redeliver TARGET` sends the rejected ones again."),
             _rule("DeepwatchStageLatencyHigh", f"{q.stage_quantile(0.95, '5m')} > {STAGE_P95_MAX_S}", "10m", "warning",
                   "p95 latency of stage {{ $labels.stage }} is {{ $value | humanizeDuration }}",
                   "Slow image hosts (fetch), oversized images (analyze) or a saturated cluster worker."),

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from streams import es_templates as T
 from streams.findings import (
-    MAX_RESULTS, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Page,
+    MAX_RESULTS, QUEUED, QUEUED_RECENT_S, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Page,
     SightingRecord, account_rank, read_limit, sort_key, text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
@@ -210,6 +210,11 @@ def _epoch_ms(ts: str) -> int:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _ago(seconds: float) -> str:
+    """The time ``seconds`` before now, as ``_now`` writes it (stored ``at`` values compare as dates)."""
+    return (datetime.now(timezone.utc) - timedelta(seconds=max(0.0, seconds))).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 MAX_ID_BYTES = 512  # Elasticsearch refuses a longer _id, and in a bulk request the whole request (400)
@@ -413,31 +418,89 @@ class EsFindingsStore:
         guard in painless (``ctx.op = 'noop'``) and the first record as its
         ``upsert``, so the check and the write are one step on the shard."""
         self.ensure_setup()
+        self.bulk.send([self._delivery_action(alert_id, target, status)])
+
+    def _delivery_action(self, alert_id: str, target: str, status: str) -> tuple[dict, dict]:
         doc = {"alert_id": alert_id, "target": target, "status": status, "at": _now()}
-        self.bulk.send([(
+        return (
             {"update": {"_index": self.names["deliveries"], "_id": self._delivery_id(alert_id, target),
                         "retry_on_conflict": 5}},
             {"script": {"source": DELIVERY_SCRIPT, "lang": "painless", "params": {"status": status, "at": doc["at"]}},
              "upsert": doc},
-        )])
+        )
 
     def failed_deliveries(self, target: str) -> list[Alert]:
         """Alerts whose delivery to ``target`` failed, oldest first (per
-        cluster that is also level order), for redelivery. Reads what
-        searches see: a failure marked within the refresh interval waits for
-        the next round."""
+        cluster that is also level order), for redelivery; not those queued
+        for a live sender (``queued_deliveries``). Reads what searches see: a
+        failure marked within the refresh interval waits for the next round."""
         ids = [h["_source"]["alert_id"] for h in self._scan(
             self.names["deliveries"],
             # "rejected: ..." is left out here, not by a prefix query: a status longer than
             # the keyword's ignore_above is not indexed, and no query on it would match
-            {"bool": {"filter": [{"term": {"target": target}}], "must_not": [{"term": {"status": "delivered"}}]}},
+            {"bool": {"filter": [{"term": {"target": target}}],
+                      "must_not": [{"terms": {"status": ["delivered", QUEUED]}}]}},
             [{"alert_id": "asc"}], ["alert_id", "status"]) if _still_failing(h["_source"].get("status"))]
+        return self._alerts_by_id(ids)
+
+    def queued_deliveries(self, target: str, *, older_than_s: float) -> list[Alert]:
+        """Alerts queued for ``target`` more than ``older_than_s`` ago and not
+        tried since: the worker that queued them stopped (or is far behind);
+        redelivery sends them. Oldest first."""
+        ids = [h["_source"]["alert_id"] for h in self._scan(
+            self.names["deliveries"],
+            {"bool": {"filter": [{"term": {"target": target}}, {"term": {"status": QUEUED}},
+                                 {"range": {"at": {"lt": _ago(older_than_s)}}}]}},
+            [{"alert_id": "asc"}], ["alert_id"])]
+        return self._alerts_by_id(ids)
+
+    def _alerts_by_id(self, ids: list[str]) -> list[Alert]:
         alerts: list[Alert] = []
         for i in range(0, len(ids), PAGE):
             alerts += [_alert_from_doc(h["_source"]) for h in self._scan(
                 self.names["alerts"], {"terms": {"alert_id": ids[i:i + PAGE]}}, [{"alert_id": "asc"}], True)]
         alerts.sort(key=lambda a: (a.created_at, a.level, a.alert_id))
         return alerts
+
+    def _undelivered(self, query: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The delivery records matching ``query`` that are not delivered."""
+        return (h["_source"] for h in self._scan(
+            self.names["deliveries"], {"bool": {"filter": [query], "must_not": [{"term": {"status": "delivered"}}]}},
+            [{"alert_id": "asc"}, {"target": "asc"}], ["alert_id", "target", "status"]))
+
+    def undelivered_counts(self) -> dict[str, dict[str, int]]:
+        """target -> {queued, failed, rejected: how many deliveries are in
+        that state}. Counted from the records (statuses carry their reason:
+        no aggregation can group them by kind), which are few unless a
+        receiver has been down for long."""
+        out: dict[str, dict[str, int]] = {}
+        for d in self._undelivered({"match_all": {}}):
+            status = d.get("status") or ""
+            state = "queued" if status.startswith(QUEUED) else "rejected" if status.startswith("rejected") else "failed"
+            counts = out.setdefault(d["target"], {})
+            counts[state] = counts.get(state, 0) + 1
+        return out
+
+    def delivery_targets(self) -> list[str]:
+        """Every target a delivery was recorded for (its key)."""
+        return [b["key"]["key"] for b in self._composite(self.names["deliveries"], {"match_all": {}}, "target", {},
+                                                         ACCOUNT_PAGE)]
+
+    def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None, *,
+                           states: tuple[str, ...] = ("rejected",)) -> int:
+        """Deliveries to ``target`` in ``states`` (all of them, or of
+        ``alert_ids``) made ``failed`` again, so the next redelivery round
+        sends them (``deepwatch redeliver``). Returns how many."""
+        self.ensure_setup()
+        queries = ([{"term": {"target": target}}] if alert_ids is None else
+                   [{"bool": {"filter": [{"term": {"target": target}}, {"terms": {"alert_id": alert_ids[i:i + PAGE]}}]}}
+                    for i in range(0, len(alert_ids), PAGE)])
+        picked = [d for q in queries for d in self._undelivered(q) if (d.get("status") or "").startswith(states)]
+        for i in range(0, len(picked), PAGE):
+            self.bulk.send([self._delivery_action(d["alert_id"], target,
+                                                  f"failed: queued again by an operator (was {d['status'][:200]})")
+                            for d in picked[i:i + PAGE]])
+        return len(picked)
 
     def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool:
         """Whether an earlier alert of ``cluster_id`` still awaits delivery to
@@ -1045,7 +1108,11 @@ class EsFindingsStore:
         pending = int((aggs.get("models_pending") or {}).get("doc_count") or 0)
         stored = self._search(self.names["alerts"], size=0, query={"match_all": {}},
                               track_total_hits=True)["hits"]["total"]["value"]
-        return {"models": pending, "alerts": max(0, raised - stored)}
+        # as in SQLite: deliveries queued and not tried yet are alert work still going on;
+        # one queued longer ago than any attempt takes is redelivery's, not this run's
+        queued = self._search(self.names["deliveries"], size=0, track_total_hits=True, query={"bool": {"filter": [
+            {"term": {"status": QUEUED}}, {"range": {"at": {"gte": _ago(QUEUED_RECENT_S)}}}]}})["hits"]["total"]["value"]
+        return {"models": pending, "alerts": max(0, raised - stored) + queued, "deliveries": queued}
 
     def iter_members(self) -> Iterator[Any]:
         """Every stored member's hashes (crop views included) under its

@@ -25,6 +25,10 @@ from streams.records import Alert, ClusterSnapshot, DeadLetter, Engagement, Sour
 Verdict = Literal["likely-ai", "inconclusive", "no-evidence"]
 SortKey = Literal["velocity", "score", "last_seen", "sightings", "relevance"]
 MAX_RESULTS = 10_000  # one Elasticsearch result window; the same bound on SQLite
+QUEUED = "queued"  # the stored status of a webhook delivery handed to its target's sender, not yet tried
+# a delivery queued longer ago than any attempt takes was left by a stopped worker: redelivery's
+# to send, no longer a run's pending work
+QUEUED_RECENT_S = 900
 SORT_KEYS: tuple[str, ...] = ("velocity", "score", "last_seen", "sightings")
 VERDICTS: tuple[str, ...] = ("likely-ai", "inconclusive", "no-evidence")
 
@@ -354,6 +358,19 @@ class FindingsStore(Protocol):
     def mark_delivered(self, alert_id: str, target: str, status: str) -> None: ...
     def failed_deliveries(self, target: str) -> list[Alert]: ...
     def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool: ...
+    def queued_deliveries(self, target: str, *, older_than_s: float) -> list[Alert]:
+        """Alerts queued for ``target`` more than ``older_than_s`` ago and not
+        tried since (their worker stopped): redelivery sends them."""
+        ...
+    def undelivered_counts(self) -> dict[str, dict[str, int]]:
+        """target -> {queued, failed, rejected: deliveries in that state}."""
+        ...
+    def delivery_targets(self) -> list[str]: ...
+    def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None, *,
+                           states: tuple[str, ...] = ("rejected",)) -> int:
+        """Deliveries to ``target`` in ``states`` made ``failed`` again (the
+        next redelivery round sends them); how many."""
+        ...
     def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[dict[str, str]]]: ...
 
     # -- reads --

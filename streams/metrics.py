@@ -17,7 +17,13 @@ DEAD_LETTERS = Counter("deepwatch_dead_letters_total", "Events sent to the dead-
 CLUSTERS = Gauge("deepwatch_clusters", "Live clusters in the cluster engine's index")
 CLUSTER_MEMBERS = Gauge("deepwatch_cluster_members", "Distinct images in the cluster engine's index")
 ALERTS = Counter("deepwatch_alerts_total", "Alerts raised", ["level"])
-WEBHOOKS = Counter("deepwatch_webhook_deliveries_total", "Webhook deliveries", ["outcome"])
+WEBHOOKS = Counter("deepwatch_webhook_deliveries_total", "Webhook delivery attempts (after their retries), live and "
+                   "redelivered, by outcome: delivered (once per alert and target), failed, rejected", ["outcome"])
+# From the findings store, set alike by every worker (streams.webhooks.Redeliverer.refresh_gauge);
+# target = streams.webhooks.target_key (scheme://host:port#hash: no token).
+WEBHOOK_UNDELIVERED = Gauge("deepwatch_webhook_undelivered", "Webhook deliveries not delivered, per target and "
+                            "status: queued (being sent), failed (redelivery retries), rejected (waits for an "
+                            "operator: deepwatch redeliver)", ["target", "status"])
 # Rare events' series exist at 0 from the start: a series born at 1 hides its
 # first event from increase() and from alert rules (dashboards/queries.counted).
 ALERTS.labels("1")

@@ -108,6 +108,9 @@ class WebhookSettings(_Section):
     secret_env: str = "DEEPWATCH_WEBHOOK_SECRET"  # name of the env var holding the HMAC key
     timeout_s: float = Field(5.0, gt=0)
     retries: int = Field(3, ge=0)
+    # a 429/503's Retry-After is honoured up to this: the wait before a retry, and after the last try how long the target is left alone
+    retry_after_max_s: float = Field(300.0, ge=0)  # longest Retry-After (429/503) honoured, in seconds
+    summary: bool = False  # add "summary", one line for people, to the alert JSON (strict schema validators must allow it)
 
 
 class AlertSettings(_Section):
@@ -119,6 +122,8 @@ class AlertSettings(_Section):
     webhooks: list[WebhookSettings] = Field(default_factory=list)
     console: bool = True
     webhook_redeliver_s: float = Field(60.0, gt=0)  # how often failed webhook deliveries are tried again, oldest first
+    # per target and worker; past it an alert waits in the findings store for the redelivery instead
+    webhook_queue_max: int = Field(1000, ge=1)  # alerts waiting for one webhook target in a worker's memory
 
 
 class KafkaSettings(_Section):

@@ -4,6 +4,14 @@ Each sink is idempotent — snapshots keep the highest revision, sightings and
 alerts are keyed by event id / alert id, webhook deliveries are recorded per
 (alert, target) — so redelivered messages change nothing.
 
+Webhooks: ``alert`` records each delivery as ``queued`` (before the alert
+itself, so from then on the store knows what is owed) and hands it to its
+target's sender (``_Sender``: one queue and task per target, one alert at a
+time, in order); the alerts agent goes on with the next alert at once. A
+receiver that hangs or is down delays only its own target. A sender that
+stops (the worker does) leaves its alerts ``queued``: redelivery
+(``streams.webhooks``) sends them.
+
 A store that cannot write (``sqlite3.OperationalError``: the file locked past
 its busy timeout, the disk full, a read-only file) holds the batch: ``Sinks``
 logs each failure and retries it with capped exponential backoff
@@ -41,8 +49,10 @@ import httpx
 from streams import metrics
 from streams.records import Alert, ClusterSnapshot, DeadLetter
 from streams.settings import FindingsSettings, Settings, WebhookSettings
-from streams.findings import FindingsStore, open_findings
-from streams.webhooks import WebhookError, deliver, delivery_status, target_label
+from streams.findings import QUEUED, FindingsStore, open_findings
+from streams.webhooks import (
+    WebhookError, WebhookHeld, deliver, delivery_status, hooks_by_key, live_add, live_discard, target_label,
+)
 
 log = logging.getLogger("deepwatch.alerts")
 
@@ -59,6 +69,8 @@ class Sinks:
         self.retry_for_s = retry_for_s
         self._store: FindingsStore | None = None
         self._client: httpx.AsyncClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._senders: dict[str, _Sender] = {}  # webhook target key -> its queue and sender
         self._open_lock = threading.Lock()
         self._retrying = 0  # writes now waiting out a failure, across this worker's sink agents
         self._behind_since: float | None = None
@@ -124,7 +136,27 @@ class Sinks:
         await self._write("dead letters", len(dls), lambda store: store.add_dead_letters(dls))
 
     async def alert(self, raw: bytes) -> None:
+        """Store the alert, log it, and hand it to each webhook target's
+        sender. Returns once the deliveries are recorded as ``queued``, not
+        once they are done: a slow or hanging receiver holds back neither
+        the alert sink nor another target (``drain`` waits for them). A
+        bounded sink (``retry_for_s``: the desk, answering a request) waits
+        for this alert's deliveries too."""
         alert = Alert.loads(raw)
+        hooks = hooks_by_key(self.settings)
+        todo: list[str] = []
+        if hooks:
+            def queue(store: FindingsStore) -> list[str]:
+                # before the alert itself: from the alert's record on, every
+                # delivery it owes is on record (pending_work, redelivery)
+                out = []
+                for key in hooks:
+                    if not store.delivered(alert.alert_id, key):
+                        store.mark_delivered(alert.alert_id, key, QUEUED)
+                        out.append(key)
+                return out
+
+            todo = await self._write("delivery", len(hooks), queue)
         new = await self._write("alert", 1, lambda store: store.add_alert(alert))
         if new:
             metrics.ALERTS.labels(str(alert.level)).inc()
@@ -138,33 +170,97 @@ class Sinks:
                     f"{alert.velocity.sightings_5m} sightings in 5 min, {alert.accounts} accounts — {top}",
                     extra={"alert_id": alert.alert_id, "cluster_id": alert.cluster_id},
                 )
-        await self._webhooks(alert)
+        done = [self._sender(key, hooks[key]).put(alert) for key in todo]
+        if self.retry_for_s is not None:
+            # a caller that answers someone (the desk) says the alert went out: it waits for this
+            # alert's deliveries (each target still on its own), as it did before the queues
+            await asyncio.gather(*(d for d in done if d is not None))
 
-    async def _webhooks(self, alert: Alert) -> None:
-        """Every receiver at once: a slow or failing one (its retries and
-        timeouts add up) must not hold back the others."""
-        hooks = self.settings.alerts.webhooks
-        if not hooks:
-            return
-        if self._client is None:
-            self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
-        results = await asyncio.gather(*(self._webhook(hook, alert) for hook in hooks), return_exceptions=True)
-        for r in results:  # raised only once all are done, so none runs on unawaited
-            if isinstance(r, BaseException):
-                raise r
+    def _sender(self, key: str, hook: WebhookSettings) -> "_Sender":
+        loop = asyncio.get_running_loop()
+        sender = self._senders.get(key)
+        if sender is None or sender.loop is not loop or sender.task.done():
+            if self._client is None or self._client_loop is not loop:
+                # a client belongs to the loop it was first used on
+                self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
+                self._client_loop = loop
+            sender = self._senders[key] = _Sender(self, key, hook, self.settings.alerts.webhook_queue_max)
+        return sender
 
-    async def _webhook(self, hook: WebhookSettings, alert: Alert) -> None:
-        if await self._write("delivery", 1, lambda store: store.delivered(alert.alert_id, hook.url)):
-            return
+    async def drain(self) -> None:
+        """Wait until every alert handed to a webhook sender of this event loop is done."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(s.queue.join() for s in list(self._senders.values()) if s.loop is loop))
+
+    async def aclose(self) -> None:
+        """Stop the senders (what they still held stays ``queued`` in the
+        store: redelivery sends it) and close the HTTP client."""
+        loop = asyncio.get_running_loop()
+        senders = [s for s in self._senders.values() if s.loop is loop]
+        for s in senders:
+            s.task.cancel()
+        await asyncio.gather(*(s.task for s in senders), return_exceptions=True)
+        self._senders = {k: s for k, s in self._senders.items() if s.loop is not loop}
+        if self._client is not None and self._client_loop is loop:
+            await self._client.aclose()
+            self._client = self._client_loop = None
+
+    async def _webhook(self, key: str, hook: WebhookSettings, alert: Alert) -> None:
+        if await self._write("delivery", 1, lambda store: store.delivered(alert.alert_id, key)):
+            return  # redelivery (or another worker) got it there first
+        assert self._client is not None
         try:
             status = await deliver(hook, alert, self._client)
             metrics.WEBHOOKS.labels("delivered").inc()
+        except WebhookHeld as e:  # not an attempt: nothing counted, redelivery sends it in its turn
+            status = delivery_status(e)
+            log.info("webhook delivery held", extra={"alert_id": alert.alert_id, "target": key, "reason": str(e)})
         except WebhookError as e:
             status = delivery_status(e)
             metrics.WEBHOOKS.labels(status.split(":", 1)[0]).inc()  # failed | rejected
             log.error("webhook delivery failed",
                       extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
-        await self._write("delivery", 1, lambda store: store.mark_delivered(alert.alert_id, hook.url, status))
+        await self._write("delivery", 1, lambda store: store.mark_delivered(alert.alert_id, key, status))
+
+
+class _Sender:
+    """One webhook target's queue and the task that delivers it, one alert
+    at a time in the order they came: each target waits only on its own
+    receiver (its ``timeout_s`` and retries), never on another's."""
+
+    def __init__(self, sinks: Sinks, key: str, hook: WebhookSettings, maxsize: int):
+        self.sinks, self.key, self.hook = sinks, key, hook
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[Alert, asyncio.Future[None]]] = asyncio.Queue(maxsize)
+        self.task = self.loop.create_task(self._run(), name=f"webhook sender {key}")
+
+    def put(self, alert: Alert) -> "asyncio.Future[None] | None":
+        """Queue ``alert``; the future is done once its delivery is (None: the queue was full)."""
+        done: asyncio.Future[None] = self.loop.create_future()
+        try:
+            self.queue.put_nowait((alert, done))
+        except asyncio.QueueFull:
+            # stays "queued" in the store; redelivery sends it (in order: a later alert of its
+            # cluster waits for it)
+            log.warning("webhook queue full; the alert waits in the findings store for redelivery",
+                        extra={"alert_id": alert.alert_id, "target": self.key, "queued": self.queue.qsize()})
+            return None
+        live_add(self.key, alert.alert_id)
+        return done
+
+    async def _run(self) -> None:
+        while True:
+            alert, done = await self.queue.get()
+            try:
+                await self.sinks._webhook(self.key, self.hook, alert)
+            except Exception:  # the record stays "queued": redelivery sends it
+                log.exception("webhook delivery could not be recorded",
+                              extra={"alert_id": alert.alert_id, "target": self.key})
+            finally:
+                live_discard(self.key, alert.alert_id)
+                self.queue.task_done()
+                if not done.done():
+                    done.set_result(None)
 
 
 # ---------------------------------------------------------------------------

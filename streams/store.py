@@ -22,7 +22,7 @@ from datetime import timedelta
 from typing import Any, Collection, Iterable, Iterator
 
 from streams.findings import (
-    MAX_RESULTS, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord,
+    MAX_RESULTS, QUEUED_RECENT_S, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord,
     FindingsStore, Page, SightingRecord, normalize_hashtag, read_limit, sort_key, text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
@@ -206,6 +206,24 @@ class SqliteFindingsStore:
                             raise
         self._db.execute("CREATE INDEX IF NOT EXISTS clusters_seq ON clusters(seq)")
         self._ensure_fts()
+        self._key_delivery_targets()
+
+    def _key_delivery_targets(self) -> None:
+        """Delivery records written before targets were keyed named the whole
+        webhook URL (a token in it, often): rename them to its
+        ``target_key``, once."""
+        from streams.webhooks import target_key
+
+        legacy = [t for t, in self._db.execute("SELECT DISTINCT target FROM deliveries") if target_key(t) != t]
+        if not legacy:
+            return
+        try:
+            with _Tx(self._db, threading.Lock()) as db:  # opening: no other thread has this connection yet
+                for target in legacy:
+                    db.execute("UPDATE OR IGNORE deliveries SET target=? WHERE target=?", (target_key(target), target))
+                    db.execute("DELETE FROM deliveries WHERE target=?", (target,))  # a keyed record was there already
+        except sqlite3.OperationalError:
+            pass  # a read-only file (a reader's copy): the first writer to open it renames them
 
     def _ensure_fts(self) -> None:
         """Full text over post texts and hashtags: an external-content FTS5
@@ -367,7 +385,8 @@ class SqliteFindingsStore:
     def failed_deliveries(self, target: str) -> list[Alert]:
         """Alerts whose delivery to ``target`` failed (and may still go
         through: not ``rejected``), oldest first (per cluster that is also
-        level order), for redelivery."""
+        level order), for redelivery. Targets are named by
+        ``streams.webhooks.target_key`` (never the URL: it may hold a token)."""
         rows = self._db.execute(
             """SELECT a.alert_id, a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
                WHERE d.target=? AND d.status LIKE 'failed%' ORDER BY a.created_at, a.level, a.alert_id""",
@@ -375,14 +394,62 @@ class SqliteFindingsStore:
         ).fetchall()
         return [self._valid("alert", alert_id, lambda: Alert.model_validate_json(doc)) for alert_id, doc in rows]
 
+    def queued_deliveries(self, target: str, *, older_than_s: float) -> list[Alert]:
+        """Alerts queued for ``target`` more than ``older_than_s`` ago and not
+        tried since: the worker that queued them stopped (or is far behind);
+        redelivery sends them. Oldest first."""
+        rows = self._db.execute(
+            """SELECT a.alert_id, a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
+               WHERE d.target=? AND d.status LIKE 'queued%' AND d.at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)
+               ORDER BY a.created_at, a.level, a.alert_id""",
+            (target, f"-{max(0.0, older_than_s):.3f} seconds"),
+        ).fetchall()
+        return [self._valid("alert", alert_id, lambda: Alert.model_validate_json(doc)) for alert_id, doc in rows]
+
     def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool:
-        """Whether an earlier alert of ``cluster_id`` still awaits delivery to ``target``."""
+        """Whether an earlier alert of ``cluster_id`` still awaits delivery to
+        ``target`` (failed, or queued and not tried yet)."""
         row = self._db.execute(
             """SELECT 1 FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
-               WHERE d.target=? AND a.cluster_id=? AND a.level<? AND d.status LIKE 'failed%' LIMIT 1""",
+               WHERE d.target=? AND a.cluster_id=? AND a.level<?
+                 AND (d.status LIKE 'failed%' OR d.status LIKE 'queued%') LIMIT 1""",
             (target, cluster_id, level),
         ).fetchone()
         return row is not None
+
+    def undelivered_counts(self) -> dict[str, dict[str, int]]:
+        """target -> {queued, failed, rejected: how many deliveries are in that state}."""
+        out: dict[str, dict[str, int]] = {}
+        for target, state, n in self._db.execute(
+            """SELECT target, CASE WHEN status LIKE 'queued%' THEN 'queued' WHEN status LIKE 'rejected%'
+                                   THEN 'rejected' ELSE 'failed' END AS state, COUNT(*)
+               FROM deliveries WHERE status != 'delivered' GROUP BY target, state"""
+        ):
+            out.setdefault(target, {})[state] = n
+        return out
+
+    def delivery_targets(self) -> list[str]:
+        """Every target a delivery was recorded for (its key)."""
+        return [t for t, in self._db.execute("SELECT DISTINCT target FROM deliveries ORDER BY target")]
+
+    def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None, *,
+                           states: tuple[str, ...] = ("rejected",)) -> int:
+        """Deliveries to ``target`` in ``states`` (all of them, or of
+        ``alert_ids``) made ``failed`` again, so the next redelivery round
+        sends them (``deepwatch redeliver``). Returns how many."""
+        likes = " OR ".join("status LIKE ?" for _ in states)
+        args: list[Any] = [target, *(f"{s}%" for s in states)]
+        sql = (f"UPDATE deliveries SET status='failed: queued again by an operator (was ' || substr(status, 1, 200) || ')', "
+               f"at=strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE target=? AND ({likes})")
+        with self._tx() as db:
+            if alert_ids is None:
+                return db.execute(sql, args).rowcount
+            n = 0
+            ids = list(alert_ids)
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                n += db.execute(f"{sql} AND alert_id IN ({','.join('?' * len(chunk))})", [*args, *chunk]).rowcount
+            return n
 
     def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[dict[str, str]]]:
         """alert id -> [{target, status, at}] for `deepwatch alerts`: of
@@ -396,7 +463,7 @@ class SqliteFindingsStore:
                 chunk = ids[i:i + 500]
                 rows += self._db.execute(f"{sql} WHERE alert_id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
         out: dict[str, list[dict[str, str]]] = {}
-        for alert_id, target, status, at in sorted(rows, key=lambda r: r[3]):
+        for alert_id, target, status, at in sorted(rows, key=lambda r: (r[3], r[1])):  # by time, then target
             out.setdefault(alert_id, []).append({"target": target, "status": status, "at": at})
         return out
 
@@ -415,12 +482,14 @@ class SqliteFindingsStore:
         return row is not None
 
     def mark_delivered(self, alert_id: str, target: str, status: str) -> None:
+        """Record a delivery's state and when (``at``, updated with it); never
+        moving it away from ``delivered``."""
         with self._tx() as db:
             db.execute(
                 # never back from delivered: a slow attempt that failed after the
                 # redelivery loop's succeeded would have the receiver sent it again
                 """INSERT INTO deliveries (alert_id, target, status) VALUES (?,?,?)
-                   ON CONFLICT(alert_id, target) DO UPDATE SET status=excluded.status
+                   ON CONFLICT(alert_id, target) DO UPDATE SET status=excluded.status, at=excluded.at
                    WHERE deliveries.status != 'delivered'""",
                 (alert_id, target, status),
             )
@@ -853,7 +922,13 @@ class SqliteFindingsStore:
         ).fetchone()[0]
         raised = self._db.execute("SELECT COALESCE(SUM(alert_level),0) FROM clusters WHERE merged_into IS NULL").fetchone()[0]
         stored = self._db.execute("SELECT COUNT(DISTINCT cluster_id || ':' || level) FROM alerts").fetchone()[0]
-        return {"models": pending_models, "alerts": max(0, raised - stored)}
+        # webhook deliveries queued and not tried yet count as alert work still
+        # going on (a replay waits for them); one queued longer ago than any
+        # attempt takes was left by a stopped worker: redelivery's, not this run's
+        queued = self._db.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE status LIKE 'queued%' "
+            "AND at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)", (f"-{QUEUED_RECENT_S} seconds",)).fetchone()[0]
+        return {"models": pending_models, "alerts": max(0, raised - stored) + queued, "deliveries": queued}
 
     def iter_members(self) -> Iterator[MemberRow]:
         roots = self._roots()

@@ -5,15 +5,47 @@ Receivers verify ``X-Deepwatch-Signature: sha256=<hex>``, the HMAC-SHA256 of
 is signed too so a captured request cannot be replayed once it is older than
 the receiver's window (5 minutes in ``verify``). ``X-Deepwatch-Delivery`` is the
 alert id, also in the signed body as ``alert_id``: deliveries are
-at-least-once and a receiver dedupes on it.
+at-least-once and a receiver dedupes on it. An alert id that is not printable
+ASCII (an account alert's id holds the account id, which may be any text,
+CR/LF included) cannot go in a header as it is: the header then carries its
+UTF-8 percent-encoding (``urllib.parse.unquote`` gives the id back). Ids of
+printable ASCII, every cluster alert's, go as they are.
+
+Every target (webhook URL) has its own queue and sender in the worker: a
+receiver that is slow, hangs until ``timeout_s`` or is down holds back only
+its own later alerts, never another subscriber's; each target gets its alerts
+in the order they were raised. An alert is recorded as ``queued`` for each
+target before the alert sink takes the next one, so an alert whose delivery a
+stopped or killed worker left unfinished is still sent (by the redelivery, once
+its ``queued`` record is ``2 × alerts.webhook_redeliver_s`` old).
 
 A delivery that still fails after its retries is not forgotten: the
 ``Redeliverer`` tries failed deliveries again every
-``alerts.webhook_redeliver_s`` (and at worker start), oldest first, stopping
-at the first failure so a receiver that comes back gets every alert of a
-cluster in order. While an older alert of a cluster is undelivered, a newer
-one queues behind it rather than overtaking it. An alert the receiver refuses
-for good (``WebhookRejected``) is recorded as ``rejected`` and skipped.
+``alerts.webhook_redeliver_s`` (and at worker start), each target on its own,
+oldest first. A delivery that fails again holds back the later alerts of its
+own cluster (a receiver that comes back gets every alert of a cluster in level
+order) but not those of other clusters: one alert a receiver keeps failing on
+does not hold every later one back. After three failures in a row the round
+stops for that target (it looks down; the next round tries again). While an
+older alert of a cluster is undelivered, a newer one queues behind it rather
+than overtaking it. An alert the receiver refuses for good
+(``WebhookRejected``: a 4xx other than 408/429, a redirect, a request the HTTP
+client refuses to send) is recorded as ``rejected`` and not retried on its
+own; ``deepwatch redeliver TARGET`` queues it again once the cause is fixed.
+
+A 429 or 503 with ``Retry-After`` (seconds or an HTTP date) is honoured: the
+next try waits that long, at most the hook's ``retry_after_max_s``; after the
+last try the target is left alone for that long (live deliveries fail at once
+as ``failed: ... Retry-After``, redelivery skips it) and redelivery sends
+them afterwards.
+
+``deepwatch_webhook_deliveries_total{outcome}`` counts the outcome of every
+delivery attempt (after its retries), live and redelivered: ``delivered``
+once per alert and target, ``failed`` every time one still fails (so a
+receiver that stays down keeps counting), ``rejected`` every refusal.
+``deepwatch_webhook_undelivered{target, status}`` is what waits per target:
+``queued`` (being sent), ``failed`` (redelivery retries it), ``rejected``
+(waits for an operator).
 
 Each attempt is bounded in total by the hook's ``timeout_s`` (a receiver
 trickling its answer cannot hold a delivery), the answer's body is never read
@@ -21,9 +53,11 @@ trickling its answer cannot hold a delivery), the answer's body is never read
 configuration error reported with its ``Location``, not retried, and the
 signed body never goes anywhere but the configured URL. Link-local and cloud
 metadata addresses are never contacted, whether the URL names one or its host
-resolves to one (the address checked is the one connected to). Logs and delivery
-statuses name a target as ``scheme://host[:port]`` only, since webhook URLs
-often carry a token.
+resolves to one (the address checked is the one connected to). Logs, errors,
+delivery statuses and the command line name a target as
+``scheme://host[:port]`` only, since webhook URLs often carry a token; the
+findings store and metrics key it as ``scheme://host[:port]#<8 hex digits of
+the SHA-256 of the URL>`` (``target_key``: two hooks on one host stay apart).
 
 A receiver (Python)::
 
@@ -32,15 +66,22 @@ A receiver (Python)::
     def verify(secret: bytes, headers, raw_body: bytes, max_age_s=300) -> bool:
         ts = headers.get("X-Deepwatch-Timestamp", "")
         sig = headers.get("X-Deepwatch-Signature", "")
-        if not ts.isdigit() or abs(time.time() - int(ts)) > max_age_s:
+        # isascii too: str.isdigit() accepts "²" and "١", which int() refuses or reads
+        if not (ts.isascii() and ts.isdigit()) or abs(time.time() - int(ts)) > max_age_s:
             return False  # stale: a replayed capture
         mac = hmac.new(secret, ts.encode() + b"." + raw_body, hashlib.sha256)
         return hmac.compare_digest(("sha256=" + mac.hexdigest()).encode(), sig.encode())
 
 Verify the raw bytes as received, before parsing the JSON. Then dedupe on the
-body's ``alert_id`` (the delivery header carries the same value but is not
-signed): within ``max_age_s`` a captured request could be replayed with
-another header.
+body's ``alert_id`` (the delivery header carries the same value, percent-encoded
+when it is not printable ASCII, but is not signed): within ``max_age_s`` a
+captured request could be replayed with another header.
+
+The body is the alert's JSON (``streams.records.Alert``). A hook with
+``summary = true`` also gets ``"summary"``, one line for people (what the
+console prints: cluster, level, fake score, velocity, top evidence); a
+receiver that validates the body strictly against the alert schema must allow
+that field.
 """
 
 from __future__ import annotations
@@ -49,16 +90,21 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import os
+import re
 import socket
 import time
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from typing import Any, Callable
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 
+from streams import metrics
 from streams.records import Alert
 from streams.settings import Settings, WebhookSettings
 
@@ -67,6 +113,8 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Deepwatch-Signature"
 TIMESTAMP_HEADER = "X-Deepwatch-Timestamp"
 DELIVERY_HEADER = "X-Deepwatch-Delivery"
+
+REDELIVERY_GIVE_UP = 3  # failures in a row after which a redelivery round stops for a target (it looks down)
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -86,6 +134,39 @@ def verify(secret: bytes, timestamp: str | None, body: bytes, signature: str | N
         return False
     # bytes, not str: compare_digest raises TypeError on non-ASCII str
     return hmac.compare_digest(sign(secret, timestamp, body).encode(), (signature or "").encode(errors="replace"))
+
+
+# Printable ASCII but "%": what a header value holds as is (no space: leading or
+# trailing ones are stripped by receivers' parsers; "%" is the escape itself).
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+def delivery_header(alert_id: str) -> str:
+    """``X-Deepwatch-Delivery`` for ``alert_id``: the id itself when it is
+    printable ASCII without spaces, else its UTF-8 percent-encoding ("%" then
+    encoded too, so ``urllib.parse.unquote`` gives the id back). Header values
+    cannot hold CR/LF (the client refuses them: header injection) nor, in
+    httpx, anything outside ASCII."""
+    if all(" " < ch < "\x7f" for ch in alert_id):
+        return alert_id
+    return quote(alert_id, safe=_HEADER_SAFE)
+
+
+def payload(hook: WebhookSettings, alert: Alert) -> bytes:
+    """The signed body: the alert's JSON, plus a line for people with ``summary``."""
+    if not hook.summary:
+        return alert.model_dump_json().encode()
+    doc = json.loads(alert.model_dump_json())
+    doc["summary"] = alert_summary(alert)
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def alert_summary(alert: Alert) -> str:
+    top = alert.evidence[0].detail if alert.evidence else "no evidence detail"
+    what = "escalation" if alert.level > 1 else "alert"
+    return (f"deepwatch {what} (level {alert.level}) for cluster {alert.cluster_id}: fake score "
+            f"{alert.fake_score:.2f} ({alert.verdict}), {alert.velocity.sightings_5m} sightings in 5 min, "
+            f"{alert.accounts} accounts; top evidence: {top}")
 
 
 def delivery_status(e: WebhookError) -> str:
@@ -109,22 +190,102 @@ def target_label(url: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
 
 
+_KEY = re.compile(r"(?:[a-z][a-z0-9+.-]*://[^/?#@\s]+|<invalid webhook URL>)#[0-9a-f]{8}")
+
+
+def target_key(url: str) -> str:
+    """The stable name of a webhook target where it is kept and counted (the
+    findings store's delivery records, metric labels, ``deepwatch
+    redeliver``): ``target_label`` plus ``#`` and 8 hex digits of the SHA-256
+    of the whole URL, so two hooks on one host stay apart and no token shows.
+    A key maps to itself."""
+    if _KEY.fullmatch(url):
+        return url
+    return f"{target_label(url)}#{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delay-seconds or an HTTP
+    date, RFC 9110 10.2.3); None when absent or unreadable."""
+    v = (value or "").strip()
+    if not v:
+        return None
+    if v.isascii() and v.isdigit():
+        return float(int(v))
+    try:
+        when = parsedate_to_datetime(v)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
 class WebhookError(Exception):
     pass
 
 
 class WebhookRejected(WebhookError):
     """The receiver (or its URL) refused this alert for good: a 4xx other than
-    408/429, a redirect, an invalid or refused address. Recorded as
-    ``rejected``, not ``failed``: redelivery skips it, so one alert a receiver
-    will never take does not hold every later alert to it back forever."""
+    408/429, a redirect, an invalid or refused address, a request the HTTP
+    client refuses to send. Recorded as ``rejected``, not ``failed``:
+    redelivery skips it, so one alert a receiver will never take does not hold
+    every later alert to it back forever."""
+
+
+class WebhookHeld(WebhookError):
+    """Not sent at all (no attempt, not counted): an earlier alert of the
+    cluster is undelivered, or the receiver asked to wait (``Retry-After``).
+    Stored as ``failed``: redelivery sends it in its turn."""
+
+
+# target key -> time.monotonic() until which it is left alone (its Retry-After)
+_held_until: dict[str, float] = {}
+
+
+def _held_for(key: str) -> float:
+    left = _held_until.get(key, 0.0) - time.monotonic()
+    if left <= 0:
+        _held_until.pop(key, None)
+        return 0.0
+    return left
+
+
+# target key -> alert ids this process's senders have in hand (queued or being
+# sent): redelivery of ``queued`` records leaves those to them
+_live: dict[str, set[str]] = {}
+
+
+def live_add(key: str, alert_id: str) -> None:
+    _live.setdefault(key, set()).add(alert_id)
+
+
+def live_discard(key: str, alert_id: str) -> None:
+    _live.get(key, set()).discard(alert_id)
 
 
 async def deliver(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) -> str:
     """POST the alert; returns "delivered" or raises WebhookError after retries."""
     if _gate is not None and await _gate.earlier_pending(hook, alert):
-        raise WebhookError(f"{target_label(hook.url)}: queued behind an undelivered earlier alert of cluster {alert.cluster_id}")
+        raise WebhookHeld(f"{target_label(hook.url)}: queued behind an undelivered earlier alert of cluster {alert.cluster_id}")
     return await _post(hook, alert, client)
+
+
+def _scrub(message: str, url: str, shown: str, *extra: str) -> str:
+    """``message`` (an exception's text) without the URL or its parts that
+    may hold a token: httpx may quote the URL it was given (here the one
+    with the checked address in place of the host)."""
+    for whole in (url, *extra):
+        if whole:
+            message = message.replace(whole, shown)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return message
+    for part in (parts.netloc.rpartition("@")[0], parts.path if len(parts.path) > 1 else "", parts.query, parts.fragment):
+        if part:
+            message = message.replace(part, "…")
+    return message
 
 
 async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) -> str:
@@ -135,7 +296,11 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
     problem = _url_problem(hook.url)
     if problem:
         raise WebhookRejected(f"{shown}: invalid webhook URL ({problem})")
-    body = alert.model_dump_json().encode()
+    key = target_key(hook.url)
+    held = _held_for(key)
+    if held:
+        raise WebhookHeld(f"{shown}: the receiver asked to wait (Retry-After); {held:.0f} s left")
+    body = payload(hook, alert)
     last = "no attempt"
     for attempt in range(hook.retries + 1):
         ts = str(int(time.time()))
@@ -143,21 +308,27 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(secret.encode(), ts, body),
             TIMESTAMP_HEADER: ts,
-            DELIVERY_HEADER: alert.alert_id,
+            DELIVERY_HEADER: delivery_header(alert.alert_id),
         }
+        wait = min(0.5 * 2**attempt, 8.0)
         try:
-            status, location = await _attempt(hook, body, headers, client)
+            status, location, retry_after = await _attempt(hook, body, headers, client)
         except TimeoutError:
             last = f"no answer within {hook.timeout_s:g} s"
         except _Refused as e:
             raise WebhookRejected(f"{shown}: refused: {e}") from None
         except OSError as e:  # name resolution (socket.gaierror)
             last = f"cannot resolve: {e}"
+        except httpx.LocalProtocolError as e:
+            # the client refuses to send this request (a header value it will not write, say):
+            # the same request fails the same way every time
+            raise WebhookRejected(f"{shown}: request refused by the HTTP client: "
+                                  f"{_scrub(f'{type(e).__name__}: {e}', hook.url, shown)}"[:500]) from None
         except (httpx.InvalidURL, UnicodeError) as e:  # what _url_problem did not catch (IDNA); never gets better
             raise WebhookRejected(f"{shown}: invalid webhook URL ({type(e).__name__})") from None
         except httpx.HTTPError as e:
             # httpx may quote the URL in its message; it can hold a token
-            last = f"{type(e).__name__}: {e}".replace(hook.url, shown)
+            last = _scrub(f"{type(e).__name__}: {e}", hook.url, shown)
         else:
             if 200 <= status < 300:
                 return "delivered"
@@ -170,8 +341,18 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
                 raise WebhookRejected(f"{shown}: {last} redirect to {where} not followed; update the webhook URL")
             if 400 <= status < 500 and status not in (408, 429):
                 raise WebhookRejected(f"{shown}: {last}")  # the receiver rejected it; retrying will not help
+            asked = retry_after_s(retry_after) if status in (429, 503) else None
+            if asked is not None:
+                wait = min(asked, hook.retry_after_max_s)
+                last = f"HTTP {status}, Retry-After {asked:.0f} s"
+                if attempt == hook.retries:
+                    # no try left: leave the target alone for as long as it asked
+                    # (capped); redelivery sends this alert afterwards
+                    if wait > 0:
+                        _held_until[key] = time.monotonic() + wait
+                    raise WebhookError(f"{shown}: {last}; not tried again for {wait:.3g} s")
         if attempt < hook.retries:
-            await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
+            await asyncio.sleep(wait)
     raise WebhookError(f"{shown}: {last}")
 
 
@@ -232,8 +413,8 @@ async def _pinned_url(url: str) -> tuple[httpx.URL, str]:
 
 
 async def _attempt(hook: WebhookSettings, body: bytes, headers: dict[str, str],
-                   client: httpx.AsyncClient) -> tuple[int, str | None]:
-    """One POST; returns the status and any ``Location``. Bounded in total by
+                   client: httpx.AsyncClient) -> tuple[int, str | None, str | None]:
+    """One POST; returns the status, any ``Location`` and any ``Retry-After``. Bounded in total by
     ``hook.timeout_s``, name resolution included: httpx's timeout applies to
     each read, so a receiver sending a byte a second would otherwise hold the
     delivery (and the alert sink behind it) forever. The response body is
@@ -244,11 +425,40 @@ async def _attempt(hook: WebhookSettings, body: bytes, headers: dict[str, str],
         async with client.stream("POST", url, content=body, headers={**headers, "Host": host_header},
                                  extensions={"sni_hostname": httpx.URL(hook.url).host},
                                  timeout=hook.timeout_s, follow_redirects=False) as resp:
-            return resp.status_code, resp.headers.get("location")
+            return resp.status_code, resp.headers.get("location"), resp.headers.get("retry-after")
+
+
+def hooks_by_key(settings: Settings) -> dict[str, WebhookSettings]:
+    """The configured hooks by ``target_key`` (one per URL: a URL listed twice is one target)."""
+    out: dict[str, WebhookSettings] = {}
+    for hook in settings.alerts.webhooks:
+        out.setdefault(target_key(hook.url), hook)
+    return out
+
+
+_UNDELIVERED_STATES = ("queued", "failed", "rejected")
+_exported: set[tuple[str, str]] = set()
+
+
+def export_undelivered(counts: dict[str, dict[str, int]], keys: list[str]) -> None:
+    """Set ``deepwatch_webhook_undelivered`` for the configured targets from
+    the store's counts (``undelivered_counts``); series of targets no longer
+    configured are dropped."""
+    now = {(key, state) for key in keys for state in _UNDELIVERED_STATES}
+    for labels in _exported - now:
+        try:
+            metrics.WEBHOOK_UNDELIVERED.remove(*labels)
+        except KeyError:
+            pass
+    for key, state in now:
+        metrics.WEBHOOK_UNDELIVERED.labels(key, state).set(counts.get(key, {}).get(state, 0))
+    _exported.clear()
+    _exported.update(now)
 
 
 class Redeliverer:
-    """Retries failed webhook deliveries from the findings store."""
+    """Retries failed webhook deliveries from the findings store (and
+    ``queued`` ones a stopped worker left), each target on its own."""
 
     def __init__(self, settings: Settings, store_factory: Callable[[], Any]):
         from streams.stage import once
@@ -256,49 +466,133 @@ class Redeliverer:
         self.settings = settings
         self._db = once(store_factory)  # opened in a worker thread on first use, never on the event loop
         self._client: httpx.AsyncClient | None = None
-        self._lock = asyncio.Lock()
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._rounds: dict[str, asyncio.Task[int]] = {}  # target key -> its latest round
 
     async def earlier_pending(self, hook: WebhookSettings, alert: Alert) -> bool:
+        key = target_key(hook.url)
         try:
-            return await asyncio.to_thread(lambda: self._db().undelivered_before(hook.url, alert.cluster_id, alert.level))
+            return await asyncio.to_thread(lambda: self._db().undelivered_before(key, alert.cluster_id, alert.level))
         except Exception:  # the gate only orders deliveries; it must never stop one
             log.exception("webhook ordering check failed")
             return False
 
+    def start_rounds(self) -> dict[str, asyncio.Task[int]]:
+        """Start a round for each target whose last one has ended, and return
+        them. Each target on its own: one that is slow, hangs until its
+        timeout or asked to wait (Retry-After) neither holds back another's
+        round nor gets a second one started beside its own."""
+        loop = asyncio.get_running_loop()
+        started: dict[str, asyncio.Task[int]] = {}
+        for key, hook in hooks_by_key(self.settings).items():
+            running = self._rounds.get(key)
+            if running is not None and not running.done() and running.get_loop() is loop:
+                continue
+            started[key] = self._rounds[key] = loop.create_task(self._round(key, hook), name=f"webhook redelivery {key}")
+        return started
+
     async def run_once(self) -> int:
-        """Deliver what failed before; returns how many got through."""
-        hooks = self.settings.alerts.webhooks
-        if not hooks:
+        """Deliver what failed before; returns how many got through (in the
+        rounds this call started)."""
+        started = self.start_rounds()
+        done = sum(await asyncio.gather(*started.values())) if started else 0
+        await self.refresh_gauge()
+        return done
+
+    def _http(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:  # a client belongs to its event loop
+            self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
+            self._client_loop = loop
+        return self._client
+
+    def _todo(self, key: str, hook: WebhookSettings) -> list[tuple[Alert, tuple[str, ...]]]:
+        """What to send to ``key``, oldest first, each with any other target
+        name its record is kept under (a record from before targets were
+        keyed: Elasticsearch keeps those by URL)."""
+        store = self._db()
+        found: dict[str, tuple[Alert, tuple[str, ...]]] = {a.alert_id: (a, ()) for a in store.failed_deliveries(key)}
+        for a in store.queued_deliveries(key, older_than_s=2 * self.settings.alerts.webhook_redeliver_s):
+            found.setdefault(a.alert_id, (a, ()))
+        if hook.url != key:
+            for a in store.failed_deliveries(hook.url):
+                found.setdefault(a.alert_id, (a, (hook.url,)))
+        return sorted(found.values(), key=lambda p: (p[0].created_at, p[0].level, p[0].alert_id))
+
+    async def _mark(self, alert: Alert, key: str, also: tuple[str, ...], status: str) -> None:
+        def mark() -> None:
+            for target in (key, *also):
+                self._db().mark_delivered(alert.alert_id, target, status)
+        await asyncio.to_thread(mark)
+
+    async def _round(self, key: str, hook: WebhookSettings) -> int:
+        try:
+            return await self._deliver_waiting(key, hook)
+        except Exception as e:  # the next round tries again
+            log.error("webhook redelivery round failed for a target; the next round tries again",
+                      extra={"target": key, "error": f"{type(e).__name__}: {e}"})
             return 0
-        async with self._lock:
-            if self._client is None:
-                self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
-            done = 0
-            for hook in hooks:
-                # Every store call in a thread, opening included: SQLite may
-                # wait on a lock, and the event loop must never wait with it.
-                for alert in await asyncio.to_thread(lambda: self._db().failed_deliveries(hook.url)):
-                    try:
-                        status = await _post(hook, alert, self._client)
-                    except WebhookRejected as e:
-                        rejected = delivery_status(e)
-                        await asyncio.to_thread(lambda: self._db().mark_delivered(alert.alert_id, hook.url, rejected))
-                        log.error("webhook receiver rejected an alert for good; going on with the next",
-                                  extra={"alert_id": alert.alert_id, "error": str(e)})
-                        continue
-                    except WebhookError as e:
-                        failed = delivery_status(e)
-                        await asyncio.to_thread(lambda: self._db().mark_delivered(alert.alert_id, hook.url, failed))
-                        log.warning("webhook redelivery failed; will retry", extra={"alert_id": alert.alert_id, "error": str(e)})
-                        break  # still down: keep the order, try again next round
-                    await asyncio.to_thread(lambda: self._db().mark_delivered(alert.alert_id, hook.url, status))
-                    log.info("webhook redelivered", extra={"alert_id": alert.alert_id, "target": target_label(hook.url)})
-                    done += 1
-            return done
+
+    async def _deliver_waiting(self, key: str, hook: WebhookSettings) -> int:
+        if _held_for(key):
+            return 0  # the receiver asked to wait (Retry-After)
+        client = self._http()
+        # Every store call in a thread, opening included: SQLite may
+        # wait on a lock, and the event loop must never wait with it.
+        todo = await asyncio.to_thread(self._todo, key, hook)
+        blocked: set[str] = set()  # clusters with an earlier alert still undelivered: theirs wait
+        in_a_row = done = 0
+        for alert, also in todo:
+            if alert.cluster_id in blocked or alert.alert_id in _live.get(key, ()):
+                blocked.add(alert.cluster_id)  # a live sender has it in hand: the cluster's later ones wait
+                continue
+            try:
+                status = await _post(hook, alert, client)
+            except WebhookHeld:
+                break  # asked to wait (Retry-After): the rest waits too
+            except WebhookRejected as e:
+                await self._mark(alert, key, also, delivery_status(e))
+                metrics.WEBHOOKS.labels("rejected").inc()
+                log.error("webhook receiver rejected an alert for good; going on with the next",
+                          extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
+                in_a_row = 0  # the receiver answered
+                continue
+            except WebhookError as e:
+                await self._mark(alert, key, also, delivery_status(e))
+                metrics.WEBHOOKS.labels("failed").inc()
+                blocked.add(alert.cluster_id)  # keep the cluster's order: its later alerts wait for this one
+                in_a_row += 1
+                log.warning("webhook redelivery failed; will retry",
+                            extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
+                if in_a_row >= REDELIVERY_GIVE_UP:
+                    break  # the receiver looks down: the next round tries again
+                continue
+            await self._mark(alert, key, also, status)
+            metrics.WEBHOOKS.labels("delivered").inc()
+            log.info("webhook redelivered", extra={"alert_id": alert.alert_id, "target": target_label(hook.url)})
+            in_a_row = 0
+            done += 1
+        return done
+
+    async def refresh_gauge(self) -> None:
+        """``deepwatch_webhook_undelivered`` from the store."""
+        keys = list(hooks_by_key(self.settings))
+        try:
+            counts = await asyncio.to_thread(lambda: self._db().undelivered_counts())
+        except Exception:
+            log.exception("counting undelivered webhook deliveries failed")
+            return
+        export_undelivered(counts, keys)
 
     async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        running = [t for t in self._rounds.values() if not t.done() and t.get_loop() is loop]
+        for t in running:
+            t.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
+            self._client = self._client_loop = None
 
 
 _gate: Redeliverer | None = None
@@ -306,7 +600,9 @@ _gate: Redeliverer | None = None
 
 def install_redelivery(app: Any, settings: Settings) -> Redeliverer | None:
     """Register the redelivery timer on a Faust app (leader worker only, so
-    two workers do not both resend) and the ordering gate for live deliveries."""
+    two workers do not both resend), the undelivered gauge's timer (every
+    worker: each exports the same counts from the shared store) and the
+    ordering gate for live deliveries."""
     global _gate
     if not settings.alerts.webhooks:
         return None
@@ -318,9 +614,15 @@ def install_redelivery(app: Any, settings: Settings) -> Redeliverer | None:
 
     @app.timer(interval=settings.alerts.webhook_redeliver_s, on_leader=True)
     async def redeliver_failed_webhooks() -> None:
+        # each target's round runs on its own task: the timer waits for none of them
+        # (a target that hangs would delay the next tick for every other)
         try:
-            await redeliverer.run_once()
-        except Exception:  # the next round tries again; a timer that raises stops for good
-            log.exception("webhook redelivery round failed")
+            redeliverer.start_rounds()
+        except Exception:  # the next tick tries again; a timer that raises stops for good
+            log.exception("webhook redelivery round failed to start")
+
+    @app.timer(interval=settings.alerts.webhook_redeliver_s)
+    async def count_undelivered_webhooks() -> None:
+        await redeliverer.refresh_gauge()  # logs its own failures
 
     return redeliverer

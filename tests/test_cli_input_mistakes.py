@@ -83,11 +83,20 @@ def test_the_default_data_dir_being_a_file_says_so(tmp_path):
 
 
 def test_a_data_dir_that_does_not_exist_yet_is_still_fine(tmp_path):
-    from streams.cli.pipeline import _check_data_dir
+    from streams.cli.common import check_data_dir
     from streams.settings import Settings
 
     for d in (tmp_path / "new" / "deeper", tmp_path):
-        _check_data_dir(Settings(data_dir=d), d)  # no exception
+        check_data_dir(Settings(data_dir=d), d)  # no exception
+
+
+@pytest.mark.parametrize("command", [["clusters"], ["alerts"], ["dead-letters"], ["models", "list"]])
+def test_read_commands_say_the_data_dir_is_a_file(tmp_path, command):
+    # they said there were no findings yet (run replay first), or listed no models
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    line = _one_error_line(_cli(*command, "--data-dir", str(a_file)))
+    assert "is a file, not a directory" in line, line
 
 
 # -- posted_at that cannot be converted to UTC ----------------------------------------

@@ -195,6 +195,36 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                      "exp_alerts": [_expected_alert("DeepwatchWebhookFailures")]},
                 ],
             },
+            {   # every delivery to a subscriber refused for good (403: the two sides' HMAC keys differ):
+                # outcome="rejected", never retried; the rule counted only "failed" and stayed quiet
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_webhook_deliveries_total{job="deepwatch",instance="w1",outcome="failed"}',
+                     "values": "0x30"},
+                    {"series": 'deepwatch_webhook_deliveries_total{job="deepwatch",instance="w1",outcome="rejected"}',
+                     "values": "0 0 0 6+6x27"},
+                    {"series": 'deepwatch_webhook_deliveries_total{job="deepwatch",instance="w1",outcome="delivered"}',
+                     "values": "0x30"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "2m", "alertname": "DeepwatchWebhookFailures", "exp_alerts": []},
+                    {"eval_time": "20m", "alertname": "DeepwatchWebhookFailures",
+                     "exp_alerts": [_expected_alert("DeepwatchWebhookFailures")]},
+                ],
+            },
+            {   # a receiver down for an hour: the first delivery fails, then each redelivery round (every
+                # minute) fails again and counts, so the alert stays on until the receiver is back
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_webhook_deliveries_total{job="deepwatch",instance="w1",outcome="failed"}',
+                     "values": "0 1+1x60 61x30"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "50m", "alertname": "DeepwatchWebhookFailures",
+                     "exp_alerts": [_expected_alert("DeepwatchWebhookFailures")]},
+                    {"eval_time": "85m", "alertname": "DeepwatchWebhookFailures", "exp_alerts": []},
+                ],
+            },
             {   # a worker paused an image host: warned at once, quiet again 15 minutes later
                 "interval": "1m",
                 "input_series": [
@@ -517,6 +547,25 @@ def test_counter_panels_and_desk_rule_count_each_alert_once(tmp_path):
         ],
     }]}
     path = tmp_path / "bars.test.yaml"
+    path.write_text(yaml.safe_dump(cases, sort_keys=False))
+    _promtool("test", "rules", str(path))
+
+
+@needs_promtool
+def test_undelivered_gauge_reads_once_per_target_whatever_the_number_of_workers(tmp_path):
+    """Every worker exports the same counts from the shared findings store."""
+    from dashboards import queries as q
+
+    series = 'deepwatch_webhook_undelivered{{job="deepwatch",instance="{w}",target="https://h.example#0a1b2c3d",status="{s}"}}'
+    cases = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": series.format(w=w, s=s), "values": v}
+                         for w in ("w1", "w2") for s, v in (("rejected", "3x10"), ("failed", "0x10"))],
+        "promql_expr_test": [{"expr": q.WEBHOOK_UNDELIVERED, "eval_time": "5m", "exp_samples": [
+            {"labels": '{status="failed",target="https://h.example#0a1b2c3d"}', "value": 0},
+            {"labels": '{status="rejected",target="https://h.example#0a1b2c3d"}', "value": 3}]}],
+    }]}
+    path = tmp_path / "undelivered.test.yaml"
     path.write_text(yaml.safe_dump(cases, sort_keys=False))
     _promtool("test", "rules", str(path))
 

@@ -18,7 +18,7 @@ from detectors.base import Evidence
 from streams.records import Alert, Velocity
 from streams.settings import Settings, WebhookSettings
 from streams.webhooks import (
-    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookError, deliver, sign, target_label, verify,
+    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookError, deliver, sign, target_key, target_label, verify,
 )
 
 SECRET = "s3cret-for-tests"
@@ -228,21 +228,27 @@ class _RawHandler(socketserver.StreamRequestHandler):
             pass  # the client hung up: what these tests expect
 
 
-@pytest.fixture
-def raw_receiver():
-    servers: list[_RawServer] = []
+def serving(make, before_shutdown=lambda srv: None):
+    """A fixture body: ``start(answer)`` serves ``make(answer)`` on a thread;
+    every server started is shut down after the test."""
+    servers = []
 
-    def start(answer) -> _RawServer:
-        srv = _RawServer(answer)
+    def start(answer):
+        srv = make(answer)
         threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(srv)
         return srv
 
     yield start
     for srv in servers:
-        srv.stop.set()
+        before_shutdown(srv)
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.fixture
+def raw_receiver():
+    yield from serving(_RawServer, lambda srv: srv.stop.set())
 
 
 def _raw_hook(srv: _RawServer, timeout_s: float) -> WebhookSettings:
@@ -392,11 +398,13 @@ def _sinks(tmp_path, monkeypatch, *hooks: WebhookSettings):
 
 
 async def _sink_alert(sinks, alert: Alert) -> None:
+    """The alert through the sink, and its deliveries done (the sink hands
+    them to each target's sender and returns)."""
     try:
         await asyncio.wait_for(sinks.alert(alert.model_dump_json().encode()), 30)
+        await asyncio.wait_for(sinks.drain(), 30)
     finally:
-        if sinks._client is not None:
-            await sinks._client.aclose()
+        await sinks.aclose()
 
 
 def test_a_slow_receiver_does_not_hold_back_another(receiver, monkeypatch, tmp_path):
@@ -432,7 +440,7 @@ def test_an_alert_a_receiver_rejects_for_good_does_not_block_the_later_ones(rece
     asyncio.run(_sink_alert(sinks, later))  # 503: failed, to be tried again
     statuses = {a: s[0]["status"] for a, s in store.delivery_status().items()}
     assert statuses["c-1:1"].startswith("rejected: ") and statuses["c-2:1"].startswith("failed: ")
-    assert [a.alert_id for a in store.failed_deliveries(hook.url)] == ["c-2:1"]
+    assert [a.alert_id for a in store.failed_deliveries(target_key(hook.url))] == ["c-2:1"]
 
     settings = Settings(data_dir=tmp_path)
     settings.alerts.webhooks = [hook]
@@ -445,4 +453,4 @@ def test_an_alert_a_receiver_rejects_for_good_does_not_block_the_later_ones(rece
             await redeliverer.aclose()
 
     assert asyncio.run(once()) == 1  # the later alert, not the rejected one again
-    assert store.delivered("c-2:1", hook.url) and len(srv.requests) == 3
+    assert store.delivered("c-2:1", target_key(hook.url)) and len(srv.requests) == 3

@@ -9,6 +9,7 @@ from streams.cli import connect  # noqa: F401,E402  (registration)
 from streams.cli import grafana  # noqa: F401,E402  (registration)
 from streams.cli import serve  # noqa: F401,E402  (registration)
 from streams.cli import settings_cmd  # noqa: F401,E402  (registration)
+from streams.cli import redeliver  # noqa: F401,E402  (registration)
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, NoReturn, Optional
@@ -114,7 +116,40 @@ def _usage_error(e: Any) -> None:
 
 
 def settings_from(config: Optional[Path] = None, **overrides: Any) -> Settings:
-    return load_settings(config, **overrides)
+    """The settings a command runs with, its data dir checked (``check_data_dir``)."""
+    settings = load_settings(config, **overrides)
+    check_data_dir(settings, overrides.get("data_dir"))
+    return settings
+
+
+def check_data_dir(settings: Settings, given: Optional[Path]) -> None:
+    """Refuse a data dir that is a file, or lies under one, before anything
+    starts (replay started the broker and workers and then ended on a raw
+    ``[Errno 20] Not a directory``; read commands said there were no findings
+    yet). A path that does not exist yet is fine (it is created); other OS
+    errors are left to the command to report."""
+    path = Path(settings.data_dir)
+    probe = path
+    while True:
+        try:
+            mode = probe.stat().st_mode
+            break
+        except (FileNotFoundError, NotADirectoryError):  # not there yet, or a file further up: look higher
+            if probe.parent == probe:
+                return
+            probe = probe.parent
+        except (OSError, ValueError):
+            return
+    if stat.S_ISDIR(mode):
+        return
+    what = "is a file" if probe == path else f"lies under {probe}, which is a file"
+    fix = "name a directory, or a path that does not exist yet (it is created)"
+    if given is not None:
+        raise typer.BadParameter(f"{path} {what}, not a directory: {fix}", param_hint="--data-dir")
+    source = ("from DEEPWATCH_DATA_DIR" if os.environ.get("DEEPWATCH_DATA_DIR")
+              # load_settings puts --config there too
+              else "data_dir in the settings file" if os.environ.get("DEEPWATCH_CONFIG") else "the default")
+    raise UserError(f"data dir {path} ({source}) {what}, not a directory: {fix}; or pass --data-dir")
 
 
 def print_json(doc: Any) -> None:

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from streams.cli.app import app
-from streams.cli.common import fail, print_error
+from streams.cli.common import fail, print_error, settings_from
 
 models_app = typer.Typer(
     help="Manage learned detector weights in the model dir (<data-dir>/models unless detect.model_dir is set).",
@@ -57,9 +57,8 @@ def _load_samples(load: Callable[[], list]) -> list:
 def _model_dir(config: Path | None, data_dir: Path | None, model_dir: Path | None) -> Path:
     if model_dir is not None:
         return model_dir
-    from streams.settings import load_settings
 
-    return load_settings(config, data_dir=data_dir).model_dir
+    return settings_from(config, data_dir=data_dir).model_dir
 
 
 @models_app.command("fetch")
@@ -283,7 +282,6 @@ def _check_cnn_options(real: list[Path], fake: list[Path], generators: str | Non
 def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cache_dir: Path | None, probe_c: float,
                        crops: int, group_by: str, seed: int, augment: int, hidden: int, alpha: float,
                        config, data_dir, model_dir) -> None:
-    from streams.settings import load_settings
 
     if not data:
         fail("--recipe pixel-probe needs --data MANIFEST_OR_DIR (repeatable)")
@@ -300,7 +298,7 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
     from detectors.models.pixel_probe import render_model_card
     from detectors.models.pixel_train import ProbeParams, train_pixel_probe
 
-    settings = load_settings(config, data_dir=data_dir)
+    settings = settings_from(config, data_dir=data_dir)
     name = "pixel-probe-lite2" if out == "detector" else out
     target = head_out or (_model_dir(config, data_dir, model_dir) / f"{name}.safetensors")
     cache = cache_dir or Path(settings.data_dir) / "cache" / "pixel-features"
@@ -399,9 +397,8 @@ def eval_cmd(
                                 include=generators, exclude=exclude_generators)
     from streams.cli.common import UserError
     from streams.cli.detect import load_model_detectors
-    from streams.settings import load_settings
 
-    settings = load_settings(config, data_dir=data_dir)
+    settings = settings_from(config, data_dir=data_dir)
     target = model_dir or settings.model_dir
     dets = []
     if cheap:
@@ -443,7 +440,6 @@ def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int,
                               as_json: bool, train_variants: list[str] = (), seed: int = 0) -> None:
     import re
 
-    from streams.settings import load_settings
 
     bad = [v for v in train_variants if not re.fullmatch(r"published|aug\d+|jpeg\d+", v)]
     if bad:
@@ -458,7 +454,7 @@ def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int,
         EVAL_VARIANTS, ProbeParams, calibrate_and_threshold, cross_validate, cv_report, people_fp_rates,
     )
 
-    settings = load_settings(config, data_dir=data_dir)
+    settings = settings_from(config, data_dir=data_dir)
     spec = FeatureSpec(crops=crops)
     params = ProbeParams(train_variants=tuple(dict.fromkeys(("reposted", *train_variants))), seed=seed)
     samples = _load_samples(lambda: [s for m in manifests for s in read_manifest(m, group_by)])

@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from streams.cli.app import app
-from streams.cli.common import Broker, Config, DataDir, UserError, err, print_json, settings_from
+from streams.cli.common import Broker, Config, DataDir, err, print_json, settings_from
 from streams.cli.query import StoreOpt
 from streams.settings import Settings
 
@@ -35,37 +35,6 @@ def _use_store(settings: Settings, store_url: Optional[str]) -> None:
             store.close()
         except (StoreURLError, EsError) as e:
             raise typer.BadParameter(str(e), param_hint="--store") from None
-
-
-def _check_data_dir(settings: Settings, given: Optional[Path]) -> None:
-    """Refuse a data dir that is a file, or lies under one, before anything
-    starts: replay started the broker and workers and then ended on a raw
-    ``[Errno 20] Not a directory``. A path that does not exist yet is fine
-    (it is created); other OS errors are left to the command to report."""
-    import os
-    import stat
-
-    path = Path(settings.data_dir)
-    probe = path
-    while True:
-        try:
-            mode = probe.stat().st_mode
-            break
-        except (FileNotFoundError, NotADirectoryError):  # not there yet, or a file further up: look higher
-            if probe.parent == probe:
-                return
-            probe = probe.parent
-        except (OSError, ValueError):
-            return
-    if stat.S_ISDIR(mode):
-        return
-    what = "is a file" if probe == path else f"lies under {probe}, which is a file"
-    fix = "name a directory, or a path that does not exist yet (it is created)"
-    if given is not None:
-        raise typer.BadParameter(f"{path} {what}, not a directory: {fix}", param_hint="--data-dir")
-    source = ("from DEEPWATCH_DATA_DIR" if os.environ.get("DEEPWATCH_DATA_DIR")
-              else "data_dir in the settings file" if os.environ.get("DEEPWATCH_CONFIG") else "the default")
-    raise UserError(f"data dir {path} ({source}) {what}, not a directory: {fix}; or pass --data-dir")
 
 
 def default_workers(settings: Settings) -> int:
@@ -231,7 +200,6 @@ def replay(
                                  param_hint="FEED")
     roots = [feed.resolve().parent, *[r.resolve() for r in image_root]]
     settings = settings_from(config, data_dir=data_dir, broker=broker)
-    _check_data_dir(settings, data_dir)
     _use_store(settings, store_url)
     settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
     summary = _replay(settings, feed, workers=workers or default_workers(settings), timeout_s=timeout,
@@ -264,7 +232,6 @@ def demo(
     from streams.demo_feed import build_feed
 
     settings = settings_from(config, data_dir=data_dir)
-    _check_data_dir(settings, data_dir)
     _use_store(settings, store_url)
     feed_dir = Path(settings.data_dir) / "demo-feed"
     feed, _ = build_feed(feed_dir, burst=burst)
@@ -336,7 +303,6 @@ def worker(
     if role not in ROLES:
         raise typer.BadParameter(f"unknown role {role!r}: {', '.join(ROLES[:-1])} or {ROLES[-1]}", param_hint="--role")
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
-    _check_data_dir(settings, data_dir)
     _use_store(settings, store_url)
     if settings.broker == "embedded":
         raise typer.BadParameter("a worker joins an existing broker: pass --broker kafka://HOST:PORT (`deepwatch broker` starts one) or set DEEPWATCH_BROKER", param_hint="--broker")
@@ -368,7 +334,6 @@ def broker(
     from streams.net_errors import ensure_port_free
 
     settings = settings_from(config, data_dir=data_dir)
-    _check_data_dir(settings, data_dir)
     ensure_port_free(host, port, "pick another --port, or --port 0 for any free one")
     log_dir = Path(settings.data_dir) / "logs"
     b = EmbeddedBroker(log_dir, host=host)

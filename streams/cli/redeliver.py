@@ -1,0 +1,83 @@
+"""``deepwatch redeliver``: what waits per webhook target, and sending
+rejected deliveries again once their cause is fixed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from streams.cli.app import app
+from streams.cli.common import Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, print_json, settings_from
+from streams.cli.query import StoreOpt, _findings
+
+
+def _resolve(given: str, known: list[str]) -> str:
+    """The target key ``given`` names: a key as listed, the webhook URL from
+    the settings, or ``scheme://host[:port]`` when one target has it."""
+    from streams.webhooks import target_key
+
+    key = target_key(given)
+    if key in known:
+        return key
+    same_host = [k for k in known if k.rsplit("#", 1)[0] == given.rstrip("/")]
+    if len(same_host) == 1:
+        return same_host[0]
+    listed = ", ".join(known) or "none"
+    if len(same_host) > 1:
+        fail(f"{given} names {len(same_host)} targets ({', '.join(same_host)}): give one of them as listed")
+    fail(f"no deliveries to {given} on record (targets: {listed}); `deepwatch redeliver` lists them")
+
+
+@app.command(rich_help_panel="Findings")
+def redeliver(
+    target: Optional[str] = typer.Argument(
+        None, help="Webhook target as `deepwatch redeliver` lists it (scheme://host:port#hash), its URL, or "
+                   "scheme://host:port when only one target has it. Without it: list what waits per target."),
+    alert: Optional[list[str]] = typer.Option(None, "--alert", help="Only this alert id (repeatable)."),
+    data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, store_url: Optional[str] = StoreOpt,
+    fmt: str = FormatOpt, as_json: bool = JsonAlias,
+) -> None:
+    """Webhook deliveries still waiting, and rejected ones queued again.
+
+    Without TARGET: per target, how many deliveries are queued (being sent),
+    failed (the leader worker tries them again every
+    alerts.webhook_redeliver_s) and rejected (the receiver refused them for
+    good: 401/403/404/410, a redirect; never retried on their own). JSON:
+    an array of {target, queued, failed, rejected}.
+
+    With TARGET: its rejected deliveries (all, or those of --alert) become
+    failed again, so the next redelivery round sends them, oldest first. Fix
+    the cause first (the receiver's secret, its URL).
+    """
+    fmt = "json" if as_json else check_format(fmt)
+    settings = settings_from(config, data_dir=data_dir)
+    with _findings(data_dir, config, store_url) as store:
+        counts = store.undelivered_counts()
+        from streams.webhooks import hooks_by_key
+
+        known = sorted({*store.delivery_targets(), *hooks_by_key(settings)})
+        if target is None:
+            rows = [{"target": k, **{s: counts.get(k, {}).get(s, 0) for s in ("queued", "failed", "rejected")}}
+                    for k in known]
+            if fmt == "json":
+                print_json(rows)
+                return
+            t = Table(title="Webhook deliveries waiting")
+            for col in ("target", "queued", "failed", "rejected"):
+                t.add_column(col, overflow="fold", justify="left" if col == "target" else "right")
+            for r in rows:
+                t.add_row(r["target"], str(r["queued"]), str(r["failed"]), str(r["rejected"]))
+            Console().print(t)
+            return
+        key = _resolve(target, known)
+        n = store.requeue_deliveries(key, list(alert) if alert else None)
+    if fmt == "json":
+        print_json({"target": key, "requeued": n})
+    else:
+        err.print(f"{n} rejected deliver{'y' if n == 1 else 'ies'} to {key} queued again; the leader worker's next "
+                  f"redelivery round (every {settings.alerts.webhook_redeliver_s:g} s) sends "
+                  f"{'it' if n == 1 else 'them'}, oldest first")
