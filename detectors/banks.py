@@ -30,6 +30,7 @@ queries without a thumbnail match on hashes alone.
 from __future__ import annotations
 
 import csv
+import io
 import re
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -46,6 +47,7 @@ from detectors.neardup.clusters import (
     SLOTS, VIEW_THRESHOLD, ClusterIndex, Via, rank_key, search_phash, stored_phash_codes,
 )
 from detectors.neardup.hamming import HammingIndex
+from detectors.regular_file import open_regular
 
 Verdict = Literal["fake", "authentic"]
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -324,7 +326,9 @@ def _read_hash_csv(path: Path) -> Iterable[dict[str, str | int | None]]:
     whose first column is the hash (64 hex = PDQ, 16 hex = pHash).
     """
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
+        # open_regular: a FIFO named as the list would be waited on forever,
+        # a device such as /dev/zero read without end (FileRefused, an OSError)
+        with open_regular(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
             rows = [r for r in reader if r and any(c.strip() for c in r)]
     except csv.Error as e:  # a field over csv's size limit, a malformed quote: not a hash list

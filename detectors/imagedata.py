@@ -6,8 +6,10 @@ limits (pixel count, dimensions, truncation) are enforced in one place.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import re
 import struct
 import threading
 import warnings
@@ -20,6 +22,8 @@ from typing import Iterator
 
 from PIL import Image, ImageOps, PngImagePlugin
 
+from detectors.regular_file import FileRefused, read_regular
+
 try:  # HEIC/HEIF is what phones upload; Pillow alone cannot decode it
     import pillow_heif
 
@@ -27,8 +31,25 @@ try:  # HEIC/HEIF is what phones upload; Pillow alone cannot decode it
 except ImportError:  # pragma: no cover - optional at import, a dependency in pyproject
     pass
 
-# Pillow's own bomb check (warn above ~89 Mpx, fail above ~179 Mpx) stays as a
-# backstop; our lower, configurable limit is checked from the header first.
+# Pillow's own bomb check (fail above ~179 Mpx) stays as a backstop; our
+# configurable limit is checked from the header first. Its warning (above
+# ~89 Mpx) is silenced: our limit decides, and in the CLI the warning was a
+# multi-line dump on stderr for a file we then accepted or refused anyway.
+
+# The formats the fetch stage's magic sniffing lets in
+# (``streams.fetch.sniff_image_type``; MPO opens as JPEG). Anything else is
+# refused before its plugin runs: some decode inside ``Image.open`` (an ICO
+# or ICNS entry is a whole embedded PNG, decoded before any of our limits
+# could look at its size).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "HEIF", "AVIF")
+
+
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    # Only the registered ones: Image.open raises KeyError for a name it
+    # has no plugin for (AVIF needs Pillow >= 11.2 or pillow-heif's opener).
+    Image.init()
+    return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
 
 
 class ImageRejected(ValueError):
@@ -101,6 +122,72 @@ def _jpeg_multi_scan(data: bytes) -> bool:
             return pos + 4 < n and data[pos + 4] < components
         pos += 2 + length
     return True
+
+
+def jpeg_multi_scan(data: bytes) -> bool:
+    """Whether ``data`` is a JPEG that libjpeg decodes scan by scan from a
+    whole-image coefficient buffer (progressive, or non-interleaved): its
+    decode costs every scan again over the whole image, so even a small
+    picture of this kind is no job for an event loop. False for other bytes."""
+    return data.startswith(b"\xff\xd8") and _jpeg_multi_scan(data)
+
+
+# Scans a JPEG may have. libjpeg runs every scan over the whole image: a
+# progressive file has about 10, while 200,000 tiny ones (3 MB) cost 54 s
+# of decoding for a 2000x2000 picture.
+MAX_JPEG_SCANS = 100
+# Marker segments counted at most: real files have a few dozen (a few
+# hundred with a chunked ICC profile or extended XMP). A walk without this
+# bound costs a Python step per 4-byte segment, and one that stopped without
+# refusing would let scans hide behind a pile of comments.
+MAX_JPEG_SEGMENTS = 10_000
+
+# The next marker: 0xFF then neither a stuffed zero, a fill 0xFF nor a
+# restart marker (those three occur inside entropy-coded data). No
+# repetition in the pattern, so the search stays linear on runs of 0xFF.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
+_STANDALONE = (0x01, 0xD8)  # TEM, SOI: no length field
+
+
+def jpeg_scan_count(data: bytes, limit: int = MAX_JPEG_SCANS) -> tuple[int, int]:
+    """(scans, marker segments) of the JPEG in ``data`` up to its EOI, each
+    counted no further than one past its bound (``limit``,
+    ``MAX_JPEG_SEGMENTS``): linear in the file, and bounded work for a
+    hostile one. Segment payloads are skipped by their length, so an EXIF
+    thumbnail's markers are not counted; entropy-coded data and garbage
+    between segments are skipped to the next marker, as libjpeg does."""
+    scans = segments = 0
+    pos = 2
+    while scans <= limit and segments <= MAX_JPEG_SEGMENTS:
+        m = _JPEG_MARKER.search(data, pos)
+        if m is None:
+            break
+        marker = data[m.start() + 1]
+        if marker == 0xD9:  # EOI: libjpeg reads no further
+            break
+        segments += 1
+        pos = m.end()
+        if marker in _STANDALONE:
+            continue
+        if marker == 0xDA:
+            scans += 1
+        pos += int.from_bytes(data[pos:pos + 2], "big")
+    return scans, segments
+
+
+def check_jpeg_scans(data: bytes) -> None:
+    """``ImageRejected`` for a JPEG with more scans or marker segments than a
+    real picture has; nothing for other bytes. Decided before Pillow parses
+    the header, whose marker loop is Python too."""
+    if not data.startswith(b"\xff\xd8"):
+        return
+    scans, segments = jpeg_scan_count(data)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageRejected("too_many_scans", f"JPEG has more than {MAX_JPEG_SCANS} scans; "
+                            "each is decoded over the whole image (real files have about 10)")
+    if segments > MAX_JPEG_SEGMENTS:
+        raise ImageRejected("too_many_segments", f"JPEG has more than {MAX_JPEG_SEGMENTS} marker segments "
+                            "(real files have a few dozen)")
 
 
 def jpeg_coefficient_bytes(data: bytes, img: Image.Image) -> int:
@@ -194,6 +281,13 @@ def strip_oversized_png_text(data: bytes, limit: int, *, all_text: bool = False)
     return b"".join(out), notes
 
 
+def _open_image(data: bytes) -> Image.Image:
+    """Pillow's lazy open of ``data``, among the accepted formats only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data), formats=_open_formats())
+
+
 class ImageData:
     """Undecoded image bytes plus lazily decoded views of them."""
 
@@ -213,6 +307,7 @@ class ImageData:
         # chunk skipped so the pixels are still analysed): callers report it.
         self.notes: list[str] = []
         self._decodable = data
+        check_jpeg_scans(data)
         header = self.open()  # validates format, dimensions and cost without decoding pixels
         self.header = header
         self.format: str = (header.format or "UNKNOWN").upper()
@@ -227,14 +322,19 @@ class ImageData:
 
     @classmethod
     def from_path(cls, path: str | Path, limits: DecodeLimits | None = None) -> "ImageData":
-        """The image in the file at ``path``. Reads at most ``max_bytes`` + 1
-        bytes: a multi-gigabyte file or a device such as /dev/zero is refused
-        as ``too_large`` instead of being read into memory whole."""
+        """The image in the file at ``path``. Reads only a regular file of at
+        most ``max_bytes``, told from its size: a multi-gigabyte file is
+        refused as ``too_large`` without being read. Anything that is not a
+        regular file (a FIFO, which a plain open would wait on forever, a
+        device such as /dev/zero, a socket, a directory) raises
+        ``FileRefused``, an ``OSError`` whose ``reason`` says which."""
         limits = limits or DecodeLimits()
-        with open(path, "rb") as f:
-            data = f.read(limits.max_bytes + 1)
-        if len(data) > limits.max_bytes:
-            raise ImageRejected("too_large", f"image is over {limits.max_bytes} bytes, the limit")
+        try:
+            data = read_regular(path, limits.max_bytes)
+        except FileRefused as e:
+            if e.reason == "too_large":
+                raise ImageRejected("too_large", f"image is over {limits.max_bytes} bytes, the limit") from None
+            raise
         return cls(data, path=str(path), limits=limits)
 
     @cached_property
@@ -270,7 +370,7 @@ class ImageData:
         metadata alone, ``header`` is already open)."""
         try:
             try:
-                img = Image.open(io.BytesIO(self._decodable))
+                img = _open_image(self._decodable)
             except ValueError:
                 if self._decodable is not self.data or not self.data.startswith(b"\x89PNG"):
                     raise
@@ -282,11 +382,12 @@ class ImageData:
                 if not notes:
                     raise
                 self.notes.extend(notes)
-                img = Image.open(io.BytesIO(self._decodable))
+                img = _open_image(self._decodable)
         except Image.DecompressionBombError as e:
             raise ImageRejected("decompression_bomb", str(e)) from e
         except Image.UnidentifiedImageError as e:
-            raise ImageRejected("undecodable", "not a decodable image (unknown or corrupt format)") from e
+            raise ImageRejected("undecodable", "not a decodable image (unknown or corrupt format; accepted: "
+                                f"{', '.join(ACCEPTED_FORMATS)})") from e
         except Exception as e:  # PIL raises many types for garbage input
             raise ImageRejected("undecodable", f"not a decodable image: {e}") from e
         w, h = img.size

@@ -15,16 +15,15 @@ import base64
 import binascii
 import functools
 import ipaddress
-import os
 import socket
 import ssl
-import stat
 import zlib
 from pathlib import Path
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 
+from detectors.regular_file import FileRefused, read_regular
 from streams.blobstore import BlobStore
 from streams.host_breaker import HostBreaker, HostUnavailable
 from streams.records import ImageEvent
@@ -287,33 +286,13 @@ class ImageFetcher:
         return self._check_type(self._read_regular(resolved, shown), shown)
 
     def _read_regular(self, resolved: Path, shown: str) -> bytes:
-        # O_NONBLOCK: opening a FIFO for reading would otherwise block until a
-        # writer appears (forever, holding a thread); then only regular files
-        # are read, so devices and sockets never are.
-        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        # Never blocks on a FIFO and reads only a regular file (devices and
+        # sockets never are); O_NOFOLLOW: ``resolved`` has no symlink left,
+        # so one there now is a swap made after the root check.
         try:
-            fd = os.open(resolved, flags)
-        except FileNotFoundError:
-            raise FetchError("not_found", f"{shown} does not exist") from None
-        except (OSError, ValueError) as e:
-            raise FetchError("bad_path", f"{shown}: {e}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-                raise FetchError("not_a_file", f"{shown} is {kind}")
-            if st.st_size > self.cfg.max_bytes:
-                raise FetchError("too_large", f"{shown} is {st.st_size} bytes, limit {self.cfg.max_bytes}")
-            os.set_blocking(fd, True)
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read(self.cfg.max_bytes + 1)  # the file may grow after fstat
-        except OSError as e:
-            raise FetchError("bad_path", f"{shown}: {e}") from None
-        finally:
-            os.close(fd)
-        if len(data) > self.cfg.max_bytes:
-            raise FetchError("too_large", f"{shown} exceeds {self.cfg.max_bytes} bytes")
-        return data
+            return read_regular(resolved, self.cfg.max_bytes, shown=shown, follow_symlinks=False)
+        except FileRefused as e:
+            raise FetchError(e.reason, str(e)) from None
 
     # -- URL ----------------------------------------------------------------
     async def _url(self, url: str) -> bytes:

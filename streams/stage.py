@@ -10,8 +10,15 @@ events queued behind it) nor hold it: fetch has its own overall deadline
 (``ingest.event_deadline_s``). The deadline cannot interrupt work on the event
 loop itself: only local reads (regular files up to ``fetch.max_bytes``) and
 pictures up to ``batch.analyze_inline_max_pixels`` run there, a few
-milliseconds each; anything larger is analysed in a thread the deadline
-covers.
+milliseconds each (never a multi-scan JPEG, whose decode cost its pixel count
+does not bound); anything larger is analysed in a thread the deadline covers.
+
+Nor can it stop a thread: an event whose analysis runs past its deadline is
+dead-lettered then, but its analysis slot (``ingest.analyze_concurrency``)
+stays taken until the thread returns, so hostile pictures that decode slowly
+cannot pile up threads and starve the events behind them. The deadline counts
+the event's own work only: the time it waits its turn (for a slot, or for an
+earlier copy with its event id) is not charged to it.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from PIL import Image
 
+from detectors.imagedata import jpeg_multi_scan
 from streams import metrics
 from streams.findings import reads_are_local
 from streams.recent import Recent
@@ -129,23 +137,89 @@ class SharedIds:
         # decode, hashes and cheap detectors: CPU work, so more at once than
         # the worker has cores only adds GIL contention and decoded pixels
         self.analyzing = asyncio.Semaphore(analyze_slots)
+        self._threads: set[asyncio.Task] = set()  # analyses in threads, some maybe past their event's deadline
+
+    @asynccontextmanager
+    async def slot(self, clock: asyncio.Timeout | None = None):
+        """One analysis slot, held until the block ends and every thread
+        started with ``Slot.to_thread`` has returned, whichever is later.
+        ``clock``, the event's deadline, is stopped while waiting for it."""
+        await uncharged(clock, self.analyzing.acquire())
+        slot = Slot(self)
+        try:
+            yield slot
+        finally:
+            slot.leave()
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._threads.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._threads.discard)
 
     def remember(self, event_id: str, sha256: str) -> None:
         self.recent.put(event_id, sha256)
 
     @asynccontextmanager
-    async def hold(self, event_id: str):
+    async def hold(self, event_id: str, clock: asyncio.Timeout | None = None):
+        """The event id's turn; ``clock``, the event's deadline, is stopped
+        while an event with the same id (a redelivery) is judged first."""
         lock, users = self._locks.get(event_id, (asyncio.Lock(), 0))
         self._locks[event_id] = (lock, users + 1)
         try:
-            async with lock:
+            await uncharged(clock, lock.acquire())
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             lock, users = self._locks[event_id]
             if users <= 1:
                 del self._locks[event_id]
             else:
                 self._locks[event_id] = (lock, users - 1)
+
+
+async def uncharged(clock: asyncio.Timeout | None, wait: Awaitable[Any]) -> Any:
+    """``await wait`` with ``clock`` (an event's deadline) stopped meanwhile:
+    an event is charged for its own work, not for waiting its turn."""
+    when = clock.when() if clock is not None else None
+    if when is None:
+        return await wait
+    loop = asyncio.get_running_loop()
+    left = when - loop.time()
+    clock.reschedule(None)
+    got = await wait
+    clock.reschedule(loop.time() + left)
+    return got
+
+
+class Slot:
+    """An analysis slot (``SharedIds.slot``): released once its holder left
+    it and its threads have all returned."""
+
+    def __init__(self, shared: SharedIds):
+        self._shared = shared
+        self._holders = 1  # the block that took it
+
+    def leave(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._shared.analyzing.release()
+
+    async def to_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a thread. Cancelled (the event's deadline), the
+        caller moves on at once, but the thread keeps the slot until it
+        returns: a thread cannot be stopped, and its CPU is not free."""
+        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._holders += 1
+        self._shared._track(task)
+
+        def done(t: asyncio.Task) -> None:
+            if not t.cancelled():
+                t.exception()  # retrieved: an abandoned thread's failure is not the loop's to report
+            self.leave()
+
+        task.add_done_callback(done)
+        return await asyncio.shield(task)
 
 
 class AnalyzeStage:
@@ -174,12 +248,12 @@ class AnalyzeStage:
         event_id = None
         deadline = self.settings.ingest.event_deadline_s
         try:
-            async with asyncio.timeout(deadline):
+            async with asyncio.timeout(deadline) as clock:
                 ev = parse_event(raw)
                 event_id = ev.event_id
                 self._check_event_time(ev.posted_at, broker_ts)
-                async with self.shared.hold(ev.event_id):
-                    return await self._analyze(ev, source, broker_ts)
+                async with self.shared.hold(ev.event_id, clock):
+                    return await self._analyze(ev, source, broker_ts, clock)
         except TimeoutError:
             return self._dead(self._stage, "deadline", f"event took longer than {deadline}s "
                               f"(ingest.event_deadline_s) in stage {self._stage}", source, raw, event_id)
@@ -194,7 +268,8 @@ class AnalyzeStage:
                 detail = getattr(e, "detail", None) or str(e)
             return self._dead(self._stage, reason, detail, source, raw, event_id or getattr(e, "event_id", None))
 
-    async def _analyze(self, ev: Any, source: SourceRef, broker_ts: float | None) -> Result:
+    async def _analyze(self, ev: Any, source: SourceRef, broker_ts: float | None,
+                       clock: asyncio.Timeout | None = None) -> Result:
         started = time.perf_counter()
         self._stage = "fetch"
         # A local file is read on the event loop: a regular file no larger
@@ -207,10 +282,13 @@ class AnalyzeStage:
             data = await self.fetcher.get(ev)
         metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - started)
         self._stage = "decode"
-        async with self.shared.analyzing:
-            return await self._analyze_fetched(ev, data, source, broker_ts)
+        # The deadline stops while this event waits for a slot: an event
+        # queued behind slow ones is not dead-lettered for their time.
+        async with self.shared.slot(clock) as slot:
+            return await self._analyze_fetched(ev, data, source, broker_ts, slot)
 
-    async def _analyze_fetched(self, ev: Any, data: bytes, source: SourceRef, broker_ts: float | None) -> Result:
+    async def _analyze_fetched(self, ev: Any, data: bytes, source: SourceRef, broker_ts: float | None,
+                               slot: Slot) -> Result:
         t1 = time.perf_counter()
         recent = self.shared.recent.get(ev.event_id)
         # Digested here only when small enough to digest on the loop.
@@ -230,8 +308,10 @@ class AnalyzeStage:
         else:
             # One thread hop for the blocking work of a large picture
             # (analysis, blob write, the store's answer on this event id), so
-            # the loop and its deadlines keep running meanwhile.
-            sighting, stored = await asyncio.to_thread(self._blocking, ev, data, sha256, source)
+            # the loop and its deadlines keep running meanwhile. Past the
+            # deadline the event is dead-lettered, and the thread keeps its
+            # slot until it returns.
+            sighting, stored = await slot.to_thread(self._blocking, ev, data, sha256, source)
         metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
         self._stage = "dedupe"
         if isinstance(stored, BaseException):
@@ -272,7 +352,9 @@ class AnalyzeStage:
         """Whether a picture is small enough to analyse on the event loop
         (``batch.analyze_inline_max_pixels``, judged from its header; a
         header PIL cannot read goes to a thread, where its rejection costs
-        the loop nothing)."""
+        the loop nothing). A multi-scan JPEG never is: progressive scans
+        (thousands in a few hundred kilobytes) cost libjpeg time its pixel
+        count does not bound, and no deadline interrupts the loop."""
         cap = self.settings.batch.analyze_inline_max_pixels
         if cap <= 0 or len(data) > cap:  # compressed bytes above the pixel cap: large by any measure
             return False
@@ -281,7 +363,10 @@ class AnalyzeStage:
                 warnings.simplefilter("ignore")  # a decompression-bomb warning is for the thread to raise
                 with Image.open(io.BytesIO(data)) as img:
                     w, h = img.size
+                    fmt = img.format
         except Exception:  # noqa: BLE001 - judged (and rejected) in the thread
+            return False
+        if fmt == "JPEG" and jpeg_multi_scan(data):
             return False
         return w * h <= cap
 

@@ -17,7 +17,7 @@ from detectors.plugins._xmp import (
     ST_EVT_NS,
     XMP_NS,
     find_xmp_packets,
-    parse_packet,
+    parse_packets,
     property_values,
 )
 
@@ -29,7 +29,7 @@ class XmpDetector(Detector):
     cost = "cheap"
 
     def analyze(self, image: ImageData) -> list[Evidence]:
-        roots = [r for r in (parse_packet(p) for p in find_xmp_packets(image.data)) if r is not None]
+        roots = parse_packets(find_xmp_packets(image.data))
         if not roots:
             return []
         codes = [c for c in (source_type_code(v) for v in property_values(roots, IPTC_EXT_NS, "DigitalSourceType")) if c]

@@ -11,9 +11,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from detectors.regular_file import special_kind
 from streams.cli.app import app
-from streams.cli.common import err, fail, print_error, print_json
-from streams.settings import Settings, load_settings
+from streams.cli.common import err, fail, print_error, print_json, settings_from
+from streams.settings import Settings
 
 bank_app = typer.Typer(
     name="bank",
@@ -41,7 +42,7 @@ def _say(message: str) -> None:
 
 
 def _settings(data_dir: Optional[Path]) -> Settings:
-    return load_settings(data_dir=data_dir)
+    return settings_from(data_dir=data_dir)  # a --data-dir that is a file: one error line
 
 
 def _store(settings: Settings):
@@ -61,6 +62,8 @@ def _expand(paths: list[Path]) -> list[Path]:
             files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES))
         elif p.is_file():
             files.append(p)
+        elif kind := special_kind(p):  # a FIFO would be waited on forever, a device read without end
+            raise typer.BadParameter(f"{p} is {kind}", param_hint="PATHS")
         else:
             raise typer.BadParameter(f"{p} does not exist", param_hint="PATHS")
     if not files:
@@ -146,7 +149,7 @@ def import_(
     try:
         _check_bank_verdict(store, name, verdict)
         n = store.import_csv(name, csv_path, verdict)  # type: ignore[arg-type]
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a FIFO or device named as the CSV, an unreadable file
         fail(str(e))
     finally:
         store.close()
@@ -193,6 +196,8 @@ def similar(
         hashes = compute_hashes(data)
     except ImageRejected as e:
         fail(f"{image}: {e}")
+    except OSError as e:  # not a regular file (a FIFO, a device), unreadable: the message names it
+        fail(str(e))
     url = store_url or settings.findings.url
     if url:
         rows = _similar_clusters_es(settings, url, data.sha256, hashes)

@@ -8,12 +8,18 @@ per file, in input order (directories expanded, sorted):
 (``detector``, ``kind``, ``score``, ``weight``, ``detail``, ``data``), ``warnings``
 (detectors that could not finish on this file) and ``error``: null, or
 ``{"reason", "message"}`` for a file that could not be read or decoded; such
-a file has null ``score``/``verdict`` and no evidence.
+a file has null ``score``/``verdict`` and no evidence (``sha256``, ``format``
+and the size are filled in when only its pixels failed to decode).
+
+A file is decoded (as the pipeline's hashing decodes it) before any detector
+runs: a truncated or corrupt image is an ``error`` here, as replay
+dead-letters it, not a "no-evidence" verdict from the metadata alone.
 
 Exit status: 0 when at least one file was analysed (undecodable files are
 reported, not fatal), 1 when every file failed, 2 for usage errors (a path
-that does not exist, no image files in the given paths, an unknown
-``--device``, ``--model`` without model support).
+that does not exist or is not a regular file or directory, no image files in
+the given paths, a ``--data-dir`` that is a file, an unknown ``--device``,
+``--model`` without model support).
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from rich.table import Table
 from detectors.base import Detector, create_all
 from detectors.fusion import fuse
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected
+from detectors.regular_file import FileRefused, special_kind
 from streams.cli.app import app
-from streams.cli.common import UserError, fail
+from streams.cli.common import UserError, fail, settings_from
 
 # Directory walks pick these; files named explicitly are always tried.
 IMAGE_SUFFIXES = frozenset(
@@ -60,10 +67,15 @@ def check_device(device: str) -> str:
 def expand_inputs(paths: list[Path]) -> list[Path]:
     """Files as given, plus image files found recursively in directories.
     A path that does not exist is a usage error naming it (a typo or a glob
-    that matched nothing), not a per-file result."""
+    that matched nothing), not a per-file result; so is one that is neither
+    a regular file nor a directory (reading a FIFO would wait for a writer
+    forever, a device such as /dev/zero never ends)."""
     missing = [str(p) for p in paths if not p.exists() and not p.is_symlink()]
     if missing:
         fail(f"no such file or directory: {', '.join(missing)}")
+    special = [f"{p} is {kind}" for p, kind in ((p, special_kind(p)) for p in paths) if kind]
+    if special:
+        fail(f"{'; '.join(special)}: name image files or directories")
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
@@ -117,13 +129,22 @@ def analyze_file(path: Path, detectors: list[Detector], limits: DecodeLimits) ->
     }
     try:
         image = ImageData.from_path(path, limits=limits)
-    except ImageRejected as e:
+    except (ImageRejected, FileRefused) as e:
         result["error"] = {"reason": e.reason, "message": str(e)}
         return result
     except OSError as e:
         result["error"] = {"reason": "unreadable", "message": str(e)}
         return result
     result.update(sha256=image.sha256, format=image.format, width=image.size[0], height=image.size[1])
+    try:
+        # Decoded up front, reduced as the pipeline's hashing decodes it (and
+        # kept for the detectors that want that view): a file whose pixels
+        # do not decode is an error, as replay dead-letters it, not a verdict
+        # from its metadata alone.
+        image.thumbnail()
+    except ImageRejected as e:
+        result["error"] = {"reason": e.reason, "message": str(e)}
+        return result
     evidence = []
     for det in detectors:
         try:
@@ -200,15 +221,13 @@ def detect(
     (C2PA, XMP, generator metadata, stealth metadata, invisible watermark) and
     the configured learned models (by default the packaged pixel probe). Undecodable files are reported with an `error`
     and skipped; the exit status is 1 only if every file failed."""
-    from streams.settings import load_settings
-
     err = Console(stderr=True)
     check_device(device)
     files = expand_inputs(paths)
     if not files:
         fail(f"no image files in {', '.join(map(str, paths))} (looked for "
                           f"{', '.join(sorted(IMAGE_SUFFIXES))}); name other files explicitly")
-    settings = load_settings(data_dir=data_dir)
+    settings = settings_from(data_dir=data_dir)  # a --data-dir that is a file: one error line
     limits = settings.decode_limits()
     detectors = create_all(cost="cheap", names=settings.detect.cheap)
     configured = list(settings.detect.models) if models else []
