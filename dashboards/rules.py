@@ -214,10 +214,25 @@ def prometheus_rule_exprs() -> list[str]:
     return [r["expr"] for g in prometheus_rules()["groups"] for r in g["rules"]]
 
 
+# A rule's runbook_url is a path on Grafana ("/d/<uid>?var-cluster=..."): Grafana's
+# own UI opens it, but a Slack message or an email needs the whole address.
+# The notification data's ExternalURL is this Grafana's address (its root_url,
+# sub-path included, always with a trailing slash), so the link is right
+# wherever Grafana runs. Grafana expands "$NAME" in provisioning files; "$."
+# and "$\"" it leaves alone.
+ABSOLUTE_RUNBOOK_URL = '{{ reReplaceAll "/$" "" $.ExternalURL }}{{ . }}'  # inside {{ with .Annotations.runbook_url }}
+# each alert of the notification: what it is, and where to look (a rule without a runbook_url: no link line)
+ALERTS_TEXT = ("{{ range .Alerts }}{{ .Annotations.description }}\n"
+               "{{ with .Annotations.runbook_url }}" + ABSOLUTE_RUNBOOK_URL + "\n{{ end }}{{ end }}")
+
+
 def contact_points() -> list[dict[str, Any]]:
     """Where desk alerts go: a signed-by-Grafana webhook, Slack and email.
     URLs and addresses are environment references that Grafana resolves when
-    it loads the provisioning file (secrets never in the repository)."""
+    it loads the provisioning file (secrets never in the repository). Slack's
+    text and the email's message carry each alert's link as a whole address
+    (``ALERTS_TEXT``); the webhook's JSON has ``externalURL`` beside the
+    annotations."""
     return [{
         "orgId": 1, "name": DESK_CONTACT_POINT,
         "receivers": [
@@ -226,11 +241,10 @@ def contact_points() -> list[dict[str, Any]]:
                           "authorization_scheme": "Bearer", "authorization_credentials": "$DEEPWATCH_DESK_WEBHOOK_TOKEN"}},
             {"uid": "deepwatch-desk-slack", "type": "slack", "disableResolveMessage": False,
              "settings": {"url": "$DEEPWATCH_DESK_SLACK_WEBHOOK_URL",
-                          "title": "{{ .CommonAnnotations.summary }}",
-                          "text": "{{ range .Alerts }}{{ .Annotations.description }}\n{{ .Annotations.runbook_url }}\n{{ end }}"}},
+                          "title": "{{ .CommonAnnotations.summary }}", "text": ALERTS_TEXT}},
             {"uid": "deepwatch-desk-email", "type": "email", "disableResolveMessage": True,
              "settings": {"addresses": "$DEEPWATCH_DESK_EMAILS", "singleEmail": True,
-                          "subject": "{{ .CommonAnnotations.summary }}"}},
+                          "subject": "{{ .CommonAnnotations.summary }}", "message": ALERTS_TEXT}},
         ],
     }]
 

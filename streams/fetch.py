@@ -283,7 +283,14 @@ class ImageFetcher:
             raise FetchError("bad_path", f"{shown}: {e}") from None
         if not any(resolved.is_relative_to(r) for r in roots):
             raise FetchError("path_not_allowed", f"{shown} is outside the allowed image roots")
-        return self._check_type(self._read_regular(resolved, shown), shown)
+        try:
+            data = self._read_regular(resolved, shown)
+        except FetchError as e:
+            if e.reason == "not_found" and not target.is_absolute():  # say where it looked
+                raise FetchError("not_found", f"{e.detail} under {roots[0]} (a relative path is taken from the "
+                                 "first image root: the feed's directory in replay)") from None
+            raise
+        return self._check_type(data, shown)
 
     def _read_regular(self, resolved: Path, shown: str) -> bytes:
         # Never blocks on a FIFO and reads only a regular file (devices and

@@ -89,6 +89,10 @@ def load_tokens(env_name: str, environ: dict[str, str] | None = None) -> dict[st
         if any(c.isspace() for c in token):
             raise TokenConfigError(f"{env_name}: the token for {name!r} contains whitespace, which no bearer "
                                    "token has; separate entries with commas: NAME:TOKEN,NAME:TOKEN")
+        if len(token) < 16 and not sep:  # "tipline" alone: the token was forgotten, not short
+            raise TokenConfigError(f"{env_name}: entry {i + 1} is not NAME:TOKEN (no ':'), and as a bare token it is "
+                                   "shorter than 16 characters; write NAME:TOKEN with e.g. "
+                                   "`python -c 'import secrets; print(secrets.token_urlsafe(32))'` as the token")
         if len(token) < 16:
             raise TokenConfigError(f"{env_name}: the token for {name!r} is shorter than 16 characters; "
                                    "use e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import SettingsError as PydanticSettingsError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
@@ -42,6 +43,29 @@ def _lower(value: Any) -> Any:
 # traceback at start-up (level) or console output where JSON was meant (format).
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_level_name)]
 LogFormat = Annotated[Literal["json", "console"], BeforeValidator(_lower)]
+
+
+def check_public_url(value: str | None) -> str | None:
+    """A service's address as people reach it (links in alerts): http or https
+    with a host, a path at most, no trailing slash; "" is unset."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+        parts.port  # raises for a port that is not a number or out of range
+    except ValueError as e:
+        raise ValueError(f"not a URL ({e})") from None
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        raise ValueError("must be an http:// or https:// address with a host, e.g. https://desk.example.org")
+    if "?" in value or "#" in value:
+        raise ValueError("must not have a query (?) or fragment (#): links are made by appending paths to it")
+    if "@" in parts.netloc:
+        raise ValueError("must not hold a user or password: it is sent to every alert subscriber")
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError("must not contain spaces or control characters")
+    return value.rstrip("/")
 
 
 class FetchSettings(_Section):
@@ -111,6 +135,9 @@ class WebhookSettings(_Section):
     # a 429/503's Retry-After is honoured up to this: the wait before a retry, and after the last try how long the target is left alone
     retry_after_max_s: float = Field(300.0, ge=0)  # longest Retry-After (429/503) honoured, in seconds
     summary: bool = False  # add "summary", one line for people, to the alert JSON (strict schema validators must allow it)
+    # desk.public_url, filled in by streams.webhooks.hooks_by_key (not a setting of its own): the
+    # desk's address for the alert JSON's "desk_url"
+    _desk_public_url: str | None = PrivateAttr(None)
 
 
 class AlertSettings(_Section):
@@ -207,6 +234,14 @@ class DeskSettings(_Section):
     account_min_ai_share: float = Field(0.6, ge=0, le=1)
     account_window_hours: float = Field(24 * 7, gt=0)
     account_check_s: float = Field(30.0, gt=0)
+    # The desk as people reach it (behind a proxy, say): alert webhooks then carry "desk_url",
+    # a link to the alert's cluster page, and a hook's summary line ends with it.
+    public_url: str | None = None  # the desk's address for links in alerts, e.g. https://desk.example.org; None: no links
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        return check_public_url(value)
 
 
 class BatchSettings(_Section):

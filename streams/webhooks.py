@@ -81,7 +81,14 @@ The body is the alert's JSON (``streams.records.Alert``). A hook with
 ``summary = true`` also gets ``"summary"``, one line for people (what the
 console prints: cluster, level, fake score, velocity, top evidence); a
 receiver that validates the body strictly against the alert schema must allow
-that field.
+that field. With ``desk.public_url`` set (the desk's address as people reach
+it), every hook also gets ``"desk_url"``: the fact-check desk's page of the
+alert's cluster, ``<desk.public_url>/clusters/<cluster_id>`` (the id
+percent-encoded as a path segment; an account alert, whose ``cluster_id`` is
+``account:<id>``, links its account's page, ``/accounts/<id>``), and the
+``summary`` line ends with ``; desk: <desk_url>``. Without the setting neither
+appears and the body is the alert's JSON as before. Both fields are in the
+signed body, as sent.
 """
 
 from __future__ import annotations
@@ -153,20 +160,43 @@ def delivery_header(alert_id: str) -> str:
 
 
 def payload(hook: WebhookSettings, alert: Alert) -> bytes:
-    """The signed body: the alert's JSON, plus a line for people with ``summary``."""
-    if not hook.summary:
+    """The signed body: the alert's JSON, plus ``desk_url`` when the desk's
+    public address is set (``hooks_by_key`` gives hooks it) and a line for
+    people with ``summary``. Neither: the alert's JSON as it is."""
+    link = desk_url(hook._desk_public_url, alert)
+    if not hook.summary and link is None:
         return alert.model_dump_json().encode()
     doc = json.loads(alert.model_dump_json())
-    doc["summary"] = alert_summary(alert)
+    if link is not None:
+        doc["desk_url"] = link
+    if hook.summary:
+        doc["summary"] = alert_summary(alert, link)
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def alert_summary(alert: Alert) -> str:
+ACCOUNT_ALERT_PREFIX = "account:"  # an account alert's cluster_id (streams.desk.accounts)
+
+
+def desk_url(public_url: str | None, alert: Alert) -> str | None:
+    """The desk's page of what ``alert`` is about under its public address
+    (``desk.public_url``): the cluster's page (the desk's
+    ``/clusters/{cluster_id}``), or for an account alert the account's
+    (``/accounts/{account_id}``); None without an address. The id is
+    percent-encoded as one path segment."""
+    if not public_url:
+        return None
+    if alert.cluster_id.startswith(ACCOUNT_ALERT_PREFIX):
+        return f"{public_url}/accounts/{quote(alert.cluster_id[len(ACCOUNT_ALERT_PREFIX):], safe='')}"
+    return f"{public_url}/clusters/{quote(alert.cluster_id, safe='')}"
+
+
+def alert_summary(alert: Alert, desk_link: str | None = None) -> str:
+    """One line for people; it ends with the desk link when there is one."""
     top = alert.evidence[0].detail if alert.evidence else "no evidence detail"
     what = "escalation" if alert.level > 1 else "alert"
     return (f"deepwatch {what} (level {alert.level}) for cluster {alert.cluster_id}: fake score "
             f"{alert.fake_score:.2f} ({alert.verdict}), {alert.velocity.sightings_5m} sightings in 5 min, "
-            f"{alert.accounts} accounts; top evidence: {top}")
+            f"{alert.accounts} accounts; top evidence: {top}" + (f"; desk: {desk_link}" if desk_link else ""))
 
 
 def delivery_status(e: WebhookError) -> str:
@@ -429,10 +459,19 @@ async def _attempt(hook: WebhookSettings, body: bytes, headers: dict[str, str],
 
 
 def hooks_by_key(settings: Settings) -> dict[str, WebhookSettings]:
-    """The configured hooks by ``target_key`` (one per URL: a URL listed twice is one target)."""
+    """The configured hooks by ``target_key`` (one per URL: a URL listed
+    twice is one target), each knowing the desk's public address
+    (``desk.public_url``) its bodies link to."""
     out: dict[str, WebhookSettings] = {}
+    public = settings.desk.public_url
     for hook in settings.alerts.webhooks:
-        out.setdefault(target_key(hook.url), hook)
+        key = target_key(hook.url)
+        if key in out:
+            continue
+        if hook._desk_public_url != public:
+            hook = hook.model_copy()  # the settings' own hook stays as configured
+            hook._desk_public_url = public
+        out[key] = hook
     return out
 
 

@@ -626,6 +626,30 @@ def test_alerting_provisioning_files_parse_and_agree():
     assert [b["field"] for b in a["model"]["bucketAggs"]][:2] == ["cluster_id", "evidence_summary.keyword"]
 
 
+def test_slack_and_email_print_the_runbook_link_as_a_whole_address():
+    """A rule's runbook_url is a path on Grafana ("/d/..."): printed as it is,
+    Slack and email got a link that goes nowhere. The notification data's
+    ExternalURL (Grafana's own address, trailing slash dropped) goes before it."""
+    from dashboards import publish
+
+    base = build.GENERATED / "grafana" / "provisioning" / "alerting"
+    [cps] = _yaml_docs(base / "deepwatch-contact-points.yaml")
+    settings = {r["type"]: r["settings"] for r in cps["contactPoints"][0]["receivers"]}
+    link = '{{ with .Annotations.runbook_url }}{{ reReplaceAll "/$" "" $.ExternalURL }}{{ . }}'
+    for text in (settings["slack"]["text"], settings["email"]["message"]):
+        assert text.startswith("{{ range .Alerts }}") and link in text, text
+        assert "{{ .Annotations.runbook_url }}" not in text, "the bare path is never printed"
+        # Grafana expands $NAME, ${NAME}, $1 ... in provisioning files ("$$" is a "$"): none in a template
+        assert not re.search(r"\$[{\w*#@!?-]", text.replace("$$", "")), text
+    [rules_doc] = _yaml_docs(base / "deepwatch-desk.yaml")
+    viral = next(r for g in rules_doc["groups"] for r in g["rules"] if r["uid"] == rules.VIRAL_RULE_UID)
+    assert viral["annotations"]["runbook_url"].startswith("/d/"), "a path: ExternalURL's trailing slash is dropped"
+    # the HTTP API (deepwatch grafana provision) gets the same templates
+    env = {"DEEPWATCH_DESK_SLACK_WEBHOOK_URL": "https://hooks.slack.example/x", "DEEPWATCH_DESK_EMAILS": "desk@x.example"}
+    sent = {r["type"]: r["settings"] for r in publish.resolved_receivers(env)[0]}
+    assert sent["slack"]["text"] == settings["slack"]["text"] and sent["email"]["message"] == settings["email"]["message"]
+
+
 # -- rules and panels that can fire / count what they claim ----------------------
 def _histograms() -> dict[str, tuple[float, ...]]:
     """Histogram name -> its finite bucket bounds, for every histogram the

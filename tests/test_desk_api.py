@@ -598,6 +598,34 @@ def test_account_alert_goes_through_the_alert_path_once(data, env, webhook):
     assert [h[DELIVERY_HEADER] for h, _ in got] == ["account:persona1:1"]
 
 
+def test_alert_webhooks_link_the_desk_pages_they_are_about(data, env, webhook):
+    """With desk.public_url set, each alert's webhook body carries "desk_url";
+    under the desk's address it opens the page of the alert's cluster (a
+    verdict's alert) or account (an account alert)."""
+    url, got = webhook
+    public = "https://desk.example.org/desk"  # behind a proxy, under a path
+    settings = make_settings(data, public_url=public)
+    settings.alerts.webhooks = [WebhookSettings(url=url, retries=0)]
+    with client(settings) as c:
+        from streams.desk.accounts import check_accounts
+
+        desk = c.app.state.desk
+        assert c.post("/api/clusters/c-quiet/verdict", json={"verdict": "fake"}, headers=EDITOR).status_code == 201
+        c.portal.call(check_accounts, settings, desk.source, desk.db, desk.alerts)
+        deadline = time.monotonic() + 10  # the start-up check may have raised the account alert on its own
+        while not any(h[DELIVERY_HEADER] == "account:persona1:1" for h, _ in got) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        links = {}
+        for h, body in list(got):
+            assert verify(WEBHOOK_SECRET.encode(), h[TIMESTAMP_HEADER], body, h[SIGNATURE_HEADER])
+            links[h[DELIVERY_HEADER]] = json.loads(body)["desk_url"]
+        assert links["c-quiet:desk-fake"] == f"{public}/clusters/c-quiet"
+        assert links["account:persona1:1"] == f"{public}/accounts/persona1"
+        for alert_id, link in links.items():
+            page = c.get(link.removeprefix(public))
+            assert page.status_code == 200 and "text/html" in page.headers["content-type"], alert_id
+
+
 # ------------------------------------------------------------- thumbnails
 def test_thumbnails_are_resized_copies_of_members_only(data, env):
     from PIL import Image

@@ -454,3 +454,85 @@ def test_an_alert_a_receiver_rejects_for_good_does_not_block_the_later_ones(rece
 
     assert asyncio.run(once()) == 1  # the later alert, not the rejected one again
     assert store.delivered("c-2:1", target_key(hook.url)) and len(srv.requests) == 3
+
+
+# -- a link to the desk page ---------------------------------------------------------
+DESK = "https://desk.example.org/desk"
+
+
+def test_alerts_link_the_desk_page_of_their_cluster_in_the_signed_body(receiver, monkeypatch, tmp_path):
+    """With desk.public_url set, the body the alert sink sends has "desk_url",
+    the cluster's desk page; the rest is the alert's JSON, and the signature
+    covers the body as sent."""
+    import json
+
+    monkeypatch.setenv(ENV, SECRET)
+    srv = receiver(200)
+    sinks, _ = _sinks(tmp_path, monkeypatch, _hook(srv, retries=0))
+    sinks.settings.desk.public_url = DESK
+    alert = _alert()
+    asyncio.run(_sink_alert(sinks, alert))
+    [req] = srv.requests
+    assert req["valid"], "signed as sent"
+    doc = json.loads(req["body"])
+    assert doc.pop("desk_url") == "https://desk.example.org/desk/clusters/c-1"
+    assert Alert.model_validate(doc) == alert and "summary" not in doc
+    assert json.loads(alert.model_dump_json()).keys() == doc.keys(), "every other field as before"
+
+
+def test_without_a_desk_address_the_body_is_the_alert_as_before(receiver, monkeypatch):
+    from streams.webhooks import hooks_by_key
+
+    monkeypatch.setenv(ENV, SECRET)
+    srv = receiver(200)
+    settings = Settings()
+    settings.alerts.webhooks = [_hook(srv, retries=0)]
+    [hook] = hooks_by_key(settings).values()
+    alert = _alert()
+    assert _deliver(hook, alert) == "delivered"
+    [req] = srv.requests
+    assert req["valid"] and req["body"] == alert.model_dump_json().encode(), "nothing new for strict receivers"
+
+
+def test_desk_links_quote_the_id_and_end_the_summary_line(receiver, monkeypatch):
+    import json
+
+    from streams.webhooks import alert_summary, desk_url, hooks_by_key
+
+    monkeypatch.setenv(ENV, SECRET)
+    srv = receiver(200)
+    settings = Settings.model_validate({"desk": {"public_url": DESK}})
+    settings.alerts.webhooks = [_hook(srv, retries=0).model_copy(update={"summary": True})]
+    [hook] = hooks_by_key(settings).values()
+    assert settings.alerts.webhooks[0]._desk_public_url is None, "the configured hook itself is left as it was"
+    odd = _alert().model_copy(update={"alert_id": "c/1 ?#é:1", "cluster_id": "c/1 ?#é"})
+    assert desk_url(DESK, odd) == "https://desk.example.org/desk/clusters/c%2F1%20%3F%23%C3%A9"
+    account = _alert().model_copy(update={"alert_id": "account:x/123:1", "cluster_id": "account:x/123"})
+    assert desk_url(DESK, account) == "https://desk.example.org/desk/accounts/x%2F123", "the account's page"
+    assert desk_url(None, odd) is None
+    assert _deliver(hook, odd) == "delivered"
+    [req] = srv.requests
+    doc = json.loads(req["body"])
+    assert req["valid"] and doc["desk_url"] == desk_url(DESK, odd)
+    assert doc["summary"] == alert_summary(odd) + "; desk: " + doc["desk_url"]
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("desk.example.org", "http:// or https://"), ("ftp://desk.example.org", "http:// or https://"),
+    ("https://", "with a host"), ("https://desk.example.org/?x=1", "query"), ("https://desk.example.org/#top", "fragment"),
+    ("https://user:pw@desk.example.org", "user or password"), ("https://desk.example.org:99999", "not a URL"),
+    ("https://desk example.org", "spaces"),
+])
+def test_a_bad_desk_public_url_is_one_clear_settings_error(monkeypatch, bad, why):
+    from streams.settings import load_settings
+    from streams.settings_check import SettingsError
+
+    monkeypatch.delenv("DEEPWATCH_CONFIG", raising=False)
+    monkeypatch.setenv("DEEPWATCH_DESK__PUBLIC_URL", bad)
+    with pytest.raises(SettingsError, match=r"^invalid setting 'desk.public_url': .*" + why) as e:
+        load_settings()
+    assert "\n" not in str(e.value) and "pw" not in str(e.value)
+    monkeypatch.setenv("DEEPWATCH_DESK__PUBLIC_URL", " https://desk.example.org/ ")
+    assert load_settings().desk.public_url == "https://desk.example.org"
+    monkeypatch.setenv("DEEPWATCH_DESK__PUBLIC_URL", "")
+    assert load_settings().desk.public_url is None

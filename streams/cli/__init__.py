@@ -12,6 +12,25 @@ from streams.cli import settings_cmd  # noqa: F401,E402  (registration)
 from streams.cli import redeliver  # noqa: F401,E402  (registration)
 
 
+def _one_line_summaries(typer_app) -> None:
+    """``deepwatch --help`` lists each command by its docstring's first
+    paragraph; Typer's rich mode keeps that paragraph's line breaks, so the
+    list came out ragged (a break mid-sentence in every row). Each command
+    without its own short help gets the paragraph as one line."""
+    import inspect
+
+    for info in typer_app.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if info.short_help is None and doc:
+            info.short_help = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _one_line_summaries(group.typer_instance)
+
+
+_one_line_summaries(app)
+
+
 def main() -> None:
     from streams.cli.common import run_cli
 

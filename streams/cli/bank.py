@@ -187,6 +187,7 @@ def similar(
     """Clusters and bank entries showing the same picture as IMAGE, nearest first."""
     from detectors.hashing import compute_hashes
     from detectors.imagedata import ImageData, ImageRejected
+    from streams.findings import sqlite_file
 
     if fmt not in ("table", "json"):
         raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
@@ -199,6 +200,11 @@ def similar(
     except OSError as e:  # not a regular file (a FIFO, a device), unreadable: the message names it
         fail(str(e))
     url = store_url or settings.findings.url
+    findings_file = sqlite_file(url, settings.data_dir)
+    if findings_file is not None and not findings_file.exists() and not settings.banks_path.exists():
+        # a mistyped --data-dir answered [] ("nothing is near") instead of saying so
+        fail(f"no findings and no banks in {settings.data_dir}; run `deepwatch demo` or `deepwatch replay` (findings) or "
+             "`deepwatch bank add` (banks) first, or pass the --data-dir that holds them")
     if url:
         rows = _similar_clusters_es(settings, url, data.sha256, hashes)
     else:

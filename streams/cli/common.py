@@ -72,6 +72,19 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def write_out(path: Path, text: str) -> None:
+    """Write a command's ``--out`` file; a path that cannot be written is one
+    line naming the fix, not a bare ``[Errno 2]``."""
+    try:
+        path.write_text(text)
+    except IsADirectoryError:
+        fail(f"--out {path} is a directory: name a file in it, e.g. --out {path / 'out.txt'}")
+    except FileNotFoundError:
+        fail(f"--out {path}: directory {path.parent} does not exist; create it first")
+    except OSError as e:
+        fail(f"--out {path}: cannot write it ({e.strerror or e})")
+
+
 def run_cli(app: Any) -> None:
     """Run the Typer app; user errors end as one line on stderr and exit 2.
     SIGTERM unwinds like Ctrl-C: a command that started workers and a broker

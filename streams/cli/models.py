@@ -149,14 +149,14 @@ def train_cmd(
         float, typer.Option("--real-fraction", help="With --manifest, use this deterministic fraction of the real images (rest held out).")
     ] = 1.0,
     arch: Annotated[str, typer.Option("--arch", help="npr-r50 | small-cnn | clip-probe (needs open_clip).")] = "npr-r50",
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 5,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
-    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="cnn: passes over the training data.")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="cnn: pictures per training step.")] = 16,
+    lr: Annotated[float, typer.Option("--lr", help="cnn: learning rate.")] = 1e-3,
     input_size: Annotated[Optional[int], typer.Option("--input-size", help="Square input side (default per arch).")] = None,
     calibration: Annotated[str, typer.Option("--calibration", help="platt | temperature | none")] = "platt",
     init_from: Annotated[Optional[str], typer.Option("--init-from", help="Fine-tune this model from the model dir.")] = None,
     out: Annotated[str, typer.Option("--out", help="Name to save the checkpoint as.")] = "detector",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed, for runs that can be repeated exactly.")] = 0,
     recipe: Annotated[
         str, typer.Option("--recipe", help="cnn: train a network end to end (--arch); pixel-probe: a small head on the "
                           "wheel-shipped EfficientNet-Lite2, judged by leave-generator-out CV (--data).")
@@ -348,8 +348,8 @@ def eval_cmd(
         bool, typer.Option("--exclude-trained", help="Drop files the evaluated models were trained or calibrated on.")
     ] = False,
     variant: Annotated[list[str], typer.Option("--variant", help="original and/or reposted (default both).")] = [],  # noqa: B006
-    device: Annotated[str, typer.Option("--device")] = "auto",
-    batch: Annotated[int, typer.Option("--batch", min=1)] = 16,
+    device: Annotated[str, typer.Option("--device", help="Device for learned models: auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Pictures per learned-model batch.")] = 16,
     leave_generator_out: Annotated[
         bool, typer.Option("--leave-generator-out", help="Instead: cross-validate the pixel-probe recipe on these manifests, "
                            "holding out whole generators (and real-photo sources) per fold; per generator and category metrics.")

@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from streams.cli.app import app
-from streams.cli.common import Broker, Config, DataDir, err, print_json, settings_from
+from streams.cli.common import Broker, Config, DataDir, err, print_json, settings_from, write_out
 from streams.cli.query import StoreOpt
 from streams.settings import Settings
 
@@ -198,6 +198,9 @@ def replay(
         raise typer.BadParameter(f"{feed} is not a regular file (a pipe?): replay reads the feed more than once "
                                  "(to count it, and to resend stalled events); save it to a file first",
                                  param_hint="FEED")
+    for root in image_root:  # as `deepwatch worker` does: a mistyped root would dead-letter every path under it
+        if not root.is_dir():
+            raise typer.BadParameter(f"{root} is not a directory", param_hint="--image-root")
     roots = [feed.resolve().parent, *[r.resolve() for r in image_root]]
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     _use_store(settings, store_url)
@@ -372,6 +375,6 @@ def schema(out: Optional[Path] = typer.Option(None, help="Write to this file ins
 
     doc = json.dumps(event_json_schema(), indent=2) + "\n"
     if out:
-        out.write_text(doc)
+        write_out(out, doc)
     else:
         typer.echo(doc, nl=False)

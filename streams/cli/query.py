@@ -134,7 +134,9 @@ def clusters(
 
     JSON form: an array of objects with id, fake_score, verdict, evidence
     (detector, score, detail), sightings, accounts, first_seen, last_seen and
-    members (sha256, phash, pdq, event_id), plus velocity, platforms, merges.
+    members (sha256, phash, pdq, event_id), plus velocity, engagement,
+    platforms, merged_from, merged_into, models_pending, suppressed,
+    alert_level, stream_sightings, revision and updated_at.
     """
     fmt = "json" if as_json else check_format(fmt)
     with _findings(data_dir, config, store_url) as store:

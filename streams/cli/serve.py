@@ -37,6 +37,13 @@ def serve(
     from streams.net_errors import ensure_port_free
 
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
+    if settings.broker != "embedded":  # checked now, not at the first desk alert it could not publish
+        from streams.broker import BrokerError, bootstrap_of
+
+        try:
+            bootstrap_of(settings.broker)
+        except BrokerError as e:
+            raise typer.BadParameter(f"{e} (the desk publishes its alerts there)", param_hint="--broker") from None
     # The metrics server would take the port first and the desk fail to bind it
     # after its start-up; 0 on both is two free ports, no clash.
     if settings.metrics_port == port and port != 0:
@@ -66,11 +73,15 @@ def desk_user(
     """Create or replace a desk user in the users file (scrypt-hashed password)."""
     from pydantic import ValidationError
 
-    from streams.desk.auth import add_user
+    from streams.desk.auth import UserEntry, add_user
     from streams.settings_check import SECRET_SUFFIXES
 
     if role not in ("viewer", "editor"):
         raise typer.BadParameter("must be viewer or editor", param_hint="--role")
+    try:  # the name is checked before the password is asked for, not after it was typed twice
+        UserEntry(name=name, role=role, password="")
+    except ValidationError as e:
+        raise typer.BadParameter(f"{e.errors()[0]['msg']}: letters, digits, . _ @ - (at most 64)", param_hint="NAME") from None
     if password_env and password_env.upper().startswith("DEEPWATCH_") and not password_env.upper().endswith(SECRET_SUFFIXES):
         # The settings loader reads DEEPWATCH_* as settings and refuses unknown ones.
         raise typer.BadParameter(f"{password_env} would be read as a setting: end the name in {', '.join(SECRET_SUFFIXES)} "

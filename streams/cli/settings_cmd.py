@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 
 from streams.cli.app import app
-from streams.cli.common import Config, settings_from
+from streams.cli.common import Config, settings_from, write_out
 from streams.settings_check import redact_userinfo
 
 
@@ -32,7 +32,7 @@ def settings_cmd(
     else:
         raise typer.BadParameter("must be 'markdown' or 'json'", param_hint="--format")
     if out:
-        out.write_text(doc)
+        write_out(out, doc)
     else:
         typer.echo(doc, nl=False)
 
