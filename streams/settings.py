@@ -127,17 +127,42 @@ class DetectSettings(_Section):
     max_wait_ms: float = Field(20.0, gt=0)
 
 
+def check_http_url(value: str) -> str:
+    """A URL deepwatch will POST to: http or https, a host, a port that is a
+    number in range, no spaces or control characters. Refused at start, not
+    at the first alert."""
+    value = value.strip()
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises for a port that is not a number or out of range
+    except ValueError as e:
+        raise ValueError(f"not a URL ({e})") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host, e.g. https://hooks.example.org/deepwatch")
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError("must not contain spaces or control characters")
+    return value
+
+
 class WebhookSettings(_Section):
-    url: str
+    """One ``[[alerts.webhooks]]`` target (TOML), or an object of the JSON
+    list in ``DEEPWATCH_ALERTS__WEBHOOKS``."""
+
+    url: str  # where alerts are POSTed (http or https); may carry a token in its path or query
     secret_env: str = "DEEPWATCH_WEBHOOK_SECRET"  # name of the env var holding the HMAC key
-    timeout_s: float = Field(5.0, gt=0)
-    retries: int = Field(3, ge=0)
+    timeout_s: float = Field(5.0, gt=0)  # per attempt: connect, send and the receiver's answer
+    retries: int = Field(3, ge=0)  # further attempts after a failed one (timeouts, 5xx, 429), with backoff
     # a 429/503's Retry-After is honoured up to this: the wait before a retry, and after the last try how long the target is left alone
     retry_after_max_s: float = Field(300.0, ge=0)  # longest Retry-After (429/503) honoured, in seconds
     summary: bool = False  # add "summary", one line for people, to the alert JSON (strict schema validators must allow it)
     # desk.public_url, filled in by streams.webhooks.hooks_by_key (not a setting of its own): the
     # desk's address for the alert JSON's "desk_url"
     _desk_public_url: str | None = PrivateAttr(None)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_http_url(value)
 
 
 class AlertSettings(_Section):
@@ -146,7 +171,7 @@ class AlertSettings(_Section):
     min_sightings_1h: int = Field(0, ge=0)
     # escalation re-alerts when the 5-minute velocity reaches this multiple of the last alert's
     escalation_factor: float = Field(3.0, gt=1)
-    webhooks: list[WebhookSettings] = Field(default_factory=list)
+    webhooks: list[WebhookSettings] = Field(default_factory=list)  # signed alert webhooks: [[alerts.webhooks]] tables in TOML, or a JSON list; fields below
     console: bool = True
     webhook_redeliver_s: float = Field(60.0, gt=0)  # how often failed webhook deliveries are tried again, oldest first
     # per target and worker; past it an alert waits in the findings store for the redelivery instead

@@ -210,6 +210,21 @@ def _type_name(annotation: Any) -> str:
     return text.replace("|", "or").replace("NoneType", "None")
 
 
+def _entry_rows(path: str, entry: type[BaseModel]) -> list[str]:
+    """Rows for the fields of one entry of a list setting (``alerts.webhooks``):
+    set in its TOML table, or as keys of an object in the variable's JSON list."""
+    docs = _comments(entry)
+    rows = []
+    for name, field in entry.model_fields.items():
+        if field.is_required():
+            default = "required"
+        else:
+            default = f"`{(field.default_factory() if field.default_factory is not None else field.default)!r}`"
+        rows.append(f"| `{path}[].{name}` | (in the list) | {_type_name(field.annotation)} | {default} | "
+                    f"{docs.get(name, '').replace('|', '/')} |")
+    return rows
+
+
 def reference_markdown() -> str:
     from streams.settings import Settings
 
@@ -237,5 +252,8 @@ def reference_markdown() -> str:
         if isinstance(default, Path):
             default = str(default)
         lines.append(f"| `{path}` | `{_env_name(path)}` | {_type_name(field.annotation)} | `{default!r}` | {doc.replace('|', '/')} |")
+        entry = _model_of(field.annotation) if typing.get_origin(field.annotation) is list else None
+        if entry is not None:  # a list of tables: each entry's fields, set inside the entry
+            lines.extend(_entry_rows(path, entry))
     lines.append("")
     return "\n".join(lines)

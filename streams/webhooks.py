@@ -106,7 +106,7 @@ import socket
 import time
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
@@ -456,6 +456,16 @@ async def _attempt(hook: WebhookSettings, body: bytes, headers: dict[str, str],
                                  extensions={"sni_hostname": httpx.URL(hook.url).host},
                                  timeout=hook.timeout_s, follow_redirects=False) as resp:
             return resp.status_code, resp.headers.get("location"), resp.headers.get("retry-after")
+
+
+def unsigned_hooks(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """One line per configured hook whose HMAC key (the variable its
+    ``secret_env`` names) is unset or empty: such a hook's every delivery
+    would fail (nothing is sent unsigned). Commands that send alerts refuse to
+    start with any, instead of recording each alert as failed."""
+    return [f"alerts.webhooks[{i}] ({target_label(hook.url)}): {hook.secret_env} is not set; export the HMAC key "
+            f"receivers verify as {hook.secret_env}, or name another variable in its secret_env"
+            for i, hook in enumerate(settings.alerts.webhooks) if not environ.get(hook.secret_env)]
 
 
 def hooks_by_key(settings: Settings) -> dict[str, WebhookSettings]:

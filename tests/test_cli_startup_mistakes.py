@@ -181,3 +181,53 @@ def test_an_existing_sqlite_store_path_is_still_read(tmp_path):
     SqliteFindingsStore(path).close()
     r = _cli("clusters", "--store", f"sqlite://{path}", "--format", "json")
     assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+
+
+# -- webhooks ------------------------------------------------------------------------
+def _hook_config(tmp_path: Path, url: str = "https://hooks.example.org/deepwatch") -> Path:
+    cfg = tmp_path / "hooks.toml"
+    cfg.write_text(f'[[alerts.webhooks]]\nurl = "{url}"\nsecret_env = "SUBSCRIBER_HOOK_SECRET"\n')
+    return cfg
+
+
+@pytest.mark.parametrize("command", [
+    ["replay", "FEED"], ["demo"], ["serve", "--port", "0"],
+    ["worker", "--broker", "kafka://127.0.0.1:1", "--role", "cluster"],
+])
+def test_a_webhook_without_its_secret_is_refused_before_anything_starts(tmp_path, command):
+    # Each delivery used to be recorded "failed: ... not set; refusing to send
+    # unsigned" after a run that otherwise looked fine.
+    feed = tmp_path / "feed.jsonl"
+    feed.write_text("")
+    args = [str(feed) if a == "FEED" else a for a in command]
+    r = _cli(*args, "--data-dir", str(tmp_path / "d"), "-c", str(_hook_config(tmp_path)))
+    line = _one_error_line(r)
+    assert "alerts.webhooks[0]" in line and "SUBSCRIBER_HOOK_SECRET is not set" in line, line
+    assert "hooks.example.org" in line and "/deepwatch" not in line, line  # the target, never its path (tokens)
+    assert not (tmp_path / "d" / "findings.sqlite").exists()
+
+
+def test_an_analyze_worker_needs_no_webhook_secret(tmp_path):
+    # Only the roles whose sinks send alerts need the key: the analyze role
+    # goes on to its next check (here the unreachable broker).
+    r = _cli("worker", "--broker", "kafka://127.0.0.1:1", "--role", "analyze", "--data-dir", str(tmp_path / "d"),
+             "-c", str(_hook_config(tmp_path)), timeout=120)
+    line = _one_error_line(r)
+    assert "cannot reach the Kafka broker" in line and "SUBSCRIBER_HOOK_SECRET" not in line, line
+
+
+@pytest.mark.parametrize("url,says", [
+    ("not a url", "http:// or https://"), ("ftp://hooks.example.org/x", "http:// or https://"),
+    ("https://hooks.example.org:99999/x", "not a URL"), ("https:///x", "http:// or https://"),
+])
+def test_a_webhook_url_that_cannot_be_posted_to_is_one_settings_line(tmp_path, url, says):
+    r = _cli("settings", "--format", "json", "-c", str(_hook_config(tmp_path, url)))
+    line = _one_error_line(r)
+    assert "alerts.webhooks" in line and says in line, line
+
+
+def test_the_settings_reference_lists_each_webhook_field():
+    r = _cli("settings")
+    assert r.returncode == 0, r.stderr
+    for name in ("url", "secret_env", "timeout_s", "retries", "retry_after_max_s", "summary"):
+        assert f"`alerts.webhooks[].{name}`" in r.stdout, name

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from detectors.base import Evidence
 from streams.records import Alert, Velocity
@@ -308,11 +309,16 @@ def test_redirects_are_neither_followed_nor_retried(receiver, monkeypatch, follo
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:99999/hook", "ftp://127.0.0.1/hook", "http:///hook"])
 def test_an_invalid_url_is_a_webhook_error(monkeypatch, url):
-    """Not an exception that stops the alert sink (a port out of range came
-    out of httpx as an ExceptionGroup)."""
+    """Refused by the settings; and a hook built without them is still not an
+    exception that stops the alert sink (a port out of range came out of httpx
+    as an ExceptionGroup)."""
     monkeypatch.setenv(ENV, SECRET)
+    with pytest.raises(ValidationError, match="url"):
+        WebhookSettings(url=url, secret_env=ENV)
+    unchecked = WebhookSettings.model_construct(url=url, secret_env=ENV, retries=2, timeout_s=1.0,
+                                                retry_after_max_s=300.0, summary=False)
     with pytest.raises(WebhookError, match="invalid webhook URL"):
-        _deliver(WebhookSettings(url=url, secret_env=ENV, retries=2, timeout_s=1), _alert(), within_s=5)
+        _deliver(unchecked, _alert(), within_s=5)
 
 
 def test_a_token_in_the_url_never_reaches_errors_or_logs(receiver, monkeypatch, tmp_path, caplog):

@@ -135,6 +135,17 @@ def settings_from(config: Optional[Path] = None, **overrides: Any) -> Settings:
     return settings
 
 
+def check_alert_senders(settings: Settings) -> None:
+    """Before a command that sends alerts starts: every webhook has its HMAC
+    key in the environment (one line naming the variable, not a run whose
+    alerts all end ``failed``)."""
+    from streams.webhooks import unsigned_hooks
+
+    missing = unsigned_hooks(settings)
+    if missing:
+        fail("; ".join(missing))
+
+
 def check_data_dir(settings: Settings, given: Optional[Path]) -> None:
     """Refuse a data dir that is a file, or lies under one, before anything
     starts (replay started the broker and workers and then ended on a raw

@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from streams.cli.app import app
-from streams.cli.common import Broker, Config, DataDir, err, print_json, settings_from, write_out
+from streams.cli.common import Broker, Config, DataDir, check_alert_senders, err, print_json, settings_from, write_out
 from streams.cli.query import StoreOpt
 from streams.settings import Settings
 
@@ -204,6 +204,7 @@ def replay(
     roots = [feed.resolve().parent, *[r.resolve() for r in image_root]]
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     _use_store(settings, store_url)
+    check_alert_senders(settings)
     settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
     summary = _replay(settings, feed, workers=workers or default_workers(settings), timeout_s=timeout,
                       live_table=False, wait_models=wait_models, split=split)
@@ -236,6 +237,7 @@ def demo(
 
     settings = settings_from(config, data_dir=data_dir)
     _use_store(settings, store_url)
+    check_alert_senders(settings)
     feed_dir = Path(settings.data_dir) / "demo-feed"
     feed, _ = build_feed(feed_dir, burst=burst)
     settings.ingest.image_roots = [feed_dir.resolve()]
@@ -307,6 +309,8 @@ def worker(
         raise typer.BadParameter(f"unknown role {role!r}: {', '.join(ROLES[:-1])} or {ROLES[-1]}", param_hint="--role")
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
     _use_store(settings, store_url)
+    if role in ("pipeline", "cluster"):  # the roles whose sinks send alerts
+        check_alert_senders(settings)
     if settings.broker == "embedded":
         raise typer.BadParameter("a worker joins an existing broker: pass --broker kafka://HOST:PORT (`deepwatch broker` starts one) or set DEEPWATCH_BROKER", param_hint="--broker")
     for root in image_root:

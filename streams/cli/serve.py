@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, err, fail, settings_from
+from streams.cli.common import Config, DataDir, check_alert_senders, err, fail, settings_from
 
 
 @app.command(rich_help_panel="Desk")
@@ -37,6 +37,7 @@ def serve(
     from streams.net_errors import ensure_port_free
 
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
+    check_alert_senders(settings)  # the desk's account alerts go to the webhooks too
     if settings.broker != "embedded":  # checked now, not at the first desk alert it could not publish
         from streams.broker import BrokerError, bootstrap_of
 
