@@ -12,6 +12,14 @@ receiver that hangs or is down delays only its own target. A sender that
 stops (the worker does) leaves its alerts ``queued``: redelivery
 (``streams.webhooks``) sends them.
 
+A worker that stops (SIGTERM, a rolling restart, the end of a replay) first
+gives its senders a grace period to deliver what they hold (``stop``: at
+most ``WEBHOOK_STOP_GRACE_S``, less when the hooks' own timeouts say every
+held alert is done sooner), so subscribers get an alert the worker had in
+hand now rather than at the next redelivery (``2 x
+alerts.webhook_redeliver_s`` later). A receiver that hangs does not hold the
+stop past the grace: what is still held then stays ``queued``.
+
 A store that cannot write (``sqlite3.OperationalError``: the file locked past
 its busy timeout, the disk full, a read-only file) holds the batch: ``Sinks``
 logs each failure and retries it with capped exponential backoff
@@ -51,12 +59,18 @@ from streams.records import Alert, ClusterSnapshot, DeadLetter
 from streams.settings import FindingsSettings, Settings, WebhookSettings
 from streams.findings import QUEUED, FindingsStore, open_findings
 from streams.webhooks import (
-    WebhookError, WebhookHeld, deliver, delivery_status, hooks_by_key, live_add, live_discard, target_label,
+    WebhookError, WebhookHeld, deliver, delivery_status, desk_url, hooks_by_key, live_add, live_discard,
+    longest_delivery_s, target_label,
 )
 
 log = logging.getLogger("deepwatch.alerts")
 
 R = TypeVar("R")
+
+# The longest a stopping worker waits for its webhook senders (``Sinks.stop``):
+# well inside the 20 s a local runner gives a stopping worker before it kills it
+# (streams.runner) and Kubernetes' default 30 s termination grace period.
+WEBHOOK_STOP_GRACE_S = 10.0
 
 
 class Sinks:
@@ -71,6 +85,7 @@ class Sinks:
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._senders: dict[str, _Sender] = {}  # webhook target key -> its queue and sender
+        self._stopped_loop: asyncio.AbstractEventLoop | None = None  # the loop ``stop`` ran on: no new senders there
         self._open_lock = threading.Lock()
         self._retrying = 0  # writes now waiting out a failure, across this worker's sink agents
         self._behind_since: float | None = None
@@ -165,11 +180,18 @@ class Sinks:
                 metrics.EVENT_TO_ALERT_SECONDS.observe(max(0.0, lag))
             if self.settings.alerts.console:
                 top = alert.evidence[0].detail if alert.evidence else "no evidence detail"
+                link = desk_url(self.settings.desk.public_url, alert)
                 log.warning(
                     f"ALERT L{alert.level} cluster {alert.cluster_id}: fake score {alert.fake_score:.2f} ({alert.verdict}), "
-                    f"{alert.velocity.sightings_5m} sightings in 5 min, {alert.accounts} accounts — {top}",
+                    f"{alert.velocity.sightings_5m} sightings in 5 min, {alert.accounts} accounts — {top}"
+                    + (f"; desk: {link}" if link else ""),
                     extra={"alert_id": alert.alert_id, "cluster_id": alert.cluster_id},
                 )
+        if todo and self._stopped_loop is asyncio.get_running_loop():
+            # the worker is stopping and its senders are closed: the deliveries stay "queued", redelivery sends them
+            log.info("worker stopping; webhook deliveries left to redelivery",
+                     extra={"alert_id": alert.alert_id, "targets": len(todo)})
+            todo = []
         done = [self._sender(key, hooks[key]).put(alert) for key in todo]
         if self.retry_for_s is not None:
             # a caller that answers someone (the desk) says the alert went out: it waits for this
@@ -192,6 +214,36 @@ class Sinks:
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(s.queue.join() for s in list(self._senders.values()) if s.loop is loop))
 
+    async def stop(self, grace_s: float = WEBHOOK_STOP_GRACE_S) -> None:
+        """The worker stops: give this loop's webhook senders up to
+        ``grace_s`` (less when the hooks' timeouts end every held delivery
+        sooner) to deliver what they hold, then ``aclose``. What is still
+        held stays ``queued`` for redelivery; alerts handed over afterwards
+        are left to it too. Returns at once when nothing is held."""
+        loop = asyncio.get_running_loop()
+        self._stopped_loop = loop
+        senders = [s for s in self._senders.values() if s.loop is loop and not s.task.done()]
+        held = sum(s.held for s in senders)
+        if held:
+            # every held alert of a target is done (delivered or failed) within its hook's bound
+            bound = min(grace_s, max(s.held * longest_delivery_s(s.hook) for s in senders))
+            before = [dict(s.outcomes) for s in senders]
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(self.drain(), bound)
+            except TimeoutError:
+                pass
+            ended: dict[str, int] = {}  # how the deliveries that ended meanwhile ended
+            for s, was in zip(senders, before):
+                for outcome, n in s.outcomes.items():
+                    ended[outcome] = ended.get(outcome, 0) + n - was.get(outcome, 0)
+            delivered, left = ended.get("delivered", 0), sum(s.held for s in senders)
+            log.info(f"webhook senders drained at stop: {delivered} delivered, {left} left queued for redelivery",
+                     extra={"held": held, "delivered": delivered, "failed": ended.get("failed", 0),
+                            "rejected": ended.get("rejected", 0), "left_queued": left,
+                            "seconds": round(time.monotonic() - started, 2), "grace_s": round(bound, 2)})
+        await self.aclose()
+
     async def aclose(self) -> None:
         """Stop the senders (what they still held stays ``queued`` in the
         store: redelivery sends it) and close the HTTP client."""
@@ -205,9 +257,10 @@ class Sinks:
             await self._client.aclose()
             self._client = self._client_loop = None
 
-    async def _webhook(self, key: str, hook: WebhookSettings, alert: Alert) -> None:
+    async def _webhook(self, key: str, hook: WebhookSettings, alert: Alert) -> str:
+        """Deliver and record; returns the recorded status ("skipped": it was already delivered)."""
         if await self._write("delivery", 1, lambda store: store.delivered(alert.alert_id, key)):
-            return  # redelivery (or another worker) got it there first
+            return "skipped"  # redelivery (or another worker) got it there first
         assert self._client is not None
         try:
             status = await deliver(hook, alert, self._client)
@@ -221,6 +274,7 @@ class Sinks:
             log.error("webhook delivery failed",
                       extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
         await self._write("delivery", 1, lambda store: store.mark_delivered(alert.alert_id, key, status))
+        return status
 
 
 class _Sender:
@@ -232,6 +286,8 @@ class _Sender:
         self.sinks, self.key, self.hook = sinks, key, hook
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[Alert, asyncio.Future[None]]] = asyncio.Queue(maxsize)
+        self.held = 0  # alerts queued or being sent
+        self.outcomes: dict[str, int] = {}  # how its deliveries ended: "delivered", "skipped", "failed", ...
         self.task = self.loop.create_task(self._run(), name=f"webhook sender {key}")
 
     def put(self, alert: Alert) -> "asyncio.Future[None] | None":
@@ -246,17 +302,22 @@ class _Sender:
                         extra={"alert_id": alert.alert_id, "target": self.key, "queued": self.queue.qsize()})
             return None
         live_add(self.key, alert.alert_id)
+        self.held += 1
         return done
 
     async def _run(self) -> None:
         while True:
             alert, done = await self.queue.get()
+            outcome = "queued"  # what the record says unless the delivery ends
             try:
-                await self.sinks._webhook(self.key, self.hook, alert)
+                outcome = (await self.sinks._webhook(self.key, self.hook, alert)).split(":", 1)[0]
             except Exception:  # the record stays "queued": redelivery sends it
                 log.exception("webhook delivery could not be recorded",
                               extra={"alert_id": alert.alert_id, "target": self.key})
             finally:
+                self.held -= 1
+                if outcome != "queued":
+                    self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
                 live_discard(self.key, alert.alert_id)
                 self.queue.task_done()
                 if not done.done():

@@ -15,9 +15,11 @@ Every target (webhook URL) has its own queue and sender in the worker: a
 receiver that is slow, hangs until ``timeout_s`` or is down holds back only
 its own later alerts, never another subscriber's; each target gets its alerts
 in the order they were raised. An alert is recorded as ``queued`` for each
-target before the alert sink takes the next one, so an alert whose delivery a
-stopped or killed worker left unfinished is still sent (by the redelivery, once
-its ``queued`` record is ``2 × alerts.webhook_redeliver_s`` old).
+target before the alert sink takes the next one. A stopping worker gives its
+senders a bounded grace to deliver what they hold (``streams.sinks.Sinks.stop``);
+an alert whose delivery a stopped or killed worker still left unfinished is
+sent by the redelivery, once its ``queued`` record is
+``2 × alerts.webhook_redeliver_s`` old.
 
 A delivery that still fails after its retries is not forgotten: the
 ``Redeliverer`` tries failed deliveries again every
@@ -340,7 +342,7 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
             TIMESTAMP_HEADER: ts,
             DELIVERY_HEADER: delivery_header(alert.alert_id),
         }
-        wait = min(0.5 * 2**attempt, 8.0)
+        wait = backoff_s(attempt)
         try:
             status, location, retry_after = await _attempt(hook, body, headers, client)
         except TimeoutError:
@@ -384,6 +386,19 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
         if attempt < hook.retries:
             await asyncio.sleep(wait)
     raise WebhookError(f"{shown}: {last}")
+
+
+def backoff_s(attempt: int) -> float:
+    """The pause after failed attempt ``attempt`` (0-based) when the
+    receiver named none (Retry-After)."""
+    return min(0.5 * 2**attempt, 8.0)
+
+
+def longest_delivery_s(hook: WebhookSettings) -> float:
+    """The longest one delivery to ``hook`` takes by its own bounds: every
+    try within ``timeout_s`` and the backoffs between them, plus a second for
+    the store's records. A Retry-After pause can be longer."""
+    return hook.timeout_s * (hook.retries + 1) + sum(backoff_s(a) for a in range(hook.retries)) + 1.0
 
 
 def _url_problem(url: str) -> str | None:

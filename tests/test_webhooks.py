@@ -466,18 +466,22 @@ def test_an_alert_a_receiver_rejects_for_good_does_not_block_the_later_ones(rece
 DESK = "https://desk.example.org/desk"
 
 
-def test_alerts_link_the_desk_page_of_their_cluster_in_the_signed_body(receiver, monkeypatch, tmp_path):
+def test_alerts_link_the_desk_page_of_their_cluster_in_the_signed_body(receiver, monkeypatch, tmp_path, caplog):
     """With desk.public_url set, the body the alert sink sends has "desk_url",
     the cluster's desk page; the rest is the alert's JSON, and the signature
-    covers the body as sent."""
+    covers the body as sent. The console's alert line ends with the link."""
     import json
 
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(200)
     sinks, _ = _sinks(tmp_path, monkeypatch, _hook(srv, retries=0))
     sinks.settings.desk.public_url = DESK
+    sinks.settings.alerts.console = True
     alert = _alert()
-    asyncio.run(_sink_alert(sinks, alert))
+    with caplog.at_level(logging.WARNING, logger="deepwatch.alerts"):
+        asyncio.run(_sink_alert(sinks, alert))
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ALERT L1")]
+    assert line.endswith("; desk: https://desk.example.org/desk/clusters/c-1"), line
     [req] = srv.requests
     assert req["valid"], "signed as sent"
     doc = json.loads(req["body"])
