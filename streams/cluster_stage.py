@@ -4,8 +4,10 @@ decisions, as a unit of its own.
 ``ClusterStage`` owns everything the ``cluster`` agent in ``streams.app``
 used to keep in a closure: the ``ClusterEngine`` (rebuilt from the changelog
 table after a rebalance), the table itself, seeding a fresh table from
-``streams.engine_state``, eviction to the cold tier and revival from it. The
-app only wires it: topics in, topics out, the rebalance signal.
+``streams.engine_state`` (and asking the models again for the seeded
+clusters whose requests the old broker took with it), eviction to the cold
+tier and revival from it. The app only wires it: topics in, topics out, the
+rebalance signal.
 
 Ops come in batches (``settings.batch``: up to ``cluster_max_ops``, or what
 arrived within ``cluster_within_s``). Each op is decoded and applied through
@@ -48,9 +50,9 @@ from typing import Any, Awaitable, Callable
 
 from detectors.neardup.localized import PixelSource
 from streams import metrics
-from streams.clustering import ClusterEngine, ClusterState, InvalidOp, Outcome, fit
+from streams.clustering import ClusterEngine, ClusterState, InvalidOp, Outcome, fit, model_request
 from streams.engine_state import SqliteEngineState
-from streams.records import ClusterOp, DeadLetter, SourceRef
+from streams.records import ClusterOp, DeadLetter, DetectRequest, SourceRef
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,10 @@ class ClusterStage:
         # changed -- if it fails, they are parsed again from ``_pending``.
         self._live: dict[str, ClusterState] = {}
         self._read: set[str] = set()
+        # Seeded clusters still waiting for a model result: their requests were
+        # on the old broker, so they are asked again, once (``_ask_again``).
+        self._asked: set[str] = set()
+        self._to_ask: list[DetectRequest] = []
 
     # -- state ----------------------------------------------------------------
     async def on_rebalance(self, sender: Any = None, **kwargs: Any) -> None:
@@ -131,8 +137,10 @@ class ClusterStage:
             # broker, so they are cleared (the cold tier's too).
             states = [_fresh(s) for s in _loadable(self.states.hot(), "engine state")]
             self._seeded = {s.cluster_id: s for s in states}
-            stale = {s.cluster_id: _fresh(s).dumps() for s in _loadable(self.states.archived(), "cold tier")}
-            self.states.archive(stale)
+            stale = [_fresh(s) for s in _loadable(self.states.archived(), "cold tier")]
+            self.states.archive({s.cluster_id: s.dumps() for s in stale})
+            if eng.models_enabled:
+                self._ask_again([*states, *stale])
         eng.rebuild(states)
         # Clusters archived but not hot were evicted earlier: only their hashes
         # come back, into the cold index.
@@ -142,6 +150,22 @@ class ClusterStage:
                 eng.add_cold(archived.cluster_id, archived.members)
         log.info("cluster index rebuilt", extra={"clusters": eng.index.n_clusters, "seeded": len(self._seeded)})
         return eng
+
+    def _ask_again(self, states: list[ClusterState]) -> None:
+        """Queue, for the batch being handled, the model requests of the
+        seeded clusters still waiting for one. A fresh broker has no
+        ``detect-requests`` of the old one: a cluster left waiting (a replay
+        with ``--no-wait-models``, a broker restarted) was never answered
+        and would wait for good. Each is asked once per stage, however often
+        the table is seeded again (a rebalance before anything was written)."""
+        for state in states:
+            req = model_request(state) if state.merged_into is None else None
+            if req is not None and state.cluster_id not in self._asked:
+                self._asked.add(state.cluster_id)
+                self._to_ask.append(req)
+        if self._to_ask:
+            log.info("asking the models again for clusters an earlier broker's requests left waiting",
+                     extra={"clusters": len(self._to_ask)})
 
     # -- the agent ---------------------------------------------------------------
     async def run(self, stream: Any) -> None:
@@ -169,6 +193,9 @@ class ClusterStage:
                 await self.detect_requests.send(key=req.cluster_id.encode(), value=req.dumps())
             for alert in out.alerts:
                 await self.alerts.send(key=alert.cluster_id.encode(), value=alert.dumps())
+        asking, self._to_ask = self._to_ask, []
+        for req in asking:
+            await self.detect_requests.send(key=req.cluster_id.encode(), value=req.dumps())
         for (value, msg), detail in failed:
             src = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset)
             await self._dead(src, value, detail)

@@ -294,6 +294,8 @@ class ClusterEngine:
             return self._sighting(op.sighting, offset, get)
         if op.kind == "detection" and op.detection is not None:
             return self._detection(op.detection, offset, get)
+        if op.kind == "resume":
+            return Outcome()  # changes nothing: the stage seeds (and asks again) before any op applies
         raise InvalidOp(f"cluster op of kind {op.kind!r} carries no payload")
 
     def _sighting(self, s: Sighting, offset: int, get: Getter) -> Outcome:
@@ -477,9 +479,9 @@ class ClusterEngine:
         out.snapshots.append(self._snapshot(state, s))
         if state.last_alert is not None:
             out.alerts.append(state.last_alert)
-        if state.models_pending and state.members:
-            sha = state.detect_sha256 or state.members[0].sha256
-            out.detect_requests.append(DetectRequest(cluster_id=state.cluster_id, sha256=sha))
+        req = model_request(state)
+        if req is not None:
+            out.detect_requests.append(req)
         return out
 
     def _snapshot(self, state: ClusterState, s: Sighting | None, top: list[Evidence] | None = None,
@@ -552,6 +554,15 @@ def _better_copy(s: Sighting, members: list[Member]) -> bool:
 
 def _top(state: ClusterState) -> list[Evidence]:
     return fuse(state.evidence + state.model_evidence).evidence
+
+
+def model_request(state: ClusterState) -> DetectRequest | None:
+    """The request a cluster waiting for a model result waits on, to send
+    again (its best copy's: the one an answer must name to end the wait);
+    None when it waits for none."""
+    if not (state.models_pending and state.members):
+        return None
+    return DetectRequest(cluster_id=state.cluster_id, sha256=state.detect_sha256 or state.members[0].sha256)
 
 
 def _resolve(get: Getter, cluster_id: str) -> ClusterState | None:

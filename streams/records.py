@@ -238,10 +238,14 @@ class DetectionResult(_Record):
 
 class ClusterOp(_Record):
     """What the single-writer cluster agent consumes: a new sighting or the
-    result of the once-per-cluster model detection."""
+    result of the once-per-cluster model detection; or ``resume``, which
+    changes nothing and only makes the writer start (a replay sends it when
+    clusters of an earlier run still wait for a model result: over a fresh
+    broker the writer then asks the models again, ``streams.cluster_stage``,
+    even when none of the run's events reaches it)."""
 
     schema_version: Literal[1] = 1
-    kind: Literal["sighting", "detection"]
+    kind: Literal["sighting", "detection", "resume"]
     sighting: Sighting | None = None
     detection: DetectionResult | None = None
 

@@ -41,6 +41,9 @@ DETECT_NICE = 10
 # keeps no state of its own (results go to the broker), and a model busy on
 # a batch holds its process exit until the batch ends.
 STOP_GRACE_S = {"detect": 2.0}
+# How long replay waits for the next model result, once every event is in,
+# before it stops waiting and reports the clusters still pending.
+MODELS_STALL_S = 60.0
 
 
 @dataclass
@@ -328,6 +331,11 @@ class ReplaySummary:
     # ``clusters`` and ``alerts`` count the whole store, which earlier runs
     # into the same data dir add to.
     run_outcomes: dict[str, int] = field(default_factory=dict)
+    # Clusters already waiting for a model result when this run started (an
+    # earlier run's, e.g. with --no-wait-models, whose requests its broker
+    # took with it): asked again by this run (``ask_models_again``) and waited
+    # for like its own; ``models_pending`` counts those still waiting at the end.
+    models_pending_at_start: int = 0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -337,7 +345,7 @@ def wait_until_processed(
     cluster: Cluster, offsets: set[tuple[int, int]], *, timeout_s: float,
     on_progress: Callable[[int], None] | None = None, models: bool = False,
     produced: Produced | None = None, stall_s: float = 20.0, marks: dict[str, float] | None = None,
-    models_stall_s: float = 60.0,
+    models_stall_s: float | None = None,
 ) -> bool:
     """True once every produced event is a sighting or a dead letter in the
     store, and the derived work (alerts, model results) has landed too.
@@ -355,9 +363,16 @@ def wait_until_processed(
     resend is the last safety net behind them, and costs nothing: every
     stage is idempotent on the event id.
 
+    With ``models``, every cluster waiting for a model result is waited
+    for, until none is left or none has landed for ``models_stall_s``
+    (``MODELS_STALL_S``); clusters an earlier run left waiting are among
+    them, asked again when the run started (``ask_models_again``).
+
     Once every event is accounted for and ``models`` are awaited, the detect
     role's threads are reniced to 0 (``Cluster.renice``): the pipeline is
     idle, the model tail gets the cores."""
+    if models_stall_s is None:
+        models_stall_s = MODELS_STALL_S
     store = open_findings(cluster.settings.findings.url, cluster.settings.data_dir, cluster.settings)
     topic = cluster.settings.topic("events")
     deadline = time.monotonic() + timeout_s
@@ -425,6 +440,43 @@ def wait_until_processed(
         return False
     finally:
         store.close()
+
+
+def ask_models_again(cluster: Cluster) -> int:
+    """Clusters the store shows waiting for a model result before this run
+    produced anything: an earlier run's, whose requests went with its broker
+    (``--no-wait-models``, a stop before the models answered). Replay waits
+    for every pending cluster, so these would hold it up for
+    ``MODELS_STALL_S`` and stay pending for good. When there are any, one
+    ``resume`` op goes to ``cluster-ops``: the single writer then starts even
+    if none of this run's events reaches it (a feed already stored), and,
+    seeding its table from the engine state over a fresh broker, asks the
+    models again for each of them (``ClusterStage._ask_again``). Over a
+    broker that kept its topics their requests are still queued, and the op
+    changes nothing. Call before the workers start. Returns the count."""
+    settings = cluster.settings
+    store = open_findings(settings.findings.url, settings.data_dir, settings)
+    try:
+        pending = store.pending_work()["models"]
+    finally:
+        store.close()
+    if not pending:
+        return 0
+    from kafka.errors import KafkaError
+
+    from streams.broker import kafka_producer
+    from streams.records import ClusterOp
+
+    producer = kafka_producer(cluster.bootstrap, settings, client_id="deepwatch-replay", acks="all")
+    try:
+        producer.send(settings.topic("cluster-ops"), key=b"ops", value=ClusterOp(kind="resume").dumps()).get(timeout=30)
+        log.info("clusters of an earlier run wait for a model result; asking again", extra={"clusters": pending})
+    except KafkaError as e:  # not fatal: a sighting of the run starts the writer too, else the wait ends stalled
+        log.warning("could not send the resume op; clusters of an earlier run may not be asked again",
+                    extra={"clusters": pending, "error": f"{type(e).__name__}: {e}"})
+    finally:
+        producer.close(timeout=5)
+    return pending
 
 
 def process_age() -> float | None:

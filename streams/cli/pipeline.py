@@ -78,6 +78,9 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         err.print(f"[dim]starting {what}{workers} worker(s); logs in {Path(settings.data_dir) / 'logs'}[/]")
         cluster = runner.start_cluster(settings, stack)
         timings.update(cluster.timings)
+        # before the workers start: an earlier run's clusters still waiting for
+        # the models are asked again and waited for like this run's
+        pending_at_start = runner.ask_models_again(cluster) if models else 0
         spawned = time.monotonic()
         if models:
             # First: its imports and model load are the longest start-up; it
@@ -135,6 +138,7 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
                                    run=produced.run, ingest_seconds=marks.get("events_done", started + seconds) - started)
         summary.stage_seconds = cluster.stage_seconds()
         summary.workers = workers
+        summary.models_pending_at_start = pending_at_start
         for w in cluster.workers:
             for phase, secs in w.log_times().items():
                 key = f"{w.role}_{phase}"
@@ -160,9 +164,12 @@ def _print_summary(summary, fmt_json: bool) -> None:
     # the store's totals: earlier runs into the same data dir count too
     err.print(f"data dir: {summary.sightings} sightings, {summary.clusters} clusters, {summary.alerts} alerts; "
               f"dead letters: {dl} (`deepwatch dead-letters` lists them)")
+    if summary.models_pending_at_start:
+        err.print(f"{summary.models_pending_at_start} cluster(s) an earlier run left waiting for a model result "
+                  "were asked again")
     if summary.models_pending:
-        err.print(f"{summary.models_pending} cluster(s) still wait for a model result (--no-wait-models); "
-                  "their scores lack model evidence")
+        err.print(f"{summary.models_pending} cluster(s) still wait for a model result; their scores lack model "
+                  "evidence (a later replay into this data dir asks again)")
     if summary.alert_latency_s:
         err.print(f"event→alert latency (s): {summary.alert_latency_s}")
 
