@@ -288,14 +288,18 @@ def test_wrong_methods_say_which_are_allowed(data, env):
 
 
 def test_request_bodies_are_bounded(data, env):
-    # FastAPI reads a whole body before the guards: an anonymous client could make the desk hold gigabytes.
+    # A body that passes the guards is read whole (a login form's always is):
+    # unbounded, a client could make the desk hold gigabytes.
     with client(make_settings(data)) as c:
-        r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "fake", "note": "x" * 100_000})
+        r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "fake", "note": "x" * 100_000}, headers=EDITOR)
         assert r.status_code == 413 and r.json() == {"error": "request body over 65536 bytes", "status": 413}
         assert r.headers["x-frame-options"] == "DENY"
+        r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "fake", "note": "x" * 100_000})
+        assert r.status_code == 401  # anonymous: refused before its body is read
         chunks = (b"x" * 10_000 for _ in range(20))  # no Content-Length: counted as it arrives
         r = c.post("/api/clusters/c-quiet/verdict", content=chunks, headers={"Content-Type": "application/json", **EDITOR})
         assert r.status_code == 413
+        c.get("/login")  # the login cookie
         r = c.post("/login", data={"username": "alice", "password": "p" * 100_000, "csrf": "x"})
         assert r.status_code == 413 and "request body over" in r.text
         note = "é" * 4000  # the longest note, JSON-escaped, still fits
@@ -327,6 +331,82 @@ def test_reading_needs_login_off_loopback(data, env):
     with client(make_settings(data, require_login_on_loopback=True)) as c:
         assert c.get("/api/accounts").status_code == 401
         assert c.get("/api/clusters/c-viral", headers=VIEWER).status_code == 200
+
+
+def test_the_401_says_why_reading_needs_a_login(data, env):
+    # On loopback with require_login_on_loopback the 401 said "this desk is not on a loopback address".
+    with client(make_settings(data, require_login_on_loopback=True)) as c:
+        error = c.get("/api/clusters").json()["error"]
+        assert "require_login_on_loopback" in error and "not on a loopback" not in error
+    with client(make_settings(data), host="0.0.0.0") as c:
+        error = c.get("/api/clusters").json()["error"]
+        assert "not on a loopback address" in error and "require_login_on_loopback" not in error
+
+
+MALFORMED = {"content": "[[[", "headers": {"Content-Type": "application/json"}}
+
+
+def test_guards_answer_before_any_body_is_read(data, env):
+    """FastAPI reads, parses and validates a body before it runs dependencies:
+    an anonymous client got 422 (with the API's schema) for a malformed body,
+    and the desk parsed bodies for anyone."""
+    verdict = "/api/clusters/c-quiet/verdict"
+    with client(make_settings(data)) as c:
+        r = c.post(verdict, **MALFORMED)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json() == {"error": "an editor login or bearer token is required to record verdicts", "status": 401}
+        assert c.post(verdict, json={"verdict": "maybe", "extra": 1}).status_code == 401
+        assert c.post(verdict, content=b"x" * 100_000, headers={"Content-Type": "application/json"}).status_code == 401
+        r = c.post(verdict, content="[[[", headers={"Content-Type": "application/json", **VIEWER})
+        assert r.status_code == 403 and "viewer" in r.json()["error"] and "detail" not in r.json()
+        wrong = {"Authorization": "Bearer wrong-token-xxxxxxxx"}
+        r = c.post(verdict, content="[[[", headers={"Content-Type": "application/json", **wrong})
+        assert r.status_code == 401 and "invalid bearer token" in r.json()["error"]
+        # an editor still gets the details
+        r = c.post(verdict, content="[[[", headers={"Content-Type": "application/json", **EDITOR})
+        assert r.status_code == 422 and r.json()["error"].startswith("bad request: body: not valid JSON")
+        assert r.json()["detail"][0]["loc"] == ["body", 3]
+        r = c.post(verdict, json={"verdict": "maybe"}, headers=EDITOR)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "verdict"]
+        # the form routes: no credentials, a wrong role, a missing CSRF token come before the fields
+        r = c.post("/clusters/c-quiet/verdict", data={}, follow_redirects=False)
+        assert r.status_code == 401
+        r = c.post("/login", data={})  # no login cookie: a cross-site post
+        assert r.status_code == 403 and "CSRF" in r.text
+    with client(make_settings(data, require_login_on_loopback=True)) as c:
+        r = c.get("/api/clusters?sort=nope&limit=abc")  # queries too: the guard first
+        assert r.status_code == 401 and "detail" not in r.json()
+        assert c.get("/api/clusters?sort=nope", headers=VIEWER).status_code == 422
+
+
+def test_sessions_meet_the_guards_before_their_bodies_are_read(data, env):
+    add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
+    add_user(data / "desk-users.json", "bob", "viewer", "another long password")
+    verdict = "/api/clusters/c-quiet/verdict"
+    with client(make_settings(data)) as c:
+        _login(c, "bob", "another long password")
+        r = c.post(verdict, **MALFORMED)
+        assert r.status_code == 403 and "bob is a viewer" in r.json()["error"]
+        r = c.post("/clusters/c-quiet/verdict", data={}, follow_redirects=False)
+        assert r.status_code == 403 and "bob is a viewer" in r.text
+    with client(make_settings(data)) as c:
+        _login(c, "alice", "correct horse battery")
+        csrf = c.get("/clusters/c-quiet").text.split('id="verdict-form"')[1].split('name="csrf" value="')[1].split('"')[0]
+        r = c.post(verdict, **MALFORMED)  # no X-CSRF-Token
+        assert r.status_code == 403 and "CSRF" in r.json()["error"]
+        r = c.post(verdict, json={"verdict": "fake"}, headers={"X-CSRF-Token": "é".encode("latin-1")})
+        assert r.status_code == 403 and "CSRF" in r.json()["error"]  # not a 500 from compare_digest
+        r = c.post(verdict, content="[[[", headers={"Content-Type": "application/json", "X-CSRF-Token": csrf})
+        assert r.status_code == 422 and "not valid JSON" in r.json()["error"]
+        r = c.post("/clusters/c-quiet/verdict", data={"note": "x"}, follow_redirects=False)  # no token, no verdict
+        assert r.status_code == 403 and "CSRF" in r.text
+        r = c.post("/clusters/c-quiet/verdict", data={"csrf": csrf}, follow_redirects=False)
+        assert r.status_code == 422 and "verdict" in r.text
+        c.get("/login")  # a login cookie, and a form with another token and no fields
+        r = c.post("/login", data={"csrf": "forged"})
+        assert r.status_code == 403 and "CSRF" in r.text
+        r = c.post("/login", data={"username": "alice", "password": "correct horse battery", "csrf": "é"})
+        assert r.status_code == 403 and "CSRF" in r.text
 
 
 def test_bad_token_config_is_refused(data, monkeypatch):

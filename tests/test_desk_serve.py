@@ -34,6 +34,9 @@ def test_serve_contract(tmp_path):
             assert c.get("/api/accounts?min_ai_share=0.5&min_posts=5").json()[0]["id"] == "persona1"
             r = c.post("/api/clusters/c-viral/verdict", json={"verdict": "fake", "note": "x"})
             assert r.status_code == 401 and r.json()["error"]
+            # a malformed body: still 401, before the body is read (was a 422 with the schema's details)
+            r = c.post("/api/clusters/c-viral/verdict", content="[[[", headers={"Content-Type": "application/json"})
+            assert r.status_code == 401 and "detail" not in r.json()
             assert c.get("/docs").status_code == 200
             assert "/api/clusters" in c.get("/openapi.json").json()["paths"]
     finally:
@@ -111,12 +114,16 @@ def test_serve_health_and_metrics(tmp_path):
     try:
         with httpx.Client(base_url=desk.url, timeout=30) as c:
             assert c.get("/healthz").json() == {"status": "ok"}
-            assert c.get("/api/clusters").status_code == 401
+            r = c.get("/api/clusters")  # on loopback: the 401 says the setting asks for a login
+            assert r.status_code == 401 and "require_login_on_loopback" in r.json()["error"]
+            assert "not on a loopback" not in r.json()["error"]
             assert c.get("/metrics").status_code == 404  # not on the desk's port
             auth = {"Authorization": f"Bearer {token}"}
             assert c.get("/api/clusters/c-viral", headers=auth).status_code == 200
             r = c.post("/api/clusters/c-viral/verdict", json={"verdict": "needs-review", "note": "check"}, headers=auth)
             assert r.status_code == 201
+            r = c.post("/api/clusters/c-viral/verdict", content="[[[", headers={"Content-Type": "application/json", **auth})
+            assert r.status_code == 422 and "not valid JSON" in r.json()["error"]  # an editor gets the details
             form = c.get("/login").text
             csrf = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
             r = c.post("/login", data={"username": "erin", "password": "not the password", "csrf": csrf})

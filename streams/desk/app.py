@@ -12,12 +12,15 @@ import logging
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Coroutine, Iterator, Optional
 from urllib.parse import quote, urlencode
 
 from fastapi import Depends, FastAPI, Form, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
@@ -48,9 +51,10 @@ MAX_BODY_BYTES = 64 * 1024
 
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` (declared or as
-    received) ends in 413 when the route reads it. FastAPI reads and parses
-    a whole body before any guard runs, so without a bound anyone who can
-    reach the desk could make it hold gigabytes."""
+    received) ends in 413 when the route reads it. The guards answer before
+    a body is read (``GuardFirst``), but a login form and every request that
+    passes them are read: without a bound a client could make the desk hold
+    gigabytes."""
 
     def __init__(self, app: Any, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -74,14 +78,56 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class GuardFirst(APIRoute):
+    """A route whose guard runs before its body is read.
+
+    FastAPI reads, parses and validates a request body before it runs any
+    dependency, so an anonymous client would get 422 with the API's schema
+    for a malformed body, and the desk would parse bodies for anyone. Here
+    the route's guards (the dependencies in ``guards``, at any depth) run on
+    the bare request first: no credentials end in 401, a wrong role or CSRF
+    token in 403, and only then does FastAPI read the body and solve the
+    dependencies as usual (the guards again: they are cheap, see
+    ``principal``). Set as the app's ``route_class`` before any route.
+    """
+
+    guards: frozenset[Any] = frozenset()
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        guards = list(dict.fromkeys(_calls_in(self.dependant, self.guards)))
+        if not guards:
+            return handler
+
+        async def guarded(request: Request) -> Response:
+            for guard in guards:
+                await run_in_threadpool(guard, request)  # sync, like FastAPI runs them
+            return await handler(request)
+
+        return guarded
+
+
+def _calls_in(dependant: Dependant, wanted: frozenset[Any]) -> Iterator[Any]:
+    """The calls of ``dependant``'s dependencies found in ``wanted``, at any depth."""
+    for d in dependant.dependencies:
+        if d.call in wanted:
+            yield d.call
+        else:
+            yield from _calls_in(d, wanted)
+
+
 class Desk:
     """Everything one running desk holds, built once per app."""
 
     def __init__(self, settings: Settings, host: str, store: FindingsStore):
         self.settings = settings
         data = Path(settings.data_dir)
-        self.open_read = is_loopback(host) and not settings.desk.require_login_on_loopback
-        self.secure_cookies = not is_loopback(host)
+        loopback = is_loopback(host)
+        self.open_read = loopback and not settings.desk.require_login_on_loopback
+        # Why an anonymous read is refused (when it is): said in the 401.
+        self.login_reason = ("this desk is not on a loopback address" if not loopback else
+                             "reading needs a login on this loopback desk too (desk.require_login_on_loopback is set)")
+        self.secure_cookies = not loopback
         self.db = DeskDB(data / "desk.sqlite")
         self.source = FindingsSource(store, self.db)
         self.users = Users(settings.desk.users_file or data / "desk-users.json")
@@ -161,7 +207,14 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     # -- guards ---------------------------------------------------------------
+    # Each runs twice a request, before the body is read (GuardFirst) and as a
+    # dependency: the credential lookup is done once.
     def principal(request: Request) -> Principal | None:
+        if "desk.principal" not in request.scope:
+            request.scope["desk.principal"] = _principal(request)
+        return request.scope["desk.principal"]
+
+    def _principal(request: Request) -> Principal | None:
         auth = request.headers.get("authorization", "")
         if auth:
             scheme, _, token = auth.partition(" ")
@@ -192,7 +245,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                 raise _error(403, "reading without a login is for requests addressed to this machine by a loopback "
                                   "name (localhost, 127.0.0.1, [::1]); use one of those, or log in")
             return Principal(user="anonymous", role="viewer", via="open")
-        raise _error(401, "login required: this desk is not on a loopback address")
+        raise _error(401, f"login required: {desk.login_reason}")
 
     def editor(request: Request) -> Principal:
         p = principal(request)
@@ -204,8 +257,40 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     def check_csrf(p: Principal, presented: str | None) -> None:
         # Cookies ride along with cross-site requests; a bearer token does not.
-        if p.via == "session" and not (presented and p.csrf and secrets.compare_digest(presented, p.csrf)):
+        if p.via == "session" and not _same_token(presented, p.csrf):
             raise _error(403, "CSRF token missing or wrong; reload the page and try again")
+
+    def api_editor(request: Request) -> Principal:
+        """An editor, with a session's CSRF token in ``X-CSRF-Token``."""
+        who = editor(request)
+        check_csrf(who, request.headers.get("x-csrf-token"))
+        return who
+
+    def login_cookie(request: Request) -> None:
+        # The login form's double-submit cookie; without one the form's token cannot match.
+        if not request.cookies.get(LOGIN_CSRF_COOKIE):
+            raise _error(403, "CSRF token missing or wrong; reload the login page and try again")
+
+    # A form's CSRF token is in its body: these check it after the body is
+    # read, before the other fields are validated.
+    def editor_form(csrf: str = Form(""), who: Principal = Depends(editor)) -> Principal:
+        check_csrf(who, csrf)
+        return who
+
+    def reader_form(csrf: str = Form(""), me: Principal = Depends(reader)) -> Principal:
+        check_csrf(me, csrf)
+        return me
+
+    def login_form_csrf(request: Request, csrf: str = Form(""), _: None = Depends(login_cookie)) -> str:
+        expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+        if not _same_token(csrf, expected):
+            raise _error(403, "CSRF token missing or wrong; reload the login page and try again")
+        return expected
+
+    class DeskRoute(GuardFirst):
+        guards = frozenset({reader, editor, api_editor, login_cookie})
+
+    app.router.route_class = DeskRoute  # every route below runs its guards before its body is read
 
     # -- errors -----------------------------------------------------------------
     def wants_json(request: Request) -> bool:
@@ -310,8 +395,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     @app.post("/api/clusters/{cluster_id}/verdict", tags=["verdicts"], status_code=201,
               summary="Record a verdict (editor): fake / authentic feed the banks; needs-review flags it")
-    async def api_verdict(cluster_id: str, body: VerdictIn, request: Request, who: Principal = Depends(editor)) -> dict[str, Any]:
-        check_csrf(who, request.headers.get("x-csrf-token"))
+    async def api_verdict(cluster_id: str, body: VerdictIn, who: Principal = Depends(api_editor)) -> dict[str, Any]:
         return (await _record(cluster_id, body, who)).model_dump(mode="json")
 
     @app.get("/api/accounts", tags=["accounts"], summary="Accounts with posts, pictures, AI share, first/last seen, platforms")
@@ -380,8 +464,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     @app.post("/clusters/{cluster_id}/verdict", include_in_schema=False)
     async def cluster_verdict_form(cluster_id: str, verdict: str = Form(...), note: str = Form(""),
-                                   csrf: str = Form(""), who: Principal = Depends(editor)):
-        check_csrf(who, csrf)
+                                   who: Principal = Depends(editor_form)):
         try:
             body = VerdictIn(verdict=verdict, note=note)
         except ValidationError as e:
@@ -425,10 +508,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     @app.post("/login", include_in_schema=False)
     def login(request: Request, username: str = Form(..., max_length=64), password: str = Form(..., max_length=1024),
-              csrf: str = Form(""), next: str = Form("/")):
-        expected = request.cookies.get(LOGIN_CSRF_COOKIE)
-        if not (expected and csrf and secrets.compare_digest(expected, csrf)):
-            raise _error(403, "CSRF token missing or wrong; reload the login page and try again")
+              next: str = Form("/"), expected: str = Depends(login_form_csrf)):
         client = request.client.host if request.client else "unknown"
         keys = (f"ip:{client}", f"user:{username}")
         wait, stamp = desk.limiter.attempt(*keys)
@@ -456,9 +536,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         return resp
 
     @app.post("/logout", include_in_schema=False)
-    def logout(request: Request, csrf: str = Form(""), me: Principal = Depends(reader)):
+    def logout(request: Request, me: Principal = Depends(reader_form)):
         if me.via == "session":
-            check_csrf(me, csrf)
             desk.db.end_session(request.cookies.get(SESSION_COOKIE, ""))
         resp = RedirectResponse("/", 303)
         resp.delete_cookie(SESSION_COOKIE)
@@ -474,6 +553,13 @@ def _problem(err: dict[str, Any]) -> str:
         return f"body: not valid JSON ({err.get('ctx', {}).get('error', err['msg'])} at character {err['loc'][-1]})"
     field = ".".join(str(x) for x in err["loc"] if x not in ("query", "body", "path"))
     return f"{field or err['loc'][0]}: {err['msg']}"
+
+
+def _same_token(presented: str | None, expected: str | None) -> bool:
+    if not (presented and expected):
+        return False
+    # Bytes: compare_digest raises TypeError (a 500) on a str with non-ASCII characters.
+    return secrets.compare_digest(presented.encode(errors="replace"), expected.encode(errors="replace"))
 
 
 _LOGIN_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")  # what secrets.token_urlsafe(24) makes
