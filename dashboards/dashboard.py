@@ -165,6 +165,13 @@ def build_dashboard() -> dash.Dashboard:
             .with_target(_query(q.DESK_LOGINS, "login {{outcome}}", "B"))
             .draw_style(common.GraphDrawStyle.BARS)
         )
+        .with_panel(
+            _timeseries("Desk picture lookups", "short",
+                        "\"Find a picture\" (POST /api/similar, /similar) by outcome: seen (a cluster shows "
+                        "the picture), banked (only a bank entry does), not_seen, rejected (not an image, too large).")
+            .with_target(_query(q.DESK_LOOKUPS, "{{outcome}}"))
+            .draw_style(common.GraphDrawStyle.BARS)
+        )
     )
 
 

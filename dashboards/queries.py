@@ -136,6 +136,7 @@ DESK_DOWN = f"up{{{DESK_JOB}}} == 0"
 DESK_REQUESTS_RATE = ('sum by (route, status) (rate(deepwatch_desk_requests_total[$__rate_interval]))')
 DESK_VERDICTS = f"sum by (verdict) ({counted('deepwatch_desk_verdicts_total', '$__interval')})"
 DESK_LOGINS = f"sum by (outcome) ({counted('deepwatch_desk_logins_total', '$__interval')})"
+DESK_LOOKUPS = f"sum by (outcome) ({counted('deepwatch_desk_lookups_total', '$__interval')})"
 
 
 def desk_request_quantile(q: float, window: str = "$__rate_interval") -> str:

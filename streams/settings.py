@@ -70,7 +70,7 @@ def check_public_url(value: str | None) -> str | None:
 
 class FetchSettings(_Section):
     allow_private_networks: bool = False  # loopback/private/link-local refused unless set
-    max_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    max_bytes: int = Field(25 * 1024 * 1024, gt=0)  # the largest image fetched or read; also the desk's upload bound
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(15.0, gt=0)
     total_timeout_s: float = Field(30.0, gt=0)  # whole fetch incl. redirects and retries: a byte-a-second server cannot stall a task

@@ -27,3 +27,23 @@ def fake_es():
     es.stop()
     assert not es.crashes, "fake ES hit a gap:\n" + "\n".join(es.crashes)
     assert not es.unhandled, f"deepwatch called endpoints the fake does not know: {[(r.method, r.path) for r in es.unhandled]}"
+
+
+@pytest.fixture(params=["sqlite", "es"])
+def backend(request, tmp_path) -> tuple[Path, str | None]:
+    """The desk tests' small store (tests/desk_support.py) on each findings
+    backend: the SQLite file in the data dir, or Elasticsearch (the loopback
+    fake in tests/fake_es.py). Yields (data dir, store URL; None = the data
+    dir's SQLite file)."""
+    from tests.desk_support import small_store
+
+    if request.param == "sqlite":
+        small_store(tmp_path)
+        yield tmp_path, None
+        return
+    from streams.es_store import EsFindingsStore
+
+    es = request.getfixturevalue("fake_es")
+    small_store(tmp_path, EsFindingsStore.from_url(es.url))
+    assert not (tmp_path / "findings.sqlite").exists()  # the desk must not fall back to a SQLite file
+    yield tmp_path, es.url

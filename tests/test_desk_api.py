@@ -59,23 +59,6 @@ def data(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.fixture(params=["sqlite", "es"])
-def backend(request, tmp_path) -> tuple[Path, str | None]:
-    """The same small store on each findings backend: the SQLite file in the
-    data dir, or Elasticsearch (the loopback fake in tests/fake_es.py).
-    Yields (data dir, store URL; None = the data dir's SQLite file)."""
-    if request.param == "sqlite":
-        small_store(tmp_path)
-        yield tmp_path, None
-        return
-    from streams.es_store import EsFindingsStore
-
-    es = request.getfixturevalue("fake_es")
-    small_store(tmp_path, EsFindingsStore.from_url(es.url))
-    assert not (tmp_path / "findings.sqlite").exists()  # the desk must not fall back to a SQLite file
-    yield tmp_path, es.url
-
-
 def make_settings(data: Path, store_url: str | None = None, **desk) -> Settings:
     s = Settings(data_dir=data)
     s.findings.url = store_url

@@ -47,6 +47,23 @@ def _require_browser():
         pytest.skip("playwright for Python is not installed (pip install -e .[dev])")
 
 
+def desk_user(data: Path, name: str, role: str) -> None:
+    """``deepwatch desk-user NAME --role ROLE`` with PASSWORD, as an operator adds one."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DESK_PW": PASSWORD}
+    r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "desk-user", name, "--role", role,
+                        "--password-env", "DESK_PW", "--data-dir", str(data)],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def log_in(page, desk, name: str) -> None:
+    page.goto(desk.url + "/login")
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("#login-submit")
+    page.wait_for_url(desk.url + "/")
+
+
 def write_feed(path: Path, rows: list[tuple[str, str, str, str, int]]) -> Path:
     """rows: (event id, account, platform, image file, seconds after BASE_TIME)."""
     lines = [json.dumps({
@@ -136,11 +153,7 @@ def test_editor_verdict_in_the_browser_labels_the_next_repost(tmp_path):
         target = next(c for c in open_store(settings.data_dir).clusters() if c.sightings == 3)
         assert target.verdict == "no-evidence"  # nothing in the stream says AI: the desk decides
 
-        env = {**os.environ, "PYTHONPATH": str(REPO), "DESK_PW": PASSWORD}
-        r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "desk-user", "erin", "--role", "editor",
-                            "--password-env", "DESK_PW", "--data-dir", str(settings.data_dir)],
-                           capture_output=True, text=True, env=env, timeout=60)
-        assert r.returncode == 0, r.stderr
+        desk_user(settings.data_dir, "erin", "editor")
         desk = DeskServer(settings.data_dir, extra=("--broker", f"kafka://{cluster.bootstrap}"))
         stack.callback(desk.stop)
 
@@ -160,12 +173,7 @@ def browse(browser, desk, target, cluster, settings, first, tmp_path: Path, shot
         if True:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
 
-            # log in
-            page.goto(desk.url + "/login")
-            page.fill("input[name=username]", "erin")
-            page.fill("input[name=password]", PASSWORD)
-            page.click("#login-submit")
-            page.wait_for_url(desk.url + "/")
+            log_in(page, desk, "erin")
             assert page.inner_text("#whoami") == "erin (editor)"
 
             # the queue: both clusters, thumbnails decoded, sparklines drawn
@@ -238,12 +246,8 @@ def test_queue_refreshes_itself_and_accounts_search_pages_show_their_findings(tm
     from tests.desk_support import make_cluster, small_store
 
     small_store(tmp_path)
-    env = {**os.environ, "DEEPWATCH_DESK__REFRESH_S": "1", "DESK_PW": PASSWORD}
-    r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "desk-user", "vic", "--role", "viewer",
-                        "--password-env", "DESK_PW", "--data-dir", str(tmp_path)],
-                       capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)}, timeout=60)
-    assert r.returncode == 0, r.stderr
-    desk = DeskServer(tmp_path, env=env)
+    desk_user(tmp_path, "vic", "viewer")
+    desk = DeskServer(tmp_path, env={"DEEPWATCH_DESK__REFRESH_S": "1"})
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
@@ -255,10 +259,7 @@ def test_queue_refreshes_itself_and_accounts_search_pages_show_their_findings(tm
                 page.fill("input[name=password]", "not the password")
                 page.click("#login-submit")
                 assert page.inner_text("#login-error") == "wrong user name or password"
-                page.fill("input[name=username]", "vic")
-                page.fill("input[name=password]", PASSWORD)
-                page.click("#login-submit")
-                page.wait_for_url(desk.url + "/")
+                log_in(page, desk, "vic")
                 assert page.locator("tr.cluster-row").count() == 8
 
                 # the auto-refresh brings a new cluster in without a reload
@@ -298,6 +299,55 @@ def test_queue_refreshes_itself_and_accounts_search_pages_show_their_findings(tm
                 page.wait_for_selector("#result-count")
                 assert page.inner_text("#result-count") == "1 cluster(s)"
                 assert page.locator("tr.cluster-row").first.get_attribute("data-cluster") == "c-viral"
+            finally:
+                browser.close()
+    finally:
+        desk.stop()
+
+
+def test_find_a_picture_uploads_a_tip_and_shows_its_cluster(tmp_path):
+    """A viewer opens "Find a picture" from the nav, uploads a smaller,
+    recompressed copy of a stored picture and sees its cluster (thumbnail
+    drawn, verdict, link to its page); an unrelated picture is "not seen"."""
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    from tests.desk_support import small_store
+
+    small_store(tmp_path)  # c-viral is picture(1) at 160x120
+    tip = tmp_path / "tip.jpg"
+    tip.write_bytes(jpeg(picture(1, (160, 120)).resize((136, 102)), 55))
+    unrelated = tmp_path / "unrelated.jpg"
+    unrelated.write_bytes(jpeg(picture(4242, (160, 120)), 85))
+    desk_user(tmp_path, "vic", "viewer")
+    desk = DeskServer(tmp_path, env={"DEEPWATCH_DESK__REQUIRE_LOGIN_ON_LOOPBACK": "true"})
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                log_in(page, desk, "vic")
+                page.click("#nav-similar")
+                page.wait_for_url(desk.url + "/similar")
+
+                page.set_input_files("#similar-form input[name=image]", str(tip))
+                page.click("#similar-submit")
+                page.wait_for_selector("#matches")
+                wait_images(page, "#matches img.thumb")
+                shot = page.screenshot(path=str(tmp_path / "similar.png"))
+                row = page.locator("tr.match-row").first
+                assert row.get_attribute("data-cluster") == "c-viral"
+                assert "likely-ai" in row.inner_text() and "12 sightings" in row.inner_text()
+                assert_visible_in(shot, page, "tr.match-row img.thumb", min_std=10)
+                assert_visible_in(shot, page, "#query-preview", min_std=10)  # the uploaded picture, re-encoded
+                row.locator("a.cid").click()
+                page.wait_for_url(desk.url + "/clusters/c-viral")
+
+                page.goto(desk.url + "/similar")
+                page.set_input_files("#similar-form input[name=image]", str(unrelated))
+                page.click("#similar-submit")
+                page.wait_for_selector("#not-seen")
+                assert page.locator("tr.match-row").count() == 0
             finally:
                 browser.close()
     finally:

@@ -185,16 +185,16 @@ def similar(
     store_url: Optional[str] = typer.Option(None, "--store", help="Findings store: es://HOST:9200 or https://HOST:9200 (bit-vector kNN); default the SQLite file in --data-dir."),
 ) -> None:
     """Clusters and bank entries showing the same picture as IMAGE, nearest first."""
-    from detectors.hashing import compute_hashes
     from detectors.imagedata import ImageData, ImageRejected
-    from streams.findings import sqlite_file
+    from streams import similar as lookup
+    from streams.es_store import EsError
+    from streams.findings import StoreURLError, open_findings, sqlite_file
 
     if fmt not in ("table", "json"):
         raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
     settings = _settings(data_dir)
     try:  # under the configured decode limits, as `detect` and the pipeline read images
-        data = ImageData.from_path(image, limits=settings.decode_limits())
-        hashes = compute_hashes(data)
+        picture = lookup.picture_of(ImageData.from_path(image, limits=settings.decode_limits()))
     except ImageRejected as e:
         fail(f"{image}: {e}")
     except OSError as e:  # not a regular file (a FIFO, a device), unreadable: the message names it
@@ -205,12 +205,19 @@ def similar(
         # a mistyped --data-dir answered [] ("nothing is near") instead of saying so
         fail(f"no findings and no banks in {settings.data_dir}; run `deepwatch demo` or `deepwatch replay` (findings) or "
              "`deepwatch bank add` (banks) first, or pass the --data-dir that holds them")
-    if url:
-        rows = _similar_clusters_es(settings, url, data.sha256, hashes)
-    else:
-        rows = _similar_clusters(settings, data.sha256, hashes)
-    rows += _similar_banks(settings, hashes)
-    rows.sort(key=lambda r: r.pop("_rank"))
+    store = None
+    if findings_file is None or findings_file.exists():  # opening a missing SQLite file would create it
+        try:
+            store = open_findings(url, settings.data_dir, settings)
+        except (StoreURLError, EsError) as e:
+            raise typer.BadParameter(str(e), param_hint="--store") from None
+    try:
+        rows = lookup.as_json(lookup.find(settings, picture, store))
+    except EsError as e:
+        fail(str(e))
+    finally:
+        if store is not None:
+            store.close()
     if fmt == "json":
         print_json(rows)
         return
@@ -223,106 +230,3 @@ def similar(
     from rich.console import Console
 
     Console().print(table)
-
-
-def _rank(settings: Settings, distance: int, via: str) -> tuple[float, int]:
-    from detectors.neardup.clusters import rank_key
-
-    return rank_key(distance, via, settings.dedupe.phash_threshold, settings.dedupe.pdq_threshold)
-
-
-def _similar_clusters(settings: Settings, sha256: str, hashes: Any) -> list[dict[str, Any]]:
-    findings = settings.data_dir / "findings.sqlite"
-    if not findings.exists():
-        return []
-    from detectors.hashing import ImageHashes
-    from detectors.neardup import ClusterIndex
-    from streams.store import open_store
-
-    # members are indexed as-is: the writer already applied the chaining bound
-    # when it clustered them, so the read side only asks "near any member?"
-    index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)
-    members: dict[str, list[tuple[str, ImageHashes]]] = {}
-    store = open_store(settings.data_dir)
-    try:
-        for m in store.iter_members():
-            h = ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=m.pdq_quality, views=m.views, trimmed=m.trimmed)
-            index.add(m.cluster_id, m.sha256, h)
-            members.setdefault(m.cluster_id, []).append((m.sha256, h))
-    finally:
-        store.close()
-    return _on_pixels(settings, sha256, hashes, index.lookup(sha256, hashes), members)
-
-
-def _on_pixels(settings: Settings, sha256: str, hashes: Any, found: list[Any],
-               members: dict[str, list[tuple[str, Any]]]) -> list[dict[str, Any]]:
-    """The clusters the hashes found, kept when the image matches one of their
-    members on pixels too, as the cluster writer decides. Stored members carry
-    hashes without the thumbnail, so each found cluster's members are read
-    with their whole record (``recorded_hashes``); a member with neither record
-    nor bytes keeps its stored hashes, which then decide alone. Without this,
-    look-alikes (one prompt's other seed) come back as "the same picture"."""
-    from detectors.neardup import ClusterIndex
-    from streams.analyze import recorded_hashes
-
-    index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)
-    for f in found:
-        for sha, stored in members.get(f.cluster_id, []):
-            index.add(f.cluster_id, sha, recorded_hashes(settings, sha) or stored, representative=True)
-    return [
-        {"cluster_id": m.cluster_id, "distance": m.distance, "via": m.via, "_rank": _rank(settings, m.distance, m.via)}
-        for m in index.lookup(sha256, hashes)
-    ]
-
-
-def _similar_clusters_es(settings: Settings, url: str, sha256: str, hashes: Any) -> list[dict[str, Any]]:
-    """Elasticsearch bit-vector kNN finds the candidate clusters; the same
-    matching rule and ranking as the embedded index decide and order them."""
-    from detectors.hashing import ImageHashes
-    from detectors.neardup import ClusterIndex
-    from streams.es_store import EsError
-    from streams.findings import StoreURLError, open_findings
-
-    try:
-        store = open_findings(url, settings.data_dir, settings)
-    except (StoreURLError, EsError) as e:
-        raise typer.BadParameter(str(e), param_hint="--store") from None
-    try:
-        if not hasattr(store, "similar_candidates"):
-            return _similar_clusters(settings, sha256, hashes)
-        candidates = store.similar_candidates(sha256, hashes)
-    except EsError as e:
-        fail(str(e))
-    finally:
-        store.close()
-    index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)
-    members: dict[str, list[tuple[str, ImageHashes]]] = {}
-    for doc in candidates:
-        for m in doc.get("members") or []:
-            h = ImageHashes(phash=m["phash"], pdq=m["pdq"], pdq_quality=m["pdq_quality"], views=m.get("views"),
-                            trimmed=bool(m.get("trimmed")))
-            index.add(doc["cluster_id"], m["sha256"], h)
-            members.setdefault(doc["cluster_id"], []).append((m["sha256"], h))
-    return _on_pixels(settings, sha256, hashes, index.lookup(sha256, hashes), members)
-
-
-def _similar_banks(settings: Settings, hashes: Any) -> list[dict[str, Any]]:
-    if not (settings.data_dir / "banks.sqlite").exists():
-        return []
-    store = _store(settings)
-    try:
-        matches = store.match(hashes)
-    finally:
-        store.close()
-    return [
-        {
-            "bank": m.bank,
-            "entry_id": m.entry_id,
-            "verdict": m.verdict,
-            "label": m.label,
-            "distance": m.distance,
-            "via": m.via,
-            "_rank": _rank(settings, m.distance, m.via),
-        }
-        for m in matches
-    ]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator, Optional
 from urllib.parse import quote, urlencode
 
-from fastapi import Depends, FastAPI, Form, Query, Request
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +32,7 @@ from streams.desk.accounts import check_accounts
 from streams.desk.alerting import AlertPath
 from streams.desk.auth import RANK, LoginLimiter, Principal, Users, credential_of, token_principal, tokens_from_env
 from streams.desk.deskdb import DeskDB
+from streams.desk.lookup import Lookup, Rejected, lookup, upload_bound
 from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound
 from streams.desk.thumbs import ThumbError, Thumbnails
 from streams.desk.verdicts import Conflict, VerdictIn, Verdicts
@@ -46,23 +47,27 @@ LOGIN_CSRF_COOKIE = "dw_login_csrf"
 SHA256 = r"^[0-9a-f]{64}$"
 # The largest request body read: a verdict (a note of at most 4,000 characters,
 # 6 bytes each when JSON-escaped) or a login form fits many times over.
+# Picture uploads (``UPLOAD_PATHS``) have their own, larger bound.
 MAX_BODY_BYTES = 64 * 1024
+UPLOAD_PATHS = ("/api/similar", "/similar")
 
 
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` (declared or as
-    received) ends in 413 when the route reads it. The guards answer before
+    received) ends in 413 when the route reads it; the paths in ``paths``
+    have a bound of their own (picture uploads). The guards answer before
     a body is read (``GuardFirst``), but a login form and every request that
     passes them are read: without a bound a client could make the desk hold
     gigabytes."""
 
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, paths: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.paths = app, max_bytes, dict(paths or {})
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        bound = self.paths.get(scope["path"], self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         received = 0
 
@@ -70,9 +75,9 @@ class BodyLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes or not declared.isdigit() or int(declared) > self.max_bytes:
+            if received > bound or not declared.isdigit() or int(declared) > bound:
                 # Raised inside the route's body read: its exception handlers answer.
-                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+                raise HTTPException(413, f"request body over {bound} bytes")
             return message
 
         await self.app(scope, limited, send)
@@ -266,6 +271,12 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         check_csrf(who, request.headers.get("x-csrf-token"))
         return who
 
+    def api_reader(request: Request) -> Principal:
+        """A reader, with a session's CSRF token in ``X-CSRF-Token`` (a POST that only reads)."""
+        me = reader(request)
+        check_csrf(me, request.headers.get("x-csrf-token"))
+        return me
+
     def login_cookie(request: Request) -> None:
         # The login form's double-submit cookie; without one the form's token cannot match.
         if not request.cookies.get(LOGIN_CSRF_COOKIE):
@@ -288,7 +299,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         return expected
 
     class DeskRoute(GuardFirst):
-        guards = frozenset({reader, editor, api_editor, login_cookie})
+        guards = frozenset({reader, editor, api_editor, api_reader, login_cookie})
 
     app.router.route_class = DeskRoute  # every route below runs its guards before its body is read
 
@@ -318,7 +329,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                 {"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]}, 422)
         return templates.TemplateResponse(request, "error.html", {"status": 422, "message": msg, "me": None}, status_code=422)
 
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)  # innermost: its 413 gets the headers below
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES,  # innermost: its 413 gets the headers below
+                       paths={p: upload_bound(settings) for p in UPLOAD_PATHS})
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -432,6 +444,29 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             raise _error(404, str(e)) from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
+    @app.post("/api/similar", tags=["pictures"],
+              summary="Have we seen this picture? Clusters and bank entries showing an uploaded image, nearest first")
+    async def api_similar(image: UploadFile = File(..., description="the picture (multipart field `image`), at most "
+                                                                   "fetch.max_bytes"),
+                          _: Principal = Depends(api_reader)) -> Any:
+        """Rows in the `deepwatch similar --format json` shape (`[]`: not seen); a cluster row adds `desk_url`
+        and `cluster` (the `GET /api/clusters` shape), a bank row the entry's `sha256`."""
+        try:
+            return (await _lookup(image)).rows
+        except Rejected as e:
+            return JSONResponse({"error": str(e), "status": e.status, "reason": e.reason}, e.status)
+
+    async def _lookup(image: UploadFile, preview: bool = False) -> Lookup:
+        """The lookup, counted by outcome; decoding and the store's reads in a thread, off the event loop."""
+        try:
+            data = await image.read()
+            found = await run_in_threadpool(lookup, settings, desk.source, data, preview=preview)
+        except Rejected:
+            observe.LOOKUPS.labels("rejected").inc()
+            raise
+        observe.LOOKUPS.labels(found.outcome).inc()
+        return found
+
     async def _record(cluster_id: str, body: VerdictIn, who: Principal):
         try:
             rec = await desk.verdicts.record(cluster_id, body, who)
@@ -489,6 +524,22 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         asked = q != StoreQuery(limit=q.limit)
         rows = desk.source.analyst_search(q) if asked else []
         return page(request, "search.html", me, rows=rows, q=q, asked=asked, spread=desk.source.spread(rows))
+
+    @app.get("/similar", response_class=HTMLResponse, include_in_schema=False)
+    def similar_page(request: Request, me: Principal = Depends(reader)):
+        return page(request, "similar.html", me, found=None, error=None, max_bytes=settings.fetch.max_bytes)
+
+    @app.post("/similar", response_class=HTMLResponse, include_in_schema=False)
+    async def similar_form(request: Request, image: UploadFile = File(...), me: Principal = Depends(reader_form)):
+        try:
+            found = await _lookup(image, preview=True)
+        except Rejected as e:
+            resp = page(request, "similar.html", me, found=None, error=str(e), max_bytes=settings.fetch.max_bytes)
+            resp.status_code = e.status
+            return resp
+        members = await run_in_threadpool(views.member_shas, desk.source)  # bank entries shown only if members
+        return page(request, "similar.html", me, found=found, error=None, max_bytes=settings.fetch.max_bytes,
+                    filename=image.filename or "", members=members)
 
     @app.get("/banks", response_class=HTMLResponse, include_in_schema=False)
     def banks_page(request: Request, me: Principal = Depends(reader)):

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the desk (``deepwatch serve``): requests, verdicts, logins.
+"""Prometheus metrics of the desk (``deepwatch serve``): requests, verdicts, logins, picture lookups.
 
 They are served on ``metrics_port`` by ``streams.metrics.serve``, as the
 workers' are, and not on the desk's own port. That port may face the newsroom
@@ -23,11 +23,18 @@ REQUEST_SECONDS = Histogram("deepwatch_desk_request_seconds", "Desk request time
 VERDICTS = Counter("deepwatch_desk_verdicts_total", "Verdicts recorded at the desk, by verdict", ["verdict"])
 LOGINS = Counter("deepwatch_desk_logins_total", "Desk login attempts, by outcome (ok, failed, rate_limited)",
                  ["outcome"])
+LOOKUPS = Counter("deepwatch_desk_lookups_total",
+                  "Picture lookups at the desk (POST /api/similar, the Find a picture page), by outcome: seen (a "
+                  "cluster shows it), banked (only bank entries do), not_seen, rejected (not a picture it reads)",
+                  ["outcome"])
+LOOKUP_OUTCOMES = ("seen", "banked", "not_seen", "rejected")
 # At 0 from the start, so the first verdict or failed login is an increase a rule can see.
 for _verdict in get_args(DeskVerdict):
     VERDICTS.labels(_verdict)
 for _outcome in ("ok", "failed", "rate_limited"):
     LOGINS.labels(_outcome)
+for _outcome in LOOKUP_OUTCOMES:
+    LOOKUPS.labels(_outcome)
 
 
 def route_of(scope: dict[str, Any]) -> str:
