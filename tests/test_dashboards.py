@@ -447,7 +447,8 @@ def test_prometheus_config_loads_generated_rules():
 def test_k8s_manifests_parse_and_reference_settings():
     docs = [d for p in sorted((DEPLOY / "k8s" / "base").glob("*.yaml")) for d in _yaml_docs(p) if "metadata" in d]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    assert ("Deployment", "deepwatch-pipeline") in kinds and ("Deployment", "deepwatch-detect") in kinds
+    # the pipeline in two halves: stateless analyze workers and the one cluster writer
+    assert {("Deployment", "deepwatch-analyze"), ("Deployment", "deepwatch-cluster"), ("Deployment", "deepwatch-detect")} <= kinds
     assert ("Deployment", "deepwatch-desk") in kinds and ("Service", "deepwatch-desk") in kinds
     assert any(k == "ConfigMap" for k, _ in kinds) and any(k == "Secret" for k, _ in kinds)
     assert any(k == "Service" for k, _ in kinds)
@@ -462,7 +463,7 @@ def test_k8s_manifests_parse_and_reference_settings():
         env = {e["name"]: e for e in c.get("env", [])}
         assert {"DEEPWATCH_BROKER", "DEEPWATCH_DATA_DIR", "DEEPWATCH_CONFIG"} <= set(env), d["metadata"]["name"]
         assert not {k for k in env if k.startswith("DEEPWATCH_")} - known - {"DEEPWATCH_INGEST_TOKENS"}
-        if c["args"][0] != "serve-ingest":  # every process that raises alerts signs its webhooks
+        if c["args"][0] != "serve-ingest" and "analyze" not in c["args"]:  # every process that raises alerts signs its webhooks
             assert env["DEEPWATCH_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["key"]
         assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
         assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
@@ -500,9 +501,10 @@ def test_k8s_manifests_parse_and_reference_settings():
             # of the claim pods share, only the write-once blob store and the models
             assert all(m.get("subPath") in ("blobs", "models") for m in c["volumeMounts"]
                        if vols.get(m["name"], {}).get("persistentVolumeClaim", {}).get("claimName") == "deepwatch-blobs")
-    pipeline = next(d for d in docs if d["metadata"]["name"] == "deepwatch-pipeline")
-    env = {e["name"]: e for e in pipeline["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["DEEPWATCH_ES_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "deepwatch-elasticsearch"
+    for name in ("deepwatch-analyze", "deepwatch-cluster"):
+        dep = next(d for d in docs if d["metadata"]["name"] == name)
+        env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["DEEPWATCH_ES_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "deepwatch-elasticsearch", name
 
 
 def test_k8s_eck_overlay_runs_the_findings_cluster():

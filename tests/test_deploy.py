@@ -7,6 +7,7 @@ variables), the command line, the routes the apps serve and each other.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -89,8 +90,15 @@ def test_settings_files_are_valid():
 
 
 # -- environment variables: the loader refuses unknown DEEPWATCH_* ------------------
+def _compose_overrides() -> list[tuple[Path, dict]]:
+    """compose.*.yaml: files given after compose.yaml (-f), e.g. the GPU detect worker."""
+    return [(p, _docs(p)[0]) for p in sorted(DEPLOY.glob("compose.*.yaml"))]
+
+
 def _all_deepwatch_env() -> list[tuple[str, str]]:
     found = [(f"compose/{name}", k) for name, s in _deepwatch_services().items() for k in _env(s)]
+    for path, doc in _compose_overrides():
+        found += [(f"{path.name}/{name}", k) for name, s in doc["services"].items() for k in _env(s)]
     for path in sorted(K8S.rglob("*.yaml")):
         for doc in _docs(path):
             spec = (doc.get("spec") or {}).get("template", {}).get("spec", {})
@@ -115,6 +123,75 @@ def test_every_deepwatch_variable_is_one_the_settings_loader_accepts():
     assert not bad, bad
 
 
+def test_every_deepwatch_variable_the_deploy_docs_name_is_accepted():
+    """An operator copies names from comments and the README: each must be a
+    setting, a documented non-setting or a secret (a typo stops every process)."""
+    from streams.settings_check import SettingsError, check_environment
+
+    files = [p for p in DEPLOY.rglob("*") if p.is_file()] + sorted((REPO / "dashboards" / "generated").rglob("*.yaml"))
+    bad, seen = [], 0
+    for path in files:
+        for name in set(re.findall(r"\bDEEPWATCH_[A-Z0-9_]+\b", path.read_text())):
+            if name.endswith("_"):  # a family, "DEEPWATCH_ES_*"
+                continue
+            seen += 1
+            try:
+                check_environment({name: "x"})
+            except SettingsError as e:
+                bad.append(f"{path.relative_to(REPO)}: {e}")
+    assert seen >= 20 and not bad, bad
+
+
+def _container_envs() -> list[tuple[str, dict[str, str], str]]:
+    """(where, literal DEEPWATCH_* values, settings-file text) of every deepwatch process."""
+    out = []
+    compose_toml = (DEPLOY / "deepwatch.toml").read_text()
+    overrides = {name: s for _, doc in _compose_overrides() for name, s in doc["services"].items()}
+    for name, svc in _deepwatch_services().items():
+        env = {**_env(svc), **_env(overrides.get(name, {}))}
+        out.append((f"compose/{name}", {k: str(v) for k, v in env.items() if not str(v).startswith("${")}, compose_toml))
+    for overlay in ("base", "overlays/gpu", "overlays/eck"):
+        resources = _kustomize_resources(K8S / overlay)
+        [cm] = [d for d in resources if d.get("kind") == "ConfigMap"]
+        patches = {}
+        for patch in (_docs(K8S / overlay / "kustomization.yaml")[0].get("patches") or []):
+            for doc in _docs(K8S / overlay / patch["path"]):
+                for c in _containers(doc):
+                    patches[(doc["metadata"]["name"], c["name"])] = {e["name"]: e.get("value") for e in c.get("env", [])}
+        for dep in (d for d in resources if d.get("kind") == "Deployment"):
+            for c in _containers(dep):
+                env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+                env.update(patches.get((dep["metadata"]["name"], c["name"]), {}))
+                out.append((f"{overlay}/{dep['metadata']['name']}", env, cm["data"]["deepwatch.toml"]))
+    return out
+
+
+def test_every_process_starts_with_its_environment_and_settings_file(tmp_path, monkeypatch):
+    """The values too, not only the names: what `load_settings` does at every
+    start, with each container's literal env over the settings file it mounts."""
+    from streams.settings import load_settings
+
+    found = _container_envs()
+    assert len(found) >= 12, found
+    bad = []
+    for where, env, toml in found:
+        for k in [k for k in os.environ if k.startswith("DEEPWATCH_")]:
+            monkeypatch.delenv(k)
+        cfg = tmp_path / "deepwatch.toml"
+        cfg.write_text(toml)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("DEEPWATCH_CONFIG", str(cfg))
+        try:
+            s = load_settings()
+        except ValueError as e:  # SettingsError, or a value pydantic refuses
+            bad.append(f"{where}: {e}")
+            continue
+        if "DEEPWATCH_METRICS_PORT" in env:
+            assert s.metrics_port == int(env["DEEPWATCH_METRICS_PORT"]), where
+    assert not bad, bad
+
+
 # -- the command line ----------------------------------------------------------------
 def _check_command(cli, argv: list[str], where: str) -> None:
     cmd, rest = cli, list(argv)
@@ -135,12 +212,14 @@ def _invocations() -> list[tuple[str, list[str]]]:
                 if c.get("args"):
                     out.append((f"{path.relative_to(DEPLOY)}/{c['name']}", list(c["args"])))
     # commands the deploy docs and comments tell an operator to type
-    for path in [DEPLOY / "README.md", DEPLOY / "compose.yaml", *sorted(K8S.rglob("*.yaml"))]:
-        for m in re.finditer(r"(?<![\w/.-])deepwatch ([a-z][a-z-]+(?: [^\n`|;&)#]*)?)", path.read_text()):
+    commands = set(_cli().commands)
+    rules = REPO / "dashboards" / "generated" / "prometheus" / "deepwatch-rules.yaml"
+    for path in [DEPLOY / "README.md", *sorted(DEPLOY.glob("compose*.yaml")), DEPLOY / "Dockerfile",
+                 *sorted(K8S.rglob("*.yaml")), *sorted(K8S.rglob("*.yml")), rules]:
+        for m in re.finditer(r"(?<![\w/.-])deepwatch ([a-z][a-z-]+(?: [^\n`|;&)#']*)?)", path.read_text()):
             words = m.group(1).split()
-            if words[0] in ("worker", "serve", "ingest", "desk-user", "dead-letters", "alerts", "clusters", "search",
-                            "grafana", "broker", "settings", "serve-ingest", "connect", "bank", "models", "replay"):
-                out.append((f"{path.relative_to(DEPLOY)}", words))
+            if words[0] in commands:
+                out.append((f"{path.relative_to(REPO)}", words))
     return out
 
 
@@ -321,6 +400,53 @@ def test_every_process_writes_its_data_dir_to_a_volume():
                 assert blobs and not blobs.get("readOnly"), f"{dep['metadata']['name']}: the blob store is not writable"
 
 
+def _pvc(resources: list[dict], claim: str) -> dict:
+    [pvc] = [d for d in resources if d.get("kind") == "PersistentVolumeClaim" and d["metadata"]["name"] == claim]
+    return pvc
+
+
+def test_k8s_sqlite_state_is_on_a_claim_one_pod_holds():
+    """The cluster writer's engine state (cold tier: the only copy of evicted
+    clusters) and the desk's database must outlive the pod, and SQLite must not
+    be opened by two pods. `--role pipeline` replicas would each hold the writer
+    in turn, each with its own pod-local engine-state.sqlite."""
+    resources = _kustomize_resources(K8S / "base")
+    roles = set()
+    for dep in _deployments():
+        name = dep["metadata"]["name"]
+        for c in _containers(dep):
+            argv = c["args"]
+            role = _opt(argv, "--role") if argv[0] == "worker" else argv[0]
+            roles.add(role)
+            assert role != "pipeline", f"{name}: pipeline workers keep the cold tier on scratch; run analyze + cluster"
+            if role not in ("cluster", "serve"):
+                continue
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            [mount] = [m for m in c["volumeMounts"] if m["mountPath"] == env["DEEPWATCH_DATA_DIR"]]
+            [vol] = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+            claim = vol.get("persistentVolumeClaim", {}).get("claimName")
+            assert claim, f"{name}: {role} keeps SQLite state in {mount['mountPath']}, which is no claim"
+            assert _pvc(resources, claim)["spec"]["accessModes"] == ["ReadWriteOnce"], claim
+            assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate", name
+    assert {"analyze", "cluster", "detect", "serve", "serve-ingest"} <= roles, roles
+
+
+def test_compose_memory_limits_match_kubernetes():
+    """The compose comments say "as k8s/...": keep the two in step (pipeline =
+    both halves; its limit is the cluster writer's, which holds the index)."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+    def size(v: str) -> int:
+        m = re.fullmatch(r"(\d+)([a-zA-Z]*)", str(v))
+        return int(m.group(1)) * units.get(m.group(2), 1)
+
+    limits = {dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]:
+              size(_containers(dep)[0]["resources"]["limits"]["memory"]) for dep in _deployments()}
+    for name, svc in _deepwatch_services().items():
+        component = {"pipeline": "cluster"}.get(name, name)
+        assert size(svc["mem_limit"]) == limits[component], f"compose/{name} mem_limit vs k8s {component}"
+
+
 # -- the image -----------------------------------------------------------------------
 def _dockerfile() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
@@ -361,6 +487,20 @@ def test_dockerfile_pins_cpu_torch_before_the_package_and_runs_non_root():
     users = [r for op, r in steps if op == "USER"]
     assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0", "numeric, non-root USER"
     assert [r for op, r in steps if op == "ENTRYPOINT"] == ['["deepwatch"]']
+
+
+def test_dockerfile_environment_threads_and_model_cache():
+    """A container sees its host's cores, not its CPU limit: thread pools are
+    held to one as local workers hold them, and the ONNX cache is on the data
+    volume (a restart does not export the backbone again)."""
+    from streams.zygote import LOCAL_THREAD_ENV
+
+    env = {}
+    for op, rest in _dockerfile():
+        if op == "ENV":
+            env.update(re.findall(r"(\w+)=(\S+)", rest))
+    assert {k: env.get(k) for k in LOCAL_THREAD_ENV} == LOCAL_THREAD_ENV
+    assert env["XDG_CACHE_HOME"].startswith(env["DEEPWATCH_DATA_DIR"] + "/")
 
 
 # -- monitoring ----------------------------------------------------------------------
