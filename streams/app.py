@@ -186,20 +186,38 @@ def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.Topi
 
     # Batches by size and time; each batch is awaited until stored, so a
     # findings store that falls behind pauses these agents (backpressure).
+    # Acked only once stored (``noack_take``, as the cluster stage does):
+    # ``take`` acks what it handed out when the agent's loop ends, however it
+    # ends, so a worker stopped while its sink waited on the store committed
+    # the batch's offsets on its way out and the batch was never stored.
     batch, within = settings.findings.bulk_max_actions, settings.findings.bulk_flush_s
+
+    async def stored(stream, events, write) -> None:
+        try:
+            await write([e.value for e in events])
+        except asyncio.CancelledError:
+            raise  # a stop: left unacked, so uncommitted; the partition's next owner stores them
+        except Exception:
+            # a crash (not a store that cannot write: that is retried): Faust logs it and restarts the
+            # agent; acked as ``take`` did, so that one bad record does not hold the partition's commits
+            for e in events:
+                await stream.ack(e)
+            raise
+        for e in events:
+            await stream.ack(e)
 
     @app.agent(updates)
     async def sink_updates(stream):
-        async for values in stream.take(batch, within=within):
+        async for events in stream.noack_take(batch, within=within):
             with metrics.STAGE_SECONDS.labels("sink").time():
-                await sinks.snapshots(values)
+                await stored(stream, events, sinks.snapshots)
 
     @app.agent(alerts)
     async def sink_alerts(stream):
-        async for value in stream:
-            await sinks.alert(value)
+        async for events in stream.noack_take(1, within=within):  # one at a time, at once
+            await stored(stream, events, lambda values: sinks.alert(values[0]))
 
     @app.agent(dead)
     async def sink_dead_letters(stream):
-        async for values in stream.take(batch, within=within):
-            await sinks.dead_letters(values)
+        async for events in stream.noack_take(batch, within=within):
+            await stored(stream, events, sinks.dead_letters)
