@@ -28,6 +28,7 @@ def main() -> int:
         ["clusters.py", *(["--limit", "150"] if quick else [])],
         ["cluster_scale.py", *(["--sizes", "200000"] if quick else ["--sizes", "1000000"])],
         ["viral_cluster.py", *(["--reposts", "3000"] if quick else [])],
+        ["similar.py", *(["--sizes", "10000", "--lookups", "2"] if quick else [])],
     ]
     failed, skipped = 0, []
     runs = [r for r in runs if not only or r[0] in only]

@@ -273,6 +273,16 @@ class BankStore:
             out.append(BankMatch(bank=bank, verdict=verdict, entry_id=entry_id, label=label, distance=d, via=via))
         return out
 
+    def index(self) -> "_Loaded":
+        """The entries' hash index ``match`` searches, loaded once per store:
+        a reader that outlives this store (the desk) may hand it to the next
+        one over the unchanged file (``use_index``) instead of loading it again."""
+        return self._load()
+
+    def use_index(self, loaded: "_Loaded") -> None:
+        """Search ``loaded`` (``index`` of a store over this file, unchanged since)."""
+        self._cache = loaded
+
     def _load(self) -> _Loaded:
         if self._cache is None:
             rows = self._db.execute(

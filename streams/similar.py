@@ -12,9 +12,12 @@ look-alike (one prompt's other seed) is not called the same picture.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Union
 
+import numpy as np
 from pydantic import BaseModel
 
 from detectors.banks import Verdict, Via
@@ -111,9 +114,12 @@ def _rank(settings: Settings, distance: int, via: str) -> tuple[float, int]:
 
 def similar_clusters(settings: Settings, picture: Picture, store: Any | None) -> list[ClusterMatch]:
     """Clusters of ``store`` showing the picture. Elasticsearch: bit-vector
-    kNN nominates candidate clusters (``similar_candidates``); a store
-    without it (SQLite) gives every member (``iter_members``). Either way the
-    embedded index's matching rule and ranking decide."""
+    kNN nominates candidate clusters (``similar_candidates``); SQLite: a hash
+    index of every stored member kept by this process (``_MemberCodes``,
+    grown from the members stored since) nominates them, and their members
+    are read (``members_near``); a store with neither gives every member
+    (``iter_members``). Either way the embedded index's matching rule and
+    ranking decide, on every member of each nominated cluster."""
     if store is None:
         return []
     from detectors.neardup import ClusterIndex
@@ -131,12 +137,120 @@ def similar_clusters(settings: Settings, picture: Picture, store: Any | None) ->
                 index.add(doc["cluster_id"], m["sha256"], h)
                 members.setdefault(doc["cluster_id"], []).append((m["sha256"], h))
     else:
-        for row in store.iter_members():
+        rows = near_members(settings, picture, store) if hasattr(store, "members_near") else store.iter_members()
+        for row in rows:
             h = ImageHashes(phash=row.phash, pdq=row.pdq, pdq_quality=row.pdq_quality, views=row.views,
                             trimmed=row.trimmed)
             index.add(row.cluster_id, row.sha256, h)
             members.setdefault(row.cluster_id, []).append((row.sha256, h))
     return _on_pixels(settings, picture, index.lookup(picture.sha256, picture.hashes), members)
+
+
+def near_members(settings: Settings, picture: Picture, store: Any) -> list[Any]:
+    """The members (``MemberRow``) of every cluster of a SQLite findings
+    store that the picture's hashes may meet: each cluster with a member whose
+    pHash codes (full frame and views) are within the widest pHash radius of
+    one of the picture's codes (full, mirrored, views), or whose PDQ is
+    within the PDQ radius, or the picture itself. A superset of what the
+    index over every member (``iter_members``) nominates, so the clusters
+    found, their distances and their order are the same; read in a few
+    milliseconds from the process's hash index (``_MemberCodes``) and the
+    store's indexes instead of every member per lookup."""
+    from detectors.neardup.clusters import _framed, _view_codes
+    from detectors.neardup.hamming import HammingIndex
+
+    t = settings.dedupe
+    h = picture.hashes
+    codes = _member_codes(store, t.pdq_min_quality)
+    queries = HammingIndex.codes_from_hex([c for _, c in _view_codes(h)], 64)
+    pdq = ([h.pdq] + ([h.pdq_mirror] if h.pdq_mirror else [])
+           if h.pdq_quality >= t.pdq_min_quality and not _framed(h.views, h.trimmed) else [])
+    with codes.lock:  # milliseconds: the members stored since the last lookup, then the search
+        codes.refresh(store)
+        keys = codes.search(queries, max(t.phash_threshold, t.view_threshold),
+                            HammingIndex.codes_from_hex(pdq, 256) if pdq else None, t.pdq_threshold)
+    return store.members_near(keys, picture.sha256)
+
+
+class _MemberCodes:
+    """Every stored member's pHash codes (full frame and views, as
+    ``ClusterIndex`` indexes them: ``stored_phash_codes``) in a multi-index
+    ``HammingIndex``, and the PDQ of those whose PDQ the rule trusts
+    (quality, no frame) in a flat array, by the store's member key. Members
+    are only ever added to a store, so it grows from the members stored since
+    it last looked (``members_after``) and is rebuilt only when the file was
+    replaced. Memory: about 60 bytes per pHash code and 40 per PDQ."""
+
+    def __init__(self, pdq_min_quality: int):
+        from detectors.neardup.hamming import HammingIndex
+
+        self.pdq_min_quality = pdq_min_quality
+        self.phash = HammingIndex(64)
+        self._pdq = np.zeros((0, 4), dtype=np.uint64)  # rows [0, n_pdq) used; capacity doubles
+        self._pdq_keys = np.zeros(0, dtype=np.int64)
+        self.n_pdq = 0
+        self.last, self.last_sha = 0, None
+        self.lock = threading.Lock()
+
+    def refresh(self, store: Any) -> None:
+        from detectors.neardup.clusters import _FULL, SLOTS, _framed, stored_phash_codes
+        from detectors.neardup.hamming import HammingIndex
+
+        if self.last and store.member_key(self.last) != self.last_sha:
+            self.__init__(self.pdq_min_quality)  # the file was replaced: start again
+        while rows := store.members_after(self.last):
+            ids, codes, pkeys, pcodes = [], [], [], []
+            for key, sha, phash, pdq, quality, views, trimmed in rows:
+                if views or trimmed:
+                    slots, c = stored_phash_codes(phash, views, trimmed)
+                    ids.append(key * SLOTS + slots)
+                    codes.append(c[:, 0])
+                else:  # the usual member: its full frame only
+                    ids.append(np.array([key * SLOTS + _FULL], dtype=np.int64))
+                    codes.append(np.array([int(phash, 16)], dtype=np.uint64))
+                if pdq and quality >= self.pdq_min_quality and not _framed(views, trimmed):
+                    pkeys.append(key)
+                    pcodes.append(pdq)
+            self.phash.add(np.concatenate(ids), np.concatenate(codes))
+            if pkeys:
+                need = self.n_pdq + len(pkeys)
+                if need > len(self._pdq_keys):
+                    cap = max(need, 2 * len(self._pdq_keys), 1024)
+                    self._pdq, self._pdq_keys = np.resize(self._pdq, (cap, 4)), np.resize(self._pdq_keys, cap)
+                self._pdq[self.n_pdq:need] = HammingIndex.codes_from_hex(pcodes, 256)
+                self._pdq_keys[self.n_pdq:need] = pkeys
+                self.n_pdq = need
+            self.last, self.last_sha = rows[-1][0], rows[-1][1]
+
+    def search(self, phash: np.ndarray, radius: int, pdq: np.ndarray | None, pdq_radius: int) -> set[int]:
+        """Member keys with a pHash code within ``radius`` of one of
+        ``phash`` or a PDQ within ``pdq_radius`` of one of ``pdq``."""
+        from detectors.neardup.clusters import SLOTS
+
+        _, ids, _ = self.phash.search(phash, radius)
+        out = set((ids // SLOTS).tolist())
+        if pdq is not None:
+            # a flat scan (~40 bytes a member; a multi-index PDQ table would take ~600):
+            # about 10 ms per million members, in blocks bounding the temporary
+            for lo in range(0, self.n_pdq, 1 << 17):
+                hi = min(self.n_pdq, lo + (1 << 17))
+                d = np.bitwise_count(self._pdq[None, lo:hi, :] ^ pdq[:, None, :]).sum(axis=2, dtype=np.int16)
+                out.update(self._pdq_keys[lo:hi][(d <= pdq_radius).any(axis=0)].tolist())
+        return out
+
+
+# one hash index per open SQLite store (and PDQ quality bound), for the process's life
+_CODES: "weakref.WeakKeyDictionary[Any, dict[int, _MemberCodes]]" = weakref.WeakKeyDictionary()
+_CODES_LOCK = threading.Lock()
+
+
+def _member_codes(store: Any, pdq_min_quality: int) -> _MemberCodes:
+    with _CODES_LOCK:
+        per = _CODES.setdefault(store, {})
+        codes = per.get(pdq_min_quality)
+        if codes is None:
+            codes = per[pdq_min_quality] = _MemberCodes(pdq_min_quality)
+    return codes
 
 
 def _on_pixels(settings: Settings, picture: Picture, found: list[Any],
@@ -160,13 +274,48 @@ def _on_pixels(settings: Settings, picture: Picture, found: list[Any],
 
 def similar_banks(settings: Settings, picture: Picture) -> list[BankMatch]:
     """Bank entries showing the picture; none when there is no banks file
-    (opening one would create it)."""
+    (opening one would create it). The entries' hash index is loaded once
+    per process and file version (``_banks_version``), not per lookup."""
     if not settings.banks_path.exists():
         return []
+    key = (str(settings.banks_path.resolve()), tuple(sorted(settings.dedupe.thresholds().items())))
+    version = _banks_version(settings.banks_path)  # before reading: a write meanwhile only reloads it next time
     banks = settings.bank_store()
     try:
+        with _BANKS_LOCK:
+            have = _BANKS.get(key)
+        if have is not None and have[0] == version:
+            banks.use_index(have[1])
         found = banks.match(picture.hashes)
+        with _BANKS_LOCK:
+            _BANKS[key] = (version, banks.index())
     finally:
         banks.close()
     return [BankMatch(bank=m.bank, entry_id=m.entry_id, verdict=m.verdict, label=m.label, distance=m.distance,
                       via=m.via) for m in found]
+
+
+# banks file -> (its version, its entries' index), for the process's life
+_BANKS: dict[tuple, tuple[tuple, Any]] = {}
+_BANKS_LOCK = threading.Lock()
+
+
+def _banks_version(path: Any) -> tuple:
+    """What changes whenever the banks file is written to: SQLite's file
+    change counter (bytes 24-27 of the header, bumped by every commit outside
+    WAL mode) and the file's and its write-ahead log's inode, size and time."""
+    import os
+
+    def stat(p: str) -> tuple | None:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    try:
+        with open(path, "rb") as f:
+            counter = f.read(28)[24:]
+    except OSError:
+        counter = b""
+    return counter, stat(str(path)), stat(f"{path}-wal")

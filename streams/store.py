@@ -205,6 +205,10 @@ class SqliteFindingsStore:
                         if "duplicate column" not in str(e):  # another process migrated first
                             raise
         self._db.execute("CREATE INDEX IF NOT EXISTS clusters_seq ON clusters(seq)")
+        # a picture lookup reads the clusters merged into the ones it found
+        # (``members_near``) without scanning every cluster
+        self._db.execute("CREATE INDEX IF NOT EXISTS clusters_merged_into ON clusters(merged_into) "
+                         "WHERE merged_into IS NOT NULL")
         self._ensure_fts()
         self._key_delivery_targets()
 
@@ -936,6 +940,73 @@ class SqliteFindingsStore:
             "SELECT cluster_id, sha256, phash, pdq, pdq_quality, views, trimmed FROM members"
         ):
             yield MemberRow(roots.get(cid, cid), sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed))
+
+    # -- picture lookups (``streams.similar``) -------------------------------
+    def members_after(self, after: int, limit: int = 20_000) -> list[tuple[int, str, str, str, int, list[str] | None, bool]]:
+        """(key, sha256, pHash, PDQ, PDQ quality, views, trimmed) of the
+        members stored after ``after`` (a key this returned; 0: from the
+        start), oldest first, at most ``limit``. Members are only ever added,
+        never changed, so a reader's hash index grows from these
+        (``streams.similar``); ``member_key`` tells it the file changed under it."""
+        return [(k, sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed)) for k, sha, ph, pdq, q, views, trimmed
+                in self._db.execute("SELECT rowid, sha256, phash, pdq, pdq_quality, views, trimmed FROM members "
+                                    "WHERE rowid > ? ORDER BY rowid LIMIT ?", (int(after), int(limit)))]
+
+    def member_key(self, key: int) -> str | None:
+        """The sha256 of the member ``members_after`` gave under ``key`` (None:
+        none now: the file was replaced)."""
+        row = self._db.execute("SELECT sha256 FROM members WHERE rowid = ?", (int(key),)).fetchone()
+        return row[0] if row else None
+
+    def members_near(self, keys: Collection[int], sha256: str | None = None) -> list[MemberRow]:
+        """Every member of the clusters that the members under ``keys`` (and
+        the member ``sha256``) belong to, under the surviving cluster id and
+        in ``iter_members``' order: what ``iter_members`` gives of those
+        clusters, read through the indexes (a few rows per cluster, whatever
+        the store's size)."""
+        cids: set[str] = set()
+        keys = sorted({int(k) for k in keys})
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            cids.update(c for c, in self._db.execute(
+                f"SELECT DISTINCT cluster_id FROM members WHERE rowid IN ({','.join('?' * len(chunk))})", chunk))
+        if sha256:
+            cids.update(c for c, in self._db.execute("SELECT cluster_id FROM members WHERE sha256 = ?", (sha256,)))
+        into: dict[str, str | None] = {}  # the part of ``_roots``' merge map these clusters reach
+
+        def root(cid: str) -> str:
+            cur, hops = cid, 0
+            while hops < 64:
+                if cur not in into:
+                    row = self._db.execute("SELECT merged_into FROM clusters WHERE cluster_id = ?", (cur,)).fetchone()
+                    into[cur] = row[0] if row else None
+                if not into[cur]:
+                    break
+                cur, hops = into[cur], hops + 1  # type: ignore[assignment]
+            return cur
+
+        roots = {root(c) for c in cids}
+        ids: dict[str, str] = {}  # recorded cluster id -> surviving one, for every id that leads to a root found
+        for r in sorted(roots):
+            for c, in self._db.execute(
+                """WITH RECURSIVE down(id, depth) AS (
+                       SELECT ?, 0
+                       UNION SELECT clusters.cluster_id, depth + 1 FROM clusters JOIN down ON clusters.merged_into = down.id
+                       WHERE depth < 64)
+                   SELECT DISTINCT id FROM down""", (r,)):
+                if root(c) == r:  # as ``_roots`` resolves it (a chain past 64 hops, a cycle)
+                    ids[c] = r
+        out: list[MemberRow] = []
+        names = sorted(ids)
+        rows: list[tuple] = []
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            rows.extend(self._db.execute(
+                "SELECT rowid, cluster_id, sha256, phash, pdq, pdq_quality, views, trimmed FROM members "
+                f"WHERE cluster_id IN ({','.join('?' * len(chunk))})", chunk))
+        for _, cid, sha, ph, pdq, q, views, trimmed in sorted(rows):
+            out.append(MemberRow(ids[cid], sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed)))
+        return out
 
     def sighting_times(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))

@@ -70,9 +70,12 @@ def lookup(settings: Settings, source: FindingsSource, data: bytes, *, preview: 
     except ImageRejected as e:
         status = 413 if e.reason == "too_large" else 503 if e.reason == "busy" else 422
         raise Rejected(status, e.reason, f"not a picture the desk can look up: {e}") from None
-    # Elasticsearch nominates candidates by kNN; other stores give their members
-    # (the desk's source falls back to the cluster records for a store without them).
-    store = source.store if hasattr(source.store, "similar_candidates") else source
+    # Elasticsearch nominates candidates by kNN, SQLite from the hash index this
+    # process keeps of its members (``similar.near_members``); other stores give
+    # their members (the desk's source falls back to the cluster records for a
+    # store without them).
+    own = hasattr(source.store, "similar_candidates") or hasattr(source.store, "members_near")
+    store = source.store if own else source
     try:
         rows = similar.as_json(similar.find(settings, picture, store))
     except EsError as e:
