@@ -149,3 +149,44 @@ def desk_error_ratio(window: str = "10m") -> str:
     errors = f'(sum(rate(deepwatch_desk_requests_total{{status=~"5.."}}[{window}])) or vector(0))'
     every = f"sum(rate(deepwatch_desk_requests_total[{window}]))"
     return f"{errors} / clamp_min({every}, 1e-9)"
+
+
+# -- the HTTP ingest endpoint (deepwatch serve-ingest; its own scrape job, deploy/prometheus/prometheus.yml)
+INGEST_JOB = 'job="deepwatch-ingest"'
+INGEST_DOWN = f"up{{{INGEST_JOB}}} == 0"
+# No ingest target at all: every replica gone, or discovery finds none.
+NO_INGEST = f"absent(up{{{INGEST_JOB}}})"
+# Requests that reached the hand-over to the broker (or were refused for the
+# buffer budget on the way): 202 accepted, 503 busy or broker_unavailable.
+# 401/413/429... are the client's doing and left out. The 202 and 503 series
+# exist at 0 from the start for every token name (streams/ingest_server.py).
+def _ingest_rate(selector: str, window: str) -> str:
+    return f"sum(rate({selector}[{window}]))"
+
+
+_INGEST_HANDED = f'deepwatch_ingest_requests_total{{{INGEST_JOB},status=~"202|503"}}'
+_INGEST_503 = f'deepwatch_ingest_requests_total{{{INGEST_JOB},status="503"}}'
+_INGEST_BROKER_FAILED = f"deepwatch_ingest_broker_failures_total{{{INGEST_JOB}}}"
+_INGEST_BROKER_UNAVAILABLE = f'deepwatch_ingest_broker_failures_total{{{INGEST_JOB},cause="unavailable"}}'
+
+
+def ingest_broker_failure_ratio(window: str = "10m") -> str:
+    """Share of ingest requests answered 503 broker_unavailable because the
+    broker was down, unreachable or slow (a missing topic has its own rule);
+    no requests: no answer (nothing to alert on)."""
+    failed = f"({_ingest_rate(_INGEST_BROKER_UNAVAILABLE, window)} or vector(0))"
+    return f"{failed} / clamp_min({_ingest_rate(_INGEST_HANDED, window)}, 1e-9)"
+
+
+def ingest_busy_ratio(window: str = "10m") -> str:
+    """Share of ingest requests answered 503 busy (the buffer budget full):
+    the 503s that were not the broker's."""
+    refused = f"({_ingest_rate(_INGEST_503, window)} or vector(0))"
+    failed = f"({_ingest_rate(_INGEST_BROKER_FAILED, window)} or vector(0))"
+    return f"clamp_min({refused} - {failed}, 0) / clamp_min({_ingest_rate(_INGEST_HANDED, window)}, 1e-9)"
+
+
+# Refused because the events or dead-letter topic does not exist (auto-creation off, no worker nor
+# `serve-ingest --create-topics` has created it): never cures itself.
+_INGEST_TOPIC_MISSING = f'deepwatch_ingest_broker_failures_total{{{INGEST_JOB},cause="topic_missing"}}'
+INGEST_TOPIC_MISSING_5M = f"sum({counted(_INGEST_TOPIC_MISSING, '5m')}) > 0"

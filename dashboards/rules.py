@@ -28,6 +28,10 @@ STAGE_P95_MAX_S = 5.0  # fetch read timeout is 15 s; a p95 of 5 s means the feed
 DESK_ERROR_RATIO_MAX = 0.05  # of desk requests answered 5xx over 10 minutes
 EVENT_TO_ALERT_P95_MAX_S = 60.0  # a bucket boundary of deepwatch_event_to_alert_seconds (tested)
 LOOP_SILENCE_MAX_S = int(LIVENESS_S)  # as the worker's own /healthz judges it
+# of HTTP ingest requests (202 + 503): refused for the broker over 5 min / for the buffer budget over 10 min;
+# clients re-send on 503, so a blip is absorbed, a lasting share is events not getting in
+INGEST_BROKER_FAILURE_RATIO_MAX = 0.05
+INGEST_BUSY_RATIO_MAX = 0.05
 
 
 def _rule(name: str, expr_: str, for_: str, severity: str, summary: str, description: str) -> dict[str, Any]:
@@ -93,6 +97,31 @@ def prometheus_rules() -> dict[str, Any]:
                   f"{{{{ $value | humanizePercentage }}}} of alerts reach the desk more than "
                   f"{EVENT_TO_ALERT_P95_MAX_S:g}s after the triggering post (p95 above {EVENT_TO_ALERT_P95_MAX_S:g}s)",
                   "The desk learns about viral fakes late; look at consumer lag and stage latency."),
+            # -- the HTTP ingest endpoint (deepwatch serve-ingest, job deepwatch-ingest)
+            _rule("DeepwatchIngestDown", q.INGEST_DOWN, "5m", "critical",
+                  "The HTTP ingest endpoint {{ $labels.instance }} is not answering /metrics",
+                  "The serve-ingest process is down or its metrics port is unreachable; tiplines and scrapers "
+                  "posting to it get connection errors (or the other replicas take their requests)."),
+            _rule("DeepwatchNoIngest", q.NO_INGEST, "10m", "warning",
+                  "No HTTP ingest endpoint is being scraped",
+                  "Every serve-ingest replica is gone, or Prometheus discovers none: nothing posted over HTTP "
+                  "gets in. Where no serve-ingest runs on purpose, drop its scrape job and silence this alert."),
+            _rule("DeepwatchIngestTopicMissing", q.INGEST_TOPIC_MISSING_5M, "5m", "critical",
+                  "The HTTP ingest endpoint refuses requests: the events or dead-letter topic does not exist",
+                  "Every request is answered 503 until the topics exist (the broker does not auto-create them). "
+                  "Start a worker (it creates them), or run serve-ingest with --create-topics, or create them "
+                  "by hand; the endpoint log names the missing topics."),
+            _rule("DeepwatchIngestBrokerFailures",
+                  f"{q.ingest_broker_failure_ratio('5m')} > {INGEST_BROKER_FAILURE_RATIO_MAX}", "5m", "critical",
+                  "{{ $value | humanizePercentage }} of HTTP ingest requests are refused: the broker does not "
+                  "take their events",
+                  "serve-ingest answers 503 broker_unavailable (nothing accepted; clients re-send): Kafka is "
+                  "down, unreachable from the endpoint, or slower than connectors.ingest_broker_timeout_s "
+                  "(a missing topic is DeepwatchIngestTopicMissing)."),
+            _rule("DeepwatchIngestBusy", f"{q.ingest_busy_ratio('10m')} > {INGEST_BUSY_RATIO_MAX}", "10m", "warning",
+                  "{{ $value | humanizePercentage }} of HTTP ingest requests are refused as busy",
+                  "The endpoint holds as many request bodies as connectors.ingest_max_buffered_bytes allows "
+                  "(503 busy): slow clients, bursts of large bodies, or too few replicas."),
         ],
     }]}
 

@@ -57,6 +57,17 @@ REQUEST_SECONDS = Histogram("deepwatch_ingest_request_seconds", "HTTP ingest req
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 BUFFERED_BYTES = Gauge("deepwatch_ingest_buffered_bytes",
                        "Request bytes the HTTP ingest endpoint holds in memory, all requests together")
+# Requests answered 503 broker_unavailable, by cause: topic_missing (the broker
+# answers, but the events or dead-letter topic does not exist: auto-creation is
+# off and no worker, nor serve-ingest --create-topics, has created it) or
+# unavailable (anything else: broker down, unreachable, too slow). The
+# operator rules page on these (dashboards/rules.py).
+BROKER_FAILURES = Counter("deepwatch_ingest_broker_failures_total",
+                          "HTTP ingest requests refused because the broker did not take their events, by cause",
+                          ["cause"])
+BROKER_CAUSES = ("topic_missing", "unavailable")
+for _cause in BROKER_CAUSES:  # at 0 from the start: a rule must see the first failure as an increase
+    BROKER_FAILURES.labels(_cause)
 
 
 # Slow clients: a request's head (request line and headers) must arrive within
@@ -116,6 +127,14 @@ class BrokerUnavailable(RuntimeError):
     pass
 
 
+class TopicsMissing(BrokerUnavailable):
+    """The broker answers, but topics the endpoint produces to do not exist."""
+
+    def __init__(self, topics: list[str]):
+        self.topics = topics
+        super().__init__(f"topic(s) missing on the broker: {', '.join(topics)}")
+
+
 class BrokerGate:
     """One producer shared by all requests, created on first use and
     re-created after a failure; calls are serialised because a batch's
@@ -127,40 +146,89 @@ class BrokerGate:
     ``timeout_s`` for its turn, and for ``timeout_s`` after a failure calls
     fail at once instead of asking the broker again."""
 
-    def __init__(self, factory: Callable[[], Any], timeout_s: float = 5.0):
+    def __init__(self, factory: Callable[[], Any], timeout_s: float = 5.0,
+                 missing_topics: Callable[[], list[str] | None] | None = None):
         self._factory = factory
         self._timeout_s = timeout_s
         self._sink = None
         self._failed_at: float | None = None
+        self._failure: BaseException | None = None
         self._lock = threading.Lock()
+        # Which topics the broker lacks ([]: none, None: no answer); asked before a
+        # new sink is used and after a failed produce.
+        self._missing_topics = missing_topics
+        self.state = "untried"  # ok | topic_missing | unavailable (for /healthz)
+        self.detail: str | None = None
+
+    def _ask_missing(self) -> list[str] | None:
+        if self._missing_topics is None:
+            return None
+        try:
+            return self._missing_topics()
+        except Exception:
+            return None
+
+    def _failed(self, e: BaseException, missing: list[str] | None = None) -> BaseException:
+        """Note a failure; the error to raise (TopicsMissing when ``missing``)."""
+        self._failed_at = time.monotonic()
+        if missing:
+            failure: BaseException = TopicsMissing(missing)
+            self.state, self.detail = "topic_missing", str(failure)
+        else:
+            failure = e
+            self.state, self.detail = "unavailable", f"{type(e).__name__}: {e}"[:300]
+        self._failure = failure
+        return failure
+
+    def _connect(self) -> Any:
+        """A new sink, once the broker has every topic: some brokers (Tansu)
+        create a topic a producer asks about, whatever the producer says, and
+        with their own partition count. Asked after the producer connected,
+        so that a broker that is gone costs one wait, not two."""
+        try:
+            sink = self._factory()
+        except Exception as e:
+            self._failed(e)
+            raise
+        missing = self._ask_missing()
+        if missing:
+            try:
+                sink.close()
+            except Exception:
+                pass
+            raise self._failed(BrokerUnavailable("topics missing"), missing)
+        return sink
 
     def produce(self, accepted: list[tuple[bytes | None, bytes]], dead: list[DeadLetter]) -> None:
         if not self._lock.acquire(timeout=self._timeout_s):
             raise BrokerUnavailable(f"no turn at the broker within {self._timeout_s:g}s")
         try:
             if self._failed_at is not None and time.monotonic() - self._failed_at < self._timeout_s:
+                if isinstance(self._failure, TopicsMissing):
+                    raise TopicsMissing(self._failure.topics)
                 raise BrokerUnavailable("the broker failed moments ago")
             if self._sink is None:
-                try:
-                    self._sink = self._factory()
-                except Exception:
-                    self._failed_at = time.monotonic()
-                    raise
+                self._sink = self._connect()
             try:
                 for key, value in accepted:
                     self._sink.send_raw(key, value)
                 for dl in dead:
                     self._sink.dead_letter(dl)
                 self._sink.flush()
-                self._failed_at = None
-            except Exception:
-                self._failed_at = time.monotonic()
+                self._failed_at, self._failure = None, None
+                self.state, self.detail = "ok", None
+            except Exception as e:
                 sink, self._sink = self._sink, None
                 try:
                     sink.close()
                 except Exception:
                     pass
-                raise
+                # kafka-python says "Failed to update metadata after N secs" for a
+                # topic deleted meanwhile, the same words as for a broker gone: ask.
+                failure = self._failed(e, self._ask_missing())
+                if failure is e:
+                    raise
+                raise failure from e
         finally:
             self._lock.release()
 
@@ -245,9 +313,41 @@ def _sink_factory(settings: Settings) -> Callable[[], Any]:
         return KafkaSink(bootstrap_of(settings.broker), settings, client_id="deepwatch-ingest-http",
                          max_block_ms=timeout_ms, request_timeout_ms=timeout_ms,
                          flush_timeout_s=settings.connectors.ingest_broker_timeout_s,
-                         bootstrap_timeout_ms=timeout_ms)
+                         bootstrap_timeout_ms=timeout_ms,
+                         # a topic made on first use gets the broker's partition count, not deepwatch's
+                         # (streams.broker); a missing one is reported instead (TopicsMissing)
+                         auto_create_topics=False)
 
     return make
+
+
+def _missing_topics_probe(settings: Settings) -> Callable[[], list[str] | None]:
+    """The endpoint's topics the broker lacks ([]: it has them all; None: it
+    did not answer in time), asked with a short deadline (a request is
+    waiting for its answer)."""
+    from streams.broker import admin_client, bootstrap_of
+
+    names = [settings.topic("events"), settings.topic("dead-letters")]
+    timeout_s = min(2.0, settings.connectors.ingest_broker_timeout_s)
+
+    def probe() -> list[str] | None:
+        try:
+            admin = admin_client(bootstrap_of(settings.broker), settings, client_id="deepwatch-ingest-http",
+                                 timeout_s=timeout_s)
+        except Exception:
+            return None
+        try:
+            existing = set(admin.list_topics())
+        except Exception:
+            return None
+        finally:
+            try:
+                admin.close()
+            except Exception:
+                pass
+        return [n for n in names if n not in existing]
+
+    return probe
 
 
 # Concatenated gzip files are one valid gzip body (RFC 1952: a series of
@@ -314,14 +414,23 @@ def _event_lines(body: bytes, limit: int) -> list[tuple[int, bytes]]:
 
 
 def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Callable[[], Any] | None = None,
-              body_timeout_s: float = BODY_TIMEOUT_S, public_metrics: bool = True) -> FastAPI:
+              body_timeout_s: float = BODY_TIMEOUT_S, public_metrics: bool = True,
+              missing_topics: Callable[[], list[str] | None] | None = None) -> FastAPI:
     """The ASGI app. ``tokens`` maps token -> name (see ``load_tokens``).
     ``public_metrics``: answer GET /metrics here too; off when they are served
-    on a port of their own (token names are in their labels)."""
+    on a port of their own (token names are in their labels).
+    ``missing_topics``: which topics the broker lacks, asked before a new
+    producer is used and after a failed produce (default: asked of the broker
+    when ``sink_factory`` is not given)."""
     if not tokens:
         raise TokenConfigError(f"no ingest tokens: set {settings.connectors.ingest_tokens_env}=NAME:TOKEN[,...]")
     cfg = settings.connectors
-    gate = BrokerGate(sink_factory or _sink_factory(settings), cfg.ingest_broker_timeout_s)
+    if missing_topics is None and sink_factory is None:
+        missing_topics = _missing_topics_probe(settings)
+    gate = BrokerGate(sink_factory or _sink_factory(settings), cfg.ingest_broker_timeout_s, missing_topics)
+    for token_name in set(tokens.values()):  # at 0 from the start, so that rules see a token's first 503
+        for status in ("202", "503"):
+            REQUESTS.labels(token_name, status)
     policy = UrlPolicy(settings.fetch)
     buckets = {name: TokenBucket(cfg.ingest_rate_per_s, cfg.ingest_burst) for name in tokens.values()}
     retry_after = str(max(1, math.ceil(cfg.ingest_broker_timeout_s)))
@@ -362,7 +471,14 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])  # uptime checkers send HEAD
     def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+        # 200 while the process serves (it is the liveness probe too: a restart
+        # cures neither a missing topic nor a broker outage). "broker" is how
+        # the last hand-over to the broker went: untried | ok | topic_missing
+        # (create the topics: a worker, or serve-ingest --create-topics) | unavailable.
+        doc = {"status": "ok", "broker": gate.state}
+        if gate.detail:
+            doc["detail"] = gate.detail
+        return doc
 
     def busy(name: str) -> JSONResponse:
         # Bodies in flight are gone within seconds (the body and broker deadlines), so soon is worth a retry.
@@ -477,7 +593,17 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
 
         try:
             await run_in_threadpool(gate.produce, accepted, dead)
+        except TopicsMissing as e:
+            BROKER_FAILURES.labels("topic_missing").inc()
+            log.error("topic missing on the broker; request refused (create the topics: start a worker, or run "
+                      "serve-ingest --create-topics)", extra={"token": name, "lines": len(numbered),
+                                                              "topics": e.topics})
+            return answer(name, 503, {"error": "broker_unavailable", "cause": "topic_missing",
+                                      "detail": f"the pipeline's broker has no topic {', '.join(e.topics)} yet; "
+                                      "nothing was accepted, re-send this request later"},
+                          {"Retry-After": retry_after})
         except Exception as e:
+            BROKER_FAILURES.labels("unavailable").inc()
             log.warning("broker unavailable; request refused", extra={
                 "token": name, "lines": len(numbered), "error": f"{type(e).__name__}: {e}"[:300]})
             return answer(name, 503, {"error": "broker_unavailable", "detail": "the pipeline's broker did not "

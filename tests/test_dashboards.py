@@ -16,7 +16,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from dashboards import build, provisioning, queries, rules
 from dashboards.dashboard import DASHBOARD_UID, DATASOURCE_UID, dashboard_json, promql_exprs
-from streams import metrics
+from streams import ingest_server, metrics
 from streams.desk import observe as desk_observe
 from streams.settings import Settings
 
@@ -54,10 +54,11 @@ def test_rendering_is_deterministic():
 
 # -- PromQL references only metrics and labels that exist -----------------------
 def _exported() -> dict[str, set[str]]:
-    """Sample name -> label names, for every metric the workers (streams/metrics.py)
-    and the desk (streams/desk/observe.py) define."""
+    """Sample name -> label names, for every metric the workers (streams/metrics.py),
+    the desk (streams/desk/observe.py) and the HTTP ingest endpoint
+    (streams/ingest_server.py) define."""
     out: dict[str, set[str]] = {}
-    for obj in [*vars(metrics).values(), *vars(desk_observe).values()]:
+    for obj in [*vars(metrics).values(), *vars(desk_observe).values(), *vars(ingest_server).values()]:
         if not isinstance(obj, MetricWrapperBase):
             continue
         labels = set(obj._labelnames)
@@ -177,6 +178,30 @@ def test_operator_rules_cover_the_brief():
         for r in g["rules"]:
             assert r["labels"]["severity"] in ("warning", "critical")
             assert r["annotations"]["summary"] and r["annotations"]["runbook"].startswith("deploy/README.md#")
+
+
+def _scrape_jobs(path: Path) -> set[str]:
+    return {j["job_name"] for j in yaml.safe_load(path.read_text())["scrape_configs"]
+            if j["job_name"].startswith("deepwatch")}
+
+
+def test_every_deepwatch_scrape_job_has_a_rule_for_its_targets_down():
+    """Prometheus scraped the ingest endpoint (job deepwatch-ingest) and no
+    rule looked at it: an endpoint down, or refusing every request, paged
+    nobody."""
+    jobs = _scrape_jobs(DEPLOY / "prometheus" / "prometheus.yml")
+    assert jobs == _scrape_jobs(DEPLOY / "k8s" / "prometheus-scrape.yml")
+    assert {"deepwatch", "deepwatch-desk", "deepwatch-ingest"} <= jobs
+    exprs = rules.prometheus_rule_exprs()
+    for job in jobs:
+        assert f'up{{job="{job}"}} == 0' in exprs, f"no rule fires when a target of job {job} is down"
+    for job in ("deepwatch", "deepwatch-ingest"):  # the whole role gone: no `up` series left to be 0
+        assert f'absent(up{{job="{job}"}})' in exprs, job
+    ingest = [e for e in exprs if "deepwatch_ingest_" in e]
+    assert any("deepwatch_ingest_broker_failures_total" in e and 'cause="topic_missing"' in e for e in ingest)
+    assert any("deepwatch_ingest_broker_failures_total" in e and 'cause="unavailable"' in e for e in ingest)
+    assert any('deepwatch_ingest_requests_total{job="deepwatch-ingest",status="503"}' in e for e in ingest)
+    assert all('job="deepwatch-ingest"' in sel for e in ingest for sel in re.findall(r"deepwatch_ingest_\w+\{[^}]*\}", e))
 
 
 def test_runbook_sections_exist():

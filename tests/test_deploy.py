@@ -564,3 +564,16 @@ def test_kustomize_builds(overlay):
         [c] = _containers(detect)
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert {"name": "DEEPWATCH_DETECT__DEVICE", "value": "cuda"} in c["env"]
+
+
+def test_the_ingest_endpoint_creates_its_topics_where_it_may_start_before_any_worker():
+    """Compose's Kafka does not auto-create topics: serve-ingest answered
+    every request 503 until some worker had started and created them."""
+    kafka_env = _env(_compose()["services"]["kafka"])
+    assert kafka_env.get("KAFKA_AUTO_CREATE_TOPICS_ENABLE") == "false"
+    found = [(where, argv) for where, argv in _invocations()  # the processes, not the docs' mentions
+             if argv[0] == "serve-ingest" and where.startswith(("compose/", "k8s/"))]
+    places = {where.split("/")[0] for where, _ in found}
+    assert {"compose", "k8s"} <= places, found
+    for where, argv in found:
+        assert "--create-topics" in argv, f"{where}: `deepwatch {' '.join(argv)}` without --create-topics"

@@ -238,11 +238,101 @@ def test_broker_unavailable_is_503_with_retry_after(tmp_path):
         dead = s.getsockname()[1]
     settings = Settings(data_dir=tmp_path, broker=f"kafka://127.0.0.1:{dead}")
     settings.connectors.ingest_broker_timeout_s = 1.0
+    before = broker_failures("unavailable")
     with client(settings) as c:
         t0 = time.monotonic()
         r = c.post("/ingest", content=json.dumps(event(1)), headers=AUTH)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"] == "broker_unavailable" and time.monotonic() - t0 < 10
+        assert "cause" not in r.json()
+        assert c.get("/healthz").json()["broker"] == "unavailable"
+    assert broker_failures("unavailable") == before + 1
+
+
+def broker_failures(cause: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("deepwatch_ingest_broker_failures_total", {"cause": cause}) or 0.0
+
+
+def _topic_partitions(bootstrap: str, names: list[str]) -> dict[str, int]:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="test-topics")
+    try:
+        found = [n for n in names if n in set(admin.list_topics())]
+        if not found:  # describe_topics([]) describes every topic
+            return {}
+        return {d["name"]: len(d["partitions"]) for d in admin.describe_topics(found)}
+    finally:
+        admin.close()
+
+
+def test_missing_topics_are_refused_as_topic_missing_and_never_created_on_first_use(broker, tmp_path):
+    # A broker that does not auto-create topics (compose; production Kafka):
+    # serve-ingest answered 503 "did not acknowledge in time" for every request
+    # until a worker had created them, the same words as for a broker gone, and
+    # its /healthz said ok. A broker that does auto-create (Tansu) made the
+    # topics on first use with its own partition count, not deepwatch's.
+    settings = Settings(data_dir=tmp_path, broker=f"kafka://{broker.bootstrap}", topic_prefix="notopics")
+    settings.connectors.ingest_broker_timeout_s = 2.0
+    events, dead = settings.topic("events"), settings.topic("dead-letters")
+    before, other = broker_failures("topic_missing"), broker_failures("unavailable")
+    with client(settings) as c:
+        assert c.get("/healthz").json() == {"status": "ok", "broker": "untried"}
+        r = c.post("/ingest", content=json.dumps(event(1)), headers=AUTH)
+        assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
+        body = r.json()
+        assert body["error"] == "broker_unavailable" and body["cause"] == "topic_missing", body
+        assert events in body["detail"]
+        health = c.get("/healthz")
+        assert health.status_code == 200, "liveness: a restart would not create the topics"
+        assert health.json()["broker"] == "topic_missing" and events in health.json()["detail"]
+        assert broker_failures("topic_missing") == before + 1 and broker_failures("unavailable") == other
+        assert _topic_partitions(broker.bootstrap, [events, dead]) == {}, "created on first use"
+
+        ensure_topics(broker.bootstrap, topic_specs(settings))  # a worker starts
+        time.sleep(2.1)  # the gate answers at once for its timeout after a failure
+        r = c.post("/ingest", content=json.dumps(event(2)), headers=AUTH)
+        assert r.status_code == 202, r.text
+        assert c.get("/healthz").json() == {"status": "ok", "broker": "ok"}
+    assert [ImageEvent.loads(v).event_id for v in read_topic(broker.bootstrap, events, 1)] == ["tip-2"]
+
+
+def test_serve_ingest_create_topics_creates_them_as_a_worker_would(broker, tmp_path):
+    # Compose and Kubernetes may start serve-ingest before any worker: with
+    # --create-topics it creates the topics itself, with the workers' partition counts.
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DEEPWATCH_INGEST_TOKENS": f"desk:{TOKEN}",
+           "DEEPWATCH_TOPIC_PREFIX": "createdbyingest", "DEEPWATCH_DATA_DIR": str(tmp_path)}
+    settings = Settings(topic_prefix="createdbyingest")
+    specs = [s for s in topic_specs(settings) if s.name.startswith("createdbyingest.")]  # not Faust's own
+    assert len(specs) >= 2 and _topic_partitions(broker.bootstrap, [s.name for s in specs]) == {}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli.__main__", "serve-ingest", "--host", "127.0.0.1", "--port", str(port),
+         "--broker", f"kafka://{broker.bootstrap}", "--create-topics"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert _topic_partitions(broker.bootstrap, [s.name for s in specs]) == {s.name: s.partitions for s in specs}
+        r = httpx.post(f"http://127.0.0.1:{port}/ingest", headers=AUTH, content=json.dumps(event(1)), timeout=20)
+        assert r.status_code == 202, r.text
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    # a broker it cannot reach: one line, before it listens
+    r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "serve-ingest", "--port", str(free_port()),
+                        "--broker", "kafka://127.0.0.1:1", "--create-topics"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "127.0.0.1:1" in r.stderr, r.stderr
 
 
 def test_serve_ingest_command_end_to_end(broker, tmp_path):

@@ -321,6 +321,124 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
     _promtool("test", "rules", str(path))
 
 
+@needs_promtool
+def test_ingest_endpoint_rules_fire_on_synthetic_series(generated, tmp_path):
+    """Prometheus scraped the HTTP ingest endpoint (job deepwatch-ingest) and
+    no rule looked at it: down, gone, or answering every request 503 paged
+    nobody."""
+    job = 'job="deepwatch-ingest",instance="i1"'
+
+    def requests(status: str) -> str:
+        return f'deepwatch_ingest_requests_total{{{job},token="desk",status="{status}"}}'
+
+    def failures(cause: str) -> str:
+        return f'deepwatch_ingest_broker_failures_total{{{job},cause="{cause}"}}'
+
+    def traffic(accepted: str, refused: str, unavailable: str, topic_missing: str) -> list[dict]:
+        """The endpoint's counters: requests answered 202 and 503, and the 503s the broker caused."""
+        return [{"series": requests("202"), "values": accepted}, {"series": requests("503"), "values": refused},
+                {"series": failures("unavailable"), "values": unavailable},
+                {"series": failures("topic_missing"), "values": topic_missing}]
+
+    def quiet(*names: str, at: str) -> list[dict]:
+        return [{"eval_time": at, "alertname": n, "exp_alerts": []} for n in names]
+
+    ratio_rules = ("DeepwatchIngestBrokerFailures", "DeepwatchIngestBusy", "DeepwatchIngestTopicMissing")
+    cases = {
+        "rule_files": [str(generated / "prometheus" / "deepwatch-rules.yaml")],
+        "evaluation_interval": "30s",
+        "tests": [
+            {   # one of two replicas stops answering its scrape at 10m
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'up{job="deepwatch-ingest",instance="i1"}', "values": "1x10 0x30"},
+                    {"series": 'up{job="deepwatch-ingest",instance="i2"}', "values": "1x40"},
+                ],
+                "alert_rule_test": [
+                    *quiet("DeepwatchIngestDown", at="8m"),
+                    *quiet("DeepwatchIngestDown", at="13m"),  # pending
+                    {"eval_time": "20m", "alertname": "DeepwatchIngestDown", "exp_alerts": [_expected_alert(
+                        "DeepwatchIngestDown", {"instance": "i1", "job": "deepwatch-ingest"},
+                        summary="The HTTP ingest endpoint i1 is not answering /metrics")]},
+                    *quiet("DeepwatchNoIngest", at="20m"),
+                ],
+            },
+            {   # every replica gone at 5m (discovery finds none: no `up` series at all), the workers still there
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'up{job="deepwatch-ingest",instance="i1"}', "values": "1x5"},
+                    {"series": 'up{job="deepwatch",instance="w1"}', "values": "1x40"},
+                ],
+                "alert_rule_test": [
+                    *quiet("DeepwatchNoIngest", "DeepwatchIngestDown", at="8m"),
+                    {"eval_time": "30m", "alertname": "DeepwatchNoIngest", "exp_alerts": [_expected_alert(
+                        "DeepwatchNoIngest", {"job": "deepwatch-ingest"})]},
+                ],
+            },
+            {   # healthy: 10 requests/s accepted, nothing refused
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'up{job="deepwatch-ingest",instance="i1"}', "values": "1x40"},
+                    *traffic("0+600x40", "0x40", "0x40", "0x40"),
+                ],
+                "alert_rule_test": [
+                    *quiet("DeepwatchIngestDown", "DeepwatchNoIngest", *ratio_rules, at="30m"),
+                ],
+            },
+            {   # Kafka goes down at 10m: every request from then on is answered 503 broker_unavailable
+                "interval": "1m",
+                "input_series": traffic("0+600x10 6000x30", "0x10 0+300x30", "0x10 0+300x30", "0x40"),
+                "alert_rule_test": [
+                    *quiet(*ratio_rules, at="9m"),
+                    *quiet("DeepwatchIngestBrokerFailures", at="13m"),  # pending
+                    {"eval_time": "25m", "alertname": "DeepwatchIngestBrokerFailures", "exp_alerts": [_expected_alert(
+                        "DeepwatchIngestBrokerFailures",
+                        summary="100% of HTTP ingest requests are refused: the broker does not take their events")]},
+                    *quiet("DeepwatchIngestBusy", "DeepwatchIngestTopicMissing", at="25m"),
+                ],
+            },
+            {   # the broker answers but the events topic was never created (auto-creation off, no worker yet)
+                "interval": "1m",
+                "input_series": traffic("0x40", "0x5 0+60x35", "0x40", "0x5 0+60x35"),
+                "alert_rule_test": [
+                    *quiet("DeepwatchIngestTopicMissing", at="4m"),
+                    *quiet("DeepwatchIngestTopicMissing", at="9m"),  # pending
+                    {"eval_time": "20m", "alertname": "DeepwatchIngestTopicMissing",
+                     "exp_alerts": [_expected_alert("DeepwatchIngestTopicMissing")]},
+                    *quiet("DeepwatchIngestBrokerFailures", "DeepwatchIngestBusy", at="20m"),
+                ],
+            },
+            {   # one request refused for a missing topic while the stack was starting, then the topics exist
+                "interval": "1m",
+                "input_series": traffic("0x5 0+60x35", "0x4 1x36", "0x40", "0x4 1x36"),
+                "alert_rule_test": [
+                    *quiet(*ratio_rules, at="7m"),
+                    *quiet(*ratio_rules, at="10m"),
+                    *quiet(*ratio_rules, at="20m"),
+                ],
+            },
+            {   # the buffer budget is full: 1 request in 10 answered 503 busy, the broker fine
+                "interval": "1m",
+                "input_series": traffic("0+540x40", "0+60x40", "0x40", "0x40"),
+                "alert_rule_test": [
+                    *quiet("DeepwatchIngestBusy", at="8m"),  # pending
+                    {"eval_time": "25m", "alertname": "DeepwatchIngestBusy", "exp_alerts": [_expected_alert(
+                        "DeepwatchIngestBusy", summary="10% of HTTP ingest requests are refused as busy")]},
+                    *quiet("DeepwatchIngestBrokerFailures", "DeepwatchIngestTopicMissing", at="25m"),
+                ],
+            },
+            {   # no requests at all (a quiet night): no ratio, nothing to say
+                "interval": "1m",
+                "input_series": traffic("0x40", "0x40", "0x40", "0x40"),
+                "alert_rule_test": [*quiet(*ratio_rules, at="30m")],
+            },
+        ],
+    }
+    path = tmp_path / "ingest-rules.test.yaml"
+    path.write_text(yaml.safe_dump(cases, sort_keys=False))
+    _promtool("test", "rules", str(path))
+
+
 # -- a real worker, its /metrics, and a real Prometheus scraping it ----------------
 def _samples(text: str) -> dict[str, dict[tuple, float]]:
     out: dict[str, dict[tuple, float]] = {}
@@ -338,14 +456,15 @@ def _by(samples: dict[tuple, float], *labels: str) -> dict[tuple, float]:
     return dict(out)
 
 
-def _start_prometheus(tmp_path: Path, worker_port: int, rules_file: Path, stack: ExitStack) -> str:
+def _start_prometheus(tmp_path: Path, worker_port: int, rules_file: Path, stack: ExitStack,
+                      job: str = "deepwatch") -> str:
     from streams.broker import free_port
 
     port = free_port()
     cfg = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rules_file)],
-        "scrape_configs": [{"job_name": "deepwatch", "static_configs": [{"targets": [f"127.0.0.1:{worker_port}"]}]}],
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{worker_port}"]}]}],
     }
     cfg_path = tmp_path / "prometheus.yml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -409,14 +528,7 @@ def test_worker_metrics_match_feed_and_prometheus_scrapes_them(tmp_path, generat
         # the alert panels must count), not already there at the first scrape.
         base = None
         if PROMETHEUS is not None:
-            # the generated rules as they are, except evaluated every second (the
-            # group's own 30 s would outlast the test)
-            fast = yaml.safe_load((generated / "prometheus" / "deepwatch-rules.yaml").read_text())
-            for g in fast["groups"]:
-                g["interval"] = "1s"
-            fast_rules = tmp_path / "deepwatch-rules-1s.yaml"
-            fast_rules.write_text(yaml.safe_dump(fast, sort_keys=False))
-            base = _start_prometheus(tmp_path, worker.metrics_port, fast_rules, stack)
+            base = _start_prometheus(tmp_path, worker.metrics_port, _rules_every_second(generated, tmp_path), stack)
         produced = produce_feed(feed, cluster.bootstrap, settings)
         assert len(produced.offsets) == exp.events
         assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=90), "feed not processed in time"
@@ -515,6 +627,86 @@ def test_worker_metrics_match_feed_and_prometheus_scrapes_them(tmp_path, generat
         assert clusters == {float(exp.distinct_pictures)}
 
 
+def _rules_every_second(generated: Path, tmp_path: Path) -> Path:
+    """The generated rules as they are, except evaluated every second (the
+    group's own 30 s would outlast the test)."""
+    fast = yaml.safe_load((generated / "prometheus" / "deepwatch-rules.yaml").read_text())
+    for g in fast["groups"]:
+        g["interval"] = "1s"
+    path = tmp_path / "deepwatch-rules-1s.yaml"
+    path.write_text(yaml.safe_dump(fast, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not on PATH (apt-get install prometheus)")
+def test_prometheus_scrapes_the_ingest_endpoint_and_its_rules_see_a_missing_topic(tmp_path, generated):
+    """A real serve-ingest app, its broker without the topics (auto-creation
+    is off in compose), scraped as job deepwatch-ingest with the generated
+    rules: the refusal shows under the names and labels the rules select, and
+    the topic rule (alone) goes pending. No rule looked at this job before."""
+    import threading
+
+    import uvicorn
+
+    from streams.broker import EmbeddedBroker, free_port
+    from streams.ingest_server import build_app
+    from streams.settings import Settings
+
+    token = "desk-token-0123456789abcdef"
+    with ExitStack() as stack:
+        broker = stack.enter_context(EmbeddedBroker(tmp_path / "broker"))
+        settings = Settings(data_dir=tmp_path / "data", broker=f"kafka://{broker.bootstrap}", topic_prefix="promingest")
+        settings.connectors.ingest_broker_timeout_s = 1.0
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(build_app(settings, {token: "desk"}), host="127.0.0.1", port=port,
+                                               log_config=None, access_log=False))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            server.should_exit = True
+            thread.join(20)
+
+        stack.callback(stop)
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the ingest app did not start"
+            time.sleep(0.05)
+        base = _start_prometheus(tmp_path, port, _rules_every_second(generated, tmp_path), stack, job="deepwatch-ingest")
+        deadline = time.monotonic() + 20
+        while not _query(base, 'up{job="deepwatch-ingest"} == 1'):
+            assert time.monotonic() < deadline, "Prometheus never scraped the ingest endpoint"
+            time.sleep(0.3)
+
+        r = httpx.post(f"http://127.0.0.1:{port}/ingest", headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                       content=json.dumps({"schema_version": 1, "event_id": "tip-1", "platform": "tipline",
+                                           "account_id": "a", "posted_at": "2026-11-30T10:00:00Z",
+                                           "image": {"url": "https://images.example.org/1.jpg"}}))
+        assert r.status_code == 503 and r.json()["cause"] == "topic_missing", r.text
+
+        selectors = ('deepwatch_ingest_broker_failures_total{job="deepwatch-ingest",cause="topic_missing"}',
+                     'deepwatch_ingest_requests_total{job="deepwatch-ingest",token="desk",status="503"}')
+        deadline = time.monotonic() + 20
+        while not all(_query(base, f"{sel} >= 1") for sel in selectors):
+            assert time.monotonic() < deadline, [_query(base, sel) for sel in selectors]
+            time.sleep(0.3)
+
+        deadline = time.monotonic() + 20
+        while True:
+            groups = httpx.get(f"{base}/api/v1/rules", timeout=5).json()["data"]["groups"]
+            loaded = {r["name"]: r for g in groups for r in g["rules"]}
+            if loaded.get("DeepwatchIngestTopicMissing", {}).get("state") == "pending" or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert all(r.get("health") == "ok" for r in loaded.values()), {n: r.get("lastError") for n, r in loaded.items()}
+        ingest = {n: r["state"] for n, r in loaded.items() if n.startswith(("DeepwatchIngest", "DeepwatchNoIngest"))}
+        assert ingest == {"DeepwatchIngestDown": "inactive", "DeepwatchNoIngest": "inactive",
+                          "DeepwatchIngestTopicMissing": "pending", "DeepwatchIngestBrokerFailures": "inactive",
+                          "DeepwatchIngestBusy": "inactive"}, ingest
+
+
 def _grafana_vars(expr: str, interval: str = "1m", range_: str = "10m") -> str:
     """A panel expression as Grafana sends it (step = $__interval)."""
     return (expr.replace("$__rate_interval", "4m").replace("$__interval", interval).replace("$__range", range_))
@@ -577,10 +769,13 @@ def test_rare_event_counters_exist_at_zero_from_the_start():
     from prometheus_client import generate_latest
 
     import streams.desk.observe  # noqa: F401  registers the desk's counters
+    import streams.ingest_server  # noqa: F401  and the ingest endpoint's
     import streams.metrics  # noqa: F401
 
     text = generate_latest().decode()
     for series in ('deepwatch_alerts_total{level="1"}', 'deepwatch_webhook_deliveries_total{outcome="failed"}',
-                   'deepwatch_desk_verdicts_total{verdict="fake"}', 'deepwatch_desk_logins_total{outcome="failed"}'):
+                   'deepwatch_desk_verdicts_total{verdict="fake"}', 'deepwatch_desk_logins_total{outcome="failed"}',
+                   'deepwatch_ingest_broker_failures_total{cause="topic_missing"}',
+                   'deepwatch_ingest_broker_failures_total{cause="unavailable"}'):
         assert series in text, series
     assert 'deepwatch_event_to_alert_seconds_bucket{le="300.0"}' in text or "le=\"300.0\"" in text

@@ -191,6 +191,9 @@ def serve_ingest(
         None, "--metrics-port", min=0, max=65535,
         help="Serve Prometheus /metrics on this port instead of --port (their labels name the token holders); "
              "for an endpoint facing the internet. Default: DEEPWATCH_METRICS_PORT, else on --port."),
+    create_topics: bool = typer.Option(
+        False, help="Create missing topics (as `deepwatch worker` does) before listening: with topic auto-creation "
+                    "off, requests are answered 503 until the topics exist. Needs the broker up at start."),
 ) -> None:
     """HTTP endpoint for tiplines and scrapers: POST /ingest with one JSON
     event or NDJSON, bearer tokens from DEEPWATCH_INGEST_TOKENS
@@ -220,4 +223,15 @@ def serve_ingest(
     if metrics_port == port:
         fail(f"--metrics-port {metrics_port} is --port too; give metrics a port of their own")
     ensure_port_free(host, port, "pick another --port")
+    if create_topics:
+        from streams.broker import ensure_topics
+        from streams.topics import topic_specs
+
+        bootstrap = bootstrap_of(settings.broker)
+        try:
+            ensure_topics(bootstrap, topic_specs(settings), settings=settings)
+        except BrokerError as e:
+            fail(str(e))
+        except Exception as e:
+            fail(f"cannot create the topics on the broker at {bootstrap} ({type(e).__name__}: {e})")
     serve(settings, host, port, metrics_port=metrics_port)

@@ -28,12 +28,16 @@ class KafkaSink:
 
     def __init__(self, bootstrap: str, settings: Settings, *, client_id: str = "deepwatch-connector",
                  max_block_ms: int = 10_000, request_timeout_ms: int = 10_000, flush_timeout_s: float | None = None,
-                 bootstrap_timeout_ms: int = 30_000, keep_offsets: bool = False):
+                 bootstrap_timeout_ms: int = 30_000, keep_offsets: bool = False, auto_create_topics: bool = True):
+        """``auto_create_topics``: whether the producer's metadata requests may
+        make a broker that allows it (Tansu does) create a missing topic, with
+        the broker's default partition count rather than deepwatch's."""
         self.settings = settings
         self._producer = kafka_producer(
             bootstrap, settings, client_id=client_id, timeout_s=bootstrap_timeout_ms / 1000,
             acks="all", linger_ms=5, retries=5, max_request_size=MAX_MESSAGE_BYTES + 4096,
             max_block_ms=max_block_ms, request_timeout_ms=request_timeout_ms,
+            allow_auto_create_topics=auto_create_topics,
         )
         self.timeout_s = flush_timeout_s or max(1.0, request_timeout_ms / 1000 * 3)
         self._owner = True
