@@ -104,8 +104,14 @@ def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_d
         fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs, breaker)
         stage = AnalyzeStage(settings, fetcher, Analyzer(settings, data_dir / "blobs"), blobs.put,
                              analyze_store, shared_ids)
+        # Acks are ours (``noack``): an event is acked once its outcome is
+        # handed on. A stopping worker (SIGTERM, a rolling restart) cancels this
+        # loop with events in hand, and a stream that acks itself acks them
+        # however the loop ends, before the consumer's last commit: an event
+        # still being fetched was committed over and never processed.
+        events_in = stream.noack()
         try:
-            async for event in stream.events():
+            async for event in events_in.events():
                 msg = event.message
                 source = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset,
                                    run=run_of(getattr(msg, "headers", None)))
@@ -129,6 +135,7 @@ def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_d
                         except Exception:  # the broker itself failing: retry, then say so, never crash
                             log.exception("dead letter not sent", extra={"offset": msg.offset, "attempt": attempt})
                             await asyncio.sleep(1.0)
+                await events_in.ack(event)
         finally:
             stage.close()
             await fetcher.aclose()
@@ -188,8 +195,8 @@ def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.Topi
     # findings store that falls behind pauses these agents (backpressure).
     # Acked only once stored (``noack_take``, as the cluster stage does):
     # ``take`` acks what it handed out when the agent's loop ends, however it
-    # ends, so a worker stopped while its sink waited on the store committed
-    # the batch's offsets on its way out and the batch was never stored.
+    # ends, so a batch cut short by a stop could be committed on the worker's
+    # way out and never stored (the analyze agent lost events so, above).
     batch, within = settings.findings.bulk_max_actions, settings.findings.bulk_flush_s
 
     async def stored(stream, events, write) -> None:

@@ -100,7 +100,12 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
         # with the one its better copy sent moments later (measured on the
         # replay bench's feed: 18 of ~230 requests against 5 at one model
         # batch), and every answer still leaves as soon as its picture is done.
-        async for raws in stream.take(max(1, cfg.max_batch) * TAKE_BATCHES, within=max(cfg.max_wait_ms, 1.0) / 1000):
+        # Acked once answered (``noack_take``): ``take`` acks what it handed
+        # out however the loop ends, so a worker stopped mid-batch committed
+        # requests it never answered, and their clusters waited for good.
+        async for events in stream.noack_take(max(1, cfg.max_batch) * TAKE_BATCHES,
+                                              within=max(cfg.max_wait_ms, 1.0) / 1000):
+            raws = [e.value for e in events]
             started = time.perf_counter()
 
             async def send(req: DetectRequest, evidence: list, error: str | None) -> None:
@@ -116,6 +121,8 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
             for _ in range(answered):
                 metrics.STAGE_SECONDS.labels("detect").observe(per_answer)
             metrics.EVENTS.labels("detect", "coalesced").inc(len(raws) - answered)
+            for e in events:
+                await stream.ack(e)
 
     return app
 
