@@ -133,6 +133,8 @@ HOST_PAUSES_15M = f"sum({counted('deepwatch_fetch_host_pauses_total', '15m')}) >
 # -- the desk (deepwatch serve; its own scrape job, deploy/prometheus/prometheus.yml)
 DESK_JOB = 'job="deepwatch-desk"'
 DESK_DOWN = f"up{{{DESK_JOB}}} == 0"
+# No desk target at all (every replica gone, or discovery finds none): no `up` series left to be 0.
+NO_DESK = f"absent(up{{{DESK_JOB}}})"
 DESK_REQUESTS_RATE = ('sum by (route, status) (rate(deepwatch_desk_requests_total[$__rate_interval]))')
 DESK_VERDICTS = f"sum by (verdict) ({counted('deepwatch_desk_verdicts_total', '$__interval')})"
 DESK_LOGINS = f"sum by (outcome) ({counted('deepwatch_desk_logins_total', '$__interval')})"

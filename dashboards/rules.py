@@ -87,6 +87,10 @@ def prometheus_rules() -> dict[str, Any]:
             _rule("DeepwatchDeskDown", q.DESK_DOWN, "5m", "critical",
                   "The fact-check desk {{ $labels.instance }} is not answering /metrics",
                   "Fact-checkers cannot open the queue or record verdicts; alerts still reach subscribers."),
+            _rule("DeepwatchNoDesk", q.NO_DESK, "10m", "critical",
+                  "No fact-check desk is being scraped",
+                  "Every desk replica is gone, or Prometheus discovers none: fact-checkers cannot open the queue "
+                  "or record verdicts. Where no desk runs on purpose, drop its scrape job and silence this alert."),
             _rule("DeepwatchDeskErrors", f"{q.desk_error_ratio('10m')} > {DESK_ERROR_RATIO_MAX}", "10m", "warning",
                   "{{ $value | humanizePercentage }} of desk requests fail with a server error",
                   "Usually the findings store: Elasticsearch unreachable, its API key revoked or its index missing."),

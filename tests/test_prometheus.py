@@ -182,6 +182,20 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                         "DeepwatchDeskDown", {"instance": "d1", "job": "deepwatch-desk"},
                         summary="The fact-check desk d1 is not answering /metrics")]},
                     {"eval_time": "30m", "alertname": "DeepwatchWorkerDown", "exp_alerts": []},
+                    {"eval_time": "30m", "alertname": "DeepwatchNoDesk", "exp_alerts": []},  # a target reads 0
+                ],
+            },
+            {   # the desk's only replica is gone at 10m (scaled down, crash loop: no `up` series at all)
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'up{job="deepwatch-desk",instance="d1"}', "values": "1x10"},
+                    {"series": 'up{job="deepwatch",instance="w1"}', "values": "1x40"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "9m", "alertname": "DeepwatchNoDesk", "exp_alerts": []},
+                    {"eval_time": "35m", "alertname": "DeepwatchNoDesk", "exp_alerts": [_expected_alert(
+                        "DeepwatchNoDesk", {"job": "deepwatch-desk"}, summary="No fact-check desk is being scraped")]},
+                    {"eval_time": "35m", "alertname": "DeepwatchDeskDown", "exp_alerts": []},  # nothing left to read 0
                 ],
             },
             {   # a failed webhook delivery
