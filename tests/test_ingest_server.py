@@ -335,6 +335,26 @@ def test_serve_ingest_create_topics_creates_them_as_a_worker_would(broker, tmp_p
     assert r.returncode != 0 and "Traceback" not in r.stderr and "127.0.0.1:1" in r.stderr, r.stderr
 
 
+def test_cli_ingest_creates_the_topics_as_a_worker_would(broker, tmp_path):
+    # `deepwatch ingest` before any worker: the broker made the events topic on
+    # first use with its own partition count (Tansu: 1), so the workers' keyed
+    # partitions never matched it.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DEEPWATCH_TOPIC_PREFIX": "ingestcli",
+           "DEEPWATCH_DATA_DIR": str(tmp_path)}
+    settings = Settings(topic_prefix="ingestcli")
+    specs = [s for s in topic_specs(settings) if s.name.startswith("ingestcli.")]
+    assert any(s.partitions > 1 for s in specs) and _topic_partitions(broker.bootstrap, [s.name for s in specs]) == {}
+    feed = tmp_path / "feed.jsonl"
+    feed.write_text("".join(json.dumps(event(i)) + "\n" for i in range(3)))
+    r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "ingest", str(feed),
+                        "--broker", f"kafka://{broker.bootstrap}"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "produced 3 events" in r.stderr, r.stderr
+    assert _topic_partitions(broker.bootstrap, [s.name for s in specs]) == {s.name: s.partitions for s in specs}
+    got = [ImageEvent.loads(v).event_id for v in read_topic(broker.bootstrap, settings.topic("events"), 3)]
+    assert sorted(got) == sorted(event(i)["event_id"] for i in range(3))
+
+
 def test_serve_ingest_command_end_to_end(broker, tmp_path):
     port, metrics_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "DEEPWATCH_INGEST_TOKENS": f"desk:{TOKEN}",

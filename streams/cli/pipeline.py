@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from streams.cli.app import app
-from streams.cli.common import Broker, Config, DataDir, check_alert_senders, err, print_json, settings_from, write_out
+from streams.cli.common import Broker, Config, DataDir, check_alert_senders, err, fail, print_json, settings_from, write_out
 from streams.cli.query import StoreOpt
 from streams.settings import Settings
 
@@ -266,17 +266,29 @@ def ingest(
     feed: Path = typer.Argument(..., metavar="FEED", exists=True, dir_okay=False, help="JSONL file of schema-v1 events."),
     broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT of the running pipeline's broker (`deepwatch broker` prints it); default: DEEPWATCH_BROKER."),
     config: Optional[Path] = Config,
+    create_topics: bool = typer.Option(
+        True, help="Create missing topics with the workers' partition counts first (as `deepwatch worker` does): "
+                   "a broker that creates a topic on first use gives it its own default count."),
 ) -> None:
     """Produce FEED's events to a running pipeline's events topic (malformed
     lines too: the pipeline dead-letters them with a reason)."""
-    from streams.broker import bootstrap_of, check_reachable
+    from streams.broker import BrokerError, bootstrap_of, check_reachable, ensure_topics
     from streams.ingest import Produced, count_lines, produce_feed
+    from streams.topics import topic_specs
 
     settings = settings_from(config, broker=broker)
     if settings.broker == "embedded":
         raise typer.BadParameter("ingest sends to a running broker: pass --broker kafka://HOST:PORT or set DEEPWATCH_BROKER", param_hint="--broker")
     bootstrap = bootstrap_of(settings.broker)
     check_reachable(bootstrap)
+    if create_topics:
+        try:
+            ensure_topics(bootstrap, topic_specs(settings), timeout_s=15, settings=settings)
+        except BrokerError:
+            raise  # says which address and what to do already
+        except Exception as e:
+            fail(f"cannot create the topics on the broker at {bootstrap} ({type(e).__name__}: {e}); "
+                 "create them yourself and pass --no-create-topics")
     # A pipe (`cat feed | deepwatch ingest /dev/stdin`) can be read only once:
     # counting its lines first left nothing to send ("produced 0 events").
     lines = count_lines(feed) if feed.is_file() else None
