@@ -101,8 +101,9 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
         # replay bench's feed: 18 of ~230 requests against 5 at one model
         # batch), and every answer still leaves as soon as its picture is done.
         # Acked once answered (``noack_take``): ``take`` acks what it handed
-        # out however the loop ends, so a worker stopped mid-batch committed
-        # requests it never answered, and their clusters waited for good.
+        # out however the loop ends, so a worker stopped mid-batch could commit
+        # requests it never answered (as the analyze agent did with events),
+        # and their clusters would wait for good.
         async for events in stream.noack_take(max(1, cfg.max_batch) * TAKE_BATCHES,
                                               within=max(cfg.max_wait_ms, 1.0) / 1000):
             raws = [e.value for e in events]
