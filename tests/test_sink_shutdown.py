@@ -54,7 +54,9 @@ def test_a_batch_held_by_a_locked_store_survives_the_worker_stopping(tmp_path):
     try:
         dead = [(d.event_id, d.stage, d.reason, (d.detail or "")[:200]) for d in store.dead_letters()]
         assert dead == [], "an event held by the locked store was dead-lettered instead"
-        assert sorted(store.sighting_times()) == ["e0", "e1", "e2"]
+        with sqlite3.connect(settings.data_dir / "findings.sqlite") as db:
+            outcomes = dict(db.execute("SELECT event_id, outcome FROM processed"))
+        assert sorted(store.sighting_times()) == ["e0", "e1", "e2"], f"outcomes on record: {outcomes}"
         assert sum(c.sightings for c in store.clusters()) == 3
     finally:
         store.close()
