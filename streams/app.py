@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any, Callable
 
 import faust
 
@@ -117,28 +118,49 @@ def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_d
                                    run=run_of(getattr(msg, "headers", None)))
                 metrics.observe_lag("analyze", msg.timestamp)
                 result = await stage.process(event.value, source, msg.timestamp or None)
-                try:
-                    if result.op is not None:
-                        with metrics.STAGE_SECONDS.labels("send").time():
-                            await ops.send(key=b"ops", value=result.op)
-                    elif result.duplicate:
-                        await asyncio.to_thread(stage.mark_duplicate, source, result.event_id)
-                except Exception as e:  # e.g. the broker refusing the message: still one dead letter
-                    log.exception("analyze output failed", extra={"offset": msg.offset})
-                    result.dead = _dead_letter("cluster", "send_failed", f"{type(e).__name__}: {e}", source, None,
-                                               result.event_id)
-                if result.dead is not None:
-                    for attempt in range(3):
-                        try:
-                            await send_dead(result.dead)
-                            break
-                        except Exception:  # the broker itself failing: retry, then say so, never crash
-                            log.exception("dead letter not sent", extra={"offset": msg.offset, "attempt": attempt})
-                            await asyncio.sleep(1.0)
-                await events_in.ack(event)
+                if await hand_on(result, source, ops, send_dead, stage.mark_duplicate):
+                    await events_in.ack(event)
         finally:
             stage.close()
             await fetcher.aclose()
+
+
+DEAD_LETTER_TRIES = 3
+
+
+async def hand_on(result: Any, source: SourceRef, ops: Any, send_dead: SendDead,
+                  mark_duplicate: Callable[[SourceRef, str | None], None]) -> bool:
+    """Hand an analysed event's outcome on: its cluster op to ``ops``, an
+    exact duplicate to the store's accounting, a dead letter to its topic (an
+    op the broker refuses becomes one). True once the outcome has left the
+    worker: only then may the event be acked. A dead letter the broker
+    refuses ``DEAD_LETTER_TRIES`` times leaves the event unacked: its
+    partition's commits stop below it and the partition's next owner reads
+    it again, rather than the event being lost."""
+    try:
+        if result.op is not None:
+            with metrics.STAGE_SECONDS.labels("send").time():
+                await ops.send(key=b"ops", value=result.op)
+        elif result.duplicate:
+            await asyncio.to_thread(mark_duplicate, source, result.event_id)
+    except Exception as e:  # e.g. the broker refusing the message: still one dead letter
+        log.exception("analyze output failed", extra={"offset": source.offset})
+        result.dead = _dead_letter("cluster", "send_failed", f"{type(e).__name__}: {e}", source, None,
+                                   result.event_id)
+    if result.dead is None:
+        return True
+    for attempt in range(DEAD_LETTER_TRIES):
+        try:
+            await send_dead(result.dead)
+            return True
+        except Exception:  # the broker itself failing: retry, then say so, never crash
+            log.exception("dead letter not sent", extra={"offset": source.offset, "attempt": attempt})
+            if attempt + 1 < DEAD_LETTER_TRIES:
+                await asyncio.sleep(1.0)
+    log.error("event left unacked: neither its outcome nor its dead letter reached the broker; the partition's "
+              "next owner reads it again", extra={"topic": source.topic, "partition": source.partition,
+                                                  "offset": source.offset, "event_id": result.event_id})
+    return False
 
 
 def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.TopicT, dead: faust.TopicT,
