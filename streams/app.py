@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import faust
 
@@ -34,6 +34,9 @@ from streams.host_breaker import HostBreaker
 from streams.records import DeadLetter, SourceRef
 from streams.settings import Settings
 from streams.topics import ANALYZE_GROUP_SUFFIX, CLUSTER_TABLE
+
+if TYPE_CHECKING:
+    from streams.stage import Result
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,7 @@ def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_d
 DEAD_LETTER_TRIES = 3
 
 
-async def hand_on(result: Any, source: SourceRef, ops: Any, send_dead: SendDead,
+async def hand_on(result: Result, source: SourceRef, ops: Any, send_dead: SendDead,
                   mark_duplicate: Callable[[SourceRef, str | None], None]) -> bool:
     """Hand an analysed event's outcome on: its cluster op to ``ops``, an
     exact duplicate to the store's accounting, a dead letter to its topic (an
