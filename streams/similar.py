@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, Union
 
 import numpy as np
 from pydantic import BaseModel
@@ -88,13 +88,20 @@ def _preview(image: ImageData, px: int) -> bytes:
     return out.getvalue()
 
 
-def find(settings: Settings, picture: Picture, store: Any | None) -> list[Match]:
+# progress(done, total): members indexed so far, of how many
+Progress = Callable[[int, int], None]
+
+
+def find(settings: Settings, picture: Picture, store: Any | None, *,
+         progress: Progress | None = None) -> list[Match]:
     """Clusters in ``store`` (a findings store; None: none to look in) and
     bank entries showing ``picture``, nearest first (the banks' ranking:
     distance over the rule's threshold). Errors of the store (an unreachable
-    Elasticsearch: ``EsError``) are the caller's to report."""
+    Elasticsearch: ``EsError``) are the caller's to report. ``progress(done,
+    total)`` is called while a SQLite store's members are indexed (the first
+    lookup of a process: seconds at a million members)."""
     ranked: list[tuple[tuple[float, int], Match]] = [
-        *((_rank(settings, m.distance, m.via), m) for m in similar_clusters(settings, picture, store)),
+        *((_rank(settings, m.distance, m.via), m) for m in similar_clusters(settings, picture, store, progress)),
         *((_rank(settings, m.distance, m.via), m) for m in similar_banks(settings, picture)),
     ]
     ranked.sort(key=lambda r: r[0])  # stable: a tie keeps clusters before banks
@@ -112,7 +119,8 @@ def _rank(settings: Settings, distance: int, via: str) -> tuple[float, int]:
     return rank_key(distance, via, settings.dedupe.phash_threshold, settings.dedupe.pdq_threshold)
 
 
-def similar_clusters(settings: Settings, picture: Picture, store: Any | None) -> list[ClusterMatch]:
+def similar_clusters(settings: Settings, picture: Picture, store: Any | None,
+                     progress: Progress | None = None) -> list[ClusterMatch]:
     """Clusters of ``store`` showing the picture. Elasticsearch: bit-vector
     kNN nominates candidate clusters (``similar_candidates``); SQLite: a hash
     index of every stored member kept by this process (``_MemberCodes``,
@@ -137,7 +145,7 @@ def similar_clusters(settings: Settings, picture: Picture, store: Any | None) ->
                 index.add(doc["cluster_id"], m["sha256"], h)
                 members.setdefault(doc["cluster_id"], []).append((m["sha256"], h))
     else:
-        rows = near_members(settings, picture, store) if hasattr(store, "members_near") else store.iter_members()
+        rows = near_members(settings, picture, store, progress) if hasattr(store, "members_near") else store.iter_members()
         for row in rows:
             h = ImageHashes(phash=row.phash, pdq=row.pdq, pdq_quality=row.pdq_quality, views=row.views,
                             trimmed=row.trimmed)
@@ -146,7 +154,7 @@ def similar_clusters(settings: Settings, picture: Picture, store: Any | None) ->
     return _on_pixels(settings, picture, index.lookup(picture.sha256, picture.hashes), members)
 
 
-def near_members(settings: Settings, picture: Picture, store: Any) -> list[Any]:
+def near_members(settings: Settings, picture: Picture, store: Any, progress: Progress | None = None) -> list[Any]:
     """The members (``MemberRow``) of every cluster of a SQLite findings
     store that the picture's hashes may meet: each cluster with a member whose
     pHash codes (full frame and views) are within the widest pHash radius of
@@ -166,7 +174,7 @@ def near_members(settings: Settings, picture: Picture, store: Any) -> list[Any]:
     pdq = ([h.pdq] + ([h.pdq_mirror] if h.pdq_mirror else [])
            if h.pdq_quality >= t.pdq_min_quality and not _framed(h.views, h.trimmed) else [])
     with codes.lock:  # milliseconds: the members stored since the last lookup, then the search
-        codes.refresh(store)
+        codes.refresh(store, progress)
         keys = codes.search(queries, max(t.phash_threshold, t.view_threshold),
                             HammingIndex.codes_from_hex(pdq, 256) if pdq else None, t.pdq_threshold)
     return store.members_near(keys, picture.sha256)
@@ -192,12 +200,14 @@ class _MemberCodes:
         self.last, self.last_sha = 0, None
         self.lock = threading.Lock()
 
-    def refresh(self, store: Any) -> None:
+    def refresh(self, store: Any, progress: Progress | None = None) -> None:
         from detectors.neardup.clusters import _FULL, SLOTS, _framed, stored_phash_codes
         from detectors.neardup.hamming import HammingIndex
 
         if self.last and store.member_key(self.last) != self.last_sha:
             self.__init__(self.pdq_min_quality)  # the file was replaced: start again
+        total = store.members_count_after(self.last) if progress is not None else 0
+        done = 0
         while rows := store.members_after(self.last):
             ids, codes, pkeys, pcodes = [], [], [], []
             for key, sha, phash, pdq, quality, views, trimmed in rows:
@@ -221,6 +231,9 @@ class _MemberCodes:
                 self._pdq_keys[self.n_pdq:need] = pkeys
                 self.n_pdq = need
             self.last, self.last_sha = rows[-1][0], rows[-1][1]
+            if progress is not None:
+                done += len(rows)
+                progress(done, max(total, done))
 
     def search(self, phash: np.ndarray, radius: int, pdq: np.ndarray | None, pdq_radius: int) -> set[int]:
         """Member keys with a pHash code within ``radius`` of one of

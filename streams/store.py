@@ -952,6 +952,10 @@ class SqliteFindingsStore:
                 in self._db.execute("SELECT rowid, sha256, phash, pdq, pdq_quality, views, trimmed FROM members "
                                     "WHERE rowid > ? ORDER BY rowid LIMIT ?", (int(after), int(limit)))]
 
+    def members_count_after(self, after: int) -> int:
+        """How many members ``members_after(after, ...)`` pages would give in all."""
+        return self._db.execute("SELECT COUNT(*) FROM members WHERE rowid > ?", (int(after),)).fetchone()[0]
+
     def member_key(self, key: int) -> str | None:
         """The sha256 of the member ``members_after`` gave under ``key`` (None:
         none now: the file was replaced)."""

@@ -207,6 +207,24 @@ def test_a_replaced_store_file_is_indexed_again(tmp_path: Path):
     store.close()
 
 
+def test_indexing_reports_its_progress_over_every_member(tmp_path: Path):
+    """`deepwatch similar`'s bar: the first lookup of a process indexes every
+    member (seconds at a million) and says how far it is; a lookup with
+    nothing new to index reports nothing."""
+    d = tmp_path / "data"
+    settings = Settings(data_dir=d)
+    store = open_store(d)
+    store.apply_snapshots(_noise(45_000, seed=3))  # three pages of members_after
+    q = similar.read_picture(_jpeg(picture(6, (320, 240)), 70), settings.decode_limits())
+    calls: list[tuple[int, int]] = []
+    assert similar.find(settings, q, store, progress=lambda done, total: calls.append((done, total))) == []
+    assert calls == [(20_000, 45_000), (40_000, 45_000), (45_000, 45_000)]
+    calls.clear()
+    assert similar.find(settings, q, store, progress=lambda done, total: calls.append((done, total))) == []
+    assert calls == []
+    store.close()
+
+
 def test_the_banks_index_is_loaded_once_per_file_version(tmp_path: Path, monkeypatch):
     from detectors.banks import BankStore
 

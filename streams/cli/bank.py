@@ -212,7 +212,16 @@ def similar(
         except (StoreURLError, EsError) as e:
             raise typer.BadParameter(str(e), param_hint="--store") from None
     try:
-        rows = lookup.as_json(lookup.find(settings, picture, store))
+        if hasattr(store, "members_near"):
+            # SQLite: the lookup first indexes every stored member (seconds at a million): a bar on stderr
+            with Progress(TextColumn("indexing members"), BarColumn(), MofNCompleteColumn(), console=err,
+                          transient=True) as bar:
+                task = bar.add_task("index", total=None)
+                found = lookup.find(settings, picture, store,
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+        else:
+            found = lookup.find(settings, picture, store)
+        rows = lookup.as_json(found)
     except EsError as e:
         fail(str(e))
     finally:
