@@ -72,6 +72,21 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def create_missing_topics(settings: Settings, bootstrap: str, *, timeout_s: float = 20.0) -> None:
+    """Create the missing topics with the workers' partition counts (what a
+    worker does at start), or end the command with one line saying why."""
+    from streams.broker import BrokerError, ensure_topics
+    from streams.topics import topic_specs
+
+    try:
+        ensure_topics(bootstrap, topic_specs(settings), timeout_s=timeout_s, settings=settings)
+    except BrokerError as e:
+        fail(str(e))  # says which address and what to do already
+    except Exception as e:  # a broker that answers the admin requests oddly: still one line
+        fail(f"cannot create the topics on the broker at {bootstrap} ({type(e).__name__}: {e}); "
+             "create them yourself and pass --no-create-topics")
+
+
 def write_out(path: Path, text: str) -> None:
     """Write a command's ``--out`` file; a path that cannot be written is one
     line naming the fix, not a bare ``[Errno 2]``."""

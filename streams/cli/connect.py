@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import typer
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, err, fail, settings_from
+from streams.cli.common import Config, DataDir, create_missing_topics, err, fail, settings_from
 from streams.settings import Settings
 
 log = logging.getLogger("deepwatch.connectors")
@@ -224,14 +224,5 @@ def serve_ingest(
         fail(f"--metrics-port {metrics_port} is --port too; give metrics a port of their own")
     ensure_port_free(host, port, "pick another --port")
     if create_topics:
-        from streams.broker import ensure_topics
-        from streams.topics import topic_specs
-
-        bootstrap = bootstrap_of(settings.broker)
-        try:
-            ensure_topics(bootstrap, topic_specs(settings), settings=settings)
-        except BrokerError as e:
-            fail(str(e))
-        except Exception as e:
-            fail(f"cannot create the topics on the broker at {bootstrap} ({type(e).__name__}: {e})")
+        create_missing_topics(settings, bootstrap_of(settings.broker))
     serve(settings, host, port, metrics_port=metrics_port)

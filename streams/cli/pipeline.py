@@ -15,7 +15,9 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from streams.cli.app import app
-from streams.cli.common import Broker, Config, DataDir, check_alert_senders, err, fail, print_json, settings_from, write_out
+from streams.cli.common import (
+    Broker, Config, DataDir, check_alert_senders, create_missing_topics, err, print_json, settings_from, write_out,
+)
 from streams.cli.query import StoreOpt
 from streams.settings import Settings
 
@@ -272,9 +274,8 @@ def ingest(
 ) -> None:
     """Produce FEED's events to a running pipeline's events topic (malformed
     lines too: the pipeline dead-letters them with a reason)."""
-    from streams.broker import BrokerError, bootstrap_of, check_reachable, ensure_topics
+    from streams.broker import bootstrap_of, check_reachable
     from streams.ingest import Produced, count_lines, produce_feed
-    from streams.topics import topic_specs
 
     settings = settings_from(config, broker=broker)
     if settings.broker == "embedded":
@@ -282,13 +283,7 @@ def ingest(
     bootstrap = bootstrap_of(settings.broker)
     check_reachable(bootstrap)
     if create_topics:
-        try:
-            ensure_topics(bootstrap, topic_specs(settings), timeout_s=15, settings=settings)
-        except BrokerError:
-            raise  # says which address and what to do already
-        except Exception as e:
-            fail(f"cannot create the topics on the broker at {bootstrap} ({type(e).__name__}: {e}); "
-                 "create them yourself and pass --no-create-topics")
+        create_missing_topics(settings, bootstrap, timeout_s=15)
     # A pipe (`cat feed | deepwatch ingest /dev/stdin`) can be read only once:
     # counting its lines first left nothing to send ("produced 0 events").
     lines = count_lines(feed) if feed.is_file() else None
@@ -321,8 +316,8 @@ def worker(
 ) -> None:
     """Run one long-lived worker process against an existing broker."""
     from streams import worker as worker_mod
-    from streams.topics import ROLES, topic_specs
-    from streams.broker import bootstrap_of, ensure_topics
+    from streams.topics import ROLES
+    from streams.broker import bootstrap_of
 
     if role not in ROLES:
         raise typer.BadParameter(f"unknown role {role!r}: {', '.join(ROLES[:-1])} or {ROLES[-1]}", param_hint="--role")
@@ -337,7 +332,7 @@ def worker(
             raise typer.BadParameter(f"{root} is not a directory", param_hint="--image-root")
     settings.ingest.image_roots = [*settings.ingest.image_roots, *[r.resolve() for r in image_root]]
     if create_topics:
-        ensure_topics(bootstrap_of(settings.broker), topic_specs(settings), settings=settings)
+        create_missing_topics(settings, bootstrap_of(settings.broker))
     worker_mod.run(settings, role)
 
 
