@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 from streams import es_templates as T
 from streams.findings import (
     MAX_RESULTS, QUEUED, QUEUED_RECENT_S, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Page,
-    SightingRecord, account_rank, read_limit, sort_key, text_terms,
+    SightingRecord, account_rank, read_limit, sort_key, surviving_cluster, text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 
@@ -1125,9 +1125,7 @@ class EsFindingsStore:
              "members.views", "members.trimmed"])]
         into = {d["cluster_id"]: d.get("merged_into") for d in docs}
         for d in docs:
-            root, hops = d["cluster_id"], 0
-            while into.get(root) and hops < 64:
-                root, hops = into[root], hops + 1
+            root = surviving_cluster(d["cluster_id"], into)
             for m in d.get("members") or []:
                 yield MemberRow(root, m["sha256"], m["phash"], m["pdq"], m["pdq_quality"], m.get("views") or None,
                                 bool(m.get("trimmed")))

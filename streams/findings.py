@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Collection, Generic, Iterable, Iterator, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Collection, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -59,6 +59,21 @@ class _ReadRecord(BaseModel):
 
 
 R = TypeVar("R")
+
+
+MAX_MERGE_HOPS = 64
+
+
+def surviving_cluster(cluster_id: str, merged_into: Mapping[str, str | None]) -> str:
+    """The cluster ``cluster_id`` was merged into, following the chain
+    (``merged_into``: cluster id -> the cluster it was merged into, or
+    nothing). Every store reads merges so: sightings keep the id they were
+    recorded under, and a chain longer than ``MAX_MERGE_HOPS`` (or a cycle)
+    stops there."""
+    cur, hops = cluster_id, 0
+    while merged_into.get(cur) and hops < MAX_MERGE_HOPS:
+        cur, hops = merged_into[cur], hops + 1  # type: ignore[assignment]
+    return cur
 
 
 class Page(list, Generic[R]):

@@ -243,7 +243,8 @@ class _MemberCodes:
         _, ids, _ = self.phash.search(phash, radius)
         out = set((ids // SLOTS).tolist())
         if pdq is not None:
-            # a flat scan (~40 bytes a member; a multi-index PDQ table would take ~600):
+            # a flat scan (~40 bytes a member; HammingIndex's multi-index PDQ tables take
+            # ~600, and its own scan is sized for a small delta, not a million rows):
             # about 10 ms per million members, in blocks bounding the temporary
             for lo in range(0, self.n_pdq, 1 << 17):
                 hi = min(self.n_pdq, lo + (1 << 17))

@@ -23,7 +23,8 @@ from typing import Any, Collection, Iterable, Iterator
 
 from streams.findings import (
     MAX_RESULTS, QUEUED_RECENT_S, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord,
-    FindingsStore, Page, SightingRecord, normalize_hashtag, read_limit, sort_key, text_terms,
+    MAX_MERGE_HOPS, FindingsStore, Page, SightingRecord, normalize_hashtag, read_limit, sort_key, surviving_cluster,
+    text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
@@ -503,13 +504,7 @@ class SqliteFindingsStore:
         """cluster id -> surviving cluster id, following merges (sightings keep
         the id they were recorded under; merges are resolved when reading)."""
         into = dict(self._db.execute("SELECT cluster_id, merged_into FROM clusters").fetchall())
-        roots: dict[str, str] = {}
-        for cid in into:
-            cur, hops = cid, 0
-            while into.get(cur) and hops < 64:
-                cur, hops = into[cur], hops + 1
-            roots[cid] = cur
-        return roots
+        return {cid: surviving_cluster(cid, into) for cid in into}
 
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]:
         """Clusters, highest fake score first; counts, accounts, platforms and
@@ -976,29 +971,17 @@ class SqliteFindingsStore:
                 f"SELECT DISTINCT cluster_id FROM members WHERE rowid IN ({','.join('?' * len(chunk))})", chunk))
         if sha256:
             cids.update(c for c, in self._db.execute("SELECT cluster_id FROM members WHERE sha256 = ?", (sha256,)))
-        into: dict[str, str | None] = {}  # the part of ``_roots``' merge map these clusters reach
-
-        def root(cid: str) -> str:
-            cur, hops = cid, 0
-            while hops < 64:
-                if cur not in into:
-                    row = self._db.execute("SELECT merged_into FROM clusters WHERE cluster_id = ?", (cur,)).fetchone()
-                    into[cur] = row[0] if row else None
-                if not into[cur]:
-                    break
-                cur, hops = into[cur], hops + 1  # type: ignore[assignment]
-            return cur
-
-        roots = {root(c) for c in cids}
+        into = _MergedInto(self._db)  # the part of ``_roots``' merge map these clusters reach
+        roots = {surviving_cluster(c, into) for c in cids}
         ids: dict[str, str] = {}  # recorded cluster id -> surviving one, for every id that leads to a root found
         for r in sorted(roots):
             for c, in self._db.execute(
                 """WITH RECURSIVE down(id, depth) AS (
                        SELECT ?, 0
                        UNION SELECT clusters.cluster_id, depth + 1 FROM clusters JOIN down ON clusters.merged_into = down.id
-                       WHERE depth < 64)
-                   SELECT DISTINCT id FROM down""", (r,)):
-                if root(c) == r:  # as ``_roots`` resolves it (a chain past 64 hops, a cycle)
+                       WHERE depth < ?)
+                   SELECT DISTINCT id FROM down""", (r, MAX_MERGE_HOPS)):
+                if surviving_cluster(c, into) == r:  # as ``_roots`` resolves it (a chain past the hops, a cycle)
                     ids[c] = r
         out: list[MemberRow] = []
         names = sorted(ids)
@@ -1014,6 +997,24 @@ class SqliteFindingsStore:
 
     def sighting_times(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))
+
+
+class _MergedInto(dict):
+    """cluster id -> the cluster it was merged into (None: none), read from
+    the store as ``surviving_cluster`` walks it: a lookup reads the few
+    clusters it reaches, not the whole merge map."""
+
+    def __init__(self, db: sqlite3.Connection):
+        super().__init__()
+        self._db = db
+
+    def __missing__(self, cluster_id: str) -> str | None:
+        row = self._db.execute("SELECT merged_into FROM clusters WHERE cluster_id = ?", (cluster_id,)).fetchone()
+        self[cluster_id] = found = row[0] if row else None
+        return found
+
+    def get(self, cluster_id: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return self[cluster_id]
 
 
 _SIGHTING_COLS = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
