@@ -46,6 +46,11 @@ def counted(selector: str, window: str) -> str:
     return f"(({selector} - {selector} offset {window}) >= 0 or {selector})"
 
 
+def summed_rate(selector: str, window: str) -> str:
+    """The per-second rate of ``selector``'s counters over ``window``, all series summed."""
+    return f"sum(rate({selector}[{window}]))"
+
+
 # -- dashboard panels ($__rate_interval is Grafana's; rules use fixed windows) --
 EVENTS_RATE = "sum by (stage, outcome) (rate(deepwatch_events_total[$__rate_interval]))"
 DEAD_LETTERS_RATE = "sum by (stage, reason) (rate(deepwatch_dead_letters_total[$__rate_interval]))"
@@ -83,8 +88,10 @@ def event_to_alert_quantile(q: float, window: str = "$__rate_interval") -> str:
 def dead_letter_ratio(window: str = "10m") -> str:
     # `or vector(0)`: a counter with no series yet (no dead letters since the
     # worker started) must read as zero, not make the whole ratio vanish.
-    dead = f'(sum(rate(deepwatch_dead_letters_total{{stage=~"{INGRESS_DEAD_STAGES}"}}[{window}])) or vector(0))'
-    ok = f'(sum(rate(deepwatch_events_total{{stage="analyze",outcome="ok"}}[{window}])) or vector(0))'
+    dead_letters = f'deepwatch_dead_letters_total{{stage=~"{INGRESS_DEAD_STAGES}"}}'
+    analysed = 'deepwatch_events_total{stage="analyze",outcome="ok"}'
+    dead = f"({summed_rate(dead_letters, window)} or vector(0))"
+    ok = f"({summed_rate(analysed, window)} or vector(0))"
     return f"{dead} / clamp_min({dead} + {ok}, 1e-9)"
 
 
@@ -148,9 +155,8 @@ def desk_request_quantile(q: float, window: str = "$__rate_interval") -> str:
 def desk_error_ratio(window: str = "10m") -> str:
     """Share of desk requests answered 5xx (a broken findings store shows here
     first); no requests reads as no errors."""
-    errors = f'(sum(rate(deepwatch_desk_requests_total{{status=~"5.."}}[{window}])) or vector(0))'
-    every = f"sum(rate(deepwatch_desk_requests_total[{window}]))"
-    return f"{errors} / clamp_min({every}, 1e-9)"
+    errors = f"""({summed_rate('deepwatch_desk_requests_total{status=~"5.."}', window)} or vector(0))"""
+    return f"{errors} / clamp_min({summed_rate('deepwatch_desk_requests_total', window)}, 1e-9)"
 
 
 # -- the HTTP ingest endpoint (deepwatch serve-ingest; its own scrape job, deploy/prometheus/prometheus.yml)
@@ -162,10 +168,6 @@ NO_INGEST = f"absent(up{{{INGEST_JOB}}})"
 # buffer budget on the way): 202 accepted, 503 busy or broker_unavailable.
 # 401/413/429... are the client's doing and left out. The 202 and 503 series
 # exist at 0 from the start for every token name (streams/ingest_server.py).
-def _ingest_rate(selector: str, window: str) -> str:
-    return f"sum(rate({selector}[{window}]))"
-
-
 _INGEST_HANDED = f'deepwatch_ingest_requests_total{{{INGEST_JOB},status=~"202|503"}}'
 _INGEST_503 = f'deepwatch_ingest_requests_total{{{INGEST_JOB},status="503"}}'
 _INGEST_BROKER_FAILED = f"deepwatch_ingest_broker_failures_total{{{INGEST_JOB}}}"
@@ -176,16 +178,16 @@ def ingest_broker_failure_ratio(window: str = "10m") -> str:
     """Share of ingest requests answered 503 broker_unavailable because the
     broker was down, unreachable or slow (a missing topic has its own rule);
     no requests: no answer (nothing to alert on)."""
-    failed = f"({_ingest_rate(_INGEST_BROKER_UNAVAILABLE, window)} or vector(0))"
-    return f"{failed} / clamp_min({_ingest_rate(_INGEST_HANDED, window)}, 1e-9)"
+    failed = f"({summed_rate(_INGEST_BROKER_UNAVAILABLE, window)} or vector(0))"
+    return f"{failed} / clamp_min({summed_rate(_INGEST_HANDED, window)}, 1e-9)"
 
 
 def ingest_busy_ratio(window: str = "10m") -> str:
     """Share of ingest requests answered 503 busy (the buffer budget full):
     the 503s that were not the broker's."""
-    refused = f"({_ingest_rate(_INGEST_503, window)} or vector(0))"
-    failed = f"({_ingest_rate(_INGEST_BROKER_FAILED, window)} or vector(0))"
-    return f"clamp_min({refused} - {failed}, 0) / clamp_min({_ingest_rate(_INGEST_HANDED, window)}, 1e-9)"
+    refused = f"({summed_rate(_INGEST_503, window)} or vector(0))"
+    failed = f"({summed_rate(_INGEST_BROKER_FAILED, window)} or vector(0))"
+    return f"clamp_min({refused} - {failed}, 0) / clamp_min({summed_rate(_INGEST_HANDED, window)}, 1e-9)"
 
 
 # Refused because the events or dead-letter topic does not exist (auto-creation off, no worker nor
