@@ -130,3 +130,28 @@ def test_ctrl_c_while_replay_starts_leaves_nothing_and_no_traceback(tmp_path, af
     left = _group_members(proc.pid)
     assert not left, (left, err[-2000:])  # no zygote or worker of the group is left
     assert _brokers_logging_to(tmp_path / "data" / "logs" / "tansu.log") == []  # nor the broker, in its own group
+
+
+# Ctrl-C that lands while one of these is still being imported: the console
+# script's own imports, then the ones ``run_cli`` makes before the command runs
+# (rich's markdown, lazily). Timed signals (above) hit that window only on a
+# loaded machine; an import hook raising KeyboardInterrupt hits it every time.
+INTERRUPT_IN_IMPORT = """
+import sys
+module = sys.argv[1]
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["deepwatch", "replay", "--help"]
+from streams.console import main
+main()
+"""
+
+
+@pytest.mark.parametrize("module", ["streams.cli", "typer.rich_utils", "mdurl"])
+def test_ctrl_c_during_the_command_lines_imports_ends_in_one_line(module):
+    r = subprocess.run([sys.executable, "-c", INTERRUPT_IN_IMPORT, module], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert (r.returncode, r.stderr.strip()) == (130, "interrupted"), r.stderr[-2000:]

@@ -107,13 +107,15 @@ def run_cli(app: Any) -> None:
     their own handling -- the worker, the desk server -- install theirs)."""
     import signal
 
-    from typer import rich_utils
-
     signal.signal(signal.SIGTERM, _terminate)
-    # Typer draws a usage mistake (bad option value, unknown option, missing
-    # argument) as a five-line box; it is one line like every other mistake.
-    rich_utils.rich_format_error = _usage_error
     try:
+        # Inside the try: on a loaded machine Ctrl-C can land while this
+        # import (rich's markdown, about 0.1 s) still runs.
+        from typer import rich_utils
+
+        # Typer draws a usage mistake (bad option value, unknown option, missing
+        # argument) as a five-line box; it is one line like every other mistake.
+        rich_utils.rich_format_error = _usage_error
         app()
     except KeyboardInterrupt:
         err.print("interrupted")
