@@ -254,3 +254,93 @@ def test_the_banks_index_is_loaded_once_per_file_version(tmp_path: Path, monkeyp
     banks.close()
     assert [r["bank"] for r in _find(settings, q12, None)] == ["known"]
     assert len(loads) == 2
+
+
+def test_a_saved_copy_of_the_index_answers_as_the_store_and_grows_from_the_members_stored_since(world):
+    """`deepwatch similar` is one lookup per process: it saves the index
+    beside the store and the next process starts from it, reading only the
+    members stored since (it read every member each time: 11.5 s at 1M)."""
+    settings, store, queries = world
+    assert similar.load_index(settings, store) is False  # nothing saved yet
+    first = {name: _find(settings, data, store) for name, data in queries.items()}
+    assert similar.save_index(settings, store) is True
+    assert similar.save_index(settings, store) is False  # nothing new since
+    path = similar.index_file(store, settings.dedupe.pdq_min_quality)
+    assert path is not None and path.parent == Path(settings.data_dir) and path.stat().st_size > 0
+
+    blobs = DirectoryBlobStore(Path(settings.data_dir) / "blobs")
+    store.apply_snapshot(_snap("c-new", [_member(blobs, picture(99, (320, 240)))]))
+    later = open_store(Path(settings.data_dir))  # another process's store: an index of its own
+    try:
+        assert similar.load_index(settings, later) is True
+        read = []
+        members_after = later.members_after
+        later.members_after = lambda after, limit=20_000: read.extend(out := members_after(after, limit)) or out
+        got = {name: _find(settings, data, later) for name, data in queries.items()}
+        assert len(read) == 1  # the member stored since, not the 3,000 before it
+        assert [r["cluster_id"] for r in got.pop("other")] == ["c-new"]
+        assert got == {k: v for k, v in first.items() if k != "other"}
+        assert first["other"] == []
+        assert similar.save_index(settings, later) is True  # it grew
+    finally:
+        later.close()
+
+
+def test_a_damaged_or_foreign_copy_of_the_index_is_not_used(world):
+    settings, store, queries = world
+    _find(settings, queries["p2"], store)
+    assert similar.save_index(settings, store)
+    path = similar.index_file(store, settings.dedupe.pdq_min_quality)
+    good = path.read_bytes()
+    for damaged in (good[: len(good) // 2], b"not an index", b""):
+        path.write_bytes(damaged)
+        again = open_store(Path(settings.data_dir))
+        try:
+            assert similar.load_index(settings, again) is False
+            assert [r["cluster_id"] for r in _find(settings, queries["p2"], again)] == ["c-p2"]
+        finally:
+            again.close()
+    # saved under another PDQ quality bound: another rule's index
+    path.write_bytes(good)
+    stricter = Settings(data_dir=settings.data_dir, dedupe={"pdq_min_quality": settings.dedupe.pdq_min_quality + 1})
+    path.rename(similar.index_file(store, stricter.dedupe.pdq_min_quality))
+    again = open_store(Path(settings.data_dir))
+    try:
+        assert similar.load_index(stricter, again) is False
+    finally:
+        again.close()
+
+
+def test_a_copy_of_the_index_of_a_replaced_store_file_is_indexed_again(tmp_path: Path):
+    d = tmp_path / "data"
+    settings = Settings(data_dir=d)
+    store = open_store(d)
+    store.apply_snapshots(_noise(1))
+    q = _jpeg(picture(5, (320, 240)), 70)
+    assert _find(settings, q, store) == [] and similar.save_index(settings, store)
+    m = _member(DirectoryBlobStore(d / "blobs"), picture(5, (320, 240)))
+    store._db.execute("DELETE FROM members")  # a restore put another file in its place
+    store._db.execute("INSERT INTO members (sha256, cluster_id, phash, pdq, pdq_quality, event_id, views, trimmed) "
+                      "VALUES (?,?,?,?,?,?,?,?)", (m.sha256, "c-y", m.phash, m.pdq, m.pdq_quality, "e", None, 0))
+    store.close()
+    later = open_store(d)
+    try:
+        assert similar.load_index(settings, later) is True
+        assert [r["cluster_id"] for r in _find(settings, q, later)] == ["c-y"]
+    finally:
+        later.close()
+
+
+def test_deepwatch_similar_keeps_the_copy_and_answers_the_same_from_it(world, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    settings, store, queries = world
+    image = tmp_path / "q.jpg"
+    image.write_bytes(queries["p1-crop-copy"])
+    path = similar.index_file(store, settings.dedupe.pdq_min_quality)
+    runs = [CliRunner().invoke(app, ["similar", str(image), "--data-dir", str(settings.data_dir)]) for _ in range(2)]
+    assert [r.exit_code for r in runs] == [0, 0], runs[0].output
+    assert path.is_file()
+    assert runs[0].stdout == runs[1].stdout and "c-p1-crop" in runs[0].stdout

@@ -136,6 +136,12 @@ class HammingIndex:
                 self._segments = [self._segments[0], self._build(main_end, self._n)]
                 self._main_n = self._n
 
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every live (ids, codes), in insertion order: what ``add`` takes to
+        build the same index again (in another process, from a saved copy)."""
+        alive = self._alive[: self._n]
+        return self._ids[: self._n][alive], self._codes[: self._n][alive]
+
     def remove(self, ids: np.ndarray) -> int:
         """Tombstone every row whose id is in ``ids``; O(n), meant for batches."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

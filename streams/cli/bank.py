@@ -213,12 +213,15 @@ def similar(
             raise typer.BadParameter(str(e), param_hint="--store") from None
     try:
         if hasattr(store, "members_near"):
-            # SQLite: the lookup first indexes every stored member (seconds at a million): a bar on stderr
+            # SQLite: the lookup first indexes the stored members, from the copy the last run saved
+            # beside the store on, only those stored since (the first run: seconds at a million): a bar on stderr
+            lookup.load_index(settings, store)
             with Progress(TextColumn("indexing members"), BarColumn(), MofNCompleteColumn(), console=err,
                           transient=True) as bar:
                 task = bar.add_task("index", total=None)
                 found = lookup.find(settings, picture, store,
                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+            lookup.save_index(settings, store)
         else:
             found = lookup.find(settings, picture, store)
         rows = lookup.as_json(found)
