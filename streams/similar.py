@@ -304,9 +304,10 @@ def _member_codes(store: Any, pdq_min_quality: int) -> _MemberCodes:
 # ``deepwatch similar`` is one lookup per process: it indexed every member
 # each time (11.5 s at a million). It keeps a copy of the index beside the
 # SQLite file (``<file>.member-index-q<PDQ quality>.npz``, ~80 bytes a
-# member), loads it and indexes only the members stored since. A copy from
-# another file (a restore) is caught as the process's index catches it
-# (``refresh``); one it cannot read is ignored and written again.
+# member), loads it and indexes only the members stored since; the desk loads
+# it before its first lookup and saves it when it stops. A copy from another
+# file (a restore) is caught as the process's index catches it (``refresh``);
+# one it cannot read is ignored and written again.
 INDEX_FORMAT = 1
 
 
@@ -320,20 +321,24 @@ def index_file(store: Any, pdq_min_quality: int) -> Path | None:
 
 def load_index(settings: Settings, store: Any) -> bool:
     """Start this process's index of ``store`` from its saved copy, if there
-    is one it can read (True)."""
+    is one it can read and the process has no index of that store yet (True:
+    loaded). Cheap once the process has one: a desk calls it per lookup."""
     q = settings.dedupe.pdq_min_quality
     path = index_file(store, q)
-    if path is None or not path.is_file():
+    if path is None:
         return False
-    try:
-        with np.load(path, allow_pickle=False) as a:
-            codes = _MemberCodes.from_arrays(q, a)
-    except Exception as e:  # damaged, truncated, another format: index from the store instead
-        log.warning("member index copy %s not used (%s); indexing the store", path, e)
-        return False
+    # under the lock: two first lookups at once load it once, and none indexes meanwhile
     with _CODES_LOCK:
+        if q in _CODES.get(store, {}) or not path.is_file():
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as a:
+                codes = _MemberCodes.from_arrays(q, a)
+        except Exception as e:  # damaged, truncated, another format: index from the store instead
+            log.warning("member index copy %s not used (%s); indexing the store", path, e)
+            return False
+        codes.saved_last = codes.last
         _CODES.setdefault(store, {})[q] = codes
-    codes.saved_last = codes.last
     return True
 
 

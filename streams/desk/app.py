@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from detectors.netaddr import is_loopback
+from streams import similar
 from streams.desk import observe, views
 from streams.desk.accounts import check_accounts
 from streams.desk.alerting import AlertPath
@@ -147,6 +148,10 @@ class Desk:
 
     def close(self) -> None:
         self.alerts.close()
+        try:  # the picture lookup's member index, for the next start (streams.similar.save_index)
+            similar.save_index(self.settings, self.source.store)
+        except Exception:  # a stop goes on: the next desk indexes the store again
+            log.exception("saving the member index failed")
         self.source.close()
         self.db.close()
 

@@ -76,6 +76,7 @@ def lookup(settings: Settings, source: FindingsSource, data: bytes, *, preview: 
     # store without them).
     own = hasattr(source.store, "similar_candidates") or hasattr(source.store, "members_near")
     store = source.store if own else source
+    similar.load_index(settings, store)  # a restarted desk's first lookup: from the copy saved beside the store
     try:
         rows = similar.as_json(similar.find(settings, picture, store))
     except EsError as e:
