@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # Test processes (pytest-xdist, one test file per process at a time): most of
 # the suite waits on brokers, workers and sockets rather than the CPU, so two
-# on two cores halve the wall time (15.5 -> 8.3 min). TEST_WORKERS=0: one process.
+# on two cores halve the wall time (15.5 -> 8.5 min). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test bench clean

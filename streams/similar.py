@@ -263,11 +263,11 @@ class _MemberCodes:
         if (ids.dtype != np.int64 or codes.dtype != np.uint64 or codes.shape != (len(ids), 1)
                 or pdq.dtype != np.uint64 or pdq.shape != (len(pdq_keys), 4) or pdq_keys.dtype != np.int64):
             raise ValueError("arrays of the wrong type or shape")
-        codes_ = cls(pdq_min_quality)
-        codes_.phash.add(ids, codes)
-        codes_._pdq, codes_._pdq_keys, codes_.n_pdq = pdq.copy(), pdq_keys.copy(), len(pdq_keys)
-        codes_.last, codes_.last_sha = int(a["last"][0]), str(a["last_sha"][0]) or None
-        return codes_
+        index = cls(pdq_min_quality)
+        index.phash.add(ids, codes)
+        index._pdq, index._pdq_keys, index.n_pdq = pdq.copy(), pdq_keys.copy(), len(pdq_keys)
+        index.last, index.last_sha = int(a["last"][0]), str(a["last_sha"][0]) or None
+        return index
 
     def search(self, phash: np.ndarray, radius: int, pdq: np.ndarray | None, pdq_radius: int) -> set[int]:
         """Member keys with a pHash code within ``radius`` of one of
@@ -349,7 +349,7 @@ def save_index(settings: Settings, store: Any) -> bool:
     q = settings.dedupe.pdq_min_quality
     path = index_file(store, q)
     codes = _CODES.get(store, {}).get(q)
-    if path is None or codes is None or codes.last == getattr(codes, "saved_last", None):
+    if path is None or codes is None or codes.last == codes.saved_last:
         return False
     with codes.lock:
         buf = io.BytesIO()

@@ -213,8 +213,8 @@ def similar(
             raise typer.BadParameter(str(e), param_hint="--store") from None
     try:
         if hasattr(store, "members_near"):
-            # SQLite: the lookup first indexes the stored members, from the copy the last run saved
-            # beside the store on, only those stored since (the first run: seconds at a million): a bar on stderr
+            # SQLite: the lookup first indexes every stored member (seconds at a million), or only those
+            # stored since the copy the last run saved beside the store: a bar on stderr
             lookup.load_index(settings, store)
             with Progress(TextColumn("indexing members"), BarColumn(), MofNCompleteColumn(), console=err,
                           transient=True) as bar:
