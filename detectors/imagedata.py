@@ -71,6 +71,7 @@ class DecodeLimits:
     # 96 MP canvas and a 390 KB PNG 81 MP of RGBA; the pixel cap alone lets
     # both through. JPEGs above it are decoded reduced (DCT scaling) instead.
     max_decode_bytes: int = 200 * 1024 * 1024
+    max_jpeg_scans: int = 100  # MAX_JPEG_SCANS, below; a setting for the rare real file past it
 
 
 # Bands the analysis holds per pixel at least: every decode ends in RGB.
@@ -175,16 +176,16 @@ def jpeg_scan_count(data: bytes, limit: int = MAX_JPEG_SCANS) -> tuple[int, int]
     return scans, segments
 
 
-def check_jpeg_scans(data: bytes) -> None:
-    """``ImageRejected`` for a JPEG with more scans or marker segments than a
-    real picture has; nothing for other bytes. Decided before Pillow parses
-    the header, whose marker loop is Python too."""
+def check_jpeg_scans(data: bytes, max_scans: int = MAX_JPEG_SCANS) -> None:
+    """``ImageRejected`` for a JPEG with more scans (than ``max_scans``) or
+    marker segments than a real picture has; nothing for other bytes. Decided
+    before Pillow parses the header, whose marker loop is Python too."""
     if not data.startswith(b"\xff\xd8"):
         return
-    scans, segments = jpeg_scan_count(data)
-    if scans > MAX_JPEG_SCANS:
-        raise ImageRejected("too_many_scans", f"JPEG has more than {MAX_JPEG_SCANS} scans; "
-                            "each is decoded over the whole image (real files have about 10)")
+    scans, segments = jpeg_scan_count(data, max_scans)
+    if scans > max_scans:
+        raise ImageRejected("too_many_scans", f"JPEG has more than {max_scans} scans; each is decoded over the "
+                            "whole image (real files have about 10; decode.max_jpeg_scans)")
     if segments > MAX_JPEG_SEGMENTS:
         raise ImageRejected("too_many_segments", f"JPEG has more than {MAX_JPEG_SEGMENTS} marker segments "
                             "(real files have a few dozen)")
@@ -307,7 +308,7 @@ class ImageData:
         # chunk skipped so the pixels are still analysed): callers report it.
         self.notes: list[str] = []
         self._decodable = data
-        check_jpeg_scans(data)
+        check_jpeg_scans(data, self.limits.max_jpeg_scans)
         header = self.open()  # validates format, dimensions and cost without decoding pixels
         self.header = header
         self.format: str = (header.format or "UNKNOWN").upper()

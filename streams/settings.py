@@ -85,6 +85,7 @@ class DecodeSettings(_Section):
     max_pixels: int = Field(100_000_000, gt=0)  # 50-200 MP phone cameras exist; Pillow refuses > ~179 MP regardless
     max_dimension: int = Field(16_384, gt=0)
     max_decode_mb: int = Field(200, gt=0)  # decoded bytes (pixels x bands x frames) one image may cost; also the per-process total
+    max_jpeg_scans: int = Field(100, ge=1, le=10_000)  # scans a JPEG may have, each decoded over the whole image (real files: ~10)
 
 
 class IngestSettings(_Section):
@@ -350,7 +351,8 @@ class Settings(BaseSettings):
         from detectors.imagedata import DecodeLimits
 
         return DecodeLimits(max_pixels=self.decode.max_pixels, max_dimension=self.decode.max_dimension,
-                            max_bytes=self.fetch.max_bytes, max_decode_bytes=self.decode.max_decode_mb << 20)
+                            max_bytes=self.fetch.max_bytes, max_decode_bytes=self.decode.max_decode_mb << 20,
+                            max_jpeg_scans=self.decode.max_jpeg_scans)
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"

@@ -174,6 +174,17 @@ def test_real_jpegs_are_counted_right_and_accepted() -> None:
     assert jpeg_scan_count(buf.getvalue())[0] == 1
 
 
+def test_the_scan_bound_is_a_setting_for_the_rare_real_file_past_it() -> None:
+    from streams.settings import Settings
+
+    data = _jpeg_with_scans(MAX_JPEG_SCANS + 50)
+    with pytest.raises(ImageRejected) as e:
+        ImageData(data, limits=Settings().decode_limits())
+    assert e.value.reason == "too_many_scans" and "decode.max_jpeg_scans" in str(e.value)
+    raised = Settings(decode={"max_jpeg_scans": MAX_JPEG_SCANS + 100}).decode_limits()
+    assert ImageData(data, limits=raised).format == "JPEG"
+
+
 def test_a_jpeg_of_countless_marker_segments_is_refused() -> None:
     base = _jpeg()
     data = base[:2] + b"\xff\xfe\x00\x02" * 20_000 + base[2:]
