@@ -177,6 +177,8 @@ class AlertSettings(_Section):
     webhook_redeliver_s: float = Field(60.0, gt=0)  # how often failed webhook deliveries are tried again, oldest first
     # per target and worker; past it an alert waits in the findings store for the redelivery instead
     webhook_queue_max: int = Field(1000, ge=1)  # alerts waiting for one webhook target in a worker's memory
+    # keep it under the supervisor's kill timeout (the local runner: 20 s; Kubernetes: terminationGracePeriodSeconds)
+    webhook_stop_grace_s: float = Field(10.0, ge=0)  # a stopping worker's wait for its webhooks to deliver what they hold; the rest is redelivered
 
 
 class KafkaSettings(_Section):

@@ -14,7 +14,7 @@ stops (the worker does) leaves its alerts ``queued``: redelivery
 
 A worker that stops (SIGTERM, a rolling restart, the end of a replay) first
 gives its senders a grace period to deliver what they hold (``stop``: at
-most ``WEBHOOK_STOP_GRACE_S``, less when the hooks' own timeouts say every
+most ``alerts.webhook_stop_grace_s``, less when the hooks' own timeouts say every
 held alert is done sooner), so subscribers get an alert the worker had in
 hand now rather than at the next redelivery (``2 x
 alerts.webhook_redeliver_s`` later). A receiver that hangs does not hold the
@@ -66,12 +66,6 @@ from streams.webhooks import (
 log = logging.getLogger("deepwatch.alerts")
 
 R = TypeVar("R")
-
-# The longest a stopping worker waits for its webhook senders (``Sinks.stop``):
-# well inside the 20 s a local runner gives a stopping worker before it kills it
-# (streams.runner) and Kubernetes' default 30 s termination grace period.
-WEBHOOK_STOP_GRACE_S = 10.0
-
 
 class Sinks:
     """``retry_for_s``: how long a failing write is retried before its error
@@ -214,10 +208,11 @@ class Sinks:
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(s.queue.join() for s in list(self._senders.values()) if s.loop is loop))
 
-    async def stop(self, grace_s: float = WEBHOOK_STOP_GRACE_S) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
         """The worker stops: give this loop's webhook senders up to
-        ``grace_s`` (less when the hooks' timeouts end every held delivery
-        sooner) to deliver what they hold, then ``aclose``. What is still
+        ``grace_s`` (default ``alerts.webhook_stop_grace_s``; less when the
+        hooks' timeouts end every held delivery sooner) to deliver what they
+        hold, then ``aclose``. What is still
         held stays ``queued`` for redelivery; alerts handed over afterwards
         are left to it too. Returns at once when nothing is held."""
         loop = asyncio.get_running_loop()
@@ -226,6 +221,7 @@ class Sinks:
         held = sum(s.held for s in senders)
         if held:
             # every held alert of a target is done (delivered or failed) within its hook's bound
+            grace_s = self.settings.alerts.webhook_stop_grace_s if grace_s is None else grace_s
             bound = min(grace_s, max(s.held * longest_delivery_s(s.hook) for s in senders))
             before = [dict(s.outcomes) for s in senders]
             started = time.monotonic()

@@ -1,6 +1,6 @@
 """A worker stopped (SIGTERM: a rolling restart, the end of a replay) while
 its webhook senders hold alerts: it delivers them before it exits, within a
-bounded grace (``streams.sinks.WEBHOOK_STOP_GRACE_S``), rather than leaving
+bounded grace (``alerts.webhook_stop_grace_s``), rather than leaving
 them to the redelivery two redelivery periods later; a receiver that hangs
 does not hold the stop past that grace, and what it held is redelivered by
 the next worker. End to end: real embedded broker, real worker processes, a
@@ -22,7 +22,6 @@ from streams import runner
 from streams.demo_feed import BASE_TIME, a1111_png, scene
 from streams.ingest import produce_feed
 from streams.settings import Settings, WebhookSettings
-from streams.sinks import WEBHOOK_STOP_GRACE_S
 from streams.store import open_store
 from tests import test_webhooks
 from tests.test_webhook_delivery import _Scripted, _url
@@ -57,9 +56,11 @@ def _feed(out: Path) -> Path:
     return feed
 
 
-def _settings(tmp_path: Path, feed: Path, url: str, *, timeout_s: float, redeliver_s: float) -> Settings:
+def _settings(tmp_path: Path, feed: Path, url: str, *, timeout_s: float, redeliver_s: float,
+              stop_grace_s: float = 10.0) -> Settings:
     settings = Settings(data_dir=tmp_path / "data", alerts={
         "min_sightings_5m": 3, "escalation_factor": 10.0, "webhook_redeliver_s": redeliver_s,
+        "webhook_stop_grace_s": stop_grace_s,
         "webhooks": [{"url": url, "secret_env": ENV, "retries": 0, "timeout_s": timeout_s}],
     })
     settings.ingest.image_roots = [feed.parent.resolve()]
@@ -96,12 +97,12 @@ def _stop(worker: runner.WorkerProcess) -> float:
 
 
 def _held_at_stop(tmp_path: Path, srv: _Scripted, stack: ExitStack, *, timeout_s: float,
-                  redeliver_s: float) -> tuple[Settings, runner.Cluster, runner.WorkerProcess]:
+                  redeliver_s: float, **settings_kw) -> tuple[Settings, runner.Cluster, runner.WorkerProcess]:
     """A worker, its hook to ``srv``, that has raised both alerts of
     ``_feed``, recorded both deliveries as queued and is sending the first
     one (the receiver holds it)."""
     feed = _feed(tmp_path / "feed")
-    settings = _settings(tmp_path, feed, _url(srv), timeout_s=timeout_s, redeliver_s=redeliver_s)
+    settings = _settings(tmp_path, feed, _url(srv), timeout_s=timeout_s, redeliver_s=redeliver_s, **settings_kw)
     cluster = runner.start_cluster(settings, stack)
     worker = cluster.start_worker()
     cluster.wait_ready()
@@ -230,11 +231,12 @@ def test_a_hanging_receiver_holds_the_stop_only_for_the_grace_and_its_alerts_are
 
     srv = start(tarpit_until_up)
     with ExitStack() as stack:
-        settings, cluster, first = _held_at_stop(tmp_path, srv, stack, timeout_s=60, redeliver_s=1.0)
+        grace_s = 4.0  # alerts.webhook_stop_grace_s, below its default 10 s: the worker reads the setting
+        settings, cluster, first = _held_at_stop(tmp_path, srv, stack, timeout_s=60, redeliver_s=1.0,
+                                                 stop_grace_s=grace_s)
         stop_s = _stop(first)
         log = first.log_path.read_text(errors="replace")
-        assert WEBHOOK_STOP_GRACE_S - 0.5 <= stop_s < WEBHOOK_STOP_GRACE_S + 6, \
-            f"the stop took {stop_s:.1f} s (grace {WEBHOOK_STOP_GRACE_S:g} s)"
+        assert grace_s - 0.5 <= stop_s < grace_s + 5, f"the stop took {stop_s:.1f} s (grace {grace_s:g} s)"
         assert "webhook senders drained at stop: 0 delivered, 2 left queued" in log
         assert set(_deliveries(settings).values()) == {"queued"}, "left for the redelivery, not lost nor failed"
 
