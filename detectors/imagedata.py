@@ -61,6 +61,13 @@ class ImageRejected(ValueError):
         self.reason = reason
 
 
+# Scans a JPEG may have by default (``decode.max_jpeg_scans`` sets
+# ``DecodeLimits.max_jpeg_scans``). libjpeg runs every scan over the whole
+# image: a progressive file has about 10, while 200,000 tiny ones (3 MB)
+# cost 54 s of decoding for a 2000x2000 picture.
+MAX_JPEG_SCANS = 100
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
     max_pixels: int = 100_000_000  # 50-200 MP phone cameras exist; Pillow refuses > ~179 MP regardless
@@ -71,7 +78,7 @@ class DecodeLimits:
     # 96 MP canvas and a 390 KB PNG 81 MP of RGBA; the pixel cap alone lets
     # both through. JPEGs above it are decoded reduced (DCT scaling) instead.
     max_decode_bytes: int = 200 * 1024 * 1024
-    max_jpeg_scans: int = 100  # MAX_JPEG_SCANS, below; a setting for the rare real file past it
+    max_jpeg_scans: int = MAX_JPEG_SCANS
 
 
 # Bands the analysis holds per pixel at least: every decode ends in RGB.
@@ -133,10 +140,6 @@ def jpeg_multi_scan(data: bytes) -> bool:
     return data.startswith(b"\xff\xd8") and _jpeg_multi_scan(data)
 
 
-# Scans a JPEG may have. libjpeg runs every scan over the whole image: a
-# progressive file has about 10, while 200,000 tiny ones (3 MB) cost 54 s
-# of decoding for a 2000x2000 picture.
-MAX_JPEG_SCANS = 100
 # Marker segments counted at most: real files have a few dozen (a few
 # hundred with a chunked ICC profile or extended XMP). A walk without this
 # bound costs a Python step per 4-byte segment, and one that stopped without

@@ -196,23 +196,27 @@ class _MemberCodes:
     replaced. Memory: about 60 bytes per pHash code and 40 per PDQ."""
 
     def __init__(self, pdq_min_quality: int):
+        self.pdq_min_quality = pdq_min_quality
+        self.lock = threading.Lock()
+        self._clear()
+
+    def _clear(self) -> None:
+        """Empty, as new; the lock stays: ``refresh`` clears while its caller holds it."""
         from detectors.neardup.hamming import HammingIndex
 
-        self.pdq_min_quality = pdq_min_quality
         self.phash = HammingIndex(64)
         self._pdq = np.zeros((0, 4), dtype=np.uint64)  # rows [0, n_pdq) used; capacity doubles
         self._pdq_keys = np.zeros(0, dtype=np.int64)
         self.n_pdq = 0
         self.last, self.last_sha = 0, None
         self.saved_last: int | None = None  # ``last`` when the copy on disk was loaded or saved
-        self.lock = threading.Lock()
 
     def refresh(self, store: Any, progress: Progress | None = None) -> None:
         from detectors.neardup.clusters import _FULL, SLOTS, _framed, stored_phash_codes
         from detectors.neardup.hamming import HammingIndex
 
         if self.last and store.member_key(self.last) != self.last_sha:
-            self.__init__(self.pdq_min_quality)  # the file was replaced: start again
+            self._clear()  # the file was replaced: start again
         total = store.members_count_after(self.last) if progress is not None else 0
         done = 0
         while rows := store.members_after(self.last):

@@ -203,7 +203,11 @@ def test_a_replaced_store_file_is_indexed_again(tmp_path: Path):
     store._db.execute("INSERT INTO members (sha256, cluster_id, phash, pdq, pdq_quality, event_id, views, trimmed) "
                       "VALUES (?,?,?,?,?,?,?,?)", (m.sha256, "c-y", m.phash, m.pdq, m.pdq_quality, "e", None, 0))
     assert store._db.execute("SELECT rowid FROM members").fetchone()[0] == 1  # the key the index had seen
+    codes = similar._member_codes(store, settings.dedupe.pdq_min_quality)
+    lock = codes.lock
     assert [r["cluster_id"] for r in _find(settings, q, store)] == ["c-y"]
+    # indexed again under the lock its lookup held: a new one would let another lookup in meanwhile
+    assert codes.lock is lock
     store.close()
 
 
