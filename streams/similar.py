@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,7 @@ class _MemberCodes:
         self.n_pdq = 0
         self.last, self.last_sha = 0, None
         self.saved_last: int | None = None  # ``last`` when the copy on disk was loaded or saved
+        self.saved_at = time.monotonic()  # when it was loaded, saved or started (``save_index``'s ``every_s``)
 
     def refresh(self, store: Any, progress: Progress | None = None) -> None:
         from detectors.neardup.clusters import _FULL, SLOTS, _framed, stored_phash_codes
@@ -313,6 +315,7 @@ def _member_codes(store: Any, pdq_min_quality: int) -> _MemberCodes:
 # file (a restore) is caught as the process's index catches it (``refresh``);
 # one it cannot read is ignored and written again.
 INDEX_FORMAT = 1
+DESK_SAVE_EVERY_S = 600.0
 
 
 def index_file(store: Any, pdq_min_quality: int) -> Path | None:
@@ -346,14 +349,17 @@ def load_index(settings: Settings, store: Any) -> bool:
     return True
 
 
-def save_index(settings: Settings, store: Any) -> bool:
+def save_index(settings: Settings, store: Any, *, every_s: float = 0.0) -> bool:
     """Save this process's index of ``store`` beside it when it grew since it
-    was loaded or saved (True when written). A store whose directory cannot
-    be written keeps no copy: the next lookup indexes it again."""
+    was loaded or saved, and that was at least ``every_s`` ago (True when
+    written). A store whose directory cannot be written keeps no copy: the
+    next lookup indexes it again."""
     q = settings.dedupe.pdq_min_quality
     path = index_file(store, q)
     codes = _CODES.get(store, {}).get(q)
     if path is None or codes is None or codes.last == codes.saved_last:
+        return False
+    if time.monotonic() - codes.saved_at < every_s:
         return False
     with codes.lock:
         buf = io.BytesIO()
@@ -363,8 +369,9 @@ def save_index(settings: Settings, store: Any) -> bool:
         write_atomically(path, buf.getvalue())
     except OSError as e:
         log.info("member index copy not saved in %s (%s)", path.parent, e)
+        codes.saved_at = time.monotonic()  # not tried again at every lookup
         return False
-    codes.saved_last = last
+    codes.saved_last, codes.saved_at = last, time.monotonic()
     return True
 
 

@@ -117,6 +117,13 @@ def test_a_restarted_desk_starts_its_member_index_from_the_copy_the_last_one_sav
     read.clear()
     assert desk_lookup() == ["c-viral"] and read[0] == 0  # not used: indexed from the store again
 
+    # a desk that runs on saves after a lookup once DESK_SAVE_EVERY_S has passed, before any stop
+    path.unlink()
+    monkeypatch.setattr(similar, "DESK_SAVE_EVERY_S", 0.0)
+    with client(settings) as c:
+        assert c.post("/api/similar", headers=VIEWER, **upload(REPOST)).status_code == 200
+        assert path.is_file()
+
 
 def test_a_bank_entry_is_found_with_its_verdict(tmp_path, env):
     small_store(tmp_path)

@@ -290,6 +290,23 @@ def test_a_saved_copy_of_the_index_answers_as_the_store_and_grows_from_the_membe
         later.close()
 
 
+def test_a_copy_saved_with_every_s_waits_that_long_since_the_last_one(world):
+    """The desk saves after a lookup at most every ``DESK_SAVE_EVERY_S``: a
+    desk killed outright then restarts from a recent copy, and lookups do
+    not write it each time."""
+    settings, store, queries = world
+    _find(settings, queries["p2"], store)
+    codes = similar._member_codes(store, settings.dedupe.pdq_min_quality)
+    assert similar.save_index(settings, store, every_s=60) is False  # started just now
+    codes.saved_at -= 61
+    assert similar.save_index(settings, store, every_s=60) is True
+    blobs = DirectoryBlobStore(Path(settings.data_dir) / "blobs")
+    store.apply_snapshot(_snap("c-new", [_member(blobs, picture(98, (320, 240)))]))
+    _find(settings, queries["p2"], store)  # indexes the new member
+    assert similar.save_index(settings, store, every_s=60) is False  # grew, but saved 0 s ago
+    assert similar.save_index(settings, store) is True  # a stop saves whatever the time
+
+
 def test_a_damaged_or_foreign_copy_of_the_index_is_not_used(world):
     settings, store, queries = world
     _find(settings, queries["p2"], store)

@@ -12,6 +12,7 @@ for an entry imported as hashes only).
 from __future__ import annotations
 
 import base64
+import logging
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from streams.settings import Settings
 # headers, the form's CSRF field) above ``fetch.max_bytes``.
 UPLOAD_OVERHEAD = 64 * 1024
 PREVIEW_PX = 160
+
+log = logging.getLogger(__name__)
 
 
 def upload_bound(settings: Settings) -> int:
@@ -81,6 +84,10 @@ def lookup(settings: Settings, source: FindingsSource, data: bytes, *, preview: 
         rows = similar.as_json(similar.find(settings, picture, store))
     except EsError as e:
         raise Rejected(503, "store", f"the findings store did not answer: {e}") from None
+    try:  # kept fresh while it runs, so a desk killed outright restarts from a recent copy
+        similar.save_index(settings, store, every_s=similar.DESK_SAVE_EVERY_S)
+    except Exception:  # the answer stands; the copy is saved again later or at the stop
+        log.exception("saving the member index failed")
     base = (settings.desk.public_url or "").rstrip("/")
     entries = _entry_shas(settings, [(r["bank"], r["entry_id"]) for r in rows if "bank" in r])
     for r in rows:
