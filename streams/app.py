@@ -195,6 +195,7 @@ def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.Topi
         await stage.run(stream)
 
     # -- sinks -----------------------------------------------------------------
+    from streams.sink_stage import SinkStage
     from streams.sinks import Sinks
 
     sinks = Sinks(settings)
@@ -216,40 +217,16 @@ def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.Topi
         except Exception:  # a stop must go on: what was held stays "queued" for redelivery
             log.exception("closing the webhook senders failed")
 
-    # Batches by size and time; each batch is awaited until stored, so a
-    # findings store that falls behind pauses these agents (backpressure).
-    # Acked only once stored (``noack_take``, as the cluster stage does):
-    # ``take`` acks what it handed out when the agent's loop ends, however it
-    # ends, so a batch cut short by a stop could be committed on the worker's
-    # way out and never stored (the analyze agent lost events so, above).
-    batch, within = settings.findings.bulk_max_actions, settings.findings.bulk_flush_s
-
-    async def stored(stream, events, write) -> None:
-        try:
-            await write([e.value for e in events])
-        except asyncio.CancelledError:
-            raise  # a stop: left unacked, so uncommitted; the partition's next owner stores them
-        except Exception:
-            # a crash (not a store that cannot write: that is retried): Faust logs it and restarts the
-            # agent; acked as ``take`` did, so that one bad record does not hold the partition's commits
-            for e in events:
-                await stream.ack(e)
-            raise
-        for e in events:
-            await stream.ack(e)
+    sink_stage = SinkStage(settings, sinks)
 
     @app.agent(updates)
     async def sink_updates(stream):
-        async for events in stream.noack_take(batch, within=within):
-            with metrics.STAGE_SECONDS.labels("sink").time():
-                await stored(stream, events, sinks.snapshots)
+        await sink_stage.snapshots(stream)
 
     @app.agent(alerts)
     async def sink_alerts(stream):
-        async for events in stream.noack_take(1, within=within):  # one at a time, at once
-            await stored(stream, events, lambda values: sinks.alert(values[0]))
+        await sink_stage.alerts(stream)
 
     @app.agent(dead)
     async def sink_dead_letters(stream):
-        async for events in stream.noack_take(batch, within=within):
-            await stored(stream, events, sinks.dead_letters)
+        await sink_stage.dead_letters(stream)

@@ -88,13 +88,33 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
     async def shared_batchers() -> list:
         return await asyncio.wrap_future(loading)
 
-    async def analyse(sha256: str, batchers: list) -> tuple[list, str | None]:
-        return await analyse_picture(sha256, lambda: blobs.get(sha256), batchers)
+    stage = DetectStage(settings, shared_batchers, blobs.get,
+                        lambda value: ops.send(key=b"ops", value=value))
 
     @app.agent(requests)
     async def detect(stream):
-        batchers = await shared_batchers()
-        cfg = settings.detect
+        await stage.run(stream)
+
+    return app
+
+
+class DetectStage:
+    """The detect agent: requests taken in batches, answered (``answer``), and
+    acked once answered. ``batchers``: the loaded models (awaited as the agent starts: they
+    load in a thread while Faust starts); ``read``: a picture's bytes by
+    sha256 (the blob store); ``send_op``: hands one ``ClusterOp`` to the
+    cluster stage."""
+
+    def __init__(self, settings: Settings, batchers: Callable[[], Awaitable[list]], read: Callable[[str], bytes],
+                 send_op: Callable[[bytes], Awaitable[object]]):
+        self.cfg = settings.detect
+        self.batchers = batchers
+        self.read = read
+        self.send_op = send_op
+
+    async def run(self, stream) -> None:
+        batchers = await self.batchers()
+        cfg = self.cfg
         # Up to several model batches of requests at a time: a backlog (a
         # burst of new clusters) then coalesces a cluster's first request
         # with the one its better copy sent moments later (measured on the
@@ -112,9 +132,9 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
             async def send(req: DetectRequest, evidence: list, error: str | None) -> None:
                 result = DetectionResult(cluster_id=req.cluster_id, sha256=req.sha256, evidence=evidence,
                                          models=list(cfg.models), error=error)
-                await ops.send(key=b"ops", value=ClusterOp(kind="detection", detection=result).dumps())
+                await self.send_op(ClusterOp(kind="detection", detection=result).dumps())
 
-            answered = await answer(raws, lambda sha: analyse(sha, batchers), send)
+            answered = await answer(raws, lambda sha: analyse_picture(sha, lambda: self.read(sha), batchers), send)
             # Seconds per answer, as every other stage counts per event: per
             # take, a CPU worker's backlog of 64 pictures read as a 10-s stage
             # and kept DeepwatchStageLatencyHigh firing (its lag shows the backlog).
@@ -124,8 +144,6 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
             metrics.EVENTS.labels("detect", "coalesced").inc(len(raws) - answered)
             for e in events:
                 await stream.ack(e)
-
-    return app
 
 
 def _fatal(message: str) -> None:

@@ -29,9 +29,9 @@ takes it, and ``deepwatch_sink_behind_seconds`` says for how long (the
 the events it handed out once the agent's loop ends, however it ends, so an
 agent that crashed on the error and was restarted had lost that batch.
 
-``BulkSink`` is how findings reach Elasticsearch: the Faust agents hand it
-batches (``stream.take(bulk_max_actions, within=bulk_flush_s)``: by size and
-by time), it splits them by bytes, retries 429/5xx with capped exponential
+``BulkSink`` is how findings reach Elasticsearch: the sink agents
+(``streams.sink_stage``) hand it batches (``bulk_max_actions`` within
+``bulk_flush_s``: by size and by time), it splits them by bytes, retries 429/5xx with capped exponential
 backoff (the whole request or just the rejected items) and dead-letters only
 an item Elasticsearch refuses for good (e.g. a mapping error) with the reason,
 while the rest of the batch carries on. It never gives up on retryable

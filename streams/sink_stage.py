@@ -1,0 +1,59 @@
+"""The sink agents: what the cluster stage decided (snapshots, alerts) and
+every dead letter, into the findings store through ``streams.sinks.Sinks``.
+
+Batches by size and time (``findings.bulk_max_actions`` within
+``findings.bulk_flush_s``; alerts one at a time, at once). Each batch is
+awaited until stored, so a findings store that falls behind pauses its agent
+and, once Faust's buffers fill, the fetching (backpressure).
+
+A batch is acked only once stored (``noack_take``, as the cluster stage
+does). ``take`` acks what it handed out when the agent's loop ends, however it
+ends, so a worker stopped while its sink waited on a locked store committed
+the batch's offsets on its way out and the batch was never stored (the
+analyze agent lost events the same way, ``streams.app.hand_on``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+from streams import metrics
+from streams.settings import Settings
+from streams.sinks import Sinks
+
+
+class SinkStage:
+    def __init__(self, settings: Settings, sinks: Sinks):
+        self.sinks = sinks
+        self.batch = settings.findings.bulk_max_actions
+        self.within = settings.findings.bulk_flush_s
+
+    async def snapshots(self, stream: Any) -> None:
+        async for events in stream.noack_take(self.batch, within=self.within):
+            with metrics.STAGE_SECONDS.labels("sink").time():
+                await self._stored(stream, events, self.sinks.snapshots)
+
+    async def alerts(self, stream: Any) -> None:
+        async for events in stream.noack_take(1, within=self.within):
+            await self._stored(stream, events, lambda values: self.sinks.alert(values[0]))
+
+    async def dead_letters(self, stream: Any) -> None:
+        async for events in stream.noack_take(self.batch, within=self.within):
+            await self._stored(stream, events, self.sinks.dead_letters)
+
+    @staticmethod
+    async def _stored(stream: Any, events: list, write: Callable[[list[bytes]], Awaitable[None]]) -> None:
+        try:
+            await write([e.value for e in events])
+        except asyncio.CancelledError:
+            raise  # a stop: left unacked, so uncommitted; the partition's next owner stores them
+        except Exception:
+            # A crash (not a store that cannot write: ``Sinks`` retries that).
+            # Faust logs it and restarts the agent; acked as ``take`` did, so
+            # that one bad record does not hold the partition's commits.
+            for e in events:
+                await stream.ack(e)
+            raise
+        for e in events:
+            await stream.ack(e)
