@@ -451,6 +451,41 @@ def test_session_login_csrf_and_logout(data, env):
         assert r.status_code == 403
 
 
+def test_a_write_a_browser_marks_as_from_another_site_is_refused_before_its_body_is_read(data, env):
+    # A form's CSRF token is in its body; the browser's Sec-Fetch-Site header
+    # says where the request comes from before any of the body is read.
+    add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
+    with client(make_settings(data)) as c:
+        _login(c, "alice", "correct horse battery")
+        page = c.get("/clusters/c-quiet", headers={"Sec-Fetch-Site": "cross-site"})
+        assert page.status_code == 200  # reads stay open to links from elsewhere
+        csrf = page.text.split('id="verdict-form"')[1].split('name="csrf" value="')[1].split('"')[0]
+        form = {"verdict": "fake", "note": "x", "csrf": csrf}
+        for site in ("cross-site", "same-site"):
+            r = c.post("/clusters/c-quiet/verdict", data=form, headers={"Sec-Fetch-Site": site},
+                       follow_redirects=False)
+            assert r.status_code == 403 and "another site" in r.text, (site, r.text)
+            r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "fake"},
+                       headers={"Sec-Fetch-Site": site, "X-CSRF-Token": csrf})
+            assert r.status_code == 403 and "another site" in r.json()["error"]
+        assert c.get("/api/clusters/c-quiet").json()["verdict_history"] == []
+        r = c.post("/clusters/c-quiet/verdict", data=form, headers={"Sec-Fetch-Site": "same-origin"},
+                   follow_redirects=False)
+        assert r.status_code == 303
+        # the login form too
+        c.cookies.clear()
+        page = c.get("/login")
+        login_csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+        r = c.post("/login", data={"username": "alice", "password": "correct horse battery", "csrf": login_csrf},
+                   headers={"Sec-Fetch-Site": "cross-site"}, follow_redirects=False)
+        assert r.status_code == 403 and "dw_session" not in r.cookies
+    # a bearer token is not ambient: a script's call is not refused by it
+    with client(make_settings(data)) as c:
+        r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "needs-review"},
+                   headers={"Authorization": f"Bearer {EDITOR_TOKEN}", "Sec-Fetch-Site": "cross-site"})
+        assert r.status_code == 201, r.text
+
+
 def test_login_is_rate_limited(data, env):
     add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
     with client(make_settings(data, login_failures_per_minute=3)) as c:

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SESSION_COOKIE = "dw_session"
 LOGIN_CSRF_COOKIE = "dw_login_csrf"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SHA256 = r"^[0-9a-f]{64}$"
 # The largest request body read: a verdict (a note of at most 4,000 characters,
 # 6 bytes each when JSON-escaped) or a login form fits many times over.
@@ -240,8 +241,19 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             # session, nor one whose password was changed (it may have leaked).
             user = desk.users.get(s.user) if s is not None else None
             if user is not None and secrets.compare_digest(s.credential, credential_of(user)):
+                not_ours(request)
                 return Principal(user=user.name, role=user.role, via="session", csrf=s.csrf)
         return None
+
+    def not_ours(request: Request) -> None:
+        # A browser says where a request comes from (Sec-Fetch-Site; every
+        # current one sends it): a write riding on the session cookie from
+        # another site, or a sibling subdomain, is refused here, before its
+        # body is read. A form's token is only in its body, and browsers
+        # without the header still meet the token check.
+        if request.method not in SAFE_METHODS and request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+            raise _error(403, "a request from another site is refused (CSRF); use the desk's own pages, or a "
+                              "bearer token from a script")
 
     def reader(request: Request) -> Principal:
         p = principal(request)
@@ -286,6 +298,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         # The login form's double-submit cookie; without one the form's token cannot match.
         if not request.cookies.get(LOGIN_CSRF_COOKIE):
             raise _error(403, "CSRF token missing or wrong; reload the login page and try again")
+        not_ours(request)
 
     # A form's CSRF token is in its body: these check it after the body is
     # read, before the other fields are validated.
