@@ -43,9 +43,8 @@ from pydantic import BaseModel
 from detectors.base import Detector, Evidence, EvidenceKind
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import DecodeLimits, ImageData
-from detectors.neardup.clusters import (
-    SLOTS, VIEW_THRESHOLD, ClusterIndex, Via, rank_key, search_phash, stored_phash_codes,
-)
+from detectors.neardup.clusters import ClusterIndex
+from detectors.neardup.pairing import SLOTS, VIEW_THRESHOLD, Via, rank_key, search_phash, stored_phash_codes
 from detectors.neardup.hamming import HammingIndex
 from detectors.regular_file import open_regular
 

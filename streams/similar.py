@@ -121,7 +121,7 @@ def as_json(matches: Iterable[Match]) -> list[dict[str, Any]]:
 
 
 def _rank(settings: Settings, distance: int, via: str) -> tuple[float, int]:
-    from detectors.neardup.clusters import rank_key
+    from detectors.neardup.pairing import rank_key
 
     return rank_key(distance, via, settings.dedupe.phash_threshold, settings.dedupe.pdq_threshold)
 
@@ -171,15 +171,15 @@ def near_members(settings: Settings, picture: Picture, store: Any, progress: Pro
     found, their distances and their order are the same; read in a few
     milliseconds from the process's hash index (``_MemberCodes``) and the
     store's indexes instead of every member per lookup."""
-    from detectors.neardup.clusters import _framed, _view_codes
+    from detectors.neardup.pairing import is_framed, query_codes
     from detectors.neardup.hamming import HammingIndex
 
     t = settings.dedupe
     h = picture.hashes
     codes = _member_codes(store, t.pdq_min_quality)
-    queries = HammingIndex.codes_from_hex([c for _, c in _view_codes(h)], 64)
+    queries = HammingIndex.codes_from_hex([c for _, c in query_codes(h)], 64)
     pdq = ([h.pdq] + ([h.pdq_mirror] if h.pdq_mirror else [])
-           if h.pdq_quality >= t.pdq_min_quality and not _framed(h.views, h.trimmed) else [])
+           if h.pdq_quality >= t.pdq_min_quality and not is_framed(h.views, h.trimmed) else [])
     with codes.lock:  # milliseconds: the members stored since the last lookup, then the search
         codes.refresh(store, progress)
         keys = codes.search(queries, max(t.phash_threshold, t.view_threshold),
@@ -214,7 +214,7 @@ class _MemberCodes:
         self.saved_at = time.monotonic()  # when it was loaded, saved or started (``save_index``'s ``every_s``)
 
     def refresh(self, store: Any, progress: Progress | None = None) -> None:
-        from detectors.neardup.clusters import _FULL, SLOTS, _framed, stored_phash_codes
+        from detectors.neardup.pairing import S_FULL, SLOTS, is_framed, stored_phash_codes
         from detectors.neardup.hamming import HammingIndex
 
         if self.last and store.member_key(self.last) != self.last_sha:
@@ -229,9 +229,9 @@ class _MemberCodes:
                     ids.append(key * SLOTS + slots)
                     codes.append(c[:, 0])
                 else:  # the usual member: its full frame only
-                    ids.append(np.array([key * SLOTS + _FULL], dtype=np.int64))
+                    ids.append(np.array([key * SLOTS + S_FULL], dtype=np.int64))
                     codes.append(np.array([int(phash, 16)], dtype=np.uint64))
-                if pdq and quality >= self.pdq_min_quality and not _framed(views, trimmed):
+                if pdq and quality >= self.pdq_min_quality and not is_framed(views, trimmed):
                     pkeys.append(key)
                     pcodes.append(pdq)
             self.phash.add(np.concatenate(ids), np.concatenate(codes))
@@ -250,7 +250,7 @@ class _MemberCodes:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Everything the index holds, as ``from_arrays`` takes it back."""
-        from detectors.neardup.clusters import SLOTS
+        from detectors.neardup.pairing import SLOTS
 
         ids, codes = self.phash.rows()
         return {"format": np.array([INDEX_FORMAT, SLOTS, self.pdq_min_quality], dtype=np.int64),
@@ -261,7 +261,7 @@ class _MemberCodes:
     def from_arrays(cls, pdq_min_quality: int, a: Any) -> "_MemberCodes":
         """The index ``arrays`` gave; ValueError when they are not such an
         index (another format, another rule, a damaged file)."""
-        from detectors.neardup.clusters import SLOTS
+        from detectors.neardup.pairing import SLOTS
 
         if a["format"].tolist() != [INDEX_FORMAT, SLOTS, pdq_min_quality]:
             raise ValueError(f"an index of format/slots/PDQ quality {a['format'].tolist()}")
@@ -278,7 +278,7 @@ class _MemberCodes:
     def search(self, phash: np.ndarray, radius: int, pdq: np.ndarray | None, pdq_radius: int) -> set[int]:
         """Member keys with a pHash code within ``radius`` of one of
         ``phash`` or a PDQ within ``pdq_radius`` of one of ``pdq``."""
-        from detectors.neardup.clusters import SLOTS
+        from detectors.neardup.pairing import SLOTS
 
         _, ids, _ = self.phash.search(phash, radius)
         out = set((ids // SLOTS).tolist())

@@ -1,6 +1,9 @@
 """Near-duplicate clustering of news images: the same picture, whatever was done
 to the file (recompressed, resized, cropped, captioned, mirrored), is one cluster.
 
+* ``pairing``: the hash pair rule -- the codes an image carries (full frame,
+  mirror, views), their index slots, which pairs may meet; ``pair_match``.
+* ``regions``: the thumbnail regions a pair of codes compares.
 * ``clusters``: ``ClusterIndex`` -- the decision rule, merges, chaining bound.
 * ``hamming``: ``HammingIndex`` -- exact batched Hamming range search (MIH).
 
@@ -8,7 +11,7 @@ Crops and screenshots are matched through *views* (``ImageHashes.views``: the
 content inside a detected border, 90%/80% centre crops, off-centre crops,
 bands without a caption edge and -- hashes v7 -- side bands), indexed in the same
 pHash index as extra codes of the member (~3.1 codes per member on the bench
-data; ``ClusterIndex`` docstring has the pairing rule). Members rebuilt
+data; ``pairing`` has the rule). Members rebuilt
 without views still match on their full hashes; persisting ``views`` and
 ``trimmed`` with members keeps crop-of-a-member matching across rebuilds.
 
@@ -55,7 +58,8 @@ cluster index:
   carry on) instead of founding a fresh one.
 """
 
-from detectors.neardup.clusters import Assignment, ClusterIndex, Match, MergeAudit, Via, cluster_id_for, pair_match
+from detectors.neardup.clusters import Assignment, ClusterIndex, Match, MergeAudit, cluster_id_for
+from detectors.neardup.pairing import Via, pair_match
 from detectors.neardup.hamming import HammingIndex
 
 __all__ = ["Assignment", "ClusterIndex", "HammingIndex", "Match", "MergeAudit", "Via", "cluster_id_for", "pair_match"]

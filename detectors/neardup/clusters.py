@@ -1,51 +1,14 @@
 """Near-duplicate clustering: which picture (cluster) does this image show?
 
-Pair rule (the one ``bench/neardup.py`` measures, ``pair_match``): an image
-matches another when
-
-* its pHash, or the pHash of its mirror image, is within ``phash_threshold``
-  bits of the other's pHash, or
-* its PDQ (or mirrored PDQ) is within ``pdq_threshold`` bits of the other's
-  PDQ *and both* PDQ qualities are >= ``pdq_min_quality`` (PDQ of flat,
-  low-detail images is noise).
-
-Views (crops, screenshots, captions): an image also carries the pHashes of
-*views* (``ImageHashes.views``: the content inside a detected frame, centre
-crops, off-centre crops, bands without the top/bottom edge). A pair also
-matches, within ``view_threshold`` bits, when
-
-* the image's pHash (or mirrored pHash) equals one of the other's views (the
-  image is a crop of it, or it a framed copy of the image), or the other way
-  round,
-* a *trimmed-frame* view on either side equals any code on the other (two
-  screenshots of one picture; a screenshot of a crop), or
-* a band view equals the *same* band on the other (a caption bar over an edge).
-
-Other crop views never meet crop views (more pairs, more false matches).
-Side bands (hashes v7: the content without a tenth or 15% of one side) pair
-like bands; in ``ClusterIndex`` such a pair must agree almost everywhere
-on informative pixels, and may join an image but never link two clusters
-or make an anchor trusted (a band leaves out where two pictures differ);
-the hash-only rule leaves them out (``_pixels_only``).
-Framed images (``_framed``) never match on their full-frame hashes as an
-unframed picture's (they show the frame); their mirror code is their trimmed view's. Flat pictures
+The hash pair rule (codes, index slots, which pairs may meet) is
+``detectors.neardup.pairing``; the thumbnail regions a pair compares,
+``detectors.neardup.regions``. Flat pictures
 (PDQ quality < ``FLAT_QUALITY``) match only flat ones -- in ``ClusterIndex``
 also detailed ones whose pixels agree with them nearly everywhere
 (``_flat_agrees``: a dark picture's caption-bar copy, detailed by its bar).
 One-colour regions (a black frame, what a caption bar leaves of it) have no
-hash at all: ``ClusterIndex`` pairs them by grey level (``_uniform_levels``,
+hash at all: ``ClusterIndex`` pairs them by grey level (``regions.region_levels``,
 via ``"uniform"``); the hash-only rule does not.
-
-Frame-relative codes (hash records v6, ``hashing.frame_extras``): a
-trimmed image also carries its whole frame's pHash and centre crops and its
-content box, because a picture with a flat margin of its own trims
-differently in every copy. Its whole frame may meet crop views, other
-whole frames and (v7) full frames -- a brightened copy whose backdrop
-saturates to a flat margin trims where its picture does not -- its frame
-crops meet full frames and trimmed views -- only in
-``ClusterIndex``, with pixels compared through each side's content box
-(``_region``, ``verify.clip_pair``); the hash-only rule leaves them out
-(``_frame_relative``).
 
 Clusters (``ClusterIndex``): members only nominate candidate clusters; an
 image joins a cluster when it matches one of the cluster's *representatives*
@@ -88,40 +51,23 @@ from __future__ import annotations
 import base64
 import itertools
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from detectors.hashing import (
-    FRAME_CROPS, N_VIEWS, SIDE_BANDS, VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, frame_extras, hamming_hex,
-    side_views, thumb_array,
-)
-from detectors.neardup.hamming import HammingIndex
+from detectors.hashing import ImageHashes, frame_extras, hamming_hex, thumb_array
 from detectors.imagedata import DecodeLimits
+from detectors.neardup.hamming import HammingIndex
 from detectors.neardup.localized import EditCheck, PixelSource
-from detectors.neardup.verify import (
-    FULL, VIEW_SLOT_BOXES, Box, aligned_residual, clip_pair, informative, residual, uniform_levels,
+from detectors.neardup.pairing import (
+    ALLOWED, Q_FRAME, Q_FULL, Q_MIRROR, S_BAND0, S_CROP0, S_FRAME0, S_FRAME_FULL, S_FULL, S_SIDE0, S_TRIM, SLOTS,
+    VIA_ORDER, VIEW_THRESHOLD, Via, is_framed, pair_allowed, query_codes, rank_key, stored_phash_codes, view_slots,
+    whole_frame_pair,
 )
+from detectors.neardup.regions import MIN_OVERLAP, in_frame, pair_regions, region_levels, uniform_match
+from detectors.neardup.verify import aligned_residual, informative, residual
 
-# "uniform": a one-colour picture met by its grey level (``ClusterIndex``
-# only; the distance is grey levels): its hashes are noise
-Via = Literal["sha256", "phash", "pdq", "phash_mirror", "pdq_mirror", "phash_view", "uniform"]
-_VIA_ORDER: dict[str, int] = {"sha256": 0, "phash": 1, "pdq": 2, "phash_mirror": 3, "pdq_mirror": 4, "phash_view": 5,
-                              "uniform": 6}
-
-
-def rank_key(distance: int, via: str, phash_threshold: int, pdq_threshold: int) -> tuple[float, int]:
-    """How confidently a match is the same picture, most confident first:
-    distance as a fraction of its hash's threshold, then how it matched.
-    Clusters, banks and `deepwatch similar` all rank with this."""
-    scale = 1 if via == "sha256" else pdq_threshold if via in ("pdq", "pdq_mirror") else phash_threshold
-    return (distance / max(1, scale), _VIA_ORDER[via])
-
-# Default radius for pHash pairs that involve a view: the bench's sweep finds no
-# extra false matches up to 9 bits (0.0015% -> 0.0028% at 10), and 8 lets the
-# multi-index search probe 2-bit instead of 3-bit neighbourhoods (~7x fewer keys)
-VIEW_THRESHOLD = 8
 
 # Pixel verification: the most a hash pair's aligned regions may differ
 # (``verify.aligned_residual``, median grey levels); None: off. The cluster
@@ -199,201 +145,11 @@ FLAT_QUANTILE, FLAT_STRICT = 0.99, 6.0
 # band views' regions), may be one colour. Representatives are indexed by
 # those grey levels (buckets of ``_UNIFORM_BUCKET``), and two such regions
 # within ``UNIFORM_DIFF`` levels pair like hashes do (content with content
-# or a band, a band with the same band: ``_uniform_pair``): a black
+# or a band, a band with the same band: ``uniform_pair``): a black
 # frame's captioned copies -- the caption is the only detail, so nothing
 # was trimmed and every hash showed the caption -- meet the frame.
 UNIFORM_DIFF = 4.0
 _UNIFORM_BUCKET = 8
-
-# pHash index slots per member: id = row * SLOTS + slot
-SLOTS = 40
-_FULL, _TRIM, _CROP0 = 0, 1, 2  # centre crops take slots 2, 3; off-centre views 4..25
-_BAND0 = _CROP0 + len(VIEW_CROPS) + len(VIEW_BOXES) - len(VIEW_BANDS)  # the band views' slots (caption bars)
-# A trimmed image (hashes v6 on, ``frame_extras``): its whole frame's centre
-# crops (slots 26, 27, crop views in frame coordinates) and its whole frame's
-# pHash (slot 28, indexed with the full frames). Pixels of pairs that involve
-# them are compared mapped through each side's content box (``_region``).
-_FRAME0 = _BAND0 + len(VIEW_BANDS)
-_FRAME_FULL = _FRAME0 + len(FRAME_CROPS)
-# Side bands (hashes v7, ``SIDE_BANDS``): slots 29-32, paired like bands
-# (with full frames and trimmed views, and the same side band)
-_SIDE0 = _FRAME_FULL + 1
-_Q_FULL, _Q_MIRROR, _Q_FRAME = -1, -2, -3  # query-side kinds besides the view slots (_Q_FRAME: a trimmed image's whole frame)
-_FULL_KINDS = (_Q_FULL, _Q_MIRROR, _Q_FRAME)
-
-
-def view_slots(views: list[str] | None, trimmed: bool) -> list[tuple[int, str]]:
-    """(slot, pHash) of an image's views (``ImageHashes.views``/``trimmed``), in index slots."""
-    extras = frame_extras(views, trimmed)
-    views = views_all = views or []
-    out: list[tuple[int, str]] = []
-    if trimmed and views:
-        out.append((_TRIM, views[0]))
-        views = views[1:]
-    if extras:
-        out.extend((_CROP0 + i, v) for i, v in enumerate(views[:N_VIEWS]))
-        out.extend((_FRAME0 + i, v) for i, v in enumerate(extras))
-    else:
-        out.extend((_CROP0 + i, v) for i, v in enumerate(views[: _FRAME0 - _CROP0]))
-    out.extend((_SIDE0 + i, v) for i, v in enumerate(side_views(views_all, trimmed)))
-    return out
-
-
-def _allowed_table() -> np.ndarray:
-    """(query kind + 3, slot) -> may they pair (``_pair_allowed``)."""
-    t = np.zeros((SLOTS + 3, SLOTS), dtype=bool)
-    for qk in range(-3, SLOTS):
-        for ms in range(SLOTS):
-            crop_q, crop_m = qk >= _CROP0, _CROP0 <= ms < _FRAME_FULL or ms >= _SIDE0
-            band_same = qk == ms and (_BAND0 <= qk < _FRAME0 or qk >= _SIDE0)
-            if ms == _FRAME_FULL:  # a trimmed image's whole frame: its crops, another whole frame or a full one
-                ok = crop_q or qk in (_Q_FRAME, _Q_FULL)
-            elif qk == _Q_FRAME:  # a trimmed image's whole frame: crops or the full frame of any picture
-                ok = crop_m or ms == _FULL
-            elif _FRAME0 <= ms < _FRAME_FULL:  # a trimmed image's frame crops: full frames (not mirrored) and trimmed views
-                ok = qk in (_Q_FULL, _TRIM)
-            else:
-                ok = not (crop_q and crop_m) or band_same
-            t[qk + 3, ms] = ok
-    return t
-
-
-_ALLOWED = _allowed_table()
-
-
-def _pair_allowed(q_kind: int, m_slot: int) -> bool:
-    """May a query code of this kind (full, mirror or a view slot) match an
-    indexed code in this slot? Everything but crop view against crop view --
-    except a band view against the same band (a caption bar over one copy's
-    edge leaves the rest of the picture, that band, identical)."""
-    return bool(_ALLOWED[q_kind + 3, m_slot])
-
-
-def _framed(views: list[str] | None, trimmed: bool) -> bool:
-    """A detected frame (screenshot, border, letterbox, caption bar) dominates
-    the whole image's hashes: two framed copies of *different* pictures match
-    on them (the cluster bench found screenshots gluing unrelated pictures at
-    0 bits). Such an image is matched by its trimmed view, crops, and the
-    mirror of its trimmed view (at the view radius) -- and, v6 records in
-    ``ClusterIndex``, by frame-relative codes verified on pixels. Measured alternative on the cluster bench: allowing
-    full-frame pairs between a framed and an unframed image (only
-    framed-framed refused): 0.09 fewer clusters per picture, 39 more impure
-    clusters."""
-    return bool(trimmed and views)
-
-
-def _view_codes(h: ImageHashes) -> list[tuple[int, str]]:
-    """Every query-side pHash code: (kind, hex)."""
-    if _framed(h.views, h.trimmed):
-        # the mirror of the trimmed view (``ImageHashes.phash_mirror``): a
-        # mirrored framed repost; view radius, and crop views only of framed
-        # pictures (against unframed ones it cost the cluster bench 25 impure
-        # clusters)
-        mirror = [(_Q_MIRROR, h.phash_mirror)] if h.phash_mirror else []
-        frame = [(_Q_FRAME, h.phash)] if frame_extras(h.views, h.trimmed) else []
-        return mirror + frame + view_slots(h.views, h.trimmed)
-    out = [(_Q_FULL, h.phash)]
-    if h.phash_mirror:
-        out.append((_Q_MIRROR, h.phash_mirror))
-    return out + view_slots(h.views, h.trimmed)
-
-
-def _full_code(phash: str, views: list[str] | None, trimmed: bool) -> list[tuple[int, str]]:
-    """The stored whole-frame code: slot ``_FULL``, or ``_FRAME_FULL`` for a
-    trimmed v6 image, or none for an older trimmed one."""
-    if not _framed(views, trimmed):
-        return [(_FULL, phash)]
-    return [(_FRAME_FULL, phash)] if frame_extras(views, trimmed) else []
-
-
-def _stored_codes(h: ImageHashes) -> list[tuple[int, str]]:
-    return _full_code(h.phash, h.views, h.trimmed) + view_slots(h.views, h.trimmed)
-
-
-def stored_phash_codes(phash: str, views: list[str] | None, trimmed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(slots, codes) to index for one member: its pHash and its views. The
-    index id of each is ``key * SLOTS + slot``; ``search_phash`` undoes it."""
-    codes = _full_code(phash, views, trimmed) + view_slots(views, trimmed)
-    return np.array([c[0] for c in codes], dtype=np.int64), HammingIndex.codes_from_hex([c[1] for c in codes], 64)
-
-
-def search_phash(
-    index: HammingIndex, h: ImageHashes, phash_threshold: int, view_threshold: int
-) -> list[tuple[int, int, Via]]:
-    """(key, distance, via) of every indexed pHash code (full hashes and views,
-    stored by ``stored_phash_codes``) that ``h`` matches under the pairing rule."""
-    if not len(index):
-        return []
-    out: list[tuple[int, int, Via]] = []
-    codes = _view_codes(h)
-    kinds = [k for k, _ in codes]
-    # one batched search: full/mirror at the wider radius (they may hit full
-    # hashes or views), the image's views at the view radius, which probes far
-    # fewer multi-index buckets when tighter; rule and radii applied per hit
-    radii = np.array([max(phash_threshold, view_threshold) if k in _FULL_KINDS else view_threshold for k in kinds])
-    qi, ids, dist = index.search(HammingIndex.codes_from_hex([c for _, c in codes], 64), radii)
-    for q, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
-        key, slot = divmod(i, SLOTS)
-        qk = kinds[q]
-        if _pixels_only(qk, slot):
-            continue  # needs pixels (mapped through the content box; a side band's strict test): clusters only
-        if _full_pair(qk, slot):
-            if d > phash_threshold:
-                continue
-            via: Via = "phash_mirror" if qk == _Q_MIRROR else "phash"
-        elif d > view_threshold or not _pair_allowed(qk, slot):
-            continue
-        else:
-            via = "phash_view"
-        out.append((key, int(d), via))
-    return out
-
-
-def _phash_pairs(
-    q: list[tuple[int, str]], m: list[tuple[int, str]], phash_threshold: int, view_threshold: int
-) -> list[tuple[int, Via]]:
-    """(distance, via) of every allowed pHash pair within its threshold."""
-    return [(d, via) for d, via, _, _ in _phash_pairs_detail(q, m, phash_threshold, view_threshold)]
-
-
-def _phash_pairs_detail(
-    q: list[tuple[int, str]], m: list[tuple[int, str]], phash_threshold: int, view_threshold: int
-) -> list[tuple[int, Via, int, int]]:
-    """(distance, via, query kind, indexed slot) of every allowed pHash pair within its threshold."""
-    out: list[tuple[int, Via, int, int]] = []
-    for qk, qh in q:
-        for ms, mh in m:
-            if not _pair_allowed(qk, ms) or _pixels_only(qk, ms):
-                continue
-            d = hamming_hex(qh, mh)
-            if _full_pair(qk, ms):
-                if d <= phash_threshold:
-                    out.append((d, "phash_mirror" if qk == _Q_MIRROR else "phash", qk, ms))
-            elif d <= view_threshold:
-                out.append((d, "phash_view", qk, ms))
-    return out
-
-
-def _frame_relative(q_kind: int, m_slot: int) -> bool:
-    """A pair involving a trimmed image's whole-frame codes (v6). Its hashes
-    alone are weak -- two screenshots of different pictures meet on their
-    frames -- so only ``ClusterIndex`` pairs them, with pixels verified
-    through the content boxes; the hash-only rule (``pair_match``,
-    ``search_phash``: banks) leaves them out and matches as with v5 records."""
-    return q_kind == _Q_FRAME or _FRAME0 <= m_slot <= _FRAME_FULL
-
-
-def _pixels_only(q_kind: int, m_slot: int) -> bool:
-    """A pair the hash-only rule leaves out: frame-relative codes
-    (``_frame_relative``) and side bands (hashes v7), which a side of the
-    picture being repainted leaves at a few bits -- ``ClusterIndex`` takes
-    them only with pixels verified strictly (``_residual``)."""
-    return _frame_relative(q_kind, m_slot) or q_kind >= _SIDE0 or m_slot >= _SIDE0
-
-
-def _full_pair(q_kind: int, m_slot: int) -> bool:
-    """Whole frame against whole frame (the pHash radius; other pairs take the view radius)."""
-    return (q_kind in (_Q_FULL, _Q_MIRROR) and m_slot == _FULL) or (q_kind == _Q_FRAME and m_slot == _FRAME_FULL)
 
 
 def cluster_id_for(sha256: str) -> str:
@@ -465,12 +221,12 @@ class _Rep:
     box: tuple[float, float, float, float] | None = None  # a trimmed v6 image's content box: frame-relative codes
     slots: np.ndarray = field(init=False)  # its pHash and views as index slots and 64-bit codes
     codes: np.ndarray = field(init=False)
-    levels: tuple[tuple[int, float], ...] = field(init=False)  # (slot, grey level) of one-colour regions (``_uniform_levels``)
+    levels: tuple[tuple[int, float], ...] = field(init=False)  # (slot, grey level) of one-colour regions (``region_levels``)
 
     def __post_init__(self) -> None:
-        self.levels = () if self.thumb is None else _uniform_levels(self.thumb.astype(np.float32),
-                                                                     _TRIM if self.framed else _FULL)
-        full = [(_FRAME_FULL, self.phash)] if self.box else [] if self.framed else [(_FULL, self.phash)]
+        self.levels = () if self.thumb is None else region_levels(self.thumb.astype(np.float32),
+                                                                     S_TRIM if self.framed else S_FULL)
+        full = [(S_FRAME_FULL, self.phash)] if self.box else [] if self.framed else [(S_FULL, self.phash)]
         pairs = full + self.views
         self.slots = np.array([s for s, _ in pairs], dtype=np.int8)
         self.codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
@@ -481,7 +237,7 @@ class _Rep:
         and thumbnail, rebuilt from the arrays (no mirrors: the other
         direction covers a mirrored pair's other side)."""
         views = [f"{int(c):016x}" for s, c in zip(self.slots.tolist(), self.codes.tolist())
-                 if s not in (_FULL, _FRAME_FULL)]
+                 if s not in (S_FULL, S_FRAME_FULL)]
         thumb = None if self.thumb is None else base64.b64encode(self.thumb.astype(np.uint8).tobytes()).decode()
         return ImageHashes(phash=self.phash, pdq=self.pdq, pdq_quality=self.pdq_quality, views=views or None,
                            trimmed=self.framed, thumb=thumb, content_box=self.box)
@@ -495,7 +251,7 @@ class _Query:
     kinds: np.ndarray
     full: np.ndarray  # full or mirrored pHash
     crop: np.ndarray  # a crop view (never paired with another crop view)
-    framed: bool  # a detected frame (``_framed``): its mirror code is its trimmed view's
+    framed: bool  # a detected frame (``is_framed``): its mirror code is its trimmed view's
     thumb: np.ndarray | None = None
     box: tuple[float, float, float, float] | None = None  # content box in the frame (``frame_extras``)
     # (kind, grey level) of its content and bands that are one colour
@@ -506,92 +262,16 @@ class _Query:
 
     @classmethod
     def of(cls, h: ImageHashes, sha256: str = "") -> "_Query":
-        pairs = _view_codes(h)
+        pairs = query_codes(h)
         kinds = np.array([k for k, _ in pairs], dtype=np.int64)
         codes = HammingIndex.codes_from_hex([c for _, c in pairs], 64)[:, 0]
         thumb = thumb_array(h.thumb) if h.thumb else None
         extras = frame_extras(h.views, h.trimmed)
-        framed = _framed(h.views, h.trimmed)
-        levels = () if thumb is None else _uniform_levels(thumb, _TRIM if framed else _Q_FULL)
-        return cls(codes, kinds, kinds < 0, kinds >= _CROP0, framed, thumb, h.content_box if extras else None, levels,
+        framed = is_framed(h.views, h.trimmed)
+        levels = () if thumb is None else region_levels(thumb, S_TRIM if framed else Q_FULL)
+        return cls(codes, kinds, kinds < 0, kinds >= S_CROP0, framed, thumb, h.content_box if extras else None, levels,
                    sha256, h.content_box)
 
-
-def _uniform_levels(thumb: np.ndarray, content: int) -> tuple[tuple[int, float], ...]:
-    """(kind, grey level) of the content (as kind ``content``) and of each
-    band view's region that is one colour (``verify.uniform_level``)."""
-    kinds = (content, *range(_BAND0, _FRAME0))
-    return tuple((k, lv) for k, lv in zip(kinds, uniform_levels(thumb, _UNIFORM_BOXES)) if lv is not None)
-
-
-def _uniform_pair(q_kind: int, m_slot: int) -> bool:
-    """May one-colour regions of these kinds pair? Content with anything,
-    a band with the same band (as hashes pair)."""
-    return q_kind in (_Q_FULL, _TRIM) or m_slot in (_FULL, _TRIM) or q_kind == m_slot
-
-
-def _uniform_match(a: tuple[tuple[int, float], ...], b: tuple[tuple[int, float], ...]) -> tuple[float, int, int] | None:
-    """(level difference, kind, slot) of the closest allowed pair of
-    one-colour regions, or None."""
-    pairs = [(abs(la - lb), ka, kb) for ka, la in a for kb, lb in b if _uniform_pair(ka, kb)]
-    return min(pairs) if pairs else None
-
-
-def _box(kind: int) -> Box:
-    """The content region a query kind or index slot hashes (``verify``)."""
-    if kind >= _SIDE0:
-        return SIDE_BANDS[kind - _SIDE0]
-    return VIEW_SLOT_BOXES[kind - _CROP0] if kind >= _CROP0 else FULL
-
-
-# the regions ``_uniform_levels`` measures: the content, then the band views
-_UNIFORM_BOXES = (FULL, *(_box(k) for k in range(_BAND0, _FRAME0)))
-
-_FRAME_BOXES: dict[int, Box] = {
-    _FRAME0 + i: ((1 - f) / 2, (1 - f) / 2, (1 + f) / 2, (1 + f) / 2) for i, f in enumerate(FRAME_CROPS)
-} | {_Q_FRAME: FULL, _FRAME_FULL: FULL}
-
-
-def _region(kind: int, box: tuple[float, float, float, float] | None) -> Box:
-    """The region a kind or slot hashes in its image's thumbnail (content)
-    coordinates; frame-relative ones mapped through the content box, so they
-    may reach outside [0, 1] (the trimmed margin)."""
-    b = _FRAME_BOXES.get(kind)
-    if b is None:
-        return _box(kind)
-    if box is None:
-        return b
-    cx0, cy0, cx1, cy1 = box
-    cw, ch = max(cx1 - cx0, 1e-6), max(cy1 - cy0, 1e-6)
-    return ((b[0] - cx0) / cw, (b[1] - cy0) / ch, (b[2] - cx0) / cw, (b[3] - cy0) / ch)
-
-
-# Of each side of a frame-relative pair, the part that must lie on both
-# thumbnails. A dark picture whose lights sit in a band trims to a strip
-# (the bench's casino at night: a 90% crop's content is 29% of its frame's
-# height), so its whole frame met its own screenshot's and crops' on a
-# strip just under the 30% of sessions 6-9 (session 10: 0.2; seeds 2/3
-# splits, docs/clusters.md)
-_MIN_OVERLAP = 0.2
-
-
-def _pair_regions(q: "_Query", r: "_Rep", kind: int, slot: int,
-                  min_overlap: float = _MIN_OVERLAP) -> tuple[Box, Box] | None:
-    """The regions a query kind and a representative slot compare, in each
-    one's content coordinates; frame-relative pairs clipped alike to what
-    lies on both (None: too little)."""
-    qb, rb = _region(kind, q.box), _region(slot, r.box)
-    if kind in _FRAME_BOXES or slot in _FRAME_BOXES:
-        return clip_pair(qb, rb, min_overlap)
-    return qb, rb
-
-
-def _in_frame(b: Box, content: tuple[float, float, float, float] | None) -> Box:
-    """A region in content (thumbnail) coordinates as fractions of the frame."""
-    if content is None:
-        return b
-    cw, ch = content[2] - content[0], content[3] - content[1]
-    return (content[0] + b[0] * cw, content[1] + b[1] * ch, content[0] + b[2] * cw, content[1] + b[3] * ch)
 
 
 @dataclass
@@ -607,37 +287,6 @@ class _Cluster:
     def pictures(self) -> list[_Rep]:
         return self.reps or ([self.first] if self.first else [])
 
-
-def pair_match(
-    a: ImageHashes,
-    b: ImageHashes,
-    *,
-    phash_threshold: int = 10,
-    pdq_threshold: int = 31,
-    pdq_min_quality: int = 50,
-    view_threshold: int | None = None,
-) -> tuple[int, Via] | None:
-    """The decision rule for one pair (``b`` is the indexed side, so only its
-    direct hashes and views are used, never its mirrors), as ``ClusterIndex``
-    applies it through its index; the best (distance, via) by
-    ``distance / threshold``, or None. Hashes only: pairs of a trimmed
-    image's whole-frame codes, which ``ClusterIndex`` takes only with pixels
-    verified (``_frame_relative``), and side bands are left out (``_pixels_only``)."""
-    vt = phash_threshold if view_threshold is None else view_threshold
-    cands: list[tuple[float, int, int, Via]] = []
-    for d, via in _phash_pairs(_view_codes(a), _stored_codes(b), phash_threshold, vt):
-        cands.append((d / max(1, phash_threshold), _VIA_ORDER[via], d, via))
-    framed = _framed(a.views, a.trimmed) or _framed(b.views, b.trimmed)
-    if not framed and a.pdq_quality >= pdq_min_quality and b.pdq_quality >= pdq_min_quality:
-        for via, hq in (("pdq", a.pdq), ("pdq_mirror", a.pdq_mirror)):
-            if hq:
-                d = hamming_hex(hq, b.pdq)
-                if d <= pdq_threshold:
-                    cands.append((d / max(1, pdq_threshold), _VIA_ORDER[via], d, via))  # type: ignore[arg-type]
-    if not cands:
-        return None
-    _, _, d, via = min(cands)
-    return d, via
 
 
 class ClusterIndex:
@@ -660,7 +309,7 @@ class ClusterIndex:
         pixel_limits: DecodeLimits | None = None,
         edit_from: float = EDIT_FROM,
         merge_edit_from: float | None = MERGE_EDIT_FROM,
-        min_overlap: float = _MIN_OVERLAP,
+        min_overlap: float = MIN_OVERLAP,
     ):
         # Borderline pairs (residual >= edit_from) re-verified on the images'
         # own pixels (``localized``), decoded within the deployment's bounds
@@ -780,8 +429,8 @@ class ClusterIndex:
             qi, ids, dist = self._phash.search(q, radii)
             hits.append((pick[qi], ids, dist))
         # crop views never meet crop views, band views meet their own band
-        frames = np.flatnonzero((kinds[pick] < _CROP0) | ((kinds[pick] >= _BAND0) & (kinds[pick] < _FRAME0))
-                                | (kinds[pick] >= _SIDE0))
+        frames = np.flatnonzero((kinds[pick] < S_CROP0) | ((kinds[pick] >= S_BAND0) & (kinds[pick] < S_FRAME0))
+                                | (kinds[pick] >= S_SIDE0))
         if len(frames) and len(self._phash_views):
             qi, ids, dist = self._phash_views.search(q[frames], self.view_threshold)
             hits.append((pick[frames[qi]], ids, dist))
@@ -789,11 +438,11 @@ class ClusterIndex:
             for qq, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
                 row, slot = divmod(i, SLOTS)
                 qk = int(kinds[qq])
-                if _full_pair(qk, slot):
+                if whole_frame_pair(qk, slot):
                     if d > self.phash_threshold:
                         continue
-                    via: Via = "phash_mirror" if qk == _Q_MIRROR else "phash"
-                elif d > self.view_threshold or not _pair_allowed(qk, slot):
+                    via: Via = "phash_mirror" if qk == Q_MIRROR else "phash"
+                elif d > self.view_threshold or not pair_allowed(qk, slot):
                     continue
                 else:
                     via = "phash_view"
@@ -803,7 +452,7 @@ class ClusterIndex:
         for _, lv in query.levels if self.verify_max is not None else ():  # pixels decide these: none without
             for b in range(int((lv - UNIFORM_DIFF) // _UNIFORM_BUCKET), int((lv + UNIFORM_DIFF) // _UNIFORM_BUCKET) + 1):
                 for row in self._uniform.get(b, ()):
-                    m = _uniform_match(query.levels, self._row_levels[row])
+                    m = uniform_match(query.levels, self._row_levels[row])
                     if m is not None and m[0] <= UNIFORM_DIFF:
                         out.append((self._member_cluster[self._row_member[row]], int(round(m[0])), "uniform"))
         for index, vias, codes, radius in self._queries(h):
@@ -815,7 +464,7 @@ class ClusterIndex:
         return out
 
     def _queries(self, h: ImageHashes):
-        if h.pdq_quality >= self.pdq_min_quality and not _framed(h.views, h.trimmed):
+        if h.pdq_quality >= self.pdq_min_quality and not is_framed(h.views, h.trimmed):
             pq = [h.pdq] + ([h.pdq_mirror] if h.pdq_mirror else [])
             yield self._pdq, ("pdq", "pdq_mirror"), HammingIndex.codes_from_hex(pq, 256), self.pdq_threshold
 
@@ -838,7 +487,7 @@ class ClusterIndex:
         best = None
         resid = _UNVERIFIED  # smallest pixel residual of a verified pair
         pair = None  # (representative, query kind, slot) of that pair
-        pdq_ok = h.pdq_quality >= self.pdq_min_quality and not _framed(h.views, h.trimmed)
+        pdq_ok = h.pdq_quality >= self.pdq_min_quality and not is_framed(h.views, h.trimmed)
         flat = h.pdq_quality < FLAT_QUALITY
         pixels = self.verify_max is not None and q.thumb is not None
         for r in self._clusters[cluster_id].pictures() if reps is None else reps:
@@ -849,26 +498,26 @@ class ClusterIndex:
             same_flat = flat == (r.pdq_quality < FLAT_QUALITY)
             if same_flat or (pixels and r.thumb is not None):
                 d = np.bitwise_count(q.codes[:, None] ^ r.codes[None, :])
-                full_pair = (((q.kinds == _Q_FULL) | (q.kinds == _Q_MIRROR))[:, None] & (r.slots == _FULL)[None, :]) | (
-                    (q.kinds == _Q_FRAME)[:, None] & (r.slots == _FRAME_FULL)[None, :])
-                allowed = _ALLOWED[q.kinds + 3][:, r.slots]
-                side_pair = (q.kinds >= _SIDE0)[:, None] | (r.slots >= _SIDE0)[None, :]
+                full_pair = (((q.kinds == Q_FULL) | (q.kinds == Q_MIRROR))[:, None] & (r.slots == S_FULL)[None, :]) | (
+                    (q.kinds == Q_FRAME)[:, None] & (r.slots == S_FRAME_FULL)[None, :])
+                allowed = ALLOWED[q.kinds + 3][:, r.slots]
+                side_pair = (q.kinds >= S_SIDE0)[:, None] | (r.slots >= S_SIDE0)[None, :]
                 if self.verify_max is None or q.thumb is None or r.thumb is None:  # frame and side pairs need pixels
-                    allowed &= ~((q.kinds == _Q_FRAME)[:, None] | ((r.slots >= _FRAME0) & (r.slots <= _FRAME_FULL))[None, :])
+                    allowed &= ~((q.kinds == Q_FRAME)[:, None] | ((r.slots >= S_FRAME0) & (r.slots <= S_FRAME_FULL))[None, :])
                     allowed &= ~side_pair
                 elif not sides:
                     allowed &= ~side_pair
                 if q.framed:  # its mirror code is a trimmed view's: the view radius,
-                    full_pair &= (q.kinds != _Q_MIRROR)[:, None]  # and crop views of framed pictures only
+                    full_pair &= (q.kinds != Q_MIRROR)[:, None]  # and crop views of framed pictures only
                     if not r.framed:
-                        allowed &= ~((q.kinds == _Q_MIRROR)[:, None] & (r.slots >= _CROP0)[None, :])
+                        allowed &= ~((q.kinds == Q_MIRROR)[:, None] & (r.slots >= S_CROP0)[None, :])
                 hit = allowed & (d <= np.where(full_pair, self.rep_phash, self.rep_view))
                 k = None
                 if hit.any():
                     qi, ri = np.nonzero(hit)
                     dd, fp = d[qi, ri].astype(np.int64), full_pair[qi, ri]
-                    order = np.where(fp, np.where(q.kinds[qi] == _Q_MIRROR, _VIA_ORDER["phash_mirror"], _VIA_ORDER["phash"]),
-                                     _VIA_ORDER["phash_view"])
+                    order = np.where(fp, np.where(q.kinds[qi] == Q_MIRROR, VIA_ORDER["phash_mirror"], VIA_ORDER["phash"]),
+                                     VIA_ORDER["phash_view"])
                     # nearest pair first; the first whose regions' pixels agree
                     # at the boxes the hashes name, then aligned (costlier) for the nearest
                     tries = np.lexsort((order, dd))[:_VERIFY_TRIES].tolist()
@@ -880,24 +529,24 @@ class ClusterIndex:
                                 resid, pair = score, (r, int(q.kinds[qi[j]]), int(r.slots[ri[j]]))
                             break
                 if k is not None:
-                    via: Via = "phash_view" if not fp[k] else ("phash_mirror" if q.kinds[qi[k]] == _Q_MIRROR else "phash")
+                    via: Via = "phash_view" if not fp[k] else ("phash_mirror" if q.kinds[qi[k]] == Q_MIRROR else "phash")
                     cands.append((rank_key(int(dd[k]), via, self.phash_threshold, self.pdq_threshold), int(dd[k]), via))
                     # a larger copy: one of its crops meets the founder's frame
                     # closer than its own full frame does (not just the same framing)
-                    g = q.crop[qi] & (r.slots[ri] <= _TRIM)
+                    g = q.crop[qi] & (r.slots[ri] <= S_TRIM)
                     grows = r.founder and bool(g.any()) and (not fp.any() or int(dd[g].min()) < int(dd[fp].min()))
             if pdq_ok and r.pdq_quality >= self.pdq_min_quality and not r.framed:
                 for pvia, hq in (("pdq", h.pdq), ("pdq_mirror", h.pdq_mirror)):
                     if not hq or (dq := hamming_hex(hq, r.pdq)) > self.rep_pdq:
                         continue
-                    score = self._residual(q, r, _Q_FULL if pvia == "pdq" else _Q_MIRROR, _FULL)
+                    score = self._residual(q, r, Q_FULL if pvia == "pdq" else Q_MIRROR, S_FULL)
                     if self._passes(score):
                         if score is not None and score < resid:
-                            resid, pair = score, (r, _Q_FULL if pvia == "pdq" else _Q_MIRROR, _FULL)
+                            resid, pair = score, (r, Q_FULL if pvia == "pdq" else Q_MIRROR, S_FULL)
                         cands.append((rank_key(dq, pvia, self.phash_threshold, self.pdq_threshold), dq, pvia))  # type: ignore[arg-type]
             if r.levels and q.levels and self.verify_max is not None:
                 # one-colour regions: grey levels instead of hashes (noise there)
-                um = _uniform_match(q.levels, r.levels)
+                um = uniform_match(q.levels, r.levels)
                 if um is not None and um[0] <= UNIFORM_DIFF:
                     dl = int(round(um[0]))
                     cands.append((rank_key(dl, "uniform", self.phash_threshold, self.pdq_threshold), dl, "uniform"))
@@ -925,29 +574,29 @@ class ClusterIndex:
         if self.verify_max is None or q.thumb is None or r.thumb is None:
             return None
         rt = r.thumb.astype(np.float32)
-        boxes = _pair_regions(q, r, kind, slot, self.min_overlap)
+        boxes = pair_regions(q.box, r.box, kind, slot, self.min_overlap)
         if boxes is None:
             return _UNVERIFIED
         qb, rb = boxes
         if not search:
-            out = residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, quantile=quantile, smooth=strict)
+            out = residual(q.thumb, qb, rt, rb, mirror=kind == Q_MIRROR, quantile=quantile, smooth=strict)
         else:
-            out = aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=strict,
+            out = aligned_residual(q.thumb, qb, rt, rb, mirror=kind == Q_MIRROR, smooth=strict,
                                    good_enough=self.merge_strict if strict else self.verify_max, quantile=quantile)
-        if not strict and quantile == 0.5 and (kind >= _SIDE0 or slot >= _SIDE0) and out <= VERIFY_NEAR:
+        if not strict and quantile == 0.5 and (kind >= S_SIDE0 or slot >= S_SIDE0) and out <= VERIFY_NEAR:
             # a side band leaves a sixth out at most, so the rest must agree
             # almost everywhere, as strictly as a link: over a band, a
             # picture with its left half repainted agrees at the median
             # -- on pixels that say something (not black or saturated on both)
-            far = aligned_residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=True,
+            far = aligned_residual(q.thumb, qb, rt, rb, mirror=kind == Q_MIRROR, smooth=True,
                                    good_enough=self.merge_strict, quantile=MERGE_QUANTILE)
-            if far > self.merge_strict or informative(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR) < _MIN_INFORMATIVE:
+            if far > self.merge_strict or informative(q.thumb, qb, rt, rb, mirror=kind == Q_MIRROR) < _MIN_INFORMATIVE:
                 return _UNVERIFIED
         if strict or quantile != 0.5 or self.verify_smooth is None or not self.verify_max < out <= VERIFY_NEAR:
             return out
         # a detailed picture sampled at another phase (an off-centre crop):
         # the blurred regions at the named boxes agree closely
-        blurred = residual(q.thumb, qb, rt, rb, mirror=kind == _Q_MIRROR, smooth=True)
+        blurred = residual(q.thumb, qb, rt, rb, mirror=kind == Q_MIRROR, smooth=True)
         return blurred if blurred <= self.verify_smooth else out
 
     def _merge_edit(self, q: "_Query", m: tuple | None) -> bool:
@@ -967,15 +616,15 @@ class ClusterIndex:
         floor = self.edit_from if floor is None else floor
         if self.edits is None or score is None or score < floor or not q.sha256 or not r.sha256:
             return False
-        boxes = _pair_regions(q, r, kind, slot, self.min_overlap)
+        boxes = pair_regions(q.box, r.box, kind, slot, self.min_overlap)
         if boxes is None:
             return False
         qb, rb = boxes
-        mirror = kind == _Q_MIRROR
+        mirror = kind == Q_MIRROR
         qc = q.content
         if mirror and qc is not None:  # the query's region is in its mirrored content
             qc = (1 - qc[2], qc[1], 1 - qc[0], qc[3])
-        qf, rf = _in_frame(qb, qc), _in_frame(rb, r.box)
+        qf, rf = in_frame(qb, qc), in_frame(rb, r.box)
         if mirror:  # back to the stored image's frame; ``is_edit`` flips image and boxes alike
             qf = (1 - qf[2], qf[1], 1 - qf[0], qf[3])
         edit = bool(self.edits.is_edit(q.sha256, qf, q.content, r.sha256, rf, r.box, mirror=mirror))
@@ -1005,7 +654,7 @@ class ClusterIndex:
         if self.merge_residual is None or pic[5] is None or pic[4] > self.merge_residual:
             return False
         r, kind, slot = pic[5]
-        if kind >= _SIDE0 or slot >= _SIDE0:
+        if kind >= S_SIDE0 or slot >= S_SIDE0:
             return False  # met through a side band only: joins, never links
         strict = self._residual(q, r, kind, slot, quantile=MERGE_QUANTILE, strict=True)
         return strict is not None and strict <= self.merge_strict
@@ -1055,7 +704,7 @@ class ClusterIndex:
         within its radius: a superset of the rule's pairs, for skipping.)"""
         if int(np.bitwise_count(a.codes[:, None] ^ b.codes[None, :]).min()) <= radius:
             return True
-        if (m := _uniform_match(a.levels, b.levels)) is not None and m[0] <= UNIFORM_DIFF:
+        if (m := uniform_match(a.levels, b.levels)) is not None and m[0] <= UNIFORM_DIFF:
             return True
         return hamming_hex(a.pdq, b.pdq) <= self.rep_pdq
 
@@ -1110,7 +759,7 @@ class ClusterIndex:
         out: list[tuple[str, int, Via]] = []
         for qq, i, d in zip(qi.tolist(), ids.tolist(), dist.tolist()):
             row, slot = divmod(i, SLOTS)
-            if _pair_allowed(int(q.kinds[pick[qq]]), slot):
+            if pair_allowed(int(q.kinds[pick[qq]]), slot):
                 out.append((self._member_cluster[self._row_member[row]], int(d), "phash_view"))
         return out
 
@@ -1153,18 +802,18 @@ class ClusterIndex:
         in one orientation (direct or mirrored), or None. The bar for linking
         two clusters: one hash alone can be fooled by a similar composition,
         two independent ones agreeing on the full frame rarely are."""
-        if h.pdq_quality < self.pdq_min_quality or _framed(h.views, h.trimmed):
+        if h.pdq_quality < self.pdq_min_quality or is_framed(h.views, h.trimmed):
             return None
         best = None
         for r in self._clusters[cluster_id].pictures():
             if r.pdq_quality < self.pdq_min_quality or r.framed:
                 continue
-            for kind, ph, pq in ((_Q_FULL, h.phash, h.pdq), (_Q_MIRROR, h.phash_mirror, h.pdq_mirror)):
+            for kind, ph, pq in ((Q_FULL, h.phash, h.pdq), (Q_MIRROR, h.phash_mirror, h.pdq_mirror)):
                 if not ph or not pq:
                     continue
                 dp, dq = hamming_hex(ph, r.phash), hamming_hex(pq, r.pdq)
                 if dp <= self.phash_threshold and dq <= self.pdq_threshold and (best is None or (dp, dq) < best) \
-                        and self._passes(self._residual(q, r, kind, _FULL)):
+                        and self._passes(self._residual(q, r, kind, S_FULL)):
                     best = (dp, dq)
         return best
 
@@ -1328,7 +977,7 @@ class ClusterIndex:
         views = view_slots(hashes.views, hashes.trimmed)
         extras = frame_extras(hashes.views, hashes.trimmed)
         rep = _Rep(hashes.phash, hashes.pdq, hashes.pdq_quality, views, representative if founder is None else founder,
-                   _framed(hashes.views, hashes.trimmed), thumb_array(hashes.thumb, np.uint8) if hashes.thumb else None, sha256,
+                   is_framed(hashes.views, hashes.trimmed), thumb_array(hashes.thumb, np.uint8) if hashes.thumb else None, sha256,
                    box=hashes.content_box if extras else None)
         if representative:
             c.reps.append(rep)
@@ -1345,13 +994,13 @@ class ClusterIndex:
         self._member_row[sha256] = row
         self._row_member[row] = sha256
         slots, codes = stored_phash_codes(hashes.phash, hashes.views, hashes.trimmed)
-        frame = (slots < _CROP0) | (slots == _FRAME_FULL)
+        frame = (slots < S_CROP0) | (slots == S_FRAME_FULL)
         self._phash.add(row * SLOTS + slots[frame], codes[frame])
         if not frame.all():
             self._phash_views.add(row * SLOTS + slots[~frame], codes[~frame])
         self._index_levels(row, rep.levels)
         ids = np.array([row], dtype=np.int64)
-        if hashes.pdq_quality >= self.pdq_min_quality and not _framed(hashes.views, hashes.trimmed):
+        if hashes.pdq_quality >= self.pdq_min_quality and not is_framed(hashes.views, hashes.trimmed):
             self._pdq.add(ids, HammingIndex.codes_from_hex([hashes.pdq], 256))
 
     def add_bulk(
@@ -1387,7 +1036,7 @@ class ClusterIndex:
                 rows[i] = row
             if rep or c.first is None:
                 r = _Rep(f"{int(phash[i]):016x}", "".join(f"{int(w):016x}" for w in pdq[i]), int(pdq_quality[i]),
-                         [(_CROP0 + j, f"{int(v):016x}") for j, v in enumerate(views[i])], rep,
+                         [(S_CROP0 + j, f"{int(v):016x}") for j, v in enumerate(views[i])], rep,
                          thumb=None if thumbs is None or thumbs[i] is None else np.array(thumbs[i], dtype=np.uint8),
                          sha256=sha)
                 if rep:
@@ -1400,9 +1049,9 @@ class ClusterIndex:
             self._member_cluster[sha] = cid
         keep = rows >= 0
         r = rows[keep]
-        self._phash.add(r * SLOTS + _FULL, phash[keep].reshape(-1, 1))
+        self._phash.add(r * SLOTS + S_FULL, phash[keep].reshape(-1, 1))
         k = views.shape[1]
-        self._phash_views.add((r[:, None] * SLOTS + _CROP0 + np.arange(k)[None, :]).reshape(-1),
+        self._phash_views.add((r[:, None] * SLOTS + S_CROP0 + np.arange(k)[None, :]).reshape(-1),
                               views[keep].reshape(-1, 1))
         trusted = keep & (pdq_quality >= self.pdq_min_quality)
         self._pdq.add(rows[trusted], pdq[trusted])
