@@ -99,11 +99,11 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
 
 
 class DetectStage:
-    """The detect agent: requests taken in batches, answered (``answer``), and
-    acked once answered. ``batchers``: the loaded models (awaited as the agent starts: they
-    load in a thread while Faust starts); ``read``: a picture's bytes by
-    sha256 (the blob store); ``send_op``: hands one ``ClusterOp`` to the
-    cluster stage."""
+    """The detect agent: requests taken in batches, answered (``answer``),
+    and acked once answered. ``batchers``: the loaded models, awaited as the
+    agent starts (they load in a thread while Faust starts); ``read``: a
+    picture's bytes by sha256 (the blob store); ``send_op``: hands one
+    ``ClusterOp`` to the cluster stage."""
 
     def __init__(self, settings: Settings, batchers: Callable[[], Awaitable[list]], read: Callable[[str], bytes],
                  send_op: Callable[[bytes], Awaitable[object]]):
