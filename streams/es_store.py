@@ -10,11 +10,8 @@ target). Counts shown for a cluster (sightings, accounts, platforms, first
 and last seen) are computed from the sightings, merges resolved, exactly as
 the SQLite store computes them.
 
-Client compatibility: elasticsearch-py 9.x sends ``compatible-with=9``,
-which 8.x servers refuse (400 ``media_type_header_exception``); the 8.x
-client sends ``compatible-with=8``, which 8.x and 9.x servers both accept.
-deepwatch therefore pins ``elasticsearch>=8.15,<9`` and turns the 400 into
-one clear line saying so (``EsCompatError``).
+The connection and its error lines are ``streams.es_client``; the documents
+and the records read back from them, ``streams.es_docs``.
 """
 
 from __future__ import annotations
@@ -24,17 +21,20 @@ import heapq
 import logging
 import math
 import os
-from dataclasses import dataclass, field as dc_field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Collection, Iterable, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 from streams import es_templates as T
+from streams.es_client import EsConfig, EsError, error_reason, es_error_body, explain
+from streams.es_docs import (
+    SIGHTING_SOURCE, alert_from_doc, cluster_doc, dead_letter_doc, dead_letter_key, doc_id, hex_bits, norm_tag, now,
+    processed_action, record_from_doc, sighting_doc, sighting_from_doc,
+)
 from streams.findings import (
     MAX_RESULTS, QUEUED, QUEUED_RECENT_S, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Page,
     SightingRecord, account_rank, read_limit, sort_key, surviving_cluster, text_terms,
 )
-from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
+from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
 
 log = logging.getLogger("deepwatch.es")
 
@@ -58,183 +58,13 @@ DELIVERY_SCRIPT = ("if ('delivered'.equals(ctx._source.status)) { ctx.op = 'noop
                    "else { ctx._source.status = params.status; ctx._source.at = params.at }")
 
 
-class EsError(RuntimeError):
-    """Elasticsearch is unreachable or refused a request; the message says what to do."""
-
-
-class EsCompatError(EsError):
-    pass
-
-
-@dataclass(frozen=True)
-class EsConfig:
-    url: str  # http(s)://host:port
-    api_key: str | None = dc_field(default=None, repr=False)  # secrets stay out of reprs, tracebacks and logs
-    username: str | None = None
-    password: str | None = dc_field(default=None, repr=False)
-    ca_certs: str | None = None
-    verify_certs: bool = True
-    request_timeout_s: float = 30.0
-
-    @classmethod
-    def from_url(cls, url: str, env: dict[str, str] | None = None, request_timeout_s: float = 30.0) -> "EsConfig":
-        """``es://`` = http, ``ess://`` = https; credentials never in the URL
-        (they would end up in shell history and process lists): only from
-        DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/DEEPWATCH_ES_PASSWORD,
-        CA bundle from DEEPWATCH_ES_CA_CERTS."""
-        env = os.environ if env is None else env
-        parts = urlsplit(url)
-        scheme = {"es": "http", "ess": "https"}.get(parts.scheme, parts.scheme)
-        if scheme not in ("http", "https") or not parts.hostname:
-            raise EsError(f"cannot use {_without_userinfo(url)!r} as an Elasticsearch address: "
-                          "give es://HOST:9200 or https://HOST:9200")
-        if parts.username or parts.password:
-            raise EsError("put Elasticsearch credentials in DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/"
-                          "DEEPWATCH_ES_PASSWORD, not in the URL")
-        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-        if ":" in (parts.hostname or "") and parts.hostname and not netloc.startswith("["):
-            netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
-        if parts.port is None:
-            netloc += ":9200"
-        return cls(
-            url=urlunsplit((scheme, netloc, parts.path.rstrip("/"), "", "")),
-            api_key=env.get("DEEPWATCH_ES_API_KEY") or None,
-            username=env.get("DEEPWATCH_ES_USERNAME") or None,
-            password=env.get("DEEPWATCH_ES_PASSWORD") or None,
-            ca_certs=env.get("DEEPWATCH_ES_CA_CERTS") or None,
-            verify_certs=env.get("DEEPWATCH_ES_VERIFY_CERTS", "true").lower() not in ("0", "false", "no"),
-            request_timeout_s=request_timeout_s,
-        )
-
-    def client(self):
-        from elasticsearch import Elasticsearch
-
-        kw: dict[str, Any] = {"request_timeout": self.request_timeout_s,
-                              # reads retry on overload; the bulk sink does its own retrying
-                              "max_retries": 3, "retry_on_status": (429, 502, 503, 504), "retry_on_timeout": True}
-        if self.api_key:
-            kw["api_key"] = self.api_key
-        elif self.username:
-            kw["basic_auth"] = (self.username, self.password or "")
-        if self.url.startswith("https://"):
-            kw["verify_certs"] = self.verify_certs
-            if self.ca_certs:
-                kw["ca_certs"] = self.ca_certs
-        return Elasticsearch(self.url, **kw)
-
-
-def _without_userinfo(url: str) -> str:
-    """``url`` as it may be shown: whatever precedes an ``@`` in its
-    authority (a user and password) replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    authority, slash, path = rest.partition("/")
-    if "@" in authority:
-        authority = "***@" + authority.rpartition("@")[2]
-    return f"{scheme}{sep}{authority}{slash}{path}"
-
-
-def client_major() -> int:
-    import elasticsearch
-
-    return int(elasticsearch.__versionstr__.split(".")[0])
-
-
-def explain(e: Exception, url: str) -> EsError:
-    """One line an operator can act on, from whatever the client raised."""
-    from elasticsearch import ApiError, AuthenticationException, AuthorizationException, TransportError
-
-    if isinstance(e, EsError):
-        return e
-    if isinstance(e, ApiError):
-        err = e.body.get("error") if isinstance(e.body, dict) else None
-        kind = err.get("type") if isinstance(err, dict) else None
-        if kind == "media_type_header_exception":
-            cause = (err.get("caused_by") or {}).get("reason") or err.get("reason")
-            import elasticsearch
-
-            return EsCompatError(
-                f"Elasticsearch at {url} refused the API version this client asks for ({cause}). "
-                f"elasticsearch-py {elasticsearch.__versionstr__} sends compatible-with={client_major()}; "
-                "8.x servers only accept 7 or 8. Install the pinned client: pip install 'elasticsearch>=8.15,<9' "
-                "(it talks to 8.x and 9.x servers).")
-        if isinstance(e, AuthenticationException):
-            return EsError(f"Elasticsearch at {url} refused the credentials: set DEEPWATCH_ES_API_KEY "
-                           "(or DEEPWATCH_ES_USERNAME and DEEPWATCH_ES_PASSWORD)")
-        if isinstance(e, AuthorizationException):
-            return EsError(f"Elasticsearch at {url}: the credentials lack a privilege ({_reason(e)}); "
-                           "see docs/elasticsearch.md for the role deepwatch needs")
-        if not _es_error_body(e):  # not an Elasticsearch error body: an HTML page, a proxy's answer
-            return EsError(f"{url} answered {e.meta.status} with no Elasticsearch error ({_reason(e)}); "
-                           "is it an Elasticsearch server? check --store / DEEPWATCH_FINDINGS__URL")
-        return EsError(f"Elasticsearch at {url} answered {e.meta.status}: {_reason(e)}")
-    if isinstance(e, TransportError):
-        from streams.net_errors import network_reason
-
-        return EsError(f"cannot reach Elasticsearch at {url} ({network_reason(e)}); "
-                       "check --store / DEEPWATCH_FINDINGS__URL and that the server is up")
-    return EsError(f"Elasticsearch at {url}: {type(e).__name__}: {e}")
-
-
-def _es_error_body(e: Any) -> bool:
-    """Whether an error response carries Elasticsearch's own error document."""
-    body = getattr(e, "body", None)
-    return isinstance(body, dict) and isinstance(body.get("error"), (dict, str))
-
-
-def _reason(e: Any) -> str:
-    body = getattr(e, "body", None)
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        err = body["error"]
-        said = f"{err.get('type')}: {err.get('reason')}"
-        # "search_phase_execution_exception: all shards failed" says nothing:
-        # the shards' own refusal is the root cause
-        roots = err.get("root_cause") if isinstance(err.get("root_cause"), list) else []
-        root = roots[0] if roots and isinstance(roots[0], dict) else err.get("caused_by")
-        if isinstance(root, dict) and root.get("reason") and root.get("reason") != err.get("reason"):
-            said += f" ({root.get('type')}: {root.get('reason')})"
-        return said
-    text = " ".join(str(getattr(e, "message", e)).split())  # one line, however the server formatted it
-    return text if len(text) <= 200 else text[:200] + "..."
-
-
-def hex_bits(hex_hash: str) -> str:
-    """A hash as the hex string ES takes for an ``element_type: bit`` vector."""
-    return hex_hash.lower()
-
-
 def _epoch_ms(ts: str) -> int:
     return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _ago(seconds: float) -> str:
-    """The time ``seconds`` before now, as ``_now`` writes it (stored ``at`` values compare as dates)."""
+    """The time ``seconds`` before now, as ``es_docs.now`` writes it (stored ``at`` values compare as dates)."""
     return (datetime.now(timezone.utc) - timedelta(seconds=max(0.0, seconds))).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-MAX_ID_BYTES = 512  # Elasticsearch refuses a longer _id, and in a bulk request the whole request (400)
-
-
-def doc_id(key: str) -> str:
-    """``key`` as a document ``_id``: itself, or its digest when over 512 UTF-8
-    bytes. An event id is at most 256 characters, which can be 1,024 bytes;
-    one such id in a bulk request made Elasticsearch refuse every document in
-    it (elastic/elasticsearch#54549). Deterministic, so a redelivery is still
-    the same document."""
-    if len(key.encode()) <= MAX_ID_BYTES:
-        return key
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
-def dead_letter_key(dl: DeadLetter) -> str:
-    """Same identity as the SQLite store: what the event is, not where it sat."""
-    ident = dl.event_id or "sha256:" + hashlib.sha256((dl.payload_excerpt or dl.detail).encode()).hexdigest()
-    return doc_id(f"{ident}/{dl.stage}/{dl.reason}")
 
 
 class EsFindingsStore:
@@ -311,7 +141,7 @@ class EsFindingsStore:
         try:
             create()
         except BadRequestError as e:  # another worker created it first
-            if "already_exists" not in str(_reason(e)):
+            if "already_exists" not in str(error_reason(e)):
                 raise
 
     def refresh(self) -> None:
@@ -336,7 +166,7 @@ class EsFindingsStore:
             ev = s.event
             sighting_params = {
                 "text": (ev.text or "")[:2000] or None,
-                "hashtags": [t for t in dict.fromkeys(_norm_tag(h) for h in ev.hashtags) if t],
+                "hashtags": [t for t in dict.fromkeys(norm_tag(h) for h in ev.hashtags) if t],
                 "lang": ev.lang, "account": ev.account_handle or ev.account_id, "post_url": ev.post_url,
             }
         out.append((
@@ -421,7 +251,7 @@ class EsFindingsStore:
         self.bulk.send([self._delivery_action(alert_id, target, status)])
 
     def _delivery_action(self, alert_id: str, target: str, status: str) -> tuple[dict, dict]:
-        doc = {"alert_id": alert_id, "target": target, "status": status, "at": _now()}
+        doc = {"alert_id": alert_id, "target": target, "status": status, "at": now()}
         return (
             {"update": {"_index": self.names["deliveries"], "_id": self._delivery_id(alert_id, target),
                         "retry_on_conflict": 5}},
@@ -457,7 +287,7 @@ class EsFindingsStore:
     def _alerts_by_id(self, ids: list[str]) -> list[Alert]:
         alerts: list[Alert] = []
         for i in range(0, len(ids), PAGE):
-            alerts += [_alert_from_doc(h["_source"]) for h in self._scan(
+            alerts += [alert_from_doc(h["_source"]) for h in self._scan(
                 self.names["alerts"], {"terms": {"alert_id": ids[i:i + PAGE]}}, [{"alert_id": "asc"}], True)]
         alerts.sort(key=lambda a: (a.created_at, a.level, a.alert_id))
         return alerts
@@ -560,7 +390,7 @@ class EsFindingsStore:
         try:
             return dict(self.es.search(index=index, **body))
         except NotFoundError as e:
-            if not _es_error_body(e):  # a 404 page from a server that is not Elasticsearch (a wrong URL)
+            if not es_error_body(e):  # a 404 page from a server that is not Elasticsearch (a wrong URL)
                 raise explain(e, self.config.url) from None
             # nothing written yet: no index behind the alias
             return {"hits": {"total": {"value": 0, "relation": "eq"}, "hits": []}, "aggregations": {}}
@@ -693,8 +523,8 @@ class EsFindingsStore:
         ids = [cluster_id, *((doc[0]["_source"].get("merged_from") or []) if doc else [])]
         hits = self._search(self.names["sightings"], query={"terms": {"cluster_id": ids}}, size=min(limit, MAX_CANDIDATES),
                             sort=[{"@timestamp": "desc"}, {"event_id": "asc"}],
-                            source=_SIGHTING_SOURCE)
-        return [_sighting_from_doc(h["_source"]) for h in hits["hits"]["hits"]]
+                            source=SIGHTING_SOURCE)
+        return [sighting_from_doc(h["_source"]) for h in hits["hits"]["hits"]]
 
     def sightings(self, *, cluster_ids: list[str] | None = None, account_id: str | None = None,
                   newest_first: bool = False, limit: int | None = None) -> list[SightingRecord]:
@@ -709,10 +539,10 @@ class EsFindingsStore:
             filters.append({"term": {"account_id": account_id}})
         order = "desc" if newest_first else "asc"
         hits = self._scan(self.names["sightings"], {"bool": {"filter": filters}},
-                          [{"@timestamp": order}, {"event_id": order}], _SIGHTING_SOURCE)
+                          [{"@timestamp": order}, {"event_id": order}], SIGHTING_SOURCE)
         out: list[SightingRecord] = []
         for h in hits:
-            out.append(_sighting_from_doc(h["_source"]))
+            out.append(sighting_from_doc(h["_source"]))
             if limit and len(out) >= limit:
                 break
         return out
@@ -1196,104 +1026,3 @@ def _in_ids(field: str, ids: Collection[str]) -> dict[str, Any]:
 
 def _live() -> dict[str, Any]:
     return {"bool": {"must_not": [{"exists": {"field": "merged_into"}}]}}
-
-
-def _norm_tag(tag: str) -> str:
-    return tag.strip().lstrip("#").lower()
-
-
-def processed_action(index: str, source: Any, outcome: str, event_id: str | None,
-                     op: str = "create") -> tuple[dict, dict]:
-    """Marks one event offset as handled (a sighting or a dead letter), keyed
-    by the offset so redelivery is a no-op: the same job as SQLite's
-    ``processed`` and ``processed_runs`` tables. An event carrying its
-    producing run is keyed by run and offset: a fresh broker reuses offsets
-    an earlier run marked, and this run's marker must not be refused as a
-    duplicate of that one. ``op="index"`` overwrites: a sighting the store
-    then refused for good is relabelled a dead letter."""
-    run = getattr(source, "run", None)
-    key = f"{source.topic}/{source.partition}/{source.offset}"
-    doc = {"topic": source.topic, "partition": source.partition, "offset": source.offset, "outcome": outcome,
-           "event_id": event_id, "@timestamp": _now()}
-    if run:
-        doc["run"] = run
-    return ({op: {"_index": index, "_id": doc_id(f"{run}/{key}" if run else key)}}, doc)
-
-
-def _alert_from_doc(doc: dict[str, Any]) -> Alert:
-    """The ``Alert`` message back from its stored document (``add_alert``)."""
-    return Alert.model_validate({k: v for k, v in doc.items() if k not in ("@timestamp", "evidence_summary")})
-
-
-_SIGHTING_SOURCE = {"excludes": ["@timestamp", "schema_version", "account_handle_norm", "source"]}
-
-
-def _sighting_from_doc(doc: dict[str, Any]) -> SightingRecord:
-    src = dict(doc)
-    src["text"] = src.get("text") or None
-    return SightingRecord.model_validate({k: src.get(k) for k in SightingRecord.model_fields})
-
-
-def sighting_doc(cluster_id: str, s: Sighting) -> dict[str, Any]:
-    ev = s.event
-    handle = ev.account_handle
-    return {
-        "@timestamp": ev.posted_at.isoformat(), "posted_at": ev.posted_at.isoformat(), "schema_version": 1,
-        "event_id": ev.event_id, "cluster_id": cluster_id, "sha256": s.sha256, "platform": ev.platform,
-        "account_id": ev.account_id, "account_handle": handle,
-        "account_handle_norm": handle.lstrip("@").lower() if handle else None,
-        "post_url": ev.post_url, "text": (ev.text or "")[:2000],
-        "hashtags": [t for t in dict.fromkeys(_norm_tag(h) for h in ev.hashtags) if t], "lang": ev.lang,
-        "engagement": ev.engagement.model_dump(), "source": s.source.model_dump(exclude_none=True),
-    }
-
-
-def cluster_doc(snap: ClusterSnapshot, picture_url: str | None = None) -> dict[str, Any]:
-    evidence = [e.model_dump(mode="json", exclude_none=True) for e in snap.evidence]
-    scores: dict[str, float] = {}
-    for e in snap.evidence:
-        scores[e.detector] = max(scores.get(e.detector, 0.0), e.score)
-    return {
-        "schema_version": 1, "cluster_id": snap.cluster_id, "revision": snap.revision,
-        "fake_score": snap.fake_score, "verdict": snap.verdict, "evidence": evidence,
-        "evidence_summary": snap.evidence[0].detail if snap.evidence else None,
-        "detector_scores": scores, "velocity": snap.velocity.model_dump(), "engagement": snap.engagement.model_dump(),
-        "stream_sightings": snap.sightings, "stream_accounts": snap.accounts, "platforms": snap.platforms,
-        "first_seen": snap.first_seen.isoformat(), "last_seen": snap.last_seen.isoformat(),
-        "merged_into": snap.merged_into, "merged_from": snap.merged_from, "models_pending": snap.models_pending,
-        "suppressed": snap.suppressed, "alert_level": snap.alert_level, "updated_at": _now(),
-        "blob_refs": [m.sha256 for m in snap.members], "picture_url": picture_url,
-        "members": [
-            # the verification thumbnail and content box are engine state
-            # (engine-state.sqlite), not search fields
-            {**m.model_dump(exclude={"thumb", "content_box"}), "pdq_bits": hex_bits(m.pdq), "phash_bits": hex_bits(m.phash)}
-            for m in snap.members
-        ],
-    }
-
-
-def dead_letter_doc(dl: DeadLetter) -> dict[str, Any]:
-    return {
-        "schema_version": 1, "dl_key": dead_letter_key(dl), "event_id": dl.event_id, "stage": dl.stage,
-        "reason": dl.reason, "detail": dl.detail, "source": dl.source.model_dump(exclude_none=True) if dl.source else None,
-        "payload_excerpt": dl.payload_excerpt, "at": dl.at.isoformat(), "@timestamp": dl.at.isoformat(),
-    }
-
-
-_MEMBER_KEYS = ("sha256", "phash", "pdq", "pdq_quality", "event_id", "width", "height", "format", "distance")
-
-
-def record_from_doc(doc: dict[str, Any], stats: dict[str, Any] | None) -> ClusterRecord:
-    merged = bool(doc.get("merged_into"))
-    st = stats or {"n": 0, "accounts": 0, "platforms": [], "first": None, "last": None}
-    return ClusterRecord(
-        id=doc["cluster_id"], fake_score=round(doc["fake_score"], 4), verdict=doc["verdict"],
-        evidence=doc.get("evidence") or [], sightings=st["n"], accounts=st["accounts"], platforms=st["platforms"],
-        first_seen=st["first"] or doc["first_seen"], last_seen=st["last"] or doc["last_seen"],
-        velocity=doc["velocity"], engagement=doc["engagement"],
-        members=[] if merged else [{k: m.get(k) for k in _MEMBER_KEYS} for m in doc.get("members") or []],
-        merged_from=doc.get("merged_from") or [], merged_into=doc.get("merged_into"),
-        models_pending=bool(doc.get("models_pending")), suppressed=doc.get("suppressed"),
-        alert_level=doc.get("alert_level") or 0, stream_sightings=doc.get("stream_sightings") or 0,
-        revision=doc["revision"], updated_at=doc.get("updated_at"),
-    )

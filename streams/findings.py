@@ -497,7 +497,7 @@ def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | N
     ``None``/``""``/``sqlite`` -> the embedded SQLite file in ``data_dir``
     (``sqlite:///path/file.sqlite`` for another file); ``es://host:9200``,
     ``ess://`` (TLS) or ``http(s)://host:9200`` -> Elasticsearch, credentials
-    and CA bundle from the environment (see ``streams.es_store.EsConfig``)."""
+    and CA bundle from the environment (see ``streams.es_client.EsConfig``)."""
     url = (store_url or "").strip()
     path = sqlite_file(url, data_dir)
     if path is not None:

@@ -395,7 +395,7 @@ class BulkSink:
                     result.retried += 1
                     delay = self._backoff(delay, f"HTTP {e.meta.status}", len(todo))
                     continue
-                from streams.es_store import explain
+                from streams.es_client import explain
 
                 raise explain(e, "the findings store") from None
             retry: list[Action] = []
@@ -436,7 +436,7 @@ class BulkSink:
             metrics.SINK_BEHIND_SECONDS.set(0)
 
     def _dead_letter(self, failed: list[tuple[Action, dict[str, Any]]], result: BulkResult) -> None:
-        from streams.es_store import dead_letter_doc, dead_letter_key, processed_action
+        from streams.es_docs import dead_letter_doc, dead_letter_key, processed_action
         from streams.records import SourceRef
 
         actions: list[Action] = []

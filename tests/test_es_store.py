@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from streams import es_templates as T
-from streams.es_store import EsCompatError, EsConfig, EsError, EsFindingsStore, client_major
+from streams.es_client import EsCompatError, EsConfig, EsError, client_major
+from streams.es_store import EsFindingsStore
 from streams.findings import ClusterQuery
 from streams.settings import FindingsSettings, Settings
 from tests.desk_support import close_sources
@@ -829,7 +830,7 @@ def test_an_event_id_over_512_bytes_is_stored_under_its_digest(fake_es):
     # An event id is at most 256 characters: as many as 1,024 UTF-8 bytes. Used
     # as the sighting's _id it made Elasticsearch refuse the whole bulk request
     # (400 for every document in it), so the sink stopped on one event.
-    from streams.es_store import doc_id
+    from streams.es_docs import doc_id
 
     s = _store(fake_es)
     snap = snapshots()[0]

@@ -187,7 +187,7 @@ def similar(
     """Clusters and bank entries showing the same picture as IMAGE, nearest first."""
     from detectors.imagedata import ImageData, ImageRejected
     from streams import similar as lookup
-    from streams.es_store import EsError
+    from streams.es_client import EsError
     from streams.findings import StoreURLError, open_findings, sqlite_file
 
     if fmt not in ("table", "json"):

@@ -29,7 +29,7 @@ def _use_store(settings: Settings, store_url: Optional[str]) -> None:
     if store_url:
         settings.findings.url = store_url
     if settings.findings.url:
-        from streams.es_store import EsError
+        from streams.es_client import EsError
 
         try:
             store = open_findings(settings.findings.url, settings.data_dir, settings)

@@ -53,7 +53,7 @@ def _store(data_dir: Optional[Path], config: Optional[Path], store_url: Optional
 @contextmanager
 def _findings(data_dir: Optional[Path], config: Optional[Path], store_url: Optional[str]) -> Iterator[FindingsStore]:
     """The store, closed afterwards; a store that cannot answer becomes one line, not a traceback."""
-    from streams.es_store import EsError
+    from streams.es_client import EsError
 
     try:
         store = _store(data_dir, config, store_url)

@@ -66,7 +66,7 @@ class Lookup:
 def lookup(settings: Settings, source: FindingsSource, data: bytes, *, preview: bool = False) -> Lookup:
     """Matches for the picture in ``data``, nearest first. Decodes pixels and
     reads the store: run it in a thread, never on the event loop."""
-    from streams.es_store import EsError
+    from streams.es_client import EsError
 
     try:
         picture = similar.read_picture(data, settings.decode_limits(), preview_px=PREVIEW_PX if preview else None)

@@ -1,0 +1,158 @@
+"""Connecting to Elasticsearch: the address and credentials (``EsConfig``:
+credentials only from the environment, never the URL) and one line an
+operator can act on for whatever the client raised (``explain``).
+
+Client compatibility: elasticsearch-py 9.x sends ``compatible-with=9``,
+which 8.x servers refuse (400 ``media_type_header_exception``); the 8.x
+client sends ``compatible-with=8``, which 8.x and 9.x servers both accept.
+deepwatch therefore pins ``elasticsearch>=8.15,<9`` and turns the 400 into
+one clear line saying so (``EsCompatError``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field as dc_field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+
+class EsError(RuntimeError):
+    """Elasticsearch is unreachable or refused a request; the message says what to do."""
+
+
+class EsCompatError(EsError):
+    pass
+
+
+@dataclass(frozen=True)
+class EsConfig:
+    url: str  # http(s)://host:port
+    api_key: str | None = dc_field(default=None, repr=False)  # secrets stay out of reprs, tracebacks and logs
+    username: str | None = None
+    password: str | None = dc_field(default=None, repr=False)
+    ca_certs: str | None = None
+    verify_certs: bool = True
+    request_timeout_s: float = 30.0
+
+    @classmethod
+    def from_url(cls, url: str, env: dict[str, str] | None = None, request_timeout_s: float = 30.0) -> "EsConfig":
+        """``es://`` = http, ``ess://`` = https; credentials never in the URL
+        (they would end up in shell history and process lists): only from
+        DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/DEEPWATCH_ES_PASSWORD,
+        CA bundle from DEEPWATCH_ES_CA_CERTS."""
+        env = os.environ if env is None else env
+        parts = urlsplit(url)
+        scheme = {"es": "http", "ess": "https"}.get(parts.scheme, parts.scheme)
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise EsError(f"cannot use {_without_userinfo(url)!r} as an Elasticsearch address: "
+                          "give es://HOST:9200 or https://HOST:9200")
+        if parts.username or parts.password:
+            raise EsError("put Elasticsearch credentials in DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/"
+                          "DEEPWATCH_ES_PASSWORD, not in the URL")
+        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        if ":" in (parts.hostname or "") and parts.hostname and not netloc.startswith("["):
+            netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
+        if parts.port is None:
+            netloc += ":9200"
+        return cls(
+            url=urlunsplit((scheme, netloc, parts.path.rstrip("/"), "", "")),
+            api_key=env.get("DEEPWATCH_ES_API_KEY") or None,
+            username=env.get("DEEPWATCH_ES_USERNAME") or None,
+            password=env.get("DEEPWATCH_ES_PASSWORD") or None,
+            ca_certs=env.get("DEEPWATCH_ES_CA_CERTS") or None,
+            verify_certs=env.get("DEEPWATCH_ES_VERIFY_CERTS", "true").lower() not in ("0", "false", "no"),
+            request_timeout_s=request_timeout_s,
+        )
+
+    def client(self):
+        from elasticsearch import Elasticsearch
+
+        kw: dict[str, Any] = {"request_timeout": self.request_timeout_s,
+                              # reads retry on overload; the bulk sink does its own retrying
+                              "max_retries": 3, "retry_on_status": (429, 502, 503, 504), "retry_on_timeout": True}
+        if self.api_key:
+            kw["api_key"] = self.api_key
+        elif self.username:
+            kw["basic_auth"] = (self.username, self.password or "")
+        if self.url.startswith("https://"):
+            kw["verify_certs"] = self.verify_certs
+            if self.ca_certs:
+                kw["ca_certs"] = self.ca_certs
+        return Elasticsearch(self.url, **kw)
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` as it may be shown: whatever precedes an ``@`` in its
+    authority (a user and password) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    return f"{scheme}{sep}{authority}{slash}{path}"
+
+
+def client_major() -> int:
+    import elasticsearch
+
+    return int(elasticsearch.__versionstr__.split(".")[0])
+
+
+def explain(e: Exception, url: str) -> EsError:
+    """One line an operator can act on, from whatever the client raised."""
+    from elasticsearch import ApiError, AuthenticationException, AuthorizationException, TransportError
+
+    if isinstance(e, EsError):
+        return e
+    if isinstance(e, ApiError):
+        err = e.body.get("error") if isinstance(e.body, dict) else None
+        kind = err.get("type") if isinstance(err, dict) else None
+        if kind == "media_type_header_exception":
+            cause = (err.get("caused_by") or {}).get("reason") or err.get("reason")
+            import elasticsearch
+
+            return EsCompatError(
+                f"Elasticsearch at {url} refused the API version this client asks for ({cause}). "
+                f"elasticsearch-py {elasticsearch.__versionstr__} sends compatible-with={client_major()}; "
+                "8.x servers only accept 7 or 8. Install the pinned client: pip install 'elasticsearch>=8.15,<9' "
+                "(it talks to 8.x and 9.x servers).")
+        if isinstance(e, AuthenticationException):
+            return EsError(f"Elasticsearch at {url} refused the credentials: set DEEPWATCH_ES_API_KEY "
+                           "(or DEEPWATCH_ES_USERNAME and DEEPWATCH_ES_PASSWORD)")
+        if isinstance(e, AuthorizationException):
+            return EsError(f"Elasticsearch at {url}: the credentials lack a privilege ({error_reason(e)}); "
+                           "see docs/elasticsearch.md for the role deepwatch needs")
+        if not es_error_body(e):  # not an Elasticsearch error body: an HTML page, a proxy's answer
+            return EsError(f"{url} answered {e.meta.status} with no Elasticsearch error ({error_reason(e)}); "
+                           "is it an Elasticsearch server? check --store / DEEPWATCH_FINDINGS__URL")
+        return EsError(f"Elasticsearch at {url} answered {e.meta.status}: {error_reason(e)}")
+    if isinstance(e, TransportError):
+        from streams.net_errors import network_reason
+
+        return EsError(f"cannot reach Elasticsearch at {url} ({network_reason(e)}); "
+                       "check --store / DEEPWATCH_FINDINGS__URL and that the server is up")
+    return EsError(f"Elasticsearch at {url}: {type(e).__name__}: {e}")
+
+
+def es_error_body(e: Any) -> bool:
+    """Whether an error response carries Elasticsearch's own error document."""
+    body = getattr(e, "body", None)
+    return isinstance(body, dict) and isinstance(body.get("error"), (dict, str))
+
+
+def error_reason(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        err = body["error"]
+        said = f"{err.get('type')}: {err.get('reason')}"
+        # "search_phase_execution_exception: all shards failed" says nothing:
+        # the shards' own refusal is the root cause
+        roots = err.get("root_cause") if isinstance(err.get("root_cause"), list) else []
+        root = roots[0] if roots and isinstance(roots[0], dict) else err.get("caused_by")
+        if isinstance(root, dict) and root.get("reason") and root.get("reason") != err.get("reason"):
+            said += f" ({root.get('type')}: {root.get('reason')})"
+        return said
+    text = " ".join(str(getattr(e, "message", e)).split())  # one line, however the server formatted it
+    return text if len(text) <= 200 else text[:200] + "..."

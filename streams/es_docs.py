@@ -1,0 +1,146 @@
+"""The documents deepwatch writes to Elasticsearch and reads back: a
+cluster, a sighting, a dead letter, a processed-offset marker, and the
+records the store returns from them (``streams.es_templates`` maps them).
+Document ids are deterministic (``doc_id``), so a redelivery writes the
+same document again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from typing import Any
+
+from streams.findings import ClusterRecord, SightingRecord
+from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
+
+
+def now() -> str:
+    """The time now as the documents store it (``at``, ``updated_at``, ``@timestamp``)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def hex_bits(hex_hash: str) -> str:
+    """A hash as the hex string ES takes for an ``element_type: bit`` vector."""
+    return hex_hash.lower()
+
+
+MAX_ID_BYTES = 512  # Elasticsearch refuses a longer _id, and in a bulk request the whole request (400)
+
+
+def doc_id(key: str) -> str:
+    """``key`` as a document ``_id``: itself, or its digest when over 512 UTF-8
+    bytes. An event id is at most 256 characters, which can be 1,024 bytes;
+    one such id in a bulk request made Elasticsearch refuse every document in
+    it (elastic/elasticsearch#54549). Deterministic, so a redelivery is still
+    the same document."""
+    if len(key.encode()) <= MAX_ID_BYTES:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def dead_letter_key(dl: DeadLetter) -> str:
+    """Same identity as the SQLite store: what the event is, not where it sat."""
+    ident = dl.event_id or "sha256:" + hashlib.sha256((dl.payload_excerpt or dl.detail).encode()).hexdigest()
+    return doc_id(f"{ident}/{dl.stage}/{dl.reason}")
+
+
+def norm_tag(tag: str) -> str:
+    return tag.strip().lstrip("#").lower()
+
+
+def processed_action(index: str, source: Any, outcome: str, event_id: str | None,
+                     op: str = "create") -> tuple[dict, dict]:
+    """Marks one event offset as handled (a sighting or a dead letter), keyed
+    by the offset so redelivery is a no-op: the same job as SQLite's
+    ``processed`` and ``processed_runs`` tables. An event carrying its
+    producing run is keyed by run and offset: a fresh broker reuses offsets
+    an earlier run marked, and this run's marker must not be refused as a
+    duplicate of that one. ``op="index"`` overwrites: a sighting the store
+    then refused for good is relabelled a dead letter."""
+    run = getattr(source, "run", None)
+    key = f"{source.topic}/{source.partition}/{source.offset}"
+    doc = {"topic": source.topic, "partition": source.partition, "offset": source.offset, "outcome": outcome,
+           "event_id": event_id, "@timestamp": now()}
+    if run:
+        doc["run"] = run
+    return ({op: {"_index": index, "_id": doc_id(f"{run}/{key}" if run else key)}}, doc)
+
+
+def alert_from_doc(doc: dict[str, Any]) -> Alert:
+    """The ``Alert`` message back from its stored document (``add_alert``)."""
+    return Alert.model_validate({k: v for k, v in doc.items() if k not in ("@timestamp", "evidence_summary")})
+
+
+SIGHTING_SOURCE = {"excludes": ["@timestamp", "schema_version", "account_handle_norm", "source"]}
+
+
+def sighting_from_doc(doc: dict[str, Any]) -> SightingRecord:
+    src = dict(doc)
+    src["text"] = src.get("text") or None
+    return SightingRecord.model_validate({k: src.get(k) for k in SightingRecord.model_fields})
+
+
+def sighting_doc(cluster_id: str, s: Sighting) -> dict[str, Any]:
+    ev = s.event
+    handle = ev.account_handle
+    return {
+        "@timestamp": ev.posted_at.isoformat(), "posted_at": ev.posted_at.isoformat(), "schema_version": 1,
+        "event_id": ev.event_id, "cluster_id": cluster_id, "sha256": s.sha256, "platform": ev.platform,
+        "account_id": ev.account_id, "account_handle": handle,
+        "account_handle_norm": handle.lstrip("@").lower() if handle else None,
+        "post_url": ev.post_url, "text": (ev.text or "")[:2000],
+        "hashtags": [t for t in dict.fromkeys(norm_tag(h) for h in ev.hashtags) if t], "lang": ev.lang,
+        "engagement": ev.engagement.model_dump(), "source": s.source.model_dump(exclude_none=True),
+    }
+
+
+def cluster_doc(snap: ClusterSnapshot, picture_url: str | None = None) -> dict[str, Any]:
+    evidence = [e.model_dump(mode="json", exclude_none=True) for e in snap.evidence]
+    scores: dict[str, float] = {}
+    for e in snap.evidence:
+        scores[e.detector] = max(scores.get(e.detector, 0.0), e.score)
+    return {
+        "schema_version": 1, "cluster_id": snap.cluster_id, "revision": snap.revision,
+        "fake_score": snap.fake_score, "verdict": snap.verdict, "evidence": evidence,
+        "evidence_summary": snap.evidence[0].detail if snap.evidence else None,
+        "detector_scores": scores, "velocity": snap.velocity.model_dump(), "engagement": snap.engagement.model_dump(),
+        "stream_sightings": snap.sightings, "stream_accounts": snap.accounts, "platforms": snap.platforms,
+        "first_seen": snap.first_seen.isoformat(), "last_seen": snap.last_seen.isoformat(),
+        "merged_into": snap.merged_into, "merged_from": snap.merged_from, "models_pending": snap.models_pending,
+        "suppressed": snap.suppressed, "alert_level": snap.alert_level, "updated_at": now(),
+        "blob_refs": [m.sha256 for m in snap.members], "picture_url": picture_url,
+        "members": [
+            # the verification thumbnail and content box are engine state
+            # (engine-state.sqlite), not search fields
+            {**m.model_dump(exclude={"thumb", "content_box"}), "pdq_bits": hex_bits(m.pdq), "phash_bits": hex_bits(m.phash)}
+            for m in snap.members
+        ],
+    }
+
+
+def dead_letter_doc(dl: DeadLetter) -> dict[str, Any]:
+    return {
+        "schema_version": 1, "dl_key": dead_letter_key(dl), "event_id": dl.event_id, "stage": dl.stage,
+        "reason": dl.reason, "detail": dl.detail, "source": dl.source.model_dump(exclude_none=True) if dl.source else None,
+        "payload_excerpt": dl.payload_excerpt, "at": dl.at.isoformat(), "@timestamp": dl.at.isoformat(),
+    }
+
+
+MEMBER_KEYS = ("sha256", "phash", "pdq", "pdq_quality", "event_id", "width", "height", "format", "distance")
+
+
+def record_from_doc(doc: dict[str, Any], stats: dict[str, Any] | None) -> ClusterRecord:
+    merged = bool(doc.get("merged_into"))
+    st = stats or {"n": 0, "accounts": 0, "platforms": [], "first": None, "last": None}
+    return ClusterRecord(
+        id=doc["cluster_id"], fake_score=round(doc["fake_score"], 4), verdict=doc["verdict"],
+        evidence=doc.get("evidence") or [], sightings=st["n"], accounts=st["accounts"], platforms=st["platforms"],
+        first_seen=st["first"] or doc["first_seen"], last_seen=st["last"] or doc["last_seen"],
+        velocity=doc["velocity"], engagement=doc["engagement"],
+        members=[] if merged else [{k: m.get(k) for k in MEMBER_KEYS} for m in doc.get("members") or []],
+        merged_from=doc.get("merged_from") or [], merged_into=doc.get("merged_into"),
+        models_pending=bool(doc.get("models_pending")), suppressed=doc.get("suppressed"),
+        alert_level=doc.get("alert_level") or 0, stream_sightings=doc.get("stream_sightings") or 0,
+        revision=doc["revision"], updated_at=doc.get("updated_at"),
+    )
