@@ -351,16 +351,16 @@ def load_index(settings: Settings, store: Any) -> bool:
 
 def save_index(settings: Settings, store: Any, *, every_s: float = 0.0) -> bool:
     """Save this process's index of ``store`` beside it when it grew since it
-    was loaded or saved, and that was at least ``every_s`` ago (True when
-    written). A store whose directory cannot be written keeps no copy: the
-    next lookup indexes it again."""
+    was loaded or saved, and that was at least ``every_s`` ago or there is no
+    copy yet (True when written). A store whose directory cannot be written
+    keeps no copy: the next lookup indexes it again."""
     q = settings.dedupe.pdq_min_quality
     path = index_file(store, q)
     codes = _CODES.get(store, {}).get(q)
     if path is None or codes is None or codes.last == codes.saved_last:
         return False
-    if time.monotonic() - codes.saved_at < every_s:
-        return False
+    if codes.saved_last is not None and time.monotonic() - codes.saved_at < every_s:
+        return False  # a first index (seconds at a million members) is kept at once
     with codes.lock:
         buf = io.BytesIO()
         np.savez(buf, **codes.arrays())
