@@ -225,7 +225,7 @@ class _Rep:
 
     def __post_init__(self) -> None:
         self.levels = () if self.thumb is None else region_levels(self.thumb.astype(np.float32),
-                                                                     S_TRIM if self.framed else S_FULL)
+                                                                  S_TRIM if self.framed else S_FULL)
         full = [(S_FRAME_FULL, self.phash)] if self.box else [] if self.framed else [(S_FULL, self.phash)]
         pairs = full + self.views
         self.slots = np.array([s for s, _ in pairs], dtype=np.int8)
