@@ -15,6 +15,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -152,10 +153,6 @@ class SqliteFindingsStore:
                              "writable directory; give --data-dir or --store another place") from None
         try:
             self._db.execute("PRAGMA busy_timeout=30000")
-            # the account list ranks by the AI share as shown: Python's rounding, not SQLite's
-            self._db.create_function("dw_round", 2, round, deterministic=True)
-            self._db.create_function("dw_lower", 1, lambda v: v.lower() if isinstance(v, str) else v,
-                                     deterministic=True)
             self._check_kind()  # first: WAL mode would persist in another program's file
             enable_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -173,6 +170,29 @@ class SqliteFindingsStore:
             self._db.close()
             raise
         self._lock = threading.Lock()
+        self._udf_db: sqlite3.Connection | None = None
+        self._udf_lock = threading.Lock()
+
+    @contextmanager
+    def _with_functions(self) -> Iterator[sqlite3.Connection]:
+        """A connection of its own, one thread at a time, for the queries
+        that call Python functions (``dw_round``, ``dw_lower``). A statement
+        calling one holds its connection's mutex while it waits for the GIL,
+        and a thread holding the GIL waits for that mutex in any call on the
+        same connection (binding parameters): the desk, whose threads share
+        ``_db``, hung for good when its account check and a request met so.
+        On a connection only these queries use, under a lock taken without
+        the GIL, that cannot happen."""
+        with self._udf_lock:
+            if self._udf_db is None:
+                db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA busy_timeout=30000")
+                # the account list ranks by the AI share as shown: Python's rounding, not SQLite's
+                db.create_function("dw_round", 2, round, deterministic=True)
+                db.create_function("dw_lower", 1, lambda v: v.lower() if isinstance(v, str) else v,
+                                   deterministic=True)
+                self._udf_db = db
+            yield self._udf_db
 
     def _check_kind(self) -> None:
         """Refuse a file this code would misread or damage: one from a newer
@@ -189,6 +209,9 @@ class SqliteFindingsStore:
 
     def close(self) -> None:
         self._db.close()
+        with self._udf_lock:
+            if self._udf_db is not None:
+                self._udf_db.close()
 
     def _migrate(self) -> None:
         """Columns added after a store file may have been created."""
@@ -666,19 +689,20 @@ class SqliteFindingsStore:
         args += [int(min_posts), float(min_ai_share)]
         if limit:
             args.append(limit)
-        rows = self._db.execute(
-            # filtered and ranked outside the GROUP BY: as a HAVING, SQLite counted the distinct values again
-            f"""SELECT * FROM (
-                    SELECT account_id, COUNT(*) AS posts, COUNT(DISTINCT sha256) AS pics,
-                           COUNT(DISTINCT CASE WHEN ai THEN sha256 END) AS ai_pics, MIN(k) AS first_k, MAX(k),
-                           MIN(CASE WHEN account_handle <> '' THEN k END), json_group_array(DISTINCT platform)
-                    FROM (SELECT account_id, sha256, platform, account_handle,
-                                 cluster_id IN (SELECT value FROM json_each(?)) AS ai, {_ORDER_KEY} AS k
-                          FROM sightings {where})
-                    GROUP BY account_id)
-                WHERE posts >= ? AND ai_pics * 1.0 / pics >= ?
-                ORDER BY dw_round(ai_pics * 1.0 / pics, 4) DESC, ai_pics DESC, posts DESC, first_k
-                {"LIMIT ?" if limit else ""}""", args).fetchall()
+        with self._with_functions() as db:
+            rows = db.execute(
+                # filtered and ranked outside the GROUP BY: as a HAVING, SQLite counted the distinct values again
+                f"""SELECT * FROM (
+                        SELECT account_id, COUNT(*) AS posts, COUNT(DISTINCT sha256) AS pics,
+                               COUNT(DISTINCT CASE WHEN ai THEN sha256 END) AS ai_pics, MIN(k) AS first_k, MAX(k),
+                               MIN(CASE WHEN account_handle <> '' THEN k END), json_group_array(DISTINCT platform)
+                        FROM (SELECT account_id, sha256, platform, account_handle,
+                                     cluster_id IN (SELECT value FROM json_each(?)) AS ai, {_ORDER_KEY} AS k
+                              FROM sightings {where})
+                        GROUP BY account_id)
+                    WHERE posts >= ? AND ai_pics * 1.0 / pics >= ?
+                    ORDER BY dw_round(ai_pics * 1.0 / pics, 4) DESC, ai_pics DESC, posts DESC, first_k
+                    {"LIMIT ?" if limit else ""}""", args).fetchall()
         if not rows:
             return []
         # the keys end in the event id (after the 16-digit time): read those few posts by key
@@ -747,9 +771,10 @@ class SqliteFindingsStore:
         else:
             pattern = needle
             cond = " OR ".join(f"instr(dw_lower({c}), ?1) > 0" for c in ("account_id", "account_handle", "post_url"))
-        return [cid for cid, in self._db.execute(
-            f"SELECT DISTINCT cluster_id FROM sightings WHERE event_id = ?2 OR {cond} ORDER BY cluster_id LIMIT ?3",
-            (pattern, exact, int(limit)))]
+        with self._with_functions() as db:
+            return [cid for cid, in db.execute(
+                f"SELECT DISTINCT cluster_id FROM sightings WHERE event_id = ?2 OR {cond} ORDER BY cluster_id LIMIT ?3",
+                (pattern, exact, int(limit))).fetchall()]
 
     def data_version(self) -> int:
         """Changes whenever another connection commits to the file: lets a

@@ -379,3 +379,48 @@ def test_account_lists_are_cached_until_the_findings_or_the_verdicts_change(tmp_
         assert src.account("acct1")["posts"] == 1 + first[[a["id"] for a in first].index("acct1")]["posts"]
     finally:
         close_sources(src)
+
+
+THREADS_SCRIPT = """
+import sys, threading, time
+from datetime import timedelta
+from pathlib import Path
+from streams.store import open_store
+store = open_store(Path(sys.argv[1]))
+stop = time.monotonic() + 3
+counts = {}
+def run(name, call):
+    n = 0
+    while time.monotonic() < stop:
+        call(); n += 1
+    counts[name] = n
+calls = {"accounts": lambda: store.account_aggregates([], min_posts=0),
+         "search": lambda: store.match_sightings("persönа"),
+         "windows": lambda: store.account_windows(timedelta(days=1), []),
+         "version": store.data_version}
+threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+for t in threads: t.start()
+for t in threads: t.join()
+print(sorted(counts), min(counts.values()) > 0)
+"""
+
+
+def test_threads_sharing_a_store_never_deadlock_on_its_python_functions(tmp_path):
+    # A query calling a Python function (the account ranking's dw_round, a
+    # non-ASCII search's dw_lower) held the connection's mutex while waiting
+    # for the GIL, and another thread holding the GIL waited for that mutex:
+    # the desk hung for good when its account check met a request (seen in a
+    # full test run). Run apart: such a deadlock takes the whole process.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    small_store(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    try:
+        r = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(tmp_path)], cwd=root, capture_output=True,
+                           text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("four threads reading one store deadlocked")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["['accounts',", "'search',", "'version',", "'windows']", "True"]

@@ -13,7 +13,6 @@ import asyncio
 import io
 import threading
 
-
 from detectors.base import Evidence, EvidenceKind
 from detectors.imagedata import ImageData
 from detectors.models.batching import MicroBatcher
