@@ -47,7 +47,7 @@ def _blob(blobs: DirectoryBlobStore, seed: int) -> str:
     return blobs.put(buf.getvalue())
 
 
-def _stage(tmp_path, model: GatedModel, sent: list[bytes]) -> tuple[DetectStage, DirectoryBlobStore, MicroBatcher]:
+def _stage(tmp_path, model: GatedModel, sent: list[bytes]) -> tuple[DetectStage, DirectoryBlobStore]:
     settings = Settings(data_dir=tmp_path / "data", detect={"max_batch": 2, "max_wait_ms": 10})
     blobs = DirectoryBlobStore(tmp_path / "data" / "blobs")
     batcher = MicroBatcher(model, 2, 10)
@@ -58,13 +58,13 @@ def _stage(tmp_path, model: GatedModel, sent: list[bytes]) -> tuple[DetectStage,
     async def send_op(value: bytes) -> None:
         sent.append(value)
 
-    return DetectStage(settings, batchers, blobs.get, send_op), blobs, batcher
+    return DetectStage(settings, batchers, blobs.get, send_op), blobs
 
 
 def test_requests_are_answered_once_per_cluster_then_acked(tmp_path):
     model, sent, acked = GatedModel(), [], []
     model.gate.set()
-    stage, blobs, _ = _stage(tmp_path, model, sent)
+    stage, blobs = _stage(tmp_path, model, sent)
     a, b = _blob(blobs, 1), _blob(blobs, 2)
     # c1 asks twice (its better copy b joined): one answer, for the last request
     requests = [DetectRequest(cluster_id="c1", sha256=a).dumps(), DetectRequest(cluster_id="c2", sha256=a).dumps(),
@@ -85,7 +85,7 @@ def test_requests_are_answered_once_per_cluster_then_acked(tmp_path):
 
 def test_a_stop_while_the_model_runs_acks_nothing(tmp_path):
     model, sent, acked = GatedModel(), [], []
-    stage, blobs, _ = _stage(tmp_path, model, sent)
+    stage, blobs = _stage(tmp_path, model, sent)
     requests = [DetectRequest(cluster_id=f"c{i}", sha256=_blob(blobs, i)).dumps() for i in range(2)]
 
     async def run() -> None:
