@@ -11,7 +11,7 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
-from streams.findings import ClusterRecord, SightingRecord
+from streams.findings import ClusterRecord, SightingRecord, normalize_hashtag
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
 
 
@@ -45,8 +45,9 @@ def dead_letter_key(dl: DeadLetter) -> str:
     return doc_id(f"{ident}/{dl.stage}/{dl.reason}")
 
 
-def norm_tag(tag: str) -> str:
-    return tag.strip().lstrip("#").lower()
+def hashtags(ev: Any) -> list[str]:
+    """An event's hashtags as stored and searched: normalised, once each, in order."""
+    return [t for t in dict.fromkeys(normalize_hashtag(h) for h in ev.hashtags) if t]
 
 
 def processed_action(index: str, source: Any, outcome: str, event_id: str | None,
@@ -90,7 +91,7 @@ def sighting_doc(cluster_id: str, s: Sighting) -> dict[str, Any]:
         "account_id": ev.account_id, "account_handle": handle,
         "account_handle_norm": handle.lstrip("@").lower() if handle else None,
         "post_url": ev.post_url, "text": (ev.text or "")[:2000],
-        "hashtags": [t for t in dict.fromkeys(norm_tag(h) for h in ev.hashtags) if t], "lang": ev.lang,
+        "hashtags": hashtags(ev), "lang": ev.lang,
         "engagement": ev.engagement.model_dump(), "source": s.source.model_dump(exclude_none=True),
     }
 

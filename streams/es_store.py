@@ -27,7 +27,7 @@ from typing import Any, Collection, Iterable, Iterator
 from streams import es_templates as T
 from streams.es_client import EsConfig, EsError, error_reason, es_error_body, explain
 from streams.es_docs import (
-    SIGHTING_SOURCE, alert_from_doc, cluster_doc, dead_letter_doc, dead_letter_key, doc_id, hex_bits, norm_tag, now,
+    SIGHTING_SOURCE, alert_from_doc, cluster_doc, dead_letter_doc, dead_letter_key, doc_id, hashtags, hex_bits, now,
     processed_action, record_from_doc, sighting_doc, sighting_from_doc,
 )
 from streams.findings import (
@@ -166,7 +166,7 @@ class EsFindingsStore:
             ev = s.event
             sighting_params = {
                 "text": (ev.text or "")[:2000] or None,
-                "hashtags": [t for t in dict.fromkeys(norm_tag(h) for h in ev.hashtags) if t],
+                "hashtags": hashtags(ev),
                 "lang": ev.lang, "account": ev.account_handle or ev.account_id, "post_url": ev.post_url,
             }
         out.append((
