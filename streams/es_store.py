@@ -32,7 +32,7 @@ from streams.es_docs import (
 )
 from streams.findings import (
     MAX_RESULTS, QUEUED, QUEUED_RECENT_S, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Page,
-    SightingRecord, account_rank, read_limit, sort_key, surviving_cluster, text_terms,
+    MemberRow, SightingRecord, account_rank, read_limit, sort_key, surviving_cluster, text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
 
@@ -944,10 +944,9 @@ class EsFindingsStore:
             {"term": {"status": QUEUED}}, {"range": {"at": {"gte": _ago(QUEUED_RECENT_S)}}}]}})["hits"]["total"]["value"]
         return {"models": pending, "alerts": max(0, raised - stored) + queued, "deliveries": queued}
 
-    def iter_members(self) -> Iterator[Any]:
+    def iter_members(self) -> Iterator[MemberRow]:
         """Every stored member's hashes (crop views included) under its
         surviving cluster, as ``SqliteFindingsStore.iter_members`` gives them."""
-        from streams.store import MemberRow
 
         docs = [h["_source"] for h in self._scan(
             self.names["clusters"], {"match_all": {}}, [{"cluster_id": "asc"}],

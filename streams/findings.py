@@ -14,6 +14,7 @@ working while new code uses attributes.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Collection, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar, runtime_checkable
@@ -245,6 +246,21 @@ class AccountWindow(_ReadRecord):
     posts: int
     platforms: list[str]  # sorted
     last_seen: str  # posted_at of its last post, as recorded
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    """One stored picture of a cluster, under the cluster that survives its
+    merges: the hashes a similar-picture lookup compares (``streams.similar``),
+    read from either store."""
+
+    cluster_id: str
+    sha256: str
+    phash: str
+    pdq: str
+    pdq_quality: int
+    views: list[str] | None = None
+    trimmed: bool = False
 
 
 def account_rank(ai_pictures: int, pictures: int, posts: int) -> tuple[float, int, int]:

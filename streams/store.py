@@ -16,21 +16,22 @@ import json
 import sqlite3
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from datetime import timedelta
-from typing import Any, Collection, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from streams.findings import (
-    MAX_RESULTS, QUEUED_RECENT_S, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord,
-    MAX_MERGE_HOPS, FindingsStore, Page, SightingRecord, normalize_hashtag, read_limit, sort_key, surviving_cluster,
+    MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord,
+    FindingsStore, Page, SightingRecord, normalize_hashtag, read_limit, sort_key, surviving_cluster,
     text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
+from streams.store_accounts import AccountQueries
+from streams.store_deliveries import DeliveryLog
+from streams.store_members import MemberQueries
 
-__all__ = ["FindingsStore", "MemberRow", "SqliteFindingsStore", "StoreError", "open_store"]
+__all__ = ["FindingsStore", "SqliteFindingsStore", "StoreError", "open_store"]
 
 # PRAGMA user_version of the files this code writes. Older files are migrated
 # (``_migrate``); a newer one is refused rather than half-understood.
@@ -41,17 +42,6 @@ class StoreError(OSError):
     """The findings file cannot be used (corrupt, another program's file, from
     a newer deepwatch, a row that does not read back); one line with the fix.
     An OSError: like a missing file, the CLI reports it without a traceback."""
-
-
-@dataclass(frozen=True)
-class MemberRow:
-    cluster_id: str
-    sha256: str
-    phash: str
-    pdq: str
-    pdq_quality: int
-    views: list[str] | None = None
-    trimmed: bool = False
 
 
 SCHEMA = """
@@ -140,7 +130,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
 """
 
 
-class SqliteFindingsStore:
+class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
+    """The embedded findings store: one SQLite file (see the module
+    docstring). Its alert deliveries, account views and member reads are in
+    ``streams.store_deliveries``, ``streams.store_accounts`` and
+    ``streams.store_members``."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -410,91 +405,6 @@ class SqliteFindingsStore:
         row = self._db.execute("SELECT sha256 FROM sightings WHERE event_id=?", (event_id,)).fetchone()
         return row[0] if row else None
 
-    def failed_deliveries(self, target: str) -> list[Alert]:
-        """Alerts whose delivery to ``target`` failed (and may still go
-        through: not ``rejected``), oldest first (per cluster that is also
-        level order), for redelivery. Targets are named by
-        ``streams.webhooks.target_key`` (never the URL: it may hold a token)."""
-        rows = self._db.execute(
-            """SELECT a.alert_id, a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
-               WHERE d.target=? AND d.status LIKE 'failed%' ORDER BY a.created_at, a.level, a.alert_id""",
-            (target,),
-        ).fetchall()
-        return [self._valid("alert", alert_id, lambda: Alert.model_validate_json(doc)) for alert_id, doc in rows]
-
-    def queued_deliveries(self, target: str, *, older_than_s: float) -> list[Alert]:
-        """Alerts queued for ``target`` more than ``older_than_s`` ago and not
-        tried since: the worker that queued them stopped (or is far behind);
-        redelivery sends them. Oldest first."""
-        rows = self._db.execute(
-            """SELECT a.alert_id, a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
-               WHERE d.target=? AND d.status LIKE 'queued%' AND d.at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)
-               ORDER BY a.created_at, a.level, a.alert_id""",
-            (target, f"-{max(0.0, older_than_s):.3f} seconds"),
-        ).fetchall()
-        return [self._valid("alert", alert_id, lambda: Alert.model_validate_json(doc)) for alert_id, doc in rows]
-
-    def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool:
-        """Whether an earlier alert of ``cluster_id`` still awaits delivery to
-        ``target`` (failed, or queued and not tried yet)."""
-        row = self._db.execute(
-            """SELECT 1 FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
-               WHERE d.target=? AND a.cluster_id=? AND a.level<?
-                 AND (d.status LIKE 'failed%' OR d.status LIKE 'queued%') LIMIT 1""",
-            (target, cluster_id, level),
-        ).fetchone()
-        return row is not None
-
-    def undelivered_counts(self) -> dict[str, dict[str, int]]:
-        """target -> {queued, failed, rejected: how many deliveries are in that state}."""
-        out: dict[str, dict[str, int]] = {}
-        for target, state, n in self._db.execute(
-            """SELECT target, CASE WHEN status LIKE 'queued%' THEN 'queued' WHEN status LIKE 'rejected%'
-                                   THEN 'rejected' ELSE 'failed' END AS state, COUNT(*)
-               FROM deliveries WHERE status != 'delivered' GROUP BY target, state"""
-        ):
-            out.setdefault(target, {})[state] = n
-        return out
-
-    def delivery_targets(self) -> list[str]:
-        """Every target a delivery was recorded for (its key)."""
-        return [t for t, in self._db.execute("SELECT DISTINCT target FROM deliveries ORDER BY target")]
-
-    def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None, *,
-                           states: tuple[str, ...] = ("rejected",)) -> int:
-        """Deliveries to ``target`` in ``states`` (all of them, or of
-        ``alert_ids``) made ``failed`` again, so the next redelivery round
-        sends them (``deepwatch redeliver``). Returns how many."""
-        likes = " OR ".join("status LIKE ?" for _ in states)
-        args: list[Any] = [target, *(f"{s}%" for s in states)]
-        sql = (f"UPDATE deliveries SET status='failed: queued again by an operator (was ' || substr(status, 1, 200) || ')', "
-               f"at=strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE target=? AND ({likes})")
-        with self._tx() as db:
-            if alert_ids is None:
-                return db.execute(sql, args).rowcount
-            n = 0
-            ids = list(alert_ids)
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                n += db.execute(f"{sql} AND alert_id IN ({','.join('?' * len(chunk))})", [*args, *chunk]).rowcount
-            return n
-
-    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[dict[str, str]]]:
-        """alert id -> [{target, status, at}] for `deepwatch alerts`: of
-        ``alert_ids`` only when given (a page of alerts, not every delivery)."""
-        sql = "SELECT alert_id, target, status, at FROM deliveries"
-        if alert_ids is None:
-            rows = list(self._db.execute(sql))
-        else:
-            ids, rows = list(alert_ids), []
-            for i in range(0, len(ids), 500):  # within SQLite's bound on parameters
-                chunk = ids[i:i + 500]
-                rows += self._db.execute(f"{sql} WHERE alert_id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-        out: dict[str, list[dict[str, str]]] = {}
-        for alert_id, target, status, at in sorted(rows, key=lambda r: (r[3], r[1])):  # by time, then target
-            out.setdefault(alert_id, []).append({"target": target, "status": status, "at": at})
-        return out
-
     def add_alert(self, alert: Alert) -> bool:
         with self._tx() as db:
             cur = db.execute(
@@ -502,25 +412,6 @@ class SqliteFindingsStore:
                 (alert.alert_id, alert.cluster_id, alert.level, alert.model_dump_json(), alert.created_at.isoformat()),
             )
             return cur.rowcount > 0
-
-    def delivered(self, alert_id: str, target: str) -> bool:
-        row = self._db.execute(
-            "SELECT 1 FROM deliveries WHERE alert_id=? AND target=? AND status='delivered'", (alert_id, target)
-        ).fetchone()
-        return row is not None
-
-    def mark_delivered(self, alert_id: str, target: str, status: str) -> None:
-        """Record a delivery's state and when (``at``, updated with it); never
-        moving it away from ``delivered``."""
-        with self._tx() as db:
-            db.execute(
-                # never back from delivered: a slow attempt that failed after the
-                # redelivery loop's succeeded would have the receiver sent it again
-                """INSERT INTO deliveries (alert_id, target, status) VALUES (?,?,?)
-                   ON CONFLICT(alert_id, target) DO UPDATE SET status=excluded.status, at=excluded.at
-                   WHERE deliveries.status != 'delivered'""",
-                (alert_id, target, status),
-            )
 
     # -- reads --------------------------------------------------------------
     def _roots(self) -> dict[str, str]:
@@ -670,92 +561,6 @@ class SqliteFindingsStore:
         for platform, b, n in rows:
             out.setdefault(platform, [0] * buckets)[b] += n
         return out
-
-    def account_aggregates(self, ai_cluster_ids: Collection[str], *, account_id: str | None = None,
-                           min_posts: int = 0, min_ai_share: float = 0.0,
-                           limit: int | None = None) -> list[AccountAggregate]:
-        """See ``FindingsStore.account_aggregates``: one GROUP BY over the
-        sightings, filtered, ranked and cut in SQL; then the returned
-        accounts' first/last posts and handle by event id, and their
-        clusters and median gap over the account index."""
-        limit = read_limit(limit)
-        args: list[Any] = [json.dumps(sorted(set(ai_cluster_ids)))]
-        # Every account: one pass over the table, sorted by SQLite's sorter, measured
-        # 1.6x faster than walking the account index and reading each row from it.
-        where = "NOT INDEXED"
-        if account_id is not None:
-            where = "WHERE account_id = ?"
-            args.append(account_id)
-        args += [int(min_posts), float(min_ai_share)]
-        if limit:
-            args.append(limit)
-        with self._with_functions() as db:
-            rows = db.execute(
-                # filtered and ranked outside the GROUP BY: as a HAVING, SQLite counted the distinct values again
-                f"""SELECT * FROM (
-                        SELECT account_id, COUNT(*) AS posts, COUNT(DISTINCT sha256) AS pics,
-                               COUNT(DISTINCT CASE WHEN ai THEN sha256 END) AS ai_pics, MIN(k) AS first_k, MAX(k),
-                               MIN(CASE WHEN account_handle <> '' THEN k END), json_group_array(DISTINCT platform)
-                        FROM (SELECT account_id, sha256, platform, account_handle,
-                                     cluster_id IN (SELECT value FROM json_each(?)) AS ai, {_ORDER_KEY} AS k
-                              FROM sightings {where})
-                        GROUP BY account_id)
-                    WHERE posts >= ? AND ai_pics * 1.0 / pics >= ?
-                    ORDER BY dw_round(ai_pics * 1.0 / pics, 4) DESC, ai_pics DESC, posts DESC, first_k
-                    {"LIMIT ?" if limit else ""}""", args).fetchall()
-        if not rows:
-            return []
-        # the keys end in the event id (after the 16-digit time): read those few posts by key
-        events = {k[16:] for row in rows for k in row[4:7] if k}
-        posts = {eid: (posted, handle) for eid, posted, handle in self._db.execute(
-            "SELECT event_id, posted_at, account_handle FROM sightings WHERE event_id IN (SELECT value FROM json_each(?))",
-            (json.dumps(sorted(events)),))}
-        accounts = json.dumps([row[0] for row in rows])
-        clusters = {a: sorted(json.loads(ids)) for a, ids in self._db.execute(
-            "SELECT account_id, json_group_array(DISTINCT cluster_id) FROM sightings "
-            "WHERE account_id IN (SELECT value FROM json_each(?)) GROUP BY account_id", (accounts,))}
-        # the median of the gaps between consecutive posts, in posting order
-        gaps = dict(self._db.execute(
-            f"""WITH t AS (SELECT account_id, {_MS} AS ms, event_id FROM sightings
-                           WHERE account_id IN (SELECT value FROM json_each(?))),
-                     g AS (SELECT account_id, ms - LAG(ms) OVER (PARTITION BY account_id ORDER BY ms, event_id) AS gap
-                           FROM t),
-                     r AS (SELECT account_id, gap, ROW_NUMBER() OVER (PARTITION BY account_id ORDER BY gap) - 1 AS i,
-                                  COUNT(*) OVER (PARTITION BY account_id) AS n FROM g WHERE gap IS NOT NULL)
-                SELECT account_id, gap FROM r WHERE i = n / 2""", (accounts,)))
-        out = []
-        for account, n, pics, ai_pics, first_k, last_k, handle_k, platforms in rows:
-            first, last = first_k[16:], last_k[16:]
-            out.append(self._valid("account", account, lambda: AccountAggregate(
-                account_id=account, handle=posts[handle_k[16:]][1] if handle_k else None, posts=n, pictures=pics,
-                ai_pictures=ai_pics, first_seen=posts[first][0], last_seen=posts[last][0], first_event_id=first,
-                platforms=sorted(json.loads(platforms)), cluster_ids=clusters.get(account, []),
-                median_gap_s=gaps[account] / 1000 if gaps.get(account) is not None else None)))
-        return out
-
-    def account_windows(self, window: timedelta, ai_cluster_ids: Collection[str], *,
-                        min_ai_pictures: int = 0) -> list[AccountWindow]:
-        """See ``FindingsStore.account_windows``: the sightings joined to
-        their account's last post (a GROUP BY over the account index),
-        grouped again within the window."""
-        rows = self._db.execute(
-            f"""WITH last AS (SELECT account_id, CAST(round(MAX(julianday(posted_at)) * 86400000) AS INTEGER) AS ms
-                              FROM sightings GROUP BY account_id),
-                     s AS (SELECT account_id, sha256, platform, event_id, {_MS} AS ms,
-                                  cluster_id IN (SELECT value FROM json_each(?)) AS ai FROM sightings)
-                SELECT s.account_id, COUNT(DISTINCT s.sha256), COUNT(DISTINCT CASE WHEN s.ai THEN s.sha256 END) AS ai_pics,
-                       COUNT(*), json_group_array(DISTINCT s.platform), MIN(CASE WHEN s.ms = last.ms THEN s.event_id END)
-                FROM s JOIN last ON last.account_id = s.account_id
-                WHERE s.ms >= last.ms - ?
-                GROUP BY s.account_id HAVING ai_pics >= ? ORDER BY s.account_id""",
-            (json.dumps(sorted(set(ai_cluster_ids))), window / timedelta(milliseconds=1), int(min_ai_pictures))).fetchall()
-        posted = dict(self._db.execute(
-            "SELECT event_id, posted_at FROM sightings WHERE event_id IN (SELECT value FROM json_each(?))",
-            (json.dumps([r[5] for r in rows]),)))
-        return [self._valid("account", account, lambda: AccountWindow(
-                    account_id=account, pictures=pics, ai_pictures=ai_pics, posts=n,
-                    platforms=sorted(json.loads(platforms)), last_seen=posted[last]))
-                for account, pics, ai_pics, n, platforms, last in rows]
 
     def match_sightings(self, text: str, *, limit: int = MAX_RESULTS) -> list[str]:
         """See ``FindingsStore.match_sightings``: a scan of the sightings in
@@ -954,92 +759,8 @@ class SqliteFindingsStore:
             "AND at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)", (f"-{QUEUED_RECENT_S} seconds",)).fetchone()[0]
         return {"models": pending_models, "alerts": max(0, raised - stored) + queued, "deliveries": queued}
 
-    def iter_members(self) -> Iterator[MemberRow]:
-        roots = self._roots()
-        for cid, sha, ph, pdq, q, views, trimmed in self._db.execute(
-            "SELECT cluster_id, sha256, phash, pdq, pdq_quality, views, trimmed FROM members"
-        ):
-            yield MemberRow(roots.get(cid, cid), sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed))
-
-    # -- picture lookups (``streams.similar``) -------------------------------
-    def members_after(self, after: int, limit: int = 20_000) -> list[tuple[int, str, str, str, int, list[str] | None, bool]]:
-        """(key, sha256, pHash, PDQ, PDQ quality, views, trimmed) of the
-        members stored after ``after`` (a key this returned; 0: from the
-        start), oldest first, at most ``limit``. Members are only ever added,
-        never changed, so a reader's hash index grows from these
-        (``streams.similar``); ``member_key`` tells it the file changed under it."""
-        return [(k, sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed)) for k, sha, ph, pdq, q, views, trimmed
-                in self._db.execute("SELECT rowid, sha256, phash, pdq, pdq_quality, views, trimmed FROM members "
-                                    "WHERE rowid > ? ORDER BY rowid LIMIT ?", (int(after), int(limit)))]
-
-    def members_count_after(self, after: int) -> int:
-        """How many members ``members_after(after, ...)`` pages would give in all."""
-        return self._db.execute("SELECT COUNT(*) FROM members WHERE rowid > ?", (int(after),)).fetchone()[0]
-
-    def member_key(self, key: int) -> str | None:
-        """The sha256 of the member ``members_after`` gave under ``key`` (None:
-        none now: the file was replaced)."""
-        row = self._db.execute("SELECT sha256 FROM members WHERE rowid = ?", (int(key),)).fetchone()
-        return row[0] if row else None
-
-    def members_near(self, keys: Collection[int], sha256: str | None = None) -> list[MemberRow]:
-        """Every member of the clusters that the members under ``keys`` (and
-        the member ``sha256``) belong to, under the surviving cluster id and
-        in ``iter_members``' order: what ``iter_members`` gives of those
-        clusters, read through the indexes (a few rows per cluster, whatever
-        the store's size)."""
-        cids: set[str] = set()
-        keys = sorted({int(k) for k in keys})
-        for i in range(0, len(keys), 500):
-            chunk = keys[i:i + 500]
-            cids.update(c for c, in self._db.execute(
-                f"SELECT DISTINCT cluster_id FROM members WHERE rowid IN ({','.join('?' * len(chunk))})", chunk))
-        if sha256:
-            cids.update(c for c, in self._db.execute("SELECT cluster_id FROM members WHERE sha256 = ?", (sha256,)))
-        into = _MergedInto(self._db)  # the part of ``_roots``' merge map these clusters reach
-        roots = {surviving_cluster(c, into) for c in cids}
-        ids: dict[str, str] = {}  # recorded cluster id -> surviving one, for every id that leads to a root found
-        for r in sorted(roots):
-            for c, in self._db.execute(
-                """WITH RECURSIVE down(id, depth) AS (
-                       SELECT ?, 0
-                       UNION SELECT clusters.cluster_id, depth + 1 FROM clusters JOIN down ON clusters.merged_into = down.id
-                       WHERE depth < ?)
-                   SELECT DISTINCT id FROM down""", (r, MAX_MERGE_HOPS)):
-                if surviving_cluster(c, into) == r:  # as ``_roots`` resolves it (a chain past the hops, a cycle)
-                    ids[c] = r
-        out: list[MemberRow] = []
-        names = sorted(ids)
-        rows: list[tuple] = []
-        for i in range(0, len(names), 500):
-            chunk = names[i:i + 500]
-            rows.extend(self._db.execute(
-                "SELECT rowid, cluster_id, sha256, phash, pdq, pdq_quality, views, trimmed FROM members "
-                f"WHERE cluster_id IN ({','.join('?' * len(chunk))})", chunk))
-        for _, cid, sha, ph, pdq, q, views, trimmed in sorted(rows):
-            out.append(MemberRow(ids[cid], sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed)))
-        return out
-
     def sighting_times(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))
-
-
-class _MergedInto(dict):
-    """cluster id -> the cluster it was merged into (None: none), read from
-    the store as ``surviving_cluster`` walks it: a lookup reads the few
-    clusters it reaches, not the whole merge map."""
-
-    def __init__(self, db: sqlite3.Connection):
-        super().__init__()
-        self._db = db
-
-    def __missing__(self, cluster_id: str) -> str | None:
-        row = self._db.execute("SELECT merged_into FROM clusters WHERE cluster_id = ?", (cluster_id,)).fetchone()
-        self[cluster_id] = found = row[0] if row else None
-        return found
-
-    def get(self, cluster_id: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        return self[cluster_id]
 
 
 _SIGHTING_COLS = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
@@ -1052,13 +773,6 @@ def _sighting_record(row: tuple) -> SightingRecord:
     d["engagement"] = json.loads(d["engagement"])
     d["text"] = d["text"] or None
     return SightingRecord.model_validate(d)
-
-
-# A post's time in whole milliseconds (SQLite's own precision), and a text key
-# that orders posts as ``sightings`` does (time, then event id) and ends in
-# the event id after 16 fixed digits.
-_MS = "CAST(round(julianday(posted_at) * 86400000) AS INTEGER)"
-_ORDER_KEY = f"printf('%016d', {_MS}) || event_id"
 
 
 def _julian(ts: str) -> float:

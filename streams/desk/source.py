@@ -24,7 +24,7 @@ from detectors.fusion import fuse
 from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.findings import ClusterQuery as StoreQuery
 from streams.findings import MAX_RESULTS, AccountAggregate, FindingsStore, text_terms
-from streams.store import MemberRow
+from streams.findings import MemberRow
 
 # How long cached views live on a store with no change signal (Elasticsearch):
 # short enough that the queue feels live, long enough that page loads share one read.

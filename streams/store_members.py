@@ -1,0 +1,105 @@
+"""The picture members of the SQLite findings store (``members`` table): what
+the desk's similar-picture index is built from (``streams.similar``), read
+page by page as members are added, and the members of the clusters a
+lookup lands in."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import TYPE_CHECKING, Collection, Iterator
+
+from streams.findings import MAX_MERGE_HOPS, MemberRow, surviving_cluster
+
+
+class MemberQueries:
+    """Member reads of ``streams.store.SqliteFindingsStore``."""
+
+    # Provided by ``SqliteFindingsStore``, which this is mixed into.
+    _db: sqlite3.Connection
+    if TYPE_CHECKING:
+        def _roots(self) -> dict[str, str]: ...
+
+    def iter_members(self) -> Iterator[MemberRow]:
+        roots = self._roots()
+        for cid, sha, ph, pdq, q, views, trimmed in self._db.execute(
+            "SELECT cluster_id, sha256, phash, pdq, pdq_quality, views, trimmed FROM members"
+        ):
+            yield MemberRow(roots.get(cid, cid), sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed))
+
+    # -- picture lookups (``streams.similar``) -------------------------------
+    def members_after(self, after: int, limit: int = 20_000) -> list[tuple[int, str, str, str, int, list[str] | None, bool]]:
+        """(key, sha256, pHash, PDQ, PDQ quality, views, trimmed) of the
+        members stored after ``after`` (a key this returned; 0: from the
+        start), oldest first, at most ``limit``. Members are only ever added,
+        never changed, so a reader's hash index grows from these
+        (``streams.similar``); ``member_key`` tells it the file changed under it."""
+        return [(k, sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed)) for k, sha, ph, pdq, q, views, trimmed
+                in self._db.execute("SELECT rowid, sha256, phash, pdq, pdq_quality, views, trimmed FROM members "
+                                    "WHERE rowid > ? ORDER BY rowid LIMIT ?", (int(after), int(limit)))]
+
+    def members_count_after(self, after: int) -> int:
+        """How many members ``members_after(after, ...)`` pages would give in all."""
+        return self._db.execute("SELECT COUNT(*) FROM members WHERE rowid > ?", (int(after),)).fetchone()[0]
+
+    def member_key(self, key: int) -> str | None:
+        """The sha256 of the member ``members_after`` gave under ``key`` (None:
+        none now: the file was replaced)."""
+        row = self._db.execute("SELECT sha256 FROM members WHERE rowid = ?", (int(key),)).fetchone()
+        return row[0] if row else None
+
+    def members_near(self, keys: Collection[int], sha256: str | None = None) -> list[MemberRow]:
+        """Every member of the clusters that the members under ``keys`` (and
+        the member ``sha256``) belong to, under the surviving cluster id and
+        in ``iter_members``' order: what ``iter_members`` gives of those
+        clusters, read through the indexes (a few rows per cluster, whatever
+        the store's size)."""
+        cids: set[str] = set()
+        keys = sorted({int(k) for k in keys})
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            cids.update(c for c, in self._db.execute(
+                f"SELECT DISTINCT cluster_id FROM members WHERE rowid IN ({','.join('?' * len(chunk))})", chunk))
+        if sha256:
+            cids.update(c for c, in self._db.execute("SELECT cluster_id FROM members WHERE sha256 = ?", (sha256,)))
+        into = _MergedInto(self._db)  # the part of ``_roots``' merge map these clusters reach
+        roots = {surviving_cluster(c, into) for c in cids}
+        ids: dict[str, str] = {}  # recorded cluster id -> surviving one, for every id that leads to a root found
+        for r in sorted(roots):
+            for c, in self._db.execute(
+                """WITH RECURSIVE down(id, depth) AS (
+                       SELECT ?, 0
+                       UNION SELECT clusters.cluster_id, depth + 1 FROM clusters JOIN down ON clusters.merged_into = down.id
+                       WHERE depth < ?)
+                   SELECT DISTINCT id FROM down""", (r, MAX_MERGE_HOPS)):
+                if surviving_cluster(c, into) == r:  # as ``_roots`` resolves it (a chain past the hops, a cycle)
+                    ids[c] = r
+        out: list[MemberRow] = []
+        names = sorted(ids)
+        rows: list[tuple] = []
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            rows.extend(self._db.execute(
+                "SELECT rowid, cluster_id, sha256, phash, pdq, pdq_quality, views, trimmed FROM members "
+                f"WHERE cluster_id IN ({','.join('?' * len(chunk))})", chunk))
+        for _, cid, sha, ph, pdq, q, views, trimmed in sorted(rows):
+            out.append(MemberRow(ids[cid], sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed)))
+        return out
+
+
+class _MergedInto(dict):
+    """cluster id -> the cluster it was merged into (None: none), read from
+    the store as ``surviving_cluster`` walks it: a lookup reads the few
+    clusters it reaches, not the whole merge map."""
+
+    def __init__(self, db: sqlite3.Connection):
+        super().__init__()
+        self._db = db
+
+    def __missing__(self, cluster_id: str) -> str | None:
+        row = self._db.execute("SELECT merged_into FROM clusters WHERE cluster_id = ?", (cluster_id,)).fetchone()
+        self[cluster_id] = found = row[0] if row else None
+        return found
+
+    def get(self, cluster_id: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return self[cluster_id]
