@@ -16,10 +16,12 @@ def main() -> None:
 
         prestart(sys.argv[1:])
         from streams.cli import main as cli_main
+
+        # Inside the try too: Ctrl-C can land before run_cli's own try starts.
+        cli_main()
     except KeyboardInterrupt:  # Ctrl-C while the command line imports: as once it runs (streams.cli.common.run_cli)
         sys.stderr.write("interrupted\n")
         sys.exit(130)
-    cli_main()
 
 
 if __name__ == "__main__":  # python -m streams.console: what the script runs, for benches and checkouts

@@ -107,10 +107,11 @@ def run_cli(app: Any) -> None:
     their own handling -- the worker, the desk server -- install theirs)."""
     import signal
 
-    signal.signal(signal.SIGTERM, _terminate)
     try:
-        # Inside the try: on a loaded machine Ctrl-C can land while this
-        # import (rich's markdown, about 0.1 s) still runs.
+        # Inside the try: on a loaded machine Ctrl-C can land while the
+        # handler is installed or this import (rich's markdown, about 0.1 s)
+        # still runs.
+        signal.signal(signal.SIGTERM, _terminate)
         from typer import rich_utils
 
         # Typer draws a usage mistake (bad option value, unknown option, missing
