@@ -947,7 +947,6 @@ class EsFindingsStore:
     def iter_members(self) -> Iterator[MemberRow]:
         """Every stored member's hashes (crop views included) under its
         surviving cluster, as ``SqliteFindingsStore.iter_members`` gives them."""
-
         docs = [h["_source"] for h in self._scan(
             self.names["clusters"], {"match_all": {}}, [{"cluster_id": "asc"}],
             ["cluster_id", "merged_into", "members.sha256", "members.phash", "members.pdq", "members.pdq_quality",

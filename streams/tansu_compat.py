@@ -45,8 +45,8 @@ entry point. Any real Kafka uses the stock driver.
     answered when the assignment lands. Both members get their JoinGroup
     answer at the same moment, so it is a race: measured with two bare
     aiokafka consumers joining one group, one of them got its partitions
-    after 2.0 s instead of 1.0 s in 9 of 16 joins; in replays one pipeline
-    worker in two runs did (``pipeline_join`` 2.1 s against 1.1 s). Tansu's
+    after 2.0 s instead of 1.0 s in 21 of 56 joins; in replays one pipeline
+    worker in two of six runs did (``pipeline_join`` 2.1 s against 1.1 s). Tansu's
     DescribeGroups answers "Stable" once the leader's assignment is in, so a
     follower here asks it (``wait_for_leader_assignment``) before it sends
     its SyncGroup: 0 of 40 such joins were held.
@@ -70,7 +70,7 @@ SESSION_TIMEOUT_S = 2.0
 HEARTBEAT_INTERVAL_S = 0.5
 FETCH_MAX_WAIT_MS = 50
 # (f): no longer than Tansu would have held the SyncGroup anyway, and well
-# inside the session timeout (no heartbeats are sent while a member syncs).
+# inside the session timeout.
 LEADER_ASSIGNMENT_WAIT_S = 1.0
 LEADER_ASSIGNMENT_POLL_S = 0.01
 # Set on the aiokafka client of every consumer built for Tansu here; the

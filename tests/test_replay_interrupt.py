@@ -168,8 +168,8 @@ def test_ctrl_c_during_the_command_lines_imports_ends_in_one_line(module):
 
 
 # Ctrl-C that lands while ``run_cli`` installs its SIGTERM handler, before its
-# own try: seen as a KeyboardInterrupt traceback in 1 of ~230 timed Ctrl-Cs at
-# 0.55-0.9 s under load. Raising it from that very call hits the window every time.
+# own try: seen as a KeyboardInterrupt traceback twice in ~540 timed Ctrl-Cs at
+# 0.5-2 s under load. Raising it from that very call hits the window every time.
 INTERRUPT_AT_SIGTERM_HANDLER = """
 import signal, sys
 install = signal.signal

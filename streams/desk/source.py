@@ -23,8 +23,7 @@ from detectors.base import Evidence
 from detectors.fusion import fuse
 from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import MAX_RESULTS, AccountAggregate, FindingsStore, text_terms
-from streams.findings import MemberRow
+from streams.findings import MAX_RESULTS, AccountAggregate, FindingsStore, MemberRow, text_terms
 
 # How long cached views live on a store with no change signal (Elasticsearch):
 # short enough that the queue feels live, long enough that page loads share one read.
