@@ -44,7 +44,7 @@ import json
 import math
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -388,7 +388,7 @@ class FakeElasticsearch:
             is_stream = name in self.data_streams
             if is_stream and op != "create":
                 raise _Err(400, {"type": "illegal_argument_exception",
-                                 "reason": f"only write ops with an op_type of create are allowed in data streams"})
+                                 "reason": "only write ops with an op_type of create are allowed in data streams"})
             docs = self.docs[index]
             if op == "create":
                 if doc_id in docs:
@@ -529,7 +529,6 @@ class FakeElasticsearch:
         indices = self._targets(expr)
         mappings = {i: self.mappings(i) for i in indices}
         docs = [(i, did, src) for i in indices for did, src in self.docs[i].items()]
-        n_docs = max(1, len(docs))
         query = body.get("query") or {"match_all": {}}
         scored: dict[tuple[str, str], float] = {}
         for i, did, src in docs:
