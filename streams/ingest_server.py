@@ -43,6 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from starlette.requests import ClientDisconnect
 
 from streams.connectors.base import TokenBucket, UrlPolicy
+from streams.http_deadlines import HEADER_TIMEOUT_S, head_deadline_protocol
 from streams.records import DeadLetter
 from streams.settings import Settings
 from streams.validate import InvalidEvent, parse_event
@@ -70,12 +71,9 @@ for _cause in BROKER_CAUSES:  # at 0 from the start: a rule must see the first f
     BROKER_FAILURES.labels(_cause)
 
 
-# Slow clients: a request's head (request line and headers) must arrive within
-# HEADER_TIMEOUT_S of the connection opening or of the previous response, and
-# its body within BODY_TIMEOUT_S of the head (8 MiB at ~140 KB/s). uvicorn has
-# neither: a client trickling a byte now and then held its connection, and
-# `limit_concurrency` of them answered every other client 503.
-HEADER_TIMEOUT_S = 10.0
+# Slow clients: a request's head must arrive within HEADER_TIMEOUT_S
+# (streams.http_deadlines), and its body within BODY_TIMEOUT_S of the head
+# (8 MiB at ~140 KB/s).
 BODY_TIMEOUT_S = 60.0
 
 
@@ -619,46 +617,6 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
                                   "results": [r.doc() for r in results]})
 
     return app
-
-
-def head_deadline_protocol(header_timeout_s: float) -> type:
-    """uvicorn's h11 protocol, closing a connection whose next request head
-    has not arrived ``header_timeout_s`` after the connection opened or the
-    previous response ended. (uvicorn's keep-alive timer stops at the first
-    byte, so trickled headers kept it open for good.)"""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class HeadDeadlineProtocol(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
-
-        def _arm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(header_timeout_s, self._head_late, self.cycle)
-
-        def _head_late(self, cycle_then: Any) -> None:
-            self._head_timer = None
-            # A new cycle means a head arrived; an unfinished one, a request at work (pipelined).
-            idle = self.cycle is cycle_then and (self.cycle is None or self.cycle.response_complete)
-            if idle and not self.transport.is_closing():
-                self.transport.close()
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-            super().connection_lost(exc)
-
-    return HeadDeadlineProtocol
 
 
 def serve(settings: Settings, host: str, port: int, *, header_timeout_s: float = HEADER_TIMEOUT_S,

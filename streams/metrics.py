@@ -90,9 +90,11 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve(port: int) -> int:
+def serve(port: int, host: str | None = None) -> int:
     """Start /metrics and /healthz (``liveness``) in a daemon thread; port 0
-    picks a free one. Returns the port."""
+    picks a free one. Bound to ``host``; without one, to every address for a
+    port given (a worker's, for Prometheus to scrape) and to loopback for
+    port 0. Returns the port."""
     from streams.net_errors import PortInUse
 
     metrics_app = make_wsgi_app()
@@ -106,7 +108,7 @@ def serve(port: int) -> int:
         return metrics_app(environ, start_response)
 
     try:
-        server = make_server("127.0.0.1" if port == 0 else "0.0.0.0", port, app, ThreadingWSGIServer,
+        server = make_server(host or ("127.0.0.1" if port == 0 else "0.0.0.0"), port, app, ThreadingWSGIServer,
                              handler_class=_QuietHandler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:

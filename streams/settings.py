@@ -8,6 +8,7 @@ ever read from the environment: the TOML file names the variable, not the value.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -252,7 +253,12 @@ class DeskSettings(_Section):
     tokens_env: str = "DEEPWATCH_DESK_TOKENS"
     require_login_on_loopback: bool = False  # reading is open on 127.0.0.1/::1 unless set
     session_hours: float = Field(12.0, gt=0)
-    login_failures_per_minute: int = Field(5, gt=0)  # per client address and per user name
+    # per client address and user name; 4x this per address, and per user name, over all the others
+    login_failures_per_minute: int = Field(5, gt=0)
+    # Reverse proxies whose X-Forwarded-For/-Proto the desk believes (addresses or CIDR
+    # ranges, "*" for any): the login limits then count the client's address, not the
+    # proxy's. Empty: the peer's address counts, and the headers are ignored.
+    trusted_proxies: list[str] = Field(default_factory=list)
     refresh_s: int = Field(30, ge=0)  # queue auto-refresh
     thumb_px: int = Field(256, gt=0)
     thumb_cache_mb: int = Field(64, gt=0)
@@ -270,6 +276,17 @@ class DeskSettings(_Section):
     @classmethod
     def _public_url(cls, value: str | None) -> str | None:
         return check_public_url(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an address or CIDR range (or \"*\")") from None
+        return value
 
 
 class BatchSettings(_Section):

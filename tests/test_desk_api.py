@@ -260,6 +260,81 @@ def test_security_headers(data, env):
     assert r.headers["referrer-policy"] == "no-referrer"
 
 
+def test_answers_are_not_for_caches_and_api_docs_come_from_the_desk_itself(data, env):
+    with client(make_settings(data)) as c:
+        for path in ("/", "/api/clusters", "/clusters/c-viral", "/nope"):
+            assert c.get(path).headers["cache-control"] == "no-store", path
+        assert "cache-control" not in c.get("/static/desk.css").headers
+        # Swagger UI came from a CDN, into the desk's origin, under 'unsafe-inline'
+        docs = c.get("/docs")
+        assert "cdn." not in docs.text and '<script src="/static/swagger/swagger-ui-bundle.js">' in docs.text
+        csp = docs.headers["content-security-policy"]
+        assert "unsafe-inline" not in csp and "'sha256-" in csp and "https:" not in csp
+        js = c.get("/static/swagger/swagger-ui-bundle.js")
+        assert js.status_code == 200 and "SwaggerUIBundle" in js.text[:5000] + js.text[-5000:]
+        assert c.get("/redoc").status_code == 404  # it loaded its script from a CDN too
+    add_user(data / "desk-users.json", "alice", "viewer", "correct horse battery")
+    with client(make_settings(data, require_login_on_loopback=True)) as c:
+        # the docs were open where reading was not
+        assert c.get("/openapi.json").status_code == 401
+        assert c.get("/docs", follow_redirects=False).status_code == 303
+        assert "/api/clusters" in c.get("/openapi.json", headers=VIEWER).json()["paths"]
+
+
+def test_the_open_loopback_desk_takes_no_posts_from_other_sites(data, env):
+    # Reading without a login on loopback trusted whoever posted: any page the
+    # analyst had open could post pictures for it to decode, or a logout.
+    with client(make_settings(data)) as c:
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                        {"Origin": "https://evil.example"}, {"Origin": "null"}):
+            r = c.post("/logout", data={"csrf": ""}, headers=headers, follow_redirects=False)
+            assert r.status_code == 403 and "another site" in r.text, headers
+        r = c.post("/logout", data={"csrf": ""}, headers={"Origin": "http://127.0.0.1", "Sec-Fetch-Site": "same-origin"},
+                   follow_redirects=False)
+        assert r.status_code == 303  # its own page
+        assert c.post("/logout", data={"csrf": ""}, follow_redirects=False).status_code == 303  # no browser: a script
+
+
+def test_odd_query_values_are_422s_not_500s_nor_match_everything(data, env):
+    with client(make_settings(data)) as c:
+        # a Python int past SQLite's 64 bits ended in a bare 500
+        r = c.get("/api/accounts?min_posts=9223372036854775808")
+        assert r.status_code == 422 and "min_posts" in r.json()["error"]
+        assert c.get("/accounts?min_posts=99999999999999999999999").status_code == 422
+        # a NUL ended SQLite's LIKE pattern early: every cluster matched
+        assert len(c.get("/api/clusters?q=zzzznomatch").json()) == 0
+        for path in ("/api/clusters?q=%00", "/api/search?hashtag=%00", "/?q=a%01b"):
+            r = c.get(path)
+            assert r.status_code == 422 and "control characters" in r.text, path
+        # q given, but nothing in it to search for: said so, not "give at least one of q, ..."
+        r = c.get('/api/search?q=%22')
+        assert r.status_code == 422 and r.json()["error"] == "bad request: q: has no word to search for (only punctuation or quotes)"
+        r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "needs-review", "note": "a\u0000b"}, headers=EDITOR)
+        assert r.status_code == 422 and "control characters" in r.json()["error"]
+        r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "needs-review", "note": "line 1\n\tline 2"},
+                   headers=EDITOR)
+        assert r.status_code == 201
+        # no trailing-slash redirect, which took its host from the Host header
+        r = c.get("/api/clusters/", headers={"Host": "localhost"}, follow_redirects=False)
+        assert r.status_code == 404 and "location" not in r.headers
+
+
+def test_an_unexpected_error_is_the_desks_own_500_with_its_headers(data, env, monkeypatch):
+    from streams.desk import source
+
+    def broken(self, q):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(source.FindingsSource, "accounts", broken)
+    with TestClient(create_app(make_settings(data)), base_url="http://127.0.0.1", raise_server_exceptions=False) as c:
+        r = c.get("/api/accounts")
+        assert r.status_code == 500 and r.json() == {"error": "internal error; the desk's log has the details",
+                                                     "status": 500}
+        assert r.headers["x-content-type-options"] == "nosniff" and "frame-ancestors" in r.headers["content-security-policy"]
+        page = c.get("/accounts")
+        assert page.status_code == 500 and "internal error" in page.text and "disk on fire" not in page.text
+
+
 def test_wrong_methods_say_which_are_allowed(data, env):
     with client(make_settings(data)) as c:
         for path in ("/api/clusters", "/"):
@@ -952,16 +1027,36 @@ def test_refused_login_attempts_add_nothing_to_the_limiter():
     added a key, past the limiter's bound, until an allowed one pruned them."""
     from streams.desk.auth import LoginLimiter
 
-    limiter = LoginLimiter(per_minute=5)
-    for i in range(5):
-        wait, stamp = limiter.attempt("addr:203.0.113.9", f"user:u{i}")
+    limiter = LoginLimiter(per_minute=5)  # and 4x that per address, and per name, over the others
+    for i in range(20):
+        wait, stamp = limiter.attempt("203.0.113.9", f"u{i}")
         assert wait == 0 and stamp is not None
-    for i in range(5, 20_005):
-        wait, stamp = limiter.attempt("addr:203.0.113.9", f"user:u{i}")
+    for i in range(20, 20_020):
+        wait, stamp = limiter.attempt("203.0.113.9", f"u{i}")
         assert wait > 0 and stamp is None
-    assert len(limiter._fails) == 6  # the address and the five names that failed
-    wait, stamp = limiter.attempt("addr:198.51.100.1", "user:alice")  # another address is not blocked
+    assert len(limiter._fails) == 41  # the address, and the twenty names and pairs that failed
+    wait, stamp = limiter.attempt("198.51.100.1", "alice")  # another address is not blocked
     assert wait == 0
-    limiter.succeeded(stamp, "addr:198.51.100.1", "user:alice")
-    limiter.succeeded(1.0, "addr:nobody", "user:nobody")  # a stamp never counted: nothing to withdraw, no key
-    assert len(limiter._fails) == 8 and not limiter._fails["addr:198.51.100.1"]
+    limiter.succeeded(stamp, "198.51.100.1", "alice")
+    limiter.succeeded(1.0, "nobody", "nobody")  # a stamp never counted: nothing to withdraw, no key
+    assert len(limiter._fails) == 44 and not limiter._fails["addr:198.51.100.1"]
+
+
+def test_one_guessing_address_locks_out_neither_the_user_elsewhere_nor_its_neighbours():
+    # Failures were counted per address and per user name alike: five wrong
+    # passwords for alice from anywhere locked alice out everywhere, and five
+    # for anyone locked out everyone behind the same address (a newsroom's NAT).
+    from streams.desk.auth import LoginLimiter
+
+    limiter = LoginLimiter(per_minute=3)
+    for _ in range(3):
+        assert limiter.attempt("203.0.113.9", "alice")[0] == 0
+    assert limiter.attempt("203.0.113.9", "alice")[0] > 0  # the guesser waits
+    for client, user in (("198.51.100.1", "alice"), ("203.0.113.9", "bob")):
+        wait, stamp = limiter.attempt(client, user)
+        assert wait == 0, (client, user)  # alice from her desk, bob behind the guesser's address
+        limiter.succeeded(stamp, client, user)
+    # guesses spread over addresses still stop, at 4x the pair's limit per name
+    for i in range(9):
+        assert limiter.attempt(f"192.0.2.{i}", "alice")[0] == 0
+    assert limiter.attempt("192.0.2.200", "alice")[0] > 0

@@ -152,3 +152,39 @@ def test_serve_health_and_metrics(tmp_path):
     assert requests("/", "405", "OTHER") == 3
     assert {dict(labels)["method"] for name, labels in samples if name == "deepwatch_desk_requests_total"} <= {
         "GET", "POST", "OTHER"}
+
+
+def test_slow_and_piled_up_clients_do_not_take_the_desk(tmp_path):
+    # uvicorn bounds neither: a client trickling header bytes held its
+    # connection for good, and some thousands of them used up the desk's file
+    # descriptors (every other client then timed out; each refused accept
+    # logged a traceback).
+    import socket
+    import time
+
+    from streams.cli.serve import DESK_CONNECTIONS
+    from streams.http_deadlines import HEADER_TIMEOUT_S
+
+    small_store(tmp_path)
+    desk = DeskServer(tmp_path)
+    held: list[socket.socket] = []
+    try:
+        slow = socket.create_connection(("127.0.0.1", desk.port))
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the rest
+        opened = time.monotonic()
+        for _ in range(DESK_CONNECTIONS + 50):
+            held.append(socket.create_connection(("127.0.0.1", desk.port)))
+        # over the cap: closed before a byte is read, and the desk still answers once they go
+        held[-1].settimeout(5)
+        assert held[-1].recv(1) == b""
+        slow.settimeout(HEADER_TIMEOUT_S + 10)
+        assert slow.recv(1) == b""  # closed at the head deadline
+        assert HEADER_TIMEOUT_S - 1 < time.monotonic() - opened < HEADER_TIMEOUT_S + 10
+        for s in held:
+            s.close()
+        assert httpx.get(desk.url + "/healthz", timeout=10).status_code == 200
+        assert "Traceback" not in desk.log.read_text()
+    finally:
+        for s in held:
+            s.close()
+        desk.stop()

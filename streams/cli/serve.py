@@ -12,6 +12,9 @@ import typer
 
 from streams.cli.app import app
 from streams.cli.common import Config, DataDir, check_alert_senders, err, fail, settings_from
+from streams.http_deadlines import head_deadline_protocol
+
+DESK_CONNECTIONS = 600
 
 
 @app.command(rich_help_panel="Desk")
@@ -58,9 +61,16 @@ def serve(
     if settings.metrics_port is not None:
         from streams import metrics
 
-        shown = metrics.serve(settings.metrics_port)
-        err.print(f"[dim]metrics on port {shown} (/metrics)[/]")
-    uvicorn.run(desk_app, host=host, port=port, log_level="warning", proxy_headers=False, server_header=False)
+        # on the desk's address: a desk kept to loopback keeps its counters there too
+        shown = metrics.serve(settings.metrics_port, host=host)
+        shown_host = f"[{host}]" if ":" in host else host
+        err.print(f"[dim]metrics on http://{shown_host}:{shown}/metrics[/]")
+    proxies = settings.desk.trusted_proxies
+    # Slow or piled-up clients: a request head must arrive within 10 s, and at
+    # most DESK_CONNECTIONS are held open (well under a default 1,024 descriptors).
+    uvicorn.run(desk_app, host=host, port=port, log_level="warning", server_header=False,
+                proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) or None,
+                timeout_keep_alive=5, http=head_deadline_protocol(max_connections=DESK_CONNECTIONS))
 
 
 @app.command("desk-user", rich_help_panel="Desk")

@@ -7,18 +7,22 @@ binds, which decides whether reading is open (loopback) or needs a login.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import logging
 import re
 import secrets
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator, Optional
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote_plus, urlencode
 
+import swagger_ui_bundle
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
@@ -52,18 +56,21 @@ SHA256 = r"^[0-9a-f]{64}$"
 # Picture uploads (``UPLOAD_PATHS``) have their own, larger bound.
 MAX_BODY_BYTES = 64 * 1024
 UPLOAD_PATHS = ("/api/similar", "/similar")
+DOCS_PATH, OPENAPI_PATH, SWAGGER_ASSETS = "/docs", "/openapi.json", "/static/swagger"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` (declared or as
-    received) ends in 413 when the route reads it; the paths in ``paths``
-    have a bound of their own (picture uploads). The guards answer before
-    a body is read (``GuardFirst``), but a login form and every request that
-    passes them are read: without a bound a client could make the desk hold
-    gigabytes."""
+    received) ends in 413 when the route reads it, one still arriving
+    ``timeout_s`` after the route began to read it in 408; the paths in
+    ``paths`` have a bound of their own (picture uploads). The guards answer
+    before a body is read (``GuardFirst``), but a login form and every request
+    that passes them are read: without a bound a client could make the desk
+    hold gigabytes, or a connection for as long as it trickled bytes."""
 
-    def __init__(self, app: Any, max_bytes: int, paths: dict[str, int] | None = None):
-        self.app, self.max_bytes, self.paths = app, max_bytes, dict(paths or {})
+    def __init__(self, app: Any, max_bytes: int, paths: dict[str, int] | None = None, timeout_s: float = 120.0):
+        self.app, self.max_bytes, self.paths, self.timeout_s = app, max_bytes, dict(paths or {}), timeout_s
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -72,10 +79,19 @@ class BodyLimit:
         bound = self.paths.get(scope["path"], self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         received = 0
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
 
         async def limited() -> dict[str, Any]:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline
+            if deadline is None:
+                deadline = loop.time() + self.timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                                    headers={"Connection": "close"}) from None
             received += len(message.get("body", b""))
             if received > bound or not declared.isdigit() or int(declared) > bound:
                 # Raised inside the route's body read: its exception handlers answer.
@@ -210,11 +226,25 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                     await desk.account_check
             desk.close()
 
-    app = FastAPI(title="deepwatch desk", version="1", lifespan=lifespan,
+    # The API docs are routes of their own below: behind the reader guard,
+    # with Swagger UI from the installed wheel. FastAPI's would load a CDN's
+    # script into the desk's origin, and be open when reading is not.
+    # Trailing-slash redirects are off: Starlette builds them from the Host
+    # header, a redirect to wherever a client says the desk is.
+    app = FastAPI(title="deepwatch desk", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None, redirect_slashes=False,
                   description="Fact-check desk: the queue of image clusters, evidence, verdicts and accounts.")
     app.state.desk = desk
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     views.register_filters(templates.env)
+    docs_page = get_swagger_ui_html(openapi_url=OPENAPI_PATH, title="deepwatch desk API",
+                                    swagger_js_url=f"{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+                                    swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
+                                    swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon-32x32.png",
+                                    swagger_ui_parameters={"validatorUrl": None}).body
+    docs_script = _inline_script_hash(docs_page)
+    # before /static, which would otherwise take these paths
+    app.mount(SWAGGER_ASSETS, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     # -- guards ---------------------------------------------------------------
@@ -245,13 +275,20 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                 return Principal(user=user.name, role=user.role, via="session", csrf=s.csrf)
         return None
 
-    def not_ours(request: Request) -> None:
+    def not_ours(request: Request, origin_too: bool = False) -> None:
         # A browser says where a request comes from (Sec-Fetch-Site; every
-        # current one sends it): a write riding on the session cookie from
-        # another site, or a sibling subdomain, is refused here, before its
-        # body is read. A form's token is only in its body, and browsers
-        # without the header still meet the token check.
-        if request.method not in SAFE_METHODS and request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        # current one sends it): a write riding on the session cookie, or on
+        # the open loopback desk's trust in its caller, from another site or a
+        # sibling subdomain, is refused here, before its body is read. A
+        # session's form token is only in its body, and browsers without the
+        # header still meet the token check. The open desk has no token, so
+        # there the Origin header (sent with every POST) must name the desk
+        # too; not for sessions: a proxy in front may rewrite Host.
+        if request.method in SAFE_METHODS:
+            return
+        origin = request.headers.get("origin")
+        if request.headers.get("sec-fetch-site") in ("cross-site", "same-site") or (
+                origin_too and origin is not None and not _same_origin(origin, request.headers.get("host", ""))):
             raise _error(403, "a request from another site is refused (CSRF); use the desk's own pages, or a "
                               "bearer token from a script")
 
@@ -266,6 +303,9 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             if not is_loopback(_host_name(request.headers.get("host", ""))):
                 raise _error(403, "reading without a login is for requests addressed to this machine by a loopback "
                                   "name (localhost, 127.0.0.1, [::1]); use one of those, or log in")
+            # Any page the analyst has open could post here (a picture to
+            # decode, a logout): no cookie is needed to ride on.
+            not_ours(request, origin_too=True)
             return Principal(user="anonymous", role="viewer", via="open")
         raise _error(401, f"login required: {desk.login_reason}")
 
@@ -323,7 +363,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     # -- errors -----------------------------------------------------------------
     def wants_json(request: Request) -> bool:
-        return request.url.path.startswith("/api/") or request.url.path.startswith("/thumb/")
+        return request.url.path.startswith(("/api/", "/thumb/")) or request.url.path == OPENAPI_PATH
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -352,16 +392,29 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
-        resp: Response = await call_next(request)
-        docs = request.url.path in ("/docs", "/redoc")
-        # /docs is FastAPI's Swagger UI, which loads its script from a CDN.
+        if _CONTROL.search(unquote_plus(request.url.query)):
+            # SQLite would read a NUL as the end of a LIKE pattern, which then
+            # matches everything; no filter of the desk needs a control character.
+            resp = await http_error(request, _error(422, "bad request: query parameters must not contain control "
+                                                         "characters"))
+        else:
+            try:
+                resp = await call_next(request)
+            except Exception:
+                # Answered here, not by Starlette's last-resort handler, so that
+                # the answer has the headers below and the desk's own shape.
+                log.exception("desk request failed", extra={"path": request.url.path})
+                resp = await http_error(request, _error(500, "internal error; the desk's log has the details"))
         resp.headers["Content-Security-Policy"] = (
-            "default-src 'self'; img-src 'self' data: https://fastapi.tiangolo.com; "
-            "script-src 'self' https://cdn.jsdelivr.net 'unsafe-inline'; style-src 'self' https://cdn.jsdelivr.net; "
-            "frame-ancestors 'none'" if docs else
+            f"default-src 'self'; img-src 'self' data:; script-src 'self' {docs_script}; style-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'" if request.url.path == DOCS_PATH else
             "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
             "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
         )
+        if not request.url.path.startswith("/static/"):
+            # Findings and verdicts are not for a shared cache, nor for the
+            # browser's after a logout; a thumbnail sets its own (private).
+            resp.headers.setdefault("Cache-Control", "no-store")
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["X-Frame-Options"] = "DENY"
         resp.headers["Referrer-Policy"] = "no-referrer"
@@ -371,6 +424,14 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         return resp
 
     app.middleware("http")(observe.observe)  # outermost: it also counts what the inner layers answered
+
+    @app.get(OPENAPI_PATH, include_in_schema=False)
+    def openapi(_: Principal = Depends(reader)) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    def docs(_: Principal = Depends(reader)) -> HTMLResponse:
+        return HTMLResponse(docs_page)
 
     @app.api_route("/healthz", methods=["GET", "HEAD"], include_in_schema=False)  # uptime checkers send HEAD
     def healthz() -> dict[str, str]:
@@ -393,13 +454,17 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                     min_score: Optional[str] = Query(None, description="0..1"), sort: Optional[str] = Query(None),
                     limit: int = Query(100)) -> StoreQuery:
         try:
-            return StoreQuery(text=q, since=since or None, until=until or None, platform=platform, account=account,
-                              hashtag=hashtag, verdict=verdict or None, min_score=min_score or None, sort=sort or None,
-                              limit=limit)
+            query = StoreQuery(text=q, since=since or None, until=until or None, platform=platform, account=account,
+                               hashtag=hashtag, verdict=verdict or None, min_score=min_score or None,
+                               sort=sort or None, limit=limit)
         except ValidationError as e:
             loc = {"text": "q"}
             raise RequestValidationError([{**err, "loc": ("query", *(loc.get(x, x) for x in err["loc"]))}
                                           for err in e.errors()]) from None
+        if q and q.strip() and query.text is None:  # said as such, not as "give at least one of q, ..."
+            raise RequestValidationError([{"type": "value_error", "loc": ("query", "q"), "input": q,
+                                           "msg": "has no word to search for (only punctuation or quotes)"}])
+        return query
 
     def account_query(min_ai_share: float = Query(0.0), min_posts: int = Query(1), limit: int = Query(200)) -> AccountQuery:
         try:
@@ -579,8 +644,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     def login(request: Request, username: str = Form(..., max_length=64), password: str = Form(..., max_length=1024),
               next: str = Form("/"), expected: str = Depends(login_form_csrf)):
         client = request.client.host if request.client else "unknown"
-        keys = (f"ip:{client}", f"user:{username}")
-        wait, stamp = desk.limiter.attempt(*keys)
+        wait, stamp = desk.limiter.attempt(client, username)
         if stamp is None:
             observe.LOGINS.labels("rate_limited").inc()
             raise HTTPException(429, f"too many failed logins; try again in {int(wait) + 1} s",
@@ -595,7 +659,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             return templates.TemplateResponse(request, "login.html", {"me": None, "csrf": expected, "next": _safe_next(next),
                                                                        "error": "wrong user name or password",
                                                                        "has_users": True}, status_code=401)
-        desk.limiter.succeeded(stamp, *keys)
+        desk.limiter.succeeded(stamp, client, username)
         token, _ = desk.db.new_session(user.name, user.role, settings.desk.session_hours, credential_of(user))
         observe.LOGINS.labels("ok").inc()
         resp = RedirectResponse(_safe_next(next), 303)
@@ -639,6 +703,19 @@ def _host_name(host: str) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1]
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _inline_script_hash(page: bytes) -> str:
+    """The CSP source that allows the page's one inline script and no other."""
+    body = re.search(rb"<script>(.*?)</script>", page, re.S).group(1)
+    return "'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode() + "'"
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether a request's Origin header names the desk it was sent to (its
+    Host header): ``null`` (a sandboxed frame, a redirect) never does."""
+    scheme, sep, netloc = origin.partition("://")
+    return bool(sep and host) and scheme in ("http", "https") and netloc.lower() == host.lower()
 
 
 def _safe_next(target: str) -> str:

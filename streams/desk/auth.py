@@ -188,27 +188,40 @@ def token_principal(tokens: dict[str, tuple[str, Role]], presented: str) -> Prin
 
 
 class LoginLimiter:
-    """At most ``per_minute`` failed logins per key (client address, user
-    name) in a sliding minute; successes do not count.
+    """Failed logins in a sliding minute, counted three ways: per client
+    address and user name together (at most ``per_minute``), and per address
+    and per user name over all the others (at most ``spread`` times that).
+    Successes do not count.
+
+    The pair is the tight limit: one address guessing one user's password. A
+    guesser from one address cannot lock a user out of the desk from everywhere
+    else (as a per-name limit alone would), nor the others behind a shared
+    address (a newsroom's NAT or proxy); the wider limits still slow guessing
+    spread over many names or many addresses.
 
     ``attempt`` checks and counts in one step, before the password is checked:
     parallel guesses must not all pass the check while none has failed yet."""
 
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
+    def __init__(self, per_minute: int, spread: int = 4):
+        self.per_minute, self.spread = per_minute, spread
         self._fails: dict[str, deque[float]] = defaultdict(deque)
         self._lock = threading.Lock()  # logins run in the threadpool
 
-    def attempt(self, *keys: str) -> tuple[float, float | None]:
+    def _limits(self, client: str, user: str) -> dict[str, int]:
+        wide = self.per_minute * self.spread
+        return {f"pair:{client}\n{user}": self.per_minute, f"addr:{client}": wide, f"user:{user}": wide}
+
+    def attempt(self, client: str, user: str) -> tuple[float, float | None]:
         """(seconds to wait, 0 when allowed; the attempt's stamp, counted as a
         failure until ``succeeded`` withdraws it, None when refused)."""
+        limits = self._limits(client, user)
         with self._lock:
-            wait = self._blocked(*keys)
-            return (wait, None) if wait > 0 else (0.0, self._count(*keys))
+            wait = self._blocked(limits)
+            return (wait, None) if wait > 0 else (0.0, self._count(*limits))
 
-    def succeeded(self, stamp: float, *keys: str) -> None:
+    def succeeded(self, stamp: float, client: str, user: str) -> None:
         with self._lock:
-            for k in keys:
+            for k in self._limits(client, user):
                 with contextlib.suppress(ValueError):
                     self._fails.get(k, deque()).remove(stamp)
 
@@ -223,12 +236,12 @@ class LoginLimiter:
             q.popleft()
         return q
 
-    def _blocked(self, *keys: str) -> float:
+    def _blocked(self, limits: dict[str, int]) -> float:
         """Seconds to wait, 0 when allowed."""
         wait = 0.0
-        for k in keys:
+        for k, limit in limits.items():
             q = self._recent(k)
-            if len(q) >= self.per_minute:
+            if len(q) >= limit:
                 wait = max(wait, 60 - (time.monotonic() - q[0]))
         return wait
 

@@ -71,7 +71,7 @@ class ClusterQuery(BaseModel):
 class AccountQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_ai_share: float = Field(default=0.0, ge=0.0, le=1.0)
-    min_posts: int = Field(default=1, ge=0)
+    min_posts: int = Field(default=1, ge=0, le=1_000_000_000)  # SQLite integers end at 2**63
     limit: int = Field(default=200, ge=1, le=5000)
 
 

@@ -18,13 +18,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from detectors.banks import BankStore
 from detectors.base import Evidence
@@ -45,6 +46,15 @@ class VerdictIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     verdict: DeskVerdict
     note: str = Field(default="", max_length=4000)
+
+    @field_validator("note")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        # Line breaks and tabs, but no other control character: a NUL cuts the
+        # note short in a tool that reads the audit trail as C strings.
+        if re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", v):
+            raise ValueError("must not contain control characters (line breaks and tabs are fine)")
+        return v
 
 
 class Conflict(Exception):
