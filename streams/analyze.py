@@ -8,17 +8,16 @@ disk, so an exact repost costs a digest and a lookup, not a second decode.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from detectors.atomic_file import write_atomically
 from detectors.base import Detector, Evidence, EvidenceKind, create_all
+from detectors.freed_memory import TRIM_AFTER_BYTES, release_freed_memory
 from detectors.hashing import HASHES_VERSION, ImageHashes, compute_hashes
 from detectors.imagedata import ImageData, ImageRejected, process_budget
 from streams import metrics
@@ -31,31 +30,6 @@ log = logging.getLogger(__name__)
 
 
 ANALYSES_REMEMBERED = 2_000  # ~5 KB each: about 10 MB per analyze stage
-
-# Decodes at least this large hand their memory back to the system when done.
-TRIM_AFTER_BYTES = 32 << 20
-
-
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's ``malloc_trim(0)``, or a no-op where there is none. Freed
-    pixel buffers stay in the arena of the thread that decoded them, and each
-    analysis thread has its own arena: without a trim, a worker kept ~1 GB
-    per thread that had once decoded a large picture (measured: 1.8 GB peak
-    after three 190 KB pictures, each under the decode budget)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-
-    def release() -> None:
-        trim(0)
-
-    return release
-
-
-release_freed_memory = _malloc_trim()
 
 
 class Analysis(NamedTuple):

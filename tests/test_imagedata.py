@@ -89,6 +89,27 @@ def test_progressive_jpeg_counts_its_coefficient_buffer():
     assert small.decode_cost >= 400 * 300 * (3 + 3)  # output + 4:2:0 coefficients, in the budget's reservation
 
 
+def _saved(img: Image.Image, fmt: str, **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def test_the_decode_budget_counts_what_a_decode_holds():
+    # It counted 3 bytes a pixel whatever the file: a 2.5 KB lossless WebP of
+    # 8000x8000 passed a 200 MiB budget at 183 MiB and took the process to
+    # 1,029 MB (libwebp's canvas and frame copy, Pillow's 4-byte RGB); a grey
+    # PNG of that size held 309 MB, its RGB copy included.
+    rgb, grey = Image.new("RGB", (1000, 1000), (30, 100, 200)), Image.new("L", (1000, 1000), 77)
+    big = DecodeLimits(max_decode_bytes=1 << 30)
+    assert ImageData(_saved(rgb, "PNG"), limits=big).decode_cost == 1000 * 1000 * 4
+    assert ImageData(_saved(grey, "PNG"), limits=big).decode_cost == 1000 * 1000 * (1 + 4)
+    assert ImageData(_saved(rgb, "WEBP", lossless=True), limits=big).decode_cost == 1000 * 1000 * (4 + 12)
+    with pytest.raises(ImageRejected) as e:  # counted at 3 MB before
+        ImageData(_saved(rgb, "WEBP", lossless=True), limits=DecodeLimits(max_decode_bytes=10 << 20))
+    assert e.value.reason == "memory_budget"
+
+
 def test_multi_scan_jpeg_is_recognised_from_its_first_scan():
     from detectors.imagedata import _jpeg_multi_scan
 

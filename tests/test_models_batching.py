@@ -133,6 +133,40 @@ def test_a_backlog_holds_prepared_pixels_for_few_batches_and_still_fills_them() 
     assert det.batch_sizes == [4] * 5
 
 
+def test_prepares_share_the_decode_budget_and_keep_no_full_size_pixels() -> None:
+    """A take of the detect role prepared every picture at once, each holding
+    its full-size decode until its batch was done: 12 pictures of 8000x8000
+    held 2.8 GB. Now each decode waits for the process's decode budget, and
+    its pixels go once the model input is cut."""
+    from detectors.imagedata import DecodeLimits, process_budget
+
+    limits = DecodeLimits(max_decode_bytes=40 * 40 * 4 * 3 // 2)  # room for one 40x40 picture, not two
+
+    class Watching(CountingDetector):
+        live = peak = 0
+
+        def prepare(self, image):
+            Watching.live += 1
+            Watching.peak = max(Watching.peak, Watching.live)
+            time.sleep(0.02)  # two prep threads: the second would be inside now
+            try:
+                return super().prepare(image)
+            finally:
+                Watching.live -= 1
+
+    det = Watching()
+    images = [ImageData(_image(i).data, limits=limits) for i in range(6)]
+
+    async def main() -> None:
+        async with MicroBatcher(det, max_batch=8, max_wait_ms=200, prep_workers=2) as mb:
+            await asyncio.gather(*(mb.submit(im) for im in images))
+
+    asyncio.run(main())
+    assert det.batch_sizes == [6] and Watching.peak == 1
+    assert all("rgb" not in im.__dict__ and "_thumbs" not in im.__dict__ for im in images)
+    assert process_budget(limits.max_decode_bytes)._used == 0
+
+
 class FlatFails(CountingDetector):
     """A model that cannot take a one-colour picture: ``mode`` says how it fails."""
 
