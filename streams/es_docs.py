@@ -90,7 +90,7 @@ def sighting_doc(cluster_id: str, s: Sighting) -> dict[str, Any]:
         "event_id": ev.event_id, "cluster_id": cluster_id, "sha256": s.sha256, "platform": ev.platform,
         "account_id": ev.account_id, "account_handle": handle,
         "account_handle_norm": handle.lstrip("@").lower() if handle else None,
-        "post_url": ev.post_url, "text": (ev.text or "")[:2000],
+        "post_url": ev.post_url, "text": ev.text or "",
         "hashtags": hashtags(ev), "lang": ev.lang,
         "engagement": ev.engagement.model_dump(), "source": s.source.model_dump(exclude_none=True),
     }

@@ -65,6 +65,11 @@ def sniff_image_type(data: bytes) -> str | None:
 # each of its servers, can take 30 s or more).
 DNS_TIMEOUT_S = 5.0
 
+# httpcore's words for a connection closed before a status line came
+# (a server restarting, a kept-alive connection it dropped as it was reused):
+# worth another try, unlike an answer that is not HTTP.
+_NO_ANSWER = "without sending a response"
+
 # Statuses whose Location is followed; any other 3xx (300, 304, 305) is an
 # answer without an image, not a redirect.
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -380,6 +385,13 @@ class ImageFetcher:
                 return self._check_type(body.bytes(), current), ""
         except httpx.TimeoutException as e:
             raise FetchError("timeout", f"timed out fetching {current}: {type(e).__name__}", retryable=True) from None
+        except httpx.RemoteProtocolError as e:
+            if _NO_ANSWER in str(e):
+                raise FetchError("unreachable", f"{current} closed the connection without answering",
+                                 retryable=True) from None
+            # The server answered, with something that is not HTTP: asking
+            # again gets the same answer.
+            raise FetchError("bad_response", f"{current} sent a malformed HTTP response: {str(e)[:200]}") from None
         except httpx.TransportError as e:
             raise FetchError("unreachable", f"cannot connect to {current}: {e}", retryable=True) from None
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError, ValueError) as e:

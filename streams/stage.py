@@ -10,8 +10,9 @@ events queued behind it) nor hold it: fetch has its own overall deadline
 (``ingest.event_deadline_s``). The deadline cannot interrupt work on the event
 loop itself: only local reads (regular files up to ``fetch.max_bytes``) and
 pictures up to ``batch.analyze_inline_max_pixels`` run there, a few
-milliseconds each (never a multi-scan JPEG, whose decode cost its pixel count
-does not bound); anything larger is analysed in a thread the deadline covers.
+milliseconds each (never a multi-scan JPEG nor a PNG of many chunks, whose
+decode cost their pixel count does not bound); anything larger is analysed in a
+thread the deadline covers.
 
 Nor can it stop a thread: an event whose analysis runs past its deadline is
 dead-lettered then, but its analysis slot (``ingest.analyze_concurrency``)
@@ -53,6 +54,27 @@ MAX_OP_BYTES = MAX_EVENT_BYTES
 
 
 BLOBS_REMEMBERED = 100_000  # ~10 MB of digests: repeats of a recent picture skip the blob store
+
+# Chunks a PNG analysed on the event loop may have. Pillow handles each one in
+# Python, opening the file and again decoding it (a 500x400 picture carrying
+# 100,000 tiny tEXt chunks, 2 MB, held the loop 1 s); a real PNG has a few
+# metadata chunks and one IDAT per 8-64 KB of pixels, about 500 at most under
+# the inline byte cap.
+MAX_INLINE_PNG_CHUNKS = 1_000
+
+
+def png_chunks_over(data: bytes, limit: int) -> bool:
+    """Whether ``data`` is a PNG with more than ``limit`` chunks up to its
+    IEND, counted no further than that: bounded work whatever the file.
+    False for other bytes."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return False
+    pos, end = 8, len(data)
+    for _ in range(limit + 1):
+        if pos + 8 > end or data[pos + 4:pos + 8] == b"IEND":
+            return False
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return True
 
 
 class StageError(Exception):
@@ -354,9 +376,13 @@ class AnalyzeStage:
         header PIL cannot read goes to a thread, where its rejection costs
         the loop nothing). A multi-scan JPEG never is: progressive scans
         (thousands in a few hundred kilobytes) cost libjpeg time its pixel
-        count does not bound, and no deadline interrupts the loop."""
+        count does not bound, and no deadline interrupts the loop. Nor is a
+        PNG of more than ``MAX_INLINE_PNG_CHUNKS`` chunks, counted before
+        Pillow reads its header (which handles every chunk up to the pixels)."""
         cap = self.settings.batch.analyze_inline_max_pixels
         if cap <= 0 or len(data) > cap:  # compressed bytes above the pixel cap: large by any measure
+            return False
+        if png_chunks_over(data, MAX_INLINE_PNG_CHUNKS):
             return False
         try:
             with warnings.catch_warnings():

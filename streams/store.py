@@ -333,11 +333,11 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
                    posted_at, engagement, text, hashtags, lang) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
                    ON CONFLICT(event_id) DO NOTHING""",
             (ev.event_id, cluster_id, s.sha256, ev.platform, ev.account_id, ev.account_handle, ev.post_url,
-             ev.posted_at.isoformat(), ev.engagement.model_dump_json(), (ev.text or "")[:2000], tags, ev.lang),
+             ev.posted_at.isoformat(), ev.engagement.model_dump_json(), ev.text or "", tags, ev.lang),
         )
         if cur.rowcount > 0:
             db.execute("INSERT INTO sightings_fts(rowid, text, hashtags) VALUES (?,?,?)",
-                       (cur.lastrowid, (ev.text or "")[:2000], tags))
+                       (cur.lastrowid, ev.text or "", tags))
         db.execute(
             """INSERT INTO processed (topic, partition, "offset", outcome, event_id) VALUES (?,?,?,?,?)
                ON CONFLICT DO NOTHING""",

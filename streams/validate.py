@@ -3,7 +3,9 @@
 Every way a line can be hostile ends here as ``InvalidEvent`` with a reason:
 too large, not JSON (including nesting deeper than ``MAX_DEPTH``, numbers
 with thousands of digits and lone UTF-16 surrogates), an unknown
-``schema_version``, or a schema violation. Nothing else escapes.
+``schema_version``, or a schema violation (a value of the wrong JSON type
+included: ``true`` or ``"5"`` for a count is refused, not converted). Nothing
+else escapes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from streams.records import ImageEvent, usable_event_id
+from streams.records import Engagement, ImageEvent, usable_event_id
 
 
 class InvalidEvent(ValueError):
@@ -89,14 +91,48 @@ def event_id_of(raw: bytes) -> str | None:
     return usable_event_id(doc.get("event_id")) if isinstance(doc, dict) else None
 
 
+def _json_kind(value: Any) -> str:
+    """The JSON type of a parsed value, as an error message names it."""
+    if isinstance(value, bool):  # before int: bool is an int in Python
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if value is None:
+        return "null"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _wrong_json_types(doc: dict[str, Any]) -> list[str]:
+    """Values of a JSON type the published schema refuses but pydantic's lax
+    mode would convert: a boolean or a string for a count (``true`` became 1
+    like, ``"5"`` five), a number for ``posted_at`` (taken as seconds since
+    1970). A producer that validates against the schema and this worker must
+    agree on what is an event."""
+    problems = []
+    engagement = doc.get("engagement")
+    if isinstance(engagement, dict):
+        for key in Engagement.model_fields:
+            value = engagement.get(key, 0)
+            # JSON Schema's integer includes 5.0 (pydantic takes it too); a
+            # fraction or a number out of range is left to pydantic to name.
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"engagement.{key}: must be an integer, got {_json_kind(value)}")
+    if "posted_at" in doc and not isinstance(doc["posted_at"], str):
+        problems.append(f"posted_at: must be a date-time string, got {_json_kind(doc['posted_at'])}")
+    return problems
+
+
 def parse_event(raw: bytes) -> ImageEvent:
     doc = load_json(raw)
     if not isinstance(doc, dict):
         raise InvalidEvent("malformed_json", f"event must be a JSON object, got {type(doc).__name__}")
     event_id = usable_event_id(doc.get("event_id"))
     version = doc.get("schema_version", 1)
-    if version != 1:
+    if isinstance(version, bool) or version != 1:  # true == 1 in Python; the schema says the integer 1
         raise InvalidEvent("unsupported_version", f"schema_version {str(version)[:40]!r} is not supported (this worker knows 1)", event_id)
+    wrong = _wrong_json_types(doc)
+    if wrong:
+        raise InvalidEvent("schema_violation", "; ".join(wrong[:5]), event_id)
     try:
         return ImageEvent.model_validate(doc)
     except ValidationError as e:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
+import zlib
 
 import pytest
 
@@ -14,7 +16,7 @@ from streams.blobstore import DirectoryBlobStore
 from streams.fetch import ImageFetcher
 from streams.records import ClusterOp, SourceRef
 from streams.settings import Settings
-from streams.stage import AnalyzeStage
+from streams.stage import MAX_INLINE_PNG_CHUNKS, AnalyzeStage, png_chunks_over
 from tests.hostile import corpus
 
 
@@ -79,6 +81,54 @@ def test_a_small_local_picture_takes_no_thread_hop_and_a_large_one_takes_one(set
     assert ClusterOp.loads(small.op).sighting.width == 256
     assert ClusterOp.loads(large.op).sighting.width == 640
     assert hops == ["_blocking"]  # the large picture's analysis only; no hop for either read
+
+
+def _with_text_chunks(png: bytes, n: int, *, after_pixels: bool = False) -> bytes:
+    chunks = b"".join(struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+                      for body in (b"k%d\0v" % i for i in range(n)))
+    at = len(png) - 12 if after_pixels else 33  # before IEND, or after IHDR
+    return png[:at] + chunks + png[at:]
+
+
+@pytest.mark.parametrize("after_pixels", [False, True])
+def test_a_small_png_of_100000_text_chunks_is_analysed_in_a_thread(setup, after_pixels):
+    """Pillow handles each chunk in Python, opening and decoding: 2 MB of
+    tiny tEXt chunks in a 256x192 picture held the loop ~1 s, where no
+    deadline reaches. It is analysed in a thread; the same picture with 20
+    text chunks stays on the loop."""
+    make, hops = setup
+    stage, _ = make(4_000_000)
+    images = stage.settings.ingest.image_roots[0]
+    plain = (images / "small.png").read_bytes()
+    chunky = _with_text_chunks(plain, 100_000, after_pixels=after_pixels)
+    assert len(chunky) < 4_000_000  # under the byte cap and the pixel cap alike
+    (images / "chunky.png").write_bytes(chunky)
+    (images / "some-text.png").write_bytes(_with_text_chunks(plain, 20, after_pixels=after_pixels))
+    chunky_result, some_text = _run(stage, [_event(0, "chunky.png"), _event(1, "some-text.png")])
+    assert ClusterOp.loads(chunky_result.op).sighting.width == 256
+    assert some_text.op is not None
+    assert hops == ["_blocking"]
+
+
+def test_png_chunks_are_counted_no_further_than_the_limit():
+    png = corpus.picture_png(1, (64, 48))
+    assert not png_chunks_over(png, MAX_INLINE_PNG_CHUNKS)
+    assert not png_chunks_over(b"\xff\xd8\xff" + bytes(100), 0)  # not a PNG
+    assert png_chunks_over(_with_text_chunks(png, MAX_INLINE_PNG_CHUNKS), MAX_INLINE_PNG_CHUNKS)
+    assert not png_chunks_over(_with_text_chunks(png, 10), MAX_INLINE_PNG_CHUNKS)
+    assert not png_chunks_over(png + _with_text_chunks(b"", 5_000), 100)  # past IEND: never read
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"schema_version": True}, "unsupported_version"),
+    ({"engagement": {"likes": "5"}}, "schema_violation"),
+    ({"engagement": {"likes": True}}, "schema_violation"),
+])
+def test_a_value_the_published_schema_refuses_is_a_validate_dead_letter_not_a_sighting(setup, change, reason):
+    make, _ = setup
+    stage, _ = make(4_000_000)
+    [r] = _run(stage, [json.dumps({**json.loads(_event(0, "small.png")), **change}).encode()])
+    assert r.op is None and (r.dead.stage, r.dead.reason) == ("validate", reason) and r.dead.event_id == "e0"
 
 
 def test_inline_off_means_one_hop_per_event(setup):

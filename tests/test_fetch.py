@@ -106,8 +106,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, zlib.compress(GZIP_BOMB, 9, wbits=31), {"Content-Encoding": "gzip, gzip"})
         elif p == "/gzip-then-garbage":
             self._send(200, zlib.compress(PNG, wbits=31) + bytes(5000), {"Content-Encoding": "gzip"})
+        elif p in _MALFORMED:
+            self.wfile.write(_MALFORMED[p])
+        elif p == "/no-answer":
+            pass  # the connection closes with nothing sent
         else:
             self._send(500, b"unknown test path")
+
+
+# Answers that are not HTTP, sent as raw bytes; h11 refuses each of them.
+_MALFORMED = {
+    "/conflicting-length": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nContent-Length: %d\r\n\r\n" % len(PNG) + PNG,
+    "/negative-length": b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n" + PNG,
+    "/garbage-status": b"\x00\xff garbage not http\r\n\r\n",
+    "/http09": PNG + b"\r\n\r\n",  # a body without a status line (a line end in it, as in any real image)
+    "/huge-header": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n" + PNG,
+    "/many-headers": b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(20_000)) + b"\r\n" + PNG,
+    "/short-body": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(PNG) + 100) + PNG,
+}
 
 
 class _Server(ThreadingHTTPServer):
@@ -307,6 +323,23 @@ def test_unreachable_port(server):
         port = s.getsockname()[1]
     err = _fail(_event(url=f"http://127.0.0.1:{port}/x.png"), LOOPBACK_OK)
     assert err.reason == "unreachable" and err.retryable
+
+
+@pytest.mark.parametrize("path", sorted(_MALFORMED))
+def test_a_malformed_answer_is_a_bad_response_and_not_retried(server, path):
+    cfg = LOOPBACK_OK.model_copy(update={"retries": 2})
+    err = _fail(_event(url=_url(server, path)), cfg)
+    assert err.reason == "bad_response" and not err.retryable, (err.reason, err.detail)
+    assert "malformed HTTP response" in err.detail
+    assert server.hits[path] == 1
+
+
+def test_a_close_without_any_answer_is_unreachable_and_retried(server):
+    cfg = LOOPBACK_OK.model_copy(update={"retries": 1})
+    err = _fail(_event(url=_url(server, "/no-answer")), cfg)
+    assert err.reason == "unreachable" and err.retryable
+    assert "without answering" in err.detail
+    assert server.hits["/no-answer"] == 2
 
 
 # -- local paths --------------------------------------------------------------

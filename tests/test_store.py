@@ -13,8 +13,10 @@ import pytest
 
 from detectors.base import Evidence
 from detectors.hashing import ImageHashes
+from streams.es_docs import sighting_doc
+from streams.findings import ClusterQuery
 from streams.records import (
-    Alert, ClusterSnapshot, DeadLetter, Engagement, ImageEvent, Member, Sighting, SourceRef, Velocity,
+    MAX_TEXT_CHARS, Alert, ClusterSnapshot, DeadLetter, Engagement, ImageEvent, Member, Sighting, SourceRef, Velocity,
 )
 from streams.store import SqliteFindingsStore
 
@@ -299,3 +301,17 @@ def test_snapshots_on_the_wire_leave_engine_state_out(store):
     store.apply_snapshot(back)
     [m] = store.iter_members()
     assert m.views == ["2" * 16] * 3
+
+
+def test_a_long_post_text_is_stored_and_searched_whole(store):
+    """Validation keeps up to MAX_TEXT_CHARS (10,000) of a post's text; the
+    store and the Elasticsearch document keep all of it, the FTS index too."""
+    text = "lorem " * 1500 + "needlewordhere " + "ipsum " * 1000
+    s = _sighting("e1", "a" * 64, 0)
+    s = s.model_copy(update={"event": ImageEvent.model_validate({**s.event.model_dump(), "text": text + "x" * 20_000})})
+    assert len(s.event.text) == MAX_TEXT_CHARS and "needlewordhere" in s.event.text[9000:]
+    store.apply_snapshot(_snap("c1", 1, sighting=s))
+    [stored] = store.sightings()
+    assert stored.text == s.event.text
+    assert [c.id for c in store.search(ClusterQuery(text="needlewordhere"))] == ["c1"]
+    assert sighting_doc("c1", s)["text"] == s.event.text

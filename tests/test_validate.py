@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jsonschema
 import pytest
 
 from streams.validate import MAX_EVENT_BYTES, InvalidEvent, parse_event
@@ -117,3 +119,64 @@ def test_oversized_event_refused_before_parsing():
     raw = b" " * (MAX_EVENT_BYTES + 1)
     err = _invalid(raw)
     assert err.reason == "too_large"
+
+
+@pytest.mark.parametrize("engagement", [{"likes": "5"}, {"likes": True}, {"views": False}, {"replies": None}])
+def test_a_count_of_another_json_type_is_refused_not_converted(engagement):
+    err = _invalid(_raw({**GOOD, "engagement": engagement}))
+    assert err.reason == "schema_violation" and err.event_id == "evt-1"
+    key = next(iter(engagement))
+    assert f"engagement.{key}: must be an integer" in err.detail
+
+
+def test_schema_version_true_is_not_version_1():
+    err = _invalid(_raw({**GOOD, "schema_version": True}))
+    assert err.reason == "unsupported_version" and "True" in err.detail
+
+
+@pytest.mark.parametrize("posted_at", [1_700_000_000, 0, 1.5])
+def test_a_number_for_posted_at_is_refused_not_read_as_epoch_seconds(posted_at):
+    err = _invalid(_raw({**GOOD, "posted_at": posted_at}))
+    assert err.reason == "schema_violation" and "posted_at: must be a date-time string" in err.detail
+
+
+def test_an_integral_float_count_is_an_integer_as_in_json_schema():
+    assert parse_event(_raw({**GOOD, "engagement": {"likes": 5.0}})).engagement.likes == 5
+
+
+# Every JSON type in every field: what the worker accepts, the published schema
+# accepts. The worker may refuse more (one image source, an http(s) URL, a real
+# date-time): those are rules the schema cannot state.
+_KINDS = [True, False, 0, 1, 1.0, 1.5, -1, "1", "x", None, [], {}, ["a"], "2026-11-20T10:00:00Z", 1_700_000_000, 2**53 + 1]
+_FIELDS = ["schema_version", "event_id", "platform", "post_id", "post_url", "account_id", "account_handle",
+           "posted_at", "text", "lang", "hashtags", "engagement", "image", "engagement.likes", "engagement.reposts",
+           "engagement.replies", "engagement.views", "image.url", "image.mime", "image.blob", "hashtags.0"]
+
+
+def _with(field: str, value) -> dict:
+    doc = json.loads(json.dumps(GOOD))
+    *outer, last = field.split(".")
+    at = doc
+    for key in outer:
+        at = at.setdefault(key, {} if key != "hashtags" else [])
+    if isinstance(at, list):
+        at.append(value)
+    else:
+        at[last] = value
+    return doc
+
+
+def test_the_worker_accepts_no_event_the_published_schema_refuses():
+    published = Path(__file__).resolve().parents[1] / "streams" / "schemas" / "event-v1.schema.json"
+    validator = jsonschema.Draft202012Validator(json.loads(published.read_text()))
+    disagree = []
+    for field in _FIELDS:
+        for value in _KINDS:
+            doc = _with(field, value)
+            try:
+                parse_event(_raw(doc))
+            except InvalidEvent:
+                continue
+            if not validator.is_valid(doc):
+                disagree.append(f"{field}={value!r}")
+    assert not disagree
