@@ -227,6 +227,41 @@ class ConnectorSettings(_Section):
     ingest_broker_timeout_s: float = Field(5.0, gt=0)  # longer than this without the broker: 503 + Retry-After
 
 
+STORE_SCHEMES = ("es", "ess", "http", "https")
+
+
+def check_store_url(value: str | None) -> str | None:
+    """A findings store address: SQLite (unset, ``sqlite``, ``sqlite:///PATH``)
+    or Elasticsearch with a host and a port that is a number in range.
+    Checked when settings load: a bad port was a ValueError traceback in
+    every command that opened the store."""
+    if value is None or not value.strip():
+        return value
+    url = value.strip()
+    if url in ("sqlite", "sqlite:") or url.startswith("sqlite://"):
+        if url == "sqlite://":
+            raise ValueError("sqlite:// needs a path, e.g. sqlite:///srv/deepwatch/findings.sqlite")
+        return value
+    example = "give es://HOST:9200 or https://HOST:9200"
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in STORE_SCHEMES:
+        raise ValueError(f"unknown findings store: {example}, or sqlite:///PATH")
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        raise ValueError(f"not a URL ({e}); {example}") from None
+    try:
+        port = parts.port
+    except ValueError as e:
+        why = "is out of range (0-65535)" if "range" in str(e) else "is not a number"
+        raise ValueError(f"port {why}; {example}") from None
+    if not parts.hostname:
+        raise ValueError(f"has no host; {example}")
+    if port == 0:
+        raise ValueError(f"port 0 cannot be connected to; {example}")
+    return value
+
+
 class FindingsSettings(_Section):
     """Where findings go. ``url`` None = the embedded SQLite file in data_dir;
     ``es://host:9200`` / ``https://host:9200`` = Elasticsearch (credentials and
@@ -241,6 +276,11 @@ class FindingsSettings(_Section):
     retry_initial_s: float = Field(0.5, gt=0)  # backoff on 429/5xx, doubling up to retry_max_s, never giving up
     retry_max_s: float = Field(30.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return check_store_url(value)
 
 
 class DeskSettings(_Section):
@@ -309,13 +349,16 @@ class BatchSettings(_Section):
 
 
 class Settings(BaseSettings):
+    # env_parse_none_str: an empty variable unsets a setting that may be unset
+    # (settings_check._check_not_empty refuses it for the others)
     model_config = SettingsConfigDict(env_prefix="DEEPWATCH_", env_nested_delimiter="__", extra="ignore",
-                                      allow_inf_nan=False)  # as in _Section
+                                      allow_inf_nan=False, env_parse_none_str="")  # inf/nan: as in _Section
 
     data_dir: Path = Path("deepwatch-data")
     broker: str = "embedded"  # "embedded" (Tansu) or kafka://host:port[,host:port]
-    topic_prefix: str = "deepwatch"
-    partitions: int = Field(4, gt=0)
+    topic_prefix: str = "deepwatch"  # topics are named <prefix>.events etc.: letters, digits, . _ -, at most 200
+    # a huge count was a struct.error from the Kafka client; brokers cap far lower anyway
+    partitions: int = Field(4, gt=0, le=10_000)
     app_id: str = "deepwatch"
     metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics on workers; 0 = any free port
     log_level: LogLevel = "INFO"  # in any case; WARN and FATAL are taken as WARNING and CRITICAL
@@ -336,6 +379,17 @@ class Settings(BaseSettings):
     findings: FindingsSettings = Field(default_factory=FindingsSettings)
     desk: DeskSettings = Field(default_factory=DeskSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        # Kafka's rule for topic names (at most 249 characters); the broker
+        # refused a bad name only once a worker created its topics
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", value):
+            raise ValueError("use letters, digits, . _ - (1 to 200 characters), e.g. deepwatch: Kafka topic names allow no others")
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -87,21 +87,34 @@ def check_environment(environ: Mapping[str, str]) -> None:
 
     top = {name.upper() for name in Settings.model_fields}
     sections = {name.upper() for name, f in Settings.model_fields.items() if _model_of(f.annotation)}
-    valid_nested = {_env_name(p) for p, _ in setting_paths()}
-    for name in environ:
+    fields = {_env_name(p): f for p, f in setting_paths()}
+    for name, value in environ.items():
         upper = name.upper()
         if not upper.startswith("DEEPWATCH_") or upper in NON_SETTING_ENV or upper.endswith(SECRET_SUFFIXES):
             continue
         rest = upper[len("DEEPWATCH_"):]
         if "__" not in rest:
             if rest in top:
-                continue  # a whole section may be given as JSON (DEEPWATCH_FETCH='{...}')
-        elif rest.split("__", 1)[0] in sections and upper in valid_nested:
+                # a whole section may be given as JSON (DEEPWATCH_FETCH='{...}')
+                _check_not_empty(name, value, Settings.model_fields[rest.lower()])
+                continue
+        elif rest.split("__", 1)[0] in sections and upper in fields:
+            _check_not_empty(name, value, fields[upper])
             continue
         path = rest.lower().replace("__", ".")
         near = closest(path)
         hint = f"; did you mean {_env_name(near)}?" if near else "; see `deepwatch settings`"
         raise SettingsError(f"unknown setting in the environment: {name}{hint}")
+
+
+def _check_not_empty(name: str, value: str, field: Any) -> None:
+    """One rule for a variable set to nothing (``DEEPWATCH_DATA_DIR=``): it
+    unsets a setting that may be unset (its default is None, e.g.
+    desk.public_url), and is an error naming the variable for any other
+    (data_dir became ".", broker an error that did not say where it came from)."""
+    if value.strip() or type(None) in typing.get_args(field.annotation):
+        return
+    raise SettingsError(f"{name} is set but empty: give it a value, or unset it (`unset {name}`) for the default")
 
 
 def check_toml_file(path: Path) -> None:

@@ -135,9 +135,14 @@ def test_names_that_look_like_markup_are_shown_as_typed(tmp_path: Path):
     d, imgs = tmp_path / "data", tmp_path / "imgs"
     imgs.mkdir()
     _picture(1).save(imgs / "[bold]a.jpg", quality=90)
+    # `bank add` refuses such names now; banks made before the rule (or by
+    # other tools) still hold them, so they are added under the CLI's feet
+    from streams.settings import Settings
+
+    store = Settings(data_dir=d).bank_store()
     for bank in ("[/x]", "[red]b"):
-        assert f"added 1 new image(s) to '{bank}'" in _run("bank", "add", bank, "--verdict", "fake", str(imgs),
-                                                             "--data-dir", str(d)).output
+        assert store.add_images(bank, "fake", [imgs / "[bold]a.jpg"]) == 1
+    store.close()
     listed = _run("bank", "list", "--data-dir", str(d)).stdout
     assert "[/x]" in listed and "[red]b" in listed
     found = _run("similar", str(imgs / "[bold]a.jpg"), "--data-dir", str(d), "--format", "table").stdout

@@ -132,3 +132,74 @@ def test_every_posted_at_still_accepted_is_ordered_by_the_store(posted_at):
     # the SQLite store orders and windows sightings by julianday(posted_at)
     (jd,) = sqlite3.connect(":memory:").execute("SELECT julianday(?)", (ev.posted_at.isoformat(),)).fetchone()
     assert jd is not None, ev.posted_at.isoformat()
+
+
+# -- option bounds and arguments that ran into tracebacks or silence (CLI audit) -----
+@pytest.mark.parametrize("args, says", [
+    (["demo", "--burst", "1"], "'--burst'"),  # IndexError in demo_feed
+    (["demo", "--burst", "99999999999999999999999"], "'--burst'"),  # built forever
+    (["clusters", "--limit", "99999999999999999999999"], "'--limit'"),  # OverflowError
+    (["alerts", "--limit", "99999999999999999999999"], "'--limit'"),
+    (["eval", "FEED", "--leave-generator-out", "--crops", "0"], "'--crops'"),  # pydantic ValidationError
+    (["train", "--recipe", "pixel-probe", "--data", "FEED", "--probe-c", "-1"], "'--probe-c'"),  # sklearn, 34 s later
+    (["train", "--recipe", "pixel-probe", "--data", "FEED", "--crops", "0"], "'--crops'"),  # one combined message
+    (["train", "--recipe", "pixel-probe", "--data", "FEED", "--hidden", "-1"], "'--hidden'"),
+    (["train", "--recipe", "pixel-probe", "--data", "FEED", "--alpha", "-1"], "'--alpha'"),
+    (["train", "--recipe", "pixel-probe", "--data", "FEED", "--augment", "-1"], "'--augment'"),
+    (["train", "--input-size", "0"], "'--input-size'"),
+    (["search", '"'], "has no word to search for"),  # matched every cluster
+    (["search", "--since", "2026-01-01", "--until", "2020-01-01"], "--since 2026-01-01 is after --until"),
+    (["redeliver", "--alert", "x"], "--alert needs TARGET"),  # --alert was ignored
+    (["bank", "add", "", "FEED", "--verdict", "fake"], "the bank name is empty"),
+    (["bank", "add", "x" * 65, "FEED", "--verdict", "fake"], "longer than 64 characters"),
+])
+def test_a_bad_option_value_is_one_line_naming_it(tmp_path, feed, args, says):
+    feed.write_text("{}\n")
+    r = _cli(*[str(feed) if a == "FEED" else a for a in args], *([] if args[0] in ("eval", "train") else
+                                                                  ["--data-dir", str(tmp_path / "d")]))
+    line = _one_error_line(r)
+    assert says in line, line
+
+
+@pytest.mark.parametrize("command", ["replay", "ingest"])
+def test_an_empty_feed_is_refused_before_anything_starts(tmp_path, feed, command):
+    feed.write_text("\n\n")  # was 0 events and exit 0, after starting a broker and workers (replay)
+    extra = ["--data-dir", str(tmp_path / "d")] if command == "replay" else ["--broker", "kafka://127.0.0.1:1"]
+    line = _one_error_line(_cli(command, str(feed), *extra))
+    assert "FEED" in line and f"{feed} is empty" in line, line
+    assert not (tmp_path / "d").exists()
+
+
+def test_train_manifest_names_the_option_and_takes_a_folder(tmp_path):
+    line = _one_error_line(_cli("train", "--manifest", str(tmp_path / "none.csv")))
+    assert line.startswith(f"error: --manifest {tmp_path / 'none.csv'}: no such file"), line
+    line = _one_error_line(_cli("train", "--manifest", str(tmp_path)))  # was [Errno 21]
+    assert "no manifest.csv in this folder" in line, line
+
+
+def test_an_unwritable_cache_dir_names_the_option(tmp_path):
+    (tmp_path / "manifest.csv").write_text("file,label,generator\n")
+    line = _one_error_line(_cli("train", "--recipe", "pixel-probe", "--data", str(tmp_path), "--cache-dir", "/proc/x"))
+    assert line == "error: --cache-dir /proc/x: cannot create it (No such file or directory); pick a writable directory"
+
+
+def test_a_missing_sqlite_store_fails_similar_as_it_fails_clusters(tmp_path):
+    from PIL import Image
+
+    from streams.settings import Settings
+
+    data = tmp_path / "d"
+    data.mkdir()
+    Settings(data_dir=data).bank_store().close()  # banks, no findings: the lookup went on with banks alone, exit 0
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "a.png")
+    line = _one_error_line(_cli("similar", str(tmp_path / "a.png"), "--data-dir", str(data),
+                                "--store", f"sqlite://{tmp_path / 'nonexist.sqlite'}"))
+    assert f"no findings at {tmp_path / 'nonexist.sqlite'}" in line and "--store" in line, line
+
+
+def test_detect_keeps_pillow_warnings_off_stderr(tmp_path):
+    bad = tmp_path / "t.tif"
+    bad.write_bytes(b"II*\0" + os.urandom(200))
+    r = _cli("detect", str(bad), "--no-models", "--data-dir", str(tmp_path / "d"))
+    assert r.returncode == 1 and json.loads(r.stdout)[0]["error"], r.stdout
+    assert r.stderr == "", r.stderr  # was Pillow's "UserWarning: Corrupt EXIF data" beside the JSON error

@@ -231,3 +231,98 @@ def test_the_settings_reference_lists_each_webhook_field():
     assert r.returncode == 0, r.stderr
     for name in ("url", "secret_env", "timeout_s", "retries", "retry_after_max_s", "summary"):
         assert f"`alerts.webhooks[].{name}`" in r.stdout, name
+
+
+# -- findings store URL, banks file, empty variables (CLI audit) ---------------------
+@pytest.mark.parametrize("args, env, says", [
+    (["clusters"], {"DEEPWATCH_FINDINGS__URL": "es://host:abc"}, "port is not a number; give es://HOST:9200"),
+    (["clusters", "--store", "es://host:99999"], {}, "port is out of range"),
+    (["search", "--store", "https://[::1"], {}, "Invalid IPv6 URL"),
+    (["serve", "--port", "0", "--store", "https://[::1"], {}, "Invalid IPv6 URL"),
+    (["settings", "-f", "json"], {"DEEPWATCH_FINDINGS__URL": "es://host:abc"}, "port is not a number"),
+])
+def test_a_malformed_findings_store_url_is_one_line_naming_it(tmp_path, args, env, says):
+    # was a ValueError traceback from every command opening the store
+    line = _one_error_line(_cli(*args, "--data-dir", str(tmp_path), env=env)
+                           if args[0] != "settings" else _cli(*args, env=env))
+    assert says in line and ("--store" in line or "findings.url" in line), line
+
+
+@pytest.mark.parametrize("kind", ["garbage", "directory"])
+@pytest.mark.parametrize("args", [["bank", "list"], ["worker", "--broker", "kafka://127.0.0.1:1"], ["replay", "FEED"]])
+def test_an_unreadable_banks_file_is_one_line_before_anything_starts(tmp_path, kind, args):
+    # bank list: a sqlite3.DatabaseError traceback; replay: exit 0 with every event dead-lettered
+    data = tmp_path / "d"
+    data.mkdir()
+    if kind == "directory":
+        (data / "banks.sqlite").mkdir()
+    else:
+        (data / "banks.sqlite").write_bytes(os.urandom(5000))
+    feed = tmp_path / "feed.jsonl"
+    feed.write_text('{"event_id": "e"}\n')
+    line = _one_error_line(_cli(*[str(feed) if a == "FEED" else a for a in args], "--data-dir", str(data)))
+    assert str(data / "banks.sqlite") in line and "move it aside or restore it" in line, line
+
+
+@pytest.mark.parametrize("args", [[], ["bank"], ["connect"]])
+def test_a_command_group_alone_shows_its_help_and_no_empty_error(args):
+    r = _cli(*args)
+    assert r.returncode == 0 and r.stderr == "" and "Usage" in r.stdout, (r.returncode, r.stderr)
+
+
+@pytest.mark.parametrize("args", [["worker", "--broker", "kafka://127.0.0.1:1"], ["bank", "list"], ["broker", "--port", "0"]])
+def test_a_data_dir_that_cannot_be_created_names_the_option(args):
+    line = _one_error_line(_cli(*args, "--data-dir", "/proc/x"))
+    assert line == ("error: --data-dir /proc/x: cannot create it (No such file or directory); "
+                    "pick a writable directory"), line
+
+
+def test_a_users_file_that_is_a_directory_names_the_setting(tmp_path):
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(f'[desk]\nusers_file = "{tmp_path}"\n')
+    r = _cli("desk-user", "carol", "--data-dir", str(tmp_path), "-c", str(cfg), "--password-env", "PW",
+             env={"PW": "a-long-enough-password"})
+    line = _one_error_line(r)
+    assert f"desk.users_file {tmp_path} is a directory" in line and "Errno" not in line, line
+
+
+def test_desk_user_without_a_terminal_says_so_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "streams.cli", "desk-user", "carol", "--data-dir", str(tmp_path)],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60, start_new_session=True,
+                       env={**{k: v for k, v in os.environ.items() if not k.startswith("DEEPWATCH_")},
+                            "PYTHONPATH": str(ROOT)})
+    line = _one_error_line(r)  # GetPassWarning lines came first
+    assert "--password-env" in line and "Warning" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"DEEPWATCH_FOO": "1"}, "DEEPWATCH_FOO"),
+    ({"DEEPWATCH_PARTITIONS": "99999999999"}, "'partitions'"),
+    ({"DEEPWATCH_TOPIC_PREFIX": "a b"}, "'topic_prefix'"),
+    ({"DEEPWATCH_DATA_DIR": ""}, "DEEPWATCH_DATA_DIR is set but empty"),
+    ({"DEEPWATCH_BROKER": " "}, "DEEPWATCH_BROKER is set but empty"),
+])
+def test_the_settings_reference_checks_the_environment_too(env, says):
+    # markdown (the default format) exited 0 with any of these
+    line = _one_error_line(_cli("settings", env=env))
+    assert says in line, line
+
+
+def test_an_empty_variable_unsets_a_setting_that_may_be_unset():
+    doc = _settings_json({"DEEPWATCH_METRICS_PORT": "", "DEEPWATCH_FINDINGS__URL": ""})
+    assert doc["metrics_port"] is None and doc["findings"]["url"] is None
+
+
+def test_worker_metrics_port_out_of_range_names_the_option():
+    line = _one_error_line(_cli("worker", "--broker", "kafka://127.0.0.1:1", "--metrics-port", "99999"))
+    assert "'--metrics-port'" in line and "65535" in line, line
+
+
+@pytest.mark.parametrize("args, says", [
+    (["mastodon", "--instance", "https://m.example", "--streaming-url", "garbage"], "--streaming-url 'garbage' must be"),
+    (["bluesky", "--jetstream-url", "wss://[::1"], "--jetstream-url 'wss://[::1' is not a valid URL"),
+])
+def test_connector_urls_are_checked_before_connecting(tmp_path, args, says):
+    # mastodon retried forever (UnsupportedProtocol); bluesky said a bare "Invalid IPv6 URL"
+    line = _one_error_line(_cli("connect", *args, "--dry-run", "--duration", "2", "--data-dir", str(tmp_path)))
+    assert says in line, line

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from detectors.regular_file import special_kind
 from streams.cli.app import app
-from streams.cli.common import err, fail, print_error, print_json, settings_from
+from streams.cli.common import check_banks, check_store_option, err, fail, print_error, print_json, settings_from
 from streams.settings import Settings
 
 bank_app = typer.Typer(
@@ -42,11 +42,24 @@ def _say(message: str) -> None:
 
 
 def _settings(data_dir: Optional[Path]) -> Settings:
-    return settings_from(data_dir=data_dir)  # a --data-dir that is a file: one error line
+    settings = settings_from(data_dir=data_dir)  # a --data-dir that is a file: one error line
+    check_banks(settings)
+    return settings
 
 
 def _store(settings: Settings):
     return settings.bank_store()
+
+
+def _check_name(name: str) -> str:
+    """NAME callback: a bank name is shown in tables, alerts and the desk;
+    an empty or 100,000-character one was stored as given."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        what = "is empty" if not name else "is longer than 64 characters" if len(name) > 64 else "has other characters"
+        raise typer.BadParameter(f"the bank name {what}: use letters, digits, . _ - (at most 64), e.g. afp-debunked")
+    return name
 
 
 def _check_verdict(v: str) -> str:
@@ -74,7 +87,7 @@ def _expand(paths: list[Path]) -> list[Path]:
 
 @bank_app.command("add")
 def add(
-    name: str = typer.Argument(..., metavar="NAME", help="Bank name, e.g. afp-debunked."),
+    name: str = typer.Argument(..., metavar="NAME", callback=_check_name, help="Bank name, e.g. afp-debunked (letters, digits, . _ -; at most 64)."),
     paths: list[Path] = typer.Argument(..., metavar="PATHS", help="Image files and/or directories (searched recursively)."),
     verdict: str = _Verdict,
     data_dir: Optional[Path] = _DataDir,
@@ -138,7 +151,7 @@ def _check_bank_verdict(store: Any, name: str, verdict: str) -> None:
 
 @bank_app.command("import")
 def import_(
-    name: str = typer.Argument(..., metavar="NAME", help="Bank name."),
+    name: str = typer.Argument(..., metavar="NAME", callback=_check_name, help="Bank name (letters, digits, . _ -; at most 64)."),
     csv_path: Path = typer.Argument(..., metavar="CSV", exists=True, dir_okay=False, help="CSV with a 'pdq' (64 hex) and/or 'phash' (16 hex) column; optional id, label, quality."),
     verdict: str = typer.Option("fake", "--verdict", help="'fake' (default: shared lists are usually debunked material) or 'authentic'."),
     data_dir: Optional[Path] = _DataDir,
@@ -182,7 +195,7 @@ def similar(
     image: Path = typer.Argument(..., metavar="IMAGE", exists=True, dir_okay=False, help="Image file to look up."),
     data_dir: Optional[Path] = _DataDir,
     fmt: str = typer.Option("json", "--format", "-f", help="json (an array, nearest first; [] when nothing is near) or table."),
-    store_url: Optional[str] = typer.Option(None, "--store", help="Findings store: es://HOST:9200 or https://HOST:9200 (bit-vector kNN); default the SQLite file in --data-dir."),
+    store_url: Optional[str] = typer.Option(None, "--store", callback=check_store_option, help="Findings store: es://HOST:9200 or https://HOST:9200 (bit-vector kNN); default the SQLite file in --data-dir."),
 ) -> None:
     """Clusters and bank entries showing the same picture as IMAGE, nearest first."""
     from detectors.imagedata import ImageData, ImageRejected
@@ -201,6 +214,11 @@ def similar(
         fail(str(e))
     url = store_url or settings.findings.url
     findings_file = sqlite_file(url, settings.data_dir)
+    if findings_file is not None and not findings_file.exists() and (url or "").strip().startswith("sqlite://"):
+        # as `clusters` says it: a named store that is not there answered bank matches alone, exit 0
+        where = "--store" if store_url else "findings.url"
+        fix = "" if store_url else " (DEEPWATCH_FINDINGS__URL or the settings file)"
+        raise typer.BadParameter(f"no findings at {findings_file}; check the path{fix}", param_hint=where)
     if findings_file is not None and not findings_file.exists() and not settings.banks_path.exists():
         # a mistyped --data-dir answered [] ("nothing is near") instead of saying so
         fail(f"no findings and no banks in {settings.data_dir}; run `deepwatch demo` or `deepwatch replay` (findings) or "

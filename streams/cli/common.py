@@ -141,6 +141,12 @@ def run_cli(app: Any) -> None:
 
 def _usage_error(e: Any) -> None:
     """A click usage error as one ``error:`` line naming the help to read."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        # `deepwatch` or a group such as `deepwatch bank` alone: the help is
+        # already printed and is the answer, not a mistake (this was an empty
+        # "error:" line and exit 2). By name, as typer checks it.
+        e.exit_code = 0
+        return
     ctx = getattr(e, "ctx", None)
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
     print_error(e.format_message() + hint)
@@ -182,20 +188,99 @@ def check_data_dir(settings: Settings, given: Optional[Path]) -> None:
             probe = probe.parent
         except (OSError, ValueError):
             return
+    source = ("from DEEPWATCH_DATA_DIR" if os.environ.get("DEEPWATCH_DATA_DIR")
+              # load_settings puts --config there too
+              else "data_dir in the settings file" if os.environ.get("DEEPWATCH_CONFIG") else "the default")
     if stat.S_ISDIR(mode):
+        if probe != path:
+            _check_creatable(path, probe, given, source)
         return
     what = "is a file" if probe == path else f"lies under {probe}, which is a file"
     fix = "name a directory, or a path that does not exist yet (it is created)"
     if given is not None:
         raise typer.BadParameter(f"{path} {what}, not a directory: {fix}", param_hint="--data-dir")
-    source = ("from DEEPWATCH_DATA_DIR" if os.environ.get("DEEPWATCH_DATA_DIR")
-              # load_settings puts --config there too
-              else "data_dir in the settings file" if os.environ.get("DEEPWATCH_CONFIG") else "the default")
     raise UserError(f"data dir {path} ({source}) {what}, not a directory: {fix}; or pass --data-dir")
+
+
+def _mkdir_problem(parent: Path) -> Optional[str]:
+    """Why no directory can be made in ``parent`` (None: one can). A directory
+    made and removed at once says so without leaving anything behind, and
+    without guessing from permission bits."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".deepwatch-probe-", dir=parent))
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def check_writable_dir(path: Path, option: str) -> None:
+    """A directory a command will write into (a cache, say): it, or its
+    nearest existing parent, must be a directory a file can be made in."""
+    probe = Path(path)
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        fail(f"{option} {path}: {probe} is not a directory; pick a writable directory")
+    why = _mkdir_problem(probe)
+    if why:
+        verb = "write in it" if probe == Path(path) else "create it"
+        fail(f"{option} {path}: cannot {verb} ({why}); pick a writable directory")
+
+
+def _check_creatable(path: Path, parent: Path, given: Optional[Path], source: str) -> None:
+    """A data dir that does not exist yet must be creatable under its nearest
+    existing parent: /proc/x or a read-only mount ended a command on a bare
+    ``[Errno 2] No such file or directory`` (replay after starting its
+    broker)."""
+    why = _mkdir_problem(parent)
+    if why:
+        if given is not None:
+            raise UserError(f"--data-dir {path}: cannot create it ({why}); pick a writable directory")
+        raise UserError(f"data dir {path} ({source}): cannot create it ({why}); "
+                        "pick a writable directory, or pass --data-dir")
+
+
+def check_banks(settings: Settings) -> None:
+    """Refuse a banks.sqlite that SQLite cannot read (random bytes, a
+    directory of that name, no read permission) before a command uses it:
+    the bank commands and `detect` ended on a sqlite3 traceback, and replay
+    exited 0 with every event dead-lettered decode:internal_error. A missing
+    file is fine (it is created on first `bank add`)."""
+    import sqlite3
+
+    path = Path(settings.banks_path)
+    if not os.path.lexists(path):
+        return
+    fix = "move it aside or restore it"
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a SQLite banks file: {fix}")
+    try:
+        # read-only: a check must not create or repair anything
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            db.close()
+    except (sqlite3.Error, OSError) as e:
+        raise UserError(f"{path} is not a readable SQLite database ({e}): {fix}") from None
 
 
 def print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def check_store_option(value: Optional[str]) -> Optional[str]:
+    """``--store`` callback: the check ``findings.url`` gets when settings
+    load, so a bad port is one line naming --store, not a traceback from the
+    first command that opens the store."""
+    from streams.settings import check_store_url
+
+    try:
+        return check_store_url(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def check_format(fmt: str) -> str:

@@ -30,6 +30,19 @@ MetricsPort = typer.Option(None, "--metrics-port", min=0, max=65535, help="Serve
 Duration = typer.Option(None, "--duration", min=0.1, help="Stop after this many seconds (default: run until Ctrl-C / SIGTERM).")
 
 
+def _check_url(url: str, where: str, schemes: tuple[str, ...], example: str) -> None:
+    """A connector's address, checked before it starts: a URL urlsplit cannot
+    read was a bare "Invalid IPv6 URL", and a scheme httpx cannot speak was
+    retried forever (UnsupportedProtocol in the log)."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # raises for a port that is not a number or out of range
+    except ValueError as e:
+        fail(f"{where} {url!r} is not a valid URL ({e}); give e.g. {example}")
+    if parts.scheme.lower() not in schemes or not parts.hostname:
+        fail(f"{where} {url!r} must be a {' or '.join(s + '://' for s in schemes)} URL with a host, e.g. {example}")
+
+
 def _setup(settings: Settings, metrics_port: Optional[int]) -> None:
     from streams import logs, metrics
 
@@ -85,6 +98,9 @@ def bluesky(
     from streams.connectors.run import bluesky_stream_key, build_bluesky, open_state, run_until_signalled
 
     settings = settings_from(config, data_dir=data_dir, broker=broker)
+    _check_url(jetstream_url or settings.connectors.jetstream_url,
+               "--jetstream-url" if jetstream_url else "connectors.jetstream_url", ("ws", "wss", "http", "https"),
+               "wss://jetstream2.us-east.bsky.network/subscribe")
     if zstd_dictionary:
         settings.connectors.zstd_dictionary = zstd_dictionary
     _setup(settings, metrics_port)
@@ -128,6 +144,11 @@ def mastodon(
         urlsplit(instance).port  # what it cannot read ("https://[::1", port 99999) ended in a traceback later
     except ValueError as e:
         fail(f"--instance {instance!r} is not a valid URL: {e}")
+    if streaming_url is not None:
+        # the stream is read over HTTP (server-sent events); ws(s):// as the
+        # instance itself reports it (urls.streaming_api) means the same server
+        _check_url(streaming_url, "--streaming-url", ("http", "https", "ws", "wss"), "https://streaming.mastodon.social")
+        streaming_url = streaming_url.strip().replace("wss://", "https://", 1).replace("ws://", "http://", 1)
     tl = timeline or ("hashtag" if hashtag else "public")
     if tl not in ("public", "local", "hashtag", "user"):
         fail(f"--timeline must be public, local, hashtag or user (got {tl!r})")

@@ -41,7 +41,7 @@ from detectors.fusion import fuse
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected
 from detectors.regular_file import FileRefused, special_kind
 from streams.cli.app import app
-from streams.cli.common import UserError, fail, settings_from
+from streams.cli.common import UserError, check_banks, fail, settings_from
 
 # Directory walks pick these; files named explicitly are always tried.
 IMAGE_SUFFIXES = frozenset(
@@ -221,6 +221,12 @@ def detect(
     (C2PA, XMP, generator metadata, stealth metadata, invisible watermark) and
     the configured learned models (by default the packaged pixel probe). Undecodable files are reported with an `error`
     and skipped; the exit status is 1 only if every file failed."""
+    import warnings
+
+    # Pillow warns on stderr about a corrupt file ("Corrupt EXIF data") that
+    # the JSON already reports as that file's error; deepwatch's own output is
+    # not a warning, so nothing of ours is hidden.
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     err = Console(stderr=True)
     check_device(device)
     files = expand_inputs(paths)
@@ -228,6 +234,7 @@ def detect(
         fail(f"no image files in {', '.join(map(str, paths))} (looked for "
                           f"{', '.join(sorted(IMAGE_SUFFIXES))}); name other files explicitly")
     settings = settings_from(data_dir=data_dir)  # a --data-dir that is a file: one error line
+    check_banks(settings)
     limits = settings.decode_limits()
     detectors = create_all(cost="cheap", names=settings.detect.cheap)
     configured = list(settings.detect.models) if models else []

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from streams.cli.app import app
-from streams.cli.common import fail, print_error, settings_from
+from streams.cli.common import check_writable_dir, fail, print_error, settings_from
 
 models_app = typer.Typer(
     help="Manage learned detector weights in the model dir (<data-dir>/models unless detect.model_dir is set).",
@@ -30,6 +30,14 @@ ModelDirOpt = Annotated[
     Optional[Path], typer.Option("--model-dir", help="Model directory (default: settings detect.model_dir or <data-dir>/models).")
 ]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file.")]
+
+
+def _above_zero(value: float) -> float:
+    """--probe-c callback: typer bounds are inclusive, and C = 0 failed only
+    in sklearn, after minutes of feature extraction."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value:g} is not above 0; give e.g. 0.01")
+    return value
 
 
 def _check_regex(pattern: str | None, option: str) -> None:
@@ -152,7 +160,7 @@ def train_cmd(
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="cnn: passes over the training data.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="cnn: pictures per training step.")] = 16,
     lr: Annotated[float, typer.Option("--lr", help="cnn: learning rate.")] = 1e-3,
-    input_size: Annotated[Optional[int], typer.Option("--input-size", help="Square input side (default per arch).")] = None,
+    input_size: Annotated[Optional[int], typer.Option("--input-size", min=32, max=2048, help="Square input side (default per arch; 32-2048).")] = None,
     calibration: Annotated[str, typer.Option("--calibration", help="platt | temperature | none")] = "platt",
     init_from: Annotated[Optional[str], typer.Option("--init-from", help="Fine-tune this model from the model dir.")] = None,
     out: Annotated[str, typer.Option("--out", help="Name to save the checkpoint as.")] = "detector",
@@ -170,15 +178,15 @@ def train_cmd(
     cache_dir: Annotated[
         Optional[Path], typer.Option("--cache-dir", help="pixel-probe: backbone feature cache (default <data-dir>/cache/pixel-features).")
     ] = None,
-    probe_c: Annotated[float, typer.Option("--probe-c", help="pixel-probe: inverse L2 strength of the logistic head.")] = 0.01,
-    crops: Annotated[int, typer.Option("--crops", help="pixel-probe: 224-px crops per picture (1-5; speed vs accuracy; the shipped head uses 3).")] = 3,
+    probe_c: Annotated[float, typer.Option("--probe-c", callback=_above_zero, help="pixel-probe: inverse L2 strength of the logistic head (> 0).")] = 0.01,
+    crops: Annotated[int, typer.Option("--crops", min=1, max=5, help="pixel-probe: 224-px crops per picture (1-5; speed vs accuracy; the shipped head uses 3).")] = 3,
     group_by: Annotated[str, typer.Option("--group-by", help="pixel-probe CV groups: generator | family.")] = "generator",
     hidden: Annotated[
-        int, typer.Option("--hidden", help="pixel-probe: hidden ReLU units of the head (0 = linear logistic regression).")
+        int, typer.Option("--hidden", min=0, help="pixel-probe: hidden ReLU units of the head (0 = linear logistic regression).")
     ] = 64,
-    alpha: Annotated[float, typer.Option("--alpha", help="pixel-probe: L2 strength of the MLP head.")] = 1.0,
+    alpha: Annotated[float, typer.Option("--alpha", min=0, help="pixel-probe: L2 strength of the MLP head (>= 0).")] = 1.0,
     augment: Annotated[
-        int, typer.Option("--augment", help="pixel-probe: extra randomly re-encoded copies per picture (JPEG q60-95, "
+        int, typer.Option("--augment", min=0, help="pixel-probe: extra randomly re-encoded copies per picture (JPEG q60-95, "
                           "resize 0.5-1, crop, blur), both classes alike; 0 = re-posted copies only.")
     ] = 0,
     data_dir: DataDirOpt = None,
@@ -204,6 +212,8 @@ def train_cmd(
     from detectors.models.train import TrainConfig, train_model
 
     _check_cnn_options(real, fake, generators, real_fraction, arch, calibration, out)
+    if manifest is not None:
+        manifest = _manifest_file(manifest)
     samples: list[Sample] = []
     for d in real:
         samples += [Sample(p, 0) for p in image_files(d)]
@@ -254,6 +264,18 @@ def _check_recipe_options(ctx: typer.Context, recipe: str) -> None:
              f"see `deepwatch train --help` for which options each recipe takes")
 
 
+def _manifest_file(manifest: Path) -> Path:
+    """--manifest as a file: a folder holding manifest.csv is taken, as eval
+    and --data take it; a missing path is named (both were bare OS errors)."""
+    if manifest.is_dir():
+        if (manifest / "manifest.csv").is_file():
+            return manifest / "manifest.csv"
+        fail(f"--manifest {manifest}: no manifest.csv in this folder; give a manifest file or a folder holding one")
+    if not manifest.is_file():
+        fail(f"--manifest {manifest}: no such file; give a manifest.csv or a folder holding one")
+    return manifest
+
+
 def _check_cnn_options(real: list[Path], fake: list[Path], generators: str | None, real_fraction: float, arch: str,
                        calibration: str, out: str) -> None:
     """Mistakes the cnn recipe used to take quietly (a typo'd folder read as
@@ -288,8 +310,8 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
     missing = [d for d in data if not (d.is_file() or (d / "manifest.csv").is_file())]
     if missing:
         fail(f"no manifest.csv at {missing[0]} (give a manifest file or a folder holding one)")
-    if group_by not in ("generator", "family") or not 1 <= crops <= 5 or hidden < 0:
-        fail("--group-by is generator or family, --crops is 1..5, --hidden >= 0")
+    if group_by not in ("generator", "family"):
+        fail(f"--group-by {group_by!r}: give generator or family")
     from detectors.models.pixel_data import read_manifest
 
     for d in data:  # a bad manifest is named now, not after minutes of feature extraction
@@ -298,6 +320,8 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
     from detectors.models.pixel_probe import render_model_card
     from detectors.models.pixel_train import ProbeParams, train_pixel_probe
 
+    if cache_dir is not None:  # checked now, not after the manifests load
+        check_writable_dir(cache_dir, "--cache-dir")
     settings = settings_from(config, data_dir=data_dir)
     name = "pixel-probe-lite2" if out == "detector" else out
     target = head_out or (_model_dir(config, data_dir, model_dir) / f"{name}.safetensors")
@@ -355,7 +379,7 @@ def eval_cmd(
                            "holding out whole generators (and real-photo sources) per fold; per generator and category metrics.")
     ] = False,
     group_by: Annotated[str, typer.Option("--group-by", help="With --leave-generator-out: generator | family.")] = "generator",
-    crops: Annotated[int, typer.Option("--crops", help="With --leave-generator-out: crops per picture (1-5; the shipped head uses 3).")] = 3,
+    crops: Annotated[int, typer.Option("--crops", min=1, max=5, help="With --leave-generator-out: crops per picture (1-5; the shipped head uses 3).")] = 3,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="With --leave-generator-out: backbone feature cache.")] = None,
     train_variant: Annotated[list[str], typer.Option(
         "--train-variant", help="With --leave-generator-out: extra training copies besides the re-post: published, "
@@ -447,6 +471,8 @@ def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int,
     manifests = [p if p.is_file() else p / "manifest.csv" for p in sources]
     if not all(m.is_file() for m in manifests):
         fail("--leave-generator-out needs manifests with a generator column (manifest.csv or its folder)")
+    if cache_dir is not None:
+        check_writable_dir(cache_dir, "--cache-dir")
     from detectors.models.pixel_backbone import Backbone, FeatureSpec
     from detectors.models.pixel_data import FeatureCache, read_manifest
     from detectors.models.pixel_features import extract

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from streams.cli.app import app
 from streams.cli.common import (
-    Broker, Config, DataDir, check_alert_senders, create_missing_topics, err, print_json, settings_from, write_out,
+    Broker, Config, DataDir, check_alert_senders, check_banks, create_missing_topics, err, print_json, settings_from, write_out,
 )
 from streams.cli.query import StoreOpt
 from streams.settings import Settings
@@ -37,6 +37,16 @@ def _use_store(settings: Settings, store_url: Optional[str]) -> None:
             store.close()
         except (StoreURLError, EsError) as e:
             raise typer.BadParameter(str(e), param_hint="--store") from None
+
+
+def _check_feed_has_events(feed: Path) -> None:
+    """A feed without one event line: replay started a broker and workers and
+    ingest connected, both to report 0 events and exit 0."""
+    from streams.ingest import iter_lines_at
+
+    if next(iter(iter_lines_at(feed)), None) is None:
+        raise typer.BadParameter(f"{feed} is empty (no event lines); give a JSONL feed of events "
+                                 "(see `deepwatch schema`)", param_hint="FEED")
 
 
 def default_workers(settings: Settings) -> int:
@@ -212,8 +222,10 @@ def replay(
             raise typer.BadParameter(f"{root} is not a directory", param_hint="--image-root")
     roots = [feed.resolve().parent, *[r.resolve() for r in image_root]]
     settings = settings_from(config, data_dir=data_dir, broker=broker)
+    check_banks(settings)  # the analyze stage matches every picture against them
     _use_store(settings, store_url)
     check_alert_senders(settings)
+    _check_feed_has_events(feed)
     settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
     summary = _replay(settings, feed, workers=workers or default_workers(settings), timeout_s=timeout,
                       live_table=False, wait_models=wait_models, split=split)
@@ -236,7 +248,7 @@ def _prog() -> str:
 def demo(
     data_dir: Optional[Path] = DataDir,
     config: Optional[Path] = Config,
-    burst: int = typer.Option(14, min=1, help="Reposts in the demo's viral bursts."),
+    burst: int = typer.Option(14, min=3, max=10_000, help="Reposts in the demo's viral bursts (3-10000)."),
     store_url: Optional[str] = StoreOpt,
 ) -> None:
     """The embedded default, end to end: start a broker and a worker, replay a
@@ -245,6 +257,7 @@ def demo(
     from streams.demo_feed import build_feed
 
     settings = settings_from(config, data_dir=data_dir)
+    check_banks(settings)  # the analyze stage matches every picture against them
     _use_store(settings, store_url)
     check_alert_senders(settings)
     feed_dir = Path(settings.data_dir) / "demo-feed"
@@ -280,6 +293,8 @@ def ingest(
     settings = settings_from(config, broker=broker)
     if settings.broker == "embedded":
         raise typer.BadParameter("ingest sends to a running broker: pass --broker kafka://HOST:PORT or set DEEPWATCH_BROKER", param_hint="--broker")
+    if feed.is_file():  # a pipe can be read once only: it is not looked into first
+        _check_feed_has_events(feed)
     bootstrap = bootstrap_of(settings.broker)
     check_reachable(bootstrap)
     if create_topics:
@@ -310,7 +325,7 @@ def worker(
     data_dir: Optional[Path] = DataDir,
     config: Optional[Path] = Config,
     image_root: List[Path] = typer.Option([], "--image-root", help="Directory local image `path`s may point into (repeatable; adds to ingest.image_roots)."),
-    metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus /metrics on this port (0 = any free port)."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535, help="Serve Prometheus /metrics on this port (0 = any free port; env DEEPWATCH_METRICS_PORT)."),
     create_topics: bool = typer.Option(True, help="Create missing topics with the right partition counts before starting."),
     store_url: Optional[str] = StoreOpt,
 ) -> None:
@@ -322,6 +337,7 @@ def worker(
     if role not in ROLES:
         raise typer.BadParameter(f"unknown role {role!r}: {', '.join(ROLES[:-1])} or {ROLES[-1]}", param_hint="--role")
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
+    check_banks(settings)  # the analyze stage matches every picture against them
     _use_store(settings, store_url)
     if role in ("pipeline", "cluster"):  # the roles whose sinks send alerts
         check_alert_senders(settings)

@@ -16,12 +16,12 @@ from rich.table import Table
 
 from streams.cli.app import app
 from streams.cli.common import (
-    Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, print_json, settings_from,
+    Config, DataDir, FormatOpt, JsonAlias, check_format, check_store_option, err, fail, print_json, settings_from,
 )
 from streams.findings import SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, StoreURLError, open_findings, sqlite_file
 
 StoreOpt = typer.Option(
-    None, "--store",
+    None, "--store", callback=check_store_option,
     help="Findings store: es://HOST:9200 or https://HOST:9200 for Elasticsearch (credentials from "
          "DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/PASSWORD, CA bundle from DEEPWATCH_ES_CA_CERTS). "
          "Default: the embedded SQLite file in --data-dir (env DEEPWATCH_FINDINGS__URL).")
@@ -69,7 +69,8 @@ DEFAULT_LIMIT = 100
 
 
 def _limit_opt(what: str) -> typer.Option:
-    return typer.Option(None, "--limit", min=0, show_default=False,
+    # bounded as `search` is: a huge N was an OverflowError traceback from SQLite
+    return typer.Option(None, "--limit", min=0, max=10_000, show_default=False,
                         help=f"Show the newest N {what}, listed oldest first; 0: all of them. Default: the newest "
                              f"{DEFAULT_LIMIT} in a table, all of them in JSON (what tools read stays complete). "
                              "A note on stderr says when there were more.")
@@ -127,7 +128,7 @@ def clusters(
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
     store_url: Optional[str] = StoreOpt,
     include_merged: bool = typer.Option(False, help="Also list clusters that were merged into another (they carry merged_into)."),
-    limit: Optional[int] = typer.Option(None, min=1, help="At most this many clusters, highest fake score first."),
+    limit: Optional[int] = typer.Option(None, min=1, max=10_000, help="At most this many clusters, highest fake score first (1-10000)."),
     as_json: bool = JsonAlias,
 ) -> None:
     """List image clusters: fake score, verdict, evidence, spread and member images.
@@ -189,7 +190,14 @@ def search(
         raise typer.BadParameter("must be between 0 and 1", param_hint="--min-score")
     if limit is not None and not 1 <= limit <= 10_000:
         raise typer.BadParameter("must be between 1 and 10000", param_hint="--limit")
-    q = ClusterQuery(text=query, since=_when(since, "--since"), until=_when(until, "--until"), platform=platform,
+    if query is not None and query.strip() and not any(ch.isalnum() for ch in query):
+        # the search drops quotes and brackets: '"' matched every cluster
+        raise typer.BadParameter(f"{query!r} has no word to search for; give words, e.g. 'flooded subway', "
+                                 "or leave QUERY out", param_hint="QUERY")
+    start, end = _when(since, "--since"), _when(until, "--until")
+    if start is not None and end is not None and start > end:  # answered nothing, as if no cluster matched
+        raise typer.BadParameter(f"--since {since} is after --until {until}; swap them", param_hint="--since")
+    q = ClusterQuery(text=query, since=start, until=end, platform=platform,
                      account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort, limit=limit)
     with _findings(data_dir, config, store_url) as store:
         rows = store.search(q)

@@ -54,6 +54,8 @@ def redeliver(
     the cause first (the receiver's secret, its URL).
     """
     fmt = "json" if as_json else check_format(fmt)
+    if alert and target is None:  # listing ignored it, so the user's requeue silently did not happen
+        fail("--alert needs TARGET: deepwatch redeliver TARGET --alert ID (`deepwatch redeliver` lists the targets)")
     settings = settings_from(config, data_dir=data_dir)
     with _findings(data_dir, config, store_url) as store:
         counts = store.undelivered_counts()

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, check_alert_senders, err, fail, settings_from
+from streams.cli.common import Config, DataDir, check_alert_senders, check_banks, check_store_option, err, fail, settings_from
 from streams.http_deadlines import head_deadline_protocol
 
 DESK_CONNECTIONS = 600
@@ -20,7 +20,7 @@ DESK_CONNECTIONS = 600
 @app.command(rich_help_panel="Desk")
 def serve(
     data_dir: Optional[Path] = DataDir,
-    store: Optional[str] = typer.Option(None, "--store", help="Findings store: sqlite:///PATH or es://HOST:9200 / https://HOST:9200 (default: findings.sqlite in --data-dir)."),
+    store: Optional[str] = typer.Option(None, "--store", callback=check_store_option, help="Findings store: sqlite:///PATH or es://HOST:9200 / https://HOST:9200 (default: findings.sqlite in --data-dir)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Reading is open on loopback; any other address requires a login."),
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on."),
     config: Optional[Path] = Config,
@@ -40,6 +40,7 @@ def serve(
     from streams.net_errors import ensure_port_free
 
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
+    check_banks(settings)  # the desk records verdicts into them
     check_alert_senders(settings)  # the desk's account alerts go to the webhooks too
     if settings.broker != "embedded":  # checked now, not at the first desk alert it could not publish
         from streams.broker import BrokerError, bootstrap_of
@@ -53,6 +54,7 @@ def serve(
     if settings.metrics_port == port and port != 0:
         fail(f"--metrics-port {port} is --port too; give metrics a port of their own")
     ensure_port_free(host, port, "pick another --port")
+    _users_path(settings)
     try:
         desk_app = create_app(settings, host=host, store_url=store)
     except (FileNotFoundError, ValueError) as e:
@@ -71,6 +73,18 @@ def serve(
     uvicorn.run(desk_app, host=host, port=port, log_level="warning", server_header=False,
                 proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) or None,
                 timeout_keep_alive=5, http=head_deadline_protocol(max_connections=DESK_CONNECTIONS))
+
+
+def _users_path(settings) -> Path:
+    """The desk's users file, refused when it names a directory (a bare
+    ``[Errno 21] Is a directory`` from serve and desk-user)."""
+    path = settings.desk.users_file or Path(settings.data_dir) / "desk-users.json"
+    if path.is_dir():
+        if settings.desk.users_file:
+            fail(f"desk.users_file {path} is a directory: name a JSON file, e.g. {path / 'desk-users.json'} "
+                 "([desk] users_file or DEEPWATCH_DESK__USERS_FILE)")
+        fail(f"{path} is a directory: move it aside, or set desk.users_file to a JSON file")
+    return path
 
 
 @app.command("desk-user", rich_help_panel="Desk")
@@ -98,22 +112,28 @@ def desk_user(
         raise typer.BadParameter(f"{password_env} would be read as a setting: end the name in {', '.join(SECRET_SUFFIXES)} "
                                  "(e.g. DEEPWATCH_DESK_PASSWORD), or drop the DEEPWATCH_ prefix", param_hint="--password-env")
     settings = settings_from(config, data_dir=data_dir)
+    _users_path(settings)  # before the password is typed
     if password_env:
         password = os.environ.get(password_env, "")
         if not password:
             raise typer.BadParameter(f"environment variable {password_env} is empty or unset", param_hint="--password-env")
     else:
+        import sys
+
+        no_prompt = typer.BadParameter("no password was typed; run it in a terminal, or put the password in an "
+                                       "environment variable and pass --password-env NAME", param_hint="password")
+        if not sys.stdin.isatty():  # getpass would print GetPassWarning lines before failing
+            raise no_prompt
         try:
             password = getpass.getpass(f"password for {name}: ")
             again = getpass.getpass("again: ")
-        except EOFError:  # no terminal and nothing on standard input
-            raise typer.BadParameter("no password was typed; run it in a terminal, or put the password in an "
-                                     "environment variable and pass --password-env NAME", param_hint="password") from None
+        except EOFError:  # Ctrl-D at the prompt
+            raise no_prompt from None
         if password != again:
             raise typer.BadParameter("the two passwords differ")
     if len(password) < 10:
         raise typer.BadParameter("use at least 10 characters", param_hint="password")
-    path = settings.desk.users_file or Path(settings.data_dir) / "desk-users.json"
+    path = _users_path(settings)
     try:
         add_user(path, name, role, password)
     except ValidationError as e:

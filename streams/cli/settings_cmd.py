@@ -26,6 +26,9 @@ def settings_cmd(
     from streams.settings_check import reference_markdown
 
     if fmt == "markdown":
+        # loaded for its checks alone: the help promises that unknown
+        # variables and keys are errors, and markdown exited 0 with them
+        settings_from(config)
         doc = reference_markdown()
     elif fmt == "json":
         doc = json.dumps(_redacted(json.loads(settings_from(config).model_dump_json())), indent=2) + "\n"
