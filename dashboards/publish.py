@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grafana_client import GrafanaApi
-from grafana_client.client import GrafanaClientError, GrafanaException
+from grafana_client.client import GrafanaClientError, GrafanaException, GrafanaTimeoutError
 
 from dashboards import desk, rules
 from dashboards.dashboard import DASHBOARD_UID, DATASOURCE_UID, dashboard_json
@@ -148,9 +148,15 @@ def publish(api: GrafanaApi, *, message: str = "deepwatch: dashboards.publish") 
         found = _datasource_exists(api)
         missing = [uid for uid in (desk.ES_CLUSTERS_UID, desk.ES_SIGHTINGS_UID, desk.ES_ALERTS_UID)
                    if not _datasource_exists(api, uid)]
+    except GrafanaTimeoutError as e:  # not a refusal: nothing answered in time
+        raise PublishError(f"Grafana did not answer in time ({e}); check the URL, or allow more with --timeout") from e
     except GrafanaException as e:
-        # grafana-client's message carries the server's {"message": ...}; say which call failed.
-        raise PublishError(f"Grafana refused the request: {e}") from e
+        # grafana-client's message carries the server's {"message": ...}; a 404
+        # without one is a server that is not Grafana's API at that address.
+        said = str(e).strip().rstrip(":")
+        hint = (" with no message: is the URL Grafana's own address (e.g. https://grafana.example)?"
+                if e.status_code == 404 and said.endswith("404") else "")
+        raise PublishError(f"Grafana refused the request: {said}{hint}") from e
     return Published(
         grafana_version=str(health.get("version", "unknown")), folder_uid=folder_uid,
         dashboard_url=first["url"], dashboard_version=int(first["version"]), rule_group=group["title"],

@@ -271,8 +271,14 @@ def kafka_client_options(settings) -> dict:
                               f"kafka.sasl_username and the password in ${k.sasl_password_env}")
         opts.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username, sasl_plain_password=password)
     for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-        if getattr(k, name):
-            opts[name] = str(getattr(k, name))
+        path = getattr(k, name)
+        if path:
+            # Checked here: kafka-python only fails at the TLS handshake, which
+            # reads as a broker that does not answer, many seconds later.
+            if not os.path.isfile(path):
+                raise BrokerError(f"kafka.{name} {str(path)!r} is not a readable file "
+                                  f"(DEEPWATCH_KAFKA__{name.upper()}); give the path of the PEM file")
+            opts[name] = str(path)
     return opts
 
 
@@ -288,6 +294,7 @@ def faust_credentials(settings):
         return None
     context = None
     if k.security_protocol.endswith("SSL"):
+        kafka_client_options(settings)  # the same file checks, the same messages
         context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
         if k.ssl_certfile:
             context.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)

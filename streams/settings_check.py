@@ -146,6 +146,9 @@ def check_toml_file(path: Path) -> None:
     except OSError as e:
         raise SettingsError(f"cannot read settings file {str(path)!r}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        if data.startswith(b"\xef\xbb\xbf"):  # TOML allows none; some Windows editors save one
+            raise SettingsError(f"settings file {str(path)!r} starts with a UTF-8 byte-order mark, which TOML does "
+                                "not allow; save it as UTF-8 without BOM") from None
         raise SettingsError(f"settings file {str(path)!r} is not valid TOML: {e}; "
                             "see `deepwatch settings` for the keys and deploy/deepwatch.toml for an example") from None
     from streams.settings import Settings

@@ -293,3 +293,36 @@ def test_usage_mistakes_are_one_error_line_naming_the_help(tmp_path, args, says)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
     assert "--help'" in lines[0]
+
+
+def test_grafana_provision_against_something_that_is_not_grafana(tmp_path):
+    # A port that answered every path 404 printed "Client Error 404: " and
+    # stopped there; one that never answered was "refused the request: ...
+    # Read timed out".
+    import http.server
+    import socket
+    import threading
+
+    class NotGrafana(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotGrafana)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        r = deepwatch("grafana", "provision", "--url", f"http://127.0.0.1:{server.server_port}", "--token", "t")
+        line = one_line_error(r)
+        assert r.returncode == 2 and "404" in line and "is the URL Grafana's own address" in line, r.stderr
+        r = deepwatch("grafana", "provision", "--url", f"http://127.0.0.1:{silent.getsockname()[1]}", "--token", "t",
+                      "--timeout", "0.5")
+        line = one_line_error(r)
+        assert r.returncode == 2 and "did not answer in time" in line and "--timeout" in line, r.stderr
+    finally:
+        server.shutdown()
+        silent.close()

@@ -395,6 +395,7 @@ def test_unknown_toml_key_names_the_closest_key(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text, expected", [
     ('brokr = "kafka://k:9092"\n', "unknown setting 'brokr' in .*did you mean 'broker'"),  # top level: was ignored
     ('broker = kafka://k:9092\n', "is not valid TOML"),  # was a tomllib traceback
+    ('\ufeffpartitions = 3\n', "byte-order mark.*without BOM"),  # was "Invalid statement (at line 1, column 1)"
     (None, "does not exist"),  # DEEPWATCH_CONFIG naming no file: was ignored, defaults used
 ])
 def test_a_settings_file_that_cannot_be_used_is_one_clear_error(tmp_path, monkeypatch, text, expected):
@@ -441,6 +442,17 @@ def test_sasl_ssl_options_for_managed_kafka(monkeypatch):
     monkeypatch.setenv("DEEPWATCH_KAFKA_PASSWORD", "pw")
     assert kafka_client_options(s) == {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
                                        "sasl_plain_username": "u", "sasl_plain_password": "pw"}
+
+
+def test_a_missing_tls_file_is_named_at_once(tmp_path):
+    # kafka-python failed only at the TLS handshake: 15-20 s later, blamed on
+    # kafka.security_protocol, never naming the missing CA file.
+    from streams.broker import BrokerError, faust_credentials, kafka_client_options
+
+    s = Settings(kafka={"security_protocol": "SSL", "ssl_cafile": str(tmp_path / "nope.pem")})
+    for build in (kafka_client_options, faust_credentials):
+        with pytest.raises(BrokerError, match=r"kafka.ssl_cafile '.*nope.pem' is not a readable file \(DEEPWATCH_KAFKA__SSL_CAFILE\)"):
+            build(s)
 
 
 def test_settings_reference_is_generated_and_committed():

@@ -14,7 +14,9 @@ from rich.console import Console
 
 from streams.settings import Settings, load_settings
 
-err = Console(stderr=True)
+# Soft wrap: a summary or hint line stays one line in an 80-column log (rich
+# wraps at 80 off a terminal), so it can be grepped and copied whole.
+err = Console(stderr=True, soft_wrap=True)
 
 DataDir = typer.Option(None, "--data-dir", "-d", help="Directory for findings, blobs and logs (env DEEPWATCH_DATA_DIR; default ./deepwatch-data).")
 Config = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="TOML settings file (env DEEPWATCH_CONFIG). Environment variables override it.")

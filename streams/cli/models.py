@@ -15,15 +15,13 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from streams.cli.app import app
-from streams.cli.common import check_writable_dir, fail, print_error, settings_from
+from streams.cli.common import check_writable_dir, err, fail, print_error, settings_from
 
 models_app = typer.Typer(
     help="Manage learned detector weights in the model dir (<data-dir>/models unless detect.model_dir is set).",
     no_args_is_help=True,
 )
 app.add_typer(models_app, name="models")
-
-err = Console(stderr=True)
 
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="deepwatch data directory (default from settings).")]
 ModelDirOpt = Annotated[
