@@ -352,3 +352,48 @@ def test_find_a_picture_uploads_a_tip_and_shows_its_cluster(tmp_path):
                 browser.close()
     finally:
         desk.stop()
+
+
+def test_api_docs_render_in_the_browser_with_a_clean_console(tmp_path):
+    """/docs loaded Swagger UI from a CDN into the desk's origin; then, from a
+    wheel, a Swagger UI 4 that cannot read FastAPI's OpenAPI 3.1 ("Unable to
+    render this definition"). Every page also asked for a /favicon.ico that
+    is not there. The docs must list the API under the page's own CSP, with
+    nothing on the console: no CSP violation, no script error, no 404."""
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    from tests.desk_support import small_store
+
+    small_store(tmp_path)
+    desk = DeskServer(tmp_path)
+    problems: list[str] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.on("console", lambda m: m.type in ("error", "warning") and problems.append(f"console: {m.text}"))
+                page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+                page.on("response", lambda r: r.status >= 400 and problems.append(f"{r.status} {r.url}"))
+                for path in ("/", "/clusters/c-viral", "/accounts", "/search?q=storm"):
+                    page.goto(desk.url + path)
+                    page.wait_for_load_state("networkidle")
+                page.goto(desk.url + "/docs")
+                page.wait_for_selector(".opblock-summary-path", timeout=20_000)
+                paths = {t.strip().replace("\u200b", "") for t in page.locator(".opblock-summary-path").all_inner_texts()}
+                assert {"/api/clusters", "/api/clusters/{cluster_id}/verdict", "/api/search"} <= paths
+                assert page.locator(".errors-wrapper").count() == 0
+                # A form of the open loopback desk's own page: Chromium sends
+                # Origin "null" (no-referrer), which was refused as another site.
+                page.goto(desk.url + "/similar")
+                tip = tmp_path / "tip.jpg"
+                tip.write_bytes(jpeg(picture(1, (160, 120)), 80))
+                page.set_input_files("#similar-form input[name=image]", str(tip))
+                page.click("#similar-submit")
+                page.wait_for_selector("#matches")
+            finally:
+                browser.close()
+    finally:
+        desk.stop()
+    assert problems == []

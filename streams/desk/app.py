@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import re
 import secrets
@@ -17,13 +18,12 @@ from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator, Optional
 from urllib.parse import quote, unquote_plus, urlencode
 
-import swagger_ui_bundle
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -56,7 +56,11 @@ SHA256 = r"^[0-9a-f]{64}$"
 # Picture uploads (``UPLOAD_PATHS``) have their own, larger bound.
 MAX_BODY_BYTES = 64 * 1024
 UPLOAD_PATHS = ("/api/similar", "/similar")
-DOCS_PATH, OPENAPI_PATH, SWAGGER_ASSETS = "/docs", "/openapi.json", "/static/swagger"
+DOCS_PATH, OPENAPI_PATH, SWAGGER_ASSETS = "/docs", "/openapi.json", "/docs/assets"
+# Swagger UI 5 (the fastapi-swagger wheel's copy; 4.x cannot read the OpenAPI
+# 3.1 that FastAPI writes): the files the docs page loads, and no others.
+SWAGGER_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+                 "favicon-32x32.png": "image/png"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -243,8 +247,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                                     swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon-32x32.png",
                                     swagger_ui_parameters={"validatorUrl": None}).body
     docs_script = _inline_script_hash(docs_page)
-    # before /static, which would otherwise take these paths
-    app.mount(SWAGGER_ASSETS, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")
+    swagger_dir = Path(importlib.util.find_spec("fastapi_swagger.resources").origin).parent
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     # -- guards ---------------------------------------------------------------
@@ -282,13 +285,17 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         # sibling subdomain, is refused here, before its body is read. A
         # session's form token is only in its body, and browsers without the
         # header still meet the token check. The open desk has no token, so
-        # there the Origin header (sent with every POST) must name the desk
-        # too; not for sessions: a proxy in front may rewrite Host.
+        # there a browser without Sec-Fetch-Site must name the desk in Origin;
+        # "null" tells nothing (Chromium sends it for the desk's own forms
+        # under Referrer-Policy: no-referrer). Not for sessions: a proxy in
+        # front may rewrite Host.
         if request.method in SAFE_METHODS:
             return
+        site = request.headers.get("sec-fetch-site")
         origin = request.headers.get("origin")
-        if request.headers.get("sec-fetch-site") in ("cross-site", "same-site") or (
-                origin_too and origin is not None and not _same_origin(origin, request.headers.get("host", ""))):
+        if site in ("cross-site", "same-site") or (
+                origin_too and site is None and origin not in (None, "null")
+                and not _same_origin(origin, request.headers.get("host", ""))):
             raise _error(403, "a request from another site is refused (CSRF); use the desk's own pages, or a "
                               "bearer token from a script")
 
@@ -432,6 +439,14 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     @app.get(DOCS_PATH, include_in_schema=False)
     def docs(_: Principal = Depends(reader)) -> HTMLResponse:
         return HTMLResponse(docs_page)
+
+    @app.get(SWAGGER_ASSETS + "/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> FileResponse:
+        # Swagger UI's own public files: no findings in them, no login needed
+        if name not in SWAGGER_FILES:
+            raise _error(404, f"no docs asset {name!r}")
+        return FileResponse(swagger_dir / name, media_type=SWAGGER_FILES[name],
+                            headers={"Cache-Control": "public, max-age=86400"})
 
     @app.api_route("/healthz", methods=["GET", "HEAD"], include_in_schema=False)  # uptime checkers send HEAD
     def healthz() -> dict[str, str]:
@@ -713,7 +728,7 @@ def _inline_script_hash(page: bytes) -> str:
 
 def _same_origin(origin: str, host: str) -> bool:
     """Whether a request's Origin header names the desk it was sent to (its
-    Host header): ``null`` (a sandboxed frame, a redirect) never does."""
+    Host header)."""
     scheme, sep, netloc = origin.partition("://")
     return bool(sep and host) and scheme in ("http", "https") and netloc.lower() == host.lower()
 
