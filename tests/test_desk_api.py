@@ -1060,3 +1060,29 @@ def test_one_guessing_address_locks_out_neither_the_user_elsewhere_nor_its_neigh
     for i in range(9):
         assert limiter.attempt(f"192.0.2.{i}", "alice")[0] == 0
     assert limiter.attempt("192.0.2.200", "alice")[0] > 0
+
+
+def test_times_are_shown_in_utc_and_sorted_as_instants():
+    # Posts keep the offset they were posted with: one moment showed as 20:00
+    # on one row and 12:00 on another, and sorting compared the ISO text.
+    from streams.desk.source import _sort_key
+    from streams.desk.views import sparkline, when
+
+    assert when("2026-11-30T20:00:00+08:00") == when("2026-11-30T12:00:00Z") == "2026-11-30 12:00:00 UTC"
+    assert when("2026-11-30T12:00:00") == "2026-11-30 12:00:00 UTC"
+    docs = [{"id": "east", "last_seen": "2026-11-30T20:00:30+08:00"}, {"id": "late", "last_seen": "2026-11-30T13:00:00Z"},
+            {"id": "never", "last_seen": None}]
+    assert [d["id"] for d in sorted(docs, key=_sort_key("last_seen"), reverse=True)] == ["late", "east", "never"]
+    # the label read out the sum of the running totals: 12 sightings as 156
+    assert 'aria-label="spread: 12 sightings"' in sparkline([3, 4, 5])
+
+
+def test_error_pages_and_an_auto_refresh_of_0_say_what_is_so(data, env):
+    add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
+    with client(make_settings(data, refresh_s=0)) as c:
+        queue = c.get("/").text
+        assert "auto-refresh off" in queue and 'id="autorefresh"' not in queue  # was "every 0 s", and 0 ms in the script
+        assert _login(c, "alice", "correct horse battery").status_code == 303
+        for path in ("/clusters/nope", "/?sort=bogus"):  # showed "Log in" to a logged-in editor
+            page = c.get(path)
+            assert page.status_code in (404, 422) and 'id="whoami">alice (editor)' in page.text, path

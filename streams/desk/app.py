@@ -369,6 +369,14 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     app.router.route_class = DeskRoute  # every route below runs its guards before its body is read
 
     # -- errors -----------------------------------------------------------------
+    def known(request: Request) -> Principal | None:
+        """Who an error page is for, so its header does not show a logged-in
+        editor as logged out; None where that is itself the error."""
+        try:
+            return principal(request)
+        except HTTPException:
+            return None
+
     def wants_json(request: Request) -> bool:
         return request.url.path.startswith(("/api/", "/thumb/")) or request.url.path == OPENAPI_PATH
 
@@ -383,7 +391,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         if exc.status_code == 401 and request.method == "GET":
             return RedirectResponse("/login?next=" + quote(str(request.url.path)), 303)
         return templates.TemplateResponse(request, "error.html", {"status": exc.status_code, "message": exc.detail,
-                                                                  "me": None}, status_code=exc.status_code,
+                                                                  "me": known(request)}, status_code=exc.status_code,
                                           headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -392,7 +400,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         if wants_json(request):
             return JSONResponse({"error": msg, "status": 422, "detail": [
                 {"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]}, 422)
-        return templates.TemplateResponse(request, "error.html", {"status": 422, "message": msg, "me": None}, status_code=422)
+        return templates.TemplateResponse(request, "error.html", {"status": 422, "message": msg, "me": known(request)},
+                                          status_code=422)
 
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES,  # innermost: its 413 gets the headers below
                        paths={p: upload_bound(settings) for p in UPLOAD_PATHS})

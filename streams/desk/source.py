@@ -75,6 +75,9 @@ class AccountQuery(BaseModel):
     limit: int = Field(default=200, ge=1, le=5000)
 
 
+_NEVER = datetime.min.replace(tzinfo=timezone.utc)
+
+
 def _ts(s: str) -> datetime:
     d = datetime.fromisoformat(s)
     return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
@@ -381,7 +384,8 @@ def _sort_key(sort: str):
     if sort == "score":
         return lambda d: (d["fake_score"], d["sightings"])
     if sort == "last_seen":
-        return lambda d: d["last_seen"] or ""
+        # as instants: ISO text with different offsets does not sort by time
+        return lambda d: _ts(d["last_seen"]) if d["last_seen"] else _NEVER
     if sort == "sightings":
         return lambda d: (d["sightings"], d["fake_score"])
     # velocity: viral likely-AI first, then by how fast it spreads now

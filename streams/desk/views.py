@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from markupsafe import Markup
@@ -84,7 +84,7 @@ def sparkline(counts: list[int], width: int = 120, height: int = 24) -> Markup:
     pts = " ".join(f"{i * step:.1f},{height - 2 - (c / top) * (height - 4):.1f}" for i, c in enumerate(counts))
     return Markup(
         f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="spread: {sum(counts)} sightings"><polyline fill="none" stroke="currentColor" '
+        f'aria-label="spread: {counts[-1]} sightings"><polyline fill="none" stroke="currentColor" '
         f'stroke-width="1.5" points="{pts}"/></svg>'
     )
 
@@ -125,13 +125,18 @@ def _esc(s: str) -> str:
 
 
 def when(value: Any) -> str:
+    """A time as the desk shows every time: in UTC, and saying so. Posts keep
+    the offset they were posted with, so two rows showed 20:00 and 12:00 for
+    one and the same moment; a time without an offset is UTC."""
     if not value:
         return "—"
     try:
         d = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
     except ValueError:
         return str(value)
-    return d.strftime("%Y-%m-%d %H:%M:%S")
+    if d.tzinfo is not None:
+        d = d.astimezone(timezone.utc)
+    return d.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def band(doc: dict[str, Any]) -> str:

@@ -1,12 +1,15 @@
 // Queue auto-refresh: re-fetch the rows (same filters) every data-refresh
-// seconds and swap them in, unless the box is unticked or the tab is hidden.
+// seconds (0: never) and swap them in, unless the box is unticked, the tab is
+// hidden, or the keyboard is in the table (swapping the rows would throw the
+// focus, and a screen reader's place, back to the top of the page).
 (function () {
   const table = document.getElementById("queue");
   if (!table) return;
   const box = document.getElementById("autorefresh");
   const every = parseInt(table.dataset.refresh || "30", 10) * 1000;
+  if (!(every > 0)) return;
   async function refresh() {
-    if ((box && !box.checked) || document.hidden) return;
+    if ((box && !box.checked) || document.hidden || table.contains(document.activeElement)) return;
     try {
       const r = await fetch(table.dataset.partial, { credentials: "same-origin" });
       // A redirect means the session ended: the answer is the login page,
