@@ -72,6 +72,11 @@ def prometheus_rules() -> dict[str, Any]:
                   "(rejected: 401/403/404/410 or a redirect, not retried on its own); subscribers are missing "
                   "alerts. `deepwatch redeliver` lists what waits per target; check the receiver, its URL, its "
                   "TLS and the HMAC secret, then `deepwatch redeliver TARGET` sends the rejected ones again."),
+            _rule("DeepwatchWebhookDeliveriesOwed", q.WEBHOOK_OWED, "30m", "warning",
+                  "{{ $value }} alert(s) not delivered to webhook target {{ $labels.target }}",
+                  "Deliveries to this subscriber are still failed or rejected after 30 minutes: rejected ones "
+                  "(401/403/404/410, a redirect) are never retried on their own, so this stays on until "
+                  "`deepwatch redeliver TARGET` sends them again, after the receiver or its secret is fixed."),
             _rule("DeepwatchStageLatencyHigh", f"{q.stage_quantile(0.95, '5m')} > {STAGE_P95_MAX_S}", "10m", "warning",
                   "p95 latency of stage {{ $labels.stage }} is {{ $value | humanizeDuration }}",
                   "Slow image hosts (fetch), oversized images (analyze) or a saturated cluster worker."),

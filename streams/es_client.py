@@ -18,7 +18,31 @@ from urllib.parse import urlsplit, urlunsplit
 
 
 class EsError(RuntimeError):
-    """Elasticsearch is unreachable or refused a request; the message says what to do."""
+    """Elasticsearch is unreachable or refused a request; the message says what
+    to do. ``hold``: it may take the request later (unreachable, overloaded,
+    refusing the credentials until an operator fixes them), so a writer keeps
+    its batch and retries rather than drop it."""
+
+    def __init__(self, message: str, *, hold: bool = False):
+        super().__init__(message)
+        self.hold = hold
+
+
+# Answers after which the same request may succeed later: auth (an operator
+# renews the key), timeouts, overload and a server or proxy in trouble.
+HOLD_STATUS = frozenset({401, 403, 408, 429, 500, 502, 503, 504})
+
+
+def store_unavailable(e: BaseException) -> bool:
+    """Whether Elasticsearch could not take a request now but may later (see
+    ``EsError.hold``), from what the client raised or ``explain`` made of it."""
+    if isinstance(e, EsError):
+        return e.hold
+    from elasticsearch import ApiError, TransportError
+
+    if isinstance(e, TransportError):
+        return True
+    return isinstance(e, ApiError) and e.meta.status in HOLD_STATUS
 
 
 class EsCompatError(EsError):
@@ -118,21 +142,22 @@ def explain(e: Exception, url: str) -> EsError:
                 f"elasticsearch-py {elasticsearch.__versionstr__} sends compatible-with={client_major()}; "
                 "8.x servers only accept 7 or 8. Install the pinned client: pip install 'elasticsearch>=8.15,<9' "
                 "(it talks to 8.x and 9.x servers).")
+        hold = e.meta.status in HOLD_STATUS
         if isinstance(e, AuthenticationException):
             return EsError(f"Elasticsearch at {url} refused the credentials: set DEEPWATCH_ES_API_KEY "
-                           "(or DEEPWATCH_ES_USERNAME and DEEPWATCH_ES_PASSWORD)")
+                           "(or DEEPWATCH_ES_USERNAME and DEEPWATCH_ES_PASSWORD)", hold=hold)
         if isinstance(e, AuthorizationException):
             return EsError(f"Elasticsearch at {url}: the credentials lack a privilege ({error_reason(e)}); "
-                           "see docs/elasticsearch.md for the role deepwatch needs")
+                           "see docs/elasticsearch.md for the role deepwatch needs", hold=hold)
         if not es_error_body(e):  # not an Elasticsearch error body: an HTML page, a proxy's answer
             return EsError(f"{url} answered {e.meta.status} with no Elasticsearch error ({error_reason(e)}); "
-                           "is it an Elasticsearch server? check --store / DEEPWATCH_FINDINGS__URL")
-        return EsError(f"Elasticsearch at {url} answered {e.meta.status}: {error_reason(e)}")
+                           "is it an Elasticsearch server? check --store / DEEPWATCH_FINDINGS__URL", hold=hold)
+        return EsError(f"Elasticsearch at {url} answered {e.meta.status}: {error_reason(e)}", hold=hold)
     if isinstance(e, TransportError):
         from streams.net_errors import network_reason
 
         return EsError(f"cannot reach Elasticsearch at {url} ({network_reason(e)}); "
-                       "check --store / DEEPWATCH_FINDINGS__URL and that the server is up")
+                       "check --store / DEEPWATCH_FINDINGS__URL and that the server is up", hold=True)
     return EsError(f"Elasticsearch at {url}: {type(e).__name__}: {e}")
 
 

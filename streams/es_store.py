@@ -83,7 +83,7 @@ class EsFindingsStore:
 
         fs = settings.findings if settings is not None else FindingsSettings()
         self.bulk = BulkSink(self.es, fs, dead_letters_index=self.names["dead_letters"],
-                             processed_index=self.names["processed"])
+                             processed_index=self.names["processed"], url=self.config.url)
 
     @classmethod
     def from_url(cls, url: str, settings: Any | None = None) -> "EsFindingsStore":

@@ -22,6 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from pydantic import BaseModel
+
 from streams.topics import topic_specs
 from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics, free_port
 from streams.ingest import Produced, produce_lines
@@ -155,8 +157,13 @@ def settings_env(settings: Settings, broker_url: str) -> dict[str, str]:
         "DEEPWATCH_LOG_LEVEL": settings.log_level,
         "DEEPWATCH_LOG_FORMAT": "json",
     })
-    for section in ("fetch", "decode", "ingest", "dedupe", "detect", "alerts", "kafka", "findings"):
-        env[f"DEEPWATCH_{section.upper()}"] = getattr(settings, section).model_dump_json()
+    # Every section: a list of some let a TOML file's [desk] (desk.public_url,
+    # the link in every alert) and [batch] go no further than the parent.
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, BaseModel):
+            env[f"DEEPWATCH_{name.upper()}"] = value.model_dump_json()
+    env["DEEPWATCH_LOCAL_WORKERS"] = settings.local_workers
     env.pop("DEEPWATCH_CONFIG", None)  # everything is already resolved above
     return env
 

@@ -21,7 +21,9 @@ alerts.webhook_redeliver_s`` later). A receiver that hangs does not hold the
 stop past the grace: what is still held then stays ``queued``.
 
 A store that cannot write (``sqlite3.OperationalError``: the file locked past
-its busy timeout, the disk full, a read-only file) holds the batch: ``Sinks``
+its busy timeout, the disk full, a read-only file; Elasticsearch unreachable,
+overloaded or refusing the credentials, ``streams.es_client.store_unavailable``,
+in any of its calls, not only the bulk requests) holds the batch: ``Sinks``
 logs each failure and retries it with capped exponential backoff
 (``findings.retry_initial_s`` doubling to ``retry_max_s``) until the store
 takes it, and ``deepwatch_sink_behind_seconds`` says for how long (the
@@ -55,6 +57,7 @@ from typing import Any, Callable, TypeVar
 import httpx
 
 from streams import metrics
+from streams.es_client import store_unavailable
 from streams.records import Alert, ClusterSnapshot, DeadLetter
 from streams.settings import FindingsSettings, Settings, WebhookSettings
 from streams.findings import QUEUED, FindingsStore, open_findings
@@ -66,6 +69,34 @@ from streams.webhooks import (
 log = logging.getLogger("deepwatch.alerts")
 
 R = TypeVar("R")
+
+class _Behind:
+    """Since when each write of this process has been retrying (a sink agent's
+    batch, a bulk request): ``deepwatch_sink_behind_seconds`` is the oldest of
+    them, 0 when none is. Each write keeps its own entry, so one agent that
+    catches up does not reset the clock of another that is still behind."""
+
+    def __init__(self) -> None:
+        self._since: dict[object, float] = {}
+        self._lock = threading.Lock()  # bulk writes run in threads
+
+    def retrying(self, who: object) -> None:
+        with self._lock:
+            self._since.setdefault(who, time.monotonic())
+            self._publish()
+
+    def caught_up(self, who: object) -> None:
+        with self._lock:
+            if self._since.pop(who, None) is not None:
+                self._publish()
+
+    def _publish(self) -> None:
+        oldest = min(self._since.values(), default=None)
+        metrics.SINK_BEHIND_SECONDS.set(0 if oldest is None else time.monotonic() - oldest)
+
+
+BEHIND = _Behind()
+
 
 class Sinks:
     """``retry_for_s``: how long a failing write is retried before its error
@@ -81,8 +112,6 @@ class Sinks:
         self._senders: dict[str, _Sender] = {}  # webhook target key -> its queue and sender
         self._stopped_loop: asyncio.AbstractEventLoop | None = None  # the loop ``stop`` ran on: no new senders there
         self._open_lock = threading.Lock()
-        self._retrying = 0  # writes now waiting out a failure, across this worker's sink agents
-        self._behind_since: float | None = None
 
     @property
     def store(self) -> FindingsStore:
@@ -101,33 +130,26 @@ class Sinks:
         it (see the module docstring): the agent awaits this, so its messages
         stay unacked meanwhile. Other errors are raised as they come."""
         delay = self.settings.findings.retry_initial_s
-        failing = False
         started = time.monotonic()
+        me = object()  # this write, in the clock of writes that are behind
         try:
             while True:
                 try:
                     return await asyncio.to_thread(lambda: write(self.store))
-                except sqlite3.OperationalError as e:
+                except Exception as e:
+                    if not (isinstance(e, sqlite3.OperationalError) or store_unavailable(e)):
+                        raise
                     if self.retry_for_s is not None and time.monotonic() - started >= self.retry_for_s:
                         log.error(f"findings store write failed ({what}, {items} items): {e}; giving up",
                                   extra={"what": what, "items": items, "error": str(e)})
                         raise
-                    if not failing:
-                        failing = True
-                        self._retrying += 1
-                        if self._behind_since is None:
-                            self._behind_since = time.monotonic()
-                    metrics.SINK_BEHIND_SECONDS.set(time.monotonic() - self._behind_since)
+                    BEHIND.retrying(me)
                     log.error(f"findings store write failed ({what}, {items} items): {e}; retrying in {delay:g}s",
                               extra={"what": what, "items": items, "error": str(e), "delay_s": delay})
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.settings.findings.retry_max_s)
         finally:
-            if failing:
-                self._retrying -= 1
-                if self._retrying == 0:
-                    self._behind_since = None
-                    metrics.SINK_BEHIND_SECONDS.set(0)
+            BEHIND.caught_up(me)
 
     async def snapshot(self, raw: bytes) -> None:
         await self.snapshots([raw])
@@ -342,18 +364,23 @@ class BulkSink:
     """Sends bulk actions until each one is applied or dead-lettered."""
 
     def __init__(self, client: Any, settings: FindingsSettings, *, dead_letters_index: str,
-                 processed_index: str | None = None, sleep: Callable[[float], None] = time.sleep):
+                 processed_index: str | None = None, sleep: Callable[[float], None] = time.sleep,
+                 url: str = "the findings store"):
         self.es = client
+        self.url = url  # as errors name it
         self.settings = settings
         self.dead_letters_index = dead_letters_index
         self.processed_index = processed_index
         self.sleep = sleep
-        self._behind_since: float | None = None
 
     def send(self, actions: list[Action]) -> BulkResult:
         result = BulkResult()
-        for chunk in self._chunks(actions):
-            self._send_chunk(chunk, result)
+        me = object()  # this call, in the clock of writes that are behind: agents share this sink
+        try:
+            for chunk in self._chunks(actions):
+                self._send_chunk(chunk, result, me)
+        finally:
+            BEHIND.caught_up(me)
         return result
 
     def _chunks(self, actions: list[Action]):
@@ -370,15 +397,13 @@ class BulkSink:
         if chunk:
             yield chunk
 
-    def _backoff(self, delay: float, why: str, count: int) -> float:
-        if self._behind_since is None:
-            self._behind_since = time.monotonic()
-        metrics.SINK_BEHIND_SECONDS.set(time.monotonic() - self._behind_since)
+    def _backoff(self, delay: float, why: str, count: int, me: object) -> float:
+        BEHIND.retrying(me)
         log.warning("findings sink behind: retrying", extra={"why": why, "items": count, "delay_s": delay})
         self.sleep(delay)
         return min(delay * 2, self.settings.retry_max_s)
 
-    def _send_chunk(self, todo: list[Action], result: BulkResult, *, dead_letters: bool = True) -> None:
+    def _send_chunk(self, todo: list[Action], result: BulkResult, me: object, *, dead_letters: bool = True) -> None:
         from elasticsearch import ApiError, ConnectionError as EsConnectionError, ConnectionTimeout
 
         delay = self.settings.retry_initial_s
@@ -388,16 +413,17 @@ class BulkSink:
                 resp = self.es.options(max_retries=0, retry_on_status=()).bulk(operations=_lines(todo))
             except (EsConnectionError, ConnectionTimeout) as e:
                 result.retried += 1
-                delay = self._backoff(delay, f"{type(e).__name__}", len(todo))
+                delay = self._backoff(delay, f"{type(e).__name__}", len(todo), me)
                 continue
             except ApiError as e:
                 if e.meta.status in RETRYABLE_STATUS:
                     result.retried += 1
-                    delay = self._backoff(delay, f"HTTP {e.meta.status}", len(todo))
+                    delay = self._backoff(delay, f"HTTP {e.meta.status}", len(todo), me)
                     continue
                 from streams.es_client import explain
 
-                raise explain(e, "the findings store") from None
+                # 401/403 too: raised held (``EsError.hold``), so Sinks keeps the batch until they are fixed
+                raise explain(e, self.url) from None
             retry: list[Action] = []
             failed: list[tuple[Action, dict[str, Any]]] = []
             for action, item in zip(todo, resp["items"]):
@@ -422,20 +448,17 @@ class BulkSink:
                     failed.append((action, r))
             if failed:
                 if dead_letters:
-                    self._dead_letter(failed, result)
+                    self._dead_letter(failed, result, me)
                 else:
                     for action, r in failed:
                         log.error("dead letter refused by the findings store; logged here only",
                                   extra={"action": action[0], "error": r.get("error")})
             if retry:
                 result.retried += len(retry)
-                delay = self._backoff(delay, "items rejected", len(retry))
+                delay = self._backoff(delay, "items rejected", len(retry), me)
             todo = retry
-        if self._behind_since is not None:
-            self._behind_since = None
-            metrics.SINK_BEHIND_SECONDS.set(0)
 
-    def _dead_letter(self, failed: list[tuple[Action, dict[str, Any]]], result: BulkResult) -> None:
+    def _dead_letter(self, failed: list[tuple[Action, dict[str, Any]]], result: BulkResult, me: object) -> None:
         from streams.es_docs import dead_letter_doc, dead_letter_key, processed_action
         from streams.records import SourceRef
 
@@ -460,7 +483,7 @@ class BulkSink:
             if dl.source is not None and self.processed_index:
                 actions.append(processed_action(self.processed_index, dl.source, "dead_letter", dl.event_id, op="index"))
             result.dead_lettered += 1
-        self._send_chunk(actions, BulkResult(), dead_letters=False)
+        self._send_chunk(actions, BulkResult(), me, dead_letters=False)
 
 
 def _index_key(action: Action) -> str:

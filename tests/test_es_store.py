@@ -950,3 +950,72 @@ def test_sighting_histogram_counts_as_the_desk_did_in_either_store(fake_es, tmp_
         s.close()
         assert got[name] == expected, name
     assert got["es"] == got["sqlite"]
+
+
+class _Ev:
+    def __init__(self, value: bytes):
+        self.value = value
+
+
+class _Acks:
+    def __init__(self):
+        self.acked: list = []
+
+    async def ack(self, event) -> None:
+        self.acked.append(event)
+
+
+@pytest.mark.parametrize("status, kind", [(503, "cluster_block_exception"), (401, "security_exception")])
+def test_an_outage_or_refused_credentials_hold_the_batch_they_do_not_drop_it(fake_es, tmp_path, status, kind):
+    """Only bulk requests were retried: the searches and reads around them
+    (apply_snapshots looks up stored sightings, an alert its deliveries)
+    raised on a 503 or 401, and the sink agent acked the batch anyway: a
+    short outage or an expired key lost the findings, alerts included."""
+    import asyncio
+
+    from streams import metrics
+    from streams.sink_stage import SinkStage
+    from streams.sinks import Sinks
+
+    settings = Settings(data_dir=tmp_path, findings=FindingsSettings(
+        url=fake_es.url.replace("http://", "es://"), retry_initial_s=0.2, retry_max_s=0.4))
+    sinks = Sinks(settings)
+    stage = SinkStage(settings, sinks)
+    sinks.store.ensure_setup()
+    body = error_body(kind, "blocked by: [SERVICE_UNAVAILABLE/2/no master];" if status == 503 else "unable to authenticate", status)
+    events = [_Ev(x.model_dump_json().encode()) for x in snapshots()[:3]]
+    behind: list[float] = []
+
+    async def main() -> _Acks:
+        fake_es.request_faults[:] = [(lambda m, p: True, status, body, 10**6)]  # every request, reads too
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.5, lambda: behind.append(metrics.SINK_BEHIND_SECONDS._value.get()))
+        loop.call_later(1.2, fake_es.request_faults.clear)
+        acks = _Acks()
+        await asyncio.wait_for(stage._stored(acks, events, sinks.snapshots), 20)
+        fake_es.request_faults[:] = [(lambda m, p: True, status, body, 2)]
+        await sinks.alert(_alert().model_dump_json().encode())
+        return acks
+
+    acks = asyncio.run(main())
+    assert len(acks.acked) == 3 and behind[0] > 0  # held, said so, then stored
+    assert metrics.SINK_BEHIND_SECONDS._value.get() == 0
+    assert sorted(fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]) == ["e1", "e2", "e3"]
+    assert "c-fire:1" in fake_es.docs[T.concrete("deepwatch-alerts")]
+    sinks.store.close()
+
+
+def test_one_writer_catching_up_does_not_reset_anothers_behind_clock():
+    from streams import metrics
+    from streams.sinks import BEHIND
+
+    import time
+
+    a, b = object(), object()
+    BEHIND.retrying(a)
+    time.sleep(0.05)
+    BEHIND.retrying(b)
+    BEHIND.caught_up(b)  # a write that caught up set the gauge to 0 while another was still retrying
+    assert metrics.SINK_BEHIND_SECONDS._value.get() >= 0.05
+    BEHIND.caught_up(a)
+    assert metrics.SINK_BEHIND_SECONDS._value.get() == 0

@@ -226,6 +226,26 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                      "exp_alerts": [_expected_alert("DeepwatchWebhookFailures")]},
                 ],
             },
+            {   # one burst of rejected deliveries (403) at minute 2, never retried on its own: the failures
+                # rule resolved 15 minutes later (a "resolved" notice) while the subscriber was still owed them
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_webhook_deliveries_total{job="deepwatch",instance="w1",outcome="rejected"}',
+                     "values": "0 0 1x90"},
+                    {"series": 'deepwatch_webhook_undelivered{job="deepwatch",instance="w1",target="https://hooks.example:443#ab12",status="rejected"}',
+                     "values": "0 0 1x60 0x30"},
+                    {"series": 'deepwatch_webhook_undelivered{job="deepwatch",instance="w2",target="https://hooks.example:443#ab12",status="rejected"}',
+                     "values": "0 0 1x60 0x30"},  # every worker exports the same numbers
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "20m", "alertname": "DeepwatchWebhookDeliveriesOwed", "exp_alerts": []},
+                    {"eval_time": "45m", "alertname": "DeepwatchWebhookFailures", "exp_alerts": []},
+                    {"eval_time": "45m", "alertname": "DeepwatchWebhookDeliveriesOwed", "exp_alerts": [_expected_alert(
+                        "DeepwatchWebhookDeliveriesOwed", {"target": "https://hooks.example:443#ab12"},
+                        summary="1 alert(s) not delivered to webhook target https://hooks.example:443#ab12")]},
+                    {"eval_time": "70m", "alertname": "DeepwatchWebhookDeliveriesOwed", "exp_alerts": []},  # redelivered
+                ],
+            },
             {   # a receiver down for an hour: the first delivery fails, then each redelivery round (every
                 # minute) fails again and counts, so the alert stays on until the receiver is back
                 "interval": "1m",

@@ -137,3 +137,30 @@ def test_damaged_rows_are_one_error_line_naming_the_row(tmp_path):
     assert "cluster 'bad'" in line and "velocity" in line, line
     line = _one_error_line(_cli("alerts", "--data-dir", str(tmp_path), "--format", "json"))
     assert "alert 'good:1'" in line, line
+
+
+def test_workers_get_every_section_of_the_parents_settings(tmp_path, monkeypatch):
+    # Only some sections were handed to the worker processes: a TOML file's
+    # [desk] (desk.public_url, the link in every alert webhook) and [batch]
+    # stopped at `deepwatch demo/replay -c FILE`.
+    import os
+
+    from streams.runner import settings_env
+    from streams.settings import load_settings
+
+    toml = tmp_path / "dw.toml"
+    toml.write_text('[desk]\npublic_url = "https://desk.example.org"\n[batch]\ncluster_max_ops = 7\n'
+                    '[connectors]\nbackoff_max_s = 9.0\n')
+    monkeypatch.setenv("DEEPWATCH_CONFIG", str(toml))
+    parent = load_settings(data_dir=tmp_path)
+    env = settings_env(parent, "tansu://127.0.0.1:1")
+    for key in [k for k in os.environ if k.startswith("DEEPWATCH_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("DEEPWATCH_"):
+            monkeypatch.setenv(key, value)
+    worker = load_settings()
+    for name, value in parent:
+        if hasattr(value, "model_dump"):  # a section
+            assert getattr(worker, name).model_dump() == value.model_dump(), name
+    assert worker.desk.public_url == "https://desk.example.org" and worker.batch.cluster_max_ops == 7
