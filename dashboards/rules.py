@@ -87,8 +87,11 @@ def prometheus_rules() -> dict[str, Any]:
                   "problem on the workers' side, or a host set up to hold fetchers."),
             _rule("DeepwatchFindingsSinkBehind", f"{q.SINK_BEHIND_MAX} > 60", "5m", "warning",
                   "The findings sink has been retrying for {{ $value | humanizeDuration }}",
-                  "Elasticsearch is rejecting (429) or failing (5xx) bulk writes; the pipeline is paused behind it "
-                  "and nothing is lost, but the desk sees stale findings. Check cluster health and disk watermarks."),
+                  "The findings store cannot take writes: Elasticsearch unreachable, overloaded (429/5xx) or "
+                  "refusing the credentials (401/403: renew DEEPWATCH_ES_API_KEY), or the SQLite file locked or its "
+                  "disk full. The pipeline is paused behind it and nothing is lost, but the desk sees stale "
+                  "findings. The workers log each retry with the store's answer; check cluster health and disk "
+                  "watermarks."),
             _rule("DeepwatchDeskDown", q.DESK_DOWN, "5m", "critical",
                   "The fact-check desk {{ $labels.instance }} is not answering /metrics",
                   "Fact-checkers cannot open the queue or record verdicts; alerts still reach subscribers."),
