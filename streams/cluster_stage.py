@@ -35,7 +35,13 @@ refused up front (``InvalidOp``: malformed hashes, non-finite evidence)
 changed nothing; any other failure may have changed the index half-way, so
 the batch so far is written and the index rebuilt from the table. A batch
 whose writes fail makes every op of it not yet written a dead letter and
-rebuilds the index from the table.
+rebuilds the index from the table -- unless the engine state store could not
+write (``sqlite3.OperationalError``: the file locked past its busy timeout,
+the disk full or failing): the events are fine, so the index is rebuilt and the
+whole batch applied again after a backoff, until it is written
+(``applied_offset`` makes the ops already written no-ops). Those dead-lettered
+events of valid posts for good, and one a replay resent then became a sighting
+too.
 
 Past one writer: see ``streams.clustering`` (module docstring) and the
 README's "The single writer at scale" (in "Clusters") for when one writer
@@ -44,7 +50,9 @@ stops being enough and how candidate search splits by hash bands.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 import time
 from typing import Any, Awaitable, Callable
 
@@ -58,6 +66,9 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 SendDead = Callable[[DeadLetter], Awaitable[None]]
+# A batch the engine state store could not write is applied again after this
+# long, doubling up to the max (as the findings sinks back off).
+STORE_RETRY_INITIAL_S, STORE_RETRY_MAX_S = 0.5, 30.0
 
 
 class ClusterStage:
@@ -185,7 +196,16 @@ class ClusterStage:
         started = time.perf_counter()
         for _, msg in items:
             metrics.observe_lag("cluster", getattr(msg, "timestamp", None))
-        outs, failed = self._apply_all(items)
+        delay = STORE_RETRY_INITIAL_S
+        while True:
+            try:
+                outs, failed = self._apply_all(items)
+                break
+            except sqlite3.OperationalError as e:
+                log.error(f"engine state not written ({e}); the batch of {len(items)} ops is held and applied "
+                          f"again in {delay:g}s", extra={"ops": len(items), "error": str(e), "delay_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
         for out in outs:
             for snap in out.snapshots:
                 await self.updates.send(key=snap.cluster_id.encode(), value=snap.dumps())
@@ -238,6 +258,8 @@ class ClusterStage:
                     applying = True
                     out = self.engine.apply(op, msg.offset, self.get_state)
                     writes = {cid: fit(st) for cid, st in out.writes.items()}
+                except sqlite3.OperationalError:
+                    raise  # the store, not the op (reading an archived state): the batch is held
                 except Exception as e:  # a bug or a poison op must not stop the single writer
                     log.exception("cluster op failed", extra={"offset": msg.offset})
                     failed.append(((value, msg), f"{type(e).__name__}: {e}"))
@@ -257,9 +279,11 @@ class ClusterStage:
                     self._evict()
             flush()
         except Exception as e:  # the store or the table refused the batch's writes
-            log.exception("cluster batch not written", extra={"ops": len(items)})
             self._pending, self._live = {}, {}
             self._stale = True  # the index is ahead of the table now: rebuild it from the table
+            if isinstance(e, sqlite3.OperationalError):
+                raise  # handle_batch holds the batch and applies it again
+            log.exception("cluster batch not written", extra={"ops": len(items)})
             detail = f"{type(e).__name__}: {e}"
             failed += [(item, detail) for item, _ in unwritten] + [(item, detail) for item in items[done:]]
         return written, failed

@@ -126,5 +126,9 @@ class SqliteEngineState:
         return rows.get(0, 0), rows.get(1, 0)
 
 
+def engine_state_path(data_dir: Path) -> Path:
+    return Path(data_dir) / "engine-state.sqlite"
+
+
 def open_engine_state(data_dir: Path) -> SqliteEngineState:
-    return SqliteEngineState(Path(data_dir) / "engine-state.sqlite")
+    return SqliteEngineState(engine_state_path(data_dir))

@@ -16,11 +16,11 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pydantic import BaseModel
 
@@ -273,7 +273,39 @@ class Cluster:
             self.zygote.close()
 
 
+class DataDirBusy(OSError):
+    """Another local deployment holds the data dir."""
+
+
+@contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """One local deployment (replay, demo) per data dir at a time: two replays
+    into one dir both ran, each claimed nearly every event as its own, and the
+    last writer's engine state won. The lock goes with the process, however
+    it ends."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    f = open(data_dir / ".deepwatch.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DataDirBusy(f"another deepwatch replay or demo ({holder}) is running on {data_dir}; wait for it to "
+                          "end, or give this one a --data-dir of its own") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()  # closing releases the lock
+
+
 def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None = None) -> Cluster:
+    stack.enter_context(data_dir_lock(Path(settings.data_dir)))
     log_dir = Path(log_dir or Path(settings.data_dir) / "logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

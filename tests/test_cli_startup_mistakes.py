@@ -264,6 +264,18 @@ def test_an_unreadable_banks_file_is_one_line_before_anything_starts(tmp_path, k
     assert str(data / "banks.sqlite") in line and "move it aside or restore it" in line, line
 
 
+@pytest.mark.parametrize("args", [["replay", "FEED"], ["worker", "--broker", "kafka://127.0.0.1:1"]])
+def test_an_unreadable_engine_state_is_one_line_before_anything_starts(tmp_path, args):
+    # every worker died at start on a sqlite3 "file is not a database" traceback
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "engine-state.sqlite").write_bytes(os.urandom(4096))
+    feed = tmp_path / "feed.jsonl"
+    feed.write_text('{"event_id": "e"}\n')
+    line = _one_error_line(_cli(*[str(feed) if a == "FEED" else a for a in args], "--data-dir", str(data)))
+    assert str(data / "engine-state.sqlite") in line and "not a readable SQLite database" in line, line
+
+
 @pytest.mark.parametrize("args", [[], ["bank"], ["connect"]])
 def test_a_command_group_alone_shows_its_help_and_no_empty_error(args):
     r = _cli(*args)

@@ -256,3 +256,35 @@ def test_an_op_that_fails_after_changing_a_state_leaves_the_batch_as_before_it(t
     assert [d.stage for d in dead] == ["cluster"] and "cluster-ops:0:5" in dead[0].detail
     counts = sorted(ClusterState.loads(v).sightings for v in table.values())
     assert counts == sorted(ClusterState.loads(v).sightings for v in clean_table.values())
+
+
+def test_an_engine_state_store_that_cannot_write_holds_the_batch_not_its_events(tmp_path, monkeypatch):
+    """The engine state store locked past its busy timeout (or its disk full)
+    dead-lettered every op of the batch as cluster:internal_error: valid
+    events lost for good, and one a replay resent became a sighting too. Now
+    the batch waits and is applied again, with the same outcome as a clean run."""
+    import sqlite3
+
+    from streams import cluster_stage
+
+    monkeypatch.setattr(cluster_stage, "STORE_RETRY_INITIAL_S", 0.01)
+    ops = viral_feed()
+    clean, clean_table, clean_topics, _ = _outputs(tmp_path, "clean", ops, None)
+    settings = Settings(data_dir=tmp_path / "held", alerts={"min_sightings_5m": 3, "escalation_factor": 2.0})
+    table = CountingTable()
+    stage, topics, dead = stage_for(settings, table)
+    real_put, failures = stage.states.put, [3]
+
+    def put(writes):
+        if failures[0]:
+            failures[0] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        real_put(writes)
+
+    monkeypatch.setattr(stage.states, "put", put)
+    run_batches(stage, ops, 8)
+    assert dead == [] and failures == [0]
+    counts = sorted(ClusterState.loads(v).sightings for v in table.values())
+    assert counts == sorted(ClusterState.loads(v).sightings for v in clean_table.values())
+    assert [Alert.loads(v).alert_id for _, v in topics["alerts"].sent] == \
+        [Alert.loads(v).alert_id for _, v in clean_topics["alerts"].sent]

@@ -278,3 +278,19 @@ def test_a_worker_stopped_from_outside_ends_the_wait_instead_of_running_out_the_
         other = cluster.start_worker("pipeline", metrics=False)
         other.stop(timeout=30)  # one this command stops is expected to end
         cluster.check_workers()
+
+
+def test_a_second_replay_into_the_same_data_dir_is_refused_while_the_first_runs(tmp_path):
+    # Both ran: each claimed nearly every event as its own (999 and 963 of
+    # 1,000 new sightings) and the last writer's engine state won.
+    from streams.runner import DataDirBusy, data_dir_lock
+
+    with data_dir_lock(tmp_path / "d"):
+        with pytest.raises(DataDirBusy, match=rf"another deepwatch replay or demo \(pid {os.getpid()}\) is running "
+                                              rf"on {tmp_path / 'd'}; wait for it to end, or give this one a --data-dir"):
+            with data_dir_lock(tmp_path / "d"):
+                pass
+    with data_dir_lock(tmp_path / "d"):  # released with the first
+        pass
+    with data_dir_lock(tmp_path / "other"):  # another dir is another deployment
+        pass

@@ -250,14 +250,27 @@ def check_banks(settings: Settings) -> None:
     the bank commands and `detect` ended on a sqlite3 traceback, and replay
     exited 0 with every event dead-lettered decode:internal_error. A missing
     file is fine (it is created on first `bank add`)."""
+    _check_sqlite_file(Path(settings.banks_path), "banks file", "move it aside or restore it")
+
+
+def check_engine_state(settings: Settings) -> None:
+    """Refuse an engine-state.sqlite that SQLite cannot read before workers
+    start on it: each worker died at start on a sqlite3 traceback."""
+    from streams.engine_state import engine_state_path
+
+    _check_sqlite_file(engine_state_path(settings.data_dir), "engine-state file",
+                       "move it aside (the clusters' counts and alert levels then start afresh) or restore it "
+                       "from a backup")
+
+
+def _check_sqlite_file(path: Path, what: str, fix: str) -> None:
+    """A missing file is fine (it is created when first needed)."""
     import sqlite3
 
-    path = Path(settings.banks_path)
     if not os.path.lexists(path):
         return
-    fix = "move it aside or restore it"
     if path.is_dir():
-        raise UserError(f"{path} is a directory, not a SQLite banks file: {fix}")
+        raise UserError(f"{path} is a directory, not a SQLite {what}: {fix}")
     try:
         # read-only: a check must not create or repair anything
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)

@@ -16,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from streams.cli.app import app
 from streams.cli.common import (
-    Broker, Config, DataDir, check_alert_senders, check_banks, create_missing_topics, err, print_json, settings_from, write_out,
+    Broker, Config, DataDir, check_alert_senders, check_banks, check_engine_state, create_missing_topics, err, print_json,
+    settings_from, write_out,
 )
 from streams.cli.query import StoreOpt
 from streams.settings import Settings
@@ -223,6 +224,7 @@ def replay(
     roots = [feed.resolve().parent, *[r.resolve() for r in image_root]]
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     check_banks(settings)  # the analyze stage matches every picture against them
+    check_engine_state(settings)
     _use_store(settings, store_url)
     check_alert_senders(settings)
     _check_feed_has_events(feed)
@@ -258,6 +260,7 @@ def demo(
 
     settings = settings_from(config, data_dir=data_dir)
     check_banks(settings)  # the analyze stage matches every picture against them
+    check_engine_state(settings)
     _use_store(settings, store_url)
     check_alert_senders(settings)
     feed_dir = Path(settings.data_dir) / "demo-feed"
@@ -338,6 +341,7 @@ def worker(
         raise typer.BadParameter(f"unknown role {role!r}: {', '.join(ROLES[:-1])} or {ROLES[-1]}", param_hint="--role")
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
     check_banks(settings)  # the analyze stage matches every picture against them
+    check_engine_state(settings)
     _use_store(settings, store_url)
     if role in ("pipeline", "cluster"):  # the roles whose sinks send alerts
         check_alert_senders(settings)
