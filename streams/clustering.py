@@ -300,7 +300,7 @@ class ClusterEngine:
 
     def _sighting(self, s: Sighting, offset: int, get: Getter) -> Outcome:
         out = Outcome()
-        t = s.event.posted_at.timestamp()
+        t = event_time(s)
         self.max_event_time = max(self.max_event_time, t)
         self._ops_since_sweep += 1
         self._revive(s, get)
@@ -396,7 +396,7 @@ class ClusterEngine:
         state.last_seen = max(filter(None, [state.last_seen, ev.posted_at]))
         state.recent = virality.add(state.recent, virality.RecentSighting(t=t, e=ev.event_id, a=ev.account_id,
                                                                           p=ev.platform, g=g.total),
-                                    state.last_seen.timestamp())
+                                    max(t, _window_end(state)))
 
     def _fold(self, into: ClusterState, other: ClusterState, offset: int) -> None:
         """Merge ``other`` into ``into``: counts add up, ``other`` keeps its id
@@ -438,7 +438,7 @@ class ClusterEngine:
         return fused.evidence
 
     def _velocity(self, state: ClusterState):
-        return virality.velocity(state.recent, state.last_seen.timestamp() if state.last_seen else 0.0)
+        return virality.velocity(state.recent, _window_end(state))
 
     def _maybe_alert(self, state: ClusterState, out: Outcome, trigger: Sighting | None, top: list[Evidence],
                      v: Velocity) -> None:
@@ -539,6 +539,25 @@ def _thumb_ok(thumb: str) -> bool:
         return len(base64.b64decode(thumb, validate=True)) == THUMB_SIDE * THUMB_SIDE
     except (binascii.Error, ValueError):
         return False
+
+
+def event_time(s: Sighting) -> float:
+    """When a sighting counts in the virality windows (and the event-time
+    clock): when it was posted, but never after it reached the broker. A post
+    dated ahead (up to ``ingest.max_future_skew_s`` passes validation) moved
+    its cluster's window end with it: one copy dated 14 minutes ahead left the
+    picture's real burst of 15 posts outside the 5-minute window, and the
+    viral fake was never alerted."""
+    t = s.event.posted_at.timestamp()
+    return min(t, s.ingested_at.timestamp()) if s.ingested_at is not None else t
+
+
+def _window_end(state: ClusterState) -> float:
+    """The end of a cluster's virality windows: its newest sighting's event
+    time (``event_time``), not ``last_seen``, which keeps the date as posted."""
+    if state.recent:
+        return state.recent[-1].t
+    return state.last_seen.timestamp() if state.last_seen else 0.0
 
 
 def _better_copy(s: Sighting, members: list[Member]) -> bool:

@@ -275,3 +275,21 @@ def test_engagement_past_the_largest_exact_count_saturates_instead_of_freezing_t
     st = h.get(cid)
     assert st.engagement.likes == MAX_COUNT and st.engagement.views == MAX_COUNT
     assert st.sightings == 3
+
+
+def test_a_copy_dated_ahead_does_not_move_the_window_past_the_real_burst():
+    # One copy dated 14 minutes ahead (validation allows 15) moved the cluster's
+    # window end with it: the picture's burst of 15 posts fell outside the
+    # 5-minute window and the viral fake was never alerted.
+    h = Harness(Settings(alerts={"min_sightings_5m": 5}))
+    pic = scene(5)
+
+    def at(s: Sighting, ingested_minute: float) -> Sighting:
+        return s.model_copy(update={"ingested_at": BASE_TIME + timedelta(minutes=ingested_minute)})
+
+    h.see(at(sighting(pic, "ahead", 14, "a0", [AI]), 0))  # reached the broker at minute 0
+    for i in range(1, 16):
+        h.see(at(sighting(pic, f"b{i}", i / 6, f"a{i}"), i / 6 + 0.01))
+    assert h.alerts and h.alerts[0].velocity.sightings_5m >= 5
+    state = h.get(h.alerts[0].cluster_id)
+    assert state.last_seen == BASE_TIME + timedelta(minutes=14)  # the post keeps its date as posted
