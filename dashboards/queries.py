@@ -22,9 +22,10 @@ EVENTS_TOPIC = "deepwatch.events"  # settings.topic("events") with the default t
 # dead-lettered; counting these gives "events that entered the pipeline".
 # Every stage streams/stage.py names in a dead letter (AnalyzeStage._stage):
 # "dedupe" is where an event id already taken by another picture, or a
-# findings store that cannot answer the lookup, ends an event. ("hash" is a
-# DeadLetterStage the records allow; harmless to match.)
-INGRESS_DEAD_STAGES = "validate|fetch|decode|hash|dedupe"
+# findings store that cannot answer the lookup, ends an event; "blob" where the
+# data dir cannot store the picture. ("hash" is a DeadLetterStage the records
+# allow; harmless to match.)
+INGRESS_DEAD_STAGES = "validate|fetch|decode|hash|blob|dedupe"
 
 
 def counted(selector: str, window: str) -> str:

@@ -35,7 +35,12 @@ class DirectoryBlobStore:
         path = self._path(digest)
         if path.exists():
             return digest  # write-once: same name, same bytes
-        write_atomically(path, data)  # a concurrent reader never sees a half-written blob
+        try:
+            write_atomically(path, data)  # a concurrent reader never sees a half-written blob
+        except OSError as e:
+            if e.filename is None:  # a failed write() names no file: the blob's path says where
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
         return digest
 
     def get(self, sha256: str) -> bytes:

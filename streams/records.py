@@ -174,7 +174,7 @@ class SourceRef(BaseModel):
     run: str | None = None  # the producing run (`deepwatch-run` header): how replay knows what is its own
 
 
-DeadLetterStage = Literal["validate", "fetch", "decode", "hash", "dedupe", "detect", "cluster", "sink"]
+DeadLetterStage = Literal["validate", "fetch", "decode", "hash", "blob", "dedupe", "detect", "cluster", "sink"]
 
 
 class DeadLetter(_Record):

@@ -78,12 +78,14 @@ def png_chunks_over(data: bytes, limit: int) -> bool:
 
 
 class StageError(Exception):
-    """A refusal decided by the stage itself (not by a parser or fetcher)."""
+    """A refusal decided by the stage itself (not by a parser or fetcher);
+    ``stage`` names it when it is not the one the event was in."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, stage: str | None = None):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.stage = stage
 
 
 @dataclass
@@ -288,7 +290,8 @@ class AnalyzeStage:
                 reason, detail = "internal_error", f"{type(e).__name__}: {e}"
             else:
                 detail = getattr(e, "detail", None) or str(e)
-            return self._dead(self._stage, reason, detail, source, raw, event_id or getattr(e, "event_id", None))
+            stage = getattr(e, "stage", None) or self._stage
+            return self._dead(stage, reason, detail, source, raw, event_id or getattr(e, "event_id", None))
 
     async def _analyze(self, ev: Any, source: SourceRef, broker_ts: float | None,
                        clock: asyncio.Timeout | None = None) -> Result:
@@ -404,7 +407,14 @@ class AnalyzeStage:
         sighting: Sighting = self.analyzer.analyze(ev, data, source, sha256)
         if sighting.sha256 not in self._blobs:  # content-addressed: once stored, stored
             with metrics.STAGE_SECONDS.labels("blob").time():
-                self.put_blob(data, sighting.sha256)
+                try:
+                    self.put_blob(data, sighting.sha256)
+                except OSError as e:
+                    # the data dir's disk, not the picture: said as such (it read
+                    # "decode:internal_error OSError: [Errno 27] File too large")
+                    raise StageError("blob_write", f"cannot store the picture in the data dir's blob store "
+                                                   f"({e.strerror or e}; {e.filename or 'blobs/'}): check its "
+                                                   "disk space and permissions", stage="blob") from None
             self._blobs.put(sighting.sha256)
         stored: Any
         with metrics.STAGE_SECONDS.labels("dedupe").time():

@@ -250,3 +250,18 @@ def test_recorded_hashes_come_from_the_analysis_kept_or_else_the_blob(tmp_path):
     sha = DirectoryBlobStore(tmp_path / "blobs").put(jpegs[1])  # stored, never analysed
     assert analyze.recorded_hashes(settings, sha) == compute_hashes(ImageData(jpegs[1]))
     assert analyze.recorded_hashes(settings, "0" * 64) is None
+
+
+def test_a_blob_store_that_cannot_write_names_itself_not_the_decoder(setup, tmp_path):
+    # A full disk (EFBIG under `ulimit -f`) read "decode:internal_error OSError:
+    # [Errno 27] File too large", naming neither the blob store nor a path.
+    import errno
+    from unittest import mock
+
+    make, _ = setup
+    stage, _ = make(4_000_000)
+    with mock.patch("streams.blobstore.write_atomically", side_effect=OSError(errno.EFBIG, "File too large")):
+        [result] = _run(stage, [_event(0, "small.png")])
+    dead = result.dead
+    assert (dead.stage, dead.reason) == ("blob", "blob_write")
+    assert "File too large" in dead.detail and str(tmp_path / "blobs") in dead.detail and "disk space" in dead.detail
