@@ -112,6 +112,14 @@ class EmbeddedBroker:
 
     faust_url = url  # older name
 
+    def exited(self) -> str | None:
+        """How the broker process ended (``exit 1``, ``signal 9``), None while
+        it runs or before it started."""
+        code = self._proc.poll() if self._proc is not None else None
+        if code is None:
+            return None
+        return f"signal {-code}" if code < 0 else f"exit {code}"
+
     def start(self, timeout_s: float = 15.0) -> "EmbeddedBroker":
         """Start the broker and wait until it listens; a no-op while it runs
         (a second process would hold no port and outlive ``stop``)."""

@@ -179,6 +179,7 @@ class Cluster:
     workers: list[WorkerProcess] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # start-up phases, seconds
     zygote: Zygote | None = None  # workers are forked from it when it runs (streams.zygote)
+    broker: EmbeddedBroker | None = None  # the broker it started, if it started one
 
     def start_worker(self, role: str = "pipeline", metrics: bool = True) -> WorkerProcess:
         idx = sum(1 for w in self.workers if w.role == role)
@@ -248,6 +249,14 @@ class Cluster:
                    if w.role == role and w.proc.poll() is None)
 
     def check_workers(self) -> None:
+        """Raise ``WorkerExited`` for a worker, or the embedded broker, that
+        ended while the run still needs it."""
+        how = self.broker.exited() if self.broker is not None else None
+        if how is not None:
+            # Workers then retry it for good and replay only noticed its
+            # resends going unanswered, then blamed kafka.security_protocol.
+            raise WorkerExited(f"the embedded broker stopped ({how}) while the run needed it; the events it held "
+                               f"are gone with it; see {self.broker.log_path}")
         for w in self.workers:
             code = w.proc.poll()
             if code is not None and not w.expected_exit:
@@ -318,6 +327,7 @@ def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None 
     if settings.local_workers == "fork":
         zygote = zygote or Zygote()
         stack.callback(zygote.close)  # also when the broker fails to start; Cluster.stop closes it after the workers
+    broker = None
     if settings.broker == "embedded":
         broker = stack.enter_context(EmbeddedBroker(log_dir))
         broker_url, bootstrap = broker.url, broker.bootstrap
@@ -330,7 +340,7 @@ def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None 
         broker_url, bootstrap = settings.broker, bootstrap_of(settings.broker)
     t1 = time.monotonic()
     ensure_topics(bootstrap, topic_specs(settings), settings=settings)
-    cluster = Cluster(settings, broker_url, bootstrap, log_dir, zygote=zygote)
+    cluster = Cluster(settings, broker_url, bootstrap, log_dir, zygote=zygote, broker=broker)
     cluster.timings.update(broker_start=t1 - t0, topics=time.monotonic() - t1)
     stack.callback(cluster.stop)
     return cluster

@@ -294,3 +294,24 @@ def test_a_second_replay_into_the_same_data_dir_is_refused_while_the_first_runs(
         pass
     with data_dir_lock(tmp_path / "other"):  # another dir is another deployment
         pass
+
+
+def test_a_replay_whose_embedded_broker_died_says_so_at_once(tmp_path):
+    # kill -9 of the broker mid-replay: the replay resent for 80 s, then said
+    # the port "did not answer as a Kafka broker ... check kafka.security_protocol".
+    import signal
+    from contextlib import ExitStack
+
+    from streams import runner
+    from streams.settings import Settings
+
+    with ExitStack() as stack:
+        cluster = runner.start_cluster(Settings(data_dir=tmp_path / "data"), stack)
+        cluster.check_workers()  # running: nothing to say
+        os.kill(cluster.broker._proc.pid, signal.SIGKILL)
+        cluster.broker._proc.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(runner.WorkerExited, match=r"the embedded broker stopped \(signal 9\) while the run "
+                                                      r"needed it; .* see .*tansu.log"):
+            runner.wait_until_processed(cluster, {(0, 0)}, timeout_s=30)
+        assert time.monotonic() - t0 < 5
