@@ -271,6 +271,28 @@ class Cluster:
                     raise WorkerExited(f"{w.role} worker exited with {code}: {said[-1][len('error: '):]} (log {w.log_path})")
                 raise WorkerExited(f"{w.role} worker exited with {code}; log {w.log_path}:\n{tail}")
 
+    def last_error(self) -> str | None:
+        """The newest error any worker logged (``role: message``), read from
+        the end of the logs: what a stalled run names as its likely cause
+        (a full disk, a locked store) instead of only resending."""
+        newest: tuple[str, str] | None = None
+        for w in self.workers:
+            try:
+                with open(w.log_path, "rb") as f:
+                    f.seek(max(0, f.seek(0, os.SEEK_END) - 32768))
+                    tail = f.read().decode("utf-8", "replace")
+            except OSError:
+                continue
+            for line in tail.splitlines():
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(doc, dict) and doc.get("level") == "error":
+                    found = (str(doc.get("ts", "")), f"{w.role}: {doc.get('msg')}")
+                    newest = max(newest, found) if newest else found
+        return newest[1] if newest else None
+
     def stop(self) -> None:
         # All at once: each worker's clean shutdown (final commit, producer
         # flush) takes a moment, and they do not depend on each other.
@@ -456,7 +478,9 @@ def wait_until_processed(
             if produced is not None and done < len(offsets) and time.monotonic() - last_change > stall_s:
                 missing = sorted(offsets - done_set - resent)
                 if missing:
-                    log.warning("events unprocessed without progress; resending them (idempotent)",
+                    cause = cluster.last_error()
+                    log.warning("events unprocessed without progress; resending them (idempotent)"
+                                + (f"; the workers' last error: {cause}" if cause else ""),
                                 extra={"count": len(missing), "offsets": missing[:20]})
                     read_back = produced.read_back
                     assert read_back is not None, "resends need the producer's read_back"

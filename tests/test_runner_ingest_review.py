@@ -315,3 +315,22 @@ def test_a_replay_whose_embedded_broker_died_says_so_at_once(tmp_path):
                                                       r"needed it; .* see .*tansu.log"):
             runner.wait_until_processed(cluster, {(0, 0)}, timeout_s=30)
         assert time.monotonic() - t0 < 5
+
+
+def test_a_stalled_run_names_the_workers_last_error(tmp_path):
+    # A replay on a full disk said only "events unprocessed without progress;
+    # resending them"; "disk I/O error" was in the worker logs alone.
+    from types import SimpleNamespace
+
+    from streams.runner import Cluster
+    from streams.settings import Settings
+
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_text('{"ts": "2026-12-06T03:00:01+00:00", "level": "error", "msg": "old trouble"}\n'
+                 "not json\n" + '{"ts": "2026-12-06T03:00:05+00:00", "level": "info", "msg": "fine"}\n')
+    b.write_text('{"ts": "2026-12-06T03:00:03+00:00", "level": "error", "msg": "engine state not written '
+                 '(disk I/O error)"}\n')
+    cluster = Cluster(Settings(data_dir=tmp_path), "kafka://x:1", "x:1", tmp_path,
+                      workers=[SimpleNamespace(role="detect", log_path=a), SimpleNamespace(role="pipeline", log_path=b)])
+    assert cluster.last_error() == "pipeline: engine state not written (disk I/O error)"
+    assert Cluster(Settings(data_dir=tmp_path), "kafka://x:1", "x:1", tmp_path).last_error() is None
