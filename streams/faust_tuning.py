@@ -29,6 +29,14 @@ class PromptTableManager(TableManager):
 
 
 class PromptWorker(Worker):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.stdout.isatty():
+            # Faust's start-up spinner writes terminal control codes: off a
+            # terminal they began one line of every worker's JSON log
+            # ("\x1b[?25h{...}"), which a log shipper cannot parse.
+            self.spinner = None
+
     def _setproctitle(self, info: str, **_: object) -> None:
         # Faust's title ("[Faust:Worker] -init- deepwatch -p 6066 ...") hides the role
         # and names a web port no worker opens; keep the command line (a forked

@@ -196,3 +196,12 @@ def test_a_second_replay_into_the_same_data_dir_is_really_processed(hostile_run,
         assert {f"second-{i}" for i in (11, 12, 13)} <= set(store.sighting_times())
     finally:
         store.close()
+
+
+def test_every_line_of_a_worker_log_is_json_for_a_log_shipper(hostile_run):
+    # Faust's start-up spinner wrote "\x1b[?25h" before one line of each log
+    _, data, *_ = hostile_run
+    for path in (Path(data) / "logs").glob("worker-*.log"):
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if line.strip():
+                assert isinstance(json.loads(line), dict), f"{path.name}:{n}: {line[:120]}"
