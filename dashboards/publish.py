@@ -149,7 +149,8 @@ def publish(api: GrafanaApi, *, message: str = "deepwatch: dashboards.publish") 
         missing = [uid for uid in (desk.ES_CLUSTERS_UID, desk.ES_SIGHTINGS_UID, desk.ES_ALERTS_UID)
                    if not _datasource_exists(api, uid)]
     except GrafanaTimeoutError as e:  # not a refusal: nothing answered in time
-        raise PublishError(f"Grafana did not answer in time ({e}); check the URL, or allow more with --timeout") from e
+        raise PublishError(f"Grafana did not answer in time ({e}); check the URL, or allow more time "
+                           "(deepwatch grafana provision --timeout)") from e
     except GrafanaException as e:
         # grafana-client's message carries the server's {"message": ...}; a 404
         # without one is a server that is not Grafana's API at that address.

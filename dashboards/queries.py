@@ -127,7 +127,8 @@ WEBHOOK_UNDELIVERED = "max by (target, status) (deepwatch_webhook_undelivered)"
 # Alerts a target still owes its subscriber: rejected ones wait for an operator,
 # failed ones for a redelivery that keeps failing. The failures rule above counts
 # attempts over 15 minutes, so it resolved while a rejected delivery waited on.
-WEBHOOK_OWED = 'max by (target) (deepwatch_webhook_undelivered{status=~"failed|rejected"}) > 0'
+WEBHOOK_OWED = ('sum by (target) (max by (target, status) '
+                '(deepwatch_webhook_undelivered{status=~"failed|rejected"})) > 0')
 ALERTS_RAISED_5M = f"sum({counted('deepwatch_alerts_total', '5m')})"
 WORKERS_DOWN = f"up{{{JOB}}} == 0"
 # No worker target at all: DNS or pod discovery finds none once every replica

@@ -390,11 +390,11 @@ class ImageData:
                 self.notes.extend(notes)
                 img = _open_image(self._decodable)
         except Image.DecompressionBombError as e:
-            # Pillow refuses at open (twice its own limit), before the size
-            # check below: say it in the same words.
+            # Pillow refuses at open, past twice its own limit whatever
+            # decode.max_pixels says, before the size check below
             pixels = re.search(r"\((\d+) pixels\)", str(e))
-            raise ImageRejected("decompression_bomb", f"{pixels.group(1) if pixels else 'more'} pixels exceeds limit "
-                                                      f"{self.limits.max_pixels}") from e
+            raise ImageRejected("decompression_bomb", f"{pixels.group(1) if pixels else 'more'} pixels exceeds "
+                                                      f"Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS}") from e
         except Image.UnidentifiedImageError as e:
             raise ImageRejected("undecodable", "not a decodable image (unknown or corrupt format; accepted: "
                                 f"{', '.join(ACCEPTED_FORMATS)})") from e

@@ -283,7 +283,7 @@ def kafka_client_options(settings) -> dict:
         if path:
             # Checked here: kafka-python only fails at the TLS handshake, which
             # reads as a broker that does not answer, many seconds later.
-            if not os.path.isfile(path):
+            if not (os.path.isfile(path) and os.access(path, os.R_OK)):
                 raise BrokerError(f"kafka.{name} {str(path)!r} is not a readable file "
                                   f"(DEEPWATCH_KAFKA__{name.upper()}); give the path of the PEM file")
             opts[name] = str(path)
@@ -300,14 +300,13 @@ def faust_credentials(settings):
     k = settings.kafka
     if k.security_protocol == "PLAINTEXT":
         return None
+    kafka_client_options(settings)  # the same completeness and file checks, the same messages
     context = None
     if k.security_protocol.endswith("SSL"):
-        kafka_client_options(settings)  # the same file checks, the same messages
         context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
         if k.ssl_certfile:
             context.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
     if k.security_protocol.startswith("SASL"):
-        kafka_client_options(settings)  # same completeness check, same message
         return faust.SASLCredentials(username=k.sasl_username, password=os.environ[k.sasl_password_env],
                                      ssl_context=context, mechanism=k.sasl_mechanism)
     return faust.SSLCredentials(context)

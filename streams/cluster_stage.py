@@ -39,9 +39,9 @@ rebuilds the index from the table -- unless the engine state store could not
 write (``sqlite3.OperationalError``: the file locked past its busy timeout,
 the disk full or failing): the events are fine, so the index is rebuilt and the
 whole batch applied again after a backoff, until it is written
-(``applied_offset`` makes the ops already written no-ops). Those dead-lettered
-events of valid posts for good, and one a replay resent then became a sighting
-too.
+(``applied_offset`` makes the ops already written no-ops): dead-lettering them
+lost valid events for good, and a replay's resend made some of them sightings
+as well.
 
 Past one writer: see ``streams.clustering`` (module docstring) and the
 README's "The single writer at scale" (in "Clusters") for when one writer

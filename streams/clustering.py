@@ -271,9 +271,10 @@ class ClusterEngine:
         # Re-add in creation order so the index's tie-breaks match the original run.
         live = [s for s in states if s.merged_into is None]
         for state in sorted(live, key=lambda s: (s.created_offset, s.cluster_id)):
-            if state.last_seen:
-                self.max_event_time = max(self.max_event_time, state.last_seen.timestamp())
-            self._index_state(state, state.last_seen.timestamp() if state.last_seen else None)
+            end = _window_end(state) if (state.recent or state.last_seen) else None
+            if end is not None:
+                self.max_event_time = max(self.max_event_time, end)
+            self._index_state(state, end)
 
     def _index_state(self, state: ClusterState, ts: float | None) -> None:
         """Put a stored cluster back into the hot index: its members, which of
@@ -417,8 +418,8 @@ class ClusterEngine:
         into.recent.extend(r for r in other.recent if r.e not in ids)
         into.first_seen = min(filter(None, [into.first_seen, other.first_seen]), default=None)
         into.last_seen = max(filter(None, [into.last_seen, other.last_seen]), default=None)
-        if into.last_seen:
-            into.recent = virality.trim(into.recent, into.last_seen.timestamp())
+        if into.recent:  # windows end at event time (``event_time``), not at a date posted ahead
+            into.recent = virality.trim(into.recent, max(r.t for r in into.recent))
         if other.alert_level > into.alert_level:
             into.alert_level, into.alert_velocity, into.last_alert = other.alert_level, other.alert_velocity, other.last_alert
         into.models_pending = into.models_pending and other.models_pending

@@ -25,7 +25,7 @@ from typing import Awaitable, Callable
 
 import faust
 
-from detectors.imagedata import ImageData
+from detectors.imagedata import DecodeLimits, ImageData
 from streams import metrics
 from streams.faust_app import faust_app
 from streams.priority import renice_threads
@@ -108,6 +108,7 @@ class DetectStage:
     def __init__(self, settings: Settings, batchers: Callable[[], Awaitable[list]], read: Callable[[str], bytes],
                  send_op: Callable[[bytes], Awaitable[object]]):
         self.cfg = settings.detect
+        self.limits = settings.decode_limits()  # the decode budget the models' prepares share
         self.batchers = batchers
         self.read = read
         self.send_op = send_op
@@ -134,7 +135,8 @@ class DetectStage:
                                          models=list(cfg.models), error=error)
                 await self.send_op(ClusterOp(kind="detection", detection=result).dumps())
 
-            answered = await answer(raws, lambda sha: analyse_picture(sha, lambda: self.read(sha), batchers), send)
+            answered = await answer(
+                raws, lambda sha: analyse_picture(sha, lambda: self.read(sha), batchers, self.limits), send)
             # Seconds per answer, as every other stage counts per event: per
             # take, a CPU worker's backlog of 64 pictures read as a 10-s stage
             # and kept DeepwatchStageLatencyHigh firing (its lag shows the backlog).
@@ -172,22 +174,23 @@ async def answer(raws: list[bytes], analyse: Callable[[str], Awaitable[tuple[lis
     return len(reqs)
 
 
-def _verified(sha256: str, data: bytes) -> ImageData:
+def _verified(sha256: str, data: bytes, limits: DecodeLimits | None = None) -> ImageData:
     """The picture ``sha256`` from its blob's bytes, which must still be it: a blob
     damaged on disk that still decodes would be scored as somebody else's pixels."""
     found = hashlib.sha256(data).hexdigest()
     if found != sha256:
         raise ValueError(f"blob {sha256} is corrupt on disk: its bytes hash to {found}")
-    return ImageData(data, sha256=sha256)
+    return ImageData(data, sha256=sha256, limits=limits)
 
 
-async def analyse_picture(sha256: str, read: Callable[[], bytes], batchers: list) -> tuple[list, str | None]:
+async def analyse_picture(sha256: str, read: Callable[[], bytes], batchers: list,
+                          limits: DecodeLimits | None = None) -> tuple[list, str | None]:
     """Evidence of every model for one picture, and an error line (None when all answered).
     A model that fails costs only its own evidence, not that of the others; a picture that
     cannot be read or decoded is an error for all. Reported to the cluster either way, so
     it stops waiting; its score simply lacks that model's evidence."""
     try:
-        image = await asyncio.to_thread(lambda: _verified(sha256, read()))
+        image = await asyncio.to_thread(lambda: _verified(sha256, read(), limits))
     except Exception as e:
         log.exception("model detection failed", extra={"sha256": sha256})
         return [], f"{type(e).__name__}: {e}"

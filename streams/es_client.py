@@ -38,9 +38,10 @@ def store_unavailable(e: BaseException) -> bool:
     ``EsError.hold``), from what the client raised or ``explain`` made of it."""
     if isinstance(e, EsError):
         return e.hold
-    from elasticsearch import ApiError, TransportError
+    from elasticsearch import ApiError, ConnectionError as EsConnectionError, ConnectionTimeout
 
-    if isinstance(e, TransportError):
+    # not every TransportError: a SerializationError fails again however long it waits
+    if isinstance(e, (EsConnectionError, ConnectionTimeout)):
         return True
     return isinstance(e, ApiError) and e.meta.status in HOLD_STATUS
 
@@ -157,7 +158,8 @@ def explain(e: Exception, url: str) -> EsError:
         from streams.net_errors import network_reason
 
         return EsError(f"cannot reach Elasticsearch at {url} ({network_reason(e)}); "
-                       "check --store / DEEPWATCH_FINDINGS__URL and that the server is up", hold=True)
+                       "check --store / DEEPWATCH_FINDINGS__URL and that the server is up",
+                       hold=store_unavailable(e))
     return EsError(f"Elasticsearch at {url}: {type(e).__name__}: {e}")
 
 

@@ -5,6 +5,7 @@ with dashboards/ and the alert rules."""
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 import time
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -85,6 +86,10 @@ def liveness() -> tuple[int, str]:
     return 200, f"ok: event loop beat {age:.1f} s ago"
 
 
+class _IPv6Server(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # probes every few seconds: not log lines
         pass
@@ -108,8 +113,9 @@ def serve(port: int, host: str | None = None) -> int:
         return metrics_app(environ, start_response)
 
     try:
-        server = make_server(host or ("127.0.0.1" if port == 0 else "0.0.0.0"), port, app, ThreadingWSGIServer,
-                             handler_class=_QuietHandler)
+        bind = host or ("127.0.0.1" if port == 0 else "0.0.0.0")
+        server_class = _IPv6Server if ":" in bind else ThreadingWSGIServer  # the desk may listen on ::1
+        server = make_server(bind.strip("[]"), port, app, server_class, handler_class=_QuietHandler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise PortInUse(f"metrics port {port} is in use by another process; pick another --metrics-port "

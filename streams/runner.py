@@ -288,7 +288,7 @@ class Cluster:
                     doc = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(doc, dict) and doc.get("level") == "error":
+                if isinstance(doc, dict) and doc.get("level") in ("error", "critical"):
                     found = (str(doc.get("ts", "")), f"{w.role}: {doc.get('msg')}")
                     newest = max(newest, found) if newest else found
         return newest[1] if newest else None

@@ -1019,3 +1019,21 @@ def test_one_writer_catching_up_does_not_reset_anothers_behind_clock():
     assert metrics.SINK_BEHIND_SECONDS._value.get() >= 0.05
     BEHIND.caught_up(a)
     assert metrics.SINK_BEHIND_SECONDS._value.get() == 0
+
+
+def test_only_what_may_pass_later_is_held():
+    # every TransportError was held, a SerializationError too: retried for good
+    from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig, SerializationError
+    from elasticsearch import ApiError, ConnectionError as EsConnectionError
+
+    from streams.es_client import store_unavailable
+
+    def api_error(status: int) -> ApiError:
+        meta = ApiResponseMeta(status=status, http_version="1.1", headers=HttpHeaders(), duration=0.0,
+                               node=NodeConfig("http", "localhost", 9200))
+        return ApiError("x", meta=meta, body={})
+
+    assert store_unavailable(EsConnectionError("refused"))
+    assert store_unavailable(api_error(503)) and store_unavailable(api_error(401))
+    assert not store_unavailable(SerializationError("cannot encode"))
+    assert not store_unavailable(api_error(400))

@@ -813,3 +813,19 @@ def test_rare_event_counters_exist_at_zero_from_the_start():
                    'deepwatch_ingest_broker_failures_total{cause="unavailable"}'):
         assert series in text, series
     assert 'deepwatch_event_to_alert_seconds_bucket{le="300.0"}' in text or "le=\"300.0\"" in text
+
+
+def test_metrics_serve_on_an_ipv6_host():
+    # the desk passes its own --host; an IPv6 one ended in "Address family for hostname not supported"
+    import socket
+    import urllib.request
+
+    from streams import metrics
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        port = metrics.serve(0, host="::1")
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    assert urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=5).status == 200

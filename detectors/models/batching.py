@@ -39,7 +39,8 @@ def _prepare(det: StagedDetector, image: ImageData) -> Any:
     budget. A batch's pictures wait for their answers holding only their
     (small) model input: each held its full-size decode until the batch was
     done, 16 or more 8000x8000 pictures at once in a take of the detect role
-    (2.8 GB with 12)."""
+    (2.8 GB with 12). With two staged models the picture is decoded once per
+    model (each drops its decode when done), the price of the bound."""
     with process_budget(image.limits.max_decode_bytes).reserve(image.decode_cost):
         try:
             return det.prepare(image)

@@ -176,8 +176,9 @@ def check_data_dir(settings: Settings, given: Optional[Path]) -> None:
     """Refuse a data dir that is a file, or lies under one, before anything
     starts (replay started the broker and workers and then ended on a raw
     ``[Errno 20] Not a directory``; read commands said there were no findings
-    yet). A path that does not exist yet is fine (it is created); other OS
-    errors are left to the command to report."""
+    yet), or one that does not exist and cannot be created under its nearest
+    existing parent (``_check_creatable``); other OS errors are left to the
+    command to report."""
     path = Path(settings.data_dir)
     probe = path
     while True:

@@ -187,6 +187,13 @@ def _print_summary(summary, fmt_json: bool) -> None:
         err.print(f"event→alert latency (s): {summary.alert_latency_s}")
 
 
+def _check_state_files(settings: Settings) -> None:
+    """The SQLite files the workers open at start: the banks (the analyze
+    stage matches every picture against them) and the engine state."""
+    check_banks(settings)
+    check_engine_state(settings)
+
+
 @app.command(rich_help_panel="Run")
 def replay(
     feed: Path = typer.Argument(..., metavar="FEED", exists=True, dir_okay=False, help="JSONL file of schema-v1 events (see `deepwatch schema`)."),
@@ -223,8 +230,7 @@ def replay(
             raise typer.BadParameter(f"{root} is not a directory", param_hint="--image-root")
     roots = [feed.resolve().parent, *[r.resolve() for r in image_root]]
     settings = settings_from(config, data_dir=data_dir, broker=broker)
-    check_banks(settings)  # the analyze stage matches every picture against them
-    check_engine_state(settings)
+    _check_state_files(settings)
     _use_store(settings, store_url)
     check_alert_senders(settings)
     _check_feed_has_events(feed)
@@ -259,8 +265,7 @@ def demo(
     from streams.demo_feed import build_feed
 
     settings = settings_from(config, data_dir=data_dir)
-    check_banks(settings)  # the analyze stage matches every picture against them
-    check_engine_state(settings)
+    _check_state_files(settings)
     _use_store(settings, store_url)
     check_alert_senders(settings)
     feed_dir = Path(settings.data_dir) / "demo-feed"
@@ -340,8 +345,7 @@ def worker(
     if role not in ROLES:
         raise typer.BadParameter(f"unknown role {role!r}: {', '.join(ROLES[:-1])} or {ROLES[-1]}", param_hint="--role")
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
-    check_banks(settings)  # the analyze stage matches every picture against them
-    check_engine_state(settings)
+    _check_state_files(settings)
     _use_store(settings, store_url)
     if role in ("pipeline", "cluster"):  # the roles whose sinks send alerts
         check_alert_senders(settings)

@@ -18,7 +18,9 @@ from streams.cli.app import app
 from streams.cli.common import (
     Config, DataDir, FormatOpt, JsonAlias, check_format, check_store_option, err, fail, print_json, settings_from,
 )
-from streams.findings import SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, StoreURLError, open_findings, sqlite_file
+from streams.findings import (
+    SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, StoreURLError, open_findings, sqlite_file, text_terms,
+)
 
 StoreOpt = typer.Option(
     None, "--store", callback=check_store_option,
@@ -190,7 +192,7 @@ def search(
         raise typer.BadParameter("must be between 0 and 1", param_hint="--min-score")
     if limit is not None and not 1 <= limit <= 10_000:
         raise typer.BadParameter("must be between 1 and 10000", param_hint="--limit")
-    if query is not None and query.strip() and not any(ch.isalnum() for ch in query):
+    if query is not None and query.strip() and not text_terms(query):
         # the search drops quotes and brackets: '"' matched every cluster
         raise typer.BadParameter(f"{query!r} has no word to search for; give words, e.g. 'flooded subway', "
                                  "or leave QUERY out", param_hint="QUERY")

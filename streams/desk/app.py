@@ -85,9 +85,12 @@ class BodyLimit:
         received = 0
         loop = asyncio.get_running_loop()
         deadline: float | None = None
+        body_done = False
 
         async def limited() -> dict[str, Any]:
-            nonlocal received, deadline
+            nonlocal received, deadline, body_done
+            if body_done:  # after the body, a receive waits for the disconnect: no deadline on that
+                return await receive()
             if deadline is None:
                 deadline = loop.time() + self.timeout_s
             try:
@@ -96,6 +99,7 @@ class BodyLimit:
             except TimeoutError:
                 raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s",
                                     headers={"Connection": "close"}) from None
+            body_done = message.get("type") != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > bound or not declared.isdigit() or int(declared) > bound:
                 # Raised inside the route's body read: its exception handlers answer.
