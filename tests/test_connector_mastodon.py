@@ -346,3 +346,13 @@ def test_an_event_without_end_is_cut_at_the_frame_cap_not_held(tmp_path, caplog)
         asyncio.run(run_until(runner, lambda: len(server.stream_requests) >= 2 and len(sink.events) >= 2))
     assert len(server.stream_requests) >= 2 and sink.events  # cut, reconnected, still reading
     assert any("over 65536 bytes" in str(getattr(r, "error", "")) for r in caplog.records)
+
+
+def test_a_websocket_streaming_url_is_read_over_http_whatever_its_case():
+    # "WSS://host" passed the --streaming-url check but was not rewritten: httpx
+    # then retried UnsupportedProtocol for good
+    from streams.connectors.mastodon import http_streaming_url
+
+    assert http_streaming_url("WSS://streaming.example/api") == "https://streaming.example/api"
+    assert http_streaming_url(" ws://streaming.example:81 ") == "http://streaming.example:81"
+    assert http_streaming_url("https://streaming.example") == "https://streaming.example"

@@ -148,7 +148,9 @@ def mastodon(
         # the stream is read over HTTP (server-sent events); ws(s):// as the
         # instance itself reports it (urls.streaming_api) means the same server
         _check_url(streaming_url, "--streaming-url", ("http", "https", "ws", "wss"), "https://streaming.mastodon.social")
-        streaming_url = streaming_url.strip().replace("wss://", "https://", 1).replace("ws://", "http://", 1)
+        from streams.connectors.mastodon import http_streaming_url
+
+        streaming_url = http_streaming_url(streaming_url)
     tl = timeline or ("hashtag" if hashtag else "public")
     if tl not in ("public", "local", "hashtag", "user"):
         fail(f"--timeline must be public, local, hashtag or user (got {tl!r})")

@@ -20,7 +20,7 @@ import time
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Literal
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 from httpx_sse import SSEError, aconnect_sse
@@ -321,7 +321,7 @@ class MastodonConnector:
             if r.status_code == 200:
                 found = (r.json().get("urls") or {}).get("streaming_api")
                 if isinstance(found, str) and found:
-                    base = found.replace("wss://", "https://", 1).replace("ws://", "http://", 1).rstrip("/")
+                    base = http_streaming_url(found).rstrip("/")
         except (httpx.HTTPError, ValueError):
             pass  # many instances proxy /api/v1/streaming on the main host anyway
         self.streaming_url = base
@@ -466,3 +466,12 @@ class MastodonConnector:
             return "rate_limited"
         finally:
             stopping.cancel()
+
+
+def http_streaming_url(url: str) -> str:
+    """The streaming server's address for reading server-sent events over
+    HTTP: ``ws(s)://`` (as an instance reports ``urls.streaming_api``) is the
+    same server as ``http(s)://``, whatever the scheme's case."""
+    parts = urlsplit(url.strip())
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme.lower(), parts.scheme.lower())
+    return urlunsplit((scheme, *parts[1:]))
