@@ -243,7 +243,7 @@ def check_store_url(value: str | None) -> str | None:
             raise ValueError("sqlite:// needs a path, e.g. sqlite:///srv/deepwatch/findings.sqlite")
         return value
     example = "give es://HOST:9200 or https://HOST:9200"
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    scheme = url.split("://", 1)[0] if "://" in url else ""  # as open_findings reads it: lower case
     if scheme not in STORE_SCHEMES:
         raise ValueError(f"unknown findings store: {example}, or sqlite:///PATH")
     try:
