@@ -7,10 +7,16 @@ zygote first and let it import beside the command line (``streams.zygote.prestar
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 
 
 def main() -> None:
+    # SIGUSR1 prints every thread's stack to stderr: what a command that does
+    # not end is waiting on (a replay outliving a Ctrl-C at start-up was seen
+    # twice in many hundred tries, and its stack is what was missing).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         from streams.zygote import prestart
 

@@ -125,12 +125,14 @@ def test_ctrl_c_while_replay_starts_leaves_nothing_and_no_traceback(tmp_path, af
         # Seen once in a full-suite run under load: say which process held the
         # stop, what replay printed and what the workers and broker logged.
         stuck = _group_members(proc.pid)
+        os.kill(proc.pid, signal.SIGUSR1)  # streams.console: every thread's stack, on stderr
+        time.sleep(1.0)
         os.killpg(proc.pid, signal.SIGKILL)
         _, err = proc.communicate()
         logs = {p.name: p.read_text(errors="replace")[-1500:] for p in (tmp_path / "data" / "logs").glob("*")
                 if p.is_file()}
         pytest.fail(f"replay still running 30 s after Ctrl-C at {after_s} s; processes: {stuck}; "
-                    f"stderr: {err[-2000:]!r}; logs: {logs}")
+                    f"stderr (its stacks at the end): {err[-6000:]!r}; logs: {logs}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -188,3 +190,22 @@ def test_ctrl_c_while_the_command_line_installs_its_handlers_ends_in_one_line():
     r = subprocess.run([sys.executable, "-c", INTERRUPT_AT_SIGTERM_HANDLER], capture_output=True, text=True,
                        cwd=ROOT, timeout=60)
     assert (r.returncode, r.stderr.strip()) == (130, "interrupted"), r.stderr[-2000:]
+
+
+def test_sigusr1_prints_the_commands_stacks_and_lets_it_run_on(tmp_path):
+    # the diagnosis a command that does not end needs (the hang above was seen twice)
+    proc = subprocess.Popen([sys.executable, "-m", "streams.console", "broker", "--port", "0", "--data-dir",
+                             str(tmp_path / "data")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        time.sleep(3)
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(1)
+        assert proc.poll() is None  # still running
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "(most recent call first)" in err and "File " in err, err[-2000:]
