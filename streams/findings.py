@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Collection, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar, runtime_checkable
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -484,6 +485,10 @@ class StoreURLError(ValueError):
     """A --store value that names no backend deepwatch knows."""
 
 
+# Elasticsearch addresses: es:// is http, ess:// https (streams.es_client.EsConfig)
+STORE_SCHEMES = ("es", "ess", "http", "https")
+
+
 def _is_sqlite(url: str) -> bool:
     return not url or url in ("sqlite", "sqlite:") or url.startswith("sqlite://")
 
@@ -520,13 +525,43 @@ def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | N
         from streams.store import SqliteFindingsStore
 
         return SqliteFindingsStore(path)
-    if url.split("://", 1)[0] in ("es", "ess", "http", "https"):
+    if url.split("://", 1)[0] in STORE_SCHEMES:
         from streams.es_store import EsFindingsStore
 
         return EsFindingsStore.from_url(url, settings=settings)
     raise StoreURLError(
         f"unknown findings store {store_url!r}: use es://HOST:9200, https://HOST:9200 or sqlite:///PATH "
         "(leave --store out for the embedded SQLite file in --data-dir)")
+
+
+def check_store_url(value: str | None) -> str | None:
+    """``value`` if ``open_findings`` can use it as an address: SQLite (unset,
+    ``sqlite``, ``sqlite:///PATH``) or Elasticsearch with a host and a port
+    that is a number in range. Checked when settings load and on ``--store``:
+    a bad port was a ValueError traceback in every command that opened the
+    store. Raises ValueError saying what to give instead."""
+    if value is None or not value.strip():
+        return value
+    url = value.strip()
+    if _is_sqlite(url):
+        sqlite_file(url, ".")  # "sqlite:// needs a path"
+        return value
+    example = "give es://HOST:9200 or https://HOST:9200"
+    if url.split("://", 1)[0] not in STORE_SCHEMES or "://" not in url:
+        raise ValueError(f"unknown findings store: {example}, or sqlite:///PATH")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        if "Port" not in str(e):
+            raise ValueError(f"not a URL ({e}); {example}") from None
+        why = "is out of range (0-65535)" if "range" in str(e) else "is not a number"
+        raise ValueError(f"port {why}; {example}") from None
+    if not parts.hostname:
+        raise ValueError(f"has no host; {example}")
+    if port == 0:
+        raise ValueError(f"port 0 cannot be connected to; {example}")
+    return value
 
 
 def iter_json(records: list[_ReadRecord]) -> Iterator[dict[str, Any]]:

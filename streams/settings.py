@@ -227,41 +227,6 @@ class ConnectorSettings(_Section):
     ingest_broker_timeout_s: float = Field(5.0, gt=0)  # longer than this without the broker: 503 + Retry-After
 
 
-STORE_SCHEMES = ("es", "ess", "http", "https")
-
-
-def check_store_url(value: str | None) -> str | None:
-    """A findings store address: SQLite (unset, ``sqlite``, ``sqlite:///PATH``)
-    or Elasticsearch with a host and a port that is a number in range.
-    Checked when settings load: a bad port was a ValueError traceback in
-    every command that opened the store."""
-    if value is None or not value.strip():
-        return value
-    url = value.strip()
-    if url in ("sqlite", "sqlite:") or url.startswith("sqlite://"):
-        if url == "sqlite://":
-            raise ValueError("sqlite:// needs a path, e.g. sqlite:///srv/deepwatch/findings.sqlite")
-        return value
-    example = "give es://HOST:9200 or https://HOST:9200"
-    scheme = url.split("://", 1)[0] if "://" in url else ""  # as open_findings reads it: lower case
-    if scheme not in STORE_SCHEMES:
-        raise ValueError(f"unknown findings store: {example}, or sqlite:///PATH")
-    try:
-        parts = urlsplit(url)
-    except ValueError as e:
-        raise ValueError(f"not a URL ({e}); {example}") from None
-    try:
-        port = parts.port
-    except ValueError as e:
-        why = "is out of range (0-65535)" if "range" in str(e) else "is not a number"
-        raise ValueError(f"port {why}; {example}") from None
-    if not parts.hostname:
-        raise ValueError(f"has no host; {example}")
-    if port == 0:
-        raise ValueError(f"port 0 cannot be connected to; {example}")
-    return value
-
-
 class FindingsSettings(_Section):
     """Where findings go. ``url`` None = the embedded SQLite file in data_dir;
     ``es://host:9200`` / ``https://host:9200`` = Elasticsearch (credentials and
@@ -280,6 +245,8 @@ class FindingsSettings(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
+        from streams.findings import check_store_url  # the rules open_findings applies
+
         return check_store_url(value)
 
 

@@ -291,7 +291,7 @@ def check_store_option(value: Optional[str]) -> Optional[str]:
     """``--store`` callback: the check ``findings.url`` gets when settings
     load, so a bad port is one line naming --store, not a traceback from the
     first command that opens the store."""
-    from streams.settings import check_store_url
+    from streams.findings import check_store_url
 
     try:
         return check_store_url(value)
