@@ -12,6 +12,7 @@ from typing import Any, NoReturn, Optional
 import typer
 from rich.console import Console
 
+from streams.console import interruption
 from streams.settings import Settings, load_settings
 
 # Soft wrap: a summary or hint line stays one line in an 80-column log (rich
@@ -131,6 +132,10 @@ def run_cli(app: Any) -> None:
             err.print("terminated" if isinstance(stopped.__cause__, Terminated) else "interrupted")
         raise
     except Exception as e:
+        stopped = interruption(e)
+        if stopped is not None:  # a Ctrl-C that Python wrapped (streams.console.interruption)
+            err.print("terminated" if isinstance(stopped, Terminated) else "interrupted")
+            sys.exit(130)
         if isinstance(e, user_error_types()):
             message = str(e) or type(e).__name__
             request = getattr(e, "_request", None)  # httpx errors know their URL; say which
