@@ -85,6 +85,7 @@ class DecodeLimits:
 # and the 32-bit ones; only these take less.
 _STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 _RGB_BYTES = 4
+_WIDE_SCALE_BYTES = 4
 # A WebP decode goes through libwebp's animation decoder (Pillow >= 10): its
 # RGBA canvas and the copy of the frame it returns, on top of the image.
 _WEBP_DECODER_BYTES = 12
@@ -94,10 +95,13 @@ def decode_cost(img: Image.Image) -> int:
     """Bytes a decode of ``img`` holds at its peak (only the first frame of
     an animation is ever decoded here): Pillow's pixels in the file's mode,
     the RGB copy every analysis ends in when that mode is not RGB, and a WebP
-    decoder's own buffers. Measured peaks of 64 MP files: RGB PNG 248 MB
+    decoder's own buffers; 16-bit and float pixels add the 32-bit copy they
+    are scaled in (``_eight_bit``). Measured peaks of 64 MP files: RGB PNG 248 MB
     (counted: 256), grey PNG 309 MB (320), lossless WebP 980 MB (1,024)."""
     w, h = img.size
     per_pixel = _STORED_BYTES.get(img.mode, 4) + (0 if img.mode == "RGB" else _RGB_BYTES)
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        per_pixel += _WIDE_SCALE_BYTES
     if (img.format or "").upper() == "WEBP":
         per_pixel += _WEBP_DECODER_BYTES
     return w * h * per_pixel
@@ -287,6 +291,24 @@ def strip_oversized_png_text(data: bytes, limit: int, *, all_text: bool = False)
     return b"".join(out), notes
 
 
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """``img`` with 16-bit or 32-bit integer pixels scaled into 0-255, and
+    float pixels in 0-1 scaled to it. Pillow converts those modes to 8 bits by
+    clipping: a 16-bit grey PNG at half grey decoded white (its JPEG repost,
+    grey, was 24 pHash bits away), a float TIFF in 0-1 black. ``I`` holds
+    16-bit PNG and TIFF samples as well as 8-bit ones, so it is scaled only
+    when a sample is above 255."""
+    if img.mode.startswith("I;16"):
+        return img.convert("I").point(lambda v: v / 257)
+    if img.mode in ("I", "F"):
+        low, high = img.getextrema()
+        if img.mode == "I" and high > 255:
+            return img.point(lambda v: v / 257)
+        if img.mode == "F" and 0 <= low and high <= 1:
+            return img.point(lambda v: v * 255)
+    return img
+
+
 def _open_image(data: bytes) -> Image.Image:
     """Pillow's lazy open of ``data``, among the accepted formats only."""
     with warnings.catch_warnings():
@@ -378,16 +400,8 @@ class ImageData:
             try:
                 img = _open_image(self._decodable)
             except ValueError:
-                if self._decodable is not self.data or not self.data.startswith(b"\x89PNG"):
+                if not self._strip_png_text():
                     raise
-                # Padded metadata must not hide the pixels from analysis: drop
-                # the oversized text chunk(s), or all text if only their sum was.
-                self._decodable, notes = strip_oversized_png_text(self.data, PngImagePlugin.MAX_TEXT_CHUNK)
-                if not notes:
-                    self._decodable, notes = strip_oversized_png_text(self.data, 0, all_text=True)
-                if not notes:
-                    raise
-                self.notes.extend(notes)
                 img = _open_image(self._decodable)
         except Image.DecompressionBombError as e:
             # Pillow refuses at open, past twice its own limit whatever
@@ -411,6 +425,21 @@ class ImageData:
             )
         return img
 
+    def _strip_png_text(self) -> bool:
+        """Whether the PNG text chunks Pillow refuses were dropped from what is
+        decoded (``notes`` says which): padded metadata must not hide the pixels
+        from analysis. The oversized chunk(s), or all text if only their sum was
+        over Pillow's total; False when nothing was or it is not a PNG."""
+        if self._decodable is not self.data or not self.data.startswith(b"\x89PNG"):
+            return False
+        for limit, all_text in ((PngImagePlugin.MAX_TEXT_CHUNK, False), (0, True)):
+            stripped, notes = strip_oversized_png_text(self.data, limit, all_text=all_text)
+            if notes:
+                self._decodable = stripped
+                self.notes.extend(notes)
+                return True
+        return False
+
     def _decode(self, img: Image.Image, mode: str = "RGB", *, oriented: bool = True) -> Image.Image:
         if self._reduce > 1 and img.format == "JPEG" and img.size == self.size:
             w, h = img.size
@@ -418,14 +447,21 @@ class ImageData:
         try:
             with warnings.catch_warnings():  # palette-transparency warnings: irrelevant to analysis
                 warnings.simplefilter("ignore")
-                img.load()
+                try:
+                    img.load()
+                except ValueError:
+                    # Text chunks after the pixels are read by load(), not open()
+                    if img.format != "PNG" or not self._strip_png_text():
+                        raise
+                    img = self.open()
+                    img.load()
                 # In place and no same-mode convert: each copy of a full-size
                 # decode is as large as the decode itself, and none of them is
                 # in the budget (``decode_cost`` counts one image).
                 if oriented:
                     ImageOps.exif_transpose(img, in_place=True)
                 if img.mode != mode:
-                    return img.convert(mode)
+                    return _eight_bit(img).convert(mode)
                 # The pixels without the file object: a decoder can hold a
                 # buffer as large as the image (WebP keeps its canvas and the
                 # frame it returned) for as long as the file object lives.

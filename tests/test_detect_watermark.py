@@ -101,3 +101,19 @@ def test_band_decode_finds_mark_below_the_band(monkeypatch: pytest.MonkeyPatch) 
     img = _encode(_photo_like(1536, 1024, seed=2), "bytes", b"StableDiffusionV1")
     assert top_band(img).shape[0] <= img.shape[0] // 3
     assert [m["mark"] for m in detect_marks(img)] == ["StableDiffusionV1"]
+
+
+def test_a_picture_decoded_at_reduced_scale_is_read_in_its_decoded_band(monkeypatch) -> None:
+    # the band was cut at the file's width: half of it black padding past a
+    # 1/2-scale decode's edge, read as if it were pixels
+    from detectors.imagedata import DecodeLimits
+
+    buf = io.BytesIO()
+    Image.fromarray(_photo_like(3000, 4000)).save(buf, "JPEG", quality=95)
+    image = ImageData(buf.getvalue(), limits=DecodeLimits(max_decode_bytes=20_000_000))
+    assert image.pixels(oriented=False).size == (2000, 1500)  # the reduced decode this is about
+    bands = []
+    monkeypatch.setattr(watermark, "marks_in_band", lambda band: bands.append(band) or [])
+    assert InvisibleWatermarkDetector().analyze(image) == []
+    [band] = bands
+    assert band.shape[1] == 2000 and band.max(axis=(0, 2)).min() > 0  # no column of padding

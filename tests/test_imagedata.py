@@ -218,3 +218,43 @@ def test_cheap_detectors_add_no_full_size_copy_of_a_large_picture(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr[-2000:]
     assert int(run.stdout.strip()) < 150, run.stdout  # MiB
+
+
+def _png_chunk(ctype: bytes, body: bytes) -> bytes:
+    import struct
+    import zlib
+    return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+
+
+@pytest.mark.parametrize("where", ["before the pixels", "after the pixels"])
+def test_an_oversized_text_chunk_does_not_hide_the_pixels_wherever_it_sits(where):
+    # Pillow reads text chunks after IDAT in load(), not open(): a 2 KB zTXt
+    # inflating to 2 MB there made the whole picture undecodable.
+    import zlib
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48).save(buf, "PNG")
+    png = buf.getvalue()
+    ztxt = _png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b" " * (2 << 20), 9))
+    at = 33 if where == "before the pixels" else png.rfind(b"IEND") - 4
+    image = ImageData(png[:at] + ztxt + png[at:])
+    assert image.rgb.size == (64, 64)
+    assert image.rgb.tobytes() == Image.open(io.BytesIO(png)).convert("RGB").tobytes()
+    assert image.notes == [f"zTXt chunk of {len(ztxt) - 12} bytes decompresses beyond 1048576 bytes; skipped"]
+
+
+def test_sixteen_bit_and_float_pixels_are_scaled_not_clipped():
+    # Pillow's convert clips wide samples to 8 bits: a 16-bit PNG at half grey
+    # decoded white, a float TIFF in 0-1 black; hashes then matched nothing.
+    import numpy as np
+    ramp = np.tile(np.linspace(0, 1, 64), (64, 1))
+    cases = {"PNG": Image.fromarray((ramp * 65535).astype(np.uint16)),
+             "TIFF": Image.fromarray(ramp.astype(np.float32))}
+    for fmt, img in cases.items():
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        grey = np.asarray(ImageData(buf.getvalue()).pixels("L"), dtype=float)
+        assert np.abs(grey - ramp * 255).max() <= 1.5, (fmt, img.mode, grey[0, ::16])
+    eight_bit = Image.fromarray((np.ones((64, 64)) * 100).astype(np.int32))  # mode I holding 8-bit values
+    buf = io.BytesIO()
+    eight_bit.save(buf, "TIFF")
+    assert np.asarray(ImageData(buf.getvalue()).rgb).mean() == 100

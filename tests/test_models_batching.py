@@ -226,3 +226,34 @@ def test_predict_batch_refuses_a_non_finite_logit_too(bad: str) -> None:
     with pytest.raises(ValueError, match="non-finite"):
         det.predict_batch([_image(1), _flat()])
     assert [e.sha256 for e in det.predict_batch([_image(1)])] == [_image(1).sha256]
+
+
+def test_one_picture_submitted_twice_is_one_call_and_one_evidence_each() -> None:
+    # batch detectors without stages (vendors) answer by sha256: a second copy in
+    # one batch gave each submitter both results, and a paid vendor two requests
+    from detectors.base import Evidence, EvidenceKind
+    from detectors.models.detector import BatchDetector
+
+    class Vendor(BatchDetector):
+        name = "a-vendor"
+        calls: list[int] = []
+
+        def analyze(self, image: ImageData) -> list[Evidence]:
+            return [Evidence(detector=self.name, kind=EvidenceKind.VENDOR, score=0.9, detail="ai",
+                             sha256=image.sha256)]
+
+        def predict_batch(self, images: list[ImageData]) -> list[Evidence]:
+            self.calls.append(len(images))
+            return super().predict_batch(images)
+
+    async def go() -> list[list[Evidence]]:
+        mb = MicroBatcher(Vendor(), max_batch=4, max_wait_ms=50)
+        try:
+            return await asyncio.gather(mb.submit(_image(1)), mb.submit(_image(1)), mb.submit(_image(2)))
+        finally:
+            await mb.close()
+
+    answers = asyncio.run(go())
+    assert [len(a) for a in answers] == [1, 1, 1]
+    assert answers[0][0].sha256 == answers[1][0].sha256 != answers[2][0].sha256
+    assert Vendor.calls == [2]

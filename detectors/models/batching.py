@@ -164,9 +164,11 @@ class MicroBatcher:
                 for (p, _), z in zip(ok, logits):
                     self._answer(p, float(z))
             else:
-                results = await loop.run_in_executor(
-                    self._infer_pool, det.predict_batch, [p.image for p in batch]
-                )
+                # One picture submitted twice (two clusters asking at once) is one
+                # call: results are matched back by sha256, so a second copy gave
+                # each submitter both results, and a paid vendor two requests.
+                unique = list({p.image.sha256: p.image for p in batch}.values())
+                results = await loop.run_in_executor(self._infer_pool, det.predict_batch, unique)
                 self.batches_run += 1
                 by_sha: dict[str, list[Evidence]] = {}
                 for ev in results:

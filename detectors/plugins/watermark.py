@@ -155,6 +155,7 @@ class InvisibleWatermarkDetector(Detector):
         # Only the top band is read: as an array, the whole picture would be one
         # more full-size copy, outside the decode budget.
         pixels = image.pixels(oriented=False)
+        w, h = pixels.size  # a large JPEG is decoded at a reduced scale (``ImageData``): its band is of those
         rows = band_rows(w, h)
         found = marks_in_band(np.asarray(pixels.crop((0, 0, w, rows)) if rows < h else pixels))
         if not found:
