@@ -5,10 +5,13 @@ One SQLite file holds all banks. Entries come from images (``add_images``)
 or from hash lists as fact-checkers and hash-sharing programs exchange them
 (``import_csv``: ThreatExchange-style ``pdq`` hex column, optional
 ``id``/``label``/``quality``, and/or a ``phash`` column). Matching uses the
-same rule as clustering (``detectors.neardup.pair_match``): pHash or mirrored
+thresholds of clustering (``detectors.neardup.pair_match``): pHash or mirrored
 pHash within the pHash threshold, or PDQ / mirrored PDQ within the PDQ
 threshold with both qualities trusted. An imported PDQ without a quality
-column is trusted: sharing programs already drop low-quality hashes.
+column is trusted: sharing programs already drop low-quality hashes. Unlike
+``pair_match``, a framed query (a screenshot, a caption bar) still matches an
+imported entry on its PDQ: entries from a hash list carry nothing else, and a
+screenshot of a debunked fake is the repost a bank exists for.
 
 Crops and screenshots: entries added from images also store their pHash
 *views* (``ImageHashes.views``: trimmed border, centre crops), so a cropped or
@@ -388,6 +391,14 @@ def _quality(text: str | None, where: str) -> int | None:
     return int(value)
 
 
+# How a match was made (``Via``), in a desk's words: the hash and its distance, and what was compared.
+_VIA_WORDS: dict[str, tuple[str, str]] = {
+    "sha256": ("SHA-256", " (the same file)"), "phash": ("pHash", ""), "pdq": ("PDQ", ""),
+    "phash_mirror": ("pHash", " (mirrored)"), "pdq_mirror": ("PDQ", " (mirrored)"),
+    "phash_view": ("pHash", " (crop/screenshot view)"), "uniform": ("grey level", " (a one-colour picture)"),
+}
+
+
 def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:
     """Evidence per matching bank (its nearest entry); authentic banks ask fusion to suppress."""
     out: list[Evidence] = []
@@ -396,8 +407,7 @@ def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:
         if m.bank in seen:
             continue
         seen.add(m.bank)
-        hash_name = "PDQ" if m.via.startswith("pdq") else "pHash"
-        mirrored = " (mirrored)" if m.via.endswith("mirror") else " (crop/screenshot view)" if m.via == "phash_view" else ""
+        hash_name, how = _VIA_WORDS[m.via]
         label = f" {m.label!r}" if m.label else ""
         out.append(
             Evidence(
@@ -406,7 +416,7 @@ def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:
                 score=0.97 if m.verdict == "fake" else 0.03,
                 # a bank hit is a human fact-check: near-conclusive, a bit less so at the threshold edge
                 weight=3.0 if m.distance <= 4 else 2.0,
-                detail=f"matches {m.bank!r} entry {m.entry_id}{label} at {hash_name} distance {m.distance}{mirrored}",
+                detail=f"matches {m.bank!r} entry {m.entry_id}{label} at {hash_name} distance {m.distance}{how}",
                 data={
                     "verdict": m.verdict,
                     "entry_id": m.entry_id,
@@ -427,6 +437,7 @@ class BankMatcher(Detector):
 
     name = "banks"
     cost = "cheap"
+    kind = EvidenceKind.BANK
 
     def __init__(self, store: BankStore):
         self.store = store

@@ -111,11 +111,6 @@ def register(cls: type[Detector]) -> type[Detector]:
     return cls
 
 
-def available() -> list[str]:
-    _load_builtin_plugins()
-    return sorted(_REGISTRY)
-
-
 def create(name: str) -> Detector:
     _load_builtin_plugins()
     try:

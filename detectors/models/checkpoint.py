@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from detectors.atomic_file import write_atomically
 from detectors.models.calibration import Calibration
 
 if TYPE_CHECKING:  # checkpoints hold torch tensors; reading model cards does not need torch
@@ -72,20 +73,17 @@ def save_checkpoint(model_dir: Path, card: ModelCard, state_dict: dict[str, "tor
     model_dir.mkdir(parents=True, exist_ok=True)
     weights, sidecar = paths(model_dir, card.name)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp = weights.with_suffix(".safetensors.tmp")
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    save_file(tensors, str(tmp), metadata={"deepwatch_arch": card.arch, "deepwatch_version": card.version})
-    card = card.model_copy(update={"weights_sha256": sha256_file(tmp)})
-    tmp.replace(weights)
+    data = save(tensors, metadata={"deepwatch_arch": card.arch, "deepwatch_version": card.version})
+    card = card.model_copy(update={"weights_sha256": hashlib.sha256(data).hexdigest()})
+    write_atomically(weights, data)
     write_card(sidecar, card)
     return weights
 
 
 def write_card(sidecar: Path, card: ModelCard) -> None:
-    tmp = sidecar.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(card.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
-    tmp.replace(sidecar)
+    write_atomically(sidecar, (json.dumps(card.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_card(model_dir: Path, name: str) -> ModelCard:

@@ -118,13 +118,15 @@ def stable_fraction(path: Path, frac: float, salt: str = "") -> bool:
 
 def repost_bytes(data: bytes) -> bytes:
     """What a social platform typically serves: metadata stripped, long side
-    capped at 1600 px, 4:2:0 JPEG at quality 80."""
-    img = Image.open(io.BytesIO(data))
-    img = ImageOps.exif_transpose(img).convert("RGB")
-    w, h = img.size
-    if max(w, h) > REPOST_MAX_SIDE:
-        s = REPOST_MAX_SIDE / max(w, h)
-        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
+    capped at 1600 px, 4:2:0 JPEG at quality 80. The one re-post of training,
+    ``deepwatch eval`` and the pixel probe's features alike."""
+    return repost_rgb(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+
+
+def repost_rgb(img: Image.Image) -> bytes:
+    """``repost_bytes`` of decoded, oriented RGB pixels (``img`` is left as it is)."""
+    img = img.copy()
+    img.thumbnail((REPOST_MAX_SIDE, REPOST_MAX_SIDE), Image.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=REPOST_QUALITY, subsampling="4:2:0")  # no exif/icc passed
     return buf.getvalue()

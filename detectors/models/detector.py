@@ -93,6 +93,7 @@ class StagedDetector(BatchDetector):
 class ModelDetector(StagedDetector):
     cost: ClassVar[Cost] = "model"
     name: ClassVar[str] = "model:?"  # replaced per instance in __init__
+    kind: ClassVar[EvidenceKind] = EvidenceKind.MODEL
 
     def __init__(self, card: ModelCard, net: "torch.nn.Module", device: "torch.device"):
         import torch
@@ -156,7 +157,7 @@ class ModelDetector(StagedDetector):
             f"({'calibrated' if calibrated else 'uncalibrated'}, threshold {card.threshold:g})"
         )
         return Evidence(
-            kind=EvidenceKind.MODEL,
+            kind=self.kind,
             detector=self.name,
             score=min(1.0, max(0.0, p)),
             detail=detail,
@@ -178,16 +179,15 @@ def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Pat
                   amp: str = "auto") -> BatchDetector:
     """Load ``<model_dir>/<name>.{safetensors,json}`` as a ready detector.
 
-    ``name`` may carry the ``model:`` prefix used in evidence. Vendor names
-    (``vendor:hive`` ...) return the HTTP plugin instead (also a
+    ``name`` may carry the ``model:`` prefix used in evidence. A registered
+    vendor's name (``VENDORS``: ``vendor:hive`` ...) returns the HTTP plugin instead (also a
     ``BatchDetector``), which is only possible when its API key is in the
     environment.
     """
     from detectors.models.pixel_detector import BUILTIN, load_pixel_detector
+    from detectors.models.vendors import VENDORS, create_vendor
 
-    if name.startswith("vendor:"):
-        from detectors.models.vendors import create_vendor
-
+    if name in VENDORS:
         return create_vendor(name)
     name = name.removeprefix("model:")
     if name in BUILTIN:

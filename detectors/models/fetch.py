@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote, urlparse
@@ -44,19 +43,6 @@ Progress = Callable[[int, int | None], None]  # (bytes so far, total or None)
 
 class FetchError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class KnownModel:
-    url: str
-    sha256: str
-    arch: str
-
-
-# Published checkpoints in deepwatch's format, by name. Empty on purpose until
-# the project publishes weights with a pinned hash: a name must never resolve
-# to an unverified download.
-KNOWN_MODELS: dict[str, KnownModel] = {}
 
 
 def _source_kind(source: str) -> str:
@@ -166,13 +152,9 @@ def fetch_model(
         # checked before the download: a typo'd hash would otherwise cost the whole transfer
         raise FetchError(f"--sha256 {sha256!r} is not a sha256 digest (64 hex digits); nothing downloaded")
     if url is None:
-        known = KNOWN_MODELS.get(name)
-        if known is None:
-            raise FetchError(
-                f"no published weights are known for {name!r}; pass --url (https URL, file:// URL or local path)"
-                + (f" (known: {', '.join(sorted(KNOWN_MODELS))})" if KNOWN_MODELS else "")
-            )
-        url, sha256, arch = known.url, sha256 or known.sha256, arch or known.arch
+        # No name resolves to a download by itself: the project publishes no
+        # weights with a pinned hash, and an unverified one must never be fetched.
+        raise FetchError(f"no published weights are known for {name!r}; pass --url (https URL, file:// URL or local path)")
     model_dir.mkdir(parents=True, exist_ok=True)
     weights, sidecar = paths(model_dir, name)
     part = weights.with_name(weights.name + ".part")

@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from detectors.atomic_file import write_atomically
+from detectors.models.dataset import REPOST_MAX_SIDE as REPOST_LONG_SIDE  # noqa: F401 (re-exported)
 from detectors.models.dataset import manifest_rows  # one reading of the format (columns, labels 0/1)
+from detectors.models.dataset import repost_bytes as repost, repost_rgb  # noqa: F401 (one re-post for all)
 
 if TYPE_CHECKING:
     from detectors.imagedata import ImageData
 
-REPOST_LONG_SIDE = 1600
-REPOST_QUALITY = 80
 
 # Generator family by keyword, first match wins (lower-cased generator text).
 _FAMILIES = [
@@ -139,18 +140,6 @@ def _open_rgb(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img = ImageOps.exif_transpose(img)
     return img.convert("RGB")
-
-
-def repost(data: bytes) -> bytes:
-    """What a social platform does: strip metadata, cap the long side, JPEG q80."""
-    return repost_rgb(_open_rgb(data))
-
-
-def repost_rgb(img: Image.Image) -> bytes:
-    """``repost`` of decoded, oriented RGB pixels (``img`` is left as it is)."""
-    img = img.copy()
-    img.thumbnail((REPOST_LONG_SIDE, REPOST_LONG_SIDE), Image.BICUBIC)
-    return _jpeg(img, REPOST_QUALITY)
 
 
 # A JPEG at or below this estimated quality and within the re-post long side is taken as a
@@ -280,6 +269,6 @@ class FeatureCache:
 
     def put(self, sample: Sample, variant: str, taps: dict[str, np.ndarray]) -> None:
         p = self.path(sample, variant)
-        tmp = p.with_suffix(".tmp.npz")
-        np.savez(tmp, **{k: v.astype(np.float16) for k, v in taps.items()})
-        tmp.replace(p)
+        buf = io.BytesIO()
+        np.savez(buf, **{k: v.astype(np.float16) for k, v in taps.items()})
+        write_atomically(p, buf.getvalue())  # two extractions of one sample never share a temp file

@@ -34,7 +34,6 @@ from detectors.models.pixel_metrics import report, threshold_for_fpr
 log = logging.getLogger(__name__)
 
 PEOPLE = {"portrait", "people", "crowd"}
-TRAIN_VARIANTS = ("reposted", "aug0", "aug1")  # with --augment 2
 EVAL_VARIANTS = ("reposted", "published")
 
 

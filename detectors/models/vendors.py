@@ -35,6 +35,7 @@ class VendorError(RuntimeError):
 
 class VendorDetector(BatchDetector):
     key_env: ClassVar[str]
+    kind: ClassVar[EvidenceKind] = EvidenceKind.VENDOR
     url_env: ClassVar[str]
     default_base_url: ClassVar[str]
 
@@ -79,7 +80,7 @@ class VendorDetector(BatchDetector):
                 log.warning("%s failed for %s: %s", self.name, im.sha256[:12], type(e).__name__)
                 continue
             score = min(1.0, max(0.0, float(score)))
-            out.append(Evidence(detector=self.name, kind=EvidenceKind.VENDOR, score=score, weight=VENDOR_WEIGHT, sha256=im.sha256,
+            out.append(Evidence(detector=self.name, kind=self.kind, score=score, weight=VENDOR_WEIGHT, sha256=im.sha256,
                                 detail=f"{self.label}: {score:.2f} (vendor score)", data=data))
         return out
 

@@ -4,7 +4,7 @@ We walk the chunk list ourselves instead of using Pillow's ``info`` because
 Pillow only sees text chunks placed after IDAT once the pixels are decoded,
 keeps every text value in memory in full, and raises on oversized compressed
 chunks. Here every value is capped (decompression included), so a hostile
-100 MB text chunk costs at most ``max_value_bytes``.
+100 MB text chunk costs at most ``MAX_VALUE_BYTES``.
 """
 
 from __future__ import annotations
