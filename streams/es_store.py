@@ -31,8 +31,9 @@ from streams.es_docs import (
     processed_action, record_from_doc, sighting_doc, sighting_from_doc,
 )
 from streams.findings import (
-    MAX_RESULTS, QUEUED, QUEUED_RECENT_S, AccountAggregate, AccountWindow, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Page,
-    MemberRow, SightingRecord, account_rank, read_limit, sort_key, surviving_cluster, text_terms,
+    MAX_RESULTS, QUEUED, QUEUED_RECENT_S, AccountAggregate, AccountCursor, AccountWindow, AlertRecord, ClusterQuery,
+    ClusterRecord, DeadLetterRecord, Deadline, Page, MemberRow, SearchTimeout, SightingRecord, account_rank, read_limit,
+    sort_key, surviving_cluster, text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
 
@@ -384,11 +385,17 @@ class EsFindingsStore:
         return hits[0]["_source"]["sha256"] if hits else None
 
     # -- reads ----------------------------------------------------------------
-    def _search(self, index: str, **body: Any) -> dict[str, Any]:
+    def _search(self, index: str, deadline: Deadline | None = None, **body: Any) -> dict[str, Any]:
+        """One search request. With ``deadline``: sent with the time left
+        as its ``timeout``, and an answer Elasticsearch marks ``timed_out``
+        (the hits and buckets found before the shards gave up: a part,
+        unsaid which) raises ``SearchTimeout`` instead of being used."""
         from elasticsearch import NotFoundError
 
+        if deadline is not None:
+            body["timeout"] = f"{max(1, int(deadline.left() * 1000))}ms"
         try:
-            return dict(self.es.search(index=index, **body))
+            res = dict(self.es.search(index=index, **body))
         except NotFoundError as e:
             if not es_error_body(e):  # a 404 page from a server that is not Elasticsearch (a wrong URL)
                 raise explain(e, self.config.url) from None
@@ -396,15 +403,19 @@ class EsFindingsStore:
             return {"hits": {"total": {"value": 0, "relation": "eq"}, "hits": []}, "aggregations": {}}
         except Exception as e:
             raise explain(e, self.config.url) from None
+        if deadline is not None and res.get("timed_out"):
+            raise SearchTimeout(deadline.timeout_s)
+        return res
 
-    def _scan(self, index: str, query: dict, sort: list, source: Any = True) -> Iterator[dict[str, Any]]:
+    def _scan(self, index: str, query: dict, sort: list, source: Any = True,
+              deadline: Deadline | None = None) -> Iterator[dict[str, Any]]:
         """Every hit, paged with search_after (no scroll contexts to leak)."""
         after = None
         while True:
             body: dict[str, Any] = {"query": query, "sort": sort, "size": PAGE, "source": source}
             if after is not None:
                 body["search_after"] = after
-            hits = self._search(index, **body)["hits"]["hits"]
+            hits = self._search(index, deadline, **body)["hits"]["hits"]
             yield from hits
             if len(hits) < PAGE:
                 return
@@ -457,11 +468,16 @@ class EsFindingsStore:
                             source=_READ_SOURCE)["hits"]["hits"]
         return self._records([hits[0]["_source"]])[0] if hits else None
 
-    def search(self, q: ClusterQuery) -> list[ClusterRecord]:
+    def search(self, q: ClusterQuery, *, timeout_s: float | None = None) -> list[ClusterRecord]:
+        """See ``FindingsStore.search``. ``timeout_s`` bounds the requests
+        that find and rank the matches, each sent with the time left as its
+        ``timeout`` (``_search``); building the few records found is bounded
+        by their number."""
+        deadline = None if timeout_s is None else Deadline(timeout_s)
         relevance: dict[str, float] | None = None
         chunks: list[list[str] | None] = [None]
         if q.sighting_filtered:
-            relevance = self._matching_clusters(q)
+            relevance = self._matching_clusters(q, deadline)
             if not relevance:
                 return []
             ids = sorted(relevance)
@@ -489,7 +505,7 @@ class EsFindingsStore:
             rank: dict[str, tuple] = {}
             for chunk in chunks:
                 for h in self._scan(self.names["clusters"], query(chunk), [{"cluster_id": "asc"}],
-                                    ["cluster_id", "merged_from", "velocity", "fake_score"]):
+                                    ["cluster_id", "merged_from", "velocity", "fake_score"], deadline):
                     d = h["_source"]
                     v = d.get("velocity") or {}
                     best = max(score_of.get(i, 0.0) for i in [d["cluster_id"], *(d.get("merged_from") or [])])
@@ -506,7 +522,7 @@ class EsFindingsStore:
         orders = [next(iter(x.values())) for x in ES_SORT[sort]]
         picked: dict[str, tuple[tuple, dict[str, Any]]] = {}
         for chunk in chunks:
-            hits = self._search(self.names["clusters"], query=query(chunk), size=want, sort=ES_SORT[sort],
+            hits = self._search(self.names["clusters"], deadline, query=query(chunk), size=want, sort=ES_SORT[sort],
                                 source=_READ_SOURCE)["hits"]["hits"]
             for h in hits:
                 picked[h["_source"]["cluster_id"]] = (_sort_order_key(h.get("sort") or [], orders), h["_source"])
@@ -547,7 +563,7 @@ class EsFindingsStore:
                 break
         return out
 
-    def _matching_clusters(self, q: ClusterQuery) -> dict[str, float]:
+    def _matching_clusters(self, q: ClusterQuery, deadline: Deadline | None = None) -> dict[str, float]:
         """Cluster id (as recorded on the sighting) -> best score among the
         sightings meeting every sighting-level condition (1.0 each unless
         the search ranks by relevance): every matching cluster, one
@@ -589,7 +605,7 @@ class EsFindingsStore:
             agg: dict[str, Any] = {"composite": comp}
             if scored:  # the best-matching sighting's score
                 agg["aggs"] = {"best": {"max": {"script": {"source": "_score"}}}}
-            res = self._search(self.names["sightings"], size=0, query=query, aggs={"clusters": agg})
+            res = self._search(self.names["sightings"], deadline, size=0, query=query, aggs={"clusters": agg})
             part = (res.get("aggregations") or {}).get("clusters") or {}
             buckets = part.get("buckets") or []
             for b in buckets:
@@ -631,7 +647,7 @@ class EsFindingsStore:
         return out
 
     def _composite(self, index: str, query: dict[str, Any], field: str, aggs: dict[str, Any],
-                   page: int) -> Iterator[dict[str, Any]]:
+                   page: int, deadline: Deadline | None = None) -> Iterator[dict[str, Any]]:
         """Every bucket of a composite aggregation over ``field`` (keys
         ascending), ``page`` buckets a request, each with ``aggs``."""
         after: dict[str, Any] | None = None
@@ -642,7 +658,7 @@ class EsFindingsStore:
             agg: dict[str, Any] = {"composite": comp}
             if aggs:
                 agg["aggs"] = aggs
-            res = self._search(index, size=0, query=query, aggs={"by": agg})
+            res = self._search(index, deadline, size=0, query=query, aggs={"by": agg})
             part = (res.get("aggregations") or {}).get("by") or {}
             buckets = part.get("buckets") or []
             yield from buckets
@@ -652,7 +668,7 @@ class EsFindingsStore:
 
     def account_aggregates(self, ai_cluster_ids: Collection[str], *, account_id: str | None = None,
                            min_posts: int = 0, min_ai_share: float = 0.0,
-                           limit: int | None = None) -> list[AccountAggregate]:
+                           limit: int | None = None, after: AccountCursor | None = None) -> list[AccountAggregate]:
         """See ``FindingsStore.account_aggregates``: a composite aggregation
         over ``account_id`` (``ACCOUNT_PAGE`` accounts a request) counting
         each account's posts, pictures and AI pictures (``cardinality``:
@@ -660,10 +676,13 @@ class EsFindingsStore:
         exactly; above that an estimate within about 1 %), platforms, and
         its first and last post and first handle (``top_hits``); the filter
         and the ranking are applied as pages arrive, keeping only the best
-        ``limit``. Then one ``search_after`` read of the returned accounts'
-        posts (sort values and cluster id only) for their clusters and
-        median gap."""
+        ``limit`` (ranked after ``after``: its key, the first post's time in
+        the epoch milliseconds the sort values carry). Then one
+        ``search_after`` read of the returned accounts' posts (sort values
+        and cluster id only) for their clusters and median gap."""
         limit = read_limit(limit)
+        start = None if after is None else (-after.ai_share, -after.ai_pictures, -after.posts, after.first_ms(),
+                                            after.first_event_id)
         in_order = [{"@timestamp": "asc"}, {"event_id": "asc"}]
         aggs = {
             "pictures": {"cardinality": {"field": "sha256", "precision_threshold": CARDINALITY_PRECISION}},
@@ -687,7 +706,10 @@ class EsFindingsStore:
                     continue
                 first = b["first"]["hits"]["hits"][0]
                 share, n_ai, n = account_rank(ai_pics, pics, posts)
-                yield (-share, -n_ai, -n, first["sort"][0], first["_source"]["event_id"]), {
+                key = (-share, -n_ai, -n, first["sort"][0], first["_source"]["event_id"])
+                if start is not None and key <= start:
+                    continue
+                yield key, {
                     "account_id": b["key"]["key"], "posts": posts, "pictures": pics, "ai_pictures": ai_pics,
                     "first_seen": first["_source"]["posted_at"], "first_event_id": first["_source"]["event_id"],
                     "last_seen": b["last"]["hits"]["hits"][0]["_source"]["posted_at"],
@@ -794,14 +816,15 @@ class EsFindingsStore:
                     last_seen=b["last"]["hits"]["hits"][0]["_source"]["posted_at"]))
         return out
 
-    def match_sightings(self, text: str, *, limit: int = MAX_RESULTS) -> list[str]:
+    def match_sightings(self, text: str, *, limit: int = MAX_RESULTS,
+                        timeout_s: float | None = None) -> list[str]:
         """See ``FindingsStore.match_sightings``: a ``term`` on the event id
         and case-insensitive ``wildcard`` queries (``*needle*``) on the
         account id, handle and post URL (the URL is a doc-values-only
         keyword: ES answers that by scanning, slower but allowed), the
         distinct cluster ids by a composite aggregation. Leading wildcards
         are expensive queries: a cluster with ``search.allow_expensive_queries``
-        off refuses them."""
+        off refuses them. ``timeout_s`` as for ``search``."""
         exact = text.strip()
         if not exact:
             return []
@@ -812,7 +835,9 @@ class EsFindingsStore:
               for f in ("account_id", "account_handle", "post_url")),
         ], "minimum_should_match": 1}}
         out: list[str] = []
-        for b in self._composite(self.names["sightings"], query, "cluster_id", {}, min(max(1, limit), MATCH_PAGE)):
+        deadline = None if timeout_s is None else Deadline(timeout_s)
+        for b in self._composite(self.names["sightings"], query, "cluster_id", {}, min(max(1, limit), MATCH_PAGE),
+                                 deadline):
             out.append(b["key"]["key"])
             if len(out) >= limit:
                 break

@@ -13,9 +13,14 @@ working while new code uses attributes.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import math
 import re
+import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Collection, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
@@ -270,6 +275,121 @@ def account_rank(ai_pictures: int, pictures: int, posts: int) -> tuple[float, in
     return round(ai_pictures / pictures if pictures else 0.0, 4), ai_pictures, posts
 
 
+class AccountCursor(BaseModel):
+    """A place in the account ranking (``account_rank``, then first post):
+    ``account_aggregates(after=...)`` answers only the accounts ranked after
+    it. Made from the last account of a page (``of``), it pages by the
+    ranking's own key, so rows added meanwhile move no page boundary the way
+    an offset would; an account whose counts changed between two pages is
+    where its new counts rank it. A first post's event id is one account's
+    only, so the order is total. Carried by a client as an opaque token
+    (``encode``/``decode``): it only says where to start in the list the
+    query's filters select, never what to list."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    ai_share: float = Field(ge=0.0, le=1.0)  # rounded as ``account_rank`` rounds it
+    ai_pictures: int = Field(ge=0, le=2**63 - 1)
+    posts: int = Field(ge=0, le=2**63 - 1)
+    first_seen: str = Field(min_length=1, max_length=64)  # posted_at of its first post, as recorded
+    first_event_id: str = Field(min_length=1, max_length=256)
+
+    @field_validator("first_seen")
+    @classmethod
+    def _iso(cls, v: str) -> str:
+        datetime.fromisoformat(v)  # ValueError: not a time
+        return v
+
+    @classmethod
+    def of(cls, a: "AccountAggregate") -> "AccountCursor":
+        share, ai, posts = account_rank(a.ai_pictures, a.pictures, a.posts)
+        return cls(ai_share=share, ai_pictures=ai, posts=posts, first_seen=a.first_seen,
+                   first_event_id=a.first_event_id)
+
+    def first_ms(self) -> int:
+        """The first post's time in whole epoch milliseconds (finer digits
+        dropped, no offset read as UTC): what Elasticsearch sorts a date by."""
+        d = datetime.fromisoformat(self.first_seen)
+        d = d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+        return (d - _EPOCH) // timedelta(milliseconds=1)
+
+    def encode(self) -> str:
+        return encode_cursor([self.ai_share, self.ai_pictures, self.posts, self.first_seen, self.first_event_id])
+
+    @classmethod
+    def decode(cls, token: str) -> "AccountCursor":
+        """``encode``'s token back; ValueError for anything else."""
+        items = decode_cursor(token)
+        if len(items) != 5:
+            raise ValueError(NOT_A_CURSOR)
+        share, ai, posts, first_seen, event_id = items
+        if not (isinstance(share, (int, float)) and isinstance(ai, int) and isinstance(posts, int)
+                and isinstance(first_seen, str) and isinstance(event_id, str)):
+            raise ValueError(NOT_A_CURSOR)
+        try:
+            return cls(ai_share=float(share), ai_pictures=ai, posts=posts, first_seen=first_seen,
+                       first_event_id=event_id)
+        except ValueError:  # pydantic's ValidationError is one
+            raise ValueError(NOT_A_CURSOR) from None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+CURSOR_MAX_CHARS = 2048  # base64 of a first post's time and event id (at most 256 characters) with the counts
+_CURSOR_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+NOT_A_CURSOR = "not a cursor this desk gave"
+
+
+def encode_cursor(items: list[Any]) -> str:
+    """A page cursor as a client carries it: the list (strings and finite
+    numbers) as JSON in unpadded base64url, so it passes through a URL or a
+    header as it is."""
+    raw = json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> list[Any]:
+    """``encode_cursor``'s list back, or ValueError: bounded in length and
+    alphabet before it is decoded, and only strings and finite numbers
+    inside (no booleans, nulls, nesting, NaN or infinities)."""
+    if not token or len(token) > CURSOR_MAX_CHARS or not _CURSOR_CHARS.fullmatch(token):
+        raise ValueError(NOT_A_CURSOR)
+    try:
+        items = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode())
+    except (binascii.Error, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(NOT_A_CURSOR) from None
+    if not isinstance(items, list) or not all(
+            isinstance(x, str) or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+            for x in items):
+        raise ValueError(NOT_A_CURSOR)
+    return items
+
+
+class SearchTimeout(Exception):
+    """A search ran longer than its time limit (``timeout_s``) and was
+    stopped: no partial answer is given."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        super().__init__(f"search took longer than {timeout_s:g} s")
+
+
+class Deadline:
+    """A time limit over several reads of one search: ``left()`` is the time
+    remaining, and raises ``SearchTimeout`` once there is none."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.at = time.monotonic() + timeout_s
+
+    def left(self) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise SearchTimeout(self.timeout_s)
+        return left
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+
 class ClusterQuery(BaseModel):
     """An analyst's search over clusters (``deepwatch search``, the desk).
 
@@ -408,7 +528,13 @@ class FindingsStore(Protocol):
     # -- reads --
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]: ...
     def cluster(self, cluster_id: str) -> ClusterRecord | None: ...
-    def search(self, query: ClusterQuery) -> list[ClusterRecord]: ...
+    def search(self, query: ClusterQuery, *, timeout_s: float | None = None) -> list[ClusterRecord]:
+        """``query``'s clusters (see ``ClusterQuery``). With ``timeout_s``
+        the search is stopped once it has run that long (SQLite: interrupted
+        between steps of its queries; Elasticsearch: each request's
+        ``timeout``, and a ``timed_out`` answer is not used) and raises
+        ``SearchTimeout`` instead of answering in part."""
+        ...
     def cluster_sightings(self, cluster_id: str, *, limit: int = 200) -> list[SightingRecord]: ...
     def sightings(self, *, cluster_ids: list[str] | None = None, account_id: str | None = None,
                   newest_first: bool = False, limit: int | None = None) -> list[SightingRecord]:
@@ -428,15 +554,16 @@ class FindingsStore(Protocol):
         ...
     def account_aggregates(self, ai_cluster_ids: Collection[str], *, account_id: str | None = None,
                            min_posts: int = 0, min_ai_share: float = 0.0,
-                           limit: int | None = None) -> list[AccountAggregate]:
+                           limit: int | None = None, after: AccountCursor | None = None) -> list[AccountAggregate]:
         """Per account (only ``account_id`` when given): posts, distinct
         pictures, distinct pictures among its sightings recorded under one of
         ``ai_cluster_ids`` (the caller decides what is AI, merged-away ids
         included), first/last post, platforms. Only accounts with at least
         ``min_posts`` posts and an AI share (``ai_pictures / pictures``) of at
         least ``min_ai_share``; ranked by ``account_rank`` descending, then by
-        first post (``posted_at``, event id) ascending; the first ``limit``
-        (None: all). ``cluster_ids`` and ``median_gap_s`` are computed for the
+        first post (``posted_at``, event id) ascending; only those ranked
+        after ``after`` (keyset paging, see ``AccountCursor``); the first
+        ``limit`` of them (None: all). ``cluster_ids`` and ``median_gap_s`` are computed for the
         returned accounts only: their cost is those accounts' posts, never the
         store's. Counted by the store, whatever the number of sightings."""
         ...
@@ -448,10 +575,12 @@ class FindingsStore(Protocol):
         accounts with at least ``min_ai_pictures`` AI pictures in their
         window, ordered by account id."""
         ...
-    def match_sightings(self, text: str, *, limit: int = MAX_RESULTS) -> list[str]:
+    def match_sightings(self, text: str, *, limit: int = MAX_RESULTS,
+                        timeout_s: float | None = None) -> list[str]:
         """Cluster ids (as recorded, sorted, at most ``limit``) of the
         sightings whose event id is ``text`` (stripped), or whose account id,
-        account handle or post URL contain it, ignoring case."""
+        account handle or post URL contain it, ignoring case. ``timeout_s``
+        as for ``search``."""
         ...
     def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
         """Stored alerts, oldest first (``created_at``, then alert id); with

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from streams.findings import (
-    MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord,
-    FindingsStore, Page, SightingRecord, normalize_hashtag, read_limit, sort_key, surviving_cluster,
+    MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline,
+    FindingsStore, Page, SearchTimeout, SightingRecord, normalize_hashtag, read_limit, sort_key, surviving_cluster,
     text_terms,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
@@ -36,6 +36,9 @@ __all__ = ["FindingsStore", "SqliteFindingsStore", "StoreError", "open_store"]
 # PRAGMA user_version of the files this code writes. Older files are migrated
 # (``_migrate``); a newer one is refused rather than half-understood.
 SCHEMA_VERSION = 1
+# SQLite virtual-machine steps between two looks at a search's deadline
+# (``_search_db``): well under a millisecond apart, a Python call each.
+SEARCH_PROGRESS_STEPS = 20_000
 
 
 class StoreError(OSError):
@@ -188,6 +191,42 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
                                    deterministic=True)
                 self._udf_db = db
             yield self._udf_db
+
+    @contextmanager
+    def _search_db(self, deadline: Deadline | None, *, functions: bool = False) -> Iterator[sqlite3.Connection]:
+        """The connection a search's scans run on. Without a deadline the
+        shared one (``functions``: ``_with_functions``'s). With one, a
+        connection of this search's own whose progress handler interrupts
+        the statement running once the deadline has passed (SQLite then
+        raises "interrupted", answered as ``SearchTimeout``): a handler is a
+        Python call made with its connection's mutex held, which on the
+        shared connection could hang the desk's threads (see
+        ``_with_functions``) and would stop other threads' statements too.
+        Opening one costs well under a millisecond; a WAL reader waits on no
+        writer."""
+        if deadline is None:
+            if functions:
+                with self._with_functions() as db:
+                    yield db
+            else:
+                yield self._db
+            return
+        deadline.left()
+        # a lock wait (a writer checkpointing, say) is bounded by the same deadline
+        db = sqlite3.connect(self.path, timeout=deadline.left(), isolation_level=None, check_same_thread=False)
+        try:
+            if functions:
+                db.create_function("dw_lower", 1, lambda v: v.lower() if isinstance(v, str) else v,
+                                   deterministic=True)
+            db.set_progress_handler(deadline.passed, SEARCH_PROGRESS_STEPS)
+            try:
+                yield db
+            except sqlite3.OperationalError as e:
+                if str(e) == "interrupted" or deadline.passed():
+                    raise SearchTimeout(deadline.timeout_s) from None
+                raise
+        finally:
+            db.close()
 
     def _check_kind(self) -> None:
         """Refuse a file this code would misread or damage: one from a newer
@@ -484,16 +523,15 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         # Only this cluster (and what merged into it): the desk asks per page view.
         return next(iter(self.clusters_by_id({cluster_id})), None)
 
-    def search(self, query: ClusterQuery) -> list[ClusterRecord]:
+    def search(self, query: ClusterQuery, *, timeout_s: float | None = None) -> list[ClusterRecord]:
         """``ClusterQuery`` over FTS5 and the sightings table (semantics in
         ``ClusterQuery``'s docstring; the Elasticsearch store answers the same).
         Only candidate clusters are built: sorted searches pre-select by the
-        stream's own values in SQL (a margin wide), then order exactly."""
+        stream's own values in SQL (a margin wide), then order exactly.
+        ``timeout_s`` bounds the scans (``_search_db``); building the few
+        candidates found is bounded by their number."""
+        deadline = None if timeout_s is None else Deadline(timeout_s)
         relevance: dict[str, float] | None = None
-        if query.sighting_filtered:
-            relevance = self._matching_roots(query)
-            if not relevance:
-                return []
         where, args = ["merged_into IS NULL"], []
         if query.verdict:
             where.append("verdict = ?")
@@ -502,8 +540,13 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             where.append("fake_score >= ?")
             args.append(query.min_score)
         sort = query.effective_sort
-        ids = [cid for cid, in self._db.execute(
-            f"SELECT cluster_id FROM clusters WHERE {' AND '.join(where)} ORDER BY {_SQL_SORT[sort]}", args)]
+        with self._search_db(deadline) as db:
+            if query.sighting_filtered:
+                relevance = self._matching_roots(query, db)
+                if not relevance:
+                    return []
+            ids = [cid for cid, in db.execute(
+                f"SELECT cluster_id FROM clusters WHERE {' AND '.join(where)} ORDER BY {_SQL_SORT[sort]}", args)]
         if relevance is not None:
             ids = [cid for cid in ids if cid in relevance]
         if sort != "relevance":
@@ -562,10 +605,12 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             out.setdefault(platform, [0] * buckets)[b] += n
         return out
 
-    def match_sightings(self, text: str, *, limit: int = MAX_RESULTS) -> list[str]:
+    def match_sightings(self, text: str, *, limit: int = MAX_RESULTS,
+                        timeout_s: float | None = None) -> list[str]:
         """See ``FindingsStore.match_sightings``: a scan of the sightings in
         SQL. LIKE folds ASCII case only: a needle with other letters is
-        compared in Python's lowercase (a function per row, slower)."""
+        compared in Python's lowercase (a function per row, slower).
+        ``timeout_s`` bounds the scan (``_search_db``)."""
         exact = text.strip()
         needle = exact.lower()
         if not needle:
@@ -576,7 +621,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         else:
             pattern = needle
             cond = " OR ".join(f"instr(dw_lower({c}), ?1) > 0" for c in ("account_id", "account_handle", "post_url"))
-        with self._with_functions() as db:
+        with self._search_db(None if timeout_s is None else Deadline(timeout_s), functions=True) as db:
             return [cid for cid, in db.execute(
                 f"SELECT DISTINCT cluster_id FROM sightings WHERE event_id = ?2 OR {cond} ORDER BY cluster_id LIMIT ?3",
                 (pattern, exact, int(limit))).fetchall()]
@@ -586,9 +631,10 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         reader cache derived views until the findings change."""
         return self._db.execute("PRAGMA data_version").fetchone()[0]
 
-    def _matching_roots(self, q: ClusterQuery) -> dict[str, float]:
+    def _matching_roots(self, q: ClusterQuery, db: sqlite3.Connection) -> dict[str, float]:
         """Surviving cluster id -> best relevance (bm25: lower is better) over
-        the sightings that satisfy every sighting-level condition at once."""
+        the sightings that satisfy every sighting-level condition at once
+        (read on ``db``: ``_search_db``'s)."""
         where, args = [], []
         sql = "SELECT s.cluster_id, {rank} FROM sightings s"
         rank = "0.0"
@@ -618,7 +664,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         sql = sql.format(rank=rank) + (" WHERE " + " AND ".join(where) if where else "")
         roots = self._roots()
         best: dict[str, float] = {}
-        for cid, r in self._db.execute(sql, args):
+        for cid, r in db.execute(sql, args):
             root = roots.get(cid, cid)
             best[root] = min(best.get(root, r), r)
         return best

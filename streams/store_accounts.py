@@ -9,7 +9,7 @@ import sqlite3
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Collection, ContextManager
 
-from streams.findings import AccountAggregate, AccountWindow, read_limit
+from streams.findings import AccountAggregate, AccountCursor, AccountWindow, read_limit
 
 # A post's time in whole milliseconds (SQLite's own precision), and a text key
 # that orders posts as ``sightings`` does (time, then event id) and ends in
@@ -29,11 +29,12 @@ class AccountQueries:
 
     def account_aggregates(self, ai_cluster_ids: Collection[str], *, account_id: str | None = None,
                            min_posts: int = 0, min_ai_share: float = 0.0,
-                           limit: int | None = None) -> list[AccountAggregate]:
+                           limit: int | None = None, after: AccountCursor | None = None) -> list[AccountAggregate]:
         """See ``FindingsStore.account_aggregates``: one GROUP BY over the
-        sightings, filtered, ranked and cut in SQL; then the returned
-        accounts' first/last posts and handle by event id, and their
-        clusters and median gap over the account index."""
+        sightings, filtered, ranked and cut in SQL (``after``: a row-value
+        comparison on the ranking key, the cursor's first post keyed as the
+        rows are); then the returned accounts' first/last posts and handle by
+        event id, and their clusters and median gap over the account index."""
         limit = read_limit(limit)
         args: list[Any] = [json.dumps(sorted(set(ai_cluster_ids)))]
         # Every account: one pass over the table, sorted by SQLite's sorter, measured
@@ -43,6 +44,11 @@ class AccountQueries:
             where = "WHERE account_id = ?"
             args.append(account_id)
         args += [int(min_posts), float(min_ai_share)]
+        keyset = ""
+        if after is not None:
+            keyset = ("AND (-dw_round(ai_pics * 1.0 / pics, 4), -ai_pics, -posts, first_k) > "
+                      "(?, ?, ?, printf('%016d', CAST(round(julianday(?) * 86400000) AS INTEGER)) || ?)")
+            args += [-after.ai_share, -after.ai_pictures, -after.posts, after.first_seen, after.first_event_id]
         if limit:
             args.append(limit)
         with self._with_functions() as db:
@@ -56,7 +62,7 @@ class AccountQueries:
                                      cluster_id IN (SELECT value FROM json_each(?)) AS ai, {_ORDER_KEY} AS k
                               FROM sightings {where})
                         GROUP BY account_id)
-                    WHERE posts >= ? AND ai_pics * 1.0 / pics >= ?
+                    WHERE posts >= ? AND ai_pics * 1.0 / pics >= ? {keyset}
                     ORDER BY dw_round(ai_pics * 1.0 / pics, 4) DESC, ai_pics DESC, posts DESC, first_k
                     {"LIMIT ?" if limit else ""}""", args).fetchall()
         if not rows:

@@ -97,6 +97,28 @@ def small_store(data: Path, store=None) -> dict[str, str]:
     return out
 
 
+def bulk_sightings(path: Path, n: int, cluster_id: str = "c-bulk") -> None:
+    """``n`` more sightings in the SQLite findings file at ``path``, written
+    in one statement (a store big enough for a search to take its time, in
+    a second or two): posts of 5,000 accounts every second from 2026-11-01,
+    with random text and hashtags, recorded under ``cluster_id``. Not in the
+    full-text index: they make scans long, not matches."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(
+            """WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
+               INSERT INTO sightings (event_id, cluster_id, sha256, platform, account_id, account_handle, post_url,
+                                      posted_at, engagement, text, hashtags)
+               SELECT 'bulk-' || i, ?, printf('%064d', i), 'x', 'bulk' || (i % 5000), '@bulk' || (i % 5000),
+                      'https://example.org/bulk/' || i,
+                      strftime('%Y-%m-%dT%H:%M:%f+00:00', '2026-11-01', '+' || i || ' seconds'), '{}',
+                      'filler words ' || i || ' ' || hex(randomblob(40)), 'tag' || (i % 97) || ' ' || hex(randomblob(30))
+               FROM n""", (n - 1, cluster_id))
+    db.close()
+
+
 def close_sources(*sources) -> None:
     """Close desk read sources (``FindingsSource``) a test opened, with their desk databases."""
     for s in sources:

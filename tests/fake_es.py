@@ -109,6 +109,7 @@ class FakeElasticsearch:
         self.ilm: dict[str, dict] = {}
         self.request_faults: list[tuple[Callable[[str, str], bool], int, dict, int]] = []
         self.item_faults: list[ItemFault] = []
+        self.search_timeouts: list[list[Any]] = []  # [index expression suffix, times left] (time_out_searches)
         self._seq = 0
         self._scores: dict[int, float] = {}
         self._server: ThreadingHTTPServer | None = None
@@ -159,6 +160,15 @@ class FakeElasticsearch:
 
     def fail_items(self, match: Callable[[str, dict, dict | None], bool], status: int, error: dict, times: int = 1) -> None:
         self.item_faults.append(ItemFault(match, status, error, times))
+
+    def time_out_searches(self, index_suffix: str = "", times: int = 1) -> None:
+        """The next ``times`` searches of an index expression ending in
+        ``index_suffix`` that carry a ``timeout`` answer as Elasticsearch
+        does when its shards ran out of that time (search-your-data,
+        "search timeout"): 200 with ``"timed_out": true`` and whatever they
+        had collected by then; here everything, the worst case for a reader
+        that does not look at the flag."""
+        self.search_timeouts.append([index_suffix, times])
 
     def calls(self, method: str, path_suffix: str) -> list[Recorded]:
         return [r for r in self.requests if r.method == method and r.path.split("?")[0].endswith(path_suffix)]
@@ -526,6 +536,11 @@ class FakeElasticsearch:
                 f"Result window is too large, from + size must be less than or equal to: [{MAX_RESULT_WINDOW}] but was "
                 f"[{window}]. See the scroll api for a more efficient way to request large data sets. This limit can be "
                 "set by changing the [index.max_result_window] index level setting."))
+        timeout = body.get("timeout")
+        if timeout is not None and not (isinstance(timeout, str) and _TIME_VALUE.fullmatch(timeout)):
+            # a time value with its unit (api-conventions, time units); "-1" is none
+            raise _Err(400, error_body("parse_exception", f"failed to parse setting [timeout] with value [{timeout}] as "
+                                                          "a time value: unit is missing or unrecognized", 400))
         indices = self._targets(expr)
         mappings = {i: self.mappings(i) for i in indices}
         docs = [(i, did, src) for i in indices for did, src in self.docs[i].items()]
@@ -600,6 +615,12 @@ class FakeElasticsearch:
             matched = [(k[0], by_key[k]) for k in scored]
             self._scores = {id(by_key[k]): v for k, v in scored.items()}  # for a max of the script "_score"
             resp["aggregations"] = self._aggs(body["aggs"], matched, mappings, docs)
+        if timeout is not None and timeout != "-1":
+            for fault in self.search_timeouts:
+                if fault[1] > 0 and expr.endswith(fault[0]):
+                    fault[1] -= 1
+                    resp["timed_out"] = True
+                    break
         return resp
 
     def _eval(self, q: dict, src: dict, mapping: dict, corpus: list, did: str | None = None) -> tuple[bool, float]:
@@ -804,6 +825,9 @@ class FakeElasticsearch:
 
 MAX_RESULT_WINDOW = 10_000  # index.max_result_window's default
 MAX_TERMS_COUNT = 65_536  # index.max_terms_count's default
+
+
+_TIME_VALUE = re.compile(r"-1|0|\d+(nanos|micros|ms|s|m|h|d)")
 
 
 def _search_phase_error(kind: str, reason: str) -> dict[str, Any]:

@@ -245,6 +245,66 @@ def test_account_pages_equal_the_walk_over_every_sighting(source):
     assert [a["id"] for a in everyone][-3:] == list(reversed(TIES))
 
 
+@pytest.mark.parametrize("limit", [1, 4, 7])
+def test_account_pages_by_cursor_list_every_account_once_in_order(source, limit):
+    """Page after page from each page's cursor is the whole list, in its
+    order: the ties (alike but for who posted first), equal times, +08:00
+    offsets and the filters included."""
+    for q in (AccountQuery(min_posts=0, limit=5000), AccountQuery(min_ai_share=0.3, limit=5000)):
+        everyone = old_accounts(source._all(), source._roots(), source.store.sightings(), q)
+        got, cursor, pages = [], None, 0
+        while True:
+            rows, cursor = source.accounts_page(q.model_copy(update={"limit": limit, "cursor": cursor}))
+            got += rows
+            pages += 1
+            if cursor is None:
+                break
+            assert len(rows) == limit
+        assert got == everyone and pages == -(-len(everyone) // limit)
+
+
+def test_a_page_boundary_holds_while_accounts_are_added(source):
+    """New posts that rank a new account first move no account across the
+    boundary of the pages already handed out (an offset would have shown
+    the last account of page one again on page two)."""
+    q = AccountQuery(min_posts=0, limit=5)
+    first, cursor = source.accounts_page(q)
+    snaps = []
+    for k in range(30):
+        ev = ImageEvent(event_id=f"N-{k}", platform="x", account_id="newcomer", account_handle="@newcomer",
+                        posted_at=T0 + timedelta(days=20, minutes=k), image={"path": f"n{k}.jpg"})
+        snaps.append(_snapshot("c0", 10_000 + k, Sighting(
+            event=ev, source=SourceRef(topic="t", partition=0, offset=50_000 + k), sha256=_sha(f"new-{k}"), width=8,
+            height=8, format="PNG", hashes=ImageHashes(phash="0" * 16, pdq="0" * 64, pdq_quality=100))))
+    source.store.apply_snapshots(snaps)
+    getattr(source.store, "flush", lambda: None)()
+    source.invalidate()
+    now = [a["id"] for a in source.accounts(AccountQuery(min_posts=0, limit=5000))]
+    assert now[0] == "newcomer" and now[1:6] == [a["id"] for a in first]
+    second, _ = source.accounts_page(q.model_copy(update={"cursor": cursor}))
+    assert [a["id"] for a in second] == now[6:11]
+
+
+def test_account_cursors_are_checked(source):
+    from streams.findings import AccountCursor, encode_cursor
+
+    _rows, cursor = source.accounts_page(AccountQuery(min_posts=0, limit=2))
+    assert AccountCursor.decode(cursor).encode() == cursor
+    for bad in ("", "not/base64!", "A" * 3000, encode_cursor([1, 2, 3]), encode_cursor([0.5, 1, 2, "not a time", "e"]),
+                encode_cursor([2.0, 1, 2, "2026-11-01T08:00:00+00:00", "e"]),  # a share over 1
+                encode_cursor([0.5, 1, 2, "2026-11-01T08:00:00+00:00", "e" * 300])):
+        with pytest.raises(ValueError):
+            AccountQuery(cursor=bad or "=")
+    with pytest.raises(ValueError):
+        AccountCursor.decode(base64_of('[true, 1, 2, "2026-11-01T08:00:00+00:00", "e"]'))
+
+
+def base64_of(text: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
 @pytest.mark.parametrize("window", WINDOWS, ids=[str(w) for w in WINDOWS])
 def test_account_windows_equal_the_walk_over_every_sighting(source, window):
     docs, roots, rows = source._all(), source._roots(), source.store.sightings()

@@ -1037,3 +1037,30 @@ def test_only_what_may_pass_later_is_held():
     assert store_unavailable(api_error(503)) and store_unavailable(api_error(401))
     assert not store_unavailable(SerializationError("cannot encode"))
     assert not store_unavailable(api_error(400))
+
+
+def test_alerts_keep_when_and_where_the_picture_was_seen_searchably(fake_es):
+    """Mapping v4: an alert's first/last seen are dates, its platforms and
+    sample posts' ids keywords; the document still gives the alert back whole."""
+    from streams.demo_feed import BASE_TIME, scene
+    from streams.es_docs import alert_from_doc
+    from tests.test_cluster_engine import Harness, spread_feed
+
+    h = Harness(Settings(alerts={"min_sightings_5m": 5, "escalation_factor": 2.0}))
+    for sighting in spread_feed(scene(7)):
+        h.see(sighting)
+    alert = h.alerts[-1]
+    s = _store(fake_es)
+    assert s.add_alert(alert) is True  # checked against the mapping by the fake, dates included
+    props = fake_es.component_templates["deepwatch-alerts-mappings"]["template"]["mappings"]["properties"]
+    assert props["first_seen"] == props["last_seen"] == {"type": "date"} and props["platforms"]["type"] == "keyword"
+    assert props["sample_posts"]["properties"]["posted_at"] == {"type": "date"}
+    doc = fake_es.docs[T.concrete("deepwatch-alerts")][alert.alert_id]
+    assert doc["platforms"] == ["mastodon", "bluesky", "x", "telegram"] and len(doc["sample_posts"]) == 4
+    assert alert_from_doc(doc) == alert
+    s.refresh()
+    hits = s.es.search(index="deepwatch-alerts", query={"bool": {"filter": [
+        {"term": {"platforms": "telegram"}}, {"term": {"sample_posts.account_id": "a3"}},
+        {"range": {"first_seen": {"lt": BASE_TIME.isoformat()}}}]}})["hits"]["hits"]
+    assert [x["_id"] for x in hits] == [alert.alert_id]
+    s.close()

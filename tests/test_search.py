@@ -194,3 +194,96 @@ def test_filters_that_normalise_to_nothing_are_no_filter(store):
     assert ClusterQuery(account="@", hashtag="#", text="!!! ...") == ClusterQuery()
     assert not ClusterQuery(sort="score", limit=5).filtered
     assert ClusterQuery(min_score=0.0).filtered and ClusterQuery(account="@ana").account == "ana"
+
+
+# -- a search has a time limit ------------------------------------------------------------------------
+def test_a_sqlite_search_past_its_time_limit_is_stopped_not_answered_in_part(tmp_path):
+    """A scan over a big store (every sighting's hashtags, or account, handle
+    and URL) is interrupted once ``timeout_s`` has passed: SearchTimeout, the
+    thread free again at once; ordinary searches answer under the same limit,
+    and the store stays usable."""
+    import time
+
+    from streams.findings import SearchTimeout
+    from streams.store import SqliteFindingsStore
+    from tests.desk_support import bulk_sightings
+
+    path = tmp_path / "findings.sqlite"
+    store = SqliteFindingsStore(path)
+    fill(store)
+    bulk_sightings(path, 150_000)
+    try:
+        for search in (lambda **kw: store.search(ClusterQuery(hashtag="nothing-like-it"), **kw),
+                       lambda **kw: store.match_sightings("nobody-at-all", **kw),
+                       lambda **kw: store.match_sightings("ärger", **kw)):  # a Python function per row
+            began = time.monotonic()
+            assert search() == []
+            unbounded = time.monotonic() - began
+            assert unbounded > 0.02, "the store is too small for the limit to be tested"
+            began = time.monotonic()
+            with pytest.raises(SearchTimeout) as e:
+                search(timeout_s=0.005)
+            assert str(e.value) == "search took longer than 0.005 s" and e.value.timeout_s == 0.005
+            assert time.monotonic() - began < unbounded / 2  # stopped, not run to the end
+        assert ids(store.search(ClusterQuery(text="harbour fire"), timeout_s=5)) == ["c-fire"]
+        bluesky = ClusterQuery(platform="bluesky", sort="score")
+        assert ids(store.search(bluesky, timeout_s=5)) == ids(store.search(bluesky)) == ["c-fire", "c-flood"]
+        assert store.match_sightings("@weather", timeout_s=5) == ["c-flood"]
+        assert len(store.sightings(cluster_ids=["c-bulk"], limit=3)) == 3  # the shared connection is unharmed
+    finally:
+        store.close()
+
+
+def test_an_es_search_sends_its_time_limit_and_refuses_a_timed_out_answer(fake_es):
+    """Each request of a bounded search carries the time left as ``timeout``;
+    an answer Elasticsearch marks ``timed_out`` (partial, not saying which
+    part) is a SearchTimeout, never results."""
+    import re
+
+    from streams.es_store import EsFindingsStore
+    from streams.findings import SearchTimeout
+
+    store = EsFindingsStore.from_url(fake_es.url)
+    fill(store)
+    store.flush()
+    try:
+        fake_es.requests.clear()
+        assert ids(store.search(ClusterQuery(text="harbour fire"), timeout_s=5)) == ["c-fire"]
+        sent = [r.body["timeout"] for r in fake_es.calls("POST", "/_search") if "timeout" in (r.body or {})]
+        assert sent and all(re.fullmatch(r"\d+ms", t) and 0 < int(t[:-2]) <= 5000 for t in sent)
+        fake_es.time_out_searches("sightings")
+        with pytest.raises(SearchTimeout) as e:
+            store.search(ClusterQuery(text="harbour fire"), timeout_s=5)
+        assert e.value.timeout_s == 5
+        fake_es.time_out_searches("clusters")
+        with pytest.raises(SearchTimeout):
+            store.search(ClusterQuery(verdict="likely-ai"), timeout_s=5)
+        fake_es.time_out_searches("sightings")
+        with pytest.raises(SearchTimeout):
+            store.match_sightings("@weather", timeout_s=5)
+        # without a limit nothing is sent, and nothing is timed out
+        fake_es.requests.clear()
+        fake_es.time_out_searches("sightings")
+        assert ids(store.search(ClusterQuery(text="harbour fire"))) == ["c-fire"]
+        assert not any("timeout" in (r.body or {}) for r in fake_es.calls("POST", "/_search"))
+        fake_es.search_timeouts.clear()
+    finally:
+        store.close()
+
+
+def test_cli_search_says_when_it_ran_out_of_time(tmp_path):
+    from streams.store import open_store
+    from tests.desk_support import bulk_sightings
+
+    s = open_store(tmp_path)
+    fill(s)
+    s.close()
+    bulk_sightings(tmp_path / "findings.sqlite", 150_000)
+    d = str(tmp_path)
+    r = _cli("search", "--data-dir", d, "--hashtag", "nothing-like-it", "--timeout", "0.01")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "search took longer than 0.01 s and was stopped; narrow it with --since/--until/--platform" in _flat(r.stderr)
+    r = _cli("search", "harbour", "--data-dir", d, "--format", "json", "--timeout", "30")
+    assert r.returncode == 0 and [c["id"] for c in __import__("json").loads(r.stdout)] == ["c-fire"]
+    r = _cli("search", "harbour", "--data-dir", d, "--timeout", "0")
+    assert r.returncode == 2 and "more than 0" in _flat(r.stderr)

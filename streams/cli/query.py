@@ -19,7 +19,8 @@ from streams.cli.common import (
     Config, DataDir, FormatOpt, JsonAlias, check_format, check_store_option, err, fail, print_json, settings_from,
 )
 from streams.findings import (
-    SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, StoreURLError, open_findings, sqlite_file, text_terms,
+    SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, SearchTimeout, StoreURLError, open_findings, sqlite_file,
+    text_terms,
 )
 
 StoreOpt = typer.Option(
@@ -175,6 +176,8 @@ def search(
     min_score: Optional[float] = typer.Option(None, help="Only clusters with a fused fake score at least this (0-1)."),
     sort: Optional[str] = typer.Option(None, help="velocity, score, last_seen or sightings (default: relevance with QUERY, else velocity)."),
     limit: Optional[int] = typer.Option(None, help="At most this many clusters (default: every match, up to 10000)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", show_default=False,
+                                            help="Stop the search after this many seconds (default: findings.search_timeout_s, 10)."),
 ) -> None:
     """Search clusters by text, hashtag, account, platform, time, verdict and score.
 
@@ -192,6 +195,8 @@ def search(
         raise typer.BadParameter("must be between 0 and 1", param_hint="--min-score")
     if limit is not None and not 1 <= limit <= 10_000:
         raise typer.BadParameter("must be between 1 and 10000", param_hint="--limit")
+    if timeout is not None and not 0 < timeout <= 3600:
+        raise typer.BadParameter("must be more than 0 and at most 3600 seconds", param_hint="--timeout")
     if query is not None and query.strip() and not text_terms(query):
         # the search drops quotes and brackets: '"' matched every cluster
         raise typer.BadParameter(f"{query!r} has no word to search for; give words, e.g. 'flooded subway', "
@@ -201,8 +206,13 @@ def search(
         raise typer.BadParameter(f"--since {since} is after --until {until}; swap them", param_hint="--since")
     q = ClusterQuery(text=query, since=start, until=end, platform=platform,
                      account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort, limit=limit)
+    seconds = timeout if timeout is not None else settings_from(config, data_dir=data_dir).findings.search_timeout_s
     with _findings(data_dir, config, store_url) as store:
-        rows = store.search(q)
+        try:
+            rows = store.search(q, timeout_s=seconds)
+        except SearchTimeout:
+            fail(f"search took longer than {seconds:g} s and was stopped; narrow it with --since/--until/--platform "
+                 "(or --account, --hashtag), or give --timeout more")
     if fmt == "json":
         print_json([r.as_json() for r in rows])
     else:

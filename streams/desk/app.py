@@ -38,11 +38,11 @@ from streams.desk.alerting import AlertPath
 from streams.desk.auth import RANK, LoginLimiter, Principal, Users, credential_of, token_principal, tokens_from_env
 from streams.desk.deskdb import DeskDB
 from streams.desk.lookup import Lookup, Rejected, lookup, upload_bound
-from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound
+from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery, FindingsSource, NotFound
 from streams.desk.thumbs import ThumbError, Thumbnails
 from streams.desk.verdicts import Conflict, VerdictIn, Verdicts
 from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import FindingsStore, open_findings
+from streams.findings import MAX_RESULTS, FindingsStore, SearchTimeout, open_findings
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class Desk:
                              "reading needs a login on this loopback desk too (desk.require_login_on_loopback is set)")
         self.secure_cookies = not loopback
         self.db = DeskDB(data / "desk.sqlite")
-        self.source = FindingsSource(store, self.db)
+        self.source = FindingsSource(store, self.db, search_timeout_s=settings.findings.search_timeout_s)
         self.users = Users(settings.desk.users_file or data / "desk-users.json")
         len(self.users)  # a broken users file stops the start with its reason
         self.tokens = tokens_from_env(settings.desk.tokens_env)
@@ -398,6 +398,13 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                                                                   "me": known(request)}, status_code=exc.status_code,
                                           headers=headers)
 
+    @app.exception_handler(SearchTimeout)
+    async def search_timeout(request: Request, exc: SearchTimeout):
+        # The store stopped the search (findings.search_timeout_s): the worker thread is free again.
+        return await http_error(request, _error(503, f"search took longer than {settings.findings.search_timeout_s:g} s "
+                                                     "and was stopped; narrow it with since/until/platform (or account, "
+                                                     "hashtag)"))
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
         msg = "bad request: " + "; ".join(_problem(e) for e in exc.errors())
@@ -468,10 +475,12 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     def cluster_query(verdict: Optional[str] = Query(None), platform: Optional[str] = Query(None),
                       since: Optional[str] = Query(None), q: Optional[str] = Query(None),
-                      sort: str = Query("velocity"), limit: int = Query(100)) -> ClusterQuery:
+                      sort: str = Query("velocity"), limit: int = Query(100),
+                      cursor: Optional[str] = Query(None, description="the next page's cursor, from `X-Next-Cursor`")
+                      ) -> ClusterQuery:
         try:
             return ClusterQuery(verdict=verdict or None, platform=platform or None, since=since or None, q=q or None,
-                                sort=sort, limit=limit)
+                                sort=sort, limit=limit, cursor=cursor or None)
         except ValidationError as e:
             raise RequestValidationError([{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from None
 
@@ -494,11 +503,47 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                                            "msg": "has no word to search for (only punctuation or quotes)"}])
         return query
 
-    def account_query(min_ai_share: float = Query(0.0), min_posts: int = Query(1), limit: int = Query(200)) -> AccountQuery:
+    def desk_verdict_query(desk_verdict: Optional[str] = Query(
+            None, max_length=16, description="fake, authentic or needs-review: the desk's verdict (its own database)")
+    ) -> Optional[str]:
+        if desk_verdict and desk_verdict not in SEARCH_DESK_VERDICTS:
+            raise RequestValidationError([{"type": "value_error", "loc": ("query", "desk_verdict"), "input": desk_verdict,
+                                           "msg": f"must be one of {', '.join(SEARCH_DESK_VERDICTS)}"}])
+        return desk_verdict or None
+
+    def account_query(min_ai_share: float = Query(0.0), min_posts: int = Query(1), limit: int = Query(200),
+                      cursor: Optional[str] = Query(None, description="the next page's cursor, from `X-Next-Cursor`")
+                      ) -> AccountQuery:
         try:
-            return AccountQuery(min_ai_share=min_ai_share, min_posts=min_posts, limit=limit)
+            return AccountQuery(min_ai_share=min_ai_share, min_posts=min_posts, limit=limit, cursor=cursor)
         except ValidationError as e:
             raise RequestValidationError([{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from None
+
+    def queue_link(path: str, q: ClusterQuery, cursor: str | None) -> str:
+        """The queue's filters from ``cursor`` on (None: the first page), from the checked values."""
+        params: dict[str, Any] = {k: v for k, v in (("verdict", q.verdict), ("platform", q.platform), ("q", q.q),
+                                                     ("since", q.since.isoformat() if q.since else None))
+                                  if v is not None}
+        params.update(sort=q.sort, limit=q.limit)
+        return path + "?" + urlencode(params if cursor is None else {**params, "cursor": cursor})
+
+    def search_link(q: StoreQuery, desk_verdict: str | None, limit: int) -> str:
+        """The search page for ``q`` with another ``limit``, from the checked values."""
+        params = {"q": q.text, "since": q.since.isoformat() if q.since else None,
+                  "until": q.until.isoformat() if q.until else None, "platform": q.platform, "account": q.account,
+                  "hashtag": q.hashtag, "verdict": q.verdict, "desk_verdict": desk_verdict,
+                  "min_score": q.min_score, "sort": q.sort}
+        return "/search?" + urlencode({**{k: v for k, v in params.items() if v is not None}, "limit": limit})
+
+    def next_page(response: Response, link: str, cursor: str) -> None:
+        response.headers["X-Next-Cursor"] = cursor
+        response.headers["Link"] = f'<{link}>; rel="next"'
+
+    def accounts_link(path: str, q: AccountQuery, cursor: str | None) -> str:
+        """``q``'s filters from ``cursor`` on (None: the first page), built from
+        the checked values: nothing of the request is echoed."""
+        params: dict[str, Any] = {"min_ai_share": q.min_ai_share, "min_posts": q.min_posts, "limit": q.limit}
+        return path + "?" + urlencode(params if cursor is None else {**params, "cursor": cursor})
 
     def get_cluster(cluster_id: str) -> dict[str, Any]:
         try:
@@ -508,8 +553,14 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     # -- API --------------------------------------------------------------------
     @app.get("/api/clusters", tags=["clusters"], summary="Clusters, in the `deepwatch clusters --format json` shape")
-    def api_clusters(q: ClusterQuery = Depends(cluster_query), _: Principal = Depends(reader)) -> list[dict[str, Any]]:
-        return desk.source.clusters(q)
+    def api_clusters(response: Response, q: ClusterQuery = Depends(cluster_query),
+                     _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+        """One page of the queue's order. When there are more, `X-Next-Cursor` carries the next page's `cursor` and
+        `Link` its address (`rel="next"`); the last page has neither."""
+        rows, nxt = desk.source.clusters_page(q)
+        if nxt is not None:
+            next_page(response, queue_link("/api/clusters", q, nxt), nxt)
+        return rows
 
     @app.get("/api/clusters/{cluster_id}", tags=["clusters"],
              summary="One cluster with members, sightings over time, evidence and verdict history")
@@ -522,8 +573,14 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         return (await _record(cluster_id, body, who)).model_dump(mode="json")
 
     @app.get("/api/accounts", tags=["accounts"], summary="Accounts with posts, pictures, AI share, first/last seen, platforms")
-    def api_accounts(q: AccountQuery = Depends(account_query), _: Principal = Depends(reader)) -> list[dict[str, Any]]:
-        return desk.source.accounts(q)
+    def api_accounts(response: Response, q: AccountQuery = Depends(account_query),
+                     _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+        """One page, best ranked first. When there are more, `X-Next-Cursor` carries the next page's `cursor` and
+        `Link` its address (`rel="next"`); the last page has neither."""
+        rows, nxt = desk.source.accounts_page(q)
+        if nxt is not None:
+            next_page(response, accounts_link("/api/accounts", q, nxt), nxt)
+        return rows
 
     @app.get("/api/accounts/{account_id:path}", tags=["accounts"], summary="One account with its recent posts")
     def api_account(account_id: str, _: Principal = Depends(reader)) -> dict[str, Any]:
@@ -534,10 +591,12 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     @app.get("/api/search", tags=["clusters"],
              summary="Analyst search of the findings store: full text over posts and hashtags plus filters")
-    def api_search(q: StoreQuery = Depends(store_query), _: Principal = Depends(reader)) -> list[dict[str, Any]]:
-        if not q.filtered:
-            raise _error(422, "bad request: give at least one of q, since, until, platform, account, hashtag, verdict, min_score")
-        return desk.source.analyst_search(q)
+    def api_search(q: StoreQuery = Depends(store_query), desk_verdict: Optional[str] = Depends(desk_verdict_query),
+                   _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+        if not q.filtered and desk_verdict is None:
+            raise _error(422, "bad request: give at least one of q, since, until, platform, account, hashtag, verdict, "
+                              "desk_verdict, min_score")
+        return desk.source.analyst_search(q, desk_verdict)
 
     @app.get("/api/banks", tags=["verdicts"], summary="Banks of known pictures and their sizes")
     def api_banks(_: Principal = Depends(reader)) -> list[dict[str, Any]]:
@@ -596,11 +655,13 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def queue(request: Request, q: ClusterQuery = Depends(cluster_query), partial: bool = False,
               me: Principal = Depends(reader)):
-        rows = desk.source.clusters(q)
+        rows, nxt = desk.source.clusters_page(q)
         spread = desk.source.spread(rows)
         platforms = sorted({p for c in rows for p in c["platforms"]})
         return page(request, "queue_rows.html" if partial else "queue.html", me, rows=rows, spread=spread, query=q,
                     platforms=platforms, refresh_s=settings.desk.refresh_s,
+                    next_url=queue_link("/", q, nxt) if nxt else None,
+                    first_url=queue_link("/", q, None) if q.cursor else None,
                     partial_url="/?" + urlencode({**{k: v for k, v in request.query_params.items()}, "partial": 1}))
 
     @app.get("/clusters/{cluster_id}", response_class=HTMLResponse, include_in_schema=False)
@@ -620,7 +681,10 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     @app.get("/accounts", response_class=HTMLResponse, include_in_schema=False)
     def accounts_page(request: Request, q: AccountQuery = Depends(account_query), me: Principal = Depends(reader)):
-        return page(request, "accounts.html", me, rows=desk.source.accounts(q), query=q)
+        rows, nxt = desk.source.accounts_page(q)
+        return page(request, "accounts.html", me, rows=rows, query=q,
+                    next_url=accounts_link("/accounts", q, nxt) if nxt else None,
+                    first_url=accounts_link("/accounts", q, None) if q.cursor else None)
 
     @app.get("/accounts/{account_id:path}", response_class=HTMLResponse, include_in_schema=False)
     def account_page(request: Request, account_id: str, me: Principal = Depends(reader)):
@@ -631,10 +695,17 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         return page(request, "account.html", me, a=a)
 
     @app.get("/search", response_class=HTMLResponse, include_in_schema=False)
-    def search_page(request: Request, q: StoreQuery = Depends(store_query), me: Principal = Depends(reader)):
-        asked = q != StoreQuery(limit=q.limit)
-        rows = desk.source.analyst_search(q) if asked else []
-        return page(request, "search.html", me, rows=rows, q=q, asked=asked, spread=desk.source.spread(rows))
+    def search_page(request: Request, q: StoreQuery = Depends(store_query),
+                    desk_verdict: Optional[str] = Depends(desk_verdict_query), me: Principal = Depends(reader)):
+        asked = q != StoreQuery(limit=q.limit) or desk_verdict is not None
+        rows = desk.source.analyst_search(q, desk_verdict) if asked else []
+        # A search is one ranked answer of up to MAX_RESULTS (the store's result window): a cut one
+        # offers the same search with a larger limit, not a cursor (its relevance rank is the store's).
+        cut = asked and len(rows) >= q.max_results and q.max_results < MAX_RESULTS
+        more = min(q.max_results * 10, MAX_RESULTS) if cut else None
+        return page(request, "search.html", me, rows=rows, q=q, asked=asked, spread=desk.source.spread(rows),
+                    desk_verdict=desk_verdict, desk_verdicts=SEARCH_DESK_VERDICTS,
+                    more_url=search_link(q, desk_verdict, more) if more else None)
 
     @app.get("/similar", response_class=HTMLResponse, include_in_schema=False)
     def similar_page(request: Request, me: Principal = Depends(reader)):

@@ -17,13 +17,16 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from detectors.base import Evidence
 from detectors.fusion import fuse
 from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import MAX_RESULTS, AccountAggregate, FindingsStore, MemberRow, text_terms
+from streams.findings import (
+    CURSOR_MAX_CHARS, MAX_RESULTS, NOT_A_CURSOR, AccountAggregate, AccountCursor, Deadline, FindingsStore, MemberRow,
+    decode_cursor, encode_cursor, text_terms,
+)
 
 # How long cached views live on a store with no change signal (Elasticsearch):
 # short enough that the queue feels live, long enough that page loads share one read.
@@ -38,6 +41,7 @@ SIGHTING_FIELDS = ("event_id", "cluster_id", "sha256", "platform", "account_id",
 SortKey = Literal["velocity", "score", "last_seen", "sightings"]
 STREAM_VERDICTS = ("likely-ai", "inconclusive", "no-evidence")
 DESK_VERDICTS = ("fake", "authentic", "needs-review", "unreviewed")
+SEARCH_DESK_VERDICTS = ("fake", "authentic", "needs-review")  # the analyst search's ``desk_verdict``
 
 
 class NotFound(LookupError):
@@ -54,6 +58,15 @@ class ClusterQuery(BaseModel):
     q: str | None = Field(default=None, max_length=200)
     sort: SortKey = "velocity"
     limit: int = Field(default=100, ge=1, le=1000)
+    # where the page starts: the ``next`` token of the page before (``QueueCursor``), None = the top
+    cursor: str | None = Field(default=None, max_length=CURSOR_MAX_CHARS)
+
+    @field_validator("cursor")
+    @classmethod
+    def _cursor(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v:
+            QueueCursor.decode(v, info.data.get("sort", "velocity"))  # ValueError: not one for this sort
+        return v or None
 
     @field_validator("verdict")
     @classmethod
@@ -68,14 +81,52 @@ class ClusterQuery(BaseModel):
         return v.replace(tzinfo=timezone.utc) if v is not None and v.tzinfo is None else v
 
 
+class QueueCursor(BaseModel):
+    """A place in the queue's order (``_sort_key``: descending, ties by
+    cluster id ascending): the sort, its key values there and the cluster
+    id. The queue is ordered by the desk from its cached view, so the
+    cursor is the desk's own; it is carried as the accounts' cursor is
+    (``streams.findings.encode_cursor``) and, like it, only says where to
+    start in the list the query's filters select."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    sort: SortKey
+    key: tuple[float, ...]
+    cluster_id: str = Field(min_length=1, max_length=256)
+
+    def encode(self) -> str:
+        return encode_cursor([self.sort, *self.key, self.cluster_id])
+
+    @classmethod
+    def decode(cls, token: str, sort: str) -> "QueueCursor":
+        items = decode_cursor(token)
+        if len(items) != 2 + _QUEUE_KEY_LEN.get(sort, -9) or items[0] != sort or not isinstance(items[-1], str) \
+                or any(isinstance(x, str) for x in items[1:-1]):
+            raise ValueError(f"{NOT_A_CURSOR} for sort={sort}")
+        return cls(sort=sort, key=tuple(float(x) for x in items[1:-1]), cluster_id=items[-1])
+
+
 class AccountQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_ai_share: float = Field(default=0.0, ge=0.0, le=1.0)
     min_posts: int = Field(default=1, ge=0, le=1_000_000_000)  # SQLite integers end at 2**63
     limit: int = Field(default=200, ge=1, le=5000)
+    # where the page starts: the ``next`` token of the page before (``AccountCursor``), None = the top
+    cursor: str | None = Field(default=None, max_length=CURSOR_MAX_CHARS)
+
+    @field_validator("cursor")
+    @classmethod
+    def _cursor(cls, v: str | None) -> str | None:
+        if v:
+            AccountCursor.decode(v)  # ValueError: "not a cursor this desk gave"
+        return v or None
+
+    @property
+    def after(self) -> AccountCursor | None:
+        return AccountCursor.decode(self.cursor) if self.cursor else None
 
 
-_NEVER = datetime.min.replace(tzinfo=timezone.utc)
+_NEVER = -1e18  # the last_seen key of a cluster without one: before any instant (epoch seconds)
 
 
 def _ts(s: str) -> datetime:
@@ -92,10 +143,13 @@ def desk_bank_evidence(verdict: str, row: OverlayRow) -> Evidence:
 
 
 class FindingsSource:
-    def __init__(self, store: FindingsStore, desk: DeskDB, ttl_s: float = CACHE_TTL_S):
+    def __init__(self, store: FindingsStore, desk: DeskDB, ttl_s: float = CACHE_TTL_S,
+                 search_timeout_s: float | None = None):
         self.store = store
         self.desk = desk
         self.ttl_s = ttl_s
+        # the longest the store's side of one search may take (``findings.search_timeout_s``); None: no limit
+        self.search_timeout_s = search_timeout_s
         self._lock = threading.Lock()
         self._cache_key: tuple[Any, int] | None = None
         self._cache: dict[str, dict[str, Any]] = {}
@@ -163,6 +217,13 @@ class FindingsSource:
             self._ttl_at = 0.0
 
     def clusters(self, q: ClusterQuery) -> list[dict[str, Any]]:
+        return self.clusters_page(q)[0]
+
+    def clusters_page(self, q: ClusterQuery) -> tuple[list[dict[str, Any]], str | None]:
+        """The queue: ``q.limit`` clusters from ``q.cursor`` on (the top
+        without one), and the next page's cursor (None: this is the last).
+        Keyed by the sort's values and the cluster id, so a cluster added
+        or moved meanwhile moves no other cluster across the boundary."""
         docs = [d for d in self._all().values() if not d.get("merged_into")]
         if q.verdict in STREAM_VERDICTS:
             docs = [d for d in docs if d["verdict"] == q.verdict]
@@ -175,10 +236,17 @@ class FindingsSource:
         if q.since:
             docs = [d for d in docs if d["last_seen"] and _ts(d["last_seen"]) >= q.since]
         if q.q:
-            hits = set(self.search_ids(q.q))
+            hits = set(self.search_ids(q.q, self._deadline()))
             docs = [d for d in docs if d["id"] in hits]
-        docs.sort(key=_sort_key(q.sort), reverse=True)
-        return docs[: q.limit]
+        key = _sort_key(q.sort)
+        docs.sort(key=lambda d: d["id"])
+        docs.sort(key=key, reverse=True)  # stable: ties stay by id
+        if q.cursor:
+            at = QueueCursor.decode(q.cursor, q.sort)
+            docs = [d for d in docs if key(d) < at.key or (key(d) == at.key and d["id"] > at.cluster_id)]
+        nxt = (QueueCursor(sort=q.sort, key=key(docs[q.limit - 1]), cluster_id=docs[q.limit - 1]["id"]).encode()
+               if len(docs) > q.limit else None)
+        return docs[: q.limit], nxt
 
     def cluster(self, cluster_id: str) -> dict[str, Any]:
         doc = self._all().get(cluster_id)
@@ -186,20 +254,46 @@ class FindingsSource:
             raise NotFound(cluster_id)
         return doc
 
-    def analyst_search(self, q: StoreQuery) -> list[dict[str, Any]]:
+    def _deadline(self) -> Deadline | None:
+        return None if self.search_timeout_s is None else Deadline(self.search_timeout_s)
+
+    def analyst_search(self, q: StoreQuery, desk_verdict: str | None = None) -> list[dict[str, Any]]:
         """The store's analyst search (full text over posts and hashtags,
         time range, platform, account, hashtag, verdict, minimum score), with
         the desk's overlay on the results. A bare ``text`` that names no post
-        (a cluster id, a sha256, evidence wording) also finds those clusters."""
+        (a cluster id, a sha256, evidence wording) also finds those clusters.
+
+        ``desk_verdict`` (fake, authentic, needs-review) keeps the clusters
+        whose desk verdict that is, own or carried over from a merged
+        cluster or a bank match: desk verdicts live in the desk's own
+        database, not in the findings store, so this condition is the desk's.
+        Alone, it lists those clusters from the desk's view (sorted as the
+        search sorts, by the values shown); with store conditions, it keeps
+        those among all the store's matches (up to ``MAX_RESULTS``), before
+        ``limit`` cuts.
+
+        The store's reads stop after ``search_timeout_s`` in all
+        (``SearchTimeout``)."""
         docs = self._all()
-        ids = [c.id for c in self.store.search(q)]
+        deadline = self._deadline()  # the store's side of the search: the desk's cached view is not
+        limit = q.max_results
+        marked: set[str] | None = None
+        if desk_verdict is not None:
+            marked = {cid for cid, d in docs.items()
+                      if not d.get("merged_into") and (d.get("desk") or {}).get("verdict") == desk_verdict}
+            if not q.filtered:
+                return sorted((docs[cid] for cid in marked), key=_search_order(q.effective_sort))[:limit]
+            q = q.model_copy(update={"limit": None})  # every match: the desk's condition comes before the cut
+        ids = [c.id for c in self.store.search(q, timeout_s=_left(deadline))]
         only_text = q.text and not any((q.since, q.until, q.platform, q.account, q.hashtag, q.verdict, q.min_score))
         if only_text:
             seen = set(ids)
-            ids += [cid for cid in self.search_ids(q.text) if cid not in seen]
-        return [docs[cid] for cid in ids if cid in docs][: q.limit]
+            ids += [cid for cid in self.search_ids(q.text, deadline) if cid not in seen]
+        if marked is not None:
+            ids = [cid for cid in ids if cid in marked]
+        return [docs[cid] for cid in ids if cid in docs][:limit]
 
-    def search_ids(self, text: str) -> list[str]:
+    def search_ids(self, text: str, deadline: Deadline | None = None) -> list[str]:
         """Clusters whose posts match ``text`` in the store's full-text search
         (words ANDed, "quoted phrases"), plus those whose id, evidence,
         member sha256, account or post URL contain it (or whose event id it
@@ -211,14 +305,15 @@ class FindingsSource:
         roots = self._roots()
         # Text without a word ("!!!") is no full-text condition to the store,
         # which then matches every cluster; here it can only match as a substring.
-        hits: set[str] = ({c.id for c in self.store.search(StoreQuery(text=text, limit=10_000))}
+        hits: set[str] = ({c.id for c in self.store.search(StoreQuery(text=text, limit=10_000),
+                                                           timeout_s=_left(deadline))}
                           if text_terms(text) else set())
         for cid, d in self._all().items():
             blob = " ".join([cid, d["verdict"], " ".join(d["platforms"]), *(e.get("detail", "") for e in d["evidence"]),
                              *(m["sha256"] for m in d["members"])]).lower()
             if needle in blob:
                 hits.add(roots.get(cid, cid))
-        for cid in self.store.match_sightings(text, limit=MAX_RESULTS):
+        for cid in self.store.match_sightings(text, limit=MAX_RESULTS, timeout_s=_left(deadline)):
             hits.add(roots.get(cid, cid))
         return sorted(hits)
 
@@ -298,7 +393,14 @@ class FindingsSource:
     def accounts(self, q: AccountQuery, only: str | None = None) -> list[dict[str, Any]]:
         """Accounts ranked by AI share, AI pictures and posts, as the store
         counts them (``account_aggregates``): the desk reads per-account
-        rows, never the sightings."""
+        rows, never the sightings. One page: see ``accounts_page``."""
+        return self.accounts_page(q, only)[0]
+
+    def accounts_page(self, q: AccountQuery, only: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """``q.limit`` accounts from ``q.cursor`` on (the top without one),
+        and the cursor of the next page (None: this is the last). One more
+        account than the page is read, so a next page is only offered when
+        there is one."""
         with self._lock:
             key = (self._store_version(), self.desk.version)
             if key != self._accounts_key:
@@ -308,12 +410,13 @@ class FindingsSource:
             return copy.deepcopy(cached)  # callers add to the documents (``account``)
         ai_ids, ai, roots = self._ai()
         rows = self.store.account_aggregates(ai_ids, account_id=only, min_posts=q.min_posts,
-                                             min_ai_share=q.min_ai_share, limit=q.limit)
-        docs = [_account_doc(a, roots, ai) for a in rows]
+                                             min_ai_share=q.min_ai_share, limit=q.limit + 1, after=q.after)
+        nxt = AccountCursor.of(rows[q.limit - 1]).encode() if len(rows) > q.limit else None
+        page = ([_account_doc(a, roots, ai) for a in rows[: q.limit]], nxt)
         with self._lock:
             if self._accounts_key == key and len(self._accounts) < ACCOUNT_QUERIES_CACHED:
-                self._accounts[(q.model_dump_json(), only)] = copy.deepcopy(docs)
-        return docs
+                self._accounts[(q.model_dump_json(), only)] = copy.deepcopy(page)
+        return page
 
     def account(self, account_id: str) -> dict[str, Any]:
         for a in self.accounts(AccountQuery(min_posts=0), only=account_id):
@@ -336,6 +439,24 @@ class FindingsSource:
                  "ai_share": r.ai_pictures / r.pictures if r.pictures else 0.0, "posts": r.posts,
                  "last_seen": _ts(r.last_seen), "platforms": list(r.platforms)}
                 for r in self.store.account_windows(window, ai_ids, min_ai_pictures=min_ai_pictures)]
+
+
+def _left(deadline: Deadline | None) -> float | None:
+    """The time a search has left for its next read (``SearchTimeout`` when none)."""
+    return None if deadline is None else deadline.left()
+
+
+def _search_order(sort: str):
+    """``streams.findings.sort_key`` over desk documents (the values shown):
+    descending on the key, then by id."""
+    if sort == "score":
+        return lambda d: (-d["fake_score"], d["id"])
+    if sort == "last_seen":
+        return lambda d: (-(_ts(d["last_seen"]).timestamp() if d["last_seen"] else 0.0), d["id"])
+    if sort == "sightings":
+        return lambda d: (-d["sightings"], d["id"])
+    return lambda d: (-d["velocity"].get("sightings_5m", 0), -d["velocity"].get("sightings_1h", 0), -d["fake_score"],
+                      d["id"])
 
 
 def _is_ai(d: dict[str, Any]) -> bool:
@@ -381,13 +502,18 @@ def _apply_overlay(doc: dict[str, Any], row: OverlayRow | None) -> dict[str, Any
 
 
 def _sort_key(sort: str):
+    """The queue's order, descending, as a tuple of numbers (what a
+    ``QueueCursor`` carries; ``_QUEUE_KEY_LEN`` of them)."""
     if sort == "score":
-        return lambda d: (d["fake_score"], d["sightings"])
+        return lambda d: (float(d["fake_score"]), float(d["sightings"]))
     if sort == "last_seen":
         # as instants: ISO text with different offsets does not sort by time
-        return lambda d: _ts(d["last_seen"]) if d["last_seen"] else _NEVER
+        return lambda d: (_ts(d["last_seen"]).timestamp() if d["last_seen"] else _NEVER,)
     if sort == "sightings":
-        return lambda d: (d["sightings"], d["fake_score"])
+        return lambda d: (float(d["sightings"]), float(d["fake_score"]))
     # velocity: viral likely-AI first, then by how fast it spreads now
-    return lambda d: (_is_ai(d) and not d.get("suppressed"), d["velocity"].get("sightings_5m", 0),
-                      d["velocity"].get("sightings_1h", 0), d["fake_score"])
+    return lambda d: (float(_is_ai(d) and not d.get("suppressed")), float(d["velocity"].get("sightings_5m", 0)),
+                      float(d["velocity"].get("sightings_1h", 0)), float(d["fake_score"]))
+
+
+_QUEUE_KEY_LEN = {"score": 2, "last_seen": 1, "sightings": 2, "velocity": 4}
