@@ -65,8 +65,10 @@ from streams.records import (
     DetectRequest,
     Engagement,
     Member,
+    SamplePost,
     Sighting,
     Velocity,
+    earliest_posts,
 )
 from streams.blobstore import BlobStore
 from streams.settings import Settings
@@ -82,8 +84,11 @@ class ClusterState(BaseModel):
     # version-1 state loads as it is (and its members match on hashes alone);
     # 3: representatives may carry ``content_box`` (hashes v6), optional too;
     # 4: ``apart`` (ClusterIndex: the edit check told the picture from a
-    # look-alike), False when absent
-    schema_version: int = 4
+    # look-alike), False when absent;
+    # 5: ``sample_posts`` (the earliest posts, which alerts carry), empty when
+    # absent: a version-4 cluster's alerts carry only their trigger post
+    # until it sees posts again (its earliest ones are no longer known)
+    schema_version: int = 5
     cluster_id: str
     revision: int = 0
     applied_offset: int = -1
@@ -110,6 +115,8 @@ class ClusterState(BaseModel):
     merges: list[MergeAudit] = Field(default_factory=list)  # why each merged cluster was linked
     detect_sha256: str | None = None  # the copy models last ran (or are pending) on: the best seen
     apart: bool = False  # has a look-alike edit: joins re-verified on pixels (``ClusterIndex``, ``Assignment.apart``)
+    # the earliest ``MAX_SAMPLE_POSTS`` posts (``earliest_posts``): a few KB at most, never shed by ``fit``
+    sample_posts: list[SamplePost] = Field(default_factory=list)
 
     def dumps(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
@@ -139,8 +146,10 @@ def fit(state: ClusterState, limit: int = MAX_STATE_BYTES) -> bytes:
     ``MAX_ACCOUNTS``, and the findings store counts accounts exactly), then
     the newest members that are not representatives (the findings store
     keeps every member it was sent; the index keeps them until a rebuild,
-    after which their copies join through the representatives). Depends on
-    the state alone, so a replay sheds alike. Mutates ``state``."""
+    after which their copies join through the representatives). The
+    earliest posts (``sample_posts``, at most ``MAX_SAMPLE_POSTS``) and the
+    last alert are bounded on their own and never shed. Depends on the state
+    alone, so a replay sheds alike. Mutates ``state``."""
     raw = state.dumps()
     if len(raw) <= limit:
         return raw
@@ -395,6 +404,7 @@ class ClusterEngine:
         state.engagement = state.engagement + g
         state.first_seen = min(filter(None, [state.first_seen, ev.posted_at]))
         state.last_seen = max(filter(None, [state.last_seen, ev.posted_at]))
+        state.sample_posts = earliest_posts([*state.sample_posts, SamplePost.of(ev)])
         state.recent = virality.add(state.recent, virality.RecentSighting(t=t, e=ev.event_id, a=ev.account_id,
                                                                           p=ev.platform, g=g.total),
                                     max(t, _window_end(state)))
@@ -418,6 +428,7 @@ class ClusterEngine:
         into.recent.extend(r for r in other.recent if r.e not in ids)
         into.first_seen = min(filter(None, [into.first_seen, other.first_seen]), default=None)
         into.last_seen = max(filter(None, [into.last_seen, other.last_seen]), default=None)
+        into.sample_posts = earliest_posts([*into.sample_posts, *other.sample_posts])
         if into.recent:  # windows end at event time (``event_time``), not at a date posted ahead
             into.recent = virality.trim(into.recent, max(r.t for r in into.recent))
         if other.alert_level > into.alert_level:
@@ -463,6 +474,8 @@ class ClusterEngine:
             at=state.last_seen or datetime.now(timezone.utc),
             trigger_event_id=trigger.event.event_id if trigger else None,
             trigger_ingested_at=trigger.ingested_at if trigger else None,
+            first_seen=state.first_seen, last_seen=state.last_seen, platforms=list(state.platforms),
+            sample_posts=alert_samples(state, trigger),
         )
         out.alerts.append(state.last_alert)
 
@@ -570,6 +583,17 @@ def _better_copy(s: Sighting, members: list[Member]) -> bool:
         return True
     lossless = s.format.upper() in {"PNG", "TIFF", "BMP"}
     return lossless and area >= best > 0 and not any(m.format.upper() in {"PNG", "TIFF", "BMP"} for m in members)
+
+
+def alert_samples(state: ClusterState, trigger: Sighting | None) -> list[SamplePost]:
+    """The posts an alert carries: the cluster's earliest (``sample_posts``)
+    and the post that triggered it when it is not one of them, earliest
+    first; at most ``MAX_SAMPLE_POSTS`` + 1. From the state and the op
+    alone, so a replay raises the same alert."""
+    posts = list(state.sample_posts)
+    if trigger is not None and all(p.event_id != trigger.event.event_id for p in posts):
+        posts.append(SamplePost.of(trigger.event))
+    return sorted(posts, key=SamplePost.order)
 
 
 def _top(state: ClusterState) -> list[Evidence]:

@@ -16,8 +16,10 @@ from typing import Any
 
 # bump with any mapping change (and reindex, see module docstring); 2: run on
 # source refs and markers; 3: velocity counts are long (an hour's engagement
-# past 2**31 was refused as an integer, and the cluster's snapshots with it)
-MAPPING_VERSION = 3
+# past 2**31 was refused as an integer, and the cluster's snapshots with it);
+# 4: alerts gain ``first_seen``/``last_seen``, ``platforms`` and
+# ``sample_posts`` (added fields only: ``PUT <alias>/_mapping`` in place works)
+MAPPING_VERSION = 4
 SCRIPT_ID = f"deepwatch-cluster-upsert-v{MAPPING_VERSION}"
 
 PDQ_BITS = 256
@@ -46,6 +48,19 @@ def concrete(alias: str) -> str:
 _KEYWORD = {"type": "keyword", "ignore_above": 1024}
 _TEXT_WITH_KEYWORD = {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 1024}}}
 _LOWER_KEYWORD = {"type": "keyword", "normalizer": "deepwatch_lowercase", "ignore_above": 256}
+
+# Mapping v4's additions to alerts: where and when the picture was seen and
+# the posts a subscriber can open (``streams.records.Alert``). Also what a v3
+# deployment puts in place (``PUT deepwatch-alerts/_mapping``,
+# docs/elasticsearch.md) instead of reindexing.
+ALERT_SPREAD: dict[str, Any] = {
+    "first_seen": {"type": "date"}, "last_seen": {"type": "date"},
+    "platforms": _KEYWORD,
+    "sample_posts": {"properties": {
+        "event_id": _KEYWORD, "platform": _KEYWORD, "account_id": _KEYWORD, "account_handle": _LOWER_KEYWORD,
+        "post_url": {"type": "keyword", "index": False}, "posted_at": {"type": "date"},
+    }},
+}
 
 _EVIDENCE = {
     "type": "nested",
@@ -159,6 +174,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
                     "evidence": {"type": "object", "enabled": False}, "evidence_summary": _TEXT_WITH_KEYWORD,
                     "at": {"type": "date"}, "created_at": {"type": "date"}, "@timestamp": {"type": "date"},
                     "trigger_event_id": _KEYWORD, "trigger_ingested_at": {"type": "date"},
+                    **ALERT_SPREAD,
                 },
             },
         },

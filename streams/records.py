@@ -9,7 +9,7 @@ with ``deepwatch schema``) so producers outside this code base can validate.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
@@ -314,7 +314,68 @@ _ENGINE_ONLY = {"members": {"__all__": {"thumb", "content_box"}},
                 "new_sighting": {"hashes": {"thumb", "views", "content_box"}}}
 
 
+# An alert's sample posts: the cluster's earliest few (``ClusterState``
+# keeps them) plus the post that triggered it, so a subscriber can open one
+# without the desk. Bounded in count here and in bytes by the field limits
+# below (each post's JSON stays under ~5 KB, an alert's samples under ~20 KB).
+MAX_SAMPLE_POSTS = 3  # the earliest posts kept per cluster; an alert adds its trigger post
+
+
+def openable_url(url: str | None) -> str | None:
+    """``url`` when it is an http(s) URL (what a subscriber's browser opens
+    and a page may link), else None: a post URL is the producer's text, and
+    ``javascript:`` or ``data:`` has no place in a link."""
+    if url and url[:8].lower().startswith(("http://", "https://")):
+        return url
+    return None
+
+
+class SamplePost(BaseModel):
+    """One post of a cluster, as an alert carries it: enough to open the post
+    (``post_url``, only ever http(s): ``openable_url``) or find it again
+    (``event_id``, platform and account)."""
+
+    model_config = ConfigDict(extra="forbid")
+    event_id: str = Field(min_length=1, max_length=256)
+    platform: str = Field(max_length=64)
+    account_id: str = Field(max_length=256)
+    account_handle: str | None = Field(default=None, max_length=256)
+    post_url: str | None = Field(default=None, max_length=4096)
+    posted_at: datetime
+
+    @field_validator("post_url")
+    @classmethod
+    def _openable(cls, value: str | None) -> str | None:
+        return openable_url(value)
+
+    @classmethod
+    def of(cls, ev: "ImageEvent") -> "SamplePost":
+        return cls(event_id=ev.event_id, platform=ev.platform, account_id=ev.account_id,
+                   account_handle=ev.account_handle, post_url=ev.post_url, posted_at=ev.posted_at)
+
+    def order(self) -> tuple[datetime, str]:
+        """Earliest first, by the time posted then the event id: the same
+        posts sort alike whatever order they arrived in."""
+        return self.posted_at.astimezone(timezone.utc), self.event_id
+
+
+def earliest_posts(posts: Iterable[SamplePost], n: int = MAX_SAMPLE_POSTS) -> list[SamplePost]:
+    """The ``n`` earliest of ``posts`` (``SamplePost.order``), one per event id
+    (the earliest it was sent with)."""
+    by_id: dict[str, SamplePost] = {}
+    for p in sorted(posts, key=SamplePost.order):
+        by_id.setdefault(p.event_id, p)
+    return list(by_id.values())[:n]
+
+
 class Alert(_Record):
+    """What a subscriber receives (the webhook body) and the findings store
+    keeps. ``first_seen``/``last_seen``/``platforms`` are the cluster's when
+    the alert was raised; ``sample_posts`` its earliest posts
+    (``MAX_SAMPLE_POSTS``) and the trigger post, earliest first. All four
+    are absent from alerts raised before they existed (and empty where an
+    alert is not about one cluster's posts)."""
+
     schema_version: Literal[1] = 1
     alert_id: str  # stable: cluster id + level, so redelivery is idempotent
     cluster_id: str
@@ -330,6 +391,10 @@ class Alert(_Record):
     trigger_event_id: str | None = None
     trigger_ingested_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
+    first_seen: datetime | None = None  # the cluster's earliest post (as posted)
+    last_seen: datetime | None = None  # its latest post (as posted)
+    platforms: list[str] = Field(default_factory=list)  # where it was seen, in the order it reached each
+    sample_posts: list[SamplePost] = Field(default_factory=list, max_length=MAX_SAMPLE_POSTS + 1)
 
 
 def event_json_schema() -> dict[str, Any]:

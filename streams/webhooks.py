@@ -81,7 +81,9 @@ captured request could be replayed with another header.
 
 The body is the alert's JSON (``streams.records.Alert``). A hook with
 ``summary = true`` also gets ``"summary"``, one line for people (what the
-console prints: cluster, level, fake score, velocity, top evidence); a
+console prints: cluster, level, fake score, velocity, top evidence, and when
+the alert knows them the first-seen time in UTC, the platforms and one post
+URL, ``alert_summary``); a
 receiver that validates the body strictly against the alert schema must allow
 that field. With ``desk.public_url`` set (the desk's address as people reach
 it), every hook also gets ``"desk_url"``: the fact-check desk's page of the
@@ -114,7 +116,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 
 from streams import metrics
-from streams.records import Alert
+from streams.records import Alert, openable_url
 from streams.settings import Settings, WebhookSettings
 
 log = logging.getLogger(__name__)
@@ -164,7 +166,9 @@ def delivery_header(alert_id: str) -> str:
 def payload(hook: WebhookSettings, alert: Alert) -> bytes:
     """The signed body: the alert's JSON, plus ``desk_url`` when the desk's
     public address is set (``hooks_by_key`` gives hooks it) and a line for
-    people with ``summary``. Neither: the alert's JSON as it is."""
+    people with ``summary``. Neither: the alert's JSON as it is (with the
+    cluster's ``first_seen``, ``last_seen``, ``platforms`` and
+    ``sample_posts``, ``streams.records.Alert``)."""
     link = desk_url(hook._desk_public_url, alert)
     if not hook.summary and link is None:
         return alert.model_dump_json().encode()
@@ -193,12 +197,23 @@ def desk_url(public_url: str | None, alert: Alert) -> str | None:
 
 
 def alert_summary(alert: Alert, desk_link: str | None = None) -> str:
-    """One line for people; it ends with the desk link when there is one."""
+    """One line for people; it ends with the desk link when there is one.
+    Where the alert knows them: when the picture was first seen (UTC), on
+    which platforms, and one post to open (the earliest sample post with an
+    http(s) URL)."""
     top = alert.evidence[0].detail if alert.evidence else "no evidence detail"
     what = "escalation" if alert.level > 1 else "alert"
+    spread = ""
+    if alert.first_seen is not None:
+        spread += f"; first seen {alert.first_seen.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    if alert.platforms:
+        spread += f" on {', '.join(alert.platforms)}" if spread else f"; seen on {', '.join(alert.platforms)}"
+    post = next((p.post_url for p in alert.sample_posts if openable_url(p.post_url)), None)
+    if post:
+        spread += f"; post: {post}"
     return (f"deepwatch {what} (level {alert.level}) for cluster {alert.cluster_id}: fake score "
             f"{alert.fake_score:.2f} ({alert.verdict}), {alert.velocity.sightings_5m} sightings in 5 min, "
-            f"{alert.accounts} accounts; top evidence: {top}" + (f"; desk: {desk_link}" if desk_link else ""))
+            f"{alert.accounts} accounts; top evidence: {top}{spread}" + (f"; desk: {desk_link}" if desk_link else ""))
 
 
 def delivery_status(e: WebhookError) -> str:

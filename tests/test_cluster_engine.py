@@ -242,7 +242,7 @@ def test_version_1_states_load_and_rebuild_next_to_version_2():
     h.see(sighting(pic, "v1", 0))
     (cid, raw), = h.table.items()
     st = ClusterState.loads(raw)
-    assert st.schema_version == 4 and st.members[0].thumb is not None
+    assert st.schema_version == 5 and st.members[0].thumb is not None
     import json
 
     doc = json.loads(raw)
@@ -293,3 +293,107 @@ def test_a_copy_dated_ahead_does_not_move_the_window_past_the_real_burst():
     assert h.alerts and h.alerts[0].velocity.sightings_5m >= 5
     state = h.get(h.alerts[0].cluster_id)
     assert state.last_seen == BASE_TIME + timedelta(minutes=14)  # the post keeps its date as posted
+
+
+# -- what an alert tells a subscriber: when, where, and posts to open ------------------
+def posted(s: Sighting, platform: str, url: str | None = None, handle: str | None = None) -> Sighting:
+    """``s`` as posted on ``platform`` at ``url`` by ``handle``."""
+    ev = s.event.model_copy(update={"platform": platform, "post_url": url, "account_handle": handle})
+    return s.model_copy(update={"event": ev})
+
+
+def spread_feed(pic) -> list[Sighting]:
+    """Posts of one picture, not in the order they were posted: the third to
+    arrive was the first posted, a late one (minute -1) arrives after the
+    first alert; one URL is not http(s)."""
+    return [
+        posted(sighting(pic, "late", 2.0, "a1", [AI]), "mastodon", "https://m.example/@a1/2", "@a1"),
+        posted(sighting(pic, "b", 0.5, "a2"), "bluesky", "javascript:alert(1)", "@a2"),
+        posted(sighting(pic, "a", 0.0, "a3"), "x", "https://x.example/a3/1", "@a3"),
+        posted(sighting(pic, "c", 1.0, "a4"), "x", "HTTPS://x.example/a4/1"),
+        posted(sighting(pic, "d", 3.0, "a5"), "bluesky", "https://bsky.example/a5/1"),  # 5th: the first alert
+        posted(sighting(pic, "early", -1.0, "a6"), "telegram", "https://t.example/a6"),
+        *(posted(sighting(pic, f"r{i}", 3 + i / 10, f"b{i}"), "x", f"https://x.example/b{i}/1") for i in range(1, 5)),
+    ]
+
+
+def _ids(alert) -> list[str]:
+    return [p.event_id for p in alert.sample_posts]
+
+
+def test_an_alert_says_when_and_where_the_picture_was_seen_with_its_earliest_posts():
+    settings = Settings(alerts={"min_sightings_5m": 5, "escalation_factor": 2.0})
+    h = Harness(settings)
+    feed = spread_feed(scene(7))
+    for s in feed:
+        h.see(s)
+    first, second = h.alerts
+    assert (first.level, second.level) == (1, 2)
+    # L1, raised by "d": the three earliest posts then so far, by time posted, and the trigger
+    assert first.first_seen == BASE_TIME and first.last_seen == BASE_TIME + timedelta(minutes=3)
+    assert first.platforms == ["mastodon", "bluesky", "x"]
+    assert _ids(first) == ["a", "b", "c", "d"]
+    a, b, c, d = first.sample_posts
+    assert (a.platform, a.account_id, a.account_handle, a.post_url, a.posted_at) == (
+        "x", "a3", "@a3", "https://x.example/a3/1", BASE_TIME)
+    assert b.post_url is None and b.account_handle == "@a2", "only http(s) URLs: a subscriber may link them"
+    assert c.post_url == "HTTPS://x.example/a4/1" and d.event_id == first.trigger_event_id
+    # L2 after ten posts: "early" (arrived sixth) is the first seen now; still at most 3 + the trigger
+    assert second.first_seen == BASE_TIME - timedelta(minutes=1)
+    assert second.platforms == ["mastodon", "bluesky", "x", "telegram"]
+    assert _ids(second) == ["early", "a", "b", second.trigger_event_id] and second.trigger_event_id == "r4"
+    state = h.get(second.cluster_id)
+    assert [p.event_id for p in state.sample_posts] == ["early", "a", "b"] and state.sightings == len(feed)
+    # deterministic: the same feed again raises the same alerts; in another order the same earliest posts
+    again = Harness(settings)
+    for s in feed:
+        again.see(s)
+    assert [x.model_dump(exclude={"created_at"}) for x in again.alerts] == [x.model_dump(exclude={"created_at"}) for x in h.alerts]
+    shuffled = Harness(settings)
+    for s in reversed(feed):
+        shuffled.see(s)
+    assert shuffled.get(second.cluster_id).sample_posts == state.sample_posts
+    # a redelivered op re-emits the stored alert, samples and all
+    assert h.see(feed[-1], offset=len(feed) - 1).alerts == [second]
+
+
+def test_the_earliest_posts_of_merged_clusters_are_kept_and_alerted():
+    h = Harness(Settings(dedupe={"phash_threshold": 10}, alerts={"min_sightings_5m": 5}))
+    pic = scene(5)
+    ca = h.see(hashed(posted(sighting(pic, "e1", 0, "a1", [AI]), "x", "https://x.example/1"), 0)).snapshots[-1].cluster_id
+    h.see(hashed(posted(sighting(pic, "e5", 3, "a5"), "x", "https://x.example/5"), 0))
+    cb = h.see(hashed(posted(sighting(pic, "e0", -0.5, "a0"), "bluesky", "https://bsky.example/0"), 0xFFFFF, 40)).snapshots[-1].cluster_id
+    h.see(hashed(posted(sighting(pic, "e2", 1, "a2"), "bluesky", "https://bsky.example/2"), 0xFFFFF, 40))
+    assert ca != cb and h.alerts == []
+    assert [p.event_id for p in h.get(cb).sample_posts] == ["e0", "e2"]
+    out = h.see(hashed(posted(sighting(pic, "e3", 2, "a3"), "mastodon", "https://m.example/3"), 0x3FF, 20))  # links them
+    survivor = out.snapshots[-1].cluster_id
+    assert {survivor, *(s.cluster_id for s in out.snapshots if s.merged_into)} == {ca, cb}
+    assert [p.event_id for p in h.get(survivor).sample_posts] == ["e0", "e1", "e2"]  # from both clusters, earliest 3
+    [alert] = h.alerts
+    assert alert.cluster_id == survivor and alert.trigger_event_id == "e3"
+    assert [(p.event_id, p.post_url) for p in alert.sample_posts] == [
+        ("e0", "https://bsky.example/0"), ("e1", "https://x.example/1"), ("e2", "https://bsky.example/2"),
+        ("e3", "https://m.example/3")]
+    assert alert.first_seen == BASE_TIME - timedelta(minutes=0.5) and alert.last_seen == BASE_TIME + timedelta(minutes=3)
+    assert sorted(alert.platforms) == ["bluesky", "mastodon", "x"]
+
+
+def test_a_version_4_state_without_sample_posts_loads_and_alerts_with_its_trigger_post():
+    import json
+
+    h = Harness(Settings(alerts={"min_sightings_5m": 3}))
+    pic = scene(12)
+    h.see(posted(sighting(pic, "p0", 0, "a0", [AI]), "x", "https://x.example/0"))
+    h.see(posted(sighting(pic, "p1", 1, "a1"), "x", "https://x.example/1"))
+    (cid, raw), = h.table.items()
+    doc = json.loads(raw)
+    assert [p["event_id"] for p in doc.pop("sample_posts")] == ["p0", "p1"]
+    doc["schema_version"] = 4
+    h.table[cid] = json.dumps(doc).encode()  # as a version-4 writer left it
+    old = h.get(cid)
+    assert old.schema_version == 4 and old.sample_posts == [] and old.first_seen == BASE_TIME
+    h.see(posted(sighting(pic, "p2", 2, "a2"), "mastodon", "https://m.example/2"))
+    [alert] = h.alerts
+    assert [p.event_id for p in alert.sample_posts] == ["p2"]  # the earlier posts are not known any more
+    assert alert.first_seen == BASE_TIME and alert.platforms == ["x", "mastodon"]

@@ -66,6 +66,76 @@ def test_amtool_checks_alertmanager_config():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+
+
+@pytest.mark.skipif(ALERTMANAGER is None, reason="alertmanager not on PATH (apt-get install prometheus-alertmanager)")
+@pytest.mark.timeout(60)
+def test_a_dead_worker_inhibits_the_no_events_alert_of_its_own_deployment_only(tmp_path):
+    """Two deployments (each Prometheus with its own ``deployment`` external
+    label, deploy/prometheus/prometheus.yml) share the deploy Alertmanager:
+    a's dead worker silences a's DeepwatchNoEventsProcessed, never b's. The
+    alerts carry what the rules and the scrape config give them. Without
+    ``equal`` in the inhibit rule, b's was inhibited too."""
+    from datetime import datetime, timedelta, timezone
+
+    from streams.broker import free_port
+
+    prom = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    external = prom["global"]["external_labels"]
+    am_cfg = yaml.safe_load((REPO / "deploy" / "alertmanager" / "alertmanager.yml").read_text())
+    [inhibit] = am_cfg["inhibit_rules"]
+    assert inhibit.get("equal") and set(inhibit["equal"]) <= set(external), "matches on labels every alert carries"
+    scrape = {"job": "deepwatch", "instance": "pipeline-1:9400", "role": "pipeline"}  # DeepwatchWorkerDown keeps them
+
+    def alert(name: str, deployment: str, **extra: str) -> dict:
+        labels = {**_rule(name)["labels"], **external, "deployment": deployment, "alertname": name, **extra}
+        now = datetime.now(timezone.utc)
+        return {"labels": labels, "startsAt": (now - timedelta(minutes=1)).isoformat(),
+                "endsAt": (now + timedelta(hours=1)).isoformat()}
+
+    port = free_port()
+    log = open(tmp_path / "alertmanager.log", "wb")
+    proc = subprocess.Popen(
+        [ALERTMANAGER, f"--config.file={REPO / 'deploy' / 'alertmanager' / 'alertmanager.yml'}",
+         f"--storage.path={tmp_path / 'am'}", f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/api/v2"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, (tmp_path / "alertmanager.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{base}/status", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "alertmanager did not start"
+            time.sleep(0.2)
+        sent = [alert("DeepwatchWorkerDown", "a", **scrape), alert("DeepwatchNoEventsProcessed", "a"),
+                alert("DeepwatchNoEventsProcessed", "b")]
+        assert httpx.post(f"{base}/alerts", json=sent, timeout=5).status_code == 200
+        deadline = time.monotonic() + 20
+        while True:
+            got = {(a["labels"]["alertname"], a["labels"]["deployment"]): a["status"]
+                   for a in httpx.get(f"{base}/alerts", timeout=5).json()}
+            if len(got) == 3 and got[("DeepwatchNoEventsProcessed", "a")]["inhibitedBy"]:
+                break
+            assert time.monotonic() < deadline, got
+            time.sleep(0.2)
+        assert got[("DeepwatchNoEventsProcessed", "b")] == {"state": "active", "inhibitedBy": [], "silencedBy": []}
+        assert got[("DeepwatchWorkerDown", "a")]["state"] == "active"
+        assert got[("DeepwatchNoEventsProcessed", "a")]["state"] == "suppressed"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 # -- rule behaviour on synthetic series (promtool test rules) ---------------------
 def _rule(name: str) -> dict:
     return next(r for g in rules.prometheus_rules()["groups"] for r in g["rules"] if r["alert"] == name)
@@ -161,6 +231,22 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                     {"eval_time": "9m", "alertname": "DeepwatchFindingsSinkBehind", "exp_alerts": [_expected_alert(
                         "DeepwatchFindingsSinkBehind", summary="The findings sink has been retrying for 8m 30s")]},
                     {"eval_time": "16m", "alertname": "DeepwatchFindingsSinkBehind", "exp_alerts": []},
+                ],
+            },
+            {   # a worker's blob store disk full for minutes (its pictures held, retried), then freed;
+                # another worker writing fine
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_blob_store_held_seconds{job="deepwatch",instance="w1"}',
+                     "values": "0 0 30 90 150 210 270 330 0 0 0 0"},
+                    {"series": 'deepwatch_blob_store_held_seconds{job="deepwatch",instance="w2"}', "values": "0x12"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "3m", "alertname": "DeepwatchBlobStoreHeld", "exp_alerts": []},  # pending
+                    {"eval_time": "6m", "alertname": "DeepwatchBlobStoreHeld", "exp_alerts": [_expected_alert(
+                        "DeepwatchBlobStoreHeld", {"instance": "w1"},
+                        summary="deepwatch worker w1 has held pictures for its blob store for 4m 30s")]},
+                    {"eval_time": "10m", "alertname": "DeepwatchBlobStoreHeld", "exp_alerts": []},
                 ],
             },
             {   # the desk answers 1 of 10 requests with a 500 (a findings store gone), then its scrape stops

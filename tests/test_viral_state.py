@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from streams import virality
 from streams.clustering import MAX_STATE_BYTES, ClusterEngine, ClusterState, fit
 from streams.demo_feed import scene
-from streams.records import ClusterOp
+from streams.records import MAX_SAMPLE_POSTS, ClusterOp
 from streams.settings import Settings
 from streams.virality import WINDOW_1H, WINDOW_5M, RecentSighting
 from tests.test_cluster_engine import sighting
@@ -79,6 +79,9 @@ def test_a_viral_state_is_written_within_the_budget_keeping_its_newest_sightings
     assert len(back.recent) > 500  # its windows still count (shed in proportion with the accounts)
     assert 0 < len(back.accounts) < accounts and back.accounts[0] == f"{0:0120d}"  # the first spreaders stay
     assert back.members  # the picture itself stays
+    # the earliest posts (what alerts carry) are a few and never shed: all posted at
+    # one time, the smallest event ids
+    assert [p.event_id for p in back.sample_posts] == [f"{i:0120d}" for i in range(MAX_SAMPLE_POSTS)]
     again = viral_state(6000, 120)
     assert fit(again) == raw  # a replay sheds alike
 

@@ -546,3 +546,49 @@ def test_a_bad_desk_public_url_is_one_clear_settings_error(monkeypatch, bad, why
     assert load_settings().desk.public_url == "https://desk.example.org"
     monkeypatch.setenv("DEEPWATCH_DESK__PUBLIC_URL", "")
     assert load_settings().desk.public_url is None
+
+
+def test_the_signed_body_and_summary_say_when_and_where_the_picture_was_seen(receiver, monkeypatch):
+    """An alert the engine raised, delivered with ``summary = true``: the
+    signed body carries first/last seen, the platforms and the sample posts,
+    and the summary line the first-seen time in UTC, the platforms and a post
+    URL (never one that is not http(s))."""
+    import json
+
+    from datetime import timedelta
+
+    from streams.demo_feed import BASE_TIME, scene
+    from streams.webhooks import alert_summary, hooks_by_key
+    from tests.test_cluster_engine import Harness, spread_feed
+
+    h = Harness(Settings(alerts={"min_sightings_5m": 5, "escalation_factor": 2.0}))
+    for s in spread_feed(scene(7)):
+        h.see(s)
+    alert = h.alerts[-1]
+    monkeypatch.setenv(ENV, SECRET)
+    srv = receiver(200)
+    settings = Settings()
+    settings.alerts.webhooks = [_hook(srv, retries=0).model_copy(update={"summary": True})]
+    [hook] = hooks_by_key(settings).values()
+    assert _deliver(hook, alert) == "delivered"
+    [req] = srv.requests
+    assert req["valid"] and req["headers"][DELIVERY_HEADER] == alert.alert_id
+    doc = json.loads(req["body"])
+    first = BASE_TIME - timedelta(minutes=1)  # the late-arriving post was the first posted
+    assert datetime.fromisoformat(doc["first_seen"]) == first
+    assert datetime.fromisoformat(doc["last_seen"]) == alert.last_seen
+    assert doc["platforms"] == ["mastodon", "bluesky", "x", "telegram"]
+    assert [(p["event_id"], p.get("post_url")) for p in doc["sample_posts"]] == [
+        ("early", "https://t.example/a6"), ("a", "https://x.example/a3/1"), ("b", None), ("r4", "https://x.example/b4/1")]
+    assert doc["sample_posts"][1]["account_handle"] == "@a3" and doc["sample_posts"][1]["platform"] == "x"
+    summary = doc.pop("summary")
+    assert Alert.model_validate(doc) == alert, "the rest of the body is the alert, whole"
+    assert summary == alert_summary(alert)
+    assert f"; first seen {first:%Y-%m-%d %H:%M} UTC on mastodon, bluesky, x, telegram; post: https://t.example/a6" in summary
+    # the earliest post without an http(s) URL is skipped for the next one; an alert from before
+    # these fields (or an account alert) says nothing of them
+    later = alert.model_copy(update={"sample_posts": alert.sample_posts[2:]})
+    assert alert_summary(later).endswith("; post: https://x.example/b4/1")
+    bare = Alert.model_validate_json(_alert().model_dump_json(exclude={"first_seen", "last_seen", "platforms", "sample_posts"}))
+    assert bare.sample_posts == [] and bare.first_seen is None
+    assert alert_summary(bare).endswith("top evidence: AUTOMATIC1111 parameters")
