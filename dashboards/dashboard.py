@@ -79,6 +79,21 @@ def build_dashboard() -> dash.Dashboard:
             .with_target(_query(q.HOST_PAUSES, "pauses"))
             .draw_style(common.GraphDrawStyle.BARS)
         )
+        .with_panel(
+            _timeseries("Blob store held", "s",
+                        "How long each worker has held pictures its blob store (the data dir's blobs/) could not "
+                        "write: disk full, quota, EIO, read-only. Held events are retried with backoff, not "
+                        "dead-lettered; while > 0 the analyze stage stalls once every analysis slot holds one.")
+            .with_target(_query(q.BLOB_HELD, "{{instance}}"))
+        )
+        .with_panel(
+            _timeseries("Blob writes failed and held", "short",
+                        "Blob store writes that failed for a reason that passes (ENOSPC, EDQUOT, EIO, EROFS, ...), "
+                        "each retried; the worker log names the errno and path. Writes that can never succeed "
+                        "(EFBIG, a path problem) are dead letters blob:blob_write instead.")
+            .with_target(_query(q.BLOB_WRITE_FAILURES, "{{instance}}"))
+            .draw_style(common.GraphDrawStyle.BARS)
+        )
         .with_row(dash.Row("Latency"))
         .with_panel(
             _timeseries("Stage latency p50 / p95", "s", "From deepwatch_stage_seconds.")

@@ -71,6 +71,9 @@ LOOP_SILENCE = "time() - (deepwatch_loop_heartbeat_timestamp_seconds > 0)"
 OFFSET_REREADS = f"sum by (topic, why) ({counted('deepwatch_offset_rereads_total', '$__interval')})"
 WEBHOOKS_BY_OUTCOME = f"sum by (outcome) ({counted('deepwatch_webhook_deliveries_total', '$__interval')})"
 HOST_PAUSES = f"sum({counted('deepwatch_fetch_host_pauses_total', '$__interval')})"
+# How long each worker has held pictures its blob store could not write (disk full, quota, EIO, read-only).
+BLOB_HELD = "max by (instance) (deepwatch_blob_store_held_seconds)"
+BLOB_WRITE_FAILURES = f"sum by (instance) ({counted('deepwatch_blob_write_failures_total', '$__interval')})"
 
 
 def stage_quantile(q: float, window: str = "$__rate_interval") -> str:
@@ -140,6 +143,7 @@ WORKER_LOOP_SILENCE = f"time() - max by (instance) (deepwatch_loop_heartbeat_tim
 
 
 SINK_BEHIND_MAX = "max(deepwatch_sink_behind_seconds)"
+BLOB_HELD_MAX = "max by (instance) (deepwatch_blob_store_held_seconds)"
 HOST_PAUSES_15M = f"sum({counted('deepwatch_fetch_host_pauses_total', '15m')}) > 0"
 
 

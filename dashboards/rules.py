@@ -28,6 +28,9 @@ STAGE_P95_MAX_S = 5.0  # fetch read timeout is 15 s; a p95 of 5 s means the feed
 DESK_ERROR_RATIO_MAX = 0.05  # of desk requests answered 5xx over 10 minutes
 EVENT_TO_ALERT_P95_MAX_S = 60.0  # a bucket boundary of deepwatch_event_to_alert_seconds (tested)
 LOOP_SILENCE_MAX_S = int(LIVENESS_S)  # as the worker's own /healthz judges it
+# a held blob write retries with backoff up to 30 s (streams.stage.BLOB_RETRY_MAX_S): a minute is a
+# few failed tries, not a blip, and nothing is analysed meanwhile
+BLOB_HELD_MAX_S = 60
 # of HTTP ingest requests (202 + 503): refused for the broker over 5 min / for the buffer budget over 10 min;
 # clients re-send on 503, so a blip is absorbed, a lasting share is events not getting in
 INGEST_BROKER_FAILURE_RATIO_MAX = 0.05
@@ -92,6 +95,13 @@ def prometheus_rules() -> dict[str, Any]:
                   "disk full. The pipeline is paused behind it and nothing is lost, but the desk sees stale "
                   "findings. The workers log each retry with the store's answer; check cluster health and disk "
                   "watermarks."),
+            _rule("DeepwatchBlobStoreHeld", f"{q.BLOB_HELD_MAX} > {BLOB_HELD_MAX_S}", "2m", "critical",
+                  "deepwatch worker {{ $labels.instance }} has held pictures for its blob store for "
+                  "{{ $value | humanizeDuration }}",
+                  "The data dir's blob store cannot take writes: disk full (ENOSPC), over quota (EDQUOT), "
+                  "failing (EIO) or remounted read-only (EROFS). The events are held and retried, nothing is "
+                  "dead-lettered, but the analyze stage stalls: no new sightings or alerts. The worker logs "
+                  "'blob store write failed' with the errno and path; free space or fix the volume."),
             _rule("DeepwatchDeskDown", q.DESK_DOWN, "5m", "critical",
                   "The fact-check desk {{ $labels.instance }} is not answering /metrics",
                   "Fact-checkers cannot open the queue or record verdicts; alerts still reach subscribers."),

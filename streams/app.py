@@ -27,7 +27,7 @@ from streams.analyze import Analyzer
 from streams.blobstore import DirectoryBlobStore
 from streams.cluster_stage import ClusterStage, SendDead
 from streams.clustering import blob_pixels
-from streams.engine_state import open_engine_state
+from streams.engine_state import engine_state_path, lost_state, open_engine_state
 from streams.faust_app import faust_app
 from streams.fetch import ImageFetcher
 from streams.host_breaker import HostBreaker
@@ -185,6 +185,12 @@ def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.Topi
     # store them as-is. Must be set before the table's store is first built.
     table.key_serializer = table.value_serializer = "raw"
 
+    # Before the file is opened (which creates it): a deleted engine state, or
+    # a new data dir beside an old findings store, restarts every cluster's
+    # counts from zero. Said loudly; nothing here can rebuild it.
+    lost = lost_state(settings)
+    if lost:
+        log.warning(lost, extra={"engine_state": str(engine_state_path(settings.data_dir))})
     stage = ClusterStage(settings, table, open_engine_state(settings.data_dir), updates=updates,
                          detect_requests=detect_requests, alerts=alerts, send_dead=send_dead,
                          pixels=blob_pixels(DirectoryBlobStore(Path(settings.data_dir) / "blobs")))

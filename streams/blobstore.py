@@ -4,11 +4,30 @@ interface fronts S3-compatible storage."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from pathlib import Path
 from typing import Protocol
 
 from detectors.atomic_file import write_atomically
+
+
+# Why a blob write can fail and later succeed with the very same bytes: the
+# storage under the blob store, not the picture (a full disk or quota, an I/O
+# error, a read-only remount after one, descriptors or memory running out, a
+# network file system's stale handle or timeout). The analyze stage holds such
+# a write and retries it (``streams.stage``); any other error (EFBIG over a
+# per-file limit, ENAMETOOLONG, a path that is no directory, permissions) would
+# fail again for this file, and ends its event as ``blob:blob_write``.
+PASSING_WRITE_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM,
+    errno.EAGAIN, errno.EBUSY, errno.ESTALE, errno.ETIMEDOUT,
+})
+
+
+def write_may_pass(e: OSError) -> bool:
+    """Whether a failed blob write may succeed if tried again later."""
+    return e.errno in PASSING_WRITE_ERRNOS
 
 
 class BlobStore(Protocol):

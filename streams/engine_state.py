@@ -27,7 +27,7 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 from streams.sqlite_wal import enable_wal
 
@@ -128,6 +128,84 @@ class SqliteEngineState:
 
 def engine_state_path(data_dir: Path) -> Path:
     return Path(data_dir) / "engine-state.sqlite"
+
+
+def stored_states(path: Path) -> int:
+    """How many cluster states (hot and archived) the engine state file at
+    ``path`` holds; 0 when there is no file, or one without the table. Read
+    only: nothing is created or changed. ``sqlite3.Error`` for a file SQLite
+    cannot read (``deepwatch`` refuses that before workers start)."""
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        return db.execute("SELECT COUNT(*) FROM engine_states").fetchone()[0]
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return 0
+        raise
+    finally:
+        db.close()
+
+
+def _stored_sightings(settings: Any) -> int:
+    """Sightings in the findings store the settings name (0: none, or no
+    SQLite file yet: none is created)."""
+    from streams.findings import open_findings, sqlite_file
+
+    url = settings.findings.url
+    path = sqlite_file(url, settings.data_dir)
+    if path is not None and not path.exists():
+        return 0
+    store = open_findings(url, settings.data_dir, settings)
+    try:
+        return store.count_sightings()
+    finally:
+        store.close()
+
+
+def lost_state(settings: Any, *, fresh_table: bool = False) -> str | None:
+    """What to tell the operator when the engine state holds no cluster
+    while the findings store already holds sightings: the file was deleted,
+    or the workers point at a new data dir beside an old findings store
+    (Elasticsearch, ``--store``). The cluster stage then counts every cluster
+    from zero: the stream's sighting counts, velocity and alert levels part
+    from what the desk shows, and alerts already raised are raised again.
+    None when there is nothing to say (a fresh start: both empty).
+
+    ``fresh_table``: the broker is known to be a new one (the embedded broker
+    of ``deepwatch replay``/``demo``), so nothing else holds the clusters.
+    Otherwise a long-lived broker's table changelog may still give the hot
+    clusters back, and only the cold tier is lost for sure. Nothing rebuilds
+    this file from the findings store, which does not keep the engine's state
+    (hash index entries, trailing windows, duplicate event ids)."""
+    path = engine_state_path(Path(settings.data_dir))
+    try:
+        if stored_states(path):
+            return None
+        sightings = _stored_sightings(settings)
+    except Exception:  # noqa: BLE001 - a check, never a reason to stop; the store says so itself when used
+        return None
+    if not sightings:
+        return None
+    store = "findings.sqlite" if _is_sqlite_store(settings) else "the findings store"
+    msg = (f"{path} holds no cluster state, but {store} already holds {sightings} sightings: the cluster stage "
+           "counts their clusters from zero, so sighting counts, velocity and alert levels in the stream part "
+           "from what the desk shows, and alerts already raised are raised again. ")
+    if not fresh_table:
+        msg += ("(A long-lived broker whose cluster table changelog survived gives the workers the hot clusters "
+                "back; clusters evicted to the cold tier after dedupe.hot_window_hours are lost either way.) ")
+    msg += (f"No command rebuilds {path.name} from the findings store. Fix: stop the workers and restore "
+            f"{path.name} from a backup of the data dir, or point --data-dir at the data dir that holds it; "
+            "to start counting afresh on purpose, use a new findings store as well (move findings.sqlite "
+            "aside, or another --store).")
+    return msg
+
+
+def _is_sqlite_store(settings: Any) -> bool:
+    from streams.findings import reads_are_local
+
+    return reads_are_local(settings.findings.url)
 
 
 def open_engine_state(data_dir: Path) -> SqliteEngineState:

@@ -1,14 +1,37 @@
 """Structured logging: one JSON object per line (for log shippers) or a
-readable console form; ``extra={...}`` fields are kept as keys."""
+readable console form; ``extra={...}`` fields are kept as keys.
+
+Third-party loggers (``THROTTLED``: aiokafka, kafka-python, Faust and its
+``mode`` runtime) are rate limited: a broker that goes away made aiokafka log
+about 85 lines a second in a long-lived worker (one per reconnect try and
+metadata refresh), drowning everything else. The first record of each
+(logger, level, message template) in ``THROTTLE_WINDOW_S`` is written; the
+repeats are counted, and once the window is over one line says how many
+("N more like this in the last 10 s"). deepwatch's own lines are never held
+back.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
+import time
+from collections import OrderedDict
 from datetime import datetime, timezone
+from typing import Callable
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+THROTTLED = ("aiokafka", "kafka", "faust", "mode")
+THROTTLE_WINDOW_S = 10.0
+# Distinct (logger, level, template) windows kept at once: a logger that
+# formats its own text (a host or offset in each message) makes a new key per
+# line, and memory must not follow. Past the cap the oldest window is closed
+# early (its summary written) to make room.
+THROTTLE_MAX_KEYS = 256
+_TEXT_MAX = 300  # of the first message, repeated in its summary
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,8 +48,114 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class _Window:
+    __slots__ = ("started", "wall", "name", "levelno", "text", "repeats")
+
+    def __init__(self, started: float, record: logging.LogRecord):
+        self.started = started
+        self.wall = record.created
+        self.name, self.levelno = record.name, record.levelno
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record whose args do not fit its template
+            text = str(record.msg)
+        self.text = text[:_TEXT_MAX]
+        self.repeats = 0
+
+
+class Throttle:
+    """Which records of the ``loggers`` (and their children) to write: the
+    first of each (logger, level, template) per ``window_s``; the repeats
+    are counted. ``admit`` also returns the summary records of the windows
+    that have ended, each dated at its window's end (a summary comes out
+    with the next record of any logger, or when the handler closes: a
+    window's end sets no timer). Not thread-safe on its
+    own: ``ThrottledHandler`` calls it under the handler's lock."""
+
+    def __init__(self, window_s: float = THROTTLE_WINDOW_S, max_keys: int = THROTTLE_MAX_KEYS,
+                 loggers: tuple[str, ...] = THROTTLED, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self.max_keys = max(1, max_keys)
+        self.loggers = loggers
+        self.clock = clock
+        self._windows: OrderedDict[tuple, _Window] = OrderedDict()  # oldest window first
+
+    def applies(self, name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in self.loggers)
+
+    def admit(self, record: logging.LogRecord) -> tuple[bool, list[logging.LogRecord]]:
+        now = self.clock()
+        due = self._ended(now)
+        if not self.applies(record.name):
+            return True, due
+        key = (record.name, record.levelno, str(record.msg))
+        window = self._windows.get(key)
+        if window is not None:
+            window.repeats += 1
+            return False, due
+        while len(self._windows) >= self.max_keys:
+            _, oldest = self._windows.popitem(last=False)
+            if oldest.repeats:
+                due.append(self._summary(oldest, now - oldest.started))
+        self._windows[key] = _Window(now, record)
+        return True, due
+
+    def drain(self) -> list[logging.LogRecord]:
+        """Every open window's summary (the handler is closing)."""
+        now = self.clock()
+        out = [self._summary(w, now - w.started) for w in self._windows.values() if w.repeats]
+        self._windows.clear()
+        return out
+
+    def _ended(self, now: float) -> list[logging.LogRecord]:
+        due = []
+        while self._windows:
+            window = next(iter(self._windows.values()))
+            if now - window.started < self.window_s:
+                break
+            self._windows.popitem(last=False)
+            if window.repeats:
+                due.append(self._summary(window, self.window_s))
+        return due
+
+    def _summary(self, window: _Window, span_s: float) -> logging.LogRecord:
+        span = min(self.window_s, max(span_s, 0.0))
+        shown = max(1, math.ceil(span))
+        record = logging.makeLogRecord({
+            "name": window.name, "levelno": window.levelno, "levelname": logging.getLevelName(window.levelno),
+            "msg": f"{window.repeats} more like this in the last {shown} s: {window.text}",
+            "args": None, "created": min(time.time(), window.wall + span), "repeats": window.repeats,
+        })
+        record.msecs = (record.created % 1) * 1000
+        return record
+
+
+class ThrottledHandler(logging.StreamHandler):
+    """A stream handler that writes third-party records through ``Throttle``."""
+
+    def __init__(self, stream, throttle: Throttle | None = None):
+        super().__init__(stream)
+        self.throttle = throttle or Throttle()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        write, due = self.throttle.admit(record)
+        for summary in due:
+            super().emit(summary)
+        if write:
+            super().emit(record)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            for summary in self.throttle.drain():
+                super().emit(summary)
+        finally:
+            self.release()
+        super().close()
+
+
 def setup(level: str = "INFO", fmt: str = "json", stream=sys.stderr) -> None:
-    handler = logging.StreamHandler(stream)
+    handler = ThrottledHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

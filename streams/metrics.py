@@ -129,5 +129,11 @@ SINK_ITEMS = Counter("deepwatch_sink_items_total", "Findings-store bulk items, b
                      "(ok, duplicate, retried, dead_letter)", ["index", "outcome"])
 SINK_BEHIND_SECONDS = Gauge("deepwatch_sink_behind_seconds", "How long the findings sink has been retrying "
                             "(0 = keeping up); while > 0 its Faust agents consume nothing")
+BLOB_HELD_SECONDS = Gauge("deepwatch_blob_store_held_seconds", "How long the oldest picture this worker holds for "
+                          "the blob store has been waiting (0 = none held): its disk full, over quota, read-only or "
+                          "failing. Held events are retried with backoff, not dead-lettered; once every analysis "
+                          "slot holds one, the analyze stage consumes nothing")
+BLOB_WRITE_FAILURES = Counter("deepwatch_blob_write_failures_total", "Blob store writes that failed for a reason "
+                              "that passes (ENOSPC, EDQUOT, EIO, EROFS, ...), each held and tried again")
 FETCH_HOST_PAUSES = Counter("deepwatch_fetch_host_pauses_total", "Image hosts paused after timing out "
                             "fetch.breaker_timeouts times in a row (streams.host_breaker)")

@@ -14,6 +14,12 @@ milliseconds each (never a multi-scan JPEG nor a PNG of many chunks, whose
 decode cost their pixel count does not bound); anything larger is analysed in a
 thread the deadline covers.
 
+One failure is not the event's: a picture the blob store cannot write for a
+reason that passes (the disk full, a quota, EIO, a read-only remount) holds
+its event, written again with backoff until it is stored (``_hold_blob``); a
+stop ends the wait, leaving the event unacked. Dead-lettered, a valid event
+was lost for good.
+
 Nor can it stop a thread: an event whose analysis runs past its deadline is
 dead-lettered then, but its analysis slot (``ingest.analyze_concurrency``)
 stays taken until the thread returns, so hostile pictures that decode slowly
@@ -25,6 +31,7 @@ earlier copy with its event id) is not charged to it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import logging
@@ -40,6 +47,7 @@ from PIL import Image
 
 from detectors.imagedata import jpeg_multi_scan
 from streams import metrics
+from streams.blobstore import write_may_pass
 from streams.findings import reads_are_local
 from streams.recent import Recent
 from streams.records import ClusterOp, DeadLetter, Sighting, SourceRef
@@ -54,6 +62,39 @@ MAX_OP_BYTES = MAX_EVENT_BYTES
 
 
 BLOBS_REMEMBERED = 100_000  # ~10 MB of digests: repeats of a recent picture skip the blob store
+
+# A blob write that failed for a passing reason (``blobstore.write_may_pass``:
+# the disk full, a quota, EIO, a read-only remount) is tried again after this
+# long, doubling up to the max (as the cluster stage holds a batch its engine
+# state store could not write).
+BLOB_RETRY_INITIAL_S, BLOB_RETRY_MAX_S = 0.5, 30.0
+
+
+class HeldWrites:
+    """Since when each event this process holds for the blob store has been
+    waiting: ``deepwatch_blob_store_held_seconds`` is the oldest (0: none),
+    read when scraped."""
+
+    def __init__(self) -> None:
+        self._since: dict[object, float] = {}
+        self._lock = threading.Lock()
+
+    def holding(self, who: object) -> None:
+        with self._lock:
+            self._since.setdefault(who, time.monotonic())
+
+    def done(self, who: object) -> None:
+        with self._lock:
+            self._since.pop(who, None)
+
+    def seconds(self) -> float:
+        with self._lock:
+            oldest = min(self._since.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
+
+HELD_BLOBS = HeldWrites()
+metrics.BLOB_HELD_SECONDS.set_function(HELD_BLOBS.seconds)
 
 # Chunks a PNG analysed on the event loop may have. Pillow handles each one in
 # Python, opening the file and again decoding it (a 500x400 picture carrying
@@ -75,6 +116,10 @@ def png_chunks_over(data: bytes, limit: int) -> bool:
             return False
         pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
     return True
+
+
+def errno_name(e: OSError) -> str:
+    return errno.errorcode.get(e.errno or 0, str(e.errno))
 
 
 class StageError(Exception):
@@ -310,10 +355,10 @@ class AnalyzeStage:
         # The deadline stops while this event waits for a slot: an event
         # queued behind slow ones is not dead-lettered for their time.
         async with self.shared.slot(clock) as slot:
-            return await self._analyze_fetched(ev, data, source, broker_ts, slot)
+            return await self._analyze_fetched(ev, data, source, broker_ts, slot, clock)
 
     async def _analyze_fetched(self, ev: Any, data: bytes, source: SourceRef, broker_ts: float | None,
-                               slot: Slot) -> Result:
+                               slot: Slot, clock: asyncio.Timeout | None = None) -> Result:
         t1 = time.perf_counter()
         recent = self.shared.recent.get(ev.event_id)
         # Digested here only when small enough to digest on the loop.
@@ -329,15 +374,17 @@ class AnalyzeStage:
             # store: the event id is looked up in the store (below), and an
             # Elasticsearch lookup is a network round trip, which must not
             # hold the loop.
-            sighting, stored = self._blocking(ev, data, sha256, source)
+            sighting, stored, held = self._blocking(ev, data, sha256, source)
         else:
             # One thread hop for the blocking work of a large picture
             # (analysis, blob write, the store's answer on this event id), so
             # the loop and its deadlines keep running meanwhile. Past the
             # deadline the event is dead-lettered, and the thread keeps its
             # slot until it returns.
-            sighting, stored = await slot.to_thread(self._blocking, ev, data, sha256, source)
+            sighting, stored, held = await slot.to_thread(self._blocking, ev, data, sha256, source)
         metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
+        if held is not None:
+            stored = await self._hold_blob(ev.event_id, data, sighting.sha256, held, slot, clock)
         self._stage = "dedupe"
         if isinstance(stored, BaseException):
             raise stored
@@ -399,30 +446,76 @@ class AnalyzeStage:
             return False
         return w * h <= cap
 
-    def _blocking(self, ev: Any, data: bytes, sha256: str | None, source: SourceRef) -> tuple[Sighting, Any]:
+    def _blocking(self, ev: Any, data: bytes, sha256: str | None, source: SourceRef) -> tuple[Sighting, Any, Any]:
         """Analysis, blob write and the stored picture of this event id, on
         the loop or in a worker thread (``sha256``: the digest of ``data`` if
         already taken). A failing lookup is returned, not raised, so its dead
-        letter names the dedupe stage."""
+        letter names the dedupe stage. The third item: the error of a blob
+        write that may pass (the event is held, ``_hold_blob``; the lookup is
+        left for then), else None."""
         sighting: Sighting = self.analyzer.analyze(ev, data, source, sha256)
-        if sighting.sha256 not in self._blobs:  # content-addressed: once stored, stored
-            with metrics.STAGE_SECONDS.labels("blob").time():
-                try:
-                    self.put_blob(data, sighting.sha256)
-                except OSError as e:
-                    # the data dir's disk, not the picture: said as such (it read
-                    # "decode:internal_error OSError: [Errno 27] File too large")
-                    raise StageError("blob_write", f"cannot store the picture in the data dir's blob store "
-                                                   f"({e.strerror or e}; {e.filename or 'blobs/'}): check its "
-                                                   "disk space and permissions", stage="blob") from None
-            self._blobs.put(sighting.sha256)
-        stored: Any
+        held = self._store_blob(data, sighting.sha256)
+        stored = self._lookup(ev.event_id) if held is None else None
+        return sighting, stored, held
+
+    def _store_blob(self, data: bytes, sha256: str) -> OSError | None:
+        """Write the picture to the blob store: None once stored; the error of
+        a write that may succeed later (the disk full, a quota, EIO, a
+        read-only remount: ``blobstore.write_may_pass``); a ``StageError``
+        raised for one that would fail again for this file."""
+        if sha256 in self._blobs:  # content-addressed: once stored, stored
+            return None
+        with metrics.STAGE_SECONDS.labels("blob").time():
+            try:
+                self.put_blob(data, sha256)
+            except OSError as e:
+                if write_may_pass(e):
+                    return e
+                # the data dir's disk, not the picture: said as such (it read
+                # "decode:internal_error OSError: [Errno 27] File too large")
+                raise StageError("blob_write", f"cannot store the picture in the data dir's blob store "
+                                               f"({e.strerror or e}; {e.filename or 'blobs/'}): check its "
+                                               "disk space and permissions", stage="blob") from None
+        self._blobs.put(sha256)
+        return None
+
+    def _lookup(self, event_id: str) -> Any:
         with metrics.STAGE_SECONDS.labels("dedupe").time():
             try:
-                stored = self._stored_sha(ev.event_id)
+                return self._stored_sha(event_id)
             except Exception as e:  # noqa: BLE001 - re-raised in the dedupe stage
-                stored = e
-        return sighting, stored
+                return e
+
+    async def _hold_blob(self, event_id: str, data: bytes, sha256: str, error: OSError, slot: Slot,
+                         clock: asyncio.Timeout | None) -> Any:
+        """Hold an event whose picture the blob store could not write for a
+        reason that passes, trying the write again with backoff until it is
+        stored (or fails for good: ``blob:blob_write``). The event is valid:
+        dead-lettering it lost it for good. The waits are not charged to its
+        deadline, and the analysis slot stays taken meanwhile (a full disk
+        stops analysis rather than piling up pictures). A stop cancels the
+        wait at once: the event is left unacked and read again. Returns the
+        store's answer on the event id, looked up once the picture is stored."""
+        self._stage = "blob"
+        delay = BLOB_RETRY_INITIAL_S
+        tries = 1
+        HELD_BLOBS.holding(self)
+        try:
+            while error is not None:
+                metrics.BLOB_WRITE_FAILURES.inc()
+                log.error(f"blob store write failed ({error.strerror or error}; {error.filename or 'blobs/'}); the "
+                          f"event is held and its picture written again in {delay:g}s: free space on the data dir's "
+                          "disk (or lift its quota, remount it read-write)",
+                          extra={"event_id": event_id, "sha256": sha256, "errno": errno_name(error),
+                                 "tries": tries, "delay_s": delay})
+                await uncharged(clock, asyncio.sleep(delay))
+                delay = min(delay * 2, BLOB_RETRY_MAX_S)
+                tries += 1
+                error = await slot.to_thread(self._store_blob, data, sha256)
+        finally:
+            HELD_BLOBS.done(self)
+        log.info("blob store written again; the held event goes on", extra={"event_id": event_id, "tries": tries})
+        return await slot.to_thread(self._lookup, event_id)
 
     def _is_duplicate(self, event_id: str, sha256: str, recent: str | None, stored: str | None) -> bool:
         """True for an exact repeat of a stored sighting; ``StageError`` when

@@ -194,6 +194,17 @@ def _check_state_files(settings: Settings) -> None:
     check_engine_state(settings)
 
 
+def _warn_lost_engine_state(settings: Settings) -> None:
+    """One line when the engine state holds no cluster while the findings
+    store holds sightings (``streams.engine_state.lost_state``): the run
+    would count every cluster from zero. The workers log it too (WARNING)."""
+    from streams.engine_state import lost_state
+
+    msg = lost_state(settings, fresh_table=settings.broker == "embedded")
+    if msg:
+        err.print(f"warning: {msg}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command(rich_help_panel="Run")
 def replay(
     feed: Path = typer.Argument(..., metavar="FEED", exists=True, dir_okay=False, help="JSONL file of schema-v1 events (see `deepwatch schema`)."),
@@ -232,6 +243,7 @@ def replay(
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     _check_state_files(settings)
     _use_store(settings, store_url)
+    _warn_lost_engine_state(settings)
     check_alert_senders(settings)
     _check_feed_has_events(feed)
     settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
@@ -267,6 +279,7 @@ def demo(
     settings = settings_from(config, data_dir=data_dir)
     _check_state_files(settings)
     _use_store(settings, store_url)
+    _warn_lost_engine_state(settings)
     check_alert_senders(settings)
     feed_dir = Path(settings.data_dir) / "demo-feed"
     feed, _ = build_feed(feed_dir, burst=burst)
