@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from streams.records import Alert, ClusterSnapshot, DeadLetter, Engagement, SourceRef, Velocity
+from streams.records import Alert, ClusterSnapshot, DeadLetter, Engagement, SamplePost, SourceRef, Velocity
 
 Verdict = Literal["likely-ai", "inconclusive", "no-evidence"]
 SortKey = Literal["velocity", "score", "last_seen", "sightings", "relevance"]
@@ -188,6 +188,11 @@ class AlertRecord(_ReadRecord):
     trigger_event_id: str | None = None
     trigger_ingested_at: datetime | None = None
     created_at: datetime
+    # absent from alerts stored before they existed (``Alert``)
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+    platforms: list[str] = Field(default_factory=list)
+    sample_posts: list[SamplePost] = Field(default_factory=list)
 
     @classmethod
     def from_alert(cls, alert: Alert) -> "AlertRecord":

@@ -799,6 +799,11 @@ def test_fake_verdict_feeds_the_bank_rescoring_matches_and_alerting_once(data, e
         assert r2["effects"]["bank_entries_added"] == 0
         alerts = [a for a in open_store(data).alerts() if a.rule == "desk-verdict-fake"]
         assert sorted(a.alert_id for a in alerts) == ["c-quiet:desk-fake", "c-repost:desk-fake"]
+        # a subscriber can open the posts and knows since when and where it spreads
+        repost = next(a for a in alerts if a.cluster_id == "c-repost")
+        assert [p.post_url for p in repost.sample_posts] == [f"https://example.org/c-repost/{i}" for i in range(3)]
+        assert repost.platforms == ["bluesky"] and repost.first_seen == repost.sample_posts[0].posted_at
+        assert repost.last_seen == repost.sample_posts[-1].posted_at
         hooks = [(h, b) for h, b in got if h[DELIVERY_HEADER].endswith(":desk-fake")]
         assert sorted(h[DELIVERY_HEADER] for h, _ in hooks) == ["c-quiet:desk-fake", "c-repost:desk-fake"]
         for h, body in hooks:
@@ -870,6 +875,10 @@ def test_account_alert_goes_through_the_alert_path_once(data, env, webhook):
     alerts = [a for a in open_store(data).alerts() if a.rule == "account-ai-share"]
     assert [a.alert_id for a in alerts] == ["account:persona1:1"]
     assert "5 likely-AI pictures of 5" in alerts[0].evidence[0].detail
+    posts = alerts[0].sample_posts  # the account's latest three, earliest first
+    assert len(posts) == 3 and {p.account_id for p in posts} == {"persona1"}
+    assert [p.posted_at for p in posts] == sorted(p.posted_at for p in posts) and posts[-1].posted_at == alerts[0].last_seen
+    assert alerts[0].platforms
     assert [h[DELIVERY_HEADER] for h, _ in got] == ["account:persona1:1"]
 
 

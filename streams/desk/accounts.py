@@ -47,7 +47,8 @@ async def _check(settings: Settings, source: FindingsSource, desk: DeskDB, alert
             fake_score=round(a["ai_share"], 4), verdict="likely-ai", velocity=Velocity(), sightings=a["posts"], accounts=1,
             evidence=[Evidence(detector="desk:accounts", score=round(a["ai_share"], 4), detail=detail,
                                data={"account_id": a["id"], "ai_pictures": a["ai_pictures"], "pictures": a["pictures"]})],
-            at=a["last_seen"],
+            at=a["last_seen"], last_seen=a["last_seen"], platforms=a["platforms"],
+            sample_posts=await asyncio.to_thread(source.sample_posts, account_id=a["id"], newest=True),  # its latest
         )
         await alerts.raise_alert(alert)
         desk.mark_account_alerted(a["id"], alert.alert_id)

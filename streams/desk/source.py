@@ -27,6 +27,7 @@ from streams.findings import (
     CURSOR_MAX_CHARS, MAX_RESULTS, NOT_A_CURSOR, AccountAggregate, AccountCursor, Deadline, FindingsStore, MemberRow,
     decode_cursor, encode_cursor, text_terms,
 )
+from streams.records import MAX_SAMPLE_POSTS, SamplePost
 
 # How long cached views live on a store with no change signal (Elasticsearch):
 # short enough that the queue feels live, long enough that page loads share one read.
@@ -428,6 +429,19 @@ class FindingsSource:
                                       "posted_at": s.posted_at, "text": s.text} for s in rows]
                 return a
         raise NotFound(account_id)
+
+    def sample_posts(self, *, cluster_ids: list[str] | None = None, account_id: str | None = None,
+                     newest: bool = False) -> list[SamplePost]:
+        """The posts an alert the desk raises carries (``Alert.sample_posts``):
+        the earliest ``MAX_SAMPLE_POSTS`` of ``cluster_ids`` (recorded under
+        them: give a cluster's merged ids too), or the newest of
+        ``account_id`` with ``newest``; earliest first either way."""
+        rows = self.store.sightings(cluster_ids=cluster_ids, account_id=account_id, newest_first=newest,
+                                    limit=MAX_SAMPLE_POSTS)
+        posts = [SamplePost(event_id=r.event_id, platform=r.platform, account_id=r.account_id,
+                            account_handle=r.account_handle, post_url=r.post_url,
+                            posted_at=datetime.fromisoformat(r.posted_at)) for r in rows]
+        return sorted(posts, key=SamplePost.order)
 
     def account_windows(self, window: timedelta, min_ai_pictures: int = 0) -> list[dict[str, Any]]:
         """Per account: likely-AI pictures and share within ``window`` before

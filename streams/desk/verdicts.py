@@ -178,7 +178,10 @@ class Verdicts:
                 fake_score=doc["fake_score"], verdict=doc["verdict"], velocity=Velocity(**doc["velocity"]),
                 sightings=doc["sightings"], accounts=doc["accounts"],
                 evidence=[ev] + [Evidence.model_validate(e) for e in doc["evidence"] if e["detector"] != ev.detector][:4],
-                at=datetime.now(timezone.utc),
+                at=datetime.now(timezone.utc), first_seen=doc.get("first_seen"), last_seen=doc.get("last_seen"),
+                platforms=doc.get("platforms") or [],
+                sample_posts=await asyncio.to_thread(self.source.sample_posts,
+                                                     cluster_ids=[cid, *(doc.get("merged_from") or [])]),
             )
             await self.alerts.raise_alert(alert)
             raised.append(alert.alert_id)
