@@ -289,14 +289,14 @@ def pair_match(
     vt = phash_threshold if view_threshold is None else view_threshold
     cands: list[tuple[float, int, int, Via]] = []
     for d, via in phash_pairs(query_codes(a), stored_codes(b), phash_threshold, vt):
-        cands.append((d / max(1, phash_threshold), VIA_ORDER[via], d, via))
+        cands.append((*rank_key(d, via, phash_threshold, pdq_threshold), d, via))
     framed = is_framed(a.views, a.trimmed) or is_framed(b.views, b.trimmed)
     if not framed and a.pdq_quality >= pdq_min_quality and b.pdq_quality >= pdq_min_quality:
         for via, hq in (("pdq", a.pdq), ("pdq_mirror", a.pdq_mirror)):
             if hq:
                 d = hamming_hex(hq, b.pdq)
                 if d <= pdq_threshold:
-                    cands.append((d / max(1, pdq_threshold), VIA_ORDER[via], d, via))  # type: ignore[arg-type]
+                    cands.append((*rank_key(d, via, phash_threshold, pdq_threshold), d, via))  # type: ignore[arg-type]
     if not cands:
         return None
     _, _, d, via = min(cands)
