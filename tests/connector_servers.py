@@ -154,6 +154,9 @@ class MastodonScript:
     rate_limit_first: bool = False  # the first REST call answers 429 with a reset 1 s ahead
     silent_idle_s: float = 30.0
     stream_answers: dict[int, tuple[int, dict]] = field(default_factory=dict)  # connection n -> (status, headers)
+    instance_body: bytes | None = None  # /api/v1/instance answers this (JSON content type) instead of its document
+    timeline_body: bytes | None = None  # the REST timelines answer this instead of their page
+    prev_link: str | None = None  # the REST timelines' Link rel="prev" names this URL instead of their own
 
 
 class MastodonServer:
@@ -171,7 +174,7 @@ class MastodonServer:
                 pass
 
             def _json(self, doc, status=200, headers=None):
-                body = json.dumps(doc).encode()
+                body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
@@ -187,6 +190,8 @@ class MastodonServer:
                 if outer.script.token and auth != f"Bearer {outer.script.token}":
                     return self._json({"error": "The access token is invalid"}, 401)
                 if parts.path == "/api/v1/instance":
+                    if outer.script.instance_body is not None:
+                        return self._json(outer.script.instance_body)
                     return self._json({"uri": "mastodon.example", "version": "4.3.2",
                                        "urls": {"streaming_api": f"ws://127.0.0.1:{outer.port}"}})
                 if parts.path.startswith("/api/v1/streaming/"):
@@ -241,8 +246,11 @@ class MastodonServer:
                 headers = {"X-RateLimit-Limit": "300", "X-RateLimit-Remaining": "299", "X-RateLimit-Reset": reset}
                 if page:
                     base = f"http://127.0.0.1:{outer.port}{path}"
+                    prev = outer.script.prev_link or f"{base}?{urlencode({'min_id': page[0]['id']})}"
                     headers["Link"] = (f'<{base}?{urlencode({"max_id": page[-1]["id"]})}>; rel="next", '
-                                       f'<{base}?{urlencode({"min_id": page[0]["id"]})}>; rel="prev"')
+                                       f'<{prev}>; rel="prev"')
+                if outer.script.timeline_body is not None:
+                    return self._json(outer.script.timeline_body, 200, headers)
                 return self._json(page, 200, headers)
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

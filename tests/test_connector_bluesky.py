@@ -538,3 +538,133 @@ def test_dry_run_into_a_closed_pipe_stops_instead_of_reconnecting_forever(tmp_pa
 
         stop = asyncio.run(go())
     assert not stop.is_set() and len(server.requests) == 1
+
+
+def test_a_created_at_later_than_the_relay_allows_gives_way_to_the_relay_time(tmp_path):
+    # createdAt is the poster's client's: one in 2099 was trusted, and the
+    # pipeline then dead-lettered the sighting (future_posted_at) although
+    # the relay's time_us said when the post really arrived.
+    relay = datetime.fromtimestamp(1732960900, timezone.utc)
+    m = BlueskyMapper(CDN)  # ingest.max_future_skew_s's default: 900 s
+    assert m.max_future_skew_s == 900.0
+
+    def posted(created: str, mapper: BlueskyMapper = m) -> datetime:
+        r = mapper.map(_image_post("a", {"createdAt": created}, time_us=1732960900000000))
+        assert r.outcome == "image_post" and len(r.events) == 1
+        return r.events[0].posted_at
+
+    assert posted("2099-01-01T00:00:00Z") == relay
+    assert relay == datetime(2024, 11, 30, 10, 1, 40, tzinfo=timezone.utc)
+    assert posted("2024-11-30T10:18:20Z") == relay  # 1000 s after the relay's time
+    assert posted("2024-11-30T10:11:40Z") == datetime(2024, 11, 30, 10, 11, 40, tzinfo=timezone.utc)  # 600 s: kept
+    assert posted("2024-11-30T09:00:00Z") == datetime(2024, 11, 30, 9, 0, tzinfo=timezone.utc)  # earlier: kept
+    assert posted("2024-11-30T10:18:20Z", BlueskyMapper(CDN, max_future_skew_s=3600)) == \
+        datetime(2024, 11, 30, 10, 18, 20, tzinfo=timezone.utc)
+    # a repost's createdAt is its client's too
+    st = ConnectorState(":memory:")
+    mapper = BlueskyMapper(CDN, recall=st.recall)
+    st.remember(*mapper.map(_image_post("a", {}, time_us=1732960900000000)).remember)
+    repost = json.dumps({"did": "did:plc:other", "time_us": 1732960900000000, "kind": "commit", "commit": {
+        "operation": "create", "collection": "app.bsky.feed.repost", "rkey": "rp", "record": {
+            "subject": {"uri": "at://did:plc:5xrilav5fvcyk43kkpdhieyg/app.bsky.feed.post/a"},
+            "createdAt": "2099-01-01T00:00:00Z"}}})
+    r = mapper.map(repost)
+    assert r.outcome == "repost" and [e.posted_at for e in r.events] == [relay]
+    # the connector gets the pipeline's own setting
+    s = settings_for(tmp_path)
+    s.ingest.max_future_skew_s = 60.0
+    assert build_bluesky(s, JsonlSink(io.StringIO()), open_state(s, "t")).mapper.max_future_skew_s == 60.0
+
+
+def test_fields_the_mapper_does_not_read_cannot_make_a_post_malformed():
+    # alt, mimeType, rev and the cids were typed though never read: "alt": 5
+    # made the whole post (and its pictures) a bad_record.
+    quoted = "at://did:plc:q/app.bsky.feed.post/q1"
+    st = ConnectorState(":memory:")
+    st.remember(quoted, {"post_url": None, "text": "q", "lang": None, "hashtags": [],
+                         "images": ["https://cdn.example/q.jpg"]})
+    m = BlueskyMapper(CDN, recall=st.recall)
+    doc = json.loads(_image_post("a", {}))
+    img = doc["commit"]["record"]["embed"]["images"][0]
+    img["alt"], img["image"]["mimeType"] = 5, ["image/jpeg"]
+    doc["commit"]["rev"], doc["commit"]["cid"] = 7, {"x": 1}
+    r = m.map(json.dumps(doc))
+    assert r.outcome == "image_post"
+    assert [e.image.url for e in r.events] == [CDN.format(did=doc["did"], cid="bafkreiaaaa")]
+    quote = json.loads(_image_post("b", {"embed": {"$type": "app.bsky.embed.record",
+                                                   "record": {"uri": quoted, "cid": 3}}}))
+    r = m.map(json.dumps(quote))
+    assert r.outcome == "quote" and [e.image.url for e in r.events] == ["https://cdn.example/q.jpg"]
+
+
+def test_validation_errors_read_loc_colon_msg():
+    from streams.connectors.base import MalformedFrame
+
+    m = BlueskyMapper(CDN)
+    with pytest.raises(MalformedFrame) as ei:
+        m.map(_image_post("a", {"text": 5}))
+    assert ei.value.reason == "bad_record"
+    assert ei.value.detail == ("at://did:plc:5xrilav5fvcyk43kkpdhieyg/app.bsky.feed.post/a: text: "
+                               "Input should be a valid string")
+    with pytest.raises(MalformedFrame) as ei:
+        m.map('{"did": "d", "kind": "commit"}')
+    assert (ei.value.reason, ei.value.detail) == ("bad_frame", "time_us: Field required")
+    with pytest.raises(MalformedFrame) as ei:
+        m.map("[]")
+    assert ei.value.reason == "bad_frame" and ei.value.detail.startswith("(frame): ")
+
+
+def test_backoff_survives_any_number_of_failed_reconnects():
+    # 2 ** attempt overflowed a float at attempt 1024 (~12.8 h of outage at a
+    # 60 s cap): OverflowError ended the connector's run.
+    import random
+
+    from streams.connectors.base import Backoff
+
+    b = Backoff(1.0, 60.0, rng=random.Random(7))
+    waits = [b.next() for _ in range(3000)]
+    assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 2.0
+    assert all(30.0 <= w <= 60.0 for w in waits[6:])
+    b.reset()
+    assert b.attempt == 0 and b.next() <= 1.0
+
+
+def _zstd_runner(tmp_path, max_frame_bytes: int = 100_000):
+    zstandard = pytest.importorskip("zstandard")
+    samples = [f.replace("3l", f"3{i % 7}").encode() for i in range(60) for f in jetstream_frames()]
+    dictionary = zstandard.train_dictionary(4096, samples).as_bytes()
+    (tmp_path / "dict").write_bytes(dictionary)
+    s = settings_for(tmp_path, zstd_dictionary=tmp_path / "dict", max_frame_bytes=max_frame_bytes)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    runner = build_bluesky(s, sink, open_state(s, "t", memory=True))
+    return runner, sink, zstandard.ZstdCompressionDict(dictionary), zstandard
+
+
+def test_a_zstd_frame_declaring_more_than_the_cap_is_refused_unread(tmp_path, caplog):
+    # max_output_size bounds only frames that do not declare their size: a
+    # 13 KB frame declaring 400 MB took 400 MB, one declaring 2**45 raised
+    # MemoryError and ended the run.
+    import struct
+
+    runner, sink, zdict, zstandard = _zstd_runner(tmp_path)
+    post = _image_post("a", {})
+    padded = (post + " " * 3_000_000).encode()  # valid JSON, 3 MB once inflated
+    declared = zstandard.ZstdCompressor(dict_data=zdict).compress(padded)
+    undeclared = zstandard.ZstdCompressor(dict_data=zdict, write_content_size=False).compress(padded)
+    assert len(declared) < 100_000 and zstandard.frame_content_size(declared) == len(padded)
+    huge = struct.pack("<I", 0xFD2FB528) + bytes([0xE0]) + struct.pack("<Q", 1 << 45) + bytes([9, 0, 0]) + b"x"
+    good = zstandard.ZstdCompressor(dict_data=zdict).compress(post.encode())
+
+    async def go():
+        for msg in (declared, huge, undeclared, good[:-4], good):
+            await runner.handle(msg)
+
+    with caplog.at_level(logging.WARNING, "deepwatch.connectors.bluesky"):
+        asyncio.run(go())
+    skipped = [r for r in caplog.records if r.getMessage() == "malformed frame skipped"]
+    assert [r.reason for r in skipped] == ["frame_too_big", "frame_too_big", "frame_too_big", "bad_compression"]
+    assert skipped[0].detail == (f"zstd frame declares {len(padded)} bytes, over connectors.max_frame_bytes "
+                                 f"(100000)")
+    assert skipped[1].detail.startswith(f"zstd frame declares {1 << 45} bytes")
+    assert runner.emitter.counts == {"malformed": 4, "image_post": 1, "events_produced": 1}
+    assert [e.event_id for e in sink.events] == ["at://did:plc:5xrilav5fvcyk43kkpdhieyg/app.bsky.feed.post/a#0"]

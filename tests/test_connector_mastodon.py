@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from streams.connectors.mastodon import FatalStreamError, MastodonMapper, plain_text, rate_limit_wait
-from streams.connectors.run import build_mastodon, open_state
+from streams.connectors.run import build_mastodon, mastodon_stream_key, open_state
 from streams.connectors.sinks import JsonlSink
 from streams.records import ImageEvent
 from streams.settings import Settings
@@ -356,3 +356,142 @@ def test_a_websocket_streaming_url_is_read_over_http_whatever_its_case():
     assert http_streaming_url("WSS://streaming.example/api") == "https://streaming.example/api"
     assert http_streaming_url(" ws://streaming.example:81 ") == "http://streaming.example:81"
     assert http_streaming_url("https://streaming.example") == "https://streaming.example"
+
+
+# --------------------------------------------------------------------------
+# Odd answers from an instance
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("body, problem", [
+    (b"[]", "the document is a JSON array, not an object"),
+    (b"null", "the document is a JSON null, not an object"),
+    (b'{"urls": "x"}', "urls is a JSON string, not an object"),
+    (b'{"urls": {"streaming_api": 5}}', "urls.streaming_api is a JSON number, not a string"),
+    (b'{"urls": {"streaming_api": "wss://[::1"}}', "urls.streaming_api 'wss://[::1' is not a URL"),
+    (b'{"urls": {"streaming_api": "wss://x.example:99999"}}',
+     "urls.streaming_api 'wss://x.example:99999' is not a URL"),
+    (b'{"urls": {"streaming_api": "ftp://x.example"}}',
+     "urls.streaming_api 'ftp://x.example' is not a ws(s):// or http(s):// URL"),
+    (b"[" * 100_000 + b"]" * 100_000, "not JSON (RecursionError)"),
+    (b"<html>", "not JSON (JSONDecodeError)"),
+])
+def test_an_unusable_instance_document_is_one_warning_and_the_stream_runs(tmp_path, caplog, body, problem):
+    # [] and {"urls": "x"} raised AttributeError, a deeply nested document
+    # RecursionError: run() ended and `deepwatch connect` printed a traceback.
+    blocks, _, _ = recorded()
+    script = MastodonScript(streams=[blocks], drop=False, instance_body=body)
+    s = settings_for(tmp_path)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    with MastodonServer(script) as server, caplog.at_level(logging.WARNING, "deepwatch.connectors.mastodon"):
+        runner = build_mastodon(s, sink, open_state(s, "m"), instance=server.url, timeline="public")
+        asyncio.run(run_until(runner, lambda: len(sink.events) >= 7))
+    assert len(sink.events) == 7 and runner.connects == 1
+    assert runner.streaming_url == server.url and server.stream_requests[0]["path"] == "/api/v1/streaming/public"
+    warned = [r.getMessage() for r in caplog.records if "/api/v1/instance" in r.getMessage()]
+    assert warned == [f"{server.url}/api/v1/instance is unusable ({problem}); streaming from {server.url}"]
+
+
+def test_a_backfill_page_nested_past_the_parsers_depth_is_skipped_not_fatal(tmp_path, caplog):
+    blocks, updates, _ = recorded()
+    script = MastodonScript(streams=[blocks], drop=False, statuses=updates,
+                            timeline_body=b"[" * 100_000 + b"]" * 100_000)
+    s = settings_for(tmp_path)
+    state = open_state(s, "m")
+    sink = JsonlSink(io.StringIO(), keep=True)
+    with MastodonServer(script) as server, caplog.at_level(logging.WARNING, "deepwatch.connectors.mastodon"):
+        state.commit(mastodon_stream_key(server.url, "public", None), "100")
+        runner = build_mastodon(s, sink, state, instance=server.url, timeline="public")
+        asyncio.run(run_until(runner, lambda: len(sink.events) >= 7))
+    assert len(server.rest_requests) == 1 and runner.connects == 1
+    assert len(sink.events) == 7 and runner.emitter.cursor == updates[-1]["id"]
+    assert [r.url for r in caplog.records if r.getMessage() == "backfill page is not JSON"] == \
+        [f"{server.url}/api/v1/timelines/public?min_id=100&limit=40"]
+
+
+def _numbered(n: int, first: int = 1000) -> list[dict]:
+    """``n`` copies of a recorded image status with ids ``first``, ``first+1``, ..."""
+    _, updates, _ = recorded()
+    out = []
+    for i in range(n):
+        st = json.loads(json.dumps(updates[0]))
+        st["id"] = str(first + i)
+        st["uri"] = f"https://{HOST}/users/a/statuses/{first + i}"
+        for m in st["media_attachments"]:
+            m["id"] = f"{m['id']}{i}"
+        out.append(st)
+    return out
+
+
+@pytest.mark.parametrize("prev, followed", [
+    (None, True),  # the instance's own absolute link
+    ("/api/v1/timelines/public?min_id=1039&limit=40", True),  # relative: the same origin
+    ("http://localhost:{port}/api/v1/timelines/public?min_id=1039", False),  # another host
+    ("http://127.0.0.1:{other}/api/v1/timelines/public?min_id=1039", False),  # another port
+    ("https://127.0.0.1:{port}/api/v1/timelines/public?min_id=1039", False),  # another scheme
+])
+def test_backfill_follows_next_page_links_only_to_the_instance(tmp_path, caplog, prev, followed):
+    # Any Link rel="prev" was followed, to any host, with the bearer token.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        other = sock.getsockname()[1]
+    statuses = _numbered(45)
+    script = MastodonScript(streams=[[":thump\n\n"]], drop=False, statuses=statuses, token="tok-secret")
+    s = settings_for(tmp_path)
+    state = open_state(s, "m")
+    sink = JsonlSink(io.StringIO(), keep=True)
+    with MastodonServer(script) as server, caplog.at_level(logging.WARNING, "deepwatch.connectors.mastodon"):
+        script.prev_link = prev.format(port=server.port, other=other) if prev else None
+        state.commit(mastodon_stream_key(server.url, "public", None), "999")
+        runner = build_mastodon(s, sink, state, instance=server.url, timeline="public", token="tok-secret")
+        asyncio.run(run_until(runner, lambda: runner.backfilled > 0, timeout=10))
+    stopped = [r for r in caplog.records if r.getMessage() == "backfill stopped: the next page's link leaves the instance"]
+    if followed:
+        assert runner.backfilled == 45 and len(server.rest_requests) == 2 and stopped == []
+        assert "min_id=1039" in server.rest_requests[1]
+    else:
+        assert runner.backfilled == 40 and len(server.rest_requests) == 1  # localhost: the same server, never asked
+        assert [r.link for r in stopped] == [script.prev_link]
+    assert runner.emitter.cursor == ("1044" if followed else "1039")
+
+
+def test_status_ids_int_cannot_read_are_no_cursor_not_a_crash():
+    # "²".isdigit() and a 5000-digit id passed the check, then int() raised
+    # ValueError: one such status ended the connector's run.
+    from streams.connectors.base import MalformedFrame
+    from streams.connectors.mastodon import status_id_int
+
+    _, updates, _ = recorded()
+    m = MastodonMapper(f"https://{HOST}")
+    for sid in ("²", "١٢٣"):
+        r = m.map_update(json.dumps({**updates[0], "id": sid}))
+        assert r.outcome == "image_post" and r.cursor is None and len(r.events) == 2
+        assert r.events[0].event_id.startswith(f"mastodon:{HOST}:{sid}:")
+    with pytest.raises(MalformedFrame) as ei:  # a counted drop: its event ids would be over 256 characters
+        m.map_update(json.dumps({**updates[0], "id": "1" * 5000}))
+    assert ei.value.reason == "unmappable"
+    assert [status_id_int(x) for x in ("²", "1" * 5000, "-5", "", "42")] == [-1, -1, -1, -1, 42]
+    assert m.map_update(json.dumps(updates[0])).cursor == int(updates[0]["id"])
+
+
+def test_account_fields_the_mapper_does_not_read_cannot_make_a_status_malformed():
+    _, updates, _ = recorded()
+    m = MastodonMapper(f"https://{HOST}")
+    odd = {**updates[0], "account": {**updates[0]["account"], "username": 5, "url": ["x"]}}
+    r = m.map_update(json.dumps(odd))
+    assert r.outcome == "image_post" and len(r.events) == 2
+    assert [e.event_id for e in r.events] == [e.event_id for e in m.map_update(json.dumps(updates[0])).events]
+    assert r.events[0].account_handle == f"@{updates[0]['account']['acct']}@{HOST}"
+
+
+def test_an_unmappable_status_names_its_event_and_field():
+    from streams.connectors.base import MalformedFrame
+
+    _, updates, _ = recorded()
+    m = MastodonMapper(f"https://{HOST}")
+    sid = "a" * 300
+    with pytest.raises(MalformedFrame) as ei:
+        m.map_update(json.dumps({**updates[0], "id": sid}))
+    eid = f"mastodon:{HOST}:{sid}:{updates[0]['media_attachments'][0]['id']}"
+    assert (ei.value.reason, ei.value.detail) == ("unmappable",
+                                                  f"{eid}: event_id: String should have at most 256 characters")

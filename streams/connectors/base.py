@@ -59,15 +59,21 @@ class MalformedFrame(ValueError):
         self.detail = detail
 
 
+def error_text(e: ValidationError, whole: str = "(value)") -> str:
+    """The first error of ``e`` as ``loc: msg``: the dotted path of the bad
+    field, or ``whole`` where the error is about the whole value."""
+    err = e.errors()[0]
+    return f"{'.'.join(map(str, err['loc'])) or whole}: {err['msg']}"
+
+
 def parse_frame(model: type[M], raw: bytes | str, invalid: str, what: str) -> M:
     """``raw`` validated as ``model``, or MalformedFrame: ``malformed_json`` when
     it is not JSON, else ``invalid`` naming the first bad field (or ``what``)."""
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        kind = "malformed_json" if err["type"] == "json_invalid" else invalid
-        raise MalformedFrame(kind, f"{'.'.join(map(str, err['loc'])) or what}: {err['msg']}") from None
+        kind = "malformed_json" if e.errors()[0]["type"] == "json_invalid" else invalid
+        raise MalformedFrame(kind, error_text(e, what)) from None
 
 
 MAX_HASHTAGS = 64  # ImageEvent.hashtags holds at most this many
@@ -169,6 +175,9 @@ class ConnectorState:
 # --------------------------------------------------------------------------
 # Politeness
 # --------------------------------------------------------------------------
+MAX_BACKOFF_EXPONENT = 1000  # 2.0 ** 1000 is still a float; initial_s * it reaches any sane max_s
+
+
 class Backoff:
     """Exponential backoff with full jitter (the AWS architecture blog's
     variant): many clients reconnecting after one outage spread out instead
@@ -181,7 +190,9 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next(self) -> float:
-        cap = min(self.max_s, self.initial_s * 2 ** self.attempt)
+        # The exponent is capped: 2 ** attempt overflows a float after 1024
+        # failures (some 12.8 h of outage at a 60 s cap) and ended the run.
+        cap = min(self.max_s, self.initial_s * 2.0 ** min(self.attempt, MAX_BACKOFF_EXPONENT))
         self.attempt += 1
         return self._rng.uniform(cap / 2, cap)  # half-jitter: never hammer with a near-zero wait
 

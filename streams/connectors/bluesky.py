@@ -15,17 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import websockets
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import (Backoff, Emitter, MalformedFrame, Mapped, clip_hashtags, parse_frame,
-                                     reconnect_loop)
+from streams.connectors.base import (Backoff, Emitter, MalformedFrame, Mapped, clip_hashtags, error_text,
+                                     parse_frame, reconnect_loop)
 from streams.records import MAX_UTC_OFFSET, ImageEvent
-from streams.settings import ConnectorSettings
+from streams.settings import ConnectorSettings, IngestSettings
 
 log = logging.getLogger("deepwatch.connectors.bluesky")
 
@@ -36,10 +36,15 @@ DEFAULT_COLLECTIONS = (POST, REPOST)
 TAG_FEATURE = "app.bsky.richtext.facet#tag"
 MAX_HANDLE_CHARS = 253  # a handle is a DNS name
 TOO_BIG = 1009  # websocket close code: message larger than we accept
+FRAME_TOO_BIG = "frame_too_big"  # the reason given for a frame over connectors.max_frame_bytes
+# The pipeline dead-letters an event dated more than this after its ingest
+# time (future_posted_at); the connector is told the configured value.
+DEFAULT_FUTURE_SKEW_S = IngestSettings.model_fields["max_future_skew_s"].default
 
 
 # --------------------------------------------------------------------------
-# Typed frames (only the fields we read; the rest is ignored)
+# Typed frames (only the fields we read; the rest is ignored, so a field we
+# do not use cannot make a frame or record malformed)
 # --------------------------------------------------------------------------
 class _M(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
@@ -52,7 +57,6 @@ class _Link(_M):
 class Blob(_M):
     ref: _Link | None = None
     cid: str | None = None  # legacy blob form: {"cid": ..., "mimeType": ...}
-    mimeType: str | None = None
 
     @property
     def cid_str(self) -> str | None:
@@ -61,12 +65,10 @@ class Blob(_M):
 
 class EmbedImage(_M):
     image: Blob
-    alt: str | None = None
 
 
 class StrongRef(_M):
     uri: str
-    cid: str | None = None
 
 
 class EmbedRecord(_M):
@@ -104,12 +106,10 @@ class RepostRecord(_M):
 
 
 class Commit(_M):
-    rev: str | None = None
     operation: Literal["create", "update", "delete"]
     collection: str
     rkey: str
     record: dict[str, Any] | None = None
-    cid: str | None = None
 
 
 class Identity(_M):
@@ -136,22 +136,30 @@ def post_url(uri: str) -> str | None:
     return None
 
 
-def _time(created: str | None, time_us: int) -> datetime:
-    # createdAt is client-supplied and sometimes junk or naive; the relay's
-    # time_us is always there and always UTC, but only an int: one beyond
-    # what datetime holds makes the frame malformed, not the connector crash.
+def _time(created: str | None, time_us: int, max_future_skew_s: float) -> datetime:
+    """When the post was made: the client's ``createdAt`` where usable, else
+    the relay's ``time_us``. createdAt is sometimes junk, naive, or later than
+    the relay received the post (a wrong clock, or on purpose); one more than
+    ``max_future_skew_s`` later gives way to the relay's time, since the
+    pipeline would dead-letter it (future_posted_at) and lose the sighting.
+    time_us is always there and always UTC, but only an int: one beyond what
+    datetime holds makes the frame malformed, not the connector crash."""
+    try:
+        relay: datetime | None = datetime.fromtimestamp(time_us / 1e6, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        relay = None
     if created:
         try:
             t = datetime.fromisoformat(created)
             if t.tzinfo is not None and abs(t.utcoffset()) <= MAX_UTC_OFFSET:
                 t.astimezone(timezone.utc)  # year 1 at +14:00 is before any UTC time
-                return t
-        except (ValueError, OverflowError):
+                if relay is None or t <= relay + timedelta(seconds=max_future_skew_s):
+                    return t
+        except (ValueError, OverflowError):  # OverflowError: relay + skew past year 9999
             pass
-    try:
-        return datetime.fromtimestamp(time_us / 1e6, timezone.utc)
-    except (ValueError, OverflowError, OSError):
-        raise MalformedFrame("bad_frame", f"time_us {time_us} is not a usable time") from None
+    if relay is None:
+        raise MalformedFrame("bad_frame", f"time_us {time_us} is not a usable time")
+    return relay
 
 
 def _hashtags(rec: PostRecord) -> list[str]:
@@ -188,11 +196,15 @@ def _quoted_uri(embed: Embed | None) -> str | None:
 
 class BlueskyMapper:
     """Jetstream frame bytes -> ``Mapped``. Pure apart from a bounded DID ->
-    handle memory fed by identity frames (commit frames carry no handle)."""
+    handle memory fed by identity frames (commit frames carry no handle).
+    ``max_future_skew_s``: how much later than the relay's time a post's own
+    ``createdAt`` may be (the pipeline's ``ingest.max_future_skew_s``)."""
 
     def __init__(self, image_url: str, *, hashtags: list[str] | None = None,
-                 recall: Callable[[str], dict[str, Any] | None] = lambda _uri: None, handles_max: int = 100_000):
+                 recall: Callable[[str], dict[str, Any] | None] = lambda _uri: None, handles_max: int = 100_000,
+                 max_future_skew_s: float = DEFAULT_FUTURE_SKEW_S):
         self.image_url = image_url
+        self.max_future_skew_s = max_future_skew_s
         self.filter = {h.lstrip("#").casefold() for h in hashtags or []}
         self.recall = recall
         self._handles: OrderedDict[str, str] = OrderedDict()
@@ -225,8 +237,7 @@ class BlueskyMapper:
             if c.collection == REPOST:
                 return self._repost(frame, uri, RepostRecord.model_validate(c.record))
         except ValidationError as e:
-            err = e.errors()[0]
-            raise MalformedFrame("bad_record", f"{uri}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            raise MalformedFrame("bad_record", f"{uri}: {error_text(e, '(record)')}") from None
         return Mapped("other", cursor=frame.time_us)
 
     def _event(self, frame: Frame, event_id: str, post_id: str, url: str, doc: dict[str, Any],
@@ -235,12 +246,11 @@ class BlueskyMapper:
             return ImageEvent(
                 event_id=event_id, platform=PLATFORM, post_id=post_id, post_url=doc.get("post_url"),
                 account_id=frame.did, account_handle=self._handles.get(frame.did),
-                posted_at=_time(created, frame.time_us), text=doc.get("text") or None, lang=doc.get("lang"),
-                hashtags=doc.get("hashtags", []), image={"url": url},
+                posted_at=_time(created, frame.time_us, self.max_future_skew_s), text=doc.get("text") or None,
+                lang=doc.get("lang"), hashtags=doc.get("hashtags", []), image={"url": url},
             )
         except ValidationError as e:
-            err = e.errors()[0]
-            raise MalformedFrame("unmappable", f"{event_id}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            raise MalformedFrame("unmappable", f"{event_id}: {error_text(e, '(event)')}") from None
 
     def _post(self, frame: Frame, uri: str, rec: PostRecord) -> Mapped:
         tags = _hashtags(rec)
@@ -329,14 +339,46 @@ class BlueskyConnector:
         return max(0, int(saved) - int(self.cfg.cursor_overlap_s * 1_000_000))
 
     def _decode(self, msg: bytes | str) -> bytes | str:
+        """A binary message inflated (zstd), at most ``max_frame_bytes``: a
+        frame over that is ``frame_too_big``, one zstd cannot read (or that
+        memory cannot hold) ``bad_compression``; both malformed, never fatal."""
         if isinstance(msg, bytes) and self._zstd is not None:
             import zstandard
 
+            limit = self.cfg.max_frame_bytes
             try:
-                return self._zstd.decompress(msg, max_output_size=self.cfg.max_frame_bytes)
+                declared = zstandard.frame_content_size(msg)
             except zstandard.ZstdError as e:
                 raise MalformedFrame("bad_compression", f"zstd: {e}") from None
+            # max_output_size bounds only a frame that does not declare its size:
+            # one that does gets a buffer of the declared size, however large
+            # (a 13 KB frame declaring 400 MB took 400 MB). Refused unread.
+            if declared > limit:
+                raise MalformedFrame(FRAME_TOO_BIG, f"zstd frame declares {declared} bytes, over "
+                                                    f"connectors.max_frame_bytes ({limit})")
+            try:
+                return self._zstd.decompress(msg, max_output_size=limit)
+            except MemoryError:
+                raise MalformedFrame("bad_compression", f"zstd: no memory to inflate a frame of "
+                                                        f"{len(msg)} bytes") from None
+            except zstandard.ZstdError as e:
+                if declared == -1 and self._inflates_past(msg, limit):
+                    raise MalformedFrame(FRAME_TOO_BIG, f"zstd frame inflates past connectors.max_frame_bytes "
+                                                        f"({limit})") from None
+                raise MalformedFrame("bad_compression", f"zstd: {e}") from None
         return msg
+
+    def _inflates_past(self, msg: bytes, limit: int) -> bool:
+        """Whether a frame of undeclared size holds more than ``limit`` bytes
+        (decompress() says only that it could not finish), reading at most
+        ``limit + 1`` of them."""
+        import zstandard
+
+        try:
+            with self._zstd.stream_reader(msg) as r:
+                return len(r.read(limit + 1)) > limit
+        except (zstandard.ZstdError, MemoryError):  # corrupt: bad_compression, not too big
+            return False
 
     async def handle(self, msg: bytes | str) -> None:
         try:
@@ -392,7 +434,7 @@ class BlueskyConnector:
                 log.error("frame larger than connectors.max_frame_bytes; raise it to get past this frame",
                           extra={"connector": PLATFORM, "max_frame_bytes": self.cfg.max_frame_bytes,
                                  "cursor": self.emitter.cursor})
-                return "frame_too_big"
+                return FRAME_TOO_BIG
             return "closed_ok" if isinstance(e, websockets.ConnectionClosedOK) else "closed_error"
         except websockets.InvalidStatus as e:
             log.warning("handshake refused", extra={"connector": PLATFORM, "status": e.response.status_code})

@@ -6,8 +6,9 @@ The stream sends ``event: update`` / ``status.update`` with a Status JSON and
 ``id:`` fields, so ``Last-Event-ID`` resume only happens against servers that
 do; otherwise the statuses missed while disconnected are fetched from the REST
 timeline, paging forward from the last status id seen (``min_id`` and the
-``Link: rel="prev"`` header), at most ``mastodon_backfill_pages`` pages, with
-the ``X-RateLimit-*`` headers respected.
+``Link: rel="prev"`` header, followed only to the instance's own origin), at
+most ``mastodon_backfill_pages`` pages, with the ``X-RateLimit-*`` headers
+respected.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from httpx_sse import SSEError, aconnect_sse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, MalformedFrame, Mapped, clip_hashtags,
-                                     parse_frame, reconnect_loop)
+                                     error_text, parse_frame, reconnect_loop)
 from streams.records import MAX_COUNT, ImageEvent
 from streams.settings import ConnectorSettings
 
@@ -43,6 +44,8 @@ HEALTHY_AFTER_S = 10.0
 
 
 class _M(BaseModel):
+    # Only the fields we read: the rest is ignored, so a field we do not use
+    # cannot make a status malformed.
     model_config = ConfigDict(extra="ignore")
 
 
@@ -55,9 +58,7 @@ class MediaAttachment(_M):
 
 class Account(_M):
     id: str
-    username: str = ""
     acct: str
-    url: str | None = None
 
 
 class Tag(_M):
@@ -96,7 +97,10 @@ def plain_text(content: str) -> str:
 
 
 def status_id_int(sid: str) -> int:
-    return int(sid) if sid.isdigit() else -1
+    """A status id as a number (Mastodon's are 64-bit snowflakes), else -1.
+    ``str.isdigit`` alone also passes "²" and 5000-digit strings, on which
+    ``int`` raises: a status with such an id ended the connector's run."""
+    return int(sid) if sid.isascii() and sid.isdigit() and len(sid) <= 30 else -1
 
 
 def _count(n: int) -> int:
@@ -148,6 +152,11 @@ class MastodonMapper:
                 return ImageEvent(
                     event_id=eid, platform=PLATFORM, post_id=s.uri or s.id, post_url=subject.url or subject.uri,
                     account_id=self._acct(s.account), account_handle=f"@{self._acct(s.account)}",
+                    # created_at is taken as is, even when later than now: unlike
+                    # Jetstream's time_us, a Status carries no time of receipt by
+                    # the server to fall back on (for a remote status created_at
+                    # is the origin's claim, and the id may be derived from it).
+                    # A future one is dead-lettered by the pipeline (future_posted_at).
                     posted_at=s.created_at, text=text or None, lang=lang, hashtags=tags,
                     # Engagement is this status's own: a boost's counts are not
                     # the original's, and sightings' engagement is summed per cluster.
@@ -156,8 +165,7 @@ class MastodonMapper:
                     image={"url": m.url or m.remote_url},
                 )
             except ValidationError as e:
-                err = e.errors()[0]
-                raise MalformedFrame("unmappable", f"{eid}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+                raise MalformedFrame("unmappable", f"{eid}: {error_text(e, '(event)')}") from None
 
         events = [event("", m) for m in images] + [event("q", m) for m in q_images]
         outcome = "repost" if shared else ("image_post" if images else "quote")
@@ -313,17 +321,43 @@ class MastodonConnector:
 
     # -- streaming endpoint discovery ------------------------------------
     async def _streaming_base(self) -> str:
+        """The streaming server's address, from the instance document's
+        ``urls.streaming_api``; the instance itself where there is none (many
+        instances proxy /api/v1/streaming on the main host anyway). A document
+        that cannot be used is said so in one warning, never fatal."""
         if self.streaming_url:
             return self.streaming_url
         base = self.instance
+        where = f"{self.instance}/api/v1/instance"
+        problem: str | None = None
         try:
-            r = await self.client.get(f"{self.instance}/api/v1/instance")
-            if r.status_code == 200:
-                found = (r.json().get("urls") or {}).get("streaming_api")
-                if isinstance(found, str) and found:
-                    base = http_streaming_url(found).rstrip("/")
-        except (httpx.HTTPError, ValueError):
-            pass  # many instances proxy /api/v1/streaming on the main host anyway
+            r = await self.client.get(where)
+            doc = r.json() if r.status_code == 200 else {}
+        except httpx.HTTPError:
+            doc = {}  # the stream's own request says what is wrong with the instance
+        except (ValueError, RecursionError) as e:  # RecursionError: nested past the parser's depth
+            doc, problem = {}, f"not JSON ({type(e).__name__})"
+        urls = doc.get("urls") if isinstance(doc, dict) else None
+        found = urls.get("streaming_api") if isinstance(urls, dict) else None
+        if not isinstance(doc, dict):
+            problem = f"the document is a JSON {_json_kind(doc)}, not an object"
+        elif urls is not None and not isinstance(urls, dict):
+            problem = f"urls is a JSON {_json_kind(urls)}, not an object"
+        elif found is not None and not isinstance(found, str):
+            problem = f"urls.streaming_api is a JSON {_json_kind(found)}, not a string"
+        elif found:
+            try:
+                url = http_streaming_url(found).rstrip("/")
+                parts = urlsplit(url)
+                if parts.scheme in ("http", "https") and parts.hostname and parts.port != 0:
+                    base = url
+                else:
+                    problem = f"urls.streaming_api {found[:200]!r} is not a ws(s):// or http(s):// URL"
+            except ValueError:  # "wss://[::1", a port past 65535 (.port raises)
+                problem = f"urls.streaming_api {found[:200]!r} is not a URL"
+        if problem:
+            log.warning(f"{where} is unusable ({problem}); streaming from {base}",
+                        extra={"connector": PLATFORM, "instance": self.instance})
         self.streaming_url = base
         return base
 
@@ -384,28 +418,44 @@ class MastodonConnector:
             r.raise_for_status()
             try:
                 page = r.json()
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
                 log.warning("backfill page is not JSON", extra={"connector": PLATFORM, "url": url})
                 break
             if not isinstance(page, list) or not page:
                 return read
             pages += 1
-            for doc in sorted(page, key=lambda d: status_id_int(str(d.get("id", ""))) if isinstance(d, dict) else -1):
+            for doc in sorted(page, key=_page_order):
                 read += 1
                 try:
                     mapped = self.mapper.map_status(Status.model_validate(doc))
                 except (ValidationError, MalformedFrame) as e:
                     self.emitter.count("malformed")
-                    log.warning("malformed status in backfill skipped", extra={"connector": PLATFORM, "error": str(e)[:300]})
+                    detail = error_text(e, "(status)") if isinstance(e, ValidationError) else e.detail
+                    log.warning("malformed status in backfill skipped", extra={"connector": PLATFORM,
+                                                                               "error": detail[:300]})
                     continue
                 await self._apply(mapped)
-            prev = r.links.get("prev", {}).get("url")
-            url = prev if prev and len(page) >= PAGE else None
+            prev = r.links.get("prev", {}).get("url") if len(page) >= PAGE else None
+            url = self._same_origin(r.url, prev) if prev else None
+            if prev and url is None:
+                # The request carries the token: it goes nowhere but the instance.
+                log.warning("backfill stopped: the next page's link leaves the instance",
+                            extra={"connector": PLATFORM, "instance": self.instance, "link": prev[:300]})
+                break
         if url:
             log.warning("backfill bound reached; the newer missed statuses are skipped",
                         extra={"connector": PLATFORM, "pages": pages, "cursor": self.emitter.cursor})
         self.backfilled += read
         return read
+
+    def _same_origin(self, base: httpx.URL, link: str) -> str | None:
+        """``link`` (resolved against the page it came with) if it has the
+        instance's origin (scheme, host and port), else None."""
+        try:
+            target = base.join(link)
+            return str(target) if _origin(target) == _origin(httpx.URL(self.instance)) else None
+        except (httpx.InvalidURL, ValueError):
+            return None
 
     # -- streaming ---------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -466,6 +516,23 @@ class MastodonConnector:
             return "rate_limited"
         finally:
             stopping.cancel()
+
+
+def _json_kind(value: object) -> str:
+    """What JSON calls the type of a parsed ``value``."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number"}.get(type(value), "null")
+
+
+def _page_order(doc: object) -> int:
+    """Where a status of a backfill page goes, oldest first; odd ones first."""
+    sid = doc.get("id") if isinstance(doc, dict) else None
+    return status_id_int(sid) if isinstance(sid, str) else -1
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, port
 
 
 def http_streaming_url(url: str) -> str:

@@ -35,7 +35,8 @@ def build_bluesky(settings: Settings, sink: Sink, state: ConnectorState, *, coll
     cfg = settings.connectors
     emitter = Emitter("bluesky", bluesky_stream_key(collections, hashtags), state, sink, UrlPolicy(settings.fetch),
                       cfg, cursor_time=lambda c: int(c) / 1e6)
-    mapper = BlueskyMapper(cfg.bluesky_image_url, hashtags=hashtags, recall=state.recall)
+    mapper = BlueskyMapper(cfg.bluesky_image_url, hashtags=hashtags, recall=state.recall,
+                           max_future_skew_s=settings.ingest.max_future_skew_s)
     return BlueskyConnector(emitter, mapper, cfg, collections=collections, url=url)
 
 
