@@ -13,13 +13,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import functools
 import ipaddress
+import os
 import socket
 import ssl
+import threading
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
+from typing import Any, Callable
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -151,7 +156,10 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     return found
 
 
-def _address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address_allowed(ip: IPAddress) -> bool:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped:
             return _address_allowed(ip.ipv4_mapped)
@@ -159,17 +167,82 @@ def _address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if inner:
             # The gateway's address space is global; what it forwards to is not necessarily.
             return all(_address_allowed(a) for a in inner)
+        if ip.is_site_local:  # fec0::/10: deprecated, but still routed inside some networks
+            return False
     return ip.is_global and not (ip.is_multicast or ip.is_reserved)
 
 
-async def resolve_checked(host: str, port: int, allow_private: bool, timeout_s: float = DNS_TIMEOUT_S) -> str:
-    """Resolve ``host`` and return one address that may be contacted. The
-    answer is awaited ``timeout_s`` at most: the system resolver's own
-    retries can take far longer, and callers outside a fetch (the
-    connectors' and ingest endpoint's URL policy) have no other deadline."""
+# -- name resolution --------------------------------------------------------
+# DNS lookups run on threads of their own, never the event loop's default
+# pool: a lookup that times out (DNS_TIMEOUT_S) keeps its thread until the
+# system resolver gives up, and with the default pool (cpu + 4 threads) a few
+# names on a dead DNS server made every other lookup, local-file read and
+# analysis queue behind them. At most DNS_THREADS lookups run at once and
+# DNS_WAITING more wait for a thread; past that a lookup fails at once
+# (``dns_failure``, retryable) rather than queueing without bound.
+DNS_THREADS = 8
+DNS_WAITING = 32
+
+
+class _DnsPool:
+    def __init__(self, threads: int, waiting: int):
+        self.threads = threads
+        self.limit = threads + waiting
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also in a forked child: the parent's threads and lock are not its own.
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending = 0
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future | None:
+        """``fn(*args)`` on a DNS thread, or None when ``limit`` lookups are
+        already running or waiting. A waiting lookup whose caller gave up
+        (its future cancelled) leaves the queue without running."""
+        with self._lock:
+            if self._pending >= self.limit:
+                return None
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="deepwatch-dns")
+            try:
+                fut = self._pool.submit(fn, *args)
+            except RuntimeError:  # the interpreter is shutting down
+                return None
+            self._pending += 1
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _fut: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+
+DNS_POOL = _DnsPool(DNS_THREADS, DNS_WAITING)
+os.register_at_fork(after_in_child=DNS_POOL._reset)
+
+
+def _getaddrinfo(host: str, port: int) -> list:
+    # socket.getaddrinfo looked up at each call: tests stand in a resolver of their own
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+async def resolve(host: str, port: int, timeout_s: float = DNS_TIMEOUT_S) -> list[IPAddress]:
+    """Every address ``host`` resolves to, or ``FetchError``: ``dns_failure``
+    (retryable) when it cannot be resolved within ``timeout_s``, or all DNS
+    threads are busy; ``bad_url`` when it is no resolvable name at all. The
+    one resolver of the fetch stage, the URL policy and webhook delivery."""
+    fut = DNS_POOL.submit(_getaddrinfo, host, port)
+    if fut is None:
+        raise FetchError("dns_failure", f"cannot resolve {host}: all {DNS_POOL.limit} DNS lookups are busy "
+                         "(a slow or unreachable DNS server?)", retryable=True)
     try:
         async with asyncio.timeout(timeout_s):
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.wrap_future(fut)
     except TimeoutError:
         raise FetchError("dns_failure", f"resolving {host} took longer than {timeout_s:g}s", retryable=True) from None
     except socket.gaierror as e:
@@ -179,17 +252,86 @@ async def resolve_checked(host: str, port: int, allow_private: bool, timeout_s: 
     addrs = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
     if not addrs:
         raise FetchError("dns_failure", f"{host} has no addresses")
+    return addrs
+
+
+def refuse_private(host: str, addrs: list[IPAddress]) -> None:
+    """The fetch stage's rule: refuse if ANY address is not public (a
+    round-robin answer mixing a public and a private address is a classic
+    rebinding trick)."""
+    blocked = [str(a) for a in addrs if not _address_allowed(a)]
+    if blocked:
+        raise FetchError(
+            "blocked_address",
+            f"{host} resolves to non-public address {', '.join(blocked)}; "
+            "set fetch.allow_private_networks to allow",
+        )
+
+
+async def resolve_checked(host: str, port: int, allow_private: bool, timeout_s: float = DNS_TIMEOUT_S) -> str:
+    """Resolve ``host`` and return one address that may be contacted. The
+    answer is awaited ``timeout_s`` at most: the system resolver's own
+    retries can take far longer, and callers outside a fetch (the
+    connectors' and ingest endpoint's URL policy) have no other deadline."""
+    addrs = await resolve(host, port, timeout_s)
     if not allow_private:
-        blocked = [str(a) for a in addrs if not _address_allowed(a)]
-        if blocked:
-            # Refuse if ANY address is internal: a round-robin answer mixing a
-            # public and a private address is a classic rebinding trick.
-            raise FetchError(
-                "blocked_address",
-                f"{host} resolves to non-public address {', '.join(blocked)}; "
-                "set fetch.allow_private_networks to allow",
-            )
+        refuse_private(host, addrs)
     return str(addrs[0])
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A URL resolved, checked and pinned: ``url`` names the checked
+    ``address`` instead of the host, ``host_header`` and ``sni`` keep the
+    name (ASCII: IDNA names in punycode; an IPv6 literal bracketed in the
+    Host header, with the port when the URL gives one other than the
+    scheme's)."""
+
+    url: httpx.URL
+    host_header: str
+    sni: str
+    address: str
+
+
+def _request_url(url: str) -> httpx.URL:
+    try:
+        return httpx.URL(url)
+    except httpx.InvalidURL:
+        # httpx encodes names by IDNA 2008, which refuses some that the
+        # system resolver's IDNA 2003 codec maps (full-width letters, say):
+        # those are taken as the resolver would read them.
+        parts = urlsplit(url)
+        host = parts.hostname
+        if not host or host.isascii():
+            raise
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise httpx.InvalidURL(f"Invalid IDNA hostname: {host[:100]!r}") from None
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = (f"{userinfo}@" if userinfo else "") + ascii_host + (f":{parts.port}" if parts.port else "")
+        return httpx.URL(urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)))
+
+
+async def pin(url: str, refuse: Callable[[str, list[IPAddress]], None], timeout_s: float = DNS_TIMEOUT_S) -> Pinned:
+    """Resolve ``url``'s host once, let ``refuse`` raise the caller's own
+    refusal of the addresses, and pin the request to the first one: a DNS
+    answer that changes between the check and the connection (rebinding)
+    cannot slip a refused address in. ``FetchError`` ``bad_url`` for a URL
+    httpx cannot send, ``dns_failure`` as ``resolve``."""
+    try:
+        parsed = _request_url(url)
+        host = parsed.raw_host.decode("ascii")
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except (httpx.InvalidURL, UnicodeError, ValueError) as e:
+        raise FetchError("bad_url", f"invalid URL {url[:200]!r}: {e}") from None
+    if not host:
+        raise FetchError("bad_url", f"no host in {url[:200]!r}")
+    addrs = await resolve(host, port, timeout_s)
+    refuse(host, addrs)
+    address = str(addrs[0])
+    return Pinned(url=parsed.copy_with(host=address), host_header=parsed.netloc.decode("ascii").rpartition("@")[2],
+                  sni=host, address=address)
 
 
 @functools.cache
@@ -198,6 +340,10 @@ def tls_context() -> ssl.SSLContext:
     CA bundle costs ~50-100 ms, and the zygote (``streams.zygote.preload``)
     builds it before it forks the workers."""
     return httpx.create_ssl_context()
+
+
+def _allow_any(host: str, addrs: list[IPAddress]) -> None:
+    """``fetch.allow_private_networks``: every address may be contacted."""
 
 
 class ImageFetcher:
@@ -335,7 +481,7 @@ class ImageFetcher:
             except HostUnavailable as e:
                 raise FetchError("host_unavailable", e.detail) from None
             try:
-                data, location = await self._hop(current, parts, explicit_port, port)
+                data, location = await self._hop(current)
             except FetchError as e:
                 if e.reason == "timeout":
                     self.breaker.timed_out(host)
@@ -356,16 +502,16 @@ class ImageFetcher:
             current = urljoin(current, location)
         raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects} redirects from {url}")
 
-    async def _hop(self, current: str, parts: SplitResult, explicit_port: int | None, port: int) -> tuple[bytes | None, str]:
+    async def _hop(self, current: str) -> tuple[bytes | None, str]:
         """One request: the image's bytes, or (None, the redirect's Location)."""
-        ip = await resolve_checked(parts.hostname, port, self.cfg.allow_private_networks)
-        host_for_url = f"[{ip}]" if ":" in ip else ip
-        pinned = urlunsplit((parts.scheme, f"{host_for_url}:{port}", parts.path or "/", parts.query, ""))
-        host_header = parts.hostname if explicit_port is None else f"{parts.hostname}:{explicit_port}"
+        refuse = _allow_any if self.cfg.allow_private_networks else refuse_private
+        pinned = await pin(current, refuse)
+        # User info in an image URL is never sent on (it was not before pinning either).
+        target = pinned.url.copy_with(username=None, password=None, fragment=None)
         try:
             async with self._client.stream(
-                "GET", pinned, headers={"Host": host_header},
-                extensions={"sni_hostname": parts.hostname},
+                "GET", target, headers={"Host": pinned.host_header},
+                extensions={"sni_hostname": pinned.sni},
             ) as resp:
                 if resp.status_code in _REDIRECTS:
                     location = resp.headers.get("location")

@@ -50,7 +50,11 @@ def iter_lines_at(feed: Path, limit: int = MAX_MESSAGE_BYTES + 1) -> Iterator[tu
     """The feed's non-blank lines, stripped, each with the byte position it
     starts at (``line_at`` reads it again). A line longer than ``limit`` is
     never held whole (a feed may be one endless line): its first ``limit``
-    bytes stand for it, which ingest refuses as too large, as it would the line."""
+    bytes stand for it, as read (never stripped, whitespace and all), which
+    ingest refuses as too large, as it would the line. Too large is decided
+    on the raw line: stripping first cut an event padded with a megabyte of
+    blanks and trailed by more text down to the event, accepted, the rest
+    silently dropped."""
     with open(feed, "rb") as f:
         seekable = f.seekable()  # a pipe has no positions: its lines cannot be read back
         while True:
@@ -59,8 +63,13 @@ def iter_lines_at(feed: Path, limit: int = MAX_MESSAGE_BYTES + 1) -> Iterator[tu
             if not line:
                 return
             if len(line) == limit and not line.endswith(b"\n"):
-                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                    pass  # the rest of the over-long line, read and dropped
+                rest = f.readline(1 << 20)
+                crlf_split = rest == b"\n" and line.endswith(b"\r")  # a CRLF cut at the limit: no byte too many
+                while rest and not rest.endswith(b"\n"):
+                    rest = f.readline(1 << 20)  # the rest of the over-long line, read and dropped
+                if not crlf_split:
+                    yield at, line  # over the limit whatever it holds: refused as too large
+                    continue
             line = line.strip()
             if line:
                 yield at, line

@@ -35,6 +35,7 @@ import zlib
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -43,6 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from starlette.requests import ClientDisconnect
 
 from streams.connectors.base import TokenBucket, UrlPolicy
+from streams.fetch import DNS_THREADS, FetchError
 from streams.http_deadlines import HEADER_TIMEOUT_S, head_deadline_protocol
 from streams.records import DeadLetter
 from streams.settings import Settings
@@ -75,6 +77,15 @@ for _cause in BROKER_CAUSES:  # at 0 from the start: a rule must see the first f
 # (streams.http_deadlines), and its body within BODY_TIMEOUT_S of the head
 # (8 MiB at ~140 KB/s).
 BODY_TIMEOUT_S = 60.0
+# The image URLs of one request are checked (``UrlPolicy``: their hosts
+# resolved) all together within URL_CHECK_S, each distinct host once and at
+# most URL_CHECK_CONCURRENCY at a time. One after the other, each waiting up
+# to its 2 s DNS timeout, 500 lines held the request (and its memory) for
+# over a quarter of an hour. A line whose check has not finished by then is
+# accepted unchecked, as a line whose DNS answer is late always was: the
+# fetch stage checks every address again before it connects.
+URL_CHECK_S = 5.0
+URL_CHECK_CONCURRENCY = DNS_THREADS
 
 
 class TokenConfigError(ValueError):
@@ -112,7 +123,7 @@ def load_tokens(env_name: str, environ: dict[str, str] | None = None) -> dict[st
 @dataclass
 class LineResult:
     line: int
-    status: str  # accepted | dead_lettered
+    status: str  # accepted | dead_lettered (an accepted line has a reason only when its URL was not checked)
     event_id: str | None = None
     reason: str | None = None
     detail: str | None = None
@@ -411,15 +422,68 @@ def _event_lines(body: bytes, limit: int) -> list[tuple[int, bytes]]:
     return found
 
 
+def _host_key(url: str) -> tuple[str, str, int] | str:
+    """What ``UrlPolicy.check``'s verdict on ``url`` depends on: its scheme,
+    host and port (the URL itself when it has no usable host, so that a
+    refusal quoting it goes to its own line)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return url
+    if not parts.hostname:
+        return url
+    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+async def check_urls(policy: UrlPolicy, urls: list[str], deadline_s: float,
+                     concurrency: int = URL_CHECK_CONCURRENCY) -> tuple[dict[Any, FetchError | None], set[Any]]:
+    """``policy``'s verdicts on ``urls`` by ``_host_key``, each key checked
+    once, ``concurrency`` at a time, all within ``deadline_s``; and the keys
+    whose check did not finish by then (or failed)."""
+    firsts: dict[Any, str] = {}
+    for url in urls:
+        firsts.setdefault(_host_key(url), url)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(url: str) -> FetchError | None:
+        async with gate:
+            return await policy.check(url)
+
+    tasks = {key: asyncio.ensure_future(one(url)) for key, url in firsts.items()}
+    try:
+        if tasks:
+            await asyncio.wait(tasks.values(), timeout=deadline_s)
+    finally:
+        late = [t for t in tasks.values() if not t.done()]
+        for t in late:
+            t.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+    verdicts: dict[Any, FetchError | None] = {}
+    unchecked: set[Any] = set()
+    for key, task in tasks.items():
+        if task.cancelled():
+            unchecked.add(key)
+        elif task.exception() is not None:
+            log.warning("image URL check failed", extra={"error": f"{type(task.exception()).__name__}: "
+                                                                  f"{task.exception()}"[:300]})
+            unchecked.add(key)
+        else:
+            verdicts[key] = task.result()
+    return verdicts, unchecked
+
+
 def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Callable[[], Any] | None = None,
               body_timeout_s: float = BODY_TIMEOUT_S, public_metrics: bool = True,
-              missing_topics: Callable[[], list[str] | None] | None = None) -> FastAPI:
+              missing_topics: Callable[[], list[str] | None] | None = None,
+              url_check_s: float = URL_CHECK_S) -> FastAPI:
     """The ASGI app. ``tokens`` maps token -> name (see ``load_tokens``).
     ``public_metrics``: answer GET /metrics here too; off when they are served
     on a port of their own (token names are in their labels).
     ``missing_topics``: which topics the broker lacks, asked before a new
     producer is used and after a failed produce (default: asked of the broker
-    when ``sink_factory`` is not given)."""
+    when ``sink_factory`` is not given). ``url_check_s``: how long one
+    request's image URL checks may take, all together (``URL_CHECK_S``)."""
     if not tokens:
         raise TokenConfigError(f"no ingest tokens: set {settings.connectors.ingest_tokens_env}=NAME:TOKEN[,...]")
     cfg = settings.connectors
@@ -479,7 +543,8 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         return doc
 
     def busy(name: str) -> JSONResponse:
-        # Bodies in flight are gone within seconds (the body and broker deadlines), so soon is worth a retry.
+        # A body is held at most body_timeout_s to arrive, url_check_s for its URL checks and the broker's
+        # timeout (ingest_broker_timeout_s) to be produced; most go far sooner, so soon is worth a retry.
         return answer(name, 503, {"error": "busy", "detail": "the endpoint holds as many request bodies as it "
                                   "may; nothing was accepted, re-send this request shortly"}, {"Retry-After": "1"})
 
@@ -569,25 +634,44 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
                                    payload_excerpt=raw[:512].decode("utf-8", "replace")))
             results.append(LineResult(n, "dead_lettered", event_id, reason, detail))
 
+        # (line, raw, what): what is (event id, image URL) for a valid event, or
+        # reject()'s four arguments. Not the events themselves: their inline
+        # images would be a second, unbudgeted copy of the lines.
+        checked: list[tuple[int, bytes, tuple]] = []
         for n, raw in numbered:
             try:
                 event = parse_event(raw)
             except InvalidEvent as e:
-                reject(n, raw, e.event_id, "validate", e.reason, e.detail)
+                checked.append((n, raw, (e.event_id, "validate", e.reason, e.detail)))
                 continue
             if event.image.path is not None or event.image.blob is not None:
                 # A remote caller must never make the pipeline read files on its
                 # host, nor name pictures already in its blob store.
                 which = "path" if event.image.path is not None else "blob"
-                reject(n, raw, event.event_id, "validate", f"{which}_not_allowed",
-                       f"image.{which} is not accepted over HTTP; send url or base64")
+                checked.append((n, raw, (event.event_id, "validate", f"{which}_not_allowed",
+                                         f"image.{which} is not accepted over HTTP; send url or base64")))
                 continue
-            refused = await policy.check(event.image.url) if event.image.url else None
+            checked.append((n, raw, (event.event_id, event.image.url)))
+            del event
+        verdicts, unchecked = await check_urls(
+            policy, [what[1] for _, _, what in checked if len(what) == 2 and what[1] is not None], url_check_s)
+        for n, raw, what in checked:
+            if len(what) != 2:
+                reject(n, raw, *what)
+                continue
+            event_id, url = what
+            key = _host_key(url) if url is not None else None
+            refused = verdicts.get(key) if key is not None else None
             if refused is not None:
-                reject(n, raw, event.event_id, "fetch", refused.reason, refused.detail)
+                reject(n, raw, event_id, "fetch", refused.reason, refused.detail)
                 continue
-            accepted.append((event.event_id.encode(), raw))
-            results.append(LineResult(n, "accepted", event.event_id))
+            accepted.append((event_id.encode(), raw))
+            if key is not None and key in unchecked:
+                results.append(LineResult(n, "accepted", event_id, "url_not_checked",
+                                          f"the image host's address check did not finish within this request's "
+                                          f"{url_check_s:g}s; the fetch stage checks it before fetching"))
+            else:
+                results.append(LineResult(n, "accepted", event_id))
 
         try:
             await run_in_threadpool(gate.produce, accepted, dead)

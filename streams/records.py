@@ -8,6 +8,7 @@ with ``deepwatch schema``) so producers outside this code base can validate.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Iterable, Literal
 
@@ -69,18 +70,21 @@ class ImageRef(BaseModel):
     ingested, so image bytes never ride on internal topics)."""
 
     model_config = ConfigDict(extra="forbid")
-    url: str | None = Field(default=None, max_length=4096)
-    path: str | None = Field(default=None, max_length=4096)
-    base64: str | None = None
+    # Empty strings are refused, not read as absent: the fetch stage goes by
+    # which field is set (``is not None``), and ``{"url": ..., "base64": ""}``
+    # passed here as a URL image, then was fetched as an empty inline one.
+    url: str | None = Field(default=None, min_length=1, max_length=4096)
+    path: str | None = Field(default=None, min_length=1, max_length=4096)
+    base64: str | None = Field(default=None, min_length=1)
     blob: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     mime: str | None = Field(default=None, max_length=128)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ImageRef":
-        given = [k for k in ("url", "path", "base64", "blob") if getattr(self, k)]
+        given = [k for k in ("url", "path", "base64", "blob") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"image needs exactly one of url, path, base64, blob (got {given or 'none'})")
-        if self.url and not self.url.lower().startswith(("http://", "https://")):
+        if self.url is not None and not self.url.lower().startswith(("http://", "https://")):
             raise ValueError("image.url must be http(s)")
         return self
 
@@ -92,6 +96,9 @@ MAX_TEXT_CHARS = 10_000
 MAX_TAG_CHARS = 256
 # posted_at's UTC offset: the real ones span -12:00..+14:00.
 MAX_UTC_OFFSET = timedelta(hours=14)
+# How a posted_at string starts: a date, a separator pydantic takes ('T',
+# 't', space or '_') and hours:minutes.
+_DATE_TIME_FORM = re.compile(r"\d{4}-\d{2}-\d{2}[Tt _]\d{2}:\d{2}", re.ASCII)
 
 
 class ImageEvent(_Record):
@@ -108,12 +115,27 @@ class ImageEvent(_Record):
     post_url: str | None = Field(default=None, max_length=4096)
     account_id: str = Field(min_length=1, max_length=256)
     account_handle: str | None = Field(default=None, max_length=256)
-    posted_at: AwareDatetime
+    # The pattern: what the date-time checks below require of the string's
+    # start, for schema validators that do not assert "format".
+    posted_at: AwareDatetime = Field(json_schema_extra={"pattern": "^" + _DATE_TIME_FORM.pattern})
     text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     lang: str | None = Field(default=None, max_length=16)
     hashtags: list[Annotated[str, StringConstraints(max_length=MAX_TAG_CHARS)]] = Field(default_factory=list, max_length=64)
     engagement: Engagement = Field(default_factory=Engagement)
     image: ImageRef
+
+    @field_validator("posted_at", mode="before")
+    @classmethod
+    def _posted_at_is_a_date_time(cls, value: Any) -> Any:
+        # pydantic's lax mode reads a string of digits ("1700000000") as
+        # seconds (or milliseconds) since 1970; the schema says date-time.
+        # Only the form is checked here, pydantic parses the rest.
+        if isinstance(value, datetime):
+            return value
+        if not isinstance(value, str) or not _DATE_TIME_FORM.match(value):
+            raise ValueError("must be an ISO 8601 date-time with a UTC offset, e.g. 2024-01-01T12:00:00Z "
+                             "(epoch numbers are not read)")
+        return value
 
     @field_validator("posted_at")
     @classmethod
@@ -185,7 +207,7 @@ class DeadLetter(_Record):
     schema_version: Literal[1] = 1
     event_id: str | None = None
     stage: DeadLetterStage
-    reason: str  # short code, e.g. "fetch_blocked", "decompression_bomb"
+    reason: str  # short code, e.g. "blocked_address", "decompression_bomb"
     detail: str  # human-readable
     source: SourceRef | None = None
     payload_excerpt: str | None = None  # first bytes of the raw message, for debugging

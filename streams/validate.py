@@ -106,8 +106,10 @@ def _wrong_json_types(doc: dict[str, Any]) -> list[str]:
     """Values of a JSON type the published schema refuses but pydantic's lax
     mode would convert: a boolean or a string for a count (``true`` became 1
     like, ``"5"`` five), a number for ``posted_at`` (taken as seconds since
-    1970). A producer that validates against the schema and this worker must
-    agree on what is an event."""
+    1970; a string of digits, ``"1700000000"``, is refused by ``ImageEvent``
+    itself, which takes only ISO 8601 date-time strings). A producer that
+    validates against the schema and this worker must agree on what is an
+    event."""
     problems = []
     engagement = doc.get("engagement")
     if isinstance(engagement, dict):

@@ -106,7 +106,6 @@ import logging
 import math
 import os
 import re
-import socket
 import time
 from datetime import timezone
 from email.utils import parsedate_to_datetime
@@ -116,6 +115,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 
 from streams import metrics
+from streams.fetch import FetchError, Pinned, embedded_ipv4, pin  # embedded: IPv4-mapped, 6to4, Teredo, NAT64
 from streams.records import Alert, openable_url
 from streams.settings import Settings, WebhookSettings
 
@@ -364,8 +364,10 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
             last = f"no answer within {hook.timeout_s:g} s"
         except _Refused as e:
             raise WebhookRejected(f"{shown}: refused: {e}") from None
-        except OSError as e:  # name resolution (socket.gaierror)
-            last = f"cannot resolve: {e}"
+        except _Unresolved as e:
+            last = str(e)  # "cannot resolve HOST: ...", "resolving HOST took longer than ..."
+        except _BadUrl:  # a name IDNA cannot encode, a NUL byte: the detail may quote the URL (a token)
+            raise WebhookRejected(f"{shown}: invalid webhook URL (no host name httpx or DNS can take)") from None
         except httpx.LocalProtocolError as e:
             # the client refuses to send this request (a header value it will not write, say):
             # the same request fails the same way every time
@@ -448,28 +450,37 @@ class _Refused(Exception):
 
 
 def _metadata_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    from streams.fetch import embedded_ipv4  # IPv4-mapped, 6to4, Teredo, NAT64 forms
-
     inner = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else []
     return any(a in net for a in (ip, *inner) for net in _METADATA_NETS if a.version == net.version)
 
 
-async def _pinned_url(url: str) -> tuple[httpx.URL, str]:
-    """``url`` with its host replaced by the address it was checked at, and
-    the host name (for the Host header and TLS). Resolving once and
-    connecting to that address means a DNS answer that changes between the
-    check and the connection (rebinding) cannot slip a refused address in."""
-    parsed = httpx.URL(url)
-    host = parsed.host
-    infos = await asyncio.get_running_loop().getaddrinfo(host, parsed.port or (443 if parsed.scheme == "https" else 80),
-                                                       type=socket.SOCK_STREAM)
-    addrs = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+def _refuse_metadata(host: str, addrs: list) -> None:
     refused = [str(a) for a in addrs if _metadata_address(a)]
-    if refused or not addrs:
+    if refused:
         # any refused address refuses the host: a mixed answer is a rebinding trick
-        raise _Refused(f"{host} resolves to {', '.join(refused) or 'nothing'}: link-local and cloud metadata "
+        raise _Refused(f"{host} resolves to {', '.join(refused)}: link-local and cloud metadata "
                        "addresses are never webhook receivers")
-    return parsed.copy_with(host=str(addrs[0])), parsed.netloc.decode("ascii").rpartition("@")[2]
+
+
+async def _pinned(url: str) -> Pinned:
+    """``url`` resolved once (on the fetch stage's DNS threads), checked and
+    pinned to the checked address (``streams.fetch.pin``): a DNS answer that
+    changes between the check and the connection (rebinding) cannot slip a
+    refused address in."""
+    try:
+        return await pin(url, _refuse_metadata)
+    except FetchError as e:
+        if e.reason == "dns_failure":
+            raise _Unresolved(e.detail) from None
+        raise _BadUrl(e.detail) from None
+
+
+class _Unresolved(Exception):
+    """The receiver's name did not resolve (in time): worth another try."""
+
+
+class _BadUrl(Exception):
+    """A URL no request can be sent to; never gets better."""
 
 
 async def _attempt(hook: WebhookSettings, body: bytes, headers: dict[str, str],
@@ -481,9 +492,9 @@ async def _attempt(hook: WebhookSettings, body: bytes, headers: dict[str, str],
     never read: a receiver answering with gigabytes costs nothing, the
     connection is just closed."""
     async with asyncio.timeout(hook.timeout_s):
-        url, host_header = await _pinned_url(hook.url)
-        async with client.stream("POST", url, content=body, headers={**headers, "Host": host_header},
-                                 extensions={"sni_hostname": httpx.URL(hook.url).host},
+        pinned = await _pinned(hook.url)
+        async with client.stream("POST", pinned.url, content=body, headers={**headers, "Host": pinned.host_header},
+                                 extensions={"sni_hostname": pinned.sni},
                                  timeout=hook.timeout_s, follow_redirects=False) as resp:
             return resp.status_code, resp.headers.get("location"), resp.headers.get("retry-after")
 

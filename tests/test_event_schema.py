@@ -31,3 +31,17 @@ def test_schema_accepts_the_demo_events_and_rejects_a_missing_account(tmp_path):
     assert good and all(validator.is_valid(d) for d in good)
     bad = next(d for d in docs if d.get("event_id") == "evt-missing-account")
     assert not validator.is_valid(bad)
+
+
+def test_schema_refuses_empty_image_fields_and_epoch_strings_as_the_worker_does():
+    validator = jsonschema.Draft202012Validator(json.loads(PUBLISHED.read_text()))  # "format" not asserted
+    good = {"event_id": "e1", "platform": "x", "account_id": "a", "posted_at": "2024-01-01T00:00:00Z",
+            "image": {"url": "https://e.example/a.jpg"}}
+    assert validator.is_valid(good)
+    for image in ({"url": "https://e.example/a.jpg", "base64": ""}, {"url": "https://e.example/a.jpg", "path": ""},
+                  {"url": ""}):
+        assert not validator.is_valid({**good, "image": image}), image
+    for posted_at in ("1700000000", "1700000000000", "2024-01-01"):
+        assert not validator.is_valid({**good, "posted_at": posted_at}), posted_at
+    for posted_at in ("2024-01-01 00:00:00+01:00", "2024-01-01t00:00:00.5z"):
+        assert validator.is_valid({**good, "posted_at": posted_at}), posted_at

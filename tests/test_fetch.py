@@ -10,10 +10,12 @@ import asyncio
 import base64
 import io
 import ipaddress
+import socket
 import threading
 import time
 import tracemalloc
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -130,8 +132,8 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # a handler still sleeping in /slow must not hold up teardown
 
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, host: str = "127.0.0.1"):
+        super().__init__((host, 0), _Handler)
         self.lock = threading.Lock()
         self.hits: dict[str, int] = {}
         self.hosts: list[str | None] = []
@@ -424,3 +426,102 @@ def test_base64_of_non_image():
 def test_blob_without_store_is_not_found():
     err = _fail(_event(blob="0" * 64))
     assert err.reason == "not_found"
+
+
+# -- Host header, TLS name and DNS threads ------------------------------------------
+@pytest.fixture
+def names_to_loopback(monkeypatch):
+    """Every name ending in ``.test`` resolves to 127.0.0.1; the names the
+    resolver was asked for are kept."""
+    real = socket.getaddrinfo
+    asked: list[str] = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        asked.append(host)
+        return real("127.0.0.1" if str(host).endswith(".test") else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_an_idn_host_is_resolved_and_sent_in_punycode(server, names_to_loopback):
+    """urlsplit's host name went into the Host header as it was: any
+    non-ASCII name failed as bad_url ('ascii' codec can't encode) although
+    the URL policy had accepted it. Full-width letters are read as the
+    system resolver reads them (IDNA 2003), which httpx's IDNA 2008 refuses."""
+    port = server.server_address[1]
+    assert _get(_event(url=f"http://bücher.test:{port}/img.png"), LOOPBACK_OK) == PNG
+    assert _get(_event(url=f"http://\uff45\uff58ample.test:{port}/img.png"), LOOPBACK_OK) == PNG
+    assert server.hosts == [f"xn--bcher-kva.test:{port}", f"example.test:{port}"]
+    assert names_to_loopback == ["xn--bcher-kva.test", "example.test"]
+
+
+def test_an_ipv6_literal_keeps_its_brackets_in_the_host_header():
+    class _Server6(_Server):
+        address_family = socket.AF_INET6
+
+    try:
+        srv = _Server6("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        port = srv.server_address[1]
+        assert _get(_event(url=f"http://[::1]:{port}/img.png"), LOOPBACK_OK) == PNG
+        assert srv.hosts == [f"[::1]:{port}"]  # was "::1:PORT"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_slow_dns_lookups_hold_only_dns_threads(monkeypatch):
+    """Lookups ran on the event loop's default thread pool, and a lookup
+    that timed out kept its thread: a few names on a dead DNS server held
+    every thread, and analysis, local-file reads and every other lookup
+    waited behind them. Now lookups have threads of their own, and once all
+    of those are taken and the queue is full a lookup fails at once."""
+    release = threading.Event()
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if str(host).endswith("tarpit.test"):
+            release.wait(30)
+            raise socket.gaierror("gave up")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    pool = fetch_mod._DnsPool(4, 2)
+    monkeypatch.setattr(fetch_mod, "DNS_POOL", pool)
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))
+        slow = await asyncio.gather(*(fetch_mod.resolve_checked(f"h{i}.tarpit.test", 443, False, timeout_s=0.3)
+                                      for i in range(3)), return_exceptions=True)
+        assert [(e.reason, e.retryable, "0.3s" in e.detail) for e in slow] == [("dns_failure", True, True)] * 3
+        # the three lookups still hold three DNS threads, none of the default pool's
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 1.0)
+        assert time.monotonic() - started < 0.5
+        assert await fetch_mod.resolve_checked("cdn.good.test", 443, False, timeout_s=2) == "93.184.216.34"
+        # the fourth thread and both queue places taken: the next lookup is not queued
+        more = [asyncio.ensure_future(fetch_mod.resolve_checked(f"m{i}.tarpit.test", 443, False, timeout_s=5))
+                for i in range(3)]
+        await asyncio.sleep(0.05)
+        assert pool.pending == 6
+        started = time.monotonic()
+        with pytest.raises(FetchError) as busy:
+            await fetch_mod.resolve_checked("cdn.good.test", 443, False, timeout_s=5)
+        assert time.monotonic() - started < 0.5
+        assert busy.value.reason == "dns_failure" and busy.value.retryable
+        assert "all 6 DNS lookups are busy" in busy.value.detail
+        release.set()
+        for f in more:
+            with pytest.raises(FetchError, match="cannot resolve m.\\.tarpit\\.test: gave up"):
+                await f
+        assert await fetch_mod.resolve_checked("cdn.good.test", 443, False) == "93.184.216.34"
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+    assert pool.pending == 0

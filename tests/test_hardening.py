@@ -167,6 +167,8 @@ def test_slow_drip_server_hits_the_overall_fetch_deadline(drip_server):
 
 
 @pytest.mark.parametrize("addr", [
+    "fec0::1",  # site-local (deprecated, but still routed inside some networks): was allowed
+    "feff:ffff::1",  # the top of fec0::/10
     "2002:7f00:1::",  # 6to4 of 127.0.0.1
     "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254 (cloud metadata)
     "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
@@ -185,10 +187,10 @@ def test_public_addresses_still_pass():
 
 
 def test_dns_answer_with_embedded_loopback_is_blocked(monkeypatch):
-    async def fake_getaddrinfo(self, host, port, **kw):
+    def fake_getaddrinfo(host, port, *args, **kw):
         return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("64:ff9b::7f00:1", port, 0, 0))]
 
-    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     assert _fetch_fails(_event(url="http://innocent.example/a.png")).reason == "blocked_address"
 
 
@@ -200,10 +202,13 @@ def test_a_resolver_that_never_answers_is_given_up_on(monkeypatch):
     from streams.fetch import FetchError, resolve_checked
     from streams.settings import Settings
 
-    async def hung_getaddrinfo(self, host, port, **kw):
-        await asyncio.sleep(3600)
+    released = threading.Event()
 
-    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", hung_getaddrinfo)
+    def hung_getaddrinfo(host, port, *args, **kw):
+        released.wait(3600)
+        raise socket.gaierror("released")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung_getaddrinfo)
 
     async def main():
         started = time.monotonic()
@@ -214,7 +219,10 @@ def test_a_resolver_that_never_answers_is_given_up_on(monkeypatch):
         assert await policy.check("https://slow.example/a.jpg") is None  # no verdict: the fetch stage checks again
         return time.monotonic() - started
 
-    assert asyncio.run(main()) < 2.0
+    try:
+        assert asyncio.run(main()) < 2.0
+    finally:
+        released.set()  # the DNS threads the hung lookups hold
 
 
 # -- image decoding -------------------------------------------------------------
@@ -700,6 +708,28 @@ def test_an_endless_feed_line_is_never_held_whole(tmp_path):
     got = list(iter_lines(feed))
     assert [len(line) for line in got] == [8, MAX_MESSAGE_BYTES + 1, 8, MAX_MESSAGE_BYTES + 1]
     assert got[0] == b'{"a": 1}' and got[2] == b'{"b": 2}'
+
+
+def test_a_feed_line_padded_past_the_limit_is_refused_not_cut_down_to_its_event(tmp_path):
+    """strip() ran after the line was cut at the limit: an event, a megabyte
+    of blanks and more text was yielded as the event alone (accepted, the
+    rest dropped). The limit is on the raw line, blanks included."""
+    from streams.ingest import MAX_MESSAGE_BYTES, iter_lines
+    from streams.validate import parse_event
+
+    ev = json.dumps({"event_id": "e1", "platform": "x", "account_id": "a", "posted_at": "2024-01-01T00:00:00Z",
+                     "image": {"url": "https://e.example/a.jpg"}}).encode()
+    feed = tmp_path / "feed.jsonl"
+    feed.write_bytes(ev + b" " * MAX_MESSAGE_BYTES + b'"junk"\n'  # over the limit
+                     + b" " * (MAX_MESSAGE_BYTES + 3) + b"junk\n"  # blank up to the limit, then text
+                     + ev + b"\r\n"  # within it
+                     + b"x" * MAX_MESSAGE_BYTES + b"\r\n")  # at the limit, its CRLF cut by it
+    got = list(iter_lines(feed))
+    assert [len(line) for line in got] == [MAX_MESSAGE_BYTES + 1, MAX_MESSAGE_BYTES + 1, len(ev), MAX_MESSAGE_BYTES]
+    assert got[0].startswith(ev + b" ") and got[2] == ev
+    with pytest.raises(InvalidEvent) as e:
+        parse_event(got[0])
+    assert e.value.reason == "too_large"
 
 
 def test_ingest_without_keeping_offsets_counts_and_refuses_what_it_must(tmp_path, monkeypatch):

@@ -216,6 +216,75 @@ def test_an_image_url_that_cannot_be_parsed_is_a_dead_letter_not_a_lost_batch(se
                                                                      ("tip-3", "fetch", "bad_url")]
 
 
+class _ListSink:
+    def __init__(self):
+        self.sent: list[bytes] = []
+        self.dead: list[DeadLetter] = []
+
+    def send_raw(self, key, value):
+        self.sent.append(value)
+
+    def dead_letter(self, dl):
+        self.dead.append(dl)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_url_checks_run_together_within_one_deadline(tmp_path, monkeypatch):
+    """Each line's URL check waited up to 2 s for DNS, one line after the
+    other: 500 lines on slow hosts held the request (and its memory) for over
+    a quarter of an hour. Now each distinct host is checked once, several at
+    a time, all within the request's deadline; a line whose check did not
+    finish is accepted with a reason that says so (the fetch stage checks it)."""
+    import streams.fetch as fetch_mod
+
+    release = threading.Event()
+    asked: list[str] = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        asked.append(host)
+        if host.endswith(".tarpit.test"):
+            release.wait(10)
+            raise socket.gaierror("gave up")
+        address = "127.0.0.1" if host == "inside.test" else "93.184.216.34"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(fetch_mod, "DNS_POOL", fetch_mod._DnsPool(8, 32))
+    sink = _ListSink()
+    settings = Settings(data_dir=tmp_path)
+    app = build_app(settings, {TOKEN: "desk"}, sink_factory=lambda: sink, missing_topics=lambda: [],
+                    url_check_s=1.0)
+    lines = ([event(i, image={"url": f"https://inside.test/{i}.jpg"}) for i in range(5)]
+             + [event(5, image={"url": "https://cdn.test/5.jpg"})]
+             + [event(6 + i, image={"url": f"https://h{i}.tarpit.test/a.jpg"}) for i in range(30)])
+    try:
+        with TestClient(app) as c:
+            started = time.monotonic()
+            r = c.post("/ingest", content="\n".join(json.dumps(d) for d in lines), headers=AUTH)
+            took = time.monotonic() - started
+    finally:
+        release.set()
+    assert r.status_code == 202, r.text
+    assert took < 3.0, took  # one after the other: 30 x 2 s
+    body = r.json()
+    assert (body["accepted"], body["dead_lettered"]) == (31, 5)
+    by_line = {x["line"]: x for x in body["results"]}
+    assert [by_line[n]["reason"] for n in range(1, 6)] == ["blocked_address"] * 5
+    assert by_line[6] == {"line": 6, "status": "accepted", "event_id": "tip-5"}
+    late = [by_line[n] for n in range(7, 37)]
+    assert all(x["status"] == "accepted" and x["reason"] == "url_not_checked" for x in late), late
+    assert "did not finish within this request's 1s" in late[0]["detail"]
+    assert sorted(d.event_id for d in sink.dead) == [f"tip-{i}" for i in range(5)]
+    assert len(sink.sent) == 31
+    assert asked.count("inside.test") == 1 and asked.count("cdn.test") == 1  # each host once
+    assert 8 <= sum(h.endswith(".tarpit.test") for h in asked) < 30  # several at a time, not all
+
+
 def test_per_token_rate_limit(settings):
     settings.connectors.ingest_burst = 5
     settings.connectors.ingest_rate_per_s = 0.5

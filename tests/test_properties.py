@@ -73,12 +73,12 @@ def test_event_ids_from_any_text(eid):
 def _no_network(monkeypatch):
     # Every name "resolves" to a private address, so the fetcher refuses it
     # before connecting: the properties run without touching the network.
-    async def fake_getaddrinfo(self, host, port, **kw):
+    def fake_getaddrinfo(host, port, *args, **kw):
         if "\x00" in host:
             raise ValueError("embedded null")
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", port or 80))]
 
-    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
 
 
 def _fetch(image: dict, ingest: IngestSettings | None = None) -> None:

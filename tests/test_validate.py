@@ -140,6 +140,43 @@ def test_a_number_for_posted_at_is_refused_not_read_as_epoch_seconds(posted_at):
     assert err.reason == "schema_violation" and "posted_at: must be a date-time string" in err.detail
 
 
+@pytest.mark.parametrize("posted_at", ["1700000000", "1700000000000", "1700000000.5", "-1", "0", "2024-01-01",
+                                       " 2024-01-01T00:00:00Z", "T10:00:00Z"])
+def test_a_string_that_is_not_an_iso_date_time_is_refused(posted_at):
+    # pydantic's lax mode read "1700000000" as 2023-11-14T22:13:20Z.
+    err = _invalid(_raw({**GOOD, "posted_at": posted_at}))
+    assert err.reason == "schema_violation"
+    assert "posted_at: Value error, must be an ISO 8601 date-time with a UTC offset" in err.detail
+
+
+@pytest.mark.parametrize("posted_at, iso", [
+    ("2024-01-01T00:00:00Z", "2024-01-01T00:00:00+00:00"),
+    ("2024-01-01t00:00:00z", "2024-01-01T00:00:00+00:00"),
+    ("2024-01-01 10:30:00+01:00", "2024-01-01T10:30:00+01:00"),
+    ("2024-01-01T10:30Z", "2024-01-01T10:30:00+00:00"),
+    ("2024-01-01T10:30:00.123456-05:30", "2024-01-01T10:30:00.123456-05:30"),
+    ("2024-01-01T10:30:00+0100", "2024-01-01T10:30:00+01:00"),
+    ("2024-01-01T00:00:00-00:00", "2024-01-01T00:00:00+00:00"),
+])
+def test_iso_date_times_are_still_read(posted_at, iso):
+    assert parse_event(_raw({**GOOD, "posted_at": posted_at})).posted_at.isoformat() == iso
+
+
+@pytest.mark.parametrize("image, field", [
+    ({"url": "https://cdn.example/a.jpg", "base64": ""}, "base64"),
+    ({"url": "https://cdn.example/a.jpg", "path": ""}, "path"),
+    ({"url": "", "base64": "iVBORw0KGgo="}, "url"),
+    ({"path": ""}, "path"),
+])
+def test_an_empty_image_field_is_refused_not_taken_as_absent(image, field):
+    # {"url": ..., "base64": ""} validated as a URL image and was then fetched
+    # as an empty inline one ("empty"); with "path": "" the image root itself
+    # was read ("not_a_file ... is a directory").
+    err = _invalid(_raw({**GOOD, "image": image}))
+    assert err.reason == "schema_violation"
+    assert f"image.{field}: String should have at least 1 character" in err.detail
+
+
 def test_an_integral_float_count_is_an_integer_as_in_json_schema():
     assert parse_event(_raw({**GOOD, "engagement": {"likes": 5.0}})).engagement.likes == 5
 
@@ -147,10 +184,12 @@ def test_an_integral_float_count_is_an_integer_as_in_json_schema():
 # Every JSON type in every field: what the worker accepts, the published schema
 # accepts. The worker may refuse more (one image source, an http(s) URL, a real
 # date-time): those are rules the schema cannot state.
-_KINDS = [True, False, 0, 1, 1.0, 1.5, -1, "1", "x", None, [], {}, ["a"], "2026-11-20T10:00:00Z", 1_700_000_000, 2**53 + 1]
+_KINDS = [True, False, 0, 1, 1.0, 1.5, -1, "1", "x", None, [], {}, ["a"], "2026-11-20T10:00:00Z", 1_700_000_000, 2**53 + 1,
+          "", "1700000000"]
 _FIELDS = ["schema_version", "event_id", "platform", "post_id", "post_url", "account_id", "account_handle",
            "posted_at", "text", "lang", "hashtags", "engagement", "image", "engagement.likes", "engagement.reposts",
-           "engagement.replies", "engagement.views", "image.url", "image.mime", "image.blob", "hashtags.0"]
+           "engagement.replies", "engagement.views", "image.url", "image.mime", "image.blob", "hashtags.0",
+           "image.base64", "image.path"]
 
 
 def _with(field: str, value) -> dict:

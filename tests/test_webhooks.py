@@ -390,6 +390,20 @@ def test_the_checked_address_is_the_one_connected_to(receiver, monkeypatch, fake
     assert asked.count("hooks.test") == 1, asked
 
 
+def test_an_idn_receiver_name_is_resolved_and_sent_in_punycode(receiver, monkeypatch, fake_dns):
+    """The webhook resolver is the fetch stage's (streams.fetch.pin): the
+    name is resolved, and sent in the Host header and TLS, as its IDNA
+    (punycode) form; it was resolved as Unicode and its TLS name was Unicode."""
+    monkeypatch.setenv(ENV, SECRET)
+    srv = receiver(200)
+    port = srv.server_address[1]
+    fake_dns["xn--bcher-kva.hooks.test"] = "127.0.0.1"
+    hook = WebhookSettings(url=f"http://bücher.hooks.test:{port}/hook", secret_env=ENV, retries=0, timeout_s=2)
+    assert _deliver(hook, _alert()) == "delivered"
+    [req] = srv.requests
+    assert req["headers"]["Host"] == f"xn--bcher-kva.hooks.test:{port}" and req["valid"]
+
+
 # -- the alert sink ----------------------------------------------------------------
 def _sinks(tmp_path, monkeypatch, *hooks: WebhookSettings):
     from streams import webhooks
