@@ -62,7 +62,7 @@ from streams.records import Alert, ClusterSnapshot, DeadLetter
 from streams.settings import FindingsSettings, Settings, WebhookSettings
 from streams.findings import QUEUED, FindingsStore, open_findings
 from streams.webhooks import (
-    WebhookError, WebhookHeld, deliver, delivery_status, desk_url, hooks_by_key, live_add, live_discard,
+    WebhookError, WebhookHeld, alert_spread, deliver, delivery_status, desk_url, hooks_by_key, live_add, live_discard,
     longest_delivery_s, target_label,
 )
 
@@ -200,7 +200,7 @@ class Sinks:
                 log.warning(
                     f"ALERT L{alert.level} cluster {alert.cluster_id}: fake score {alert.fake_score:.2f} ({alert.verdict}), "
                     f"{alert.velocity.sightings_5m} sightings in 5 min, {alert.accounts} accounts — {top}"
-                    + (f"; desk: {link}" if link else ""),
+                    f"{alert_spread(alert)}" + (f"; desk: {link}" if link else ""),
                     extra={"alert_id": alert.alert_id, "cluster_id": alert.cluster_id},
                 )
         if todo and self._stopped_loop is asyncio.get_running_loop():

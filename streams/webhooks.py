@@ -199,10 +199,19 @@ def desk_url(public_url: str | None, alert: Alert) -> str | None:
 def alert_summary(alert: Alert, desk_link: str | None = None) -> str:
     """One line for people; it ends with the desk link when there is one.
     Where the alert knows them: when the picture was first seen (UTC), on
-    which platforms, and one post to open (the earliest sample post with an
-    http(s) URL)."""
+    which platforms, and one post to open (``alert_spread``)."""
     top = alert.evidence[0].detail if alert.evidence else "no evidence detail"
     what = "escalation" if alert.level > 1 else "alert"
+    return (f"deepwatch {what} (level {alert.level}) for cluster {alert.cluster_id}: fake score "
+            f"{alert.fake_score:.2f} ({alert.verdict}), {alert.velocity.sightings_5m} sightings in 5 min, "
+            f"{alert.accounts} accounts; top evidence: {top}{alert_spread(alert)}"
+            + (f"; desk: {desk_link}" if desk_link else ""))
+
+
+def alert_spread(alert: Alert) -> str:
+    """"; first seen 2026-12-06 04:10 UTC on bluesky, mastodon; post: URL" for
+    what of it the alert knows (the earliest sample post with an http(s) URL),
+    or ""."""
     spread = ""
     if alert.first_seen is not None:
         spread += f"; first seen {alert.first_seen.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC"
@@ -211,9 +220,7 @@ def alert_summary(alert: Alert, desk_link: str | None = None) -> str:
     post = next((p.post_url for p in alert.sample_posts if openable_url(p.post_url)), None)
     if post:
         spread += f"; post: {post}"
-    return (f"deepwatch {what} (level {alert.level}) for cluster {alert.cluster_id}: fake score "
-            f"{alert.fake_score:.2f} ({alert.verdict}), {alert.velocity.sightings_5m} sightings in 5 min, "
-            f"{alert.accounts} accounts; top evidence: {top}{spread}" + (f"; desk: {desk_link}" if desk_link else ""))
+    return spread
 
 
 def delivery_status(e: WebhookError) -> str:

@@ -606,3 +606,21 @@ def test_the_signed_body_and_summary_say_when_and_where_the_picture_was_seen(rec
     bare = Alert.model_validate_json(_alert().model_dump_json(exclude={"first_seen", "last_seen", "platforms", "sample_posts"}))
     assert bare.sample_posts == [] and bare.first_seen is None
     assert alert_summary(bare).endswith("top evidence: AUTOMATIC1111 parameters")
+
+
+def test_the_console_alert_line_says_since_when_where_and_a_post(receiver, monkeypatch, tmp_path, caplog):
+    from streams.records import SamplePost
+
+    monkeypatch.setenv(ENV, SECRET)
+    srv = receiver(200)
+    sinks, _ = _sinks(tmp_path, monkeypatch, _hook(srv, retries=0))
+    sinks.settings.alerts.console = True
+    first = datetime(2026, 12, 6, 4, 10, 30, tzinfo=timezone.utc)
+    post = SamplePost(event_id="e1", platform="bluesky", account_id="a1", post_url="https://bsky.app/p/1",
+                      posted_at=first)
+    alert = _alert().model_copy(update={"first_seen": first, "platforms": ["bluesky", "mastodon"],
+                                        "sample_posts": [post]})
+    with caplog.at_level(logging.WARNING, logger="deepwatch.alerts"):
+        asyncio.run(_sink_alert(sinks, alert))
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ALERT L1")]
+    assert line.endswith("; first seen 2026-12-06 04:10 UTC on bluesky, mastodon; post: https://bsky.app/p/1"), line
