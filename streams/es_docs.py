@@ -11,7 +11,7 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
-from streams.findings import ClusterRecord, SightingRecord, normalize_hashtag
+from streams.findings import ClusterRecord, SightingRecord, dead_letter_identity, event_hashtags
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
 
 
@@ -40,14 +40,12 @@ def doc_id(key: str) -> str:
 
 
 def dead_letter_key(dl: DeadLetter) -> str:
-    """Same identity as the SQLite store: what the event is, not where it sat."""
-    ident = dl.event_id or "sha256:" + hashlib.sha256((dl.payload_excerpt or dl.detail).encode()).hexdigest()
-    return doc_id(f"{ident}/{dl.stage}/{dl.reason}")
+    """The SQLite store's key (``dead_letter_identity``: what the event is,
+    not where it sat) as a document ``_id``."""
+    return doc_id(dead_letter_identity(dl))
 
 
-def hashtags(ev: Any) -> list[str]:
-    """An event's hashtags as stored and searched: normalised, once each, in order."""
-    return [t for t in dict.fromkeys(normalize_hashtag(h) for h in ev.hashtags) if t]
+hashtags = event_hashtags  # an event's hashtags as stored and searched (both stores)
 
 
 def processed_action(index: str, source: Any, outcome: str, event_id: str | None,

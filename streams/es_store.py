@@ -20,7 +20,6 @@ import hashlib
 import heapq
 import logging
 import math
-import os
 from datetime import datetime, timedelta, timezone
 from typing import Any, Collection, Iterable, Iterator
 
@@ -33,9 +32,10 @@ from streams.es_docs import (
 from streams.findings import (
     MAX_RESULTS, QUEUED, QUEUED_RECENT_S, AccountAggregate, AccountCursor, AccountWindow, AlertRecord, ClusterQuery,
     ClusterRecord, DeadLetterRecord, Deadline, Page, MemberRow, SearchTimeout, SightingRecord, account_rank, read_limit,
-    sort_key, surviving_cluster, text_terms,
+    sort_key, surviving_cluster, text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
+from streams.webhooks import cluster_page_url
 
 log = logging.getLogger("deepwatch.es")
 
@@ -180,8 +180,8 @@ class EsFindingsStore:
         return out
 
     def _picture_url(self, cluster_id: str) -> str | None:
-        base = os.environ.get("DEEPWATCH_DESK_URL")
-        return f"{base.rstrip('/')}/clusters/{cluster_id}" if base else None
+        """The cluster's desk page under ``desk.public_url`` (None without one), as alerts link it."""
+        return cluster_page_url(getattr(getattr(self.settings, "desk", None), "public_url", None), cluster_id)
 
     def apply_snapshot(self, snap: ClusterSnapshot) -> None:
         self.apply_snapshots([snap])
@@ -234,13 +234,17 @@ class EsFindingsStore:
         return hashlib.sha256(f"{alert_id}\0{target}".encode()).hexdigest()
 
     def delivered(self, alert_id: str, target: str) -> bool:
+        return self.delivery_state(alert_id, target) == "delivered"
+
+    def delivery_state(self, alert_id: str, target: str) -> str | None:
+        """The recorded status of this delivery (a real-time GET); None when there is none."""
         from elasticsearch import NotFoundError
 
         try:
             doc = self.es.get(index=self.names["deliveries"], id=self._delivery_id(alert_id, target))
         except NotFoundError:
-            return False
-        return doc["_source"].get("status") == "delivered"
+            return None
+        return doc["_source"].get("status")
 
     def mark_delivered(self, alert_id: str, target: str, status: str) -> None:
         """Record a delivery attempt's outcome, never moving a status away from
@@ -954,20 +958,29 @@ class EsFindingsStore:
         return int(res["hits"]["total"]["value"])
 
     def pending_work(self) -> dict[str, int]:
+        """As ``SqliteFindingsStore.pending_work``: model results not yet in,
+        and alerts the cluster engine raised that are not stored
+        (``unstored_alerts``: per cluster that raised any, merged-away ones
+        too, read with the alerts of it and of what merged into it)."""
         res = self._search(self.names["clusters"], size=0, query=_live(), aggs={
-            "alert_levels": {"sum": {"field": "alert_level"}},
             "models_pending": {"filter": {"term": {"models_pending": True}}},
         })
         aggs = res.get("aggregations") or {}
-        raised = int((aggs.get("alert_levels") or {}).get("value") or 0)
         pending = int((aggs.get("models_pending") or {}).get("doc_count") or 0)
-        stored = self._search(self.names["alerts"], size=0, query={"match_all": {}},
-                              track_total_hits=True)["hits"]["total"]["value"]
+        raised = [(h["_source"]["cluster_id"], h["_source"].get("alert_level") or 0, h["_source"].get("merged_from") or [])
+                  for h in self._scan(self.names["clusters"], {"range": {"alert_level": {"gt": 0}}},
+                                      [{"cluster_id": "asc"}], ["cluster_id", "alert_level", "merged_from"])]
+        ids = sorted({cid for c, _level, merged in raised for cid in (c, *merged)})
+        stored = [(h["_source"]["alert_id"], h["_source"]["cluster_id"], h["_source"]["level"])
+                  for i in range(0, len(ids), ID_CHUNK)
+                  for h in self._scan(self.names["alerts"], {"terms": {"cluster_id": ids[i:i + ID_CHUNK]}},
+                                      [{"alert_id": "asc"}], ["alert_id", "cluster_id", "level"])]
+        unstored = unstored_alerts(raised, stored)
         # as in SQLite: deliveries queued and not tried yet are alert work still going on;
         # one queued longer ago than any attempt takes is redelivery's, not this run's
         queued = self._search(self.names["deliveries"], size=0, track_total_hits=True, query={"bool": {"filter": [
             {"term": {"status": QUEUED}}, {"range": {"at": {"gte": _ago(QUEUED_RECENT_S)}}}]}})["hits"]["total"]["value"]
-        return {"models": pending, "alerts": max(0, raised - stored) + queued, "deliveries": queued}
+        return {"models": pending, "alerts": unstored + queued, "deliveries": queued}
 
     def iter_members(self) -> Iterator[MemberRow]:
         """Every stored member's hashes (crop views included) under its

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import re
@@ -480,6 +481,55 @@ def normalize_hashtag(tag: str) -> str:
     return tag.strip().lstrip("#").lower()
 
 
+def event_hashtags(ev: Any) -> list[str]:
+    """An event's hashtags as both stores keep and search them: normalised,
+    once each, in the order they came."""
+    return [t for t in dict.fromkeys(normalize_hashtag(h) for h in ev.hashtags) if t]
+
+
+def dead_letter_identity(dl: DeadLetter) -> str:
+    """A dead letter's key in both stores (Elasticsearch makes an over-long
+    one a digest, ``streams.es_docs.doc_id``): what the event is, not where
+    it sat on the broker, so the same bad event replayed later is still one
+    dead letter."""
+    ident = dl.event_id or "sha256:" + hashlib.sha256((dl.payload_excerpt or dl.detail).encode()).hexdigest()
+    return f"{ident}/{dl.stage}/{dl.reason}"
+
+
+def delivery_settled(status: str | None) -> bool:
+    """A webhook delivery that is over: ``delivered``, or ``rejected: ...``
+    (the receiver refused it for good; only an operator's ``deepwatch
+    redeliver`` queues it again). Neither is sent again on its own."""
+    return bool(status) and (status == "delivered" or status.startswith("rejected"))
+
+
+def unstored_alerts(clusters: Iterable[tuple[str, int, Iterable[str]]],
+                    stored: Iterable[tuple[str, str, int]]) -> int:
+    """How many stream alerts the cluster engine raised that the store does
+    not hold (``pending_work``). ``clusters``: (cluster id, alert level, the
+    ids merged into it) of every cluster with a level, merged-away ones too;
+    ``stored``: (alert id, cluster id, level) of stored alerts.
+
+    A cluster at level L raised levels 1..L, each under its own id or, where
+    it took a higher level over in a merge, under a cluster merged into it
+    (``streams.clustering``: the survivor keeps the higher level): every
+    level k <= L needs a stored alert of level k under the cluster or one
+    merged into it. Only the engine's alerts count (id ``<cluster>:<level>``):
+    the desk's (``<cluster>:desk-fake``) and account alerts (``account:...``,
+    no cluster of that id) are never raised by the stream."""
+    levels: dict[str, set[int]] = {}
+    for alert_id, cluster_id, level in stored:
+        if alert_id == f"{cluster_id}:{level}":
+            levels.setdefault(cluster_id, set()).add(int(level))
+    missing = 0
+    for cluster_id, level, merged_from in clusters:
+        have: set[int] = set()
+        for cid in (cluster_id, *merged_from):
+            have |= levels.get(cid, set())
+        missing += sum(1 for k in range(1, int(level) + 1) if k not in have)
+    return missing
+
+
 def sort_key(sort: str):
     """Python ordering for a finished result list; the stores push the same
     order down into SQL / Elasticsearch. Descending on the key, then id."""
@@ -512,6 +562,10 @@ class FindingsStore(Protocol):
     def add_dead_letters(self, dls: Iterable[DeadLetter]) -> int: ...
     def add_alert(self, alert: Alert) -> bool: ...
     def delivered(self, alert_id: str, target: str) -> bool: ...
+    def delivery_state(self, alert_id: str, target: str) -> str | None:
+        """The recorded status of the delivery of ``alert_id`` to ``target``
+        (None: none recorded), read as written (no refresh delay)."""
+        ...
     def mark_delivered(self, alert_id: str, target: str, status: str) -> None: ...
     def failed_deliveries(self, target: str) -> list[Alert]: ...
     def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool: ...

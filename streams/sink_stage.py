@@ -11,6 +11,10 @@ does). ``take`` acks what it handed out when the agent's loop ends, however it
 ends, so a worker stopped while its sink waited on a locked store committed
 the batch's offsets on its way out and the batch was never stored (the
 analyze agent lost events the same way, ``streams.app.hand_on``).
+
+A record that does not read (a newer writer's, a damaged one) is one dead
+letter (stage ``sink``) and the rest of its batch is stored
+(``streams.sinks.unreadable``): it neither loses the batch nor holds it.
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ class SinkStage:
         except asyncio.CancelledError:
             raise  # a stop: left unacked, so uncommitted; the partition's next owner stores them
         except Exception:
-            # A crash (not a store that cannot write: ``Sinks`` retries that).
-            # Faust logs it and restarts the agent; acked as ``take`` did, so
-            # that one bad record does not hold the partition's commits.
+            # A crash (not a store that cannot write: ``Sinks`` retries that;
+            # nor a record that does not read: ``Sinks`` dead-letters it and
+            # stores the rest of the batch). Faust logs it and restarts the
+            # agent; acked as ``take`` did, so that it does not hold the
+            # partition's commits.
             for e in events:
                 await stream.ack(e)
             raise

@@ -58,9 +58,9 @@ import httpx
 
 from streams import metrics
 from streams.es_client import store_unavailable
-from streams.records import Alert, ClusterSnapshot, DeadLetter
+from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef, usable_event_id
 from streams.settings import FindingsSettings, Settings, WebhookSettings
-from streams.findings import QUEUED, FindingsStore, open_findings
+from streams.findings import QUEUED, FindingsStore, delivery_settled, open_findings
 from streams.webhooks import (
     WebhookError, WebhookHeld, alert_spread, deliver, delivery_status, desk_url, hooks_by_key, live_add, live_discard,
     longest_delivery_s, target_label,
@@ -69,6 +69,7 @@ from streams.webhooks import (
 log = logging.getLogger("deepwatch.alerts")
 
 R = TypeVar("R")
+Rec = TypeVar("Rec", ClusterSnapshot, DeadLetter, Alert)
 
 class _Behind:
     """Since when each write of this process has been retrying (a sink agent's
@@ -151,20 +152,23 @@ class Sinks:
         finally:
             BEHIND.caught_up(me)
 
-    async def snapshot(self, raw: bytes) -> None:
-        await self.snapshots([raw])
-
     async def snapshots(self, raws: list[bytes]) -> None:
-        """One batch in one store call (one bulk request on Elasticsearch)."""
-        snaps = [ClusterSnapshot.loads(r) for r in raws]
-        await self._write("snapshots", len(snaps), lambda store: store.apply_snapshots(snaps))
-
-    async def dead_letter(self, raw: bytes) -> None:
-        await self.dead_letters([raw])
+        """One batch in one store call (one bulk request on Elasticsearch).
+        Each record is read on its own: one that does not read (a newer
+        writer's, a damaged one) is dead-lettered (``unreadable``) and the
+        rest of the batch is stored."""
+        snaps, bad = _read(ClusterSnapshot, "snapshot", raws)
+        if snaps:
+            await self._write("snapshots", len(snaps), lambda store: store.apply_snapshots(snaps))
+        if bad:
+            await self._write("dead letters", len(bad), lambda store: store.add_dead_letters(bad))
 
     async def dead_letters(self, raws: list[bytes]) -> None:
-        dls = [DeadLetter.loads(r) for r in raws]
-        await self._write("dead letters", len(dls), lambda store: store.add_dead_letters(dls))
+        """As ``snapshots``: an unreadable dead letter becomes one of the sink's own, in the same batch."""
+        dls, bad = _read(DeadLetter, "dead letter", raws)
+        dls += bad
+        if dls:
+            await self._write("dead letters", len(dls), lambda store: store.add_dead_letters(dls))
 
     async def alert(self, raw: bytes) -> None:
         """Store the alert, log it, and hand it to each webhook target's
@@ -173,16 +177,23 @@ class Sinks:
         the alert sink nor another target (``drain`` waits for them). A
         bounded sink (``retry_for_s``: the desk, answering a request) waits
         for this alert's deliveries too."""
-        alert = Alert.loads(raw)
+        alerts, bad = _read(Alert, "alert", [raw])
+        if bad:
+            await self._write("dead letters", 1, lambda store: store.add_dead_letters(bad))
+            return
+        alert = alerts[0]
         hooks = hooks_by_key(self.settings)
         todo: list[str] = []
         if hooks:
             def queue(store: FindingsStore) -> list[str]:
                 # before the alert itself: from the alert's record on, every
-                # delivery it owes is on record (pending_work, redelivery)
+                # delivery it owes is on record (pending_work, redelivery).
+                # A redelivered alert message leaves a settled delivery alone:
+                # delivered, or rejected for good (only `deepwatch redeliver`
+                # sends that again)
                 out = []
                 for key in hooks:
-                    if not store.delivered(alert.alert_id, key):
+                    if not delivery_settled(store.delivery_state(alert.alert_id, key)):
                         store.mark_delivered(alert.alert_id, key, QUEUED)
                         out.append(key)
                 return out
@@ -293,6 +304,60 @@ class Sinks:
                       extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
         await self._write("delivery", 1, lambda store: store.mark_delivered(alert.alert_id, key, status))
         return status
+
+
+def unreadable(what: str, raw: Any, error: Exception) -> DeadLetter:
+    """The dead letter for a sink record that does not read as its record
+    (``what``: "snapshot", "alert", "dead letter"): stage ``sink``, reason
+    ``malformed_json`` (not a JSON object) or ``schema_violation`` (the
+    names ``streams.validate`` gives events). Where the record still names
+    the event behind it (a snapshot's new sighting, a dead letter's event),
+    the dead letter carries its id and offset, so the event is accounted
+    for as dead-lettered rather than lost."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray, memoryview)) else str(raw)
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    event_id: str | None = None
+    source: SourceRef | None = None
+    if isinstance(doc, dict):
+        about = doc.get("new_sighting") if what == "snapshot" else doc if what == "dead letter" else None
+        if isinstance(about, dict):
+            event = about.get("event")
+            event_id = usable_event_id(event.get("event_id") if isinstance(event, dict) else about.get("event_id"))
+            try:
+                source = SourceRef.model_validate(about.get("source"))
+            except ValueError:
+                source = None
+    errors = getattr(error, "errors", None)
+    if callable(errors) and errors():
+        first = errors()[0]
+        why = f"{'.'.join(str(p) for p in first['loc']) or '(root)'}: {first['msg']}"
+    else:
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return DeadLetter(
+        event_id=event_id, stage="sink", reason="schema_violation" if isinstance(doc, dict) else "malformed_json",
+        detail=f"unreadable {what} record ({why})",
+        source=source, payload_excerpt=text[:512],
+    )
+
+
+def _read(kind: type[Rec], what: str, raws: list[bytes]) -> tuple[list[Rec], list[DeadLetter]]:
+    """``raws`` read one by one as ``kind``: the records, and a dead letter
+    (``unreadable``) for each one that does not read."""
+    out: list[Rec] = []
+    bad: list[DeadLetter] = []
+    for raw in raws:
+        try:
+            out.append(kind.loads(raw))
+        except (ValueError, TypeError) as e:  # pydantic's ValidationError is a ValueError
+            dl = unreadable(what, raw, e)
+            metrics.DEAD_LETTERS.labels(dl.stage, dl.reason).inc()
+            log.error(f"unreadable {what} record; dead-lettered, the rest of its batch goes on",
+                      extra={"reason": dl.reason, "detail": dl.detail, "event_id": dl.event_id})
+            bad.append(dl)
+    return out, bad
 
 
 class _Sender:

@@ -11,7 +11,6 @@ nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -22,8 +21,8 @@ from typing import Any, Iterable, Iterator
 
 from streams.findings import (
     MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline,
-    FindingsStore, Page, SearchTimeout, SightingRecord, normalize_hashtag, read_limit, sort_key, surviving_cluster,
-    text_terms,
+    FindingsStore, Page, SearchTimeout, SightingRecord, dead_letter_identity, event_hashtags, read_limit, sort_key,
+    surviving_cluster, text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
@@ -366,7 +365,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
     @staticmethod
     def _insert_sighting(db: sqlite3.Connection, cluster_id: str, s: Sighting) -> None:
         ev = s.event
-        tags = " ".join(dict.fromkeys(t for t in (normalize_hashtag(h) for h in ev.hashtags) if t))
+        tags = " ".join(event_hashtags(ev))
         cur = db.execute(
             """INSERT INTO sightings (event_id, cluster_id, sha256, platform, account_id, account_handle, post_url,
                    posted_at, engagement, text, hashtags, lang) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
@@ -395,10 +394,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
     @staticmethod
     def _insert_dead_letter(db: sqlite3.Connection, dl: DeadLetter) -> bool:
         src = dl.source
-        # Keyed by what the event is, not where it sat on the broker, so the
-        # same bad event replayed later is still one dead letter.
-        ident = dl.event_id or "sha256:" + hashlib.sha256((dl.payload_excerpt or dl.detail).encode()).hexdigest()
-        key = f"{ident}/{dl.stage}/{dl.reason}"
+        key = dead_letter_identity(dl)  # what the event is, not where it sat (as Elasticsearch keys it)
         cur = db.execute(
             """INSERT INTO dead_letters (dl_key, event_id, stage, reason, detail, source, payload_excerpt, at)
                VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING""",
@@ -685,16 +681,22 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         roots = self._roots()
         folded = None if only is None else only | {cid for cid, root in roots.items() if root in only}
         agg: dict[str, dict[str, Any]] = {}
-        for cid, account, platform, posted_at in self._select(
-            "SELECT cluster_id, account_id, platform, posted_at FROM sightings WHERE {where}", folded
+        at: dict[str, list[float]] = {}  # root -> [julian day of first, of last]: the instants, not the texts
+        for cid, account, platform, posted_at, day in self._select(
+            "SELECT cluster_id, account_id, platform, posted_at, julianday(posted_at) FROM sightings WHERE {where}",
+            folded,
         ):
             root = roots.get(cid, cid)
             a = agg.setdefault(root, {"n": 0, "accounts": set(), "platforms": set(), "first": posted_at, "last": posted_at})
+            span = at.setdefault(root, [day, day])
             a["n"] += 1
             a["accounts"].add(account)
             a["platforms"].add(platform)
-            a["first"] = min(a["first"], posted_at)
-            a["last"] = max(a["last"], posted_at)
+            # posted_at keeps the offset the post gave (12:00+05:00 is before 10:00Z)
+            if day < span[0]:
+                a["first"], span[0] = posted_at, day
+            if day > span[1]:
+                a["last"], span[1] = posted_at, day
         members: dict[str, list[dict[str, Any]]] = {}
         member_rows = sorted(self._select(
             "SELECT rowid, cluster_id, sha256, phash, pdq, pdq_quality, event_id, width, height, format, distance "
@@ -795,15 +797,19 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         pending_models = self._db.execute(
             "SELECT COUNT(*) FROM clusters WHERE models_pending=1 AND merged_into IS NULL"
         ).fetchone()[0]
-        raised = self._db.execute("SELECT COALESCE(SUM(alert_level),0) FROM clusters WHERE merged_into IS NULL").fetchone()[0]
-        stored = self._db.execute("SELECT COUNT(DISTINCT cluster_id || ':' || level) FROM alerts").fetchone()[0]
+        # per cluster that raised any (merged-away ones too), the levels not
+        # stored under it or a cluster merged into it (``unstored_alerts``)
+        raised = [(cid, level, json.loads(merged_from)) for cid, level, merged_from in self._db.execute(
+            "SELECT cluster_id, alert_level, merged_from FROM clusters WHERE alert_level > 0")]
+        unstored = unstored_alerts(raised, self._db.execute(
+            "SELECT alert_id, cluster_id, level FROM alerts WHERE alert_id = cluster_id || ':' || level")) if raised else 0
         # webhook deliveries queued and not tried yet count as alert work still
         # going on (a replay waits for them); one queued longer ago than any
         # attempt takes was left by a stopped worker: redelivery's, not this run's
         queued = self._db.execute(
             "SELECT COUNT(*) FROM deliveries WHERE status LIKE 'queued%' "
             "AND at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)", (f"-{QUEUED_RECENT_S} seconds",)).fetchone()[0]
-        return {"models": pending_models, "alerts": max(0, raised - stored) + queued, "deliveries": queued}
+        return {"models": pending_models, "alerts": unstored + queued, "deliveries": queued}
 
     def sighting_times(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))

@@ -105,10 +105,14 @@ class DeliveryLog:
         return out
 
     def delivered(self, alert_id: str, target: str) -> bool:
+        return self.delivery_state(alert_id, target) == "delivered"
+
+    def delivery_state(self, alert_id: str, target: str) -> str | None:
+        """The recorded status of this delivery; None when there is none."""
         row = self._db.execute(
-            "SELECT 1 FROM deliveries WHERE alert_id=? AND target=? AND status='delivered'", (alert_id, target)
+            "SELECT status FROM deliveries WHERE alert_id=? AND target=?", (alert_id, target)
         ).fetchone()
-        return row is not None
+        return row[0] if row else None
 
     def mark_delivered(self, alert_id: str, target: str, status: str) -> None:
         """Record a delivery's state and when (``at``, updated with it); never

@@ -1064,3 +1064,32 @@ def test_alerts_keep_when_and_where_the_picture_was_seen_searchably(fake_es):
         {"range": {"first_seen": {"lt": BASE_TIME.isoformat()}}}]}})["hits"]["hits"]
     assert [x["_id"] for x in hits] == [alert.alert_id]
     s.close()
+
+
+def test_first_and_last_seen_compare_instants_and_the_picture_url_is_the_desks(fake_es, monkeypatch):
+    """first/last seen by the instant (``@timestamp``), as SQLite now does
+    too, whatever offset a post gave; the cluster's ``picture_url`` under
+    ``desk.public_url`` (it read $DEEPWATCH_DESK_URL, and put the id in the
+    path unencoded)."""
+    from datetime import datetime, timedelta, timezone
+
+    from tests.test_store import _sighting, _snap
+
+    monkeypatch.setenv("DEEPWATCH_DESK_URL", "https://grafana-only.example.org")  # Grafana's, not a setting
+    settings = Settings(findings=FindingsSettings(retry_initial_s=0.001, retry_max_s=0.004),
+                        desk={"public_url": "https://desk.example.org/dw"})
+    s = EsFindingsStore.from_url(fake_es.url.replace("http://", "es://"), settings=settings)
+    early, late = _sighting("early", "a" * 64, 0), _sighting("late", "b" * 64, 1)
+    early.event.posted_at = datetime(2024, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=5)))  # 07:00 UTC
+    late.event.posted_at = datetime(2024, 1, 1, 10, 0, tzinfo=timezone.utc)
+    s.apply_snapshots([_snap("c/1 #x", 1, sighting=early), _snap("c/1 #x", 2, sighting=late)])
+    s.refresh()
+    c = s.cluster("c/1 #x")
+    assert (c.first_seen, c.last_seen) == ("2024-01-01T12:00:00+05:00", "2024-01-01T10:00:00+00:00")
+    doc = fake_es.docs[T.concrete("deepwatch-clusters")]["c/1 #x"]
+    assert doc["picture_url"] == "https://desk.example.org/dw/clusters/c%2F1%20%23x"
+    s.close()
+    bare = _store(fake_es)  # no desk address: no link
+    bare.apply_snapshots([_snap("c2", 1)])
+    assert fake_es.docs[T.concrete("deepwatch-clusters")]["c2"]["picture_url"] is None
+    bare.close()

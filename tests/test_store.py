@@ -315,3 +315,45 @@ def test_a_long_post_text_is_stored_and_searched_whole(store):
     assert stored.text == s.event.text
     assert [c.id for c in store.search(ClusterQuery(text="needlewordhere"))] == ["c1"]
     assert sighting_doc("c1", s)["text"] == s.event.text
+
+
+def test_first_and_last_seen_compare_instants_not_texts(store):
+    """Posts keep the UTC offset they gave. first/last seen were the least
+    and greatest ``posted_at`` as text: 12:00+05:00 (07:00 UTC) came after
+    10:00Z, so the earlier post was shown as the last one."""
+    early = _sighting("early", "a" * 64, 0)
+    late = _sighting("late", "b" * 64, 1)
+    early.event.posted_at = datetime(2024, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=5)))
+    late.event.posted_at = datetime(2024, 1, 1, 10, 0, tzinfo=timezone.utc)
+    merged = _sighting("merged", "c" * 64, 2)
+    merged.event.posted_at = datetime(2024, 1, 1, 5, 0, tzinfo=timezone(timedelta(hours=-6)))  # 11:00 UTC
+    store.apply_snapshots([_snap("c", 1, sighting=early), _snap("c", 2, sighting=late),
+                           _snap("d", 1, sighting=merged), _snap("d", 2, merged_into="c"),
+                           _snap("c", 3, merged_from=["d"])])
+    c = store.cluster("c")
+    assert (c.first_seen, c.last_seen) == ("2024-01-01T12:00:00+05:00", "2024-01-01T05:00:00-06:00")
+
+
+def test_keys_and_hashtags_are_the_ones_both_stores_always_wrote(store):
+    """Both stores now share one dead-letter key and one hashtag rule
+    (``streams.findings``): the keys already stored must not change."""
+    import hashlib
+
+    from streams.es_docs import dead_letter_key, hashtags
+
+    named = DeadLetter(event_id="e1", stage="fetch", reason="timeout", detail="d")
+    anonymous = DeadLetter(stage="validate", reason="malformed_json", detail="d", payload_excerpt="{oops")
+    long_id = DeadLetter(event_id="é" * 256, stage="validate", reason="schema_violation", detail="d")
+    store.add_dead_letters([named, anonymous, long_id])
+    keys = sorted(k for k, in store._db.execute("SELECT dl_key FROM dead_letters"))
+    digest = hashlib.sha256(b"{oops").hexdigest()
+    assert keys == sorted(["e1/fetch/timeout", f"sha256:{digest}/validate/malformed_json",
+                           "é" * 256 + "/validate/schema_violation"])
+    assert dead_letter_key(named) == "e1/fetch/timeout"
+    assert dead_letter_key(long_id) == "sha256:" + hashlib.sha256(
+        ("é" * 256 + "/validate/schema_violation").encode()).hexdigest()  # over 512 bytes: an _id digest
+    s = _sighting("e2", "d" * 64, 3)
+    s.event.hashtags = ["#Fire", "fire", " ", "#", "Harbour ", "#harbour", "news"]
+    store.apply_snapshots([_snap("c", 1, sighting=s)])
+    assert store._db.execute("SELECT hashtags FROM sightings WHERE event_id='e2'").fetchone()[0] == "fire harbour news"
+    assert hashtags(s.event) == ["fire", "harbour", "news"]
