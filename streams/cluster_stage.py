@@ -18,7 +18,12 @@ batch changes is the streaming cost around them:
   transaction and the table once per cluster (its last state: every state
   carries the ``applied_offset`` of the last op that touched it) -- engine
   state store first, then the table, so a crash in between replays the
-  batch, which ``applied_offset`` makes idempotent;
+  batch, which ``applied_offset`` makes idempotent. In the table the
+  survivors of merges go first, the clusters merged into them last: a stop
+  in between leaves survivors that list clusters still live, which the
+  rebuild that follows finds and the next op finishes
+  (``ClusterEngine.rebuild``); the other way round left a cluster marked
+  merged into a survivor that never got its counts;
 * the ops are acked only after those writes and after every snapshot,
   detect request, alert and dead letter of the batch was handed to the
   producer (whose flush precedes every offset commit), so a crash anywhere
@@ -31,8 +36,9 @@ applied, ``get_state`` reads the batch's own pending states first, so op
 *k+1* sees what op *k* did. An op that fails becomes one dead letter (stage
 ``cluster``) and the rest of the batch goes on; its pending states are the
 ones before it, as a failed op leaves the table today. One the engine
-refused up front (``InvalidOp``: malformed hashes, non-finite evidence)
-changed nothing; any other failure may have changed the index half-way, so
+refused up front (``InvalidOp``: malformed hashes, non-finite evidence,
+reason ``invalid_op``) changed nothing; any other failure (reason
+``internal_error``) may have changed the index half-way, so
 the batch so far is written and the index rebuilt from the table. A batch
 whose writes fail makes every op of it not yet written a dead letter and
 rebuilds the index from the table -- unless the engine state store could not
@@ -94,6 +100,7 @@ class ClusterStage:
         self._stale = True
         self._seeded: dict[str, ClusterState] = {}
         self._pending: dict[str, bytes] = {}  # states the batch being applied wrote, not yet in the table
+        self._away: set[str] = set()  # ... those of them marked ``merged_into``: written last (``_write``)
         # ... and those states as objects: the next op of the batch takes them
         # as they are instead of parsing them again (a viral cluster's state is
         # hundreds of KB: its parse was most of each op's time). ``_read``: the
@@ -216,9 +223,9 @@ class ClusterStage:
         asking, self._to_ask = self._to_ask, []
         for req in asking:
             await self.detect_requests.send(key=req.cluster_id.encode(), value=req.dumps())
-        for (value, msg), detail in failed:
+        for (value, msg), reason, detail in failed:
             src = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-            await self._dead(src, value, detail)
+            await self._dead(src, value, reason, detail)
         eng = self.engine
         metrics.CLUSTERS.set(eng.index.n_clusters)
         metrics.CLUSTER_MEMBERS.set(eng.index.n_members)
@@ -230,23 +237,24 @@ class ClusterStage:
         for out in outs:
             metrics.EVENTS.labels("cluster", "duplicate" if out.duplicate_event else "ok").inc()
 
-    def _apply_all(self, items: list[tuple[bytes, Any]]) -> tuple[list[Outcome], list[tuple[tuple[bytes, Any], str]]]:
+    def _apply_all(self, items: list[tuple[bytes, Any]]) -> tuple[list[Outcome], list[tuple[tuple[bytes, Any], str, str]]]:
         """Apply a batch in order and write what it changed; no await in here,
         so no rebalance can swap the engine half-way through a batch.
         Returns the outcomes of the ops that applied and were written, and the
-        failed ops with their error."""
+        failed ops with their dead letter's reason and detail."""
         written: list[Outcome] = []
         unwritten: list[tuple[tuple[bytes, Any], Outcome]] = []  # applied since the last flush
-        failed: list[tuple[tuple[bytes, Any], str]] = []
+        failed: list[tuple[tuple[bytes, Any], str, str]] = []
 
         def flush() -> None:
             writes, self._pending = self._pending, {}
+            away, self._away = self._away, set()
             self._live = {}
-            self._write(writes)
+            self._write(writes, away)
             written.extend(out for _, out in unwritten)
             unwritten.clear()
 
-        self._pending, self._live = {}, {}
+        self._pending, self._live, self._away = {}, {}, set()
         done = 0  # items attempted so far
         try:
             for value, msg in items:
@@ -262,7 +270,8 @@ class ClusterStage:
                     raise  # the store, not the op (reading an archived state): the batch is held
                 except Exception as e:  # a bug or a poison op must not stop the single writer
                     log.exception("cluster op failed", extra={"offset": msg.offset})
-                    failed.append(((value, msg), f"{type(e).__name__}: {e}"))
+                    reason = "invalid_op" if isinstance(e, InvalidOp) else "internal_error"
+                    failed.append(((value, msg), reason, f"{type(e).__name__}: {e}"))
                     for cid in self._read:  # it may have changed them half-way: the states before it
                         self._live.pop(cid, None)
                     if applying and not isinstance(e, InvalidOp):
@@ -273,27 +282,34 @@ class ClusterStage:
                     continue
                 self._pending.update(writes)
                 self._live.update(out.writes)
+                self._away.update(cid for cid, st in out.writes.items() if st.merged_into is not None)
                 unwritten.append(((value, msg), out))
                 if self.engine.evict_due():
                     flush()  # eviction reads and deletes table entries: they must be current
                     self._evict()
             flush()
         except Exception as e:  # the store or the table refused the batch's writes
-            self._pending, self._live = {}, {}
+            self._pending, self._live, self._away = {}, {}, set()
             self._stale = True  # the index is ahead of the table now: rebuild it from the table
             if isinstance(e, sqlite3.OperationalError):
                 raise  # handle_batch holds the batch and applies it again
             log.exception("cluster batch not written", extra={"ops": len(items)})
             detail = f"{type(e).__name__}: {e}"
-            failed += [(item, detail) for item, _ in unwritten] + [(item, detail) for item in items[done:]]
+            failed += ([(item, "internal_error", detail) for item, _ in unwritten]
+                       + [(item, "internal_error", detail) for item in items[done:]])
         return written, failed
 
-    def _write(self, writes: dict[str, bytes]) -> None:
+    def _write(self, writes: dict[str, bytes], away: set[str] = frozenset()) -> None:
+        """The engine state store (one transaction), then the table: first
+        every cluster not in ``away`` (those marked ``merged_into``), then
+        those, so a stop half-way leaves a merge ``ClusterEngine.rebuild``
+        can finish (a survivor listing a cluster still live), never a
+        cluster marked merged into a survivor that lacks its counts."""
         if not writes:
             return
         self.states.put(writes)  # first: the table's changelog is what marks the op done
-        for cid, raw in writes.items():
-            self.table[cid.encode()] = raw
+        for cid in sorted(writes, key=lambda c: c in away):  # stable: the batch's order otherwise
+            self.table[cid.encode()] = writes[cid]
             self._seeded.pop(cid, None)
 
     def _evict(self) -> None:
@@ -307,7 +323,7 @@ class ClusterStage:
                 del self.table[cid.encode()]
             self._seeded.pop(cid, None)
 
-    async def _dead(self, source: SourceRef, raw: bytes, detail: str) -> None:
+    async def _dead(self, source: SourceRef, raw: bytes, reason: str, detail: str) -> None:
         excerpt = raw[:512].decode("utf-8", "replace") if raw is not None else None
         event_id = None
         try:  # a sighting op that decodes names its event: the dead letter accounts for that event
@@ -318,7 +334,7 @@ class ClusterStage:
             event_id = op.sighting.event.event_id
             detail = f"{detail} (cluster op at {source.topic}:{source.partition}:{source.offset})"
             source = op.sighting.source
-        await self.send_dead(DeadLetter(event_id=event_id, stage="cluster", reason="internal_error", detail=detail,
+        await self.send_dead(DeadLetter(event_id=event_id, stage="cluster", reason=reason, detail=detail,
                                         source=source, payload_excerpt=excerpt))
 
 

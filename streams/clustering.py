@@ -16,8 +16,19 @@ last op applied to it (``applied_offset``), written atomically with the state
 itself. An op redelivered after a crash finds its offset already applied and
 only re-emits the derived outputs (snapshot, alert, detect request), which
 every sink treats idempotently. Event-id duplicates (a producer retry) are
-recognised from the trailing window (by id at the event's time) and not
-counted twice.
+recognised from the trailing window (its every sighting's event id, whatever
+time a resend claims: ``virality.seen``) and not counted twice.
+
+A merge writes two states or more: the survivor, which folds the merged
+clusters' counts in and lists them in ``merged_from``, and each merged
+cluster, marked ``merged_into``. The stage writes survivors first
+(``ClusterStage._write``), and a merge a crash left half-written is finished
+when the states are loaded again (``ClusterEngine.rebuild`` finds it,
+``_finish_merges`` writes it with the next op): a cluster listed by a live
+survivor yet live itself is only marked (its counts are in the survivor
+already), and one marked ``merged_into`` a survivor that does not list it
+(written by a stage that wrote the merged cluster first) is folded in.
+Folding is keyed on ``merged_from``, so no merge counts a cluster twice.
 
 A state stays bounded however viral its picture: its trailing window is
 kept sorted and read by bisection (``streams.virality``), and ``fit`` keeps
@@ -42,6 +53,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import math
 import re
@@ -49,7 +61,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_serializer
 
 from detectors.base import Evidence
 from detectors.fusion import fuse
@@ -77,6 +89,16 @@ MAX_ACCOUNTS = 10_000  # exact distinct-account counts live in the findings stor
 
 log = logging.getLogger(__name__)
 
+# The ``ClusterState`` layout this code writes. A state of an older version
+# loads (every field added since is optional) and is written back as this
+# one; a newer one is refused (``NewerStateVersion``): its fields this code
+# does not know would be dropped by the next write.
+SCHEMA_VERSION = 5
+
+
+class NewerStateVersion(Exception):
+    """A stored cluster state written by a newer deepwatch than this one."""
+
 
 class ClusterState(BaseModel):
     # 2: members may carry ``thumb`` (pixel verification) and merge audits the
@@ -87,8 +109,12 @@ class ClusterState(BaseModel):
     # look-alike), False when absent;
     # 5: ``sample_posts`` (the earliest posts, which alerts carry), empty when
     # absent: a version-4 cluster's alerts carry only their trigger post
-    # until it sees posts again (its earliest ones are no longer known)
-    schema_version: int = 5
+    # until it sees posts again (its earliest ones are no longer known).
+    # ``schema_version`` is the version a state was stored at: ``loads``
+    # refuses one newer than ``SCHEMA_VERSION``, ``dumps`` always writes
+    # ``SCHEMA_VERSION`` (a state read at an older version is upgraded when
+    # written again).
+    schema_version: int = SCHEMA_VERSION
     cluster_id: str
     revision: int = 0
     applied_offset: int = -1
@@ -118,12 +144,39 @@ class ClusterState(BaseModel):
     # the earliest ``MAX_SAMPLE_POSTS`` posts (``earliest_posts``): a few KB at most, never shed by ``fit``
     sample_posts: list[SamplePost] = Field(default_factory=list)
 
+    @field_serializer("schema_version")
+    def _written_as_current(self, version: int) -> int:
+        return SCHEMA_VERSION
+
     def dumps(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
-    def loads(cls, raw: bytes) -> "ClusterState":
-        return cls.model_validate_json(raw)
+    def loads(cls, raw: bytes | str) -> "ClusterState":
+        """The state ``raw`` holds; ``NewerStateVersion`` for one a newer
+        deepwatch wrote (also where its fields fail to validate here)."""
+        try:
+            state = cls.model_validate_json(raw)
+        except ValidationError:
+            _refuse_newer(_stored_version(raw))
+            raise
+        _refuse_newer(state.schema_version)
+        return state
+
+
+def _stored_version(raw: bytes | str) -> object:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    return doc.get("schema_version") if isinstance(doc, dict) else None
+
+
+def _refuse_newer(version: object) -> None:
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise NewerStateVersion(f"cluster state schema_version {version} is newer than this deepwatch's "
+                                f"{SCHEMA_VERSION}: refusing to load it (its unknown fields would be lost "
+                                "on the next write); run the newer version")
 
 
 # Faust's producer refuses a record over 1,000,000 bytes (its
@@ -228,6 +281,8 @@ class ClusterEngine:
         self.cold = self._new_index()  # hashes of evicted clusters only: 8-40 bytes a member, not their state
         self.max_event_time = 0.0
         self._ops_since_sweep = 0
+        # merges a crash left half-written, found by ``rebuild``: (merged cluster, survivor)
+        self._unfinished: list[tuple[str, str]] = []
 
     def _new_index(self) -> ClusterIndex:
         return ClusterIndex(**self.settings.dedupe.thresholds(), pixels=self.pixels,
@@ -258,7 +313,8 @@ class ClusterEngine:
     def _revive(self, s: Sighting, get: Getter) -> None:
         """A picture of an evicted cluster is back: put the cluster (its state
         comes back through ``get``, from the store) into the hot index first,
-        so the sighting joins it instead of founding a new cluster."""
+        at the sighting's event time (``event_time``), so the sighting joins
+        it instead of founding a new cluster."""
         # Cold tier first: it is usually empty or small, while a hot lookup
         # costs as much as the assign that follows (measured: ~40% of the
         # writer's time when done for every op).
@@ -272,18 +328,33 @@ class ClusterEngine:
             self.cold.remove_cluster(match.cluster_id)
             if state is None or state.merged_into:
                 continue
-            self._index_state(state, s.event.posted_at.timestamp())
+            # at event time, as every index timestamp: a copy dated ahead must
+            # not keep the cluster hot past its real activity
+            self._index_state(state, event_time(s))
 
     # -- recovery -----------------------------------------------------------
     def rebuild(self, states: Iterable[ClusterState]) -> None:
+        """Index the stored ``states`` again, and find the merges a crash left
+        half-written (``_unfinished_merges``): the index takes them as
+        finished, and the next op writes them (``_finish_merges``)."""
         self.index = self._new_index()
+        by_id = {s.cluster_id: s for s in states}
+        self._unfinished = _unfinished_merges(by_id)
+        away = {other for other, _ in self._unfinished}
         # Re-add in creation order so the index's tie-breaks match the original run.
-        live = [s for s in states if s.merged_into is None]
+        live = [s for s in by_id.values() if s.merged_into is None and s.cluster_id not in away]
+        ends: dict[str, float | None] = {}
         for state in sorted(live, key=lambda s: (s.created_offset, s.cluster_id)):
-            end = _window_end(state) if (state.recent or state.last_seen) else None
+            end = ends[state.cluster_id] = _window_end(state) if (state.recent or state.last_seen) else None
             if end is not None:
                 self.max_event_time = max(self.max_event_time, end)
             self._index_state(state, end)
+        for other_id, into_id in self._unfinished:
+            other = by_id[other_id]
+            if other.merged_into is not None and into_id in self.index:
+                # marked, not folded: its members join the survivor's as the merge would have
+                self._index_state(other, ends.get(into_id))
+                self.index.merge(into_id, other_id)
 
     def _index_state(self, state: ClusterState, ts: float | None) -> None:
         """Put a stored cluster back into the hot index: its members, which of
@@ -300,13 +371,54 @@ class ClusterEngine:
     # -- ops ----------------------------------------------------------------
     def apply(self, op: ClusterOp, offset: int, get: Getter) -> Outcome:
         _check(op)
+        if not ((op.kind == "sighting" and op.sighting is not None)
+                or (op.kind == "detection" and op.detection is not None) or op.kind == "resume"):
+            raise InvalidOp(f"cluster op of kind {op.kind!r} carries no payload")
+        finished = Outcome()
+        get = self._finish_merges(get, finished)
         if op.kind == "sighting" and op.sighting is not None:
-            return self._sighting(op.sighting, offset, get)
-        if op.kind == "detection" and op.detection is not None:
-            return self._detection(op.detection, offset, get)
-        if op.kind == "resume":
-            return Outcome()  # changes nothing: the stage seeds (and asks again) before any op applies
-        raise InvalidOp(f"cluster op of kind {op.kind!r} carries no payload")
+            out = self._sighting(op.sighting, offset, get)
+        elif op.kind == "detection" and op.detection is not None:
+            out = self._detection(op.detection, offset, get)
+        else:
+            out = Outcome()  # changes nothing: the stage seeds (and asks again) before any op applies
+        if finished.writes:
+            out.writes = {**finished.writes, **out.writes}
+            out.snapshots = finished.snapshots + out.snapshots
+        return out
+
+    def _finish_merges(self, get: Getter, out: Outcome) -> Getter:
+        """Write the merges ``rebuild`` found half-written (a crash between
+        the survivor's write and the merged cluster's, in either order): the
+        merged cluster marked ``merged_into``, and folded into the survivor
+        where the survivor does not list it yet (``_absorb``). Neither
+        state's ``applied_offset`` moves: the survivor's tells whether the
+        op that merged is still to apply (then it applies now, on the
+        finished state). Returns ``get`` seeing the states it changed."""
+        pending, self._unfinished = self._unfinished, []
+        if not pending:
+            return get
+        fixed: dict[str, ClusterState] = {}
+
+        def seeing(cluster_id: str) -> ClusterState | None:
+            return fixed.get(cluster_id) or get(cluster_id)
+
+        for other_id, into_id in pending:
+            into, other = _resolve(seeing, into_id), seeing(other_id)
+            if into is None or other is None or other.cluster_id == into.cluster_id:
+                continue
+            if other.merged_into == into.cluster_id and other.cluster_id in into.merged_from:
+                continue  # finished meanwhile
+            if self._absorb(into, other, None):
+                into.revision += 1
+                fixed[into.cluster_id] = into
+            fixed[other.cluster_id] = other
+            log.warning("half-written cluster merge finished", extra={"cluster_id": into.cluster_id,
+                                                                      "merged": other.cluster_id})
+        for state in fixed.values():
+            out.writes[state.cluster_id] = state
+            out.snapshots.append(self._snapshot(state, None))
+        return seeing
 
     def _sighting(self, s: Sighting, offset: int, get: Getter) -> Outcome:
         out = Outcome()
@@ -325,7 +437,7 @@ class ClusterEngine:
             other = _resolve(get, other_id)
             if other is None or other.cluster_id == state.cluster_id:
                 continue
-            self._fold(state, other, offset)
+            self._absorb(state, other, offset)
             out.writes[other.cluster_id] = other
             out.snapshots.append(self._snapshot(other, None))
 
@@ -348,8 +460,6 @@ class ClusterEngine:
                 thumb=s.hashes.thumb if assignment.representative else None,
                 content_box=s.hashes.content_box if assignment.representative else None,
             ))
-            known = {(e.detector, e.sha256) for e in state.evidence}
-            state.evidence.extend(e for e in s.evidence if (e.detector, e.sha256) not in known)
             # Models run once per cluster, on its first copy, and again when a
             # clearly better copy (larger, or lossless where all were lossy)
             # joins: detectors see more of the generator's traces in it.
@@ -357,6 +467,13 @@ class ClusterEngine:
                 state.models_pending = True
                 state.detect_sha256 = s.sha256
                 out.detect_requests.append(DetectRequest(cluster_id=state.cluster_id, sha256=s.sha256))
+        # Every sighting's cheap evidence the cluster lacks (one item per
+        # detector and copy), a repost of a member's exact bytes as much as
+        # a new member: what is known of the bytes changes while a picture
+        # spreads (a bank entry added meanwhile matches every later repost,
+        # and only those), so a repeat can bring what its first copy did not.
+        known = {(e.detector, e.sha256) for e in state.evidence}
+        state.evidence.extend(e for e in s.evidence if (e.detector, e.sha256) not in known)
 
         if virality.seen(state.recent, s.event.event_id):
             out.duplicate_event = True
@@ -388,7 +505,9 @@ class ClusterEngine:
         self._maybe_alert(state, out, s, top, v)
         state.revision += 1
         state.applied_offset = offset
-        out.writes[state.cluster_id] = state
+        # the survivor of a merge first, then the clusters it merged: a writer
+        # stopped half-way leaves a merge ``rebuild`` can finish
+        out.writes = {state.cluster_id: state, **{c: w for c, w in out.writes.items() if c != state.cluster_id}}
         out.snapshots.append(self._snapshot(state, s, top, v))
         return out
 
@@ -409,9 +528,25 @@ class ClusterEngine:
                                                                           p=ev.platform, g=g.total),
                                     max(t, _window_end(state)))
 
-    def _fold(self, into: ClusterState, other: ClusterState, offset: int) -> None:
+    def _absorb(self, into: ClusterState, other: ClusterState, offset: int | None) -> bool:
+        """Merge ``other`` into ``into`` once: where ``into`` lists it in
+        ``merged_from`` already (its fold was written, its mark was not),
+        ``other`` is only marked. ``offset``: the merging op's, stamped on
+        ``other``; None leaves its ``applied_offset``. Returns whether
+        ``into`` changed."""
+        if other.cluster_id in into.merged_from:
+            other.merged_into = into.cluster_id
+            other.revision += 1
+            if offset is not None:
+                other.applied_offset = offset
+            return False
+        self._fold(into, other, offset)
+        return True
+
+    def _fold(self, into: ClusterState, other: ClusterState, offset: int | None) -> None:
         """Merge ``other`` into ``into``: counts add up, ``other`` keeps its id
-        with ``merged_into`` so analysts can see what merged."""
+        with ``merged_into`` so analysts can see what merged. Not idempotent
+        on its own: ``_absorb`` decides."""
         seen = {m.sha256 for m in into.members}
         into.members.extend(m for m in other.members if m.sha256 not in seen)
         known = {(e.detector, e.sha256) for e in into.evidence}
@@ -439,7 +574,8 @@ class ClusterEngine:
         into.apart = into.apart or other.apart
         other.merged_into = into.cluster_id
         other.revision += 1
-        other.applied_offset = offset
+        if offset is not None:
+            other.applied_offset = offset
 
     def _score(self, state: ClusterState) -> list[Evidence]:
         """Fuse the cluster's evidence; returns it ranked, for the snapshot and any alert."""
@@ -480,16 +616,26 @@ class ClusterEngine:
         out.alerts.append(state.last_alert)
 
     def _reemit(self, state: ClusterState, out: Outcome, s: Sighting | None, *, already: bool, get: Getter, merged: list[str]) -> Outcome:
-        # A crash may have landed between the state write and the sends: send
-        # again; sinks are idempotent. Finish any half-written merge as well.
+        """An op already applied to ``state``: a crash may have landed between
+        the state write and the sends, so send again (sinks are idempotent).
+        A merge that crash left half-written was finished before this op
+        (``rebuild``, ``_finish_merges``). ``merged``: clusters the index
+        linked again on this op; each is absorbed (``_absorb``: marked, and
+        folded only where ``state`` does not list it), ``applied_offset``
+        unchanged."""
         out.already_applied = already
+        changed = False
         for other_id in merged:
-            other = get(other_id)
-            if other is not None and other.merged_into is None and other.cluster_id != state.cluster_id:
-                other.merged_into = state.cluster_id
-                other.revision += 1
-                out.writes[other.cluster_id] = other
-                out.snapshots.append(self._snapshot(other, None))
+            other = _resolve(get, other_id)
+            if other is None or other.cluster_id == state.cluster_id:
+                continue
+            changed = self._absorb(state, other, None) or changed
+            out.writes[other.cluster_id] = other
+            out.snapshots.append(self._snapshot(other, None))
+        if changed:
+            state.revision += 1
+            self._score(state)
+            out.writes[state.cluster_id] = state
         out.snapshots.append(self._snapshot(state, s))
         if state.last_alert is not None:
             out.alerts.append(state.last_alert)
@@ -617,6 +763,36 @@ def _resolve(get: Getter, cluster_id: str) -> ClusterState | None:
             return state
         state = get(state.merged_into)
     return state
+
+
+def _unfinished_merges(states: dict[str, ClusterState]) -> list[tuple[str, str]]:
+    """The merges among ``states`` (by id) a crash left half-written, as
+    (merged cluster, survivor) pairs, sorted: a live cluster that a live
+    survivor lists in ``merged_from`` (the survivor was written, the mark was
+    not; a survivor that is itself listed hands it on to its own), and one
+    marked ``merged_into`` a live cluster that does not list it (the mark was
+    written, the survivor was not: a stage that wrote merged clusters first).
+    From the states alone, so every rebuild finds the same."""
+    live = {cid: s for cid, s in states.items() if s.merged_into is None}
+    listed: dict[str, str] = {}
+    for cid in sorted(live):
+        for other in live[cid].merged_from:
+            if other in live and other != cid:
+                listed.setdefault(other, cid)
+
+    def survivor(cid: str) -> str:
+        seen = {cid}
+        while cid in listed and listed[cid] not in seen:
+            cid = listed[cid]
+            seen.add(cid)
+        return cid
+
+    pairs = {other: survivor(into) for other, into in listed.items()}
+    for cid, s in states.items():
+        into = s.merged_into
+        if into is not None and into in live and into not in pairs and cid not in live[into].merged_from:
+            pairs[cid] = into
+    return sorted((other, into) for other, into in pairs.items() if other != into)
 
 
 def _member_hashes(m: Member):

@@ -409,7 +409,11 @@ class Alert(_Record):
     sightings: int
     accounts: int
     evidence: list[Evidence]
-    at: datetime  # event time that triggered it
+    # when the alert stands: for the cluster engine's, the cluster's latest post
+    # as posted (its ``last_seen`` when raised), not the trigger post's time
+    # (``trigger_event_id``); the desk's: the account's latest post, or when
+    # the verdict was given
+    at: datetime
     trigger_event_id: str | None = None
     trigger_ingested_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)

@@ -397,3 +397,132 @@ def test_a_version_4_state_without_sample_posts_loads_and_alerts_with_its_trigge
     [alert] = h.alerts
     assert [p.event_id for p in alert.sample_posts] == ["p2"]  # the earlier posts are not known any more
     assert alert.first_seen == BASE_TIME and alert.platforms == ["x", "mastodon"]
+    assert json.loads(h.table[cid])["schema_version"] == 5  # written back as the current version
+    assert h.get(cid).schema_version == 5
+
+
+def test_a_state_of_a_newer_version_is_refused_not_loaded_without_its_fields():
+    # A version-99 state loaded silently and its unknown fields were dropped
+    # by the next write.
+    import json
+
+    import pytest
+
+    from streams.clustering import SCHEMA_VERSION, NewerStateVersion
+
+    h = Harness()
+    h.see(sighting(scene(12), "p0", 0, "a0"))
+    (cid, raw), = h.table.items()
+    doc = json.loads(raw)
+    assert doc["schema_version"] == SCHEMA_VERSION == 5
+    doc.update(schema_version=99, future_field=1)
+    with pytest.raises(NewerStateVersion, match="schema_version 99 is newer than this deepwatch's 5"):
+        ClusterState.loads(json.dumps(doc))
+    doc["sightings"] = "many"  # a field this version cannot read either: still the version named
+    with pytest.raises(NewerStateVersion, match="schema_version 99"):
+        ClusterState.loads(json.dumps(doc).encode())
+
+
+# -- evidence that arrives with repeats of a member's bytes ------------------------
+BANK_AUTHENTIC = Evidence(detector="bank:wire", kind="bank", score=0.02, weight=6.0, detail="authentic bank entry 7",
+                          data={"verdict": "authentic", "suppress": True})
+BANK_FAKE = Evidence(detector="bank:factcheck", kind="bank", score=0.98, weight=6.0, detail="fake bank entry 3",
+                     data={"verdict": "fake"})
+
+
+def test_an_authentic_bank_match_on_exact_reposts_suppresses_the_cluster():
+    # An entry banked while the picture was viral: the Analyzer attaches it to
+    # every later repost of the same bytes, but evidence was merged only when a
+    # new member image joined, so 11 reposts carried it and alerts L1-L3 fired.
+    h = Harness(Settings(alerts={"min_sightings_5m": 3, "escalation_factor": 2.0}))
+    pic = scene(7)
+    cid = h.see(sighting(pic, "e0", 0, "a0", [AI])).snapshots[-1].cluster_id
+    for i in range(1, 12):
+        h.see(sighting(pic, f"e{i}", i * 0.2, f"a{i}", [BANK_AUTHENTIC]))
+    st = h.get(cid)
+    assert st.suppressed == "allow-listed: authentic bank entry 7" and h.alerts == []
+    assert len(st.members) == 1 and st.sightings == 12
+    assert [e.detector for e in st.evidence] == ["generator-metadata", "bank:wire"]  # once, not once per repost
+    # a redelivered repost changes nothing
+    before = h.table[cid]
+    again = h.see(sighting(pic, "e11", 11 * 0.2, "a11", [BANK_AUTHENTIC]), offset=h.offset - 1)
+    assert again.already_applied and h.table[cid] == before
+
+
+def test_a_fake_bank_match_on_exact_reposts_raises_the_cluster_and_alerts():
+    h = Harness(Settings(alerts={"min_sightings_5m": 3}))
+    pic = scene(8)
+    cid = h.see(sighting(pic, "e0", 0, "a0")).snapshots[-1].cluster_id
+    assert h.get(cid).verdict == "no-evidence"
+    for i in range(1, 4):
+        h.see(sighting(pic, f"e{i}", i * 0.2, f"a{i}", [BANK_FAKE]))
+    st = h.get(cid)
+    assert st.verdict == "likely-ai" and st.fake_score > 0.99 and st.suppressed is None
+    assert [e.detector for e in st.evidence] == ["bank:factcheck"]
+    assert [(a.level, a.trigger_event_id) for a in h.alerts] == [(1, "e2")]
+
+
+# -- a merge a crash left half-written --------------------------------------------
+def _half_merge(keep: str):
+    """Two clusters linked by a third image, the merge's writes cut after the
+    survivor's (``keep="survivor"``) or after the merged cluster's
+    (``keep="merged"``, what a stage writing merged clusters first left),
+    then the writer restarted from the table."""
+    h = Harness(Settings(dedupe={"phash_threshold": 10}))
+    pic = scene(5)
+    a = h.see(hashed(sighting(pic, "e1", 0, "a1", [AI]), 0)).snapshots[-1].cluster_id
+    b = h.see(hashed(sighting(pic, "e2", 1, "a2"), 0xFFFFF, 40)).snapshots[-1].cluster_id
+    before = dict(h.table)
+    link = hashed(sighting(pic, "e3", 2, "a3"), 0x3FF, 20)
+    out = h.engine.apply(ClusterOp(kind="sighting", sighting=link), 2, h.get)
+    survivor = out.snapshots[-1].cluster_id
+    other = ({a, b} - {survivor}).pop()
+    assert list(out.writes) == [survivor, other]  # the survivor first
+    h.table = dict(before)
+    h.table[survivor if keep == "survivor" else other] = out.writes[survivor if keep == "survivor" else other].dumps()
+    h.engine = ClusterEngine(h.settings)
+    h.engine.rebuild(ClusterState.loads(v) for v in h.table.values())
+    return h, link, survivor, other
+
+
+def test_a_merge_cut_after_the_survivor_is_finished_when_its_op_comes_back():
+    # The merged cluster stayed live for good: the redelivered op found its
+    # image a member already, and the index gave no merge to finish.
+    h, link, survivor, other = _half_merge("survivor")
+    assert other not in h.engine.index  # the survivor holds its members
+    again = h.see(link, offset=2)
+    assert again.already_applied
+    assert h.get(other).merged_into == survivor and h.get(other).sightings == 1
+    st = h.get(survivor)
+    assert st.sightings == 3 and len(st.members) == 3 and st.merged_from == [other]  # counted once
+    assert [s.merged_into for s in again.snapshots if s.cluster_id == other] == [survivor]
+    settled = dict(h.table)
+    h.see(link, offset=2)  # once more: nothing left to do
+    assert h.table == settled
+
+
+def test_a_merge_cut_after_the_merged_cluster_is_folded_in_when_its_op_comes_back():
+    # The merged cluster was marked, its sightings and members never reached
+    # the survivor (2 sightings, 2 members, no merged_from).
+    h, link, survivor, other = _half_merge("merged")
+    again = h.see(link, offset=2)
+    assert not again.already_applied  # the survivor had not been written: the op applies now
+    st = h.get(survivor)
+    assert st.sightings == 3 and len(st.members) == 3 and st.merged_from == [other]
+    assert [e.detector for e in st.evidence] == ["generator-metadata"] and st.verdict == "likely-ai"
+    assert st.applied_offset == 2 and h.get(other).merged_into == survivor
+    settled = dict(h.table)
+    h.see(link, offset=2)
+    assert h.table == settled
+
+
+def test_a_revived_cluster_is_indexed_at_event_time_not_at_a_date_posted_ahead():
+    h = Harness(Settings(dedupe={"hot_window_hours": 1, "evict_every_ops": 1}))
+    old, other = scene(30), scene(31)
+    first = h.see(sighting(old, "o1", 0, "a1")).snapshots[-1].cluster_id
+    h.see(sighting(other, "n1", 180, "a2"))
+    assert h.engine.evict(h.get) == [first]
+    # posted "at minute 214", reached the broker at minute 200
+    back = sighting(old, "o2", 214, "a3").model_copy(update={"ingested_at": BASE_TIME + timedelta(minutes=200)})
+    assert h.see(back).snapshots[-1].cluster_id == first
+    assert h.engine.index._clusters[first].last_seen == (BASE_TIME + timedelta(minutes=200)).timestamp()

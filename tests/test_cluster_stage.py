@@ -179,7 +179,7 @@ def test_a_poison_op_in_the_middle_of_a_batch_is_one_dead_letter_and_the_rest_ap
     table = CountingTable()
     stage, topics, dead = stage_for(settings, table)
     run_batches(stage, poisoned, len(poisoned))  # one batch
-    assert [(d.stage, d.reason, d.source.offset) for d in dead] == [("cluster", "internal_error", 5)]
+    assert [(d.stage, d.reason, d.source.offset) for d in dead] == [("cluster", "invalid_op", 5)]
     assert len(topics["updates"].sent) == len(clean_topics["updates"].sent)
     assert [Alert.loads(v).alert_id for _, v in topics["alerts"].sent] == \
         [Alert.loads(v).alert_id for _, v in clean_topics["alerts"].sent]
@@ -288,3 +288,70 @@ def test_an_engine_state_store_that_cannot_write_holds_the_batch_not_its_events(
     assert counts == sorted(ClusterState.loads(v).sightings for v in clean_table.values())
     assert [Alert.loads(v).alert_id for _, v in topics["alerts"].sent] == \
         [Alert.loads(v).alert_id for _, v in clean_topics["alerts"].sent]
+
+
+# -- a merge cut between its table writes ---------------------------------------
+class StoppingTable(dict):
+    """The changelog table, logging the keys written; ``stop_after`` more
+    writes go through, then the writer stops (as a crash would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log: list[str] = []
+        self.stop_after: int | None = None
+
+    def __setitem__(self, key, value):
+        if self.stop_after is not None:
+            if self.stop_after == 0:
+                raise RuntimeError("worker stopped")
+            self.stop_after -= 1
+        self.log.append(key.decode())
+        super().__setitem__(key, value)
+
+
+def _merge_ops() -> list[bytes]:
+    from tests.test_cluster_engine import AI, hashed
+
+    pic = scene(5)
+    return [ClusterOp(kind="sighting", sighting=s).dumps() for s in (
+        hashed(sighting(pic, "e1", 0, "a1", [AI]), 0), hashed(sighting(pic, "e2", 1, "a2"), 0xFFFFF, 40),
+        hashed(sighting(pic, "e3", 2, "a3"), 0x3FF, 20))]  # the third links the first two
+
+
+def test_a_merge_writes_its_survivor_first_and_a_restart_after_it_finishes_the_merge(tmp_path):
+    settings = Settings(data_dir=tmp_path, dedupe={"phash_threshold": 10})
+    ops = _merge_ops()
+    whole = StoppingTable()
+    run(stage_for(Settings(data_dir=tmp_path / "whole", dedupe={"phash_threshold": 10}), whole)[0], ops)
+    survivor, = (k.decode() for k, v in whole.items() if ClusterState.loads(v).merged_into is None)
+    other, = (k.decode() for k, v in whole.items() if ClusterState.loads(v).merged_into is not None)
+    assert whole.log[-2:] == [survivor, other]  # the merge's writes: survivor, then the cluster it merged
+    # the same feed, the worker stopped between the merge's two table writes
+    table = StoppingTable()
+    stage, _, dead = stage_for(settings, table)
+    run(stage, ops[:2])
+    table.stop_after = 1
+    run(stage, ops[2:], first_offset=2)
+    assert [d.reason for d in dead] == ["internal_error"] and "worker stopped" in dead[0].detail
+    assert ClusterState.loads(table[other.encode()]).merged_into is None  # half-written
+    # restarted over the table it left, the op comes back
+    table.stop_after = None
+    again, topics, dead = stage_for(settings, table)
+    run(again, ops[2:], first_offset=2)
+    assert not dead
+    st, gone = (ClusterState.loads(table[c.encode()]) for c in (survivor, other))
+    assert gone.merged_into == survivor and st.merged_from == [other]
+    assert st.sightings == 3 and len(st.members) == 3 and st.verdict == "likely-ai"  # counted once
+    assert again.engine.index.n_clusters == 1 and other not in again.engine.index
+    assert {ClusterState.loads(v).sightings for k, v in table.items() if k.decode() == survivor} == \
+        {ClusterState.loads(whole[survivor.encode()]).sightings}
+
+
+def test_a_malformed_op_is_dead_lettered_as_invalid_op(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    op = ClusterOp.loads(ops_for([(1, 0)])[0])
+    bad = op.model_copy(update={"sighting": op.sighting.model_copy(update={"sha256": "not-a-sha"})}).dumps()
+    stage, topics, dead = stage_for(settings, {})
+    run(stage, [bad] + ops_for([(2, 1)]))
+    assert [(d.stage, d.reason, d.source.offset) for d in dead] == [("cluster", "invalid_op", 0)]
+    assert "is malformed: sha256" in dead[0].detail and len(topics["updates"].sent) == 1
