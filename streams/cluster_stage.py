@@ -57,6 +57,7 @@ stops being enough and how candidate search splits by hash bands.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import time
@@ -270,7 +271,9 @@ class ClusterStage:
                     raise  # the store, not the op (reading an archived state): the batch is held
                 except Exception as e:  # a bug or a poison op must not stop the single writer
                     log.exception("cluster op failed", extra={"offset": msg.offset})
-                    reason = "invalid_op" if isinstance(e, InvalidOp) else "internal_error"
+                    # an op the record refuses (a non-finite evidence weight, say) is as invalid as one
+                    # the engine refuses
+                    reason = "invalid_op" if isinstance(e, InvalidOp) or not applying else "internal_error"
                     failed.append(((value, msg), reason, f"{type(e).__name__}: {e}"))
                     for cid in self._read:  # it may have changed them half-way: the states before it
                         self._live.pop(cid, None)
@@ -328,14 +331,36 @@ class ClusterStage:
         event_id = None
         try:  # a sighting op that decodes names its event: the dead letter accounts for that event
             op = ClusterOp.loads(raw)
-        except Exception:  # noqa: BLE001 - undecodable: the op's own offset is all there is
+        except Exception:  # noqa: BLE001 - the record refuses it: its event and source as far as they read
             op = None
         if op is not None and op.sighting is not None:
             event_id = op.sighting.event.event_id
             detail = f"{detail} (cluster op at {source.topic}:{source.partition}:{source.offset})"
             source = op.sighting.source
+        elif op is None:
+            event_id, named = _named_event(raw)
+            if event_id is not None:
+                detail = f"{detail} (cluster op at {source.topic}:{source.partition}:{source.offset})"
+                source = named or source
         await self.send_dead(DeadLetter(event_id=event_id, stage="cluster", reason=reason, detail=detail,
                                         source=source, payload_excerpt=excerpt))
+
+
+def _named_event(raw: bytes | None) -> tuple[str | None, SourceRef | None]:
+    """The event id and source a cluster op the record refuses still names
+    (``sighting.event.event_id``, ``sighting.source``), so its dead letter
+    accounts for that event; (None, None) when they do not read."""
+    try:
+        sighting = json.loads(raw)["sighting"]
+        event_id = sighting["event"]["event_id"]
+    except Exception:  # noqa: BLE001 - not JSON, or not of that shape
+        return None, None
+    if not isinstance(event_id, str) or not event_id:
+        return None, None
+    try:
+        return event_id[:256], SourceRef.model_validate(sighting.get("source"))
+    except Exception:  # noqa: BLE001 - the event id alone
+        return event_id[:256], None
 
 
 def _loadable(raws: Any, where: str) -> list[ClusterState]:

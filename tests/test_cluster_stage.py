@@ -94,7 +94,7 @@ def test_a_poison_op_becomes_one_dead_letter_and_the_stage_goes_on(tmp_path):
     settings = Settings(data_dir=tmp_path)
     stage, topics, dead = stage_for(settings, {})
     run(stage, [b"{not json"] + ops_for([(1, 0)]), first_offset=0)
-    assert [(d.stage, d.reason, d.source.offset) for d in dead] == [("cluster", "internal_error", 0)]
+    assert [(d.stage, d.reason, d.source.offset) for d in dead] == [("cluster", "invalid_op", 0)]
     assert len(topics["updates"].sent) == 1
 
 
