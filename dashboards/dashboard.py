@@ -94,6 +94,24 @@ def build_dashboard() -> dash.Dashboard:
             .with_target(_query(q.BLOB_WRITE_FAILURES, "{{instance}}"))
             .draw_style(common.GraphDrawStyle.BARS)
         )
+        .with_panel(
+            _timeseries("Findings lookups held", "s",
+                        "How long each worker has held events whose duplicate lookup the findings store could not "
+                        "answer: the SQLite file locked past its busy timeout or its disk failing, Elasticsearch "
+                        "unreachable, overloaded or refusing the credentials. Held events are looked up again with "
+                        "backoff, not dead-lettered; while > 0 the analyze stage stalls once every analysis slot "
+                        "holds one.")
+            .with_target(_query(q.LOOKUP_HELD, "{{instance}}"))
+        )
+        .with_panel(
+            _timeseries("Findings lookups failed and held", "short",
+                        "Duplicate lookups that failed for a reason that passes (SQLITE_BUSY, SQLITE_IOERR, "
+                        "Elasticsearch 429/5xx or unreachable, ...), each retried; the worker log says the store's "
+                        "answer. Errors that come back every time (a corrupt database file, a bug) are dead letters "
+                        "dedupe:internal_error instead.")
+            .with_target(_query(q.LOOKUP_FAILURES, "{{instance}}"))
+            .draw_style(common.GraphDrawStyle.BARS)
+        )
         .with_row(dash.Row("Latency"))
         .with_panel(
             _timeseries("Stage latency p50 / p95", "s", "From deepwatch_stage_seconds.")

@@ -74,6 +74,9 @@ HOST_PAUSES = f"sum({counted('deepwatch_fetch_host_pauses_total', '$__interval')
 # How long each worker has held pictures its blob store could not write (disk full, quota, EIO, read-only).
 BLOB_HELD = "max by (instance) (deepwatch_blob_store_held_seconds)"
 BLOB_WRITE_FAILURES = f"sum by (instance) ({counted('deepwatch_blob_write_failures_total', '$__interval')})"
+# How long each worker has held events whose duplicate lookup the findings store could not answer.
+LOOKUP_HELD = "max by (instance) (deepwatch_findings_lookup_held_seconds)"
+LOOKUP_FAILURES = f"sum by (instance) ({counted('deepwatch_findings_lookup_failures_total', '$__interval')})"
 
 
 def stage_quantile(q: float, window: str = "$__rate_interval") -> str:
@@ -144,6 +147,7 @@ WORKER_LOOP_SILENCE = f"time() - max by (instance) (deepwatch_loop_heartbeat_tim
 
 SINK_BEHIND_MAX = "max(deepwatch_sink_behind_seconds)"
 BLOB_HELD_MAX = "max by (instance) (deepwatch_blob_store_held_seconds)"
+LOOKUP_HELD_MAX = "max by (instance) (deepwatch_findings_lookup_held_seconds)"
 HOST_PAUSES_15M = f"sum({counted('deepwatch_fetch_host_pauses_total', '15m')}) > 0"
 
 

@@ -31,6 +31,8 @@ LOOP_SILENCE_MAX_S = int(LIVENESS_S)  # as the worker's own /healthz judges it
 # a held blob write retries with backoff up to 30 s (streams.stage.BLOB_RETRY_MAX_S): a minute is a
 # few failed tries, not a blip, and nothing is analysed meanwhile
 BLOB_HELD_MAX_S = 60
+# a held duplicate lookup retries on the same backoff (streams.stage.LOOKUP_RETRY_MAX_S)
+LOOKUP_HELD_MAX_S = 60
 # of HTTP ingest requests (202 + 503): refused for the broker over 5 min / for the buffer budget over 10 min;
 # clients re-send on 503, so a blip is absorbed, a lasting share is events not getting in
 INGEST_BROKER_FAILURE_RATIO_MAX = 0.05
@@ -102,6 +104,14 @@ def prometheus_rules() -> dict[str, Any]:
                   "failing (EIO) or remounted read-only (EROFS). The events are held and retried, nothing is "
                   "dead-lettered, but the analyze stage stalls: no new sightings or alerts. The worker logs "
                   "'blob store write failed' with the errno and path; free space or fix the volume."),
+            _rule("DeepwatchFindingsLookupHeld", f"{q.LOOKUP_HELD_MAX} > {LOOKUP_HELD_MAX_S}", "2m", "critical",
+                  "deepwatch worker {{ $labels.instance }} has held events for the findings store's duplicate "
+                  "lookup for {{ $value | humanizeDuration }}",
+                  "The findings store cannot answer the analyze stage's duplicate lookups: the SQLite file locked "
+                  "past its busy timeout or its disk failing, Elasticsearch unreachable, overloaded or refusing the "
+                  "credentials. The events are held and looked up again, nothing is dead-lettered, but the analyze "
+                  "stage stalls: no new sightings or alerts. The worker logs 'findings store lookup failed' with "
+                  "the store's answer."),
             _rule("DeepwatchDeskDown", q.DESK_DOWN, "5m", "critical",
                   "The fact-check desk {{ $labels.instance }} is not answering /metrics",
                   "Fact-checkers cannot open the queue or record verdicts; alerts still reach subscribers."),

@@ -61,13 +61,21 @@ class Evidence(BaseModel):
     manipulated (0 = confidently authentic, 0.5 = no opinion, 1 = AI).
     ``weight`` says how decisive the finding is (a signed C2PA manifest or an
     exact generator text chunk is near-conclusive; a model logit is not).
+
+    Both are finite numbers, the weight not negative: an infinite weight
+    made fusion's score NaN (at a score of 0.5, or against an opposing
+    infinite weight) and a negative one turns a finding around. Nothing
+    stored carries one: records travel as Pydantic JSON, which writes a
+    non-finite number as ``null`` (never loadable as a score or weight),
+    and the cluster stage refuses ops with non-finite evidence
+    (``streams.clustering``), so no cluster state or findings row got one.
     """
 
     detector: str
     kind: EvidenceKind = EvidenceKind.METADATA
-    score: float = Field(ge=0.0, le=1.0)
+    score: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     detail: str
-    weight: float = Field(default=1.0, ge=0.0)
+    weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
     sha256: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
 

@@ -8,11 +8,18 @@ Rules, in order:
 2. **One vote per detector.** A cluster is many copies of one picture, so
    the same detector's evidence from several member images counts once: the
    item with the largest |contribution| (below) is kept, the rest dropped.
-   Ten identical reposts are not ten times the evidence.
+   Ten identical reposts are not ten times the evidence. An exact tie is
+   broken by the item itself (larger weight, then higher effective score,
+   then detail, sha256, kind, data), never by list order: scores 0.75 and
+   0.25 at one weight kept whichever came first, so a merged cluster's
+   verdict depended on which side of the merge survived.
 3. **Weighted log-odds.** Each kept item contributes
    ``weight * logit(clip(score, 0.01, 0.99))``; the fused score is the
    logistic of the sum (starting from even odds). Clipping bounds any single
    item's say, so weight, not a score of 0.9999, decides how decisive it is.
+   A contribution is bounded to +-``MAX_CONTRIBUTION`` (a weight past ~150
+   saturates the logistic anyway), so huge weights cannot overflow the sum
+   into inf - inf = NaN; opposing ones cancel to even odds.
 4. **Provenance dominates models.** When a non-model item is *decisive*
    (weight >= 2 and score <= 0.1 or >= 0.9: a C2PA AI source type, a
    generator chunk, a signed camera capture, a bank match), learned pixel
@@ -30,13 +37,19 @@ Rules, in order:
    ``inconclusive`` to 0.4), so an unanalysable cluster never alerts, yet
    above 0 because stripped metadata is not proof of authenticity.
 
-Returned evidence is the kept items (one per detector), most decisive first.
+Returned evidence is the kept items (one per detector), most decisive first
+(then by detector name). Fusion is a function of the set of items, not of
+their order. ``Evidence`` refuses non-finite scores and weights and negative
+weights; an item that bypassed validation with one (``model_construct``, an
+assignment) is ignored, so callers of ``fuse`` outside the cluster engine
+(the desk's source view, ``deepwatch detect``) never get NaN or an error.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -50,6 +63,7 @@ DECISIVE_WEIGHT = 2.0
 DECISIVE_SCORE = 0.9
 MODEL_DAMPING = 0.25
 CONTRADICTED_BY_WEIGHT = 1.0
+MAX_CONTRIBUTION = 700.0  # log-odds: math.exp(700) is finite, and the logistic is 0 or 1 well before
 _BANK_DEFAULT = {"authentic": 0.05, "fake": 0.95}
 
 
@@ -77,8 +91,26 @@ def effective_score(ev: Evidence) -> float:
 
 
 def contribution(ev: Evidence) -> float:
-    """Undamped log-odds contribution of one item."""
-    return ev.weight * _logit(effective_score(ev))
+    """Undamped log-odds contribution of one item, within +-MAX_CONTRIBUTION."""
+    return max(-MAX_CONTRIBUTION, min(ev.weight * _logit(effective_score(ev)), MAX_CONTRIBUTION))
+
+
+def _usable(ev: Evidence) -> bool:
+    """A finite score in [0, 1] and a finite weight >= 0, as ``Evidence``
+    validates them; False only for an item that bypassed validation."""
+    return (isinstance(ev.score, (int, float)) and isinstance(ev.weight, (int, float))
+            and 0.0 <= ev.score <= 1.0 and 0.0 <= ev.weight < math.inf)  # NaN fails every comparison
+
+
+def _rank(ev: Evidence) -> tuple[Any, ...]:
+    """Which of one detector's items is kept: the largest |contribution|,
+    then the rest of the item, so that exact ties do not go by list order."""
+    return (abs(contribution(ev)), ev.weight, effective_score(ev), ev.score, ev.detail, ev.sha256 or "",
+            ev.kind.value)
+
+
+def _data_key(ev: Evidence) -> str:
+    return json.dumps(ev.data, sort_keys=True, default=repr)
 
 
 def _is_model(ev: Evidence) -> bool:
@@ -91,12 +123,17 @@ def _is_decisive(ev: Evidence) -> bool:
 
 
 def strongest_per_detector(evidence: list[Evidence]) -> list[Evidence]:
-    best: dict[str, Evidence] = {}
+    """One item per detector (rule 2), whatever the order of ``evidence``;
+    items that are not finite numbers are left out."""
+    best: dict[str, tuple[tuple[Any, ...], Evidence]] = {}
     for ev in evidence:
+        if not _usable(ev):
+            continue
+        rank = _rank(ev)
         kept = best.get(ev.detector)
-        if kept is None or abs(contribution(ev)) > abs(contribution(kept)):
-            best[ev.detector] = ev
-    return list(best.values())
+        if kept is None or rank > kept[0] or (rank == kept[0] and _data_key(ev) > _data_key(kept[1])):
+            best[ev.detector] = (rank, ev)
+    return [ev for _, ev in best.values()]
 
 
 LIKELY_AI = 0.7
@@ -117,7 +154,9 @@ def fuse(evidence: list[Evidence], *, likely_ai: float = LIKELY_AI, inconclusive
             return c * MODEL_DAMPING
         return c
 
-    kept.sort(key=lambda ev: abs(weighted(ev)), reverse=True)
+    # detector names are unique among the kept items: a total order, so the
+    # sum below adds the same floats in the same order whatever the input's
+    kept.sort(key=lambda ev: (-abs(weighted(ev)), ev.detector))
     if not any(weighted(ev) != 0.0 for ev in kept):
         return Fused(score=NO_EVIDENCE_SCORE, verdict="no-evidence", evidence=kept)
 

@@ -135,5 +135,13 @@ BLOB_HELD_SECONDS = Gauge("deepwatch_blob_store_held_seconds", "How long the old
                           "slot holds one, the analyze stage consumes nothing")
 BLOB_WRITE_FAILURES = Counter("deepwatch_blob_write_failures_total", "Blob store writes that failed for a reason "
                               "that passes (ENOSPC, EDQUOT, EIO, EROFS, ...), each held and tried again")
+LOOKUP_HELD_SECONDS = Gauge("deepwatch_findings_lookup_held_seconds", "How long the oldest event this worker holds "
+                            "for the findings store's duplicate lookup has been waiting (0 = none held): the SQLite "
+                            "file locked or its disk failing, Elasticsearch unreachable, overloaded or refusing the "
+                            "credentials. Held events are looked up again with backoff, not dead-lettered; once "
+                            "every analysis slot holds one, the analyze stage consumes nothing")
+LOOKUP_FAILURES = Counter("deepwatch_findings_lookup_failures_total", "Duplicate lookups in the findings store that "
+                          "failed for a reason that passes (SQLITE_BUSY, SQLITE_IOERR, Elasticsearch unavailable, "
+                          "...), each held and tried again")
 FETCH_HOST_PAUSES = Counter("deepwatch_fetch_host_pauses_total", "Image hosts paused after timing out "
                             "fetch.breaker_timeouts times in a row (streams.host_breaker)")

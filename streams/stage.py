@@ -14,11 +14,15 @@ milliseconds each (never a multi-scan JPEG nor a PNG of many chunks, whose
 decode cost their pixel count does not bound); anything larger is analysed in a
 thread the deadline covers.
 
-One failure is not the event's: a picture the blob store cannot write for a
-reason that passes (the disk full, a quota, EIO, a read-only remount) holds
-its event, written again with backoff until it is stored (``_hold_blob``); a
-stop ends the wait, leaving the event unacked. Dead-lettered, a valid event
-was lost for good.
+Two failures are not the event's: a picture the blob store cannot write for
+a reason that passes (the disk full, a quota, EIO, a read-only remount), and
+a duplicate lookup the findings store cannot answer for one (the SQLite file
+locked past its busy timeout, an I/O error; Elasticsearch unreachable,
+overloaded or refusing the credentials: ``lookup_may_pass``). Either holds
+its event, tried again with backoff until it succeeds (``_held``); a stop
+ends the wait, leaving the event unacked. Dead-lettered, a valid event was
+lost for good. A failure that would come back (a corrupt database file, a
+programming error) still ends as a dead letter.
 
 Nor can it stop a thread: an event whose analysis runs past its deadline is
 dead-lettered then, but its analysis slot (``ingest.analyze_concurrency``)
@@ -35,6 +39,7 @@ import errno
 import hashlib
 import io
 import logging
+import sqlite3
 import threading
 import time
 import warnings
@@ -48,6 +53,7 @@ from PIL import Image
 from detectors.imagedata import jpeg_multi_scan
 from streams import metrics
 from streams.blobstore import write_may_pass
+from streams.es_client import store_unavailable
 from streams.findings import reads_are_local
 from streams.recent import Recent
 from streams.records import ClusterOp, DeadLetter, Sighting, SourceRef
@@ -68,11 +74,39 @@ BLOBS_REMEMBERED = 100_000  # ~10 MB of digests: repeats of a recent picture ski
 # long, doubling up to the max (as the cluster stage holds a batch its engine
 # state store could not write).
 BLOB_RETRY_INITIAL_S, BLOB_RETRY_MAX_S = 0.5, 30.0
+# The same for a duplicate lookup the findings store could not answer for a
+# reason that passes (``lookup_may_pass``).
+LOOKUP_RETRY_INITIAL_S, LOOKUP_RETRY_MAX_S = 0.5, 30.0
+
+# SQLite primary result codes after which the same lookup may succeed: the
+# file locked past busy_timeout (BUSY, LOCKED, PROTOCOL), the disk failing or
+# full (IOERR, FULL), the file or its directory unreachable or read-only for
+# now (CANTOPEN, READONLY: opening the store writes its schema). Not ERROR (a
+# bad statement, a missing table), CORRUPT ("database disk image is
+# malformed"), NOTADB and the like: those come back every time.
+PASSING_SQLITE = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_PROTOCOL", "SQLITE_IOERR", "SQLITE_FULL",
+                            "SQLITE_CANTOPEN", "SQLITE_READONLY"})
+
+
+def lookup_may_pass(e: object) -> bool:
+    """Whether a failed findings-store lookup (``e``, what it raised) may
+    succeed if tried again later. SQLite errors are judged by their result
+    code (``sqlite_errorname``, extended codes by their primary one: a
+    ``SQLITE_IOERR_SHORT_READ`` is an ``SQLITE_IOERR``), not their message;
+    Elasticsearch's by ``es_client.store_unavailable``."""
+    if isinstance(e, sqlite3.Error):
+        name = getattr(e, "sqlite_errorname", None)
+        if name is None:  # raised by Python code, not by SQLite: judged as the sinks judge it
+            return isinstance(e, sqlite3.OperationalError)
+        return "_".join(name.split("_")[:2]) in PASSING_SQLITE
+    return isinstance(e, Exception) and store_unavailable(e)
 
 
 class HeldWrites:
-    """Since when each event this process holds for the blob store has been
-    waiting: ``deepwatch_blob_store_held_seconds`` is the oldest (0: none),
+    """Since when each event this process holds for one store (the blob
+    store, the findings store) has been waiting: its gauge
+    (``deepwatch_blob_store_held_seconds``,
+    ``deepwatch_findings_lookup_held_seconds``) is the oldest (0: none),
     read when scraped."""
 
     def __init__(self) -> None:
@@ -95,6 +129,8 @@ class HeldWrites:
 
 HELD_BLOBS = HeldWrites()
 metrics.BLOB_HELD_SECONDS.set_function(HELD_BLOBS.seconds)
+HELD_LOOKUPS = HeldWrites()
+metrics.LOOKUP_HELD_SECONDS.set_function(HELD_LOOKUPS.seconds)
 
 # Chunks a PNG analysed on the event loop may have. Pillow handles each one in
 # Python, opening the file and again decoding it (a 500x400 picture carrying
@@ -120,6 +156,11 @@ def png_chunks_over(data: bytes, limit: int) -> bool:
 
 def errno_name(e: OSError) -> str:
     return errno.errorcode.get(e.errno or 0, str(e.errno))
+
+
+def _error_text(e: BaseException) -> str:
+    code = getattr(e, "sqlite_errorname", None)
+    return f"{type(e).__name__}{f' {code}' if code else ''}: {e}"[:500]
 
 
 class StageError(Exception):
@@ -384,8 +425,11 @@ class AnalyzeStage:
             sighting, stored, held = await slot.to_thread(self._blocking, ev, data, sha256, source)
         metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
         if held is not None:
-            stored = await self._hold_blob(ev.event_id, data, sighting.sha256, held, slot, clock)
+            await self._hold_blob(ev.event_id, data, sighting.sha256, held, slot, clock)
+            stored = await slot.to_thread(self._lookup, ev.event_id)
         self._stage = "dedupe"
+        if lookup_may_pass(stored):
+            stored = await self._hold_lookup(ev.event_id, stored, slot, clock)
         if isinstance(stored, BaseException):
             raise stored
         if self._is_duplicate(ev.event_id, sighting.sha256, recent, stored):
@@ -408,12 +452,16 @@ class AnalyzeStage:
                                       source=source, payload_excerpt=excerpt), event_id=event_id)
 
     def _check_event_time(self, posted_at: datetime, broker_ts: float | None) -> None:
-        # Windows end at the newest posted_at a cluster has seen, so one
-        # future-dated post would push every real sighting out of them and
-        # silence the cluster. Bound event time by ingest time; the offender
-        # is dead-lettered (its own sighting is the only thing lost).
-        # Ingest time is this worker's clock, not the message timestamp: a
-        # producer's CreateTime can be anything (old mirrored topics, wrong clocks).
+        # Windows end at a cluster's newest event time, min(posted_at, broker
+        # timestamp) (``clustering.event_time``), so a post dated ahead moves
+        # them only as far as its broker timestamp; but that is the
+        # producer's CreateTime on most topics, which can be anything too
+        # (old mirrored topics, wrong clocks), and a sighting without one
+        # counts at posted_at. One far-future post would push every real
+        # sighting out of the windows and silence the cluster (and stand as
+        # its last_seen). So posted_at is bounded by ingest time, this
+        # worker's clock; the offender is dead-lettered (its own sighting is
+        # the only thing lost).
         ingested = datetime.now(timezone.utc)
         skew = self.settings.ingest.max_future_skew_s
         if posted_at > ingested + timedelta(seconds=skew):
@@ -450,7 +498,8 @@ class AnalyzeStage:
         """Analysis, blob write and the stored picture of this event id, on
         the loop or in a worker thread (``sha256``: the digest of ``data`` if
         already taken). A failing lookup is returned, not raised, so its dead
-        letter names the dedupe stage. The third item: the error of a blob
+        letter names the dedupe stage (or, failing for a reason that passes,
+        it is held: ``_hold_lookup``). The third item: the error of a blob
         write that may pass (the event is held, ``_hold_blob``; the lookup is
         left for then), else None."""
         sighting: Sighting = self.analyzer.analyze(ev, data, source, sha256)
@@ -486,36 +535,68 @@ class AnalyzeStage:
             except Exception as e:  # noqa: BLE001 - re-raised in the dedupe stage
                 return e
 
-    async def _hold_blob(self, event_id: str, data: bytes, sha256: str, error: OSError, slot: Slot,
-                         clock: asyncio.Timeout | None) -> Any:
-        """Hold an event whose picture the blob store could not write for a
-        reason that passes, trying the write again with backoff until it is
-        stored (or fails for good: ``blob:blob_write``). The event is valid:
-        dead-lettering it lost it for good. The waits are not charged to its
-        deadline, and the analysis slot stays taken meanwhile (a full disk
-        stops analysis rather than piling up pictures). A stop cancels the
-        wait at once: the event is left unacked and read again. Returns the
-        store's answer on the event id, looked up once the picture is stored."""
-        self._stage = "blob"
-        delay = BLOB_RETRY_INITIAL_S
-        tries = 1
-        HELD_BLOBS.holding(self)
+    async def _held(self, event_id: str, failed: Any, again: Callable[[], Any], may_pass: Callable[[Any], bool],
+                    slot: Slot, clock: asyncio.Timeout | None, *, holding: HeldWrites, failures: Any,
+                    initial_s: float, max_s: float, say: Callable[[Any, float], str],
+                    extra: Callable[[Any], dict[str, Any]]) -> tuple[Any, int]:
+        """Hold a valid event on a failure that passes (``may_pass(failed)``):
+        ``again()`` in a thread after a backoff from ``initial_s`` doubling up
+        to ``max_s``, until its outcome no longer may pass. Returns that
+        outcome and the number of tries. Each failed try counts in
+        ``failures`` and is logged (``say``); ``holding`` clocks the wait for
+        its gauge. The waits are not charged to the event's deadline, and the
+        analysis slot stays taken meanwhile (an outage stops analysis rather
+        than piling up pictures). A stop cancels the wait at once: the event
+        is left unacked and read again."""
+        delay, tries = initial_s, 1
+        holding.holding(self)
         try:
-            while error is not None:
-                metrics.BLOB_WRITE_FAILURES.inc()
-                log.error(f"blob store write failed ({error.strerror or error}; {error.filename or 'blobs/'}); the "
-                          f"event is held and its picture written again in {delay:g}s: free space on the data dir's "
-                          "disk (or lift its quota, remount it read-write)",
-                          extra={"event_id": event_id, "sha256": sha256, "errno": errno_name(error),
-                                 "tries": tries, "delay_s": delay})
+            while may_pass(failed):
+                failures.inc()
+                log.error(say(failed, delay), extra={"event_id": event_id, **extra(failed), "tries": tries,
+                                                     "delay_s": delay})
                 await uncharged(clock, asyncio.sleep(delay))
-                delay = min(delay * 2, BLOB_RETRY_MAX_S)
+                delay = min(delay * 2, max_s)
                 tries += 1
-                error = await slot.to_thread(self._store_blob, data, sha256)
+                failed = await slot.to_thread(again)
         finally:
-            HELD_BLOBS.done(self)
+            holding.done(self)
+        return failed, tries
+
+    async def _hold_blob(self, event_id: str, data: bytes, sha256: str, error: OSError, slot: Slot,
+                         clock: asyncio.Timeout | None) -> None:
+        """Hold an event whose picture the blob store could not write for a
+        reason that passes, writing it again (``_held``) until it is stored
+        or fails for good (``blob:blob_write``)."""
+        self._stage = "blob"
+        _, tries = await self._held(
+            event_id, error, lambda: self._store_blob(data, sha256), lambda e: e is not None, slot, clock,
+            holding=HELD_BLOBS, failures=metrics.BLOB_WRITE_FAILURES,
+            initial_s=BLOB_RETRY_INITIAL_S, max_s=BLOB_RETRY_MAX_S,
+            say=lambda e, delay: (f"blob store write failed ({e.strerror or e}; {e.filename or 'blobs/'}); the event "
+                                  f"is held and its picture written again in {delay:g}s: free space on the data "
+                                  "dir's disk (or lift its quota, remount it read-write)"),
+            extra=lambda e: {"sha256": sha256, "errno": errno_name(e)})
         log.info("blob store written again; the held event goes on", extra={"event_id": event_id, "tries": tries})
-        return await slot.to_thread(self._lookup, event_id)
+
+    async def _hold_lookup(self, event_id: str, error: Exception, slot: Slot, clock: asyncio.Timeout | None) -> Any:
+        """Hold an event whose duplicate lookup the findings store could not
+        answer for a reason that passes (``lookup_may_pass``), asking again
+        (``_held``) until it answers; returns the answer (the stored sha256
+        or None), or the error of a lookup that then failed for good, which
+        the dedupe stage dead-letters as before."""
+        self._stage = "dedupe"
+        stored, tries = await self._held(
+            event_id, error, lambda: self._lookup(event_id), lookup_may_pass, slot, clock,
+            holding=HELD_LOOKUPS, failures=metrics.LOOKUP_FAILURES,
+            initial_s=LOOKUP_RETRY_INITIAL_S, max_s=LOOKUP_RETRY_MAX_S,
+            say=lambda e, delay: (f"findings store lookup failed ({_error_text(e)}); the event is held and looked "
+                                  f"up again in {delay:g}s: check the findings store (the SQLite file's locks and "
+                                  "disk; Elasticsearch's health and credentials)"),
+            extra=lambda e: {"error": _error_text(e)})
+        log.info("findings store answered again; the held event goes on", extra={"event_id": event_id,
+                                                                                "tries": tries})
+        return stored
 
     def _is_duplicate(self, event_id: str, sha256: str, recent: str | None, stored: str | None) -> bool:
         """True for an exact repeat of a stored sighting; ``StageError`` when

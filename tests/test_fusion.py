@@ -117,3 +117,68 @@ def test_old_records_without_kind_still_parse_with_their_kind() -> None:
     assert Evidence.model_validate({"detector": "generator-metadata", "score": 0.5, "detail": "d"}).kind == EvidenceKind.METADATA
     round_trip = Evidence.model_validate_json(Evidence(detector="m", kind=EvidenceKind.MODEL, score=0.7, detail="d").model_dump_json())
     assert round_trip.kind == EvidenceKind.MODEL
+
+
+@pytest.mark.parametrize("field, value", [("score", math.nan), ("score", math.inf), ("weight", math.inf),
+                                          ("weight", -math.inf), ("weight", math.nan), ("weight", -0.5)])
+def test_evidence_refuses_non_finite_and_negative_numbers(field, value) -> None:
+    from pydantic import ValidationError
+
+    doc = {"detector": "d", "score": 0.9, "weight": 1.0, "detail": "d", field: value}
+    with pytest.raises(ValidationError) as raised:
+        Evidence(**doc)
+    [err] = raised.value.errors()
+    assert err["loc"] == (field,)
+    assert err["type"] == ("greater_than_equal" if value == -0.5 else "finite_number")
+    # nor through JSON, which Python's json module writes with Infinity / NaN
+    import json
+
+    with pytest.raises(ValidationError):
+        Evidence.model_validate_json(json.dumps(doc))
+
+
+@pytest.mark.parametrize("weight", [math.inf, math.nan])
+@pytest.mark.parametrize("score", [0.5, 0.9])
+def test_fuse_ignores_an_item_that_bypassed_validation(score, weight) -> None:
+    """``fuse`` is called outside the cluster engine (the desk's source view,
+    ``deepwatch detect``): an item built with ``model_construct`` raised a
+    ValidationError (fused score NaN) at score 0.5, or against another."""
+    bad = Evidence.model_construct(detector="x", kind=ev("x", 0.5).kind, score=score, weight=weight, detail="bad",
+                                   sha256=None, data={})
+    assert fuse([bad]).score == NO_EVIDENCE_SCORE and fuse([bad]).evidence == []
+    against = Evidence.model_construct(**{**dict(bad), "detector": "y", "score": 0.1})
+    fused = fuse([bad, against, ev("model:a", 0.8)])
+    assert fused.score == pytest.approx(0.8) and [e.detector for e in fused.evidence] == ["model:a"]
+
+
+def test_huge_weights_do_not_overflow_into_nan() -> None:
+    # 1e308 * logit(0.99) overflowed to inf; two such opposing items gave inf - inf = NaN
+    assert fuse([ev("a", 0.9, 1e308)]).score == 1.0
+    assert fuse([ev("a", 0.1, 1e308)]).score < 1e-300
+    both = fuse([ev("a", 0.9, 1e308), ev("b", 0.1, 1e308)])
+    assert both.score == 0.5 and both.verdict == "inconclusive"
+
+
+def test_an_exact_tie_within_a_detector_does_not_go_by_list_order() -> None:
+    """0.75 and 0.25 at one weight contribute +-log(3) exactly: the first in
+    the list was kept, so a merged cluster's verdict depended on which side
+    of the merge survived. The higher score wins the tie, either way round."""
+    ai, authentic = ev("model:a", 0.75), ev("model:a", 0.25)
+    assert abs(contribution(ai)) == abs(contribution(authentic))
+    assert fuse([ai, authentic]).score == fuse([authentic, ai]).score == pytest.approx(0.75)
+    # equal contributions: the larger weight, then the detail decide
+    heavy, light = ev("d", 0.9, 2.0), Evidence(detector="d", score=0.99, weight=2.0 * math.log(9) / math.log(99),
+                                              detail="d says 0.99")
+    if abs(contribution(heavy)) == abs(contribution(light)):
+        assert fuse([light, heavy]).evidence == fuse([heavy, light]).evidence == [heavy]
+    one, other = (Evidence(detector="d", score=0.8, detail=t) for t in ("copy one", "copy two"))
+    assert fuse([one, other]).evidence == fuse([other, one]).evidence == [other]
+    left, right = (Evidence(detector="d", score=0.8, detail="same", data={"post": p}) for p in ("a", "b"))
+    assert fuse([left, right]).evidence == fuse([right, left]).evidence == [right]
+
+
+def test_equally_decisive_detectors_are_listed_by_name() -> None:
+    fused = fuse([ev("zeta", 0.75), ev("alpha", 0.25), ev("mid", 0.75)])  # +-log(3) each, exactly
+    assert [e.detector for e in fused.evidence] == ["alpha", "mid", "zeta"]
+    assert fused == fuse([ev("mid", 0.75), ev("zeta", 0.75), ev("alpha", 0.25)])
+    assert fused.score == pytest.approx(0.75)

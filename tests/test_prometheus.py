@@ -249,6 +249,24 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                     {"eval_time": "10m", "alertname": "DeepwatchBlobStoreHeld", "exp_alerts": []},
                 ],
             },
+            {   # a worker's findings store locked (or Elasticsearch down) for minutes: its events held
+                # for the duplicate lookup, then answered; another worker looking up fine
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_findings_lookup_held_seconds{job="deepwatch",instance="w1"}',
+                     "values": "0 0 30 90 150 210 270 330 0 0 0 0"},
+                    {"series": 'deepwatch_findings_lookup_held_seconds{job="deepwatch",instance="w2"}',
+                     "values": "0x12"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "3m", "alertname": "DeepwatchFindingsLookupHeld", "exp_alerts": []},  # pending
+                    {"eval_time": "6m", "alertname": "DeepwatchFindingsLookupHeld", "exp_alerts": [_expected_alert(
+                        "DeepwatchFindingsLookupHeld", {"instance": "w1"},
+                        summary="deepwatch worker w1 has held events for the findings store's duplicate lookup "
+                                "for 4m 30s")]},
+                    {"eval_time": "10m", "alertname": "DeepwatchFindingsLookupHeld", "exp_alerts": []},
+                ],
+            },
             {   # the desk answers 1 of 10 requests with a 500 (a findings store gone), then its scrape stops
                 "interval": "1m",
                 "input_series": [

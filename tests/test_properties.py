@@ -163,3 +163,33 @@ def test_corrupted_images_decode_or_are_rejected(seed, flips, cut):
        st.binary(max_size=400))
 def test_random_bodies_behind_image_magic(magic, body):
     _decode(magic + body)
+
+
+# -- fusion -------------------------------------------------------------------
+def _evidence():
+    from detectors.base import Evidence, EvidenceKind
+
+    # few detectors, so several items per detector (rule 2) and exact ties are common;
+    # 0.25 / 0.75 at one weight contribute exactly +-log(3)
+    scores = st.sampled_from([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]) | st.floats(0.0, 1.0)
+    weights = st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 1e308]) | st.floats(0.0, 1e308)
+    return st.builds(Evidence, detector=st.sampled_from(["c2pa", "model:a", "vendor:v", "bank:b", "xmp"]),
+                     kind=st.sampled_from(list(EvidenceKind)), score=scores, weight=weights,
+                     detail=st.sampled_from(["one", "two"]), sha256=st.none() | st.sampled_from(["a" * 64, "b" * 64]),
+                     data=st.sampled_from([{}, {"verdict": "authentic"}, {"verdict": "fake"}, {"post": 1}]))
+
+
+@PROFILE
+@given(st.lists(_evidence(), max_size=8).flatmap(lambda evs: st.tuples(st.just(evs), st.permutations(evs))))
+def test_fusion_is_invariant_under_permutation_of_its_input(pair):
+    """Fusion is a function of the set of evidence: a merged cluster's verdict
+    must not depend on which side of the merge survived (whose evidence came
+    first), nor on the order sightings arrived in."""
+    import math
+
+    from detectors.fusion import fuse
+
+    evidence, shuffled = pair
+    fused, again = fuse(evidence), fuse(list(shuffled))
+    assert fused == again  # score, verdict and the kept items in their order
+    assert math.isfinite(fused.score) and 0.0 <= fused.score <= 1.0
