@@ -41,16 +41,44 @@ def _event(n: int, path: str) -> bytes:
                        "posted_at": "2026-05-01T12:00:00Z", "image": {"path": path}}).encode()
 
 
-def _stage(tmp_path: Path, *, deadline_s: float = 120.0, inline_max_pixels: int = 4_000_000) -> AnalyzeStage:
+PICTURES = {"small.png": corpus.picture_png(1, (256, 192)), "large.png": corpus.picture_png(2, (640, 480))}
+
+
+def _stage(tmp_path: Path, store=None, *, deadline_s: float = 120.0,
+           inline_max_pixels: int = 4_000_000) -> AnalyzeStage:
+    """An analyze stage over local files ``PICTURES`` and a findings store
+    (``store``; default: one that has stored nothing)."""
     images = tmp_path / "images"
     images.mkdir(exist_ok=True)
-    (images / "small.png").write_bytes(corpus.picture_png(1, (256, 192)))
-    (images / "large.png").write_bytes(corpus.picture_png(2, (640, 480)))
+    for name, data in PICTURES.items():
+        (images / name).write_bytes(data)
     settings = Settings(data_dir=tmp_path / "data", ingest={"image_roots": [images], "event_deadline_s": deadline_s},
                         batch={"analyze_inline_max_pixels": inline_max_pixels})
     blobs = DirectoryBlobStore(tmp_path / "blobs")
     fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
-    return AnalyzeStage(settings, fetcher, Analyzer(settings, tmp_path / "blobs"), blobs.put, lambda: _Store())
+    store = store or _Store()
+    return AnalyzeStage(settings, fetcher, Analyzer(settings, tmp_path / "blobs"), blobs.put, lambda: store)
+
+
+def cancel_while_held(stage: AnalyzeStage, tried, held_s) -> tuple[float, float]:
+    """Process one event until ``tried()`` says its first try failed, let it
+    wait 0.3 s, then cancel it as a stopping worker does: (``held_s()`` just
+    before the cancel, seconds the cancel took)."""
+
+    async def go():
+        task = asyncio.ensure_future(stage.process(_event(0, "small.png"),
+                                                   SourceRef(topic="events", partition=0, offset=0)))
+        while not tried():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        held = held_s()
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return held, time.monotonic() - started
+
+    return asyncio.run(go())
 
 
 class _Failing:
@@ -139,21 +167,8 @@ def test_a_stop_ends_a_held_event_at_once_and_leaves_it_unacked(tmp_path, monkey
     stage = _stage(tmp_path)
     failing = _Failing(errno.ENOSPC, 1_000)
 
-    async def go():
-        task = asyncio.ensure_future(stage.process(_event(0, "small.png"),
-                                                   SourceRef(topic="events", partition=0, offset=0)))
-        while failing.calls == 0:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)
-        held = _held_s()
-        started = time.monotonic()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return held, time.monotonic() - started
-
     with mock.patch("streams.blobstore.write_atomically", failing):
-        held, stop_s = asyncio.run(go())
+        held, stop_s = cancel_while_held(stage, lambda: failing.calls > 0, _held_s)
     assert held >= 0.25 and stop_s < 0.5 and failing.calls == 1
     assert _held_s() == 0.0
 

@@ -12,9 +12,7 @@ corrupt page), so they carry the result codes the stage judges them by."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
 import sqlite3
 import time
 from pathlib import Path
@@ -24,37 +22,14 @@ from prometheus_client import REGISTRY
 
 import streams.stage as stage_mod
 from streams import metrics
-from streams.analyze import Analyzer
-from streams.blobstore import DirectoryBlobStore
 from streams.es_client import EsError
-from streams.fetch import ImageFetcher
-from streams.records import ClusterOp, SourceRef
-from streams.settings import Settings
+from streams.records import ClusterOp
 from streams.stage import AnalyzeStage, lookup_may_pass
-from tests.hostile import corpus
-
-PICTURES = {"small.png": corpus.picture_png(1, (256, 192)), "large.png": corpus.picture_png(2, (640, 480))}
-
-
-def _event(n: int, path: str) -> bytes:
-    return json.dumps({"event_id": f"e{n}", "platform": "x", "account_id": f"a{n}",
-                       "posted_at": "2026-05-01T12:00:00Z", "image": {"path": path}}).encode()
-
+from tests.test_blob_hold import PICTURES, _event, _process, cancel_while_held
+from tests.test_blob_hold import _stage as stage_for
 
 def _stage(tmp_path: Path, store, *, deadline_s: float = 120.0, inline_max_pixels: int = 200_000) -> AnalyzeStage:
-    images = tmp_path / "images"
-    images.mkdir(exist_ok=True)
-    for name, data in PICTURES.items():
-        (images / name).write_bytes(data)
-    settings = Settings(data_dir=tmp_path / "data", ingest={"image_roots": [images], "event_deadline_s": deadline_s},
-                        batch={"analyze_inline_max_pixels": inline_max_pixels})
-    blobs = DirectoryBlobStore(tmp_path / "blobs")
-    fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
-    return AnalyzeStage(settings, fetcher, Analyzer(settings, tmp_path / "blobs"), blobs.put, lambda: store)
-
-
-def _process(stage: AnalyzeStage, raw: bytes):
-    return asyncio.run(stage.process(raw, SourceRef(topic="events", partition=0, offset=0)))
+    return stage_for(tmp_path, store, deadline_s=deadline_s, inline_max_pixels=inline_max_pixels)
 
 
 def _failures() -> float:
@@ -258,20 +233,7 @@ def test_a_stop_ends_a_held_lookup_at_once_and_leaves_the_event_unacked(tmp_path
     store = Scripted(*[_es_unreachable() for _ in range(100)])
     stage = _stage(tmp_path, store)
 
-    async def go():
-        task = asyncio.ensure_future(stage.process(_event(0, "small.png"),
-                                                   SourceRef(topic="events", partition=0, offset=0)))
-        while store.calls == 0:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)
-        held = _held_s()
-        started = time.monotonic()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return held, time.monotonic() - started
-
-    held, stop_s = asyncio.run(go())
+    held, stop_s = cancel_while_held(stage, lambda: store.calls > 0, _held_s)
     assert held >= 0.25 and stop_s < 0.5 and store.calls == 1
     assert _held_s() == 0.0
 
