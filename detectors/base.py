@@ -67,8 +67,8 @@ class Evidence(BaseModel):
     infinite weight) and a negative one turns a finding around. Nothing
     stored carries one: records travel as Pydantic JSON, which writes a
     non-finite number as ``null`` (never loadable as a score or weight),
-    and the cluster stage refuses ops with non-finite evidence
-    (``streams.clustering``), so no cluster state or findings row got one.
+    and the cluster stage refused ops with non-finite evidence before this
+    record did, so no cluster state or findings row got one.
     """
 
     detector: str

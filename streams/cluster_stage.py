@@ -36,8 +36,9 @@ applied, ``get_state`` reads the batch's own pending states first, so op
 *k+1* sees what op *k* did. An op that fails becomes one dead letter (stage
 ``cluster``) and the rest of the batch goes on; its pending states are the
 ones before it, as a failed op leaves the table today. One the engine
-refused up front (``InvalidOp``: malformed hashes, non-finite evidence,
-reason ``invalid_op``) changed nothing; any other failure (reason
+refused up front (``InvalidOp``: malformed hashes) or the record refused
+(non-finite evidence, say: ``detectors.base.Evidence``), reason
+``invalid_op``, changed nothing; any other failure (reason
 ``internal_error``) may have changed the index half-way, so
 the batch so far is written and the index rebuilt from the table. A batch
 whose writes fail makes every op of it not yet written a dead letter and
@@ -67,7 +68,7 @@ from detectors.neardup.localized import PixelSource
 from streams import metrics
 from streams.clustering import ClusterEngine, ClusterState, InvalidOp, Outcome, fit, model_request
 from streams.engine_state import SqliteEngineState
-from streams.records import ClusterOp, DeadLetter, DetectRequest, SourceRef
+from streams.records import ClusterOp, DeadLetter, DetectRequest, SourceRef, named_event
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -348,19 +349,12 @@ class ClusterStage:
 
 def _named_event(raw: bytes | None) -> tuple[str | None, SourceRef | None]:
     """The event id and source a cluster op the record refuses still names
-    (``sighting.event.event_id``, ``sighting.source``), so its dead letter
-    accounts for that event; (None, None) when they do not read."""
+    (its ``sighting``: ``records.named_event``)."""
     try:
         sighting = json.loads(raw)["sighting"]
-        event_id = sighting["event"]["event_id"]
-    except Exception:  # noqa: BLE001 - not JSON, or not of that shape
+    except Exception:  # noqa: BLE001 - not JSON, or no sighting
         return None, None
-    if not isinstance(event_id, str) or not event_id:
-        return None, None
-    try:
-        return event_id[:256], SourceRef.model_validate(sighting.get("source"))
-    except Exception:  # noqa: BLE001 - the event id alone
-        return event_id[:256], None
+    return named_event(sighting)
 
 
 def _loadable(raws: Any, where: str) -> list[ClusterState]:

@@ -505,8 +505,8 @@ class ClusterEngine:
         self._maybe_alert(state, out, s, top, v)
         state.revision += 1
         state.applied_offset = offset
-        # the survivor of a merge first, then the clusters it merged: a writer
-        # stopped half-way leaves a merge ``rebuild`` can finish
+        # the survivor of a merge first, then the clusters it merged (the
+        # stage writes in this order, merged-away ones last: ``ClusterStage._write``)
         out.writes = {state.cluster_id: state, **{c: w for c, w in out.writes.items() if c != state.cluster_id}}
         out.snapshots.append(self._snapshot(state, s, top, v))
         return out
@@ -689,9 +689,6 @@ def _check(op: ClusterOp) -> None:
             bad.append("content_box")
         if bad:
             raise InvalidOp(f"sighting {op.sighting.sha256[:64]!r} is malformed: {', '.join(bad[:8])}")
-    evidence = op.sighting.evidence if op.sighting is not None else op.detection.evidence if op.detection else []
-    if any(not (math.isfinite(e.score) and math.isfinite(e.weight)) for e in evidence):
-        raise InvalidOp("evidence with a non-finite score or weight")
 
 
 def _thumb_ok(thumb: str) -> bool:

@@ -177,6 +177,22 @@ def usable_event_id(value: Any) -> str | None:
     return value
 
 
+def named_event(about: Any) -> tuple[str | None, "SourceRef | None"]:
+    """The event id and source that a record which does not validate still
+    names: a sighting's ``event.event_id`` (or a dead letter's ``event_id``,
+    ``usable_event_id``) and its ``source``, each None where it does not
+    read. So the dead letter of an unreadable record accounts for its event."""
+    if not isinstance(about, dict):
+        return None, None
+    event = about.get("event")
+    event_id = usable_event_id(event.get("event_id") if isinstance(event, dict) else about.get("event_id"))
+    try:
+        source = SourceRef.model_validate(about.get("source"))
+    except ValueError:
+        source = None
+    return event_id, source
+
+
 def _clip(text: str, limit: int) -> str:
     text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -394,9 +410,10 @@ class Alert(_Record):
     """What a subscriber receives (the webhook body) and the findings store
     keeps. ``first_seen``/``last_seen``/``platforms`` are the cluster's when
     the alert was raised; ``sample_posts`` its earliest posts
-    (``MAX_SAMPLE_POSTS``) and the trigger post, earliest first. All four
-    are absent from alerts raised before they existed (and empty where an
-    alert is not about one cluster's posts)."""
+    (``MAX_SAMPLE_POSTS``) and the trigger post, earliest first. The desk's
+    alerts fill them from the findings store (an account alert: the
+    account's platforms, last post and latest posts). All four are absent
+    from alerts raised before they existed."""
 
     schema_version: Literal[1] = 1
     alert_id: str  # stable: cluster id + level, so redelivery is idempotent

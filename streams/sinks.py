@@ -58,7 +58,7 @@ import httpx
 
 from streams import metrics
 from streams.es_client import store_unavailable
-from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef, usable_event_id
+from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef, named_event
 from streams.settings import FindingsSettings, Settings, WebhookSettings
 from streams.findings import QUEUED, FindingsStore, delivery_settled, open_findings
 from streams.webhooks import (
@@ -322,14 +322,8 @@ def unreadable(what: str, raw: Any, error: Exception) -> DeadLetter:
     event_id: str | None = None
     source: SourceRef | None = None
     if isinstance(doc, dict):
-        about = doc.get("new_sighting") if what == "snapshot" else doc if what == "dead letter" else None
-        if isinstance(about, dict):
-            event = about.get("event")
-            event_id = usable_event_id(event.get("event_id") if isinstance(event, dict) else about.get("event_id"))
-            try:
-                source = SourceRef.model_validate(about.get("source"))
-            except ValueError:
-                source = None
+        event_id, source = named_event(doc.get("new_sighting") if what == "snapshot"
+                                       else doc if what == "dead letter" else None)
     errors = getattr(error, "errors", None)
     if callable(errors) and errors():
         first = errors()[0]

@@ -93,12 +93,13 @@ def lookup_may_pass(e: object) -> bool:
     succeed if tried again later. SQLite errors are judged by their result
     code (``sqlite_errorname``, extended codes by their primary one: a
     ``SQLITE_IOERR_SHORT_READ`` is an ``SQLITE_IOERR``), not their message;
-    Elasticsearch's by ``es_client.store_unavailable``."""
-    if isinstance(e, sqlite3.Error):
-        name = getattr(e, "sqlite_errorname", None)
-        if name is None:  # raised by Python code, not by SQLite: judged as the sinks judge it
-            return isinstance(e, sqlite3.OperationalError)
+    Elasticsearch's by ``es_client.store_unavailable``. Opening the SQLite
+    store (on the first lookup) raises ``store.StoreError`` carrying the code."""
+    name = getattr(e, "sqlite_errorname", None)
+    if name is not None:
         return "_".join(name.split("_")[:2]) in PASSING_SQLITE
+    if isinstance(e, sqlite3.Error):  # raised by Python code, not by SQLite: judged as the sinks judge it
+        return isinstance(e, sqlite3.OperationalError)
     return isinstance(e, Exception) and store_unavailable(e)
 
 
@@ -558,7 +559,7 @@ class AnalyzeStage:
                 await uncharged(clock, asyncio.sleep(delay))
                 delay = min(delay * 2, max_s)
                 tries += 1
-                failed = await slot.to_thread(again)
+                failed = await uncharged(clock, slot.to_thread(again))  # a try may wait out a 30 s lock
         finally:
             holding.done(self)
         return failed, tries

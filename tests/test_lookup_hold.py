@@ -262,3 +262,43 @@ def test_a_picture_held_for_the_blob_store_then_for_the_lookup(tmp_path, monkeyp
         result = _process(_stage(tmp_path, store), _event(0, "large.png"))
     assert result.dead is None and ClusterOp.loads(result.op).sighting.event.event_id == "e0"
     assert len(writes) == 3 and store.calls == 3 and _failures() - before == 2
+
+
+class SlowFailing(Scripted):
+    """Each failing lookup takes ``seconds`` (as one waiting out SQLite's busy timeout does)."""
+
+    def __init__(self, seconds: float, *errors: Exception):
+        super().__init__(*errors)
+        self.seconds = seconds
+
+    def sighting_sha256(self, event_id: str) -> str | None:
+        if self.errors:
+            time.sleep(self.seconds)
+        return super().sighting_sha256(event_id)
+
+
+def test_a_held_lookups_slow_tries_are_not_charged_to_the_events_deadline(tmp_path, monkeypatch):
+    # each try of a locked store waits out its 30 s busy timeout: charged, the
+    # event met its 120 s deadline after four tries as dedupe:deadline
+    monkeypatch.setattr(stage_mod, "LOOKUP_RETRY_INITIAL_S", 0.05)
+    store = SlowFailing(0.4, *[_es_unreachable() for _ in range(4)])
+    result = _process(_stage(tmp_path, store, deadline_s=1.0), _event(0, "small.png"))
+    assert result.dead is None, result.dead
+    assert ClusterOp.loads(result.op).sighting.event.event_id == "e0" and store.calls == 5
+
+
+def test_a_store_locked_while_it_opens_holds_the_event_too(tmp_path, monkeypatch):
+    # the SQLite store opens on the first lookup; a lock then was a StoreError
+    # without its SQLite code, dead-lettered
+    from streams.store import StoreError
+
+    locked = sqlite3.OperationalError("database is locked")
+    locked.sqlite_errorcode, locked.sqlite_errorname = 5, "SQLITE_BUSY"
+    corrupt = sqlite3.DatabaseError("database disk image is malformed")
+    corrupt.sqlite_errorcode, corrupt.sqlite_errorname = 11, "SQLITE_CORRUPT"
+    assert lookup_may_pass(StoreError.of("cannot open findings store 'x': database is locked", locked))
+    assert not lookup_may_pass(StoreError.of("findings store 'x' is not a readable SQLite database", corrupt))
+    monkeypatch.setattr(stage_mod, "LOOKUP_RETRY_INITIAL_S", 0.05)
+    store = Scripted(StoreError.of("cannot open findings store 'x': database is locked", locked))
+    result = _process(_stage(tmp_path, store), _event(0, "small.png"))
+    assert result.dead is None and store.calls == 2
