@@ -32,10 +32,9 @@ from streams.es_docs import (
 from streams.findings import (
     MAX_RESULTS, QUEUED, QUEUED_RECENT_S, AccountAggregate, AccountCursor, AccountWindow, AlertRecord, ClusterQuery,
     ClusterRecord, DeadLetterRecord, Deadline, Page, MemberRow, SearchTimeout, SightingRecord, account_rank, read_limit,
-    sort_key, surviving_cluster, text_terms, unstored_alerts,
+    cluster_page_url, sort_key, surviving_cluster, text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
-from streams.webhooks import cluster_page_url
 
 log = logging.getLogger("deepwatch.es")
 
@@ -391,15 +390,24 @@ class EsFindingsStore:
     # -- reads ----------------------------------------------------------------
     def _search(self, index: str, deadline: Deadline | None = None, **body: Any) -> dict[str, Any]:
         """One search request. With ``deadline``: sent with the time left
-        as its ``timeout``, and an answer Elasticsearch marks ``timed_out``
+        as its ``timeout`` and as the client's request timeout (no
+        retries), and an answer Elasticsearch marks ``timed_out``
         (the hits and buckets found before the shards gave up: a part,
         unsaid which) raises ``SearchTimeout`` instead of being used."""
-        from elasticsearch import NotFoundError
+        from elasticsearch import ConnectionTimeout, NotFoundError
 
+        es = self.es
         if deadline is not None:
-            body["timeout"] = f"{max(1, int(deadline.left() * 1000))}ms"
+            left = deadline.left()
+            body["timeout"] = f"{max(1, int(left * 1000))}ms"  # the shards' own (soft) limit
+            # and the request's: no waiting past the time left, no retries
+            es = es.options(request_timeout=left, max_retries=0)
         try:
-            res = dict(self.es.search(index=index, **body))
+            res = dict(es.search(index=index, **body))
+        except ConnectionTimeout as e:
+            if deadline is not None:
+                raise SearchTimeout(deadline.timeout_s) from None
+            raise explain(e, self.config.url) from None
         except NotFoundError as e:
             if not es_error_body(e):  # a 404 page from a server that is not Elasticsearch (a wrong URL)
                 raise explain(e, self.config.url) from None

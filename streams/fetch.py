@@ -282,7 +282,7 @@ async def resolve_checked(host: str, port: int, allow_private: bool, timeout_s: 
 @dataclass(frozen=True)
 class Pinned:
     """A URL resolved, checked and pinned: ``url`` names the checked
-    ``address`` instead of the host, ``host_header`` and ``sni`` keep the
+    address instead of the host, ``host_header`` and ``sni`` keep the
     name (ASCII: IDNA names in punycode; an IPv6 literal bracketed in the
     Host header, with the port when the URL gives one other than the
     scheme's)."""
@@ -290,7 +290,6 @@ class Pinned:
     url: httpx.URL
     host_header: str
     sni: str
-    address: str
 
 
 def _request_url(url: str) -> httpx.URL:
@@ -329,9 +328,8 @@ async def pin(url: str, refuse: Callable[[str, list[IPAddress]], None], timeout_
         raise FetchError("bad_url", f"no host in {url[:200]!r}")
     addrs = await resolve(host, port, timeout_s)
     refuse(host, addrs)
-    address = str(addrs[0])
-    return Pinned(url=parsed.copy_with(host=address), host_header=parsed.netloc.decode("ascii").rpartition("@")[2],
-                  sni=host, address=address)
+    return Pinned(url=parsed.copy_with(host=str(addrs[0])),
+                  host_header=parsed.netloc.decode("ascii").rpartition("@")[2], sni=host)
 
 
 @functools.cache

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Collection, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar, runtime_checkable
-from urllib.parse import urlsplit
+from typing import Any, Callable, Collection, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar, runtime_checkable
+from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -339,7 +339,10 @@ class AccountCursor(BaseModel):
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-CURSOR_MAX_CHARS = 2048  # base64 of a first post's time and event id (at most 256 characters) with the counts
+# base64 (4/3) of the JSON of a cursor's counts and times and its one id
+# (an event or cluster id, at most 256 characters, each at worst a 6-character
+# \u escape: 1,536): about 2,300 at worst, with room to spare
+CURSOR_MAX_CHARS = 8192
 _CURSOR_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 NOT_A_CURSOR = "not a cursor this desk gave"
 
@@ -530,23 +533,48 @@ def unstored_alerts(clusters: Iterable[tuple[str, int, Iterable[str]]],
     return missing
 
 
-def sort_key(sort: str):
+def cluster_page_url(public_url: str | None, cluster_id: str) -> str | None:
+    """The desk's page of a cluster (``/clusters/{cluster_id}``, the id
+    percent-encoded as one path segment) under ``desk.public_url``; None
+    without an address."""
+    if not public_url:
+        return None
+    return f"{public_url}/clusters/{quote(cluster_id, safe='')}"
+
+
+_VELOCITY_FIELDS = ("sightings_5m", "sightings_1h")
+
+
+def record_field(c: "ClusterRecord", name: str) -> Any:
+    """``sort_key``'s field reader for a ``ClusterRecord``."""
+    return getattr(c.velocity, name) if name in _VELOCITY_FIELDS else getattr(c, name)
+
+
+def sort_key(sort: str, get: Callable[[Any, str], Any] = record_field):
     """Python ordering for a finished result list; the stores push the same
-    order down into SQL / Elasticsearch. Descending on the key, then id."""
+    order down into SQL / Elasticsearch. Descending on the key, then id.
+    ``get(row, name)`` reads a row's ``id``, ``fake_score``, ``last_seen``
+    (ISO text or None), ``sightings``, ``sightings_5m`` or ``sightings_1h``:
+    a ``ClusterRecord``'s by default, any other row's (the desk's documents)
+    through its own reader."""
     if sort == "score":
-        return lambda c: (-c.fake_score, c.id)
+        return lambda c: (-get(c, "fake_score"), get(c, "id"))
     if sort == "last_seen":
-        return lambda c: (_neg_iso(c.last_seen), c.id)
+        return lambda c: (_neg_iso(get(c, "last_seen")), get(c, "id"))
     if sort == "sightings":
-        return lambda c: (-c.sightings, c.id)
-    return lambda c: (-c.velocity.sightings_5m, -c.velocity.sightings_1h, -c.fake_score, c.id)
+        return lambda c: (-get(c, "sightings"), get(c, "id"))
+    return lambda c: (-get(c, "sightings_5m"), -get(c, "sightings_1h"), -get(c, "fake_score"), get(c, "id"))
 
 
-def _neg_iso(ts: str) -> float:
+def _neg_iso(ts: str | None) -> float:
+    """Minus the instant (naive = UTC); 0.0 for none or not a time."""
     try:
-        return -datetime.fromisoformat(ts).timestamp()
+        d = datetime.fromisoformat(ts) if ts else None
     except ValueError:
+        d = None
+    if d is None:
         return 0.0
+    return -(d if d.tzinfo else d.replace(tzinfo=timezone.utc)).timestamp()
 
 
 @runtime_checkable

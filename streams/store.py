@@ -43,7 +43,17 @@ SEARCH_PROGRESS_STEPS = 20_000
 class StoreError(OSError):
     """The findings file cannot be used (corrupt, another program's file, from
     a newer deepwatch, a row that does not read back); one line with the fix.
-    An OSError: like a missing file, the CLI reports it without a traceback."""
+    An OSError: like a missing file, the CLI reports it without a traceback.
+    ``sqlite_errorname``: SQLite's result code when SQLite raised it (a lock
+    at open passes, a corrupt file does not: ``stage.lookup_may_pass``)."""
+
+    sqlite_errorname: str | None = None
+
+    @classmethod
+    def of(cls, message: str, e: sqlite3.Error) -> "StoreError":
+        err = cls(message)
+        err.sqlite_errorname = getattr(e, "sqlite_errorname", None)
+        return err
 
 
 SCHEMA = """
@@ -132,6 +142,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
 """
 
 
+def _register_functions(db: sqlite3.Connection) -> None:
+    """The Python functions deepwatch's queries call, on ``db``: ``dw_round``
+    (the account list ranks by the AI share as shown: Python's rounding, not
+    SQLite's) and ``dw_lower`` (Python's case folding, any script)."""
+    db.create_function("dw_round", 2, round, deterministic=True)
+    db.create_function("dw_lower", 1, lambda v: v.lower() if isinstance(v, str) else v, deterministic=True)
+
+
 class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
     """The embedded findings store: one SQLite file (see the module
     docstring). Its alert deliveries, account views and member reads are in
@@ -146,8 +164,8 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         try:
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
-            raise StoreError(f"cannot open findings store {str(self.path)!r} ({e}): it must be a file in a "
-                             "writable directory; give --data-dir or --store another place") from None
+            raise StoreError.of(f"cannot open findings store {str(self.path)!r} ({e}): it must be a file in a "
+                                "writable directory; give --data-dir or --store another place", e) from None
         try:
             self._db.execute("PRAGMA busy_timeout=30000")
             self._check_kind()  # first: WAL mode would persist in another program's file
@@ -160,9 +178,9 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         except sqlite3.Error as e:
             self._db.close()
             if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError) or "malformed" in str(e):
-                raise StoreError(f"findings store {str(self.path)!r} is not a readable SQLite database ({e}): "
-                                 "move it aside (deepwatch starts a new one) or restore it from a backup") from None
-            raise StoreError(f"cannot open findings store {str(self.path)!r}: {e}") from None
+                raise StoreError.of(f"findings store {str(self.path)!r} is not a readable SQLite database ({e}): "
+                                    "move it aside (deepwatch starts a new one) or restore it from a backup", e) from None
+            raise StoreError.of(f"cannot open findings store {str(self.path)!r}: {e}", e) from None
         except StoreError:
             self._db.close()
             raise
@@ -184,10 +202,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             if self._udf_db is None:
                 db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
                 db.execute("PRAGMA busy_timeout=30000")
-                # the account list ranks by the AI share as shown: Python's rounding, not SQLite's
-                db.create_function("dw_round", 2, round, deterministic=True)
-                db.create_function("dw_lower", 1, lambda v: v.lower() if isinstance(v, str) else v,
-                                   deterministic=True)
+                _register_functions(db)
                 self._udf_db = db
             yield self._udf_db
 
@@ -215,8 +230,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         db = sqlite3.connect(self.path, timeout=deadline.left(), isolation_level=None, check_same_thread=False)
         try:
             if functions:
-                db.create_function("dw_lower", 1, lambda v: v.lower() if isinstance(v, str) else v,
-                                   deterministic=True)
+                _register_functions(db)
             db.set_progress_handler(deadline.passed, SEARCH_PROGRESS_STEPS)
             try:
                 yield db

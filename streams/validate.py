@@ -91,7 +91,7 @@ def event_id_of(raw: bytes) -> str | None:
     return usable_event_id(doc.get("event_id")) if isinstance(doc, dict) else None
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """The JSON type of a parsed value, as an error message names it."""
     if isinstance(value, bool):  # before int: bool is an int in Python
         return "a boolean"
@@ -118,9 +118,9 @@ def _wrong_json_types(doc: dict[str, Any]) -> list[str]:
             # JSON Schema's integer includes 5.0 (pydantic takes it too); a
             # fraction or a number out of range is left to pydantic to name.
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                problems.append(f"engagement.{key}: must be an integer, got {_json_kind(value)}")
+                problems.append(f"engagement.{key}: must be an integer, got {json_kind(value)}")
     if "posted_at" in doc and not isinstance(doc["posted_at"], str):
-        problems.append(f"posted_at: must be a date-time string, got {_json_kind(doc['posted_at'])}")
+        problems.append(f"posted_at: must be a date-time string, got {json_kind(doc['posted_at'])}")
     return problems
 
 

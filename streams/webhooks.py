@@ -116,6 +116,7 @@ import httpx
 
 from streams import metrics
 from streams.fetch import FetchError, Pinned, embedded_ipv4, pin  # embedded: IPv4-mapped, 6to4, Teredo, NAT64
+from streams.findings import cluster_page_url
 from streams.records import Alert, openable_url
 from streams.settings import Settings, WebhookSettings
 
@@ -194,15 +195,6 @@ def desk_url(public_url: str | None, alert: Alert) -> str | None:
     if alert.cluster_id.startswith(ACCOUNT_ALERT_PREFIX):
         return f"{public_url}/accounts/{quote(alert.cluster_id[len(ACCOUNT_ALERT_PREFIX):], safe='')}"
     return cluster_page_url(public_url, alert.cluster_id)
-
-
-def cluster_page_url(public_url: str | None, cluster_id: str) -> str | None:
-    """The desk's page of a cluster (``/clusters/{cluster_id}``, the id
-    percent-encoded as one path segment) under ``desk.public_url``; None
-    without an address."""
-    if not public_url:
-        return None
-    return f"{public_url}/clusters/{quote(cluster_id, safe='')}"
 
 
 def alert_summary(alert: Alert, desk_link: str | None = None) -> str:

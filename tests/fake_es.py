@@ -110,6 +110,7 @@ class FakeElasticsearch:
         self.request_faults: list[tuple[Callable[[str, str], bool], int, dict, int]] = []
         self.item_faults: list[ItemFault] = []
         self.search_timeouts: list[list[Any]] = []  # [index expression suffix, times left] (time_out_searches)
+        self.search_stalls: list[list[Any]] = []  # [seconds, times left] (stall_searches)
         self._seq = 0
         self._scores: dict[int, float] = {}
         self._server: ThreadingHTTPServer | None = None
@@ -170,6 +171,11 @@ class FakeElasticsearch:
         that does not look at the flag."""
         self.search_timeouts.append([index_suffix, times])
 
+    def stall_searches(self, seconds: float, times: int = 1) -> None:
+        """The next ``times`` searches answer only after ``seconds`` (a
+        slow or overloaded cluster: the answer comes, late)."""
+        self.search_stalls.append([seconds, times])
+
     def calls(self, method: str, path_suffix: str) -> list[Recorded]:
         return [r for r in self.requests if r.method == method and r.path.split("?")[0].endswith(path_suffix)]
 
@@ -189,6 +195,19 @@ class FakeElasticsearch:
         rec = Recorded(method, path, params, lower, body)
         with self.lock:
             self.requests.append(rec)
+        if path.endswith("/_search"):
+            stall = 0.0
+            with self.lock:
+                for fault in self.search_stalls:
+                    if fault[1] > 0:
+                        fault[1] -= 1
+                        stall = fault[0]
+                        break
+            if stall:
+                import time
+
+                time.sleep(stall)
+        with self.lock:
             bad = self._check_compat(lower)
             if bad is not None:
                 return 400, bad

@@ -285,12 +285,40 @@ def test_a_page_boundary_holds_while_accounts_are_added(source):
     assert [a["id"] for a in second] == now[6:11]
 
 
+def test_pages_go_past_an_account_whose_first_event_id_is_the_longest_worst_case(source):
+    """An event id the schema allows (256 characters) of control characters,
+    each a 6-character JSON escape, still makes a cursor the desk takes back:
+    a hostile feed cannot stop the paging at its row."""
+    from streams.findings import AccountCursor
+
+    hostile = "\x1f" * 256
+    ev = ImageEvent(event_id=hostile, platform="x", account_id="hostile", account_handle="@hostile",
+                    posted_at=T0 - timedelta(days=1), image={"path": "h.jpg"})
+    source.store.apply_snapshots([_snapshot("c0", 20_000, Sighting(
+        event=ev, source=SourceRef(topic="t", partition=0, offset=90_000), sha256=_sha("hostile"), width=8,
+        height=8, format="PNG", hashes=ImageHashes(phash="0" * 16, pdq="0" * 64, pdq_quality=100)))])
+    getattr(source.store, "flush", lambda: None)()
+    source.invalidate()
+    q = AccountQuery(min_posts=0, limit=5000)
+    everyone = [a["id"] for a in source.accounts(q)]
+    assert "hostile" in everyone[:-1]
+    got, cursor = [], None
+    while True:
+        rows, cursor = source.accounts_page(q.model_copy(update={"limit": 1, "cursor": cursor}))
+        got += [a["id"] for a in rows]
+        if cursor is None:
+            break
+        if rows[0]["id"] == "hostile":
+            assert len(cursor) > 2048 and AccountCursor.decode(cursor).first_event_id == hostile
+    assert got == everyone
+
+
 def test_account_cursors_are_checked(source):
     from streams.findings import AccountCursor, encode_cursor
 
     _rows, cursor = source.accounts_page(AccountQuery(min_posts=0, limit=2))
     assert AccountCursor.decode(cursor).encode() == cursor
-    for bad in ("", "not/base64!", "A" * 3000, encode_cursor([1, 2, 3]), encode_cursor([0.5, 1, 2, "not a time", "e"]),
+    for bad in ("", "not/base64!", "A" * 9000, encode_cursor([1, 2, 3]), encode_cursor([0.5, 1, 2, "not a time", "e"]),
                 encode_cursor([2.0, 1, 2, "2026-11-01T08:00:00+00:00", "e"]),  # a share over 1
                 encode_cursor([0.5, 1, 2, "2026-11-01T08:00:00+00:00", "e" * 300])):
         with pytest.raises(ValueError):

@@ -362,10 +362,10 @@ def test_a_websocket_streaming_url_is_read_over_http_whatever_its_case():
 # Odd answers from an instance
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("body, problem", [
-    (b"[]", "the document is a JSON array, not an object"),
-    (b"null", "the document is a JSON null, not an object"),
-    (b'{"urls": "x"}', "urls is a JSON string, not an object"),
-    (b'{"urls": {"streaming_api": 5}}', "urls.streaming_api is a JSON number, not a string"),
+    (b"[]", "the document is an array, not an object"),
+    (b"null", "the document is null, not an object"),
+    (b'{"urls": "x"}', "urls is a string, not an object"),
+    (b'{"urls": {"streaming_api": 5}}', "urls.streaming_api is a number, not a string"),
     (b'{"urls": {"streaming_api": "wss://[::1"}}', "urls.streaming_api 'wss://[::1' is not a URL"),
     (b'{"urls": {"streaming_api": "wss://x.example:99999"}}',
      "urls.streaming_api 'wss://x.example:99999' is not a URL"),

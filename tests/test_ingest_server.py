@@ -277,8 +277,8 @@ def test_url_checks_run_together_within_one_deadline(tmp_path, monkeypatch):
     assert [by_line[n]["reason"] for n in range(1, 6)] == ["blocked_address"] * 5
     assert by_line[6] == {"line": 6, "status": "accepted", "event_id": "tip-5"}
     late = [by_line[n] for n in range(7, 37)]
-    assert all(x["status"] == "accepted" and x["reason"] == "url_not_checked" for x in late), late
-    assert "did not finish within this request's 1s" in late[0]["detail"]
+    assert all(x == {"line": x["line"], "status": "accepted", "event_id": x["event_id"], "url_checked": False}
+               for x in late), late
     assert sorted(d.event_id for d in sink.dead) == [f"tip-{i}" for i in range(5)]
     assert len(sink.sent) == 31
     assert asked.count("inside.test") == 1 and asked.count("cdn.test") == 1  # each host once

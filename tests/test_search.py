@@ -88,6 +88,19 @@ def test_cluster_conditions_and_sort_keys(store):
     assert ids(store.search(ClusterQuery(sort="last_seen"))) == ["c-flood", "c-pope", "c-fire"]
     assert ids(store.search(ClusterQuery(sort="score", limit=1))) == ["c-fire"]
     assert ids(store.search(ClusterQuery())) == ["c-fire", "c-flood", "c-pope"]  # default: velocity
+    # the same order over any row, through its own field reader (the desk's documents)
+    from streams.findings import sort_key
+
+    records = store.search(ClusterQuery())
+    docs = [dict(r.as_json(), **{k: getattr(r.velocity, k) for k in ("sightings_5m", "sightings_1h")})
+            for r in records]
+    for sort in ("score", "velocity", "sightings", "last_seen"):
+        assert ([d["id"] for d in sorted(docs, key=sort_key(sort, dict.get))]
+                == [r.id for r in sorted(records, key=sort_key(sort))])
+    # last_seen: instants (naive = UTC), none last
+    rows = [{"id": "a", "last_seen": None}, {"id": "b", "last_seen": "2026-01-01T10:00:00"},
+            {"id": "c", "last_seen": "2026-01-01T10:30:00+01:00"}]
+    assert [r["id"] for r in sorted(rows, key=sort_key("last_seen", dict.get))] == ["b", "c", "a"]
 
 
 def test_relevance_ranks_the_better_match_first(store):
@@ -118,11 +131,13 @@ def test_alerts_and_dead_letters_read_back_typed(store):
     assert store.processed_offsets("deepwatch.events") == {(0, i) for i in range(8)}
 
 
-def _cli(*args: str):
+def _cli(*args: str, env: dict[str, str] | None = None):
+    import os
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_cli_search_contract_and_mistakes(tmp_path):
@@ -267,6 +282,17 @@ def test_an_es_search_sends_its_time_limit_and_refuses_a_timed_out_answer(fake_e
         assert ids(store.search(ClusterQuery(text="harbour fire"))) == ["c-fire"]
         assert not any("timeout" in (r.body or {}) for r in fake_es.calls("POST", "/_search"))
         fake_es.search_timeouts.clear()
+        # a cluster slow to answer at all: the request itself gives up at the limit, unretried
+        import time
+
+        fake_es.requests.clear()
+        fake_es.stall_searches(3.0, times=4)
+        began = time.monotonic()
+        with pytest.raises(SearchTimeout):
+            store.search(ClusterQuery(text="harbour fire"), timeout_s=0.5)
+        assert time.monotonic() - began < 2.0
+        assert len(fake_es.calls("POST", "/_search")) == 1
+        fake_es.search_stalls.clear()
     finally:
         store.close()
 
@@ -287,3 +313,7 @@ def test_cli_search_says_when_it_ran_out_of_time(tmp_path):
     assert r.returncode == 0 and [c["id"] for c in __import__("json").loads(r.stdout)] == ["c-fire"]
     r = _cli("search", "harbour", "--data-dir", d, "--timeout", "0")
     assert r.returncode == 2 and "more than 0" in _flat(r.stderr)
+    # the desk's limit is not the command's: without --timeout it runs to the end
+    r = _cli("search", "--data-dir", d, "--hashtag", "nothing-like-it", "--format", "json",
+             env={"DEEPWATCH_FINDINGS__SEARCH_TIMEOUT_S": "0.001"})
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr

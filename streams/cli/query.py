@@ -177,7 +177,7 @@ def search(
     sort: Optional[str] = typer.Option(None, help="velocity, score, last_seen or sightings (default: relevance with QUERY, else velocity)."),
     limit: Optional[int] = typer.Option(None, help="At most this many clusters (default: every match, up to 10000)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", show_default=False,
-                                            help="Stop the search after this many seconds (default: findings.search_timeout_s, 10)."),
+                                            help="Stop the search after this many seconds (default: no limit; the desk uses findings.search_timeout_s)."),
 ) -> None:
     """Search clusters by text, hashtag, account, platform, time, verdict and score.
 
@@ -206,12 +206,11 @@ def search(
         raise typer.BadParameter(f"--since {since} is after --until {until}; swap them", param_hint="--since")
     q = ClusterQuery(text=query, since=start, until=end, platform=platform,
                      account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort, limit=limit)
-    seconds = timeout if timeout is not None else settings_from(config, data_dir=data_dir).findings.search_timeout_s
     with _findings(data_dir, config, store_url) as store:
         try:
-            rows = store.search(q, timeout_s=seconds)
+            rows = store.search(q, timeout_s=timeout)  # no limit unless asked: it holds no desk worker thread
         except SearchTimeout:
-            fail(f"search took longer than {seconds:g} s and was stopped; narrow it with --since/--until/--platform "
+            fail(f"search took longer than {timeout:g} s and was stopped; narrow it with --since/--until/--platform "
                  "(or --account, --hashtag), or give --timeout more")
     if fmt == "json":
         print_json([r.as_json() for r in rows])

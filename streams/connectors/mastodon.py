@@ -31,6 +31,7 @@ from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, Malform
                                      error_text, parse_frame, reconnect_loop)
 from streams.records import MAX_COUNT, ImageEvent
 from streams.settings import ConnectorSettings
+from streams.validate import json_kind
 
 log = logging.getLogger("deepwatch.connectors.mastodon")
 
@@ -340,11 +341,11 @@ class MastodonConnector:
         urls = doc.get("urls") if isinstance(doc, dict) else None
         found = urls.get("streaming_api") if isinstance(urls, dict) else None
         if not isinstance(doc, dict):
-            problem = f"the document is a JSON {_json_kind(doc)}, not an object"
+            problem = f"the document is {json_kind(doc)}, not an object"
         elif urls is not None and not isinstance(urls, dict):
-            problem = f"urls is a JSON {_json_kind(urls)}, not an object"
+            problem = f"urls is {json_kind(urls)}, not an object"
         elif found is not None and not isinstance(found, str):
-            problem = f"urls.streaming_api is a JSON {_json_kind(found)}, not a string"
+            problem = f"urls.streaming_api is {json_kind(found)}, not a string"
         elif found:
             try:
                 url = http_streaming_url(found).rstrip("/")
@@ -516,12 +517,6 @@ class MastodonConnector:
             return "rate_limited"
         finally:
             stopping.cancel()
-
-
-def _json_kind(value: object) -> str:
-    """What JSON calls the type of a parsed ``value``."""
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-            float: "number"}.get(type(value), "null")
 
 
 def _page_order(doc: object) -> int:

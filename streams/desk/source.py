@@ -15,7 +15,7 @@ import copy
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -25,7 +25,7 @@ from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.findings import ClusterQuery as StoreQuery
 from streams.findings import (
     CURSOR_MAX_CHARS, MAX_RESULTS, NOT_A_CURSOR, AccountAggregate, AccountCursor, Deadline, FindingsStore, MemberRow,
-    decode_cursor, encode_cursor, text_terms,
+    decode_cursor, encode_cursor, sort_key, text_terms,
 )
 from streams.records import MAX_SAMPLE_POSTS, SamplePost
 
@@ -217,9 +217,6 @@ class FindingsSource:
             self._accounts_key, self._accounts = None, {}
             self._ttl_at = 0.0
 
-    def clusters(self, q: ClusterQuery) -> list[dict[str, Any]]:
-        return self.clusters_page(q)[0]
-
     def clusters_page(self, q: ClusterQuery) -> tuple[list[dict[str, Any]], str | None]:
         """The queue: ``q.limit`` clusters from ``q.cursor`` on (the top
         without one), and the next page's cursor (None: this is the last).
@@ -283,7 +280,7 @@ class FindingsSource:
             marked = {cid for cid, d in docs.items()
                       if not d.get("merged_into") and (d.get("desk") or {}).get("verdict") == desk_verdict}
             if not q.filtered:
-                return sorted((docs[cid] for cid in marked), key=_search_order(q.effective_sort))[:limit]
+                return sorted((docs[cid] for cid in marked), key=sort_key(q.effective_sort, _doc_field))[:limit]
             q = q.model_copy(update={"limit": None})  # every match: the desk's condition comes before the cut
         ids = [c.id for c in self.store.search(q, timeout_s=_left(deadline))]
         only_text = q.text and not any((q.since, q.until, q.platform, q.account, q.hashtag, q.verdict, q.min_score))
@@ -460,17 +457,9 @@ def _left(deadline: Deadline | None) -> float | None:
     return None if deadline is None else deadline.left()
 
 
-def _search_order(sort: str):
-    """``streams.findings.sort_key`` over desk documents (the values shown):
-    descending on the key, then by id."""
-    if sort == "score":
-        return lambda d: (-d["fake_score"], d["id"])
-    if sort == "last_seen":
-        return lambda d: (-(_ts(d["last_seen"]).timestamp() if d["last_seen"] else 0.0), d["id"])
-    if sort == "sightings":
-        return lambda d: (-d["sightings"], d["id"])
-    return lambda d: (-d["velocity"].get("sightings_5m", 0), -d["velocity"].get("sightings_1h", 0), -d["fake_score"],
-                      d["id"])
+def _doc_field(d: dict[str, Any], name: str) -> Any:
+    """``streams.findings.sort_key``'s field reader for a desk document (the values shown)."""
+    return d["velocity"].get(name, 0) if name.startswith("sightings_") else d[name]
 
 
 def _is_ai(d: dict[str, Any]) -> bool:
@@ -515,19 +504,21 @@ def _apply_overlay(doc: dict[str, Any], row: OverlayRow | None) -> dict[str, Any
     return doc
 
 
-def _sort_key(sort: str):
-    """The queue's order, descending, as a tuple of numbers (what a
-    ``QueueCursor`` carries; ``_QUEUE_KEY_LEN`` of them)."""
-    if sort == "score":
-        return lambda d: (float(d["fake_score"]), float(d["sightings"]))
-    if sort == "last_seen":
-        # as instants: ISO text with different offsets does not sort by time
-        return lambda d: (_ts(d["last_seen"]).timestamp() if d["last_seen"] else _NEVER,)
-    if sort == "sightings":
-        return lambda d: (float(d["sightings"]), float(d["fake_score"]))
+# The queue's order, descending, per sort: the numbers a ``QueueCursor`` carries.
+_QUEUE_KEYS: dict[str, tuple[Callable[[dict[str, Any]], float], ...]] = {
+    "score": (lambda d: float(d["fake_score"]), lambda d: float(d["sightings"])),
+    # as instants: ISO text with different offsets does not sort by time
+    "last_seen": (lambda d: _ts(d["last_seen"]).timestamp() if d["last_seen"] else _NEVER,),
+    "sightings": (lambda d: float(d["sightings"]), lambda d: float(d["fake_score"])),
     # velocity: viral likely-AI first, then by how fast it spreads now
-    return lambda d: (float(_is_ai(d) and not d.get("suppressed")), float(d["velocity"].get("sightings_5m", 0)),
-                      float(d["velocity"].get("sightings_1h", 0)), float(d["fake_score"]))
+    "velocity": (lambda d: float(_is_ai(d) and not d.get("suppressed")),
+                 lambda d: float(d["velocity"].get("sightings_5m", 0)),
+                 lambda d: float(d["velocity"].get("sightings_1h", 0)), lambda d: float(d["fake_score"])),
+}
+_QUEUE_KEY_LEN = {sort: len(keys) for sort, keys in _QUEUE_KEYS.items()}
 
 
-_QUEUE_KEY_LEN = {"score": 2, "last_seen": 1, "sightings": 2, "velocity": 4}
+def _sort_key(sort: str):
+    """The queue's order for ``sort`` as a tuple of numbers (``_QUEUE_KEYS``)."""
+    keys = _QUEUE_KEYS.get(sort, _QUEUE_KEYS["velocity"])
+    return lambda d: tuple(k(d) for k in keys)
