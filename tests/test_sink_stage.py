@@ -46,6 +46,20 @@ def _stored(settings: Settings) -> list[str]:
         store.close()
 
 
+
+def _put_all(agent, sinks: Sinks, records: list[bytes], acked: list[bytes], n: int) -> None:
+    """Put ``records`` through the agent's test context until ``n`` are acked, then close the sinks."""
+
+    async def run() -> None:
+        async with agent.test_context() as ctx:
+            for raw in records:
+                await ctx.put(raw)
+            await wait_for(lambda: len(acked) == n)
+        await sinks.aclose()
+
+    asyncio.run(run())
+
+
 def test_a_batch_is_acked_once_stored(tmp_path):
     settings = _settings(tmp_path)
     acked: list[bytes] = []
@@ -53,14 +67,7 @@ def test_a_batch_is_acked_once_stored(tmp_path):
     agent = recording_agent("sink-stage-test", SinkStage(settings, sinks).dead_letters, acked)
     records = [_dead(i) for i in range(3)]
 
-    async def run() -> None:
-        async with agent.test_context() as ctx:
-            for raw in records:
-                await ctx.put(raw)
-            await wait_for(lambda: len(acked) == 3)
-        await sinks.aclose()
-
-    asyncio.run(run())
+    _put_all(agent, sinks, records, acked, 3)
     assert sorted(acked) == sorted(records)
     assert _stored(settings) == ["e0", "e1", "e2"]
 
@@ -147,14 +154,7 @@ def test_an_unreadable_snapshot_is_a_dead_letter_and_the_rest_of_its_batch_is_st
     newer, garbage = json.dumps(doc).encode(), b"\x00 not a snapshot"
     records = [good[0], newer, garbage, good[1]]
 
-    async def run() -> None:
-        async with agent.test_context() as ctx:
-            for raw in records:
-                await ctx.put(raw)
-            await wait_for(lambda: len(acked) == 4)
-        await sinks.aclose()
-
-    asyncio.run(run())
+    _put_all(agent, sinks, records, acked, 4)
     assert sorted(acked) == sorted(records)
     store = open_store(settings.data_dir)
     try:
@@ -183,14 +183,7 @@ def test_an_unreadable_dead_letter_is_one_of_the_sinks_own_and_the_rest_are_stor
     doc["stage"] = "a stage of a newer writer"
     records = [_dead(0), json.dumps(doc).encode(), _dead(1), b"not a dead letter"]
 
-    async def run() -> None:
-        async with agent.test_context() as ctx:
-            for raw in records:
-                await ctx.put(raw)
-            await wait_for(lambda: len(acked) == 4)
-        await sinks.aclose()
-
-    asyncio.run(run())
+    _put_all(agent, sinks, records, acked, 4)
     assert sorted(acked) == sorted(records)
     assert _dead_letters(settings) == [("", "sink", "malformed_json", None), ("e0", "fetch", "timeout", None),
                                        ("e1", "fetch", "timeout", None), ("e9", "sink", "schema_violation", 9)]
@@ -205,14 +198,7 @@ def test_an_unreadable_alert_is_a_dead_letter(tmp_path):
     doc["level"] = "high"
     records = [json.dumps(doc).encode(), _alert("c1").dumps()]
 
-    async def run() -> None:
-        async with agent.test_context() as ctx:
-            for raw in records:
-                await ctx.put(raw)
-            await wait_for(lambda: len(acked) == 2)
-        await sinks.aclose()
-
-    asyncio.run(run())
+    _put_all(agent, sinks, records, acked, 2)
     store = open_store(settings.data_dir)
     try:
         assert [a.alert_id for a in store.alerts()] == ["c1:1"]
