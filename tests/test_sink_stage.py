@@ -46,7 +46,6 @@ def _stored(settings: Settings) -> list[str]:
         store.close()
 
 
-
 def _put_all(agent, sinks: Sinks, records: list[bytes], acked: list[bytes], n: int) -> None:
     """Put ``records`` through the agent's test context until ``n`` are acked, then close the sinks."""
 
