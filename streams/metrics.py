@@ -125,6 +125,33 @@ def serve(port: int, host: str | None = None) -> int:
     return server.server_port
 
 
+class OldestWait:
+    """Since when each wait of this process on one store has lasted (a sink
+    write retrying, an event held for the blob store or a findings lookup):
+    ``gauge`` reads the oldest when scraped, 0 when none waits. Each waiter
+    keeps its own entry, so one that is done does not reset the clock of
+    another still waiting. Thread-safe: bulk writes and blob writes wait in
+    threads."""
+
+    def __init__(self, gauge: Gauge):
+        self._since: dict[object, float] = {}
+        self._lock = threading.Lock()
+        gauge.set_function(self.seconds)
+
+    def waiting(self, who: object) -> None:
+        with self._lock:
+            self._since.setdefault(who, time.monotonic())
+
+    def done(self, who: object) -> None:
+        with self._lock:
+            self._since.pop(who, None)
+
+    def seconds(self) -> float:
+        with self._lock:
+            oldest = min(self._since.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
+
 SINK_ITEMS = Counter("deepwatch_sink_items_total", "Findings-store bulk items, by index and outcome "
                      "(ok, duplicate, retried, dead_letter)", ["index", "outcome"])
 SINK_BEHIND_SECONDS = Gauge("deepwatch_sink_behind_seconds", "How long the findings sink has been retrying "

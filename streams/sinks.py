@@ -71,32 +71,9 @@ log = logging.getLogger("deepwatch.alerts")
 R = TypeVar("R")
 Rec = TypeVar("Rec", ClusterSnapshot, DeadLetter, Alert)
 
-class _Behind:
-    """Since when each write of this process has been retrying (a sink agent's
-    batch, a bulk request): ``deepwatch_sink_behind_seconds`` is the oldest of
-    them, 0 when none is. Each write keeps its own entry, so one agent that
-    catches up does not reset the clock of another that is still behind."""
-
-    def __init__(self) -> None:
-        self._since: dict[object, float] = {}
-        self._lock = threading.Lock()  # bulk writes run in threads
-
-    def retrying(self, who: object) -> None:
-        with self._lock:
-            self._since.setdefault(who, time.monotonic())
-            self._publish()
-
-    def caught_up(self, who: object) -> None:
-        with self._lock:
-            if self._since.pop(who, None) is not None:
-                self._publish()
-
-    def _publish(self) -> None:
-        oldest = min(self._since.values(), default=None)
-        metrics.SINK_BEHIND_SECONDS.set(0 if oldest is None else time.monotonic() - oldest)
-
-
-BEHIND = _Behind()
+# ``deepwatch_sink_behind_seconds``: the oldest write of this process still
+# retrying (a sink agent's batch, a bulk request), 0 when none is.
+BEHIND = metrics.OldestWait(metrics.SINK_BEHIND_SECONDS)
 
 
 class Sinks:
@@ -144,13 +121,13 @@ class Sinks:
                         log.error(f"findings store write failed ({what}, {items} items): {e}; giving up",
                                   extra={"what": what, "items": items, "error": str(e)})
                         raise
-                    BEHIND.retrying(me)
+                    BEHIND.waiting(me)
                     log.error(f"findings store write failed ({what}, {items} items): {e}; retrying in {delay:g}s",
                               extra={"what": what, "items": items, "error": str(e), "delay_s": delay})
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.settings.findings.retry_max_s)
         finally:
-            BEHIND.caught_up(me)
+            BEHIND.done(me)
 
     async def snapshots(self, raws: list[bytes]) -> None:
         """One batch in one store call (one bulk request on Elasticsearch).
@@ -439,7 +416,7 @@ class BulkSink:
             for chunk in self._chunks(actions):
                 self._send_chunk(chunk, result, me)
         finally:
-            BEHIND.caught_up(me)
+            BEHIND.done(me)
         return result
 
     def _chunks(self, actions: list[Action]):
@@ -457,7 +434,7 @@ class BulkSink:
             yield chunk
 
     def _backoff(self, delay: float, why: str, count: int, me: object) -> float:
-        BEHIND.retrying(me)
+        BEHIND.waiting(me)
         log.warning("findings sink behind: retrying", extra={"why": why, "items": count, "delay_s": delay})
         self.sleep(delay)
         return min(delay * 2, self.settings.retry_max_s)

@@ -103,35 +103,9 @@ def lookup_may_pass(e: object) -> bool:
     return isinstance(e, Exception) and store_unavailable(e)
 
 
-class HeldWrites:
-    """Since when each event this process holds for one store (the blob
-    store, the findings store) has been waiting: its gauge
-    (``deepwatch_blob_store_held_seconds``,
-    ``deepwatch_findings_lookup_held_seconds``) is the oldest (0: none),
-    read when scraped."""
-
-    def __init__(self) -> None:
-        self._since: dict[object, float] = {}
-        self._lock = threading.Lock()
-
-    def holding(self, who: object) -> None:
-        with self._lock:
-            self._since.setdefault(who, time.monotonic())
-
-    def done(self, who: object) -> None:
-        with self._lock:
-            self._since.pop(who, None)
-
-    def seconds(self) -> float:
-        with self._lock:
-            oldest = min(self._since.values(), default=None)
-        return 0.0 if oldest is None else time.monotonic() - oldest
-
-
-HELD_BLOBS = HeldWrites()
-metrics.BLOB_HELD_SECONDS.set_function(HELD_BLOBS.seconds)
-HELD_LOOKUPS = HeldWrites()
-metrics.LOOKUP_HELD_SECONDS.set_function(HELD_LOOKUPS.seconds)
+# Since when the events this process holds for each store have waited: their gauges read the oldest.
+HELD_BLOBS = metrics.OldestWait(metrics.BLOB_HELD_SECONDS)
+HELD_LOOKUPS = metrics.OldestWait(metrics.LOOKUP_HELD_SECONDS)
 
 # Chunks a PNG analysed on the event loop may have. Pillow handles each one in
 # Python, opening the file and again decoding it (a 500x400 picture carrying
@@ -537,7 +511,7 @@ class AnalyzeStage:
                 return e
 
     async def _held(self, event_id: str, failed: Any, again: Callable[[], Any], may_pass: Callable[[Any], bool],
-                    slot: Slot, clock: asyncio.Timeout | None, *, holding: HeldWrites, failures: Any,
+                    slot: Slot, clock: asyncio.Timeout | None, *, holding: metrics.OldestWait, failures: Any,
                     initial_s: float, max_s: float, say: Callable[[Any, float], str],
                     extra: Callable[[Any], dict[str, Any]]) -> tuple[Any, int]:
         """Hold a valid event on a failure that passes (``may_pass(failed)``):
@@ -550,7 +524,7 @@ class AnalyzeStage:
         than piling up pictures). A stop cancels the wait at once: the event
         is left unacked and read again."""
         delay, tries = initial_s, 1
-        holding.holding(self)
+        holding.waiting(self)
         try:
             while may_pass(failed):
                 failures.inc()

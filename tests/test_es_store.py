@@ -572,7 +572,7 @@ def test_sink_holds_the_batch_while_elasticsearch_rejects_and_loses_nothing(fake
         task = asyncio.create_task(sinks.snapshots(raws))
         await asyncio.sleep(0.15)
         held = not task.done()
-        behind = metrics.SINK_BEHIND_SECONDS._value.get()
+        behind = metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value
         await asyncio.wait_for(task, timeout=10)
         return held, behind
 
@@ -580,7 +580,7 @@ def test_sink_holds_the_batch_while_elasticsearch_rejects_and_loses_nothing(fake
     held, behind = asyncio.run(scenario())
     assert held and behind > 0, "the batch must be held, and the gauge must say the sink is behind"
     assert time.monotonic() - started >= 0.25  # six backoffs of 50 ms
-    assert metrics.SINK_BEHIND_SECONDS._value.get() == 0
+    assert metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value == 0
     stream = fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]
     assert sorted(stream) == [f"e{i}" for i in range(1, 8)]
     assert len(fake_es.docs[T.concrete("deepwatch-processed")]) == 7
@@ -989,7 +989,7 @@ def test_an_outage_or_refused_credentials_hold_the_batch_they_do_not_drop_it(fak
     async def main() -> _Acks:
         fake_es.request_faults[:] = [(lambda m, p: True, status, body, 10**6)]  # every request, reads too
         loop = asyncio.get_running_loop()
-        loop.call_later(0.5, lambda: behind.append(metrics.SINK_BEHIND_SECONDS._value.get()))
+        loop.call_later(0.5, lambda: behind.append(metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value))
         loop.call_later(1.2, fake_es.request_faults.clear)
         acks = _Acks()
         await asyncio.wait_for(stage._stored(acks, events, sinks.snapshots), 20)
@@ -999,26 +999,27 @@ def test_an_outage_or_refused_credentials_hold_the_batch_they_do_not_drop_it(fak
 
     acks = asyncio.run(main())
     assert len(acks.acked) == 3 and behind[0] > 0  # held, said so, then stored
-    assert metrics.SINK_BEHIND_SECONDS._value.get() == 0
+    assert metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value == 0
     assert sorted(fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]) == ["e1", "e2", "e3"]
     assert "c-fire:1" in fake_es.docs[T.concrete("deepwatch-alerts")]
     sinks.store.close()
 
 
 def test_one_writer_catching_up_does_not_reset_anothers_behind_clock():
-    from streams import metrics
+    from prometheus_client import REGISTRY
+
     from streams.sinks import BEHIND
 
     import time
 
     a, b = object(), object()
-    BEHIND.retrying(a)
+    BEHIND.waiting(a)
     time.sleep(0.05)
-    BEHIND.retrying(b)
-    BEHIND.caught_up(b)  # a write that caught up set the gauge to 0 while another was still retrying
-    assert metrics.SINK_BEHIND_SECONDS._value.get() >= 0.05
-    BEHIND.caught_up(a)
-    assert metrics.SINK_BEHIND_SECONDS._value.get() == 0
+    BEHIND.waiting(b)
+    BEHIND.done(b)  # a write that caught up set the gauge to 0 while another was still retrying
+    assert REGISTRY.get_sample_value("deepwatch_sink_behind_seconds") >= 0.05
+    BEHIND.done(a)
+    assert REGISTRY.get_sample_value("deepwatch_sink_behind_seconds") == 0
 
 
 def test_only_what_may_pass_later_is_held():

@@ -36,7 +36,7 @@ async def _held(task: asyncio.Task, for_s: float = 0.3) -> tuple[bool, float]:
     await asyncio.sleep(for_s)
     if task.done():
         task.result()  # the old code raised the store's error into the agent here
-    return not task.done(), metrics.SINK_BEHIND_SECONDS._value.get()
+    return not task.done(), metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value
 
 
 def test_a_locked_findings_file_holds_the_snapshot_batch_until_it_is_stored(tmp_path, caplog):
@@ -64,7 +64,7 @@ def test_a_locked_findings_file_holds_the_snapshot_batch_until_it_is_stored(tmp_
     with caplog.at_level(logging.ERROR, logger="deepwatch.alerts"):
         asyncio.run(scenario())
     other.close()
-    assert metrics.SINK_BEHIND_SECONDS._value.get() == 0
+    assert metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value == 0
     assert {c.id: c.revision for c in store.clusters()} == {"c1": 2, "c2": 1}
     assert sorted(store.sighting_times()) == ["e1", "e2", "e3"]
     failed = [r.getMessage() for r in caplog.records if "findings store write failed" in r.getMessage()]
@@ -96,7 +96,7 @@ def test_a_read_only_findings_store_holds_alerts_and_dead_letters_until_it_can_w
     asyncio.run(scenario())
     assert [a["alert_id"] for a in store.alerts()] == ["c1:1"]
     assert [d["event_id"] for d in store.dead_letters()] == ["e9"]
-    assert metrics.SINK_BEHIND_SECONDS._value.get() == 0
+    assert metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value == 0
     store.close()
 
 
@@ -107,7 +107,7 @@ def test_a_bounded_sink_gives_up_with_the_stores_error(tmp_path):
     _read_only(store, True)
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         asyncio.run(asyncio.wait_for(sinks.alert(_alert("c1").dumps()), 10))
-    assert metrics.SINK_BEHIND_SECONDS._value.get() == 0
+    assert metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value == 0
     _read_only(store, False)
     assert store.alerts() == []
     store.close()
