@@ -17,6 +17,7 @@ def main() -> None:
     # not end is waiting on (a replay outliving a Ctrl-C at start-up was seen
     # twice in many hundred tries, and its stack is what was missing).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGINT, _on_interrupt)
     try:
         from streams.zygote import prestart
 
@@ -32,20 +33,40 @@ def main() -> None:
         sys.exit(130)
 
 
+# The stop signal this process has received (Ctrl-C or SIGTERM), if any.
+_received: KeyboardInterrupt | None = None
+
+
+def received(stop: KeyboardInterrupt) -> KeyboardInterrupt:
+    """Remember that this process was told to stop (see ``interruption``) and
+    return ``stop`` for the signal handler to raise."""
+    global _received
+    _received = stop
+    return stop
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    raise received(KeyboardInterrupt())
+
+
 def interruption(e: BaseException | None) -> KeyboardInterrupt | None:
     """The Ctrl-C (or SIGTERM, as ``streams.cli.common.Terminated``) behind
-    ``e``, if any. Python wraps a KeyboardInterrupt raised inside some hooks:
-    one landing in a dataclass field's ``__set_name__`` while an import builds
-    a class gives ``RuntimeError: Error calling __set_name__`` (Python 3.11;
-    seen once in 60 Ctrl-Cs 0.2 s into ``replay``), so the interrupt can be
-    the cause or context of what arrives."""
+    ``e``, if any. Python and native extensions wrap a KeyboardInterrupt
+    raised inside their hooks, so what arrives is often not the interrupt
+    itself: one landing in a dataclass field's ``__set_name__`` while an
+    import builds a class gives ``RuntimeError: Error calling __set_name__``
+    with the interrupt as its cause (Python 3.11), and one landing while
+    pydantic-core builds a model's serializer gives a ``SchemaError`` whose
+    text names it but which links to nothing (CI, Ctrl-C 0.2 s into
+    ``replay``). So any failure after this process received a stop signal is
+    that stop."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, KeyboardInterrupt):
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return None
+    return _received
 
 
 if __name__ == "__main__":  # python -m streams.console: what the script runs, for benches and checkouts

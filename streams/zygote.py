@@ -107,11 +107,9 @@ def _child(req: dict) -> None:
     """In the forked child: become the worker the request names. Never returns."""
     code = 1
     try:
-        # What a fresh interpreter starts with (the zygote ignores Ctrl-C: its
-        # workers stop through the runner, and it has nothing to clean up).
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Ctrl-C stays ignored (as the zygote has it) until the worker's output
+        # goes to its log: one landing earlier printed a traceback from the
+        # middle of ``os.environ.clear()`` on the command's own stderr (CI).
         os.environ.clear()
         os.environ.update(req["env"])
         fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -121,6 +119,11 @@ def _child(req: dict) -> None:
         os.dup2(fd, 2)
         os.close(fd)
         os.close(null)
+        # What a fresh interpreter starts with (the zygote ignores Ctrl-C: its
+        # workers stop through the runner, and it has nothing to clean up).
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.argv = ["streams.worker", *req["argv"]]
         # ps, top and anything that finds workers by command line (the kill drill, a
         # memory watcher) see what a spawned worker shows, not the zygote's line

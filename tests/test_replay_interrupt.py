@@ -193,6 +193,36 @@ def test_ctrl_c_wrapped_by_python_during_an_import_ends_in_one_line(module):
     assert (r.returncode, r.stderr.strip()) == (130, "interrupted"), r.stderr[-2000:]
 
 
+# Ctrl-C that lands while a native extension runs a hook: pydantic-core
+# building a model's serializer answered it with a ``SchemaError`` naming the
+# interrupt but linked to nothing (CI, Ctrl-C 0.2 s into ``replay``). A real
+# SIGINT, then an unrelated failure raised outside its handling, as there.
+INTERRUPT_SWALLOWED_BY_AN_EXTENSION = """
+import os, signal, sys, time
+module = sys.argv[1]
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass
+            raise ValueError("Error building serializer: KeyboardInterrupt")
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["deepwatch", "replay", "--help"]
+from streams.console import main
+main()
+"""
+
+
+@pytest.mark.parametrize("module", ["streams.settings", "typer.rich_utils"])
+def test_ctrl_c_swallowed_by_an_extension_during_an_import_ends_in_one_line(module):
+    r = subprocess.run([sys.executable, "-c", INTERRUPT_SWALLOWED_BY_AN_EXTENSION, module], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert (r.returncode, r.stderr.strip()) == (130, "interrupted"), r.stderr[-2000:]
+
+
 # Ctrl-C that lands while ``run_cli`` installs its SIGTERM handler, before its
 # own try: seen as a KeyboardInterrupt traceback twice in ~540 timed Ctrl-Cs at
 # 0.5-2 s under load. Raising it from that very call hits the window every time.

@@ -247,3 +247,28 @@ def test_closing_the_zygote_stops_a_worker_the_runner_never_heard_of(tmp_path):
         assert z.proc.returncode == 0 and time.monotonic() - started < 10
         with pytest.raises(ProcessLookupError):
             os.kill(child.pid, 0)
+
+
+# Ctrl-C that reaches a just-forked worker before its output goes to its log:
+# in CI it printed a traceback from inside ``os.environ.clear()`` on the
+# command's own stderr. Raising it from the log's opening hits that window.
+CHILD_INTERRUPTED_BEFORE_ITS_LOG = """
+import os, signal, sys
+from streams import zygote
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the zygote has it when it forks
+log, open_ = sys.argv[1], os.open
+def opening(path, *args, **kwargs):
+    if path == log:
+        os.kill(os.getpid(), signal.SIGINT)
+    return open_(path, *args, **kwargs)
+os.open = opening
+zygote._child({"argv": [], "env": {"PATH": os.environ["PATH"]}, "log": log})
+"""
+
+
+def test_ctrl_c_before_a_forked_worker_has_its_log_prints_nothing_on_the_commands_stderr(tmp_path):
+    log = tmp_path / "worker.log"
+    r = subprocess.run([sys.executable, "-c", CHILD_INTERRUPTED_BEFORE_ITS_LOG, str(log)], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert r.stderr == "" and r.stdout == "", r.stderr[-2000:]
+    assert "a worker needs --broker" in log.read_text()  # the worker ran on, and said why it stopped, in its log

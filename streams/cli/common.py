@@ -12,7 +12,7 @@ from typing import Any, NoReturn, Optional
 import typer
 from rich.console import Console
 
-from streams.console import interruption
+from streams.console import interruption, received
 from streams.settings import Settings, load_settings
 
 # Soft wrap: a summary or hint line stays one line in an 80-column log (rich
@@ -58,7 +58,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
+    raise received(Terminated())
 
 
 def print_error(message: str) -> None:
