@@ -17,8 +17,8 @@ from typing import Any
 # bump with any mapping change (and reindex, see module docstring); 2: run on
 # source refs and markers; 3: velocity counts are long (an hour's engagement
 # past 2**31 was refused as an integer, and the cluster's snapshots with it);
-# 4: alerts gain ``first_seen``/``last_seen``, ``platforms`` and
-# ``sample_posts`` (added fields only: ``PUT <alias>/_mapping`` in place works)
+# 4: alerts gain ``first_seen``/``last_seen``, ``platforms``, ``sample_posts``
+# and ``account_id`` (added fields only: ``PUT <alias>/_mapping`` in place works)
 MAPPING_VERSION = 4
 SCRIPT_ID = f"deepwatch-cluster-upsert-v{MAPPING_VERSION}"
 
@@ -49,13 +49,14 @@ _KEYWORD = {"type": "keyword", "ignore_above": 1024}
 _TEXT_WITH_KEYWORD = {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 1024}}}
 _LOWER_KEYWORD = {"type": "keyword", "normalizer": "deepwatch_lowercase", "ignore_above": 256}
 
-# Mapping v4's additions to alerts: where and when the picture was seen and
-# the posts a subscriber can open (``streams.records.Alert``). Also what a v3
+# Mapping v4's additions to alerts: where and when the picture was seen, the
+# posts a subscriber can open and an account alert's account
+# (``streams.records.Alert``). Also what a v3
 # deployment puts in place (``PUT deepwatch-alerts/_mapping``,
 # docs/elasticsearch.md) instead of reindexing.
 ALERT_SPREAD: dict[str, Any] = {
     "first_seen": {"type": "date"}, "last_seen": {"type": "date"},
-    "platforms": _KEYWORD,
+    "platforms": _KEYWORD, "account_id": _KEYWORD,
     "sample_posts": {"properties": {
         "event_id": _KEYWORD, "platform": _KEYWORD, "account_id": _KEYWORD, "account_handle": _LOWER_KEYWORD,
         "post_url": {"type": "keyword", "index": False}, "posted_at": {"type": "date"},

@@ -413,7 +413,9 @@ class Alert(_Record):
     (``MAX_SAMPLE_POSTS``) and the trigger post, earliest first. The desk's
     alerts fill them from the findings store (an account alert: the
     account's platforms, last post and latest posts). All four are absent
-    from alerts raised before they existed."""
+    from alerts raised before they existed. ``account_id`` names the account
+    an account alert (``streams.desk.accounts``) is about: its ``cluster_id``
+    is then ``account:<id>``, a key for its deliveries, not a cluster."""
 
     schema_version: Literal[1] = 1
     alert_id: str  # stable: cluster id + level, so redelivery is idempotent
@@ -438,6 +440,7 @@ class Alert(_Record):
     last_seen: datetime | None = None  # its latest post (as posted)
     platforms: list[str] = Field(default_factory=list)  # where it was seen, in the order it reached each
     sample_posts: list[SamplePost] = Field(default_factory=list, max_length=MAX_SAMPLE_POSTS + 1)
+    account_id: str | None = None
 
 
 def event_json_schema() -> dict[str, Any]:

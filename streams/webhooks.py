@@ -181,9 +181,6 @@ def payload(hook: WebhookSettings, alert: Alert) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-ACCOUNT_ALERT_PREFIX = "account:"  # an account alert's cluster_id (streams.desk.accounts)
-
-
 def desk_url(public_url: str | None, alert: Alert) -> str | None:
     """The desk's page of what ``alert`` is about under its public address
     (``desk.public_url``): the cluster's page (the desk's
@@ -192,8 +189,8 @@ def desk_url(public_url: str | None, alert: Alert) -> str | None:
     percent-encoded as one path segment."""
     if not public_url:
         return None
-    if alert.cluster_id.startswith(ACCOUNT_ALERT_PREFIX):
-        return f"{public_url}/accounts/{quote(alert.cluster_id[len(ACCOUNT_ALERT_PREFIX):], safe='')}"
+    if alert.account_id is not None:
+        return f"{public_url}/accounts/{quote(alert.account_id, safe='')}"
     return cluster_page_url(public_url, alert.cluster_id)
 
 

@@ -1094,3 +1094,10 @@ def test_first_and_last_seen_compare_instants_and_the_picture_url_is_the_desks(f
     bare.apply_snapshots([_snap("c2", 1)])
     assert fake_es.docs[T.concrete("deepwatch-clusters")]["c2"]["picture_url"] is None
     bare.close()
+
+
+def test_the_documented_in_place_mapping_change_is_the_v4_alert_additions():
+    # docs/elasticsearch.md tells a v3 deployment what to PUT instead of reindexing
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "elasticsearch.md").read_text()
+    body = doc.split("PUT deepwatch-alerts/_mapping ", 1)[1].split("\nPOST ", 1)[0]
+    assert json.loads(body) == {"properties": T.ALERT_SPREAD}

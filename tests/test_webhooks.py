@@ -531,8 +531,12 @@ def test_desk_links_quote_the_id_and_end_the_summary_line(receiver, monkeypatch)
     assert settings.alerts.webhooks[0]._desk_public_url is None, "the configured hook itself is left as it was"
     odd = _alert().model_copy(update={"alert_id": "c/1 ?#é:1", "cluster_id": "c/1 ?#é"})
     assert desk_url(DESK, odd) == "https://desk.example.org/desk/clusters/c%2F1%20%3F%23%C3%A9"
-    account = _alert().model_copy(update={"alert_id": "account:x/123:1", "cluster_id": "account:x/123"})
+    account = _alert().model_copy(update={"alert_id": "account:x/123:1", "cluster_id": "account:x/123",
+                                          "account_id": "x/123"})
     assert desk_url(DESK, account) == "https://desk.example.org/desk/accounts/x%2F123", "the account's page"
+    # what the alert is about is its account_id field, not how its cluster id reads
+    named_like_one = _alert().model_copy(update={"alert_id": "account:y:1", "cluster_id": "account:y"})
+    assert desk_url(DESK, named_like_one) == "https://desk.example.org/desk/clusters/account%3Ay"
     assert desk_url(None, odd) is None
     assert _deliver(hook, odd) == "delivered"
     [req] = srv.requests

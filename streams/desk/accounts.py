@@ -49,6 +49,7 @@ async def _check(settings: Settings, source: FindingsSource, desk: DeskDB, alert
                                data={"account_id": a["id"], "ai_pictures": a["ai_pictures"], "pictures": a["pictures"]})],
             at=a["last_seen"], last_seen=a["last_seen"], platforms=a["platforms"],
             sample_posts=await asyncio.to_thread(source.sample_posts, account_id=a["id"], newest=True),  # its latest
+            account_id=a["id"],
         )
         await alerts.raise_alert(alert)
         desk.mark_account_alerted(a["id"], alert.alert_id)
