@@ -43,8 +43,8 @@ refused up front (``InvalidOp``: malformed hashes) or the record refused
 the batch so far is written and the index rebuilt from the table. A batch
 whose writes fail makes every op of it not yet written a dead letter and
 rebuilds the index from the table -- unless the engine state store could not
-write (``sqlite3.OperationalError``: the file locked past its busy timeout,
-the disk full or failing): the events are fine, so the index is rebuilt and the
+write for a reason that passes (``streams.store_errors.may_pass``: the file
+locked past its busy timeout, the disk full or failing): the events are fine, so the index is rebuilt and the
 whole batch applied again after a backoff, until it is written
 (``applied_offset`` makes the ops already written no-ops): dead-lettering them
 lost valid events for good, and a replay's resend made some of them sightings
@@ -60,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import time
 from typing import Any, Awaitable, Callable
 
@@ -70,6 +69,7 @@ from streams.clustering import ClusterEngine, ClusterState, InvalidOp, Outcome, 
 from streams.engine_state import SqliteEngineState
 from streams.records import ClusterOp, DeadLetter, DetectRequest, SourceRef, named_event
 from streams.settings import Settings
+from streams.store_errors import may_pass
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,9 @@ class ClusterStage:
             try:
                 outs, failed = self._apply_all(items)
                 break
-            except sqlite3.OperationalError as e:
+            except Exception as e:
+                if not may_pass(e):
+                    raise
                 log.error(f"engine state not written ({e}); the batch of {len(items)} ops is held and applied "
                           f"again in {delay:g}s", extra={"ops": len(items), "error": str(e), "delay_s": delay})
                 await asyncio.sleep(delay)
@@ -268,9 +270,9 @@ class ClusterStage:
                     applying = True
                     out = self.engine.apply(op, msg.offset, self.get_state)
                     writes = {cid: fit(st) for cid, st in out.writes.items()}
-                except sqlite3.OperationalError:
-                    raise  # the store, not the op (reading an archived state): the batch is held
                 except Exception as e:  # a bug or a poison op must not stop the single writer
+                    if may_pass(e):
+                        raise  # the store, not the op (reading an archived state): the batch is held
                     log.exception("cluster op failed", extra={"offset": msg.offset})
                     # an op the record refuses (a non-finite evidence weight, say) is as invalid as one
                     # the engine refuses
@@ -295,7 +297,7 @@ class ClusterStage:
         except Exception as e:  # the store or the table refused the batch's writes
             self._pending, self._live, self._away = {}, {}, set()
             self._stale = True  # the index is ahead of the table now: rebuild it from the table
-            if isinstance(e, sqlite3.OperationalError):
+            if may_pass(e):
                 raise  # handle_batch holds the batch and applies it again
             log.exception("cluster batch not written", extra={"ops": len(items)})
             detail = f"{type(e).__name__}: {e}"

@@ -20,10 +20,10 @@ hand now rather than at the next redelivery (``2 x
 alerts.webhook_redeliver_s`` later). A receiver that hangs does not hold the
 stop past the grace: what is still held then stays ``queued``.
 
-A store that cannot write (``sqlite3.OperationalError``: the file locked past
-its busy timeout, the disk full, a read-only file; Elasticsearch unreachable,
-overloaded or refusing the credentials, ``streams.es_client.store_unavailable``,
-in any of its calls, not only the bulk requests) holds the batch: ``Sinks``
+A store that cannot write for a reason that passes (``streams.store_errors.may_pass``:
+the SQLite file locked past its busy timeout, the disk full, a read-only file;
+Elasticsearch unreachable, overloaded or refusing the credentials, in any of its
+calls, not only the bulk requests) holds the batch: ``Sinks``
 logs each failure and retries it with capped exponential backoff
 (``findings.retry_initial_s`` doubling to ``retry_max_s``) until the store
 takes it, and ``deepwatch_sink_behind_seconds`` says for how long (the
@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,9 +56,9 @@ from typing import Any, Callable, TypeVar
 import httpx
 
 from streams import metrics
-from streams.es_client import store_unavailable
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef, named_event
 from streams.settings import FindingsSettings, Settings, WebhookSettings
+from streams.store_errors import may_pass
 from streams.findings import QUEUED, FindingsStore, delivery_settled, open_findings
 from streams.webhooks import (
     WebhookError, WebhookHeld, alert_spread, deliver, delivery_status, desk_url, hooks_by_key, live_add, live_discard,
@@ -115,7 +114,7 @@ class Sinks:
                 try:
                     return await asyncio.to_thread(lambda: write(self.store))
                 except Exception as e:
-                    if not (isinstance(e, sqlite3.OperationalError) or store_unavailable(e)):
+                    if not may_pass(e):
                         raise
                     if self.retry_for_s is not None and time.monotonic() - started >= self.retry_for_s:
                         log.error(f"findings store write failed ({what}, {items} items): {e}; giving up",

@@ -18,7 +18,7 @@ Two failures are not the event's: a picture the blob store cannot write for
 a reason that passes (the disk full, a quota, EIO, a read-only remount), and
 a duplicate lookup the findings store cannot answer for one (the SQLite file
 locked past its busy timeout, an I/O error; Elasticsearch unreachable,
-overloaded or refusing the credentials: ``lookup_may_pass``). Either holds
+overloaded or refusing the credentials: ``store_errors.may_pass``). Either holds
 its event, tried again with backoff until it succeeds (``_held``); a stop
 ends the wait, leaving the event unacked. Dead-lettered, a valid event was
 lost for good. A failure that would come back (a corrupt database file, a
@@ -39,7 +39,6 @@ import errno
 import hashlib
 import io
 import logging
-import sqlite3
 import threading
 import time
 import warnings
@@ -53,11 +52,11 @@ from PIL import Image
 from detectors.imagedata import jpeg_multi_scan
 from streams import metrics
 from streams.blobstore import write_may_pass
-from streams.es_client import store_unavailable
 from streams.findings import reads_are_local
 from streams.recent import Recent
 from streams.records import ClusterOp, DeadLetter, Sighting, SourceRef
 from streams.settings import Settings
+from streams.store_errors import may_pass
 from streams.validate import MAX_EVENT_BYTES, parse_event
 
 log = logging.getLogger(__name__)
@@ -75,32 +74,8 @@ BLOBS_REMEMBERED = 100_000  # ~10 MB of digests: repeats of a recent picture ski
 # state store could not write).
 BLOB_RETRY_INITIAL_S, BLOB_RETRY_MAX_S = 0.5, 30.0
 # The same for a duplicate lookup the findings store could not answer for a
-# reason that passes (``lookup_may_pass``).
+# reason that passes (``store_errors.may_pass``).
 LOOKUP_RETRY_INITIAL_S, LOOKUP_RETRY_MAX_S = 0.5, 30.0
-
-# SQLite primary result codes after which the same lookup may succeed: the
-# file locked past busy_timeout (BUSY, LOCKED, PROTOCOL), the disk failing or
-# full (IOERR, FULL), the file or its directory unreachable or read-only for
-# now (CANTOPEN, READONLY: opening the store writes its schema). Not ERROR (a
-# bad statement, a missing table), CORRUPT ("database disk image is
-# malformed"), NOTADB and the like: those come back every time.
-PASSING_SQLITE = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_PROTOCOL", "SQLITE_IOERR", "SQLITE_FULL",
-                            "SQLITE_CANTOPEN", "SQLITE_READONLY"})
-
-
-def lookup_may_pass(e: object) -> bool:
-    """Whether a failed findings-store lookup (``e``, what it raised) may
-    succeed if tried again later. SQLite errors are judged by their result
-    code (``sqlite_errorname``, extended codes by their primary one: a
-    ``SQLITE_IOERR_SHORT_READ`` is an ``SQLITE_IOERR``), not their message;
-    Elasticsearch's by ``es_client.store_unavailable``. Opening the SQLite
-    store (on the first lookup) raises ``store.StoreError`` carrying the code."""
-    name = getattr(e, "sqlite_errorname", None)
-    if name is not None:
-        return "_".join(name.split("_")[:2]) in PASSING_SQLITE
-    if isinstance(e, sqlite3.Error):  # raised by Python code, not by SQLite: judged as the sinks judge it
-        return isinstance(e, sqlite3.OperationalError)
-    return isinstance(e, Exception) and store_unavailable(e)
 
 
 # Since when the events this process holds for each store have waited: their gauges read the oldest.
@@ -403,7 +378,7 @@ class AnalyzeStage:
             await self._hold_blob(ev.event_id, data, sighting.sha256, held, slot, clock)
             stored = await slot.to_thread(self._lookup, ev.event_id)
         self._stage = "dedupe"
-        if lookup_may_pass(stored):
+        if may_pass(stored):
             stored = await self._hold_lookup(ev.event_id, stored, slot, clock)
         if isinstance(stored, BaseException):
             raise stored
@@ -556,13 +531,13 @@ class AnalyzeStage:
 
     async def _hold_lookup(self, event_id: str, error: Exception, slot: Slot, clock: asyncio.Timeout | None) -> Any:
         """Hold an event whose duplicate lookup the findings store could not
-        answer for a reason that passes (``lookup_may_pass``), asking again
+        answer for a reason that passes (``store_errors.may_pass``), asking again
         (``_held``) until it answers; returns the answer (the stored sha256
         or None), or the error of a lookup that then failed for good, which
         the dedupe stage dead-letters as before."""
         self._stage = "dedupe"
         stored, tries = await self._held(
-            event_id, error, lambda: self._lookup(event_id), lookup_may_pass, slot, clock,
+            event_id, error, lambda: self._lookup(event_id), may_pass, slot, clock,
             holding=HELD_LOOKUPS, failures=metrics.LOOKUP_FAILURES,
             initial_s=LOOKUP_RETRY_INITIAL_S, max_s=LOOKUP_RETRY_MAX_S,
             say=lambda e, delay: (f"findings store lookup failed ({_error_text(e)}); the event is held and looked "

@@ -45,7 +45,7 @@ class StoreError(OSError):
     a newer deepwatch, a row that does not read back); one line with the fix.
     An OSError: like a missing file, the CLI reports it without a traceback.
     ``sqlite_errorname``: SQLite's result code when SQLite raised it (a lock
-    at open passes, a corrupt file does not: ``stage.lookup_may_pass``)."""
+    at open passes, a corrupt file does not: ``store_errors.may_pass``)."""
 
     sqlite_errorname: str | None = None
 

@@ -290,6 +290,33 @@ def test_an_engine_state_store_that_cannot_write_holds_the_batch_not_its_events(
         [Alert.loads(v).alert_id for _, v in clean_topics["alerts"].sent]
 
 
+def test_an_engine_state_error_that_would_come_back_is_not_held(tmp_path, monkeypatch):
+    """Judged as the duplicate lookup and the sinks judge theirs
+    (``streams.store_errors.may_pass``): SQLITE_ERROR (a missing table)
+    comes back every time, and holding it would stop the single writer for
+    good; the batch's events end as dead letters, to be replayed."""
+    import sqlite3
+
+    from streams import cluster_stage
+
+    monkeypatch.setattr(cluster_stage, "STORE_RETRY_INITIAL_S", 0.01)
+    stage, _, dead = stage_for(Settings(data_dir=tmp_path / "broken"), CountingTable())
+    tries = []
+
+    def put(writes):
+        tries.append(len(writes))
+        missing = sqlite3.OperationalError("no such table: states")
+        missing.sqlite_errorname, missing.sqlite_errorcode = "SQLITE_ERROR", 1
+        raise missing
+
+    monkeypatch.setattr(stage.states, "put", put)
+    ops = viral_feed()[:8]
+    run_batches(stage, ops, len(ops))
+    assert len(tries) == 1, "not tried again"
+    assert [(d.stage, d.reason) for d in dead] == [("cluster", "internal_error")] * len(ops)
+    assert all("no such table" in d.detail for d in dead)
+
+
 # -- a merge cut between its table writes ---------------------------------------
 class StoppingTable(dict):
     """The changelog table, logging the keys written; ``stop_after`` more

@@ -24,7 +24,8 @@ import streams.stage as stage_mod
 from streams import metrics
 from streams.es_client import EsError
 from streams.records import ClusterOp
-from streams.stage import AnalyzeStage, lookup_may_pass
+from streams.stage import AnalyzeStage
+from streams.store_errors import may_pass
 from tests.test_blob_hold import PICTURES, _event, _process, cancel_while_held
 from tests.test_blob_hold import _stage as stage_for
 
@@ -205,19 +206,19 @@ def test_a_missing_table_is_not_held(tmp_path):
     assert store.calls == 1 and result.dead.detail == "OperationalError: no such table: sightings"
 
 
-def test_lookup_may_pass_goes_by_the_result_code_not_the_message(tmp_path):
+def test_may_pass_goes_by_the_result_code_not_the_message(tmp_path):
     locked = LockedSqlite(tmp_path / "f.sqlite", locked=1)
     with pytest.raises(sqlite3.OperationalError) as busy:
         locked.sighting_sha256("e0")
-    assert busy.value.sqlite_errorname == "SQLITE_BUSY" and lookup_may_pass(busy.value)
+    assert busy.value.sqlite_errorname == "SQLITE_BUSY" and may_pass(busy.value)
     with pytest.raises(sqlite3.DatabaseError) as corrupt:
         OnFile(_corrupt(tmp_path / "c.sqlite")).sighting_sha256("e1500")
-    assert corrupt.value.sqlite_errorname == "SQLITE_CORRUPT" and not lookup_may_pass(corrupt.value)
+    assert corrupt.value.sqlite_errorname == "SQLITE_CORRUPT" and not may_pass(corrupt.value)
     # the message alone decides nothing: an extended code counts as its primary one
     renamed = sqlite3.OperationalError("database disk image is malformed")
     renamed.sqlite_errorname, renamed.sqlite_errorcode = "SQLITE_IOERR_SHORT_READ", 522
-    assert lookup_may_pass(renamed)
-    assert not lookup_may_pass("a" * 64) and not lookup_may_pass(None) and not lookup_may_pass(ValueError("x"))
+    assert may_pass(renamed)
+    assert not may_pass("a" * 64) and not may_pass(None) and not may_pass(ValueError("x"))
 
 
 def test_a_held_lookup_that_then_fails_for_good_is_one_dead_letter(tmp_path, monkeypatch):
@@ -296,8 +297,8 @@ def test_a_store_locked_while_it_opens_holds_the_event_too(tmp_path, monkeypatch
     locked.sqlite_errorcode, locked.sqlite_errorname = 5, "SQLITE_BUSY"
     corrupt = sqlite3.DatabaseError("database disk image is malformed")
     corrupt.sqlite_errorcode, corrupt.sqlite_errorname = 11, "SQLITE_CORRUPT"
-    assert lookup_may_pass(StoreError.of("cannot open findings store 'x': database is locked", locked))
-    assert not lookup_may_pass(StoreError.of("findings store 'x' is not a readable SQLite database", corrupt))
+    assert may_pass(StoreError.of("cannot open findings store 'x': database is locked", locked))
+    assert not may_pass(StoreError.of("findings store 'x' is not a readable SQLite database", corrupt))
     monkeypatch.setattr(stage_mod, "LOOKUP_RETRY_INITIAL_S", 0.05)
     store = Scripted(StoreError.of("cannot open findings store 'x': database is locked", locked))
     result = _process(_stage(tmp_path, store), _event(0, "small.png"))

@@ -125,3 +125,18 @@ def test_engagement_in_the_window_saturates_at_the_largest_exact_count():
     assert (v.sightings_1h, v.accounts_1h, v.engagement_1h) == (4, 4, MAX_COUNT)
     small = virality.add([], virality.RecentSighting(t=0.0, e="e", a="a", p="x", g=12), 0.0)
     assert virality.velocity(small, 0.0).engagement_1h == 12
+
+
+def test_a_store_error_that_would_come_back_is_raised_not_held(tmp_path):
+    """Judged as the duplicate lookup and the cluster stage judge theirs
+    (``streams.store_errors.may_pass``): a missing table (SQLITE_ERROR)
+    comes back on every try, so holding the batch would stop the sink for good."""
+    sinks = _sinks(tmp_path)
+    store = sinks.store
+    with store._lock:
+        store._db.execute("DROP TABLE alerts")
+    with pytest.raises(sqlite3.OperationalError, match="no such table") as raised:
+        asyncio.run(asyncio.wait_for(sinks.alert(_alert("c1").dumps()), 10))
+    assert raised.value.sqlite_errorname == "SQLITE_ERROR"
+    assert metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value == 0
+    store.close()
