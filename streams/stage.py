@@ -73,9 +73,6 @@ BLOBS_REMEMBERED = 100_000  # ~10 MB of digests: repeats of a recent picture ski
 # long, doubling up to the max (as the cluster stage holds a batch its engine
 # state store could not write).
 BLOB_RETRY_INITIAL_S, BLOB_RETRY_MAX_S = 0.5, 30.0
-# The same for a duplicate lookup the findings store could not answer for a
-# reason that passes (``store_errors.may_pass``).
-LOOKUP_RETRY_INITIAL_S, LOOKUP_RETRY_MAX_S = 0.5, 30.0
 
 
 # Since when the events this process holds for each store have waited: their gauges read the oldest.
@@ -539,7 +536,8 @@ class AnalyzeStage:
         stored, tries = await self._held(
             event_id, error, lambda: self._lookup(event_id), may_pass, slot, clock,
             holding=HELD_LOOKUPS, failures=metrics.LOOKUP_FAILURES,
-            initial_s=LOOKUP_RETRY_INITIAL_S, max_s=LOOKUP_RETRY_MAX_S,
+            # the findings store's backoff, as its sinks wait for it
+            initial_s=self.settings.findings.retry_initial_s, max_s=self.settings.findings.retry_max_s,
             say=lambda e, delay: (f"findings store lookup failed ({_error_text(e)}); the event is held and looked "
                                   f"up again in {delay:g}s: check the findings store (the SQLite file's locks and "
                                   "disk; Elasticsearch's health and credentials)"),

@@ -44,16 +44,18 @@ def _event(n: int, path: str) -> bytes:
 PICTURES = {"small.png": corpus.picture_png(1, (256, 192)), "large.png": corpus.picture_png(2, (640, 480))}
 
 
-def _stage(tmp_path: Path, store=None, *, deadline_s: float = 120.0,
-           inline_max_pixels: int = 4_000_000) -> AnalyzeStage:
+def _stage(tmp_path: Path, store=None, *, deadline_s: float = 120.0, inline_max_pixels: int = 4_000_000,
+           lookup_retry_s: float = 0.5) -> AnalyzeStage:
     """An analyze stage over local files ``PICTURES`` and a findings store
-    (``store``; default: one that has stored nothing)."""
+    (``store``; default: one that has stored nothing) that it asks again
+    ``lookup_retry_s`` after a lookup that may pass failed."""
     images = tmp_path / "images"
     images.mkdir(exist_ok=True)
     for name, data in PICTURES.items():
         (images / name).write_bytes(data)
     settings = Settings(data_dir=tmp_path / "data", ingest={"image_roots": [images], "event_deadline_s": deadline_s},
-                        batch={"analyze_inline_max_pixels": inline_max_pixels})
+                        batch={"analyze_inline_max_pixels": inline_max_pixels},
+                        findings={"retry_initial_s": lookup_retry_s})
     blobs = DirectoryBlobStore(tmp_path / "blobs")
     fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs)
     store = store or _Store()

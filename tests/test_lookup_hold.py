@@ -29,8 +29,10 @@ from streams.store_errors import may_pass
 from tests.test_blob_hold import PICTURES, _event, _process, cancel_while_held
 from tests.test_blob_hold import _stage as stage_for
 
-def _stage(tmp_path: Path, store, *, deadline_s: float = 120.0, inline_max_pixels: int = 200_000) -> AnalyzeStage:
-    return stage_for(tmp_path, store, deadline_s=deadline_s, inline_max_pixels=inline_max_pixels)
+def _stage(tmp_path: Path, store, *, deadline_s: float = 120.0, inline_max_pixels: int = 200_000,
+           lookup_retry_s: float = 0.5) -> AnalyzeStage:
+    return stage_for(tmp_path, store, deadline_s=deadline_s, inline_max_pixels=inline_max_pixels,
+                     lookup_retry_s=lookup_retry_s)
 
 
 def _failures() -> float:
@@ -132,9 +134,8 @@ class OnFile:
 @pytest.mark.parametrize("picture", ["small.png", "large.png"])  # looked up on the event loop / in a thread
 def test_a_locked_findings_store_holds_the_event_then_it_is_a_sighting(tmp_path, monkeypatch, picture):
     # backoff 0.2 + 0.4 + 0.8 s: longer than the event's whole deadline, which the waits are not charged to
-    monkeypatch.setattr(stage_mod, "LOOKUP_RETRY_INITIAL_S", 0.2)
     store = LockedSqlite(tmp_path / "findings.sqlite", locked=3)
-    stage = _stage(tmp_path, store, deadline_s=1.0)
+    stage = _stage(tmp_path, store, lookup_retry_s=0.2, deadline_s=1.0)
     before = _failures()
     started = time.monotonic()
     result = _process(stage, _event(0, picture))
@@ -150,10 +151,9 @@ def test_a_locked_findings_store_holds_the_event_then_it_is_a_sighting(tmp_path,
 def test_the_held_lookups_answer_is_the_one_judged(tmp_path, monkeypatch):
     """Once the lock is gone the store's answer decides: the same picture
     stored under the id is an exact duplicate, another one a conflict."""
-    monkeypatch.setattr(stage_mod, "LOOKUP_RETRY_INITIAL_S", 0.05)
     sha = hashlib.sha256(PICTURES["small.png"]).hexdigest()
     store = LockedSqlite(tmp_path / "a.sqlite", locked=2, rows={"e0": sha})
-    result = _process(_stage(tmp_path, store), _event(0, "small.png"))
+    result = _process(_stage(tmp_path, store, lookup_retry_s=0.05), _event(0, "small.png"))
     assert result.duplicate and result.op is None and result.dead is None and store.calls == 3
     store = LockedSqlite(tmp_path / "b.sqlite", locked=2, rows={"e0": "b" * 64})
     result = _process(_stage(tmp_path, store), _event(0, "small.png"))
@@ -167,10 +167,9 @@ def test_the_held_lookups_answer_is_the_one_judged(tmp_path, monkeypatch):
     lambda: EsError("Elasticsearch at http://es:9200 refused the credentials", hold=True),
 ])
 def test_an_unavailable_elasticsearch_holds_the_event(tmp_path, monkeypatch, error):
-    monkeypatch.setattr(stage_mod, "LOOKUP_RETRY_INITIAL_S", 0.05)
     store = Scripted(error(), error())
     before = _failures()
-    result = _process(_stage(tmp_path, store, inline_max_pixels=0), _event(0, "small.png"))
+    result = _process(_stage(tmp_path, store, lookup_retry_s=0.05, inline_max_pixels=0), _event(0, "small.png"))
     assert result.dead is None and ClusterOp.loads(result.op).sighting.event.event_id == "e0"
     assert store.calls == 3 and _failures() - before == 2
 
@@ -222,17 +221,15 @@ def test_may_pass_goes_by_the_result_code_not_the_message(tmp_path):
 
 
 def test_a_held_lookup_that_then_fails_for_good_is_one_dead_letter(tmp_path, monkeypatch):
-    monkeypatch.setattr(stage_mod, "LOOKUP_RETRY_INITIAL_S", 0.05)
     store = Scripted(_es_unreachable(), _es_answered(400))
-    result = _process(_stage(tmp_path, store), _event(0, "small.png"))
+    result = _process(_stage(tmp_path, store, lookup_retry_s=0.05), _event(0, "small.png"))
     assert store.calls == 2 and (result.dead.stage, result.dead.reason) == ("dedupe", "internal_error")
     assert _held_s() == 0.0
 
 
 def test_a_stop_ends_a_held_lookup_at_once_and_leaves_the_event_unacked(tmp_path, monkeypatch):
-    monkeypatch.setattr(stage_mod, "LOOKUP_RETRY_INITIAL_S", 30.0)
     store = Scripted(*[_es_unreachable() for _ in range(100)])
-    stage = _stage(tmp_path, store)
+    stage = _stage(tmp_path, store, lookup_retry_s=30.0)
 
     held, stop_s = cancel_while_held(stage, lambda: store.calls > 0, _held_s)
     assert held >= 0.25 and stop_s < 0.5 and store.calls == 1
@@ -248,7 +245,6 @@ def test_a_picture_held_for_the_blob_store_then_for_the_lookup(tmp_path, monkeyp
     import streams.blobstore as blobstore
 
     monkeypatch.setattr(stage_mod, "BLOB_RETRY_INITIAL_S", 0.05)
-    monkeypatch.setattr(stage_mod, "LOOKUP_RETRY_INITIAL_S", 0.05)
     real, writes = blobstore.write_atomically, []
 
     def write(path, data):
@@ -260,7 +256,7 @@ def test_a_picture_held_for_the_blob_store_then_for_the_lookup(tmp_path, monkeyp
     store = LockedSqlite(tmp_path / "findings.sqlite", locked=2)
     before = _failures()
     with mock.patch("streams.blobstore.write_atomically", write):
-        result = _process(_stage(tmp_path, store), _event(0, "large.png"))
+        result = _process(_stage(tmp_path, store, lookup_retry_s=0.05), _event(0, "large.png"))
     assert result.dead is None and ClusterOp.loads(result.op).sighting.event.event_id == "e0"
     assert len(writes) == 3 and store.calls == 3 and _failures() - before == 2
 
@@ -281,9 +277,8 @@ class SlowFailing(Scripted):
 def test_a_held_lookups_slow_tries_are_not_charged_to_the_events_deadline(tmp_path, monkeypatch):
     # each try of a locked store waits out its 30 s busy timeout: charged, the
     # event met its 120 s deadline after four tries as dedupe:deadline
-    monkeypatch.setattr(stage_mod, "LOOKUP_RETRY_INITIAL_S", 0.05)
     store = SlowFailing(0.4, *[_es_unreachable() for _ in range(4)])
-    result = _process(_stage(tmp_path, store, deadline_s=1.0), _event(0, "small.png"))
+    result = _process(_stage(tmp_path, store, lookup_retry_s=0.05, deadline_s=1.0), _event(0, "small.png"))
     assert result.dead is None, result.dead
     assert ClusterOp.loads(result.op).sighting.event.event_id == "e0" and store.calls == 5
 
@@ -299,7 +294,6 @@ def test_a_store_locked_while_it_opens_holds_the_event_too(tmp_path, monkeypatch
     corrupt.sqlite_errorcode, corrupt.sqlite_errorname = 11, "SQLITE_CORRUPT"
     assert may_pass(StoreError.of("cannot open findings store 'x': database is locked", locked))
     assert not may_pass(StoreError.of("findings store 'x' is not a readable SQLite database", corrupt))
-    monkeypatch.setattr(stage_mod, "LOOKUP_RETRY_INITIAL_S", 0.05)
     store = Scripted(StoreError.of("cannot open findings store 'x': database is locked", locked))
-    result = _process(_stage(tmp_path, store), _event(0, "small.png"))
+    result = _process(_stage(tmp_path, store, lookup_retry_s=0.05), _event(0, "small.png"))
     assert result.dead is None and store.calls == 2
