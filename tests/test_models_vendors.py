@@ -135,3 +135,15 @@ def test_off_without_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIVE_API_KEY", KEY)
     assert enabled_vendors(["vendor:hive", "model:x"]) == ["vendor:hive"]
     assert isinstance(create_vendor("vendor:hive"), HiveDetector)
+
+
+def test_a_mistyped_model_or_vendor_name_says_what_it_could_have_meant(tmp_path) -> None:
+    from detectors.models import load_detector
+
+    # read as a model to fetch, it said "use letters, digits, ..." and nothing of the vendors
+    with pytest.raises(ValueError, match=r"did you mean 'vendor:hive'\?"):
+        load_detector("vendor:hiv", model_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"did you mean 'pixel-probe-lite2'\?"):
+        load_detector("pixel-probe-lite", model_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"packaged models: pixel-probe-lite2; vendor plugins: vendor:hive, "):
+        load_detector("zzz", model_dir=tmp_path)

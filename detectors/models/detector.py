@@ -21,7 +21,7 @@ import numpy as np
 
 from detectors.base import Cost, Detector, Evidence, EvidenceKind
 from detectors.imagedata import ImageData
-from detectors.models.checkpoint import ModelCard, load_checkpoint
+from detectors.models.checkpoint import ModelCard, load_checkpoint, validate_name
 
 if TYPE_CHECKING:  # imported where a torch model runs: the packaged pixel detector runs without it on CPU
     import torch
@@ -175,6 +175,24 @@ class ModelDetector(StagedDetector):
         )
 
 
+def _known_names(name: str, model_dir: Path) -> str:
+    """What a name that is not a model could have meant: the closest known
+    name, else every name there is (a mistyped ``vendor:hiv`` read as a
+    model to fetch)."""
+    import difflib
+
+    from detectors.models.checkpoint import list_models
+    from detectors.models.pixel_detector import BUILTIN
+    from detectors.models.vendors import VENDORS
+
+    trained = sorted(card.name for card in list_models(model_dir))
+    near = difflib.get_close_matches(name, [*BUILTIN, *VENDORS, *trained], n=1)
+    if near:
+        return f"did you mean {near[0]!r}?"
+    return (f"packaged models: {', '.join(sorted(BUILTIN))}; vendor plugins: {', '.join(sorted(VENDORS))}"
+            + (f"; in {model_dir}: {', '.join(trained)}" if trained else ""))
+
+
 def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Path | None = None,
                   amp: str = "auto") -> BatchDetector:
     """Load ``<model_dir>/<name>.{safetensors,json}`` as a ready detector.
@@ -196,7 +214,14 @@ def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Pat
     from detectors.models.device import select_device
     from detectors.models.nets import build_net
 
-    card, state = load_checkpoint(Path(model_dir), name)
+    try:
+        validate_name(name)
+    except ValueError as e:
+        raise ValueError(f"{e}; {_known_names(name, Path(model_dir))}") from None
+    try:
+        card, state = load_checkpoint(Path(model_dir), name)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; {_known_names(name, Path(model_dir))}") from None
     net = build_net(card.arch, card.arch_params, Path(model_dir))
     missing, unexpected = net.load_state_dict(state, strict=False)
     # ClipProbe.load_state_dict already restricts itself to the probe head, so a
