@@ -19,6 +19,14 @@ it); nothing in the engine reads it. ``EngineStateStore`` is the interface,
 ``SqliteEngineState`` the embedded backend (one file in the data directory).
 Offsets in a state belong to the broker that wrote them: the stage clears
 them (``cluster_stage._fresh``) when it seeds a fresh broker from this file.
+
+The file records the newest state layout written to it (``PRAGMA
+user_version``: ``streams.clustering.SCHEMA_VERSION``). A deepwatch older
+than that refuses the file when it opens it (``NewerEngineState``), and the
+CLI before any worker starts: reading on, it left every newer state out of
+its index one by one, founded new clusters for their pictures and
+dead-lettered each op of theirs, and would drop what it does not know of
+the states it rewrote.
 """
 
 from __future__ import annotations
@@ -52,17 +60,45 @@ class EngineStateStore(Protocol):
     def close(self) -> None: ...
 
 
+class NewerEngineState(Exception):
+    """The engine state file was written by a newer deepwatch than this one."""
+
+
+def newer_state_message(path: Path, stored: int, current: int) -> str:
+    return (f"{path} holds cluster states written by a newer deepwatch (state layout {stored}; this one writes "
+            f"{current}): run that version or a newer one on this data dir (this one would drop what it does not "
+            "know of those states), or start afresh with another --data-dir")
+
+
+def stored_state_version(path: Path) -> int:
+    """The newest state layout written to the engine state file at ``path``
+    (0: no file, or one from before the layout was recorded). Read only."""
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        db.close()
+
+
 class SqliteEngineState:
     """``put`` upserts hot states, ``archive`` moves states to the cold tier;
     a later ``put`` of an archived cluster (revived) makes it hot again.
     ``hot``/``archived`` iterate in first-write order, so a rebuilt index adds
     clusters in the order they were created."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, state_version: int):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._lock = threading.Lock()
+        stored = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if stored > state_version:
+            self._db.close()
+            raise NewerEngineState(newer_state_message(self.path, stored, state_version))
+        if stored < state_version:
+            self._db.execute(f"PRAGMA user_version = {int(state_version)}")
         enable_wal(self._db)  # workers may open a fresh file together
         # one writer, state also on the changelog: a power cut may lose the
         # last few ops here, which the broker still holds; no fsync per op
@@ -209,4 +245,7 @@ def _is_sqlite_store(settings: Any) -> bool:
 
 
 def open_engine_state(data_dir: Path) -> SqliteEngineState:
-    return SqliteEngineState(engine_state_path(data_dir))
+    """The engine state file of ``data_dir``, for states of this deepwatch's layout."""
+    from streams.clustering import SCHEMA_VERSION
+
+    return SqliteEngineState(engine_state_path(data_dir), state_version=SCHEMA_VERSION)

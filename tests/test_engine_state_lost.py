@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from streams.demo_feed import build_feed
-from streams.engine_state import SqliteEngineState, engine_state_path, lost_state
+from streams.engine_state import engine_state_path, lost_state, open_engine_state
 from streams.settings import Settings
 
 WARNING = "holds no cluster state"
@@ -32,7 +32,7 @@ def test_a_fresh_data_dir_says_nothing_and_creates_nothing(tmp_path):
 def test_an_engine_state_with_clusters_says_nothing_whatever_the_findings_store(tmp_path, monkeypatch):
     import streams.engine_state as es
 
-    states = SqliteEngineState(engine_state_path(tmp_path))
+    states = open_engine_state(tmp_path)
     states.archive({"c1": b"{}"})  # the cold tier counts: its clusters are known
     states.close()
     monkeypatch.setattr(es, "_stored_sightings", lambda settings: 500)
@@ -42,7 +42,7 @@ def test_an_engine_state_with_clusters_says_nothing_whatever_the_findings_store(
 def test_an_empty_engine_state_beside_stored_sightings_names_the_fix(tmp_path, monkeypatch):
     import streams.engine_state as es
 
-    SqliteEngineState(engine_state_path(tmp_path)).close()  # created, never written (a worker started, then lost it)
+    open_engine_state(tmp_path).close()  # created, never written (a worker started, then lost it)
     monkeypatch.setattr(es, "_stored_sightings", lambda settings: 42)
     msg = lost_state(Settings(data_dir=tmp_path), fresh_table=True)
     assert msg.startswith(f"{tmp_path / 'engine-state.sqlite'} holds no cluster state, but findings.sqlite "
@@ -97,3 +97,46 @@ def test_replay_warns_when_the_engine_state_is_gone_and_not_on_a_fresh_start(tmp
     assert (logged["level"], logged["logger"]) == ("warning", "streams.app")
     assert logged["engine_state"] == str(data / "engine-state.sqlite")
     assert f"already holds {first['sightings']} sightings" in logged["msg"]
+
+
+# -- an engine state a newer deepwatch wrote ----------------------------------------
+def _written_by_a_newer_deepwatch(data: Path) -> Path:
+    import sqlite3
+
+    from streams.clustering import SCHEMA_VERSION
+
+    open_engine_state(data).close()
+    path = engine_state_path(data)
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    return path
+
+
+def test_opening_records_the_state_layout_and_refuses_a_newer_one(tmp_path):
+    import sqlite3
+
+    from streams.clustering import SCHEMA_VERSION
+    from streams.engine_state import NewerEngineState, stored_state_version
+
+    assert stored_state_version(engine_state_path(tmp_path)) == 0  # no file: nothing created
+    assert not engine_state_path(tmp_path).exists()
+    open_engine_state(tmp_path).close()
+    assert stored_state_version(engine_state_path(tmp_path)) == SCHEMA_VERSION
+    path = _written_by_a_newer_deepwatch(tmp_path / "newer")
+    with pytest.raises(NewerEngineState, match=f"state layout {SCHEMA_VERSION + 1}; this one writes {SCHEMA_VERSION}"):
+        open_engine_state(tmp_path / "newer")
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1  # left as it was
+
+
+@pytest.mark.parametrize("command", [["replay", "{feed}"], ["worker"]])
+def test_the_cli_refuses_an_engine_state_a_newer_deepwatch_wrote_before_any_worker_starts(tmp_path, command):
+    feed, _ = build_feed(tmp_path / "feed", burst=3)
+    data = tmp_path / "data"
+    path = _written_by_a_newer_deepwatch(data)
+    args = [a.format(feed=feed) for a in command]
+    r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", *args, "--data-dir", str(data)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().startswith(f"error: {path} holds cluster states written by a newer deepwatch"), r.stderr
+    assert not (data / "logs").exists()  # no broker, no worker started

@@ -261,12 +261,18 @@ def check_banks(settings: Settings) -> None:
 
 def check_engine_state(settings: Settings) -> None:
     """Refuse an engine-state.sqlite that SQLite cannot read before workers
-    start on it: each worker died at start on a sqlite3 traceback."""
-    from streams.engine_state import engine_state_path
+    start on it (each worker died at start on a sqlite3 traceback), or one a
+    newer deepwatch wrote (``streams.engine_state.NewerEngineState``)."""
+    from streams.clustering import SCHEMA_VERSION
+    from streams.engine_state import engine_state_path, newer_state_message, stored_state_version
 
-    _check_sqlite_file(engine_state_path(settings.data_dir), "engine-state file",
+    path = engine_state_path(settings.data_dir)
+    _check_sqlite_file(path, "engine-state file",
                        "move it aside (the clusters' counts and alert levels then start afresh) or restore it "
                        "from a backup")
+    stored = stored_state_version(path) if path.is_file() else 0
+    if stored > SCHEMA_VERSION:
+        raise UserError(newer_state_message(path, stored, SCHEMA_VERSION))
 
 
 def _check_sqlite_file(path: Path, what: str, fix: str) -> None:
