@@ -52,7 +52,9 @@ import numpy as np
 
 from detectors.base import Detector, Evidence
 from detectors.imagedata import ImageData
+from detectors.fusion import LIKELY_AI, fuse
 from detectors.models.dataset import Sample, repost_bytes
+from detectors.models.pixel_metrics import ranking
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ VARIANTS = ("original", "reposted")
 
 
 def metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, covered: np.ndarray | None = None) -> dict[str, Any]:
-    from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+    from sklearn.metrics import accuracy_score
 
     y = labels.astype(int)
     pred = scores >= threshold
@@ -73,12 +75,12 @@ def metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, covered: n
         leans &= covered
     pred = pred.astype(int)
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    both = n_pos > 0 and n_neg > 0
+    ranked = ranking(y, scores)
     return {
-        "auc": round(float(roc_auc_score(y, scores)), 4) if both else None,
-        "average_precision": round(float(average_precision_score(y, scores)), 4) if both else None,
-        "tpr_at_1pct_fpr": _tpr(y, scores, 0.01),
-        "tpr_at_5pct_fpr": _tpr(y, scores, 0.05),
+        "auc": _rounded(ranked["auc"]),
+        "average_precision": _rounded(ranked["ap"]),
+        "tpr_at_1pct_fpr": _rounded(ranked["tpr_at_1pct_fpr"]),
+        "tpr_at_5pct_fpr": _rounded(ranked["tpr_at_5pct_fpr"]),
         "accuracy": round(float(accuracy_score(y, pred)), 4) if len(y) else None,
         "recall": round(float(pred[y == 1].mean()), 4) if n_pos else None,
         "fpr": round(float(pred[y == 0].mean()), 4) if n_neg else None,
@@ -90,24 +92,8 @@ def metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, covered: n
     }
 
 
-def _tpr(y: np.ndarray, scores: np.ndarray, fpr: float) -> float | None:
-    from detectors.models.pixel_metrics import tpr_at_fpr
-
-    v = tpr_at_fpr(y, scores, fpr)
+def _rounded(v: float | None) -> float | None:
     return None if v is None else round(v, 4)
-
-
-def _fuser() -> tuple[Callable[[list[Evidence]], Any], float] | None:
-    """``detectors.fusion.fuse`` and its "likely-ai" cut (the alerting operating point)."""
-    try:
-        import inspect
-
-        from detectors.fusion import fuse
-    except Exception:  # fusion is optional (written in parallel / may be absent)
-        return None
-    default = inspect.signature(fuse).parameters.get("likely_ai")
-    thr = float(default.default) if default is not None and default.default is not inspect.Parameter.empty else DEFAULT_THRESHOLD
-    return fuse, thr
 
 
 def _describe(d: Detector) -> dict[str, Any] | None:
@@ -164,7 +150,6 @@ def _variant_report(
     generators: list[str | None],
     categories: list[str | None] | None = None,
 ) -> dict[str, Any]:
-    fuser = _fuser()
     scores: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     for det in detectors:
         s = np.full(len(labels), NO_OPINION)
@@ -174,15 +159,14 @@ def _variant_report(
             if mine:
                 s[i], cov[i] = max(mine), True  # several findings: the strongest AI claim counts
         scores[det.name] = (s, cov, _threshold(det))
-    if fuser is not None:
-        fuse, fused_thr = fuser
-        # fuse([]) is fusion's own "nothing to go on" prior, not 0.5
-        fused = np.array([float(fuse(evs).score) for evs in evidence])
-        scores["fused"] = (fused, np.array([bool(evs) for evs in evidence]), fused_thr)
+    # fuse([]) is fusion's own "nothing to go on" prior, not 0.5; flagged at
+    # the alerting operating point ("likely-ai")
+    fused = np.array([float(fuse(evs).score) for evs in evidence])
+    scores["fused"] = (fused, np.array([bool(evs) for evs in evidence]), LIKELY_AI)
 
     report: dict[str, Any] = {
         "detectors": {k: metrics(s, labels, t, c) for k, (s, c, t) in scores.items() if k != "fused"},
-        "fused": metrics(*_pick(scores["fused"], labels)) if "fused" in scores else None,
+        "fused": metrics(*_pick(scores["fused"], labels)),
         "per_generator": {},
         "per_category": {},
     }

@@ -35,16 +35,23 @@ def tpr_at_fpr(y: np.ndarray, p: np.ndarray, fpr: float) -> float | None:
     return float((p[y == 1] >= t).mean())
 
 
-def summary(y: np.ndarray, p: np.ndarray, threshold: float | None = None) -> dict[str, Any]:
+def ranking(y: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
+    """The metrics of how scores rank AI (1) above real (0), whatever the
+    threshold: AUC, average precision and TPR at 1% and 5% FPR; None where
+    one class is missing. ``summary`` and ``evaluate.metrics`` report them."""
     y, p = np.asarray(y), np.asarray(p)
     both = 0 < y.sum() < len(y)
-    out: dict[str, Any] = {
-        "n": int(len(y)), "n_ai": int(y.sum()), "n_real": int((y == 0).sum()),
+    return {
         "auc": float(roc_auc_score(y, p)) if both else None,
         "ap": float(average_precision_score(y, p)) if both else None,
         "tpr_at_1pct_fpr": tpr_at_fpr(y, p, 0.01),
         "tpr_at_5pct_fpr": tpr_at_fpr(y, p, 0.05),
     }
+
+
+def summary(y: np.ndarray, p: np.ndarray, threshold: float | None = None) -> dict[str, Any]:
+    y, p = np.asarray(y), np.asarray(p)
+    out: dict[str, Any] = {"n": int(len(y)), "n_ai": int(y.sum()), "n_real": int((y == 0).sum()), **ranking(y, p)}
     if threshold is not None:
         if (y == 1).any():
             out["tpr_at_threshold"] = float((p[y == 1] >= threshold).mean())
