@@ -312,24 +312,53 @@ def _request_url(url: str) -> httpx.URL:
         return httpx.URL(urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)))
 
 
-async def pin(url: str, refuse: Callable[[str, list[IPAddress]], None], timeout_s: float = DNS_TIMEOUT_S) -> Pinned:
-    """Resolve ``url``'s host once, let ``refuse`` raise the caller's own
-    refusal of the addresses, and pin the request to the first one: a DNS
-    answer that changes between the check and the connection (rebinding)
-    cannot slip a refused address in. ``FetchError`` ``bad_url`` for a URL
-    httpx cannot send, ``dns_failure`` as ``resolve``."""
+@dataclass(frozen=True)
+class Target:
+    """The host and port a URL makes deepwatch contact, read once, as httpx
+    sends the request. Everything that judges a URL before the request (the
+    URL policy of the connectors and the ingest endpoint, the fetcher's host
+    breaker) reads it from here: ``urlsplit`` read some URLs as another host
+    or as fine where httpx refuses them (``"http://a.com\t.evil/"``)."""
+
+    url: httpx.URL
+    host: str  # ASCII: IDNA names in punycode, an IPv6 literal without brackets
+    port: int
+
+    @property
+    def key(self) -> str:
+        """``host:port``, per host and port (the breaker's, the policy's cache)."""
+        return f"{self.host}:{self.port}"
+
+
+def target(url: str) -> Target:
+    """What requesting ``url`` contacts; ``FetchError`` ``bad_url`` for a
+    URL httpx cannot send or deepwatch will not (not http(s), no host), or
+    one ``urlsplit`` refuses as well: a host part that Unicode normalisation
+    changes (``a\uff03b@host``, a full-width "#") reads as another host to a
+    reader that normalises it."""
     try:
+        urlsplit(url).port  # raises ValueError for that, "port 99999" or "[::1/x"
         parsed = _request_url(url)
         host = parsed.raw_host.decode("ascii")
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
     except (httpx.InvalidURL, UnicodeError, ValueError) as e:
         raise FetchError("bad_url", f"invalid URL {url[:200]!r}: {e}") from None
-    if not host:
-        raise FetchError("bad_url", f"no host in {url[:200]!r}")
-    addrs = await resolve(host, port, timeout_s)
-    refuse(host, addrs)
-    return Pinned(url=parsed.copy_with(host=str(addrs[0])),
-                  host_header=parsed.netloc.decode("ascii").rpartition("@")[2], sni=host)
+    if parsed.scheme not in ("http", "https") or not host:
+        raise FetchError("bad_url", f"refusing to fetch {url[:200]!r}")
+    return Target(parsed, host, port)
+
+
+async def pin(url: str, refuse: Callable[[str, list[IPAddress]], None], timeout_s: float = DNS_TIMEOUT_S) -> Pinned:
+    """Resolve ``url``'s host once, let ``refuse`` raise the caller's own
+    refusal of the addresses, and pin the request to the first one: a DNS
+    answer that changes between the check and the connection (rebinding)
+    cannot slip a refused address in. ``FetchError`` ``bad_url`` as
+    ``target``, ``dns_failure`` as ``resolve``."""
+    to = target(url)
+    addrs = await resolve(to.host, to.port, timeout_s)
+    refuse(to.host, addrs)
+    return Pinned(url=to.url.copy_with(host=str(addrs[0])),
+                  host_header=to.url.netloc.decode("ascii").rpartition("@")[2], sni=to.host)
 
 
 @functools.cache
@@ -465,15 +494,7 @@ class ImageFetcher:
     async def _url_once(self, url: str) -> bytes:
         current = url
         for _hop in range(self.cfg.max_redirects + 1):
-            try:
-                parts = urlsplit(current)
-                explicit_port = parts.port  # raises ValueError for "port 99999" or "[::1/x"
-            except ValueError as e:
-                raise FetchError("bad_url", f"invalid URL {current[:200]!r}: {e}") from None
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise FetchError("bad_url", f"refusing to fetch {current[:200]!r}")
-            port = explicit_port or (443 if parts.scheme == "https" else 80)
-            host = f"{parts.hostname}:{port}"
+            host = target(current).key
             try:
                 self.breaker.check(host)
             except HostUnavailable as e:

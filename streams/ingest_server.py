@@ -35,7 +35,6 @@ import zlib
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -423,28 +422,14 @@ def _event_lines(body: bytes, limit: int) -> list[tuple[int, bytes]]:
     return found
 
 
-def _host_key(url: str) -> tuple[str, str, int] | str:
-    """What ``UrlPolicy.check``'s verdict on ``url`` depends on: its scheme,
-    host and port (the URL itself when it has no usable host, so that a
-    refusal quoting it goes to its own line)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return url
-    if not parts.hostname:
-        return url
-    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
-
-
 async def check_urls(policy: UrlPolicy, urls: list[str], deadline_s: float,
                      concurrency: int = URL_CHECK_CONCURRENCY) -> tuple[dict[Any, FetchError | None], set[Any]]:
-    """``policy``'s verdicts on ``urls`` by ``_host_key``, each key checked
+    """``policy``'s verdicts on ``urls`` by ``UrlPolicy.key``, each key checked
     once, ``concurrency`` at a time, all within ``deadline_s``; and the keys
     whose check did not finish by then (or failed)."""
     firsts: dict[Any, str] = {}
     for url in urls:
-        firsts.setdefault(_host_key(url), url)
+        firsts.setdefault(UrlPolicy.key(url), url)
     gate = asyncio.Semaphore(concurrency)
 
     async def one(url: str) -> FetchError | None:
@@ -661,7 +646,7 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
                 reject(n, raw, *what)
                 continue
             event_id, url = what
-            key = _host_key(url) if url is not None else None
+            key = UrlPolicy.key(url) if url is not None else None
             refused = verdicts.get(key) if key is not None else None
             if refused is not None:
                 reject(n, raw, event_id, "fetch", refused.reason, refused.detail)

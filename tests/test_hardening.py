@@ -225,6 +225,35 @@ def test_a_resolver_that_never_answers_is_given_up_on(monkeypatch):
         released.set()  # the DNS threads the hung lookups hold
 
 
+def test_the_url_policy_reads_a_url_as_the_fetcher_sends_it(monkeypatch):
+    """The policy (connectors, the ingest endpoint) and the fetcher's host
+    breaker parsed URLs with ``urlsplit``, the request with httpx: a tab in
+    the host was dropped by one (a lookup of "images.example.org.evil", no
+    verdict, the event accepted) and refused by the other (a ``bad_url``
+    dead letter only at the fetch stage). Both read ``fetch.target`` now."""
+    from streams.connectors.base import UrlPolicy
+
+    looked_up = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: looked_up.append(host) or [])
+    policy = UrlPolicy(Settings().fetch, dns_timeout_s=0.2)
+    err = asyncio.run(policy.check("http://images.example.org\t.evil/x.jpg"))
+    assert err is not None and err.reason == "bad_url" and looked_up == []
+    async def fetch():
+        fetcher = ImageFetcher(Settings().fetch, IngestSettings())
+        try:
+            await fetcher._url("http://images.example.org\t.evil/x.jpg")
+        finally:
+            await fetcher.aclose()
+
+    with pytest.raises(FetchError) as fetched:
+        asyncio.run(fetch())
+    assert fetched.value.reason == "bad_url" and looked_up == []
+    # one key per host and port, however the URL spells them (the policy's cache, the ingest endpoint's checks)
+    assert {UrlPolicy.key(u) for u in ("https://Images.Example.org/a", "http://images.example.org:443/b",
+                                       "https://user@images.example.org:443/c#d")} == {"images.example.org:443"}
+    assert UrlPolicy.key("ftp://images.example.org/x") == "ftp://images.example.org/x"  # no host it would contact
+
+
 # -- image decoding -------------------------------------------------------------
 def test_43_byte_gif_with_96_mp_canvas_is_refused_before_decoding():
     data = corpus.gif_canvas_bomb()

@@ -20,12 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, TypeVar
-from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
 
-from streams.fetch import FetchError, resolve_checked
+from streams.fetch import FetchError, resolve_checked, target
 from streams.records import MAX_TAG_CHARS, DeadLetter, ImageEvent
 from streams.settings import ConnectorSettings, FetchSettings
 
@@ -242,28 +241,33 @@ class UrlPolicy:
         # Short: checks run one at a time in a connector's stream or an ingest
         # request, and a late answer is no verdict (the fetch stage checks again).
         self.dns_timeout_s = dns_timeout_s
-        self._cache: dict[tuple[str, int], tuple[float, FetchError | None]] = {}  # -> (expires, verdict)
+        self._cache: dict[str, tuple[float, FetchError | None]] = {}  # host:port -> (expires, verdict)
+
+    @staticmethod
+    def key(url: str) -> str:
+        """What the verdict on ``url`` depends on (the host and port it
+        makes the fetcher contact, ``fetch.target``), or the URL itself
+        when it has none: a refusal quoting it is its own."""
+        try:
+            return target(url).key
+        except FetchError:
+            return url
 
     async def check(self, url: str) -> FetchError | None:
         """The refusal the fetch stage would give ``url``, or None to let it through."""
         try:
-            parts = urlsplit(url)
-            # Both raise ValueError on what a platform or caller may send ("http://[::1/x",
-            # a netloc NFKC changes, port 99999): a verdict on that URL, never an error of
-            # the request or stream carrying it.
-            explicit_port = parts.port
-        except ValueError as e:
-            return FetchError("bad_url", f"invalid image URL {url[:200]!r}: {e}")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return FetchError("bad_url", f"refusing image URL {url[:200]!r}")
-        port = explicit_port or (443 if parts.scheme == "https" else 80)
-        key = (parts.hostname, port)
-        hit = self._cache.get(key)
+            # What a platform or caller may send ("http://[::1/x", port 99999, a tab
+            # in the host): a verdict on that URL, never an error of the request or
+            # stream carrying it.
+            to = target(url)
+        except FetchError as e:
+            return e
+        hit = self._cache.get(to.key)
         now = time.monotonic()
         if hit and now < hit[0]:
             return hit[1]
         try:
-            await resolve_checked(parts.hostname, port, self.allow_private, timeout_s=self.dns_timeout_s)
+            await resolve_checked(to.host, to.port, self.allow_private, timeout_s=self.dns_timeout_s)
             err, ttl = None, self.ttl_s
         except FetchError as e:
             if e.retryable:
@@ -275,7 +279,7 @@ class UrlPolicy:
                 err, ttl = e, self.ttl_s
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[key] = (now + ttl, err)
+        self._cache[to.key] = (now + ttl, err)
         return err
 
 
