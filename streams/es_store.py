@@ -30,9 +30,10 @@ from streams.es_docs import (
     processed_action, record_from_doc, sighting_doc, sighting_from_doc,
 )
 from streams.findings import (
-    MAX_RESULTS, QUEUED, QUEUED_RECENT_S, AccountAggregate, AccountCursor, AccountWindow, AlertRecord, ClusterQuery,
-    ClusterRecord, DeadLetterRecord, Deadline, Page, MemberRow, SearchTimeout, SightingRecord, account_rank, read_limit,
-    cluster_page_url, sort_key, surviving_cluster, text_terms, unstored_alerts,
+    MAX_RESULTS, QUEUED_RECENT_S, UNDELIVERED, AccountAggregate, AccountCursor, AccountWindow, AlertRecord, ClusterQuery,
+    ClusterRecord, DeadLetterRecord, Deadline, DeliveryRecord, DeliveryState, Page, MemberRow, SearchTimeout,
+    SightingRecord, account_rank, cluster_page_url, legacy_delivery, read_limit, requeued_detail, sort_key,
+    surviving_cluster, text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
 
@@ -54,8 +55,11 @@ CARDINALITY_PRECISION = 40_000
 
 
 # mark_delivered's guard: once delivered, a delivery stays delivered (the update is then a noop).
-DELIVERY_SCRIPT = ("if ('delivered'.equals(ctx._source.status)) { ctx.op = 'noop' } "
-                   "else { ctx._source.status = params.status; ctx._source.at = params.at }")
+# A document from before mapping v4 has no state: "delivered" was then its whole status text.
+DELIVERY_SCRIPT = ("if ('delivered'.equals(ctx._source.state) "
+                   "|| (ctx._source.state == null && 'delivered'.equals(ctx._source.status))) { ctx.op = 'noop' } "
+                   "else { ctx._source.state = params.state; ctx._source.status = params.detail; "
+                   "ctx._source.at = params.at }")
 
 
 def _epoch_ms(ts: str) -> int:
@@ -233,60 +237,71 @@ class EsFindingsStore:
         return hashlib.sha256(f"{alert_id}\0{target}".encode()).hexdigest()
 
     def delivered(self, alert_id: str, target: str) -> bool:
-        return self.delivery_state(alert_id, target) == "delivered"
+        return self.delivery_state(alert_id, target) is DeliveryState.DELIVERED
 
-    def delivery_state(self, alert_id: str, target: str) -> str | None:
-        """The recorded status of this delivery (a real-time GET); None when there is none."""
+    def delivery_state(self, alert_id: str, target: str) -> DeliveryState | None:
+        """The recorded state of this delivery (a real-time GET); None when there is none."""
+        doc = self._delivery_doc(alert_id, target)
+        return None if doc is None else _delivery_of(doc)[0]
+
+    def _delivery_doc(self, alert_id: str, target: str) -> dict[str, Any] | None:
+        """The delivery record's document, read by id (real-time: no refresh delay); None when there is none."""
         from elasticsearch import NotFoundError
 
         try:
-            doc = self.es.get(index=self.names["deliveries"], id=self._delivery_id(alert_id, target))
+            return self.es.get(index=self.names["deliveries"], id=self._delivery_id(alert_id, target))["_source"]
         except NotFoundError:
             return None
-        return doc["_source"].get("status")
+        except Exception as e:
+            raise explain(e, self.config.url) from None
 
-    def mark_delivered(self, alert_id: str, target: str, status: str) -> None:
-        """Record a delivery attempt's outcome, never moving a status away from
-        ``delivered``: a slow attempt that failed, recorded after a redelivery
-        that succeeded, would have the alert sent again. One update with the
-        guard in painless (``ctx.op = 'noop'``) and the first record as its
+    def mark_delivered(self, alert_id: str, target: str, state: DeliveryState, detail: str = "") -> None:
+        """Record a delivery attempt's outcome (its state, and why in
+        ``status``), never moving a record away from ``delivered``: a slow
+        attempt that failed, recorded after a redelivery that succeeded,
+        would have the alert sent again. One update with the guard in
+        painless (``ctx.op = 'noop'``) and the first record as its
         ``upsert``, so the check and the write are one step on the shard."""
         self.ensure_setup()
-        self.bulk.send([self._delivery_action(alert_id, target, status)])
+        self.bulk.send([self._delivery_action(alert_id, target, DeliveryState(state), detail)])
 
-    def _delivery_action(self, alert_id: str, target: str, status: str) -> tuple[dict, dict]:
-        doc = {"alert_id": alert_id, "target": target, "status": status, "at": now()}
+    def _delivery_action(self, alert_id: str, target: str, state: DeliveryState, detail: str) -> tuple[dict, dict]:
+        at = now()
         return (
             {"update": {"_index": self.names["deliveries"], "_id": self._delivery_id(alert_id, target),
                         "retry_on_conflict": 5}},
-            {"script": {"source": DELIVERY_SCRIPT, "lang": "painless", "params": {"status": status, "at": doc["at"]}},
-             "upsert": doc},
+            {"script": {"source": DELIVERY_SCRIPT, "lang": "painless",
+                        "params": {"state": state.value, "detail": detail, "at": at}},
+             "upsert": {"alert_id": alert_id, "target": target, "state": state.value, "status": detail, "at": at}},
         )
+
+    def _deliveries(self, query: dict[str, Any],
+                    states: Collection[DeliveryState]) -> Iterator[tuple[str, DeliveryRecord]]:
+        """(alert id, record) of the delivery documents matching ``query``
+        whose state is one of ``states``, by alert id then target. Reads
+        what searches see (the refresh interval)."""
+        for h in self._scan(self.names["deliveries"], {"bool": {"filter": [query, _in_states(states)]}},
+                            [{"alert_id": "asc"}, {"target": "asc"}], ["alert_id", "target", "state", "status", "at"]):
+            src = h["_source"]
+            state, detail = _delivery_of(src)
+            if state in states:
+                yield src["alert_id"], DeliveryRecord(target=src["target"], state=state, detail=detail, at=src["at"])
 
     def failed_deliveries(self, target: str) -> list[Alert]:
         """Alerts whose delivery to ``target`` failed, oldest first (per
         cluster that is also level order), for redelivery; not those queued
         for a live sender (``queued_deliveries``). Reads what searches see: a
         failure marked within the refresh interval waits for the next round."""
-        ids = [h["_source"]["alert_id"] for h in self._scan(
-            self.names["deliveries"],
-            # "rejected: ..." is left out here, not by a prefix query: a status longer than
-            # the keyword's ignore_above is not indexed, and no query on it would match
-            {"bool": {"filter": [{"term": {"target": target}}],
-                      "must_not": [{"terms": {"status": ["delivered", QUEUED]}}]}},
-            [{"alert_id": "asc"}], ["alert_id", "status"]) if _still_failing(h["_source"].get("status"))]
-        return self._alerts_by_id(ids)
+        failed = self._deliveries({"term": {"target": target}}, [DeliveryState.FAILED])
+        return self._alerts_by_id([alert_id for alert_id, _ in failed])
 
     def queued_deliveries(self, target: str, *, older_than_s: float) -> list[Alert]:
         """Alerts queued for ``target`` more than ``older_than_s`` ago and not
         tried since: the worker that queued them stopped (or is far behind);
         redelivery sends them. Oldest first."""
-        ids = [h["_source"]["alert_id"] for h in self._scan(
-            self.names["deliveries"],
-            {"bool": {"filter": [{"term": {"target": target}}, {"term": {"status": QUEUED}},
-                                 {"range": {"at": {"lt": _ago(older_than_s)}}}]}},
-            [{"alert_id": "asc"}], ["alert_id"])]
-        return self._alerts_by_id(ids)
+        return self._alerts_by_id([a for a, _ in self._deliveries(
+            {"bool": {"filter": [{"term": {"target": target}}, {"range": {"at": {"lt": _ago(older_than_s)}}}]}},
+            [DeliveryState.QUEUED])])
 
     def _alerts_by_id(self, ids: list[str]) -> list[Alert]:
         alerts: list[Alert] = []
@@ -296,23 +311,15 @@ class EsFindingsStore:
         alerts.sort(key=lambda a: (a.created_at, a.level, a.alert_id))
         return alerts
 
-    def _undelivered(self, query: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The delivery records matching ``query`` that are not delivered."""
-        return (h["_source"] for h in self._scan(
-            self.names["deliveries"], {"bool": {"filter": [query], "must_not": [{"term": {"status": "delivered"}}]}},
-            [{"alert_id": "asc"}, {"target": "asc"}], ["alert_id", "target", "status"]))
-
-    def undelivered_counts(self) -> dict[str, dict[str, int]]:
+    def undelivered_counts(self) -> dict[str, dict[DeliveryState, int]]:
         """target -> {queued, failed, rejected: how many deliveries are in
-        that state}. Counted from the records (statuses carry their reason:
-        no aggregation can group them by kind), which are few unless a
-        receiver has been down for long."""
-        out: dict[str, dict[str, int]] = {}
-        for d in self._undelivered({"match_all": {}}):
-            status = d.get("status") or ""
-            state = "queued" if status.startswith(QUEUED) else "rejected" if status.startswith("rejected") else "failed"
-            counts = out.setdefault(d["target"], {})
-            counts[state] = counts.get(state, 0) + 1
+        that state}. Counted from the records (those from before mapping v4
+        have no ``state`` to aggregate on), which are few unless a receiver
+        has been down for long."""
+        out: dict[str, dict[DeliveryState, int]] = {}
+        for _alert_id, d in self._deliveries({"match_all": {}}, UNDELIVERED):
+            counts = out.setdefault(d.target, {})
+            counts[d.state] = counts.get(d.state, 0) + 1
         return out
 
     def delivery_targets(self) -> list[str]:
@@ -321,7 +328,7 @@ class EsFindingsStore:
                                                          ACCOUNT_PAGE)]
 
     def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None, *,
-                           states: tuple[str, ...] = ("rejected",)) -> int:
+                           states: tuple[DeliveryState, ...] = (DeliveryState.REJECTED,)) -> int:
         """Deliveries to ``target`` in ``states`` (all of them, or of
         ``alert_ids``) made ``failed`` again, so the next redelivery round
         sends them (``deepwatch redeliver``). Returns how many."""
@@ -329,47 +336,39 @@ class EsFindingsStore:
         queries = ([{"term": {"target": target}}] if alert_ids is None else
                    [{"bool": {"filter": [{"term": {"target": target}}, {"terms": {"alert_id": alert_ids[i:i + PAGE]}}]}}
                     for i in range(0, len(alert_ids), PAGE)])
-        picked = [d for q in queries for d in self._undelivered(q) if (d.get("status") or "").startswith(states)]
+        picked = [found for q in queries for found in self._deliveries(q, states)]
         for i in range(0, len(picked), PAGE):
-            self.bulk.send([self._delivery_action(d["alert_id"], target,
-                                                  f"failed: queued again by an operator (was {d['status'][:200]})")
-                            for d in picked[i:i + PAGE]])
+            self.bulk.send([self._delivery_action(alert_id, target, DeliveryState.FAILED, requeued_detail(d))
+                            for alert_id, d in picked[i:i + PAGE]])
         return len(picked)
 
     def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool:
         """Whether an earlier alert of ``cluster_id`` still awaits delivery to
-        ``target``. Delivery states are read by id (real-time GET), so a
-        failure marked a moment ago already holds the next alert back."""
-        from elasticsearch import NotFoundError
-
+        ``target`` (failed, or queued and not tried yet). Delivery states are
+        read by id (real-time GET), so a failure marked a moment ago already
+        holds the next alert back."""
         earlier = self._search(self.names["alerts"], size=MAX_CANDIDATES, source=["alert_id"], query={"bool": {"filter": [
             {"term": {"cluster_id": cluster_id}}, {"range": {"level": {"lt": level}}}]}})["hits"]["hits"]
         for h in earlier:
-            try:
-                doc = self.es.get(index=self.names["deliveries"], id=self._delivery_id(h["_source"]["alert_id"], target))
-            except NotFoundError:
-                continue  # never attempted to this target: nothing to wait for
-            except Exception as e:
-                raise explain(e, self.config.url) from None
-            if _still_failing(doc["_source"].get("status")):
+            doc = self._delivery_doc(h["_source"]["alert_id"], target)
+            # none: never attempted to this target, nothing to wait for
+            if doc is not None and not _delivery_of(doc)[0].settled:
                 return True
         return False
 
-    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[dict[str, str]]]:
-        """alert id -> [{target, status, at}] for `deepwatch alerts`: of
-        ``alert_ids`` only when given (a page of alerts, not every delivery)."""
+    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[DeliveryRecord]]:
+        """alert id -> its deliveries, by time then target, for `deepwatch
+        alerts`: of ``alert_ids`` only when given (a page of alerts, not
+        every delivery)."""
         if alert_ids is None:
             queries = [{"match_all": {}}]
         else:
             ids = list(alert_ids)
             queries = [{"terms": {"alert_id": ids[i:i + PAGE]}} for i in range(0, len(ids), PAGE)]
-        hits = [h for q in queries for h in self._scan(
-            self.names["deliveries"], q, [{"at": "asc"}, {"alert_id": "asc"}, {"target": "asc"}],
-            ["alert_id", "target", "status", "at"])]
-        out: dict[str, list[dict[str, str]]] = {}
-        for h in sorted(hits, key=lambda h: h["_source"]["at"]):
-            src = h["_source"]
-            out.setdefault(src["alert_id"], []).append({"target": src["target"], "status": src["status"], "at": src["at"]})
+        found = [d for q in queries for d in self._deliveries(q, list(DeliveryState))]
+        out: dict[str, list[DeliveryRecord]] = {}
+        for alert_id, d in sorted(found, key=lambda f: (f[1].at, f[1].target)):
+            out.setdefault(alert_id, []).append(d)
         return out
 
     # -- per-run accounting and duplicate checks -------------------------------
@@ -986,8 +985,10 @@ class EsFindingsStore:
         unstored = unstored_alerts(raised, stored)
         # as in SQLite: deliveries queued and not tried yet are alert work still going on;
         # one queued longer ago than any attempt takes is redelivery's, not this run's
+        # (a count: ``_in_states`` matches queued documents exactly, old ones too)
+        recent = {"range": {"at": {"gte": _ago(QUEUED_RECENT_S)}}}
         queued = self._search(self.names["deliveries"], size=0, track_total_hits=True, query={"bool": {"filter": [
-            {"term": {"status": QUEUED}}, {"range": {"at": {"gte": _ago(QUEUED_RECENT_S)}}}]}})["hits"]["total"]["value"]
+            _in_states([DeliveryState.QUEUED]), recent]}})["hits"]["total"]["value"]
         return {"models": pending, "alerts": unstored + queued, "deliveries": queued}
 
     def iter_members(self) -> Iterator[MemberRow]:
@@ -1036,10 +1037,30 @@ ES_SORT = {
 _READ_SOURCE = {"excludes": ["members.pdq_bits", "members.phash_bits", "sample_texts", "post_urls"]}
 
 
-def _still_failing(status: str | None) -> bool:
-    """A delivery redelivery will try again: ``failed: ...``. ``delivered`` is
-    done and ``rejected: ...`` never will be (the receiver refused it for good)."""
-    return bool(status) and not status.startswith(("delivered", "rejected"))
+def _delivery_of(src: dict[str, Any]) -> tuple[DeliveryState, str]:
+    """A delivery document's state and why. One written before mapping v4
+    has no ``state``: its ``status`` is then the old text holding both, read
+    by ``legacy_delivery`` (such documents are not rewritten)."""
+    if src.get("state") is None:
+        return legacy_delivery(src.get("status") or "")
+    return DeliveryState(src["state"]), src.get("status") or ""
+
+
+def _in_states(states: Collection[DeliveryState]) -> dict[str, Any]:
+    """A filter: delivery documents in one of ``states``, by ``state``, and
+    documents from before mapping v4 (no ``state``) that may be. Of those,
+    the old text was the state alone for queued and delivered ones, matched
+    exactly; a failed or rejected one's went on with why, not matched by
+    any query here (past ``ignore_above`` it is not even indexed), so every
+    other old document matches and ``_delivery_of`` tells them apart."""
+    exact = (DeliveryState.QUEUED, DeliveryState.DELIVERED)
+    old: list[dict[str, Any]] = [{"term": {"status": s.value}} for s in exact if s in states]
+    if set(states) - set(exact):
+        old.append({"bool": {"must_not": [{"terms": {"status": [s.value for s in exact]}}]}})
+    return {"bool": {"should": [{"terms": {"state": sorted(s.value for s in states)}},
+                                {"bool": {"must_not": [{"exists": {"field": "state"}}], "should": old,
+                                          "minimum_should_match": 1}}],
+                     "minimum_should_match": 1}}
 
 
 def _sort_order_key(values: list, orders: list[str]) -> tuple:

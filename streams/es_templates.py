@@ -18,7 +18,8 @@ from typing import Any
 # source refs and markers; 3: velocity counts are long (an hour's engagement
 # past 2**31 was refused as an integer, and the cluster's snapshots with it);
 # 4: alerts gain ``first_seen``/``last_seen``, ``platforms``, ``sample_posts``
-# and ``account_id`` (added fields only: ``PUT <alias>/_mapping`` in place works)
+# and ``account_id``, deliveries ``state`` (added fields only: ``PUT
+# <alias>/_mapping`` in place works)
 MAPPING_VERSION = 4
 SCRIPT_ID = f"deepwatch-cluster-upsert-v{MAPPING_VERSION}"
 
@@ -62,6 +63,13 @@ ALERT_SPREAD: dict[str, Any] = {
         "post_url": {"type": "keyword", "index": False}, "posted_at": {"type": "date"},
     }},
 }
+
+# Mapping v4's addition to deliveries: the delivery's state
+# (``streams.findings.DeliveryState``), which every query reads; ``status``
+# keeps only why. Also what a v3 deployment puts in place (``PUT
+# deepwatch-deliveries/_mapping``, docs/elasticsearch.md) before v4 workers
+# write: the deliveries mapping is strict.
+DELIVERY_STATE: dict[str, Any] = {"state": _KEYWORD}
 
 _EVIDENCE = {
     "type": "nested",
@@ -199,7 +207,8 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
         "template": {
             "mappings": {
                 "dynamic": "strict",
-                "properties": {"alert_id": _KEYWORD, "target": _KEYWORD, "status": _KEYWORD, "at": {"type": "date"}},
+                "properties": {"alert_id": _KEYWORD, "target": _KEYWORD, "status": _KEYWORD, "at": {"type": "date"},
+                               **DELIVERY_STATE},
             },
         },
         "version": v, "_meta": meta,

@@ -22,18 +22,18 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Collection, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar, runtime_checkable
 from urllib.parse import quote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Engagement, SamplePost, SourceRef, Velocity
 
 Verdict = Literal["likely-ai", "inconclusive", "no-evidence"]
 SortKey = Literal["velocity", "score", "last_seen", "sightings", "relevance"]
 MAX_RESULTS = 10_000  # one Elasticsearch result window; the same bound on SQLite
-QUEUED = "queued"  # the stored status of a webhook delivery handed to its target's sender, not yet tried
 # a delivery queued longer ago than any attempt takes was left by a stopped worker: redelivery's
 # to send, no longer a run's pending work
 QUEUED_RECENT_S = 900
@@ -499,11 +499,64 @@ def dead_letter_identity(dl: DeadLetter) -> str:
     return f"{ident}/{dl.stage}/{dl.reason}"
 
 
-def delivery_settled(status: str | None) -> bool:
-    """A webhook delivery that is over: ``delivered``, or ``rejected: ...``
-    (the receiver refused it for good; only an operator's ``deepwatch
-    redeliver`` queues it again). Neither is sent again on its own."""
-    return bool(status) and (status == "delivered" or status.startswith("rejected"))
+class DeliveryState(StrEnum):
+    """Where the delivery of an alert to one webhook target stands. Every
+    decision (what redelivery sends, what waits, what is counted) reads
+    this, never the text of why (``DeliveryRecord.detail``)."""
+
+    QUEUED = "queued"  # handed to its target's sender, not tried yet
+    DELIVERED = "delivered"
+    FAILED = "failed"  # still owed: redelivery tries it again, later alerts of its cluster wait for it
+    REJECTED = "rejected"  # refused for good: only an operator's `deepwatch redeliver` queues it again
+
+    @property
+    def settled(self) -> bool:
+        """Over: delivered, or rejected. Neither is sent again on its own."""
+        return self in (DeliveryState.DELIVERED, DeliveryState.REJECTED)
+
+
+# what waits per target (``undelivered_counts``, `deepwatch redeliver`, the undelivered gauge), in this order
+UNDELIVERED: tuple[DeliveryState, ...] = (DeliveryState.QUEUED, DeliveryState.FAILED, DeliveryState.REJECTED)
+
+
+class DeliveryRecord(_ReadRecord):
+    """The delivery of one alert to one webhook target as the store keeps
+    it: its ``state``, why (``detail``: an HTTP status, the reason it
+    waits; empty when there is nothing to say) and when (``at``).
+    ``status`` is the line `deepwatch alerts` has always shown for it,
+    ``<state>: <detail>``."""
+
+    target: str
+    state: DeliveryState
+    detail: str = ""
+    at: str
+
+    @computed_field
+    @property
+    def status(self) -> str:
+        return f"{self.state}: {self.detail}" if self.detail else str(self.state)
+
+
+def requeued_detail(was: DeliveryRecord) -> str:
+    """The why of a delivery an operator queued again (``requeue_deliveries``): what it was."""
+    return f"queued again by an operator (was {was.status[:200]})"
+
+
+def legacy_delivery(status: str) -> tuple[DeliveryState, str]:
+    """The state and why of a delivery recorded before records had a state
+    of their own (SQLite files of schema 1, Elasticsearch documents of
+    mapping v3), whose one ``status`` text held both: "queued",
+    "delivered", "failed: <why>", "rejected: <why>". The one reader of that
+    text's prefix, for those records only: the SQLite store derives each
+    old row's state with it once, when it opens the file; Elasticsearch
+    documents are not rewritten, so its store reads each old one through it.
+    A text of none of these forms (never written) reads as failed, as the
+    old readers counted it."""
+    head, _, why = status.partition(": ")
+    try:
+        return DeliveryState(head), why
+    except ValueError:
+        return DeliveryState.FAILED, status
 
 
 def unstored_alerts(clusters: Iterable[tuple[str, int, Iterable[str]]],
@@ -590,27 +643,33 @@ class FindingsStore(Protocol):
     def add_dead_letters(self, dls: Iterable[DeadLetter]) -> int: ...
     def add_alert(self, alert: Alert) -> bool: ...
     def delivered(self, alert_id: str, target: str) -> bool: ...
-    def delivery_state(self, alert_id: str, target: str) -> str | None:
-        """The recorded status of the delivery of ``alert_id`` to ``target``
+    def delivery_state(self, alert_id: str, target: str) -> DeliveryState | None:
+        """The recorded state of the delivery of ``alert_id`` to ``target``
         (None: none recorded), read as written (no refresh delay)."""
         ...
-    def mark_delivered(self, alert_id: str, target: str, status: str) -> None: ...
+    def mark_delivered(self, alert_id: str, target: str, state: DeliveryState, detail: str = "") -> None:
+        """Record a delivery's state and why (``DeliveryRecord``), never
+        moving it away from ``delivered``."""
+        ...
     def failed_deliveries(self, target: str) -> list[Alert]: ...
     def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool: ...
     def queued_deliveries(self, target: str, *, older_than_s: float) -> list[Alert]:
         """Alerts queued for ``target`` more than ``older_than_s`` ago and not
         tried since (their worker stopped): redelivery sends them."""
         ...
-    def undelivered_counts(self) -> dict[str, dict[str, int]]:
+    def undelivered_counts(self) -> dict[str, dict[DeliveryState, int]]:
         """target -> {queued, failed, rejected: deliveries in that state}."""
         ...
     def delivery_targets(self) -> list[str]: ...
     def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None, *,
-                           states: tuple[str, ...] = ("rejected",)) -> int:
+                           states: tuple[DeliveryState, ...] = (DeliveryState.REJECTED,)) -> int:
         """Deliveries to ``target`` in ``states`` made ``failed`` again (the
         next redelivery round sends them); how many."""
         ...
-    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[dict[str, str]]]: ...
+    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[DeliveryRecord]]:
+        """alert id -> its deliveries, by time then target, for `deepwatch
+        alerts`: of ``alert_ids`` only when given (a page of alerts)."""
+        ...
 
     # -- reads --
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]: ...

@@ -51,7 +51,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import httpx
 
@@ -59,9 +59,9 @@ from streams import metrics
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef, named_event
 from streams.settings import FindingsSettings, Settings, WebhookSettings
 from streams.store_errors import may_pass
-from streams.findings import QUEUED, FindingsStore, delivery_settled, open_findings
+from streams.findings import DeliveryState, FindingsStore, open_findings
 from streams.webhooks import (
-    WebhookError, WebhookHeld, alert_spread, deliver, delivery_status, desk_url, hooks_by_key, live_add, live_discard,
+    WebhookError, WebhookHeld, alert_spread, deliver, desk_url, failure_state, hooks_by_key, live_add, live_discard,
     longest_delivery_s, target_label,
 )
 
@@ -169,8 +169,9 @@ class Sinks:
                 # sends that again)
                 out = []
                 for key in hooks:
-                    if not delivery_settled(store.delivery_state(alert.alert_id, key)):
-                        store.mark_delivered(alert.alert_id, key, QUEUED)
+                    state = store.delivery_state(alert.alert_id, key)
+                    if state is None or not state.settled:
+                        store.mark_delivered(alert.alert_id, key, DeliveryState.QUEUED)
                         out.append(key)
                 return out
 
@@ -262,24 +263,25 @@ class Sinks:
             await self._client.aclose()
             self._client = self._client_loop = None
 
-    async def _webhook(self, key: str, hook: WebhookSettings, alert: Alert) -> str:
-        """Deliver and record; returns the recorded status ("skipped": it was already delivered)."""
+    async def _webhook(self, key: str, hook: WebhookSettings, alert: Alert) -> DeliveryState | Literal["skipped"]:
+        """Deliver and record; returns the recorded state ("skipped": it was already delivered)."""
         if await self._write("delivery", 1, lambda store: store.delivered(alert.alert_id, key)):
             return "skipped"  # redelivery (or another worker) got it there first
         assert self._client is not None
+        detail = ""
         try:
-            status = await deliver(hook, alert, self._client)
+            state = await deliver(hook, alert, self._client)
             metrics.WEBHOOKS.labels("delivered").inc()
         except WebhookHeld as e:  # not an attempt: nothing counted, redelivery sends it in its turn
-            status = delivery_status(e)
-            log.info("webhook delivery held", extra={"alert_id": alert.alert_id, "target": key, "reason": str(e)})
+            state, detail = failure_state(e), str(e)
+            log.info("webhook delivery held", extra={"alert_id": alert.alert_id, "target": key, "reason": detail})
         except WebhookError as e:
-            status = delivery_status(e)
-            metrics.WEBHOOKS.labels(status.split(":", 1)[0]).inc()  # failed | rejected
+            state, detail = failure_state(e), str(e)
+            metrics.WEBHOOKS.labels(state.value).inc()  # failed | rejected
             log.error("webhook delivery failed",
-                      extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
-        await self._write("delivery", 1, lambda store: store.mark_delivered(alert.alert_id, key, status))
-        return status
+                      extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": detail})
+        await self._write("delivery", 1, lambda store: store.mark_delivered(alert.alert_id, key, state, detail))
+        return state
 
 
 def unreadable(what: str, raw: Any, error: Exception) -> DeadLetter:
@@ -340,7 +342,7 @@ class _Sender:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[Alert, asyncio.Future[None]]] = asyncio.Queue(maxsize)
         self.held = 0  # alerts queued or being sent
-        self.outcomes: dict[str, int] = {}  # how its deliveries ended: "delivered", "skipped", "failed", ...
+        self.outcomes: dict[str, int] = {}  # how its deliveries ended: a DeliveryState, or "skipped"
         self.task = self.loop.create_task(self._run(), name=f"webhook sender {key}")
 
     def put(self, alert: Alert) -> "asyncio.Future[None] | None":
@@ -361,15 +363,15 @@ class _Sender:
     async def _run(self) -> None:
         while True:
             alert, done = await self.queue.get()
-            outcome = "queued"  # what the record says unless the delivery ends
+            outcome: str = DeliveryState.QUEUED  # what the record says unless the delivery ends
             try:
-                outcome = (await self.sinks._webhook(self.key, self.hook, alert)).split(":", 1)[0]
+                outcome = await self.sinks._webhook(self.key, self.hook, alert)
             except Exception:  # the record stays "queued": redelivery sends it
                 log.exception("webhook delivery could not be recorded",
                               extra={"alert_id": alert.alert_id, "target": self.key})
             finally:
                 self.held -= 1
-                if outcome != "queued":
+                if outcome != DeliveryState.QUEUED:
                     self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
                 live_discard(self.key, alert.alert_id)
                 self.queue.task_done()

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from streams.findings import (
-    MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline,
-    FindingsStore, Page, SearchTimeout, SightingRecord, dead_letter_identity, event_hashtags, read_limit, sort_key,
-    surviving_cluster, text_terms, unstored_alerts,
+    MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline, DeliveryState,
+    FindingsStore, Page, SearchTimeout, SightingRecord, dead_letter_identity, event_hashtags, legacy_delivery,
+    read_limit, sort_key, surviving_cluster, text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
@@ -33,8 +33,10 @@ from streams.store_members import MemberQueries
 __all__ = ["FindingsStore", "SqliteFindingsStore", "StoreError", "open_store"]
 
 # PRAGMA user_version of the files this code writes. Older files are migrated
-# (``_migrate``); a newer one is refused rather than half-understood.
-SCHEMA_VERSION = 1
+# (``_migrate``); a newer one is refused rather than half-understood. 2:
+# deliveries keep their state in a column of their own and ``status`` only
+# why: a deepwatch of schema 1 would misread them (delivered ones as owed).
+SCHEMA_VERSION = 2
 # SQLite virtual-machine steps between two looks at a search's deadline
 # (``_search_db``): well under a millisecond apart, a Python call each.
 SEARCH_PROGRESS_STEPS = 20_000
@@ -134,9 +136,13 @@ CREATE TABLE IF NOT EXISTS processed_runs (
     outcome TEXT NOT NULL, event_id TEXT,
     PRIMARY KEY (run, topic, partition, "offset")
 );
+-- state: a streams.findings.DeliveryState; status: why, for people (''
+-- when there is nothing to say). NULL state: a row of schema 1, its state
+-- still in its status text until _derive_delivery_states reads it
 CREATE TABLE IF NOT EXISTS deliveries (
     alert_id TEXT NOT NULL, target TEXT NOT NULL, status TEXT NOT NULL,
     at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+    state TEXT,
     PRIMARY KEY (alert_id, target)
 );
 """
@@ -266,6 +272,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             ("members", (("views", "TEXT"), ("trimmed", "INTEGER NOT NULL DEFAULT 0"))),
             ("sightings", (("hashtags", "TEXT NOT NULL DEFAULT ''"), ("lang", "TEXT"))),
             ("clusters", (("seq", "INTEGER NOT NULL DEFAULT 0"),)),
+            ("deliveries", (("state", "TEXT"),)),
         ):
             have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
             for column, decl in columns:
@@ -282,6 +289,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
                          "WHERE merged_into IS NOT NULL")
         self._ensure_fts()
         self._key_delivery_targets()
+        self._derive_delivery_states()
 
     def _key_delivery_targets(self) -> None:
         """Delivery records written before targets were keyed named the whole
@@ -299,6 +307,23 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
                     db.execute("DELETE FROM deliveries WHERE target=?", (target,))  # a keyed record was there already
         except sqlite3.OperationalError:
             pass  # a read-only file (a reader's copy): the first writer to open it renames them
+
+    def _derive_delivery_states(self) -> None:
+        """Rows written before deliveries had a ``state`` kept it in their
+        ``status`` text ("rejected: HTTP 403"): give each its state and leave
+        ``status`` only the why, once (``legacy_delivery``, the one reader of
+        that text). Every query reads ``state`` from then on."""
+        old = self._db.execute("SELECT alert_id, target, status FROM deliveries WHERE state IS NULL").fetchall()
+        if not old:
+            return
+        derived = [(*legacy_delivery(status), alert_id, target) for alert_id, target, status in old]
+        try:
+            with _Tx(self._db, threading.Lock()) as db:  # opening: no other thread has this connection yet
+                # ``state IS NULL`` again: another process may have derived (and since updated) the row
+                db.executemany("UPDATE deliveries SET state=?, status=? WHERE alert_id=? AND target=? "
+                               "AND state IS NULL", derived)
+        except sqlite3.OperationalError:
+            pass  # a read-only file (a reader's copy): the first writer to open it derives them
 
     def _ensure_fts(self) -> None:
         """Full text over post texts and hashtags: an external-content FTS5
@@ -821,8 +846,8 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         # going on (a replay waits for them); one queued longer ago than any
         # attempt takes was left by a stopped worker: redelivery's, not this run's
         queued = self._db.execute(
-            "SELECT COUNT(*) FROM deliveries WHERE status LIKE 'queued%' "
-            "AND at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)", (f"-{QUEUED_RECENT_S} seconds",)).fetchone()[0]
+            "SELECT COUNT(*) FROM deliveries WHERE state=? AND at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)",
+            (DeliveryState.QUEUED.value, f"-{QUEUED_RECENT_S} seconds")).fetchone()[0]
         return {"models": pending_models, "alerts": unstored + queued, "deliveries": queued}
 
     def sighting_times(self) -> dict[str, str]:

@@ -1,12 +1,15 @@
 """The alert deliveries of the SQLite findings store (``deliveries`` table):
 each webhook target's state for each alert, and what redelivery still owes.
-Targets are named by ``streams.webhooks.target_key``, never by their URL."""
+Targets are named by ``streams.webhooks.target_key``, never by their URL.
+Rows are read by their ``state`` (``streams.findings.DeliveryState``); the
+``status`` column holds only why, for people."""
 
 from __future__ import annotations
 
 import sqlite3
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
+from streams.findings import UNDELIVERED, DeliveryRecord, DeliveryState, requeued_detail
 from streams.records import Alert
 
 
@@ -26,8 +29,8 @@ class DeliveryLog:
         ``streams.webhooks.target_key`` (never the URL: it may hold a token)."""
         rows = self._db.execute(
             """SELECT a.alert_id, a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
-               WHERE d.target=? AND d.status LIKE 'failed%' ORDER BY a.created_at, a.level, a.alert_id""",
-            (target,),
+               WHERE d.target=? AND d.state=? ORDER BY a.created_at, a.level, a.alert_id""",
+            (target, DeliveryState.FAILED.value),
         ).fetchall()
         return [self._valid("alert", alert_id, lambda: Alert.model_validate_json(doc)) for alert_id, doc in rows]
 
@@ -37,9 +40,9 @@ class DeliveryLog:
         redelivery sends them. Oldest first."""
         rows = self._db.execute(
             """SELECT a.alert_id, a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
-               WHERE d.target=? AND d.status LIKE 'queued%' AND d.at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)
+               WHERE d.target=? AND d.state=? AND d.at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)
                ORDER BY a.created_at, a.level, a.alert_id""",
-            (target, f"-{max(0.0, older_than_s):.3f} seconds"),
+            (target, DeliveryState.QUEUED.value, f"-{max(0.0, older_than_s):.3f} seconds"),
         ).fetchall()
         return [self._valid("alert", alert_id, lambda: Alert.model_validate_json(doc)) for alert_id, doc in rows]
 
@@ -48,21 +51,19 @@ class DeliveryLog:
         ``target`` (failed, or queued and not tried yet)."""
         row = self._db.execute(
             """SELECT 1 FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
-               WHERE d.target=? AND a.cluster_id=? AND a.level<?
-                 AND (d.status LIKE 'failed%' OR d.status LIKE 'queued%') LIMIT 1""",
-            (target, cluster_id, level),
+               WHERE d.target=? AND a.cluster_id=? AND a.level<? AND d.state IN (?, ?) LIMIT 1""",
+            (target, cluster_id, level, DeliveryState.FAILED.value, DeliveryState.QUEUED.value),
         ).fetchone()
         return row is not None
 
-    def undelivered_counts(self) -> dict[str, dict[str, int]]:
+    def undelivered_counts(self) -> dict[str, dict[DeliveryState, int]]:
         """target -> {queued, failed, rejected: how many deliveries are in that state}."""
-        out: dict[str, dict[str, int]] = {}
+        out: dict[str, dict[DeliveryState, int]] = {}
         for target, state, n in self._db.execute(
-            """SELECT target, CASE WHEN status LIKE 'queued%' THEN 'queued' WHEN status LIKE 'rejected%'
-                                   THEN 'rejected' ELSE 'failed' END AS state, COUNT(*)
-               FROM deliveries WHERE status != 'delivered' GROUP BY target, state"""
+            f"SELECT target, state, COUNT(*) FROM deliveries WHERE state IN ({','.join('?' * len(UNDELIVERED))}) "
+            "GROUP BY target, state", [s.value for s in UNDELIVERED]
         ):
-            out.setdefault(target, {})[state] = n
+            out.setdefault(target, {})[DeliveryState(state)] = n
         return out
 
     def delivery_targets(self) -> list[str]:
@@ -70,59 +71,68 @@ class DeliveryLog:
         return [t for t, in self._db.execute("SELECT DISTINCT target FROM deliveries ORDER BY target")]
 
     def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None, *,
-                           states: tuple[str, ...] = ("rejected",)) -> int:
+                           states: tuple[DeliveryState, ...] = (DeliveryState.REJECTED,)) -> int:
         """Deliveries to ``target`` in ``states`` (all of them, or of
         ``alert_ids``) made ``failed`` again, so the next redelivery round
         sends them (``deepwatch redeliver``). Returns how many."""
-        likes = " OR ".join("status LIKE ?" for _ in states)
-        args: list[Any] = [target, *(f"{s}%" for s in states)]
-        sql = (f"UPDATE deliveries SET status='failed: queued again by an operator (was ' || substr(status, 1, 200) || ')', "
-               f"at=strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE target=? AND ({likes})")
         with self._tx() as db:
-            if alert_ids is None:
-                return db.execute(sql, args).rowcount
-            n = 0
-            ids = list(alert_ids)
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                n += db.execute(f"{sql} AND alert_id IN ({','.join('?' * len(chunk))})", [*args, *chunk]).rowcount
-            return n
+            rows = _of_alerts(db, "SELECT alert_id, state, status, at FROM deliveries "
+                                  f"WHERE target=? AND state IN ({','.join('?' * len(states))})",
+                              [target, *(s.value for s in states)], alert_ids)
+            db.executemany(
+                "UPDATE deliveries SET state=?, status=?, at=strftime('%Y-%m-%dT%H:%M:%fZ','now') "
+                "WHERE alert_id=? AND target=?",
+                [(DeliveryState.FAILED.value, requeued_detail(self._record(alert_id, target, state, status, at)),
+                  alert_id, target) for alert_id, state, status, at in rows])
+            return len(rows)
 
-    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[dict[str, str]]]:
-        """alert id -> [{target, status, at}] for `deepwatch alerts`: of
-        ``alert_ids`` only when given (a page of alerts, not every delivery)."""
-        sql = "SELECT alert_id, target, status, at FROM deliveries"
-        if alert_ids is None:
-            rows = list(self._db.execute(sql))
-        else:
-            ids, rows = list(alert_ids), []
-            for i in range(0, len(ids), 500):  # within SQLite's bound on parameters
-                chunk = ids[i:i + 500]
-                rows += self._db.execute(f"{sql} WHERE alert_id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-        out: dict[str, list[dict[str, str]]] = {}
-        for alert_id, target, status, at in sorted(rows, key=lambda r: (r[3], r[1])):  # by time, then target
-            out.setdefault(alert_id, []).append({"target": target, "status": status, "at": at})
+    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[DeliveryRecord]]:
+        """alert id -> its deliveries, by time then target, for `deepwatch
+        alerts`: of ``alert_ids`` only when given (a page of alerts, not
+        every delivery)."""
+        rows = _of_alerts(self._db, "SELECT alert_id, target, state, status, at FROM deliveries WHERE TRUE", [],
+                          alert_ids)
+        out: dict[str, list[DeliveryRecord]] = {}
+        for alert_id, target, state, status, at in sorted(rows, key=lambda r: (r[4], r[1])):  # by time, then target
+            out.setdefault(alert_id, []).append(self._record(alert_id, target, state, status, at))
         return out
 
+    def _record(self, alert_id: str, target: str, state: str, status: str, at: str) -> DeliveryRecord:
+        return self._valid("delivery", f"{alert_id} to {target}",
+                           lambda: DeliveryRecord(target=target, state=state, detail=status, at=at))
+
     def delivered(self, alert_id: str, target: str) -> bool:
-        return self.delivery_state(alert_id, target) == "delivered"
+        return self.delivery_state(alert_id, target) is DeliveryState.DELIVERED
 
-    def delivery_state(self, alert_id: str, target: str) -> str | None:
-        """The recorded status of this delivery; None when there is none."""
+    def delivery_state(self, alert_id: str, target: str) -> DeliveryState | None:
+        """The recorded state of this delivery; None when there is none."""
         row = self._db.execute(
-            "SELECT status FROM deliveries WHERE alert_id=? AND target=?", (alert_id, target)
+            "SELECT state FROM deliveries WHERE alert_id=? AND target=?", (alert_id, target)
         ).fetchone()
-        return row[0] if row else None
+        return self._valid("delivery", f"{alert_id} to {target}", lambda: DeliveryState(row[0])) if row else None
 
-    def mark_delivered(self, alert_id: str, target: str, status: str) -> None:
-        """Record a delivery's state and when (``at``, updated with it); never
-        moving it away from ``delivered``."""
+    def mark_delivered(self, alert_id: str, target: str, state: DeliveryState, detail: str = "") -> None:
+        """Record a delivery's state, why (``status``) and when (``at``,
+        updated with them); never moving it away from ``delivered``."""
         with self._tx() as db:
             db.execute(
                 # never back from delivered: a slow attempt that failed after the
                 # redelivery loop's succeeded would have the receiver sent it again
-                """INSERT INTO deliveries (alert_id, target, status) VALUES (?,?,?)
-                   ON CONFLICT(alert_id, target) DO UPDATE SET status=excluded.status, at=excluded.at
-                   WHERE deliveries.status != 'delivered'""",
-                (alert_id, target, status),
+                """INSERT INTO deliveries (alert_id, target, state, status) VALUES (?,?,?,?)
+                   ON CONFLICT(alert_id, target) DO UPDATE SET state=excluded.state, status=excluded.status,
+                                                                at=excluded.at
+                   WHERE deliveries.state IS NOT ?""",
+                (alert_id, target, DeliveryState(state).value, detail, DeliveryState.DELIVERED.value),
             )
+
+
+def _of_alerts(db: sqlite3.Connection, sql: str, args: list[Any], alert_ids: list[str] | None) -> list[Any]:
+    """The rows of ``sql`` (a query with a WHERE clause): all of them, or
+    those of ``alert_ids`` when given."""
+    if alert_ids is None:
+        return db.execute(sql, args).fetchall()
+    ids, rows = list(alert_ids), []
+    for i in range(0, len(ids), 500):  # within SQLite's bound on parameters
+        chunk = ids[i:i + 500]
+        rows += db.execute(f"{sql} AND alert_id IN ({','.join('?' * len(chunk))})", [*args, *chunk]).fetchall()
+    return rows

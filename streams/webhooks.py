@@ -116,7 +116,7 @@ import httpx
 
 from streams import metrics
 from streams.fetch import FetchError, Pinned, embedded_ipv4, pin  # embedded: IPv4-mapped, 6to4, Teredo, NAT64
-from streams.findings import cluster_page_url
+from streams.findings import UNDELIVERED, DeliveryState, cluster_page_url
 from streams.records import Alert, openable_url
 from streams.settings import Settings, WebhookSettings
 
@@ -221,11 +221,12 @@ def alert_spread(alert: Alert) -> str:
     return spread
 
 
-def delivery_status(e: WebhookError) -> str:
-    """The stored status of a delivery that did not go through: ``rejected:``
-    (for good: redelivery skips it, later alerts do not wait for it) or
-    ``failed:`` (tried again, and later alerts of its cluster queue behind it)."""
-    return f"{'rejected' if isinstance(e, WebhookRejected) else 'failed'}: {e}"
+def failure_state(e: WebhookError) -> DeliveryState:
+    """The state a delivery that did not go through is recorded in (why:
+    ``str(e)``): rejected (for good: redelivery skips it, later alerts do
+    not wait for it) or failed (tried again, and later alerts of its cluster
+    queue behind it)."""
+    return DeliveryState.REJECTED if isinstance(e, WebhookRejected) else DeliveryState.FAILED
 
 
 def target_label(url: str) -> str:
@@ -316,8 +317,8 @@ def live_discard(key: str, alert_id: str) -> None:
     _live.get(key, set()).discard(alert_id)
 
 
-async def deliver(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) -> str:
-    """POST the alert; returns "delivered" or raises WebhookError after retries."""
+async def deliver(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) -> DeliveryState:
+    """POST the alert; returns ``DeliveryState.DELIVERED`` or raises WebhookError after retries."""
     if _gate is not None and await _gate.earlier_pending(hook, alert):
         raise WebhookHeld(f"{target_label(hook.url)}: queued behind an undelivered earlier alert of cluster {alert.cluster_id}")
     return await _post(hook, alert, client)
@@ -340,7 +341,7 @@ def _scrub(message: str, url: str, shown: str, *extra: str) -> str:
     return message
 
 
-async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) -> str:
+async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) -> DeliveryState:
     secret = os.environ.get(hook.secret_env)
     if not secret:
         raise WebhookError(f"webhook secret env var {hook.secret_env} is not set; refusing to send unsigned")
@@ -385,7 +386,7 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
             last = _scrub(f"{type(e).__name__}: {e}", hook.url, shown)
         else:
             if 200 <= status < 300:
-                return "delivered"
+                return DeliveryState.DELIVERED
             last = f"HTTP {status}"
             if 300 <= status < 400:
                 # Never followed (the signed alert would go where the receiver
@@ -531,15 +532,14 @@ def hooks_by_key(settings: Settings) -> dict[str, WebhookSettings]:
     return out
 
 
-_UNDELIVERED_STATES = ("queued", "failed", "rejected")
 _exported: set[tuple[str, str]] = set()
 
 
-def export_undelivered(counts: dict[str, dict[str, int]], keys: list[str]) -> None:
+def export_undelivered(counts: dict[str, dict[DeliveryState, int]], keys: list[str]) -> None:
     """Set ``deepwatch_webhook_undelivered`` for the configured targets from
     the store's counts (``undelivered_counts``); series of targets no longer
     configured are dropped."""
-    now = {(key, state) for key in keys for state in _UNDELIVERED_STATES}
+    now = {(key, state.value) for key in keys for state in UNDELIVERED}
     for labels in _exported - now:
         try:
             metrics.WEBHOOK_UNDELIVERED.remove(*labels)
@@ -614,10 +614,10 @@ class Redeliverer:
                 found.setdefault(a.alert_id, (a, (hook.url,)))
         return sorted(found.values(), key=lambda p: (p[0].created_at, p[0].level, p[0].alert_id))
 
-    async def _mark(self, alert: Alert, key: str, also: tuple[str, ...], status: str) -> None:
+    async def _mark(self, alert: Alert, key: str, also: tuple[str, ...], state: DeliveryState, detail: str = "") -> None:
         def mark() -> None:
             for target in (key, *also):
-                self._db().mark_delivered(alert.alert_id, target, status)
+                self._db().mark_delivered(alert.alert_id, target, state, detail)
         await asyncio.to_thread(mark)
 
     async def _round(self, key: str, hook: WebhookSettings) -> int:
@@ -642,18 +642,18 @@ class Redeliverer:
                 blocked.add(alert.cluster_id)  # a live sender has it in hand: the cluster's later ones wait
                 continue
             try:
-                status = await _post(hook, alert, client)
+                state = await _post(hook, alert, client)
             except WebhookHeld:
                 break  # asked to wait (Retry-After): the rest waits too
             except WebhookRejected as e:
-                await self._mark(alert, key, also, delivery_status(e))
+                await self._mark(alert, key, also, failure_state(e), str(e))
                 metrics.WEBHOOKS.labels("rejected").inc()
                 log.error("webhook receiver rejected an alert for good; going on with the next",
                           extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
                 in_a_row = 0  # the receiver answered
                 continue
             except WebhookError as e:
-                await self._mark(alert, key, also, delivery_status(e))
+                await self._mark(alert, key, also, failure_state(e), str(e))
                 metrics.WEBHOOKS.labels("failed").inc()
                 blocked.add(alert.cluster_id)  # keep the cluster's order: its later alerts wait for this one
                 in_a_row += 1
@@ -662,7 +662,7 @@ class Redeliverer:
                 if in_a_row >= REDELIVERY_GIVE_UP:
                     break  # the receiver looks down: the next round tries again
                 continue
-            await self._mark(alert, key, also, status)
+            await self._mark(alert, key, also, state)
             metrics.WEBHOOKS.labels("delivered").inc()
             log.info("webhook redelivered", extra={"alert_id": alert.alert_id, "target": target_label(hook.url)})
             in_a_row = 0

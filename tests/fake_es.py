@@ -895,10 +895,11 @@ def _cluster_upsert(src: dict, params: dict) -> str:
 
 
 def _delivery_guard(src: dict, params: dict) -> str:
-    """Python twin of streams.es_store.DELIVERY_SCRIPT: delivered stays delivered."""
-    if src.get("status") == "delivered":
+    """Python twin of streams.es_store.DELIVERY_SCRIPT: delivered stays
+    delivered (a document from before mapping v4: its status text says so)."""
+    if src.get("state") == "delivered" or (src.get("state") is None and src.get("status") == "delivered"):
         return "noop"
-    src["status"], src["at"] = params["status"], params["at"]
+    src["state"], src["status"], src["at"] = params["state"], params["detail"], params["at"]
     return "updated"
 
 

@@ -128,6 +128,7 @@ def test_alerts_show_webhook_delivery_status_and_json_alias(tmp_path):
     import json
     from datetime import datetime, timezone
 
+    from streams.findings import DeliveryState
     from streams.records import Alert, Velocity
     from streams.store import open_store
 
@@ -136,7 +137,7 @@ def test_alerts_show_webhook_delivery_status_and_json_alias(tmp_path):
                   velocity=Velocity(sightings_5m=12), sightings=12, accounts=12, evidence=[],
                   at=datetime(2026, 5, 1, tzinfo=timezone.utc))
     store.add_alert(alert)
-    store.mark_delivered("c1:1", "https://desk.example/hook", "failed: HTTP 503")
+    store.mark_delivered("c1:1", "https://desk.example/hook", DeliveryState.FAILED, "HTTP 503")
     assert [a.alert_id for a in store.failed_deliveries("https://desk.example/hook")] == ["c1:1"]
     store.close()
     r = deepwatch("alerts", "--data-dir", str(tmp_path), "--json")

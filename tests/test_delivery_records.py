@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from streams.findings import QUEUED
+from streams.findings import DeliveryState
 from streams.settings import FindingsSettings, Settings
 from tests.findings_fixture import alerts
 
@@ -47,11 +47,11 @@ def test_delivery_states_are_kept_apart_and_counted_per_target(store):
     first, second, third = _three()
     for a in (first, second, third):
         store.add_alert(a)
-    store.mark_delivered(first.alert_id, A, QUEUED)  # a live sender has it
-    store.mark_delivered(second.alert_id, A, "failed: HTTP 503")
-    store.mark_delivered(third.alert_id, A, "rejected: HTTP 403")
-    store.mark_delivered(first.alert_id, B, "delivered")
-    store.mark_delivered(second.alert_id, B, QUEUED)
+    store.mark_delivered(first.alert_id, A, DeliveryState.QUEUED)  # a live sender has it
+    store.mark_delivered(second.alert_id, A, DeliveryState.FAILED, "HTTP 503")
+    store.mark_delivered(third.alert_id, A, DeliveryState.REJECTED, "HTTP 403")
+    store.mark_delivered(first.alert_id, B, DeliveryState.DELIVERED)
+    store.mark_delivered(second.alert_id, B, DeliveryState.QUEUED)
     getattr(store, "refresh", lambda: None)()
 
     # redelivery: failed ones at once, queued ones only once their sender looks gone
@@ -72,7 +72,7 @@ def test_delivery_states_are_kept_apart_and_counted_per_target(store):
     assert store.undelivered_counts()[A] == {"queued": 1, "failed": 2}
     assert store.requeue_deliveries(A) == 0, "nothing rejected is left"
     # a delivered record never goes back
-    store.mark_delivered(first.alert_id, B, "failed: HTTP 503")
+    store.mark_delivered(first.alert_id, B, DeliveryState.FAILED, "HTTP 503")
     getattr(store, "refresh", lambda: None)()
     assert store.delivered(first.alert_id, B)
 
@@ -81,7 +81,7 @@ def test_requeue_of_named_alerts_only(store):
     first, second = _three()[:2]
     for a in (first, second):
         store.add_alert(a)
-        store.mark_delivered(a.alert_id, A, "rejected: HTTP 410")
+        store.mark_delivered(a.alert_id, A, DeliveryState.REJECTED, "HTTP 410")
     getattr(store, "refresh", lambda: None)()
     assert store.requeue_deliveries(A, [second.alert_id]) == 1
     getattr(store, "refresh", lambda: None)()
@@ -103,9 +103,9 @@ def test_a_redelivered_alert_message_leaves_settled_deliveries_alone(store):
     rejected, delivered, failed = hooks_by_key(settings)
     first = _three()[0]
     store.add_alert(first)
-    store.mark_delivered(first.alert_id, rejected, "rejected: HTTP 400 (the receiver refused the body)")
-    store.mark_delivered(first.alert_id, delivered, "delivered")
-    store.mark_delivered(first.alert_id, failed, "failed: HTTP 503")
+    store.mark_delivered(first.alert_id, rejected, DeliveryState.REJECTED, "HTTP 400 (the receiver refused the body)")
+    store.mark_delivered(first.alert_id, delivered, DeliveryState.DELIVERED)
+    store.mark_delivered(first.alert_id, failed, DeliveryState.FAILED, "HTTP 503")
     sinks = Sinks(settings)
     sinks._store = store
 
@@ -117,10 +117,124 @@ def test_a_redelivered_alert_message_leaves_settled_deliveries_alone(store):
     getattr(store, "refresh", lambda: None)()
     assert {d["target"]: d["status"] for d in store.delivery_status([first.alert_id])[first.alert_id]} == {
         rejected: "rejected: HTTP 400 (the receiver refused the body)", delivered: "delivered",
-        failed: QUEUED}  # the failed one is still owed: sent again
-    assert store.delivery_state(first.alert_id, rejected).startswith("rejected: HTTP 400")
+        failed: "queued"}  # the failed one is still owed: sent again
+    assert store.delivery_state(first.alert_id, rejected) is DeliveryState.REJECTED
     assert store.delivery_state(first.alert_id, "https://never.example.org") is None
     assert store.undelivered_counts() == {rejected: {"rejected": 1}, failed: {"queued": 1}}
+
+
+def test_the_state_decides_never_the_text_of_why(store):
+    """Why a delivery is where it is (``detail``, kept in ``status``) is
+    free text and may read like another state: a proxy's answer, an
+    operator's requeue. A failed delivery whose why begins "rejected" or
+    "queued" is still retried, counted failed, holds its cluster's later
+    alerts back and is no run's pending work; a rejected one whose why
+    begins "failed" is still left to an operator."""
+    first, second, third = _three()
+    for a in (first, second, third):
+        store.add_alert(a)
+    store.mark_delivered(first.alert_id, A, DeliveryState.FAILED, "rejected: HTTP 502 from a proxy on the way")
+    store.mark_delivered(second.alert_id, A, DeliveryState.FAILED, "queued again by an operator (was rejected: HTTP 403)")
+    store.mark_delivered(third.alert_id, A, DeliveryState.REJECTED, "failed: the receiver's own words (HTTP 400)")
+    store.mark_delivered(first.alert_id, B, DeliveryState.DELIVERED, "queued, then delivered")
+    getattr(store, "refresh", lambda: None)()
+    time.sleep(0.01)
+
+    assert _ids(store.failed_deliveries(A)) == [first.alert_id, second.alert_id]
+    assert _ids(store.queued_deliveries(A, older_than_s=0)) == [] and _ids(store.failed_deliveries(B)) == []
+    assert store.undelivered_counts() == {A: {"failed": 2, "rejected": 1}}
+    assert store.pending_work()["deliveries"] == 0
+    assert store.undelivered_before(A, first.cluster_id, 2) is True
+    assert [store.delivery_state(a.alert_id, A) for a in (first, second, third)] == [
+        DeliveryState.FAILED, DeliveryState.FAILED, DeliveryState.REJECTED]
+    assert store.delivered(first.alert_id, B)
+    # `deepwatch alerts` shows state and why in the one line it always showed
+    record = next(d for d in store.delivery_status([first.alert_id])[first.alert_id] if d.target == A)
+    assert (record.target, record.state, record.detail, record.status) == (
+        A, DeliveryState.FAILED, "rejected: HTTP 502 from a proxy on the way",
+        "failed: rejected: HTTP 502 from a proxy on the way")
+    assert store.requeue_deliveries(A) == 1, "only the one rejected"
+
+
+def test_a_findings_file_from_before_delivery_states_keeps_them(tmp_path):
+    """A findings file of schema 1 kept each delivery's state only in its
+    ``status`` text. Opening it gives every row its state, once, and the
+    rows read as they did: nothing delivered is sent again, nothing
+    rejected is retried, and `deepwatch alerts` shows the same lines."""
+    import sqlite3
+
+    from streams.store import SCHEMA_VERSION, open_store
+
+    first, second, third = _three()
+    s = open_store(tmp_path)
+    for a in (first, second, third):
+        s.add_alert(a)
+    s.close()
+    old = [(first.alert_id, A, "delivered"), (second.alert_id, A, "failed: HTTP 503"),
+           (third.alert_id, A, "rejected: HTTP 403"), (first.alert_id, B, "queued"),
+           (second.alert_id, B, "failed: queued again by an operator (was rejected: HTTP 410)")]
+    db = sqlite3.connect(tmp_path / "findings.sqlite")
+    db.execute("ALTER TABLE deliveries DROP COLUMN state")  # as schema 1 made it
+    db.executemany("INSERT INTO deliveries (alert_id, target, status) VALUES (?,?,?)", old)
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+
+    for _ in range(2):  # a second open finds nothing left to derive
+        s = open_store(tmp_path)
+        assert [s.delivery_state(a, t) for a, t, _ in old] == [
+            DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.REJECTED, DeliveryState.QUEUED,
+            DeliveryState.FAILED]
+        assert _ids(s.failed_deliveries(A)) == [second.alert_id] and _ids(s.failed_deliveries(B)) == [second.alert_id]
+        assert s.undelivered_counts() == {A: {"failed": 1, "rejected": 1}, B: {"queued": 1, "failed": 1}}
+        assert s.pending_work()["deliveries"] == 1
+        shown = {(a, d.target): d.status for a, ds in s.delivery_status().items() for d in ds}
+        assert shown == {(a, t): status for a, t, status in old}
+        s.close()
+    db = sqlite3.connect(tmp_path / "findings.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("SELECT state, status FROM deliveries WHERE alert_id=? AND target=?",
+                      (third.alert_id, A)).fetchone() == ("rejected", "HTTP 403")  # status keeps only why
+    db.close()
+
+
+def test_elasticsearch_records_from_before_mapping_v4_read_with_their_state(fake_es):
+    """A v3 deployment's delivery documents have no ``state``, only the old
+    ``status`` text (docs/elasticsearch.md: the mapping gains ``state`` in
+    place, the documents are not rewritten). Each reads with the state that
+    text gave it, and one still waiting gets its ``state`` when marked."""
+    from streams import es_templates as T
+    from streams.es_docs import now
+    from streams.es_store import EsFindingsStore
+
+    s = EsFindingsStore.from_url(fake_es.url.replace("http://", "es://"),
+                                 settings=Settings(findings=FindingsSettings(retry_initial_s=0.001)))
+    first, second, third = _three()
+    for a in (first, second, third):
+        s.add_alert(a)
+    old = [(first.alert_id, A, "delivered"), (second.alert_id, A, "failed: HTTP 503 " + "x" * 1100),
+           (third.alert_id, A, "rejected: HTTP 403"), (first.alert_id, B, "queued")]
+    s.bulk.send([({"index": {"_index": "deepwatch-deliveries", "_id": s._delivery_id(a, t)}},
+                  {"alert_id": a, "target": t, "status": status, "at": now()}) for a, t, status in old])
+    s.refresh()
+
+    assert [s.delivery_state(a, t) for a, t, _ in old] == [
+        DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.REJECTED, DeliveryState.QUEUED]
+    assert _ids(s.failed_deliveries(A)) == [second.alert_id]
+    assert s.undelivered_counts() == {A: {"failed": 1, "rejected": 1}, B: {"queued": 1}}
+    assert s.pending_work()["deliveries"] == 1
+    assert s.undelivered_before(A, first.cluster_id, 3) is True and s.undelivered_before(A, first.cluster_id, 2) is False
+    assert {(a, d.target): d.status for a, ds in s.delivery_status().items() for d in ds} == {
+        (a, t): status for a, t, status in old}
+
+    s.mark_delivered(first.alert_id, A, DeliveryState.FAILED, "a slow attempt, recorded late")
+    assert s.requeue_deliveries(A) == 1
+    s.refresh()
+    assert s.delivered(first.alert_id, A), "delivered stays delivered"
+    assert _ids(s.failed_deliveries(A)) == [second.alert_id, third.alert_id]
+    doc = fake_es.docs[T.concrete("deepwatch-deliveries")][s._delivery_id(third.alert_id, A)]
+    assert (doc["state"], doc["status"]) == ("failed", "queued again by an operator (was rejected: HTTP 403)")
+    s.close()
 
 
 def test_pending_alerts_count_stream_alerts_per_cluster_and_merge(store):

@@ -17,7 +17,7 @@ import pytest
 from streams import es_templates as T
 from streams.es_client import EsCompatError, EsConfig, EsError, client_major
 from streams.es_store import EsFindingsStore
-from streams.findings import ClusterQuery
+from streams.findings import ClusterQuery, DeliveryState
 from streams.settings import FindingsSettings, Settings
 from tests.desk_support import close_sources
 from tests.fake_es import FakeElasticsearch, error_body, rejected_execution
@@ -683,11 +683,11 @@ def test_failed_deliveries_order_gate_and_status_match_sqlite(fake_es, tmp_path)
     for name, s in _both(fake_es, tmp_path).items():
         for a in (a2, a3, a1):
             s.add_alert(a)
-        s.mark_delivered("c-fire:2", hook, "failed: queued behind c-fire:1")
-        s.mark_delivered("c-fire:1", hook, "failed: HTTP 503 " + "x" * 1100)  # longer than keyword ignore_above
-        s.mark_delivered("c-pope:1", hook, "delivered")
-        s.mark_delivered("c-fire:1", other, "delivered")
-        s.mark_delivered("c-fire:2", other, "rejected: HTTP 400")  # for good: neither redelivered nor a gate
+        s.mark_delivered("c-fire:2", hook, DeliveryState.FAILED, "queued behind c-fire:1")
+        s.mark_delivered("c-fire:1", hook, DeliveryState.FAILED, "HTTP 503 " + "x" * 1100)  # longer than keyword ignore_above
+        s.mark_delivered("c-pope:1", hook, DeliveryState.DELIVERED)
+        s.mark_delivered("c-fire:1", other, DeliveryState.DELIVERED)
+        s.mark_delivered("c-fire:2", other, DeliveryState.REJECTED, "HTTP 400")  # for good: neither redelivered nor a gate
         getattr(s, "refresh", lambda: None)()
         r = {"failed": [a.model_dump(mode="json") for a in s.failed_deliveries(hook)],
              "failed_other": s.failed_deliveries(other),
@@ -695,7 +695,7 @@ def test_failed_deliveries_order_gate_and_status_match_sqlite(fake_es, tmp_path)
              "gate": [s.undelivered_before(hook, "c-fire", 2), s.undelivered_before(hook, "c-fire", 1),
                       s.undelivered_before(other, "c-fire", 2), s.undelivered_before(hook, "c-pope", 5)],
              "status": {k: sorted((d["target"], d["status"][:20]) for d in v) for k, v in s.delivery_status().items()}}
-        s.mark_delivered("c-fire:1", hook, "delivered")  # the receiver came back
+        s.mark_delivered("c-fire:1", hook, DeliveryState.DELIVERED)  # the receiver came back
         getattr(s, "refresh", lambda: None)()
         r["gate_after"] = s.undelivered_before(hook, "c-fire", 2)
         r["failed_after"] = [a.alert_id for a in s.failed_deliveries(hook)]
@@ -763,7 +763,7 @@ def test_webhook_redelivery_reads_and_marks_deliveries_in_elasticsearch(fake_es,
                             alerts=AlertSettings(webhooks=[hook]))
         writer = _store(fake_es)
         writer.add_alert(_alert())
-        writer.mark_delivered("c-fire:1", hook.url, "failed: HTTP 503")
+        writer.mark_delivered("c-fire:1", hook.url, DeliveryState.FAILED, "HTTP 503")
         timers = []
 
         class _App:  # the one Faust app method install_redelivery uses
@@ -857,12 +857,12 @@ def test_delivered_is_never_set_back_by_a_slower_failed_attempt(fake_es, tmp_pat
     got = {}
     for name, s in _both(fake_es, tmp_path).items():
         s.add_alert(_alert())
-        s.mark_delivered("c-fire:1", hook, "failed: HTTP 503")  # first attempt: upserted
+        s.mark_delivered("c-fire:1", hook, DeliveryState.FAILED, "HTTP 503")  # first attempt: upserted
         getattr(s, "refresh", lambda: None)()
         r = {"first": [s.delivered("c-fire:1", hook), [a.alert_id for a in s.failed_deliveries(hook)]]}
-        s.mark_delivered("c-fire:1", hook, "delivered")  # the redelivery went through
-        s.mark_delivered("c-fire:1", hook, "failed: timed out")  # the slow first attempt, recorded late
-        s.mark_delivered("c-fire:1", hook, "rejected: HTTP 400")
+        s.mark_delivered("c-fire:1", hook, DeliveryState.DELIVERED)  # the redelivery went through
+        s.mark_delivered("c-fire:1", hook, DeliveryState.FAILED, "timed out")  # the slow first attempt, recorded late
+        s.mark_delivered("c-fire:1", hook, DeliveryState.REJECTED, "HTTP 400")
         getattr(s, "refresh", lambda: None)()
         r["after"] = [s.delivered("c-fire:1", hook), [a.alert_id for a in s.failed_deliveries(hook)],
                       s.undelivered_before(hook, "c-fire", 2),
@@ -879,10 +879,11 @@ def test_delivered_is_never_set_back_by_a_slower_failed_attempt(fake_es, tmp_pat
     header, body = lines[at], lines[at + 1]
     assert set(header) == {"update"} and header["update"]["_index"] == "deepwatch-deliveries"
     assert body["script"] == {"source": DELIVERY_SCRIPT, "lang": "painless",
-                              "params": {"status": "rejected: HTTP 400", "at": body["upsert"]["at"]}}
-    assert body["upsert"]["status"] == "rejected: HTTP 400" and "scripted_upsert" not in body
+                              "params": {"state": "rejected", "detail": "HTTP 400", "at": body["upsert"]["at"]}}
+    assert (body["upsert"]["state"], body["upsert"]["status"]) == ("rejected", "HTTP 400")
+    assert "scripted_upsert" not in body
     [doc] = fake_es.docs[T.concrete("deepwatch-deliveries")].values()
-    assert doc["status"] == "delivered"
+    assert (doc["state"], doc["status"]) == ("delivered", "")
 
 
 def test_fake_update_answers_like_es_for_upsert_noop_and_missing(fake_es):
@@ -901,10 +902,11 @@ def test_fake_update_answers_like_es_for_upsert_noop_and_missing(fake_es):
                           content="\n".join(json.dumps(x) for x in ({"update": {"_index": index, "_id": "d1"}}, body)) + "\n")
         return resp.json()["items"][0]["update"]
 
-    script = {"source": DELIVERY_SCRIPT, "lang": "painless", "params": {"status": "failed: x", "at": "2026-01-01T00:00:01Z"}}
+    script = {"source": DELIVERY_SCRIPT, "lang": "painless",
+              "params": {"state": "failed", "detail": "x", "at": "2026-01-01T00:00:01Z"}}
     missing = update({"script": script})
     assert missing["status"] == 404 and missing["error"]["type"] == "document_missing_exception"
-    upsert = {"alert_id": "a", "target": "t", "status": "delivered", "at": "2026-01-01T00:00:00Z"}
+    upsert = {"alert_id": "a", "target": "t", "state": "delivered", "status": "", "at": "2026-01-01T00:00:00Z"}
     created = update({"script": script, "upsert": upsert})
     assert created["result"] == "created" and created["status"] == 201
     noop = update({"script": script, "upsert": upsert})
@@ -1101,3 +1103,12 @@ def test_the_documented_in_place_mapping_change_is_the_v4_alert_additions():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "elasticsearch.md").read_text()
     body = doc.split("PUT deepwatch-alerts/_mapping ", 1)[1].split("\nPOST ", 1)[0]
     assert json.loads(body) == {"properties": T.ALERT_SPREAD}
+
+
+def test_the_documented_in_place_mapping_change_is_the_v4_delivery_state():
+    # the deliveries mapping is strict: a v3 deployment must PUT this before v4 workers write
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "elasticsearch.md").read_text()
+    body = doc.split("PUT deepwatch-deliveries/_mapping ", 1)[1].split("\n", 1)[0]
+    assert json.loads(body) == {"properties": T.DELIVERY_STATE}
+    assert T.DELIVERY_STATE.items() <= T.component_templates()["deepwatch-deliveries-mappings"]["template"][
+        "mappings"]["properties"].items()

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import pytest
 
+from streams.findings import DeliveryState
 from streams.records import DeadLetter, SourceRef
 from tests.findings_fixture import T0, TOPIC, alerts as fixture_alerts
 
@@ -150,12 +151,12 @@ def where(request, tmp_path):
         from streams.store import open_store
 
         s = _fill(open_store(tmp_path))
-        s.mark_delivered("c-fire:5", "https://desk.example/hook", "delivered")
+        s.mark_delivered("c-fire:5", "https://desk.example/hook", DeliveryState.DELIVERED)
         s.close()
         return ["--data-dir", str(tmp_path)]
     fake = request.getfixturevalue("fake_es")
     s = _fill(_es(fake))
-    s.mark_delivered("c-fire:5", "https://desk.example/hook", "delivered")
+    s.mark_delivered("c-fire:5", "https://desk.example/hook", DeliveryState.DELIVERED)
     s.refresh()
     s.close()
     return ["--data-dir", str(tmp_path), "--store", fake.url.replace("http://", "es://")]
@@ -220,8 +221,8 @@ def test_sqlite_reads_the_newest_n_through_an_index_not_a_sort_of_the_table(tmp_
 def test_delivery_statuses_of_a_page_of_alerts_only(store):
     # `deepwatch alerts --limit N` read every delivery record of the store to label N alerts.
     for i in range(1, 6):
-        store.mark_delivered(f"c-fire:{i}", "https://hooks.example/a", "delivered")
-    store.mark_delivered("c-fire:5", "https://hooks.example/b", "failed: HTTP 503")
+        store.mark_delivered(f"c-fire:{i}", "https://hooks.example/a", DeliveryState.DELIVERED)
+    store.mark_delivered("c-fire:5", "https://hooks.example/b", DeliveryState.FAILED, "HTTP 503")
     getattr(store, "refresh", lambda: None)()
     every = store.delivery_status()
     page = store.delivery_status(["c-fire:4", "c-fire:5", "c-none:1"])

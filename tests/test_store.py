@@ -14,7 +14,7 @@ import pytest
 from detectors.base import Evidence
 from detectors.hashing import ImageHashes
 from streams.es_docs import sighting_doc
-from streams.findings import ClusterQuery
+from streams.findings import ClusterQuery, DeliveryState
 from streams.records import (
     MAX_TEXT_CHARS, Alert, ClusterSnapshot, DeadLetter, Engagement, ImageEvent, Member, Sighting, SourceRef, Velocity,
 )
@@ -188,14 +188,14 @@ def test_same_alert_twice_changes_nothing(store):
 
 def test_delivery_status_upserts(store):
     assert not store.delivered("c1:1", "https://hook")
-    store.mark_delivered("c1:1", "https://hook", "failed: HTTP 500")
+    store.mark_delivered("c1:1", "https://hook", DeliveryState.FAILED, "HTTP 500")
     assert not store.delivered("c1:1", "https://hook")
-    store.mark_delivered("c1:1", "https://hook", "delivered")
-    store.mark_delivered("c1:1", "https://hook", "delivered")
+    store.mark_delivered("c1:1", "https://hook", DeliveryState.DELIVERED)
+    store.mark_delivered("c1:1", "https://hook", DeliveryState.DELIVERED)
     assert store.delivered("c1:1", "https://hook")
     assert not store.delivered("c1:1", "https://other")
     # a slower attempt that failed, recorded after one that went through
-    store.mark_delivered("c1:1", "https://hook", "failed: HTTP 503")
+    store.mark_delivered("c1:1", "https://hook", DeliveryState.FAILED, "HTTP 503")
     assert store.delivered("c1:1", "https://hook") and store.failed_deliveries("https://hook") == []
 
 

@@ -19,6 +19,7 @@ from urllib.parse import unquote
 import pytest
 
 from streams import metrics, webhooks
+from streams.findings import DeliveryState
 from streams.records import Alert
 from streams.settings import Settings, WebhookSettings
 from streams.webhooks import (
@@ -156,7 +157,7 @@ def test_rejected_deliveries_are_listed_and_sent_again_on_request(scripted, tmp_
     asyncio.run(_sink_alert(sinks, _alert()))
     key = target_key(url)
     [d] = store.delivery_status()["c-1:1"]
-    assert d["target"] == key and d["status"].startswith("rejected: ") and "S3CR3T" not in json.dumps(d)
+    assert d.target == key and d.state is DeliveryState.REJECTED and "S3CR3T" not in json.dumps(d.as_json())
 
     settings = _settings(tmp_path, hook)
     r = Redeliverer(settings, lambda: store)
@@ -235,7 +236,7 @@ def test_redelivery_goes_past_an_alert_that_keeps_failing(scripted, tmp_path):
               _at(base, 3, alert_id="c-ok:2", cluster_id="c-ok", level=2)]
     for a in alerts:
         store.add_alert(a)
-        store.mark_delivered(a.alert_id, key, "failed: the receiver was down")
+        store.mark_delivered(a.alert_id, key, DeliveryState.FAILED, "the receiver was down")
     assert _redeliver(settings, store) == 2
     assert srv.alert_ids() == ["c-bad:1", "c-ok:1", "c-ok:2"], "c-bad:2 waits for c-bad:1 (level order)"
     assert [a.alert_id for a in store.failed_deliveries(key)] == ["c-bad:1", "c-bad:2"]
@@ -251,7 +252,7 @@ def test_redelivery_round_stops_for_a_target_that_looks_down(scripted, tmp_path)
     for i in range(6):
         a = _at(_alert(), i, alert_id=f"c-{i}:1", cluster_id=f"c-{i}")
         store.add_alert(a)
-        store.mark_delivered(a.alert_id, key, "failed: the receiver was down")
+        store.mark_delivered(a.alert_id, key, DeliveryState.FAILED, "the receiver was down")
     assert _redeliver(_settings(tmp_path, hook), store) == 0
     assert len(srv.requests) == webhooks.REDELIVERY_GIVE_UP
 
@@ -314,7 +315,7 @@ def test_redelivery_rounds_of_targets_do_not_wait_for_each_other(raw_receiver, s
         a = _at(_alert(), i, alert_id=f"c-{i}:1", cluster_id=f"c-{i}")
         store.add_alert(a)
         for hook in (slow_hook, fast_hook):
-            store.mark_delivered(a.alert_id, target_key(hook.url), "failed: the receiver was down")
+            store.mark_delivered(a.alert_id, target_key(hook.url), DeliveryState.FAILED, "the receiver was down")
     r = Redeliverer(_settings(tmp_path, slow_hook, fast_hook), lambda: store)
 
     async def scenario() -> None:
@@ -399,9 +400,9 @@ def test_pending_work_counts_queued_deliveries_until_done(tmp_path):
 
     store = open_store(tmp_path)
     store.add_alert(_alert())
-    store.mark_delivered("c-1:1", "http://h:1#00000000", "queued")
+    store.mark_delivered("c-1:1", "http://h:1#00000000", DeliveryState.QUEUED)
     assert store.pending_work()["alerts"] == 1
-    store.mark_delivered("c-1:1", "http://h:1#00000000", "failed: HTTP 503")  # redelivery's now, not the run's
+    store.mark_delivered("c-1:1", "http://h:1#00000000", DeliveryState.FAILED, "HTTP 503")  # redelivery's now, not the run's
     assert store.pending_work()["alerts"] == 0
 
 
@@ -517,7 +518,7 @@ def test_delivery_records_written_with_the_url_are_keyed_when_the_store_opens(tm
     url = "https://hooks.example/T0KEN"
     store = open_store(tmp_path)
     store.add_alert(_alert())
-    store.mark_delivered("c-1:1", url, "failed: HTTP 503")  # as earlier versions recorded it
+    store.mark_delivered("c-1:1", url, DeliveryState.FAILED, "HTTP 503")  # as earlier versions recorded it
     store.close()
     store = open_store(tmp_path)
     assert store.delivery_targets() == [target_key(url)]
@@ -538,14 +539,14 @@ def test_a_delivery_records_time_follows_its_status(tmp_path):
 
     store = open_store(tmp_path)
     store.add_alert(_alert())
-    store.mark_delivered("c-1:1", "http://h:1#00000000", "failed: HTTP 503")
+    store.mark_delivered("c-1:1", "http://h:1#00000000", DeliveryState.FAILED, "HTTP 503")
     [first] = store.delivery_status()["c-1:1"]
     time.sleep(0.02)
-    store.mark_delivered("c-1:1", "http://h:1#00000000", "delivered")
+    store.mark_delivered("c-1:1", "http://h:1#00000000", DeliveryState.DELIVERED)
     [then] = store.delivery_status()["c-1:1"]
     assert then["status"] == "delivered" and then["at"] > first["at"]
     time.sleep(0.02)
-    store.mark_delivered("c-1:1", "http://h:1#00000000", "failed: late")  # never back from delivered
+    store.mark_delivered("c-1:1", "http://h:1#00000000", DeliveryState.FAILED, "late")  # never back from delivered
     assert store.delivery_status()["c-1:1"] == [then]
 
 

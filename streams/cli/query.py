@@ -228,15 +228,16 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
     oldest first. JSON form: an array of objects with alert_id, cluster_id,
     rule, level, fake_score, verdict, velocity, sightings, accounts,
     evidence, at (event time), created_at and deliveries (per webhook
-    target: status, at; a failed delivery is retried every
-    alerts.webhook_redeliver_s).
+    target: status, at, and the status in its parts, state - queued,
+    delivered, failed or rejected - and detail; a failed delivery is
+    retried every alerts.webhook_redeliver_s).
     """
     fmt = "json" if as_json else check_format(fmt)
     limit = _limit_for(limit, fmt)
     with _findings(data_dir, config, store_url) as store:
         found = store.alerts(limit=limit)
         status = store.delivery_status([a.alert_id for a in found] if limit else None)
-        rows = [dict(a.as_json(), deliveries=status.get(a.alert_id, [])) for a in found]
+        rows = [dict(a.as_json(), deliveries=[d.as_json() for d in status.get(a.alert_id, [])]) for a in found]
     _note_cut(found, "alerts")
 
     def delivery(a: dict) -> str:

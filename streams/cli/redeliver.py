@@ -13,6 +13,7 @@ from rich.table import Table
 from streams.cli.app import app
 from streams.cli.common import Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, print_json, settings_from
 from streams.cli.query import StoreOpt, _findings
+from streams.findings import UNDELIVERED
 
 
 def _resolve(given: str, known: list[str]) -> str:
@@ -63,16 +64,15 @@ def redeliver(
 
         known = sorted({*store.delivery_targets(), *hooks_by_key(settings)})
         if target is None:
-            rows = [{"target": k, **{s: counts.get(k, {}).get(s, 0) for s in ("queued", "failed", "rejected")}}
-                    for k in known]
+            rows = [{"target": k, **{s.value: counts.get(k, {}).get(s, 0) for s in UNDELIVERED}} for k in known]
             if fmt == "json":
                 print_json(rows)
                 return
             t = Table(title="Webhook deliveries waiting")
-            for col in ("target", "queued", "failed", "rejected"):
+            for col in ("target", *(s.value for s in UNDELIVERED)):
                 t.add_column(col, overflow="fold", justify="left" if col == "target" else "right")
             for r in rows:
-                t.add_row(r["target"], str(r["queued"]), str(r["failed"]), str(r["rejected"]))
+                t.add_row(r["target"], *(str(r[s.value]) for s in UNDELIVERED))
             Console().print(t)
             return
         key = _resolve(target, known)
