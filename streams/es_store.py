@@ -500,6 +500,8 @@ class EsFindingsStore:
             base.append({"term": {"verdict": q.verdict}})
         if q.min_score is not None:
             base.append({"range": {"fake_score": {"gte": q.min_score}}})
+        if q.cluster_ids is not None:  # at most MAX_RESULTS (ClusterQuery): one terms filter
+            base.append({"terms": {"cluster_id": sorted(q.cluster_ids)}})
 
         def query(chunk: list[str] | None) -> dict[str, Any]:
             filters = list(base)

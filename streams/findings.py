@@ -409,7 +409,9 @@ class ClusterQuery(BaseModel):
     full text over post texts and hashtags: words are ANDed, ``"quoted
     phrases"`` kept together. Ranking: ``sort`` if given, else relevance when
     ``text`` is given, else velocity; ties by cluster id. Merged-away clusters
-    are never returned (their survivor is)."""
+    are never returned (their survivor is). ``cluster_ids`` keeps only those
+    surviving clusters: a condition the caller holds and the store does not
+    (the desk's verdicts), applied by the store before its result window."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     text: str | None = Field(default=None, max_length=1000)
@@ -422,6 +424,7 @@ class ClusterQuery(BaseModel):
     min_score: float | None = Field(default=None, ge=0.0, le=1.0)
     sort: SortKey | None = None
     limit: int | None = Field(default=None, ge=1, le=MAX_RESULTS)  # None = every match (up to MAX_RESULTS)
+    cluster_ids: frozenset[str] | None = Field(default=None, max_length=MAX_RESULTS)
 
     @field_validator("text", "platform", "account", "hashtag", mode="before")
     @classmethod
@@ -460,7 +463,8 @@ class ClusterQuery(BaseModel):
     @property
     def filtered(self) -> bool:
         """Whether any condition narrows the result (``sort`` and ``limit`` do not)."""
-        return self.sighting_filtered or self.verdict is not None or self.min_score is not None
+        return (self.sighting_filtered or self.verdict is not None or self.min_score is not None
+                or self.cluster_ids is not None)
 
     def terms(self) -> list[str]:
         """``text`` as search terms: quoted phrases kept whole, words lowercased."""

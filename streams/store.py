@@ -574,6 +574,9 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         if query.min_score is not None:
             where.append("fake_score >= ?")
             args.append(query.min_score)
+        if query.cluster_ids is not None:
+            where.append("cluster_id IN (SELECT value FROM json_each(?))")
+            args.append(json.dumps(sorted(query.cluster_ids)))
         sort = query.effective_sort
         with self._search_db(deadline) as db:
             if query.sighting_filtered:

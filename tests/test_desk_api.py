@@ -269,6 +269,24 @@ def test_search_by_the_desks_own_verdicts(backend, env):
         assert '<option value="fake" selected>desk: fake</option>' in page.text
 
 
+def test_a_desk_verdict_with_store_conditions_finds_clusters_past_the_stores_result_window(backend, env, monkeypatch):
+    """The desk's verdicts are searched by the store with its other
+    conditions (``ClusterQuery.cluster_ids``): kept from the store's first
+    ``MAX_RESULTS`` matches alone, a marked cluster ranked past them was
+    missing (here the window is one cluster wide)."""
+    import streams.findings as findings
+
+    data, url = backend
+    with client(make_settings(data, url)) as c:
+        r = c.post("/api/clusters/c-photo/verdict", json={"verdict": "needs-review", "note": "checked"}, headers=EDITOR)
+        assert r.status_code == 201, r.text
+        everything = [d["id"] for d in c.get("/api/search?min_score=0").json()]
+        assert everything.index("c-photo") > 0  # not the store's first match
+        monkeypatch.setattr(findings, "MAX_RESULTS", 1)
+        r = c.get("/api/search?desk_verdict=needs-review&min_score=0")
+        assert r.status_code == 200 and [d["id"] for d in r.json()] == ["c-photo"], r.text
+
+
 def test_account_and_queue_pages_follow_their_cursors(backend, env):
     """`/api/accounts` and `/api/clusters` stay JSON lists; a cut one says
     where the next page starts (`X-Next-Cursor`, `Link: <...>; rel="next"`),

@@ -266,9 +266,12 @@ class FindingsSource:
         cluster or a bank match: desk verdicts live in the desk's own
         database, not in the findings store, so this condition is the desk's.
         Alone, it lists those clusters from the desk's view (sorted as the
-        search sorts, by the values shown); with store conditions, it keeps
-        those among all the store's matches (up to ``MAX_RESULTS``), before
-        ``limit`` cuts.
+        search sorts, by the values shown); with store conditions, the store
+        searches only those clusters (``ClusterQuery.cluster_ids``): kept
+        from its first ``MAX_RESULTS`` matches of the other conditions
+        alone, one marked cluster ranked past them was missing. A desk with
+        more than ``MAX_RESULTS`` such verdicts searches those store matches
+        and keeps the marked ones, as before.
 
         The store's reads stop after ``search_timeout_s`` in all
         (``SearchTimeout``)."""
@@ -281,7 +284,10 @@ class FindingsSource:
                       if not d.get("merged_into") and (d.get("desk") or {}).get("verdict") == desk_verdict}
             if not q.filtered:
                 return sorted((docs[cid] for cid in marked), key=sort_key(q.effective_sort, _doc_field))[:limit]
-            q = q.model_copy(update={"limit": None})  # every match: the desk's condition comes before the cut
+            if not marked:
+                return []
+            q = q.model_copy(update={"limit": None,  # every match: the desk's condition comes before the cut
+                                     "cluster_ids": frozenset(marked) if len(marked) <= MAX_RESULTS else None})
         ids = [c.id for c in self.store.search(q, timeout_s=_left(deadline))]
         only_text = q.text and not any((q.since, q.until, q.platform, q.account, q.hashtag, q.verdict, q.min_score))
         if only_text:
