@@ -63,7 +63,7 @@ from typing import Callable, Iterable
 
 from pydantic import BaseModel, Field, ValidationError, field_serializer
 
-from detectors.base import Evidence
+from detectors.base import Evidence, EvidenceKind
 from detectors.fusion import fuse
 from detectors.hashing import THUMB_SIDE
 from detectors.neardup import Assignment, ClusterIndex, MergeAudit
@@ -472,6 +472,12 @@ class ClusterEngine:
         # a new member: what is known of the bytes changes while a picture
         # spreads (a bank entry added meanwhile matches every later repost,
         # and only those), so a repeat can bring what its first copy did not.
+        # A bank's item the cluster has for these bytes is replaced by the
+        # repeat's: an analyst may have banked the entry again with the other
+        # verdict, and the first one stayed, suppressing (or not) for good.
+        newer = {(e.detector, e.sha256): e for e in s.evidence if e.kind is EvidenceKind.BANK}
+        state.evidence = [newer.get((e.detector, e.sha256), e) if e.kind is EvidenceKind.BANK else e
+                          for e in state.evidence]
         known = {(e.detector, e.sha256) for e in state.evidence}
         state.evidence.extend(e for e in s.evidence if (e.detector, e.sha256) not in known)
 

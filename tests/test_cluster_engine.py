@@ -449,6 +449,26 @@ def test_an_authentic_bank_match_on_exact_reposts_suppresses_the_cluster():
     assert again.already_applied and h.table[cid] == before
 
 
+def test_an_entry_banked_again_with_the_other_verdict_replaces_the_clusters_bank_evidence():
+    # The fact-check bank first called the picture fake, then an analyst
+    # banked it again as authentic (a real photo after all): later reposts
+    # carry the new item, but the cluster kept the first one, alerting on.
+    h = Harness(Settings(alerts={"min_sightings_5m": 3}))
+    pic = scene(9)
+    cid = h.see(sighting(pic, "e0", 0, "a0", [BANK_FAKE])).snapshots[-1].cluster_id
+    assert h.get(cid).verdict == "likely-ai"
+    cleared = BANK_FAKE.model_copy(update={"score": 0.03, "detail": "authentic entry 3 (re-banked)",
+                                           "data": {"verdict": "authentic", "suppress": True}})
+    for i in range(1, 4):
+        h.see(sighting(pic, f"e{i}", i * 0.2, f"a{i}", [cleared]))
+    st = h.get(cid)
+    assert [(e.detector, e.data["verdict"]) for e in st.evidence] == [("bank:factcheck", "authentic")]
+    assert st.suppressed == "allow-listed: authentic entry 3 (re-banked)" and h.alerts == []
+    # and back: the newest entry stands
+    h.see(sighting(pic, "e4", 1.0, "a4", [BANK_FAKE]))
+    assert h.get(cid).suppressed is None and h.get(cid).verdict == "likely-ai"
+
+
 def test_a_fake_bank_match_on_exact_reposts_raises_the_cluster_and_alerts():
     h = Harness(Settings(alerts={"min_sightings_5m": 3}))
     pic = scene(8)
