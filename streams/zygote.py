@@ -181,6 +181,8 @@ def _end_children(out, children: set[int], grace_s: float = 3.0) -> None:
 
 def serve() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the runner stops us
+    # started with SIGINT blocked (``_sigint_ignored``); the workers forked from here must not inherit that
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     setproctitle(getproctitle())  # claims the argv and environ memory now, while environ is the one it started with
     # The protocol gets stdout's pipe to itself; whatever a library prints while
     # it is imported (or later) goes to stderr instead of corrupting it.
@@ -219,19 +221,27 @@ def serve() -> None:
 # -- the runner's side ------------------------------------------------------------
 @contextlib.contextmanager
 def _sigint_ignored():
-    """SIGINT ignored while the zygote is started. Ctrl-C reaches the whole
-    foreground group, and ``serve`` ignores it, but only once Python runs it;
-    an ignored SIGINT survives exec and Python leaves it ignored, so a Ctrl-C
-    in the zygote's first moments cannot kill it with a traceback either.
-    Only the main thread may change signal handlers; elsewhere: as is."""
+    """SIGINT ignored and blocked while the zygote is started. Ctrl-C reaches
+    the whole foreground group, and ``serve`` ignores it, but only once
+    Python runs it; an ignored SIGINT survives exec and Python leaves it
+    ignored, so a Ctrl-C in the zygote's first moments cannot kill it with a
+    traceback either. Blocked too: Linux keeps a blocked signal pending even
+    while it is ignored, so a Ctrl-C in that moment reaches this process once
+    its handler is back; ignored alone, it was discarded and the command went
+    on as if never interrupted (a replay that outlived a Ctrl-C at start-up
+    was seen twice). The zygote, started with it blocked, unblocks it in
+    ``serve``. Only the main thread may change signal handlers; elsewhere:
+    as is (and another thread may still take a Ctrl-C and lose it)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C held meanwhile is raised here
 
 
 class ZygoteChild:
@@ -274,11 +284,19 @@ class Zygote:
         """``env``: the environment it imports with; by default this process's, with
         ``LOCAL_THREAD_ENV`` wherever it sets nothing."""
         env = {**LOCAL_THREAD_ENV, **os.environ} if env is None else env
-        with _sigint_ignored():
-            self.proc = subprocess.Popen(
-                [sys.executable, *SAFE_PATH, "-m", "streams.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=None, env=env, bufsize=0,
-            )
+        proc = None
+        try:
+            with _sigint_ignored():
+                proc = subprocess.Popen(
+                    [sys.executable, *SAFE_PATH, "-m", "streams.zygote"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=None, env=env, bufsize=0,
+                )
+        except BaseException:  # a Ctrl-C held while it started: nobody will know of it, so it goes now
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            raise
+        self.proc = proc
         self._cond = threading.Condition()
         self._ready = False
         self._pids: list[int] = []
@@ -380,8 +398,8 @@ def prestart(args: list[str]) -> Zygote | None:
         return _prestarted
     import atexit
 
+    atexit.register(_discard_prestarted)  # first: a Ctrl-C right after the start still ends it
     _prestarted = Zygote()
-    atexit.register(_discard_prestarted)
     return _prestarted
 
 

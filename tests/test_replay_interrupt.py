@@ -81,13 +81,19 @@ def test_sigterm_to_the_cli_alone_stops_what_it_started(tmp_path):
 
 
 def _group_members(pgid: int) -> list[str]:
-    """Live processes of process group ``pgid``: pid, state and command line."""
+    """Live processes of process group ``pgid``: pid, state and command line.
+    Not zombies: they run nothing. One is left when the zygote is killed
+    while an import of its runs a command (croniter, imported by faust, runs
+    ``file`` on the interpreter) and this machine's PID 1 does not reap the
+    orphan (seen once in 20 Ctrl-Cs at 0.25-0.7 s)."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 if os.getpgid(int(entry.name)) == pgid:
                     state = (entry / "status").read_text().split("\n")[2]
+                    if state.split()[1] == "Z":
+                        continue
                     cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")[:200]
                     out.append(f"{entry.name} {state} {cmdline!r}")
             except (OSError, IndexError):

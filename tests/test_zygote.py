@@ -272,3 +272,32 @@ def test_ctrl_c_before_a_forked_worker_has_its_log_prints_nothing_on_the_command
                        text=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
     assert r.stderr == "" and r.stdout == "", r.stderr[-2000:]
     assert "a worker needs --broker" in log.read_text()  # the worker ran on, and said why it stopped, in its log
+
+
+# Ctrl-C while the command starts the zygote: SIGINT was ignored for that
+# moment (so that the zygote starts ignoring it) and a Ctrl-C then was lost;
+# the command went on as if never interrupted. Sent from inside the start.
+CTRL_C_WHILE_THE_ZYGOTE_STARTS = """
+import os, signal, subprocess, sys, time
+from streams import zygote
+started, Popen = [], subprocess.Popen
+class Interrupted(Popen):
+    def __init__(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        super().__init__(*args, **kwargs)
+        started.append(self.pid)
+subprocess.Popen = Interrupted
+try:
+    z = zygote.Zygote()
+except KeyboardInterrupt:
+    print("interrupted", "left" if os.path.exists(f"/proc/{started[0]}") else "nothing left")
+else:
+    print("not interrupted")
+    z.discard()
+"""
+
+
+def test_ctrl_c_while_the_zygote_starts_is_raised_once_it_started_and_leaves_nothing():
+    r = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_THE_ZYGOTE_STARTS], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert r.stdout.strip() == "interrupted nothing left", (r.stdout, r.stderr[-2000:])
