@@ -75,7 +75,7 @@ class Analyzer:
         return Sighting(
             event=light_event, source=source, sha256=sha256,
             width=known.size[0], height=known.size[1], format=known.format,
-            hashes=hashes, evidence=evidence,
+            hashes=hashes, evidence=evidence, banks_checked=self._banks is not None,
         )
 
     def _analyse(self, data: bytes, sha256: str) -> Analysis:

@@ -472,12 +472,12 @@ class ClusterEngine:
         # a new member: what is known of the bytes changes while a picture
         # spreads (a bank entry added meanwhile matches every later repost,
         # and only those), so a repeat can bring what its first copy did not.
-        # A bank's item the cluster has for these bytes is replaced by the
-        # repeat's: an analyst may have banked the entry again with the other
-        # verdict, and the first one stayed, suppressing (or not) for good.
-        newer = {(e.detector, e.sha256): e for e in s.evidence if e.kind is EvidenceKind.BANK}
-        state.evidence = [newer.get((e.detector, e.sha256), e) if e.kind is EvidenceKind.BANK else e
-                          for e in state.evidence]
+        # The banks' items the cluster has for these bytes give way to the
+        # repeat's when the banks were asked (``banks_checked``): a desk
+        # verdict changed moves the entry from one desk bank to the other, or
+        # withdraws it, and the first answer stayed, suppressing (or not) for good.
+        if s.banks_checked:
+            state.evidence = [e for e in state.evidence if not (e.kind is EvidenceKind.BANK and e.sha256 == s.sha256)]
         known = {(e.detector, e.sha256) for e in state.evidence}
         state.evidence.extend(e for e in s.evidence if (e.detector, e.sha256) not in known)
 

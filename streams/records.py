@@ -255,6 +255,9 @@ class Sighting(_Record):
     format: str
     hashes: ImageHashes
     evidence: list[Evidence] = Field(default_factory=list)  # cheap detectors on this image
+    # the banks were asked about these bytes: their items in ``evidence`` are
+    # the banks' whole answer now (none: no entry matches any more)
+    banks_checked: bool = False
     ingested_at: datetime | None = None  # broker timestamp of the event: the latency clock starts here
     fetched_at: datetime = Field(default_factory=utcnow)
 

@@ -265,3 +265,27 @@ def test_a_blob_store_that_cannot_write_names_itself_not_the_decoder(setup, tmp_
     dead = result.dead
     assert (dead.stage, dead.reason) == ("blob", "blob_write")
     assert "File too large" in dead.detail and str(tmp_path / "blobs") in dead.detail and "disk space" in dead.detail
+
+
+def test_a_sighting_says_whether_the_banks_were_asked(tmp_path):
+    # the cluster engine lets a sighting's bank items replace (or clear) the cluster's for its bytes only then
+    import io
+
+    import streams.analyze as analyze
+    from streams.records import ImageEvent
+    from tests.support import picture
+
+    buf = io.BytesIO()
+    picture(3, (200, 150)).save(buf, "JPEG", quality=85)
+    data = buf.getvalue()
+    event = ImageEvent.model_validate({"event_id": "e1", "platform": "x", "account_id": "a",
+                                       "posted_at": "2026-12-01T10:00:00Z", "image": {"url": "https://img.example/1.jpg"}})
+    settings = Settings(data_dir=tmp_path)
+    source = SourceRef(topic="events", partition=0, offset=0)
+    assert analyze.Analyzer(settings, tmp_path / "blobs").analyze(event, data, source).banks_checked is False
+    (tmp_path / "pic.jpg").write_bytes(data)
+    bank = settings.bank_store()
+    bank.add_images("factcheck", "fake", [tmp_path / "pic.jpg"])
+    bank.close()
+    seen = analyze.Analyzer(settings, tmp_path / "blobs").analyze(event, data, source)
+    assert seen.banks_checked is True and [e.detector for e in seen.evidence if e.kind == "bank"] == ["bank:factcheck"]

@@ -449,24 +449,35 @@ def test_an_authentic_bank_match_on_exact_reposts_suppresses_the_cluster():
     assert again.already_applied and h.table[cid] == before
 
 
-def test_an_entry_banked_again_with_the_other_verdict_replaces_the_clusters_bank_evidence():
-    # The fact-check bank first called the picture fake, then an analyst
-    # banked it again as authentic (a real photo after all): later reposts
-    # carry the new item, but the cluster kept the first one, alerting on.
+def test_a_changed_desk_verdict_replaces_the_clusters_bank_evidence_for_those_bytes():
+    # The desk banks a picture in desk-authentic, then an editor finds it
+    # fake: the entry moves to desk-fake (streams.desk.verdicts withdraws it
+    # from the other bank). Later reposts carry only the desk-fake item, but
+    # the cluster kept the desk-authentic one too and stayed suppressed.
+    def desk(verdict: str) -> Evidence:
+        return Evidence(detector=f"bank:desk-{verdict}", kind="bank", score=0.97 if verdict == "fake" else 0.03,
+                        weight=3.0, detail=f"matches 'desk-{verdict}' entry 1",
+                        data={"verdict": verdict, "suppress": verdict == "authentic"})
+
+    def repost(eid: str, minute: float, *bank: Evidence) -> Sighting:
+        return sighting(pic, eid, minute, f"a-{eid}", bank).model_copy(update={"banks_checked": True})
+
     h = Harness(Settings(alerts={"min_sightings_5m": 3}))
     pic = scene(9)
-    cid = h.see(sighting(pic, "e0", 0, "a0", [BANK_FAKE])).snapshots[-1].cluster_id
-    assert h.get(cid).verdict == "likely-ai"
-    cleared = BANK_FAKE.model_copy(update={"score": 0.03, "detail": "authentic entry 3 (re-banked)",
-                                           "data": {"verdict": "authentic", "suppress": True}})
+    cid = h.see(repost("e0", 0, desk("authentic"))).snapshots[-1].cluster_id
+    assert h.get(cid).suppressed == "allow-listed: matches 'desk-authentic' entry 1"
     for i in range(1, 4):
-        h.see(sighting(pic, f"e{i}", i * 0.2, f"a{i}", [cleared]))
+        h.see(repost(f"e{i}", i * 0.2, desk("fake")))
     st = h.get(cid)
-    assert [(e.detector, e.data["verdict"]) for e in st.evidence] == [("bank:factcheck", "authentic")]
-    assert st.suppressed == "allow-listed: authentic entry 3 (re-banked)" and h.alerts == []
-    # and back: the newest entry stands
-    h.see(sighting(pic, "e4", 1.0, "a4", [BANK_FAKE]))
-    assert h.get(cid).suppressed is None and h.get(cid).verdict == "likely-ai"
+    assert [(e.detector, e.data["verdict"]) for e in st.evidence] == [("bank:desk-fake", "fake")]
+    assert st.suppressed is None and st.verdict == "likely-ai" and [a.level for a in h.alerts] == [1]
+    # withdrawn from both (needs-review): the next repost's banks answer nothing, and nothing stays
+    h.see(repost("e4", 1.0))
+    assert [e for e in h.get(cid).evidence if e.kind == "bank"] == []
+    # a sighting whose worker has no banks says nothing of them: what the cluster has stays
+    h.see(repost("e5", 1.2, desk("fake")))
+    h.see(sighting(pic, "e6", 1.4, "a-e6"))
+    assert [e.detector for e in h.get(cid).evidence] == ["bank:desk-fake"]
 
 
 def test_a_fake_bank_match_on_exact_reposts_raises_the_cluster_and_alerts():
