@@ -312,7 +312,9 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         """Rows written before deliveries had a ``state`` kept it in their
         ``status`` text ("rejected: HTTP 403"): give each its state and leave
         ``status`` only the why, once (``legacy_delivery``, the one reader of
-        that text). Every query reads ``state`` from then on."""
+        that text). Every query reads ``state`` from then on; a row a
+        schema-1 worker still running writes meanwhile has none until the
+        next open, and is read through ``legacy_delivery`` (``DeliveryLog``)."""
         old = self._db.execute("SELECT alert_id, target, status FROM deliveries WHERE state IS NULL").fetchall()
         if not old:
             return
@@ -323,7 +325,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
                 db.executemany("UPDATE deliveries SET state=?, status=? WHERE alert_id=? AND target=? "
                                "AND state IS NULL", derived)
         except sqlite3.OperationalError:
-            pass  # a read-only file (a reader's copy): the first writer to open it derives them
+            pass  # locked or failing now: left for the next open (and read through legacy_delivery meanwhile)
 
     def _ensure_fts(self) -> None:
         """Full text over post texts and hashtags: an external-content FTS5

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
-from streams.findings import UNDELIVERED, DeliveryRecord, DeliveryState, requeued_detail
+from streams.findings import UNDELIVERED, DeliveryRecord, DeliveryState, legacy_delivery, requeued_detail
 from streams.records import Alert
 
 
@@ -97,7 +97,10 @@ class DeliveryLog:
             out.setdefault(alert_id, []).append(self._record(alert_id, target, state, status, at))
         return out
 
-    def _record(self, alert_id: str, target: str, state: str, status: str, at: str) -> DeliveryRecord:
+    def _record(self, alert_id: str, target: str, state: str | None, status: str, at: str) -> DeliveryRecord:
+        if state is None:  # written by a schema-1 worker still running beside this one (``_derive_delivery_states``)
+            legacy, status = legacy_delivery(status)
+            state = legacy.value
         return self._valid("delivery", f"{alert_id} to {target}",
                            lambda: DeliveryRecord(target=target, state=state, detail=status, at=at))
 
@@ -107,9 +110,9 @@ class DeliveryLog:
     def delivery_state(self, alert_id: str, target: str) -> DeliveryState | None:
         """The recorded state of this delivery; None when there is none."""
         row = self._db.execute(
-            "SELECT state FROM deliveries WHERE alert_id=? AND target=?", (alert_id, target)
+            "SELECT state, status, at FROM deliveries WHERE alert_id=? AND target=?", (alert_id, target)
         ).fetchone()
-        return self._valid("delivery", f"{alert_id} to {target}", lambda: DeliveryState(row[0])) if row else None
+        return self._record(alert_id, target, *row).state if row else None
 
     def mark_delivered(self, alert_id: str, target: str, state: DeliveryState, detail: str = "") -> None:
         """Record a delivery's state, why (``status``) and when (``at``,
@@ -118,10 +121,11 @@ class DeliveryLog:
             db.execute(
                 # never back from delivered: a slow attempt that failed after the
                 # redelivery loop's succeeded would have the receiver sent it again
+                # (a row without a state: a schema-1 worker's, whose "delivered" was its whole status)
                 """INSERT INTO deliveries (alert_id, target, state, status) VALUES (?,?,?,?)
                    ON CONFLICT(alert_id, target) DO UPDATE SET state=excluded.state, status=excluded.status,
                                                                 at=excluded.at
-                   WHERE deliveries.state IS NOT ?""",
+                   WHERE COALESCE(deliveries.state, deliveries.status) IS NOT ?""",
                 (alert_id, target, DeliveryState(state).value, detail, DeliveryState.DELIVERED.value),
             )
 

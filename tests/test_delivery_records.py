@@ -198,6 +198,30 @@ def test_a_findings_file_from_before_delivery_states_keeps_them(tmp_path):
     db.close()
 
 
+def test_a_delivery_a_schema_1_worker_writes_after_the_file_was_migrated_stays_delivered(tmp_path):
+    """A worker of the old version still running through a rolling restart
+    writes rows without a state ("delivered" its whole status). A slow
+    attempt that failed must not move one back from delivered, and it reads
+    as delivered."""
+    import sqlite3
+
+    from streams.store import open_store
+
+    first, _, _ = _three()
+    s = open_store(tmp_path)
+    s.add_alert(first)
+    db = sqlite3.connect(tmp_path / "findings.sqlite")
+    db.execute("INSERT INTO deliveries (alert_id, target, status) VALUES (?,?,?)", (first.alert_id, A, "delivered"))
+    db.commit()
+    db.close()
+    assert s.delivery_state(first.alert_id, A) is DeliveryState.DELIVERED
+    s.mark_delivered(first.alert_id, A, DeliveryState.FAILED, "HTTP 500 (a slow attempt)")
+    assert s.delivery_state(first.alert_id, A) is DeliveryState.DELIVERED
+    [shown] = s.delivery_status()[first.alert_id]
+    assert (shown.state, shown.status) == (DeliveryState.DELIVERED, "delivered")
+    s.close()
+
+
 def test_elasticsearch_records_from_before_mapping_v4_read_with_their_state(fake_es):
     """A v3 deployment's delivery documents have no ``state``, only the old
     ``status`` text (docs/elasticsearch.md: the mapping gains ``state`` in
