@@ -58,15 +58,18 @@ def interruption(e: BaseException | None) -> KeyboardInterrupt | None:
     with the interrupt as its cause (Python 3.11), and one landing while
     pydantic-core builds a model's serializer gives a ``SchemaError`` whose
     text names it but which links to nothing (CI, Ctrl-C 0.2 s into
-    ``replay``). So any failure after this process received a stop signal is
-    that stop."""
+    ``replay``). So a failure whose text names the stop this process
+    received is that stop too; any other failure is its own, whatever came
+    before it."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, KeyboardInterrupt):
             return e
+        if _received is not None and type(_received).__name__ in str(e):
+            return _received
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return _received
+    return None
 
 
 if __name__ == "__main__":  # python -m streams.console: what the script runs, for benches and checkouts

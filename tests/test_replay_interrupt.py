@@ -269,3 +269,17 @@ def test_sigusr1_prints_the_commands_stacks_and_lets_it_run_on(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert "(most recent call first)" in err and "File " in err, err[-2000:]
+
+
+def test_after_a_stop_only_a_failure_that_names_it_is_taken_for_it(monkeypatch):
+    # a command that goes on after a Ctrl-C (it stops following a feed, say) still reports its own errors
+    from streams import console
+    from streams.cli.common import Terminated
+
+    monkeypatch.setattr(console, "_received", None)
+    assert console.interruption(ValueError("Error building serializer: KeyboardInterrupt")) is None  # no stop yet
+    stop = console.received(KeyboardInterrupt())
+    assert console.interruption(ValueError("no such table: sightings")) is None
+    assert console.interruption(ValueError("Error building serializer: KeyboardInterrupt")) is stop
+    term = console.received(Terminated())
+    assert console.interruption(RuntimeError("SchemaError: Terminated: ")) is term
