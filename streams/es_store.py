@@ -133,6 +133,11 @@ class EsFindingsStore:
                 if not es.indices.exists_alias(name=alias):
                     self._create_ignoring_exists(lambda: es.indices.create(
                         index=T.concrete(alias), aliases={alias: {"is_write_index": True}}))
+            # An index an earlier mapping version made takes this version's added
+            # fields in place (docs/elasticsearch.md): the deliveries mapping is
+            # strict, so without them every delivery record would be refused.
+            for key, added in (("alerts", T.ALERT_SPREAD), ("deliveries", T.DELIVERY_STATE)):
+                es.indices.put_mapping(index=self.names[key], properties=added)
             self._create_ignoring_exists(lambda: es.indices.create_data_stream(name=self.names["sightings"]))
         except Exception as e:
             raise explain(e, self.config.url) from None

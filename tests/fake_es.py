@@ -107,6 +107,9 @@ class FakeElasticsearch:
         self.index_templates: dict[str, dict] = {}
         self.scripts: dict[str, dict] = {}
         self.ilm: dict[str, dict] = {}
+        # fields put in place (PUT <index>/_mapping): acknowledged, as ES does when the
+        # types agree; mappings() still comes from the templates
+        self.put_mappings: list[tuple[str, dict]] = []
         self.request_faults: list[tuple[Callable[[str, str], bool], int, dict, int]] = []
         self.item_faults: list[ItemFault] = []
         self.search_timeouts: list[list[Any]] = []  # [index expression suffix, times left] (time_out_searches)
@@ -279,6 +282,10 @@ class FakeElasticsearch:
         if len(seg) == 2 and seg[1] == "_refresh" and method in ("GET", "POST"):
             self._targets(seg[0])
             return 200, {"_shards": {"total": 1, "successful": 1, "failed": 0}}
+        if len(seg) == 2 and seg[1] == "_mapping" and method in ("PUT", "POST"):
+            self._targets(seg[0])  # 404 for an index or alias that is not there
+            self.put_mappings.append((seg[0], body["properties"]))
+            return 200, ack
         if len(seg) == 3 and seg[1] == "_doc" and method == "GET":
             return self._get(seg[0], seg[2])
         if len(seg) == 1 and method == "PUT" and not seg[0].startswith("_"):

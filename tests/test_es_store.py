@@ -64,9 +64,14 @@ def test_setup_creates_versioned_templates_aliases_and_the_sightings_data_stream
     # every request asked for the API version this client speaks
     assert all(f"compatible-with={client_major()}" in r.headers.get("accept", "") for r in fake_es.requests)
 
+    # this version's added fields put in place on every start: a no-op on its own indices, and what an
+    # index an earlier mapping version made needs (strict deliveries refused every record without them)
+    assert fake_es.put_mappings == [("deepwatch-alerts", T.ALERT_SPREAD), ("deepwatch-deliveries", T.DELIVERY_STATE)]
+
     # a second worker starting: nothing re-created, "already exists" tolerated
     def creations() -> int:
-        return sum(1 for r in fake_es.requests if r.method == "PUT" and r.path.startswith("/deepwatch-"))
+        return sum(1 for r in fake_es.requests
+                   if r.method == "PUT" and r.path.startswith("/deepwatch-") and "/_mapping" not in r.path)
 
     assert creations() == 5
     s2 = _store(fake_es)
