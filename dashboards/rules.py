@@ -31,7 +31,7 @@ LOOP_SILENCE_MAX_S = int(LIVENESS_S)  # as the worker's own /healthz judges it
 # a held blob write retries with backoff up to 30 s (streams.stage.BLOB_RETRY_MAX_S): a minute is a
 # few failed tries, not a blip, and nothing is analysed meanwhile
 BLOB_HELD_MAX_S = 60
-# a held duplicate lookup retries on the same backoff (streams.stage.LOOKUP_RETRY_MAX_S)
+# a held duplicate lookup retries with the findings store's backoff (findings.retry_max_s, 30 s by default)
 LOOKUP_HELD_MAX_S = 60
 # of HTTP ingest requests (202 + 503): refused for the broker over 5 min / for the buffer budget over 10 min;
 # clients re-send on 503, so a blip is absorbed, a lasting share is events not getting in

@@ -238,9 +238,8 @@ class FindingsSettings(_Section):
     bulk_max_actions: int = Field(500, gt=0)  # a bulk request is sent at this many actions...
     bulk_max_bytes: int = Field(5 * 1024 * 1024, gt=0)  # ...or this many bytes of NDJSON...
     bulk_flush_s: float = Field(0.2, gt=0)  # ...or every this many seconds: how stale the store may be behind the stream
-    # while the store cannot answer for a reason that passes (a lock, a full disk; ES 429/5xx or unreachable),
-    # its writes and the duplicate lookup wait this long, doubling up to retry_max_s, never giving up
-    retry_initial_s: float = Field(0.5, gt=0)
+    # the store's writes and the duplicate lookup, while it cannot answer for a reason that passes
+    retry_initial_s: float = Field(0.5, gt=0)  # backoff on a lock, a full disk, ES 429/5xx; doubles to retry_max_s
     retry_max_s: float = Field(30.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     # `deepwatch search`, the desk's search and its queue's text filter: stopped past this, not held on to

@@ -37,8 +37,8 @@ own; ``deepwatch redeliver TARGET`` queues it again once the cause is fixed.
 
 A 429 or 503 with ``Retry-After`` (seconds or an HTTP date) is honoured: the
 next try waits that long, at most the hook's ``retry_after_max_s``; after the
-last try the target is left alone for that long (live deliveries fail at once
-as ``failed: ... Retry-After``, redelivery skips it) and redelivery sends
+last try the target is left alone for that long (live deliveries are recorded
+``failed`` at once, saying so, redelivery skips it) and redelivery sends
 them afterwards.
 
 ``deepwatch_webhook_deliveries_total{outcome}`` counts the outcome of every

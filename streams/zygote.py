@@ -230,8 +230,10 @@ def _sigint_ignored():
     its handler is back; ignored alone, it was discarded and the command went
     on as if never interrupted (a replay that outlived a Ctrl-C at start-up
     was seen twice). The zygote, started with it blocked, unblocks it in
-    ``serve``. Only the main thread may change signal handlers; elsewhere:
-    as is (and another thread may still take a Ctrl-C and lose it)."""
+    ``serve``. Held only while this process has no other thread (the
+    console script's ``prestart``): the mask is the calling thread's, and
+    another thread may take the Ctrl-C and lose it. Only the main thread may
+    change signal handlers; elsewhere: as is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
