@@ -348,13 +348,14 @@ def target(url: str) -> Target:
     return Target(parsed, host, port)
 
 
-async def pin(url: str, refuse: Callable[[str, list[IPAddress]], None], timeout_s: float = DNS_TIMEOUT_S) -> Pinned:
+async def pin(url: str | Target, refuse: Callable[[str, list[IPAddress]], None],
+              timeout_s: float = DNS_TIMEOUT_S) -> Pinned:
     """Resolve ``url``'s host once, let ``refuse`` raise the caller's own
     refusal of the addresses, and pin the request to the first one: a DNS
     answer that changes between the check and the connection (rebinding)
     cannot slip a refused address in. ``FetchError`` ``bad_url`` as
-    ``target``, ``dns_failure`` as ``resolve``."""
-    to = target(url)
+    ``target`` (for a URL not read yet), ``dns_failure`` as ``resolve``."""
+    to = url if isinstance(url, Target) else target(url)
     addrs = await resolve(to.host, to.port, timeout_s)
     refuse(to.host, addrs)
     return Pinned(url=to.url.copy_with(host=str(addrs[0])),
@@ -494,13 +495,14 @@ class ImageFetcher:
     async def _url_once(self, url: str) -> bytes:
         current = url
         for _hop in range(self.cfg.max_redirects + 1):
-            host = target(current).key
+            to = target(current)
+            host = to.key
             try:
                 self.breaker.check(host)
             except HostUnavailable as e:
                 raise FetchError("host_unavailable", e.detail) from None
             try:
-                data, location = await self._hop(current)
+                data, location = await self._hop(current, to)
             except FetchError as e:
                 if e.reason == "timeout":
                     self.breaker.timed_out(host)
@@ -521,15 +523,15 @@ class ImageFetcher:
             current = urljoin(current, location)
         raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects} redirects from {url}")
 
-    async def _hop(self, current: str) -> tuple[bytes | None, str]:
+    async def _hop(self, current: str, to: Target) -> tuple[bytes | None, str]:
         """One request: the image's bytes, or (None, the redirect's Location)."""
         refuse = _allow_any if self.cfg.allow_private_networks else refuse_private
-        pinned = await pin(current, refuse)
+        pinned = await pin(to, refuse)
         # User info in an image URL is never sent on (it was not before pinning either).
-        target = pinned.url.copy_with(username=None, password=None, fragment=None)
+        sent = pinned.url.copy_with(username=None, password=None, fragment=None)
         try:
             async with self._client.stream(
-                "GET", target, headers={"Host": pinned.host_header},
+                "GET", sent, headers={"Host": pinned.host_header},
                 extensions={"sni_hostname": pinned.sni},
             ) as resp:
                 if resp.status_code in _REDIRECTS:
