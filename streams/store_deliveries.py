@@ -6,6 +6,7 @@ Rows are read by their ``state`` (``streams.findings.DeliveryState``); the
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
@@ -132,11 +133,9 @@ class DeliveryLog:
 
 def _of_alerts(db: sqlite3.Connection, sql: str, args: list[Any], alert_ids: list[str] | None) -> list[Any]:
     """The rows of ``sql`` (a query with a WHERE clause): all of them, or
-    those of ``alert_ids`` when given."""
+    those of ``alert_ids`` when given (one JSON parameter, as the store's
+    other id lists: no bound on how many)."""
     if alert_ids is None:
         return db.execute(sql, args).fetchall()
-    ids, rows = list(alert_ids), []
-    for i in range(0, len(ids), 500):  # within SQLite's bound on parameters
-        chunk = ids[i:i + 500]
-        rows += db.execute(f"{sql} AND alert_id IN ({','.join('?' * len(chunk))})", [*args, *chunk]).fetchall()
-    return rows
+    return db.execute(f"{sql} AND alert_id IN (SELECT value FROM json_each(?))",
+                      [*args, json.dumps(list(alert_ids))]).fetchall()
