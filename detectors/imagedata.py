@@ -309,6 +309,18 @@ def _eight_bit(img: Image.Image) -> Image.Image:
     return img
 
 
+def ignore_pillow_warnings() -> None:
+    """Silence Pillow's warnings for the whole process.
+
+    They are about one input (a corrupt EXIF block, an image over Pillow's own
+    pixel limit), and that input's result already says what matters: a
+    rejection, a note, a score. The ``catch_warnings`` blocks below are not
+    enough where several threads decode: it swaps the process's one filter
+    list, so a thread leaving its block restores the filters another thread's
+    block relied on, and that thread's warning is printed."""
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+
+
 def _open_image(data: bytes) -> Image.Image:
     """Pillow's lazy open of ``data``, among the accepted formats only."""
     with warnings.catch_warnings():

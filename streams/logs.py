@@ -160,5 +160,8 @@ def setup(level: str = "INFO", fmt: str = "json", stream=sys.stderr) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # A warning module writes straight to stderr, which is this log: as a
+    # record it keeps the log's format (one JSON object per line) and its throttle
+    logging.captureWarnings(True)
     for noisy in ("aiokafka", "kafka", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

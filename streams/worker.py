@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from detectors.imagedata import ignore_pillow_warnings
 from streams import logs, metrics
 from streams.settings import Settings, load_settings
 from streams.topics import PIPELINE_ROLES, ROLES
@@ -36,6 +37,7 @@ def faust_broker_url(settings: Settings) -> str:
 
 def run(settings: Settings, role: str, nice_after_load: int | None = None) -> None:
     logs.setup(settings.log_level, settings.log_format)
+    ignore_pillow_warnings()  # analyze threads decode at once (the docstring says why)
     if role in PIPELINE_ROLES:
         # The event loop thread runs the consumer, the sends and the single
         # cluster writer; analyze threads hashing images would otherwise keep

@@ -29,6 +29,7 @@ from detectors.imagedata import (
     DecodeLimits,
     ImageData,
     ImageRejected,
+    ignore_pillow_warnings,
     jpeg_multi_scan,
     jpeg_scan_count,
 )
@@ -225,6 +226,25 @@ def test_pillow_bomb_warning_is_not_raised_our_limits_decide() -> None:
         with pytest.raises(ImageRejected) as e:
             ImageData(bomb, limits=DecodeLimits(max_pixels=50_000_000))
     assert image.size == (12_000, 8_000) and e.value.reason == "decompression_bomb"
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_pillow_warnings_stay_off_once_ignored_whatever_another_thread_restores() -> None:
+    # ``catch_warnings`` swaps one process-wide filter list: an analyze thread
+    # leaving its block restores the list another thread's block relied on,
+    # and that thread's bomb warning reached the worker's log (CI). Leaving
+    # the blocks in any order cannot undo the process-wide filter.
+    bomb = gif_canvas_bomb()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ignore_pillow_warnings()
+        first, second = warnings.catch_warnings(), warnings.catch_warnings()
+        first.__enter__()
+        warnings.simplefilter("ignore")
+        second.__enter__()  # saves the first block's "ignore"
+        first.__exit__(None, None, None)  # the first thread done: its saved list is back
+        Image.open(io.BytesIO(bomb))  # the second thread, still in its block, reads a bomb
+        second.__exit__(None, None, None)
     assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
 
 

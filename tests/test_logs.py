@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 
 import pytest
 
@@ -38,6 +39,7 @@ def logged():
         return [json.loads(line) for line in buf.getvalue().splitlines()]
 
     yield lines, clock, handler
+    logging.captureWarnings(False)
     root.handlers[:] = saved_handlers
     root.setLevel(saved_level)
     for n, level in saved_levels.items():
@@ -99,6 +101,18 @@ def test_the_windows_kept_are_bounded(logged):
     summaries = [d for d in out if "repeats" in d]
     assert len(firsts) == 5000  # distinct messages all written
     assert len(summaries) == 5000 - logs.THROTTLE_MAX_KEYS and all(d["repeats"] == 1 for d in summaries)
+
+
+def test_a_warning_from_a_library_is_a_json_line_not_raw_stderr(logged):
+    # CI: Pillow's DecompressionBombWarning, printed by the warnings module
+    # itself, was the one line of a worker log a log shipper could not parse
+    lines, _, _ = logged
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("Image size (96000000 pixels) exceeds limit", UserWarning)
+    [line] = lines()
+    assert line["logger"] == "py.warnings" and line["level"] == "warning"
+    assert "UserWarning: Image size (96000000 pixels) exceeds limit" in line["msg"]
 
 
 def test_the_console_format_is_throttled_too():

@@ -38,7 +38,7 @@ from rich.table import Table
 
 from detectors.base import Detector, create_all
 from detectors.fusion import fuse
-from detectors.imagedata import DecodeLimits, ImageData, ImageRejected
+from detectors.imagedata import DecodeLimits, ImageData, ImageRejected, ignore_pillow_warnings
 from detectors.regular_file import FileRefused, special_kind
 from streams.cli.app import app
 from streams.cli.common import UserError, check_banks, fail, settings_from
@@ -221,12 +221,9 @@ def detect(
     (C2PA, XMP, generator metadata, stealth metadata, invisible watermark) and
     the configured learned models (by default the packaged pixel probe). Undecodable files are reported with an `error`
     and skipped; the exit status is 1 only if every file failed."""
-    import warnings
-
     # Pillow warns on stderr about a corrupt file ("Corrupt EXIF data") that
-    # the JSON already reports as that file's error; deepwatch's own output is
-    # not a warning, so nothing of ours is hidden.
-    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    # the JSON already reports as that file's error
+    ignore_pillow_warnings()
     err = Console(stderr=True)
     check_device(device)
     files = expand_inputs(paths)
