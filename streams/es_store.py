@@ -332,16 +332,15 @@ class EsFindingsStore:
         return [b["key"]["key"] for b in self._composite(self.names["deliveries"], {"match_all": {}}, "target", {},
                                                          ACCOUNT_PAGE)]
 
-    def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None, *,
-                           states: tuple[DeliveryState, ...] = (DeliveryState.REJECTED,)) -> int:
-        """Deliveries to ``target`` in ``states`` (all of them, or of
+    def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None) -> int:
+        """Rejected deliveries to ``target`` (all of them, or of
         ``alert_ids``) made ``failed`` again, so the next redelivery round
         sends them (``deepwatch redeliver``). Returns how many."""
         self.ensure_setup()
         queries = ([{"term": {"target": target}}] if alert_ids is None else
                    [{"bool": {"filter": [{"term": {"target": target}}, {"terms": {"alert_id": alert_ids[i:i + PAGE]}}]}}
                     for i in range(0, len(alert_ids), PAGE)])
-        picked = [found for q in queries for found in self._deliveries(q, states)]
+        picked = [found for q in queries for found in self._deliveries(q, (DeliveryState.REJECTED,))]
         for i in range(0, len(picked), PAGE):
             self.bulk.send([self._delivery_action(alert_id, target, DeliveryState.FAILED, requeued_detail(d))
                             for alert_id, d in picked[i:i + PAGE]])

@@ -665,10 +665,9 @@ class FindingsStore(Protocol):
         """target -> {queued, failed, rejected: deliveries in that state}."""
         ...
     def delivery_targets(self) -> list[str]: ...
-    def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None, *,
-                           states: tuple[DeliveryState, ...] = (DeliveryState.REJECTED,)) -> int:
-        """Deliveries to ``target`` in ``states`` made ``failed`` again (the
-        next redelivery round sends them); how many."""
+    def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None) -> int:
+        """Rejected deliveries to ``target`` made ``failed`` again (the next
+        redelivery round sends them); how many."""
         ...
     def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[DeliveryRecord]]:
         """alert id -> its deliveries, by time then target, for `deepwatch

@@ -71,15 +71,13 @@ class DeliveryLog:
         """Every target a delivery was recorded for (its key)."""
         return [t for t, in self._db.execute("SELECT DISTINCT target FROM deliveries ORDER BY target")]
 
-    def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None, *,
-                           states: tuple[DeliveryState, ...] = (DeliveryState.REJECTED,)) -> int:
-        """Deliveries to ``target`` in ``states`` (all of them, or of
+    def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None) -> int:
+        """Rejected deliveries to ``target`` (all of them, or of
         ``alert_ids``) made ``failed`` again, so the next redelivery round
         sends them (``deepwatch redeliver``). Returns how many."""
         with self._tx() as db:
-            rows = _of_alerts(db, "SELECT alert_id, state, status, at FROM deliveries "
-                                  f"WHERE target=? AND state IN ({','.join('?' * len(states))})",
-                              [target, *(s.value for s in states)], alert_ids)
+            rows = _of_alerts(db, "SELECT alert_id, state, status, at FROM deliveries WHERE target=? AND state=?",
+                              [target, DeliveryState.REJECTED.value], alert_ids)
             db.executemany(
                 "UPDATE deliveries SET state=?, status=?, at=strftime('%Y-%m-%dT%H:%M:%fZ','now') "
                 "WHERE alert_id=? AND target=?",
