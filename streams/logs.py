@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -160,8 +161,26 @@ def setup(level: str = "INFO", fmt: str = "json", stream=sys.stderr) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # A warning module writes straight to stderr, which is this log: as a
-    # record it keeps the log's format (one JSON object per line) and its throttle
-    logging.captureWarnings(True)
     for noisy in ("aiokafka", "kafka", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # The warnings module and the hooks for an exception no one can catch (in
+    # a thread, or raised by a finalizer: "Exception ignored in ...") write
+    # straight to stderr, which is this log: as records they keep its format
+    # (one JSON object per line) and its throttle, and `last_error` sees them
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_exception
+    sys.unraisablehook = _log_unraisable
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # as the default hook: a thread's way to end
+    name = args.thread.name if args.thread is not None else "unknown"
+    logging.getLogger(__name__).error("uncaught exception in thread %s", name,
+                                      exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _log_unraisable(args: "sys.UnraisableHookArgs") -> None:
+    what = args.err_msg or "Exception ignored in"
+    logging.getLogger(__name__).error("%s: %r", what, args.object,
+                                      exc_info=(args.exc_type, args.exc_value, args.exc_traceback))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
+import threading
 import warnings
 
 import pytest
@@ -40,6 +42,7 @@ def logged():
 
     yield lines, clock, handler
     logging.captureWarnings(False)
+    threading.excepthook, sys.unraisablehook = threading.__excepthook__, sys.__unraisablehook__
     root.handlers[:] = saved_handlers
     root.setLevel(saved_level)
     for n, level in saved_levels.items():
@@ -113,6 +116,28 @@ def test_a_warning_from_a_library_is_a_json_line_not_raw_stderr(logged):
     [line] = lines()
     assert line["logger"] == "py.warnings" and line["level"] == "warning"
     assert "UserWarning: Image size (96000000 pixels) exceeds limit" in line["msg"]
+
+
+def test_an_exception_no_one_catches_is_a_json_error_line(logged):
+    lines, _, _ = logged
+
+    def boom():
+        raise RuntimeError("analyze thread broke")
+
+    t = threading.Thread(target=boom, name="analyze-3")
+    t.start()
+    t.join()
+
+    class Finalizer:
+        def __del__(self):
+            raise ValueError("close failed")
+
+    Finalizer()  # its __del__ raises where nothing can catch it
+    thread, unraisable = lines()
+    assert thread["level"] == "error" and thread["msg"] == "uncaught exception in thread analyze-3"
+    assert "RuntimeError: analyze thread broke" in thread["exc"]
+    assert unraisable["level"] == "error" and "Exception ignored in" in unraisable["msg"]
+    assert "ValueError: close failed" in unraisable["exc"]
 
 
 def test_the_console_format_is_throttled_too():
