@@ -16,7 +16,6 @@ import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -310,22 +309,43 @@ def _eight_bit(img: Image.Image) -> Image.Image:
 
 
 def ignore_pillow_warnings() -> None:
-    """Silence Pillow's warnings for the whole process.
+    """Silence Pillow's warnings for the whole process: each program that
+    decodes calls this once at start.
 
     They are about one input (a corrupt EXIF block, an image over Pillow's own
-    pixel limit), and that input's result already says what matters: a
-    rejection, a note, a score. The ``catch_warnings`` blocks below are not
-    enough where several threads decode: it swaps the process's one filter
-    list, so a thread leaving its block restores the filters another thread's
-    block relied on, and that thread's warning is printed."""
+    pixel limit, a palette's transparency), and that input's result already
+    says what matters: a rejection, a note, a score. Not ``catch_warnings``
+    around each decode: it swaps the process's one filter list, so where
+    threads decode at once a thread leaving its block restores the list
+    another thread's block relied on (that thread's warning is printed), or
+    leaves the other block's "ignore" in place for good."""
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+
+
+class _cached:
+    """``functools.cached_property`` as Python 3.12 has it. In 3.11 it holds
+    one lock per class, not per instance: every image's decode in the process
+    waited for every other's, and the event loop's inline analysis of a small
+    picture for a thread decoding a large one. Two threads asking one image at
+    once may both compute; the value is the same."""
+
+    def __init__(self, func):
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
 
 
 def _open_image(data: bytes) -> Image.Image:
     """Pillow's lazy open of ``data``, among the accepted formats only."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(data), formats=_open_formats())
+    return Image.open(io.BytesIO(data), formats=_open_formats())
 
 
 class ImageData:
@@ -336,7 +356,7 @@ class ImageData:
         """``sha256``: the digest of ``data`` if the caller already took it."""
         self.data = data
         if sha256 is not None:
-            self.__dict__["sha256"] = sha256  # the cached_property's slot
+            self.__dict__["sha256"] = sha256  # the cached value's slot
         self.path = path
         self.limits = limits or DecodeLimits()
         if len(data) == 0:
@@ -377,7 +397,7 @@ class ImageData:
             raise
         return cls(data, path=str(path), limits=limits)
 
-    @cached_property
+    @_cached
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
@@ -457,27 +477,25 @@ class ImageData:
             w, h = img.size
             img.draft(img.mode, (w // self._reduce, h // self._reduce))
         try:
-            with warnings.catch_warnings():  # palette-transparency warnings: irrelevant to analysis
-                warnings.simplefilter("ignore")
-                try:
-                    img.load()
-                except ValueError:
-                    # Text chunks after the pixels are read by load(), not open()
-                    if img.format != "PNG" or not self._strip_png_text():
-                        raise
-                    img = self.open()
-                    img.load()
-                # In place and no same-mode convert: each copy of a full-size
-                # decode is as large as the decode itself, and none of them is
-                # in the budget (``decode_cost`` counts one image).
-                if oriented:
-                    ImageOps.exif_transpose(img, in_place=True)
-                if img.mode != mode:
-                    return _eight_bit(img).convert(mode)
-                # The pixels without the file object: a decoder can hold a
-                # buffer as large as the image (WebP keeps its canvas and the
-                # frame it returned) for as long as the file object lives.
-                return img._new(img.im)
+            try:
+                img.load()
+            except ValueError:
+                # Text chunks after the pixels are read by load(), not open()
+                if img.format != "PNG" or not self._strip_png_text():
+                    raise
+                img = self.open()
+                img.load()
+            # In place and no same-mode convert: each copy of a full-size
+            # decode is as large as the decode itself, and none of them is
+            # in the budget (``decode_cost`` counts one image).
+            if oriented:
+                ImageOps.exif_transpose(img, in_place=True)
+            if img.mode != mode:
+                return _eight_bit(img).convert(mode)
+            # The pixels without the file object: a decoder can hold a
+            # buffer as large as the image (WebP keeps its canvas and the
+            # frame it returned) for as long as the file object lives.
+            return img._new(img.im)
         except Exception as e:
             raise ImageRejected("undecodable", f"image data is truncated or corrupt: {e}") from e
 
@@ -489,7 +507,7 @@ class ImageData:
             return self.rgb
         return self._decode(self.open(), mode, oriented=oriented)
 
-    @cached_property
+    @_cached
     def orientation(self) -> int:
         try:
             return int(self._exif().get(0x0112, 1) or 1)
@@ -512,7 +530,7 @@ class ImageData:
                 break
         return exif
 
-    @cached_property
+    @_cached
     def rgb(self) -> Image.Image:
         """Full-resolution RGB, EXIF orientation applied."""
         return self._decode(self.open())
@@ -545,6 +563,6 @@ class ImageData:
         self._thumbs[min_side] = out
         return out
 
-    @cached_property
+    @_cached
     def _thumbs(self) -> dict[int, Image.Image]:
         return {}

@@ -41,7 +41,6 @@ import io
 import logging
 import threading
 import time
-import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -430,11 +429,9 @@ class AnalyzeStage:
         if png_chunks_over(data, MAX_INLINE_PNG_CHUNKS):
             return False
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a decompression-bomb warning is for the thread to raise
-                with Image.open(io.BytesIO(data)) as img:
-                    w, h = img.size
-                    fmt = img.format
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                fmt = img.format
         except Exception:  # noqa: BLE001 - judged (and rejected) in the thread
             return False
         if fmt == "JPEG" and jpeg_multi_scan(data):

@@ -222,6 +222,7 @@ def test_pillow_bomb_warning_is_not_raised_our_limits_decide() -> None:
     bomb = gif_canvas_bomb()  # 96 MP: over Pillow's warning threshold, under our default pixel cap
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        ignore_pillow_warnings()  # as every program that decodes does at start
         image = ImageData(bomb, limits=DecodeLimits(max_decode_bytes=1 << 30))
         with pytest.raises(ImageRejected) as e:
             ImageData(bomb, limits=DecodeLimits(max_pixels=50_000_000))
@@ -246,6 +247,35 @@ def test_pillow_warnings_stay_off_once_ignored_whatever_another_thread_restores(
         Image.open(io.BytesIO(bomb))  # the second thread, still in its block, reads a bomb
         second.__exit__(None, None, None)
     assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_a_decode_in_one_thread_does_not_hold_up_another_images(monkeypatch) -> None:
+    # Python 3.11's functools.cached_property locks per class: the event loop's
+    # inline decode of a small picture waited for a thread decoding a large one
+    slow, quick = ImageData(_png((64, 64))), ImageData(_png())
+    started, release = threading.Event(), threading.Event()
+    real = ImageData._decode
+
+    def decode(self, img, *args, **kwargs):
+        if self is slow:
+            started.set()
+            release.wait(20)
+        return real(self, img, *args, **kwargs)
+
+    monkeypatch.setattr(ImageData, "_decode", decode)
+    held = threading.Thread(target=lambda: slow.rgb)
+    held.start()
+    try:
+        assert started.wait(10)
+        sizes: list[tuple[int, int]] = []
+        other = threading.Thread(target=lambda: sizes.append(quick.rgb.size), daemon=True)
+        other.start()
+        other.join(5)
+        assert sizes == [(16, 16)], "the second image waited for the first one's decode"
+    finally:
+        release.set()
+        held.join(10)
+    assert slow.rgb.size == (64, 64)
 
 
 # -- paths that are not regular files -------------------------------------

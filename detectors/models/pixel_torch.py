@@ -73,10 +73,14 @@ def export_onnx(module: torch.nn.Module) -> bytes | None:
     import io
     import warnings
 
+    # The exporter's constant-folding chatter, not a problem. For the whole
+    # process, not a catch_warnings block: that swaps the one filter list
+    # that threads decoding meanwhile rely on (``ignore_pillow_warnings``).
+    warnings.filterwarnings("ignore", module=r"torch\.onnx")
+    warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
     buf = io.BytesIO()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's shape-inference chatter, not a problem
+        with torch.no_grad():
             torch.onnx.export(module, torch.zeros(2, 3, CROP, CROP), buf, input_names=["x"],
                               output_names=["head_mean", "head_std", "blocks"], dynamic_axes={"x": {0: "n"}},
                               opset_version=ONNX_OPSET, dynamo=False)

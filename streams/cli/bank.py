@@ -97,8 +97,9 @@ def add(
 
     All or nothing: if any file is not an image deepwatch can read, each bad
     file is named and nothing is added, unless --skip-bad adds the rest."""
-    from detectors.imagedata import ImageData, ImageRejected
+    from detectors.imagedata import ImageData, ImageRejected, ignore_pillow_warnings
 
+    ignore_pillow_warnings()  # a file Pillow warns about is named in the one line that says what is wrong
     _check_verdict(verdict)
     files = _expand(paths)
     settings = _settings(data_dir)
@@ -198,7 +199,7 @@ def similar(
     store_url: Optional[str] = typer.Option(None, "--store", callback=check_store_option, help="Findings store: es://HOST:9200 or https://HOST:9200 (bit-vector kNN); default the SQLite file in --data-dir."),
 ) -> None:
     """Clusters and bank entries showing the same picture as IMAGE, nearest first."""
-    from detectors.imagedata import ImageData, ImageRejected
+    from detectors.imagedata import ImageData, ImageRejected, ignore_pillow_warnings
     from streams import similar as lookup
     from streams.es_client import EsError
     from streams.findings import StoreURLError, open_findings, sqlite_file
@@ -206,6 +207,7 @@ def similar(
     if fmt not in ("table", "json"):
         raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
     settings = _settings(data_dir)
+    ignore_pillow_warnings()  # what is wrong with IMAGE is the one line below
     try:  # under the configured decode limits, as `detect` and the pipeline read images
         picture = lookup.picture_of(ImageData.from_path(image, limits=settings.decode_limits()))
     except ImageRejected as e:

@@ -30,6 +30,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from detectors.imagedata import ignore_pillow_warnings
 from detectors.netaddr import is_loopback
 from streams import similar
 from streams.desk import observe, views
@@ -216,6 +217,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         # Desk alerts go through the sinks: make them write to the store the desk reads.
         settings = settings.model_copy(deep=True)
         settings.findings.url = store_url
+    ignore_pillow_warnings()  # thumbnails and lookups decode in the threadpool, at once
     desk = Desk(settings, host, _open_store(settings))
 
     @contextlib.asynccontextmanager
