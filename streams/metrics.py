@@ -5,13 +5,17 @@ with dashboards/ and the alert rules."""
 from __future__ import annotations
 
 import errno
+import logging
 import socket
+import sys
 import threading
 import time
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+
+log = logging.getLogger(__name__)
 
 EVENTS = Counter("deepwatch_events_total", "Events handled, by stage and outcome", ["stage", "outcome"])
 DEAD_LETTERS = Counter("deepwatch_dead_letters_total", "Events sent to the dead-letter topic", ["stage", "reason"])
@@ -86,11 +90,50 @@ def liveness() -> tuple[int, str]:
     return 200, f"ok: event loop beat {age:.1f} s ago"
 
 
-class _IPv6Server(ThreadingWSGIServer):
+# A thread per connection: at most this many at once, each waiting at most
+# IDLE_S for its client's bytes, so clients that connect and stay silent (or
+# trickle) cannot pin threads and descriptors without bound. Past the cap a
+# connection is closed at once; Prometheus and probes use one or two.
+MAX_CONNECTIONS = 64
+IDLE_S = 10.0
+
+
+class _Server(ThreadingWSGIServer):
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: none will give the slot back
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        # socketserver prints the traceback to stderr (the process's JSON log)
+        error = sys.exc_info()[1]
+        if isinstance(error, (TimeoutError, ConnectionError)):  # a client silent past IDLE_S, or gone
+            return
+        log.warning("metrics request from %s failed", client_address[0], exc_info=True)
+
+
+class _IPv6Server(_Server):
     address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = IDLE_S  # per read and write of the connection's socket
+
     def log_message(self, format: str, *args: object) -> None:  # probes every few seconds: not log lines
         pass
 
@@ -114,7 +157,7 @@ def serve(port: int, host: str | None = None) -> int:
 
     try:
         bind = host or ("127.0.0.1" if port == 0 else "0.0.0.0")
-        server_class = _IPv6Server if ":" in bind else ThreadingWSGIServer  # the desk may listen on ::1
+        server_class = _IPv6Server if ":" in bind else _Server  # the desk may listen on ::1
         server = make_server(bind.strip("[]"), port, app, server_class, handler_class=_QuietHandler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:

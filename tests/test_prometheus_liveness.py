@@ -4,6 +4,7 @@ probe on /metrics never restarts a hung worker."""
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +36,23 @@ def test_healthz_turns_503_when_the_loop_stops_beating(monkeypatch):
     assert status == 503 and "silent" in text
     status, text = _get(port, "/metrics")  # the metrics themselves still answer
     assert status == 200 and "deepwatch_loop_heartbeat_timestamp_seconds" in text
+
+
+def test_silent_clients_neither_pin_threads_nor_keep_the_scrape_out(monkeypatch, capfd):
+    monkeypatch.setattr(metrics, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(metrics._QuietHandler, "timeout", 2.0)
+    port = metrics.serve(0)
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+    started = time.monotonic()
+    assert extra.recv(1) == b""  # past the cap: closed at once
+    assert time.monotonic() - started < 1.5
+    for s in silent:
+        assert s.recv(1) == b""  # closed once silent past the idle limit
+        s.close()
+    extra.close()
+    assert _get(port, "/metrics")[0] == 200  # the slots came back
+    assert "Traceback" not in capfd.readouterr().err  # a silent client is not an error on the log
 
 
 @pytest.mark.slow
