@@ -187,20 +187,31 @@ def local_peak(a: Image.Image, a_box: Box, b: Image.Image, b_box: Box, *, a_cont
     return float(local.max())
 
 
+def _nbytes(im: Image.Image | None) -> int:
+    """Pixel bytes a cached image holds (grey: one a pixel); 0 for None."""
+    return 0 if im is None else im.width * im.height * len(im.getbands())
+
+
 @dataclass
 class EditCheck:
     """``local_peak`` for members by sha256, through a ``PixelSource``, with
-    a small LRU of decoded images (representatives come back often) and of
-    answers. ``runs``/``seconds``: how often and how long it compared."""
+    a small LRU of decoded images (representatives come back often; at most
+    ``max_images`` of them and ``max_image_bytes`` of pixels) and of answers.
+    ``runs``/``seconds``: how often and how long it compared."""
 
     source: PixelSource
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     threshold: float = EDIT_PEAK
-    max_images: int = 256  # ~90 KB each
+    max_images: int = 256  # ~90 KB each for a usual picture (256 x ~350 grey)
+    # ``grey`` bounds only the short side: a 16384 x 256 strip is 4 MB, and 256
+    # of them 1 GB in a long-running worker. The count alone does not bound
+    # memory; this does, at what the count means for usual pictures.
+    max_image_bytes: int = 256 * 90 * 1024
     max_answers: int = 4096
     runs: int = 0
     seconds: float = 0.0
     _images: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _image_bytes: int = field(default=0, repr=False)
     _answers: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     def image(self, sha256: str) -> Image.Image | None:
@@ -213,8 +224,12 @@ class EditCheck:
         except ImageRejected:
             im = None  # the stage already refused such bytes; here: no pixels, today's rule
         self._images[sha256] = im
-        if len(self._images) > self.max_images:
-            self._images.popitem(last=False)
+        self._image_bytes += _nbytes(im)
+        # oldest out until both bounds hold (the newest may go too: the
+        # caller has it, and a later ask decodes the same pixels again)
+        while self._images and (len(self._images) > self.max_images or self._image_bytes > self.max_image_bytes):
+            _, gone = self._images.popitem(last=False)
+            self._image_bytes -= _nbytes(gone)
         return im
 
     def is_edit(self, a_sha: str, a_box: Box, a_content: Box | None, b_sha: str, b_box: Box,
