@@ -54,6 +54,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import itertools
 import logging
 import math
 import re
@@ -278,7 +279,10 @@ class ClusterEngine:
         self.pixels = pixels
         self.index = self._new_index()
         self.models_enabled = bool(settings.detect.models)
-        self.cold = self._new_index()  # hashes of evicted clusters only: 8-40 bytes a member, not their state
+        self.cold = self._new_index()  # hashes of evicted clusters only, not their state
+        # its clusters, the longest evicted first: at most dedupe.cold_max_clusters
+        # are kept, or memory would grow with every picture ever seen
+        self._cold_order: dict[str, None] = {}
         self.max_event_time = 0.0
         self._ops_since_sweep = 0
         # merges a crash left half-written, found by ``rebuild``: (merged cluster, survivor)
@@ -303,12 +307,31 @@ class ClusterEngine:
             state = get(cid)
             if state is not None:
                 self.add_cold(cid, state.members)
+        self.trim_cold()
         return evicted
 
     def add_cold(self, cluster_id: str, members: Iterable[Member]) -> None:
+        """Index an evicted cluster's hashes in the cold index (``trim_cold``
+        keeps it within its bound)."""
         for m in members:
             self.cold.add(cluster_id, m.sha256, _member_hashes(m), representative=m.representative,
                           founder=m.representative and m.distance is None)
+        self._cold_order.pop(cluster_id, None)
+        self._cold_order[cluster_id] = None
+
+    def trim_cold(self) -> None:
+        """Drop the longest-evicted clusters past ``dedupe.cold_max_clusters``
+        from the cold index, all in one removal (each removal scans the hash
+        indexes once)."""
+        excess = len(self._cold_order) - self.settings.dedupe.cold_max_clusters
+        if excess <= 0:
+            return
+        oldest = list(itertools.islice(self._cold_order, excess))
+        for cid in oldest:
+            del self._cold_order[cid]
+        self.cold.remove_clusters(oldest)
+        log.info("cold index full: the longest-evicted clusters dropped (a picture of theirs that returns founds a "
+                 "new cluster)", extra={"dropped": excess, "kept": len(self._cold_order)})
 
     def _revive(self, s: Sighting, get: Getter) -> None:
         """A picture of an evicted cluster is back: put the cluster (its state
@@ -326,6 +349,7 @@ class ClusterEngine:
         for match in matches:
             state = get(match.cluster_id)
             self.cold.remove_cluster(match.cluster_id)
+            self._cold_order.pop(match.cluster_id, None)
             if state is None or state.merged_into:
                 continue
             # at event time, as every index timestamp: a copy dated ahead must

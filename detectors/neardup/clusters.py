@@ -1086,6 +1086,10 @@ class ClusterIndex:
     def remove_cluster(self, cluster_id: str) -> None:
         self._remove([cluster_id])
 
+    def remove_clusters(self, cluster_ids: list[str]) -> None:
+        """``remove_cluster`` of each, in one pass over the hash indexes."""
+        self._remove(cluster_ids)
+
     def evict_older_than(self, ts: float) -> list[str]:
         """Drop clusters not seen since ``ts`` (no timestamp counts as old); returns
         their ids, sorted, so the caller can archive them (``streams.engine_state``)."""
