@@ -8,6 +8,7 @@ oversized canvas) stays in the blob store.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import threading
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from streams.blobstore import DirectoryBlobStore
+
+log = logging.getLogger(__name__)
 
 
 class ThumbError(Exception):
@@ -47,12 +50,28 @@ class Thumbnails:
         self.misses += 1
         data = self._make(sha256, px)
         tmp = path.with_suffix(f".tmp{threading.get_ident()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        with self._lock:
-            self._size += len(data)
-            if self._size > self.max_bytes:
-                self._evict()
+        try:
+            tmp.write_bytes(data)
+            # Two requests can miss the same thumbnail at once and both rename
+            # onto it: count only what the rename adds over the file it
+            # replaces, under the lock so that no eviction runs in between.
+            with self._lock:
+                try:
+                    replaced = path.stat().st_size
+                except FileNotFoundError:
+                    replaced = 0
+                os.replace(tmp, path)
+                self._size += len(data) - replaced
+                if self._size > self.max_bytes:
+                    self._evict()
+        except BaseException as e:
+            # Temp files are neither counted nor evicted: a failed write
+            # (a full disk) must not leave one behind.
+            tmp.unlink(missing_ok=True)
+            if not isinstance(e, OSError):
+                raise
+            # the desk still shows the picture, made again at its next request
+            log.warning("thumbnail not cached: %s", e)
         return data
 
     def _make(self, sha256: str, px: int) -> bytes:
