@@ -78,15 +78,21 @@ class Verdicts:
         self._lock = asyncio.Lock()  # one verdict at a time: bank and overlay rewrites must not interleave
 
     async def record(self, cluster_id: str, body: VerdictIn, who: Principal) -> VerdictRecord:
+        # Store reads and SQLite writes in a thread: a cluster read may reload
+        # every finding (seconds on a big store, paged requests to
+        # Elasticsearch) or wait for a page's reload, and the desk database
+        # waits up to 30 s on a busy file; on the loop every desk request
+        # (/healthz too) would wait with it.
         async with self._lock:
-            doc = self.source.cluster(cluster_id)  # NotFound -> 404
+            doc = await asyncio.to_thread(self.source.cluster, cluster_id)  # NotFound -> 404
             if doc.get("merged_into"):
                 raise Conflict(f"cluster {cluster_id} was merged into {doc['merged_into']}; record the verdict there")
-            rec = self.desk.add_verdict(cluster_id, body.verdict, body.note, who.user, who.role, cluster_state(doc))
+            rec = await asyncio.to_thread(self.desk.add_verdict, cluster_id, body.verdict, body.note, who.user, who.role,
+                                          cluster_state(doc))
             effects = await asyncio.to_thread(self._banks_and_overlay, rec, doc)
-            self.source.invalidate()
+            await asyncio.to_thread(self.source.invalidate)  # takes the lock a page's reload holds
             effects["alerts"] = await self._alerts(rec, effects["clusters"])
-            self.desk.record_effects(rec.verdict_id, effects)
+            await asyncio.to_thread(self.desk.record_effects, rec.verdict_id, effects)
             rec.effects = effects
             return rec
 
@@ -167,7 +173,8 @@ class Verdicts:
         raised = []
         for cid in cluster_ids:
             try:
-                doc = self.source.cluster(cid)
+                # the first read after the verdict's invalidate() reloads every cluster: in a thread
+                doc = await asyncio.to_thread(self.source.cluster, cid)
             except LookupError:
                 continue
             desk = doc.get("desk") or {}
