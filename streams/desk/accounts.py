@@ -38,7 +38,7 @@ async def _check(settings: Settings, source: FindingsSource, desk: DeskDB, alert
     for a in windows:
         if a["ai_pictures"] < cfg.account_min_ai_pictures or a["ai_share"] < cfg.account_min_ai_share:
             continue
-        if desk.account_alerted(a["id"]):
+        if await asyncio.to_thread(desk.account_alerted, a["id"]):  # the desk database waits on a busy file
             continue
         detail = (f"account {a['id']} posted {a['ai_pictures']} likely-AI pictures of {a['pictures']} "
                   f"({a['ai_share']:.0%}) within {cfg.account_window_hours:g} h on {', '.join(a['platforms'])}")
@@ -52,6 +52,6 @@ async def _check(settings: Settings, source: FindingsSource, desk: DeskDB, alert
             account_id=a["id"],
         )
         await alerts.raise_alert(alert)
-        desk.mark_account_alerted(a["id"], alert.alert_id)
+        await asyncio.to_thread(desk.mark_account_alerted, a["id"], alert.alert_id)
         raised.append(alert.alert_id)
     return raised
