@@ -8,10 +8,13 @@ disk, so an exact repost costs a digest and a lookup, not a second decode.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,9 +55,14 @@ class Analyzer:
         # analysis is kept in memory too, not only read back from disk.
         self._recent = Recent(ANALYSES_REMEMBERED)
         self._banks_path = settings.banks_path
-        self._banks_mtime: float | None = None
+        self._banks_mtime: float | None = None  # of the file ``_banks`` was loaded from
         self._banks_checked = 0.0
-        self._banks = None
+        self._banks = None  # a loaded BankStore, swapped whole by the reload thread
+        # Reloads run one at a time in their own thread (``_refresh_banks``).
+        self._banks_lock = threading.Lock()
+        self._reloader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank-reload")
+        self._reload: Future | None = None
+        self._first_load = True  # until one load was tried, or the worker started with no bank file
 
     def knows(self, sha256: str) -> bool:
         """Whether these bytes were analysed by this process moments ago: their
@@ -69,13 +77,14 @@ class Analyzer:
         known = self._recent.get(sha256) or self._analyse(data, sha256)
         hashes, evidence = known.hashes, known.evidence
         self._refresh_banks()
-        if self._banks is not None:
-            evidence = [e for e in evidence if e.kind is not EvidenceKind.BANK] + self._bank_evidence(sha256, hashes)
+        banks = self._banks  # once: a reload may swap it meanwhile
+        if banks is not None:
+            evidence = [e for e in evidence if e.kind is not EvidenceKind.BANK] + self._bank_evidence(banks, sha256, hashes)
         light_event = event.model_copy(update={"image": _without_inline(event.image, sha256)})
         return Sighting(
             event=light_event, source=source, sha256=sha256,
             width=known.size[0], height=known.size[1], format=known.format,
-            hashes=hashes, evidence=evidence, banks_checked=self._banks is not None,
+            hashes=hashes, evidence=evidence, banks_checked=banks is not None,
         )
 
     def _analyse(self, data: bytes, sha256: str) -> Analysis:
@@ -110,20 +119,56 @@ class Analyzer:
         return known
 
     def _refresh_banks(self) -> None:
-        # Analysts add to banks while workers run (`deepwatch bank add`): pick
-        # up a changed bank file without a restart, looking at most every 2 s.
+        # Analysts add to banks while workers run (`deepwatch bank add`, every
+        # desk verdict): pick up a changed bank file without a restart,
+        # looking at most every 2 s. Loading a bank reads all of it (about 6 s
+        # per million entries) and waits out a writer's lock (SQLite's 5 s,
+        # then it raises): done in the reload thread, never on the event loop,
+        # which keeps matching against the banks it has until the new ones are
+        # loaded. A thread (a large picture's analysis) may block: it waits,
+        # and so sees the new banks at once, as before.
         now = time.monotonic()
-        if now - self._banks_checked < 2.0:
-            return
-        self._banks_checked = now
+        with self._banks_lock:
+            if now - self._banks_checked < 2.0:
+                return
+            self._banks_checked = now
+            try:
+                mtime = self._banks_path.stat().st_mtime
+            except FileNotFoundError:
+                self._banks, self._banks_mtime, self._first_load = None, None, False
+                return
+            if mtime == self._banks_mtime:
+                return
+            if self._reload is None or self._reload.done():  # one at a time; a failed one is tried again here
+                self._reload = self._reloader.submit(self._reload_banks, mtime)
+            reload = self._reload
+            # A worker that starts with a bank waits for its first load on the
+            # loop too (once, as it always did): it has no banks to answer
+            # from, and its first sightings would miss an allow-list.
+            wait = self._first_load or not _on_event_loop()
+        if wait:
+            reload.result()
+
+    def _reload_banks(self, mtime: float) -> None:
+        """In the reload thread: load the bank file, then swap it in whole."""
         try:
-            mtime = self._banks_path.stat().st_mtime
-        except FileNotFoundError:
-            self._banks = None
+            store = self.settings.bank_store()
+            try:
+                store.index()  # the whole read, here rather than in the first match
+            finally:
+                store.close()  # matching reads only the loaded index
+        except Exception as e:  # noqa: BLE001 - a bank being written (locked) or damaged is no event's fault
+            log.warning("bank reload failed; matching against the banks loaded before, tried again at the next check",
+                        extra={"path": str(self._banks_path), "error": f"{type(e).__name__}: {e}"})
+            with self._banks_lock:
+                self._first_load = False
             return
-        if mtime != self._banks_mtime:
-            self._banks = self.settings.bank_store()
-            self._banks_mtime = mtime
+        with self._banks_lock:
+            self._banks, self._banks_mtime, self._first_load = store, mtime, False
+
+    def bank_reload(self) -> Future | None:
+        """The bank reload under way or last run (None before any): tests wait on it."""
+        return self._reload
 
     def _detect(self, image: ImageData) -> list[Evidence]:
         found: list[Evidence] = []
@@ -136,11 +181,11 @@ class Analyzer:
                 log.exception("detector failed", extra={"detector": det.name, "sha256": image.sha256})
         return found
 
-    def _bank_evidence(self, sha256: str, hashes: ImageHashes) -> list[Evidence]:
+    def _bank_evidence(self, banks, sha256: str, hashes: ImageHashes) -> list[Evidence]:
         from detectors.banks import bank_evidence
 
         try:
-            return [e.model_copy(update={"sha256": sha256}) for e in bank_evidence(self._banks.match(hashes))]
+            return [e.model_copy(update={"sha256": sha256}) for e in bank_evidence(banks.match(hashes))]
         except Exception:
             log.exception("bank match failed", extra={"sha256": sha256})
             return []
@@ -194,6 +239,14 @@ def recorded_hashes(settings: Settings, sha256: str) -> ImageHashes | None:
         return compute_hashes(ImageData(DirectoryBlobStore(blob_root).get(sha256), limits=settings.decode_limits()))
     except (OSError, ImageRejected):
         return None
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _without_inline(ref: ImageRef, sha256: str) -> ImageRef:
