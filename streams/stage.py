@@ -11,8 +11,11 @@ events queued behind it) nor hold it: fetch has its own overall deadline
 loop itself: only local reads (regular files up to ``fetch.max_bytes``) and
 pictures up to ``batch.analyze_inline_max_pixels`` run there, a few
 milliseconds each (never a multi-scan JPEG nor a PNG of many chunks, whose
-decode cost their pixel count does not bound); anything larger is analysed in a
-thread the deadline covers.
+decode cost their pixel count does not bound; a picture decoded in full, as
+all but a plain JPEG are, only up to ``MAX_INLINE_FULL_DECODE_PIXELS``);
+anything larger is analysed in a thread the deadline covers. Nor does the loop
+wait on the findings store: a lookup finding it busy (``Serialized.if_free``)
+is made in a thread.
 
 Two failures are not the event's: a picture the blob store cannot write for
 a reason that passes (the disk full, a quota, EIO, a read-only remount), and
@@ -85,6 +88,20 @@ HELD_LOOKUPS = metrics.OldestWait(metrics.LOOKUP_HELD_SECONDS)
 # the inline byte cap.
 MAX_INLINE_PNG_CHUNKS = 1_000
 
+# Pixels a picture decoded in full may have to be analysed on the event loop
+# (``AnalyzeStage._small``): every format but JPEG (no reduced decode), and a
+# JPEG whose quantisation leaves an invisible watermark to look for
+# (``watermark.jpeg_erased_mark`` false: roughly quality >= 90), which the
+# watermark detector decodes at full size and transforms (a DWT over the top
+# band). Measured (Analyzer.analyze, one core, distinct files): a flat
+# 2000x2000 PNG of 16 kB took 220 ms, a 218-byte lossless WebP 260 ms, a GIF
+# 230-270 ms, a photo-like PNG 300 ms; at 1920x1080 75-110 ms; a 2000x1500 JPEG
+# at quality 95 145 ms. At 500x500 (this cap) 8-14 ms, 256x192 3 ms; a
+# plain JPEG (quality 85, draft decode, no watermark decode) 3-5 ms up to
+# 2000x2000, so it keeps the whole ``batch.analyze_inline_max_pixels``.
+# Without this, a feed of tiny distinct flat PNGs held the loop ~250 ms each.
+MAX_INLINE_FULL_DECODE_PIXELS = 250_000
+
 
 def png_chunks_over(data: bytes, limit: int) -> bool:
     """Whether ``data`` is a PNG with more than ``limit`` chunks up to its
@@ -145,6 +162,11 @@ def run_of(headers: Any) -> str | None:
     return None
 
 
+# ``Serialized.if_free``'s answer when the store is in use or not open yet:
+# nothing was asked; ask again where a wait holds no event loop (a thread).
+BUSY = object()
+
+
 class Serialized:
     """One store connection shared by threads, used by one thread at a time.
 
@@ -168,6 +190,22 @@ class Serialized:
                 return getattr(self._store, name)(*args, **kwargs)
 
         return call
+
+    def if_free(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """``name(*args, **kwargs)`` on the store if it can start at once (the
+        lock free, the store open), else ``BUSY`` without waiting. For the
+        event loop: a worker thread holds the lock through its call, which for
+        a write (``mark_processed``, a duplicate's accounting) may wait out
+        SQLite's 30 s busy_timeout while the sinks write, and opening the
+        store (its schema, WAL mode) can wait as long."""
+        if not self._lock.acquire(blocking=False):
+            return BUSY
+        try:
+            if self._store is None:
+                return BUSY
+            return getattr(self._store, name)(*args, **kwargs)
+        finally:
+            self._lock.release()
 
 
 def once(factory: Callable[[], Any]) -> Callable[[], Any]:
@@ -360,8 +398,9 @@ class AnalyzeStage:
             # 20-30% of a pipeline worker's CPU). Only with a local findings
             # store: the event id is looked up in the store (below), and an
             # Elasticsearch lookup is a network round trip, which must not
-            # hold the loop.
-            sighting, stored, held = self._blocking(ev, data, sha256, source)
+            # hold the loop. Nor may a wait for the store: the lookup is made
+            # here only if the store is free at once, else in a thread (below).
+            sighting, stored, held = self._blocking(ev, data, sha256, source, on_loop=True)
         else:
             # One thread hop for the blocking work of a large picture
             # (analysis, blob write, the store's answer on this event id), so
@@ -372,8 +411,9 @@ class AnalyzeStage:
         metrics.STAGE_SECONDS.labels("analyze").observe(time.perf_counter() - t1)
         if held is not None:
             await self._hold_blob(ev.event_id, data, sighting.sha256, held, slot, clock)
-            stored = await slot.to_thread(self._lookup, ev.event_id)
         self._stage = "dedupe"
+        if stored is BUSY:  # not asked yet (the blob held; the store busy for the loop): asked in a thread
+            stored = await slot.to_thread(self._lookup, ev.event_id)
         if may_pass(stored):
             stored = await self._hold_lookup(ev.event_id, stored, slot, clock)
         if isinstance(stored, BaseException):
@@ -422,33 +462,43 @@ class AnalyzeStage:
         (thousands in a few hundred kilobytes) cost libjpeg time its pixel
         count does not bound, and no deadline interrupts the loop. Nor is a
         PNG of more than ``MAX_INLINE_PNG_CHUNKS`` chunks, counted before
-        Pillow reads its header (which handles every chunk up to the pixels)."""
+        Pillow reads its header (which handles every chunk up to the pixels).
+        A picture decoded in full (any format but JPEG, and a JPEG whose
+        watermark check runs) only up to ``MAX_INLINE_FULL_DECODE_PIXELS``:
+        its cost per pixel is some 50 times a plain JPEG's."""
         cap = self.settings.batch.analyze_inline_max_pixels
         if cap <= 0 or len(data) > cap:  # compressed bytes above the pixel cap: large by any measure
             return False
         if png_chunks_over(data, MAX_INLINE_PNG_CHUNKS):
             return False
+        from detectors.plugins.watermark import jpeg_erased_mark  # cv2, pywt: not for every importer of ``once``
+
         try:
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
                 fmt = img.format
+                # decoded reduced, its watermark check skipped: cheap up to the whole cap
+                plain_jpeg = fmt == "JPEG" and jpeg_erased_mark(img)
         except Exception:  # noqa: BLE001 - judged (and rejected) in the thread
             return False
         if fmt == "JPEG" and jpeg_multi_scan(data):
             return False
-        return w * h <= cap
+        return w * h <= (cap if plain_jpeg else min(cap, MAX_INLINE_FULL_DECODE_PIXELS))
 
-    def _blocking(self, ev: Any, data: bytes, sha256: str | None, source: SourceRef) -> tuple[Sighting, Any, Any]:
+    def _blocking(self, ev: Any, data: bytes, sha256: str | None, source: SourceRef,
+                  on_loop: bool = False) -> tuple[Sighting, Any, Any]:
         """Analysis, blob write and the stored picture of this event id, on
-        the loop or in a worker thread (``sha256``: the digest of ``data`` if
-        already taken). A failing lookup is returned, not raised, so its dead
-        letter names the dedupe stage (or, failing for a reason that passes,
-        it is held: ``_hold_lookup``). The third item: the error of a blob
-        write that may pass (the event is held, ``_hold_blob``; the lookup is
-        left for then), else None."""
+        the loop (``on_loop``) or in a worker thread (``sha256``: the digest
+        of ``data`` if already taken). A failing lookup is returned, not
+        raised, so its dead letter names the dedupe stage (or, failing for a
+        reason that passes, it is held: ``_hold_lookup``); ``BUSY`` for one
+        not made (on the loop, the store busy; or the blob held), to be made
+        in a thread. The third item: the error of a blob write that may pass
+        (the event is held, ``_hold_blob``; the lookup is left for then), else
+        None."""
         sighting: Sighting = self.analyzer.analyze(ev, data, source, sha256)
         held = self._store_blob(data, sighting.sha256)
-        stored = self._lookup(ev.event_id) if held is None else None
+        stored = self._lookup(ev.event_id, wait=not on_loop) if held is None else BUSY
         return sighting, stored, held
 
     def _store_blob(self, data: bytes, sha256: str) -> OSError | None:
@@ -472,12 +522,17 @@ class AnalyzeStage:
         self._blobs.put(sha256)
         return None
 
-    def _lookup(self, event_id: str) -> Any:
-        with metrics.STAGE_SECONDS.labels("dedupe").time():
-            try:
-                return self._stored_sha(event_id)
-            except Exception as e:  # noqa: BLE001 - re-raised in the dedupe stage
-                return e
+    def _lookup(self, event_id: str, wait: bool = True) -> Any:
+        """The stored sha256 of the event id, or the error of the lookup;
+        ``BUSY`` when not ``wait`` and the shared store is in use."""
+        started = time.perf_counter()
+        try:
+            stored = self._stored_sha(event_id, wait)
+        except Exception as e:  # noqa: BLE001 - re-raised in the dedupe stage
+            stored = e
+        if stored is not BUSY:
+            metrics.STAGE_SECONDS.labels("dedupe").observe(time.perf_counter() - started)
+        return stored
 
     async def _held(self, event_id: str, failed: Any, again: Callable[[], Any], may_pass: Callable[[Any], bool],
                     slot: Slot, clock: asyncio.Timeout | None, *, holding: metrics.OldestWait, failures: Any,
@@ -565,8 +620,11 @@ class AnalyzeStage:
             self._store = self._store_factory()
         return self._store
 
-    def _stored_sha(self, event_id: str) -> str | None:
-        return self._db().sighting_sha256(event_id)
+    def _stored_sha(self, event_id: str, wait: bool = True) -> Any:
+        db = self._db()
+        if not wait and isinstance(db, Serialized):  # shared with threads that may hold it for seconds
+            return db.if_free("sighting_sha256", event_id)
+        return db.sighting_sha256(event_id)
 
     def mark_duplicate(self, source: SourceRef, event_id: str | None) -> None:
         self._db().mark_processed(source, "duplicate", event_id)
