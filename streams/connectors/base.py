@@ -287,6 +287,9 @@ class UrlPolicy:
 # Sinks and the emitter
 # --------------------------------------------------------------------------
 class Sink(Protocol):
+    # ``send``, ``dead_letter`` and ``flush`` may block (a broker that is down)
+    # and are called from worker threads (``Emitter``): one call at a time per
+    # emitter, but emitters sharing one sink call it concurrently.
     def send(self, event: ImageEvent) -> None: ...
     def dead_letter(self, dl: DeadLetter) -> None: ...
     def flush(self) -> None:
@@ -336,6 +339,14 @@ class Emitter:
         await self.maybe_checkpoint()
 
     async def emit(self, events: Iterable[ImageEvent]) -> None:
+        # Sends in a worker thread: kafka-python's ``send`` blocks up to
+        # ``max_block_ms`` (10 s) while it has no partitions for the topic (a
+        # broker back without its topics), which on the loop stalled every
+        # other connector of the process, the metrics beats and SIGTERM. Each
+        # is awaited before the next, so one connector's events keep their
+        # order. The hop costs 50-150 us an event (a connector still moves
+        # thousands a second); a frame maps to about one event, so batching
+        # per ``emit`` would not save it.
         for ev in events:
             if self.state.seen(ev.event_id):
                 self._event("duplicate")
@@ -343,7 +354,7 @@ class Emitter:
             refused = await self.policy.check(ev.image.url) if ev.image.url else None
             if refused is not None:
                 try:
-                    self.sink.dead_letter(DeadLetter(
+                    await asyncio.to_thread(self.sink.dead_letter, DeadLetter(
                         event_id=ev.event_id, stage="fetch", reason=refused.reason,
                         detail=f"refused by the {self.connector} connector: {refused.detail}",
                         payload_excerpt=ev.dumps()[:512].decode("utf-8", "replace"),
@@ -356,7 +367,7 @@ class Emitter:
                 self._event("refused")
             else:
                 try:
-                    self.sink.send(ev)
+                    await asyncio.to_thread(self.sink.send, ev)
                 except Exception as e:
                     self._rollback()
                     raise SinkError(f"{type(e).__name__}: {e}") from e

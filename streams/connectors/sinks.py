@@ -46,7 +46,12 @@ class KafkaSink:
     def _init_pending(self, keep_offsets: bool) -> None:
         self._futures: list = []
         self._dead_futures: list = []
-        self._lock = threading.Lock()  # flushes run in worker threads while the loop keeps sending
+        # Sends and flushes run in worker threads (the emitter keeps them off the
+        # event loop), other channels' at the same time. The producer is
+        # thread-safe; this lock guards only the lists. A future is listed
+        # before its send returns, so a flush confirms every send that returned
+        # before it began; a send racing a flush lands in the next one.
+        self._lock = threading.Lock()
         # (partition, offset) of every acknowledged event: for tests and benches that wait for them;
         # off by default, since a connector running for days would grow it by one entry per event
         self.keep_offsets = keep_offsets
@@ -64,6 +69,8 @@ class KafkaSink:
 
     def send_raw(self, key: bytes | None, value: bytes) -> None:
         """Produce bytes as they are (the ingest endpoint sends the caller's validated line)."""
+        # Not under the lock: this send may block up to max_block_ms, which must
+        # not hold up another channel's flush.
         future = self._producer.send(self.settings.topic("events"), key=key, value=value)
         with self._lock:
             self._futures.append(future)
@@ -103,15 +110,21 @@ class JsonlSink:
         self.keep = keep  # tests read what was sent; a long dry run must not grow without bound
         self.events: list[ImageEvent] = []
         self.dead: list[DeadLetter] = []
+        # Connectors sharing this sink (``channel`` is itself) write and flush
+        # from worker threads: one line at a time, never interleaved.
+        self._lock = threading.Lock()
 
     def send(self, event: ImageEvent) -> None:
-        if self.keep:
-            self.events.append(event)
-        self.out.write(event.model_dump_json(exclude_none=True) + "\n")
+        line = event.model_dump_json(exclude_none=True) + "\n"
+        with self._lock:
+            if self.keep:
+                self.events.append(event)
+            self.out.write(line)
 
     def dead_letter(self, dl: DeadLetter) -> None:
         if self.keep:
-            self.dead.append(dl)
+            with self._lock:
+                self.dead.append(dl)
         log.warning("would dead-letter", extra={"event_id": dl.event_id, "stage": dl.stage, "reason": dl.reason,
                                                 "detail": dl.detail})
 
@@ -119,7 +132,9 @@ class JsonlSink:
         return self  # one stdout: nothing to keep apart
 
     def flush(self) -> None:
-        self.out.flush()
+        with self._lock:
+            self.out.flush()
 
     def close(self) -> None:
-        self.out.flush()
+        with self._lock:
+            self.out.flush()
