@@ -50,6 +50,11 @@ whole batch applied again after a backoff, until it is written
 lost valid events for good, and a replay's resend made some of them sightings
 as well.
 
+The index is rebuilt (after a rebalance, a failed op or batch) off the event
+loop, in a thread, before the ops that need it (``_ensure_engine``): at
+scale a rebuild takes minutes, and on the loop it held commits, the broker
+heartbeat and ``/healthz``, whose 503 restarted the pod into another rebuild.
+
 Past one writer: see ``streams.clustering`` (module docstring) and the
 README's "The single writer at scale" (in "Clusters") for when one writer
 stops being enough and how candidate search splits by hash bands.
@@ -59,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import time
@@ -100,6 +106,7 @@ class ClusterStage:
         self.updates, self.detect_requests, self.alerts = updates, detect_requests, alerts
         self.send_dead = send_dead
         self._engine: ClusterEngine | None = None
+        self._stale_marks = 0  # how often the index was marked stale (``_stale``): a rebuild it overtook is dropped
         self._stale = True
         self._seeded: dict[str, ClusterState] = {}
         self._pending: dict[str, bytes] = {}  # states the batch being applied wrote, not yet in the table
@@ -118,7 +125,23 @@ class ClusterStage:
 
     # -- state ----------------------------------------------------------------
     async def on_rebalance(self, sender: Any = None, **kwargs: Any) -> None:
-        self._stale = True  # the table may have changed hands: rebuild the index
+        # The table may have changed hands: rebuild the index. Always, not only
+        # when this worker's partitions differ: a worker that lost the table's
+        # partition and got it back between two signals (dropped from the group
+        # and rejoined) sees the same partitions, over a table recovery filled
+        # with another writer's states.
+        self._stale = True
+
+    @property
+    def _stale(self) -> bool:
+        """The index must be rebuilt from the table before the next op."""
+        return self._stale_now
+
+    @_stale.setter
+    def _stale(self, stale: bool) -> None:
+        if stale:
+            self._stale_marks += 1
+        self._stale_now = stale
 
     def get_state(self, cluster_id: str) -> ClusterState | None:
         live = self._live.get(cluster_id)
@@ -138,30 +161,89 @@ class ClusterStage:
 
     @property
     def engine(self) -> ClusterEngine:
+        """The index, rebuilt here and now when it is due. The agent rebuilds
+        it off the event loop before it applies a batch (``_ensure_engine``):
+        this is the fallback, for the ops of a batch after one that made the
+        index stale when that rebuild could not run, and for callers outside
+        the agent (tests, benches)."""
         if self._engine is None or self._stale:
-            self._engine = self._rebuild()
-            self._stale = False
+            self._rebuild()
         return self._engine
 
     def _rebuild(self) -> ClusterEngine:
+        """Rebuild the index in the calling thread (``engine``)."""
+        return self._install(self._build(self._table_rows(), dict(self._seeded)))
+
+    async def _ensure_engine(self) -> None:
+        """Rebuild the index, when due, in a thread: at scale a rebuild takes
+        minutes (about 30 s per million members), and on the event loop it
+        held commits, the broker heartbeat and ``/healthz`` (503 past
+        ``metrics.LIVENESS_S``: the pod restarted, and rebuilt again).
+
+        The table is read here, on the loop, in one go (Faust's table is the
+        loop's; that read is the cheap part); parsing the states, the engine
+        state store's reads and indexing run in the thread (the store's
+        connection is not bound to a thread, and nothing else uses it while
+        the agent waits here, before its batch). What the rebuild changes on
+        the stage (the seeds, the model requests to send again) is set here
+        once it returned. A rebalance that began while it ran (the table may
+        change hands, or be refilled by recovery) drops the result and it is
+        done again, from the table as that rebalance left it.
+
+        A rebuild that fails for a reason that passes (the store locked)
+        raises, for ``handle_batch`` to back off; one that fails otherwise is
+        logged and left to the batch, whose ops rebuild the index through
+        ``engine`` (each failing one a dead letter, as before)."""
+        while self._engine is None or self._stale:
+            app = getattr(self.table, "app", None)  # a Faust table's app; None for a plain mapping
+            while _rebalancing(app):  # recovery may be refilling the table: wait for it to finish
+                await asyncio.sleep(REBALANCE_POLL_S)
+            marks, rebalances = self._stale_marks, getattr(app, "rebalancing_count", None)
+            rows = self._table_rows()
+            try:
+                built = await asyncio.to_thread(self._build, rows, dict(self._seeded))
+            except Exception as e:
+                if may_pass(e):
+                    raise
+                log.exception("cluster index not rebuilt off the event loop; the batch rebuilds it")
+                return
+            if (self._stale_marks != marks or getattr(app, "rebalancing_count", None) != rebalances
+                    or _rebalancing(app)):
+                log.info("a rebalance came while the cluster index was rebuilt: rebuilt again from the table",
+                         extra={"clusters": built.engine.index.n_clusters})
+                continue
+            self._install(built)
+
+    def _table_rows(self) -> list[tuple[Any, bytes]]:
+        """The table's states as they are now (tombstones left out)."""
+        return [(k, v) for k, v in self.table.items() if v]
+
+    def _build(self, rows: list[tuple[Any, bytes]], seeded: dict[str, ClusterState]) -> "_Built":
+        """A new index from the table's ``rows`` (and the stage's ``seeded``
+        clusters), or from the engine state store when the table is empty.
+        Touches nothing of the stage but the engine state store (a thread
+        may run it: ``_ensure_engine``); ``_install`` puts the result in place."""
         eng = ClusterEngine(self.settings, pixels=self.pixels)
-        states = _loadable(((k, v) for k, v in self.table.items() if v), "table")
+        states = _loadable(rows, "table")
+        new_seeds: dict[str, ClusterState] | None = None
+        waiting: list[DetectRequest] = []
         if states:
             # Seeded clusters not written yet are in no table: a rebuild
             # (rebalance, failed batch) after a fresh broker's seeding keeps
             # them, or their pictures would found new clusters from zero.
             in_table = {s.cluster_id for s in states}
-            states += [s for cid, s in self._seeded.items() if cid not in in_table]
+            states += [s for cid, s in seeded.items() if cid not in in_table]
         else:
             # An empty table over an existing data dir is a fresh broker: carry
             # on from the engine state store. Its offsets belong to the old
-            # broker, so they are cleared (the cold tier's too).
+            # broker, so they are cleared (the cold tier's too: rewriting them
+            # cleared is the same whether or not this rebuild is the one kept).
             states = [_fresh(s) for s in _loadable(self.states.hot(), "engine state")]
-            self._seeded = {s.cluster_id: s for s in states}
+            new_seeds = {s.cluster_id: s for s in states}
             stale = [_fresh(s) for s in _loadable(self.states.archived(), "cold tier")]
             self.states.archive({s.cluster_id: s.dumps() for s in stale})
             if eng.models_enabled:
-                self._ask_again([*states, *stale])
+                waiting = _waiting([*states, *stale])
         eng.rebuild(states)
         # Clusters archived but not hot were evicted earlier: only their hashes
         # come back, into the cold index.
@@ -173,20 +255,31 @@ class ClusterStage:
         for archived in _loadable(recent, "cold tier"):
             if archived.merged_into is None:
                 eng.add_cold(archived.cluster_id, archived.members)
-        log.info("cluster index rebuilt", extra={"clusters": eng.index.n_clusters, "seeded": len(self._seeded)})
-        return eng
+        return _Built(eng, new_seeds, waiting)
 
-    def _ask_again(self, states: list[ClusterState]) -> None:
-        """Queue, for the batch being handled, the model requests of the
-        seeded clusters still waiting for one. A fresh broker has no
-        ``detect-requests`` of the old one: a cluster left waiting (a replay
-        with ``--no-wait-models``, a broker restarted) was never answered
-        and would wait for good. Each is asked once per stage, however often
-        the table is seeded again (a rebalance before anything was written)."""
-        for state in states:
-            req = model_request(state) if state.merged_into is None else None
-            if req is not None and state.cluster_id not in self._asked:
-                self._asked.add(state.cluster_id)
+    def _install(self, built: "_Built") -> ClusterEngine:
+        """Put a rebuilt index in place, with what its rebuild found: the
+        seeds of a fresh table, and the model requests to send again."""
+        if built.seeded is not None:
+            self._seeded = built.seeded
+            self._ask_again(built.waiting)
+        self._engine = built.engine
+        self._stale = False
+        log.info("cluster index rebuilt",
+                 extra={"clusters": built.engine.index.n_clusters, "seeded": len(self._seeded)})
+        return built.engine
+
+    def _ask_again(self, requests: list[DetectRequest]) -> None:
+        """Queue, for the batch being handled, the model requests
+        (``_waiting``) of the seeded clusters still waiting for one. A fresh
+        broker has no ``detect-requests`` of the old one: a cluster left
+        waiting (a replay with ``--no-wait-models``, a broker restarted) was
+        never answered and would wait for good. Each is asked once per stage,
+        however often the table is seeded again (a rebalance before anything
+        was written)."""
+        for req in requests:
+            if req.cluster_id not in self._asked:
+                self._asked.add(req.cluster_id)
                 self._to_ask.append(req)
         if self._to_ask:
             log.info("asking the models again for clusters an earlier broker's requests left waiting",
@@ -211,17 +304,27 @@ class ClusterStage:
         for _, msg in items:
             metrics.observe_lag("cluster", getattr(msg, "timestamp", None))
         delay = STORE_RETRY_INITIAL_S
+        outs: list[Outcome] = []
+        failed: list[tuple[tuple[bytes, Any], str, str]] = []
+        todo = items
         while True:
             try:
-                outs, failed = self._apply_all(items)
-                break
+                # Off the event loop (``_ensure_engine``), before the batch and
+                # again for the rest of a batch an op made the index stale in.
+                await self._ensure_engine()
+                done, dead, todo = self._apply_all(todo)
             except Exception as e:
                 if not may_pass(e):
                     raise
-                log.error(f"engine state not written ({e}); the batch of {len(items)} ops is held and applied "
-                          f"again in {delay:g}s", extra={"ops": len(items), "error": str(e), "delay_s": delay})
+                log.error(f"engine state not written ({e}); the batch of {len(todo)} ops is held and applied "
+                          f"again in {delay:g}s", extra={"ops": len(todo), "error": str(e), "delay_s": delay})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, STORE_RETRY_MAX_S)
+                continue
+            outs += done
+            failed += dead
+            if not todo:
+                break
         for out in outs:
             for snap in out.snapshots:
                 await self.updates.send(key=snap.cluster_id.encode(), value=snap.dumps())
@@ -235,9 +338,10 @@ class ClusterStage:
         for (value, msg), reason, detail in failed:
             src = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset)
             await self._dead(src, value, reason, detail)
-        eng = self.engine
-        metrics.CLUSTERS.set(eng.index.n_clusters)
-        metrics.CLUSTER_MEMBERS.set(eng.index.n_members)
+        eng = self._engine
+        if eng is not None and not self._stale:  # else the next batch rebuilds it (off the loop) and sets them
+            metrics.CLUSTERS.set(eng.index.n_clusters)
+            metrics.CLUSTER_MEMBERS.set(eng.index.n_members)
         # Per op, as before batching: each op of the batch is observed with its share of the batch's
         # time, so the histogram's count stays ops and its sum stays the stage's busy time.
         share = (time.perf_counter() - started) / max(1, len(items))
@@ -246,11 +350,16 @@ class ClusterStage:
         for out in outs:
             metrics.EVENTS.labels("cluster", "duplicate" if out.duplicate_event else "ok").inc()
 
-    def _apply_all(self, items: list[tuple[bytes, Any]]) -> tuple[list[Outcome], list[tuple[tuple[bytes, Any], str, str]]]:
+    def _apply_all(self, items: list[tuple[bytes, Any]]) -> tuple[
+            list[Outcome], list[tuple[tuple[bytes, Any], str, str]], list[tuple[bytes, Any]]]:
         """Apply a batch in order and write what it changed; no await in here,
-        so no rebalance can swap the engine half-way through a batch.
-        Returns the outcomes of the ops that applied and were written, and the
-        failed ops with their dead letter's reason and detail."""
+        so no rebalance can swap the engine half-way through what it applies.
+        Returns the outcomes of the ops that applied and were written, the
+        failed ops with their dead letter's reason and detail, and the ops
+        left to apply: an op that failed half-way makes the index stale
+        (written up to it), and the rest of the batch is handed back, to be
+        applied once ``handle_batch`` rebuilt the index off the event loop
+        (rebuilt here, through ``engine``, it held the loop)."""
         written: list[Outcome] = []
         unwritten: list[tuple[tuple[bytes, Any], Outcome]] = []  # applied since the last flush
         failed: list[tuple[tuple[bytes, Any], str, str]] = []
@@ -267,6 +376,8 @@ class ClusterStage:
         done = 0  # items attempted so far
         try:
             for value, msg in items:
+                if done and self._stale:
+                    break  # written up to here (``flush`` above): the rest after a rebuild
                 done += 1
                 self._read = set()
                 applying = False
@@ -308,7 +419,8 @@ class ClusterStage:
             detail = f"{type(e).__name__}: {e}"
             failed += ([(item, "internal_error", detail) for item, _ in unwritten]
                        + [(item, "internal_error", detail) for item in items[done:]])
-        return written, failed
+            return written, failed, []
+        return written, failed, items[done:]
 
     def _write(self, writes: dict[str, bytes], away: set[str] = frozenset()) -> None:
         """The engine state store (one transaction), then the table: first
@@ -352,6 +464,34 @@ class ClusterStage:
                 source = named or source
         await self.send_dead(DeadLetter(event_id=event_id, stage="cluster", reason=reason, detail=detail,
                                         source=source, payload_excerpt=excerpt))
+
+
+# While a rebalance is under way, a rebuild waits this long between looks.
+REBALANCE_POLL_S = 0.1
+
+
+@dataclasses.dataclass
+class _Built:
+    """A rebuilt index (``ClusterStage._build``) and what its rebuild found."""
+
+    engine: ClusterEngine
+    seeded: dict[str, ClusterState] | None  # the seeds of an empty table; None: the table had states
+    waiting: list[DetectRequest]  # the requests the seeded clusters wait on (``ClusterStage._ask_again``)
+
+
+def _rebalancing(app: Any) -> bool:
+    """Whether the Faust app of the table is rebalancing (None: no app)."""
+    return getattr(app, "rebalancing", False) is True
+
+
+def _waiting(states: list[ClusterState]) -> list[DetectRequest]:
+    """The model requests the live ones of ``states`` wait on."""
+    out = []
+    for state in states:
+        req = model_request(state) if state.merged_into is None else None
+        if req is not None:
+            out.append(req)
+    return out
 
 
 def _named_event(raw: bytes | None) -> tuple[str | None, SourceRef | None]:
