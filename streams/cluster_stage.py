@@ -63,7 +63,6 @@ stops being enough and how candidate search splits by hash bands.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import json
 import logging
@@ -248,11 +247,10 @@ class ClusterStage:
         # Clusters archived but not hot were evicted earlier: only their hashes
         # come back, into the cold index.
         hot = {s.cluster_id for s in states}
-        # Archived in eviction order: the most recently evicted are the ones
-        # the cold index keeps (``ClusterEngine.trim_cold``), and only they are read.
-        recent = collections.deque(((cid, raw) for cid, raw in self.states.archived() if cid not in hot),
-                                   maxlen=self.settings.dedupe.cold_max_clusters)
-        for archived in _loadable(recent, "cold tier"):
+        # Only the most recently evicted, which the cold index keeps
+        # (``ClusterEngine.trim_cold``), are read, in eviction order.
+        recent = self.states.archived(newest=self.settings.dedupe.cold_max_clusters)
+        for archived in _loadable(((cid, raw) for cid, raw in recent if cid not in hot), "cold tier"):
             if archived.merged_into is None:
                 eng.add_cold(archived.cluster_id, archived.members)
         return _Built(eng, new_seeds, waiting)

@@ -320,12 +320,13 @@ class ClusterEngine:
         self._cold_order[cluster_id] = None
 
     def trim_cold(self) -> None:
-        """Drop the longest-evicted clusters past ``dedupe.cold_max_clusters``
-        from the cold index, all in one removal (each removal scans the hash
-        indexes once)."""
-        excess = len(self._cold_order) - self.settings.dedupe.cold_max_clusters
-        if excess <= 0:
+        """Past ``dedupe.cold_max_clusters``, drop the longest-evicted clusters
+        from the cold index down to 95% of it, in one removal: each removal
+        scans the whole index, and once it is full every sweep would trim."""
+        cap = self.settings.dedupe.cold_max_clusters
+        if len(self._cold_order) <= cap:
             return
+        excess = len(self._cold_order) - int(cap * 0.95)
         oldest = list(itertools.islice(self._cold_order, excess))
         for cid in oldest:
             del self._cold_order[cid]

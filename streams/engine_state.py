@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS engine_states (
     seq INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS engine_states_archived ON engine_states(archived);
+CREATE INDEX IF NOT EXISTS engine_states_archived_seq ON engine_states(archived, seq);
 """
 
 
@@ -56,7 +57,7 @@ class EngineStateStore(Protocol):
     def get(self, cluster_id: str) -> bytes | None: ...
     def get_archived(self, cluster_id: str) -> bytes | None: ...
     def hot(self) -> Iterator[tuple[str, bytes]]: ...
-    def archived(self) -> Iterator[tuple[str, bytes]]: ...
+    def archived(self, newest: int | None = None) -> Iterator[tuple[str, bytes]]: ...
     def close(self) -> None: ...
 
 
@@ -130,7 +131,8 @@ class SqliteEngineState:
         with self._tx() as db:
             db.executemany(
                 """INSERT INTO engine_states (cluster_id, state, archived, seq) VALUES (?, ?, ?, ?)
-                   ON CONFLICT(cluster_id) DO UPDATE SET state=excluded.state, archived=excluded.archived""",
+                   ON CONFLICT(cluster_id) DO UPDATE SET state=excluded.state, archived=excluded.archived,
+                   seq=CASE WHEN excluded.archived=1 THEN excluded.seq ELSE engine_states.seq END""",
                 rows,
             )
 
@@ -153,8 +155,17 @@ class SqliteEngineState:
     def hot(self) -> Iterator[tuple[str, bytes]]:
         yield from self._db.execute("SELECT cluster_id, state FROM engine_states WHERE archived=0 ORDER BY seq")
 
-    def archived(self) -> Iterator[tuple[str, bytes]]:
-        yield from self._db.execute("SELECT cluster_id, state FROM engine_states WHERE archived=1 ORDER BY seq")
+    def archived(self, newest: int | None = None) -> Iterator[tuple[str, bytes]]:
+        """Archived states in the order they were archived (an archive renumbers
+        its states: a cluster revived and evicted again is among the newest);
+        with ``newest``, only the last that many, the others not read."""
+        since = 0
+        if newest is not None:
+            row = self._db.execute("SELECT seq FROM engine_states WHERE archived=1 ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                                   (max(0, newest - 1),)).fetchone()
+            since = row[0] if row else 0
+        yield from self._db.execute(
+            "SELECT cluster_id, state FROM engine_states WHERE archived=1 AND seq >= ? ORDER BY seq", (since,))
 
     def count(self) -> tuple[int, int]:
         """(hot, archived) states."""

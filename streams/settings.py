@@ -113,7 +113,7 @@ class DedupeSettings(_Section):
     # cold index of their hashes revives one if its picture resurfaces.
     hot_window_hours: float = Field(24 * 7, gt=0)
     evict_every_ops: int = Field(1000, gt=0)
-    cold_max_clusters: int = Field(1_000_000, gt=0)  # evicted clusters the cold index keeps, the most recently evicted (~6 KB each in the cluster stage's memory); a copy of a picture whose cluster left it founds a new cluster
+    cold_max_clusters: int = Field(1_000_000, gt=0)  # evicted clusters the cold index keeps at most, the most recently evicted (~6 KB each in the cluster stage's memory; past it, trimmed to 95%); a copy of a picture whose cluster left it founds a new cluster
 
 
 class DetectSettings(_Section):

@@ -212,18 +212,19 @@ def test_cold_clusters_are_evicted_and_revived_when_their_picture_resurfaces():
 
 def test_the_cold_index_keeps_the_most_recently_evicted_clusters_within_its_bound():
     # unbounded, it grew by every picture ever seen (~6 KB each) for the worker's life
-    h = Harness(Settings(dedupe={"hot_window_hours": 1, "evict_every_ops": 1, "cold_max_clusters": 2}))
+    h = Harness(Settings(dedupe={"hot_window_hours": 1, "evict_every_ops": 1, "cold_max_clusters": 4}))
     ids = []
-    for i in range(4):  # three hours apart: each sighting makes the one before it cold
+    for i in range(6):  # three hours apart: each sighting makes the one before it cold
         ids.append(h.see(sighting(scene(40 + i), f"p{i}", i * 180, f"a{i}")).snapshots[-1].cluster_id)
         h.engine.evict(h.get)
-    assert [cid in h.engine.cold for cid in ids] == [False, True, True, False]
-    assert h.engine.cold.n_clusters == 2
-    archive = {cid: h.table.pop(cid) for cid in ids[:3]}
+    # five evicted, one past the bound: trimmed to 95% of it (3), the longest evicted out
+    assert [cid in h.engine.cold for cid in ids] == [False, False, True, True, True, False]
+    assert h.engine.cold.n_clusters == 3
+    archive = {cid: h.table.pop(cid) for cid in ids[:5]}
     h.get = lambda cid: ClusterState.loads(h.table.get(cid) or archive[cid]) if (cid in h.table or cid in archive) else None
     half = (384, 256)  # a resized copy: other bytes, so only the cold index can lead it to its cluster
-    assert h.see(sighting(scene(41).resize(half), "back1", 800, "b1")).snapshots[-1].cluster_id == ids[1]  # revived
-    assert h.see(sighting(scene(40).resize(half), "back0", 801, "b0")).snapshots[-1].cluster_id not in ids  # dropped
+    assert h.see(sighting(scene(42).resize(half), "back2", 1200, "b2")).snapshots[-1].cluster_id == ids[2]  # revived
+    assert h.see(sighting(scene(40).resize(half), "back0", 1201, "b0")).snapshots[-1].cluster_id not in ids  # dropped
 
 
 def test_a_clearly_better_copy_is_sent_to_the_models_again():

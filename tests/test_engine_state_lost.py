@@ -140,3 +140,22 @@ def test_the_cli_refuses_an_engine_state_a_newer_deepwatch_wrote_before_any_work
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().startswith(f"error: {path} holds cluster states written by a newer deepwatch"), r.stderr
     assert not (data / "logs").exists()  # no broker, no worker started
+
+
+def test_archived_states_come_back_in_eviction_order_and_only_the_newest_are_read(tmp_path):
+    # A rebuild keeps the most recently evicted clusters in its cold index:
+    # a cluster revived and evicted again is among them, however old it is
+    states = open_engine_state(tmp_path)
+    try:
+        states.put({c: c.encode() for c in ("old", "mid", "new")})
+        states.archive({"old": b"old"})
+        states.archive({"mid": b"mid"})
+        states.put({"old": b"old, revived"})
+        states.archive({"new": b"new"})
+        states.archive({"old": b"old, evicted again"})
+        assert [c for c, _ in states.archived()] == ["mid", "new", "old"]
+        assert list(states.archived(newest=2)) == [("new", b"new"), ("old", b"old, evicted again")]
+        assert [c for c, _ in states.archived(newest=10)] == ["mid", "new", "old"]
+        assert [c for c, _ in states.hot()] == []
+    finally:
+        states.close()
