@@ -305,11 +305,14 @@ class ClusterStage:
         outs: list[Outcome] = []
         failed: list[tuple[tuple[bytes, Any], str, str]] = []
         todo = items
+        app = getattr(self.table, "app", None)  # a Faust table's app; None for a plain mapping
+        rebalances = getattr(app, "rebalancing_count", None)
         while True:
             try:
                 # Off the event loop (``_ensure_engine``), before the batch and
                 # again for the rest of a batch an op made the index stale in.
                 await self._ensure_engine()
+                todo = _still_owned(app, rebalances, todo)
                 done, dead, todo = self._apply_all(todo)
             except Exception as e:
                 if not may_pass(e):
@@ -466,6 +469,27 @@ class ClusterStage:
 
 # While a rebalance is under way, a rebuild waits this long between looks.
 REBALANCE_POLL_S = 0.1
+
+
+def _still_owned(app: Any, rebalances: int | None, items: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+    """The ``items`` of partitions this worker still owns, when a rebalance
+    came since the batch was taken (``rebalances``: the app's count then).
+    The batch waits for its index to be rebuilt, and meanwhile its partition
+    may have moved: the new owner applies those ops from its last commit,
+    and applying them here too would make two writers of one cluster table.
+    Left unapplied, they are acked, which commits nothing for a partition
+    this worker no longer has."""
+    if app is None or getattr(app, "rebalancing_count", None) == rebalances:
+        return items
+    try:
+        owned = app.assignor.assigned_actives()
+    except Exception:  # noqa: BLE001 - no assignment known: judged by the ops, as before
+        return items
+    kept = [(v, m) for v, m in items if (m.topic, m.partition) in owned]
+    if len(kept) < len(items):
+        log.info("cluster ops left to their partition's new owner after a rebalance",
+                 extra={"ops": len(items) - len(kept)})
+    return kept
 
 
 @dataclasses.dataclass

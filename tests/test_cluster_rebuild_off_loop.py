@@ -236,3 +236,37 @@ def test_an_op_that_fails_half_way_rebuilds_the_index_off_the_loop_for_the_rest_
     states = _states(table)
     assert sorted(s.sightings for s in states.values()) == [1, 1]
     assert sum(len(s.members) for s in states.values()) == stage.engine.index.n_members
+
+
+def test_ops_of_a_partition_that_moved_while_the_batch_waited_are_left_to_its_new_owner(tmp_path, slow_rebuilds):
+    """A rebalance during the rebuild gave the batch's partition to another
+    worker: that worker applies these ops from its last commit, so this one
+    leaves them (applied here too, one cluster table had two writers)."""
+    data_dir, table = _earlier_run(tmp_path, [(1, 0), (2, 1)])
+    settings, plain = _copy(data_dir, table, tmp_path / "live")
+    actives = {("cluster-ops", 0)}
+
+    class FaustLikeTable(dict):
+        app = types.SimpleNamespace(rebalancing=False, rebalancing_count=0,
+                                    assignor=types.SimpleNamespace(assigned_actives=lambda: actives))
+
+    live_table = FaustLikeTable(plain)
+    stage, topics, dead = stage_for(settings, live_table)
+    app = live_table.app
+    before = dict(live_table)
+    slow_rebuilds.arm()
+
+    async def partition_moves_once_the_rebuild_runs():
+        while not slow_rebuilds.started.is_set():
+            await asyncio.sleep(TICK_S)
+        actives.clear()
+        app.rebalancing_count += 1
+
+    async def go():
+        helper = asyncio.create_task(partition_moves_once_the_rebuild_runs())
+        await stage.handle_batch(_batch())
+        await helper
+
+    asyncio.run(go())
+    assert dict(live_table) == before and not dead
+    assert not topics["updates"].sent
