@@ -129,23 +129,25 @@ class Analyzer:
         # and so sees the new banks at once, as before.
         now = time.monotonic()
         with self._banks_lock:
-            if now - self._banks_checked < 2.0:
-                return
-            self._banks_checked = now
-            try:
-                mtime = self._banks_path.stat().st_mtime
-            except FileNotFoundError:
-                self._banks, self._banks_mtime, self._first_load = None, None, False
-                return
-            if mtime == self._banks_mtime:
-                return
-            if self._reload is None or self._reload.done():  # one at a time; a failed one is tried again here
-                self._reload = self._reloader.submit(self._reload_banks, mtime)
             reload = self._reload
-            # A worker that starts with a bank waits for its first load on the
-            # loop too (once, as it always did): it has no banks to answer
-            # from, and its first sightings would miss an allow-list.
-            wait = self._first_load or not _on_event_loop()
+            if now - self._banks_checked >= 2.0:
+                self._banks_checked = now
+                try:
+                    mtime = self._banks_path.stat().st_mtime
+                except FileNotFoundError:
+                    self._banks, self._banks_mtime, self._first_load = None, None, False
+                    return
+                if mtime == self._banks_mtime:
+                    return
+                if reload is None or reload.done():  # one at a time; a failed one is tried again here
+                    reload = self._reload = self._reloader.submit(self._reload_banks, mtime)
+            elif not self._first_load:
+                return
+            # A worker that starts with a bank waits for its first load, on the
+            # loop too (every caller until it is done, as it always did): it
+            # has no banks to answer from, and its first sightings would miss
+            # an allow-list.
+            wait = reload is not None and (self._first_load or not _on_event_loop())
         if wait:
             reload.result()
 

@@ -91,9 +91,10 @@ def liveness() -> tuple[int, str]:
 
 
 # A thread per connection: at most this many at once, each waiting at most
-# IDLE_S for its client's bytes, so clients that connect and stay silent (or
-# trickle) cannot pin threads and descriptors without bound. Past the cap a
-# connection is closed at once; Prometheus and probes use one or two.
+# IDLE_S for each read of its client's bytes, so clients that connect and stay
+# silent cannot pin threads and descriptors without bound (one trickling a
+# byte within each IDLE_S still holds its slot: the cap bounds those). Past
+# the cap a connection is closed at once; Prometheus and probes use one or two.
 MAX_CONNECTIONS = 64
 IDLE_S = 10.0
 
@@ -114,10 +115,15 @@ class _Server(ThreadingWSGIServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        # ThreadingMixIn's, with the slot given back before the socket is
+        # closed: a client that saw the close may connect again at once
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
             self.slots.release()
+            self.shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:
         # socketserver prints the traceback to stderr (the process's JSON log)

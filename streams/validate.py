@@ -8,8 +8,8 @@ too large (in bytes, or in JSON values: ``MAX_JSON_VALUES``), not JSON
 included: ``true`` or ``"5"`` for a count is refused, not converted). Nothing
 else escapes.
 
-What validating one event costs is bounded: it runs on the event loop of the
-worker and of ``serve-ingest``.
+What validating one event costs is bounded: the worker validates on its
+event loop (``serve-ingest`` in a thread, a request's lines one after the other).
 """
 
 from __future__ import annotations

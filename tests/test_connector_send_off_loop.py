@@ -210,7 +210,7 @@ def test_other_connectors_keep_running_while_one_send_blocks(tmp_path):
         return quick_done
 
     quick_done = asyncio.run(main())
-    assert quick_done < MAX_GAP_S
+    assert quick_done < 1.0  # its sends and state writes, not the other's SLOW send (1.5 s)
     assert quick_sink.sent == slow_sink.sent == [e.event_id for m in frames for e in m.events]
 
 

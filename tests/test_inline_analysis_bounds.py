@@ -48,6 +48,7 @@ class _Store:
                  open_s: float = 0.0):
         self.rows, self.errors, self.write_s = dict(rows or {}), list(errors), write_s
         self.lookups: list[str] = []  # thread name of each lookup
+        self.writing = threading.Event()
         time.sleep(open_s)
 
     def sighting_sha256(self, event_id: str) -> str | None:
@@ -57,6 +58,7 @@ class _Store:
         return self.rows.get(event_id)
 
     def mark_processed(self, source, outcome, event_id) -> None:
+        self.writing.set()  # called under the shared store's lock (``Serialized``)
         time.sleep(self.write_s)
 
 
@@ -124,7 +126,7 @@ def _write_in_a_thread(shared) -> threading.Thread:
     """A duplicate's accounting (``app.hand_on``), holding the store's lock for ``HOLD_S``."""
     writer = threading.Thread(target=shared.mark_processed, args=(_source(99), "duplicate", "e99"), name="writer")
     writer.start()
-    time.sleep(0.1)  # it has the lock
+    assert shared._store.writing.wait(10)  # it has the lock
     return writer
 
 

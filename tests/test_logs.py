@@ -30,6 +30,7 @@ def logged():
     on a clock the test moves; the previous root handlers are put back."""
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
+    saved_hooks = threading.excepthook, sys.unraisablehook  # pytest's own, for the rest of the session
     saved_levels = {n: logging.getLogger(n).level for n in ("aiokafka", "kafka", "httpx")}
     buf = io.StringIO()
     logs.setup("INFO", "json", stream=buf)
@@ -42,7 +43,7 @@ def logged():
 
     yield lines, clock, handler
     logging.captureWarnings(False)
-    threading.excepthook, sys.unraisablehook = threading.__excepthook__, sys.__unraisablehook__
+    threading.excepthook, sys.unraisablehook = saved_hooks
     root.handlers[:] = saved_handlers
     root.setLevel(saved_level)
     for n, level in saved_levels.items():

@@ -215,7 +215,7 @@ def test_an_8_line_8_mb_request_of_tiny_arrays_is_refused_line_by_line_and_quick
         assert x["status"] == "dead_lettered" and x["reason"] == "too_large", x
         assert "JSON values" in x["detail"] and "limit" in x["detail"], x
     assert sorted(d.reason for d in sink.dead) == ["too_large"] * 8 and not sink.sent
-    assert took < 1.0, took  # ~0.1 s, most of it the 8 MB over HTTP
+    assert took < 3.0, took  # ~0.1-0.3 s, most of it the 8 MB over HTTP (the speed itself: the tests above)
 
 
 def test_healthz_is_answered_while_a_large_request_is_being_validated(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import logging
 import random
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, TypeVar
@@ -286,6 +287,16 @@ class UrlPolicy:
 # --------------------------------------------------------------------------
 # Sinks and the emitter
 # --------------------------------------------------------------------------
+# Sends block up to the producer's max_block_ms (10 s) while the broker is
+# away: in threads of their own, not the loop's default pool (6 threads on 2
+# cores), where a process's many streams would take every thread and hold
+# the other work there (DNS lookups of reconnecting streams among it).
+_SEND_THREADS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="connector-send")
+
+
+async def _in_send_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(_SEND_THREADS, fn, *args)
+
 class Sink(Protocol):
     # ``send``, ``dead_letter`` and ``flush`` may block (a broker that is down)
     # and are called from worker threads (``Emitter``): one call at a time per
@@ -354,7 +365,7 @@ class Emitter:
             refused = await self.policy.check(ev.image.url) if ev.image.url else None
             if refused is not None:
                 try:
-                    await asyncio.to_thread(self.sink.dead_letter, DeadLetter(
+                    await _in_send_thread(self.sink.dead_letter, DeadLetter(
                         event_id=ev.event_id, stage="fetch", reason=refused.reason,
                         detail=f"refused by the {self.connector} connector: {refused.detail}",
                         payload_excerpt=ev.dumps()[:512].decode("utf-8", "replace"),
@@ -367,7 +378,7 @@ class Emitter:
                 self._event("refused")
             else:
                 try:
-                    await asyncio.to_thread(self.sink.send, ev)
+                    await _in_send_thread(self.sink.send, ev)
                 except Exception as e:
                     self._rollback()
                     raise SinkError(f"{type(e).__name__}: {e}") from e
@@ -395,7 +406,7 @@ class Emitter:
         if not self._dirty and not self.state.pending:
             return
         try:
-            await asyncio.to_thread(self.sink.flush)
+            await _in_send_thread(self.sink.flush)
         except Exception as e:
             self._rollback()
             raise SinkError(f"{type(e).__name__}: {e}") from e
