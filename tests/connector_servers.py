@@ -14,17 +14,41 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import websockets
 from kafka import KafkaConsumer, TopicPartition
+
+if TYPE_CHECKING:
+    from streams.connectors.base import Mapped
 
 FRAMES = Path(__file__).parent / "frames"
 
 
 def jetstream_frames() -> list[str]:
     return [ln for ln in (FRAMES / "jetstream.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def mapped_frames(url: str) -> list["Mapped"]:
+    """The recorded Jetstream frames that yield image events, mapped (image
+    URLs on ``url``, a template as ``BlueskyMapper`` takes it)."""
+    from streams.connectors.base import ConnectorState
+    from streams.connectors.bluesky import BlueskyMapper
+
+    st = ConnectorState(":memory:")
+    m = BlueskyMapper(url, recall=st.recall)
+    out = []
+    for f in jetstream_frames():
+        r = m.map(f)
+        if r.remember:
+            st.remember(*r.remember)
+        if r.forget:
+            st.forget(r.forget)
+        if r.events:
+            out.append(r)
+    st.close()
+    return out
 
 
 def jetstream_malformed() -> list[str]:

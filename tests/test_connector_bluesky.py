@@ -23,7 +23,7 @@ from streams.connectors.run import build_bluesky, open_state
 from streams.connectors.sinks import JsonlSink
 from streams.records import ImageEvent
 from streams.settings import Settings
-from tests.connector_servers import JetstreamServer, jetstream_frames, jetstream_malformed
+from tests.connector_servers import JetstreamServer, jetstream_frames, jetstream_malformed, mapped_frames
 
 CDN = "https://cdn.bsky.app/img/feed_fullsize/plain/{did}/{cid}@jpeg"
 REPO = Path(__file__).resolve().parents[1]
@@ -38,17 +38,7 @@ def frames_by_kind():
 
 def expected_ids() -> list[str]:
     """Every image event the recorded frames must yield (worked out from the frames by hand)."""
-    st = ConnectorState(":memory:")
-    m = BlueskyMapper(CDN, recall=st.recall)
-    out = []
-    for f in jetstream_frames():
-        r = m.map(f)
-        if r.remember:
-            st.remember(*r.remember)
-        if r.forget:
-            st.forget(r.forget)
-        out += [e.event_id for e in r.events]
-    return out
+    return [e.event_id for r in mapped_frames(CDN) for e in r.events]
 
 
 def settings_for(tmp_path: Path, **connectors) -> Settings:

@@ -16,33 +16,15 @@ import time
 from pathlib import Path
 
 from streams.connectors.base import ConnectorState, Emitter, Mapped, SinkError, UrlPolicy
-from streams.connectors.bluesky import BlueskyMapper
 from streams.connectors.sinks import KafkaSink
 from streams.settings import Settings
-from tests.connector_servers import jetstream_frames
+from tests.connector_servers import mapped_frames
 
 # Address literals: the URL policy decides without DNS.
 PUBLIC_URL = "https://151.101.0.1/img/feed_fullsize/plain/{did}/{cid}@jpeg"  # passes
 PRIVATE_URL = "http://127.0.0.1/img/{did}/{cid}@jpeg"  # refused (loopback): dead-lettered
 BLOCK_S = 1.5  # how long the first send blocks, as kafka-python waiting for metadata
 MAX_GAP_S = 0.5  # a loop tick may come this late at most while a send blocks
-
-
-def mapped_frames(url: str) -> list[Mapped]:
-    """The recorded Jetstream frames that yield image events, mapped."""
-    st = ConnectorState(":memory:")
-    m = BlueskyMapper(url, recall=st.recall)
-    out = []
-    for f in jetstream_frames():
-        r = m.map(f)
-        if r.remember:
-            st.remember(*r.remember)
-        if r.forget:
-            st.forget(r.forget)
-        if r.events:
-            out.append(r)
-    st.close()
-    return out
 
 
 class BlockingSink:

@@ -23,9 +23,9 @@ import streams.ingest_server as ingest_server
 from streams import validate
 from streams.broker import free_port
 from streams.ingest_server import build_app
-from streams.records import DeadLetter
 from streams.settings import Settings
 from streams.validate import InvalidEvent, parse_event
+from tests.test_ingest_server import _ListSink
 
 GOOD = {"schema_version": 1, "event_id": "e-1", "platform": "x", "account_id": "a-1",
         "posted_at": "2026-05-01T12:00:00Z", "image": {"url": "https://example.com/a.jpg"}}
@@ -155,24 +155,6 @@ def test_a_utf16_event_is_counted_in_characters_not_bytes():
 
 
 # -- serve-ingest ---------------------------------------------------------------------
-class _ListSink:
-    def __init__(self):
-        self.sent: list[bytes] = []
-        self.dead: list[DeadLetter] = []
-
-    def send_raw(self, key, value):
-        self.sent.append(value)
-
-    def dead_letter(self, dl):
-        self.dead.append(dl)
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
 @contextmanager
 def live_server(app):
     """``app`` under a real uvicorn on a loopback port, in a thread."""
