@@ -575,9 +575,12 @@ def test_sink_holds_the_batch_while_elasticsearch_rejects_and_loses_nothing(fake
 
     async def scenario() -> tuple[bool, float]:
         task = asyncio.create_task(sinks.snapshots(raws))
-        await asyncio.sleep(0.15)
+        # the gauge starts at the first refusal, whose request may take a while under load
+        deadline, behind = time.monotonic() + 10, 0.0
+        while not behind and not task.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            behind = metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value
         held = not task.done()
-        behind = metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value
         await asyncio.wait_for(task, timeout=10)
         return held, behind
 

@@ -7,6 +7,7 @@ consumer reads exactly."""
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 import sqlite3
 
@@ -33,10 +34,18 @@ def _read_only(store, on: bool) -> None:
 
 
 async def _held(task: asyncio.Task, for_s: float = 0.3) -> tuple[bool, float]:
+    """After ``for_s``, and once the gauge says the sink is behind (from its
+    first refusal, which may take a while under load; 10 s at most): whether
+    the batch is still held, and the gauge."""
     await asyncio.sleep(for_s)
+    deadline = time.monotonic() + 10
+    behind = metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value
+    while not behind and not task.done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        behind = metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value
     if task.done():
         task.result()  # the old code raised the store's error into the agent here
-    return not task.done(), metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value
+    return not task.done(), behind
 
 
 def test_a_locked_findings_file_holds_the_snapshot_batch_until_it_is_stored(tmp_path, caplog):
