@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -998,11 +999,21 @@ def test_an_outage_or_refused_credentials_hold_the_batch_they_do_not_drop_it(fak
 
     async def main() -> _Acks:
         fake_es.request_faults[:] = [(lambda m, p: True, status, body, 10**6)]  # every request, reads too
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.5, lambda: behind.append(metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value))
-        loop.call_later(1.2, fake_es.request_faults.clear)
+
+        async def outage_then_back():
+            # the gauge starts at the first refusal, which may take a while under load: read once
+            # it did (10 s at most), then the store comes back
+            deadline = time.monotonic() + 10
+            while not metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            behind.append(metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value)
+            fake_es.request_faults.clear()
+
+        back = asyncio.create_task(outage_then_back())
         acks = _Acks()
         await asyncio.wait_for(stage._stored(acks, events, sinks.snapshots), 20)
+        await back
         fake_es.request_faults[:] = [(lambda m, p: True, status, body, 2)]
         await sinks.alert(_alert().model_dump_json().encode())
         return acks

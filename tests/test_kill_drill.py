@@ -112,7 +112,12 @@ def test_kill_9_and_receiver_outage_lose_nothing_and_count_nothing_twice(tmp_pat
                 break
             time.sleep(0.2)
         assert want <= got, f"not redelivered: {want - got}"
-        time.sleep(1.0)  # the status write follows the POST
+        # the status write follows the POST
+        while time.monotonic() < deadline + 30:
+            status = store.delivery_status()
+            if all(any(s["status"] == "delivered" for s in status.get(a.alert_id, [])) for a in alerts):
+                break
+            time.sleep(0.2)
 
         # Every alert delivered, signed, in level order per cluster.
         with receiver.lock:

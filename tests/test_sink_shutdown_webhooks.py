@@ -132,7 +132,7 @@ def test_stop_returns_at_once_when_nothing_is_held(scripted, tmp_path, monkeypat
             await sinks.stop()
             return time.monotonic() - started
 
-        assert asyncio.run(go()) < 0.1
+        assert asyncio.run(go()) < 1.0  # a few ms; the bug waited out the 10 s grace or the 5 s hook timeout
     assert srv.alert_ids() == ["c-1:1"]
 
 
