@@ -30,9 +30,10 @@ def jetstream_frames() -> list[str]:
     return [ln for ln in (FRAMES / "jetstream.jsonl").read_text().splitlines() if ln.strip()]
 
 
-def mapped_frames(url: str) -> list["Mapped"]:
-    """The recorded Jetstream frames that yield image events, mapped (image
-    URLs on ``url``, a template as ``BlueskyMapper`` takes it)."""
+def mapped_frames(url: str, *, images_only: bool = True) -> list["Mapped"]:
+    """The recorded Jetstream frames, mapped in order by one mapper and its
+    repost memory (image URLs on ``url``, a template as ``BlueskyMapper``
+    takes it): those that yield image events, or all of them."""
     from streams.connectors.base import ConnectorState
     from streams.connectors.bluesky import BlueskyMapper
 
@@ -45,7 +46,7 @@ def mapped_frames(url: str) -> list["Mapped"]:
             st.remember(*r.remember)
         if r.forget:
             st.forget(r.forget)
-        if r.events:
+        if r.events or not images_only:
             out.append(r)
     st.close()
     return out

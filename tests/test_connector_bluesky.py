@@ -69,16 +69,7 @@ async def run_until(runner, predicate, timeout: float = 15.0) -> None:
 # --------------------------------------------------------------------------
 def test_recorded_frames_map_field_by_field():
     docs, posts = frames_by_kind()
-    st = ConnectorState(":memory:")
-    m = BlueskyMapper(CDN, recall=st.recall)
-    results = []
-    for f in jetstream_frames():
-        r = m.map(f)
-        if r.remember:
-            st.remember(*r.remember)
-        if r.forget:
-            st.forget(r.forget)
-        results.append(r)
+    results = mapped_frames(CDN, images_only=False)
     outcomes = [r.outcome for r in results]
     assert outcomes == ["identity", "other", "image_post", "no_image", "no_image", "no_image", "image_post",
                         "repost", "repost", "unknown_subject", "quote", "image_post", "other", "delete",

@@ -496,11 +496,17 @@ def live_server(settings: Settings, tokens: dict[str, str] | None = None):
     """The app under a real uvicorn on a loopback port, in a thread: only a
     real server lets a client hold a request open with half its body sent.
     ``tokens``: token -> name (default: TOKEN as "desk" only)."""
+    with served(build_app(settings, tokens or {TOKEN: "desk"})) as port:
+        yield port
+
+
+@contextmanager
+def served(app):
+    """``app`` under a real uvicorn on a loopback port, in a thread; its port."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(settings, tokens or {TOKEN: "desk"}), host="127.0.0.1",
-                                           port=port, log_config=None, access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

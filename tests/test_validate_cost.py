@@ -21,11 +21,10 @@ import pytest
 
 import streams.ingest_server as ingest_server
 from streams import validate
-from streams.broker import free_port
 from streams.ingest_server import build_app
 from streams.settings import Settings
 from streams.validate import InvalidEvent, parse_event
-from tests.test_ingest_server import _ListSink
+from tests.test_ingest_server import _ListSink, served
 
 GOOD = {"schema_version": 1, "event_id": "e-1", "platform": "x", "account_id": "a-1",
         "posted_at": "2026-05-01T12:00:00Z", "image": {"url": "https://example.com/a.jpg"}}
@@ -157,22 +156,8 @@ def test_a_utf16_event_is_counted_in_characters_not_bytes():
 # -- serve-ingest ---------------------------------------------------------------------
 @contextmanager
 def live_server(app):
-    """``app`` under a real uvicorn on a loopback port, in a thread."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
+    with served(app) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
 
 
 def _app(tmp_path, sink: _ListSink):
