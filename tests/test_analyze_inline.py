@@ -35,12 +35,8 @@ def _event(n: int, path: str) -> bytes:
                        "posted_at": "2026-05-01T12:00:00Z", "image": {"path": path}}).encode()
 
 
-@pytest.fixture
-def setup(tmp_path, monkeypatch):
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "small.png").write_bytes(corpus.picture_png(1, (256, 192)))
-    (images / "large.png").write_bytes(corpus.picture_png(2, (640, 480)))
+def thread_hops(monkeypatch) -> list[str]:
+    """The names of the functions sent to a thread (``asyncio.to_thread``) from now on."""
     hops: list[str] = []
     real = asyncio.to_thread
 
@@ -49,6 +45,16 @@ def setup(tmp_path, monkeypatch):
         return await real(fn, *args, **kwargs)
 
     monkeypatch.setattr(asyncio, "to_thread", counting)
+    return hops
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "small.png").write_bytes(corpus.picture_png(1, (256, 192)))
+    (images / "large.png").write_bytes(corpus.picture_png(2, (640, 480)))
+    hops = thread_hops(monkeypatch)
 
     def make(inline_max_pixels: int, store_url: str = "", store: _Store | None = None):
         settings = Settings(data_dir=tmp_path / "data", ingest={"image_roots": [images]},

@@ -34,6 +34,7 @@ from streams.settings import Settings
 import streams.stage as stage_mod
 from streams.stage import AnalyzeStage, once
 from tests.hostile import corpus
+from tests.test_analyze_inline import thread_hops
 
 HOLD_S = 1.5  # how long a worker thread holds the store's lock
 SMALL = corpus.picture_png(1, (256, 192))  # analysed on the loop however the caps are set below
@@ -79,14 +80,7 @@ def make(tmp_path, monkeypatch):
     images.mkdir()
     (images / "small.png").write_bytes(SMALL)
     (images / "other.png").write_bytes(corpus.picture_png(2, (256, 192)))
-    hops: list[str] = []
-    real = asyncio.to_thread
-
-    async def counting(fn, *args, **kwargs):
-        hops.append(getattr(fn, "__name__", "?"))
-        return await real(fn, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", counting)
+    hops = thread_hops(monkeypatch)
 
     def build(factory, *, lookup_retry_s: float = 0.5):
         settings = Settings(data_dir=tmp_path / "data", ingest={"image_roots": [images]},
