@@ -86,8 +86,10 @@ def stored_state_version(path: Path) -> int:
 class SqliteEngineState:
     """``put`` upserts hot states, ``archive`` moves states to the cold tier;
     a later ``put`` of an archived cluster (revived) makes it hot again.
-    ``hot``/``archived`` iterate in first-write order, so a rebuilt index adds
-    clusters in the order they were created."""
+    ``hot`` iterates in write order (a revived cluster at its archive
+    position), ``archived`` in archive order (newest last); a rebuilt index
+    orders clusters by the offset that created them
+    (``ClusterEngine.rebuild``)."""
 
     def __init__(self, path: Path, *, state_version: int):
         self.path = Path(path)

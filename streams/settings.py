@@ -243,7 +243,7 @@ class FindingsSettings(_Section):
     retry_initial_s: float = Field(0.5, gt=0)  # backoff on a lock, a full disk, ES 429/5xx; doubles to retry_max_s
     retry_max_s: float = Field(30.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
-    # `deepwatch search`, the desk's search and its queue's text filter: stopped past this, not held on to
+    # the desk's search and its queue's text filter: stopped past this, not held on to (`deepwatch search` takes --timeout)
     search_timeout_s: float = Field(10.0, gt=0, le=3600)  # the longest one analyst search may read the store
 
     @field_validator("url")

@@ -16,7 +16,7 @@ entry point. Any real Kafka uses the stock driver.
 (b) JoinGroup responses are held for about half the session timeout, in
     whole seconds (measured with a bare aiokafka consumer: 1 s at a 1 or 2 s
     session, 2 s at 2.5-4 s, 3 s at 6 s), so every rebalance (and every
-    worker's first join) stalls for that long: ``streams.app`` keeps the
+    worker's first join) stalls for that long: ``streams.faust_app`` keeps the
     broker session timeout short for this broker (``SESSION_TIMEOUT_S`` 2 s,
     the longest that is held 1 s; heartbeats every ``HEARTBEAT_INTERVAL_S``,
     under Kafka's rule of a third of the session). Heartbeats come from the

@@ -23,7 +23,8 @@ sent by the redelivery, once its ``queued`` record is
 
 A delivery that still fails after its retries is not forgotten: the
 ``Redeliverer`` tries failed deliveries again every
-``alerts.webhook_redeliver_s`` (and at worker start), each target on its own,
+``alerts.webhook_redeliver_s`` on the leader worker (its first round one period
+after it starts), each target on its own,
 oldest first. A delivery that fails again holds back the later alerts of its
 own cluster (a receiver that comes back gets every alert of a cluster in level
 order) but not those of other clusters: one alert a receiver keeps failing on
