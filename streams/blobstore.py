@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -52,8 +53,14 @@ class DirectoryBlobStore:
         are not hashed twice; a wrong one is the caller's bug, not input's."""
         digest = sha256 or hashlib.sha256(data).hexdigest()
         path = self._path(digest)
-        if path.exists():
-            return digest  # write-once: same name, same bytes
+        try:
+            # Write-once: same name, same bytes. The mtime says when the
+            # picture was last stored: retention (``streams.retention``)
+            # keeps what was seen within its period.
+            os.utime(path)
+            return digest
+        except FileNotFoundError:
+            pass
         try:
             write_atomically(path, data)  # a concurrent reader never sees a half-written blob
         except OSError as e:

@@ -1011,6 +1011,20 @@ class EsFindingsStore:
                 yield MemberRow(root, m["sha256"], m["phash"], m["pdq"], m["pdq_quality"], m.get("views") or None,
                                 bool(m.get("trimmed")))
 
+    def member_shas_updated_since(self, since: datetime) -> set[str]:
+        """As ``SqliteFindingsStore.member_shas_updated_since``: members of
+        the clusters whose documents were written at or after ``since``
+        (``updated_at``), a merged-away cluster's under its survivor."""
+        docs = [h["_source"] for h in self._scan(
+            self.names["clusters"], {"match_all": {}}, [{"cluster_id": "asc"}],
+            ["cluster_id", "merged_into", "updated_at", "members.sha256"])]
+        into = {d["cluster_id"]: d.get("merged_into") for d in docs}
+        at = since.timestamp() * 1000
+        fresh = {d["cluster_id"] for d in docs if d.get("updated_at") and _epoch_ms(d["updated_at"]) >= at}
+        fresh |= {surviving_cluster(cid, into) for cid in fresh}
+        return {m["sha256"] for d in docs if d["cluster_id"] in fresh or surviving_cluster(d["cluster_id"], into) in fresh
+                for m in d.get("members") or []}
+
     # -- picture lookups (deepwatch similar) -----------------------------------
     def similar_candidates(self, sha256: str, hashes: Any, k: int = 20) -> list[dict[str, Any]]:
         """Live clusters whose members are near IMAGE by bit-vector kNN

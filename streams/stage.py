@@ -69,6 +69,10 @@ MAX_OP_BYTES = MAX_EVENT_BYTES
 
 
 BLOBS_REMEMBERED = 100_000  # ~10 MB of digests: repeats of a recent picture skip the blob store
+# ... for this long; then a repeat stores it again, which refreshes its mtime (a
+# blob's "last stored", which retention reads: ``streams.retention``) and
+# writes it anew if retention deleted it meanwhile.
+BLOB_REMEMBERED_S = 600.0
 
 # A blob write that failed for a passing reason (``blobstore.write_may_pass``:
 # the disk full, a quota, EIO, a read-only remount) is tried again after this
@@ -333,7 +337,7 @@ class AnalyzeStage:
         # event id -> sha256 of sightings this worker sent but the store may
         # not have yet (the sink runs behind the stream).
         self.shared = shared or SharedIds()
-        self._blobs = Recent(BLOBS_REMEMBERED)  # sha256 of blobs this stage put
+        self._blobs = Recent(BLOBS_REMEMBERED)  # sha256 -> when (monotonic) this stage put that blob
         self._local_reads = reads_are_local(settings.findings.url)
 
     async def process(self, raw: bytes, source: SourceRef, broker_ts: float | None = None) -> Result:
@@ -506,8 +510,9 @@ class AnalyzeStage:
         a write that may succeed later (the disk full, a quota, EIO, a
         read-only remount: ``blobstore.write_may_pass``); a ``StageError``
         raised for one that would fail again for this file."""
-        if sha256 in self._blobs:  # content-addressed: once stored, stored
-            return None
+        put_at = self._blobs.get(sha256)
+        if put_at is not None and time.monotonic() - put_at < BLOB_REMEMBERED_S:
+            return None  # content-addressed: stored moments ago, stored
         with metrics.STAGE_SECONDS.labels("blob").time():
             try:
                 self.put_blob(data, sha256)
@@ -519,7 +524,7 @@ class AnalyzeStage:
                 raise StageError("blob_write", f"cannot store the picture in the data dir's blob store "
                                                f"({e.strerror or e}; {e.filename or 'blobs/'}): check its "
                                                "disk space and permissions", stage="blob") from None
-        self._blobs.put(sha256)
+        self._blobs.put(sha256, time.monotonic())
         return None
 
     def _lookup(self, event_id: str, wait: bool = True) -> Any:

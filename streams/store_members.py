@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Collection, Iterator
 
 from streams.findings import MAX_MERGE_HOPS, MemberRow, surviving_cluster
@@ -26,6 +27,17 @@ class MemberQueries:
             "SELECT cluster_id, sha256, phash, pdq, pdq_quality, views, trimmed FROM members"
         ):
             yield MemberRow(roots.get(cid, cid), sha, ph, pdq, q, json.loads(views) if views else None, bool(trimmed))
+
+    def member_shas_updated_since(self, since: datetime) -> set[str]:
+        """The sha256 of every member whose surviving cluster (or own, merged
+        away) was written at or after ``since``: the pictures retention keeps
+        whatever their age (``streams.retention``)."""
+        at = since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"  # as updated_at is written
+        roots = self._roots()
+        fresh = {cid for (cid,) in self._db.execute("SELECT cluster_id FROM clusters WHERE updated_at >= ?", (at,))}
+        fresh |= {roots.get(cid, cid) for cid in fresh}
+        return {sha for cid, sha in self._db.execute("SELECT cluster_id, sha256 FROM members")
+                if cid in fresh or roots.get(cid, cid) in fresh}
 
     # -- picture lookups (``streams.similar``) -------------------------------
     def members_after(self, after: int, limit: int = 20_000) -> list[tuple[int, str, str, str, int, list[str] | None, bool]]:

@@ -532,6 +532,26 @@ def test_k8s_manifests_parse_and_reference_settings():
         assert env["DEEPWATCH_ES_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "deepwatch-elasticsearch", name
 
 
+def test_k8s_prunes_the_shared_blob_store_daily_with_the_workers_settings():
+    docs = [d for p in sorted((DEPLOY / "k8s" / "base").glob("*.yaml")) for d in _yaml_docs(p) if "metadata" in d]
+    [job] = [d for d in docs if d["kind"] == "CronJob"]
+    assert "prune.yaml" in (DEPLOY / "k8s" / "base" / "kustomization.yaml").read_text()
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["args"][:3] == ["prune", "--older-than", "30d"]
+    from streams.cli.prune import parse_period
+
+    assert parse_period(c["args"][2]) == 30 * 86400
+    env = {e["name"]: e for e in c["env"]}
+    assert env["DEEPWATCH_CONFIG"]["value"] == "/etc/deepwatch/deepwatch.toml"  # findings.url: the clusters' store
+    assert env["DEEPWATCH_ES_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "deepwatch-elasticsearch"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    [blobs] = [m for m in c["volumeMounts"] if m["mountPath"] == "/data/blobs"]
+    assert blobs["subPath"] == "blobs" and vols[blobs["name"]]["persistentVolumeClaim"]["claimName"] == "deepwatch-blobs"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
 def test_k8s_eck_overlay_runs_the_findings_cluster():
     docs = [d for p in sorted((DEPLOY / "k8s" / "overlays" / "eck").glob("*.yaml")) for d in _yaml_docs(p)]
     [es] = [d for d in docs if d.get("kind") == "Elasticsearch"]
