@@ -264,11 +264,12 @@ class DeskSettings(_Section):
     tokens_env: str = "DEEPWATCH_DESK_TOKENS"
     require_login_on_loopback: bool = False  # reading is open on 127.0.0.1/::1 unless set
     session_hours: float = Field(12.0, gt=0)
-    # per client address and user name; 4x this per address, and per user name, over all the others
+    # per client address and user name; 4x this per address, and per user name (but not where it logged in lately)
     login_failures_per_minute: int = Field(5, gt=0)
     # Reverse proxies whose X-Forwarded-For/-Proto the desk believes (addresses or CIDR
     # ranges, "*" for any): the login limits then count the client's address, not the
-    # proxy's. Empty: the peer's address counts, and the headers are ignored.
+    # proxy's, and a loopback desk needs a login (a proxy's clients are not this machine).
+    # Empty: the peer's address counts, and the headers are ignored.
     trusted_proxies: list[str] = Field(default_factory=list)
     refresh_s: int = Field(30, ge=0)  # queue auto-refresh
     thumb_px: int = Field(256, gt=0)

@@ -511,6 +511,63 @@ def test_reading_needs_login_off_loopback(data, env):
         assert c.get("/api/clusters/c-viral", headers=VIEWER).status_code == 200
 
 
+def test_a_loopback_desk_behind_a_proxy_is_not_read_without_a_login(data, env):
+    """A reverse proxy on the same machine (nginx's proxy_pass to 127.0.0.1)
+    sends every client's request from 127.0.0.1 with Host: 127.0.0.1: the
+    open loopback desk answered anyone on the internet, trusted_proxies set
+    or not. Any proxy header, a client address off this machine, or
+    desk.trusted_proxies itself now asks for a login."""
+    add_user(data / "desk-users.json", "alice", "viewer", "correct horse battery")
+    with client(make_settings(data)) as c:
+        assert c.get("/api/clusters").status_code == 200  # this machine's own browser or script: open as before
+        for headers in ({"X-Forwarded-For": "203.0.113.7"}, {"Forwarded": "for=203.0.113.7;proto=https"},
+                        {"X-Forwarded-Proto": "https"}, {"X-Real-IP": "203.0.113.7"}):
+            r = c.get("/api/clusters", headers=headers)
+            assert r.status_code == 401 and "reverse proxy" in r.json()["error"], headers
+            assert c.get("/", headers=headers, follow_redirects=False).headers["location"].startswith("/login")
+            assert c.get("/api/clusters", headers={**headers, **VIEWER}).status_code == 200
+    # the client's address as uvicorn gives it after a trusted proxy's X-Forwarded-For
+    with TestClient(create_app(make_settings(data), host="127.0.0.1"), base_url="http://127.0.0.1",
+                    client=("203.0.113.7", 4000)) as c:
+        r = c.get("/api/clusters/c-viral")
+        assert r.status_code == 401 and "203.0.113.7" in r.json()["error"]
+        assert c.get("/openapi.json").status_code == 401
+    with client(make_settings(data, trusted_proxies=["127.0.0.1"])) as c:
+        r = c.get("/api/clusters")  # a proxy that adds no header at all
+        assert r.status_code == 401 and "trusted_proxies" in r.json()["error"]
+        assert c.get("/api/clusters", headers=VIEWER).status_code == 200
+
+
+def test_a_login_over_https_sets_a_secure_cookie_and_hsts(data, env):
+    # The session cookie was Secure, and HSTS sent, only off loopback: behind a
+    # TLS proxy on loopback the cookie could leak over a plain-http link.
+    add_user(data / "desk-users.json", "alice", "viewer", "correct horse battery")
+
+    def cookies(r) -> dict[str, str]:
+        return {h.split("=", 1)[0]: h for h in r.headers.get_list("set-cookie")}
+
+    with TestClient(create_app(make_settings(data), host="127.0.0.1"), base_url="https://127.0.0.1") as c:
+        page = c.get("/login")
+        assert "secure" in cookies(page)["dw_login_csrf"].lower()
+        assert page.headers["strict-transport-security"] == "max-age=31536000"
+        r = _login(c, "alice", "correct horse battery")
+        assert r.status_code == 303 and "secure" in cookies(r)["dw_session"].lower()
+        assert "strict-transport-security" in r.headers
+        assert "strict-transport-security" in c.get("/api/clusters").headers
+    with client(make_settings(data, public_url="https://desk.example.org")) as c:  # http here, https for its people
+        page = c.get("/login")
+        assert "secure" in cookies(page)["dw_login_csrf"].lower() and "strict-transport-security" in page.headers
+        token = page.text.split('name="csrf" value="')[1].split('"')[0]
+        # a browser sends a Secure cookie to http://127.0.0.1 (a trustworthy origin); the test client does not
+        r = c.post("/login", data={"username": "alice", "password": "correct horse battery", "csrf": token},
+                   headers={"Cookie": f"dw_login_csrf={token}"}, follow_redirects=False)
+        assert r.status_code == 303 and "secure" in cookies(r)["dw_session"].lower()
+    with client(make_settings(data)) as c:  # plain http on loopback: as before
+        r = _login(c, "alice", "correct horse battery")
+        assert r.status_code == 303 and "secure" not in cookies(r)["dw_session"].lower()
+        assert "strict-transport-security" not in c.get("/api/clusters").headers
+
+
 def test_the_401_says_why_reading_needs_a_login(data, env):
     # On loopback with require_login_on_loopback the 401 said "this desk is not on a loopback address".
     with client(make_settings(data, require_login_on_loopback=True)) as c:
@@ -950,6 +1007,17 @@ def test_thumbnails_are_resized_copies_of_members_only(data, env):
         assert c.get(f"/thumb/{member}?px=4000").status_code == 422
 
 
+def test_answers_are_for_the_desks_own_origin_only(data, env):
+    # A page of another local origin probed /thumb/{sha} with <img>: it loaded
+    # for a member and failed otherwise, telling which pictures the desk holds.
+    with client(make_settings(data)) as c:
+        member = c.get("/api/clusters/c-viral").json()["members"][0]["sha256"]
+        for path in (f"/thumb/{member}?px=64", "/thumb/" + "0" * 64, "/api/clusters", "/api/accounts/persona1", "/",
+                     "/static/desk.css"):
+            r = c.get(path)
+            assert r.headers["cross-origin-resource-policy"] == "same-origin", path
+
+
 def test_thumbnail_cache_is_bounded(tmp_path):
     from streams.desk.thumbs import Thumbnails
     from tests.desk_support import jpeg
@@ -1189,6 +1257,28 @@ def test_one_guessing_address_locks_out_neither_the_user_elsewhere_nor_its_neigh
     for i in range(9):
         assert limiter.attempt(f"192.0.2.{i}", "alice")[0] == 0
     assert limiter.attempt("192.0.2.200", "alice")[0] > 0
+    assert limiter.attempt("198.51.100.1", "alice")[0] == 0  # but not where alice logged in
+
+
+def test_guesses_spread_over_addresses_do_not_lock_the_user_out_of_an_address_she_logged_in_from():
+    # The per-name limit blocked the name from every address: four addresses
+    # with five wrong passwords each locked a real editor out from anywhere.
+    from streams.desk.auth import LoginLimiter
+
+    limiter = LoginLimiter(per_minute=5)  # 20 per name over the addresses
+    wait, stamp = limiter.attempt("192.0.2.200", "alice")  # alice at her own desk, yesterday
+    limiter.succeeded(stamp, "192.0.2.200", "alice")
+    for i in range(4):
+        for _ in range(5):
+            assert limiter.attempt(f"198.51.100.{i}", "alice")[1] is not None  # each a failure
+        assert limiter.attempt(f"198.51.100.{i}", "alice")[0] > 0
+    wait, stamp = limiter.attempt("192.0.2.200", "alice")  # alice at her own desk
+    assert wait == 0 and stamp is not None
+    limiter.succeeded(stamp, "192.0.2.200", "alice")
+    assert limiter.attempt("192.0.2.200", "alice")[0] == 0  # and again: a success is no failure
+    # the name's limit still caps guessing from every other address
+    assert limiter.attempt("203.0.113.50", "alice")[0] > 0
+    assert limiter.attempt("203.0.113.50", "bob")[0] == 0  # not for other names
 
 
 def test_times_are_shown_in_utc_and_sorted_as_instants():

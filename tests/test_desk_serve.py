@@ -188,3 +188,74 @@ def test_slow_and_piled_up_clients_do_not_take_the_desk(tmp_path):
         for s in held:
             s.close()
         desk.stop()
+
+
+def _login_form(c: httpx.Client) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', c.get("/login").text).group(1)
+
+
+def test_a_desk_behind_a_loopback_proxy_needs_a_login_and_sets_secure_cookies(tmp_path):
+    """nginx's `proxy_pass http://127.0.0.1:PORT` in front of a loopback desk,
+    as the desk sees it through uvicorn: Host 127.0.0.1:PORT, the client in
+    X-Forwarded-For, https in X-Forwarded-Proto. Every internet client read the
+    desk without a login, and the login cookie had no Secure flag."""
+    from streams.desk.auth import add_user
+
+    small_store(tmp_path)
+    add_user(tmp_path / "desk-users.json", "alice", "editor", "correct horse battery")
+    desk = DeskServer(tmp_path, env={"DEEPWATCH_DESK__TRUSTED_PROXIES": '["127.0.0.1"]'})
+    proxied = {"Host": f"127.0.0.1:{desk.port}", "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    try:
+        with httpx.Client(base_url=desk.url, headers=proxied, timeout=30) as c:
+            for path in ("/api/clusters?limit=2", "/api/accounts/persona1", "/openapi.json"):
+                r = c.get(path)
+                assert r.status_code == 401 and "login required" in r.json()["error"], (path, r.text)
+            assert c.get("/", follow_redirects=False).headers["location"].startswith("/login")
+            page = c.get("/login")
+            assert "secure" in page.headers["set-cookie"].lower()
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+            r = c.post("/login", data={"username": "alice", "password": "correct horse battery", "csrf": csrf},
+                       headers={"Cookie": f"dw_login_csrf={csrf}"}, follow_redirects=False)
+            session = next(h for h in r.headers.get_list("set-cookie") if h.startswith("dw_session="))
+            assert r.status_code == 303 and "secure" in session.lower(), session
+            assert r.headers["strict-transport-security"] == "max-age=31536000"
+            cookie = session.split(";", 1)[0]
+            assert c.get("/api/clusters?limit=2", headers={"Cookie": cookie}).status_code == 200
+        # the same desk, asked from this machine with no proxy in between: a proxied desk always logs in
+        assert httpx.get(desk.url + "/api/clusters", timeout=30).status_code == 401
+    finally:
+        desk.stop()
+
+
+def test_guesses_spread_over_addresses_do_not_lock_an_editor_out(tmp_path):
+    """Four addresses with five wrong passwords each for alice (the per-name
+    limit) locked alice out from every address, her own included."""
+    from streams.desk.auth import add_user
+
+    small_store(tmp_path)
+    add_user(tmp_path / "desk-users.json", "alice", "editor", "correct horse battery")
+    desk = DeskServer(tmp_path, env={"DEEPWATCH_DESK__TRUSTED_PROXIES": '["127.0.0.1"]'})
+
+    def client(address: str) -> httpx.Client:
+        return httpx.Client(base_url=desk.url, headers={"X-Forwarded-For": address}, timeout=60)
+
+    def login(c: httpx.Client, password: str) -> httpx.Response:
+        csrf = _login_form(c)
+        return c.post("/login", data={"username": "alice", "password": password, "csrf": csrf},
+                      follow_redirects=False)
+
+    try:
+        with client("192.0.2.200") as c:  # alice at her own desk, earlier
+            assert login(c, "correct horse battery").status_code == 303
+        for i in range(4):  # desk.login_failures_per_minute is 5: 20 for the name
+            with client(f"198.51.100.{i + 1}") as c:
+                assert [login(c, f"guess {k}").status_code for k in range(5)] == [401] * 5
+                assert login(c, "another guess").status_code == 429
+        with client("192.0.2.200") as c:  # alice at her own desk, the right password
+            r = login(c, "correct horse battery")
+            assert r.status_code == 303 and "dw_session=" in r.headers["set-cookie"], r.text
+        with client("192.0.2.201") as c:  # the name's limit still holds for every other address
+            r = login(c, "correct horse battery")
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    finally:
+        desk.stop()

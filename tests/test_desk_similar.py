@@ -198,6 +198,50 @@ def test_bad_uploads_are_4xx_json_never_500(tmp_path, env):
     assert observe.LOOKUPS.labels("rejected")._value.get() == rejected + 5
 
 
+def test_lookups_in_flight_are_bounded_before_their_uploads_are_read(tmp_path, env, monkeypatch):
+    """Every upload was read whole (up to fetch.max_bytes) and held while
+    looked up, with no bound on how many at once: 48 uploads of 23 MiB took
+    the desk to 1.8 GiB. Past MAX_LOOKUPS in flight a lookup is a 503 with
+    Retry-After, answered before its body is read; it succeeds once they end."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streams.desk import app as desk_app
+
+    small_store(tmp_path)
+    monkeypatch.setattr(desk_app, "MAX_LOOKUPS", 2)
+    entered, release = threading.Semaphore(0), threading.Event()
+    real = desk_app.lookup
+
+    def held(*args, **kwargs):  # a lookup that takes until the test lets it go
+        entered.release()
+        assert release.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(desk_app, "lookup", held)
+    bound = MAX_BYTES + UPLOAD_OVERHEAD
+    with client(make_settings(tmp_path)) as c, ThreadPoolExecutor(2) as pool:
+        try:
+            busy = [pool.submit(c.post, "/api/similar", headers=VIEWER, **upload(REPOST)),
+                    pool.submit(c.post, "/similar", **upload(REPOST))]
+            for _ in busy:
+                assert entered.acquire(timeout=120)  # both are being looked up
+            # over the upload bound: a 413 had its body been read, a 503 says it was not
+            r = c.post("/api/similar", headers=VIEWER, **upload(b"x" * (bound + 1)))
+            assert r.status_code == 503, r.text
+            assert int(r.headers["retry-after"]) >= 1 and "in flight" in r.json()["error"] and r.json()["status"] == 503
+            r = c.post("/similar", **upload(REPOST))  # the page says so too
+            assert r.status_code == 503 and r.headers["retry-after"] and "in flight" in r.text
+            assert r.headers["content-type"].startswith("text/html")
+            assert c.get("/api/clusters").status_code == 200  # other answers are not held up
+        finally:
+            release.set()
+        assert [f.result().status_code for f in busy] == [200, 200]
+        assert c.app.state.desk.lookups.busy == 0
+        r = c.post("/api/similar", headers=VIEWER, **upload(REPOST))
+        assert r.status_code == 200 and [x["cluster_id"] for x in r.json()] == ["c-viral"]
+
+
 def test_sessions_send_their_csrf_token(tmp_path, env):
     small_store(tmp_path)
     add_user(tmp_path / "desk-users.json", "vic", "viewer", "a long viewer password")

@@ -1,7 +1,10 @@
 """The desk's FastAPI application: pages, the REST API and their guards.
 
 ``create_app(settings, host)`` builds it; ``host`` is the address the server
-binds, which decides whether reading is open (loopback) or needs a login.
+binds, which decides whether reading is open (loopback) or needs a login. Open
+reading is for requests from this machine only: never one through a reverse
+proxy (``desk.trusted_proxies`` set, or proxy headers on the request), nor one
+from another address (``Desk.why_login``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import base64
 import contextlib
 import hashlib
 import importlib.util
+import ipaddress
 import logging
+import os
 import re
 import secrets
 from pathlib import Path
@@ -57,6 +62,18 @@ SHA256 = r"^[0-9a-f]{64}$"
 # Picture uploads (``UPLOAD_PATHS``) have their own, larger bound.
 MAX_BODY_BYTES = 64 * 1024
 UPLOAD_PATHS = ("/api/similar", "/similar")
+# Picture lookups in flight at once, counted from when their guards pass,
+# before their uploads are read. Each holds its upload whole (up to
+# fetch.max_bytes, 25 MiB by default) until it is answered, and waits for the
+# decode memory budget and a worker thread; past about two a core more of them
+# add memory, not answers (48 uploads of 23 MiB at once took the desk to
+# 1.8 GiB). One over this is answered 503 with Retry-After, not queued: a
+# queued upload would hold its connection and, once read, its bytes.
+MAX_LOOKUPS = max(2, 2 * (os.cpu_count() or 1))
+LOOKUP_RETRY_S = 2
+# Headers a reverse proxy adds: a request carrying any of them is not read
+# without a login, whether or not the proxy is one the desk trusts.
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip")
 DOCS_PATH, OPENAPI_PATH, SWAGGER_ASSETS = "/docs", "/openapi.json", "/docs/assets"
 # Swagger UI 5 (the fastapi-swagger wheel's copy; 4.x cannot read the OpenAPI
 # 3.1 that FastAPI writes): the files the docs page loads, and no others.
@@ -110,6 +127,27 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class Slots:
+    """At most ``n`` requests of a kind at once (``take``); one over that is
+    refused with 503 and ``Retry-After``. Taken and given back on the event
+    loop only, so the count needs no lock."""
+
+    def __init__(self, n: int, what: str, retry_after_s: int):
+        self.n, self.what, self.retry_after_s, self.busy = n, what, retry_after_s, 0
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[None]:
+        if self.busy >= self.n:
+            raise HTTPException(503, f"the desk is busy: {self.n} {self.what} are in flight, the most it takes at "
+                                     f"once; try again in {self.retry_after_s} s",
+                                headers={"Retry-After": str(self.retry_after_s)})
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+
+
 class GuardFirst(APIRoute):
     """A route whose guard runs before its body is read.
 
@@ -118,23 +156,30 @@ class GuardFirst(APIRoute):
     for a malformed body, and the desk would parse bodies for anyone. Here
     the route's guards (the dependencies in ``guards``, at any depth) run on
     the bare request first: no credentials end in 401, a wrong role or CSRF
-    token in 403, and only then does FastAPI read the body and solve the
-    dependencies as usual (the guards again: they are cheap, see
+    token in 403; then a route with ``slots`` (by path and method) takes one
+    of them or answers 503; and only then does FastAPI read the body and
+    solve the dependencies as usual (the guards again: they are cheap, see
     ``principal``). Set as the app's ``route_class`` before any route.
     """
 
     guards: frozenset[Any] = frozenset()
+    slots: dict[tuple[str, str], Slots] = {}
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         guards = list(dict.fromkeys(_calls_in(self.dependant, self.guards)))
-        if not guards:
+        slots = {m: self.slots[(self.path, m)] for m in self.methods or () if (self.path, m) in self.slots}
+        if not guards and not slots:
             return handler
 
         async def guarded(request: Request) -> Response:
             for guard in guards:
                 await run_in_threadpool(guard, request)  # sync, like FastAPI runs them
-            return await handler(request)
+            bound = slots.get(request.method)
+            if bound is None:
+                return await handler(request)
+            with bound.take():  # held until the answer is built: the upload's bytes are let go by then
+                return await handler(request)
 
         return guarded
 
@@ -155,11 +200,22 @@ class Desk:
         self.settings = settings
         data = Path(settings.data_dir)
         loopback = is_loopback(host)
-        self.open_read = loopback and not settings.desk.require_login_on_loopback
+        # A reverse proxy on the same machine sends its clients' requests from
+        # 127.0.0.1, often with Host: 127.0.0.1: a desk behind one is never
+        # read without a login (``why_login`` also refuses requests that carry
+        # proxy headers, for a proxy not listed here).
+        proxied = bool(settings.desk.trusted_proxies)
+        self.open_read = loopback and not settings.desk.require_login_on_loopback and not proxied
         # Why an anonymous read is refused (when it is): said in the 401.
         self.login_reason = ("this desk is not on a loopback address" if not loopback else
-                             "reading needs a login on this loopback desk too (desk.require_login_on_loopback is set)")
-        self.secure_cookies = not loopback
+                             "reading needs a login on this loopback desk too (desk.require_login_on_loopback is set)"
+                             if settings.desk.require_login_on_loopback else
+                             "this desk is behind a reverse proxy (desk.trusted_proxies is set), which always needs a "
+                             "login")
+        # Off loopback, or where people reach the desk over https: the session
+        # cookie is Secure and HSTS is sent (``secure``).
+        self.secure_cookies = not loopback or (settings.desk.public_url or "").lower().startswith("https:")
+        self.lookups = Slots(MAX_LOOKUPS, "picture lookups", LOOKUP_RETRY_S)
         self.db = DeskDB(data / "desk.sqlite")
         self.source = FindingsSource(store, self.db, search_timeout_s=settings.findings.search_timeout_s)
         self.users = Users(settings.desk.users_file or data / "desk-users.json")
@@ -171,6 +227,30 @@ class Desk:
         self.account_check: asyncio.Future | None = None  # the timer's check in flight, if any
         self.thumbs = Thumbnails(data / "blobs", data / "desk" / "thumbs",
                                  max_bytes=settings.desk.thumb_cache_mb * 1024 * 1024, max_pixels=settings.decode.max_pixels)
+
+    def secure(self, request: Request) -> bool:
+        """Whether the answer sets Secure cookies and HSTS: off loopback, with
+        an https ``public_url``, or for a request made over https (its scheme
+        as a trusted proxy's X-Forwarded-Proto says, which uvicorn applies)."""
+        return self.secure_cookies or request.url.scheme == "https"
+
+    def why_login(self, request: Request) -> str | None:
+        """Why this request may not read without a login (None: it may).
+        Open reading is for a browser or script on this machine: a request a
+        proxy passed on (its headers name a client elsewhere, trusted or not)
+        or one from another address (after a trusted proxy's X-Forwarded-For)
+        always logs in."""
+        if not self.open_read:
+            return self.login_reason
+        if any(h in request.headers for h in PROXY_HEADERS):
+            return ("this request came through a reverse proxy (it carries Forwarded or X-Forwarded-* headers), and "
+                    "a proxied desk always needs a login")
+        # An address that is not an IP literal is no network peer (a test
+        # harness's); uvicorn gives the peer's IP, or the forwarded client's.
+        client = request.client.host if request.client else ""
+        if _is_ip(client) and not is_loopback(client):
+            return f"this request comes from {client}, not from this machine"
+        return None
 
     def close(self) -> None:
         self.alerts.close()
@@ -309,7 +389,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         p = principal(request)
         if p is not None:
             return p
-        if desk.open_read:
+        why = desk.why_login(request)
+        if why is None:
             # A web page the analyst visits can point its own name at
             # 127.0.0.1 (DNS rebinding) and read a loopback desk as if it
             # were its own origin; the Host header still carries its name.
@@ -320,7 +401,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             # decode, a logout): no cookie is needed to ride on.
             not_ours(request, origin_too=True)
             return Principal(user="anonymous", role="viewer", via="open")
-        raise _error(401, f"login required: {desk.login_reason}")
+        raise _error(401, f"login required: {why}")
 
     def editor(request: Request) -> Principal:
         p = principal(request)
@@ -371,6 +452,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
 
     class DeskRoute(GuardFirst):
         guards = frozenset({reader, editor, api_editor, api_reader, login_cookie})
+        slots = {(path, "POST"): desk.lookups for path in UPLOAD_PATHS}  # before an upload is read
 
     app.router.route_class = DeskRoute  # every route below runs its guards before its body is read
 
@@ -448,7 +530,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         resp.headers["X-Frame-Options"] = "DENY"
         resp.headers["Referrer-Policy"] = "no-referrer"
         resp.headers["Cross-Origin-Opener-Policy"] = "same-origin"
-        if desk.secure_cookies:
+        # Another origin (a page on another local port, say) cannot embed the
+        # desk's answers: an <img> of /thumb/{sha} told it which pictures the
+        # desk holds by loading or failing.
+        resp.headers["Cross-Origin-Resource-Policy"] = "same-origin"
+        if desk.secure(request):
             resp.headers["Strict-Transport-Security"] = "max-age=31536000"
         return resp
 
@@ -738,7 +824,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             token = secrets.token_urlsafe(24)
         resp = templates.TemplateResponse(request, "login.html", {"me": None, "csrf": token, "next": _safe_next(next),
                                                                    "error": None, "has_users": len(desk.users) > 0})
-        resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure_cookies, max_age=3600)
+        resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure(request), max_age=3600)
         return resp
 
     @app.post("/login", include_in_schema=False)
@@ -764,7 +850,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         token, _ = desk.db.new_session(user.name, user.role, settings.desk.session_hours, credential_of(user))
         observe.LOGINS.labels("ok").inc()
         resp = RedirectResponse(_safe_next(next), 303)
-        resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure_cookies,
+        resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure(request),
                         max_age=int(settings.desk.session_hours * 3600))
         resp.delete_cookie(LOGIN_CSRF_COOKIE)
         return resp
@@ -804,6 +890,14 @@ def _host_name(host: str) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1]
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _inline_script_hash(page: bytes) -> str:

@@ -9,7 +9,8 @@
   commas; sent as ``Authorization: Bearer <token>``.
 - Browser sessions: a random cookie (only its hash is stored) with a CSRF
   token that every form and every cookie-authenticated POST must echo.
-- Failed logins are limited per client address and per user name.
+- Failed logins are limited per client address and user name, per address,
+  and per user name (but not for an address the user logged in from lately).
 
 There are no default credentials: with no users file and no tokens, the desk
 is read-only (and only on loopback).
@@ -26,7 +27,7 @@ import os
 import secrets
 import threading
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from pathlib import Path
 from typing import Literal
 
@@ -196,18 +197,30 @@ class LoginLimiter:
     The pair is the tight limit: one address guessing one user's password. A
     guesser from one address cannot lock a user out of the desk from everywhere
     else (as a per-name limit alone would), nor the others behind a shared
-    address (a newsroom's NAT or proxy); the wider limits still slow guessing
-    spread over many names or many addresses.
+    address (a newsroom's NAT or proxy); the per-address limit still slows
+    guessing spread over many names.
+
+    The per-name limit caps guessing spread over many addresses, but it does
+    not apply to an address the user logged in from within ``KNOWN_FOR_S``
+    (a "known device", as OWASP calls it): guesses from four addresses with
+    five wrong passwords each locked the user out of the desk everywhere,
+    her own desk included. A user at an address new to her waits out a
+    guessing storm on her name (or uses an API token).
 
     ``attempt`` checks and counts in one step, before the password is checked:
     parallel guesses must not all pass the check while none has failed yet."""
 
+    KNOWN_FOR_S = 30 * 86400.0
+    MAX_KNOWN = 10_000  # (user, address) pairs remembered: the oldest go first
+
     def __init__(self, per_minute: int, spread: int = 4):
         self.per_minute, self.spread = per_minute, spread
         self._fails: dict[str, deque[float]] = defaultdict(deque)
+        self._known: OrderedDict[tuple[str, str], float] = OrderedDict()  # (user, address) -> last login
         self._lock = threading.Lock()  # logins run in the threadpool
 
     def _limits(self, client: str, user: str) -> dict[str, int]:
+        """The pair's, the address's and the name's keys and limits, in that order."""
         wide = self.per_minute * self.spread
         return {f"pair:{client}\n{user}": self.per_minute, f"addr:{client}": wide, f"user:{user}": wide}
 
@@ -216,7 +229,11 @@ class LoginLimiter:
         failure until ``succeeded`` withdraws it, None when refused)."""
         limits = self._limits(client, user)
         with self._lock:
-            wait = self._blocked(limits)
+            known = self._known.get((user, client))
+            checked = dict(limits)
+            if known is not None and time.monotonic() - known < self.KNOWN_FOR_S:
+                del checked[f"user:{user}"]  # her own desk: a storm of guesses elsewhere does not lock her out
+            wait = self._blocked(checked)
             return (wait, None) if wait > 0 else (0.0, self._count(*limits))
 
     def succeeded(self, stamp: float, client: str, user: str) -> None:
@@ -224,6 +241,10 @@ class LoginLimiter:
             for k in self._limits(client, user):
                 with contextlib.suppress(ValueError):
                     self._fails.get(k, deque()).remove(stamp)
+            self._known[(user, client)] = time.monotonic()
+            self._known.move_to_end((user, client))
+            while len(self._known) > self.MAX_KNOWN:
+                self._known.popitem(last=False)
 
     def _recent(self, key: str) -> deque[float]:
         # ``get``, not the defaultdict's insertion: a refused attempt (a spray
