@@ -134,6 +134,12 @@ def create_all(cost: Cost | None = None, names: list[str] | None = None) -> list
     return [d for d in detectors if cost is None or d.cost == cost]
 
 
+def known_detectors(cost: Cost | None = None) -> set[str]:
+    """Names of the registered detectors (of ``cost``, when given)."""
+    _load_builtin_plugins()
+    return {name for name, cls in _REGISTRY.items() if cost is None or cls.cost == cost}
+
+
 def _load_builtin_plugins() -> None:
     # Importing the modules runs their @register decorators.
     import detectors.plugins  # noqa: F401

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -17,6 +18,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import SettingsError as PydanticSettingsError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?", re.IGNORECASE)  # what ``detect.device`` and ``--device`` take
 
 
 class _Section(BaseModel):
@@ -128,6 +131,29 @@ class DetectSettings(_Section):
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     max_batch: int = Field(16, gt=0)
     max_wait_ms: float = Field(20.0, gt=0)
+
+    @field_validator("cheap")
+    @classmethod
+    def _cheap(cls, names: list[str] | None) -> list[str] | None:
+        """Registered cheap detectors only: an unknown name crashed every
+        analyze worker at start, and a model's name was dropped unsaid."""
+        if names is None:
+            return None
+        from detectors.base import known_detectors
+
+        known = known_detectors("cheap")
+        wrong = [n for n in names if n not in known]
+        if wrong:
+            raise ValueError(f"unknown cheap detector {', '.join(map(repr, wrong))}; known: {', '.join(sorted(known))}")
+        return names
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        # a typo such as "cdua" would run on the CPU without a word
+        if not DEVICE_RE.fullmatch(value.strip()):
+            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        return value.strip()
 
 
 def check_http_url(value: str) -> str:

@@ -186,7 +186,11 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError) or "malformed" in str(e):
                 raise StoreError.of(f"findings store {str(self.path)!r} is not a readable SQLite database ({e}): "
                                     "move it aside (deepwatch starts a new one) or restore it from a backup", e) from None
-            raise StoreError.of(f"cannot open findings store {str(self.path)!r}: {e}", e) from None
+            # SQLite writes to open a store (its write-ahead log), reads included
+            fix = (": deepwatch needs write access to the file and its directory, reads included (SQLite's "
+                   "write-ahead log); check their permissions, or copy the data dir somewhere writable"
+                   if "readonly" in str(e) or "unable to open" in str(e) else "")
+            raise StoreError.of(f"cannot open findings store {str(self.path)!r}: {e}{fix}", e) from None
         except StoreError:
             self._db.close()
             raise

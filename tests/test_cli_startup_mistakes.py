@@ -70,6 +70,21 @@ def test_log_level_and_format_names_are_taken_in_any_case():
     assert _settings_json({"DEEPWATCH_LOG_LEVEL": "warn"})["log_level"] == "WARNING"
 
 
+# -- detectors and devices ----------------------------------------------------------
+@pytest.mark.parametrize("args", [["settings", "--format", "json"], ["detect", str(ROOT / "README.md")]])
+def test_an_unknown_cheap_detector_is_one_settings_line_naming_the_known_ones(args):
+    # was a KeyError traceback from `detect`, and every replay worker crashing at start
+    line = _one_error_line(_cli(*args, env={"DEEPWATCH_DETECT__CHEAP": '["c2pa", "nosuch"]'}))
+    assert "detect.cheap" in line and "'nosuch'" in line and "known: c2pa, generator-metadata" in line, line
+    assert _settings_json({"DEEPWATCH_DETECT__CHEAP": '["c2pa", "xmp"]'})["detect"]["cheap"] == ["c2pa", "xmp"]
+
+
+def test_an_unknown_device_is_refused_not_run_on_the_cpu():
+    line = _one_error_line(_cli("settings", "--format", "json", env={"DEEPWATCH_DETECT__DEVICE": "tpu"}))
+    assert "detect.device" in line and "auto, cpu, cuda, cuda:N, mps" in line, line
+    assert _settings_json({"DEEPWATCH_DETECT__DEVICE": "cuda:1"})["detect"]["device"] == "cuda:1"
+
+
 # -- inf and nan ---------------------------------------------------------------------
 def test_an_infinite_timeout_is_one_settings_line_not_an_overflow():
     # was an OverflowError traceback from serve-ingest
@@ -338,3 +353,20 @@ def test_connector_urls_are_checked_before_connecting(tmp_path, args, says):
     # mastodon retried forever (UnsupportedProtocol); bluesky said a bare "Invalid IPv6 URL"
     line = _one_error_line(_cli("connect", *args, "--dry-run", "--duration", "2", "--data-dir", str(tmp_path)))
     assert says in line, line
+
+
+def test_a_users_file_that_cannot_be_written_is_named_not_its_temp_file(tmp_path):
+    # was "[Errno 20] Not a directory: '.../desk-users.tmp'": a temp file the user never named
+    (tmp_path / "plain").write_text("")
+    users = tmp_path / "plain" / "desk-users.json"
+    line = _one_error_line(_cli("desk-user", "ana", "--data-dir", str(tmp_path), "--password-env", "DW_TEST_PW",
+                                env={"DW_TEST_PW": "long enough password", "DEEPWATCH_DESK__USERS_FILE": str(users)}))
+    assert f"cannot write the users file {users}" in line and "desk.users_file" in line and ".tmp" not in line, line
+
+
+@pytest.mark.parametrize("args", [[], ["bank", "add"], ["models", "list"], ["prune"]])
+def test_dash_h_is_help_everywhere(args):
+    # was "No such option: -h" on every command
+    short, long = _cli(*args, "-h"), _cli(*args, "--help")
+    assert short.returncode == long.returncode == 0, short.stderr
+    assert short.stdout == long.stdout and "Usage: " in short.stdout

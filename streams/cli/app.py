@@ -12,6 +12,7 @@ app = typer.Typer(
         "`deepwatch clusters|alerts|dead-letters --data-dir DIR` query the findings afterwards."
     ),
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     add_completion=False,
     pretty_exceptions_enable=False,
 )

@@ -36,7 +36,7 @@ def _resolve(given: str, known: list[str]) -> str:
 @app.command(rich_help_panel="Findings")
 def redeliver(
     target: Optional[str] = typer.Argument(
-        None, help="Webhook target as `deepwatch redeliver` lists it (scheme://host:port#hash), its URL, or "
+        None, metavar="TARGET", help="Webhook target as `deepwatch redeliver` lists it (scheme://host:port#hash), its URL, or "
                    "scheme://host:port when only one target has it. Without it: list what waits per target."),
     alert: Optional[list[str]] = typer.Option(None, "--alert", help="Only this alert id (repeatable)."),
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, store_url: Optional[str] = StoreOpt,

@@ -157,12 +157,17 @@ def add_user(path: Path, name: str, role: str, password: str) -> None:
     kept = before.get("password") if before and verify_password(password, str(before.get("password", ""))) else None
     entry = UserEntry(name=name, role=role, password=kept or hash_password(password))
     doc["users"] = [u for u in doc.get("users", []) if u.get("name") != name] + [entry.model_dump()]
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        # it read "[Errno 13] Permission denied: 'data/desk-users.tmp'": a temp file the user never named
+        raise OSError(f"cannot write the users file {path} ({e.strerror or e}): check the permissions of its "
+                      "directory, or give another --data-dir or desk.users_file") from None
 
 
 def tokens_from_env(var: str) -> dict[str, tuple[str, Role]]:
