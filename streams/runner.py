@@ -265,11 +265,14 @@ class Cluster:
                     # worker alone. Waiting on would wait for the whole timeout.
                     raise WorkerExited(f"{w.role} worker stopped (exit 0) while it was still needed; something "
                                        f"outside this command stopped it (a SIGTERM or Ctrl-C); log {w.log_path}")
-                tail = w.log_path.read_text(errors="replace")[-3000:]
+                tail = _tail(w.log_path, 32768)
                 said = [line for line in tail.splitlines() if line.startswith("error: ")]
                 if said:  # the worker said why (a setting it cannot run with): that line, not the log
                     raise WorkerExited(f"{w.role} worker exited with {code}: {said[-1][len('error: '):]} (log {w.log_path})")
-                raise WorkerExited(f"{w.role} worker exited with {code}; log {w.log_path}:\n{tail}")
+                cause = crash_cause(tail)
+                if cause:  # its first logged exception, not the shutdown lines after it
+                    raise WorkerExited(f"{w.role} worker exited with {code}: {cause} (log {w.log_path})")
+                raise WorkerExited(f"{w.role} worker exited with {code}; log {w.log_path}:\n{tail[-3000:]}")
 
     def last_error(self) -> str | None:
         """The newest error any worker logged (``role: message``), read from
@@ -277,12 +280,7 @@ class Cluster:
         (a full disk, a locked store) instead of only resending."""
         newest: tuple[str, str] | None = None
         for w in self.workers:
-            try:
-                with open(w.log_path, "rb") as f:
-                    f.seek(max(0, f.seek(0, os.SEEK_END) - 32768))
-                    tail = f.read().decode("utf-8", "replace")
-            except OSError:
-                continue
+            tail = _tail(w.log_path, 32768)
             for line in tail.splitlines():
                 try:
                     doc = json.loads(line)
@@ -368,9 +366,41 @@ def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None 
     return cluster
 
 
+def _tail(path: Path, n: int) -> str:
+    """The last ``n`` bytes of a log ("" when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def crash_cause(log: str) -> str | None:
+    """Why a worker crashed, from its JSON log: the first error record that
+    carries an exception (``msg: the exception's last line``), else the first
+    error record; None when it logged none. The first, not the last: a crash
+    is followed by shutdown errors that only echo it."""
+    first: str | None = None
+    for line in log.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(doc, dict) or doc.get("level") not in ("error", "critical"):
+            continue
+        msg = str(doc.get("msg", ""))[:300]
+        exc = [x for x in str(doc.get("exc") or "").splitlines() if x.strip()]
+        if exc:
+            return f"{msg}: {exc[-1].strip()[:300]}" if msg else exc[-1].strip()[:300]
+        first = first or msg
+    return first
+
+
 class WorkerExited(RuntimeError):
     """A local worker ended while the command needed it; the message says why
-    when the worker did (its last ``error:`` line), else shows its log's tail."""
+    when the worker did (its last ``error:`` line, else its first logged
+    exception: ``crash_cause``), else shows its log's tail."""
 
 
 @dataclass

@@ -334,3 +334,30 @@ def test_a_stalled_run_names_the_workers_last_error(tmp_path):
                       workers=[SimpleNamespace(role="detect", log_path=a), SimpleNamespace(role="pipeline", log_path=b)])
     assert cluster.last_error() == "pipeline: engine state not written (disk I/O error)"
     assert Cluster(Settings(data_dir=tmp_path), "kafka://x:1", "x:1", tmp_path).last_error() is None
+
+
+def test_a_crashed_worker_is_named_by_its_first_exception_not_its_shutdown_lines(tmp_path):
+    # replay printed "pipeline worker exited with 1; log ...:" and ~15 lines
+    # of the worker's shutdown; the crash itself was further up in the log.
+    from streams import runner
+    from streams.settings import Settings
+
+    log = tmp_path / "worker.log"
+    crash = ("import logging, sys\n"
+             "from streams import logs\n"
+             "logs.setup('INFO', 'json', stream=open(sys.argv[1], 'w'))\n"
+             "log = logging.getLogger('faust.agent')\n"
+             "log.info('starting')\n"
+             "try:\n"
+             "    {}['nosuch']\n"
+             "except KeyError:\n"
+             "    log.exception('Agent crashed')\n"
+             "log.error('consumer stopped while committing')\n"
+             "sys.exit(1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", crash, str(log)], cwd=REPO)
+    assert proc.wait(60) == 1
+    cluster = runner.Cluster(settings=Settings(data_dir=tmp_path), broker_url="", bootstrap="", log_dir=tmp_path)
+    cluster.workers.append(runner.WorkerProcess(role="pipeline", proc=proc, log_path=log))
+    with pytest.raises(runner.WorkerExited) as e:
+        cluster.check_workers()
+    assert str(e.value) == f"pipeline worker exited with 1: Agent crashed: KeyError: 'nosuch' (log {log})"
