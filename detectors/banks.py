@@ -96,30 +96,100 @@ class BankMatch(BaseModel):
     via: Via
 
 
+class BankFileError(OSError):
+    """The banks file cannot be used: it cannot be opened or written (a
+    directory without write permission, a read-only mount), or it is not a
+    banks file at all (a findings store copied over it). The message names
+    the file and the fix; an OSError, so the CLI answers it in one line."""
+
+
+_SQLITE_ERROR = sqlite3.Error  # bound here: a test may swap this module's sqlite3 for a stub
+_BANK_TABLES = {"banks", "entries", "sqlite_sequence"}  # sqlite_sequence: the AUTOINCREMENT counter
+
+
 class BankStore:
     def __init__(
         self,
         path: str | Path,
         *,
+        read_only: bool = False,
         phash_threshold: int = 10,
         pdq_threshold: int = 31,
         pdq_min_quality: int = 50,
         view_threshold: int = VIEW_THRESHOLD,
     ):
+        """``read_only``: open an existing file for reading only (``list_banks``,
+        ``match``): nothing is created, migrated or written, so it works in a
+        directory or on a file the user may not write. A missing file is a
+        ``BankFileError``, as is, in either mode, a file that is not a banks file."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self.phash_threshold = phash_threshold
         self.pdq_threshold = pdq_threshold
         self.pdq_min_quality = pdq_min_quality
         self.view_threshold = view_threshold
-        self._db = sqlite3.connect(self.path)
-        self._db.executescript(_SCHEMA)
-        have = {r[1] for r in self._db.execute("PRAGMA table_info(entries)")}
-        for col, typ in _ADDED_COLUMNS.items():
-            if col not in have:
-                self._db.execute(f"ALTER TABLE entries ADD COLUMN {col} {typ}")
-        self._db.commit()
         self._cache: _Loaded | None = None
+        if read_only:
+            if not self.path.is_file():
+                raise BankFileError(f"no banks file at {self.path}")
+            try:
+                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            except _SQLITE_ERROR as e:
+                raise self._file_error(e, "read") from None
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise BankFileError(f"cannot create the directory of banks file {self.path} ({e.strerror or e}): "
+                                    "pick a writable directory (--data-dir)") from None
+            try:
+                self._db = sqlite3.connect(self.path)
+            except _SQLITE_ERROR as e:
+                raise self._file_error(e, "open") from None
+        try:
+            self._open()
+        except BankFileError:
+            self._db.close()
+            raise
+        except _SQLITE_ERROR as e:
+            self._db.close()
+            raise self._file_error(e, "read" if read_only else "open") from None
+
+    def _open(self) -> None:
+        tables = {n for n, in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables - _BANK_TABLES:
+            # checked before anything is written: CREATE TABLE IF NOT EXISTS would
+            # quietly add bank tables to another program's database
+            raise BankFileError(f"{self.path} is not a deepwatch banks file (its tables: {', '.join(sorted(tables)[:5])}): "
+                                "move it aside (deepwatch starts a new one on `deepwatch bank add`) or restore it, "
+                                "or pass the --data-dir that holds your banks")
+        if not self.read_only:
+            self._db.executescript(_SCHEMA)
+            have = self._columns()
+            for col, typ in _ADDED_COLUMNS.items():
+                if col not in have:
+                    self._db.execute(f"ALTER TABLE entries ADD COLUMN {col} {typ}")
+            self._db.commit()
+            tables = {"banks", "entries"}
+        self._tables = tables
+        self._have = self._columns()
+
+    def _columns(self) -> set[str]:
+        return {r[1] for r in self._db.execute("PRAGMA table_info(entries)")}
+
+    def _file_error(self, e: BaseException, verb: str) -> BankFileError:
+        """A SQLite error opening, reading or writing the file, as one line naming it and the fix."""
+        text = str(e)
+        if "locked" in text or "busy" in text:
+            fix = "another deepwatch command is writing it; try again when it is done"
+        elif "not a database" in text or "malformed" in text:
+            fix = "move it aside (deepwatch starts a new one) or restore it from a backup"
+        elif self.read_only:
+            fix = f"check that you may read it and {self.path.parent}, or pass the --data-dir that holds your banks"
+        else:
+            fix = (f"check that you may write to {self.path} and to {self.path.parent} (permissions, a read-only "
+                   "disk, free space), or pass --data-dir a directory you can write")
+        return BankFileError(f"cannot {verb} banks file {self.path} ({text}): {fix}")
 
     def close(self) -> None:
         self._db.close()
@@ -154,10 +224,12 @@ class BankStore:
         All or nothing: a file that fails leaves the store as it was."""
         try:
             return self._add_images(name, verdict, paths, progress, limits)
-        except BaseException:
+        except BaseException as e:
             # without this the half-written rows stay pending on the connection
             # and the next successful call on this store would commit them
-            self._db.rollback()
+            self._rollback()
+            if isinstance(e, _SQLITE_ERROR):  # the file, not the image: say which file and what to do
+                raise self._file_error(e, "write") from None
             raise
 
     def _add_images(self, name: str, verdict: Verdict, paths: Iterable[str | Path],
@@ -200,9 +272,17 @@ class BankStore:
         All or nothing: a bad row leaves the store as it was (see ``add_images``)."""
         try:
             return self._import_csv(name, Path(csv_path), verdict)
-        except BaseException:
-            self._db.rollback()
+        except BaseException as e:
+            self._rollback()
+            if isinstance(e, _SQLITE_ERROR):
+                raise self._file_error(e, "write") from None
             raise
+
+    def _rollback(self) -> None:
+        try:
+            self._db.rollback()
+        except _SQLITE_ERROR:  # a failed write may leave nothing to roll back; the first error is the one to tell
+            pass
 
     def _import_csv(self, name: str, csv_path: Path, verdict: Verdict) -> int:
         rows = list(_read_hash_csv(Path(csv_path)))
@@ -224,6 +304,8 @@ class BankStore:
 
     # ------------------------------------------------------------- reading
     def list_banks(self) -> list[BankInfo]:
+        if not {"banks", "entries"} <= self._tables:  # read-only, an empty file: no banks yet
+            return []
         rows = self._db.execute(
             "SELECT b.name, b.verdict, COUNT(e.rowid) FROM banks b LEFT JOIN entries e ON e.bank = b.name "
             "GROUP BY b.name ORDER BY b.name"
@@ -287,9 +369,11 @@ class BankStore:
 
     def _load(self) -> _Loaded:
         if self._cache is None:
-            rows = self._db.execute(
-                "SELECT e.rowid, e.bank, e.entry_id, e.label, e.phash, e.pdq, e.pdq_quality, b.verdict, e.views, e.trimmed,"
-                " e.record FROM entries e JOIN banks b ON b.name = e.bank ORDER BY e.rowid"
+            # read-only, a file from before some columns existed: those read as NULL
+            views, trimmed, record = (f"e.{c}" if c in self._have else "NULL" for c in ("views", "trimmed", "record"))
+            rows = [] if not {"banks", "entries"} <= self._tables else self._db.execute(
+                "SELECT e.rowid, e.bank, e.entry_id, e.label, e.phash, e.pdq, e.pdq_quality, b.verdict, "
+                f"{views}, {trimmed}, {record} FROM entries e JOIN banks b ON b.name = e.bank ORDER BY e.rowid"
             ).fetchall()
             loaded = _Loaded()
             loaded.records = {r[0]: r[10] for r in rows if r[10]}

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from detectors.regular_file import special_kind
 from streams.cli.app import app
-from streams.cli.common import check_banks, check_store_option, err, fail, print_error, print_json, settings_from
+from streams.cli.common import Config, check_banks, check_store_option, err, fail, print_error, print_json, settings_from
 from streams.settings import Settings
 
 bank_app = typer.Typer(
@@ -41,14 +41,24 @@ def _say(message: str) -> None:
     err.print(escape(message), highlight=False, soft_wrap=True)
 
 
-def _settings(data_dir: Optional[Path]) -> Settings:
-    settings = settings_from(data_dir=data_dir)  # a --data-dir that is a file: one error line
+def _settings(config: Optional[Path], data_dir: Optional[Path]) -> Settings:
+    settings = settings_from(config, data_dir=data_dir)  # a --data-dir that is a file: one error line
     check_banks(settings)
     return settings
 
 
-def _store(settings: Settings):
-    return settings.bank_store()
+def _store(settings: Settings, *, read_only: bool = False, then: str = ""):
+    """The banks file, matching with the configured rule; read_only for the
+    commands that only read it (nothing is created: `bank list` in a
+    directory the user may not write, or that does not exist yet). A file
+    that cannot be opened, or is not a banks file, is one line naming it
+    and the fix (BankFileError), and ``then``: what was not done."""
+    from detectors.banks import BankFileError, BankStore
+
+    try:
+        return BankStore(settings.banks_path, read_only=read_only, **settings.dedupe.thresholds())
+    except BankFileError as e:
+        fail(f"{e}{then}")
 
 
 def _check_name(name: str) -> str:
@@ -91,18 +101,22 @@ def add(
     paths: list[Path] = typer.Argument(..., metavar="PATHS", help="Image files and/or directories (searched recursively)."),
     verdict: str = _Verdict,
     data_dir: Optional[Path] = _DataDir,
+    config: Optional[Path] = Config,
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Add the readable files and list the others, instead of adding nothing."),
 ) -> None:
     """Hash images and add them to bank NAME (created on first use).
 
     All or nothing: if any file is not an image deepwatch can read, each bad
     file is named and nothing is added, unless --skip-bad adds the rest."""
+    import sqlite3
+
+    from detectors.banks import BankFileError
     from detectors.imagedata import ImageData, ImageRejected, ignore_pillow_warnings
 
     ignore_pillow_warnings()  # a file Pillow warns about is named in the one line that says what is wrong
     _check_verdict(verdict)
     files = _expand(paths)
-    settings = _settings(data_dir)
+    settings = _settings(config, data_dir)
     limits = settings.decode_limits()
     bad: list[str] = []
     for f in files:  # header checks first: cheap, and they catch almost every bad file
@@ -117,7 +131,7 @@ def add(
              "remove them or pass --skip-bad to add the rest")
         raise typer.Exit(2)
     good = [f for f in files if not any(line.startswith(f"{f}: ") for line in bad)]
-    store = _store(settings)
+    store = _store(settings, then=f"; nothing added to {name!r}")
     done: list[Path] = []
     try:
         _check_bank_verdict(store, name, verdict)
@@ -129,6 +143,10 @@ def add(
                 bar.advance(task)
 
             added = store.add_images(name, verdict, good, progress=step, limits=limits)  # type: ignore[arg-type]
+    except BankFileError as e:  # the banks file, not a picture, failed: no file to blame
+        fail(f"{e}; nothing added to {name!r}")
+    except sqlite3.Error as e:
+        fail(f"cannot use banks file {settings.banks_path} ({e}); nothing added to {name!r}")
     except (ImageRejected, ValueError, OSError) as e:
         culprit = good[len(done)] if len(done) < len(good) else "?"
         fail(f"{culprit}: {e}; nothing added to {name!r} (remove the file and run again)")
@@ -156,30 +174,47 @@ def import_(
     csv_path: Path = typer.Argument(..., metavar="CSV", exists=True, dir_okay=False, help="CSV with a 'pdq' (64 hex) and/or 'phash' (16 hex) column; optional id, label, quality."),
     verdict: str = typer.Option("fake", "--verdict", help="'fake' (default: shared lists are usually debunked material) or 'authentic'."),
     data_dir: Optional[Path] = _DataDir,
+    config: Optional[Path] = Config,
 ) -> None:
     """Import a shared hash list (ThreatExchange-style PDQ CSV, or pHash) into bank NAME."""
+    import sqlite3
+
     _check_verdict(verdict)
-    store = _store(_settings(data_dir))
+    settings = _settings(config, data_dir)
+    store = _store(settings, then=f"; nothing imported into {name!r}")
     try:
         _check_bank_verdict(store, name, verdict)
         n = store.import_csv(name, csv_path, verdict)  # type: ignore[arg-type]
-    except (ValueError, OSError) as e:  # OSError: a FIFO or device named as the CSV, an unreadable file
-        fail(str(e))
+    except (ValueError, OSError) as e:  # OSError: a FIFO or device named as the CSV, an unreadable file,
+        fail(str(e))                     # the banks file (BankFileError: it names itself and the fix)
+    except sqlite3.Error as e:
+        fail(f"cannot use banks file {settings.banks_path} ({e}); nothing imported into {name!r}")
     finally:
         store.close()
     _say(f"imported {n} hash(es) into {name!r}")
 
 
 @bank_app.command("list")
-def list_(data_dir: Optional[Path] = _DataDir, fmt: str = _Format) -> None:
+def list_(data_dir: Optional[Path] = _DataDir, fmt: str = _Format, config: Optional[Path] = Config) -> None:
     """List banks with their verdict and number of entries."""
+    import os
+    import sqlite3
+
     if fmt not in ("table", "json"):
         raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
-    store = _store(_settings(data_dir))
-    try:
-        banks = store.list_banks()
-    finally:
-        store.close()
+    settings = _settings(config, data_dir)
+    if not os.path.lexists(settings.banks_path):
+        # nothing to list, and nothing is created (the data dir neither): a listing only reads
+        banks = []
+        _say(f"no banks in {settings.data_dir} yet: `deepwatch bank add` or `deepwatch bank import` creates them")
+    else:
+        store = _store(settings, read_only=True)  # read-only: works where the user may not write
+        try:
+            banks = store.list_banks()
+        except sqlite3.Error as e:
+            fail(f"cannot read banks file {settings.banks_path} ({e}): move it aside or restore it from a backup")
+        finally:
+            store.close()
     if fmt == "json":
         print_json([b.model_dump() for b in banks])
         return
@@ -197,6 +232,7 @@ def similar(
     data_dir: Optional[Path] = _DataDir,
     fmt: str = typer.Option("json", "--format", "-f", help="json (an array, nearest first; [] when nothing is near) or table."),
     store_url: Optional[str] = typer.Option(None, "--store", callback=check_store_option, help="Findings store: es://HOST:9200 or https://HOST:9200 (bit-vector kNN); default the SQLite file in --data-dir."),
+    config: Optional[Path] = Config,
 ) -> None:
     """Clusters and bank entries showing the same picture as IMAGE, nearest first."""
     from detectors.imagedata import ImageData, ImageRejected, ignore_pillow_warnings
@@ -206,7 +242,7 @@ def similar(
 
     if fmt not in ("table", "json"):
         raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
-    settings = _settings(data_dir)
+    settings = _settings(config, data_dir)
     ignore_pillow_warnings()  # what is wrong with IMAGE is the one line below
     try:  # under the configured decode limits, as `detect` and the pipeline read images
         picture = lookup.picture_of(ImageData.from_path(image, limits=settings.decode_limits()))

@@ -255,8 +255,18 @@ def check_banks(settings: Settings) -> None:
     directory of that name, no read permission) before a command uses it:
     the bank commands and `detect` ended on a sqlite3 traceback, and replay
     exited 0 with every event dead-lettered decode:internal_error. A missing
-    file is fine (it is created on first `bank add`)."""
-    _check_sqlite_file(Path(settings.banks_path), "banks file", "move it aside or restore it")
+    file is fine (it is created on first `bank add`); one that is not a
+    banks file (a findings store copied over it) is refused here too: the
+    workers would log so every bank reload, and the desk answer 500."""
+    path = Path(settings.banks_path)
+    _check_sqlite_file(path, "banks file", "move it aside or restore it")
+    if path.is_file():
+        from detectors.banks import BankFileError, BankStore
+
+        try:
+            BankStore(path, read_only=True).close()
+        except BankFileError as e:
+            raise UserError(str(e)) from None
 
 
 def check_engine_state(settings: Settings) -> None:
