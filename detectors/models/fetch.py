@@ -67,6 +67,8 @@ def _download(source: str, dest: Path, max_bytes: int, progress: Progress | None
     """Stream ``source`` into ``dest``; raise FetchError on any problem."""
     if _source_kind(source) == "file":
         src = _local_path(source)
+        if src.is_dir():
+            raise FetchError(f"{src} is a directory: give --url the weights file (.safetensors) itself")
         if not src.is_file():
             raise FetchError(f"no such file: {src}")
         size = src.stat().st_size
@@ -105,11 +107,14 @@ def _looks_pickled(path: Path, source: str) -> bool:
     return head[:2] == b"PK" or head[:1] == b"\x80" or Path(urlparse(source).path).suffix.lower() in PICKLE_SUFFIXES
 
 
-def _validate_safetensors(path: Path) -> None:
+def _validate_safetensors(path: Path, source: str) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             list(f.keys())
     except Exception as e:  # noqa: BLE001
+        if _source_kind(source) == "file":  # copied, not downloaded: name the user's file
+            raise FetchError(f"{_local_path(source)} is not a safetensors file ({e}); give --url the .safetensors "
+                             "weights (a pickled .pt/.pth needs --allow-pickle)") from e
         raise FetchError(f"downloaded file is not valid safetensors: {e}") from e
 
 
@@ -175,7 +180,7 @@ def fetch_model(
                 )
             _convert_pickle(part, conv)
             conv.replace(part)
-        _validate_safetensors(part)
+        _validate_safetensors(part, url)
 
         card: ModelCard | None = None
         try:

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from streams.cli.app import app
-from streams.cli.common import check_writable_dir, err, fail, print_error, settings_from
+from streams.cli.common import Config, DataDir, check_writable_dir, err, fail, print_error, settings_from
 
 models_app = typer.Typer(
     help="Manage learned detector weights in the model dir (<data-dir>/models unless detect.model_dir is set).",
@@ -23,19 +23,32 @@ models_app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 
-DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="deepwatch data directory (default from settings).")]
 ModelDirOpt = Annotated[
     Optional[Path], typer.Option("--model-dir", help="Model directory (default: settings detect.model_dir or <data-dir>/models).")
 ]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file.")]
 
 
-def _above_zero(value: float) -> float:
-    """--probe-c callback: typer bounds are inclusive, and C = 0 failed only
-    in sklearn, after minutes of feature extraction."""
-    if value is not None and not value > 0:
-        raise typer.BadParameter(f"{value:g} is not above 0; give e.g. 0.01")
-    return value
+def _above_zero(example: str) -> Callable[[float], float]:
+    """Callback for a number that must be finite and above 0 (typer bounds are
+    inclusive): --probe-c = 0 failed only in sklearn, after minutes of feature
+    extraction; --lr -1 only in PyTorch, with its own words and no fix."""
+    import math
+
+    def check(value: float) -> float:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise typer.BadParameter(f"{value:g} is not a number above 0; give e.g. {example}")
+        return value
+
+    return check
+
+
+def _drop_bar(bar: Progress) -> None:
+    """Stop a progress display, leaving nothing of it on screen, before an
+    error line is printed: it was drawn after the error (a terminal), or a
+    blank line was (Progress.stop's newline off a terminal)."""
+    bar.live.transient = True
+    bar.live.stop()
+    bar.disable = True  # the context manager's stop() is then a no-op
 
 
 def _check_regex(pattern: str | None, option: str) -> None:
@@ -81,9 +94,9 @@ def fetch_cmd(
         bool, typer.Option("--allow-pickle", help="Accept a pickled .pt/.pth (loaded weights-only, converted to safetensors).")
     ] = False,
     max_mb: Annotated[int, typer.Option("--max-mb", min=1, help="Refuse downloads larger than this.")] = 4096,
-    data_dir: DataDirOpt = None,
+    data_dir: Optional[Path] = DataDir,
     model_dir: ModelDirOpt = None,
-    config: ConfigOpt = None,
+    config: Optional[Path] = Config,
 ) -> None:
     """Download (or copy) model weights into the model dir, verifying sha256.
 
@@ -95,6 +108,7 @@ def fetch_cmd(
     target = _model_dir(config, data_dir, model_dir)
     if sha256 is None and url is not None:
         err.print("[yellow]warning:[/] no --sha256 given: the download cannot be verified")
+    failed: str | None = None
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=err, transient=True) as bar:
         task = bar.add_task(f"fetching {name}", total=None)
@@ -106,16 +120,20 @@ def fetch_cmd(
             card = fetch_model(name, model_dir=target, url=url, sha256=sha256, arch=arch,
                                allow_pickle=allow_pickle, max_bytes=max_mb * 1024 * 1024, progress=progress)
         except (FetchError, KeyError, ValueError) as e:
-            # a bad URL, path, name or hash: the user's to fix, as a network error is (exit 2)
-            fail(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
+            _drop_bar(bar)
+            failed = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if failed is not None:
+        # a bad URL, path, name or hash: the user's to fix, as a network error is (exit 2); said once the
+        # bar is gone (failing inside it left a blank line after the error)
+        fail(failed)
     err.print(f"stored {name} ({card.arch} v{card.version}) in {target}  sha256 {card.weights_sha256}")
 
 
 @models_app.command("list")
 def list_cmd(
-    data_dir: DataDirOpt = None,
+    data_dir: Optional[Path] = DataDir,
     model_dir: ModelDirOpt = None,
-    config: ConfigOpt = None,
+    config: Optional[Path] = Config,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List the models in the model dir with their architecture, calibration and training summary."""
@@ -157,7 +175,7 @@ def train_cmd(
     arch: Annotated[str, typer.Option("--arch", help="npr-r50 | small-cnn | clip-probe (needs open_clip).")] = "npr-r50",
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="cnn: passes over the training data.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="cnn: pictures per training step.")] = 16,
-    lr: Annotated[float, typer.Option("--lr", help="cnn: learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", callback=_above_zero("0.001"), help="cnn: learning rate (> 0).")] = 1e-3,
     input_size: Annotated[Optional[int], typer.Option("--input-size", min=32, max=2048, help="Square input side (default per arch; 32-2048).")] = None,
     calibration: Annotated[str, typer.Option("--calibration", help="platt | temperature | none")] = "platt",
     init_from: Annotated[Optional[str], typer.Option("--init-from", help="Fine-tune this model from the model dir.")] = None,
@@ -176,7 +194,7 @@ def train_cmd(
     cache_dir: Annotated[
         Optional[Path], typer.Option("--cache-dir", help="pixel-probe: backbone feature cache (default <data-dir>/cache/pixel-features).")
     ] = None,
-    probe_c: Annotated[float, typer.Option("--probe-c", callback=_above_zero, help="pixel-probe: inverse L2 strength of the logistic head (> 0).")] = 0.01,
+    probe_c: Annotated[float, typer.Option("--probe-c", callback=_above_zero("0.01"), help="pixel-probe: inverse L2 strength of the logistic head (> 0).")] = 0.01,
     crops: Annotated[int, typer.Option("--crops", min=1, max=5, help="pixel-probe: 224-px crops per picture (1-5; speed vs accuracy; the shipped head uses 3).")] = 3,
     group_by: Annotated[str, typer.Option("--group-by", help="pixel-probe CV groups: generator | family.")] = "generator",
     hidden: Annotated[
@@ -187,9 +205,9 @@ def train_cmd(
         int, typer.Option("--augment", min=0, help="pixel-probe: extra randomly re-encoded copies per picture (JPEG q60-95, "
                           "resize 0.5-1, crop, blur), both classes alike; 0 = re-posted copies only.")
     ] = 0,
-    data_dir: DataDirOpt = None,
+    data_dir: Optional[Path] = DataDir,
     model_dir: ModelDirOpt = None,
-    config: ConfigOpt = None,
+    config: Optional[Path] = Config,
 ) -> None:
     """Train or fine-tune a detector and write <out>.safetensors + <out>.json.
 
@@ -222,9 +240,11 @@ def train_cmd(
         samples += [s for s in m if s.label == 1 or stable_fraction(s.path, real_fraction)]
     if not samples:
         fail("no images: give --real/--fake folders or --manifest")
+    _check_both_classes(samples, real, fake, manifest, generators, real_fraction)
     target = _model_dir(config, data_dir, model_dir)
     cfg = TrainConfig(arch=arch, name=out, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
                       calibration=calibration, seed=seed, init_from=init_from)  # type: ignore[arg-type]
+    failed: Exception | None = None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err) as bar:
         task = bar.add_task("training", total=None, info="")
@@ -236,8 +256,12 @@ def train_cmd(
         try:
             card = train_model(samples, target, cfg, progress)
         except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
-            print_error(str(e))
-            raise typer.Exit(1) from None
+            # The bar goes before the error line: it was left drawn after it ("training ━━━ 0/None").
+            _drop_bar(bar)
+            failed = e
+    if failed is not None:
+        print_error(str(failed))
+        raise typer.Exit(1)
     tr = card.training
     err.print(
         f"saved {out} ({card.arch}) to {target}: trained on {tr['n_train_pos']} AI + {tr['n_train_neg']} real, "
@@ -262,6 +286,28 @@ def _check_recipe_options(ctx: typer.Context, recipe: str) -> None:
              f"see `deepwatch train --help` for which options each recipe takes")
 
 
+def _check_both_classes(samples: list, real: list[Path], fake: list[Path], manifest: Path | None,
+                        generators: str | None, real_fraction: float) -> None:
+    """Both classes have images before training starts: a class with none
+    ended after the progress bar began, on train_model's "training needs both
+    classes", exit 1, with the bar left drawn below the error."""
+    n_ai = sum(1 for s in samples if s.label == 1)
+    n_real = len(samples) - n_ai
+    for label, n, option, folders in (("AI", n_ai, "--fake", fake), ("real", n_real, "--real", real)):
+        if n:
+            continue
+        where = []
+        if folders:
+            where.append(f"{option} {' '.join(str(d) for d in folders)} holds no images")
+        if manifest is not None:
+            narrowed = (f" matching --generators {generators!r}" if label == "AI" and generators is not None
+                        else f" kept by --real-fraction {real_fraction:g}" if label == "real" and real_fraction < 1 else "")
+            where.append(f"--manifest {manifest} has no {label} rows{narrowed}")
+        found = "; ".join(where) or f"no {option} folder given"
+        fail(f"training needs both classes, and there are no {label} images ({found}); "
+             f"give {option} a folder of {label} images (.jpg, .png, ...)")
+
+
 def _manifest_file(manifest: Path) -> Path:
     """--manifest as a file: a folder holding manifest.csv is taken, as eval
     and --data take it; a missing path is named (both were bare OS errors)."""
@@ -284,6 +330,8 @@ def _check_cnn_options(real: list[Path], fake: list[Path], generators: str | Non
 
     for option, folders in (("--real", real), ("--fake", fake)):
         for d in folders:
+            if d.is_file():
+                fail(f"{option} {d} is a file, not a folder: give the folder holding the images, e.g. {option} {d.parent}")
             if not d.is_dir():
                 fail(f"{option} {d}: no such folder")
     _check_regex(generators, "--generators")
@@ -325,6 +373,7 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
     target = head_out or (_model_dir(config, data_dir, model_dir) / f"{name}.safetensors")
     cache = cache_dir or Path(settings.data_dir) / "cache" / "pixel-features"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    failed: Exception | None = None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), console=err) as bar:
         task = bar.add_task("backbone features (cached)", total=None)
@@ -337,8 +386,11 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
         except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
-            print_error(str(e))
-            raise typer.Exit(1) from None
+            _drop_bar(bar)  # no bar left drawn below the error line
+            failed = e
+    if failed is not None:
+        print_error(str(failed))
+        raise typer.Exit(1)
     from detectors.models.pixel_probe import HEADS_DIR
 
     # The packaged head's card has a fixed name; a user's head gets <name>.md beside it.
@@ -384,9 +436,9 @@ def eval_cmd(
         "aug<k> (crop, resize 0.5-1.0, blur, JPEG q60-95) or jpeg<k> (JPEG q60-95 + crop at native scale); held-out "
         "folds are always scored re-posted and as published.")] = [],  # noqa: B006
     seed: Annotated[int, typer.Option("--seed", help="With --leave-generator-out: fold shuffle and head seed.")] = 0,
-    data_dir: DataDirOpt = None,
+    data_dir: Optional[Path] = DataDir,
     model_dir: ModelDirOpt = None,
-    config: ConfigOpt = None,
+    config: Optional[Path] = Config,
 ) -> None:
     """Measure detectors (AUC, AP, accuracy/recall at the operating threshold) per
     detector, fused and per generator, on the files as given and re-posted
@@ -403,8 +455,10 @@ def eval_cmd(
     unknown = [v for v in variant if v not in VARIANTS]
     if unknown:
         fail(f"--variant {unknown[0]!r} is not one of {', '.join(VARIANTS)}")
-    if format not in ("json", "table") or group_by not in ("generator", "family"):
-        fail("--format is json or table, --group-by is generator or family")
+    if format not in ("json", "table"):
+        fail(f"--format is json or table, not {format!r}")
+    if group_by not in ("generator", "family"):
+        fail(f"--group-by is generator or family, not {group_by!r}")
     _check_regex(generators, "--generators")
     _check_regex(exclude_generators, "--exclude-generators")
     from streams.cli.detect import check_device
@@ -417,6 +471,9 @@ def eval_cmd(
     source = Path(",".join(str(p) for p in sources))
     samples = filter_generators(_load_samples(lambda: [s for p in sources for s in load_labelled(p)]),
                                 include=generators, exclude=exclude_generators)
+    if not (models or cheap or model):
+        # ran with no detector and printed a lone "fused" row, AUC 0.500, exit 0
+        fail("--no-models --no-cheap leaves nothing to evaluate: drop --no-models or --no-cheap, or add --model NAME")
     from streams.cli.common import UserError
     from streams.cli.detect import load_model_detectors
 
@@ -432,9 +489,11 @@ def eval_cmd(
         # The same learned detectors `deepwatch detect` runs: --model ones, then the configured ones.
         dets += load_model_detectors(list(model), target, device, settings.detect.pixel_head,
                                      list(settings.detect.models) if models else [], amp=settings.detect.amp)
-    except UserError as e:
-        print_error(str(e))
-        raise typer.Exit(1) from None
+    except UserError as e:  # --model NAME that does not load: a user mistake, exit 2 as in `deepwatch detect`
+        fail(str(e))
+    if not dets:
+        fail("no detector to evaluate: the configured cheap detectors (detect.cheap) and models (detect.models) gave "
+             "none; pass --model NAME, or drop --no-cheap / --no-models")
     exclude: set[str] = set()
     if exclude_trained:
         for d in dets:
