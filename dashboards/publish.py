@@ -24,6 +24,7 @@ from typing import Any
 
 from grafana_client import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException, GrafanaTimeoutError
+from niquests.exceptions import JSONDecodeError  # what grafana-client raises for a 2xx answer that is not JSON
 
 from dashboards import desk, rules
 from dashboards.dashboard import DASHBOARD_UID, DATASOURCE_UID, dashboard_json
@@ -124,7 +125,7 @@ def publish(api: GrafanaApi, *, message: str = "deepwatch: dashboards.publish") 
     """Create or replace the deepwatch folder, dashboards, desk rule group,
     desk contact point and notification policy."""
     try:
-        health = api.health.check()
+        health = _build_info(api)
         folder_uid = _ensure_folder(api)
         urls: dict[str, str] = {}
         first: dict[str, Any] = {}
@@ -152,18 +153,82 @@ def publish(api: GrafanaApi, *, message: str = "deepwatch: dashboards.publish") 
         raise PublishError(f"Grafana did not answer in time ({e}); check the URL, or allow more time "
                            "(deepwatch grafana provision --timeout)") from e
     except GrafanaException as e:
-        # grafana-client's message carries the server's {"message": ...}; a 404
-        # without one is a server that is not Grafana's API at that address.
-        said = str(e).strip().rstrip(":")
-        hint = (" with no message: is the URL Grafana's own address (e.g. https://grafana.example)?"
-                if e.status_code == 404 and said.endswith("404") else "")
-        raise PublishError(f"Grafana refused the request: {said}{hint}") from e
+        raise PublishError(refusal_message(e)) from e
+    except JSONDecodeError as e:  # a 2xx answer that is not JSON (nor text/*): not Grafana's API
+        shown = excerpt(str(getattr(e, "doc", "") or ""))
+        raise PublishError(f"the answer was not JSON{f' ({shown!r})' if shown else ''}: {NOT_GRAFANA_HINT}") from e
     return Published(
         grafana_version=str(health.get("version", "unknown")), folder_uid=folder_uid,
         dashboard_url=first["url"], dashboard_version=int(first["version"]), rule_group=group["title"],
         datasource_found=found, dashboard_urls=urls, contact_points=contact_points, skipped_receivers=skipped,
         missing_datasources=missing,
     )
+
+
+NOT_GRAFANA_HINT = "is the URL Grafana's own address (e.g. https://grafana.example)?"
+EXCERPT_CHARS = 120
+_SETTINGS_PATH = "/frontend/settings"  # what grafana-client's health.check reads (Amazon Managed Grafana too)
+_TAG = re.compile(r"<[^>]*>|<!--.*?-->", re.DOTALL)
+_DROPPED = re.compile(r"<(script|style)\b.*?</\1\s*>|<head\b.*?</head\s*>", re.DOTALL | re.IGNORECASE)
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """A server's answer as a few words on one line: markup, scripts and
+    styles dropped, entities decoded, whitespace runs and newlines made one
+    space, at most ``limit`` characters."""
+    import html
+
+    words = " ".join(html.unescape(_TAG.sub(" ", _DROPPED.sub(" ", text))).split())
+    return words if len(words) <= limit else words[:limit - 1].rstrip() + "…"
+
+
+def refusal_message(e: GrafanaException, *, not_grafana: bool = False) -> str:
+    """One line for an error answer: its status, what it said (Grafana's
+    {"message": ...}, else an excerpt of the body), and, when the answer is
+    not Grafana's JSON (a web page, or a 404 without a message), the
+    question whether the URL is Grafana's (``not_grafana``: ask it anyway).
+    A 404 page of some other server was printed whole: a dozen lines of
+    HTML, and no hint."""
+    status = e.status_code
+    response = e.response
+    if isinstance(response, dict) and "message" in response:
+        said, grafana_like = excerpt(str(response["message"])), True
+    elif isinstance(response, (dict, list)):  # JSON without a message
+        said, grafana_like = excerpt(str(response)), status != 404
+    elif isinstance(response, str):  # not JSON: a web page, plain text, an empty body
+        said, grafana_like = excerpt(response), False
+    else:  # no answer at all (status 0: the request failed) or a library message only
+        said, grafana_like = excerpt(str(e.message or e).strip().rstrip(":")), True
+    status_text = f"HTTP {status} {_reason(status)}".rstrip() if status else "no HTTP answer"
+    line = f"Grafana refused the request ({status_text}): {said or 'no message'}"
+    return line if grafana_like and not not_grafana else f"{line}; {NOT_GRAFANA_HINT}"
+
+
+def _build_info(api: GrafanaApi) -> dict[str, Any]:
+    """Grafana's build information, as ``api.health.check()`` reads it; a
+    server whose answer is not Grafana's (a web page answering 200, JSON
+    without buildInfo) is one line with the hint, where health.check ended
+    on "'str' object has no attribute 'get'"."""
+    try:
+        answer = api.client.GET(_SETTINGS_PATH)
+    except GrafanaClientError as e:
+        if e.status_code == 404:  # every Grafana serves it: whatever answered is not Grafana's API
+            raise PublishError(refusal_message(e, not_grafana=True)) from e
+        raise
+    info = answer.get("buildInfo") if isinstance(answer, dict) else None
+    if not isinstance(info, dict):
+        shown = excerpt(answer if isinstance(answer, str) else repr(answer)) or "nothing"
+        raise PublishError(f"/api{_SETTINGS_PATH} answered {shown!r}, not Grafana's settings: {NOT_GRAFANA_HINT}")
+    return info
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def report(result: Published, base: str) -> list[str]:

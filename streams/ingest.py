@@ -8,6 +8,9 @@ here, and they too become dead letters.
 
 from __future__ import annotations
 
+import os
+import select
+import stat
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,7 +49,11 @@ class Produced:
     run: str = field(default_factory=new_run_id)
 
 
-def iter_lines_at(feed: Path, limit: int = MAX_MESSAGE_BYTES + 1) -> Iterator[tuple[int, bytes]]:
+DISCARD_CHUNK = 1 << 20  # an over-long line's rest is read and dropped this much at a time
+
+
+def iter_lines_at(feed: Path, limit: int = MAX_MESSAGE_BYTES + 1,
+                  tick: Callable[[], None] | None = None) -> Iterator[tuple[int, bytes]]:
     """The feed's non-blank lines, stripped, each with the byte position it
     starts at (``line_at`` reads it again). A line longer than ``limit`` is
     never held whole (a feed may be one endless line): its first ``limit``
@@ -54,8 +61,16 @@ def iter_lines_at(feed: Path, limit: int = MAX_MESSAGE_BYTES + 1) -> Iterator[tu
     ingest refuses as too large, as it would the line. Too large is decided
     on the raw line: stripping first cut an event padded with a megabyte of
     blanks and trailed by more text down to the event, accepted, the rest
-    silently dropped."""
-    with open(feed, "rb") as f:
+    silently dropped.
+
+    ``tick``: for a caller that holds Ctrl-C and SIGTERM while it reads
+    (``produce_feed``: ``HeldSignals.deliver``), called after each
+    ``DISCARD_CHUNK`` of an over-long line dropped, and, on a feed that is
+    not a regular file (a pipe, a FIFO, a terminal), at least every
+    ``POLL_S`` while the feed's writer sends nothing. An endless line (a
+    pipe fed from /dev/zero) or a writer gone quiet then stops on a signal,
+    instead of being read, or waited for, with the signal held for ever."""
+    with _open_feed(feed, tick) as f:
         seekable = f.seekable()  # a pipe has no positions: its lines cannot be read back
         while True:
             at = f.tell() if seekable else -1
@@ -63,16 +78,106 @@ def iter_lines_at(feed: Path, limit: int = MAX_MESSAGE_BYTES + 1) -> Iterator[tu
             if not line:
                 return
             if len(line) == limit and not line.endswith(b"\n"):
-                rest = f.readline(1 << 20)
+                rest = f.readline(DISCARD_CHUNK)
                 crlf_split = rest == b"\n" and line.endswith(b"\r")  # a CRLF cut at the limit: no byte too many
                 while rest and not rest.endswith(b"\n"):
-                    rest = f.readline(1 << 20)  # the rest of the over-long line, read and dropped
+                    if tick is not None:
+                        tick()
+                    rest = f.readline(DISCARD_CHUNK)  # the rest of the over-long line, read and dropped
                 if not crlf_split:
                     yield at, line  # over the limit whatever it holds: refused as too large
                     continue
             line = line.strip()
             if line:
                 yield at, line
+
+
+POLL_S = 0.2  # a feed that is not a regular file is waited on this long at most between ticks
+
+
+def _open_feed(feed: Path, tick: Callable[[], None] | None):
+    """The feed open for binary reading: a regular file as it is; with a
+    ``tick``, anything else through ``_StreamReader``, which never waits on
+    its writer without calling ``tick``."""
+    if tick is None or not hasattr(select, "poll"):
+        return open(feed, "rb")
+    try:
+        regular = stat.S_ISREG(os.stat(feed).st_mode)
+    except OSError:
+        regular = True  # open says what is wrong with it
+    return open(feed, "rb") if regular else _StreamReader(feed, tick)
+
+
+class _StreamReader:
+    """``readline(limit)`` of a pipe, FIFO or terminal, for ``iter_lines_at``.
+    A blocking read keeps waiting through Ctrl-C and SIGTERM while they are
+    held (``HeldSignals`` notes them, and the read is resumed), so a writer
+    that went quiet, or a FIFO nobody opened for writing yet, held the
+    command past every signal. Here the feed is opened and read without
+    blocking, and waited on at most ``POLL_S`` at a time, ``tick`` called
+    between waits."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, feed: Path, tick: Callable[[], None]):
+        # O_NONBLOCK: opening a FIFO no writer has opened yet returns at once
+        self._fd = os.open(feed, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+        self._tick = tick
+        self._buf = bytearray()
+        self._eof = False
+
+    def __enter__(self) -> "_StreamReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return -1
+
+    def _fill(self) -> None:
+        """Read what the writer sent next, or note the end of the feed."""
+        while True:
+            self._tick()
+            if not self._poll.poll(POLL_S * 1000):  # nothing yet (a FIFO without a writer polls so too)
+                continue
+            try:
+                data = os.read(self._fd, self.CHUNK)
+            except BlockingIOError:  # taken by another reader of the same pipe
+                continue
+            if data:
+                self._buf += data
+            else:  # every writer closed its end
+                self._eof = True
+            return
+
+    def readline(self, limit: int) -> bytes:
+        """As ``BufferedReader.readline(limit)``: up to and with the next
+        newline, at most ``limit`` bytes, b"" at the end."""
+        start = 0
+        while True:
+            end = self._buf.find(b"\n", start, limit)
+            if end >= 0:
+                n = end + 1
+                break
+            if len(self._buf) >= limit or self._eof:
+                n = min(limit, len(self._buf))
+                break
+            start = len(self._buf)
+            self._fill()
+        line = bytes(self._buf[:n])
+        del self._buf[:n]
+        return line
 
 
 def iter_lines(feed: Path, limit: int = MAX_MESSAGE_BYTES + 1) -> Iterator[bytes]:
@@ -89,8 +194,9 @@ def line_at(feed: Path, at: int, limit: int = MAX_MESSAGE_BYTES + 1) -> bytes:
 
 def produce_feed(feed: Path, bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None,
                  run: str | None = None, *, keep: bool = True, out: Produced | None = None) -> Produced:
-    return produce_lines(iter_lines_at(feed), bootstrap, settings, progress, run=run, keep=keep,
-                         read_back=lambda at: line_at(feed, at), out=out)
+    held = HeldSignals()  # the reader hands held signals over while it drops an over-long line
+    return produce_lines(iter_lines_at(feed, tick=held.deliver), bootstrap, settings, progress, run=run, keep=keep,
+                         read_back=lambda at: line_at(feed, at), out=out, held=held)
 
 
 def count_lines(feed: Path) -> int:
@@ -101,7 +207,7 @@ def count_lines(feed: Path) -> int:
 def produce_lines(
     lines: Iterable[tuple[int, bytes]], bootstrap: str, settings: Settings, progress: Callable[[int], None] | None = None,
     *, run: str | None = None, keep: bool = True, read_back: Callable[[int], bytes] | None = None,
-    ack_stall_s: float = ACK_STALL_S, out: Produced | None = None,
+    ack_stall_s: float = ACK_STALL_S, out: Produced | None = None, held: HeldSignals | None = None,
 ) -> Produced:
     """Produce raw event lines, each given with where it came from (an int
     ``read_back`` turns back into the line), and each with a
@@ -117,7 +223,9 @@ def produce_lines(
 
     A broker that stops acknowledging for ``ack_stall_s`` ends it with a
     ``BrokerError`` saying how many events it confirmed. ``out``: the
-    ``Produced`` to fill, so a caller interrupted (Ctrl-C) can say how far it got."""
+    ``Produced`` to fill, so a caller interrupted (Ctrl-C) can say how far it got.
+    ``held``: the ``HeldSignals`` to hold Ctrl-C and SIGTERM with, when
+    ``lines`` delivers them too while it reads (``produce_feed``)."""
     import time
 
     from kafka.errors import KafkaError
@@ -131,7 +239,7 @@ def produce_lines(
     else:
         out.read_back = read_back
     headers = [(RUN_HEADER, out.run.encode())]
-    held = HeldSignals()
+    held = held if held is not None else HeldSignals()
     futures: deque = deque()  # (origin, send future) not yet counted in ``out``
     dead_futures: list = []  # dead letters for lines refused here: confirmed like events
     pending_bytes = 0

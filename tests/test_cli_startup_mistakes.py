@@ -370,3 +370,11 @@ def test_dash_h_is_help_everywhere(args):
     short, long = _cli(*args, "-h"), _cli(*args, "--help")
     assert short.returncode == long.returncode == 0, short.stderr
     assert short.stdout == long.stdout and "Usage: " in short.stdout
+
+
+@pytest.mark.parametrize("command", [["worker", "--broker", "kafka://127.0.0.1:1"], ["replay", str(ROOT / "README.md")]])
+def test_a_data_dir_the_workers_cannot_write_is_refused_at_start(command):
+    # a worker on a read-only data dir started, then logged "findings store write failed" for good;
+    # /proc/self is a directory no one may write in, root included
+    line = _one_error_line(_cli(*command, "--data-dir", "/proc/self"))
+    assert "--data-dir /proc/self: cannot write in it" in line and "pick a writable directory" in line, line

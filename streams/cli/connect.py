@@ -43,6 +43,36 @@ def _check_url(url: str, where: str, schemes: tuple[str, ...], example: str) -> 
         fail(f"{where} {url!r} must be a {' or '.join(s + '://' for s in schemes)} URL with a host, e.g. {example}")
 
 
+INSTANCE_EXAMPLE = "https://mastodon.social"
+
+
+def _check_instance(instance: str) -> str:
+    """``--instance``: an http(s) URL with a host. Without a scheme the fix
+    is the same address with https:// in front; another scheme (ftp://,
+    wss://) or no host ("https://") was "must be a URL such as
+    https://ftp://x", or accepted and retried for ever. Returns it stripped."""
+    import re
+
+    text = instance.strip()
+    if "://" not in text:
+        # "mastodon.social", "mastodon.social:8443/": the address as typed, with https:// in front
+        host = re.fullmatch(r"([A-Za-z0-9.-]+)(:\d{1,5})?(/.*)?", text)
+        example = f"https://{text}" if host and "." in host.group(1) else INSTANCE_EXAMPLE
+        fail(f"--instance {instance!r} is not a URL: give the instance's web address, e.g. {example}")
+    try:
+        parts = urlsplit(text)
+        parts.port  # what it cannot read ("https://[::1", port 99999) ended in a traceback later
+    except ValueError as e:
+        fail(f"--instance {instance!r} is not a valid URL ({e}); give e.g. {INSTANCE_EXAMPLE}")
+    example = f"https://{parts.netloc}" if parts.hostname else INSTANCE_EXAMPLE
+    if parts.scheme.lower() not in ("http", "https"):
+        fail(f"--instance {instance!r}: {parts.scheme}:// is not an instance's address; give its http:// or https:// "
+             f"address, e.g. {example}")
+    if not parts.hostname:
+        fail(f"--instance {instance!r} has no host; give the instance's address, e.g. {INSTANCE_EXAMPLE}")
+    return text
+
+
 def _setup(settings: Settings, metrics_port: Optional[int]) -> None:
     from streams import logs, metrics
 
@@ -138,12 +168,7 @@ def mastodon(
     """Watch a Mastodon instance's public, local, hashtag or home (user) timeline for images."""
     from streams.connectors.run import build_mastodon, mastodon_stream_key, open_state, run_until_signalled
 
-    if not instance.startswith(("http://", "https://")):
-        fail(f"--instance must be a URL such as https://{instance}")
-    try:
-        urlsplit(instance).port  # what it cannot read ("https://[::1", port 99999) ended in a traceback later
-    except ValueError as e:
-        fail(f"--instance {instance!r} is not a valid URL: {e}")
+    instance = _check_instance(instance)
     if streaming_url is not None:
         # the stream is read over HTTP (server-sent events); ws(s):// as the
         # instance itself reports it (urls.streaming_api) means the same server

@@ -25,7 +25,6 @@ the given paths, a ``--data-dir`` that is a file, an unknown ``--device``,
 from __future__ import annotations
 
 import json
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -41,14 +40,14 @@ from detectors.fusion import fuse
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected, ignore_pillow_warnings
 from detectors.regular_file import FileRefused, special_kind
 from streams.cli.app import app
-from streams.cli.common import UserError, check_banks, fail, settings_from
+from streams.cli.common import Config, UserError, check_banks, err, fail, settings_from
+from streams.settings import DEVICE_RE
 
 # Directory walks pick these; files named explicitly are always tried.
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif", ".dng"}
 )
 PROGRESS_MIN_FILES = 4
-DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?", re.IGNORECASE)
 
 
 class OutputFormat(str, Enum):
@@ -115,9 +114,10 @@ def load_model_detectors(
             loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head, amp=amp))
         except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as e:
             # A configured (default) model that cannot load must not stop metadata checks.
-            Console(stderr=True).print(
-                f"[yellow]warning:[/] model {name!r} from detect.models not loaded ({e}); "
-                "continuing without it (--no-models to skip models)"
+            # soft wrap: one line, in an 80-column log too (it was five)
+            err.print(
+                f"[yellow]warning:[/] model {escape(repr(name))} from detect.models not loaded ({escape(str(e))}); "
+                "continuing without it (--no-models to skip models)", highlight=False,
             )
     return loaded
 
@@ -210,12 +210,17 @@ def detect(
     model_dir: Optional[Path] = typer.Option(
         None, "--model-dir", help="Directory holding model weights (default: the configured model directory)."
     ),
-    device: str = typer.Option("auto", "--device", help="Device for learned models: auto, cpu, cuda, cuda:N or mps."),
+    device: Optional[str] = typer.Option(
+        None, "--device", show_default="detect.device (auto)",
+        help="Device for learned models: auto, cpu, cuda, cuda:N or mps (default: the detect.device setting, env "
+             "DEEPWATCH_DETECT__DEVICE).",
+    ),
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir", "-d",
         help="Also match against the banks of known fakes / authentic pictures kept here (`deepwatch bank add`); "
              "default: the configured data directory, when it has banks.",
     ),
+    config: Optional[Path] = Config,
 ) -> None:
     """Score image files for AI generation/manipulation with the cheap detectors
     (C2PA, XMP, generator metadata, stealth metadata, invisible watermark) and
@@ -224,13 +229,15 @@ def detect(
     # Pillow warns on stderr about a corrupt file ("Corrupt EXIF data") that
     # the JSON already reports as that file's error
     ignore_pillow_warnings()
-    err = Console(stderr=True)
-    check_device(device)
+    if device is not None:  # given: checked now; the setting was checked when the settings loaded
+        check_device(device)
     files = expand_inputs(paths)
     if not files:
         fail(f"no image files in {', '.join(map(str, paths))} (looked for "
                           f"{', '.join(sorted(IMAGE_SUFFIXES))}); name other files explicitly")
-    settings = settings_from(data_dir=data_dir)  # a --data-dir that is a file: one error line
+    settings = settings_from(config, data_dir=data_dir)  # a --data-dir that is a file: one error line
+    if device is None:
+        device = settings.detect.device
     check_banks(settings)
     limits = settings.decode_limits()
     detectors = create_all(cost="cheap", names=settings.detect.cheap)

@@ -16,8 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from streams.cli.app import app
 from streams.cli.common import (
-    Broker, Config, DataDir, check_alert_senders, check_banks, check_engine_state, create_missing_topics, err, print_json,
-    settings_from, write_out,
+    Broker, Config, DataDir, check_alert_senders, check_banks, check_engine_state, check_writable_dir,
+    create_missing_topics, err, fail, print_json, settings_from, write_out,
 )
 from streams.cli.query import StoreOpt
 from streams.settings import Settings
@@ -188,8 +188,11 @@ def _print_summary(summary, fmt_json: bool) -> None:
 
 
 def _check_state_files(settings: Settings) -> None:
-    """The SQLite files the workers open at start: the banks (the analyze
-    stage matches every picture against them) and the engine state."""
+    """The data dir the workers write (a read-only one started, then logged
+    "findings store write failed" for good) and the SQLite files they open
+    at start: the banks (the analyze stage matches every picture against
+    them) and the engine state."""
+    check_writable_dir(Path(settings.data_dir), "--data-dir")
     check_banks(settings)
     check_engine_state(settings)
 
@@ -297,6 +300,40 @@ def demo(
     raise typer.Exit(0 if summary.complete else 1)
 
 
+def _check_ingest_feed(feed: Path) -> None:
+    """Ingest reads a regular file, or a stream piped in (a pipe or socket:
+    `cat feed | deepwatch ingest /dev/stdin`; the terminal it runs in, typed
+    into). Anything else is refused before it is opened: a device such as
+    /dev/zero is one endless line, read and dropped for ever at full CPU."""
+    import os
+    import stat
+
+    from detectors.regular_file import special_kind
+
+    kind = special_kind(feed)
+    if kind is None:  # a regular file (typer refuses a directory or a missing path)
+        return
+    mode = os.stat(feed).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or _is_own_terminal(feed):
+        return
+    fail(f"{feed} is {kind}: give a JSONL file of events, or pipe them in "
+         "(`cat FEED.jsonl | deepwatch ingest /dev/stdin`)")
+
+
+def _is_own_terminal(feed: Path) -> bool:
+    """``feed`` is the terminal this command reads its input from
+    (/dev/stdin at a prompt): events typed in, ended with Ctrl-D."""
+    import os
+
+    try:
+        if not os.isatty(0):
+            return False
+        mine, named = os.fstat(0), os.stat(feed)
+    except OSError:
+        return False
+    return mine.st_rdev == named.st_rdev
+
+
 @app.command(rich_help_panel="Run")
 def ingest(
     feed: Path = typer.Argument(..., metavar="FEED", exists=True, dir_okay=False, help="JSONL file of schema-v1 events."),
@@ -311,6 +348,7 @@ def ingest(
     from streams.broker import bootstrap_of, check_reachable
     from streams.ingest import Produced, count_lines, produce_feed
 
+    _check_ingest_feed(feed)
     settings = settings_from(config, broker=broker)
     if settings.broker == "embedded":
         raise typer.BadParameter("ingest sends to a running broker: pass --broker kafka://HOST:PORT or set DEEPWATCH_BROKER", param_hint="--broker")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from streams.cli.app import app
 from streams.cli.common import Config, DataDir, check_alert_senders, check_banks, check_store_option, err, fail, settings_from
@@ -59,20 +60,49 @@ def serve(
         desk_app = create_app(settings, host=host, store_url=store)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    err.print(f"[dim]desk on http://{host}:{port}/ (API docs at /docs); data in {settings.data_dir}[/]")
+    shown_host = f"[{host}]" if ":" in host else host
+    more: list[str] = []
     if settings.metrics_port is not None:
         from streams import metrics
 
-        # on the desk's address: a desk kept to loopback keeps its counters there too
+        # on the desk's address: a desk kept to loopback keeps its counters there too;
+        # a port in use ends the command here, before the desk says it is on
         shown = metrics.serve(settings.metrics_port, host=host)
-        shown_host = f"[{host}]" if ":" in host else host
-        err.print(f"[dim]metrics on http://{shown_host}:{shown}/metrics[/]")
+        more.append(f"metrics on http://{shown_host}:{shown}/metrics")
     proxies = settings.desk.trusted_proxies
     # Slow or piled-up clients: a request head must arrive within 10 s, and at
     # most DESK_CONNECTIONS are held open (well under a default 1,024 descriptors).
-    uvicorn.run(desk_app, host=host, port=port, log_level="warning", server_header=False,
-                proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) or None,
-                timeout_keep_alive=5, http=head_deadline_protocol(max_connections=DESK_CONNECTIONS))
+    config = uvicorn.Config(desk_app, host=host, port=port, log_level="warning", server_header=False,
+                            proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) or None,
+                            timeout_keep_alive=5, http=head_deadline_protocol(max_connections=DESK_CONNECTIONS))
+    _run_desk(config, lambda bound: f"desk on http://{shown_host}:{bound}/ (API docs at /docs); "
+                                    f"data in {settings.data_dir}", more)
+
+
+def _run_desk(config, desk_line, more: list[str]) -> None:
+    """``uvicorn.run``, with ``desk_line(port it listens on)`` and ``more``
+    printed once the desk listens: "desk on ..." came before either port
+    was bound, and stood above the error line when the metrics port was
+    taken."""
+    import sys
+
+    import uvicorn
+
+    class DeskServer(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                bound = [s.getsockname()[1] for server in self.servers for s in (server.sockets or ())]
+                for line in [desk_line(bound[0] if bound else config.port), *more]:
+                    err.print(f"[dim]{escape(line)}[/]", highlight=False)
+
+    server = DeskServer(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is the way to stop the desk
+        pass
+    if not server.started:
+        sys.exit(3)  # uvicorn's start-up failure (it logged why)
 
 
 def _users_path(settings) -> Path:
