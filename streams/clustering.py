@@ -298,11 +298,22 @@ class ClusterEngine:
 
     def evict(self, get: Getter) -> list[str]:
         """Move clusters idle for longer than the hot window (event time) to the
-        cold index; the caller deletes their table entries (the findings store
-        already holds their latest snapshot)."""
+        cold index, and, past ``dedupe.hot_max_members``, the clusters seen
+        longest ago down to 90% of it; the caller deletes their table entries
+        (the findings store already holds their latest snapshot). Either way a
+        picture of theirs that comes back revives its cluster (``_revive``)."""
         self._ops_since_sweep = 0
         cutoff = self.max_event_time - self.settings.dedupe.hot_window_hours * 3600
         evicted = self.index.evict_older_than(cutoff)
+        cap = self.settings.dedupe.hot_max_members
+        if self.index.n_members > cap:
+            # The hot index costs ~2 KB a member: at 150 events/s a week's
+            # window outgrew the cluster worker's memory (docs/clusters.md).
+            # Down to 90%, so a full index does not evict at every sweep.
+            crowded = self.index.evict_least_recent(int(cap * 0.9))
+            log.info("hot index full: the clusters seen longest ago moved to the cold tier",
+                     extra={"evicted": len(crowded), "members": self.index.n_members, "hot_max_members": cap})
+            evicted = sorted(evicted + crowded)
         for cid in evicted:
             state = get(cid)
             if state is not None:

@@ -116,6 +116,7 @@ class DedupeSettings(_Section):
     # cold index of their hashes revives one if its picture resurfaces.
     hot_window_hours: float = Field(24 * 7, gt=0)
     evict_every_ops: int = Field(1000, gt=0)
+    hot_max_members: int = Field(1_000_000, gt=0)  # members the hot index keeps at most (~2 KB each in the cluster stage's memory: 1M is ~2.2 GiB); past it the clusters seen longest ago go to the cold tier, down to 90%
     cold_max_clusters: int = Field(1_000_000, gt=0)  # evicted clusters the cold index keeps at most, the most recently evicted (~6 KB each in the cluster stage's memory; past it, trimmed to 95%); a copy of a picture whose cluster left it founds a new cluster
 
 

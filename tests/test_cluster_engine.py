@@ -227,6 +227,22 @@ def test_the_cold_index_keeps_the_most_recently_evicted_clusters_within_its_boun
     assert h.see(sighting(scene(40).resize(half), "back0", 1201, "b0")).snapshots[-1].cluster_id not in ids  # dropped
 
 
+def test_the_hot_index_keeps_at_most_its_members_and_the_clusters_it_let_go_come_back():
+    # bounded by time alone, a week's window outgrew the cluster worker's memory (~2 KB a member)
+    h = Harness(Settings(dedupe={"evict_every_ops": 1, "hot_max_members": 4}))
+    ids = [h.see(sighting(scene(50 + i), f"p{i}", i, f"a{i}")).snapshots[-1].cluster_id for i in range(5)]
+    assert h.engine.index.n_members == 5  # within the hot window: time alone evicts nothing
+    evicted = h.engine.evict(h.get)
+    # down to 90% of the bound (3 members): the two seen longest ago, into the cold index
+    assert evicted == sorted(ids[:2]) and h.engine.index.n_members == 3
+    assert all(cid in h.engine.cold for cid in ids[:2]) and all(cid in h.engine.index for cid in ids[2:])
+    assert h.engine.evict(h.get) == []  # under the bound: nothing more
+    archive = {cid: h.table.pop(cid) for cid in evicted}
+    h.get = lambda cid: ClusterState.loads(h.table.get(cid) or archive[cid]) if (cid in h.table or cid in archive) else None
+    back = h.see(sighting(scene(50).resize((384, 256)), "back0", 10, "b0"))
+    assert back.snapshots[-1].cluster_id == ids[0] and h.get(ids[0]).sightings == 2  # revived, not a new cluster
+
+
 def test_a_clearly_better_copy_is_sent_to_the_models_again():
     h = Harness(Settings(detect={"models": ["clip-probe"]}))
     pic = scene(11)

@@ -1097,6 +1097,23 @@ class ClusterIndex:
         self._remove(old)
         return old
 
+    def evict_least_recent(self, keep_members: int) -> list[str]:
+        """Drop the clusters seen longest ago (no timestamp first; ties by id)
+        until at most ``keep_members`` members are left; returns their ids,
+        sorted, as ``evict_older_than`` does."""
+        excess = self.n_members - keep_members
+        if excess <= 0:
+            return []
+        gone: list[str] = []
+        for cid, c in sorted(self._clusters.items(),
+                             key=lambda kv: (kv[1].last_seen is not None, kv[1].last_seen or 0.0, kv[0])):
+            if excess <= 0:
+                break
+            gone.append(cid)
+            excess -= len(c.members)
+        self._remove(gone)
+        return sorted(gone)
+
     def _remove(self, cluster_ids: list[str]) -> None:
         gone: list[str] = []
         for cid in cluster_ids:
