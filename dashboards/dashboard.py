@@ -73,6 +73,14 @@ def build_dashboard() -> dash.Dashboard:
             .with_target(_query(q.DEAD_LETTERS_RATE, "{{stage}}: {{reason}}"))
         )
         .with_panel(
+            _timeseries("HTTP ingest lines/s by token & outcome", "ops",
+                        "At the door, before any worker: `deepwatch serve-ingest` lines by token and outcome "
+                        "(dead_lettered: refused by schema or URL policy and sent to the dead-letter topic by the "
+                        "endpoint itself, so counted in no worker's dead letters; DeepwatchDeadLetterRatioHigh "
+                        "counts them).")
+            .with_target(_query(q.INGEST_LINES_RATE, "{{token}} / {{outcome}}"))
+        )
+        .with_panel(
             _timeseries("Image hosts paused", "short",
                         "Hosts that timed out fetch.breaker_timeouts times in a row, paused per worker; their posts "
                         "end as fetch:host_unavailable until a try gets an answer (worker logs name the host).")

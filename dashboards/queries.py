@@ -55,6 +55,7 @@ def summed_rate(selector: str, window: str) -> str:
 # -- dashboard panels ($__rate_interval is Grafana's; rules use fixed windows) --
 EVENTS_RATE = "sum by (stage, outcome) (rate(deepwatch_events_total[$__rate_interval]))"
 DEAD_LETTERS_RATE = "sum by (stage, reason) (rate(deepwatch_dead_letters_total[$__rate_interval]))"
+INGEST_LINES_RATE = 'sum by (token, outcome) (rate(deepwatch_ingest_lines_total{job="deepwatch-ingest"}[$__rate_interval]))'
 # The gauge is set only by the worker that owns the single cluster-ops
 # partition; others report 0 (or a stale value right after a rebalance), so max
 # is the honest aggregate.
@@ -92,12 +93,18 @@ def event_to_alert_quantile(q: float, window: str = "$__rate_interval") -> str:
 
 
 # -- alert rules --------------------------------------------------------------
+# Lines the HTTP ingest endpoint refused at the door (schema, a private or
+# unfetchable URL): it sends them to the dead-letter topic itself, so no worker
+# counts them in deepwatch_dead_letters_total.
+REFUSED_AT_INGEST = 'deepwatch_ingest_lines_total{job="deepwatch-ingest",outcome="dead_lettered"}'
+
+
 def dead_letter_ratio(window: str = "10m") -> str:
     # `or vector(0)`: a counter with no series yet (no dead letters since the
     # worker started) must read as zero, not make the whole ratio vanish.
     dead_letters = f'deepwatch_dead_letters_total{{stage=~"{INGRESS_DEAD_STAGES}"}}'
     analysed = 'deepwatch_events_total{stage="analyze",outcome="ok"}'
-    dead = f"({summed_rate(dead_letters, window)} or vector(0))"
+    dead = "(" + " + ".join(f"({summed_rate(s, window)} or vector(0))" for s in (dead_letters, REFUSED_AT_INGEST)) + ")"
     ok = f"({summed_rate(analysed, window)} or vector(0))"
     return f"{dead} / clamp_min({dead} + {ok}, 1e-9)"
 

@@ -64,10 +64,17 @@ def prometheus_rules() -> dict[str, Any]:
             _rule("DeepwatchWorkerDown", q.WORKERS_DOWN, "5m", "critical",
                   "deepwatch worker {{ $labels.instance }} is not answering /metrics",
                   "The worker process is down or its metrics port is unreachable."),
+            # DeepwatchNoEventsProcessed reads the exporter's offsets: without them it cannot fire
+            _rule("DeepwatchKafkaExporterDown", 'up{job="kafka"} == 0', "10m", "warning",
+                  "kafka-exporter is down: DeepwatchNoEventsProcessed cannot fire",
+                  "Prometheus cannot scrape kafka-exporter, whose topic offsets are the only sign that events "
+                  "arrive; a stuck pipeline would page nobody meanwhile."),
             _rule("DeepwatchNoWorkers", q.NO_WORKERS, "5m", "critical",
                   "No deepwatch worker is being scraped",
                   "Every pipeline and detect worker is gone (or Prometheus discovers none): nothing is analysed."),
-            _rule("DeepwatchWorkerLoopStalled", f"{q.WORKER_LOOP_SILENCE} > {LOOP_SILENCE_MAX_S}", "2m", "critical",
+            # No pending time on top: the silence is its own duration (with "for: 2m" it fired at 4 minutes,
+            # after the liveness probe had restarted the worker and its new gauge had hidden the stall)
+            _rule("DeepwatchWorkerLoopStalled", f"{q.WORKER_LOOP_SILENCE} > {LOOP_SILENCE_MAX_S}", "0m", "critical",
                   "deepwatch worker {{ $labels.instance }}: event loop silent for {{ $value | humanizeDuration }}",
                   "The process answers /metrics but its event loop has stopped: it consumes nothing. "
                   "Its /healthz answers 503, so a liveness probe restarts it; elsewhere restart it by hand."),

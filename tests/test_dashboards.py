@@ -488,8 +488,11 @@ def test_k8s_manifests_parse_and_reference_settings():
         env = {e["name"]: e for e in c.get("env", [])}
         assert {"DEEPWATCH_BROKER", "DEEPWATCH_DATA_DIR", "DEEPWATCH_CONFIG"} <= set(env), d["metadata"]["name"]
         assert not {k for k in env if k.startswith("DEEPWATCH_")} - known - {"DEEPWATCH_INGEST_TOKENS"}
-        if c["args"][0] != "serve-ingest" and "analyze" not in c["args"]:  # every process that raises alerts signs its webhooks
+        if c["args"][0] != "serve-ingest" and not {"analyze", "detect"} & set(c["args"]):
+            # every process that raises alerts signs its webhooks
             assert env["DEEPWATCH_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["key"]
+        else:  # and only those hold the key
+            assert "DEEPWATCH_WEBHOOK_SECRET" not in env, d["metadata"]["name"]
         assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
         assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     [desk] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "deepwatch-desk"]

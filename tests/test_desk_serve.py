@@ -259,3 +259,17 @@ def test_guesses_spread_over_addresses_do_not_lock_an_editor_out(tmp_path):
             assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     finally:
         desk.stop()
+
+
+def test_the_desk_beats_its_event_loop_for_the_liveness_probe_on_the_metrics_port(tmp_path):
+    # k8s probed liveness on the desk's own port, which a flood of slow clients
+    # fills (503, restarts of a healthy pod); the metrics port's /healthz said
+    # "no heartbeat yet" for good, as the desk's loop never beat
+    small_store(tmp_path)
+    port = free_port()
+    desk = DeskServer(tmp_path, extra=("--metrics-port", str(port)))
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        assert r.status_code == 200 and "event loop beat" in r.text, r.text
+    finally:
+        desk.stop()

@@ -431,6 +431,10 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                 ],
                 "alert_rule_test": [
                     {"eval_time": "6m", "alertname": "DeepwatchWorkerLoopStalled", "exp_alerts": []},
+                    # as soon as it is silent past 2 minutes, as /healthz judges it (it waited 2 more)
+                    {"eval_time": "8m", "alertname": "DeepwatchWorkerLoopStalled", "exp_alerts": [_expected_alert(
+                        "DeepwatchWorkerLoopStalled", {"instance": "w1"},
+                        summary="deepwatch worker w1: event loop silent for 3m 0s")]},
                     {"eval_time": "12m", "alertname": "DeepwatchWorkerLoopStalled", "exp_alerts": [_expected_alert(
                         "DeepwatchWorkerLoopStalled", {"instance": "w1"},
                         summary="deepwatch worker w1: event loop silent for 7m 0s")]},
@@ -450,6 +454,30 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                     {"eval_time": "30m", "alertname": "DeepwatchDeadLetterRatioHigh", "exp_alerts": [_expected_alert(
                         "DeepwatchDeadLetterRatioHigh",
                         summary="More than 66.67% of incoming events are dead-lettered")]},
+                ],
+            },
+            {   # kafka-exporter down: DeepwatchNoEventsProcessed, which reads its offsets, is blind meanwhile
+                "interval": "1m",
+                "input_series": [{"series": 'up{job="kafka",instance="kafka-exporter:9308"}', "values": "1x5 0x30"}],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "DeepwatchKafkaExporterDown", "exp_alerts": []},  # pending
+                    {"eval_time": "20m", "alertname": "DeepwatchKafkaExporterDown", "exp_alerts": [_expected_alert(
+                        "DeepwatchKafkaExporterDown", {"job": "kafka", "instance": "kafka-exporter:9308"},
+                        summary="kafka-exporter is down: DeepwatchNoEventsProcessed cannot fire")]},
+                ],
+            },
+            {   # a tipline's format changed: the HTTP ingest endpoint refuses half its lines at the door, which
+                # it dead-letters itself (no worker counts them): the ratio saw none of them
+                "interval": "1m",
+                "input_series": [
+                    {"series": ok, "values": "0+60x40"},
+                    {"series": 'deepwatch_ingest_lines_total{job="deepwatch-ingest",instance="i1",token="tip",'
+                               'outcome="dead_lettered"}', "values": "0+60x40"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "DeepwatchDeadLetterRatioHigh", "exp_alerts": [_expected_alert(
+                        "DeepwatchDeadLetterRatioHigh",
+                        summary="More than 50% of incoming events are dead-lettered")]},
                 ],
             },
         ],
