@@ -514,7 +514,13 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        yield
+        from streams import metrics
+
+        beats = asyncio.create_task(metrics.beat_forever())  # for the liveness probe on the metrics port
+        try:
+            yield
+        finally:
+            beats.cancel()
         await run_in_threadpool(gate.close)
 
     app = FastAPI(title="deepwatch ingest", version="1", docs_url=None, redoc_url=None, openapi_url=None,
@@ -675,6 +681,9 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         try:
             await run_in_threadpool(gate.produce, accepted, dead)
         except TopicsMissing as e:
+            # Nothing was accepted and the answer says re-send (after Retry-After):
+            # the tokens go back, or the re-send of this very batch was a 429.
+            buckets[name].give_back(len(numbered))
             BROKER_FAILURES.labels("topic_missing").inc()
             log.error("topic missing on the broker; request refused (create the topics: start a worker, or run "
                       "serve-ingest --create-topics)", extra={"token": name, "lines": len(numbered),
@@ -684,6 +693,7 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
                                       "nothing was accepted, re-send this request later"},
                           {"Retry-After": retry_after})
         except Exception as e:
+            buckets[name].give_back(len(numbered))  # as above: nothing accepted, re-send asked for
             BROKER_FAILURES.labels("unavailable").inc()
             log.warning("broker unavailable; request refused", extra={
                 "token": name, "lines": len(numbered), "error": f"{type(e).__name__}: {e}"[:300]})

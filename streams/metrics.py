@@ -80,6 +80,18 @@ def beat() -> None:
     LOOP_HEARTBEAT.set_to_current_time()
 
 
+async def beat_forever() -> None:
+    """Beat every ``HEARTBEAT_S`` from a server's own event loop (the desk,
+    the ingest endpoint), as a worker's timer does: /healthz on the metrics
+    port, which a flood of clients on the server's own port cannot starve,
+    then says whether that loop still runs."""
+    import asyncio
+
+    while True:
+        beat()
+        await asyncio.sleep(HEARTBEAT_S)
+
+
 def liveness() -> tuple[int, str]:
     """(HTTP status, text) for /healthz."""
     if _last_beat is None:

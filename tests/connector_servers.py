@@ -182,6 +182,10 @@ class MastodonScript:
     instance_body: bytes | None = None  # /api/v1/instance answers this (JSON content type) instead of its document
     timeline_body: bytes | None = None  # the REST timelines answer this instead of their page
     prev_link: str | None = None  # the REST timelines' Link rel="prev" names this URL instead of their own
+    instance_answers: dict[int, int] = field(default_factory=dict)  # /api/v1/instance call n -> this HTTP error
+    streaming_api: str | None = None  # the instance document's urls.streaming_api instead of this server's ws:// URL
+    no_streaming: bool = False  # /api/v1/streaming/* answers 404 (it is served elsewhere: streaming_api)
+    timeline_silent_s: float = 0.0  # the REST timelines say nothing for this long before answering
 
 
 class MastodonServer:
@@ -189,6 +193,7 @@ class MastodonServer:
         self.script = script
         self.stream_requests: list[dict] = []
         self.rest_requests: list[str] = []
+        self.instance_requests = 0
         self._rest_calls = 0
         outer = self
 
@@ -215,10 +220,18 @@ class MastodonServer:
                 if outer.script.token and auth != f"Bearer {outer.script.token}":
                     return self._json({"error": "The access token is invalid"}, 401)
                 if parts.path == "/api/v1/instance":
+                    n = outer.instance_requests
+                    outer.instance_requests += 1
+                    if n in outer.script.instance_answers:
+                        status = outer.script.instance_answers[n]
+                        return self._json(f"upstream answered {status}".encode(), status)
                     if outer.script.instance_body is not None:
                         return self._json(outer.script.instance_body)
+                    streaming = outer.script.streaming_api or f"ws://127.0.0.1:{outer.port}"
                     return self._json({"uri": "mastodon.example", "version": "4.3.2",
-                                       "urls": {"streaming_api": f"ws://127.0.0.1:{outer.port}"}})
+                                       "urls": {"streaming_api": streaming}})
+                if parts.path.startswith("/api/v1/streaming/") and outer.script.no_streaming:
+                    return self._json({"error": "Record not found"}, 404)
                 if parts.path.startswith("/api/v1/streaming/"):
                     return self._stream(parts.path, qs)
                 if parts.path.startswith("/api/v1/timelines/"):
@@ -255,6 +268,9 @@ class MastodonServer:
             def _timeline(self, path, qs):
                 outer.rest_requests.append(self.path)
                 outer._rest_calls += 1
+                if outer.script.timeline_silent_s:
+                    time.sleep(outer.script.timeline_silent_s)  # an instance that accepted and says nothing
+                    return
                 reset = (datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat()
                 if outer.script.rate_limit_first and outer._rest_calls == 1:
                     return self._json({"error": "Too many requests"}, 429,

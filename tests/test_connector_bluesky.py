@@ -639,6 +639,7 @@ def test_a_zstd_frame_declaring_more_than_the_cap_is_refused_unread(tmp_path, ca
     async def go():
         for msg in (declared, huge, undeclared, good[:-4], good):
             await runner.handle(msg)
+        await runner.emitter.checkpoint()  # produced counts once the broker confirmed it
 
     with caplog.at_level(logging.WARNING, "deepwatch.connectors.bluesky"):
         asyncio.run(go())

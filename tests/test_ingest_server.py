@@ -451,6 +451,9 @@ def test_serve_ingest_command_end_to_end(broker, tmp_path):
         assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 404
         scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert scraped.status_code == 200 and 'deepwatch_ingest_requests_total{status="202",token="desk"}' in scraped.text
+        # the liveness probe's /healthz there follows the endpoint's event loop (it said "no heartbeat yet" for good)
+        alive = httpx.get(f"http://127.0.0.1:{metrics_port}/healthz")
+        assert alive.status_code == 200 and "event loop beat" in alive.text, alive.text
     finally:
         proc.terminate()
         _, stderr = proc.communicate(timeout=20)

@@ -2,11 +2,14 @@
 store (cursor, seen event ids, remembered image posts), backoff, rate
 limiting, the image-URL policy and the emitter that ties them to a sink.
 
-Delivery contract: an event id is written to ``seen`` only in the same
-transaction as the cursor that covers it, and only after the sink has
-acknowledged it (``Sink.flush``). A crash therefore re-sends at most the last
-uncheckpointed window, and the resume overlap plus the seen ids turn that into
-neither a gap nor a duplicate.
+Delivery contract (at least once): an event id is written to ``seen`` only in
+the same transaction as the cursor that covers it, and only after the sink has
+acknowledged it (``Sink.flush``). A reconnect or a broker failure therefore
+neither loses nor repeats an event: the resume overlap re-reads the window and
+the seen ids drop what was already confirmed. A crash (SIGKILL, lost node)
+loses nothing either, but re-sends the last uncheckpointed window (at most
+``checkpoint_every`` events or ``checkpoint_interval_s`` of them): the broker
+may already hold those events, and the pipeline drops the repeats by event id.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Protocol, TypeVar
 
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
@@ -30,13 +33,15 @@ from streams.records import MAX_TAG_CHARS, DeadLetter, ImageEvent
 from streams.settings import ConnectorSettings, FetchSettings
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 log = logging.getLogger("deepwatch.connectors")
 
 FRAMES = Counter("deepwatch_connector_frames_total", "Platform frames read, by connector and outcome",
                  ["connector", "outcome"])
 EVENTS = Counter("deepwatch_connector_events_total", "Mapped events, by connector and outcome "
-                 "(produced, duplicate, refused)", ["connector", "outcome"])
+                 "(produced and refused: once the broker acknowledged them; duplicate; clipped: images past a "
+                 "platform's per-post limit, left out)", ["connector", "outcome"])
 RECONNECTS = Counter("deepwatch_connector_reconnects_total", "Stream reconnects, by connector and reason",
                      ["connector", "reason"])
 CURSOR_LAG = Gauge("deepwatch_connector_cursor_lag_seconds", "Wall time minus the event time of the last "
@@ -96,6 +101,7 @@ class Mapped:
     cursor: int | None = None  # platform position after this frame (Jetstream time_us, Mastodon status id)
     remember: tuple[str, dict[str, Any]] | None = None  # (post id, what a repost needs) for later reposts/quotes
     forget: str | None = None  # post id deleted on the platform
+    clipped: int = 0  # images left out: past the platform's per-post limit (a crafted post)
 
 
 # --------------------------------------------------------------------------
@@ -226,6 +232,13 @@ class TokenBucket:
             return float("inf")
         return (n - self._tokens) / self.rate
 
+    def give_back(self, n: float) -> None:
+        """Return ``n`` tokens taken for work that was then refused as a
+        whole (a 503 that asks the caller to re-send): the re-send must not
+        pay twice."""
+        self._refill()
+        self._tokens = min(self.burst, self._tokens + n)
+
 
 # --------------------------------------------------------------------------
 # The pipeline's URL policy, applied before anything is produced
@@ -297,6 +310,37 @@ _SEND_THREADS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="connector
 async def _in_send_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(_SEND_THREADS, fn, *args)
 
+
+class Stopped(Exception):
+    """The connector was stopped while a connect or request was waiting; that wait was cancelled."""
+
+
+async def unless_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T:
+    """``aw``'s result, or ``Stopped`` as soon as ``stop`` is set (``aw`` is
+    then cancelled). For waits on the platform (a connect, a REST request)
+    that may last up to their timeouts (``idle_timeout_s``: a minute) on a
+    server that accepts and then says nothing: SIGTERM must not wait them out.
+    Only network waits go through here, never a send or checkpoint, whose
+    cancellation would leave a sink call running behind the next one."""
+    task = asyncio.ensure_future(aw)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    # Let it unwind (close its socket) before going on; what it raises on the way is moot.
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved, so that asyncio does not log it as never retrieved
+    raise Stopped()
+
+
 class Sink(Protocol):
     # ``send``, ``dead_letter`` and ``flush`` may block (a broker that is down)
     # and are called from worker threads (``Emitter``): one call at a time per
@@ -325,6 +369,10 @@ class Emitter:
         self._last_checkpoint = time.monotonic()
         self._cursor_time = cursor_time  # cursor -> event time (unix seconds), for the lag gauge
         self.counts: dict[str, int] = {}
+        # Sends not yet acknowledged, by outcome (produced, refused): counted
+        # when a checkpoint confirms them, dropped by a rollback (the re-read
+        # sends them again and they are counted then).
+        self._unconfirmed: dict[str, int] = {}
 
     @property
     def cursor(self) -> str | None:
@@ -334,12 +382,22 @@ class Emitter:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         FRAMES.labels(self.connector, outcome).inc()
 
-    def _event(self, outcome: str) -> None:
-        self.counts[f"events_{outcome}"] = self.counts.get(f"events_{outcome}", 0) + 1
-        EVENTS.labels(self.connector, outcome).inc()
+    def _event(self, outcome: str, n: int = 1) -> None:
+        self.counts[f"events_{outcome}"] = self.counts.get(f"events_{outcome}", 0) + n
+        EVENTS.labels(self.connector, outcome).inc(n)
+
+    def _sent(self, outcome: str) -> None:
+        self._unconfirmed[outcome] = self._unconfirmed.get(outcome, 0) + 1
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether a checkpoint has something to confirm (events sent, or a cursor moved)."""
+        return self._dirty or self.state.pending > 0
 
     async def apply(self, mapped: Mapped) -> None:
         self.count(mapped.outcome)
+        if mapped.clipped:
+            self._event("clipped", mapped.clipped)
         if mapped.forget:
             self.state.forget(mapped.forget)
         if mapped.remember:
@@ -375,23 +433,29 @@ class Emitter:
                     raise SinkError(f"{type(e).__name__}: {e}") from e
                 log.warning("image URL refused by fetch policy", extra={
                     "connector": self.connector, "event_id": ev.event_id, "reason": refused.reason})
-                self._event("refused")
+                self._sent("refused")
             else:
                 try:
                     await _in_send_thread(self.sink.send, ev)
                 except Exception as e:
                     self._rollback()
                     raise SinkError(f"{type(e).__name__}: {e}") from e
-                self._event("produced")
+                self._sent("produced")
             self.state.mark_pending(ev.event_id)
 
     def advance(self, cursor: str) -> None:
+        """Move the cursor to ``cursor``, never back: the frames of a resume
+        overlap (Jetstream re-sends ``cursor_overlap_s`` before the saved
+        cursor) would otherwise move it back, and a stream of short
+        connections walked the saved cursor further back with each."""
+        if self._cursor is not None and _before(cursor, self._cursor):
+            return
         self._cursor = cursor
         self._dirty = True
 
     async def maybe_checkpoint(self) -> None:
         if self.state.pending >= self.cfg.checkpoint_every or (
-            self._dirty and time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_interval_s
+            self.unsaved and time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_interval_s
         ):
             await self.checkpoint()
 
@@ -399,6 +463,7 @@ class Emitter:
         # Nothing unacknowledged is recorded as seen and the cursor goes back
         # to where the broker last confirmed: the resume re-reads the window.
         self.state.drop_pending()
+        self._unconfirmed.clear()
         self._cursor = self.state.cursor(self.stream)
         self._dirty = False
 
@@ -413,8 +478,21 @@ class Emitter:
         self.state.commit(self.stream, self._cursor)
         self._dirty = False
         self._last_checkpoint = time.monotonic()
+        confirmed, self._unconfirmed = self._unconfirmed, {}
+        for outcome, n in confirmed.items():
+            self._event(outcome, n)
         if self._cursor_time and self._cursor is not None:
             CURSOR_LAG.labels(self.connector).set(max(0.0, time.time() - self._cursor_time(self._cursor)))
+
+
+def _before(a: str, b: str) -> bool:
+    """Whether cursor ``a`` is before ``b``. Both connectors' cursors are
+    integers (Jetstream's time_us, Mastodon's status ids); anything else is
+    not ordered here, and moves the cursor as before."""
+    try:
+        return int(a) < int(b)
+    except ValueError:
+        return False
 
 
 async def reconnect_loop(connector: str, session, emitter: Emitter, cfg: ConnectorSettings,

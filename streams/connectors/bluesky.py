@@ -8,11 +8,17 @@ operation and record. Images are blob references in the post record's
 ``app.bsky.embed.recordWithMedia``); the CDN serves them by DID and blob CID.
 Reposts and quotes name the post they share by AT URI: if that post's images
 were seen, each becomes a new sighting of the same image URLs.
+
+The app.bsky lexicon allows at most ``MAX_IMAGES`` images per post; a record
+is not checked against it by the relay, so a crafted post may carry thousands.
+Only the first ``MAX_IMAGES`` of a post (and of the post it quotes) become
+events; the rest are counted (``events_total{outcome="clipped"}``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
@@ -22,9 +28,9 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import websockets
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import (Backoff, Emitter, MalformedFrame, Mapped, clip_hashtags, error_text,
-                                     parse_frame, reconnect_loop)
-from streams.records import MAX_UTC_OFFSET, ImageEvent
+from streams.connectors.base import (Backoff, Emitter, MalformedFrame, Mapped, Stopped, clip_hashtags, error_text,
+                                     parse_frame, reconnect_loop, unless_stopped)
+from streams.records import MAX_TEXT_CHARS, MAX_UTC_OFFSET, ImageEvent
 from streams.settings import ConnectorSettings, IngestSettings
 
 log = logging.getLogger("deepwatch.connectors.bluesky")
@@ -35,6 +41,7 @@ REPOST = "app.bsky.feed.repost"
 DEFAULT_COLLECTIONS = (POST, REPOST)
 TAG_FEATURE = "app.bsky.richtext.facet#tag"
 MAX_HANDLE_CHARS = 253  # a handle is a DNS name
+MAX_IMAGES = 4  # app.bsky.embed.images: "images" has maxLength 4
 TOO_BIG = 1009  # websocket close code: message larger than we accept
 FRAME_TOO_BIG = "frame_too_big"  # the reason given for a frame over connectors.max_frame_bytes
 # The pipeline dead-letters an event dated more than this after its ingest
@@ -194,6 +201,12 @@ def _quoted_uri(embed: Embed | None) -> str | None:
     return None
 
 
+def _clip_text(text: str) -> str:
+    """``text`` as an event carries it (``ImageEvent`` truncates the same way):
+    what a remembered post keeps, so that its size is bounded."""
+    return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 1] + "…"
+
+
 class BlueskyMapper:
     """Jetstream frame bytes -> ``Mapped``. Pure apart from a bounded DID ->
     handle memory fed by identity frames (commit frames carry no handle).
@@ -263,25 +276,40 @@ class BlueskyMapper:
             if not quoted:
                 return Mapped("filtered", cursor=frame.time_us)
             own = []
+        # More than the lexicon allows: a crafted post, one event per entry
+        # (and again for each repost or quote of it). The first MAX_IMAGES count.
+        clipped = max(0, len(own) - MAX_IMAGES)
+        own = own[:MAX_IMAGES]
+        q_images, q_clipped = _clip_images(quoted)
+        clipped += q_clipped
         lang = (rec.langs or [None])[0]
-        doc = {"post_url": post_url(uri), "text": rec.text, "lang": lang if lang and len(lang) <= 16 else None,
+        # What is remembered for reposts and quotes is bounded too: at most
+        # MAX_IMAGES URLs, the text as an event carries it, at most 64 tags.
+        doc = {"post_url": post_url(uri), "text": _clip_text(rec.text),
+               "lang": lang if lang and len(lang) <= 16 else None,
                "hashtags": tags, "images": [self.image_url.format(did=frame.did, cid=cid) for cid in own]}
         events = [self._event(frame, f"{uri}#{i}", uri, url, doc, rec.createdAt) for i, url in enumerate(doc["images"])]
-        if quoted:
-            # A quote re-shares the quoted post's pictures: sightings of the same URLs.
-            events += [self._event(frame, f"{uri}#q{i}", uri, url, doc, rec.createdAt)
-                       for i, url in enumerate(quoted["images"])]
+        # A quote re-shares the quoted post's pictures: sightings of the same URLs.
+        events += [self._event(frame, f"{uri}#q{i}", uri, url, doc, rec.createdAt) for i, url in enumerate(q_images)]
         return Mapped("image_post" if own else "quote", events=events, cursor=frame.time_us,
-                      remember=(uri, doc) if own else None)
+                      remember=(uri, doc) if own else None, clipped=clipped)
 
     def _repost(self, frame: Frame, uri: str, rec: RepostRecord) -> Mapped:
         original = self.recall(rec.subject.uri)
         if original is None:
             return Mapped("unknown_subject", cursor=frame.time_us)  # not an image post we have seen
+        images, clipped = _clip_images(original)
         # The repost has no text or page of its own: it carries the original's.
         events = [self._event(frame, f"{uri}#{i}", uri, url, original, rec.createdAt)
-                  for i, url in enumerate(original["images"])]
-        return Mapped("repost", events=events, cursor=frame.time_us)
+                  for i, url in enumerate(images)]
+        return Mapped("repost", events=events, cursor=frame.time_us, clipped=clipped)
+
+
+def _clip_images(doc: dict[str, Any] | None) -> tuple[list[str], int]:
+    """A remembered post's image URLs, at most ``MAX_IMAGES`` (a post
+    remembered before they were clipped may hold more), and how many were left out."""
+    images = list((doc or {}).get("images") or [])
+    return images[:MAX_IMAGES], max(0, len(images) - MAX_IMAGES)
 
 
 # --------------------------------------------------------------------------
@@ -389,6 +417,10 @@ class BlueskyConnector:
                 "connector": PLATFORM, "reason": e.reason, "detail": e.detail[:300],
                 "excerpt": (msg[:200] if isinstance(msg, str) else repr(msg[:200]))})
             return
+        if mapped.clipped:
+            log.warning(f"post with more than {MAX_IMAGES} images (the lexicon's limit); the rest left out",
+                        extra={"connector": PLATFORM, "clipped": mapped.clipped, "cursor": mapped.cursor,
+                               "post_id": mapped.events[0].post_id if mapped.events else None})
         await self.emitter.apply(mapped)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -406,27 +438,48 @@ class BlueskyConnector:
                             self.cfg.max_frame_bytes)
         start = self.emitter.cursor
         self.connects += 1
+        loop = asyncio.get_running_loop()
         try:
-            async with websockets.connect(
-                url, open_timeout=self.cfg.connect_timeout_s, max_size=self.cfg.max_frame_bytes,
-                ping_interval=20, ping_timeout=20, close_timeout=2,
-                user_agent_header="deepwatch-connector (+https://github.com/deepwatch)",
-            ) as ws:
+            async with contextlib.AsyncExitStack() as stack:
+                # The handshake may wait connect_timeout_s on a server that accepts and
+                # says nothing: a stop ends it at once.
+                ws = await unless_stopped(stack.enter_async_context(websockets.connect(
+                    url, open_timeout=self.cfg.connect_timeout_s, max_size=self.cfg.max_frame_bytes,
+                    ping_interval=20, ping_timeout=20, close_timeout=2,
+                    user_agent_header="deepwatch-connector (+https://github.com/deepwatch)",
+                )), stop)
                 log.info("connected", extra={"connector": PLATFORM, "url": url})
                 stopping = asyncio.ensure_future(stop.wait())
+                recv: asyncio.Future | None = None
                 try:
                     while True:
-                        recv = asyncio.ensure_future(ws.recv())
-                        done, _ = await asyncio.wait({recv, stopping}, timeout=self.cfg.idle_timeout_s,
+                        if recv is None:
+                            recv = asyncio.ensure_future(ws.recv())
+                            idle_at = loop.time() + self.cfg.idle_timeout_s
+                        wait = idle_at - loop.time()
+                        if self.emitter.unsaved:
+                            # A quiet stream must not keep sent events unconfirmed (and the
+                            # cursor unsaved) until the idle timeout: checkpoint meanwhile.
+                            wait = min(wait, self.cfg.checkpoint_interval_s)
+                        done, _ = await asyncio.wait({recv, stopping}, timeout=max(0.0, wait),
                                                      return_when=asyncio.FIRST_COMPLETED)
                         if recv not in done:
-                            recv.cancel()
-                            return "stopped" if stopping in done else "idle_timeout"
-                        await self.handle(recv.result())
+                            if stopping in done:
+                                return "stopped"
+                            if loop.time() >= idle_at:
+                                return "idle_timeout"
+                            await self.emitter.maybe_checkpoint()
+                            continue
+                        msg, recv = recv.result(), None
+                        await self.handle(msg)
                         if self._progressed(start):
                             backoff.reset()  # new frames flow: the server is healthy again
                 finally:
                     stopping.cancel()
+                    if recv is not None:
+                        recv.cancel()
+        except Stopped:
+            return "stopped"
         except websockets.ConnectionClosed as e:
             if e.sent is not None and e.sent.code == TOO_BIG:
                 # A server that ignored maxMessageSizeBytes: the resume meets the

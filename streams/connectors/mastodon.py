@@ -14,6 +14,7 @@ respected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import re
@@ -27,8 +28,8 @@ import httpx
 from httpx_sse import SSEError, aconnect_sse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, MalformedFrame, Mapped, clip_hashtags,
-                                     error_text, parse_frame, reconnect_loop)
+from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, MalformedFrame, Mapped, Stopped,
+                                     clip_hashtags, error_text, parse_frame, reconnect_loop, unless_stopped)
 from streams.records import MAX_COUNT, ImageEvent
 from streams.settings import ConnectorSettings
 from streams.validate import json_kind
@@ -294,6 +295,7 @@ class MastodonConnector:
         self.timeline = timeline
         self.hashtag = hashtag
         self.streaming_url = streaming_url.rstrip("/") if streaming_url else None
+        self._instance_warned = False  # the instance document could not be read (said once until it can)
         headers = {"User-Agent": "deepwatch-connector (+https://github.com/deepwatch)"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -321,23 +323,37 @@ class MastodonConnector:
             pass
 
     # -- streaming endpoint discovery ------------------------------------
-    async def _streaming_base(self) -> str:
+    async def _streaming_base(self) -> tuple[str, bool]:
         """The streaming server's address, from the instance document's
         ``urls.streaming_api``; the instance itself where there is none (many
         instances proxy /api/v1/streaming on the main host anyway). A document
-        that cannot be used is said so in one warning, never fatal."""
+        that cannot be used is said so in one warning, never fatal. Whether
+        the address is settled comes with it: it is kept for the run only once
+        a readable document (HTTP 200, JSON) said it. Without one (an error,
+        a 503 at startup, a maintenance page) the instance itself is tried
+        for this connection, and the document asked again on the next."""
         if self.streaming_url:
-            return self.streaming_url
+            return self.streaming_url, True
         base = self.instance
         where = f"{self.instance}/api/v1/instance"
         problem: str | None = None
+        unread: str | None = None  # why there is no document to go by this time
         try:
-            r = await self.client.get(where)
-            doc = r.json() if r.status_code == 200 else {}
-        except httpx.HTTPError:
-            doc = {}  # the stream's own request says what is wrong with the instance
+            r = await unless_stopped(self.client.get(where), self._stop)
+            if r.status_code == 200:
+                doc = r.json()
+            else:
+                doc, unread = {}, f"HTTP {r.status_code}"
+        except httpx.HTTPError as e:
+            doc, unread = {}, f"{type(e).__name__}: {e}"[:300]
         except (ValueError, RecursionError) as e:  # RecursionError: nested past the parser's depth
-            doc, problem = {}, f"not JSON ({type(e).__name__})"
+            doc, unread = {}, f"not JSON ({type(e).__name__})"
+        if unread is not None:
+            (log.info if self._instance_warned else log.warning)(
+                f"{where} is unusable ({unread}); streaming from {base} for now, asking again on the next connection",
+                extra={"connector": PLATFORM, "instance": self.instance})
+            self._instance_warned = True
+            return base, False
         urls = doc.get("urls") if isinstance(doc, dict) else None
         found = urls.get("streaming_api") if isinstance(urls, dict) else None
         if not isinstance(doc, dict):
@@ -360,7 +376,7 @@ class MastodonConnector:
             log.warning(f"{where} is unusable ({problem}); streaming from {base}",
                         extra={"connector": PLATFORM, "instance": self.instance})
         self.streaming_url = base
-        return base
+        return base, True
 
     # -- handling ----------------------------------------------------------
     async def handle(self, event: str, data: str) -> None:
@@ -389,7 +405,8 @@ class MastodonConnector:
     # -- REST backfill -----------------------------------------------------
     async def _get(self, url: str) -> httpx.Response:
         for _ in range(5):
-            r = await self.client.get(url)
+            # Up to idle_timeout_s on an instance that says nothing: a stop ends it at once.
+            r = await unless_stopped(self.client.get(url), self._stop)
             wait = rate_limit_wait(r.headers)
             if r.status_code == 429:
                 wait = wait or 60.0
@@ -421,6 +438,7 @@ class MastodonConnector:
                 page = r.json()
             except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
                 log.warning("backfill page is not JSON", extra={"connector": PLATFORM, "url": url})
+                url = None  # the end of this backfill, not its page bound
                 break
             if not isinstance(page, list) or not page:
                 return read
@@ -465,15 +483,26 @@ class MastodonConnector:
         await reconnect_loop(PLATFORM, self._session, self.emitter, self.cfg, self._stop)
 
     async def _session(self, stop: asyncio.Event, backoff: Backoff) -> str:
-        url = await self._streaming_base() + stream_path(self.timeline, self.hashtag)
         headers = {"Accept": "text/event-stream"}
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
-        self.connects += 1
         stopping = asyncio.ensure_future(stop.wait())
         try:
-            async with aconnect_sse(self.client, "GET", url, headers=headers) as source:
+            base, settled = await self._streaming_base()
+            url = base + stream_path(self.timeline, self.hashtag)
+            self.connects += 1
+            async with contextlib.AsyncExitStack() as stack:
+                # Connecting and the answer's head may take up to idle_timeout_s on a
+                # server that accepts and says nothing: a stop ends the wait at once.
+                source = await unless_stopped(
+                    stack.enter_async_context(aconnect_sse(self.client, "GET", url, headers=headers)), stop)
                 r = source.response
+                if r.status_code == 404 and not settled:
+                    # The instance document was not read: the streaming server may
+                    # live elsewhere. Not "no such timeline" yet: ask it again.
+                    log.warning(f"{url} answered HTTP 404 and the instance document could not be read; "
+                                "retrying", extra={"connector": PLATFORM, "instance": self.instance})
+                    return "http_404"
                 if r.status_code in (401, 403, 404):
                     await r.aread()
                     raise FatalStreamError(f"{url} answered HTTP {r.status_code}: {r.text[:200]}"
@@ -491,21 +520,36 @@ class MastodonConnector:
                     await self.backfill()
                 events = source.aiter_sse().__aiter__()
                 connected_at = time.monotonic()
-                while True:
-                    nxt = asyncio.ensure_future(events.__anext__())
-                    done, _ = await asyncio.wait({nxt, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                    if nxt not in done:
+                nxt: asyncio.Future | None = None
+                try:
+                    while True:
+                        if nxt is None:
+                            nxt = asyncio.ensure_future(events.__anext__())
+                        # A quiet stream must not keep sent events unconfirmed (and the cursor
+                        # unsaved) until it ends: checkpoint meanwhile. (The read timeout,
+                        # idle_timeout_s, is httpx's, raised by the read itself.)
+                        wait = self.cfg.checkpoint_interval_s if self.emitter.unsaved else None
+                        done, _ = await asyncio.wait({nxt, stopping}, timeout=wait,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                        if nxt not in done:
+                            if stopping in done:
+                                return "stopped"
+                            await self.emitter.maybe_checkpoint()
+                            continue
+                        try:
+                            sse = nxt.result()
+                        except StopAsyncIteration:
+                            return "closed"
+                        finally:
+                            nxt = None
+                        if time.monotonic() - connected_at >= HEALTHY_AFTER_S:
+                            backoff.reset()
+                        if sse.id:
+                            self.last_event_id = sse.id
+                        await self.handle(sse.event, sse.data)
+                finally:
+                    if nxt is not None:
                         nxt.cancel()
-                        return "stopped"
-                    try:
-                        sse = nxt.result()
-                    except StopAsyncIteration:
-                        return "closed"
-                    if time.monotonic() - connected_at >= HEALTHY_AFTER_S:
-                        backoff.reset()
-                    if sse.id:
-                        self.last_event_id = sse.id
-                    await self.handle(sse.event, sse.data)
         except httpx.TimeoutException:
             return "idle_timeout"
         except (httpx.TransportError, SSEError) as e:
@@ -515,6 +559,8 @@ class MastodonConnector:
             return f"http_{e.response.status_code}"
         except RateLimited:
             return "rate_limited"
+        except Stopped:
+            return "stopped"
         finally:
             stopping.cancel()
 

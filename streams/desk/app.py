@@ -303,7 +303,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         task = asyncio.create_task(_account_loop(desk))
-        beats = asyncio.create_task(_heartbeat())
+        beats = asyncio.create_task(metrics.beat_forever())  # for the liveness probe on the metrics port
         try:
             yield
         finally:
@@ -892,16 +892,6 @@ def _host_name(host: str) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1]
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-async def _heartbeat() -> None:
-    """Beat the event loop's heartbeat, as a worker does: /healthz on the
-    metrics port (the liveness probe's, which a flood of clients on the desk's
-    own port cannot starve) answers 503 once the loop has been stuck for
-    ``metrics.LIVENESS_S``."""
-    while True:
-        metrics.beat()
-        await asyncio.sleep(metrics.HEARTBEAT_S)
 
 
 def _is_ip(host: str) -> bool:
