@@ -78,7 +78,9 @@ PRELOAD = ("streams.worker", "streams.faust_app", "streams.faust_tuning", "strea
            "streams.webhooks",
            # and at their first event (measured: ~50 ms a pipeline worker): the
            # findings store, httpx's async transport (httpcore, anyio's backend)
-           "streams.store", "streams.ingest", "streams.settings_check", "httpcore", "anyio._backends._asyncio")
+           "streams.store", "streams.ingest", "streams.settings_check", "httpcore", "anyio._backends._asyncio",
+           # a deployment's settings file (DEEPWATCH_CONFIG), read by every worker's settings
+           "tomllib")
 
 
 def preload() -> None:

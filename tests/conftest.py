@@ -1,11 +1,26 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(autouse=True)
+def _no_settings_file_leaks():
+    """A command run in this process with ``--config`` exports it as
+    DEEPWATCH_CONFIG (``streams.settings.load_settings``, as the real CLI
+    does for its workers): put it back as it was, so the next test in this
+    pytest worker, and every process it starts, does not read that file."""
+    before = os.environ.get("DEEPWATCH_CONFIG")
+    yield
+    if before is None:
+        os.environ.pop("DEEPWATCH_CONFIG", None)
+    else:
+        os.environ["DEEPWATCH_CONFIG"] = before
 
 
 @pytest.fixture(scope="session")
