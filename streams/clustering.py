@@ -639,8 +639,13 @@ class ClusterEngine:
             return
         if state.alert_level == 0:
             rule = f"fake_score>={cfg.min_fake_score} and sightings_5m>={cfg.min_sightings_5m}"
-        elif v.sightings_5m >= max(1, state.alert_velocity) * cfg.escalation_factor:
+        elif (state.alert_velocity < virality.MAX_RECENT
+              and v.sightings_5m >= min(max(1, state.alert_velocity) * cfg.escalation_factor, virality.MAX_RECENT)):
+            # velocity counts at most MAX_RECENT sightings: the target is capped there (escalating once
+            # on reaching it), or a cluster past MAX_RECENT / factor would never escalate again
             rule = f"escalation: sightings_5m {v.sightings_5m} >= {cfg.escalation_factor}x {state.alert_velocity}"
+            if max(1, state.alert_velocity) * cfg.escalation_factor > virality.MAX_RECENT:
+                rule += f" (capped at {virality.MAX_RECENT}, the most velocity counts)"
         else:
             return
         state.alert_level += 1
@@ -653,7 +658,7 @@ class ClusterEngine:
             trigger_event_id=trigger.event.event_id if trigger else None,
             trigger_ingested_at=trigger.ingested_at if trigger else None,
             first_seen=state.first_seen, last_seen=state.last_seen, platforms=list(state.platforms),
-            sample_posts=alert_samples(state, trigger),
+            sample_posts=alert_samples(state, trigger), merged_from=list(state.merged_from),
         )
         out.alerts.append(state.last_alert)
 

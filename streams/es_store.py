@@ -292,27 +292,40 @@ class EsFindingsStore:
             if state in states:
                 yield src["alert_id"], DeliveryRecord(target=src["target"], state=state, detail=detail, at=src["at"])
 
-    def failed_deliveries(self, target: str) -> list[Alert]:
+    def failed_deliveries(self, target: str, *, limit: int | None = None) -> list[Alert]:
         """Alerts whose delivery to ``target`` failed, oldest first (per
-        cluster that is also level order), for redelivery; not those queued
+        cluster that is also level order), for redelivery: the oldest
+        ``limit`` when given (a redelivery round's page); not those queued
         for a live sender (``queued_deliveries``). Reads what searches see: a
         failure marked within the refresh interval waits for the next round."""
         failed = self._deliveries({"term": {"target": target}}, [DeliveryState.FAILED])
-        return self._alerts_by_id([alert_id for alert_id, _ in failed])
+        return self._alerts_by_id([alert_id for alert_id, _ in failed], limit)
 
-    def queued_deliveries(self, target: str, *, older_than_s: float) -> list[Alert]:
+    def queued_deliveries(self, target: str, *, older_than_s: float, limit: int | None = None) -> list[Alert]:
         """Alerts queued for ``target`` more than ``older_than_s`` ago and not
         tried since: the worker that queued them stopped (or is far behind);
-        redelivery sends them. Oldest first."""
+        redelivery sends them. Oldest first; the oldest ``limit`` when given."""
         return self._alerts_by_id([a for a, _ in self._deliveries(
             {"bool": {"filter": [{"term": {"target": target}}, {"range": {"at": {"lt": _ago(older_than_s)}}}]}},
-            [DeliveryState.QUEUED])])
+            [DeliveryState.QUEUED])], limit)
 
-    def _alerts_by_id(self, ids: list[str]) -> list[Alert]:
+    def _alerts_by_id(self, ids: list[str], limit: int | None = None) -> list[Alert]:
+        """The alerts of ``ids``, oldest first (created, level, id); with
+        ``limit`` only the oldest that many: each page of ids is searched for
+        its oldest ``limit`` (sorted by the store), so at most ``limit`` alert
+        documents per page are read, not every one."""
         alerts: list[Alert] = []
+        order = [{"created_at": "asc"}, {"level": "asc"}, {"alert_id": "asc"}]
         for i in range(0, len(ids), PAGE):
-            alerts += [alert_from_doc(h["_source"]) for h in self._scan(
-                self.names["alerts"], {"terms": {"alert_id": ids[i:i + PAGE]}}, [{"alert_id": "asc"}], True)]
+            query = {"terms": {"alert_id": ids[i:i + PAGE]}}
+            if limit is None:
+                hits = self._scan(self.names["alerts"], query, [{"alert_id": "asc"}], True)
+            else:
+                hits = self._search(self.names["alerts"], query=query, sort=order, size=limit)["hits"]["hits"]
+            alerts += [alert_from_doc(h["_source"]) for h in hits]
+            if limit is not None:
+                alerts.sort(key=lambda a: (a.created_at, a.level, a.alert_id))
+                del alerts[limit:]
         alerts.sort(key=lambda a: (a.created_at, a.level, a.alert_id))
         return alerts
 

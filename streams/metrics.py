@@ -25,7 +25,7 @@ ALERTS = Counter("deepwatch_alerts_total", "Alerts raised", ["level"])
 WEBHOOKS = Counter("deepwatch_webhook_deliveries_total", "Webhook delivery attempts (after their retries), live and "
                    "redelivered, by outcome: delivered (once per alert and target), failed, rejected", ["outcome"])
 # From the findings store, set alike by every worker (streams.webhooks.Redeliverer.refresh_gauge);
-# target = streams.webhooks.target_key (scheme://host:port#hash: no token).
+# target = streams.webhooks.hook_key (hook:NAME or scheme://host:port#hash: no token).
 WEBHOOK_UNDELIVERED = Gauge("deepwatch_webhook_undelivered", "Webhook deliveries not delivered, per target and "
                             "status: queued (being sent), failed (redelivery retries), rejected (waits for an "
                             "operator: deepwatch redeliver)", ["target", "status"])

@@ -418,7 +418,8 @@ class Alert(_Record):
     account's platforms, last post and latest posts). All four are absent
     from alerts raised before they existed. ``account_id`` names the account
     an account alert (``streams.desk.accounts``) is about: its ``cluster_id``
-    is then ``account:<id>``, a key for its deliveries, not a cluster."""
+    is then ``account:<id>``, a key for its deliveries, not a cluster.
+    ``merged_from`` lists the clusters merged into this one (see below)."""
 
     schema_version: Literal[1] = 1
     alert_id: str  # stable: cluster id + level, so redelivery is idempotent
@@ -444,6 +445,11 @@ class Alert(_Record):
     platforms: list[str] = Field(default_factory=list)  # where it was seen, in the order it reached each
     sample_posts: list[SamplePost] = Field(default_factory=list, max_length=MAX_SAMPLE_POSTS + 1)
     account_id: str | None = None
+    # clusters merged into this one (``ClusterState.merged_from``), sorted; [] for none and in alerts
+    # raised before the field existed (schema_version 1, additive). After a merge the survivor's
+    # alert level continues from the highest of the merged clusters': its next alert may be
+    # level N+1 of a cluster a subscriber never saw alerted before; these ids link it back.
+    merged_from: list[str] = Field(default_factory=list)
 
 
 def event_json_schema() -> dict[str, Any]:

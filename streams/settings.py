@@ -174,12 +174,31 @@ def check_http_url(value: str) -> str:
     return value
 
 
+# A webhook target's key in the findings store and metrics (``streams.webhooks.hook_key``):
+# ``scheme://host[:port]#<8 hex>``, or ``hook:<name>`` for a hook with a ``name``.
+HOOK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TARGET_KEY_RE = re.compile(r"(?:[a-z][a-z0-9+.-]*://[^/?#@\s]+|<invalid webhook URL>)#[0-9a-f]{8}|hook:" + HOOK_NAME_RE.pattern)
+
+
+def hook_origin(url: str) -> str:
+    """``scheme://host:port`` of a webhook URL, the port always given: a
+    nameless hook's identity (``streams.webhooks.hook_key``)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{parts.port or (443 if scheme == 'https' else 80)}"
+
+
 class WebhookSettings(_Section):
     """One ``[[alerts.webhooks]]`` target (TOML), or an object of the JSON
     list in ``DEEPWATCH_ALERTS__WEBHOOKS``."""
 
     url: str  # where alerts are POSTed (http or https); may carry a token in its path or query
-    secret_env: str = "DEEPWATCH_WEBHOOK_SECRET"  # name of the env var holding the HMAC key
+    # deliveries are recorded under the hook's identity, not its URL: a changed path or token keeps them
+    name: str | None = None  # the hook's stable identity (letters, digits, . _ -): its deliveries are kept as hook:NAME; default scheme://host:port, so needed for two hooks on one host
+    previous_keys: list[str] = Field(default_factory=list)  # target keys (as `deepwatch redeliver` lists them) whose undelivered alerts this hook takes over and redelivers
+    secret_env: str = "DEEPWATCH_WEBHOOK_SECRET"  # name of the env var holding the HMAC key; give each subscriber its own
     timeout_s: float = Field(5.0, gt=0)  # per attempt: connect, send and the receiver's answer
     retries: int = Field(3, ge=0)  # further attempts after a failed one (timeouts, 5xx, 429), with backoff
     # a 429/503's Retry-After is honoured up to this: the wait before a retry, and after the last try how long the target is left alone
@@ -188,17 +207,47 @@ class WebhookSettings(_Section):
     # desk.public_url, filled in by streams.webhooks.hooks_by_key (not a setting of its own): the
     # desk's address for the alert JSON's "desk_url"
     _desk_public_url: str | None = PrivateAttr(None)
+    # alerts.allow_private_webhooks, filled in by streams.webhooks.hooks_by_key: a hook made
+    # any other way contacts public addresses only
+    _allow_private: bool = PrivateAttr(False)
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
         return check_http_url(value)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not HOOK_NAME_RE.fullmatch(value):
+            raise ValueError("must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("previous_keys")
+    @classmethod
+    def _previous(cls, value: list[str]) -> list[str]:
+        wrong = [k for k in value if not TARGET_KEY_RE.fullmatch(k)]
+        if wrong:
+            raise ValueError(f"{wrong[0]!r} is not a target key as `deepwatch redeliver` lists them "
+                             "(scheme://host:port#hash or hook:NAME)")
+        return value
+
+
+def _sightings_cap(value: int) -> int:
+    from streams.virality import MAX_RECENT
+
+    if value > MAX_RECENT:
+        raise ValueError(f"must be at most {MAX_RECENT}: a cluster's velocity counts at most {MAX_RECENT} sightings "
+                         "(streams.virality.MAX_RECENT), so a higher threshold never fires")
+    return value
+
 
 class AlertSettings(_Section):
     min_fake_score: float = Field(0.7, ge=0, le=1)
-    min_sightings_5m: int = Field(10, ge=0)  # velocity: sightings of the cluster in the trailing 5 minutes
-    min_sightings_1h: int = Field(0, ge=0)
+    min_sightings_5m: int = Field(10, ge=0)  # velocity: sightings of the cluster in the trailing 5 minutes (at most 5000)
+    min_sightings_1h: int = Field(0, ge=0)  # sightings in the trailing hour (at most 5000)
     # escalation re-alerts when the 5-minute velocity reaches this multiple of the last alert's
     escalation_factor: float = Field(3.0, gt=1)
     webhooks: list[WebhookSettings] = Field(default_factory=list)  # signed alert webhooks: [[alerts.webhooks]] tables in TOML, or a JSON list; fields below
@@ -208,6 +257,28 @@ class AlertSettings(_Section):
     webhook_queue_max: int = Field(1000, ge=1)  # alerts waiting for one webhook target in a worker's memory
     # keep it under the supervisor's kill timeout (the local runner: 20 s; Kubernetes: terminationGracePeriodSeconds)
     webhook_stop_grace_s: float = Field(10.0, ge=0)  # a stopping worker's wait for its webhooks to deliver what they hold; the rest is redelivered
+    # webhooks to loopback, private (RFC 1918), unique-local or other non-public addresses are refused without it
+    allow_private_webhooks: bool = False  # let webhooks reach loopback and private-network receivers (checked on the address connected to)
+
+    _min_5m = field_validator("min_sightings_5m")(classmethod(lambda cls, v: _sightings_cap(v)))
+    _min_1h = field_validator("min_sightings_1h")(classmethod(lambda cls, v: _sightings_cap(v)))
+
+    @field_validator("webhooks")
+    @classmethod
+    def _distinct_hooks(cls, hooks: list[WebhookSettings]) -> list[WebhookSettings]:
+        """Each hook's identity (``name``, else ``scheme://host:port``) is its
+        key in the findings store: two hooks that would share one must be
+        named apart (the same URL listed twice is one target). Errors name
+        hosts only: URLs may carry a token."""
+        seen: dict[str, tuple[int, str]] = {}
+        for i, hook in enumerate(hooks):
+            ident = f"name {hook.name!r}" if hook.name else f"host {hook_origin(hook.url)}"
+            if ident in seen and seen[ident][1] != hook.url:
+                j = seen[ident][0]
+                raise ValueError(f"alerts.webhooks[{j}] and [{i}] share the {ident}; give each a distinct `name` "
+                                 "(deliveries are kept per hook identity, so that a changed URL keeps them)")
+            seen.setdefault(ident, (i, hook.url))
+        return hooks
 
 
 class KafkaSettings(_Section):

@@ -175,7 +175,18 @@ def explain(e: ValidationError) -> SettingsError:
             return SettingsError(f"unknown setting {path!r} (in the TOML file or DEEPWATCH_* environment){hint}")
     err = e.errors()[0]
     path = ".".join(str(p) for p in err["loc"])
+    if "webhooks" in err["loc"]:
+        # a webhook URL often holds the subscriber's token in its path or query: never echoed,
+        # not even a part of it; the message names hosts (scheme://host:port) at most
+        return SettingsError(f"invalid setting {path!r}: {hide_urls(err['msg'])}")
     return SettingsError(f"invalid setting {path!r}: {err['msg']} (got {redact_userinfo(str(err.get('input')))[:80]!r})")
+
+
+def hide_urls(text: str) -> str:
+    """``text`` with every URL in it as its ``scheme://host[:port]`` only."""
+    from streams.webhooks import target_label
+
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]*[^\s'\":.,;)]", lambda m: target_label(m.group(0)), text)
 
 
 def explain_source_error(e: Exception, environ: Mapping[str, str]) -> SettingsError:

@@ -78,7 +78,10 @@ BEHIND = metrics.OldestWait(metrics.SINK_BEHIND_SECONDS)
 class Sinks:
     """``retry_for_s``: how long a failing write is retried before its error
     is raised; None (the stream's sink agents) retries until the store takes
-    it. A caller that answers someone (a desk request) gives a bound."""
+    it. A caller that answers someone (a desk request) gives a bound: its
+    webhook deliveries are then one attempt each (no retries, no
+    Retry-After pause), and what does not go through is left ``failed``
+    for the leader worker's redelivery."""
 
     def __init__(self, settings: Settings, *, retry_for_s: float | None = None):
         self.settings = settings
@@ -159,6 +162,11 @@ class Sinks:
             return
         alert = alerts[0]
         hooks = hooks_by_key(self.settings)
+        if self.retry_for_s is not None:
+            # the caller waits for these deliveries (a desk verdict request, holding the verdict lock):
+            # one attempt, bounded by timeout_s, never a retry or a Retry-After sleep; a receiver that
+            # does not take it now gets it from the leader worker's redelivery
+            hooks = {k: h.model_copy(update={"retries": 0}) for k, h in hooks.items()}
         todo: list[str] = []
         if hooks:
             def queue(store: FindingsStore) -> list[str]:
@@ -197,10 +205,13 @@ class Sinks:
                      extra={"alert_id": alert.alert_id, "targets": len(todo)})
             todo = []
         done = [self._sender(key, hooks[key]).put(alert) for key in todo]
-        if self.retry_for_s is not None:
+        waiting = [d for d in done if d is not None]
+        if self.retry_for_s is not None and waiting:
             # a caller that answers someone (the desk) says the alert went out: it waits for this
-            # alert's deliveries (each target still on its own), as it did before the queues
-            await asyncio.gather(*(d for d in done if d is not None))
+            # alert's deliveries (each target still on its own, one attempt), at most as long as one
+            # attempt of the slowest hook takes; a delivery still running then goes on by itself
+            bound = max(longest_delivery_s(hooks[k]) for k in todo) + self.retry_for_s
+            await asyncio.wait([asyncio.ensure_future(d) for d in waiting], timeout=bound)
 
     def _sender(self, key: str, hook: WebhookSettings) -> "_Sender":
         loop = asyncio.get_running_loop()

@@ -1,6 +1,6 @@
 """The alert deliveries of the SQLite findings store (``deliveries`` table):
 each webhook target's state for each alert, and what redelivery still owes.
-Targets are named by ``streams.webhooks.target_key``, never by their URL.
+Targets are named by ``streams.webhooks.hook_key``, never by their URL.
 Rows are read by their ``state`` (``streams.findings.DeliveryState``); the
 ``status`` column holds only why, for people."""
 
@@ -23,27 +23,29 @@ class DeliveryLog:
         def _tx(self) -> ContextManager[sqlite3.Connection]: ...
         def _valid(self, kind: str, key: Any, build: Callable[[], Any]) -> Any: ...
 
-    def failed_deliveries(self, target: str) -> list[Alert]:
+    def failed_deliveries(self, target: str, *, limit: int | None = None) -> list[Alert]:
         """Alerts whose delivery to ``target`` failed (and may still go
         through: not ``rejected``), oldest first (per cluster that is also
-        level order), for redelivery. Targets are named by
-        ``streams.webhooks.target_key`` (never the URL: it may hold a token)."""
+        level order), for redelivery: the oldest ``limit`` when given (a
+        redelivery round's page). Targets are named by
+        ``streams.webhooks.hook_key`` (never the URL: it may hold a token)."""
         rows = self._db.execute(
             """SELECT a.alert_id, a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
-               WHERE d.target=? AND d.state=? ORDER BY a.created_at, a.level, a.alert_id""",
-            (target, DeliveryState.FAILED.value),
+               WHERE d.target=? AND d.state=? ORDER BY a.created_at, a.level, a.alert_id LIMIT ?""",
+            (target, DeliveryState.FAILED.value, -1 if limit is None else limit),
         ).fetchall()
         return [self._valid("alert", alert_id, lambda: Alert.model_validate_json(doc)) for alert_id, doc in rows]
 
-    def queued_deliveries(self, target: str, *, older_than_s: float) -> list[Alert]:
+    def queued_deliveries(self, target: str, *, older_than_s: float, limit: int | None = None) -> list[Alert]:
         """Alerts queued for ``target`` more than ``older_than_s`` ago and not
         tried since: the worker that queued them stopped (or is far behind);
-        redelivery sends them. Oldest first."""
+        redelivery sends them. Oldest first; the oldest ``limit`` when given."""
         rows = self._db.execute(
             """SELECT a.alert_id, a.doc FROM alerts a JOIN deliveries d ON d.alert_id = a.alert_id
                WHERE d.target=? AND d.state=? AND d.at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)
-               ORDER BY a.created_at, a.level, a.alert_id""",
-            (target, DeliveryState.QUEUED.value, f"-{max(0.0, older_than_s):.3f} seconds"),
+               ORDER BY a.created_at, a.level, a.alert_id LIMIT ?""",
+            (target, DeliveryState.QUEUED.value, f"-{max(0.0, older_than_s):.3f} seconds",
+             -1 if limit is None else limit),
         ).fetchall()
         return [self._valid("alert", alert_id, lambda: Alert.model_validate_json(doc)) for alert_id, doc in rows]
 

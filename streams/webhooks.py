@@ -56,11 +56,20 @@ trickling its answer cannot hold a delivery), the answer's body is never read
 configuration error reported with its ``Location``, not retried, and the
 signed body never goes anywhere but the configured URL. Link-local and cloud
 metadata addresses are never contacted, whether the URL names one or its host
-resolves to one (the address checked is the one connected to). Logs, errors,
-delivery statuses and the command line name a target as
+resolves to one (the address checked is the one connected to); loopback,
+private and other non-public addresses only with
+``alerts.allow_private_webhooks`` (else the delivery is ``rejected``, saying
+so). Logs, errors, delivery statuses and the command line name a target as
 ``scheme://host[:port]`` only, since webhook URLs often carry a token; the
-findings store and metrics key it as ``scheme://host[:port]#<8 hex digits of
-the SHA-256 of the URL>`` (``target_key``: two hooks on one host stay apart).
+findings store and metrics key it by the hook's identity (``hook_key``):
+``hook:<name>`` for a hook with a ``name``, else ``scheme://host[:port]#<8
+hex digits of the SHA-256 of scheme://host:port>``, so a new path or token in
+the URL keeps the hook's undelivered alerts (settings refuse two nameless
+hooks on one host). Records kept under a hook's earlier keys
+(``legacy_keys``: the whole URL's hash, as before, and its
+``previous_keys``) are redelivered as its own; keys no hook serves are
+named in a warning (``Redeliverer.warn_stranded``). A round reads the oldest
+``REDELIVERY_PAGE`` alerts of a target.
 
 A receiver (Python)::
 
@@ -117,9 +126,10 @@ import httpx
 
 from streams import metrics
 from streams.fetch import FetchError, Pinned, embedded_ipv4, pin  # embedded: IPv4-mapped, 6to4, Teredo, NAT64
+from streams.fetch import _address_allowed as _public_address
 from streams.findings import UNDELIVERED, DeliveryState, cluster_page_url
 from streams.records import Alert, openable_url
-from streams.settings import Settings, WebhookSettings
+from streams.settings import TARGET_KEY_RE, Settings, WebhookSettings, hook_origin
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +138,7 @@ TIMESTAMP_HEADER = "X-Deepwatch-Timestamp"
 DELIVERY_HEADER = "X-Deepwatch-Delivery"
 
 REDELIVERY_GIVE_UP = 3  # failures in a row after which a redelivery round stops for a target (it looks down)
+REDELIVERY_PAGE = 500  # undelivered alerts one redelivery round reads per target (its oldest); the rest wait their round
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -244,18 +255,51 @@ def target_label(url: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
 
 
-_KEY = re.compile(r"(?:[a-z][a-z0-9+.-]*://[^/?#@\s]+|<invalid webhook URL>)#[0-9a-f]{8}")
+_KEY = TARGET_KEY_RE
 
 
 def target_key(url: str) -> str:
-    """The stable name of a webhook target where it is kept and counted (the
-    findings store's delivery records, metric labels, ``deepwatch
-    redeliver``): ``target_label`` plus ``#`` and 8 hex digits of the SHA-256
-    of the whole URL, so two hooks on one host stay apart and no token shows.
+    """``target_label`` plus ``#`` and 8 hex digits of the SHA-256 of the
+    whole URL: how a URL is shown where its token must not be (``deepwatch
+    settings``), and the key deliveries were kept under before hooks were
+    keyed by their identity (``hook_key``; ``legacy_keys`` reads those).
     A key maps to itself."""
     if _KEY.fullmatch(url):
         return url
     return f"{target_label(url)}#{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
+def hook_key(hook: WebhookSettings) -> str:
+    """The stable name of a webhook target where it is kept and counted (the
+    findings store's delivery records, metric labels, ``deepwatch
+    redeliver``): ``hook:<name>`` for a hook with a ``name``, else
+    ``scheme://host[:port]#`` and 8 hex digits of the SHA-256 of
+    ``scheme://host:port``. Neither changes with the URL's path, query or
+    user info, so rotating a token in the URL keeps the hook's undelivered
+    alerts (settings refuse two nameless hooks on one host), and no token
+    shows."""
+    if hook.name:
+        return f"hook:{hook.name}"
+    try:
+        origin = hook_origin(hook.url)
+    except ValueError:
+        return target_key(hook.url)
+    shown = origin.removesuffix({"http": ":80", "https": ":443"}.get(origin.split(":", 1)[0], ""))
+    return f"{shown}#{hashlib.sha256(origin.encode()).hexdigest()[:8]}"
+
+
+def legacy_keys(hook: WebhookSettings) -> tuple[str, ...]:
+    """Other names the undelivered deliveries of ``hook`` may be kept
+    under: its ``previous_keys`` (an operator moved them to it), the key of
+    its URL from before hooks were keyed by identity (``target_key``), and
+    the URL itself (Elasticsearch records from before targets were keyed).
+    Redelivery reads and settles them with the hook's own."""
+    key = hook_key(hook)
+    out: list[str] = []
+    for name in (*hook.previous_keys, target_key(hook.url), hook.url):
+        if name != key and name not in out:
+            out.append(name)
+    return tuple(out)
 
 
 def retry_after_s(value: str | None, now: float | None = None) -> float | None:
@@ -350,7 +394,7 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
     problem = _url_problem(hook.url)
     if problem:
         raise WebhookRejected(f"{shown}: invalid webhook URL ({problem})")
-    key = target_key(hook.url)
+    key = hook_key(hook)
     held = _held_for(key)
     if held:
         raise WebhookHeld(f"{shown}: the receiver asked to wait (Retry-After); {held:.0f} s left")
@@ -469,13 +513,24 @@ def _refuse_metadata(host: str, addrs: list) -> None:
                        "addresses are never webhook receivers")
 
 
-async def _pinned(url: str) -> Pinned:
+def _refuse_private(host: str, addrs: list) -> None:
+    """Without ``alerts.allow_private_webhooks``: metadata addresses, and
+    every address that is not public (loopback, RFC 1918, unique-local,
+    CGNAT... the fetch stage's rule, ``streams.fetch``)."""
+    _refuse_metadata(host, addrs)
+    refused = [str(a) for a in addrs if not _public_address(a)]
+    if refused:
+        raise _Refused(f"{host} resolves to non-public address {', '.join(refused)} (loopback or private network); "
+                       "set alerts.allow_private_webhooks = true to deliver to it")
+
+
+async def _pinned(url: str, allow_private: bool = False) -> Pinned:
     """``url`` resolved once (on the fetch stage's DNS threads), checked and
     pinned to the checked address (``streams.fetch.pin``): a DNS answer that
     changes between the check and the connection (rebinding) cannot slip a
     refused address in."""
     try:
-        return await pin(url, _refuse_metadata)
+        return await pin(url, _refuse_metadata if allow_private else _refuse_private)
     except FetchError as e:
         if e.reason == "dns_failure":
             raise _Unresolved(e.detail) from None
@@ -499,7 +554,7 @@ async def _attempt(hook: WebhookSettings, body: bytes, headers: dict[str, str],
     never read: a receiver answering with gigabytes costs nothing, the
     connection is just closed."""
     async with asyncio.timeout(hook.timeout_s):
-        pinned = await _pinned(hook.url)
+        pinned = await _pinned(hook.url, hook._allow_private)
         async with client.stream("POST", pinned.url, content=body, headers={**headers, "Host": pinned.host_header},
                                  extensions={"sni_hostname": pinned.sni},
                                  timeout=hook.timeout_s, follow_redirects=False) as resp:
@@ -517,20 +572,49 @@ def unsigned_hooks(settings: Settings, environ: Mapping[str, str] = os.environ) 
 
 
 def hooks_by_key(settings: Settings) -> dict[str, WebhookSettings]:
-    """The configured hooks by ``target_key`` (one per URL: a URL listed
+    """The configured hooks by ``hook_key`` (one per identity: a URL listed
     twice is one target), each knowing the desk's public address
-    (``desk.public_url``) its bodies link to."""
+    (``desk.public_url``) its bodies link to and whether it may reach a
+    private address (``alerts.allow_private_webhooks``)."""
     out: dict[str, WebhookSettings] = {}
     public = settings.desk.public_url
+    private = settings.alerts.allow_private_webhooks
     for hook in settings.alerts.webhooks:
-        key = target_key(hook.url)
+        key = hook_key(hook)
         if key in out:
             continue
-        if hook._desk_public_url != public:
+        allow = private or hook._allow_private  # a hook made in code may be allowed on its own
+        if hook._desk_public_url != public or hook._allow_private != allow:
             hook = hook.model_copy()  # the settings' own hook stays as configured
             hook._desk_public_url = public
+            hook._allow_private = allow
         out[key] = hook
     return out
+
+
+def stranded_keys(settings: Settings, counts: dict[str, dict[DeliveryState, int]]) -> list[str]:
+    """Target keys with deliveries still waiting (queued, failed or
+    rejected) that no configured hook serves (neither its key nor one of
+    its ``legacy_keys``): a hook removed, or renamed without
+    ``previous_keys``. Nothing sends them."""
+    served = {name for key, hook in hooks_by_key(settings).items() for name in (key, *legacy_keys(hook))}
+    return sorted(k for k, by_state in counts.items() if k not in served and any(by_state.values()))
+
+
+def shared_secret_hooks(settings: Settings) -> list[str]:
+    """One line per HMAC key variable (``secret_env``) that hooks on
+    different hosts share: each of those subscribers holds the key the
+    others verify with, so any of them can sign an alert the others accept."""
+    hosts: dict[str, dict[str, str]] = {}  # secret_env -> host -> its label
+    for hook in settings.alerts.webhooks:
+        try:
+            host = urlsplit(hook.url).hostname or ""
+        except ValueError:
+            host = ""
+        hosts.setdefault(hook.secret_env, {}).setdefault(host, target_label(hook.url))
+    return [f"webhooks on {len(by_host)} hosts ({', '.join(by_host.values())}) share the HMAC key in {env}: "
+            "each subscriber can sign alerts the others accept; give each its own key (secret_env)"
+            for env, by_host in hosts.items() if len(by_host) > 1]
 
 
 _exported: set[tuple[str, str]] = set()
@@ -564,11 +648,13 @@ class Redeliverer:
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._rounds: dict[str, asyncio.Task[int]] = {}  # target key -> its latest round
+        self._stranded: list[str] = []  # what warn_stranded last warned about
 
     async def earlier_pending(self, hook: WebhookSettings, alert: Alert) -> bool:
-        key = target_key(hook.url)
+        names = (hook_key(hook), *legacy_keys(hook))
         try:
-            return await asyncio.to_thread(lambda: self._db().undelivered_before(key, alert.cluster_id, alert.level))
+            return await asyncio.to_thread(
+                lambda: any(self._db().undelivered_before(n, alert.cluster_id, alert.level) for n in names))
         except Exception:  # the gate only orders deliveries; it must never stop one
             log.exception("webhook ordering check failed")
             return False
@@ -603,17 +689,21 @@ class Redeliverer:
         return self._client
 
     def _todo(self, key: str, hook: WebhookSettings) -> list[tuple[Alert, tuple[str, ...]]]:
-        """What to send to ``key``, oldest first, each with any other target
-        name its record is kept under (a record from before targets were
-        keyed: Elasticsearch keeps those by URL)."""
+        """What to send to ``key`` this round: the oldest ``REDELIVERY_PAGE``,
+        oldest first, each with any other target name its record is kept
+        under (``legacy_keys``: the hook's key before its identity was its
+        key or before an operator moved them to it; Elasticsearch keeps the
+        oldest records by URL). The rest waits for the next rounds."""
         store = self._db()
-        found: dict[str, tuple[Alert, tuple[str, ...]]] = {a.alert_id: (a, ()) for a in store.failed_deliveries(key)}
-        for a in store.queued_deliveries(key, older_than_s=2 * self.settings.alerts.webhook_redeliver_s):
-            found.setdefault(a.alert_id, (a, ()))
-        if hook.url != key:
-            for a in store.failed_deliveries(hook.url):
-                found.setdefault(a.alert_id, (a, (hook.url,)))
-        return sorted(found.values(), key=lambda p: (p[0].created_at, p[0].level, p[0].alert_id))
+        older = 2 * self.settings.alerts.webhook_redeliver_s
+        found: dict[str, tuple[Alert, tuple[str, ...]]] = {}
+        for name in (key, *legacy_keys(hook)):
+            also = () if name == key else (name,)
+            for a in [*store.failed_deliveries(name, limit=REDELIVERY_PAGE),
+                      *store.queued_deliveries(name, older_than_s=older, limit=REDELIVERY_PAGE)]:
+                was = found.get(a.alert_id)
+                found[a.alert_id] = (a, also) if was is None else (was[0], tuple(dict.fromkeys((*was[1], *also))))
+        return sorted(found.values(), key=lambda p: (p[0].created_at, p[0].level, p[0].alert_id))[:REDELIVERY_PAGE]
 
     async def _mark(self, alert: Alert, key: str, also: tuple[str, ...], state: DeliveryState, detail: str = "") -> None:
         def mark() -> None:
@@ -671,14 +761,37 @@ class Redeliverer:
         return done
 
     async def refresh_gauge(self) -> None:
-        """``deepwatch_webhook_undelivered`` from the store."""
-        keys = list(hooks_by_key(self.settings))
+        """``deepwatch_webhook_undelivered`` from the store (a hook's
+        ``legacy_keys`` counted as its own), and a warning naming what no
+        configured hook serves (``stranded_keys``) when that changes."""
+        hooks = hooks_by_key(self.settings)
         try:
             counts = await asyncio.to_thread(lambda: self._db().undelivered_counts())
         except Exception:
             log.exception("counting undelivered webhook deliveries failed")
             return
-        export_undelivered(counts, keys)
+        merged: dict[str, dict[DeliveryState, int]] = {}
+        for key, hook in hooks.items():
+            for name in (key, *legacy_keys(hook)):
+                for state, n in counts.get(name, {}).items():
+                    merged.setdefault(key, {})[state] = merged.setdefault(key, {}).get(state, 0) + n
+        export_undelivered(merged, list(hooks))
+        self.warn_stranded(counts)
+
+    def warn_stranded(self, counts: dict[str, dict[DeliveryState, int]]) -> list[str]:
+        """Log (once per change) the target keys with waiting deliveries
+        that no configured hook serves, and how to hand them to one."""
+        stranded = stranded_keys(self.settings, counts)
+        if stranded and stranded != self._stranded:
+            waiting = {k: sum(counts[k].values()) for k in stranded}
+            log.warning(
+                "undelivered webhook alerts are kept under target keys no configured hook serves: "
+                + ", ".join(f"{k} ({n})" for k, n in waiting.items())
+                + "; nothing sends them. To hand them to a hook, add the key to its "
+                  "alerts.webhooks[].previous_keys (`deepwatch redeliver` lists the keys)",
+                extra={"targets": stranded})
+        self._stranded = stranded
+        return stranded
 
     async def aclose(self) -> None:
         loop = asyncio.get_running_loop()
@@ -719,6 +832,12 @@ def install_redelivery(app: Any, settings: Settings) -> Redeliverer | None:
 
     @app.timer(interval=settings.alerts.webhook_redeliver_s)
     async def count_undelivered_webhooks() -> None:
+        await redeliverer.refresh_gauge()  # logs its own failures
+
+    @app.task
+    async def check_stranded_webhook_deliveries() -> None:
+        # at start, not one period later: deliveries a URL or name change left
+        # behind are named (``Redeliverer.warn_stranded``), and the gauge set
         await redeliverer.refresh_gauge()  # logs its own failures
 
     return redeliverer

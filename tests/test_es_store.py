@@ -25,6 +25,14 @@ from tests.fake_es import FakeElasticsearch, error_body, rejected_execution
 from tests.findings_fixture import fill, snapshots
 
 
+def _lo(hook):
+    """A hook whose receiver here listens on loopback: allowed as
+    ``alerts.allow_private_webhooks = true`` allows it (webhooks to private
+    addresses are refused without it)."""
+    hook._allow_private = True
+    return hook
+
+
 def _store(es: FakeElasticsearch, **findings) -> EsFindingsStore:
     settings = Settings(findings=FindingsSettings(retry_initial_s=0.001, retry_max_s=0.004, **findings))
     s = EsFindingsStore.from_url(es.url.replace("http://", "es://"), settings=settings)
@@ -767,7 +775,7 @@ def test_webhook_redelivery_reads_and_marks_deliveries_in_elasticsearch(fake_es,
     srv = _Receiver([200])
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
-        hook = WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0, timeout_s=2)
+        hook = _lo(WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0, timeout_s=2))
         settings = Settings(data_dir=tmp_path / "data", findings=FindingsSettings(url=fake_es.url),
                             alerts=AlertSettings(webhooks=[hook]))
         writer = _store(fake_es)
@@ -775,9 +783,13 @@ def test_webhook_redelivery_reads_and_marks_deliveries_in_elasticsearch(fake_es,
         writer.mark_delivered("c-fire:1", hook.url, DeliveryState.FAILED, "HTTP 503")
         timers = []
 
-        class _App:  # the one Faust app method install_redelivery uses
+        class _App:  # the Faust app methods install_redelivery uses
             def timer(self, **kw):
                 return lambda fn: timers.append((kw, fn)) or fn
+
+            def task(self, fn):  # run at worker start: names deliveries no hook serves
+                timers.append(({"at_start": True}, fn))
+                return fn
 
         redeliverer = webhooks.install_redelivery(_App(), settings)
         assert timers and timers[0][0]["on_leader"] is True

@@ -72,6 +72,7 @@ def test_kill_9_and_receiver_outage_lose_nothing_and_count_nothing_twice(tmp_pat
     hook = f"http://127.0.0.1:{port}/hook"
     settings = Settings(data_dir=tmp_path / "data", alerts={
         "min_sightings_5m": 4, "escalation_factor": 1.25, "webhook_redeliver_s": 2.0,
+        "allow_private_webhooks": True,  # the receiver listens on loopback
         "webhooks": [{"url": hook, "secret_env": ENV, "retries": 0, "timeout_s": 2}],
     })
     settings.ingest.image_roots = [feed.parent.resolve()]

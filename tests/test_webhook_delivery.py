@@ -24,10 +24,19 @@ from streams.records import Alert
 from streams.settings import Settings, WebhookSettings
 from streams.webhooks import (
     DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Redeliverer, WebhookError, WebhookHeld, WebhookRejected,
-    delivery_header, retry_after_s, target_key, target_label, verify,
+    delivery_header, hook_key, retry_after_s, target_key, target_label, verify,
 )
 from tests import test_webhooks
 from tests.test_webhooks import ENV, SECRET, _alert, _deliver, _sink_alert, _sinks
+
+
+def _lo(hook):
+    """A hook whose receiver here listens on loopback: allowed as
+    ``alerts.allow_private_webhooks = true`` allows it (webhooks to private
+    addresses are refused without it)."""
+    hook._allow_private = True
+    return hook
+
 
 # the loopback receivers of tests/test_webhooks.py
 receiver = test_webhooks.receiver
@@ -128,7 +137,7 @@ def test_redelivery_counts_each_outcome(scripted, tmp_path, monkeypatch):
     counter said "failed" for an alert that had reached its receiver."""
     up = {"ok": False}
     srv = scripted(lambda n, aid: (200 if up["ok"] else 503, {}))
-    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2)
+    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2))
     sinks, store = _sinks(tmp_path, monkeypatch, hook)
     asyncio.run(_sink_alert(sinks, _alert()))
     before = _counts()
@@ -152,10 +161,10 @@ def test_rejected_deliveries_are_listed_and_sent_again_on_request(scripted, tmp_
     fixed = {"ok": False}
     srv = scripted(lambda n, aid: (200 if fixed["ok"] else 403, {}))
     url = _url(srv, "/hook?token=S3CR3T")
-    hook = WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2)
+    hook = _lo(WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2))
     sinks, store = _sinks(tmp_path, monkeypatch, hook)
     asyncio.run(_sink_alert(sinks, _alert()))
-    key = target_key(url)
+    key = hook_key(hook)
     [d] = store.delivery_status()["c-1:1"]
     assert d.target == key and d.state is DeliveryState.REJECTED and "S3CR3T" not in json.dumps(d.as_json())
 
@@ -199,7 +208,7 @@ def test_account_alert_ids_of_any_text_are_delivered(scripted, tmp_path):
     raise UnicodeEncodeError (recorded as "invalid webhook URL"), CR/LF made
     h11 refuse the header (recorded as failed, and tried again for ever)."""
     srv = scripted(lambda n, aid: (200, {}))
-    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2)
+    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2))
     ids = ["account:josé_garcía:1", "account:bob\r\nX-Evil: 1:1"]
     for aid in ids:
         assert _deliver(hook, _alert().model_copy(update={"alert_id": aid, "cluster_id": aid[:-2]})) == "delivered"
@@ -212,7 +221,7 @@ def test_account_alert_ids_of_any_text_are_delivered(scripted, tmp_path):
 def test_a_request_the_client_refuses_to_send_is_rejected_not_failed(scripted, monkeypatch):
     srv = scripted(lambda n, aid: (200, {}))
     monkeypatch.setattr(webhooks, "delivery_header", lambda alert_id: alert_id)  # the id as it was sent before
-    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=3, timeout_s=2)
+    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=3, timeout_s=2))
     with pytest.raises(WebhookRejected, match="refused by the HTTP client"):
         _deliver(hook, _alert().model_copy(update={"alert_id": "account:bob\r\nX-Evil: 1:1"}), within_s=5)
     assert srv.requests == []
@@ -223,8 +232,8 @@ def test_redelivery_goes_past_an_alert_that_keeps_failing(scripted, tmp_path):
     200 to the others. Redelivery stopped at the first failure, so no later
     alert ever got through; now only that alert's own cluster waits behind it."""
     srv = scripted(lambda n, aid: (500 if aid == "c-bad:1" else 200, {}))
-    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2)
-    key = target_key(hook.url)
+    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2))
+    key = hook_key(hook)
     settings = _settings(tmp_path, hook)
     from streams.store import open_store
 
@@ -244,8 +253,8 @@ def test_redelivery_goes_past_an_alert_that_keeps_failing(scripted, tmp_path):
 
 def test_redelivery_round_stops_for_a_target_that_looks_down(scripted, tmp_path):
     srv = scripted(lambda n, aid: (503, {}))
-    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2)
-    key = target_key(hook.url)
+    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2))
+    key = hook_key(hook)
     from streams.store import open_store
 
     store = open_store(tmp_path)
@@ -264,9 +273,9 @@ def test_a_hanging_receiver_does_not_delay_another_targets_later_alerts(raw_rece
     subscriber for its whole timeout."""
     hanging = raw_receiver(lambda sock, stop: stop.wait(30))
     fast = scripted(lambda n, aid: (200, {}))
-    slow_hook = WebhookSettings(url=f"http://127.0.0.1:{hanging.server_address[1]}/hook", secret_env=ENV, retries=0,
-                                timeout_s=3)
-    fast_hook = WebhookSettings(url=_url(fast), secret_env=ENV, retries=0, timeout_s=3)
+    slow_hook = _lo(WebhookSettings(url=f"http://127.0.0.1:{hanging.server_address[1]}/hook", secret_env=ENV, retries=0,
+                                timeout_s=3))
+    fast_hook = _lo(WebhookSettings(url=_url(fast), secret_env=ENV, retries=0, timeout_s=3))
     sinks, store = _sinks(tmp_path, monkeypatch, slow_hook, fast_hook)
     alerts = [_at(_alert(), i, alert_id=f"c-{i}:1", cluster_id=f"c-{i}") for i in range(3)]
 
@@ -279,7 +288,7 @@ def test_a_hanging_receiver_does_not_delay_another_targets_later_alerts(raw_rece
             while len(fast.requests) < 3 and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             fast_done = time.monotonic() - started
-            slow_key = target_key(slow_hook.url)
+            slow_key = hook_key(slow_hook)
             assert [store.delivery_status()[a.alert_id] for a in alerts] and all(
                 {d["target"]: d["status"] for d in store.delivery_status()[a.alert_id]}[slow_key] == "queued"
                 for a in alerts[1:]), "the hanging target's later alerts wait in its own queue"
@@ -294,9 +303,9 @@ def test_a_hanging_receiver_does_not_delay_another_targets_later_alerts(raw_rece
     status = store.delivery_status()
     for a in alerts:
         by_target = {d["target"]: d["status"] for d in status[a.alert_id]}
-        assert by_target[target_key(fast_hook.url)] == "delivered"
-        assert by_target[target_key(slow_hook.url)].startswith("failed: ") and "no answer within 3 s" in by_target[
-            target_key(slow_hook.url)]
+        assert by_target[hook_key(fast_hook)] == "delivered"
+        assert by_target[hook_key(slow_hook)].startswith("failed: ") and "no answer within 3 s" in by_target[
+            hook_key(slow_hook)]
 
 
 def test_redelivery_rounds_of_targets_do_not_wait_for_each_other(raw_receiver, scripted, tmp_path):
@@ -307,24 +316,24 @@ def test_redelivery_rounds_of_targets_do_not_wait_for_each_other(raw_receiver, s
 
     hanging = raw_receiver(lambda sock, stop: stop.wait(30))
     fast = scripted(lambda n, aid: (200, {}))
-    slow_hook = WebhookSettings(url=f"http://127.0.0.1:{hanging.server_address[1]}/hook", secret_env=ENV, retries=0,
-                                timeout_s=3)
-    fast_hook = WebhookSettings(url=_url(fast), secret_env=ENV, retries=0, timeout_s=3)
+    slow_hook = _lo(WebhookSettings(url=f"http://127.0.0.1:{hanging.server_address[1]}/hook", secret_env=ENV, retries=0,
+                                timeout_s=3))
+    fast_hook = _lo(WebhookSettings(url=_url(fast), secret_env=ENV, retries=0, timeout_s=3))
     store = open_store(tmp_path)
     for i in range(2):
         a = _at(_alert(), i, alert_id=f"c-{i}:1", cluster_id=f"c-{i}")
         store.add_alert(a)
         for hook in (slow_hook, fast_hook):
-            store.mark_delivered(a.alert_id, target_key(hook.url), DeliveryState.FAILED, "the receiver was down")
+            store.mark_delivered(a.alert_id, hook_key(hook), DeliveryState.FAILED, "the receiver was down")
     r = Redeliverer(_settings(tmp_path, slow_hook, fast_hook), lambda: store)
 
     async def scenario() -> None:
         try:
             rounds = r.start_rounds()
-            assert set(rounds) == {target_key(slow_hook.url), target_key(fast_hook.url)}
-            assert await asyncio.wait_for(rounds[target_key(fast_hook.url)], 2) == 2
-            assert not rounds[target_key(slow_hook.url)].done()
-            assert set(r.start_rounds()) == {target_key(fast_hook.url)}, "one round per target at a time"
+            assert set(rounds) == {hook_key(slow_hook), hook_key(fast_hook)}
+            assert await asyncio.wait_for(rounds[hook_key(fast_hook)], 2) == 2
+            assert not rounds[hook_key(slow_hook)].done()
+            assert set(r.start_rounds()) == {hook_key(fast_hook)}, "one round per target at a time"
         finally:
             await r.aclose()
 
@@ -346,9 +355,9 @@ def test_a_delivery_a_stopped_worker_left_is_sent_by_redelivery(raw_receiver, tm
             sock.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
 
     srv = raw_receiver(answer)
-    hook = WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0,
-                           timeout_s=5)
-    key = target_key(hook.url)
+    hook = _lo(WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0,
+                           timeout_s=5))
+    key = hook_key(hook)
     sinks, store = _sinks(tmp_path, monkeypatch, hook)
 
     async def stop_mid_delivery() -> None:
@@ -379,7 +388,7 @@ def test_a_bounded_sink_returns_once_its_alerts_deliveries_are_done(scripted, tm
     from streams.sinks import Sinks
 
     srv = scripted(lambda n, aid: (200, {}))
-    settings = _settings(tmp_path, WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2))
+    settings = _settings(tmp_path, _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2)))
     sinks = Sinks(settings, retry_for_s=5)
 
     async def go() -> None:
@@ -420,7 +429,7 @@ def test_retry_after_parses_seconds_and_http_dates():
 def test_a_429_retry_after_is_honoured(scripted):
     """The receiver asked for 1 s; the retry came after the fixed 0.5 s backoff."""
     srv = scripted(lambda n, aid: (429, {"Retry-After": "1"}) if n == 0 else (200, {}))
-    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=1, timeout_s=2)
+    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=1, timeout_s=2))
     assert _deliver(hook, _alert()) == "delivered"
     first, second = srv.requests
     assert second["t"] - first["t"] >= 0.95
@@ -429,7 +438,7 @@ def test_a_429_retry_after_is_honoured(scripted):
 def test_a_long_retry_after_is_capped_and_then_leaves_the_target_alone(scripted):
     date = format_datetime(datetime.now(timezone.utc) + timedelta(hours=2), usegmt=True)
     srv = scripted(lambda n, aid: (429, {"Retry-After": date}) if n < 2 else (200, {}))
-    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=1, timeout_s=2, retry_after_max_s=0.3)
+    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=1, timeout_s=2, retry_after_max_s=0.3))
     started = time.monotonic()
     with pytest.raises(WebhookError, match="HTTP 429, Retry-After 7[12]\\d\\d s; not tried again for 0.3 s") as e:
         _deliver(hook, _alert())
@@ -446,7 +455,7 @@ def test_a_long_retry_after_is_capped_and_then_leaves_the_target_alone(scripted)
 # -- 5. a line for people ----------------------------------------------------------------------------
 def test_summary_is_added_when_the_hook_asks_for_it(scripted):
     srv = scripted(lambda n, aid: (200, {}))
-    plain = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2)
+    plain = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2))
     readable = plain.model_copy(update={"summary": True})
     alert = _alert()
     assert _deliver(plain, alert) == _deliver(readable, alert) == "delivered"
@@ -493,7 +502,7 @@ def test_stored_targets_and_the_alerts_command_never_show_the_token(receiver, tm
 
     srv = receiver(503)
     url = f"http://bob:PASSW0RD@127.0.0.1:{srv.server_address[1]}/hooks/T0KEN?key=K3Y"
-    hook = WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2)
+    hook = _lo(WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2))
     sinks, store = _sinks(tmp_path, monkeypatch, hook)
     with caplog.at_level(logging.INFO):
         asyncio.run(_sink_alert(sinks, _alert()))
@@ -501,15 +510,15 @@ def test_stored_targets_and_the_alerts_command_never_show_the_token(receiver, tm
         asyncio.run(Redeliverer(_settings(tmp_path, hook), lambda: store).refresh_gauge())
     shown = CliRunner().invoke(app, ["alerts", "--data-dir", str(tmp_path), "--json"]).stdout
     [alert] = json.loads(shown)
-    assert alert["deliveries"][0]["target"] == target_key(url)
+    assert alert["deliveries"][0]["target"] == hook_key(hook)
     from prometheus_client import generate_latest
 
     exported = generate_latest().decode()
-    assert f'deepwatch_webhook_undelivered{{status="failed",target="{target_key(url)}"}} 1.0' in exported
+    assert f'deepwatch_webhook_undelivered{{status="failed",target="{hook_key(hook)}"}} 1.0' in exported
     logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records if r.name != "httpx")
     for secret in ("PASSW0RD", "T0KEN", "K3Y"):
         assert secret not in shown and secret not in exported and secret not in logged, secret
-    assert store.delivery_targets() == [target_key(url)]
+    assert store.delivery_targets() == [hook_key(hook)]
 
 
 def test_delivery_records_written_with_the_url_are_keyed_when_the_store_opens(tmp_path):

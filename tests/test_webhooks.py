@@ -19,8 +19,17 @@ from detectors.base import Evidence
 from streams.records import Alert, Velocity
 from streams.settings import Settings, WebhookSettings
 from streams.webhooks import (
-    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookError, deliver, sign, target_key, target_label, verify,
+    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookError, deliver, hook_key, sign, target_key, target_label, verify,
 )
+
+
+def _lo(hook):
+    """A hook whose receiver here listens on loopback: allowed as
+    ``alerts.allow_private_webhooks = true`` allows it (webhooks to private
+    addresses are refused without it)."""
+    hook._allow_private = True
+    return hook
+
 
 SECRET = "s3cret-for-tests"
 ENV = "DEEPWATCH_TEST_WEBHOOK_SECRET"
@@ -94,7 +103,7 @@ def receiver():
 
 
 def _hook(srv: _Receiver, retries: int) -> WebhookSettings:
-    return WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=retries, timeout_s=2)
+    return _lo(WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=retries, timeout_s=2))
 
 
 def _deliver(hook: WebhookSettings, alert: Alert, *, within_s: float = 30, **client_kw) -> str:
@@ -185,7 +194,7 @@ def test_connection_refused_is_a_webhook_error(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    hook = WebhookSettings(url=f"http://127.0.0.1:{port}/hook", secret_env=ENV, retries=0, timeout_s=1)
+    hook = _lo(WebhookSettings(url=f"http://127.0.0.1:{port}/hook", secret_env=ENV, retries=0, timeout_s=1))
     with pytest.raises(WebhookError, match="ConnectError"):
         _deliver(hook, _alert())
 
@@ -253,8 +262,8 @@ def raw_receiver():
 
 
 def _raw_hook(srv: _RawServer, timeout_s: float) -> WebhookSettings:
-    return WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0,
-                           timeout_s=timeout_s)
+    return _lo(WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0,
+                           timeout_s=timeout_s))
 
 
 def test_a_trickling_receiver_is_cut_off_at_timeout_s(raw_receiver, monkeypatch):
@@ -314,7 +323,7 @@ def test_an_invalid_url_is_a_webhook_error(monkeypatch, url):
     as an ExceptionGroup)."""
     monkeypatch.setenv(ENV, SECRET)
     with pytest.raises(ValidationError, match="url"):
-        WebhookSettings(url=url, secret_env=ENV)
+        _lo(WebhookSettings(url=url, secret_env=ENV))
     unchecked = WebhookSettings.model_construct(url=url, secret_env=ENV, retries=2, timeout_s=1.0,
                                                 retry_after_max_s=300.0, summary=False)
     with pytest.raises(WebhookError, match="invalid webhook URL"):
@@ -329,7 +338,7 @@ def test_a_token_in_the_url_never_reaches_errors_or_logs(receiver, monkeypatch, 
     port = srv.server_address[1]
     url = f"http://bob:PASSW0RD@127.0.0.1:{port}/hooks/T0KEN?key=K3Y"
     assert target_label(url) == f"http://127.0.0.1:{port}"
-    sinks, store = _sinks(tmp_path, monkeypatch, WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2))
+    sinks, store = _sinks(tmp_path, monkeypatch, _lo(WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2)))
     with caplog.at_level(logging.INFO):
         asyncio.run(_sink_alert(sinks, _alert()))
     [status] = store.delivery_status()["c-1:1"]
@@ -363,7 +372,7 @@ def test_metadata_and_link_local_receivers_are_refused(monkeypatch, fake_dns, ho
     request is made and nothing is retried."""
     monkeypatch.setenv(ENV, SECRET)
     fake_dns["metadata.hooks.test"] = "169.254.169.254"
-    hook = WebhookSettings(url=f"http://{host}/latest/meta-data/", secret_env=ENV, retries=3, timeout_s=1)
+    hook = _lo(WebhookSettings(url=f"http://{host}/latest/meta-data/", secret_env=ENV, retries=3, timeout_s=1))
     with pytest.raises(WebhookError, match="refused: .*cloud metadata addresses are never webhook receivers"):
         _deliver(hook, _alert(), within_s=3)
 
@@ -375,7 +384,7 @@ def test_the_checked_address_is_the_one_connected_to(receiver, monkeypatch, fake
     srv = receiver(200)
     port = srv.server_address[1]
     fake_dns["hooks.test"] = "127.0.0.1"
-    hook = WebhookSettings(url=f"http://hooks.test:{port}/hook", secret_env=ENV, retries=0, timeout_s=2)
+    hook = _lo(WebhookSettings(url=f"http://hooks.test:{port}/hook", secret_env=ENV, retries=0, timeout_s=2))
     asked: list[str] = []
     real = socket.getaddrinfo
 
@@ -398,7 +407,7 @@ def test_an_idn_receiver_name_is_resolved_and_sent_in_punycode(receiver, monkeyp
     srv = receiver(200)
     port = srv.server_address[1]
     fake_dns["xn--bcher-kva.hooks.test"] = "127.0.0.1"
-    hook = WebhookSettings(url=f"http://bücher.hooks.test:{port}/hook", secret_env=ENV, retries=0, timeout_s=2)
+    hook = _lo(WebhookSettings(url=f"http://bücher.hooks.test:{port}/hook", secret_env=ENV, retries=0, timeout_s=2))
     assert _deliver(hook, _alert()) == "delivered"
     [req] = srv.requests
     assert req["headers"]["Host"] == f"xn--bcher-kva.hooks.test:{port}" and req["valid"]
@@ -460,7 +469,7 @@ def test_an_alert_a_receiver_rejects_for_good_does_not_block_the_later_ones(rece
     asyncio.run(_sink_alert(sinks, later))  # 503: failed, to be tried again
     statuses = {a: s[0]["status"] for a, s in store.delivery_status().items()}
     assert statuses["c-1:1"].startswith("rejected: ") and statuses["c-2:1"].startswith("failed: ")
-    assert [a.alert_id for a in store.failed_deliveries(target_key(hook.url))] == ["c-2:1"]
+    assert [a.alert_id for a in store.failed_deliveries(hook_key(hook))] == ["c-2:1"]
 
     settings = Settings(data_dir=tmp_path)
     settings.alerts.webhooks = [hook]
@@ -473,7 +482,7 @@ def test_an_alert_a_receiver_rejects_for_good_does_not_block_the_later_ones(rece
             await redeliverer.aclose()
 
     assert asyncio.run(once()) == 1  # the later alert, not the rejected one again
-    assert store.delivered("c-2:1", target_key(hook.url)) and len(srv.requests) == 3
+    assert store.delivered("c-2:1", hook_key(hook)) and len(srv.requests) == 3
 
 
 # -- a link to the desk page ---------------------------------------------------------

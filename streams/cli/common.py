@@ -169,12 +169,15 @@ def settings_from(config: Optional[Path] = None, **overrides: Any) -> Settings:
 def check_alert_senders(settings: Settings) -> None:
     """Before a command that sends alerts starts: every webhook has its HMAC
     key in the environment (one line naming the variable, not a run whose
-    alerts all end ``failed``)."""
-    from streams.webhooks import unsigned_hooks
+    alerts all end ``failed``), and a warning line when hooks on different
+    hosts share one key (each subscriber could forge the others' alerts)."""
+    from streams.webhooks import shared_secret_hooks, unsigned_hooks
 
     missing = unsigned_hooks(settings)
     if missing:
         fail("; ".join(missing))
+    for line in shared_secret_hooks(settings):  # a warning, not a refusal: one line each
+        err.print(f"warning: {line}", markup=False, highlight=False)
 
 
 def check_data_dir(settings: Settings, given: Optional[Path]) -> None:

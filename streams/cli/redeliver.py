@@ -16,11 +16,15 @@ from streams.cli.query import StoreOpt, _findings
 from streams.findings import UNDELIVERED
 
 
-def _resolve(given: str, known: list[str]) -> str:
-    """The target key ``given`` names: a key as listed, the webhook URL from
-    the settings, or ``scheme://host[:port]`` when one target has it."""
-    from streams.webhooks import target_key
+def _resolve(given: str, known: list[str], hooks: dict) -> str:
+    """The target key ``given`` names: a key as listed, a configured hook's
+    URL or ``name``, the key a URL had before hooks were keyed by identity,
+    or ``scheme://host[:port]`` when one target has it."""
+    from streams.webhooks import legacy_keys, target_key
 
+    for key, hook in hooks.items():
+        if given in (hook.url, hook.name, *legacy_keys(hook)):
+            return key
     key = target_key(given)
     if key in known:
         return key
@@ -36,8 +40,8 @@ def _resolve(given: str, known: list[str]) -> str:
 @app.command(rich_help_panel="Findings")
 def redeliver(
     target: Optional[str] = typer.Argument(
-        None, metavar="TARGET", help="Webhook target as `deepwatch redeliver` lists it (scheme://host:port#hash), its URL, or "
-                   "scheme://host:port when only one target has it. Without it: list what waits per target."),
+        None, metavar="TARGET", help="Webhook target as `deepwatch redeliver` lists it (scheme://host:port#hash or hook:NAME), a "
+                   "configured hook's URL or name, or scheme://host:port when only one target has it. Without it: list what waits per target."),
     alert: Optional[list[str]] = typer.Option(None, "--alert", help="Only this alert id (repeatable)."),
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, store_url: Optional[str] = StoreOpt,
     fmt: str = FormatOpt, as_json: bool = JsonAlias,
@@ -48,7 +52,11 @@ def redeliver(
     failed (the leader worker tries them again every
     alerts.webhook_redeliver_s) and rejected (the receiver refused them for
     good: 401/403/404/410, a redirect; never retried on their own). JSON:
-    an array of {target, queued, failed, rejected}.
+    an array of {target, queued, failed, rejected}. A hook's deliveries
+    are kept under its identity (its name, else scheme://host:port), so a
+    changed path or token in its URL keeps them; a key no configured hook
+    serves is listed on its own (add it to a hook's previous_keys to hand
+    its deliveries to that hook).
 
     With TARGET: its rejected deliveries (all, or those of --alert) become
     failed again, so the next redelivery round sends them, oldest first. Fix
@@ -60,11 +68,16 @@ def redeliver(
     settings = settings_from(config, data_dir=data_dir)
     with _findings(data_dir, config, store_url) as store:
         counts = store.undelivered_counts()
-        from streams.webhooks import hooks_by_key
+        from streams.webhooks import hooks_by_key, legacy_keys
 
-        known = sorted({*store.delivery_targets(), *hooks_by_key(settings)})
+        hooks = hooks_by_key(settings)
+        # a configured hook's earlier keys (``legacy_keys``: before a rename, or from an older
+        # version) are counted and requeued as the hook's own
+        owner = {name: key for key, hook in hooks.items() for name in legacy_keys(hook)}
+        known = sorted({*(owner.get(t, t) for t in store.delivery_targets()), *hooks})
         if target is None:
-            rows = [{"target": k, **{s.value: counts.get(k, {}).get(s, 0) for s in UNDELIVERED}} for k in known]
+            rows = [{"target": k, **{s.value: sum(c.get(s, 0) for t, c in counts.items() if owner.get(t, t) == k)
+                                     for s in UNDELIVERED}} for k in known]
             if fmt == "json":
                 print_json(rows)
                 return
@@ -75,8 +88,10 @@ def redeliver(
                 t.add_row(r["target"], *(str(r[s.value]) for s in UNDELIVERED))
             Console().print(t)
             return
-        key = _resolve(target, known)
-        n = store.requeue_deliveries(key, list(alert) if alert else None)
+        key = _resolve(target, known, hooks)
+        # a configured hook's deliveries kept under its earlier keys (``legacy_keys``) are its own too
+        names = (key, *(legacy_keys(hooks[key]) if key in hooks else ()))
+        n = sum(store.requeue_deliveries(name, list(alert) if alert else None) for name in names)
     if fmt == "json":
         print_json({"target": key, "requeued": n})
     else:

@@ -31,13 +31,26 @@ def settings_cmd(
         settings_from(config)
         doc = reference_markdown()
     elif fmt == "json":
-        doc = json.dumps(_redacted(json.loads(settings_from(config).model_dump_json())), indent=2) + "\n"
+        doc = json.dumps(_redacted(_hooks_shown(json.loads(settings_from(config).model_dump_json()))), indent=2) + "\n"
     else:
         raise typer.BadParameter("must be 'markdown' or 'json'", param_hint="--format")
     if out:
         write_out(out, doc)
     else:
         typer.echo(doc, nl=False)
+
+
+def _hooks_shown(doc: dict[str, Any]) -> dict[str, Any]:
+    """Webhook URLs as ``scheme://host[:port]#<8 hex of the URL's SHA-256>``
+    (``streams.webhooks.target_key``, as logs name them): their path or
+    query often holds the subscriber's token. The hash still tells two
+    URLs apart."""
+    from streams.webhooks import target_key
+
+    for hook in (doc.get("alerts") or {}).get("webhooks") or []:
+        if isinstance(hook, dict) and isinstance(hook.get("url"), str):
+            hook["url"] = target_key(hook["url"])
+    return doc
 
 
 def _redacted(value: Any) -> Any:

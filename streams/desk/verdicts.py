@@ -189,6 +189,7 @@ class Verdicts:
                 platforms=doc.get("platforms") or [],
                 sample_posts=await asyncio.to_thread(self.source.sample_posts,
                                                      cluster_ids=[cid, *(doc.get("merged_from") or [])]),
+                merged_from=sorted(doc.get("merged_from") or []),
             )
             await self.alerts.raise_alert(alert)
             raised.append(alert.alert_id)
