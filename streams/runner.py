@@ -280,15 +280,9 @@ class Cluster:
         (a full disk, a locked store) instead of only resending."""
         newest: tuple[str, str] | None = None
         for w in self.workers:
-            tail = _tail(w.log_path, 32768)
-            for line in tail.splitlines():
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(doc, dict) and doc.get("level") in ("error", "critical"):
-                    found = (str(doc.get("ts", "")), f"{w.role}: {doc.get('msg')}")
-                    newest = max(newest, found) if newest else found
+            for doc in _error_records(_tail(w.log_path, 32768)):
+                found = (str(doc.get("ts", "")), f"{w.role}: {doc.get('msg')}")
+                newest = max(newest, found) if newest else found
         return newest[1] if newest else None
 
     def stop(self) -> None:
@@ -376,19 +370,24 @@ def _tail(path: Path, n: int) -> str:
         return ""
 
 
+def _error_records(log: str) -> Iterator[dict]:
+    """The error and critical records of a worker's JSON log, in order (other lines skipped)."""
+    for line in log.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("level") in ("error", "critical"):
+            yield doc
+
+
 def crash_cause(log: str) -> str | None:
     """Why a worker crashed, from its JSON log: the first error record that
     carries an exception (``msg: the exception's last line``), else the first
     error record; None when it logged none. The first, not the last: a crash
     is followed by shutdown errors that only echo it."""
     first: str | None = None
-    for line in log.splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(doc, dict) or doc.get("level") not in ("error", "critical"):
-            continue
+    for doc in _error_records(log):
         msg = str(doc.get("msg", ""))[:300]
         exc = [x for x in str(doc.get("exc") or "").splitlines() if x.strip()]
         if exc:

@@ -235,15 +235,6 @@ class WebhookSettings(_Section):
         return value
 
 
-def _sightings_cap(value: int) -> int:
-    from streams.virality import MAX_RECENT
-
-    if value > MAX_RECENT:
-        raise ValueError(f"must be at most {MAX_RECENT}: a cluster's velocity counts at most {MAX_RECENT} sightings "
-                         "(streams.virality.MAX_RECENT), so a higher threshold never fires")
-    return value
-
-
 class AlertSettings(_Section):
     min_fake_score: float = Field(0.7, ge=0, le=1)
     min_sightings_5m: int = Field(10, ge=0)  # velocity: sightings of the cluster in the trailing 5 minutes (at most 5000)
@@ -260,8 +251,15 @@ class AlertSettings(_Section):
     # webhooks to loopback, private (RFC 1918), unique-local or other non-public addresses are refused without it
     allow_private_webhooks: bool = False  # let webhooks reach loopback and private-network receivers (checked on the address connected to)
 
-    _min_5m = field_validator("min_sightings_5m")(classmethod(lambda cls, v: _sightings_cap(v)))
-    _min_1h = field_validator("min_sightings_1h")(classmethod(lambda cls, v: _sightings_cap(v)))
+    @field_validator("min_sightings_5m", "min_sightings_1h")
+    @classmethod
+    def _countable(cls, value: int) -> int:
+        from streams.virality import MAX_RECENT
+
+        if value > MAX_RECENT:
+            raise ValueError(f"must be at most {MAX_RECENT}: a cluster's velocity counts at most {MAX_RECENT} "
+                             "sightings (streams.virality.MAX_RECENT), so a higher threshold never fires")
+        return value
 
     @field_validator("webhooks")
     @classmethod
