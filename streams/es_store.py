@@ -1027,16 +1027,13 @@ class EsFindingsStore:
     def member_shas_updated_since(self, since: datetime) -> set[str]:
         """As ``SqliteFindingsStore.member_shas_updated_since``: members of
         the clusters whose documents were written at or after ``since``
-        (``updated_at``), a merged-away cluster's under its survivor."""
-        docs = [h["_source"] for h in self._scan(
-            self.names["clusters"], {"match_all": {}}, [{"cluster_id": "asc"}],
-            ["cluster_id", "merged_into", "updated_at", "members.sha256"])]
-        into = {d["cluster_id"]: d.get("merged_into") for d in docs}
-        at = since.timestamp() * 1000
-        fresh = {d["cluster_id"] for d in docs if d.get("updated_at") and _epoch_ms(d["updated_at"]) >= at}
-        fresh |= {surviving_cluster(cid, into) for cid in fresh}
-        return {m["sha256"] for d in docs if d["cluster_id"] in fresh or surviving_cluster(d["cluster_id"], into) in fresh
-                for m in d.get("members") or []}
+        (``updated_at``). A survivor's document lists the members of the
+        clusters merged into it, and a merge rewrites it: the clusters
+        written since are read, not every cluster."""
+        query = {"range": {"updated_at": {"gte": int(since.timestamp() * 1000), "format": "epoch_millis"}}}
+        return {m["sha256"] for h in self._scan(self.names["clusters"], query, [{"cluster_id": "asc"}],
+                                                ["members.sha256"])
+                for m in h["_source"].get("members") or []}
 
     # -- picture lookups (deepwatch similar) -----------------------------------
     def similar_candidates(self, sha256: str, hashes: Any, k: int = 20) -> list[dict[str, Any]]:

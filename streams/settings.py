@@ -482,11 +482,12 @@ class Settings(BaseSettings):
     def banks_path(self) -> Path:
         return Path(self.data_dir) / "banks.sqlite"
 
-    def bank_store(self):
-        """The banks of known pictures, matching with the configured rule."""
+    def bank_store(self, *, read_only: bool = False):
+        """The banks of known pictures, matching with the configured rule
+        (``read_only``: an existing file, opened for reading only)."""
         from detectors.banks import BankStore
 
-        return BankStore(self.banks_path, **self.dedupe.thresholds())
+        return BankStore(self.banks_path, read_only=read_only, **self.dedupe.thresholds())
 
     def decode_limits(self):
         from detectors.imagedata import DecodeLimits

@@ -53,10 +53,10 @@ def _store(settings: Settings, *, read_only: bool = False, then: str = ""):
     directory the user may not write, or that does not exist yet). A file
     that cannot be opened, or is not a banks file, is one line naming it
     and the fix (BankFileError), and ``then``: what was not done."""
-    from detectors.banks import BankFileError, BankStore
+    from detectors.banks import BankFileError
 
     try:
-        return BankStore(settings.banks_path, read_only=read_only, **settings.dedupe.thresholds())
+        return settings.bank_store(read_only=read_only)
     except BankFileError as e:
         fail(f"{e}{then}")
 

@@ -264,10 +264,10 @@ def check_banks(settings: Settings) -> None:
     path = Path(settings.banks_path)
     _check_sqlite_file(path, "banks file", "move it aside or restore it")
     if path.is_file():
-        from detectors.banks import BankFileError, BankStore
+        from detectors.banks import BankFileError
 
         try:
-            BankStore(path, read_only=True).close()
+            settings.bank_store(read_only=True).close()
         except BankFileError as e:
             raise UserError(str(e)) from None
 

@@ -394,13 +394,7 @@ class MastodonConnector:
                 "connector": PLATFORM, "event": event, "reason": e.reason, "detail": e.detail[:300],
                 "excerpt": data[:200]})
             return
-        await self._apply(mapped)
-
-    async def _apply(self, mapped: Mapped) -> None:
-        if mapped.cursor is not None and self.emitter.cursor is not None and \
-                mapped.cursor < status_id_int(self.emitter.cursor):
-            mapped.cursor = None  # an edit of an old status must not move the cursor back
-        await self.emitter.apply(mapped)
+        await self.emitter.apply(mapped)  # an edit of an old status does not move the cursor back (Emitter.advance)
 
     # -- REST backfill -----------------------------------------------------
     async def _get(self, url: str) -> httpx.Response:
@@ -453,7 +447,7 @@ class MastodonConnector:
                     log.warning("malformed status in backfill skipped", extra={"connector": PLATFORM,
                                                                                "error": detail[:300]})
                     continue
-                await self._apply(mapped)
+                await self.emitter.apply(mapped)
             prev = r.links.get("prev", {}).get("url") if len(page) >= PAGE else None
             url = self._same_origin(r.url, prev) if prev else None
             if prev and url is None:
