@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streams.connectors.mastodon import FatalStreamError, MastodonMapper, plain_text, rate_limit_wait
+from streams.connectors.mastodon import MAX_IMAGES, FatalStreamError, MastodonMapper, plain_text, rate_limit_wait
 from streams.connectors.run import build_mastodon, mastodon_stream_key, open_state
 from streams.connectors.sinks import JsonlSink
 from streams.records import ImageEvent
@@ -309,6 +309,35 @@ def test_statuses_with_many_or_long_tags_and_drifted_counters_still_map():
     drifted = m.map_update(json.dumps({**s1, "reblogs_count": -1, "favourites_count": 2**60}))
     assert drifted.outcome == "image_post" and len(drifted.events) == 2
     assert (drifted.events[0].engagement.reposts, drifted.events[0].engagement.likes) == (0, 2**53)
+
+
+def test_a_status_with_thousands_of_attachments_gives_at_most_max_images_events(tmp_path, caplog):
+    # Mastodon caps a status at 4 attachments, but a server speaking its API (or a
+    # hostile one) may send thousands: each was an event, and each boost of it as many.
+    _, updates, _ = recorded()
+    s1 = updates[0]
+    media = [{"id": f"m{i}", "type": "image", "url": f"https://files.example/{i}.jpg"} for i in range(5000)]
+    big = {**s1, "id": "9000", "media_attachments": media}
+    boost = {**s1, "id": "9001", "reblog": big, "media_attachments": []}
+    quote = {**s1, "id": "9002", "media_attachments": media[:3], "quote": {"state": "accepted", "quoted_status": big}}
+    m = MastodonMapper(f"https://{HOST}")
+    own, boosted, quoted = (m.map_update(json.dumps(x)) for x in (big, boost, quote))
+    assert own.outcome == "image_post" and [e.image.url for e in own.events] == [m["url"] for m in media[:MAX_IMAGES]]
+    assert own.clipped == boosted.clipped == 5000 - MAX_IMAGES and len(boosted.events) == MAX_IMAGES
+    assert len(quoted.events) == 3 + MAX_IMAGES and quoted.clipped == 5000 - MAX_IMAGES
+    ok = m.map_update(json.dumps(s1))
+    assert ok.clipped == 0 and len(ok.events) == 2
+    # Through the stream: counted once per status, one warning each, the stream goes on.
+    blocks = [f"event: update\ndata: {json.dumps(x)}\n\n" for x in (big, s1)]
+    s = settings_for(tmp_path)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    with MastodonServer(MastodonScript(streams=[blocks], drop=False)) as server, \
+            caplog.at_level(logging.WARNING, "deepwatch.connectors.mastodon"):
+        runner = build_mastodon(s, sink, open_state(s, "m"), instance=server.url, timeline="public")
+        asyncio.run(run_until(runner, lambda: len(sink.events) >= MAX_IMAGES + 2))
+    assert len(sink.events) == MAX_IMAGES + 2
+    assert runner.emitter.counts["events_clipped"] == 5000 - MAX_IMAGES
+    assert sum("more than 16 image attachments" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_retry_after_as_an_http_date():

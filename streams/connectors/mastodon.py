@@ -9,6 +9,12 @@ timeline, paging forward from the last status id seen (``min_id`` and the
 ``Link: rel="prev"`` header, followed only to the instance's own origin), at
 most ``mastodon_backfill_pages`` pages, with the ``X-RateLimit-*`` headers
 respected.
+
+Mastodon allows 4 attachments a status, and caps what it takes from other
+servers at 4 too, but servers that speak its API need not (Pleroma's limit is
+a setting), and a hostile instance can send a status with thousands: only the
+first ``MAX_IMAGES`` image attachments of a status (and of the status it
+quotes) become events; the rest are counted (``events_total{outcome="clipped"}``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ PAGE = 40  # the REST timelines' maximum page size
 # backoff. Events alone do not: a server (or proxy) that closes each stream
 # after an event or two was reconnected to at the first backoff step for ever.
 HEALTHY_AFTER_S = 10.0
+# Room for servers that allow more than Mastodon's 4 (Pleroma, Akkoma, GoToSocial
+# settings), while one status cannot become thousands of events.
+MAX_IMAGES = 16
 
 
 class _M(BaseModel):
@@ -137,9 +146,10 @@ class MastodonMapper:
         cursor = cursor if cursor >= 0 else None
         shared = s.reblog  # a boost: the booster's sighting of the original's pictures
         subject = shared or s
-        images = [m for m in subject.media_attachments if m.type == "image" and (m.url or m.remote_url)]
+        images, clipped = _images(subject)
         quoted = subject.quote.quoted_status if subject.quote and subject.quote.state in (None, "accepted") else None
-        q_images = [m for m in quoted.media_attachments if m.type == "image" and (m.url or m.remote_url)] if quoted else []
+        q_images, q_clipped = _images(quoted) if quoted else ([], 0)
+        clipped += q_clipped
         if not images and not q_images:
             return Mapped("no_image", cursor=cursor)
         tags = clip_hashtags(t.name for t in subject.tags)
@@ -171,7 +181,13 @@ class MastodonMapper:
 
         events = [event("", m) for m in images] + [event("q", m) for m in q_images]
         outcome = "repost" if shared else ("image_post" if images else "quote")
-        return Mapped(outcome, events=events, cursor=cursor)
+        return Mapped(outcome, events=events, cursor=cursor, clipped=clipped)
+
+
+def _images(s: Status) -> tuple[list[MediaAttachment], int]:
+    """A status's image attachments with a URL, at most ``MAX_IMAGES``, and how many were left out."""
+    images = [m for m in s.media_attachments if m.type == "image" and (m.url or m.remote_url)]
+    return images[:MAX_IMAGES], max(0, len(images) - MAX_IMAGES)
 
 
 class TooLarge(httpx.TransportError):
@@ -394,6 +410,10 @@ class MastodonConnector:
                 "connector": PLATFORM, "event": event, "reason": e.reason, "detail": e.detail[:300],
                 "excerpt": data[:200]})
             return
+        if mapped.clipped:
+            log.warning(f"status with more than {MAX_IMAGES} image attachments; the rest left out",
+                        extra={"connector": PLATFORM, "instance": self.instance, "clipped": mapped.clipped,
+                               "post_id": mapped.events[0].post_id if mapped.events else None})
         await self.emitter.apply(mapped)  # an edit of an old status does not move the cursor back (Emitter.advance)
 
     # -- REST backfill -----------------------------------------------------
