@@ -14,6 +14,11 @@ Output layout (also what ``dashboards/generated/`` holds and deploy/ mounts)::
 
 Rendering is deterministic (sorted JSON keys, no timestamps) so the committed
 copy can be checked for drift by regenerating and comparing.
+
+The operator rules' ``runbook_url`` annotations point at deploy/README.md on
+its hosting (``rules.DEFAULT_RUNBOOK_BASE_URL``); ``--runbook-base-url`` or the
+environment variable ``RUNBOOK_BASE_URL`` names another copy (the committed
+files use the default).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def _json(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def render() -> dict[str, str]:
+def render(runbook_base: str | None = None) -> dict[str, str]:
     """Relative path -> file content, for every artefact."""
     return {
         f"grafana/dashboards/{DASHBOARD_UID}.json": json.dumps(dashboard_json(), indent=2, sort_keys=True, ensure_ascii=False) + "\n",
@@ -53,13 +58,13 @@ def render() -> dict[str, str]:
         "grafana/provisioning/alerting/deepwatch-desk.yaml": _yaml(rules.desk_alerting_provisioning()),
         "grafana/provisioning/alerting/deepwatch-contact-points.yaml": _yaml(rules.contact_points_provisioning()),
         "grafana/provisioning/alerting/deepwatch-policies.yaml": _yaml(rules.notification_policy_provisioning()),
-        "prometheus/deepwatch-rules.yaml": _yaml(rules.prometheus_rules()),
+        "prometheus/deepwatch-rules.yaml": _yaml(rules.prometheus_rules(runbook_base)),
     }
 
 
-def write(out: Path) -> list[Path]:
+def write(out: Path, runbook_base: str | None = None) -> list[Path]:
     written = []
-    for rel, text in render().items():
+    for rel, text in render(runbook_base).items():
         path = Path(out) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
@@ -70,8 +75,11 @@ def write(out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dashboards.build", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=GENERATED, help=f"output directory (default: {GENERATED})")
+    ap.add_argument("--runbook-base-url", default=None,
+                    help="address of deploy/README.md that the operator rules' runbook_url links point at "
+                         f"(default: ${rules.RUNBOOK_BASE_URL_ENV} or {rules.DEFAULT_RUNBOOK_BASE_URL})")
     args = ap.parse_args(argv)
-    for path in write(args.out):
+    for path in write(args.out, args.runbook_base_url):
         print(path)
     return 0
 

@@ -33,10 +33,17 @@ def _timeseries(title: str, unit: str, description: str) -> timeseries.Panel:
     )
 
 
-def _stat(title: str, description: str, expr: str, legend: str = "") -> stat.Panel:
+# The p95 stat turns red where DeepwatchEventToAlertLatencyHigh starts counting (rules.EVENT_TO_ALERT_P95_MAX_S,
+# the histogram's largest finite bucket: the quantile reads at most this); tests keep the two equal.
+EVENT_TO_ALERT_RED_S = 60.0
+
+
+def _stat(title: str, description: str, expr: str, legend: str = "", colours=None) -> stat.Panel:
+    # explicit thresholds: Grafana's defaults (red at 80) turned healthy counts red
     return (
         stat.Panel().title(title).description(description).datasource(DATASOURCE).height(4).span(6)
         .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]))
+        .thresholds(colours or desk.thresholds(desk.NEUTRAL))
         .with_target(_query(expr, legend).instant())
     )
 
@@ -60,7 +67,9 @@ def build_dashboard() -> dash.Dashboard:
                           q.ALERTS_IN_RANGE, "level {{level}}"))
         .with_panel(_stat("Event → alert p95", "Wall time from ingest of the triggering event to the alert (reads at most 60 s: the "
                           "histogram's largest bucket; DeepwatchEventToAlertLatencyHigh counts the slower ones).",
-                          q.event_to_alert_quantile(0.95, "1h")).unit("s"))
+                          q.event_to_alert_quantile(0.95, "1h"),
+                          colours=desk.thresholds("green", (EVENT_TO_ALERT_RED_S / 2, "orange"),
+                                                  (EVENT_TO_ALERT_RED_S, "red"))).unit("s"))
         .with_row(dash.Row("Throughput"))
         .with_panel(
             _timeseries("Events/s by stage & outcome", "ops",
@@ -79,6 +88,31 @@ def build_dashboard() -> dash.Dashboard:
                         "endpoint itself, so counted in no worker's dead letters; DeepwatchDeadLetterRatioHigh "
                         "counts them).")
             .with_target(_query(q.INGEST_LINES_RATE, "{{token}} / {{outcome}}"))
+        )
+        .with_panel(
+            _timeseries("HTTP ingest requests/s by token & status", "reqps",
+                        "Requests to `deepwatch serve-ingest` by token name and status: 202 accepted, 503 busy or "
+                        "broker_unavailable (clients re-send), 401/413/429 the client's doing.")
+            .with_target(_query(q.INGEST_REQUESTS_RATE, "{{token}} {{status}}"))
+        )
+        .with_panel(
+            _timeseries("HTTP ingest refused for the broker", "short",
+                        "Requests answered 503 broker_unavailable, by cause: topic_missing (DeepwatchIngestTopicMissing) "
+                        "or unavailable (Kafka down, unreachable or slow: DeepwatchIngestBrokerFailures).")
+            .with_target(_query(q.INGEST_BROKER_REFUSALS, "{{cause}}"))
+            .draw_style(common.GraphDrawStyle.BARS)
+        )
+        .with_panel(
+            _timeseries("HTTP ingest request p50 / p95", "s", "From deepwatch_ingest_request_seconds (all tokens).")
+            .with_target(_query(q.ingest_request_quantile(0.5), "p50", "A"))
+            .with_target(_query(q.ingest_request_quantile(0.95), "p95", "B"))
+        )
+        .with_panel(
+            _timeseries("HTTP ingest bytes held", "bytes",
+                        "Request bodies each `deepwatch serve-ingest` replica holds in memory, all requests "
+                        "together; at connectors.ingest_max_buffered_bytes it answers 503 busy "
+                        "(DeepwatchIngestBusy).")
+            .with_target(_query(q.INGEST_BUFFERED_BYTES, "{{instance}}"))
         )
         .with_panel(
             _timeseries("Image hosts paused", "short",
@@ -118,6 +152,33 @@ def build_dashboard() -> dash.Dashboard:
                         "answer. Errors that come back every time (a corrupt database file, a bug) are dead letters "
                         "dedupe:internal_error instead.")
             .with_target(_query(q.LOOKUP_FAILURES, "{{instance}}"))
+            .draw_style(common.GraphDrawStyle.BARS)
+        )
+        .with_row(dash.Row("Connectors"))
+        .with_panel(
+            _timeseries("Connector frames/s by outcome", "ops",
+                        "Frames read from each platform stream (`deepwatch connect bluesky|mastodon "
+                        "--metrics-port N`, scraped as job deepwatch-connect), by outcome.")
+            .with_target(_query(q.CONNECTOR_FRAMES_RATE, "{{connector}} / {{outcome}}"))
+        )
+        .with_panel(
+            _timeseries("Connector events/s by outcome", "ops",
+                        "Image posts mapped to events: produced and refused once the broker acknowledged them, "
+                        "duplicate, clipped (images past a platform's per-post limit, left out).")
+            .with_target(_query(q.CONNECTOR_EVENTS_RATE, "{{connector}} / {{outcome}}"))
+        )
+        .with_panel(
+            _timeseries("Connector cursor lag", "s",
+                        "Wall time minus the event time of each connector's last checkpointed cursor: how far "
+                        "behind the platform it reads (a restart resumes from there).")
+            .with_target(_query(q.CONNECTOR_CURSOR_LAG, "{{connector}} {{instance}}"))
+        )
+        .with_panel(
+            _timeseries("Connector reconnects and rate-limit waits", "short",
+                        "Stream reconnects by reason, and waits the platform's rate limits imposed; a steady "
+                        "stream of either means the connector reads little.")
+            .with_target(_query(q.CONNECTOR_RECONNECTS, "reconnect {{connector}}: {{reason}}", "A"))
+            .with_target(_query(q.CONNECTOR_RATE_LIMIT_WAITS, "rate limited {{connector}}", "B"))
             .draw_style(common.GraphDrawStyle.BARS)
         )
         .with_row(dash.Row("Latency"))

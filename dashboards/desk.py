@@ -19,9 +19,11 @@ from grafana_foundation_sdk.builders import common as common_b
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import (
-    DataSourceRef, DataTransformerConfig, DynamicConfigValue, VariableRefresh, VariableSort,
+    DataSourceRef, DataTransformerConfig, DynamicConfigValue, Threshold, ThresholdsMode, VariableRefresh, VariableSort,
 )
 from grafana_foundation_sdk.models.elasticsearch import TermsOrder
+
+from streams.settings import AlertSettings
 
 VIRAL_UID = "deepwatch-viral-fakes"
 SPREAD_UID = "deepwatch-spread"
@@ -35,6 +37,12 @@ ES_SIGHTINGS = DataSourceRef(type_val="elasticsearch", uid=ES_SIGHTINGS_UID)
 ES_ALERTS = DataSourceRef(type_val="elasticsearch", uid=ES_ALERTS_UID)
 
 LIVE_LIKELY_AI = 'verdict:"likely-ai" AND NOT _exists_:merged_into'
+# A cluster's velocity.sightings_5m is as of its last sighting and never decays: a burst that
+# ended hours ago kept its number and ranked as spreading now. "Now" = a sighting in the
+# SPREADING_WINDOW before the end of the dashboard's range ($__to, epoch ms; Elasticsearch date
+# math on it), the same 15 minutes the desk's viral alert rule reads.
+SPREADING_WINDOW = "15m"
+SPREADING_NOW = f"{LIVE_LIKELY_AI} AND last_seen:[${{__to}}||-{SPREADING_WINDOW} TO *]"
 SPREAD_LINK = f"/d/{SPREAD_UID}?var-cluster=${{__value.raw}}&${{__url_time_range}}"
 
 
@@ -65,10 +73,21 @@ def _link(title: str, url: str) -> dict[str, Any]:
     return {"title": title, "url": url}
 
 
-def _stat(title: str, description: str, target: es.Dataquery, calc: str, unit: str = "none") -> stat.Panel:
+def thresholds(base: str, *steps: tuple[float, str]) -> dash.ThresholdsConfig:
+    """Explicit colours for a stat panel: without them Grafana's defaults (green, red at 80)
+    turned any healthy count past 80 red. ``base`` for every value below the first step."""
+    return dash.ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(
+        [Threshold(value=None, color=base), *(Threshold(value=v, color=c) for v, c in steps)])
+
+
+NEUTRAL = "blue"  # a count that is neither good nor bad
+
+
+def _stat(title: str, description: str, target: es.Dataquery, calc: str, unit: str = "none",
+          colours: dash.ThresholdsConfig | None = None) -> stat.Panel:
     # the targets bucket by time: "sum" totals the range, "max" takes its peak
     return (stat.Panel().title(title).description(description).datasource(target.build().datasource)
-            .height(4).span(6).unit(unit)
+            .height(4).span(6).unit(unit).thresholds(colours or thresholds(NEUTRAL))
             .reduce_options(common_b.ReduceDataOptions().calcs([calc]).values(False))
             .with_target(target))
 
@@ -97,10 +116,11 @@ def viral_dashboard() -> dash.Dashboard:
         "fields": {}, "sort": [{"field": "velocity.sightings_5m", "desc": True}]})
     viral_table = (
         table.Panel().title("Likely-AI pictures by spread velocity")
-        .description("Live clusters the detectors call likely AI-generated or manipulated, fastest-spreading first "
-                     "(sightings in the trailing 5 minutes of event time). Click a cluster for its spread.")
+        .description("Live clusters the detectors call likely AI-generated or manipulated, seen in the last "
+                     f"{SPREADING_WINDOW} of the time range, fastest-spreading first (sightings in the 5 minutes "
+                     "before each one's last sighting). Click a cluster for its spread.")
         .datasource(ES_CLUSTERS).height(14).span(24)
-        .with_target(_raw("A", ES_CLUSTERS, LIVE_LIKELY_AI, "last_seen", 200))
+        .with_target(_raw("A", ES_CLUSTERS, SPREADING_NOW, "last_seen", 200))
         .with_transformation(by_velocity).with_transformation(organize)
         .override_by_name("Cluster", [DynamicConfigValue(id_val="links", value=[
             _link("Spread of this picture", SPREAD_LINK)])])
@@ -122,10 +142,12 @@ def viral_dashboard() -> dash.Dashboard:
         .with_panel(_stat("Likely-AI pictures active", "Live likely-AI clusters with a sighting in the time range.",
                           _es("A", ES_CLUSTERS, LIVE_LIKELY_AI, "last_seen").metrics([_count()])
                           .bucket_aggs([_histogram("last_seen", "2")]), "sum"))
-        .with_panel(_stat("Fastest spread (sightings / 5 min)", "The highest 5-minute velocity among them.",
-                          _es("A", ES_CLUSTERS, LIVE_LIKELY_AI, "last_seen").metrics([
+        .with_panel(_stat("Fastest spread (sightings / 5 min)",
+                          f"The highest 5-minute velocity among those seen in the last {SPREADING_WINDOW} of the "
+                          "time range (red at the desk's viral alert bar, alerts.min_sightings_5m).",
+                          _es("A", ES_CLUSTERS, SPREADING_NOW, "last_seen").metrics([
                               es.Max().id("1").field("velocity.sightings_5m")]).bucket_aggs([_histogram("last_seen", "2")]),
-                          "max"))
+                          "max", colours=thresholds("green", (float(AlertSettings().min_sightings_5m), "red"))))
         .with_panel(_stat("Alerts raised", "deepwatch alerts in the time range (first alerts and escalations).",
                           _es("A", ES_ALERTS, "*", "created_at").metrics([_count()])
                           .bucket_aggs([_histogram("created_at", "2")]), "sum"))

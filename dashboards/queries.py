@@ -28,6 +28,19 @@ EVENTS_TOPIC = "deepwatch.events"  # settings.topic("events") with the default t
 INGRESS_DEAD_STAGES = "validate|fetch|decode|hash|blob|dedupe"
 
 
+# How far back counted() looks for a series' value at the start of its window.
+# Range selectors skip staleness markers, so one failed scrape (or a short
+# outage) at the window's start no longer makes a series look newborn; only a
+# series with no sample at all in this lookback does. 1h, not Prometheus' 5m
+# lookback delta: a worker unreachable for 5-60 minutes (network, a stuck
+# scrape) then counted its whole lifetime once, falsely firing the 0m rules
+# and the desk's "raised N alerts". The cost of a long lookback is small: a
+# worker restarted inside it reads lower than before (counted from its
+# restart, below), and only one that exceeded its old total within the hour
+# is undercounted by that total.
+COUNTED_LOOKBACK = "1h"
+
+
 def counted(selector: str, window: str) -> str:
     """How much the counters of ``selector`` went up in the last ``window``,
     exactly, counting series born inside it.
@@ -35,16 +48,25 @@ def counted(selector: str, window: str) -> str:
     ``increase()`` needs two samples of a series: prometheus_client creates a
     labelled counter's series at its first ``inc()``, so the first scrape
     already reads 1 and ``increase()`` never sees that first alert (webhook
-    failure, verdict...) of a worker process. Here a series absent ``window``
-    ago counts with its whole value, a series that went down (a restarted
-    worker) with its value since the restart, any other by its difference.
-    Differences of raw values telescope: bars of ``counted(x, "$__interval")``
-    at step ``$__interval`` add up to the true total, where ``increase`` over
-    the wider ``$__rate_interval`` counted each event in several bars.
-    Caveat: a scrape gap longer than the lookback (5 min) makes a series look
-    newborn once.
+    failure, verdict...) of a worker process. Here a series with no sample in
+    the ``COUNTED_LOOKBACK`` before ``window`` ago counts with its whole value,
+    a series that went down (a restarted worker) with its value since the
+    restart, any other by its difference from its last sample before the
+    window. Differences of raw values telescope: bars of
+    ``counted(x, "$__interval")`` at step ``$__interval`` add up to the true
+    total, where ``increase`` over the wider ``$__rate_interval`` counted each
+    event in several bars.
+
+    ``last_over_time(x[lookback] offset window)``, not ``x offset window``: an
+    instant selector stops at a staleness marker, which Prometheus writes at
+    every failed scrape, so for one scrape interval after a single failed
+    scrape (not only after a gap of 5 minutes) the old expression read the
+    series as absent and counted its whole lifetime. Range selectors skip
+    staleness markers. Caveat: a series with no sample in the lookback (a
+    worker unreachable for longer) still looks newborn once.
     """
-    return f"(({selector} - {selector} offset {window}) >= 0 or {selector})"
+    return (f"((({selector} - last_over_time({selector}[{COUNTED_LOOKBACK}] offset {window})) >= 0) "
+            f"or {selector})")
 
 
 def summed_rate(selector: str, window: str) -> str:
@@ -68,16 +90,17 @@ SINK_ITEMS_RATE = "sum by (index, outcome) (rate(deepwatch_sink_items_total[$__r
 SINK_BEHIND = "max(deepwatch_sink_behind_seconds)"
 # Seconds since each worker's event loop last beat (streams/metrics.py: /healthz answers 503 after
 # LIVENESS_S); 0 = no heartbeat yet (starting, or a process without one), left out.
-LOOP_SILENCE = "time() - (deepwatch_loop_heartbeat_timestamp_seconds > 0)"
+LOOP_SILENCE = f"time() - (deepwatch_loop_heartbeat_timestamp_seconds{{{JOB}}} > 0)"
 OFFSET_REREADS = f"sum by (topic, why) ({counted('deepwatch_offset_rereads_total', '$__interval')})"
 WEBHOOKS_BY_OUTCOME = f"sum by (outcome) ({counted('deepwatch_webhook_deliveries_total', '$__interval')})"
 HOST_PAUSES = f"sum({counted('deepwatch_fetch_host_pauses_total', '$__interval')})"
 # How long each worker has held pictures its blob store could not write (disk full, quota, EIO, read-only).
-BLOB_HELD = "max by (instance) (deepwatch_blob_store_held_seconds)"
-BLOB_WRITE_FAILURES = f"sum by (instance) ({counted('deepwatch_blob_write_failures_total', '$__interval')})"
+BLOB_HELD = f"max by (instance, job, role) (deepwatch_blob_store_held_seconds{{{JOB}}})"
+BLOB_WRITE_FAILURES = f"sum by (instance, job, role) ({counted(f'deepwatch_blob_write_failures_total{{{JOB}}}', '$__interval')})"
 # How long each worker has held events whose duplicate lookup the findings store could not answer.
-LOOKUP_HELD = "max by (instance) (deepwatch_findings_lookup_held_seconds)"
-LOOKUP_FAILURES = f"sum by (instance) ({counted('deepwatch_findings_lookup_failures_total', '$__interval')})"
+LOOKUP_HELD = f"max by (instance, job, role) (deepwatch_findings_lookup_held_seconds{{{JOB}}})"
+LOOKUP_FAILURES = (f"sum by (instance, job, role) "
+                   f"({counted(f'deepwatch_findings_lookup_failures_total{{{JOB}}}', '$__interval')})")
 
 
 def stage_quantile(q: float, window: str = "$__rate_interval") -> str:
@@ -103,7 +126,10 @@ def dead_letter_ratio(window: str = "10m") -> str:
     # `or vector(0)`: a counter with no series yet (no dead letters since the
     # worker started) must read as zero, not make the whole ratio vanish.
     dead_letters = f'deepwatch_dead_letters_total{{stage=~"{INGRESS_DEAD_STAGES}"}}'
-    analysed = 'deepwatch_events_total{stage="analyze",outcome="ok"}'
+    # every event that leaves analysis without a dead letter: ok (a new sighting) or duplicate (an
+    # event id seen before: a re-sent feed, a producer retry), both came in and were usable; the
+    # analyze stage counts no other outcome (its dead letters are counted by the stage they end in)
+    analysed = 'deepwatch_events_total{stage="analyze",outcome=~"ok|duplicate"}'
     dead = "(" + " + ".join(f"({summed_rate(s, window)} or vector(0))" for s in (dead_letters, REFUSED_AT_INGEST)) + ")"
     ok = f"({summed_rate(analysed, window)} or vector(0))"
     return f"{dead} / clamp_min({dead} + {ok}, 1e-9)"
@@ -111,6 +137,13 @@ def dead_letter_ratio(window: str = "10m") -> str:
 
 def events_arriving(window: str = "5m") -> str:
     return f'sum(rate(kafka_topic_partition_current_offset{{topic="{EVENTS_TOPIC}"}}[{window}])) > 0'
+
+
+# What DeepwatchNoEventsProcessed compares the workers with: without these offsets (no
+# exporter, a scrape job under another name that lost them, a wrong topic) it cannot fire.
+EVENTS_OFFSETS = f'kafka_topic_partition_current_offset{{topic="{EVENTS_TOPIC}"}}'
+# One alert per cause: an exporter that is down has no offsets either.
+KAFKA_EXPORTER_BLIND = f'up{{job="kafka"}} == 0 or (absent({EVENTS_OFFSETS}) unless on() up{{job="kafka"}} == 0)'
 
 
 def events_processed(window: str = "5m") -> str:
@@ -149,12 +182,13 @@ WORKERS_DOWN = f"up{{{JOB}}} == 0"
 NO_WORKERS = f"absent(up{{{JOB}}})"
 # A worker whose process answers /metrics while its event loop has stopped
 # beating (streams.metrics.LIVENESS_S; its /healthz already answers 503).
-WORKER_LOOP_SILENCE = f"time() - max by (instance) (deepwatch_loop_heartbeat_timestamp_seconds{{{JOB}}} > 0)"
+WORKER_LOOP_SILENCE = f"time() - max by (instance, job, role) (deepwatch_loop_heartbeat_timestamp_seconds{{{JOB}}} > 0)"
 
 
 SINK_BEHIND_MAX = "max(deepwatch_sink_behind_seconds)"
-BLOB_HELD_MAX = "max by (instance) (deepwatch_blob_store_held_seconds)"
-LOOKUP_HELD_MAX = "max by (instance) (deepwatch_findings_lookup_held_seconds)"
+# per worker, with the labels that say which one (the desk and ingest processes export these at 0: not workers)
+BLOB_HELD_MAX = BLOB_HELD
+LOOKUP_HELD_MAX = LOOKUP_HELD
 HOST_PAUSES_15M = f"sum({counted('deepwatch_fetch_host_pauses_total', '15m')}) > 0"
 
 
@@ -183,8 +217,11 @@ def desk_error_ratio(window: str = "10m") -> str:
 # -- the HTTP ingest endpoint (deepwatch serve-ingest; its own scrape job, deploy/prometheus/prometheus.yml)
 INGEST_JOB = 'job="deepwatch-ingest"'
 INGEST_DOWN = f"up{{{INGEST_JOB}}} == 0"
-# No ingest target at all: every replica gone, or discovery finds none.
-NO_INGEST = f"absent(up{{{INGEST_JOB}}})"
+# No ingest endpoint answering: every replica gone, discovery finds none, or every one
+# discovered is down (`== 1`: replicas crash-looping are still discovered, so `up` reads 0
+# there and a bare absent() stayed quiet while DeepwatchIngestDown, a warning, was all). Both
+# branches keep the job label.
+NO_INGEST = f"(sum by (job) (up{{{INGEST_JOB}}}) == 0) or absent(up{{{INGEST_JOB}}})"
 # Requests that reached the hand-over to the broker (or were refused for the
 # buffer budget on the way): 202 accepted, 503 busy or broker_unavailable.
 # 401/413/429... are the client's doing and left out. The 202 and 503 series
@@ -211,7 +248,32 @@ def ingest_busy_ratio(window: str = "10m") -> str:
     return f"clamp_min({refused} - {failed}, 0) / clamp_min({summed_rate(_INGEST_HANDED, window)}, 1e-9)"
 
 
+# Bytes of request bodies each endpoint holds, against connectors.ingest_max_buffered_bytes
+# (DeepwatchIngestBusy fires when it is full).
+INGEST_BUFFERED_BYTES = f"max by (instance) (deepwatch_ingest_buffered_bytes{{{INGEST_JOB}}})"
+
+
+INGEST_REQUESTS_RATE = f"sum by (token, status) (rate(deepwatch_ingest_requests_total{{{INGEST_JOB}}}[$__rate_interval]))"
+INGEST_BROKER_REFUSALS = (f"sum by (cause) "
+                          f"({counted(f'deepwatch_ingest_broker_failures_total{{{INGEST_JOB}}}', '$__interval')})")
+
+
+def ingest_request_quantile(q: float, window: str = "$__rate_interval") -> str:
+    return (f"histogram_quantile({q}, sum by (le) "
+            f"(rate(deepwatch_ingest_request_seconds_bucket{{{INGEST_JOB}}}[{window}])))")
+
+
 # Refused because the events or dead-letter topic does not exist (auto-creation off, no worker nor
 # `serve-ingest --create-topics` has created it): never cures itself.
 _INGEST_TOPIC_MISSING = f'deepwatch_ingest_broker_failures_total{{{INGEST_JOB},cause="topic_missing"}}'
 INGEST_TOPIC_MISSING_5M = f"sum({counted(_INGEST_TOPIC_MISSING, '5m')}) > 0"
+
+
+# -- live platform connectors (deepwatch connect bluesky|mastodon --metrics-port N; scraped as their own job,
+# deploy/README.md "Connectors"). Their series exist only in connector processes: no job filter needed.
+CONNECTOR_FRAMES_RATE = "sum by (connector, outcome) (rate(deepwatch_connector_frames_total[$__rate_interval]))"
+CONNECTOR_EVENTS_RATE = "sum by (connector, outcome) (rate(deepwatch_connector_events_total[$__rate_interval]))"
+CONNECTOR_RECONNECTS = f"sum by (connector, reason) ({counted('deepwatch_connector_reconnects_total', '$__interval')})"
+CONNECTOR_RATE_LIMIT_WAITS = f"sum by (connector) ({counted('deepwatch_connector_rate_limit_waits_total', '$__interval')})"
+# How far behind the platform each connector's saved cursor is (a restart resumes from there).
+CONNECTOR_CURSOR_LAG = "max by (connector, instance) (deepwatch_connector_cursor_lag_seconds)"

@@ -9,6 +9,7 @@ desk already works there and routes it to its own contact points.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from grafana_foundation_sdk.builders import alerting, expr, prometheus
@@ -22,7 +23,18 @@ from dashboards.dashboard import DASHBOARD_UID, DATASOURCE_UID
 from streams.metrics import LIVENESS_S
 from streams.settings import AlertSettings
 
-RUNBOOK = "deploy/README.md#"  # one section per alert, anchored by the lower-cased alert name
+# Each operator rule's `runbook_url` annotation: this file's "### <alertname lower-cased>" section,
+# as a whole address (Alertmanager receivers, PagerDuty, Slack link it as it is; a repo-relative
+# path led nowhere). Set RUNBOOK_BASE_URL (or `python -m dashboards.build --runbook-base-url`) to
+# where your copy of deploy/README.md is served, and regenerate.
+DEFAULT_RUNBOOK_BASE_URL = "https://github.com/deepwatch/deepwatch/blob/main/deploy/README.md"
+RUNBOOK_BASE_URL_ENV = "RUNBOOK_BASE_URL"
+
+
+def runbook_base_url() -> str:
+    return (os.environ.get(RUNBOOK_BASE_URL_ENV) or DEFAULT_RUNBOOK_BASE_URL).split("#", 1)[0]
+
+
 DEAD_LETTER_RATIO_MAX = 0.2  # a fifth of the input unusable is an upstream or config problem, not noise
 STAGE_P95_MAX_S = 5.0  # fetch read timeout is 15 s; a p95 of 5 s means the feed is falling behind
 DESK_ERROR_RATIO_MAX = 0.05  # of desk requests answered 5xx over 10 minutes
@@ -43,11 +55,20 @@ def _rule(name: str, expr_: str, for_: str, severity: str, summary: str, descrip
     return {
         "alert": name, "expr": expr_, "for": for_,
         "labels": {"severity": severity, "team": "deepwatch-ops"},
-        "annotations": {"summary": summary, "description": description, "runbook": f"{RUNBOOK}{name.lower()}"},
+        "annotations": {"summary": summary, "description": description},
     }
 
 
-def prometheus_rules() -> dict[str, Any]:
+def prometheus_rules(runbook_base: str | None = None) -> dict[str, Any]:
+    base = (runbook_base or runbook_base_url()).split("#", 1)[0]
+    doc = _prometheus_rules()
+    for g in doc["groups"]:
+        for r in g["rules"]:
+            r["annotations"]["runbook_url"] = f"{base}#{r['alert'].lower()}"
+    return doc
+
+
+def _prometheus_rules() -> dict[str, Any]:
     return {"groups": [{
         "name": "deepwatch-operators",
         "interval": "30s",
@@ -65,10 +86,12 @@ def prometheus_rules() -> dict[str, Any]:
                   "deepwatch worker {{ $labels.instance }} is not answering /metrics",
                   "The worker process is down or its metrics port is unreachable."),
             # DeepwatchNoEventsProcessed reads the exporter's offsets: without them it cannot fire
-            _rule("DeepwatchKafkaExporterDown", 'up{job="kafka"} == 0', "10m", "warning",
-                  "kafka-exporter is down: DeepwatchNoEventsProcessed cannot fire",
-                  "Prometheus cannot scrape kafka-exporter, whose topic offsets are the only sign that events "
-                  "arrive; a stuck pipeline would page nobody meanwhile."),
+            # ... and without any exporter (Kubernetes ships none in base) there is no `up` to read 0
+            _rule("DeepwatchKafkaExporterDown", q.KAFKA_EXPORTER_BLIND, "10m", "warning",
+                  "No offsets of deepwatch.events from kafka-exporter: DeepwatchNoEventsProcessed cannot fire",
+                  "Prometheus cannot scrape kafka-exporter (job kafka), or no exporter reports the events topic's "
+                  "offsets at all; they are the only sign that events arrive, so a stuck pipeline would page "
+                  "nobody meanwhile."),
             _rule("DeepwatchNoWorkers", q.NO_WORKERS, "5m", "critical",
                   "No deepwatch worker is being scraped",
                   "Every pipeline and detect worker is gone (or Prometheus discovers none): nothing is analysed."),
@@ -137,14 +160,17 @@ def prometheus_rules() -> dict[str, Any]:
                   f"{EVENT_TO_ALERT_P95_MAX_S:g}s after the triggering post (p95 above {EVENT_TO_ALERT_P95_MAX_S:g}s)",
                   "The desk learns about viral fakes late; look at consumer lag and stage latency."),
             # -- the HTTP ingest endpoint (deepwatch serve-ingest, job deepwatch-ingest)
-            _rule("DeepwatchIngestDown", q.INGEST_DOWN, "5m", "critical",
+            # One replica down is a warning: the others take its requests. None answering is
+            # DeepwatchNoIngest, critical like DeepwatchNoDesk and DeepwatchNoWorkers.
+            _rule("DeepwatchIngestDown", q.INGEST_DOWN, "5m", "warning",
                   "The HTTP ingest endpoint {{ $labels.instance }} is not answering /metrics",
-                  "The serve-ingest process is down or its metrics port is unreachable; tiplines and scrapers "
-                  "posting to it get connection errors (or the other replicas take their requests)."),
-            _rule("DeepwatchNoIngest", q.NO_INGEST, "10m", "warning",
-                  "No HTTP ingest endpoint is being scraped",
-                  "Every serve-ingest replica is gone, or Prometheus discovers none: nothing posted over HTTP "
-                  "gets in. Where no serve-ingest runs on purpose, drop its scrape job and silence this alert."),
+                  "The serve-ingest process is down or its metrics port is unreachable; the other replicas take "
+                  "its requests (when none answers, DeepwatchNoIngest pages)."),
+            _rule("DeepwatchNoIngest", q.NO_INGEST, "5m", "critical",
+                  "No HTTP ingest endpoint is answering",
+                  "Every serve-ingest replica is down or gone, or Prometheus discovers none: nothing posted over "
+                  "HTTP gets in. Where no serve-ingest runs on purpose, drop its scrape job and silence this "
+                  "alert."),
             _rule("DeepwatchIngestTopicMissing", q.INGEST_TOPIC_MISSING_5M, "5m", "critical",
                   "The HTTP ingest endpoint refuses requests: the events or dead-letter topic does not exist",
                   "Every request is answered 503 until the topics exist (the broker does not auto-create them). "

@@ -53,14 +53,43 @@ def test_rendering_is_deterministic():
 
 
 # -- PromQL references only metrics and labels that exist -----------------------
+_METRIC_CTOR = re.compile(r"\b(?:Counter|Gauge|Histogram|Summary|Info|Enum)\(\s*\"(deepwatch_\w+)\"")
+
+
+def _metric_modules() -> dict[str, object]:
+    """Every module of the package that defines a deepwatch metric (found in the
+    source, then imported): the workers (streams/metrics.py), the desk, the HTTP
+    ingest endpoint, the live connectors (streams/connectors/base.py), and any
+    module added later. Listing modules by hand left the connectors' five metrics
+    on no panel."""
+    import importlib
+
+    out = {}
+    for path in sorted((REPO / "streams").rglob("*.py")):
+        if _METRIC_CTOR.search(path.read_text(encoding="utf-8")):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+            out[name] = importlib.import_module(name)
+    return out
+
+
+def _metric_objects() -> list[MetricWrapperBase]:
+    objs = {id(o): o for m in _metric_modules().values() for o in vars(m).values() if isinstance(o, MetricWrapperBase)}
+    return list(objs.values())
+
+
+def test_metric_modules_are_found():
+    mods = _metric_modules()
+    assert {"streams.metrics", "streams.desk.observe", "streams.ingest_server", "streams.connectors.base"} <= set(mods)
+    defined = {m.removesuffix("_total") for p in (REPO / "streams").rglob("*.py")
+               for m in _METRIC_CTOR.findall(p.read_text(encoding="utf-8"))}
+    assert defined == {o._name for o in _metric_objects()}
+
+
 def _exported() -> dict[str, set[str]]:
-    """Sample name -> label names, for every metric the workers (streams/metrics.py),
-    the desk (streams/desk/observe.py) and the HTTP ingest endpoint
-    (streams/ingest_server.py) define."""
+    """Sample name -> label names, for every metric a deepwatch process defines
+    (``_metric_modules``)."""
     out: dict[str, set[str]] = {}
-    for obj in [*vars(metrics).values(), *vars(desk_observe).values(), *vars(ingest_server).values()]:
-        if not isinstance(obj, MetricWrapperBase):
-            continue
+    for obj in _metric_objects():
         labels = set(obj._labelnames)
         suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"],
                     "summary": ["_sum", "_count", ""]}[obj._type]
@@ -70,7 +99,8 @@ def _exported() -> dict[str, set[str]]:
 
 
 _PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right"}
-_TARGET_LABELS = {"job", "instance"}  # added by Prometheus to every scraped sample
+# added by Prometheus to every scraped sample; `role` by both scrape configs' relabelling to the workers' job
+_TARGET_LABELS = {"job", "instance", "role"}
 
 
 def _selectors(expr: str) -> list[tuple[str, set[str]]]:
@@ -123,16 +153,42 @@ def test_grouping_labels_exist_on_the_metrics_grouped():
     exported = _exported()
     for where, expr in _all_exprs().items():
         names = [n for n, _ in _selectors(expr) if n in exported]
-        available = set().union(*(exported[n] for n in names)) | _TARGET_LABELS if names else set()
+        # target labels are on every scraped series, `up` and the exporters' included
+        available = (set().union(*(exported[n] for n in names)) if names else set()) | _TARGET_LABELS
         assert _grouping_labels(expr) <= available, where
 
 
 def test_every_exported_metric_is_on_the_dashboard():
     used = {n for e in promql_exprs(dashboard_json()) for n, _ in _selectors(e)}
     families = {n.removesuffix("_bucket").removesuffix("_total") for n in used}
-    for obj in vars(metrics).values():
-        if isinstance(obj, MetricWrapperBase):
-            assert obj._name in families, f"{obj._name} is exported but no panel shows it"
+    missing = sorted(o._name for o in _metric_objects() if o._name not in families)
+    assert not missing, f"exported but no panel shows them: {missing}"
+
+
+def test_worker_metrics_are_read_from_the_workers_job_only():
+    """One registry per process: the desk and the ingest endpoint export the
+    workers' gauges and counters too (at 0), so a panel or rule on a worker
+    metric without job="deepwatch" showed them as workers, and `max by
+    (instance)` dropped the job and role the alert should carry."""
+    worker_only = {"deepwatch_blob_store_held_seconds", "deepwatch_findings_lookup_held_seconds",
+                   "deepwatch_blob_write_failures_total", "deepwatch_findings_lookup_failures_total",
+                   "deepwatch_loop_heartbeat_timestamp_seconds"}
+    checked = 0
+    for where, expr in _all_exprs().items():
+        e = re.sub(r"\[[^\]]*\]", "", expr)
+        for m in re.finditer(r"\b(deepwatch_\w+)(\{[^}]*\})?", e):
+            if m.group(1) in worker_only:
+                assert 'job="deepwatch"' in (m.group(2) or ""), f"{where}: {m.group(0)} has no job filter"
+                checked += 1
+        if any(n in expr for n in worker_only):
+            for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+                assert {"instance", "job", "role"} <= {g.strip() for g in group.split(",")}, f"{where}: by ({group})"
+    assert checked >= 8
+    from dashboards import rules as r
+
+    for name in ("DeepwatchBlobStoreHeld", "DeepwatchFindingsLookupHeld", "DeepwatchWorkerLoopStalled"):
+        [rule] = [x for g in r.prometheus_rules()["groups"] for x in g["rules"] if x["alert"] == name]
+        assert 'job="deepwatch"' in rule["expr"] and "by (instance, job, role)" in rule["expr"], name
 
 
 # -- dashboard structure --------------------------------------------------------
@@ -160,6 +216,34 @@ def test_dashboard_panels():
         cells |= mine
 
 
+def _stat_panels() -> list[tuple[str, dict]]:
+    from dashboards import desk
+
+    return [(f"{doc['uid']}/{p['title']}", p) for doc in (dashboard_json(), desk.viral_json(), desk.spread_json())
+            for p in doc["panels"] if p["type"] == "stat"]
+
+
+# the only stat panels whose value can be bad, and where red starts
+_RED_AT = {"deepwatch-overview/Event → alert p95": rules.EVENT_TO_ALERT_P95_MAX_S,
+           "deepwatch-viral-fakes/Fastest spread (sightings / 5 min)": float(rules.VIRAL_VELOCITY_MIN)}
+
+
+def test_stat_panels_have_explicit_colours():
+    """Without thresholds Grafana colours a stat green, red from 80: "Live
+    clusters", "Distinct images", "Alerts raised (range)" (and the desk's
+    counts) read red in any healthy deployment."""
+    stats = _stat_panels()
+    assert len(stats) >= 8
+    for where, p in stats:
+        th = p.get("fieldConfig", {}).get("defaults", {}).get("thresholds")
+        assert th and th["mode"] == "absolute", f"{where}: no explicit thresholds (Grafana's default is red at 80)"
+        base, *steps = th["steps"]
+        assert base["value"] is None and base["color"] != "red", where
+        reds = [s["value"] for s in steps if s["color"] == "red"]
+        assert reds == ([_RED_AT[where]] if where in _RED_AT else []), f"{where}: red at {reds}"
+    assert set(_RED_AT) <= {w for w, _ in stats}
+
+
 def test_latency_panel_has_both_quantiles():
     doc = dashboard_json()
     [panel] = [p for p in doc["panels"] if p["title"] == "Stage latency p50 / p95"]
@@ -177,7 +261,26 @@ def test_operator_rules_cover_the_brief():
     for g in rules.prometheus_rules()["groups"]:
         for r in g["rules"]:
             assert r["labels"]["severity"] in ("warning", "critical")
-            assert r["annotations"]["summary"] and r["annotations"]["runbook"].startswith("deploy/README.md#")
+            assert r["annotations"]["summary"]
+            # a whole address: Alertmanager's receivers (pager, Slack, email) print it as it is
+            url = r["annotations"]["runbook_url"]
+            assert url == f"{rules.DEFAULT_RUNBOOK_BASE_URL}#{r['alert'].lower()}", url
+            assert url.startswith("https://") and url.split("#")[0].endswith("/deploy/README.md")
+            assert "runbook" not in r["annotations"], "the one annotation Prometheus tooling links: runbook_url"
+
+
+def test_runbook_base_url_is_configurable(tmp_path, monkeypatch):
+    monkeypatch.setenv(rules.RUNBOOK_BASE_URL_ENV, "https://git.example/ops/deepwatch/-/blob/prod/deploy/README.md")
+    urls = [r["annotations"]["runbook_url"] for g in rules.prometheus_rules()["groups"] for r in g["rules"]]
+    assert all(u.startswith("https://git.example/ops/deepwatch/-/blob/prod/deploy/README.md#deepwatch") for u in urls)
+    monkeypatch.delenv(rules.RUNBOOK_BASE_URL_ENV)
+    assert build.main(["--out", str(tmp_path), "--runbook-base-url", "https://docs.example/README.md"]) == 0
+    text = (tmp_path / "prometheus" / "deepwatch-rules.yaml").read_text()
+    assert "runbook_url: https://docs.example/README.md#deepwatchnoworkers" in text
+    # the committed files use the default; the desk's Grafana rules keep their Grafana paths
+    assert build.render()["prometheus/deepwatch-rules.yaml"].count(rules.DEFAULT_RUNBOOK_BASE_URL + "#") == len(urls)
+    viral = rules.viral_fake_rule().build()
+    assert viral.annotations["runbook_url"].startswith("/d/")
 
 
 def _scrape_jobs(path: Path) -> set[str]:
@@ -196,7 +299,7 @@ def test_every_deepwatch_scrape_job_has_a_rule_for_its_targets_down():
     for job in jobs:
         assert f'up{{job="{job}"}} == 0' in exprs, f"no rule fires when a target of job {job} is down"
     for job in jobs:  # the whole role gone: no `up` series left to be 0
-        assert f'absent(up{{job="{job}"}})' in exprs, job
+        assert any(e == f'absent(up{{job="{job}"}})' or e.endswith(f' or absent(up{{job="{job}"}})') for e in exprs), job
     ingest = [e for e in exprs if "deepwatch_ingest_" in e]
     assert any("deepwatch_ingest_broker_failures_total" in e and 'cause="topic_missing"' in e for e in ingest)
     assert any("deepwatch_ingest_broker_failures_total" in e and 'cause="unavailable"' in e for e in ingest)
@@ -759,3 +862,83 @@ def test_counter_panels_count_each_event_once():
     for expr in [*rules.prometheus_rule_exprs(), *rules.grafana_rule_exprs(), *promql_exprs(dashboard_json())]:
         for name in re.findall(r"increase\((\w+)", expr):
             pytest.fail(f"increase() over a rare-event counter misses its first increment: {name} in {expr}")
+
+
+def test_operator_severities_follow_how_much_is_lost():
+    """One ingest replica down (the others take its requests) was critical while
+    every replica gone was a warning; "none left" is critical for every role."""
+    sev = {r["alert"]: r["labels"]["severity"] for g in rules.prometheus_rules()["groups"] for r in g["rules"]}
+    assert sev["DeepwatchIngestDown"] == "warning"
+    for name in ("DeepwatchNoIngest", "DeepwatchNoDesk", "DeepwatchNoWorkers"):
+        assert sev[name] == "critical", name
+
+
+def test_viral_fakes_rank_only_clusters_seen_lately():
+    """velocity.sightings_5m is as of a cluster's last sighting and never
+    decays: the table took the 200 clusters with the latest last_seen in 6 hours
+    and ranked a burst that ended hours ago as spreading now."""
+    from dashboards import desk
+
+    doc = desk.viral_json()
+    panels = {p["title"]: p for p in doc["panels"]}
+    for title in ("Likely-AI pictures by spread velocity", "Fastest spread (sightings / 5 min)"):
+        [t] = panels[title]["targets"]
+        assert t["query"] == f'{desk.LIVE_LIKELY_AI} AND last_seen:[${{__to}}||-{desk.SPREADING_WINDOW} TO *]', title
+        assert t["timeField"] == "last_seen"
+    assert desk.SPREADING_WINDOW == "15m", "the desk's viral rule reads the same 15 minutes"
+    assert rules.viral_fake_rule().build().data[0].relative_time_range.from_val == 900
+
+
+def test_no_created_series_are_exported():
+    """prometheus_client wrote a `<name>_created` sample beside every counter and
+    histogram (85 of a worker's 530 series); nothing reads them."""
+    from prometheus_client import generate_latest
+
+    _metric_modules()  # every module's metrics registered
+    text = generate_latest().decode()
+    assert "deepwatch_events_total" in text
+    assert not [line for line in text.splitlines() if "_created" in line.split("{")[0].split(" ")[0]]
+    for where, expr in _all_exprs().items():
+        assert "_created" not in expr, where
+    env = (DEPLOY / "Dockerfile").read_text()
+    assert "PROMETHEUS_DISABLE_CREATED_SERIES=True" in env
+
+
+def test_kubernetes_has_a_kafka_exporter_for_the_no_events_rule():
+    """DeepwatchNoEventsProcessed reads kafka-exporter's offsets; Kubernetes
+    shipped no exporter and no `kafka` job, so it was blind there and
+    DeepwatchKafkaExporterDown (up == 0) had no series to fire on."""
+    cfg = yaml.safe_load((DEPLOY / "k8s" / "prometheus-scrape.yml").read_text())
+    [kafka] = [j for j in cfg["scrape_configs"] if j["job_name"] == "kafka"]
+    docs = [d for p in sorted((DEPLOY / "k8s" / "kafka-exporter").glob("*.yaml")) for d in _yaml_docs(p)]
+    [kust] = [d for d in docs if d.get("kind") == "Kustomization"]
+    assert kust["namespace"] == "deepwatch"
+    [dep] = [d for d in docs if d.get("kind") == "Deployment"]
+    [c] = dep["spec"]["template"]["spec"]["containers"]
+    assert re.fullmatch(r"danielqsj/kafka-exporter:v[\d.]+", c["image"]), "a pinned tag"
+    [compose] = _yaml_docs(DEPLOY / "compose.yaml")
+    assert c["image"] == compose["services"]["kafka-exporter"]["image"]
+    # the job keeps the exporter's pod and its metrics port
+    keep = {r["source_labels"][0]: r["regex"] for r in kafka["relabel_configs"] if r.get("action") == "keep"}
+    component = dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+    assert keep["__meta_kubernetes_pod_label_app_kubernetes_io_component"] == component
+    [port] = c["ports"]
+    assert keep["__meta_kubernetes_pod_container_port_name"] == port["name"]
+    assert f"--web.listen-address=:{port['containerPort']}" in c["command"]
+    # the broker the deepwatch Deployments use
+    base = [d for p in sorted((DEPLOY / "k8s" / "base").glob("*.yaml")) for d in _yaml_docs(p) if d.get("kind") == "Deployment"]
+    brokers = {e["value"].removeprefix("kafka://") for d in base for cc in d["spec"]["template"]["spec"]["containers"]
+               for e in cc.get("env", []) if e["name"] == "DEEPWATCH_BROKER"}
+    [broker] = brokers
+    assert f"--kafka.server={broker}" in c["command"]
+    sc = dep["spec"]["template"]["spec"]["securityContext"]
+    assert sc["runAsNonRoot"] and sc["runAsUser"] != 0 and sc["seccompProfile"]["type"] == "RuntimeDefault"
+    expr = next(r["expr"] for g in rules.prometheus_rules()["groups"] for r in g["rules"]
+                if r["alert"] == "DeepwatchKafkaExporterDown")
+    assert 'up{job="kafka"} == 0' in expr and 'absent(kafka_topic_partition_current_offset{topic="deepwatch.events"})' in expr
+
+
+def test_overview_stat_turns_red_where_the_latency_rule_counts():
+    from dashboards import dashboard
+
+    assert dashboard.EVENT_TO_ALERT_RED_S == rules.EVENT_TO_ALERT_P95_MAX_S

@@ -234,17 +234,21 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                 ],
             },
             {   # a worker's blob store disk full for minutes (its pictures held, retried), then freed;
-                # another worker writing fine
+                # another worker writing fine; the desk and the ingest endpoint export the gauge at 0
+                # (one registry per process): the alert keeps the worker's job and role
                 "interval": "1m",
                 "input_series": [
-                    {"series": 'deepwatch_blob_store_held_seconds{job="deepwatch",instance="w1"}',
+                    {"series": 'deepwatch_blob_store_held_seconds{job="deepwatch",instance="w1",role="pipeline"}',
                      "values": "0 0 30 90 150 210 270 330 0 0 0 0"},
-                    {"series": 'deepwatch_blob_store_held_seconds{job="deepwatch",instance="w2"}', "values": "0x12"},
+                    {"series": 'deepwatch_blob_store_held_seconds{job="deepwatch",instance="w2",role="pipeline"}',
+                     "values": "0x12"},
+                    {"series": 'deepwatch_blob_store_held_seconds{job="deepwatch-desk",instance="d1"}', "values": "0x12"},
+                    {"series": 'deepwatch_blob_store_held_seconds{job="deepwatch-ingest",instance="i1"}', "values": "0x12"},
                 ],
                 "alert_rule_test": [
                     {"eval_time": "3m", "alertname": "DeepwatchBlobStoreHeld", "exp_alerts": []},  # pending
                     {"eval_time": "6m", "alertname": "DeepwatchBlobStoreHeld", "exp_alerts": [_expected_alert(
-                        "DeepwatchBlobStoreHeld", {"instance": "w1"},
+                        "DeepwatchBlobStoreHeld", {"instance": "w1", "job": "deepwatch", "role": "pipeline"},
                         summary="deepwatch worker w1 has held pictures for its blob store for 4m 30s")]},
                     {"eval_time": "10m", "alertname": "DeepwatchBlobStoreHeld", "exp_alerts": []},
                 ],
@@ -253,15 +257,17 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                 # for the duplicate lookup, then answered; another worker looking up fine
                 "interval": "1m",
                 "input_series": [
-                    {"series": 'deepwatch_findings_lookup_held_seconds{job="deepwatch",instance="w1"}',
+                    {"series": 'deepwatch_findings_lookup_held_seconds{job="deepwatch",instance="w1",role="analyze"}',
                      "values": "0 0 30 90 150 210 270 330 0 0 0 0"},
-                    {"series": 'deepwatch_findings_lookup_held_seconds{job="deepwatch",instance="w2"}',
+                    {"series": 'deepwatch_findings_lookup_held_seconds{job="deepwatch",instance="w2",role="analyze"}',
+                     "values": "0x12"},
+                    {"series": 'deepwatch_findings_lookup_held_seconds{job="deepwatch-desk",instance="d1"}',
                      "values": "0x12"},
                 ],
                 "alert_rule_test": [
                     {"eval_time": "3m", "alertname": "DeepwatchFindingsLookupHeld", "exp_alerts": []},  # pending
                     {"eval_time": "6m", "alertname": "DeepwatchFindingsLookupHeld", "exp_alerts": [_expected_alert(
-                        "DeepwatchFindingsLookupHeld", {"instance": "w1"},
+                        "DeepwatchFindingsLookupHeld", {"instance": "w1", "job": "deepwatch", "role": "analyze"},
                         summary="deepwatch worker w1 has held events for the findings store's duplicate lookup "
                                 "for 4m 30s")]},
                     {"eval_time": "10m", "alertname": "DeepwatchFindingsLookupHeld", "exp_alerts": []},
@@ -433,10 +439,10 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                     {"eval_time": "6m", "alertname": "DeepwatchWorkerLoopStalled", "exp_alerts": []},
                     # as soon as it is silent past 2 minutes, as /healthz judges it (it waited 2 more)
                     {"eval_time": "8m", "alertname": "DeepwatchWorkerLoopStalled", "exp_alerts": [_expected_alert(
-                        "DeepwatchWorkerLoopStalled", {"instance": "w1"},
+                        "DeepwatchWorkerLoopStalled", {"instance": "w1", "job": "deepwatch"},
                         summary="deepwatch worker w1: event loop silent for 3m 0s")]},
                     {"eval_time": "12m", "alertname": "DeepwatchWorkerLoopStalled", "exp_alerts": [_expected_alert(
-                        "DeepwatchWorkerLoopStalled", {"instance": "w1"},
+                        "DeepwatchWorkerLoopStalled", {"instance": "w1", "job": "deepwatch"},
                         summary="deepwatch worker w1: event loop silent for 7m 0s")]},
                     {"eval_time": "15m", "alertname": "DeepwatchNoWorkers", "exp_alerts": []},
                     {"eval_time": "35m", "alertname": "DeepwatchNoWorkers",
@@ -456,14 +462,51 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                         summary="More than 66.67% of incoming events are dead-lettered")]},
                 ],
             },
+            {   # a re-sent feed: 37 events analysed as duplicates (event ids seen before), 6 dead-lettered, none
+                # new. 6 of 43 incoming events (14 %) is under the bar; counting only outcome="ok" read 6 / 6
+                "interval": "1m",
+                "input_series": [
+                    {"series": ok, "values": "0x40"},
+                    {"series": 'deepwatch_events_total{job="deepwatch",instance="w1",stage="analyze",outcome="duplicate"}',
+                     "values": "0+37x40"},
+                    {"series": 'deepwatch_dead_letters_total{job="deepwatch",instance="w1",stage="fetch",reason="http_error"}',
+                     "values": "0+6x40"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "15m", "alertname": "DeepwatchDeadLetterRatioHigh", "exp_alerts": []},
+                    {"eval_time": "30m", "alertname": "DeepwatchDeadLetterRatioHigh", "exp_alerts": []},
+                ],
+            },
             {   # kafka-exporter down: DeepwatchNoEventsProcessed, which reads its offsets, is blind meanwhile
                 "interval": "1m",
-                "input_series": [{"series": 'up{job="kafka",instance="kafka-exporter:9308"}', "values": "1x5 0x30"}],
+                "input_series": [{"series": 'up{job="kafka",instance="kafka-exporter:9308"}', "values": "1x5 0x30"},
+                                 {"series": 'kafka_topic_partition_current_offset{job="kafka",'
+                                            'instance="kafka-exporter:9308",topic="deepwatch.events",partition="0"}',
+                                  "values": "0+50x5"}],
                 "alert_rule_test": [
                     {"eval_time": "10m", "alertname": "DeepwatchKafkaExporterDown", "exp_alerts": []},  # pending
                     {"eval_time": "20m", "alertname": "DeepwatchKafkaExporterDown", "exp_alerts": [_expected_alert(
                         "DeepwatchKafkaExporterDown", {"job": "kafka", "instance": "kafka-exporter:9308"},
-                        summary="kafka-exporter is down: DeepwatchNoEventsProcessed cannot fire")]},
+                        summary="No offsets of deepwatch.events from kafka-exporter: DeepwatchNoEventsProcessed "
+                                "cannot fire")]},  # once: the offsets it no longer reports do not fire it again
+                ],
+            },
+            {   # no exporter at all (Kubernetes' base shipped none, nor a `kafka` job): no `up` to read 0, and
+                # DeepwatchNoEventsProcessed blind for good; the rule (up == 0) had no series to fire on
+                "interval": "1m",
+                "input_series": [{"series": 'up{job="deepwatch",instance="w1"}', "values": "1x30"}],
+                "alert_rule_test": [
+                    {"eval_time": "5m", "alertname": "DeepwatchKafkaExporterDown", "exp_alerts": []},  # pending
+                    {"eval_time": "15m", "alertname": "DeepwatchKafkaExporterDown", "exp_alerts": [_expected_alert(
+                        "DeepwatchKafkaExporterDown", {"topic": "deepwatch.events"})]},
+                ],
+            },
+            {   # an exporter under another job name (the cluster's own Kafka monitoring) serves the rule too
+                "interval": "1m",
+                "input_series": [{"series": 'kafka_topic_partition_current_offset{job="strimzi",topic="deepwatch.events",'
+                                            'partition="0"}', "values": "0+50x30"}],
+                "alert_rule_test": [
+                    {"eval_time": "20m", "alertname": "DeepwatchKafkaExporterDown", "exp_alerts": []},
                 ],
             },
             {   # a tipline's format changed: the HTTP ingest endpoint refuses half its lines at the door, which
@@ -527,6 +570,19 @@ def test_ingest_endpoint_rules_fire_on_synthetic_series(generated, tmp_path):
                         "DeepwatchIngestDown", {"instance": "i1", "job": "deepwatch-ingest"},
                         summary="The HTTP ingest endpoint i1 is not answering /metrics")]},
                     *quiet("DeepwatchNoIngest", at="20m"),
+                ],
+            },
+            {   # both replicas crash-looping from 10m: still discovered, each `up` reads 0, so absent() found
+                # a series and stayed quiet; only the per-replica warning fired
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'up{job="deepwatch-ingest",instance="i1"}', "values": "1x10 0x30"},
+                    {"series": 'up{job="deepwatch-ingest",instance="i2"}', "values": "1x10 0x30"},
+                ],
+                "alert_rule_test": [
+                    *quiet("DeepwatchNoIngest", at="13m"),  # pending
+                    {"eval_time": "20m", "alertname": "DeepwatchNoIngest", "exp_alerts": [_expected_alert(
+                        "DeepwatchNoIngest", {"job": "deepwatch-ingest"})]},
                 ],
             },
             {   # every replica gone at 5m (discovery finds none: no `up` series at all), the workers still there
@@ -905,6 +961,85 @@ def test_counter_panels_and_desk_rule_count_each_alert_once(tmp_path):
         ],
     }]}
     path = tmp_path / "bars.test.yaml"
+    path.write_text(yaml.safe_dump(cases, sort_keys=False))
+    _promtool("test", "rules", str(path))
+
+
+@needs_promtool
+def test_a_failed_scrape_does_not_count_a_counters_lifetime(generated, tmp_path):
+    """Each failed scrape writes a staleness marker; `x offset w` stops at it, so
+    for one scrape interval after it counted() read the series as newborn and
+    counted its whole lifetime: "alerts raised in 5 minutes" read 7 instead of 0
+    (the desk's "deepwatch raised an alert" told the desk so), and
+    DeepwatchImageHostsPaused (for: 0m) fired."""
+    from dashboards import queries as q
+
+    worker = 'job="deepwatch",instance="w1"'
+    cases = {"rule_files": [str(generated / "prometheus" / "deepwatch-rules.yaml")], "evaluation_interval": "30s",
+             "tests": [{
+                 "interval": "15s",
+                 # 7 alerts and 3 host pauses long ago; one failed scrape at 5m (a staleness marker), nothing new
+                 "input_series": [
+                     {"series": f'deepwatch_alerts_total{{{worker},level="1"}}', "values": "7x19 stale 7x100"},
+                     {"series": f"deepwatch_fetch_host_pauses_total{{{worker}}}", "values": "3x19 stale 3x100"},
+                 ],
+                 "promql_expr_test": [
+                     {"expr": q.ALERTS_RAISED_5M, "eval_time": "5m", "exp_samples": []},  # the failed scrape itself
+                     {"expr": q.ALERTS_RAISED_5M, "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 0}]},
+                     {"expr": q.ALERTS_RAISED_5M, "eval_time": "10m10s", "exp_samples": [{"labels": "{}", "value": 0}]},
+                     {"expr": _grafana_vars(q.ALERTS_RATE), "eval_time": "6m",
+                      "exp_samples": [{"labels": '{level="1"}', "value": 0}]},
+                     {"expr": _grafana_vars(q.HOST_PAUSES), "eval_time": "6m", "exp_samples": [{"labels": "{}", "value": 0}]},
+                 ],
+                 "alert_rule_test": [
+                     {"eval_time": "20m", "alertname": "DeepwatchImageHostsPaused", "exp_alerts": []},
+                 ],
+             }, {
+                 "interval": "15s",
+                 # and a real one right after the failed scrape still counts, once
+                 "input_series": [
+                     {"series": f'deepwatch_alerts_total{{{worker},level="1"}}', "values": "7x19 stale 8x100"},
+                 ],
+                 "promql_expr_test": [
+                     {"expr": q.ALERTS_RAISED_5M, "eval_time": "6m", "exp_samples": [{"labels": "{}", "value": 1}]},
+                     {"expr": q.ALERTS_RAISED_5M, "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]},
+                     {"expr": q.ALERTS_RAISED_5M, "eval_time": "11m", "exp_samples": [{"labels": "{}", "value": 0}]},
+                 ],
+             }]}
+    path = tmp_path / "stale.test.yaml"
+    path.write_text(yaml.safe_dump(cases, sort_keys=False))
+    _promtool("test", "rules", str(path))
+
+
+@needs_promtool
+def test_worker_panels_show_workers_only(tmp_path):
+    """The desk and the ingest endpoint export the workers' gauges and counters
+    at 0 (one registry per process): the blob, lookup and loop panels listed
+    them as workers, without their job."""
+    from dashboards import queries as q
+
+    def series(name: str, job: str, inst: str, role: str = "") -> str:
+        return f'{name}{{job="{job}",instance="{inst}"' + (f',role="{role}"' if role else "") + "}"
+
+    procs = [("deepwatch", "w1", "pipeline"), ("deepwatch-desk", "d1", ""), ("deepwatch-ingest", "i1", "")]
+    names = {"deepwatch_blob_store_held_seconds": "5x20", "deepwatch_findings_lookup_held_seconds": "5x20",
+             "deepwatch_blob_write_failures_total": "0+1x20", "deepwatch_findings_lookup_failures_total": "0+1x20",
+             "deepwatch_loop_heartbeat_timestamp_seconds": "1x20"}
+    worker = '{instance="w1",job="deepwatch",role="pipeline"}'
+    cases = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": series(n, *p), "values": v} for n, v in names.items() for p in procs],
+        "promql_expr_test": [
+            {"expr": q.BLOB_HELD, "eval_time": "10m", "exp_samples": [{"labels": worker, "value": 5}]},
+            {"expr": q.LOOKUP_HELD, "eval_time": "10m", "exp_samples": [{"labels": worker, "value": 5}]},
+            {"expr": _grafana_vars(q.BLOB_WRITE_FAILURES), "eval_time": "10m",
+             "exp_samples": [{"labels": worker, "value": 1}]},
+            {"expr": _grafana_vars(q.LOOKUP_FAILURES), "eval_time": "10m",
+             "exp_samples": [{"labels": worker, "value": 1}]},
+            {"expr": q.LOOP_SILENCE, "eval_time": "10m", "exp_samples": [{"labels": worker, "value": 599}]},
+        ],
+    }]}
+    path = tmp_path / "workers.test.yaml"
     path.write_text(yaml.safe_dump(cases, sort_keys=False))
     _promtool("test", "rules", str(path))
 
