@@ -96,7 +96,9 @@ def test_clusters_shape_matches_the_cli_and_queue_order(backend, env):
     assert {r["id"] for r in rows} == {r["id"] for r in cli_rows}
     for r in rows:
         assert set(cli_rows[0]) <= set(r)  # same shape (the desk may add a `desk` key)
-    assert rows[0]["id"] == "c-viral"  # viral likely-AI first by velocity
+    # likely-AI first, by velocity as of the newest sighting (persona4's, 4 h after c-viral's burst):
+    # persona4 is the only one sighted in the 5 minutes before it
+    assert rows[0]["id"] == "c-persona4" and rows[0]["velocity"]["sightings_5m"] == 1
     assert rows[-1]["id"] == "c-photo"
 
 
@@ -259,7 +261,8 @@ def test_search_by_the_desks_own_verdicts(backend, env):
             assert r.status_code == 200, r.text
             return [d["id"] for d in r.json()]
 
-        assert found("desk_verdict=fake") == ["c-viral", "c-quiet"]  # velocity, as the search sorts
+        # velocity as shown (both bursts ended hours before persona4's post: 0), then score, then id
+        assert found("desk_verdict=fake") == ["c-quiet", "c-viral"]
         assert found("desk_verdict=fake&sort=sightings&limit=1") == ["c-viral"]
         assert found("desk_verdict=fake&platform=telegram") == ["c-quiet"]
         # "marked fake, seen this week": posts within the time range (c-quiet's are before it)
@@ -614,7 +617,7 @@ def test_guards_answer_before_any_body_is_read(data, env):
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "verdict"]
         # the form routes: no credentials, a wrong role, a missing CSRF token come before the fields
         r = c.post("/clusters/c-quiet/verdict", data={}, follow_redirects=False)
-        assert r.status_code == 401
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=/clusters/c-quiet"  # a page: log in
         r = c.post("/login", data={})  # no login cookie: a cross-site post
         assert r.status_code == 403 and "CSRF" in r.text
     with client(make_settings(data, require_login_on_loopback=True)) as c:
@@ -1314,3 +1317,226 @@ def test_error_pages_and_an_auto_refresh_of_0_say_what_is_so(data, env):
         for path in ("/clusters/nope", "/?sort=bogus"):  # showed "Log in" to a logged-in editor
             page = c.get(path)
             assert page.status_code in (404, 422) and 'id="whoami">alice (editor)' in page.text, path
+
+
+# ---------------------------------------------------------------- what the pages say
+def test_velocity_is_as_of_the_newest_sighting_in_the_desks_view(data, env):
+    """The stream writes a cluster's windows at its own last sighting only:
+    a burst that ended hours ago kept "10/5m" and ranked above live
+    clusters. The desk takes every window to its newest sighting (event
+    time), the unchanged clusters' too, in the order, the cursors, the JSON
+    and the pages alike."""
+    from datetime import timedelta
+
+    from tests.desk_support import T0
+
+    with client(make_settings(data)) as c:
+        by_id = {d["id"]: d for d in c.get("/api/clusters").json()}
+        viral = by_id["c-viral"]  # its burst ended 4 h before persona4's post, the newest
+        assert viral["stream_velocity"]["sightings_5m"] == 10 and viral["stream_velocity"]["sightings_1h"] == 12
+        assert viral["velocity"] == {"sightings_5m": 0, "sightings_1h": 0, "accounts_1h": 0, "engagement_1h": 0}
+        assert viral["quiet_since"] == viral["last_seen"]
+        assert by_id["c-persona4"]["velocity"]["sightings_5m"] == 1 and by_id["c-persona4"]["quiet_since"] is None
+        row = c.get("/").text.split('data-cluster="c-viral"')[1].split("</tr>")[0]
+        assert "0/5m" in row and "quiet since 2026-11-30 12:05:30 UTC" in row
+
+        # a new burst 10 minutes later: only c-live changed in the store, yet persona4's post is
+        # now out of the 5-minute window (and still in the hour's)
+        store = open_store(data)
+        make_cluster(store, DirectoryBlobStore(data / "blobs"), "c-live", 7, posts=3, ai=True,
+                     t0=T0 + timedelta(hours=4, minutes=10))
+        store.close()
+        rows = c.get("/api/clusters").json()
+        assert [d["id"] for d in rows[:2]] == ["c-live", "c-persona4"]
+        persona4 = rows[1]
+        assert persona4["velocity"]["sightings_5m"] == 0 and persona4["velocity"]["sightings_1h"] == 1
+        assert persona4["quiet_since"] == persona4["last_seen"]
+        # the cursor carries the values shown: page by page, the same order
+        r = c.get("/api/clusters?limit=1")
+        second = c.get("/api/clusters?limit=1&cursor=" + r.headers["x-next-cursor"]).json()
+        assert [d["id"] for d in r.json() + second] == ["c-live", "c-persona4"]
+        assert c.get("/clusters/c-live").text.split('id="velocity">')[1].startswith("3/5m, 3/1h")
+        assert "quiet since" in c.get("/clusters/c-viral").text.split('id="velocity">')[1].split("<")[0]
+
+
+def test_a_desk_verdict_is_the_clusters_verdict(data, env):
+    """Fused with a generator's metadata (0.98, as decisive), a desk
+    "authentic" came out at 0.78, likely-ai: listed under verdict=likely-ai,
+    a red score beside the green badge. The human decision is the verdict;
+    the score is kept (struck, on the pages) and the stream's own under
+    ``desk``."""
+    with client(make_settings(data)) as c:
+        assert c.post("/api/clusters/c-viral/verdict", json={"verdict": "authentic", "note": "agency photo"},
+                      headers=EDITOR).status_code == 201
+        assert c.post("/api/clusters/c-photo/verdict", json={"verdict": "fake", "note": "staged"},
+                      headers=EDITOR).status_code == 201
+        viral = c.get("/api/clusters/c-viral").json()
+        assert viral["verdict"] == "no-evidence" and viral["desk"]["stream_verdict"] == "likely-ai"
+        assert viral["fake_score"] < viral["desk"]["stream_fake_score"] == 0.95
+        photo = c.get("/api/clusters/c-photo").json()
+        assert photo["verdict"] == "likely-ai" and photo["desk"]["stream_verdict"] == "no-evidence"
+        ids = lambda query: {d["id"] for d in c.get("/api/clusters?" + query).json()}  # noqa: E731
+        assert "c-viral" not in ids("verdict=likely-ai") and "c-photo" in ids("verdict=likely-ai")
+        assert "c-viral" in ids("verdict=no-evidence")
+        heading = c.get("/clusters/c-viral").text.split("<h1>")[1].split("</h1>")[0]
+        assert 'class="score overridden" title="overridden by the desk\'s authentic verdict (stream score 0.95)"' \
+            in heading
+        assert 'class="score hi"' in c.get("/clusters/c-photo").text.split("<h1>")[1].split("</h1>")[0]
+
+
+def test_a_login_comes_back_to_the_page_with_its_query(data, env):
+    """The login's `next` was the path alone: a search's words and filters
+    were lost. Off-site targets are still refused."""
+    add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
+    with client(make_settings(data)) as c:  # the open loopback desk: the header's link
+        link = c.get("/search?q=flood&platform=x").text.split('id="login-link"')[0].rsplit('href="', 1)[1]
+        assert link.split('"')[0] == "/login?next=/search%3Fq%3Dflood%26platform%3Dx"
+    with client(make_settings(data, require_login_on_loopback=True)) as c:
+        r = c.get("/search?q=flood&platform=x", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=/search%3Fq%3Dflood%26platform%3Dx"
+        login = c.get(r.headers["location"])
+        assert 'name="next" value="/search?q=flood&amp;platform=x"' in login.text
+        assert 'id="login-link"' in login.text and "/login?next=/search%3Fq%3Dflood%26platform%3Dx" in login.text
+        csrf = login.text.split('name="csrf" value="')[1].split('"')[0]
+        r = c.post("/login", data={"username": "alice", "password": "correct horse battery", "csrf": csrf,
+                                   "next": "/search?q=flood&platform=x"}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/search?q=flood&platform=x"
+        assert 'name="next" value="/"' in c.get("/login?next=//evil.example/search%3Fq%3D1").text
+
+
+def test_a_verdict_posted_after_the_session_ended_leads_to_the_login_and_back(data, env):
+    """The form's 401 was a dead-end error page; the API's stays a 401."""
+    add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
+    with client(make_settings(data, require_login_on_loopback=True)) as c:
+        _login(c, "alice", "correct horse battery")
+        page = c.get("/clusters/c-quiet").text
+        csrf = page.split('id="verdict-form"')[1].split('name="csrf" value="')[1].split('"')[0]
+        c.app.state.desk.db.end_session(c.cookies["dw_session"])  # expired while the page was open
+        r = c.post("/clusters/c-quiet/verdict", data={"verdict": "fake", "note": "x", "csrf": csrf},
+                   follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=/clusters/c-quiet"
+        r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "fake"}, headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 401 and r.json()["status"] == 401
+        r = c.post("/clusters/c-quiet/verdict", data={"verdict": "fake"}, headers={"Authorization": "Bearer wrong"},
+                   follow_redirects=False)
+        assert r.status_code == 401  # a script's bearer token: no redirect
+
+
+def test_a_bad_filter_or_a_stopped_search_shows_the_page_with_the_form_as_sent(data, env):
+    """A 422 or 503 on the queue or the search replaced the page with a bare
+    error page: the form is shown again, filled as sent, under the message."""
+    from tests.desk_support import bulk_sightings
+
+    with client(make_settings(data)) as c:
+        r = c.get("/search?q=storm&since=yesterday&sort=score&limit=7")
+        assert r.status_code == 422 and 'id="search-form"' in r.text
+        assert 'name="q" value="storm"' in r.text and 'name="since" value="yesterday"' in r.text
+        assert '<option value="score" selected>' in r.text and 'name="limit" value="7"' in r.text
+        assert r.text.split('id="page-error">')[1].startswith("bad request: since:")
+        r = c.get("/?since=yesterday&platform=x")
+        assert r.status_code == 422 and 'id="filters"' in r.text and 'id="queue"' not in r.text
+        assert 'name="since" value="yesterday"' in r.text and 'name="platform" value="x"' in r.text
+        assert "since:" in r.text.split('id="page-error">')[1]
+        assert c.get("/?since=yesterday&partial=1").status_code == 422  # the refresh's rows: no page in the table
+    bulk_sightings(data / "findings.sqlite", 150_000)
+    settings = make_settings(data)
+    settings.findings.search_timeout_s = 0.05
+    with client(settings) as c:
+        for path in ("/search?q=%C3%A4rger-nobody", "/?q=%C3%A4rger-nobody"):
+            r = c.get(path)
+            assert r.status_code == 503 and 'name="q" value="ärger-nobody"' in r.text, path
+            assert "search took longer than 0.05 s" in r.text.split('id="page-error">')[1], path
+
+
+def test_empty_results_say_why(tmp_path, data, env):
+    """An empty store's queue said "no clusters match"; a search without
+    results showed "0 cluster(s)" over an empty table."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    open_store(empty).close()
+    with client(make_settings(empty)) as c:
+        said = c.get("/").text.split('id="empty">')[1].split("</td>")[0]
+        assert "No clusters yet" in said and "deepwatch replay" in said and "match" not in said
+    with client(make_settings(data)) as c:
+        assert "no clusters match these filters" in c.get("/?platform=nowhere").text
+        r = c.get("/search?q=nothingmatchesthis")
+        assert 'id="no-results"' in r.text and "fewer words" in r.text and "wider time range" in r.text
+        assert '<table class="queue">' not in r.text and 'id="result-count"' not in r.text
+
+
+def test_the_forms_keep_sort_and_limit(data, env):
+    with client(make_settings(data)) as c:
+        q = c.get("/?limit=3&sort=score").text
+        assert 'name="limit" value="3"' in q and '<option value="score" selected>' in q
+        s = c.get("/search?q=subway&sort=last_seen&limit=5").text
+        sort = s.split('<select name="sort"')[1].split("</select>")[0]
+        assert [o.split('"')[0] for o in sort.split('<option value="')[1:]] == \
+            ["", "relevance", "velocity", "score", "last_seen", "sightings"]  # the search's sorts
+        assert '<option value="last_seen" selected>' in sort and 'name="limit" value="5"' in s
+        # words match whole words (FTS5 without prefixes), times are UTC
+        assert "whole words" in s.split('name="q"')[1].split(">")[0]
+        assert 'placeholder="since (ISO time, UTC)"' in s and 'placeholder="until (ISO time, UTC)"' in s
+        assert 'placeholder="since (ISO time, UTC)"' in q
+
+
+def test_pages_work_from_the_keyboard_and_a_screen_reader(data, env):
+    add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
+    add_user(data / "desk-users.json", "bob", "viewer", "another long password")
+    with client(make_settings(data)) as c:
+        q = c.get("/").text
+        assert '<a class="skip" href="#main">' in q and '<main id="main" tabindex="-1">' in q
+        assert '<a href="/" id="nav-queue" aria-current="page">' in q and '<a href="/search" id="nav-search">' in q
+        assert '<a href="/search" id="nav-search" aria-current="page">' in c.get("/search").text
+        row = q.split('data-cluster="c-viral"')[1].split("</tr>")[0]
+        assert '<a href="/clusters/c-viral" tabindex="-1" aria-hidden="true"><img' in row  # the id links there too
+        assert ('<td class="evidence" title="PNG text chunk names the generator: Stable Diffusion XL">') in row
+        assert "Log in as an editor" in c.get("/clusters/c-viral").text
+    with client(make_settings(data)) as c:
+        _login(c, "bob", "another long password")
+        said = c.get("/clusters/c-viral").text.split('id="verdict-needs">')[1].split("</p>")[0]
+        assert "needs the editor role" in said and "bob (viewer)" in said and "Log in" not in said
+    with client(make_settings(data)) as c:
+        _login(c, "alice", "correct horse battery")
+        form = c.get("/clusters/c-viral").text.split('id="verdict-form"')[1].split("</form>")[0]
+        assert '<label>note <input type="text" name="note"' in form
+
+
+def test_the_header_and_the_spread_legend_are_legible():
+    """WCAG AA: 4.5:1 for text. The header's "read-only (loopback)" was the
+    page's grey on the dark header (3.35:1); the legend's words were drawn in
+    the line colours (#e67700 on #fafafa: 2.9:1)."""
+    import re
+
+    from streams.desk import views
+
+    def luminance(hex_: str) -> float:
+        rgb = [int(hex_[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        r, g, b = [x / 12.92 if x <= 0.03928 else ((x + 0.055) / 1.055) ** 2.4 for x in rgb]
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    def contrast(a: str, b: str) -> float:
+        hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+        return (hi + 0.05) / (lo + 0.05)
+
+    css = (Path(views.__file__).parent / "static" / "desk.css").read_text()
+    header_bg = re.search(r"header\.top \{[^}]*background: (#[0-9a-f]{6})", css).group(1)
+    muted = re.search(r"header\.top \.muted \{ color: (#[0-9a-f]{6})", css).group(1)
+    assert contrast(muted, header_bg) >= 4.5
+    chart = views.spread_chart({"buckets": 2, "platforms": {p: [1, 2] for p in ("a", "b", "c", "d", "e", "f")}})
+    texts = re.findall(r'<text [^>]*fill="(#[0-9a-f]{6})"', chart)
+    assert len(texts) == 6 and all(contrast(t, "#fafafa") >= 4.5 for t in texts)
+    swatches = re.findall(r'<rect [^>]*fill="(#[0-9a-f]{6})"', chart)
+    assert swatches == views.PLATFORM_COLORS[:6]  # the line's colour, beside its words
+
+
+def test_the_cluster_page_shows_every_post_it_carries(data, env):
+    """It listed the first 25 of the 200 the page holds."""
+    store = open_store(data)
+    make_cluster(store, DirectoryBlobStore(data / "blobs"), "c-many", 11, posts=30, ai=True)
+    store.close()
+    with client(make_settings(data)) as c:
+        page = c.get("/clusters/c-many").text
+    posts = page.split('id="posts"')[1].split("</table>")[0]
+    assert posts.count("<tr><td") == 25
+    more = page.split('<details id="more-posts">')[1].split("</details>")[0]
+    assert more.count("<tr><td") == 5 and "https://example.org/c-many/29" in more

@@ -243,7 +243,7 @@ def test_queue_refreshes_itself_and_accounts_search_pages_show_their_findings(tm
     from playwright.sync_api import sync_playwright
 
     from streams.blobstore import DirectoryBlobStore
-    from tests.desk_support import make_cluster, small_store
+    from tests.desk_support import T0, make_cluster, small_store
 
     small_store(tmp_path)
     desk_user(tmp_path, "vic", "viewer")
@@ -261,11 +261,18 @@ def test_queue_refreshes_itself_and_accounts_search_pages_show_their_findings(tm
                 assert page.inner_text("#login-error") == "wrong user name or password"
                 log_in(page, desk, "vic")
                 assert page.locator("tr.cluster-row").count() == 8
+                # the keyboard: the first tab stop skips the header; a row is one stop (its id), not two
+                page.keyboard.press("Tab")
+                assert page.evaluate("document.activeElement.textContent") == "Skip to main content"
+                page.keyboard.press("Enter")
+                assert page.evaluate("document.activeElement.id") == "main"
+                assert page.evaluate("[...document.querySelectorAll('tr.cluster-row')[0].querySelectorAll('a')]"
+                                     ".filter(a => a.tabIndex >= 0).length") == 1
 
                 # the auto-refresh brings a new cluster in without a reload
                 store = open_store(tmp_path)
                 make_cluster(store, DirectoryBlobStore(tmp_path / "blobs"), "c-fresh", 9, posts=15, ai=True,
-                             platforms=("threads",))
+                             platforms=("threads",), t0=T0 + timedelta(hours=4))  # the newest burst
                 store.close()
                 deadline = time.monotonic() + 15
                 while page.locator("tr[data-cluster='c-fresh']").count() == 0 and time.monotonic() < deadline:

@@ -62,6 +62,10 @@ SHA256 = r"^[0-9a-f]{64}$"
 # Picture uploads (``UPLOAD_PATHS``) have their own, larger bound.
 MAX_BODY_BYTES = 64 * 1024
 UPLOAD_PATHS = ("/api/similar", "/similar")
+# The fields of the queue's and the search page's forms (``page_with_error`` refills them as sent).
+QUEUE_FORM = ("q", "verdict", "platform", "since", "sort", "limit")
+SEARCH_FORM = ("q", "account", "hashtag", "platform", "since", "until", "verdict", "desk_verdict", "min_score", "sort",
+               "limit")
 # Picture lookups in flight at once, counted from when their guards pass,
 # before their uploads are read. Each holds its upload whole (up to
 # fetch.max_bytes, 25 MiB by default) until it is answered, and waits for the
@@ -329,6 +333,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     app.state.desk = desk
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     views.register_filters(templates.env)
+    templates.env.globals["login_url"] = lambda request: _login_url(_return_to(request))
     docs_page = get_swagger_ui_html(openapi_url=OPENAPI_PATH, title="deepwatch desk API",
                                     swagger_js_url=f"{SWAGGER_ASSETS}/swagger-ui-bundle.js",
                                     swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
@@ -478,8 +483,15 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             if exc.status_code == 401:
                 headers["WWW-Authenticate"] = "Bearer"
             return JSONResponse({"error": exc.detail, "status": exc.status_code}, exc.status_code, headers=headers)
-        if exc.status_code == 401 and request.method == "GET":
-            return RedirectResponse("/login?next=" + quote(str(request.url.path)), 303)
+        # A page (or a form posted from one: a session that expired before an
+        # editor pressed Record) goes to the login and back; a script with a
+        # bearer token gets the 401 it can act on.
+        if exc.status_code == 401 and (request.method == "GET" or "authorization" not in request.headers):
+            return RedirectResponse(_login_url(_return_to(request)), 303)
+        if isinstance(exc, _SearchStopped):
+            shown = page_with_error(request, exc.status_code, exc.detail)
+            if shown is not None:
+                return shown
         return templates.TemplateResponse(request, "error.html", {"status": exc.status_code, "message": exc.detail,
                                                                   "me": known(request)}, status_code=exc.status_code,
                                           headers=headers)
@@ -487,9 +499,9 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     @app.exception_handler(SearchTimeout)
     async def search_timeout(request: Request, exc: SearchTimeout):
         # The store stopped the search (findings.search_timeout_s): the worker thread is free again.
-        return await http_error(request, _error(503, f"search took longer than {settings.findings.search_timeout_s:g} s "
-                                                     "and was stopped; narrow it with since/until/platform (or account, "
-                                                     "hashtag)"))
+        return await http_error(request, _SearchStopped(
+            503, f"search took longer than {settings.findings.search_timeout_s:g} s and was stopped; narrow it with "
+                 "since/until/platform (or account, hashtag)"))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
@@ -497,8 +509,34 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         if wants_json(request):
             return JSONResponse({"error": msg, "status": 422, "detail": [
                 {"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]}, 422)
+        shown = page_with_error(request, 422, msg)
+        if shown is not None:
+            return shown
         return templates.TemplateResponse(request, "error.html", {"status": 422, "message": msg, "me": known(request)},
                                           status_code=422)
+
+    def page_with_error(request: Request, status: int, message: str) -> Response | None:
+        """The queue or the search page itself for a bad filter (422) or a
+        search the store stopped (503): its form filled with the values as
+        they were sent, to correct, and the message above it; None for any
+        other request (the error page; a refresh's rows too). Only for a reader: the guards passed
+        before the query was checked, so this finds one."""
+        if request.method != "GET" or request.url.path not in ("/", "/search") or "partial" in request.query_params:
+            return None
+        try:
+            me = reader(request)
+        except HTTPException:
+            return None
+        sent = request.query_params
+        if request.url.path == "/":
+            resp = page(request, "queue.html", me, rows=[], spread={}, refresh_s=settings.desk.refresh_s,
+                        form={k: sent.get(k, "") for k in QUEUE_FORM}, error=message)
+        else:
+            resp = page(request, "search.html", me, rows=[], asked=False, spread={},
+                        form={k: sent.get(k, "") for k in SEARCH_FORM}, desk_verdicts=SEARCH_DESK_VERDICTS,
+                        error=message)
+        resp.status_code = status
+        return resp
 
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES,  # innermost: its 413 gets the headers below
                        paths={p: upload_bound(settings) for p in UPLOAD_PATHS})
@@ -616,6 +654,19 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                                   if v is not None}
         params.update(sort=q.sort, limit=q.limit)
         return path + "?" + urlencode(params if cursor is None else {**params, "cursor": cursor})
+
+    def queue_form(q: ClusterQuery) -> dict[str, str]:
+        """The queue form's fields (``QUEUE_FORM``) as checked."""
+        return {"q": q.q or "", "verdict": q.verdict or "", "platform": q.platform or "",
+                "since": q.since.isoformat() if q.since else "", "sort": q.sort, "limit": str(q.limit)}
+
+    def search_form(q: StoreQuery, desk_verdict: str | None) -> dict[str, str]:
+        """The search form's fields (``SEARCH_FORM``) as checked."""
+        return {"q": q.text or "", "account": q.account or "", "hashtag": q.hashtag or "", "platform": q.platform or "",
+                "since": q.since.isoformat() if q.since else "", "until": q.until.isoformat() if q.until else "",
+                "verdict": q.verdict or "", "desk_verdict": desk_verdict or "",
+                "min_score": "" if q.min_score is None else str(q.min_score), "sort": q.sort or "",
+                "limit": str(q.limit or "")}
 
     def search_link(q: StoreQuery, desk_verdict: str | None, limit: int) -> str:
         """The search page for ``q`` with another ``limit``, from the checked values."""
@@ -748,7 +799,9 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         rows, nxt = desk.source.clusters_page(q)
         spread = desk.source.spread(rows)
         platforms = sorted({p for c in rows for p in c["platforms"]})
-        return page(request, "queue_rows.html" if partial else "queue.html", me, rows=rows, spread=spread, query=q,
+        return page(request, "queue_rows.html" if partial else "queue.html", me, rows=rows, spread=spread,
+                    form=queue_form(q), filtered=any((q.verdict, q.platform, q.since, q.q)),
+                    store_empty=not rows and desk.source.cluster_count() == 0,
                     platforms=platforms, refresh_s=settings.desk.refresh_s,
                     next_url=queue_link("/", q, nxt) if nxt else None,
                     first_url=queue_link("/", q, None) if q.cursor else None,
@@ -793,7 +846,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         # offers the same search with a larger limit, not a cursor (its relevance rank is the store's).
         cut = asked and len(rows) >= q.max_results and q.max_results < MAX_RESULTS
         more = min(q.max_results * 10, MAX_RESULTS) if cut else None
-        return page(request, "search.html", me, rows=rows, q=q, asked=asked, spread=desk.source.spread(rows),
+        return page(request, "search.html", me, rows=rows, asked=asked, spread=desk.source.spread(rows),
+                    form=search_form(q, desk_verdict),
                     desk_verdict=desk_verdict, desk_verdicts=SEARCH_DESK_VERDICTS,
                     more_url=search_link(q, desk_verdict, more) if more else None)
 
@@ -913,6 +967,31 @@ def _same_origin(origin: str, host: str) -> bool:
     Host header)."""
     scheme, sep, netloc = origin.partition("://")
     return bool(sep and host) and scheme in ("http", "https") and netloc.lower() == host.lower()
+
+
+class _SearchStopped(HTTPException):
+    """The 503 of a search the store stopped (``SearchTimeout``): the page
+    it was asked from shows it (``page_with_error``)."""
+
+
+def _return_to(request: Request) -> str:
+    """Where a login started from ``request`` comes back to: the page, with
+    its query (a search's words and filters), as sent; for a form posted from
+    a page (a verdict, a picture lookup, a logout), that page, whose GET is
+    not the form's address (``/clusters/{id}/verdict`` -> ``/clusters/{id}``);
+    from the login page, where it already leads."""
+    if request.url.path == "/login":
+        return _safe_next(request.query_params.get("next", "/"))
+    raw = request.scope.get("raw_path")  # as sent: a cluster id may hold an escaped "/" or "?"
+    path = raw.decode("latin-1") if raw else quote(request.url.path)
+    if request.method not in SAFE_METHODS:
+        return "/" if path == "/logout" else path.removesuffix("/verdict")
+    return path + ("?" + request.url.query if request.url.query else "")
+
+
+def _login_url(target: str) -> str:
+    """The login page, back to ``target`` (a path and query of the desk) after."""
+    return "/login?next=" + quote(target, safe="/")
 
 
 def _safe_next(target: str) -> str:
