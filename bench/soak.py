@@ -73,7 +73,7 @@ class PictureFetcher:
 class NoStore:
     """The findings store is disk, not worker memory; dedupe lookups miss."""
 
-    def sighting_sha256(self, event_id: str) -> None:
+    def sighting_identity(self, event_id: str) -> None:
         return None
 
     def mark_processed(self, *a) -> None:

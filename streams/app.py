@@ -31,7 +31,7 @@ from streams.engine_state import engine_state_path, lost_state, open_engine_stat
 from streams.faust_app import faust_app
 from streams.fetch import ImageFetcher
 from streams.host_breaker import HostBreaker
-from streams.records import DeadLetter, SourceRef
+from streams.records import DeadLetter, SourceRef, payload_sha256
 from streams.settings import Settings
 from streams.topics import ANALYZE_GROUP_SUFFIX, CLUSTER_TABLE
 
@@ -45,7 +45,8 @@ def _dead_letter(stage: str, reason: str, detail: str, source: SourceRef, raw: b
     excerpt = None
     if raw is not None:
         excerpt = raw[:512].decode("utf-8", "replace")
-    return DeadLetter(event_id=event_id, stage=stage, reason=reason, detail=detail, source=source, payload_excerpt=excerpt)
+    return DeadLetter(event_id=event_id, stage=stage, reason=reason, detail=detail, source=source, payload_excerpt=excerpt,
+                      payload_sha256=payload_sha256(raw) if raw is not None else None)
 
 
 

@@ -11,10 +11,13 @@ one clear line saying so (``EsCompatError``).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger("deepwatch.es")
 
 
 class EsError(RuntimeError):
@@ -91,11 +94,19 @@ class EsConfig:
         )
 
     def client(self):
+        """The client. It retries a request once, at once, only when the
+        connection failed (a pooled keep-alive connection the server had
+        closed): elastic-transport retries with no pause, so a 429 retried
+        by it was no relief for an overloaded cluster, and a read retried on
+        timeout blocked up to four request timeouts. Overload, 5xx and
+        timeouts are raised (``explain``: held), and whoever holds the work
+        retries with backoff (``streams.sinks``, ``streams.store_errors``);
+        the bulk sink does its own retrying. Warns once when credentials
+        would cross plain http, or a CA bundle is set for an http URL."""
         from elasticsearch import Elasticsearch
 
         kw: dict[str, Any] = {"request_timeout": self.request_timeout_s,
-                              # reads retry on overload; the bulk sink does its own retrying
-                              "max_retries": 3, "retry_on_status": (429, 502, 503, 504), "retry_on_timeout": True}
+                              "max_retries": 1, "retry_on_status": (), "retry_on_timeout": False}
         if self.api_key:
             kw["api_key"] = self.api_key
         elif self.username:
@@ -104,6 +115,14 @@ class EsConfig:
             kw["verify_certs"] = self.verify_certs
             if self.ca_certs:
                 kw["ca_certs"] = self.ca_certs
+        else:
+            if self.api_key or self.username:
+                log.warning(f"Elasticsearch at {self.url} is plain http (es:// means http): the "
+                            f"{'API key' if self.api_key else 'password'} is sent in cleartext; use ess:// or "
+                            "https:// unless the network between is trusted", extra={"url": self.url})
+            if self.ca_certs:
+                log.warning(f"DEEPWATCH_ES_CA_CERTS is set but Elasticsearch at {self.url} is plain http: the CA "
+                            "bundle is not used; use ess:// or https://", extra={"url": self.url})
         return Elasticsearch(self.url, **kw)
 
 

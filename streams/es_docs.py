@@ -16,8 +16,10 @@ from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
 
 
 def now() -> str:
-    """The time now as the documents store it (``at``, ``updated_at``, ``@timestamp``)."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """The time now as the documents store it (``at``, ``updated_at``,
+    ``@timestamp``): to the millisecond, as a ``date`` field keeps it and as
+    the SQLite store writes ``updated_at`` (``strftime('%f')``)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def hex_bits(hex_hash: str) -> str:

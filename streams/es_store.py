@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
+import json
 import logging
 import math
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Any, Collection, Iterable, Iterator
 
@@ -31,7 +34,7 @@ from streams.es_docs import (
 )
 from streams.findings import (
     MAX_RESULTS, QUEUED_RECENT_S, UNDELIVERED, AccountAggregate, AccountCursor, AccountWindow, AlertRecord, ClusterQuery,
-    ClusterRecord, DeadLetterRecord, Deadline, DeliveryRecord, DeliveryState, Page, MemberRow, SearchTimeout,
+    ClusterRecord, DeadLetterRecord, Deadline, DeliveryRecord, DeliveryState, Page, MemberRow, PostIdentity, SearchTimeout,
     SightingRecord, account_rank, cluster_page_url, legacy_delivery, read_limit, requeued_detail, sort_key,
     surviving_cluster, text_terms, unstored_alerts,
 )
@@ -60,6 +63,35 @@ DELIVERY_SCRIPT = ("if ('delivered'.equals(ctx._source.state) "
                    "|| (ctx._source.state == null && 'delivered'.equals(ctx._source.status))) { ctx.op = 'noop' } "
                    "else { ctx._source.state = params.state; ctx._source.status = params.detail; "
                    "ctx._source.at = params.at }")
+
+
+ALIASED = ("clusters", "alerts", "dead_letters", "deliveries", "processed")  # indices behind an alias (not data streams)
+
+
+def _digest(body: Any) -> str:
+    """A digest of what deepwatch PUTs, kept in the object's ``_meta``: what a
+    GET answers is normalized by the server (settings, defaults) and cannot
+    be compared with the body sent."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _mapping_version(index: str, mappings: dict[str, Any]) -> int | None:
+    """An index's mapping version: its ``_meta.mapping_version`` (v5 on, or
+    brought up to date in place), else the ``-v<N>`` of its name."""
+    v = (mappings.get("_meta") or {}).get("mapping_version")
+    if isinstance(v, int):
+        return v
+    m = re.search(r"-v(\d+)$", index)
+    return int(m.group(1)) if m else None
+
+
+def _merge(into: dict[str, Any], props: dict[str, Any]) -> None:
+    """Mapping properties ``props`` added to ``into``, objects merged."""
+    for k, v in props.items():
+        if isinstance(into.get(k), dict) and "properties" in into[k] and "properties" in v:
+            _merge(into[k]["properties"], v["properties"])
+        else:
+            into[k] = json.loads(json.dumps(v))
 
 
 def _epoch_ms(ts: str) -> int:
@@ -113,35 +145,161 @@ class EsFindingsStore:
         return self._server
 
     def ensure_setup(self) -> None:
-        """Create or update the ILM policy, component and index templates,
-        the upsert script, the versioned indices behind their aliases and the
-        sightings data stream. Idempotent; every worker runs it at start."""
+        """Put in place what this version writes with. The ILM policy, the
+        component and index templates and the upsert script are each read
+        first (GET) and PUT only when missing or different (templates and
+        policy by a digest of deepwatch's body in their ``_meta``, the
+        script by its source): a role without the privilege to change them
+        (cluster ``manage`` for the script, docs/elasticsearch.md) starts
+        once an admin installed them, and a 403 on a PUT of something that
+        is there is a warning, not a hold. Then the indices behind the
+        aliases, created when missing, and the sightings data stream; each
+        existing one's mapping version is read (``GET <alias>/_mapping``)
+        and brought up to this one where the steps between only add fields
+        (``T.MIGRATIONS``), and the start is refused with one line naming
+        the migration where a step needs a reindex. Idempotent; every
+        worker runs it at start. Errors are raised held (``EsError.hold``)
+        where an operator's fix lets the same call succeed later."""
         if self._ready:
             return
         self.server_info()
         es = self.es
         try:
-            es.ilm.put_lifecycle(name=self.names["sightings"], policy=T.ilm_policy()["policy"])
+            policy = T.ilm_policy()["policy"]
+            policy = {**policy, "_meta": {**policy["_meta"], "digest": _digest(policy)}}
+            self._install(f"ILM policy {self.names['sightings']}",
+                          lambda: self._ilm_digest(self.names["sightings"]), policy["_meta"]["digest"],
+                          lambda: es.ilm.put_lifecycle(name=self.names["sightings"], policy=policy))
             for name, body in T.component_templates(self.prefix).items():
-                es.cluster.put_component_template(name=name, template=body["template"], version=body["version"],
-                                                  meta=body["_meta"])
+                digest = _digest(body)
+                self._install(f"component template {name}", lambda: self._template_digest("component", name), digest,
+                              lambda: es.cluster.put_component_template(
+                                  name=name, template=body["template"], version=body["version"],
+                                  meta={**body["_meta"], "digest": digest}))
             for name, body in T.index_templates(self.prefix).items():
-                es.indices.put_index_template(name=name, **{k if k != "_meta" else "meta": v for k, v in body.items()})
-            es.put_script(id=T.SCRIPT_ID, script=T.stored_script()["script"])
-            for key in ("clusters", "alerts", "dead_letters", "deliveries", "processed"):
+                digest = _digest(body)
+                put = {**body, "_meta": {**body["_meta"], "digest": digest}}
+                self._install(f"index template {name}", lambda: self._template_digest("index", name), digest,
+                              lambda: es.indices.put_index_template(
+                                  name=name, **{k if k != "_meta" else "meta": v for k, v in put.items()}))
+            script = T.stored_script()["script"]
+            self._install(f"stored script {T.SCRIPT_ID}", self._script_source, script["source"],
+                          lambda: es.put_script(id=T.SCRIPT_ID, script=script))
+            for key in ALIASED:
                 alias = self.names[key]
                 if not es.indices.exists_alias(name=alias):
                     self._create_ignoring_exists(lambda: es.indices.create(
                         index=T.concrete(alias), aliases={alias: {"is_write_index": True}}))
-            # An index an earlier mapping version made takes this version's added
-            # fields in place (docs/elasticsearch.md): the deliveries mapping is
-            # strict, so without them every delivery record would be refused.
-            for key, added in (("alerts", T.ALERT_SPREAD), ("deliveries", T.DELIVERY_STATE)):
-                es.indices.put_mapping(index=self.names[key], properties=added)
             self._create_ignoring_exists(lambda: es.indices.create_data_stream(name=self.names["sightings"]))
+            self._migrate()
+        except EsError:
+            raise
         except Exception as e:
             raise explain(e, self.config.url) from None
         self._ready = True
+
+    def _install(self, what: str, current: Any, wanted: Any, put: Any) -> None:
+        """``current()`` (None: missing) against ``wanted``; ``put()`` only
+        when missing or different. Credentials that may not read it (403 on
+        the GET) try the PUT; credentials that may not PUT it leave what an
+        admin installed, with a warning, and when it is missing raise one
+        line saying so, held: the batch waits until an admin installs it."""
+        from elasticsearch import AuthorizationException
+
+        try:
+            have, readable = current(), True
+        except AuthorizationException:
+            have, readable = None, False
+        if readable and have == wanted:
+            return
+        try:
+            put()
+        except AuthorizationException as e:
+            if readable and have is None:
+                raise EsError(f"Elasticsearch at {self.config.url}: the {what} is not installed and these credentials "
+                              f"may not install it ({error_reason(e)}); install it once as an admin (`deepwatch` "
+                              "with admin credentials, or see docs/elasticsearch.md, \"The role deepwatch needs\")",
+                              hold=True) from None
+            log.warning(f"the {what} {'differs from this version' if readable else 'could not be read'} and these "
+                        "credentials may not install it: using it as an admin installed it",
+                        extra={"what": what, "error": error_reason(e)})
+
+    def _ilm_digest(self, name: str) -> str | None:
+        from elasticsearch import NotFoundError
+
+        try:
+            found = self.es.ilm.get_lifecycle(name=name)
+        except NotFoundError:
+            return None
+        return ((found.get(name) or {}).get("policy") or {}).get("_meta", {}).get("digest") or ""
+
+    def _template_digest(self, kind: str, name: str) -> str | None:
+        from elasticsearch import NotFoundError
+
+        try:
+            if kind == "component":
+                found = self.es.cluster.get_component_template(name=name)["component_templates"]
+            else:
+                found = self.es.indices.get_index_template(name=name)["index_templates"]
+        except NotFoundError:
+            return None
+        for t in found:
+            if t.get("name") == name:
+                return ((t.get(f"{kind}_template") or {}).get("_meta") or {}).get("digest") or ""
+        return None
+
+    def _script_source(self) -> str | None:
+        from elasticsearch import NotFoundError
+
+        try:
+            found = self.es.get_script(id=T.SCRIPT_ID)
+        except NotFoundError:
+            return None
+        return (found.get("script") or {}).get("source") if found.get("found", True) else None
+
+    def _migrate(self) -> None:
+        """Each index behind an alias (and the sightings data stream's
+        backing indices) brought up to ``T.MAPPING_VERSION`` where the
+        versions between only added fields: one ``PUT <alias>/_mapping``
+        with the fields and the new ``_meta``; nothing for an index already
+        there. A ``REINDEX`` step outstanding: one line naming it, and no
+        start (every write would be refused, or worse, mapped wrong)."""
+        outstanding: list[str] = []
+        puts: list[tuple[str, int, dict[str, Any]]] = []  # (alias, its version, the fields it takes)
+        for key in (*ALIASED, "sightings"):
+            alias = self.names[key]
+            found = dict(self.es.indices.get_mapping(index=alias))
+            versions = {index: _mapping_version(index, body.get("mappings") or {}) for index, body in found.items()}
+            known = [v for v in versions.values() if v is not None]
+            # a data stream's newest backing index takes its writes; an unknown version (no
+            # _meta, no -v<N>: made by hand, or a data stream from before v5) gets every addition
+            at = max(known) if known else 0
+            if at >= T.MAPPING_VERSION:
+                continue
+            added: dict[str, Any] = {}
+            reindex = False
+            for n in range(at + 1, T.MAPPING_VERSION + 1):
+                step = T.MIGRATIONS.get(n, {})
+                if key not in step:
+                    continue
+                if step[key] is T.REINDEX:
+                    if known and not reindex:
+                        index = max(versions, key=lambda i: versions[i] or 0)
+                        outstanding.append(f"{alias} is {index}, mapping v{at}: mapping v{n} changed field types, "
+                                           f"reindex it into {T.concrete(alias)} and move the alias")
+                    reindex = reindex or bool(known)
+                    continue
+                _merge(added, step[key])
+            if not reindex:
+                puts.append((alias, at, added))
+        if outstanding:
+            # nothing put in place: the operator's reindex starts from the index as it was
+            raise EsError(f"Elasticsearch at {self.config.url}: {'; '.join(outstanding)} "
+                          "(docs/elasticsearch.md, \"Mapping versions\"); not starting", hold=True)
+        for alias, at, added in puts:
+            self.es.indices.put_mapping(index=alias, properties=added, meta=T.mapping_meta())
+            log.info(f"{alias}: mapping brought up from v{at} to v{T.MAPPING_VERSION} in place",
+                     extra={"alias": alias, "fields": sorted(added)})
 
     @staticmethod
     def _create_ignoring_exists(create) -> None:
@@ -235,7 +393,9 @@ class EsFindingsStore:
         doc = alert.model_dump(mode="json")
         doc["@timestamp"] = doc["created_at"]
         doc["evidence_summary"] = alert.evidence[0].detail if alert.evidence else None
-        res = self.bulk.send([({"create": {"_index": self.names["alerts"], "_id": alert.alert_id}}, doc)])
+        # an account alert's id holds the account id (up to 1,024 UTF-8 bytes): as a raw _id past
+        # 512 bytes it had the whole request refused; reads find alerts by the alert_id field
+        res = self.bulk.send([({"create": {"_index": self.names["alerts"], "_id": doc_id(alert.alert_id)}}, doc)])
         return res.created_in.get(self.names["alerts"], 0) == 1
 
     def _delivery_id(self, alert_id: str, target: str) -> str:
@@ -361,17 +521,40 @@ class EsFindingsStore:
 
     def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool:
         """Whether an earlier alert of ``cluster_id`` still awaits delivery to
-        ``target`` (failed, or queued and not tried yet). Delivery states are
-        read by id (real-time GET), so a failure marked a moment ago already
-        holds the next alert back."""
-        earlier = self._search(self.names["alerts"], size=MAX_CANDIDATES, source=["alert_id"], query={"bool": {"filter": [
-            {"term": {"cluster_id": cluster_id}}, {"range": {"level": {"lt": level}}}]}})["hits"]["hits"]
-        for h in earlier:
-            doc = self._delivery_doc(h["_source"]["alert_id"], target)
+        ``target`` (failed, or queued and not tried yet), of the alerts
+        stored, as SQLite's join answers. Everything is read in real time
+        (GET by id), so an alert stored and a failure marked a moment ago
+        already hold the next alert back: the cluster engine's alerts have
+        the ids ``<cluster_id>:<level>`` (``streams.clustering``), so levels
+        1 to ``level - 1`` are read by id; a search (which sees only what
+        the last refresh made visible) adds alerts with other ids (the
+        desk's)."""
+        searched = {h["_source"]["alert_id"] for h in self._search(
+            self.names["alerts"], size=MAX_CANDIDATES, source=["alert_id"], query={"bool": {"filter": [
+                {"term": {"cluster_id": cluster_id}}, {"range": {"level": {"lt": level}}}]}})["hits"]["hits"]}
+        by_level = [f"{cluster_id}:{k}" for k in range(1, level)]
+        for alert_id in [*by_level, *sorted(searched - set(by_level))]:
+            doc = self._delivery_doc(alert_id, target)
             # none: never attempted to this target, nothing to wait for
-            if doc is not None and not _delivery_of(doc)[0].settled:
+            if doc is None or _delivery_of(doc)[0].settled:
+                continue
+            # a delivery is queued before its alert is stored: one whose alert never was
+            # (refused, dead-lettered) holds nothing back, as in SQLite
+            if alert_id in searched or self._alert_stored(alert_id):
                 return True
         return False
+
+    def _alert_stored(self, alert_id: str) -> bool:
+        """Whether the alert is stored (a real-time GET by its ``_id``)."""
+        from elasticsearch import NotFoundError
+
+        try:
+            self.es.get(index=self.names["alerts"], id=doc_id(alert_id), source=False)
+            return True
+        except NotFoundError:
+            return False
+        except Exception as e:
+            raise explain(e, self.config.url) from None
 
     def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[DeliveryRecord]]:
         """alert id -> its deliveries, by time then target, for `deepwatch
@@ -395,13 +578,16 @@ class EsFindingsStore:
         self.ensure_setup()
         self.bulk.send([processed_action(self.names["processed"], source, outcome, event_id)])
 
-    def sighting_sha256(self, event_id: str) -> str | None:
-        """The picture a stored sighting of ``event_id`` carries (searchable
-        sightings only: the analyze stage's own memory covers the last
-        moments)."""
+    def sighting_identity(self, event_id: str) -> PostIdentity | None:
+        """The picture, platform and account a stored sighting of
+        ``event_id`` carries (searchable sightings only: the analyze stage's
+        own memory covers the last moments)."""
         hits = self._search(self.names["sightings"], query={"term": {"event_id": event_id}}, size=1,
-                            source=["sha256"])["hits"]["hits"]
-        return hits[0]["_source"]["sha256"] if hits else None
+                            source=["sha256", "platform", "account_id"])["hits"]["hits"]
+        if not hits:
+            return None
+        doc = hits[0]["_source"]
+        return PostIdentity(doc["sha256"], doc["platform"], doc["account_id"])
 
     # -- reads ----------------------------------------------------------------
     def _search(self, index: str, deadline: Deadline | None = None, **body: Any) -> dict[str, Any]:
@@ -450,11 +636,17 @@ class EsFindingsStore:
             after = hits[-1]["sort"]
 
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]:
+        """Clusters, highest fake score first, ties by id (SQLite's order).
+        With ``limit`` only those are read, in one search (the live table
+        asks for the top 15 every refresh), not every cluster."""
         query: dict[str, Any] = {"match_all": {}} if include_merged else _live()
-        docs = [h["_source"] for h in self._scan(self.names["clusters"], query,
-                                                 [{"fake_score": "desc"}, {"cluster_id": "asc"}], _READ_SOURCE)]
-        if limit:
-            docs = docs[:limit]
+        sort = [{"fake_score": "desc"}, {"cluster_id": "asc"}]
+        if limit and limit <= MAX_CANDIDATES:
+            docs = [h["_source"] for h in self._search(self.names["clusters"], query=query, sort=sort, size=int(limit),
+                                                       source=_READ_SOURCE)["hits"]["hits"]]
+        else:
+            scan = self._scan(self.names["clusters"], query, sort, _READ_SOURCE)
+            docs = [h["_source"] for h in (itertools.islice(scan, int(limit)) if limit else scan)]
         return self._records(docs)
 
     def clusters_by_id(self, ids: set[str]) -> list[ClusterRecord]:
@@ -613,7 +805,9 @@ class EsFindingsStore:
                 rng["lte"] = q.until.isoformat()
             filters.append({"range": {"@timestamp": rng}})
         if q.platform:
-            filters.append({"term": {"platform": q.platform}})
+            # case-insensitive, as SQLite compares (``dw_lower`` on both sides): the keyword has no
+            # normalizer, and ``case_insensitive`` (term on keyword, ES >= 7.10) folds at query time
+            filters.append({"term": {"platform": {"value": q.platform, "case_insensitive": True}}})
         if q.account:
             filters.append({"bool": {"should": [{"term": {"account_id": q.account}},
                                                 {"term": {"account_handle_norm": q.account.lower()}}],
@@ -663,7 +857,10 @@ class EsFindingsStore:
             "first": {"top_hits": {"size": 1, "sort": [{"@timestamp": "asc"}], "_source": ["posted_at"]}},
             "last": {"top_hits": {"size": 1, "sort": [{"@timestamp": "desc"}], "_source": ["posted_at"]}},
         }}}
-        res = self._search(self.names["sightings"], size=0, query={"match_all": {}}, aggs=aggs)
+        # only these clusters' sightings: under match_all every sighting was read, the
+        # sub-aggregations (top_hits, cardinality) defeating ES's filter-by-filter shortcut
+        ids = sorted({i for f in filters.values() for i in f["terms"]["cluster_id"]})
+        res = self._search(self.names["sightings"], size=0, query=_in_ids("cluster_id", ids), aggs=aggs)
         out: dict[str, dict[str, Any]] = {}
         for cid, b in ((res.get("aggregations") or {}).get("by_cluster", {}).get("buckets") or {}).items():
             if not b["doc_count"]:
@@ -1012,15 +1209,24 @@ class EsFindingsStore:
 
     def iter_members(self) -> Iterator[MemberRow]:
         """Every stored member's hashes (crop views included) under its
-        surviving cluster, as ``SqliteFindingsStore.iter_members`` gives them."""
+        surviving cluster, each picture once, as
+        ``SqliteFindingsStore.iter_members`` gives them (its members table
+        is keyed by sha256). A survivor's document lists the members of the
+        clusters merged into it, which their own documents list too: live
+        documents are read first, and a merged-away document adds only
+        pictures no other document gave (its survivor not written yet)."""
         docs = [h["_source"] for h in self._scan(
             self.names["clusters"], {"match_all": {}}, [{"cluster_id": "asc"}],
             ["cluster_id", "merged_into", "members.sha256", "members.phash", "members.pdq", "members.pdq_quality",
              "members.views", "members.trimmed"])]
         into = {d["cluster_id"]: d.get("merged_into") for d in docs}
-        for d in docs:
+        seen: set[str] = set()
+        for d in sorted(docs, key=lambda d: bool(d.get("merged_into"))):  # stable: by id within each
             root = surviving_cluster(d["cluster_id"], into)
             for m in d.get("members") or []:
+                if m["sha256"] in seen:
+                    continue
+                seen.add(m["sha256"])
                 yield MemberRow(root, m["sha256"], m["phash"], m["pdq"], m["pdq_quality"], m.get("views") or None,
                                 bool(m.get("trimmed")))
 

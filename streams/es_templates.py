@@ -71,6 +71,28 @@ ALERT_SPREAD: dict[str, Any] = {
 # write: the deliveries mapping is strict.
 DELIVERY_STATE: dict[str, Any] = {"state": _KEYWORD}
 
+# What each mapping version changed, per index (a ``names`` key): the fields it
+# added, which an index of the version before takes in place (``PUT
+# <alias>/_mapping``: ``ensure_setup`` does it), or ``REINDEX`` where a field's
+# type changed, which no index takes in place (a new ``<alias>-v<N>`` index and
+# a reindex, docs/elasticsearch.md). An index not named did not change in that
+# version. ``ensure_setup`` reads the version of each index behind an alias
+# (its mapping's ``_meta.mapping_version``, else the ``-v<N>`` of its name)
+# and refuses to start while a ``REINDEX`` step is outstanding.
+REINDEX = None
+MIGRATIONS: dict[int, dict[str, dict[str, Any] | None]] = {
+    2: {"processed": {"run": _KEYWORD}, "dead_letters": {"source": {"properties": {"run": _KEYWORD}}},
+        "sightings": {"source": {"properties": {"run": _KEYWORD}}}},
+    3: {"clusters": REINDEX, "alerts": REINDEX},  # velocity counts integer -> long
+    4: {"alerts": ALERT_SPREAD, "deliveries": DELIVERY_STATE},
+}
+
+
+def mapping_meta() -> dict[str, Any]:
+    """The ``_meta`` of every index's mapping: which version made it (or brought it up to date)."""
+    return {"managed_by": "deepwatch", "mapping_version": MAPPING_VERSION}
+
+
 _EVIDENCE = {
     "type": "nested",
     "properties": {
@@ -105,6 +127,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     clusters = {
         "template": {
             "mappings": {
+                "_meta": mapping_meta(),
                 "dynamic": "strict",
                 "properties": {
                     "schema_version": {"type": "integer"},
@@ -153,6 +176,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     sightings = {
         "template": {
             "mappings": {
+                "_meta": mapping_meta(),
                 "dynamic": "strict",
                 "properties": {
                     "@timestamp": {"type": "date"},  # posted_at: the data stream's time axis
@@ -175,6 +199,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     alerts = {
         "template": {
             "mappings": {
+                "_meta": mapping_meta(),
                 "dynamic": False,  # the alert record is kept whole in _source; these fields are searchable
                 "properties": {
                     "alert_id": _KEYWORD, "cluster_id": _KEYWORD, "rule": _KEYWORD, "level": {"type": "integer"},
@@ -192,6 +217,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     dead_letters = {
         "template": {
             "mappings": {
+                "_meta": mapping_meta(),
                 "dynamic": "strict",
                 "properties": {
                     "schema_version": {"type": "integer"}, "dl_key": _KEYWORD, "event_id": _KEYWORD,
@@ -206,6 +232,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     deliveries = {
         "template": {
             "mappings": {
+                "_meta": mapping_meta(),
                 "dynamic": "strict",
                 "properties": {"alert_id": _KEYWORD, "target": _KEYWORD, "status": _KEYWORD, "at": {"type": "date"},
                                **DELIVERY_STATE},
@@ -216,6 +243,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     processed = {
         "template": {
             "mappings": {
+                "_meta": mapping_meta(),
                 "dynamic": "strict",
                 "properties": {"topic": _KEYWORD, "partition": {"type": "integer"}, "offset": {"type": "long"},
                                "run": _KEYWORD,  # the producing run: replay accounting per run

@@ -275,6 +275,24 @@ class MemberRow:
     trimmed: bool = False
 
 
+@dataclass(frozen=True)
+class PostIdentity:
+    """What a resend of an event must repeat to be the same post: its
+    picture, platform and account. Text, hashtags, engagement and the
+    claimed time may change (an edited status, updated counts); anything
+    here that differs under one event id is a producer's bug
+    (``dedupe:conflict``), not a repost to drop unseen."""
+
+    sha256: str
+    platform: str
+    account_id: str
+
+    def differences(self, other: "PostIdentity") -> str:
+        """What ``other`` (a later event under the same id) changed, in words."""
+        return "; ".join(f"{name} {getattr(self, name)!r} -> {getattr(other, name)!r}"
+                         for name in ("platform", "account_id") if getattr(self, name) != getattr(other, name))
+
+
 def account_rank(ai_pictures: int, pictures: int, posts: int) -> tuple[float, int, int]:
     """The account list's order, descending: AI share as shown (rounded to
     4 places), then AI pictures, then posts (then, ascending, first post)."""
@@ -498,7 +516,13 @@ def dead_letter_identity(dl: DeadLetter) -> str:
     """A dead letter's key in both stores (Elasticsearch makes an over-long
     one a digest, ``streams.es_docs.doc_id``): what the event is, not where
     it sat on the broker, so the same bad event replayed later is still one
-    dead letter."""
+    dead letter. With the digest of the whole message
+    (``DeadLetter.payload_sha256``), different events failing alike are told
+    apart: two posts sent under one event id, or two unparseable lines that
+    share their first 512 bytes, are two dead letters (byte-identical
+    messages are one event sent twice)."""
+    if dl.payload_sha256 is not None:
+        return f"{dl.event_id or 'sha256:' + dl.payload_sha256}/{dl.stage}/{dl.reason}/{dl.payload_sha256[:32]}"
     ident = dl.event_id or "sha256:" + hashlib.sha256((dl.payload_excerpt or dl.detail).encode()).hexdigest()
     return f"{ident}/{dl.stage}/{dl.reason}"
 
@@ -756,7 +780,7 @@ class FindingsStore(Protocol):
         first copy was stored yet); its event id tells."""
         ...
     def mark_processed(self, source: SourceRef, outcome: str, event_id: str | None) -> None: ...
-    def sighting_sha256(self, event_id: str) -> str | None: ...
+    def sighting_identity(self, event_id: str) -> PostIdentity | None: ...
     def pending_work(self) -> dict[str, int]: ...
     def count_sightings(self) -> int: ...
 

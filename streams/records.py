@@ -8,6 +8,7 @@ with ``deepwatch schema``) so producers outside this code base can validate.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Iterable, Literal
@@ -227,6 +228,10 @@ class DeadLetter(_Record):
     detail: str  # human-readable
     source: SourceRef | None = None
     payload_excerpt: str | None = None  # first bytes of the raw message, for debugging
+    # sha256 of the whole raw message (``payload_sha256``): two different events
+    # failing alike under one event id (or sharing their first bytes) are two
+    # dead letters, the same message failing again is one (``dead_letter_identity``)
+    payload_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     at: datetime = Field(default_factory=utcnow)
 
     @model_validator(mode="before")
@@ -241,6 +246,12 @@ class DeadLetter(_Record):
             if isinstance(data.get(key), str):
                 data[key] = _clip(data[key], limit)
         return data
+
+
+def payload_sha256(raw: bytes | str) -> str:
+    """The digest of a whole message for ``DeadLetter.payload_sha256``
+    (text as UTF-8, lone surrogates kept apart from each other)."""
+    return hashlib.sha256(raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Sighting(_Record):

@@ -34,9 +34,13 @@ agent that crashed on the error and was restarted had lost that batch.
 ``BulkSink`` is how findings reach Elasticsearch: the sink agents
 (``streams.sink_stage``) hand it batches (``bulk_max_actions`` within
 ``bulk_flush_s``: by size and by time), it splits them by bytes, retries 429/5xx with capped exponential
-backoff (the whole request or just the rejected items) and dead-letters only
-an item Elasticsearch refuses for good (e.g. a mapping error) with the reason,
-while the rest of the batch carries on. It never gives up on retryable
+backoff (the whole request or just the rejected items; an item answered 500,
+or 409 on an update, at most ``ITEM_MAX_ATTEMPTS`` times), splits a request
+refused whole for what it carries (413, an Elasticsearch 400) until the
+refused action is alone, and dead-letters only an item Elasticsearch refuses
+for good (e.g. a mapping error) with the reason, while the rest of the batch
+carries on; a refusal naming no action (401/403, a wrong path) is raised
+held, never acked unstored. It never gives up on retryable
 failures: the agent awaits it, so while it is behind the agent takes nothing
 more from its topic, offsets are not committed, and Faust stops fetching once
 its buffers fill (backpressure; nothing is dropped, a crash replays).
@@ -396,6 +400,14 @@ class _Sender:
 Action = tuple[dict[str, Any], "dict[str, Any] | None"]  # bulk header line, source line (None for delete)
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# Item answers retried a bounded number of times only: a 500 (an error inside
+# the shard about this document) or a 409 on an update (concurrent writers
+# beat ``retry_on_conflict`` again and again) can come back every time, and
+# one such document retried for ever stopped the sink for good. A 429 or a
+# 502/503/504 item is the cluster's state (overload, a shard unavailable),
+# not the document's: those wait as long as the cluster does.
+CAPPED_ITEM_STATUS = frozenset({500, 409})
+ITEM_MAX_ATTEMPTS = 10  # with the doubling backoff: about two minutes at the defaults, then a dead letter
 
 
 @dataclass
@@ -406,10 +418,20 @@ class BulkResult:
     duplicates: int = 0  # create actions whose id was already there (redelivery)
     retried: int = 0  # item retries plus whole-request retries
     dead_lettered: int = 0
+    split: int = 0  # requests refused whole (413, 400) and sent again as two halves
 
 
 class BulkSink:
-    """Sends bulk actions until each one is applied or dead-lettered."""
+    """Sends bulk actions until each one is applied or dead-lettered.
+
+    A request refused as a whole never loses its actions: 429/5xx and
+    connection errors are retried with backoff; 413 (a proxy's or the
+    server's body limit) and an Elasticsearch 400 about the request (an
+    ``_id`` over 512 bytes refuses every action with it) are split in halves
+    until the refused action is alone, which alone becomes a dead letter;
+    any other refusal (401/403, a 404 from a wrong path, the API version) is
+    raised held (``EsError.hold``), so ``Sinks`` keeps the batch and retries
+    it rather than the agent acking what was never stored."""
 
     def __init__(self, client: Any, settings: FindingsSettings, *, dead_letters_index: str,
                  processed_index: str | None = None, sleep: Callable[[float], None] = time.sleep,
@@ -420,6 +442,9 @@ class BulkSink:
         self.dead_letters_index = dead_letters_index
         self.processed_index = processed_index
         self.sleep = sleep
+        # the smallest request (NDJSON bytes) answered 413 so far: later chunks stay under it, so
+        # a body limit below ``bulk_max_bytes`` (an ingress's 1 MiB) costs one split, not one a batch
+        self.refused_bytes: int | None = None
 
     def send(self, actions: list[Action]) -> BulkResult:
         result = BulkResult()
@@ -431,13 +456,18 @@ class BulkSink:
             BEHIND.done(me)
         return result
 
+    def max_bytes(self) -> int:
+        """``bulk_max_bytes``, or less once a smaller request was answered 413."""
+        cap = self.settings.bulk_max_bytes
+        return cap if self.refused_bytes is None else max(1, min(cap, self.refused_bytes - 1))
+
     def _chunks(self, actions: list[Action]):
         """Split by action count and NDJSON bytes; one oversized action goes alone."""
         chunk: list[Action] = []
         size = 0
         for a in actions:
             n = len(_ndjson([a]))
-            if chunk and (len(chunk) >= self.settings.bulk_max_actions or size + n > self.settings.bulk_max_bytes):
+            if chunk and (len(chunk) >= self.settings.bulk_max_actions or size + n > self.max_bytes()):
                 yield chunk
                 chunk, size = [], 0
             chunk.append(a)
@@ -455,6 +485,7 @@ class BulkSink:
         from elasticsearch import ApiError, ConnectionError as EsConnectionError, ConnectionTimeout
 
         delay = self.settings.retry_initial_s
+        attempts: dict[int, int] = {}  # id(action) -> its answers in CAPPED_ITEM_STATUS so far
         while todo:
             try:
                 # our own retrying (per item, never giving up), not the client's
@@ -468,10 +499,17 @@ class BulkSink:
                     result.retried += 1
                     delay = self._backoff(delay, f"HTTP {e.meta.status}", len(todo), me)
                     continue
+                if self._refused_whole(e, todo, result, me, dead_letters):
+                    return
                 from streams.es_client import explain
 
-                # 401/403 too: raised held (``EsError.hold``), so Sinks keeps the batch until they are fixed
-                raise explain(e, self.url) from None
+                # 401/403 (an operator fixes the credentials), a 404 or 405 (a wrong path or a
+                # proxy in the way), the API version: nothing the actions carry, so nothing to
+                # dead-letter; held, so ``Sinks`` retries the batch with backoff rather than the
+                # agent acking what was never stored
+                err = explain(e, self.url)
+                err.hold = True
+                raise err from None
             retry: list[Action] = []
             failed: list[tuple[Action, dict[str, Any]]] = []
             for action, item in zip(todo, resp["items"]):
@@ -490,8 +528,21 @@ class BulkSink:
                     metrics.SINK_ITEMS.labels(index, "duplicate").inc()
                 elif status in RETRYABLE_STATUS or status == 409:
                     # 409 on an update: concurrent writers beat retry_on_conflict; the script is idempotent
+                    if status in CAPPED_ITEM_STATUS:
+                        n = attempts[id(action)] = attempts.get(id(action), 0) + 1
+                        if n >= ITEM_MAX_ATTEMPTS:
+                            failed.append((action, {**r, "attempts": n}))
+                            continue
                     retry.append(action)
                     metrics.SINK_ITEMS.labels(index, "retried").inc()
+                elif _script_missing(r):
+                    from streams.es_client import EsError
+
+                    # the stored upsert script is not installed (a role without cluster ``manage``
+                    # relies on an admin installing it): no document's fault, so none is
+                    # dead-lettered; held until it is installed
+                    raise EsError(f"Elasticsearch at {self.url}: {r['error'].get('reason')}: install the stored "
+                                  "script as an admin (docs/elasticsearch.md, \"The role deepwatch needs\")", hold=True)
                 else:
                     failed.append((action, r))
             if failed:
@@ -506,6 +557,44 @@ class BulkSink:
                 delay = self._backoff(delay, "items rejected", len(retry), me)
             todo = retry
 
+    def _refused_whole(self, e: Any, todo: list[Action], result: BulkResult, me: object, dead_letters: bool) -> bool:
+        """A request refused for what it carries: 413 (too large for the
+        server or a proxy in front of it, whatever the body says) or an
+        Elasticsearch 400 other than the API-version one (request
+        validation refuses every action of a request for one bad action:
+        an ``_id`` over 512 bytes, elastic/elasticsearch#54549). Sent again
+        as two halves until the refused action is alone; that one is
+        dead-lettered (logged, for a dead letter's own request). False: not
+        such a refusal, the caller raises it."""
+        from streams.es_client import error_reason, es_error_body
+
+        status = e.meta.status
+        body = e.body if isinstance(e.body, dict) else {}
+        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        if status == 413:
+            size = len(_ndjson(todo))
+            self.refused_bytes = size if self.refused_bytes is None else min(self.refused_bytes, size)
+            kind = err.get("type") or "request_entity_too_large"
+        elif status == 400 and es_error_body(e) and err.get("type") != "media_type_header_exception":
+            kind = err.get("type") or "http_400"
+        else:
+            return False
+        if len(todo) > 1:
+            result.split += 1
+            half = len(todo) // 2
+            log.warning(f"findings bulk request refused whole (HTTP {status}); sending it again as two halves",
+                        extra={"status": status, "items": len(todo), "error": error_reason(e)})
+            for part in (todo[:half], todo[half:]):
+                self._send_chunk(part, result, me, dead_letters=dead_letters)
+            return True
+        why = {"type": kind, "reason": f"the request of this action alone was refused (HTTP {status}): {error_reason(e)}"}
+        if dead_letters:
+            self._dead_letter([(todo[0], {"status": status, "error": why})], result, me)
+        else:
+            log.error("dead letter refused by the findings store; logged here only",
+                      extra={"action": todo[0][0], "error": why})
+        return True
+
     def _dead_letter(self, failed: list[tuple[Action, dict[str, Any]]], result: BulkResult, me: object) -> None:
         from streams.es_docs import dead_letter_doc, dead_letter_key, processed_action
         from streams.records import SourceRef
@@ -516,6 +605,8 @@ class BulkSink:
             err = r.get("error") or {}
             reason = err.get("type", f"http_{r.get('status')}") if isinstance(err, dict) else str(err)
             detail = err.get("reason", str(err)) if isinstance(err, dict) else str(err)
+            if r.get("attempts"):
+                detail = f"still refused (HTTP {r.get('status')}) after {r['attempts']} attempts: {detail}"
             src = (source or {}).get("source")
             dl = DeadLetter(
                 event_id=(source or {}).get("event_id") or meta.get("_id"), stage="sink", reason=reason[:200],
@@ -532,6 +623,13 @@ class BulkSink:
                 actions.append(processed_action(self.processed_index, dl.source, "dead_letter", dl.event_id, op="index"))
             result.dead_lettered += 1
         self._send_chunk(actions, BulkResult(), me, dead_letters=False)
+
+
+def _script_missing(r: dict[str, Any]) -> bool:
+    """A bulk item refused because the stored script it names is not there."""
+    err = r.get("error")
+    return (isinstance(err, dict) and err.get("type") == "resource_not_found_exception"
+            and "script" in str(err.get("reason") or ""))
 
 
 def _index_key(action: Action) -> str:

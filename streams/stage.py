@@ -54,9 +54,9 @@ from PIL import Image
 from detectors.imagedata import jpeg_multi_scan
 from streams import metrics
 from streams.blobstore import write_may_pass
-from streams.findings import reads_are_local
+from streams.findings import PostIdentity, reads_are_local
 from streams.recent import Recent
-from streams.records import ClusterOp, DeadLetter, Sighting, SourceRef
+from streams.records import ClusterOp, DeadLetter, Sighting, SourceRef, payload_sha256
 from streams.settings import Settings
 from streams.store_errors import may_pass
 from streams.validate import MAX_EVENT_BYTES, parse_event
@@ -149,6 +149,10 @@ class Result:
     event_id: str | None = None
 
 
+def _identity(s: Sighting) -> PostIdentity:
+    return PostIdentity(s.sha256, s.event.platform, s.event.account_id)
+
+
 def run_of(headers: Any) -> str | None:
     """The ``deepwatch-run`` header, whatever shape the client gives headers in."""
     from streams.ingest import RUN_HEADER
@@ -230,7 +234,7 @@ class SharedIds:
     only its own events while the others are decoded and hashed."""
 
     def __init__(self, capacity: int = 100_000, analyze_slots: int = 2):
-        self.recent = Recent(capacity)  # event id -> sha256
+        self.recent = Recent(capacity)  # event id -> PostIdentity
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         # decode, hashes and cheap detectors: CPU work, so more at once than
         # the worker has cores only adds GIL contention and decoded pixels
@@ -253,8 +257,8 @@ class SharedIds:
         self._threads.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._threads.discard)
 
-    def remember(self, event_id: str, sha256: str) -> None:
-        self.recent.put(event_id, sha256)
+    def remember(self, event_id: str, post: PostIdentity) -> None:
+        self.recent.put(event_id, post)
 
     @asynccontextmanager
     async def hold(self, event_id: str, clock: asyncio.Timeout | None = None):
@@ -334,7 +338,7 @@ class AnalyzeStage:
         self._store_factory = store_factory
         self._store = None
         self._stage = "validate"  # the stage the current event is in, for its dead letter
-        # event id -> sha256 of sightings this worker sent but the store may
+        # event id -> the post (PostIdentity) of sightings this worker sent but the store may
         # not have yet (the sink runs behind the stream).
         self.shared = shared or SharedIds()
         self._blobs = Recent(BLOBS_REMEMBERED)  # sha256 -> when (monotonic) this stage put that blob
@@ -422,7 +426,7 @@ class AnalyzeStage:
             stored = await self._hold_lookup(ev.event_id, stored, slot, clock)
         if isinstance(stored, BaseException):
             raise stored
-        if self._is_duplicate(ev.event_id, sighting.sha256, recent, stored):
+        if self._is_duplicate(ev.event_id, _identity(sighting), recent, stored):
             metrics.EVENTS.labels("analyze", "duplicate").inc()
             return Result(duplicate=True, event_id=ev.event_id)
         if broker_ts:
@@ -431,7 +435,7 @@ class AnalyzeStage:
             op = ClusterOp(kind="sighting", sighting=sighting).dumps()
         if len(op) > MAX_OP_BYTES:
             raise StageError("too_large", f"cluster op is {len(op)} bytes, limit {MAX_OP_BYTES}")
-        self.shared.remember(ev.event_id, sighting.sha256)
+        self.shared.remember(ev.event_id, _identity(sighting))
         metrics.EVENTS.labels("analyze", "ok").inc()
         return Result(op=op, event_id=ev.event_id)
 
@@ -439,7 +443,8 @@ class AnalyzeStage:
         metrics.EVENTS.labels(stage, "dead_letter").inc()
         excerpt = bytes(raw[:512]).decode("utf-8", "replace") if stage == "validate" else None
         return Result(dead=DeadLetter(event_id=event_id, stage=stage, reason=reason, detail=detail,
-                                      source=source, payload_excerpt=excerpt), event_id=event_id)
+                                      source=source, payload_excerpt=excerpt, payload_sha256=payload_sha256(raw)),
+                      event_id=event_id)
 
     def _check_event_time(self, posted_at: datetime, broker_ts: float | None) -> None:
         # Windows end at a cluster's newest event time, min(posted_at, broker
@@ -528,11 +533,11 @@ class AnalyzeStage:
         return None
 
     def _lookup(self, event_id: str, wait: bool = True) -> Any:
-        """The stored sha256 of the event id, or the error of the lookup;
+        """The stored post of the event id (``PostIdentity``), or the error of the lookup;
         ``BUSY`` when not ``wait`` and the shared store is in use."""
         started = time.perf_counter()
         try:
-            stored = self._stored_sha(event_id, wait)
+            stored = self._stored_identity(event_id, wait)
         except Exception as e:  # noqa: BLE001 - re-raised in the dedupe stage
             stored = e
         if stored is not BUSY:
@@ -603,10 +608,12 @@ class AnalyzeStage:
                                                                                 "tries": tries})
         return stored
 
-    def _is_duplicate(self, event_id: str, sha256: str, recent: str | None, stored: str | None) -> bool:
-        """True for an exact repeat of a stored sighting; ``StageError`` when
-        the event id is already taken by a different picture. ``recent`` is
-        what this worker sent under the id, ``stored`` what the store holds.
+    def _is_duplicate(self, event_id: str, mine: PostIdentity, recent: PostIdentity | None,
+                      stored: PostIdentity | None) -> bool:
+        """True for a repeat of a stored sighting; ``StageError`` when the
+        event id is already taken by a different post (another picture,
+        platform or account: ``PostIdentity``). ``recent`` is what this
+        worker sent under the id, ``stored`` what the store holds.
 
         The store is asked even when this worker sent the id: ``recent``
         holds ids by count, not by time, and the cluster engine recognises a
@@ -614,8 +621,8 @@ class AnalyzeStage:
         time (at most ``virality.MAX_RECENT``), so a resend older than that
         counted again in the stream while the store kept one sighting."""
         for first in (stored, recent):
-            if first is not None and first != sha256:
-                raise self._conflict(event_id, first, sha256)
+            if first is not None and first != mine:
+                raise self._conflict(event_id, first, mine)
         # Stored: not counted again, however old. Not yet (in flight): the
         # cluster engine recognises a repeat sent moments ago.
         return stored is not None
@@ -625,19 +632,22 @@ class AnalyzeStage:
             self._store = self._store_factory()
         return self._store
 
-    def _stored_sha(self, event_id: str, wait: bool = True) -> Any:
+    def _stored_identity(self, event_id: str, wait: bool = True) -> Any:
         db = self._db()
         if not wait and isinstance(db, Serialized):  # shared with threads that may hold it for seconds
-            return db.if_free("sighting_sha256", event_id)
-        return db.sighting_sha256(event_id)
+            return db.if_free("sighting_identity", event_id)
+        return db.sighting_identity(event_id)
 
     def mark_duplicate(self, source: SourceRef, event_id: str | None) -> None:
         self._db().mark_processed(source, "duplicate", event_id)
 
     @staticmethod
-    def _conflict(event_id: str, first: str, second: str) -> StageError:
-        return StageError("conflict", f"event_id {event_id!r} was first seen with picture sha256:{first}; "
-                          f"this event has sha256:{second} (event ids must be unique per post)")
+    def _conflict(event_id: str, first: PostIdentity, second: PostIdentity) -> StageError:
+        if first.sha256 != second.sha256:
+            return StageError("conflict", f"event_id {event_id!r} was first seen with picture sha256:{first.sha256}; "
+                              f"this event has sha256:{second.sha256} (event ids must be unique per post)")
+        return StageError("conflict", f"event_id {event_id!r} was first seen as another post of the same picture "
+                          f"({first.differences(second)}); event ids must be unique per post")
 
     def close(self) -> None:
         self._store = None  # shared (``once``); the process exit closes it

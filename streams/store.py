@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 
 from streams.findings import (
     MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline, DeliveryState,
-    FindingsStore, Page, SearchTimeout, SightingRecord, dead_letter_identity, event_hashtags, legacy_delivery,
+    FindingsStore, Page, PostIdentity, SearchTimeout, SightingRecord, dead_letter_identity, event_hashtags, legacy_delivery,
     read_limit, sort_key, surviving_cluster, text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
@@ -481,9 +481,10 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
                                 (run, topic))
         return {(p, o): (outcome, event_id) for p, o, outcome, event_id in rows}
 
-    def sighting_sha256(self, event_id: str) -> str | None:
-        row = self._db.execute("SELECT sha256 FROM sightings WHERE event_id=?", (event_id,)).fetchone()
-        return row[0] if row else None
+    def sighting_identity(self, event_id: str) -> PostIdentity | None:
+        row = self._db.execute("SELECT sha256, platform, account_id FROM sightings WHERE event_id=?",
+                               (event_id,)).fetchone()
+        return PostIdentity(*row) if row else None
 
     def add_alert(self, alert: Alert) -> bool:
         with self._tx() as db:
@@ -584,7 +585,8 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             where.append("cluster_id IN (SELECT value FROM json_each(?))")
             args.append(json.dumps(sorted(query.cluster_ids)))
         sort = query.effective_sort
-        with self._search_db(deadline) as db:
+        # --platform and --account compare with dw_lower: a connection with the functions
+        with self._search_db(deadline, functions=bool(query.platform or query.account)) as db:
             if query.sighting_filtered:
                 relevance = self._matching_roots(query, db)
                 if not relevance:
@@ -696,11 +698,13 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         if q.until:
             where.append("julianday(s.posted_at) <= julianday(?)")
             args.append(q.until.isoformat())
+        # dw_lower: Python's case folding, any script (SQLite's lower() folds ASCII only), as
+        # Elasticsearch's lowercase normalizer and case-insensitive term queries fold
         if q.platform:
-            where.append("lower(s.platform) = lower(?)")
+            where.append("dw_lower(s.platform) = dw_lower(?)")
             args.append(q.platform)
         if q.account:
-            where.append("(s.account_id = ? OR ltrim(lower(coalesce(s.account_handle, '')), '@') = lower(?))")
+            where.append("(s.account_id = ? OR ltrim(dw_lower(coalesce(s.account_handle, '')), '@') = dw_lower(?))")
             args += [q.account, q.account]
         if q.hashtag:
             where.append("(' ' || s.hashtags || ' ') LIKE ? ESCAPE '\\'")

@@ -31,7 +31,8 @@ THIS IS A FAKE, kept honest in these ways:
 What it does NOT do: run painless (the one stored script deepwatch uses is
 emulated in Python by its id, the inline ones - the delivery guard - by their
 exact source; a different id or source is refused), analyse
-text like ES (lowercase word tokens only; relevance is a plain tf-idf, not
+text fully like ES (lowercase word tokens split as the standard analyzer
+splits apostrophes and CJK ideographs, nothing more; relevance is a plain tf-idf, not
 BM25), shards, replication or ILM transitions; a data stream rolls over only
 when told (``POST <stream>/_rollover``). Unknown endpoints
 answer 400 and are recorded in ``unhandled`` so tests can assert none.
@@ -52,7 +53,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from streams import es_templates as T
 
-_WORDS = re.compile(r"\w+", re.UNICODE)
+_IDEOGRAPH = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD_CHAR = f"(?:(?![{_IDEOGRAPH}])\\w)"
+# As the ``standard`` analyzer's tokenizer (Unicode word boundaries, UAX #29) for
+# what deepwatch's texts carry: an apostrophe between letters does not break a
+# word ("trump's" is one token), and each CJK ideograph is a token of its own.
+# (Not modelled: "u.s" and "1,000" kept whole, emoji.)
+_WORDS = re.compile(f"[{_IDEOGRAPH}]|{_WORD_CHAR}+(?:['\u2019]{_WORD_CHAR}+)*", re.UNICODE)
 
 
 def tokens(text: str) -> list[str]:
@@ -107,13 +114,17 @@ class FakeElasticsearch:
         self.index_templates: dict[str, dict] = {}
         self.scripts: dict[str, dict] = {}
         self.ilm: dict[str, dict] = {}
-        # fields put in place (PUT <index>/_mapping): acknowledged, as ES does when the
-        # types agree; mappings() still comes from the templates
+        # fields put in place (PUT <index>/_mapping), as sent; each index keeps its own
+        # mapping (``index_mappings``: the templates' when it was made, then what was put)
         self.put_mappings: list[tuple[str, dict]] = []
+        self.index_mappings: dict[str, dict[str, Any]] = {}  # concrete index -> {_meta, dynamic, properties}
         self.request_faults: list[tuple[Callable[[str, str], bool], int, dict, int]] = []
         self.item_faults: list[ItemFault] = []
         self.search_timeouts: list[list[Any]] = []  # [index expression suffix, times left] (time_out_searches)
         self.search_stalls: list[list[Any]] = []  # [seconds, times left] (stall_searches)
+        # a proxy's body limit in front of the server (an ingress's 1 MiB): a larger request is
+        # answered 413 with the proxy's own page, not an Elasticsearch error body
+        self.max_body_bytes: int | None = None
         self._seq = 0
         self._scores: dict[int, float] = {}
         self._server: ThreadingHTTPServer | None = None
@@ -159,8 +170,19 @@ class FakeElasticsearch:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     # -- faults -----------------------------------------------------------------
-    def fail_requests(self, status: int, body: dict, times: int = 1, path: str = "/_bulk") -> None:
-        self.request_faults.append((lambda m, p: p.split("?")[0].endswith(path), status, body, times))
+    def fail_requests(self, status: int, body: dict, times: int = 1, path: str = "/_bulk",
+                      method: str | None = None) -> None:
+        self.request_faults.append((lambda m, p: p.split("?")[0].endswith(path) and method in (None, m),
+                                    status, body, times))
+
+    def make_index(self, name: str, alias: str | None, mappings: dict[str, Any]) -> None:
+        """An index as an earlier deepwatch (or an admin) left it: ``mappings``
+        as they are (``properties``, ``dynamic``, ``_meta``), behind ``alias``."""
+        with self.lock:
+            self.docs[name], self.meta[name] = {}, {}
+            self.index_mappings[name] = json.loads(json.dumps(mappings))
+            if alias:
+                self.aliases[alias] = name
 
     def fail_items(self, match: Callable[[str, dict, dict | None], bool], status: int, error: dict, times: int = 1) -> None:
         self.item_faults.append(ItemFault(match, status, error, times))
@@ -198,6 +220,8 @@ class FakeElasticsearch:
         rec = Recorded(method, path, params, lower, body)
         with self.lock:
             self.requests.append(rec)
+            if self.max_body_bytes is not None and len(raw) > self.max_body_bytes:
+                return 413, "<html><head><title>413 Request Entity Too Large</title></head></html>"
         if path.endswith("/_search"):
             stall = 0.0
             with self.lock:
@@ -252,9 +276,34 @@ class FakeElasticsearch:
         if seg[0] == "_ilm" and seg[1:2] == ["policy"] and method == "PUT":
             self.ilm[seg[2]] = body
             return 200, ack
+        if seg[0] == "_ilm" and seg[1:2] == ["policy"] and method == "GET" and len(seg) == 3:
+            # ilm-get-lifecycle: the policy as the server keeps it, defaults filled in
+            # (a phase's min_age), so a body sent cannot be compared with it as it is
+            if seg[2] not in self.ilm:
+                raise _Err(404, error_body("resource_not_found_exception", f"Lifecycle policy not found: [{seg[2]}]", 404))
+            policy = json.loads(json.dumps(self.ilm[seg[2]]["policy"]))
+            for phase in policy.get("phases", {}).values():
+                phase.setdefault("min_age", "0ms")
+            return 200, {seg[2]: {"version": 1, "modified_date": "2026-01-01T00:00:00.000Z", "policy": policy,
+                                  "in_use_by": {"indices": [], "data_streams": [], "composable_templates": []}}}
         if seg[0] == "_component_template" and method == "PUT":
             self.component_templates[seg[1]] = body
             return 200, ack
+        if seg[0] in ("_component_template", "_index_template") and method == "GET" and len(seg) == 2:
+            kind = seg[0][1:]
+            store = self.component_templates if kind == "component_template" else self.index_templates
+            if seg[1] not in store:
+                what = "component template" if kind == "component_template" else "index template"
+                raise _Err(404, error_body("resource_not_found_exception", f"{what} matching [{seg[1]}] not found", 404))
+            t = json.loads(json.dumps(store[seg[1]]))
+            settings = (t.get("template") or {}).get("settings")
+            if settings and "index" not in settings:  # as the server normalizes settings
+                t["template"]["settings"] = {"index": settings}
+            return 200, {f"{kind}s": [{"name": seg[1], kind: t}]}
+        if seg[0] == "_scripts" and method == "GET" and len(seg) == 2:
+            if seg[1] not in self.scripts:
+                return 404, {"_id": seg[1], "found": False}
+            return 200, {"_id": seg[1], "found": True, "script": self.scripts[seg[1]]}
         if seg[0] == "_index_template" and method == "PUT":
             missing = [c for c in body.get("composed_of", []) if c not in self.component_templates]
             if missing:
@@ -283,9 +332,21 @@ class FakeElasticsearch:
             self._targets(seg[0])
             return 200, {"_shards": {"total": 1, "successful": 1, "failed": 0}}
         if len(seg) == 2 and seg[1] == "_mapping" and method in ("PUT", "POST"):
-            self._targets(seg[0])  # 404 for an index or alias that is not there
-            self.put_mappings.append((seg[0], body["properties"]))
+            targets = self._targets(seg[0])  # 404 for an index or alias that is not there
+            for index in targets:  # all or nothing: a type conflict refuses the request
+                _merge_mapping(self.mappings(index)["properties"], body.get("properties") or {}, "")
+            for index in targets:
+                m = self.index_mappings.setdefault(index, self.mappings(index))
+                m["properties"] = json.loads(json.dumps(m["properties"]))
+                _merge_mapping(m["properties"], body.get("properties") or {}, "", apply=True)
+                if "_meta" in body:
+                    m["_meta"] = body["_meta"]
+                if "dynamic" in body:
+                    m["dynamic"] = body["dynamic"]
+            self.put_mappings.append((seg[0], body.get("properties") or {}))
             return 200, ack
+        if len(seg) == 2 and seg[1] == "_mapping" and method == "GET":
+            return 200, {index: {"mappings": json.loads(json.dumps(self.mappings(index)))} for index in self._targets(seg[0])}
         if len(seg) == 3 and seg[1] == "_doc" and method == "GET":
             return self._get(seg[0], seg[2])
         if len(seg) == 1 and method == "PUT" and not seg[0].startswith("_"):
@@ -315,21 +376,35 @@ class FakeElasticsearch:
         return best
 
     def mappings(self, index: str) -> dict[str, Any]:
+        """The index's own mapping: the templates' as they were when it was
+        made (a template changed later applies to new indices only), then
+        what ``PUT _mapping`` added."""
+        if index in self.index_mappings:
+            return self.index_mappings[index]
+        return self._template_mappings(index)
+
+    def _template_mappings(self, index: str) -> dict[str, Any]:
         stream = next((n for n, bs in self.stream_backing.items() if index in bs), None)
         t = self._template_for(stream or index)
         props: dict[str, Any] = {}
         dynamic: Any = True
+        meta: dict[str, Any] | None = None
         for c in (t or {}).get("composed_of", []):
             m = self.component_templates[c].get("template", {}).get("mappings", {})
             props.update(m.get("properties", {}))
             dynamic = m.get("dynamic", dynamic)
-        return {"properties": props, "dynamic": dynamic}
+            meta = m.get("_meta", meta)
+        out = json.loads(json.dumps({"properties": props, "dynamic": dynamic}))
+        if meta is not None:
+            out["_meta"] = meta
+        return out
 
     def _create_index(self, name: str, body: dict) -> tuple[int, Any]:
         if name in self.docs or name in self.aliases:
             raise _Err(400, error_body("resource_already_exists_exception", f"index [{name}/fakeuuid] already exists", 400,
                                        index_uuid="fakeuuid", index=name))
         self.docs[name], self.meta[name] = {}, {}
+        self.index_mappings[name] = self._template_mappings(name)
         for alias in (body.get("aliases") or {}):
             self.aliases[alias] = name
         return 200, {"acknowledged": True, "shards_acknowledged": True, "index": name}
@@ -342,6 +417,7 @@ class FakeElasticsearch:
         self.data_streams[name] = backing
         self.stream_backing[name] = [backing]
         self.docs[backing], self.meta[backing] = {}, {}
+        self.index_mappings[backing] = self._template_mappings(backing)
 
     def _rollover(self, name: str) -> dict[str, Any]:
         """A new write index for the stream (unconditional, as ``POST
@@ -352,6 +428,7 @@ class FakeElasticsearch:
         self.data_streams[name] = new
         self.stream_backing[name].append(new)
         self.docs[new], self.meta[new] = {}, {}
+        self.index_mappings[new] = self._template_mappings(new)
         return {"acknowledged": True, "shards_acknowledged": True, "old_index": old, "new_index": new,
                 "rolled_over": True, "dry_run": False, "lazy": False, "conditions": {}}
 
@@ -677,9 +754,12 @@ class FakeElasticsearch:
                 score += sum(s for ok, s in results if ok)
             return True, score
         if kind == "term":
+            # query-dsl-term-query: ``case_insensitive`` (7.10+) folds case at query time,
+            # as the field's normalizer does at index time
             f, v = next(iter(spec.items()))
+            fold = isinstance(v, dict) and bool(v.get("case_insensitive"))
             v = v["value"] if isinstance(v, dict) else v
-            return self._term(src, f, [v], props), 1.0
+            return self._term(src, f, [v], props, fold), 1.0
         if kind == "terms":
             f, vs = next(iter(spec.items()))
             if len(vs) > MAX_TERMS_COUNT:  # index.max_terms_count (query-dsl-terms-query)
@@ -731,9 +811,9 @@ class FakeElasticsearch:
             return best > 0, best
         raise AssertionError(f"fake ES: query type {kind!r} not implemented")
 
-    def _term(self, src: dict, f: str, wanted: list, props: dict) -> bool:
+    def _term(self, src: dict, f: str, wanted: list, props: dict, fold: bool = False) -> bool:
         spec = _field_spec(props, f)
-        norm = (lambda x: str(x).lower()) if spec.get("normalizer") else (lambda x: x)
+        norm = (lambda x: str(x).lower()) if (fold or spec.get("normalizer")) else (lambda x: x)
         if f == "_id":
             return False
         have = {norm(v) for v in _values(src, f)}
@@ -937,6 +1017,25 @@ def _values(src: dict, path: str) -> list:
             return [c for c in cur if c is not None]  # multi-field: the parent's values
         cur = nxt
     return [c for c in cur if c is not None]
+
+
+def _merge_mapping(have: dict, added: dict, prefix: str, apply: bool = False) -> None:
+    """``added`` properties into ``have`` as PUT _mapping merges them: new
+    fields added, objects merged, a field's type never changed (400
+    illegal_argument_exception, as the server refuses it)."""
+    for k, spec in added.items():
+        old = have.get(k)
+        if old is None:
+            if apply:
+                have[k] = json.loads(json.dumps(spec))
+            continue
+        a, b = old.get("type", "object"), spec.get("type", "object")
+        if a != b:
+            raise _Err(400, error_body("illegal_argument_exception",
+                                       f"mapper [{prefix}{k}] cannot be changed from type [{a}] to [{b}]", 400))
+        if "properties" in spec:
+            _merge_mapping(old.setdefault("properties", {}) if apply else old.get("properties", {}),
+                           spec["properties"], f"{prefix}{k}.", apply)
 
 
 def _field_spec(props: dict, path: str) -> dict:

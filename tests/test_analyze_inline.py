@@ -14,6 +14,7 @@ import pytest
 from streams.analyze import Analyzer
 from streams.blobstore import DirectoryBlobStore
 from streams.fetch import ImageFetcher
+from streams.findings import PostIdentity
 from streams.records import ClusterOp, SourceRef
 from streams.settings import Settings
 from streams.stage import MAX_INLINE_PNG_CHUNKS, AnalyzeStage, png_chunks_over
@@ -24,9 +25,9 @@ class _Store:
     """The findings store's answer to the duplicate check: what it holds."""
 
     def __init__(self):
-        self.sightings: dict[str, str] = {}  # event id -> sha256
+        self.sightings: dict[str, PostIdentity] = {}
 
-    def sighting_sha256(self, event_id):
+    def sighting_identity(self, event_id):
         return self.sightings.get(event_id)
 
 
@@ -163,7 +164,8 @@ def test_a_resend_the_store_holds_is_a_duplicate_though_this_worker_sent_it(setu
     store = _Store()
     stage, _ = make(4_000_000, store=store)
     [first] = _run(stage, [_event(0, "small.png")])
-    store.sightings["e0"] = ClusterOp.loads(first.op).sighting.sha256  # the sinks stored it
+    s = ClusterOp.loads(first.op).sighting
+    store.sightings["e0"] = PostIdentity(s.sha256, s.event.platform, s.event.account_id)  # the sinks stored it
     [again] = _run(stage, [_event(0, "small.png")])
     assert again.duplicate and again.op is None and again.dead is None
     [other] = _run(stage, [_event(0, "large.png")])  # the same id with another picture

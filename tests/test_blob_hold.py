@@ -25,6 +25,7 @@ from streams import metrics
 from streams.analyze import Analyzer
 from streams.blobstore import DirectoryBlobStore
 from streams.fetch import ImageFetcher
+from streams.findings import PostIdentity
 from streams.records import ClusterOp, SourceRef
 from streams.settings import Settings
 from streams.stage import AnalyzeStage
@@ -32,8 +33,13 @@ from tests.hostile import corpus
 
 
 class _Store:
-    def sighting_sha256(self, event_id):
+    def sighting_identity(self, event_id):
         return None
+
+
+def stored_post(event_id: str, sha256: str | None) -> PostIdentity | None:
+    """A store's answer for the sighting ``_event`` gives ``event_id`` (``e{n}``: platform x, account a{n})."""
+    return PostIdentity(sha256, "x", "a" + event_id[1:]) if sha256 else None
 
 
 def _event(n: int, path: str) -> bytes:
@@ -243,7 +249,7 @@ def test_through_the_pipeline_a_full_disk_holds_and_a_file_too_large_dead_letter
     assert (summary["run_outcomes"].get("sighting"), summary["run_outcomes"].get("dead_letter")) == (1, 1)
     assert (faults / "enospc").read_text() == "0"  # the three ENOSPC failures were all met
     store = open_store(data)
-    assert store.sighting_sha256("held") == hashlib.sha256(held).hexdigest()
+    assert store.sighting_identity("held").sha256 == hashlib.sha256(held).hexdigest()
     [dl] = store.dead_letters()
     assert (dl.event_id, dl.stage, dl.reason) == ("big", "blob", "blob_write")
     assert DirectoryBlobStore(data / "blobs").get(hashlib.sha256(held).hexdigest()) == held

@@ -16,7 +16,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from dashboards import build, provisioning, queries, rules
 from dashboards.dashboard import DASHBOARD_UID, DATASOURCE_UID, dashboard_json, promql_exprs
-from streams import ingest_server, metrics
+from streams import ingest_server, metrics  # noqa: F401  ingest_server registers the endpoint's metrics
 from streams.desk import observe as desk_observe
 from streams.settings import Settings
 

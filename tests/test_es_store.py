@@ -73,9 +73,9 @@ def test_setup_creates_versioned_templates_aliases_and_the_sightings_data_stream
     # every request asked for the API version this client speaks
     assert all(f"compatible-with={client_major()}" in r.headers.get("accept", "") for r in fake_es.requests)
 
-    # this version's added fields put in place on every start: a no-op on its own indices, and what an
-    # index an earlier mapping version made needs (strict deliveries refused every record without them)
-    assert fake_es.put_mappings == [("deepwatch-alerts", T.ALERT_SPREAD), ("deepwatch-deliveries", T.DELIVERY_STATE)]
+    # indices this version made carry its mapping version: nothing to put in place
+    assert fake_es.put_mappings == []
+    assert all(m["_meta"]["mapping_version"] == T.MAPPING_VERSION for m in fake_es.index_mappings.values())
 
     # a second worker starting: nothing re-created, "already exists" tolerated
     def creations() -> int:
@@ -87,6 +87,10 @@ def test_setup_creates_versioned_templates_aliases_and_the_sightings_data_stream
     s2.ensure_setup()
     assert creations() == 5
     assert len(fake_es.calls("PUT", "/_data_stream/deepwatch-sightings")) == 2
+    # templates, policy and script read first and PUT only by the first worker: the second found them
+    for path in ("/_scripts/" + T.SCRIPT_ID, "/_ilm/policy/deepwatch-sightings",
+                 "/_component_template/deepwatch-common", "/_index_template/deepwatch-clusters"):
+        assert len(fake_es.calls("PUT", path)) == 1 and len(fake_es.calls("GET", path)) == 2, path
     s.close(), s2.close()
 
 
@@ -219,7 +223,7 @@ def test_search_queries_sent(fake_es):
     q = first.body["query"]["bool"]
     assert q["must"] == [{"multi_match": {"query": "harbour", "type": "phrase", "fields": ["text", "hashtags.text"]}},
                          {"multi_match": {"query": "fire", "type": "phrase", "fields": ["text", "hashtags.text"]}}]
-    assert {"term": {"platform": "x"}} in q["filter"] and {"term": {"hashtags": "breaking"}} in q["filter"]
+    assert {"term": {"platform": {"value": "x", "case_insensitive": True}}} in q["filter"] and {"term": {"hashtags": "breaking"}} in q["filter"]
     # every matching cluster, paged, with its best sighting's score (not a collapsed first result window)
     assert first.body["size"] == 0 and first.body["aggs"]["clusters"] == {
         "composite": {"size": 10_000, "sources": [{"cluster_id": {"terms": {"field": "cluster_id"}}}]},
@@ -679,14 +683,19 @@ def test_run_processed_since_rereads_a_margin_before_its_watermark(fake_es):
     s.close()
 
 
-def test_sighting_sha256_answers_the_duplicate_check_from_either_store(fake_es, tmp_path):
+def test_sighting_identity_answers_the_duplicate_check_from_either_store(fake_es, tmp_path):
     from tests.findings_fixture import SHA
 
+    answers = []
     for s in _both(fake_es, tmp_path).values():
         fill(s)
         getattr(s, "refresh", lambda: None)()
-        assert [s.sighting_sha256(e) for e in ("e1", "e4", "e7", "nope")] == [SHA["a"], SHA["b"], SHA["d"], None]
+        got = [s.sighting_identity(e) for e in ("e1", "e4", "e7", "nope")]
+        assert [p and p.sha256 for p in got] == [SHA["a"], SHA["b"], SHA["d"], None]
+        assert all(p.platform and p.account_id for p in got[:3])  # what a resend must repeat, besides the picture
+        answers.append(got)
         s.close()
+    assert answers[0] == answers[1]
 
 
 def test_failed_deliveries_order_gate_and_status_match_sqlite(fake_es, tmp_path):
@@ -750,7 +759,8 @@ def test_analyze_stage_duplicate_check_reads_the_elasticsearch_findings(fake_es,
     snap = snapshots()[0]
     s = snap.new_sighting
     writer.apply_snapshot(snap.model_copy(update={"new_sighting": s.model_copy(update={
-        "sha256": hashlib.sha256(data).hexdigest(), "event": s.event.model_copy(update={"event_id": "e-1"})})}))
+        "sha256": hashlib.sha256(data).hexdigest(),  # the post _raw() sends again: same id, picture, platform, account
+        "event": s.event.model_copy(update={"event_id": "e-1", "platform": "x", "account_id": "a-1"})})}))
     writer.close()
     store = once(lambda: open_findings(settings.findings.url, settings.data_dir, settings))
     stage = AnalyzeStage(settings, _Fetcher(data=data), Analyzer(settings, tmp_path / "blobs"), lambda _d, _s: None, store)

@@ -121,7 +121,7 @@ class _Fetcher:
 
 
 class _Store:
-    def sighting_sha256(self, event_id):
+    def sighting_identity(self, event_id):
         return None
 
 

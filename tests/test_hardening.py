@@ -7,6 +7,7 @@ loss or a silent success); the pipeline-level drill is test_hostile_pipeline.py.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import ipaddress
 import json
@@ -23,6 +24,7 @@ from PIL import Image
 
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected, process_budget
 from streams.fetch import FetchError, ImageFetcher, _address_allowed
+from streams.findings import PostIdentity
 from streams.records import DeadLetter, ImageEvent, SourceRef
 from streams.settings import FetchSettings, IngestSettings, Settings
 from streams.stage import AnalyzeStage
@@ -324,8 +326,8 @@ class _Store:
         self.known = known or {}
         self.marked = []
 
-    def sighting_sha256(self, event_id):
-        return self.known.get(event_id)
+    def sighting_identity(self, event_id):
+        return self.known.get(event_id)  # event id -> PostIdentity
 
     def mark_processed(self, source, outcome, event_id):
         self.marked.append((source, outcome, event_id))
@@ -385,11 +387,46 @@ def test_same_event_id_with_another_picture_is_a_conflict_naming_both(tmp_path):
     assert second.dead.detail.count("sha256:") == 2
 
 
-def test_redelivered_event_already_in_the_store_is_not_counted_again(tmp_path):
-    import hashlib
+def test_same_event_id_and_picture_from_another_account_is_a_conflict_an_edit_is_not(tmp_path):
+    # Same picture, another platform and account under one id: dropped as a
+    # repeat before (and the stream could keep the later post instead of the first).
+    data = corpus.picture_png(1)
+    stage = _stage(tmp_path, _Fetcher(data=data))
+    first = asyncio.run(stage.process(_raw(), SRC))
+    assert first.op is not None
+    edited = asyncio.run(stage.process(_raw(text="edited caption", hashtags=["news"],
+                                            engagement={"likes": 9}), SRC))
+    assert edited.dead is None  # an edit or updated counts: the same post, judged a repeat downstream
+    other = asyncio.run(stage.process(_raw(platform="mastodon", account_id="mallory"), SRC))
+    assert (other.dead.stage, other.dead.reason) == ("dedupe", "conflict")
+    assert "platform 'x' -> 'mastodon'; account_id 'a-1' -> 'mallory'" in other.dead.detail
+    # ... and from the store, after a restart forgot what this worker sent
+    store = _Store({"e-1": PostIdentity(hashlib.sha256(data).hexdigest(), "x", "a-1")})
+    fresh = _stage(tmp_path, _Fetcher(data=data), store)
+    assert asyncio.run(fresh.process(_raw(account_id="mallory"), SRC)).dead.reason == "conflict"
+    assert asyncio.run(fresh.process(_raw(text="same post"), SRC)).duplicate
 
+
+def test_different_events_failing_alike_are_different_dead_letters_the_same_message_one(tmp_path):
+    from streams.findings import dead_letter_identity
+    from streams.store import open_store
+
+    stage = _stage(tmp_path, _Fetcher(data=corpus.picture_png(1)))
+    same_id = [asyncio.run(stage.process(_raw(engagement={"likes": n}), SRC)).dead for n in (-1, -2, -1)]
+    no_id = [asyncio.run(stage.process(b'{"pad": "' + b"z" * 600 + tail, SRC)).dead for tail in (b'", "a": 1}', b'", "b": 2}')]
+    assert all(d.reason == "schema_violation" for d in same_id + no_id)
+    keys = [dead_letter_identity(d) for d in same_id + no_id]
+    assert keys[0] == keys[2] and len(set(keys)) == 4  # the same bytes again (a resend) are the same dead letter
+    store = open_store(tmp_path / "findings")
+    assert store.add_dead_letters(same_id + no_id) == 4
+    assert store.add_dead_letters(same_id) == 0  # a replay adds nothing
+    assert len(store.dead_letters()) == 4
+    store.close()
+
+
+def test_redelivered_event_already_in_the_store_is_not_counted_again(tmp_path):
     data = corpus.picture_png(3)
-    store = _Store({"e-1": hashlib.sha256(data).hexdigest()})
+    store = _Store({"e-1": PostIdentity(hashlib.sha256(data).hexdigest(), "x", "a-1")})
     stage = _stage(tmp_path, _Fetcher(data=data), store)
     r = asyncio.run(stage.process(_raw(), SRC))
     assert r.duplicate and r.op is None and r.dead is None  # however long ago it was stored

@@ -29,6 +29,7 @@ from PIL import Image
 from streams.analyze import Analyzer
 from streams.blobstore import DirectoryBlobStore
 from streams.fetch import ImageFetcher
+from streams.findings import PostIdentity
 from streams.records import ClusterOp, SourceRef
 from streams.settings import Settings
 import streams.stage as stage_mod
@@ -45,14 +46,14 @@ class _Store:
     out the busy timeout); lookups say which thread asked, and fail first with
     the ``errors`` given (as a store locked past its busy timeout does)."""
 
-    def __init__(self, rows: dict[str, str] | None = None, *errors: Exception, write_s: float = HOLD_S,
+    def __init__(self, rows: dict[str, PostIdentity] | None = None, *errors: Exception, write_s: float = HOLD_S,
                  open_s: float = 0.0):
         self.rows, self.errors, self.write_s = dict(rows or {}), list(errors), write_s
         self.lookups: list[str] = []  # thread name of each lookup
         self.writing = threading.Event()
         time.sleep(open_s)
 
-    def sighting_sha256(self, event_id: str) -> str | None:
+    def sighting_identity(self, event_id: str) -> PostIdentity | None:
         self.lookups.append(threading.current_thread().name)
         if self.errors:
             raise self.errors.pop(0)
@@ -163,7 +164,7 @@ def test_with_the_store_free_the_lookup_stays_on_the_loop(make):
     stage = build(lambda: shared)
 
     async def go():
-        await asyncio.to_thread(shared.sighting_sha256, "warm")  # opened, in a thread as the worker does
+        await asyncio.to_thread(shared.sighting_identity, "warm")  # opened, in a thread as the worker does
         hops.clear()
         return await stage.process(_event(0), _source(0))
 
@@ -195,7 +196,7 @@ def test_the_busy_stores_answer_is_still_judged(make):
     stored under the id is an exact duplicate, another one a conflict."""
     build, _ = make
     for stored, duplicate in ((hashlib.sha256(SMALL).hexdigest(), True), ("b" * 64, False)):
-        store = _Store({"e0": stored})
+        store = _Store({"e0": PostIdentity(stored, "x", "a0")})
         shared = once(lambda store=store: store)()
         result, longest_gap, _ = _through_a_busy_store(build(lambda shared=shared: shared), shared, _event(0))
         assert longest_gap < 0.5, longest_gap

@@ -23,10 +23,11 @@ from prometheus_client import REGISTRY
 import streams.stage as stage_mod
 from streams import metrics
 from streams.es_client import EsError
+from streams.findings import PostIdentity
 from streams.records import ClusterOp
 from streams.stage import AnalyzeStage
 from streams.store_errors import may_pass
-from tests.test_blob_hold import PICTURES, _event, _process, cancel_while_held
+from tests.test_blob_hold import PICTURES, _event, _process, cancel_while_held, stored_post
 from tests.test_blob_hold import _stage as stage_for
 
 def _stage(tmp_path: Path, store, *, deadline_s: float = 120.0, inline_max_pixels: int = 200_000,
@@ -63,7 +64,7 @@ class LockedSqlite:
         self.locker.execute("BEGIN EXCLUSIVE")
         self.locker.execute("INSERT INTO sightings VALUES ('other', 'x')")  # takes the lock in WAL mode
 
-    def sighting_sha256(self, event_id: str) -> str | None:
+    def sighting_identity(self, event_id: str) -> PostIdentity | None:
         self.calls += 1
         if self.left == 0 and self.locker is not None:
             self.locker.execute("ROLLBACK")
@@ -75,7 +76,7 @@ class LockedSqlite:
             row = db.execute("SELECT sha256 FROM sightings WHERE event_id=?", (event_id,)).fetchone()
         finally:
             db.close()
-        return row[0] if row else None
+        return stored_post(event_id, row[0] if row else None)
 
 
 class Scripted:
@@ -84,11 +85,11 @@ class Scripted:
     def __init__(self, *errors: Exception, answer: str | None = None):
         self.errors, self.answer, self.calls = list(errors), answer, 0
 
-    def sighting_sha256(self, event_id: str) -> str | None:
+    def sighting_identity(self, event_id: str) -> PostIdentity | None:
         self.calls += 1
         if self.errors:
             raise self.errors.pop(0)
-        return self.answer
+        return stored_post(event_id, self.answer)
 
 
 def _es_unreachable() -> Exception:
@@ -124,11 +125,11 @@ class OnFile:
     def __init__(self, path: Path):
         self.path, self.calls = path, 0
 
-    def sighting_sha256(self, event_id: str) -> str | None:
+    def sighting_identity(self, event_id: str) -> PostIdentity | None:
         self.calls += 1
         with sqlite3.connect(self.path, timeout=0) as db:
             row = db.execute("SELECT sha256 FROM sightings WHERE event_id=?", (event_id,)).fetchone()
-        return row[0] if row else None
+        return stored_post(event_id, row[0] if row else None)
 
 
 @pytest.mark.parametrize("picture", ["small.png", "large.png"])  # looked up on the event loop / in a thread
@@ -186,7 +187,7 @@ def test_a_corrupt_database_is_one_dead_letter_at_once(tmp_path):
 @pytest.mark.parametrize("error, detail", [
     (lambda: _es_answered(400), "ApiError"),
     (lambda: EsError("Elasticsearch at http://es:9200 answered 400: bad query"), "answered 400"),
-    (lambda: TypeError("sighting_sha256() takes 1 positional argument"), "TypeError"),
+    (lambda: TypeError("sighting_identity() takes 1 positional argument"), "TypeError"),
 ])
 def test_errors_that_would_come_back_are_one_dead_letter_at_once(tmp_path, error, detail):
     store = Scripted(error(), answer=None)
@@ -208,10 +209,10 @@ def test_a_missing_table_is_not_held(tmp_path):
 def test_may_pass_goes_by_the_result_code_not_the_message(tmp_path):
     locked = LockedSqlite(tmp_path / "f.sqlite", locked=1)
     with pytest.raises(sqlite3.OperationalError) as busy:
-        locked.sighting_sha256("e0")
+        locked.sighting_identity("e0")
     assert busy.value.sqlite_errorname == "SQLITE_BUSY" and may_pass(busy.value)
     with pytest.raises(sqlite3.DatabaseError) as corrupt:
-        OnFile(_corrupt(tmp_path / "c.sqlite")).sighting_sha256("e1500")
+        OnFile(_corrupt(tmp_path / "c.sqlite")).sighting_identity("e1500")
     assert corrupt.value.sqlite_errorname == "SQLITE_CORRUPT" and not may_pass(corrupt.value)
     # the message alone decides nothing: an extended code counts as its primary one
     renamed = sqlite3.OperationalError("database disk image is malformed")
@@ -268,10 +269,10 @@ class SlowFailing(Scripted):
         super().__init__(*errors)
         self.seconds = seconds
 
-    def sighting_sha256(self, event_id: str) -> str | None:
+    def sighting_identity(self, event_id: str) -> PostIdentity | None:
         if self.errors:
             time.sleep(self.seconds)
-        return super().sighting_sha256(event_id)
+        return super().sighting_identity(event_id)
 
 
 def test_a_held_lookups_slow_tries_are_not_charged_to_the_events_deadline(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
 
 from streams.fetch import FetchError, resolve_checked, target
-from streams.records import MAX_TAG_CHARS, DeadLetter, ImageEvent
+from streams.records import MAX_TAG_CHARS, DeadLetter, ImageEvent, payload_sha256
 from streams.settings import ConnectorSettings, FetchSettings
 
 M = TypeVar("M", bound=BaseModel)
@@ -422,11 +422,12 @@ class Emitter:
                 continue
             refused = await self.policy.check(ev.image.url) if ev.image.url else None
             if refused is not None:
+                raw = ev.dumps()
                 try:
                     await _in_send_thread(self.sink.dead_letter, DeadLetter(
                         event_id=ev.event_id, stage="fetch", reason=refused.reason,
                         detail=f"refused by the {self.connector} connector: {refused.detail}",
-                        payload_excerpt=ev.dumps()[:512].decode("utf-8", "replace"),
+                        payload_excerpt=raw[:512].decode("utf-8", "replace"), payload_sha256=payload_sha256(raw),
                     ))
                 except Exception as e:
                     self._rollback()

@@ -118,6 +118,17 @@ def build() -> tuple[list[bytes], dict]:
     # Forward compatibility: an unknown schema_version stays a clear dead letter.
     add({**_event("v2", {"path": "files/ok-1.png"}), "schema_version": 2}, "dead:validate:unsupported_version", "v2")
     add(_event("bad-b64", {"base64": "!!!not base64!!!"}), "dead:fetch:bad_base64", "bad-b64")
+    # Defect class 9: different events failing alike were stored as one dead
+    # letter: two posts under one id, two id-less lines sharing their first 512 bytes.
+    add(_event("dl-same", {"path": "files/ok-1.png"}, engagement={"likes": -1}), "dead:validate:schema_violation",
+        "dl-same")
+    add(_event("dl-same", {"path": "files/ok-1.png"}, hashtags=[f"t{i}" for i in range(65)]),
+        "dead:validate:schema_violation", "dl-same#2")
+    for tail in (b'"a": 1}', b'"b": 2}'):
+        add(b'{"pad": "' + b"z" * 600 + b'", ' + tail, "dead:validate:schema_violation")
+    # Defect class 10: the same id and picture from another account was dropped
+    # as a repeat (and could be the copy kept): a producer's bug, made visible.
+    add(_event("ok-2", {"path": "files/ok-2.png"}, account_id="acct-someone-else"), "dead:dedupe:conflict", "ok-2#2")
     return lines, {"events": expected, "anonymous": anonymous, "refused_at_ingest": 1}
 
 
