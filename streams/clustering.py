@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable
 
-from pydantic import BaseModel, Field, ValidationError, field_serializer
+from pydantic import BaseModel, Field, ValidationError, field_serializer, model_validator
 
 from detectors.base import Evidence, EvidenceKind
 from detectors.fusion import fuse
@@ -94,11 +94,22 @@ log = logging.getLogger(__name__)
 # loads (every field added since is optional) and is written back as this
 # one; a newer one is refused (``NewerStateVersion``): its fields this code
 # does not know would be dropped by the next write.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class NewerStateVersion(Exception):
     """A stored cluster state written by a newer deepwatch than this one."""
+
+
+# Alerts a cluster state remembers (``ClusterState.alerts``): more levels than
+# one batch of ops raises for one cluster (an escalation needs its velocity
+# times ``alerts.escalation_factor``, at least 1.x), each a few KB.
+ALERTS_KEPT = 8
+
+
+class RaisedAlert(BaseModel):
+    offset: int  # of the op that raised it
+    alert: Alert
 
 
 class ClusterState(BaseModel):
@@ -110,7 +121,10 @@ class ClusterState(BaseModel):
     # look-alike), False when absent;
     # 5: ``sample_posts`` (the earliest posts, which alerts carry), empty when
     # absent: a version-4 cluster's alerts carry only their trigger post
-    # until it sees posts again (its earliest ones are no longer known).
+    # until it sees posts again (its earliest ones are no longer known);
+    # 6: ``alerts`` (the last ``ALERTS_KEPT`` raised, with the offset of the
+    # op that raised each) in place of ``last_alert``, which a version-5
+    # state's ``alerts`` is read from.
     # ``schema_version`` is the version a state was stored at: ``loads``
     # refuses one newer than ``SCHEMA_VERSION``, ``dumps`` always writes
     # ``SCHEMA_VERSION`` (a state read at an older version is upgraded when
@@ -136,7 +150,10 @@ class ClusterState(BaseModel):
     suppressed: str | None = None
     alert_level: int = 0
     alert_velocity: int = 0
-    last_alert: Alert | None = None
+    # the last ALERTS_KEPT alerts raised, oldest first: what an op read again
+    # after a crash sends again (``_reemit``)
+    alerts: list[RaisedAlert] = Field(default_factory=list)
+    last_alert: Alert | None = Field(default=None, exclude=True)  # version <= 5: read into ``alerts``
     merged_into: str | None = None
     merged_from: list[str] = Field(default_factory=list)
     merges: list[MergeAudit] = Field(default_factory=list)  # why each merged cluster was linked
@@ -148,6 +165,13 @@ class ClusterState(BaseModel):
     @field_serializer("schema_version")
     def _written_as_current(self, version: int) -> int:
         return SCHEMA_VERSION
+
+    @model_validator(mode="after")
+    def _alerts_of_version_5(self) -> "ClusterState":
+        if self.last_alert is not None and not self.alerts:
+            self.alerts = [RaisedAlert(offset=self.applied_offset, alert=self.last_alert)]
+        self.last_alert = None
+        return self
 
     def dumps(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
@@ -202,7 +226,7 @@ def fit(state: ClusterState, limit: int = MAX_STATE_BYTES) -> bytes:
     keeps every member it was sent; the index keeps them until a rebuild,
     after which their copies join through the representatives). The
     earliest posts (``sample_posts``, at most ``MAX_SAMPLE_POSTS``) and the
-    last alert are bounded on their own and never shed. Depends on the state
+    alerts (at most ``ALERTS_KEPT``) are bounded on their own and never shed. Depends on the state
     alone, so a replay sheds alike. Mutates ``state``."""
     raw = state.dumps()
     if len(raw) <= limit:
@@ -467,7 +491,7 @@ class ClusterEngine:
             cluster_id=assignment.cluster_id, created_offset=offset
         )
         if state.applied_offset >= offset:
-            return self._reemit(state, out, s, already=True, get=get, merged=assignment.merged)
+            return self._reemit(state, out, s, offset, get=get, merged=assignment.merged)
 
         for other_id in assignment.merged:
             other = _resolve(get, other_id)
@@ -529,7 +553,7 @@ class ClusterEngine:
         if state is None:
             return out  # cluster evicted meanwhile; the result has nothing to attach to
         if state.applied_offset >= offset:
-            return self._reemit(state, out, None, already=True, get=get, merged=[])
+            return self._reemit(state, out, None, offset, get=get, merged=[])
         names = {e.detector for e in r.evidence}
         state.model_evidence = [e for e in state.model_evidence if e.detector not in names] + list(r.evidence)
         # Only the answer for the copy the models were last asked about ends the
@@ -544,7 +568,7 @@ class ClusterEngine:
         the offset is what makes a redelivered op recognisable."""
         top = self._score(state)
         v = self._velocity(state)  # once: it reads the whole last hour
-        self._maybe_alert(state, out, s, top, v)
+        self._maybe_alert(state, out, s, top, v, offset)
         state.revision += 1
         state.applied_offset = offset
         # the survivor of a merge first, then the clusters it merged (the
@@ -609,7 +633,10 @@ class ClusterEngine:
         if into.recent:  # windows end at event time (``event_time``), not at a date posted ahead
             into.recent = virality.trim(into.recent, max(r.t for r in into.recent))
         if other.alert_level > into.alert_level:
-            into.alert_level, into.alert_velocity, into.last_alert = other.alert_level, other.alert_velocity, other.last_alert
+            into.alert_level, into.alert_velocity = other.alert_level, other.alert_velocity
+        # both clusters' alerts: an op read again sends those it (or a later op) raised, whichever cluster raised them
+        into.alerts = sorted([*into.alerts, *(a for a in other.alerts if a not in into.alerts)],
+                             key=lambda a: a.offset)[-ALERTS_KEPT:]
         into.models_pending = into.models_pending and other.models_pending
         into.merged_from = sorted({*into.merged_from, other.cluster_id, *other.merged_from})
         into.merges.extend(a for a in other.merges if a not in into.merges)
@@ -631,7 +658,7 @@ class ClusterEngine:
         return virality.velocity(state.recent, _window_end(state))
 
     def _maybe_alert(self, state: ClusterState, out: Outcome, trigger: Sighting | None, top: list[Evidence],
-                     v: Velocity) -> None:
+                     v: Velocity, offset: int) -> None:
         cfg = self.settings.alerts
         if state.suppressed or state.fake_score < cfg.min_fake_score:
             return
@@ -650,7 +677,7 @@ class ClusterEngine:
             return
         state.alert_level += 1
         state.alert_velocity = v.sightings_5m
-        state.last_alert = Alert(
+        alert = Alert(
             alert_id=f"{state.cluster_id}:{state.alert_level}", cluster_id=state.cluster_id, rule=rule,
             level=state.alert_level, fake_score=state.fake_score, verdict=state.verdict, velocity=v,
             sightings=state.sightings, accounts=len(state.accounts), evidence=top,
@@ -660,17 +687,20 @@ class ClusterEngine:
             first_seen=state.first_seen, last_seen=state.last_seen, platforms=list(state.platforms),
             sample_posts=alert_samples(state, trigger), merged_from=list(state.merged_from),
         )
-        out.alerts.append(state.last_alert)
+        state.alerts = [*state.alerts, RaisedAlert(offset=offset, alert=alert)][-ALERTS_KEPT:]
+        out.alerts.append(alert)
 
-    def _reemit(self, state: ClusterState, out: Outcome, s: Sighting | None, *, already: bool, get: Getter, merged: list[str]) -> Outcome:
+    def _reemit(self, state: ClusterState, out: Outcome, s: Sighting | None, offset: int, *, get: Getter,
+                merged: list[str]) -> Outcome:
         """An op already applied to ``state``: a crash may have landed between
-        the state write and the sends, so send again (sinks are idempotent).
+        the state write and the sends, so send again (sinks are idempotent)
+        the snapshot and every alert this op or a later one raised.
         A merge that crash left half-written was finished before this op
         (``rebuild``, ``_finish_merges``). ``merged``: clusters the index
         linked again on this op; each is absorbed (``_absorb``: marked, and
         folded only where ``state`` does not list it), ``applied_offset``
         unchanged."""
-        out.already_applied = already
+        out.already_applied = True
         changed = False
         for other_id in merged:
             other = _resolve(get, other_id)
@@ -684,8 +714,12 @@ class ClusterEngine:
             self._score(state)
             out.writes[state.cluster_id] = state
         out.snapshots.append(self._snapshot(state, s))
-        if state.last_alert is not None:
-            out.alerts.append(state.last_alert)
+        # Every alert this op or a later one raised: the stage writes a
+        # batch's states before it sends the batch's alerts, so a worker
+        # killed in between lost all but the last level of a batch that
+        # raised several (the sink keys alerts by id: sending one again is harmless).
+        # Ops are one partition's: offsets order them all.
+        out.alerts.extend(a.alert for a in state.alerts if a.offset >= offset)
         req = model_request(state)
         if req is not None:
             out.detect_requests.append(req)

@@ -10,7 +10,7 @@ from PIL import Image
 from detectors.base import Evidence
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import ImageData
-from streams.clustering import ClusterEngine, ClusterState
+from streams.clustering import SCHEMA_VERSION, ClusterEngine, ClusterState
 from streams.demo_feed import BASE_TIME, jpeg_bytes, scene
 from streams.records import ClusterOp, DetectionResult, ImageEvent, Sighting, SourceRef
 from streams.settings import Settings
@@ -131,6 +131,43 @@ def test_image_linking_two_clusters_merges_them_and_counts_add_up():
     # Ops addressed to the merged cluster land in the survivor.
     later = h.see(hashed(sighting(pic, "e4", 3, "a4"), 0xFFFFF, 40))
     assert later.snapshots[-1].cluster_id == survivor.cluster_id
+
+
+def test_ops_read_again_after_a_crash_send_every_alert_they_raised_not_only_the_last():
+    # The stage writes a batch's states before it sends the batch's alerts: a
+    # worker killed in between came back, read the batch again and sent only
+    # the cluster's last alert, so the levels before it in that batch were
+    # never stored nor delivered (crash audit: levels 1-5 of 8 lost).
+    h = Harness(Settings(alerts={"min_sightings_5m": 3, "escalation_factor": 2.0}))
+    pic = scene(7)
+    ops = [sighting(pic, "e0", 0, "a0", [AI])] + [sighting(pic, f"e{i}", i * 0.2, f"a{i}") for i in range(1, 12)]
+    raised = {}
+    for offset, s in enumerate(ops):
+        for a in h.see(s, offset=offset).alerts:
+            raised[a.alert_id] = offset
+    assert sorted(raised.values()) == [2, 5, 11]  # levels 1, 2, 3
+    again = [a.alert_id for offset in range(3, 12) for a in h.see(ops[offset], offset=offset).alerts]
+    assert set(again) == {aid for aid, at in raised.items() if at >= 3}  # levels 2 and 3: the batch's own
+    state = h.get(h.alerts[0].cluster_id)
+    assert [a.alert.level for a in state.alerts] == [1, 2, 3] and state.sightings == 12
+
+
+def test_a_version_5_state_keeps_its_last_alert_for_a_read_again_op():
+    import json
+
+    h = Harness(Settings(alerts={"min_sightings_5m": 2}))
+    pic = scene(3)
+    h.see(sighting(pic, "e1", 0, "a1", [AI]), offset=10)
+    s2 = sighting(pic, "e2", 1, "a2")
+    [alert] = h.see(s2, offset=11).alerts
+    (cid, raw), = h.table.items()
+    doc = json.loads(raw)
+    doc["last_alert"] = doc.pop("alerts")[0]["alert"]
+    doc["schema_version"] = 5
+    h.table[cid] = json.dumps(doc).encode()  # as a version-5 writer left it
+    assert [a.alert.alert_id for a in h.get(cid).alerts] == [alert.alert_id]
+    assert [a.alert_id for a in h.see(s2, offset=11).alerts] == [alert.alert_id]
+    assert "last_alert" not in json.loads(h.get(cid).dumps())
 
 
 def test_alert_once_then_escalate_on_velocity():
@@ -275,7 +312,7 @@ def test_version_1_states_load_and_rebuild_next_to_version_2():
     h.see(sighting(pic, "v1", 0))
     (cid, raw), = h.table.items()
     st = ClusterState.loads(raw)
-    assert st.schema_version == 5 and st.members[0].thumb is not None
+    assert st.schema_version == SCHEMA_VERSION and st.members[0].thumb is not None
     import json
 
     doc = json.loads(raw)
@@ -430,8 +467,8 @@ def test_a_version_4_state_without_sample_posts_loads_and_alerts_with_its_trigge
     [alert] = h.alerts
     assert [p.event_id for p in alert.sample_posts] == ["p2"]  # the earlier posts are not known any more
     assert alert.first_seen == BASE_TIME and alert.platforms == ["x", "mastodon"]
-    assert json.loads(h.table[cid])["schema_version"] == 5  # written back as the current version
-    assert h.get(cid).schema_version == 5
+    assert json.loads(h.table[cid])["schema_version"] == SCHEMA_VERSION  # written back as the current version
+    assert h.get(cid).schema_version == SCHEMA_VERSION
 
 
 def test_a_state_of_a_newer_version_is_refused_not_loaded_without_its_fields():
@@ -441,15 +478,15 @@ def test_a_state_of_a_newer_version_is_refused_not_loaded_without_its_fields():
 
     import pytest
 
-    from streams.clustering import SCHEMA_VERSION, NewerStateVersion
+    from streams.clustering import NewerStateVersion
 
     h = Harness()
     h.see(sighting(scene(12), "p0", 0, "a0"))
     (cid, raw), = h.table.items()
     doc = json.loads(raw)
-    assert doc["schema_version"] == SCHEMA_VERSION == 5
+    assert doc["schema_version"] == SCHEMA_VERSION == 6
     doc.update(schema_version=99, future_field=1)
-    with pytest.raises(NewerStateVersion, match="schema_version 99 is newer than this deepwatch's 5"):
+    with pytest.raises(NewerStateVersion, match="schema_version 99 is newer than this deepwatch's 6"):
         ClusterState.loads(json.dumps(doc))
     doc["sightings"] = "many"  # a field this version cannot read either: still the version named
     with pytest.raises(NewerStateVersion, match="schema_version 99"):

@@ -5,22 +5,24 @@ to read Elasticsearch instead of the embedded SQLite file in ``--data-dir``."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import date, datetime, time, timezone
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from streams.cli.app import app
 from streams.cli.common import (
     Config, DataDir, FormatOpt, JsonAlias, check_format, check_store_option, err, fail, print_json, settings_from,
+    shown,
 )
 from streams.findings import (
-    SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, SearchTimeout, StoreURLError, open_findings, sqlite_file,
-    text_terms,
+    MAX_RESULTS, SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, SearchTimeout, StoreURLError, open_findings,
+    sqlite_file, text_terms,
 )
 
 StoreOpt = typer.Option(
@@ -99,29 +101,39 @@ def _emit(rows: list, fmt: str, title: str, columns: tuple[str, ...], cells: Cal
     for col in columns:
         t.add_column(col, overflow="fold")  # wrap long evidence and ids; never cut them off
     for row in rows:
-        t.add_row(*cells(row))
+        t.add_row(*(shown(c) for c in cells(row)))  # the store's text is the posters' and the images'
     Console().print(t)
 
 
+# A table row shows the start of the strongest evidence (a pixel model's
+# explanation runs to a paragraph); JSON carries all of it.
+EVIDENCE_SHOWN = 160
+
+
 def cluster_table(clusters: list, title: str = "Image clusters") -> Table:
-    t = Table(title=title, expand=True)
-    # Evidence wraps rather than being cut off; its minimum width keeps a narrow
-    # terminal from squeezing it to one letter per line.
-    for col, kw in (("cluster", {"no_wrap": True, "min_width": 16}),
+    t = Table(title=shown(title), expand=True)
+    # Fits 80 columns: every column may wrap (ids fold), so none is cropped
+    # off the right edge, where the alert level used to be lost; evidence
+    # keeps a minimum width so it is not squeezed to one letter per line.
+    for col, kw in (("cluster", {"min_width": 8, "overflow": "fold"}),
                     ("fake", {"justify": "right"}),
-                    ("verdict", {"no_wrap": True}),
+                    ("verdict", {"overflow": "fold"}),
+                    ("alert", {}),
                     ("evidence", {"ratio": 1, "min_width": 12, "overflow": "fold"}),
-                    ("sightings", {"justify": "right"}), ("accounts", {"justify": "right"}),
-                    ("5m", {"justify": "right"}), ("images", {"justify": "right"}), ("alert", {})):
+                    ("seen", {"justify": "right"}), ("accts", {"justify": "right"}),
+                    ("5m", {"justify": "right"}), ("imgs", {"justify": "right"})):
         t.add_column(col, **kw)
     for c in clusters:
         color = {"likely-ai": "red", "inconclusive": "yellow"}.get(c["verdict"], "green")
         ev = c["evidence"][0]["detail"] if c["evidence"] else "—"
+        if len(ev) > EVIDENCE_SHOWN:
+            ev = ev[: EVIDENCE_SHOWN - 1] + "…"
+        alert = (Text("suppressed") if c.get("suppressed") else
+                 Text(f"L{c['alert_level']}", style="bold red") if c.get("alert_level") else Text(""))
         t.add_row(
-            c["id"], f"[{color}]{c['fake_score']:.2f}[/]", f"[{color}]{c['verdict']}[/]", ev,
-            str(c["sightings"]), str(c["accounts"]), str(c["velocity"].get("sightings_5m", 0)),
+            shown(c["id"]), Text(f"{c['fake_score']:.2f}", style=color), Text(c["verdict"], style=color), alert,
+            shown(ev), str(c["sightings"]), str(c["accounts"]), str(c["velocity"].get("sightings_5m", 0)),
             str(len(c["members"])),
-            ("suppressed" if c.get("suppressed") else (f"[bold red]L{c['alert_level']}[/]" if c.get("alert_level") else "")),
         )
     return t
 
@@ -144,14 +156,22 @@ def clusters(
     """
     fmt = "json" if as_json else check_format(fmt)
     with _findings(data_dir, config, store_url) as store:
-        rows = store.clusters(include_merged=include_merged, limit=limit)
+        # one more than asked: whether --limit left clusters out
+        rows = store.clusters(include_merged=include_merged, limit=limit + 1 if limit else None)
+    if limit and len(rows) > limit:
+        rows = rows[:limit]
+        err.print(f"showing the first {limit:,} clusters by fake score; there are more: --limit N for more, "
+                  "or leave it out for all", highlight=False, soft_wrap=True)
     if fmt == "json":
         print_json([r.as_json() for r in rows])
     else:
         Console().print(cluster_table(rows))
 
 
-def _when(value: Optional[str], flag: str) -> Optional[datetime]:
+def _when(value: Optional[str], flag: str, end_of_day: bool = False) -> Optional[datetime]:
+    """An ISO time (naive = UTC, as the desk reads times). A date alone is
+    that day's start, or with ``end_of_day`` (``--until``) its last instant:
+    ``--until 2026-11-20`` read as midnight left out the whole day named."""
     if value is None:
         return None
     try:
@@ -159,7 +179,17 @@ def _when(value: Optional[str], flag: str) -> Optional[datetime]:
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not an ISO 8601 time; use e.g. 2026-11-20T10:00:00Z or 2026-11-20",
                                  param_hint=flag) from None
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)  # naive = UTC, as the desk reads times
+    if end_of_day and _date_only(value):
+        ts = datetime.combine(ts.date(), time.max)
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+
+
+def _date_only(value: str) -> bool:
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 @app.command(rich_help_panel="Findings")
@@ -168,7 +198,7 @@ def search(
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
     store_url: Optional[str] = StoreOpt,
     since: Optional[str] = typer.Option(None, help="Only clusters with a sighting posted at or after this ISO time (naive = UTC)."),
-    until: Optional[str] = typer.Option(None, help="Only clusters with a sighting posted at or before this ISO time."),
+    until: Optional[str] = typer.Option(None, help="Only clusters with a sighting posted at or before this ISO time (a date alone: the end of that day)."),
     platform: Optional[str] = typer.Option(None, help="Only clusters seen on this platform."),
     account: Optional[str] = typer.Option(None, help="Only clusters posted by this account (id or @handle)."),
     hashtag: Optional[str] = typer.Option(None, help="Only clusters posted with this hashtag (with or without #)."),
@@ -201,17 +231,26 @@ def search(
         # the search drops quotes and brackets: '"' matched every cluster
         raise typer.BadParameter(f"{query!r} has no word to search for; give words, e.g. 'flooded subway', "
                                  "or leave QUERY out", param_hint="QUERY")
-    start, end = _when(since, "--since"), _when(until, "--until")
+    start, end = _when(since, "--since"), _when(until, "--until", end_of_day=True)
     if start is not None and end is not None and start > end:  # answered nothing, as if no cluster matched
         raise typer.BadParameter(f"--since {since} is after --until {until}; swap them", param_hint="--since")
+    # one more than asked, to say whether --limit left matches out
+    ask = limit + 1 if limit is not None and limit < MAX_RESULTS else limit
     q = ClusterQuery(text=query, since=start, until=end, platform=platform,
-                     account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort, limit=limit)
+                     account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort, limit=ask)
     with _findings(data_dir, config, store_url) as store:
         try:
             rows = store.search(q, timeout_s=timeout)  # no limit unless asked: it holds no desk worker thread
         except SearchTimeout:
             fail(f"search took longer than {timeout:g} s and was stopped; narrow it with --since/--until/--platform "
                  "(or --account, --hashtag), or give --timeout more")
+    if limit is not None and len(rows) > limit:
+        rows = rows[:limit]
+        err.print(f"showing the first {limit:,} matches; there are more: --limit N for more", highlight=False,
+                  soft_wrap=True)
+    elif len(rows) >= MAX_RESULTS:
+        err.print(f"showing the first {MAX_RESULTS:,} matches, the most one search returns; there may be more: "
+                  "narrow it with --since/--until/--platform/--account/--hashtag", highlight=False, soft_wrap=True)
     if fmt == "json":
         print_json([r.as_json() for r in rows])
     else:

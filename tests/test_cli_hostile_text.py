@@ -1,0 +1,79 @@
+"""What posters and images wrote reaches analysts' terminals as text: the
+read commands' tables never read it as Rich markup (``[/x]`` in one event id
+crashed ``deepwatch dead-letters`` for everyone) nor pass its control
+characters through (ESC sequences clear the screen or plant links); the
+cluster table keeps every column at 80 columns; and a cut result says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from detectors.base import Evidence
+from streams.records import DeadLetter, SourceRef
+from tests.findings_fixture import TOPIC, fill, snapshots
+
+HOSTILE = "[/x] [bold]boo \x1b[2J\x1b]8;;http://evil.example\x07click\x1b]8;;\x07 \u202eevil"
+
+
+def _cli(*args: str, columns: int = 80) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": str(columns)})
+
+
+@pytest.fixture
+def hostile_store(tmp_path):
+    from streams.store import open_store
+
+    s = open_store(tmp_path)
+    fill(s)
+    fire = [x for x in snapshots() if x.cluster_id == "c-fire"][-1]
+    s.apply_snapshot(fire.model_copy(update={
+        "revision": fire.revision + 100, "alert_level": 2,
+        "evidence": [Evidence(detector="metadata", score=0.91, weight=2.0, detail=HOSTILE + " " + "x" * 400)]}))
+    s.add_dead_letters([DeadLetter(event_id="[/x]", stage="validate", reason="schema_violation", detail=HOSTILE,
+                                   source=SourceRef(topic=TOPIC, partition=0, offset=999))])
+    s.close()
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("command", [("dead-letters",), ("clusters",), ("search",), ("search", "[/x]"),
+                                     ("search", "harbour")])
+def test_hostile_text_is_shown_as_text_never_as_markup_or_terminal_codes(hostile_store, command):
+    r = _cli(*command, "--data-dir", hostile_store, "--format", "table", columns=200)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "\x1b" not in r.stdout and "\u202e" not in r.stdout  # not piped through to the terminal
+    if command[0] == "dead-letters":
+        assert "[/x]" in r.stdout and "[bold]boo" in r.stdout and "\\x1b[2J" in r.stdout  # shown, escaped
+    if command == ("search", "harbour"):
+        assert "[/x] [bold]boo" in r.stdout and "\\u202e" in r.stdout
+
+
+def test_the_cluster_table_keeps_the_alert_column_at_80_columns(hostile_store):
+    r = _cli("clusters", "--data-dir", hostile_store, columns=80)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    header = next(line for line in lines if "cluster" in line and "verdict" in line)
+    assert all(col in header for col in ("alert", "evidence", "seen", "5m", "imgs"))  # none cropped off the edge
+    assert "L2" in r.stdout
+    assert "x" * 200 not in r.stdout.replace("\n", "").replace("│", "").replace(" ", "")  # evidence cut for a table
+
+
+def test_cut_results_say_so_and_a_date_alone_until_takes_the_whole_day(hostile_store):
+    r = _cli("search", "--data-dir", hostile_store, "--limit", "1", "--format", "json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 1
+    assert "showing the first 1 matches; there are more" in r.stderr
+    r = _cli("search", "--data-dir", hostile_store, "--limit", "3", "--format", "json")
+    assert len(json.loads(r.stdout)) == 3 and "there are more" not in r.stderr  # exactly all of them
+    r = _cli("clusters", "--data-dir", hostile_store, "--limit", "2", "--format", "json")
+    assert len(json.loads(r.stdout)) == 2 and "there are more" in r.stderr
+    # every sighting of the fixture is on 2026-11-20: --until that date meant its midnight, and found nothing
+    day = _cli("search", "--data-dir", hostile_store, "--until", "2026-11-20", "--format", "json")
+    both = _cli("search", "--data-dir", hostile_store, "--since", "2026-11-20", "--until", "2026-11-20",
+                "--format", "json")
+    assert len(json.loads(day.stdout)) == len(json.loads(both.stdout)) == 3
