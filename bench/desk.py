@@ -10,6 +10,12 @@ same run: a 1,000-cluster store for the queue, the cached request for
 thumbnails, and a full read of the store for the read cache after a write.
 
     python bench/desk.py [--clusters 10000] [--baseline 1000] [--json]
+    python bench/desk.py --view [--view-clusters 20000] [--view-recent 2000]
+
+``--view`` measures only the desk's start-up read of its view (time, memory
+held and peak) on a store of aged clusters, unbounded (``desk.view_days=0``,
+``desk.max_view_clusters=0``: every cluster, the read made before there was a
+view) against the 30-day window.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -187,12 +194,126 @@ def thumbs(root: Path) -> dict:
             "within_bound": on_disk <= t.max_bytes, "misses": t.misses, "hits": t.hits}
 
 
+def build_aged(data: Path, n: int, recent: int, view_days: float = 30.0) -> float:
+    """A store of ``n`` clusters shaped as ``make_cluster`` writes them (one
+    member, two sightings, AI evidence on a third) of which ``recent`` were
+    last seen within ``view_days`` of the newest, the others spread over the
+    year before: the view's bench. Snapshots straight into the store, no
+    pictures (the desk's reads never open them)."""
+    from detectors.base import Evidence
+    from streams.records import ClusterSnapshot, Engagement, ImageEvent, ImageRef, Member, Sighting, SourceRef, Velocity
+    from detectors.hashing import ImageHashes
+
+    started = time.perf_counter()
+    store = open_store(data)
+    h = ImageHashes(phash="0" * 16, pdq="0" * 64, pdq_quality=100)
+    batch = []
+    for i in range(n):
+        cid = f"c{i:06d}"
+        age_days = (view_days * i / recent) if i < recent else view_days + 1 + 365 * (i - recent) / max(1, n - recent)
+        last = T0 - timedelta(days=age_days)
+        sha = f"{i:064x}"
+        ai = i % 3 == 0
+        evidence = [Evidence(detector="metadata", score=0.98, weight=3.0, sha256=sha,
+                             detail="PNG text chunk names the generator: Stable Diffusion XL")] if ai else []
+        member = Member(sha256=sha, phash=h.phash, pdq=h.pdq, pdq_quality=100, event_id=f"{cid}-e0", width=160,
+                        height=120, format="JPEG", representative=True)
+        for k in range(2):
+            when = last - timedelta(seconds=30 * (1 - k))
+            ev = ImageEvent(event_id=f"{cid}-e{k}", platform=("x", "weibo", "telegram")[i % 3], account_id=f"a{i % 997}",
+                            account_handle=f"@a{i % 997}", post_url=f"https://example.org/{cid}/{k}", posted_at=when,
+                            text=f"post {i} about storm {i % 50}", image=ImageRef(blob=sha))
+            sighting = Sighting(event=ev, source=SourceRef(topic="deepwatch.events", partition=0, offset=2 * i + k),
+                                sha256=sha, width=160, height=120, format="JPEG", hashes=h, evidence=evidence)
+            batch.append(ClusterSnapshot(
+                cluster_id=cid, revision=k + 1, fake_score=0.95 if ai else 0.2,
+                verdict="likely-ai" if ai else "no-evidence", evidence=evidence, members=[member], sightings=k + 1,
+                accounts=1, platforms=[ev.platform], engagement=Engagement(),
+                velocity=Velocity(sightings_5m=k + 1, sightings_1h=k + 1), first_seen=last - timedelta(seconds=30),
+                last_seen=when, new_sighting=sighting))
+        if len(batch) >= 2000:
+            store.apply_snapshots(batch)
+            batch = []
+    store.apply_snapshots(batch)
+    store.close()
+    return time.perf_counter() - started
+
+
+def view_start(data: Path, view_days: float, max_view: int) -> dict:
+    """The desk's start-up read of its view (``FindingsSource._all``): time
+    (without tracemalloc), then in a second source, traced, the memory it
+    holds after and its peak during the read; then a first queue page and a
+    cluster outside the view."""
+    import gc
+    import tracemalloc
+
+    from streams.desk.deskdb import DeskDB
+    from streams.desk.source import ClusterQuery, FindingsSource
+
+    def source() -> FindingsSource:
+        return FindingsSource(open_store(data), DeskDB(data / "bench-view-desk.sqlite"), view_days=view_days,
+                              max_view_clusters=max_view)
+
+    src = source()
+    try:
+        t = time.perf_counter()
+        held = len(src._all())
+        read_s = time.perf_counter() - t
+        t = time.perf_counter()
+        src.clusters_page(ClusterQuery())
+        page_s = time.perf_counter() - t
+        oldest = "c%06d" % (int(src.store._db.execute("SELECT COUNT(*) FROM clusters").fetchone()[0]) - 1)
+        t = time.perf_counter()
+        src.cluster(oldest)
+        outside_s = time.perf_counter() - t
+        t = time.perf_counter()
+        src._ai()
+        ai_s = time.perf_counter() - t
+    finally:
+        src.close()
+        src.desk.close()
+    gc.collect()
+    src = source()
+    try:
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        src._all()
+        gc.collect()
+        now, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        src.close()
+        src.desk.close()
+    return {"view_days": view_days, "max_view_clusters": max_view, "clusters_held": held,
+            "start_read_s": round(read_s, 3), "first_queue_page_s": round(page_s, 3),
+            "cluster_outside_view_s": round(outside_s, 4), "account_ai_ids_s": round(ai_s, 4),
+            "held_mb": round((now - base) / 2**20, 1), "peak_mb": round((peak - base) / 2**20, 1)}
+
+
+def view_bench(n: int, recent: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="deepwatch-bench-view-") as tmp:
+        data = Path(tmp)
+        build_s = build_aged(data, n, recent)
+        every = view_start(data, 0, 0)  # the view unbounded: the read the desk made before there was a view
+        window = view_start(data, 30.0, 50_000)
+    return {"clusters": n, "in_window": recent, "build_s": round(build_s, 1), "every_cluster": every,
+            "window": window}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clusters", type=int, default=10_000)
     ap.add_argument("--baseline", type=int, default=1_000)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--view", action="store_true", help="only the view's start-up read: --view-clusters clusters, "
+                                                        "--view-recent of them in the 30-day window")
+    ap.add_argument("--view-clusters", type=int, default=20_000)
+    ap.add_argument("--view-recent", type=int, default=2_000)
     args = ap.parse_args()
+    if args.view:
+        print(json.dumps(view_bench(args.view_clusters, args.view_recent), indent=2))
+        return
     with tempfile.TemporaryDirectory(prefix="deepwatch-bench-desk-") as tmp:
         root = Path(tmp)
         base = measure(args.baseline, root)

@@ -683,6 +683,39 @@ class EsFindingsStore:
             newest = max(newest, _epoch_ms(h["_source"]["updated_at"]))
         return ids, newest
 
+    def newest_last_seen(self) -> datetime | None:
+        hits = self._search(self.names["clusters"], query={"match_all": {}}, size=1,
+                            sort=[{"last_seen": "desc"}, {"cluster_id": "asc"}], source=["last_seen"])["hits"]["hits"]
+        if not hits or not hits[0]["_source"].get("last_seen"):
+            return None
+        d = datetime.fromisoformat(hits[0]["_source"]["last_seen"])
+        return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+
+    def recent_clusters(self, since: datetime | None = None, *, limit: int | None = None) -> list[ClusterRecord]:
+        """See ``FindingsStore.recent_clusters``: one sorted search (paged past
+        ``MAX_CANDIDATES``), the records in its order."""
+        query: dict[str, Any] = _live()
+        if since is not None:
+            query = {"bool": {"filter": [query, {"range": {"last_seen": {
+                "gte": int(since.timestamp() * 1000), "format": "epoch_millis"}}}]}}
+        sort = [{"last_seen": "desc"}, {"cluster_id": "asc"}]
+        if limit and limit <= MAX_CANDIDATES:
+            docs = [h["_source"] for h in self._search(self.names["clusters"], query=query, sort=sort, size=int(limit),
+                                                       source=_READ_SOURCE)["hits"]["hits"]]
+        else:
+            scan = self._scan(self.names["clusters"], query, sort, _READ_SOURCE)
+            docs = [h["_source"] for h in (itertools.islice(scan, int(limit)) if limit else scan)]
+        return self._records(docs)
+
+    def verdict_cluster_ids(self, verdict: str) -> dict[str, list[str]]:
+        query = {"bool": {"filter": [_live(), {"term": {"verdict": verdict}}]}}
+        return {h["_source"]["cluster_id"]: list(h["_source"].get("merged_from") or [])
+                for h in self._scan(self.names["clusters"], query, [{"cluster_id": "asc"}], ["cluster_id", "merged_from"])}
+
+    def has_member(self, sha256: str) -> bool:
+        res = self._search(self.names["clusters"], query={"term": {"blob_refs": sha256}}, size=0, track_total_hits=1)
+        return res["hits"]["total"]["value"] > 0
+
     def cluster(self, cluster_id: str) -> ClusterRecord | None:
         hits = self._search(self.names["clusters"], query={"ids": {"values": [cluster_id]}}, size=1,
                             source=_READ_SOURCE)["hits"]["hits"]

@@ -705,6 +705,27 @@ class FindingsStore(Protocol):
         ...
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]: ...
     def cluster(self, cluster_id: str) -> ClusterRecord | None: ...
+    def newest_last_seen(self) -> datetime | None:
+        """The newest stored ``last_seen`` of any cluster (merged ones too;
+        None: no clusters): where the desk's view window ends, in the
+        stream's event time. One indexed read."""
+        ...
+    def recent_clusters(self, since: datetime | None = None, *, limit: int | None = None) -> list[ClusterRecord]:
+        """Surviving clusters (not merged away) whose stored ``last_seen`` is
+        at or after ``since`` (None: any), most recently seen first (by the
+        stored ``last_seen``, then cluster id), the first ``limit`` of them
+        (None: all), built as ``clusters`` builds them. Selected by an index
+        on ``last_seen``: the cost is the clusters returned, not the store's."""
+        ...
+    def verdict_cluster_ids(self, verdict: str) -> dict[str, list[str]]:
+        """Surviving cluster id -> the ids merged into it (``merged_from``),
+        for every surviving cluster whose stream verdict is ``verdict``: ids
+        only, no records built (the desk's account views count a store's
+        likely-AI clusters by them)."""
+        ...
+    def has_member(self, sha256: str) -> bool:
+        """Whether a stored cluster has the picture ``sha256`` as a member."""
+        ...
     def search(self, query: ClusterQuery, *, timeout_s: float | None = None) -> list[ClusterRecord]:
         """``query``'s clusters (see ``ClusterQuery``). With ``timeout_s``
         the search is stopped once it has run that long (SQLite: interrupted

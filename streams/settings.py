@@ -368,6 +368,12 @@ class DeskSettings(_Section):
     # Empty: the peer's address counts, and the headers are ignored.
     trusted_proxies: list[str] = Field(default_factory=list)
     refresh_s: int = Field(30, ge=0)  # queue auto-refresh
+    # The queue's view (held in memory, ~3.6 KB a cluster): clusters last seen within view_days
+    # of the newest last_seen in the store (stream time, not the wall clock), at most
+    # max_view_clusters of them (the most recently seen), plus every cluster with a desk
+    # verdict. Older clusters stay reachable: cluster pages, links and search read them by id.
+    view_days: float = Field(30.0, ge=0)  # the queue's window in days of stream time; 0: every cluster
+    max_view_clusters: int = Field(50_000, ge=0)  # the most recently seen clusters the queue holds at most; 0: no cap
     thumb_px: int = Field(256, gt=0)
     thumb_cache_mb: int = Field(64, gt=0)
     # account alerts: at least this many likely-AI pictures, and this share of

@@ -15,7 +15,7 @@ import json
 import sqlite3
 import threading
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -287,6 +287,12 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
                         if "duplicate column" not in str(e):  # another process migrated first
                             raise
         self._db.execute("CREATE INDEX IF NOT EXISTS clusters_seq ON clusters(seq)")
+        # the desk's view window (``recent_clusters``, ``newest_last_seen``): the most
+        # recently seen clusters without reading every one (as instants: texts carry offsets)
+        self._db.execute("CREATE INDEX IF NOT EXISTS clusters_last_seen ON clusters(julianday(last_seen))")
+        # the desk's account views count the store's likely-AI clusters (``verdict_cluster_ids``)
+        self._db.execute("CREATE INDEX IF NOT EXISTS clusters_live_verdict ON clusters(verdict) "
+                         "WHERE merged_into IS NULL")
         # a picture lookup reads the clusters merged into the ones it found
         # (``members_near``) without scanning every cluster
         self._db.execute("CREATE INDEX IF NOT EXISTS clusters_merged_into ON clusters(merged_into) "
@@ -560,6 +566,32 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             roots = self._roots()
             ids |= {roots.get(cid, cid) for cid in ids}
         return ids, (seq, rowid)
+
+    def newest_last_seen(self) -> datetime | None:
+        row = self._db.execute("SELECT last_seen FROM clusters ORDER BY julianday(last_seen) DESC LIMIT 1").fetchone()
+        return _aware(row[0]) if row else None
+
+    def recent_clusters(self, since: datetime | None = None, *, limit: int | None = None) -> list[ClusterRecord]:
+        """See ``FindingsStore.recent_clusters``: ids from the ``clusters_last_seen``
+        index, then only those clusters built."""
+        sql, args = "SELECT cluster_id FROM clusters WHERE merged_into IS NULL", []
+        if since is not None:
+            sql += " AND julianday(last_seen) >= julianday(?)"
+            args.append(since.isoformat())
+        sql += " ORDER BY julianday(last_seen) DESC, cluster_id"
+        if limit:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        order = [cid for cid, in self._db.execute(sql, args)]
+        at = {cid: i for i, cid in enumerate(order)}
+        return sorted(self._cluster_records(self._cluster_rows(only=set(order))), key=lambda c: at[c.id])
+
+    def verdict_cluster_ids(self, verdict: str) -> dict[str, list[str]]:
+        return {cid: json.loads(merged) for cid, merged in self._db.execute(
+            "SELECT cluster_id, merged_from FROM clusters WHERE merged_into IS NULL AND verdict = ?", (verdict,))}
+
+    def has_member(self, sha256: str) -> bool:
+        return self._db.execute("SELECT 1 FROM members WHERE sha256 = ?", (sha256,)).fetchone() is not None
 
     def cluster(self, cluster_id: str) -> ClusterRecord | None:
         # Only this cluster (and what merged into it): the desk asks per page view.
@@ -877,6 +909,11 @@ def _sighting_record(row: tuple) -> SightingRecord:
     d["engagement"] = json.loads(d["engagement"])
     d["text"] = d["text"] or None
     return SightingRecord.model_validate(d)
+
+
+def _aware(ts: str) -> datetime:
+    d = datetime.fromisoformat(ts)
+    return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
 
 
 def _julian(ts: str) -> float:

@@ -615,6 +615,51 @@ def _both(fake_es, tmp_path):
     return {"sqlite": open_store(tmp_path), "es": _store(fake_es)}
 
 
+def test_the_desk_view_reads_agree_on_both_backends(fake_es, tmp_path, monkeypatch):
+    """``newest_last_seen``, ``recent_clusters`` (a window, a cap, paged past
+    the result window), ``verdict_cluster_ids`` and ``has_member`` answer
+    alike on SQLite and Elasticsearch; times compare as instants."""
+    from datetime import timedelta, timezone
+
+    import streams.es_store as es_store
+    import tests.fake_es as fake_mod
+    from tests.test_desk_view import T0, fill, sha, snap
+
+    monkeypatch.setattr(fake_mod, "MAX_RESULT_WINDOW", 20)
+    monkeypatch.setattr(es_store, "MAX_CANDIDATES", 4)
+    monkeypatch.setattr(es_store, "PAGE", 3)
+    # seen a minute before new-a, written at -05:00: as text it sorts before every UTC time of that day
+    west = snap("west", -1, "likely-ai")
+    west = west.model_copy(update={"last_seen": west.last_seen.astimezone(timezone(timedelta(hours=-5)))})
+    got = {}
+    for name, s in _both(fake_es, tmp_path).items():
+        fill(s)
+        s.apply_snapshots([west, *(snap(f"extra{i}", -i * 600, "likely-ai" if i % 2 else "no-evidence")
+                                   for i in range(1, 8))])
+        if name == "es":
+            s.refresh()
+        newest = s.newest_last_seen()
+        got[name] = {
+            "newest": newest,
+            "all": [c.id for c in s.recent_clusters()],
+            "window": [c.id for c in s.recent_clusters(newest - timedelta(days=30))],
+            "capped": [c.id for c in s.recent_clusters(newest - timedelta(days=30), limit=5)],
+            "last_seen": [c.last_seen for c in s.recent_clusters(limit=9)],
+            "ai": s.verdict_cluster_ids("likely-ai"),
+            "no-evidence": s.verdict_cluster_ids("no-evidence"),
+            "members": [s.has_member(sha("old-photo", 1)), s.has_member(sha("m-old", 1)), s.has_member(sha("x"))],
+        }
+        s.close()
+    sq = got["sqlite"]
+    assert sq == got["es"]
+    assert sq["newest"] == T0 and sq["all"][:3] == ["new-a", "west", "extra1"] and len(sq["all"]) == 13
+    assert "m-old" not in sq["all"] and sq["all"][-2:] == ["old-ai", "old-photo"]
+    assert sq["window"] == sq["all"][:-2] and sq["capped"] == sq["all"][:5]
+    assert sq["ai"] == {"new-a": [], "west": [], "old-ai": [], **{f"extra{i}": [] for i in (1, 3, 5, 7)}}
+    assert sq["no-evidence"]["new-b"] == ["m-old"] and "m-old" not in sq["no-evidence"]
+    assert sq["members"] == [True, True, False]
+
+
 def test_es_store_provides_the_whole_findings_interface(fake_es):
     from streams.findings import FindingsStore
 

@@ -221,7 +221,9 @@ class Desk:
         self.secure_cookies = not loopback or (settings.desk.public_url or "").lower().startswith("https:")
         self.lookups = Slots(MAX_LOOKUPS, "picture lookups", LOOKUP_RETRY_S)
         self.db = DeskDB(data / "desk.sqlite")
-        self.source = FindingsSource(store, self.db, search_timeout_s=settings.findings.search_timeout_s)
+        self.source = FindingsSource(store, self.db, search_timeout_s=settings.findings.search_timeout_s,
+                                     view_days=settings.desk.view_days,
+                                     max_view_clusters=settings.desk.max_view_clusters)
         self.users = Users(settings.desk.users_file or data / "desk-users.json")
         len(self.users)  # a broken users file stops the start with its reason
         self.tokens = tokens_from_env(settings.desk.tokens_env)
@@ -686,6 +688,15 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         params: dict[str, Any] = {"min_ai_share": q.min_ai_share, "min_posts": q.min_posts, "limit": q.limit}
         return path + "?" + urlencode(params if cursor is None else {**params, "cursor": cursor})
 
+    def view_header(w: dict[str, Any]) -> str:
+        """``X-Desk-View``: ``all`` (every cluster), or the window's bounds and start (stream time)."""
+        if w["all"]:
+            return "all"
+        parts = [f"days={w['days']:g}" if w["days"] else None,
+                 f"max_clusters={w['max_clusters']}" if w["max_clusters"] else None,
+                 f"since={w['since']}" if w["since"] else None]
+        return "; ".join(p for p in parts if p)
+
     def get_cluster(cluster_id: str) -> dict[str, Any]:
         try:
             return desk.source.detail(cluster_id)
@@ -697,8 +708,10 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     def api_clusters(response: Response, q: ClusterQuery = Depends(cluster_query),
                      _: Principal = Depends(reader)) -> list[dict[str, Any]]:
         """One page of the queue's order. When there are more, `X-Next-Cursor` carries the next page's `cursor` and
-        `Link` its address (`rel="next"`); the last page has neither."""
+        `Link` its address (`rel="next"`); the last page has neither. The queue lists the desk's view: `X-Desk-View`
+        says which clusters it holds (see docs/desk.md, "The desk's view")."""
         rows, nxt = desk.source.clusters_page(q)
+        response.headers["X-Desk-View"] = view_header(desk.source.view_window())
         if nxt is not None:
             next_page(response, queue_link("/api/clusters", q, nxt), nxt)
         return rows
@@ -747,7 +760,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     def thumb(sha256: str, px: int = Query(settings.desk.thumb_px, ge=32, le=1024), _: Principal = Depends(reader)) -> Response:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise _error(400, "not a sha256 hex digest")
-        if sha256 not in views.member_shas(desk.source):
+        if not desk.source.may_show(sha256):
             raise _error(404, f"no cluster member {sha256}")
         try:
             data = desk.thumbs.get(sha256, px)
@@ -801,7 +814,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         platforms = sorted({p for c in rows for p in c["platforms"]})
         return page(request, "queue_rows.html" if partial else "queue.html", me, rows=rows, spread=spread,
                     form=queue_form(q), filtered=any((q.verdict, q.platform, q.since, q.q)),
-                    store_empty=not rows and desk.source.cluster_count() == 0,
+                    store_empty=not rows and desk.source.cluster_count() == 0, view=desk.source.view_window(),
                     platforms=platforms, refresh_s=settings.desk.refresh_s,
                     next_url=queue_link("/", q, nxt) if nxt else None,
                     first_url=queue_link("/", q, None) if q.cursor else None,
@@ -863,7 +876,9 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             resp = page(request, "similar.html", me, found=None, error=str(e), max_bytes=settings.fetch.max_bytes)
             resp.status_code = e.status
             return resp
-        members = await run_in_threadpool(views.member_shas, desk.source)  # bank entries shown only if members
+        # bank entries shown only if members
+        members = {r["sha256"] for r in found.rows if r.get("sha256") and "cluster_id" not in r
+                   and await run_in_threadpool(desk.source.may_show, r["sha256"])}
         return page(request, "similar.html", me, found=found, error=None, max_bytes=settings.fetch.max_bytes,
                     filename=image.filename or "", members=members)
 

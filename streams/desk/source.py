@@ -10,6 +10,14 @@ and ``suppressed`` (the stream's own values stay under
 ``desk.stream_fake_score``/``desk.stream_verdict``). ``velocity`` is as of the
 desk's view (``_decayed``): the stream's stored figures, as of each cluster's
 own last sighting, stay under ``stream_velocity``.
+
+The desk holds a view of the store, not all of it (``desk.view_days``,
+``desk.max_view_clusters``): the clusters last seen within ``view_days`` of
+the newest ``last_seen`` in the store (stream time), at most
+``max_view_clusters`` of them (the most recently seen), every cluster with a
+desk verdict, and the clusters merged into those. The queue lists that view;
+a cluster outside it is read by id (its page, ``/api/clusters/{id}``, search
+results), with the overlay and velocity as the view's (``_outside``).
 """
 
 from __future__ import annotations
@@ -27,8 +35,8 @@ from detectors.fusion import fuse
 from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.findings import ClusterQuery as StoreQuery
 from streams.findings import (
-    CURSOR_MAX_CHARS, MAX_RESULTS, NOT_A_CURSOR, AccountAggregate, AccountCursor, Deadline, FindingsStore, MemberRow,
-    decode_cursor, encode_cursor, sort_key, text_terms,
+    CURSOR_MAX_CHARS, MAX_MERGE_HOPS, MAX_RESULTS, NOT_A_CURSOR, AccountAggregate, AccountCursor, Deadline,
+    FindingsStore, MemberRow, decode_cursor, encode_cursor, sort_key, text_terms,
 )
 from streams.records import MAX_SAMPLE_POSTS, SamplePost
 from streams.virality import WINDOW_1H, WINDOW_5M
@@ -40,6 +48,9 @@ ACCOUNT_QUERIES_CACHED = 32  # distinct account queries (filters, one account's 
 DETAIL_SIGHTINGS = 200  # a cluster's sightings its page and /api/clusters/{id} carry; viral ones have millions
 # Above this share of the cached clusters changed, one full read is cheaper than reading them by id.
 INCREMENTAL_MAX_SHARE = 0.25
+# The view's defaults (``desk.view_days``, ``desk.max_view_clusters``; 0: no bound)
+VIEW_DAYS = 30.0
+MAX_VIEW_CLUSTERS = 50_000
 SIGHTING_FIELDS = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
                    "posted_at", "text")
 
@@ -149,10 +160,17 @@ def desk_bank_evidence(verdict: str, row: OverlayRow) -> Evidence:
 
 class FindingsSource:
     def __init__(self, store: FindingsStore, desk: DeskDB, ttl_s: float = CACHE_TTL_S,
-                 search_timeout_s: float | None = None):
+                 search_timeout_s: float | None = None, view_days: float = VIEW_DAYS,
+                 max_view_clusters: int = MAX_VIEW_CLUSTERS):
         self.store = store
         self.desk = desk
         self.ttl_s = ttl_s
+        # the view's bounds (see the module docstring); both 0: every cluster, as read before there was a view
+        self.view_days = view_days
+        self.max_view_clusters = max_view_clusters
+        self._since: datetime | None = None  # where the view's window starts (None: no time bound)
+        self._at: float | None = None  # the view's newest sighting (epoch s): velocity is as of it
+        self._ai_cache: tuple[Any, tuple[set[str], set[str], dict[str, str]]] | None = None
         # the longest the store's side of one search may take (``findings.search_timeout_s``); None: no limit
         self.search_timeout_s = search_timeout_s
         self._lock = threading.Lock()
@@ -184,12 +202,31 @@ class FindingsSource:
         return self._ttl_epoch
 
     # -- clusters -------------------------------------------------------------
+    @property
+    def windowed(self) -> bool:
+        """Whether the view is bounded (``view_days`` or ``max_view_clusters``) on a store that can select it."""
+        return bool(self.view_days or self.max_view_clusters) and hasattr(self.store, "recent_clusters")
+
+    def view_window(self) -> dict[str, Any]:
+        """What the queue covers, as ``/api/clusters`` and the queue page say it."""
+        self._all()
+        return {"days": self.view_days or None, "max_clusters": self.max_view_clusters or None,
+                "since": self._since.isoformat() if self._since is not None else None, "all": not self.windowed}
+
     def _all(self) -> dict[str, dict[str, Any]]:
-        """Every cluster (merged ones too) with the overlay applied, cached
-        until the store or the desk's verdicts change. When only the store
-        changed and it can say which clusters (``changes_since``: SQLite, Elasticsearch),
+        """The desk's view (see the module docstring; merged-away clusters
+        of the clusters in it too) with the overlay applied, cached until the
+        store or the desk's verdicts change. When only the store changed and
+        it can say which clusters (``changes_since``: SQLite, Elasticsearch),
         just those are read again: with workers writing all the time, a full
-        read of 10,000 clusters cost ~1.5 s on every queue refresh.
+        read of 10,000 clusters cost ~1.5 s on every queue refresh. A changed
+        cluster enters the view (a new sighting makes it the most recent);
+        the clusters the window then leaves behind (the newest sighting
+        moved, or the cap is passed) are dropped from it (``_trimmed``), so
+        the view stays what a full read would give without one. A full read
+        happens at the start, after a desk verdict (``invalidate``, or the
+        desk database's version moved), and when more than
+        ``INCREMENTAL_MAX_SHARE`` of the view changed at once.
 
         Velocity is then taken to the view's newest sighting (``_decayed``)
         for every cluster, the unchanged ones too: a new sighting anywhere
@@ -202,14 +239,90 @@ class FindingsSource:
             changed, cursor = (None, None) if changes is None else changes(self._cursor)
             if self._cache_key is None or key[1] != self._cache_key[1] or changed is None \
                     or len(changed) > INCREMENTAL_MAX_SHARE * max(1, len(self._cache)):
-                docs = [c.as_json() for c in self.store.clusters(include_merged=True)]
-                self._cache = self._overlaid(docs)
+                self._cache = self._overlaid(self._read_view())
             elif changed:
-                docs = [c.as_json() for c in self.store.clusters_by_id(changed)]
-                self._cache = {**self._cache, **self._overlaid(docs)}
+                docs = self._completed([c.as_json() for c in self._records_by_id(changed)], self._cache)
+                self._cache = self._trimmed({**self._cache, **self._overlaid(docs)})
             self._view = self._view_of(self._cache)
             self._cache_key, self._cursor = key, cursor
             return self._view
+
+    def _read_view(self) -> list[dict[str, Any]]:
+        """A full read of the view: the most recently seen clusters within
+        the window (``recent_clusters``), then by id those with a desk
+        verdict and what merged into them all (``_completed``). Unbounded
+        (both settings 0, or a store without ``recent_clusters``): every
+        cluster, merged ones too, as before there was a view."""
+        if not self.windowed:
+            self._since = None
+            return [c.as_json() for c in self.store.clusters(include_merged=True)]
+        since = None
+        if self.view_days:
+            newest = self.store.newest_last_seen()
+            since = newest - timedelta(days=self.view_days) if newest is not None else None
+        self._since = since
+        docs = [c.as_json() for c in self.store.recent_clusters(since, limit=self.max_view_clusters or None)]
+        return self._completed(docs, {}, set(self.desk.overlay()))
+
+    def _records_by_id(self, ids: set[str]) -> list[Any]:
+        by_id = getattr(self.store, "clusters_by_id", None)
+        if by_id is not None:
+            return by_id(set(ids))
+        return [c for c in (self.store.cluster(cid) for cid in sorted(ids)) if c is not None]
+
+    def _completed(self, docs: list[dict[str, Any]], have: dict[str, Any],
+                   extra: set[str] = frozenset()) -> list[dict[str, Any]]:  # type: ignore[assignment]
+        """``docs`` plus what the view needs with them that neither they nor
+        ``have`` hold, read by id: the clusters ``extra`` names (those with a
+        desk verdict), the clusters merged into each (``merged_from``: the
+        view's merge map) and the survivor of each merged-away one (a verdict
+        on it carries over there). Ids the store does not have are left out."""
+        got = {d["id"]: d for d in docs}
+        want, asked = set(extra), set()
+        for _ in range(MAX_MERGE_HOPS):
+            for d in got.values():
+                want.update(d.get("merged_from") or [])
+                if d.get("merged_into"):
+                    want.add(d["merged_into"])
+            want -= got.keys() | have.keys() | asked
+            if not want:
+                break
+            got.update((c.id, c.as_json()) for c in self._records_by_id(want))
+            asked |= want
+            want = set()
+        return list(got.values())
+
+    def _seen(self, cid: str, d: dict[str, Any]) -> float | None:
+        """``d``'s last sighting (epoch s), from ``_shown`` while ``d`` is the doc it was taken from."""
+        prev = self._shown.get(cid)
+        if prev is not None and prev[0] is d:
+            return prev[1]
+        return _ts(d["last_seen"]).timestamp() if d["last_seen"] else None
+
+    def _trimmed(self, docs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """``docs`` (the view plus what changed) less what a full read would
+        not hold: surviving clusters last seen more than ``view_days`` before
+        the newest sighting among them, or past the ``max_view_clusters``
+        most recently seen, unless a desk verdict holds them (``desk``), and
+        the merged-away clusters of those dropped."""
+        if not self.windowed:
+            return docs
+        live = {cid: self._seen(cid, d) for cid, d in docs.items() if not d.get("merged_into")}
+        at = max((t for t in live.values() if t is not None), default=None)
+        keep = set(live)
+        if self.view_days and at is not None:
+            since = at - self.view_days * 86400
+            keep = {cid for cid in keep if (live[cid] if live[cid] is not None else _NEVER) >= since}
+            self._since = datetime.fromtimestamp(since, timezone.utc)
+        if self.max_view_clusters and len(keep) > self.max_view_clusters:
+            ranked = sorted(keep, key=lambda cid: (-(live[cid] if live[cid] is not None else _NEVER), cid))
+            keep = set(ranked[: self.max_view_clusters])
+        keep |= {cid for cid in live if docs[cid].get("desk")}
+        if len(keep) == len(live):
+            return docs
+        merged = {m for cid in keep for m in docs[cid].get("merged_from") or []}
+        return {cid: d for cid, d in docs.items()
+                if cid in keep or (d.get("merged_into") and (cid in merged or d.get("desk")))}
 
     def _view_of(self, docs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """``docs`` with velocity as of the newest sighting among them
@@ -220,6 +333,7 @@ class FindingsSource:
         seen = {cid: old[cid][1] if cid in old and old[cid][0] is d else
                 (_ts(d["last_seen"]).timestamp() if d["last_seen"] else None) for cid, d in docs.items()}
         at = max((t for t in seen.values() if t is not None), default=None)
+        self._at = at
         shown = {}
         for cid, d in docs.items():
             closed = _closed_windows(seen[cid], at)
@@ -240,9 +354,31 @@ class FindingsSource:
                     overlay[d["id"]] = max(inherited, key=lambda r: r.verdict_id)
         return {d["id"]: _apply_overlay(d, overlay.get(d["id"])) for d in docs}
 
+    def _outside(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Clusters outside the view, read from the store by id, as the view
+        shows its own: the overlay applied (a verdict given since the last
+        read included) and velocity as of the view's newest sighting."""
+        if not ids:
+            return {}
+        docs = self._overlaid([c.as_json() for c in self._records_by_id(set(ids))])
+        at = self._at
+        return {cid: _decayed(d, _closed_windows(_ts(d["last_seen"]).timestamp() if d["last_seen"] else None, at))
+                for cid, d in docs.items()}
+
+    def may_show(self, sha256: str) -> bool:
+        """Whether ``sha256`` is a member of a stored cluster (its thumbnail
+        may be shown): in the view, else as the store says (``has_member``)."""
+        from streams.desk.views import member_shas  # the view's set, cached per view
+
+        if sha256 in member_shas(self):
+            return True
+        own = getattr(self.store, "has_member", None)
+        return bool(own is not None and self.windowed and own(sha256))
+
     def invalidate(self) -> None:
         with self._lock:
             self._cache_key = None
+            self._ai_cache = None
             self._cursor = None
             self._accounts_key, self._accounts = None, {}
             self._ttl_at = 0.0
@@ -281,7 +417,10 @@ class FindingsSource:
         return sum(1 for d in self._all().values() if not d.get("merged_into"))
 
     def cluster(self, cluster_id: str) -> dict[str, Any]:
+        """One cluster, from the view or, outside it, read by id (``_outside``)."""
         doc = self._all().get(cluster_id)
+        if doc is None and self.windowed:
+            doc = self._outside([cluster_id]).get(cluster_id)
         if doc is None:
             raise NotFound(cluster_id)
         return doc
@@ -329,7 +468,15 @@ class FindingsSource:
             ids += [cid for cid in self.search_ids(q.text, deadline) if cid not in seen]
         if marked is not None:
             ids = [cid for cid in ids if cid in marked]
-        return [docs[cid] for cid in ids if cid in docs][:limit]
+        # clusters outside the view (older than its window) are read by id, only as many as the answer holds
+        out: list[dict[str, Any]] = []
+        at = 0
+        while len(out) < limit and at < len(ids):
+            batch = ids[at: at + limit - len(out)]
+            at += len(batch)
+            more = self._outside([cid for cid in batch if cid not in docs]) if self.windowed else {}
+            out += [docs.get(cid) or more[cid] for cid in batch if cid in docs or cid in more]
+        return out
 
     def search_ids(self, text: str, deadline: Deadline | None = None) -> list[str]:
         """Clusters whose posts match ``text`` in the store's full-text search
@@ -346,13 +493,20 @@ class FindingsSource:
         hits: set[str] = ({c.id for c in self.store.search(StoreQuery(text=text, limit=10_000),
                                                            timeout_s=_left(deadline))}
                           if text_terms(text) else set())
-        for cid, d in self._all().items():
+        docs = self._all()
+        for cid, d in docs.items():
             blob = " ".join([cid, d["verdict"], " ".join(d["platforms"]), *(e.get("detail", "") for e in d["evidence"]),
                              *(m["sha256"] for m in d["members"])]).lower()
             if needle in blob:
                 hits.add(roots.get(cid, cid))
         for cid in self.store.match_sightings(text, limit=MAX_RESULTS, timeout_s=_left(deadline)):
             hits.add(roots.get(cid, cid))
+        # The substring match covers the view; a whole cluster id finds a cluster outside it too.
+        wanted = text.strip()
+        if self.windowed and wanted not in docs and len(wanted) <= 256 and not any(c.isspace() for c in wanted):
+            found = self.store.cluster(wanted)
+            if found is not None:
+                hits.add(found.merged_into or found.id)
         return sorted(hits)
 
     def _ai(self) -> tuple[set[str], set[str], dict[str, str]]:
@@ -360,11 +514,33 @@ class FindingsSource:
         over the stream's) in the two forms the account views need: every
         cluster id a sighting may be recorded under whose surviving cluster
         is AI (merged-away ids included: what the store counts by), the AI
-        clusters themselves, and the merge map."""
+        clusters themselves, and the merge map.
+
+        Of the whole store, not only the view: the clusters outside it have
+        no desk verdict (every one with a verdict is in the view), so their
+        stream verdict decides, read as ids only (``verdict_cluster_ids``)."""
         docs = self._all()
+        with self._lock:
+            if self._ai_cache is not None and self._ai_cache[0] == self._cache_key:
+                return self._ai_cache[1]
+            key = self._cache_key
         roots = self._roots()
         ai = {cid for cid, d in docs.items() if _is_ai(d)}
-        return {cid for cid in (*docs, *roots) if roots.get(cid, cid) in ai}, ai, roots
+        ids = {cid for cid in (*docs, *roots) if roots.get(cid, cid) in ai}
+        own = getattr(self.store, "verdict_cluster_ids", None)
+        if self.windowed and own is not None:
+            for cid, merged in own("likely-ai").items():
+                if cid in docs:
+                    continue  # the view's document decides (a desk verdict over the stream's)
+                ai.add(cid)
+                ids.add(cid)
+                ids.update(merged)
+                roots.update((m, cid) for m in merged)
+        out = (ids, ai, roots)
+        with self._lock:
+            if self._cache_key == key:
+                self._ai_cache = (key, out)
+        return out
 
     def _roots(self) -> dict[str, str]:
         out = {}
