@@ -246,6 +246,29 @@ def test_search_endpoint_and_page(backend, env):
         assert c.get("/search?account=persona1&hashtag=nothing").text.count('class="cluster-row"') == 0
 
 
+def test_analyst_search_says_when_cut_and_reads_times_and_platforms_as_meant(backend, env):
+    # Analyst audit: a page holding exactly the matches said there were more,
+    # and /api/search never said a cut; --until a date meant its midnight (the
+    # day left out); since after until answered []; an unencoded "+01:00" was a
+    # 422 with no hint; the queue's platform filter alone was case-sensitive.
+    data, url = backend
+    personas = {f"c-persona{k}" for k in range(5)}  # one post each, 12:00-16:00 on 2026-11-30
+    with client(make_settings(data, url)) as c:
+        five = c.get("/api/search?account=persona1&limit=5")
+        assert {d["id"] for d in five.json()} == personas and "X-Result-Cut" not in five.headers
+        four = c.get("/api/search?account=persona1&limit=4")
+        assert len(four.json()) == 4 and four.headers["X-Result-Cut"] == "true"
+        assert 'id="more-results"' not in c.get("/search?account=persona1&limit=5").text
+        assert 'id="more-results"' in c.get("/search?account=persona1&limit=4").text
+        assert {d["id"] for d in c.get("/api/search?account=persona1&until=2026-11-30").json()} == personas
+        r = c.get("/api/search?account=persona1&since=2026-12-01&until=2026-11-30")
+        assert r.status_code == 422 and "swap them" in r.json()["error"]
+        # "+01:00" sent unencoded arrives as " 01:00": read as the offset meant (13:30+01:00 = 12:30Z)
+        later = c.get("/api/search?account=persona1&since=2026-11-30T13:30:00+01:00")
+        assert later.status_code == 200 and {d["id"] for d in later.json()} == personas - {"c-persona0"}
+        assert {d["id"] for d in c.get("/api/clusters?platform=XiaoHongShu&limit=1000").json()} == personas
+
+
 def test_search_by_the_desks_own_verdicts(backend, env):
     """`desk_verdict` finds what the desk marked (its verdicts live in
     desk.sqlite, not the findings store), alone or with the store's

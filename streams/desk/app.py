@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+from datetime import date, datetime, time, timezone
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator, Optional
 from urllib.parse import quote, unquote_plus, urlencode
@@ -289,6 +290,31 @@ def _open_store(settings: Settings) -> FindingsStore:
         store.close()
         raise ValueError(f"cannot read the findings store {url}: {e}") from None
     return store
+
+
+# A time whose "+01:00" offset was not percent-encoded arrives as " 01:00"
+# ("+" is a space in a query string): unambiguous, so read as meant.
+_UNENCODED_OFFSET = re.compile(r"(\d) (\d\d(?::?\d\d)?)$")
+
+
+def _time_param(value: Optional[str], end_of_day: bool = False) -> Optional[str]:
+    """``since``/``until`` as sent, made what the analyst meant: an offset's
+    unencoded ``+`` read back, and a date alone for ``until`` the end of that
+    day (as midnight, it left out the very day named)."""
+    if not value:
+        return None
+    value = _UNENCODED_OFFSET.sub(r"\1+\2", value.strip())
+    if end_of_day:
+        try:
+            day = date.fromisoformat(value)
+        except ValueError:
+            return value
+        return datetime.combine(day, time.max, timezone.utc).isoformat()
+    return value
+
+
+def _utc(d: datetime) -> datetime:
+    return d if d.tzinfo else d.replace(tzinfo=timezone.utc)  # naive = UTC, as the stores read it
 
 
 def _error(status: int, message: str) -> HTTPException:
@@ -621,9 +647,9 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                     min_score: Optional[str] = Query(None, description="0..1"), sort: Optional[str] = Query(None),
                     limit: int = Query(100)) -> StoreQuery:
         try:
-            query = StoreQuery(text=q, since=since or None, until=until or None, platform=platform, account=account,
-                               hashtag=hashtag, verdict=verdict or None, min_score=min_score or None,
-                               sort=sort or None, limit=limit)
+            query = StoreQuery(text=q, since=_time_param(since), until=_time_param(until, end_of_day=True),
+                               platform=platform, account=account, hashtag=hashtag, verdict=verdict or None,
+                               min_score=min_score or None, sort=sort or None, limit=limit)
         except ValidationError as e:
             loc = {"text": "q"}
             raise RequestValidationError([{**err, "loc": ("query", *(loc.get(x, x) for x in err["loc"]))}
@@ -631,7 +657,21 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         if q and q.strip() and query.text is None:  # said as such, not as "give at least one of q, ..."
             raise RequestValidationError([{"type": "value_error", "loc": ("query", "q"), "input": q,
                                            "msg": "has no word to search for (only punctuation or quotes)"}])
+        if query.since and query.until and _utc(query.since) > _utc(query.until):  # answered nothing, as if none matched
+            raise RequestValidationError([{"type": "value_error", "loc": ("query", "since"), "input": since,
+                                           "msg": f"since {since} is after until {until}; swap them"}])
         return query
+
+    def searched(q: StoreQuery, desk_verdict: str | None) -> tuple[list[dict[str, Any]], bool]:
+        """The analyst search's answer and whether it was cut: one more than
+        ``q.limit`` is asked for, so a page holding exactly the matches does
+        not claim there are more; at the store's ``MAX_RESULTS`` a full answer
+        may have been cut."""
+        if q.max_results < MAX_RESULTS:
+            rows = desk.source.analyst_search(q.model_copy(update={"limit": q.max_results + 1}), desk_verdict)
+            return rows[: q.max_results], len(rows) > q.max_results
+        rows = desk.source.analyst_search(q, desk_verdict)
+        return rows, len(rows) >= MAX_RESULTS
 
     def desk_verdict_query(desk_verdict: Optional[str] = Query(
             None, max_length=16, description="fake, authentic or needs-review: the desk's verdict (its own database)")
@@ -750,7 +790,9 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         if not q.filtered and desk_verdict is None:
             raise _error(422, "bad request: give at least one of q, since, until, platform, account, hashtag, verdict, "
                               "desk_verdict, min_score")
-        return desk.source.analyst_search(q, desk_verdict)
+        rows, cut = searched(q, desk_verdict)
+        # the body stays the array; a cut answer says so (a larger limit, or a narrower search, gives the rest)
+        return JSONResponse(rows, headers={"X-Result-Cut": "true"} if cut else None)
 
     @app.get("/api/banks", tags=["verdicts"], summary="Banks of known pictures and their sizes")
     def api_banks(_: Principal = Depends(reader)) -> list[dict[str, Any]]:
@@ -854,12 +896,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     def search_page(request: Request, q: StoreQuery = Depends(store_query),
                     desk_verdict: Optional[str] = Depends(desk_verdict_query), me: Principal = Depends(reader)):
         asked = q != StoreQuery(limit=q.limit) or desk_verdict is not None
-        rows = desk.source.analyst_search(q, desk_verdict) if asked else []
+        rows, cut = searched(q, desk_verdict) if asked else ([], False)
         # A search is one ranked answer of up to MAX_RESULTS (the store's result window): a cut one
         # offers the same search with a larger limit, not a cursor (its relevance rank is the store's).
-        cut = asked and len(rows) >= q.max_results and q.max_results < MAX_RESULTS
-        more = min(q.max_results * 10, MAX_RESULTS) if cut else None
-        return page(request, "search.html", me, rows=rows, asked=asked, spread=desk.source.spread(rows),
+        more = min(q.max_results * 10, MAX_RESULTS) if cut and q.max_results < MAX_RESULTS else None
+        return page(request, "search.html", me, rows=rows, asked=asked, cut=cut, spread=desk.source.spread(rows),
                     form=search_form(q, desk_verdict),
                     desk_verdict=desk_verdict, desk_verdicts=SEARCH_DESK_VERDICTS,
                     more_url=search_link(q, desk_verdict, more) if more else None)

@@ -396,7 +396,8 @@ class FindingsSource:
         elif q.verdict:
             docs = [d for d in docs if (d.get("desk") or {}).get("verdict") == q.verdict]
         if q.platform:
-            docs = [d for d in docs if q.platform in d["platforms"]]
+            wanted = q.platform.lower()  # as the analyst search matches platforms (dw_lower)
+            docs = [d for d in docs if any(p.lower() == wanted for p in d["platforms"])]
         if q.since:
             docs = [d for d in docs if d["last_seen"] and _ts(d["last_seen"]) >= q.since]
         if q.q:
