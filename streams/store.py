@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from streams.findings import (
-    MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline, DeliveryState,
-    FindingsStore, Page, PostIdentity, SearchTimeout, SightingRecord, dead_letter_identity, event_hashtags, legacy_delivery,
-    read_limit, sort_key, surviving_cluster, text_terms, unstored_alerts,
+    MAX_MERGE_HOPS, MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline,
+    DeliveryState, FindingsStore, Page, PostIdentity, SearchTimeout, SightingRecord, dead_letter_identity,
+    event_hashtags, legacy_delivery, read_limit, sort_key, surviving_cluster, text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
@@ -507,6 +507,33 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         into = dict(self._db.execute("SELECT cluster_id, merged_into FROM clusters").fetchall())
         return {cid: surviving_cluster(cid, into) for cid in into}
 
+    def _roots_around(self, ids: set[str]) -> dict[str, str]:
+        """``_roots`` for ``ids``, the clusters they were merged into and the
+        clusters merged into them (each transitively): what reading ``ids``
+        needs, found through the primary key and the ``merged_into`` index.
+        Reading every cluster's merge for a few clusters (the desk's by-id
+        reads, its incremental refresh) took seconds at millions of clusters."""
+        into: dict[str, str | None] = {}
+        up, down, read_down = set(ids), set(ids), set()
+        for _ in range(MAX_MERGE_HOPS + 1):  # ``surviving_cluster`` follows no longer chains
+            if not (up or down):
+                break
+            into.update(self._select("SELECT cluster_id, merged_into FROM clusters WHERE {where}", up))
+            children = dict(self._select_merged_into(down))
+            into.update(children)
+            read_down |= down
+            up = {into[cid] for cid in up if into.get(cid)} - into.keys()
+            down = children.keys() - read_down
+        return {cid: surviving_cluster(cid, into) for cid in into}
+
+    def _select_merged_into(self, ids: set[str]) -> Iterator[tuple]:
+        """(cluster_id, merged_into) of the clusters merged into one of ``ids``."""
+        chunk = sorted(ids)
+        for i in range(0, len(chunk), 500):
+            part = chunk[i:i + 500]
+            yield from self._db.execute("SELECT cluster_id, merged_into FROM clusters WHERE merged_into IN "
+                                        f"({','.join('?' * len(part))})", part)
+
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]:
         """Clusters, highest fake score first; counts, accounts, platforms and
         first/last seen are exact, from the sightings (merges resolved)."""
@@ -762,7 +789,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
     def _cluster_rows(self, *, include_merged: bool = False, only: set[str] | None = None) -> list[dict[str, Any]]:
         """Cluster rows as JSON-ready dicts; ``only`` = just these surviving
         clusters (with everything merged into them)."""
-        roots = self._roots()
+        roots = self._roots() if only is None else self._roots_around(only)
         folded = None if only is None else only | {cid for cid, root in roots.items() if root in only}
         agg: dict[str, dict[str, Any]] = {}
         at: dict[str, list[float]] = {}  # root -> [julian day of first, of last]: the instants, not the texts

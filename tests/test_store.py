@@ -357,3 +357,35 @@ def test_keys_and_hashtags_are_the_ones_both_stores_always_wrote(store):
     store.apply_snapshots([_snap("c", 1, sighting=s)])
     assert store._db.execute("SELECT hashtags FROM sightings WHERE event_id='e2'").fetchone()[0] == "fire harbour news"
     assert hashtags(s.event) == ["fire", "harbour", "news"]
+
+
+def test_reading_a_few_clusters_resolves_their_merges_without_reading_every_cluster(tmp_path):
+    # By-id reads (the desk's old cluster pages, its incremental refresh) read
+    # every cluster's merge first: seconds at millions of clusters. Now only
+    # the chains above and below the clusters asked for, with the same answer.
+    import random
+
+    db = SqliteFindingsStore(tmp_path / "findings.sqlite")
+    rng = random.Random(7)
+    ids = [f"c{i:03d}" for i in range(300)]
+    into: dict[str, str | None] = {}
+    for i, cid in enumerate(ids):  # a forest of merge chains: each cluster merged into an older one, or live
+        into[cid] = rng.choice(ids[:i]) if i and rng.random() < 0.6 else None
+    with db._db:
+        db._db.executemany(
+            "INSERT INTO clusters (cluster_id, revision, fake_score, verdict, evidence, velocity, platforms, engagement, "
+            "stream_sightings, first_seen, last_seen, merged_into, merged_from, models_pending) VALUES "
+            "(?, 1, 0.5, 'no-evidence', '[]', '{}', '[]', '{}', 0, '2026-11-20T10:00:00Z', '2026-11-20T10:00:00Z', ?, "
+            "'[]', 0)", list(into.items()))
+    everything = db._roots()
+    for sample in (rng.sample(ids, 1) for _ in range(30)), (rng.sample(ids, 12) for _ in range(10)):
+        for asked in sample:
+            around = db._roots_around(set(asked))
+            needed = set(asked) | {c for c, root in everything.items() if root in asked}
+            assert needed <= around.keys()
+            assert all(around[c] == everything[c] for c in around)  # the same survivors, each
+    statements = []
+    db._db.set_trace_callback(statements.append)
+    db._roots_around({"c299"})
+    assert statements and not any(s.strip().endswith("FROM clusters") for s in statements)  # no full read
+    db.close()
