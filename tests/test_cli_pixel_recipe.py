@@ -96,7 +96,7 @@ def test_eval_reports_the_packaged_pixel_model_per_generator_and_category(manife
     r = CliRunner().invoke(app, ["eval", str(manifest), "--no-cheap", "--format", "json", "--data-dir", str(tmp_path / "d")])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    assert rep["models"]["model:pixel-probe-lite2"]["arch"] == "efficientnet-lite2+linear-probe"
+    assert rep["models"]["model:pixel-probe-lite2"]["arch"] == "efficientnet-lite2+mlp-probe"  # the shipped head is an MLP
     for variant in ("original", "reposted"):
         v = rep["variants"][variant]
         m = v["detectors"]["model:pixel-probe-lite2"]
@@ -117,10 +117,22 @@ def test_eval_without_models_measures_the_cheap_detectors_alone(manifest: Path, 
     assert not any(name.startswith("model:") for name in rep["variants"]["original"]["detectors"])
 
 
-def test_a_configured_head_that_cannot_load_warns_and_metadata_still_runs(tmp_path: Path, monkeypatch) -> None:
+def test_a_named_head_that_cannot_load_is_an_error(tmp_path: Path, monkeypatch) -> None:
+    # it was a warning, and detect went on with metadata only (exit 0) as if the head had spoken
     img = tmp_path / "a.jpg"
     picture(7).save(img, quality=90)
     monkeypatch.setenv("DEEPWATCH_DETECT__PIXEL_HEAD", str(tmp_path / "missing.safetensors"))
+    r = CliRunner().invoke(app, ["detect", "--format", "json", "--data-dir", str(tmp_path / "d"), str(img)])
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: detect.pixel_head") and "deepwatch train --recipe pixel-probe" in r.stderr
+
+
+def test_the_packaged_head_that_cannot_load_warns_and_metadata_still_runs(tmp_path: Path, monkeypatch) -> None:
+    from detectors.models.pixel_detector import BUILTIN
+
+    img = tmp_path / "a.jpg"
+    picture(7).save(img, quality=90)
+    monkeypatch.setitem(BUILTIN, "pixel-probe-lite2", tmp_path / "missing.safetensors")  # a broken install
     r = CliRunner().invoke(app, ["detect", "--format", "json", "--data-dir", str(tmp_path / "d"), str(img)])
     assert r.exit_code == 0
     assert "not loaded" in r.stderr and "deepwatch train --recipe pixel-probe" in r.stderr

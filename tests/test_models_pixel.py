@@ -181,7 +181,7 @@ def test_head_round_trips_calibration_threshold_and_weights(tmp_path) -> None:
 def test_a_user_head_replaces_the_packaged_one(tmp_path) -> None:
     packaged = PixelHead.load()
     mine = PixelHead(card=packaged.card.model_copy(update={"name": "my-newsroom-head", "threshold": 0.9}),
-                     w=-packaged.w, b=-packaged.b)
+                     w=-packaged.w, b=-packaged.b, W1=packaged.W1, b1=packaged.b1)
     det = load_pixel_detector(head=mine.save(tmp_path / "h.safetensors"), device="cpu")
     assert det.name == "model:my-newsroom-head" and det.threshold == 0.9
     with pytest.raises(FileNotFoundError, match="deepwatch train --recipe pixel-probe"):
@@ -198,8 +198,8 @@ def test_a_restated_calibration_moves_what_a_score_reads_not_the_order(tmp_path)
     np.testing.assert_allclose(q / (1 - q), p / (1 - p) * (0.2 / 0.8), rtol=1e-9)  # Bayes: the odds times 1/4
     assert (np.argsort(p, kind="stable") == np.argsort(q, kind="stable")).all()
     assert stated.restated(0.5).b == pytest.approx(cal.b) and stated.restated(0.2) == stated
-    card = HeadCard(calibration=stated, threshold=0.6)
-    loaded = PixelHead.load(PixelHead(card=card, w=np.ones(3), b=0.0).save(tmp_path / "h.safetensors")).card
+    card = HeadCard(calibration=stated, threshold=0.6, spec=FeatureSpec(taps=["head_mean"]))
+    loaded = PixelHead.load(PixelHead(card=card, w=np.ones(1280), b=0.0).save(tmp_path / "h.safetensors")).card
     assert (loaded.calibration.share, loaded.calibration.prior) == (0.5, 0.2)
     with pytest.raises(ValueError, match="AI share"):
         Calibration(method="platt", a=1.0, b=0.0, n=10).restated(0.2)  # saved before shares were recorded

@@ -1,5 +1,8 @@
 """Checkpoint = ``<name>.safetensors`` (weights only) + ``<name>.json`` (the card).
 
+(A pixel head, ``deepwatch train --recipe pixel-probe``, is one ``<name>.safetensors``
+holding its card in the metadata: ``list_pixel_heads``, ``pixel_head_path``.)
+
 The card carries everything needed to use the weights correctly and to judge
 them: architecture and its parameters, input size and normalisation,
 calibration, operating threshold and how the model was trained. Weights are
@@ -106,6 +109,44 @@ def load_checkpoint(model_dir: Path, name: str, *, verify: bool = True) -> tuple
     from safetensors.torch import load_file
 
     return card, load_file(str(weights))
+
+
+def pixel_head_path(model_dir: Path, name: str) -> Path | None:
+    """``<model_dir>/<name>.safetensors`` when it is a pixel head (``deepwatch train --recipe
+    pixel-probe`` writes one file, its card in the safetensors metadata, no ``.json``); else None."""
+    weights, sidecar = paths(model_dir, name)
+    if sidecar.exists() or not weights.is_file():
+        return None
+    return weights if _pixel_card(weights) is not None else None
+
+
+def _pixel_card(path: Path):
+    """The pixel-head card in ``path``'s safetensors metadata, or None (not one, or unreadable)."""
+    from detectors.models.pixel_probe import CARD_KEY, HeadCard
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        return HeadCard.model_validate_json(meta[CARD_KEY]) if CARD_KEY in meta else None
+    except Exception:  # noqa: BLE001  a damaged or foreign file is not a head; listing must not crash on it
+        return None
+
+
+def list_pixel_heads(model_dir: Path) -> list[tuple[str, Path, Any]]:
+    """(name for ``--model``, path, ``HeadCard``) of every pixel head in ``model_dir``: the
+    ``*.safetensors`` files without a ``.json`` card that carry the deepwatch pixel-head metadata."""
+    if not model_dir.is_dir():
+        return []
+    out = []
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        if weights.with_suffix(".json").exists() or not _NAME_RE.match(weights.stem):
+            continue
+        card = _pixel_card(weights)
+        if card is not None:
+            out.append((weights.stem, weights, card))
+    return out
 
 
 def list_models(model_dir: Path) -> list[ModelCard]:

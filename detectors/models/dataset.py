@@ -120,7 +120,10 @@ def repost_bytes(data: bytes) -> bytes:
     """What a social platform typically serves: metadata stripped, long side
     capped at 1600 px, 4:2:0 JPEG at quality 80. The one re-post of training,
     ``deepwatch eval`` and the pixel probe's features alike."""
-    return repost_rgb(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    from detectors.imagedata import _eight_bit
+
+    # Through _eight_bit: Pillow's own convert clips 16-bit samples, so a 16-bit greyscale PNG re-posted white.
+    return repost_rgb(_eight_bit(ImageOps.exif_transpose(Image.open(io.BytesIO(data)))).convert("RGB"))
 
 
 def repost_rgb(img: Image.Image) -> bytes:

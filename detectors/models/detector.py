@@ -181,11 +181,11 @@ def _known_names(name: str, model_dir: Path) -> str:
     model to fetch)."""
     import difflib
 
-    from detectors.models.checkpoint import list_models
+    from detectors.models.checkpoint import list_models, list_pixel_heads
     from detectors.models.pixel_detector import BUILTIN
     from detectors.models.vendors import VENDORS
 
-    trained = sorted(card.name for card in list_models(model_dir))
+    trained = sorted([card.name for card in list_models(model_dir)] + [n for n, _, _ in list_pixel_heads(model_dir)])
     near = difflib.get_close_matches(name, [*BUILTIN, *VENDORS, *trained], n=1)
     if near:
         return f"did you mean {near[0]!r}?"
@@ -195,7 +195,8 @@ def _known_names(name: str, model_dir: Path) -> str:
 
 def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Path | None = None,
                   amp: str = "auto") -> BatchDetector:
-    """Load ``<model_dir>/<name>.{safetensors,json}`` as a ready detector.
+    """Load ``<model_dir>/<name>.{safetensors,json}`` as a ready detector, or the pixel head
+    ``<model_dir>/<name>.safetensors`` (no ``.json``: its card is in the file) on the packaged backbone.
 
     ``name`` may carry the ``model:`` prefix used in evidence. A registered
     vendor's name (``VENDORS``: ``vendor:hive`` ...) returns the HTTP plugin instead (also a
@@ -218,6 +219,11 @@ def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Pat
         validate_name(name)
     except ValueError as e:
         raise ValueError(f"{e}; {_known_names(name, Path(model_dir))}") from None
+    from detectors.models.checkpoint import pixel_head_path
+
+    pixel = pixel_head_path(Path(model_dir), name)
+    if pixel is not None:  # a head `deepwatch train --recipe pixel-probe` wrote into the model dir
+        return load_pixel_detector(head=pixel, device=device, amp=amp)
     try:
         card, state = load_checkpoint(Path(model_dir), name)
     except FileNotFoundError as e:

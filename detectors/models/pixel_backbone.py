@@ -56,6 +56,14 @@ BACKBONES = {
 }
 DEFAULT_BACKBONE = "efficientnet-lite2"  # chosen by leave-generator-out measurement (docs/pixel-detector.md)
 TAPS = ("head_mean", "head_std", "blocks")
+# Width of every tap per backbone (head: 1280 channels; blocks: mean and std of each MBConv block's
+# output channels, 16 blocks for Lite0, 21 for Lite1/Lite2), so a head's size is checked when it
+# loads, without building the network (``PixelHead.check``).
+TAP_WIDTHS = {
+    "efficientnet-lite0": {"head_mean": 1280, "head_std": 1280, "blocks": 3616},
+    "efficientnet-lite1": {"head_mean": 1280, "head_std": 1280, "blocks": 4512},
+    "efficientnet-lite2": {"head_mean": 1280, "head_std": 1280, "blocks": 4912},
+}
 
 
 class FeatureSpec(BaseModel):
@@ -105,6 +113,16 @@ def resized_crops(img: Image.Image, size: tuple[int, int], boxes: list[tuple[int
         return [big.crop(box) for box in boxes]
     sx, sy = w / tw, h / th
     return [img.resize((r - l, b - t), Image.BICUBIC, box=(l * sx, t * sy, r * sx, b * sy)) for l, t, r, b in boxes]
+
+
+def n_features(spec: FeatureSpec) -> int:
+    """How many features ``spec`` gives per picture (what a head trained on it takes)."""
+    if spec.backbone not in TAP_WIDTHS:
+        raise ValueError(f"unknown backbone {spec.backbone!r}; known: {', '.join(TAP_WIDTHS)}")
+    unknown = [t for t in spec.taps if t not in TAPS]
+    if unknown:
+        raise ValueError(f"unknown tap(s) {', '.join(map(repr, unknown))}; known: {', '.join(TAPS)}")
+    return sum(TAP_WIDTHS[spec.backbone][t] for t in spec.taps)
 
 
 def image_crops(img: Image.Image, n: int) -> np.ndarray:

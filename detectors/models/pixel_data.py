@@ -137,9 +137,13 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 
 
 def _open_rgb(data: bytes) -> Image.Image:
+    """Decoded, oriented RGB; 16-bit and float samples scaled to 8 bits first (``_eight_bit``):
+    Pillow's convert clips them, and a 16-bit greyscale PNG came out white."""
+    from detectors.imagedata import _eight_bit
+
     img = Image.open(io.BytesIO(data))
     img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
+    return _eight_bit(img).convert("RGB")
 
 
 # A JPEG at or below this estimated quality and within the re-post long side is taken as a

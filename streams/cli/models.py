@@ -136,18 +136,33 @@ def list_cmd(
     config: Optional[Path] = Config,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """List the models in the model dir with their architecture, calibration and training summary."""
-    from detectors.models.checkpoint import list_models
+    """List the models in the model dir with their architecture, calibration and training summary:
+    checkpoints (<name>.safetensors + <name>.json), pixel heads written by `deepwatch train --recipe
+    pixel-probe` (one <name>.safetensors) and the packaged pixel probe. NAME is what --model and
+    detect.models take."""
+    from detectors.models.checkpoint import list_models, list_pixel_heads
+    from detectors.models.pixel_detector import BUILTIN
+    from detectors.models.pixel_probe import PixelHead
 
     target = _model_dir(config, data_dir, model_dir)
     if target.exists() and not target.is_dir():
         fail(f"{target} is a file, not a model directory; give --model-dir a folder")
     cards = list_models(target)
+    heads = list_pixel_heads(target)
+    trained = bool(cards or heads)
+    for name, path in BUILTIN.items():
+        try:
+            heads.insert(0, (name, path, PixelHead.load(path).card))
+        except (OSError, ValueError):  # a broken install: the trained ones are still worth listing
+            continue
     if as_json:
-        print(json.dumps([c.model_dump(mode="json", exclude={"training": {"files_sha256"}}) for c in cards], indent=2))
+        print(json.dumps([c.model_dump(mode="json", exclude={"training": {"files_sha256"}}) for c in cards]
+                         + [_pixel_entry(name, path, card) for name, path, card in heads], indent=2))
         return
-    if not cards:
-        err.print(f"no models in {target}; use `deepwatch models fetch` or `deepwatch train`")
+    if not trained:
+        err.print(f"no models in {target}; use `deepwatch models fetch` or `deepwatch train`"
+                  + (" (the packaged ones are listed below)" if heads else ""))
+    if not cards and not heads:
         return
     t = Table("name", "arch", "version", "input", "calibration", "threshold", "trained on", "held-out AUC")
     for c in cards:
@@ -155,7 +170,25 @@ def list_cmd(
         t.add_row(c.name, c.arch, c.version, f"{c.input.size} {c.input.mode}", c.calibration.method,
                   f"{c.threshold:g}", str(tr.get("n_train", "?")),
                   str((tr.get("calibration_split") or {}).get("auc", "-")))
+    for name, path, card in heads:
+        e = _pixel_entry(name, path, card)
+        tr = card.trained_on
+        t.add_row(name + (" (packaged)" if e["packaged"] else ""), e["arch"], card.version,
+                  f"{card.spec.crops} x 224 crop", card.calibration.method, f"{card.threshold:.3g}",
+                  str(tr.get("n_ai", 0) + tr.get("n_real", 0)) if "n_ai" in tr else "?",
+                  _fmt(e["held_out_auc"]) + " (leave-generator-out)" if e["held_out_auc"] is not None else "-")
     Console().print(t)
+
+
+def _pixel_entry(name: str, path: Path, card) -> dict:
+    """``models list --json`` row of a pixel head: the checkpoint rows' main keys, plus where it is."""
+    from detectors.models.pixel_probe import HEADS_DIR
+
+    auc = (((card.metrics.get("reposted") or {}).get("overall")) or {}).get("auc")
+    return {"name": name, "kind": "pixel-head", "arch": f"{card.spec.backbone}+{card.head}-probe",
+            "version": card.version, "path": str(path), "packaged": path.parent.resolve() == HEADS_DIR.resolve(),
+            "card_name": card.name, "calibration": card.calibration.model_dump(mode="json"), "threshold": card.threshold,
+            "held_out_auc": auc, "training": {k: v for k, v in card.trained_on.items() if k != "files_sha256"}}
 
 
 @app.command("train")
@@ -209,11 +242,20 @@ def train_cmd(
     model_dir: ModelDirOpt = None,
     config: Optional[Path] = Config,
 ) -> None:
-    """Train or fine-tune a detector and write <out>.safetensors + <out>.json.
+    """Train a detector. Two recipes:
 
-    Both classes are re-encoded to JPEG at random quality, randomly downscaled,
-    cropped and blurred during training so the network cannot learn "PNG = AI".
-    A stratified quarter of the data is held out to fit the calibration.
+    --recipe cnn (default): train or fine-tune a network end to end (--arch) on
+    --real/--fake folders or --manifest; writes <model-dir>/<out>.safetensors +
+    <out>.json. Both classes are re-encoded to JPEG at random quality, randomly
+    downscaled, cropped and blurred so the network cannot learn "PNG = AI"; a
+    stratified quarter is held out to fit the calibration.
+
+    --recipe pixel-probe: a small head on the wheel-shipped EfficientNet-Lite2
+    features of --data manifests, judged by leave-generator-out CV, calibrated
+    and thresholded on out-of-fold scores; writes ONE file,
+    <model-dir>/<out>.safetensors (or --head-out), the card in its metadata,
+    plus <out>.md, a readable model card. Use it with detect.pixel_head or
+    --model <out>.
     """
     _check_recipe_options(ctx, recipe)
     if recipe == "pixel-probe":
@@ -347,6 +389,20 @@ def _check_cnn_options(real: list[Path], fake: list[Path], generators: str | Non
         fail(f"--out: {e}")
 
 
+def _check_head_target(target: Path, what: str) -> None:
+    """The head's file can be written, checked before the minutes of feature extraction: a
+    directory there ended the whole run on a safetensors traceback at the save."""
+    import os
+
+    if target.is_dir():
+        fail(f"{what} {target} is a directory; give a file path, e.g. {target / 'my-probe.safetensors'}")
+    if os.path.lexists(target) and not target.is_file():
+        fail(f"{what} {target} exists and is not a regular file; give a file path ending in .safetensors")
+    if target.is_file() and not os.access(target, os.W_OK):
+        fail(f"{what} {target} exists and cannot be overwritten; give another path")
+    check_writable_dir(target.parent, f"{what} {target}: its folder")
+
+
 def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cache_dir: Path | None, probe_c: float,
                        crops: int, group_by: str, seed: int, augment: int, hidden: int, alpha: float,
                        config, data_dir, model_dir) -> None:
@@ -371,6 +427,7 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
     settings = settings_from(config, data_dir=data_dir)
     name = "pixel-probe-lite2" if out == "detector" else out
     target = head_out or (_model_dir(config, data_dir, model_dir) / f"{name}.safetensors")
+    _check_head_target(target, "--head-out" if head_out else "the head's path in the model dir")
     cache = cache_dir or Path(settings.data_dir) / "cache" / "pixel-features"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     failed: Exception | None = None
@@ -385,7 +442,7 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
                 group_by=group_by,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
+        except (ValueError, RuntimeError, OSError, KeyError) as e:  # OSError: a cache or target gone bad meanwhile
             _drop_bar(bar)  # no bar left drawn below the error line
             failed = e
     if failed is not None:
@@ -396,7 +453,11 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
     # The packaged head's card has a fixed name; a user's head gets <name>.md beside it.
     packaged = target.parent.resolve() == HEADS_DIR.resolve()
     card_path = target.with_name("MODEL_CARD.md" if packaged else f"{target.stem}.md")
-    card_path.write_text(render_model_card(head.card), encoding="utf-8")
+    try:
+        card_path.write_text(render_model_card(head.card), encoding="utf-8")
+    except OSError as e:
+        print_error(f"saved the head {target}, but not its model card {card_path}: {e}")
+        raise typer.Exit(1) from None
     o = head.card.metrics["reposted"]["overall"]
     err.print(
         f"saved {target} and {card_path}: leave-generator-out re-posted AUC {o['auc']:.3f}, "
@@ -487,9 +548,12 @@ def eval_cmd(
             err.print(f"[yellow]warning:[/] cheap detectors unavailable: {e}")
     try:
         # The same learned detectors `deepwatch detect` runs: --model ones, then the configured ones.
+        # strict: a configured model that does not load is an error here, not a warning; the report
+        # would otherwise measure the cheap detectors alone under the name of what detect runs
         dets += load_model_detectors(list(model), target, device, settings.detect.pixel_head,
-                                     list(settings.detect.models) if models else [], amp=settings.detect.amp)
-    except UserError as e:  # --model NAME that does not load: a user mistake, exit 2 as in `deepwatch detect`
+                                     list(settings.detect.models) if models else [], amp=settings.detect.amp,
+                                     strict=True)
+    except UserError as e:  # a model that does not load: a user mistake, exit 2 as in `deepwatch detect`
         fail(str(e))
     if not dets:
         fail("no detector to evaluate: the configured cheap detectors (detect.cheap) and models (detect.models) gave "
@@ -511,6 +575,11 @@ def eval_cmd(
         except ValueError as e:
             print_error(str(e))
             raise typer.Exit(1) from None
+    if report.get("trained_overlap"):
+        # on its own training pictures a head scores far better than on news (AUC 1.0 for the shipped one)
+        err.print(f"[yellow]warning:[/] {report['trained_overlap']} of {report['n']} file(s) are training pictures of a "
+                  "model evaluated here: its numbers are optimistic; --exclude-trained leaves them out",
+                  highlight=False, soft_wrap=True)
     if format == "json":
         print(json.dumps(report, indent=2))
         return
