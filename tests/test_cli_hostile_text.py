@@ -60,6 +60,20 @@ def test_the_cluster_table_keeps_the_alert_column_at_80_columns(hostile_store):
     assert max(len(line) for line in lines) <= 80
     header = next(line for line in lines if "cluster" in line and "verdict" in line)
     assert all(col in header for col in ("alert", "evidence", "seen", "5m", "imgs"))  # none cropped off the edge
+    # real cluster ids are 16 hex characters: the evidence column keeps a readable width beside them
+    # (it was squeezed to one letter a line by the fixed columns)
+    from rich.console import Console
+
+    from streams.cli.query import cluster_table
+
+    row = {"id": "edfc825e5d1eef8f", "fake_score": 1.0, "verdict": "inconclusive", "alert_level": 3,
+           "evidence": [{"detail": "AUTOMATIC1111-style metadata in a PNG tEXt chunk"}], "sightings": 12345,
+           "accounts": 999, "velocity": {"sightings_5m": 120}, "members": [{}] * 12}
+    console = Console(width=80, record=True)
+    console.print(cluster_table([row]))
+    text = console.export_text()
+    assert "edfc825e5d1eef8f" in text and "L3" in text and "AUTOMATIC" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
     assert "L2" in r.stdout
     assert "x" * 200 not in r.stdout.replace("\n", "").replace("│", "").replace(" ", "")  # evidence cut for a table
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -108,32 +109,33 @@ def _emit(rows: list, fmt: str, title: str, columns: tuple[str, ...], cells: Cal
 # A table row shows the start of the strongest evidence (a pixel model's
 # explanation runs to a paragraph); JSON carries all of it.
 EVIDENCE_SHOWN = 160
+EVIDENCE_MIN_WIDTH = 16
 
 
 def cluster_table(clusters: list, title: str = "Image clusters") -> Table:
-    t = Table(title=shown(title), expand=True)
-    # Fits 80 columns: every column may wrap (ids fold), so none is cropped
-    # off the right edge, where the alert level used to be lost; evidence
-    # keeps a minimum width so it is not squeezed to one letter per line.
-    for col, kw in (("cluster", {"min_width": 8, "overflow": "fold"}),
-                    ("fake", {"justify": "right"}),
-                    ("verdict", {"overflow": "fold"}),
-                    ("alert", {}),
-                    ("evidence", {"ratio": 1, "min_width": 12, "overflow": "fold"}),
-                    ("seen", {"justify": "right"}), ("accts", {"justify": "right"}),
-                    ("5m", {"justify": "right"}), ("imgs", {"justify": "right"})):
+    # Fits 80 columns: no outer edge or column rules (the header rule stays),
+    # numbers with short headers, and evidence last, the one column that
+    # wraps, so it takes what is left (at least EVIDENCE_MIN_WIDTH) instead
+    # of a column being cropped off the right edge, where the alert level was
+    # lost; an 80-column terminal gives evidence ~20 columns.
+    t = Table(title=shown(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for col, kw in (("cluster", {"no_wrap": True}), ("fake", {"justify": "right", "no_wrap": True}),
+                    ("verdict", {"no_wrap": True}), ("alert", {"no_wrap": True}),
+                    ("seen", {"justify": "right", "no_wrap": True}), ("accts", {"justify": "right", "no_wrap": True}),
+                    ("5m", {"justify": "right", "no_wrap": True}), ("imgs", {"justify": "right", "no_wrap": True}),
+                    ("evidence", {"min_width": EVIDENCE_MIN_WIDTH, "overflow": "fold"})):
         t.add_column(col, **kw)
     for c in clusters:
         color = {"likely-ai": "red", "inconclusive": "yellow"}.get(c["verdict"], "green")
         ev = c["evidence"][0]["detail"] if c["evidence"] else "—"
         if len(ev) > EVIDENCE_SHOWN:
             ev = ev[: EVIDENCE_SHOWN - 1] + "…"
-        alert = (Text("suppressed") if c.get("suppressed") else
+        alert = (Text("supp.") if c.get("suppressed") else
                  Text(f"L{c['alert_level']}", style="bold red") if c.get("alert_level") else Text(""))
         t.add_row(
             shown(c["id"]), Text(f"{c['fake_score']:.2f}", style=color), Text(c["verdict"], style=color), alert,
-            shown(ev), str(c["sightings"]), str(c["accounts"]), str(c["velocity"].get("sightings_5m", 0)),
-            str(len(c["members"])),
+            str(c["sightings"]), str(c["accounts"]), str(c["velocity"].get("sightings_5m", 0)),
+            str(len(c["members"])), shown(ev),
         )
     return t
 
