@@ -73,6 +73,7 @@ def test_the_cluster_table_keeps_the_alert_column_at_80_columns(hostile_store):
     console.print(cluster_table([row]))
     text = console.export_text()
     assert "edfc825e5d1eef8f" in text and "L3" in text and "AUTOMATIC" in text
+    assert "-style" in text and "chunk" in text  # folded onto the next lines, not cropped at the edge
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "L2" in r.stdout
     assert "x" * 200 not in r.stdout.replace("\n", "").replace("│", "").replace(" ", "")  # evidence cut for a table

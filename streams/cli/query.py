@@ -109,7 +109,7 @@ def _emit(rows: list, fmt: str, title: str, columns: tuple[str, ...], cells: Cal
 # A table row shows the start of the strongest evidence (a pixel model's
 # explanation runs to a paragraph); JSON carries all of it.
 EVIDENCE_SHOWN = 160
-EVIDENCE_MIN_WIDTH = 16
+EVIDENCE_MIN_WIDTH = 8
 
 
 def cluster_table(clusters: list, title: str = "Image clusters") -> Table:
@@ -117,7 +117,7 @@ def cluster_table(clusters: list, title: str = "Image clusters") -> Table:
     # numbers with short headers, and evidence last, the one column that
     # wraps, so it takes what is left (at least EVIDENCE_MIN_WIDTH) instead
     # of a column being cropped off the right edge, where the alert level was
-    # lost; an 80-column terminal gives evidence ~20 columns.
+    # lost; beside 16-character ids an 80-column terminal leaves evidence 13.
     t = Table(title=shown(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     for col, kw in (("cluster", {"no_wrap": True}), ("fake", {"justify": "right", "no_wrap": True}),
                     ("verdict", {"no_wrap": True}), ("alert", {"no_wrap": True}),
