@@ -640,14 +640,17 @@ class EsFindingsStore:
         With ``limit`` only those are read, in one search (the live table
         asks for the top 15 every refresh), not every cluster."""
         query: dict[str, Any] = {"match_all": {}} if include_merged else _live()
-        sort = [{"fake_score": "desc"}, {"cluster_id": "asc"}]
+        return self._records(self._first(query, [{"fake_score": "desc"}, {"cluster_id": "asc"}], limit))
+
+    def _first(self, query: dict[str, Any], sort: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+        """The first ``limit`` cluster documents (all: None) in ``sort``
+        order: one sized search within the result window, else a scan
+        stopped at the limit."""
         if limit and limit <= MAX_CANDIDATES:
-            docs = [h["_source"] for h in self._search(self.names["clusters"], query=query, sort=sort, size=int(limit),
+            return [h["_source"] for h in self._search(self.names["clusters"], query=query, sort=sort, size=int(limit),
                                                        source=_READ_SOURCE)["hits"]["hits"]]
-        else:
-            scan = self._scan(self.names["clusters"], query, sort, _READ_SOURCE)
-            docs = [h["_source"] for h in (itertools.islice(scan, int(limit)) if limit else scan)]
-        return self._records(docs)
+        scan = self._scan(self.names["clusters"], query, sort, _READ_SOURCE)
+        return [h["_source"] for h in (itertools.islice(scan, int(limit)) if limit else scan)]
 
     def clusters_by_id(self, ids: set[str]) -> list[ClusterRecord]:
         """These clusters' records (merged ones too), built exactly as ``clusters`` builds them."""
@@ -698,14 +701,7 @@ class EsFindingsStore:
         if since is not None:
             query = {"bool": {"filter": [query, {"range": {"last_seen": {
                 "gte": int(since.timestamp() * 1000), "format": "epoch_millis"}}}]}}
-        sort = [{"last_seen": "desc"}, {"cluster_id": "asc"}]
-        if limit and limit <= MAX_CANDIDATES:
-            docs = [h["_source"] for h in self._search(self.names["clusters"], query=query, sort=sort, size=int(limit),
-                                                       source=_READ_SOURCE)["hits"]["hits"]]
-        else:
-            scan = self._scan(self.names["clusters"], query, sort, _READ_SOURCE)
-            docs = [h["_source"] for h in (itertools.islice(scan, int(limit)) if limit else scan)]
-        return self._records(docs)
+        return self._records(self._first(query, [{"last_seen": "desc"}, {"cluster_id": "asc"}], limit))
 
     def verdict_cluster_ids(self, verdict: str) -> dict[str, list[str]]:
         query = {"bool": {"filter": [_live(), {"term": {"verdict": verdict}}]}}
