@@ -21,7 +21,8 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
+from datetime import time as dtime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Collection, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar, runtime_checkable
@@ -415,6 +416,17 @@ class Deadline:
 
     def passed(self) -> bool:
         return time.monotonic() >= self.at
+
+
+def through_day(value: str) -> str:
+    """An ``until`` as given, or for a date alone the last instant of that
+    day (UTC): ``until 2026-11-20`` means through that day, where a date read
+    as its midnight left out the very day named (``deepwatch search``, the desk)."""
+    try:
+        day = date.fromisoformat(value.strip())
+    except ValueError:
+        return value
+    return datetime.combine(day, dtime.max, timezone.utc).isoformat()
 
 
 class ClusterQuery(BaseModel):

@@ -13,7 +13,9 @@ from rich.table import Table
 
 from detectors.regular_file import special_kind
 from streams.cli.app import app
-from streams.cli.common import Config, check_banks, check_store_option, err, fail, print_error, print_json, settings_from
+from streams.cli.common import (
+    Config, check_banks, check_store_option, err, fail, print_error, print_json, settings_from, shown,
+)
 from streams.settings import Settings
 
 bank_app = typer.Typer(
@@ -220,7 +222,7 @@ def list_(data_dir: Optional[Path] = _DataDir, fmt: str = _Format, config: Optio
         return
     table = Table("bank", "verdict", "entries")
     for b in banks:
-        table.add_row(escape(b.name), b.verdict, str(b.entries))
+        table.add_row(shown(b.name), b.verdict, str(b.entries))
     from rich.console import Console
 
     Console().print(table)
@@ -292,9 +294,9 @@ def similar(
     table = Table("kind", "id", "distance", "via", "verdict", "label")
     for r in rows:
         kind = "cluster" if "cluster_id" in r else f"bank {r['bank']}"
-        # bank names and labels (file names, imported CSV text) are untrusted: never markup
-        table.add_row(escape(kind), escape(r.get("cluster_id") or r["entry_id"]), str(r["distance"]), r["via"],
-                      r.get("verdict") or "", escape(r.get("label") or ""))
+        # bank names and labels (file names, imported CSV text) are untrusted: never markup nor control codes
+        table.add_row(shown(kind), shown(r.get("cluster_id") or r["entry_id"]), str(r["distance"]), r["via"],
+                      r.get("verdict") or "", shown(r.get("label") or ""))
     from rich.console import Console
 
     Console().print(table)

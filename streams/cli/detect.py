@@ -41,7 +41,7 @@ from detectors.fusion import fuse
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected, ignore_pillow_warnings
 from detectors.regular_file import FileRefused, special_kind
 from streams.cli.app import app
-from streams.cli.common import Config, UserError, check_banks, err, fail, settings_from
+from streams.cli.common import Config, UserError, check_banks, err, fail, settings_from, shown
 from streams.settings import DEVICE_RE
 
 # Directory walks pick these; files named explicitly are always tried.
@@ -200,12 +200,13 @@ def _render_table(results: list[dict[str, Any]], console: Console) -> None:
     for r in results:
         if r["error"]:
             error = f"{r['error']['reason']}: {r['error']['message']}"
-            table.add_row(escape(r["path"]), "[red]error[/]", "", "", escape(error))
+            table.add_row(shown(r["path"]), "[red]error[/]", "", "", shown(error))
             continue
-        # Paths and details are untrusted text: escape so they are never read as rich markup.
-        detail = "\n".join(escape(f"[{e['detector']}] {e['detail']}") for e in r["evidence"]) or "-"
+        # Paths and details (read from the image's metadata) are untrusted text: never markup, never
+        # terminal control sequences (``shown``).
+        detail = shown("\n".join(f"[{e['detector']}] {e['detail']}" for e in r["evidence"]) or "-")
         table.add_row(
-            escape(r["path"]),
+            shown(r["path"]),
             f"[{styles[r['verdict']]}]{r['verdict']}[/]",
             f"{r['score']:.3f}",
             f"{r['format']} {r['width']}x{r['height']}",

@@ -6,7 +6,7 @@ to read Elasticsearch instead of the embedded SQLite file in ``--data-dir``."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from datetime import date, datetime, time, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -23,7 +23,7 @@ from streams.cli.common import (
 )
 from streams.findings import (
     MAX_RESULTS, SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, SearchTimeout, StoreURLError, open_findings,
-    sqlite_file, text_terms,
+    sqlite_file, text_terms, through_day,
 )
 
 StoreOpt = typer.Option(
@@ -172,26 +172,16 @@ def clusters(
 
 def _when(value: Optional[str], flag: str, end_of_day: bool = False) -> Optional[datetime]:
     """An ISO time (naive = UTC, as the desk reads times). A date alone is
-    that day's start, or with ``end_of_day`` (``--until``) its last instant:
-    ``--until 2026-11-20`` read as midnight left out the whole day named."""
+    that day's start, or with ``end_of_day`` (``--until``) its last instant
+    (``through_day``)."""
     if value is None:
         return None
     try:
-        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        ts = datetime.fromisoformat((through_day(value) if end_of_day else value).replace("Z", "+00:00"))
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not an ISO 8601 time; use e.g. 2026-11-20T10:00:00Z or 2026-11-20",
                                  param_hint=flag) from None
-    if end_of_day and _date_only(value):
-        ts = datetime.combine(ts.date(), time.max)
     return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
-
-
-def _date_only(value: str) -> bool:
-    try:
-        date.fromisoformat(value)
-    except ValueError:
-        return False
-    return True
 
 
 @app.command(rich_help_panel="Findings")

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import secrets
-from datetime import date, datetime, time, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator, Optional
 from urllib.parse import quote, unquote_plus, urlencode
@@ -49,7 +49,7 @@ from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery
 from streams.desk.thumbs import ThumbError, Thumbnails
 from streams.desk.verdicts import Conflict, VerdictIn, Verdicts
 from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import MAX_RESULTS, FindingsStore, SearchTimeout, open_findings
+from streams.findings import MAX_RESULTS, FindingsStore, SearchTimeout, open_findings, through_day
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -300,17 +300,11 @@ _UNENCODED_OFFSET = re.compile(r"(\d) (\d\d(?::?\d\d)?)$")
 def _time_param(value: Optional[str], end_of_day: bool = False) -> Optional[str]:
     """``since``/``until`` as sent, made what the analyst meant: an offset's
     unencoded ``+`` read back, and a date alone for ``until`` the end of that
-    day (as midnight, it left out the very day named)."""
+    day (``through_day``)."""
     if not value:
         return None
     value = _UNENCODED_OFFSET.sub(r"\1+\2", value.strip())
-    if end_of_day:
-        try:
-            day = date.fromisoformat(value)
-        except ValueError:
-            return value
-        return datetime.combine(day, time.max, timezone.utc).isoformat()
-    return value
+    return through_day(value) if end_of_day else value
 
 
 def _utc(d: datetime) -> datetime:

@@ -39,6 +39,7 @@ from streams.findings import (
     FindingsStore, MemberRow, decode_cursor, encode_cursor, sort_key, text_terms,
 )
 from streams.records import MAX_SAMPLE_POSTS, SamplePost
+from streams.settings import DeskSettings
 from streams.virality import WINDOW_1H, WINDOW_5M
 
 # How long cached views live on a store with no change signal (Elasticsearch):
@@ -48,9 +49,9 @@ ACCOUNT_QUERIES_CACHED = 32  # distinct account queries (filters, one account's 
 DETAIL_SIGHTINGS = 200  # a cluster's sightings its page and /api/clusters/{id} carry; viral ones have millions
 # Above this share of the cached clusters changed, one full read is cheaper than reading them by id.
 INCREMENTAL_MAX_SHARE = 0.25
-# The view's defaults (``desk.view_days``, ``desk.max_view_clusters``; 0: no bound)
-VIEW_DAYS = 30.0
-MAX_VIEW_CLUSTERS = 50_000
+# The view's defaults: the settings' own (``desk.view_days``, ``desk.max_view_clusters``; 0: no bound)
+VIEW_DAYS: float = DeskSettings.model_fields["view_days"].default
+MAX_VIEW_CLUSTERS: int = DeskSettings.model_fields["max_view_clusters"].default
 SIGHTING_FIELDS = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
                    "posted_at", "text")
 
@@ -297,7 +298,7 @@ class FindingsSource:
         prev = self._shown.get(cid)
         if prev is not None and prev[0] is d:
             return prev[1]
-        return _ts(d["last_seen"]).timestamp() if d["last_seen"] else None
+        return _last_seen_s(d)
 
     def _trimmed(self, docs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """``docs`` (the view plus what changed) less what a full read would
@@ -330,8 +331,7 @@ class FindingsSource:
         changed or one of its windows closed since the last view: copying
         all of 10,000 on every change of the store took ~60 ms."""
         old = self._shown
-        seen = {cid: old[cid][1] if cid in old and old[cid][0] is d else
-                (_ts(d["last_seen"]).timestamp() if d["last_seen"] else None) for cid, d in docs.items()}
+        seen = {cid: self._seen(cid, d) for cid, d in docs.items()}
         at = max((t for t in seen.values() if t is not None), default=None)
         self._at = at
         shown = {}
@@ -362,7 +362,7 @@ class FindingsSource:
             return {}
         docs = self._overlaid([c.as_json() for c in self._records_by_id(set(ids))])
         at = self._at
-        return {cid: _decayed(d, _closed_windows(_ts(d["last_seen"]).timestamp() if d["last_seen"] else None, at))
+        return {cid: _decayed(d, _closed_windows(_last_seen_s(d), at))
                 for cid, d in docs.items()}
 
     def may_show(self, sha256: str) -> bool:
@@ -667,6 +667,11 @@ class FindingsSource:
                  "ai_share": r.ai_pictures / r.pictures if r.pictures else 0.0, "posts": r.posts,
                  "last_seen": _ts(r.last_seen), "platforms": list(r.platforms)}
                 for r in self.store.account_windows(window, ai_ids, min_ai_pictures=min_ai_pictures)]
+
+
+def _last_seen_s(d: dict[str, Any]) -> float | None:
+    """A cluster document's last sighting as an instant (epoch s); None without one."""
+    return _ts(d["last_seen"]).timestamp() if d["last_seen"] else None
 
 
 def _closed_windows(seen: float | None, at: float | None) -> int:
