@@ -24,10 +24,8 @@ that cannot fit, before its body is read).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -47,6 +45,7 @@ from streams.fetch import DNS_THREADS, FetchError
 from streams.http_deadlines import HEADER_TIMEOUT_S, head_deadline_protocol
 from streams.records import DeadLetter, payload_sha256
 from streams.settings import Settings
+from streams.tokens import MAKE_ONE, MIN_TOKEN_CHARS, TokenConfigError, presented, token_entries
 from streams.validate import InvalidEvent, parse_event
 
 log = logging.getLogger("deepwatch.ingest")
@@ -87,35 +86,25 @@ URL_CHECK_S = 5.0
 URL_CHECK_CONCURRENCY = DNS_THREADS
 
 
-class TokenConfigError(ValueError):
-    pass
-
-
 def load_tokens(env_name: str, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """``NAME:TOKEN,NAME:TOKEN`` from the environment -> {token: name}.
-    Blanks around names and tokens are dropped (``desk: TOKEN`` kept the
-    space, and no request could ever match it); a token with blanks inside
-    is refused (no bearer token has any, RFC 6750: likely a missing comma)."""
-    raw = (environ if environ is not None else os.environ).get(env_name, "")
+    """``NAME:TOKEN,NAME:TOKEN`` from the environment -> {token: name}
+    (``streams.tokens.token_entries``: blanks around names and tokens
+    dropped, a token with blanks inside or under 16 characters refused). A
+    bare ``TOKEN`` is named ``token-<n>`` by its place in the list."""
     tokens: dict[str, str] = {}
-    for i, item in enumerate(p.strip() for p in raw.split(",")):
-        if not item:
+    for i, parts in enumerate(token_entries(env_name, 2, environ)):
+        if len(parts) == 2:
+            tokens[parts[1]] = parts[0]
             continue
-        name, sep, token = item.partition(":")
-        name, token = name.strip(), token.strip()
-        if not sep:
-            name, token = f"token-{i + 1}", item
-        if any(c.isspace() for c in token):
-            raise TokenConfigError(f"{env_name}: the token for {name!r} contains whitespace, which no bearer "
-                                   "token has; separate entries with commas: NAME:TOKEN,NAME:TOKEN")
-        if len(token) < 16 and not sep:  # "tipline" alone: the token was forgotten, not short
+        item = parts[0]
+        if any(c.isspace() for c in item):
+            raise TokenConfigError(f"{env_name}: entry {i + 1} contains whitespace, which no bearer token has; "
+                                   "separate entries with commas: NAME:TOKEN,NAME:TOKEN")
+        if len(item) < MIN_TOKEN_CHARS:  # "tipline" alone: the token was forgotten, not short
             raise TokenConfigError(f"{env_name}: entry {i + 1} is not NAME:TOKEN (no ':'), and as a bare token it is "
-                                   "shorter than 16 characters; write NAME:TOKEN with e.g. "
-                                   "`python -c 'import secrets; print(secrets.token_urlsafe(32))'` as the token")
-        if len(token) < 16:
-            raise TokenConfigError(f"{env_name}: the token for {name!r} is shorter than 16 characters; "
-                                   "use e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
-        tokens[token] = name
+                                   f"shorter than {MIN_TOKEN_CHARS} characters; write NAME:TOKEN with e.g. {MAKE_ONE} "
+                                   "as the token")
+        tokens[item] = f"token-{i + 1}"
     return tokens
 
 
@@ -537,11 +526,7 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             return None
-        found = None
-        for token, name in tokens.items():  # compare against all: no early exit timing
-            if hmac.compare_digest(token.encode(), given.strip().encode()):
-                found = name
-        return found
+        return presented(tokens, given)
 
     def answer(token: str, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
         REQUESTS.labels(token, str(status)).inc()

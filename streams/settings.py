@@ -513,6 +513,12 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         os.environ["DEEPWATCH_CONFIG"] = str(config)
     from streams.settings_check import check_environment, check_toml_file, explain, explain_source_error
 
+    # The model ignores extra keys (the environment holds unrelated
+    # DEEPWATCH_ variables, which check_environment judges): a misspelt
+    # override from a CLI flag would be dropped silently.
+    unknown = sorted(set(overrides) - set(Settings.model_fields))
+    if unknown:
+        raise TypeError(f"load_settings: no such setting {', '.join(map(repr, unknown))}")
     check_environment(os.environ)
     if os.environ.get("DEEPWATCH_CONFIG"):
         check_toml_file(Path(os.environ["DEEPWATCH_CONFIG"]))

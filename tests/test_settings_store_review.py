@@ -164,3 +164,11 @@ def test_workers_get_every_section_of_the_parents_settings(tmp_path, monkeypatch
         if hasattr(value, "model_dump"):  # a section
             assert getattr(worker, name).model_dump() == value.model_dump(), name
     assert worker.desk.public_url == "https://desk.example.org" and worker.batch.cluster_max_ops == 7
+
+
+def test_a_misspelt_override_is_an_error_not_a_default():
+    from streams.settings import load_settings
+
+    with pytest.raises(TypeError, match="'data_dirr'"):
+        load_settings(data_dirr="/x")
+    assert load_settings(partitions=3).partitions == 3

@@ -33,6 +33,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from streams.tokens import MAKE_ONE, MIN_TOKEN_CHARS, TokenConfigError, presented, token_entries
+
 log = logging.getLogger(__name__)
 
 Role = Literal["viewer", "editor"]
@@ -171,26 +173,20 @@ def add_user(path: Path, name: str, role: str, password: str) -> None:
 
 
 def tokens_from_env(var: str) -> dict[str, tuple[str, Role]]:
-    """token -> (name, role) from ``role:name:token,...``; malformed items are refused loudly."""
-    raw = os.environ.get(var, "").strip()
+    """token -> (name, role) from ``role:name:token,...``
+    (``streams.tokens.token_entries``); a malformed item is refused loudly."""
     out: dict[str, tuple[str, Role]] = {}
-    if not raw:
-        return out
-    for item in raw.split(","):
-        parts = item.strip().split(":", 2)
-        if len(parts) != 3 or parts[0] not in RANK or len(parts[2]) < 16:
-            raise ValueError(f"{var}: each item must be role:name:token with role viewer|editor and a token of 16+ characters")
+    for parts in token_entries(var, 3):
+        if len(parts) != 3 or parts[0] not in RANK or not parts[1]:
+            raise TokenConfigError(f"{var}: each item must be role:name:token with role viewer|editor, a name, and a "
+                                   f"token of {MIN_TOKEN_CHARS}+ characters (e.g. {MAKE_ONE})")
         out[parts[2]] = (parts[1], parts[0])  # type: ignore[assignment]
     return out
 
 
-def token_principal(tokens: dict[str, tuple[str, Role]], presented: str) -> Principal | None:
-    # Compare against every token so timing says nothing about which prefix matched.
-    found = None
-    for token, (name, role) in tokens.items():
-        if hmac.compare_digest(token.encode(), presented.encode()):
-            found = Principal(user=name, role=role, via="token")
-    return found
+def token_principal(tokens: dict[str, tuple[str, Role]], given: str) -> Principal | None:
+    found = presented(tokens, given)
+    return None if found is None else Principal(user=found[0], role=found[1], via="token")
 
 
 class LoginLimiter:
