@@ -13,7 +13,9 @@ import abc
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from detectors.printable import escaped
 
 if TYPE_CHECKING:  # annotations only: evidence records need no image code
     from detectors.imagedata import ImageData
@@ -78,6 +80,14 @@ class Evidence(BaseModel):
     weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
     sha256: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("detail")
+    @classmethod
+    def _showable(cls, v: str) -> str:
+        # Detail is often text read from the picture's metadata, shown on
+        # terminals, in logs and in webhook summaries: an ESC or CR in a
+        # generator's "Model:" field rewrote the operator's ALERT line.
+        return escaped(v)
 
     @model_validator(mode="before")
     @classmethod

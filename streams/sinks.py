@@ -59,6 +59,7 @@ from typing import Any, Callable, Literal, TypeVar
 
 import httpx
 
+from detectors.printable import one_line
 from streams import metrics
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef, named_event
 from streams.settings import FindingsSettings, Settings, WebhookSettings
@@ -195,7 +196,7 @@ class Sinks:
                 lag = (datetime.now(timezone.utc) - alert.trigger_ingested_at).total_seconds()
                 metrics.EVENT_TO_ALERT_SECONDS.observe(max(0.0, lag))
             if self.settings.alerts.console:
-                top = alert.evidence[0].detail if alert.evidence else "no evidence detail"
+                top = one_line(alert.evidence[0].detail) if alert.evidence else "no evidence detail"
                 link = desk_url(self.settings.desk.public_url, alert)
                 log.warning(
                     f"ALERT L{alert.level} cluster {alert.cluster_id}: fake score {alert.fake_score:.2f} ({alert.verdict}), "
@@ -294,7 +295,8 @@ class Sinks:
             state, detail = failure_state(e), str(e)
             metrics.WEBHOOKS.labels(state.value).inc()  # failed | rejected
             log.error("webhook delivery failed",
-                      extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": detail})
+                      extra={"alert_id": alert.alert_id, "target": key, "receiver": target_label(hook.url),
+                             "error": detail})
         await self._write("delivery", 1, lambda store: store.mark_delivered(alert.alert_id, key, state, detail))
         return state
 

@@ -115,7 +115,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from datetime import timezone
 from email.utils import parsedate_to_datetime
@@ -124,6 +123,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 
+from detectors.printable import one_line
 from streams import metrics
 from streams.fetch import FetchError, Pinned, embedded_ipv4, pin  # embedded: IPv4-mapped, 6to4, Teredo, NAT64
 from streams.fetch import _address_allowed as _public_address
@@ -210,7 +210,7 @@ def alert_summary(alert: Alert, desk_link: str | None = None) -> str:
     """One line for people; it ends with the desk link when there is one.
     Where the alert knows them: when the picture was first seen (UTC), on
     which platforms, and one post to open (``alert_spread``)."""
-    top = alert.evidence[0].detail if alert.evidence else "no evidence detail"
+    top = one_line(alert.evidence[0].detail) if alert.evidence else "no evidence detail"
     what = "escalation" if alert.level > 1 else "alert"
     return (f"deepwatch {what} (level {alert.level}) for cluster {alert.cluster_id}: fake score "
             f"{alert.fake_score:.2f} ({alert.verdict}), {alert.velocity.sightings_5m} sightings in 5 min, "
@@ -740,7 +740,7 @@ class Redeliverer:
                 await self._mark(alert, key, also, failure_state(e), str(e))
                 metrics.WEBHOOKS.labels("rejected").inc()
                 log.error("webhook receiver rejected an alert for good; going on with the next",
-                          extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
+                          extra={"alert_id": alert.alert_id, "target": key, "receiver": target_label(hook.url), "error": str(e)})
                 in_a_row = 0  # the receiver answered
                 continue
             except WebhookError as e:
@@ -749,13 +749,13 @@ class Redeliverer:
                 blocked.add(alert.cluster_id)  # keep the cluster's order: its later alerts wait for this one
                 in_a_row += 1
                 log.warning("webhook redelivery failed; will retry",
-                            extra={"alert_id": alert.alert_id, "target": target_label(hook.url), "error": str(e)})
+                            extra={"alert_id": alert.alert_id, "target": key, "receiver": target_label(hook.url), "error": str(e)})
                 if in_a_row >= REDELIVERY_GIVE_UP:
                     break  # the receiver looks down: the next round tries again
                 continue
             await self._mark(alert, key, also, state)
             metrics.WEBHOOKS.labels("delivered").inc()
-            log.info("webhook redelivered", extra={"alert_id": alert.alert_id, "target": target_label(hook.url)})
+            log.info("webhook redelivered", extra={"alert_id": alert.alert_id, "target": key, "receiver": target_label(hook.url)})
             in_a_row = 0
             done += 1
         return done

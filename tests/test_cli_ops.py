@@ -146,6 +146,10 @@ def test_alerts_show_webhook_delivery_status_and_json_alias(tmp_path):
     assert doc["deliveries"][0]["status"] == "failed: HTTP 503"
     r = deepwatch("alerts", "--data-dir", str(tmp_path), env={"COLUMNS": "60"})
     assert r.returncode == 0 and "503" in r.stdout  # a narrow terminal wraps the column, never drops it
+    r = deepwatch("alerts", "--data-dir", str(tmp_path), env={"COLUMNS": "200"})
+    # each status names its target: hooks sharing a receiver's host told apart, as `deepwatch redeliver` takes them
+    key = json.loads(deepwatch("alerts", "--data-dir", str(tmp_path), "--json").stdout)[0]["deliveries"][0]["target"]
+    assert f"{key}: failed: HTTP 503" in r.stdout
 
 
 def test_bench_needing_shared_data_is_skipped_with_the_reason(tmp_path, monkeypatch, capsys):

@@ -637,3 +637,17 @@ def test_the_console_alert_line_says_since_when_where_and_a_post(receiver, monke
         asyncio.run(_sink_alert(sinks, alert))
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ALERT L1")]
     assert line.endswith("; first seen 2026-12-06 04:10 UTC on bluesky, mastodon; post: https://bsky.app/p/1"), line
+
+
+def test_text_read_from_a_picture_cannot_rewrite_the_summary_line():
+    # A generator's "Model:" field carried ESC sequences and a CR: the console
+    # ALERT line read "VERIFIED AUTHENTIC" on the operator's terminal.
+    from streams.webhooks import alert_summary
+
+    hostile = "Model: x \x1b]8;;https://evil.example\x1b\\click\x1b[2K\x1b[31mVERIFIED\x1b[0m\r\u202eevil\nnext"
+    ev = Evidence(detector="gen_metadata", score=0.99, detail=hostile)
+    assert "\x1b" not in ev.detail and "\r" not in ev.detail and "\u202e" not in ev.detail
+    assert "\\x1b[2K" in ev.detail and "\\r" in ev.detail and "\\u202e" in ev.detail
+    assert Evidence.model_validate_json(ev.model_dump_json()).detail == ev.detail  # escaping is stable on re-read
+    line = alert_summary(_alert().model_copy(update={"evidence": [ev]}))
+    assert line.isprintable() and "\\x1b]8;;https://evil.example" in line and "evil next" in line

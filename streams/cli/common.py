@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from detectors.printable import escaped
 from streams.console import interruption, received
 from streams.settings import Settings, load_settings
 
@@ -21,19 +21,12 @@ from streams.settings import Settings, load_settings
 # wraps at 80 off a terminal), so it can be grepped and copied whole.
 err = Console(stderr=True, soft_wrap=True)
 
-# What a table cell must not send to a terminal: C0/C1 control characters
-# (ESC starts sequences that clear the screen, recolour it or plant a link;
-# Rich passes ESC through) and the bidirectional overrides that make text read
-# backwards. Newlines and tabs stay: they only wrap.
-_UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
 def shown(value: object, style: str = "") -> Text:
     """Untrusted text (post texts, event ids, evidence read from image
     metadata) as a table cell: never read as Rich markup (``[/x]`` crashed
     the table, ``[bold]`` restyled it), and control characters shown as
     escapes (``\x1b``) instead of reaching the terminal."""
-    return Text(_UNSHOWABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), str(value)), style=style)
+    return Text(escaped(str(value)), style=style)
 
 DataDir = typer.Option(None, "--data-dir", "-d", help="Directory for findings, blobs and logs (env DEEPWATCH_DATA_DIR; default ./deepwatch-data).")
 Config = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="TOML settings file (env DEEPWATCH_CONFIG). Environment variables override it.")

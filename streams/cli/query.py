@@ -272,7 +272,8 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
     _note_cut(found, "alerts")
 
     def delivery(a: dict) -> str:
-        return "; ".join(d["status"][:60] for d in a["deliveries"]) or "—"
+        # the target names the hook (`deepwatch redeliver TARGET`): several hooks may share a receiver's host
+        return "; ".join(f"{d['target']}: {d['status'][:60]}" for d in a["deliveries"]) or "—"
 
     _emit(rows, fmt, "Alerts",
           ("time", "cluster", "level", "fake", "5m", "accounts", "rule", "webhook"),
