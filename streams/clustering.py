@@ -94,7 +94,7 @@ log = logging.getLogger(__name__)
 # loads (every field added since is optional) and is written back as this
 # one; a newer one is refused (``NewerStateVersion``): its fields this code
 # does not know would be dropped by the next write.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 class NewerStateVersion(Exception):
@@ -124,7 +124,10 @@ class ClusterState(BaseModel):
     # until it sees posts again (its earliest ones are no longer known);
     # 6: ``alerts`` (the last ``ALERTS_KEPT`` raised, with the offset of the
     # op that raised each) in place of ``last_alert``, which a version-5
-    # state's ``alerts`` is read from.
+    # state's ``alerts`` is read from;
+    # 7: ``platform_since`` (each platform's earliest post), by which
+    # ``platforms`` is ordered; absent, the platforms seen before keep their
+    # order, first.
     # ``schema_version`` is the version a state was stored at: ``loads``
     # refuses one newer than ``SCHEMA_VERSION``, ``dumps`` always writes
     # ``SCHEMA_VERSION`` (a state read at an older version is upgraded when
@@ -140,7 +143,10 @@ class ClusterState(BaseModel):
     models_pending: bool = False
     sightings: int = 0
     accounts: list[str] = Field(default_factory=list)
+    # in the order the picture reached them (``platform_since``), not the order
+    # their posts arrived in: a replay's workers analyse copies in any order
     platforms: list[str] = Field(default_factory=list)
+    platform_since: dict[str, datetime] = Field(default_factory=dict)  # platform -> its earliest post's time
     engagement: Engagement = Field(default_factory=Engagement)
     recent: list[virality.RecentSighting] = Field(default_factory=list)
     first_seen: datetime | None = None
@@ -293,6 +299,22 @@ def blob_pixels(blobs: BlobStore) -> PixelSource:
         except (OSError, ValueError):
             return None
     return get
+
+
+def _reached(state: ClusterState, since: dict[str, datetime]) -> None:
+    """Take each platform's earlier first post from ``since`` and order
+    ``platforms`` by when the picture reached each. Platforms with no known
+    time (a state written before version 7) were seen before the others
+    were timed, and keep their order, first."""
+    changed = False
+    for platform, at in since.items():
+        was = state.platform_since.get(platform)
+        if was is None or at < was:
+            state.platform_since[platform] = at
+            changed = True
+    if changed:
+        known = state.platform_since
+        state.platforms.sort(key=lambda p: (p in known, known.get(p) or datetime.min.replace(tzinfo=timezone.utc)))
 
 
 class ClusterEngine:
@@ -585,6 +607,7 @@ class ClusterEngine:
             state.accounts.append(ev.account_id)
         if ev.platform not in state.platforms:
             state.platforms.append(ev.platform)
+        _reached(state, {ev.platform: ev.posted_at} if ev.posted_at is not None else {})
         g = ev.engagement
         state.engagement = state.engagement + g
         state.first_seen = min(filter(None, [state.first_seen, ev.posted_at]))
@@ -624,6 +647,7 @@ class ClusterEngine:
         into.accounts.extend(a for a in other.accounts if a not in known_accounts)
         into.accounts = into.accounts[:MAX_ACCOUNTS]
         into.platforms.extend(p for p in other.platforms if p not in into.platforms)
+        _reached(into, other.platform_since)
         into.engagement = into.engagement + other.engagement
         ids = {r.e for r in into.recent}
         into.recent.extend(r for r in other.recent if r.e not in ids)

@@ -239,8 +239,8 @@ class AlertSettings(_Section):
     min_fake_score: float = Field(0.7, ge=0, le=1)
     min_sightings_5m: int = Field(10, ge=0)  # velocity: sightings of the cluster in the trailing 5 minutes (at most 5000)
     min_sightings_1h: int = Field(0, ge=0)  # sightings in the trailing hour (at most 5000)
-    # escalation re-alerts when the 5-minute velocity reaches this multiple of the last alert's
-    escalation_factor: float = Field(3.0, gt=1)
+    # level 2, 3, ... of a cluster's alert: its 5-minute velocity reached this multiple of the last alert's
+    escalation_factor: float = Field(3.0, gt=1)  # an escalation re-alerts when velocity reaches this times the last alert's
     webhooks: list[WebhookSettings] = Field(default_factory=list)  # signed alert webhooks: [[alerts.webhooks]] tables in TOML, or a JSON list; fields below
     console: bool = True
     webhook_redeliver_s: float = Field(60.0, gt=0)  # how often failed webhook deliveries are tried again, oldest first

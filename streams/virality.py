@@ -1,6 +1,10 @@
 """Virality of a cluster in event time: trailing windows ending at the newest
-sighting the cluster has seen (not wall-clock, so a replayed feed alerts
-exactly as the live one did)."""
+sighting the cluster has seen, not at the wall clock, so a feed replayed
+hours later counts as it did live. When an alert fires still depends on the
+order the cluster stage sees the copies in: the fake score crosses when the
+copy with the evidence is analysed, and with several workers that copy may
+come after many of its reposts (the alert then fires at a higher velocity,
+and an escalation waits for ``alerts.escalation_factor`` times that)."""
 
 from __future__ import annotations
 

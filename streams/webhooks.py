@@ -135,6 +135,7 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Deepwatch-Signature"
 TIMESTAMP_HEADER = "X-Deepwatch-Timestamp"
+USER_AGENT = "deepwatch-webhooks/1 (+https://github.com/deepwatch)"
 DELIVERY_HEADER = "X-Deepwatch-Delivery"
 
 REDELIVERY_GIVE_UP = 3  # failures in a row after which a redelivery round stops for a target (it looks down)
@@ -404,6 +405,7 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
         ts = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,  # not httpx's: receivers and their firewalls can tell deepwatch by it
             SIGNATURE_HEADER: sign(secret.encode(), ts, body),
             TIMESTAMP_HEADER: ts,
             DELIVERY_HEADER: delivery_header(alert.alert_id),
@@ -483,6 +485,8 @@ def _url_problem(url: str) -> str | None:
         return f"scheme {parts.scheme!r} is not http or https"
     if not parts.hostname:
         return "no host"
+    if "%" in parts.hostname:  # [fe80::1%25eth0]: was "cannot resolve", failed and retried every round
+        return "an IPv6 zone id names an interface of this host (a link-local address): never a webhook receiver"
     return None
 
 

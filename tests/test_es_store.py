@@ -1145,7 +1145,7 @@ def test_alerts_keep_when_and_where_the_picture_was_seen_searchably(fake_es):
     assert props["first_seen"] == props["last_seen"] == {"type": "date"} and props["platforms"]["type"] == "keyword"
     assert props["sample_posts"]["properties"]["posted_at"] == {"type": "date"}
     doc = fake_es.docs[T.concrete("deepwatch-alerts")][alert.alert_id]
-    assert doc["platforms"] == ["mastodon", "bluesky", "x", "telegram"] and len(doc["sample_posts"]) == 4
+    assert doc["platforms"] == ["telegram", "x", "bluesky", "mastodon"] and len(doc["sample_posts"]) == 4
     assert alert_from_doc(doc) == alert
     s.refresh()
     hits = s.es.search(index="deepwatch-alerts", query={"bool": {"filter": [

@@ -144,6 +144,7 @@ def test_delivery_is_signed_and_identified(receiver, monkeypatch):
     [req] = srv.requests
     assert req["valid"]
     assert req["headers"][DELIVERY_HEADER] == alert.alert_id
+    assert req["headers"]["User-Agent"].startswith("deepwatch-webhooks/")
     assert Alert.model_validate_json(req["body"]) == alert
 
 
@@ -604,14 +605,14 @@ def test_the_signed_body_and_summary_say_when_and_where_the_picture_was_seen(rec
     first = BASE_TIME - timedelta(minutes=1)  # the late-arriving post was the first posted
     assert datetime.fromisoformat(doc["first_seen"]) == first
     assert datetime.fromisoformat(doc["last_seen"]) == alert.last_seen
-    assert doc["platforms"] == ["mastodon", "bluesky", "x", "telegram"]
+    assert doc["platforms"] == ["telegram", "x", "bluesky", "mastodon"]
     assert [(p["event_id"], p.get("post_url")) for p in doc["sample_posts"]] == [
         ("early", "https://t.example/a6"), ("a", "https://x.example/a3/1"), ("b", None), ("r4", "https://x.example/b4/1")]
     assert doc["sample_posts"][1]["account_handle"] == "@a3" and doc["sample_posts"][1]["platform"] == "x"
     summary = doc.pop("summary")
     assert Alert.model_validate(doc) == alert, "the rest of the body is the alert, whole"
     assert summary == alert_summary(alert)
-    assert f"; first seen {first:%Y-%m-%d %H:%M} UTC on mastodon, bluesky, x, telegram; post: https://t.example/a6" in summary
+    assert f"; first seen {first:%Y-%m-%d %H:%M} UTC on telegram, x, bluesky, mastodon; post: https://t.example/a6" in summary
     # the earliest post without an http(s) URL is skipped for the next one; an alert from before
     # these fields (or an account alert) says nothing of them
     later = alert.model_copy(update={"sample_posts": alert.sample_posts[2:]})
@@ -651,3 +652,14 @@ def test_text_read_from_a_picture_cannot_rewrite_the_summary_line():
     assert Evidence.model_validate_json(ev.model_dump_json()).detail == ev.detail  # escaping is stable on re-read
     line = alert_summary(_alert().model_copy(update={"evidence": [ev]}))
     assert line.isprintable() and "\\x1b]8;;https://evil.example" in line and "evil next" in line
+
+
+def test_a_link_local_address_with_a_zone_id_is_rejected_not_retried(monkeypatch):
+    # it was "cannot resolve": failed, and tried again every redelivery round
+    from streams.webhooks import WebhookRejected
+
+    monkeypatch.setenv(ENV, SECRET)
+    hook = WebhookSettings.model_construct(url="http://[fe80::1%25eth0]/hook", secret_env=ENV, retries=2, timeout_s=1.0,
+                                           retry_after_max_s=300.0, summary=False)
+    with pytest.raises(WebhookRejected, match="zone id"):
+        _deliver(_lo(hook), _alert(), within_s=5)
