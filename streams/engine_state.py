@@ -15,7 +15,10 @@ give it:
   window (duplicate events recognised), alert levels, merges.
 
 The findings store stays at the end of the flow (sinks write it, queries read
-it); nothing in the engine reads it. ``EngineStateStore`` is the interface,
+it); the engine's index and counts never come from it. One check reads it:
+before the stage starts, ``lost_state`` compares its sightings with this
+file, to refuse starting over an engine state that was lost (clusters would
+be founded again for pictures the store already holds). ``EngineStateStore`` is the interface,
 ``SqliteEngineState`` the embedded backend (one file in the data directory).
 Offsets in a state belong to the broker that wrote them: the stage clears
 them (``cluster_stage._fresh``) when it seeds a fresh broker from this file.

@@ -159,14 +159,17 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def _address_allowed(ip: IPAddress) -> bool:
+def public_address(ip: IPAddress) -> bool:
+    """Whether ``ip`` is a public address: the fetch stage's rule, and the
+    webhooks' without ``alerts.allow_private_webhooks``. An IPv6 address
+    that embeds an IPv4 one (mapped, 6to4, Teredo, NAT64) is judged by it."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped:
-            return _address_allowed(ip.ipv4_mapped)
+            return public_address(ip.ipv4_mapped)
         inner = embedded_ipv4(ip)
         if inner:
             # The gateway's address space is global; what it forwards to is not necessarily.
-            return all(_address_allowed(a) for a in inner)
+            return all(public_address(a) for a in inner)
         if ip.is_site_local:  # fec0::/10: deprecated, but still routed inside some networks
             return False
     return ip.is_global and not (ip.is_multicast or ip.is_reserved)
@@ -259,7 +262,7 @@ def refuse_private(host: str, addrs: list[IPAddress]) -> None:
     """The fetch stage's rule: refuse if ANY address is not public (a
     round-robin answer mixing a public and a private address is a classic
     rebinding trick)."""
-    blocked = [str(a) for a in addrs if not _address_allowed(a)]
+    blocked = [str(a) for a in addrs if not public_address(a)]
     if blocked:
         raise FetchError(
             "blocked_address",

@@ -4,7 +4,11 @@ alert tooling read, whatever the backend (embedded SQLite or Elasticsearch).
 Read records are typed and versioned; ``ClusterRecord.as_json()`` is exactly
 the object ``deepwatch clusters --format json`` and ``deepwatch search`` print.
 The cluster engine's own state (cold tier, revival, seeding) is not part of
-this interface: findings sit only at the end of the flow.
+this interface (``streams.engine_state``). Findings are written at the end of
+the flow; upstream, the analyze stage reads one thing of them, the post an
+event id was already stored with (``sighting_identity``: duplicates and
+conflicting resends, exact and unbounded in time), and records each event
+it settles there (``mark_processed``), so a replayed offset is counted once.
 
 Read records also answer ``record["field"]`` / ``.get`` / ``.items()`` with
 their JSON-mode values, so callers written against the earlier dict rows keep
@@ -25,11 +29,12 @@ from datetime import date, datetime, timedelta, timezone
 from datetime import time as dtime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, Collection, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar, runtime_checkable
+from typing import Any, Callable, Collection, Generic, Iterable, Literal, Mapping, Protocol, TypeVar, runtime_checkable
 from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
+from detectors.base import EvidenceKind
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Engagement, SamplePost, SourceRef, Velocity
 
 Verdict = Literal["likely-ai", "inconclusive", "no-evidence"]
@@ -113,6 +118,7 @@ class EvidenceItem(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="allow")
     detector: str
+    kind: EvidenceKind | None = None  # None: stored before evidence had kinds (``Evidence`` recovers it)
     score: float
     detail: str
     weight: float = 1.0
@@ -195,11 +201,8 @@ class AlertRecord(_ReadRecord):
     last_seen: datetime | None = None
     platforms: list[str] = Field(default_factory=list)
     sample_posts: list[SamplePost] = Field(default_factory=list)
-
-    @classmethod
-    def from_alert(cls, alert: Alert) -> "AlertRecord":
-        return cls.model_validate_json(alert.model_dump_json(exclude_none=True))
-
+    account_id: str | None = None  # an account alert's account
+    merged_from: list[str] = Field(default_factory=list)
 
 
 class DeadLetterRecord(_ReadRecord):
@@ -901,8 +904,3 @@ def check_store_url(value: str | None) -> str | None:
     if port == 0:
         raise ValueError(f"port 0 cannot be connected to; {example}")
     return value
-
-
-def iter_json(records: list[_ReadRecord]) -> Iterator[dict[str, Any]]:
-    for r in records:
-        yield r.as_json()

@@ -126,7 +126,7 @@ import httpx
 from detectors.printable import one_line
 from streams import metrics
 from streams.fetch import FetchError, Pinned, embedded_ipv4, pin  # embedded: IPv4-mapped, 6to4, Teredo, NAT64
-from streams.fetch import _address_allowed as _public_address
+from streams.fetch import public_address
 from streams.findings import UNDELIVERED, DeliveryState, cluster_page_url
 from streams.records import Alert, openable_url
 from streams.settings import TARGET_KEY_RE, Settings, WebhookSettings, hook_origin
@@ -522,7 +522,7 @@ def _refuse_private(host: str, addrs: list) -> None:
     every address that is not public (loopback, RFC 1918, unique-local,
     CGNAT... the fetch stage's rule, ``streams.fetch``)."""
     _refuse_metadata(host, addrs)
-    refused = [str(a) for a in addrs if not _public_address(a)]
+    refused = [str(a) for a in addrs if not public_address(a)]
     if refused:
         raise _Refused(f"{host} resolves to non-public address {', '.join(refused)} (loopback or private network); "
                        "set alerts.allow_private_webhooks = true to deliver to it")

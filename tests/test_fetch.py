@@ -210,12 +210,12 @@ def test_redirect_hop_to_blocked_address_refused(server, monkeypatch):
     # Let the test server stand in for a public host: 127.0.0.1 passes the
     # address check, everything else keeps the real policy. The redirect to
     # the cloud metadata address must then be refused at the second hop.
-    real = fetch_mod._address_allowed
+    real = fetch_mod.public_address
 
     def allowed(ip):
         return ip == ipaddress.ip_address("127.0.0.1") or real(ip)
 
-    monkeypatch.setattr(fetch_mod, "_address_allowed", allowed)
+    monkeypatch.setattr(fetch_mod, "public_address", allowed)
     err = _fail(_event(url=_url(server, "/to-metadata")), FetchSettings(retries=0))
     assert err.reason == "blocked_address"
     assert "169.254.169.254" in err.detail

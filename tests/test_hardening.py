@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected, process_budget
-from streams.fetch import FetchError, ImageFetcher, _address_allowed
+from streams.fetch import FetchError, ImageFetcher, public_address
 from streams.findings import PostIdentity
 from streams.records import DeadLetter, ImageEvent, SourceRef
 from streams.settings import FetchSettings, IngestSettings, Settings
@@ -180,12 +180,12 @@ def test_slow_drip_server_hits_the_overall_fetch_deadline(drip_server):
     "::ffff:10.0.0.1",
 ])
 def test_ipv6_addresses_embedding_internal_ipv4_are_refused(addr):
-    assert not _address_allowed(ipaddress.ip_address(addr))
+    assert not public_address(ipaddress.ip_address(addr))
 
 
 def test_public_addresses_still_pass():
     for addr in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "2002:5db8:d822::1", "64:ff9b::5db8:d822"):
-        assert _address_allowed(ipaddress.ip_address(addr)), addr
+        assert public_address(ipaddress.ip_address(addr)), addr
 
 
 def test_dns_answer_with_embedded_loopback_is_blocked(monkeypatch):
