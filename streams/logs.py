@@ -161,7 +161,8 @@ def setup(level: str = "INFO", fmt: str = "json", stream=sys.stderr) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiokafka", "kafka", "httpx"):
+    # elastic_transport logs every request at INFO: a line per bulk write
+    for noisy in ("aiokafka", "kafka", "httpx", "elastic_transport"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # The warnings module and the hooks for an exception no one can catch (in
     # a thread, or raised by a finalizer: "Exception ignored in ...") write

@@ -372,9 +372,18 @@ def test_dash_h_is_help_everywhere(args):
     assert short.stdout == long.stdout and "Usage: " in short.stdout
 
 
-@pytest.mark.parametrize("command", [["worker", "--broker", "kafka://127.0.0.1:1"], ["replay", str(ROOT / "README.md")]])
+@pytest.mark.parametrize("command", [["worker", "--broker", "kafka://127.0.0.1:1"], ["replay", str(ROOT / "README.md")],
+                                     ["serve", "--port", "0"]])  # the desk: its first verdict was a 500
 def test_a_data_dir_the_workers_cannot_write_is_refused_at_start(command):
     # a worker on a read-only data dir started, then logged "findings store write failed" for good;
     # /proc/self is a directory no one may write in, root included
     line = _one_error_line(_cli(*command, "--data-dir", "/proc/self"))
     assert "--data-dir /proc/self: cannot write in it" in line and "pick a writable directory" in line, line
+
+
+def test_a_path_in_an_error_line_is_printed_as_given(tmp_path):
+    # ":x:" in a path was printed as an emoji (Rich's emoji codes in the error console)
+    odd = tmp_path / "report:x:2024"
+    odd.write_text("")
+    line = _one_error_line(_cli("alerts", "--data-dir", str(odd)))
+    assert "report:x:2024" in line, line

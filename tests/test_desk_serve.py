@@ -82,7 +82,7 @@ def test_serve_mistakes_are_one_clear_line(tmp_path):
     said = " ".join(r.stderr.split())
     assert r.returncode == 2 and "unknown findings store" in said and "Traceback" not in said
     r = deepwatch("serve", "--data-dir", str(tmp_path), "--port", "0", env={"DEEPWATCH_DESK_TOKENS": "editor:me:short"})
-    assert r.returncode == 2 and "role:name:token" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "shorter than 16 characters" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "desk-users.json").write_text('{"users": [{"name": "x", "role": "root", "password": "plain"}]}')
     r = deepwatch("serve", "--data-dir", str(tmp_path), "--port", "0")
     said = " ".join(r.stderr.split())  # rich wraps long lines
@@ -152,6 +152,10 @@ def test_serve_health_and_metrics(tmp_path):
     assert requests("/", "405", "OTHER") == 3
     assert {dict(labels)["method"] for name, labels in samples if name == "deepwatch_desk_requests_total"} <= {
         "GET", "POST", "OTHER"}
+    # the desk logs as the workers do (log_format json by default): one object per line, fields kept
+    logged = [json.loads(line) for line in desk.log.read_text().splitlines() if line.startswith("{")]
+    [failed] = [r for r in logged if r["msg"] == "desk login failed"]
+    assert failed["level"] == "warning" and failed["user"] == "erin", failed
 
 
 def test_slow_and_piled_up_clients_do_not_take_the_desk(tmp_path):

@@ -19,7 +19,8 @@ from streams.settings import Settings, load_settings
 
 # Soft wrap: a summary or hint line stays one line in an 80-column log (rich
 # wraps at 80 off a terminal), so it can be grepped and copied whole.
-err = Console(stderr=True, soft_wrap=True)
+# emoji off: ":x:" in a path or a file's header line printed as an emoji
+err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 def shown(value: object, style: str = "") -> Text:
     """Untrusted text (post texts, event ids, evidence read from image

@@ -12,7 +12,9 @@ import typer
 from rich.markup import escape
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, check_alert_senders, check_banks, check_store_option, err, fail, settings_from
+from streams.cli.common import (
+    Config, DataDir, check_alert_senders, check_banks, check_store_option, check_writable_dir, err, fail, settings_from,
+)
 from streams.http_deadlines import head_deadline_protocol
 
 DESK_CONNECTIONS = 600
@@ -40,7 +42,12 @@ def serve(
 
     from streams.net_errors import ensure_port_free
 
+    from streams import logs
+
     settings = settings_from(config, data_dir=data_dir, broker=broker, metrics_port=metrics_port)
+    # desk.sqlite, the thumbnail cache and the banks live there: a read-only
+    # directory started the desk, and its first verdict was a 500
+    check_writable_dir(settings.data_dir, "--data-dir")
     check_banks(settings)  # the desk records verdicts into them
     check_alert_senders(settings)  # the desk's account alerts go to the webhooks too
     if settings.broker != "embedded":  # checked now, not at the first desk alert it could not publish
@@ -60,6 +67,10 @@ def serve(
         desk_app = create_app(settings, host=host, store_url=store)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    # As the workers and serve-ingest log (after the start-up checks, whose
+    # mistakes are one line): the desk's errors were Python's bare
+    # last-resort lines, multi-line tracebacks in a JSON log shipper's stream.
+    logs.setup(settings.log_level, settings.log_format)
     shown_host = f"[{host}]" if ":" in host else host
     more: list[str] = []
     if settings.metrics_port is not None:
@@ -72,7 +83,7 @@ def serve(
     proxies = settings.desk.trusted_proxies
     # Slow or piled-up clients: a request head must arrive within 10 s, and at
     # most DESK_CONNECTIONS are held open (well under a default 1,024 descriptors).
-    config = uvicorn.Config(desk_app, host=host, port=port, log_level="warning", server_header=False,
+    config = uvicorn.Config(desk_app, host=host, port=port, log_level="warning", log_config=None, server_header=False,
                             proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) or None,
                             timeout_keep_alive=5, http=head_deadline_protocol(max_connections=DESK_CONNECTIONS))
     _run_desk(config, lambda bound: f"desk on http://{shown_host}:{bound}/ (API docs at /docs); "
