@@ -313,6 +313,13 @@ def faust_credentials(settings):
 
 
 def _not_kafka(bootstrap: str, settings, timeout_ms: int, e: Exception) -> BrokerError:
+    # The client's timeout says nothing of why: a broker that refuses
+    # connections (nothing listening, serve-ingest started before Kafka) was
+    # reported as one that "accepts connections", sending the operator to TLS.
+    try:
+        check_reachable(bootstrap, timeout_s=1.0)
+    except BrokerError as unreachable:
+        return unreachable
     protocol = settings.kafka.security_protocol if settings is not None else "PLAINTEXT"
     return BrokerError(
         f"{bootstrap} accepts connections but did not answer as a Kafka broker within {round(timeout_ms / 1000)} s "

@@ -888,3 +888,15 @@ def test_png_whose_text_chunks_only_together_exceed_the_limit_is_still_analysed(
     data = png[:33] + one * 80 + png[33:]  # ~70 MB of text in total: over Pillow's 64 MB sum
     image = ImageData(data)
     assert image.rgb.size == (256, 192) and image.notes
+
+
+def test_a_port_nothing_listens_on_is_said_to_be_unreachable_not_a_non_kafka_service():
+    # serve-ingest before Kafka was up: "accepts connections but did not answer as a Kafka
+    # broker ... check kafka.security_protocol", for a port that refused every connection
+    from streams.broker import BrokerError, kafka_producer
+    from tests.desk_support import free_port
+
+    bootstrap = f"127.0.0.1:{free_port()}"
+    with pytest.raises(BrokerError, match=f"cannot reach the Kafka broker at {bootstrap}") as e:
+        kafka_producer(bootstrap, Settings(), client_id="t", timeout_s=2)
+    assert "accepts connections" not in str(e.value)

@@ -125,11 +125,12 @@ def run_cli(app: Any) -> None:
         # handler is installed or this import (rich's markdown, about 0.1 s)
         # still runs.
         signal.signal(signal.SIGTERM, _terminate)
-        from typer import rich_utils
+        from typer._click import exceptions as click_errors  # the click Typer vendors
 
-        # Typer draws a usage mistake (bad option value, unknown option, missing
-        # argument) as a five-line box; it is one line like every other mistake.
-        rich_utils.rich_format_error = _usage_error
+        # Click writes a usage mistake (bad option value, unknown option,
+        # missing argument) as four lines; it is one line like every other mistake.
+        for shows in (click_errors.ClickException, click_errors.UsageError, click_errors.NoArgsIsHelpError):
+            shows.show = _usage_error  # each class has its own show
         app()
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -156,12 +157,15 @@ def run_cli(app: Any) -> None:
         raise
 
 
-def _usage_error(e: Any) -> None:
-    """A click usage error as one ``error:`` line naming the help to read."""
-    if type(e).__name__ == "NoArgsIsHelpError":
+def _usage_error(e: Any, file: Any = None) -> None:
+    """A click usage error as one ``error:`` line naming the help to read
+    (``ClickException.show``)."""
+    from typer._click.exceptions import NoArgsIsHelpError
+
+    if isinstance(e, NoArgsIsHelpError):
         # `deepwatch` or a group such as `deepwatch bank` alone: the help is
-        # already printed and is the answer, not a mistake (this was an empty
-        # "error:" line and exit 2). By name, as typer checks it.
+        # the answer, not a mistake (click: the help on stderr and exit 2)
+        print(e.format_message())
         e.exit_code = 0
         return
     ctx = getattr(e, "ctx", None)
