@@ -387,3 +387,28 @@ def test_a_path_in_an_error_line_is_printed_as_given(tmp_path):
     odd.write_text("")
     line = _one_error_line(_cli("alerts", "--data-dir", str(odd)))
     assert "report:x:2024" in line, line
+
+
+def _commands(group, path=()):
+    for name, cmd in group.commands.items():
+        yield (*path, name)
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*path, name))
+
+
+def test_every_help_fits_80_columns_without_cutting_a_name():
+    # Typer's rich tables ended option and variable names with "…" at 80 columns
+    # (--exclude-generat…, DEEPWATCH_ES_API…): the help never showed the whole flag
+    import typer.main
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    paths = [(), *_commands(typer.main.get_command(app))]
+    assert len(paths) > 20
+    runner = CliRunner()
+    for path in paths:
+        r = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert r.exit_code == 0 and "Usage: " in r.stdout, (path, r.output)
+        assert "…" not in r.stdout, (path, r.stdout)
+        assert max(map(len, r.stdout.splitlines())) <= 80, path
