@@ -76,7 +76,7 @@ def _digest(body: Any) -> str:
 
 
 def _mapping_version(index: str, mappings: dict[str, Any]) -> int | None:
-    """An index's mapping version: its ``_meta.mapping_version`` (v5 on, or
+    """An index's mapping version: its ``_meta.mapping_version`` (v4 on, or
     brought up to date in place), else the ``-v<N>`` of its name."""
     v = (mappings.get("_meta") or {}).get("mapping_version")
     if isinstance(v, int):
@@ -156,8 +156,10 @@ class EsFindingsStore:
         aliases, created when missing, and the sightings data stream; each
         existing one's mapping version is read (``GET <alias>/_mapping``)
         and brought up to this one where the steps between only add fields
-        (``T.MIGRATIONS``), and the start is refused with one line naming
-        the migration where a step needs a reindex. Idempotent; every
+        (``T.MIGRATIONS``), the start is refused with one line naming the
+        migration where a step needs a reindex, and the sightings data
+        stream is rolled over (on its next write) where a step changed its
+        analysis. Idempotent; every
         worker runs it at start. Errors are raised held (``EsError.hold``)
         where an operator's fix lets the same call succeed later."""
         if self._ready:
@@ -263,43 +265,82 @@ class EsFindingsStore:
         versions between only added fields: one ``PUT <alias>/_mapping``
         with the fields and the new ``_meta``; nothing for an index already
         there. A ``REINDEX`` step outstanding: one line naming it, and no
-        start (every write would be refused, or worse, mapped wrong)."""
+        start (every write would be refused, or worse, mapped wrong). A
+        ``ROLLOVER`` step (a data stream whose analysis changed, which no
+        backing index takes in place): the fields added before it are put
+        in place, stamped with the version before it, and the stream is
+        rolled over on its next write (``lazy``: every worker starting asks,
+        one new backing index is made), from the template this version
+        installed; its older backing indices keep their analysis."""
         outstanding: list[str] = []
-        puts: list[tuple[str, int, dict[str, Any]]] = []  # (alias, its version, the fields it takes)
+        puts: list[tuple[str, int, int, dict[str, Any]]] = []  # (alias, its version, the version put, the fields)
+        rollovers: list[tuple[str, int, int]] = []  # (data stream, its write index's version, the step's version)
         for key in (*ALIASED, "sightings"):
             alias = self.names[key]
             found = dict(self.es.indices.get_mapping(index=alias))
             versions = {index: _mapping_version(index, body.get("mappings") or {}) for index, body in found.items()}
             known = [v for v in versions.values() if v is not None]
             # a data stream's newest backing index takes its writes; an unknown version (no
-            # _meta, no -v<N>: made by hand, or a data stream from before v5) gets every addition
+            # _meta, no -v<N>: made by hand, or a data stream from before v4) gets every addition
             at = max(known) if known else 0
             if at >= T.MAPPING_VERSION:
                 continue
             added: dict[str, Any] = {}
+            reached = at
             reindex = False
             for n in range(at + 1, T.MAPPING_VERSION + 1):
                 step = T.MIGRATIONS.get(n, {})
                 if key not in step:
+                    reached = n
                     continue
-                if step[key] is T.REINDEX:
+                # an index behind an alias has no rollover of its own: a changed analysis is a reindex there
+                if step[key] is T.REINDEX or (step[key] == T.ROLLOVER and key in ALIASED):
                     if known and not reindex:
                         index = max(versions, key=lambda i: versions[i] or 0)
-                        outstanding.append(f"{alias} is {index}, mapping v{at}: mapping v{n} changed field types, "
+                        what = "field types" if step[key] is T.REINDEX else "text analysis"
+                        outstanding.append(f"{alias} is {index}, mapping v{at}: mapping v{n} changed {what}, "
                                            f"reindex it into {T.concrete(alias)} and move the alias")
                     reindex = reindex or bool(known)
+                    reached = n
                     continue
+                if step[key] == T.ROLLOVER:
+                    # what comes after is in the template the next backing index is made from
+                    rollovers.append((alias, at, n))
+                    break
                 _merge(added, step[key])
-            if not reindex:
-                puts.append((alias, at, added))
+                reached = n
+            if not reindex and (reached > at or added):
+                puts.append((alias, at, reached, added))
         if outstanding:
             # nothing put in place: the operator's reindex starts from the index as it was
             raise EsError(f"Elasticsearch at {self.config.url}: {'; '.join(outstanding)} "
                           "(docs/elasticsearch.md, \"Mapping versions\"); not starting", hold=True)
-        for alias, at, added in puts:
-            self.es.indices.put_mapping(index=alias, properties=added, meta=T.mapping_meta())
-            log.info(f"{alias}: mapping brought up from v{at} to v{T.MAPPING_VERSION} in place",
+        for alias, at, reached, added in puts:
+            self.es.indices.put_mapping(index=alias, properties=added, meta=T.mapping_meta(reached))
+            log.info(f"{alias}: mapping brought up from v{at} to v{reached} in place",
                      extra={"alias": alias, "fields": sorted(added)})
+        for stream, at, n in rollovers:
+            self._roll_over(stream, at, n)
+
+    def _roll_over(self, stream: str, at: int, n: int) -> None:
+        """Ask for ``stream``'s rollover on its next write: its new backing
+        index is made from this version's template. Credentials that may
+        not (the ``manage`` index privilege) leave it to ILM's next daily
+        rollover, with a warning: the stream's mapping takes this version's
+        documents as it is, only their analysis is the old one meanwhile."""
+        from elasticsearch import AuthorizationException
+
+        try:
+            self.es.indices.rollover(alias=stream, lazy=True)
+        except AuthorizationException as e:
+            log.warning(f"{stream}: its write index is mapping v{at} and these credentials may not roll it over: "
+                        f"sightings written until ILM's next rollover keep mapping v{at}'s text analysis "
+                        "(docs/elasticsearch.md, \"Mapping versions\")",
+                        extra={"stream": stream, "error": error_reason(e)})
+            return
+        log.info(f"{stream}: its write index is mapping v{at}, mapping v{n} changed its text analysis: rolled over on "
+                 "its next write; sightings stored before keep theirs until ILM deletes them",
+                 extra={"stream": stream})
 
     @staticmethod
     def _create_ignoring_exists(create) -> None:

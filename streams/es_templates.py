@@ -5,9 +5,11 @@ Readers and writers only ever name the aliases (``deepwatch-clusters``,
 ``deepwatch-alerts``, ...); each points at a concrete ``<alias>-v<N>`` index.
 A mapping change bumps ``MAPPING_VERSION``: a new ``-v<N+1>`` index is
 created from the new template, the old one is reindexed into it and the
-alias swapped (``docs/elasticsearch.md``), so readers never see an outage.
+alias swapped (``docs/elasticsearch.md``), so readers never see an outage;
+a change that only adds fields is put in place instead (``MIGRATIONS``).
 Sightings are a data stream (append-only, time-ordered, rolled over and
-expired by ILM); everything else is keyed by stable ids.
+expired by ILM): its next backing index is made from the new template
+(``ROLLOVER``); everything else is keyed by stable ids.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ from typing import Any
 # past 2**31 was refused as an integer, and the cluster's snapshots with it);
 # 4: alerts gain ``first_seen``/``last_seen``, ``platforms``, ``sample_posts``
 # and ``account_id``, deliveries ``state`` (added fields only: ``PUT
-# <alias>/_mapping`` in place works)
-MAPPING_VERSION = 4
+# <alias>/_mapping`` in place works); 5: the sightings' ``text`` and
+# ``hashtags.text`` use the ``deepwatch_text`` analyzer (words break where
+# SQLite's FTS5 ``unicode61`` breaks them: ``Trump's`` is ``trump`` and ``s``)
+# and every component template carries the analysis its mappings name (a
+# data stream: a rollover, ``ROLLOVER``)
+MAPPING_VERSION = 5
 SCRIPT_ID = f"deepwatch-cluster-upsert-v{MAPPING_VERSION}"
 
 PDQ_BITS = 256
@@ -46,9 +52,54 @@ def concrete(alias: str) -> str:
     return f"{alias}-v{MAPPING_VERSION}"
 
 
+# Characters that join the letters or digits either side of them into one
+# word for the ``standard`` tokenizer (Unicode word boundaries, UAX #29: the
+# Word_Break values Single_Quote, MidNumLet, MidLetter, MidNum, ExtendNumLet,
+# Double_Quote between Hebrew letters, and the Format/ZWJ characters rule WB4
+# ignores), where SQLite's ``unicode61`` tokenizer (punctuation, spaces and
+# symbols separate; letters and digits do not) and the query's words
+# (``streams.findings.text_terms``) break the word. ``deepwatch_text``
+# replaces each with a space before tokenizing, so ``Trump's``, ``u.s.``,
+# ``1,000``, ``a:b`` and ``foo_bar`` are two words on both stores.
+WORD_JOINERS: dict[str, list[int]] = {
+    "Single_Quote": [0x0027],
+    "MidNumLet": [0x002E, 0x2018, 0x2019, 0x2024, 0xFE52, 0xFF07, 0xFF0E],
+    "MidLetter": [0x003A, 0x00B7, 0x0387, 0x055F, 0x05F4, 0x2027, 0xFE13, 0xFE55, 0xFF1A],
+    "MidNum": [0x002C, 0x003B, 0x037E, 0x0589, 0x060C, 0x060D, 0x066C, 0x07F8, 0x2044, 0xFE10, 0xFE14, 0xFE50,
+               0xFE54, 0xFF0C, 0xFF1B],
+    "ExtendNumLet": [0x005F, 0x202F, 0x203F, 0x2040, 0x2054, 0xFE33, 0xFE34, 0xFE4D, 0xFE4E, 0xFE4F, 0xFF3F],
+    "Double_Quote": [0x0022],
+    "Format": [0x00AD, 0x200C, 0x200D, 0x2060],
+}
+
+# The index analysis every deepwatch index gets: the ``deepwatch_lowercase``
+# normalizer (keywords compared case-insensitively) and, from mapping v5, the
+# ``deepwatch_text`` analyzer of the sightings' full text: a ``mapping``
+# character filter turning the word joiners above into spaces (``\uXXXX``
+# escapes, which the filter's rules take; a bare space would be trimmed),
+# the ``standard`` tokenizer (each CJK ideograph a token, so a phrase of them
+# is found inside a longer run) and ``lowercase``. Carried by *every*
+# component template, the ``-mappings`` ones too: Elasticsearch validates a
+# component template on its own (its mappings against its own settings), so
+# an analyzer or normalizer defined only in ``deepwatch-common`` is refused
+# where a mapping names it ("analyzer [...] has not been configured in
+# mappings", "normalizer [...] not found for field [...]"); before v5 only
+# ``deepwatch-common`` carried the normalizer.
+ANALYSIS: dict[str, Any] = {
+    "normalizer": {"deepwatch_lowercase": {"type": "custom", "filter": ["lowercase"]}},
+    "char_filter": {"deepwatch_word_breaks": {
+        "type": "mapping",
+        "mappings": [f"\\u{cp:04X} => \\u0020" for cps in WORD_JOINERS.values() for cp in cps],
+    }},
+    "analyzer": {"deepwatch_text": {"type": "custom", "char_filter": ["deepwatch_word_breaks"], "tokenizer": "standard",
+                                    "filter": ["lowercase"]}},
+}
+
 _KEYWORD = {"type": "keyword", "ignore_above": 1024}
 _TEXT_WITH_KEYWORD = {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 1024}}}
 _LOWER_KEYWORD = {"type": "keyword", "normalizer": "deepwatch_lowercase", "ignore_above": 256}
+# full text searched by ``deepwatch search`` (mapping v5; v4: the ``standard`` analyzer)
+_WORDS = {"type": "text", "analyzer": "deepwatch_text"}
 
 # Mapping v4's additions to alerts: where and when the picture was seen, the
 # posts a subscriber can open and an account alert's account
@@ -75,22 +126,31 @@ DELIVERY_STATE: dict[str, Any] = {"state": _KEYWORD}
 # added, which an index of the version before takes in place (``PUT
 # <alias>/_mapping``: ``ensure_setup`` does it), or ``REINDEX`` where a field's
 # type changed, which no index takes in place (a new ``<alias>-v<N>`` index and
-# a reindex, docs/elasticsearch.md). An index not named did not change in that
-# version. ``ensure_setup`` reads the version of each index behind an alias
-# (its mapping's ``_meta.mapping_version``, else the ``-v<N>`` of its name)
-# and refuses to start while a ``REINDEX`` step is outstanding.
+# a reindex, docs/elasticsearch.md), or, for the sightings data stream,
+# ``ROLLOVER`` where a field's analysis changed: no backing index takes that
+# in place either (a text field's ``analyzer`` cannot be updated, and the
+# analysis settings are static on an open index), but the stream's next
+# backing index is made from the new template. An index not named did not
+# change in that version. ``ensure_setup`` reads the version of each index
+# behind an alias (its mapping's ``_meta.mapping_version``, else the
+# ``-v<N>`` of its name) and refuses to start while a ``REINDEX`` step is
+# outstanding; for a ``ROLLOVER`` step it asks for the stream's rollover on
+# its next write (a lazy rollover), and the backing indices written before
+# keep their analysis until ILM deletes them.
 REINDEX = None
-MIGRATIONS: dict[int, dict[str, dict[str, Any] | None]] = {
+ROLLOVER = "rollover"
+MIGRATIONS: dict[int, dict[str, dict[str, Any] | str | None]] = {
     2: {"processed": {"run": _KEYWORD}, "dead_letters": {"source": {"properties": {"run": _KEYWORD}}},
         "sightings": {"source": {"properties": {"run": _KEYWORD}}}},
     3: {"clusters": REINDEX, "alerts": REINDEX},  # velocity counts integer -> long
     4: {"alerts": ALERT_SPREAD, "deliveries": DELIVERY_STATE},
+    5: {"sightings": ROLLOVER},  # text, hashtags.text: standard -> deepwatch_text
 }
 
 
-def mapping_meta() -> dict[str, Any]:
+def mapping_meta(version: int = MAPPING_VERSION) -> dict[str, Any]:
     """The ``_meta`` of every index's mapping: which version made it (or brought it up to date)."""
-    return {"managed_by": "deepwatch", "mapping_version": MAPPING_VERSION}
+    return {"managed_by": "deepwatch", "mapping_version": version}
 
 
 _EVIDENCE = {
@@ -116,16 +176,11 @@ def _bits(dims: int) -> dict[str, Any]:
 def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     v = MAPPING_VERSION
     meta = {"managed_by": "deepwatch", "mapping_version": v}
-    common = {
-        "template": {
-            "settings": {
-                "analysis": {"normalizer": {"deepwatch_lowercase": {"type": "custom", "filter": ["lowercase"]}}},
-            },
-        },
-        "version": v, "_meta": meta,
-    }
+    settings = {"analysis": ANALYSIS}  # in every component template: see ANALYSIS
+    common = {"template": {"settings": settings}, "version": v, "_meta": meta}
     clusters = {
         "template": {
+            "settings": settings,
             "mappings": {
                 "_meta": mapping_meta(),
                 "dynamic": "strict",
@@ -175,6 +230,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     }
     sightings = {
         "template": {
+            "settings": settings,
             "mappings": {
                 "_meta": mapping_meta(),
                 "dynamic": "strict",
@@ -186,8 +242,8 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
                     "platform": _KEYWORD, "account_id": _KEYWORD, "account_handle": _KEYWORD,
                     "account_handle_norm": _LOWER_KEYWORD,
                     "post_url": {"type": "keyword", "index": False},
-                    "text": {"type": "text"},
-                    "hashtags": {**_LOWER_KEYWORD, "fields": {"text": {"type": "text"}}},
+                    "text": _WORDS,
+                    "hashtags": {**_LOWER_KEYWORD, "fields": {"text": _WORDS}},
                     "lang": _KEYWORD,
                     "engagement": _ENGAGEMENT,
                     "source": _SOURCE_REF,
@@ -198,6 +254,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     }
     alerts = {
         "template": {
+            "settings": settings,
             "mappings": {
                 "_meta": mapping_meta(),
                 "dynamic": False,  # the alert record is kept whole in _source; these fields are searchable
@@ -216,6 +273,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     }
     dead_letters = {
         "template": {
+            "settings": settings,
             "mappings": {
                 "_meta": mapping_meta(),
                 "dynamic": "strict",
@@ -231,6 +289,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     }
     deliveries = {
         "template": {
+            "settings": settings,
             "mappings": {
                 "_meta": mapping_meta(),
                 "dynamic": "strict",
@@ -242,6 +301,7 @@ def component_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
     }
     processed = {
         "template": {
+            "settings": settings,
             "mappings": {
                 "_meta": mapping_meta(),
                 "dynamic": "strict",

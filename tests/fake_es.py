@@ -13,6 +13,16 @@ THIS IS A FAKE, kept honest in these ways:
 - documents are checked against the mappings deepwatch itself PUT (strict
   objects, numbers, dates, bit vectors), so a bad document fails here as it
   would on a server;
+- each index keeps the mapping and the analysis settings it was made with
+  (a template changed later applies to new indices only); mappings that name
+  an analyzer or normalizer the settings they are parsed with do not define
+  are refused (a component template is validated on its own, as the server
+  does), and so is a ``PUT _mapping`` that changes a field's type, analyzer
+  or normalizer, or a ``PUT _settings`` of analysis on an open index;
+- text fields are tokenized by the analyzer their mapping names (the
+  ``standard`` one, or a ``custom`` one of ``mapping`` character filters, the
+  ``standard`` tokenizer and ``lowercase``: see "text analysis" below), each
+  index by its own, the query by the field's search analyzer;
 - search implements the query DSL subset deepwatch sends (bool, term,
   terms, ids, range, exists, nested, multi_match phrase, match_all,
   wildcard - case_insensitive too -), sort,
@@ -31,20 +41,22 @@ THIS IS A FAKE, kept honest in these ways:
 What it does NOT do: run painless (the one stored script deepwatch uses is
 emulated in Python by its id, the inline ones - the delivery guard - by their
 exact source; a different id or source is refused), analyse
-text fully like ES (lowercase word tokens split as the standard analyzer
-splits apostrophes and CJK ideographs, nothing more; relevance is a plain tf-idf, not
-BM25), shards, replication or ILM transitions; a data stream rolls over only
-when told (``POST <stream>/_rollover``). Unknown endpoints
+text with the full Unicode word-boundary rules (see "text analysis"; relevance
+is a plain tf-idf, not BM25), shards, replication or ILM transitions; a data
+stream rolls over only when told (``POST <stream>/_rollover``, at once, or
+``?lazy=true``, on its next write). Unknown endpoints
 answer 400 and are recorded in ``unhandled`` so tests can assert none.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import re
 import threading
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,17 +65,200 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from streams import es_templates as T
 
-_IDEOGRAPH = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_WORD_CHAR = f"(?:(?![{_IDEOGRAPH}])\\w)"
-# As the ``standard`` analyzer's tokenizer (Unicode word boundaries, UAX #29) for
-# what deepwatch's texts carry: an apostrophe between letters does not break a
-# word ("trump's" is one token), and each CJK ideograph is a token of its own.
-# (Not modelled: "u.s" and "1,000" kept whole, emoji.)
-_WORDS = re.compile(f"[{_IDEOGRAPH}]|{_WORD_CHAR}+(?:['\u2019]{_WORD_CHAR}+)*", re.UNICODE)
+# -- text analysis ----------------------------------------------------------------
+# A text field is tokenized by the analyzer its mapping names (``analyzer``; at
+# query time ``search_quote_analyzer``, ``search_analyzer``, then ``analyzer``:
+# specify-an-analyzer), from the index's own ``index.analysis`` settings, which
+# it took from the templates when it was made. What is modelled, from the
+# analysis reference: the ``standard`` analyzer (standard tokenizer +
+# lowercase), and ``custom`` analyzers of ``mapping`` character filters
+# (analysis-mapping-charfilter: ``key => value`` rules, ``\uXXXX`` escapes,
+# both sides trimmed, the longest key matching at a point wins), the
+# ``standard`` tokenizer and the ``lowercase`` filter. Anything else is a gap
+# of the fake and fails loudly.
+#
+# The standard tokenizer follows Unicode word boundaries (UAX #29) as far as
+# deepwatch's texts need: letters and digits (with their combining marks and
+# the format characters rule WB4 ignores) form words; Single_Quote and
+# MidNumLet characters join two letters or two digits (WB6/7, WB11/12),
+# MidLetter two letters, MidNum two digits, ExtendNumLet anything (WB13a/b);
+# each CJK ideograph and each hiragana is a token of its own (Lucene's
+# <IDEOGRAPHIC> and <HIRAGANA>), katakana run together (WB13). Not modelled:
+# emoji tokens, Hebrew's double quote, Southeast Asian scripts, the 255-character
+# token limit.
+_IDEOGRAPH = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_HIRAGANA = "\u3041-\u3096\u309d-\u309f"
+_KATAKANA = "\u3031-\u3035\u309b\u309c\u30a0-\u30fa\u30fc-\u30ff\u31f0-\u31ff\u32d0-\u32fe\u3300-\u3357\uff66-\uff9d"
+_SINGLE = re.compile(f"[{_IDEOGRAPH}{_HIRAGANA}]")
+_KATA = re.compile(f"[{_KATAKANA}]")
+_MID_LETTER = set("\u003a\u00b7\u0387\u055f\u05f4\u2027\ufe13\ufe55\uff1a")
+_MID_NUM = set("\u002c\u003b\u037e\u0589\u060c\u060d\u066c\u07f8\u2044\ufe10\ufe14\ufe50\ufe54\uff0c\uff1b")
+_MID_NUM_LET = set("\u0027\u002e\u2018\u2019\u2024\ufe52\uff07\uff0e")  # with Single_Quote (WB6/7, WB11/12 treat them alike)
+_EXTEND_NUM_LET = set("\u005f\u202f\u203f\u2040\u2054\ufe33\ufe34\ufe4d\ufe4e\ufe4f\uff3f")
+BUILTIN_ANALYZERS = {"default", "standard", "simple", "whitespace", "stop", "keyword", "pattern", "fingerprint",
+                     "arabic", "armenian", "basque", "bengali", "brazilian", "bulgarian", "catalan", "cjk", "czech",
+                     "danish", "dutch", "english", "estonian", "finnish", "french", "galician", "german", "greek",
+                     "hindi", "hungarian", "indonesian", "irish", "italian", "latvian", "lithuanian", "norwegian",
+                     "persian", "portuguese", "romanian", "russian", "serbian", "sorani", "spanish", "swedish",
+                     "turkish", "thai"}
+BUILTIN_NORMALIZERS = {"lowercase"}
 
 
-def tokens(text: str) -> list[str]:
-    return _WORDS.findall(str(text).lower())
+def _word_break(c: str) -> str:
+    """The UAX #29 Word_Break class of ``c``, as far as the fake models it."""
+    if _SINGLE.match(c):
+        return "single"
+    if _KATA.match(c):
+        return "katakana"
+    if c in _MID_NUM_LET:
+        return "midnumlet"
+    if c in _MID_LETTER:
+        return "midletter"
+    if c in _MID_NUM:
+        return "midnum"
+    if c in _EXTEND_NUM_LET:
+        return "extendnumlet"
+    cat = unicodedata.category(c)
+    if cat == "Nd":
+        return "numeric"
+    if cat[0] == "L" or cat == "Nl":
+        return "letter"
+    if cat[0] == "M" or (cat == "Cf" and c != "\u200b"):  # WB4: Extend, Format, ZWJ ride along
+        return "extend"
+    return "other"
+
+
+def _joins(a: str, b: str) -> bool:
+    """No word boundary between classes ``a`` and ``b`` (WB5, WB8-10, WB13, WB13a/b)."""
+    return ((a in ("letter", "numeric") and b in ("letter", "numeric")) or a == b == "katakana"
+            or (b == "extendnumlet" and a in ("letter", "numeric", "katakana", "extendnumlet"))
+            or (a == "extendnumlet" and b in ("letter", "numeric", "katakana")))
+
+
+def _joins_across(a: str, mid: str, b: str) -> bool:
+    """No word boundary either side of ``mid`` between ``a`` and ``b`` (WB6/7, WB11/12)."""
+    return ((a == b == "letter" and mid in ("midletter", "midnumlet"))
+            or (a == b == "numeric" and mid in ("midnum", "midnumlet")))
+
+
+def standard_tokens(text: str) -> list[str]:
+    """The ``standard`` tokenizer's tokens (their text as it is: the
+    ``standard`` analyzer lowercases them after)."""
+    kinds = [_word_break(c) for c in text]
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        if kinds[i] == "single":
+            j = i + 1
+            while j < n and kinds[j] == "extend":
+                j += 1
+            out.append(text[i:j])
+            i = j
+            continue
+        if kinds[i] not in ("letter", "numeric", "katakana", "extendnumlet"):
+            i += 1
+            continue
+        last, j = i, i + 1  # last: the word's last character that is not an extend one
+        while j < n:
+            if kinds[j] == "extend":  # WB4: attached to what precedes
+                j += 1
+                continue
+            if _joins(kinds[last], kinds[j]):
+                last, j = j, j + 1
+                continue
+            after = j + 1
+            while after < n and kinds[after] == "extend":
+                after += 1
+            if after < n and _joins_across(kinds[last], kinds[j], kinds[after]):
+                last, j = after, after + 1
+                continue
+            break
+        word = text[i:j]
+        if any(kinds[x] in ("letter", "numeric", "katakana") for x in range(i, j)):  # not an underscore alone
+            out.append(word)
+        i = j
+    return out
+
+
+def _unescape_rule(s: str) -> str:
+    """A mapping rule's side as the filter reads it: trimmed, then the
+    escapes ``\\\\``, ``\\n``, ``\\t``, ``\\r``, ``\\b``, ``\\f`` and ``\\uXXXX``."""
+    s, out, i = s.strip(), [], 0
+    while i < len(s):
+        c = s[i]
+        i += 1
+        if c == "\\" and i < len(s):
+            c = s[i]
+            i += 1
+            if c == "u":
+                c, i = chr(int(s[i:i + 4], 16)), i + 4
+            else:
+                c = {"\\": "\\", "n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}.get(c, c)
+        out.append(c)
+    return "".join(out)
+
+
+def _mapping_char_filter(rules: tuple[str, ...]) -> Callable[[str], str]:
+    pairs = {}
+    for rule in rules:
+        m = re.match(r"(.*)\s*=>\s*(.*)\s*$", rule)
+        if m is None:
+            raise _Err(400, error_body("illegal_argument_exception", f"Invalid Mapping Rule : [{rule}]", 400))
+        key = _unescape_rule(m.group(1))
+        if key in pairs:  # Lucene's NormalizeCharMap.Builder refuses a key twice
+            raise _Err(400, error_body("illegal_argument_exception", f'match "{key}" was already added', 400))
+        pairs[key] = _unescape_rule(m.group(2))
+    keys = sorted(pairs, key=len, reverse=True)
+
+    def run(text: str) -> str:
+        out, i = [], 0
+        while i < len(text):
+            for k in keys:
+                if k and text.startswith(k, i):
+                    out.append(pairs[k])
+                    i += len(k)
+                    break
+            else:
+                out.append(text[i])
+                i += 1
+        return "".join(out)
+
+    return run
+
+
+def resolve_analyzer(name: str | None, analysis: dict[str, Any]) -> str:
+    """An analyzer (by name, as the index's settings define it) as one
+    hashable description the fake runs: the JSON of its parts."""
+    name = name or "default"
+    custom = (analysis.get("analyzer") or {})
+    if name == "default" and "default" not in custom:
+        name = "standard"
+    if name == "standard" and "standard" not in custom:
+        return json.dumps({"char_filter": [], "tokenizer": "standard", "filter": ["lowercase"]})
+    spec = custom.get(name)
+    assert spec is not None, f"fake ES: built-in analyzer {name!r} not modelled"
+    assert spec.get("type", "custom") == "custom", f"fake ES: analyzer type {spec.get('type')!r} not modelled"
+    filters = []
+    for cf in spec.get("char_filter") or []:
+        d = (analysis.get("char_filter") or {}).get(cf)
+        assert d is not None and d.get("type") == "mapping", f"fake ES: char_filter {cf!r} not modelled"
+        filters.append(d["mappings"])
+    assert spec.get("tokenizer") == "standard", f"fake ES: tokenizer {spec.get('tokenizer')!r} not modelled"
+    for f in spec.get("filter") or []:
+        assert f == "lowercase", f"fake ES: token filter {f!r} not modelled"
+    return json.dumps({"char_filter": filters, "tokenizer": "standard", "filter": spec.get("filter") or []})
+
+
+@functools.lru_cache(maxsize=65536)
+def analyze(text: str, analyzer: str) -> tuple[str, ...]:
+    """``text``'s tokens by ``analyzer`` (``resolve_analyzer``'s)."""
+    a = json.loads(analyzer)
+    for rules in a["char_filter"]:
+        text = _mapping_char_filter(tuple(rules))(text)
+    toks = standard_tokens(text)
+    if "lowercase" in a["filter"]:
+        toks = [t.lower() for t in toks]
+    return tuple(toks)
 
 
 @dataclass
@@ -118,6 +313,12 @@ class FakeElasticsearch:
         # mapping (``index_mappings``: the templates' when it was made, then what was put)
         self.put_mappings: list[tuple[str, dict]] = []
         self.index_mappings: dict[str, dict[str, Any]] = {}  # concrete index -> {_meta, dynamic, properties}
+        # each index's own settings as flat ``index.*`` keys: the templates' when it was made
+        # (analysis settings are static: no later template or request changes them on an open index)
+        self.index_settings: dict[str, dict[str, Any]] = {}
+        self.index_analysis: dict[str, dict[str, Any]] = {}  # concrete index -> its ``index.analysis``, nested
+        self.rollover_on_write: set[str] = set()  # data streams a lazy rollover marked
+        self._df_memo: dict[tuple, int] = {}
         self.request_faults: list[tuple[Callable[[str, str], bool], int, dict, int]] = []
         self.item_faults: list[ItemFault] = []
         self.search_timeouts: list[list[Any]] = []  # [index expression suffix, times left] (time_out_searches)
@@ -175,14 +376,30 @@ class FakeElasticsearch:
         self.request_faults.append((lambda m, p: p.split("?")[0].endswith(path) and method in (None, m),
                                     status, body, times))
 
-    def make_index(self, name: str, alias: str | None, mappings: dict[str, Any]) -> None:
+    def make_index(self, name: str, alias: str | None, mappings: dict[str, Any],
+                   settings: dict[str, Any] | None = None) -> None:
         """An index as an earlier deepwatch (or an admin) left it: ``mappings``
-        as they are (``properties``, ``dynamic``, ``_meta``), behind ``alias``."""
+        as they are (``properties``, ``dynamic``, ``_meta``) and ``settings``
+        (``{"analysis": ...}``), behind ``alias``."""
         with self.lock:
             self.docs[name], self.meta[name] = {}, {}
             self.index_mappings[name] = json.loads(json.dumps(mappings))
+            self._set_settings(name, _flat_settings(settings or {}))
             if alias:
                 self.aliases[alias] = name
+
+    def make_data_stream(self, name: str, mappings: dict[str, Any], settings: dict[str, Any] | None = None,
+                         docs: dict[str, dict] | None = None) -> str:
+        """A data stream as an earlier deepwatch left it: one backing index with
+        ``mappings`` and ``settings`` as they are, holding ``docs``; its name."""
+        with self.lock:
+            backing = f".ds-{name}-2025.06.01-000001"
+            self.data_streams[name] = backing
+            self.stream_backing[name] = [backing]
+            self.make_index(backing, None, mappings, settings)
+            for doc_id, src in (docs or {}).items():
+                self._write(backing, doc_id, src, "created")
+            return backing
 
     def fail_items(self, match: Callable[[str, dict, dict | None], bool], status: int, error: dict, times: int = 1) -> None:
         self.item_faults.append(ItemFault(match, status, error, times))
@@ -287,6 +504,17 @@ class FakeElasticsearch:
             return 200, {seg[2]: {"version": 1, "modified_date": "2026-01-01T00:00:00.000Z", "policy": policy,
                                   "in_use_by": {"indices": [], "data_streams": [], "composable_templates": []}}}
         if seg[0] == "_component_template" and method == "PUT":
+            # validated on its own (MetadataIndexTemplateService.addComponentTemplate): its
+            # mappings against its own settings, so an analyzer or normalizer another
+            # component template defines is "not configured" here
+            t = body.get("template") or {}
+            analysis = _nested_analysis(_flat_settings(t.get("settings") or {}))
+            for cf in (analysis.get("char_filter") or {}).values():  # its rules parse (the index's analysis is built)
+                if cf.get("type") == "mapping":
+                    _mapping_char_filter(tuple(cf.get("mappings") or ()))
+            refusal = _analysis_refusal((t.get("mappings") or {}).get("properties") or {}, analysis)
+            if refusal is not None:
+                raise refusal
             self.component_templates[seg[1]] = body
             return 200, ack
         if seg[0] in ("_component_template", "_index_template") and method == "GET" and len(seg) == 2:
@@ -322,6 +550,16 @@ class FakeElasticsearch:
                 raise _Err(400, error_body("resource_already_exists_exception", f"data_stream [{name}] already exists", 400))
             self._create_data_stream(name)
             return 200, ack
+        if len(seg) == 2 and seg[1] == "_rollover" and method == "POST" and _flag(params, "lazy"):
+            # indices-rollover-index, ``lazy``: only marks a data stream to roll over on its next write
+            if seg[0] not in self.data_streams:
+                raise _Err(400, error_body("illegal_argument_exception", "Lazy rollover can be applied only on a data "
+                                                                         "stream. Please remove the query parameter 'lazy'.", 400))
+            self.rollover_on_write.add(seg[0])
+            old = self.data_streams[seg[0]]
+            return 200, {"acknowledged": True, "shards_acknowledged": False, "old_index": old,
+                         "new_index": f"{old.rsplit('-', 1)[0]}-{len(self.stream_backing[seg[0]]) + 1:06d}",
+                         "rolled_over": False, "dry_run": False, "lazy": True, "conditions": {}}
         if len(seg) == 2 and seg[1] == "_rollover" and method == "POST" and seg[0] in self.data_streams:
             return 200, self._rollover(seg[0])
         if seg[-1] == "_bulk" and method in ("POST", "PUT"):
@@ -333,7 +571,11 @@ class FakeElasticsearch:
             return 200, {"_shards": {"total": 1, "successful": 1, "failed": 0}}
         if len(seg) == 2 and seg[1] == "_mapping" and method in ("PUT", "POST"):
             targets = self._targets(seg[0])  # 404 for an index or alias that is not there
-            for index in targets:  # all or nothing: a type conflict refuses the request
+            for index in targets:  # the analyzers and normalizers it names: in the index's own settings
+                refusal = _analysis_refusal(body.get("properties") or {}, self.index_analysis.get(index, {}))
+                if refusal is not None:
+                    raise refusal
+            for index in targets:  # all or nothing: a type or parameter conflict refuses the request
                 _merge_mapping(self.mappings(index)["properties"], body.get("properties") or {}, "")
             for index in targets:
                 m = self.index_mappings.setdefault(index, self.mappings(index))
@@ -345,6 +587,13 @@ class FakeElasticsearch:
                     m["dynamic"] = body["dynamic"]
             self.put_mappings.append((seg[0], body.get("properties") or {}))
             return 200, ack
+        if len(seg) == 2 and seg[1] == "_settings" and method == "PUT":
+            static = sorted(k for k in _flat_settings(body or {}) if k.startswith("index.analysis."))
+            if static:  # index-modules-analysis: analysis settings are static (a closed index only)
+                indices = ", ".join(f"[{i}/fakeuuid]" for i in self._targets(seg[0]))
+                raise _Err(400, error_body("illegal_argument_exception",
+                                           f"Can't update non dynamic settings [[{', '.join(static)}]] for open indices "
+                                           f"[{indices}]", 400))
         if len(seg) == 2 and seg[1] == "_mapping" and method == "GET":
             return 200, {index: {"mappings": json.loads(json.dumps(self.mappings(index)))} for index in self._targets(seg[0])}
         if len(seg) == 3 and seg[1] == "_doc" and method == "GET":
@@ -399,12 +648,28 @@ class FakeElasticsearch:
             out["_meta"] = meta
         return out
 
+    def _template_settings(self, index: str) -> dict[str, Any]:
+        """The settings the templates give a new index (flat): its component
+        templates' in order, then the index template's own."""
+        stream = next((n for n, bs in self.stream_backing.items() if index in bs), None)
+        t = self._template_for(stream or index) or {}
+        out: dict[str, Any] = {}
+        for c in t.get("composed_of", []):
+            out.update(_flat_settings(self.component_templates[c].get("template", {}).get("settings") or {}))
+        out.update(_flat_settings((t.get("template") or {}).get("settings") or {}))
+        return out
+
+    def _set_settings(self, index: str, flat: dict[str, Any]) -> None:
+        self.index_settings[index] = flat
+        self.index_analysis[index] = _nested_analysis(flat)
+
     def _create_index(self, name: str, body: dict) -> tuple[int, Any]:
         if name in self.docs or name in self.aliases:
             raise _Err(400, error_body("resource_already_exists_exception", f"index [{name}/fakeuuid] already exists", 400,
                                        index_uuid="fakeuuid", index=name))
         self.docs[name], self.meta[name] = {}, {}
         self.index_mappings[name] = self._template_mappings(name)
+        self._set_settings(name, {**self._template_settings(name), **_flat_settings(body.get("settings") or {})})
         for alias in (body.get("aliases") or {}):
             self.aliases[alias] = name
         return 200, {"acknowledged": True, "shards_acknowledged": True, "index": name}
@@ -418,6 +683,7 @@ class FakeElasticsearch:
         self.stream_backing[name] = [backing]
         self.docs[backing], self.meta[backing] = {}, {}
         self.index_mappings[backing] = self._template_mappings(backing)
+        self._set_settings(backing, self._template_settings(backing))
 
     def _rollover(self, name: str) -> dict[str, Any]:
         """A new write index for the stream (unconditional, as ``POST
@@ -429,6 +695,8 @@ class FakeElasticsearch:
         self.stream_backing[name].append(new)
         self.docs[new], self.meta[new] = {}, {}
         self.index_mappings[new] = self._template_mappings(new)
+        self._set_settings(new, self._template_settings(new))
+        self.rollover_on_write.discard(name)
         return {"acknowledged": True, "shards_acknowledged": True, "old_index": old, "new_index": new,
                 "rolled_over": True, "dry_run": False, "lazy": False, "conditions": {}}
 
@@ -497,6 +765,8 @@ class FakeElasticsearch:
                 f.times -= 1
                 return {"_index": name, "_id": doc_id, "status": f.status, "error": f.error}
         try:
+            if name in self.rollover_on_write and name in self.data_streams:
+                self._rollover(name)  # a lazy rollover happens on the stream's next write
             index = self._resolve(name, auto_create_stream=True)
             is_stream = name in self.data_streams
             if is_stream and op != "create":
@@ -645,7 +915,9 @@ class FakeElasticsearch:
             raise _Err(400, error_body("parse_exception", f"failed to parse setting [timeout] with value [{timeout}] as "
                                                           "a time value: unit is missing or unrecognized", 400))
         indices = self._targets(expr)
-        mappings = {i: self.mappings(i) for i in indices}
+        # each index's mapping, and the analysis its settings define (``_analysis``: the fake's own key)
+        mappings = {i: {**self.mappings(i), "_analysis": self.index_analysis.get(i, {})} for i in indices}
+        self._df_memo = {}
         docs = [(i, did, src) for i in indices for did, src in self.docs[i].items()]
         query = body.get("query") or {"match_all": {}}
         scored: dict[tuple[str, str], float] = {}
@@ -798,18 +1070,45 @@ class FakeElasticsearch:
                     return True, s
             return False, 0.0
         if kind == "multi_match":
+            # each field's text analyzed by its index analyzer, the query by its search one
+            # (query-dsl-match-query-phrase): an index made before an analyzer changed answers
+            # with the one it was made with
             assert spec.get("type") == "phrase", "deepwatch sends phrase multi_match"
-            phrase = tokens(spec["query"])
             best = 0.0
             for f in spec["fields"]:
-                for v in _values(src, f):
-                    toks = tokens(v)
-                    n = _phrase_count(toks, phrase)
-                    if n:
-                        df = sum(1 for _i, _d, s in corpus if any(_phrase_count(tokens(x), phrase) for x in _values(s, f)))
-                        best = max(best, n / (1 + len(toks) / 10) * math.log(1 + len(corpus) / max(1, df)))
+                hits, ntoks = self._phrase_hits(src, f, spec["query"], mapping)
+                if hits:
+                    key = (f, spec["query"])
+                    if key not in self._df_memo:
+                        self._df_memo[key] = sum(1 for ci, _d, s in corpus
+                                                 if self._phrase_hits(s, f, spec["query"], self._with_analysis(ci))[0])
+                    df = self._df_memo[key]
+                    best = max(best, hits / (1 + ntoks / 10) * math.log(1 + len(corpus) / max(1, df)))
             return best > 0, best
         raise AssertionError(f"fake ES: query type {kind!r} not implemented")
+
+    def _with_analysis(self, index: str) -> dict[str, Any]:
+        return {**self.mappings(index), "_analysis": self.index_analysis.get(index, {})}
+
+    @staticmethod
+    def _phrase_hits(src: dict, f: str, query: str, mapping: dict) -> tuple[int, int]:
+        """How often the phrase ``query`` occurs in field ``f`` of ``src`` (the
+        best value of an array), and that value's token count: (0, 0) when
+        the field is not text in this index's mapping."""
+        spec = _field_spec(mapping["properties"], f)
+        if spec.get("type") != "text" or spec.get("index") is False:
+            return 0, 0
+        analysis = mapping.get("_analysis") or {}
+        search = spec.get("search_quote_analyzer") or spec.get("search_analyzer") or spec.get("analyzer")
+        phrase = list(analyze(str(query), resolve_analyzer(search, analysis)))
+        at_index = resolve_analyzer(spec.get("analyzer"), analysis)
+        best = (0, 0)
+        for v in _values(src, f):
+            toks = list(analyze(str(v), at_index))
+            n = _phrase_count(toks, phrase)
+            if n > best[0]:
+                best = (n, len(toks))
+        return best
 
     def _term(self, src: dict, f: str, wanted: list, props: dict, fold: bool = False) -> bool:
         spec = _field_spec(props, f)
@@ -1019,10 +1318,85 @@ def _values(src: dict, path: str) -> list:
     return [c for c in cur if c is not None]
 
 
+def _flag(params: dict, name: str) -> bool:
+    v = params.get(name)
+    return v is not None and v[-1] in ("", "true")
+
+
+def _flat_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as the server keeps them: flat keys, each under ``index.``
+    (``{"analysis": {...}}`` and ``{"index.analysis....": ...}`` alike)."""
+    out: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            key = prefix + k
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            else:
+                out[key if key.startswith("index.") else "index." + key] = v
+
+    walk(settings, "")
+    return out
+
+
+def _nested_analysis(flat: dict[str, Any]) -> dict[str, Any]:
+    """``index.analysis.*`` of flat settings as one object (``analyzer``, ``char_filter``, ``normalizer``...)."""
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        if key.startswith("index.analysis."):
+            *path, leaf = key[len("index.analysis."):].split(".")
+            node = out
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = v
+    return out
+
+
+def _analysis_refusal(props: dict[str, Any], analysis: dict[str, Any], prefix: str = "") -> _Err | None:
+    """What the server answers to mappings that name an analyzer or a
+    normalizer the settings they are parsed with do not define (TextParams:
+    "analyzer [x] has not been configured in mappings"; KeywordFieldMapper:
+    "normalizer [x] not found for field [y]"), else None."""
+    def refuse(reason: str, cause: str) -> _Err:
+        top = {"type": "mapper_parsing_exception", "reason": f"Failed to parse mapping: {reason}"}
+        return _Err(400, {"error": {"root_cause": [top], **top, "caused_by": {"type": cause, "reason": reason}},
+                          "status": 400})
+
+    for k, spec in props.items():
+        if not isinstance(spec, dict):
+            continue
+        kind = spec.get("type", "object")
+        if kind == "text":
+            for param in ("analyzer", "search_analyzer", "search_quote_analyzer"):
+                name = spec.get(param)
+                if name is not None and name not in BUILTIN_ANALYZERS and name not in (analysis.get("analyzer") or {}):
+                    return refuse(f"analyzer [{name}] has not been configured in mappings", "illegal_argument_exception")
+        if kind == "keyword":
+            name = spec.get("normalizer")
+            if name is not None and name not in BUILTIN_NORMALIZERS and name not in (analysis.get("normalizer") or {}):
+                return refuse(f"normalizer [{name}] not found for field [{k}]", "mapper_parsing_exception")
+        for sub in ("properties", "fields"):
+            if isinstance(spec.get(sub), dict):
+                found = _analysis_refusal(spec[sub], analysis, f"{prefix}{k}.")
+                if found is not None:
+                    return found
+    return None
+
+
+# Mapping parameters an existing field keeps (mapping-params: "can not be updated on
+# existing fields using the update mapping API"), with the value a field that does
+# not set it has; ``search_analyzer``, ``search_quote_analyzer`` and ``ignore_above``
+# can be updated, and a multi-field added.
+_FIXED_PARAMS = (("analyzer", "default"), ("normalizer", "null"))
+_UPDATABLE_PARAMS = ("search_analyzer", "search_quote_analyzer", "ignore_above")
+
+
 def _merge_mapping(have: dict, added: dict, prefix: str, apply: bool = False) -> None:
     """``added`` properties into ``have`` as PUT _mapping merges them: new
-    fields added, objects merged, a field's type never changed (400
-    illegal_argument_exception, as the server refuses it)."""
+    fields (and multi-fields) added, objects merged, a field's type, analyzer
+    or normalizer never changed (400 illegal_argument_exception, as the
+    server refuses it)."""
     for k, spec in added.items():
         old = have.get(k)
         if old is None:
@@ -1033,9 +1407,18 @@ def _merge_mapping(have: dict, added: dict, prefix: str, apply: bool = False) ->
         if a != b:
             raise _Err(400, error_body("illegal_argument_exception",
                                        f"mapper [{prefix}{k}] cannot be changed from type [{a}] to [{b}]", 400))
-        if "properties" in spec:
-            _merge_mapping(old.setdefault("properties", {}) if apply else old.get("properties", {}),
-                           spec["properties"], f"{prefix}{k}.", apply)
+        if b not in ("object", "nested"):
+            for param, unset in _FIXED_PARAMS:
+                was, wanted = old.get(param, unset), spec.get(param, unset)
+                if was != wanted:
+                    raise _Err(400, error_body("illegal_argument_exception",
+                                               f"Mapper for [{prefix}{k}] conflicts with existing mapper:\n\tCannot update "
+                                               f"parameter [{param}] from [{was}] to [{wanted}]", 400))
+            if apply:
+                old.update({p: spec[p] for p in _UPDATABLE_PARAMS if p in spec})
+        for sub in ("properties", "fields"):
+            if sub in spec:
+                _merge_mapping(old.setdefault(sub, {}) if apply else old.get(sub, {}), spec[sub], f"{prefix}{k}.", apply)
 
 
 def _field_spec(props: dict, path: str) -> dict:

@@ -65,6 +65,16 @@ def test_templates_are_installed_with_their_version(live):
     assert m["mappings"]["properties"]["members"]["properties"]["pdq_bits"]["element_type"] == "bit"
 
 
+def test_sightings_text_breaks_words_where_sqlite_does(live):
+    """Mapping v5's ``deepwatch_text`` on the real analysis chain (the
+    mapping character filter's ``\\uXXXX`` rules, the standard tokenizer)."""
+    s, _ = live
+    backing = s.es.indices.get_data_stream(name=s.names["sightings"])["data_streams"][0]["indices"][-1]["index_name"]
+    got = s.es.indices.analyze(index=backing, field="text", text="Trump’s rally, U.S. 1,000 foo_bar 我爱北京")
+    assert [t["token"] for t in got["tokens"]] == ["trump", "s", "rally", "u", "s", "1", "000", "foo", "bar",
+                                                   "我", "爱", "北", "京"]
+
+
 @pytest.mark.parametrize("query", [
     ClusterQuery(sort="score"), ClusterQuery(sort="velocity"), ClusterQuery(text='"white puffer"'),
     ClusterQuery(hashtag="storm", sort="sightings"), ClusterQuery(platform="mastodon"),
