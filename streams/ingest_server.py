@@ -156,7 +156,6 @@ class BrokerGate:
         # new sink is used and after a failed produce.
         self._missing_topics = missing_topics
         self.state = "untried"  # ok | topic_missing | unavailable (for /healthz)
-        self.detail: str | None = None
 
     def _ask_missing(self) -> list[str] | None:
         if self._missing_topics is None:
@@ -171,10 +170,10 @@ class BrokerGate:
         self._failed_at = time.monotonic()
         if missing:
             failure: BaseException = TopicsMissing(missing)
-            self.state, self.detail = "topic_missing", str(failure)
+            self.state = "topic_missing"
         else:
             failure = e
-            self.state, self.detail = "unavailable", f"{type(e).__name__}: {e}"[:300]
+            self.state = "unavailable"
         self._failure = failure
         return failure
 
@@ -214,7 +213,7 @@ class BrokerGate:
                     self._sink.dead_letter(dl)
                 self._sink.flush()
                 self._failed_at, self._failure = None, None
-                self.state, self.detail = "ok", None
+                self.state = "ok"
             except Exception as e:
                 sink, self._sink = self._sink, None
                 try:
@@ -538,10 +537,9 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         # cures neither a missing topic nor a broker outage). "broker" is how
         # the last hand-over to the broker went: untried | ok | topic_missing
         # (create the topics: a worker, or serve-ingest --create-topics) | unavailable.
-        doc = {"status": "ok", "broker": gate.state}
-        if gate.detail:
-            doc["detail"] = gate.detail
-        return doc
+        # Anyone may ask: the why (the broker's address, its security protocol,
+        # an exception's text) is in the log line of the request that failed.
+        return {"status": "ok", "broker": gate.state}
 
     def busy(name: str) -> JSONResponse:
         # A body is held at most body_timeout_s to arrive, url_check_s for its URL checks and the broker's
@@ -710,7 +708,9 @@ def serve(settings: Settings, host: str, port: int, *, header_timeout_s: float =
     tokens = load_tokens(settings.connectors.ingest_tokens_env)
     app = build_app(settings, tokens, body_timeout_s=body_timeout_s, public_metrics=metrics_port is None)
     if metrics_port is not None:
-        log.info("metrics listening", extra={"port": metrics.serve(metrics_port)})
+        # on the endpoint's address, as the desk does: an endpoint kept to loopback
+        # (behind a proxy) keeps its counters, which name the token holders, there too
+        log.info("metrics listening", extra={"host": host, "port": metrics.serve(metrics_port, host=host)})
     log.info("ingest endpoint listening", extra={"host": host, "port": port, "tokens": sorted(set(tokens.values()))})
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
                 limit_concurrency=256, timeout_keep_alive=5, http=head_deadline_protocol(header_timeout_s))

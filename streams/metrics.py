@@ -5,6 +5,7 @@ with dashboards/ and the alert rules."""
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import socket
 import sys
@@ -109,28 +110,57 @@ def liveness() -> tuple[int, str]:
     return 200, f"ok: event loop beat {age:.1f} s ago"
 
 
-# A thread per connection: at most this many at once, each waiting at most
-# IDLE_S for each read of its client's bytes, so clients that connect and stay
-# silent cannot pin threads and descriptors without bound (one trickling a
-# byte within each IDLE_S still holds its slot: the cap bounds those). Past
-# the cap a connection is closed at once; Prometheus and probes use one or two.
+# A thread per connection: at most MAX_CONNECTIONS at once, at most
+# MAX_PER_CLIENT of them from one address, and each closed unless its request
+# head (request line and headers) is in within HEAD_S of the connection
+# opening. Without the overall deadline a client trickling a byte within each
+# IDLE_S held its slot for good, and 64 such connections from one client shut
+# every probe and scrape out; without the per-address cap it could still keep
+# every slot taken by reconnecting. Past a cap a connection is closed at once;
+# Prometheus and probes use one or two (one request a connection).
 MAX_CONNECTIONS = 64
+MAX_PER_CLIENT = 8
 IDLE_S = 10.0
+HEAD_S = 10.0
 
 
 class _Server(ThreadingWSGIServer):
+    # socketserver's 5: under a burst of connections a probe's SYN was dropped
+    # and retried a second or more later, the accept loop being fast enough
+    request_queue_size = 128
+
     def server_activate(self) -> None:
         super().server_activate()
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._per_client: dict[str, int] = {}
+        self._per_client_lock = threading.Lock()
+
+    def _take(self, client: str) -> bool:
+        with self._per_client_lock:
+            held = self._per_client.get(client, 0)
+            if held >= MAX_PER_CLIENT:
+                return False
+            if not self.slots.acquire(blocking=False):
+                return False
+            self._per_client[client] = held + 1
+            return True
+
+    def _give_back(self, client: str) -> None:
+        with self._per_client_lock:
+            held = self._per_client.pop(client, 1) - 1
+            if held > 0:
+                self._per_client[client] = held
+            self.slots.release()
 
     def process_request(self, request, client_address) -> None:
-        if not self.slots.acquire(blocking=False):
+        client = client_address[0]
+        if not self._take(client):
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:  # no thread started: none will give the slot back
-            self.slots.release()
+            self._give_back(client)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
@@ -141,13 +171,13 @@ class _Server(ThreadingWSGIServer):
         except Exception:
             self.handle_error(request, client_address)
         finally:
-            self.slots.release()
+            self._give_back(client_address[0])
             self.shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:
         # socketserver prints the traceback to stderr (the process's JSON log)
         error = sys.exc_info()[1]
-        if isinstance(error, (TimeoutError, ConnectionError)):  # a client silent past IDLE_S, or gone
+        if isinstance(error, (TimeoutError, ConnectionError)):  # a client silent past IDLE_S or HEAD_S, or gone
             return
         log.warning("metrics request from %s failed", client_address[0], exc_info=True)
 
@@ -156,8 +186,40 @@ class _IPv6Server(_Server):
     address_family = socket.AF_INET6
 
 
+class _HeadReads(io.RawIOBase):
+    """The connection's socket for reading, each read waiting at most
+    ``idle_s`` and not past ``deadline`` (monotonic; None: no deadline, the
+    socket's own timeout)."""
+
+    def __init__(self, sock: socket.socket, deadline: float | None, idle_s: float):
+        self.sock, self.deadline, self.idle_s = sock, deadline, idle_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"request head not in within {HEAD_S:g} s")
+            self.sock.settimeout(min(left, self.idle_s))
+        return self.sock.recv_into(buffer)
+
+
 class _QuietHandler(WSGIRequestHandler):
     timeout = IDLE_S  # per read and write of the connection's socket
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the plain makefile(): reads go through the deadline instead
+        self.rfile = io.BufferedReader(_HeadReads(self.connection, time.monotonic() + HEAD_S, self.timeout))
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        # The head is in (or refused): the answer is written with the idle limit a write.
+        self.rfile.raw.deadline = None
+        self.connection.settimeout(self.timeout)
+        return ok
 
     def log_message(self, format: str, *args: object) -> None:  # probes every few seconds: not log lines
         pass
