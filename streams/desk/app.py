@@ -46,7 +46,7 @@ from streams.desk.auth import RANK, LoginLimiter, Principal, Users, credential_o
 from streams.desk.deskdb import DeskDB
 from streams.desk.lookup import Lookup, Rejected, lookup, upload_bound
 from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery, FindingsSource, NotFound
-from streams.desk.thumbs import ThumbError, Thumbnails
+from streams.desk.thumbs import SIZES as THUMB_SIZES, ThumbBusy, ThumbError, Thumbnails
 from streams.desk.verdicts import Conflict, VerdictIn, Verdicts
 from streams.findings import ClusterQuery as StoreQuery
 from streams.findings import MAX_RESULTS, FindingsStore, SearchTimeout, open_findings, through_day
@@ -233,7 +233,8 @@ class Desk:
         self.verdicts = Verdicts(settings, self.source, self.db, self.alerts)
         self.account_check: asyncio.Future | None = None  # the timer's check in flight, if any
         self.thumbs = Thumbnails(data / "blobs", data / "desk" / "thumbs",
-                                 max_bytes=settings.desk.thumb_cache_mb * 1024 * 1024, max_pixels=settings.decode.max_pixels)
+                                 max_bytes=settings.desk.thumb_cache_mb * 1024 * 1024, limits=settings.decode_limits(),
+                                 sizes=(*THUMB_SIZES, min(max(settings.desk.thumb_px, 32), 1024)))
 
     def secure(self, request: Request) -> bool:
         """Whether the answer sets Secure cookies and HSTS: off loopback, with
@@ -800,6 +801,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
             raise _error(404, f"no cluster member {sha256}")
         try:
             data = desk.thumbs.get(sha256, px)
+        except ThumbBusy as e:  # a page's <img> asks again on its next load; a client, after Retry-After
+            raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
         except ThumbError as e:
             raise _error(404, str(e)) from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 from markupsafe import Markup
 
@@ -152,7 +153,15 @@ def band(doc: dict[str, Any]) -> str:
     return doc["verdict"]
 
 
+def segment(value: object) -> str:
+    """An id as one path segment of a link, '/' escaped too: Jinja's
+    ``urlencode`` keeps it, and an account named "../../logout" linked to
+    /logout."""
+    return quote(str(value), safe="")
+
+
 def register_filters(env) -> None:
+    env.filters["segment"] = segment
     env.filters["sparkline"] = sparkline
     env.filters["spread_chart"] = spread_chart
     env.filters["when"] = when
