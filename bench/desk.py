@@ -11,11 +11,22 @@ thumbnails, and a full read of the store for the read cache after a write.
 
     python bench/desk.py [--clusters 10000] [--baseline 1000] [--json]
     python bench/desk.py --view [--view-clusters 20000] [--view-recent 2000]
+    python bench/desk.py --verdict [--view-clusters 60000] [--view-recent 60000]
 
 ``--view`` measures only the desk's start-up read of its view (time, memory
 held and peak) on a store of aged clusters, unbounded (``desk.view_days=0``,
 ``desk.max_view_clusters=0``: every cluster, the read made before there was a
 view) against the 30-day window.
+
+``--verdict`` measures the desk after a verdict at a large view (the
+defaults: 60,000 clusters in the 30-day window, so the view holds the
+50,000-cluster cap): ``deepwatch serve`` as its own process, the queue page
+warm, then per verdict (needs-review, authentic and fake on clusters in the
+view, fake on one outside it, needs-review again on a judged one) the
+``POST /api/clusters/{id}/verdict`` and the first queue page after it, each
+timed, and a warm page. A verdict re-read the whole view from the store
+(``FindingsSource.invalidate``: in the verdict's alerts for ``fake``, else on
+the next page); it now re-applies the overlay to the cached view in place.
 """
 
 from __future__ import annotations
@@ -301,6 +312,95 @@ def view_bench(n: int, recent: int) -> dict:
             "window": window}
 
 
+VERDICT_TOKEN = "bench-editor-token-0123456789abcdef"
+
+
+def verdict_bench(n: int, recent: int) -> dict:
+    """Verdicts over HTTP on a store of ``n`` aged clusters (``build_aged``),
+    ``recent`` of them in the window: per verdict, the POST and the first
+    queue page after it (the view the page lists, held by the desk process)."""
+    with tempfile.TemporaryDirectory(prefix="deepwatch-bench-verdict-") as tmp:
+        data = Path(tmp)
+        build_s = build_aged(data, n, recent)
+        desk = DeskServer(data, env={"DEEPWATCH_DESK_TOKENS": f"editor:bench:{VERDICT_TOKEN}"})
+        auth = {"Authorization": f"Bearer {VERDICT_TOKEN}"}
+        try:
+            with httpx.Client(timeout=600, headers=auth) as c:
+                t = time.perf_counter()
+                c.get(desk.url + "/").raise_for_status()
+                start_s = time.perf_counter() - t
+                view = c.get(desk.url + "/api/clusters", params={"limit": 1}).headers.get("X-Desk-View")
+                warm = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    c.get(desk.url + "/").raise_for_status()
+                    warm.append(time.perf_counter() - t)
+                outside = "c%06d" % (n - 1)  # the oldest: past the cap (or the window) when there are more
+                held = min(recent, 50_000)  # build_aged numbers the clusters newest first; the default cap
+                steps = [("c000010", "needs-review"), ("c000011", "authentic"), ("c000012", "fake"),
+                         (outside, "fake"), ("c000012", "needs-review")]
+                rows = []
+                for cid, verdict in steps:
+                    t = time.perf_counter()
+                    r = c.post(f"{desk.url}/api/clusters/{cid}/verdict", json={"verdict": verdict, "note": "bench"})
+                    post_s = time.perf_counter() - t
+                    r.raise_for_status()
+                    t = time.perf_counter()
+                    c.get(desk.url + "/").raise_for_status()
+                    page_s = time.perf_counter() - t
+                    t = time.perf_counter()
+                    c.get(desk.url + "/").raise_for_status()
+                    again_s = time.perf_counter() - t
+                    shown = c.get(f"{desk.url}/api/clusters/{cid}").json()
+                    assert (shown.get("desk") or {}).get("verdict") == verdict, shown.get("desk")
+                    rows.append({"cluster": cid, "verdict": verdict, "in_view": int(cid[1:]) < held,
+                                 "post_s": round(post_s, 3), "first_page_after_s": round(page_s, 3),
+                                 "post_and_page_s": round(post_s + page_s, 3), "page_again_s": round(again_s, 3)})
+        finally:
+            desk.stop()
+        in_process = overlay_refresh(data)
+    return {"clusters": n, "in_window": recent, "build_s": round(build_s, 1), "view": view,
+            "first_page_s": round(start_s, 3), "page_warm_median_s": round(statistics.median(warm), 3),
+            "verdicts": rows,
+            "post_and_page_median_s": round(statistics.median(r["post_and_page_s"] for r in rows), 3),
+            "in_process": in_process}
+
+
+def overlay_refresh(data: Path, rounds: int = 3) -> dict:
+    """The desk's view in process, on the same store: the view (``_all``) and
+    the queue's first page after one overlay row was written as a verdict
+    writes it (applied in place), against the page after a full read of the
+    view (the cache invalidated), alternating."""
+    from streams.desk.deskdb import DeskDB, OverlayRow
+    from streams.desk.source import ClusterQuery, FindingsSource
+
+    src = FindingsSource(open_store(data), DeskDB(data / "bench-overlay-desk.sqlite"))
+    try:
+        src._all()
+        view, in_place, full = [], [], []
+        for k in range(rounds):
+            cid = "c%06d" % (20 + k)
+            src.desk.set_overlay([OverlayRow(cluster_id=cid, verdict=("fake", "authentic", "needs-review")[k % 3],
+                                             verdict_id=k + 1, source_cluster=cid, detail="bench")], clear_source=cid)
+            t = time.perf_counter()
+            src._all()
+            view.append(time.perf_counter() - t)
+            src.clusters_page(ClusterQuery())
+            in_place.append(time.perf_counter() - t)
+            src.invalidate()
+            t = time.perf_counter()
+            src.clusters_page(ClusterQuery())
+            full.append(time.perf_counter() - t)
+        held = len(src._all())
+    finally:
+        src.close()
+        src.desk.close()
+    a, b = statistics.median(in_place), statistics.median(full)
+    return {"clusters_held": held, "view_after_overlay_row_median_s": round(statistics.median(view), 4),
+            "page_after_overlay_row_median_s": round(a, 4), "page_after_full_read_median_s": round(b, 3),
+            "full_over_in_place": round(b / a, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clusters", type=int, default=10_000)
@@ -308,9 +408,18 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--view", action="store_true", help="only the view's start-up read: --view-clusters clusters, "
                                                         "--view-recent of them in the 30-day window")
-    ap.add_argument("--view-clusters", type=int, default=20_000)
-    ap.add_argument("--view-recent", type=int, default=2_000)
+    ap.add_argument("--verdict", action="store_true", help="only verdicts at a large view: the POST and the first "
+                                                           "queue page after each (--view-clusters, --view-recent; "
+                                                           "defaults 60,000 and 60,000: the 50,000 cap)")
+    ap.add_argument("--view-clusters", type=int, default=None)
+    ap.add_argument("--view-recent", type=int, default=None)
     args = ap.parse_args()
+    if args.verdict:
+        n = args.view_clusters or 60_000
+        print(json.dumps(verdict_bench(n, args.view_recent or n), indent=2))
+        return
+    args.view_clusters = args.view_clusters or 20_000
+    args.view_recent = args.view_recent or 2_000
     if args.view:
         print(json.dumps(view_bench(args.view_clusters, args.view_recent), indent=2))
         return

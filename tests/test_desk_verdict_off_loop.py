@@ -59,8 +59,8 @@ def env(monkeypatch):
 @pytest.mark.parametrize("owner,name,verdict,cold", [
     # the cluster's own read, when the cache is cold: a full reload of the findings
     ("store", "recent_clusters", "needs-review", True),
-    # the alerts' read right after invalidate(): a full reload of the view
-    ("store", "recent_clusters", "fake", False),
+    # the view brought up to date after the verdict: the overlay table re-read (no store read any more)
+    ("db", "overlay", "fake", False),
     # the audit row and the effects row: SQLite writes with a 30 s busy timeout
     ("db", "add_verdict", "needs-review", False),
     ("db", "record_effects", "fake", False),

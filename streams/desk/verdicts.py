@@ -9,7 +9,9 @@
    ``needs-review`` from both.
 3. Retroactively: every stored cluster whose members match the judged
    pictures (same rule as the banks) gets the verdict in the desk overlay,
-   which re-scores it on read (``source._apply_overlay``).
+   which re-scores it on read (``source._apply_overlay``). The desk's cached
+   view is not read again: the overlay is applied again in place to the
+   clusters whose rows changed (``FindingsSource._reoverlay``).
 4. Alerts: ``fake`` raises/confirms one alert per affected cluster with a
    stable id (``<cluster>:desk-fake``) through the shared alert path;
    ``authentic`` marks them suppressed.
@@ -90,7 +92,9 @@ class Verdicts:
             rec = await asyncio.to_thread(self.desk.add_verdict, cluster_id, body.verdict, body.note, who.user, who.role,
                                           cluster_state(doc))
             effects = await asyncio.to_thread(self._banks_and_overlay, rec, doc)
-            await asyncio.to_thread(self.source.invalidate)  # takes the lock a page's reload holds
+            # the overlay applied again to the cached view in place (no read of the view):
+            # takes the lock a page's reload holds
+            await asyncio.to_thread(self.source.invalidate, overlay_only=True)
             effects["alerts"] = await self._alerts(rec, effects["clusters"])
             await asyncio.to_thread(self.desk.record_effects, rec.verdict_id, effects)
             rec.effects = effects
@@ -173,7 +177,7 @@ class Verdicts:
         raised = []
         for cid in cluster_ids:
             try:
-                # the first read after the verdict's invalidate() reloads every cluster: in a thread
+                # the view's lock, or a read by id outside the view: in a thread
                 doc = await asyncio.to_thread(self.source.cluster, cid)
             except LookupError:
                 continue
