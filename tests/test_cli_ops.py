@@ -331,3 +331,15 @@ def test_grafana_provision_against_something_that_is_not_grafana(tmp_path):
     finally:
         server.shutdown()
         silent.close()
+
+
+def test_a_replay_whose_every_event_was_dead_lettered_says_the_feed_may_be_wrong(tmp_path):
+    # `deepwatch replay /etc/passwd`: "done", 25 of 25 lines dead-lettered, exit 0 and not a word more
+    feed = tmp_path / "passwd"
+    feed.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+    r = deepwatch("replay", str(feed), "--data-dir", str(tmp_path / "d"), "--workers", "1", "--no-wait-models",
+                  timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 dead letters" in r.stderr
+    assert "warning: every event of this run was dead-lettered: is FEED a deepwatch event feed" in " ".join(
+        r.stderr.split())

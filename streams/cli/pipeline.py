@@ -185,6 +185,11 @@ def _print_summary(summary, fmt_json: bool) -> None:
                   "evidence (a later replay into this data dir asks again)")
     if summary.alert_latency_s:
         err.print(f"event→alert latency (s): {summary.alert_latency_s}")
+    if summary.events and ended.get("dead_letter", 0) == summary.events:
+        # `replay /etc/passwd` ended "done", exit 0, as a feed of hostile events would
+        err.print("warning: every event of this run was dead-lettered: is FEED a deepwatch event feed, one JSON "
+                  "event per line (`deepwatch schema` prints its JSON Schema)?", style="yellow", markup=False,
+                  highlight=False)
 
 
 def _check_state_files(settings: Settings) -> None:
