@@ -19,6 +19,14 @@ The operator rules' ``runbook_url`` annotations point at deploy/README.md on
 its hosting (``rules.DEFAULT_RUNBOOK_BASE_URL``); ``--runbook-base-url`` or the
 environment variable ``RUNBOOK_BASE_URL`` names another copy (the committed
 files use the default).
+
+The committed files are for the compose stack with the default settings.
+Where those differ, generate your own copy (``--out DIR``) and load that:
+``--topic-prefix`` (the workers' ``topic_prefix``: the events topic the Kafka
+rules read) and ``--index-prefix`` (``findings.index_prefix``: the indices
+the Elasticsearch datasources read); ``--es-url``, ``--es-ca-cert-env`` and
+``--prometheus-url`` (the addresses Grafana's datasources use), or
+``--kubernetes`` for deploy/k8s's Elasticsearch (ECK, over https with its CA).
 """
 
 from __future__ import annotations
@@ -47,24 +55,30 @@ def _json(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def render(runbook_base: str | None = None) -> dict[str, str]:
-    """Relative path -> file content, for every artefact."""
+def render(runbook_base: str | None = None, *, topic_prefix: str = rules.DEFAULT_TOPIC_PREFIX,
+           index_prefix: str = provisioning.DEFAULT_INDEX_PREFIX, es_url: str = provisioning.ELASTICSEARCH_URL,
+           es_ca_cert_env: str | None = None, prometheus_url: str = provisioning.PROMETHEUS_URL) -> dict[str, str]:
+    """Relative path -> file content, for every artefact (the defaults: what
+    ``dashboards/generated`` holds)."""
+    datasources = provisioning.datasources(prometheus_url=prometheus_url, es_url=es_url,
+                                           es_ca_cert_env=es_ca_cert_env, index_prefix=index_prefix)
     return {
         f"grafana/dashboards/{DASHBOARD_UID}.json": json.dumps(dashboard_json(), indent=2, sort_keys=True, ensure_ascii=False) + "\n",
         f"grafana/dashboards/{desk.VIRAL_UID}.json": _json(desk.viral_json()),
         f"grafana/dashboards/{desk.SPREAD_UID}.json": _json(desk.spread_json()),
-        "grafana/provisioning/datasources/deepwatch.yaml": _yaml(provisioning.datasources()),
+        "grafana/provisioning/datasources/deepwatch.yaml": _yaml(datasources),
         "grafana/provisioning/dashboards/deepwatch.yaml": _yaml(provisioning.dashboard_providers()),
         "grafana/provisioning/alerting/deepwatch-desk.yaml": _yaml(rules.desk_alerting_provisioning()),
         "grafana/provisioning/alerting/deepwatch-contact-points.yaml": _yaml(rules.contact_points_provisioning()),
         "grafana/provisioning/alerting/deepwatch-policies.yaml": _yaml(rules.notification_policy_provisioning()),
-        "prometheus/deepwatch-rules.yaml": _yaml(rules.prometheus_rules(runbook_base)),
+        "prometheus/deepwatch-rules.yaml": _yaml(rules.prometheus_rules(runbook_base, topic_prefix)),
     }
 
 
-def write(out: Path, runbook_base: str | None = None) -> list[Path]:
+def write(out: Path, runbook_base: str | None = None, **options: Any) -> list[Path]:
+    """``options``: as ``render`` takes them."""
     written = []
-    for rel, text in render(runbook_base).items():
+    for rel, text in render(runbook_base, **options).items():
         path = Path(out) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
@@ -78,8 +92,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runbook-base-url", default=None,
                     help="address of deploy/README.md that the operator rules' runbook_url links point at "
                          f"(default: ${rules.RUNBOOK_BASE_URL_ENV} or {rules.DEFAULT_RUNBOOK_BASE_URL})")
+    ap.add_argument("--topic-prefix", default=rules.DEFAULT_TOPIC_PREFIX,
+                    help="the workers' topic_prefix: the Kafka rules read the offsets of <prefix>.events "
+                         "(default: %(default)s)")
+    ap.add_argument("--index-prefix", default=provisioning.DEFAULT_INDEX_PREFIX,
+                    help="the workers' findings.index_prefix: the Elasticsearch datasources read <prefix>-clusters, "
+                         "-sightings, -alerts (default: %(default)s)")
+    ap.add_argument("--kubernetes", action="store_true",
+                    help=f"Elasticsearch as deploy/k8s runs it (ECK): --es-url {provisioning.KUBERNETES_ELASTICSEARCH_URL} "
+                         f"--es-ca-cert-env {provisioning.KUBERNETES_ES_CA_CERT_ENV}")
+    ap.add_argument("--es-url", default=None,
+                    help=f"Elasticsearch as Grafana reaches it (default: compose's {provisioning.ELASTICSEARCH_URL})")
+    ap.add_argument("--es-ca-cert-env", default=None, metavar="NAME",
+                    help="Grafana's environment variable holding the PEM of the CA that signed Elasticsearch's "
+                         "certificate (default: none, the system's CAs)")
+    ap.add_argument("--prometheus-url", default=provisioning.PROMETHEUS_URL,
+                    help="Prometheus as Grafana reaches it (default: compose's %(default)s)")
     args = ap.parse_args(argv)
-    for path in write(args.out, args.runbook_base_url):
+    k8s = args.kubernetes
+    options = {
+        "topic_prefix": args.topic_prefix, "index_prefix": args.index_prefix, "prometheus_url": args.prometheus_url,
+        "es_url": args.es_url or (provisioning.KUBERNETES_ELASTICSEARCH_URL if k8s else provisioning.ELASTICSEARCH_URL),
+        "es_ca_cert_env": args.es_ca_cert_env or (provisioning.KUBERNETES_ES_CA_CERT_ENV if k8s else None),
+    }
+    try:
+        paths = write(args.out, args.runbook_base_url, **options)
+    except ValueError as e:  # a prefix or name the workers or Grafana would not take
+        ap.error(str(e))
+    for path in paths:
         print(path)
     return 0
 

@@ -19,16 +19,60 @@ from typing import Any, Iterator, Mapping
 
 from pydantic import BaseModel, ValidationError
 
-# Environment variables that are not settings fields but are read by deepwatch.
-NON_SETTING_ENV = {
-    "DEEPWATCH_CONFIG",  # the TOML file
-    "DEEPWATCH_METRICS_PORT_FILE",  # where a worker writes its metrics port (tests, supervisors)
-    "DEEPWATCH_HIVE_URL", "DEEPWATCH_SENSITY_URL", "DEEPWATCH_REALITY_DEFENDER_URL",  # vendor endpoints
-    "DEEPWATCH_INGEST_TOKENS", "DEEPWATCH_DESK_TOKENS",  # serve-ingest / desk API tokens (secrets)
-    # Elasticsearch connection (streams.es_store) and the live test suite's server
-    "DEEPWATCH_ES_USERNAME", "DEEPWATCH_ES_CA_CERTS", "DEEPWATCH_ES_VERIFY_CERTS", "DEEPWATCH_ES_URL",
-    # read by Grafana's provisioning files (dashboards/), which may share the environment
-    "DEEPWATCH_DESK_EMAILS", "DEEPWATCH_DESK_WEBHOOK_URL", "DEEPWATCH_DESK_SLACK_WEBHOOK_URL", "DEEPWATCH_DESK_URL",
+# Environment variables read that are not settings: name -> (who reads it, what it holds).
+# ``deepwatch settings`` lists them (docs/settings.md); unknown-variable hints compare with
+# them too. Secrets are read under the name a setting gives (``secret_env``,
+# ``sasl_password_env``, ``ingest_tokens_env``, ``tokens_env``): the defaults are listed.
+_ES = "Elasticsearch findings store (`findings.url`, `--store`)"
+_GRAFANA = "Grafana (expanded in the provisioning files, dashboards/generated)"
+_VENDOR = "vendor detectors in `detect.models`"
+ENVIRONMENT_ONLY: dict[str, tuple[str, str]] = {
+    "DEEPWATCH_CONFIG": ("every command", "path of the TOML settings file, as `--config`; the variables override it"),
+    "DEEPWATCH_ES_API_KEY": (_ES, "secret: an API key; used before a user name and password"),
+    "DEEPWATCH_ES_USERNAME": (_ES, "user name for basic authentication, when no API key is set"),
+    "DEEPWATCH_ES_PASSWORD": (_ES, "secret: that user's password"),
+    "DEEPWATCH_ES_CA_CERTS": (_ES, "path of the CA bundle (PEM) that signed the server's https certificate"),
+    "DEEPWATCH_ES_VERIFY_CERTS": (_ES, "`false`, `0` or `no`: do not verify the https certificate (default true)"),
+    "DEEPWATCH_WEBHOOK_SECRET": ("processes that send alert webhooks (pipeline and cluster workers, the desk)",
+                                 "secret: HMAC key signing alert webhooks, under the default "
+                                 "`alerts.webhooks[].secret_env`; each hook reads the variable its `secret_env` names"),
+    "DEEPWATCH_KAFKA_PASSWORD": ("every process that reaches Kafka with SASL",
+                                 "secret: the SASL password, under the default `kafka.sasl_password_env`"),
+    "DEEPWATCH_INGEST_TOKENS": ("`deepwatch serve-ingest`", "secret: bearer tokens `NAME:TOKEN[,NAME:TOKEN...]`, "
+                                "under the default `connectors.ingest_tokens_env`"),
+    "DEEPWATCH_DESK_TOKENS": ("`deepwatch serve` (the desk)", "secret: API tokens `role:name:token[,...]`, "
+                              "under the default `desk.tokens_env`"),
+    "DEEPWATCH_METRICS_PORT_FILE": ("`deepwatch worker`", "a file the worker writes its metrics port to "
+                                    "(`metrics_port` 0 takes any free one): for tests and supervisors"),
+    "DEEPWATCH_HIVE_URL": (_VENDOR, "another endpoint for `vendor:hive`"),
+    "DEEPWATCH_SENSITY_URL": (_VENDOR, "another endpoint for `vendor:sensity`"),
+    "DEEPWATCH_REALITY_DEFENDER_URL": (_VENDOR, "another endpoint for `vendor:reality-defender`"),
+    "HIVE_API_KEY": (_VENDOR, "secret: Hive's API key; without it `vendor:hive` is skipped"),
+    "SENSITY_API_TOKEN": (_VENDOR, "secret: Sensity's API token; without it `vendor:sensity` is skipped"),
+    "REALITY_DEFENDER_API_KEY": (_VENDOR, "secret: Reality Defender's API key; without it `vendor:reality-defender` "
+                                 "is skipped"),
+    "GRAFANA_URL": ("`deepwatch grafana provision`, `python -m dashboards.publish`", "Grafana's address, as `--url`"),
+    "GRAFANA_TOKEN": ("`deepwatch grafana provision`, `python -m dashboards.publish`",
+                      "secret: a service-account token, as `--token`"),
+    "RUNBOOK_BASE_URL": ("`python -m dashboards.build`", "the address of deploy/README.md the operator rules' "
+                         "`runbook_url` links point at, as `--runbook-base-url`"),
+    "OMP_NUM_THREADS": ("the detect role's CPU pixel model", "threads of its onnxruntime session (unset or 0: one "
+                        "per physical core); local workers get 1"),
+    "XDG_CACHE_HOME": ("the detect role's pixel model", "its ONNX exports are cached in `$XDG_CACHE_HOME/deepwatch` "
+                       "(default `~/.cache/deepwatch`)"),
+    "DEEPWATCH_GRAFANA_ES_API_KEY": (_GRAFANA, "secret: a read-only API key for the findings datasources"),
+    "DEEPWATCH_GRAFANA_ES_CA_CERT": (_GRAFANA, "the PEM of the CA that signed Elasticsearch's certificate, where the "
+                                     "files were generated so (`python -m dashboards.build --kubernetes`)"),
+    "DEEPWATCH_DESK_WEBHOOK_URL": (_GRAFANA, "the desk contact point's webhook receiver"),
+    "DEEPWATCH_DESK_WEBHOOK_TOKEN": (_GRAFANA, "secret: its bearer token (optional)"),
+    "DEEPWATCH_DESK_SLACK_WEBHOOK_URL": (_GRAFANA, "the desk contact point's Slack webhook"),
+    "DEEPWATCH_DESK_EMAILS": (_GRAFANA, "the desk contact point's email addresses"),
+    "DEEPWATCH_ES_URL": ("the test suite (tests/test_es_live.py)", "a live Elasticsearch to test against"),
+}
+# Environment variables that are not settings fields but are read by deepwatch (or by
+# Grafana, whose provisioning files may share the environment), accepted as they are.
+NON_SETTING_ENV = {name for name in ENVIRONMENT_ONLY if name.startswith("DEEPWATCH_")} | {
+    "DEEPWATCH_DESK_URL",  # once read by Grafana's provisioning files; accepted still
 }
 # Secrets live only in the environment under names the settings point at
 # (``secret_env``, ``sasl_password_env``, ``ingest_tokens_env``, ``tokens_env``);
@@ -82,6 +126,58 @@ def _env_name(path: str) -> str:
     return "DEEPWATCH_" + path.upper().replace(".", "__")
 
 
+def closest_env(name: str) -> str | None:
+    """The variable closest to ``name``, an unknown ``DEEPWATCH_*`` one: a
+    setting's (``DEEPWATCH_PARTITIONS``) or one read outside the settings
+    (``DEEPWATCH_ES_API_KEY``, ``ENVIRONMENT_ONLY``). Setting paths alone
+    answered DEEPWATCH_ES_USER with DEEPWATCH_DESK__USERS_FILE."""
+    path = name.upper()[len("DEEPWATCH_"):].lower().replace("__", ".")
+    settings = {p: _env_name(p) for p, _ in setting_paths()}
+    others = {n[len("DEEPWATCH_"):].lower(): n for n in ENVIRONMENT_ONLY if n.startswith("DEEPWATCH_")}
+    found = difflib.get_close_matches(path, [*settings, *others], n=1, cutoff=0.5)
+    if found:
+        return settings.get(found[0]) or others[found[0]]
+    near = closest(path)  # the same leaf under another section (DEEPWATCH_FETCH__IMAGE_ROOTS)
+    return _env_name(near) if near else None
+
+
+def _tables() -> dict[str, str]:
+    """TOML tables the settings take, as written: ``alerts`` -> ``[alerts]``,
+    ``alerts.webhooks`` -> ``[[alerts.webhooks]]`` (a list of tables)."""
+    from streams.settings import Settings
+
+    out = {}
+    for name, field in Settings.model_fields.items():
+        section = _model_of(field.annotation)
+        if section is None or typing.get_origin(field.annotation) in (list, dict):
+            continue
+        out[name] = f"[{name}]"
+        for sub, f in section.model_fields.items():
+            if typing.get_origin(f.annotation) is list and _model_of(f.annotation) is not None:
+                out[f"{name}.{sub}"] = f"[[{name}.{sub}]]"
+    return out
+
+
+def _is_table(value: Any) -> bool:
+    """A TOML table (``[name]``) or array of tables (``[[name]]``), as parsed."""
+    return isinstance(value, dict) or (isinstance(value, list) and bool(value)
+                                       and all(isinstance(v, dict) for v in value))
+
+
+def _toml_hint(key: str, value: Any) -> str:
+    """What an unknown top-level key of the settings file most likely meant:
+    a table (``[alert]``) is compared with the tables, a value (``brokr =``)
+    with the settings. A table was compared with every setting's path
+    (``[alert]``: "did you mean 'alerts.console'?")."""
+    if _is_table(value):
+        tables = _tables()
+        found = (difflib.get_close_matches(key, list(tables), n=1, cutoff=0.5)
+                 or [t for t in tables if t.rsplit(".", 1)[-1] == key])  # [webhooks]: [[alerts.webhooks]]
+        return f"; did you mean {tables[found[0]]}?" if found else "; see `deepwatch settings` for the tables"
+    near = closest(key)
+    return f"; did you mean {near!r}?" if near else "; see `deepwatch settings`"
+
+
 def check_environment(environ: Mapping[str, str]) -> None:
     from streams.settings import Settings
 
@@ -101,9 +197,8 @@ def check_environment(environ: Mapping[str, str]) -> None:
         elif rest.split("__", 1)[0] in sections and upper in fields:
             _check_not_empty(name, value, fields[upper])
             continue
-        path = rest.lower().replace("__", ".")
-        near = closest(path)
-        hint = f"; did you mean {_env_name(near)}?" if near else "; see `deepwatch settings`"
+        near = closest_env(name)
+        hint = f"; did you mean {near}?" if near else "; see `deepwatch settings`"
         raise SettingsError(f"unknown setting in the environment: {name}{hint}")
 
 
@@ -153,11 +248,10 @@ def check_toml_file(path: Path) -> None:
                             "see `deepwatch settings` for the keys and deploy/deepwatch.toml for an example") from None
     from streams.settings import Settings
 
-    for key in doc:
+    for key, value in doc.items():
         if key not in Settings.model_fields:
-            near = closest(key)
-            hint = f"; did you mean {near!r}?" if near else "; see `deepwatch settings`"
-            raise SettingsError(f"unknown setting {key!r} in {str(path)!r}{hint}")
+            what = f"table [{key}]" if _is_table(value) else f"setting {key!r}"
+            raise SettingsError(f"unknown {what} in {str(path)!r}{_toml_hint(key, value)}")
 
 
 def redact_userinfo(text: str) -> str:
@@ -169,6 +263,9 @@ def explain(e: ValidationError) -> SettingsError:
     """Turn pydantic's multi-line report into one line with the fix."""
     for err in e.errors():
         if err["type"] == "extra_forbidden":
+            entry = _list_entry(err["loc"])
+            if entry is not None:
+                return SettingsError(entry)
             path = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
             near = closest(path)
             hint = f"; did you mean {near!r} (env {_env_name(near)})?" if near else "; see `deepwatch settings`"
@@ -180,6 +277,44 @@ def explain(e: ValidationError) -> SettingsError:
         # not even a part of it; the message names hosts (scheme://host:port) at most
         return SettingsError(f"invalid setting {path!r}: {hide_urls(err['msg'])}")
     return SettingsError(f"invalid setting {path!r}: {err['msg']} (got {redact_userinfo(str(err.get('input')))[:80]!r})")
+
+
+def _list_entry(loc: tuple[Any, ...]) -> str | None:
+    """The message for an unknown key inside one entry of a list of tables
+    (``[[alerts.webhooks]] secret = ...``): the entry's own fields are what
+    it may hold; the list's path ("did you mean 'alerts.webhooks'") was no
+    hint. None when ``loc`` is not inside such an entry."""
+    from streams.settings import Settings
+
+    owner: type[BaseModel] = Settings
+    parts: list[str] = []
+    in_entry = False
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            if not parts:
+                return None
+            parts[-1] += f"[{part}]"
+            in_entry = True
+            continue
+        field = owner.model_fields.get(str(part))
+        model = _model_of(field.annotation) if field is not None else None
+        if model is None:
+            return None
+        owner, in_entry = model, False
+        parts.append(str(part))
+    if not in_entry or not parts:
+        return None
+    key = str(loc[-1])
+    fields = list(owner.model_fields)
+    near = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+    list_path = re.sub(r"\[\d+\]", "", ".".join(parts))
+    hint = "."
+    if near:
+        why = (f" (it names the environment variable that holds the {key}: secrets are never settings)"
+               if near[0].endswith("_env") else "")
+        hint = f"; did you mean {near[0]!r}{why}?"
+    return (f"unknown setting {key!r} in {'.'.join(parts)} (in the TOML file or DEEPWATCH_* environment){hint} "
+            f"Each {list_path} entry takes: {', '.join(fields)}")
 
 
 def hide_urls(text: str) -> str:
@@ -282,5 +417,19 @@ def reference_markdown() -> str:
         entry = _model_of(field.annotation) if typing.get_origin(field.annotation) is list else None
         if entry is not None:  # a list of tables: each entry's fields, set inside the entry
             lines.extend(_entry_rows(path, entry))
+    lines += [
+        "",
+        "## Secrets and other environment variables",
+        "",
+        "Read from the environment only, never from the TOML file, and not settings. A secret is read under the",
+        "name a setting gives (`alerts.webhooks[].secret_env`, `kafka.sasl_password_env`,",
+        "`connectors.ingest_tokens_env`, `desk.tokens_env`); the defaults are listed. A `DEEPWATCH_*` name you give",
+        f"one must end in {', '.join(f'`{x}`' for x in SECRET_SUFFIXES)}: any other is taken for a mistyped setting.",
+        "",
+        "| variable | read by | meaning |",
+        "|---|---|---|",
+    ]
+    for name, (reader, meaning) in ENVIRONMENT_ONLY.items():
+        lines.append(f"| `{name}` | {reader.replace('|', '/')} | {meaning.replace('|', '/')} |")
     lines.append("")
     return "\n".join(lines)

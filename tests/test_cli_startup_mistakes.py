@@ -412,3 +412,124 @@ def test_every_help_fits_80_columns_without_cutting_a_name():
         assert r.exit_code == 0 and "Usage: " in r.stdout, (path, r.output)
         assert "…" not in r.stdout, (path, r.stdout)
         assert max(map(len, r.stdout.splitlines())) <= 80, path
+
+
+# -- hints name what was meant: environment-only variables, tables, webhook fields ----
+@pytest.mark.parametrize("name, meant, not_meant", [
+    ("DEEPWATCH_ES_USER", "DEEPWATCH_ES_USERNAME", "USERS_FILE"),  # was: did you mean DEEPWATCH_DESK__USERS_FILE?
+    ("DEEPWATCH_ES_PASSWD", "DEEPWATCH_ES_PASSWORD", "SASL_PASSWORD_ENV"),
+    ("DEEPWATCH_ES_APIKEY", "DEEPWATCH_ES_API_KEY", "see `deepwatch settings`"),
+    ("DEEPWATCH_ES_CA_CERT", "DEEPWATCH_ES_CA_CERTS", "__"),
+    ("DEEPWATCH_WEBHOOK_SECRT", "DEEPWATCH_WEBHOOK_SECRET", "__"),
+    ("DEEPWATCH_CONFG", "DEEPWATCH_CONFIG", "__"),
+    ("DEEPWATCH_PARTITION", "DEEPWATCH_PARTITIONS", "_ENV"),  # settings are still found as before
+    ("DEEPWATCH_FETCH__IMAGE_ROOTS", "DEEPWATCH_INGEST__IMAGE_ROOTS", "_ES_"),
+])
+def test_an_unknown_variable_names_the_environment_only_variable_meant(name, meant, not_meant):
+    line = _one_error_line(_cli("settings", env={name: "bob"}))
+    assert f"unknown setting in the environment: {name}; did you mean {meant}?" in line, line
+    assert not_meant not in line.split("did you mean", 1)[1], line
+    assert "bob" not in line  # the value may be the secret itself
+
+
+@pytest.mark.parametrize("toml, says", [
+    # a table is compared with the tables (was: did you mean 'alerts.console'?)
+    ('[alert]\nconsole = true\n', "unknown table [alert] in '{cfg}'; did you mean [alerts]?"),
+    ('[fech]\nretries = 1\n', "unknown table [fech] in '{cfg}'; did you mean [fetch]?"),
+    ('[webhooks]\nurl = "https://hooks.example/x"\n', "did you mean [[alerts.webhooks]]?"),
+    # a value with the values, as before
+    ('brokr = "kafka://k:9092"\n', "unknown setting 'brokr' in '{cfg}'; did you mean 'broker'?"),
+])
+def test_an_unknown_table_in_the_settings_file_names_the_table_meant(tmp_path, toml, says):
+    cfg = tmp_path / "deepwatch.toml"
+    cfg.write_text(toml)
+    line = _one_error_line(_cli("settings", "--config", str(cfg)))
+    assert says.format(cfg=cfg) in line, line
+
+
+@pytest.mark.parametrize("where", ["toml", "env"])
+def test_an_unknown_webhook_field_names_the_hooks_own_fields(tmp_path, where):
+    # was: did you mean 'alerts.webhooks' (env DEEPWATCH_ALERTS__WEBHOOKS)?, the list the key was already in
+    args, env = ["settings"], {"DEEPWATCH_WEBHOOK_SECRET": "k" * 32}
+    if where == "toml":
+        cfg = tmp_path / "deepwatch.toml"
+        cfg.write_text('[[alerts.webhooks]]\nurl = "https://hooks.example/x"\nsecret = "s3cr3t-value"\n')
+        args += ["--config", str(cfg)]
+    else:
+        env["DEEPWATCH_ALERTS__WEBHOOKS"] = '[{"url": "https://hooks.example/x", "secret": "s3cr3t-value"}]'
+    line = _one_error_line(_cli(*args, env=env))
+    assert "unknown setting 'secret' in alerts.webhooks[0]" in line and "did you mean 'secret_env'" in line, line
+    assert "secrets are never settings" in line and "url, name, previous_keys, secret_env" in line, line
+    assert "did you mean 'alerts.webhooks'" not in line and "s3cr3t" not in line, line
+
+
+def test_an_unknown_webhook_field_with_no_near_one_lists_the_fields(tmp_path):
+    cfg = tmp_path / "deepwatch.toml"
+    cfg.write_text('[[alerts.webhooks]]\nurl = "https://hooks.example/x"\nhmac = "x"\n')
+    line = _one_error_line(_cli("settings", "--config", str(cfg), env={"DEEPWATCH_WEBHOOK_SECRET": "k" * 32}))
+    assert "unknown setting 'hmac' in alerts.webhooks[0]" in line and "did you mean" not in line, line
+    assert "Each alerts.webhooks entry takes: url, name" in line, line
+
+
+# -- the reference lists the environment-only variables, and every setting's meaning --
+def _env_table(doc: str) -> dict[str, str]:
+    """variable -> the rest of its row, from the reference's second table."""
+    import re
+
+    part = doc.split("## Secrets and other environment variables", 1)[1]
+    return dict(re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \| (.+) \|$", part, flags=re.M))
+
+
+def test_the_settings_reference_lists_every_variable_the_code_reads_by_name():
+    """`deepwatch settings` (docs/settings.md) listed the settings only: not
+    DEEPWATCH_ES_API_KEY, the webhook secret, the token lists, DEEPWATCH_CONFIG;
+    an unknown-variable error pointed there for a name it did not show."""
+    import re
+
+    from streams.settings import Settings, WebhookSettings
+    from streams.settings_check import setting_paths
+
+    r = _cli("settings")
+    assert r.returncode == 0, r.stderr
+    listed = _env_table(r.stdout)
+    assert all(listed.values())
+    settings = {"DEEPWATCH_" + p.upper().replace(".", "__") for p, _ in setting_paths()}
+    settings |= {f"DEEPWATCH_{name.upper()}" for name in Settings.model_fields}
+    read = set()
+    pattern = re.compile(r"""(?:environ|env)(?:\.get)?[\[(]\s*"([A-Z][A-Z0-9_]+)"|envvar="([A-Z][A-Z0-9_]+)"|"""
+                         r"""(?:key_env|url_env|_ENV)\b[^=\n]*=\s*"([A-Z][A-Z0-9_]+)\"""")
+    for package in ("streams", "detectors", "dashboards"):
+        for path in (ROOT / package).rglob("*.py"):
+            for m in pattern.finditer(path.read_text()):
+                read.add(next(g for g in m.groups() if g))
+    read.discard("PATH_INFO")  # the WSGI request's, not the process environment
+    # the secrets' default names, and what Grafana expands in the provisioning files
+    defaults = Settings()
+    read |= {defaults.kafka.sasl_password_env, defaults.connectors.ingest_tokens_env, defaults.desk.tokens_env,
+             WebhookSettings.model_fields["secret_env"].default}
+    for path in (ROOT / "dashboards" / "generated").rglob("*.yaml"):
+        read |= set(re.findall(r"\$\{?(DEEPWATCH_[A-Z0-9_]+)", path.read_text()))
+    assert {"DEEPWATCH_ES_API_KEY", "DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG", "OMP_NUM_THREADS"} <= read
+    missing = sorted(read - settings - set(listed))
+    assert not missing, f"read by the code, but not in `deepwatch settings`: {missing}"
+    for name in ("DEEPWATCH_CONFIG", "DEEPWATCH_ES_API_KEY", "DEEPWATCH_ES_USERNAME", "DEEPWATCH_ES_PASSWORD",
+                 "DEEPWATCH_ES_CA_CERTS", "DEEPWATCH_ES_VERIFY_CERTS", "DEEPWATCH_WEBHOOK_SECRET",
+                 "DEEPWATCH_KAFKA_PASSWORD", "DEEPWATCH_INGEST_TOKENS", "DEEPWATCH_DESK_TOKENS"):
+        assert name in listed, name
+    assert "secret_env" in listed["DEEPWATCH_WEBHOOK_SECRET"]  # each hook's own variable too
+    # every DEEPWATCH_* name listed is one the loader accepts
+    ok = _cli("settings", "--format", "json", env={n: "x" for n in listed if n.startswith("DEEPWATCH_")
+                                                   and n not in ("DEEPWATCH_CONFIG", "DEEPWATCH_INGEST_TOKENS",
+                                                                 "DEEPWATCH_DESK_TOKENS", "DEEPWATCH_ES_URL")})
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_every_setting_in_the_reference_says_what_it_does():
+    # many rows had an empty "meaning": the trailing comments of streams/settings.py were missing
+    from streams.settings_check import reference_markdown
+
+    rows = [line for line in reference_markdown().split("## Secrets", 1)[0].splitlines()
+            if line.startswith("| `")]
+    assert len(rows) > 100
+    empty = [line.split(" | ")[0] for line in rows if line.rstrip().endswith("|  |")]
+    assert not empty, f"settings without a meaning (a trailing `# ...` comment in streams/settings.py): {empty}"

@@ -942,3 +942,117 @@ def test_overview_stat_turns_red_where_the_latency_rule_counts():
     from dashboards import dashboard
 
     assert dashboard.EVENT_TO_ALERT_RED_S == rules.EVENT_TO_ALERT_P95_MAX_S
+
+
+# -- datasources and rules for the deployment's addresses and prefixes ---------------
+def _es_datasources(doc: dict) -> list[dict]:
+    return [d for d in doc["datasources"] if d["type"] == "elasticsearch"]
+
+
+def test_committed_datasources_reach_compose_elasticsearch():
+    """The committed provisioning files are what compose's Grafana mounts:
+    its Elasticsearch service, over plain http, as the workers reach it."""
+    import tomllib
+    from urllib.parse import urlsplit
+
+    [compose] = _yaml_docs(DEPLOY / "compose.yaml")
+    text = (build.GENERATED / "grafana" / "provisioning" / "datasources" / "deepwatch.yaml").read_text()
+    es = _es_datasources(yaml.safe_load(text))
+    assert len(es) == 3
+    toml = tomllib.loads((DEPLOY / "deepwatch.toml").read_text())
+    workers = urlsplit(toml["findings"]["url"])
+    for d in es:
+        url = urlsplit(d["url"])
+        assert url.scheme == "http" and url.hostname in compose["services"], d["url"]
+        assert "elasticsearch" in compose["services"][url.hostname]["image"]
+        assert (url.hostname, url.port) == (workers.hostname, workers.port), "Grafana and the workers read one store"
+        assert "tlsAuthWithCACert" not in d["jsonData"] and "tlsCACert" not in d.get("secureJsonData", {})
+
+
+def test_kubernetes_datasources_reach_eck_over_https_with_its_ca(tmp_path):
+    """provisioning.py named http://elasticsearch:9200 "compose service / k8s
+    Service name"; Kubernetes has no such Service: ECK's is
+    <name>-es-http, https with ECK's private CA. `--kubernetes` generates
+    datasources for it."""
+    import tomllib
+    from urllib.parse import urlsplit
+
+    from streams.settings_check import check_environment
+
+    [eck] = [d for d in _yaml_docs(DEPLOY / "k8s" / "overlays" / "eck" / "elasticsearch.yaml")
+             if d.get("kind") == "Elasticsearch"]
+    [kust] = _yaml_docs(DEPLOY / "k8s" / "base" / "kustomization.yaml")
+    service = f"{eck['metadata']['name']}-es-http"
+    # the workers' address, in their own namespace
+    [cm] = [d for d in _yaml_docs(DEPLOY / "k8s" / "base" / "configmap.yaml") if d.get("kind") == "ConfigMap"]
+    assert urlsplit(tomllib.loads(cm["data"]["deepwatch.toml"])["findings"]["url"]).hostname == service
+    # the CA bundle the workers mount is the Secret Grafana is told to read
+    prune = _yaml_docs(DEPLOY / "k8s" / "base" / "prune.yaml")[0]
+    secrets = {v["secret"]["secretName"] for v in prune["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
+               if "secret" in v}
+    assert f"{service}-certs-public" in secrets
+
+    assert build.main(["--out", str(tmp_path), "--kubernetes"]) == 0
+    doc = yaml.safe_load((tmp_path / "grafana" / "provisioning" / "datasources" / "deepwatch.yaml").read_text())
+    for d in _es_datasources(doc):
+        url = urlsplit(d["url"])
+        # named whole: a Grafana in another namespace resolves it (and ECK's certificate names it)
+        assert (url.scheme, url.hostname, url.port) == ("https", f"{service}.{kust['namespace']}.svc", 9200), d["url"]
+        assert d["jsonData"]["tlsAuthWithCACert"] is True and not d["jsonData"].get("tlsSkipVerify")
+        assert d["secureJsonData"]["tlsCACert"] == f"${provisioning.KUBERNETES_ES_CA_CERT_ENV}"
+        assert "$DEEPWATCH_GRAFANA_ES_API_KEY" in d["secureJsonData"]["httpHeaderValue1"]
+    check_environment({provisioning.KUBERNETES_ES_CA_CERT_ENV: "x"})  # may share the workers' environment
+    # everything else is as committed; --es-url and --es-ca-cert-env alone do the same
+    committed = build.render()
+    on_disk = {str(p.relative_to(tmp_path)): p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    assert {k for k in committed if committed[k] != on_disk[k]} == {"grafana/provisioning/datasources/deepwatch.yaml"}
+    assert build.render(es_url=provisioning.KUBERNETES_ELASTICSEARCH_URL,
+                        es_ca_cert_env=provisioning.KUBERNETES_ES_CA_CERT_ENV) == on_disk
+    # and deploy/README.md says how
+    readme = (DEPLOY / "README.md").read_text()
+    assert "python -m dashboards.build --out grafana-k8s --kubernetes" in readme
+    assert provisioning.KUBERNETES_ES_CA_CERT_ENV in readme and f"{service}-certs-public" in readme
+
+
+def test_rules_and_datasources_follow_the_topic_and_index_prefixes(tmp_path):
+    """The Kafka rules read `deepwatch.events` and the datasources
+    `deepwatch-*` whatever topic_prefix and findings.index_prefix the
+    workers used; regenerating for another prefix was not possible."""
+    from streams.es_templates import names
+
+    settings = Settings(topic_prefix="news.prod", findings={"index_prefix": "newsroom"})
+    assert build.main(["--out", str(tmp_path), "--topic-prefix", "news.prod", "--index-prefix", "newsroom"]) == 0
+    rules_text = (tmp_path / "prometheus" / "deepwatch-rules.yaml").read_text()
+    doc = yaml.safe_load(rules_text)
+    by_name = {r["alert"]: r for g in doc["groups"] for r in g["rules"]}
+    topic = settings.topic("events")
+    for name in ("DeepwatchNoEventsProcessed", "DeepwatchKafkaExporterDown"):
+        assert f'topic="{topic}"' in by_name[name]["expr"], by_name[name]["expr"]
+        assert topic in by_name[name]["annotations"]["summary"]
+    assert "deepwatch.events" not in rules_text
+    ds = yaml.safe_load((tmp_path / "grafana" / "provisioning" / "datasources" / "deepwatch.yaml").read_text())
+    want = names(settings.findings.index_prefix)
+    assert sorted(d["jsonData"]["index"] for d in _es_datasources(ds)) == sorted(
+        want[k] for k in ("clusters", "sightings", "alerts"))
+    # the defaults are the settings' defaults, and the committed files use them
+    assert rules.DEFAULT_TOPIC_PREFIX == Settings.model_fields["topic_prefix"].default
+    from streams.settings import FindingsSettings
+
+    assert provisioning.DEFAULT_INDEX_PREFIX == FindingsSettings().index_prefix
+    committed = yaml.safe_load(build.render()["grafana/provisioning/datasources/deepwatch.yaml"])
+    assert {d["jsonData"]["index"] for d in _es_datasources(committed)} == {
+        names("deepwatch")[k] for k in ("clusters", "sightings", "alerts")}
+    # documented where the committed copy is explained
+    readme = (DEPLOY / "README.md").read_text()
+    assert "--topic-prefix PREFIX" in readme and "--index-prefix PREFIX" in readme
+
+
+@pytest.mark.parametrize("args", [["--topic-prefix", "news events"], ["--topic-prefix", ""],
+                                  ["--index-prefix", "News"], ["--index-prefix", "_x"], ["--es-ca-cert-env", "ca-pem"]])
+def test_build_refuses_a_prefix_the_workers_or_grafana_would_not_take(tmp_path, args, capsys):
+    with pytest.raises(SystemExit) as e:
+        build.main(["--out", str(tmp_path), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m dashboards.build: error: ") and repr(args[1]) in err, err
+    assert not list(tmp_path.iterdir()), "nothing written"

@@ -442,6 +442,10 @@ def test_compose_memory_limits_match_kubernetes():
 
     limits = {dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]:
               size(_containers(dep)[0]["resources"]["limits"]["memory"]) for dep in _deployments()}
+    for job in (d for d in _kustomize_resources(K8S / "base") if d.get("kind") == "CronJob"):  # prune
+        pod = job["spec"]["jobTemplate"]["spec"]["template"]
+        limits[pod["metadata"]["labels"]["app.kubernetes.io/component"]] = size(
+            pod["spec"]["containers"][0]["resources"]["limits"]["memory"])
     for name, svc in _deepwatch_services().items():
         component = {"pipeline": "cluster"}.get(name, name)
         assert size(svc["mem_limit"]) == limits[component], f"compose/{name} mem_limit vs k8s {component}"
@@ -577,3 +581,96 @@ def test_the_ingest_endpoint_creates_its_topics_where_it_may_start_before_any_wo
     assert {"compose", "k8s"} <= places, found
     for where, argv in found:
         assert "--create-topics" in argv, f"{where}: `deepwatch {' '.join(argv)}` without --create-topics"
+
+
+# -- the GPU overlay: the CUDA image for detect only ---------------------------------
+GPU_IMAGE = "deepwatch:gpu"
+
+
+def _pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(kind/name, pod spec) of every workload: Deployments, StatefulSets,
+    DaemonSets, Jobs and the CronJobs' job templates."""
+    out = []
+    for d in docs:
+        spec = d.get("spec") or {}
+        if d.get("kind") == "CronJob":
+            spec = spec["jobTemplate"]["spec"]
+        if "template" in spec:
+            out.append((f"{d['kind']}/{d['metadata']['name']}", spec["template"]["spec"]))
+    return out
+
+
+def _images(docs: list[dict]) -> dict[str, set[str]]:
+    """kind/name -> the images its containers (init containers too) run."""
+    return {where: {c["image"] for c in pod.get("containers", []) + pod.get("initContainers", [])}
+            for where, pod in _pod_templates(docs)}
+
+
+def test_gpu_overlay_sets_the_cuda_image_on_detect_alone():
+    """An `images:` transformer retags every workload of the overlay: the
+    analyze, cluster, desk, ingest and prune pods pulled the CUDA build too.
+    The detect patch names the image instead (as compose.gpu.yaml does)."""
+    overlay = K8S / "overlays" / "gpu"
+    [kust] = _docs(overlay / "kustomization.yaml")
+    assert "images" not in kust, "an images: transformer retags every workload, not only detect"
+    patched = {}
+    for patch in kust["patches"]:
+        for doc in _docs(overlay / patch["path"]):
+            for c in _containers(doc):
+                if "image" in c:
+                    patched[(doc["kind"], doc["metadata"]["name"], c["name"])] = c["image"]
+    assert patched == {("Deployment", "deepwatch-detect", "detect"): GPU_IMAGE}, patched
+    [gpu_compose] = _docs(DEPLOY / "compose.gpu.yaml")
+    assert {n: s.get("image") for n, s in gpu_compose["services"].items()} == {"detect": GPU_IMAGE}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None,
+                    reason="kubectl is not installed: `kubectl kustomize` is what renders the overlay's images")
+def test_gpu_overlay_renders_the_cuda_image_for_detect_only():
+    def render(overlay: str) -> list[dict]:
+        res = subprocess.run(["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+    base, gpu = _images(render("base")), _images(render("overlays/gpu"))
+    assert set(base) == set(gpu) and {"Deployment/deepwatch-detect", "CronJob/deepwatch-prune"} <= set(gpu), gpu
+    assert len(gpu) >= 6, gpu  # analyze, cluster, desk, detect, ingest, prune
+    on_gpu = sorted(w for w, images in gpu.items() if GPU_IMAGE in images)
+    assert on_gpu == ["Deployment/deepwatch-detect"], f"the CUDA image runs in {on_gpu}"
+    assert gpu["Deployment/deepwatch-detect"] == {GPU_IMAGE}
+    for where, images in gpu.items():
+        if where != "Deployment/deepwatch-detect":
+            assert images == base[where], f"{where}: {images}, base {base[where]}"
+
+
+# -- blob retention, in compose too --------------------------------------------------
+def test_compose_has_the_blob_retention_job_kubernetes_has():
+    """Kubernetes prunes the blob store daily (k8s/base/prune.yaml); compose
+    had no such job, and its data volume grew without bound."""
+    from streams.cli.prune import parse_period
+
+    compose = _compose()
+    prune = compose["services"]["prune"]
+    [job] = [d for d in _kustomize_resources(K8S / "base") if d.get("kind") == "CronJob"]
+    [c] = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert prune["command"] == c["args"], "the same retention as the CronJob"
+    assert parse_period(_opt(prune["command"], "--older-than")) == 30 * 86400
+    # a job run from cron, not a server `up` starts and restarts
+    assert prune.get("profiles") and prune.get("restart") == "no"
+    assert prune.get("healthcheck", {}).get("disable") is True, "it serves no /healthz for the anchor's healthcheck"
+    # the blob store the workers write, and their settings (findings.url: the clusters' store)
+    env = _env(prune)
+    pipeline = compose["services"]["pipeline"]
+    assert env["DEEPWATCH_DATA_DIR"] == _env(pipeline)["DEEPWATCH_DATA_DIR"]
+    assert env["DEEPWATCH_CONFIG"] == _env(pipeline)["DEEPWATCH_CONFIG"]
+    volumes = {str(v).split(":")[1]: str(v) for v in prune["volumes"]}
+    assert volumes[env["DEEPWATCH_DATA_DIR"]] in {str(v) for v in pipeline["volumes"]}
+    assert "elasticsearch" in prune["depends_on"] and "kafka" not in prune["depends_on"], "it needs the store only"
+    # documented: the CronJob in the base table, and how compose schedules its job
+    readme = (DEPLOY / "README.md").read_text()
+    base_row = next(line for line in readme.splitlines() if line.startswith("| `k8s/base`"))
+    assert "prune.yaml" in base_row and "CronJob" in base_row
+    compose_row = next(line for line in readme.splitlines() if line.startswith("| `compose.yaml`"))
+    assert "`prune`" in compose_row
+    cron = re.findall(r"^(?:\S+\s+){5}cd \S+ && docker compose -f deploy/compose.yaml run --rm (?:-T )?prune(?:\s|$)", readme, re.M)
+    assert cron, "deploy/README.md gives no crontab line for compose's prune job"

@@ -1096,3 +1096,104 @@ def test_metrics_serve_on_an_ipv6_host():
     except OSError as e:
         pytest.skip(f"no IPv6 loopback here: {e}")
     assert urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=5).status == 200
+
+
+# -- rules generated for another topic_prefix ---------------------------------------
+@needs_promtool
+def test_rules_for_another_topic_prefix_read_that_prefixs_events_topic(tmp_path):
+    """The Kafka rules named `deepwatch.events` whatever the workers'
+    topic_prefix: with another prefix DeepwatchNoEventsProcessed never fired
+    and DeepwatchKafkaExporterDown fired for good. Generated with
+    --topic-prefix, they read that prefix's topic, and only it."""
+    out = tmp_path / "gen"
+    assert build.main(["--out", str(out), "--topic-prefix", "newsroom"]) == 0
+    doc = yaml.safe_load((out / "prometheus" / "deepwatch-rules.yaml").read_text())
+    by_name = {r["alert"]: r for g in doc["groups"] for r in g["rules"]}
+
+    def expected(name: str, labels: dict | None = None) -> dict:
+        r = by_name[name]
+        return {"exp_labels": {**r["labels"], **(labels or {})}, "exp_annotations": r["annotations"]}
+
+    ok = 'deepwatch_events_total{job="deepwatch",instance="w1",stage="analyze",outcome="ok"}'
+
+    def offsets(topic: str) -> str:
+        return f'kafka_topic_partition_current_offset{{job="kafka",instance="x:9308",topic="{topic}",partition="0"}}'
+
+    cases = {
+        "rule_files": [str(out / "prometheus" / "deepwatch-rules.yaml")],
+        "evaluation_interval": "30s",
+        "tests": [
+            {   # newsroom.events keep arriving, processing stopped: the pipeline is stuck
+                "interval": "1m",
+                "input_series": [{"series": offsets("newsroom.events"), "values": "0+50x40"},
+                                 {"series": 'up{job="kafka",instance="x:9308"}', "values": "1x40"},
+                                 {"series": ok, "values": "0+50x5 250x35"}],
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "DeepwatchNoEventsProcessed",
+                     "exp_alerts": [expected("DeepwatchNoEventsProcessed")]},
+                    {"eval_time": "30m", "alertname": "DeepwatchKafkaExporterDown", "exp_alerts": []},
+                ],
+            },
+            {   # another deployment's topic on the same broker is none of these rules' business
+                "interval": "1m",
+                "input_series": [{"series": offsets("deepwatch.events"), "values": "0+50x40"},
+                                 {"series": 'up{job="kafka",instance="x:9308"}', "values": "1x40"}],
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "DeepwatchNoEventsProcessed", "exp_alerts": []},
+                    {"eval_time": "30m", "alertname": "DeepwatchKafkaExporterDown",
+                     "exp_alerts": [expected("DeepwatchKafkaExporterDown", {"topic": "newsroom.events"})]},
+                ],
+            },
+        ],
+    }
+    path = tmp_path / "rules.test.yaml"
+    path.write_text(yaml.safe_dump(cases, sort_keys=False))
+    _promtool("test", "rules", str(path))
+
+
+# -- label values stay a bounded set -------------------------------------------------
+def test_a_sink_dead_letters_reason_label_is_bounded_whatever_the_store_answers(fake_es):
+    """A bulk item refused with a string error (a proxy, an old server) made
+    its whole text the dead letter's reason, and so a value of the `reason`
+    label of deepwatch_dead_letters_total: one new series per refused item.
+    The text belongs in the dead letter's detail."""
+    from prometheus_client import REGISTRY
+
+    from streams.es_store import EsFindingsStore
+    from streams.settings import FindingsSettings, Settings
+
+    settings = Settings(findings=FindingsSettings(retry_initial_s=0.001, retry_max_s=0.004))
+    store = EsFindingsStore.from_url(fake_es.url.replace("http://", "es://"), settings=settings)
+    store.bulk.sleep = lambda _s: None
+    store.ensure_setup()
+
+    def reasons() -> Counter:
+        return Counter({s.labels["reason"]: s.value for m in REGISTRY.collect() if m.name == "deepwatch_dead_letters"
+                        for s in m.samples if s.name.endswith("_total") and s.labels.get("stage") == "sink"})
+
+    before = reasons()
+    refusals = {  # id: (status, error) as the item's answer
+        "a1": (400, "rejected by gateway: document a1 has field engagement.likes=12k"),
+        "a2": (400, "rejected by gateway: document a2 has field engagement.likes=99k"),
+        "a3": (500, "upstream reset by peer 10.0.0.7"),  # refused again and again: dead-lettered after its attempts
+        "a4": (400, {"type": "Not An ES Type: <html>", "reason": "odd"}),
+        "a5": (400, {"type": "document_parsing_exception", "reason": "failed to parse [a5]"}),
+    }
+    from streams.sinks import ITEM_MAX_ATTEMPTS
+
+    for doc_id, (status, error) in refusals.items():
+        fake_es.fail_items(lambda op, meta, src, i=doc_id: meta.get("_id") == i, status, error, times=ITEM_MAX_ATTEMPTS)
+    fake_es.fail_items(lambda op, meta, src: meta.get("_id") == "a6", 400, {"reason": "no type"})  # an object, no type
+    refusals["a6"] = (400, {"reason": "no type"})
+    res = store.bulk.send([({"index": {"_index": "deepwatch-deliveries", "_id": i}}, {"alert_id": i})
+                           for i in refusals])
+    assert res.dead_lettered == len(refusals)
+    grew = reasons() - before
+    assert grew == Counter({"http_400": 4, "http_500": 1, "document_parsing_exception": 1}), grew
+    dls = {d.event_id: d for d in store.dead_letters()}
+    assert {i: dls[i].reason for i in refusals} == {"a1": "http_400", "a2": "http_400", "a3": "http_500",
+                                                    "a4": "http_400", "a5": "document_parsing_exception",
+                                                    "a6": "http_400"}
+    assert "engagement.likes=12k" in dls["a1"].detail and "upstream reset by peer" in dls["a3"].detail
+    assert "Not An ES Type" in dls["a4"].detail or "odd" in dls["a4"].detail
+    store.close()

@@ -19,8 +19,10 @@ def settings_cmd(
     config: Optional[Path] = Config,
     out: Optional[Path] = typer.Option(None, help="Write to this file instead of stdout."),
 ) -> None:
-    """Every setting with its environment variable, type, default and meaning
-    (markdown), or the values this environment and --config resolve to (json).
+    """Every setting with its environment variable, type, default and meaning,
+    then the variables read that are not settings (secrets, DEEPWATCH_CONFIG,
+    DEEPWATCH_ES_*) (markdown), or the values this environment and --config
+    resolve to (json).
     Unknown DEEPWATCH_* variables and TOML keys are errors naming the closest
     valid key."""
     from streams.settings_check import reference_markdown
