@@ -35,8 +35,8 @@ from streams.es_docs import (
 from streams.findings import (
     MAX_RESULTS, QUEUED_RECENT_S, UNDELIVERED, AccountAggregate, AccountCursor, AccountWindow, AlertRecord, ClusterQuery,
     ClusterRecord, DeadLetterRecord, Deadline, DeliveryRecord, DeliveryState, Page, MemberRow, PostIdentity, SearchTimeout,
-    SightingRecord, account_rank, cluster_page_url, legacy_delivery, read_limit, requeued_detail, sort_key,
-    surviving_cluster, text_terms, unstored_alerts,
+    SORT_KEYS, SightingRecord, account_rank, cluster_page_url, legacy_delivery, read_limit, requeued_detail,
+    sort_key, sort_order, surviving_cluster, text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
 
@@ -795,14 +795,13 @@ class EsFindingsStore:
             # merged one's), then velocity, from a few fields; build only the top
             score_of = relevance or {}
             rank: dict[str, tuple] = {}
+            doc_velocity = sort_key("velocity", _doc_field)  # velocity's order, on these documents' fields
             for chunk in chunks:
                 for h in self._scan(self.names["clusters"], query(chunk), [{"cluster_id": "asc"}],
                                     ["cluster_id", "merged_from", "velocity", "fake_score"], deadline):
                     d = h["_source"]
-                    v = d.get("velocity") or {}
                     best = max(score_of.get(i, 0.0) for i in [d["cluster_id"], *(d.get("merged_from") or [])])
-                    rank[d["cluster_id"]] = (-best, -(v.get("sightings_5m") or 0), -(v.get("sightings_1h") or 0),
-                                             -round(d.get("fake_score") or 0.0, 4), d["cluster_id"])
+                    rank[d["cluster_id"]] = (-best, *doc_velocity(d))
             top = {k[-1]: k for k in heapq.nsmallest(q.max_results, rank.values())}
             by_velocity = sort_key("velocity")
             records = self.clusters_by_id(set(top))
@@ -1332,13 +1331,29 @@ class EsFindingsStore:
         return [h["_source"] for h in res["hits"]["hits"]]
 
 
-ES_SORT = {
-    "velocity": [{"velocity.sightings_5m": "desc"}, {"velocity.sightings_1h": "desc"}, {"fake_score": "desc"},
-                 {"cluster_id": "asc"}],
-    "score": [{"fake_score": "desc"}, {"cluster_id": "asc"}],
-    "last_seen": [{"last_seen": "desc"}, {"cluster_id": "asc"}],
-    "sightings": [{"stream_sightings": "desc"}, {"cluster_id": "asc"}],
-}
+# Each field of an order (``streams.findings.SORT_ORDER``) as the cluster
+# documents hold it: the stream's own values, which searches pre-select by
+# before ordering the records built exactly, as the SQLite store does
+# (``sightings``: the stream's running count; the exact one is counted from
+# the sightings when a record is built).
+_ES_FIELDS = {"sightings_5m": "velocity.sightings_5m", "sightings_1h": "velocity.sightings_1h",
+              "fake_score": "fake_score", "sightings": "stream_sightings", "last_seen": "last_seen"}
+# a missing value comes last either way (Elasticsearch's default), as SQLite's NULL does there
+ES_SORT = {sort: [{_ES_FIELDS[name]: direction} for name, direction in sort_order(sort)] + [{"cluster_id": "asc"}]
+           for sort in SORT_KEYS}
+
+
+def _doc_field(doc: dict[str, Any], name: str) -> Any:
+    """``sort_key``'s field reader for a cluster document's source: the values
+    its record shows where the document holds them (``record_from_doc``)."""
+    if name == "id":
+        return doc["cluster_id"]
+    if name in ("sightings_5m", "sightings_1h"):
+        return (doc.get("velocity") or {}).get(name) or 0
+    if name == "fake_score":
+        return round(doc.get("fake_score") or 0.0, 4)
+    return doc.get(_ES_FIELDS[name])
+
 
 _READ_SOURCE = {"excludes": ["members.pdq_bits", "members.phash_bits", "sample_texts", "post_urls"]}
 

@@ -29,22 +29,28 @@ from datetime import date, datetime, timedelta, timezone
 from datetime import time as dtime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, Collection, Generic, Iterable, Literal, Mapping, Protocol, TypeVar, runtime_checkable
+from typing import (
+    Any, Callable, Collection, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar, get_args,
+    runtime_checkable,
+)
 from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
 from detectors.base import EvidenceKind
+from detectors.fusion import Verdict
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Engagement, SamplePost, SourceRef, Velocity
 
-Verdict = Literal["likely-ai", "inconclusive", "no-evidence"]
-SortKey = Literal["velocity", "score", "last_seen", "sightings", "relevance"]
+# The orders clusters are listed in (``SORT_ORDER``): `deepwatch search --sort`, the desk's queue and search.
+SortKey = Literal["velocity", "score", "last_seen", "sightings"]
+# A search's: those, or relevance (the best-matching sighting first, then velocity).
+SearchSort = Literal[SortKey, "relevance"]
 MAX_RESULTS = 10_000  # one Elasticsearch result window; the same bound on SQLite
 # a delivery queued longer ago than any attempt takes was left by a stopped worker: redelivery's
 # to send, no longer a run's pending work
 QUEUED_RECENT_S = 900
-SORT_KEYS: tuple[str, ...] = ("velocity", "score", "last_seen", "sightings")
-VERDICTS: tuple[str, ...] = ("likely-ai", "inconclusive", "no-evidence")
+SORT_KEYS: tuple[str, ...] = get_args(SortKey)
+VERDICTS: tuple[str, ...] = get_args(Verdict)  # the stream's verdicts (``detectors.fusion``)
 
 
 class _ReadRecord(BaseModel):
@@ -147,7 +153,7 @@ class ClusterRecord(_ReadRecord):
 
     id: str
     fake_score: float
-    verdict: str
+    verdict: Verdict
     evidence: list[EvidenceItem]
     sightings: int
     accounts: int
@@ -187,7 +193,7 @@ class AlertRecord(_ReadRecord):
     rule: str
     level: int
     fake_score: float
-    verdict: str
+    verdict: Verdict
     velocity: Velocity
     sightings: int
     accounts: int
@@ -455,7 +461,7 @@ class ClusterQuery(BaseModel):
     hashtag: str | None = None  # with or without the leading '#', case-insensitive
     verdict: Verdict | None = None
     min_score: float | None = Field(default=None, ge=0.0, le=1.0)
-    sort: SortKey | None = None
+    sort: SearchSort | None = None
     limit: int | None = Field(default=None, ge=1, le=MAX_RESULTS)  # None = every match (up to MAX_RESULTS)
     cluster_ids: frozenset[str] | None = Field(default=None, max_length=MAX_RESULTS)
 
@@ -638,7 +644,32 @@ def cluster_page_url(public_url: str | None, cluster_id: str) -> str | None:
     return f"{public_url}/clusters/{quote(cluster_id, safe='')}"
 
 
+SortField = Literal["sightings_5m", "sightings_1h", "fake_score", "sightings", "last_seen"]
+Direction = Literal["desc", "asc"]
+
+# The one definition of each cluster order: these (field, direction) pairs in
+# turn, then the cluster id ascending. Every reader renders it from here: the
+# Python key of a finished result (``sort_key``; the desk's queue and its
+# cursor, ``sort_values``), the SQLite store's pre-selection (``ORDER BY``)
+# and the Elasticsearch store's (``sort``). Fields are the values a cluster
+# record shows: ``sightings_5m``/``sightings_1h`` its velocity, ``fake_score``,
+# ``sightings`` (the exact count, merges included) and ``last_seen`` (as an
+# instant; none: before any). Each order breaks its ties by the other measure
+# of how much a cluster matters (more sightings, a higher score) before the id.
+SORT_ORDER: dict[str, tuple[tuple[SortField, Direction], ...]] = {
+    "velocity": (("sightings_5m", "desc"), ("sightings_1h", "desc"), ("fake_score", "desc")),
+    "score": (("fake_score", "desc"), ("sightings", "desc")),
+    "last_seen": (("last_seen", "desc"),),
+    "sightings": (("sightings", "desc"), ("fake_score", "desc")),
+}
+assert set(SORT_ORDER) == set(SORT_KEYS)
+NEVER = -1e18  # the ``last_seen`` of a cluster without one, in epoch seconds: before any instant
 _VELOCITY_FIELDS = ("sightings_5m", "sightings_1h")
+
+
+def sort_order(sort: str) -> tuple[tuple[SortField, Direction], ...]:
+    """``SORT_ORDER[sort]``; relevance (and no sort) ranks by velocity after the match."""
+    return SORT_ORDER.get(sort, SORT_ORDER["velocity"])
 
 
 def record_field(c: "ClusterRecord", name: str) -> Any:
@@ -646,31 +677,42 @@ def record_field(c: "ClusterRecord", name: str) -> Any:
     return getattr(c.velocity, name) if name in _VELOCITY_FIELDS else getattr(c, name)
 
 
-def sort_key(sort: str, get: Callable[[Any, str], Any] = record_field):
-    """Python ordering for a finished result list; the stores push the same
-    order down into SQL / Elasticsearch. Descending on the key, then id.
-    ``get(row, name)`` reads a row's ``id``, ``fake_score``, ``last_seen``
-    (ISO text or None), ``sightings``, ``sightings_5m`` or ``sightings_1h``:
-    a ``ClusterRecord``'s by default, any other row's (the desk's documents)
-    through its own reader."""
-    if sort == "score":
-        return lambda c: (-get(c, "fake_score"), get(c, "id"))
-    if sort == "last_seen":
-        return lambda c: (_neg_iso(get(c, "last_seen")), get(c, "id"))
-    if sort == "sightings":
-        return lambda c: (-get(c, "sightings"), get(c, "id"))
-    return lambda c: (-get(c, "sightings_5m"), -get(c, "sightings_1h"), -get(c, "fake_score"), get(c, "id"))
-
-
-def _neg_iso(ts: str | None) -> float:
-    """Minus the instant (naive = UTC); 0.0 for none or not a time."""
+def instant(ts: str | None) -> float:
+    """An ISO time as epoch seconds (naive = UTC); ``NEVER`` for none or not a time."""
     try:
         d = datetime.fromisoformat(ts) if ts else None
     except ValueError:
         d = None
     if d is None:
-        return 0.0
-    return -(d if d.tzinfo else d.replace(tzinfo=timezone.utc)).timestamp()
+        return NEVER
+    return (d if d.tzinfo else d.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def sort_values(sort: str, get: Callable[[Any, str], Any] = record_field) -> Callable[[Any], tuple[float, ...]]:
+    """A row's values in ``sort``'s order (``SORT_ORDER``) as numbers, the
+    larger first (a descending field as it is, an ascending one negated): the
+    key without the id, what the desk's queue carries in its cursor.
+    ``get(row, name)`` reads a row's field (``record_field``: a
+    ``ClusterRecord``'s; the desk reads its documents through its own); a
+    missing number is 0."""
+    fields = sort_order(sort)
+
+    def values(row: Any) -> tuple[float, ...]:
+        out = []
+        for name, direction in fields:
+            raw = get(row, name)
+            v = instant(raw) if name == "last_seen" else float(raw or 0)
+            out.append(v if direction == "desc" else -v)
+        return tuple(out)
+
+    return values
+
+
+def sort_key(sort: str, get: Callable[[Any, str], Any] = record_field):
+    """Python ordering (ascending) for a finished result list: ``sort``'s
+    values (``sort_values``), the larger first, then the ``id`` ascending."""
+    values = sort_values(sort, get)
+    return lambda c: (*(-v for v in values(c)), get(c, "id"))
 
 
 @runtime_checkable
@@ -720,6 +762,20 @@ class FindingsStore(Protocol):
         ...
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]: ...
     def cluster(self, cluster_id: str) -> ClusterRecord | None: ...
+    def clusters_by_id(self, ids: set[str]) -> list[ClusterRecord]:
+        """These clusters' records (merged ones too; ids the store does not
+        have are left out), built as ``clusters`` builds them."""
+        ...
+    def changes_since(self, cursor: Any) -> tuple[set[str] | None, Any]:
+        """The clusters whose records may differ from when ``cursor`` (a value
+        this method returned, opaque to the caller) was taken, and the cursor
+        to ask with next time; None instead of a set when there is no cursor
+        yet (read everything). What the desk's cached view reads again."""
+        ...
+    def iter_members(self) -> Iterator[MemberRow]:
+        """Every stored member's hashes (crop views included) under its
+        surviving cluster, each picture once."""
+        ...
     def newest_last_seen(self) -> datetime | None:
         """The newest stored ``last_seen`` of any cluster (merged ones too;
         None: no clusters): where the desk's view window ends, in the
@@ -876,12 +932,23 @@ def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | N
         "(leave --store out for the embedded SQLite file in --data-dir)")
 
 
+# The one line a findings address with user info is refused with when settings load or
+# ``--store`` is given (``check_store_url``), as ``streams.es_client.EsConfig`` refuses one:
+# secrets only in the variables meant for them.
+CREDENTIALS_IN_URL = ("put Elasticsearch credentials in DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/"
+                      "DEEPWATCH_ES_PASSWORD, not in the URL")
+
+
 def check_store_url(value: str | None) -> str | None:
     """``value`` if ``open_findings`` can use it as an address: SQLite (unset,
     ``sqlite``, ``sqlite:///PATH``) or Elasticsearch with a host and a port
-    that is a number in range. Checked when settings load and on ``--store``:
-    a bad port was a ValueError traceback in every command that opened the
-    store. Raises ValueError saying what to give instead."""
+    that is a number in range, and no user info (``user:password@``: secrets
+    belong in the environment variables meant for them, not in a setting
+    that is printed, logged and kept in files). Checked when settings load
+    and on ``--store``: a bad port was a ValueError traceback in every
+    command that opened the store, and credentials in the URL loaded with
+    the settings, to be refused only by a command that opened the store.
+    Raises ValueError saying what to give instead (never the value)."""
     if value is None or not value.strip():
         return value
     url = value.strip()
@@ -893,6 +960,12 @@ def check_store_url(value: str | None) -> str | None:
         raise ValueError(f"unknown findings store: {example}, or sqlite:///PATH")
     try:
         parts = urlsplit(url)
+    except ValueError as e:
+        raise ValueError(f"not a URL ({e}); {example}") from None
+    # user info; in the path too: a password with a "/" in it ends the host part early
+    if "@" in parts.netloc or "@" in parts.path:
+        raise ValueError(CREDENTIALS_IN_URL)
+    try:
         port = parts.port
     except ValueError as e:
         if "Port" not in str(e):

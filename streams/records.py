@@ -16,6 +16,7 @@ from typing import Annotated, Any, Iterable, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from detectors.base import Evidence
+from detectors.fusion import Verdict
 from detectors.hash_record import ImageHashes
 
 
@@ -336,7 +337,7 @@ class ClusterSnapshot(_Record):
     cluster_id: str
     revision: int
     fake_score: float
-    verdict: str
+    verdict: Verdict  # what fusion decided (``detectors.fusion``): a record reads back only these
     evidence: list[Evidence]
     members: list[Member]
     sightings: int
@@ -438,7 +439,7 @@ class Alert(_Record):
     rule: str
     level: int  # 1 = first alert, 2+ = escalations
     fake_score: float
-    verdict: str
+    verdict: Verdict  # the stream's (``detectors.fusion``); a desk alert's is likely-ai
     velocity: Velocity
     sightings: int
     accounts: int

@@ -19,6 +19,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from pydantic_settings import SettingsError as PydanticSettingsError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from detectors.model_names import DEFAULT_PIXEL_MODEL
+
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?", re.IGNORECASE)  # what ``detect.device`` and ``--device`` take
 
 
@@ -75,19 +77,19 @@ def check_public_url(value: str | None) -> str | None:
 class FetchSettings(_Section):
     allow_private_networks: bool = False  # loopback/private/link-local refused unless set
     max_bytes: int = Field(25 * 1024 * 1024, gt=0)  # the largest image fetched or read; also the desk's upload bound
-    connect_timeout_s: float = Field(5.0, gt=0)
-    read_timeout_s: float = Field(15.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)  # to connect to an image host
+    read_timeout_s: float = Field(15.0, gt=0)  # longest wait for the next bytes of an image
     total_timeout_s: float = Field(30.0, gt=0)  # whole fetch incl. redirects and retries: a byte-a-second server cannot stall a task
-    retries: int = Field(2, ge=0)
-    max_redirects: int = Field(3, ge=0)
+    retries: int = Field(2, ge=0)  # further tries of a fetch that failed for a passing reason (DNS, timeouts, 5xx, refused connections), with backoff
+    max_redirects: int = Field(3, ge=0)  # redirects followed (each checked as the first URL); more: a dead letter
     breaker_timeouts: int = Field(5, ge=0)  # timeouts in a row that pause a host (fetch:host_unavailable); 0: never
     breaker_cooldown_s: float = Field(30.0, gt=0)  # a paused host's first pause; doubles (to 5 min) while its try times out
-    user_agent: str = "deepwatch/0.1 (+https://github.com/deepwatch)"
+    user_agent: str = "deepwatch/0.1 (+https://github.com/deepwatch)"  # the User-Agent of image fetches
 
 
 class DecodeSettings(_Section):
     max_pixels: int = Field(100_000_000, gt=0)  # 50-200 MP phone cameras exist; Pillow refuses > ~179 MP regardless
-    max_dimension: int = Field(16_384, gt=0)
+    max_dimension: int = Field(16_384, gt=0)  # the longest side, in pixels, of a picture decoded
     max_decode_mb: int = Field(320, gt=0)  # decoded bytes one image may cost at its peak (pixels in its mode, the RGB copy, a WebP decoder's buffers); also the per-process total
     max_jpeg_scans: int = Field(100, ge=1, le=10_000)  # scans a JPEG may have, each decoded over the whole image (real files: ~10)
 
@@ -102,9 +104,9 @@ class IngestSettings(_Section):
 
 
 class DedupeSettings(_Section):
-    phash_threshold: int = Field(10, ge=0)
-    pdq_threshold: int = Field(31, ge=0)
-    pdq_min_quality: int = Field(50, ge=0)
+    phash_threshold: int = Field(10, ge=0)  # pHash bits (of 64) two pictures may differ in and be one picture
+    pdq_threshold: int = Field(31, ge=0)  # PDQ bits (of 256) two pictures may differ in and be one picture
+    pdq_min_quality: int = Field(50, ge=0)  # PDQ hashes of lower quality (0-100: flat, featureless pictures) are not matched on
     view_threshold: int = Field(8, ge=0)  # pHash radius when a crop/trimmed view is involved (bench/neardup.py sweep)
 
     def thresholds(self) -> dict[str, int]:
@@ -114,8 +116,8 @@ class DedupeSettings(_Section):
     # Clusters with no sighting for this long (event time) leave the hot index
     # and the changelog table; the findings store keeps them, and a compact
     # cold index of their hashes revives one if its picture resurfaces.
-    hot_window_hours: float = Field(24 * 7, gt=0)
-    evict_every_ops: int = Field(1000, gt=0)
+    hot_window_hours: float = Field(24 * 7, gt=0)  # clusters with no sighting for this long (event time) go to the cold tier
+    evict_every_ops: int = Field(1000, gt=0)  # cluster ops between two sweeps that move idle clusters to the cold tier
     hot_max_members: int = Field(1_000_000, gt=0)  # members the hot index keeps at most (~2 KB each in the cluster stage's memory: 1M is ~2.2 GiB); past it the clusters seen longest ago go to the cold tier, down to 90%
     cold_max_clusters: int = Field(1_000_000, gt=0)  # evicted clusters the cold index keeps at most, the most recently evicted (~6 KB each in the cluster stage's memory; past it, trimmed to 95%); a copy of a picture whose cluster left it founds a new cluster
 
@@ -123,15 +125,15 @@ class DedupeSettings(_Section):
 class DetectSettings(_Section):
     cheap: list[str] | None = None  # None = every registered cheap detector
     # learned models to run once per cluster; the packaged pixel probe needs nothing fetched
-    models: list[str] = Field(default_factory=lambda: ["pixel-probe-lite2"])
+    models: list[str] = Field(default_factory=lambda: [DEFAULT_PIXEL_MODEL])  # learned models run once per cluster (vendor:NAME too)
     pixel_head: Path | None = None  # your own head for the pixel probe (deepwatch train --recipe pixel-probe)
     model_dir: Path | None = None  # default: <data_dir>/models
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # the packaged pixel model's torch forward: auto = bf16 autocast on CUDA (fp16 before
     # Ampere), fp32 elsewhere; off = fp32 everywhere; bf16 | fp16 = forced (CPU: torch, not onnxruntime)
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    max_batch: int = Field(16, gt=0)
-    max_wait_ms: float = Field(20.0, gt=0)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # the pixel model's precision: auto = bf16/fp16 on CUDA, fp32 elsewhere
+    max_batch: int = Field(16, gt=0)  # pictures in one model batch
+    max_wait_ms: float = Field(20.0, gt=0)  # longest wait for a batch to fill before it runs as it is
 
     @field_validator("cheap")
     @classmethod
@@ -236,13 +238,13 @@ class WebhookSettings(_Section):
 
 
 class AlertSettings(_Section):
-    min_fake_score: float = Field(0.7, ge=0, le=1)
+    min_fake_score: float = Field(0.7, ge=0, le=1)  # a cluster alerts only with a fake score (0-1) at least this
     min_sightings_5m: int = Field(10, ge=0)  # velocity: sightings of the cluster in the trailing 5 minutes (at most 5000)
     min_sightings_1h: int = Field(0, ge=0)  # sightings in the trailing hour (at most 5000)
     # level 2, 3, ... of a cluster's alert: its 5-minute velocity reached this multiple of the last alert's
     escalation_factor: float = Field(3.0, gt=1)  # an escalation re-alerts when velocity reaches this times the last alert's
     webhooks: list[WebhookSettings] = Field(default_factory=list)  # signed alert webhooks: [[alerts.webhooks]] tables in TOML, or a JSON list; fields below
-    console: bool = True
+    console: bool = True  # log each alert as one line (ALERT L1 cluster ...) besides storing it
     webhook_redeliver_s: float = Field(60.0, gt=0)  # how often failed webhook deliveries are tried again, oldest first
     # per target and worker; past it an alert waits in the findings store for the redelivery instead
     webhook_queue_max: int = Field(1000, ge=1)  # alerts waiting for one webhook target in a worker's memory
@@ -283,16 +285,16 @@ class KafkaSettings(_Section):
     """Client security for a managed Kafka (Confluent Cloud, MSK, Aiven...).
     The password is read from the environment variable named here."""
 
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"  # how clients connect to the brokers
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None  # with SASL_PLAINTEXT / SASL_SSL
+    sasl_username: str | None = None  # the SASL user; its password from the variable sasl_password_env names
     sasl_password_env: str = "DEEPWATCH_KAFKA_PASSWORD"  # name of the env var holding the SASL password
     ssl_cafile: Path | None = None  # CA bundle; default: the system's
     ssl_certfile: Path | None = None  # client certificate (mutual TLS)
-    ssl_keyfile: Path | None = None
+    ssl_keyfile: Path | None = None  # the client certificate's private key (mutual TLS)
     # The embedded broker (Tansu) needs workarounds (streams.tansu_compat); "auto" detects it
     # from the cluster id it reports, so the URL is kafka://HOST:PORT either way.
-    quirks: Literal["auto", "tansu", "none"] = "auto"
+    quirks: Literal["auto", "tansu", "none"] = "auto"  # the embedded broker's workarounds: auto = when the broker is Tansu
     # 1 suits the single-node embedded broker; managed services may refuse fewer than 3.
     replication_factor: int = Field(1, ge=1, le=32)  # copies of each topic deepwatch creates; 3 on a production cluster
 
@@ -300,27 +302,27 @@ class KafkaSettings(_Section):
 class ConnectorSettings(_Section):
     """Platform connectors (``deepwatch connect``) and the HTTP ingest endpoint."""
 
-    jetstream_url: str = "wss://jetstream2.us-east.bsky.network/subscribe"
-    bluesky_image_url: str = "https://cdn.bsky.app/img/feed_fullsize/plain/{did}/{cid}@jpeg"
+    jetstream_url: str = "wss://jetstream2.us-east.bsky.network/subscribe"  # the Bluesky Jetstream `connect bluesky` reads
+    bluesky_image_url: str = "https://cdn.bsky.app/img/feed_fullsize/plain/{did}/{cid}@jpeg"  # where a post's image is fetched from ({did}, {cid})
     zstd_dictionary: Path | None = None  # Jetstream's dictionary file; set to ask for compressed frames
     cursor_overlap_s: float = Field(5.0, ge=0)  # resume this far before the saved cursor; duplicates are dropped by event id
-    backoff_initial_s: float = Field(1.0, gt=0)
-    backoff_max_s: float = Field(60.0, gt=0)
+    backoff_initial_s: float = Field(1.0, gt=0)  # first wait before reconnecting a dropped stream; doubles to backoff_max_s
+    backoff_max_s: float = Field(60.0, gt=0)  # longest wait between reconnects
     idle_timeout_s: float = Field(60.0, gt=0)  # no frame (or Mastodon heartbeat) for this long: reconnect
-    connect_timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)  # to connect to the platform's stream (handshake included)
     checkpoint_every: int = Field(200, gt=0)  # events; the cursor is saved only after the broker has them
-    checkpoint_interval_s: float = Field(2.0, gt=0)
+    checkpoint_interval_s: float = Field(2.0, gt=0)  # ...or after this many seconds, whichever comes first
     seen_ids_max: int = Field(500_000, gt=0)  # event ids remembered for de-duplication across reconnects and restarts
     post_cache_max: int = Field(200_000, gt=0)  # image posts remembered so reposts/quotes become sightings
-    max_frame_bytes: int = Field(2 * 1024 * 1024, gt=0)
+    max_frame_bytes: int = Field(2 * 1024 * 1024, gt=0)  # the largest stream message taken (decompressed); a larger one ends the connection
     mastodon_backfill_pages: int = Field(5, ge=0)  # x 40 statuses, after a disconnect without Last-Event-ID support
-    rate_limit_max_wait_s: float = Field(300.0, gt=0)
+    rate_limit_max_wait_s: float = Field(300.0, gt=0)  # longest pause a platform's rate limit (429, Retry-After) is waited out
     ingest_tokens_env: str = "DEEPWATCH_INGEST_TOKENS"  # NAME:TOKEN[,NAME:TOKEN...] in that variable
-    ingest_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    ingest_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)  # the largest request body serve-ingest takes (413 above)
     ingest_max_buffered_bytes: int = Field(64 * 1024 * 1024, gt=0)  # request bytes in memory, all requests together; over: 503 busy
-    ingest_max_lines: int = Field(1000, gt=0)
+    ingest_max_lines: int = Field(1000, gt=0)  # events one request may carry (and at most ingest_burst; 413 above)
     ingest_rate_per_s: float = Field(50.0, gt=0)  # events per second per token, sustained
-    ingest_burst: int = Field(500, gt=0)
+    ingest_burst: int = Field(500, gt=0)  # events a token may send at once above its sustained rate
     ingest_broker_timeout_s: float = Field(5.0, gt=0)  # longer than this without the broker: 503 + Retry-After
 
 
@@ -330,15 +332,15 @@ class FindingsSettings(_Section):
     CA bundle only from the environment: DEEPWATCH_ES_API_KEY, or
     DEEPWATCH_ES_USERNAME + DEEPWATCH_ES_PASSWORD, and DEEPWATCH_ES_CA_CERTS)."""
 
-    url: str | None = None
-    index_prefix: str = "deepwatch"
+    url: str | None = None  # None: SQLite in data_dir; es://HOST:9200 or https://HOST:9200: Elasticsearch
+    index_prefix: str = "deepwatch"  # Elasticsearch indices are named <prefix>-clusters, <prefix>-sightings...
     bulk_max_actions: int = Field(500, gt=0)  # a bulk request is sent at this many actions...
     bulk_max_bytes: int = Field(5 * 1024 * 1024, gt=0)  # ...or this many bytes of NDJSON...
     bulk_flush_s: float = Field(0.2, gt=0)  # ...or every this many seconds: how stale the store may be behind the stream
     # the store's writes and the duplicate lookup, while it cannot answer for a reason that passes
     retry_initial_s: float = Field(0.5, gt=0)  # backoff on a lock, a full disk, ES 429/5xx; doubles to retry_max_s
-    retry_max_s: float = Field(30.0, gt=0)
-    request_timeout_s: float = Field(30.0, gt=0)
+    retry_max_s: float = Field(30.0, gt=0)  # the longest wait between those retries
+    request_timeout_s: float = Field(30.0, gt=0)  # one Elasticsearch request (a bulk write, a lookup)
     # the desk's search and its queue's text filter: stopped past this, not held on to (`deepwatch search` takes --timeout)
     search_timeout_s: float = Field(10.0, gt=0, le=3600)  # the longest one analyst search may read the store
 
@@ -357,16 +359,16 @@ class DeskSettings(_Section):
     items separated by commas. There are no default credentials."""
 
     users_file: Path | None = None  # default: <data_dir>/desk-users.json
-    tokens_env: str = "DEEPWATCH_DESK_TOKENS"
+    tokens_env: str = "DEEPWATCH_DESK_TOKENS"  # name of the env var holding API tokens, role:name:token[,...]
     require_login_on_loopback: bool = False  # reading is open on 127.0.0.1/::1 unless set
-    session_hours: float = Field(12.0, gt=0)
+    session_hours: float = Field(12.0, gt=0)  # a login lasts this long
     # per client address and user name; 4x this per address, and per user name (but not where it logged in lately)
-    login_failures_per_minute: int = Field(5, gt=0)
+    login_failures_per_minute: int = Field(5, gt=0)  # failed logins a client address may make for one user name a minute
     # Reverse proxies whose X-Forwarded-For/-Proto the desk believes (addresses or CIDR
     # ranges, "*" for any): the login limits then count the client's address, not the
     # proxy's, and a loopback desk needs a login (a proxy's clients are not this machine).
     # Empty: the peer's address counts, and the headers are ignored.
-    trusted_proxies: list[str] = Field(default_factory=list)
+    trusted_proxies: list[str] = Field(default_factory=list)  # proxies whose X-Forwarded-For/-Proto are believed: addresses, CIDR ranges or "*"
     refresh_s: int = Field(30, ge=0)  # queue auto-refresh
     # The queue's view (held in memory, ~3.6 KB a cluster): clusters last seen within view_days
     # of the newest last_seen in the store (stream time, not the wall clock), at most
@@ -374,14 +376,14 @@ class DeskSettings(_Section):
     # verdict. Older clusters stay reachable: cluster pages, links and search read them by id.
     view_days: float = Field(30.0, ge=0)  # the queue's window in days of stream time; 0: every cluster
     max_view_clusters: int = Field(50_000, ge=0)  # the most recently seen clusters the queue holds at most; 0: no cap
-    thumb_px: int = Field(256, gt=0)
-    thumb_cache_mb: int = Field(64, gt=0)
+    thumb_px: int = Field(256, gt=0)  # the size of the pages' larger thumbnails, in pixels (32 to 1024)
+    thumb_cache_mb: int = Field(64, gt=0)  # memory the thumbnails made are kept in
     # account alerts: at least this many likely-AI pictures, and this share of
     # the account's pictures, within the trailing window before its last post
-    account_min_ai_pictures: int = Field(5, ge=0)
-    account_min_ai_share: float = Field(0.6, ge=0, le=1)
-    account_window_hours: float = Field(24 * 7, gt=0)
-    account_check_s: float = Field(30.0, gt=0)
+    account_min_ai_pictures: int = Field(5, ge=0)  # an account alert needs at least this many likely-AI pictures...
+    account_min_ai_share: float = Field(0.6, ge=0, le=1)  # ...and this share of the account's pictures...
+    account_window_hours: float = Field(24 * 7, gt=0)  # ...within this window before its last post
+    account_check_s: float = Field(30.0, gt=0)  # how often the desk looks for accounts to alert on
     # The desk as people reach it (behind a proxy, say): alert webhooks then carry "desk_url",
     # a link to the alert's cluster page, and a hook's summary line ends with it.
     public_url: str | None = None  # the desk's address for links in alerts, e.g. https://desk.example.org; None: no links
@@ -412,14 +414,14 @@ class BatchSettings(_Section):
     # Cluster ops per engine-state transaction. A batch is applied without
     # yielding to the event loop (no rebalance can land half-way), so this
     # also bounds how long the worker's other agents wait: ~50-100 ms.
-    cluster_max_ops: int = Field(50, ge=1, le=10_000)
-    cluster_within_s: float = Field(0.02, gt=0, le=5.0)
+    cluster_max_ops: int = Field(50, ge=1, le=10_000)  # cluster ops applied in one engine-state transaction
+    cluster_within_s: float = Field(0.02, gt=0, le=5.0)  # longest wait for a batch of cluster ops to fill
     # Pictures up to this many pixels are analysed on the worker's event loop,
     # larger ones in a thread (0: always a thread). A thread hop per event
     # costs more than decoding and hashing a small picture (streams.stage).
     # With an Elasticsearch findings store, events whose id must be looked up
     # still take the thread (a network round trip must not hold the loop).
-    analyze_inline_max_pixels: int = Field(4_000_000, ge=0)
+    analyze_inline_max_pixels: int = Field(4_000_000, ge=0)  # pictures up to this many pixels are analysed on the event loop; 0: always a thread
 
 
 class Settings(BaseSettings):
@@ -428,12 +430,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPWATCH_", env_nested_delimiter="__", extra="ignore",
                                       allow_inf_nan=False, env_parse_none_str="")  # inf/nan: as in _Section
 
-    data_dir: Path = Path("deepwatch-data")
+    data_dir: Path = Path("deepwatch-data")  # findings (SQLite), the blob store, engine state, banks, models
     broker: str = "embedded"  # "embedded" (Tansu) or kafka://host:port[,host:port]
     topic_prefix: str = "deepwatch"  # topics are named <prefix>.events etc.: letters, digits, . _ -, at most 200
     # a huge count was a struct.error from the Kafka client; brokers cap far lower anyway
-    partitions: int = Field(4, gt=0, le=10_000)
-    app_id: str = "deepwatch"
+    partitions: int = Field(4, gt=0, le=10_000)  # of the topics deepwatch creates: the most workers of one role that share the work
+    app_id: str = "deepwatch"  # the Faust app id: consumer groups and internal topics; one per deployment on a broker
     metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics on workers; 0 = any free port
     log_level: LogLevel = "INFO"  # in any case; WARN and FATAL are taken as WARNING and CRITICAL
     log_format: LogFormat = "json"  # json: one object per line, for log shippers; console: readable lines

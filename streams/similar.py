@@ -143,6 +143,9 @@ def similar_clusters(settings: Settings, picture: Picture, store: Any | None,
     # when it clustered them, so the read side only asks "near any member?"
     index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)
     members: dict[str, list[tuple[str, ImageHashes]]] = {}
+    # probes, not the FindingsStore interface: each backend nominates candidates its own way, by
+    # an index the other lacks (Elasticsearch: kNN over its documents; SQLite: its members table's
+    # rowids, behind the process's hash index); any other store gives every member
     candidates = getattr(store, "similar_candidates", None)
     if candidates is not None:
         for doc in candidates(picture.sha256, picture.hashes):
@@ -320,6 +323,7 @@ DESK_SAVE_EVERY_S = 600.0
 
 def index_file(store: Any, pdq_min_quality: int) -> Path | None:
     """Where the copy of a SQLite store's member index lives; None for other stores."""
+    # a probe: only the SQLite store has members in an order an index can grow from (``members_after``)
     path = getattr(store, "path", None)
     if not hasattr(store, "members_after") or not isinstance(path, Path):
         return None

@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -105,7 +106,8 @@ class Sinks:
         with self._open_lock:
             if self._store is None:
                 store = open_findings(self.settings.findings.url, self.settings.data_dir, self.settings)
-                # Elasticsearch: templates, ILM policy, script, aliases before the first write
+                # Elasticsearch: templates, ILM policy, script, aliases before the first write (a probe:
+                # SQLite has no such step, its file gets its tables when it opens)
                 getattr(store, "ensure_setup", lambda: None)()
                 self._store = store
         return self._store
@@ -605,7 +607,7 @@ class BulkSink:
         for (header, source), r in failed:
             op, meta = next(iter(header.items()))
             err = r.get("error") or {}
-            reason = err.get("type", f"http_{r.get('status')}") if isinstance(err, dict) else str(err)
+            reason = _refusal_reason(err, r.get("status"))  # a metric label: bounded, the text goes in detail
             detail = err.get("reason", str(err)) if isinstance(err, dict) else str(err)
             if r.get("attempts"):
                 detail = f"still refused (HTTP {r.get('status')}) after {r['attempts']} attempts: {detail}"
@@ -625,6 +627,22 @@ class BulkSink:
                 actions.append(processed_action(self.processed_index, dl.source, "dead_letter", dl.event_id, op="index"))
             result.dead_lettered += 1
         self._send_chunk(actions, BulkResult(), me, dead_letters=False)
+
+
+# An Elasticsearch error type (``document_parsing_exception``): one of a fixed set of names
+_ERROR_TYPE = re.compile(r"[a-z][a-z0-9_.]{0,99}")
+
+
+def _refusal_reason(err: Any, status: Any) -> str:
+    """The dead letter's reason for a refused bulk item, which is also the
+    ``reason`` label of ``deepwatch_dead_letters_total``: Elasticsearch's error
+    type, else ``http_<status>``. Never the error's text: a proxy's or an
+    older server's string error (an id, a document's values) was the label,
+    one new series per refused item."""
+    kind = err.get("type") if isinstance(err, dict) else None
+    if isinstance(kind, str) and _ERROR_TYPE.fullmatch(kind):
+        return kind
+    return f"http_{status}" if isinstance(status, int) and 100 <= status <= 599 else "refused"
 
 
 def _script_missing(r: dict[str, Any]) -> bool:

@@ -22,7 +22,8 @@ from typing import Any, Iterable, Iterator
 from streams.findings import (
     MAX_MERGE_HOPS, MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline,
     DeliveryState, FindingsStore, Page, PostIdentity, SearchTimeout, SightingRecord, dead_letter_identity,
-    event_hashtags, legacy_delivery, read_limit, sort_key, surviving_cluster, text_terms, unstored_alerts,
+    SORT_KEYS, event_hashtags, legacy_delivery, read_limit, sort_key, sort_order, surviving_cluster, text_terms,
+    unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
@@ -947,14 +948,31 @@ def _julian(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-_SQL_SORT = {  # pre-selection order for searches, the stream's own values (exact order is applied after)
-    "velocity": "json_extract(velocity, '$.sightings_5m') DESC, json_extract(velocity, '$.sightings_1h') DESC, "
-                "fake_score DESC, cluster_id",
-    "score": "fake_score DESC, cluster_id",
-    "last_seen": "julianday(last_seen) DESC, cluster_id",
-    "sightings": "stream_sightings DESC, cluster_id",
-    "relevance": "cluster_id",
+# Each field of an order (``streams.findings.SORT_ORDER``) as the clusters table
+# holds it: the stream's own values, which searches pre-select by (a margin
+# wide) before ordering the records built exactly. ``sightings`` is the
+# stream's running count there (the exact one, merges included, is counted
+# from the sightings table when a record is built), ``last_seen`` the
+# snapshot's, as an instant (text with different offsets does not sort by time).
+_SQL_FIELDS = {
+    "sightings_5m": "json_extract(velocity, '$.sightings_5m')",
+    "sightings_1h": "json_extract(velocity, '$.sightings_1h')",
+    "fake_score": "fake_score",
+    "sightings": "stream_sightings",
+    "last_seen": "julianday(last_seen)",
 }
+
+
+def _sql_order(sort: str) -> str:
+    """``sort``'s order as an ORDER BY list, a NULL last either way (as
+    Elasticsearch puts a missing value): SQLite sorts NULL first ascending."""
+    return ", ".join(f"{_SQL_FIELDS[name]} DESC" if direction == "desc"
+                     else f"{_SQL_FIELDS[name]} IS NULL, {_SQL_FIELDS[name]} ASC"
+                     for name, direction in sort_order(sort)) + ", cluster_id"
+
+
+# pre-selection order for searches (exact order is applied after); relevance keeps every match
+_SQL_SORT = {**{sort: _sql_order(sort) for sort in SORT_KEYS}, "relevance": "cluster_id"}
 
 
 def _record_run(db: sqlite3.Connection, src: SourceRef, outcome: str, event_id: str | None) -> None:

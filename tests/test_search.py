@@ -84,7 +84,8 @@ def test_cluster_conditions_and_sort_keys(store):
     assert ids(store.search(ClusterQuery(min_score=0.5, sort="score"))) == ["c-fire", "c-pope"]
     assert ids(store.search(ClusterQuery(sort="score"))) == ["c-fire", "c-pope", "c-flood"]
     assert ids(store.search(ClusterQuery(sort="velocity"))) == ["c-fire", "c-flood", "c-pope"]
-    assert ids(store.search(ClusterQuery(sort="sightings"))) == ["c-fire", "c-flood", "c-pope"]
+    # c-pope and c-flood (its merged cluster's post counted) have 2 sightings each: the higher score first
+    assert ids(store.search(ClusterQuery(sort="sightings"))) == ["c-fire", "c-pope", "c-flood"]
     assert ids(store.search(ClusterQuery(sort="last_seen"))) == ["c-flood", "c-pope", "c-fire"]
     assert ids(store.search(ClusterQuery(sort="score", limit=1))) == ["c-fire"]
     assert ids(store.search(ClusterQuery())) == ["c-fire", "c-flood", "c-pope"]  # default: velocity

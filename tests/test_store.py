@@ -48,7 +48,7 @@ def _snap(cid: str, revision: int, *, sighting: Sighting | None = None, score: f
     if sighting is not None:
         members = [Member(sha256=sighting.sha256, phash="0" * 16, pdq="0" * 64, pdq_quality=100, event_id=sighting.event.event_id)]
     return ClusterSnapshot(
-        cluster_id=cid, revision=revision, fake_score=score, verdict="uncertain",
+        cluster_id=cid, revision=revision, fake_score=score, verdict="inconclusive",
         evidence=[Evidence(detector="d", score=score, detail=f"rev {revision}")], members=members,
         sightings=revision, accounts=1, platforms=["x"], engagement=Engagement(), velocity=Velocity(sightings_5m=revision),
         first_seen=T0, last_seen=T0 + timedelta(minutes=revision), merged_into=merged_into,
@@ -58,7 +58,7 @@ def _snap(cid: str, revision: int, *, sighting: Sighting | None = None, score: f
 
 def _alert(cid: str, level: int = 1) -> Alert:
     return Alert(
-        alert_id=f"{cid}:{level}", cluster_id=cid, rule="viral_fake", level=level, fake_score=0.9, verdict="likely_ai",
+        alert_id=f"{cid}:{level}", cluster_id=cid, rule="viral_fake", level=level, fake_score=0.9, verdict="likely-ai",
         velocity=Velocity(sightings_5m=12), sightings=12, accounts=12, evidence=[], at=T0, created_at=T0,
     )
 

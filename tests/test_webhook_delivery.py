@@ -461,7 +461,7 @@ def test_summary_is_added_when_the_hook_asks_for_it(scripted):
     assert _deliver(plain, alert) == _deliver(readable, alert) == "delivered"
     first, second = (json.loads(r["body"]) for r in srv.requests)
     assert "summary" not in first and Alert.model_validate(first) == alert
-    assert second.pop("summary") == ("deepwatch alert (level 1) for cluster c-1: fake score 0.93 (likely_ai), "
+    assert second.pop("summary") == ("deepwatch alert (level 1) for cluster c-1: fake score 0.93 (likely-ai), "
                                      "14 sightings in 5 min, 15 accounts; top evidence: AUTOMATIC1111 parameters")
     assert second == first and srv.requests[1]["valid"]
 

@@ -19,7 +19,7 @@ from detectors.base import Evidence
 from streams.records import Alert, Velocity
 from streams.settings import Settings, WebhookSettings
 from streams.webhooks import (
-    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookError, deliver, hook_key, sign, target_key, target_label, verify,
+    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookError, deliver, hook_key, sign, target_label, verify,
 )
 
 
@@ -37,7 +37,7 @@ ENV = "DEEPWATCH_TEST_WEBHOOK_SECRET"
 
 def _alert() -> Alert:
     return Alert(
-        alert_id="c-1:1", cluster_id="c-1", rule="viral_fake", level=1, fake_score=0.93, verdict="likely_ai",
+        alert_id="c-1:1", cluster_id="c-1", rule="viral_fake", level=1, fake_score=0.93, verdict="likely-ai",
         velocity=Velocity(sightings_5m=14), sightings=15, accounts=15,
         evidence=[Evidence(detector="gen_metadata", score=0.99, detail="AUTOMATIC1111 parameters")],
         at=datetime(2026, 11, 20, 10, 4, tzinfo=timezone.utc),

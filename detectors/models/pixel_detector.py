@@ -23,6 +23,7 @@ import numpy as np
 from detectors.base import Cost, Evidence, EvidenceKind
 from detectors.fusion import DECISIVE_WEIGHT, LIKELY_AI
 from detectors.imagedata import ImageData
+from detectors.model_names import DEFAULT_PIXEL_MODEL
 from detectors.models.detector import StagedDetector
 from detectors.models.device import select_device_lazily
 from detectors.models.dataset import REPOST_MAX_SIDE
@@ -106,14 +107,13 @@ def _prior_clause(card) -> str:
 
 
 # Names ``detect.models`` may list for packaged models (looked up, not prefix-matched).
-BUILTIN = {"pixel-probe-lite2": DEFAULT_HEAD}
-DEFAULT_PIXEL_MODEL = "pixel-probe-lite2"
+BUILTIN = {DEFAULT_PIXEL_MODEL: DEFAULT_HEAD}
 
 
 class PixelProbeDetector(StagedDetector):
     cost: ClassVar[Cost] = "model"
     kind: ClassVar[EvidenceKind] = EvidenceKind.MODEL
-    name: ClassVar[str] = "model:pixel-probe-lite2"  # replaced per instance from the head card
+    name: ClassVar[str] = f"model:{DEFAULT_PIXEL_MODEL}"  # replaced per instance from the head card
 
     def __init__(self, head: PixelHead, device=None, amp: str = "auto"):
         self.head = head

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
+from detectors.model_names import DEFAULT_PIXEL_MODEL
 from detectors.models.calibration import Calibration
 from detectors.models.pixel_backbone import FeatureSpec, n_features
 from detectors.models.pixel_int8 import Int8Ranges
@@ -33,7 +34,7 @@ class HeadCard(BaseModel):
     """Everything about a head except its weights."""
 
     schema_version: int = 1
-    name: str = "pixel-probe-lite2"
+    name: str = DEFAULT_PIXEL_MODEL
     version: str = "1"
     spec: FeatureSpec = Field(default_factory=FeatureSpec)
     calibration: Calibration = Field(default_factory=Calibration)

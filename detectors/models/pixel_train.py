@@ -25,6 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 
+from detectors.model_names import DEFAULT_PIXEL_MODEL
 from detectors.models.calibration import fit_calibration
 from detectors.models.pixel_backbone import FeatureSpec
 from detectors.models.pixel_data import FeatureCache, Sample
@@ -237,7 +238,7 @@ def train_pixel_probe(
     cache_dir: Path,
     spec: FeatureSpec | None = None,
     params: ProbeParams | None = None,
-    name: str = "pixel-probe-lite2",
+    name: str = DEFAULT_PIXEL_MODEL,
     version: str = "5",  # v1: 2 crops; v2: 3 crops; v3: int8 backbone; v4: canonical input; v5: stated prior (docs/pixel-detector.md)
     group_by: str = "generator",
     max_fpr: float = 0.01,

@@ -270,7 +270,7 @@ def similar(
         except (StoreURLError, EsError) as e:
             raise typer.BadParameter(str(e), param_hint="--store") from None
     try:
-        if hasattr(store, "members_near"):
+        if hasattr(store, "members_near"):  # a probe: only SQLite looks up through the process's own index
             # SQLite: the lookup first indexes every stored member (seconds at a million), or only those
             # stored since the copy the last run saved beside the store: a bar on stderr
             lookup.load_index(settings, store)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from detectors.model_names import DEFAULT_PIXEL_MODEL
 from streams.cli.app import app
 from streams.cli.common import Config, DataDir, check_writable_dir, err, fail, print_error, settings_from
 
@@ -425,7 +426,7 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
     if cache_dir is not None:  # checked now, not after the manifests load
         check_writable_dir(cache_dir, "--cache-dir")
     settings = settings_from(config, data_dir=data_dir)
-    name = "pixel-probe-lite2" if out == "detector" else out
+    name = DEFAULT_PIXEL_MODEL if out == "detector" else out
     target = head_out or (_model_dir(config, data_dir, model_dir) / f"{name}.safetensors")
     _check_head_target(target, "--head-out" if head_out else "the head's path in the model dir")
     cache = cache_dir or Path(settings.data_dir) / "cache" / "pixel-features"

@@ -22,9 +22,14 @@ from streams.cli.common import (
     shown,
 )
 from streams.findings import (
-    MAX_RESULTS, SORT_KEYS, VERDICTS, ClusterQuery, FindingsStore, Page, SearchTimeout, StoreURLError, open_findings,
-    sqlite_file, text_terms, through_day,
+    MAX_RESULTS, SORT_KEYS, SORT_ORDER, VERDICTS, ClusterQuery, FindingsStore, Page, SearchTimeout, StoreURLError,
+    open_findings, sqlite_file, text_terms, through_day,
 )
+
+# what each --sort orders by, as ``SORT_ORDER`` says it
+_SORT_HELP = ("Highest first by " + "; ".join(
+    f"{sort}: {', '.join(f if d == 'desc' else f'{f} (lowest first)' for f, d in SORT_ORDER[sort])}"
+    for sort in SORT_KEYS) + "; then by cluster id")
 
 StoreOpt = typer.Option(
     None, "--store", callback=check_store_option,
@@ -196,7 +201,8 @@ def search(
     hashtag: Optional[str] = typer.Option(None, help="Only clusters posted with this hashtag (with or without #)."),
     verdict: Optional[str] = typer.Option(None, help="likely-ai, inconclusive or no-evidence."),
     min_score: Optional[float] = typer.Option(None, help="Only clusters with a fused fake score at least this (0-1)."),
-    sort: Optional[str] = typer.Option(None, help="velocity, score, last_seen or sightings (default: relevance with QUERY, else velocity)."),
+    sort: Optional[str] = typer.Option(None, help=f"{', '.join(SORT_KEYS[:-1])} or {SORT_KEYS[-1]} (default: relevance with QUERY, "
+                                       f"else velocity). {_SORT_HELP}."),
     limit: Optional[int] = typer.Option(None, help="At most this many clusters (default: every match, up to 10000)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", show_default=False,
                                             help="Stop the search after this many seconds (default: no limit; the desk uses findings.search_timeout_s)."),

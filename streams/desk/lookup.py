@@ -75,10 +75,8 @@ def lookup(settings: Settings, source: FindingsSource, data: bytes, *, preview: 
         raise Rejected(status, e.reason, f"not a picture the desk can look up: {e}") from None
     # Elasticsearch nominates candidates by kNN, SQLite from the hash index this
     # process keeps of its members (``similar.near_members``); other stores give
-    # their members (the desk's source falls back to the cluster records for a
-    # store without them).
-    own = hasattr(source.store, "similar_candidates") or hasattr(source.store, "members_near")
-    store = source.store if own else source
+    # every member (``iter_members``).
+    store = source.store
     similar.load_index(settings, store)  # a restarted desk's first lookup: from the copy saved beside the store
     try:
         rows = similar.as_json(similar.find(settings, picture, store))

@@ -26,17 +26,18 @@ import copy
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from detectors.base import Evidence
-from detectors.fusion import fuse
+from detectors.base import Evidence, EvidenceKind
+from detectors.fusion import Verdict, fuse
 from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.findings import ClusterQuery as StoreQuery
 from streams.findings import (
     CURSOR_MAX_CHARS, MAX_MERGE_HOPS, MAX_RESULTS, NOT_A_CURSOR, AccountAggregate, AccountCursor, Deadline,
-    FindingsStore, MemberRow, decode_cursor, encode_cursor, sort_key, text_terms,
+    NEVER, FindingsStore, MemberRow, SortKey, decode_cursor, encode_cursor, sort_key, sort_order, sort_values,
+    text_terms,
 )
 from streams.records import MAX_SAMPLE_POSTS, SamplePost
 from streams.settings import DeskSettings
@@ -55,8 +56,7 @@ MAX_VIEW_CLUSTERS: int = DeskSettings.model_fields["max_view_clusters"].default
 SIGHTING_FIELDS = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
                    "posted_at", "text")
 
-SortKey = Literal["velocity", "score", "last_seen", "sightings"]
-STREAM_VERDICTS = ("likely-ai", "inconclusive", "no-evidence")
+STREAM_VERDICTS: tuple[str, ...] = get_args(Verdict)
 DESK_VERDICTS = ("fake", "authentic", "needs-review", "unreviewed")
 SEARCH_DESK_VERDICTS = ("fake", "authentic", "needs-review")  # the analyst search's ``desk_verdict``
 
@@ -143,7 +143,7 @@ class AccountQuery(BaseModel):
         return AccountCursor.decode(self.cursor) if self.cursor else None
 
 
-_NEVER = -1e18  # the last_seen key of a cluster without one: before any instant (epoch seconds)
+_NEVER = NEVER  # the last_seen key of a cluster without one: before any instant (epoch seconds)
 
 
 def _ts(s: str) -> datetime:
@@ -151,10 +151,17 @@ def _ts(s: str) -> datetime:
     return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
 
 
+# The banks a desk verdict puts its cluster's pictures in (``streams.desk.verdicts``).
+DESK_BANKS = {"fake": "desk-fake", "authentic": "desk-authentic"}
+
+
 def desk_bank_evidence(verdict: str, row: OverlayRow) -> Evidence:
-    """The verdict as evidence, as decisive as a bank match (detectors.banks)."""
+    """The verdict as evidence, as decisive as a bank match (detectors.banks):
+    a fact-check verdict is of kind ``bank``, whose ``data["verdict"]`` fusion
+    takes its direction from (``detectors.fusion.effective_score``)."""
     fake = verdict == "fake"
-    return Evidence(detector="desk:verdict", score=0.97 if fake else 0.03, weight=3.0, detail=row.detail,
+    return Evidence(detector="desk:verdict", kind=EvidenceKind.BANK, score=0.97 if fake else 0.03, weight=3.0,
+                    detail=row.detail,
                     data={"verdict": verdict, "suppress": not fake, "desk_verdict_id": row.verdict_id,
                           "source_cluster": row.source_cluster})
 
@@ -201,6 +208,8 @@ class FindingsSource:
     def _store_version(self) -> Any:
         """A value that changes when the findings change: SQLite's data_version
         where the store has one, else a counter bumped every ``ttl_s``."""
+        # a probe, not the FindingsStore interface: Elasticsearch has no cheap signal of a change
+        # (``changes_since`` says which clusters changed, at the cost of a search)
         version = getattr(self.store, "data_version", None)
         if version is not None:
             return version()
@@ -212,8 +221,8 @@ class FindingsSource:
     # -- clusters -------------------------------------------------------------
     @property
     def windowed(self) -> bool:
-        """Whether the view is bounded (``view_days`` or ``max_view_clusters``) on a store that can select it."""
-        return bool(self.view_days or self.max_view_clusters) and hasattr(self.store, "recent_clusters")
+        """Whether the view is bounded (``view_days`` or ``max_view_clusters``)."""
+        return bool(self.view_days or self.max_view_clusters)
 
     def view_window(self) -> dict[str, Any]:
         """What the queue covers, as ``/api/clusters`` and the queue page say it."""
@@ -252,8 +261,7 @@ class FindingsSource:
             if self._cache_key is not None and key[0] == self._cache_key[0]:
                 changed, cursor = set(), self._cursor  # only the verdicts changed: the store is not asked
             else:
-                changes = getattr(self.store, "changes_since", None)
-                changed, cursor = (None, None) if changes is None else changes(self._cursor)
+                changed, cursor = self.store.changes_since(self._cursor)
             remade: set[str] | None = None  # the only documents made again or added (None: any may be)
             if self._cache_key is None or changed is None \
                     or len(changed) > INCREMENTAL_MAX_SHARE * max(1, len(self._cache)):
@@ -330,8 +338,8 @@ class FindingsSource:
         """A full read of the view: the most recently seen clusters within
         the window (``recent_clusters``), then by id those with a desk
         verdict and what merged into them all (``_completed``). Unbounded
-        (both settings 0, or a store without ``recent_clusters``): every
-        cluster, merged ones too, as before there was a view. ``overlay``:
+        (both settings 0): every cluster, merged ones too, as before there
+        was a view. ``overlay``:
         the desk's overlay rows (their clusters are in the view)."""
         if not self.windowed:
             self._since = None
@@ -345,10 +353,7 @@ class FindingsSource:
         return self._completed(docs, {}, set(overlay))
 
     def _records_by_id(self, ids: set[str]) -> list[Any]:
-        by_id = getattr(self.store, "clusters_by_id", None)
-        if by_id is not None:
-            return by_id(set(ids))
-        return [c for c in (self.store.cluster(cid) for cid in sorted(ids)) if c is not None]
+        return self.store.clusters_by_id(set(ids))
 
     def _completed(self, docs: list[dict[str, Any]], have: dict[str, Any],
                    extra: set[str] = frozenset()) -> list[dict[str, Any]]:  # type: ignore[assignment]
@@ -470,8 +475,7 @@ class FindingsSource:
 
         if sha256 in member_shas(self):
             return True
-        own = getattr(self.store, "has_member", None)
-        return bool(own is not None and self.windowed and own(sha256))
+        return self.windowed and self.store.has_member(sha256)
 
     def invalidate(self, overlay_only: bool = False) -> None:
         """Drop the cached view: the next read is a full one. ``overlay_only``
@@ -635,7 +639,7 @@ class FindingsSource:
         roots = self._roots()
         ai = {cid for cid, d in docs.items() if _is_ai(d)}
         ids = {cid for cid in (*docs, *roots) if roots.get(cid, cid) in ai}
-        if self.windowed and getattr(self.store, "verdict_cluster_ids", None) is not None:
+        if self.windowed:
             for cid, merged in self._own_likely_ai(key).items():
                 if cid in docs:
                     continue  # the view's document decides (a desk verdict over the stream's)
@@ -671,17 +675,8 @@ class FindingsSource:
 
     def iter_members(self) -> Iterator[MemberRow]:
         """Every stored member's hashes (crop views included) under its
-        surviving cluster: the store's own ``iter_members`` where it has one
-        (SQLite, Elasticsearch), else the members of the cluster records, with
-        full-frame hashes only (the banks' matching falls back to those)."""
-        own = getattr(self.store, "iter_members", None)
-        if own is not None:
-            yield from own()
-            return
-        roots = self._roots()
-        for cid, d in self._all().items():
-            for m in d["members"]:
-                yield MemberRow(roots.get(cid, cid), m["sha256"], m["phash"], m["pdq"], m["pdq_quality"])
+        surviving cluster, as the store gives them (``iter_members``)."""
+        return self.store.iter_members()
 
     # -- sightings ------------------------------------------------------------
     def sightings(self, cluster_ids: list[str], limit: int | None = None) -> list[dict[str, Any]]:
@@ -877,8 +872,13 @@ def _apply_overlay(doc: dict[str, Any], row: OverlayRow | None) -> dict[str, Any
     if row.verdict in ("fake", "authentic"):
         stream = [Evidence.model_validate(e) for e in doc["evidence"]]
         # Reposts that arrived after the verdict carry the desk bank's match
-        # already: the same human decision must not count twice.
-        if not any(e.detector == f"bank:desk-{row.verdict}" for e in stream):
+        # already: the same human decision must not count twice. Told by what
+        # the evidence is (a bank match, kind ``bank``) and the bank its data
+        # names, not by the detector's name. Matches recorded before matches
+        # named their bank count as the desk's when they give this verdict.
+        bank = DESK_BANKS[row.verdict]
+        if not any(e.kind is EvidenceKind.BANK and e.data.get("bank", bank) == bank
+                   and e.data.get("verdict") == row.verdict for e in stream):
             stream.append(desk_bank_evidence(row.verdict, row))
         fused = fuse(stream)
         doc["fake_score"] = round(fused.score, 4)
@@ -893,21 +893,23 @@ def _apply_overlay(doc: dict[str, Any], row: OverlayRow | None) -> dict[str, Any
     return doc
 
 
-# The queue's order, descending, per sort: the numbers a ``QueueCursor`` carries.
-_QUEUE_KEYS: dict[str, tuple[Callable[[dict[str, Any]], float], ...]] = {
-    "score": (lambda d: float(d["fake_score"]), lambda d: float(d["sightings"])),
-    # as instants: ISO text with different offsets does not sort by time
-    "last_seen": (lambda d: _ts(d["last_seen"]).timestamp() if d["last_seen"] else _NEVER,),
-    "sightings": (lambda d: float(d["sightings"]), lambda d: float(d["fake_score"])),
-    # velocity: viral likely-AI first, then by how fast it spreads now
-    "velocity": (lambda d: float(_is_ai(d) and not d.get("suppressed")),
-                 lambda d: float(d["velocity"].get("sightings_5m", 0)),
-                 lambda d: float(d["velocity"].get("sightings_1h", 0)), lambda d: float(d["fake_score"])),
-}
-_QUEUE_KEY_LEN = {sort: len(keys) for sort, keys in _QUEUE_KEYS.items()}
+def _viral_ai(d: dict[str, Any]) -> float:
+    """1.0 for a likely-AI cluster (the desk's verdicts over the stream's) whose alerts are not suppressed."""
+    return float(_is_ai(d) and not d.get("suppressed"))
+
+
+# The queue's own lead before a sort's order: velocity lists viral likely-AI
+# clusters first (docs/desk.md), as the desk decides them (its overlay).
+_QUEUE_LEAD: dict[str, tuple[Callable[[dict[str, Any]], float], ...]] = {"velocity": (_viral_ai,)}
+# The queue's order, descending, per sort: its lead, then the sort's order
+# (``streams.findings.SORT_ORDER``) over the values the desk shows (the
+# overlay's score, velocity as of the view: ``_doc_field``); the numbers a
+# ``QueueCursor`` carries. Ties by cluster id ascending (``clusters_page``).
+_QUEUE_KEY_LEN = {sort: len(_QUEUE_LEAD.get(sort, ())) + len(sort_order(sort)) for sort in get_args(SortKey)}
 
 
 def _sort_key(sort: str):
-    """The queue's order for ``sort`` as a tuple of numbers (``_QUEUE_KEYS``)."""
-    keys = _QUEUE_KEYS.get(sort, _QUEUE_KEYS["velocity"])
-    return lambda d: tuple(k(d) for k in keys)
+    """The queue's order for ``sort`` as a tuple of numbers, the larger first."""
+    sort = sort if sort in _QUEUE_KEY_LEN else "velocity"
+    lead, values = _QUEUE_LEAD.get(sort, ()), sort_values(sort, _doc_field)
+    return lambda d: (*(k(d) for k in lead), *values(d))
