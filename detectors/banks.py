@@ -502,6 +502,7 @@ def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:
                 weight=3.0 if m.distance <= 4 else 2.0,
                 detail=f"matches {m.bank!r} entry {m.entry_id}{label} at {hash_name} distance {m.distance}{how}",
                 data={
+                    "bank": m.bank,
                     "verdict": m.verdict,
                     "entry_id": m.entry_id,
                     "label": m.label,

@@ -712,5 +712,6 @@ def serve(settings: Settings, host: str, port: int, *, header_timeout_s: float =
         # (behind a proxy) keeps its counters, which name the token holders, there too
         log.info("metrics listening", extra={"host": host, "port": metrics.serve(metrics_port, host=host)})
     log.info("ingest endpoint listening", extra={"host": host, "port": port, "tokens": sorted(set(tokens.values()))})
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
+    # no "server: uvicorn" header, as the desk: the software and its version are nobody's business
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, server_header=False,
                 limit_concurrency=256, timeout_keep_alive=5, http=head_deadline_protocol(header_timeout_s))

@@ -81,6 +81,9 @@ def serve(
         shown = metrics.serve(settings.metrics_port, host=host)
         more.append(f"metrics on http://{shown_host}:{shown}/metrics")
     proxies = settings.desk.trusted_proxies
+    plain = plain_http_warning(host, settings)
+    if plain:
+        err.print(f"warning: {plain}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     # Slow or piled-up clients: a request head must arrive within 10 s, and at
     # most DESK_CONNECTIONS are held open (well under a default 1,024 descriptors).
     config = uvicorn.Config(desk_app, host=host, port=port, log_level="warning", log_config=None, server_header=False,
@@ -88,6 +91,23 @@ def serve(
                             timeout_keep_alive=5, http=head_deadline_protocol(max_connections=DESK_CONNECTIONS))
     _run_desk(config, lambda bound: f"desk on http://{shown_host}:{bound}/ (API docs at /docs); "
                                     f"data in {settings.data_dir}", more)
+
+
+def plain_http_warning(host: str, settings) -> str | None:
+    """What to say at start when browsers cannot log in to the desk: bound
+    off loopback its login cookies are Secure, which browsers keep only over
+    https, and the desk speaks plain http; with no TLS-terminating proxy
+    configured (``desk.trusted_proxies``) nor an https ``desk.public_url``,
+    none is in front of it. None when there is nothing to say."""
+    from detectors.netaddr import is_loopback
+    from streams.desk.app import tls_configured
+
+    if is_loopback(host) or tls_configured(settings.desk):
+        return None
+    return (f"the desk listens on {host} over plain http: off loopback its login cookies are Secure, which browsers "
+            "keep only over https, so a browser reaching it at a non-loopback address cannot log in (bearer tokens "
+            "still work, in clear text). Put a TLS-terminating reverse proxy in front, list it in desk.trusted_proxies "
+            "(DEEPWATCH_DESK__TRUSTED_PROXIES) and set desk.public_url to its https address; or bind --host 127.0.0.1")
 
 
 def _run_desk(config, desk_line, more: list[str]) -> None:

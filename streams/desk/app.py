@@ -219,7 +219,9 @@ class Desk:
                              "login")
         # Off loopback, or where people reach the desk over https: the session
         # cookie is Secure and HSTS is sent (``secure``).
+        self.loopback = loopback
         self.secure_cookies = not loopback or (settings.desk.public_url or "").lower().startswith("https:")
+        self.tls_configured = tls_configured(settings.desk)
         self.lookups = Slots(MAX_LOOKUPS, "picture lookups", LOOKUP_RETRY_S)
         self.db = DeskDB(data / "desk.sqlite")
         self.source = FindingsSource(store, self.db, search_timeout_s=settings.findings.search_timeout_s,
@@ -241,6 +243,33 @@ class Desk:
         an https ``public_url``, or for a request made over https (its scheme
         as a trusted proxy's X-Forwarded-Proto says, which uvicorn applies)."""
         return self.secure_cookies or request.url.scheme == "https"
+
+    def cookie_attrs(self, request: Request) -> dict[str, Any]:
+        """The attributes the desk's cookies are set with, and deleted with:
+        a browser may ignore a deletion whose attributes differ (Chromium
+        leaves a Secure cookie alone when a plain-http page's Set-Cookie
+        without Secure names it)."""
+        return {"httponly": True, "samesite": "strict", "secure": self.secure(request)}
+
+    def why_no_login_cookie(self, request: Request) -> str | None:
+        """Why a browser cannot have sent back the login form's cookie, when
+        the reason is the desk's address, not the browser: off loopback the
+        cookies are Secure, and a browser keeps none from a plain-http page
+        (one at a loopback name, http://127.0.0.1, is trusted as if it were
+        https). None where https is in use (uvicorn's scheme, which a trusted
+        proxy's X-Forwarded-Proto sets; or such a header from a proxy the desk
+        does not trust, which the browser's https page then reached it
+        through) or the cookie could have been kept."""
+        if self.loopback or request.url.scheme == "https" or _says_https(request):
+            return None
+        if is_loopback(_host_name(request.headers.get("host", ""))):
+            return None
+        return ("this desk needs HTTPS off loopback: it listens on a non-loopback address, where its login cookie "
+                "is Secure, and this page came over plain http, where browsers do not keep Secure cookies, so no "
+                "browser can log in. Put a TLS-terminating reverse proxy in front of the desk, list the proxy's "
+                "address in desk.trusted_proxies (its X-Forwarded-Proto: https is then believed) and set "
+                "desk.public_url to the https address people use; or run the desk on a loopback address "
+                "(--host 127.0.0.1) to use it from this machine only")
 
     def why_login(self, request: Request) -> str | None:
         """Why this request may not read without a login (None: it may).
@@ -268,6 +297,15 @@ class Desk:
             log.exception("saving the member index failed")
         self.source.close()
         self.db.close()
+
+
+def tls_configured(desk: Any) -> bool:
+    """Whether the desk settings (``DeskSettings``) say a TLS-terminating
+    proxy is in front: ``desk.trusted_proxies`` (whose X-Forwarded-Proto
+    says https), or an https ``desk.public_url`` (where people reach it).
+    Without either, a desk bound off loopback speaks plain http to browsers,
+    which then keep none of its Secure cookies (``deepwatch serve`` warns)."""
+    return bool(desk.trusted_proxies) or (desk.public_url or "").lower().startswith("https:")
 
 
 def _open_store(settings: Settings) -> FindingsStore:
@@ -461,7 +499,10 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     def login_cookie(request: Request) -> None:
         # The login form's double-submit cookie; without one the form's token cannot match.
         if not request.cookies.get(LOGIN_CSRF_COOKIE):
-            raise _error(403, "CSRF token missing or wrong; reload the login page and try again")
+            # Off loopback over plain http the browser refused the Secure cookie:
+            # "reload the login page" would never help there.
+            raise _error(403, desk.why_no_login_cookie(request)
+                         or "CSRF token missing or wrong; reload the login page and try again")
         not_ours(request)
 
     # A form's CSRF token is in its body: these check it after the body is
@@ -931,9 +972,13 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         token = request.cookies.get(LOGIN_CSRF_COOKIE, "")
         if not _LOGIN_TOKEN.fullmatch(token):
             token = secrets.token_urlsafe(24)
+        # Said before a password is typed: a login over plain http off loopback
+        # cannot work. Not where TLS is configured (a TLS terminator that adds
+        # no header looks like plain http here): a refused login says it then.
+        notice = None if desk.tls_configured else desk.why_no_login_cookie(request)
         resp = templates.TemplateResponse(request, "login.html", {"me": None, "csrf": token, "next": _safe_next(next),
-                                                                   "error": None, "has_users": len(desk.users) > 0})
-        resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure(request), max_age=3600)
+                                                                   "error": notice, "has_users": len(desk.users) > 0})
+        resp.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=3600, **desk.cookie_attrs(request))
         return resp
 
     @app.post("/login", include_in_schema=False)
@@ -956,12 +1001,17 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
                                                                        "error": "wrong user name or password",
                                                                        "has_users": True}, status_code=401)
         desk.limiter.succeeded(stamp, client, username)
+        # The session the browser held until now ends here, not only its cookie:
+        # a copy of it (another user's, a shared machine's) must not outlive this login.
+        presented = request.cookies.get(SESSION_COOKIE)
+        if presented:
+            desk.db.end_session(presented)
         token, _ = desk.db.new_session(user.name, user.role, settings.desk.session_hours, credential_of(user))
         observe.LOGINS.labels("ok").inc()
         resp = RedirectResponse(_safe_next(next), 303)
-        resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=desk.secure(request),
-                        max_age=int(settings.desk.session_hours * 3600))
-        resp.delete_cookie(LOGIN_CSRF_COOKIE)
+        resp.set_cookie(SESSION_COOKIE, token, max_age=int(settings.desk.session_hours * 3600),
+                        **desk.cookie_attrs(request))
+        resp.delete_cookie(LOGIN_CSRF_COOKIE, **desk.cookie_attrs(request))
         return resp
 
     @app.post("/logout", include_in_schema=False)
@@ -969,7 +1019,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
         if me.via == "session":
             desk.db.end_session(request.cookies.get(SESSION_COOKIE, ""))
         resp = RedirectResponse("/", 303)
-        resp.delete_cookie(SESSION_COOKIE)
+        resp.delete_cookie(SESSION_COOKIE, **desk.cookie_attrs(request))
         return resp
 
     return app
@@ -999,6 +1049,14 @@ def _host_name(host: str) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1]
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _says_https(request: Request) -> bool:
+    """Whether a proxy's header says the client's request came over https
+    (``X-Forwarded-Proto: https`` or ``Forwarded: proto=https``), believed or not."""
+    proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    forwarded = request.headers.get("forwarded", "").lower().replace(" ", "").replace('"', "")
+    return proto == "https" or any(p == "proto=https" for p in re.split(r"[;,]", forwarded))
 
 
 def _is_ip(host: str) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -21,6 +23,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from streams.sqlite_wal import enable_wal
+
+log = logging.getLogger(__name__)
 
 DeskVerdict = Literal["fake", "authentic", "needs-review"]
 
@@ -105,10 +109,32 @@ def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _owner_only(path: Path) -> None:
+    """``path`` made 0600 before SQLite opens it: it holds the verdict notes,
+    user names and each session's CSRF token, and SQLite gives its -wal and
+    -shm files the database file's permissions. A new file is created so (not
+    at the umask's 0644); an existing one (-wal, -shm) with group or other
+    bits is narrowed, or a warning says why not."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if os.stat(p).st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as e:  # not its owner: it still opens, readable by whom its mode says
+            log.warning("cannot make the desk database owner-only (chmod 600)",
+                        extra={"path": str(p), "error": e.strerror or str(e)})
+
+
 class DeskDB:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _owner_only(self.path)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         enable_wal(self._db)
         self._db.execute("PRAGMA busy_timeout=30000")

@@ -64,7 +64,14 @@ class Thumbnails:
         them the defaults, with ``max_pixels`` when given."""
         self.blobs = DirectoryBlobStore(blob_root)
         self.cache_dir = Path(cache_dir)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # Owner-only (0700), not the umask's 0755: which pictures the desk shows is not for other local users.
+        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.cache_dir.stat().st_mode & 0o077:  # made before, at the umask's mode
+            try:
+                self.cache_dir.chmod(0o700)
+            except OSError as e:  # not its owner: the cache still works
+                log.warning("cannot make the thumbnail cache owner-only (chmod 700)",
+                            extra={"path": str(self.cache_dir), "error": e.strerror or str(e)})
         self.max_bytes = max_bytes
         if limits is None:
             limits = DecodeLimits(max_pixels=max_pixels) if max_pixels is not None else DecodeLimits()

@@ -37,11 +37,11 @@ from streams.blobstore import DirectoryBlobStore
 from streams.desk.alerting import AlertPath
 from streams.desk.auth import Principal
 from streams.desk.deskdb import DeskDB, DeskVerdict, OverlayRow, VerdictRecord
-from streams.desk.source import FindingsSource, desk_bank_evidence
+from streams.desk.source import DESK_BANKS, FindingsSource, desk_bank_evidence
 from streams.records import Alert, Velocity
 from streams.settings import Settings
 
-BANKS = {"fake": "desk-fake", "authentic": "desk-authentic"}
+BANKS = DESK_BANKS
 
 
 class VerdictIn(BaseModel):
