@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streams.blobstore import DirectoryBlobStore  # noqa: E402
 from streams.store import open_store  # noqa: E402
+from streams.desk.source import MAX_VIEW_CLUSTERS  # noqa: E402
 from tests.desk_support import T0, DeskServer, make_cluster  # noqa: E402
 
 # Every cluster has its own picture bytes (one pixel differs), hashes are
@@ -307,7 +308,7 @@ def view_bench(n: int, recent: int) -> dict:
         data = Path(tmp)
         build_s = build_aged(data, n, recent)
         every = view_start(data, 0, 0)  # the view unbounded: the read the desk made before there was a view
-        window = view_start(data, 30.0, 50_000)
+        window = view_start(data, 30.0, MAX_VIEW_CLUSTERS)
     return {"clusters": n, "in_window": recent, "build_s": round(build_s, 1), "every_cluster": every,
             "window": window}
 
@@ -336,7 +337,7 @@ def verdict_bench(n: int, recent: int) -> dict:
                     c.get(desk.url + "/").raise_for_status()
                     warm.append(time.perf_counter() - t)
                 outside = "c%06d" % (n - 1)  # the oldest: past the cap (or the window) when there are more
-                held = min(recent, 50_000)  # build_aged numbers the clusters newest first; the default cap
+                held = min(recent, MAX_VIEW_CLUSTERS)  # build_aged numbers the clusters newest first
                 steps = [("c000010", "needs-review"), ("c000011", "authentic"), ("c000012", "fake"),
                          (outside, "fake"), ("c000012", "needs-review")]
                 rows = []

@@ -35,14 +35,14 @@ _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 def check_index_prefix(prefix: str) -> str:
-    """``prefix`` (``findings.index_prefix``) as the start of deepwatch's index
-    names (``<prefix>-clusters``, ``streams.es_templates.names``), by the rules
-    Elasticsearch names an index by."""
-    if (not prefix or prefix != prefix.lower() or prefix[0] in "-_+" or prefix in (".", "..")
-            or re.search(r'[\\/*?"<>|,# :]', prefix) or len(prefix.encode()) > 200):
-        raise ValueError(f"{prefix!r} cannot start an Elasticsearch index name (lower case, no spaces or "
-                         "\\/*?\"<>|,#:, not starting with - _ +): give the workers' findings.index_prefix")
-    return prefix
+    """``findings.index_prefix``'s rule (``streams.settings.check_index_prefix``),
+    naming the setting the dashboards must agree with."""
+    from streams.settings import check_index_prefix as rule
+
+    try:
+        return rule(prefix)
+    except ValueError as e:
+        raise ValueError(f"{e}: give the workers' findings.index_prefix") from None
 
 
 def datasources(*, prometheus_url: str = PROMETHEUS_URL, es_url: str = ELASTICSEARCH_URL,

@@ -541,6 +541,17 @@ class ImageData:
         self.__dict__.pop("rgb", None)
         self.__dict__.pop("_thumbs", None)
 
+    def thumbnail_cost(self, min_side: int) -> int:
+        """Bytes ``thumbnail(min_side)`` holds at its peak: a JPEG's decode at
+        the DCT scale draft mode picks (1/2..1/8), else ``decode_cost``."""
+        if self.format != "JPEG" or self._reduce != 1:
+            return self.decode_cost
+        scale = max(1, min(self.size) // min_side)
+        r = 1
+        while r < 8 and r * 2 <= scale:
+            r *= 2
+        return (self.decode_cost - self._coefficients) // (r * r) + self._coefficients
+
     def thumbnail(self, min_side: int = 128) -> Image.Image:
         """A small RGB view, at least ``min_side`` on its short side where the
         source allows. JPEG draft mode decodes at 1/2..1/8 scale directly from

@@ -607,7 +607,7 @@ class ClusterEngine:
             state.accounts.append(ev.account_id)
         if ev.platform not in state.platforms:
             state.platforms.append(ev.platform)
-        _reached(state, {ev.platform: ev.posted_at} if ev.posted_at is not None else {})
+        _reached(state, {ev.platform: ev.posted_at})
         g = ev.engagement
         state.engagement = state.engagement + g
         state.first_seen = min(filter(None, [state.first_seen, ev.posted_at]))

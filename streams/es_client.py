@@ -33,6 +33,9 @@ class EsError(RuntimeError):
 
 # Answers after which the same request may succeed later: auth (an operator
 # renews the key), timeouts, overload and a server or proxy in trouble.
+# credentials belong in their environment variables; ``findings.check_store_url`` refuses them at settings load
+CREDENTIALS_IN_URL = ("put Elasticsearch credentials in DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/"
+                      "DEEPWATCH_ES_PASSWORD, not in the URL")
 HOLD_STATUS = frozenset({401, 403, 408, 429, 500, 502, 503, 504})
 
 
@@ -76,8 +79,7 @@ class EsConfig:
             raise EsError(f"cannot use {_without_userinfo(url)!r} as an Elasticsearch address: "
                           "give es://HOST:9200 or https://HOST:9200")
         if parts.username or parts.password:
-            raise EsError("put Elasticsearch credentials in DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/"
-                          "DEEPWATCH_ES_PASSWORD, not in the URL")
+            raise EsError(CREDENTIALS_IN_URL)
         netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
         if ":" in (parts.hostname or "") and parts.hostname and not netloc.startswith("["):
             netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")

@@ -172,18 +172,19 @@ class EsFindingsStore:
             self._install(f"ILM policy {self.names['sightings']}",
                           lambda: self._ilm_digest(self.names["sightings"]), policy["_meta"]["digest"],
                           lambda: es.ilm.put_lifecycle(name=self.names["sightings"], policy=policy))
+            current = True  # every template this version's: what a rollover makes an index from
             for name, body in T.component_templates(self.prefix).items():
                 digest = _digest(body)
-                self._install(f"component template {name}", lambda: self._template_digest("component", name), digest,
-                              lambda: es.cluster.put_component_template(
-                                  name=name, template=body["template"], version=body["version"],
-                                  meta={**body["_meta"], "digest": digest}))
+                current &= self._install(f"component template {name}", lambda: self._template_digest("component", name),
+                                         digest, lambda: es.cluster.put_component_template(
+                                             name=name, template=body["template"], version=body["version"],
+                                             meta={**body["_meta"], "digest": digest}))
             for name, body in T.index_templates(self.prefix).items():
                 digest = _digest(body)
                 put = {**body, "_meta": {**body["_meta"], "digest": digest}}
-                self._install(f"index template {name}", lambda: self._template_digest("index", name), digest,
-                              lambda: es.indices.put_index_template(
-                                  name=name, **{k if k != "_meta" else "meta": v for k, v in put.items()}))
+                current &= self._install(f"index template {name}", lambda: self._template_digest("index", name), digest,
+                                         lambda: es.indices.put_index_template(
+                                             name=name, **{k if k != "_meta" else "meta": v for k, v in put.items()}))
             script = T.stored_script()["script"]
             self._install(f"stored script {T.SCRIPT_ID}", self._script_source, script["source"],
                           lambda: es.put_script(id=T.SCRIPT_ID, script=script))
@@ -193,19 +194,20 @@ class EsFindingsStore:
                     self._create_ignoring_exists(lambda: es.indices.create(
                         index=T.concrete(alias), aliases={alias: {"is_write_index": True}}))
             self._create_ignoring_exists(lambda: es.indices.create_data_stream(name=self.names["sightings"]))
-            self._migrate()
+            self._migrate(templates_current=current)
         except EsError:
             raise
         except Exception as e:
             raise explain(e, self.config.url) from None
         self._ready = True
 
-    def _install(self, what: str, current: Any, wanted: Any, put: Any) -> None:
+    def _install(self, what: str, current: Any, wanted: Any, put: Any) -> bool:
         """``current()`` (None: missing) against ``wanted``; ``put()`` only
         when missing or different. Credentials that may not read it (403 on
         the GET) try the PUT; credentials that may not PUT it leave what an
         admin installed, with a warning, and when it is missing raise one
-        line saying so, held: the batch waits until an admin installs it."""
+        line saying so, held: the batch waits until an admin installs it.
+        Returns whether ``wanted`` is in place (False: left as it was)."""
         from elasticsearch import AuthorizationException
 
         try:
@@ -213,9 +215,10 @@ class EsFindingsStore:
         except AuthorizationException:
             have, readable = None, False
         if readable and have == wanted:
-            return
+            return True
         try:
             put()
+            return True
         except AuthorizationException as e:
             if readable and have is None:
                 raise EsError(f"Elasticsearch at {self.config.url}: the {what} is not installed and these credentials "
@@ -225,6 +228,7 @@ class EsFindingsStore:
             log.warning(f"the {what} {'differs from this version' if readable else 'could not be read'} and these "
                         "credentials may not install it: using it as an admin installed it",
                         extra={"what": what, "error": error_reason(e)})
+            return False
 
     def _ilm_digest(self, name: str) -> str | None:
         from elasticsearch import NotFoundError
@@ -259,7 +263,7 @@ class EsFindingsStore:
             return None
         return (found.get("script") or {}).get("source") if found.get("found", True) else None
 
-    def _migrate(self) -> None:
+    def _migrate(self, templates_current: bool = True) -> None:
         """Each index behind an alias (and the sightings data stream's
         backing indices) brought up to ``T.MAPPING_VERSION`` where the
         versions between only added fields: one ``PUT <alias>/_mapping``
@@ -320,6 +324,13 @@ class EsFindingsStore:
             log.info(f"{alias}: mapping brought up from v{at} to v{reached} in place",
                      extra={"alias": alias, "fields": sorted(added)})
         for stream, at, n in rollovers:
+            if not templates_current:
+                # a rollover would make the new backing index from the old template: one more index at
+                # the old version per start, never the new analysis
+                log.warning(f"{stream}: its write index is mapping v{at} and the templates are not this version's "
+                            "(these credentials may not install them): not rolled over until an admin installs them "
+                            "(docs/elasticsearch.md, \"The role deepwatch needs\")", extra={"stream": stream})
+                continue
             self._roll_over(stream, at, n)
 
     def _roll_over(self, stream: str, at: int, n: int) -> None:

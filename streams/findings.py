@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validat
 
 from detectors.base import EvidenceKind
 from detectors.fusion import Verdict
+from streams.es_client import CREDENTIALS_IN_URL
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Engagement, SamplePost, SourceRef, Velocity
 
 # The orders clusters are listed in (``SORT_ORDER``): `deepwatch search --sort`, the desk's queue and search.
@@ -935,8 +936,6 @@ def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | N
 # The one line a findings address with user info is refused with when settings load or
 # ``--store`` is given (``check_store_url``), as ``streams.es_client.EsConfig`` refuses one:
 # secrets only in the variables meant for them.
-CREDENTIALS_IN_URL = ("put Elasticsearch credentials in DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/"
-                      "DEEPWATCH_ES_PASSWORD, not in the URL")
 
 
 def check_store_url(value: str | None) -> str | None:
@@ -962,8 +961,8 @@ def check_store_url(value: str | None) -> str | None:
         parts = urlsplit(url)
     except ValueError as e:
         raise ValueError(f"not a URL ({e}); {example}") from None
-    # user info; in the path too: a password with a "/" in it ends the host part early
-    if "@" in parts.netloc or "@" in parts.path:
+    # user info, wherever urlsplit puts it: a password with "/", "?" or "#" in it ends the host part early
+    if "@" in url.split("://", 1)[1]:
         raise ValueError(CREDENTIALS_IN_URL)
     try:
         port = parts.port

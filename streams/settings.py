@@ -159,6 +159,17 @@ class DetectSettings(_Section):
         return value.strip()
 
 
+def check_index_prefix(prefix: str) -> str:
+    """``prefix`` (``findings.index_prefix``) as the start of deepwatch's index
+    names (``<prefix>-clusters``, ``streams.es_templates.names``), by the rules
+    Elasticsearch names an index by: refused at start, not at the first write."""
+    if (not prefix or prefix != prefix.lower() or prefix[0] in "-_+" or prefix in (".", "..")
+            or re.search(r'[\\/*?"<>|,# :]', prefix) or len(prefix.encode()) > 200):
+        raise ValueError(f"{prefix!r} cannot start an Elasticsearch index name (lower case, no spaces or "
+                         "\\/*?\"<>|,#:, not starting with - _ +)")
+    return prefix
+
+
 def check_http_url(value: str) -> str:
     """A URL deepwatch will POST to: http or https, a host, a port that is a
     number in range, no spaces or control characters. Refused at start, not
@@ -173,6 +184,8 @@ def check_http_url(value: str) -> str:
         raise ValueError("must be an http:// or https:// URL with a host, e.g. https://hooks.example.org/deepwatch")
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         raise ValueError("must not contain spaces or control characters")
+    if "%" in parts.hostname:  # [fe80::1%25eth0]
+        raise ValueError("an IPv6 zone id names an interface of this host (a link-local address): not a receiver")
     return value
 
 
@@ -241,7 +254,6 @@ class AlertSettings(_Section):
     min_fake_score: float = Field(0.7, ge=0, le=1)  # a cluster alerts only with a fake score (0-1) at least this
     min_sightings_5m: int = Field(10, ge=0)  # velocity: sightings of the cluster in the trailing 5 minutes (at most 5000)
     min_sightings_1h: int = Field(0, ge=0)  # sightings in the trailing hour (at most 5000)
-    # level 2, 3, ... of a cluster's alert: its 5-minute velocity reached this multiple of the last alert's
     escalation_factor: float = Field(3.0, gt=1)  # an escalation re-alerts when velocity reaches this times the last alert's
     webhooks: list[WebhookSettings] = Field(default_factory=list)  # signed alert webhooks: [[alerts.webhooks]] tables in TOML, or a JSON list; fields below
     console: bool = True  # log each alert as one line (ALERT L1 cluster ...) besides storing it
@@ -344,6 +356,11 @@ class FindingsSettings(_Section):
     # the desk's search and its queue's text filter: stopped past this, not held on to (`deepwatch search` takes --timeout)
     search_timeout_s: float = Field(10.0, gt=0, le=3600)  # the longest one analyst search may read the store
 
+    @field_validator("index_prefix")
+    @classmethod
+    def _index_prefix(cls, value: str) -> str:
+        return check_index_prefix(value)
+
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -376,7 +393,7 @@ class DeskSettings(_Section):
     # verdict. Older clusters stay reachable: cluster pages, links and search read them by id.
     view_days: float = Field(30.0, ge=0)  # the queue's window in days of stream time; 0: every cluster
     max_view_clusters: int = Field(50_000, ge=0)  # the most recently seen clusters the queue holds at most; 0: no cap
-    thumb_px: int = Field(256, gt=0)  # the size of the pages' larger thumbnails, in pixels (32 to 1024)
+    thumb_px: int = Field(256, ge=32, le=1024)  # the size of the pages' larger thumbnails, in pixels (32 to 1024)
     thumb_cache_mb: int = Field(64, gt=0)  # memory the thumbnails made are kept in
     # account alerts: at least this many likely-AI pictures, and this share of
     # the account's pictures, within the trailing window before its last post

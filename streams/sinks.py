@@ -60,7 +60,6 @@ from typing import Any, Callable, Literal, TypeVar
 
 import httpx
 
-from detectors.printable import one_line
 from streams import metrics
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef, named_event
 from streams.settings import FindingsSettings, Settings, WebhookSettings
@@ -68,7 +67,7 @@ from streams.store_errors import may_pass
 from streams.findings import DeliveryState, FindingsStore, open_findings
 from streams.webhooks import (
     WebhookError, WebhookHeld, alert_spread, deliver, desk_url, failure_state, hooks_by_key, live_add, live_discard,
-    longest_delivery_s, target_label,
+    longest_delivery_s, target_label, top_evidence,
 )
 
 log = logging.getLogger("deepwatch.alerts")
@@ -198,7 +197,7 @@ class Sinks:
                 lag = (datetime.now(timezone.utc) - alert.trigger_ingested_at).total_seconds()
                 metrics.EVENT_TO_ALERT_SECONDS.observe(max(0.0, lag))
             if self.settings.alerts.console:
-                top = one_line(alert.evidence[0].detail) if alert.evidence else "no evidence detail"
+                top = top_evidence(alert)
                 link = desk_url(self.settings.desk.public_url, alert)
                 log.warning(
                     f"ALERT L{alert.level} cluster {alert.cluster_id}: fake score {alert.fake_score:.2f} ({alert.verdict}), "

@@ -51,7 +51,8 @@ def presented(tokens: Mapping[str, V], given: str) -> V | None:
     Every token is compared, so the time taken says nothing about which one
     (or which prefix) matched."""
     found = None
+    wanted = given.strip().encode()
     for token, value in tokens.items():
-        if hmac.compare_digest(token.encode(), given.strip().encode()):
+        if hmac.compare_digest(token.encode(), wanted):
             found = value
     return found

@@ -211,12 +211,18 @@ def alert_summary(alert: Alert, desk_link: str | None = None) -> str:
     """One line for people; it ends with the desk link when there is one.
     Where the alert knows them: when the picture was first seen (UTC), on
     which platforms, and one post to open (``alert_spread``)."""
-    top = one_line(alert.evidence[0].detail) if alert.evidence else "no evidence detail"
+    top = top_evidence(alert)
     what = "escalation" if alert.level > 1 else "alert"
     return (f"deepwatch {what} (level {alert.level}) for cluster {alert.cluster_id}: fake score "
             f"{alert.fake_score:.2f} ({alert.verdict}), {alert.velocity.sightings_5m} sightings in 5 min, "
             f"{alert.accounts} accounts; top evidence: {top}{alert_spread(alert)}"
             + (f"; desk: {desk_link}" if desk_link else ""))
+
+
+def top_evidence(alert: Alert) -> str:
+    """The alert's strongest evidence as one printable line (its detail may be
+    text read from the picture: ``detectors.printable``)."""
+    return one_line(alert.evidence[0].detail) if alert.evidence else "no evidence detail"
 
 
 def alert_spread(alert: Alert) -> str:

@@ -343,3 +343,6 @@ def test_a_replay_whose_every_event_was_dead_lettered_says_the_feed_may_be_wrong
     assert "2 dead letters" in r.stderr
     assert "warning: every event of this run was dead-lettered: is FEED a deepwatch event feed" in " ".join(
         r.stderr.split())
+    r = deepwatch("replay", str(feed), "--data-dir", str(tmp_path / "e"), "--workers", "1", "--no-wait-models",
+                  "--format", "json", timeout=300)
+    assert json.loads(r.stdout)["events"] == 2 and "every event of this run was dead-lettered" in r.stderr

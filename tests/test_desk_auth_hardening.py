@@ -424,9 +424,11 @@ def test_the_overlay_counts_one_human_decision_once_by_kind_and_data_not_by_name
     # decided by kind and the bank the data names, whatever the detector is called
     doc = _apply_overlay(_doc(_bank("fake", "bank:renamed", bank="desk-fake")), _row("fake"))
     assert _desk_items(doc) == [] and doc["fake_score"] > 0.99
-    # another bank's match the same way is another fact-check: the desk's decision still counts
-    doc = _apply_overlay(_doc(_bank("fake", "bank:afp-checks", bank="afp-checks")), _row("fake"))
-    assert [e["kind"] for e in _desk_items(doc)] == ["bank"]
+    # another bank's match the same way is another fact-check: the desk's decision still counts,
+    # also where the match was recorded before matches named their bank
+    for match in (_bank("fake", "bank:afp-checks", bank="afp-checks"), _bank("fake", "bank:afp-checks")):
+        doc = _apply_overlay(_doc(match), _row("fake"))
+        assert [e["kind"] for e in _desk_items(doc)] == ["bank"]
     # ...and a name alone is not a bank match: an item called bank:desk-fake of another kind
     named = Evidence(detector="bank:desk-fake", kind=EvidenceKind.METADATA, score=0.6, weight=0.5, detail="not a bank",
                      data={"verdict": "fake"})

@@ -1,6 +1,6 @@
-"""Recording a verdict does not hold the desk's event loop: the store reads
-(the full reload after the verdict's invalidate() above all), the desk
-database's writes and the cache invalidation run in worker threads, so
+"""Recording a verdict does not hold the desk's event loop: the store reads,
+the desk database's writes and the view's update after the verdict
+(``refresh``: the overlay re-read) run in worker threads, so
 other requests (/healthz here) are answered while a verdict is recorded.
 
 Each case makes one step of ``Verdicts.record`` slow: the step waits until
@@ -64,9 +64,9 @@ def env(monkeypatch):
     # the audit row and the effects row: SQLite writes with a 30 s busy timeout
     ("db", "add_verdict", "needs-review", False),
     ("db", "record_effects", "fake", False),
-    # invalidate() waits on the lock a page request's reload holds
-    ("source", "invalidate", "needs-review", False),
-], ids=["cold-read", "reload-after-verdict", "add-verdict", "record-effects", "invalidate"])
+    # refresh() waits on the lock a page request's reload holds
+    ("source", "refresh", "needs-review", False),
+], ids=["cold-read", "reload-after-verdict", "add-verdict", "record-effects", "refresh"])
 def test_desk_answers_while_a_verdict_is_recorded(data, env, monkeypatch, owner, name, verdict, cold):
     s = Settings(data_dir=data)
     s.desk.account_check_s = 3600  # the background check runs once at start

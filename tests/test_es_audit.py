@@ -464,3 +464,33 @@ def test_a_component_template_must_define_the_analysis_its_mappings_name(fake_es
     for name, body in T.component_templates().items():
         assert body["template"]["settings"]["analysis"] == T.ANALYSIS, name
     s.close()
+
+
+def test_no_rollover_while_the_templates_are_an_older_versions(fake_es):
+    # Credentials that may not install the v5 templates left v4's in place, and every start
+    # still asked for a lazy rollover: each made one more backing index at v4 analysis
+    import copy
+
+    _v4_deployment(fake_es)
+    for name, body in T.component_templates().items():  # what v4 installed: the standard analyzer, meta v4
+        body = copy.deepcopy(body)
+        m = body["template"].get("mappings")
+        if m is not None:
+            m["_meta"]["mapping_version"] = 4
+        if name == "deepwatch-sightings-mappings":
+            m["properties"]["text"] = {"type": "text"}
+            m["properties"]["hashtags"]["fields"] = {"text": {"type": "text"}}
+        fake_es.component_templates[name] = body
+    for name, body in T.index_templates().items():
+        fake_es.index_templates[name] = copy.deepcopy(body)
+    for path in ("-mappings", "-common"):
+        fake_es.fail_requests(403, _forbidden("cluster:admin/component_template/put"), times=100, path=path,
+                              method="PUT")
+    before = len(fake_es.stream_backing["deepwatch-sightings"])
+    for snap in snapshots()[:3]:
+        s = _store(fake_es)
+        s.ensure_setup()
+        s.apply_snapshots([snap])
+        s.flush()
+        s.close()
+    assert len(fake_es.stream_backing["deepwatch-sightings"]) == before

@@ -258,3 +258,24 @@ def test_sixteen_bit_and_float_pixels_are_scaled_not_clipped():
     buf = io.BytesIO()
     eight_bit.save(buf, "TIFF")
     assert np.asarray(ImageData(buf.getvalue()).rgb).mean() == 100
+
+
+def test_a_thumbnails_cost_is_the_reduced_decode_for_a_jpeg_and_the_full_one_otherwise():
+    # the desk reserved a 6000x4000 JPEG's full 91 MiB of the shared decode budget for a 750x500 decode
+    import io
+
+    from PIL import Image
+
+    from detectors.imagedata import ImageData
+
+    def encoded(fmt: str) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (6000, 4000), (10, 20, 30)).save(out, fmt)
+        return out.getvalue()
+
+    jpeg = ImageData(encoded("JPEG"))
+    assert jpeg.thumbnail_cost(256) == jpeg.decode_cost // 64  # draft mode's 1/8
+    assert jpeg.thumbnail_cost(1024) == jpeg.decode_cost // 4  # 4000 // 1024 = 3: draft scales by powers of 2
+    assert min(jpeg.thumbnail(256).size) >= 256
+    png = ImageData(encoded("PNG"))
+    assert png.thumbnail_cost(256) == png.decode_cost  # no reduced decode exists

@@ -78,7 +78,7 @@ def test_one_client_cannot_hold_every_slot():
         assert b"deepwatch_events_total" in get(port, "/metrics")
         # past its cap the greedy client's connections were closed at once, the first ones kept
         closed = [closed_by_server(s, 0.5) for s in greedy]
-        per_client = getattr(metrics, "MAX_PER_CLIENT", metrics.MAX_CONNECTIONS)
+        per_client = metrics.MAX_PER_CLIENT
         assert closed == [False] * per_client + [True] * (len(greedy) - per_client)
     finally:
         for s in greedy:
@@ -105,7 +105,7 @@ def test_one_client_cannot_hold_every_slot():
 def test_a_head_trickled_in_is_cut_off_at_a_deadline(monkeypatch):
     # A byte within each IDLE_S (10 s) a read kept a connection, and its thread
     # and slot, for as long as the client liked.
-    monkeypatch.setattr(metrics, "HEAD_S", 1.5, raising=False)
+    monkeypatch.setattr(metrics, "HEAD_S", 1.5)
     port = metrics.serve(0, host="127.0.0.1")
     with connect(port) as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\n")
@@ -125,7 +125,7 @@ def test_a_head_trickled_in_is_cut_off_at_a_deadline(monkeypatch):
 
 
 def test_a_head_sent_in_pieces_within_the_deadline_is_answered(monkeypatch):
-    monkeypatch.setattr(metrics, "HEAD_S", 3.0, raising=False)
+    monkeypatch.setattr(metrics, "HEAD_S", 3.0)
     port = metrics.serve(0, host="127.0.0.1")
     with connect(port) as s:
         for piece in (b"GET /hea", b"lthz HTTP/1.1\r\nHost: x\r\n", b"\r\n"):

@@ -173,3 +173,15 @@ def test_a_misspelt_override_is_an_error_not_a_default():
     with pytest.raises(TypeError, match="'data_dirr'"):
         load_settings(data_dirr="/x")
     assert load_settings(partitions=3).partitions == 3
+
+
+def test_an_index_prefix_elasticsearch_refuses_is_refused_when_settings_load():
+    # "News Room" loaded, and only the dashboards generator (or the first write) said no
+    from pydantic import ValidationError
+
+    from streams.settings import Settings
+
+    for bad in ("News Room", "-x", "a/b", "UPPER"):
+        with pytest.raises(ValidationError, match="cannot start an Elasticsearch index name"):
+            Settings(findings={"index_prefix": bad})
+    assert Settings(findings={"index_prefix": "newsroom-2"}).findings.index_prefix == "newsroom-2"

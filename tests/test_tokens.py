@@ -39,7 +39,7 @@ def test_a_malformed_desk_token_list_is_refused(monkeypatch, value, match):
         tokens_from_env("T")
 
 
-def test_presented_compares_every_token():
+def test_presented_finds_the_token_given():
     tokens = {TOKEN: "a", OTHER: "b"}
     assert presented(tokens, OTHER) == "b"
     assert presented(tokens, f" {TOKEN} ") == "a"

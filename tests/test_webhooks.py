@@ -663,3 +663,8 @@ def test_a_link_local_address_with_a_zone_id_is_rejected_not_retried(monkeypatch
                                            retry_after_max_s=300.0, summary=False)
     with pytest.raises(WebhookRejected, match="zone id"):
         _deliver(_lo(hook), _alert(), within_s=5)
+
+
+def test_a_zone_id_webhook_url_is_refused_when_settings_load():
+    with pytest.raises(ValidationError, match="zone id"):
+        WebhookSettings(url="http://[fe80::1%25eth0]:8080/hook", secret_env=ENV)

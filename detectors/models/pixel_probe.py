@@ -26,7 +26,7 @@ from detectors.models.pixel_backbone import FeatureSpec, n_features
 from detectors.models.pixel_int8 import Int8Ranges
 
 HEADS_DIR = Path(__file__).parent / "heads"
-DEFAULT_HEAD = HEADS_DIR / "pixel-probe-lite2.safetensors"
+DEFAULT_HEAD = HEADS_DIR / f"{DEFAULT_PIXEL_MODEL}.safetensors"
 CARD_KEY = "deepwatch.pixel_head"
 
 

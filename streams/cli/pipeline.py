@@ -167,9 +167,10 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
 def _print_summary(summary, fmt_json: bool) -> None:
     if fmt_json:
         print_json(summary.__dict__)
+        _warn_all_dead(summary)  # on stderr: the JSON stays clean
         return
-    dl = ", ".join(f"{k}={v}" for k, v in sorted(summary.dead_letters.items())) or "none"
     ended = summary.run_outcomes
+    dl = ", ".join(f"{k}={v}" for k, v in sorted(summary.dead_letters.items())) or "none"
     err.print(
         f"[bold]{'done' if summary.complete else 'TIMED OUT'}[/]: {summary.events} events "
         f"({summary.produced} produced, {summary.refused_at_ingest} refused at ingest) in {summary.seconds}s "
@@ -187,8 +188,12 @@ def _print_summary(summary, fmt_json: bool) -> None:
                   "evidence (a later replay into this data dir asks again)")
     if summary.alert_latency_s:
         err.print(f"event→alert latency (s): {summary.alert_latency_s}")
-    if summary.events and ended.get("dead_letter", 0) == summary.events:
-        # `replay /etc/passwd` ended "done", exit 0, as a feed of hostile events would
+    _warn_all_dead(summary)
+
+
+def _warn_all_dead(summary) -> None:
+    """`replay /etc/passwd` ended "done", exit 0, as a feed of hostile events would: say FEED may be wrong."""
+    if summary.events and summary.run_outcomes.get("dead_letter", 0) == summary.events:
         err.print("warning: every event of this run was dead-lettered: is FEED a deepwatch event feed, one JSON "
                   "event per line (`deepwatch schema` prints its JSON Schema)?", style="yellow", markup=False,
                   highlight=False)

@@ -236,7 +236,7 @@ class Desk:
         self.account_check: asyncio.Future | None = None  # the timer's check in flight, if any
         self.thumbs = Thumbnails(data / "blobs", data / "desk" / "thumbs",
                                  max_bytes=settings.desk.thumb_cache_mb * 1024 * 1024, limits=settings.decode_limits(),
-                                 sizes=(*THUMB_SIZES, min(max(settings.desk.thumb_px, 32), 1024)))
+                                 sizes=(*THUMB_SIZES, settings.desk.thumb_px))
 
     def secure(self, request: Request) -> bool:
         """Whether the answer sets Secure cookies and HSTS: off loopback, with

@@ -126,7 +126,8 @@ def _owner_only(path: Path) -> None:
         except FileNotFoundError:
             continue
         except OSError as e:  # not its owner: it still opens, readable by whom its mode says
-            log.warning("cannot make the desk database owner-only (chmod 600)",
+            # in the text: serve sets logging up after the desk is made, and a bare message lost its fields
+            log.warning(f"cannot make the desk database {p} owner-only (chmod 600: {e.strerror or e})",
                         extra={"path": str(p), "error": e.strerror or str(e)})
 
 

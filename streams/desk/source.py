@@ -143,7 +143,6 @@ class AccountQuery(BaseModel):
         return AccountCursor.decode(self.cursor) if self.cursor else None
 
 
-_NEVER = NEVER  # the last_seen key of a cluster without one: before any instant (epoch seconds)
 
 
 def _ts(s: str) -> datetime:
@@ -275,7 +274,7 @@ class FindingsSource:
                     remade = self._reoverlay()
                 if changed:
                     remade = None
-                    docs = self._completed([c.as_json() for c in self._records_by_id(changed)], self._cache)
+                    docs = self._completed([c.as_json() for c in self.store.clusters_by_id(set(changed))], self._cache)
                     over = self._overlaid(docs, self._overlay)
                     for d in docs:
                         if over[d["id"]] is d:
@@ -352,9 +351,6 @@ class FindingsSource:
         docs = [c.as_json() for c in self.store.recent_clusters(since, limit=self.max_view_clusters or None)]
         return self._completed(docs, {}, set(overlay))
 
-    def _records_by_id(self, ids: set[str]) -> list[Any]:
-        return self.store.clusters_by_id(set(ids))
-
     def _completed(self, docs: list[dict[str, Any]], have: dict[str, Any],
                    extra: set[str] = frozenset()) -> list[dict[str, Any]]:  # type: ignore[assignment]
         """``docs`` plus what the view needs with them that neither they nor
@@ -372,7 +368,7 @@ class FindingsSource:
             want -= got.keys() | have.keys() | asked
             if not want:
                 break
-            got.update((c.id, c.as_json()) for c in self._records_by_id(want))
+            got.update((c.id, c.as_json()) for c in self.store.clusters_by_id(set(want)))
             asked |= want
             want = set()
         return list(got.values())
@@ -397,10 +393,10 @@ class FindingsSource:
         keep = set(live)
         if self.view_days and at is not None:
             since = at - self.view_days * 86400
-            keep = {cid for cid in keep if (live[cid] if live[cid] is not None else _NEVER) >= since}
+            keep = {cid for cid in keep if (live[cid] if live[cid] is not None else NEVER) >= since}
             self._since = datetime.fromtimestamp(since, timezone.utc)
         if self.max_view_clusters and len(keep) > self.max_view_clusters:
-            ranked = sorted(keep, key=lambda cid: (-(live[cid] if live[cid] is not None else _NEVER), cid))
+            ranked = sorted(keep, key=lambda cid: (-(live[cid] if live[cid] is not None else NEVER), cid))
             keep = set(ranked[: self.max_view_clusters])
         keep |= {cid for cid in live if docs[cid].get("desk")}
         if len(keep) == len(live):
@@ -463,7 +459,7 @@ class FindingsSource:
         read included) and velocity as of the view's newest sighting."""
         if not ids:
             return {}
-        docs = self._overlaid([c.as_json() for c in self._records_by_id(set(ids))])
+        docs = self._overlaid([c.as_json() for c in self.store.clusters_by_id(set(ids))])
         at = self._at
         return {cid: _decayed(d, _closed_windows(_last_seen_s(d), at))
                 for cid, d in docs.items()}
@@ -477,15 +473,15 @@ class FindingsSource:
             return True
         return self.windowed and self.store.has_member(sha256)
 
-    def invalidate(self, overlay_only: bool = False) -> None:
-        """Drop the cached view: the next read is a full one. ``overlay_only``
-        (a desk verdict: its overlay rows written, the findings untouched):
-        keep the view and apply the overlay to it again now, in place, for
-        the clusters whose rows changed (``_reoverlay``, through ``_all``:
-        what changed in the store meanwhile is read as on any page)."""
-        if overlay_only:
-            self._all()
-            return
+    def refresh(self) -> None:
+        """Bring the view up to date now (a desk verdict: its overlay rows
+        written, the findings untouched): the overlay applied again, in
+        place, to the clusters whose rows changed (``_reoverlay``, through
+        ``_all``: what changed in the store meanwhile is read as on any page)."""
+        self._all()
+
+    def invalidate(self) -> None:
+        """Drop the cached view: the next read is a full one."""
         with self._lock:
             self._cache_key = None
             self._ai_cache = None
@@ -874,10 +870,11 @@ def _apply_overlay(doc: dict[str, Any], row: OverlayRow | None) -> dict[str, Any
         # Reposts that arrived after the verdict carry the desk bank's match
         # already: the same human decision must not count twice. Told by what
         # the evidence is (a bank match, kind ``bank``) and the bank its data
-        # names, not by the detector's name. Matches recorded before matches
-        # named their bank count as the desk's when they give this verdict.
+        # names, not by the detector's name; only a match recorded before
+        # matches named their bank is read by its name (``bank:<bank>``), as
+        # ``Evidence`` reads an old record's kind.
         bank = DESK_BANKS[row.verdict]
-        if not any(e.kind is EvidenceKind.BANK and e.data.get("bank", bank) == bank
+        if not any(e.kind is EvidenceKind.BANK and (e.data.get("bank") or e.detector.removeprefix("bank:")) == bank
                    and e.data.get("verdict") == row.verdict for e in stream):
             stream.append(desk_bank_evidence(row.verdict, row))
         fused = fuse(stream)

@@ -70,13 +70,12 @@ class Thumbnails:
             try:
                 self.cache_dir.chmod(0o700)
             except OSError as e:  # not its owner: the cache still works
-                log.warning("cannot make the thumbnail cache owner-only (chmod 700)",
-                            extra={"path": str(self.cache_dir), "error": e.strerror or str(e)})
+                log.warning(f"cannot make the thumbnail cache {self.cache_dir} owner-only (chmod 700: "
+                            f"{e.strerror or e})", extra={"path": str(self.cache_dir), "error": e.strerror or str(e)})
         self.max_bytes = max_bytes
         if limits is None:
             limits = DecodeLimits(max_pixels=max_pixels) if max_pixels is not None else DecodeLimits()
         self.limits = limits
-        self.max_pixels = limits.max_pixels
         self.sizes = tuple(sorted(set(sizes)))
         self.max_making, self.max_waiting, self.wait_s = max_making, max_waiting, wait_s
         self._lock = threading.Lock()
@@ -181,7 +180,7 @@ class Thumbnails:
         try:
             # format, dimensions, pixels, JPEG scans and decode cost checked from the header
             image = ImageData(raw, limits=self.limits, sha256=sha256)
-            cost = image.decode_cost
+            cost = image.thumbnail_cost(px)  # a JPEG decodes at up to 1/8 scale: its reservation too
             with process_budget(self.limits.max_decode_bytes).reserve(cost, timeout_s=self.wait_s):
                 # JPEG: decoded at a reduced scale (DCT scaling); others in full,
                 # EXIF orientation applied, then reduced by whole factors first

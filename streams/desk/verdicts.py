@@ -41,7 +41,6 @@ from streams.desk.source import DESK_BANKS, FindingsSource, desk_bank_evidence
 from streams.records import Alert, Velocity
 from streams.settings import Settings
 
-BANKS = DESK_BANKS
 
 
 class VerdictIn(BaseModel):
@@ -94,7 +93,7 @@ class Verdicts:
             effects = await asyncio.to_thread(self._banks_and_overlay, rec, doc)
             # the overlay applied again to the cached view in place (no read of the view):
             # takes the lock a page's reload holds
-            await asyncio.to_thread(self.source.invalidate, overlay_only=True)
+            await asyncio.to_thread(self.source.refresh)
             effects["alerts"] = await self._alerts(rec, effects["clusters"])
             await asyncio.to_thread(self.desk.record_effects, rec.verdict_id, effects)
             rec.effects = effects
@@ -103,12 +102,12 @@ class Verdicts:
     # -- banks and the retroactive overlay ---------------------------------------
     def _banks_and_overlay(self, rec: VerdictRecord, doc: dict[str, Any]) -> dict[str, Any]:
         shas = [m["sha256"] for m in doc["members"] if self.blobs.exists(m["sha256"])]
-        withdrawn = self._withdraw(shas, [b for v, b in BANKS.items() if v != rec.verdict])
+        withdrawn = self._withdraw(shas, [b for v, b in DESK_BANKS.items() if v != rec.verdict])
         detail = f"desk verdict {rec.verdict} by {rec.user} on cluster {rec.cluster_id}" + (f": {rec.note}" if rec.note else "")
         rows = [OverlayRow(cluster_id=rec.cluster_id, verdict=rec.verdict, verdict_id=rec.verdict_id,
                            source_cluster=rec.cluster_id, detail=detail)]
         added = 0
-        if rec.verdict in BANKS and shas:
+        if rec.verdict in DESK_BANKS and shas:
             with tempfile.TemporaryDirectory(prefix="deepwatch-desk-") as tmp:
                 # add_images labels entries with the file name: name them after the cluster
                 paths = []
@@ -118,7 +117,7 @@ class Verdicts:
                     paths.append(p)
                 bank = self.settings.bank_store()
                 try:
-                    added = bank.add_images(BANKS[rec.verdict], rec.verdict, paths)
+                    added = bank.add_images(DESK_BANKS[rec.verdict], rec.verdict, paths)
                 finally:
                     bank.close()
                 matched = self._matching_clusters(paths, rec.verdict)
@@ -126,7 +125,7 @@ class Verdicts:
                 rows.append(OverlayRow(cluster_id=cid, verdict=rec.verdict, verdict_id=rec.verdict_id,
                                        source_cluster=rec.cluster_id, detail=detail + f" (matches cluster {rec.cluster_id})"))
         self.desk.set_overlay(rows, clear_source=rec.cluster_id)
-        return {"bank": BANKS.get(rec.verdict), "bank_entries_added": added, "withdrawn": withdrawn,
+        return {"bank": DESK_BANKS.get(rec.verdict), "bank_entries_added": added, "withdrawn": withdrawn,
                 "clusters": [r.cluster_id for r in rows]}
 
     def _withdraw(self, shas: list[str], banks: list[str]) -> int:
