@@ -212,21 +212,20 @@ def test_chromium_off_loopback_over_http_is_told_to_use_https_and_logs_in_at_a_l
                 assert "403" in body and "needs HTTPS off loopback" in body and "desk.trusted_proxies" in body
                 assert "reload the login page" not in body
 
-                page.goto(local + "/login")
-                page.fill("input[name=username]", "alice")
-                page.fill("input[name=password]", PASSWORD)
-                page.click("#login-submit")
-                page.wait_for_url(local + "/")
+                def log_in(user: str) -> None:
+                    page.goto(local + "/login")
+                    page.fill("input[name=username]", user)
+                    page.fill("input[name=password]", PASSWORD)
+                    page.click("#login-submit")
+                    page.wait_for_url(local + "/")
+
+                log_in("alice")
                 assert page.inner_text("#whoami") == "alice (editor)"
                 first = {c["name"]: c for c in ctx.cookies()}["dw_session"]
                 assert first["secure"] and first["httpOnly"] and first["sameSite"] == "Strict"
                 assert "dw_login_csrf" not in {c["name"] for c in ctx.cookies()}  # deleted, Secure as it was set
 
-                page.goto(local + "/login")  # bob at the same browser: alice's session ends, not only its cookie
-                page.fill("input[name=username]", "bob")
-                page.fill("input[name=password]", PASSWORD)
-                page.click("#login-submit")
-                page.wait_for_url(local + "/")
+                log_in("bob")  # bob at the same browser: alice's session ends, not only its cookie
                 assert page.inner_text("#whoami") == "bob (viewer)"
                 second = {c["name"]: c for c in ctx.cookies()}["dw_session"]
                 assert second["value"] != first["value"]
