@@ -135,15 +135,19 @@ def dead_letter_ratio(window: str = "10m") -> str:
     return f"{dead} / clamp_min({dead} + {ok}, 1e-9)"
 
 
-def events_arriving(window: str = "5m") -> str:
-    return f'sum(rate(kafka_topic_partition_current_offset{{topic="{EVENTS_TOPIC}"}}[{window}])) > 0'
+def events_offsets(topic: str = EVENTS_TOPIC) -> str:
+    """What DeepwatchNoEventsProcessed compares the workers with: without these offsets (no
+    exporter, a scrape job under another name that lost them, a wrong topic) it cannot fire."""
+    return f'kafka_topic_partition_current_offset{{topic="{topic}"}}'
 
 
-# What DeepwatchNoEventsProcessed compares the workers with: without these offsets (no
-# exporter, a scrape job under another name that lost them, a wrong topic) it cannot fire.
-EVENTS_OFFSETS = f'kafka_topic_partition_current_offset{{topic="{EVENTS_TOPIC}"}}'
-# One alert per cause: an exporter that is down has no offsets either.
-KAFKA_EXPORTER_BLIND = f'up{{job="kafka"}} == 0 or (absent({EVENTS_OFFSETS}) unless on() up{{job="kafka"}} == 0)'
+def events_arriving(window: str = "5m", topic: str = EVENTS_TOPIC) -> str:
+    return f"sum(rate({events_offsets(topic)}[{window}])) > 0"
+
+
+def kafka_exporter_blind(topic: str = EVENTS_TOPIC) -> str:
+    # One alert per cause: an exporter that is down has no offsets either.
+    return f'up{{job="kafka"}} == 0 or (absent({events_offsets(topic)}) unless on() up{{job="kafka"}} == 0)'
 
 
 def events_processed(window: str = "5m") -> str:

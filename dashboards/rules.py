@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
 from grafana_foundation_sdk.builders import alerting, expr, prometheus
@@ -22,7 +21,7 @@ from dashboards import desk
 from dashboards import queries as q
 from dashboards.dashboard import DASHBOARD_UID, DATASOURCE_UID
 from streams.metrics import LIVENESS_S
-from streams.settings import AlertSettings
+from streams.settings import TOPIC_PREFIX_RE, AlertSettings, Settings
 
 # Each operator rule's `runbook_url` annotation: this file's "### <alertname lower-cased>" section,
 # as a whole address (Alertmanager receivers, PagerDuty, Slack link it as it is; a repo-relative
@@ -64,22 +63,13 @@ def _rule(name: str, expr_: str, for_: str, severity: str, summary: str, descrip
 # events topic, `<topic_prefix>.events` (Settings.topic): an exact name, not a pattern (the
 # broker may hold other deployments' topics). The committed rules are for the default prefix;
 # for another, regenerate: `python -m dashboards.build --out DIR --topic-prefix PREFIX`.
-DEFAULT_TOPIC_PREFIX = "deepwatch"  # Settings.topic_prefix's default
-_TOPIC_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,200}")  # what Settings.topic_prefix allows
+DEFAULT_TOPIC_PREFIX: str = Settings.model_fields["topic_prefix"].default
 
 
 def events_topic(topic_prefix: str = DEFAULT_TOPIC_PREFIX) -> str:
-    if not _TOPIC_PREFIX.fullmatch(topic_prefix):
+    if not TOPIC_PREFIX_RE.fullmatch(topic_prefix):
         raise ValueError(f"{topic_prefix!r} is no topic_prefix: letters, digits, . _ - (1 to 200), as the workers' setting")
     return f"{topic_prefix}.events"
-
-
-def _on_topic(expr_: str, topic: str) -> str:
-    """A query of dashboards.queries, which names the default events topic, on ``topic``."""
-    matcher = f'topic="{q.EVENTS_TOPIC}"'
-    if matcher not in expr_:  # the queries changed how they name the topic
-        raise RuntimeError(f"no {matcher} in {expr_}")
-    return expr_.replace(matcher, f'topic="{topic}"')
 
 
 def prometheus_rules(runbook_base: str | None = None, topic_prefix: str = DEFAULT_TOPIC_PREFIX) -> dict[str, Any]:
@@ -101,7 +91,7 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
                   "Check `deepwatch dead-letters` for the dominant stage/reason: a feed format change, "
                   "a blocked CDN or a wrong image root usually explains it."),
             _rule("DeepwatchNoEventsProcessed",
-                  f"({_on_topic(q.events_arriving('5m'), topic)}) and on() ({q.events_processed('5m')} == 0)", "10m",
+                  f"({q.events_arriving('5m', topic)}) and on() ({q.events_processed('5m')} == 0)", "10m",
                   "critical", f"Events arrive on {topic} but no worker has processed any for 10 minutes",
                   "Pipeline workers are stuck, crash-looping or not assigned partitions; check worker logs "
                   "and consumer group lag."),
@@ -110,7 +100,7 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
                   "The worker process is down or its metrics port is unreachable."),
             # DeepwatchNoEventsProcessed reads the exporter's offsets: without them it cannot fire
             # ... and without any exporter (Kubernetes ships none in base) there is no `up` to read 0
-            _rule("DeepwatchKafkaExporterDown", _on_topic(q.KAFKA_EXPORTER_BLIND, topic), "10m", "warning",
+            _rule("DeepwatchKafkaExporterDown", q.kafka_exporter_blind(topic), "10m", "warning",
                   f"No offsets of {topic} from kafka-exporter: DeepwatchNoEventsProcessed cannot fire",
                   "Prometheus cannot scrape kafka-exporter (job kafka), or no exporter reports the events topic's "
                   "offsets at all (or the workers' topic_prefix is not the one these rules were generated for); "

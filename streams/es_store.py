@@ -1350,7 +1350,7 @@ class EsFindingsStore:
 _ES_FIELDS = {"sightings_5m": "velocity.sightings_5m", "sightings_1h": "velocity.sightings_1h",
               "fake_score": "fake_score", "sightings": "stream_sightings", "last_seen": "last_seen"}
 # a missing value comes last either way (Elasticsearch's default), as SQLite's NULL does there
-ES_SORT = {sort: [{_ES_FIELDS[name]: direction} for name, direction in sort_order(sort)] + [{"cluster_id": "asc"}]
+ES_SORT = {sort: [{_ES_FIELDS[name]: "desc"} for name in sort_order(sort)] + [{"cluster_id": "asc"}]
            for sort in SORT_KEYS}
 
 

@@ -646,10 +646,9 @@ def cluster_page_url(public_url: str | None, cluster_id: str) -> str | None:
 
 
 SortField = Literal["sightings_5m", "sightings_1h", "fake_score", "sightings", "last_seen"]
-Direction = Literal["desc", "asc"]
 
-# The one definition of each cluster order: these (field, direction) pairs in
-# turn, then the cluster id ascending. Every reader renders it from here: the
+# The one definition of each cluster order: these fields in turn, each the
+# largest first, then the cluster id ascending. Every reader renders it from here: the
 # Python key of a finished result (``sort_key``; the desk's queue and its
 # cursor, ``sort_values``), the SQLite store's pre-selection (``ORDER BY``)
 # and the Elasticsearch store's (``sort``). Fields are the values a cluster
@@ -657,18 +656,18 @@ Direction = Literal["desc", "asc"]
 # ``sightings`` (the exact count, merges included) and ``last_seen`` (as an
 # instant; none: before any). Each order breaks its ties by the other measure
 # of how much a cluster matters (more sightings, a higher score) before the id.
-SORT_ORDER: dict[str, tuple[tuple[SortField, Direction], ...]] = {
-    "velocity": (("sightings_5m", "desc"), ("sightings_1h", "desc"), ("fake_score", "desc")),
-    "score": (("fake_score", "desc"), ("sightings", "desc")),
-    "last_seen": (("last_seen", "desc"),),
-    "sightings": (("sightings", "desc"), ("fake_score", "desc")),
+SORT_ORDER: dict[str, tuple[SortField, ...]] = {
+    "velocity": ("sightings_5m", "sightings_1h", "fake_score"),
+    "score": ("fake_score", "sightings"),
+    "last_seen": ("last_seen",),
+    "sightings": ("sightings", "fake_score"),
 }
 assert set(SORT_ORDER) == set(SORT_KEYS)
 NEVER = -1e18  # the ``last_seen`` of a cluster without one, in epoch seconds: before any instant
 _VELOCITY_FIELDS = ("sightings_5m", "sightings_1h")
 
 
-def sort_order(sort: str) -> tuple[tuple[SortField, Direction], ...]:
+def sort_order(sort: str) -> tuple[SortField, ...]:
     """``SORT_ORDER[sort]``; relevance (and no sort) ranks by velocity after the match."""
     return SORT_ORDER.get(sort, SORT_ORDER["velocity"])
 
@@ -691,8 +690,7 @@ def instant(ts: str | None) -> float:
 
 def sort_values(sort: str, get: Callable[[Any, str], Any] = record_field) -> Callable[[Any], tuple[float, ...]]:
     """A row's values in ``sort``'s order (``SORT_ORDER``) as numbers, the
-    larger first (a descending field as it is, an ascending one negated): the
-    key without the id, what the desk's queue carries in its cursor.
+    larger first: the key without the id, what the desk's queue carries in its cursor.
     ``get(row, name)`` reads a row's field (``record_field``: a
     ``ClusterRecord``'s; the desk reads its documents through its own); a
     missing number is 0."""
@@ -700,10 +698,9 @@ def sort_values(sort: str, get: Callable[[Any, str], Any] = record_field) -> Cal
 
     def values(row: Any) -> tuple[float, ...]:
         out = []
-        for name, direction in fields:
+        for name in fields:
             raw = get(row, name)
-            v = instant(raw) if name == "last_seen" else float(raw or 0)
-            out.append(v if direction == "desc" else -v)
+            out.append(instant(raw) if name == "last_seen" else float(raw or 0))
         return tuple(out)
 
     return values

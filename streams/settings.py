@@ -189,6 +189,9 @@ def check_http_url(value: str) -> str:
     return value
 
 
+# Kafka's rule for topic names (at most 249 characters), with room for the ".<name>" after the prefix.
+TOPIC_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
 # A webhook target's key in the findings store and metrics (``streams.webhooks.hook_key``):
 # ``scheme://host[:port]#<8 hex>``, or ``hook:<name>`` for a hook with a ``name``.
 HOOK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -476,11 +479,8 @@ class Settings(BaseSettings):
     @field_validator("topic_prefix")
     @classmethod
     def _topic_prefix(cls, value: str) -> str:
-        # Kafka's rule for topic names (at most 249 characters); the broker
-        # refused a bad name only once a worker created its topics
-        import re
-
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", value):
+        # the broker refused a bad name only once a worker created its topics
+        if not TOPIC_PREFIX_RE.fullmatch(value):
             raise ValueError("use letters, digits, . _ - (1 to 200 characters), e.g. deepwatch: Kafka topic names allow no others")
         return value
 

@@ -964,11 +964,9 @@ _SQL_FIELDS = {
 
 
 def _sql_order(sort: str) -> str:
-    """``sort``'s order as an ORDER BY list, a NULL last either way (as
-    Elasticsearch puts a missing value): SQLite sorts NULL first ascending."""
-    return ", ".join(f"{_SQL_FIELDS[name]} DESC" if direction == "desc"
-                     else f"{_SQL_FIELDS[name]} IS NULL, {_SQL_FIELDS[name]} ASC"
-                     for name, direction in sort_order(sort)) + ", cluster_id"
+    """``sort``'s order as an ORDER BY list: each field the largest first
+    (SQLite puts a NULL last descending, as Elasticsearch puts a missing value)."""
+    return ", ".join(f"{_SQL_FIELDS[name]} DESC" for name in sort_order(sort)) + ", cluster_id"
 
 
 # pre-selection order for searches (exact order is applied after); relevance keeps every match

@@ -149,11 +149,11 @@ def test_the_order_is_written_once_and_rendered_for_each_reader():
 
     assert set(SORT_ORDER) == set(SORT_KEYS) == set(get_args(findings.SortKey))
     for sort, fields in SORT_ORDER.items():
-        assert all(direction in ("desc", "asc") for _f, direction in fields)
-        # Elasticsearch: the same fields in the same directions (the stream's count for sightings), then the id
+        assert fields and all(f in get_args(findings.SortField) for f in fields)
+        # Elasticsearch: the same fields, largest first (the stream's count for sightings), then the id
         es_fields = {"sightings": "stream_sightings", "sightings_5m": "velocity.sightings_5m",
                      "sightings_1h": "velocity.sightings_1h"}
-        assert ES_SORT[sort] == [{es_fields.get(f, f): d} for f, d in fields] + [{"cluster_id": "asc"}]
+        assert ES_SORT[sort] == [{es_fields.get(f, f): "desc"} for f in fields] + [{"cluster_id": "asc"}]
         assert _SQL_SORT[sort].endswith(", cluster_id") and _SQL_SORT[sort].count(" DESC") == len(fields)
         # the desk's cursor carries the sort's values (velocity: after its viral likely-AI lead)
         lead = 1 if sort == "velocity" else 0

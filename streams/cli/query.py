@@ -28,7 +28,7 @@ from streams.findings import (
 
 # what each --sort orders by, as ``SORT_ORDER`` says it
 _SORT_HELP = ("Highest first by " + "; ".join(
-    f"{sort}: {', '.join(f if d == 'desc' else f'{f} (lowest first)' for f, d in SORT_ORDER[sort])}"
+    f"{sort}: {', '.join(SORT_ORDER[sort])}"
     for sort in SORT_KEYS) + "; then by cluster id")
 
 StoreOpt = typer.Option(
