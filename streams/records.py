@@ -3,7 +3,9 @@
 Every record carries ``schema_version``; consumers accept the versions they
 know and dead-letter the rest rather than guessing. The input event's JSON
 Schema is published at ``streams/schemas/event-v1.schema.json`` (regenerate
-with ``deepwatch schema``) so producers outside this code base can validate.
+with ``deepwatch schema``) so producers outside this code base can validate;
+an alert webhook's body at ``streams/schemas/alert-v1.schema.json``
+(``deepwatch schema alert``) so subscribers can.
 """
 
 from __future__ import annotations
@@ -464,9 +466,49 @@ class Alert(_Record):
     merged_from: list[str] = Field(default_factory=list)
 
 
-def event_json_schema() -> dict[str, Any]:
-    schema = ImageEvent.model_json_schema()
+class AlertBody(Alert):
+    """A webhook's body: the alert, plus what ``streams.webhooks.payload``
+    adds for one hook. Used for the published JSON Schema, so a subscriber can
+    validate what it receives; each addition is absent when not configured."""
+
+    desk_url: str | None = Field(default=None, description="the desk's page of the alert's cluster or account "
+                                 "(with `desk.public_url` set)")
+    summary: str | None = Field(default=None, description="one line for people (the hook's `summary` option)")
+
+
+def _published(model: type[BaseModel], name: str, title: str) -> dict[str, Any]:
+    schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://deepwatch.dev/schemas/event-v1.schema.json"
-    schema["title"] = "deepwatch image event v1"
+    schema["$id"] = f"https://deepwatch.dev/schemas/{name}.schema.json"
+    schema["title"] = title
+    return schema
+
+
+def event_json_schema() -> dict[str, Any]:
+    return _published(ImageEvent, "event-v1", "deepwatch image event v1")
+
+
+def alert_json_schema() -> dict[str, Any]:
+    """The JSON Schema of an alert webhook's body (``AlertBody``), schema v1:
+    fields are only ever added within a version, so a receiver validating with
+    it allows fields it does not name: a receiver validating with it keeps
+    accepting a newer deepwatch's alerts."""
+    schema = _published(AlertBody, "alert-v1", "deepwatch alert webhook body v1")
+    # The records' docstrings speak to this code's maintainers, not to subscribers.
+    schema["description"] = ("What deepwatch POSTs to an alert webhook, signed (X-Deepwatch-Signature). "
+                             "See the README's Webhooks section for the fields and alert levels.")
+    for d in schema.get("$defs", {}).values():
+        d.pop("description", None)
+
+    def open_objects(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("additionalProperties") is False:
+                del node["additionalProperties"]
+            for v in node.values():
+                open_objects(v)
+        elif isinstance(node, list):
+            for v in node:
+                open_objects(v)
+
+    open_objects(schema)
     return schema

@@ -45,3 +45,11 @@ def test_schema_refuses_empty_image_fields_and_epoch_strings_as_the_worker_does(
         assert not validator.is_valid({**good, "posted_at": posted_at}), posted_at
     for posted_at in ("2024-01-01 00:00:00+01:00", "2024-01-01t00:00:00.5z"):
         assert validator.is_valid({**good, "posted_at": posted_at}), posted_at
+
+
+def test_published_alert_schema_is_current():
+    from streams.records import alert_json_schema
+
+    published = PUBLISHED.with_name("alert-v1.schema.json")
+    assert json.loads(published.read_text()) == alert_json_schema(), \
+        "run `deepwatch schema alert --out streams/schemas/alert-v1.schema.json`"

@@ -119,6 +119,34 @@ def test_exactly_one_alert_for_the_viral_fake(replayed):
     assert {"rule", "at", "created_at"} <= a.keys()
 
 
+def test_the_body_a_subscriber_receives_matches_the_published_alert_schema(replayed):
+    import jsonschema
+
+    from streams.records import Alert
+    from streams.settings import Settings
+    from streams.webhooks import hooks_by_key, payload
+
+    _, _, data, _ = replayed
+    [stored] = query("alerts", data)
+    alert = Alert.model_validate({k: v for k, v in stored.items() if k in Alert.model_fields})
+    settings = Settings(desk={"public_url": "https://desk.example"}, alerts={"webhooks": [
+        {"url": "https://hooks.example/a", "secret_env": "X", "summary": True}]})
+    [hook] = hooks_by_key(settings).values()
+    published = Path(__file__).resolve().parents[1] / "streams" / "schemas" / "alert-v1.schema.json"
+    validator = jsonschema.Draft202012Validator(json.loads(published.read_text()))
+    body = json.loads(payload(hook, alert))
+    assert {"desk_url", "summary", "evidence", "sample_posts"} <= body.keys() and body["evidence"]
+    validator.validate(body)
+    plain = json.loads(payload(hook.model_copy(update={"summary": False}), alert))
+    plain.pop("desk_url")
+    validator.validate(plain)
+    # fields are only ever added within a version: a receiver validating with it keeps accepting newer alerts
+    validator.validate({**body, "added_later": 1, "velocity": {**body["velocity"], "sightings_24h": 3}})
+    for broken in ({k: v for k, v in body.items() if k != "alert_id"}, {**body, "level": "one"},
+                   {**body, "verdict": "maybe"}, {**body, "evidence": [{"detector": "x"}]}):
+        assert list(validator.iter_errors(broken)), broken
+
+
 def test_dead_letters_name_stage_and_reason(replayed):
     _, exp, data, _ = replayed
     dls = query("dead-letters", data)

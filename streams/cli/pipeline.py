@@ -6,6 +6,7 @@ import json
 import shlex
 import time
 from contextlib import ExitStack
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -473,12 +474,21 @@ def broker(
         b.stop()
 
 
-@app.command(rich_help_panel="Run")
-def schema(out: Optional[Path] = typer.Option(None, help="Write to this file instead of stdout.")) -> None:
-    """Print the JSON Schema of input events (schema v1)."""
-    from streams.records import event_json_schema
+class SchemaKind(str, Enum):
+    event = "event"
+    alert = "alert"
 
-    doc = json.dumps(event_json_schema(), indent=2) + "\n"
+
+@app.command(rich_help_panel="Run")
+def schema(
+    what: SchemaKind = typer.Argument(SchemaKind.event, metavar="KIND", help="event: the input events deepwatch reads; alert: the "
+                                      "body of an alert webhook (what a subscriber receives)."),
+    out: Optional[Path] = typer.Option(None, help="Write to this file instead of stdout."),
+) -> None:
+    """Print a JSON Schema (v1): of input events, or of an alert webhook's body."""
+    from streams.records import alert_json_schema, event_json_schema
+
+    doc = json.dumps(event_json_schema() if what is SchemaKind.event else alert_json_schema(), indent=2) + "\n"
     if out:
         write_out(out, doc)
     else:
