@@ -28,13 +28,21 @@ a painting of one subject -- and a bank hit is near-conclusive evidence, so a
 fact-check of one picture must not mark its look-alikes. Entries without a
 record (imported hash lists, entries added before records were kept) and
 queries without a thumbnail match on hashes alone.
+
+Signal types: import, validation, matching and the evidence's wording go
+through the registered signal types (``detectors.signals``: each one's hex
+length, CSV column aliases, record fields, quality, label), not per-hash
+code; the schema's columns stay ``phash``/``pdq``/``pdq_quality``
+(``_BANK_COLUMNS``). Two places stay specific through the interface, not by
+name: the type that carries views (``has_views``: pHash) is searched with
+them under the pair rule (``search_phash``), and a type with a quality
+(``has_quality``: PDQ) is matched only above its quality floor.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import re
 import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -47,14 +55,42 @@ from detectors.base import Detector, Evidence, EvidenceKind
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import DecodeLimits, ImageData
 from detectors.neardup.clusters import ClusterIndex
-from detectors.neardup.pairing import SLOTS, VIEW_THRESHOLD, Via, rank_key, search_phash, stored_phash_codes
+from detectors.neardup.pairing import (
+    PDQ_MIN_QUALITY, PDQ_THRESHOLD, PHASH_THRESHOLD, SLOTS, VIEW_THRESHOLD, Via, rank_key, search_phash,
+    stored_phash_codes,
+)
 from detectors.neardup.hamming import HammingIndex
 from detectors.regular_file import open_regular
+from detectors.signals import PDQ, PHash, SignalType, signal_types
 
 Verdict = Literal["fake", "authentic"]
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_HEX16 = re.compile(r"^[0-9a-fA-F]{16}$")
-_TRUSTED = 100  # quality assumed for imported PDQ hashes that come without one
+_TRUSTED = 100  # quality assumed for imported hashes (PDQ) that come without one
+
+# The signal types a bank stores, and where: (hash column, quality column).
+# The schema is fixed (files written by every earlier version open as they
+# are), so a signal type has a column only here; one registered without
+# (a plugin, a test's) is not stored or matched by banks.
+_BANK_COLUMNS: dict[str, tuple[str, str | None]] = {PDQ.name: ("pdq", "pdq_quality"), PHash.name: ("phash", None)}
+
+
+def _bank_types() -> list[type[SignalType]]:
+    """The registered signal types banks store, in registry order (PDQ, pHash)."""
+    return [st for st in signal_types() if st.name in _BANK_COLUMNS]
+
+
+def _signal_cells(hashes: dict[str, str | None],
+                  quality: dict[str, int | None]) -> tuple[list[str], list[str | int | None]]:
+    """(columns, values) of an entry's codes and qualities, per signal type banks store."""
+    cols: list[str] = []
+    values: list[str | int | None] = []
+    for st in _bank_types():
+        col, qcol = _BANK_COLUMNS[st.name]
+        cols.append(col)
+        values.append(hashes.get(st.name))
+        if qcol:
+            cols.append(qcol)
+            values.append(quality.get(st.name))
+    return cols, values
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS banks (
@@ -113,9 +149,9 @@ class BankStore:
         path: str | Path,
         *,
         read_only: bool = False,
-        phash_threshold: int = 10,
-        pdq_threshold: int = 31,
-        pdq_min_quality: int = 50,
+        phash_threshold: int = PHASH_THRESHOLD,
+        pdq_threshold: int = PDQ_THRESHOLD,
+        pdq_min_quality: int = PDQ_MIN_QUALITY,
         view_threshold: int = VIEW_THRESHOLD,
     ):
         """``read_only``: open an existing file for reading only (``list_banks``,
@@ -154,6 +190,16 @@ class BankStore:
         except _SQLITE_ERROR as e:
             self._db.close()
             raise self._file_error(e, "read" if read_only else "open") from None
+
+    @property
+    def _threshold(self) -> dict[str, int]:
+        """Match radius per signal type (the constructor's names, kept as attributes)."""
+        return {PHash.name: self.phash_threshold, PDQ.name: self.pdq_threshold}
+
+    @property
+    def _min_quality(self) -> dict[str, int]:
+        """Quality floor per signal type that carries a quality."""
+        return {PDQ.name: self.pdq_min_quality}
 
     def _open(self) -> None:
         tables = {n for n, in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -253,12 +299,12 @@ class BankStore:
                 if progress:
                     progress(p)
                 continue
-            self._db.execute(
-                "INSERT INTO entries (bank, entry_id, label, phash, pdq, pdq_quality, sha256, views, trimmed, record)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (name, str(next_id), p.name, h.phash, h.pdq, h.pdq_quality, data.sha256, ",".join(h.views or []) or None,
-                 int(h.trimmed), record),
-            )
+            cols, cells = _signal_cells({st.name: st.code(h) for st in _bank_types()},
+                                        {st.name: st.quality(h) for st in _bank_types() if st.has_quality})
+            cols += ["sha256", "views", "trimmed", "record"]  # views: the pHash views (``PHash.has_views``)
+            cells += [data.sha256, ",".join(h.views or []) or None, int(h.trimmed), record]
+            self._db.execute(f"INSERT INTO entries (bank, entry_id, label, {', '.join(cols)}) VALUES "
+                             f"({','.join('?' * (len(cols) + 3))})", [name, str(next_id), p.name, *cells])
             next_id += 1
             added += 1
             if progress:
@@ -292,11 +338,10 @@ class BankStore:
         next_id = self._next_id(name)
         n = 0
         for r in rows:
-            entry_id = r.get("id") or str(next_id + n)
-            self._db.execute(
-                "INSERT OR REPLACE INTO entries (bank, entry_id, label, phash, pdq, pdq_quality) VALUES (?,?,?,?,?,?)",
-                (name, entry_id, r.get("label"), r.get("phash"), r.get("pdq"), r.get("quality")),
-            )
+            entry_id = r["id"] or str(next_id + n)
+            cols, cells = _signal_cells(r["hashes"], r["quality"])
+            self._db.execute(f"INSERT OR REPLACE INTO entries (bank, entry_id, label, {', '.join(cols)}) VALUES "
+                             f"({','.join('?' * (len(cols) + 3))})", [name, entry_id, r["label"], *cells])
             n += 1
         self._db.commit()
         self._cache = None
@@ -317,24 +362,31 @@ class BankStore:
         entries with a record when the pixels agree too, the others on hashes alone."""
         loaded = self._load()
         best: dict[int, tuple[float, int, int, Via]] = {}
+        threshold, min_quality = self._threshold, self._min_quality
 
-        def consider(index: HammingIndex, hexes: list[tuple[Via, str]], nbits: int, radius: int) -> None:
+        def consider(index: HammingIndex, hexes: list[tuple[str, str]], nbits: int, radius: int) -> None:
             if not len(index) or not hexes:
                 return
             qi, rows, dist = index.search(HammingIndex.codes_from_hex([h for _, h in hexes], nbits), radius)
             for q, row, d in zip(qi.tolist(), rows.tolist(), dist.tolist()):
-                via = hexes[q][0]
+                via: Via = hexes[q][0]  # type: ignore[assignment] # a field name of the record: a Via
                 key = (*rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via)
                 if row not in best or key < best[row]:
                     best[row] = key
 
-        for row, d, via in search_phash(loaded.phash, hashes, self.phash_threshold, self.view_threshold):
-            key = (*rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via)
-            if row not in best or key < best[row]:
-                best[row] = key
-        if hashes.pdq_quality >= self.pdq_min_quality:
-            pq = [(v, h) for v, h in (("pdq", hashes.pdq), ("pdq_mirror", hashes.pdq_mirror)) if h]
-            consider(loaded.pdq, pq, 256, self.pdq_threshold)
+        for st in _bank_types():
+            if st.has_views:
+                # pHash is searched with its views under the pair rule (which
+                # view may meet which, ``search_phash``): that rule is the
+                # views' own, so the type that carries views goes through it
+                for row, d, via in search_phash(loaded.codes[st.name], hashes, threshold[st.name], self.view_threshold):
+                    key = (*rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via)
+                    if row not in best or key < best[row]:
+                        best[row] = key
+                continue
+            if st.has_quality and st.quality(hashes) < min_quality[st.name]:
+                continue  # PDQ of a flat, featureless picture is noise
+            consider(loaded.codes[st.name], [(v, h) for v, h in st.values(hashes) if h], st.bits, threshold[st.name])
         if hashes.thumb is not None and not loaded.recorded.isdisjoint(best):
             # Entries with a record answer on pixels. Asked only when the hashes
             # nominated one: most images match no bank entry, and the hash
@@ -371,25 +423,37 @@ class BankStore:
         if self._cache is None:
             # read-only, a file from before some columns existed: those read as NULL
             views, trimmed, record = (f"e.{c}" if c in self._have else "NULL" for c in ("views", "trimmed", "record"))
+            types = _bank_types()
+            # per signal type: its hash column, then its quality column (NULL: none)
+            cols = [f"e.{c}" if c else "NULL" for st in types for c in _BANK_COLUMNS[st.name]]
             rows = [] if not {"banks", "entries"} <= self._tables else self._db.execute(
-                "SELECT e.rowid, e.bank, e.entry_id, e.label, e.phash, e.pdq, e.pdq_quality, b.verdict, "
-                f"{views}, {trimmed}, {record} FROM entries e JOIN banks b ON b.name = e.bank ORDER BY e.rowid"
+                f"SELECT e.rowid, e.bank, e.entry_id, e.label, b.verdict, {views}, {trimmed}, {record}, "
+                f"{', '.join(cols)} FROM entries e JOIN banks b ON b.name = e.bank ORDER BY e.rowid"
             ).fetchall()
-            loaded = _Loaded()
-            loaded.records = {r[0]: r[10] for r in rows if r[10]}
+            loaded = _Loaded(types)
+            loaded.records = {r[0]: r[7] for r in rows if r[7]}
             loaded.recorded = frozenset(loaded.records)
-            pq = [(r[0], r[5]) for r in rows if r[5] and (r[6] if r[6] is not None else _TRUSTED) >= self.pdq_min_quality]
-            ids, codes = [], []
-            for r in rows:
-                if r[4]:
-                    slots, c = stored_phash_codes(r[4], r[8].split(",") if r[8] else None, bool(r[9]))
-                    ids.append(r[0] * SLOTS + slots)
-                    codes.append(c)
-            if ids:
-                loaded.phash.add(np.concatenate(ids), np.concatenate(codes))
-            if pq:
-                loaded.pdq.add(np.array([i for i, _ in pq]), HammingIndex.codes_from_hex([h for _, h in pq], 256))
-            loaded.meta = {r[0]: (r[1], r[2], r[3], r[7]) for r in rows}
+            for k, st in enumerate(types):
+                at = 8 + 2 * k  # this type's hash; its quality follows
+                if st.has_views:
+                    # pHash: each entry's code and its stored views, in the
+                    # pair rule's index slots (``stored_phash_codes``)
+                    ids, codes = [], []
+                    for r in rows:
+                        if r[at]:
+                            slots, c = stored_phash_codes(r[at], r[5].split(",") if r[5] else None, bool(r[6]))
+                            ids.append(r[0] * SLOTS + slots)
+                            codes.append(c)
+                    if ids:
+                        loaded.codes[st.name].add(np.concatenate(ids), np.concatenate(codes))
+                    continue
+                floor = self._min_quality[st.name] if st.has_quality else None
+                pq = [(r[0], r[at]) for r in rows
+                      if r[at] and (floor is None or (r[at + 1] if r[at + 1] is not None else _TRUSTED) >= floor)]
+                if pq:
+                    loaded.codes[st.name].add(np.array([i for i, _ in pq]),
+                                              HammingIndex.codes_from_hex([h for _, h in pq], st.bits))
+            loaded.meta = {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
             self._cache = loaded
         return self._cache
 
@@ -397,9 +461,9 @@ class BankStore:
 
 
 class _Loaded:
-    def __init__(self) -> None:
-        self.phash = HammingIndex(64)  # every entry's pHash codes
-        self.pdq = HammingIndex(256)
+    def __init__(self, types: list[type[SignalType]]) -> None:
+        # per signal type, every entry's codes (pHash: with its views' codes)
+        self.codes: dict[str, HammingIndex] = {st.name: st.new_index() for st in types}
         # entries with a hash record (written only with a thumbnail): row ->
         # its JSON, parsed when the hashes first nominate the entry
         self.records: dict[int, str] = {}
@@ -413,13 +477,16 @@ class _Loaded:
         return self._parsed[row]
 
 
-def _read_hash_csv(path: Path) -> Iterable[dict[str, str | int | None]]:
-    """Rows of {id, label, pdq, phash, quality} from a shared hash list.
+def _read_hash_csv(path: Path) -> Iterable[dict]:
+    """Rows of {id, label, hashes: {signal name: hex or None}, quality:
+    {signal name: int or None}} from a shared hash list, for each signal type
+    banks store (``_bank_types``).
 
-    Accepts a header naming the columns (``pdq``/``pdq_hash``/``hash``/
-    ``signal_value``, ``phash``, ``id``/``entry_id``, ``label``/``name``/
-    ``filename``/``tags``, ``quality``/``pdq_quality``) or a headerless list
-    whose first column is the hash (64 hex = PDQ, 16 hex = pHash).
+    Accepts a header naming the columns (each type's ``csv_aliases``: PDQ
+    ``pdq``/``pdq_hash``/``hash``/``signal_value``, pHash ``phash``/``p_hash``;
+    ``id``/``entry_id``, ``label``/``name``/``filename``/``tags``, and a quality
+    type's ``quality_aliases``: ``quality``/``pdq_quality``) or a headerless list
+    whose first column is the hash (its length says its type: 64 hex = PDQ, 16 hex = pHash).
     """
     try:
         # open_regular: a FIFO named as the list would be waited on forever,
@@ -433,32 +500,35 @@ def _read_hash_csv(path: Path) -> Iterable[dict[str, str | int | None]]:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); is it a CSV hash list?") from None
     if not rows:
         return
+    types = _bank_types()
     head = [c.strip().lower() for c in rows[0]]
-    aliases = {
-        "pdq": ("pdq", "pdq_hash", "hash", "signal_value"),
-        "phash": ("phash", "p_hash"),
-        "id": ("id", "entry_id"),
-        "label": ("label", "name", "filename", "file", "tags"),
-        "quality": ("quality", "pdq_quality"),
-    }
-    cols = {k: next((head.index(a) for a in names if a in head), None) for k, names in aliases.items()}
-    has_header = not (_HEX64.match(head[0]) or _HEX16.match(head[0]))
-    if not has_header:
-        cols = {"id": None, "label": 1 if len(rows[0]) > 1 else None, "quality": None, "pdq": 0, "phash": 0}
-    elif cols["pdq"] is None and cols["phash"] is None:
-        raise ValueError(f"{path}: no pdq or phash column in header {rows[0]}")
+
+    def column(names: tuple[str, ...]) -> int | None:
+        return next((head.index(a) for a in names if a in head), None)
+
+    meta = {"id": ("id", "entry_id"), "label": ("label", "name", "filename", "file", "tags")}
+    cols = {k: column(names) for k, names in meta.items()}
+    hash_cols = {st.name: column(st.csv_aliases) for st in types}
+    quality_cols = {st.name: column(st.quality_aliases) for st in types if st.has_quality}
+    has_header = not any(st.is_valid(head[0]) for st in types)
+    if not has_header:  # the first column is the hash, of whichever type its length says; then a label
+        cols = {"id": None, "label": 1 if len(rows[0]) > 1 else None}
+        hash_cols = {st.name: 0 for st in types}
+        quality_cols = {name: None for name in quality_cols}
+    elif all(i is None for i in hash_cols.values()):
+        raise ValueError(f"{path}: no {' or '.join(st.name for st in types)} column in header {rows[0]}")
     for n, r in enumerate(rows[1:] if has_header else rows, start=2 if has_header else 1):
-        def get(key: str) -> str | None:
-            i = cols[key]
+        def get(i: int | None) -> str | None:
             return r[i].strip() if i is not None and i < len(r) and r[i].strip() else None
 
-        pdq, phash = get("pdq"), get("phash")
-        pdq = pdq.lower() if pdq and _HEX64.match(pdq) else None
-        phash = phash.lower() if phash and _HEX16.match(phash) else None
-        if pdq is None and phash is None:
-            raise ValueError(f"{path}:{n}: no valid 64-hex PDQ or 16-hex pHash")
-        quality = _quality(get("quality"), f"{path}:{n}")
-        yield {"id": get("id"), "label": get("label"), "pdq": pdq, "phash": phash, "quality": quality}
+        hashes: dict[str, str | None] = {}
+        for st in types:
+            text = get(hash_cols[st.name])
+            hashes[st.name] = st.validate(text) if text and st.is_valid(text) else None
+        if all(h is None for h in hashes.values()):
+            raise ValueError(f"{path}:{n}: no valid {' or '.join(f'{st.hex_len}-hex {st.label}' for st in types)}")
+        quality = {name: _quality(get(i), f"{path}:{n}") for name, i in quality_cols.items()}
+        yield {"id": get(cols["id"]), "label": get(cols["label"]), "hashes": hashes, "quality": quality}
 
 
 def _quality(text: str | None, where: str) -> int | None:
@@ -475,12 +545,20 @@ def _quality(text: str | None, where: str) -> int | None:
     return int(value)
 
 
-# How a match was made (``Via``), in a desk's words: the hash and its distance, and what was compared.
-_VIA_WORDS: dict[str, tuple[str, str]] = {
-    "sha256": ("SHA-256", " (the same file)"), "phash": ("pHash", ""), "pdq": ("PDQ", ""),
-    "phash_mirror": ("pHash", " (mirrored)"), "pdq_mirror": ("PDQ", " (mirrored)"),
-    "phash_view": ("pHash", " (crop/screenshot view)"), "uniform": ("grey level", " (a one-colour picture)"),
-}
+def _via_words() -> dict[str, tuple[str, str]]:
+    """How a match was made (``Via``), in a desk's words: the hash and its
+    distance, and what was compared: a signal type's fields are its full code
+    and its mirror's, and it may carry the views (``view_via``)."""
+    words = {"sha256": ("SHA-256", " (the same file)"), "uniform": ("grey level", " (a one-colour picture)")}
+    for st in signal_types():
+        for i, field in enumerate(st.fields):
+            words[field] = (st.label, " (mirrored)" if i else "")
+        if st.view_via:
+            words[st.view_via] = (st.label, " (crop/screenshot view)")
+    return words
+
+
+_VIA_WORDS = _via_words()
 
 
 def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:

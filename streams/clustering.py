@@ -66,9 +66,11 @@ from pydantic import BaseModel, Field, ValidationError, field_serializer, model_
 
 from detectors.base import Evidence, EvidenceKind
 from detectors.fusion import fuse
+from detectors.hash_record import ImageHashes
 from detectors.hashing import THUMB_SIDE
 from detectors.neardup import Assignment, ClusterIndex, MergeAudit
 from detectors.neardup.localized import PixelSource
+from detectors.signals import signal_types, view_signal_type
 from streams import virality
 from streams.records import (
     Alert,
@@ -768,7 +770,6 @@ class InvalidOp(ValueError):
     """An op refused before it changed anything (``_check``)."""
 
 
-_HEX16, _HEX64 = re.compile(r"[0-9a-fA-F]{16}"), re.compile(r"[0-9a-fA-F]{64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -784,16 +785,27 @@ def _check(op: ClusterOp) -> None:
         # the sha256 names the cluster it founds (``cluster_id_for``): a short
         # one could equal an existing id at every length ``_found`` tries
         bad = ["sha256"] if not _SHA256.fullmatch(op.sighting.sha256) else []
-        bad += [k for k, v, pat in (("phash", h.phash, _HEX16), ("pdq", h.pdq, _HEX64),
-                                   ("phash_mirror", h.phash_mirror, _HEX16), ("pdq_mirror", h.pdq_mirror, _HEX64))
-               if v is not None and not pat.fullmatch(v)]
-        bad += [f"views[{i}]" for i, v in enumerate(h.views or []) if not _HEX16.fullmatch(v)]
+        bad += _bad_codes(h)
         if h.thumb is not None and not _thumb_ok(h.thumb):
             bad.append("thumb")
         if h.content_box is not None and not all(math.isfinite(x) for x in h.content_box):
             bad.append("content_box")
         if bad:
             raise InvalidOp(f"sighting {op.sighting.sha256[:64]!r} is malformed: {', '.join(bad[:8])}")
+
+
+_FIELD_ORDER = {f: i for i, f in enumerate(ImageHashes.model_fields)}
+
+
+def _bad_codes(h: ImageHashes) -> list[str]:
+    """The record's fields (and ``views[i]``) whose code is not its signal
+    type's (``detectors.signals``: each type's hex length), in the record's
+    field order."""
+    codes = sorted(((f, v, st) for st in signal_types() for f, v in st.values(h)), key=lambda c: _FIELD_ORDER[c[0]])
+    bad = [f for f, v, st in codes if v is not None and not st.is_valid(v)]
+    if (vt := view_signal_type()) is not None:  # the views are codes of one type (pHash)
+        bad += [f"views[{i}]" for i, v in enumerate(h.views or []) if not vt.is_valid(v)]
+    return bad
 
 
 def _thumb_ok(thumb: str) -> bool:

@@ -20,6 +20,7 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from detectors.model_names import DEFAULT_PIXEL_MODEL
+from detectors.signals import PDQ, PHash
 
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?", re.IGNORECASE)  # what ``detect.device`` and ``--device`` take
 
@@ -104,9 +105,9 @@ class IngestSettings(_Section):
 
 
 class DedupeSettings(_Section):
-    phash_threshold: int = Field(10, ge=0)  # pHash bits (of 64) two pictures may differ in and be one picture
-    pdq_threshold: int = Field(31, ge=0)  # PDQ bits (of 256) two pictures may differ in and be one picture
-    pdq_min_quality: int = Field(50, ge=0)  # PDQ hashes of lower quality (0-100: flat, featureless pictures) are not matched on
+    phash_threshold: int = Field(PHash.default_threshold, ge=0)  # pHash bits (of 64) two pictures may differ in and be one picture
+    pdq_threshold: int = Field(PDQ.default_threshold, ge=0)  # PDQ bits (of 256) two pictures may differ in and be one picture
+    pdq_min_quality: int = Field(PDQ.default_min_quality, ge=0)  # PDQ hashes of lower quality (0-100: flat, featureless pictures) are not matched on
     view_threshold: int = Field(8, ge=0)  # pHash radius when a crop/trimmed view is involved (bench/neardup.py sweep)
 
     def thresholds(self) -> dict[str, int]:

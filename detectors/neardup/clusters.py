@@ -61,9 +61,9 @@ from detectors.imagedata import DecodeLimits
 from detectors.neardup.hamming import HammingIndex
 from detectors.neardup.localized import EditCheck, PixelSource
 from detectors.neardup.pairing import (
-    ALLOWED, Q_FRAME, Q_FULL, Q_MIRROR, S_BAND0, S_CROP0, S_FRAME0, S_FRAME_FULL, S_FULL, S_SIDE0, S_TRIM, SLOTS,
-    VIA_ORDER, VIEW_THRESHOLD, Via, is_framed, pair_allowed, query_codes, rank_key, stored_phash_codes, view_slots,
-    whole_frame_pair,
+    ALLOWED, PDQ_MIN_QUALITY, PDQ_THRESHOLD, PHASH_THRESHOLD, Q_FRAME, Q_FULL, Q_MIRROR, S_BAND0, S_CROP0, S_FRAME0,
+    S_FRAME_FULL, S_FULL, S_SIDE0, S_TRIM, SLOTS, VIA_ORDER, VIEW_THRESHOLD, Via, is_framed, pair_allowed, query_codes,
+    rank_key, stored_phash_codes, view_slots, whole_frame_pair,
 )
 from detectors.neardup.regions import MIN_OVERLAP, in_frame, pair_regions, region_levels, uniform_match
 from detectors.neardup.verify import aligned_residual, informative, residual
@@ -293,9 +293,9 @@ class ClusterIndex:
     def __init__(
         self,
         *,
-        phash_threshold: int = 10,
-        pdq_threshold: int = 31,
-        pdq_min_quality: int = 50,
+        phash_threshold: int = PHASH_THRESHOLD,
+        pdq_threshold: int = PDQ_THRESHOLD,
+        pdq_min_quality: int = PDQ_MIN_QUALITY,
         max_representative_distance: int | None = None,
         view_threshold: int | None = VIEW_THRESHOLD,
         index_members: bool | None = None,

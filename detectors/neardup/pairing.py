@@ -59,6 +59,7 @@ from detectors.hashing import (
     FRAME_CROPS, N_VIEWS, VIEW_BANDS, VIEW_BOXES, VIEW_CROPS, ImageHashes, frame_extras, hamming_hex, side_views,
 )
 from detectors.neardup.hamming import HammingIndex
+from detectors.signals import PDQ, PHash
 
 # "uniform": a one-colour picture met by its grey level (``ClusterIndex``
 # only; the distance is grey levels): its hashes are noise
@@ -73,6 +74,14 @@ def rank_key(distance: int, via: str, phash_threshold: int, pdq_threshold: int) 
     Clusters, banks and `deepwatch similar` all rank with this."""
     scale = 1 if via == "sha256" else pdq_threshold if via in ("pdq", "pdq_mirror") else phash_threshold
     return (distance / max(1, scale), VIA_ORDER[via])
+
+# Default pair rule: pHash (of 64 bits) and PDQ (of 256) distances within
+# which two images are one picture, and the PDQ quality both need for a PDQ
+# pair to count: the signal types' defaults (``detectors.signals``), which
+# ``pair_match``, ``ClusterIndex``, ``BankStore`` and the settings share.
+PHASH_THRESHOLD = PHash.default_threshold
+PDQ_THRESHOLD = PDQ.default_threshold
+PDQ_MIN_QUALITY = PDQ.default_min_quality
 
 # Default radius for pHash pairs that involve a view: the bench's sweep finds no
 # extra false matches up to 9 bits (0.0015% -> 0.0028% at 10), and 8 lets the
@@ -275,9 +284,9 @@ def pair_match(
     a: ImageHashes,
     b: ImageHashes,
     *,
-    phash_threshold: int = 10,
-    pdq_threshold: int = 31,
-    pdq_min_quality: int = 50,
+    phash_threshold: int = PHASH_THRESHOLD,
+    pdq_threshold: int = PDQ_THRESHOLD,
+    pdq_min_quality: int = PDQ_MIN_QUALITY,
     view_threshold: int | None = None,
 ) -> tuple[int, Via] | None:
     """The decision rule for one pair (``b`` is the indexed side, so only its

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from detectors.regular_file import special_kind
+from detectors.signals import signal_types
 from streams.cli.app import app
 from streams.cli.common import (
     Config, check_banks, check_store_option, err, fail, print_error, print_json, settings_from, shown,
@@ -24,6 +25,10 @@ bank_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(bank_app, name="bank")
+
+# the hash columns a hash list may have: one per signal type (``detectors.signals``)
+_CSV_HELP = (f"CSV with a {' and/or '.join(f'{st.name!r} ({st.hex_len} hex)' for st in signal_types())} column; "
+             "optional id, label, quality.")
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic"}
 
@@ -173,7 +178,7 @@ def _check_bank_verdict(store: Any, name: str, verdict: str) -> None:
 @bank_app.command("import")
 def import_(
     name: str = typer.Argument(..., metavar="NAME", callback=_check_name, help="Bank name (letters, digits, . _ -; at most 64)."),
-    csv_path: Path = typer.Argument(..., metavar="CSV", exists=True, dir_okay=False, help="CSV with a 'pdq' (64 hex) and/or 'phash' (16 hex) column; optional id, label, quality."),
+    csv_path: Path = typer.Argument(..., metavar="CSV", exists=True, dir_okay=False, help=_CSV_HELP),
     verdict: str = typer.Option("fake", "--verdict", help="'fake' (default: shared lists are usually debunked material) or 'authentic'."),
     data_dir: Optional[Path] = _DataDir,
     config: Optional[Path] = Config,
