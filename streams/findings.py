@@ -713,13 +713,15 @@ def sort_key(sort: str, get: Callable[[Any, str], Any] = record_field):
     return lambda c: (*(-v for v in values(c)), get(c, "id"))
 
 
-@runtime_checkable
-class FindingsStore(Protocol):
-    """What every findings backend provides. Writes are idempotent upserts
-    keyed by what the stream already makes stable (cluster id + revision,
-    event id, alert id, the event behind a dead letter)."""
+class SinkWriter(Protocol):
+    """What a worker's sinks write (``streams.sinks.Sinks``: the snapshot,
+    dead-letter and alert agents, and the webhook senders), and the one
+    record they read back: a delivery's own state, so an alert is not sent
+    twice. The redelivery worker (``streams.webhooks.Redeliverer``) records
+    its attempts through ``mark_delivered`` too. A role of its own because
+    the write path lists and searches nothing: it can be given, faked or
+    wrapped without the store's reads."""
 
-    # -- writes (the sinks) --
     def apply_snapshot(self, snap: ClusterSnapshot) -> None: ...
     def apply_snapshots(self, snaps: Iterable[ClusterSnapshot]) -> None: ...
     def add_dead_letter(self, dl: DeadLetter) -> bool: ...
@@ -734,6 +736,16 @@ class FindingsStore(Protocol):
         """Record a delivery's state and why (``DeliveryRecord``), never
         moving it away from ``delivered``."""
         ...
+
+
+class RedeliveryQueue(Protocol):
+    """The webhook deliveries still owed, across alerts: what the leader
+    worker's redelivery reads (``streams.webhooks.Redeliverer``: failed and
+    stalled deliveries, an earlier alert still owed, the undelivered gauge)
+    and what ``deepwatch redeliver`` counts and requeues
+    (``streams.cli.redeliver``). Apart from ``SinkWriter``, which records one
+    delivery at a time: a sink never reads the backlog."""
+
     def failed_deliveries(self, target: str, *, limit: int | None = None) -> list[Alert]: ...
     def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool: ...
     def queued_deliveries(self, target: str, *, older_than_s: float, limit: int | None = None) -> list[Alert]:
@@ -748,17 +760,60 @@ class FindingsStore(Protocol):
         """Rejected deliveries to ``target`` made ``failed`` again (the next
         redelivery round sends them); how many."""
         ...
-    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[DeliveryRecord]]:
-        """alert id -> its deliveries, by time then target, for `deepwatch
-        alerts`: of ``alert_ids`` only when given (a page of alerts)."""
+
+
+class ClusterReader(Protocol):
+    """The cluster listing and the analyst search: what ``deepwatch
+    clusters`` and ``deepwatch search`` (``streams.cli.query``), the replay
+    summary (``streams.runner``) and the live pipeline table
+    (``streams.cli.pipeline``) read; the desk reads them too
+    (``DeskReader``). Apart because those commands need none of the desk's
+    view, sightings or accounts."""
+
+    def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]: ...
+    def search(self, query: ClusterQuery, *, timeout_s: float | None = None) -> list[ClusterRecord]:
+        """``query``'s clusters (see ``ClusterQuery``). With ``timeout_s``
+        the search is stopped once it has run that long (SQLite: interrupted
+        between steps of its queries; Elasticsearch: each request's
+        ``timeout``, and a ``timed_out`` answer is not used) and raises
+        ``SearchTimeout`` instead of answering in part."""
         ...
 
-    # -- reads --
-    def member_shas_updated_since(self, since: datetime) -> set[str]:
-        """The sha256 of every member whose surviving cluster (or own, merged
-        away) was written at or after ``since`` (``streams.retention``)."""
+
+class MemberReader(Protocol):
+    """Every stored member's hashes: what a similar-picture lookup falls
+    back on for a store with no index of its own (``streams.similar.find``,
+    from ``deepwatch similar`` and the desk's lookup alike) and what the
+    desk matches judged pictures against (``streams.desk.verdicts``). Apart
+    because ``similar`` is handed a store and reads nothing else of it."""
+
+    def iter_members(self) -> Iterator[MemberRow]:
+        """Every stored member's hashes (crop views included) under its
+        surviving cluster, each picture once."""
         ...
-    def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]: ...
+
+
+class StoreLifecycle(Protocol):
+    """Closing the handle: whoever opened the store (``open_findings``) or
+    was handed it to own (``streams.desk.source.FindingsSource``) closes it.
+    Apart so that the roles a consumer reads or writes through say nothing
+    about who owns the connection. Nothing sets up or migrates here: SQLite
+    makes its tables when it opens, and the writers probe for
+    Elasticsearch's ``ensure_setup``."""
+
+    def close(self) -> None: ...
+
+
+class DeskReader(ClusterReader, MemberReader, StoreLifecycle, Protocol):
+    """What the desk reads (``streams.desk.source.FindingsSource``, its one
+    adapter to the store, which owns and closes the store it is given): its
+    cached view and what changed since, clusters by id, whether a picture
+    may be shown, sightings and their histograms, the accounts pages and
+    account alerts, the text search's sighting matches; with the cluster
+    listing, search and members. Apart from the writes, the deliveries and
+    the replay accounting so that the desk, or a test's stand-in store,
+    runs on whatever answers these reads."""
+
     def cluster(self, cluster_id: str) -> ClusterRecord | None: ...
     def clusters_by_id(self, ids: set[str]) -> list[ClusterRecord]:
         """These clusters' records (merged ones too; ids the store does not
@@ -769,10 +824,6 @@ class FindingsStore(Protocol):
         this method returned, opaque to the caller) was taken, and the cursor
         to ask with next time; None instead of a set when there is no cursor
         yet (read everything). What the desk's cached view reads again."""
-        ...
-    def iter_members(self) -> Iterator[MemberRow]:
-        """Every stored member's hashes (crop views included) under its
-        surviving cluster, each picture once."""
         ...
     def newest_last_seen(self) -> datetime | None:
         """The newest stored ``last_seen`` of any cluster (merged ones too;
@@ -794,13 +845,6 @@ class FindingsStore(Protocol):
         ...
     def has_member(self, sha256: str) -> bool:
         """Whether a stored cluster has the picture ``sha256`` as a member."""
-        ...
-    def search(self, query: ClusterQuery, *, timeout_s: float | None = None) -> list[ClusterRecord]:
-        """``query``'s clusters (see ``ClusterQuery``). With ``timeout_s``
-        the search is stopped once it has run that long (SQLite: interrupted
-        between steps of its queries; Elasticsearch: each request's
-        ``timeout``, and a ``timed_out`` answer is not used) and raises
-        ``SearchTimeout`` instead of answering in part."""
         ...
     def cluster_sightings(self, cluster_id: str, *, limit: int = 200) -> list[SightingRecord]: ...
     def sightings(self, *, cluster_ids: list[str] | None = None, account_id: str | None = None,
@@ -849,6 +893,19 @@ class FindingsStore(Protocol):
         account handle or post URL contain it, ignoring case. ``timeout_s``
         as for ``search``."""
         ...
+
+
+class AuditReader(Protocol):
+    """Stored alerts with their deliveries, and dead letters, listed: what
+    ``deepwatch alerts`` and ``deepwatch dead-letters``
+    (``streams.cli.query``) and the replay summary (``streams.runner``)
+    read. Apart from the cluster reads: records of what the stream did, not
+    findings about pictures, read by operators' commands, not the desk."""
+
+    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[DeliveryRecord]]:
+        """alert id -> its deliveries, by time then target, for `deepwatch
+        alerts`: of ``alert_ids`` only when given (a page of alerts)."""
+        ...
     def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
         """Stored alerts, oldest first (``created_at``, then alert id); with
         ``limit`` only the newest ``limit`` of them (still oldest first), the
@@ -858,7 +915,40 @@ class FindingsStore(Protocol):
         """Dead letters, oldest first (``at``, then their key); ``limit`` as for ``alerts``."""
         ...
 
-    # -- replay accounting (every event is a sighting or a dead letter) --
+
+class RetentionReader(Protocol):
+    """What ``deepwatch prune`` (``streams.retention.prune``) asks before it
+    deletes pictures: which belong to a cluster written since the cutoff.
+    Alone because pruning deletes files on this one answer, and a check of
+    what it depends on should find nothing else."""
+
+    def member_shas_updated_since(self, since: datetime) -> set[str]:
+        """The sha256 of every member whose surviving cluster (or own, merged
+        away) was written at or after ``since`` (``streams.retention``)."""
+        ...
+
+
+class IdentityCheck(Protocol):
+    """What the analyze stage asks of the findings upstream, before any
+    sighting of the event exists (``streams.stage``: the duplicate and
+    conflicting-resend check by event id), and the one thing it records
+    there, a duplicate accounted as processed. Apart because it is the only
+    use of the store away from the end of the flow, through a handle the
+    stage's threads share (``streams.stage.Serialized``)."""
+
+    def mark_processed(self, source: SourceRef, outcome: str, event_id: str | None) -> None: ...
+    def sighting_identity(self, event_id: str) -> PostIdentity | None: ...
+
+
+class ReplayAccounting(Protocol):
+    """Which events have ended, and what work still waits (every event is a
+    sighting or a dead letter): what ``deepwatch replay`` and ``demo`` poll
+    and sum up (``streams.runner``), ``count_sightings`` also the engine
+    state's check for stored sightings (``streams.engine_state``) and the
+    desk's check at start that the store answers. Apart because offsets and
+    counters serve the replay harness and start-up checks, not readers of
+    the findings."""
+
     def processed_since(self, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]: ...
     def processed_offsets(self, topic: str) -> set[tuple[int, int]]: ...
     def run_processed_since(self, run: str, topic: str, after_rowid: int) -> tuple[set[tuple[int, int]], int]: ...
@@ -869,12 +959,19 @@ class FindingsStore(Protocol):
         repeated within the run may end either way (it depends on whether the
         first copy was stored yet); its event id tells."""
         ...
-    def mark_processed(self, source: SourceRef, outcome: str, event_id: str | None) -> None: ...
-    def sighting_identity(self, event_id: str) -> PostIdentity | None: ...
     def pending_work(self) -> dict[str, int]: ...
     def count_sightings(self) -> int: ...
 
-    def close(self) -> None: ...
+
+# The union of the roles: what ``open_findings`` returns and both backends
+# implement, so existing annotations and the isinstance check keep working;
+# a consumer that needs less takes the roles it uses.
+@runtime_checkable
+class FindingsStore(SinkWriter, RedeliveryQueue, DeskReader, ClusterReader, MemberReader, AuditReader,
+                    RetentionReader, IdentityCheck, ReplayAccounting, StoreLifecycle, Protocol):
+    """What every findings backend provides. Writes are idempotent upserts
+    keyed by what the stream already makes stable (cluster id + revision,
+    event id, alert id, the event behind a dead letter)."""
 
 
 class StoreURLError(ValueError):

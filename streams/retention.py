@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from streams.analyze import ANALYSIS_DIR
-from streams.findings import FindingsStore
+from streams.findings import RetentionReader
 
 HEX = frozenset("0123456789abcdef")
 PRUNING_SUFFIX = ".prune"  # a blob being deleted: moved aside first, so a store in between is not lost
@@ -53,7 +53,7 @@ class PruneReport:
         return asdict(self)
 
 
-def prune(blob_root: Path, store: FindingsStore, older_than_s: float, *, dry_run: bool = False,
+def prune(blob_root: Path, store: RetentionReader, older_than_s: float, *, dry_run: bool = False,
           now: float | None = None, progress: Callable[[int], None] | None = None,
           current_analysis: Callable[[str], bool] | None = None) -> PruneReport:
     """Delete the pictures under ``blob_root`` (a ``DirectoryBlobStore``)

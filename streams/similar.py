@@ -19,7 +19,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 
 import numpy as np
 from pydantic import BaseModel
@@ -29,6 +29,9 @@ from detectors.banks import Verdict, Via
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import DecodeLimits, ImageData, process_budget
 from streams.settings import Settings
+
+if TYPE_CHECKING:
+    from streams.findings import MemberReader
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ def _preview(image: ImageData, px: int) -> bytes:
 Progress = Callable[[int, int], None]
 
 
-def find(settings: Settings, picture: Picture, store: Any | None, *,
+def find(settings: Settings, picture: Picture, store: MemberReader | None, *,
          progress: Progress | None = None) -> list[Match]:
     """Clusters in ``store`` (a findings store; None: none to look in) and
     bank entries showing ``picture``, nearest first (the banks' ranking:
@@ -126,7 +129,7 @@ def _rank(settings: Settings, distance: int, via: str) -> tuple[float, int]:
     return rank_key(distance, via, settings.dedupe.phash_threshold, settings.dedupe.pdq_threshold)
 
 
-def similar_clusters(settings: Settings, picture: Picture, store: Any | None,
+def similar_clusters(settings: Settings, picture: Picture, store: MemberReader | None,
                      progress: Progress | None = None) -> list[ClusterMatch]:
     """Clusters of ``store`` showing the picture. Elasticsearch: bit-vector
     kNN nominates candidate clusters (``similar_candidates``); SQLite: a hash

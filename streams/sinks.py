@@ -64,7 +64,7 @@ from streams import metrics
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef, named_event
 from streams.settings import FindingsSettings, Settings, WebhookSettings
 from streams.store_errors import may_pass
-from streams.findings import DeliveryState, FindingsStore, open_findings
+from streams.findings import DeliveryState, FindingsStore, SinkWriter, open_findings
 from streams.webhooks import (
     WebhookError, WebhookHeld, alert_spread, deliver, desk_url, failure_state, hooks_by_key, live_add, live_discard,
     longest_delivery_s, target_label, top_evidence,
@@ -91,7 +91,7 @@ class Sinks:
     def __init__(self, settings: Settings, *, retry_for_s: float | None = None):
         self.settings = settings
         self.retry_for_s = retry_for_s
-        self._store: FindingsStore | None = None
+        self._store: FindingsStore | None = None  # what it opened, whole: desk.alerting closes it
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._senders: dict[str, _Sender] = {}  # webhook target key -> its queue and sender
@@ -99,7 +99,7 @@ class Sinks:
         self._open_lock = threading.Lock()
 
     @property
-    def store(self) -> FindingsStore:
+    def store(self) -> SinkWriter:
         # Opened by the first write's thread (not on the event loop: Elasticsearch
         # set-up is network round trips); two agents' first writes open one store.
         with self._open_lock:
@@ -111,7 +111,7 @@ class Sinks:
                 self._store = store
         return self._store
 
-    async def _write(self, what: str, items: int, write: Callable[[FindingsStore], R]) -> R:
+    async def _write(self, what: str, items: int, write: Callable[[SinkWriter], R]) -> R:
         """``write(store)`` in a thread, again and again until the store takes
         it (see the module docstring): the agent awaits this, so its messages
         stay unacked meanwhile. Other errors are raised as they come."""
@@ -175,7 +175,7 @@ class Sinks:
             hooks = {k: h.model_copy(update={"retries": 0}) for k, h in hooks.items()}
         todo: list[str] = []
         if hooks:
-            def queue(store: FindingsStore) -> list[str]:
+            def queue(store: SinkWriter) -> list[str]:
                 # before the alert itself: from the alert's record on, every
                 # delivery it owes is on record (pending_work, redelivery).
                 # A redelivered alert message leaves a settled delivery alone:

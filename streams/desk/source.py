@@ -1,7 +1,8 @@
 """The desk's one adapter to the findings store: everything the desk reads
 about clusters, sightings and accounts goes through ``FindingsSource``, and
-``FindingsSource`` reads only through the typed ``FindingsStore`` interface,
-so the desk runs on any findings backend (SQLite or Elasticsearch).
+``FindingsSource`` reads only through the typed ``DeskReader`` role of the
+``FindingsStore`` interface, so the desk runs on any findings backend (SQLite
+or Elasticsearch).
 
 Cluster documents keep the ``deepwatch clusters --format json`` shape; the
 desk's verdict overlay adds a ``desk`` key and, where a verdict says fake or
@@ -36,7 +37,7 @@ from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.findings import ClusterQuery as StoreQuery
 from streams.findings import (
     CURSOR_MAX_CHARS, MAX_MERGE_HOPS, MAX_RESULTS, NOT_A_CURSOR, AccountAggregate, AccountCursor, Deadline,
-    NEVER, FindingsStore, MemberRow, SortKey, decode_cursor, encode_cursor, sort_key, sort_order, sort_values,
+    NEVER, DeskReader, MemberRow, SortKey, decode_cursor, encode_cursor, sort_key, sort_order, sort_values,
     text_terms,
 )
 from streams.records import MAX_SAMPLE_POSTS, SamplePost
@@ -166,7 +167,7 @@ def desk_bank_evidence(verdict: str, row: OverlayRow) -> Evidence:
 
 
 class FindingsSource:
-    def __init__(self, store: FindingsStore, desk: DeskDB, ttl_s: float = CACHE_TTL_S,
+    def __init__(self, store: DeskReader, desk: DeskDB, ttl_s: float = CACHE_TTL_S,
                  search_timeout_s: float | None = None, view_days: float = VIEW_DAYS,
                  max_view_clusters: int = MAX_VIEW_CLUSTERS):
         self.store = store
@@ -207,7 +208,7 @@ class FindingsSource:
     def _store_version(self) -> Any:
         """A value that changes when the findings change: SQLite's data_version
         where the store has one, else a counter bumped every ``ttl_s``."""
-        # a probe, not the FindingsStore interface: Elasticsearch has no cheap signal of a change
+        # a probe, not the DeskReader interface: Elasticsearch has no cheap signal of a change
         # (``changes_since`` says which clusters changed, at the cost of a search)
         version = getattr(self.store, "data_version", None)
         if version is not None:
