@@ -232,12 +232,13 @@ def test_every_command_and_flag_in_deploy_exists():
 
 
 # -- ports and probes ----------------------------------------------------------------
-def _routes(module: Path) -> set[str]:
-    text = module.read_text()
-    return set(re.findall(r"@app\.(?:get|api_route|post)\(\s*\"([^\"]+)\"", text))
+def _routes(*modules: Path) -> set[str]:
+    """The paths the modules' route decorators declare (on the app or on a router)."""
+    return {path for module in modules
+            for path in re.findall(r"@\w+\.(?:get|api_route|post)\(\s*\"([^\"]+)\"", module.read_text())}
 
 
-DESK_ROUTES = _routes(REPO / "streams" / "desk" / "app.py")
+DESK_ROUTES = _routes(*sorted((REPO / "streams" / "desk").glob("*.py")))
 INGEST_ROUTES = _routes(REPO / "streams" / "ingest_server.py")
 # streams.metrics.serve: prometheus_client's /metrics plus the paths it answers itself (/healthz)
 METRICS_ROUTES = {"/metrics", *re.findall(r'"PATH_INFO"\) == "([^"]+)"', (REPO / "streams" / "metrics.py").read_text())}

@@ -1,0 +1,181 @@
+"""The desk's JSON API (``/api/...``) and its thumbnails (``/thumb/...``):
+the routes scripts call, in the shapes of the CLI's ``--format json``."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from streams.desk import observe, views
+from streams.desk.accounts import check_accounts
+from streams.desk.auth import Principal
+from streams.desk.guards import DeskRoute, api_editor, api_reader, reader
+from streams.desk.lookup import Lookup, Rejected
+from streams.desk.queries import account_query, accounts_link, cluster_query, desk_verdict_query, queue_link, \
+    searched, store_query
+from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound
+from streams.desk.state import Desk, desk_of
+from streams.desk.thumbs import ThumbBusy, ThumbError
+from streams.desk.verdicts import Conflict, VerdictIn
+from streams.findings import ClusterQuery as StoreQuery
+
+router = APIRouter(route_class=DeskRoute)
+
+
+@router.get("/api/clusters", tags=["clusters"], summary="Clusters, in the `deepwatch clusters --format json` shape")
+def api_clusters(request: Request, response: Response, q: ClusterQuery = Depends(cluster_query),
+                 _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+    """One page of the queue's order. When there are more, `X-Next-Cursor` carries the next page's `cursor` and
+    `Link` its address (`rel="next"`); the last page has neither. The queue lists the desk's view: `X-Desk-View`
+    says which clusters it holds (see docs/desk.md, "The desk's view")."""
+    source = desk_of(request).source
+    rows, nxt = source.clusters_page(q)
+    response.headers["X-Desk-View"] = view_header(source.view_window())
+    if nxt is not None:
+        next_page(response, queue_link("/api/clusters", q, nxt), nxt)
+    return rows
+
+
+@router.get("/api/clusters/{cluster_id}", tags=["clusters"],
+            summary="One cluster with members, sightings over time, evidence and verdict history")
+def api_cluster(request: Request, cluster_id: str, _: Principal = Depends(reader)) -> dict[str, Any]:
+    return cluster_detail(desk_of(request).source, cluster_id)
+
+
+@router.post("/api/clusters/{cluster_id}/verdict", tags=["verdicts"], status_code=201,
+             summary="Record a verdict (editor): fake / authentic feed the banks; needs-review flags it")
+async def api_verdict(request: Request, cluster_id: str, body: VerdictIn,
+                      who: Principal = Depends(api_editor)) -> dict[str, Any]:
+    return (await record_verdict(desk_of(request), cluster_id, body, who)).model_dump(mode="json")
+
+
+@router.get("/api/accounts", tags=["accounts"],
+            summary="Accounts with posts, pictures, AI share, first/last seen, platforms")
+def api_accounts(request: Request, response: Response, q: AccountQuery = Depends(account_query),
+                 _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+    """One page, best ranked first. When there are more, `X-Next-Cursor` carries the next page's `cursor` and
+    `Link` its address (`rel="next"`); the last page has neither."""
+    rows, nxt = desk_of(request).source.accounts_page(q)
+    if nxt is not None:
+        next_page(response, accounts_link("/api/accounts", q, nxt), nxt)
+    return rows
+
+
+@router.get("/api/accounts/{account_id:path}", tags=["accounts"], summary="One account with its recent posts")
+def api_account(request: Request, account_id: str, _: Principal = Depends(reader)) -> dict[str, Any]:
+    try:
+        return desk_of(request).source.account(account_id)
+    except NotFound:
+        raise HTTPException(404, f"no account {account_id!r}") from None
+
+
+@router.get("/api/search", tags=["clusters"],
+            summary="Analyst search of the findings store: full text over posts and hashtags plus filters")
+def api_search(request: Request, q: StoreQuery = Depends(store_query),
+               desk_verdict: Optional[str] = Depends(desk_verdict_query),
+               _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+    if not q.filtered and desk_verdict is None:
+        raise HTTPException(422, "bad request: give at least one of q, since, until, platform, account, hashtag, "
+                                 "verdict, desk_verdict, min_score")
+    rows, cut = searched(desk_of(request).source, q, desk_verdict)
+    # the body stays the array; a cut answer says so (a larger limit, or a narrower search, gives the rest)
+    return JSONResponse(rows, headers={"X-Result-Cut": "true"} if cut else None)
+
+
+@router.get("/api/banks", tags=["verdicts"], summary="Banks of known pictures and their sizes")
+def api_banks(request: Request, _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+    return views.banks(desk_of(request).settings)
+
+
+def pictures(thumb_px: int) -> APIRouter:
+    """The picture routes, after ``router``'s. Made for each app: ``/thumb``'s
+    ``px`` defaults to the desk's ``desk.thumb_px``, and the API's schema
+    shows that default."""
+    pics = APIRouter(route_class=DeskRoute)
+
+    @pics.get("/thumb/{sha256}", tags=["pictures"],
+              summary="A resized JPEG of a cluster member (never the original bytes)")
+    def thumb(request: Request, sha256: str, px: int = Query(thumb_px, ge=32, le=1024),
+              _: Principal = Depends(reader)) -> Response:
+        return thumbnail(desk_of(request), sha256, px)
+
+    pics.post("/api/similar", tags=["pictures"],
+              summary="Have we seen this picture? Clusters and bank entries showing an uploaded image, nearest first"
+              )(api_similar)
+    return pics
+
+
+def thumbnail(desk: Desk, sha256: str, px: int) -> Response:
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise HTTPException(400, "not a sha256 hex digest")
+    if not desk.source.may_show(sha256):
+        raise HTTPException(404, f"no cluster member {sha256}")
+    try:
+        data = desk.thumbs.get(sha256, px)
+    except ThumbBusy as e:  # a page's <img> asks again on its next load; a client, after Retry-After
+        raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
+    except ThumbError as e:
+        raise HTTPException(404, str(e)) from None
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+async def api_similar(request: Request,
+                      image: UploadFile = File(..., description="the picture (multipart field `image`), at most "
+                                                                "fetch.max_bytes"),
+                      _: Principal = Depends(api_reader)) -> Any:
+    """Rows in the `deepwatch similar --format json` shape (`[]`: not seen); a cluster row adds `desk_url`
+    and `cluster` (the `GET /api/clusters` shape), a bank row the entry's `sha256`."""
+    try:
+        return (await lookup_picture(desk_of(request), image)).rows
+    except Rejected as e:
+        return JSONResponse({"error": str(e), "status": e.status, "reason": e.reason}, e.status)
+
+
+async def lookup_picture(desk: Desk, image: UploadFile, preview: bool = False) -> Lookup:
+    """The lookup, counted by outcome; decoding and the store's reads in a thread, off the event loop."""
+    try:
+        data = await image.read()
+        found = await run_in_threadpool(desk.picture_lookup, desk.settings, desk.source, data, preview=preview)
+    except Rejected:
+        observe.LOOKUPS.labels("rejected").inc()
+        raise
+    observe.LOOKUPS.labels(found.outcome).inc()
+    return found
+
+
+async def record_verdict(desk: Desk, cluster_id: str, body: VerdictIn, who: Principal):
+    try:
+        rec = await desk.verdicts.record(cluster_id, body, who)
+        observe.VERDICTS.labels(body.verdict).inc()
+    except NotFound:
+        raise HTTPException(404, f"no cluster {cluster_id!r}") from None
+    except Conflict as e:
+        raise HTTPException(409, str(e)) from None
+    await check_accounts(desk.settings, desk.source, desk.db, desk.alerts)
+    return rec
+
+
+def cluster_detail(source: FindingsSource, cluster_id: str) -> dict[str, Any]:
+    try:
+        return source.detail(cluster_id)
+    except NotFound:
+        raise HTTPException(404, f"no cluster {cluster_id!r}") from None
+
+
+def next_page(response: Response, link: str, cursor: str) -> None:
+    response.headers["X-Next-Cursor"] = cursor
+    response.headers["Link"] = f'<{link}>; rel="next"'
+
+
+def view_header(w: dict[str, Any]) -> str:
+    """``X-Desk-View``: ``all`` (every cluster), or the window's bounds and start (stream time)."""
+    if w["all"]:
+        return "all"
+    parts = [f"days={w['days']:g}" if w["days"] else None,
+             f"max_clusters={w['max_clusters']}" if w["max_clusters"] else None,
+             f"since={w['since']}" if w["since"] else None]
+    return "; ".join(p for p in parts if p)

@@ -1,0 +1,64 @@
+"""The desk's API docs: its OpenAPI schema and Swagger UI page.
+
+They are routes of their own here: behind the reader guard, with
+Swagger UI from the installed wheel. FastAPI's would load a CDN's script into
+the desk's origin, and be open when reading is not.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import re
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
+
+from streams.desk.auth import Principal
+from streams.desk.guards import DeskRoute, reader
+
+DOCS_PATH, OPENAPI_PATH, SWAGGER_ASSETS = "/docs", "/openapi.json", "/docs/assets"
+# Swagger UI 5 (the fastapi-swagger wheel's copy; 4.x cannot read the OpenAPI
+# 3.1 that FastAPI writes): the files the docs page loads, and no others.
+SWAGGER_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+                 "favicon-32x32.png": "image/png"}
+
+router = APIRouter(route_class=DeskRoute)
+
+
+def _inline_script_hash(page: bytes) -> str:
+    """The CSP source that allows the page's one inline script and no other."""
+    body = re.search(rb"<script>(.*?)</script>", page, re.S).group(1)
+    return "'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode() + "'"
+
+
+DOCS_PAGE = get_swagger_ui_html(openapi_url=OPENAPI_PATH, title="deepwatch desk API",
+                                swagger_js_url=f"{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+                                swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
+                                swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon-32x32.png",
+                                swagger_ui_parameters={"validatorUrl": None}).body
+DOCS_SCRIPT = _inline_script_hash(DOCS_PAGE)  # the docs page's Content-Security-Policy allows it
+SWAGGER_DIR = Path(importlib.util.find_spec("fastapi_swagger.resources").origin).parent
+
+
+@router.get(OPENAPI_PATH, include_in_schema=False)
+def openapi(request: Request, _: Principal = Depends(reader)) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@router.get(DOCS_PATH, include_in_schema=False)
+def docs(_: Principal = Depends(reader)) -> HTMLResponse:
+    return HTMLResponse(DOCS_PAGE)
+
+
+@router.get(SWAGGER_ASSETS + "/{name}", include_in_schema=False)
+def docs_asset(name: str) -> FileResponse:
+    # Swagger UI's own public files: no findings in them, no login needed
+    if name not in SWAGGER_FILES:
+        raise HTTPException(404, f"no docs asset {name!r}")
+    return FileResponse(SWAGGER_DIR / name, media_type=SWAGGER_FILES[name],
+                        headers={"Cache-Control": "public, max-age=86400"})

@@ -1,0 +1,131 @@
+"""What every answer of the desk carries: errors in the desk's own shape (a
+JSON error for the API and thumbnails, a page or a login for a browser),
+and the security headers (``security_headers``)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+from urllib.parse import unquote_plus
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.exceptions import HTTPException
+
+from streams.desk.auth import Principal
+from streams.desk.guards import principal
+from streams.desk.apidocs import DOCS_PATH, DOCS_SCRIPT, OPENAPI_PATH
+from streams.desk.pages import login_url, page_with_error, return_to
+from streams.desk.state import desk_of
+from streams.findings import SearchTimeout
+
+log = logging.getLogger(__name__)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class _SearchStopped(HTTPException):
+    """The 503 of a search the store stopped (``SearchTimeout``): the page
+    it was asked from shows it (``page_with_error``)."""
+
+
+def known(request: Request) -> Principal | None:
+    """Who an error page is for, so its header does not show a logged-in
+    editor as logged out; None where that is itself the error."""
+    try:
+        return principal(request)
+    except HTTPException:
+        return None
+
+
+def wants_json(request: Request) -> bool:
+    return request.url.path.startswith(("/api/", "/thumb/")) or request.url.path == OPENAPI_PATH
+
+
+async def http_error(request: Request, exc: HTTPException):
+    # The exception's own headers stay: Allow on a 405, Retry-After on a 429.
+    headers = dict(exc.headers or {})
+    if wants_json(request):
+        if exc.status_code == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse({"error": exc.detail, "status": exc.status_code}, exc.status_code, headers=headers)
+    # A page (or a form posted from one: a session that expired before an
+    # editor pressed Record) goes to the login and back; a script with a
+    # bearer token gets the 401 it can act on.
+    if exc.status_code == 401 and (request.method == "GET" or "authorization" not in request.headers):
+        return RedirectResponse(login_url(return_to(request)), 303)
+    if isinstance(exc, _SearchStopped):
+        shown = page_with_error(request, exc.status_code, exc.detail)
+        if shown is not None:
+            return shown
+    return desk_of(request).templates.TemplateResponse(
+        request, "error.html", {"status": exc.status_code, "message": exc.detail, "me": known(request)},
+        status_code=exc.status_code, headers=headers)
+
+
+async def search_timeout(request: Request, exc: SearchTimeout):
+    # The store stopped the search (findings.search_timeout_s): the worker thread is free again.
+    return await http_error(request, _SearchStopped(
+        503, f"search took longer than {desk_of(request).settings.findings.search_timeout_s:g} s and was stopped; "
+             "narrow it with since/until/platform (or account, hashtag)"))
+
+
+async def bad_request(request: Request, exc: RequestValidationError):
+    msg = "bad request: " + "; ".join(_problem(e) for e in exc.errors())
+    if wants_json(request):
+        return JSONResponse({"error": msg, "status": 422, "detail": [
+            {"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]}, 422)
+    shown = page_with_error(request, 422, msg)
+    if shown is not None:
+        return shown
+    return desk_of(request).templates.TemplateResponse(
+        request, "error.html", {"status": 422, "message": msg, "me": known(request)}, status_code=422)
+
+
+def _problem(err: dict[str, Any]) -> str:
+    """One validation error as ``field: message``; the field is the parameter's
+    name, or ``body`` when the body as a whole is wrong (not JSON, not an object)."""
+    if err.get("type") == "json_invalid":
+        return f"body: not valid JSON ({err.get('ctx', {}).get('error', err['msg'])} at character {err['loc'][-1]})"
+    field = ".".join(str(x) for x in err["loc"] if x not in ("query", "body", "path"))
+    return f"{field or err['loc'][0]}: {err['msg']}"
+
+
+async def security_headers(request: Request, call_next):
+    """HTTP middleware: the desk's security and cache headers on every
+    answer, an error's too (it answers an unexpected one itself)."""
+    if _CONTROL.search(unquote_plus(request.url.query)):
+        # SQLite would read a NUL as the end of a LIKE pattern, which then
+        # matches everything; no filter of the desk needs a control character.
+        resp = await http_error(request, HTTPException(422, "bad request: query parameters must not contain "
+                                                            "control characters"))
+    else:
+        try:
+            resp = await call_next(request)
+        except Exception:
+            # Answered here, not by Starlette's last-resort handler, so that
+            # the answer has the headers below and the desk's own shape.
+            log.exception("desk request failed", extra={"path": request.url.path})
+            resp = await http_error(request, HTTPException(500, "internal error; the desk's log has the details"))
+    resp.headers["Content-Security-Policy"] = (
+        f"default-src 'self'; img-src 'self' data:; script-src 'self' {DOCS_SCRIPT}; style-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'" if request.url.path == DOCS_PATH else
+        "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    )
+    if not request.url.path.startswith("/static/"):
+        # Findings and verdicts are not for a shared cache, nor for the
+        # browser's after a logout; a thumbnail sets its own (private).
+        resp.headers.setdefault("Cache-Control", "no-store")
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["X-Frame-Options"] = "DENY"
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    resp.headers["Cross-Origin-Opener-Policy"] = "same-origin"
+    # Another origin (a page on another local port, say) cannot embed the
+    # desk's answers: an <img> of /thumb/{sha} told it which pictures the
+    # desk holds by loading or failing.
+    resp.headers["Cross-Origin-Resource-Policy"] = "same-origin"
+    if desk_of(request).secure(request):
+        resp.headers["Strict-Transport-Security"] = "max-age=31536000"
+    return resp

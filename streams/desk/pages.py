@@ -1,0 +1,259 @@
+"""The desk's HTML pages and the forms posted from them: the queue, a
+cluster, the accounts, the search, the picture lookup, the banks, and the
+login."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from streams.desk import observe, views
+from streams.desk.api import cluster_detail, lookup_picture, record_verdict
+from streams.desk.auth import Principal, credential_of
+from streams.desk.guards import LOGIN_CSRF_COOKIE, SAFE_METHODS, SESSION_COOKIE, DeskRoute, editor_form, \
+    login_form_csrf, reader, reader_form
+from streams.desk.lookup import Rejected
+from streams.desk.queries import QUEUE_FORM, SEARCH_FORM, account_query, accounts_link, cluster_query, \
+    desk_verdict_query, queue_form, queue_link, search_form, search_link, searched, store_query
+from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery, NotFound
+from streams.desk.state import desk_of
+from streams.desk.verdicts import VerdictIn
+from streams.findings import ClusterQuery as StoreQuery
+from streams.findings import MAX_RESULTS
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).parent
+_LOGIN_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")  # what secrets.token_urlsafe(24) makes
+
+router = APIRouter(route_class=DeskRoute)
+
+
+def templates() -> Jinja2Templates:
+    """The pages' templates, with the desk's filters and ``login_url``."""
+    made = Jinja2Templates(directory=str(HERE / "templates"))
+    views.register_filters(made.env)
+    made.env.globals["login_url"] = lambda request: login_url(return_to(request))
+    return made
+
+
+def page(request: Request, name: str, me: Principal, **ctx: Any) -> HTMLResponse:
+    desk = desk_of(request)
+    return desk.templates.TemplateResponse(request, name, {"me": me, "settings": desk.settings, **ctx})
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def queue(request: Request, q: ClusterQuery = Depends(cluster_query), partial: bool = False,
+          me: Principal = Depends(reader)):
+    desk = desk_of(request)
+    rows, nxt = desk.source.clusters_page(q)
+    spread = desk.source.spread(rows)
+    platforms = sorted({p for c in rows for p in c["platforms"]})
+    return page(request, "queue_rows.html" if partial else "queue.html", me, rows=rows, spread=spread,
+                form=queue_form(q), filtered=any((q.verdict, q.platform, q.since, q.q)),
+                store_empty=not rows and desk.source.cluster_count() == 0, view=desk.source.view_window(),
+                platforms=platforms, refresh_s=desk.settings.desk.refresh_s,
+                next_url=queue_link("/", q, nxt) if nxt else None,
+                first_url=queue_link("/", q, None) if q.cursor else None,
+                partial_url="/?" + urlencode({**{k: v for k, v in request.query_params.items()}, "partial": 1}))
+
+
+@router.get("/clusters/{cluster_id}", response_class=HTMLResponse, include_in_schema=False)
+def cluster_page(request: Request, cluster_id: str, me: Principal = Depends(reader)):
+    desk = desk_of(request)
+    doc = cluster_detail(desk.source, cluster_id)
+    return page(request, "cluster.html", me, c=doc, banks=views.bank_entries_for(desk.settings, doc))
+
+
+@router.post("/clusters/{cluster_id}/verdict", include_in_schema=False)
+async def cluster_verdict_form(request: Request, cluster_id: str, verdict: str = Form(...), note: str = Form(""),
+                               who: Principal = Depends(editor_form)):
+    try:
+        body = VerdictIn(verdict=verdict, note=note)
+    except ValidationError as e:
+        raise HTTPException(422, f"bad verdict: {e.errors()[0]['msg']}") from None
+    await record_verdict(desk_of(request), cluster_id, body, who)
+    return RedirectResponse(f"/clusters/{quote(cluster_id)}#history", 303)
+
+
+@router.get("/accounts", response_class=HTMLResponse, include_in_schema=False)
+def accounts_page(request: Request, q: AccountQuery = Depends(account_query), me: Principal = Depends(reader)):
+    rows, nxt = desk_of(request).source.accounts_page(q)
+    return page(request, "accounts.html", me, rows=rows, query=q,
+                next_url=accounts_link("/accounts", q, nxt) if nxt else None,
+                first_url=accounts_link("/accounts", q, None) if q.cursor else None)
+
+
+@router.get("/accounts/{account_id:path}", response_class=HTMLResponse, include_in_schema=False)
+def account_page(request: Request, account_id: str, me: Principal = Depends(reader)):
+    try:
+        a = desk_of(request).source.account(account_id)
+    except NotFound:
+        raise HTTPException(404, f"no account {account_id!r}") from None
+    return page(request, "account.html", me, a=a)
+
+
+@router.get("/search", response_class=HTMLResponse, include_in_schema=False)
+def search_page(request: Request, q: StoreQuery = Depends(store_query),
+                desk_verdict: Optional[str] = Depends(desk_verdict_query), me: Principal = Depends(reader)):
+    source = desk_of(request).source
+    asked = q != StoreQuery(limit=q.limit) or desk_verdict is not None
+    rows, cut = searched(source, q, desk_verdict) if asked else ([], False)
+    # A search is one ranked answer of up to MAX_RESULTS (the store's result window): a cut one
+    # offers the same search with a larger limit, not a cursor (its relevance rank is the store's).
+    more = min(q.max_results * 10, MAX_RESULTS) if cut and q.max_results < MAX_RESULTS else None
+    return page(request, "search.html", me, rows=rows, asked=asked, cut=cut, spread=source.spread(rows),
+                form=search_form(q, desk_verdict),
+                desk_verdict=desk_verdict, desk_verdicts=SEARCH_DESK_VERDICTS,
+                more_url=search_link(q, desk_verdict, more) if more else None)
+
+
+@router.get("/similar", response_class=HTMLResponse, include_in_schema=False)
+def similar_page(request: Request, me: Principal = Depends(reader)):
+    return page(request, "similar.html", me, found=None, error=None,
+                max_bytes=desk_of(request).settings.fetch.max_bytes)
+
+
+@router.post("/similar", response_class=HTMLResponse, include_in_schema=False)
+async def similar_form(request: Request, image: UploadFile = File(...), me: Principal = Depends(reader_form)):
+    desk = desk_of(request)
+    max_bytes = desk.settings.fetch.max_bytes
+    try:
+        found = await lookup_picture(desk, image, preview=True)
+    except Rejected as e:
+        resp = page(request, "similar.html", me, found=None, error=str(e), max_bytes=max_bytes)
+        resp.status_code = e.status
+        return resp
+    # bank entries shown only if members
+    members = {r["sha256"] for r in found.rows if r.get("sha256") and "cluster_id" not in r
+               and await run_in_threadpool(desk.source.may_show, r["sha256"])}
+    return page(request, "similar.html", me, found=found, error=None, max_bytes=max_bytes,
+                filename=image.filename or "", members=members)
+
+
+@router.get("/banks", response_class=HTMLResponse, include_in_schema=False)
+def banks_page(request: Request, me: Principal = Depends(reader)):
+    settings = desk_of(request).settings
+    return page(request, "banks.html", me, banks=views.banks(settings), entries=views.desk_entries(settings))
+
+
+@router.get("/login", response_class=HTMLResponse, include_in_schema=False)
+def login_form(request: Request, next: str = "/"):
+    desk = desk_of(request)
+    # A token the browser already holds is kept: a new one would replace
+    # the cookie, and the login form of another open tab would then fail.
+    token = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not _LOGIN_TOKEN.fullmatch(token):
+        token = secrets.token_urlsafe(24)
+    # Said before a password is typed: a login over plain http off loopback
+    # cannot work. Not where TLS is configured (a TLS terminator that adds
+    # no header looks like plain http here): a refused login says it then.
+    notice = None if desk.tls_configured else desk.why_no_login_cookie(request)
+    resp = desk.templates.TemplateResponse(request, "login.html", {"me": None, "csrf": token, "next": safe_next(next),
+                                                                   "error": notice, "has_users": len(desk.users) > 0})
+    resp.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=3600, **desk.cookie_attrs(request))
+    return resp
+
+
+@router.post("/login", include_in_schema=False)
+def login(request: Request, username: str = Form(..., max_length=64), password: str = Form(..., max_length=1024),
+          next: str = Form("/"), expected: str = Depends(login_form_csrf)):
+    desk = desk_of(request)
+    client = request.client.host if request.client else "unknown"
+    wait, stamp = desk.limiter.attempt(client, username)
+    if stamp is None:
+        observe.LOGINS.labels("rate_limited").inc()
+        raise HTTPException(429, f"too many failed logins; try again in {int(wait) + 1} s",
+                            headers={"Retry-After": str(int(wait) + 1)})
+    user = desk.users.check(username, password)
+    if user is None:
+        observe.LOGINS.labels("failed").inc()
+        log.warning("desk login failed", extra={"user": username, "client": client})
+        # The form again with the same token: a new one would set a new
+        # cookie, and a login form open in another tab (or a second try
+        # already on its way) would then fail its CSRF check.
+        return desk.templates.TemplateResponse(request, "login.html", {
+            "me": None, "csrf": expected, "next": safe_next(next), "error": "wrong user name or password",
+            "has_users": True}, status_code=401)
+    desk.limiter.succeeded(stamp, client, username)
+    # The session the browser held until now ends here, not only its cookie:
+    # a copy of it (another user's, a shared machine's) must not outlive this login.
+    presented = request.cookies.get(SESSION_COOKIE)
+    if presented:
+        desk.db.end_session(presented)
+    token, _ = desk.db.new_session(user.name, user.role, desk.settings.desk.session_hours, credential_of(user))
+    observe.LOGINS.labels("ok").inc()
+    resp = RedirectResponse(safe_next(next), 303)
+    resp.set_cookie(SESSION_COOKIE, token, max_age=int(desk.settings.desk.session_hours * 3600),
+                    **desk.cookie_attrs(request))
+    resp.delete_cookie(LOGIN_CSRF_COOKIE, **desk.cookie_attrs(request))
+    return resp
+
+
+@router.post("/logout", include_in_schema=False)
+def logout(request: Request, me: Principal = Depends(reader_form)):
+    desk = desk_of(request)
+    if me.via == "session":
+        desk.db.end_session(request.cookies.get(SESSION_COOKIE, ""))
+    resp = RedirectResponse("/", 303)
+    resp.delete_cookie(SESSION_COOKIE, **desk.cookie_attrs(request))
+    return resp
+
+
+def page_with_error(request: Request, status: int, message: str) -> Response | None:
+    """The queue or the search page itself for a bad filter (422) or a
+    search the store stopped (503): its form filled with the values as
+    they were sent, to correct, and the message above it; None for any
+    other request (the error page; a refresh's rows too). Only for a reader: the guards passed
+    before the query was checked, so this finds one."""
+    if request.method != "GET" or request.url.path not in ("/", "/search") or "partial" in request.query_params:
+        return None
+    try:
+        me = reader(request)
+    except HTTPException:
+        return None
+    sent = request.query_params
+    if request.url.path == "/":
+        resp = page(request, "queue.html", me, rows=[], spread={}, refresh_s=desk_of(request).settings.desk.refresh_s,
+                    form={k: sent.get(k, "") for k in QUEUE_FORM}, error=message)
+    else:
+        resp = page(request, "search.html", me, rows=[], asked=False, spread={},
+                    form={k: sent.get(k, "") for k in SEARCH_FORM}, desk_verdicts=SEARCH_DESK_VERDICTS,
+                    error=message)
+    resp.status_code = status
+    return resp
+
+
+def return_to(request: Request) -> str:
+    """Where a login started from ``request`` comes back to: the page, with
+    its query (a search's words and filters), as sent; for a form posted from
+    a page (a verdict, a picture lookup, a logout), that page, whose GET is
+    not the form's address (``/clusters/{id}/verdict`` -> ``/clusters/{id}``);
+    from the login page, where it already leads."""
+    if request.url.path == "/login":
+        return safe_next(request.query_params.get("next", "/"))
+    raw = request.scope.get("raw_path")  # as sent: a cluster id may hold an escaped "/" or "?"
+    path = raw.decode("latin-1") if raw else quote(request.url.path)
+    if request.method not in SAFE_METHODS:
+        return "/" if path == "/logout" else path.removesuffix("/verdict")
+    return path + ("?" + request.url.query if request.url.query else "")
+
+
+def login_url(target: str) -> str:
+    """The login page, back to ``target`` (a path and query of the desk) after."""
+    return "/login?next=" + quote(target, safe="/")
+
+
+def safe_next(target: str) -> str:
+    # Only same-site paths: "//evil.example" or "https://..." would be an open redirect.
+    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
