@@ -4,6 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU machines take the local CPU build; GPU users: make install TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
+# Where pip finds torch. Empty: pip's own configuration (where it is set up to
+# find the CPU wheel, as on the project's machines). Plain PyPI on Linux serves
+# the multi-GB CUDA build instead: there give
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 # Test processes (pytest-xdist, one test file per process at a time): most of
 # the suite waits on brokers, workers and sockets rather than the CPU, so two
 # on two cores halve the wall time (15.5 -> 8.5 min). TEST_WORKERS=0: one process.
@@ -16,7 +21,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -201,6 +201,15 @@ def build_dashboard() -> dash.Dashboard:
             .with_target(_query(q.event_to_alert_quantile(0.95), "p95", "B"))
         )
         .with_panel(
+            _timeseries("Model requests and answers", "short",
+                        "Pictures the cluster stage sent to the detect role for the pixel model, and the answers "
+                        "it gave, per bar. Requests with no answers: no detect worker, or a stuck one "
+                        "(DeepwatchModelResultsOverdue).")
+            .with_target(_query(q.MODEL_REQUESTS_RATE, "requests", "A"))
+            .with_target(_query(q.MODEL_ANSWERS_RATE, "answers", "B"))
+            .draw_style(common.GraphDrawStyle.BARS)
+        )
+        .with_panel(
             _timeseries("Event loop silence by worker", "s",
                         "Seconds since each worker's event loop last beat (every 5 s); past 120 s its /healthz "
                         "answers 503 and Kubernetes restarts it, while /metrics still answers.")

@@ -194,6 +194,14 @@ SINK_BEHIND_MAX = "max(deepwatch_sink_behind_seconds)"
 BLOB_HELD_MAX = BLOB_HELD
 LOOKUP_HELD_MAX = LOOKUP_HELD
 HOST_PAUSES_15M = f"sum({counted('deepwatch_fetch_host_pauses_total', '15m')}) > 0"
+# Model requests (the cluster stage's) against the detect role's answers (one
+# observation of its stage latency each). With no detect worker at all its
+# series is absent: read as 0, or the rule could never fire for that case.
+MODEL_REQUESTS_RATE = f"sum({counted('deepwatch_model_requests_total', '$__interval')})"
+_MODEL_ANSWERS = 'deepwatch_stage_seconds_count{stage="detect"}'
+MODEL_ANSWERS_RATE = f"sum({counted(_MODEL_ANSWERS, '$__interval')})"
+MODEL_RESULTS_OVERDUE = (f"(sum({counted('deepwatch_model_requests_total', '15m')}) > 0) and on() "
+                         f"((sum({counted(_MODEL_ANSWERS, '15m')}) or on() vector(0)) == 0)")
 
 
 # -- the desk (deepwatch serve; its own scrape job, deploy/prometheus/prometheus.yml)

@@ -128,6 +128,12 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
             _rule("DeepwatchStageLatencyHigh", f"{q.stage_quantile(0.95, '5m')} > {STAGE_P95_MAX_S}", "10m", "warning",
                   "p95 latency of stage {{ $labels.stage }} is {{ $value | humanizeDuration }}",
                   "Slow image hosts (fetch), oversized images (analyze) or a saturated cluster worker."),
+            _rule("DeepwatchModelResultsOverdue", q.MODEL_RESULTS_OVERDUE, "5m", "warning",
+                  "Clusters wait for model results: the detect role answered none in 15 minutes",
+                  "The cluster stage asks the detect role for the pixel model's evidence on every new picture; "
+                  "nothing answered. A deployment without a detect worker (`deepwatch worker --role detect`), "
+                  "one crash-looping on its model, or one stuck: every new cluster keeps models_pending and a "
+                  "fake without metadata is never scored."),
             _rule("DeepwatchImageHostsPaused", q.HOST_PAUSES_15M, "0m", "warning",
                   "Image hosts keep timing out; their posts are dead-lettered as fetch:host_unavailable",
                   "A worker paused a host after fetch.breaker_timeouts timeouts in a row (streams.host_breaker). "

@@ -83,6 +83,9 @@ SendDead = Callable[[DeadLetter], Awaitable[None]]
 # A batch the engine state store could not write is applied again after this
 # long, doubling up to the max (as the findings sinks back off).
 STORE_RETRY_INITIAL_S, STORE_RETRY_MAX_S = 0.5, 30.0
+# Model requests without any result for this long are worth a warning: a CPU
+# detect worker answers a backlog of new clusters within minutes.
+MODELS_OVERDUE_S = 600
 
 
 class ClusterStage:
@@ -121,6 +124,12 @@ class ClusterStage:
         # on the old broker, so they are asked again, once (``_ask_again``).
         self._asked: set[str] = set()
         self._to_ask: list[DetectRequest] = []
+        # Since when model requests went out with no result back (None: every
+        # request since the last result is younger, or none was sent): a
+        # deployment without a detect worker leaves every cluster waiting,
+        # which nothing else here would say (``MODELS_OVERDUE_S``).
+        self._unanswered_since: float | None = None
+        self._overdue_said = False
 
     # -- state ----------------------------------------------------------------
     async def on_rebalance(self, sender: Any = None, **kwargs: Any) -> None:
@@ -330,12 +339,13 @@ class ClusterStage:
             for snap in out.snapshots:
                 await self.updates.send(key=snap.cluster_id.encode(), value=snap.dumps())
             for req in out.detect_requests:
-                await self.detect_requests.send(key=req.cluster_id.encode(), value=req.dumps())
+                await self._ask(req)
             for alert in out.alerts:
                 await self.alerts.send(key=alert.cluster_id.encode(), value=alert.dumps())
         asking, self._to_ask = self._to_ask, []
         for req in asking:
-            await self.detect_requests.send(key=req.cluster_id.encode(), value=req.dumps())
+            await self._ask(req)
+        self._say_if_models_overdue()
         for (value, msg), reason, detail in failed:
             src = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset)
             await self._dead(src, value, reason, detail)
@@ -350,6 +360,27 @@ class ClusterStage:
             metrics.STAGE_SECONDS.labels("cluster").observe(share)
         for out in outs:
             metrics.EVENTS.labels("cluster", "duplicate" if out.duplicate_event else "ok").inc()
+
+    async def _ask(self, req: DetectRequest) -> None:
+        await self.detect_requests.send(key=req.cluster_id.encode(), value=req.dumps())
+        metrics.MODEL_REQUESTS.inc()
+        if self._unanswered_since is None:
+            self._unanswered_since = time.monotonic()
+
+    def _answered(self) -> None:
+        self._unanswered_since, self._overdue_said = None, False
+
+    def _say_if_models_overdue(self) -> None:
+        """Once, when model requests went unanswered for ``MODELS_OVERDUE_S``:
+        the pixel model is on by default, and without a detect worker every
+        cluster waits for it with nothing but ``models_pending`` to show."""
+        since = self._unanswered_since
+        if since is None or self._overdue_said or time.monotonic() - since < MODELS_OVERDUE_S:
+            return
+        self._overdue_said = True
+        log.warning(f"no model result for {MODELS_OVERDUE_S // 60} minutes after a model request: is a detect worker "
+                    "running (`deepwatch worker --role detect`)? Meanwhile clusters wait for their model evidence "
+                    "(models_pending)", extra={"models": list(self.settings.detect.models)})
 
     def _apply_all(self, items: list[tuple[bytes, Any]]) -> tuple[
             list[Outcome], list[tuple[tuple[bytes, Any], str, str]], list[tuple[bytes, Any]]]:
@@ -386,6 +417,8 @@ class ClusterStage:
                     op = ClusterOp.loads(value)
                     applying = True
                     out = self.engine.apply(op, msg.offset, self.get_state)
+                    if op.kind == "detection":
+                        self._answered()
                     writes = {cid: fit(st) for cid, st in out.writes.items()}
                 except Exception as e:  # a bug or a poison op must not stop the single writer
                     if may_pass(e):

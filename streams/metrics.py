@@ -30,6 +30,8 @@ DEAD_LETTERS = Counter("deepwatch_dead_letters_total", "Events sent to the dead-
 CLUSTERS = Gauge("deepwatch_clusters", "Live clusters in the cluster engine's index")
 CLUSTER_MEMBERS = Gauge("deepwatch_cluster_members", "Distinct images in the cluster engine's index")
 ALERTS = Counter("deepwatch_alerts_total", "Alerts raised", ["level"])
+MODEL_REQUESTS = Counter("deepwatch_model_requests_total", "Model requests the cluster stage sent to the detect role "
+                         "(a cluster's first copy, a clearly better copy, or one asked again)")
 WEBHOOKS = Counter("deepwatch_webhook_deliveries_total", "Webhook delivery attempts (after their retries), live and "
                    "redelivered, by outcome: delivered (once per alert and target), failed, rejected", ["outcome"])
 # From the findings store, set alike by every worker (streams.webhooks.Redeliverer.refresh_gauge);

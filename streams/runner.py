@@ -595,7 +595,11 @@ def process_age() -> float | None:
 
 
 def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], refused: int, seconds: float, complete: bool,
-              run: str | None = None, ingest_seconds: float | None = None) -> ReplaySummary:
+              run: str | None = None, ingest_seconds: float | None = None,
+              started_at: datetime | None = None) -> ReplaySummary:
+    """The run's summary. ``alert_latency_s`` holds the alerts raised from
+    ``started_at`` on (when given): this run's, not those an earlier run left
+    in the data dir; the counts are the store's totals."""
     store = open_findings(settings.findings.url, settings.data_dir, settings)
     try:
         dls: dict[str, int] = {}
@@ -607,7 +611,8 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
             if a.get("trigger_ingested_at") and a.get("created_at"):
                 t0 = datetime.fromisoformat(a["trigger_ingested_at"])
                 t1 = datetime.fromisoformat(a["created_at"])
-                latencies.append(round((t1 - t0).total_seconds(), 3))
+                if started_at is None or t1 >= started_at:
+                    latencies.append(round((t1 - t0).total_seconds(), 3))
         outcomes: dict[str, int] = {}
         if run is not None:
             ended = store.run_outcomes(run, settings.topic("events"))

@@ -85,7 +85,7 @@ class FetchSettings(_Section):
     max_redirects: int = Field(3, ge=0)  # redirects followed (each checked as the first URL); more: a dead letter
     breaker_timeouts: int = Field(5, ge=0)  # timeouts in a row that pause a host (fetch:host_unavailable); 0: never
     breaker_cooldown_s: float = Field(30.0, gt=0)  # a paused host's first pause; doubles (to 5 min) while its try times out
-    user_agent: str = "deepwatch/0.1 (+https://github.com/deepwatch)"  # the User-Agent of image fetches
+    user_agent: str = "deepwatch/0.1"  # the User-Agent of image fetches; add where image hosts can reach you, e.g. "deepwatch/0.1 (+https://desk.example.org/contact)"
 
 
 class DecodeSettings(_Section):

@@ -199,10 +199,17 @@ def test_demo_runs_end_to_end_as_make_demo_runs_it(tmp_path):
     said = " ".join(r.stderr.split())  # rich wraps long lines off a terminal
     # 43 events: 37 sightings of 36 posts (one post twice), 6 hostile events dead-lettered, one viral fake alerted
     assert "done: 43 events" in said and "this run: 36 new sightings, 1 already stored, 6 dead letters" in said
-    assert "6 clusters, 1 alerts" in said and "deepwatch clusters --data-dir" in said
+    assert "6 clusters, 1 alert;" in said and "deepwatch clusters --data-dir" in said
     assert r.stdout.endswith("\n")  # the live table's last frame ends its line: the summary never joins it
+    assert "event→alert latency of this run's alerts (s): [" in said
     alerts = deepwatch("alerts", "--data-dir", str(tmp_path / "data"), "--format", "json")
     assert alerts.returncode == 0 and len(json.loads(alerts.stdout)) == 1
+    # again into the same data dir: nothing new is stored or alerted, and the first run's latency is not shown again
+    r = subprocess.run([str(script), "demo", "--data-dir", str(tmp_path / "data")], capture_output=True, text=True,
+                       timeout=300, stdin=subprocess.DEVNULL)
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 0 and "this run: 0 new sightings, 37 already stored, 6 dead letters" in said, said[-2000:]
+    assert "1 alert;" in said and "latency" not in said
 
 
 @pytest.mark.parametrize("args", [
@@ -346,3 +353,13 @@ def test_a_replay_whose_every_event_was_dead_lettered_says_the_feed_may_be_wrong
     r = deepwatch("replay", str(feed), "--data-dir", str(tmp_path / "e"), "--workers", "1", "--no-wait-models",
                   "--format", "json", timeout=300)
     assert json.loads(r.stdout)["events"] == 2 and "every event of this run was dead-lettered" in r.stderr
+    # a valid feed whose pictures are not where its paths say: the pictures are named, not the feed
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text("".join(json.dumps({"event_id": f"e{i}", "platform": "x", "account_id": "a",
+                                         "posted_at": "2026-12-01T10:00:00Z", "image": {"path": f"images/p{i}.jpg"}})
+                             + "\n" for i in range(2)))
+    r = deepwatch("replay", str(posts), "--data-dir", str(tmp_path / "f"), "--workers", "1", "--no-wait-models",
+                  timeout=300)
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 0 and "fetch:not_found=2" in said, r.stderr[-2000:]
+    assert "no picture of this run could be read" in said and "is FEED" not in said

@@ -382,3 +382,31 @@ def test_a_malformed_op_is_dead_lettered_as_invalid_op(tmp_path):
     run(stage, [bad] + ops_for([(2, 1)]))
     assert [(d.stage, d.reason, d.source.offset) for d in dead] == [("cluster", "invalid_op", 0)]
     assert "is malformed: sha256" in dead[0].detail and len(topics["updates"].sent) == 1
+
+
+def test_model_requests_are_counted_and_unanswered_ones_said_once(tmp_path, monkeypatch, caplog):
+    # the pixel model is on by default: without a detect worker every cluster waits for it, and only this says so
+    import streams.cluster_stage as cs
+    from streams import metrics
+    from streams.records import DetectionResult
+
+    settings = Settings(data_dir=tmp_path)
+    assert settings.detect.models, "the default settings run a model"
+    stage, topics, dead = stage_for(settings, {})
+    before = metrics.MODEL_REQUESTS._value.get()
+    monkeypatch.setattr(cs, "MODELS_OVERDUE_S", 0)
+    with caplog.at_level("WARNING", logger="streams.cluster_stage"):
+        run(stage, ops_for([(1, 0), (2, 1), (1, 2)]))
+    asked = [json.loads(v) for _, v in topics["detect_requests"].sent]
+    assert len(asked) == 2 and metrics.MODEL_REQUESTS._value.get() - before == 2 and not dead
+    said = [r.getMessage() for r in caplog.records if "no model result" in r.getMessage()]
+    assert len(said) == 1 and "deepwatch worker --role detect" in said[0]
+    # an answer ends the wait; a later request unanswered is said again
+    caplog.clear()
+    answer = ClusterOp(kind="detection", detection=DetectionResult(
+        cluster_id=asked[0]["cluster_id"], sha256=asked[0]["sha256"], evidence=[], models=list(settings.detect.models)))
+    with caplog.at_level("WARNING", logger="streams.cluster_stage"):
+        run(stage, [answer.dumps()], first_offset=3)
+        assert not [r for r in caplog.records if "no model result" in r.getMessage()]
+        run(stage, ops_for([(5, 3)]), first_offset=4)
+    assert len([r for r in caplog.records if "no model result" in r.getMessage()]) == 1

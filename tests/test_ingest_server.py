@@ -713,3 +713,13 @@ def test_a_body_of_many_short_lines_is_refused_without_splitting_it_all(settings
             tracemalloc.stop()
     assert r.status_code == 413 and r.json()["error"] == "too_many_lines", r.text
     assert peak < 4 * len(body), f"peak {peak / 2**20:.0f} MiB for a {len(body) / 2**20:.0f} MiB body"
+
+
+def test_serve_ingest_warns_when_it_listens_off_loopback_in_clear_text():
+    from streams.cli.connect import ingest_exposure_warnings
+
+    assert ingest_exposure_warnings("127.0.0.1", None) == ingest_exposure_warnings("::1", 9465) == []
+    tls, metrics = ingest_exposure_warnings("0.0.0.0", None)
+    assert "plain http" in tls and "TLS-terminating reverse proxy" in tls
+    assert "token holders" in metrics and "--metrics-port" in metrics
+    assert ingest_exposure_warnings("192.0.2.10", 9465) == [tls.replace("0.0.0.0", "192.0.2.10")]

@@ -449,6 +449,43 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                      "exp_alerts": [_expected_alert("DeepwatchNoWorkers", {"job": "deepwatch"})]},
                 ],
             },
+            {   # model requests go out and no detect worker exists (no detect series at all): it fires
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_model_requests_total{job="deepwatch",instance="w1"}', "values": "0+5x40"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "4m", "alertname": "DeepwatchModelResultsOverdue", "exp_alerts": []},  # pending
+                    {"eval_time": "10m", "alertname": "DeepwatchModelResultsOverdue",
+                     "exp_alerts": [_expected_alert("DeepwatchModelResultsOverdue")]},
+                ],
+            },
+            {   # a detect worker answers until 10 m, then stops; a second run where it keeps answering
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_model_requests_total{job="deepwatch",instance="w1"}', "values": "0+5x40"},
+                    {"series": 'deepwatch_stage_seconds_count{job="deepwatch",instance="d1",stage="detect"}',
+                     "values": "0+5x10 50x30"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "15m", "alertname": "DeepwatchModelResultsOverdue", "exp_alerts": []},
+                    # answers in the last 15 minutes until 25 m, then none for 5 minutes more
+                    {"eval_time": "28m", "alertname": "DeepwatchModelResultsOverdue", "exp_alerts": []},
+                    {"eval_time": "32m", "alertname": "DeepwatchModelResultsOverdue",
+                     "exp_alerts": [_expected_alert("DeepwatchModelResultsOverdue")]},
+                ],
+            },
+            {   # requests answered as they come: nothing to say
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_model_requests_total{job="deepwatch",instance="w1"}', "values": "0+5x40"},
+                    {"series": 'deepwatch_stage_seconds_count{job="deepwatch",instance="d1",stage="detect"}',
+                     "values": "0+5x40"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "DeepwatchModelResultsOverdue", "exp_alerts": []},
+                ],
+            },
             {   # the findings store cannot answer the event-id lookup: every event dead-lettered in "dedupe"
                 "interval": "1m",
                 "input_series": [

@@ -6,6 +6,7 @@ import json
 import shlex
 import time
 from contextlib import ExitStack
+from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -81,6 +82,7 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
     from streams.topics import PIPELINE_ROLES
 
     timings: dict[str, float] = {}
+    started_at = datetime.now(timezone.utc)  # this run's alerts are those raised from here on
     age = runner.process_age()
     if age is not None:
         timings["imports"] = age  # interpreter start to here: the CLI's own imports
@@ -151,7 +153,8 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         if live is not None:
             live.update(render())
         summary = runner.summarize(settings, produced.lines, produced.offsets, produced.refused, seconds, complete,
-                                   run=produced.run, ingest_seconds=marks.get("events_done", started + seconds) - started)
+                                   run=produced.run, ingest_seconds=marks.get("events_done", started + seconds) - started,
+                                   started_at=started_at)
         summary.stage_seconds = cluster.stage_seconds()
         summary.workers = workers
         summary.models_pending_at_start = pending_at_start
@@ -172,15 +175,19 @@ def _print_summary(summary, fmt_json: bool) -> None:
         return
     ended = summary.run_outcomes
     dl = ", ".join(f"{k}={v}" for k, v in sorted(summary.dead_letters.items())) or "none"
+    # events/s is over the time every event took to end (``ingest_seconds``);
+    # the model results that land after that are said apart
+    ingest = summary.ingest_seconds if summary.ingest_seconds is not None else summary.seconds
+    then = f", model results in after {summary.seconds}s" if summary.seconds > ingest else ""
     err.print(
         f"[bold]{'done' if summary.complete else 'TIMED OUT'}[/]: {summary.events} events "
-        f"({summary.produced} produced, {summary.refused_at_ingest} refused at ingest) in {summary.seconds}s "
-        f"= {summary.events_per_second} events/s; this run: {ended.get('sighting', 0)} new sightings, "
+        f"({summary.produced} produced, {summary.refused_at_ingest} refused at ingest) ended in {ingest}s "
+        f"= {summary.events_per_second} events/s{then}; this run: {ended.get('sighting', 0)} new sightings, "
         f"{ended.get('duplicate', 0)} already stored, {ended.get('dead_letter', 0)} dead letters"
     )
     # the store's totals: earlier runs into the same data dir count too
-    err.print(f"data dir: {summary.sightings} sightings, {summary.clusters} clusters, {summary.alerts} alerts; "
-              f"dead letters: {dl} (`deepwatch dead-letters` lists them)")
+    err.print(f"data dir: {_count(summary.sightings, 'sighting')}, {_count(summary.clusters, 'cluster')}, "
+              f"{_count(summary.alerts, 'alert')}; dead letters: {dl} (`deepwatch dead-letters` lists them)")
     if summary.models_pending_at_start:
         err.print(f"{summary.models_pending_at_start} cluster(s) an earlier run left waiting for a model result "
                   "were asked again")
@@ -188,16 +195,35 @@ def _print_summary(summary, fmt_json: bool) -> None:
         err.print(f"{summary.models_pending} cluster(s) still wait for a model result; their scores lack model "
                   "evidence (a later replay into this data dir asks again)")
     if summary.alert_latency_s:
-        err.print(f"event→alert latency (s): {summary.alert_latency_s}")
+        err.print(f"event→alert latency of this run's alerts (s): {summary.alert_latency_s}")
     _warn_all_dead(summary)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _warn_all_dead(summary) -> None:
-    """`replay /etc/passwd` ended "done", exit 0, as a feed of hostile events would: say FEED may be wrong."""
-    if summary.events and summary.run_outcomes.get("dead_letter", 0) == summary.events:
-        err.print("warning: every event of this run was dead-lettered: is FEED a deepwatch event feed, one JSON "
-                  "event per line (`deepwatch schema` prints its JSON Schema)?", style="yellow", markup=False,
-                  highlight=False)
+    """`replay /etc/passwd` ended "done", exit 0, as a feed of hostile events
+    would: say why, by the stage most of the dead letters came from (the
+    feed itself, or pictures that could not be read)."""
+    if not (summary.events and summary.run_outcomes.get("dead_letter", 0) == summary.events):
+        return
+    by_stage: dict[str, int] = {}
+    for key, n in summary.dead_letters.items():
+        stage = key.partition(":")[0]
+        by_stage[stage] = by_stage.get(stage, 0) + n
+    stage = max(by_stage, key=lambda k: by_stage[k], default="validate")
+    if stage == "fetch":
+        why = ("no picture of this run could be read: a relative image path is read from the feed's directory, "
+               "and every path must lie under it or an --image-root")
+    elif stage == "validate":
+        why = ("is FEED a deepwatch event feed, one JSON event per line (`deepwatch schema` prints its JSON "
+               "Schema)?")
+    else:
+        why = f"most at the {stage} stage"
+    err.print(f"warning: every event of this run was dead-lettered: {why}; `deepwatch dead-letters` says why for "
+              "each", style="yellow", markup=False, highlight=False)
 
 
 def _check_state_files(settings: Settings) -> None:
@@ -274,8 +300,14 @@ def _prog() -> str:
     import shutil
     import sys
 
-    name = Path(sys.argv[0]).name
-    if name == "deepwatch" or (name != "__main__.py" and shutil.which("deepwatch")):
+    invoked = sys.argv[0]
+    name = Path(invoked).name
+    on_path = shutil.which("deepwatch")
+    if name == "deepwatch":
+        if on_path and Path(on_path).resolve() == Path(invoked).resolve():
+            return "deepwatch"
+        return shlex.quote(invoked)  # e.g. .venv/bin/deepwatch (make demo) with the venv not activated
+    if name != "__main__.py" and on_path:
         return "deepwatch"
     return f"{shlex.quote(sys.executable)} -m streams.cli"
 
