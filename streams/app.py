@@ -204,11 +204,13 @@ def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.Topi
     # -- sinks -----------------------------------------------------------------
     from streams.sink_stage import SinkStage
     from streams.sinks import Sinks
+    from streams.webhooks import Deliveries, install_redelivery
 
-    sinks = Sinks(settings)
-    from streams.webhooks import install_redelivery
-
-    redeliverer = install_redelivery(app, settings)  # failed webhooks are retried, in order per cluster
+    # one per worker: its webhook senders and its redelivery share the alerts in hand,
+    # the targets asked to wait (Retry-After) and the ordering gate
+    deliveries = Deliveries()
+    sinks = Sinks(settings, deliveries=deliveries)
+    redeliverer = install_redelivery(app, settings, deliveries)  # failed webhooks are retried, in order per cluster
 
     @app.on_before_shutdown.connect
     async def stop_webhook_senders(app, **kwargs) -> None:

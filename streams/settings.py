@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import SettingsError as PydanticSettingsError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
@@ -223,12 +223,6 @@ class WebhookSettings(_Section):
     # a 429/503's Retry-After is honoured up to this: the wait before a retry, and after the last try how long the target is left alone
     retry_after_max_s: float = Field(300.0, ge=0)  # longest Retry-After (429/503) honoured, in seconds
     summary: bool = False  # add "summary", one line for people, to the alert JSON (strict schema validators must allow it)
-    # desk.public_url, filled in by streams.webhooks.hooks_by_key (not a setting of its own): the
-    # desk's address for the alert JSON's "desk_url"
-    _desk_public_url: str | None = PrivateAttr(None)
-    # alerts.allow_private_webhooks, filled in by streams.webhooks.hooks_by_key: a hook made
-    # any other way contacts public addresses only
-    _allow_private: bool = PrivateAttr(False)
 
     @field_validator("url")
     @classmethod

@@ -54,7 +54,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal, TypeVar
 
@@ -62,11 +62,11 @@ import httpx
 
 from streams import metrics
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef, named_event
-from streams.settings import FindingsSettings, Settings, WebhookSettings
+from streams.settings import FindingsSettings, Settings
 from streams.store_errors import may_pass
 from streams.findings import DeliveryState, FindingsStore, SinkWriter, open_findings
 from streams.webhooks import (
-    WebhookError, WebhookHeld, alert_spread, deliver, desk_url, failure_state, hooks_by_key, live_add, live_discard,
+    Deliveries, Target, WebhookError, WebhookHeld, alert_spread, deliver, desk_url, failure_state, hooks_by_key,
     longest_delivery_s, target_label, top_evidence,
 )
 
@@ -86,11 +86,18 @@ class Sinks:
     it. A caller that answers someone (a desk request) gives a bound: its
     webhook deliveries are then one attempt each (no retries, no
     Retry-After pause), and what does not go through is left ``failed``
-    for the leader worker's redelivery."""
+    for the leader worker's redelivery.
 
-    def __init__(self, settings: Settings, *, retry_for_s: float | None = None):
+    ``deliveries``: what its webhook senders share with the worker's
+    redelivery (``streams.webhooks.Deliveries``, the one the worker gave its
+    ``Redeliverer``); a sink with no redelivery beside it (the desk's) has
+    its own."""
+
+    def __init__(self, settings: Settings, *, retry_for_s: float | None = None,
+                 deliveries: Deliveries | None = None):
         self.settings = settings
         self.retry_for_s = retry_for_s
+        self.deliveries = deliveries if deliveries is not None else Deliveries()
         self._store: FindingsStore | None = None  # what it opened, whole: desk.alerting closes it
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
@@ -167,14 +174,14 @@ class Sinks:
             await self._write("dead letters", 1, lambda store: store.add_dead_letters(bad))
             return
         alert = alerts[0]
-        hooks = hooks_by_key(self.settings)
+        targets = hooks_by_key(self.settings)
         if self.retry_for_s is not None:
             # the caller waits for these deliveries (a desk verdict request, holding the verdict lock):
             # one attempt, bounded by timeout_s, never a retry or a Retry-After sleep; a receiver that
             # does not take it now gets it from the leader worker's redelivery
-            hooks = {k: h.model_copy(update={"retries": 0}) for k, h in hooks.items()}
+            targets = {k: replace(t, hook=t.hook.model_copy(update={"retries": 0})) for k, t in targets.items()}
         todo: list[str] = []
-        if hooks:
+        if targets:
             def queue(store: SinkWriter) -> list[str]:
                 # before the alert itself: from the alert's record on, every
                 # delivery it owes is on record (pending_work, redelivery).
@@ -182,14 +189,14 @@ class Sinks:
                 # delivered, or rejected for good (only `deepwatch redeliver`
                 # sends that again)
                 out = []
-                for key in hooks:
+                for key in targets:
                     state = store.delivery_state(alert.alert_id, key)
                     if state is None or not state.settled:
                         store.mark_delivered(alert.alert_id, key, DeliveryState.QUEUED)
                         out.append(key)
                 return out
 
-            todo = await self._write("delivery", len(hooks), queue)
+            todo = await self._write("delivery", len(targets), queue)
         new = await self._write("alert", 1, lambda store: store.add_alert(alert))
         if new:
             metrics.ALERTS.labels(str(alert.level)).inc()
@@ -210,16 +217,16 @@ class Sinks:
             log.info("worker stopping; webhook deliveries left to redelivery",
                      extra={"alert_id": alert.alert_id, "targets": len(todo)})
             todo = []
-        done = [self._sender(key, hooks[key]).put(alert) for key in todo]
+        done = [self._sender(key, targets[key]).put(alert) for key in todo]
         waiting = [d for d in done if d is not None]
         if self.retry_for_s is not None and waiting:
             # a caller that answers someone (the desk) says the alert went out: it waits for this
             # alert's deliveries (each target still on its own, one attempt), at most as long as one
             # attempt of the slowest hook takes; a delivery still running then goes on by itself
-            bound = max(longest_delivery_s(hooks[k]) for k in todo) + self.retry_for_s
+            bound = max(longest_delivery_s(targets[k].hook) for k in todo) + self.retry_for_s
             await asyncio.wait([asyncio.ensure_future(d) for d in waiting], timeout=bound)
 
-    def _sender(self, key: str, hook: WebhookSettings) -> "_Sender":
+    def _sender(self, key: str, target: Target) -> "_Sender":
         loop = asyncio.get_running_loop()
         sender = self._senders.get(key)
         if sender is None or sender.loop is not loop or sender.task.done():
@@ -227,7 +234,7 @@ class Sinks:
                 # a client belongs to the loop it was first used on
                 self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
                 self._client_loop = loop
-            sender = self._senders[key] = _Sender(self, key, hook, self.settings.alerts.webhook_queue_max)
+            sender = self._senders[key] = _Sender(self, key, target, self.settings.alerts.webhook_queue_max)
         return sender
 
     async def drain(self) -> None:
@@ -249,7 +256,7 @@ class Sinks:
         if held:
             # every held alert of a target is done (delivered or failed) within its hook's bound
             grace_s = self.settings.alerts.webhook_stop_grace_s if grace_s is None else grace_s
-            bound = min(grace_s, max(s.held * longest_delivery_s(s.hook) for s in senders))
+            bound = min(grace_s, max(s.held * longest_delivery_s(s.target.hook) for s in senders))
             before = [dict(s.outcomes) for s in senders]
             started = time.monotonic()
             try:
@@ -280,14 +287,14 @@ class Sinks:
             await self._client.aclose()
             self._client = self._client_loop = None
 
-    async def _webhook(self, key: str, hook: WebhookSettings, alert: Alert) -> DeliveryState | Literal["skipped"]:
+    async def _webhook(self, key: str, target: Target, alert: Alert) -> DeliveryState | Literal["skipped"]:
         """Deliver and record; returns the recorded state ("skipped": it was already delivered)."""
         if await self._write("delivery", 1, lambda store: store.delivered(alert.alert_id, key)):
             return "skipped"  # redelivery (or another worker) got it there first
         assert self._client is not None
         detail = ""
         try:
-            state = await deliver(hook, alert, self._client)
+            state = await deliver(target, alert, self._client, self.deliveries)
             metrics.WEBHOOKS.labels("delivered").inc()
         except WebhookHeld as e:  # not an attempt: nothing counted, redelivery sends it in its turn
             state, detail = failure_state(e), str(e)
@@ -296,7 +303,7 @@ class Sinks:
             state, detail = failure_state(e), str(e)
             metrics.WEBHOOKS.labels(state.value).inc()  # failed | rejected
             log.error("webhook delivery failed",
-                      extra={"alert_id": alert.alert_id, "target": key, "receiver": target_label(hook.url),
+                      extra={"alert_id": alert.alert_id, "target": key, "receiver": target_label(target.hook.url),
                              "error": detail})
         await self._write("delivery", 1, lambda store: store.mark_delivered(alert.alert_id, key, state, detail))
         return state
@@ -355,8 +362,8 @@ class _Sender:
     at a time in the order they came: each target waits only on its own
     receiver (its ``timeout_s`` and retries), never on another's."""
 
-    def __init__(self, sinks: Sinks, key: str, hook: WebhookSettings, maxsize: int):
-        self.sinks, self.key, self.hook = sinks, key, hook
+    def __init__(self, sinks: Sinks, key: str, target: Target, maxsize: int):
+        self.sinks, self.key, self.target = sinks, key, target
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[Alert, asyncio.Future[None]]] = asyncio.Queue(maxsize)
         self.held = 0  # alerts queued or being sent
@@ -374,7 +381,7 @@ class _Sender:
             log.warning("webhook queue full; the alert waits in the findings store for redelivery",
                         extra={"alert_id": alert.alert_id, "target": self.key, "queued": self.queue.qsize()})
             return None
-        live_add(self.key, alert.alert_id)
+        self.sinks.deliveries.live_add(self.key, alert.alert_id)
         self.held += 1
         return done
 
@@ -383,7 +390,7 @@ class _Sender:
             alert, done = await self.queue.get()
             outcome: str = DeliveryState.QUEUED  # what the record says unless the delivery ends
             try:
-                outcome = await self.sinks._webhook(self.key, self.hook, alert)
+                outcome = await self.sinks._webhook(self.key, self.target, alert)
             except Exception:  # the record stays "queued": redelivery sends it
                 log.exception("webhook delivery could not be recorded",
                               extra={"alert_id": alert.alert_id, "target": self.key})
@@ -391,7 +398,7 @@ class _Sender:
                 self.held -= 1
                 if outcome != DeliveryState.QUEUED:
                     self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-                live_discard(self.key, alert.alert_id)
+                self.sinks.deliveries.live_discard(self.key, alert.alert_id)
                 self.queue.task_done()
                 if not done.done():
                     done.set_result(None)

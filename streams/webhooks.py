@@ -19,7 +19,10 @@ target before the alert sink takes the next one. A stopping worker gives its
 senders a bounded grace to deliver what they hold (``streams.sinks.Sinks.stop``);
 an alert whose delivery a stopped or killed worker still left unfinished is
 sent by the redelivery, once its ``queued`` record is
-``2 × alerts.webhook_redeliver_s`` old.
+``2 × alerts.webhook_redeliver_s`` old. A worker's senders and its
+redelivery share one ``Deliveries``: the alerts the senders have in hand
+(redelivery leaves them to them), the targets that asked to wait and the
+ordering gate.
 
 A delivery that still fails after its retries is not forgotten: the
 ``Redeliverer`` tries failed deliveries again every
@@ -116,6 +119,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Mapping
@@ -177,19 +181,20 @@ def delivery_header(alert_id: str) -> str:
     return quote(alert_id, safe=_HEADER_SAFE)
 
 
-def payload(hook: WebhookSettings, alert: Alert) -> bytes:
+def payload(target: Target, alert: Alert) -> bytes:
     """The signed body: the alert's JSON, plus ``desk_url`` when the desk's
-    public address is set (``hooks_by_key`` gives hooks it) and a line for
-    people with ``summary``. Neither: the alert's JSON as it is (with the
-    cluster's ``first_seen``, ``last_seen``, ``platforms`` and
-    ``sample_posts``, ``streams.records.Alert``)."""
-    link = desk_url(hook._desk_public_url, alert)
-    if not hook.summary and link is None:
+    public address is set (``Target.desk_public_url``: ``hooks_by_key``
+    gives it) and a line for people with the hook's ``summary``. Neither:
+    the alert's JSON as it is (with the cluster's ``first_seen``,
+    ``last_seen``, ``platforms`` and ``sample_posts``,
+    ``streams.records.Alert``)."""
+    link = desk_url(target.desk_public_url, alert)
+    if not target.hook.summary and link is None:
         return alert.model_dump_json().encode()
     doc = json.loads(alert.model_dump_json())
     if link is not None:
         doc["desk_url"] = link
-    if hook.summary:
+    if target.hook.summary:
         doc["summary"] = alert_summary(alert, link)
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -309,6 +314,22 @@ def legacy_keys(hook: WebhookSettings) -> tuple[str, ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class Target:
+    """A configured hook as this deployment sends to it: the hook's own
+    settings and what the deployment adds to every hook (``hooks_by_key``
+    makes them from the settings, which stay as configured)."""
+
+    hook: WebhookSettings
+    desk_public_url: str | None = None  # desk.public_url: the body links the desk's page of the alert ("desk_url")
+    allow_private: bool = False  # alerts.allow_private_webhooks: else public receiver addresses only
+
+    @property
+    def key(self) -> str:
+        """The target's name in the findings store and metrics (``hook_key``)."""
+        return hook_key(self.hook)
+
+
 def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     """Seconds a ``Retry-After`` header asks for (delay-seconds or an HTTP
     date, RFC 9110 10.2.3); None when absent or unreadable."""
@@ -344,36 +365,70 @@ class WebhookHeld(WebhookError):
     Stored as ``failed``: redelivery sends it in its turn."""
 
 
-# target key -> time.monotonic() until which it is left alone (its Retry-After)
-_held_until: dict[str, float] = {}
+class Deliveries:
+    """What the webhook deliveries of one worker process share: the targets
+    left alone for a while (their Retry-After), the alerts its live senders
+    have in hand, the series of ``deepwatch_webhook_undelivered`` it set and
+    the ordering gate. The worker makes one (``streams.app``) and hands it
+    to its ``streams.sinks.Sinks`` and its ``Redeliverer``; a sink with no
+    redelivery beside it (the desk's) has one of its own."""
+
+    def __init__(self) -> None:
+        self._held_until: dict[str, float] = {}  # target key -> time.monotonic() it is left alone until
+        # target key -> alert ids this process's senders have in hand (queued or being
+        # sent): redelivery of ``queued`` records leaves those to them
+        self._live: dict[str, set[str]] = {}
+        self._exported: set[tuple[str, str]] = set()  # (target, status) series set, to drop the unconfigured ones
+        # ``install_redelivery``'s: a live delivery waits behind an undelivered earlier alert of its cluster
+        self.gate: Redeliverer | None = None
+
+    def held_for(self, key: str) -> float:
+        """Seconds target ``key`` is still left alone (its Retry-After); 0: it is not."""
+        left = self._held_until.get(key, 0.0) - time.monotonic()
+        if left <= 0:
+            self._held_until.pop(key, None)
+            return 0.0
+        return left
+
+    def hold(self, key: str, seconds: float) -> None:
+        """Leave target ``key`` alone for ``seconds`` (its Retry-After, capped)."""
+        self._held_until[key] = time.monotonic() + seconds
+
+    def live_add(self, key: str, alert_id: str) -> None:
+        self._live.setdefault(key, set()).add(alert_id)
+
+    def live_discard(self, key: str, alert_id: str) -> None:
+        self._live.get(key, set()).discard(alert_id)
+
+    def is_live(self, key: str, alert_id: str) -> bool:
+        return alert_id in self._live.get(key, ())
+
+    def live(self, key: str) -> frozenset[str]:
+        """The alert ids this process's senders have in hand for ``key``."""
+        return frozenset(self._live.get(key, ()))
+
+    def export_undelivered(self, counts: dict[str, dict[DeliveryState, int]], keys: list[str]) -> None:
+        """Set ``deepwatch_webhook_undelivered`` for the configured targets from
+        the store's counts (``undelivered_counts``); series of targets no longer
+        configured are dropped."""
+        now = {(key, state.value) for key in keys for state in UNDELIVERED}
+        for labels in self._exported - now:
+            try:
+                metrics.WEBHOOK_UNDELIVERED.remove(*labels)
+            except KeyError:
+                pass
+        for key, state in now:
+            metrics.WEBHOOK_UNDELIVERED.labels(key, state).set(counts.get(key, {}).get(state, 0))
+        self._exported = now
 
 
-def _held_for(key: str) -> float:
-    left = _held_until.get(key, 0.0) - time.monotonic()
-    if left <= 0:
-        _held_until.pop(key, None)
-        return 0.0
-    return left
-
-
-# target key -> alert ids this process's senders have in hand (queued or being
-# sent): redelivery of ``queued`` records leaves those to them
-_live: dict[str, set[str]] = {}
-
-
-def live_add(key: str, alert_id: str) -> None:
-    _live.setdefault(key, set()).add(alert_id)
-
-
-def live_discard(key: str, alert_id: str) -> None:
-    _live.get(key, set()).discard(alert_id)
-
-
-async def deliver(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) -> DeliveryState:
+async def deliver(target: Target, alert: Alert, client: httpx.AsyncClient, deliveries: Deliveries) -> DeliveryState:
     """POST the alert; returns ``DeliveryState.DELIVERED`` or raises WebhookError after retries."""
-    if _gate is not None and await _gate.earlier_pending(hook, alert):
-        raise WebhookHeld(f"{target_label(hook.url)}: queued behind an undelivered earlier alert of cluster {alert.cluster_id}")
-    return await _post(hook, alert, client)
+    gate = deliveries.gate
+    if gate is not None and await gate.earlier_pending(target, alert):
+        raise WebhookHeld(f"{target_label(target.hook.url)}: queued behind an undelivered earlier alert of cluster "
+                          f"{alert.cluster_id}")
+    return await _post(target, alert, client, deliveries)
 
 
 def _scrub(message: str, url: str, shown: str, *extra: str) -> str:
@@ -393,7 +448,8 @@ def _scrub(message: str, url: str, shown: str, *extra: str) -> str:
     return message
 
 
-async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) -> DeliveryState:
+async def _post(target: Target, alert: Alert, client: httpx.AsyncClient, deliveries: Deliveries) -> DeliveryState:
+    hook = target.hook
     secret = os.environ.get(hook.secret_env)
     if not secret:
         raise WebhookError(f"webhook secret env var {hook.secret_env} is not set; refusing to send unsigned")
@@ -401,11 +457,11 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
     problem = _url_problem(hook.url)
     if problem:
         raise WebhookRejected(f"{shown}: invalid webhook URL ({problem})")
-    key = hook_key(hook)
-    held = _held_for(key)
+    key = target.key
+    held = deliveries.held_for(key)
     if held:
         raise WebhookHeld(f"{shown}: the receiver asked to wait (Retry-After); {held:.0f} s left")
-    body = payload(hook, alert)
+    body = payload(target, alert)
     last = "no attempt"
     for attempt in range(hook.retries + 1):
         ts = str(int(time.time()))
@@ -418,7 +474,7 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
         }
         wait = backoff_s(attempt)
         try:
-            status, location, retry_after = await _attempt(hook, body, headers, client)
+            status, location, retry_after = await _attempt(target, body, headers, client)
         except TimeoutError:
             last = f"no answer within {hook.timeout_s:g} s"
         except _Refused as e:
@@ -457,7 +513,7 @@ async def _post(hook: WebhookSettings, alert: Alert, client: httpx.AsyncClient) 
                     # no try left: leave the target alone for as long as it asked
                     # (capped); redelivery sends this alert afterwards
                     if wait > 0:
-                        _held_until[key] = time.monotonic() + wait
+                        deliveries.hold(key, wait)
                     raise WebhookError(f"{shown}: {last}; not tried again for {wait:.3g} s")
         if attempt < hook.retries:
             await asyncio.sleep(wait)
@@ -534,13 +590,14 @@ def _refuse_private(host: str, addrs: list) -> None:
                        "set alerts.allow_private_webhooks = true to deliver to it")
 
 
-async def _pinned(url: str, allow_private: bool = False) -> Pinned:
-    """``url`` resolved once (on the fetch stage's DNS threads), checked and
-    pinned to the checked address (``streams.fetch.pin``): a DNS answer that
-    changes between the check and the connection (rebinding) cannot slip a
-    refused address in."""
+async def _pinned(target: Target) -> Pinned:
+    """The target's URL resolved once (on the fetch stage's DNS threads),
+    checked (``Target.allow_private``: metadata addresses only, else every
+    address that is not public) and pinned to the checked address
+    (``streams.fetch.pin``): a DNS answer that changes between the check and
+    the connection (rebinding) cannot slip a refused address in."""
     try:
-        return await pin(url, _refuse_metadata if allow_private else _refuse_private)
+        return await pin(target.hook.url, _refuse_metadata if target.allow_private else _refuse_private)
     except FetchError as e:
         if e.reason == "dns_failure":
             raise _Unresolved(e.detail) from None
@@ -555,7 +612,7 @@ class _BadUrl(Exception):
     """A URL no request can be sent to; never gets better."""
 
 
-async def _attempt(hook: WebhookSettings, body: bytes, headers: dict[str, str],
+async def _attempt(target: Target, body: bytes, headers: dict[str, str],
                    client: httpx.AsyncClient) -> tuple[int, str | None, str | None]:
     """One POST; returns the status, any ``Location`` and any ``Retry-After``. Bounded in total by
     ``hook.timeout_s``, name resolution included: httpx's timeout applies to
@@ -563,8 +620,9 @@ async def _attempt(hook: WebhookSettings, body: bytes, headers: dict[str, str],
     delivery (and the alert sink behind it) forever. The response body is
     never read: a receiver answering with gigabytes costs nothing, the
     connection is just closed."""
+    hook = target.hook
     async with asyncio.timeout(hook.timeout_s):
-        pinned = await _pinned(hook.url, hook._allow_private)
+        pinned = await _pinned(target)
         async with client.stream("POST", pinned.url, content=body, headers={**headers, "Host": pinned.host_header},
                                  extensions={"sni_hostname": pinned.sni},
                                  timeout=hook.timeout_s, follow_redirects=False) as resp:
@@ -581,24 +639,16 @@ def unsigned_hooks(settings: Settings, environ: Mapping[str, str] = os.environ) 
             for i, hook in enumerate(settings.alerts.webhooks) if not environ.get(hook.secret_env)]
 
 
-def hooks_by_key(settings: Settings) -> dict[str, WebhookSettings]:
-    """The configured hooks by ``hook_key`` (one per identity: a URL listed
-    twice is one target), each knowing the desk's public address
+def hooks_by_key(settings: Settings) -> dict[str, Target]:
+    """The configured hooks as ``Target``s by ``hook_key`` (one per identity:
+    a URL listed twice is one target), each with the desk's public address
     (``desk.public_url``) its bodies link to and whether it may reach a
     private address (``alerts.allow_private_webhooks``)."""
-    out: dict[str, WebhookSettings] = {}
-    public = settings.desk.public_url
-    private = settings.alerts.allow_private_webhooks
+    out: dict[str, Target] = {}
     for hook in settings.alerts.webhooks:
         key = hook_key(hook)
-        if key in out:
-            continue
-        allow = private or hook._allow_private  # a hook made in code may be allowed on its own
-        if hook._desk_public_url != public or hook._allow_private != allow:
-            hook = hook.model_copy()  # the settings' own hook stays as configured
-            hook._desk_public_url = public
-            hook._allow_private = allow
-        out[key] = hook
+        if key not in out:
+            out[key] = Target(hook, settings.desk.public_url, settings.alerts.allow_private_webhooks)
     return out
 
 
@@ -607,7 +657,7 @@ def stranded_keys(settings: Settings, counts: dict[str, dict[DeliveryState, int]
     rejected) that no configured hook serves (neither its key nor one of
     its ``legacy_keys``): a hook removed, or renamed without
     ``previous_keys``. Nothing sends them."""
-    served = {name for key, hook in hooks_by_key(settings).items() for name in (key, *legacy_keys(hook))}
+    served = {name for key, target in hooks_by_key(settings).items() for name in (key, *legacy_keys(target.hook))}
     return sorted(k for k, by_state in counts.items() if k not in served and any(by_state.values()))
 
 
@@ -627,41 +677,25 @@ def shared_secret_hooks(settings: Settings) -> list[str]:
             for env, by_host in hosts.items() if len(by_host) > 1]
 
 
-_exported: set[tuple[str, str]] = set()
-
-
-def export_undelivered(counts: dict[str, dict[DeliveryState, int]], keys: list[str]) -> None:
-    """Set ``deepwatch_webhook_undelivered`` for the configured targets from
-    the store's counts (``undelivered_counts``); series of targets no longer
-    configured are dropped."""
-    now = {(key, state.value) for key in keys for state in UNDELIVERED}
-    for labels in _exported - now:
-        try:
-            metrics.WEBHOOK_UNDELIVERED.remove(*labels)
-        except KeyError:
-            pass
-    for key, state in now:
-        metrics.WEBHOOK_UNDELIVERED.labels(key, state).set(counts.get(key, {}).get(state, 0))
-    _exported.clear()
-    _exported.update(now)
-
-
 class Redeliverer:
     """Retries failed webhook deliveries from the findings store (and
-    ``queued`` ones a stopped worker left), each target on its own."""
+    ``queued`` ones a stopped worker left), each target on its own.
+    ``deliveries``: what it shares with the worker's live senders (its own
+    when not given)."""
 
-    def __init__(self, settings: Settings, store_factory: Callable[[], Any]):
+    def __init__(self, settings: Settings, store_factory: Callable[[], Any], deliveries: Deliveries | None = None):
         from streams.stage import once
 
         self.settings = settings
+        self.deliveries = deliveries if deliveries is not None else Deliveries()
         self._db = once(store_factory)  # opened in a worker thread on first use, never on the event loop
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._rounds: dict[str, asyncio.Task[int]] = {}  # target key -> its latest round
         self._stranded: list[str] = []  # what warn_stranded last warned about
 
-    async def earlier_pending(self, hook: WebhookSettings, alert: Alert) -> bool:
-        names = (hook_key(hook), *legacy_keys(hook))
+    async def earlier_pending(self, target: Target, alert: Alert) -> bool:
+        names = (target.key, *legacy_keys(target.hook))
         try:
             return await asyncio.to_thread(
                 lambda: any(self._db().undelivered_before(n, alert.cluster_id, alert.level) for n in names))
@@ -676,11 +710,12 @@ class Redeliverer:
         round nor gets a second one started beside its own."""
         loop = asyncio.get_running_loop()
         started: dict[str, asyncio.Task[int]] = {}
-        for key, hook in hooks_by_key(self.settings).items():
+        for key, target in hooks_by_key(self.settings).items():
             running = self._rounds.get(key)
             if running is not None and not running.done() and running.get_loop() is loop:
                 continue
-            started[key] = self._rounds[key] = loop.create_task(self._round(key, hook), name=f"webhook redelivery {key}")
+            started[key] = self._rounds[key] = loop.create_task(self._round(key, target),
+                                                                name=f"webhook redelivery {key}")
         return started
 
     async def run_once(self) -> int:
@@ -698,7 +733,7 @@ class Redeliverer:
             self._client_loop = loop
         return self._client
 
-    def _todo(self, key: str, hook: WebhookSettings) -> list[tuple[Alert, tuple[str, ...]]]:
+    def _todo(self, key: str, target: Target) -> list[tuple[Alert, tuple[str, ...]]]:
         """What to send to ``key`` this round: the oldest ``REDELIVERY_PAGE``,
         oldest first, each with any other target name its record is kept
         under (``legacy_keys``: the hook's key before its identity was its
@@ -707,7 +742,7 @@ class Redeliverer:
         store = self._db()
         older = 2 * self.settings.alerts.webhook_redeliver_s
         found: dict[str, tuple[Alert, tuple[str, ...]]] = {}
-        for name in (key, *legacy_keys(hook)):
+        for name in (key, *legacy_keys(target.hook)):
             also = () if name == key else (name,)
             for a in [*store.failed_deliveries(name, limit=REDELIVERY_PAGE),
                       *store.queued_deliveries(name, older_than_s=older, limit=REDELIVERY_PAGE)]:
@@ -721,36 +756,37 @@ class Redeliverer:
                 self._db().mark_delivered(alert.alert_id, target, state, detail)
         await asyncio.to_thread(mark)
 
-    async def _round(self, key: str, hook: WebhookSettings) -> int:
+    async def _round(self, key: str, target: Target) -> int:
         try:
-            return await self._deliver_waiting(key, hook)
+            return await self._deliver_waiting(key, target)
         except Exception as e:  # the next round tries again
             log.error("webhook redelivery round failed for a target; the next round tries again",
                       extra={"target": key, "error": f"{type(e).__name__}: {e}"})
             return 0
 
-    async def _deliver_waiting(self, key: str, hook: WebhookSettings) -> int:
-        if _held_for(key):
+    async def _deliver_waiting(self, key: str, target: Target) -> int:
+        if self.deliveries.held_for(key):
             return 0  # the receiver asked to wait (Retry-After)
         client = self._http()
+        shown = target_label(target.hook.url)
         # Every store call in a thread, opening included: SQLite may
         # wait on a lock, and the event loop must never wait with it.
-        todo = await asyncio.to_thread(self._todo, key, hook)
+        todo = await asyncio.to_thread(self._todo, key, target)
         blocked: set[str] = set()  # clusters with an earlier alert still undelivered: theirs wait
         in_a_row = done = 0
         for alert, also in todo:
-            if alert.cluster_id in blocked or alert.alert_id in _live.get(key, ()):
+            if alert.cluster_id in blocked or self.deliveries.is_live(key, alert.alert_id):
                 blocked.add(alert.cluster_id)  # a live sender has it in hand: the cluster's later ones wait
                 continue
             try:
-                state = await _post(hook, alert, client)
+                state = await _post(target, alert, client, self.deliveries)
             except WebhookHeld:
                 break  # asked to wait (Retry-After): the rest waits too
             except WebhookRejected as e:
                 await self._mark(alert, key, also, failure_state(e), str(e))
                 metrics.WEBHOOKS.labels("rejected").inc()
                 log.error("webhook receiver rejected an alert for good; going on with the next",
-                          extra={"alert_id": alert.alert_id, "target": key, "receiver": target_label(hook.url), "error": str(e)})
+                          extra={"alert_id": alert.alert_id, "target": key, "receiver": shown, "error": str(e)})
                 in_a_row = 0  # the receiver answered
                 continue
             except WebhookError as e:
@@ -759,13 +795,13 @@ class Redeliverer:
                 blocked.add(alert.cluster_id)  # keep the cluster's order: its later alerts wait for this one
                 in_a_row += 1
                 log.warning("webhook redelivery failed; will retry",
-                            extra={"alert_id": alert.alert_id, "target": key, "receiver": target_label(hook.url), "error": str(e)})
+                            extra={"alert_id": alert.alert_id, "target": key, "receiver": shown, "error": str(e)})
                 if in_a_row >= REDELIVERY_GIVE_UP:
                     break  # the receiver looks down: the next round tries again
                 continue
             await self._mark(alert, key, also, state)
             metrics.WEBHOOKS.labels("delivered").inc()
-            log.info("webhook redelivered", extra={"alert_id": alert.alert_id, "target": key, "receiver": target_label(hook.url)})
+            log.info("webhook redelivered", extra={"alert_id": alert.alert_id, "target": key, "receiver": shown})
             in_a_row = 0
             done += 1
         return done
@@ -774,18 +810,18 @@ class Redeliverer:
         """``deepwatch_webhook_undelivered`` from the store (a hook's
         ``legacy_keys`` counted as its own), and a warning naming what no
         configured hook serves (``stranded_keys``) when that changes."""
-        hooks = hooks_by_key(self.settings)
+        targets = hooks_by_key(self.settings)
         try:
             counts = await asyncio.to_thread(lambda: self._db().undelivered_counts())
         except Exception:
             log.exception("counting undelivered webhook deliveries failed")
             return
         merged: dict[str, dict[DeliveryState, int]] = {}
-        for key, hook in hooks.items():
-            for name in (key, *legacy_keys(hook)):
+        for key, target in targets.items():
+            for name in (key, *legacy_keys(target.hook)):
                 for state, n in counts.get(name, {}).items():
                     merged.setdefault(key, {})[state] = merged.setdefault(key, {}).get(state, 0) + n
-        export_undelivered(merged, list(hooks))
+        self.deliveries.export_undelivered(merged, list(targets))
         self.warn_stranded(counts)
 
     def warn_stranded(self, counts: dict[str, dict[DeliveryState, int]]) -> list[str]:
@@ -814,22 +850,20 @@ class Redeliverer:
             self._client = self._client_loop = None
 
 
-_gate: Redeliverer | None = None
-
-
-def install_redelivery(app: Any, settings: Settings) -> Redeliverer | None:
+def install_redelivery(app: Any, settings: Settings, deliveries: Deliveries) -> Redeliverer | None:
     """Register the redelivery timer on a Faust app (leader worker only, so
     two workers do not both resend), the undelivered gauge's timer (every
     worker: each exports the same counts from the shared store) and the
-    ordering gate for live deliveries."""
-    global _gate
+    ordering gate for the live deliveries that share ``deliveries`` (the
+    worker's ``streams.sinks.Sinks``)."""
     if not settings.alerts.webhooks:
         return None
     from streams.findings import open_findings
 
     # the store the alert sink records deliveries in (SQLite or Elasticsearch)
-    redeliverer = Redeliverer(settings, lambda: open_findings(settings.findings.url, settings.data_dir, settings))
-    _gate = redeliverer
+    redeliverer = Redeliverer(settings, lambda: open_findings(settings.findings.url, settings.data_dir, settings),
+                              deliveries)
+    deliveries.gate = redeliverer
 
     @app.timer(interval=settings.alerts.webhook_redeliver_s, on_leader=True)
     async def redeliver_failed_webhooks() -> None:

@@ -23,14 +23,6 @@ from streams.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 from tests.desk_support import close_sources, make_cluster, small_store
 
 
-def _lo(hook):
-    """A hook whose receiver here listens on loopback: allowed as
-    ``alerts.allow_private_webhooks = true`` allows it (webhooks to private
-    addresses are refused without it)."""
-    hook._allow_private = True
-    return hook
-
-
 EDITOR_TOKEN = "editor-token-0123456789abcdef"
 VIEWER_TOKEN = "viewer-token-0123456789abcdef"
 EDITOR = {"Authorization": f"Bearer {EDITOR_TOKEN}"}
@@ -887,7 +879,8 @@ def test_fake_verdict_feeds_the_bank_rescoring_matches_and_alerting_once(data, e
     make_cluster(store, blobs, "c-other", 77, posts=2, ai=False, platforms=("bluesky",))
     store.close()
     settings = make_settings(data)
-    settings.alerts.webhooks = [_lo(WebhookSettings(url=url, retries=0))]
+    settings.alerts.webhooks = [WebhookSettings(url=url, retries=0)]
+    settings.alerts.allow_private_webhooks = True  # the receiver listens on loopback
     with client(settings) as c:
         before = c.get("/api/clusters/c-repost").json()
         assert before["verdict"] == "no-evidence"
@@ -974,7 +967,8 @@ def test_audit_trail_is_append_only(data, env):
 def test_account_alert_goes_through_the_alert_path_once(data, env, webhook):
     url, got = webhook
     settings = make_settings(data)
-    settings.alerts.webhooks = [_lo(WebhookSettings(url=url, retries=0))]
+    settings.alerts.webhooks = [WebhookSettings(url=url, retries=0)]
+    settings.alerts.allow_private_webhooks = True  # the receiver listens on loopback
     with client(settings) as c:
         from streams.desk.accounts import check_accounts
 
@@ -999,7 +993,8 @@ def test_alert_webhooks_link_the_desk_pages_they_are_about(data, env, webhook):
     url, got = webhook
     public = "https://desk.example.org/desk"  # behind a proxy, under a path
     settings = make_settings(data, public_url=public)
-    settings.alerts.webhooks = [_lo(WebhookSettings(url=url, retries=0))]
+    settings.alerts.webhooks = [WebhookSettings(url=url, retries=0)]
+    settings.alerts.allow_private_webhooks = True  # the receiver listens on loopback
     with client(settings) as c:
         from streams.desk.accounts import check_accounts
 

@@ -25,14 +25,6 @@ from tests.fake_es import FakeElasticsearch, error_body, rejected_execution
 from tests.findings_fixture import fill, snapshots
 
 
-def _lo(hook):
-    """A hook whose receiver here listens on loopback: allowed as
-    ``alerts.allow_private_webhooks = true`` allows it (webhooks to private
-    addresses are refused without it)."""
-    hook._allow_private = True
-    return hook
-
-
 def _store(es: FakeElasticsearch, **findings) -> EsFindingsStore:
     settings = Settings(findings=FindingsSettings(retry_initial_s=0.001, retry_max_s=0.004, **findings))
     s = EsFindingsStore.from_url(es.url.replace("http://", "es://"), settings=settings)
@@ -828,13 +820,12 @@ def test_webhook_redelivery_reads_and_marks_deliveries_in_elasticsearch(fake_es,
     from tests.test_webhooks import ENV, SECRET, _Receiver
 
     monkeypatch.setenv(ENV, SECRET)
-    monkeypatch.setattr(webhooks, "_gate", None)  # install_redelivery sets the module's gate; undone after
     srv = _Receiver([200])
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
-        hook = _lo(WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0, timeout_s=2))
+        hook = WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0, timeout_s=2)
         settings = Settings(data_dir=tmp_path / "data", findings=FindingsSettings(url=fake_es.url),
-                            alerts=AlertSettings(webhooks=[hook]))
+                            alerts=AlertSettings(webhooks=[hook], allow_private_webhooks=True))  # the receiver listens on loopback
         writer = _store(fake_es)
         writer.add_alert(_alert())
         writer.mark_delivered("c-fire:1", hook.url, DeliveryState.FAILED, "HTTP 503")
@@ -848,7 +839,7 @@ def test_webhook_redelivery_reads_and_marks_deliveries_in_elasticsearch(fake_es,
                 timers.append(({"at_start": True}, fn))
                 return fn
 
-        redeliverer = webhooks.install_redelivery(_App(), settings)
+        redeliverer = webhooks.install_redelivery(_App(), settings, webhooks.Deliveries())
         assert timers and timers[0][0]["on_leader"] is True
         assert asyncio.run(redeliverer.run_once()) == 1
         asyncio.run(redeliverer.aclose())

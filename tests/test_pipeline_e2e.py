@@ -120,6 +120,8 @@ def test_exactly_one_alert_for_the_viral_fake(replayed):
 
 
 def test_the_body_a_subscriber_receives_matches_the_published_alert_schema(replayed):
+    from dataclasses import replace
+
     import jsonschema
 
     from streams.records import Alert
@@ -137,7 +139,7 @@ def test_the_body_a_subscriber_receives_matches_the_published_alert_schema(repla
     body = json.loads(payload(hook, alert))
     assert {"desk_url", "summary", "evidence", "sample_posts"} <= body.keys() and body["evidence"]
     validator.validate(body)
-    plain = json.loads(payload(hook.model_copy(update={"summary": False}), alert))
+    plain = json.loads(payload(replace(hook, hook=hook.hook.model_copy(update={"summary": False})), alert))
     plain.pop("desk_url")
     validator.validate(plain)
     # fields are only ever added within a version: a receiver validating with it keeps accepting newer alerts

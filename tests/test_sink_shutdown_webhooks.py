@@ -28,14 +28,6 @@ from tests.test_webhook_delivery import _Scripted, _url
 from tests.test_webhooks import ENV, SECRET, _alert, _sinks
 
 
-def _lo(hook):
-    """A hook whose receiver here listens on loopback: allowed as
-    ``alerts.allow_private_webhooks = true`` allows it (webhooks to private
-    addresses are refused without it)."""
-    hook._allow_private = True
-    return hook
-
-
 slow = pytest.mark.slow
 
 
@@ -129,9 +121,9 @@ def test_stop_returns_at_once_when_nothing_is_held(scripted, tmp_path, monkeypat
     monkeypatch.setenv(ENV, SECRET)
     start, _ = scripted
     srv = start(lambda n, aid: (200, {}))
-    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=5))
+    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=5)
     for hooks in ((), (hook,)):
-        sinks, _ = _sinks(tmp_path / str(len(hooks)), monkeypatch, *hooks)
+        sinks, _ = _sinks(tmp_path / str(len(hooks)), *hooks)
 
         async def go() -> float:
             if hooks:  # one alert delivered before the stop: its sender is idle
@@ -149,8 +141,8 @@ def test_stop_waits_no_longer_than_its_grace_and_takes_no_alert_after(scripted, 
     monkeypatch.setenv(ENV, SECRET)
     start, release = scripted
     srv = start(lambda n, aid: (release.wait(30), (200, {}))[1])  # a tarpit until the test ends
-    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=30))
-    sinks, store = _sinks(tmp_path, monkeypatch, hook)
+    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=30)
+    sinks, store = _sinks(tmp_path, hook)
     later = _alert().model_copy(update={"alert_id": "c-2:1", "cluster_id": "c-2"})
 
     async def go() -> float:
@@ -176,8 +168,7 @@ def test_stop_ends_with_the_held_deliveries_when_the_hooks_timeouts_end_them(scr
     monkeypatch.setenv(ENV, SECRET)
     start, release = scripted
     srv = start(lambda n, aid: (release.wait(30), (200, {}))[1])
-    sinks, store = _sinks(tmp_path, monkeypatch, _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0,
-                                                                  timeout_s=1)))
+    sinks, store = _sinks(tmp_path, WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=1))
 
     async def go() -> float:
         await asyncio.wait_for(sinks.alert(_alert().model_dump_json().encode()), 10)

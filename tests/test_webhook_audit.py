@@ -32,15 +32,8 @@ from streams.settings import Settings, WebhookSettings, load_settings
 from streams.settings_check import SettingsError
 from streams.webhooks import hook_key, target_key
 from tests import test_webhooks
-from tests.test_webhook_delivery import _at, _fresh_webhook_state, _redeliver, _Scripted, _url  # noqa: F401 (autouse fixture)
+from tests.test_webhook_delivery import _at, _redeliver, _Scripted, _url, _webhook_secret  # noqa: F401 (autouse fixture)
 from tests.test_webhooks import ENV, _alert, _sink_alert
-
-
-def _lo(hook: WebhookSettings) -> WebhookSettings:
-    """A hook whose receiver here listens on loopback: allowed as
-    ``alerts.allow_private_webhooks = true`` allows it."""
-    hook._allow_private = True
-    return hook
 
 
 @pytest.fixture
@@ -48,9 +41,13 @@ def scripted():
     yield from test_webhooks.serving(_Scripted)
 
 
-def _settings(tmp_path, *hooks: WebhookSettings) -> Settings:
+def _settings(tmp_path, *hooks: WebhookSettings, allow_private: bool = True) -> Settings:
+    """Settings with ``hooks``; ``allow_private``: their receivers here listen
+    on loopback, allowed as ``alerts.allow_private_webhooks = true`` allows
+    them (webhooks to private addresses are refused without it)."""
     s = Settings(data_dir=tmp_path)
     s.alerts.console = False
+    s.alerts.allow_private_webhooks = allow_private
     s.alerts.webhooks = list(hooks)
     return s
 
@@ -77,7 +74,7 @@ def test_rotating_the_token_in_a_hook_url_keeps_its_undelivered_alerts(scripted,
     old URL's key for good (`deepwatch redeliver NEW_URL` found nothing)."""
     srv = scripted(lambda n, aid: (404, {}) if n < 2 else (200, {}))  # the old token's two: refused
     old, new = _url(srv, "/hooks/old-token"), _url(srv, "/hooks/new-token")
-    settings = _settings(tmp_path, _lo(WebhookSettings(url=old, secret_env=ENV, retries=0, timeout_s=5)))
+    settings = _settings(tmp_path, WebhookSettings(url=old, secret_env=ENV, retries=0, timeout_s=5))
     sinks, store = _sinks(settings)
     a1, a2 = _alert(), _alert().model_copy(update={"alert_id": "c-1:2", "level": 2})
 
@@ -99,7 +96,7 @@ def test_rotating_the_token_in_a_hook_url_keeps_its_undelivered_alerts(scripted,
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["requeued"] == 2
 
-    rotated = _settings(tmp_path, _lo(WebhookSettings(url=new, secret_env=ENV, retries=0, timeout_s=5)))
+    rotated = _settings(tmp_path, WebhookSettings(url=new, secret_env=ENV, retries=0, timeout_s=5))
     assert hook_key(rotated.alerts.webhooks[0]) == hook_key(settings.alerts.webhooks[0])
     assert _redeliver(rotated, store) == 2
     assert srv.alert_ids()[2:] == ["c-1:1", "c-1:2"]
@@ -129,14 +126,14 @@ def test_undelivered_keys_no_hook_serves_are_named_and_previous_keys_hands_them_
     store.add_alert(_alert())
     gone = "https://old-subscriber.example#0badc0de"
     store.mark_delivered("c-1:1", gone, DeliveryState.FAILED, "HTTP 503")
-    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=5))
+    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=5)
     with caplog.at_level(logging.WARNING, logger="streams.webhooks"):
         assert _redeliver(_settings(tmp_path, hook), store) == 0
     warned = [r.getMessage() for r in caplog.records if "no configured hook serves" in r.getMessage()]
     assert warned and gone in warned[0] and "previous_keys" in warned[0]
 
     caplog.clear()
-    taking_over = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=5, previous_keys=[gone]))
+    taking_over = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=5, previous_keys=[gone])
     with caplog.at_level(logging.WARNING, logger="streams.webhooks"):
         assert _redeliver(_settings(tmp_path, taking_over), store) == 1
     assert srv.alert_ids() == ["c-1:1"]
@@ -149,7 +146,7 @@ def test_records_under_the_url_key_of_earlier_versions_are_still_redelivered(scr
     srv = scripted(lambda n, aid: (200, {}))
     from streams.store import open_store
 
-    hook = _lo(WebhookSettings(url=_url(srv, "/hooks/T0KEN"), secret_env=ENV, retries=0, timeout_s=5))
+    hook = WebhookSettings(url=_url(srv, "/hooks/T0KEN"), secret_env=ENV, retries=0, timeout_s=5)
     store = open_store(tmp_path)
     store.add_alert(_alert())
     store.mark_delivered("c-1:1", target_key(hook.url), DeliveryState.FAILED, "HTTP 503")  # as before this change
@@ -167,7 +164,7 @@ def test_a_desk_alert_makes_one_attempt_and_leaves_retry_after_to_redelivery(scr
     from streams.desk.alerting import AlertPath
 
     srv = scripted(lambda n, aid: (429, {"Retry-After": "300"}))
-    settings = _settings(tmp_path, _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=3, timeout_s=5)))
+    settings = _settings(tmp_path, WebhookSettings(url=_url(srv), secret_env=ENV, retries=3, timeout_s=5))
     path = AlertPath(settings)
 
     async def go() -> None:
@@ -223,7 +220,8 @@ def test_private_and_loopback_receivers_need_allow_private_webhooks(scripted, tm
     srv = scripted(lambda n, aid: (200, {}))
     port = srv.server_address[1]
     for i, url in enumerate((f"http://127.0.0.1:{port}/hook", f"http://localhost:{port}/hook")):
-        settings = _settings(tmp_path / str(i), WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=5))
+        settings = _settings(tmp_path / str(i), WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=5),
+                             allow_private=False)
         sinks, store = _sinks(settings)
         asyncio.run(_sink_alert(sinks, _alert()))
         [d] = store.delivery_status(["c-1:1"])["c-1:1"]
@@ -232,7 +230,7 @@ def test_private_and_loopback_receivers_need_allow_private_webhooks(scripted, tm
     assert srv.requests == []
 
     allowed = _settings(tmp_path / "ok", WebhookSettings(url=f"http://localhost:{port}/hook", secret_env=ENV, retries=0,
-                                                         timeout_s=5))
+                                                         timeout_s=5), allow_private=False)
     allowed.alerts.allow_private_webhooks = True
     sinks, store = _sinks(allowed)
     asyncio.run(_sink_alert(sinks, _alert()))
@@ -296,7 +294,7 @@ def test_a_redelivery_round_reads_only_a_page_of_the_oldest(scripted, tmp_path, 
     srv = scripted(lambda n, aid: (200, {}))
     from streams.store import open_store
 
-    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=5))
+    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=5)
     key = hook_key(hook)
     store = open_store(tmp_path)
     for i in range(5):

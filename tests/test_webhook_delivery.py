@@ -23,19 +23,11 @@ from streams.findings import DeliveryState
 from streams.records import Alert
 from streams.settings import Settings, WebhookSettings
 from streams.webhooks import (
-    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Redeliverer, WebhookError, WebhookHeld, WebhookRejected,
-    delivery_header, hook_key, retry_after_s, target_key, target_label, verify,
+    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Deliveries, Redeliverer, WebhookError, WebhookHeld,
+    WebhookRejected, delivery_header, hook_key, retry_after_s, target_key, target_label, verify,
 )
 from tests import test_webhooks
-from tests.test_webhooks import ENV, SECRET, _alert, _deliver, _sink_alert, _sinks
-
-
-def _lo(hook):
-    """A hook whose receiver here listens on loopback: allowed as
-    ``alerts.allow_private_webhooks = true`` allows it (webhooks to private
-    addresses are refused without it)."""
-    hook._allow_private = True
-    return hook
+from tests.test_webhooks import ENV, SECRET, _alert, _deliver, _lo, _sink_alert, _sinks
 
 
 # the loopback receivers of tests/test_webhooks.py
@@ -44,10 +36,7 @@ raw_receiver = test_webhooks.raw_receiver
 
 
 @pytest.fixture(autouse=True)
-def _fresh_webhook_state(monkeypatch):
-    monkeypatch.setattr(webhooks, "_held_until", {})
-    monkeypatch.setattr(webhooks, "_live", {})
-    monkeypatch.setattr(webhooks, "_gate", None)
+def _webhook_secret(monkeypatch):
     monkeypatch.setenv(ENV, SECRET)
 
 
@@ -111,9 +100,10 @@ def _counts() -> dict[str, float]:
     return {o: metrics.WEBHOOKS.labels(o)._value.get() for o in ("delivered", "failed", "rejected")}
 
 
-def _redeliver(settings: Settings, store) -> int:
+def _redeliver(settings: Settings, store, deliveries: Deliveries | None = None) -> int:
+    """One redelivery round; ``deliveries``: what it shares with live senders (fresh unless given)."""
     async def go() -> int:
-        r = Redeliverer(settings, lambda: store)
+        r = Redeliverer(settings, lambda: store, deliveries)
         try:
             return await asyncio.wait_for(r.run_once(), 60)
         finally:
@@ -123,8 +113,11 @@ def _redeliver(settings: Settings, store) -> int:
 
 
 def _settings(tmp_path, *hooks: WebhookSettings, **alerts) -> Settings:
+    """Settings with ``hooks``, whose receivers here listen on loopback
+    (allowed by ``alerts.allow_private_webhooks``)."""
     s = Settings(data_dir=tmp_path)
     s.alerts.console = False
+    s.alerts.allow_private_webhooks = True
     s.alerts.webhooks = list(hooks)
     for k, v in alerts.items():
         setattr(s.alerts, k, v)
@@ -137,8 +130,8 @@ def test_redelivery_counts_each_outcome(scripted, tmp_path, monkeypatch):
     counter said "failed" for an alert that had reached its receiver."""
     up = {"ok": False}
     srv = scripted(lambda n, aid: (200 if up["ok"] else 503, {}))
-    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2))
-    sinks, store = _sinks(tmp_path, monkeypatch, hook)
+    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2)
+    sinks, store = _sinks(tmp_path, hook)
     asyncio.run(_sink_alert(sinks, _alert()))
     before = _counts()
     settings = _settings(tmp_path, hook)
@@ -161,8 +154,8 @@ def test_rejected_deliveries_are_listed_and_sent_again_on_request(scripted, tmp_
     fixed = {"ok": False}
     srv = scripted(lambda n, aid: (200 if fixed["ok"] else 403, {}))
     url = _url(srv, "/hook?token=S3CR3T")
-    hook = _lo(WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2))
-    sinks, store = _sinks(tmp_path, monkeypatch, hook)
+    hook = WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2)
+    sinks, store = _sinks(tmp_path, hook)
     asyncio.run(_sink_alert(sinks, _alert()))
     key = hook_key(hook)
     [d] = store.delivery_status()["c-1:1"]
@@ -232,7 +225,7 @@ def test_redelivery_goes_past_an_alert_that_keeps_failing(scripted, tmp_path):
     200 to the others. Redelivery stopped at the first failure, so no later
     alert ever got through; now only that alert's own cluster waits behind it."""
     srv = scripted(lambda n, aid: (500 if aid == "c-bad:1" else 200, {}))
-    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2))
+    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2)
     key = hook_key(hook)
     settings = _settings(tmp_path, hook)
     from streams.store import open_store
@@ -253,7 +246,7 @@ def test_redelivery_goes_past_an_alert_that_keeps_failing(scripted, tmp_path):
 
 def test_redelivery_round_stops_for_a_target_that_looks_down(scripted, tmp_path):
     srv = scripted(lambda n, aid: (503, {}))
-    hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2))
+    hook = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2)
     key = hook_key(hook)
     from streams.store import open_store
 
@@ -273,10 +266,10 @@ def test_a_hanging_receiver_does_not_delay_another_targets_later_alerts(raw_rece
     subscriber for its whole timeout."""
     hanging = raw_receiver(lambda sock, stop: stop.wait(30))
     fast = scripted(lambda n, aid: (200, {}))
-    slow_hook = _lo(WebhookSettings(url=f"http://127.0.0.1:{hanging.server_address[1]}/hook", secret_env=ENV, retries=0,
-                                timeout_s=3))
-    fast_hook = _lo(WebhookSettings(url=_url(fast), secret_env=ENV, retries=0, timeout_s=3))
-    sinks, store = _sinks(tmp_path, monkeypatch, slow_hook, fast_hook)
+    slow_hook = WebhookSettings(url=f"http://127.0.0.1:{hanging.server_address[1]}/hook", secret_env=ENV, retries=0,
+                                timeout_s=3)
+    fast_hook = WebhookSettings(url=_url(fast), secret_env=ENV, retries=0, timeout_s=3)
+    sinks, store = _sinks(tmp_path, slow_hook, fast_hook)
     alerts = [_at(_alert(), i, alert_id=f"c-{i}:1", cluster_id=f"c-{i}") for i in range(3)]
 
     async def scenario() -> float:
@@ -316,9 +309,9 @@ def test_redelivery_rounds_of_targets_do_not_wait_for_each_other(raw_receiver, s
 
     hanging = raw_receiver(lambda sock, stop: stop.wait(30))
     fast = scripted(lambda n, aid: (200, {}))
-    slow_hook = _lo(WebhookSettings(url=f"http://127.0.0.1:{hanging.server_address[1]}/hook", secret_env=ENV, retries=0,
-                                timeout_s=3))
-    fast_hook = _lo(WebhookSettings(url=_url(fast), secret_env=ENV, retries=0, timeout_s=3))
+    slow_hook = WebhookSettings(url=f"http://127.0.0.1:{hanging.server_address[1]}/hook", secret_env=ENV, retries=0,
+                                timeout_s=3)
+    fast_hook = WebhookSettings(url=_url(fast), secret_env=ENV, retries=0, timeout_s=3)
     store = open_store(tmp_path)
     for i in range(2):
         a = _at(_alert(), i, alert_id=f"c-{i}:1", cluster_id=f"c-{i}")
@@ -355,19 +348,19 @@ def test_a_delivery_a_stopped_worker_left_is_sent_by_redelivery(raw_receiver, tm
             sock.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
 
     srv = raw_receiver(answer)
-    hook = _lo(WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0,
-                           timeout_s=5))
+    hook = WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0,
+                           timeout_s=5)
     key = hook_key(hook)
-    sinks, store = _sinks(tmp_path, monkeypatch, hook)
+    sinks, store = _sinks(tmp_path, hook)
 
     async def stop_mid_delivery() -> None:
         await sinks.alert(_alert().model_dump_json().encode())
         await asyncio.sleep(0.3)  # the POST is in flight
-        assert webhooks._live[key] == {"c-1:1"}
+        assert sinks.deliveries.live(key) == {"c-1:1"}
         await sinks.aclose()  # the worker stops
 
     asyncio.run(stop_mid_delivery())
-    assert webhooks._live[key] == set()
+    assert sinks.deliveries.live(key) == set()
     [d] = store.delivery_status()["c-1:1"]
     assert d["status"] == "queued"
     assert store.pending_work()["alerts"] == 1 and store.pending_work()["deliveries"] == 1
@@ -375,10 +368,10 @@ def test_a_delivery_a_stopped_worker_left_is_sent_by_redelivery(raw_receiver, tm
 
     hang["on"] = False  # the receiver answers again
     settings = _settings(tmp_path, hook, webhook_redeliver_s=0.1)
-    webhooks.live_add(key, "c-1:1")  # in this process's sender: redelivery leaves it alone
-    assert _redeliver(settings, store) == 0
-    webhooks.live_discard(key, "c-1:1")
-    assert _redeliver(settings, store) == 1
+    sinks.deliveries.live_add(key, "c-1:1")  # in this process's sender: redelivery leaves it alone
+    assert _redeliver(settings, store, sinks.deliveries) == 0
+    sinks.deliveries.live_discard(key, "c-1:1")
+    assert _redeliver(settings, store, sinks.deliveries) == 1
     assert store.delivered("c-1:1", key) and store.pending_work()["alerts"] == 0
 
 
@@ -388,7 +381,7 @@ def test_a_bounded_sink_returns_once_its_alerts_deliveries_are_done(scripted, tm
     from streams.sinks import Sinks
 
     srv = scripted(lambda n, aid: (200, {}))
-    settings = _settings(tmp_path, _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2)))
+    settings = _settings(tmp_path, WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2))
     sinks = Sinks(settings, retry_for_s=5)
 
     async def go() -> None:
@@ -439,26 +432,27 @@ def test_a_long_retry_after_is_capped_and_then_leaves_the_target_alone(scripted)
     date = format_datetime(datetime.now(timezone.utc) + timedelta(hours=2), usegmt=True)
     srv = scripted(lambda n, aid: (429, {"Retry-After": date}) if n < 2 else (200, {}))
     hook = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=1, timeout_s=2, retry_after_max_s=0.3))
+    held = Deliveries()  # the worker's: its deliveries to the target share the Retry-After
     started = time.monotonic()
     with pytest.raises(WebhookError, match="HTTP 429, Retry-After 7[12]\\d\\d s; not tried again for 0.3 s") as e:
-        _deliver(hook, _alert())
+        _deliver(hook, _alert(), deliveries=held)
     assert not isinstance(e.value, WebhookRejected)
     assert 0.25 <= time.monotonic() - started < 2, "waited the cap, not two hours"
     assert len(srv.requests) == 2
     with pytest.raises(WebhookHeld, match="asked to wait"):  # held for the cap: no request
-        _deliver(hook, _alert())
+        _deliver(hook, _alert(), deliveries=held)
     assert len(srv.requests) == 2
     time.sleep(0.35)
-    assert _deliver(hook, _alert()) == "delivered"
+    assert _deliver(hook, _alert(), deliveries=held) == "delivered"
 
 
 # -- 5. a line for people ----------------------------------------------------------------------------
 def test_summary_is_added_when_the_hook_asks_for_it(scripted):
     srv = scripted(lambda n, aid: (200, {}))
-    plain = _lo(WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2))
+    plain = WebhookSettings(url=_url(srv), secret_env=ENV, retries=0, timeout_s=2)
     readable = plain.model_copy(update={"summary": True})
     alert = _alert()
-    assert _deliver(plain, alert) == _deliver(readable, alert) == "delivered"
+    assert _deliver(_lo(plain), alert) == _deliver(_lo(readable), alert) == "delivered"
     first, second = (json.loads(r["body"]) for r in srv.requests)
     assert "summary" not in first and Alert.model_validate(first) == alert
     assert second.pop("summary") == ("deepwatch alert (level 1) for cluster c-1: fake score 0.93 (likely-ai), "
@@ -502,8 +496,8 @@ def test_stored_targets_and_the_alerts_command_never_show_the_token(receiver, tm
 
     srv = receiver(503)
     url = f"http://bob:PASSW0RD@127.0.0.1:{srv.server_address[1]}/hooks/T0KEN?key=K3Y"
-    hook = _lo(WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2))
-    sinks, store = _sinks(tmp_path, monkeypatch, hook)
+    hook = WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2)
+    sinks, store = _sinks(tmp_path, hook)
     with caplog.at_level(logging.INFO):
         asyncio.run(_sink_alert(sinks, _alert()))
         _redeliver(_settings(tmp_path, hook), store)

@@ -19,16 +19,16 @@ from detectors.base import Evidence
 from streams.records import Alert, Velocity
 from streams.settings import Settings, WebhookSettings
 from streams.webhooks import (
-    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookError, deliver, hook_key, sign, target_label, verify,
+    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Deliveries, Target, WebhookError, deliver, hook_key, sign,
+    target_label, verify,
 )
 
 
-def _lo(hook):
-    """A hook whose receiver here listens on loopback: allowed as
-    ``alerts.allow_private_webhooks = true`` allows it (webhooks to private
+def _lo(hook: WebhookSettings) -> Target:
+    """A hook whose receiver here listens on loopback, as a worker with
+    ``alerts.allow_private_webhooks = true`` sends to it (webhooks to private
     addresses are refused without it)."""
-    hook._allow_private = True
-    return hook
+    return Target(hook, allow_private=True)
 
 
 SECRET = "s3cret-for-tests"
@@ -103,15 +103,21 @@ def receiver():
 
 
 def _hook(srv: _Receiver, retries: int) -> WebhookSettings:
-    return _lo(WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=retries, timeout_s=2))
+    return WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=retries, timeout_s=2)
 
 
-def _deliver(hook: WebhookSettings, alert: Alert, *, within_s: float = 30, **client_kw) -> str:
-    """deliver() with a fresh client; a test fails (TimeoutError) rather
-    than hangs if it takes more than ``within_s``."""
+def _target(srv: _Receiver, retries: int) -> Target:
+    return _lo(_hook(srv, retries))
+
+
+def _deliver(target: Target, alert: Alert, *, deliveries: Deliveries | None = None, within_s: float = 30,
+             **client_kw) -> str:
+    """deliver() with a fresh client (and what a worker's deliveries share,
+    fresh unless given); a test fails (TimeoutError) rather than hangs if it
+    takes more than ``within_s``."""
     async def go() -> str:
         async with httpx.AsyncClient(trust_env=False, **client_kw) as client:
-            return await asyncio.wait_for(deliver(hook, alert, client), within_s)
+            return await asyncio.wait_for(deliver(target, alert, client, deliveries or Deliveries()), within_s)
 
     return asyncio.run(go())
 
@@ -140,7 +146,7 @@ def test_delivery_is_signed_and_identified(receiver, monkeypatch):
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(200)
     alert = _alert()
-    assert _deliver(_hook(srv, retries=0), alert) == "delivered"
+    assert _deliver(_target(srv, retries=0), alert) == "delivered"
     [req] = srv.requests
     assert req["valid"]
     assert req["headers"][DELIVERY_HEADER] == alert.alert_id
@@ -151,7 +157,7 @@ def test_delivery_is_signed_and_identified(receiver, monkeypatch):
 def test_retries_on_500_until_success(receiver, monkeypatch):
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(500, 200)
-    assert _deliver(_hook(srv, retries=2), _alert()) == "delivered"
+    assert _deliver(_target(srv, retries=2), _alert()) == "delivered"
     assert len(srv.requests) == 2
     assert all(r["valid"] for r in srv.requests), "every retry is freshly signed"
     assert srv.requests[0]["body"] == srv.requests[1]["body"]
@@ -161,7 +167,7 @@ def test_gives_up_after_retries_on_500(receiver, monkeypatch):
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(500)
     with pytest.raises(WebhookError, match="HTTP 500"):
-        _deliver(_hook(srv, retries=1), _alert())
+        _deliver(_target(srv, retries=1), _alert())
     assert len(srv.requests) == 2
 
 
@@ -169,14 +175,14 @@ def test_no_retry_on_400(receiver, monkeypatch):
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(400)
     with pytest.raises(WebhookError, match="HTTP 400"):
-        _deliver(_hook(srv, retries=3), _alert())
+        _deliver(_target(srv, retries=3), _alert())
     assert len(srv.requests) == 1
 
 
 def test_429_is_retried(receiver, monkeypatch):
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(429, 204)
-    assert _deliver(_hook(srv, retries=1), _alert()) == "delivered"
+    assert _deliver(_target(srv, retries=1), _alert()) == "delivered"
     assert len(srv.requests) == 2
 
 
@@ -184,7 +190,7 @@ def test_missing_secret_refuses_to_send(receiver, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     srv = receiver(200)
     with pytest.raises(WebhookError, match=ENV):
-        _deliver(_hook(srv, retries=0), _alert())
+        _deliver(_target(srv, retries=0), _alert())
     assert srv.requests == [], "nothing unsigned may leave"
 
 
@@ -262,7 +268,7 @@ def raw_receiver():
     yield from serving(_RawServer, lambda srv: srv.stop.set())
 
 
-def _raw_hook(srv: _RawServer, timeout_s: float) -> WebhookSettings:
+def _raw_target(srv: _RawServer, timeout_s: float) -> Target:
     return _lo(WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0,
                            timeout_s=timeout_s))
 
@@ -280,7 +286,7 @@ def test_a_trickling_receiver_is_cut_off_at_timeout_s(raw_receiver, monkeypatch)
     srv = raw_receiver(trickle)
     started = time.monotonic()
     with pytest.raises(WebhookError, match="no answer within 1 s"):
-        _deliver(_raw_hook(srv, timeout_s=1), _alert(), within_s=5)
+        _deliver(_raw_target(srv, timeout_s=1), _alert(), within_s=5)
     assert time.monotonic() - started < 3
 
 
@@ -298,7 +304,7 @@ def test_a_huge_answer_body_is_never_read(raw_receiver, monkeypatch):
             sent[0] += len(chunk)
 
     srv = raw_receiver(flood)
-    assert _deliver(_raw_hook(srv, timeout_s=2), _alert(), within_s=5) == "delivered"
+    assert _deliver(_raw_target(srv, timeout_s=2), _alert(), within_s=5) == "delivered"
     time.sleep(0.2)
     assert sent[0] < 64 * 2**20, f"the client read {sent[0]} bytes of the answer"
 
@@ -312,7 +318,7 @@ def test_redirects_are_neither_followed_nor_retried(receiver, monkeypatch, follo
     srv = receiver(307)
     srv.location = f"http://127.0.0.1:{elsewhere.server_address[1]}/internal"
     with pytest.raises(WebhookError, match="HTTP 307 redirect to http://127.0.0.1:.* not followed"):
-        _deliver(_hook(srv, retries=3), _alert(), follow_redirects=follow)
+        _deliver(_target(srv, retries=3), _alert(), follow_redirects=follow)
     assert len(srv.requests) == 1, "a redirect is not retried"
     assert elsewhere.requests == [], "the signed alert went where the redirect pointed"
 
@@ -328,7 +334,7 @@ def test_an_invalid_url_is_a_webhook_error(monkeypatch, url):
     unchecked = WebhookSettings.model_construct(url=url, secret_env=ENV, retries=2, timeout_s=1.0,
                                                 retry_after_max_s=300.0, summary=False)
     with pytest.raises(WebhookError, match="invalid webhook URL"):
-        _deliver(unchecked, _alert(), within_s=5)
+        _deliver(Target(unchecked), _alert(), within_s=5)
 
 
 def test_a_token_in_the_url_never_reaches_errors_or_logs(receiver, monkeypatch, tmp_path, caplog):
@@ -339,7 +345,7 @@ def test_a_token_in_the_url_never_reaches_errors_or_logs(receiver, monkeypatch, 
     port = srv.server_address[1]
     url = f"http://bob:PASSW0RD@127.0.0.1:{port}/hooks/T0KEN?key=K3Y"
     assert target_label(url) == f"http://127.0.0.1:{port}"
-    sinks, store = _sinks(tmp_path, monkeypatch, _lo(WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2)))
+    sinks, store = _sinks(tmp_path, WebhookSettings(url=url, secret_env=ENV, retries=0, timeout_s=2))
     with caplog.at_level(logging.INFO):
         asyncio.run(_sink_alert(sinks, _alert()))
     [status] = store.delivery_status()["c-1:1"]
@@ -415,13 +421,14 @@ def test_an_idn_receiver_name_is_resolved_and_sent_in_punycode(receiver, monkeyp
 
 
 # -- the alert sink ----------------------------------------------------------------
-def _sinks(tmp_path, monkeypatch, *hooks: WebhookSettings):
-    from streams import webhooks
+def _sinks(tmp_path, *hooks: WebhookSettings):
+    """The alert sink sending to ``hooks``, whose receivers here listen on
+    loopback (allowed by ``alerts.allow_private_webhooks``), and its store."""
     from streams.sinks import Sinks
 
-    monkeypatch.setattr(webhooks, "_gate", None)  # no ordering gate from another test's install_redelivery
     settings = Settings(data_dir=tmp_path)
     settings.alerts.console = False
+    settings.alerts.allow_private_webhooks = True
     settings.alerts.webhooks = list(hooks)
     sinks = Sinks(settings)
     return sinks, sinks.store
@@ -445,7 +452,7 @@ def test_a_slow_receiver_does_not_hold_back_another(receiver, monkeypatch, tmp_p
     fast_got = threading.Event()
     slow.before_answer = lambda: fast_got.wait(4)
     fast.before_answer = fast_got.set
-    sinks, store = _sinks(tmp_path, monkeypatch, _hook(slow, retries=0), _hook(fast, retries=0))
+    sinks, store = _sinks(tmp_path, _hook(slow, retries=0), _hook(fast, retries=0))
     asyncio.run(_sink_alert(sinks, _alert()))
     assert [s["status"] for s in store.delivery_status()["c-1:1"]] == ["delivered", "delivered"]
     assert len(slow.requests) == len(fast.requests) == 1
@@ -461,7 +468,7 @@ def test_an_alert_a_receiver_rejects_for_good_does_not_block_the_later_ones(rece
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(400, 503, 200)
     hook = _hook(srv, retries=0)
-    sinks, store = _sinks(tmp_path, monkeypatch, hook)
+    sinks, store = _sinks(tmp_path, hook)
     first = _alert()
     later = first.model_copy(update={"alert_id": "c-2:1", "cluster_id": "c-2",
                                      "at": datetime(2026, 11, 20, 10, 9, tzinfo=timezone.utc)})
@@ -473,6 +480,7 @@ def test_an_alert_a_receiver_rejects_for_good_does_not_block_the_later_ones(rece
     assert [a.alert_id for a in store.failed_deliveries(hook_key(hook))] == ["c-2:1"]
 
     settings = Settings(data_dir=tmp_path)
+    settings.alerts.allow_private_webhooks = True  # the receiver listens on loopback
     settings.alerts.webhooks = [hook]
     redeliverer = Redeliverer(settings, lambda: store)
 
@@ -498,7 +506,7 @@ def test_alerts_link_the_desk_page_of_their_cluster_in_the_signed_body(receiver,
 
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(200)
-    sinks, _ = _sinks(tmp_path, monkeypatch, _hook(srv, retries=0))
+    sinks, _ = _sinks(tmp_path, _hook(srv, retries=0))
     sinks.settings.desk.public_url = DESK
     sinks.settings.alerts.console = True
     alert = _alert()
@@ -520,6 +528,7 @@ def test_without_a_desk_address_the_body_is_the_alert_as_before(receiver, monkey
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(200)
     settings = Settings()
+    settings.alerts.allow_private_webhooks = True  # the receiver listens on loopback
     settings.alerts.webhooks = [_hook(srv, retries=0)]
     [hook] = hooks_by_key(settings).values()
     alert = _alert()
@@ -536,9 +545,12 @@ def test_desk_links_quote_the_id_and_end_the_summary_line(receiver, monkeypatch)
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(200)
     settings = Settings.model_validate({"desk": {"public_url": DESK}})
-    settings.alerts.webhooks = [_hook(srv, retries=0).model_copy(update={"summary": True})]
+    settings.alerts.allow_private_webhooks = True  # the receiver listens on loopback
+    configured = _hook(srv, retries=0).model_copy(update={"summary": True})
+    settings.alerts.webhooks = [configured]
     [hook] = hooks_by_key(settings).values()
-    assert settings.alerts.webhooks[0]._desk_public_url is None, "the configured hook itself is left as it was"
+    assert hook.desk_public_url == DESK and hook.hook == configured == settings.alerts.webhooks[0], \
+        "the desk's address is the target's; the configured hook itself is left as it was"
     odd = _alert().model_copy(update={"alert_id": "c/1 ?#é:1", "cluster_id": "c/1 ?#é"})
     assert desk_url(DESK, odd) == "https://desk.example.org/desk/clusters/c%2F1%20%3F%23%C3%A9"
     account = _alert().model_copy(update={"alert_id": "account:x/123:1", "cluster_id": "account:x/123",
@@ -596,6 +608,7 @@ def test_the_signed_body_and_summary_say_when_and_where_the_picture_was_seen(rec
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(200)
     settings = Settings()
+    settings.alerts.allow_private_webhooks = True  # the receiver listens on loopback
     settings.alerts.webhooks = [_hook(srv, retries=0).model_copy(update={"summary": True})]
     [hook] = hooks_by_key(settings).values()
     assert _deliver(hook, alert) == "delivered"
@@ -627,7 +640,7 @@ def test_the_console_alert_line_says_since_when_where_and_a_post(receiver, monke
 
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(200)
-    sinks, _ = _sinks(tmp_path, monkeypatch, _hook(srv, retries=0))
+    sinks, _ = _sinks(tmp_path, _hook(srv, retries=0))
     sinks.settings.alerts.console = True
     first = datetime(2026, 12, 6, 4, 10, 30, tzinfo=timezone.utc)
     post = SamplePost(event_id="e1", platform="bluesky", account_id="a1", post_url="https://bsky.app/p/1",

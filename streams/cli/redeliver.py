@@ -19,11 +19,12 @@ from streams.findings import UNDELIVERED
 def _resolve(given: str, known: list[str], hooks: dict) -> str:
     """The target key ``given`` names: a key as listed, a configured hook's
     URL or ``name``, the key a URL had before hooks were keyed by identity,
-    or ``scheme://host[:port]`` when one target has it."""
+    or ``scheme://host[:port]`` when one target has it. ``hooks``:
+    ``streams.webhooks.hooks_by_key``."""
     from streams.webhooks import legacy_keys, target_key
 
-    for key, hook in hooks.items():
-        if given in (hook.url, hook.name, *legacy_keys(hook)):
+    for key, target in hooks.items():
+        if given in (target.hook.url, target.hook.name, *legacy_keys(target.hook)):
             return key
     key = target_key(given)
     if key in known:
@@ -73,7 +74,7 @@ def redeliver(
         hooks = hooks_by_key(settings)
         # a configured hook's earlier keys (``legacy_keys``: before a rename, or from an older
         # version) are counted and requeued as the hook's own
-        owner = {name: key for key, hook in hooks.items() for name in legacy_keys(hook)}
+        owner = {name: key for key, target in hooks.items() for name in legacy_keys(target.hook)}
         known = sorted({*(owner.get(t, t) for t in store.delivery_targets()), *hooks})
         if target is None:
             rows = [{"target": k, **{s.value: sum(c.get(s, 0) for t, c in counts.items() if owner.get(t, t) == k)
@@ -90,7 +91,7 @@ def redeliver(
             return
         key = _resolve(target, known, hooks)
         # a configured hook's deliveries kept under its earlier keys (``legacy_keys``) are its own too
-        names = (key, *(legacy_keys(hooks[key]) if key in hooks else ()))
+        names = (key, *(legacy_keys(hooks[key].hook) if key in hooks else ()))
         n = sum(store.requeue_deliveries(name, list(alert) if alert else None) for name in names)
     if fmt == "json":
         print_json({"target": key, "requeued": n})
