@@ -11,7 +11,7 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
-from streams.findings import ClusterRecord, SightingRecord, dead_letter_identity, event_hashtags
+from streams.findings import ClusterRecord, SightingRecord, dead_letter_identity, event_hashtags, shown_score
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
 
 
@@ -135,7 +135,7 @@ def record_from_doc(doc: dict[str, Any], stats: dict[str, Any] | None) -> Cluste
     merged = bool(doc.get("merged_into"))
     st = stats or {"n": 0, "accounts": 0, "platforms": [], "first": None, "last": None}
     return ClusterRecord(
-        id=doc["cluster_id"], fake_score=round(doc["fake_score"], 4), verdict=doc["verdict"],
+        id=doc["cluster_id"], fake_score=shown_score(doc["fake_score"]), verdict=doc["verdict"],
         evidence=doc.get("evidence") or [], sightings=st["n"], accounts=st["accounts"], platforms=st["platforms"],
         first_seen=st["first"] or doc["first_seen"], last_seen=st["last"] or doc["last_seen"],
         velocity=doc["velocity"], engagement=doc["engagement"],

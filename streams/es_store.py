@@ -36,7 +36,7 @@ from streams.findings import (
     MAX_RESULTS, QUEUED_RECENT_S, UNDELIVERED, AccountAggregate, AccountCursor, AccountWindow, AlertRecord, ClusterQuery,
     ClusterRecord, DeadLetterRecord, Deadline, DeliveryRecord, DeliveryState, Page, MemberRow, PostIdentity, SearchTimeout,
     SORT_KEYS, SightingRecord, account_rank, cluster_page_url, legacy_delivery, read_limit, requeued_detail,
-    sort_key, sort_order, surviving_cluster, text_terms, unstored_alerts,
+    score_floor, shown_score, sort_key, sort_order, surviving_cluster, text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
 
@@ -789,7 +789,7 @@ class EsFindingsStore:
         if q.verdict:
             base.append({"term": {"verdict": q.verdict}})
         if q.min_score is not None:
-            base.append({"range": {"fake_score": {"gte": q.min_score}}})
+            base.append({"range": {"fake_score": {"gte": score_floor(q.min_score)}}})
         if q.cluster_ids is not None:  # at most MAX_RESULTS (ClusterQuery): one terms filter
             base.append({"terms": {"cluster_id": sorted(q.cluster_ids)}})
 
@@ -1362,7 +1362,7 @@ def _doc_field(doc: dict[str, Any], name: str) -> Any:
     if name in ("sightings_5m", "sightings_1h"):
         return (doc.get("velocity") or {}).get(name) or 0
     if name == "fake_score":
-        return round(doc.get("fake_score") or 0.0, 4)
+        return shown_score(doc.get("fake_score") or 0.0)
     return doc.get(_ES_FIELDS[name])
 
 

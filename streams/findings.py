@@ -24,6 +24,7 @@ import json
 import math
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dtime
@@ -47,6 +48,19 @@ SortKey = Literal["velocity", "score", "last_seen", "sightings"]
 # A search's: those, or relevance (the best-matching sighting first, then velocity).
 SearchSort = Literal[SortKey, "relevance"]
 MAX_RESULTS = 10_000  # one Elasticsearch result window; the same bound on SQLite
+SCORE_DECIMALS = 4  # a cluster's fake score as every record shows it
+
+
+def shown_score(score: float) -> float:
+    """A fake score as records show it (``SCORE_DECIMALS``)."""
+    return round(score, SCORE_DECIMALS)
+
+
+def score_floor(min_score: float) -> float:
+    """The stored score a ``min_score`` condition compares with: the least
+    one shown as ``min_score`` or more. Compared unrounded, ``--min-score 1``
+    left out every cluster shown with a score of 1.0 (stored 0.99999...)."""
+    return min_score - 0.5 * 10 ** -SCORE_DECIMALS
 # a delivery queued longer ago than any attempt takes was left by a stopped worker: redelivery's
 # to send, no longer a run's pending work
 QUEUED_RECENT_S = 900
@@ -429,14 +443,17 @@ class Deadline:
 
 
 def through_day(value: str) -> str:
-    """An ``until`` as given, or for a date alone the last instant of that
-    day (UTC): ``until 2026-11-20`` means through that day, where a date read
-    as its midnight left out the very day named (``deepwatch search``, the desk)."""
+    """An ``until`` as given, or for a date alone the last millisecond of
+    that day (UTC): ``until 2026-11-20`` means through that day, where a date
+    read as its midnight left out the very day named (``deepwatch search``,
+    the desk). Milliseconds, the precision both stores compare times at:
+    SQLite's ``julianday`` rounded the day's last microsecond up to the next
+    midnight, so posts at 00:00 of the next day matched."""
     try:
         day = date.fromisoformat(value.strip())
     except ValueError:
         return value
-    return datetime.combine(day, dtime.max, timezone.utc).isoformat()
+    return datetime.combine(day, dtime(23, 59, 59, 999_000), timezone.utc).isoformat(timespec="milliseconds")
 
 
 class ClusterQuery(BaseModel):
@@ -512,20 +529,46 @@ class ClusterQuery(BaseModel):
 
 
 _TERM = re.compile(r'"([^"]+)"|(\S+)')
-_WORD = re.compile(r"[\w]+", re.UNICODE)
 
 
 def text_terms(text: str) -> list[str]:
+    """``text`` as search terms: each quoted phrase or bare word, broken into
+    words where the stores' tokenizers break it and lowercased, one code point
+    at a time. Combining marks stay in their word ("cafe" + U+0301, as some
+    keyboards type "café"), and a letter whose lower case is longer keeps its
+    case ("İ" lowercases to "i" + U+0307): either way the word was cut in two,
+    and "İstanbul" and a decomposed "café" found nothing on either store."""
     out: list[str] = []
     for phrase, word in _TERM.findall(text):
-        words = _WORD.findall((phrase or word).lower())
+        words = _words("".join(c if len(low := c.lower()) != 1 else low for c in phrase or word))
         if words:
             out.append(" ".join(words))
     return out
 
 
+def _words(text: str) -> list[str]:
+    """Runs of letters, digits, ``_`` and combining marks (what ``\\w`` finds, marks kept in)."""
+    out: list[str] = []
+    start = None
+    for i, ch in enumerate(text):
+        inside = ch.isalnum() or ch == "_" or unicodedata.category(ch)[0] == "M"
+        if inside and start is None:
+            start = i
+        elif not inside and start is not None:
+            out.append(text[start:i])
+            start = None
+    if start is not None:
+        out.append(text[start:])
+    return out
+
+
 def normalize_hashtag(tag: str) -> str:
-    return tag.strip().lstrip("#").lower()
+    """A hashtag as stored and searched: no ``#``, lower case, and no
+    whitespace inside, as people write them (``#NewYork``). The schema lets
+    an event carry "new york"; kept with its space, SQLite's space-separated
+    hashtag list read it back as two tags ("new" and "york") where
+    Elasticsearch kept one."""
+    return "".join(tag.strip().lstrip("#").lower().split())
 
 
 def event_hashtags(ev: Any) -> list[str]:

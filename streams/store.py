@@ -22,8 +22,8 @@ from typing import Any, Iterable, Iterator
 from streams.findings import (
     MAX_MERGE_HOPS, MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline,
     DeliveryState, FindingsStore, Page, PostIdentity, SearchTimeout, SightingRecord, dead_letter_identity,
-    SORT_KEYS, event_hashtags, legacy_delivery, read_limit, sort_key, sort_order, surviving_cluster, text_terms,
-    unstored_alerts,
+    SORT_KEYS, event_hashtags, legacy_delivery, read_limit, score_floor, shown_score, sort_key, sort_order,
+    surviving_cluster, text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
@@ -640,7 +640,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             args.append(query.verdict)
         if query.min_score is not None:
             where.append("fake_score >= ?")
-            args.append(query.min_score)
+            args.append(score_floor(query.min_score))
         if query.cluster_ids is not None:
             where.append("cluster_id IN (SELECT value FROM json_each(?))")
             args.append(json.dumps(sorted(query.cluster_ids)))
@@ -832,7 +832,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             a = agg.get(cid, {"n": 0, "accounts": set(), "platforms": set(), "first": first, "last": last})
             out.append(self._valid("cluster", cid, lambda: {
                 "id": cid,
-                "fake_score": round(score, 4),
+                "fake_score": shown_score(score),
                 "verdict": verdict,
                 "evidence": json.loads(evidence),
                 "sightings": a["n"],

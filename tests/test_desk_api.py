@@ -217,6 +217,20 @@ def test_account_ids_with_a_slash(data, env):
         assert c.get("/api/accounts/x/nobody").json() == {"error": "no account 'x/nobody'", "status": 404}
 
 
+def test_a_word_in_posts_finds_those_posts_not_every_cluster_whose_evidence_says_it(data, env):
+    # every AI cluster's evidence says "Stable Diffusion XL": a search for a word a post holds listed them all
+    store = open_store(data)
+    make_cluster(store, DirectoryBlobStore(data / "blobs"), "c-talk", 56, posts=2, ai=False,
+                 texts=["stable diffusion did this?"])
+    store.close()
+    with client(make_settings(data)) as c:
+        assert [d["id"] for d in c.get("/api/search?q=diffusion").json()] == ["c-talk"]
+        # a text no post holds still finds what the substring match finds: ids, evidence wording
+        assert {d["id"] for d in c.get("/api/search?q=generator").json()} == {
+            "c-viral", "c-quiet", *(f"c-persona{k}" for k in range(5))}
+        assert [d["id"] for d in c.get("/api/search?q=c-quiet").json()] == ["c-quiet"]
+
+
 def test_search_endpoint_and_page(backend, env):
     data, url = backend
     with client(make_settings(data, url)) as c:

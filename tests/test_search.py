@@ -318,3 +318,58 @@ def test_cli_search_says_when_it_ran_out_of_time(tmp_path):
     r = _cli("search", "--data-dir", d, "--hashtag", "nothing-like-it", "--format", "json",
              env={"DEEPWATCH_FINDINGS__SEARCH_TIMEOUT_S": "0.001"})
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def _post_again(store, cid: str, post: tuple, **update) -> None:
+    """One more sighting (or score) for ``cid``: its latest snapshot a revision on."""
+    from tests.findings_fixture import _sighting, snapshots
+
+    last = [s for s in snapshots() if s.cluster_id == cid][-1]
+    new = _sighting(len(store.sightings()), post) if post else None
+    store.apply_snapshot(last.model_copy(update={"revision": last.revision + 1, "new_sighting": new, **update}))
+    if hasattr(store, "flush"):
+        store.flush()
+
+
+def test_a_date_until_means_through_that_day_to_the_millisecond(store):
+    from datetime import datetime
+
+    from streams.findings import through_day
+
+    # 2026-11-20T23:59:59.5Z and 2026-11-21T00:00:00Z (T0 is 10:00 that day): SQLite's julianday rounded
+    # the old bound (the day's last microsecond) up to midnight, and the next day's first post matched
+    _post_again(store, "c-pope", ("e20", "c-pope", "b", "u20", None, "x", 14 * 60 - 0.5 / 60, "night watch", []))
+    _post_again(store, "c-flood", ("e21", "c-flood", "c", "u21", None, "x", 14 * 60, "night watch", []))
+    until = datetime.fromisoformat(through_day("2026-11-20"))
+    assert ids(store.search(ClusterQuery(text="night", until=until))) == ["c-pope"]
+    assert set(ids(store.search(ClusterQuery(text="night")))) == {"c-pope", "c-flood"}
+
+
+def test_min_score_compares_with_the_score_as_shown(store):
+    # stored 0.999996, shown 1.0: `--min-score 1` left it out
+    _post_again(store, "c-fire", None, fake_score=0.999996)
+    [fire] = [c for c in store.clusters() if c.id == "c-fire"]
+    assert fire.fake_score == 1.0
+    assert ids(store.search(ClusterQuery(min_score=1.0))) == ["c-fire"]
+    assert ids(store.search(ClusterQuery(min_score=0.62, sort="score"))) == ["c-fire", "c-pope"]
+    assert ids(store.search(ClusterQuery(min_score=0.6201, sort="score"))) == ["c-fire"]
+
+
+def test_a_hashtag_with_a_space_is_one_tag_on_every_store(store):
+    # the schema lets an event carry "new york": SQLite's space-separated list read it back as "new" and "york"
+    _post_again(store, "c-pope", ("e22", "c-pope", "b", "u22", None, "x", 50, "crossing", ["New York", "#Pope"]))
+    assert ids(store.search(ClusterQuery(hashtag="new york"))) == ids(store.search(ClusterQuery(hashtag="#NewYork"))) \
+        == ["c-pope"]
+    assert store.search(ClusterQuery(hashtag="new")) == store.search(ClusterQuery(hashtag="york")) == []
+    [post] = [s for s in store.sightings(cluster_ids=["c-pope"]) if s.event_id == "e22"]
+    assert post.hashtags == ["newyork", "pope"]
+
+
+def test_words_with_a_dotted_capital_or_a_combining_accent_are_found(store):
+    # "İ" lowercases to "i" + U+0307, and some keyboards type "café" as "cafe" + U+0301: the query cut either
+    # word in two, and neither was ever found
+    _post_again(store, "c-pope", ("e23", "c-pope", "b", "u23", None, "x", 51, "İstanbul köprüsü çöktü", []))
+    _post_again(store, "c-flood", ("e24", "c-flood", "c", "u24", None, "x", 52, "le cafe\u0301 est inondé", []))
+    assert ids(store.search(ClusterQuery(text="İstanbul"))) == ["c-pope"]
+    assert ids(store.search(ClusterQuery(text='"İstanbul köprüsü"'))) == ["c-pope"]
+    assert ids(store.search(ClusterQuery(text="cafe\u0301"))) == ["c-flood"]

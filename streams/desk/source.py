@@ -572,9 +572,10 @@ class FindingsSource:
                                      "cluster_ids": frozenset(marked) if len(marked) <= MAX_RESULTS else None})
         ids = [c.id for c in self.store.search(q, timeout_s=_left(deadline))]
         only_text = q.text and not any((q.since, q.until, q.platform, q.account, q.hashtag, q.verdict, q.min_score))
-        if only_text:
-            seen = set(ids)
-            ids += [cid for cid in self.search_ids(q.text, deadline) if cid not in seen]
+        if only_text and not ids:
+            # Only for a text no post holds: every cluster's model evidence is prose ("... real photos ..."),
+            # and a common word padded the posts' matches with every cluster of the store.
+            ids = self.search_ids(q.text, deadline)
         if marked is not None:
             ids = [cid for cid in ids if cid in marked]
         # clusters outside the view (older than its window) are read by id, only as many as the answer holds
