@@ -516,7 +516,12 @@ def _read_hash_csv(path: Path) -> Iterable[dict]:
         hash_cols = {st.name: 0 for st in types}
         quality_cols = {name: None for name in quality_cols}
     elif all(i is None for i in hash_cols.values()):
-        raise ValueError(f"{path}: no {' or '.join(st.name for st in types)} column in header {rows[0]}")
+        def either(names: tuple[str, ...]) -> str:
+            return " or ".join(filter(None, (", ".join(names[:-1]), names[-1])))
+
+        accepted = ", or ".join(f"{either(st.csv_aliases)} ({st.hex_len}-hex {st.label})" for st in types)
+        raise ValueError(f"{path}: no {' or '.join(st.name for st in types)} column in header {rows[0]}; "
+                         f"a hash column is named {accepted}; or leave the header out, the hash first on each line")
     for n, r in enumerate(rows[1:] if has_header else rows, start=2 if has_header else 1):
         def get(i: int | None) -> str | None:
             return r[i].strip() if i is not None and i < len(r) and r[i].strip() else None
@@ -526,9 +531,27 @@ def _read_hash_csv(path: Path) -> Iterable[dict]:
             text = get(hash_cols[st.name])
             hashes[st.name] = st.validate(text) if text and st.is_valid(text) else None
         if all(h is None for h in hashes.values()):
-            raise ValueError(f"{path}:{n}: no valid {' or '.join(f'{st.hex_len}-hex {st.label}' for st in types)}")
+            raise ValueError(f"{path}:{n}: no valid {' or '.join(f'{st.hex_len}-hex {st.label}' for st in types)}"
+                             f" ({_cells_read(rows[0] if has_header else None, hash_cols, get)})")
         quality = {name: _quality(get(i), f"{path}:{n}") for name, i in quality_cols.items()}
         yield {"id": get(cols["id"]), "label": get(cols["label"]), "hashes": hashes, "quality": quality}
+
+
+def _cells_read(header: list[str] | None, hash_cols: dict[str, int | None],
+                get: Callable[[int | None], str | None]) -> str:
+    """What a line that has no valid hash held where the hashes were read:
+    the column and its text, so a list of another kind of hash (an MD5 in a
+    column named ``hash``) says so rather than leaving the user to guess."""
+    seen: list[str] = []
+    for i in dict.fromkeys(i for i in hash_cols.values() if i is not None):
+        name = f"column {header[i].strip()!r}" if header is not None else "the first column"
+        text = get(i)
+        if text is None:
+            seen.append(f"{name} is empty")
+        else:
+            shown = text if len(text) <= 70 else text[:69] + "…"
+            seen.append(f"{name} holds {shown!r}, {len(text)} characters")
+    return "; ".join(seen)
 
 
 def _quality(text: str | None, where: str) -> int | None:

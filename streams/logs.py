@@ -24,6 +24,9 @@ from datetime import datetime, timezone
 from typing import Callable
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# Extras other libraries attach for their own console formatters, not for a
+# log: uvicorn's ``color_message`` is ``msg`` again with raw ANSI escapes.
+_DROPPED = frozenset({"color_message"})
 
 THROTTLED = ("aiokafka", "kafka", "faust", "mode")
 THROTTLE_WINDOW_S = 10.0
@@ -43,7 +46,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        doc.update({k: v for k, v in vars(record).items() if k not in _STD and not k.startswith("_")})
+        doc.update({k: v for k, v in vars(record).items()
+                    if k not in _STD and k not in _DROPPED and not k.startswith("_")})
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)

@@ -24,7 +24,8 @@ bank_app = typer.Typer(
     help="Banks of known pictures: hash lists of debunked fakes (alert on sight) and of authentic photos (suppress).",
     no_args_is_help=True,
 )
-app.add_typer(bank_app, name="bank")
+# short_help: `deepwatch --help` cut the group's line at 45 characters ("... debunked fakes...")
+app.add_typer(bank_app, name="bank", short_help=bank_app.info.help)
 
 # the hash columns a hash list may have: one per signal type (``detectors.signals``)
 _CSV_HELP = (f"CSV with a {' and/or '.join(f'{st.name!r} ({st.hex_len} hex)' for st in signal_types())} column; "

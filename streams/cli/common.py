@@ -29,6 +29,40 @@ def shown(value: object, style: str = "") -> Text:
     escapes (``\x1b``) instead of reaching the terminal."""
     return Text(escaped(str(value)), style=style)
 
+
+class FirstLines:
+    """A table cell of text that shows at most ``lines`` lines at whatever
+    width the table gives it, the last ending "…" when some was left out:
+    a long cell (a pixel model's paragraph of evidence) made every row of an
+    80-column table 12-15 lines tall. Wraps as Rich wraps a folding cell
+    (at spaces, words longer than the width folded)."""
+
+    def __init__(self, text: Text, lines: int):
+        self.text = text
+        self.lines = max(1, lines)
+
+    def __rich_measure__(self, console: Any, options: Any) -> Any:
+        from rich.measure import Measurement
+
+        return Measurement.get(console, options, self.text)
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        width = max(1, options.max_width)
+        wrapped = self.text.wrap(console, width, overflow="fold")
+        if len(wrapped) > self.lines:
+            wrapped = wrapped[: self.lines]
+            last = wrapped[-1]
+            last.rstrip()
+            if last.cell_len >= width:
+                last.truncate(width - 1)
+                last.rstrip()
+            last.append("…")
+        out = Text("\n").join(wrapped)
+        out.no_wrap = True  # already cut to the width: wrapping again could only move words
+        out.overflow = "crop"
+        yield out
+
+
 DataDir = typer.Option(None, "--data-dir", "-d", help="Directory for findings, blobs and logs (env DEEPWATCH_DATA_DIR; default ./deepwatch-data).")
 Config = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="TOML settings file (env DEEPWATCH_CONFIG). Environment variables override it.")
 Broker = typer.Option(None, "--broker", help="'embedded' (start a Tansu broker) or kafka://HOST:PORT[,HOST:PORT] for an external cluster.")
@@ -319,6 +353,13 @@ def _check_sqlite_file(path: Path, what: str, fix: str) -> None:
             db.close()
     except (sqlite3.Error, OSError) as e:
         raise UserError(f"{path} is not a readable SQLite database ({e}): {fix}") from None
+
+
+def note_empty(message: str) -> None:
+    """One line on stderr under a table that has no rows ("no clusters match
+    this search"): an empty table alone reads like a display fault. Table
+    output only; JSON stays ``[]``, stdout untouched."""
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def print_json(doc: Any) -> None:

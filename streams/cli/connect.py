@@ -22,7 +22,9 @@ connect_app = typer.Typer(
          "pipeline's broker (or print them with --dry-run). Resumable: the cursor lives in --data-dir.",
     no_args_is_help=True,
 )
-app.add_typer(connect_app, name="connect", rich_help_panel="Run")
+# short_help: `deepwatch --help` cut the group's line at 45 characters ("... to schema-v1...")
+app.add_typer(connect_app, name="connect", rich_help_panel="Run",
+              short_help="Read a platform live and produce its image posts as events to a running pipeline's broker.")
 
 BrokerOpt = typer.Option(None, "--broker", help="kafka://HOST:PORT of the running pipeline's broker (env DEEPWATCH_BROKER).")
 DryRun = typer.Option(False, "--dry-run", help="Print mapped events as JSONL on stdout instead of producing them; the saved cursor is not used or moved.")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -41,7 +42,7 @@ from detectors.fusion import fuse
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected, ignore_pillow_warnings
 from detectors.regular_file import FileRefused, special_kind
 from streams.cli.app import app
-from streams.cli.common import Config, UserError, check_banks, err, fail, settings_from, shown
+from streams.cli.common import Config, FirstLines, UserError, check_banks, err, fail, settings_from, shown
 from streams.settings import DEVICE_RE
 
 # Directory walks pick these; files named explicitly are always tried.
@@ -189,22 +190,33 @@ def analyze_file(path: Path, detectors: list[Detector], limits: DecodeLimits) ->
     return result
 
 
+# Lines of evidence (or of an error) a table row shows, strongest finding
+# first: a pixel model's paragraph made each row 25 lines tall on 80 columns.
+# --format json (the default) has every finding whole.
+EVIDENCE_LINES = 3
+EVIDENCE_MIN_WIDTH = 20
+
+
 def _render_table(results: list[dict[str, Any]], console: Console) -> None:
-    table = Table(title="deepwatch detect", show_lines=False)
-    table.add_column("file", overflow="fold")
-    table.add_column("verdict")
-    table.add_column("score", justify="right")
-    table.add_column("size")
-    table.add_column("evidence", overflow="fold")
+    # No outer edge or column rules (as `deepwatch clusters`): on 80 columns
+    # they took 16 of them from the path and the evidence
+    table = Table(title="deepwatch detect", show_lines=False, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  collapse_padding=True)
+    table.add_column("file", overflow="fold")  # whole, as given: it names the row
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("size", no_wrap=True)
+    table.add_column("evidence", overflow="fold", min_width=EVIDENCE_MIN_WIDTH)
     styles = {"likely-ai": "bold red", "inconclusive": "yellow", "no-evidence": "green"}
     for r in results:
         if r["error"]:
             error = f"{r['error']['reason']}: {r['error']['message']}"
-            table.add_row(shown(r["path"]), "[red]error[/]", "", "", shown(error))
+            table.add_row(shown(r["path"]), "[red]error[/]", "", "", FirstLines(shown(error), EVIDENCE_LINES))
             continue
         # Paths and details (read from the image's metadata) are untrusted text: never markup, never
         # terminal control sequences (``shown``).
-        detail = shown("\n".join(f"[{e['detector']}] {e['detail']}" for e in r["evidence"]) or "-")
+        detail = FirstLines(shown("\n".join(f"[{e['detector']}] {e['detail']}" for e in r["evidence"]) or "-"),
+                            EVIDENCE_LINES)
         table.add_row(
             shown(r["path"]),
             f"[{styles[r['verdict']]}]{r['verdict']}[/]",

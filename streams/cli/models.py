@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -16,13 +17,16 @@ from rich.table import Table
 
 from detectors.model_names import DEFAULT_PIXEL_MODEL
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, check_writable_dir, err, fail, print_error, settings_from
+from streams.cli.common import (
+    Config, DataDir, FormatOpt, JsonAlias, check_format, check_writable_dir, err, fail, print_error, settings_from,
+)
 
 models_app = typer.Typer(
     help="Manage learned detector weights in the model dir (<data-dir>/models unless detect.model_dir is set).",
     no_args_is_help=True,
 )
-app.add_typer(models_app, name="models")
+# short_help: `deepwatch --help` cut the group's line at 45 characters ("... in the model dir...")
+app.add_typer(models_app, name="models", short_help="Fetch and list learned detector weights in the model dir.")
 
 ModelDirOpt = Annotated[
     Optional[Path], typer.Option("--model-dir", help="Model directory (default: settings detect.model_dir or <data-dir>/models).")
@@ -72,6 +76,36 @@ def _load_samples(load: Callable[[], list]) -> list:
         return load()
     except (ManifestError, FileNotFoundError) as e:
         fail(str(e))
+
+
+@contextmanager
+def _fits_quietly() -> Iterator[None]:
+    """sklearn's ConvergenceWarning from the probe's fits, as one plain
+    line at the end instead of a warning block per fold on the terminal:
+    a fold of a few dozen pictures often stops at the iteration cap, which
+    is expected and changes nothing a user can act on. Other warnings pass
+    through as before."""
+    import warnings
+
+    try:
+        from sklearn.exceptions import ConvergenceWarning
+    except ImportError:  # no sklearn: nothing of it to quiet
+        yield
+        return
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            yield
+    finally:
+        # outside catch_warnings: shown inside it, each would be recorded again
+        unconverged = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+        for w in caught:
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    if unconverged:  # not after a failure (it propagates above): its one error line stays the only line
+        err.print(f"note: {len(unconverged)} of the probe's fits stopped at their iteration limit before "
+                  "converging (expected on small folds)", markup=False, highlight=False)
 
 
 def _model_dir(config: Path | None, data_dir: Path | None, model_dir: Path | None) -> Path:
@@ -135,7 +169,8 @@ def list_cmd(
     data_dir: Optional[Path] = DataDir,
     model_dir: ModelDirOpt = None,
     config: Optional[Path] = Config,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    fmt: str = FormatOpt,
+    as_json: bool = JsonAlias,
 ) -> None:
     """List the models in the model dir with their architecture, calibration and training summary:
     checkpoints (<name>.safetensors + <name>.json), pixel heads written by `deepwatch train --recipe
@@ -145,6 +180,7 @@ def list_cmd(
     from detectors.models.pixel_detector import BUILTIN
     from detectors.models.pixel_probe import PixelHead
 
+    as_json = as_json or check_format(fmt) == "json"
     target = _model_dir(config, data_dir, model_dir)
     if target.exists() and not target.is_dir():
         fail(f"{target} is a file, not a model directory; give --model-dir a folder")
@@ -182,7 +218,7 @@ def list_cmd(
 
 
 def _pixel_entry(name: str, path: Path, card) -> dict:
-    """``models list --json`` row of a pixel head: the checkpoint rows' main keys, plus where it is."""
+    """``models list --format json`` row of a pixel head: the checkpoint rows' main keys, plus where it is."""
     from detectors.models.pixel_probe import HEADS_DIR
 
     auc = (((card.metrics.get("reposted") or {}).get("overall")) or {}).get("auc")
@@ -243,7 +279,8 @@ def train_cmd(
     model_dir: ModelDirOpt = None,
     config: Optional[Path] = Config,
 ) -> None:
-    """Train a detector. Two recipes:
+    """Train a detector: a network end to end (--recipe cnn) or a small head
+    on packaged image features (--recipe pixel-probe).
 
     --recipe cnn (default): train or fine-tune a network end to end (--arch) on
     --real/--fake folders or --manifest; writes <model-dir>/<out>.safetensors +
@@ -436,13 +473,14 @@ def _train_pixel_probe(data: list[Path], *, out: str, head_out: Path | None, cac
                   TimeRemainingColumn(), console=err) as bar:
         task = bar.add_task("backbone features (cached)", total=None)
         try:
-            head, _, _ = train_pixel_probe(
-                data, target, cache_dir=cache, spec=FeatureSpec(crops=crops), name=name,
-                params=ProbeParams(C=probe_c, seed=seed, hidden=hidden, alpha=alpha,
-                                   train_variants=("reposted", *(f"aug{k}" for k in range(augment)))),
-                group_by=group_by,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )
+            with _fits_quietly():
+                head, _, _ = train_pixel_probe(
+                    data, target, cache_dir=cache, spec=FeatureSpec(crops=crops), name=name,
+                    params=ProbeParams(C=probe_c, seed=seed, hidden=hidden, alpha=alpha,
+                                       train_variants=("reposted", *(f"aug{k}" for k in range(augment)))),
+                    group_by=group_by,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
         except (ValueError, RuntimeError, OSError, KeyError) as e:  # OSError: a cache or target gone bad meanwhile
             _drop_bar(bar)  # no bar left drawn below the error line
             failed = e
@@ -617,8 +655,9 @@ def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int,
         task = bar.add_task("features", total=None)
         extract(samples, sorted(set(params.train_variants) | set(EVAL_VARIANTS)), cache, Backbone(spec.backbone), spec,
                 progress=lambda d, t: bar.update(task, completed=d, total=t))
-    cv = cross_validate(samples, cache, spec, params)
-    cal, thr = calibrate_and_threshold(samples, cv)
+    with _fits_quietly():
+        cv = cross_validate(samples, cache, spec, params)
+        cal, thr = calibrate_and_threshold(samples, cv)
     report = {"schema": 1, "mode": "leave-generator-out", "group_by": group_by, "folds": params.folds,
               "dataset": [str(m) for m in manifests], "threshold": thr, "crops": crops,
               "train_variants": list(params.train_variants), "seed": seed,

@@ -18,8 +18,8 @@ from rich.text import Text
 
 from streams.cli.app import app
 from streams.cli.common import (
-    Config, DataDir, FormatOpt, JsonAlias, check_format, check_store_option, err, fail, print_json, settings_from,
-    shown,
+    Config, DataDir, FirstLines, FormatOpt, JsonAlias, check_format, check_store_option, err, fail, note_empty,
+    print_json, settings_from, shown,
 )
 from streams.findings import (
     MAX_RESULTS, SORT_KEYS, SORT_ORDER, VERDICTS, ClusterQuery, FindingsStore, Page, SearchTimeout, StoreURLError,
@@ -109,39 +109,91 @@ def _emit(rows: list, fmt: str, title: str, columns: tuple[str, ...], cells: Cal
     for row in rows:
         t.add_row(*(shown(c) for c in cells(row)))  # the store's text is the posters' and the images'
     Console().print(t)
+    if not rows:
+        note_empty(f"no {title.lower()}")
 
 
 # A table row shows the start of the strongest evidence (a pixel model's
-# explanation runs to a paragraph); JSON carries all of it.
+# explanation runs to a paragraph): at most EVIDENCE_LINES lines at the width
+# the column gets, and at most EVIDENCE_SHOWN characters on a wide terminal.
+# JSON carries all of it. Three lines: beside a 16-character id an 80-column
+# terminal leaves evidence about 19 columns, and three of them hold a typical
+# metadata finding ("AUTOMATIC1111-style metadata in a PNG tEXt chunk") whole.
 EVIDENCE_SHOWN = 160
+EVIDENCE_LINES = 3
 EVIDENCE_MIN_WIDTH = 8
+# After the verdict of a cluster whose learned models' result has not come
+# back yet (``models_pending``): its score and verdict may still change.
+PENDING_MARK = "*"
+PENDING_CAPTION = f"{PENDING_MARK} waiting for a model result (`deepwatch worker --role detect` runs the models)"
+# the same, broken before the command where the table is narrower than the one line
+PENDING_CAPTION_LINES = (f"{PENDING_MARK} waiting for a model result; a detect worker runs the models:",
+                         "  `deepwatch worker --role detect`")
+
+
+class _PendingCaption:
+    """``PENDING_CAPTION`` on one line where the table is wide enough, else
+    on two, the command whole on the second (wrapped where it fell, the
+    command was cut in two: ``deepwatch worker`` / ``--role detect``)."""
+
+    def __rich_console__(self, console, options):
+        one = len(PENDING_CAPTION) <= options.max_width
+        yield Text(PENDING_CAPTION if one else "\n".join(PENDING_CAPTION_LINES), justify="left")
+
+    def __str__(self) -> str:
+        return PENDING_CAPTION
+
+
+def count_cell(n: int) -> str:
+    """A count in at most 4 characters: exact below 10,000, then 12k, 999k,
+    1.2M, 25M (rounded down; JSON has the exact number). A viral picture's
+    six-digit counts took the evidence column's last readable width."""
+    if n < 10_000:
+        return str(n)
+    if n < 1_000_000:
+        return f"{n // 1000}k"
+    if n < 10_000_000:
+        return f"{n // 100_000 / 10:.1f}M"
+    return f"{n // 1_000_000}M"
 
 
 def cluster_table(clusters: list, title: str = "Image clusters") -> Table:
     # Fits 80 columns: no outer edge or column rules (the header rule stays),
-    # numbers with short headers, and evidence last, the one column that
-    # wraps, so it takes what is left (at least EVIDENCE_MIN_WIDTH) instead
-    # of a column being cropped off the right edge, where the alert level was
-    # lost; beside 16-character ids an 80-column terminal leaves evidence 13.
-    t = Table(title=shown(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    # one space between columns, numbers with short headers, and evidence
+    # last, the one column that wraps, so it takes what is left (at least
+    # EVIDENCE_MIN_WIDTH) instead of a column being cropped off the right
+    # edge, where the alert level was lost; counts take at most 4 columns
+    # (``count_cell``), so beside 16-character ids an 80-column terminal
+    # leaves evidence at least 19.
+    t = Table(title=shown(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+              padding=(0, 0))
     for col, kw in (("cluster", {"no_wrap": True}), ("fake", {"justify": "right", "no_wrap": True}),
                     ("verdict", {"no_wrap": True}), ("alert", {"no_wrap": True}),
                     ("seen", {"justify": "right", "no_wrap": True}), ("accts", {"justify": "right", "no_wrap": True}),
                     ("5m", {"justify": "right", "no_wrap": True}), ("imgs", {"justify": "right", "no_wrap": True}),
                     ("evidence", {"min_width": EVIDENCE_MIN_WIDTH, "overflow": "fold"})):
         t.add_column(col, **kw)
+    pending = False
     for c in clusters:
+        c = c.as_json() if hasattr(c, "as_json") else c  # once: each c[...] of a store record dumps it whole
         color = {"likely-ai": "red", "inconclusive": "yellow"}.get(c["verdict"], "green")
         ev = c["evidence"][0]["detail"] if c["evidence"] else "—"
         if len(ev) > EVIDENCE_SHOWN:
             ev = ev[: EVIDENCE_SHOWN - 1] + "…"
         alert = (Text("supp.") if c.get("suppressed") else
                  Text(f"L{c['alert_level']}", style="bold red") if c.get("alert_level") else Text(""))
+        verdict = Text(c["verdict"], style=color)
+        if c.get("models_pending"):
+            pending = True
+            verdict.append(PENDING_MARK, style="bold")
         t.add_row(
-            shown(c["id"]), Text(f"{c['fake_score']:.2f}", style=color), Text(c["verdict"], style=color), alert,
-            str(c["sightings"]), str(c["accounts"]), str(c["velocity"].get("sightings_5m", 0)),
-            str(len(c["members"])), shown(ev),
+            shown(c["id"]), Text(f"{c['fake_score']:.2f}", style=color), verdict, alert,
+            count_cell(c["sightings"]), count_cell(c["accounts"]), count_cell(c["velocity"].get("sightings_5m", 0)),
+            count_cell(len(c["members"])), FirstLines(shown(ev), EVIDENCE_LINES),
         )
+    if pending:
+        t.caption = _PendingCaption()  # type: ignore[assignment]  # any renderable does
+        t.caption_justify = "left"
     return t
 
 
@@ -173,6 +225,8 @@ def clusters(
         print_json([r.as_json() for r in rows])
     else:
         Console().print(cluster_table(rows))
+        if not rows:
+            note_empty("no clusters yet")
 
 
 def _when(value: Optional[str], flag: str, end_of_day: bool = False) -> Optional[datetime]:
@@ -253,6 +307,8 @@ def search(
         print_json([r.as_json() for r in rows])
     else:
         Console().print(cluster_table(rows, title=f"Search: {query}" if query else "Search"))
+        if not rows:  # the empty table alone read like a display fault
+            note_empty("no clusters match this search")
 
 
 @app.command(rich_help_panel="Findings")

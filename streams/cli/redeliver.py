@@ -11,7 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, print_json, settings_from
+from streams.cli.common import (
+    Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, note_empty, print_json, settings_from,
+)
 from streams.cli.query import StoreOpt, _findings
 from streams.findings import UNDELIVERED
 
@@ -88,6 +90,8 @@ def redeliver(
             for r in rows:
                 t.add_row(r["target"], *(str(r[s.value]) for s in UNDELIVERED))
             Console().print(t)
+            if not rows:
+                note_empty("no webhook deliveries waiting, and no webhooks configured (alerts.webhooks)")
             return
         key = _resolve(target, known, hooks)
         # a configured hook's deliveries kept under its earlier keys (``legacy_keys``) are its own too

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
@@ -62,6 +63,36 @@ class MalformedFrame(ValueError):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+def host_of(url: str) -> str:
+    """``host[:port]`` of ``url`` (no credentials, path or query), for a log
+    line that says which server a connection failed to reach."""
+    try:
+        netloc = urlsplit(url.strip()).netloc
+    except ValueError:
+        return url[:200]
+    return netloc.rsplit("@", 1)[-1] or url[:200]
+
+
+def connect_reason(e: BaseException) -> str:
+    """Why a connection failed, in the operating system's words
+    ("Connection refused", not asyncio's "Connect call failed ('127.0.0.1',
+    1)"); ``streams.net_errors.network_reason`` for the rest (a name that
+    does not resolve, a timeout, a refused handshake)."""
+    import os
+    import socket
+
+    from streams.net_errors import network_reason
+
+    seen: set[int] = set()
+    x: BaseException | None = e  # an HTTP client's error wraps the socket's (its cause or context)
+    while x is not None and id(x) not in seen and not isinstance(x, socket.gaierror):
+        if isinstance(x, OSError) and isinstance(x.errno, int) and x.errno > 0:
+            return os.strerror(x.errno)
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
+    return network_reason(e)
 
 
 def error_text(e: ValidationError, whole: str = "(value)") -> str:

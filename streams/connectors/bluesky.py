@@ -28,8 +28,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import websockets
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import (Backoff, Emitter, MalformedFrame, Mapped, Stopped, clip_hashtags, error_text,
-                                     parse_frame, reconnect_loop, unless_stopped)
+from streams.connectors.base import (Backoff, Emitter, MalformedFrame, Mapped, Stopped, clip_hashtags, connect_reason,
+                                     error_text, host_of, parse_frame, reconnect_loop, unless_stopped)
 from streams.records import MAX_TEXT_CHARS, MAX_UTC_OFFSET, ImageEvent
 from streams.settings import ConnectorSettings, IngestSettings
 
@@ -493,5 +493,8 @@ class BlueskyConnector:
             log.warning("handshake refused", extra={"connector": PLATFORM, "status": e.response.status_code})
             return f"http_{e.response.status_code}"
         except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
-            log.warning("connection failed", extra={"connector": PLATFORM, "error": f"{type(e).__name__}: {e}"})
+            # which server: "gaierror: Name or service not known" alone did not say
+            host = host_of(url)
+            log.warning(f"connection to {host} failed: {connect_reason(e)}",
+                        extra={"connector": PLATFORM, "host": host, "error": f"{type(e).__name__}: {e}"})
             return "connect_failed"

@@ -35,7 +35,8 @@ from httpx_sse import SSEError, aconnect_sse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, MalformedFrame, Mapped, Stopped,
-                                     clip_hashtags, error_text, parse_frame, reconnect_loop, unless_stopped)
+                                     clip_hashtags, connect_reason, error_text, host_of, parse_frame, reconnect_loop,
+                                     unless_stopped)
 from streams.records import MAX_COUNT, ImageEvent
 from streams.settings import ConnectorSettings
 from streams.validate import json_kind
@@ -567,7 +568,12 @@ class MastodonConnector:
         except httpx.TimeoutException:
             return "idle_timeout"
         except (httpx.TransportError, SSEError) as e:
-            log.warning("stream failed", extra={"connector": PLATFORM, "error": f"{type(e).__name__}: {e}"})
+            try:  # the server asked: the streaming server may be another host than the instance
+                host = host_of(str(e.request.url)) if isinstance(e, httpx.TransportError) else host_of(self.instance)
+            except RuntimeError:  # an httpx error made without its request
+                host = host_of(self.instance)
+            log.warning(f"stream from {host} failed: {connect_reason(e)}",
+                        extra={"connector": PLATFORM, "host": host, "error": f"{type(e).__name__}: {e}"})
             return "connect_failed"
         except httpx.HTTPStatusError as e:
             return f"http_{e.response.status_code}"
