@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU machines take the local CPU build; GPU users: make install TORCH_SPEC=torch
+# torch==2.13.0 as pip resolves it (see TORCH_INDEX); GPU users: make install TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 # Where pip finds torch. Empty: pip's own configuration (where it is set up to
 # find the CPU wheel, as on the project's machines). Plain PyPI on Linux serves

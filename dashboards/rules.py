@@ -132,8 +132,8 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
                   "Clusters wait for model results: the detect role answered none in 15 minutes",
                   "The cluster stage asks the detect role for the pixel model's evidence on every new picture; "
                   "nothing answered. A deployment without a detect worker (`deepwatch worker --role detect`), "
-                  "one crash-looping on its model, or one stuck: every new cluster keeps models_pending and a "
-                  "fake without metadata is never scored."),
+                  "one crash-looping on its model, or one stuck: every new cluster keeps models_pending and is "
+                  "scored without the model's evidence, so a fake without metadata is not caught."),
             _rule("DeepwatchImageHostsPaused", q.HOST_PAUSES_15M, "0m", "warning",
                   "Image hosts keep timing out; their posts are dead-lettered as fetch:host_unavailable",
                   "A worker paused a host after fetch.breaker_timeouts timeouts in a row (streams.host_breaker). "

@@ -163,6 +163,11 @@ def register(cls: type[SignalType]) -> type[SignalType]:
     unknown = [f for f in own if f not in ImageHashes.model_fields]
     if unknown:  # a signal type reads the record, it does not extend it
         raise ValueError(f"signal type {name!r}: no field {', '.join(unknown)} on ImageHashes")
+    claimed = {f: st.name for st in _REGISTRY.values()
+               for f in (*st.fields, *([st.quality_field] if st.quality_field else []))}
+    if taken := [f"{f} ({claimed[f]})" for f in own if f in claimed]:
+        # two types reading one field would each validate it their way, and refuse the other's codes
+        raise ValueError(f"signal type {name!r}: fields already read by another type: {', '.join(taken)}")
     if cls.has_views and any(st.has_views for st in _REGISTRY.values()):
         # ``ImageHashes.views`` hold codes of one type
         raise ValueError(f"signal type {name!r}: only one signal type can carry the record's views")

@@ -49,6 +49,11 @@ SortKey = Literal["velocity", "score", "last_seen", "sightings"]
 SearchSort = Literal[SortKey, "relevance"]
 MAX_RESULTS = 10_000  # one Elasticsearch result window; the same bound on SQLite
 SCORE_DECIMALS = 4  # a cluster's fake score as every record shows it
+# a delivery queued longer ago than any attempt takes was left by a stopped worker: redelivery's
+# to send, no longer a run's pending work
+QUEUED_RECENT_S = 900
+SORT_KEYS: tuple[str, ...] = get_args(SortKey)
+VERDICTS: tuple[str, ...] = get_args(Verdict)  # the stream's verdicts (``detectors.fusion``)
 
 
 def shown_score(score: float) -> float:
@@ -58,14 +63,12 @@ def shown_score(score: float) -> float:
 
 def score_floor(min_score: float) -> float:
     """The stored score a ``min_score`` condition compares with: the least
-    one shown as ``min_score`` or more. Compared unrounded, ``--min-score 1``
-    left out every cluster shown with a score of 1.0 (stored 0.99999...)."""
-    return min_score - 0.5 * 10 ** -SCORE_DECIMALS
-# a delivery queued longer ago than any attempt takes was left by a stopped worker: redelivery's
-# to send, no longer a run's pending work
-QUEUED_RECENT_S = 900
-SORT_KEYS: tuple[str, ...] = get_args(SortKey)
-VERDICTS: tuple[str, ...] = get_args(Verdict)  # the stream's verdicts (``detectors.fusion``)
+    one shown as ``min_score`` or more (``min_score`` first taken up to the
+    shown precision: no shown score lies between). Compared unrounded,
+    ``--min-score 1`` left out every cluster shown with a score of 1.0
+    (stored 0.99999...)."""
+    step = 10 ** -SCORE_DECIMALS
+    return math.ceil(round(min_score / step, 6)) * step - step / 2
 
 
 class _ReadRecord(BaseModel):
@@ -523,10 +526,6 @@ class ClusterQuery(BaseModel):
         return (self.sighting_filtered or self.verdict is not None or self.min_score is not None
                 or self.cluster_ids is not None)
 
-    def terms(self) -> list[str]:
-        """``text`` as search terms: quoted phrases kept whole, words lowercased."""
-        return text_terms(self.text or "")
-
 
 _TERM = re.compile(r'"([^"]+)"|(\S+)')
 
@@ -547,19 +546,20 @@ def text_terms(text: str) -> list[str]:
 
 
 def _words(text: str) -> list[str]:
-    """Runs of letters, digits, ``_`` and combining marks (what ``\\w`` finds, marks kept in)."""
+    """Runs of letters, digits, ``_`` and combining marks (what ``\\w`` finds, marks kept in) that hold a
+    letter or digit."""
     out: list[str] = []
     start = None
-    for i, ch in enumerate(text):
+    for i, ch in enumerate(text + " "):
         inside = ch.isalnum() or ch == "_" or unicodedata.category(ch)[0] == "M"
         if inside and start is None:
             start = i
         elif not inside and start is not None:
             out.append(text[start:i])
             start = None
-    if start is not None:
-        out.append(text[start:])
-    return out
+    # a run without a letter or digit (a stray combining mark, "_") is no word: the stores' phrase of it is
+    # empty, and ANDed with the others it matched nothing
+    return [w for w in out if any(c.isalnum() for c in w)]
 
 
 def normalize_hashtag(tag: str) -> str:

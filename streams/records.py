@@ -489,10 +489,11 @@ def event_json_schema() -> dict[str, Any]:
 
 
 def alert_json_schema() -> dict[str, Any]:
-    """The JSON Schema of an alert webhook's body (``AlertBody``), schema v1:
-    fields are only ever added within a version, so a receiver validating with
-    it allows fields it does not name: a receiver validating with it keeps
-    accepting a newer deepwatch's alerts."""
+    """The JSON Schema of an alert webhook's body (``AlertBody``), schema v1.
+    Fields are only ever added within a version, so it allows fields it does
+    not name. What it names is v1's: the verdicts, the evidence kinds and at
+    most ``MAX_SAMPLE_POSTS`` + 1 sample posts; a new value of either enum or
+    a larger cap is a new schema version."""
     schema = _published(AlertBody, "alert-v1", "deepwatch alert webhook body v1")
     # The records' docstrings speak to this code's maintainers, not to subscribers.
     schema["description"] = ("What deepwatch POSTs to an alert webhook, signed (X-Deepwatch-Signature). "

@@ -431,6 +431,7 @@ class ReplaySummary:
     # ``clusters`` and ``alerts`` count the whole store, which earlier runs
     # into the same data dir add to.
     run_outcomes: dict[str, int] = field(default_factory=dict)
+    run_dead_letters: dict[str, int] = field(default_factory=dict)  # this run's dead letters, "stage:reason" -> count
     # Clusters already waiting for a model result when this run started (an
     # earlier run's, e.g. with --no-wait-models, whose requests its broker
     # took with it): asked again by this run (``ask_models_again``) and waited
@@ -603,7 +604,8 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
     store = open_findings(settings.findings.url, settings.data_dir, settings)
     try:
         dls: dict[str, int] = {}
-        for d in store.dead_letters():
+        records = store.dead_letters()
+        for d in records:
             dls[f"{d['stage']}:{d['reason']}"] = dls.get(f"{d['stage']}:{d['reason']}", 0) + 1
         alerts = store.alerts()
         latencies = []
@@ -614,9 +616,20 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
                 if started_at is None or t1 >= started_at:
                     latencies.append(round((t1 - t0).total_seconds(), 3))
         outcomes: dict[str, int] = {}
+        run_dls: dict[str, int] = {}
         if run is not None:
-            ended = store.run_outcomes(run, settings.topic("events"))
+            topic = settings.topic("events")
+            ended = store.run_outcomes(run, topic)
             mine = [ended[o] for o in produced & ended.keys()]
+            # this run's dead letters: by event id, or where a line had none by where it sat (a
+            # dead letter is one per event across runs, and a fresh broker reuses offsets)
+            dead_ids = {eid for outcome, eid in mine if outcome == "dead_letter" and eid}
+            dead_at = {po for po in produced & ended.keys() if ended[po][0] == "dead_letter" and not ended[po][1]}
+            for d in records:
+                src = d.source
+                if d.event_id in dead_ids or (
+                        src is not None and src.topic == topic and (src.partition, src.offset) in dead_at):
+                    run_dls[f"{d.stage}:{d.reason}"] = run_dls.get(f"{d.stage}:{d.reason}", 0) + 1
             posts = {eid for outcome, eid in mine if outcome == "sighting"}
             stored = sum(1 for outcome, _ in mine if outcome in ("sighting", "duplicate"))
             # a post repeated within the run counts once as new, its repeats as already stored,
@@ -633,7 +646,7 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
             events_per_second=round(len(produced) / (ingest_seconds or seconds), 1) if seconds else 0.0,
             alert_latency_s=latencies, complete=complete,
             ingest_seconds=None if ingest_seconds is None else round(ingest_seconds, 2),
-            models_pending=store.pending_work()["models"], run_outcomes=outcomes,
+            models_pending=store.pending_work()["models"], run_outcomes=outcomes, run_dead_letters=run_dls,
         )
     finally:
         store.close()

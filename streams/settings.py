@@ -334,6 +334,7 @@ class ConnectorSettings(_Section):
     ingest_rate_per_s: float = Field(50.0, gt=0)  # events per second per token, sustained
     ingest_burst: int = Field(500, gt=0)  # events a token may send at once above its sustained rate
     ingest_broker_timeout_s: float = Field(5.0, gt=0)  # longer than this without the broker: 503 + Retry-After
+    ingest_tls_proxy: bool = False  # clients reach serve-ingest only through a TLS-terminating proxy (or a loopback-only port mapping): no plain-http warning at start
 
 
 class FindingsSettings(_Section):

@@ -362,3 +362,20 @@ def _failures_of(runner, logger: str, caplog) -> list:
     failed = [r for r in caplog.records if "failed" in r.getMessage()]
     assert failed, [r.getMessage() for r in caplog.records]
     return failed
+
+
+def test_a_tls_failure_is_named_as_such_not_by_its_openssl_code():
+    # ssl errors are OSErrors whose errno is OpenSSL's code: errno 1 read "Operation not permitted"
+    import ssl
+
+    import httpx
+
+    from streams.connectors.base import connect_reason
+
+    bad = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    bad.reason = "CERTIFICATE_VERIFY_FAILED"
+    try:
+        raise httpx.ConnectError("handshake") from bad
+    except httpx.ConnectError as e:
+        assert connect_reason(e) == "TLS: CERTIFICATE_VERIFY_FAILED"
+    assert connect_reason(ConnectionRefusedError(111, "refused")) == "Connection refused"

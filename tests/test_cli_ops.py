@@ -352,13 +352,16 @@ def test_a_replay_whose_every_event_was_dead_lettered_says_the_feed_may_be_wrong
         r.stderr.split())
     r = deepwatch("replay", str(feed), "--data-dir", str(tmp_path / "e"), "--workers", "1", "--no-wait-models",
                   "--format", "json", timeout=300)
-    assert json.loads(r.stdout)["events"] == 2 and "every event of this run was dead-lettered" in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["events"] == 2 and "every event of this run was dead-lettered" in r.stderr
+    assert sum(doc["run_dead_letters"].values()) == 2 and all(k.startswith("validate:") for k in doc["run_dead_letters"])
     # a valid feed whose pictures are not where its paths say: the pictures are named, not the feed
+    # ... into a data dir whose earlier run dead-lettered other lines: this run's reasons decide
     posts = tmp_path / "posts.jsonl"
     posts.write_text("".join(json.dumps({"event_id": f"e{i}", "platform": "x", "account_id": "a",
                                          "posted_at": "2026-12-01T10:00:00Z", "image": {"path": f"images/p{i}.jpg"}})
                              + "\n" for i in range(2)))
-    r = deepwatch("replay", str(posts), "--data-dir", str(tmp_path / "f"), "--workers", "1", "--no-wait-models",
+    r = deepwatch("replay", str(posts), "--data-dir", str(tmp_path / "d"), "--workers", "1", "--no-wait-models",
                   timeout=300)
     said = " ".join(r.stderr.split())
     assert r.returncode == 0 and "fetch:not_found=2" in said, r.stderr[-2000:]

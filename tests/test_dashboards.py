@@ -535,7 +535,15 @@ def _yaml_docs(path: Path) -> list[dict]:
 
 
 def _settings_env_vars() -> set[str]:
-    return {f"DEEPWATCH_{name.upper()}" for name in Settings.model_fields}
+    """Every setting's environment variable: top level, and ``SECTION__FIELD`` within a section."""
+    from pydantic import BaseModel
+
+    out = set()
+    for name, f in Settings.model_fields.items():
+        out.add(f"DEEPWATCH_{name.upper()}")
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            out |= {f"DEEPWATCH_{name.upper()}__{sub.upper()}" for sub in f.annotation.model_fields}
+    return out
 
 
 def test_compose_parses_and_wires_services():

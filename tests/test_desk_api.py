@@ -229,6 +229,14 @@ def test_a_word_in_posts_finds_those_posts_not_every_cluster_whose_evidence_says
         assert {d["id"] for d in c.get("/api/search?q=generator").json()} == {
             "c-viral", "c-quiet", *(f"c-persona{k}" for k in range(5))}
         assert [d["id"] for d in c.get("/api/search?q=c-quiet").json()] == ["c-quiet"]
+        # the desk's own verdicts narrow a search, never widen it: c-talk's post holds "diffusion", so the
+        # evidence wording of a cluster marked fake is not a match either
+        r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "fake"}, headers=EDITOR)
+        assert r.status_code == 201, r.text
+        assert c.get("/api/search?q=diffusion&desk_verdict=fake").json() == []
+        # a text no post holds, sorted as asked
+        by_score = [d["id"] for d in c.get("/api/search?q=generator&sort=sightings").json()]
+        assert by_score[0] == "c-viral" and len(by_score) == 7
 
 
 def test_search_endpoint_and_page(backend, env):

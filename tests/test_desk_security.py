@@ -183,3 +183,17 @@ def test_every_id_put_into_a_path_in_the_templates_is_escaped_whole():
             if not m.group(1).rstrip().endswith("| segment"):
                 unescaped.append(f"{f.name}: {m.group(0)}")
     assert unescaped == []
+
+
+def test_every_desk_route_runs_its_guards_before_its_body_is_read():
+    # the routes live on routers of their own modules: one made without route_class=DeskRoute would have
+    # FastAPI read and validate a body before the login is checked (an anonymous 422 showing the schema)
+    from fastapi.routing import APIRoute
+
+    from streams.desk import api, apidocs, pages
+    from streams.desk.guards import DeskRoute
+
+    routes = [r for router in (api.router, api.pictures(256), pages.router, apidocs.router) for r in router.routes
+              if isinstance(r, APIRoute)]
+    assert len(routes) >= 20 and all(isinstance(r, DeskRoute) for r in routes), [
+        r.path for r in routes if not isinstance(r, DeskRoute)]

@@ -723,3 +723,6 @@ def test_serve_ingest_warns_when_it_listens_off_loopback_in_clear_text():
     assert "plain http" in tls and "TLS-terminating reverse proxy" in tls
     assert "token holders" in metrics and "--metrics-port" in metrics
     assert ingest_exposure_warnings("192.0.2.10", 9465) == [tls.replace("0.0.0.0", "192.0.2.10")]
+    # behind the TLS proxy the deployments put in front, with metrics on their own port: nothing to say
+    assert ingest_exposure_warnings("0.0.0.0", 9400, tls_proxy=True) == []
+    assert ingest_exposure_warnings("0.0.0.0", None, tls_proxy=True) == [metrics]

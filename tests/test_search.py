@@ -373,3 +373,20 @@ def test_words_with_a_dotted_capital_or_a_combining_accent_are_found(store):
     assert ids(store.search(ClusterQuery(text="İstanbul"))) == ["c-pope"]
     assert ids(store.search(ClusterQuery(text='"İstanbul köprüsü"'))) == ["c-pope"]
     assert ids(store.search(ClusterQuery(text="cafe\u0301"))) == ["c-flood"]
+
+
+def test_score_floor_and_query_words_at_their_edges():
+    import math
+
+    from streams.findings import score_floor, shown_score, text_terms
+
+    # a stored score is kept exactly when it is shown as min_score or more (min_score with more decimals
+    # than shown: as the next shown value), away from the exact half-way points
+    for m in (0.0, 0.5, 0.62345, 0.6234, 1.0):
+        for x in (0.62341, 0.6234, 0.62349, 0.62351, 0.62331, 0.49996, 0.99996, 1.0):
+            shown_min = math.ceil(round(m * 1e4, 6)) / 1e4
+            assert (x >= score_floor(m)) == (shown_score(x) >= shown_min - 1e-12), (m, x)
+    assert not 0.62341 >= score_floor(0.62345)  # shown 0.6234, under 0.62345
+    # a stray combining mark or "_" is no word: ANDed as an empty phrase it matched nothing
+    assert text_terms("flood \u0301") == text_terms("flood _") == ["flood"]
+    assert text_terms("\u0301") == []

@@ -233,7 +233,7 @@ def test_register_refuses_what_the_record_cannot_hold(scratch_registry):
 
     class SecondViews(_Crc32):
         name = "dhash"
-        fields = ("phash",)
+        fields = ()
         view_via = "dhash_view"
 
     with pytest.raises(ValueError, match="no field sha1 on ImageHashes"):
@@ -244,3 +244,19 @@ def test_register_refuses_what_the_record_cannot_hold(scratch_registry):
         class Odd(_Crc32):
             bits = 30
     assert [st.name for st in signal_types()] == ["pdq", "phash"]
+
+
+def test_a_type_reading_a_field_another_type_reads_is_refused():
+    from detectors.signals import SignalType, register, signal_types
+
+    class Pdq128(SignalType):  # a second reading of PDQ's field would refuse every 256-bit code it holds
+        name = "pdq128"
+        label = "PDQ-128"
+        bits = 128
+        fields = ("pdq",)
+        default_threshold = 10
+
+    before = list(signal_types())
+    with pytest.raises(ValueError, match=r"already read by another type: pdq \(pdq\)"):
+        register(Pdq128)
+    assert signal_types() == before

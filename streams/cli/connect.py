@@ -275,23 +275,26 @@ def serve_ingest(
     ensure_port_free(host, port, "pick another --port")
     if create_topics:
         create_missing_topics(settings, bootstrap_of(settings.broker))
-    for warning in ingest_exposure_warnings(host, metrics_port):
+    for warning in ingest_exposure_warnings(host, metrics_port, tls_proxy=settings.connectors.ingest_tls_proxy):
         err.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     serve(settings, host, port, metrics_port=metrics_port)
 
 
-def ingest_exposure_warnings(host: str, metrics_port: int | None) -> list[str]:
+def ingest_exposure_warnings(host: str, metrics_port: int | None, *, tls_proxy: bool = False) -> list[str]:
     """What to say at start when serve-ingest listens off loopback: it speaks
     plain http, so its bearer tokens cross the network in clear text unless a
-    TLS-terminating proxy is in front (which it cannot tell), and /metrics on
-    the main port names the token holders to whoever can reach it."""
+    TLS-terminating proxy is in front (which it cannot tell: the operator says
+    so with ``connectors.ingest_tls_proxy``), and /metrics on the main port
+    names the token holders to whoever can reach it."""
     from detectors.netaddr import is_loopback
 
     if is_loopback(host):
         return []
-    out = [f"serve-ingest listens on {host} over plain http: bearer tokens cross the network in clear text unless a "
-           "TLS-terminating reverse proxy is in front of it (or bind --host 127.0.0.1)"]
+    out = [] if tls_proxy else [
+        f"serve-ingest listens on {host} over plain http: bearer tokens cross the network in clear text unless a "
+        "TLS-terminating reverse proxy is in front of it (then set DEEPWATCH_CONNECTORS__INGEST_TLS_PROXY=true), "
+        "or bind --host 127.0.0.1"]
     if metrics_port is None:
         out.append("/metrics is served on --port, where its labels name your token holders to anyone who can reach "
-                   "it: give --metrics-port")
+                   "it: give --metrics-port and keep that port off the network")
     return out

@@ -205,25 +205,28 @@ def _count(n: int, noun: str) -> str:
 
 def _warn_all_dead(summary) -> None:
     """`replay /etc/passwd` ended "done", exit 0, as a feed of hostile events
-    would: say why, by the stage most of the dead letters came from (the
-    feed itself, or pictures that could not be read)."""
+    would: say why, by what ended most of this run's events (the feed itself,
+    local paths, or image hosts out of reach)."""
     if not (summary.events and summary.run_outcomes.get("dead_letter", 0) == summary.events):
         return
-    by_stage: dict[str, int] = {}
-    for key, n in summary.dead_letters.items():
-        stage = key.partition(":")[0]
-        by_stage[stage] = by_stage.get(stage, 0) + n
-    stage = max(by_stage, key=lambda k: by_stage[k], default="validate")
-    if stage == "fetch":
+    mine = summary.run_dead_letters or summary.dead_letters  # a summary without the run's own: the store's
+    top = max(mine, key=lambda k: mine[k], default="validate:")
+    stage, _, reason = top.partition(":")
+    if stage == "validate":
+        why = "is FEED a deepwatch event feed, one JSON event per line (`deepwatch schema` prints its JSON Schema)?"
+    elif stage == "fetch" and reason in _LOCAL_PATH_REASONS:
         why = ("no picture of this run could be read: a relative image path is read from the feed's directory, "
-               "and every path must lie under it or an --image-root")
-    elif stage == "validate":
-        why = ("is FEED a deepwatch event feed, one JSON event per line (`deepwatch schema` prints its JSON "
-               "Schema)?")
+               "and every path must lie under it or an --image-root.")
+    elif stage == "fetch":
+        why = f"no picture of this run could be fetched (most: {top}): are the image hosts reachable from here?"
     else:
-        why = f"most at the {stage} stage"
-    err.print(f"warning: every event of this run was dead-lettered: {why}; `deepwatch dead-letters` says why for "
-              "each", style="yellow", markup=False, highlight=False)
+        why = f"most of them at {top}."
+    err.print(f"warning: every event of this run was dead-lettered: {why} `deepwatch dead-letters` says why for "
+              "each.", style="yellow", markup=False, highlight=False)
+
+
+# fetch's reasons for a local image path that cannot be read (streams.fetch)
+_LOCAL_PATH_REASONS = {"not_found", "path_not_allowed", "bad_path"}
 
 
 def _check_state_files(settings: Settings) -> None:

@@ -82,12 +82,16 @@ def connect_reason(e: BaseException) -> str:
     does not resolve, a timeout, a refused handshake)."""
     import os
     import socket
+    import ssl
 
     from streams.net_errors import network_reason
 
     seen: set[int] = set()
     x: BaseException | None = e  # an HTTP client's error wraps the socket's (its cause or context)
     while x is not None and id(x) not in seen and not isinstance(x, socket.gaierror):
+        if isinstance(x, ssl.SSLError):
+            # an OSError whose errno is OpenSSL's code (1 read "Operation not permitted")
+            return f"TLS: {x.reason or x.strerror or x}"
         if isinstance(x, OSError) and isinstance(x.errno, int) and x.errno > 0:
             return os.strerror(x.errno)
         seen.add(id(x))

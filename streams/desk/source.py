@@ -572,10 +572,16 @@ class FindingsSource:
                                      "cluster_ids": frozenset(marked) if len(marked) <= MAX_RESULTS else None})
         ids = [c.id for c in self.store.search(q, timeout_s=_left(deadline))]
         only_text = q.text and not any((q.since, q.until, q.platform, q.account, q.hashtag, q.verdict, q.min_score))
-        if only_text and not ids:
-            # Only for a text no post holds: every cluster's model evidence is prose ("... real photos ..."),
-            # and a common word padded the posts' matches with every cluster of the store.
-            ids = self.search_ids(q.text, deadline)
+        if only_text and not ids and (marked is None or not self.store.search(
+                q.model_copy(update={"cluster_ids": None, "limit": 1}), timeout_s=_left(deadline))):
+            # Only for a text no post holds (asked without the desk's verdicts: a post of an unmarked
+            # cluster holds it as much): every cluster's model evidence is prose ("... real photos ..."),
+            # and a common word padded the posts' matches with every cluster of the store. Sorted as
+            # asked, clusters outside the view last (by id, as the substring match gives them).
+            found = self.search_ids(q.text, deadline)
+            key = sort_key(q.effective_sort, _doc_field)
+            ids = (sorted((cid for cid in found if cid in docs), key=lambda cid: key(docs[cid]))
+                   + [cid for cid in found if cid not in docs])
         if marked is not None:
             ids = [cid for cid in ids if cid in marked]
         # clusters outside the view (older than its window) are read by id, only as many as the answer holds
