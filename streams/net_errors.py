@@ -12,8 +12,10 @@ object at 0x7f...>``. An error line should say "Connection refused".
 from __future__ import annotations
 
 import errno
+import os
 import re
 import socket
+import ssl
 
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>:?\s*")
 
@@ -39,6 +41,11 @@ def network_reason(e: BaseException) -> str:
     for x in _chain(e):
         if isinstance(x, socket.gaierror) or "nameresolution" in type(x).__name__.lower():
             return "the host name does not resolve"
+        if isinstance(x, ssl.SSLError):  # an OSError whose errno is OpenSSL's code (1 read "Operation not permitted")
+            return f"TLS: {x.reason or x.strerror or x}"
+        if isinstance(x, OSError) and isinstance(x.errno, int) and x.errno > 0:
+            # the system's words: asyncio's strerror is "Connect call failed ('127.0.0.1', 1)"
+            return os.strerror(x.errno)
         if isinstance(x, OSError) and x.strerror:
             return x.strerror
     for x in _chain(e):

@@ -370,12 +370,12 @@ def test_a_tls_failure_is_named_as_such_not_by_its_openssl_code():
 
     import httpx
 
-    from streams.connectors.base import connect_reason
+    from streams.net_errors import network_reason
 
     bad = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
     bad.reason = "CERTIFICATE_VERIFY_FAILED"
     try:
         raise httpx.ConnectError("handshake") from bad
     except httpx.ConnectError as e:
-        assert connect_reason(e) == "TLS: CERTIFICATE_VERIFY_FAILED"
-    assert connect_reason(ConnectionRefusedError(111, "refused")) == "Connection refused"
+        assert network_reason(e) == "TLS: CERTIFICATE_VERIFY_FAILED"
+    assert network_reason(ConnectionRefusedError(111, "refused")) == "Connection refused"

@@ -75,30 +75,6 @@ def host_of(url: str) -> str:
     return netloc.rsplit("@", 1)[-1] or url[:200]
 
 
-def connect_reason(e: BaseException) -> str:
-    """Why a connection failed, in the operating system's words
-    ("Connection refused", not asyncio's "Connect call failed ('127.0.0.1',
-    1)"); ``streams.net_errors.network_reason`` for the rest (a name that
-    does not resolve, a timeout, a refused handshake)."""
-    import os
-    import socket
-    import ssl
-
-    from streams.net_errors import network_reason
-
-    seen: set[int] = set()
-    x: BaseException | None = e  # an HTTP client's error wraps the socket's (its cause or context)
-    while x is not None and id(x) not in seen and not isinstance(x, socket.gaierror):
-        if isinstance(x, ssl.SSLError):
-            # an OSError whose errno is OpenSSL's code (1 read "Operation not permitted")
-            return f"TLS: {x.reason or x.strerror or x}"
-        if isinstance(x, OSError) and isinstance(x.errno, int) and x.errno > 0:
-            return os.strerror(x.errno)
-        seen.add(id(x))
-        x = x.__cause__ or x.__context__
-    return network_reason(e)
-
-
 def error_text(e: ValidationError, whole: str = "(value)") -> str:
     """The first error of ``e`` as ``loc: msg``: the dotted path of the bad
     field, or ``whole`` where the error is about the whole value."""

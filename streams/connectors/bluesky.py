@@ -28,8 +28,9 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import websockets
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import (Backoff, Emitter, MalformedFrame, Mapped, Stopped, clip_hashtags, connect_reason,
-                                     error_text, host_of, parse_frame, reconnect_loop, unless_stopped)
+from streams.connectors.base import (Backoff, Emitter, MalformedFrame, Mapped, Stopped, clip_hashtags, error_text,
+                                     host_of, parse_frame, reconnect_loop, unless_stopped)
+from streams.net_errors import network_reason
 from streams.records import MAX_TEXT_CHARS, MAX_UTC_OFFSET, ImageEvent
 from streams.settings import ConnectorSettings, IngestSettings
 
@@ -495,6 +496,6 @@ class BlueskyConnector:
         except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
             # which server: "gaierror: Name or service not known" alone did not say
             host = host_of(url)
-            log.warning(f"connection to {host} failed: {connect_reason(e)}",
+            log.warning(f"connection to {host} failed: {network_reason(e)}",
                         extra={"connector": PLATFORM, "host": host, "error": f"{type(e).__name__}: {e}"})
             return "connect_failed"

@@ -35,8 +35,9 @@ from httpx_sse import SSEError, aconnect_sse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, MalformedFrame, Mapped, Stopped,
-                                     clip_hashtags, connect_reason, error_text, host_of, parse_frame, reconnect_loop,
+                                     clip_hashtags, error_text, host_of, parse_frame, reconnect_loop,
                                      unless_stopped)
+from streams.net_errors import network_reason
 from streams.records import MAX_COUNT, ImageEvent
 from streams.settings import ConnectorSettings
 from streams.validate import json_kind
@@ -572,7 +573,7 @@ class MastodonConnector:
                 host = host_of(str(e.request.url)) if isinstance(e, httpx.TransportError) else host_of(self.instance)
             except RuntimeError:  # an httpx error made without its request
                 host = host_of(self.instance)
-            log.warning(f"stream from {host} failed: {connect_reason(e)}",
+            log.warning(f"stream from {host} failed: {network_reason(e)}",
                         extra={"connector": PLATFORM, "host": host, "error": f"{type(e).__name__}: {e}"})
             return "connect_failed"
         except httpx.HTTPStatusError as e:
