@@ -36,6 +36,7 @@ processes; the zygote is only for the local runner.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import select
@@ -102,6 +103,9 @@ def preload() -> None:
     for registry, name in ((drivers.TRANSPORTS, "aiokafka"), (stores.STORES, "memory"), (fixups.FIXUPS, "django")):
         registry.get_alias(name)  # the first lookup reads the entry points
     tls_context()
+    # The forked workers' collectors then never walk (and so never copy,
+    # page by page) the imports they share with this process.
+    gc.freeze()
 
 
 # -- the zygote process ----------------------------------------------------------
