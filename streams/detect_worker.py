@@ -72,7 +72,8 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
         vendors = enabled_vendors([n for n in cfg.models if n in VENDORS])
         return [
             MicroBatcher(
-                load_detector(name, model_dir=settings.model_dir, device=cfg.device, head=cfg.pixel_head, amp=cfg.amp),
+                load_detector(name, model_dir=settings.model_dir, device=cfg.device, head=cfg.pixel_head, amp=cfg.amp,
+                              vendor_urls=cfg.vendor_urls),
                 cfg.max_batch, cfg.max_wait_ms,
             )
             for name in [*learned, *vendors]

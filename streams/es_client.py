@@ -1,6 +1,8 @@
-"""Connecting to Elasticsearch: the address and credentials (``EsConfig``:
-credentials only from the environment, never the URL) and one line an
-operator can act on for whatever the client raised (``explain``).
+"""Connecting to Elasticsearch: the address, TLS options and credentials
+(``EsConfig``: the CA bundle and certificate checking from the settings,
+``findings.ca_certs`` and ``findings.verify_certs``; credentials only from
+the environment, never the URL) and one line an operator can act on for
+whatever the client raised (``explain``).
 
 Client compatibility: elasticsearch-py 9.x sends ``compatible-with=9``,
 which 8.x servers refuse (400 ``media_type_header_exception``); the 8.x
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field as dc_field
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger("deepwatch.es")
@@ -67,11 +69,14 @@ class EsConfig:
     request_timeout_s: float = 30.0
 
     @classmethod
-    def from_url(cls, url: str, env: dict[str, str] | None = None, request_timeout_s: float = 30.0) -> "EsConfig":
+    def from_url(cls, url: str, env: Mapping[str, str] | None = None, *, ca_certs: str | os.PathLike[str] | None = None,
+                 verify_certs: bool = True, request_timeout_s: float = 30.0) -> "EsConfig":
         """``es://`` = http, ``ess://`` = https; credentials never in the URL
         (they would end up in shell history and process lists): only from
-        DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/DEEPWATCH_ES_PASSWORD,
-        CA bundle from DEEPWATCH_ES_CA_CERTS."""
+        DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/DEEPWATCH_ES_PASSWORD in
+        ``env`` (default: the process environment). ``ca_certs`` and
+        ``verify_certs`` are not secrets: the caller passes them from the
+        settings (``findings.ca_certs``, ``findings.verify_certs``)."""
         env = os.environ if env is None else env
         parts = urlsplit(url)
         scheme = {"es": "http", "ess": "https"}.get(parts.scheme, parts.scheme)
@@ -90,8 +95,8 @@ class EsConfig:
             api_key=env.get("DEEPWATCH_ES_API_KEY") or None,
             username=env.get("DEEPWATCH_ES_USERNAME") or None,
             password=env.get("DEEPWATCH_ES_PASSWORD") or None,
-            ca_certs=env.get("DEEPWATCH_ES_CA_CERTS") or None,
-            verify_certs=env.get("DEEPWATCH_ES_VERIFY_CERTS", "true").lower() not in ("0", "false", "no"),
+            ca_certs=os.fspath(ca_certs) if ca_certs else None,
+            verify_certs=verify_certs,
             request_timeout_s=request_timeout_s,
         )
 
@@ -104,7 +109,9 @@ class EsConfig:
         timeouts are raised (``explain``: held), and whoever holds the work
         retries with backoff (``streams.sinks``, ``streams.store_errors``);
         the bulk sink does its own retrying. Warns once when credentials
-        would cross plain http, or a CA bundle is set for an http URL."""
+        would cross plain http, or a CA bundle is set for an http URL.
+        Raises EsError when the CA bundle is not a readable file: the client
+        takes such a path and then fails every request with a TLS error."""
         from elasticsearch import Elasticsearch
 
         kw: dict[str, Any] = {"request_timeout": self.request_timeout_s,
@@ -116,6 +123,7 @@ class EsConfig:
         if self.url.startswith("https://"):
             kw["verify_certs"] = self.verify_certs
             if self.ca_certs:
+                _check_ca_file(self.ca_certs)
                 kw["ca_certs"] = self.ca_certs
         else:
             if self.api_key or self.username:
@@ -123,9 +131,17 @@ class EsConfig:
                             f"{'API key' if self.api_key else 'password'} is sent in cleartext; use ess:// or "
                             "https:// unless the network between is trusted", extra={"url": self.url})
             if self.ca_certs:
-                log.warning(f"DEEPWATCH_ES_CA_CERTS is set but Elasticsearch at {self.url} is plain http: the CA "
+                log.warning(f"findings.ca_certs is set but Elasticsearch at {self.url} is plain http: the CA "
                             "bundle is not used; use ess:// or https://", extra={"url": self.url})
         return Elasticsearch(self.url, **kw)
+
+
+def _check_ca_file(path: str) -> None:
+    # as streams.broker checks kafka.ssl_cafile; stat and access, not open: a FIFO named by mistake would block
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise EsError(f"findings.ca_certs {path!r} is not a readable file (DEEPWATCH_FINDINGS__CA_CERTS); give the "
+                      "path of the PEM bundle of the CA that signed Elasticsearch's certificate, or unset it for the "
+                      "system's CAs")
 
 
 def _without_userinfo(url: str) -> str:

@@ -34,9 +34,10 @@ from streams.es_docs import (
 )
 from streams.findings import (
     MAX_RESULTS, QUEUED_RECENT_S, UNDELIVERED, AccountAggregate, AccountCursor, AccountWindow, AlertRecord, ClusterQuery,
-    ClusterRecord, DeadLetterRecord, Deadline, DeliveryRecord, DeliveryState, Page, MemberRow, PostIdentity, SearchTimeout,
-    SORT_KEYS, SightingRecord, account_rank, cluster_page_url, legacy_delivery, read_limit, requeued_detail,
-    score_floor, shown_score, sort_key, sort_order, surviving_cluster, text_terms, unstored_alerts,
+    ClusterRecord, DeadLetterRecord, Deadline, DeliveryRecord, DeliveryState, Page, MemberRow, PostIdentity,
+    SearchCursor, SearchPage, SearchTimeout, SORT_KEYS, SightingRecord, account_rank, cluster_page_url,
+    legacy_delivery, read_limit, requeued_detail, score_floor, shown_score, sort_key, sort_order, surviving_cluster,
+    text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
 
@@ -123,9 +124,12 @@ class EsFindingsStore:
 
     @classmethod
     def from_url(cls, url: str, settings: Any | None = None) -> "EsFindingsStore":
-        fs = getattr(settings, "findings", None)
-        cfg = EsConfig.from_url(url, request_timeout_s=fs.request_timeout_s if fs else 30.0)
-        return cls(cfg, prefix=fs.index_prefix if fs else "deepwatch", settings=settings)
+        from streams.settings import FindingsSettings
+
+        fs = getattr(settings, "findings", None) or FindingsSettings()
+        cfg = EsConfig.from_url(url, ca_certs=fs.ca_certs, verify_certs=fs.verify_certs,
+                                request_timeout_s=fs.request_timeout_s)
+        return cls(cfg, prefix=fs.index_prefix, settings=settings)
 
     def close(self) -> None:
         self.es.close()
@@ -769,18 +773,24 @@ class EsFindingsStore:
                             source=_READ_SOURCE)["hits"]["hits"]
         return self._records([hits[0]["_source"]])[0] if hits else None
 
-    def search(self, q: ClusterQuery, *, timeout_s: float | None = None) -> list[ClusterRecord]:
+    def search(self, q: ClusterQuery, *, timeout_s: float | None = None,
+               after: SearchCursor | None = None) -> SearchPage:
         """See ``FindingsStore.search``. ``timeout_s`` bounds the requests
         that find and rank the matches, each sent with the time left as its
         ``timeout`` (``_search``); building the few records found is bounded
-        by their number."""
+        by their number. ``after``: relevance ranks every match anyway and
+        keeps those after it; a sorted search pre-selects from it on, by a
+        keyset filter on the stored values (``_es_after``) rather than
+        ``search_after``, whose place is one of the stored values: the pages
+        are in the order shown (a rounded score), and a page must start
+        within the run of rows that show the cursor's values."""
         deadline = None if timeout_s is None else Deadline(timeout_s)
         relevance: dict[str, float] | None = None
         chunks: list[list[str] | None] = [None]
         if q.sighting_filtered:
             relevance = self._matching_clusters(q, deadline)
             if not relevance:
-                return []
+                return SearchPage([], [], q)
             ids = sorted(relevance)
             # every matching cluster, however many: a terms filter per chunk
             # (index.max_terms_count is 65,536), not only a first result window
@@ -792,6 +802,9 @@ class EsFindingsStore:
             base.append({"range": {"fake_score": {"gte": score_floor(q.min_score)}}})
         if q.cluster_ids is not None:  # at most MAX_RESULTS (ClusterQuery): one terms filter
             base.append({"terms": {"cluster_id": sorted(q.cluster_ids)}})
+        sort = q.effective_sort
+        if after is not None and sort != "relevance":
+            base.append(_es_after(after))
 
         def query(chunk: list[str] | None) -> dict[str, Any]:
             filters = list(base)
@@ -800,7 +813,6 @@ class EsFindingsStore:
                                          "minimum_should_match": 1}})
             return {"bool": {"filter": filters, "must_not": [{"exists": {"field": "merged_into"}}]}}
 
-        sort = q.effective_sort
         if sort == "relevance":
             # rank every surviving cluster by its best sighting (its own or a
             # merged one's), then velocity, from a few fields; build only the top
@@ -812,12 +824,13 @@ class EsFindingsStore:
                                     ["cluster_id", "merged_from", "velocity", "fake_score"], deadline):
                     d = h["_source"]
                     best = max(score_of.get(i, 0.0) for i in [d["cluster_id"], *(d.get("merged_from") or [])])
-                    rank[d["cluster_id"]] = (-best, *doc_velocity(d))
+                    k = (-best, *doc_velocity(d))
+                    if after is None or after.passed(k[:-1], k[-1]):
+                        rank[d["cluster_id"]] = k
             top = {k[-1]: k for k in heapq.nsmallest(q.max_results, rank.values())}
             by_velocity = sort_key("velocity")
-            records = self.clusters_by_id(set(top))
-            records.sort(key=lambda c: (top[c.id][0], by_velocity(c)))
-            return records[: q.max_results]
+            ranked = sorted(((top[c.id][0], *by_velocity(c)), c) for c in self.clusters_by_id(set(top)))
+            return SearchPage([c for _k, c in ranked], [k[:-1] for k, _c in ranked], q)
         # pre-select by the stream's values on the documents (a margin wide, as
         # the SQLite store does), then order by the exact counts shown
         want = min(MAX_CANDIDATES, q.max_results * 4 + 100)
@@ -830,9 +843,13 @@ class EsFindingsStore:
                 picked[h["_source"]["cluster_id"]] = (_sort_order_key(h.get("sort") or [], orders), h["_source"])
             if len(picked) > want:  # the best ``want`` over the chunks so far
                 picked = dict(heapq.nsmallest(want, picked.items(), key=lambda kv: kv[1][0]))
-        records = self._records([doc for _key, doc in sorted(picked.values(), key=lambda kd: kd[0])])
-        records.sort(key=sort_key(sort))
-        return records[: q.max_results]
+        exact = sort_key(sort)
+        ranked = sorted(((exact(c), c) for c in self._records([doc for _key, doc in picked.values()])),
+                        key=lambda kc: kc[0])
+        if after is not None:
+            ranked = [(k, c) for k, c in ranked if after.passed(k[:-1], c.id)]
+        ranked = ranked[: q.max_results]
+        return SearchPage([c for _k, c in ranked], [k[:-1] for k, _c in ranked], q)
 
     def cluster_sightings(self, cluster_id: str, *, limit: int = 200) -> list[SightingRecord]:
         """The cluster's posts, newest first, those of clusters merged into it included."""
@@ -1352,6 +1369,32 @@ _ES_FIELDS = {"sightings_5m": "velocity.sightings_5m", "sightings_1h": "velocity
 # a missing value comes last either way (Elasticsearch's default), as SQLite's NULL does there
 ES_SORT = {sort: [{_ES_FIELDS[name]: "desc"} for name in sort_order(sort)] + [{"cluster_id": "asc"}]
            for sort in SORT_KEYS}
+
+
+def _es_after(after: SearchCursor) -> dict[str, Any]:
+    """The clusters a sorted search's next page is chosen from, as a filter
+    on the stored values (``_ES_FIELDS``): those whose value of the first
+    field is below the cursor's band (``SearchCursor.bands``), or within it
+    and after it by the next field, and so on to the cluster id (a range on
+    the keyword: its terms' order, the one ``cluster_id: asc`` sorts by). A
+    missing value is last, as Elasticsearch sorts it."""
+    cond: dict[str, Any] = {"range": {"cluster_id": {"gt": after.cluster_id}}}
+    for name, lo, hi in reversed(after.bands()):
+        field = _ES_FIELDS[name]
+        missing = {"bool": {"must_not": [{"exists": {"field": field}}]}}
+        if lo is None or hi is None:
+            cond = {"bool": {"filter": [missing, cond]}}
+            continue
+        below: dict[str, Any] = {"lt": lo}
+        band: dict[str, Any] = {"gte": lo, "lte": hi}
+        if name == "last_seen":  # a date is whole epoch milliseconds
+            below = {"lt": math.ceil(lo * 1000), "format": "epoch_millis"}
+            band = {"gte": math.ceil(lo * 1000), "lte": math.floor(hi * 1000), "format": "epoch_millis"}
+        cond = {"bool": {"should": [{"range": {field: below}},
+                                    {"bool": {"filter": [{"range": {field: band}}, cond]}},
+                                    *([missing] if name == "last_seen" else [])],
+                         "minimum_should_match": 1}}
+    return cond
 
 
 def _doc_field(doc: dict[str, Any], name: str) -> Any:

@@ -527,6 +527,102 @@ class ClusterQuery(BaseModel):
                 or self.cluster_ids is not None)
 
 
+class SearchCursor(BaseModel):
+    """A place in one search's order: the key the store ordered the last row
+    shown by (``SearchPage.keys``: ascending, the cluster id left out) and
+    that row's cluster id, which makes the order total, so pages never repeat
+    or skip a row however many share a key. ``search`` keeps only the rows
+    after it (keyset paging: rows added meanwhile move no page boundary).
+    Carried by a client as an opaque token (``encode``/``decode``) naming the
+    sort and a digest of the query's conditions: a token from another search
+    is refused, not read as a place in this one."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    sort: SearchSort
+    query: str = Field(min_length=1, max_length=64)  # ``search_digest`` of the query it was made for
+    key: tuple[float, ...]
+    cluster_id: str = Field(min_length=1, max_length=256)
+
+    def encode(self) -> str:
+        return encode_cursor([self.sort, self.query, *self.key, self.cluster_id])
+
+    @classmethod
+    def decode(cls, token: str, q: ClusterQuery) -> "SearchCursor":
+        """``encode``'s token back if it was made for ``q``'s search; ValueError for anything else."""
+        items = decode_cursor(token)
+        sort = q.effective_sort
+        if (len(items) != 3 + search_key_len(sort) or items[0] != sort or items[1] != search_digest(q)
+                or not isinstance(items[-1], str) or any(isinstance(x, str) for x in items[2:-1])):
+            raise ValueError(f"{NOT_A_CURSOR} for this search (its conditions and sort)")
+        try:
+            return cls(sort=sort, query=items[1], key=tuple(float(x) for x in items[2:-1]), cluster_id=items[-1])
+        except ValueError:
+            raise ValueError(NOT_A_CURSOR) from None
+
+    def passed(self, key: tuple[Any, ...], cluster_id: str) -> bool:
+        """Whether a row of this ``key`` and id comes after the cursor."""
+        return (tuple(key), cluster_id) > (self.key, self.cluster_id)
+
+    def bands(self) -> list[tuple[SortField, float | None, float | None]]:
+        """Per field of a sorted search's order (``SORT_ORDER``), the stored
+        values ``lo``..``hi`` of the rows that show the cursor's value: a
+        row storing less shows less (it comes after), one storing more comes
+        before, and within the band the next field decides. What the stores
+        select the next page's candidates by (their stored values, which
+        they pre-select by: ``streams.store``, ``streams.es_store``). A score
+        shows rounded (``shown_score``); a time is read to the millisecond
+        (Elasticsearch's precision; SQLite's ``julianday`` is finer). None
+        for ``last_seen``: the cursor's row has none (``NEVER``). A stored
+        value that differs from the one shown otherwise (a stream count that
+        lost a sighting: ``stream_sightings``) places its row by the stored
+        one at a page's start, as the pre-selection places it anyway."""
+        out: list[tuple[SortField, float | None, float | None]] = []
+        for name, k in zip(sort_order(self.sort), self.key):
+            v = -k
+            if name == "fake_score":
+                # a stored score half a step under may round either way: the foot is a hair above it, so such a
+                # row is always a candidate (its record, ordered exactly, is then kept only if it comes after)
+                out.append((name, v - 0.999 * _HALF_STEP, v + _HALF_STEP))
+            elif name == "last_seen":
+                out.append((name, None, None) if v <= NEVER else (name, v - 0.0005, v + 0.0005))
+            else:
+                out.append((name, v, v))
+        return out
+
+
+_HALF_STEP = 0.5 * 10 ** -SCORE_DECIMALS
+
+
+def search_key_len(sort: str) -> int:
+    """How many numbers a search's key holds: its order's fields, and the match's relevance first."""
+    return len(sort_order(sort)) + (sort == "relevance")
+
+
+def search_digest(q: ClusterQuery) -> str:
+    """What a ``SearchCursor`` is bound to: ``q``'s conditions and sort.
+    Neither ``limit`` (a page's size) nor ``cluster_ids`` (the desk's
+    verdicts, which change between pages) moves a place in the order."""
+    conditions = q.model_dump(mode="json", exclude={"limit", "cluster_ids", "sort"})
+    raw = json.dumps([q.effective_sort, conditions], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+class SearchPage(list):
+    """``search``'s rows, a plain list, plus each row's key in the store's
+    order (``keys``, the same length): ``cursor(i)`` is where the page after
+    row ``i`` starts."""
+
+    def __init__(self, rows: Iterable["ClusterRecord"], keys: Iterable[tuple[float, ...]], query: ClusterQuery):
+        super().__init__(rows)
+        self.keys = [tuple(float(x) for x in k) for k in keys]
+        self.sort = query.effective_sort
+        self.digest = search_digest(query)
+
+    def cursor(self, i: int = -1) -> str:
+        """The token of the place after row ``i`` (the last by default)."""
+        return SearchCursor(sort=self.sort, query=self.digest, key=self.keys[i], cluster_id=self[i].id).encode()
+
+
 _TERM = re.compile(r'"([^"]+)"|(\S+)')
 
 
@@ -814,8 +910,10 @@ class ClusterReader(Protocol):
     view, sightings or accounts."""
 
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]: ...
-    def search(self, query: ClusterQuery, *, timeout_s: float | None = None) -> list[ClusterRecord]:
-        """``query``'s clusters (see ``ClusterQuery``). With ``timeout_s``
+    def search(self, query: ClusterQuery, *, timeout_s: float | None = None,
+               after: SearchCursor | None = None) -> SearchPage:
+        """``query``'s clusters (see ``ClusterQuery``); with ``after`` only
+        those ordered after it (the next page). With ``timeout_s``
         the search is stopped once it has run that long (SQLite: interrupted
         between steps of its queries; Elasticsearch: each request's
         ``timeout``, and a ``timed_out`` answer is not used) and raises
@@ -1054,7 +1152,8 @@ def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | N
     ``None``/``""``/``sqlite`` -> the embedded SQLite file in ``data_dir``
     (``sqlite:///path/file.sqlite`` for another file); ``es://host:9200``,
     ``ess://`` (TLS) or ``http(s)://host:9200`` -> Elasticsearch, credentials
-    and CA bundle from the environment (see ``streams.es_client.EsConfig``)."""
+    from the environment, the CA bundle and certificate checks from
+    ``findings.ca_certs``/``verify_certs`` (see ``streams.es_client.EsConfig``)."""
     url = (store_url or "").strip()
     path = sqlite_file(url, data_dir)
     if path is not None:

@@ -135,6 +135,8 @@ class DetectSettings(_Section):
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # the pixel model's precision: auto = bf16/fp16 on CUDA, fp32 elsewhere
     max_batch: int = Field(16, gt=0)  # pictures in one model batch
     max_wait_ms: float = Field(20.0, gt=0)  # longest wait for a batch to fill before it runs as it is
+    # a proxy or regional endpoint in front of a vendor; its API key stays in the environment
+    vendor_urls: dict[str, str] = Field(default_factory=dict)  # base URL per vendor of detect.models, e.g. [detect.vendor_urls] "vendor:hive" = "https://hive-proxy.internal"; unset: the vendor's public API
 
     @field_validator("cheap")
     @classmethod
@@ -158,6 +160,32 @@ class DetectSettings(_Section):
         if not DEVICE_RE.fullmatch(value.strip()):
             raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
         return value.strip()
+
+    @field_validator("vendor_urls")
+    @classmethod
+    def _vendor_urls(cls, urls: dict[str, str]) -> dict[str, str]:
+        """Known vendors only (a misspelt name would leave the vendor on its
+        public API unsaid), each an http(s) address that request paths are
+        appended to."""
+        if not urls:
+            return urls
+        from detectors.models.vendors import VENDORS
+
+        out = {}
+        for name, url in urls.items():
+            if name not in VENDORS:
+                raise ValueError(f"unknown vendor {name!r}; known: {', '.join(sorted(VENDORS))}")
+            try:
+                url = check_http_url(url)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            if "?" in url or "#" in url:
+                raise ValueError(f"{name}: must not have a query (?) or fragment (#): request paths are appended to it")
+            if "@" in urlsplit(url).netloc:
+                raise ValueError(f"{name}: must not hold a user or password: the API key is read from "
+                                 f"{VENDORS[name].key_env}")
+            out[name] = url.rstrip("/")
+        return out
 
 
 def check_index_prefix(prefix: str) -> str:
@@ -218,6 +246,9 @@ class WebhookSettings(_Section):
     name: str | None = None  # the hook's stable identity (letters, digits, . _ -): its deliveries are kept as hook:NAME; default scheme://host:port, so needed for two hooks on one host
     previous_keys: list[str] = Field(default_factory=list)  # target keys (as `deepwatch redeliver` lists them) whose undelivered alerts this hook takes over and redelivers
     secret_env: str = "DEEPWATCH_WEBHOOK_SECRET"  # name of the env var holding the HMAC key; give each subscriber its own
+    # a key rotation: both keys sign every delivery, so each receiver moves to the new key when it is ready
+    previous_secret_env: str | None = None  # name of the env var holding the HMAC key being retired: it signs too (X-Deepwatch-Signature-Previous) until this is removed
+    ca_certs: str | None = None  # PEM CA bundle that alone verifies this https hook's certificate (a receiver behind a private CA); default: the system's CAs
     timeout_s: float = Field(5.0, gt=0)  # per attempt: connect, send and the receiver's answer
     retries: int = Field(3, ge=0)  # further attempts after a failed one (timeouts, 5xx, 429), with backoff
     # a 429/503's Retry-After is honoured up to this: the wait before a retry, and after the last try how long the target is left alone
@@ -245,6 +276,42 @@ class WebhookSettings(_Section):
         if wrong:
             raise ValueError(f"{wrong[0]!r} is not a target key as `deepwatch redeliver` lists them "
                              "(scheme://host:port#hash or hook:NAME)")
+        return value
+
+    @field_validator("previous_secret_env")
+    @classmethod
+    def _previous_secret(cls, value: str | None, info: Any) -> str | None:
+        if not value:
+            return None
+        if value == info.data.get("secret_env"):
+            raise ValueError("is the same variable as secret_env: name the variable that holds the key being retired")
+        return value
+
+    @field_validator("ca_certs")
+    @classmethod
+    def _ca_certs(cls, value: str | None, info: Any) -> str | None:
+        """Read now, so that a bundle no delivery could use stops the start
+        in one line rather than failing every delivery to the hook."""
+        import ssl
+
+        if value is None:
+            return None
+        url = info.data.get("url")  # absent when the URL itself was refused
+        if url is not None and urlsplit(url).scheme.lower() != "https":
+            raise ValueError("only for https:// URLs: an http:// receiver has no certificate to verify")
+        if not Path(value).exists():
+            raise ValueError(f"no such file: {value!r} (the PEM CA bundle that verifies this hook's certificate)")
+        if not Path(value).is_file():
+            raise ValueError(f"{value!r} is not a file (the PEM CA bundle that verifies this hook's certificate)")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.load_verify_locations(cafile=value)
+        except ssl.SSLError as e:
+            raise ValueError(f"{value!r} is not a PEM CA bundle ({e.reason or e})") from None
+        except OSError as e:
+            raise ValueError(f"cannot read {value!r}: {e.strerror or e}") from None
+        if not ctx.cert_store_stats()["x509_ca"]:
+            raise ValueError(f"{value!r} holds no CA certificate (a server's own certificate cannot verify it)")
         return value
 
 
@@ -339,11 +406,14 @@ class ConnectorSettings(_Section):
 
 class FindingsSettings(_Section):
     """Where findings go. ``url`` None = the embedded SQLite file in data_dir;
-    ``es://host:9200`` / ``https://host:9200`` = Elasticsearch (credentials and
-    CA bundle only from the environment: DEEPWATCH_ES_API_KEY, or
-    DEEPWATCH_ES_USERNAME + DEEPWATCH_ES_PASSWORD, and DEEPWATCH_ES_CA_CERTS)."""
+    ``es://host:9200`` / ``https://host:9200`` = Elasticsearch, its https
+    certificate checked against ``ca_certs`` (credentials only from the
+    environment: DEEPWATCH_ES_API_KEY, or DEEPWATCH_ES_USERNAME +
+    DEEPWATCH_ES_PASSWORD)."""
 
     url: str | None = None  # None: SQLite in data_dir; es://HOST:9200 or https://HOST:9200: Elasticsearch
+    ca_certs: Path | None = None  # PEM bundle of the private CA that signed Elasticsearch's https certificate (ECK's <name>-es-http-certs-public); None: the system's CAs
+    verify_certs: bool = True  # false: Elasticsearch's https certificate is not checked (throwaway test clusters only)
     index_prefix: str = "deepwatch"  # Elasticsearch indices are named <prefix>-clusters, <prefix>-sightings...
     bulk_max_actions: int = Field(500, gt=0)  # a bulk request is sent at this many actions...
     bulk_max_bytes: int = Field(5 * 1024 * 1024, gt=0)  # ...or this many bytes of NDJSON...

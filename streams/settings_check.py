@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 # Environment variables read that are not settings: name -> (who reads it, what it holds).
 # ``deepwatch settings`` lists them (docs/settings.md); unknown-variable hints compare with
 # them too. Secrets are read under the name a setting gives (``secret_env``,
-# ``sasl_password_env``, ``ingest_tokens_env``, ``tokens_env``): the defaults are listed.
+# ``previous_secret_env``, ``sasl_password_env``, ``ingest_tokens_env``, ``tokens_env``): the defaults are listed.
 _ES = "Elasticsearch findings store (`findings.url`, `--store`)"
 _GRAFANA = "Grafana (expanded in the provisioning files, dashboards/generated)"
 _VENDOR = "vendor detectors in `detect.models`"
@@ -31,8 +31,6 @@ ENVIRONMENT_ONLY: dict[str, tuple[str, str]] = {
     "DEEPWATCH_ES_API_KEY": (_ES, "secret: an API key; used before a user name and password"),
     "DEEPWATCH_ES_USERNAME": (_ES, "user name for basic authentication, when no API key is set"),
     "DEEPWATCH_ES_PASSWORD": (_ES, "secret: that user's password"),
-    "DEEPWATCH_ES_CA_CERTS": (_ES, "path of the CA bundle (PEM) that signed the server's https certificate"),
-    "DEEPWATCH_ES_VERIFY_CERTS": (_ES, "`false`, `0` or `no`: do not verify the https certificate (default true)"),
     "DEEPWATCH_WEBHOOK_SECRET": ("processes that send alert webhooks (pipeline and cluster workers, the desk)",
                                  "secret: HMAC key signing alert webhooks, under the default "
                                  "`alerts.webhooks[].secret_env`; each hook reads the variable its `secret_env` names"),
@@ -44,9 +42,6 @@ ENVIRONMENT_ONLY: dict[str, tuple[str, str]] = {
                               "under the default `desk.tokens_env`"),
     "DEEPWATCH_METRICS_PORT_FILE": ("`deepwatch worker`", "a file the worker writes its metrics port to "
                                     "(`metrics_port` 0 takes any free one): for tests and supervisors"),
-    "DEEPWATCH_HIVE_URL": (_VENDOR, "another endpoint for `vendor:hive`"),
-    "DEEPWATCH_SENSITY_URL": (_VENDOR, "another endpoint for `vendor:sensity`"),
-    "DEEPWATCH_REALITY_DEFENDER_URL": (_VENDOR, "another endpoint for `vendor:reality-defender`"),
     "HIVE_API_KEY": (_VENDOR, "secret: Hive's API key; without it `vendor:hive` is skipped"),
     "SENSITY_API_TOKEN": (_VENDOR, "secret: Sensity's API token; without it `vendor:sensity` is skipped"),
     "REALITY_DEFENDER_API_KEY": (_VENDOR, "secret: Reality Defender's API key; without it `vendor:reality-defender` "
@@ -74,8 +69,29 @@ ENVIRONMENT_ONLY: dict[str, tuple[str, str]] = {
 NON_SETTING_ENV = {name for name in ENVIRONMENT_ONLY if name.startswith("DEEPWATCH_")} | {
     "DEEPWATCH_DESK_URL",  # once read by Grafana's provisioning files; accepted still
 }
+
+
+def _vendor_url(vendor: str) -> tuple[str, str]:
+    """``RENAMED_ENV``'s entry for a vendor's old endpoint variable."""
+    return ("detect.vendor_urls", f"DEEPWATCH_DETECT__VENDOR_URLS='{{\"{vendor}\": \"URL\"}}', "
+                                  f"or \"{vendor}\" = \"URL\" under [detect.vendor_urls] in the settings file")
+
+
+# Variables once read outside the settings, now settings. Each is refused at
+# start naming the setting that replaced it: ignored, the CA bundle or a
+# vendor's endpoint would silently be the default, and TLS or the vendor call
+# would fail far from the cause. Old name -> (the setting, how to set it).
+RENAMED_ENV: dict[str, tuple[str, str]] = {
+    "DEEPWATCH_ES_CA_CERTS": ("findings.ca_certs", "DEEPWATCH_FINDINGS__CA_CERTS=PATH, or ca_certs = \"PATH\" "
+                              "under [findings] in the settings file"),
+    "DEEPWATCH_ES_VERIFY_CERTS": ("findings.verify_certs", "DEEPWATCH_FINDINGS__VERIFY_CERTS=false, or "
+                                  "verify_certs = false under [findings] in the settings file"),
+    "DEEPWATCH_HIVE_URL": _vendor_url("vendor:hive"),
+    "DEEPWATCH_SENSITY_URL": _vendor_url("vendor:sensity"),
+    "DEEPWATCH_REALITY_DEFENDER_URL": _vendor_url("vendor:reality-defender"),
+}
 # Secrets live only in the environment under names the settings point at
-# (``secret_env``, ``sasl_password_env``, ``ingest_tokens_env``, ``tokens_env``);
+# (``secret_env``, ``previous_secret_env``, ``sasl_password_env``, ``ingest_tokens_env``, ``tokens_env``);
 # their names are the user's choice. A token list is plural, as in the default
 # DEEPWATCH_INGEST_TOKENS.
 SECRET_SUFFIXES = ("_SECRET", "_TOKEN", "_TOKENS", "_KEY", "_PASSWORD")
@@ -130,10 +146,12 @@ def closest_env(name: str) -> str | None:
     """The variable closest to ``name``, an unknown ``DEEPWATCH_*`` one: a
     setting's (``DEEPWATCH_PARTITIONS``) or one read outside the settings
     (``DEEPWATCH_ES_API_KEY``, ``ENVIRONMENT_ONLY``). Setting paths alone
-    answered DEEPWATCH_ES_USER with DEEPWATCH_DESK__USERS_FILE."""
+    answered DEEPWATCH_ES_USER with DEEPWATCH_DESK__USERS_FILE. A name close
+    to a variable no longer read (``RENAMED_ENV``) gets its setting's variable."""
     path = name.upper()[len("DEEPWATCH_"):].lower().replace("__", ".")
     settings = {p: _env_name(p) for p, _ in setting_paths()}
     others = {n[len("DEEPWATCH_"):].lower(): n for n in ENVIRONMENT_ONLY if n.startswith("DEEPWATCH_")}
+    others |= {old[len("DEEPWATCH_"):].lower(): _env_name(setting) for old, (setting, _) in RENAMED_ENV.items()}
     found = difflib.get_close_matches(path, [*settings, *others], n=1, cutoff=0.5)
     if found:
         return settings.get(found[0]) or others[found[0]]
@@ -188,6 +206,10 @@ def check_environment(environ: Mapping[str, str]) -> None:
         upper = name.upper()
         if not upper.startswith("DEEPWATCH_") or upper in NON_SETTING_ENV or upper.endswith(SECRET_SUFFIXES):
             continue
+        if upper in RENAMED_ENV:
+            setting, how = RENAMED_ENV[upper]
+            raise SettingsError(f"{name} is no longer read: it is the setting {setting} now; set {how}, "
+                                f"and unset {name}")
         rest = upper[len("DEEPWATCH_"):]
         if "__" not in rest:
             if rest in top:
@@ -422,8 +444,8 @@ def reference_markdown() -> str:
         "## Secrets and other environment variables",
         "",
         "Read from the environment only, never from the TOML file, and not settings. A secret is read under the",
-        "name a setting gives (`alerts.webhooks[].secret_env`, `kafka.sasl_password_env`,",
-        "`connectors.ingest_tokens_env`, `desk.tokens_env`); the defaults are listed. A `DEEPWATCH_*` name you give",
+        "name a setting gives (`alerts.webhooks[].secret_env` and, during a key rotation, `previous_secret_env`,",
+        "`kafka.sasl_password_env`, `connectors.ingest_tokens_env`, `desk.tokens_env`); the defaults are listed. A `DEEPWATCH_*` name you give",
         f"one must end in {', '.join(f'`{x}`' for x in SECRET_SUFFIXES)}: any other is taken for a mistyped setting.",
         "",
         "| variable | read by | meaning |",
@@ -431,5 +453,16 @@ def reference_markdown() -> str:
     ]
     for name, (reader, meaning) in ENVIRONMENT_ONLY.items():
         lines.append(f"| `{name}` | {reader.replace('|', '/')} | {meaning.replace('|', '/')} |")
+    lines += [
+        "",
+        "## Variables no longer read",
+        "",
+        "Each is refused at start, naming the setting that replaced it.",
+        "",
+        "| variable | now |",
+        "|---|---|",
+    ]
+    for name, (setting, _) in RENAMED_ENV.items():
+        lines.append(f"| `{name}` | `{setting}` |")
     lines.append("")
     return "\n".join(lines)

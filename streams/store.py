@@ -21,9 +21,9 @@ from typing import Any, Iterable, Iterator
 
 from streams.findings import (
     MAX_MERGE_HOPS, MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline,
-    DeliveryState, FindingsStore, Page, PostIdentity, SearchTimeout, SightingRecord, dead_letter_identity,
-    SORT_KEYS, event_hashtags, legacy_delivery, read_limit, score_floor, shown_score, sort_key, sort_order,
-    surviving_cluster, text_terms, unstored_alerts,
+    DeliveryState, FindingsStore, Page, PostIdentity, SearchCursor, SearchPage, SearchTimeout, SightingRecord,
+    dead_letter_identity, SORT_KEYS, event_hashtags, legacy_delivery, read_limit, score_floor, shown_score, sort_key,
+    sort_order, surviving_cluster, text_terms, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
@@ -625,13 +625,16 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         # Only this cluster (and what merged into it): the desk asks per page view.
         return next(iter(self.clusters_by_id({cluster_id})), None)
 
-    def search(self, query: ClusterQuery, *, timeout_s: float | None = None) -> list[ClusterRecord]:
+    def search(self, query: ClusterQuery, *, timeout_s: float | None = None,
+               after: SearchCursor | None = None) -> SearchPage:
         """``ClusterQuery`` over FTS5 and the sightings table (semantics in
         ``ClusterQuery``'s docstring; the Elasticsearch store answers the same).
         Only candidate clusters are built: sorted searches pre-select by the
         stream's own values in SQL (a margin wide), then order exactly.
-        ``timeout_s`` bounds the scans (``_search_db``); building the few
-        candidates found is bounded by their number."""
+        ``after``: only the rows after it, the pre-selection starting there
+        (``SearchCursor.bands``). ``timeout_s`` bounds the scans
+        (``_search_db``); building the few candidates found is bounded by
+        their number."""
         deadline = None if timeout_s is None else Deadline(timeout_s)
         relevance: dict[str, float] | None = None
         where, args = ["merged_into IS NULL"], []
@@ -645,25 +648,31 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             where.append("cluster_id IN (SELECT value FROM json_each(?))")
             args.append(json.dumps(sorted(query.cluster_ids)))
         sort = query.effective_sort
+        if after is not None and sort != "relevance":
+            cond, cond_args = _sql_after(after)
+            where.append(cond)
+            args += cond_args
         # --platform and --account compare with dw_lower: a connection with the functions
         with self._search_db(deadline, functions=bool(query.platform or query.account)) as db:
             if query.sighting_filtered:
                 relevance = self._matching_roots(query, db)
                 if not relevance:
-                    return []
+                    return SearchPage([], [], query)
             ids = [cid for cid, in db.execute(
                 f"SELECT cluster_id FROM clusters WHERE {' AND '.join(where)} ORDER BY {_SQL_SORT[sort]}", args)]
         if relevance is not None:
             ids = [cid for cid in ids if cid in relevance]
         if sort != "relevance":
             ids = ids[: query.max_results * 4 + 100]
-        out = self._cluster_records(self._cluster_rows(only=set(ids)))
-        if sort == "relevance":
-            by_velocity = sort_key("velocity")
-            out.sort(key=lambda c: ((relevance or {}).get(c.id, 0.0), by_velocity(c)))
-        else:
-            out.sort(key=sort_key(sort))
-        return out[: query.max_results]
+        by_velocity = sort_key("velocity")
+        key = sort_key(sort) if sort != "relevance" else (
+            lambda c: ((relevance or {}).get(c.id, 0.0), *by_velocity(c)))
+        ranked = sorted(((key(c), c) for c in self._cluster_records(self._cluster_rows(only=set(ids)))),
+                        key=lambda kc: kc[0])
+        if after is not None:
+            ranked = [(k, c) for k, c in ranked if after.passed(k[:-1], c.id)]
+        ranked = ranked[: query.max_results]
+        return SearchPage([c for _k, c in ranked], [k[:-1] for k, _c in ranked], query)
 
     def cluster_sightings(self, cluster_id: str, *, limit: int = 200) -> list[SightingRecord]:
         """The cluster's posts, newest first, those of clusters merged into it included."""
@@ -971,6 +980,29 @@ def _sql_order(sort: str) -> str:
 
 # pre-selection order for searches (exact order is applied after); relevance keeps every match
 _SQL_SORT = {**{sort: _sql_order(sort) for sort in SORT_KEYS}, "relevance": "cluster_id"}
+
+
+def _sql_after(after: SearchCursor) -> tuple[str, list[Any]]:
+    """The clusters a sorted search's next page is chosen from, as a WHERE
+    condition on the stored values (``_SQL_FIELDS``): those whose value of
+    the first field is below the cursor's band, or within it and after it by
+    the next field, and so on to the cluster id. A missing value (NULL) is
+    last, as ``ORDER BY`` puts it."""
+    cond, args = "cluster_id > ?", [after.cluster_id]
+    for name, lo, hi in reversed(after.bands()):
+        col = _SQL_FIELDS[name]
+        if name == "last_seen":  # julian days, as _SQL_FIELDS reads the time
+            if lo is None or hi is None:
+                cond = f"({col} IS NULL AND {cond})"
+                continue
+            lo, hi = lo / 86400.0 + _JULIAN_EPOCH, hi / 86400.0 + _JULIAN_EPOCH
+            cond, args = f"({col} IS NULL OR {col} < ? OR ({col} <= ? AND {cond}))", [lo, hi, *args]
+        else:
+            cond, args = f"(COALESCE({col}, 0) < ? OR (COALESCE({col}, 0) <= ? AND {cond}))", [lo, hi, *args]
+    return cond, args
+
+
+_JULIAN_EPOCH = 2440587.5  # the julian day of 1970-01-01T00:00Z
 
 
 def _record_run(db: sqlite3.Connection, src: SourceRef, outcome: str, event_id: str | None) -> None:

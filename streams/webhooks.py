@@ -11,6 +11,33 @@ CR/LF included) cannot go in a header as it is: the header then carries its
 UTF-8 percent-encoding (``urllib.parse.unquote`` gives the id back). Ids of
 printable ASCII, every cluster alert's, go as they are.
 
+A key rotation leaves no gap: while a hook's ``previous_secret_env`` names a
+variable holding the key being retired, every delivery also carries
+``X-Deepwatch-Signature-Previous: sha256=<hex>``, the same HMAC of the same
+timestamp and body under that key. ``X-Deepwatch-Signature`` stays as it
+was, under the current key (``secret_env``), so a receiver that checks only
+that header verifies with the current key as before, and one that accepts
+either header (the example below) verifies with the old key or the new: each
+receiver switches when it is ready. The old key goes in a header of its own,
+not as a second ``sha256=`` element of the first: existing verifiers compare
+the whole header value, and HTTP stacks join a repeated header into one
+``a, b`` value, so either would fail them. Once ``previous_secret_env`` is
+removed only the current key signs. Set but its variable unset or empty, the
+current key alone signs and the worker warns at start
+(``unset_previous_keys``): receivers still on the old key refuse those
+deliveries (401/403, recorded ``rejected``; ``deepwatch redeliver`` sends
+them again). Keys are read from the environment at each delivery and never
+kept, logged or put in an error; only the variables' names are.
+
+A hook with ``ca_certs`` checks its receiver's https certificate against
+that PEM bundle alone instead of the system's CAs (a receiver behind a
+private CA), host name included; verification is never turned off. The
+bundle is read once per process (``ca_context``; settings refuse at load a
+missing file, one with no CA certificate, or ``ca_certs`` on an http://
+URL). Such a hook's deliveries each open a connection of their own: the
+client the senders share carries the system's trust store, which must
+not verify another hook's receiver.
+
 Every target (webhook URL) has its own queue and sender in the worker: a
 receiver that is slow, hangs until ``timeout_s`` or is down holds back only
 its own later alerts, never another subscriber's; each target gets its alerts
@@ -78,14 +105,21 @@ A receiver (Python)::
 
     import hmac, hashlib, time
 
+    # during a key rotation the key being retired signs too, in a header of its own
+    SIGNATURES = ("X-Deepwatch-Signature", "X-Deepwatch-Signature-Previous")
+
     def verify(secret: bytes, headers, raw_body: bytes, max_age_s=300) -> bool:
         ts = headers.get("X-Deepwatch-Timestamp", "")
-        sig = headers.get("X-Deepwatch-Signature", "")
         # isascii too: str.isdigit() accepts "²" and "١", which int() refuses or reads
         if not (ts.isascii() and ts.isdigit()) or abs(time.time() - int(ts)) > max_age_s:
             return False  # stale: a replayed capture
         mac = hmac.new(secret, ts.encode() + b"." + raw_body, hashlib.sha256)
-        return hmac.compare_digest(("sha256=" + mac.hexdigest()).encode(), sig.encode())
+        mine = ("sha256=" + mac.hexdigest()).encode()
+        return any(hmac.compare_digest(mine, headers.get(h, "").encode()) for h in SIGNATURES)
+
+A receiver holding either key, the old or the new, verifies a delivery made
+during a rotation: it switches keys when it is ready, and needs no change
+when the rotation ends.
 
 Verify the raw bytes as received, before parsing the JSON. Then dedupe on the
 body's ``alert_id`` (the delivery header carries the same value, percent-encoded
@@ -111,6 +145,8 @@ signed body, as sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -118,11 +154,12 @@ import json
 import logging
 import math
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
@@ -138,6 +175,7 @@ from streams.settings import TARGET_KEY_RE, Settings, WebhookSettings, hook_orig
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Deepwatch-Signature"
+PREVIOUS_SIGNATURE_HEADER = "X-Deepwatch-Signature-Previous"  # under the key being retired (previous_secret_env)
 TIMESTAMP_HEADER = "X-Deepwatch-Timestamp"
 USER_AGENT = "deepwatch-webhooks/1 (+https://github.com/deepwatch)"
 DELIVERY_HEADER = "X-Deepwatch-Delivery"
@@ -453,6 +491,8 @@ async def _post(target: Target, alert: Alert, client: httpx.AsyncClient, deliver
     secret = os.environ.get(hook.secret_env)
     if not secret:
         raise WebhookError(f"webhook secret env var {hook.secret_env} is not set; refusing to send unsigned")
+    # unset or empty: the current key alone signs (unset_previous_keys warned at start)
+    previous = os.environ.get(hook.previous_secret_env) if hook.previous_secret_env else None
     shown = target_label(hook.url)
     problem = _url_problem(hook.url)
     if problem:
@@ -463,61 +503,90 @@ async def _post(target: Target, alert: Alert, client: httpx.AsyncClient, deliver
         raise WebhookHeld(f"{shown}: the receiver asked to wait (Retry-After); {held:.0f} s left")
     body = payload(target, alert)
     last = "no attempt"
-    for attempt in range(hook.retries + 1):
-        ts = str(int(time.time()))
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": USER_AGENT,  # not httpx's: receivers and their firewalls can tell deepwatch by it
-            SIGNATURE_HEADER: sign(secret.encode(), ts, body),
-            TIMESTAMP_HEADER: ts,
-            DELIVERY_HEADER: delivery_header(alert.alert_id),
-        }
-        wait = backoff_s(attempt)
-        try:
-            status, location, retry_after = await _attempt(target, body, headers, client)
-        except TimeoutError:
-            last = f"no answer within {hook.timeout_s:g} s"
-        except _Refused as e:
-            raise WebhookRejected(f"{shown}: refused: {e}") from None
-        except _Unresolved as e:
-            last = str(e)  # "cannot resolve HOST: ...", "resolving HOST took longer than ..."
-        except _BadUrl:  # a name IDNA cannot encode, a NUL byte: the detail may quote the URL (a token)
-            raise WebhookRejected(f"{shown}: invalid webhook URL (no host name httpx or DNS can take)") from None
-        except httpx.LocalProtocolError as e:
-            # the client refuses to send this request (a header value it will not write, say):
-            # the same request fails the same way every time
-            raise WebhookRejected(f"{shown}: request refused by the HTTP client: "
-                                  f"{_scrub(f'{type(e).__name__}: {e}', hook.url, shown)}"[:500]) from None
-        except (httpx.InvalidURL, UnicodeError) as e:  # what _url_problem did not catch (IDNA); never gets better
-            raise WebhookRejected(f"{shown}: invalid webhook URL ({type(e).__name__})") from None
-        except httpx.HTTPError as e:
-            # httpx may quote the URL in its message; it can hold a token
-            last = _scrub(f"{type(e).__name__}: {e}", hook.url, shown)
-        else:
-            if 200 <= status < 300:
-                return DeliveryState.DELIVERED
-            last = f"HTTP {status}"
-            if 300 <= status < 400:
-                # Never followed (the signed alert would go where the receiver
-                # says, internal addresses included) and never retried: the
-                # configured URL is what has to change.
-                where = target_label(urljoin(hook.url, location)) if location else "no Location"
-                raise WebhookRejected(f"{shown}: {last} redirect to {where} not followed; update the webhook URL")
-            if 400 <= status < 500 and status not in (408, 429):
-                raise WebhookRejected(f"{shown}: {last}")  # the receiver rejected it; retrying will not help
-            asked = retry_after_s(retry_after) if status in (429, 503) else None
-            if asked is not None:
-                wait = min(asked, hook.retry_after_max_s)
-                last = f"HTTP {status}, Retry-After {asked:.0f} s"
-                if attempt == hook.retries:
-                    # no try left: leave the target alone for as long as it asked
-                    # (capped); redelivery sends this alert afterwards
-                    if wait > 0:
-                        deliveries.hold(key, wait)
-                    raise WebhookError(f"{shown}: {last}; not tried again for {wait:.3g} s")
-        if attempt < hook.retries:
-            await asyncio.sleep(wait)
+    async with _client_for(hook, client) as http:
+        for attempt in range(hook.retries + 1):
+            ts = str(int(time.time()))
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": USER_AGENT,  # not httpx's: receivers and their firewalls can tell deepwatch by it
+                SIGNATURE_HEADER: sign(secret.encode(), ts, body),
+                TIMESTAMP_HEADER: ts,
+                DELIVERY_HEADER: delivery_header(alert.alert_id),
+            }
+            if previous:
+                headers[PREVIOUS_SIGNATURE_HEADER] = sign(previous.encode(), ts, body)
+            wait = backoff_s(attempt)
+            try:
+                status, location, retry_after = await _attempt(target, body, headers, http)
+            except TimeoutError:
+                last = f"no answer within {hook.timeout_s:g} s"
+            except _Refused as e:
+                raise WebhookRejected(f"{shown}: refused: {e}") from None
+            except _Unresolved as e:
+                last = str(e)  # "cannot resolve HOST: ...", "resolving HOST took longer than ..."
+            except _BadUrl:  # a name IDNA cannot encode, a NUL byte: the detail may quote the URL (a token)
+                raise WebhookRejected(f"{shown}: invalid webhook URL (no host name httpx or DNS can take)") from None
+            except httpx.LocalProtocolError as e:
+                # the client refuses to send this request (a header value it will not write, say):
+                # the same request fails the same way every time
+                raise WebhookRejected(f"{shown}: request refused by the HTTP client: "
+                                      f"{_scrub(f'{type(e).__name__}: {e}', hook.url, shown)}"[:500]) from None
+            except (httpx.InvalidURL, UnicodeError) as e:  # what _url_problem did not catch (IDNA); never gets better
+                raise WebhookRejected(f"{shown}: invalid webhook URL ({type(e).__name__})") from None
+            except httpx.HTTPError as e:
+                # httpx may quote the URL in its message; it can hold a token
+                last = _scrub(f"{type(e).__name__}: {e}", hook.url, shown)
+            else:
+                if 200 <= status < 300:
+                    return DeliveryState.DELIVERED
+                last = f"HTTP {status}"
+                if 300 <= status < 400:
+                    # Never followed (the signed alert would go where the receiver
+                    # says, internal addresses included) and never retried: the
+                    # configured URL is what has to change.
+                    where = target_label(urljoin(hook.url, location)) if location else "no Location"
+                    raise WebhookRejected(f"{shown}: {last} redirect to {where} not followed; update the webhook URL")
+                if 400 <= status < 500 and status not in (408, 429):
+                    raise WebhookRejected(f"{shown}: {last}")  # the receiver rejected it; retrying will not help
+                asked = retry_after_s(retry_after) if status in (429, 503) else None
+                if asked is not None:
+                    wait = min(asked, hook.retry_after_max_s)
+                    last = f"HTTP {status}, Retry-After {asked:.0f} s"
+                    if attempt == hook.retries:
+                        # no try left: leave the target alone for as long as it asked
+                        # (capped); redelivery sends this alert afterwards
+                        if wait > 0:
+                            deliveries.hold(key, wait)
+                        raise WebhookError(f"{shown}: {last}; not tried again for {wait:.3g} s")
+            if attempt < hook.retries:
+                await asyncio.sleep(wait)
     raise WebhookError(f"{shown}: {last}")
+
+
+@contextlib.asynccontextmanager
+async def _client_for(hook: WebhookSettings, shared: httpx.AsyncClient) -> AsyncIterator[httpx.AsyncClient]:
+    """The client one delivery to ``hook`` goes through: the senders' shared
+    one, or for a hook with ``ca_certs`` one of its own that trusts that
+    bundle alone, closed with the delivery (its owner is the delivery: the
+    shared client's owners know nothing of it)."""
+    if not hook.ca_certs:
+        yield shared
+        return
+    try:
+        trusted = ca_context(hook.ca_certs)
+    except OSError as e:  # ssl.SSLError too; settings read it at start: since moved or replaced
+        raise WebhookError(f"{target_label(hook.url)}: cannot read ca_certs {hook.ca_certs!r}: "
+                           f"{getattr(e, 'reason', None) or e.strerror or e}") from None
+    async with httpx.AsyncClient(verify=trusted, trust_env=False, follow_redirects=False) as own:
+        yield own
+
+
+@functools.cache
+def ca_context(path: str) -> ssl.SSLContext:
+    """A verifying TLS context that trusts the PEM CA bundle at ``path``
+    alone, built once per process: reading a bundle costs milliseconds a
+    delivery need not pay. A bundle changed on disk is read at the next start."""
+    return ssl.create_default_context(cafile=path)
 
 
 def backoff_s(attempt: int) -> float:
@@ -639,6 +708,19 @@ def unsigned_hooks(settings: Settings, environ: Mapping[str, str] = os.environ) 
             for i, hook in enumerate(settings.alerts.webhooks) if not environ.get(hook.secret_env)]
 
 
+def unset_previous_keys(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """One line per hook in a key rotation (``previous_secret_env`` set)
+    whose retiring key's variable is unset or empty. Not a refusal: the
+    current key still signs, so receivers that hold it keep getting alerts;
+    those still on the retiring key refuse them until they switch."""
+    return [f"alerts.webhooks[{i}] ({target_label(hook.url)}): previous_secret_env names {hook.previous_secret_env}, "
+            f"which is not set; deliveries are signed with the current key ({hook.secret_env}) only, so receivers "
+            f"still verifying with the retiring key refuse them: export {hook.previous_secret_env}, or remove "
+            "previous_secret_env once every receiver holds the current key"
+            for i, hook in enumerate(settings.alerts.webhooks)
+            if hook.previous_secret_env and not environ.get(hook.previous_secret_env)]
+
+
 def hooks_by_key(settings: Settings) -> dict[str, Target]:
     """The configured hooks as ``Target``s by ``hook_key`` (one per identity:
     a URL listed twice is one target), each with the desk's public address
@@ -662,16 +744,18 @@ def stranded_keys(settings: Settings, counts: dict[str, dict[DeliveryState, int]
 
 
 def shared_secret_hooks(settings: Settings) -> list[str]:
-    """One line per HMAC key variable (``secret_env``) that hooks on
-    different hosts share: each of those subscribers holds the key the
-    others verify with, so any of them can sign an alert the others accept."""
-    hosts: dict[str, dict[str, str]] = {}  # secret_env -> host -> its label
+    """One line per HMAC key variable (``secret_env``, or a rotation's
+    ``previous_secret_env``) that hooks on different hosts share: each of
+    those subscribers holds the key the others verify with, so any of them
+    can sign an alert the others accept."""
+    hosts: dict[str, dict[str, str]] = {}  # key variable -> host -> its label
     for hook in settings.alerts.webhooks:
         try:
             host = urlsplit(hook.url).hostname or ""
         except ValueError:
             host = ""
-        hosts.setdefault(hook.secret_env, {}).setdefault(host, target_label(hook.url))
+        for env in filter(None, (hook.secret_env, hook.previous_secret_env)):
+            hosts.setdefault(env, {}).setdefault(host, target_label(hook.url))
     return [f"webhooks on {len(by_host)} hosts ({', '.join(by_host.values())}) share the HMAC key in {env}: "
             "each subscriber can sign alerts the others accept; give each its own key (secret_env)"
             for env, by_host in hosts.items() if len(by_host) > 1]
@@ -855,7 +939,8 @@ def install_redelivery(app: Any, settings: Settings, deliveries: Deliveries) -> 
     two workers do not both resend), the undelivered gauge's timer (every
     worker: each exports the same counts from the shared store) and the
     ordering gate for the live deliveries that share ``deliveries`` (the
-    worker's ``streams.sinks.Sinks``)."""
+    worker's ``streams.sinks.Sinks``); warns of key rotations whose retiring
+    key is not set (``unset_previous_keys``)."""
     if not settings.alerts.webhooks:
         return None
     from streams.findings import open_findings
@@ -863,6 +948,8 @@ def install_redelivery(app: Any, settings: Settings, deliveries: Deliveries) -> 
     # the store the alert sink records deliveries in (SQLite or Elasticsearch)
     redeliverer = Redeliverer(settings, lambda: open_findings(settings.findings.url, settings.data_dir, settings),
                               deliveries)
+    for line in unset_previous_keys(settings):
+        log.warning(line)
     deliveries.gate = redeliverer
 
     @app.timer(interval=settings.alerts.webhook_redeliver_s, on_leader=True)

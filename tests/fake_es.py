@@ -1044,11 +1044,14 @@ class FakeElasticsearch:
             return did in spec["values"], 1.0
         if kind == "range":
             f, r = next(iter(spec.items()))
-            is_date = _field_spec(props, f).get("type") == "date"
+            ftype = _field_spec(props, f).get("type")
+            is_date = ftype == "date"
             epoch_ms = r.get("format") == "epoch_millis"
             bound = (lambda b: float(b) / 1000) if (is_date and epoch_ms) else (lambda b: _as_num(b, is_date))  # noqa: E731
+            if ftype == "keyword":  # term-range-query on a keyword: its terms' order (UTF-8 bytes: code points)
+                bound = str
             for v in _values(src, f):
-                x = _as_num(v, is_date)
+                x = str(v) if ftype == "keyword" else _as_num(v, is_date)
                 if all(_range_ok(x, op, bound(b)) for op, b in r.items() if op in ("gt", "gte", "lt", "lte")):
                     return True, 1.0
             return False, 0.0

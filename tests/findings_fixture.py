@@ -109,3 +109,22 @@ def fill(store) -> None:
         store.add_alert(a)
     for d in dead_letters():
         store.add_dead_letter(d)
+
+
+def filled_store(request, tmp_path, kind: str, write=fill):
+    """A findings store of ``kind`` ("sqlite", or "es" on the loopback fake
+    Elasticsearch) that ``write`` filled, closed after the test: the body
+    of a fixture parametrized over both stores (``yield from``)."""
+    if kind == "sqlite":
+        from streams.store import SqliteFindingsStore
+
+        s = SqliteFindingsStore(tmp_path / "findings.sqlite")
+        write(s)
+    else:
+        from streams.es_store import EsFindingsStore
+
+        s = EsFindingsStore.from_url(request.getfixturevalue("fake_es").url)
+        write(s)
+        s.flush()
+    yield s
+    s.close()

@@ -419,7 +419,7 @@ def test_every_help_fits_80_columns_without_cutting_a_name():
     ("DEEPWATCH_ES_USER", "DEEPWATCH_ES_USERNAME", "USERS_FILE"),  # was: did you mean DEEPWATCH_DESK__USERS_FILE?
     ("DEEPWATCH_ES_PASSWD", "DEEPWATCH_ES_PASSWORD", "SASL_PASSWORD_ENV"),
     ("DEEPWATCH_ES_APIKEY", "DEEPWATCH_ES_API_KEY", "see `deepwatch settings`"),
-    ("DEEPWATCH_ES_CA_CERT", "DEEPWATCH_ES_CA_CERTS", "__"),
+    ("DEEPWATCH_ES_CA_CERT", "DEEPWATCH_FINDINGS__CA_CERTS", "GRAFANA"),  # near a variable now a setting
     ("DEEPWATCH_WEBHOOK_SECRT", "DEEPWATCH_WEBHOOK_SECRET", "__"),
     ("DEEPWATCH_CONFG", "DEEPWATCH_CONFIG", "__"),
     ("DEEPWATCH_PARTITION", "DEEPWATCH_PARTITIONS", "_ENV"),  # settings are still found as before
@@ -476,7 +476,7 @@ def _env_table(doc: str) -> dict[str, str]:
     """variable -> the rest of its row, from the reference's second table."""
     import re
 
-    part = doc.split("## Secrets and other environment variables", 1)[1]
+    part = doc.split("## Secrets and other environment variables", 1)[1].split("\n## ", 1)[0]
     return dict(re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \| (.+) \|$", part, flags=re.M))
 
 
@@ -497,7 +497,7 @@ def test_the_settings_reference_lists_every_variable_the_code_reads_by_name():
     settings |= {f"DEEPWATCH_{name.upper()}" for name in Settings.model_fields}
     read = set()
     pattern = re.compile(r"""(?:environ|env)(?:\.get)?[\[(]\s*"([A-Z][A-Z0-9_]+)"|envvar="([A-Z][A-Z0-9_]+)"|"""
-                         r"""(?:key_env|url_env|_ENV)\b[^=\n]*=\s*"([A-Z][A-Z0-9_]+)\"""")
+                         r"""(?:key_env|_ENV)\b[^=\n]*=\s*"([A-Z][A-Z0-9_]+)\"""")
     for package in ("streams", "detectors", "dashboards"):
         for path in (ROOT / package).rglob("*.py"):
             for m in pattern.finditer(path.read_text()):
@@ -513,15 +513,43 @@ def test_the_settings_reference_lists_every_variable_the_code_reads_by_name():
     missing = sorted(read - settings - set(listed))
     assert not missing, f"read by the code, but not in `deepwatch settings`: {missing}"
     for name in ("DEEPWATCH_CONFIG", "DEEPWATCH_ES_API_KEY", "DEEPWATCH_ES_USERNAME", "DEEPWATCH_ES_PASSWORD",
-                 "DEEPWATCH_ES_CA_CERTS", "DEEPWATCH_ES_VERIFY_CERTS", "DEEPWATCH_WEBHOOK_SECRET",
-                 "DEEPWATCH_KAFKA_PASSWORD", "DEEPWATCH_INGEST_TOKENS", "DEEPWATCH_DESK_TOKENS"):
+                 "DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_KAFKA_PASSWORD", "DEEPWATCH_INGEST_TOKENS",
+                 "DEEPWATCH_DESK_TOKENS"):
         assert name in listed, name
+    # settings now, not variables read beside them
+    assert not {"DEEPWATCH_ES_CA_CERTS", "DEEPWATCH_ES_VERIFY_CERTS", "DEEPWATCH_HIVE_URL"} & set(listed)
     assert "secret_env" in listed["DEEPWATCH_WEBHOOK_SECRET"]  # each hook's own variable too
     # every DEEPWATCH_* name listed is one the loader accepts
     ok = _cli("settings", "--format", "json", env={n: "x" for n in listed if n.startswith("DEEPWATCH_")
                                                    and n not in ("DEEPWATCH_CONFIG", "DEEPWATCH_INGEST_TOKENS",
                                                                  "DEEPWATCH_DESK_TOKENS", "DEEPWATCH_ES_URL")})
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("DEEPWATCH_ES_CA_CERTS", "/etc/deepwatch/es-ca/ca.crt",
+     "it is the setting findings.ca_certs now; set DEEPWATCH_FINDINGS__CA_CERTS=PATH, or ca_certs"),
+    ("DEEPWATCH_ES_VERIFY_CERTS", "0", "it is the setting findings.verify_certs now; "
+                                       "set DEEPWATCH_FINDINGS__VERIFY_CERTS=false"),
+    ("DEEPWATCH_HIVE_URL", "https://hive-proxy.internal", "it is the setting detect.vendor_urls now; "
+                                                           "set DEEPWATCH_DETECT__VENDOR_URLS='{\"vendor:hive\": \"URL\"}'"),
+    ("DEEPWATCH_SENSITY_URL", "https://sensity.internal", '"vendor:sensity" = "URL" under [detect.vendor_urls]'),
+    ("DEEPWATCH_REALITY_DEFENDER_URL", "https://rd.internal", '{"vendor:reality-defender": "URL"}'),
+])
+def test_a_variable_that_became_a_setting_is_refused_naming_the_setting(tmp_path, name, value, says):
+    # read outside the settings until they moved there: ignored now, a private CA or a vendor
+    # proxy would silently fall back to the defaults and fail far from the cause
+    line = _one_error_line(_cli("clusters", "--data-dir", str(tmp_path), env={name: value}))
+    assert line.startswith(f"error: {name} is no longer read: ") and says in line, line
+    assert line.endswith(f"and unset {name}") and value not in line, line
+
+
+def test_the_settings_reference_lists_the_variables_no_longer_read():
+    from streams.settings_check import reference_markdown
+
+    part = reference_markdown().split("## Variables no longer read", 1)[1]
+    assert "| `DEEPWATCH_ES_CA_CERTS` | `findings.ca_certs` |" in part
+    assert "| `DEEPWATCH_HIVE_URL` | `detect.vendor_urls` |" in part
 
 
 def test_every_setting_in_the_reference_says_what_it_does():

@@ -588,8 +588,9 @@ def test_k8s_manifests_parse_and_reference_settings():
     assert ("Deployment", "deepwatch-desk") in kinds and ("Service", "deepwatch-desk") in kinds
     assert any(k == "ConfigMap" for k, _ in kinds) and any(k == "Secret" for k, _ in kinds)
     assert any(k == "Service" for k, _ in kinds)
-    # read by streams.es_client.EsConfig (secrets only ever from the environment)
-    es_env = {"DEEPWATCH_ES_API_KEY", "DEEPWATCH_ES_USERNAME", "DEEPWATCH_ES_PASSWORD", "DEEPWATCH_ES_CA_CERTS"}
+    # read by streams.es_client.EsConfig (secrets only ever from the environment); the CA bundle is a
+    # setting (findings.ca_certs), so its variable is among _settings_env_vars()
+    es_env = {"DEEPWATCH_ES_API_KEY", "DEEPWATCH_ES_USERNAME", "DEEPWATCH_ES_PASSWORD"}
     known = _settings_env_vars() | {"DEEPWATCH_WEBHOOK_SECRET", "DEEPWATCH_CONFIG", "DEEPWATCH_DESK_TOKENS"} | es_env
     configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     for d in docs:

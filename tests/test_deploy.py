@@ -192,6 +192,39 @@ def test_every_process_starts_with_its_environment_and_settings_file(tmp_path, m
     assert not bad, bad
 
 
+def test_k8s_pods_that_mount_the_es_ca_bundle_verify_with_it(tmp_path, monkeypatch):
+    """findings.ca_certs names the file in the es-ca volume of every pod that
+    mounts it (its Deployment env over the ConfigMap's settings file): a pod
+    without it would check ECK's self-signed certificate against the system's
+    CAs and fail every request."""
+    from streams.settings import load_settings
+
+    [cm] = [d for d in _kustomize_resources(K8S / "base") if d.get("kind") == "ConfigMap"]
+    cfg = tmp_path / "deepwatch.toml"
+    cfg.write_text(cm["data"]["deepwatch.toml"])
+    checked = []
+    for path in sorted((K8S / "base").glob("*.yaml")):
+        for doc in _docs(path):
+            spec = doc.get("spec") or {}
+            job = spec.get("jobTemplate", {}).get("spec")  # a CronJob's pod template is one level down
+            pod = (job or spec).get("template", {}).get("spec", {})
+            for c in pod.get("containers", []):
+                mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+                if "es-ca" not in mounts:
+                    continue
+                for k in [k for k in os.environ if k.startswith("DEEPWATCH_")]:
+                    monkeypatch.delenv(k)
+                for e in c.get("env", []):
+                    if "value" in e:
+                        monkeypatch.setenv(e["name"], e["value"])
+                monkeypatch.setenv("DEEPWATCH_CONFIG", str(cfg))
+                s = load_settings()
+                assert s.findings.ca_certs and s.findings.ca_certs.parent == Path(mounts["es-ca"]), path.name
+                assert s.findings.verify_certs, path.name
+                checked.append(path.name)
+    assert sorted(checked) == ["analyze.yaml", "cluster.yaml", "desk.yaml", "prune.yaml"], checked
+
+
 # -- the command line ----------------------------------------------------------------
 def _check_command(cli, argv: list[str], where: str) -> None:
     cmd, rest = cli, list(argv)

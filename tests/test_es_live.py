@@ -2,8 +2,9 @@
 
 Runs only when DEEPWATCH_ES_URL is set (es://, ess://, http(s)://; credentials
 in DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/PASSWORD, CA bundle in
-DEEPWATCH_ES_CA_CERTS). Everything it creates carries a random index prefix
-and is deleted afterwards (the stored script id is shared and left in place).
+DEEPWATCH_FINDINGS__CA_CERTS, the setting findings.ca_certs). Everything it
+creates carries a random index prefix and is deleted afterwards (the stored
+script id is shared and left in place).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import uuid
 import pytest
 
 from streams.findings import ClusterQuery
-from streams.settings import FindingsSettings, Settings
+from streams.settings import Settings
 from tests.findings_fixture import fill, snapshots
 
 URL = os.environ.get("DEEPWATCH_ES_URL")
@@ -28,7 +29,9 @@ def live(tmp_path_factory):
     from streams.store import SqliteFindingsStore
 
     prefix = f"deepwatch-test-{uuid.uuid4().hex[:8]}"
-    s = EsFindingsStore.from_url(URL, settings=Settings(findings=FindingsSettings(index_prefix=prefix)))
+    base = Settings()  # findings.ca_certs and verify_certs from DEEPWATCH_FINDINGS__*, as a deployment sets them
+    findings = base.findings.model_copy(update={"index_prefix": prefix})
+    s = EsFindingsStore.from_url(URL, settings=base.model_copy(update={"findings": findings}))
     sq = SqliteFindingsStore(tmp_path_factory.mktemp("live") / "findings.sqlite")
     try:
         fill(s)

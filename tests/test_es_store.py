@@ -389,13 +389,39 @@ def test_old_servers_are_refused_with_the_reason():
         es.stop()
 
 
-def test_urls_and_credentials_come_from_the_environment():
-    c = EsConfig.from_url("es://search.internal", env={"DEEPWATCH_ES_API_KEY": "k", "DEEPWATCH_ES_CA_CERTS": "/ca.pem"})
-    assert (c.url, c.api_key, c.ca_certs) == ("http://search.internal:9200", "k", "/ca.pem")
+def test_credentials_come_from_the_environment_and_the_ca_bundle_from_the_caller():
+    env = {"DEEPWATCH_ES_API_KEY": "k", "DEEPWATCH_ES_CA_CERTS": "/old.pem", "DEEPWATCH_ES_VERIFY_CERTS": "false"}
+    c = EsConfig.from_url("es://search.internal", env=env, ca_certs=Path("/ca.pem"))
+    assert (c.url, c.api_key, c.ca_certs, c.verify_certs) == ("http://search.internal:9200", "k", "/ca.pem", True)
+    # the variables once read for them are settings now (findings.ca_certs, findings.verify_certs)
+    assert EsConfig.from_url("es://search.internal", env=env).ca_certs is None
     c = EsConfig.from_url("ess://search.internal:9243", env={"DEEPWATCH_ES_USERNAME": "u", "DEEPWATCH_ES_PASSWORD": "p"})
     assert (c.url, c.username, c.password) == ("https://search.internal:9243", "u", "p")
     with pytest.raises(EsError, match="not in the URL"):
         EsConfig.from_url("https://elastic:secret@search.internal:9200", env={})
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_the_settings_ca_bundle_and_certificate_check_reach_the_client(tmp_path, verify):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = Settings(findings=FindingsSettings(ca_certs=ca, verify_certs=verify))
+    s = EsFindingsStore.from_url("ess://127.0.0.1:1", settings=settings)
+    [node] = s.es.transport.node_pool.all()
+    assert (node.config.ca_certs, node.config.verify_certs) == (str(ca), verify)
+    s.close()
+
+
+@pytest.mark.parametrize("what", ["missing", "directory"])
+def test_a_ca_bundle_that_is_not_a_readable_file_is_one_line_naming_the_setting(tmp_path, what):
+    # elasticsearch-py takes any path, and then every request failed with a TLS error
+    path = tmp_path / "ca.pem"
+    if what == "directory":
+        path.mkdir()
+    with pytest.raises(EsError, match=r"^findings.ca_certs '.*ca.pem' is not a readable file "
+                                      r"\(DEEPWATCH_FINDINGS__CA_CERTS\); give the path of the PEM bundle") as e:
+        EsFindingsStore.from_url("ess://127.0.0.1:1", settings=Settings(findings=FindingsSettings(ca_certs=path)))
+    assert "\n" not in str(e.value) and not e.value.hold
 
 
 @pytest.mark.parametrize("url", ["esx://elastic:hunter2@search.internal:9200", "https://elastic:hunter2@",

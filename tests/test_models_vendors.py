@@ -6,7 +6,11 @@ import http.server
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -147,3 +151,31 @@ def test_a_mistyped_model_or_vendor_name_says_what_it_could_have_meant(tmp_path)
         load_detector("pixel-probe-lite", model_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match=r"packaged models: pixel-probe-lite2; vendor plugins: vendor:hive, "):
         load_detector("zzz", model_dir=tmp_path)
+
+
+def test_a_vendor_calls_the_base_url_it_is_given_not_an_environment_variable(monkeypatch, server, tmp_path) -> None:
+    from detectors.models import load_detector
+
+    monkeypatch.setenv("HIVE_API_KEY", KEY)
+    monkeypatch.setenv("DEEPWATCH_HIVE_URL", "http://127.0.0.1:9")  # once read here; now detect.vendor_urls
+    assert load_detector("vendor:hive", model_dir=tmp_path).base_url == HiveDetector.default_base_url
+    det = load_detector("vendor:hive", model_dir=tmp_path, vendor_urls={"vendor:hive": server + "/"})
+    assert det.base_url == server
+    [ev] = det.predict_batch([_image()])
+    assert ev.score == pytest.approx(0.93) and [s["path"] for s in _Handler.seen] == ["/api/v2/task/sync"]
+
+
+def test_detect_vendor_urls_reaches_the_vendor_through_the_cli(server, tmp_path) -> None:
+    # the real settings path: DEEPWATCH_DETECT__VENDOR_URLS -> `deepwatch detect` -> the plugin's requests
+    root = Path(__file__).resolve().parents[1]
+    picture = tmp_path / "p.jpg"
+    picture.write_bytes(_image().data)
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DEEPWATCH_")}
+    env.update({"PYTHONPATH": str(root), "HIVE_API_KEY": KEY, "DEEPWATCH_DETECT__MODELS": '["vendor:hive"]',
+                "DEEPWATCH_DETECT__VENDOR_URLS": json.dumps({"vendor:hive": server})})
+    r = subprocess.run([sys.executable, "-m", "streams.cli", "detect", str(picture), "--data-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert r.returncode == 0, r.stderr
+    [result] = json.loads(r.stdout)
+    assert any(e["detector"] == "vendor:hive" and e["score"] == pytest.approx(0.93) for e in result["evidence"]), result
+    assert "/api/v2/task/sync" in [s["path"] for s in _Handler.seen]

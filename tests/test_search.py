@@ -10,27 +10,12 @@ from datetime import timedelta
 import pytest
 
 from streams.findings import ClusterQuery, ClusterRecord
-from tests.findings_fixture import T0, fill
+from tests.findings_fixture import T0, fill, filled_store
 
 
 @pytest.fixture(params=["sqlite", "es"])
 def store(request, tmp_path):
-    if request.param == "sqlite":
-        from streams.store import SqliteFindingsStore
-
-        s = SqliteFindingsStore(tmp_path / "findings.sqlite")
-        fill(s)
-        yield s
-        s.close()
-    else:
-        es = request.getfixturevalue("fake_es")
-        from streams.es_store import EsFindingsStore
-
-        s = EsFindingsStore.from_url(es.url)
-        fill(s)
-        s.flush()
-        yield s
-        s.close()
+    yield from filled_store(request, tmp_path, request.param)
 
 
 def ids(rows: list[ClusterRecord]) -> list[str]:

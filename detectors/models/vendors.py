@@ -3,8 +3,10 @@
 Off by default: a vendor runs only when it is configured (listed in
 ``detect.models`` as ``vendor:hive`` etc.) AND its API key is in the
 environment. Keys are read from the environment only, sent only in request
-headers and never logged or put in evidence. Every request has a bounded
-timeout; polling vendors have a bounded total wait.
+headers and never logged or put in evidence. Another endpoint than the
+vendor's public API is the caller's ``base_url`` (the settings'
+``detect.vendor_urls``). Every request has a bounded timeout; polling
+vendors have a bounded total wait.
 
 Response shapes follow the vendors' public docs/SDKs as found; where a field
 name is not certain it is marked UNSURE and parsed defensively.
@@ -36,7 +38,6 @@ class VendorError(RuntimeError):
 class VendorDetector(BatchDetector):
     key_env: ClassVar[str]
     kind: ClassVar[EvidenceKind] = EvidenceKind.VENDOR
-    url_env: ClassVar[str]
     default_base_url: ClassVar[str]
 
     def __init__(self, api_key: str | None = None, base_url: str | None = None, timeout_s: float = 20.0,
@@ -45,7 +46,7 @@ class VendorDetector(BatchDetector):
         if not key:
             raise VendorError(f"{self.name} is not enabled: set {self.key_env} in the environment")
         self._key = key
-        self.base_url = (base_url or os.environ.get(self.url_env) or self.default_base_url).rstrip("/")
+        self.base_url = (base_url or self.default_base_url).rstrip("/")
         self.timeout = httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
         self.max_wait_s, self.poll_interval_s = max_wait_s, poll_interval_s
         # One client per plugin: the detect worker calls predict_batch per batch,
@@ -103,7 +104,6 @@ class HiveDetector(VendorDetector):
     name: ClassVar[str] = "vendor:hive"
     label: ClassVar[str] = "Hive"
     key_env: ClassVar[str] = "HIVE_API_KEY"
-    url_env: ClassVar[str] = "DEEPWATCH_HIVE_URL"
     default_base_url: ClassVar[str] = "https://api.thehive.ai"
 
     def _score(self, client: httpx.Client, image: ImageData) -> tuple[float, dict[str, Any]]:
@@ -137,7 +137,6 @@ class SensityDetector(VendorDetector):
     name: ClassVar[str] = "vendor:sensity"
     label: ClassVar[str] = "Sensity"
     key_env: ClassVar[str] = "SENSITY_API_TOKEN"
-    url_env: ClassVar[str] = "DEEPWATCH_SENSITY_URL"
     default_base_url: ClassVar[str] = "https://api.sensity.ai"
     service: ClassVar[str] = "ai_generated_image_detection"
 
@@ -181,7 +180,6 @@ class RealityDefenderDetector(VendorDetector):
     name: ClassVar[str] = "vendor:reality-defender"
     label: ClassVar[str] = "Reality Defender"
     key_env: ClassVar[str] = "REALITY_DEFENDER_API_KEY"
-    url_env: ClassVar[str] = "DEEPWATCH_REALITY_DEFENDER_URL"
     default_base_url: ClassVar[str] = "https://api.prd.realitydefender.xyz"
 
     def _score(self, client: httpx.Client, image: ImageData) -> tuple[float, dict[str, Any]]:

@@ -218,13 +218,14 @@ def check_alert_senders(settings: Settings) -> None:
     """Before a command that sends alerts starts: every webhook has its HMAC
     key in the environment (one line naming the variable, not a run whose
     alerts all end ``failed``), and a warning line when hooks on different
-    hosts share one key (each subscriber could forge the others' alerts)."""
-    from streams.webhooks import shared_secret_hooks, unsigned_hooks
+    hosts share one key (each subscriber could forge the others' alerts) or
+    a key rotation's retiring key is not set."""
+    from streams.webhooks import shared_secret_hooks, unset_previous_keys, unsigned_hooks
 
     missing = unsigned_hooks(settings)
     if missing:
         fail("; ".join(missing))
-    for line in shared_secret_hooks(settings):  # a warning, not a refusal: one line each
+    for line in shared_secret_hooks(settings) + unset_previous_keys(settings):  # warnings, not refusals
         err.print(f"warning: {line}", markup=False, highlight=False)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import typer
 from rich import box
@@ -95,10 +95,11 @@ LOAD_ERRORS = (OSError, KeyError, ValueError, RuntimeError, ImportError)
 
 def load_model_detectors(
     names: list[str], model_dir: Path | None, device: str, head: Path | None = None, configured: list[str] | None = None,
-    amp: str = "auto", strict: bool = False,
+    amp: str = "auto", strict: bool = False, vendor_urls: Mapping[str, str] | None = None,
 ) -> list[Detector]:
     """``names`` (asked for with --model) plus ``configured`` (detect.models), loaded once each.
-    Configured vendors whose API key is missing are skipped, as in the detect worker.
+    Configured vendors whose API key is missing are skipped, as in the detect worker; a vendor
+    calls ``vendor_urls[name]`` (detect.vendor_urls) where given.
 
     A --model that does not load raises UserError. So does a configured packaged pixel model when
     ``head`` (detect.pixel_head, set in the settings or the environment) was named and does not
@@ -120,14 +121,16 @@ def load_model_detectors(
     loaded: list[Detector] = []
     for name in asked:
         try:
-            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head, amp=amp))
+            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head, amp=amp,
+                                        vendor_urls=vendor_urls))
         except LOAD_ERRORS as e:
             raise UserError(f"--model {name}: {e}") from None
     for name in [n for n in configured if n not in VENDORS] + enabled_vendors(configured):
         if name in asked:
             continue
         try:
-            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head, amp=amp))
+            loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head, amp=amp,
+                                        vendor_urls=vendor_urls))
         except LOAD_ERRORS as e:
             if head is not None and name.removeprefix("model:") in BUILTIN:
                 raise UserError(
@@ -282,7 +285,7 @@ def detect(
         try:
             detectors += load_model_detectors(
                 list(model or []), model_dir or settings.model_dir, device, settings.detect.pixel_head, configured,
-                amp=settings.detect.amp,
+                amp=settings.detect.amp, vendor_urls=settings.detect.vendor_urls,
             )
         except UserError as e:  # a --model or the named detect.pixel_head that does not load: one line, exit 2
             fail(str(e))

@@ -591,7 +591,7 @@ def eval_cmd(
         # would otherwise measure the cheap detectors alone under the name of what detect runs
         dets += load_model_detectors(list(model), target, device, settings.detect.pixel_head,
                                      list(settings.detect.models) if models else [], amp=settings.detect.amp,
-                                     strict=True)
+                                     strict=True, vendor_urls=settings.detect.vendor_urls)
     except UserError as e:  # a model that does not load: a user mistake, exit 2 as in `deepwatch detect`
         fail(str(e))
     if not dets:

@@ -5,6 +5,8 @@ to read Elasticsearch instead of the embedded SQLite file in ``--data-dir``."""
 
 from __future__ import annotations
 
+import json
+import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,8 +24,8 @@ from streams.cli.common import (
     print_json, settings_from, shown,
 )
 from streams.findings import (
-    MAX_RESULTS, SORT_KEYS, SORT_ORDER, VERDICTS, ClusterQuery, FindingsStore, Page, SearchTimeout, StoreURLError,
-    open_findings, sqlite_file, text_terms, through_day,
+    MAX_RESULTS, SORT_KEYS, SORT_ORDER, VERDICTS, ClusterQuery, ClusterRecord, FindingsStore, Page,
+    SearchCursor, SearchTimeout, StoreURLError, open_findings, sqlite_file, text_terms, through_day,
 )
 
 # what each --sort orders by, as ``SORT_ORDER`` says it
@@ -34,7 +36,7 @@ _SORT_HELP = ("Highest first by " + "; ".join(
 StoreOpt = typer.Option(
     None, "--store", callback=check_store_option,
     help="Findings store: es://HOST:9200 or https://HOST:9200 for Elasticsearch (credentials from "
-         "DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/PASSWORD, CA bundle from DEEPWATCH_ES_CA_CERTS). "
+         "DEEPWATCH_ES_API_KEY or DEEPWATCH_ES_USERNAME/PASSWORD, CA bundle from findings.ca_certs). "
          "Default: the embedded SQLite file in --data-dir (env DEEPWATCH_FINDINGS__URL).")
 
 
@@ -77,6 +79,7 @@ def _findings(data_dir: Optional[Path], config: Optional[Path], store_url: Optio
 
 
 DEFAULT_LIMIT = 100
+ALL_PAGE = 1000  # clusters a page of `search --all`: what it holds in memory at once
 
 
 def _limit_opt(what: str) -> typer.Option:
@@ -260,6 +263,8 @@ def search(
     limit: Optional[int] = typer.Option(None, help="At most this many clusters (default: every match, up to 10000)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", show_default=False,
                                             help="Stop the search after this many seconds (default: no limit; the desk uses findings.search_timeout_s)."),
+    cursor: Optional[str] = typer.Option(None, "--cursor", help="Start after this place: the cursor a search printed on stderr (next page: --cursor ...)."),
+    every: bool = typer.Option(False, "--all", help=f"Every match, page by page (--limit clusters a page, default {ALL_PAGE}), as JSON lines: one cluster object a line, whatever --format."),
 ) -> None:
     """Search clusters by text, hashtag, account, platform, time, verdict and score.
 
@@ -267,6 +272,8 @@ def search(
     --hashtag) must all hold for one sighting of the cluster. JSON form: an
     array of cluster objects, exactly as `deepwatch clusters --format json`
     prints them, best first. Same answers on SQLite (FTS5) and Elasticsearch.
+    When more follow, stderr ends with the next page's `--cursor`; --all
+    reads them all.
     """
     check_format(fmt)
     if verdict is not None and verdict not in VERDICTS:
@@ -286,29 +293,70 @@ def search(
     start, end = _when(since, "--since"), _when(until, "--until", end_of_day=True)
     if start is not None and end is not None and start > end:  # answered nothing, as if no cluster matched
         raise typer.BadParameter(f"--since {since} is after --until {until}; swap them", param_hint="--since")
-    # one more than asked, to say whether --limit left matches out
-    ask = limit + 1 if limit is not None and limit < MAX_RESULTS else limit
     q = ClusterQuery(text=query, since=start, until=end, platform=platform,
-                     account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort, limit=ask)
+                     account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort)
+    try:
+        after = SearchCursor.decode(cursor, q) if cursor is not None else None
+    except ValueError as e:
+        fail(f"--cursor: {e}; give the one a search with the same QUERY, conditions and --sort printed")
     with _findings(data_dir, config, store_url) as store:
-        try:
-            rows = store.search(q, timeout_s=timeout)  # no limit unless asked: it holds no desk worker thread
-        except SearchTimeout:
-            fail(f"search took longer than {timeout:g} s and was stopped; narrow it with --since/--until/--platform "
-                 "(or --account, --hashtag), or give --timeout more")
-    if limit is not None and len(rows) > limit:
-        rows = rows[:limit]
-        err.print(f"showing the first {limit:,} matches; there are more: --limit N for more", highlight=False,
-                  soft_wrap=True)
-    elif len(rows) >= MAX_RESULTS:
-        err.print(f"showing the first {MAX_RESULTS:,} matches, the most one search returns; there may be more: "
-                  "narrow it with --since/--until/--platform/--account/--hashtag", highlight=False, soft_wrap=True)
+        if every:
+            _search_all(store, q, limit or ALL_PAGE, after, timeout)
+            return
+        rows, nxt = _search_page(store, q, limit, after, timeout)
+    if nxt is not None:
+        where = "the first " if after is None else ""
+        if limit is not None and limit < MAX_RESULTS:
+            err.print(f"showing {where}{limit:,} matches; there are more: --limit N for more, or the next page",
+                      highlight=False, soft_wrap=True)
+        else:
+            err.print(f"showing {where}{MAX_RESULTS:,} matches, the most one search returns; there may be more: "
+                      "the next page", highlight=False, soft_wrap=True)
     if fmt == "json":
         print_json([r.as_json() for r in rows])
     else:
         Console().print(cluster_table(rows, title=f"Search: {query}" if query else "Search"))
         if not rows:  # the empty table alone read like a display fault
             note_empty("no clusters match this search")
+    if nxt is not None:  # last, where a script reads it: the page's rows stay the whole of stdout
+        err.print(f"next page: --cursor {nxt}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _search_page(store: FindingsStore, q: ClusterQuery, limit: int | None, after: SearchCursor | None,
+                 timeout: float | None) -> tuple[list[ClusterRecord], str | None]:
+    """Up to ``limit`` clusters after ``after`` (None: from the top), and
+    the next page's cursor (None: no more). One more than ``limit`` is asked
+    for, so a page holding exactly the rest offers no next; a page of the
+    store's ``MAX_RESULTS`` (no ``limit``) offers one when full."""
+    ask = limit + 1 if limit is not None and limit < MAX_RESULTS else limit
+    try:
+        # no limit unless asked: it holds no desk worker thread
+        rows = store.search(q.model_copy(update={"limit": ask}), timeout_s=timeout, after=after)
+    except SearchTimeout:
+        fail(f"search took longer than {timeout:g} s and was stopped; narrow it with --since/--until/--platform "
+             "(or --account, --hashtag), or give --timeout more")
+    shown = min(len(rows), limit or MAX_RESULTS)
+    more = len(rows) > shown or len(rows) >= MAX_RESULTS
+    nxt = rows.cursor(shown - 1) if more else None
+    return rows[:shown], nxt
+
+
+def _search_all(store: FindingsStore, q: ClusterQuery, page: int, after: SearchCursor | None,
+                timeout: float | None) -> None:
+    """Every match from ``after`` on as JSON lines, ``page`` clusters at a
+    time (``--timeout`` is each page's): only one page is held. Past the
+    first page, how many so far goes to stderr."""
+    done = 0
+    while True:
+        rows, nxt = _search_page(store, q, page, after, timeout)
+        for r in rows:
+            sys.stdout.write(json.dumps(r.as_json(), default=str) + "\n")
+        sys.stdout.flush()
+        done += len(rows)
+        if nxt is None:
+            return
+        err.print(f"{done:,} clusters so far", highlight=False)
+        after = SearchCursor.decode(nxt, q)
 
 
 @app.command(rich_help_panel="Findings")
