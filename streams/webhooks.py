@@ -32,8 +32,9 @@ kept, logged or put in an error; only the variables' names are.
 A hook with ``ca_certs`` checks its receiver's https certificate against
 that PEM bundle alone instead of the system's CAs (a receiver behind a
 private CA), host name included; verification is never turned off. The
-bundle is read once per process (``ca_context``; settings refuse at load a
-missing file, one with no CA certificate, or ``ca_certs`` on an http://
+bundle is read once per process (``ca_context``; commands that send
+alerts refuse to start with a bundle that cannot verify,
+``unusable_ca_bundles``, and settings refuse ``ca_certs`` on an http://
 URL). Such a hook's deliveries each open a connection of their own: the
 client the senders share carries the system's trust store, which must
 not verify another hook's receiver.
@@ -706,6 +707,35 @@ def unsigned_hooks(settings: Settings, environ: Mapping[str, str] = os.environ) 
     return [f"alerts.webhooks[{i}] ({target_label(hook.url)}): {hook.secret_env} is not set; export the HMAC key "
             f"receivers verify as {hook.secret_env}, or name another variable in its secret_env"
             for i, hook in enumerate(settings.alerts.webhooks) if not environ.get(hook.secret_env)]
+
+
+def ca_bundle_problem(path: str) -> str | None:
+    """Why the PEM CA bundle at ``path`` cannot verify a receiver (missing,
+    unreadable, not PEM, or holding no CA certificate); None when it can."""
+    if not os.path.exists(path):
+        return f"no such file: {path!r}"
+    if not os.path.isfile(path):
+        return f"{path!r} is not a file"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_verify_locations(cafile=path)
+    except ssl.SSLError as e:
+        return f"{path!r} is not a PEM CA bundle ({e.reason or e})"
+    except OSError as e:
+        return f"cannot read {path!r}: {e.strerror or e}"
+    if not ctx.cert_store_stats()["x509_ca"]:
+        return f"{path!r} holds no CA certificate (a server's own certificate cannot verify it)"
+    return None
+
+
+def unusable_ca_bundles(settings: Settings) -> list[str]:
+    """One line per hook whose ``ca_certs`` no delivery could use: commands
+    that send alerts refuse to start with any (``check_alert_senders``),
+    rather than record every delivery to the hook as failed."""
+    return [f"alerts.webhooks[{i}] ({target_label(hook.url)}): ca_certs: {problem}; give the PEM bundle of the CA "
+            "that signed the receiver's certificate"
+            for i, hook in enumerate(settings.alerts.webhooks)
+            if hook.ca_certs and (problem := ca_bundle_problem(hook.ca_certs))]
 
 
 def unset_previous_keys(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:

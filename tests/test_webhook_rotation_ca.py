@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import typer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -249,30 +250,42 @@ def test_a_bundle_gone_since_the_start_fails_the_delivery(tls_receiver, pki, tmp
         _deliver(_lo(hook), _alert())
 
 
+def test_ca_certs_on_an_http_url_is_one_clear_settings_error(pki, monkeypatch):
+    from streams.settings import load_settings
+    from streams.settings_check import SettingsError
+
+    monkeypatch.delenv("DEEPWATCH_CONFIG", raising=False)
+    monkeypatch.setenv("DEEPWATCH_ALERTS__WEBHOOKS", json.dumps(
+        [{"url": "http://hooks.example.org/t0ken", "secret_env": ENV, "ca_certs": pki["ca"]}]))
+    with pytest.raises(SettingsError, match=r"^invalid setting 'alerts\.webhooks\.0\.ca_certs': .*only for https://") as e:
+        load_settings()
+    assert "\n" not in str(e.value) and "t0ken" not in str(e.value)
+
+
 @pytest.mark.parametrize("case, why", [
     ("missing", "no such file"),
     ("a directory", "is not a file"),
     ("empty", "not a PEM CA bundle"),
     ("not PEM", "not a PEM CA bundle"),
     ("a server certificate", "holds no CA certificate"),
-    ("on an http URL", "only for https:// URLs"),
 ])
-def test_a_bad_ca_certs_is_one_clear_settings_error(pki, tmp_path, monkeypatch, case, why):
+def test_a_bad_ca_certs_stops_a_command_that_sends_alerts_in_one_line(pki, tmp_path, monkeypatch, capsys, case, why):
+    from streams.cli.common import check_alert_senders
     from streams.settings import load_settings
-    from streams.settings_check import SettingsError
 
     path = {"missing": tmp_path / "nope.pem", "a directory": tmp_path, "empty": tmp_path / "empty.pem",
-            "not PEM": tmp_path / "junk.pem", "a server certificate": Path(pki["server_cert"]),
-            "on an http URL": Path(pki["ca"])}[case]
+            "not PEM": tmp_path / "junk.pem", "a server certificate": Path(pki["server_cert"])}[case]
     (tmp_path / "empty.pem").write_bytes(b"")
     (tmp_path / "junk.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
-    scheme = "http" if case == "on an http URL" else "https"
     monkeypatch.delenv("DEEPWATCH_CONFIG", raising=False)
     monkeypatch.setenv("DEEPWATCH_ALERTS__WEBHOOKS", json.dumps(
-        [{"url": f"{scheme}://hooks.example.org/t0ken", "secret_env": ENV, "ca_certs": str(path)}]))
-    with pytest.raises(SettingsError, match=r"^invalid setting 'alerts\.webhooks\.0\.ca_certs': .*" + why) as e:
-        load_settings()
-    assert "\n" not in str(e.value) and "t0ken" not in str(e.value)
+        [{"url": "https://hooks.example.org/t0ken", "secret_env": ENV, "ca_certs": str(path)}]))
+    settings = load_settings()  # commands that only read findings still start on a host without the bundle
+    with pytest.raises(typer.Exit):
+        check_alert_senders(settings)
+    said = capsys.readouterr().err.strip()
+    assert "\n" not in said and "t0ken" not in said and why in said, said
+    assert said.startswith("error: alerts.webhooks[0] (https://hooks.example.org") and "ca_certs" in said, said
 
 
 def test_a_good_ca_certs_loads(pki):

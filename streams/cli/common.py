@@ -216,13 +216,13 @@ def settings_from(config: Optional[Path] = None, **overrides: Any) -> Settings:
 
 def check_alert_senders(settings: Settings) -> None:
     """Before a command that sends alerts starts: every webhook has its HMAC
-    key in the environment (one line naming the variable, not a run whose
-    alerts all end ``failed``), and a warning line when hooks on different
+    key in the environment and any CA bundle it names can verify (one line
+    naming the variable or file, not a run whose alerts all end ``failed``), and a warning line when hooks on different
     hosts share one key (each subscriber could forge the others' alerts) or
     a key rotation's retiring key is not set."""
-    from streams.webhooks import shared_secret_hooks, unset_previous_keys, unsigned_hooks
+    from streams.webhooks import shared_secret_hooks, unset_previous_keys, unsigned_hooks, unusable_ca_bundles
 
-    missing = unsigned_hooks(settings)
+    missing = unsigned_hooks(settings) + unusable_ca_bundles(settings)
     if missing:
         fail("; ".join(missing))
     for line in shared_secret_hooks(settings) + unset_previous_keys(settings):  # warnings, not refusals
