@@ -128,3 +128,11 @@ def filled_store(request, tmp_path, kind: str, write=fill):
         s.flush()
     yield s
     s.close()
+
+
+def stored_findings(request, tmp_path, kind: str, write=fill):
+    """(data dir, store URL: None for the data dir's SQLite file) of a store
+    ``filled_store`` wrote and closed: what a desk or CLI test opens."""
+    for _ in filled_store(request, tmp_path, kind, write):
+        pass
+    return tmp_path, request.getfixturevalue("fake_es").url if kind == "es" else None

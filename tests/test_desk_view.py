@@ -20,6 +20,7 @@ from streams.records import ClusterSnapshot, Engagement, Member, Velocity
 from streams.settings import Settings
 from streams.store import open_store
 from tests.desk_support import close_sources
+from tests.findings_fixture import stored_findings
 from tests.test_store import T0, _sighting
 
 EDITOR_TOKEN = "editor-token-0123456789abcdef"
@@ -65,18 +66,7 @@ def fill(store) -> None:
 @pytest.fixture(params=["sqlite", "es"])
 def stored(request, tmp_path) -> tuple[Path, str | None]:
     """(data dir, store URL: None for the data dir's SQLite file) holding ``fill``'s clusters."""
-    if request.param == "sqlite":
-        store = open_store(tmp_path)
-        fill(store)
-        store.close()
-        return tmp_path, None
-    from streams.es_store import EsFindingsStore
-
-    es = request.getfixturevalue("fake_es")
-    store = EsFindingsStore.from_url(es.url)
-    fill(store)
-    store.close()
-    return tmp_path, es.url
+    return stored_findings(request, tmp_path, request.param, fill)
 
 
 @pytest.fixture

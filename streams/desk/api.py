@@ -16,12 +16,13 @@ from streams.desk.auth import Principal
 from streams.desk.guards import DeskRoute, api_editor, api_reader, reader
 from streams.desk.lookup import Lookup, Rejected
 from streams.desk.queries import account_query, accounts_link, cluster_query, desk_verdict_query, queue_link, \
-    searched, store_query
+    search_cursor, search_link, store_query
 from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound
 from streams.desk.state import Desk, desk_of
 from streams.desk.thumbs import ThumbBusy, ThumbError
 from streams.desk.verdicts import Conflict, VerdictIn
 from streams.findings import ClusterQuery as StoreQuery
+from streams.findings import SearchCursor
 
 router = APIRouter(route_class=DeskRoute)
 
@@ -77,13 +78,20 @@ def api_account(request: Request, account_id: str, _: Principal = Depends(reader
             summary="Analyst search of the findings store: full text over posts and hashtags plus filters")
 def api_search(request: Request, q: StoreQuery = Depends(store_query),
                desk_verdict: Optional[str] = Depends(desk_verdict_query),
+               after: Optional[SearchCursor] = Depends(search_cursor),
                _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+    """One page (`limit`), best first. When there are more, `X-Next-Cursor` carries the next page's `cursor` and
+    `Link` its address (`rel="next"`); the last page has neither. `X-Result-Cut: true` whenever more matched than
+    the page holds (a text that is in no post, matched as a substring, is one page: a larger `limit` gives more)."""
     if not q.filtered and desk_verdict is None:
         raise HTTPException(422, "bad request: give at least one of q, since, until, platform, account, hashtag, "
                                  "verdict, desk_verdict, min_score")
-    rows, cut = searched(desk_of(request).source, q, desk_verdict)
-    # the body stays the array; a cut answer says so (a larger limit, or a narrower search, gives the rest)
-    return JSONResponse(rows, headers={"X-Result-Cut": "true"} if cut else None)
+    rows, nxt, cut = desk_of(request).source.analyst_search_page(q, desk_verdict, after)
+    # the body stays the array
+    response = JSONResponse(rows, headers={"X-Result-Cut": "true"} if cut else None)
+    if nxt is not None:
+        next_page(response, search_link("/api/search", q, desk_verdict, nxt), nxt)
+    return response
 
 
 @router.get("/api/banks", tags=["verdicts"], summary="Banks of known pictures and their sizes")

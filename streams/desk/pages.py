@@ -25,12 +25,12 @@ from streams.desk.guards import LOGIN_CSRF_COOKIE, SAFE_METHODS, SESSION_COOKIE,
     login_form_csrf, reader, reader_form
 from streams.desk.lookup import Rejected
 from streams.desk.queries import QUEUE_FORM, SEARCH_FORM, account_query, accounts_link, cluster_query, \
-    desk_verdict_query, queue_form, queue_link, search_form, search_link, searched, store_query
+    desk_verdict_query, queue_form, queue_link, search_cursor, search_form, search_link, store_query
 from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery, NotFound
 from streams.desk.state import desk_of
 from streams.desk.verdicts import VerdictIn
 from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import MAX_RESULTS
+from streams.findings import MAX_RESULTS, SearchCursor
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -105,17 +105,20 @@ def account_page(request: Request, account_id: str, me: Principal = Depends(read
 
 @router.get("/search", response_class=HTMLResponse, include_in_schema=False)
 def search_page(request: Request, q: StoreQuery = Depends(store_query),
-                desk_verdict: Optional[str] = Depends(desk_verdict_query), me: Principal = Depends(reader)):
+                desk_verdict: Optional[str] = Depends(desk_verdict_query),
+                after: Optional[SearchCursor] = Depends(search_cursor), me: Principal = Depends(reader)):
     source = desk_of(request).source
     asked = q != StoreQuery(limit=q.limit) or desk_verdict is not None
-    rows, cut = searched(source, q, desk_verdict) if asked else ([], False)
-    # A search is one ranked answer of up to MAX_RESULTS (the store's result window): a cut one
-    # offers the same search with a larger limit, not a cursor (its relevance rank is the store's).
-    more = min(q.max_results * 10, MAX_RESULTS) if cut and q.max_results < MAX_RESULTS else None
+    rows, nxt, cut = source.analyst_search_page(q, desk_verdict, after) if asked else ([], None, False)
+    # The first page of a cut answer also offers it again with a larger limit (one page is easier to
+    # read through, and the substring match of a text in no post has no next page); a later one only pages.
+    more = min(q.max_results * 10, MAX_RESULTS) if cut and after is None and q.max_results < MAX_RESULTS else None
     return page(request, "search.html", me, rows=rows, asked=asked, cut=cut, spread=source.spread(rows),
                 form=search_form(q, desk_verdict),
                 desk_verdict=desk_verdict, desk_verdicts=SEARCH_DESK_VERDICTS,
-                more_url=search_link(q, desk_verdict, more) if more else None)
+                more_url=search_link("/search", q, desk_verdict, limit=more) if more else None,
+                next_url=search_link("/search", q, desk_verdict, nxt) if nxt else None,
+                first_url=search_link("/search", q, desk_verdict) if after is not None else None)
 
 
 @router.get("/similar", response_class=HTMLResponse, include_in_schema=False)

@@ -10,13 +10,13 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 from urllib.parse import urlencode
 
-from fastapi import Query
+from fastapi import Depends, Query
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery, FindingsSource
+from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery
 from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import MAX_RESULTS, through_day
+from streams.findings import SearchCursor, through_day
 
 # The fields of the queue's and the search page's forms (``page_with_error`` refills them as sent).
 QUEUE_FORM = ("q", "verdict", "platform", "since", "sort", "limit")
@@ -71,6 +71,20 @@ def desk_verdict_query(desk_verdict: Optional[str] = Query(
     return desk_verdict or None
 
 
+def search_cursor(q: StoreQuery = Depends(store_query),
+                  cursor: Optional[str] = Query(None, description="the next page's cursor, from `X-Next-Cursor`")
+                  ) -> Optional[SearchCursor]:
+    """Where the search's page starts: a cursor of this very search (its
+    conditions and sort, ``SearchCursor.decode``), else a 422 naming it."""
+    if not cursor:
+        return None
+    try:
+        return SearchCursor.decode(cursor, q)
+    except ValueError as e:
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", "cursor"), "input": cursor,
+                                       "msg": str(e)}]) from None
+
+
 def account_query(min_ai_share: float = Query(0.0), min_posts: int = Query(1), limit: int = Query(200),
                   cursor: Optional[str] = Query(None, description="the next page's cursor, from `X-Next-Cursor`")
                   ) -> AccountQuery:
@@ -78,18 +92,6 @@ def account_query(min_ai_share: float = Query(0.0), min_posts: int = Query(1), l
         return AccountQuery(min_ai_share=min_ai_share, min_posts=min_posts, limit=limit, cursor=cursor)
     except ValidationError as e:
         raise RequestValidationError([{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from None
-
-
-def searched(source: FindingsSource, q: StoreQuery, desk_verdict: str | None) -> tuple[list[dict[str, Any]], bool]:
-    """The analyst search's answer and whether it was cut: one more than
-    ``q.limit`` is asked for, so a page holding exactly the matches does
-    not claim there are more; at the store's ``MAX_RESULTS`` a full answer
-    may have been cut."""
-    if q.max_results < MAX_RESULTS:
-        rows = source.analyst_search(q.model_copy(update={"limit": q.max_results + 1}), desk_verdict)
-        return rows[: q.max_results], len(rows) > q.max_results
-    rows = source.analyst_search(q, desk_verdict)
-    return rows, len(rows) >= MAX_RESULTS
 
 
 def queue_link(path: str, q: ClusterQuery, cursor: str | None) -> str:
@@ -116,13 +118,16 @@ def search_form(q: StoreQuery, desk_verdict: str | None) -> dict[str, str]:
             "limit": str(q.limit or "")}
 
 
-def search_link(q: StoreQuery, desk_verdict: str | None, limit: int) -> str:
-    """The search page for ``q`` with another ``limit``, from the checked values."""
+def search_link(path: str, q: StoreQuery, desk_verdict: str | None, cursor: str | None = None,
+                limit: int | None = None) -> str:
+    """``path`` (the search page or ``/api/search``) for ``q`` from ``cursor``
+    on (None: the first page), with another ``limit`` if given, from the
+    checked values."""
     params = {"q": q.text, "since": q.since.isoformat() if q.since else None,
               "until": q.until.isoformat() if q.until else None, "platform": q.platform, "account": q.account,
               "hashtag": q.hashtag, "verdict": q.verdict, "desk_verdict": desk_verdict,
-              "min_score": q.min_score, "sort": q.sort}
-    return "/search?" + urlencode({**{k: v for k, v in params.items() if v is not None}, "limit": limit})
+              "min_score": q.min_score, "sort": q.sort, "limit": limit or q.limit, "cursor": cursor}
+    return path + "?" + urlencode({k: v for k, v in params.items() if v is not None})
 
 
 def accounts_link(path: str, q: AccountQuery, cursor: str | None) -> str:

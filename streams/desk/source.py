@@ -27,7 +27,7 @@ import copy
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator, get_args
+from typing import Any, Callable, Iterator, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -37,8 +37,8 @@ from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.findings import ClusterQuery as StoreQuery
 from streams.findings import (
     CURSOR_MAX_CHARS, MAX_MERGE_HOPS, MAX_RESULTS, NOT_A_CURSOR, AccountAggregate, AccountCursor, Deadline,
-    NEVER, DeskReader, MemberRow, SortKey, decode_cursor, encode_cursor, sort_key, sort_order, sort_values,
-    text_terms,
+    NEVER, DeskReader, MemberRow, SearchCursor, SortKey, decode_cursor, encode_cursor, search_digest, sort_key,
+    sort_order, sort_values, text_terms,
 )
 from streams.records import MAX_SAMPLE_POSTS, SamplePost
 from streams.settings import DeskSettings
@@ -144,6 +144,14 @@ class AccountQuery(BaseModel):
         return AccountCursor.decode(self.cursor) if self.cursor else None
 
 
+
+
+class SearchAnswer(NamedTuple):
+    """One page of the analyst search (``FindingsSource.analyst_search_page``)."""
+
+    rows: list[dict[str, Any]]
+    next_cursor: str | None  # where the next page starts (``SearchCursor``); None: no next page
+    cut: bool  # more matched than ``rows``: on the next page, or (an answer of one page) past ``limit``
 
 
 def _ts(s: str) -> datetime:
@@ -538,9 +546,16 @@ class FindingsSource:
         return None if self.search_timeout_s is None else Deadline(self.search_timeout_s)
 
     def analyst_search(self, q: StoreQuery, desk_verdict: str | None = None) -> list[dict[str, Any]]:
+        """The first page of ``analyst_search_page``, its rows alone."""
+        return self.analyst_search_page(q, desk_verdict).rows
+
+    def analyst_search_page(self, q: StoreQuery, desk_verdict: str | None = None,
+                            after: SearchCursor | None = None) -> SearchAnswer:
         """The store's analyst search (full text over posts and hashtags,
         time range, platform, account, hashtag, verdict, minimum score), with
-        the desk's overlay on the results. A bare ``text`` that names no post
+        the desk's overlay on the results: ``q.max_results`` clusters from
+        ``after`` on (None: the top), the next page's cursor and whether
+        more matched than the page holds. A bare ``text`` that names no post
         (a cluster id, a sha256, evidence wording) also finds those clusters.
 
         ``desk_verdict`` (fake, authentic, needs-review) keeps the clusters
@@ -548,12 +563,18 @@ class FindingsSource:
         cluster or a bank match: desk verdicts live in the desk's own
         database, not in the findings store, so this condition is the desk's.
         Alone, it lists those clusters from the desk's view (sorted as the
-        search sorts, by the values shown); with store conditions, the store
-        searches only those clusters (``ClusterQuery.cluster_ids``): kept
-        from its first ``MAX_RESULTS`` matches of the other conditions
-        alone, one marked cluster ranked past them was missing. A desk with
-        more than ``MAX_RESULTS`` such verdicts searches those store matches
-        and keeps the marked ones, as before.
+        search sorts, by the values shown), paged by a keyset over those
+        values (``_marked_page``); with store conditions, the store searches
+        only those clusters (``ClusterQuery.cluster_ids``): kept from its
+        first ``MAX_RESULTS`` matches of the other conditions alone, one
+        marked cluster ranked past them was missing. A desk with more than
+        ``MAX_RESULTS`` such verdicts searches those store matches and keeps
+        the marked ones, the next page starting after the last match read.
+
+        The store's order is the pages' order (``SearchCursor``); the
+        substring match of a text no post holds is ordered by the desk, and
+        is one answer: it gives no cursor, and with one the search continues
+        the store's order only (``_substring_answer``).
 
         The store's reads stop after ``search_timeout_s`` in all
         (``SearchTimeout``)."""
@@ -565,33 +586,57 @@ class FindingsSource:
             marked = {cid for cid, d in docs.items()
                       if not d.get("merged_into") and (d.get("desk") or {}).get("verdict") == desk_verdict}
             if not q.filtered:
-                return sorted((docs[cid] for cid in marked), key=sort_key(q.effective_sort, _doc_field))[:limit]
+                return _marked_page(docs, marked, q, after)
             if not marked:
-                return []
-            q = q.model_copy(update={"limit": None,  # every match: the desk's condition comes before the cut
-                                     "cluster_ids": frozenset(marked) if len(marked) <= MAX_RESULTS else None})
-        ids = [c.id for c in self.store.search(q, timeout_s=_left(deadline))]
+                return SearchAnswer([], None, False)
+            q = q.model_copy(update={"cluster_ids": frozenset(marked) if len(marked) <= MAX_RESULTS else None})
+        if marked is not None and q.cluster_ids is None:
+            ask = None  # too many for ``cluster_ids``: the marked ones are kept from every match the store returns
+        else:
+            ask = limit + 1 if limit < MAX_RESULTS else limit  # one more, so a page of exactly the rest offers no next
+        found = self.store.search(q.model_copy(update={"limit": ask}), timeout_s=_left(deadline), after=after)
         only_text = q.text and not any((q.since, q.until, q.platform, q.account, q.hashtag, q.verdict, q.min_score))
-        if only_text and not ids and (marked is None or not self.store.search(
+        if only_text and after is None and not found and (marked is None or not self.store.search(
                 q.model_copy(update={"cluster_ids": None, "limit": 1}), timeout_s=_left(deadline))):
-            # Only for a text no post holds (asked without the desk's verdicts: a post of an unmarked
-            # cluster holds it as much): every cluster's model evidence is prose ("... real photos ..."),
-            # and a common word padded the posts' matches with every cluster of the store. Sorted as
-            # asked, clusters outside the view last (by id, as the substring match gives them).
-            found = self.search_ids(q.text, deadline)
-            key = sort_key(q.effective_sort, _doc_field)
-            ids = (sorted((cid for cid in found if cid in docs), key=lambda cid: key(docs[cid]))
-                   + [cid for cid in found if cid not in docs])
+            return self._substring_answer(docs, marked, q, deadline)
+        keep = [i for i, c in enumerate(found) if marked is None or c.id in marked]
+        shown = self._read(docs, [found[i].id for i in keep], limit + 1)
+        rows = [d for _i, d in shown[:limit]]
+        if len(shown) > limit:
+            return SearchAnswer(rows, found.cursor(keep[shown[limit - 1][0]]), True)
+        if len(found) >= (ask or MAX_RESULTS):  # the store's answer was full: its matches may go on past it
+            return SearchAnswer(rows, found.cursor(), True)
+        return SearchAnswer(rows, None, False)
+
+    def _substring_answer(self, docs: dict[str, dict[str, Any]], marked: set[str] | None, q: StoreQuery,
+                          deadline: Deadline | None) -> SearchAnswer:
+        """The answer to a text no post holds (asked without the desk's verdicts: a post of an
+        unmarked cluster holds it as much), matched as a substring (``search_ids``) only then: every
+        cluster's model evidence is prose ("... real photos ..."), and a common word padded the posts'
+        matches with every cluster of the store. Sorted as asked, clusters outside the view last, by
+        id, as the substring match gives them: unread, they have no values to sort or to key a cursor
+        by, so the answer is one page, cut at ``q.max_results`` (a larger limit gives more)."""
+        found = self.search_ids(q.text, deadline)
+        key = sort_key(q.effective_sort, _doc_field)
+        ids = (sorted((cid for cid in found if cid in docs), key=lambda cid: key(docs[cid]))
+               + [cid for cid in found if cid not in docs])
         if marked is not None:
             ids = [cid for cid in ids if cid in marked]
-        # clusters outside the view (older than its window) are read by id, only as many as the answer holds
-        out: list[dict[str, Any]] = []
+        shown = self._read(docs, ids, q.max_results + 1)
+        return SearchAnswer([d for _i, d in shown[: q.max_results]], None, len(shown) > q.max_results)
+
+    def _read(self, docs: dict[str, dict[str, Any]], ids: list[str], n: int) -> list[tuple[int, dict[str, Any]]]:
+        """The documents of up to ``n`` of ``ids``, in order, each with its
+        place in ``ids``: clusters outside the view (older than its window)
+        are read by id, only as many as the answer holds; one gone meanwhile
+        (merged away, pruned) is left out."""
+        out: list[tuple[int, dict[str, Any]]] = []
         at = 0
-        while len(out) < limit and at < len(ids):
-            batch = ids[at: at + limit - len(out)]
-            at += len(batch)
-            more = self._outside([cid for cid in batch if cid not in docs]) if self.windowed else {}
-            out += [docs.get(cid) or more[cid] for cid in batch if cid in docs or cid in more]
+        while len(out) < n and at < len(ids):
+            batch = range(at, min(len(ids), at + n - len(out)))
+            at = batch.stop
+            more = self._outside([ids[i] for i in batch if ids[i] not in docs]) if self.windowed else {}
+            out += [(i, docs.get(ids[i]) or more[ids[i]]) for i in batch if ids[i] in docs or ids[i] in more]
         return out
 
     def search_ids(self, text: str, deadline: Deadline | None = None) -> list[str]:
@@ -823,6 +868,25 @@ def _decayed(doc: dict[str, Any], closed: int) -> dict[str, Any]:
         velocity.update(sightings_1h=0, accounts_1h=0, engagement_1h=0)
     return {**doc, "velocity": velocity, "stream_velocity": stream,
             "quiet_since": doc["last_seen"] if closed else None}
+
+
+def _marked_page(docs: dict[str, dict[str, Any]], marked: set[str], q: StoreQuery,
+                 after: SearchCursor | None) -> SearchAnswer:
+    """The clusters of a desk verdict alone, from the desk's view, as the
+    search sorts them by the values shown (``_doc_field``): ``q.max_results``
+    from ``after`` on. The cursor keys the same values and the id, as the
+    store's do: no store search has ``q``'s conditions (none), so one is
+    never read as a place in a store's order."""
+    key = sort_key(q.effective_sort, _doc_field)
+    # a relevance key leads with the match's rank (``search_key_len``): without words, every cluster's is alike
+    lead = (0.0,) * (q.effective_sort == "relevance")
+    ranked = sorted(((*lead, *key(docs[cid])[:-1]), cid) for cid in marked)
+    if after is not None:
+        ranked = [(k, cid) for k, cid in ranked if after.passed(k, cid)]
+    limit = q.max_results
+    nxt = (SearchCursor(sort=q.effective_sort, query=search_digest(q), key=ranked[limit - 1][0],
+                        cluster_id=ranked[limit - 1][1]).encode() if len(ranked) > limit else None)
+    return SearchAnswer([docs[cid] for _k, cid in ranked[:limit]], nxt, nxt is not None)
 
 
 def _left(deadline: Deadline | None) -> float | None:
