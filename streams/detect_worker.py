@@ -56,6 +56,9 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
             _fatal(f"the detect role cannot load detect.models {list(settings.detect.models)}: {e}")
         log.info("models loaded", extra={"seconds": round(time.perf_counter() - started, 3),
                                          "models": list(settings.detect.models)})
+        from streams.worker import settle_heap
+
+        settle_heap()  # the models too are start-up: frozen once they are whole
         if nice_after_load is not None:
             renice_threads(os.getpid(), nice_after_load)
         return batchers

@@ -391,6 +391,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 CURSOR_MAX_CHARS = 8192
 _CURSOR_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 NOT_A_CURSOR = "not a cursor this desk gave"
+# Past this a cursor's number is forged: the largest a real key holds is NEVER's 1e18.
+MAX_CURSOR_NUMBER = 1e18
 
 
 def encode_cursor(items: list[Any]) -> str:
@@ -411,11 +413,15 @@ def decode_cursor(token: str) -> list[Any]:
         items = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode())
     except (binascii.Error, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ValueError(NOT_A_CURSOR) from None
-    if not isinstance(items, list) or not all(
-            isinstance(x, str) or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
-            for x in items):
+    if not isinstance(items, list) or not all(isinstance(x, str) or _cursor_number(x) for x in items):
         raise ValueError(NOT_A_CURSOR)
     return items
+
+
+def _cursor_number(x: Any) -> bool:
+    # abs() first: math.isfinite raises OverflowError on an int too large for a float
+    return (isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) <= MAX_CURSOR_NUMBER
+            and math.isfinite(x))
 
 
 class SearchTimeout(Exception):
@@ -535,7 +541,12 @@ class SearchCursor(BaseModel):
     after it (keyset paging: rows added meanwhile move no page boundary).
     Carried by a client as an opaque token (``encode``/``decode``) naming the
     sort and a digest of the query's conditions: a token from another search
-    is refused, not read as a place in this one."""
+    is refused, not read as a place in this one.
+
+    Sorted searches only: a relevance rank (BM25 on both stores) depends on
+    every post indexed, so each post the stream adds moves every match's
+    rank, and a page boundary kept as a rank skipped rows (measured: 17 of 44
+    after one post added between pages)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     sort: SearchSort
@@ -548,14 +559,20 @@ class SearchCursor(BaseModel):
 
     @classmethod
     def decode(cls, token: str, q: ClusterQuery) -> "SearchCursor":
-        """``encode``'s token back if it was made for ``q``'s search; ValueError for anything else."""
-        items = decode_cursor(token)
+        """``encode``'s token back if it was made for ``q``'s search; ValueError for anything else,
+        a key no row could have included (a store would refuse it, or overflow reading it)."""
         sort = q.effective_sort
+        if sort == "relevance":
+            raise ValueError(RELEVANCE_UNPAGED)
+        items = decode_cursor(token)
         if (len(items) != 3 + search_key_len(sort) or items[0] != sort or items[1] != search_digest(q)
                 or not isinstance(items[-1], str) or any(isinstance(x, str) for x in items[2:-1])):
             raise ValueError(f"{NOT_A_CURSOR} for this search (its conditions and sort)")
+        key = tuple(float(x) for x in items[2:-1])
+        if not all(_key_in_range(name, k) for name, k in zip(sort_order(sort), key)):
+            raise ValueError(NOT_A_CURSOR)
         try:
-            return cls(sort=sort, query=items[1], key=tuple(float(x) for x in items[2:-1]), cluster_id=items[-1])
+            return cls(sort=sort, query=items[1], key=key, cluster_id=items[-1])
         except ValueError:
             raise ValueError(NOT_A_CURSOR) from None
 
@@ -591,6 +608,20 @@ class SearchCursor(BaseModel):
 
 
 _HALF_STEP = 0.5 * 10 ** -SCORE_DECIMALS
+RELEVANCE_UNPAGED = ("a search ranked by relevance has no next page: each post the stream adds moves the ranks, so "
+                     "pages would skip results; sort it (velocity, score, last_seen or sightings) to page through all")
+_MAX_COUNT = 2**31 - 1  # the stores' integer fields
+_YEARS_1_TO_9999 = (-62135596800.0, 253402300799.0)  # epoch seconds
+
+
+def _key_in_range(name: str, k: float) -> bool:
+    """Whether ``k`` (a key's value: the field's, negated) is one a row can have."""
+    v = -k
+    if name == "fake_score":
+        return 0.0 <= v <= 1.0
+    if name == "last_seen":
+        return v == NEVER or _YEARS_1_TO_9999[0] <= v <= _YEARS_1_TO_9999[1]
+    return 0 <= v <= _MAX_COUNT
 
 
 def search_key_len(sort: str) -> int:
@@ -618,8 +649,11 @@ class SearchPage(list):
         self.sort = query.effective_sort
         self.digest = search_digest(query)
 
-    def cursor(self, i: int = -1) -> str:
-        """The token of the place after row ``i`` (the last by default)."""
+    def cursor(self, i: int = -1) -> str | None:
+        """The token of the place after row ``i`` (the last by default);
+        None for a relevance ranking (``SearchCursor``: not paged)."""
+        if self.sort == "relevance":
+            return None
         return SearchCursor(sort=self.sort, query=self.digest, key=self.keys[i], cluster_id=self[i].id).encode()
 
 

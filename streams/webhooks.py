@@ -23,7 +23,7 @@ not as a second ``sha256=`` element of the first: existing verifiers compare
 the whole header value, and HTTP stacks join a repeated header into one
 ``a, b`` value, so either would fail them. Once ``previous_secret_env`` is
 removed only the current key signs. Set but its variable unset or empty, the
-current key alone signs and the worker warns at start
+current key alone signs and the command that starts the worker warns
 (``unset_previous_keys``): receivers still on the old key refuse those
 deliveries (401/403, recorded ``rejected``; ``deepwatch redeliver`` sends
 them again). Keys are read from the environment at each delivery and never
@@ -492,7 +492,7 @@ async def _post(target: Target, alert: Alert, client: httpx.AsyncClient, deliver
     secret = os.environ.get(hook.secret_env)
     if not secret:
         raise WebhookError(f"webhook secret env var {hook.secret_env} is not set; refusing to send unsigned")
-    # unset or empty: the current key alone signs (unset_previous_keys warned at start)
+    # unset or empty: the current key alone signs (check_alert_senders warned at start)
     previous = os.environ.get(hook.previous_secret_env) if hook.previous_secret_env else None
     shown = target_label(hook.url)
     problem = _url_problem(hook.url)
@@ -969,8 +969,7 @@ def install_redelivery(app: Any, settings: Settings, deliveries: Deliveries) -> 
     two workers do not both resend), the undelivered gauge's timer (every
     worker: each exports the same counts from the shared store) and the
     ordering gate for the live deliveries that share ``deliveries`` (the
-    worker's ``streams.sinks.Sinks``); warns of key rotations whose retiring
-    key is not set (``unset_previous_keys``)."""
+    worker's ``streams.sinks.Sinks``)."""
     if not settings.alerts.webhooks:
         return None
     from streams.findings import open_findings
@@ -978,8 +977,6 @@ def install_redelivery(app: Any, settings: Settings, deliveries: Deliveries) -> 
     # the store the alert sink records deliveries in (SQLite or Elasticsearch)
     redeliverer = Redeliverer(settings, lambda: open_findings(settings.findings.url, settings.data_dir, settings),
                               deliveries)
-    for line in unset_previous_keys(settings):
-        log.warning(line)
     deliveries.gate = redeliverer
 
     @app.timer(interval=settings.alerts.webhook_redeliver_s, on_leader=True)

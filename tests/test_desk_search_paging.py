@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.findings import ClusterQuery, SearchCursor, search_digest
+from streams.findings import ClusterQuery, SearchCursor, encode_cursor, search_digest
 from tests.test_desk_api import client, make_settings
 from tests.findings_fixture import stored_findings
 from tests.test_search_paging import N, _fill
@@ -62,7 +62,7 @@ def _mark(c, ids: list[str], verdict: str = "needs-review") -> None:
 
 @pytest.mark.parametrize("query", [
     "sort=score&min_score=0", "min_score=0", "sort=last_seen&min_score=0", "sort=sightings&min_score=0",
-    "q=harbour%20fire", "hashtag=storm&sort=score", "account=u1&since=2026-11-20T10:01:00%2B00:00",
+    "q=harbour%20fire&sort=last_seen", "hashtag=storm&sort=score", "account=u1&since=2026-11-20T10:01:00%2B00:00",
 ])
 def test_api_pages_hold_every_match_once_in_the_unpaged_order(many, env, query):
     data, url = many
@@ -80,8 +80,8 @@ def test_desk_verdicts_page_alone_and_with_store_conditions(many, env):
     with client(make_settings(data, url)) as c:
         _mark(c, MARKED)
         for query in ("desk_verdict=needs-review", "desk_verdict=needs-review&sort=score",
-                      "desk_verdict=needs-review&sort=relevance",
-                      "desk_verdict=needs-review&min_score=0&sort=last_seen", "desk_verdict=needs-review&q=harbour"):
+                      "desk_verdict=needs-review&min_score=0&sort=last_seen",
+                      "desk_verdict=needs-review&q=harbour&sort=velocity"):
             want = [d["id"] for d in c.get(f"/api/search?{query}&limit=10000").json()]
             assert sorted(want) == sorted(MARKED), query
             got, pages = _follow(c, f"/api/search?{query}&limit=4")
@@ -171,8 +171,20 @@ def test_a_text_in_no_post_is_one_answer_cut_at_its_limit(many, env):
         assert "x-next-cursor" not in cut.headers and "link" not in cut.headers
         page = c.get("/search?q=k12&limit=4").text
         assert 'id="more-results"' in page and 'id="next-page"' not in page
-        q = ClusterQuery(text="k12")
-        after = SearchCursor(sort="relevance", query=search_digest(q), key=(0.0, -1.0, -1.0, -0.5),
-                             cluster_id="k12").encode()
-        r = c.get(f"/api/search?q=k12&limit=4&cursor={after}")
+        q = ClusterQuery(text="k12", sort="score")
+        after = SearchCursor(sort="score", query=search_digest(q), key=(-0.5, -1.0), cluster_id="k12").encode()
+        r = c.get(f"/api/search?q=k12&sort=score&limit=4&cursor={after}")
         assert r.status_code == 200 and r.json() == [] and "link" not in r.headers
+
+
+def test_a_relevance_ranking_is_cut_without_a_cursor_and_a_made_one_is_a_422(many, env):
+    data, url = many
+    with client(make_settings(data, url)) as c:
+        r = c.get("/api/search?q=harbour%20fire&limit=4")
+        assert r.status_code == 200 and len(r.json()) == 4 and r.headers["x-result-cut"] == "true"
+        assert "x-next-cursor" not in r.headers and "link" not in r.headers
+        page = c.get("/search?q=harbour%20fire&limit=4").text
+        assert 'id="more-results"' in page and 'id="next-page"' not in page
+        made = encode_cursor(["relevance", search_digest(ClusterQuery(text="harbour fire")), -1.0, 0, 0, -0.5, "k01"])
+        r = c.get(f"/api/search?q=harbour%20fire&limit=4&cursor={made}")
+        assert r.status_code == 422 and "no next page" in r.json()["error"], r.text

@@ -344,3 +344,21 @@ def test_a_verdict_bringing_in_a_newer_cluster_moves_the_views_instant(data):
     finally:
         writer.close()
         close_sources(src)
+
+
+def test_ai_clusters_read_from_a_view_another_thread_moved_on_are_not_kept(data, env):
+    """``_ai`` reads the view, then its key: when another thread (the account
+    check, a request) moved the view on between the two, the answer from the
+    older documents was kept under the newer key and outlived the verdict
+    (seen in CI: the fake verdict's clusters missing from the AI clusters)."""
+    with client(data) as c:
+        src, _ = counted(c)
+        before = src._all()
+        assert "c-survivor" not in src._ai()[1]
+        verdict(c, "c-survivor", "fake")
+        assert src._all() is not before  # the view moved on; a thread still holding ``before`` now asks:
+        src._all = lambda: before
+        assert "c-survivor" not in src._ai()[1]  # what those documents say, for that caller alone
+        del src._all
+        assert "c-survivor" in src._ai()[1]
+        assert_as_a_full_read(src, data)

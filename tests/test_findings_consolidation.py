@@ -137,7 +137,7 @@ def test_the_desks_search_from_its_view_sorts_as_the_store_does(tied, tmp_path, 
         src.desk.set_overlay([OverlayRow(cluster_id=cid, verdict="needs-review", verdict_id=i + 1, source_cluster=cid,
                                          detail="check") for i, cid in enumerate(TIED)], clear_source="-")
         src.invalidate()
-        got = src.analyst_search(StoreQuery(sort=sort), desk_verdict="needs-review")
+        got = src.analyst_search_page(StoreQuery(sort=sort), desk_verdict="needs-review").rows
         assert [d["id"] for d in got] == EXPECTED[sort]
     finally:
         close_sources(src)

@@ -55,8 +55,9 @@ def _pages(store, q: ClusterQuery, size: int) -> list[list[str]]:
 
 @pytest.mark.parametrize("q", [ClusterQuery(sort="velocity"), ClusterQuery(sort="score"),
                                ClusterQuery(sort="last_seen"), ClusterQuery(sort="sightings"),
-                               ClusterQuery(text="harbour fire"), ClusterQuery(hashtag="storm", sort="score")],
-                         ids=["velocity", "score", "last_seen", "sightings", "relevance", "filtered"])
+                               ClusterQuery(text="harbour fire", sort="last_seen"),
+                               ClusterQuery(hashtag="storm", sort="score")],
+                         ids=["velocity", "score", "last_seen", "sightings", "text", "filtered"])
 def test_pages_hold_every_match_once_in_the_order_of_one_search(store, q):
     whole = [c.id for c in store.search(q)]
     assert len(whole) == (N if q.hashtag is None else N // 2)
@@ -78,16 +79,39 @@ def test_a_page_boundary_inside_a_run_of_equal_shown_scores(store):
 
 
 def test_a_cursor_is_bound_to_its_search():
-    q = ClusterQuery(text="harbour")
-    good = SearchCursor(sort="relevance", query=search_digest(q), key=(-1.0, 0.0, 0.0, -0.5), cluster_id="k01")
+    q = ClusterQuery(text="harbour", sort="score")
+    good = SearchCursor(sort="score", query=search_digest(q), key=(-0.5, -3.0), cluster_id="k01")
     assert SearchCursor.decode(good.encode(), q.model_copy(update={"limit": 3})) == good  # a page's size moves nothing
     forged = good.model_copy(update={"query": "x" * 16}).encode()
-    for bad in (forged, "not a cursor!", encode_cursor(["relevance", "x"]), good.encode()[:-3], ""):
+    for bad in (forged, "not a cursor!", encode_cursor(["score", "x"]), good.encode()[:-3], ""):
         with pytest.raises(ValueError, match="not a cursor this desk gave"):
             SearchCursor.decode(bad, q)
-    for other in (ClusterQuery(text="fire"), ClusterQuery(text="harbour", sort="score")):
+    for other in (ClusterQuery(text="fire", sort="score"), ClusterQuery(text="harbour", sort="velocity")):
         with pytest.raises(ValueError, match="not a cursor this desk gave"):
             SearchCursor.decode(good.encode(), other)
+
+
+@pytest.mark.parametrize("sort, key", [
+    ("score", (-(10**400), -3.0)),  # an int no float holds: OverflowError once, a 500 on the desk
+    ("score", (-1.5, -3.0)),  # a score over 1
+    ("sightings", (-1e12, -0.5)),  # past the stores' integer fields (Elasticsearch answered 400)
+    ("last_seen", (1e300,)),  # an instant no calendar has (Elasticsearch's range overflowed)
+])
+def test_a_cursor_with_a_key_no_row_can_have_is_refused(sort, key):
+    q = ClusterQuery(sort=sort)
+    token = encode_cursor([sort, search_digest(q), *key, "k01"])
+    with pytest.raises(ValueError, match="not a cursor this desk gave"):
+        SearchCursor.decode(token, q)
+
+
+def test_a_relevance_ranking_is_one_answer_with_no_cursor(store):
+    # BM25 ranks move with every post indexed: a page boundary kept as a rank skipped rows
+    q = ClusterQuery(text="harbour fire", limit=5)
+    page = store.search(q)
+    assert len(page) == 5 and page.cursor() is None
+    made = encode_cursor(["relevance", search_digest(q), -1.0, 0.0, 0.0, -0.5, "k01"])
+    with pytest.raises(ValueError, match="no next page: each post the stream adds moves the ranks"):
+        SearchCursor.decode(made, q)
 
 
 def test_cli_search_pages_with_cursor_and_reads_everything_with_all(tmp_path):
@@ -122,3 +146,10 @@ def test_cli_search_pages_with_cursor_and_reads_everything_with_all(tmp_path):
         r = _cli("search", "--data-dir", d, *args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "--cursor" in r.stderr, (args, r.stderr)
+    # a relevance ranking: cut and said so, never paged
+    r = _cli("search", "harbour fire", "--data-dir", d, "--limit", "3", "--format", "json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 3, r.stderr
+    assert "--cursor" not in r.stderr and "--sort velocity, score, last_seen or sightings to page" in r.stderr
+    r = _cli("search", "harbour fire", "--data-dir", d, "--all")
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--all: a search ranked by relevance has no next page" in r.stderr and "--sort last_seen" in r.stderr

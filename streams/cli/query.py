@@ -24,8 +24,8 @@ from streams.cli.common import (
     print_json, settings_from, shown,
 )
 from streams.findings import (
-    MAX_RESULTS, SORT_KEYS, SORT_ORDER, VERDICTS, ClusterQuery, ClusterRecord, FindingsStore, Page,
-    SearchCursor, SearchTimeout, StoreURLError, open_findings, sqlite_file, text_terms, through_day,
+    MAX_RESULTS, RELEVANCE_UNPAGED, SORT_KEYS, SORT_ORDER, VERDICTS, ClusterQuery, ClusterRecord, FindingsStore,
+    Page, SearchCursor, SearchTimeout, StoreURLError, open_findings, sqlite_file, text_terms, through_day,
 )
 
 # what each --sort orders by, as ``SORT_ORDER`` says it
@@ -295,6 +295,8 @@ def search(
         raise typer.BadParameter(f"--since {since} is after --until {until}; swap them", param_hint="--since")
     q = ClusterQuery(text=query, since=start, until=end, platform=platform,
                      account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort)
+    if every and q.effective_sort == "relevance":
+        fail(f"--all: {RELEVANCE_UNPAGED}, e.g. --sort last_seen")
     try:
         after = SearchCursor.decode(cursor, q) if cursor is not None else None
     except ValueError as e:
@@ -303,15 +305,16 @@ def search(
         if every:
             _search_all(store, q, limit or ALL_PAGE, after, timeout)
             return
-        rows, nxt = _search_page(store, q, limit, after, timeout)
-    if nxt is not None:
+        rows, more, nxt = _search_page(store, q, limit, after, timeout)
+    if more:
         where = "the first " if after is None else ""
+        then = "the next page" if nxt is not None else "--sort velocity, score, last_seen or sightings to page"
         if limit is not None and limit < MAX_RESULTS:
-            err.print(f"showing {where}{limit:,} matches; there are more: --limit N for more, or the next page",
+            err.print(f"showing {where}{limit:,} matches; there are more: --limit N for more, or {then}",
                       highlight=False, soft_wrap=True)
         else:
             err.print(f"showing {where}{MAX_RESULTS:,} matches, the most one search returns; there may be more: "
-                      "the next page", highlight=False, soft_wrap=True)
+                      f"{then}", highlight=False, soft_wrap=True)
     if fmt == "json":
         print_json([r.as_json() for r in rows])
     else:
@@ -323,11 +326,12 @@ def search(
 
 
 def _search_page(store: FindingsStore, q: ClusterQuery, limit: int | None, after: SearchCursor | None,
-                 timeout: float | None) -> tuple[list[ClusterRecord], str | None]:
-    """Up to ``limit`` clusters after ``after`` (None: from the top), and
-    the next page's cursor (None: no more). One more than ``limit`` is asked
-    for, so a page holding exactly the rest offers no next; a page of the
-    store's ``MAX_RESULTS`` (no ``limit``) offers one when full."""
+                 timeout: float | None) -> tuple[list[ClusterRecord], bool, str | None]:
+    """Up to ``limit`` clusters after ``after`` (None: from the top), whether
+    more follow, and the next page's cursor (None: no more, or a relevance
+    ranking, which is not paged). One more than ``limit`` is asked for, so a
+    page holding exactly the rest offers no next; a page of the store's
+    ``MAX_RESULTS`` (no ``limit``) offers one when full."""
     ask = limit + 1 if limit is not None and limit < MAX_RESULTS else limit
     try:
         # no limit unless asked: it holds no desk worker thread
@@ -338,7 +342,7 @@ def _search_page(store: FindingsStore, q: ClusterQuery, limit: int | None, after
     shown = min(len(rows), limit or MAX_RESULTS)
     more = len(rows) > shown or len(rows) >= MAX_RESULTS
     nxt = rows.cursor(shown - 1) if more else None
-    return rows[:shown], nxt
+    return rows[:shown], more, nxt
 
 
 def _search_all(store: FindingsStore, q: ClusterQuery, page: int, after: SearchCursor | None,
@@ -348,7 +352,7 @@ def _search_all(store: FindingsStore, q: ClusterQuery, page: int, after: SearchC
     first page, how many so far goes to stderr."""
     done = 0
     while True:
-        rows, nxt = _search_page(store, q, page, after, timeout)
+        rows, _more, nxt = _search_page(store, q, page, after, timeout)
         for r in rows:
             sys.stdout.write(json.dumps(r.as_json(), default=str) + "\n")
         sys.stdout.flush()

@@ -545,10 +545,6 @@ class FindingsSource:
     def _deadline(self) -> Deadline | None:
         return None if self.search_timeout_s is None else Deadline(self.search_timeout_s)
 
-    def analyst_search(self, q: StoreQuery, desk_verdict: str | None = None) -> list[dict[str, Any]]:
-        """The first page of ``analyst_search_page``, its rows alone."""
-        return self.analyst_search_page(q, desk_verdict).rows
-
     def analyst_search_page(self, q: StoreQuery, desk_verdict: str | None = None,
                             after: SearchCursor | None = None) -> SearchAnswer:
         """The store's analyst search (full text over posts and hashtags,
@@ -571,10 +567,10 @@ class FindingsSource:
         ``MAX_RESULTS`` such verdicts searches those store matches and keeps
         the marked ones, the next page starting after the last match read.
 
-        The store's order is the pages' order (``SearchCursor``); the
-        substring match of a text no post holds is ordered by the desk, and
-        is one answer: it gives no cursor, and with one the search continues
-        the store's order only (``_substring_answer``).
+        The store's order is the pages' order (``SearchCursor``); a
+        relevance ranking is one answer, as is the substring match of a text
+        no post holds (ordered by the desk): neither gives a cursor, and with
+        one the search continues the store's order only (``_substring_answer``).
 
         The store's reads stop after ``search_timeout_s`` in all
         (``SearchTimeout``)."""
@@ -682,10 +678,13 @@ class FindingsSource:
         stream verdict decides, read as ids only (``verdict_cluster_ids``)."""
         docs = self._all()
         with self._lock:
-            if self._ai_cache is not None and self._ai_cache[0] == self._cache_key:
+            # the key of the very view read: another thread (the account check, a request) may have
+            # moved the view on since, and an answer from these documents kept under the newer key
+            # outlived a desk verdict (seen once in CI: the verdict's clusters missing from ``ai``)
+            key = self._cache_key if self._view is docs else None
+            if key is not None and self._ai_cache is not None and self._ai_cache[0] == key:
                 return self._ai_cache[1]
-            key = self._cache_key
-        roots = self._roots()
+        roots = _roots_of(docs)
         ai = {cid for cid, d in docs.items() if _is_ai(d)}
         ids = {cid for cid in (*docs, *roots) if roots.get(cid, cid) in ai}
         if self.windowed:
@@ -698,7 +697,7 @@ class FindingsSource:
                 roots.update((m, cid) for m in merged)
         out = (ids, ai, roots)
         with self._lock:
-            if self._cache_key == key:
+            if key is not None and self._cache_key == key:
                 self._ai_cache = (key, out)
         return out
 
@@ -716,11 +715,7 @@ class FindingsSource:
         return got
 
     def _roots(self) -> dict[str, str]:
-        out = {}
-        for cid, d in self._all().items():
-            for m in d.get("merged_from") or []:
-                out[m] = cid
-        return out
+        return _roots_of(self._all())
 
     def iter_members(self) -> Iterator[MemberRow]:
         """Every stored member's hashes (crop views included) under its
@@ -884,9 +879,17 @@ def _marked_page(docs: dict[str, dict[str, Any]], marked: set[str], q: StoreQuer
     if after is not None:
         ranked = [(k, cid) for k, cid in ranked if after.passed(k, cid)]
     limit = q.max_results
+    more = len(ranked) > limit
+    # relevance is never paged (``SearchCursor``), even here where its ranks are all alike
     nxt = (SearchCursor(sort=q.effective_sort, query=search_digest(q), key=ranked[limit - 1][0],
-                        cluster_id=ranked[limit - 1][1]).encode() if len(ranked) > limit else None)
-    return SearchAnswer([docs[cid] for _k, cid in ranked[:limit]], nxt, nxt is not None)
+                        cluster_id=ranked[limit - 1][1]).encode()
+           if more and q.effective_sort != "relevance" else None)
+    return SearchAnswer([docs[cid] for _k, cid in ranked[:limit]], nxt, more)
+
+
+def _roots_of(docs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Merged-away cluster id -> the cluster of ``docs`` it merged into."""
+    return {m: cid for cid, d in docs.items() for m in d.get("merged_from") or []}
 
 
 def _left(deadline: Deadline | None) -> float | None:
