@@ -778,8 +778,8 @@ class EsFindingsStore:
         """See ``FindingsStore.search``. ``timeout_s`` bounds the requests
         that find and rank the matches, each sent with the time left as its
         ``timeout`` (``_search``); building the few records found is bounded
-        by their number. ``after``: relevance ranks every match anyway and
-        keeps those after it; a sorted search pre-selects from it on, by a
+        by their number. ``after`` (a sorted search's: relevance is not
+        paged, ``SearchCursor``): the candidates are pre-selected from it on, by a
         keyset filter on the stored values (``_es_after``) rather than
         ``search_after``, whose place is one of the stored values: the pages
         are in the order shown (a rounded score), and a page must start
@@ -803,7 +803,7 @@ class EsFindingsStore:
         if q.cluster_ids is not None:  # at most MAX_RESULTS (ClusterQuery): one terms filter
             base.append({"terms": {"cluster_id": sorted(q.cluster_ids)}})
         sort = q.effective_sort
-        if after is not None and sort != "relevance":
+        if after is not None:  # a sorted search's (``SearchCursor``)
             base.append(_es_after(after))
 
         def query(chunk: list[str] | None) -> dict[str, Any]:
@@ -824,9 +824,7 @@ class EsFindingsStore:
                                     ["cluster_id", "merged_from", "velocity", "fake_score"], deadline):
                     d = h["_source"]
                     best = max(score_of.get(i, 0.0) for i in [d["cluster_id"], *(d.get("merged_from") or [])])
-                    k = (-best, *doc_velocity(d))
-                    if after is None or after.passed(k[:-1], k[-1]):
-                        rank[d["cluster_id"]] = k
+                    rank[d["cluster_id"]] = (-best, *doc_velocity(d))
             top = {k[-1]: k for k in heapq.nsmallest(q.max_results, rank.values())}
             by_velocity = sort_key("velocity")
             ranked = sorted(((top[c.id][0], *by_velocity(c)), c) for c in self.clusters_by_id(set(top)))

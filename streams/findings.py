@@ -549,7 +549,7 @@ class SearchCursor(BaseModel):
     after one post added between pages)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    sort: SearchSort
+    sort: SortKey
     query: str = Field(min_length=1, max_length=64)  # ``search_digest`` of the query it was made for
     key: tuple[float, ...]
     cluster_id: str = Field(min_length=1, max_length=256)
@@ -565,7 +565,7 @@ class SearchCursor(BaseModel):
         if sort == "relevance":
             raise ValueError(RELEVANCE_UNPAGED)
         items = decode_cursor(token)
-        if (len(items) != 3 + search_key_len(sort) or items[0] != sort or items[1] != search_digest(q)
+        if (len(items) != 3 + len(sort_order(sort)) or items[0] != sort or items[1] != search_digest(q)
                 or not isinstance(items[-1], str) or any(isinstance(x, str) for x in items[2:-1])):
             raise ValueError(f"{NOT_A_CURSOR} for this search (its conditions and sort)")
         key = tuple(float(x) for x in items[2:-1])
@@ -622,11 +622,6 @@ def _key_in_range(name: str, k: float) -> bool:
     if name == "last_seen":
         return v == NEVER or _YEARS_1_TO_9999[0] <= v <= _YEARS_1_TO_9999[1]
     return 0 <= v <= _MAX_COUNT
-
-
-def search_key_len(sort: str) -> int:
-    """How many numbers a search's key holds: its order's fields, and the match's relevance first."""
-    return len(sort_order(sort)) + (sort == "relevance")
 
 
 def search_digest(q: ClusterQuery) -> str:

@@ -648,7 +648,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             where.append("cluster_id IN (SELECT value FROM json_each(?))")
             args.append(json.dumps(sorted(query.cluster_ids)))
         sort = query.effective_sort
-        if after is not None and sort != "relevance":
+        if after is not None:  # a sorted search's (``SearchCursor``)
             cond, cond_args = _sql_after(after)
             where.append(cond)
             args += cond_args

@@ -873,14 +873,12 @@ def _marked_page(docs: dict[str, dict[str, Any]], marked: set[str], q: StoreQuer
     store's do: no store search has ``q``'s conditions (none), so one is
     never read as a place in a store's order."""
     key = sort_key(q.effective_sort, _doc_field)
-    # a relevance key leads with the match's rank (``search_key_len``): without words, every cluster's is alike
-    lead = (0.0,) * (q.effective_sort == "relevance")
-    ranked = sorted(((*lead, *key(docs[cid])[:-1]), cid) for cid in marked)
+    ranked = sorted((key(docs[cid])[:-1], cid) for cid in marked)
     if after is not None:
         ranked = [(k, cid) for k, cid in ranked if after.passed(k, cid)]
     limit = q.max_results
     more = len(ranked) > limit
-    # relevance is never paged (``SearchCursor``), even here where its ranks are all alike
+    # relevance (asked for without words: velocity's order) is never paged, as in the store (``SearchCursor``)
     nxt = (SearchCursor(sort=q.effective_sort, query=search_digest(q), key=ranked[limit - 1][0],
                         cluster_id=ranked[limit - 1][1]).encode()
            if more and q.effective_sort != "relevance" else None)
