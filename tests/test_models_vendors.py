@@ -179,3 +179,17 @@ def test_detect_vendor_urls_reaches_the_vendor_through_the_cli(server, tmp_path)
     [result] = json.loads(r.stdout)
     assert any(e["detector"] == "vendor:hive" and e["score"] == pytest.approx(0.93) for e in result["evidence"]), result
     assert "/api/v2/task/sync" in [s["path"] for s in _Handler.seen]
+
+
+def test_a_vendor_over_plain_http_off_this_machine_is_warned_of_once(caplog: pytest.LogCaptureFixture) -> None:
+    # the API key rides in a header of every request: off loopback, plain http shows it to the network between
+    with caplog.at_level(logging.WARNING, logger="detectors.models.vendors"):
+        HiveDetector(api_key=KEY, base_url="http://hive-proxy.internal:8080")
+    said = [r.getMessage() for r in caplog.records if "plain http" in r.getMessage()]
+    assert len(said) == 1 and HiveDetector.key_env in said[0], said
+    assert KEY not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detectors.models.vendors"):
+        for quiet in ("https://hive-proxy.internal", "http://127.0.0.1:9000", "http://[::1]:9000", "http://localhost:9"):
+            HiveDetector(api_key=KEY, base_url=quiet)
+    assert "plain http" not in caplog.text

@@ -14,6 +14,7 @@ name is not certain it is marked UNSURE and parsed defensively.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -35,6 +36,20 @@ class VendorError(RuntimeError):
     pass
 
 
+def _cleartext(url: str) -> bool:
+    """An http:// address off this machine (a loopback proxy is this machine's own business)."""
+    parts = httpx.URL(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.host
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 class VendorDetector(BatchDetector):
     key_env: ClassVar[str]
     kind: ClassVar[EvidenceKind] = EvidenceKind.VENDOR
@@ -47,6 +62,11 @@ class VendorDetector(BatchDetector):
             raise VendorError(f"{self.name} is not enabled: set {self.key_env} in the environment")
         self._key = key
         self.base_url = (base_url or self.default_base_url).rstrip("/")
+        if _cleartext(self.base_url):
+            # the key rides in a header of every request, and the pictures in the body
+            log.warning(f"{self.name} at {self.base_url} is plain http: its API key ({self.key_env}) and the pictures "
+                        "cross the network in clear text; use https:// unless the network between is trusted",
+                        extra={"vendor": self.name, "url": self.base_url})
         self.timeout = httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
         self.max_wait_s, self.poll_interval_s = max_wait_s, poll_interval_s
         # One client per plugin: the detect worker calls predict_batch per batch,
