@@ -11,100 +11,51 @@ and last seen) are computed from the sightings, merges resolved, exactly as
 the SQLite store computes them.
 
 The connection and its error lines are ``streams.es_client``; the documents
-and the records read back from them, ``streams.es_docs``.
+and the records read back from them, ``streams.es_docs``; what is put in
+place at start, ``streams.es_store_setup``; delivery records,
+``streams.es_store_deliveries``; the desk's account views,
+``streams.es_store_accounts``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import itertools
-import json
 import logging
 import math
-import re
-from datetime import datetime, timedelta, timezone
-from typing import Any, Collection, Iterable, Iterator
+from datetime import datetime, timezone
+from typing import Any, Iterable, Iterator
 
+from streams import es_requests as R
 from streams import es_templates as T
-from streams.es_client import EsConfig, EsError, error_reason, es_error_body, explain
+from streams.es_client import EsConfig, EsError, es_error_body, explain
 from streams.es_docs import (
-    SIGHTING_SOURCE, alert_from_doc, cluster_doc, dead_letter_doc, dead_letter_key, doc_id, hashtags, hex_bits, now,
-    processed_action, record_from_doc, sighting_doc, sighting_from_doc,
+    SIGHTING_SOURCE, cluster_doc, dead_letter_doc, dead_letter_key, doc_id, hashtags, hex_bits, processed_action,
+    record_from_doc, sighting_doc, sighting_from_doc,
 )
+from streams.es_store_accounts import EsAccountQueries
+from streams.es_store_deliveries import EsDeliveryLog, ago, in_states
+from streams.es_store_setup import IndexSetup
 from streams.findings import (
-    MAX_RESULTS, QUEUED_RECENT_S, UNDELIVERED, AccountAggregate, AccountCursor, AccountWindow, AlertRecord, ClusterQuery,
-    ClusterRecord, DeadLetterRecord, Deadline, DeliveryRecord, DeliveryState, Page, MemberRow, PostIdentity,
-    SearchCursor, SearchPage, SearchTimeout, SORT_KEYS, SightingRecord, account_rank, cluster_page_url,
-    legacy_delivery, read_limit, requeued_detail, score_floor, shown_score, sort_key, sort_order, surviving_cluster,
-    text_terms, unstored_alerts,
+    MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline, DeliveryState,
+    MemberRow, Page, PostIdentity, SearchCursor, SearchPage, SearchTimeout, SORT_KEYS, SightingRecord,
+    cluster_page_url, read_limit, score_floor, shown_score, sort_key, sort_order, surviving_cluster, text_terms,
+    unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
 
 log = logging.getLogger("deepwatch.es")
 
 PROCESSED_MARGIN_MS = 30_000  # re-read window of processed_since and changes_since: refresh interval + writer clock skew
-MAX_CANDIDATES = 10_000  # index.max_result_window: the most hits one search request may ask for
 MATCH_PAGE = 10_000  # composite-aggregation buckets per page (search.max_buckets is 65,536)
-ID_CHUNK = 10_000  # cluster ids per terms filter (index.max_terms_count is 65,536)
-PAGE = 1000
 STATS_CHUNK = 200  # clusters per sightings-statistics request
-# Accounts per composite page: with up to 100 platform buckets each, one page
-# stays under search.max_buckets (65,536).
-ACCOUNT_PAGE = 500
-WINDOW_CHUNK = 200  # accounts per windowed-statistics request (a filters aggregation)
-POSTS_PAGE = 10_000  # posts per search_after page when reading returned accounts' posts (max_result_window)
-# exact below this many distinct values per bucket (the maximum); above it ES estimates within ~1%
-CARDINALITY_PRECISION = 40_000
-
-
-# mark_delivered's guard: once delivered, a delivery stays delivered (the update is then a noop).
-# A document from before mapping v4 has no state: "delivered" was then its whole status text.
-DELIVERY_SCRIPT = ("if ('delivered'.equals(ctx._source.state) "
-                   "|| (ctx._source.state == null && 'delivered'.equals(ctx._source.status))) { ctx.op = 'noop' } "
-                   "else { ctx._source.state = params.state; ctx._source.status = params.detail; "
-                   "ctx._source.at = params.at }")
-
-
-ALIASED = ("clusters", "alerts", "dead_letters", "deliveries", "processed")  # indices behind an alias (not data streams)
-
-
-def _digest(body: Any) -> str:
-    """A digest of what deepwatch PUTs, kept in the object's ``_meta``: what a
-    GET answers is normalized by the server (settings, defaults) and cannot
-    be compared with the body sent."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-def _mapping_version(index: str, mappings: dict[str, Any]) -> int | None:
-    """An index's mapping version: its ``_meta.mapping_version`` (v4 on, or
-    brought up to date in place), else the ``-v<N>`` of its name."""
-    v = (mappings.get("_meta") or {}).get("mapping_version")
-    if isinstance(v, int):
-        return v
-    m = re.search(r"-v(\d+)$", index)
-    return int(m.group(1)) if m else None
-
-
-def _merge(into: dict[str, Any], props: dict[str, Any]) -> None:
-    """Mapping properties ``props`` added to ``into``, objects merged."""
-    for k, v in props.items():
-        if isinstance(into.get(k), dict) and "properties" in into[k] and "properties" in v:
-            _merge(into[k]["properties"], v["properties"])
-        else:
-            into[k] = json.loads(json.dumps(v))
 
 
 def _epoch_ms(ts: str) -> int:
     return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
 
 
-def _ago(seconds: float) -> str:
-    """The time ``seconds`` before now, as ``es_docs.now`` writes it (stored ``at`` values compare as dates)."""
-    return (datetime.now(timezone.utc) - timedelta(seconds=max(0.0, seconds))).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class EsFindingsStore:
+class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
     changes_margin_ms = PROCESSED_MARGIN_MS  # how far before its cursor ``changes_since`` looks again
 
     def __init__(self, config: EsConfig, *, prefix: str = "deepwatch", settings: Any | None = None, client: Any = None):
@@ -147,225 +98,6 @@ class EsFindingsStore:
                 raise EsError(f"Elasticsearch {number} at {self.config.url} is too old: deepwatch needs >= 8.15 "
                               "(bit-vector kNN for picture lookups)")
         return self._server
-
-    def ensure_setup(self) -> None:
-        """Put in place what this version writes with. The ILM policy, the
-        component and index templates and the upsert script are each read
-        first (GET) and PUT only when missing or different (templates and
-        policy by a digest of deepwatch's body in their ``_meta``, the
-        script by its source): a role without the privilege to change them
-        (cluster ``manage`` for the script, docs/elasticsearch.md) starts
-        once an admin installed them, and a 403 on a PUT of something that
-        is there is a warning, not a hold. Then the indices behind the
-        aliases, created when missing, and the sightings data stream; each
-        existing one's mapping version is read (``GET <alias>/_mapping``)
-        and brought up to this one where the steps between only add fields
-        (``T.MIGRATIONS``), the start is refused with one line naming the
-        migration where a step needs a reindex, and the sightings data
-        stream is rolled over (on its next write) where a step changed its
-        analysis. Idempotent; every
-        worker runs it at start. Errors are raised held (``EsError.hold``)
-        where an operator's fix lets the same call succeed later."""
-        if self._ready:
-            return
-        self.server_info()
-        es = self.es
-        try:
-            policy = T.ilm_policy()["policy"]
-            policy = {**policy, "_meta": {**policy["_meta"], "digest": _digest(policy)}}
-            self._install(f"ILM policy {self.names['sightings']}",
-                          lambda: self._ilm_digest(self.names["sightings"]), policy["_meta"]["digest"],
-                          lambda: es.ilm.put_lifecycle(name=self.names["sightings"], policy=policy))
-            current = True  # every template this version's: what a rollover makes an index from
-            for name, body in T.component_templates(self.prefix).items():
-                digest = _digest(body)
-                current &= self._install(f"component template {name}", lambda: self._template_digest("component", name),
-                                         digest, lambda: es.cluster.put_component_template(
-                                             name=name, template=body["template"], version=body["version"],
-                                             meta={**body["_meta"], "digest": digest}))
-            for name, body in T.index_templates(self.prefix).items():
-                digest = _digest(body)
-                put = {**body, "_meta": {**body["_meta"], "digest": digest}}
-                current &= self._install(f"index template {name}", lambda: self._template_digest("index", name), digest,
-                                         lambda: es.indices.put_index_template(
-                                             name=name, **{k if k != "_meta" else "meta": v for k, v in put.items()}))
-            script = T.stored_script()["script"]
-            self._install(f"stored script {T.SCRIPT_ID}", self._script_source, script["source"],
-                          lambda: es.put_script(id=T.SCRIPT_ID, script=script))
-            for key in ALIASED:
-                alias = self.names[key]
-                if not es.indices.exists_alias(name=alias):
-                    self._create_ignoring_exists(lambda: es.indices.create(
-                        index=T.concrete(alias), aliases={alias: {"is_write_index": True}}))
-            self._create_ignoring_exists(lambda: es.indices.create_data_stream(name=self.names["sightings"]))
-            self._migrate(templates_current=current)
-        except EsError:
-            raise
-        except Exception as e:
-            raise explain(e, self.config.url) from None
-        self._ready = True
-
-    def _install(self, what: str, current: Any, wanted: Any, put: Any) -> bool:
-        """``current()`` (None: missing) against ``wanted``; ``put()`` only
-        when missing or different. Credentials that may not read it (403 on
-        the GET) try the PUT; credentials that may not PUT it leave what an
-        admin installed, with a warning, and when it is missing raise one
-        line saying so, held: the batch waits until an admin installs it.
-        Returns whether ``wanted`` is in place (False: left as it was)."""
-        from elasticsearch import AuthorizationException
-
-        try:
-            have, readable = current(), True
-        except AuthorizationException:
-            have, readable = None, False
-        if readable and have == wanted:
-            return True
-        try:
-            put()
-            return True
-        except AuthorizationException as e:
-            if readable and have is None:
-                raise EsError(f"Elasticsearch at {self.config.url}: the {what} is not installed and these credentials "
-                              f"may not install it ({error_reason(e)}); install it once as an admin (`deepwatch` "
-                              "with admin credentials, or see docs/elasticsearch.md, \"The role deepwatch needs\")",
-                              hold=True) from None
-            log.warning(f"the {what} {'differs from this version' if readable else 'could not be read'} and these "
-                        "credentials may not install it: using it as an admin installed it",
-                        extra={"what": what, "error": error_reason(e)})
-            return False
-
-    def _ilm_digest(self, name: str) -> str | None:
-        from elasticsearch import NotFoundError
-
-        try:
-            found = self.es.ilm.get_lifecycle(name=name)
-        except NotFoundError:
-            return None
-        return ((found.get(name) or {}).get("policy") or {}).get("_meta", {}).get("digest") or ""
-
-    def _template_digest(self, kind: str, name: str) -> str | None:
-        from elasticsearch import NotFoundError
-
-        try:
-            if kind == "component":
-                found = self.es.cluster.get_component_template(name=name)["component_templates"]
-            else:
-                found = self.es.indices.get_index_template(name=name)["index_templates"]
-        except NotFoundError:
-            return None
-        for t in found:
-            if t.get("name") == name:
-                return ((t.get(f"{kind}_template") or {}).get("_meta") or {}).get("digest") or ""
-        return None
-
-    def _script_source(self) -> str | None:
-        from elasticsearch import NotFoundError
-
-        try:
-            found = self.es.get_script(id=T.SCRIPT_ID)
-        except NotFoundError:
-            return None
-        return (found.get("script") or {}).get("source") if found.get("found", True) else None
-
-    def _migrate(self, templates_current: bool = True) -> None:
-        """Each index behind an alias (and the sightings data stream's
-        backing indices) brought up to ``T.MAPPING_VERSION`` where the
-        versions between only added fields: one ``PUT <alias>/_mapping``
-        with the fields and the new ``_meta``; nothing for an index already
-        there. A ``REINDEX`` step outstanding: one line naming it, and no
-        start (every write would be refused, or worse, mapped wrong). A
-        ``ROLLOVER`` step (a data stream whose analysis changed, which no
-        backing index takes in place): the fields added before it are put
-        in place, stamped with the version before it, and the stream is
-        rolled over on its next write (``lazy``: every worker starting asks,
-        one new backing index is made), from the template this version
-        installed; its older backing indices keep their analysis."""
-        outstanding: list[str] = []
-        puts: list[tuple[str, int, int, dict[str, Any]]] = []  # (alias, its version, the version put, the fields)
-        rollovers: list[tuple[str, int, int]] = []  # (data stream, its write index's version, the step's version)
-        for key in (*ALIASED, "sightings"):
-            alias = self.names[key]
-            found = dict(self.es.indices.get_mapping(index=alias))
-            versions = {index: _mapping_version(index, body.get("mappings") or {}) for index, body in found.items()}
-            known = [v for v in versions.values() if v is not None]
-            # a data stream's newest backing index takes its writes; an unknown version (no
-            # _meta, no -v<N>: made by hand, or a data stream from before v4) gets every addition
-            at = max(known) if known else 0
-            if at >= T.MAPPING_VERSION:
-                continue
-            added: dict[str, Any] = {}
-            reached = at
-            reindex = False
-            for n in range(at + 1, T.MAPPING_VERSION + 1):
-                step = T.MIGRATIONS.get(n, {})
-                if key not in step:
-                    reached = n
-                    continue
-                # an index behind an alias has no rollover of its own: a changed analysis is a reindex there
-                if step[key] is T.REINDEX or (step[key] == T.ROLLOVER and key in ALIASED):
-                    if known and not reindex:
-                        index = max(versions, key=lambda i: versions[i] or 0)
-                        what = "field types" if step[key] is T.REINDEX else "text analysis"
-                        outstanding.append(f"{alias} is {index}, mapping v{at}: mapping v{n} changed {what}, "
-                                           f"reindex it into {T.concrete(alias)} and move the alias")
-                    reindex = reindex or bool(known)
-                    reached = n
-                    continue
-                if step[key] == T.ROLLOVER:
-                    # what comes after is in the template the next backing index is made from
-                    rollovers.append((alias, at, n))
-                    break
-                _merge(added, step[key])
-                reached = n
-            if not reindex and (reached > at or added):
-                puts.append((alias, at, reached, added))
-        if outstanding:
-            # nothing put in place: the operator's reindex starts from the index as it was
-            raise EsError(f"Elasticsearch at {self.config.url}: {'; '.join(outstanding)} "
-                          "(docs/elasticsearch.md, \"Mapping versions\"); not starting", hold=True)
-        for alias, at, reached, added in puts:
-            self.es.indices.put_mapping(index=alias, properties=added, meta=T.mapping_meta(reached))
-            log.info(f"{alias}: mapping brought up from v{at} to v{reached} in place",
-                     extra={"alias": alias, "fields": sorted(added)})
-        for stream, at, n in rollovers:
-            if not templates_current:
-                # a rollover would make the new backing index from the old template: one more index at
-                # the old version per start, never the new analysis
-                log.warning(f"{stream}: its write index is mapping v{at} and the templates are not this version's "
-                            "(these credentials may not install them): not rolled over until an admin installs them "
-                            "(docs/elasticsearch.md, \"The role deepwatch needs\")", extra={"stream": stream})
-                continue
-            self._roll_over(stream, at, n)
-
-    def _roll_over(self, stream: str, at: int, n: int) -> None:
-        """Ask for ``stream``'s rollover on its next write: its new backing
-        index is made from this version's template. Credentials that may
-        not (the ``manage`` index privilege) leave it to ILM's next daily
-        rollover, with a warning: the stream's mapping takes this version's
-        documents as it is, only their analysis is the old one meanwhile."""
-        from elasticsearch import AuthorizationException
-
-        try:
-            self.es.indices.rollover(alias=stream, lazy=True)
-        except AuthorizationException as e:
-            log.warning(f"{stream}: its write index is mapping v{at} and these credentials may not roll it over: "
-                        f"sightings written until ILM's next rollover keep mapping v{at}'s text analysis "
-                        "(docs/elasticsearch.md, \"Mapping versions\")",
-                        extra={"stream": stream, "error": error_reason(e)})
-            return
-        log.info(f"{stream}: its write index is mapping v{at}, mapping v{n} changed its text analysis: rolled over on "
-                 "its next write; sightings stored before keep theirs until ILM deletes them",
-                 extra={"stream": stream})
-
-    @staticmethod
-    def _create_ignoring_exists(create) -> None:
-        from elasticsearch import BadRequestError
-
-        try:
-            create()
-        except BadRequestError as e:  # another worker created it first
-            if "already_exists" not in str(error_reason(e)):
-                raise
 
     def refresh(self) -> None:
         """Make everything written so far visible to searches (tests, CLI)."""
@@ -424,8 +156,8 @@ class EsFindingsStore:
         rollover of the sightings data stream would write its sightings
         again. One terms search per batch, on a keyword field."""
         found: set[str] = set()
-        for i in range(0, len(event_ids), ID_CHUNK):
-            chunk = event_ids[i:i + ID_CHUNK]
+        for i in range(0, len(event_ids), R.ID_CHUNK):
+            chunk = event_ids[i:i + R.ID_CHUNK]
             hits = self._search(self.names["sightings"], query={"terms": {"event_id": chunk}},
                                 size=len(chunk), source=["event_id"])["hits"]["hits"]
             found.update(h["_source"]["event_id"] for h in hits)
@@ -453,179 +185,6 @@ class EsFindingsStore:
         # 512 bytes it had the whole request refused; reads find alerts by the alert_id field
         res = self.bulk.send([({"create": {"_index": self.names["alerts"], "_id": doc_id(alert.alert_id)}}, doc)])
         return res.created_in.get(self.names["alerts"], 0) == 1
-
-    def _delivery_id(self, alert_id: str, target: str) -> str:
-        return hashlib.sha256(f"{alert_id}\0{target}".encode()).hexdigest()
-
-    def delivered(self, alert_id: str, target: str) -> bool:
-        return self.delivery_state(alert_id, target) is DeliveryState.DELIVERED
-
-    def delivery_state(self, alert_id: str, target: str) -> DeliveryState | None:
-        """The recorded state of this delivery (a real-time GET); None when there is none."""
-        doc = self._delivery_doc(alert_id, target)
-        return None if doc is None else _delivery_of(doc)[0]
-
-    def _delivery_doc(self, alert_id: str, target: str) -> dict[str, Any] | None:
-        """The delivery record's document, read by id (real-time: no refresh delay); None when there is none."""
-        from elasticsearch import NotFoundError
-
-        try:
-            return self.es.get(index=self.names["deliveries"], id=self._delivery_id(alert_id, target))["_source"]
-        except NotFoundError:
-            return None
-        except Exception as e:
-            raise explain(e, self.config.url) from None
-
-    def mark_delivered(self, alert_id: str, target: str, state: DeliveryState, detail: str = "") -> None:
-        """Record a delivery attempt's outcome (its state, and why in
-        ``status``), never moving a record away from ``delivered``: a slow
-        attempt that failed, recorded after a redelivery that succeeded,
-        would have the alert sent again. One update with the guard in
-        painless (``ctx.op = 'noop'``) and the first record as its
-        ``upsert``, so the check and the write are one step on the shard."""
-        self.ensure_setup()
-        self.bulk.send([self._delivery_action(alert_id, target, DeliveryState(state), detail)])
-
-    def _delivery_action(self, alert_id: str, target: str, state: DeliveryState, detail: str) -> tuple[dict, dict]:
-        at = now()
-        return (
-            {"update": {"_index": self.names["deliveries"], "_id": self._delivery_id(alert_id, target),
-                        "retry_on_conflict": 5}},
-            {"script": {"source": DELIVERY_SCRIPT, "lang": "painless",
-                        "params": {"state": state.value, "detail": detail, "at": at}},
-             "upsert": {"alert_id": alert_id, "target": target, "state": state.value, "status": detail, "at": at}},
-        )
-
-    def _deliveries(self, query: dict[str, Any],
-                    states: Collection[DeliveryState]) -> Iterator[tuple[str, DeliveryRecord]]:
-        """(alert id, record) of the delivery documents matching ``query``
-        whose state is one of ``states``, by alert id then target. Reads
-        what searches see (the refresh interval)."""
-        for h in self._scan(self.names["deliveries"], {"bool": {"filter": [query, _in_states(states)]}},
-                            [{"alert_id": "asc"}, {"target": "asc"}], ["alert_id", "target", "state", "status", "at"]):
-            src = h["_source"]
-            state, detail = _delivery_of(src)
-            if state in states:
-                yield src["alert_id"], DeliveryRecord(target=src["target"], state=state, detail=detail, at=src["at"])
-
-    def failed_deliveries(self, target: str, *, limit: int | None = None) -> list[Alert]:
-        """Alerts whose delivery to ``target`` failed, oldest first (per
-        cluster that is also level order), for redelivery: the oldest
-        ``limit`` when given (a redelivery round's page); not those queued
-        for a live sender (``queued_deliveries``). Reads what searches see: a
-        failure marked within the refresh interval waits for the next round."""
-        failed = self._deliveries({"term": {"target": target}}, [DeliveryState.FAILED])
-        return self._alerts_by_id([alert_id for alert_id, _ in failed], limit)
-
-    def queued_deliveries(self, target: str, *, older_than_s: float, limit: int | None = None) -> list[Alert]:
-        """Alerts queued for ``target`` more than ``older_than_s`` ago and not
-        tried since: the worker that queued them stopped (or is far behind);
-        redelivery sends them. Oldest first; the oldest ``limit`` when given."""
-        return self._alerts_by_id([a for a, _ in self._deliveries(
-            {"bool": {"filter": [{"term": {"target": target}}, {"range": {"at": {"lt": _ago(older_than_s)}}}]}},
-            [DeliveryState.QUEUED])], limit)
-
-    def _alerts_by_id(self, ids: list[str], limit: int | None = None) -> list[Alert]:
-        """The alerts of ``ids``, oldest first (created, level, id); with
-        ``limit`` only the oldest that many: each page of ids is searched for
-        its oldest ``limit`` (sorted by the store), so at most ``limit`` alert
-        documents per page are read, not every one."""
-        alerts: list[Alert] = []
-        order = [{"created_at": "asc"}, {"level": "asc"}, {"alert_id": "asc"}]
-        for i in range(0, len(ids), PAGE):
-            query = {"terms": {"alert_id": ids[i:i + PAGE]}}
-            if limit is None:
-                hits = self._scan(self.names["alerts"], query, [{"alert_id": "asc"}], True)
-            else:
-                hits = self._search(self.names["alerts"], query=query, sort=order, size=limit)["hits"]["hits"]
-            alerts += [alert_from_doc(h["_source"]) for h in hits]
-            if limit is not None:
-                alerts.sort(key=lambda a: (a.created_at, a.level, a.alert_id))
-                del alerts[limit:]
-        alerts.sort(key=lambda a: (a.created_at, a.level, a.alert_id))
-        return alerts
-
-    def undelivered_counts(self) -> dict[str, dict[DeliveryState, int]]:
-        """target -> {queued, failed, rejected: how many deliveries are in
-        that state}. Counted from the records (those from before mapping v4
-        have no ``state`` to aggregate on), which are few unless a receiver
-        has been down for long."""
-        out: dict[str, dict[DeliveryState, int]] = {}
-        for _alert_id, d in self._deliveries({"match_all": {}}, UNDELIVERED):
-            counts = out.setdefault(d.target, {})
-            counts[d.state] = counts.get(d.state, 0) + 1
-        return out
-
-    def delivery_targets(self) -> list[str]:
-        """Every target a delivery was recorded for (its key)."""
-        return [b["key"]["key"] for b in self._composite(self.names["deliveries"], {"match_all": {}}, "target", {},
-                                                         ACCOUNT_PAGE)]
-
-    def requeue_deliveries(self, target: str, alert_ids: list[str] | None = None) -> int:
-        """Rejected deliveries to ``target`` (all of them, or of
-        ``alert_ids``) made ``failed`` again, so the next redelivery round
-        sends them (``deepwatch redeliver``). Returns how many."""
-        self.ensure_setup()
-        queries = ([{"term": {"target": target}}] if alert_ids is None else
-                   [{"bool": {"filter": [{"term": {"target": target}}, {"terms": {"alert_id": alert_ids[i:i + PAGE]}}]}}
-                    for i in range(0, len(alert_ids), PAGE)])
-        picked = [found for q in queries for found in self._deliveries(q, (DeliveryState.REJECTED,))]
-        for i in range(0, len(picked), PAGE):
-            self.bulk.send([self._delivery_action(alert_id, target, DeliveryState.FAILED, requeued_detail(d))
-                            for alert_id, d in picked[i:i + PAGE]])
-        return len(picked)
-
-    def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool:
-        """Whether an earlier alert of ``cluster_id`` still awaits delivery to
-        ``target`` (failed, or queued and not tried yet), of the alerts
-        stored, as SQLite's join answers. Everything is read in real time
-        (GET by id), so an alert stored and a failure marked a moment ago
-        already hold the next alert back: the cluster engine's alerts have
-        the ids ``<cluster_id>:<level>`` (``streams.clustering``), so levels
-        1 to ``level - 1`` are read by id; a search (which sees only what
-        the last refresh made visible) adds alerts with other ids (the
-        desk's)."""
-        searched = {h["_source"]["alert_id"] for h in self._search(
-            self.names["alerts"], size=MAX_CANDIDATES, source=["alert_id"], query={"bool": {"filter": [
-                {"term": {"cluster_id": cluster_id}}, {"range": {"level": {"lt": level}}}]}})["hits"]["hits"]}
-        by_level = [f"{cluster_id}:{k}" for k in range(1, level)]
-        for alert_id in [*by_level, *sorted(searched - set(by_level))]:
-            doc = self._delivery_doc(alert_id, target)
-            # none: never attempted to this target, nothing to wait for
-            if doc is None or _delivery_of(doc)[0].settled:
-                continue
-            # a delivery is queued before its alert is stored: one whose alert never was
-            # (refused, dead-lettered) holds nothing back, as in SQLite
-            if alert_id in searched or self._alert_stored(alert_id):
-                return True
-        return False
-
-    def _alert_stored(self, alert_id: str) -> bool:
-        """Whether the alert is stored (a real-time GET by its ``_id``)."""
-        from elasticsearch import NotFoundError
-
-        try:
-            self.es.get(index=self.names["alerts"], id=doc_id(alert_id), source=False)
-            return True
-        except NotFoundError:
-            return False
-        except Exception as e:
-            raise explain(e, self.config.url) from None
-
-    def delivery_status(self, alert_ids: list[str] | None = None) -> dict[str, list[DeliveryRecord]]:
-        """alert id -> its deliveries, by time then target, for `deepwatch
-        alerts`: of ``alert_ids`` only when given (a page of alerts, not
-        every delivery)."""
-        if alert_ids is None:
-            queries = [{"match_all": {}}]
-        else:
-            ids = list(alert_ids)
-            queries = [{"terms": {"alert_id": ids[i:i + PAGE]}} for i in range(0, len(ids), PAGE)]
-        found = [d for q in queries for d in self._deliveries(q, list(DeliveryState))]
-        out: dict[str, list[DeliveryRecord]] = {}
-        for alert_id, d in sorted(found, key=lambda f: (f[1].at, f[1].target)):
-            out.setdefault(alert_id, []).append(d)
-        return out
 
     # -- per-run accounting and duplicate checks -------------------------------
     def mark_processed(self, source: SourceRef, outcome: str, event_id: str | None) -> None:
@@ -682,12 +241,12 @@ class EsFindingsStore:
         """Every hit, paged with search_after (no scroll contexts to leak)."""
         after = None
         while True:
-            body: dict[str, Any] = {"query": query, "sort": sort, "size": PAGE, "source": source}
+            body: dict[str, Any] = {"query": query, "sort": sort, "size": R.PAGE, "source": source}
             if after is not None:
                 body["search_after"] = after
             hits = self._search(index, deadline, **body)["hits"]["hits"]
             yield from hits
-            if len(hits) < PAGE:
+            if len(hits) < R.PAGE:
                 return
             after = hits[-1]["sort"]
 
@@ -702,7 +261,7 @@ class EsFindingsStore:
         """The first ``limit`` cluster documents (all: None) in ``sort``
         order: one sized search within the result window, else a scan
         stopped at the limit."""
-        if limit and limit <= MAX_CANDIDATES:
+        if limit and limit <= R.MAX_CANDIDATES:
             return [h["_source"] for h in self._search(self.names["clusters"], query=query, sort=sort, size=int(limit),
                                                        source=_READ_SOURCE)["hits"]["hits"]]
         scan = self._scan(self.names["clusters"], query, sort, _READ_SOURCE)
@@ -712,8 +271,8 @@ class EsFindingsStore:
         """These clusters' records (merged ones too), built exactly as ``clusters`` builds them."""
         wanted = sorted(ids)
         docs: list[dict[str, Any]] = []
-        for i in range(0, len(wanted), PAGE):
-            docs += [h["_source"] for h in self._scan(self.names["clusters"], {"ids": {"values": wanted[i:i + PAGE]}},
+        for i in range(0, len(wanted), R.PAGE):
+            docs += [h["_source"] for h in self._scan(self.names["clusters"], {"ids": {"values": wanted[i:i + R.PAGE]}},
                                                       [{"cluster_id": "asc"}], _READ_SOURCE)]
         return self._records(docs)
 
@@ -752,7 +311,7 @@ class EsFindingsStore:
 
     def recent_clusters(self, since: datetime | None = None, *, limit: int | None = None) -> list[ClusterRecord]:
         """See ``FindingsStore.recent_clusters``: one sorted search (paged past
-        ``MAX_CANDIDATES``), the records in its order."""
+        ``R.MAX_CANDIDATES``), the records in its order."""
         query: dict[str, Any] = _live()
         if since is not None:
             query = {"bool": {"filter": [query, {"range": {"last_seen": {
@@ -794,7 +353,7 @@ class EsFindingsStore:
             ids = sorted(relevance)
             # every matching cluster, however many: a terms filter per chunk
             # (index.max_terms_count is 65,536), not only a first result window
-            chunks = [ids[i:i + ID_CHUNK] for i in range(0, len(ids), ID_CHUNK)]
+            chunks = [ids[i:i + R.ID_CHUNK] for i in range(0, len(ids), R.ID_CHUNK)]
         base: list[dict[str, Any]] = []
         if q.verdict:
             base.append({"term": {"verdict": q.verdict}})
@@ -831,7 +390,7 @@ class EsFindingsStore:
             return SearchPage([c for _k, c in ranked], [k[:-1] for k, _c in ranked], q)
         # pre-select by the stream's values on the documents (a margin wide, as
         # the SQLite store does), then order by the exact counts shown
-        want = min(MAX_CANDIDATES, q.max_results * 4 + 100)
+        want = min(R.MAX_CANDIDATES, q.max_results * 4 + 100)
         orders = [next(iter(x.values())) for x in ES_SORT[sort]]
         picked: dict[str, tuple[tuple, dict[str, Any]]] = {}
         for chunk in chunks:
@@ -854,7 +413,7 @@ class EsFindingsStore:
         doc = self._search(self.names["clusters"], query={"ids": {"values": [cluster_id]}}, size=1,
                            source=["merged_from"])["hits"]["hits"]
         ids = [cluster_id, *((doc[0]["_source"].get("merged_from") or []) if doc else [])]
-        hits = self._search(self.names["sightings"], query={"terms": {"cluster_id": ids}}, size=min(limit, MAX_CANDIDATES),
+        hits = self._search(self.names["sightings"], query={"terms": {"cluster_id": ids}}, size=min(limit, R.MAX_CANDIDATES),
                             sort=[{"@timestamp": "desc"}, {"event_id": "asc"}],
                             source=SIGHTING_SOURCE)
         return [sighting_from_doc(h["_source"]) for h in hits["hits"]["hits"]]
@@ -955,7 +514,7 @@ class EsFindingsStore:
         # only these clusters' sightings: under match_all every sighting was read, the
         # sub-aggregations (top_hits, cardinality) defeating ES's filter-by-filter shortcut
         ids = sorted({i for f in filters.values() for i in f["terms"]["cluster_id"]})
-        res = self._search(self.names["sightings"], size=0, query=_in_ids("cluster_id", ids), aggs=aggs)
+        res = self._search(self.names["sightings"], size=0, query=R.in_ids("cluster_id", ids), aggs=aggs)
         out: dict[str, dict[str, Any]] = {}
         for cid, b in ((res.get("aggregations") or {}).get("by_cluster", {}).get("buckets") or {}).items():
             if not b["doc_count"]:
@@ -987,156 +546,6 @@ class EsFindingsStore:
             after = part.get("after_key")
             if len(buckets) < page or not after:
                 return
-
-    def account_aggregates(self, ai_cluster_ids: Collection[str], *, account_id: str | None = None,
-                           min_posts: int = 0, min_ai_share: float = 0.0,
-                           limit: int | None = None, after: AccountCursor | None = None) -> list[AccountAggregate]:
-        """See ``FindingsStore.account_aggregates``: a composite aggregation
-        over ``account_id`` (``ACCOUNT_PAGE`` accounts a request) counting
-        each account's posts, pictures and AI pictures (``cardinality``:
-        exact up to 40,000 distinct pictures an account, the most ES counts
-        exactly; above that an estimate within about 1 %), platforms, and
-        its first and last post and first handle (``top_hits``); the filter
-        and the ranking are applied as pages arrive, keeping only the best
-        ``limit`` (ranked after ``after``: its key, the first post's time in
-        the epoch milliseconds the sort values carry). Then one
-        ``search_after`` read of the returned accounts' posts (sort values
-        and cluster id only) for their clusters and median gap."""
-        limit = read_limit(limit)
-        start = None if after is None else (-after.ai_share, -after.ai_pictures, -after.posts, after.first_ms(),
-                                            after.first_event_id)
-        in_order = [{"@timestamp": "asc"}, {"event_id": "asc"}]
-        aggs = {
-            "pictures": {"cardinality": {"field": "sha256", "precision_threshold": CARDINALITY_PRECISION}},
-            "ai": {"filter": _in_ids("cluster_id", ai_cluster_ids),
-                   "aggs": {"pictures": {"cardinality": {"field": "sha256", "precision_threshold": CARDINALITY_PRECISION}}}},
-            "platforms": {"terms": {"field": "platform", "size": 100, "order": {"_key": "asc"}}},
-            "first": {"top_hits": {"size": 1, "sort": in_order, "_source": ["posted_at", "event_id"]}},
-            "last": {"top_hits": {"size": 1, "sort": [{"@timestamp": "desc"}, {"event_id": "desc"}],
-                                  "_source": ["posted_at"]}},
-            # the first non-empty handle (an empty string is a value to ES, not to the desk)
-            "handle": {"filter": {"bool": {"filter": [{"exists": {"field": "account_handle"}}],
-                                           "must_not": [{"term": {"account_handle": ""}}]}},
-                       "aggs": {"first": {"top_hits": {"size": 1, "sort": in_order, "_source": ["account_handle"]}}}},
-        }
-        query: dict[str, Any] = {"bool": {"filter": [] if account_id is None else [{"term": {"account_id": account_id}}]}}
-
-        def ranked() -> Iterator[tuple[tuple, dict[str, Any]]]:
-            for b in self._composite(self.names["sightings"], query, "account_id", aggs, ACCOUNT_PAGE):
-                posts, pics, ai_pics = b["doc_count"], int(b["pictures"]["value"]), int(b["ai"]["pictures"]["value"])
-                if posts < min_posts or (ai_pics / pics if pics else 0.0) < min_ai_share:
-                    continue
-                first = b["first"]["hits"]["hits"][0]
-                share, n_ai, n = account_rank(ai_pics, pics, posts)
-                key = (-share, -n_ai, -n, first["sort"][0], first["_source"]["event_id"])
-                if start is not None and key <= start:
-                    continue
-                yield key, {
-                    "account_id": b["key"]["key"], "posts": posts, "pictures": pics, "ai_pictures": ai_pics,
-                    "first_seen": first["_source"]["posted_at"], "first_event_id": first["_source"]["event_id"],
-                    "last_seen": b["last"]["hits"]["hits"][0]["_source"]["posted_at"],
-                    "platforms": sorted(p["key"] for p in b["platforms"]["buckets"]),
-                    "handle": next((h["_source"].get("account_handle")
-                                    for h in b["handle"]["first"]["hits"]["hits"]), None)}
-
-        rows = [row for _key, row in (heapq.nsmallest(limit, ranked(), key=lambda kr: kr[0]) if limit
-                                      else sorted(ranked(), key=lambda kr: kr[0]))]
-        details = self._account_posts([r["account_id"] for r in rows])
-        return [AccountAggregate(**r, **details.get(r["account_id"], {"cluster_ids": [], "median_gap_s": None}))
-                for r in rows]
-
-    def _account_posts(self, accounts: list[str]) -> dict[str, dict[str, Any]]:
-        """Per account: its distinct cluster ids and the median gap between
-        consecutive posts, from one ``search_after`` read of these
-        accounts' posts in account and posting order (sort values and the
-        cluster id only); one account's gaps are held at a time."""
-        out: dict[str, dict[str, Any]] = {}
-        if not accounts:
-            return out
-        current: str | None = None
-        clusters: set[str] = set()
-        gaps: list[int] = []
-        prev = 0
-
-        def close() -> None:
-            if current is not None:
-                gaps.sort()
-                out[current] = {"cluster_ids": sorted(clusters),
-                                "median_gap_s": gaps[len(gaps) // 2] / 1000 if gaps else None}
-
-        sort = [{"account_id": "asc"}, {"@timestamp": "asc"}, {"event_id": "asc"}]
-        for i in range(0, len(accounts), ID_CHUNK):
-            query = {"terms": {"account_id": sorted(accounts[i:i + ID_CHUNK])}}
-            after = None
-            while True:
-                body: dict[str, Any] = {"query": query, "sort": sort, "size": POSTS_PAGE, "source": ["cluster_id"]}
-                if after is not None:
-                    body["search_after"] = after
-                hits = self._search(self.names["sightings"], **body)["hits"]["hits"]
-                for h in hits:
-                    account, ms, _eid = h["sort"]
-                    if account != current:
-                        close()
-                        current, clusters, gaps = account, set(), []
-                    else:
-                        gaps.append(int(ms) - prev)
-                    prev = int(ms)
-                    clusters.add(h["_source"]["cluster_id"])
-                if len(hits) < POSTS_PAGE:
-                    break
-                after = hits[-1]["sort"]
-        close()
-        return out
-
-    def account_windows(self, window: timedelta, ai_cluster_ids: Collection[str], *,
-                        min_ai_pictures: int = 0) -> list[AccountWindow]:
-        """See ``FindingsStore.account_windows``. Each account's window ends
-        at its own last post, so no one query covers them all: a composite
-        aggregation first finds every account's last post and its posts in
-        AI clusters overall; an account with fewer of those than
-        ``min_ai_pictures`` cannot have that many AI pictures in any window
-        and is dropped there (an exact bound, unlike a cardinality). The
-        rest are counted within their windows, ``WINDOW_CHUNK`` accounts a
-        request (a ``filters`` aggregation, one filter per account and
-        window; distinct pictures by ``cardinality``, exact up to 40,000 an
-        account and window). With the desk's threshold of a few AI pictures
-        the second step reads only accounts that posted AI pictures at all."""
-        ai = _in_ids("cluster_id", ai_cluster_ids)
-        index = self.names["sightings"]
-        lasts: list[tuple[str, int]] = []
-        for b in self._composite(index, {"match_all": {}}, "account_id",
-                                 {"last": {"max": {"field": "@timestamp"}}, "ai": {"filter": ai}}, ACCOUNT_PAGE):
-            if b["ai"]["doc_count"] >= min_ai_pictures and b["last"]["value"] is not None:
-                lasts.append((b["key"]["key"], int(b["last"]["value"])))
-        window_ms = window / timedelta(milliseconds=1)
-        pictures = {"cardinality": {"field": "sha256", "precision_threshold": CARDINALITY_PRECISION}}
-        out: list[AccountWindow] = []
-        for i in range(0, len(lasts), WINDOW_CHUNK):
-            chunk = lasts[i:i + WINDOW_CHUNK]
-            filters = {account: {"bool": {"filter": [
-                {"term": {"account_id": account}},
-                # up to the last post found above: posts arriving meanwhile wait for the next check
-                {"range": {"@timestamp": {"gte": math.ceil(last - window_ms), "lte": last, "format": "epoch_millis"}}},
-            ]}} for account, last in chunk}
-            aggs = {"by": {"filters": {"filters": filters}, "aggs": {
-                "pictures": pictures, "ai": {"filter": ai, "aggs": {"pictures": pictures}},
-                "platforms": {"terms": {"field": "platform", "size": 100, "order": {"_key": "asc"}}},
-                # the earliest-recorded of equal last posts, as a pass in posting order keeps
-                "last": {"top_hits": {"size": 1, "sort": [{"@timestamp": "desc"}, {"event_id": "asc"}],
-                                      "_source": ["posted_at"]}},
-            }}}
-            res = self._search(index, size=0, query={"terms": {"account_id": [a for a, _ in chunk]}}, aggs=aggs)
-            buckets = ((res.get("aggregations") or {}).get("by") or {}).get("buckets") or {}
-            for account, _last in chunk:
-                b = buckets.get(account)
-                if not b or not b["doc_count"] or int(b["ai"]["pictures"]["value"]) < min_ai_pictures:
-                    continue
-                out.append(AccountWindow(
-                    account_id=account, pictures=int(b["pictures"]["value"]),
-                    ai_pictures=int(b["ai"]["pictures"]["value"]), posts=b["doc_count"],
-                    platforms=sorted(p["key"] for p in b["platforms"]["buckets"]),
-                    last_seen=b["last"]["hits"]["hits"][0]["_source"]["posted_at"]))
-        return out
 
     def match_sightings(self, text: str, *, limit: int = MAX_RESULTS,
                         timeout_s: float | None = None) -> list[str]:
@@ -1216,7 +625,7 @@ class EsFindingsStore:
         out: list[dict[str, Any]] = []
         total, after = 0, None
         while len(out) < limit:
-            body: dict[str, Any] = {"query": {"match_all": {}}, "sort": sort, "size": min(PAGE, limit - len(out)),
+            body: dict[str, Any] = {"query": {"match_all": {}}, "sort": sort, "size": min(R.PAGE, limit - len(out)),
                                     "source": source}
             if after is None:
                 body["track_total_hits"] = True
@@ -1290,16 +699,16 @@ class EsFindingsStore:
                                       [{"cluster_id": "asc"}], ["cluster_id", "alert_level", "merged_from"])]
         ids = sorted({cid for c, _level, merged in raised for cid in (c, *merged)})
         stored = [(h["_source"]["alert_id"], h["_source"]["cluster_id"], h["_source"]["level"])
-                  for i in range(0, len(ids), ID_CHUNK)
-                  for h in self._scan(self.names["alerts"], {"terms": {"cluster_id": ids[i:i + ID_CHUNK]}},
+                  for i in range(0, len(ids), R.ID_CHUNK)
+                  for h in self._scan(self.names["alerts"], {"terms": {"cluster_id": ids[i:i + R.ID_CHUNK]}},
                                       [{"alert_id": "asc"}], ["alert_id", "cluster_id", "level"])]
         unstored = unstored_alerts(raised, stored)
         # as in SQLite: deliveries queued and not tried yet are alert work still going on;
         # one queued longer ago than any attempt takes is redelivery's, not this run's
-        # (a count: ``_in_states`` matches queued documents exactly, old ones too)
-        recent = {"range": {"at": {"gte": _ago(QUEUED_RECENT_S)}}}
+        # (a count: ``in_states`` matches queued documents exactly, old ones too)
+        recent = {"range": {"at": {"gte": ago(QUEUED_RECENT_S)}}}
         queued = self._search(self.names["deliveries"], size=0, track_total_hits=True, query={"bool": {"filter": [
-            _in_states([DeliveryState.QUEUED]), recent]}})["hits"]["total"]["value"]
+            in_states([DeliveryState.QUEUED]), recent]}})["hits"]["total"]["value"]
         return {"models": pending, "alerts": unstored + queued, "deliveries": queued}
 
     def iter_members(self) -> Iterator[MemberRow]:
@@ -1410,32 +819,6 @@ def _doc_field(doc: dict[str, Any], name: str) -> Any:
 _READ_SOURCE = {"excludes": ["members.pdq_bits", "members.phash_bits", "sample_texts", "post_urls"]}
 
 
-def _delivery_of(src: dict[str, Any]) -> tuple[DeliveryState, str]:
-    """A delivery document's state and why. One written before mapping v4
-    has no ``state``: its ``status`` is then the old text holding both, read
-    by ``legacy_delivery`` (such documents are not rewritten)."""
-    if src.get("state") is None:
-        return legacy_delivery(src.get("status") or "")
-    return DeliveryState(src["state"]), src.get("status") or ""
-
-
-def _in_states(states: Collection[DeliveryState]) -> dict[str, Any]:
-    """A filter: delivery documents in one of ``states``, by ``state``, and
-    documents from before mapping v4 (no ``state``) that may be. Of those,
-    the old text was the state alone for queued and delivered ones, matched
-    exactly; a failed or rejected one's went on with why, not matched by
-    any query here (past ``ignore_above`` it is not even indexed), so every
-    other old document matches and ``_delivery_of`` tells them apart."""
-    exact = (DeliveryState.QUEUED, DeliveryState.DELIVERED)
-    old: list[dict[str, Any]] = [{"term": {"status": s.value}} for s in exact if s in states]
-    if set(states) - set(exact):
-        old.append({"bool": {"must_not": [{"terms": {"status": [s.value for s in exact]}}]}})
-    return {"bool": {"should": [{"terms": {"state": sorted(s.value for s in states)}},
-                                {"bool": {"must_not": [{"exists": {"field": "state"}}], "should": old,
-                                          "minimum_should_match": 1}}],
-                     "minimum_should_match": 1}}
-
-
 def _sort_order_key(values: list, orders: list[str]) -> tuple:
     """A hit's ``sort`` values as a Python key in the order ES sorted by
     (missing values last, as ES puts them by default)."""
@@ -1450,16 +833,6 @@ def _sort_order_key(values: list, orders: list[str]) -> tuple:
         else:
             out.append((0, -v if order == "desc" else v))
     return tuple(out)
-
-
-def _in_ids(field: str, ids: Collection[str]) -> dict[str, Any]:
-    """A filter: ``field`` is one of ``ids`` (none: matches nothing), a terms
-    query per ``ID_CHUNK`` ids (index.max_terms_count is 65,536 a query)."""
-    wanted = sorted(set(ids))
-    if len(wanted) <= ID_CHUNK:
-        return {"terms": {field: wanted}}
-    return {"bool": {"should": [{"terms": {field: wanted[i:i + ID_CHUNK]}} for i in range(0, len(wanted), ID_CHUNK)],
-                     "minimum_should_match": 1}}
 
 
 def _live() -> dict[str, Any]:

@@ -1284,7 +1284,7 @@ def _cluster_upsert(src: dict, params: dict) -> str:
 
 
 def _delivery_guard(src: dict, params: dict) -> str:
-    """Python twin of streams.es_store.DELIVERY_SCRIPT: delivered stays
+    """Python twin of streams.es_store_deliveries.DELIVERY_SCRIPT: delivered stays
     delivered (a document from before mapping v4: its status text says so)."""
     if src.get("state") == "delivered" or (src.get("state") is None and src.get("status") == "delivered"):
         return "noop"
@@ -1293,7 +1293,7 @@ def _delivery_guard(src: dict, params: dict) -> str:
 
 
 def _inline_scripts() -> dict[str, Callable[[dict, dict], str]]:
-    from streams.es_store import DELIVERY_SCRIPT
+    from streams.es_store_deliveries import DELIVERY_SCRIPT
 
     return {DELIVERY_SCRIPT: _delivery_guard}
 

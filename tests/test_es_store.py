@@ -262,15 +262,16 @@ def test_search_sees_every_matching_cluster_beyond_one_result_window(fake_es, mo
     """More matching clusters than index.max_result_window (shrunk here to 20
     on both sides, with small pages and id chunks so paging and merging run):
     the answer is SQLite's, not that of the first 10,000 clusters by id."""
+    import streams.es_requests as es_requests
     import streams.es_store as es_store
     import tests.fake_es as fake_mod
     from streams.store import open_store
 
     monkeypatch.setattr(fake_mod, "MAX_RESULT_WINDOW", 20)
-    monkeypatch.setattr(es_store, "MAX_CANDIDATES", 20)
+    monkeypatch.setattr(es_requests, "MAX_CANDIDATES", 20)
     monkeypatch.setattr(es_store, "MATCH_PAGE", 7, raising=False)
-    monkeypatch.setattr(es_store, "ID_CHUNK", 11, raising=False)
-    monkeypatch.setattr(es_store, "PAGE", 5)
+    monkeypatch.setattr(es_requests, "ID_CHUNK", 11)
+    monkeypatch.setattr(es_requests, "PAGE", 5)
     s = _store(fake_es)
     sq = open_store(tmp_path)
     for snap in _many_clusters(30):
@@ -639,13 +640,13 @@ def test_the_desk_view_reads_agree_on_both_backends(fake_es, tmp_path, monkeypat
     alike on SQLite and Elasticsearch; times compare as instants."""
     from datetime import timedelta, timezone
 
-    import streams.es_store as es_store
+    import streams.es_requests as es_requests
     import tests.fake_es as fake_mod
     from tests.test_desk_view import T0, fill, sha, snap
 
     monkeypatch.setattr(fake_mod, "MAX_RESULT_WINDOW", 20)
-    monkeypatch.setattr(es_store, "MAX_CANDIDATES", 4)
-    monkeypatch.setattr(es_store, "PAGE", 3)
+    monkeypatch.setattr(es_requests, "MAX_CANDIDATES", 4)
+    monkeypatch.setattr(es_requests, "PAGE", 3)
     # seen a minute before new-a, written at -05:00: as text it sorts before every UTC time of that day
     west = snap("west", -1, "likely-ai")
     west = west.model_copy(update={"last_seen": west.last_seen.astimezone(timezone(timedelta(hours=-5)))})
@@ -946,7 +947,7 @@ def test_delivered_is_never_set_back_by_a_slower_failed_attempt(fake_es, tmp_pat
     succeeded, must not turn "delivered" back into "failed" (the redelivery
     loop would send the alert again). ES guards it in one scripted update with
     an upsert, as the SQLite store does in its ON CONFLICT ... WHERE."""
-    from streams.es_store import DELIVERY_SCRIPT
+    from streams.es_store_deliveries import DELIVERY_SCRIPT
 
     hook = "https://desk.example/hook"
     got = {}
@@ -986,7 +987,7 @@ def test_fake_update_answers_like_es_for_upsert_noop_and_missing(fake_es):
     missing document gets the upsert as it is (script not run), an existing
     one runs the script (``ctx.op = 'noop'`` answers ``result: noop``), and
     with neither document nor upsert it is document_missing_exception (404)."""
-    from streams.es_store import DELIVERY_SCRIPT
+    from streams.es_store_deliveries import DELIVERY_SCRIPT
 
     s = _store(fake_es)
     s.ensure_setup()

@@ -105,7 +105,7 @@ def test_sqlite_limit_is_pushed_into_the_sql(tmp_path):
 
 
 def test_es_limit_is_size_and_search_after_never_a_scan(fake_es, monkeypatch):
-    import streams.es_store as es_store
+    import streams.es_requests as es_requests
 
     s = _fill(_es(fake_es))
     n = len(fake_es.requests)
@@ -115,7 +115,7 @@ def test_es_limit_is_size_and_search_after_never_a_scan(fake_es, monkeypatch):
     assert req.body["sort"] == [{"created_at": "desc"}, {"alert_id": "desc"}]
     assert [a.alert_id for a in got] == ["c-fire:4", "c-fire:5"] and got.total == 5
 
-    monkeypatch.setattr(es_store, "PAGE", 2)  # a limit over one page pages on with search_after
+    monkeypatch.setattr(es_requests, "PAGE", 2)  # a limit over one page pages on with search_after
     n = len(fake_es.requests)
     got = s.dead_letters(limit=5)
     reqs = [r.body for r in fake_es.requests[n:] if r.path.endswith("/_search")]
