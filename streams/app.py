@@ -204,7 +204,8 @@ def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.Topi
     # -- sinks -----------------------------------------------------------------
     from streams.sink_stage import SinkStage
     from streams.sinks import Sinks
-    from streams.webhooks import Deliveries, install_redelivery
+    from streams.webhook_redelivery import install_redelivery
+    from streams.webhooks import Deliveries
 
     # one per worker: its webhook senders and its redelivery share the alerts in hand,
     # the targets asked to wait (Retry-After) and the ordering gate

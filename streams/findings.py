@@ -885,7 +885,7 @@ class SinkWriter(Protocol):
     """What a worker's sinks write (``streams.sinks.Sinks``: the snapshot,
     dead-letter and alert agents, and the webhook senders), and the one
     record they read back: a delivery's own state, so an alert is not sent
-    twice. The redelivery worker (``streams.webhooks.Redeliverer``) records
+    twice. The redelivery worker (``streams.webhook_redelivery.Redeliverer``) records
     its attempts through ``mark_delivered`` too. A role of its own because
     the write path lists and searches nothing: it can be given, faked or
     wrapped without the store's reads."""
@@ -908,7 +908,7 @@ class SinkWriter(Protocol):
 
 class RedeliveryQueue(Protocol):
     """The webhook deliveries still owed, across alerts: what the leader
-    worker's redelivery reads (``streams.webhooks.Redeliverer``: failed and
+    worker's redelivery reads (``streams.webhook_redelivery.Redeliverer``: failed and
     stalled deliveries, an earlier alert still owed, the undelivered gauge)
     and what ``deepwatch redeliver`` counts and requeues
     (``streams.cli.redeliver``). Apart from ``SinkWriter``, which records one

@@ -34,7 +34,7 @@ MODEL_REQUESTS = Counter("deepwatch_model_requests_total", "Model requests the c
                          "(a cluster's first copy, a clearly better copy, or one asked again)")
 WEBHOOKS = Counter("deepwatch_webhook_deliveries_total", "Webhook delivery attempts (after their retries), live and "
                    "redelivered, by outcome: delivered (once per alert and target), failed, rejected", ["outcome"])
-# From the findings store, set alike by every worker (streams.webhooks.Redeliverer.refresh_gauge);
+# From the findings store, set alike by every worker (streams.webhook_redelivery.Redeliverer.refresh_gauge);
 # target = streams.webhooks.hook_key (hook:NAME or scheme://host:port#hash: no token).
 WEBHOOK_UNDELIVERED = Gauge("deepwatch_webhook_undelivered", "Webhook deliveries not delivered, per target and "
                             "status: queued (being sent), failed (redelivery retries), rejected (waits for an "

@@ -52,20 +52,12 @@ redelivery share one ``Deliveries``: the alerts the senders have in hand
 (redelivery leaves them to them), the targets that asked to wait and the
 ordering gate.
 
-A delivery that still fails after its retries is not forgotten: the
-``Redeliverer`` tries failed deliveries again every
-``alerts.webhook_redeliver_s`` on the leader worker (its first round one period
-after it starts), each target on its own,
-oldest first. A delivery that fails again holds back the later alerts of its
-own cluster (a receiver that comes back gets every alert of a cluster in level
-order) but not those of other clusters: one alert a receiver keeps failing on
-does not hold every later one back. After three failures in a row the round
-stops for that target (it looks down; the next round tries again). While an
-older alert of a cluster is undelivered, a newer one queues behind it rather
-than overtaking it. An alert the receiver refuses for good
-(``WebhookRejected``: a 4xx other than 408/429, a redirect, a request the HTTP
-client refuses to send) is recorded as ``rejected`` and not retried on its
-own; ``deepwatch redeliver TARGET`` queues it again once the cause is fixed.
+A delivery that still fails after its retries is not forgotten: redelivery
+(``streams.webhook_redelivery``) sends it again, in order per cluster. An
+alert the receiver refuses for good (``WebhookRejected``: a 4xx other than
+408/429, a redirect, a request the HTTP client refuses to send) is recorded
+as ``rejected`` and not retried on its own; ``deepwatch redeliver TARGET``
+queues it again once the cause is fixed.
 
 A 429 or 503 with ``Retry-After`` (seconds or an HTTP date) is honoured: the
 next try waits that long, at most the hook's ``retry_after_max_s``; after the
@@ -99,8 +91,7 @@ the URL keeps the hook's undelivered alerts (settings refuse two nameless
 hooks on one host). Records kept under a hook's earlier keys
 (``legacy_keys``: the whole URL's hash, as before, and its
 ``previous_keys``) are redelivered as its own; keys no hook serves are
-named in a warning (``Redeliverer.warn_stranded``). A round reads the oldest
-``REDELIVERY_PAGE`` alerts of a target.
+named in a warning (``webhook_redelivery.Redeliverer.warn_stranded``).
 
 A receiver (Python)::
 
@@ -160,7 +151,7 @@ import time
 from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import AsyncIterator, Mapping, Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
@@ -181,8 +172,6 @@ TIMESTAMP_HEADER = "X-Deepwatch-Timestamp"
 USER_AGENT = "deepwatch-webhooks/1 (+https://github.com/deepwatch)"
 DELIVERY_HEADER = "X-Deepwatch-Delivery"
 
-REDELIVERY_GIVE_UP = 3  # failures in a row after which a redelivery round stops for a target (it looks down)
-REDELIVERY_PAGE = 500  # undelivered alerts one redelivery round reads per target (its oldest); the rest wait their round
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -404,12 +393,19 @@ class WebhookHeld(WebhookError):
     Stored as ``failed``: redelivery sends it in its turn."""
 
 
+class OrderingGate(Protocol):
+    """What holds a live delivery back behind an undelivered earlier alert
+    of its cluster (``webhook_redelivery.Redeliverer``)."""
+
+    async def earlier_pending(self, target: Target, alert: Alert) -> bool: ...
+
+
 class Deliveries:
     """What the webhook deliveries of one worker process share: the targets
     left alone for a while (their Retry-After), the alerts its live senders
     have in hand, the series of ``deepwatch_webhook_undelivered`` it set and
     the ordering gate. The worker makes one (``streams.app``) and hands it
-    to its ``streams.sinks.Sinks`` and its ``Redeliverer``; a sink with no
+    to its ``streams.sinks.Sinks`` and its ``webhook_redelivery.Redeliverer``; a sink with no
     redelivery beside it (the desk's) has one of its own."""
 
     def __init__(self) -> None:
@@ -418,8 +414,8 @@ class Deliveries:
         # sent): redelivery of ``queued`` records leaves those to them
         self._live: dict[str, set[str]] = {}
         self._exported: set[tuple[str, str]] = set()  # (target, status) series set, to drop the unconfigured ones
-        # ``install_redelivery``'s: a live delivery waits behind an undelivered earlier alert of its cluster
-        self.gate: Redeliverer | None = None
+        # ``webhook_redelivery.install_redelivery``'s: a live delivery waits behind an undelivered earlier alert of its cluster
+        self.gate: OrderingGate | None = None
 
     def held_for(self, key: str) -> float:
         """Seconds target ``key`` is still left alone (its Retry-After); 0: it is not."""
@@ -467,7 +463,7 @@ async def deliver(target: Target, alert: Alert, client: httpx.AsyncClient, deliv
     if gate is not None and await gate.earlier_pending(target, alert):
         raise WebhookHeld(f"{target_label(target.hook.url)}: queued behind an undelivered earlier alert of cluster "
                           f"{alert.cluster_id}")
-    return await _post(target, alert, client, deliveries)
+    return await post(target, alert, client, deliveries)
 
 
 def _scrub(message: str, url: str, shown: str, *extra: str) -> str:
@@ -487,7 +483,9 @@ def _scrub(message: str, url: str, shown: str, *extra: str) -> str:
     return message
 
 
-async def _post(target: Target, alert: Alert, client: httpx.AsyncClient, deliveries: Deliveries) -> DeliveryState:
+async def post(target: Target, alert: Alert, client: httpx.AsyncClient, deliveries: Deliveries) -> DeliveryState:
+    """``deliver`` without the ordering gate: redelivery orders its own
+    rounds (``streams.webhook_redelivery``)."""
     hook = target.hook
     secret = os.environ.get(hook.secret_env)
     if not secret:
@@ -789,213 +787,3 @@ def shared_secret_hooks(settings: Settings) -> list[str]:
     return [f"webhooks on {len(by_host)} hosts ({', '.join(by_host.values())}) share the HMAC key in {env}: "
             "each subscriber can sign alerts the others accept; give each its own key (secret_env)"
             for env, by_host in hosts.items() if len(by_host) > 1]
-
-
-class Redeliverer:
-    """Retries failed webhook deliveries from the findings store (and
-    ``queued`` ones a stopped worker left), each target on its own.
-    ``deliveries``: what it shares with the worker's live senders (its own
-    when not given)."""
-
-    def __init__(self, settings: Settings, store_factory: Callable[[], Any], deliveries: Deliveries | None = None):
-        from streams.stage import once
-
-        self.settings = settings
-        self.deliveries = deliveries if deliveries is not None else Deliveries()
-        self._db = once(store_factory)  # opened in a worker thread on first use, never on the event loop
-        self._client: httpx.AsyncClient | None = None
-        self._client_loop: asyncio.AbstractEventLoop | None = None
-        self._rounds: dict[str, asyncio.Task[int]] = {}  # target key -> its latest round
-        self._stranded: list[str] = []  # what warn_stranded last warned about
-
-    async def earlier_pending(self, target: Target, alert: Alert) -> bool:
-        names = (target.key, *legacy_keys(target.hook))
-        try:
-            return await asyncio.to_thread(
-                lambda: any(self._db().undelivered_before(n, alert.cluster_id, alert.level) for n in names))
-        except Exception:  # the gate only orders deliveries; it must never stop one
-            log.exception("webhook ordering check failed")
-            return False
-
-    def start_rounds(self) -> dict[str, asyncio.Task[int]]:
-        """Start a round for each target whose last one has ended, and return
-        them. Each target on its own: one that is slow, hangs until its
-        timeout or asked to wait (Retry-After) neither holds back another's
-        round nor gets a second one started beside its own."""
-        loop = asyncio.get_running_loop()
-        started: dict[str, asyncio.Task[int]] = {}
-        for key, target in hooks_by_key(self.settings).items():
-            running = self._rounds.get(key)
-            if running is not None and not running.done() and running.get_loop() is loop:
-                continue
-            started[key] = self._rounds[key] = loop.create_task(self._round(key, target),
-                                                                name=f"webhook redelivery {key}")
-        return started
-
-    async def run_once(self) -> int:
-        """Deliver what failed before; returns how many got through (in the
-        rounds this call started)."""
-        started = self.start_rounds()
-        done = sum(await asyncio.gather(*started.values())) if started else 0
-        await self.refresh_gauge()
-        return done
-
-    def _http(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._client_loop is not loop:  # a client belongs to its event loop
-            self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
-            self._client_loop = loop
-        return self._client
-
-    def _todo(self, key: str, target: Target) -> list[tuple[Alert, tuple[str, ...]]]:
-        """What to send to ``key`` this round: the oldest ``REDELIVERY_PAGE``,
-        oldest first, each with any other target name its record is kept
-        under (``legacy_keys``: the hook's key before its identity was its
-        key or before an operator moved them to it; Elasticsearch keeps the
-        oldest records by URL). The rest waits for the next rounds."""
-        store = self._db()
-        older = 2 * self.settings.alerts.webhook_redeliver_s
-        found: dict[str, tuple[Alert, tuple[str, ...]]] = {}
-        for name in (key, *legacy_keys(target.hook)):
-            also = () if name == key else (name,)
-            for a in [*store.failed_deliveries(name, limit=REDELIVERY_PAGE),
-                      *store.queued_deliveries(name, older_than_s=older, limit=REDELIVERY_PAGE)]:
-                was = found.get(a.alert_id)
-                found[a.alert_id] = (a, also) if was is None else (was[0], tuple(dict.fromkeys((*was[1], *also))))
-        return sorted(found.values(), key=lambda p: (p[0].created_at, p[0].level, p[0].alert_id))[:REDELIVERY_PAGE]
-
-    async def _mark(self, alert: Alert, key: str, also: tuple[str, ...], state: DeliveryState, detail: str = "") -> None:
-        def mark() -> None:
-            for target in (key, *also):
-                self._db().mark_delivered(alert.alert_id, target, state, detail)
-        await asyncio.to_thread(mark)
-
-    async def _round(self, key: str, target: Target) -> int:
-        try:
-            return await self._deliver_waiting(key, target)
-        except Exception as e:  # the next round tries again
-            log.error("webhook redelivery round failed for a target; the next round tries again",
-                      extra={"target": key, "error": f"{type(e).__name__}: {e}"})
-            return 0
-
-    async def _deliver_waiting(self, key: str, target: Target) -> int:
-        if self.deliveries.held_for(key):
-            return 0  # the receiver asked to wait (Retry-After)
-        client = self._http()
-        shown = target_label(target.hook.url)
-        # Every store call in a thread, opening included: SQLite may
-        # wait on a lock, and the event loop must never wait with it.
-        todo = await asyncio.to_thread(self._todo, key, target)
-        blocked: set[str] = set()  # clusters with an earlier alert still undelivered: theirs wait
-        in_a_row = done = 0
-        for alert, also in todo:
-            if alert.cluster_id in blocked or self.deliveries.is_live(key, alert.alert_id):
-                blocked.add(alert.cluster_id)  # a live sender has it in hand: the cluster's later ones wait
-                continue
-            try:
-                state = await _post(target, alert, client, self.deliveries)
-            except WebhookHeld:
-                break  # asked to wait (Retry-After): the rest waits too
-            except WebhookRejected as e:
-                await self._mark(alert, key, also, failure_state(e), str(e))
-                metrics.WEBHOOKS.labels("rejected").inc()
-                log.error("webhook receiver rejected an alert for good; going on with the next",
-                          extra={"alert_id": alert.alert_id, "target": key, "receiver": shown, "error": str(e)})
-                in_a_row = 0  # the receiver answered
-                continue
-            except WebhookError as e:
-                await self._mark(alert, key, also, failure_state(e), str(e))
-                metrics.WEBHOOKS.labels("failed").inc()
-                blocked.add(alert.cluster_id)  # keep the cluster's order: its later alerts wait for this one
-                in_a_row += 1
-                log.warning("webhook redelivery failed; will retry",
-                            extra={"alert_id": alert.alert_id, "target": key, "receiver": shown, "error": str(e)})
-                if in_a_row >= REDELIVERY_GIVE_UP:
-                    break  # the receiver looks down: the next round tries again
-                continue
-            await self._mark(alert, key, also, state)
-            metrics.WEBHOOKS.labels("delivered").inc()
-            log.info("webhook redelivered", extra={"alert_id": alert.alert_id, "target": key, "receiver": shown})
-            in_a_row = 0
-            done += 1
-        return done
-
-    async def refresh_gauge(self) -> None:
-        """``deepwatch_webhook_undelivered`` from the store (a hook's
-        ``legacy_keys`` counted as its own), and a warning naming what no
-        configured hook serves (``stranded_keys``) when that changes."""
-        targets = hooks_by_key(self.settings)
-        try:
-            counts = await asyncio.to_thread(lambda: self._db().undelivered_counts())
-        except Exception:
-            log.exception("counting undelivered webhook deliveries failed")
-            return
-        merged: dict[str, dict[DeliveryState, int]] = {}
-        for key, target in targets.items():
-            for name in (key, *legacy_keys(target.hook)):
-                for state, n in counts.get(name, {}).items():
-                    merged.setdefault(key, {})[state] = merged.setdefault(key, {}).get(state, 0) + n
-        self.deliveries.export_undelivered(merged, list(targets))
-        self.warn_stranded(counts)
-
-    def warn_stranded(self, counts: dict[str, dict[DeliveryState, int]]) -> list[str]:
-        """Log (once per change) the target keys with waiting deliveries
-        that no configured hook serves, and how to hand them to one."""
-        stranded = stranded_keys(self.settings, counts)
-        if stranded and stranded != self._stranded:
-            waiting = {k: sum(counts[k].values()) for k in stranded}
-            log.warning(
-                "undelivered webhook alerts are kept under target keys no configured hook serves: "
-                + ", ".join(f"{k} ({n})" for k, n in waiting.items())
-                + "; nothing sends them. To hand them to a hook, add the key to its "
-                  "alerts.webhooks[].previous_keys (`deepwatch redeliver` lists the keys)",
-                extra={"targets": stranded})
-        self._stranded = stranded
-        return stranded
-
-    async def aclose(self) -> None:
-        loop = asyncio.get_running_loop()
-        running = [t for t in self._rounds.values() if not t.done() and t.get_loop() is loop]
-        for t in running:
-            t.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = self._client_loop = None
-
-
-def install_redelivery(app: Any, settings: Settings, deliveries: Deliveries) -> Redeliverer | None:
-    """Register the redelivery timer on a Faust app (leader worker only, so
-    two workers do not both resend), the undelivered gauge's timer (every
-    worker: each exports the same counts from the shared store) and the
-    ordering gate for the live deliveries that share ``deliveries`` (the
-    worker's ``streams.sinks.Sinks``)."""
-    if not settings.alerts.webhooks:
-        return None
-    from streams.findings import open_findings
-
-    # the store the alert sink records deliveries in (SQLite or Elasticsearch)
-    redeliverer = Redeliverer(settings, lambda: open_findings(settings.findings.url, settings.data_dir, settings),
-                              deliveries)
-    deliveries.gate = redeliverer
-
-    @app.timer(interval=settings.alerts.webhook_redeliver_s, on_leader=True)
-    async def redeliver_failed_webhooks() -> None:
-        # each target's round runs on its own task: the timer waits for none of them
-        # (a target that hangs would delay the next tick for every other)
-        try:
-            redeliverer.start_rounds()
-        except Exception:  # the next tick tries again; a timer that raises stops for good
-            log.exception("webhook redelivery round failed to start")
-
-    @app.timer(interval=settings.alerts.webhook_redeliver_s)
-    async def count_undelivered_webhooks() -> None:
-        await redeliverer.refresh_gauge()  # logs its own failures
-
-    @app.task
-    async def check_stranded_webhook_deliveries() -> None:
-        # at start, not one period later: deliveries a URL or name change left
-        # behind are named (``Redeliverer.warn_stranded``), and the gauge set
-        await redeliverer.refresh_gauge()  # logs its own failures
-
-    return redeliverer

@@ -76,7 +76,7 @@ PRELOAD = ("streams.worker", "streams.faust_app", "streams.faust_tuning", "strea
            "faust.app.base", "faust.app.router", "faust.assignor", "faust.events", "faust.fixups.django",
            "faust.tables.objects", "faust.tables.sets", "faust.topics", "faust.transport.utils",
            "streams.findings", "streams.sinks", "streams.sink_stage", "streams.stage", "streams.validate",
-           "streams.webhooks",
+           "streams.webhooks", "streams.webhook_redelivery",
            # and at their first event (measured: ~50 ms a pipeline worker): the
            # findings store, httpx's async transport (httpcore, anyio's backend)
            "streams.store", "streams.ingest", "streams.settings_check", "httpcore", "anyio._backends._asyncio",

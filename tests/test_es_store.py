@@ -842,7 +842,7 @@ def test_webhook_redelivery_reads_and_marks_deliveries_in_elasticsearch(fake_es,
     import asyncio
     import threading
 
-    from streams import webhooks
+    from streams import webhook_redelivery, webhooks
     from streams.settings import AlertSettings, WebhookSettings
     from tests.test_webhooks import ENV, SECRET, _Receiver
 
@@ -866,7 +866,7 @@ def test_webhook_redelivery_reads_and_marks_deliveries_in_elasticsearch(fake_es,
                 timers.append(({"at_start": True}, fn))
                 return fn
 
-        redeliverer = webhooks.install_redelivery(_App(), settings, webhooks.Deliveries())
+        redeliverer = webhook_redelivery.install_redelivery(_App(), settings, webhooks.Deliveries())
         assert timers and timers[0][0]["on_leader"] is True
         assert asyncio.run(redeliverer.run_once()) == 1
         asyncio.run(redeliverer.aclose())

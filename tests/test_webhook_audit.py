@@ -26,7 +26,7 @@ from datetime import timedelta
 import pytest
 from typer.testing import CliRunner
 
-from streams import virality, webhooks
+from streams import virality, webhook_redelivery, webhooks
 from streams.findings import DeliveryState
 from streams.settings import Settings, WebhookSettings, load_settings
 from streams.settings_check import SettingsError
@@ -302,7 +302,7 @@ def test_a_redelivery_round_reads_only_a_page_of_the_oldest(scripted, tmp_path, 
         store.add_alert(a)
         store.mark_delivered(a.alert_id, key, DeliveryState.FAILED, "HTTP 503")
     assert [a.alert_id for a in store.failed_deliveries(key, limit=2)] == ["c-4:1", "c-3:1"]
-    monkeypatch.setattr(webhooks, "REDELIVERY_PAGE", 2)
+    monkeypatch.setattr(webhook_redelivery, "REDELIVERY_PAGE", 2)
     settings = _settings(tmp_path, hook)
     assert _redeliver(settings, store) == 2
     assert srv.alert_ids() == ["c-4:1", "c-3:1"]

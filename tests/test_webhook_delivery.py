@@ -18,13 +18,14 @@ from urllib.parse import unquote
 
 import pytest
 
-from streams import metrics, webhooks
+from streams import metrics, webhook_redelivery, webhooks
 from streams.findings import DeliveryState
 from streams.records import Alert
 from streams.settings import Settings, WebhookSettings
+from streams.webhook_redelivery import Redeliverer
 from streams.webhooks import (
-    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Deliveries, Redeliverer, WebhookError, WebhookHeld,
-    WebhookRejected, delivery_header, hook_key, retry_after_s, target_key, target_label, verify,
+    DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, Deliveries, WebhookError, WebhookHeld, WebhookRejected,
+    delivery_header, hook_key, retry_after_s, target_key, target_label, verify,
 )
 from tests import test_webhooks
 from tests.test_webhooks import ENV, SECRET, _alert, _deliver, _lo, _sink_alert, _sinks
@@ -256,7 +257,7 @@ def test_redelivery_round_stops_for_a_target_that_looks_down(scripted, tmp_path)
         store.add_alert(a)
         store.mark_delivered(a.alert_id, key, DeliveryState.FAILED, "the receiver was down")
     assert _redeliver(_settings(tmp_path, hook), store) == 0
-    assert len(srv.requests) == webhooks.REDELIVERY_GIVE_UP
+    assert len(srv.requests) == webhook_redelivery.REDELIVERY_GIVE_UP
 
 
 # -- 3. every target on its own -----------------------------------------------------------------------

@@ -463,7 +463,7 @@ def test_an_alert_a_receiver_rejects_for_good_does_not_block_the_later_ones(rece
     goes down for a while. The 400 was stored as "failed", so redelivery tried
     that alert first every round, got 400 again and stopped: no later alert
     ever reached the receiver once it came back."""
-    from streams.webhooks import Redeliverer
+    from streams.webhook_redelivery import Redeliverer
 
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(400, 503, 200)
