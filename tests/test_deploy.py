@@ -583,6 +583,57 @@ def test_k8s_scrape_jobs_are_the_ones_the_rules_select():
                 assert scraped == want, (component, port["name"], scraped)
 
 
+
+# -- the Kubernetes API's own schemas ---------------------------------------------------
+# kubernetes-validate ships the API's JSON schemas inside its wheel (no network): strict
+# validation refuses a misspelt or misplaced field, which the API server would drop or refuse
+# at `kubectl apply`. The oldest version is the first whose schemas the wheel carries; the ECK
+# operator's Elasticsearch kind is not in the core API (its CRD is ECK's), so it is left out.
+K8S_VERSIONS = ("1.25.0", "1.37.0")
+CORE_API = re.compile(r"^(v1|apps/v1|batch/v1|networking\.k8s\.io/v1|policy/v1|rbac\.authorization\.k8s\.io/v1)$")
+
+
+def _manifests() -> list[tuple[str, dict]]:
+    """Every resource a kustomization under deploy/k8s lists (patches are partial by design: their
+    result is checked where kubectl can build it, ``test_kustomize_builds``)."""
+    files = sorted({(k.parent / res).resolve() for k in K8S.rglob("kustomization.yaml")
+                    for res in _docs(k)[0].get("resources", []) if (k.parent / res).is_file()}
+                   | set(K8S.rglob("*.example.yaml")))  # applied by hand, filled in: valid as they stand
+    assert len(files) >= 10, files
+    return [(f"{path.relative_to(K8S)}[{i}]", doc) for path in files for i, doc in enumerate(_docs(path))]
+
+
+def test_the_kubernetes_manifests_are_all_in_the_core_api_but_the_eck_cluster():
+    kinds = {(doc["apiVersion"], doc["kind"]) for _, doc in _manifests() if not CORE_API.match(doc["apiVersion"])}
+    assert kinds == {("elasticsearch.k8s.elastic.co/v1", "Elasticsearch")}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_kubernetes_manifest_is_valid_against_the_api_schema(version):
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (make install)")
+    checked, problems = 0, []
+    for where, doc in _manifests():
+        if not CORE_API.match(doc["apiVersion"]):
+            continue
+        try:
+            kv.validate(doc, version, strict=True)
+        except kv.ValidationError as e:
+            problems.append(f"{where} {doc['kind']}/{doc['metadata']['name']}: {e.message} at "
+                            f"{'.'.join(str(p) for p in e.path)}")
+        checked += 1
+    assert checked >= 15 and not problems, problems
+
+
+def test_schema_validation_catches_a_misplaced_field():
+    """The check above can fail: a probe put on the pod instead of its container, as hand edits do."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (make install)")
+    [dep] = [d for d in _deployments() if d["metadata"]["name"] == "deepwatch-desk"]
+    pod = dep["spec"]["template"]["spec"]
+    pod["livenessProbe"] = pod["containers"][0]["livenessProbe"]
+    with pytest.raises(kv.ValidationError, match="livenessProbe"):
+        kv.validate(dep, K8S_VERSIONS[-1], strict=True)
+
+
 # -- kustomize itself, where kubectl is installed -------------------------------------
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 @pytest.mark.parametrize("overlay", ["base", "overlays/eck", "overlays/gpu"])
@@ -593,6 +644,10 @@ def test_kustomize_builds(overlay):
     assert res.returncode == 0, res.stderr
     docs = [d for d in yaml.safe_load_all(res.stdout) if d]
     assert not [d for d in docs if d["kind"] == "Secret"]
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (make install)")
+    for d in docs:  # patches applied: what the API server gets
+        if CORE_API.match(d["apiVersion"]):
+            kv.validate(d, K8S_VERSIONS[-1], strict=True)
     for d in (d for d in docs if d["kind"] == "Deployment"):
         assert d["metadata"]["namespace"] == "deepwatch"
         for c in _containers(d):
