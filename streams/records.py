@@ -114,7 +114,7 @@ class ImageEvent(_Record):
     model_config = ConfigDict(extra="ignore", json_schema_extra={"additionalProperties": True})
     schema_version: Literal[1] = 1
     event_id: str = Field(min_length=1, max_length=256)
-    platform: str = Field(min_length=1, max_length=64)
+    platform: str = Field(min_length=1, max_length=64, description="stored in lower case: X and x are one platform")
     post_id: str | None = Field(default=None, max_length=256)
     post_url: str | None = Field(default=None, max_length=4096)
     account_id: str = Field(min_length=1, max_length=256)
@@ -127,6 +127,16 @@ class ImageEvent(_Record):
     hashtags: list[Annotated[str, StringConstraints(max_length=MAX_TAG_CHARS)]] = Field(default_factory=list, max_length=64)
     engagement: Engagement = Field(default_factory=Engagement)
     image: ImageRef
+
+    @field_validator("platform")
+    @classmethod
+    def _platform_in_lower_case(cls, value: str) -> str:
+        # "X" and "x" are one platform: searches compared them alike, while lists,
+        # counts and the desk's spread chart showed two
+        value = value.strip().lower()
+        if not value:
+            raise ValueError("must not be blank")
+        return value
 
     @field_validator("posted_at", mode="before")
     @classmethod

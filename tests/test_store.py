@@ -208,6 +208,19 @@ def test_processed_offsets_are_idempotent_and_per_topic(store):
     assert store.processed_offsets("other") == set()
 
 
+def test_one_platform_however_a_producer_spells_it(store):
+    """Search compared platforms case-folded while lists counted "X" and "x"
+    as two: an event's platform is stored in lower case."""
+    store.apply_snapshot(_snap("A", 1, sighting=_sighting("e1", "a" * 64, 0, account="u1", platform="X")))
+    store.apply_snapshot(_snap("A", 2, sighting=_sighting("e2", "a" * 64, 1, account="u2", platform=" x ")))
+    store.apply_snapshot(_snap("A", 3, sighting=_sighting("e3", "a" * 64, 2, account="u3", platform="BlueSky")))
+    [a] = store.clusters()
+    assert a["platforms"] == ["bluesky", "x"]
+    assert sorted(s.platform for s in store.cluster_sightings("A")) == ["bluesky", "x", "x"]
+    with pytest.raises(ValueError, match="blank"):
+        _sighting("e4", "a" * 64, 3, platform="  ")
+
+
 def test_merged_cluster_sightings_count_toward_survivor(store):
     store.apply_snapshot(_snap("A", 1, sighting=_sighting("e1", "a" * 64, 0, account="u1", platform="x")))
     store.apply_snapshot(_snap("B", 1, sighting=_sighting("e2", "b" * 64, 1, account="u2", platform="bsky", minute=5)))
