@@ -66,8 +66,20 @@ def api_accounts(request: Request, response: Response, q: AccountQuery = Depends
     return rows
 
 
+def account_in_query(account: Optional[str] = Query(
+        None, alias="id", max_length=1024,
+        description='the account id, for one no path can carry: `/api/accounts/?id=..` (clients resolve a path '
+                    'segment "." or ".." away, escaped or not)')
+) -> Optional[str]:
+    """``?id=``: the account of ``/accounts/`` and ``/api/accounts/`` with no id in the path."""
+    return account
+
+
 @router.get("/api/accounts/{account_id:path}", tags=["accounts"], summary="One account with its recent posts")
-def api_account(request: Request, account_id: str, _: Principal = Depends(reader)) -> dict[str, Any]:
+def api_account(request: Request, account_id: str, _: Principal = Depends(reader),
+                in_query: Optional[str] = Depends(account_in_query)) -> dict[str, Any]:
+    # "/api/accounts/?id=..": an id whose path a client resolves away ("." or "..")
+    account_id = account_id or in_query or ""
     try:
         return desk_of(request).source.account(account_id)
     except NotFound:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -81,7 +82,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES,  # innermost: its 413 gets the headers below
                        paths={p: upload_bound(settings) for p in UPLOAD_PATHS})
     app.middleware("http")(errors.security_headers)
-    app.middleware("http")(observe.observe)  # outermost: it also counts what the inner layers answered
+    app.middleware("http")(observe.observe)  # it also counts what the inner layers answered
+    app.add_middleware(HeadAsGet)  # outermost: every layer sees (and counts) the GET; the server sends no body
 
     # In this order: a route is matched in the order it was added.
     app.include_router(apidocs.router)
@@ -95,6 +97,30 @@ def create_app(settings: Settings, host: str = "127.0.0.1", store_url: str | Non
     app.include_router(api.pictures(settings.desk.thumb_px))
     app.include_router(pages.router)
     return app
+
+
+class HeadAsGet:
+    """ASGI middleware: a HEAD answered as its GET would be, without the body.
+    A server that answers GET answers HEAD (RFC 9110, 9.1); the desk's routes
+    are GET only, so an uptime checker's or a link checker's HEAD of a page
+    or of /api/clusters got 405. The routes, guards included, run as for the
+    GET (a login-only page still redirects). The server keeps its own scope,
+    which still says HEAD, so it sends no body either way."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 @contextlib.asynccontextmanager

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 
 from streams.desk.auth import Principal
-from streams.desk.guards import principal
+from streams.desk.guards import bearer, principal
 from streams.desk.apidocs import DOCS_PATH, DOCS_SCRIPT, OPENAPI_PATH
 from streams.desk.pages import login_url, page_with_error, return_to
 from streams.desk.state import desk_of
@@ -40,7 +40,9 @@ def known(request: Request) -> Principal | None:
 
 
 def wants_json(request: Request) -> bool:
-    return request.url.path.startswith(("/api/", "/thumb/")) or request.url.path == OPENAPI_PATH
+    # "/api" itself too: a script that dropped the slash got the HTML 404 page.
+    path = request.url.path
+    return path.startswith(("/api/", "/thumb/")) or path in ("/api", "/thumb", OPENAPI_PATH)
 
 
 async def http_error(request: Request, exc: HTTPException):
@@ -53,7 +55,7 @@ async def http_error(request: Request, exc: HTTPException):
     # A page (or a form posted from one: a session that expired before an
     # editor pressed Record) goes to the login and back; a script with a
     # bearer token gets the 401 it can act on.
-    if exc.status_code == 401 and (request.method == "GET" or "authorization" not in request.headers):
+    if exc.status_code == 401 and (request.method == "GET" or bearer(request) is None):
         return RedirectResponse(login_url(return_to(request)), 303)
     if isinstance(exc, _SearchStopped):
         shown = page_with_error(request, exc.status_code, exc.detail)

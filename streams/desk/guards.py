@@ -32,12 +32,22 @@ def principal(request: Request) -> Principal | None:
     return request.scope["desk.principal"]
 
 
+def bearer(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header ("" when it names
+    none), None without one. Another scheme is not the desk's: a reverse proxy
+    with its own login (nginx's ``auth_basic``) passes the browser's
+    ``Authorization: Basic`` on with every request, and read as a wrong token
+    it refused every page, even with a session, and sent the browser round
+    and round through the login page."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 def _principal(request: Request) -> Principal | None:
     desk = desk_of(request)
-    auth = request.headers.get("authorization", "")
-    if auth:
-        scheme, _, token = auth.partition(" ")
-        p = token_principal(desk.tokens, token.strip()) if scheme.lower() == "bearer" else None
+    token = bearer(request)
+    if token is not None:
+        p = token_principal(desk.tokens, token)
         if p is None:
             raise HTTPException(401, "invalid bearer token")
         return p

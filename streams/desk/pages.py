@@ -4,6 +4,7 @@ login."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -19,15 +20,15 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from streams.desk import observe, views
-from streams.desk.api import cluster_detail, lookup_picture, record_verdict
-from streams.desk.auth import Principal, credential_of
+from streams.desk.api import account_in_query, cluster_detail, lookup_picture, record_verdict
+from streams.desk.auth import Principal, UserEntry, credential_of
 from streams.desk.guards import LOGIN_CSRF_COOKIE, SAFE_METHODS, SESSION_COOKIE, DeskRoute, editor_form, \
-    login_form_csrf, reader, reader_form
+    login_form_csrf, principal, reader, reader_form
 from streams.desk.lookup import Rejected
 from streams.desk.queries import QUEUE_FORM, SEARCH_FORM, account_query, accounts_link, cluster_query, \
     desk_verdict_query, queue_form, queue_link, search_cursor, search_form, search_link, store_query
 from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery, NotFound
-from streams.desk.state import desk_of
+from streams.desk.state import Desk, desk_of
 from streams.desk.verdicts import VerdictIn
 from streams.findings import ClusterQuery as StoreQuery
 from streams.findings import MAX_RESULTS, SearchCursor
@@ -95,7 +96,9 @@ def accounts_page(request: Request, q: AccountQuery = Depends(account_query), me
 
 
 @router.get("/accounts/{account_id:path}", response_class=HTMLResponse, include_in_schema=False)
-def account_page(request: Request, account_id: str, me: Principal = Depends(reader)):
+def account_page(request: Request, account_id: str, me: Principal = Depends(reader),
+                 in_query: Optional[str] = Depends(account_in_query)):
+    account_id = account_id or in_query or ""  # "/accounts/?id=..": an id no path can carry (views.account_href)
     try:
         a = desk_of(request).source.account(account_id)
     except NotFound:
@@ -162,23 +165,28 @@ def login_form(request: Request, next: str = "/"):
     # cannot work. Not where TLS is configured (a TLS terminator that adds
     # no header looks like plain http here): a refused login says it then.
     notice = None if desk.tls_configured else desk.why_no_login_cookie(request)
-    resp = desk.templates.TemplateResponse(request, "login.html", {"me": None, "csrf": token, "next": safe_next(next),
+    resp = desk.templates.TemplateResponse(request, "login.html", {"me": None, "signed_in": signed_in(request),
+                                                                   "csrf": token, "next": safe_next(next),
                                                                    "error": notice, "has_users": len(desk.users) > 0})
     resp.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=3600, **desk.cookie_attrs(request))
     return resp
 
 
 @router.post("/login", include_in_schema=False)
-def login(request: Request, username: str = Form(..., max_length=64), password: str = Form(..., max_length=1024),
-          next: str = Form("/"), expected: str = Depends(login_form_csrf)):
+async def login(request: Request, username: str = Form(..., max_length=64),
+                password: str = Form(..., max_length=1024), next: str = Form("/"),
+                expected: str = Depends(login_form_csrf)):
     desk = desk_of(request)
     client = request.client.host if request.client else "unknown"
-    wait, stamp = desk.limiter.attempt(client, username)
+    wait, stamp = desk.limiter.attempt(client, username)  # in memory, under a lock held for microseconds
     if stamp is None:
         observe.LOGINS.labels("rate_limited").inc()
         raise HTTPException(429, f"too many failed logins; try again in {int(wait) + 1} s",
                             headers={"Retry-After": str(int(wait) + 1)})
-    user = desk.users.check(username, password)
+    # On the desk's few password threads (``Desk.password_checks``): a flood of guesses waits there,
+    # holding neither memory nor a request thread.
+    user = await asyncio.get_running_loop().run_in_executor(desk.password_checks, desk.users.check, username,
+                                                            password)
     if user is None:
         observe.LOGINS.labels("failed").inc()
         log.warning("desk login failed", extra={"user": username, "client": client})
@@ -186,15 +194,12 @@ def login(request: Request, username: str = Form(..., max_length=64), password: 
         # cookie, and a login form open in another tab (or a second try
         # already on its way) would then fail its CSRF check.
         return desk.templates.TemplateResponse(request, "login.html", {
-            "me": None, "csrf": expected, "next": safe_next(next), "error": "wrong user name or password",
-            "has_users": True}, status_code=401)
+            "me": None, "signed_in": await run_in_threadpool(signed_in, request), "csrf": expected,
+            "next": safe_next(next), "error": "wrong user name or password", "has_users": True}, status_code=401)
     desk.limiter.succeeded(stamp, client, username)
     # The session the browser held until now ends here, not only its cookie:
     # a copy of it (another user's, a shared machine's) must not outlive this login.
-    presented = request.cookies.get(SESSION_COOKIE)
-    if presented:
-        desk.db.end_session(presented)
-    token, _ = desk.db.new_session(user.name, user.role, desk.settings.desk.session_hours, credential_of(user))
+    token = await run_in_threadpool(_new_session, desk, request.cookies.get(SESSION_COOKIE), user)
     observe.LOGINS.labels("ok").inc()
     resp = RedirectResponse(safe_next(next), 303)
     resp.set_cookie(SESSION_COOKIE, token, max_age=int(desk.settings.desk.session_hours * 3600),
@@ -211,6 +216,27 @@ def logout(request: Request, me: Principal = Depends(reader_form)):
     resp = RedirectResponse("/", 303)
     resp.delete_cookie(SESSION_COOKIE, **desk.cookie_attrs(request))
     return resp
+
+
+def _new_session(desk: Desk, presented: str | None, user: UserEntry) -> str:
+    """A new session for ``user`` (its cookie's token), after ending the one
+    the browser ``presented``; desk.sqlite may wait on a busy file: off the loop."""
+    if presented:
+        desk.db.end_session(presented)
+    return desk.db.new_session(user.name, user.role, desk.settings.desk.session_hours, credential_of(user))[0]
+
+
+def signed_in(request: Request) -> Principal | None:
+    """Whom the login page says the browser is logged in as: the session it
+    holds (the page said nothing of it, and an editor already logged in took
+    it for logged out), else nobody (not the open desk's reader). Said in the
+    page, not as the header's name and logout form: that form's CSRF field
+    would come before the login form's own."""
+    try:
+        me = principal(request)
+    except HTTPException:  # a wrong bearer token: nobody
+        return None
+    return me if me is not None and me.via == "session" else None
 
 
 def page_with_error(request: Request, status: int, message: str) -> Response | None:

@@ -56,6 +56,14 @@ def store_query(q: Optional[str] = Query(None, max_length=1000, description='wor
     if q and q.strip() and query.text is None:  # said as such, not as "give at least one of q, ..."
         raise RequestValidationError([{"type": "value_error", "loc": ("query", "q"), "input": q,
                                        "msg": "has no word to search for (only punctuation or quotes)"}])
+    # "@" or "#" alone normalises to no condition: the page answered a blank
+    # (not even "no clusters match"), the API "give at least one of ...
+    # account, hashtag", and beside another filter it was dropped unsaid.
+    for name, sent, kept, what in (("account", account, query.account, "an account id or @handle"),
+                                   ("hashtag", hashtag, query.hashtag, "a tag")):
+        if sent and sent.strip() and kept is None:
+            raise RequestValidationError([{"type": "value_error", "loc": ("query", name), "input": sent,
+                                           "msg": f"has no name in it: give {what}"}])
     if query.since and query.until and _utc(query.since) > _utc(query.until):  # answered nothing, as if none matched
         raise RequestValidationError([{"type": "value_error", "loc": ("query", "since"), "input": since,
                                        "msg": f"since {since} is after until {until}; swap them"}])

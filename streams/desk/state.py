@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +30,9 @@ from streams.findings import FindingsStore
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
+# Password checks at once (``Desk.password_checks``): more than the cores add memory (32 MiB each), not
+# answers, and four already check some 20-40 passwords a second.
+PASSWORD_CHECKS = min(4, max(2, os.cpu_count() or 1))
 # Headers a reverse proxy adds: a request carrying any of them is not read
 # without a login, whether or not the proxy is one the desk trusts.
 PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip")
@@ -73,6 +78,11 @@ class Desk:
         len(self.users)  # a broken users file stops the start with its reason
         self.tokens = tokens_from_env(settings.desk.tokens_env)
         self.limiter = LoginLimiter(settings.desk.login_failures_per_minute)
+        # Password checks (scrypt: 32 MiB and ~0.1 s of a core each) run here, a few at a time, not in the
+        # request threads: 19 wrong logins at once from one address took the desk from 120 MB to 666 MB and
+        # held as many of the 40 threads every page needs (from many addresses: all of them). The rest wait
+        # their turn without a thread.
+        self.password_checks = ThreadPoolExecutor(max_workers=PASSWORD_CHECKS, thread_name_prefix="desk-password")
         self.alerts = AlertPath(settings)
         self.verdicts = Verdicts(settings, self.source, self.db, self.alerts)
         self.account_check: asyncio.Future | None = None  # the timer's check in flight, if any
@@ -139,6 +149,7 @@ class Desk:
             log.exception("saving the member index failed")
         self.source.close()
         self.db.close()
+        self.password_checks.shutdown(wait=False, cancel_futures=True)
 
 
 def desk_of(request: Request) -> Desk:

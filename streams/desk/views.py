@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from markupsafe import Markup
 
@@ -160,8 +160,35 @@ def segment(value: object) -> str:
     return quote(str(value), safe="")
 
 
+# Path segments a browser resolves before it sends the request (WHATWG URL:
+# "." and "..", and their escapes "%2e", ".%2e", ... alike, so no escaping
+# helps): an account named ".." linked as /accounts/.. opened the queue, one
+# named "." /accounts/ (a 404). The empty id would be that 404 too.
+_DOT_SEGMENTS = frozenset({"", ".", ".."})
+
+
+def account_href(account_id: object) -> str:
+    """The link to an account's page: ``/accounts/<id as one segment>``, or,
+    for an id a browser would resolve away (``_DOT_SEGMENTS``), the same page
+    with the id in the query (``/accounts/?id=..``, read by the route)."""
+    value = str(account_id)
+    if value in _DOT_SEGMENTS:
+        return "/accounts/?" + urlencode({"id": value})
+    return "/accounts/" + segment(value)
+
+
+def isolated(values: Any, sep: str = ", ") -> Markup:
+    """Names from posts (platforms) joined, each in a ``<bdi>``: a name
+    carrying a bidi control (U+202E, "right-to-left override") reversed
+    everything after it to the end of its paragraph, the counts and times
+    beside it included ("3 posts" read "stsop 3")."""
+    return Markup(sep).join(Markup("<bdi>%s</bdi>") % v for v in values or ())
+
+
 def register_filters(env) -> None:
+    env.filters["isolated"] = isolated
     env.filters["segment"] = segment
+    env.filters["account_href"] = account_href
     env.filters["sparkline"] = sparkline
     env.filters["spread_chart"] = spread_chart
     env.filters["when"] = when
