@@ -34,7 +34,7 @@ from typing import (
     Any, Callable, Collection, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar, get_args,
     runtime_checkable,
 )
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
@@ -811,6 +811,27 @@ def cluster_page_url(public_url: str | None, cluster_id: str) -> str | None:
     if not public_url:
         return None
     return f"{public_url}/clusters/{quote(cluster_id, safe='')}"
+
+
+# Path segments a browser resolves before it sends the request (WHATWG URL:
+# "." and "..", and their escapes "%2e", ".%2e", ... alike, so no escaping
+# helps): an account named ".." linked as /accounts/.. opened the queue, one
+# named "." /accounts/ (a 404). The empty id would be that 404 too.
+_DOT_SEGMENTS = frozenset({"", ".", ".."})
+
+
+def account_page_path(account_id: str) -> str:
+    """The desk's page of an account: ``/accounts/<id as one segment>``, or,
+    for an id a browser would resolve away (``_DOT_SEGMENTS``), the same page
+    with the id in the query (``/accounts/?id=..``, which the desk reads)."""
+    if account_id in _DOT_SEGMENTS:
+        return "/accounts/?" + urlencode({"id": account_id})
+    return "/accounts/" + quote(account_id, safe="")
+
+
+def account_page_url(public_url: str | None, account_id: str) -> str | None:
+    """``account_page_path`` under ``desk.public_url``; None without an address."""
+    return f"{public_url}{account_page_path(account_id)}" if public_url else None
 
 
 SortField = Literal["sightings_5m", "sightings_1h", "fake_score", "sightings", "last_seen"]

@@ -160,7 +160,7 @@ from detectors.printable import one_line
 from streams import metrics
 from streams.fetch import FetchError, Pinned, embedded_ipv4, pin  # embedded: IPv4-mapped, 6to4, Teredo, NAT64
 from streams.fetch import public_address
-from streams.findings import UNDELIVERED, DeliveryState, cluster_page_url
+from streams.findings import UNDELIVERED, DeliveryState, account_page_url, cluster_page_url
 from streams.records import Alert, openable_url
 from streams.settings import TARGET_KEY_RE, Settings, WebhookSettings, hook_origin
 
@@ -231,12 +231,11 @@ def desk_url(public_url: str | None, alert: Alert) -> str | None:
     """The desk's page of what ``alert`` is about under its public address
     (``desk.public_url``): the cluster's page (the desk's
     ``/clusters/{cluster_id}``), or for an account alert the account's
-    (``/accounts/{account_id}``); None without an address. The id is
-    percent-encoded as one path segment."""
-    if not public_url:
-        return None
+    (``/accounts/{account_id}``, or ``/accounts/?id=..`` for an id a browser
+    would resolve away: ``account_page_url``); None without an address. The
+    id is percent-encoded as one path segment."""
     if alert.account_id is not None:
-        return f"{public_url}/accounts/{quote(alert.account_id, safe='')}"
+        return account_page_url(public_url, alert.account_id)
     return cluster_page_url(public_url, alert.cluster_id)
 
 

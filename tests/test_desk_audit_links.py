@@ -141,3 +141,12 @@ def test_an_account_page_says_how_many_of_its_posts_it_shows(desk):
     assert html.split('<table class="posts">')[1].split("</table>")[0].count("<tr><td") == 200
     assert '<p class="small muted" id="posts-shown">the newest 200 of 203 posts</p>' in html
     assert 'id="posts-shown"' not in httpx.get(desk.url + "/accounts/spree").text  # all seven shown
+
+
+def test_a_post_url_in_capitals_is_a_link_and_script_never_is():
+    # the templates link a post only where this holds: "HTTPS://..." was hidden
+    from streams.desk.views import web_link
+
+    assert web_link("HTTPS://example.org/p/1") and web_link("Http://example.org/p/2")
+    for never in ("javascript:alert(1)", "JAVASCRIPT:alert(1)", "data:text/html,x", "//example.org/p", "", None, 5):
+        assert not web_link(never), never

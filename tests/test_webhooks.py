@@ -556,6 +556,10 @@ def test_desk_links_quote_the_id_and_end_the_summary_line(receiver, monkeypatch)
     account = _alert().model_copy(update={"alert_id": "account:x/123:1", "cluster_id": "account:x/123",
                                           "account_id": "x/123"})
     assert desk_url(DESK, account) == "https://desk.example.org/desk/accounts/x%2F123", "the account's page"
+    for dots in (".", ".."):  # a browser resolves /accounts/.. to the queue, escaped or not: the id goes in the query
+        dotted = account.model_copy(update={"alert_id": f"account:{dots}:1", "cluster_id": f"account:{dots}",
+                                            "account_id": dots})
+        assert desk_url(DESK, dotted) == f"https://desk.example.org/desk/accounts/?id={dots}"
     # what the alert is about is its account_id field, not how its cluster id reads
     named_like_one = _alert().model_copy(update={"alert_id": "account:y:1", "cluster_id": "account:y"})
     assert desk_url(DESK, named_like_one) == "https://desk.example.org/desk/clusters/account%3Ay"

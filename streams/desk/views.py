@@ -5,11 +5,12 @@ from __future__ import annotations
 import sqlite3
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from markupsafe import Markup
 
 from streams.desk.source import FindingsSource
+from streams.findings import account_page_path
 from streams.settings import Settings
 
 # The cluster view the set was made from, held (not its id(): a freed view's
@@ -160,21 +161,10 @@ def segment(value: object) -> str:
     return quote(str(value), safe="")
 
 
-# Path segments a browser resolves before it sends the request (WHATWG URL:
-# "." and "..", and their escapes "%2e", ".%2e", ... alike, so no escaping
-# helps): an account named ".." linked as /accounts/.. opened the queue, one
-# named "." /accounts/ (a 404). The empty id would be that 404 too.
-_DOT_SEGMENTS = frozenset({"", ".", ".."})
-
-
 def account_href(account_id: object) -> str:
-    """The link to an account's page: ``/accounts/<id as one segment>``, or,
-    for an id a browser would resolve away (``_DOT_SEGMENTS``), the same page
-    with the id in the query (``/accounts/?id=..``, read by the route)."""
-    value = str(account_id)
-    if value in _DOT_SEGMENTS:
-        return "/accounts/?" + urlencode({"id": value})
-    return "/accounts/" + segment(value)
+    """The link to an account's page (``streams.findings.account_page_path``:
+    ``?id=`` for an id a browser would resolve away, "." or "..")."""
+    return account_page_path(str(account_id))
 
 
 def isolated(values: Any, sep: str = ", ") -> Markup:
@@ -185,7 +175,15 @@ def isolated(values: Any, sep: str = ", ") -> Markup:
     return Markup(sep).join(Markup("<bdi>%s</bdi>") % v for v in values or ())
 
 
+def web_link(url: object) -> bool:
+    """Whether a post's URL may be a link on the page: http(s) only (a
+    ``javascript:`` URL is script), the scheme in any case (``HTTPS://`` is
+    as good a link; it was hidden)."""
+    return isinstance(url, str) and url[:8].lower().startswith(("https://", "http://"))
+
+
 def register_filters(env) -> None:
+    env.tests["web_link"] = web_link
     env.filters["isolated"] = isolated
     env.filters["segment"] = segment
     env.filters["account_href"] = account_href
