@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, PngImagePlugin
 
 from detectors.regular_file import FileRefused, read_regular
 
@@ -42,11 +42,20 @@ except ImportError:  # pragma: no cover - optional at import, a dependency in py
 # could look at its size).
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "HEIF", "AVIF")
 
+# What Pillow names a JPEG it opened: a JPEG with an MPF segment (APP2,
+# "MPF\0") declaring two or more pictures opens as "MPO". Its first picture is
+# decoded by libjpeg like any JPEG, so every JPEG rule (DCT coefficients of a
+# multi-scan file counted, DCT-scaled decodes) applies to it: compared with
+# "JPEG" alone, a progressive MPO's coefficients went uncounted (a 700 KB
+# 12000x5000 file passed at 228 MiB and peaked at 631 MiB).
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+
 
 @functools.cache
-def _open_formats() -> tuple[str, ...]:
-    # Only the registered ones: Image.open raises KeyError for a name it
-    # has no plugin for (AVIF needs Pillow >= 11.2 or pillow-heif's opener).
+def open_formats() -> tuple[str, ...]:
+    """The accepted formats Pillow has a plugin for here: ``Image.open``
+    raises KeyError for a name it has none for (AVIF needs Pillow >= 11.2
+    or pillow-heif's opener)."""
     Image.init()
     return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
 
@@ -199,6 +208,173 @@ def check_jpeg_scans(data: bytes, max_scans: int = MAX_JPEG_SCANS) -> None:
                             "(real files have a few dozen)")
 
 
+# Pillow reads the structure of a PNG, a GIF up to its first picture, and an
+# RLE-compressed BMP's pixels one Python step at a time, outside any pixel
+# bound: each walk below is counted before Pillow starts, stopping one past
+# its bound, so a hostile file costs bounded work here and is refused.
+
+# PNG chunks up to IEND. Real files have a few dozen, plus one IDAT per 8 KiB
+# of pixels (3,200 in a 25 MiB file) or, from a streaming encoder, one per
+# row (up to 16,384, ~31,000 interlaced). Pillow handles each in Python, on
+# every open (an ImageData opens a file three or four times): 1.5 million
+# empty chunks (18 MB) cost 14 s and 590 MB, for a 300x300 picture; at this
+# bound, 3-5 s and 170 MB at most. (A picture of 100,000 tiny text chunks is
+# still analysed, in a thread: ``streams.stage.MAX_INLINE_PNG_CHUNKS``.)
+MAX_PNG_CHUNKS = 200_000
+
+# Steps Pillow takes through a GIF before its first picture: each extension,
+# each of its data sub-blocks, each stray byte. Real files have a handful (an
+# XMP packet, read as sub-blocks, a few thousand). Pillow keeps every comment
+# sub-block as a bytes object: 12 million 1-byte ones (24 MB) held 1.1 GB for
+# a 10x10 picture that the decode budget counted as nothing.
+MAX_GIF_STEPS = 65_536
+
+# Pixels of an RLE-compressed BMP: Pillow's RLE decoder is Python, about
+# 110 ns a pixel at worst (a 17 KB 16384x4096 RLE8 file took 7.3 s a decode,
+# holding the GIL). Real RLE bitmaps are icons and old screenshots.
+MAX_RLE_BMP_PIXELS = 4_000_000
+
+
+# Photoshop resource blocks ("8BIM") in a JPEG's APP13 segments, which
+# Pillow's header parse reads one by one in Python (~1.3 us each). Real files
+# carry a few dozen; 2 million 12-byte ones (24 MB) cost 2.7 s an open, three
+# or four opens an analysis, for a 300x300 picture.
+MAX_PHOTOSHOP_BLOCKS = 10_000
+
+# Strips or tiles of a TIFF's first picture: Pillow makes and decodes each
+# uncompressed one in Python (~20 us). Real files have one strip per row at
+# most (16,384) or 256-px tiles (4,096 in a 16384x16384 picture); 262,144
+# 16-px tiles of an 8192x8192 file (2 MB, all pointing at the same bytes)
+# cost 1.3 s an open and 4 s a decode.
+MAX_TIFF_BLOCKS = 65_536
+
+
+def jpeg_photoshop_blocks_over(data: bytes, limit: int = MAX_PHOTOSHOP_BLOCKS) -> bool:
+    """Whether the APP13 "Photoshop 3.0" segments Pillow parses (those
+    before the first scan) hold more than ``limit`` resource blocks, counted
+    by their "8BIM" signatures (at C speed: a chance match in a block's data
+    only counts one too many). False for other bytes."""
+    if not data.startswith(b"\xff\xd8"):
+        return False
+    blocks, pos = 0, 2
+    for _ in range(MAX_JPEG_SEGMENTS + 1):  # ``check_jpeg_scans`` refuses more
+        m = _JPEG_MARKER.search(data, pos)
+        if m is None:
+            return False
+        marker = data[m.start() + 1]
+        if marker in (0xD9, 0xDA):  # EOI, or the first scan: Pillow's header parse ends there
+            return False
+        pos = m.end()
+        if marker in _STANDALONE:
+            continue
+        length = int.from_bytes(data[pos:pos + 2], "big")
+        if marker == 0xED and data.startswith(b"Photoshop 3.0\x00", pos + 2):
+            blocks += data.count(b"8BIM", pos + 2, pos + length)
+            if blocks > limit:
+                return True
+        pos += length
+    return False
+
+
+def _tiff_blocks(data: bytes) -> int:
+    """Strips or tiles (the larger count given) of the first picture of the
+    TIFF or BigTIFF in ``data``, read from its first directory; 0 for other
+    bytes or a directory that cannot be read (Pillow then decides)."""
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        big = False
+    elif data[:4] in (b"II+\x00", b"MM\x00+"):
+        big = True
+    else:
+        return 0
+    order = "little" if data[:2] == b"II" else "big"
+    if big:
+        ifd = int.from_bytes(data[8:16], order)
+        count, size, first = int.from_bytes(data[ifd:ifd + 8], order), 20, ifd + 8
+    else:
+        ifd = int.from_bytes(data[4:8], order)
+        count, size, first = int.from_bytes(data[ifd:ifd + 2], order), 12, ifd + 2
+    most = 0
+    for i in range(min(count, 65_535)):  # bounded work: a real directory has a few dozen entries
+        at = first + i * size
+        if at + size > len(data):
+            break
+        tag = int.from_bytes(data[at:at + 2], order)
+        if tag in (273, 279, 324, 325):  # Strip/TileOffsets, Strip/TileByteCounts
+            most = max(most, int.from_bytes(data[at + 4:at + (12 if big else 8)], order))  # its count
+    return most
+
+
+def png_chunks_over(data: bytes, limit: int = MAX_PNG_CHUNKS) -> bool:
+    """Whether ``data`` is a PNG with more than ``limit`` chunks up to its
+    IEND, counted no further than one past it. False for other bytes."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return False
+    pos, end = 8, len(data)
+    for _ in range(limit + 1):
+        if pos + 8 > end or data[pos + 4:pos + 8] == b"IEND":
+            return False
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return True
+
+
+def gif_steps_over(data: bytes, limit: int = MAX_GIF_STEPS) -> bool:
+    """Whether ``data`` is a GIF whose blocks before its first image
+    descriptor take Pillow more than ``limit`` steps (an extension, one of its
+    sub-blocks, a stray byte each), walked as Pillow walks them and no
+    further than one past the bound. False for other bytes."""
+    if not data.startswith((b"GIF87a", b"GIF89a")) or len(data) < 13:
+        return False
+    flags = data[10]
+    pos = 13 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0)  # the global colour table
+    end, steps = len(data), 0
+    while pos < end:
+        steps += 1
+        if steps > limit:
+            return True
+        byte = data[pos]
+        if byte in (0x2C, 0x3B):  # an image descriptor, the trailer: Pillow stops here
+            return False
+        if byte != 0x21:  # not an extension: Pillow skips it a byte at a time
+            pos += 1
+            continue
+        pos += 2  # introducer and label, then sub-blocks up to a zero length
+        while pos < end:
+            size = data[pos]
+            pos += 1 + size
+            if size == 0:
+                break
+            steps += 1
+            if steps > limit:
+                return True
+    return False
+
+
+def check_structure(data: bytes) -> None:
+    """``ImageRejected`` for a PNG, GIF, JPEG, TIFF or BMP whose structure costs Pillow
+    more Python steps than a real picture of any size needs (see the bounds
+    above); nothing for other bytes. Decided before Pillow opens it."""
+    if png_chunks_over(data):
+        raise ImageRejected("too_many_segments", f"PNG has more than {MAX_PNG_CHUNKS} chunks "
+                            "(real files have a few dozen, or one per 8 KiB of pixels)")
+    if gif_steps_over(data):
+        raise ImageRejected("too_many_segments", f"GIF has more than {MAX_GIF_STEPS} extension blocks before its "
+                            "first picture (real files have a handful)")
+    if jpeg_photoshop_blocks_over(data):
+        raise ImageRejected("too_many_segments", f"JPEG has more than {MAX_PHOTOSHOP_BLOCKS} Photoshop resource "
+                            "blocks (real files have a few dozen)")
+    blocks = _tiff_blocks(data)
+    if blocks > MAX_TIFF_BLOCKS:
+        raise ImageRejected("too_many_segments", f"TIFF has {blocks} strips or tiles, more than {MAX_TIFF_BLOCKS} "
+                            "(real files have at most one a row, or 256-px tiles)")
+    if data.startswith(b"BM") and len(data) >= 34 and int.from_bytes(data[14:18], "little") >= 40:
+        w = int.from_bytes(data[18:22], "little", signed=True)
+        h = int.from_bytes(data[22:26], "little", signed=True)
+        compression = int.from_bytes(data[30:34], "little")
+        if compression in (1, 2) and abs(w) * abs(h) > MAX_RLE_BMP_PIXELS:
+            raise ImageRejected("too_large", f"RLE-compressed BMP of {abs(w)}x{abs(h)} is over {MAX_RLE_BMP_PIXELS} "
+                                "pixels (decoded one pixel at a time in Python)")
+
+
 def jpeg_coefficient_bytes(data: bytes, img: Image.Image) -> int:
     """Bytes libjpeg holds for a multi-scan JPEG's DCT coefficients (2 bytes
     each, every component at its own sampling) before the first pixel comes
@@ -206,7 +382,7 @@ def jpeg_coefficient_bytes(data: bytes, img: Image.Image) -> int:
     of the output, so a 1.5 MB progressive 16384x6100 CMYK file holds 800 MB
     even when decoded at 1/8 scale."""
     layers = getattr(img, "layer", None)
-    if img.format != "JPEG" or not layers or not _jpeg_multi_scan(data):
+    if img.format not in JPEG_FORMATS or not layers or not _jpeg_multi_scan(data):
         return 0
     w, h = img.size
     h_max = max(layer[1] for layer in layers) or 1
@@ -256,7 +432,7 @@ def _text_too_large(ctype: bytes, body: bytes, limit: int) -> bool:
     if ctype == b"tEXt":
         return len(body) > limit
     try:
-        if ctype == b"zTXt":
+        if ctype in (b"zTXt", b"iCCP"):  # name\0 method compressed: the same layout
             comp = body.split(b"\0", 1)[1][1:]
         else:  # iTXt: keyword\0 flag method lang\0 tkey\0 text
             keyword, rest = body.split(b"\0", 1)
@@ -270,19 +446,38 @@ def _text_too_large(ctype: bytes, body: bytes, limit: int) -> bool:
         return False  # malformed, but small: Pillow decides
 
 
+# Notes said about the chunks skipped from one picture; more are counted in one.
+MAX_NOTES = 5
+
+# The tRNS length Pillow requires (it refuses the file below it) by IHDR
+# colour type: grey 2 bytes, truecolour 6. Viewers ignore such a chunk.
+_TRNS_MIN = {0: 2, 2: 6}
+
+
 def strip_oversized_png_text(data: bytes, limit: int, *, all_text: bool = False) -> tuple[bytes, list[str]]:
-    """``data`` without the PNG text chunks that decompress beyond ``limit``
-    (Pillow refuses the whole image for one of them), or without every text
-    chunk (``all_text``: their sum was over Pillow's total), and what was dropped."""
+    """``data`` without the PNG metadata chunks Pillow refuses the whole image
+    for: text chunks that decompress beyond ``limit``, or every text chunk
+    (``all_text``: their sum was over Pillow's total); an ICC profile
+    (iCCP) that decompresses beyond ``limit``; a tRNS chunk too short for the
+    colour type. Browsers show such a picture (they ignore a profile or a
+    transparency they cannot use): refusing it would let padded metadata hide
+    the pixels from analysis. Returns the bytes and what was dropped."""
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
         return data, []
+    colour_type = data[25] if len(data) > 25 else -1  # IHDR is the first chunk
     out, notes, pos = [data[:8]], [], 8
     while pos + 8 <= len(data):
         length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
         end = pos + 12 + length
-        if ctype in _TEXT_CHUNKS and (all_text or _text_too_large(ctype, data[pos + 8:pos + 8 + length], limit)):
+        body = data[pos + 8:pos + 8 + length]
+        if ctype in _TEXT_CHUNKS and (all_text or _text_too_large(ctype, body, limit)):
             notes.append(f"{ctype.decode()} chunk of {length} bytes "
                          f"{'(text chunks together over the limit)' if all_text else f'decompresses beyond {limit} bytes'}; skipped")
+        elif ctype == b"iCCP" and _text_too_large(ctype, body, PngImagePlugin.MAX_TEXT_CHUNK):  # Pillow's bound
+            notes.append(f"iCCP (ICC profile) chunk of {length} bytes decompresses beyond "
+                         f"{PngImagePlugin.MAX_TEXT_CHUNK} bytes; skipped")
+        elif ctype == b"tRNS" and length < _TRNS_MIN.get(colour_type, 0):
+            notes.append(f"tRNS chunk of {length} bytes is too short for colour type {colour_type}; skipped")
         else:
             out.append(data[pos:end])
         pos = end
@@ -306,6 +501,33 @@ def _eight_bit(img: Image.Image) -> Image.Image:
         if img.mode == "F" and 0 <= low and high <= 1:
             return img.point(lambda v: v * 255)
     return img
+
+
+# EXIF orientation -> the transpose that shows the picture upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def _orient(img: Image.Image) -> None:
+    """``img`` (loaded) turned upright by its EXIF orientation, in place, as
+    ``ImageOps.exif_transpose(img, in_place=True)`` turns it, without what
+    that also does: write the EXIF block back without its orientation. That
+    write raised for many a malformed tag that reading had let through (a
+    RATIONAL where text belongs, an offset past the block), and the picture,
+    which browsers show upright, was refused as undecodable: one bad tag
+    beside an orientation hid a picture from analysis. The pixels are all a
+    decode gives; its metadata is read from ``header``."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: as stored (``ImageData.orientation`` says 1 too)
+        return
+    method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    if method is None:
+        return
+    turned = img.transpose(method)
+    img.im = turned.im
+    img._size = turned.size
 
 
 def ignore_pillow_warnings() -> None:
@@ -345,7 +567,7 @@ class _cached:
 
 def _open_image(data: bytes) -> Image.Image:
     """Pillow's lazy open of ``data``, among the accepted formats only."""
-    return Image.open(io.BytesIO(data), formats=_open_formats())
+    return Image.open(io.BytesIO(data), formats=open_formats())
 
 
 class ImageData:
@@ -368,6 +590,7 @@ class ImageData:
         self.notes: list[str] = []
         self._decodable = data
         check_jpeg_scans(data, self.limits.max_jpeg_scans)
+        check_structure(data)
         header = self.open()  # validates format, dimensions and cost without decoding pixels
         self.header = header
         self.format: str = (header.format or "UNKNOWN").upper()
@@ -404,7 +627,7 @@ class ImageData:
     def _fit_budget(self, header: Image.Image) -> None:
         budget = self.limits.max_decode_bytes
         full = self.decode_cost - self._coefficients  # the output, which DCT scaling shrinks
-        if header.format == "JPEG":
+        if header.format in JPEG_FORMATS:
             for scale in (2, 4, 8):
                 if full // (scale * scale) + self._coefficients <= budget:
                     self._reduce = scale
@@ -458,22 +681,29 @@ class ImageData:
         return img
 
     def _strip_png_text(self) -> bool:
-        """Whether the PNG text chunks Pillow refuses were dropped from what is
-        decoded (``notes`` says which): padded metadata must not hide the pixels
-        from analysis. The oversized chunk(s), or all text if only their sum was
-        over Pillow's total; False when nothing was or it is not a PNG."""
+        """Whether the PNG metadata chunks Pillow refuses were dropped from what
+        is decoded (``notes`` says which): padded metadata must not hide the
+        pixels from analysis. The oversized text chunk(s), or all text if only
+        their sum was over Pillow's total, an oversized ICC profile, a short
+        tRNS (``strip_oversized_png_text``); False when nothing was or it is
+        not a PNG."""
         if self._decodable is not self.data or not self.data.startswith(b"\x89PNG"):
             return False
         for limit, all_text in ((PngImagePlugin.MAX_TEXT_CHUNK, False), (0, True)):
             stripped, notes = strip_oversized_png_text(self.data, limit, all_text=all_text)
             if notes:
                 self._decodable = stripped
+                if len(notes) > MAX_NOTES:
+                    # Each note is an evidence item of the sighting: 30,000 tiny text
+                    # chunks beside 70 MB of inflating ones (a 645 KB file) made a
+                    # 7 MB cluster op, and the picture a dead letter (too_large).
+                    notes = notes[:MAX_NOTES - 1] + [f"{len(notes) - MAX_NOTES + 1} more metadata chunks skipped"]
                 self.notes.extend(notes)
                 return True
         return False
 
     def _decode(self, img: Image.Image, mode: str = "RGB", *, oriented: bool = True) -> Image.Image:
-        if self._reduce > 1 and img.format == "JPEG" and img.size == self.size:
+        if self._reduce > 1 and img.format in JPEG_FORMATS and img.size == self.size:
             w, h = img.size
             img.draft(img.mode, (w // self._reduce, h // self._reduce))
         try:
@@ -489,7 +719,7 @@ class ImageData:
             # decode is as large as the decode itself, and none of them is
             # in the budget (``decode_cost`` counts one image).
             if oriented:
-                ImageOps.exif_transpose(img, in_place=True)
+                _orient(img)
             if img.mode != mode:
                 return _eight_bit(img).convert(mode)
             # The pixels without the file object: a decoder can hold a
@@ -544,7 +774,7 @@ class ImageData:
     def thumbnail_cost(self, min_side: int) -> int:
         """Bytes ``thumbnail(min_side)`` holds at its peak: a JPEG's decode at
         the DCT scale draft mode picks (1/2..1/8), else ``decode_cost``."""
-        if self.format != "JPEG" or self._reduce != 1:
+        if self.format not in JPEG_FORMATS or self._reduce != 1:
             return self.decode_cost
         scale = max(1, min(self.size) // min_side)
         r = 1
@@ -561,7 +791,7 @@ class ImageData:
             return cached
         img = self.open()
         out = None
-        if img.format == "JPEG":
+        if img.format in JPEG_FORMATS:
             w, h = img.size
             scale = max(1, min(w, h) // min_side)
             if scale > 1:

@@ -51,7 +51,9 @@ from typing import Any, Awaitable, Callable
 
 from PIL import Image
 
-from detectors.imagedata import jpeg_multi_scan
+from detectors.imagedata import (
+    JPEG_FORMATS, ImageRejected, check_structure, jpeg_multi_scan, open_formats, png_chunks_over,
+)
 from streams import metrics
 from streams.blobstore import write_may_pass
 from streams.findings import PostIdentity, reads_are_local
@@ -105,20 +107,6 @@ MAX_INLINE_PNG_CHUNKS = 1_000
 # 2000x2000, so it keeps the whole ``batch.analyze_inline_max_pixels``.
 # Without this, a feed of tiny distinct flat PNGs held the loop ~250 ms each.
 MAX_INLINE_FULL_DECODE_PIXELS = 250_000
-
-
-def png_chunks_over(data: bytes, limit: int) -> bool:
-    """Whether ``data`` is a PNG with more than ``limit`` chunks up to its
-    IEND, counted no further than that: bounded work whatever the file.
-    False for other bytes."""
-    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return False
-    pos, end = 8, len(data)
-    for _ in range(limit + 1):
-        if pos + 8 > end or data[pos + 4:pos + 8] == b"IEND":
-            return False
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
-    return True
 
 
 def errno_name(e: OSError) -> str:
@@ -474,23 +462,31 @@ class AnalyzeStage:
         Pillow reads its header (which handles every chunk up to the pixels).
         A picture decoded in full (any format but JPEG, and a JPEG whose
         watermark check runs) only up to ``MAX_INLINE_FULL_DECODE_PIXELS``:
-        its cost per pixel is some 50 times a plain JPEG's."""
+        its cost per pixel is some 50 times a plain JPEG's. A structure the
+        decoder refuses (``check_structure``: countless chunks, blocks, tiles)
+        or a format it does not open is not small either: refused in the
+        thread, where the header walk Pillow would do first costs the loop
+        nothing."""
         cap = self.settings.batch.analyze_inline_max_pixels
         if cap <= 0 or len(data) > cap:  # compressed bytes above the pixel cap: large by any measure
             return False
         if png_chunks_over(data, MAX_INLINE_PNG_CHUNKS):
             return False
+        try:
+            check_structure(data)
+        except ImageRejected:
+            return False
         from detectors.plugins.watermark import jpeg_erased_mark  # cv2, pywt: not for every importer of ``once``
 
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=open_formats()) as img:
                 w, h = img.size
                 fmt = img.format
                 # decoded reduced, its watermark check skipped: cheap up to the whole cap
-                plain_jpeg = fmt == "JPEG" and jpeg_erased_mark(img)
+                plain_jpeg = fmt in JPEG_FORMATS and jpeg_erased_mark(img)
         except Exception:  # noqa: BLE001 - judged (and rejected) in the thread
             return False
-        if fmt == "JPEG" and jpeg_multi_scan(data):
+        if fmt in JPEG_FORMATS and jpeg_multi_scan(data):
             return False
         return w * h <= (cap if plain_jpeg else min(cap, MAX_INLINE_FULL_DECODE_PIXELS))
 

@@ -35,6 +35,20 @@ _FREE_TEXT_KEYS = frozenset(
 )
 
 
+# A model name or fact as reported: a file's JSON can make either anything
+# (a 1 MB string, a nested object), and the evidence travels in a broker
+# message of at most 1 MB.
+MAX_FACT_CHARS = 200
+
+
+def _fact(value: Any) -> Any:
+    """``value`` as evidence data: a number or flag as it is, anything else
+    as text of at most ``MAX_FACT_CHARS``."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return str(value)[:MAX_FACT_CHARS]
+
+
 @dataclass
 class Finding:
     generator: str
@@ -43,6 +57,11 @@ class Finding:
     model: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Read from the file: an InvokeAI or Fooocus model name of 1 MB made the
+        # picture's cluster op 2 MB, and the picture a dead letter (too_large).
+        self.model = None if self.model is None else str(self.model)[:MAX_FACT_CHARS]
+        self.facts = {k: _fact(v) for k, v in self.facts.items()}
 
 
 def _json(value: str) -> Any:

@@ -2,11 +2,12 @@
 
 XMP is matched by namespace URI after real XML parsing, never by prefix or
 regex: ``Iptc4xmpExt:`` is only a conventional prefix and any other one may be
-bound to the same URI. Parsing is defused by refusing any DTD (without a DTD
-there are no entity declarations, so no entity expansion and no external
-entities) and by capping each packet's size and depth and the elements
-parsed; every step after it is linear in the packet (a 1 MB packet of nested
-properties once cost 2.9 GB and 10 s, joining each one's descendants' text).
+bound to the same URI. Parsing is defused by refusing any DTD, looked for in
+the packet's decoded text (without a DTD there are no entity declarations,
+so no entity expansion and no external entities) and by capping each
+packet's size and depth and the elements parsed; every step after it is
+linear in the packet (a 1 MB packet of nested properties once cost 2.9 GB
+and 10 s, joining each one's descendants' text).
 """
 
 from __future__ import annotations
@@ -104,14 +105,19 @@ def parse_packets(packets: Iterable[bytes]) -> list[ET.Element]:
 def _parse(packet: bytes, max_elements: int) -> tuple[ET.Element | None, int]:
     """(the packet's root or None, the elements it started). Parsed in
     slices, so a packet over a bound is refused where it crosses it."""
-    if len(packet) > MAX_PACKET_BYTES or b"<!DOCTYPE" in packet or b"<!ENTITY" in packet:
+    if len(packet) > MAX_PACKET_BYTES:
+        return None, 0
+    text = _packet_text(packet)
+    if text is None or "<!DOCTYPE" in text or "<!ENTITY" in text:
         return None, 0
     parser = ET.XMLPullParser(events=("start", "end"))
     root: ET.Element | None = None
     depth = elements = 0
     try:
-        for i in range(0, len(packet), _FEED_BYTES):
-            parser.feed(packet[i:i + _FEED_BYTES])
+        for i in range(0, len(text), _FEED_BYTES):
+            # Text, not bytes: expat then parses UTF-8 whatever encoding the
+            # packet declares, so the DTD check above saw what expat reads.
+            parser.feed(text[i:i + _FEED_BYTES])
             for event, el in parser.read_events():
                 if event == "end":
                     depth -= 1
@@ -126,6 +132,27 @@ def _parse(packet: bytes, max_elements: int) -> tuple[ET.Element | None, int]:
     except (ET.ParseError, ValueError):
         return None, elements
     return root, elements
+
+
+# XMP may be serialised in UTF-16 or UTF-32 (XMP part 1, 7.3), always with a
+# byte order mark; anything else must be UTF-8.
+_BOMS = (("utf-32", (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")), ("utf-16", (b"\xff\xfe", b"\xfe\xff")),
+         ("utf-8-sig", (b"\xef\xbb\xbf",)))
+
+
+def _packet_text(packet: bytes) -> str | None:
+    """The packet as text, or None when it is not valid in its encoding.
+
+    Decoded here rather than by expat: a packet declaring
+    ``encoding="UTF-16"`` (or a one-byte codec such as EBCDIC ``cp037``,
+    which pyexpat accepts) spells ``<!DOCTYPE`` in other bytes, so a byte
+    search let its DTD through and expat expanded its entities (a 960 KB
+    packet grew to 48 million characters)."""
+    codec = next((c for c, boms in _BOMS if packet.startswith(boms)), "utf-8")
+    try:
+        return packet.decode(codec)
+    except (UnicodeDecodeError, LookupError):
+        return None
 
 
 _LI = f"{{{RDF_NS}}}li"

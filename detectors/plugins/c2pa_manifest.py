@@ -33,7 +33,7 @@ import c2pa
 
 from detectors.base import Detector, Evidence, EvidenceKind, register
 from detectors.imagedata import ImageData
-from detectors.plugins._source_types import classify, source_type_code
+from detectors.plugins._source_types import classify, reported_codes, source_type_code
 
 C2PA_SETTINGS: dict[str, Any] = {"verify": {"remote_manifest_fetch": False, "ocsp_fetch": False}}
 
@@ -63,10 +63,21 @@ def offline_context() -> c2pa.Context:
         return _context
 
 
+# Text from a manifest as reported: an unsigned (or invalid) manifest says
+# anything, of any length, and the evidence travels in a broker message of at
+# most 1 MB (a picture whose cluster op is larger is a dead letter, too_large).
+MAX_NAME_CHARS = 200
+MAX_LISTED = 20  # source types and validation codes listed in the evidence
+
+
+def _name(value: Any) -> str | None:
+    return None if value is None else str(value)[:MAX_NAME_CHARS]
+
+
 def _agent_name(agent: Any) -> str | None:
     if isinstance(agent, dict):
-        return agent.get("name")
-    return agent if isinstance(agent, str) else None
+        return _name(agent.get("name"))
+    return _name(agent) if isinstance(agent, str) else None
 
 
 def _actions(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -102,10 +113,10 @@ def _source_types(store: dict[str, Any], active: str | None) -> list[dict[str, A
 def _claim_generator(manifest: dict[str, Any]) -> str | None:
     info = manifest.get("claim_generator_info")
     if isinstance(info, list) and info:
-        parts = [f"{i.get('name')} {i.get('version', '')}".strip() for i in info if isinstance(i, dict)]
+        parts = [f"{i.get('name')} {i.get('version', '')}".strip() for i in info[:MAX_LISTED] if isinstance(i, dict)]
         if parts:
-            return ", ".join(parts)
-    return manifest.get("claim_generator")
+            return _name(", ".join(parts))
+    return _name(manifest.get("claim_generator"))
 
 
 def assess_store(store: dict[str, Any]) -> Evidence:
@@ -114,11 +125,11 @@ def assess_store(store: dict[str, Any]) -> Evidence:
     manifest = (store.get("manifests") or {}).get(active or "", {})
     state = str(store.get("validation_state") or "Unknown")
     codes = [s.get("code", "") for s in store.get("validation_status") or [] if isinstance(s, dict)]
-    errors = sorted({c for c in codes if c and c not in _TRUST_ONLY_CODES})
+    errors = sorted({str(c)[:MAX_NAME_CHARS] for c in codes if c and c not in _TRUST_ONLY_CODES})[:MAX_LISTED]
     valid = state in ("Valid", "Trusted") and not errors
     trusted = state == "Trusted" and valid
     sig = manifest.get("signature_info") or {}
-    signer = sig.get("issuer") or sig.get("common_name")
+    signer = _name(sig.get("issuer") or sig.get("common_name"))
     generator = _claim_generator(manifest)
     sources = _source_types(store, active)
     kinds = {s["kind"] for s in sources}
@@ -134,8 +145,8 @@ def assess_store(store: dict[str, Any]) -> Evidence:
         "trusted": trusted,
         "signer": signer,
         "claim_generator": generator,
-        "source_types": sources,
-        "active_manifest": active,
+        "source_types": sorted(sources, key=lambda s: s["kind"] != "ai")[:MAX_LISTED],  # AI ones kept first
+        "active_manifest": _name(active),
     }
 
     if "ai" in kinds:
@@ -153,7 +164,7 @@ def assess_store(store: dict[str, Any]) -> Evidence:
         else:
             score, weight = 0.35, 0.5
     else:
-        declared = ", ".join(sorted({s["code"] for s in sources})) or "no digital source type"
+        declared = ", ".join(reported_codes(s["code"] for s in sources)) or "no digital source type"
         detail = f"C2PA manifest present ({declared}); {facts}"
         score, weight = 0.5, 0.0
     return Evidence(detector=C2paDetector.name, kind=C2paDetector.kind, score=score, weight=weight, detail=detail, data=data)

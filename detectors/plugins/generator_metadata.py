@@ -57,8 +57,18 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value[:MAX_VALUE_BYTES].decode("utf-8", errors="replace").rstrip("\x00")
     if isinstance(value, tuple):  # XP* tags can come back as tuples of byte values
-        return bytes(value[:MAX_VALUE_BYTES]).decode("utf-16-le", errors="replace").rstrip("\x00")
+        return _utf16(value)
     return str(value)[:MAX_VALUE_BYTES]
+
+
+def _utf16(value: tuple | bytes) -> str:
+    """An XP* tag's UTF-16 text; "" for a tuple that is not of byte values (a
+    tag written as SHORTs or RATIONALs made ``bytes()`` raise, and the whole
+    detector's findings went with it)."""
+    try:
+        return bytes(value[:MAX_VALUE_BYTES]).decode("utf-16-le", errors="replace").rstrip("\x00")
+    except (TypeError, ValueError):
+        return ""
 
 
 def _exif_items(exif: Image.Exif) -> Iterator[tuple[str, str, str]]:
@@ -71,14 +81,18 @@ def _exif_items(exif: Image.Exif) -> Iterator[tuple[str, str, str]]:
             yield key, value, f"EXIF {_IFD0_TAGS[tag]}"
     if _XP_COMMENT in exif:
         raw = exif[_XP_COMMENT]
-        text = bytes(raw).decode("utf-16-le", errors="replace") if isinstance(raw, (bytes, tuple)) else str(raw)
+        text = _utf16(raw) if isinstance(raw, (bytes, tuple)) else str(raw)
         yield "XPComment", text.rstrip("\x00")[:MAX_VALUE_BYTES], "EXIF XPComment"
     try:
         sub = exif.get_ifd(_EXIF_IFD)
     except Exception:  # malformed IFD pointers are common in the wild
         sub = {}
-    if _USER_COMMENT in sub:
-        yield "UserComment", decode_user_comment(sub[_USER_COMMENT][:MAX_VALUE_BYTES]), "EXIF UserComment"
+    raw = sub.get(_USER_COMMENT)
+    # Text or bytes only: a UserComment written as a number (SHORT, RATIONAL)
+    # raised on slicing, and the whole detector's findings went with it (an
+    # EXIF Software "Midjourney" beside one was not reported).
+    if isinstance(raw, (bytes, str)):
+        yield "UserComment", decode_user_comment(raw[:MAX_VALUE_BYTES]), "EXIF UserComment"
 
 
 def _load_exif(raw: bytes) -> Image.Exif | None:
@@ -111,13 +125,23 @@ def text_items(image: ImageData) -> Iterator[tuple[str, str, str]]:
     yield from _exif_items(exif)
 
 
+# Findings reported whole in the evidence, and places named per generator in
+# its detail: a file can hold thousands (4,096 text chunks each carrying a
+# Midjourney job id), and 4,000 made the picture's cluster op 1.07 MB, over
+# the broker's 1 MB: the picture was a dead letter (too_large), not a sighting.
+MAX_FINDINGS = 20
+MAX_WHERES = 3
+
+
 def _summarise(findings: list[Finding]) -> str:
     by_gen: dict[str, list[Finding]] = {}
     for f in findings:
         by_gen.setdefault(f.generator, []).append(f)
     parts = []
     for gen, fs in by_gen.items():
-        wheres = " and ".join(dict.fromkeys(f.where for f in fs))
+        places = list(dict.fromkeys(f.where for f in fs))
+        wheres = " and ".join(places[:MAX_WHERES]) + (
+            f" (and {len(places) - MAX_WHERES} more places)" if len(places) > MAX_WHERES else "")
         verb = "metadata in" if fs[0].strength == "generator-chunk" else "named in"
         model = next((f.model for f in fs if f.model), None)
         parts.append(f"{gen} {verb} {wheres}" + (f"; model {model}" if model else ""))
@@ -139,8 +163,10 @@ class GeneratorMetadataDetector(Detector):
         data = {
             "findings": [
                 {"generator": f.generator, "where": f.where, "kind": f.strength, "model": f.model, **f.facts}
-                for f in findings
+                for f in findings[:MAX_FINDINGS]  # the strongest first
             ],
             "generators": sorted({f.generator for f in findings}),
         }
+        if len(findings) > MAX_FINDINGS:
+            data["findings_total"] = len(findings)
         return [Evidence(detector=self.name, kind=self.kind, score=score, weight=weight, detail=_summarise(findings), data=data)]

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from detectors.base import Detector, Evidence, EvidenceKind, register
-from detectors.imagedata import ImageData
+from detectors.imagedata import ImageData, _eight_bit
 from detectors.plugins._sd_formats import recognise
 
 _SIGNATURES = {
@@ -41,7 +41,17 @@ def _lsb_stream(img: Image.Image, mode: str, n_bits: int) -> np.ndarray:
     picture would be another full-size copy outside the decode budget."""
     w, h = img.size
     cols = min(w, -(-n_bits // (h * _per_pixel(mode))))
-    part = np.asarray(img.crop((0, 0, cols, h)))
+    crop = img.crop((0, 0, cols, h))
+    if crop.mode not in ("RGBA", "RGB") or (mode == "alpha" and crop.mode != "RGBA"):
+        # ``img`` in its stored mode (a palette, grey, with a transparency):
+        # only the columns read become RGBA, never the whole picture.
+        alphas = crop.info.get("transparency")
+        if crop.mode == "P" and isinstance(alphas, bytes):
+            # One alpha per palette entry: a longer tRNS chunk (viewers ignore
+            # the rest) made the conversion raise, and the detector with it.
+            crop.info["transparency"] = alphas[:len(crop.getpalette() or ()) // 3]
+        crop = _eight_bit(crop).convert("RGBA")
+    part = np.asarray(crop)
     part = part[..., 3] if mode == "alpha" else part[..., :3]
     part = part.T if part.ndim == 2 else part.transpose(1, 0, 2)
     return (part.reshape(-1)[:n_bits] & 1).astype(np.uint8)
@@ -87,8 +97,12 @@ class StealthPngInfoDetector(Detector):
         # alpha and RGB from one decode.
         header = image.header
         if "A" in header.getbands() or "transparency" in header.info:
-            rgba = image.pixels("RGBA", oriented=False)
-            found = read_stealth(rgba, "alpha") or read_stealth(rgba, "rgb")
+            # In the stored mode, not converted whole: an RGBA copy of a palette
+            # picture was 4 bytes a pixel beside the cached RGB decode, outside
+            # the decode budget (a 16384x4000 palette PNG with a transparency,
+            # counted at 312 MiB, peaked 250 MB above an RGB one of its cost).
+            stored = image.pixels(header.mode, oriented=False)
+            found = read_stealth(stored, "alpha") or read_stealth(stored, "rgb")
         else:
             found = read_stealth(image.pixels(oriented=False), "rgb")
         if found is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from detectors.base import Detector, Evidence, EvidenceKind, register
 from detectors.imagedata import ImageData
 from detectors.plugins._generators import find_generator
-from detectors.plugins._source_types import classify, source_type_code
+from detectors.plugins._source_types import classify, reported_codes, source_type_code
 from detectors.plugins._xmp import (
     IPTC_EXT_NS,
     ST_EVT_NS,
@@ -20,6 +20,9 @@ from detectors.plugins._xmp import (
     parse_packets,
     property_values,
 )
+
+# A creator tool as reported (a tool name; the packet's value may be 4,096 characters).
+MAX_TOOL_CHARS = 200
 
 
 @register
@@ -35,9 +38,11 @@ class XmpDetector(Detector):
         codes = [c for c in (source_type_code(v) for v in property_values(roots, IPTC_EXT_NS, "DigitalSourceType")) if c]
         tools = property_values(roots, XMP_NS, "CreatorTool") + property_values(roots, ST_EVT_NS, "softwareAgent")
         generators = sorted({g for g in (find_generator(t, free_text=False) for t in tools) if g})
-        data = {"digital_source_types": sorted(set(codes)), "creator_tools": sorted(set(tools))[:20], "generators": generators}
+        shown = reported_codes(codes)  # a bounded few: the evidence travels in a 1 MB message
+        data = {"digital_source_types": sorted(shown), "creator_tools": [t[:MAX_TOOL_CHARS] for t in sorted(set(tools))[:20]],
+                "generators": generators}
 
-        ai_codes = sorted({c for c in codes if classify(c) == "ai"})
+        ai_codes = sorted(c for c in shown if classify(c) == "ai")
         if ai_codes:
             detail = f"XMP Iptc4xmpExt:DigitalSourceType is {', '.join(ai_codes)} (generative AI)"
             if generators:
@@ -47,6 +52,6 @@ class XmpDetector(Detector):
             detail = f"XMP creator tool names an AI generator: {', '.join(generators)}"
             return [Evidence(detector=self.name, kind=self.kind, score=0.95, weight=2.0, detail=detail, data=data)]
         if codes:
-            detail = f"XMP Iptc4xmpExt:DigitalSourceType is {', '.join(sorted(set(codes)))} (unsigned, not AI)"
+            detail = f"XMP Iptc4xmpExt:DigitalSourceType is {', '.join(sorted(shown))} (unsigned, not AI)"
             return [Evidence(detector=self.name, kind=self.kind, score=0.5, weight=0.0, detail=detail, data=data)]
         return []
