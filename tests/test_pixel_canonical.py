@@ -41,6 +41,16 @@ def test_what_counts_as_a_re_post() -> None:
     assert not repost_like(ImageData(_encode((800, 600), "PNG")))
 
 
+def test_an_mpo_is_a_jpeg_to_the_re_post_rule() -> None:
+    # a phone's JPEG with a second picture (depth map, preview) opens as "MPO": compared with "JPEG" alone,
+    # every one was re-posted once more, however compressed
+    buf = io.BytesIO()
+    first = picture(3, (800, 600))
+    first.save(buf, "MPO", save_all=True, append_images=[picture(4, (200, 150))], quality=80)
+    image = ImageData(buf.getvalue())
+    assert image.format == "MPO" and repost_like(image) and canonical(image) is image
+
+
 def test_a_re_post_is_used_as_it_is_and_anything_else_is_re_posted_like_the_training_rows() -> None:
     post = ImageData(_encode((800, 600), "JPEG", 80))
     assert canonical(post) is post

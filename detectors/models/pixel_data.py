@@ -173,7 +173,9 @@ def jpeg_quality(img: Image.Image) -> float | None:
 
 def repost_like(image: ImageData) -> bool:
     """A JPEG no larger than a re-post and compressed at least as much as platforms do."""
-    if image.format != "JPEG" or max(image.size) > REPOST_LONG_SIDE:
+    from detectors.imagedata import JPEG_FORMATS
+
+    if image.format not in JPEG_FORMATS or max(image.size) > REPOST_LONG_SIDE:  # an MPO is a JPEG too
         return False
     q = jpeg_quality(image.header)
     return q is not None and round(q) <= REPOST_LIKE_MAX_QUALITY

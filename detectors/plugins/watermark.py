@@ -29,7 +29,7 @@ import pywt
 from PIL import Image, JpegImagePlugin
 
 from detectors.base import Detector, Evidence, EvidenceKind, register
-from detectors.imagedata import ImageData
+from detectors.imagedata import JPEG_FORMATS, ImageData
 
 SCALE = 36.0  # imwatermark's default dwtDct scale for the U channel
 BLOCK = 4
@@ -130,7 +130,7 @@ def jpeg_erased_mark(img: Image.Image) -> bool:
     round-tripping marked images: with chroma subsampling the mark is gone by
     quality ~90 (mean chroma quantiser ~17), at 4:4:4 it survives to ~80 (~35).
     The cut-offs leave a margin on the side of decoding."""
-    if img.format != "JPEG":
+    if img.format not in JPEG_FORMATS:  # an MPO is a JPEG too
         return False
     tables = getattr(img, "quantization", None) or {}
     chroma = tables.get(1)
