@@ -178,7 +178,8 @@ def test_cluster_detail_and_bad_ids(backend, env):
         assert r.status_code == 422
         # a body that is wrong as a whole is named, not left as an empty field name
         for body, said in ((b"", "bad request: body: Field required"), (b"[]", "bad request: body: Input should be"),
-                           (b"{bad", "bad request: body: not valid JSON (Expecting property name")):
+                           (b"{bad", "bad request: body: not valid JSON (Expecting property name"),
+                           (b'{"verdict": "fake\xff"}', "bad request: body: ")):  # not UTF-8: as docs/desk.md says
             r = c.post("/api/clusters/c-viral/verdict", content=body, headers={"Content-Type": "application/json", **EDITOR})
             assert r.status_code == 422 and r.json()["error"].startswith(said)
 
