@@ -1,6 +1,6 @@
 """Alert deliveries in the Elasticsearch findings store: one document per
-(alert, target) in ``<prefix>-deliveries``, its state only ever moving away
-from ``delivered`` never (``DELIVERY_SCRIPT``), and the reads redelivery,
+(alert, target) in ``<prefix>-deliveries``, whose state never moves away
+from ``delivered`` (``DELIVERY_SCRIPT``), and the reads redelivery,
 ``deepwatch alerts`` and the senders' ordering check make of them
 (``FindingsStore``'s ``RedeliveryQueue``; SQLite's twin is
 ``streams.store_deliveries``)."""
