@@ -504,6 +504,13 @@ class ClusterQuery(BaseModel):
     def _text(cls, v: str | None) -> str | None:
         return v if v and text_terms(v) else None
 
+    @field_validator("since", "until")
+    @classmethod
+    def _milliseconds(cls, v: datetime | None) -> datetime | None:
+        # the precision both stores compare times at (``through_day``): on SQLite
+        # 9999-12-31T23:59:59.999999 rounded up past year 9999 and matched nothing
+        return v.replace(microsecond=v.microsecond // 1000 * 1000) if v is not None else None
+
     @field_validator("account")
     @classmethod
     def _account(cls, v: str | None) -> str | None:

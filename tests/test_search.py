@@ -330,6 +330,17 @@ def test_a_date_until_means_through_that_day_to_the_millisecond(store):
     assert set(ids(store.search(ClusterQuery(text="night")))) == {"c-pope", "c-flood"}
 
 
+def test_an_until_at_the_last_microsecond_of_time_matches_on_every_store(store):
+    # SQLite's julianday rounded 9999-12-31T23:59:59.999999 up past year 9999, and nothing matched
+    # (the CLI and the desk alike): a query's times are kept to the millisecond both stores compare at
+    from datetime import datetime, timezone
+
+    end = datetime(9999, 12, 31, 23, 59, 59, 999_999, timezone.utc)
+    assert ClusterQuery(until=end).until.microsecond == 999_000
+    assert set(ids(store.search(ClusterQuery(until=end)))) == set(ids(store.search(ClusterQuery(since=T0))))
+    assert ids(store.search(ClusterQuery(until=end)))
+
+
 def test_min_score_compares_with_the_score_as_shown(store):
     # stored 0.999996, shown 1.0: `--min-score 1` left it out
     _post_again(store, "c-fire", None, fake_score=0.999996)

@@ -17,3 +17,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def _print_version(value: bool) -> None:
+    """``deepwatch --version``: what a bug report and a deploy check ask
+    first (it was "No such option: --version")."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("deepwatch")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        number = "unknown (not installed: run `make install`)"
+    typer.echo(f"deepwatch {number}")
+    raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="Print deepwatch's version and exit."),
+) -> None:
+    pass

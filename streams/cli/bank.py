@@ -15,7 +15,8 @@ from detectors.regular_file import special_kind
 from detectors.signals import signal_types
 from streams.cli.app import app
 from streams.cli.common import (
-    Config, check_banks, check_store_option, err, fail, print_error, print_json, settings_from, shown,
+    Config, JsonAlias, check_banks, check_store_option, err, fail, note_empty, print_error, print_json, settings_from,
+    shown,
 )
 from streams.settings import Settings
 
@@ -143,7 +144,8 @@ def add(
     done: list[Path] = []
     try:
         _check_bank_verdict(store, name, verdict)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
+                      disable=not err.is_terminal) as bar:  # off a terminal it left only a blank line
             task = bar.add_task(escape(f"hashing into {name}"), total=len(good))
 
             def step(p: Path) -> None:
@@ -203,11 +205,13 @@ def import_(
 
 
 @bank_app.command("list")
-def list_(data_dir: Optional[Path] = _DataDir, fmt: str = _Format, config: Optional[Path] = Config) -> None:
+def list_(data_dir: Optional[Path] = _DataDir, fmt: str = _Format, config: Optional[Path] = Config,
+          as_json: bool = JsonAlias) -> None:
     """List banks with their verdict and number of entries."""
     import os
     import sqlite3
 
+    fmt = "json" if as_json else fmt
     if fmt not in ("table", "json"):
         raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
     settings = _settings(config, data_dir)
@@ -241,6 +245,7 @@ def similar(
     fmt: str = typer.Option("json", "--format", "-f", help="json (an array, nearest first; [] when nothing is near) or table."),
     store_url: Optional[str] = typer.Option(None, "--store", callback=check_store_option, help="Findings store: es://HOST:9200 or https://HOST:9200 (bit-vector kNN); default the SQLite file in --data-dir."),
     config: Optional[Path] = Config,
+    as_json: bool = JsonAlias,
 ) -> None:
     """Clusters and bank entries showing the same picture as IMAGE, nearest first."""
     from detectors.imagedata import ImageData, ImageRejected, ignore_pillow_warnings
@@ -248,6 +253,7 @@ def similar(
     from streams.es_client import EsError
     from streams.findings import StoreURLError, open_findings, sqlite_file
 
+    fmt = "json" if as_json else fmt
     if fmt not in ("table", "json"):
         raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
     settings = _settings(config, data_dir)
@@ -281,7 +287,7 @@ def similar(
             # stored since the copy the last run saved beside the store: a bar on stderr
             lookup.load_index(settings, store)
             with Progress(TextColumn("indexing members"), BarColumn(), MofNCompleteColumn(), console=err,
-                          transient=True) as bar:
+                          transient=True, disable=not err.is_terminal) as bar:
                 task = bar.add_task("index", total=None)
                 found = lookup.find(settings, picture, store,
                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -306,3 +312,5 @@ def similar(
     from rich.console import Console
 
     Console().print(table)
+    if not rows:  # an empty table alone read like a display fault
+        note_empty("nothing near this picture in the clusters or banks")

@@ -110,6 +110,10 @@ def print_error(message: str) -> None:
     terminal or an 80-column log does not break it (a script greps it)."""
     from rich.markup import escape
 
+    # pydantic's wording leaked into the line, from Typer's check of a choice
+    # ("Invalid value for 'KIND': Value error, 'foo' is not one of ...") and
+    # from a settings validator ("invalid setting 'findings.url': Value error, ...")
+    message = message.replace(": Value error, ", ": ")
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
@@ -154,6 +158,7 @@ def run_cli(app: Any) -> None:
     their own handling -- the worker, the desk server -- install theirs)."""
     import signal
 
+    _tolerant_output()
     try:
         # Inside the try: on a loaded machine Ctrl-C can land while the
         # handler is installed or this import (rich's markdown, about 0.1 s)
@@ -191,6 +196,22 @@ def run_cli(app: Any) -> None:
         raise
 
 
+def _tolerant_output() -> None:
+    """On a terminal or pipe whose encoding is not UTF-8 (a Latin-1 or ASCII
+    locale, PYTHONIOENCODING=ascii), a character it cannot hold (a post's
+    emoji, the "—" of an empty cell, "→" in a summary) ended the command on a
+    UnicodeEncodeError traceback: such characters are written as escapes
+    (``\u2014``) instead. JSON output is ASCII already (``print_json``)."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding in ("utf8", "utf8sig", "utf16", "utf32"):
+            continue
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a text stream we can reconfigure (a test's capture)
+            continue
+
+
 def _usage_error(e: Any, file: Any = None) -> None:
     """A click usage error as one ``error:`` line naming the help to read
     (``ClickException.show``)."""
@@ -202,8 +223,14 @@ def _usage_error(e: Any, file: Any = None) -> None:
         print(e.format_message())
         e.exit_code = 0
         return
+    from typer._click.exceptions import NoSuchOption
+
     ctx = getattr(e, "ctx", None)
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    if isinstance(e, NoSuchOption) and not e.option_name.startswith("--") and ctx is not None and any(
+            not getattr(p, "opts", ["-"])[0].startswith("-") for p in ctx.command.params):
+        # `deepwatch search -harbour`: "No such option: -a", with no word of how to pass such a value
+        hint = f" (a value that starts with '-' goes after --, e.g. {ctx.command_path} -- -word; see '{ctx.command_path} --help')"
     print_error(e.format_message() + hint)
 
 
@@ -257,6 +284,9 @@ def check_data_dir(settings: Settings, given: Optional[Path]) -> None:
         return
     what = "is a file" if probe == path else f"lies under {probe}, which is a file"
     fix = "name a directory, or a path that does not exist yet (it is created)"
+    if probe == path and path.suffix == ".sqlite":  # the store's file named instead of its directory
+        parent = str(path.parent)
+        fix = f"give the directory that holds it: --data-dir {parent}"
     if given is not None:
         raise typer.BadParameter(f"{path} {what}, not a directory: {fix}", param_hint="--data-dir")
     raise UserError(f"data dir {path} ({source}) {what}, not a directory: {fix}; or pass --data-dir")
@@ -363,8 +393,46 @@ def note_empty(message: str) -> None:
     err.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
+def _strict_unicode(doc: Any) -> Any:
+    """``doc`` with every string that is not valid Unicode (a file name's
+    undecodable bytes, kept by Python as lone surrogates) written with
+    ``\\xNN`` escapes for those bytes: ``json.dumps`` wrote them as lone
+    ``\\udcff`` escapes, which strict parsers (Go, serde_json) refuse."""
+    if isinstance(doc, str):
+        try:
+            doc.encode("utf-8")
+            return doc
+        except UnicodeEncodeError:
+            if _escapable(doc):  # a file name's bytes: b"bad\xff" -> "bad\\xff"
+                return doc.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            return doc.encode("utf-8", "backslashreplace").decode("utf-8")  # any other lone surrogate: "\\udXXX"
+    if isinstance(doc, dict):
+        return {_strict_unicode(k): _strict_unicode(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [_strict_unicode(v) for v in doc]
+    return doc
+
+
+def _escapable(text: str) -> bool:
+    """Whether surrogateescape can turn ``text`` back into bytes (its lone
+    surrogates are all U+DC80-U+DCFF, undecodable bytes of a name)."""
+    try:
+        text.encode("utf-8", "surrogateescape")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def json_text(doc: Any, indent: Optional[int] = 2) -> str:
+    """``doc`` as JSON that any parser reads: ASCII, and no lone surrogates."""
+    text = json.dumps(doc, indent=indent, default=str)
+    if "\\ud" in text:  # rare: a surrogate pair (an emoji: kept as it is) or a lone one (escaped)
+        text = json.dumps(_strict_unicode(json.loads(text)), indent=indent)
+    return text
+
+
 def print_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.write(json_text(doc) + "\n")
 
 
 def check_store_option(value: Optional[str]) -> Optional[str]:

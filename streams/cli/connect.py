@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from pathlib import Path
 from typing import List, Optional
 from urllib.parse import urlsplit
@@ -107,6 +108,25 @@ def _sink(settings: Settings, dry_run: bool):
         fail(f"cannot reach the broker at {bootstrap} ({type(e).__name__}: {e}); is the pipeline running?")
 
 
+_ZSTD_DICT_MAGIC = b"\x37\xa4\x30\xec"  # a trained zstd dictionary's first four bytes (0xEC30A437, little-endian)
+
+
+def _check_zstd_dictionary(path: Path, flag: str) -> None:
+    """Jetstream's dictionary is a trained zstd dictionary: any other file
+    (an empty one, a frame, random bytes) was taken as raw content, so the
+    connector asked for compressed frames and then logged every frame as
+    ``bad_compression``, emitting nothing, without one line saying why."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        fail(f"{flag} {path}: cannot read it ({e.strerror or e})")
+    if head != _ZSTD_DICT_MAGIC:
+        what = "is empty" if not head else "is not a zstd dictionary"
+        fail(f"{flag} {path} {what}: give Jetstream's zstd_dictionary file (from the jetstream repository), "
+             "or leave the option out for uncompressed frames")
+
+
 def _report(runners) -> None:
     for r in runners:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(r.emitter.counts.items())) or "nothing read"
@@ -135,6 +155,9 @@ def bluesky(
                "wss://jetstream2.us-east.bsky.network/subscribe")
     if zstd_dictionary:
         settings.connectors.zstd_dictionary = zstd_dictionary
+    if settings.connectors.zstd_dictionary:
+        _check_zstd_dictionary(Path(settings.connectors.zstd_dictionary),
+                               "--zstd-dictionary" if zstd_dictionary else "connectors.zstd_dictionary")
     _setup(settings, metrics_port)
     sink = _sink(settings, dry_run)
     state = open_state(settings, bluesky_stream_key(collections, filter_hashtag), memory=dry_run)
@@ -190,13 +213,18 @@ def mastodon(
             fail(f"--token-env names {token_env}, which is not set in the environment")
     elif tl == "user":
         fail("the user timeline needs an access token: --token-env NAME")
+    # checked before the broker is reached (a bad tag came after its connection, or its timeout)
+    tags = [h.lstrip("#") for h in hashtag] if tl == "hashtag" else [None]
+    if tl == "hashtag" and not all(tags):
+        fail("--hashtag needs a tag after the '#', e.g. --hashtag breaking")
+    for h in hashtag:
+        if h.lstrip("#") and not re.fullmatch(r"\w+", h.lstrip("#")):
+            # Mastodon's tags are letters, digits and _: "bad tag!" streamed nothing, for ever, without a word
+            fail(f"--hashtag {h!r} is not a Mastodon hashtag: letters, digits and _ only, e.g. --hashtag breaking_news")
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     _setup(settings, metrics_port)
     sink = _sink(settings, dry_run)
-    tags = [h.lstrip("#") for h in hashtag] if tl == "hashtag" else [None]
     states, runners = [], []
-    if tl == "hashtag" and not all(tags):
-        fail("--hashtag needs a tag after the '#', e.g. --hashtag breaking")
     for tag in tags:
         state = open_state(settings, mastodon_stream_key(instance, tl, tag), memory=dry_run)
         states.append(state)

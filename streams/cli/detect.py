@@ -25,7 +25,6 @@ the given paths, a ``--data-dir`` that is a file, an unknown ``--device``,
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -42,7 +41,9 @@ from detectors.fusion import fuse
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected, ignore_pillow_warnings
 from detectors.regular_file import FileRefused, special_kind
 from streams.cli.app import app
-from streams.cli.common import Config, FirstLines, UserError, check_banks, err, fail, settings_from, shown
+from streams.cli.common import (
+    Config, FirstLines, UserError, check_banks, err, fail, json_text, settings_from, shown,
+)
 from streams.settings import DEVICE_RE
 
 # Directory walks pick these; files named explicitly are always tried.
@@ -297,7 +298,8 @@ def detect(
     results: list[dict[str, Any]] = []
     with Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err, transient=True, disable=len(files) < PROGRESS_MIN_FILES,
+        # off a terminal a transient bar left only a blank line on stderr
+        console=err, transient=True, disable=len(files) < PROGRESS_MIN_FILES or not err.is_terminal,
     ) as progress:
         task = progress.add_task("detecting", total=len(files))
         for f in files:
@@ -305,7 +307,7 @@ def detect(
             progress.advance(task)
 
     if output_format is OutputFormat.json:
-        typer.echo(json.dumps(results, indent=2, default=str))
+        typer.echo(json_text(results))  # no lone surrogates: a file name's undecodable bytes as \\xNN
     else:
         _render_table(results, Console())
     if all(r["error"] for r in results):

@@ -141,11 +141,14 @@ def fetch_cmd(
     from detectors.models.fetch import FetchError, fetch_model
 
     target = _model_dir(config, data_dir, model_dir)
+    # before anything is fetched: a model dir that cannot be made or written in
+    # ended the download on a bare "[Errno 13] Permission denied: '.../models'"
+    check_writable_dir(target, "--model-dir" if model_dir is not None else "model dir")
     if sha256 is None and url is not None:
         err.print("[yellow]warning:[/] no --sha256 given: the download cannot be verified")
     failed: str | None = None
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=err, transient=True) as bar:
+                  TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(f"fetching {name}", total=None)
 
         def progress(done: int, total: int | None) -> None:
@@ -319,6 +322,11 @@ def train_cmd(
         m = filter_generators(_load_samples(lambda: load_manifest(manifest)), include=generators)
         samples += [s for s in m if s.label == 1 or stable_fraction(s.path, real_fraction)]
     if not samples:
+        given = [f"--real {d}" for d in real] + [f"--fake {d}" for d in fake] + \
+                ([f"--manifest {manifest}"] if manifest is not None else [])
+        if given:  # the folders were given, and the old line told the user to give them
+            fail(f"no images in {', '.join(given)} (looked for image files, searching folders recursively); "
+                 "point them at folders holding pictures, or at a manifest listing some")
         fail("no images: give --real/--fake folders or --manifest")
     _check_both_classes(samples, real, fake, manifest, generators, real_fraction)
     target = _model_dir(config, data_dir, model_dir)

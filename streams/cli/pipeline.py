@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from contextlib import ExitStack
@@ -239,6 +240,17 @@ def _check_state_files(settings: Settings) -> None:
     check_engine_state(settings)
 
 
+def _check_external_broker(settings: Settings) -> None:
+    """A --broker (or DEEPWATCH_BROKER) that is not a Kafka URL, or that
+    nothing answers at, is one line before anything starts: replay printed
+    "starting 2 worker(s)" first, as if it had begun."""
+    if settings.broker == "embedded":
+        return
+    from streams.broker import bootstrap_of, check_reachable
+
+    check_reachable(bootstrap_of(settings.broker))  # BrokerError: one line naming the address and the fix
+
+
 def _warn_lost_engine_state(settings: Settings) -> None:
     """One line when the engine state holds no cluster while the findings
     store holds sightings (``streams.engine_state.lost_state``): the run
@@ -291,6 +303,7 @@ def replay(
     _warn_lost_engine_state(settings)
     check_alert_senders(settings)
     _check_feed_has_events(feed)
+    _check_external_broker(settings)
     settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
     summary = _replay(settings, feed, workers=workers or default_workers(settings), timeout_s=timeout,
                       live_table=False, wait_models=wait_models, split=split)
@@ -332,6 +345,7 @@ def demo(
     _use_store(settings, store_url)
     _warn_lost_engine_state(settings)
     check_alert_senders(settings)
+    _check_external_broker(settings)
     feed_dir = Path(settings.data_dir) / "demo-feed"
     feed, _ = build_feed(feed_dir, burst=burst)
     settings.ingest.image_roots = [feed_dir.resolve()]
@@ -384,7 +398,11 @@ def _is_own_terminal(feed: Path) -> bool:
 
 @app.command(rich_help_panel="Run")
 def ingest(
-    feed: Path = typer.Argument(..., metavar="FEED", exists=True, dir_okay=False, help="JSONL file of schema-v1 events."),
+    # not exists=True: Typer's check took "-" for a file that does not exist (its allow_dash compares a
+    # Path with "-"); the existence is checked below
+    feed: Path = typer.Argument(..., metavar="FEED", dir_okay=False,
+                                help="JSONL file of schema-v1 events; - (or /dev/stdin) reads them from a pipe, "
+                                     "e.g. `cat FEED.jsonl | deepwatch ingest - --broker ...`."),
     broker: Optional[str] = typer.Option(None, "--broker", help="kafka://HOST:PORT of the running pipeline's broker (`deepwatch broker` prints it); default: DEEPWATCH_BROKER."),
     config: Optional[Path] = Config,
     create_topics: bool = typer.Option(
@@ -396,6 +414,10 @@ def ingest(
     from streams.broker import bootstrap_of, check_reachable
     from streams.ingest import Produced, count_lines, produce_feed
 
+    if str(feed) == "-":  # the usual name for "read stdin": was "file '-' does not exist"
+        feed = Path("/dev/stdin")
+    elif not os.path.exists(feed):
+        raise typer.BadParameter(f"file {str(feed)!r} does not exist", param_hint="'FEED'")
     _check_ingest_feed(feed)
     settings = settings_from(config, broker=broker)
     if settings.broker == "embedded":
@@ -479,6 +501,8 @@ def broker(
 
     settings = settings_from(config, data_dir=data_dir)
     ensure_port_free(host, port, "pick another --port, or --port 0 for any free one")
+    # its log goes in the data dir: one that cannot be written ended on "[Errno 13] Permission denied: '.../logs'"
+    check_writable_dir(Path(settings.data_dir), "--data-dir")
     log_dir = Path(settings.data_dir) / "logs"
     b = EmbeddedBroker(log_dir, host=host)
     b.port = port or free_port(host)

@@ -17,6 +17,8 @@ from streams.cli.query import StoreOpt, _findings
 
 _UNITS = {"d": 86400.0, "h": 3600.0}
 _MIN_S = 3600.0  # under an hour, a picture being analysed right now could lose its blob
+# A cutoff must stay a date: 999999d ended on "ValueError: year -711 is out of range".
+_MAX_S = 36500 * 86400.0
 
 
 def parse_period(text: str) -> float:
@@ -28,6 +30,9 @@ def parse_period(text: str) -> float:
     if seconds < _MIN_S:
         raise ValueError(f"--older-than {text} is under an hour: pictures being analysed now could lose their "
                          "blob; give 1h or more")
+    if seconds > _MAX_S:
+        raise ValueError(f"--older-than {text} is over 100 years: give at most 36500d (to keep every picture, "
+                         "do not run prune)")
     return seconds
 
 
@@ -35,7 +40,7 @@ def parse_period(text: str) -> float:
 def prune(
     older_than: str = typer.Option(..., "--older-than", metavar="PERIOD",
                                    help="Delete pictures not stored or seen for this long and in no cluster "
-                                        "changed since: days or hours, e.g. 30d, 36h (at least 1h)."),
+                                        "changed since: days or hours, e.g. 30d, 36h (at least 1h, at most 36500d)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be deleted; delete nothing."),
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, store_url: Optional[str] = StoreOpt,
     fmt: str = FormatOpt, as_json: bool = JsonAlias,
@@ -67,7 +72,8 @@ def prune(
         fail(f"no blob store at {blob_root}: check --data-dir (DEEPWATCH_DATA_DIR)")
     current = analysis_path(blob_root, "x").name[1:]  # the version suffix this code's workers read
     with _findings(data_dir, config, store_url) as store:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True) as bar:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True,
+                      disable=not err.is_terminal) as bar:  # off a terminal it left only a blank line
             task = bar.add_task("reading the clusters changed within the period")
 
             def looked_at(n: int) -> None:

@@ -5,7 +5,6 @@ to read Elasticsearch instead of the embedded SQLite file in ``--data-dir``."""
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import typer
+from pydantic import ValidationError
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -21,7 +21,7 @@ from rich.text import Text
 from streams.cli.app import app
 from streams.cli.common import (
     Config, DataDir, FirstLines, FormatOpt, JsonAlias, check_format, check_store_option, err, fail, note_empty,
-    print_json, settings_from, shown,
+    json_text, print_json, settings_from, shown,
 )
 from streams.findings import (
     MAX_RESULTS, RELEVANCE_UNPAGED, SORT_KEYS, SORT_ORDER, VERDICTS, ClusterQuery, ClusterRecord, FindingsStore,
@@ -106,7 +106,10 @@ def _emit(rows: list, fmt: str, title: str, columns: tuple[str, ...], cells: Cal
     if fmt == "json":
         print_json([r.as_json() if hasattr(r, "as_json") else r for r in rows])
         return
-    t = Table(title=title)
+    # the clusters table's compact style (no outer edge or column rules): the boxed one spent 17 of 80
+    # columns on rules, and the time and cluster id of every alert wrapped ("2026-11-20T1 / 0:02:00Z")
+    t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+              padding=(0, 0))
     for col in columns:
         t.add_column(col, overflow="fold")  # wrap long evidence and ids; never cut them off
     for row in rows:
@@ -248,7 +251,7 @@ def _when(value: Optional[str], flag: str, end_of_day: bool = False) -> Optional
 
 @app.command(rich_help_panel="Findings")
 def search(
-    query: Optional[str] = typer.Argument(None, metavar="QUERY", help="Full text over post texts and hashtags: words are ANDed, \"quoted phrases\" kept together."),
+    query: Optional[str] = typer.Argument(None, metavar="QUERY", help="Full text over post texts and hashtags: words are ANDed, \"quoted phrases\" kept together (at most 1000 characters)."),
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
     store_url: Optional[str] = StoreOpt,
     since: Optional[str] = typer.Option(None, help="Only clusters with a sighting posted at or after this ISO time (naive = UTC)."),
@@ -265,6 +268,7 @@ def search(
                                             help="Stop the search after this many seconds (default: no limit; the desk uses findings.search_timeout_s)."),
     cursor: Optional[str] = typer.Option(None, "--cursor", help="Start after this place: the cursor a search printed on stderr (next page: --cursor ...)."),
     every: bool = typer.Option(False, "--all", help=f"Every match, page by page (--limit clusters a page, default {ALL_PAGE}), as JSON lines: one cluster object a line, whatever --format."),
+    as_json: bool = JsonAlias,
 ) -> None:
     """Search clusters by text, hashtag, account, platform, time, verdict and score.
 
@@ -275,7 +279,7 @@ def search(
     When more follow, stderr ends with the next page's `--cursor`; --all
     reads them all.
     """
-    check_format(fmt)
+    fmt = "json" if as_json else check_format(fmt)
     if verdict is not None and verdict not in VERDICTS:
         raise typer.BadParameter(f"must be one of {', '.join(VERDICTS[:-1])} or {VERDICTS[-1]}", param_hint="--verdict")
     if sort is not None and sort not in SORT_KEYS:
@@ -293,8 +297,15 @@ def search(
     start, end = _when(since, "--since"), _when(until, "--until", end_of_day=True)
     if start is not None and end is not None and start > end:  # answered nothing, as if no cluster matched
         raise typer.BadParameter(f"--since {since} is after --until {until}; swap them", param_hint="--since")
-    q = ClusterQuery(text=query, since=start, until=end, platform=platform,
-                     account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort)
+    try:
+        q = ClusterQuery(text=query, since=start, until=end, platform=platform,
+                         account=account, hashtag=hashtag, verdict=verdict, min_score=min_score, sort=sort)
+    except ValidationError as e:  # a QUERY over 1000 characters ended on a pydantic traceback
+        first = e.errors()[0]
+        field = str(first["loc"][0]) if first.get("loc") else ""
+        hint = "QUERY" if field == "text" else f"--{field.replace('_', '-')}" if field else "QUERY"
+        got = f" (got {len(first['input']):,} characters)" if isinstance(first.get("input"), str) else ""
+        raise typer.BadParameter(f"{first['msg'][0].lower()}{first['msg'][1:]}{got}", param_hint=hint) from None
     if every and q.effective_sort == "relevance":
         fail(f"--all: {RELEVANCE_UNPAGED}, e.g. --sort last_seen")
     try:
@@ -354,7 +365,7 @@ def _search_all(store: FindingsStore, q: ClusterQuery, page: int, after: SearchC
     while True:
         rows, _more, nxt = _search_page(store, q, page, after, timeout)
         for r in rows:
-            sys.stdout.write(json.dumps(r.as_json(), default=str) + "\n")
+            sys.stdout.write(json_text(r.as_json(), indent=None) + "\n")
         sys.stdout.flush()
         done += len(rows)
         if nxt is None:
@@ -390,9 +401,20 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
         return "; ".join(f"{d['target']}: {d['status'][:60]}" for d in a["deliveries"]) or "—"
 
     _emit(rows, fmt, "Alerts",
-          ("time", "cluster", "level", "fake", "5m", "accounts", "rule", "webhook"),
-          lambda a: (a["at"], a["cluster_id"], str(a["level"]), f"{a['fake_score']:.2f}",
+          ("time (UTC)", "cluster", "level", "fake", "5m", "accts", "rule", "webhook"),
+          lambda a: (_table_time(a["at"]), a["cluster_id"], str(a["level"]), f"{a['fake_score']:.2f}",
                      str(a["velocity"]["sightings_5m"]), str(a["accounts"]), a["rule"], delivery(a)))
+
+
+def _table_time(at: str) -> str:
+    """An alert's time in a table: a space between date and time, where a
+    narrow column breaks it ("2026-11-20T1" / "0:02:00Z" was cut mid-hour)."""
+    text = str(at)
+    if text.endswith("Z"):
+        text = text[:-1]
+    elif text.endswith("+00:00"):
+        text = text[:-6]
+    return text.replace("T", " ", 1)
 
 
 @app.command("dead-letters", rich_help_panel="Findings")

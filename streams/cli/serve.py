@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from detectors.printable import escaped
 from streams.cli.app import app
 from streams.cli.common import (
     Config, DataDir, check_alert_senders, check_banks, check_store_option, check_writable_dir, err, fail, settings_from,
@@ -166,8 +167,10 @@ def desk_user(
         raise typer.BadParameter("must be viewer or editor", param_hint="--role")
     try:  # the name is checked before the password is asked for, not after it was typed twice
         UserEntry(name=name, role=role, password="")
-    except ValidationError as e:
-        raise typer.BadParameter(f"{e.errors()[0]['msg']}: letters, digits, . _ @ - (at most 64)", param_hint="NAME") from None
+    except ValidationError:
+        # pydantic's own words leaked its regex ("String should match pattern '^[A-Za-z0-9_.@-]+$'")
+        raise typer.BadParameter(f"'{escaped(name)}' is not a user name: use 1-64 letters, digits, . _ @ -, "
+                                 "e.g. erin or erin.doe@desk", param_hint="NAME") from None
     if password_env and password_env.upper().startswith("DEEPWATCH_") and not password_env.upper().endswith(SECRET_SUFFIXES):
         # The settings loader reads DEEPWATCH_* as settings and refuses unknown ones.
         raise typer.BadParameter(f"{password_env} would be read as a setting: end the name in {', '.join(SECRET_SUFFIXES)} "
