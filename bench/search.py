@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detectors.base import Evidence  # noqa: E402
 from detectors.hashing import ImageHashes  # noqa: E402
-from streams.findings import ClusterQuery  # noqa: E402
+from streams.cluster_search import ClusterQuery  # noqa: E402
 from streams.records import ClusterSnapshot, Engagement, ImageEvent, Member, Sighting, SourceRef, Velocity  # noqa: E402
 from streams.store import SqliteFindingsStore  # noqa: E402
 

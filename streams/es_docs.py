@@ -11,7 +11,8 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
-from streams.findings import ClusterRecord, SightingRecord, dead_letter_identity, event_hashtags, shown_score
+from streams.cluster_search import event_hashtags
+from streams.findings import ClusterRecord, SightingRecord, dead_letter_identity, shown_score
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
 
 

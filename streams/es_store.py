@@ -36,10 +36,12 @@ from streams.es_docs import (
 from streams.es_store_accounts import EsAccountQueries
 from streams.es_store_deliveries import EsDeliveryLog, ago, in_states
 from streams.es_store_setup import IndexSetup
+from streams.cluster_search import (
+    SORT_KEYS, ClusterQuery, Deadline, SearchCursor, SearchPage, SearchTimeout, sort_key, sort_order, text_terms,
+)
 from streams.findings import (
-    MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline, DeliveryState,
-    MemberRow, Page, PostIdentity, SearchCursor, SearchPage, SearchTimeout, SORT_KEYS, SightingRecord,
-    cluster_page_url, read_limit, score_floor, shown_score, sort_key, sort_order, surviving_cluster, text_terms,
+    MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterRecord, DeadLetterRecord, DeliveryState, MemberRow, Page,
+    PostIdentity, SightingRecord, cluster_page_url, read_limit, score_floor, shown_score, surviving_cluster,
     unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
@@ -766,7 +768,7 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
         return [h["_source"] for h in res["hits"]["hits"]]
 
 
-# Each field of an order (``streams.findings.SORT_ORDER``) as the cluster
+# Each field of an order (``streams.cluster_search.SORT_ORDER``) as the cluster
 # documents hold it: the stream's own values, which searches pre-select by
 # before ordering the records built exactly, as the SQLite store does
 # (``sightings``: the stream's running count; the exact one is counted from

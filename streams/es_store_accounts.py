@@ -14,7 +14,7 @@ from streams import es_requests as R
 from streams.findings import AccountAggregate, AccountCursor, AccountWindow, account_rank, read_limit
 
 if TYPE_CHECKING:
-    from streams.findings import Deadline
+    from streams.cluster_search import Deadline
 
 # Accounts per composite page: with up to 100 platform buckets each, one page
 # stays under search.max_buckets (65,536).

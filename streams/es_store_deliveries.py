@@ -18,7 +18,7 @@ from streams.findings import UNDELIVERED, DeliveryRecord, DeliveryState, legacy_
 from streams.records import Alert
 
 if TYPE_CHECKING:
-    from streams.findings import Deadline
+    from streams.cluster_search import Deadline
 
 TARGET_PAGE = 500  # targets per composite page (a delivery_targets request)
 

@@ -58,7 +58,7 @@ def concrete(alias: str) -> str:
 # Double_Quote between Hebrew letters, and the Format/ZWJ characters rule WB4
 # ignores), where SQLite's ``unicode61`` tokenizer (punctuation, spaces and
 # symbols separate; letters and digits do not) and the query's words
-# (``streams.findings.text_terms``) break the word. ``deepwatch_text``
+# (``streams.cluster_search.text_terms``) break the word. ``deepwatch_text``
 # replaces each with a space before tokenizing, so ``Trump's``, ``u.s.``,
 # ``1,000``, ``a:b`` and ``foo_bar`` are two words on both stores.
 WORD_JOINERS: dict[str, list[int]] = {

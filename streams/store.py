@@ -19,11 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from streams.cluster_search import (
+    SORT_KEYS, ClusterQuery, Deadline, SearchCursor, SearchPage, SearchTimeout, event_hashtags, sort_key, sort_order,
+    text_terms,
+)
 from streams.findings import (
-    MAX_MERGE_HOPS, MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterQuery, ClusterRecord, DeadLetterRecord, Deadline,
-    DeliveryState, FindingsStore, Page, PostIdentity, SearchCursor, SearchPage, SearchTimeout, SightingRecord,
-    dead_letter_identity, SORT_KEYS, event_hashtags, legacy_delivery, read_limit, score_floor, shown_score, sort_key,
-    sort_order, surviving_cluster, text_terms, unstored_alerts,
+    MAX_MERGE_HOPS, MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterRecord, DeadLetterRecord, DeliveryState,
+    FindingsStore, Page, PostIdentity, SightingRecord, dead_letter_identity, legacy_delivery, read_limit, score_floor,
+    shown_score, surviving_cluster, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
@@ -957,7 +960,7 @@ def _julian(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-# Each field of an order (``streams.findings.SORT_ORDER``) as the clusters table
+# Each field of an order (``streams.cluster_search.SORT_ORDER``) as the clusters table
 # holds it: the stream's own values, which searches pre-select by (a margin
 # wide) before ordering the records built exactly. ``sightings`` is the
 # stream's running count there (the exact one, merges included, is counted

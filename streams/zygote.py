@@ -75,8 +75,8 @@ PRELOAD = ("streams.worker", "streams.faust_app", "streams.faust_tuning", "strea
            # and the app builders import the stage modules inside
            "faust.app.base", "faust.app.router", "faust.assignor", "faust.events", "faust.fixups.django",
            "faust.tables.objects", "faust.tables.sets", "faust.topics", "faust.transport.utils",
-           "streams.findings", "streams.sinks", "streams.sink_stage", "streams.stage", "streams.validate",
-           "streams.webhooks", "streams.webhook_redelivery",
+           "streams.findings", "streams.cluster_search", "streams.cursors", "streams.sinks", "streams.sink_stage",
+           "streams.stage", "streams.validate", "streams.webhooks", "streams.webhook_redelivery",
            # and at their first event (measured: ~50 ms a pipeline worker): the
            # findings store, httpx's async transport (httpcore, anyio's backend)
            "streams.store", "streams.ingest", "streams.settings_check", "httpcore", "anyio._backends._asyncio",

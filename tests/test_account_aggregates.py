@@ -314,7 +314,8 @@ def test_pages_go_past_an_account_whose_first_event_id_is_the_longest_worst_case
 
 
 def test_account_cursors_are_checked(source):
-    from streams.findings import AccountCursor, encode_cursor
+    from streams.cursors import encode_cursor
+    from streams.findings import AccountCursor
 
     _rows, cursor = source.accounts_page(AccountQuery(min_posts=0, limit=2))
     assert AccountCursor.decode(cursor).encode() == cursor

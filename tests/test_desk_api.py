@@ -327,7 +327,7 @@ def test_a_desk_verdict_with_store_conditions_finds_clusters_past_the_stores_res
     conditions (``ClusterQuery.cluster_ids``): kept from the store's first
     ``MAX_RESULTS`` matches alone, a marked cluster ranked past them was
     missing (here the window is one cluster wide)."""
-    import streams.findings as findings
+    import streams.cluster_search as cluster_search
 
     data, url = backend
     with client(make_settings(data, url)) as c:
@@ -335,7 +335,7 @@ def test_a_desk_verdict_with_store_conditions_finds_clusters_past_the_stores_res
         assert r.status_code == 201, r.text
         everything = [d["id"] for d in c.get("/api/search?min_score=0").json()]
         assert everything.index("c-photo") > 0  # not the store's first match
-        monkeypatch.setattr(findings, "MAX_RESULTS", 1)
+        monkeypatch.setattr(cluster_search, "MAX_RESULTS", 1)
         r = c.get("/api/search?desk_verdict=needs-review&min_score=0")
         assert r.status_code == 200 and [d["id"] for d in r.json()] == ["c-photo"], r.text
 

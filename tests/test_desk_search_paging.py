@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.findings import ClusterQuery, SearchCursor, encode_cursor, search_digest
+from streams.cluster_search import ClusterQuery, SearchCursor, search_digest
+from streams.cursors import encode_cursor
 from tests.test_desk_api import client, make_settings
 from tests.findings_fixture import stored_findings
 from tests.test_search_paging import N, _fill
@@ -99,14 +100,14 @@ def test_more_desk_verdicts_than_the_store_holds_back_page_past_its_window(many,
     what 4 matches held), and the next one starts after the last match the
     store returned, so no marked cluster past the window is missed."""
     import streams.desk.source as source
-    import streams.findings as findings
+    import streams.cluster_search as cluster_search
 
     data, url = many
     with client(make_settings(data, url)) as c:
         _mark(c, MARKED)
         everything = [d["id"] for d in c.get("/api/search?min_score=0&sort=score&limit=10000").json()]
         want = [cid for cid in everything if cid in MARKED]
-        monkeypatch.setattr(findings, "MAX_RESULTS", 4)
+        monkeypatch.setattr(cluster_search, "MAX_RESULTS", 4)
         monkeypatch.setattr(source, "MAX_RESULTS", 4)
         got, pages = _follow(c, "/api/search?desk_verdict=needs-review&min_score=0&sort=score&limit=3")
         assert got == want and pages >= N // 4

@@ -12,7 +12,8 @@ import pytest
 
 from streams import es_templates as T
 from streams.es_client import EsConfig, EsError
-from streams.findings import ClusterQuery, DeliveryState
+from streams.cluster_search import ClusterQuery
+from streams.findings import DeliveryState
 from tests.fake_es import error_body
 from tests.findings_fixture import alerts, fill, snapshots
 from tests.test_es_store import _both, _store

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from streams.findings import ClusterQuery
+from streams.cluster_search import ClusterQuery
 from streams.settings import Settings
 from tests.findings_fixture import fill, snapshots
 

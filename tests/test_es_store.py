@@ -18,7 +18,8 @@ import pytest
 from streams import es_templates as T
 from streams.es_client import EsCompatError, EsConfig, EsError, client_major
 from streams.es_store import EsFindingsStore
-from streams.findings import ClusterQuery, DeliveryState
+from streams.cluster_search import ClusterQuery
+from streams.findings import DeliveryState
 from streams.settings import FindingsSettings, Settings
 from tests.desk_support import close_sources
 from tests.fake_es import FakeElasticsearch, error_body, rejected_execution

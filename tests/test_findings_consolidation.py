@@ -1,5 +1,5 @@
 """What the findings readers share, defined once: the cluster orders
-(``streams.findings.SORT_ORDER``: the SQLite and Elasticsearch stores and the
+(``streams.cluster_search.SORT_ORDER``: the SQLite and Elasticsearch stores and the
 desk give the same order, ties included), the stream's verdicts
 (``detectors.fusion.Verdict``), the refusal of credentials in
 ``findings.url`` when settings load, the packaged pixel model's name, and
@@ -18,11 +18,12 @@ import pytest
 from pydantic import ValidationError
 
 from detectors import fusion
-from streams import findings
+from streams import cluster_search, findings
 from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.desk.source import STREAM_VERDICTS, ClusterQuery, FindingsSource, QueueCursor, _apply_overlay
-from streams.findings import SORT_KEYS, SORT_ORDER, VERDICTS, AlertRecord, ClusterRecord, FindingsStore
-from streams.findings import ClusterQuery as StoreQuery
+from streams.cluster_search import SORT_KEYS, SORT_ORDER
+from streams.findings import VERDICTS, AlertRecord, ClusterRecord, FindingsStore
+from streams.cluster_search import ClusterQuery as StoreQuery
 from streams.records import (
     Alert, ClusterSnapshot, Engagement, ImageEvent, ImageRef, Member, Sighting, SourceRef, Velocity,
 )
@@ -147,9 +148,9 @@ def test_the_order_is_written_once_and_rendered_for_each_reader():
     from streams.es_store import ES_SORT
     from streams.store import _SQL_SORT
 
-    assert set(SORT_ORDER) == set(SORT_KEYS) == set(get_args(findings.SortKey))
+    assert set(SORT_ORDER) == set(SORT_KEYS) == set(get_args(cluster_search.SortKey))
     for sort, fields in SORT_ORDER.items():
-        assert fields and all(f in get_args(findings.SortField) for f in fields)
+        assert fields and all(f in get_args(cluster_search.SortField) for f in fields)
         # Elasticsearch: the same fields, largest first (the stream's count for sightings), then the id
         es_fields = {"sightings": "stream_sightings", "sightings_5m": "velocity.sightings_5m",
                      "sightings_1h": "velocity.sightings_1h"}
@@ -160,13 +161,13 @@ def test_the_order_is_written_once_and_rendered_for_each_reader():
         token = QueueCursor(sort=sort, key=(1.0,) * (lead + len(fields)), cluster_id="c").encode()
         assert QueueCursor.decode(token, sort).key == (1.0,) * (lead + len(fields))
     # relevance ranks by the match, then as velocity does
-    assert findings.sort_order("relevance") == SORT_ORDER["velocity"]
+    assert cluster_search.sort_order("relevance") == SORT_ORDER["velocity"]
 
 
 def test_a_cluster_without_a_last_sighting_sorts_last_everywhere():
     rows = [{"id": "a", "last_seen": None}, {"id": "b", "last_seen": "1969-12-31T00:00:00Z"},
             {"id": "c", "last_seen": "2026-01-01T10:30:00+01:00"}, {"id": "d", "last_seen": "2026-01-01T10:00:00"}]
-    assert [r["id"] for r in sorted(rows, key=findings.sort_key("last_seen", dict.get))] == ["d", "c", "b", "a"]
+    assert [r["id"] for r in sorted(rows, key=cluster_search.sort_key("last_seen", dict.get))] == ["d", "c", "b", "a"]
 
 
 # -- verdicts ---------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from datetime import timedelta
 
 import pytest
 
-from streams.findings import ClusterQuery, ClusterRecord
+from streams.cluster_search import ClusterQuery
+from streams.findings import ClusterRecord
 from tests.findings_fixture import T0, fill, filled_store
 
 
@@ -75,7 +76,7 @@ def test_cluster_conditions_and_sort_keys(store):
     assert ids(store.search(ClusterQuery(sort="score", limit=1))) == ["c-fire"]
     assert ids(store.search(ClusterQuery())) == ["c-fire", "c-flood", "c-pope"]  # default: velocity
     # the same order over any row, through its own field reader (the desk's documents)
-    from streams.findings import sort_key
+    from streams.cluster_search import sort_key
 
     records = store.search(ClusterQuery())
     docs = [dict(r.as_json(), **{k: getattr(r.velocity, k) for k in ("sightings_5m", "sightings_1h")})
@@ -205,7 +206,7 @@ def test_a_sqlite_search_past_its_time_limit_is_stopped_not_answered_in_part(tmp
     and the store stays usable."""
     import time
 
-    from streams.findings import SearchTimeout
+    from streams.cluster_search import SearchTimeout
     from streams.store import SqliteFindingsStore
     from tests.desk_support import bulk_sightings
 
@@ -242,7 +243,7 @@ def test_an_es_search_sends_its_time_limit_and_refuses_a_timed_out_answer(fake_e
     import re
 
     from streams.es_store import EsFindingsStore
-    from streams.findings import SearchTimeout
+    from streams.cluster_search import SearchTimeout
 
     store = EsFindingsStore.from_url(fake_es.url)
     fill(store)
@@ -319,7 +320,7 @@ def _post_again(store, cid: str, post: tuple, **update) -> None:
 def test_a_date_until_means_through_that_day_to_the_millisecond(store):
     from datetime import datetime
 
-    from streams.findings import through_day
+    from streams.cluster_search import through_day
 
     # 2026-11-20T23:59:59.5Z and 2026-11-21T00:00:00Z (T0 is 10:00 that day): SQLite's julianday rounded
     # the old bound (the day's last microsecond) up to midnight, and the next day's first post matched
@@ -374,7 +375,8 @@ def test_words_with_a_dotted_capital_or_a_combining_accent_are_found(store):
 def test_score_floor_and_query_words_at_their_edges():
     import math
 
-    from streams.findings import score_floor, shown_score, text_terms
+    from streams.cluster_search import text_terms
+    from streams.findings import score_floor, shown_score
 
     # a stored score is kept exactly when it is shown as min_score or more (min_score with more decimals
     # than shown: as the next shown value), away from the exact half-way points

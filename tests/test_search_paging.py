@@ -10,7 +10,8 @@ from datetime import timedelta
 import pytest
 
 from detectors.base import Evidence
-from streams.findings import ClusterQuery, SearchCursor, encode_cursor, search_digest
+from streams.cluster_search import ClusterQuery, SearchCursor, search_digest
+from streams.cursors import encode_cursor
 from streams.records import ClusterSnapshot, Engagement, Velocity
 from tests.findings_fixture import T0, _member, _sighting, filled_store
 from tests.test_search import _cli

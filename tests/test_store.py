@@ -14,7 +14,8 @@ import pytest
 from detectors.base import Evidence
 from detectors.hashing import ImageHashes
 from streams.es_docs import sighting_doc
-from streams.findings import ClusterQuery, DeliveryState
+from streams.cluster_search import ClusterQuery
+from streams.findings import DeliveryState
 from streams.records import (
     MAX_TEXT_CHARS, Alert, ClusterSnapshot, DeadLetter, Engagement, ImageEvent, Member, Sighting, SourceRef, Velocity,
 )

@@ -23,9 +23,11 @@ from streams.cli.common import (
     Config, DataDir, FirstLines, FormatOpt, JsonAlias, check_format, check_store_option, err, fail, note_empty,
     json_text, print_json, settings_from, shown,
 )
+from streams.cluster_search import (
+    RELEVANCE_UNPAGED, SORT_KEYS, SORT_ORDER, ClusterQuery, SearchCursor, SearchTimeout, text_terms, through_day,
+)
 from streams.findings import (
-    MAX_RESULTS, RELEVANCE_UNPAGED, SORT_KEYS, SORT_ORDER, VERDICTS, ClusterQuery, ClusterRecord, FindingsStore,
-    Page, SearchCursor, SearchTimeout, StoreURLError, open_findings, sqlite_file, text_terms, through_day,
+    MAX_RESULTS, VERDICTS, ClusterRecord, FindingsStore, Page, StoreURLError, open_findings, sqlite_file,
 )
 
 # what each --sort orders by, as ``SORT_ORDER`` says it

@@ -21,8 +21,8 @@ from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotF
 from streams.desk.state import Desk, desk_of
 from streams.desk.thumbs import ThumbBusy, ThumbError
 from streams.desk.verdicts import Conflict, VerdictIn
-from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import SearchCursor
+from streams.cluster_search import ClusterQuery as StoreQuery
+from streams.cluster_search import SearchCursor
 
 router = APIRouter(route_class=DeskRoute)
 

@@ -35,7 +35,8 @@ from streams.desk.guards import DeskRoute
 from streams.desk.limits import MAX_BODY_BYTES, UPLOAD_PATHS, BodyLimit, Slots
 from streams.desk.lookup import lookup, upload_bound
 from streams.desk.state import Desk, tls_configured
-from streams.findings import FindingsStore, SearchTimeout, open_findings
+from streams.cluster_search import SearchTimeout
+from streams.findings import FindingsStore, open_findings
 from streams.settings import Settings
 
 __all__ = ["create_app", "tls_configured"]  # streams.cli.serve imports tls_configured from here

@@ -19,7 +19,7 @@ from streams.desk.guards import bearer, principal
 from streams.desk.apidocs import DOCS_PATH, DOCS_SCRIPT, OPENAPI_PATH
 from streams.desk.pages import login_url, page_with_error, return_to
 from streams.desk.state import desk_of
-from streams.findings import SearchTimeout
+from streams.cluster_search import SearchTimeout
 
 log = logging.getLogger(__name__)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

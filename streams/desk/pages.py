@@ -30,8 +30,9 @@ from streams.desk.queries import QUEUE_FORM, SEARCH_FORM, account_query, account
 from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery, NotFound
 from streams.desk.state import Desk, desk_of
 from streams.desk.verdicts import VerdictIn
-from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import MAX_RESULTS, SearchCursor
+from streams.cluster_search import ClusterQuery as StoreQuery
+from streams.cluster_search import SearchCursor
+from streams.findings import MAX_RESULTS
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent

@@ -15,8 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery
-from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import SearchCursor, through_day
+from streams.cluster_search import ClusterQuery as StoreQuery
+from streams.cluster_search import SearchCursor, through_day
 
 # The fields of the queue's and the search page's forms (``page_with_error`` refills them as sent).
 QUEUE_FORM = ("q", "verdict", "platform", "since", "sort", "limit")

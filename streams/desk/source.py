@@ -34,12 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from detectors.base import Evidence, EvidenceKind
 from detectors.fusion import Verdict, fuse
 from streams.desk.deskdb import DeskDB, OverlayRow
-from streams.findings import ClusterQuery as StoreQuery
-from streams.findings import (
-    CURSOR_MAX_CHARS, MAX_MERGE_HOPS, MAX_RESULTS, NOT_A_CURSOR, AccountAggregate, AccountCursor, Deadline,
-    NEVER, DeskReader, MemberRow, SearchCursor, SortKey, decode_cursor, encode_cursor, search_digest, sort_key,
-    sort_order, sort_values, text_terms,
+from streams.cluster_search import ClusterQuery as StoreQuery
+from streams.cluster_search import (
+    NEVER, Deadline, SearchCursor, SortKey, search_digest, sort_key, sort_order, sort_values, text_terms,
 )
+from streams.cursors import CURSOR_MAX_CHARS, NOT_A_CURSOR, decode_cursor, encode_cursor
+from streams.findings import MAX_MERGE_HOPS, MAX_RESULTS, AccountAggregate, AccountCursor, DeskReader, MemberRow
 from streams.records import MAX_SAMPLE_POSTS, SamplePost
 from streams.settings import DeskSettings
 from streams.virality import WINDOW_1H, WINDOW_5M
@@ -104,7 +104,7 @@ class QueueCursor(BaseModel):
     cluster id ascending): the sort, its key values there and the cluster
     id. The queue is ordered by the desk from its cached view, so the
     cursor is the desk's own; it is carried as the accounts' cursor is
-    (``streams.findings.encode_cursor``) and, like it, only says where to
+    (``streams.cursors.encode_cursor``) and, like it, only says where to
     start in the list the query's filters select."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -896,7 +896,7 @@ def _left(deadline: Deadline | None) -> float | None:
 
 
 def _doc_field(d: dict[str, Any], name: str) -> Any:
-    """``streams.findings.sort_key``'s field reader for a desk document (the values shown)."""
+    """``streams.cluster_search.sort_key``'s field reader for a desk document (the values shown)."""
     return d["velocity"].get(name, 0) if name.startswith("sightings_") else d[name]
 
 
@@ -972,7 +972,7 @@ def _viral_ai(d: dict[str, Any]) -> float:
 # clusters first (docs/desk.md), as the desk decides them (its overlay).
 _QUEUE_LEAD: dict[str, tuple[Callable[[dict[str, Any]], float], ...]] = {"velocity": (_viral_ai,)}
 # The queue's order, descending, per sort: its lead, then the sort's order
-# (``streams.findings.SORT_ORDER``) over the values the desk shows (the
+# (``streams.cluster_search.SORT_ORDER``) over the values the desk shows (the
 # overlay's score, velocity as of the view: ``_doc_field``); the numbers a
 # ``QueueCursor`` carries. Ties by cluster id ascending (``clusters_page``).
 _QUEUE_KEY_LEN = {sort: len(_QUEUE_LEAD.get(sort, ())) + len(sort_order(sort)) for sort in get_args(SortKey)}
