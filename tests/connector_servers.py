@@ -70,8 +70,11 @@ class JetstreamServer:
 
     def __init__(self, frames: list[str], *, drop_after: dict[int, int] | None = None,
                  hang_after: dict[int, int] | None = None, zstd_dict: bytes | None = None,
-                 honour_max_size: bool = True):
+                 honour_max_size: bool = True, refuse: dict[int, tuple[int, dict[str, str]]] | None = None):
         self.frames = frames
+        # handshake n (0-based) -> (HTTP status, headers): the upgrade is refused with them
+        self.refuse = refuse or {}
+        self.handshakes: list[float] = []  # when each handshake came (time.monotonic())
         self.drop_after = drop_after or {}
         self.hang_after = hang_after or {}
         self.zstd_dict = zstd_dict
@@ -135,8 +138,19 @@ class JetstreamServer:
     def __enter__(self) -> "JetstreamServer":
         self._thread.start()
 
+        def process_request(connection, request):
+            n = len(self.handshakes)
+            self.handshakes.append(time.monotonic())
+            if n in self.refuse:
+                status, headers = self.refuse[n]
+                response = connection.respond(status, f"HTTP {status}\n")
+                for k, v in headers.items():
+                    response.headers[k] = v
+                return response
+            return None
+
         async def start():
-            return await websockets.serve(self._handler, "127.0.0.1", 0)
+            return await websockets.serve(self._handler, "127.0.0.1", 0, process_request=process_request)
 
         self._server = asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
         port = self._server.sockets[0].getsockname()[1]
@@ -186,6 +200,7 @@ class MastodonScript:
     streaming_api: str | None = None  # the instance document's urls.streaming_api instead of this server's ws:// URL
     no_streaming: bool = False  # /api/v1/streaming/* answers 404 (it is served elsewhere: streaming_api)
     timeline_silent_s: float = 0.0  # the REST timelines say nothing for this long before answering
+    timeline_answer: int | None = None  # the REST timelines answer this HTTP error (401: no public preview)
 
 
 class MastodonServer:
@@ -271,6 +286,9 @@ class MastodonServer:
                 if outer.script.timeline_silent_s:
                     time.sleep(outer.script.timeline_silent_s)  # an instance that accepted and says nothing
                     return
+                if outer.script.timeline_answer is not None:
+                    return self._json({"error": "This method requires an authenticated user"},
+                                      outer.script.timeline_answer)
                 reset = (datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat()
                 if outer.script.rate_limit_first and outer._rest_calls == 1:
                     return self._json({"error": "Too many requests"}, 429,
@@ -365,3 +383,59 @@ def read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float = 15) -
         return out
     finally:
         consumer.close()
+
+
+class DripServer:
+    """A server that answers every connection with ``head`` and then ``drip``,
+    one byte every ``every_s`` (cycling), until the client leaves: a response
+    head, a streamed event or a REST page that never ends while bytes keep
+    coming, so no read ever times out. Counts its connections."""
+
+    def __init__(self, head: bytes, drip: bytes, every_s: float = 0.2):
+        import socket
+
+        self.head, self.drip, self.every_s = head, drip, every_s
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        import socket
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn) -> None:
+        try:
+            conn.recv(65536)  # the request (one read is enough for a GET)
+            conn.sendall(self.head)
+            i = 0
+            while not self._stop.is_set():
+                conn.sendall(self.drip[i % len(self.drip):i % len(self.drip) + 1])
+                i += 1
+                time.sleep(self.every_s)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def __enter__(self) -> "DripServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(5)

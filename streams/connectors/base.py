@@ -17,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -45,10 +48,27 @@ EVENTS = Counter("deepwatch_connector_events_total", "Mapped events, by connecto
                  "platform's per-post limit, left out)", ["connector", "outcome"])
 RECONNECTS = Counter("deepwatch_connector_reconnects_total", "Stream reconnects, by connector and reason",
                      ["connector", "reason"])
+# Per stream (one connector runs one per Mastodon hashtag), and read when
+# scraped: set at each checkpoint, one stream's value overwrote another's (a
+# stalled hashtag hidden by a busy one), and a connector that no longer
+# checkpointed (platform gone, broker down, reconnecting) kept showing the
+# small lag of its last good moment instead of a growing one.
 CURSOR_LAG = Gauge("deepwatch_connector_cursor_lag_seconds", "Wall time minus the event time of the last "
-                   "checkpointed cursor", ["connector"])
+                   "checkpointed cursor, per stream, as of the scrape", ["connector", "stream"])
 RATE_LIMIT_WAITS = Counter("deepwatch_connector_rate_limit_waits_total", "Waits imposed by platform rate limits",
                            ["connector"])
+CURSOR_AHEAD = Counter("deepwatch_connector_cursor_ahead_total", "Frames whose position (Jetstream time_us, "
+                       "Mastodon status id) lies further ahead of the wall clock than a clock's skew explains: "
+                       "the cursor was not moved to it", ["connector"])
+
+# How far ahead of this machine's clock a cursor's time may be (the platform's
+# clock, or ours, being off). Further ahead it is a wrong clock or a crafted
+# frame, and is not taken as the cursor: Jetstream answers a cursor in the
+# future with its live tip and Mastodon's min_id with nothing, so every resume
+# from it skipped what was missed meanwhile; and the cursor never moves back,
+# so it stayed there (a time_us past 1e308 even ended every run, the lag gauge
+# unable to turn it into a float). As the pipeline's default ingest.max_future_skew_s.
+DEFAULT_CURSOR_AHEAD_S = 900.0
 
 
 class SinkError(RuntimeError):
@@ -217,6 +237,63 @@ class Backoff:
         self.attempt = 0
 
 
+class LogThrottle:
+    """At most ``burst`` lines of one kind (a malformed frame, a refused URL)
+    per ``window_s``; the ones left out are counted and the next line let
+    through says how many (``suppressed``). Each is counted in the metrics
+    anyway: a platform sending nothing but bad frames (or compressed ones to
+    a connector without the dictionary) wrote a warning per frame, thousands
+    a second, to the log pipeline."""
+
+    def __init__(self, burst: int = 10, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.burst = burst
+        self.window_s = window_s
+        self._clock = clock
+        self._window_at = -math.inf
+        self._lines = 0
+        self._suppressed = 0
+
+    def allow(self) -> int | None:
+        """None: leave this line out. Else log it, with the number left out since the last one."""
+        now = self._clock()
+        if now - self._window_at >= self.window_s:
+            self._window_at, self._lines = now, 0
+        if self._lines >= self.burst:
+            self._suppressed += 1
+            return None
+        self._lines += 1
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed
+
+
+def rate_limit_wait(headers: Any, *, low_water: int = 1, now: float | None = None) -> float:
+    """Seconds to wait before the next request, from Mastodon's headers
+    (``X-RateLimit-Remaining``, ``X-RateLimit-Reset`` as an ISO 8601 time) or
+    a ``Retry-After`` header (seconds or an HTTP date). ``headers``: any
+    case-insensitive mapping with ``get`` (httpx's, websockets')."""
+    now = time.time() if now is None else now
+    retry_after = headers.get("retry-after")
+    if retry_after:
+        try:
+            return max(0.0, float(retry_after))
+        except ValueError:
+            pass
+        try:  # the other form RFC 9110 allows: an HTTP date
+            return max(0.0, parsedate_to_datetime(retry_after).timestamp() - now)
+        except (TypeError, ValueError, IndexError):
+            pass
+    remaining = headers.get("x-ratelimit-remaining")
+    reset = headers.get("x-ratelimit-reset")
+    if remaining is None or reset is None:
+        return 0.0
+    try:
+        if int(remaining) > low_water:
+            return 0.0
+        return max(0.0, datetime.fromisoformat(reset).timestamp() - now)
+    except ValueError:
+        return 0.0
+
+
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` banked."""
 
@@ -368,22 +445,35 @@ class Emitter:
     """Dedupe, policy-check and send mapped events; checkpoint the cursor."""
 
     def __init__(self, connector: str, stream: str, state: ConnectorState, sink: Sink, policy: UrlPolicy,
-                 cfg: ConnectorSettings, *, cursor_time: Callable[[str], float] | None = None):
+                 cfg: ConnectorSettings, *, cursor_time: Callable[[str], float] | None = None,
+                 max_cursor_ahead_s: float = DEFAULT_CURSOR_AHEAD_S):
         self.connector = connector
         self.stream = stream
         self.state = state
         self.sink = sink
         self.policy = policy
         self.cfg = cfg
-        self._cursor: str | None = state.cursor(stream)
+        # cursor -> event time (unix seconds): for the lag gauge, and to refuse a cursor from the future
+        self._cursor_time = cursor_time
+        self.max_cursor_ahead_s = max_cursor_ahead_s
+        self._ahead_warned_at: float | None = None
+        self._ahead_unlogged = 0
+        self._cursor: str | None = self._saved_cursor()
+        self._lag_of: float | None = None  # the event time of the last checkpointed cursor (unix seconds)
+        self._confirmed_cursor(self._cursor)
         self._dirty = False
         self._last_checkpoint = time.monotonic()
-        self._cursor_time = cursor_time  # cursor -> event time (unix seconds), for the lag gauge
         self.counts: dict[str, int] = {}
         # Sends not yet acknowledged, by outcome (produced, refused): counted
         # when a checkpoint confirms them, dropped by a rollback (the re-read
         # sends them again and they are counted then).
         self._unconfirmed: dict[str, int] = {}
+        # Told True once everything read so far is confirmed (a checkpoint), False
+        # on a rollback: a position a connector keeps of its own (an SSE id to
+        # resume from) must go back with the cursor, or the resume skips the
+        # events the broker never acknowledged.
+        self.on_checkpoint: list[Callable[[bool], None]] = []
+        self._refused_log = LogThrottle()
 
     @property
     def cursor(self) -> str | None:
@@ -443,8 +533,10 @@ class Emitter:
                 except Exception as e:
                     self._rollback()
                     raise SinkError(f"{type(e).__name__}: {e}") from e
-                log.warning("image URL refused by fetch policy", extra={
-                    "connector": self.connector, "event_id": ev.event_id, "reason": refused.reason})
+                if (suppressed := self._refused_log.allow()) is not None:
+                    log.warning("image URL refused by fetch policy", extra={
+                        "connector": self.connector, "event_id": ev.event_id, "reason": refused.reason,
+                        "suppressed": suppressed})
                 self._sent("refused")
             else:
                 try:
@@ -459,11 +551,73 @@ class Emitter:
         """Move the cursor to ``cursor``, never back: the frames of a resume
         overlap (Jetstream re-sends ``cursor_overlap_s`` before the saved
         cursor) would otherwise move it back, and a stream of short
-        connections walked the saved cursor further back with each."""
+        connections walked the saved cursor further back with each. Nor to
+        a cursor further in the future than a clock's skew explains
+        (``DEFAULT_CURSOR_AHEAD_S``): the frame's events are still sent."""
         if self._cursor is not None and _before(cursor, self._cursor):
+            return
+        if self._ahead(cursor) is not None:
+            CURSOR_AHEAD.labels(self.connector).inc()
+            self.counts["cursor_ahead"] = self.counts.get("cursor_ahead", 0) + 1
+            self._warn_ahead(cursor)
             return
         self._cursor = cursor
         self._dirty = True
+
+    def _ahead(self, cursor: str) -> float | None:
+        """How many seconds ``cursor`` lies ahead of the wall clock, if more
+        than ``max_cursor_ahead_s`` (inf: no time at all can be read from it),
+        else None. Without ``cursor_time`` every cursor is taken."""
+        if self._cursor_time is None:
+            return None
+        try:
+            ahead = self._cursor_time(cursor) - time.time()
+        except (ValueError, OverflowError):  # "9" * 400 as time_us: no float holds it
+            return math.inf
+        return ahead if not ahead <= self.max_cursor_ahead_s else None  # NaN too
+
+    def _warn_ahead(self, cursor: str) -> None:
+        # A relay whose clock runs ahead sends every frame so: one warning a minute, with the count.
+        self._ahead_unlogged += 1
+        now = time.monotonic()
+        if self._ahead_warned_at is not None and now - self._ahead_warned_at < 60.0:
+            return
+        log.warning("a frame's position lies in the future; the cursor stays where it was (a wrong clock on "
+                    "the platform or here, or a crafted frame)", extra={
+                        "connector": self.connector, "position": cursor[:40], "cursor": self._cursor,
+                        "frames": self._ahead_unlogged, "max_ahead_s": self.max_cursor_ahead_s})
+        self._ahead_warned_at, self._ahead_unlogged = now, 0
+
+    def _confirmed_cursor(self, cursor: str | None) -> None:
+        """Note the event time of a checkpointed cursor for the lag gauge;
+        the gauge's series appears with the first one."""
+        if self._cursor_time is None or cursor is None:
+            return
+        try:
+            at = float(self._cursor_time(cursor))
+        except (ValueError, OverflowError):
+            return
+        first = self._lag_of is None
+        self._lag_of = at
+        if first:
+            CURSOR_LAG.labels(self.connector, self.stream).set_function(self._lag)
+
+    def _lag(self) -> float:
+        # Called by the metrics endpoint's thread: only attributes, never the state's SQLite.
+        at = self._lag_of
+        return 0.0 if at is None else max(0.0, time.time() - at)
+
+    def _saved_cursor(self) -> str | None:
+        """The saved cursor, unless it lies in the future (saved by a version
+        that took any cursor): resuming from it would skip, and it would
+        hold the cursor there for good. Then the stream starts without one."""
+        saved = self.state.cursor(self.stream)
+        if saved is not None and self._ahead(saved) is not None:
+            log.error("the saved cursor lies in the future; starting without it (what was missed since the "
+                      "last good cursor is not read again)", extra={
+                          "connector": self.connector, "stream": self.stream, "saved": saved[:40]})
+            return None
+        return saved
 
     async def maybe_checkpoint(self) -> None:
         if self.state.pending >= self.cfg.checkpoint_every or (
@@ -476,11 +630,15 @@ class Emitter:
         # to where the broker last confirmed: the resume re-reads the window.
         self.state.drop_pending()
         self._unconfirmed.clear()
-        self._cursor = self.state.cursor(self.stream)
+        self._cursor = self._saved_cursor()
         self._dirty = False
+        for hook in self.on_checkpoint:
+            hook(False)
 
     async def checkpoint(self) -> None:
         if not self._dirty and not self.state.pending:
+            for hook in self.on_checkpoint:
+                hook(True)  # nothing unconfirmed: all that was read is as good as saved
             return
         try:
             await _in_send_thread(self.sink.flush)
@@ -493,8 +651,9 @@ class Emitter:
         confirmed, self._unconfirmed = self._unconfirmed, {}
         for outcome, n in confirmed.items():
             self._event(outcome, n)
-        if self._cursor_time and self._cursor is not None:
-            CURSOR_LAG.labels(self.connector).set(max(0.0, time.time() - self._cursor_time(self._cursor)))
+        for hook in self.on_checkpoint:
+            hook(True)
+        self._confirmed_cursor(self._cursor)
 
 
 def _before(a: str, b: str) -> bool:

@@ -23,13 +23,14 @@ import logging
 from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Literal
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import websockets
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import (Backoff, Emitter, MalformedFrame, Mapped, Stopped, clip_hashtags, error_text,
-                                     host_of, parse_frame, reconnect_loop, unless_stopped)
+from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, LogThrottle, MalformedFrame, Mapped, Stopped,
+                                     clip_hashtags, error_text, host_of, parse_frame, rate_limit_wait, reconnect_loop,
+                                     unless_stopped)
 from streams.net_errors import network_reason
 from streams.records import MAX_TEXT_CHARS, MAX_UTC_OFFSET, ImageEvent
 from streams.settings import ConnectorSettings, IngestSettings
@@ -42,8 +43,10 @@ REPOST = "app.bsky.feed.repost"
 DEFAULT_COLLECTIONS = (POST, REPOST)
 TAG_FEATURE = "app.bsky.richtext.facet#tag"
 MAX_HANDLE_CHARS = 253  # a handle is a DNS name
+MAX_DID_CHARS = 256  # an event's account_id (the DID) holds at most this (ImageEvent)
 MAX_IMAGES = 4  # app.bsky.embed.images: "images" has maxLength 4
 TOO_BIG = 1009  # websocket close code: message larger than we accept
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # how every zstd frame starts (RFC 8878)
 FRAME_TOO_BIG = "frame_too_big"  # the reason given for a frame over connectors.max_frame_bytes
 # The pipeline dead-letters an event dated more than this after its ingest
 # time (future_posted_at); the connector is told the configured value.
@@ -227,9 +230,12 @@ class BlueskyMapper:
     def map(self, raw: bytes | str) -> Mapped:
         frame = parse_frame(Frame, raw, "bad_frame", "(frame)")
         # A "handle" longer than a DNS name is ignored: kept, it would make every
-        # later event of that DID fail validation; left out, they carry none.
+        # later event of that DID fail validation; left out, they carry none. So is
+        # a DID longer than an event's account_id holds: no event of it can be made,
+        # and kept as a key (100 000 of them, each up to a frame's 2 MiB) the
+        # memory was bounded in count only.
         if frame.kind == "identity" and frame.identity and frame.identity.handle \
-                and len(frame.identity.handle) <= MAX_HANDLE_CHARS:
+                and len(frame.identity.handle) <= MAX_HANDLE_CHARS and len(frame.did) <= MAX_DID_CHARS:
             self._handles[frame.did] = frame.identity.handle
             self._handles.move_to_end(frame.did)
             if len(self._handles) > self._handles_max:
@@ -321,7 +327,11 @@ def subscribe_url(base: str, collections: list[str], cursor: int | None, compres
     """Jetstream's /subscribe URL. ``maxMessageSizeBytes`` makes Jetstream
     leave out frames we would refuse anyway: a frame over the websocket's
     ``max_size`` closes the connection, and since the cursor cannot move
-    past a frame never read, every resume would meet it again."""
+    past a frame never read, every resume would meet it again. A ``cursor``
+    already in ``base`` (Jetstream's README pastes one into its examples) is
+    dropped: Jetstream reads the first one given, so that fixed cursor, not
+    the saved one, was where every (re)connect replayed from."""
+    base = _without_query_param(base, "cursor")
     params: list[tuple[str, str]] = [("wantedCollections", c) for c in collections]
     if cursor is not None:
         params.append(("cursor", str(cursor)))
@@ -330,6 +340,15 @@ def subscribe_url(base: str, collections: list[str], cursor: int | None, compres
     if max_message_bytes:
         params.append(("maxMessageSizeBytes", str(max_message_bytes)))
     return f"{base}{'&' if '?' in base else '?'}{urlencode(params)}" if params else base
+
+
+def _without_query_param(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(k == name for k, _ in pairs):
+        return url  # as given: re-encoding it could change what it says
+    kept = [(k, v) for k, v in pairs if k != name]
+    return urlunsplit(parts._replace(query=urlencode(kept)))
 
 
 def websocket_url(url: str) -> str:
@@ -358,8 +377,13 @@ class BlueskyConnector:
         self.cfg = cfg
         self.collections = list(collections or DEFAULT_COLLECTIONS)
         self.url = websocket_url(url or cfg.jetstream_url)
+        if "cursor" in dict(parse_qsl(urlsplit(self.url).query)):
+            log.warning("the Jetstream URL carries a cursor; it is left out (the connector resumes from its saved "
+                        "cursor)", extra={"connector": PLATFORM, "url": self.url})
         self._zstd = _decompressor(cfg.zstd_dictionary) if cfg.zstd_dictionary else None
         self.connects = 0
+        self._malformed_log = LogThrottle()
+        self._clipped_log = LogThrottle()
 
     def _resume_cursor(self) -> int | None:
         saved = self.emitter.cursor
@@ -370,7 +394,14 @@ class BlueskyConnector:
     def _decode(self, msg: bytes | str) -> bytes | str:
         """A binary message inflated (zstd), at most ``max_frame_bytes``: a
         frame over that is ``frame_too_big``, one zstd cannot read (or that
-        memory cannot hold) ``bad_compression``; both malformed, never fatal."""
+        memory cannot hold) ``bad_compression``; both malformed, never fatal.
+        A zstd frame without a dictionary to read it is ``compressed_frame``,
+        saying what to set: read as JSON it was only ``malformed_json``, on
+        every frame (a --jetstream-url carrying compress=true does that)."""
+        if isinstance(msg, bytes) and self._zstd is None and msg.startswith(ZSTD_MAGIC):
+            raise MalformedFrame("compressed_frame", "a zstd-compressed frame, but connectors.zstd_dictionary "
+                                                     "is not set: pass --zstd-dictionary, or take compress=true "
+                                                     "out of the Jetstream URL")
         if isinstance(msg, bytes) and self._zstd is not None:
             import zstandard
 
@@ -414,14 +445,16 @@ class BlueskyConnector:
             mapped = self.mapper.map(self._decode(msg))
         except MalformedFrame as e:
             self.emitter.count("malformed")
-            log.warning("malformed frame skipped", extra={
-                "connector": PLATFORM, "reason": e.reason, "detail": e.detail[:300],
-                "excerpt": (msg[:200] if isinstance(msg, str) else repr(msg[:200]))})
+            if (suppressed := self._malformed_log.allow()) is not None:
+                log.warning("malformed frame skipped", extra={
+                    "connector": PLATFORM, "reason": e.reason, "detail": e.detail[:300], "suppressed": suppressed,
+                    "excerpt": (msg[:200] if isinstance(msg, str) else repr(msg[:200]))})
             return
-        if mapped.clipped:
+        if mapped.clipped and (suppressed := self._clipped_log.allow()) is not None:
             log.warning(f"post with more than {MAX_IMAGES} images (the lexicon's limit); the rest left out",
                         extra={"connector": PLATFORM, "clipped": mapped.clipped, "cursor": mapped.cursor,
-                               "post_id": mapped.events[0].post_id if mapped.events else None})
+                               "post_id": mapped.events[0].post_id if mapped.events else None,
+                               "suppressed": suppressed})
         await self.emitter.apply(mapped)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -491,8 +524,19 @@ class BlueskyConnector:
                 return FRAME_TOO_BIG
             return "closed_ok" if isinstance(e, websockets.ConnectionClosedOK) else "closed_error"
         except websockets.InvalidStatus as e:
-            log.warning("handshake refused", extra={"connector": PLATFORM, "status": e.response.status_code})
-            return f"http_{e.response.status_code}"
+            status = e.response.status_code
+            # A 429 or 503 with Retry-After (a proxy in front of Jetstream shedding load) is
+            # waited out, up to rate_limit_max_wait_s: the backoff alone came back within
+            # a second, asking again long before the server said it would take us.
+            wait = min(rate_limit_wait(e.response.headers), self.cfg.rate_limit_max_wait_s) \
+                if status in (429, 503) else 0.0
+            log.warning("handshake refused", extra={"connector": PLATFORM, "status": status,
+                                                    "retry_after_s": round(wait, 1)})
+            if wait > 0:
+                RATE_LIMIT_WAITS.labels(PLATFORM).inc()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)  # a stop ends the wait at once
+            return f"http_{status}"
         except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
             # which server: "gaierror: Name or service not known" alone did not say
             host = host_of(url)

@@ -26,7 +26,6 @@ import logging
 import re
 import time
 from datetime import datetime
-from email.utils import parsedate_to_datetime
 from typing import Literal
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -34,9 +33,9 @@ import httpx
 from httpx_sse import SSEError, aconnect_sse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, MalformedFrame, Mapped, Stopped,
-                                     clip_hashtags, error_text, host_of, parse_frame, reconnect_loop,
-                                     unless_stopped)
+from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, LogThrottle, MalformedFrame, Mapped,
+                                     Stopped, clip_hashtags, error_text, host_of, parse_frame, rate_limit_wait,
+                                     reconnect_loop, unless_stopped)
 from streams.net_errors import network_reason
 from streams.records import MAX_COUNT, ImageEvent
 from streams.settings import ConnectorSettings
@@ -196,28 +195,59 @@ class TooLarge(httpx.TransportError):
     """A response (a REST page) or one streamed event larger than the cap."""
 
 
+class Stalled(httpx.ReadTimeout):
+    """Bytes keep coming, but no event or heartbeat is completed by them."""
+
+
 class _CappedStream(httpx.AsyncByteStream):
-    def __init__(self, inner: httpx.AsyncByteStream, limit: int, per_event: bool):
-        self.inner, self.limit, self.per_event = inner, limit, per_event
+    """``inner``, at most ``limit`` bytes (``per_event``: between blank lines).
+    ``per_event`` with ``idle_s``: at most ``idle_s`` without a complete event
+    or comment line (Mastodon's ``:thump`` heartbeat). httpx's read timeout
+    is reset by every byte: a server, or a proxy, that dripped one every few
+    seconds without ever ending an event held the connector for good."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, limit: int, per_event: bool, idle_s: float | None = None):
+        self.inner, self.limit, self.per_event, self.idle_s = inner, limit, per_event, idle_s
 
     async def __aiter__(self):
         pending = 0  # bytes since the last event boundary (a blank line) or since the start
-        tail = b""
+        head = b""  # the first byte of the line not yet ended (b"": at a line's start)
+        prev_cr = False  # the last chunk ended with \r: a \n opening this one ends no new line
+        alive_at = time.monotonic()  # the last complete event or comment line
         async for chunk in self.inner:
             pending += len(chunk)
             if self.per_event:
-                window = tail + chunk
-                cut = max(window.rfind(b"\n\n"), window.rfind(b"\r\n\r\n"))
+                # A blank line ends an event whatever ends the lines: SSE allows \r\n, \n
+                # and a lone \r (httpx_sse reads all three). Looking for \n\n and
+                # \r\n\r\n only, a server ending its lines with \r had every
+                # connection cut once max_frame_bytes had come, events all small.
+                data = chunk[1:] if prev_cr and chunk.startswith(b"\n") else chunk
+                prev_cr = chunk.endswith(b"\r")
+                flat = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                seen = b"\n" + head + flat  # the line under way, from its start
+                cut = seen.rfind(b"\n\n")
                 if cut >= 0:
-                    pending = len(window) - cut
-                tail = window[-3:]
+                    pending = len(seen) - cut - 2
+                if cut >= 0 or _COMMENT_LINE.search(seen):
+                    alive_at = time.monotonic()
+                last = flat.rfind(b"\n")
+                head = flat[last + 1:last + 2] if last >= 0 else (head or flat[:1])
+                if self.idle_s is not None and time.monotonic() - alive_at > self.idle_s:
+                    raise Stalled(f"bytes, but no complete event or heartbeat for {self.idle_s:g}s "
+                                  "(connectors.idle_timeout_s)")
             if pending > self.limit:
                 what = "one event of the stream" if self.per_event else "the response"
                 raise TooLarge(f"{what} is over {self.limit} bytes (connectors.max_frame_bytes)")
+            handed_at = time.monotonic()
             yield chunk
+            # The time the reader spent on what it was given (a slow broker) is not the server's.
+            alive_at += time.monotonic() - handed_at
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+_COMMENT_LINE = re.compile(rb"\n:[^\n]*\n")  # an SSE comment (a heartbeat), ended
 
 
 class CappedTransport(httpx.AsyncBaseTransport):
@@ -231,8 +261,8 @@ class CappedTransport(httpx.AsyncBaseTransport):
     # A page holds up to PAGE statuses, each far smaller than a streamed frame may be.
     PAGE_FACTOR = 8
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, limit: int):
-        self.inner, self.limit = inner, limit
+    def __init__(self, inner: httpx.AsyncBaseTransport, limit: int, idle_s: float | None = None):
+        self.inner, self.limit, self.idle_s = inner, limit, idle_s
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self.inner.handle_async_request(request)
@@ -242,7 +272,7 @@ class CappedTransport(httpx.AsyncBaseTransport):
             raise TooLarge(f"{request.url.host} answered with Content-Encoding {encoding!r} though asked for identity")
         per_event = "text/event-stream" in request.headers.get("accept", "")
         cap = self.limit if per_event else self.limit * self.PAGE_FACTOR
-        response.stream = _CappedStream(response.stream, cap, per_event)
+        response.stream = _CappedStream(response.stream, cap, per_event, self.idle_s if per_event else None)
         return response
 
     async def aclose(self) -> None:
@@ -273,33 +303,6 @@ class FatalStreamError(Exception):
     """The server refuses us in a way retrying cannot fix (bad token, no such timeline)."""
 
 
-def rate_limit_wait(headers: httpx.Headers, *, low_water: int = 1, now: float | None = None) -> float:
-    """Seconds to wait before the next request, from Mastodon's headers
-    (``X-RateLimit-Remaining``, ``X-RateLimit-Reset`` as an ISO 8601 time) or
-    a ``Retry-After`` header (seconds or an HTTP date)."""
-    now = time.time() if now is None else now
-    retry_after = headers.get("retry-after")
-    if retry_after:
-        try:
-            return max(0.0, float(retry_after))
-        except ValueError:
-            pass
-        try:  # the other form RFC 9110 allows: an HTTP date
-            return max(0.0, parsedate_to_datetime(retry_after).timestamp() - now)
-        except (TypeError, ValueError, IndexError):
-            pass
-    remaining = headers.get("x-ratelimit-remaining")
-    reset = headers.get("x-ratelimit-reset")
-    if remaining is None or reset is None:
-        return 0.0
-    try:
-        if int(remaining) > low_water:
-            return 0.0
-        return max(0.0, datetime.fromisoformat(reset).timestamp() - now)
-    except ValueError:
-        return 0.0
-
-
 class MastodonConnector:
     def __init__(self, emitter: Emitter, mapper: MastodonMapper, cfg: ConnectorSettings, *, instance: str,
                  timeline: Timeline = "public", hashtag: str | None = None, token: str | None = None,
@@ -320,16 +323,29 @@ class MastodonConnector:
         headers["Accept-Encoding"] = "identity"  # the caps below count bytes as they come (no bomb to inflate)
         self.client = client or httpx.AsyncClient(
             headers=headers, trust_env=False,
-            transport=CappedTransport(httpx.AsyncHTTPTransport(), cfg.max_frame_bytes),
+            transport=CappedTransport(httpx.AsyncHTTPTransport(), cfg.max_frame_bytes, cfg.idle_timeout_s),
             timeout=httpx.Timeout(cfg.idle_timeout_s, connect=cfg.connect_timeout_s),
         )
         self.last_event_id: str | None = None  # only servers that send SSE ids set this
+        # The SSE id of the last event the broker confirmed: after a rollback the
+        # resume asks from there. Resuming from last_event_id, the id read last,
+        # skipped every event the broker had not acknowledged (lost for good).
+        self._confirmed_event_id: str | None = None
+        emitter.on_checkpoint.append(self._checkpointed)
         self._stop = asyncio.Event()  # run()'s: rate-limit waits end early on it
         self.connects = 0
         self.backfilled = 0
+        self._malformed_log = LogThrottle()
+        self._clipped_log = LogThrottle()
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    def _checkpointed(self, saved: bool) -> None:
+        if saved:
+            self._confirmed_event_id = self.last_event_id
+        else:
+            self.last_event_id = self._confirmed_event_id
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds`` (a rate-limit wait, up to ``rate_limit_max_wait_s``),
@@ -339,6 +355,19 @@ class MastodonConnector:
             await asyncio.wait_for(self._stop.wait(), seconds)
         except TimeoutError:
             pass
+
+    async def _within(self, aw, what: str):
+        """``aw`` (a REST request, or a stream's connect and answer head),
+        given at most ``connect_timeout_s + idle_timeout_s`` in all, else
+        ``Stalled``; a stop ends it at once (``Stopped``). httpx's timeouts
+        are per read: a server dripping a header byte every few seconds held
+        the connector for good."""
+        deadline = self.cfg.connect_timeout_s + self.cfg.idle_timeout_s
+        try:
+            return await unless_stopped(asyncio.wait_for(aw, deadline), self._stop)
+        except TimeoutError:
+            raise Stalled(f"{what} did not come within {deadline:g}s "
+                          "(connectors.connect_timeout_s + idle_timeout_s)") from None
 
     # -- streaming endpoint discovery ------------------------------------
     async def _streaming_base(self) -> tuple[str, bool]:
@@ -357,7 +386,7 @@ class MastodonConnector:
         problem: str | None = None
         unread: str | None = None  # why there is no document to go by this time
         try:
-            r = await unless_stopped(self.client.get(where), self._stop)
+            r = await self._within(self.client.get(where), "the instance document")
             if r.status_code == 200:
                 doc = r.json()
             else:
@@ -408,21 +437,23 @@ class MastodonConnector:
                 return
         except MalformedFrame as e:
             self.emitter.count("malformed")
-            log.warning("malformed frame skipped", extra={
-                "connector": PLATFORM, "event": event, "reason": e.reason, "detail": e.detail[:300],
-                "excerpt": data[:200]})
+            if (suppressed := self._malformed_log.allow()) is not None:
+                log.warning("malformed frame skipped", extra={
+                    "connector": PLATFORM, "event": event, "reason": e.reason, "detail": e.detail[:300],
+                    "excerpt": data[:200], "suppressed": suppressed})
             return
-        if mapped.clipped:
+        if mapped.clipped and (suppressed := self._clipped_log.allow()) is not None:
             log.warning(f"status with more than {MAX_IMAGES} image attachments; the rest left out",
                         extra={"connector": PLATFORM, "instance": self.instance, "clipped": mapped.clipped,
-                               "post_id": mapped.events[0].post_id if mapped.events else None})
+                               "post_id": mapped.events[0].post_id if mapped.events else None,
+                               "suppressed": suppressed})
         await self.emitter.apply(mapped)  # an edit of an old status does not move the cursor back (Emitter.advance)
 
     # -- REST backfill -----------------------------------------------------
     async def _get(self, url: str) -> httpx.Response:
         for _ in range(5):
-            # Up to idle_timeout_s on an instance that says nothing: a stop ends it at once.
-            r = await unless_stopped(self.client.get(url), self._stop)
+            # Bounded in all, and a stop ends it at once.
+            r = await self._within(self.client.get(url), "a REST answer")
             wait = rate_limit_wait(r.headers)
             if r.status_code == 429:
                 wait = wait or 60.0
@@ -448,7 +479,16 @@ class MastodonConnector:
         while url and pages < self.cfg.mastodon_backfill_pages:
             r = await self._get(url)
             if r.status_code in (401, 403, 404, 422):
-                raise FatalStreamError(f"backfill {url} answered HTTP {r.status_code}: {r.text[:200]}")
+                # The stream itself took this token (or none) a moment ago: this is the
+                # instance keeping its REST timeline from us (unauthenticated access to
+                # it disabled, a tag it does not know), not a bad token. Ending the run
+                # here lost the live stream too, at the first reconnect after hours.
+                log.error(f"backfill refused (HTTP {r.status_code}); the statuses missed while disconnected "
+                          "are skipped" + (" (set a token with --token-env)" if r.status_code == 401 else ""),
+                          extra={"connector": PLATFORM, "instance": self.instance, "url": url,
+                                 "answer": r.text[:200], "cursor": self.emitter.cursor})
+                url = None  # the end of this backfill, not its page bound
+                break
             r.raise_for_status()
             try:
                 page = r.json()
@@ -466,8 +506,9 @@ class MastodonConnector:
                 except (ValidationError, MalformedFrame) as e:
                     self.emitter.count("malformed")
                     detail = error_text(e, "(status)") if isinstance(e, ValidationError) else e.detail
-                    log.warning("malformed status in backfill skipped", extra={"connector": PLATFORM,
-                                                                               "error": detail[:300]})
+                    if (suppressed := self._malformed_log.allow()) is not None:
+                        log.warning("malformed status in backfill skipped", extra={
+                            "connector": PLATFORM, "error": detail[:300], "suppressed": suppressed})
                     continue
                 await self.emitter.apply(mapped)
             prev = r.links.get("prev", {}).get("url") if len(page) >= PAGE else None
@@ -508,10 +549,11 @@ class MastodonConnector:
             url = base + stream_path(self.timeline, self.hashtag)
             self.connects += 1
             async with contextlib.AsyncExitStack() as stack:
-                # Connecting and the answer's head may take up to idle_timeout_s on a
-                # server that accepts and says nothing: a stop ends the wait at once.
-                source = await unless_stopped(
-                    stack.enter_async_context(aconnect_sse(self.client, "GET", url, headers=headers)), stop)
+                # Connecting and the answer's head are bounded in all, however slowly a
+                # server sends them, and a stop ends the wait at once.
+                source = await self._within(
+                    stack.enter_async_context(aconnect_sse(self.client, "GET", url, headers=headers)),
+                    "the stream's answer")
                 r = source.response
                 if r.status_code == 404 and not settled:
                     # The instance document was not read: the streaming server may
@@ -524,7 +566,12 @@ class MastodonConnector:
                     raise FatalStreamError(f"{url} answered HTTP {r.status_code}: {r.text[:200]}"
                                            + (" (set a token with --token-env)" if r.status_code == 401 else ""))
                 if r.status_code == 429 or r.status_code >= 500:
-                    await self._pause(min(rate_limit_wait(r.headers), self.cfg.rate_limit_max_wait_s))
+                    wait = min(rate_limit_wait(r.headers), self.cfg.rate_limit_max_wait_s)
+                    if wait > 0:  # counted and said, as the REST calls' waits are
+                        RATE_LIMIT_WAITS.labels(PLATFORM).inc()
+                        log.info("rate limit: waiting", extra={"connector": PLATFORM, "wait_s": round(wait, 1),
+                                                               "status": r.status_code})
+                    await self._pause(wait)
                     return f"http_{r.status_code}"
                 r.raise_for_status()
                 log.info("connected", extra={"connector": PLATFORM, "url": url})
@@ -566,7 +613,10 @@ class MastodonConnector:
                 finally:
                     if nxt is not None:
                         nxt.cancel()
-        except httpx.TimeoutException:
+        except httpx.TimeoutException as e:
+            if isinstance(e, Stalled):  # a drip, not a quiet server: say which
+                log.warning(f"stream from {host_of(self.instance)} stalled: {e}",
+                            extra={"connector": PLATFORM, "instance": self.instance})
             return "idle_timeout"
         except (httpx.TransportError, SSEError) as e:
             try:  # the server asked: the streaming server may be another host than the instance
@@ -577,7 +627,16 @@ class MastodonConnector:
                         extra={"connector": PLATFORM, "host": host, "error": f"{type(e).__name__}: {e}"})
             return "connect_failed"
         except httpx.HTTPStatusError as e:
-            return f"http_{e.response.status_code}"
+            # An answer retrying may cure, but that nothing else said: a streaming
+            # server moved elsewhere (301: redirects are not followed, the token
+            # goes to no other host) was reconnected to for ever without a word.
+            status = e.response.status_code
+            moved = e.response.headers.get("location")
+            log.warning(f"{host_of(str(e.request.url))} answered HTTP {status}; retrying"
+                        + (f" (it points to {moved[:200]}: set --streaming-url if that is the stream's home)"
+                           if moved and 300 <= status < 400 else ""),
+                        extra={"connector": PLATFORM, "instance": self.instance, "status": status})
+            return f"http_{status}"
         except RateLimited:
             return "rate_limited"
         except Stopped:
