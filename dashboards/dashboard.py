@@ -11,9 +11,11 @@ from grafana_foundation_sdk.builders import prometheus, stat, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, DynamicConfigValue
+from prometheus_client import Histogram
 
 from dashboards import desk
 from dashboards import queries as q
+from streams import ingest_server, metrics
 
 DASHBOARD_UID = "deepwatch-overview"
 DATASOURCE_UID = "deepwatch-prometheus"  # provisioned by provisioning.datasources()
@@ -34,8 +36,19 @@ def _timeseries(title: str, unit: str, description: str) -> timeseries.Panel:
 
 
 # The p95 stat turns red where DeepwatchEventToAlertLatencyHigh starts counting (rules.EVENT_TO_ALERT_P95_MAX_S,
-# the histogram's largest finite bucket: the quantile reads at most this); tests keep the two equal.
+# a bucket boundary of the histogram); tests keep the two equal.
 EVENT_TO_ALERT_RED_S = 60.0
+
+
+def top_bucket(histogram: Histogram) -> str:
+    """The largest finite bucket of ``histogram``, as a panel says it ("1800 s"):
+    histogram_quantile() reads no more than that, whatever the true latency."""
+    return f"{max(b for b in histogram._upper_bounds if b != float('inf')):g} s"
+
+
+# the histograms whose quantiles the panels draw (the descriptions name their top bucket, from the code)
+EVENT_TO_ALERT_TOP = top_bucket(metrics.EVENT_TO_ALERT_SECONDS)
+INGEST_REQUEST_TOP = top_bucket(ingest_server.REQUEST_SECONDS)
 
 
 def _stat(title: str, description: str, expr: str, legend: str = "", colours=None) -> stat.Panel:
@@ -65,8 +78,10 @@ def build_dashboard() -> dash.Dashboard:
         .with_panel(_stat("Distinct images", "Images in the cluster engine's index.", q.CLUSTER_MEMBERS))
         .with_panel(_stat("Alerts raised (range)", "Alerts stored by the alert sink in the dashboard range, by level.",
                           q.ALERTS_IN_RANGE, "level {{level}}"))
-        .with_panel(_stat("Event → alert p95", "Wall time from ingest of the triggering event to the alert (reads at most 60 s: the "
-                          "histogram's largest bucket; DeepwatchEventToAlertLatencyHigh counts the slower ones).",
+        .with_panel(_stat("Event → alert p95", "Wall time from the triggering post's broker timestamp to the stored "
+                          f"alert, p95 over the last hour; red at {EVENT_TO_ALERT_RED_S:g} s, where "
+                          "DeepwatchEventToAlertLatencyHigh starts counting (reads at most "
+                          f"{EVENT_TO_ALERT_TOP}, the histogram's largest bucket).",
                           q.event_to_alert_quantile(0.95, "1h"),
                           colours=desk.thresholds("green", (EVENT_TO_ALERT_RED_S / 2, "orange"),
                                                   (EVENT_TO_ALERT_RED_S, "red"))).unit("s"))
@@ -103,7 +118,10 @@ def build_dashboard() -> dash.Dashboard:
             .draw_style(common.GraphDrawStyle.BARS)
         )
         .with_panel(
-            _timeseries("HTTP ingest request p50 / p95", "s", "From deepwatch_ingest_request_seconds (all tokens).")
+            _timeseries("HTTP ingest request p50 / p95", "s",
+                        "From deepwatch_ingest_request_seconds, all tokens: requests answered 202 only (a 503 "
+                        "busy or broker_unavailable, and the client's 4xx, are not timed; their share is in "
+                        f"\"HTTP ingest requests/s\"). Quantiles stop at {INGEST_REQUEST_TOP}, the histogram's largest bucket.")
             .with_target(_query(q.ingest_request_quantile(0.5), "p50", "A"))
             .with_target(_query(q.ingest_request_quantile(0.95), "p95", "B"))
         )
@@ -174,11 +192,14 @@ def build_dashboard() -> dash.Dashboard:
             .with_target(_query(q.CONNECTOR_CURSOR_LAG, "{{connector}} {{instance}}"))
         )
         .with_panel(
-            _timeseries("Connector reconnects and rate-limit waits", "short",
+            _timeseries("Connector reconnects, rate-limit waits, cursors ahead", "short",
                         "Stream reconnects by reason, and waits the platform's rate limits imposed; a steady "
-                        "stream of either means the connector reads little.")
+                        "stream of either means the connector reads little. Cursor ahead: frames whose position "
+                        "lay further in the future than a clock's skew explains (a wrong clock on the platform "
+                        "or here, or a crafted frame); their events were sent, the cursor was not moved to them.")
             .with_target(_query(q.CONNECTOR_RECONNECTS, "reconnect {{connector}}: {{reason}}", "A"))
             .with_target(_query(q.CONNECTOR_RATE_LIMIT_WAITS, "rate limited {{connector}}", "B"))
+            .with_target(_query(q.CONNECTOR_CURSOR_AHEAD, "cursor ahead {{connector}}", "C"))
             .draw_style(common.GraphDrawStyle.BARS)
         )
         .with_row(dash.Row("Latency"))
@@ -195,8 +216,8 @@ def build_dashboard() -> dash.Dashboard:
         )
         .with_panel(
             _timeseries("Event → alert latency", "s",
-                        "From the broker timestamp of the triggering event to the stored alert; quantiles stop at 60 s, "
-                        "the histogram's largest bucket.")
+                        "From the broker timestamp of the triggering event to the stored alert; quantiles stop at "
+                        f"{EVENT_TO_ALERT_TOP}, the histogram's largest bucket.")
             .with_target(_query(q.event_to_alert_quantile(0.5), "p50", "A"))
             .with_target(_query(q.event_to_alert_quantile(0.95), "p95", "B"))
         )
@@ -282,6 +303,25 @@ def build_dashboard() -> dash.Dashboard:
                         "the picture), banked (only a bank entry does), not_seen, rejected (not an image, too large).")
             .with_target(_query(q.DESK_LOOKUPS, "{{outcome}}"))
             .draw_style(common.GraphDrawStyle.BARS)
+        )
+        # appended, not inserted: panel ids follow the order, and ?viewPanel=N links must keep working
+        .with_row(dash.Row("Scrape targets & Kafka"))
+        .with_panel(
+            _timeseries("Scrape targets up by job", "short",
+                        "Targets answering their scrape (up), against those Prometheus discovers, per job: "
+                        "deepwatch (workers), deepwatch-desk, deepwatch-ingest, kafka (kafka-exporter). Where "
+                        "the two part, a target is down (DeepwatchWorkerDown, DeskDown, IngestDown, "
+                        "KafkaExporterDown); a job gone from the panel has no target at all (DeepwatchNoWorkers, "
+                        "NoDesk, NoIngest).")
+            .with_target(_query(q.TARGETS_UP, "{{job}} up", "A"))
+            .with_target(_query(q.TARGETS_DISCOVERED, "{{job}} discovered", "B"))
+        )
+        .with_panel(
+            _timeseries("Consumer lag by group & topic", "short",
+                        "Messages each consumer group has not read yet (kafka-exporter's kafka_consumergroup_lag_sum): "
+                        "a group whose lag grows is behind. The workers' groups are the app_id (deepwatch), "
+                        "<app_id>-analyze for the analyze role and <app_id>-detect for the detect role.")
+            .with_target(_query(q.CONSUMER_LAG, "{{consumergroup}} {{topic}}"))
         )
     )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 EXTERNAL_METRICS = {
     "up": "Prometheus itself (scrape health of every target)",
     "kafka_topic_partition_current_offset": "kafka-exporter (deploy/compose.yaml service `kafka-exporter`)",
+    "kafka_consumergroup_lag_sum": "kafka-exporter: messages each consumer group has not yet read, per topic",
 }
 
 JOB = 'job="deepwatch"'  # scrape job of the pipeline/detect workers (deploy/prometheus/prometheus.yml)
@@ -142,7 +143,10 @@ def events_offsets(topic: str = EVENTS_TOPIC) -> str:
 
 
 def events_arriving(window: str = "5m", topic: str = EVENTS_TOPIC) -> str:
-    return f"sum(rate({events_offsets(topic)}[{window}])) > 0"
+    # The offset is kafka-exporter's gauge, not a counter: delta(), not rate(). rate() read a
+    # drop (the topic deleted and created again, its offsets back at 0) as a counter reset and
+    # counted the old offset as new arrivals; partitions whose offsets went down are left out.
+    return f"sum(delta({events_offsets(topic)}[{window}]) > 0) > 0"
 
 
 def kafka_exporter_blind(topic: str = EVENTS_TOPIC) -> str:
@@ -157,9 +161,9 @@ def events_processed(window: str = "5m") -> str:
 def event_to_alert_slower_than(bound: str, window: str = "15m") -> str:
     """Share of alerts stored more than ``bound`` seconds after their event.
     ``bound`` must be a bucket boundary of deepwatch_event_to_alert_seconds:
-    histogram_quantile() never answers more than the largest finite bucket
-    (60 s), so "p95 > 60 s" cannot be written as a quantile; "more than 5 %
-    above 60 s" is the same condition, read off the 60 s bucket. Prometheus 3
+    "p95 > 60 s" is "more than 5 % above 60 s", read exactly off the 60 s
+    bucket (a quantile interpolates inside a bucket; and while 60 s was the
+    largest finite bucket, histogram_quantile() never answered more). Prometheus 3
     and protobuf scrapes write le="60.0", Prometheus 2 text scrapes le="60"."""
     total = f"sum(rate(deepwatch_event_to_alert_seconds_count[{window}]))"
     within = f'sum(rate(deepwatch_event_to_alert_seconds_bucket{{le=~"{bound}|{bound}.0"}}[{window}]))'
@@ -187,6 +191,13 @@ NO_WORKERS = f"absent(up{{{JOB}}})"
 # A worker whose process answers /metrics while its event loop has stopped
 # beating (streams.metrics.LIVENESS_S; its /healthz already answers 503).
 WORKER_LOOP_SILENCE = f"time() - max by (instance, job, role) (deepwatch_loop_heartbeat_timestamp_seconds{{{JOB}}} > 0)"
+
+
+def server_loop_silence(job: str) -> str:
+    """The same for the desk or the ingest endpoint (``job``): each beats from
+    its own event loop (``streams.metrics.beat_forever``) while its metrics
+    port answers from a thread, so ``up`` stays 1 over a stalled server."""
+    return f"time() - max by (instance, job) (deepwatch_loop_heartbeat_timestamp_seconds{{{job}}} > 0)"
 
 
 SINK_BEHIND_MAX = "max(deepwatch_sink_behind_seconds)"
@@ -287,5 +298,18 @@ CONNECTOR_FRAMES_RATE = "sum by (connector, outcome) (rate(deepwatch_connector_f
 CONNECTOR_EVENTS_RATE = "sum by (connector, outcome) (rate(deepwatch_connector_events_total[$__rate_interval]))"
 CONNECTOR_RECONNECTS = f"sum by (connector, reason) ({counted('deepwatch_connector_reconnects_total', '$__interval')})"
 CONNECTOR_RATE_LIMIT_WAITS = f"sum by (connector) ({counted('deepwatch_connector_rate_limit_waits_total', '$__interval')})"
+# Frames whose position lay further in the future than a clock's skew explains: the cursor was not moved to them.
+CONNECTOR_CURSOR_AHEAD = f"sum by (connector) ({counted('deepwatch_connector_cursor_ahead_total', '$__interval')})"
 # How far behind the platform each connector's saved cursor is (a restart resumes from there).
 CONNECTOR_CURSOR_LAG = "max by (connector, instance) (deepwatch_connector_cursor_lag_seconds)"
+
+
+# -- scrape targets and consumer lag (what the "down" and "stuck" pages send an operator to look at)
+# Each scrape job the rules page on (DeepwatchWorkerDown, DeskDown, IngestDown, the No* rules,
+# DeepwatchKafkaExporterDown): targets answering, against targets discovered.
+TARGET_JOBS = "deepwatch|deepwatch-desk|deepwatch-ingest|kafka"
+TARGETS_UP = f'sum by (job) (up{{job=~"{TARGET_JOBS}"}})'
+TARGETS_DISCOVERED = f'count by (job) (up{{job=~"{TARGET_JOBS}"}})'
+# Messages each consumer group has not read yet, per topic (kafka-exporter): where a backlog waits,
+# whose growth DeepwatchNoEventsProcessed (nothing read) and the latency rules (read slowly) page on.
+CONSUMER_LAG = "kafka_consumergroup_lag_sum"  # per consumergroup and topic, all partitions together

@@ -113,7 +113,9 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
             _rule("DeepwatchWorkerLoopStalled", f"{q.WORKER_LOOP_SILENCE} > {LOOP_SILENCE_MAX_S}", "0m", "critical",
                   "deepwatch worker {{ $labels.instance }}: event loop silent for {{ $value | humanizeDuration }}",
                   "The process answers /metrics but its event loop has stopped: it consumes nothing. "
-                  "Its /healthz answers 503, so a liveness probe restarts it; elsewhere restart it by hand."),
+                  "Its /healthz answers 503, so a liveness probe restarts it; elsewhere restart it by hand. "
+                  "First, SIGUSR1 writes every thread's stack to its log, which shows what blocked the loop "
+                  "(`docker compose kill -s SIGUSR1 SERVICE`, `kill -USR1 PID`; the image has no py-spy)."),
             _rule("DeepwatchWebhookFailures", q.WEBHOOK_FAILURES_15M, "5m", "warning",
                   "Webhook deliveries to alert subscribers are failing or rejected",
                   "Deliveries gave up after retries (failed: redelivered later) or the receiver refused them "
@@ -168,11 +170,19 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
                   "No fact-check desk is being scraped",
                   "Every desk replica is gone, or Prometheus discovers none: fact-checkers cannot open the queue "
                   "or record verdicts. Where no desk runs on purpose, drop its scrape job and silence this alert."),
+            # as DeepwatchWorkerLoopStalled: the metrics port answers from a thread of its own, so `up`
+            # stays 1 while the desk's loop, which serves every page, has stopped
+            _rule("DeepwatchDeskLoopStalled", f"{q.server_loop_silence(q.DESK_JOB)} > {LOOP_SILENCE_MAX_S}", "0m",
+                  "critical",
+                  "fact-check desk {{ $labels.instance }}: event loop silent for {{ $value | humanizeDuration }}",
+                  "The desk answers /metrics but its event loop has stopped: no page or API call is answered. "
+                  "Its /healthz answers 503, so a liveness probe restarts it; elsewhere restart it by hand, after "
+                  "SIGUSR1 has written every thread's stack to its log (`kill -USR1 PID`)."),
             _rule("DeepwatchDeskErrors", f"{q.desk_error_ratio('10m')} > {DESK_ERROR_RATIO_MAX}", "10m", "warning",
                   "{{ $value | humanizePercentage }} of desk requests fail with a server error",
                   "Usually the findings store: Elasticsearch unreachable, its API key revoked or its index missing."),
             # p95 above the bound = more than 5 % of alerts slower than it (see q.event_to_alert_slower_than:
-            # a quantile never exceeds the histogram's largest finite bucket, so "p95 > 60" never fired)
+            # when 60 s was the histogram's largest finite bucket, "p95 > 60" could never fire)
             _rule("DeepwatchEventToAlertLatencyHigh",
                   f"{q.event_to_alert_slower_than(f'{EVENT_TO_ALERT_P95_MAX_S:g}', '15m')} > 0.05", "15m", "warning",
                   f"{{{{ $value | humanizePercentage }}}} of alerts reach the desk more than "
@@ -185,6 +195,12 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
                   "The HTTP ingest endpoint {{ $labels.instance }} is not answering /metrics",
                   "The serve-ingest process is down or its metrics port is unreachable; the other replicas take "
                   "its requests (when none answers, DeepwatchNoIngest pages)."),
+            _rule("DeepwatchIngestLoopStalled", f"{q.server_loop_silence(q.INGEST_JOB)} > {LOOP_SILENCE_MAX_S}",
+                  "0m", "warning",
+                  "HTTP ingest endpoint {{ $labels.instance }}: event loop silent for {{ $value | humanizeDuration }}",
+                  "The serve-ingest process answers /metrics but its event loop has stopped: requests to it hang. "
+                  "Its /healthz answers 503, so a liveness probe restarts it; elsewhere restart it by hand, after "
+                  "SIGUSR1 has written every thread's stack to its log (`kill -USR1 PID`)."),
             _rule("DeepwatchNoIngest", q.NO_INGEST, "5m", "critical",
                   "No HTTP ingest endpoint is answering",
                   "Every serve-ingest replica is down or gone, or Prometheus discovers none: nothing posted over "

@@ -84,8 +84,9 @@ def test_a_dead_worker_inhibits_the_no_events_alert_of_its_own_deployment_only(t
     prom = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
     external = prom["global"]["external_labels"]
     am_cfg = yaml.safe_load((REPO / "deploy" / "alertmanager" / "alertmanager.yml").read_text())
-    [inhibit] = am_cfg["inhibit_rules"]
-    assert inhibit.get("equal") and set(inhibit["equal"]) <= set(external), "matches on labels every alert carries"
+    [inhibit] = [r for r in am_cfg["inhibit_rules"] if "DeepwatchNoEventsProcessed" in str(r["target_matchers"])]
+    for rule in am_cfg["inhibit_rules"]:
+        assert rule.get("equal") and set(rule["equal"]) <= set(external), "matches on labels every alert carries"
     scrape = {"job": "deepwatch", "instance": "pipeline-1:9400", "role": "pipeline"}  # DeepwatchWorkerDown keeps them
 
     def alert(name: str, deployment: str, **extra: str) -> dict:
@@ -444,9 +445,37 @@ def test_rules_fire_on_synthetic_series(generated, tmp_path):
                     {"eval_time": "12m", "alertname": "DeepwatchWorkerLoopStalled", "exp_alerts": [_expected_alert(
                         "DeepwatchWorkerLoopStalled", {"instance": "w1", "job": "deepwatch"},
                         summary="deepwatch worker w1: event loop silent for 7m 0s")]},
+                    # a worker's silence is no desk's nor ingest endpoint's
+                    {"eval_time": "12m", "alertname": "DeepwatchDeskLoopStalled", "exp_alerts": []},
+                    {"eval_time": "12m", "alertname": "DeepwatchIngestLoopStalled", "exp_alerts": []},
                     {"eval_time": "15m", "alertname": "DeepwatchNoWorkers", "exp_alerts": []},
                     {"eval_time": "35m", "alertname": "DeepwatchNoWorkers",
                      "exp_alerts": [_expected_alert("DeepwatchNoWorkers", {"job": "deepwatch"})]},
+                ],
+            },
+            {   # the desk's loop stops at 5 m, the ingest endpoint's at 10 m; the metrics threads still answer
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'deepwatch_loop_heartbeat_timestamp_seconds{job="deepwatch-desk",instance="d1"}',
+                     "values": "0+60x5 300x35"},
+                    {"series": 'deepwatch_loop_heartbeat_timestamp_seconds{job="deepwatch-ingest",instance="i1"}',
+                     "values": "0+60x10 600x30"},
+                    # the desk and the ingest process export the workers' gauge too, at 0 until a beat: not a silence
+                    {"series": 'deepwatch_loop_heartbeat_timestamp_seconds{job="deepwatch-desk",instance="d2"}',
+                     "values": "0x40"},
+                    {"series": 'up{job="deepwatch-desk",instance="d1"}', "values": "1x40"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "6m", "alertname": "DeepwatchDeskLoopStalled", "exp_alerts": []},
+                    {"eval_time": "8m", "alertname": "DeepwatchDeskLoopStalled", "exp_alerts": [_expected_alert(
+                        "DeepwatchDeskLoopStalled", {"instance": "d1", "job": "deepwatch-desk"},
+                        summary="fact-check desk d1: event loop silent for 3m 0s")]},
+                    {"eval_time": "8m", "alertname": "DeepwatchIngestLoopStalled", "exp_alerts": []},
+                    {"eval_time": "13m", "alertname": "DeepwatchIngestLoopStalled", "exp_alerts": [_expected_alert(
+                        "DeepwatchIngestLoopStalled", {"instance": "i1", "job": "deepwatch-ingest"},
+                        summary="HTTP ingest endpoint i1: event loop silent for 3m 0s")]},
+                    {"eval_time": "13m", "alertname": "DeepwatchWorkerLoopStalled", "exp_alerts": []},
+                    {"eval_time": "13m", "alertname": "DeepwatchDeskDown", "exp_alerts": []},
                 ],
             },
             {   # model requests go out and no detect worker exists (no detect series at all): it fires
@@ -947,12 +976,12 @@ def test_prometheus_scrapes_the_ingest_endpoint_and_its_rules_see_a_missing_topi
 
         selectors = ('deepwatch_ingest_broker_failures_total{job="deepwatch-ingest",cause="topic_missing"}',
                      'deepwatch_ingest_requests_total{job="deepwatch-ingest",token="desk",status="503"}')
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 45
         while not all(_query(base, f"{sel} >= 1") for sel in selectors):
             assert time.monotonic() < deadline, [_query(base, sel) for sel in selectors]
             time.sleep(0.3)
 
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 45
         while True:
             groups = httpx.get(f"{base}/api/v1/rules", timeout=5).json()["data"]["groups"]
             loaded = {r["name"]: r for g in groups for r in g["rules"]}
@@ -961,8 +990,9 @@ def test_prometheus_scrapes_the_ingest_endpoint_and_its_rules_see_a_missing_topi
             time.sleep(0.3)
         assert all(r.get("health") == "ok" for r in loaded.values()), {n: r.get("lastError") for n, r in loaded.items()}
         ingest = {n: r["state"] for n, r in loaded.items() if n.startswith(("DeepwatchIngest", "DeepwatchNoIngest"))}
+        # its loop beats (a real serve-ingest, scraped): no stall
         assert ingest == {"DeepwatchIngestDown": "inactive", "DeepwatchNoIngest": "inactive",
-                          "DeepwatchIngestTopicMissing": "pending", "DeepwatchIngestBrokerFailures": "inactive",
+                          "DeepwatchIngestLoopStalled": "inactive", "DeepwatchIngestTopicMissing": "pending", "DeepwatchIngestBrokerFailures": "inactive",
                           "DeepwatchIngestBusy": "inactive"}, ingest
 
 
