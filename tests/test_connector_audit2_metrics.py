@@ -38,3 +38,10 @@ def test_cursor_lag_is_per_stream_and_grows_while_a_stream_makes_no_progress(tmp
     # Both have stopped (their platform is gone): their lag keeps growing, it is not frozen at the last checkpoint.
     time.sleep(0.3)
     assert _lag("bluesky-audit2lag-a") >= a + 0.25
+
+
+def test_the_cursor_ahead_counter_is_exported_at_zero_before_its_first_frame(tmp_path):
+    # increase() over a series that first appears at 1 reads 0: the first refused cursor would go unseen
+    s = settings_for(tmp_path, bluesky_image_url=PUBLIC)
+    build_bluesky(s, JsonlSink(io.StringIO()), open_state(s, "audit2ahead0"), hashtags=["audit2ahead0"])
+    assert REGISTRY.get_sample_value("deepwatch_connector_cursor_ahead_total", {"connector": "bluesky"}) is not None

@@ -453,6 +453,8 @@ class Emitter:
         self.sink = sink
         self.policy = policy
         self.cfg = cfg
+        # exported at 0 from the start: increase() over a series that first appears at 1 reads 0
+        CURSOR_AHEAD.labels(connector)
         # cursor -> event time (unix seconds): for the lag gauge, and to refuse a cursor from the future
         self._cursor_time = cursor_time
         self.max_cursor_ahead_s = max_cursor_ahead_s
