@@ -282,7 +282,8 @@ INGEST_BROKER_REFUSALS = (f"sum by (cause) "
 
 
 def ingest_request_quantile(q: float, window: str = "$__rate_interval") -> str:
-    return (f"histogram_quantile({q}, sum by (le) "
+    """Per status class (2xx, 4xx, 5xx): a slow 503 is not a slow 202."""
+    return (f"histogram_quantile({q}, sum by (class, le) "
             f"(rate(deepwatch_ingest_request_seconds_bucket{{{INGEST_JOB}}}[{window}])))")
 
 

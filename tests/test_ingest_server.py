@@ -308,6 +308,7 @@ def test_broker_unavailable_is_503_with_retry_after(tmp_path):
     settings = Settings(data_dir=tmp_path, broker=f"kafka://127.0.0.1:{dead}")
     settings.connectors.ingest_broker_timeout_s = 1.0
     before = broker_failures("unavailable")
+    timed = {k: answered_in(k) for k in ("5xx", "4xx")}
     with client(settings) as c:
         t0 = time.monotonic()
         r = c.post("/ingest", content=json.dumps(event(1)), headers=AUTH)
@@ -315,7 +316,16 @@ def test_broker_unavailable_is_503_with_retry_after(tmp_path):
         assert r.json()["error"] == "broker_unavailable" and time.monotonic() - t0 < 10
         assert "cause" not in r.json()
         assert c.get("/healthz").json()["broker"] == "unavailable"
+        assert c.post("/ingest", content=json.dumps(event(1))).status_code == 401
     assert broker_failures("unavailable") == before + 1
+    # every answer is timed, by status class: the slow one here is the 503 (only 202s were)
+    assert answered_in("5xx") == timed["5xx"] + 1 and answered_in("4xx") == timed["4xx"] + 1
+
+
+def answered_in(status_class: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("deepwatch_ingest_request_seconds_count", {"class": status_class}) or 0.0
 
 
 def broker_failures(cause: str) -> float:
