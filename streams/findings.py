@@ -311,6 +311,11 @@ class PostIdentity:
     platform: str
     account_id: str
 
+    def __post_init__(self) -> None:
+        # events store their platform in lower case (``ImageEvent``), sightings stored before did not:
+        # a resend of a post stored as "X" is the same post as "x", not a conflict
+        object.__setattr__(self, "platform", self.platform.strip().lower())
+
     def differences(self, other: "PostIdentity") -> str:
         """What ``other`` (a later event under the same id) changed, in words."""
         return "; ".join(f"{name} {getattr(self, name)!r} -> {getattr(other, name)!r}"
@@ -381,8 +386,6 @@ class AccountCursor(BaseModel):
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
 
 
 def dead_letter_identity(dl: DeadLetter) -> str:
@@ -515,8 +518,6 @@ def account_page_path(account_id: str) -> str:
 def account_page_url(public_url: str | None, account_id: str) -> str | None:
     """``account_page_path`` under ``desk.public_url``; None without an address."""
     return f"{public_url}{account_page_path(account_id)}" if public_url else None
-
-
 
 
 class SinkWriter(Protocol):

@@ -405,6 +405,9 @@ def test_same_event_id_and_picture_from_another_account_is_a_conflict_an_edit_is
     fresh = _stage(tmp_path, _Fetcher(data=data), store)
     assert asyncio.run(fresh.process(_raw(account_id="mallory"), SRC)).dead.reason == "conflict"
     assert asyncio.run(fresh.process(_raw(text="same post"), SRC)).duplicate
+    # a sighting stored as "X" before platforms were stored in lower case: its resend is the same post
+    upper = _Store({"e-1": PostIdentity(hashlib.sha256(data).hexdigest(), "X", "a-1")})
+    assert asyncio.run(_stage(tmp_path, _Fetcher(data=data), upper).process(_raw(platform="X"), SRC)).duplicate
 
 
 def test_different_events_failing_alike_are_different_dead_letters_the_same_message_one(tmp_path):

@@ -217,6 +217,20 @@ def test_xmp_packets_in_each_allowed_encoding_are_still_read(codec: str):
     assert root is not None and _xmp.property_values([root], _xmp.XMP_NS, "CreatorTool") == ["Midjourney é"]
 
 
+def test_xmp_in_a_declared_one_byte_encoding_or_unmarked_utf16_is_still_read():
+    # decoded as UTF-8 alone, a Latin-1 packet with one accented creator lost its AI source type with it,
+    # which expat had read by the declaration
+    body = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/" xmlns:xmp="{_xmp.XMP_NS}">'
+            "<xmp:CreatorTool>Midjourney \u00e9</xmp:CreatorTool></x:xmpmeta>")
+    latin = ('<?xml version="1.0" encoding="ISO-8859-1"?>' + body).encode("latin-1")
+    root = _xmp.parse_packet(latin)
+    assert root is not None and _xmp.property_values([root], _xmp.XMP_NS, "CreatorTool") == ["Midjourney \u00e9"]
+    for codec in ("utf-16-le", "utf-16-be"):  # no byte order mark: told by how "<" is spelt, as expat does
+        root = _xmp.parse_packet(('<?xml version="1.0"?>' + body).encode(codec))
+        assert root is not None, codec
+        assert _xmp.parse_packet(_laughs(2).replace(' encoding="UTF-16"', "").encode(codec)) is None, codec
+
+
 # -- the pixel model's re-post ---------------------------------------------------
 
 REPOST_MEMORY = """

@@ -12,6 +12,7 @@ and 10 s, joining each one's descendants' text).
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from typing import Iterable
 
@@ -148,11 +149,29 @@ def _packet_text(packet: bytes) -> str | None:
     which pyexpat accepts) spells ``<!DOCTYPE`` in other bytes, so a byte
     search let its DTD through and expat expanded its entities (a 960 KB
     packet grew to 48 million characters)."""
-    codec = next((c for c, boms in _BOMS if packet.startswith(boms)), "utf-8")
+    codec = next((c for c, boms in _BOMS if packet.startswith(boms)), None)
+    # without a mark, UTF-16/32 is told by how "<" comes out (XML 1.0, appendix F), as expat tells it
+    codec = codec or next((c for c, head in _UNMARKED if packet.startswith(head)), None)
+    if codec is None:
+        try:
+            return packet.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        # not UTF-8: the encoding the XML declaration names, which expat honoured before
+        # (a Latin-1 packet with one accented name lost its digital source type with it)
+        declared = _DECLARED.search(packet[:512])
+        if declared is None:
+            return None
+        codec = declared.group(1).decode("ascii")
     try:
         return packet.decode(codec)
     except (UnicodeDecodeError, LookupError):
         return None
+
+
+_UNMARKED = (("utf-32-be", b"\x00\x00\x00<"), ("utf-32-le", b"<\x00\x00\x00"), ("utf-16-be", b"\x00<"),
+             ("utf-16-le", b"<\x00"))
+_DECLARED = re.compile(rb"""<\?xml\s[^>]{0,200}?encoding\s*=\s*["']([A-Za-z0-9._-]{1,40})["']""")
 
 
 _LI = f"{{{RDF_NS}}}li"
