@@ -509,7 +509,7 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               8: Image.Transpose.ROTATE_90}
 
 
-def _orient(img: Image.Image) -> None:
+def upright(img: Image.Image) -> None:
     """``img`` (loaded) turned upright by its EXIF orientation, in place, as
     ``ImageOps.exif_transpose(img, in_place=True)`` turns it, without what
     that also does: write the EXIF block back without its orientation. That
@@ -719,7 +719,7 @@ class ImageData:
             # decode is as large as the decode itself, and none of them is
             # in the budget (``decode_cost`` counts one image).
             if oriented:
-                _orient(img)
+                upright(img)
             if img.mode != mode:
                 return _eight_bit(img).convert(mode)
             # The pixels without the file object: a decoder can hold a

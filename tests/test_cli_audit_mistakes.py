@@ -259,9 +259,14 @@ def test_redeliver_a_mistyped_alert_id_is_an_error_not_zero_requeued(data_dir):
     s = open_store(data_dir)
     s.mark_delivered("c-fire:1", key, DeliveryState.REJECTED, "401 Unauthorized")
     s.close()
-    env = {"DEEPWATCH_ALERTS__WEBHOOKS": json.dumps([{"url": url}]), "DEEPWATCH_WEBHOOK_SECRET": "k" * 32}
+    other = "https://other-hooks.example/y"
+    env = {"DEEPWATCH_ALERTS__WEBHOOKS": json.dumps([{"url": url}, {"url": other}]),
+           "DEEPWATCH_WEBHOOK_SECRET": "k" * 32}
     line = _one_error_line(_cli("redeliver", url, "--alert", "nosuch", "-d", str(data_dir), env=env))
     assert "--alert nosuch" in line and "deepwatch alerts" in line
+    # an alert this target never had a delivery of: the same "0 queued again", exit 0, before
+    line = _one_error_line(_cli("redeliver", other, "--alert", "c-fire:1", "-d", str(data_dir), env=env))
+    assert "--alert c-fire:1" in line and "to https://other-hooks.example#" in line
     ok = _cli("redeliver", url, "--alert", "c-fire:1", "-d", str(data_dir), "--json", env=env)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["requeued"] == 1
@@ -300,6 +305,13 @@ def test_mastodon_hashtag_with_a_space_is_refused_before_anything_connects(tmp_p
     line = _one_error_line(_cli("connect", "mastodon", "--instance", "https://127.0.0.1:1", "--hashtag", "bad tag!",
                                 "--broker", "kafka://127.0.0.1:1", "-d", str(tmp_path)))
     assert "--hashtag 'bad tag!'" in line and "letters, digits and _" in line
+    from streams.cli.connect import MASTODON_TAG
+
+    # the separators Mastodon allows inside a tag are not refused: Catalan, Japanese, Persian tags
+    for tag in ("col·lecció", "ニュース・速報", "می\u200cخواهم", "breaking_news", "2026"):
+        assert MASTODON_TAG.fullmatch(tag), tag
+    for tag in ("bad tag!", "·lead", "trail·", "a-b"):
+        assert not MASTODON_TAG.fullmatch(tag), tag
 
 
 def test_alerts_table_keeps_time_and_cluster_id_readable_at_80_columns(tmp_path):

@@ -719,6 +719,22 @@ def _login(c: TestClient, user: str, password: str):
     return c.post("/login", data={"username": user, "password": password, "csrf": csrf, "next": "/"}, follow_redirects=False)
 
 
+def test_logins_past_the_waiting_bound_are_a_503_not_a_queue_without_end(data, env):
+    # the password pool's queue has no bound of its own: guesses from many addresses outran its 2-4 threads
+    from streams.desk.state import MAX_WAITING_LOGINS
+
+    add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
+    with client(make_settings(data)) as c:
+        desk = c.app.state.desk
+        desk.logins_waiting = MAX_WAITING_LOGINS  # as many checks in the pool or queued as may be
+        r = _login(c, "alice", "correct horse battery")
+        assert r.status_code == 503 and r.headers["retry-after"] == "5" and "at once" in r.text
+        assert desk.limiter.attempt("testclient", "alice")[1] is not None  # not charged to her rate limit
+        desk.logins_waiting = 0
+        assert _login(c, "alice", "correct horse battery").status_code == 303
+        assert desk.logins_waiting == 0  # every check gives its place back
+
+
 def test_session_login_csrf_and_logout(data, env):
     add_user(data / "desk-users.json", "alice", "editor", "correct horse battery")
     add_user(data / "desk-users.json", "bob", "viewer", "another long password")

@@ -307,6 +307,11 @@ def test_a_malformed_exif_tag_beside_an_orientation_does_not_hide_the_picture(ba
     well_formed = ImageData(_exif_jpeg(img, [orientation]))
     assert image.rgb.tobytes() == well_formed.rgb.tobytes()
     assert image.pixels(oriented=False).size == (64, 48)
+    # ... and training and evaluation (the re-post every training row is made of) turn it as inference does
+    from detectors.models.dataset import repost_bytes
+
+    reposted = Image.open(io.BytesIO(repost_bytes(_exif_jpeg(img, sorted([orientation, bad_tag])))))
+    assert reposted.size == (48, 64)
 
 
 # -- more structure Pillow walks in Python ----------------------------------------

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".mpo"}
 REPOST_MAX_SIDE = 1600
@@ -120,10 +120,13 @@ def repost_bytes(data: bytes) -> bytes:
     """What a social platform typically serves: metadata stripped, long side
     capped at 1600 px, 4:2:0 JPEG at quality 80. The one re-post of training,
     ``deepwatch eval`` and the pixel probe's features alike."""
-    from detectors.imagedata import _eight_bit
+    from detectors.imagedata import _eight_bit, upright
 
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    upright(img)  # as inference turns it: exif_transpose raised on a malformed tag beside the orientation
     # Through _eight_bit: Pillow's own convert clips 16-bit samples, so a 16-bit greyscale PNG re-posted white.
-    return repost_rgb(_eight_bit(ImageOps.exif_transpose(Image.open(io.BytesIO(data)))).convert("RGB"))
+    return repost_rgb(_eight_bit(img).convert("RGB"))
 
 
 def repost_rgb(img: Image.Image) -> bytes:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 
 from detectors.atomic_file import write_atomically
 from detectors.models.dataset import REPOST_MAX_SIDE as REPOST_LONG_SIDE  # noqa: F401 (re-exported)
@@ -139,10 +139,11 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 def _open_rgb(data: bytes) -> Image.Image:
     """Decoded, oriented RGB; 16-bit and float samples scaled to 8 bits first (``_eight_bit``):
     Pillow's convert clips them, and a 16-bit greyscale PNG came out white."""
-    from detectors.imagedata import _eight_bit
+    from detectors.imagedata import _eight_bit, upright
 
     img = Image.open(io.BytesIO(data))
-    img = ImageOps.exif_transpose(img)
+    img.load()
+    upright(img)  # as inference turns it: exif_transpose raised on a malformed tag beside the orientation
     return _eight_bit(img).convert("RGB")
 
 

@@ -47,6 +47,9 @@ def _check_url(url: str, where: str, schemes: tuple[str, ...], example: str) -> 
 
 
 INSTANCE_EXAMPLE = "https://mastodon.social"
+# A tag Mastodon can follow (its HASHTAG_NAME_RE, roughly): word characters, and inside a tag the
+# separators it allows ("col·lecció", Japanese "・", the Persian zero-width non-joiner)
+MASTODON_TAG = re.compile(r"\w(?:[\w\u00b7\u30fb\u200c]*\w)?")
 
 
 def _check_instance(instance: str) -> str:
@@ -218,9 +221,10 @@ def mastodon(
     if tl == "hashtag" and not all(tags):
         fail("--hashtag needs a tag after the '#', e.g. --hashtag breaking")
     for h in hashtag:
-        if h.lstrip("#") and not re.fullmatch(r"\w+", h.lstrip("#")):
-            # Mastodon's tags are letters, digits and _: "bad tag!" streamed nothing, for ever, without a word
-            fail(f"--hashtag {h!r} is not a Mastodon hashtag: letters, digits and _ only, e.g. --hashtag breaking_news")
+        if h.lstrip("#") and not MASTODON_TAG.fullmatch(h.lstrip("#")):
+            # "bad tag!" streamed nothing, for ever, without a word
+            fail(f"--hashtag {h!r} is not a Mastodon hashtag: letters, digits and _ (and the · ・ and zero-width "
+                 "non-joiner Mastodon allows inside a tag), e.g. --hashtag breaking_news")
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     _setup(settings, metrics_port)
     sink = _sink(settings, dry_run)

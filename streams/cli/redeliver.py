@@ -94,15 +94,16 @@ def redeliver(
                 note_empty("no webhook deliveries waiting, and no webhooks configured (alerts.webhooks)")
             return
         key = _resolve(target, known, hooks)
-        if alert:
-            # a mistyped id requeued nothing and said "0 rejected deliveries ... queued again", exit 0
-            delivered = store.delivery_status(list(alert))
-            unknown = [a for a in alert if not delivered.get(a)]
-            if unknown:
-                fail(f"--alert {', '.join(unknown)}: no delivery of {'that alert' if len(unknown) == 1 else 'those alerts'} "
-                     "on record; `deepwatch alerts --format json` lists alert ids with their deliveries")
         # a configured hook's deliveries kept under its earlier keys (``legacy_keys``) are its own too
         names = (key, *(legacy_keys(hooks[key].hook) if key in hooks else ()))
+        if alert:
+            # a mistyped id (or one never sent to this target) requeued nothing and said "0 rejected
+            # deliveries ... queued again", exit 0
+            delivered = store.delivery_status(list(alert))
+            unknown = [a for a in alert if not any(d.target in names for d in delivered.get(a, ()))]
+            if unknown:
+                fail(f"--alert {', '.join(unknown)}: no delivery of {'that alert' if len(unknown) == 1 else 'those alerts'} "
+                     f"to {key} on record; `deepwatch alerts --format json` lists alert ids with their deliveries")
         n = sum(store.requeue_deliveries(name, list(alert) if alert else None) for name in names)
     if fmt == "json":
         print_json({"target": key, "requeued": n})

@@ -585,7 +585,8 @@ class Emitter:
         if self._ahead_warned_at is not None and now - self._ahead_warned_at < 60.0:
             return
         log.warning("a frame's position lies in the future; the cursor stays where it was (a wrong clock on "
-                    "the platform or here, or a crafted frame)", extra={
+                    "the platform or here, a crafted frame, or a server whose ids are not Mastodon's "
+                    "time-based ids)", extra={
                         "connector": self.connector, "position": cursor[:40], "cursor": self._cursor,
                         "frames": self._ahead_unlogged, "max_ahead_s": self.max_cursor_ahead_s})
         self._ahead_warned_at, self._ahead_unlogged = now, 0

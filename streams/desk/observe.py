@@ -21,7 +21,7 @@ REQUESTS = Counter("deepwatch_desk_requests_total", "Desk HTTP requests, by rout
 REQUEST_SECONDS = Histogram("deepwatch_desk_request_seconds", "Desk request time, by route template", ["route"],
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 VERDICTS = Counter("deepwatch_desk_verdicts_total", "Verdicts recorded at the desk, by verdict", ["verdict"])
-LOGINS = Counter("deepwatch_desk_logins_total", "Desk login attempts, by outcome (ok, failed, rate_limited)",
+LOGINS = Counter("deepwatch_desk_logins_total", "Desk login attempts, by outcome (ok, failed, rate_limited, busy: too many checks waiting)",
                  ["outcome"])
 LOOKUPS = Counter("deepwatch_desk_lookups_total",
                   "Picture lookups at the desk (POST /api/similar, the Find a picture page), by outcome: seen (a "
@@ -31,7 +31,7 @@ LOOKUP_OUTCOMES = ("seen", "banked", "not_seen", "rejected")
 # At 0 from the start, so the first verdict or failed login is an increase a rule can see.
 for _verdict in get_args(DeskVerdict):
     VERDICTS.labels(_verdict)
-for _outcome in ("ok", "failed", "rate_limited"):
+for _outcome in ("ok", "failed", "rate_limited", "busy"):
     LOGINS.labels(_outcome)
 for _outcome in LOOKUP_OUTCOMES:
     LOOKUPS.labels(_outcome)

@@ -28,7 +28,7 @@ from streams.desk.lookup import Rejected
 from streams.desk.queries import QUEUE_FORM, SEARCH_FORM, account_query, accounts_link, cluster_query, \
     desk_verdict_query, queue_form, queue_link, search_cursor, search_form, search_link, store_query
 from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery, NotFound
-from streams.desk.state import Desk, desk_of
+from streams.desk.state import MAX_WAITING_LOGINS, Desk, desk_of
 from streams.desk.verdicts import VerdictIn
 from streams.cluster_search import ClusterQuery as StoreQuery
 from streams.cluster_search import SearchCursor
@@ -179,6 +179,11 @@ async def login(request: Request, username: str = Form(..., max_length=64),
                 expected: str = Depends(login_form_csrf)):
     desk = desk_of(request)
     client = request.client.host if request.client else "unknown"
+    if desk.logins_waiting >= MAX_WAITING_LOGINS:
+        # before the rate limit counts it: a flood from elsewhere must not charge the editor's own attempt
+        observe.LOGINS.labels("busy").inc()
+        raise HTTPException(503, "too many logins are being checked at once; try again in a few seconds",
+                            headers={"Retry-After": "5"})
     wait, stamp = desk.limiter.attempt(client, username)  # in memory, under a lock held for microseconds
     if stamp is None:
         observe.LOGINS.labels("rate_limited").inc()
@@ -186,8 +191,12 @@ async def login(request: Request, username: str = Form(..., max_length=64),
                             headers={"Retry-After": str(int(wait) + 1)})
     # On the desk's few password threads (``Desk.password_checks``): a flood of guesses waits there,
     # holding neither memory nor a request thread.
-    user = await asyncio.get_running_loop().run_in_executor(desk.password_checks, desk.users.check, username,
-                                                            password)
+    desk.logins_waiting += 1
+    try:
+        user = await asyncio.get_running_loop().run_in_executor(desk.password_checks, desk.users.check, username,
+                                                                password)
+    finally:
+        desk.logins_waiting -= 1
     if user is None:
         observe.LOGINS.labels("failed").inc()
         log.warning("desk login failed", extra={"user": username, "client": client})

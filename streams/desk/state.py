@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 # Password checks at once (``Desk.password_checks``): more than the cores add memory (32 MiB each), not
 # answers, and four already check some 20-40 passwords a second.
 PASSWORD_CHECKS = min(4, max(2, os.cpu_count() or 1))
+# Logins waiting for a password check, beyond which a login is answered 503 at once: the pool's queue has
+# no bound of its own, and guesses from many addresses (the rate limit counts per address and name) arriving
+# faster than 20-40 a second would queue without end, an editor's own login behind them.
+MAX_WAITING_LOGINS = 32
 # Headers a reverse proxy adds: a request carrying any of them is not read
 # without a login, whether or not the proxy is one the desk trusts.
 PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip")
@@ -83,6 +87,7 @@ class Desk:
         # held as many of the 40 threads every page needs (from many addresses: all of them). The rest wait
         # their turn without a thread.
         self.password_checks = ThreadPoolExecutor(max_workers=PASSWORD_CHECKS, thread_name_prefix="desk-password")
+        self.logins_waiting = 0  # on the event loop only: checks in the pool or queued for it
         self.alerts = AlertPath(settings)
         self.verdicts = Verdicts(settings, self.source, self.db, self.alerts)
         self.account_check: asyncio.Future | None = None  # the timer's check in flight, if any
