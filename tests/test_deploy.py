@@ -551,7 +551,7 @@ def _relabel(cfg: list[dict], labels: dict[str, str]) -> dict[str, str] | None:
     """Prometheus' keep/drop/replace for the subset these files use."""
     labels = dict(labels)
     for r in cfg:
-        value = ";".join(labels.get(s, "") for s in r["source_labels"])
+        value = r.get("separator", ";").join(labels.get(s, "") for s in r["source_labels"])
         hit = re.fullmatch(r.get("regex", "(.*)"), value)
         action = r.get("action", "replace")
         if action == "keep" and not hit or action == "drop" and hit:

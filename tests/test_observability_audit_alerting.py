@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -20,11 +19,12 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from dashboards import build, queries, rules
 from dashboards.dashboard import dashboard_json
+from tests.alertmanager_support import alertmanager, wait_for  # noqa: F401 (a fixture)
+from tests.test_deploy import _relabel
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 PROMTOOL = shutil.which("promtool")
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not on PATH (apt-get install prometheus)")
 
 
@@ -36,20 +36,6 @@ def _promtool_test(tmp_path: Path, cases: dict) -> None:
 
 
 # -- Kubernetes scrape jobs: pods that ended are no targets ---------------------------
-def _relabel(cfg: list[dict], labels: dict[str, str]) -> dict[str, str] | None:
-    """Prometheus' keep/drop/replace, for the subset deploy/k8s/prometheus-scrape.yml uses."""
-    labels = dict(labels)
-    for r in cfg:
-        value = r.get("separator", ";").join(labels.get(s, "") for s in r["source_labels"])
-        hit = re.fullmatch(r.get("regex", "(.*)"), value)
-        action = r.get("action", "replace")
-        if action == "keep" and not hit or action == "drop" and hit:
-            return None
-        if action == "replace" and hit:
-            labels[r["target_label"]] = hit.expand(r.get("replacement", "$1").replace("$1", r"\1"))
-    return labels
-
-
 # a pod of each job, as Kubernetes service discovery labels it
 _PODS = {
     "deepwatch": ("deepwatch", "analyze"),
@@ -192,52 +178,6 @@ def _alert(name: str, deployment: str, **extra: str) -> dict:
             "startsAt": (now - timedelta(minutes=1)).isoformat(), "endsAt": (now + timedelta(hours=1)).isoformat()}
 
 
-@pytest.fixture
-def alertmanager(tmp_path):
-    """The deploy Alertmanager config, running; yields its API base."""
-    from streams.broker import free_port
-
-    if ALERTMANAGER is None:
-        pytest.skip("alertmanager not on PATH (apt-get install prometheus-alertmanager)")
-    port = free_port()
-    log = open(tmp_path / "alertmanager.log", "wb")
-    proc = subprocess.Popen(
-        [ALERTMANAGER, f"--config.file={DEPLOY / 'alertmanager' / 'alertmanager.yml'}",
-         f"--storage.path={tmp_path / 'am'}", f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}/api/v2"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, (tmp_path / "alertmanager.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/status", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "alertmanager did not start"
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _wait(check, what: str, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got is not None:
-            return got
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
-
-
 @pytest.mark.timeout(60)
 def test_no_workers_at_all_inhibits_the_no_events_alert_of_its_own_deployment(alertmanager):
     """Every worker gone (compose's DNS or the pod discovery finds none): no
@@ -252,7 +192,7 @@ def test_no_workers_at_all_inhibits_the_no_events_alert_of_its_own_deployment(al
                for a in httpx.get(f"{alertmanager}/alerts", timeout=5).json()}
         return got if len(got) == 3 and got[("DeepwatchNoEventsProcessed", "a")]["inhibitedBy"] else None
 
-    got = _wait(settled, "DeepwatchNoWorkers did not inhibit DeepwatchNoEventsProcessed")
+    got = wait_for(settled, "DeepwatchNoWorkers did not inhibit DeepwatchNoEventsProcessed")
     assert got[("DeepwatchNoEventsProcessed", "a")]["state"] == "suppressed"
     assert got[("DeepwatchNoEventsProcessed", "b")] == {"state": "active", "inhibitedBy": [], "silencedBy": []}
     assert got[("DeepwatchNoWorkers", "a")]["state"] == "active"
@@ -272,7 +212,7 @@ def test_no_ingest_at_all_inhibits_each_replicas_ingest_down_of_its_own_deployme
                for a in httpx.get(f"{alertmanager}/alerts", timeout=5).json()}
         return got if len(got) == 3 and got[("DeepwatchIngestDown", "a")]["inhibitedBy"] else None
 
-    got = _wait(settled, "DeepwatchNoIngest did not inhibit DeepwatchIngestDown")
+    got = wait_for(settled, "DeepwatchNoIngest did not inhibit DeepwatchIngestDown")
     assert got[("DeepwatchIngestDown", "a")]["state"] == "suppressed"
     assert got[("DeepwatchIngestDown", "b")] == {"state": "active", "inhibitedBy": [], "silencedBy": []}
     assert got[("DeepwatchNoIngest", "a")]["state"] == "active"
@@ -293,7 +233,7 @@ def test_one_notification_never_mixes_two_deployments(alertmanager):
         seen = [sorted(a["labels"]["deployment"] for a in g["alerts"]) for g in groups]
         return seen if sum(len(s) for s in seen) == 2 else None
 
-    assert sorted(_wait(grouped, "alerts not grouped")) == [["a"], ["b"]]
+    assert sorted(wait_for(grouped, "alerts not grouped")) == [["a"], ["b"]]
 
 
 # -- what the latency panels say about their histograms ---------------------------------

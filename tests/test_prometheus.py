@@ -22,6 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards import build, rules
+from tests.alertmanager_support import alertmanager, wait_for  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 PROMTOOL = shutil.which("promtool")
@@ -66,20 +67,14 @@ def test_amtool_checks_alertmanager_config():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-
-
-@pytest.mark.skipif(ALERTMANAGER is None, reason="alertmanager not on PATH (apt-get install prometheus-alertmanager)")
 @pytest.mark.timeout(60)
-def test_a_dead_worker_inhibits_the_no_events_alert_of_its_own_deployment_only(tmp_path):
+def test_a_dead_worker_inhibits_the_no_events_alert_of_its_own_deployment_only(alertmanager):
     """Two deployments (each Prometheus with its own ``deployment`` external
     label, deploy/prometheus/prometheus.yml) share the deploy Alertmanager:
     a's dead worker silences a's DeepwatchNoEventsProcessed, never b's. The
     alerts carry what the rules and the scrape config give them. Without
     ``equal`` in the inhibit rule, b's was inhibited too."""
     from datetime import datetime, timedelta, timezone
-
-    from streams.broker import free_port
 
     prom = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
     external = prom["global"]["external_labels"]
@@ -95,46 +90,19 @@ def test_a_dead_worker_inhibits_the_no_events_alert_of_its_own_deployment_only(t
         return {"labels": labels, "startsAt": (now - timedelta(minutes=1)).isoformat(),
                 "endsAt": (now + timedelta(hours=1)).isoformat()}
 
-    port = free_port()
-    log = open(tmp_path / "alertmanager.log", "wb")
-    proc = subprocess.Popen(
-        [ALERTMANAGER, f"--config.file={REPO / 'deploy' / 'alertmanager' / 'alertmanager.yml'}",
-         f"--storage.path={tmp_path / 'am'}", f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}/api/v2"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, (tmp_path / "alertmanager.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/status", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "alertmanager did not start"
-            time.sleep(0.2)
-        sent = [alert("DeepwatchWorkerDown", "a", **scrape), alert("DeepwatchNoEventsProcessed", "a"),
-                alert("DeepwatchNoEventsProcessed", "b")]
-        assert httpx.post(f"{base}/alerts", json=sent, timeout=5).status_code == 200
-        deadline = time.monotonic() + 20
-        while True:
-            got = {(a["labels"]["alertname"], a["labels"]["deployment"]): a["status"]
-                   for a in httpx.get(f"{base}/alerts", timeout=5).json()}
-            if len(got) == 3 and got[("DeepwatchNoEventsProcessed", "a")]["inhibitedBy"]:
-                break
-            assert time.monotonic() < deadline, got
-            time.sleep(0.2)
-        assert got[("DeepwatchNoEventsProcessed", "b")] == {"state": "active", "inhibitedBy": [], "silencedBy": []}
-        assert got[("DeepwatchWorkerDown", "a")]["state"] == "active"
-        assert got[("DeepwatchNoEventsProcessed", "a")]["state"] == "suppressed"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    sent = [alert("DeepwatchWorkerDown", "a", **scrape), alert("DeepwatchNoEventsProcessed", "a"),
+            alert("DeepwatchNoEventsProcessed", "b")]
+    assert httpx.post(f"{alertmanager}/alerts", json=sent, timeout=5).status_code == 200
+
+    def settled():
+        got = {(a["labels"]["alertname"], a["labels"]["deployment"]): a["status"]
+               for a in httpx.get(f"{alertmanager}/alerts", timeout=5).json()}
+        return got if len(got) == 3 and got[("DeepwatchNoEventsProcessed", "a")]["inhibitedBy"] else None
+
+    got = wait_for(settled, "DeepwatchWorkerDown did not inhibit DeepwatchNoEventsProcessed")
+    assert got[("DeepwatchNoEventsProcessed", "b")] == {"state": "active", "inhibitedBy": [], "silencedBy": []}
+    assert got[("DeepwatchWorkerDown", "a")]["state"] == "active"
+    assert got[("DeepwatchNoEventsProcessed", "a")]["state"] == "suppressed"
 
 
 # -- rule behaviour on synthetic series (promtool test rules) ---------------------
