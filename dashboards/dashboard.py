@@ -188,9 +188,10 @@ def build_dashboard() -> dash.Dashboard:
         )
         .with_panel(
             _timeseries("Connector cursor lag", "s",
-                        "Wall time minus the event time of each connector's last checkpointed cursor: how far "
-                        "behind the platform it reads (a restart resumes from there).")
-            .with_target(_query(q.CONNECTOR_CURSOR_LAG, "{{connector}} {{instance}}"))
+                        "Wall time minus the event time of each stream's last checkpointed cursor: how far "
+                        "behind the platform it reads (a restart resumes from there). A quiet hashtag stream "
+                        "lags by design: nothing new was posted.")
+            .with_target(_query(q.CONNECTOR_CURSOR_LAG, "{{stream}} {{instance}}"))
         )
         .with_panel(
             _timeseries("Connector reconnects, rate-limit waits, cursors ahead", "short",

@@ -301,8 +301,9 @@ CONNECTOR_RECONNECTS = f"sum by (connector, reason) ({counted('deepwatch_connect
 CONNECTOR_RATE_LIMIT_WAITS = f"sum by (connector) ({counted('deepwatch_connector_rate_limit_waits_total', '$__interval')})"
 # Frames whose position lay further in the future than a clock's skew explains: the cursor was not moved to them.
 CONNECTOR_CURSOR_AHEAD = f"sum by (connector) ({counted('deepwatch_connector_cursor_ahead_total', '$__interval')})"
-# How far behind the platform each connector's saved cursor is (a restart resumes from there).
-CONNECTOR_CURSOR_LAG = "max by (connector, instance) (deepwatch_connector_cursor_lag_seconds)"
+# How far behind the platform each stream's saved cursor is (a restart resumes from there); per stream:
+# a Mastodon connector follows one stream per hashtag.
+CONNECTOR_CURSOR_LAG = "max by (connector, stream, instance) (deepwatch_connector_cursor_lag_seconds)"
 
 
 # -- scrape targets and consumer lag (what the "down" and "stuck" pages send an operator to look at)
