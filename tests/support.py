@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -75,3 +77,29 @@ def slow_drip_url() -> Iterator[str]:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+GRADIENT_PNG = """
+x = np.linspace(0, 255, {side}, dtype=np.uint8)
+a = np.zeros(({side}, {side}, 3), np.uint8)
+a[..., 0], a[..., 1] = x[None, :], x[:, None]
+Image.fromarray(a).save(path)
+del a
+"""
+
+
+def decoded_then_grown_mib(tmp_path: Path, make: str, work: str) -> int:
+    """How much a fresh Python process's peak memory grows (MiB) while it runs
+    ``work`` on ``image``, an ImageData already decoded (``image.rgb``) from the
+    picture ``make`` saved at ``path``: what work beside a decode costs, the
+    decode itself left out. A process of its own, so the peak is this work's."""
+    script = "\n".join(["import resource, sys", "import numpy as np", "from PIL import Image",
+                        "from detectors.imagedata import ImageData", "path = sys.argv[1]", make,
+                        "image = ImageData(open(path, 'rb').read())", "image.rgb",
+                        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss", work,
+                        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) >> 10)"])
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "picture.png")], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    return int(run.stdout.strip())
+

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -27,8 +25,7 @@ from detectors.imagedata import (
     ImageRejected,
 )
 from detectors.plugins import _xmp
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import GRADIENT_PNG, decoded_then_grown_mib
 
 
 def _chunk(ctype: bytes, body: bytes) -> bytes:
@@ -233,37 +230,15 @@ def test_xmp_in_a_declared_one_byte_encoding_or_unmarked_utf16_is_still_read():
 
 # -- the pixel model's re-post ---------------------------------------------------
 
-REPOST_MEMORY = """
-import resource, sys
-import numpy as np
-from PIL import Image
-from detectors.imagedata import ImageData
-from detectors.models.pixel_data import canonical
-
-x = np.linspace(0, 255, 5000, dtype=np.uint8)
-a = np.zeros((5000, 5000, 3), np.uint8)
-a[..., 0], a[..., 1] = x[None, :], x[:, None]
-path = sys.argv[1]
-Image.fromarray(a).save(path)
-del a
-image = ImageData(open(path, "rb").read())
-image.rgb
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-again = canonical(image)
-assert again.size == (1600, 1600), again.size
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) >> 10)
-"""
-
-
 def test_the_pixel_models_repost_adds_no_full_size_copy(tmp_path: Path):
     # The re-post (``canonical``) copied the full-size decode to shrink it: one
     # more picture outside the decode budget (an 8800x8800 PNG counted at 295 MiB
     # peaked at 762 MiB in the detect role, 466 MiB without the copy). Here a
     # 5000x5000 RGB decode (95 MiB held) adds a 1600 px re-post and its JPEG.
-    run = subprocess.run([sys.executable, "-c", REPOST_MEMORY, str(tmp_path / "big.png")], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert int(run.stdout.strip()) < 60, run.stdout  # MiB; a copy alone is 95
+    grown = decoded_then_grown_mib(tmp_path, GRADIENT_PNG.format(side=5000),
+                                   "from detectors.models.pixel_data import canonical\n"
+                                   "assert canonical(image).size == (1600, 1600)")
+    assert grown < 60, grown  # MiB; a copy alone is 95
 
 
 def test_the_repost_leaves_its_source_and_encodes_as_before():
@@ -365,7 +340,6 @@ def test_a_tiff_of_countless_tiles_is_refused_before_pillow_lists_them():
     assert ImageData(buf.getvalue()).rgb.size == (300, 2000)
 
 
-
 # -- through the analyze stage: one outcome each --------------------------------------
 
 class _Fetcher:
@@ -427,32 +401,16 @@ def test_a_picture_hidden_behind_an_icc_bomb_is_a_sighting(tmp_path: Path):
 
 # -- stealth metadata: read from the stored pixels --------------------------------------
 
-STEALTH_MEMORY = """
-import resource, sys
-import numpy as np
-from PIL import Image
-from detectors.imagedata import ImageData
-from detectors.plugins.stealth_pnginfo import StealthPngInfoDetector
-
-path = sys.argv[1]
-Image.linear_gradient("L").resize((6000, 4000)).convert("P").save(path, transparency=0)
-image = ImageData(open(path, "rb").read())
-image.rgb
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-assert StealthPngInfoDetector().analyze(image) == []
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) >> 10)
-"""
-
-
 def test_stealth_reading_of_a_palette_picture_adds_no_full_size_rgba_copy(tmp_path: Path):
     # A palette (or grey) picture with a transparency was converted whole to
     # RGBA, 4 bytes a pixel beside the cached RGB decode and outside the budget
     # (a 16384x4000 one, counted at 312 MiB, peaked at 663 MB; 446 MB now). Here
     # 6000x4000: the RGBA copy alone is 92 MiB; the palette decode is 23.
-    run = subprocess.run([sys.executable, "-c", STEALTH_MEMORY, str(tmp_path / "p.png")], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert int(run.stdout.strip()) < 50, run.stdout  # MiB
+    grown = decoded_then_grown_mib(
+        tmp_path, 'Image.linear_gradient("L").resize((6000, 4000)).convert("P").save(path, transparency=0)',
+        "from detectors.plugins.stealth_pnginfo import StealthPngInfoDetector\n"
+        "assert StealthPngInfoDetector().analyze(image) == []")
+    assert grown < 50, grown  # MiB
 
 
 def _stealth_bits(text: str) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -183,41 +182,18 @@ def test_memory_of_a_large_decode_is_given_back_after_analysis(tmp_path):
     assert grown < 80, f"worker kept {grown} MiB after its analyses ended"
 
 
-CHEAP_DETECTORS_MEMORY = """
-import resource, sys
-import numpy as np
-from PIL import Image
-from detectors.base import create_all
-from detectors.imagedata import ImageData
-
-x = np.linspace(0, 255, 6000, dtype=np.uint8)
-a = np.zeros((6000, 6000, 3), np.uint8)
-a[..., 0], a[..., 1] = x[None, :], x[:, None]
-path = sys.argv[1]
-Image.fromarray(a).save(path)
-del a
-image = ImageData(open(path, "rb").read())
-image.rgb
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-for d in create_all(cost="cheap"):
-    d.analyze(image)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) >> 10)
-"""
-
-
 def test_cheap_detectors_add_no_full_size_copy_of_a_large_picture(tmp_path):
     # Outside the decode budget, each was one more copy of the picture: Pillow's
     # PNG getexif() (read for the orientation) decoded every pixel again, and
     # the watermark and stealth-metadata detectors turned the whole picture into
     # an array to read a band or a few columns. A 6000x6000 RGB PNG (103 MiB
     # decoded) grew the process by about 350 MiB more; a band's work is left.
-    import subprocess
-    import sys
+    from tests.support import GRADIENT_PNG, decoded_then_grown_mib
 
-    run = subprocess.run([sys.executable, "-c", CHEAP_DETECTORS_MEMORY, str(tmp_path / "big.png")],
-                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert int(run.stdout.strip()) < 150, run.stdout  # MiB
+    grown = decoded_then_grown_mib(tmp_path, GRADIENT_PNG.format(side=6000),
+                                   "from detectors.base import create_all\n"
+                                   "for d in create_all(cost='cheap'):\n    d.analyze(image)")
+    assert grown < 150, grown  # MiB
 
 
 def _png_chunk(ctype: bytes, body: bytes) -> bytes:
