@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streams.connectors.mastodon import MAX_IMAGES, FatalStreamError, MastodonMapper, plain_text, rate_limit_wait
+from streams.connectors.base import rate_limit_wait
+from streams.connectors.mastodon import MAX_IMAGES, FatalStreamError, MastodonMapper, plain_text
 from streams.connectors.run import build_mastodon, mastodon_stream_key, open_state
 from streams.connectors.sinks import JsonlSink
 from streams.records import ImageEvent
