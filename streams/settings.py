@@ -91,7 +91,7 @@ class FetchSettings(_Section):
 class DecodeSettings(_Section):
     max_pixels: int = Field(100_000_000, gt=0)  # 50-200 MP phone cameras exist; Pillow refuses > ~179 MP regardless
     max_dimension: int = Field(16_384, gt=0)  # the longest side, in pixels, of a picture decoded
-    max_decode_mb: int = Field(320, gt=0)  # decoded bytes one image may cost at its peak (pixels in its mode, the RGB copy, a WebP decoder's buffers); also the per-process total
+    max_decode_mb: int = Field(320, gt=0)  # decoded bytes one image may cost at its peak (pixels in its mode, the RGB copy, a WebP, HEIF or AVIF decoder's buffers); also the per-process total
     max_jpeg_scans: int = Field(100, ge=1, le=10_000)  # scans a JPEG may have, each decoded over the whole image (real files: ~10)
 
 

@@ -109,6 +109,60 @@ def test_the_decode_budget_counts_what_a_decode_holds():
     assert e.value.reason == "memory_budget"
 
 
+_DECODE_PEAK = """
+import sys
+from detectors.imagedata import DecodeLimits, ImageData
+def kib(field):
+    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(field))
+image = ImageData(open(sys.argv[1], 'rb').read(), limits=DecodeLimits(max_decode_bytes=1 << 30))
+open('/proc/self/clear_refs', 'w').write('5')  # the peak (VmHWM) starts again from here
+before = kib('VmRSS:')
+image.rgb
+print(image.decode_cost, (kib('VmHWM:') - before) << 10)
+"""
+
+
+@pytest.mark.parametrize("fmt, save, per_pixel", [
+    ("HEIF", {}, 1.5 + 4 + 4),  # 8-bit 4:2:0 planes, interleaved RGBA, Pillow's RGB
+    ("HEIF", {"chroma": 444}, 3 + 4 + 4),
+    ("AVIF", {}, 2 * 1.5 + 4 + 4),  # the AV1 decoder's frame and libavif's planes
+    ("AVIF", {"subsampling": "4:4:4"}, 2 * 3 + 4 + 4),
+])
+def test_heif_and_avif_count_their_decoders_buffers(tmp_path, fmt, save, per_pixel):
+    # Counted at Pillow's 4 bytes a pixel, these decodes held 7.8-15.8 (16 MP
+    # files): libheif and libavif hold YCbCr planes and an interleaved copy at
+    # the coded depth while Pillow's pixels are filled, so a budget of 320 MiB
+    # let through pictures that held 2-4 times that. Measured in a process of
+    # its own, so the peak is this decode's.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    noise = Image.fromarray(rng.integers(0, 255, (250, 250, 3), dtype=np.uint8)).resize((2000, 2000))
+    path = tmp_path / f"picture.{fmt.lower()}"
+    noise.save(path, fmt, quality=60, **save)
+    run = subprocess.run([sys.executable, "-c", _DECODE_PEAK, str(path)], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    counted, grew = map(int, run.stdout.split())
+    assert counted == int(2000 * 2000 * per_pixel)
+    # never under what the decode holds (a decoder's fixed state, its
+    # threads' stacks and context, is not per pixel: 4 MiB of room) ...
+    assert grew <= counted + (4 << 20)
+    assert counted <= 2 * grew  # ... nor so far over that honest pictures are refused
+
+
+def test_an_avif_whose_depth_cannot_be_read_counts_the_deepest():
+    from detectors.imagedata import codec_buffer_bytes
+
+    header = Image.new("RGB", (100, 100))
+    header.format = "AVIF"  # what Pillow's plugin sets; no av1C box in these bytes
+    assert codec_buffer_bytes(b"\x00" * 64, header) == 100 * 100 * (2 * 2 * 3 + 4 * 2)
+
+
 def test_multi_scan_jpeg_is_recognised_from_its_first_scan():
     from detectors.imagedata import _jpeg_multi_scan
 
