@@ -130,6 +130,39 @@ def _check_zstd_dictionary(path: Path, flag: str) -> None:
              "or leave the option out for uncompressed frames")
 
 
+# An NSID as atproto's spec gives it (at least three dot-separated segments, the last a
+# name of letters and digits), or a prefix ending ".*" as Jetstream takes it for wantedCollections.
+NSID = re.compile(r"[a-zA-Z](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)+"
+                  r"\.[a-zA-Z][a-zA-Z0-9]{0,62}")
+NSID_PREFIX = re.compile(r"[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*\.\*")
+MAX_COLLECTIONS = 100  # Jetstream refuses more wantedCollections (400 "too many wanted collections")
+
+
+def _check_collections(collections: list[str]) -> list[str]:
+    """``--collections``, checked before the connector starts: Jetstream
+    answers a name that is not an NSID (``app.bsky.feed.post,app.bsky.feed.repost``
+    given as one) or more than 100 of them with 400, which the connector took
+    for a passing refusal and retried for ever. Returns them stripped. Warns
+    when none of them covers posts: reposts and quotes become sightings only
+    of posts the same run read, so such a run produces nothing."""
+    from streams.connectors.bluesky import POST, wanted_collections
+
+    given = [c.strip() for c in collections if c.strip()]
+    for c in given:
+        if len(c) > 317 or not (NSID.fullmatch(c) or NSID_PREFIX.fullmatch(c)):
+            hint = " (give --collections once per collection)" if "," in c or " " in c else ""
+            fail(f"--collections {c!r} is not a collection NSID such as app.bsky.feed.post, nor a prefix such as "
+                 f"app.bsky.feed.*{hint}")
+    if given and len(wanted_collections(given)) > MAX_COLLECTIONS:
+        fail(f"--collections names {len(wanted_collections(given))} collections; Jetstream takes at most "
+             f"{MAX_COLLECTIONS} (a prefix such as app.bsky.feed.* counts as one)")
+    if given and not any(c == POST or (c.endswith(".*") and POST.startswith(c[:-1])) for c in given):
+        err.print(f"warning: --collections leaves out {POST}: reposts and quotes become sightings only of image "
+                  "posts this run reads itself, so it will produce nothing", style="yellow", markup=False,
+                  highlight=False, soft_wrap=True)
+    return given
+
+
 def _report(runners) -> None:
     for r in runners:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(r.emitter.counts.items())) or "nothing read"
@@ -138,7 +171,7 @@ def _report(runners) -> None:
 
 @connect_app.command("bluesky")
 def bluesky(
-    collections: List[str] = typer.Option([], "--collections", help="Jetstream wantedCollections (repeatable; default app.bsky.feed.post and app.bsky.feed.repost)."),
+    collections: List[str] = typer.Option([], "--collections", help="Jetstream wantedCollections (repeatable; default app.bsky.feed.post and app.bsky.feed.repost). Each set of collections keeps its own cursor in --data-dir."),
     filter_hashtag: List[str] = typer.Option([], "--filter-hashtag", help="Keep only image posts carrying one of these hashtags (repeatable; case-insensitive)."),
     broker: Optional[str] = BrokerOpt,
     jetstream_url: Optional[str] = typer.Option(None, "--jetstream-url", help="Jetstream /subscribe URL (default: connectors.jetstream_url)."),
@@ -152,6 +185,7 @@ def bluesky(
     """Watch Bluesky's firehose (Jetstream) for image posts, reposts and quotes."""
     from streams.connectors.run import bluesky_stream_key, build_bluesky, open_state, run_until_signalled
 
+    collections = _check_collections(collections)
     settings = settings_from(config, data_dir=data_dir, broker=broker)
     _check_url(jetstream_url or settings.connectors.jetstream_url,
                "--jetstream-url" if jetstream_url else "connectors.jetstream_url", ("ws", "wss", "http", "https"),

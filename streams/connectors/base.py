@@ -127,11 +127,11 @@ def clip_hashtags(tags: Iterable[str]) -> list[str]:
 class Mapped:
     """What one platform frame means for deepwatch."""
 
-    outcome: str  # image_post, repost, quote, no_image, filtered, delete, identity, other, unknown_subject
+    outcome: str  # image_post, repost, quote, edit, no_image, filtered, delete, identity, other, unknown_subject
     events: list[ImageEvent] = field(default_factory=list)
     cursor: int | None = None  # platform position after this frame (Jetstream time_us, Mastodon status id)
     remember: tuple[str, dict[str, Any]] | None = None  # (post id, what a repost needs) for later reposts/quotes
-    forget: str | None = None  # post id deleted on the platform
+    forget: str | None = None  # post id deleted on the platform (or edited to show no pictures)
     clipped: int = 0  # images left out: past the platform's per-post limit (a crafted post)
 
 

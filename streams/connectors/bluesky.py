@@ -7,7 +7,10 @@ operation and record. Images are blob references in the post record's
 ``embed`` (``app.bsky.embed.images``, or ``.media`` of
 ``app.bsky.embed.recordWithMedia``); the CDN serves them by DID and blob CID.
 Reposts and quotes name the post they share by AT URI: if that post's images
-were seen, each becomes a new sighting of the same image URLs.
+were seen, each becomes a new sighting of the same image URLs. An ``update``
+commit (an edit) carries the whole new record: a picture the remembered post
+did not show before becomes one event named by its blob CID; the rest of an
+edit gives none.
 
 The app.bsky lexicon allows at most ``MAX_IMAGES`` images per post; a record
 is not checked against it by the relay, so a crafted post may carry thousands.
@@ -43,11 +46,19 @@ REPOST = "app.bsky.feed.repost"
 DEFAULT_COLLECTIONS = (POST, REPOST)
 TAG_FEATURE = "app.bsky.richtext.facet#tag"
 MAX_HANDLE_CHARS = 253  # a handle is a DNS name
+INVALID_HANDLE = "handle.invalid"  # what an identity event carries when the account's handle does not verify
 MAX_DID_CHARS = 256  # an event's account_id (the DID) holds at most this (ImageEvent)
 MAX_IMAGES = 4  # app.bsky.embed.images: "images" has maxLength 4
 TOO_BIG = 1009  # websocket close code: message larger than we accept
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # how every zstd frame starts (RFC 8878)
 FRAME_TOO_BIG = "frame_too_big"  # the reason given for a frame over connectors.max_frame_bytes
+# How much earlier than the relay received it a post's own createdAt may be.
+# Relays and Jetstream pass a post on within seconds; an hour covers a PDS or
+# relay catching up after an outage. Earlier than that the post is backdated
+# (atproto lets a client write any createdAt: archive imports of old tweets
+# do, and so can anyone claiming to have posted a picture before an event),
+# and when the network first carried it is the time the desk can defend.
+MAX_BACKDATE_S = 3600.0
 # The pipeline dead-letters an event dated more than this after its ingest
 # time (future_posted_at); the connector is told the configured value.
 DEFAULT_FUTURE_SKEW_S = IngestSettings.model_fields["max_future_skew_s"].default
@@ -153,6 +164,9 @@ def _time(created: str | None, time_us: int, max_future_skew_s: float) -> dateti
     the relay received the post (a wrong clock, or on purpose); one more than
     ``max_future_skew_s`` later gives way to the relay's time, since the
     pipeline would dead-letter it (future_posted_at) and lose the sighting.
+    So does one more than ``MAX_BACKDATE_S`` earlier: a backdated post (an
+    archive import, or a claim to have had a picture first) became the first
+    sighting of its picture, years or hours before anyone could see it.
     time_us is always there and always UTC, but only an int: one beyond what
     datetime holds makes the frame malformed, not the connector crash."""
     try:
@@ -164,9 +178,10 @@ def _time(created: str | None, time_us: int, max_future_skew_s: float) -> dateti
             t = datetime.fromisoformat(created)
             if t.tzinfo is not None and abs(t.utcoffset()) <= MAX_UTC_OFFSET:
                 t.astimezone(timezone.utc)  # year 1 at +14:00 is before any UTC time
-                if relay is None or t <= relay + timedelta(seconds=max_future_skew_s):
+                if relay is None or \
+                        relay - timedelta(seconds=MAX_BACKDATE_S) <= t <= relay + timedelta(seconds=max_future_skew_s):
                     return t
-        except (ValueError, OverflowError):  # OverflowError: relay + skew past year 9999
+        except (ValueError, OverflowError):  # OverflowError: relay +- a bound past the years 1-9999
             pass
     if relay is None:
         raise MalformedFrame("bad_frame", f"time_us {time_us} is not a usable time")
@@ -229,17 +244,24 @@ class BlueskyMapper:
 
     def map(self, raw: bytes | str) -> Mapped:
         frame = parse_frame(Frame, raw, "bad_frame", "(frame)")
-        # A "handle" longer than a DNS name is ignored: kept, it would make every
-        # later event of that DID fail validation; left out, they carry none. So is
+        # A "handle" longer than a DNS name is not taken: kept, it would make every
+        # later event of that DID fail validation; left out, they carry none. Nor is
         # a DID longer than an event's account_id holds: no event of it can be made,
         # and kept as a key (100 000 of them, each up to a frame's 2 MiB) the
         # memory was bounded in count only.
-        if frame.kind == "identity" and frame.identity and frame.identity.handle \
-                and len(frame.identity.handle) <= MAX_HANDLE_CHARS and len(frame.did) <= MAX_DID_CHARS:
-            self._handles[frame.did] = frame.identity.handle
-            self._handles.move_to_end(frame.did)
-            if len(self._handles) > self._handles_max:
-                self._handles.popitem(last=False)
+        if frame.kind == "identity" and frame.identity and len(frame.did) <= MAX_DID_CHARS:
+            handle = frame.identity.handle
+            if handle and handle.lower() != INVALID_HANDLE and len(handle) <= MAX_HANDLE_CHARS:
+                self._handles[frame.did] = handle
+                self._handles.move_to_end(frame.did)
+                if len(self._handles) > self._handles_max:
+                    self._handles.popitem(last=False)
+            else:
+                # The account's identity changed and no usable handle came with it
+                # ("handle.invalid": the handle no longer verifies, e.g. a domain
+                # the account does not control): the one remembered was attributed
+                # to its later posts, or "handle.invalid" itself was.
+                self._handles.pop(frame.did, None)
             return Mapped("identity", cursor=frame.time_us)
         c = frame.commit
         if frame.kind != "commit" or c is None:
@@ -253,7 +275,7 @@ class BlueskyMapper:
             raise MalformedFrame("bad_frame", f"{c.operation} of {uri} without a record")
         try:
             if c.collection == POST:
-                return self._post(frame, uri, PostRecord.model_validate(c.record))
+                return self._post(frame, uri, PostRecord.model_validate(c.record), edit=c.operation == "update")
             if c.collection == REPOST:
                 return self._repost(frame, uri, RepostRecord.model_validate(c.record))
         except ValidationError as e:
@@ -272,16 +294,21 @@ class BlueskyMapper:
         except ValidationError as e:
             raise MalformedFrame("unmappable", f"{event_id}: {error_text(e, '(event)')}") from None
 
-    def _post(self, frame: Frame, uri: str, rec: PostRecord) -> Mapped:
+    def _post(self, frame: Frame, uri: str, rec: PostRecord, *, edit: bool = False) -> Mapped:
         tags = _hashtags(rec)
         own = [b.cid_str for b in _embed_images(rec.embed) if b.cid_str]
         quoted = self.recall(q) if (q := _quoted_uri(rec.embed)) else None
+        # An edit carries the whole new record; what it showed before is what
+        # was remembered of it (None: a post from before the connector started,
+        # left out of the post cache, or one that had no pictures until now).
+        before = self.recall(uri) if edit else None
         if not own and not quoted:
-            return Mapped("no_image", cursor=frame.time_us)
+            # An edit that took the pictures out: later reposts must not bring them back.
+            return Mapped("no_image", cursor=frame.time_us, forget=uri if before is not None else None)
         if own and self.filter and not (self.filter & {t.casefold() for t in tags}):
             # A quote of a post that passed the filter still counts; its own pictures do not.
-            if not quoted:
-                return Mapped("filtered", cursor=frame.time_us)
+            if not quoted:  # an edit that took the tag out: as if it had been posted so
+                return Mapped("filtered", cursor=frame.time_us, forget=uri if before is not None else None)
             own = []
         # More than the lexicon allows: a crafted post, one event per entry
         # (and again for each repost or quote of it). The first MAX_IMAGES count.
@@ -294,12 +321,26 @@ class BlueskyMapper:
         # MAX_IMAGES URLs, the text as an event carries it, at most 64 tags.
         doc = {"post_url": post_url(uri), "text": _clip_text(rec.text),
                "lang": lang if lang and len(lang) <= 16 else None,
-               "hashtags": tags, "images": [self.image_url.format(did=frame.did, cid=cid) for cid in own]}
-        events = [self._event(frame, f"{uri}#{i}", uri, url, doc, rec.createdAt) for i, url in enumerate(doc["images"])]
+               "hashtags": tags, "images": [self.image_url.format(did=frame.did, cid=cid) for cid in own],
+               "cids": own}
+        if before is None:
+            events = [self._event(frame, f"{uri}#{i}", uri, u, doc, rec.createdAt)
+                      for i, u in enumerate(doc["images"])]
+        else:
+            # Only the pictures the post did not show before are new sightings:
+            # ``#{i}`` already names the post's first picture at index i, so a
+            # picture an edit swapped in is named by its blob CID, the same on
+            # every replay of the edit. It has been visible since the edit, not
+            # since the post's createdAt.
+            shown = _shown_cids(before)
+            events = [self._event(frame, f"{uri}#cid:{cid}", uri, u, doc, None)
+                      for cid, u in zip(own, doc["images"]) if cid not in shown and u not in before.get("images", [])]
+            doc["cids"] = _bounded_cids([c for c in shown if c not in own] + own)
         # A quote re-shares the quoted post's pictures: sightings of the same URLs.
-        events += [self._event(frame, f"{uri}#q{i}", uri, url, doc, rec.createdAt) for i, url in enumerate(q_images)]
-        return Mapped("image_post" if own else "quote", events=events, cursor=frame.time_us,
-                      remember=(uri, doc) if own else None, clipped=clipped)
+        events += [self._event(frame, f"{uri}#q{i}", uri, u, doc, rec.createdAt) for i, u in enumerate(q_images)]
+        outcome = "edit" if edit else "image_post" if own else "quote"
+        return Mapped(outcome, events=events, cursor=frame.time_us, remember=(uri, doc) if own else None,
+                      forget=uri if before is not None and not own else None, clipped=clipped)
 
     def _repost(self, frame: Frame, uri: str, rec: RepostRecord) -> Mapped:
         original = self.recall(rec.subject.uri)
@@ -312,6 +353,26 @@ class BlueskyMapper:
         return Mapped("repost", events=events, cursor=frame.time_us, clipped=clipped)
 
 
+MAX_SHOWN_CIDS = 4 * MAX_IMAGES  # blob CIDs a remembered post keeps of what it has shown (its edits' pictures)
+
+
+def _shown_cids(doc: dict[str, Any]) -> list[str]:
+    """The blob CIDs of the pictures a remembered post has had events for,
+    oldest first. A post remembered before edits were followed has none
+    (only its image URLs, which the caller compares instead)."""
+    cids = doc.get("cids")
+    return [c for c in cids if isinstance(c, str)] if isinstance(cids, list) else []
+
+
+def _bounded_cids(cids: list[str]) -> list[str]:
+    """``cids`` without repeats, the newest ``MAX_SHOWN_CIDS`` of them: a post
+    edited over and over must not grow its remembered record without bound.
+    One that falls out and comes back is named by the same event id again,
+    which the seen ids drop."""
+    out = list(dict.fromkeys(reversed(cids)))[:MAX_SHOWN_CIDS]
+    return out[::-1]
+
+
 def _clip_images(doc: dict[str, Any] | None) -> tuple[list[str], int]:
     """A remembered post's image URLs, at most ``MAX_IMAGES`` (a post
     remembered before they were clipped may hold more), and how many were left out."""
@@ -322,6 +383,14 @@ def _clip_images(doc: dict[str, Any] | None) -> tuple[list[str], int]:
 # --------------------------------------------------------------------------
 # The websocket client
 # --------------------------------------------------------------------------
+def wanted_collections(collections: list[str] | None) -> list[str]:
+    """``--collections`` as Jetstream is asked for them and as the stream key
+    names them: blanks around a name and repeats left out, in sorted order;
+    the default collections where none is left."""
+    wanted = sorted({c.strip() for c in collections or []} - {""})
+    return wanted or sorted(DEFAULT_COLLECTIONS)
+
+
 def subscribe_url(base: str, collections: list[str], cursor: int | None, compress: bool,
                   max_message_bytes: int | None = None) -> str:
     """Jetstream's /subscribe URL. ``maxMessageSizeBytes`` makes Jetstream
@@ -375,7 +444,7 @@ class BlueskyConnector:
         self.emitter = emitter
         self.mapper = mapper
         self.cfg = cfg
-        self.collections = list(collections or DEFAULT_COLLECTIONS)
+        self.collections = wanted_collections(collections)
         self.url = websocket_url(url or cfg.jetstream_url)
         if "cursor" in dict(parse_qsl(urlsplit(self.url).query)):
             log.warning("the Jetstream URL carries a cursor; it is left out (the connector resumes from its saved "

@@ -4,13 +4,14 @@ Shared by ``deepwatch connect`` and the end-to-end tests."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from streams.connectors.base import ConnectorState, Emitter, Sink, UrlPolicy
-from streams.connectors.bluesky import BlueskyConnector, BlueskyMapper
+from streams.connectors.bluesky import DEFAULT_COLLECTIONS, BlueskyConnector, BlueskyMapper, wanted_collections
 from streams.connectors.mastodon import MastodonConnector, MastodonMapper, Timeline
 from streams.settings import Settings
 
@@ -26,8 +27,26 @@ def open_state(settings: Settings, stream: str, *, memory: bool = False) -> Conn
                           seen_max=cfg.seen_ids_max, posts_max=cfg.post_cache_max)
 
 
+MAX_READABLE_COLLECTIONS = 80  # characters of --collections a stream key spells out; more are hashed
+
+
 def bluesky_stream_key(collections: list[str] | None, hashtags: list[str] | None) -> str:
-    return "bluesky" + (f"-{'-'.join(sorted(h.lstrip('#').lower() for h in hashtags))}" if hashtags else "")
+    """The stream (saved cursor, seen ids, remembered posts: one state file)
+    of a Bluesky run. Runs that read different collections are different
+    streams: sharing one, the second resumed from the first's cursor and
+    took its seen ids, skipping what only it reads. The order and repeats of
+    ``collections`` do not matter, and the default collections add nothing,
+    so a run without ``--collections`` keeps the key (``bluesky``, or
+    ``bluesky-TAG...`` with hashtags) that earlier versions saved under."""
+    key = "bluesky" + (f"-{'-'.join(sorted(h.lstrip('#').lower() for h in hashtags))}" if hashtags else "")
+    wanted = wanted_collections(collections)
+    if wanted == sorted(DEFAULT_COLLECTIONS):
+        return key
+    spelled = "+".join(wanted)
+    if len(spelled) > MAX_READABLE_COLLECTIONS:
+        # a file name has at most 255 bytes; Jetstream takes up to 100 collections
+        spelled = "sha256-" + hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:16]
+    return f"{key}@{spelled}"
 
 
 def build_bluesky(settings: Settings, sink: Sink, state: ConnectorState, *, collections: list[str] | None = None,
