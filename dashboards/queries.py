@@ -14,6 +14,8 @@ EXTERNAL_METRICS = {
     "up": "Prometheus itself (scrape health of every target)",
     "kafka_topic_partition_current_offset": "kafka-exporter (deploy/compose.yaml service `kafka-exporter`)",
     "kafka_consumergroup_lag_sum": "kafka-exporter: messages each consumer group has not yet read, per topic",
+    "kafka_consumergroup_members": "kafka-exporter: members of each consumer group (0: nobody reads for it)",
+    "ALERTS": "Prometheus itself: the alerts its rules hold (DeepwatchConsumerLagGrowing steps aside for its causes)",
 }
 
 JOB = 'job="deepwatch"'  # scrape job of the pipeline/detect workers (deploy/prometheus/prometheus.yml)
@@ -123,17 +125,27 @@ def event_to_alert_quantile(q: float, window: str = "$__rate_interval") -> str:
 REFUSED_AT_INGEST = 'deepwatch_ingest_lines_total{job="deepwatch-ingest",outcome="dead_lettered"}'
 
 
-def dead_letter_ratio(window: str = "10m") -> str:
+_DEAD_LETTERS = f'deepwatch_dead_letters_total{{stage=~"{INGRESS_DEAD_STAGES}"}}'
+# every event that leaves analysis without a dead letter: ok (a new sighting) or duplicate (an
+# event id seen before: a re-sent feed, a producer retry), both came in and were usable; the
+# analyze stage counts no other outcome (its dead letters are counted by the stage they end in)
+_ANALYSED = 'deepwatch_events_total{stage="analyze",outcome=~"ok|duplicate"}'
+
+
+def _dead_letters_rate(window: str) -> str:
     # `or vector(0)`: a counter with no series yet (no dead letters since the
     # worker started) must read as zero, not make the whole ratio vanish.
-    dead_letters = f'deepwatch_dead_letters_total{{stage=~"{INGRESS_DEAD_STAGES}"}}'
-    # every event that leaves analysis without a dead letter: ok (a new sighting) or duplicate (an
-    # event id seen before: a re-sent feed, a producer retry), both came in and were usable; the
-    # analyze stage counts no other outcome (its dead letters are counted by the stage they end in)
-    analysed = 'deepwatch_events_total{stage="analyze",outcome=~"ok|duplicate"}'
-    dead = "(" + " + ".join(f"({summed_rate(s, window)} or vector(0))" for s in (dead_letters, REFUSED_AT_INGEST)) + ")"
-    ok = f"({summed_rate(analysed, window)} or vector(0))"
-    return f"{dead} / clamp_min({dead} + {ok}, 1e-9)"
+    return "(" + " + ".join(f"({summed_rate(s, window)} or vector(0))" for s in (_DEAD_LETTERS, REFUSED_AT_INGEST)) + ")"
+
+
+def incoming_events_rate(window: str = "10m") -> str:
+    """Events per second that came in and left analysis, dead-lettered or not:
+    what the dead-letter ratio divides by."""
+    return f"({_dead_letters_rate(window)} + ({summed_rate(_ANALYSED, window)} or vector(0)))"
+
+
+def dead_letter_ratio(window: str = "10m") -> str:
+    return f"{_dead_letters_rate(window)} / clamp_min({incoming_events_rate(window)}, 1e-9)"
 
 
 def events_offsets(topic: str = EVENTS_TOPIC) -> str:
@@ -156,6 +168,17 @@ def kafka_exporter_blind(topic: str = EVENTS_TOPIC) -> str:
 
 def events_processed(window: str = "5m") -> str:
     return f'(sum(rate(deepwatch_events_total{{stage=~"{INGRESS_DEAD_STAGES}|analyze"}}[{window}])) or vector(0))'
+
+
+def alerts_timed_rate(window: str = "15m") -> str:
+    """Alerts per second whose event-to-alert time was observed: what event_to_alert_slower_than divides by."""
+    return f"({summed_rate('deepwatch_event_to_alert_seconds_count', window)} or vector(0))"
+
+
+def stage_rate(window: str = "5m") -> str:
+    """Observations per second of each stage's latency: how many samples its quantile stands on
+    (the +Inf bucket counts every one, as _count does, from the series the quantile reads)."""
+    return f'sum by (stage) (rate(deepwatch_stage_seconds_bucket{{le="+Inf"}}[{window}]))'
 
 
 def event_to_alert_slower_than(bound: str, window: str = "15m") -> str:
@@ -230,11 +253,24 @@ def desk_request_quantile(q: float, window: str = "$__rate_interval") -> str:
     return f"histogram_quantile({q}, sum by (route, le) (rate(deepwatch_desk_request_seconds_bucket[{window}])))"
 
 
+# The desk's readiness probes (k8s/base/desk.yaml, every 10 s; compose's healthcheck) call
+# /healthz on the desk's own port: always 200, the findings store never asked. Counted as desk
+# requests they diluted the error ratio (three replicas' probes hid a desk failing every page for
+# its one user) and were enough traffic on their own to clear any floor.
+_DESK_REQUESTS = 'deepwatch_desk_requests_total{route!="/healthz"}'
+_DESK_ERRORS = 'deepwatch_desk_requests_total{route!="/healthz",status=~"5.."}'
+
+
+def desk_requests_rate(window: str = "10m") -> str:
+    """Requests per second people and API clients sent the desk (probes left out)."""
+    return f"({summed_rate(_DESK_REQUESTS, window)} or vector(0))"
+
+
 def desk_error_ratio(window: str = "10m") -> str:
     """Share of desk requests answered 5xx (a broken findings store shows here
-    first); no requests reads as no errors."""
-    errors = f"""({summed_rate('deepwatch_desk_requests_total{status=~"5.."}', window)} or vector(0))"""
-    return f"{errors} / clamp_min({summed_rate('deepwatch_desk_requests_total', window)}, 1e-9)"
+    first), probes left out; no requests reads as no errors."""
+    errors = f"({summed_rate(_DESK_ERRORS, window)} or vector(0))"
+    return f"{errors} / clamp_min({summed_rate(_DESK_REQUESTS, window)}, 1e-9)"
 
 
 # -- the HTTP ingest endpoint (deepwatch serve-ingest; its own scrape job, deploy/prometheus/prometheus.yml)
@@ -253,6 +289,11 @@ _INGEST_HANDED = f'deepwatch_ingest_requests_total{{{INGEST_JOB},status=~"202|50
 _INGEST_503 = f'deepwatch_ingest_requests_total{{{INGEST_JOB},status="503"}}'
 _INGEST_BROKER_FAILED = f"deepwatch_ingest_broker_failures_total{{{INGEST_JOB}}}"
 _INGEST_BROKER_UNAVAILABLE = f'deepwatch_ingest_broker_failures_total{{{INGEST_JOB},cause="unavailable"}}'
+
+
+def ingest_requests_rate(window: str = "10m") -> str:
+    """Requests per second that reached the hand-over (202 + 503): what the ingest ratios divide by."""
+    return f"({summed_rate(_INGEST_HANDED, window)} or vector(0))"
 
 
 def ingest_broker_failure_ratio(window: str = "10m") -> str:
@@ -315,3 +356,41 @@ TARGETS_DISCOVERED = f'count by (job) (up{{job=~"{TARGET_JOBS}"}})'
 # Messages each consumer group has not read yet, per topic (kafka-exporter): where a backlog waits,
 # whose growth DeepwatchNoEventsProcessed (nothing read) and the latency rules (read slowly) page on.
 CONSUMER_LAG = "kafka_consumergroup_lag_sum"  # per consumergroup and topic, all partitions together
+
+
+def deepwatch_topics(topic_prefix: str) -> str:
+    """A label matcher for the topics of one deployment, ``<topic_prefix>.<name>`` (streams.topics):
+    not the Faust-internal ones (changelog, assignor leader), nor another deployment's on a shared
+    broker. ``[.]``: a literal dot without a backslash to escape twice (PromQL string, then regex)."""
+    return f'topic=~"{topic_prefix.replace(".", "[.]")}[.].+"'
+
+
+def consumer_lag_growing(topic_prefix: str, min_messages: int, window: str, explained_by: tuple[str, ...]) -> str:
+    """Per consumer group and topic: a backlog of more than ``min_messages`` that
+    grew over ``window`` (the slope of a least-squares fit, so one scrape's jump
+    is no trend). An idle topic's lag does not grow, whatever its size. Left
+    out for a group the exporter reports without members (nobody reads for it:
+    its workers gone, which the worker rules page on, or a group no role uses
+    any more, whose committed offsets Kafka keeps for days), and while one of
+    ``explained_by`` fires: those alerts already page for why the group reads
+    slowly or not at all, and the backlog is their symptom."""
+    lag = f"{CONSUMER_LAG}{{{deepwatch_topics(topic_prefix)}}}"
+    causes = "|".join(explained_by)
+    return (f"(max by (consumergroup, topic) ({lag}) > {min_messages}) "
+            f"and on (consumergroup, topic) (max by (consumergroup, topic) (deriv({lag}[{window}])) > 0) "
+            f"unless on (consumergroup) (max by (consumergroup) (kafka_consumergroup_members) == 0) "
+            f'unless on () ALERTS{{alertstate="firing",alertname=~"{causes}"}}')
+
+
+def connector_falling_behind(max_lag_s: int, window: str) -> str:
+    """Per connector stream: a saved cursor more than ``max_lag_s`` behind live
+    whose lag grew over ``window`` while its connector read frames. A stream
+    that reads nothing also grows its lag (a quiet Mastodon hashtag: the
+    cursor stays at its last post), so frames must be arriving: the connector
+    reads but does not keep up, or its checkpoints fail and it reads the same
+    window again. Frames are counted per connector, not per stream."""
+    frames = f"sum by (connector, instance) (rate(deepwatch_connector_frames_total[{window}]))"
+    return (f"({CONNECTOR_CURSOR_LAG} > {max_lag_s}) "
+            f"and on (connector, stream, instance) "
+            f"(max by (connector, stream, instance) (deriv(deepwatch_connector_cursor_lag_seconds[{window}])) > 0) "
+            f"and on (connector, instance) ({frames} > 0)")

@@ -50,6 +50,46 @@ LOOKUP_HELD_MAX_S = 60
 INGEST_BROKER_FAILURE_RATIO_MAX = 0.05
 INGEST_BUSY_RATIO_MAX = 0.05
 
+# Traffic floors of the ratio rules, per second over each rule's window. Below them a ratio stands on
+# a handful of events and one bad one is a large share: one dead letter of two events at 3 a.m. read
+# 50 %, one 500 of three desk requests 33 %, and paged. Under the floor the panels still show it.
+# 60 incoming events in the 10-minute window: at the 20 % bar, 12 dead letters, not one feed's odd post
+DEAD_LETTER_RATIO_MIN_EVENTS_PER_S = 0.1
+# 60 requests in 10 minutes (probes left out): one fact-checker paging through the queue sends more
+# (each page fetches its thumbnails); at the 5 % bar, 3 errors, not one
+DESK_ERROR_RATIO_MIN_REQUESTS_PER_S = 0.1
+# 15 requests in the 5-minute window (30 in 10): under it a single 503 of a scraper that posts once a
+# minute was 20 % and paged critical; a broker that stays down still does, clients re-send with Retry-After
+INGEST_RATIO_MIN_REQUESTS_PER_S = 0.05
+# 3 alerts in the 15-minute window: one late alert of one or two is 50-100 %; a backlog that delays
+# every alert pages as DeepwatchConsumerLagGrowing
+EVENT_TO_ALERT_MIN_ALERTS_PER_S = 3 / 900
+# 30 observations of a stage in the 5-minute window: under it its p95 is the slowest one or two
+# (one slow image host at night read as the stage's p95)
+STAGE_LATENCY_MIN_PER_S = 0.1
+
+# Consumer lag (kafka-exporter) per group and topic: more than this many messages, growing over the
+# window, for the rule's `for`. A worker holds at most fetch_concurrency events uncommitted and commits
+# every second (streams.faust_app), so a healthy group's lag is tens to a few hundred at most.
+CONSUMER_LAG_MIN_MESSAGES = 1000
+CONSUMER_LAG_WINDOW = "15m"
+# DeepwatchConsumerLagGrowing steps aside while one of these fires: each already pages for why a group
+# reads nothing or slowly, and a second page for its backlog says nothing new
+CONSUMER_LAG_EXPLAINED_BY = ("DeepwatchNoEventsProcessed", "DeepwatchWorkerDown", "DeepwatchNoWorkers",
+                             "DeepwatchWorkerLoopStalled", "DeepwatchFindingsSinkBehind", "DeepwatchBlobStoreHeld",
+                             "DeepwatchFindingsLookupHeld", "DeepwatchModelResultsOverdue")
+# A connector stream's saved cursor this far behind live (and still falling behind): what a restart
+# would read again, and how late its posts reach the pipeline. Checkpoints come every
+# connectors.checkpoint_interval_s (2 s), so a connector keeping up shows seconds.
+CONNECTOR_CURSOR_LAG_MAX_S = 900
+CONNECTOR_LAG_WINDOW = "15m"
+
+
+def _with_traffic(condition: str, traffic: str, floor: float) -> str:
+    """``condition`` (a ratio or quantile compared with its bar) only while
+    ``traffic`` reaches ``floor``; the alert's value stays the condition's."""
+    return f"({condition}) and on () ({traffic} >= {floor:g})"
+
 
 def _rule(name: str, expr_: str, for_: str, severity: str, summary: str, description: str) -> dict[str, Any]:
     return {
@@ -74,19 +114,21 @@ def events_topic(topic_prefix: str = DEFAULT_TOPIC_PREFIX) -> str:
 
 def prometheus_rules(runbook_base: str | None = None, topic_prefix: str = DEFAULT_TOPIC_PREFIX) -> dict[str, Any]:
     base = (runbook_base or runbook_base_url()).split("#", 1)[0]
-    doc = _prometheus_rules(events_topic(topic_prefix))
+    doc = _prometheus_rules(events_topic(topic_prefix), topic_prefix)
     for g in doc["groups"]:
         for r in g["rules"]:
             r["annotations"]["runbook_url"] = f"{base}#{r['alert'].lower()}"
     return doc
 
 
-def _prometheus_rules(topic: str) -> dict[str, Any]:
+def _prometheus_rules(topic: str, topic_prefix: str) -> dict[str, Any]:
     return {"groups": [{
         "name": "deepwatch-operators",
         "interval": "30s",
         "rules": [
-            _rule("DeepwatchDeadLetterRatioHigh", f"{q.dead_letter_ratio('10m')} > {DEAD_LETTER_RATIO_MAX}", "10m", "warning",
+            _rule("DeepwatchDeadLetterRatioHigh",
+                  _with_traffic(f"{q.dead_letter_ratio('10m')} > {DEAD_LETTER_RATIO_MAX}", q.incoming_events_rate("10m"),
+                                DEAD_LETTER_RATIO_MIN_EVENTS_PER_S), "10m", "warning",
                   "More than {{ $value | humanizePercentage }} of incoming events are dead-lettered",
                   "Check `deepwatch dead-letters` for the dominant stage/reason: a feed format change, "
                   "a blocked CDN or a wrong image root usually explains it."),
@@ -97,17 +139,23 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
                   "and consumer group lag."),
             _rule("DeepwatchWorkerDown", q.WORKERS_DOWN, "5m", "critical",
                   "deepwatch worker {{ $labels.instance }} is not answering /metrics",
-                  "The worker process is down or its metrics port is unreachable."),
+                  "The worker process is down, OOM-killed or crash-looping, or its metrics port is unreachable; "
+                  "its partitions move to the other workers of its role. Check its container or pod status and "
+                  "its last log lines (a setting or model it cannot load stops it at start with one line)."),
             # DeepwatchNoEventsProcessed reads the exporter's offsets: without them it cannot fire
             # ... and without any exporter (Kubernetes ships none in base) there is no `up` to read 0
             _rule("DeepwatchKafkaExporterDown", q.kafka_exporter_blind(topic), "10m", "warning",
                   f"No offsets of {topic} from kafka-exporter: DeepwatchNoEventsProcessed cannot fire",
                   "Prometheus cannot scrape kafka-exporter (job kafka), or no exporter reports the events topic's "
                   "offsets at all (or the workers' topic_prefix is not the one these rules were generated for); "
-                  "they are the only sign that events arrive, so a stuck pipeline would page nobody meanwhile."),
+                  "they are the only sign that events arrive, so a stuck pipeline would page nobody meanwhile "
+                  "(nor would DeepwatchConsumerLagGrowing, which reads the same exporter). Check the exporter's "
+                  "pod or service, the broker address it is given and its connection to the brokers."),
             _rule("DeepwatchNoWorkers", q.NO_WORKERS, "5m", "critical",
                   "No deepwatch worker is being scraped",
-                  "Every pipeline and detect worker is gone (or Prometheus discovers none): nothing is analysed."),
+                  "Every pipeline and detect worker is gone (or Prometheus discovers none): nothing is analysed "
+                  "and events wait on the topic. Check the workers' Deployments or compose services, their pods' "
+                  "last log lines, and the `deepwatch` scrape job's discovery."),
             # No pending time on top: the silence is its own duration (with "for: 2m" it fired at 4 minutes,
             # after the liveness probe had restarted the worker and its new gauge had hidden the stall)
             _rule("DeepwatchWorkerLoopStalled", f"{q.WORKER_LOOP_SILENCE} > {LOOP_SILENCE_MAX_S}", "0m", "critical",
@@ -127,9 +175,15 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
                   "Deliveries to this subscriber are still failed or rejected after 30 minutes: rejected ones "
                   "(401/403/404/410, a redirect) are never retried on their own, so this stays on until "
                   "`deepwatch redeliver TARGET` sends them again, after the receiver or its secret is fixed."),
-            _rule("DeepwatchStageLatencyHigh", f"{q.stage_quantile(0.95, '5m')} > {STAGE_P95_MAX_S}", "10m", "warning",
+            # on (stage): each stage's quantile against its own number of observations
+            _rule("DeepwatchStageLatencyHigh",
+                  f"({q.stage_quantile(0.95, '5m')} > {STAGE_P95_MAX_S}) "
+                  f"and on (stage) ({q.stage_rate('5m')} >= {STAGE_LATENCY_MIN_PER_S:g})", "10m", "warning",
                   "p95 latency of stage {{ $labels.stage }} is {{ $value | humanizeDuration }}",
-                  "Slow image hosts (fetch), oversized images (analyze) or a saturated cluster worker."),
+                  "Slow or rate-limiting image hosts (fetch; its read timeout is 15 s), oversized images or CPU "
+                  "starvation (analyze), a saturated cluster worker (cluster), model batches too slow for the "
+                  "device (detect). The \"Stage latency p50 / p95\" panel shows "
+                  "since when; add workers of that role or give them more CPU."),
             _rule("DeepwatchModelResultsOverdue", q.MODEL_RESULTS_OVERDUE, "5m", "warning",
                   "Clusters wait for model results: the detect role answered none in 15 minutes",
                   "The cluster stage asks the detect role for the pixel model's evidence on every new picture; "
@@ -165,7 +219,9 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
                   "the store's answer."),
             _rule("DeepwatchDeskDown", q.DESK_DOWN, "5m", "critical",
                   "The fact-check desk {{ $labels.instance }} is not answering /metrics",
-                  "Fact-checkers cannot open the queue or record verdicts; alerts still reach subscribers."),
+                  "Fact-checkers cannot open the queue or record verdicts; alerts still reach subscribers. Check "
+                  "the desk's pod or container and its last log lines: a users file it cannot read, a malformed "
+                  "DEEPWATCH_DESK_TOKENS or a findings store it cannot open stops it at start with one line."),
             _rule("DeepwatchNoDesk", q.NO_DESK, "10m", "critical",
                   "No fact-check desk is being scraped",
                   "Every desk replica is gone, or Prometheus discovers none: fact-checkers cannot open the queue "
@@ -178,23 +234,53 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
                   "The desk answers /metrics but its event loop has stopped: no page or API call is answered. "
                   "Its /healthz answers 503, so a liveness probe restarts it; elsewhere restart it by hand, after "
                   "SIGUSR1 has written every thread's stack to its log (`kill -USR1 PID`)."),
-            _rule("DeepwatchDeskErrors", f"{q.desk_error_ratio('10m')} > {DESK_ERROR_RATIO_MAX}", "10m", "warning",
+            _rule("DeepwatchDeskErrors",
+                  _with_traffic(f"{q.desk_error_ratio('10m')} > {DESK_ERROR_RATIO_MAX}", q.desk_requests_rate("10m"),
+                                DESK_ERROR_RATIO_MIN_REQUESTS_PER_S), "10m", "warning",
                   "{{ $value | humanizePercentage }} of desk requests fail with a server error",
-                  "Usually the findings store: Elasticsearch unreachable, its API key revoked or its index missing."),
+                  "Usually the findings store: Elasticsearch unreachable, its API key revoked or its index missing. "
+                  "The \"Desk requests/s by route & status\" panel names the routes; `deepwatch search --store URL` "
+                  "from the desk's pod shows the store's error in one line."),
             # p95 above the bound = more than 5 % of alerts slower than it (see q.event_to_alert_slower_than:
             # when 60 s was the histogram's largest finite bucket, "p95 > 60" could never fire)
             _rule("DeepwatchEventToAlertLatencyHigh",
-                  f"{q.event_to_alert_slower_than(f'{EVENT_TO_ALERT_P95_MAX_S:g}', '15m')} > 0.05", "15m", "warning",
+                  _with_traffic(f"{q.event_to_alert_slower_than(f'{EVENT_TO_ALERT_P95_MAX_S:g}', '15m')} > 0.05",
+                                q.alerts_timed_rate("15m"), EVENT_TO_ALERT_MIN_ALERTS_PER_S), "15m", "warning",
                   f"{{{{ $value | humanizePercentage }}}} of alerts reach the desk more than "
                   f"{EVENT_TO_ALERT_P95_MAX_S:g}s after the triggering post (p95 above {EVENT_TO_ALERT_P95_MAX_S:g}s)",
                   "The desk learns about viral fakes late; look at consumer lag and stage latency."),
+            # -- consumers falling behind: reading, but slower than events come in
+            _rule("DeepwatchConsumerLagGrowing",
+                  q.consumer_lag_growing(topic_prefix, CONSUMER_LAG_MIN_MESSAGES, CONSUMER_LAG_WINDOW,
+                                         CONSUMER_LAG_EXPLAINED_BY), "15m", "warning",
+                  "Consumer group {{ $labels.consumergroup }} is {{ $value }} messages behind on "
+                  "{{ $labels.topic }}, and falling further behind",
+                  f"Its workers read the topic more slowly than messages arrive (the backlog grew over "
+                  f"{CONSUMER_LAG_WINDOW} and for 15 minutes more): alerts reach the desk later and later. The "
+                  "\"Consumer lag by group & topic\" panel shows since when, \"Waiting before each stage p95\" and "
+                  "\"Stage latency p50 / p95\" which stage is slow. Add workers of the role that reads the topic "
+                  "(no more than its partitions), give them more CPU, or find what slows them (slow image hosts, "
+                  "the findings store)."),
+            _rule("DeepwatchConnectorBehind",
+                  q.connector_falling_behind(CONNECTOR_CURSOR_LAG_MAX_S, CONNECTOR_LAG_WINDOW), "15m", "warning",
+                  "Connector {{ $labels.connector }} stream {{ $labels.stream }} is {{ $value | humanizeDuration }} "
+                  "behind live, and falling further behind",
+                  f"The connector reads frames, but the cursor it saves for this stream "
+                  f"fell more than {CONNECTOR_CURSOR_LAG_MAX_S // 60} minutes behind the platform and keeps "
+                  "falling: posts reach the pipeline late, and a restart reads all of it again. Its log shows "
+                  "`reconnecting` with reason sink_failed (the broker not acknowledging: it rolls back and reads "
+                  "the same window again) or rate-limit waits; the \"Connectors\" row shows frames, reconnects and waits. "
+                  "A connector short of CPU reads slower than the platform posts: give it more, or split its "
+                  "hashtags over more connectors."),
             # -- the HTTP ingest endpoint (deepwatch serve-ingest, job deepwatch-ingest)
             # One replica down is a warning: the others take its requests. None answering is
             # DeepwatchNoIngest, critical like DeepwatchNoDesk and DeepwatchNoWorkers.
             _rule("DeepwatchIngestDown", q.INGEST_DOWN, "5m", "warning",
                   "The HTTP ingest endpoint {{ $labels.instance }} is not answering /metrics",
-                  "The serve-ingest process is down or its metrics port is unreachable; the other replicas take "
-                  "its requests (when none answers, DeepwatchNoIngest pages)."),
+                  "The serve-ingest process is down, OOM-killed or its metrics port is unreachable; the other "
+                  "replicas take its requests (when none answers, DeepwatchNoIngest pages). Check its pod's or "
+                  "container's last log lines: a malformed DEEPWATCH_INGEST_TOKENS or a --broker it cannot use "
+                  "stops it at start with one line."),
             _rule("DeepwatchIngestLoopStalled", f"{q.server_loop_silence(q.INGEST_JOB)} > {LOOP_SILENCE_MAX_S}",
                   "0m", "warning",
                   "HTTP ingest endpoint {{ $labels.instance }}: event loop silent for {{ $value | humanizeDuration }}",
@@ -212,16 +298,23 @@ def _prometheus_rules(topic: str) -> dict[str, Any]:
                   "Start a worker (it creates them), or run serve-ingest with --create-topics, or create them "
                   "by hand; the endpoint log names the missing topics."),
             _rule("DeepwatchIngestBrokerFailures",
-                  f"{q.ingest_broker_failure_ratio('5m')} > {INGEST_BROKER_FAILURE_RATIO_MAX}", "5m", "critical",
+                  _with_traffic(f"{q.ingest_broker_failure_ratio('5m')} > {INGEST_BROKER_FAILURE_RATIO_MAX}",
+                                q.ingest_requests_rate("5m"), INGEST_RATIO_MIN_REQUESTS_PER_S), "5m", "critical",
                   "{{ $value | humanizePercentage }} of HTTP ingest requests are refused: the broker does not "
                   "take their events",
                   "serve-ingest answers 503 broker_unavailable (nothing accepted; clients re-send): Kafka is "
                   "down, unreachable from the endpoint, or slower than connectors.ingest_broker_timeout_s "
-                  "(a missing topic is DeepwatchIngestTopicMissing)."),
-            _rule("DeepwatchIngestBusy", f"{q.ingest_busy_ratio('10m')} > {INGEST_BUSY_RATIO_MAX}", "10m", "warning",
+                  "(a missing topic is DeepwatchIngestTopicMissing). The endpoint logs 'broker unavailable; "
+                  "request refused' with the producer's error; check the brokers' health and that the endpoint's "
+                  "pod reaches them (network policy, DNS, TLS/SASL settings)."),
+            _rule("DeepwatchIngestBusy",
+                  _with_traffic(f"{q.ingest_busy_ratio('10m')} > {INGEST_BUSY_RATIO_MAX}", q.ingest_requests_rate("10m"),
+                                INGEST_RATIO_MIN_REQUESTS_PER_S), "10m", "warning",
                   "{{ $value | humanizePercentage }} of HTTP ingest requests are refused as busy",
                   "The endpoint holds as many request bodies as connectors.ingest_max_buffered_bytes allows "
-                  "(503 busy): slow clients, bursts of large bodies, or too few replicas."),
+                  "(503 busy): slow clients, bursts of large bodies, or too few replicas. The \"HTTP ingest bytes "
+                  "held\" panel shows how full it is; add replicas, raise the budget within the memory limit, or "
+                  "ask the biggest sender for smaller, gzip-compressed batches."),
         ],
     }]}
 

@@ -101,6 +101,11 @@ def _exported() -> dict[str, set[str]]:
 _PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right"}
 # added by Prometheus to every scraped sample; `role` by both scrape configs' relabelling to the workers' job
 _TARGET_LABELS = {"job", "instance", "role"}
+# labels of the metrics queries.EXTERNAL_METRICS lists (kafka-exporter's, Prometheus' own ALERTS)
+_EXTERNAL_LABELS = {"up": set(), "kafka_topic_partition_current_offset": {"topic", "partition"},
+                    "kafka_consumergroup_lag_sum": {"consumergroup", "topic"},
+                    "kafka_consumergroup_members": {"consumergroup"},
+                    "ALERTS": {"alertname", "alertstate", "severity", "team"}}
 
 
 def _selectors(expr: str) -> list[tuple[str, set[str]]]:
@@ -152,9 +157,11 @@ def test_every_promql_metric_exists():
 def test_grouping_labels_exist_on_the_metrics_grouped():
     exported = _exported()
     for where, expr in _all_exprs().items():
-        names = [n for n, _ in _selectors(expr) if n in exported]
+        assert set(_EXTERNAL_LABELS) == set(queries.EXTERNAL_METRICS), "a new external metric: list its labels"
+        known = {**exported, **_EXTERNAL_LABELS}
+        names = [n for n, _ in _selectors(expr) if n in known]
         # target labels are on every scraped series, `up` and the exporters' included
-        available = (set().union(*(exported[n] for n in names)) if names else set()) | _TARGET_LABELS
+        available = (set().union(*(known[n] for n in names)) if names else set()) | _TARGET_LABELS
         assert _grouping_labels(expr) <= available, where
 
 
@@ -263,7 +270,7 @@ def test_latency_panel_has_both_quantiles():
 def test_operator_rules_cover_the_brief():
     names = {r["alert"] for g in rules.prometheus_rules()["groups"] for r in g["rules"]}
     assert {"DeepwatchDeadLetterRatioHigh", "DeepwatchNoEventsProcessed", "DeepwatchWebhookFailures",
-            "DeepwatchStageLatencyHigh"} <= names
+            "DeepwatchStageLatencyHigh", "DeepwatchConsumerLagGrowing", "DeepwatchConnectorBehind"} <= names
     for g in rules.prometheus_rules()["groups"]:
         for r in g["rules"]:
             assert r["labels"]["severity"] in ("warning", "critical")
@@ -273,6 +280,17 @@ def test_operator_rules_cover_the_brief():
             assert url == f"{rules.DEFAULT_RUNBOOK_BASE_URL}#{r['alert'].lower()}", url
             assert url.startswith("https://") and url.split("#")[0].endswith("/deploy/README.md")
             assert "runbook" not in r["annotations"], "the one annotation Prometheus tooling links: runbook_url"
+
+
+def test_alerts_a_rule_steps_aside_for_are_rules_of_this_set():
+    """A rule that reads ALERTS{alertname=~...} names other rules: a misspelt
+    or renamed one matches nothing, and the rule never steps aside (it pages
+    beside the alert that explains it)."""
+    names = {r["alert"] for g in rules.prometheus_rules()["groups"] for r in g["rules"]}
+    read = [n for e in rules.prometheus_rule_exprs() for alt in re.findall(r'ALERTS\{[^}]*alertname=~?"([^"]+)"', e)
+            for n in alt.split("|")]
+    assert set(rules.CONSUMER_LAG_EXPLAINED_BY) <= set(read)
+    assert set(read) <= names, sorted(set(read) - names)
 
 
 def test_runbook_base_url_is_configurable(tmp_path, monkeypatch):
@@ -847,7 +865,8 @@ def test_bucket_matchers_name_real_bucket_bounds():
     for where, expr in _all_exprs().items():
         for name, values in re.findall(r'(\w+)_bucket\{[^}]*le=~?"([^"]+)"', expr):
             bounds = {float(v) for v in values.split("|")}
-            assert bounds <= set(hists[name]), f"{where}: le {values} is not a bucket of {name} {hists[name]}"
+            # +Inf: every histogram has it (it counts every observation)
+            assert bounds <= {*hists[name], float("inf")}, f"{where}: le {values} is not a bucket of {name} {hists[name]}"
             checked += 1
     assert checked, "the event-to-alert rule reads the 60 s bucket"
     assert rules.EVENT_TO_ALERT_P95_MAX_S in _histograms()["deepwatch_event_to_alert_seconds"]

@@ -199,6 +199,26 @@ def test_no_workers_at_all_inhibits_the_no_events_alert_of_its_own_deployment(al
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("cause, symptom", [("DeepwatchWorkerLoopStalled", "DeepwatchNoEventsProcessed"),
+                                            ("DeepwatchConsumerLagGrowing", "DeepwatchEventToAlertLatencyHigh")])
+def test_a_cause_inhibits_the_symptom_it_explains_within_its_deployment(alertmanager, cause, symptom):
+    """A stalled worker loop processes nothing, as a dead worker does, and a
+    growing backlog delays every alert behind it: each paged its symptom as
+    well (two pages for one cause)."""
+    sent = [_alert(cause, "a", job="deepwatch", instance="w1:6066"), _alert(symptom, "a"), _alert(symptom, "b")]
+    assert httpx.post(f"{alertmanager}/alerts", json=sent, timeout=5).status_code == 200
+
+    def settled():
+        got = {(a["labels"]["alertname"], a["labels"]["deployment"]): a["status"]
+               for a in httpx.get(f"{alertmanager}/alerts", timeout=5).json()}
+        return got if len(got) == 3 and got[(symptom, "a")]["inhibitedBy"] else None
+
+    got = wait_for(settled, f"{cause} did not inhibit {symptom}")
+    assert got[(symptom, "a")]["state"] == "suppressed"
+    assert got[(symptom, "b")]["state"] == "active"
+
+
+@pytest.mark.timeout(60)
 def test_no_ingest_at_all_inhibits_each_replicas_ingest_down_of_its_own_deployment(alertmanager):
     """Every serve-ingest replica down fires DeepwatchNoIngest (critical) and a
     DeepwatchIngestDown (warning) for each replica: one cause, paged once."""
