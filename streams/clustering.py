@@ -658,8 +658,13 @@ class ClusterEngine:
         into.sample_posts = earliest_posts([*into.sample_posts, *other.sample_posts])
         if into.recent:  # windows end at event time (``event_time``), not at a date posted ahead
             into.recent = virality.trim(into.recent, max(r.t for r in into.recent))
-        if other.alert_level > into.alert_level:
-            into.alert_level, into.alert_velocity = other.alert_level, other.alert_velocity
+        # Levels continue from the higher; the next escalation is measured from the fastest
+        # velocity either part was alerted at. Taken from the higher level only, two parts
+        # alerted at one level kept the survivor's velocity: which cluster survived decided
+        # whether the merge alone "escalated" (1 at 3 and 1 at 12 merged at 16: "16 >= 4x 3"
+        # when the survivor was the slower part, nothing when it was the faster).
+        into.alert_level = max(into.alert_level, other.alert_level)
+        into.alert_velocity = max(into.alert_velocity, other.alert_velocity)
         # both clusters' alerts: an op read again sends those it (or a later op) raised, whichever cluster raised them
         into.alerts = sorted([*into.alerts, *(a for a in other.alerts if a not in into.alerts)],
                              key=lambda a: a.offset)[-ALERTS_KEPT:]
@@ -701,6 +706,7 @@ class ClusterEngine:
                 rule += f" (capped at {virality.MAX_RECENT}, the most velocity counts)"
         else:
             return
+        rule += _behind(state, trigger)
         state.alert_level += 1
         state.alert_velocity = v.sightings_5m
         alert = Alert(
@@ -832,6 +838,30 @@ def _window_end(state: ClusterState) -> float:
     if state.recent:
         return state.recent[-1].t
     return state.last_seen.timestamp() if state.last_seen else 0.0
+
+
+# How far behind its feed an alert's windows may end before the alert says so.
+STALE_AFTER_S = virality.WINDOW_1H
+
+
+def _behind(state: ClusterState, trigger: Sighting | None) -> str:
+    """What an alert's rule adds when its windows ended long before it was
+    raised: the velocity is the spread as it was then (event time), not
+    now: a replay of last week's feed, a backlog, a connector catching up.
+    Measured against the trigger's broker time (``ingested_at``: the same
+    on every read of its op), else (a model result, a sighting without
+    one) this worker's clock. "" for a live feed."""
+    end = _window_end(state)
+    if end <= 0:
+        return ""  # no sighting timed: nothing to date
+    now = trigger.ingested_at if trigger is not None and trigger.ingested_at is not None else None
+    behind = (now or datetime.now(timezone.utc)).timestamp() - end
+    if behind <= STALE_AFTER_S:
+        return ""
+    hours = behind / 3600
+    age = f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
+    as_of = datetime.fromtimestamp(end, timezone.utc)
+    return f"; replayed or late feed: velocity as of {as_of:%Y-%m-%d %H:%M} UTC, {age} before this alert"
 
 
 def _better_copy(s: Sighting, members: list[Member]) -> bool:

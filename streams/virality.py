@@ -1,6 +1,7 @@
 """Virality of a cluster in event time: trailing windows ending at the newest
 sighting the cluster has seen, not at the wall clock, so a feed replayed
-hours later counts as it did live. When an alert fires still depends on the
+hours later counts as it did live (its alerts' rule then says the velocity
+is from then: ``streams.clustering._behind``). When an alert fires still depends on the
 order the cluster stage sees the copies in: the fake score crosses when the
 copy with the evidence is analysed, and with several workers that copy may
 come after many of its reposts (the alert then fires at a higher velocity,

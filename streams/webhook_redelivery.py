@@ -31,8 +31,8 @@ from streams.findings import DeliveryState
 from streams.records import Alert
 from streams.settings import Settings
 from streams.webhooks import (
-    Deliveries, Target, WebhookError, WebhookHeld, WebhookRejected, failure_state, hooks_by_key, legacy_keys, post,
-    stranded_keys, target_label,
+    Deliveries, Target, WebhookError, WebhookHeld, WebhookRejected, aclose_clients, failure_state, hooks_by_key,
+    legacy_keys, post, stranded_keys, target_label,
 )
 
 log = logging.getLogger("streams.webhooks")  # one logger for every webhook line, live or redelivered
@@ -210,7 +210,7 @@ class Redeliverer:
             t.cancel()
         await asyncio.gather(*running, return_exceptions=True)
         if self._client is not None:
-            await self._client.aclose()
+            await aclose_clients(self._client)  # and the https hooks' own clients kept with it
             self._client = self._client_loop = None
 
 

@@ -35,9 +35,18 @@ private CA), host name included; verification is never turned off. The
 bundle is read once per process (``ca_context``; commands that send
 alerts refuse to start with a bundle that cannot verify,
 ``unusable_ca_bundles``, and settings refuse ``ca_certs`` on an http://
-URL). Such a hook's deliveries each open a connection of their own: the
-client the senders share carries the system's trust store, which must
-not verify another hook's receiver.
+URL).
+
+Each https hook has an HTTP client of its own, kept for the life of the
+client its owner (the senders, the redelivery) shares (``aclose_clients``
+closes them): trusting its ``ca_certs`` alone, or the system's CAs, and
+never another hook's name on a connection (httpx pools connections by
+address, not by the name verified on them). A burst of alerts to a hook
+then pays one TLS handshake, not one per delivery. Keeping connections
+weakens neither address check below: every delivery still resolves the
+name, checks the address and pins the request to it, and a kept
+connection only carries requests for that same address, never for one a
+later DNS answer gives.
 
 Every target (webhook URL) has its own queue and sender in the worker: a
 receiver that is slow, hangs until ``timeout_s`` or is down holds back only
@@ -59,6 +68,12 @@ alert the receiver refuses for good (``WebhookRejected``: a 4xx other than
 as ``rejected`` and not retried on its own; ``deepwatch redeliver TARGET``
 queues it again once the cause is fixed.
 
+A 401 or 403 whose ``Date`` is more than ``CLOCK_SKEW_S`` (4 minutes) off
+this worker's clock is a clock's fault (this worker's or the receiver's),
+not the alert's: receivers refuse a timestamp over 5 minutes off theirs.
+It is recorded ``failed`` (redelivery sends it again once the clocks
+agree) with the skew, not ``rejected`` for good.
+
 A 429 or 503 with ``Retry-After`` (seconds or an HTTP date) is honoured: the
 next try waits that long, at most the hook's ``retry_after_max_s``; after the
 last try the target is left alone for that long (live deliveries are recorded
@@ -74,8 +89,9 @@ receiver that stays down keeps counting), ``rejected`` every refusal.
 (waits for an operator).
 
 Each attempt is bounded in total by the hook's ``timeout_s`` (a receiver
-trickling its answer cannot hold a delivery), the answer's body is never read
-(only its status counts), and redirects are never followed: a 3xx is a
+trickling its answer cannot hold a delivery), only the answer's status
+counts (its body is read, at most 64 KiB within half a second, only so that
+its connection can be reused: ``_drained``), and redirects are never followed: a 3xx is a
 configuration error reported with its ``Location``, not retried, and the
 signed body never goes anywhere but the configured URL. Link-local and cloud
 metadata addresses are never contacted, whether the URL names one or its host
@@ -137,7 +153,6 @@ signed body, as sent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import hmac
@@ -148,10 +163,11 @@ import math
 import os
 import ssl
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import AsyncIterator, Mapping, Protocol
+from typing import Mapping, Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
@@ -159,7 +175,7 @@ import httpx
 from detectors.printable import one_line
 from streams import metrics
 from streams.fetch import FetchError, Pinned, embedded_ipv4, pin  # embedded: IPv4-mapped, 6to4, Teredo, NAT64
-from streams.fetch import public_address
+from streams.fetch import public_address, tls_context
 from streams.findings import UNDELIVERED, DeliveryState, account_page_url, cluster_page_url
 from streams.records import Alert, openable_url
 from streams.settings import TARGET_KEY_RE, Settings, WebhookSettings, hook_origin
@@ -383,7 +399,9 @@ class WebhookRejected(WebhookError):
     408/429, a redirect, an invalid or refused address, a request the HTTP
     client refuses to send. Recorded as ``rejected``, not ``failed``:
     redelivery skips it, so one alert a receiver will never take does not hold
-    every later alert to it back forever."""
+    every later alert to it back forever. A 401/403 from a receiver whose
+    clock is far off this worker's (``clock_skew_s``) is a plain
+    ``WebhookError`` instead: it passes once the clock is fixed."""
 
 
 class WebhookHeld(WebhookError):
@@ -501,82 +519,116 @@ async def post(target: Target, alert: Alert, client: httpx.AsyncClient, deliveri
         raise WebhookHeld(f"{shown}: the receiver asked to wait (Retry-After); {held:.0f} s left")
     body = payload(target, alert)
     last = "no attempt"
-    async with _client_for(hook, client) as http:
-        for attempt in range(hook.retries + 1):
-            ts = str(int(time.time()))
-            headers = {
-                "Content-Type": "application/json",
-                "User-Agent": USER_AGENT,  # not httpx's: receivers and their firewalls can tell deepwatch by it
-                SIGNATURE_HEADER: sign(secret.encode(), ts, body),
-                TIMESTAMP_HEADER: ts,
-                DELIVERY_HEADER: delivery_header(alert.alert_id),
-            }
-            if previous:
-                headers[PREVIOUS_SIGNATURE_HEADER] = sign(previous.encode(), ts, body)
-            wait = backoff_s(attempt)
-            try:
-                status, location, retry_after = await _attempt(target, body, headers, http)
-            except TimeoutError:
-                last = f"no answer within {hook.timeout_s:g} s"
-            except _Refused as e:
-                raise WebhookRejected(f"{shown}: refused: {e}") from None
-            except _Unresolved as e:
-                last = str(e)  # "cannot resolve HOST: ...", "resolving HOST took longer than ..."
-            except _BadUrl:  # a name IDNA cannot encode, a NUL byte: the detail may quote the URL (a token)
-                raise WebhookRejected(f"{shown}: invalid webhook URL (no host name httpx or DNS can take)") from None
-            except httpx.LocalProtocolError as e:
-                # the client refuses to send this request (a header value it will not write, say):
-                # the same request fails the same way every time
-                raise WebhookRejected(f"{shown}: request refused by the HTTP client: "
-                                      f"{_scrub(f'{type(e).__name__}: {e}', hook.url, shown)}"[:500]) from None
-            except (httpx.InvalidURL, UnicodeError) as e:  # what _url_problem did not catch (IDNA); never gets better
-                raise WebhookRejected(f"{shown}: invalid webhook URL ({type(e).__name__})") from None
-            except httpx.HTTPError as e:
-                # httpx may quote the URL in its message; it can hold a token
-                last = _scrub(f"{type(e).__name__}: {e}", hook.url, shown)
-            else:
-                if 200 <= status < 300:
-                    return DeliveryState.DELIVERED
-                last = f"HTTP {status}"
-                if 300 <= status < 400:
-                    # Never followed (the signed alert would go where the receiver
-                    # says, internal addresses included) and never retried: the
-                    # configured URL is what has to change.
-                    where = target_label(urljoin(hook.url, location)) if location else "no Location"
-                    raise WebhookRejected(f"{shown}: {last} redirect to {where} not followed; update the webhook URL")
-                if 400 <= status < 500 and status not in (408, 429):
-                    raise WebhookRejected(f"{shown}: {last}")  # the receiver rejected it; retrying will not help
-                asked = retry_after_s(retry_after) if status in (429, 503) else None
-                if asked is not None:
-                    wait = min(asked, hook.retry_after_max_s)
-                    last = f"HTTP {status}, Retry-After {asked:.0f} s"
-                    if attempt == hook.retries:
-                        # no try left: leave the target alone for as long as it asked
-                        # (capped); redelivery sends this alert afterwards
-                        if wait > 0:
-                            deliveries.hold(key, wait)
-                        raise WebhookError(f"{shown}: {last}; not tried again for {wait:.3g} s")
-            if attempt < hook.retries:
-                await asyncio.sleep(wait)
+    http = _client_for(target, client)
+    for attempt in range(hook.retries + 1):
+        ts = str(int(time.time()))
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,  # not httpx's: receivers and their firewalls can tell deepwatch by it
+            SIGNATURE_HEADER: sign(secret.encode(), ts, body),
+            TIMESTAMP_HEADER: ts,
+            DELIVERY_HEADER: delivery_header(alert.alert_id),
+        }
+        if previous:
+            headers[PREVIOUS_SIGNATURE_HEADER] = sign(previous.encode(), ts, body)
+        wait = backoff_s(attempt)
+        try:
+            status, location, retry_after, date = await _attempt(target, body, headers, http)
+        except TimeoutError:
+            last = f"no answer within {hook.timeout_s:g} s"
+        except _Refused as e:
+            raise WebhookRejected(f"{shown}: refused: {e}") from None
+        except _Unresolved as e:
+            last = str(e)  # "cannot resolve HOST: ...", "resolving HOST took longer than ..."
+        except _BadUrl:  # a name IDNA cannot encode, a NUL byte: the detail may quote the URL (a token)
+            raise WebhookRejected(f"{shown}: invalid webhook URL (no host name httpx or DNS can take)") from None
+        except httpx.LocalProtocolError as e:
+            # the client refuses to send this request (a header value it will not write, say):
+            # the same request fails the same way every time
+            raise WebhookRejected(f"{shown}: request refused by the HTTP client: "
+                                  f"{_scrub(f'{type(e).__name__}: {e}', hook.url, shown)}"[:500]) from None
+        except (httpx.InvalidURL, UnicodeError) as e:  # what _url_problem did not catch (IDNA); never gets better
+            raise WebhookRejected(f"{shown}: invalid webhook URL ({type(e).__name__})") from None
+        except httpx.HTTPError as e:
+            # httpx may quote the URL in its message; it can hold a token
+            last = _scrub(f"{type(e).__name__}: {e}", hook.url, shown)
+        else:
+            if 200 <= status < 300:
+                return DeliveryState.DELIVERED
+            last = f"HTTP {status}"
+            if 300 <= status < 400:
+                # Never followed (the signed alert would go where the receiver
+                # says, internal addresses included) and never retried: the
+                # configured URL is what has to change.
+                where = target_label(urljoin(hook.url, location)) if location else "no Location"
+                raise WebhookRejected(f"{shown}: {last} redirect to {where} not followed; update the webhook URL")
+            skew = clock_skew_s(date) if status in (401, 403) else None
+            if skew is not None and abs(skew) > CLOCK_SKEW_S:
+                # A clock, not the alert: every alert this worker signs is refused until
+                # the clocks agree, then each goes through. Failed (redelivery retries it),
+                # not rejected for good (which waits for an operator's `deepwatch redeliver`).
+                raise WebhookError(f"{shown}: {last}; this worker's clock is {skew:+.0f} s off the receiver's "
+                                   "(its Date header) and receivers refuse signatures timestamped over 5 minutes "
+                                   "off their own: fix the clock that is wrong (NTP); redelivery sends it again")
+            if 400 <= status < 500 and status not in (408, 429):
+                raise WebhookRejected(f"{shown}: {last}")  # the receiver rejected it; retrying will not help
+            asked = retry_after_s(retry_after) if status in (429, 503) else None
+            if asked is not None:
+                wait = min(asked, hook.retry_after_max_s)
+                last = f"HTTP {status}, Retry-After {asked:.0f} s"
+                if attempt == hook.retries:
+                    # no try left: leave the target alone for as long as it asked
+                    # (capped); redelivery sends this alert afterwards
+                    if wait > 0:
+                        deliveries.hold(key, wait)
+                    raise WebhookError(f"{shown}: {last}; not tried again for {wait:.3g} s")
+        if attempt < hook.retries:
+            await asyncio.sleep(wait)
     raise WebhookError(f"{shown}: {last}")
 
 
-@contextlib.asynccontextmanager
-async def _client_for(hook: WebhookSettings, shared: httpx.AsyncClient) -> AsyncIterator[httpx.AsyncClient]:
-    """The client one delivery to ``hook`` goes through: the senders' shared
-    one, or for a hook with ``ca_certs`` one of its own that trusts that
-    bundle alone, closed with the delivery (its owner is the delivery: the
-    shared client's owners know nothing of it)."""
-    if not hook.ca_certs:
-        yield shared
-        return
-    try:
-        trusted = ca_context(hook.ca_certs)
-    except OSError as e:  # ssl.SSLError too; settings read it at start: since moved or replaced
-        raise WebhookError(f"{target_label(hook.url)}: cannot read ca_certs {hook.ca_certs!r}: "
-                           f"{getattr(e, 'reason', None) or e.strerror or e}") from None
-    async with httpx.AsyncClient(verify=trusted, trust_env=False, follow_redirects=False) as own:
-        yield own
+# The clients of https hooks, by the shared client of their owner (a
+# ``streams.sinks.Sinks``' senders, a ``Redeliverer``): they live as long as
+# it (``aclose_clients``). Weak keys: an owner that only closes the shared
+# client (a test's ``async with``) does not keep them reachable for ever.
+_OWN_CLIENTS: "weakref.WeakKeyDictionary[httpx.AsyncClient, dict[tuple[str, str, str], httpx.AsyncClient]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _client_for(target: Target, shared: httpx.AsyncClient) -> httpx.AsyncClient:
+    """The client a delivery to ``target`` goes through: for an https hook
+    its own, made on its first delivery and kept with ``shared``, trusting
+    the hook's ``ca_certs`` alone or else the system's CAs (``tls_context``,
+    what ``shared`` trusts); ``shared`` for an http one. One per target:
+    httpx pools connections by the address in the (pinned) URL, not by the
+    name whose certificate was verified on them, so two hooks whose names
+    resolve to one address would otherwise share a connection verified for
+    one name only, and one hook's alerts would go where only the other's
+    certificate was checked."""
+    hook = target.hook
+    if hook.ca_certs:
+        try:
+            trusted = ca_context(hook.ca_certs)
+        except OSError as e:  # ssl.SSLError too; settings read it at start: since moved or replaced
+            raise WebhookError(f"{target_label(hook.url)}: cannot read ca_certs {hook.ca_certs!r}: "
+                               f"{getattr(e, 'reason', None) or e.strerror or e}") from None
+    elif hook.url[:8].lower() == "https://":
+        trusted = tls_context()
+    else:
+        return shared  # no certificate to verify: a connection serves any name on its address alike
+    own = _OWN_CLIENTS.setdefault(shared, {})
+    key = (target.key, hook.url, hook.ca_certs or "")
+    client = own.get(key)
+    if client is None or client.is_closed:
+        client = own[key] = httpx.AsyncClient(verify=trusted, trust_env=False, follow_redirects=False)
+    return client
+
+
+async def aclose_clients(shared: httpx.AsyncClient) -> None:
+    """Close ``shared`` and the https hooks' clients kept with it (``_client_for``)."""
+    for client in _OWN_CLIENTS.pop(shared, {}).values():
+        await client.aclose()
+    await shared.aclose()
 
 
 @functools.cache
@@ -585,6 +637,25 @@ def ca_context(path: str) -> ssl.SSLContext:
     alone, built once per process: reading a bundle costs milliseconds a
     delivery need not pay. A bundle changed on disk is read at the next start."""
     return ssl.create_default_context(cafile=path)
+
+
+# Past this many seconds between this worker's clock and a receiver's (its
+# ``Date``), a 401/403 is read as the signature's timestamp refused: within a
+# minute of the 5-minute window receivers are told to allow (``verify``).
+CLOCK_SKEW_S = 240.0
+
+
+def clock_skew_s(date: str | None, now: float | None = None) -> float | None:
+    """How far this worker's clock (``time.time``, what signs the
+    timestamp) is ahead of the receiver's, by its ``Date`` header (RFC 9110
+    6.6.1, one-second resolution); None when absent or unreadable."""
+    try:
+        when = parsedate_to_datetime((date or "").strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return (time.time() if now is None else now) - when.timestamp()
 
 
 def backoff_s(attempt: int) -> float:
@@ -680,20 +751,52 @@ class _BadUrl(Exception):
 
 
 async def _attempt(target: Target, body: bytes, headers: dict[str, str],
-                   client: httpx.AsyncClient) -> tuple[int, str | None, str | None]:
-    """One POST; returns the status, any ``Location`` and any ``Retry-After``. Bounded in total by
+                   client: httpx.AsyncClient) -> tuple[int, str | None, str | None, str | None]:
+    """One POST; returns the status, any ``Location``, ``Retry-After`` and ``Date``. Bounded in total by
     ``hook.timeout_s``, name resolution included: httpx's timeout applies to
     each read, so a receiver sending a byte a second would otherwise hold the
-    delivery (and the alert sink behind it) forever. The response body is
-    never read: a receiver answering with gigabytes costs nothing, the
-    connection is just closed."""
+    delivery (and the alert sink behind it) forever. The status alone
+    counts; the answer's body is read only so that its connection can carry
+    the next delivery (``_drained``), at most ``DRAIN_BYTES`` within
+    ``DRAIN_S``: a receiver answering with gigabytes, or trickling its body,
+    costs that much and its connection is just closed."""
     hook = target.hook
-    async with asyncio.timeout(hook.timeout_s):
+    async with asyncio.timeout(hook.timeout_s) as bound:
         pinned = await _pinned(target)
         async with client.stream("POST", pinned.url, content=body, headers={**headers, "Host": pinned.host_header},
                                  extensions={"sni_hostname": pinned.sni},
                                  timeout=hook.timeout_s, follow_redirects=False) as resp:
-            return resp.status_code, resp.headers.get("location"), resp.headers.get("retry-after")
+            await _drained(resp, bound.when())
+            h = resp.headers
+            return resp.status_code, h.get("location"), h.get("retry-after"), h.get("date")
+
+
+DRAIN_BYTES = 64 * 1024  # of an answer's body read to keep its connection; more, and the connection is closed
+DRAIN_S = 0.5  # the longest an answer's body is read for, past its status and headers
+
+
+async def _drained(resp: httpx.Response, deadline: float | None) -> None:
+    """Read what is left of ``resp``'s body, at most ``DRAIN_BYTES`` within
+    ``DRAIN_S`` and ending before ``deadline`` (the attempt's own, so the
+    status already in hand is never lost to its timeout). httpx returns a
+    connection to its pool only once its answer was read to the end:
+    unread, every delivery paid a new connection and TLS handshake. Never
+    raises: the body changes nothing about the delivery."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + DRAIN_S
+    if deadline is not None:
+        until = min(until, deadline - 0.05)  # the attempt's timeout must not fire while draining
+    if until <= loop.time():
+        return
+    read = 0
+    try:
+        async with asyncio.timeout_at(until):
+            async for chunk in resp.aiter_raw():
+                read += len(chunk)
+                if read > DRAIN_BYTES:
+                    return  # closed unread with the stream: not worth keeping
+    except (TimeoutError, httpx.HTTPError):
+        pass  # the stream's close discards the connection
 
 
 def unsigned_hooks(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:

@@ -292,7 +292,9 @@ def test_a_trickling_receiver_is_cut_off_at_timeout_s(raw_receiver, monkeypatch)
 
 def test_a_huge_answer_body_is_never_read(raw_receiver, monkeypatch):
     """Only the status counts: a receiver announcing (and sending) 2 GB
-    is answered by closing the connection, not by buffering it."""
+    is answered by closing the connection once ``webhooks.DRAIN_BYTES`` of
+    it were read (to keep a connection whose answer ends there), not by
+    buffering it."""
     monkeypatch.setenv(ENV, SECRET)
     sent = [0]
 
