@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from streams.cluster_search import event_hashtags
+from streams.es_requests import platform_key
 from streams.findings import ClusterRecord, SightingRecord, dead_letter_identity, shown_score
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting
 
@@ -80,6 +81,9 @@ SIGHTING_SOURCE = {"excludes": ["@timestamp", "schema_version", "account_handle_
 def sighting_from_doc(doc: dict[str, Any]) -> SightingRecord:
     src = dict(doc)
     src["text"] = src.get("text") or None
+    # a sighting stored before events were lower-cased ("Bluesky") reads as the platform its
+    # cluster's platforms and the spread name, and as the SQLite store keeps it (folded at open)
+    src["platform"] = platform_key(src["platform"]) if isinstance(src.get("platform"), str) else src.get("platform")
     return SightingRecord.model_validate({k: src.get(k) for k in SightingRecord.model_fields})
 
 

@@ -212,7 +212,10 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
         as its ``timeout`` and as the client's request timeout (no
         retries), and an answer Elasticsearch marks ``timed_out``
         (the hits and buckets found before the shards gave up: a part,
-        unsaid which) raises ``SearchTimeout`` instead of being used."""
+        unsaid which) raises ``SearchTimeout`` instead of being used. An
+        answer some shards failed (``_shards.failed``), or one timed out
+        without a deadline (the cluster's ``search.default_search_timeout``),
+        is never used either: ``EsError``, held (it may answer whole later)."""
         from elasticsearch import ConnectionTimeout, NotFoundError
 
         es = self.es
@@ -234,8 +237,19 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
             return {"hits": {"total": {"value": 0, "relation": "eq"}, "hits": []}, "aggregations": {}}
         except Exception as e:
             raise explain(e, self.config.url) from None
-        if deadline is not None and res.get("timed_out"):
-            raise SearchTimeout(deadline.timeout_s)
+        partial = _shard_failures(res)
+        if partial:
+            # 200 with some shards' hits and buckets missing (a node left, a thread pool refused:
+            # ``allow_partial_search_results`` defaults to true). Used, it read as fewer sightings,
+            # a stored sighting not found (written again across a rollover), an offset not processed.
+            raise EsError(f"Elasticsearch at {self.config.url}: {partial}; the partial answer is not used", hold=True)
+        if res.get("timed_out"):
+            if deadline is not None:
+                raise SearchTimeout(deadline.timeout_s)
+            # the cluster's ``search.default_search_timeout`` bounds a search sent without one:
+            # what the shards had collected by then, a part, unsaid which
+            raise EsError(f"Elasticsearch at {self.config.url}: the search timed out (the cluster's "
+                          "search.default_search_timeout); the partial answer is not used", hold=True)
         return res
 
     def _scan(self, index: str, query: dict, sort: list, source: Any = True,
@@ -509,7 +523,7 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
         aggs = {"by_cluster": {"filters": {"filters": filters}, "aggs": {
             # exact below precision_threshold (40000, the maximum); above it ES estimates within ~1%
             "accounts": {"cardinality": {"field": "account_id", "precision_threshold": 40000}},
-            "platforms": {"terms": {"field": "platform", "size": 100, "order": {"_key": "asc"}}},
+            "platforms": R.PLATFORMS_AGG,
             "first": {"top_hits": {"size": 1, "sort": [{"@timestamp": "asc"}], "_source": ["posted_at"]}},
             "last": {"top_hits": {"size": 1, "sort": [{"@timestamp": "desc"}], "_source": ["posted_at"]}},
         }}}
@@ -524,7 +538,7 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
             first = b["first"]["hits"]["hits"]
             last = b["last"]["hits"]["hits"]
             out[cid] = {"n": b["doc_count"], "accounts": int(b["accounts"]["value"]),
-                        "platforms": sorted(x["key"] for x in b["platforms"]["buckets"]),
+                        "platforms": R.platforms_of(b["platforms"]["buckets"]),
                         "first": first[0]["_source"]["posted_at"] if first else None,
                         "last": last[0]["_source"]["posted_at"] if last else None}
         return out
@@ -597,12 +611,12 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
         if buckets == 1:
             ranges = [{"key": "0", "from": "0"}, {"key": "0", "to": "0"}]  # a range needs an end: both halves of time
         aggs = {"spread": {"date_range": {"field": "@timestamp", "format": "epoch_millis", "ranges": ranges},
-                           "aggs": {"platforms": {"terms": {"field": "platform", "size": 100}}}}}
+                           "aggs": {"platforms": R.PLATFORMS_AGG}}}
         query = {"bool": {"filter": [{"terms": {"cluster_id": sorted(set(cluster_ids))}}]}}
         res = self._search(self.names["sightings"], size=0, query=query, aggs=aggs)
         for b in (res.get("aggregations") or {}).get("spread", {}).get("buckets") or []:
-            for p in b["platforms"]["buckets"]:
-                out.setdefault(p["key"], [0] * buckets)[int(b["key"])] += p["doc_count"]
+            for p in b["platforms"]["buckets"]:  # "Bluesky" stored before events were lower-cased is "bluesky"
+                out.setdefault(R.platform_key(p["key"]), [0] * buckets)[int(b["key"])] += p["doc_count"]
         return out
 
     def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
@@ -835,6 +849,20 @@ def _sort_order_key(values: list, orders: list[str]) -> tuple:
         else:
             out.append((0, -v if order == "desc" else v))
     return tuple(out)
+
+
+def _shard_failures(res: dict[str, Any]) -> str | None:
+    """How many shards failed a search answered 200, and the first one's
+    reason, in one line; None when every shard answered."""
+    shards = res.get("_shards") or {}
+    failed = shards.get("failed") or 0
+    if not failed:
+        return None
+    failures = shards.get("failures") or [{}]
+    first = failures[0] if isinstance(failures[0], dict) else {}
+    reason = first.get("reason") if isinstance(first.get("reason"), dict) else {}
+    why = " ".join(f"{reason.get('type') or 'unknown'}: {reason.get('reason') or ''}".split())[:300]
+    return f"{failed} of {shards.get('total', '?')} shards failed the search ({first.get('index') or '?'}: {why})"
 
 
 def _live() -> dict[str, Any]:

@@ -57,7 +57,7 @@ class EsAccountQueries:
             "pictures": {"cardinality": {"field": "sha256", "precision_threshold": CARDINALITY_PRECISION}},
             "ai": {"filter": R.in_ids("cluster_id", ai_cluster_ids),
                    "aggs": {"pictures": {"cardinality": {"field": "sha256", "precision_threshold": CARDINALITY_PRECISION}}}},
-            "platforms": {"terms": {"field": "platform", "size": 100, "order": {"_key": "asc"}}},
+            "platforms": R.PLATFORMS_AGG,
             "first": {"top_hits": {"size": 1, "sort": in_order, "_source": ["posted_at", "event_id"]}},
             "last": {"top_hits": {"size": 1, "sort": [{"@timestamp": "desc"}, {"event_id": "desc"}],
                                   "_source": ["posted_at"]}},
@@ -82,7 +82,7 @@ class EsAccountQueries:
                     "account_id": b["key"]["key"], "posts": posts, "pictures": pics, "ai_pictures": ai_pics,
                     "first_seen": first["_source"]["posted_at"], "first_event_id": first["_source"]["event_id"],
                     "last_seen": b["last"]["hits"]["hits"][0]["_source"]["posted_at"],
-                    "platforms": sorted(p["key"] for p in b["platforms"]["buckets"]),
+                    "platforms": R.platforms_of(b["platforms"]["buckets"]),
                     "handle": next((h["_source"].get("account_handle")
                                     for h in b["handle"]["first"]["hits"]["hits"]), None)}
 
@@ -167,7 +167,7 @@ class EsAccountQueries:
             ]}} for account, last in chunk}
             aggs = {"by": {"filters": {"filters": filters}, "aggs": {
                 "pictures": pictures, "ai": {"filter": ai, "aggs": {"pictures": pictures}},
-                "platforms": {"terms": {"field": "platform", "size": 100, "order": {"_key": "asc"}}},
+                "platforms": R.PLATFORMS_AGG,
                 # the earliest-recorded of equal last posts, as a pass in posting order keeps
                 "last": {"top_hits": {"size": 1, "sort": [{"@timestamp": "desc"}, {"event_id": "asc"}],
                                       "_source": ["posted_at"]}},
@@ -181,6 +181,6 @@ class EsAccountQueries:
                 out.append(AccountWindow(
                     account_id=account, pictures=int(b["pictures"]["value"]),
                     ai_pictures=int(b["ai"]["pictures"]["value"]), posts=b["doc_count"],
-                    platforms=sorted(p["key"] for p in b["platforms"]["buckets"]),
+                    platforms=R.platforms_of(b["platforms"]["buckets"]),
                     last_seen=b["last"]["hits"]["hits"][0]["_source"]["posted_at"]))
         return out

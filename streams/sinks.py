@@ -66,8 +66,8 @@ from streams.settings import FindingsSettings, Settings
 from streams.store_errors import may_pass
 from streams.findings import DeliveryState, FindingsStore, SinkWriter, open_findings
 from streams.webhooks import (
-    Deliveries, Target, WebhookError, WebhookHeld, alert_spread, deliver, desk_url, failure_state, hooks_by_key,
-    longest_delivery_s, target_label, top_evidence,
+    Deliveries, Target, WebhookError, WebhookHeld, aclose_clients, alert_spread, deliver, desk_url, failure_state,
+    hooks_by_key, longest_delivery_s, target_label, top_evidence,
 )
 
 log = logging.getLogger("deepwatch.alerts")
@@ -276,7 +276,8 @@ class Sinks:
 
     async def aclose(self) -> None:
         """Stop the senders (what they still held stays ``queued`` in the
-        store: redelivery sends it) and close the HTTP client."""
+        store: redelivery sends it) and close the HTTP clients (the shared
+        one and each https hook's own: ``streams.webhooks.aclose_clients``)."""
         loop = asyncio.get_running_loop()
         senders = [s for s in self._senders.values() if s.loop is loop]
         for s in senders:
@@ -284,7 +285,7 @@ class Sinks:
         await asyncio.gather(*(s.task for s in senders), return_exceptions=True)
         self._senders = {k: s for k, s in self._senders.items() if s.loop is not loop}
         if self._client is not None and self._client_loop is loop:
-            await self._client.aclose()
+            await aclose_clients(self._client)  # and the https hooks' own clients kept with it
             self._client = self._client_loop = None
 
     async def _webhook(self, key: str, target: Target, alert: Alert) -> DeliveryState | Literal["skipped"]:
@@ -417,13 +418,17 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 # 502/503/504 item is the cluster's state (overload, a shard unavailable),
 # not the document's: those wait as long as the cluster does.
 CAPPED_ITEM_STATUS = frozenset({500, 409})
+# Whole-request answers that do not say whether Elasticsearch applied the
+# request: a gateway's (a proxy or load balancer between) gave up waiting or
+# lost the upstream. 429 and 503 are Elasticsearch refusing before it applies.
+AMBIGUOUS_STATUS = frozenset({502, 504})
 ITEM_MAX_ATTEMPTS = 10  # with the doubling backoff: about two minutes at the defaults, then a dead letter
 
 
 @dataclass
 class BulkResult:
     ok: int = 0  # applied (created, updated, no-op) or already there
-    created: int = 0  # create actions that made a new document
+    created: int = 0  # create actions that made a new document (in an unanswered attempt of this call too)
     created_in: dict[str, int] = field(default_factory=dict)  # the same, by index (as the action named it)
     duplicates: int = 0  # create actions whose id was already there (redelivery)
     retried: int = 0  # item retries plus whole-request retries
@@ -491,25 +496,33 @@ class BulkSink:
         self.sleep(delay)
         return min(delay * 2, self.settings.retry_max_s)
 
-    def _send_chunk(self, todo: list[Action], result: BulkResult, me: object, *, dead_letters: bool = True) -> None:
+    def _send_chunk(self, todo: list[Action], result: BulkResult, me: object, *, dead_letters: bool = True,
+                    unanswered: set[int] | None = None) -> None:
         from elasticsearch import ApiError, ConnectionError as EsConnectionError, ConnectionTimeout
 
         delay = self.settings.retry_initial_s
         attempts: dict[int, int] = {}  # id(action) -> its answers in CAPPED_ITEM_STATUS so far
+        # id(action) of actions sent in a request whose answer never came (a timeout, a dropped
+        # connection, a gateway's 502/504): Elasticsearch may have applied them, so a 409 on
+        # their ``create`` now is this call's own document, not one stored before it
+        unanswered = set() if unanswered is None else unanswered
         while todo:
             try:
                 # our own retrying (per item, never giving up), not the client's
                 resp = self.es.options(max_retries=0, retry_on_status=()).bulk(operations=_lines(todo))
             except (EsConnectionError, ConnectionTimeout) as e:
                 result.retried += 1
+                unanswered.update(id(a) for a in todo)
                 delay = self._backoff(delay, f"{type(e).__name__}", len(todo), me)
                 continue
             except ApiError as e:
                 if e.meta.status in RETRYABLE_STATUS:
+                    if e.meta.status in AMBIGUOUS_STATUS:
+                        unanswered.update(id(a) for a in todo)
                     result.retried += 1
                     delay = self._backoff(delay, f"HTTP {e.meta.status}", len(todo), me)
                     continue
-                if self._refused_whole(e, todo, result, me, dead_letters):
+                if self._refused_whole(e, todo, result, me, dead_letters, unanswered):
                     return
                 from streams.es_client import explain
 
@@ -531,6 +544,13 @@ class BulkSink:
                     if op == "create" and r.get("result") == "created":
                         result.created += 1
                         result.created_in[index] = result.created_in.get(index, 0) + 1
+                    metrics.SINK_ITEMS.labels(index, "ok").inc()
+                elif status == 409 and op == "create" and id(action) in unanswered:
+                    # created by this call's unanswered request: an alert stored so is a new alert
+                    # (its console line and count), not a redelivered one
+                    result.ok += 1
+                    result.created += 1
+                    result.created_in[index] = result.created_in.get(index, 0) + 1
                     metrics.SINK_ITEMS.labels(index, "ok").inc()
                 elif status == 409 and op == "create":
                     result.ok += 1
@@ -567,7 +587,8 @@ class BulkSink:
                 delay = self._backoff(delay, "items rejected", len(retry), me)
             todo = retry
 
-    def _refused_whole(self, e: Any, todo: list[Action], result: BulkResult, me: object, dead_letters: bool) -> bool:
+    def _refused_whole(self, e: Any, todo: list[Action], result: BulkResult, me: object, dead_letters: bool,
+                       unanswered: set[int]) -> bool:
         """A request refused for what it carries: 413 (too large for the
         server or a proxy in front of it, whatever the body says) or an
         Elasticsearch 400 other than the API-version one (request
@@ -595,7 +616,7 @@ class BulkSink:
             log.warning(f"findings bulk request refused whole (HTTP {status}); sending it again as two halves",
                         extra={"status": status, "items": len(todo), "error": error_reason(e)})
             for part in (todo[:half], todo[half:]):
-                self._send_chunk(part, result, me, dead_letters=dead_letters)
+                self._send_chunk(part, result, me, dead_letters=dead_letters, unanswered=unanswered)
             return True
         why = {"type": kind, "reason": f"the request of this action alone was refused (HTTP {status}): {error_reason(e)}"}
         if dead_letters:

@@ -37,7 +37,14 @@ THIS IS A FAKE, kept honest in these ways:
   (10,000) and a terms query over index.max_terms_count (65,536) are refused
   with 400, as a server refuses them, and ``hits.total`` counts documents
   (not collapsed groups) exactly only up to ``track_total_hits`` (default
-  10,000, then ``"relation": "gte"``).
+  10,000, then ``"relation": "gte"``);
+- partial answers as a server gives them by default: a search some shards
+  failed is 200 without their hits and buckets, counted in
+  ``_shards.failed`` with ``_shards.failures`` (``fail_shards``; each
+  concrete index is one shard here), and a search cut by its ``timeout`` or
+  the cluster's ``search.default_search_timeout`` is 200 ``timed_out: true``
+  (``time_out_searches``, ``default_search_timeout``); and a request applied
+  and answered only after the client stopped waiting (``stall_answers``).
 What it does NOT do: run painless (the one stored script deepwatch uses is
 emulated in Python by its id, the inline ones - the delivery guard - by their
 exact source; a different id or source is refused), analyse
@@ -322,7 +329,12 @@ class FakeElasticsearch:
         self.request_faults: list[tuple[Callable[[str, str], bool], int, dict, int]] = []
         self.item_faults: list[ItemFault] = []
         self.search_timeouts: list[list[Any]] = []  # [index expression suffix, times left] (time_out_searches)
+        # the dynamic cluster setting ``search.default_search_timeout`` (default -1: none), which
+        # bounds every search that does not carry a ``timeout`` of its own
+        self.default_search_timeout: str | None = None
         self.search_stalls: list[list[Any]] = []  # [seconds, times left] (stall_searches)
+        self.answer_stalls: list[list[Any]] = []  # [path suffix, seconds, times left] (stall_answers)
+        self.shard_faults: list[list[Any]] = []  # [concrete index, reason type, times left] (fail_shards)
         # a proxy's body limit in front of the server (an ingress's 1 MiB): a larger request is
         # answered 413 with the proxy's own page, not an Elasticsearch error body
         self.max_body_bytes: int | None = None
@@ -346,13 +358,16 @@ class FakeElasticsearch:
                 raw = self.rfile.read(length) if length else b""
                 status, body = fake.handle(self.command, self.path, dict(self.headers), raw)
                 data = b"" if body is None else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("X-Elastic-Product", "Elasticsearch")
-                self.send_header("Content-Type", f"application/vnd.elasticsearch+json;compatible-with={fake.major}")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("X-Elastic-Product", "Elasticsearch")
+                    self.send_header("Content-Type", f"application/vnd.elasticsearch+json;compatible-with={fake.major}")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped waiting (stall_answers): the server's answer goes nowhere
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
 
@@ -406,17 +421,35 @@ class FakeElasticsearch:
 
     def time_out_searches(self, index_suffix: str = "", times: int = 1) -> None:
         """The next ``times`` searches of an index expression ending in
-        ``index_suffix`` that carry a ``timeout`` answer as Elasticsearch
+        ``index_suffix`` that carry a ``timeout`` (their own, or the
+        cluster's ``default_search_timeout``) answer as Elasticsearch
         does when its shards ran out of that time (search-your-data,
         "search timeout"): 200 with ``"timed_out": true`` and whatever they
         had collected by then; here everything, the worst case for a reader
         that does not look at the flag."""
         self.search_timeouts.append([index_suffix, times])
 
+    def fail_shards(self, index: str, reason: str = "no_shard_available_action_exception", times: int = 1) -> None:
+        """The next ``times`` searches that cover the concrete ``index`` (one
+        shard here) answer without it, as Elasticsearch does by default
+        when a shard fails or has no copy available (a node left, a thread
+        pool refused): 200, its hits and buckets missing, ``_shards.failed``
+        counting it and ``_shards.failures`` saying why
+        (``allow_partial_search_results`` defaults to true, search-search)."""
+        self.shard_faults.append([index, reason, times])
+
     def stall_searches(self, seconds: float, times: int = 1) -> None:
         """The next ``times`` searches answer only after ``seconds`` (a
         slow or overloaded cluster: the answer comes, late)."""
         self.search_stalls.append([seconds, times])
+
+    def stall_answers(self, seconds: float, times: int = 1, path_suffix: str = "/_bulk") -> None:
+        """The next ``times`` requests to a path ending in ``path_suffix``
+        are applied at once and answered only after ``seconds``: a client
+        that stops waiting sooner (its request timeout) never learns that
+        its writes were stored, as with a cluster that applies a bulk
+        request and is slow to answer, or a proxy that gives up first."""
+        self.answer_stalls.append([path_suffix, seconds, times])
 
     def calls(self, method: str, path_suffix: str) -> list[Recorded]:
         return [r for r in self.requests if r.method == method and r.path.split("?")[0].endswith(path_suffix)]
@@ -460,14 +493,25 @@ class FakeElasticsearch:
                     self.request_faults[i] = (match, status, fbody, times - 1)
                     return status, fbody
             try:
-                return self._route(method, path, params, body, rec)
+                answer = self._route(method, path, params, body, rec)
             except _Err as e:
-                return e.status, e.body
+                answer = e.status, e.body
             except Exception as e:  # a gap in the fake: make it loud, not a hang-up
                 import traceback
 
                 self.crashes.append(traceback.format_exc())
                 return 500, error_body("fake_es_crash", f"{type(e).__name__}: {e}", 500)
+            late = 0.0
+            for fault in self.answer_stalls:
+                if fault[2] > 0 and path.endswith(fault[0]):
+                    fault[2] -= 1
+                    late = fault[1]
+                    break
+        if late:  # applied; the answer waits (outside the lock: other requests go on meanwhile)
+            import time
+
+            time.sleep(late)
+        return answer
 
     def _check_compat(self, h: dict[str, str]) -> dict | None:
         """ES 8 accepts compatible-with 7 or 8; ES 9 accepts 8 or 9."""
@@ -819,8 +863,8 @@ class FakeElasticsearch:
         else:
             sid = script.get("id")
             stored = self.scripts.get(sid)
-            if stored is None:
-                raise _Err(400, {"type": "resource_not_found_exception", "reason": f"unable to find script [{sid}] in cluster state"})
+            if stored is None:  # ResourceNotFoundException: RestStatus.NOT_FOUND
+                raise _Err(404, {"type": "resource_not_found_exception", "reason": f"unable to find script [{sid}] in cluster state"})
             if sid != T.SCRIPT_ID or stored.get("source") != T.CLUSTER_UPSERT_SCRIPT:
                 raise _Err(400, {"type": "illegal_argument_exception", "reason": "fake emulates only deepwatch's cluster upsert script"})
             run = _cluster_upsert
@@ -915,10 +959,21 @@ class FakeElasticsearch:
             raise _Err(400, error_body("parse_exception", f"failed to parse setting [timeout] with value [{timeout}] as "
                                                           "a time value: unit is missing or unrecognized", 400))
         indices = self._targets(expr)
+        failures: list[dict[str, Any]] = []
+        for fault in self.shard_faults:
+            if fault[2] > 0 and fault[0] in indices:
+                fault[2] -= 1
+                failures.append({"shard": 0, "index": fault[0], "node": None,
+                                 "reason": {"type": fault[1], "reason": f"No shard available for [{fault[0]}][0]"}})
+        shards = {"total": len(indices), "successful": len(indices) - len(failures), "skipped": 0,
+                  "failed": len(failures)}
+        if failures:
+            shards["failures"] = failures
+        answering = [i for i in indices if i not in {f["index"] for f in failures}]
         # each index's mapping, and the analysis its settings define (``_analysis``: the fake's own key)
         mappings = {i: {**self.mappings(i), "_analysis": self.index_analysis.get(i, {})} for i in indices}
         self._df_memo = {}
-        docs = [(i, did, src) for i in indices for did, src in self.docs[i].items()]
+        docs = [(i, did, src) for i in answering for did, src in self.docs[i].items()]
         query = body.get("query") or {"match_all": {}}
         scored: dict[tuple[str, str], float] = {}
         for i, did, src in docs:
@@ -981,7 +1036,7 @@ class FakeElasticsearch:
                 hit["sort"] = h["sort"]
             out_hits.append(hit)
         resp: dict[str, Any] = {
-            "took": 2, "timed_out": False, "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0},
+            "took": 2, "timed_out": False, "_shards": shards,
             "hits": {"total": {"value": total, "relation": relation},
                      "max_score": max((h["_score"] for h in out_hits if h["_score"] is not None), default=None),
                      "hits": out_hits},
@@ -990,6 +1045,8 @@ class FakeElasticsearch:
             matched = [(k[0], by_key[k]) for k in scored]
             self._scores = {id(by_key[k]): v for k, v in scored.items()}  # for a max of the script "_score"
             resp["aggregations"] = self._aggs(body["aggs"], matched, mappings, docs)
+        # a request without its own ``timeout`` gets the cluster's ``search.default_search_timeout``
+        timeout = timeout if timeout is not None else self.default_search_timeout
         if timeout is not None and timeout != "-1":
             for fault in self.search_timeouts:
                 if fault[1] > 0 and expr.endswith(fault[0]):

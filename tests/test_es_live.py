@@ -25,13 +25,10 @@ pytestmark = [pytest.mark.live,
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from streams.es_store import EsFindingsStore
     from streams.store import SqliteFindingsStore
 
     prefix = f"deepwatch-test-{uuid.uuid4().hex[:8]}"
-    base = Settings()  # findings.ca_certs and verify_certs from DEEPWATCH_FINDINGS__*, as a deployment sets them
-    findings = base.findings.model_copy(update={"index_prefix": prefix})
-    s = EsFindingsStore.from_url(URL, settings=base.model_copy(update={"findings": findings}))
+    s = _live_store(prefix)
     sq = SqliteFindingsStore(tmp_path_factory.mktemp("live") / "findings.sqlite")
     try:
         fill(s)
@@ -39,16 +36,29 @@ def live(tmp_path_factory):
         fill(sq)
         yield s, sq
     finally:
-        es = s.es
-        es.options(ignore_status=404).indices.delete_data_stream(name=s.names["sightings"])
-        es.options(ignore_status=404).indices.delete(index=f"{prefix}-*")
-        for name in list(s.names.values()):
-            es.options(ignore_status=404).indices.delete_index_template(name=name)
-        for name in (f"{prefix}-common", *(f"{v}-mappings" for v in s.names.values())):
-            es.options(ignore_status=404).cluster.delete_component_template(name=name)
-        es.options(ignore_status=404).ilm.delete_lifecycle(name=s.names["sightings"])
-        s.close()
+        _drop(s, prefix)
         sq.close()
+
+
+def _live_store(prefix: str):
+    from streams.es_store import EsFindingsStore
+
+    base = Settings()  # findings.ca_certs and verify_certs from DEEPWATCH_FINDINGS__*, as a deployment sets them
+    findings = base.findings.model_copy(update={"index_prefix": prefix})
+    return EsFindingsStore.from_url(URL, settings=base.model_copy(update={"findings": findings}))
+
+
+def _drop(s, prefix: str) -> None:
+    """Everything a test store under ``prefix`` made, deleted; the store closed."""
+    es = s.es
+    es.options(ignore_status=404).indices.delete_data_stream(name=s.names["sightings"])
+    es.options(ignore_status=404).indices.delete(index=f"{prefix}-*")
+    for name in list(s.names.values()):
+        es.options(ignore_status=404).indices.delete_index_template(name=name)
+    for name in (f"{prefix}-common", *(f"{v}-mappings" for v in s.names.values())):
+        es.options(ignore_status=404).cluster.delete_component_template(name=name)
+    es.options(ignore_status=404).ilm.delete_lifecycle(name=s.names["sightings"])
+    s.close()
 
 
 def test_server_is_supported(live):
@@ -104,3 +114,25 @@ def test_knn_finds_the_member(live):
     m = snapshots()[0].members[0]
     found = s.similar_candidates("0" * 64, ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=100))
     assert "c-fire" in [d["cluster_id"] for d in found]
+
+
+def test_platforms_stored_before_lower_casing_fold_on_a_real_cluster():
+    """A platform stored as "Bluesky" is found by ``bluesky`` (``term`` with
+    ``case_insensitive``) and counted with it (the ``terms`` keys folded),
+    and the stored field takes no normalizer in place."""
+    from elasticsearch import BadRequestError
+
+    from tests.test_es_audit_platforms import _old_snapshots
+
+    prefix = f"deepwatch-test-{uuid.uuid4().hex[:8]}"
+    s = _live_store(prefix)
+    try:
+        s.apply_snapshots(_old_snapshots())
+        s.refresh()
+        assert {c.id: c.platforms for c in s.clusters()}["c-fire"] == ["bluesky", "x"]
+        assert sorted(c.id for c in s.search(ClusterQuery(platform="bluesky"))) == ["c-fire", "c-flood"]
+        with pytest.raises(BadRequestError):
+            s.es.indices.put_mapping(index=s.names["alerts"], properties={
+                "platforms": {"type": "keyword", "normalizer": "deepwatch_lowercase", "ignore_above": 1024}})
+    finally:
+        _drop(s, prefix)
