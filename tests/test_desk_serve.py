@@ -70,6 +70,32 @@ def test_serve_on_elasticsearch(tmp_path, fake_es):
     assert any('"account_id": "persona1"' in json.dumps(r.body) for r in searches)
 
 
+def test_a_findings_store_that_cannot_answer_is_a_503_to_try_again_not_an_internal_error(tmp_path, fake_es):
+    """Elasticsearch overloaded (503) or missing a shard: the desk answered
+    500 "internal error", which sent people looking for a desk bug and told
+    scripts not to retry. Now 503 with Retry-After, in the API's JSON and as
+    a page, and the desk answers again as soon as the store does."""
+    from streams.es_store import EsFindingsStore
+
+    small_store(tmp_path, EsFindingsStore.from_url(fake_es.url))
+    port = fake_es.url.rsplit(":", 1)[1]
+    desk = DeskServer(tmp_path, extra=("--store", f"es://127.0.0.1:{port}"))
+    overloaded = {"error": {"type": "es_rejected_execution_exception", "reason": "rejected execution"}, "status": 503}
+    try:
+        with httpx.Client(base_url=desk.url, timeout=30) as c:
+            assert c.get("/api/accounts/persona1").status_code == 200
+            fake_es.fail_requests(503, overloaded, times=1000, path="/_search")
+            api = c.get("/api/accounts/persona1")
+            assert api.status_code == 503 and api.headers["Retry-After"] == "30", api.text
+            assert "findings store is not answering" in api.json()["error"]
+            page = c.get("/accounts/persona1")
+            assert page.status_code == 503 and "findings store is not answering" in page.text
+            fake_es.request_faults.clear()
+            assert c.get("/api/accounts/persona1").status_code == 200
+    finally:
+        desk.stop()
+
+
 def test_serve_mistakes_are_one_clear_line(tmp_path):
     r = deepwatch("serve", "--data-dir", str(tmp_path / "nothing"), "--port", "0")
     assert r.returncode == 2 and "no findings at" in r.stderr and "deepwatch demo" in r.stderr

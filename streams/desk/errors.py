@@ -20,9 +20,13 @@ from streams.desk.apidocs import DOCS_PATH, DOCS_SCRIPT, OPENAPI_PATH
 from streams.desk.pages import login_url, page_with_error, return_to
 from streams.desk.state import desk_of
 from streams.cluster_search import SearchTimeout
+from streams.store_errors import may_pass
 
 log = logging.getLogger(__name__)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+STORE_UNAVAILABLE = ("the findings store is not answering for now (restarting, overloaded or unreachable); "
+                     "try again in a minute. The desk's log has the store's error")
+STORE_RETRY_AFTER_S = 30
 
 
 class _SearchStopped(HTTPException):
@@ -105,11 +109,21 @@ async def security_headers(request: Request, call_next):
     else:
         try:
             resp = await call_next(request)
-        except Exception:
+        except Exception as e:
             # Answered here, not by Starlette's last-resort handler, so that
             # the answer has the headers below and the desk's own shape.
-            log.exception("desk request failed", extra={"path": request.url.path})
-            resp = await http_error(request, HTTPException(500, "internal error; the desk's log has the details"))
+            if may_pass(e):
+                # The findings store cannot answer for now (Elasticsearch down,
+                # overloaded or missing shards; SQLite locked past its timeout):
+                # a 500 "internal error" sent people looking for a desk bug and
+                # told scripts not to try again.
+                log.warning("desk request failed: the findings store is not answering",
+                            extra={"path": request.url.path, "error": str(e)[:500]})
+                resp = await http_error(request, HTTPException(
+                    503, STORE_UNAVAILABLE, headers={"Retry-After": str(STORE_RETRY_AFTER_S)}))
+            else:
+                log.exception("desk request failed", extra={"path": request.url.path})
+                resp = await http_error(request, HTTPException(500, "internal error; the desk's log has the details"))
     resp.headers["Content-Security-Policy"] = (
         f"default-src 'self'; img-src 'self' data:; script-src 'self' {DOCS_SCRIPT}; style-src 'self'; "
         "frame-ancestors 'none'; base-uri 'none'" if request.url.path == DOCS_PATH else
