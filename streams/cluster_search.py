@@ -116,15 +116,34 @@ class ClusterQuery(BaseModel):
 
     @field_validator("since", "until")
     @classmethod
-    def _milliseconds(cls, v: datetime | None) -> datetime | None:
+    def _utc_milliseconds(cls, v: datetime | None) -> datetime | None:
+        """The instant in UTC (naive = UTC, as both stores read it), to the
+        millisecond: one instant is one query however it was written. The desk
+        kept "10:00" naive where ``deepwatch search`` made it "10:00+00:00",
+        and "11:00+01:00" stayed apart too: each a digest of its own, so a
+        cursor of one was refused by the other (``search_digest``)."""
+        if v is None:
+            return None
+        aware = v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+        try:
+            v = aware.astimezone(timezone.utc)
+        except OverflowError:  # past year 9999 or before year 1 in UTC: the bound every time is within
+            v = (datetime.max if aware.year > 1 else datetime.min).replace(tzinfo=timezone.utc)
         # the precision both stores compare times at (``through_day``): on SQLite
         # 9999-12-31T23:59:59.999999 rounded up past year 9999 and matched nothing
-        return v.replace(microsecond=v.microsecond // 1000 * 1000) if v is not None else None
+        return v.replace(microsecond=v.microsecond // 1000 * 1000)
+
+    @field_validator("platform")
+    @classmethod
+    def _platform(cls, v: str | None) -> str | None:
+        # platforms are stored in lower case (``ImageEvent``): "Bluesky" is that platform, and one search
+        return v.lower() if v else v
 
     @field_validator("account")
     @classmethod
     def _account(cls, v: str | None) -> str | None:
-        return v.lstrip("@").strip() or None if v else None
+        # NFC: "Zoë" typed or pasted decomposed (e + U+0308) is the handle stored composed, as posts give it
+        return unicodedata.normalize("NFC", v.lstrip("@").strip()) or None if v else None
 
     @field_validator("hashtag")
     @classmethod
@@ -137,6 +156,11 @@ class ClusterQuery(BaseModel):
 
     @property
     def effective_sort(self) -> str:
+        """``sort``, else relevance with ``text``, else velocity. Relevance
+        without words ranks by velocity alone (every match equally relevant):
+        that order, paged as velocity is, where it was one unpaged answer."""
+        if self.sort == "relevance" and not self.text:
+            return "velocity"
         return self.sort or ("relevance" if self.text else "velocity")
 
     @property
@@ -244,8 +268,11 @@ def _key_in_range(name: str, k: float) -> bool:
 def search_digest(q: ClusterQuery) -> str:
     """What a ``SearchCursor`` is bound to: ``q``'s conditions and sort.
     Neither ``limit`` (a page's size) nor ``cluster_ids`` (the desk's
-    verdicts, which change between pages) moves a place in the order."""
+    verdicts, which change between pages) moves a place in the order, nor
+    how the text was written (its terms are what is searched)."""
     conditions = q.model_dump(mode="json", exclude={"limit", "cluster_ids", "sort"})
+    # the words searched for, as both stores match them: "Harbour  Fire" is the search "harbour fire"
+    conditions["text"] = text_terms(q.text) if q.text else None
     raw = json.dumps([q.effective_sort, conditions], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
@@ -305,12 +332,13 @@ def _words(text: str) -> list[str]:
 
 
 def normalize_hashtag(tag: str) -> str:
-    """A hashtag as stored and searched: no ``#``, lower case, and no
+    """A hashtag as stored and searched: no ``#``, lower case, composed
+    (NFC: "#Café" typed decomposed is the tag posted composed), and no
     whitespace inside, as people write them (``#NewYork``). The schema lets
     an event carry "new york"; kept with its space, SQLite's space-separated
     hashtag list read it back as two tags ("new" and "york") where
     Elasticsearch kept one."""
-    return "".join(tag.strip().lstrip("#").lower().split())
+    return "".join(unicodedata.normalize("NFC", tag.strip().lstrip("#").lower()).split())
 
 
 def event_hashtags(ev: Any) -> list[str]:

@@ -475,7 +475,8 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
                 rng["lte"] = q.until.isoformat()
             filters.append({"range": {"@timestamp": rng}})
         if q.platform:
-            # case-insensitive, as SQLite compares (``dw_lower`` on both sides): the keyword has no
+            # case-insensitive: documents stored before platforms were lower-cased keep their
+            # spelling (SQLite folds its rows once, at the schema-3 migration), the keyword has no
             # normalizer, and ``case_insensitive`` (term on keyword, ES >= 7.10) folds at query time
             filters.append({"term": {"platform": {"value": q.platform, "case_insensitive": True}}})
         if q.account:

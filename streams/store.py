@@ -40,7 +40,19 @@ __all__ = ["FindingsStore", "SqliteFindingsStore", "StoreError", "open_store"]
 # (``_migrate``); a newer one is refused rather than half-understood. 2:
 # deliveries keep their state in a column of their own and ``status`` only
 # why: a deepwatch of schema 1 would misread them (delivered ones as owed).
-SCHEMA_VERSION = 2
+# 3: sightings' platforms in lower case (``_fold_platforms``) and hashtags
+# indexed apart (``_ensure_fts``): a deepwatch of schema 2 may write
+# "Bluesky" beside "bluesky" again, and indexes a post's tags as one run.
+SCHEMA_VERSION = 3
+# Sightings per transaction when an older store's platforms are folded: each
+# holds the write lock well under a second (0.45 s measured at 1M sightings).
+FOLD_CHUNK_ROWS = 100_000
+# Put between a post's hashtags in the full-text index: a private-use code
+# point, a token of its own to FTS5's unicode61 (its categories L* N* Co), that
+# no search term holds (``text_terms`` keeps letters, digits and marks), so a
+# phrase never runs from one tag into the next ("trump arrested" is not
+# #trump #arrested), as Elasticsearch's position gap between array values.
+TAG_GAP = " \ue000 "
 # SQLite virtual-machine steps between two looks at a search's deadline
 # (``_search_db``): well under a millisecond apart, a Python call each.
 SEARCH_PROGRESS_STEPS = 20_000
@@ -182,7 +194,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             enable_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
-            self._migrate()
+            self._migrate(self._db.execute("PRAGMA user_version").fetchone()[0])
             if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as e:
@@ -274,8 +286,9 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             if self._udf_db is not None:
                 self._udf_db.close()
 
-    def _migrate(self) -> None:
-        """Columns added after a store file may have been created."""
+    def _migrate(self, version: int) -> None:
+        """Columns, indexes and stored values that changed after a store file
+        of schema ``version`` may have been created."""
         for table, columns in (
             ("members", (("views", "TEXT"), ("trimmed", "INTEGER NOT NULL DEFAULT 0"))),
             ("sightings", (("hashtags", "TEXT NOT NULL DEFAULT ''"), ("lang", "TEXT"))),
@@ -301,6 +314,8 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         # (``members_near``) without scanning every cluster
         self._db.execute("CREATE INDEX IF NOT EXISTS clusters_merged_into ON clusters(merged_into) "
                          "WHERE merged_into IS NOT NULL")
+        if version < 3:
+            self._fold_platforms()
         self._ensure_fts()
         self._key_delivery_targets()
         self._derive_delivery_states()
@@ -341,21 +356,42 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         except sqlite3.OperationalError:
             pass  # locked or failing now: left for the next open (and read through legacy_delivery meanwhile)
 
-    def _ensure_fts(self) -> None:
-        """Full text over post texts and hashtags: an external-content FTS5
-        index on the sightings table (rowids shared), filled as sightings
-        arrive and rebuilt once for stores written before it existed."""
-        exists = self._db.execute("SELECT 1 FROM sqlite_master WHERE name='sightings_fts'").fetchone()
-        if exists:
+    def _fold_platforms(self) -> None:
+        """Platforms of sightings stored before events lower-cased them
+        ("Bluesky") in lower case, as every event since: one platform is one
+        value to lists, counts and charts, and the search's platform filter an
+        equality. Idempotent (another process may fold beside this one); a
+        transaction per ``FOLD_CHUNK_ROWS`` sightings, so writers wait for
+        none long (1M sightings, 40 % to fold: 3.3 s in all, measured)."""
+        wrong = {p: p.strip().lower() for p, in self._db.execute("SELECT DISTINCT platform FROM sightings")
+                 if p != p.strip().lower()}
+        if not wrong:
             return
-        try:
-            self._db.execute(
-                "CREATE VIRTUAL TABLE sightings_fts USING fts5(text, hashtags, content='sightings', "
-                "content_rowid='rowid', tokenize='unicode61 remove_diacritics 0')")
-            self._db.execute("INSERT INTO sightings_fts(sightings_fts) VALUES('rebuild')")
-        except sqlite3.OperationalError as e:
-            if "already exists" not in str(e):  # another process created it first
-                raise
+        top = self._db.execute("SELECT MAX(rowid) FROM sightings").fetchone()[0] or 0
+        for lo in range(0, top, FOLD_CHUNK_ROWS):
+            with _Tx(self._db, threading.Lock()) as db:  # opening: no other thread has this connection yet
+                for old, new in wrong.items():
+                    db.execute("UPDATE sightings SET platform=? WHERE rowid > ? AND rowid <= ? AND platform=?",
+                               (new, lo, lo + FOLD_CHUNK_ROWS, old))
+
+    def _ensure_fts(self) -> None:
+        """Full text over post texts and hashtags: a contentless FTS5 index
+        keyed by the sightings' rowids, filled as sightings arrive
+        (``_insert_sighting``), its hashtags apart (``TAG_GAP``). Built once,
+        in one transaction, for a store written before it existed or before
+        tags were apart (an external-content index over ``sightings``, which
+        read the hashtags column as one run of words): 3.9 s at 1M sightings."""
+        sql = "SELECT sql FROM sqlite_master WHERE name='sightings_fts'"
+        if "content=''" in (self._db.execute(sql).fetchone() or ("",))[0]:
+            return
+        with _Tx(self._db, threading.Lock()) as db:  # opening: no other thread has this connection yet
+            if "content=''" in (db.execute(sql).fetchone() or ("",))[0]:
+                return  # another process built it while this one waited for the lock
+            db.execute("DROP TABLE IF EXISTS sightings_fts")
+            db.execute("CREATE VIRTUAL TABLE sightings_fts USING fts5(text, hashtags, content='', "
+                       "tokenize='unicode61 remove_diacritics 0')")
+            db.execute("INSERT INTO sightings_fts(rowid, text, hashtags) "
+                       "SELECT rowid, coalesce(text, ''), replace(hashtags, ' ', ?) FROM sightings", (TAG_GAP,))
 
     def _tx(self):
         return _Tx(self._db, self._lock)
@@ -430,7 +466,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         )
         if cur.rowcount > 0:
             db.execute("INSERT INTO sightings_fts(rowid, text, hashtags) VALUES (?,?,?)",
-                       (cur.lastrowid, ev.text or "", tags))
+                       (cur.lastrowid, ev.text or "", tags.replace(" ", TAG_GAP)))
         db.execute(
             """INSERT INTO processed (topic, partition, "offset", outcome, event_id) VALUES (?,?,?,?,?)
                ON CONFLICT DO NOTHING""",
@@ -655,8 +691,8 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             cond, cond_args = _sql_after(after)
             where.append(cond)
             args += cond_args
-        # --platform and --account compare with dw_lower: a connection with the functions
-        with self._search_db(deadline, functions=bool(query.platform or query.account)) as db:
+        # --account compares with dw_lower: a connection with the functions
+        with self._search_db(deadline, functions=bool(query.account)) as db:
             if query.sighting_filtered:
                 relevance = self._matching_roots(query, db)
                 if not relevance:
@@ -770,11 +806,13 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         if q.until:
             where.append("julianday(s.posted_at) <= julianday(?)")
             args.append(q.until.isoformat())
+        # platforms are stored in lower case (``ImageEvent``; older rows folded at open:
+        # ``_fold_platforms``): an equality, 2.5x faster than folding each row (0.22 s vs 0.55 s at 1M)
+        if q.platform:
+            where.append("s.platform = ?")
+            args.append(q.platform)  # lower-cased by ``ClusterQuery``
         # dw_lower: Python's case folding, any script (SQLite's lower() folds ASCII only), as
         # Elasticsearch's lowercase normalizer and case-insensitive term queries fold
-        if q.platform:
-            where.append("dw_lower(s.platform) = dw_lower(?)")
-            args.append(q.platform)
         if q.account:
             where.append("(s.account_id = ? OR ltrim(dw_lower(coalesce(s.account_handle, '')), '@') = dw_lower(?))")
             args += [q.account, q.account]

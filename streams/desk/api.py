@@ -16,7 +16,7 @@ from streams.desk.auth import Principal
 from streams.desk.guards import DeskRoute, api_editor, api_reader, reader
 from streams.desk.lookup import Lookup, Rejected
 from streams.desk.queries import account_query, accounts_link, cluster_query, desk_verdict_query, queue_link, \
-    search_cursor, search_link, store_query
+    search_asked, search_cursor, search_link, store_query
 from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound
 from streams.desk.state import Desk, desk_of
 from streams.desk.thumbs import ThumbBusy, ThumbError
@@ -94,10 +94,11 @@ def api_search(request: Request, q: StoreQuery = Depends(store_query),
                _: Principal = Depends(reader)) -> list[dict[str, Any]]:
     """One page (`limit`), best first. When there are more, `X-Next-Cursor` carries the next page's `cursor` and
     `Link` its address (`rel="next"`); the last page has neither. `X-Result-Cut: true` whenever more matched than
-    the page holds (a text that is in no post, matched as a substring, is one page: a larger `limit` gives more)."""
-    if not q.filtered and desk_verdict is None:
+    the page holds (a text that is in no post, matched as a substring, is one page: a larger `limit` gives more).
+    A `sort` alone lists every cluster in that order; a request with no condition and no sort is a 422."""
+    if not search_asked(q, desk_verdict):
         raise HTTPException(422, "bad request: give at least one of q, since, until, platform, account, hashtag, "
-                                 "verdict, desk_verdict, min_score")
+                                 "verdict, desk_verdict, min_score, or a sort alone to list every cluster")
     rows, nxt, cut = desk_of(request).source.analyst_search_page(q, desk_verdict, after)
     # the body stays the array
     response = JSONResponse(rows, headers={"X-Result-Cut": "true"} if cut else None)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -26,12 +27,14 @@ from streams.desk.guards import LOGIN_CSRF_COOKIE, SAFE_METHODS, SESSION_COOKIE,
     login_form_csrf, principal, reader, reader_form
 from streams.desk.lookup import Rejected
 from streams.desk.queries import QUEUE_FORM, SEARCH_FORM, account_query, accounts_link, cluster_query, \
-    desk_verdict_query, queue_form, queue_link, search_cursor, search_form, search_link, store_query
+    desk_verdict_query, queue_form, queue_link, search_asked, search_cursor, search_form, search_link, \
+    store_query
 from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery, NotFound
 from streams.desk.state import MAX_WAITING_LOGINS, Desk, desk_of
 from streams.desk.verdicts import VerdictIn
 from streams.cluster_search import ClusterQuery as StoreQuery
 from streams.cluster_search import SearchCursor
+from streams.cursors import NOT_A_CURSOR, decode_cursor, encode_cursor
 from streams.findings import MAX_RESULTS
 
 log = logging.getLogger(__name__)
@@ -112,7 +115,7 @@ def search_page(request: Request, q: StoreQuery = Depends(store_query),
                 desk_verdict: Optional[str] = Depends(desk_verdict_query),
                 after: Optional[SearchCursor] = Depends(search_cursor), me: Principal = Depends(reader)):
     source = desk_of(request).source
-    asked = q != StoreQuery(limit=q.limit) or desk_verdict is not None
+    asked = search_asked(q, desk_verdict)
     rows, nxt, cut = source.analyst_search_page(q, desk_verdict, after) if asked else ([], None, False)
     # The first page of a cut answer also offers it again with a larger limit (one page is easier to
     # read through, and the substring match of a text in no post has no next page); a later one only pages.
@@ -149,9 +152,26 @@ async def similar_form(request: Request, image: UploadFile = File(...), me: Prin
 
 
 @router.get("/banks", response_class=HTMLResponse, include_in_schema=False)
-def banks_page(request: Request, me: Principal = Depends(reader)):
+def banks_page(request: Request, cursor: Optional[str] = Query(None, description="the next page's cursor"),
+               me: Principal = Depends(reader)):
     settings = desk_of(request).settings
-    return page(request, "banks.html", me, banks=views.banks(settings), entries=views.desk_entries(settings))
+    before = _entries_cursor(cursor) if cursor else None
+    entries, total, nxt = views.desk_entries(settings, before)
+    return page(request, "banks.html", me, banks=views.banks(settings), entries=entries, entries_total=total,
+                entries_paged=before is not None,
+                next_url="/banks?" + urlencode({"cursor": encode_cursor([nxt])}) if nxt is not None else None)
+
+
+def _entries_cursor(token: str) -> int:
+    """The rowid a banks page's desk-verdict entries start before: the page's own cursor, else a 422 naming it."""
+    try:
+        [rowid] = decode_cursor(token)
+        if isinstance(rowid, int) and rowid > 0:
+            return rowid
+    except ValueError:
+        pass
+    raise RequestValidationError([{"type": "value_error", "loc": ("query", "cursor"), "input": token,
+                                   "msg": NOT_A_CURSOR}])
 
 
 @router.get("/login", response_class=HTMLResponse, include_in_schema=False)

@@ -70,6 +70,14 @@ def store_query(q: Optional[str] = Query(None, max_length=1000, description='wor
     return query
 
 
+def search_asked(q: StoreQuery, desk_verdict: str | None) -> bool:
+    """Whether a search asks for anything: a condition, a desk verdict, or a
+    sort alone, which lists every cluster of the store in that order, page
+    by page, as ``deepwatch search --sort`` does (the API answered that a
+    422 while the page listed them). A page size alone asks nothing."""
+    return q.filtered or q.sort is not None or desk_verdict is not None
+
+
 def desk_verdict_query(desk_verdict: Optional[str] = Query(
         None, max_length=16, description="fake, authentic or needs-review: the desk's verdict (its own database)")
 ) -> Optional[str]:

@@ -878,10 +878,9 @@ def _marked_page(docs: dict[str, dict[str, Any]], marked: set[str], q: StoreQuer
         ranked = [(k, cid) for k, cid in ranked if after.passed(k, cid)]
     limit = q.max_results
     more = len(ranked) > limit
-    # relevance (asked for without words: velocity's order) is never paged, as in the store (``SearchCursor``)
+    # no words here: relevance asked for is velocity's order (``effective_sort``), paged as that is
     nxt = (SearchCursor(sort=q.effective_sort, query=search_digest(q), key=ranked[limit - 1][0],
-                        cluster_id=ranked[limit - 1][1]).encode()
-           if more and q.effective_sort != "relevance" else None)
+                        cluster_id=ranked[limit - 1][1]).encode() if more else None)
     return SearchAnswer([docs[cid] for _k, cid in ranked[:limit]], nxt, more)
 
 

@@ -46,14 +46,21 @@ def banks(settings: Settings) -> list[dict[str, Any]]:
         db.close()
 
 
-def _entries(settings: Settings, where: str, args: list[Any]) -> list[dict[str, Any]]:
+# Entries a page lists at once (the banks page's desk-verdict entries, a cluster's bank matches).
+ENTRIES_PAGE = 500
+_DESK_BANKS = "e.bank IN ('desk-fake', 'desk-authentic')"
+
+
+def _entries(settings: Settings, where: str, args: list[Any], limit: int = ENTRIES_PAGE) -> list[dict[str, Any]]:
+    """Up to ``limit`` entries matching ``where``, newest first, each with its ``rowid`` (where a page ends)."""
     db = _banks_db(settings)
     if db is None:
         return []
     try:
-        rows = db.execute(f"SELECT e.bank, b.verdict, e.entry_id, e.label, e.sha256 FROM entries e JOIN banks b ON b.name = e.bank "
-                          f"WHERE {where} ORDER BY e.rowid DESC LIMIT 500", args).fetchall()
-        return [dict(zip(("bank", "verdict", "entry_id", "label", "sha256"), r)) for r in rows]
+        rows = db.execute(f"SELECT e.rowid, e.bank, b.verdict, e.entry_id, e.label, e.sha256 FROM entries e "
+                          f"JOIN banks b ON b.name = e.bank WHERE {where} ORDER BY e.rowid DESC LIMIT ?",
+                          [*args, limit]).fetchall()
+        return [dict(zip(("rowid", "bank", "verdict", "entry_id", "label", "sha256"), r)) for r in rows]
     finally:
         db.close()
 
@@ -65,8 +72,25 @@ def bank_entries_for(settings: Settings, doc: dict[str, Any]) -> list[dict[str, 
     return _entries(settings, f"e.sha256 IN ({','.join('?' * len(shas))})", shas)
 
 
-def desk_entries(settings: Settings) -> list[dict[str, Any]]:
-    return _entries(settings, "e.bank IN ('desk-fake', 'desk-authentic')", [])
+def desk_entries(settings: Settings, before: int | None = None,
+                 limit: int = ENTRIES_PAGE) -> tuple[list[dict[str, Any]], int, int | None]:
+    """The entries desk verdicts added, newest first: up to ``limit`` of
+    those older than the entry of rowid ``before`` (None: from the newest),
+    how many there are in all, and the rowid the next page starts before
+    (None: this page holds the last). The page listed the newest 500 and
+    said neither how many there were nor that it stopped there."""
+    where, args = _DESK_BANKS, []
+    if before is not None:
+        where, args = f"{_DESK_BANKS} AND e.rowid < ?", [before]
+    rows = _entries(settings, where, args, limit + 1)  # one more: whether another page follows
+    db = _banks_db(settings)
+    total = 0
+    if db is not None:
+        try:
+            total = db.execute(f"SELECT COUNT(*) FROM entries e WHERE {_DESK_BANKS}").fetchone()[0]
+        finally:
+            db.close()
+    return rows[:limit], total, rows[limit - 1]["rowid"] if len(rows) > limit else None
 
 
 def sparkline(counts: list[int], width: int = 120, height: int = 24) -> Markup:
