@@ -995,6 +995,36 @@ def test_authentic_verdict_suppresses_and_withdraws_from_the_fake_bank(backend, 
         assert "desk-authentic" in page.text.split('id="bank-entries"')[1]
 
 
+def test_an_authentic_verdict_on_an_alerted_picture_tells_the_subscribers_once(data, env, webhook):
+    """Subscribers told a picture was a spreading fake (by the stream's alert,
+    or by an earlier ``fake`` verdict) never learned when the desk found it
+    authentic: they went on treating an agency photo as fake. One correction
+    per alerted cluster, ``<cluster>:desk-authentic``; none for a cluster
+    nobody was alerted about, none again for the same verdict."""
+    url, got = webhook
+    settings = make_settings(data)
+    settings.alerts.webhooks = [WebhookSettings(url=url, retries=0, summary=True)]
+    settings.alerts.allow_private_webhooks = True  # the receiver listens on loopback
+    with client(settings) as c:
+        assert c.get("/api/clusters/c-viral").json()["alert_level"] >= 1  # the stream alerted on it
+        assert c.get("/api/clusters/c-quiet").json()["alert_level"] == 0
+        for cid in ("c-viral", "c-viral", "c-quiet"):
+            r = c.post(f"/api/clusters/{cid}/verdict", json={"verdict": "authentic", "note": "agency photo"},
+                       headers=EDITOR)
+            assert r.status_code == 201, r.text
+        # nobody was told c-quiet was fake ... until the desk said so, then took it back
+        for verdict in ("fake", "authentic"):
+            c.post("/api/clusters/c-quiet/verdict", json={"verdict": verdict}, headers=EDITOR)
+    corrections = [a for a in open_store(data).alerts() if a.rule == "desk-verdict-authentic"]
+    assert sorted(a.alert_id for a in corrections) == ["c-quiet:desk-authentic", "c-viral:desk-authentic"]
+    viral = next(a for a in corrections if a.cluster_id == "c-viral")
+    assert viral.verdict == "no-evidence" and viral.evidence[0].detector == "desk:verdict"
+    assert viral.evidence[0].data["verdict"] == "authentic" and "agency photo" in viral.evidence[0].detail
+    sent = {h[DELIVERY_HEADER]: json.loads(b) for h, b in got}
+    assert {k for k in sent if k.endswith(":desk-authentic")} == {"c-viral:desk-authentic", "c-quiet:desk-authentic"}
+    assert sent["c-viral:desk-authentic"]["summary"].startswith("deepwatch correction (level")
+
+
 def test_audit_trail_is_append_only(data, env):
     with client(make_settings(data)) as c:
         c.post("/api/clusters/c-viral/verdict", json={"verdict": "fake"}, headers=EDITOR)

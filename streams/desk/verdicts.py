@@ -14,7 +14,9 @@
    clusters whose rows changed (``FindingsSource._reoverlay``).
 4. Alerts: ``fake`` raises/confirms one alert per affected cluster with a
    stable id (``<cluster>:desk-fake``) through the shared alert path;
-   ``authentic`` marks them suppressed.
+   ``authentic`` marks them suppressed and, for each affected cluster
+   subscribers were told about (a stream alert, or an earlier ``fake``
+   verdict's), raises one correction (``<cluster>:desk-authentic``).
 """
 
 from __future__ import annotations
@@ -171,8 +173,18 @@ class Verdicts:
 
     # -- alerts ------------------------------------------------------------------
     async def _alerts(self, rec: VerdictRecord, cluster_ids: list[str]) -> list[str]:
-        if rec.verdict != "fake":
+        """``fake``: an alert for every affected cluster. ``authentic``: a
+        correction for every affected cluster subscribers were alerted about,
+        by the stream (its alert level) or by an earlier ``fake`` verdict on
+        the judged cluster (whose alerts covered the clusters matching it):
+        without one, a subscriber who acted on the alert never learned the
+        desk found the picture authentic. Stable ids: a verdict given again
+        raises nothing new."""
+        if rec.verdict not in ("fake", "authentic"):
             return []
+        told_fake = rec.verdict == "authentic" and any(
+            v.verdict == "fake" for v in await asyncio.to_thread(self.desk.history, [rec.cluster_id])
+            if v.verdict_id != rec.verdict_id)
         raised = []
         for cid in cluster_ids:
             try:
@@ -180,11 +192,15 @@ class Verdicts:
                 doc = await asyncio.to_thread(self.source.cluster, cid)
             except LookupError:
                 continue
+            if rec.verdict == "authentic" and not (told_fake or (doc.get("alert_level") or 0) > 0):
+                continue  # nobody was told it was fake: nothing to correct
             desk = doc.get("desk") or {}
-            ev = desk_bank_evidence("fake", OverlayRow(cluster_id=cid, verdict="fake", verdict_id=rec.verdict_id,
-                                                       source_cluster=rec.cluster_id, detail=desk.get("detail", "")))
+            ev = desk_bank_evidence(rec.verdict, OverlayRow(cluster_id=cid, verdict=rec.verdict,
+                                                            verdict_id=rec.verdict_id, source_cluster=rec.cluster_id,
+                                                            detail=desk.get("detail", "")))
             alert = Alert(
-                alert_id=f"{cid}:desk-fake", cluster_id=cid, rule="desk-verdict-fake", level=max(1, doc.get("alert_level") or 0),
+                alert_id=f"{cid}:desk-{rec.verdict}", cluster_id=cid, rule=f"desk-verdict-{rec.verdict}",
+                level=max(1, doc.get("alert_level") or 0),
                 fake_score=doc["fake_score"], verdict=doc["verdict"], velocity=Velocity(**doc["velocity"]),
                 sightings=doc["sightings"], accounts=doc["accounts"],
                 evidence=[ev] + [Evidence.model_validate(e) for e in doc["evidence"] if e["detector"] != ev.detector][:4],
