@@ -433,6 +433,11 @@ def earliest_posts(posts: Iterable[SamplePost], n: int = MAX_SAMPLE_POSTS) -> li
     return list(by_id.values())[:n]
 
 
+# The rule of the desk's correction: a picture subscribers were alerted about
+# was found authentic (``streams.desk.verdicts``).
+CORRECTION_RULE = "desk-verdict-authentic"
+
+
 class Alert(_Record):
     """What a subscriber receives (the webhook body) and the findings store
     keeps. ``first_seen``/``last_seen``/``platforms`` are the cluster's when
@@ -451,7 +456,7 @@ class Alert(_Record):
     rule: str
     level: int  # 1 = first alert, 2+ = escalations
     fake_score: float
-    verdict: Verdict  # the stream's (``detectors.fusion``); a desk alert's is likely-ai
+    verdict: Verdict  # the stream's (``detectors.fusion``); a desk alert's is likely-ai, its correction's no-evidence
     velocity: Velocity
     sightings: int
     accounts: int
@@ -474,6 +479,12 @@ class Alert(_Record):
     # alert level continues from the highest of the merged clusters': its next alert may be
     # level N+1 of a cluster a subscriber never saw alerted before; these ids link it back.
     merged_from: list[str] = Field(default_factory=list)
+
+    @property
+    def correction(self) -> bool:
+        """The desk found the picture of an earlier alert authentic: this
+        alert takes that one back (``CORRECTION_RULE``)."""
+        return self.rule == CORRECTION_RULE
 
 
 class AlertBody(Alert):

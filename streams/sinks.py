@@ -199,15 +199,18 @@ class Sinks:
             todo = await self._write("delivery", len(targets), queue)
         new = await self._write("alert", 1, lambda store: store.add_alert(alert))
         if new:
-            metrics.ALERTS.labels(str(alert.level)).inc()
+            if not alert.correction:  # a correction takes an alert back: not one more "going viral"
+                metrics.ALERTS.labels(str(alert.level)).inc()
             if alert.trigger_ingested_at:
                 lag = (datetime.now(timezone.utc) - alert.trigger_ingested_at).total_seconds()
                 metrics.EVENT_TO_ALERT_SECONDS.observe(max(0.0, lag))
             if self.settings.alerts.console:
                 top = top_evidence(alert)
                 link = desk_url(self.settings.desk.public_url, alert)
+                what = (f"CORRECTION cluster {alert.cluster_id}: the desk found it authentic" if alert.correction
+                        else f"ALERT L{alert.level} cluster {alert.cluster_id}")
                 log.warning(
-                    f"ALERT L{alert.level} cluster {alert.cluster_id}: fake score {alert.fake_score:.2f} ({alert.verdict}), "
+                    f"{what}: fake score {alert.fake_score:.2f} ({alert.verdict}), "
                     f"{alert.velocity.sightings_5m} sightings in 5 min, {alert.accounts} accounts — {top}"
                     f"{alert_spread(alert)}" + (f"; desk: {link}" if link else ""),
                     extra={"alert_id": alert.alert_id, "cluster_id": alert.cluster_id},

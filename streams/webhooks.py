@@ -261,7 +261,7 @@ def alert_summary(alert: Alert, desk_link: str | None = None) -> str:
     which platforms, and one post to open (``alert_spread``)."""
     top = top_evidence(alert)
     # the desk found an alerted picture authentic: say so first, not "alert"
-    what = "correction" if alert.rule == "desk-verdict-authentic" else "escalation" if alert.level > 1 else "alert"
+    what = "correction" if alert.correction else "escalation" if alert.level > 1 else "alert"
     return (f"deepwatch {what} (level {alert.level}) for cluster {alert.cluster_id}: fake score "
             f"{alert.fake_score:.2f} ({alert.verdict}), {alert.velocity.sightings_5m} sightings in 5 min, "
             f"{alert.accounts} accounts; top evidence: {top}{alert_spread(alert)}"

@@ -1025,6 +1025,25 @@ def test_an_authentic_verdict_on_an_alerted_picture_tells_the_subscribers_once(d
     assert sent["c-viral:desk-authentic"]["summary"].startswith("deepwatch correction (level")
 
 
+def test_a_correction_is_said_as_one_and_not_counted_as_an_alert_going_viral(data, env, caplog):
+    from streams import metrics
+
+    def raised() -> float:
+        return sum(s.value for m in metrics.ALERTS.collect() for s in m.samples if s.name.endswith("_total"))
+
+    before = raised()
+    with client(make_settings(data)) as c, caplog.at_level("WARNING", logger="deepwatch.alerts"):
+        c.post("/api/clusters/c-viral/verdict", json={"verdict": "authentic", "note": "agency photo"}, headers=EDITOR)
+    stored = [a.rule for a in open_store(data).alerts()]
+    assert "desk-verdict-authentic" in stored
+    # every alert the desk stored counted but the correction (the start-up account check may raise one);
+    # the Grafana rule "deepwatch raised an alert" reads this counter
+    assert raised() - before == sum(1 for r in stored if r.startswith(("desk-", "account-"))) - 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "deepwatch.alerts"]
+    assert any(m.startswith("CORRECTION cluster c-viral: the desk found it authentic") for m in lines), lines
+    assert not any(m.startswith("ALERT") and "cluster c-viral" in m for m in lines)
+
+
 def test_audit_trail_is_append_only(data, env):
     with client(make_settings(data)) as c:
         c.post("/api/clusters/c-viral/verdict", json={"verdict": "fake"}, headers=EDITOR)

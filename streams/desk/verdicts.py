@@ -40,7 +40,7 @@ from streams.desk.alerting import AlertPath
 from streams.desk.auth import Principal
 from streams.desk.deskdb import DeskDB, DeskVerdict, OverlayRow, VerdictRecord
 from streams.desk.source import DESK_BANKS, FindingsSource, desk_bank_evidence
-from streams.records import Alert, Velocity
+from streams.records import CORRECTION_RULE, Alert, Velocity
 from streams.settings import Settings
 
 
@@ -199,7 +199,8 @@ class Verdicts:
                                                             verdict_id=rec.verdict_id, source_cluster=rec.cluster_id,
                                                             detail=desk.get("detail", "")))
             alert = Alert(
-                alert_id=f"{cid}:desk-{rec.verdict}", cluster_id=cid, rule=f"desk-verdict-{rec.verdict}",
+                alert_id=f"{cid}:desk-{rec.verdict}", cluster_id=cid,
+                rule="desk-verdict-fake" if rec.verdict == "fake" else CORRECTION_RULE,
                 level=max(1, doc.get("alert_level") or 0),
                 fake_score=doc["fake_score"], verdict=doc["verdict"], velocity=Velocity(**doc["velocity"]),
                 sightings=doc["sightings"], accounts=doc["accounts"],
