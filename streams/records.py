@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Iterable, Literal
 
@@ -137,6 +138,15 @@ class ImageEvent(_Record):
         if not value:
             raise ValueError("must not be blank")
         return value
+
+    @field_validator("text", "account_handle")
+    @classmethod
+    def _composed(cls, value: str | None) -> str | None:
+        # One form for what people search: a post or handle written with
+        # combining accents ("Zoe" + U+0308, as some keyboards and macOS file
+        # names produce) matched no query typed composed, on either store;
+        # hashtags are composed where they are stored (``normalize_hashtag``).
+        return unicodedata.normalize("NFC", value) if value else value
 
     @field_validator("posted_at", mode="before")
     @classmethod

@@ -78,6 +78,24 @@ def test_accounts_and_hashtags_match_in_any_case_and_unicode_form(tagged):
     assert tagged.search(ClusterQuery(hashtag="#caf")) == []  # a whole tag, not a prefix
 
 
+ACCENTED = [("t9", "c-accent", "d", "u9", "@Zoe\u0308bot@social.example", "x", 3, "Zoe\u0308 at the scene", [])]
+
+
+@pytest.fixture(params=["sqlite", "es"])
+def accented(request, tmp_path):
+    yield from filled_store(request, tmp_path, request.param,
+                            lambda store: store.apply_snapshots([_snap(i, p) for i, p in enumerate(ACCENTED)]))
+
+
+def test_a_post_written_with_combining_accents_is_found_as_people_type_it(accented):
+    # text and handle arrive with "e" + U+0308 (some keyboards, macOS file names): kept so, a search
+    # typed composed ("Zoë") did not match them on Elasticsearch, and the account filter on neither
+    assert ids(accented.search(ClusterQuery(text="Zoë"))) == ["c-accent"]
+    assert ids(accented.search(ClusterQuery(text='"zoë at the scene"'))) == ["c-accent"]
+    assert ids(accented.search(ClusterQuery(account="@zoëbot@social.example"))) == ["c-accent"]
+    assert _sighting(0, ACCENTED[0]).event.text == "Zoë at the scene"  # composed where the event is read
+
+
 # ------------------------------------------------------------- times: ends, offsets, Z
 @pytest.fixture(params=["sqlite", "es"])
 def filled(request, tmp_path):
