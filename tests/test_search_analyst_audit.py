@@ -331,6 +331,11 @@ def test_a_sort_alone_lists_every_cluster_in_that_order_on_every_route(many, env
         # relevance without words is velocity's order: paged as that is, where it was one page cut at `limit`
         assert _api_pages(c, "/api/search?sort=relevance&limit=40") == by_velocity
         assert _api_pages(c, "/api/search?sort=relevance&min_score=0.6&limit=7") == high_by_velocity
+        # `deepwatch search --sort relevance` refused the sort the desk and the API take
+        r = _cli("search", "--data-dir", str(data), *store_args, "--sort", "relevance", "--limit", "40",
+                 "--format", "json")
+        assert r.returncode == 0, r.stderr
+        assert [d["id"] for d in json.loads(r.stdout)] == by_velocity[:40]
         # nothing asked is still no search: the page's empty form, the API's 422 (now naming the sort)
         assert _page_ids(c.get("/search?limit=40").text) == []
         r = c.get("/api/search?limit=40")

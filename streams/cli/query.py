@@ -30,6 +30,8 @@ from streams.findings import (
     MAX_RESULTS, VERDICTS, ClusterRecord, FindingsStore, Page, StoreURLError, open_findings, sqlite_file,
 )
 
+# what `deepwatch search --sort` takes: the desk's and the API's sorts
+SEARCH_SORTS = (*SORT_KEYS, "relevance")
 # what each --sort orders by, as ``SORT_ORDER`` says it
 _SORT_HELP = ("Highest first by " + "; ".join(
     f"{sort}: {', '.join(SORT_ORDER[sort])}"
@@ -263,8 +265,9 @@ def search(
     hashtag: Optional[str] = typer.Option(None, help="Only clusters posted with this hashtag (with or without #)."),
     verdict: Optional[str] = typer.Option(None, help="likely-ai, inconclusive or no-evidence."),
     min_score: Optional[float] = typer.Option(None, help="Only clusters with a fused fake score at least this (0-1)."),
-    sort: Optional[str] = typer.Option(None, help=f"{', '.join(SORT_KEYS[:-1])} or {SORT_KEYS[-1]} (default: relevance with QUERY, "
-                                       f"else velocity). {_SORT_HELP}."),
+    sort: Optional[str] = typer.Option(None, help=f"{', '.join(SEARCH_SORTS[:-1])} or {SEARCH_SORTS[-1]} (default: relevance "
+                                       f"with QUERY, else velocity). {_SORT_HELP}; relevance: the best-matching "
+                                       "sighting first, one page (as the desk's search)."),
     limit: Optional[int] = typer.Option(None, help="At most this many clusters (default: every match, up to 10000)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", show_default=False,
                                             help="Stop the search after this many seconds (default: no limit; the desk uses findings.search_timeout_s)."),
@@ -284,8 +287,8 @@ def search(
     fmt = "json" if as_json else check_format(fmt)
     if verdict is not None and verdict not in VERDICTS:
         raise typer.BadParameter(f"must be one of {', '.join(VERDICTS[:-1])} or {VERDICTS[-1]}", param_hint="--verdict")
-    if sort is not None and sort not in SORT_KEYS:
-        raise typer.BadParameter(f"must be one of {', '.join(SORT_KEYS)}", param_hint="--sort")
+    if sort is not None and sort not in SEARCH_SORTS:
+        raise typer.BadParameter(f"must be one of {', '.join(SEARCH_SORTS)}", param_hint="--sort")
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         raise typer.BadParameter("must be between 0 and 1", param_hint="--min-score")
     if limit is not None and not 1 <= limit <= 10_000:
