@@ -305,9 +305,10 @@ def text_terms(text: str) -> list[str]:
     at a time. Combining marks stay in their word ("cafe" + U+0301, as some
     keyboards type "café"), and a letter whose lower case is longer keeps its
     case ("İ" lowercases to "i" + U+0307): either way the word was cut in two,
-    and "İstanbul" and a decomposed "café" found nothing on either store."""
+    and "İstanbul" and a decomposed "café" found nothing on either store.
+    Composed first (NFC), as events store their text (``ImageEvent``)."""
     out: list[str] = []
-    for phrase, word in _TERM.findall(text):
+    for phrase, word in _TERM.findall(unicodedata.normalize("NFC", text)):
         words = _words("".join(c if len(low := c.lower()) != 1 else low for c in phrase or word))
         if words:
             out.append(" ".join(words))
