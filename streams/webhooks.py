@@ -64,7 +64,7 @@ ordering gate.
 A delivery that still fails after its retries is not forgotten: redelivery
 (``streams.webhook_redelivery``) sends it again, in order per cluster. An
 alert the receiver refuses for good (``WebhookRejected``: a 4xx other than
-408/429, a redirect, a request the HTTP client refuses to send) is recorded
+408/429, a 501 or 505, a redirect, a request the HTTP client refuses to send) is recorded
 as ``rejected`` and not retried on its own; ``deepwatch redeliver TARGET``
 queues it again once the cause is fixed.
 
@@ -571,7 +571,7 @@ async def post(target: Target, alert: Alert, client: httpx.AsyncClient, deliveri
                 raise WebhookError(f"{shown}: {last}; this worker's clock is {skew:+.0f} s off the receiver's "
                                    "(its Date header) and receivers refuse signatures timestamped over 5 minutes "
                                    "off their own: fix the clock that is wrong (NTP); redelivery sends it again")
-            if 400 <= status < 500 and status not in (408, 429):
+            if 400 <= status < 500 and status not in (408, 429) or status in PERMANENT_5XX:
                 raise WebhookRejected(f"{shown}: {last}")  # the receiver rejected it; retrying will not help
             asked = retry_after_s(retry_after) if status in (429, 503) else None
             if asked is not None:
@@ -639,6 +639,11 @@ def ca_context(path: str) -> ssl.SSLContext:
     delivery need not pay. A bundle changed on disk is read at the next start."""
     return ssl.create_default_context(cafile=path)
 
+
+# 5xx answers that say the request can never succeed as sent: the URL takes no
+# POST (501) or the server refuses HTTP/1.1 (505). Retried, they came back on
+# every try and redelivery sent them forever.
+PERMANENT_5XX = frozenset({501, 505})
 
 # Past this many seconds between this worker's clock and a receiver's (its
 # ``Date``), a 401/403 is read as the signature's timestamp refused: within a

@@ -179,6 +179,19 @@ def test_no_retry_on_400(receiver, monkeypatch):
     assert len(srv.requests) == 1
 
 
+@pytest.mark.parametrize("status", [501, 505])
+def test_a_receiver_that_cannot_take_the_request_at_all_rejects_it_for_good(receiver, monkeypatch, status):
+    # 501 (no POST on that URL) and 505 (HTTP/1.1 refused) come back on every try: they were retried
+    # and redelivered forever, where the hook's URL or its server has to change
+    from streams.webhooks import WebhookRejected
+
+    monkeypatch.setenv(ENV, SECRET)
+    srv = receiver(status)
+    with pytest.raises(WebhookRejected, match=f"HTTP {status}"):
+        _deliver(_target(srv, retries=3), _alert())
+    assert len(srv.requests) == 1
+
+
 def test_429_is_retried(receiver, monkeypatch):
     monkeypatch.setenv(ENV, SECRET)
     srv = receiver(429, 204)
