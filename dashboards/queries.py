@@ -388,9 +388,10 @@ def connector_falling_behind(max_lag_s: int, window: str) -> str:
     that reads nothing also grows its lag (a quiet Mastodon hashtag: the
     cursor stays at its last post), so frames must be arriving: the connector
     reads but does not keep up, or its checkpoints fail and it reads the same
-    window again. Frames are counted per connector, not per stream."""
-    frames = f"sum by (connector, instance) (rate(deepwatch_connector_frames_total[{window}]))"
+    window again. Frames are counted per stream: a quiet hashtag run by the
+    same connector process as a busy timeline reads nothing of its own."""
+    frames = f"sum by (connector, stream, instance) (rate(deepwatch_connector_frames_total[{window}]))"
     return (f"({CONNECTOR_CURSOR_LAG} > {max_lag_s}) "
             f"and on (connector, stream, instance) "
             f"(max by (connector, stream, instance) (deriv(deepwatch_connector_cursor_lag_seconds[{window}])) > 0) "
-            f"and on (connector, instance) ({frames} > 0)")
+            f"and on (connector, stream, instance) ({frames} > 0)")

@@ -439,3 +439,123 @@ class DripServer:
         self._stop.set()
         self._sock.close()
         self._thread.join(5)
+
+
+# --------------------------------------------------------------------------
+# atproto identity: the PLC directory, did:web hosts and handle hosts
+# --------------------------------------------------------------------------
+def plc_document(did: str, handle: str | None, *, extra_aka: list[str] | None = None,
+                 pds: str = "https://morel.us-east.host.bsky.network") -> dict:
+    """A DID document as the PLC directory serves it (``GET /{did}``): the
+    shape of plc.directory's answers (@context, alsoKnownAs, a Multikey
+    verification method, the PDS service)."""
+    return {
+        "@context": ["https://www.w3.org/ns/did/v1", "https://w3id.org/security/multikey/v1",
+                     "https://w3id.org/security/suites/secp256k1-2019/v1"],
+        "id": did,
+        "alsoKnownAs": ([f"at://{handle}"] if handle else []) + list(extra_aka or []),
+        "verificationMethod": [{"id": f"{did}#atproto", "type": "Multikey", "controller": did,
+                                "publicKeyMultibase": "zQ3shXjHeiBuRCKmM36cuYnm7YEMzhGnCmCyW92sRJ9pribSF"}],
+        "service": [{"id": "#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": pds}],
+    }
+
+
+@dataclass
+class Answer:
+    """One route of an ``IdentityServer``: a status and body, sent after
+    ``delay_s``; with ``drip_s`` the body goes out one byte per ``drip_s``
+    (a server that keeps every read alive); ``length`` overrides the
+    Content-Length header (None: the body's; -1: none, the connection closes
+    after the body)."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    drip_s: float = 0.0
+    length: int | None = None
+
+
+def json_answer(doc: Any) -> Answer:
+    return Answer(body=json.dumps(doc).encode(), content_type="application/did+ld+json")
+
+
+def did_answer(did: str) -> Answer:
+    """``/.well-known/atproto-did`` as the spec has a handle host answer it: the DID, as text/plain."""
+    return Answer(body=f"{did}\n".encode(), content_type="text/plain")
+
+
+class IdentityServer:
+    """Serves ``routes[(host, path)]`` on ``bind`` (loopback): the PLC
+    directory (``("*", "/did:plc:...")``), did:web hosts (``(HOST,
+    "/.well-known/did.json")``) and handle hosts (``(HANDLE,
+    "/.well-known/atproto-did")``), told apart by the Host header as the
+    real ones are by name. Anything else is 404. ``hits`` records (host,
+    path) of every request, in order."""
+
+    def __init__(self, routes: dict[tuple[str, str], Answer], bind: str = "127.0.0.1"):
+        self.routes = routes
+        self.hits: list[tuple[str, str]] = []
+        self.inflight = 0
+        self.max_inflight = 0  # the most requests it was answering at once
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                host = (self.headers.get("Host") or "").rsplit(":", 1)[0].lower()
+                with outer._lock:
+                    outer.hits.append((host, self.path))
+                    outer.inflight += 1
+                    outer.max_inflight = max(outer.max_inflight, outer.inflight)
+                try:
+                    self._answer(host)
+                finally:
+                    with outer._lock:
+                        outer.inflight -= 1
+
+            def _answer(self, host):
+                a = outer.routes.get((host, self.path)) or outer.routes.get(("*", self.path)) \
+                    or Answer(404, b'{"message":"DID not registered"}')
+                try:
+                    if a.delay_s:
+                        time.sleep(a.delay_s)
+                    self.send_response(a.status)
+                    self.send_header("Content-Type", a.content_type)
+                    if a.length == -1:  # no length: the body ends when the connection does
+                        self.send_header("Connection", "close")
+                        self.close_connection = True
+                    else:
+                        self.send_header("Content-Length", str(len(a.body) if a.length is None else a.length))
+                    for k, v in a.headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    if a.drip_s:
+                        for i in range(len(a.body)):
+                            self.wfile.write(a.body[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(a.drip_s)
+                    else:
+                        self.wfile.write(a.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self._httpd = ThreadingHTTPServer((bind, 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.url = f"http://{bind}:{self.port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "IdentityServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

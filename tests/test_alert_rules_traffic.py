@@ -299,9 +299,9 @@ def _cursor(values: str, connector: str = "bluesky", stream: str = "jetstream") 
                       f'connector="{connector}",stream="{stream}"}}', "values": values}
 
 
-def _frames(values: str, connector: str = "bluesky") -> dict:
+def _frames(values: str, connector: str = "bluesky", stream: str = "jetstream") -> dict:
     return {"series": f'deepwatch_connector_frames_total{{job="deepwatch-connect",instance="c1:9400",'
-                      f'connector="{connector}",outcome="image_post"}}', "values": values}
+                      f'connector="{connector}",outcome="image_post",stream="{stream}"}}', "values": values}
 
 
 @needs_promtool
@@ -327,7 +327,12 @@ def test_connector_behind_fires_while_it_reads_and_falls_behind_only(tmp_path):
                                                                     "behind live, and falling further behind")]},
         {   # a quiet hashtag: nothing posted, nothing read
             "interval": "1m",
-            "input_series": [_cursor("0+60x60", "mastodon", "#deepfake"), _frames("5x60", "mastodon")],
+            "input_series": [_cursor("0+60x60", "mastodon", "#deepfake"), _frames("5x60", "mastodon", "#deepfake")],
+            "alert_rule_test": _quiet(name, at="45m")},
+        {   # ... beside a busy timeline in the same connector process: its frames are not the hashtag's
+            "interval": "1m",
+            "input_series": [_cursor("0+60x60", "mastodon", "#deepfake"), _frames("5x60", "mastodon", "#deepfake"),
+                             _cursor("2x60", "mastodon", "public"), _frames("0+600x60", "mastodon", "public")],
             "alert_rule_test": _quiet(name, at="45m")},
         {   # catching up after an hour down
             "interval": "1m", "input_series": [_cursor("3600-50x60"), _frames("0+600x60")],

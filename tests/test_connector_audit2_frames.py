@@ -95,6 +95,6 @@ def test_identity_frames_with_dids_no_event_can_hold_are_not_remembered(tmp_path
     with JetstreamServer(big + [ok, _post("p", T0 + 200, did="did:plc:ok")]) as server:
         runner.url = server.url
         asyncio.run(bluesky_run_until(runner, lambda: len(sink.events) >= 1, timeout=30))
-    remembered = runner.mapper._handles
-    assert sum(len(did) for did in remembered) < 1000, "DIDs no event can hold were kept"
+    remembered = runner.mapper.resolver._cache
+    assert remembered and sum(len(did) for did in remembered) < 1000, "DIDs no event can hold were kept"
     assert sink.events[0].account_handle == "ok.example"  # a real DID's handle still is

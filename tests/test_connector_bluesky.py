@@ -389,7 +389,7 @@ def test_cli_produces_to_the_broker_with_metrics_and_a_saved_cursor(tmp_path):
                     pass
                 time.sleep(0.3)
             assert produced in text
-            assert 'deepwatch_connector_frames_total{connector="bluesky",outcome="repost"} 2.0' in text
+            assert 'deepwatch_connector_frames_total{connector="bluesky",outcome="repost",stream="bluesky"} 2.0' in text
         finally:
             proc.send_signal(signal.SIGTERM)
             out, errors = proc.communicate(timeout=30)

@@ -41,8 +41,11 @@ T = TypeVar("T")
 
 log = logging.getLogger("deepwatch.connectors")
 
-FRAMES = Counter("deepwatch_connector_frames_total", "Platform frames read, by connector and outcome",
-                 ["connector", "outcome"])
+# Per stream too: a connector runs one stream per Mastodon hashtag, and the
+# DeepwatchConnectorBehind rule needs to know whether the stream that lags
+# reads frames at all (a quiet hashtag) or reads them too slowly.
+FRAMES = Counter("deepwatch_connector_frames_total", "Platform frames read, by connector, outcome and stream",
+                 ["connector", "outcome", "stream"])
 EVENTS = Counter("deepwatch_connector_events_total", "Mapped events, by connector and outcome "
                  "(produced and refused: once the broker acknowledged them; duplicate; clipped: images past a "
                  "platform's per-post limit, left out)", ["connector", "outcome"])
@@ -141,12 +144,14 @@ class Mapped:
 class ConnectorState:
     """One SQLite file per connector stream, in the data dir."""
 
-    def __init__(self, path: Path | str, *, seen_max: int = 500_000, posts_max: int = 200_000):
+    def __init__(self, path: Path | str, *, seen_max: int = 500_000, posts_max: int = 200_000,
+                 handles_max: int = 200_000):
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.seen_max = seen_max
         self.posts_max = posts_max
+        self.handles_max = handles_max
         self._db = sqlite3.connect(str(path), check_same_thread=False)
         self._db.executescript(
             """
@@ -155,10 +160,13 @@ class ConnectorState:
             CREATE TABLE IF NOT EXISTS seen (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE);
             CREATE TABLE IF NOT EXISTS posts (seq INTEGER PRIMARY KEY AUTOINCREMENT, post_id TEXT NOT NULL UNIQUE,
                                               doc TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS handles (seq INTEGER PRIMARY KEY AUTOINCREMENT, did TEXT NOT NULL UNIQUE,
+                                                handle TEXT, checked REAL NOT NULL);
             """
         )
         self._db.commit()
         self._pending: set[str] = set()
+        self._handles_unsaved = False
 
     def close(self) -> None:
         self._db.close()
@@ -182,6 +190,7 @@ class ConnectorState:
     def drop_pending(self) -> None:
         """The sink failed: forget what was not acknowledged, so a resume re-sends it."""
         self._pending.clear()
+        self._handles_unsaved = False
         self._db.rollback()
 
     def commit(self, stream: str, cursor: str | None) -> None:
@@ -194,8 +203,10 @@ class ConnectorState:
                        (stream, cursor, time.time()))
         db.execute("DELETE FROM seen WHERE seq <= (SELECT MAX(seq) FROM seen) - ?", (self.seen_max,))
         db.execute("DELETE FROM posts WHERE seq <= (SELECT MAX(seq) FROM posts) - ?", (self.posts_max,))
+        db.execute("DELETE FROM handles WHERE seq <= (SELECT MAX(seq) FROM handles) - ?", (self.handles_max,))
         db.commit()
         self._pending.clear()
+        self._handles_unsaved = False
 
     # Image posts remembered for reposts and quotes (written with the next commit).
     def remember(self, post_id: str, doc: dict[str, Any]) -> None:
@@ -207,6 +218,26 @@ class ConnectorState:
 
     def forget(self, post_id: str) -> bool:
         return self._db.execute("DELETE FROM posts WHERE post_id = ?", (post_id,)).rowcount > 0
+
+    # Account handles (Bluesky: DID -> verified handle, or None for a checked
+    # miss), written with the next commit. An unsaved one makes the emitter
+    # checkpoint even when nothing else moved (``unsaved_handles``): resolved
+    # on a quiet stream, they were otherwise lost at exit. One an identity
+    # frame set or cleared goes back with the cursor on a rollback, and the
+    # frame is read again.
+    def save_handle(self, did: str, handle: str | None, checked: float) -> None:
+        self._db.execute("INSERT OR REPLACE INTO handles (did, handle, checked) VALUES (?, ?, ?)",
+                         (did, handle, checked))
+        self._handles_unsaved = True
+
+    @property
+    def unsaved_handles(self) -> bool:
+        return self._handles_unsaved
+
+    def handle(self, did: str) -> tuple[str | None, float] | None:
+        """(handle or None, when it was checked: unix seconds), or None when nothing is saved for ``did``."""
+        row = self._db.execute("SELECT handle, checked FROM handles WHERE did = ?", (did,)).fetchone()
+        return (row[0], row[1]) if row else None
 
 
 # --------------------------------------------------------------------------
@@ -483,7 +514,7 @@ class Emitter:
 
     def count(self, outcome: str) -> None:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
-        FRAMES.labels(self.connector, outcome).inc()
+        FRAMES.labels(self.connector, outcome, self.stream).inc()
 
     def _event(self, outcome: str, n: int = 1) -> None:
         self.counts[f"events_{outcome}"] = self.counts.get(f"events_{outcome}", 0) + n
@@ -494,8 +525,9 @@ class Emitter:
 
     @property
     def unsaved(self) -> bool:
-        """Whether a checkpoint has something to confirm (events sent, or a cursor moved)."""
-        return self._dirty or self.state.pending > 0
+        """Whether a checkpoint has something to confirm or save (events
+        sent, a cursor moved, handles resolved)."""
+        return self._dirty or self.state.pending > 0 or self.state.unsaved_handles
 
     async def apply(self, mapped: Mapped) -> None:
         self.count(mapped.outcome)
@@ -639,7 +671,7 @@ class Emitter:
             hook(False)
 
     async def checkpoint(self) -> None:
-        if not self._dirty and not self.state.pending:
+        if not self.unsaved:
             for hook in self.on_checkpoint:
                 hook(True)  # nothing unconfirmed: all that was read is as good as saved
             return

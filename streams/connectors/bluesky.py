@@ -31,6 +31,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import websockets
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from streams.connectors.atproto_identity import HandleResolver
 from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, LogThrottle, MalformedFrame, Mapped, Stopped,
                                      clip_hashtags, error_text, host_of, parse_frame, rate_limit_wait, reconnect_loop,
                                      unless_stopped)
@@ -227,20 +228,30 @@ def _clip_text(text: str) -> str:
 
 
 class BlueskyMapper:
-    """Jetstream frame bytes -> ``Mapped``. Pure apart from a bounded DID ->
-    handle memory fed by identity frames (commit frames carry no handle).
+    """Jetstream frame bytes -> ``Mapped``. Pure apart from the DID -> handle
+    memory (commit frames carry no handle): with ``resolver`` (what
+    ``deepwatch connect`` runs), verified handles resolved from DID documents
+    off the frame path and saved in the state file, updated by identity
+    frames; without, a bounded memory of identity frames only.
     ``max_future_skew_s``: how much later than the relay's time a post's own
     ``createdAt`` may be (the pipeline's ``ingest.max_future_skew_s``)."""
 
     def __init__(self, image_url: str, *, hashtags: list[str] | None = None,
                  recall: Callable[[str], dict[str, Any] | None] = lambda _uri: None, handles_max: int = 100_000,
-                 max_future_skew_s: float = DEFAULT_FUTURE_SKEW_S):
+                 max_future_skew_s: float = DEFAULT_FUTURE_SKEW_S, resolver: HandleResolver | None = None):
         self.image_url = image_url
         self.max_future_skew_s = max_future_skew_s
         self.filter = {h.lstrip("#").casefold() for h in hashtags or []}
         self.recall = recall
+        self.resolver = resolver
         self._handles: OrderedDict[str, str] = OrderedDict()
         self._handles_max = handles_max
+
+    def handle_of(self, did: str) -> str | None:
+        """The handle an event of ``did`` carries now (never waits for one)."""
+        if self.resolver is not None:
+            return self.resolver.get(did)
+        return self._handles.get(did)
 
     def map(self, raw: bytes | str) -> Mapped:
         frame = parse_frame(Frame, raw, "bad_frame", "(frame)")
@@ -251,7 +262,10 @@ class BlueskyMapper:
         # memory was bounded in count only.
         if frame.kind == "identity" and frame.identity and len(frame.did) <= MAX_DID_CHARS:
             handle = frame.identity.handle
-            if handle and handle.lower() != INVALID_HANDLE and len(handle) <= MAX_HANDLE_CHARS:
+            if self.resolver is not None:
+                ok = bool(handle) and handle.lower() != INVALID_HANDLE and len(handle) <= MAX_HANDLE_CHARS
+                self.resolver.learned(frame.did, handle if ok else None)
+            elif handle and handle.lower() != INVALID_HANDLE and len(handle) <= MAX_HANDLE_CHARS:
                 self._handles[frame.did] = handle
                 self._handles.move_to_end(frame.did)
                 if len(self._handles) > self._handles_max:
@@ -287,7 +301,7 @@ class BlueskyMapper:
         try:
             return ImageEvent(
                 event_id=event_id, platform=PLATFORM, post_id=post_id, post_url=doc.get("post_url"),
-                account_id=frame.did, account_handle=self._handles.get(frame.did),
+                account_id=frame.did, account_handle=self.handle_of(frame.did),
                 posted_at=_time(created, frame.time_us, self.max_future_skew_s), text=doc.get("text") or None,
                 lang=doc.get("lang"), hashtags=doc.get("hashtags", []), image={"url": url},
             )
@@ -527,8 +541,13 @@ class BlueskyConnector:
         await self.emitter.apply(mapped)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Read until ``stop`` is set, reconnecting with backoff; checkpoints on the way out."""
-        await reconnect_loop(PLATFORM, self._session, self.emitter, self.cfg, stop or asyncio.Event())
+        """Read until ``stop`` is set, reconnecting with backoff; checkpoints on the way out
+        (handle resolutions still under way are dropped: asked again next run)."""
+        try:
+            await reconnect_loop(PLATFORM, self._session, self.emitter, self.cfg, stop or asyncio.Event())
+        finally:
+            if self.mapper.resolver is not None:
+                await self.mapper.resolver.aclose()
 
     def _progressed(self, start: str | None) -> bool:
         """Whether the cursor moved past where this connection started:
