@@ -46,6 +46,11 @@ def top_bucket(histogram: Histogram) -> str:
     return f"{max(b for b in histogram._upper_bounds if b != float('inf')):g} s"
 
 
+# per bar (q.counted); dashboards/queries.py holds the shared queries, this one is this panel's alone
+BROKER_TIME_BEHIND = (f"sum by (topic, action) "
+                      f"({q.counted(f'deepwatch_broker_timestamp_behind_total{{{q.JOB}}}', '$__interval')})")
+
+
 # the histograms whose quantiles the panels draw (the descriptions name their top bucket, from the code)
 EVENT_TO_ALERT_TOP = top_bucket(metrics.EVENT_TO_ALERT_SECONDS)
 INGEST_REQUEST_TOP = top_bucket(ingest_server.REQUEST_SECONDS)
@@ -198,10 +203,14 @@ def build_dashboard() -> dash.Dashboard:
                         "Stream reconnects by reason, and waits the platform's rate limits imposed; a steady "
                         "stream of either means the connector reads little. Cursor ahead: frames whose position "
                         "lay further in the future than a clock's skew explains (a wrong clock on the platform "
-                        "or here, or a crafted frame); their events were sent, the cursor was not moved to them.")
+                        "or here, or a crafted frame); their events were sent, the cursor was not moved to them. "
+                        "Handle resolutions (Bluesky): how DID -> handle checks ended; many unverified are "
+                        "impersonation claims or DNS-only handles, error the PLC directory or handle hosts failing, "
+                        "dropped a full queue.")
             .with_target(_query(q.CONNECTOR_RECONNECTS, "reconnect {{connector}}: {{reason}}", "A"))
             .with_target(_query(q.CONNECTOR_RATE_LIMIT_WAITS, "rate limited {{connector}}", "B"))
             .with_target(_query(q.CONNECTOR_CURSOR_AHEAD, "cursor ahead {{connector}}", "C"))
+            .with_target(_query(q.CONNECTOR_HANDLE_RESOLUTIONS, "handles {{outcome}}", "D"))
             .draw_style(common.GraphDrawStyle.BARS)
         )
         .with_row(dash.Row("Latency"))
@@ -324,6 +333,17 @@ def build_dashboard() -> dash.Dashboard:
                         "a group whose lag grows is behind. The workers' groups are the app_id (deepwatch), "
                         "<app_id>-analyze for the analyze role and <app_id>-detect for the detect role.")
             .with_target(_query(q.CONSUMER_LAG, "{{consumergroup}} {{topic}}"))
+        )
+        .with_panel(
+            _timeseries("Events stamped before they were posted", "short",
+                        "Events whose broker timestamp is over a minute before their posted_at: a producer "
+                        "(ingest client, connector host) whose clock is slow, on a CreateTime topic. Such "
+                        "sightings counted minutes early fell out of the 5-minute velocity window and alerts "
+                        "did not fire. worker_clock = a live post, timed by the worker's clock instead; kept = "
+                        "a backlog's, still timed by the stamp. The worker logs the topic and ingest run; fix "
+                        "that host's clock (NTP).")
+            .with_target(_query(BROKER_TIME_BEHIND, "{{topic}} {{action}}"))
+            .draw_style(common.GraphDrawStyle.BARS)
         )
     )
 

@@ -342,6 +342,9 @@ CONNECTOR_RECONNECTS = f"sum by (connector, reason) ({counted('deepwatch_connect
 CONNECTOR_RATE_LIMIT_WAITS = f"sum by (connector) ({counted('deepwatch_connector_rate_limit_waits_total', '$__interval')})"
 # Frames whose position lay further in the future than a clock's skew explains: the cursor was not moved to them.
 CONNECTOR_CURSOR_AHEAD = f"sum by (connector) ({counted('deepwatch_connector_cursor_ahead_total', '$__interval')})"
+# Bluesky DID -> handle resolutions by how they ended (streams.connectors.atproto_identity).
+CONNECTOR_HANDLE_RESOLUTIONS = (f"sum by (outcome) "
+                                f"({counted('deepwatch_connector_handle_resolutions_total', '$__interval')})")
 # How far behind the platform each stream's saved cursor is (a restart resumes from there); per stream:
 # a Mastodon connector follows one stream per hashtag.
 CONNECTOR_CURSOR_LAG = "max by (connector, stream, instance) (deepwatch_connector_cursor_lag_seconds)"

@@ -693,22 +693,38 @@ class ClusterEngine:
         cfg = self.settings.alerts
         if state.suppressed or state.fake_score < cfg.min_fake_score:
             return
-        if v.sightings_5m < cfg.min_sightings_5m or v.sightings_1h < cfg.min_sightings_1h:
+        if state.alert_level == 0:
+            needed = cfg.min_sightings_5m
+        elif state.alert_velocity < virality.MAX_RECENT:
+            # velocity counts at most MAX_RECENT sightings: the target is capped there (escalating once
+            # on reaching it), or a cluster past MAX_RECENT / factor would never escalate again
+            needed = min(max(1, state.alert_velocity) * cfg.escalation_factor, virality.MAX_RECENT)
+        else:
+            return
+        # Spread, not posts: an account's sightings past ``max_sightings_per_account`` in a window do
+        # not count (one bot posting a fake 10 times in 5 minutes paged everyone as "viral"), for
+        # the first alert and escalations alike. The alert still reports ``v``, the posts. Counted
+        # only where the posts reach the thresholds: the count is at most the posts.
+        if v.sightings_5m < max(needed, cfg.min_sightings_5m) or v.sightings_1h < cfg.min_sightings_1h:
+            return
+        per_account = cfg.max_sightings_per_account
+        end = _window_end(state)
+        spread_5m = virality.spread(state.recent, end, virality.WINDOW_5M, per_account)
+        if spread_5m < max(needed, cfg.min_sightings_5m) or (
+                cfg.min_sightings_1h
+                and virality.spread(state.recent, end, virality.WINDOW_1H, per_account) < cfg.min_sightings_1h):
             return
         if state.alert_level == 0:
             rule = f"fake_score>={cfg.min_fake_score} and sightings_5m>={cfg.min_sightings_5m}"
-        elif (state.alert_velocity < virality.MAX_RECENT
-              and v.sightings_5m >= min(max(1, state.alert_velocity) * cfg.escalation_factor, virality.MAX_RECENT)):
-            # velocity counts at most MAX_RECENT sightings: the target is capped there (escalating once
-            # on reaching it), or a cluster past MAX_RECENT / factor would never escalate again
-            rule = f"escalation: sightings_5m {v.sightings_5m} >= {cfg.escalation_factor}x {state.alert_velocity}"
+        else:
+            rule = f"escalation: sightings_5m {spread_5m} >= {cfg.escalation_factor}x {state.alert_velocity}"
             if max(1, state.alert_velocity) * cfg.escalation_factor > virality.MAX_RECENT:
                 rule += f" (capped at {virality.MAX_RECENT}, the most velocity counts)"
-        else:
-            return
+        if spread_5m != v.sightings_5m:  # the subscriber sees v.sightings_5m: say why the rule counts fewer
+            rule += f" (counting at most {per_account} per account: {spread_5m} of {v.sightings_5m} sightings)"
         rule += _behind(state, trigger)
         state.alert_level += 1
-        state.alert_velocity = v.sightings_5m
+        state.alert_velocity = spread_5m
         alert = Alert(
             alert_id=f"{state.cluster_id}:{state.alert_level}", cluster_id=state.cluster_id, rule=rule,
             level=state.alert_level, fake_score=state.fake_score, verdict=state.verdict, velocity=v,

@@ -304,5 +304,12 @@ LOOKUP_HELD_SECONDS = Gauge("deepwatch_findings_lookup_held_seconds", "How long 
 LOOKUP_FAILURES = Counter("deepwatch_findings_lookup_failures_total", "Duplicate lookups in the findings store that "
                           "failed for a reason that passes (SQLITE_BUSY, SQLITE_IOERR, Elasticsearch unavailable, "
                           "...), each held and tried again")
+# streams.stage.AnalyzeStage._check_event_time: a producer whose clock is slow stamps records
+# (CreateTime) before their posts were made, and a sighting counts at the earlier of the two.
+BROKER_TIME_BEHIND = Counter("deepwatch_broker_timestamp_behind_total", "Events whose broker timestamp (the "
+                             "producer's clock, on a CreateTime topic) is over a minute before their posted_at, by "
+                             "topic and what was done: worker_clock = a live post, timed by this worker's clock "
+                             "instead; kept = a backlog, where a slow clock and a post dated ahead look alike",
+                             ["topic", "action"])
 FETCH_HOST_PAUSES = Counter("deepwatch_fetch_host_pauses_total", "Image hosts paused after timing out "
                             "fetch.breaker_timeouts times in a row (streams.host_breaker)")

@@ -305,6 +305,9 @@ class AlertSettings(_Section):
     min_fake_score: float = Field(0.7, ge=0, le=1)  # a cluster alerts only with a fake score (0-1) at least this
     min_sightings_5m: int = Field(10, ge=0)  # velocity: sightings of the cluster in the trailing 5 minutes (at most 5000)
     min_sightings_1h: int = Field(0, ge=0)  # sightings in the trailing hour (at most 5000)
+    # spread, not posts: one bot posting a fake 12 times in 5 minutes counts 3 and pages nobody, while a handful
+    # of accounts pushing it hard still does; 1 counts accounts only, 5000 counts every post (as before)
+    max_sightings_per_account: int = Field(3, ge=1)  # alert thresholds and escalations count at most this many sightings of one account per window (at most 5000)
     escalation_factor: float = Field(3.0, gt=1)  # an escalation re-alerts when velocity reaches this times the last alert's
     webhooks: list[WebhookSettings] = Field(default_factory=list)  # signed alert webhooks: [[alerts.webhooks]] tables in TOML, or a JSON list; fields below
     console: bool = True  # log each alert as one line (ALERT L1 cluster ...) besides storing it
@@ -324,6 +327,16 @@ class AlertSettings(_Section):
         if value > MAX_RECENT:
             raise ValueError(f"must be at most {MAX_RECENT}: a cluster's velocity counts at most {MAX_RECENT} "
                              "sightings (streams.virality.MAX_RECENT), so a higher threshold never fires")
+        return value
+
+    @field_validator("max_sightings_per_account")
+    @classmethod
+    def _cap_countable(cls, value: int) -> int:
+        from streams.virality import MAX_RECENT
+
+        if value > MAX_RECENT:
+            raise ValueError(f"must be at most {MAX_RECENT}: a cluster's windows keep at most {MAX_RECENT} "
+                             "sightings (streams.virality.MAX_RECENT), so a higher cap is never reached")
         return value
 
     @field_validator("webhooks")
@@ -367,6 +380,8 @@ class ConnectorSettings(_Section):
 
     jetstream_url: str = "wss://jetstream2.us-east.bsky.network/subscribe"  # the Bluesky Jetstream `connect bluesky` reads
     bluesky_image_url: str = "https://cdn.bsky.app/img/feed_fullsize/plain/{did}/{cid}@jpeg"  # where a post's image is fetched from ({did}, {cid})
+    # a mirror inside the network is not refused as private; its redirects are checked like any host's
+    plc_url: str = "https://plc.directory"  # the PLC directory did:plc accounts' handles are resolved at (then verified at the handle's own host)
     zstd_dictionary: Path | None = None  # Jetstream's dictionary file; set to ask for compressed frames
     cursor_overlap_s: float = Field(5.0, ge=0)  # resume this far before the saved cursor; duplicates are dropped by event id
     backoff_initial_s: float = Field(1.0, gt=0)  # first wait before reconnecting a dropped stream; doubles to backoff_max_s

@@ -312,6 +312,33 @@ class Slot:
         return await asyncio.shield(task)
 
 
+# A broker timestamp this far before its post's posted_at is a slow producer clock (or a post
+# dated ahead): platform and producer clocks agree to seconds (``_check_event_time``).
+CLOCK_BEHIND_S = 60.0
+# A post this recent by the worker's clock is live: a slow producer's stamp is replaced for it.
+# Past it a backlog's post dated ahead would look the same (``_check_event_time``).
+LIVE_POST_S = 120.0
+# One warning per topic and producing run in this long: a slow producer stamps every record.
+CLOCK_WARN_EVERY_S = 300.0
+_clock_warned: dict[tuple[str, str | None], float] = {}
+
+
+def _warn_clock_behind(topic: str, run: str | None, behind_s: float, action: str) -> None:
+    """Log, at most every ``CLOCK_WARN_EVERY_S`` per topic and run (the
+    ``deepwatch-run`` header names an ingest run), that a producer's clock
+    looks slow: alerts that never fired are otherwise unexplained."""
+    key, now = (topic, run), time.monotonic()
+    if now - _clock_warned.get(key, -CLOCK_WARN_EVERY_S) < CLOCK_WARN_EVERY_S:
+        return
+    if len(_clock_warned) >= 1024:  # runs come and go: a bound, not a history
+        _clock_warned.clear()
+    _clock_warned[key] = now
+    log.warning("broker timestamp before posted_at: the producer's clock looks slow; fix its clock (NTP). On "
+                "Kafka, a topic with message.timestamp.type=LogAppendTime is stamped by the broker instead (the "
+                "embedded broker keeps the producer's stamp)",
+                extra={"topic": topic, "run": run, "behind_s": round(behind_s, 1), "action": action})
+
+
 class AnalyzeStage:
     """validate -> event-time check -> fetch -> decode/hash/cheap detectors ->
     duplicate check -> cluster op. ``store`` answers "which picture does this
@@ -341,7 +368,7 @@ class AnalyzeStage:
             async with asyncio.timeout(deadline) as clock:
                 ev = parse_event(raw)
                 event_id = ev.event_id
-                self._check_event_time(ev.posted_at, broker_ts)
+                broker_ts = self._check_event_time(ev.posted_at, broker_ts, source)
                 async with self.shared.hold(ev.event_id, clock):
                     return await self._analyze(ev, source, broker_ts, clock)
         except TimeoutError:
@@ -434,7 +461,11 @@ class AnalyzeStage:
                                       source=source, payload_excerpt=excerpt, payload_sha256=payload_sha256(raw)),
                       event_id=event_id)
 
-    def _check_event_time(self, posted_at: datetime, broker_ts: float | None) -> None:
+    def _check_event_time(self, posted_at: datetime, broker_ts: float | None,
+                          source: SourceRef | None = None) -> float | None:
+        """Refuse a post dated too far ahead; return the broker timestamp its
+        sighting is to carry (``ingested_at``): ``broker_ts``, or this
+        worker's clock where ``broker_ts`` is a slow producer's (below)."""
         # Windows end at a cluster's newest event time, min(posted_at, broker
         # timestamp) (``clustering.event_time``), so a post dated ahead moves
         # them only as far as its broker timestamp; but that is the
@@ -450,6 +481,24 @@ class AnalyzeStage:
         if posted_at > ingested + timedelta(seconds=skew):
             raise StageError("future_posted_at", f"posted_at {posted_at.isoformat()} is more than {skew:.0f}s after "
                              f"ingest time {ingested.isoformat()} (ingest.max_future_skew_s)")
+        if broker_ts is None:
+            return None
+        posted, now = posted_at.timestamp(), ingested.timestamp()
+        if posted - broker_ts <= CLOCK_BEHIND_S:
+            return broker_ts
+        # Stamped before it was posted: a producer whose clock is slow (an ingest client, a
+        # connector host; the embedded broker keeps CreateTime even on a LogAppendTime topic),
+        # or a post dated ahead. A producer 10 minutes slow put half of a 15-post burst outside
+        # the 5-minute window: no alert. A post made moments ago by this worker's clock, and
+        # not after it, is not dated ahead: its own time stands (this worker's clock bounds it,
+        # as it bounds posted_at above). Older, it may be a backlog's post dated ahead, which
+        # the broker timestamp is there to hold back: kept, and counted.
+        live = -CLOCK_BEHIND_S <= now - posted <= LIVE_POST_S
+        action = "worker_clock" if live else "kept"
+        topic = source.topic if source is not None else ""
+        metrics.BROKER_TIME_BEHIND.labels(topic, action).inc()
+        _warn_clock_behind(topic, source.run if source is not None else None, posted - broker_ts, action)
+        return now if live else broker_ts
 
     def _small(self, data: bytes) -> bool:
         """Whether a picture is small enough to analyse on the event loop

@@ -10,6 +10,7 @@ and an escalation waits for ``alerts.escalation_factor`` times that)."""
 from __future__ import annotations
 
 from bisect import bisect_right, insort
+from collections import Counter
 
 from pydantic import BaseModel
 
@@ -69,7 +70,7 @@ def seen(recent: list[RecentSighting], event_id: str) -> bool:
 def velocity(recent: list[RecentSighting], now: float) -> Velocity:
     """The trailing windows ending at ``now``, over ``recent`` sorted by time
     (as ``trim`` and ``add`` leave it). Sightings count posts (an account
-    posting twice counts twice), ``accounts_1h`` distinct accounts;
+    posting twice counts twice; alerts decide on ``spread``), ``accounts_1h`` distinct accounts;
     ``engagement_1h`` saturates at ``MAX_COUNT``."""
     last_hour = recent[bisect_right(recent, now - WINDOW_1H, key=_t):]
     return Velocity(
@@ -80,3 +81,13 @@ def velocity(recent: list[RecentSighting], now: float) -> Velocity:
         # desk, Grafana) reads the sum inexactly, why events refuse larger counts
         engagement_1h=min(sum(r.g for r in last_hour), MAX_COUNT),
     )
+
+
+def spread(recent: list[RecentSighting], now: float, window: float, per_account: int) -> int:
+    """The sightings of ``recent`` (sorted by time) in the trailing ``window``
+    ending at ``now``, counting at most ``per_account`` of one account's: what
+    an alert decides on. Sightings count posts, so one account posting a fake
+    10 times in 5 minutes read as 10 accounts spreading it and paged every
+    subscriber. An account is its platform and id (ids are the platform's)."""
+    counts = Counter((r.p, r.a) for r in recent[bisect_right(recent, now - window, key=_t):])
+    return sum(min(n, per_account) for n in counts.values())
