@@ -237,6 +237,8 @@ def test_frames_are_not_held_for_resolutions_which_run_bounded_and_survive_a_res
     routes |= {well_known(f"{d[-1]}.newsroom.com"): did_answer(d) for d in dids}
     frames = [post(f"p{i}", T0 + i, d) for i, d in enumerate(dids)]
     s = bluesky_settings(tmp_path, bluesky_image_url=PUBLIC)
+    verified_before = REGISTRY.get_sample_value("deepwatch_connector_handle_resolutions_total",
+                                                {"outcome": "verified"}) or 0.0
     with IdentityServer(routes) as server, JetstreamServer(frames) as js:
         state = open_state(s, "t")
         sink = JsonlSink(io.StringIO(), keep=True)
@@ -265,6 +267,8 @@ def test_frames_are_not_held_for_resolutions_which_run_bounded_and_survive_a_res
         # ... the resolutions ran at most 3 at a time, each DID asked once
         assert server.max_inflight <= 3
         assert sorted(p for _, p in server.hits if p.startswith("/did:")) == sorted(f"/{d}" for d in dids)
+        assert REGISTRY.get_sample_value("deepwatch_connector_handle_resolutions_total",
+                                         {"outcome": "verified"}) == verified_before + len(dids)
 
         # A restart: the handles come from the state file, nothing is asked again.
         hits = len(server.hits)
@@ -404,3 +408,14 @@ def test_mastodon_frames_are_counted_per_stream(tmp_path):
     assert r1.emitter.counts["image_post"] > 0
     assert all(metric("deepwatch_connector_frames_total", connector="mastodon", outcome=o,
                       stream=quiet_stream) == 0 for o in r1.emitter.counts)
+
+
+def test_the_plc_directory_is_a_setting(tmp_path):
+    # a newsroom running a PLC mirror inside its network sets connectors.plc_url; it was a
+    # constructor argument only, so `deepwatch connect bluesky` always asked plc.directory
+    s = bluesky_settings(tmp_path, bluesky_image_url=PUBLIC)
+    assert build_bluesky(s, JsonlSink(io.StringIO()), open_state(s, "t", memory=True)).mapper.resolver.plc_url \
+        == "https://plc.directory"
+    s.connectors.plc_url = "https://plc.mirror.newsroom.example/"
+    runner = build_bluesky(s, JsonlSink(io.StringIO()), open_state(s, "u", memory=True))
+    assert runner.mapper.resolver.plc_url == "https://plc.mirror.newsroom.example"

@@ -190,6 +190,7 @@ def bluesky(
     _check_url(jetstream_url or settings.connectors.jetstream_url,
                "--jetstream-url" if jetstream_url else "connectors.jetstream_url", ("ws", "wss", "http", "https"),
                "wss://jetstream2.us-east.bsky.network/subscribe")
+    _check_url(settings.connectors.plc_url, "connectors.plc_url", ("http", "https"), "https://plc.directory")
     if zstd_dictionary:
         settings.connectors.zstd_dictionary = zstd_dictionary
     if settings.connectors.zstd_dictionary:

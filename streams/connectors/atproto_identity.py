@@ -46,6 +46,7 @@ from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+from prometheus_client import Counter
 
 from streams.connectors.base import ConnectorState, TokenBucket, rate_limit_wait
 from streams.fetch import BoundedBody, FetchError, IPAddress, pin, refuse_private, target, tls_context
@@ -74,6 +75,11 @@ ENTRY_OVERHEAD_BYTES = 200  # what a cache entry costs beyond its strings (the d
 # (timeout, network, 429/5xx: asked again after error_ttl_s) and dropped (the
 # queue was full: asked again at the DID's next event).
 FINAL = ("verified", "unverified", "no_handle", "not_found", "bad_document", "refused", "too_large")
+# How resolutions end: an operator sees "unverified" (impersonation claims, or
+# handles published by DNS only), "error" (the PLC directory or handle hosts
+# failing) and "dropped" (the queue full) without reading logs.
+RESOLUTIONS = Counter("deepwatch_connector_handle_resolutions_total",
+                      "Bluesky handle resolutions, by outcome (verified, unverified, ..., error, dropped)", ["outcome"])
 
 
 def normal_handle(value: Any) -> str | None:
@@ -255,6 +261,7 @@ class HandleResolver:
             self._queue.put_nowait(did)
         except asyncio.QueueFull:
             self.counts["dropped"] += 1
+            RESOLUTIONS.labels("dropped").inc()
             return
         self._queued[did] = object()
 
@@ -276,6 +283,7 @@ class HandleResolver:
             finally:
                 self._busy -= 1
             self.counts[outcome] += 1
+            RESOLUTIONS.labels(outcome).inc()
             if self._queued.get(did) is not token:
                 continue  # an identity frame came meanwhile: its word stands
             del self._queued[did]

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from streams.connectors.atproto_identity import DEFAULT_PLC_URL, HandleResolver
+from streams.connectors.atproto_identity import HandleResolver
 from streams.connectors.base import ConnectorState, Emitter, Sink, UrlPolicy
 from streams.connectors.bluesky import DEFAULT_COLLECTIONS, BlueskyConnector, BlueskyMapper, wanted_collections
 from streams.connectors.mastodon import MastodonConnector, MastodonMapper, Timeline
@@ -51,16 +51,17 @@ def bluesky_stream_key(collections: list[str] | None, hashtags: list[str] | None
 
 
 def build_bluesky(settings: Settings, sink: Sink, state: ConnectorState, *, collections: list[str] | None = None,
-                  hashtags: list[str] | None = None, url: str | None = None, plc_url: str = DEFAULT_PLC_URL,
+                  hashtags: list[str] | None = None, url: str | None = None, plc_url: str | None = None,
                   resolver: HandleResolver | None = None) -> BlueskyConnector:
     """A Bluesky connector whose events carry verified handles: ``resolver``,
-    by default one on ``state`` asking the PLC directory at ``plc_url``, under
+    by default one on ``state`` asking the PLC directory at ``plc_url``
+    (default: ``connectors.plc_url``), under
     the fetch stage's private-address rule (``fetch.allow_private_networks``)."""
     cfg = settings.connectors
     emitter = Emitter("bluesky", bluesky_stream_key(collections, hashtags), state, sink, UrlPolicy(settings.fetch),
                       cfg, cursor_time=lambda c: int(c) / 1e6)
     if resolver is None:
-        resolver = HandleResolver(state, plc_url=plc_url, allow_private=settings.fetch.allow_private_networks)
+        resolver = HandleResolver(state, plc_url=plc_url or cfg.plc_url, allow_private=settings.fetch.allow_private_networks)
     mapper = BlueskyMapper(cfg.bluesky_image_url, hashtags=hashtags, recall=state.recall,
                            max_future_skew_s=settings.ingest.max_future_skew_s, resolver=resolver)
     return BlueskyConnector(emitter, mapper, cfg, collections=collections, url=url)
