@@ -411,6 +411,15 @@ def test_k8s_pods_run_restricted_with_limits():
                 assert {"cpu", "memory"} <= set(c.get("resources", {}).get(kind, {})), f"{name}: no {kind}"
 
 
+def test_the_namespace_says_which_pod_security_standard_it_holds_pods_to():
+    # "Pods run under the restricted Pod Security Standard", said the README, with no label to make a
+    # cluster check it: a pod that slipped would have run anyway
+    ns = yaml.safe_load((REPO / "deploy" / "k8s" / "base" / "namespace.yaml").read_text())
+    labels = ns["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/warn"] == labels["pod-security.kubernetes.io/audit"] == "restricted"
+    assert labels["pod-security.kubernetes.io/enforce"] in ("baseline", "restricted")
+
+
 def test_compose_deepwatch_services_have_memory_limits():
     for name, svc in _deepwatch_services().items():
         assert svc.get("mem_limit") or svc.get("deploy", {}).get("resources", {}).get("limits"), name
