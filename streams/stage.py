@@ -334,8 +334,8 @@ def _warn_clock_behind(topic: str, run: str | None, behind_s: float, action: str
         _clock_warned.clear()
     _clock_warned[key] = now
     log.warning("broker timestamp before posted_at: the producer's clock looks slow; fix its clock (NTP). On "
-                "Kafka, a topic with message.timestamp.type=LogAppendTime is stamped by the broker instead (the "
-                "embedded broker keeps the producer's stamp)",
+                "Kafka, a topic with message.timestamp.type=LogAppendTime is stamped by the broker instead (not "
+                "on the embedded broker)",
                 extra={"topic": topic, "run": run, "behind_s": round(behind_s, 1), "action": action})
 
 
@@ -487,7 +487,7 @@ class AnalyzeStage:
         if posted - broker_ts <= CLOCK_BEHIND_S:
             return broker_ts
         # Stamped before it was posted: a producer whose clock is slow (an ingest client, a
-        # connector host; the embedded broker keeps CreateTime even on a LogAppendTime topic),
+        # connector host; the embedded broker cannot be told to stamp records itself),
         # or a post dated ahead. A producer 10 minutes slow put half of a 15-post burst outside
         # the 5-minute window: no alert. A post made moments ago by this worker's clock, and
         # not after it, is not dated ahead: its own time stands (this worker's clock bounds it,
