@@ -328,6 +328,16 @@ DESK_GROUP = "deepwatch-desk"
 # The same velocity bar the stream's own alert rule uses by default.
 VIRAL_VELOCITY_MIN = AlertSettings().min_sightings_5m
 VIRAL_RULE_UID = "deepwatch-desk-viral-fake"
+# What the desk rule counts: distinct accounts in the 5 minutes, not posts. On
+# ``velocity.sightings_5m`` one bot posting a fake 12 times paged the desk while
+# the stream (``virality.spread``, at most ``alerts.max_sightings_per_account``
+# posts of one account) stayed quiet. Counting each account once, the bar is the
+# stream's default in accounts: at least that many people posted it, so the stream's
+# own spread (an account's posts capped, never below its accounts) has crossed too. The
+# other way it is stricter: a few accounts posting it hard (4 x 3 posts) alert the
+# stream's subscribers but not the desk, whose field holds accounts, not capped posts.
+VIRAL_FIELD = "velocity.accounts_5m"
+VIRAL_ACCOUNTS_MIN = VIRAL_VELOCITY_MIN
 
 
 def _viral_query(ref: str, field: str) -> es.Dataquery:
@@ -343,22 +353,24 @@ def _viral_query(ref: str, field: str) -> es.Dataquery:
 
 
 def viral_fake_rule() -> alerting.Rule:
-    """A likely-AI picture whose 5-minute velocity crosses the bar: one alert
-    instance per cluster, labelled with the cluster and its evidence."""
+    """A likely-AI picture posted by at least ``VIRAL_ACCOUNTS_MIN`` distinct
+    accounts in 5 minutes (``VIRAL_FIELD``): one alert instance per cluster,
+    labelled with the cluster and its evidence. Cluster documents written before
+    ``accounts_5m`` existed have no value there and do not fire (no data: OK)."""
     window = RelativeTimeRange(from_val=900, to=0)
     return (
         alerting.Rule("Likely-AI picture going viral")
         .uid(VIRAL_RULE_UID).folder_uid(DESK_FOLDER_UID).rule_group(DESK_GROUP).org_id(1)
         .condition("C")
         .with_query(alerting.Query("A").datasource_uid(desk.ES_CLUSTERS_UID).relative_time_range(window)
-                    .model(_viral_query("A", "velocity.sightings_5m")))
+                    .model(_viral_query("A", VIRAL_FIELD)))
         # max, not last: the date histogram has empty (null) buckets between updates
         .with_query(alerting.Query("B").datasource_uid("__expr__").model(
             expr.TypeReduce().ref_id("B").expression("A").reducer("max")))
         .with_query(alerting.Query("C").datasource_uid("__expr__").model(
             expr.TypeThreshold().ref_id("C").expression("B").conditions([
-                expr.ExprTypeThresholdConditions().evaluator(  # velocities are whole numbers: > N-1 is >= N
-                    expr.ExprTypeThresholdConditionsEvaluator().type("gt").params([VIRAL_VELOCITY_MIN - 1]))
+                expr.ExprTypeThresholdConditions().evaluator(  # counts are whole numbers: > N-1 is >= N
+                    expr.ExprTypeThresholdConditionsEvaluator().type("gt").params([VIRAL_ACCOUNTS_MIN - 1]))
             ])))
         .with_query(alerting.Query("D").datasource_uid(desk.ES_CLUSTERS_UID).relative_time_range(window)
                     .model(_viral_query("D", "fake_score")))
@@ -368,9 +380,13 @@ def viral_fake_rule() -> alerting.Rule:
         .no_data_state("OK").exec_err_state("Error")
         .labels({"team": "factcheck-desk", "severity": "warning", "source": "deepwatch-findings"})
         .annotations({
-            "summary": "Likely-AI picture {{ $labels.cluster_id }} is spreading: {{ $values.B }} sightings in 5 min",
+            "summary": "Likely-AI picture {{ $labels.cluster_id }} is spreading: {{ $values.B }} accounts posted it in 5 min",
             "description": "Fake score {{ humanizePercentage $values.E.Value }}. Evidence: "
                            "{{ index $labels \"evidence_summary.keyword\" }}",
+            # what the summary's number is and where the bar comes from, for whoever reads the payload
+            "threshold": f"{VIRAL_ACCOUNTS_MIN} or more distinct accounts (platform and id) posting it in 5 minutes, "
+                         "the stream's default alerts.min_sightings_5m; one account's posts count once, so a bot "
+                         "reposting the picture does not page the desk",
             "score": "{{ $values.E }}",
             "evidence": "{{ index $labels \"evidence_summary.keyword\" }}",
             "cluster_id": "{{ $labels.cluster_id }}",

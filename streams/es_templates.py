@@ -25,8 +25,10 @@ from typing import Any
 # ``hashtags.text`` use the ``deepwatch_text`` analyzer (words break where
 # SQLite's FTS5 ``unicode61`` breaks them: ``Trump's`` is ``trump`` and ``s``)
 # and every component template carries the analysis its mappings name (a
-# data stream: a rollover, ``ROLLOVER``)
-MAPPING_VERSION = 5
+# data stream: a rollover, ``ROLLOVER``); 6: ``velocity.accounts_5m`` on clusters
+# and alerts (an added field: in place; the clusters mapping is strict, so a v5
+# index refused every snapshot carrying it)
+MAPPING_VERSION = 6
 SCRIPT_ID = f"deepwatch-cluster-upsert-v{MAPPING_VERSION}"
 
 PDQ_BITS = 256
@@ -122,6 +124,12 @@ ALERT_SPREAD: dict[str, Any] = {
 # write: the deliveries mapping is strict.
 DELIVERY_STATE: dict[str, Any] = {"state": _KEYWORD}
 
+_VELOCITY_FIELDS = ("sightings_5m", "sightings_1h", "accounts_1h", "engagement_1h", "accounts_5m")
+_VELOCITY = {"properties": {k: {"type": "long"} for k in _VELOCITY_FIELDS}}
+# Mapping v6's addition to clusters and alerts (``streams.records.Velocity.accounts_5m``), merged by ``PUT
+# <alias>/_mapping`` into the velocity object v5 made
+VELOCITY_ACCOUNTS_5M: dict[str, Any] = {"velocity": {"properties": {"accounts_5m": {"type": "long"}}}}
+
 # What each mapping version changed, per index (a ``names`` key): the fields it
 # added, which an index of the version before takes in place (``PUT
 # <alias>/_mapping``: ``ensure_setup`` does it), or ``REINDEX`` where a field's
@@ -145,6 +153,7 @@ MIGRATIONS: dict[int, dict[str, dict[str, Any] | str | None]] = {
     3: {"clusters": REINDEX, "alerts": REINDEX},  # velocity counts integer -> long
     4: {"alerts": ALERT_SPREAD, "deliveries": DELIVERY_STATE},
     5: {"sightings": ROLLOVER},  # text, hashtags.text: standard -> deepwatch_text
+    6: {"clusters": VELOCITY_ACCOUNTS_5M, "alerts": VELOCITY_ACCOUNTS_5M},
 }
 
 
@@ -161,7 +170,6 @@ _EVIDENCE = {
         "data": {"type": "object", "enabled": False},  # detector-specific, shown not searched
     },
 }
-_VELOCITY = {"properties": {k: {"type": "long"} for k in ("sightings_5m", "sightings_1h", "accounts_1h", "engagement_1h")}}
 _ENGAGEMENT = {"properties": {k: {"type": "long"} for k in ("likes", "reposts", "replies", "views")}}
 _SOURCE_REF = {"properties": {"topic": _KEYWORD, "partition": {"type": "integer"}, "offset": {"type": "long"},
                                "run": _KEYWORD}}

@@ -349,6 +349,9 @@ class Velocity(BaseModel):
     sightings_1h: int = 0
     accounts_1h: int = 0
     engagement_1h: int = 0
+    # distinct accounts (platform and id) in the 5 minutes: what a bot reposting counts once.
+    # Added after v1 shipped: records stored before it read 0, and schema_version stays 1
+    accounts_5m: int = 0
 
 
 class ClusterSnapshot(_Record):

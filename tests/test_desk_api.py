@@ -1442,7 +1442,8 @@ def test_velocity_is_as_of_the_newest_sighting_in_the_desks_view(data, env):
         by_id = {d["id"]: d for d in c.get("/api/clusters").json()}
         viral = by_id["c-viral"]  # its burst ended 4 h before persona4's post, the newest
         assert viral["stream_velocity"]["sightings_5m"] == 10 and viral["stream_velocity"]["sightings_1h"] == 12
-        assert viral["velocity"] == {"sightings_5m": 0, "sightings_1h": 0, "accounts_1h": 0, "engagement_1h": 0}
+        assert viral["velocity"] == {"sightings_5m": 0, "sightings_1h": 0, "accounts_1h": 0, "engagement_1h": 0,
+                                     "accounts_5m": 0}
         assert viral["quiet_since"] == viral["last_seen"]
         assert by_id["c-persona4"]["velocity"]["sightings_5m"] == 1 and by_id["c-persona4"]["quiet_since"] is None
         row = c.get("/").text.split('data-cluster="c-viral"')[1].split("</tr>")[0]

@@ -360,7 +360,9 @@ def test_a_v4_deployment_starts_and_its_sightings_roll_over_to_the_new_analysis(
     assert fake_es.stream_backing["deepwatch-sightings"] == [v4_backing]  # nothing written yet
     assert [alias for alias, _props in fake_es.put_mappings] == [
         "deepwatch-clusters", "deepwatch-alerts", "deepwatch-dead-letters", "deepwatch-deliveries", "deepwatch-processed"]
-    assert all(props == {} for _alias, props in fake_es.put_mappings)
+    # what changed since v4 in those indices: the accounts count in velocity (v6), nothing else
+    assert dict(fake_es.put_mappings) == {a: (T.VELOCITY_ACCOUNTS_5M if a in ("deepwatch-clusters", "deepwatch-alerts")
+                                              else {}) for a, _ in fake_es.put_mappings}
     assert fake_es.index_mappings["deepwatch-clusters-v4"]["_meta"]["mapping_version"] == T.MAPPING_VERSION
     v4 = fake_es.index_mappings[v4_backing]
     assert v4["_meta"]["mapping_version"] == 4 and v4["properties"]["text"] == {"type": "text"}

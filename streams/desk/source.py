@@ -858,7 +858,7 @@ def _decayed(doc: dict[str, Any], closed: int) -> dict[str, Any]:
     stream = doc["velocity"]
     velocity = dict(stream)
     if closed >= 1:
-        velocity["sightings_5m"] = 0
+        velocity.update(sightings_5m=0, accounts_5m=0)
     if closed >= 2:
         velocity.update(sightings_1h=0, accounts_1h=0, engagement_1h=0)
     return {**doc, "velocity": velocity, "stream_velocity": stream,
