@@ -5,8 +5,11 @@ scrapers and partner feeds.
 application/json``) or many (NDJSON: one event per line, any other content
 type). Every line gets a result: ``accepted`` (produced to the events topic)
 or ``dead_lettered`` (the reason and detail are in the response AND on the
-dead-letter topic, so a rejected line is never just lost). The answer is 202
-because acceptance means "durably queued", not "analysed".
+dead-letter topic, so a rejected line is never just lost). A line that repeats
+an earlier line's event id with other content is dead-lettered
+(``duplicate_event_id``): the pipeline would count it as a retry of the first
+and drop it. The answer is 202 because acceptance means "durably queued", not
+"analysed".
 
 Auth: bearer tokens from the environment only (``DEEPWATCH_INGEST_TOKENS`` =
 ``NAME:TOKEN[,NAME:TOKEN...]``); the NAME appears in logs and metrics, never
@@ -18,12 +21,15 @@ Memory: request bodies held at once, all requests together, stay within
 ``ingest_max_buffered_bytes``, and with several token names no one of them
 holds over half of it. Bytes count as they arrive; a request that would go
 over is answered 503 "busy" with Retry-After at once (with a Content-Length
-that cannot fit, before its body is read).
+that cannot fit, before its body is read), as is an authenticated request
+while ``MAX_IN_FLIGHT`` are at work. At most ``MAX_CONNECTIONS`` connections
+are held open: one more closes the oldest with no request at work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -89,6 +95,37 @@ BODY_TIMEOUT_S = 60.0
 # fetch stage checks every address again before it connects.
 URL_CHECK_S = 5.0
 URL_CHECK_CONCURRENCY = DNS_THREADS
+# Pieces one request body may arrive in (h11's Data events: a chunk of a
+# chunked body, or what one read brought of a body with a Content-Length)
+# while they average under MIN_PIECE_BYTES. h11 and uvicorn spend ~5 us of
+# the event loop on each, whatever its size: a 2 MB body sent in 1-byte
+# chunks held the loop 10.6 s (/healthz waited 3.2 s), an 8 MiB one ~40 s.
+# 16,384 pieces cost ~80 ms; at 64 bytes or more on average a body of the
+# largest size is at most 131,072 (8 MB in 80-byte chunks, ~100,000, was
+# answered in 1.7 s, /healthz within 0.16 s meanwhile). A body sent in one
+# go is a few hundred reads (8 MiB in 536-byte TCP segments, each read on
+# its own, 15,650), NDJSON sent a chunk per line one per line.
+MAX_BODY_PIECES = 16_384
+MIN_PIECE_BYTES = 64
+# Set in a request's ASGI scope when the protocol refused its body as too fragmented.
+FRAGMENTED_KEY = "deepwatch.too_fragmented"
+# Connections held open at once, idle ones included; one more closes the
+# oldest idle one (or itself, when every one has a request at work). Well
+# under a default 1,024 descriptors, as the desk's
+# (streams.cli.serve.DESK_CONNECTIONS): 3,000 idle connections, no token
+# needed, took 3,000 descriptors (audit).
+MAX_CONNECTIONS = 600
+# Requests at work at once (authenticated, between their head and their
+# answer); more are answered 503 busy with Retry-After. This replaced
+# uvicorn's limit_concurrency, which counts open connections: 256 idle ones
+# opened by anybody made every token holder's request a bare text/plain 503,
+# without Retry-After and in no metric (audit).
+MAX_IN_FLIGHT = 256
+# How long a stop (SIGTERM) waits for requests at work: a slow body may take
+# BODY_TIMEOUT_S, and a stop waited for it (over 20 s in the audit) while an
+# orchestrator's own grace (Kubernetes: 30 s) ran out. A request cut short
+# was not acknowledged: its client re-sends it.
+SHUTDOWN_GRACE_S = 10
 
 
 def load_tokens(env_name: str, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -221,10 +258,7 @@ class BrokerGate:
                 self.state = "ok"
             except Exception as e:
                 sink, self._sink = self._sink, None
-                try:
-                    sink.close()
-                except Exception:
-                    pass
+                _close_aside(sink)
                 # kafka-python says "Failed to update metadata after N secs" for a
                 # topic deleted meanwhile, the same words as for a broker gone: ask.
                 failure = self._failed(e, self._ask_missing())
@@ -241,9 +275,22 @@ class BrokerGate:
                 self._sink = None
 
 
+def _close_aside(sink: Any) -> None:
+    """Close a failed sink on a thread of its own: closing waits for what it
+    still holds (KafkaSink: up to 5 s), and in the request's path it made a
+    broker outage's 503 take 12 s with a 5 s ingest_broker_timeout_s (audit)."""
+    def close() -> None:
+        try:
+            sink.close()
+        except Exception:
+            pass
+
+    threading.Thread(target=close, name="ingest-sink-close", daemon=True).start()
+
+
 class BufferBudget:
     """Request bytes held in memory by all requests together. The body limit
-    bounds one request, but uvicorn lets 256 run at once: without a shared
+    bounds one request, but ``MAX_IN_FLIGHT`` (256) run at once: without a shared
     budget, token holders sending maximal bodies could take gigabytes.
 
     ``per_token``: the most one token name may hold, so that one token holder
@@ -479,14 +526,17 @@ async def check_urls(policy: UrlPolicy, urls: list[str], deadline_s: float,
 def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Callable[[], Any] | None = None,
               body_timeout_s: float = BODY_TIMEOUT_S, public_metrics: bool = True,
               missing_topics: Callable[[], list[str] | None] | None = None,
-              url_check_s: float = URL_CHECK_S) -> FastAPI:
+              url_check_s: float = URL_CHECK_S, max_in_flight: int = MAX_IN_FLIGHT) -> FastAPI:
     """The ASGI app. ``tokens`` maps token -> name (see ``load_tokens``).
     ``public_metrics``: answer GET /metrics here too; off when they are served
     on a port of their own (token names are in their labels).
     ``missing_topics``: which topics the broker lacks, asked before a new
     producer is used and after a failed produce (default: asked of the broker
     when ``sink_factory`` is not given). ``url_check_s``: how long one
-    request's image URL checks may take, all together (``URL_CHECK_S``)."""
+    request's image URL checks may take, all together (``URL_CHECK_S``).
+    ``max_in_flight``: authenticated requests at work at once, more are
+    answered 503 busy (``MAX_IN_FLIGHT``); with several token names, half
+    of them at most for one name."""
     if not tokens:
         raise TokenConfigError(f"no ingest tokens: set {settings.connectors.ingest_tokens_env}=NAME:TOKEN[,...]")
     cfg = settings.connectors
@@ -546,11 +596,17 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         # an exception's text) is in the log line of the request that failed.
         return {"status": "ok", "broker": gate.state}
 
-    def busy(name: str) -> JSONResponse:
+    def busy(name: str, what: str = "request bodies") -> JSONResponse:
         # A body is held at most body_timeout_s to arrive, url_check_s for its URL checks and the broker's
         # timeout (ingest_broker_timeout_s) to be produced; most go far sooner, so soon is worth a retry.
-        return answer(name, 503, {"error": "busy", "detail": "the endpoint holds as many request bodies as it "
+        return answer(name, 503, {"error": "busy", "detail": f"the endpoint holds as many {what} as it "
                                   "may; nothing was accepted, re-send this request shortly"}, {"Retry-After": "1"})
+
+    # Requests at work, all and by token name; only touched on the event loop, like the budget. With
+    # several token holders none may have over half of them: one sending slowly on many connections
+    # must leave room for the others, as with the budget.
+    in_flight: dict[str | None, int] = {None: 0}
+    token_in_flight = max(1, max_in_flight // 2) if several else max_in_flight
 
     @app.post("/ingest")
     async def ingest(request: Request) -> JSONResponse:
@@ -564,13 +620,25 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         if name is None:
             return answer("-", 401, {"error": "unauthorized", "detail": "send Authorization: Bearer <token>"},
                           {"WWW-Authenticate": 'Bearer realm="deepwatch-ingest"'})
-        with budget.hold(name) as hold:
-            try:
-                return await handle(request, name, started, hold)
-            except ClientDisconnect:
-                # Nobody to answer; caught only so that it is not logged as a server error.
-                log.info("client went away mid-request", extra={"token": name})
-                return answer(name, 499, {"error": "client_disconnected"})
+        if in_flight[None] >= max_in_flight or in_flight.get(name, 0) >= token_in_flight:
+            return busy(name, "requests")
+        in_flight[None] += 1
+        in_flight[name] = in_flight.get(name, 0) + 1
+        try:
+            with budget.hold(name) as hold:
+                try:
+                    return await handle(request, name, started, hold)
+                except ClientDisconnect:
+                    if request.scope.get(FRAGMENTED_KEY):
+                        # the protocol answered it 400 and closed the connection (_ingest_protocol): counted
+                        # as what the client got, not as a client gone
+                        return answer(name, 400, {"error": "too_fragmented"})
+                    # Nobody to answer; caught only so that it is not logged as a server error.
+                    log.info("client went away mid-request", extra={"token": name})
+                    return answer(name, 499, {"error": "client_disconnected"})
+        finally:
+            in_flight[None] -= 1
+            in_flight[name] -= 1
 
     async def handle(request: Request, name: str, started: float, hold: Hold) -> JSONResponse:
         declared = request.headers.get("content-length")
@@ -599,6 +667,13 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
             return answer(name, 408, {"error": "body_timeout", "detail": f"the body did not arrive within "
                                       f"{body_timeout_s:g}s; nothing was accepted, re-send this request"},
                           {"Connection": "close"})
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still at work SHUTDOWN_GRACE_S into a stop; a body still
+            # arriving then is most of them. Nothing was produced: say so rather than let the
+            # cancellation end as an "Exception in ASGI application" traceback per request.
+            log.info("stopping; request cut short while its body arrived", extra={"token": name, "bytes": size})
+            return answer(name, 503, {"error": "stopping", "detail": "the endpoint is stopping; nothing was "
+                                      "accepted, re-send this request"}, {"Connection": "close", "Retry-After": "1"})
         body = b"".join(chunks)
         del chunks  # one copy of the body at a time, not the chunks and the joined body too
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -652,6 +727,7 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         # CPU: between lines the loop gets its turn. asyncio's executor, not
         # starlette's thread pool, which also runs /healthz and /metrics.
         checked = await asyncio.to_thread(_validate_lines, numbered)
+        first_of: dict[str, tuple[int, bytes]] = {}  # event id -> the first accepted line with it, and its bytes
         verdicts, unchecked = await check_urls(
             policy, [what[1] for _, _, what in checked if len(what) == 2 and what[1] is not None], url_check_s)
         for n, raw, what in checked:
@@ -663,6 +739,14 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
             refused = verdicts.get(key) if key is not None else None
             if refused is not None:
                 reject(n, raw, event_id, "fetch", refused.reason, refused.detail)
+                continue
+            earlier = first_of.setdefault(event_id, (n, raw))
+            if earlier[0] != n and earlier[1] != raw:
+                # The pipeline takes a repeated event id for a producer's retry and counts the
+                # sighting once: this line's other content would be dropped while answered accepted.
+                reject(n, raw, event_id, "validate", "duplicate_event_id",
+                       f"event id {event_id!r} is on line {earlier[0]} of this request too, with other content; "
+                       "give each event an id of its own")
                 continue
             accepted.append((event_id.encode(), raw))
             if key is not None and key in unchecked:
@@ -721,6 +805,104 @@ def serve(settings: Settings, host: str, port: int, *, header_timeout_s: float =
         # (behind a proxy) keeps its counters, which name the token holders, there too
         log.info("metrics listening", extra={"host": host, "port": metrics.serve(metrics_port, host=host)})
     log.info("ingest endpoint listening", extra={"host": host, "port": port, "tokens": sorted(set(tokens.values()))})
+    uvicorn.Server(server_config(app, host, port, header_timeout_s=header_timeout_s)).run()
+
+
+def server_config(app: FastAPI, host: str, port: int, *, header_timeout_s: float = HEADER_TIMEOUT_S,
+                  max_connections: int = MAX_CONNECTIONS) -> Any:
+    """The uvicorn config ``serve`` runs ``app`` with: at most
+    ``max_connections`` open at once, each head within ``header_timeout_s``,
+    a body in ``MAX_BODY_PIECES`` tiny pieces at most, no access log (a query
+    string may hold anything, a token included), and a stop waits
+    ``SHUTDOWN_GRACE_S`` at most. No limit_concurrency: requests at work are
+    bounded by ``build_app``'s ``max_in_flight``."""
+    import uvicorn
+
     # no "server: uvicorn" header, as the desk: the software and its version are nobody's business
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, server_header=False,
-                limit_concurrency=256, timeout_keep_alive=5, http=head_deadline_protocol(header_timeout_s))
+    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, server_header=False,
+                          timeout_keep_alive=5, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                          http=_ingest_protocol(head_deadline_protocol(header_timeout_s), max_connections))
+
+
+def _ingest_protocol(protocol: type, max_connections: int) -> type:
+    """``protocol`` (uvicorn's h11 protocol) holding at most
+    ``max_connections`` open: one more closes the oldest that has no request
+    at work (no head yet, or waiting after an answer), or, when every one
+    has, the new one before a byte of it is read. Closing the new one
+    always (``head_deadline_protocol``'s cap) let anybody, no token needed,
+    shut every token holder out with that many idle connections, renewed
+    within the head deadline. It also refuses, 400 ``too_fragmented``, a
+    request body in over ``MAX_BODY_PIECES`` pieces of under
+    ``MIN_PIECE_BYTES`` on average (counted where h11
+    parses them: by the time the app reads, uvicorn has joined what arrived
+    together, and the cost is already spent)."""
+    import h11
+
+    opened: dict[Any, None] = {}  # the open connections, oldest first (an ordered set)
+
+    class PieceCountingConnection(h11.Connection):
+        pieces = 0
+        bytes = 0
+        refused: str | None = None
+
+        def next_event(self) -> Any:
+            event = super().next_event()
+            if isinstance(event, h11.Request):
+                self.pieces = self.bytes = 0
+            elif isinstance(event, h11.Data):
+                self.pieces += 1
+                self.bytes += len(event.data)
+                if self.pieces > MAX_BODY_PIECES and self.bytes < self.pieces * MIN_PIECE_BYTES:
+                    self.refused = (f"the body came in over {MAX_BODY_PIECES} pieces (chunks) of under "
+                                    f"{MIN_PIECE_BYTES} bytes on average; nothing was accepted, send it in "
+                                    "larger chunks")
+                    # uvicorn answers a protocol error 400 and closes the connection (send_400_response)
+                    raise h11.RemoteProtocolError(self.refused, error_status_hint=400)
+            return event
+
+    class IngestProtocol(protocol):  # type: ignore[valid-type, misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # the size limit uvicorn gave the h11 connection it made (h11_max_incomplete_event_size)
+            self.conn = PieceCountingConnection(h11.SERVER, self.conn._max_incomplete_event_size)
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            opened[self] = None
+            if len(opened) <= max_connections:
+                return
+            idle = next((c for c in opened if c is not self and c._idle()), None)
+            (idle or self).transport.close()  # its connection_lost takes it out of ``opened``
+
+        def _idle(self) -> bool:
+            return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            opened.pop(self, None)
+            super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            try:
+                self._send_400(msg)
+            except h11.LocalProtocolError:
+                # The request was answered already (401, 413, busy) while its body came on: there
+                # is nothing more to say, and h11 refuses a second answer (it was a traceback).
+                self.transport.close()
+
+        def _send_400(self, msg: str) -> None:
+            refused = getattr(self.conn, "refused", None)
+            if refused is None:
+                super().send_400_response(msg)
+                return
+            # as uvicorn's own 400, with the ingest endpoint's JSON error in place of its text
+            body = json.dumps({"error": "too_fragmented", "detail": refused}, separators=(",", ":")).encode()
+            head = h11.Response(status_code=400, reason=b"Bad Request",
+                                headers=[(b"content-type", b"application/json"),
+                                         (b"content-length", str(len(body)).encode()), (b"connection", b"close")])
+            for event in (head, h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            if self.cycle is not None:
+                self.cycle.scope[FRAGMENTED_KEY] = True
+            self.transport.close()
+
+    return IngestProtocol
