@@ -103,6 +103,8 @@ MAX_TAG_CHARS = 256
 MAX_UTC_OFFSET = timedelta(hours=14)
 # How a posted_at string starts: a date, a separator pydantic takes ('T',
 # 't', space or '_') and hours:minutes.
+# C0 and C1 control characters and DEL: nothing an id holds
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DATE_TIME_FORM = re.compile(r"\d{4}-\d{2}-\d{2}[Tt _]\d{2}:\d{2}", re.ASCII)
 
 
@@ -114,7 +116,7 @@ class ImageEvent(_Record):
 
     model_config = ConfigDict(extra="ignore", json_schema_extra={"additionalProperties": True})
     schema_version: Literal[1] = 1
-    event_id: str = Field(min_length=1, max_length=256)
+    event_id: str = Field(min_length=1, max_length=256, json_schema_extra={"pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]+$"})
     platform: str = Field(min_length=1, max_length=64, description="stored in lower case: X and x are one platform")
     post_id: str | None = Field(default=None, max_length=256)
     post_url: str | None = Field(default=None, max_length=4096)
@@ -137,6 +139,16 @@ class ImageEvent(_Record):
         value = value.strip().lower()
         if not value:
             raise ValueError("must not be blank")
+        return value
+
+    @field_validator("event_id")
+    @classmethod
+    def _event_id_printable(cls, value: str) -> str:
+        # An id is a key in every store, log line and terminal table: a C0/C1
+        # control (ESC starting a terminal sequence, a newline) in one rewrote
+        # the operator's screen and split log lines. No platform's ids hold any.
+        if _CONTROL.search(value):
+            raise ValueError("must not contain control characters")
         return value
 
     @field_validator("text", "account_handle")
@@ -190,9 +202,10 @@ class ImageEvent(_Record):
 
 def usable_event_id(value: Any) -> str | None:
     """``value`` if it can serve as an event id in keys, logs and the store
-    (a string of 1..256 characters that encodes as UTF-8), else None. Used to
-    name an event in a dead letter even when the event itself is invalid."""
-    if not isinstance(value, str) or not 0 < len(value) <= 256:
+    (a string of 1..256 characters without control characters that encodes
+    as UTF-8), else None. Used to name an event in a dead letter even when
+    the event itself is invalid."""
+    if not isinstance(value, str) or not 0 < len(value) <= 256 or _CONTROL.search(value):
         return None
     try:
         value.encode("utf-8")

@@ -53,3 +53,21 @@ def test_published_alert_schema_is_current():
     published = PUBLISHED.with_name("alert-v1.schema.json")
     assert json.loads(published.read_text()) == alert_json_schema(), \
         "run `deepwatch schema alert --out streams/schemas/alert-v1.schema.json`"
+
+
+def test_an_event_id_with_control_characters_is_refused_and_never_names_a_dead_letter():
+    # "tip-\x1b[31m\n-14" was accepted: an id is a key in stores, logs and terminal tables, where an
+    # ESC sequence recoloured the operator's screen and a newline split log lines
+    import pytest
+    from pydantic import ValidationError
+
+    from streams.records import ImageEvent, usable_event_id
+
+    good = {"event_id": "tip-14", "platform": "x", "account_id": "a", "posted_at": "2026-01-01T00:00:00Z",
+            "image": {"url": "https://example.org/a.jpg"}}
+    assert ImageEvent.model_validate(good).event_id == "tip-14"
+    for bad in ("tip-\x1b[31m-14", "tip\n14", "tip\x00", "tip\x9b31m", "tip\x7f"):
+        with pytest.raises(ValidationError, match="control characters"):
+            ImageEvent.model_validate({**good, "event_id": bad})
+        assert usable_event_id(bad) is None
+    assert usable_event_id("at://did:plc:abc/app.bsky.feed.post/3k#cid:bafy") is not None
