@@ -775,8 +775,12 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
             BROKER_FAILURES.labels("unavailable").inc()
             log.warning("broker unavailable; request refused", extra={
                 "token": name, "lines": len(numbered), "error": f"{type(e).__name__}: {e}"[:300]})
+            # Not "nothing was accepted": a broker that froze may still append the batch once it
+            # resumes. A re-send is what makes it certain, and events are idempotent by event id.
             return answer(name, 503, {"error": "broker_unavailable", "detail": "the pipeline's broker did not "
-                                      "acknowledge in time; nothing was accepted, re-send this request"},
+                                      "acknowledge in time, so nothing counts as accepted; re-send this request "
+                                      "(events the broker took late are not doubled: each counts once by its "
+                                      "event_id)"},
                           {"Retry-After": retry_after})
         n_ok = len(accepted)
         LINES.labels(name, "accepted").inc(n_ok)
