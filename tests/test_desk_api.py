@@ -1025,6 +1025,43 @@ def test_an_authentic_verdict_on_an_alerted_picture_tells_the_subscribers_once(d
     assert sent["c-viral:desk-authentic"]["summary"].startswith("deepwatch correction (level")
 
 
+def test_what_subscribers_heard_last_is_the_desks_last_word(data, env, webhook):
+    """Two sequences left subscribers with the wrong last word: fake, then
+    authentic, then fake again sent nothing the third time (the stable id
+    ``c:desk-fake`` was settled: a redelivery to the sinks), so the last word
+    was "authentic"; and a fake verdict that covered a matching cluster,
+    then authentic on that cluster, corrected nothing (only the judged
+    cluster's own history was read)."""
+    url, got = webhook
+    store = open_store(data)
+    # c-quiet's picture at another size: judged with it (the retroactive match)
+    make_cluster(store, DirectoryBlobStore(data / "blobs"), "c-repost", 2, posts=3, ai=False,
+                 platforms=("bluesky",), size=(320, 240))
+    store.close()
+    settings = make_settings(data)
+    settings.alerts.webhooks = [WebhookSettings(url=url, retries=0)]
+    settings.alerts.allow_private_webhooks = True  # the receiver listens on loopback
+    with client(settings) as c:
+        def verdict(cid: str, v: str) -> list[str]:
+            r = c.post(f"/api/clusters/{cid}/verdict", json={"verdict": v}, headers=EDITOR)
+            assert r.status_code == 201, r.text
+            return sorted(r.json()["effects"]["alerts"])
+
+        assert verdict("c-quiet", "fake") == ["c-quiet:desk-fake", "c-repost:desk-fake"]
+        # authentic on the cluster the fake verdict covered: both are corrected
+        assert verdict("c-repost", "authentic") == ["c-quiet:desk-authentic", "c-repost:desk-authentic"]
+        assert verdict("c-repost", "authentic") == ["c-quiet:desk-authentic", "c-repost:desk-authentic"]
+        third = verdict("c-quiet", "fake")  # turned back: said again, under ids of their own
+        assert [a.rsplit(":", 1)[0] for a in third] == ["c-quiet:desk-fake", "c-repost:desk-fake"]
+        assert all(a.rsplit(":", 1)[1].isdigit() for a in third)
+    delivered = [h[DELIVERY_HEADER] for h, _ in got if ":desk-" in h[DELIVERY_HEADER]]  # (an account alert too)
+    assert len(delivered) == len(set(delivered)) == 6  # each message once: 2 fake, 2 corrections, 2 fake again
+    last = {}
+    for d in delivered:
+        last[d.split(":")[0]] = d.split(":")[1]
+    assert last == {"c-quiet": "desk-fake", "c-repost": "desk-fake"}
+
+
 def test_a_correction_is_said_as_one_and_not_counted_as_an_alert_going_viral(data, env, caplog):
     from streams import metrics
 

@@ -167,6 +167,20 @@ class DeskDB:
             self._db.execute("INSERT OR IGNORE INTO verdict_effects (verdict_id, effects) VALUES (?, ?)",
                              (verdict_id, json.dumps(effects, default=str)))
 
+    def desk_alerts_sent(self, cluster_id: str) -> list[str]:
+        """The ids of the alerts verdicts raised for ``cluster_id``
+        (``<cluster>:desk-<verdict>[:<verdict id>]``), oldest first, whichever
+        cluster the verdict was given on: a verdict's alerts cover every
+        cluster it judged (its recorded effects). Verdicts are people's: a
+        scan of their effects is small."""
+        prefix = cluster_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ":desk-%"
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT a.value FROM verdict_effects e, json_each(e.effects, '$.alerts') a
+                   WHERE a.type = 'text' AND a.value LIKE ? ESCAPE '\\' ORDER BY e.verdict_id, a.key""",
+                (prefix,)).fetchall()
+        return [r[0] for r in rows if r[0].startswith(f"{cluster_id}:desk-")]  # LIKE folds ASCII case
+
     def history(self, cluster_ids: list[str]) -> list[VerdictRecord]:
         if not cluster_ids:
             return []

@@ -174,17 +174,18 @@ class Verdicts:
     # -- alerts ------------------------------------------------------------------
     async def _alerts(self, rec: VerdictRecord, cluster_ids: list[str]) -> list[str]:
         """``fake``: an alert for every affected cluster. ``authentic``: a
-        correction for every affected cluster subscribers were alerted about,
-        by the stream (its alert level) or by an earlier ``fake`` verdict on
-        the judged cluster (whose alerts covered the clusters matching it):
+        correction for every affected cluster subscribers were told was fake,
+        by the stream (its alert level) or by a ``fake`` verdict (on it or on
+        a cluster whose pictures it matched: ``DeskDB.desk_alerts_sent``):
         without one, a subscriber who acted on the alert never learned the
-        desk found the picture authentic. Stable ids: a verdict given again
-        raises nothing new."""
+        desk found the picture authentic. What a cluster's subscribers heard
+        last decides: the same verdict again raises nothing new (the same
+        id), and a verdict that turns back (fake, authentic, fake) is said
+        again under an id of its own (``<cluster>:desk-fake:<verdict id>``):
+        under the first id the sinks took it for a redelivery and the last
+        word subscribers had was "authentic"."""
         if rec.verdict not in ("fake", "authentic"):
             return []
-        told_fake = rec.verdict == "authentic" and any(
-            v.verdict == "fake" for v in await asyncio.to_thread(self.desk.history, [rec.cluster_id])
-            if v.verdict_id != rec.verdict_id)
         raised = []
         for cid in cluster_ids:
             try:
@@ -192,14 +193,21 @@ class Verdicts:
                 doc = await asyncio.to_thread(self.source.cluster, cid)
             except LookupError:
                 continue
-            if rec.verdict == "authentic" and not (told_fake or (doc.get("alert_level") or 0) > 0):
+            sent = await asyncio.to_thread(self.desk.desk_alerts_sent, cid)
+            said = _desk_verdict_of(sent[-1], cid) if sent else None
+            base = f"{cid}:desk-{rec.verdict}"
+            if said == rec.verdict:
+                alert_id = sent[-1]  # said already: the sinks take it as a redelivery
+            elif rec.verdict == "authentic" and said is None and not (doc.get("alert_level") or 0) > 0:
                 continue  # nobody was told it was fake: nothing to correct
+            else:
+                alert_id = base if base not in sent else f"{base}:{rec.verdict_id}"
             desk = doc.get("desk") or {}
             ev = desk_bank_evidence(rec.verdict, OverlayRow(cluster_id=cid, verdict=rec.verdict,
                                                             verdict_id=rec.verdict_id, source_cluster=rec.cluster_id,
                                                             detail=desk.get("detail", "")))
             alert = Alert(
-                alert_id=f"{cid}:desk-{rec.verdict}", cluster_id=cid,
+                alert_id=alert_id, cluster_id=cid,
                 rule="desk-verdict-fake" if rec.verdict == "fake" else CORRECTION_RULE,
                 level=max(1, doc.get("alert_level") or 0),
                 fake_score=doc["fake_score"], verdict=doc["verdict"], velocity=Velocity(**doc["velocity"]),
@@ -214,3 +222,9 @@ class Verdicts:
             await self.alerts.raise_alert(alert)
             raised.append(alert.alert_id)
         return raised
+
+
+def _desk_verdict_of(alert_id: str, cluster_id: str) -> str:
+    """The verdict a desk alert's id names: ``<cluster>:desk-<verdict>``, or
+    ``...:<verdict id>`` when it was said again."""
+    return alert_id[len(cluster_id) + 1:].split(":")[0].removeprefix("desk-")
