@@ -357,7 +357,10 @@ class Member(BaseModel):
 
 
 class Velocity(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown counts are ignored, not refused: a version before accounts_5m refused every
+    # snapshot and alert that carried it (dead-lettered while two versions overlapped);
+    # counts added later read in this one
+    model_config = ConfigDict(extra="ignore")
     sightings_5m: int = 0
     sightings_1h: int = 0
     accounts_1h: int = 0

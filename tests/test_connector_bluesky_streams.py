@@ -339,3 +339,26 @@ def test_a_backdated_post_is_dated_when_the_network_first_carried_it(tmp_path):
     assert at["old"] == carried and abs((at["hours"] - carried).total_seconds()) < 1e-3
     assert at["late"] == datetime(2024, 11, 30, 9, 31, tzinfo=timezone.utc)
     assert at["now"] == datetime(2024, 11, 30, 10, 0, 49, 700_000, tzinfo=timezone.utc)
+
+
+def test_a_stream_of_its_own_collections_resumes_from_the_state_it_kept_before_the_keys(tmp_path, caplog):
+    # Before streams were keyed by their collections, a `--collections app.bsky.feed.repost` run kept its
+    # state in bluesky.sqlite: on upgrade it got a new, empty file and started at Jetstream's live tip,
+    # losing every post of the restart and the posts it remembered for reposts
+    s = settings_for(tmp_path)
+    saved = str(T0 + 10_000_000)
+    old = open_state(s, "bluesky")
+    old.remember("at://did:plc:x/app.bsky.feed.post/p", {"images": ["https://cdn.example/a"]})
+    old.commit("bluesky", saved)
+    old.close()
+    key = bluesky_stream_key(["app.bsky.feed.repost"], [])
+    with caplog.at_level("WARNING", logger="deepwatch.connectors"):
+        state = open_state(s, key)
+    assert state.cursor(key) == saved and state.recall("at://did:plc:x/app.bsky.feed.post/p") is not None
+    state.commit(key, str(T0 + 20_000_000))
+    state.close()
+    assert any("adopted" in r.getMessage() for r in caplog.records)
+    reopened = open_state(s, "bluesky")  # a copy: the default stream's own file is as it was
+    assert reopened.cursor("bluesky") == saved
+    reopened.close()
+    assert open_state(s, key).cursor(key) == str(T0 + 20_000_000)  # adopted once, not again

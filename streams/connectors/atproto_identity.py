@@ -149,8 +149,8 @@ class HandleResolver:
     that may pass (timeout, network, 429/5xx) for ``error_ttl_s``. An expired
     handle is not served: after that long it is no verification any more.
 
-    ``plc_url``: the PLC directory (no setting in ``ConnectorSettings``; a
-    constructor argument with the public directory as default).
+    ``plc_url``: the PLC directory (``connectors.plc_url``, passed by
+    ``build_bluesky``; the public directory by default).
     ``allow_private``: ``fetch.allow_private_networks``; ``refuse`` overrides
     the address rule altogether, ``origin`` where did:web and handle hosts are
     asked (both for tests on loopback). ``plc_rate_per_s`` (``plc_burst``):

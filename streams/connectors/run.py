@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import signal
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +17,8 @@ from streams.connectors.bluesky import DEFAULT_COLLECTIONS, BlueskyConnector, Bl
 from streams.connectors.mastodon import MastodonConnector, MastodonMapper, Timeline
 from streams.settings import Settings
 
+log = logging.getLogger("deepwatch.connectors")
+
 
 def state_path(settings: Settings, stream: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in stream)
@@ -24,8 +27,42 @@ def state_path(settings: Settings, stream: str) -> Path:
 
 def open_state(settings: Settings, stream: str, *, memory: bool = False) -> ConnectorState:
     cfg = settings.connectors
+    if not memory:
+        _adopt_legacy_state(settings, stream)
     return ConnectorState(":memory:" if memory else state_path(settings, stream),
                           seen_max=cfg.seen_ids_max, posts_max=cfg.post_cache_max)
+
+
+def _adopt_legacy_state(settings: Settings, stream: str) -> None:
+    """A Bluesky stream of its own ``--collections`` (``bluesky[-TAGS]@...``)
+    kept its state under ``bluesky[-TAGS]`` before streams were keyed by
+    their collections: its first run under the new key starts from a copy of
+    that file (cursor, seen ids, remembered posts, handles), not from
+    Jetstream's live tip, which lost every post of the restart. A copy, not
+    a move: a run of the default collections may read the old file too."""
+    legacy, sep, _ = stream.partition("@")
+    path, old = state_path(settings, stream), state_path(settings, legacy)
+    if not sep or path.exists() or not old.exists():
+        return
+    import sqlite3
+
+    src = sqlite3.connect(f"file:{old}?mode=ro", uri=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".adopting")
+        dst = sqlite3.connect(tmp)
+        try:
+            src.backup(dst)  # consistent under a writer, WAL included
+            with dst:  # the cursor is kept per stream name: the new name resumes at the old one's
+                dst.execute("INSERT OR IGNORE INTO cursor (stream, value, updated) "
+                            "SELECT ?, value, updated FROM cursor WHERE stream = ?", (stream, legacy))
+        finally:
+            dst.close()
+        tmp.replace(path)
+    finally:
+        src.close()
+    log.warning("connector state adopted from before streams were keyed by their collections",
+                extra={"stream": stream, "from": str(old), "to": str(path)})
 
 
 MAX_READABLE_COLLECTIONS = 80  # characters of --collections a stream key spells out; more are hashed
