@@ -412,13 +412,15 @@ def _metrics() -> dict[str, set[str]]:
     """Every metric family deepwatch processes export -> its label names."""
     from prometheus_client.metrics import MetricWrapperBase
 
+    import streams.connectors.atproto_identity
     import streams.connectors.base
     import streams.desk.observe
     import streams.ingest_server
     import streams.metrics
 
     found: dict[str, set[str]] = {}
-    for module in (streams.metrics, streams.desk.observe, streams.connectors.base, streams.ingest_server):
+    for module in (streams.metrics, streams.desk.observe, streams.connectors.base, streams.connectors.atproto_identity,
+                   streams.ingest_server):
         for obj in vars(module).values():
             if isinstance(obj, MetricWrapperBase):
                 # prometheus_client keeps a counter's name without `_total`; the exposition adds it
