@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import unicodedata
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -164,12 +165,18 @@ CREATE TABLE IF NOT EXISTS deliveries (
 """
 
 
+def _nfc(value: object) -> object:
+    return unicodedata.normalize("NFC", value) if isinstance(value, str) else value
+
+
 def _register_functions(db: sqlite3.Connection) -> None:
     """The Python functions deepwatch's queries call, on ``db``: ``dw_round``
     (the account list ranks by the AI share as shown: Python's rounding, not
-    SQLite's) and ``dw_lower`` (Python's case folding, any script)."""
+    SQLite's) and ``dw_lower`` (Python's case folding, any script, of the
+    composed form: handles stored decomposed before events were composed
+    match a query, which is)."""
     db.create_function("dw_round", 2, round, deterministic=True)
-    db.create_function("dw_lower", 1, lambda v: v.lower() if isinstance(v, str) else v, deterministic=True)
+    db.create_function("dw_lower", 1, lambda v: _nfc(v).lower() if isinstance(v, str) else v, deterministic=True)
 
 
 class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
@@ -390,8 +397,12 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             db.execute("DROP TABLE IF EXISTS sightings_fts")
             db.execute("CREATE VIRTUAL TABLE sightings_fts USING fts5(text, hashtags, content='', "
                        "tokenize='unicode61 remove_diacritics 0')")
+            # composed (NFC) as events are read since: text stored decomposed before ("cafe" +
+            # U+0301) is found by the composed words every query is now made of
+            self._db.create_function("dw_nfc", 1, _nfc, deterministic=True)
             db.execute("INSERT INTO sightings_fts(rowid, text, hashtags) "
-                       "SELECT rowid, coalesce(text, ''), replace(hashtags, ' ', ?) FROM sightings", (TAG_GAP,))
+                       "SELECT rowid, dw_nfc(coalesce(text, '')), replace(dw_nfc(hashtags), ' ', ?) FROM sightings",
+                       (TAG_GAP,))
 
     def _tx(self):
         return _Tx(self._db, self._lock)

@@ -286,12 +286,13 @@ def test_a_page_boundary_holds_while_accounts_are_added(source):
 
 
 def test_pages_go_past_an_account_whose_first_event_id_is_the_longest_worst_case(source):
-    """An event id the schema allows (256 characters) of control characters,
-    each a 6-character JSON escape, still makes a cursor the desk takes back:
-    a hostile feed cannot stop the paging at its row."""
+    """An event id the schema allows (256 characters) of characters outside
+    the BMP, each a 12-character JSON escape (a surrogate pair; control
+    characters are refused in ids), still makes a cursor the desk takes
+    back: a hostile feed cannot stop the paging at its row."""
     from streams.findings import AccountCursor
 
-    hostile = "\x1f" * 256
+    hostile = "\U0001F4A5" * 256
     ev = ImageEvent(event_id=hostile, platform="x", account_id="hostile", account_handle="@hostile",
                     posted_at=T0 - timedelta(days=1), image={"path": "h.jpg"})
     source.store.apply_snapshots([_snapshot("c0", 20_000, Sighting(
@@ -309,7 +310,7 @@ def test_pages_go_past_an_account_whose_first_event_id_is_the_longest_worst_case
         if cursor is None:
             break
         if rows[0]["id"] == "hostile":
-            assert len(cursor) > 2048 and AccountCursor.decode(cursor).first_event_id == hostile
+            assert len(cursor) > 1366 and AccountCursor.decode(cursor).first_event_id == hostile  # 4 bytes each
     assert got == everyone
 
 

@@ -209,6 +209,29 @@ def _make_old(path: Path) -> None:
     db.close()
 
 
+def test_text_and_handles_stored_decomposed_before_are_found_by_composed_queries(tmp_path):
+    # Events' text and handles are composed (NFC) where they are read now, and so is every query: a
+    # post stored decomposed by an earlier version ("cafe" + U+0301) was found by neither form
+    from streams.store import SqliteFindingsStore
+
+    path = tmp_path / "findings.sqlite"
+    s = SqliteFindingsStore(path)
+    fill(s)
+    s.close()
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("UPDATE sightings SET text = 'le cafe\u0301 est inonde\u0301', account_handle = '@Zoe\u0308@social.example' "
+                "WHERE event_id = 'e3'")
+    raw.close()
+    _make_old(path)
+    s = SqliteFindingsStore(path)
+    try:
+        assert ids(s.search(ClusterQuery(text="café"))) == ids(s.search(ClusterQuery(text="cafe\u0301"))) == ["c-fire"]
+        assert ids(s.search(ClusterQuery(text='"café est inondé"'))) == ["c-fire"]
+        assert ids(s.search(ClusterQuery(account="@zoë@social.example"))) == ["c-fire"]
+    finally:
+        s.close()
+
+
 def test_a_store_written_before_platforms_were_lower_cased_is_folded_once(tmp_path, monkeypatch):
     from streams import store as store_mod
     from streams.store import SCHEMA_VERSION, SqliteFindingsStore
