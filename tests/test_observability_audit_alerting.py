@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -216,6 +217,25 @@ def test_a_cause_inhibits_the_symptom_it_explains_within_its_deployment(alertman
     got = wait_for(settled, f"{cause} did not inhibit {symptom}")
     assert got[(symptom, "a")]["state"] == "suppressed"
     assert got[(symptom, "b")]["state"] == "active"
+
+
+@pytest.mark.timeout(60)
+def test_an_outside_subscribers_backlog_on_the_alerts_topic_does_not_silence_the_latency_alert(alertmanager):
+    """Any consumer group of the alerts topic is counted by the lag rule, a
+    newsroom's own subscriber included: its backlog inhibited deepwatch's
+    event->alert latency page."""
+    sent = [_alert("DeepwatchConsumerLagGrowing", "a", consumergroup="newsroom-bot", topic="deepwatch.alerts"),
+            _alert("DeepwatchEventToAlertLatencyHigh", "a")]
+    assert httpx.post(f"{alertmanager}/alerts", json=sent, timeout=5).status_code == 200
+
+    def settled():
+        got = {a["labels"]["alertname"]: a["status"] for a in httpx.get(f"{alertmanager}/alerts", timeout=5).json()}
+        return got if len(got) == 2 else None
+
+    got = wait_for(settled, "the alerts were not both received")
+    time.sleep(1.5)  # inhibitions are evaluated as alerts arrive: give it the time the other tests settle in
+    got = {a["labels"]["alertname"]: a["status"] for a in httpx.get(f"{alertmanager}/alerts", timeout=5).json()}
+    assert got["DeepwatchEventToAlertLatencyHigh"]["state"] == "active", got
 
 
 @pytest.mark.timeout(60)
