@@ -68,7 +68,7 @@ alert the receiver refuses for good (``WebhookRejected``: a 4xx other than
 as ``rejected`` and not retried on its own; ``deepwatch redeliver TARGET``
 queues it again once the cause is fixed.
 
-A 401 or 403 whose ``Date`` is more than ``CLOCK_SKEW_S`` (4 minutes) off
+A 401 or 403 whose ``Date`` is more than ``CLOCK_SKEW_S`` (290 s) off
 this worker's clock is a clock's fault (this worker's or the receiver's),
 not the alert's: receivers refuse a timestamp over 5 minutes off theirs.
 It is recorded ``failed`` (redelivery sends it again once the clocks
@@ -646,9 +646,12 @@ def ca_context(path: str) -> ssl.SSLContext:
 PERMANENT_5XX = frozenset({501, 505})
 
 # Past this many seconds between this worker's clock and a receiver's (its
-# ``Date``), a 401/403 is read as the signature's timestamp refused: within a
-# minute of the 5-minute window receivers are told to allow (``verify``).
-CLOCK_SKEW_S = 240.0
+# ``Date``), a 401/403 is read as the signature's timestamp refused: the
+# 5-minute window receivers are told to allow (``verify``), less 10 s for the
+# request on its way and ``Date``'s whole seconds. Lower, a real refusal (a
+# wrong secret) from a receiver 4-5 minutes off was "failed" and redelivered
+# forever, holding that cluster's later alerts behind it.
+CLOCK_SKEW_S = 290.0
 
 
 def clock_skew_s(date: str | None, now: float | None = None) -> float | None:

@@ -468,6 +468,20 @@ def test_a_refusal_on_a_right_clock_is_still_rejected_for_good(strict_receiver, 
                            timeout_s=5)
     with pytest.raises(WebhookRejected, match="HTTP 401$"):
         _deliver(_lo(hook), _alert())
+
+
+def test_a_refusal_from_a_receiver_a_few_minutes_off_but_inside_its_window_is_rejected(strict_receiver, monkeypatch):
+    """A wrong key, and the clocks 270 s apart: inside the 5-minute window the
+    receiver allows, so the 401 is its refusal of the signature. Read as a
+    clock's fault (over 240 s), it was "failed" and redelivered forever,
+    holding that cluster's later alerts behind it."""
+    monkeypatch.setenv(ENV, SECRET)
+    srv = strict_receiver(b"the receiver holds another key")
+    hook = WebhookSettings(url=f"http://127.0.0.1:{srv.server_address[1]}/hook", secret_env=ENV, retries=0,
+                           timeout_s=5)
+    monkeypatch.setattr(webhooks, "time", _SkewedClock(270))
+    with pytest.raises(WebhookRejected, match="HTTP 401$"):
+        _deliver(_lo(hook), _alert())
     assert srv.answers == [401]
 
 

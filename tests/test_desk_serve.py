@@ -79,7 +79,9 @@ def test_a_findings_store_that_cannot_answer_is_a_503_to_try_again_not_an_intern
 
     small_store(tmp_path, EsFindingsStore.from_url(fake_es.url))
     port = fake_es.url.rsplit(":", 1)[1]
-    desk = DeskServer(tmp_path, extra=("--store", f"es://127.0.0.1:{port}"))
+    editor = "editor-token-for-the-store-outage-0123"
+    desk = DeskServer(tmp_path, env={"DEEPWATCH_DESK_TOKENS": f"editor:ed:{editor}"},
+                      extra=("--store", f"es://127.0.0.1:{port}"))
     overloaded = {"error": {"type": "es_rejected_execution_exception", "reason": "rejected execution"}, "status": 503}
     try:
         with httpx.Client(base_url=desk.url, timeout=30) as c:
@@ -90,6 +92,11 @@ def test_a_findings_store_that_cannot_answer_is_a_503_to_try_again_not_an_intern
             assert "findings store is not answering" in api.json()["error"]
             page = c.get("/accounts/persona1")
             assert page.status_code == 503 and "findings store is not answering" in page.text
+            # a verdict is recorded before the store is read for its effects: no "try again" for a write
+            token = {"Authorization": "Bearer " + editor}
+            wrote = c.post("/api/clusters/c-viral/verdict", json={"verdict": "needs-review"}, headers=token)
+            assert wrote.status_code == 503 and "Retry-After" not in wrote.headers, wrote.text
+            assert "may have been recorded" in wrote.json()["error"]
             fake_es.request_faults.clear()
             assert c.get("/api/accounts/persona1").status_code == 200
     finally:

@@ -27,6 +27,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 STORE_UNAVAILABLE = ("the findings store is not answering for now (restarting, overloaded or unreachable); "
                      "try again in a minute. The desk's log has the store's error")
 STORE_RETRY_AFTER_S = 30
+STORE_UNAVAILABLE_WRITE = ("the findings store stopped answering while this was carried out: it may have been "
+                           "recorded (a verdict is, before its effects); check the cluster's history before sending "
+                           "it again. The desk's log has the store's error")
 
 
 class _SearchStopped(HTTPException):
@@ -119,8 +122,14 @@ async def security_headers(request: Request, call_next):
                 # told scripts not to try again.
                 log.warning("desk request failed: the findings store is not answering",
                             extra={"path": request.url.path, "error": str(e)[:500]})
-                resp = await http_error(request, HTTPException(
-                    503, STORE_UNAVAILABLE, headers={"Retry-After": str(STORE_RETRY_AFTER_S)}))
+                if request.method in ("GET", "HEAD"):
+                    resp = await http_error(request, HTTPException(
+                        503, STORE_UNAVAILABLE, headers={"Retry-After": str(STORE_RETRY_AFTER_S)}))
+                else:
+                    # A write may have been done before the store failed (a verdict is recorded
+                    # first): no Retry-After, which a client would take as "send it again", adding
+                    # a second verdict to the audit trail
+                    resp = await http_error(request, HTTPException(503, STORE_UNAVAILABLE_WRITE))
             else:
                 log.exception("desk request failed", extra={"path": request.url.path})
                 resp = await http_error(request, HTTPException(500, "internal error; the desk's log has the details"))
