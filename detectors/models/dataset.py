@@ -13,6 +13,7 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image
 
@@ -27,6 +28,20 @@ class Sample:
     label: int  # 1 = AI-generated / manipulated, 0 = real
     generator: str | None = None
     category: str | None = None  # e.g. portrait, crowd (train-extra's ``category`` column)
+
+
+class _Listed(Protocol):
+    path: Path
+    label: int
+
+
+def repeat_row(s: _Listed, first: _Listed) -> dict[str, str]:
+    """The report row of ``s``, listed after ``first`` with the same bytes: counted once under one
+    label, left out (every copy) under two."""
+    if s.label == first.label:
+        return {"file": str(s.path), "same_as": str(first.path), "reason": "listed again: counted once"}
+    return {"file": str(s.path), "same_as": str(first.path),
+            "reason": f"labelled {s.label} here and {first.label} there: every copy left out"}
 
 
 def image_files(root: Path) -> list[Path]:
@@ -136,7 +151,11 @@ def repost_rgb(img: Image.Image) -> bytes:
     # image outside the decode budget: the pixel model's re-post of an 8800x8800
     # PNG peaked at 762 MiB for a decode counted as 295 MiB.
     img = img._new(img.im)
+    # Pillow's JPEG writer falls back on ``info`` for the comment: a source's JPEG/GIF comment
+    # (where generator_metadata finds tool names) survived the "stripped" re-post. The view's
+    # info is its own copy, so the caller's image keeps its metadata.
+    img.info.clear()
     img.thumbnail((REPOST_MAX_SIDE, REPOST_MAX_SIDE), Image.BICUBIC)
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=REPOST_QUALITY, subsampling="4:2:0")  # no exif/icc passed
+    img.save(buf, format="JPEG", quality=REPOST_QUALITY, subsampling="4:2:0")  # no exif/icc/comment passed
     return buf.getvalue()

@@ -10,7 +10,9 @@ Output (stable; ``schema`` bumps on any incompatible change)::
       "dataset": "<path>",
       "n": 247, "n_pos": 93, "n_neg": 154,
       "models": {"model:NAME": {"arch", "version", "threshold", "calibration"}},
-      "skipped": [{"file": ..., "reason": ...}],
+      "skipped": [{"file": ..., "reason": ...}],   # unreadable, or not decodable ("<variant>: ...")
+      "duplicates": [{"file", "same_as", "reason"}],  # same bytes again: scored once; under both labels: left out
+      "detector_errors": [{"file", "detector", "reason", "variant"}],  # scored as no opinion there
       "excluded_trained": 0,              # left out by --exclude-trained
       "trained_overlap": 0,               # kept files some learned detector was trained on
       "variants": {
@@ -32,6 +34,16 @@ so a real-only category shows its false-positive rate (``fpr``) and the share
 of its real pictures scored >= 0.5 (``real_above_0.5``: a desk reads 0.5 as
 "leans AI"; no opinion never counts).
 "original" is the file as published.
+Top-level ``n`` counts distinct readable files; each variant's ``n`` those that decoded in it
+(the others are in ``skipped`` with the variant named). A file listed twice (same bytes) is
+scored once; the same bytes under both labels are left out, every copy (``duplicates`` names them).
+
+``tpr_at_1pct_fpr``/``tpr_at_5pct_fpr``: the largest share of AI pictures flagged at a
+threshold that flags at most floor(1% (5%) x n_neg) real pictures, counting score >= threshold:
+the ``fpr <= 1%`` point of ``sklearn.metrics.roc_curve``, not interpolated. Ties at the cut go
+against the detector, and with fewer than 100 (20) real pictures it is the TPR at zero false
+positives. Every group reports ``n_pos``/``n_neg``: with a handful of pictures one picture moves
+a rate by 1/n, so read a group's numbers with its counts.
 
 ``auc``/``average_precision`` are null when only one class is present.
 A cheap detector that returns no evidence for an image has no opinion: it is
@@ -54,7 +66,7 @@ import numpy as np
 from detectors.base import Detector, Evidence
 from detectors.imagedata import ImageData
 from detectors.fusion import LIKELY_AI, fuse
-from detectors.models.dataset import Sample, repost_bytes
+from detectors.models.dataset import Sample, repeat_row, repost_bytes
 from detectors.models.pixel_metrics import ranking
 
 log = logging.getLogger(__name__)
@@ -112,9 +124,18 @@ def _threshold(det: Detector) -> float:
     return float(card.threshold) if card is not None else float(getattr(det, "threshold", DEFAULT_THRESHOLD))
 
 
-def _run_detectors(detectors: list[Detector], images: list[ImageData], batch: int) -> list[list[Evidence]]:
-    """Evidence per image from every detector (batched for model detectors)."""
+def _run_detectors(detectors: list[Detector], images: list[ImageData], batch: int,
+                   errors: list[dict[str, str]] | None = None) -> list[list[Evidence]]:
+    """Evidence per image from every detector (batched for model detectors). A detector that
+    raises on an image has no opinion there; each such failure is appended to ``errors``
+    (file, detector, reason), so the report says which pictures a detector could not score."""
     out: list[list[Evidence]] = [[] for _ in images]
+
+    def failed(det: Detector, im: ImageData, e: Exception) -> None:
+        log.warning("%s failed on %s: %s", det.name, im.path, e)
+        if errors is not None:
+            errors.append({"file": str(im.path), "detector": det.name, "reason": str(e)})
+
     for det in detectors:
         predict = getattr(det, "predict_batch", None)
         if predict is not None:
@@ -129,7 +150,7 @@ def _run_detectors(detectors: list[Detector], images: list[ImageData], batch: in
                         try:
                             evs += predict([im])
                         except Exception as e2:  # noqa: BLE001
-                            log.warning("%s failed on %s: %s", det.name, im.path, e2)
+                            failed(det, im, e2)
                 by_sha: dict[str, list[Evidence]] = defaultdict(list)
                 for ev in evs:
                     by_sha[ev.sha256 or ""].append(ev)
@@ -140,7 +161,7 @@ def _run_detectors(detectors: list[Detector], images: list[ImageData], batch: in
                 try:
                     out[j] += det.analyze(im)
                 except Exception as e:  # noqa: BLE001
-                    log.warning("%s failed on %s: %s", det.name, im.path, e)
+                    failed(det, im, e)
     return out
 
 
@@ -204,18 +225,34 @@ def evaluate(
     import hashlib
 
     skipped: list[dict[str, str]] = []
+    duplicates: list[dict[str, str]] = []
     kept: list[tuple[Sample, bytes]] = []
     excluded = overlap = 0
     # Files a learned detector was trained or calibrated on, kept in the set: counted, so the
     # report can say its numbers are optimistic (a head scored AUC 1.0 on its own training set).
     trained: set[str] = set().union(*(getattr(d, "trained_files", frozenset()) for d in detectors))
+    # A picture listed twice (the same row again, another spelling of its path, a copy under
+    # another name) was scored and counted twice: its class weighed double in every metric.
+    # The same bytes under both labels cannot be scored either way: every copy goes.
+    read: list[tuple[Sample, bytes, str]] = []
+    copies: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         try:
             data = s.path.read_bytes()
         except OSError as e:
             skipped.append({"file": str(s.path), "reason": f"unreadable: {e}"})
             continue
-        digest = hashlib.sha256(data).hexdigest() if exclude_sha256 or trained else ""
+        digest = hashlib.sha256(data).hexdigest()
+        copies[digest].append(s)
+        read.append((s, data, digest))
+    for s, data, digest in read:
+        same = copies[digest]
+        if same[0] is not s:
+            duplicates.append(repeat_row(s, same[0]))
+            continue
+        if len({c.label for c in same}) > 1:
+            duplicates.append(repeat_row(s, next(c for c in same if c.label != s.label)))
+            continue
         if exclude_sha256 and digest in exclude_sha256:
             excluded += 1
             continue
@@ -235,6 +272,8 @@ def evaluate(
         "n_neg": int(len(labels) - labels.sum()) if len(labels) else 0,
         "models": {d.name: _describe(d) for d in detectors if _describe(d) is not None},
         "skipped": skipped,
+        "duplicates": duplicates,
+        "detector_errors": [],
         "excluded_trained": excluded,
         "trained_overlap": overlap,
         "variants": {},
@@ -254,7 +293,9 @@ def evaluate(
                     valid.append(k)
                 except Exception as e:  # noqa: BLE001  Pillow raises assorted errors on odd files
                     skipped.append({"file": str(s.path), "reason": f"{variant}: {e}"})
-            evidence += _run_detectors(detectors, chunk, batch)
+            errors: list[dict[str, str]] = []
+            evidence += _run_detectors(detectors, chunk, batch, errors)
+            result["detector_errors"] += [{**e, "variant": variant} for e in errors]
             if progress:
                 progress(variant, min(start + batch, len(kept)), len(kept))
         report = _variant_report(detectors, evidence, labels[valid], [generators[i] for i in valid],

@@ -127,8 +127,46 @@ def fit_head(samples: list[Sample], cache: FeatureCache, spec: FeatureSpec, para
     return _fit(X, y, w, params)
 
 
+def unique_samples(samples: list[Sample]) -> tuple[list[Sample], list[dict[str, str]]]:
+    """``samples`` with each picture once (by content: the same row twice, another spelling of
+    its path, a copy under another name), and the rest as ``{"file", "same_as", "reason"}``.
+    A repeat was one more row in training and one more picture in every metric, and a copy in
+    another group could sit in a training fold while its twin is tested. The same bytes under
+    both labels cannot be scored either way: every copy is left out and listed. Unreadable
+    files are kept: ``extract`` reports them."""
+    from detectors.models.dataset import repeat_row
+    from detectors.models.pixel_data import file_sha256
+
+    copies: dict[str, list[Sample]] = {}
+    digests = [file_sha256(s.path) for s in samples]
+    for s, d in zip(samples, digests):
+        if d:
+            copies.setdefault(d, []).append(s)
+    kept: list[Sample] = []
+    left: list[dict[str, str]] = []
+    for s, d in zip(samples, digests):
+        same = copies.get(d) if d else None
+        if not same or (same[0] is s and len({c.label for c in same}) == 1):
+            kept.append(s)
+        elif same[0] is not s:
+            left.append(repeat_row(s, same[0]))
+        else:
+            left.append(repeat_row(s, next(c for c in same if c.label != s.label)))
+    return kept, left
+
+
+def skipped_rows(skipped: list[tuple[Sample, str, str]]) -> list[dict[str, str]]:
+    """``extract``'s skipped (sample, variant, reason) as report rows: those pictures are in no metric."""
+    return [{"file": str(s.path), "variant": v, "reason": r} for s, v, r in skipped]
+
+
 def cross_validate(samples: list[Sample], cache: FeatureCache, spec: FeatureSpec, params: ProbeParams) -> CvResult:
-    """Out-of-fold logits with generator families (and real sources) held out together."""
+    """Out-of-fold logits with generator families (and real sources) held out together.
+
+    Raises ValueError when a fold's training part lacks AI or real pictures: with all real
+    photos in one group (a manifest without ``repo``/``source``), one fold trained on AI
+    pictures alone, and the MLP head fitted a single class without a word, scoring that
+    fold's real photos with a head that had never seen one."""
     groups = np.array([s.group for s in samples])
     y = np.array([s.label for s in samples])
     # Shuffle group order by seed so fold membership does not follow manifest order.
@@ -141,6 +179,14 @@ def cross_validate(samples: list[Sample], cache: FeatureCache, spec: FeatureSpec
     oof = {v: np.full(len(samples), np.nan) for v in EVAL_VARIANTS}
     for k, (tr, te) in enumerate(gkf.split(np.zeros(len(samples)), y, [perm[g] for g in groups])):
         fold_of[te] = k
+        if len(np.unique(y[tr])) < 2:
+            missing = "real" if (y[tr] == 1).all() else "AI"
+            held = sorted({g for g in groups[te] if g.startswith("real:" if missing == "real" else "ai:")})
+            raise ValueError(
+                f"leave-generator-out fold {k + 1} would train with no {missing} pictures: every one is in "
+                f"the held-out group(s) {', '.join(held)}; give {missing} pictures from at least two "
+                + ("sources (a repo or source column naming where each real photo came from)" if missing == "real"
+                   else "generators (a generator column)"))
         X, yy, w = _rows(samples, tr, params.train_variants, cache, spec, params.weighting)
         hw = _fit(X, yy, w, params)
         for v, (Xv, present) in feats.items():
@@ -256,7 +302,7 @@ def train_pixel_probe(
     spec = spec or FeatureSpec()
     params = params or ProbeParams()
     manifests = [Path(m) for m in manifests]
-    samples = [s for m in manifests for s in read_manifest(m, group_by)]
+    samples, repeats = unique_samples([s for m in manifests for s in read_manifest(m, group_by)])
     if len({s.label for s in samples}) < 2:
         raise ValueError("training needs both AI (label 1) and real (label 0) pictures")
     # int8: activation ranges calibrated on the training pictures, shipped in the head.
@@ -270,7 +316,7 @@ def train_pixel_probe(
     metrics["real_categories_reposted"] = people_fp_rates(samples, cal.apply(cv.oof["reposted"]), threshold)
     metrics["prior_reposted"] = prior_report(samples, cv.oof["reposted"], cal)
     metrics["protocol"] = (
-        f"{params.folds}-fold GroupKFold, groups = {group_by} for AI pictures and source for real photos; "
+        f"{int(cv.fold_of.max()) + 1}-fold GroupKFold, groups = {group_by} for AI pictures and source for real photos; "
         f"probe trained on the {' + '.join(params.train_variants)} variants of the training folds; scores out-of-fold"
     )
     hw = fit_head(samples, cache, spec, params)
@@ -303,6 +349,8 @@ def train_pixel_probe(
             "augmentations": "both classes: re-post (strip, long side <= 1600, JPEG q80); aug: crop 60-100% area, "
                              "resize 0.5-1.0, Gaussian blur 0.3-1.0 px with p=0.3, JPEG q60-95",
             "skipped": [f"{s.path.name} {v}: {r}" for s, v, r in skipped][:20],
+            "n_skipped": len(skipped),  # the list above stops at 20
+            "duplicates": [f"{d['file']}: {d['reason']} (same bytes as {d['same_as']})" for d in repeats],
         },
         metrics=metrics,
     )

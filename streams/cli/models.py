@@ -650,31 +650,41 @@ def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int,
     from detectors.models.pixel_data import FeatureCache, read_manifest
     from detectors.models.pixel_features import extract
     from detectors.models.pixel_train import (
-        EVAL_VARIANTS, ProbeParams, calibrate_and_threshold, cross_validate, cv_report, people_fp_rates,
+        EVAL_VARIANTS, ProbeParams, calibrate_and_threshold, cross_validate, cv_report, people_fp_rates, skipped_rows,
+        unique_samples,
     )
 
     settings = settings_from(config, data_dir=data_dir)
     spec = FeatureSpec(crops=crops)
     params = ProbeParams(train_variants=tuple(dict.fromkeys(("reposted", *train_variants))), seed=seed)
-    samples = _load_samples(lambda: [s for m in manifests for s in read_manifest(m, group_by)])
+    samples, repeats = unique_samples(_load_samples(lambda: [s for m in manifests for s in read_manifest(m, group_by)]))
     cache = FeatureCache(cache_dir or Path(settings.data_dir) / "cache" / "pixel-features", spec.backbone, spec.draft_min_side)
     with Progress(TextColumn("backbone features (cached)"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   console=err, transient=True) as bar:
         task = bar.add_task("features", total=None)
-        extract(samples, sorted(set(params.train_variants) | set(EVAL_VARIANTS)), cache, Backbone(spec.backbone), spec,
-                progress=lambda d, t: bar.update(task, completed=d, total=t))
-    with _fits_quietly():
-        cv = cross_validate(samples, cache, spec, params)
-        cal, thr = calibrate_and_threshold(samples, cv)
-    report = {"schema": 1, "mode": "leave-generator-out", "group_by": group_by, "folds": params.folds,
+        skipped = extract(samples, sorted(set(params.train_variants) | set(EVAL_VARIANTS)), cache, Backbone(spec.backbone),
+                          spec, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    try:
+        with _fits_quietly():
+            cv = cross_validate(samples, cache, spec, params)
+            cal, thr = calibrate_and_threshold(samples, cv)
+    except ValueError as e:  # a fold with one class: no honest number to give
+        print_error(str(e))
+        raise typer.Exit(1) from None
+    # the folds run, as cross_validate makes them: no more than there are groups (6 groups said "folds": 10)
+    folds = min(params.folds, len({s.group for s in samples}))
+    report = {"schema": 1, "mode": "leave-generator-out", "group_by": group_by, "folds": folds,
               "dataset": [str(m) for m in manifests], "threshold": thr, "crops": crops,
               "train_variants": list(params.train_variants), "seed": seed,
+              # pictures in no metric below: not decodable in a variant (training rows included), or listed again
+              "skipped": skipped_rows(skipped or []), "duplicates": repeats,
               "variants": cv_report(samples, cv, cal, thr),
               "real_categories_reposted": people_fp_rates(samples, cal.apply(cv.oof["reposted"]), thr)}
     if as_json:
         print(json.dumps(report, indent=2))
         return
     con = Console()
+    _print_left_out(con, report)
     for v, r in report["variants"].items():
         t = Table("generator", "n AI", "AUC", "AP", "TPR@1%", "TPR@5%", title=f"{v} (leave-{group_by}-out)")
         o = r["overall"]
@@ -688,10 +698,24 @@ def _fmt(v: object) -> str:
     return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
+def _print_left_out(con: Console, report: dict) -> None:
+    """One line each for the pictures the numbers leave out or score without a detector: the
+    table said "25 images" while a variant measured 23, and never named the rest."""
+    for key, what in (("skipped", "left out of the metrics (unreadable, or not decodable in a variant)"),
+                      ("duplicates", "the same bytes listed again (scored once) or under both labels (left out)"),
+                      ("detector_errors", "a detector failed on (no opinion there)")):
+        rows = report.get(key) or []
+        if rows:
+            shown = ", ".join(f"{r['file']}" + (f" ({r['variant']})" if r.get("variant") else "") for r in rows[:3])
+            con.print(f"{len(rows)} {key.replace('_', ' ')}: {what}: {shown}" + (", ..." if len(rows) > 3 else "")
+                      + " (--format json lists them)", markup=False, highlight=False, soft_wrap=True)
+
+
 def _print_table(report: dict) -> None:
     con = Console()
     con.print(f"{report['dataset']}: {report['n']} images ({report['n_pos']} AI, {report['n_neg']} real)"
               + (f", {report['excluded_trained']} excluded as training data" if report["excluded_trained"] else ""))
+    _print_left_out(con, report)
     for vname, v in report["variants"].items():
         t = Table("detector", "AUC", "AP", "acc", "recall", "FPR", "real >= 0.5", "thr", "coverage", title=f"{vname} (n={v['n']})")
         rows = dict(v["detectors"])
