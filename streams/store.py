@@ -364,22 +364,28 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             pass  # locked or failing now: left for the next open (and read through legacy_delivery meanwhile)
 
     def _fold_platforms(self) -> None:
-        """Platforms of sightings stored before events lower-cased them
-        ("Bluesky") in lower case, as every event since: one platform is one
+        """Sightings stored before events were normalised, as every event is
+        read since: platforms in lower case ("Bluesky": one platform is one
         value to lists, counts and charts, and the search's platform filter an
-        equality. Idempotent (another process may fold beside this one); a
-        transaction per ``FOLD_CHUNK_ROWS`` sightings, so writers wait for
-        none long (1M sightings, 40 % to fold: 3.3 s in all, measured)."""
-        wrong = {p: p.strip().lower() for p, in self._db.execute("SELECT DISTINCT platform FROM sightings")
-                 if p != p.strip().lower()}
-        if not wrong:
-            return
+        equality) and text, hashtags and handles composed (NFC: a tag stored
+        "cafe" + U+0301 matched no composed query). Idempotent (another process
+        may fold beside this one); a transaction per ``FOLD_CHUNK_ROWS``
+        sightings, so writers wait for none long (1M sightings, 40 % to fold:
+        3.3 s in all, measured)."""
+        self._db.create_function("dw_nfc", 1, _nfc, deterministic=True)
+        # as ``ImageEvent`` folds them: Python's lower case (SQLite's lower() folds ASCII only)
+        self._db.create_function("dw_platform", 1, lambda v: v.strip().lower() if isinstance(v, str) else v,
+                                 deterministic=True)
         top = self._db.execute("SELECT MAX(rowid) FROM sightings").fetchone()[0] or 0
         for lo in range(0, top, FOLD_CHUNK_ROWS):
             with _Tx(self._db, threading.Lock()) as db:  # opening: no other thread has this connection yet
-                for old, new in wrong.items():
-                    db.execute("UPDATE sightings SET platform=? WHERE rowid > ? AND rowid <= ? AND platform=?",
-                               (new, lo, lo + FOLD_CHUNK_ROWS, old))
+                db.execute("UPDATE sightings SET platform = dw_platform(platform) "
+                           "WHERE rowid > ? AND rowid <= ? AND platform != dw_platform(platform)",
+                           (lo, lo + FOLD_CHUNK_ROWS))
+                db.execute("UPDATE sightings SET text = dw_nfc(text), hashtags = dw_nfc(hashtags), "
+                           "account_handle = dw_nfc(account_handle) WHERE rowid > ? AND rowid <= ? AND "
+                           "(text IS NOT dw_nfc(text) OR hashtags IS NOT dw_nfc(hashtags) "
+                           "OR account_handle IS NOT dw_nfc(account_handle))", (lo, lo + FOLD_CHUNK_ROWS))
 
     def _ensure_fts(self) -> None:
         """Full text over post texts and hashtags: a contentless FTS5 index
@@ -777,7 +783,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         compared in Python's lowercase (a function per row, slower).
         ``timeout_s`` bounds the scan (``_search_db``)."""
         exact = text.strip()
-        needle = exact.lower()
+        needle = unicodedata.normalize("NFC", exact).lower()  # as ``dw_lower`` reads the columns
         if not needle:
             return []
         if needle.isascii():

@@ -468,6 +468,7 @@ def test_a_refusal_on_a_right_clock_is_still_rejected_for_good(strict_receiver, 
                            timeout_s=5)
     with pytest.raises(WebhookRejected, match="HTTP 401$"):
         _deliver(_lo(hook), _alert())
+    assert srv.answers == [401]
 
 
 def test_a_refusal_from_a_receiver_a_few_minutes_off_but_inside_its_window_is_rejected(strict_receiver, monkeypatch):

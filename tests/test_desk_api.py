@@ -1062,6 +1062,39 @@ def test_what_subscribers_heard_last_is_the_desks_last_word(data, env, webhook):
     assert last == {"c-quiet": "desk-fake", "c-repost": "desk-fake"}
 
 
+def test_a_fake_verdict_whose_effects_were_not_recorded_is_still_corrected(data, env, webhook, monkeypatch):
+    """The store failed after a fake verdict's alert went out, before its
+    effects were recorded: the alert was never on record, so a later
+    authentic verdict corrected nothing. The answer says the verdict was
+    recorded (no Retry-After: sent again it is a second verdict)."""
+    import sqlite3 as sqlite
+
+    from streams.desk.deskdb import DeskDB
+
+    url, got = webhook
+    settings = make_settings(data)
+    settings.alerts.webhooks = [WebhookSettings(url=url, retries=0)]
+    settings.alerts.allow_private_webhooks = True  # the receiver listens on loopback
+    real = DeskDB.record_effects
+    calls = []
+
+    def failing_once(self, verdict_id, effects):
+        calls.append(verdict_id)
+        if len(calls) == 1:
+            raise sqlite.OperationalError("database is locked")
+        return real(self, verdict_id, effects)
+
+    monkeypatch.setattr(DeskDB, "record_effects", failing_once)
+    with client(settings) as c:
+        r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "fake"}, headers=EDITOR)
+        assert r.status_code == 503 and "Retry-After" not in r.headers, r.text
+        assert "was recorded" in r.json()["error"]
+        r = c.post("/api/clusters/c-quiet/verdict", json={"verdict": "authentic"}, headers=EDITOR)
+        assert r.status_code == 201 and r.json()["effects"]["alerts"] == ["c-quiet:desk-authentic"], r.text
+    sent = [h[DELIVERY_HEADER] for h, _ in got if ":desk-" in h[DELIVERY_HEADER]]
+    assert sent == ["c-quiet:desk-fake", "c-quiet:desk-authentic"]
+
+
 def test_a_correction_is_said_as_one_and_not_counted_as_an_alert_going_viral(data, env, caplog):
     from streams import metrics
 

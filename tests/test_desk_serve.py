@@ -92,13 +92,20 @@ def test_a_findings_store_that_cannot_answer_is_a_503_to_try_again_not_an_intern
             assert "findings store is not answering" in api.json()["error"]
             page = c.get("/accounts/persona1")
             assert page.status_code == 503 and "findings store is not answering" in page.text
-            # a verdict is recorded before the store is read for its effects: no "try again" for a write
+            # a verdict the outage stopped: "try again" only if it was not recorded (a retry of a recorded
+            # one is a second verdict in the audit trail)
             token = {"Authorization": "Bearer " + editor}
             wrote = c.post("/api/clusters/c-viral/verdict", json={"verdict": "needs-review"}, headers=token)
-            assert wrote.status_code == 503 and "Retry-After" not in wrote.headers, wrote.text
-            assert "may have been recorded" in wrote.json()["error"]
             fake_es.request_faults.clear()
             assert c.get("/api/accounts/persona1").status_code == 200
+            history = c.get("/api/clusters/c-viral").json()["verdict_history"]
+            if wrote.status_code == 201:  # the desk's view had what it needed; the account check after it waits
+                assert [h["verdict_id"] for h in history] == [wrote.json()["verdict_id"]]
+            elif history:
+                assert wrote.status_code == 503 and "Retry-After" not in wrote.headers, wrote.text
+                assert "was recorded" in wrote.json()["error"]
+            else:
+                assert wrote.status_code == 503 and wrote.headers["Retry-After"] == "30", wrote.text
     finally:
         desk.stop()
 

@@ -219,8 +219,8 @@ def test_text_and_handles_stored_decomposed_before_are_found_by_composed_queries
     fill(s)
     s.close()
     raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute("UPDATE sightings SET text = 'le cafe\u0301 est inonde\u0301', account_handle = '@Zoe\u0308@social.example' "
-                "WHERE event_id = 'e3'")
+    raw.execute("UPDATE sightings SET text = 'le cafe\u0301 est inonde\u0301', account_handle = '@Zoe\u0308@social.example', "
+                "hashtags = 'cafe\u0301 breaking' WHERE event_id = 'e3'")
     raw.close()
     _make_old(path)
     s = SqliteFindingsStore(path)
@@ -228,6 +228,9 @@ def test_text_and_handles_stored_decomposed_before_are_found_by_composed_queries
         assert ids(s.search(ClusterQuery(text="café"))) == ids(s.search(ClusterQuery(text="cafe\u0301"))) == ["c-fire"]
         assert ids(s.search(ClusterQuery(text='"café est inondé"'))) == ["c-fire"]
         assert ids(s.search(ClusterQuery(account="@zoë@social.example"))) == ["c-fire"]
+        assert ids(s.search(ClusterQuery(hashtag="#café"))) == ids(s.search(ClusterQuery(hashtag="cafe\u0301"))) == [
+            "c-fire"]
+        assert s.match_sightings("Zoe\u0308") == s.match_sightings("zoë") == ["c-fire"]  # the desk's substring match
     finally:
         s.close()
 

@@ -3,6 +3,7 @@ the routes scripts call, in the shapes of the CLI's ``--format json``."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
@@ -23,6 +24,8 @@ from streams.desk.thumbs import ThumbBusy, ThumbError
 from streams.desk.verdicts import Conflict, VerdictIn
 from streams.cluster_search import ClusterQuery as StoreQuery
 from streams.cluster_search import SearchCursor
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(route_class=DeskRoute)
 
@@ -176,7 +179,12 @@ async def record_verdict(desk: Desk, cluster_id: str, body: VerdictIn, who: Prin
         raise HTTPException(404, f"no cluster {cluster_id!r}") from None
     except Conflict as e:
         raise HTTPException(409, str(e)) from None
-    await check_accounts(desk.settings, desk.source, desk.db, desk.alerts)
+    try:
+        await check_accounts(desk.settings, desk.source, desk.db, desk.alerts)
+    except Exception as e:  # the verdict stands: a failed check is no reason to send it again
+        # (the timer checks accounts every desk.account_check_s anyway)
+        log.warning("account check after a verdict failed; the next timed check runs it",
+                    extra={"verdict_id": rec.verdict_id, "error": f"{type(e).__name__}: {e}"[:300]})
     return rec
 
 

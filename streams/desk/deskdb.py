@@ -167,19 +167,27 @@ class DeskDB:
             self._db.execute("INSERT OR IGNORE INTO verdict_effects (verdict_id, effects) VALUES (?, ?)",
                              (verdict_id, json.dumps(effects, default=str)))
 
-    def desk_alerts_sent(self, cluster_id: str) -> list[str]:
-        """The ids of the alerts verdicts raised for ``cluster_id``
-        (``<cluster>:desk-<verdict>[:<verdict id>]``), oldest first, whichever
-        cluster the verdict was given on: a verdict's alerts cover every
-        cluster it judged (its recorded effects). Verdicts are people's: a
-        scan of their effects is small."""
+    def desk_alerts_sent(self, cluster_id: str, *, before: int | None = None) -> list[str]:
+        """The ids of the alerts verdicts (those before verdict ``before``)
+        raised for ``cluster_id`` (``<cluster>:desk-<verdict>[:<verdict id>]``),
+        oldest first, whichever cluster the verdict was given on: a verdict's
+        alerts cover every cluster it judged (its recorded effects). A ``fake``
+        verdict on the cluster whose effects were never recorded (the store
+        failed after its alert went out) counts as ``<cluster>:desk-fake``:
+        a correction is better sent once too often than never. Verdicts are
+        people's: a scan of their effects is small."""
         prefix = cluster_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ":desk-%"
+        last = before if before is not None else 2 ** 62
         with self._lock:
             rows = self._db.execute(
-                """SELECT a.value FROM verdict_effects e, json_each(e.effects, '$.alerts') a
-                   WHERE a.type = 'text' AND a.value LIKE ? ESCAPE '\\' ORDER BY e.verdict_id, a.key""",
-                (prefix,)).fetchall()
-        return [r[0] for r in rows if r[0].startswith(f"{cluster_id}:desk-")]  # LIKE folds ASCII case
+                """SELECT e.verdict_id, a.key, a.value FROM verdict_effects e, json_each(e.effects, '$.alerts') a
+                   WHERE e.verdict_id < ?2 AND a.type = 'text' AND a.value LIKE ?1 ESCAPE '\\'
+                   UNION ALL
+                   SELECT v.verdict_id, 0, v.cluster_id || ':desk-fake' FROM verdicts v
+                   LEFT JOIN verdict_effects e ON e.verdict_id = v.verdict_id
+                   WHERE v.verdict_id < ?2 AND v.cluster_id = ?3 AND v.verdict = 'fake' AND e.verdict_id IS NULL
+                   ORDER BY 1, 2""", (prefix, last, cluster_id)).fetchall()
+        return [r[2] for r in rows if r[2].startswith(f"{cluster_id}:desk-")]  # LIKE folds ASCII case
 
     def history(self, cluster_ids: list[str]) -> list[VerdictRecord]:
         if not cluster_ids:

@@ -20,6 +20,7 @@ from streams.desk.apidocs import DOCS_PATH, DOCS_SCRIPT, OPENAPI_PATH
 from streams.desk.pages import login_url, page_with_error, return_to
 from streams.desk.state import desk_of
 from streams.cluster_search import SearchTimeout
+from streams.desk.verdicts import VerdictEffectsFailed
 from streams.store_errors import may_pass
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 STORE_UNAVAILABLE = ("the findings store is not answering for now (restarting, overloaded or unreachable); "
                      "try again in a minute. The desk's log has the store's error")
 STORE_RETRY_AFTER_S = 30
-STORE_UNAVAILABLE_WRITE = ("the findings store stopped answering while this was carried out: it may have been "
-                           "recorded (a verdict is, before its effects); check the cluster's history before sending "
-                           "it again. The desk's log has the store's error")
 
 
 class _SearchStopped(HTTPException):
@@ -115,21 +113,27 @@ async def security_headers(request: Request, call_next):
         except Exception as e:
             # Answered here, not by Starlette's last-resort handler, so that
             # the answer has the headers below and the desk's own shape.
-            if may_pass(e):
+            if isinstance(e, VerdictEffectsFailed):
+                # Recorded, then the rest failed: no Retry-After (a client would send it again,
+                # a second verdict in the audit trail); say what happened instead
+                passing = may_pass(e.__cause__)
+                log.error("verdict recorded; carrying out its effects failed", exc_info=e.__cause__,
+                          extra={"path": request.url.path, "verdict_id": e.verdict_id})
+                resp = await http_error(request, HTTPException(503 if passing else 500, (
+                    f"verdict {e.verdict_id} was recorded, but carrying out what it means (banks, the desk's view, "
+                    "alerts) failed" + (": the findings store is not answering" if passing else "") +
+                    ". Give the verdict again once the desk answers (the audit trail will show both); "
+                    "the desk's log has the details")))
+            elif may_pass(e):
                 # The findings store cannot answer for now (Elasticsearch down,
                 # overloaded or missing shards; SQLite locked past its timeout):
                 # a 500 "internal error" sent people looking for a desk bug and
-                # told scripts not to try again.
+                # told scripts not to try again. Nothing was recorded (a verdict
+                # that was raises VerdictEffectsFailed, above).
                 log.warning("desk request failed: the findings store is not answering",
                             extra={"path": request.url.path, "error": str(e)[:500]})
-                if request.method in ("GET", "HEAD"):
-                    resp = await http_error(request, HTTPException(
-                        503, STORE_UNAVAILABLE, headers={"Retry-After": str(STORE_RETRY_AFTER_S)}))
-                else:
-                    # A write may have been done before the store failed (a verdict is recorded
-                    # first): no Retry-After, which a client would take as "send it again", adding
-                    # a second verdict to the audit trail
-                    resp = await http_error(request, HTTPException(503, STORE_UNAVAILABLE_WRITE))
+                resp = await http_error(request, HTTPException(
+                    503, STORE_UNAVAILABLE, headers={"Retry-After": str(STORE_RETRY_AFTER_S)}))
             else:
                 log.exception("desk request failed", extra={"path": request.url.path})
                 resp = await http_error(request, HTTPException(500, "internal error; the desk's log has the details"))

@@ -74,6 +74,16 @@ def cluster_state(doc: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+class VerdictEffectsFailed(Exception):
+    """The verdict is in the audit trail; carrying out what it means (banks,
+    overlay, alerts) failed part-way, the cause chained. Told apart from a
+    request that recorded nothing: sent again, it is a second verdict."""
+
+    def __init__(self, verdict_id: int):
+        super().__init__(f"verdict {verdict_id} was recorded; carrying out its effects failed")
+        self.verdict_id = verdict_id
+
+
 class Verdicts:
     def __init__(self, settings: Settings, source: FindingsSource, desk: DeskDB, alerts: AlertPath):
         self.settings, self.source, self.desk, self.alerts = settings, source, desk, alerts
@@ -92,12 +102,15 @@ class Verdicts:
                 raise Conflict(f"cluster {cluster_id} was merged into {doc['merged_into']}; record the verdict there")
             rec = await asyncio.to_thread(self.desk.add_verdict, cluster_id, body.verdict, body.note, who.user, who.role,
                                           cluster_state(doc))
-            effects = await asyncio.to_thread(self._banks_and_overlay, rec, doc)
-            # the overlay applied again to the cached view in place (no read of the view):
-            # takes the lock a page's reload holds
-            await asyncio.to_thread(self.source.refresh)
-            effects["alerts"] = await self._alerts(rec, effects["clusters"])
-            await asyncio.to_thread(self.desk.record_effects, rec.verdict_id, effects)
+            try:
+                effects = await asyncio.to_thread(self._banks_and_overlay, rec, doc)
+                # the overlay applied again to the cached view in place (no read of the view):
+                # takes the lock a page's reload holds
+                await asyncio.to_thread(self.source.refresh)
+                effects["alerts"] = await self._alerts(rec, effects["clusters"])
+                await asyncio.to_thread(self.desk.record_effects, rec.verdict_id, effects)
+            except Exception as e:
+                raise VerdictEffectsFailed(rec.verdict_id) from e
             rec.effects = effects
             return rec
 
@@ -193,7 +206,7 @@ class Verdicts:
                 doc = await asyncio.to_thread(self.source.cluster, cid)
             except LookupError:
                 continue
-            sent = await asyncio.to_thread(self.desk.desk_alerts_sent, cid)
+            sent = await asyncio.to_thread(self.desk.desk_alerts_sent, cid, before=rec.verdict_id)
             said = _desk_verdict_of(sent[-1], cid) if sent else None
             base = f"{cid}:desk-{rec.verdict}"
             if said == rec.verdict:
