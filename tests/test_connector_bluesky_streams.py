@@ -16,8 +16,8 @@ from pathlib import Path
 
 from streams.connectors.run import bluesky_stream_key, build_bluesky, open_state, state_path
 from streams.connectors.sinks import JsonlSink
-from streams.settings import Settings
 from tests.connector_servers import JetstreamServer
+from tests.test_connector_bluesky import run_until, settings_for
 
 CDN = "https://cdn.bsky.app/img/feed_fullsize/plain/{did}/{cid}@jpeg"
 DID = "did:plc:5xrilav5fvcyk43kkpdhieyg"
@@ -26,29 +26,6 @@ T0 = 1732960800_000000  # 2024-11-30T10:00:00Z in Jetstream's unix microseconds
 A, B, C = ("bafkreiaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
            "bafkreibbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
            "bafkreicccccccccccccccccccccccccccccccccccccccccccccccccccc")
-
-
-def settings_for(tmp_path: Path, **connectors) -> Settings:
-    s = Settings(data_dir=tmp_path / "data")
-    s.connectors.cursor_overlap_s = 5.0
-    s.connectors.backoff_initial_s = 0.05
-    s.connectors.backoff_max_s = 0.2
-    s.connectors.idle_timeout_s = 1.0
-    s.connectors.checkpoint_interval_s = 0.05
-    s.connectors.checkpoint_every = 3
-    for k, v in connectors.items():
-        setattr(s.connectors, k, v)
-    return s
-
-
-async def run_until(runner, predicate, timeout: float = 15.0) -> None:
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate() and asyncio.get_running_loop().time() < deadline and not task.done():
-        await asyncio.sleep(0.02)
-    stop.set()
-    await asyncio.wait_for(task, 10)
 
 
 def post(rkey: str, cids: list[str], *, op: str = "create", text: str = "flooding #breaking", did: str = DID,

@@ -514,12 +514,16 @@ def live_server(settings: Settings, tokens: dict[str, str] | None = None):
 
 
 @contextmanager
-def served(app):
-    """``app`` under a real uvicorn on a loopback port, in a thread; its port."""
+def served(app, **config):
+    """``app`` under a real uvicorn on a loopback port with the config
+    ``serve-ingest`` runs it with (``server_config``; ``config`` overrides its
+    bounds), in a thread; its port."""
     import uvicorn
 
+    from streams.ingest_server import server_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -530,7 +534,7 @@ def served(app):
         yield port
     finally:
         server.should_exit = True
-        thread.join(20)
+        thread.join(30)
 
 
 def buffered_bytes(port: int) -> float | None:

@@ -28,28 +28,7 @@ from streams.settings import Settings
 from streams.topics import topic_specs
 from tests.connector_servers import read_topic
 from tests.test_ingest_server import (  # noqa: F401 (broker and settings are fixtures)
-    AUTH, OTHER, REPO, TOKEN, broker, event, open_request, settings)
-
-
-@contextmanager
-def serving(app, **config) -> Iterator[int]:
-    """``app`` under the uvicorn config ``serve-ingest`` runs it with
-    (``server_config``), in a thread; its port."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(server_config(app, "127.0.0.1", port, **config))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    AUTH, OTHER, REPO, TOKEN, broker, event, open_request, served, settings)
 
 
 def requests_answered(port: int, status: str) -> float:
@@ -75,7 +54,7 @@ def test_idle_connections_opened_by_anybody_do_not_lock_token_holders_out(settin
     # uvicorn's limit_concurrency (256) counts open connections: 256 idle ones,
     # no token needed, made every token holder's request a text/plain 503
     # without Retry-After, counted in no metric.
-    with serving(build_app(settings, {TOKEN: "desk"})) as port:
+    with served(build_app(settings, {TOKEN: "desk"})) as port:
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
         try:
             time.sleep(0.5)
@@ -90,7 +69,7 @@ def test_a_connection_over_the_cap_closes_the_oldest_idle_one(settings):
     # No cap at all: 3,000 idle connections held 3,000 descriptors. Closing
     # the newest instead would let idle connections, no token needed, shut
     # every token holder out.
-    with serving(build_app(settings, {TOKEN: "desk"}), max_connections=20) as port:
+    with served(build_app(settings, {TOKEN: "desk"}), max_connections=20) as port:
         conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
         try:
             time.sleep(0.5)  # all accepted, in this order
@@ -110,7 +89,7 @@ def test_a_connection_over_the_cap_closes_the_oldest_idle_one(settings):
 
 def test_a_connection_over_the_cap_is_closed_at_once_when_every_one_is_at_work(settings):
     body = json.dumps(event(1)).encode()
-    with serving(build_app(settings, {TOKEN: "desk"}), max_connections=5) as port:
+    with served(build_app(settings, {TOKEN: "desk"}), max_connections=5) as port:
         held = [open_request(port, f"Content-Length: {len(body)}\r\n", body[:1]) for _ in range(5)]
         try:
             time.sleep(0.5)
@@ -125,7 +104,7 @@ def test_a_connection_over_the_cap_is_closed_at_once_when_every_one_is_at_work(s
 
 def test_requests_over_the_in_flight_limit_are_answered_busy_with_retry_after(settings):
     body = json.dumps(event(1)).encode()
-    with serving(build_app(settings, {TOKEN: "desk"}, max_in_flight=2)) as port:
+    with served(build_app(settings, {TOKEN: "desk"}, max_in_flight=2)) as port:
         busy_before = requests_answered(port, "503")
         held = [open_request(port, f"Content-Length: {len(body)}\r\n", body[:1]) for _ in range(2)]
         try:
@@ -146,7 +125,7 @@ def test_requests_over_the_in_flight_limit_are_answered_busy_with_retry_after(se
 
 def test_one_token_holder_has_at_most_half_the_requests_at_work(settings):
     body = json.dumps(event(1)).encode()
-    with serving(build_app(settings, {TOKEN: "desk", OTHER: "tipline"}, max_in_flight=4)) as port:
+    with served(build_app(settings, {TOKEN: "desk", OTHER: "tipline"}, max_in_flight=4)) as port:
         url = f"http://127.0.0.1:{port}/ingest"
         held = [open_request(port, f"Content-Length: {len(body)}\r\n", body[:1]) for _ in range(2)]
         try:
@@ -187,7 +166,7 @@ def test_a_body_in_myriad_tiny_chunks_is_refused_not_parsed_for_seconds(settings
     body = "\n".join(json.dumps(event(i, text="z" * 300)) for i in range(100)).encode()
     assert len(body) > MAX_BODY_PIECES
     settings.connectors.ingest_burst = 300
-    with serving(build_app(settings, {TOKEN: "desk"})) as port:
+    with served(build_app(settings, {TOKEN: "desk"})) as port:
         refused_before = requests_answered(port, "400")
         got = post_raw(port, b"Transfer-Encoding: chunked\r\n", chunked(body, 1))
         assert got.startswith(b"HTTP/1.1 400") and b'"error":"too_fragmented"' in got, got[:300]
@@ -208,7 +187,7 @@ def test_myriad_tiny_chunks_after_an_early_answer_end_the_connection_quietly(set
     # A 401 (or 413, busy) is sent before the body is read; when the chunks
     # coming on passed the limit, the 400 could not be sent after it: h11
     # raised, and asyncio logged a traceback for the connection.
-    with serving(build_app(settings, {TOKEN: "desk"})) as port, \
+    with served(build_app(settings, {TOKEN: "desk"})) as port, \
             socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"POST /ingest HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         s.settimeout(5)
@@ -221,7 +200,7 @@ def test_myriad_tiny_chunks_after_an_early_answer_end_the_connection_quietly(set
             pass
         time.sleep(0.5)
     # and a malformed chunk after the answer (uvicorn's own 400 could not be sent either)
-    with serving(build_app(settings, {TOKEN: "desk"})) as port, \
+    with served(build_app(settings, {TOKEN: "desk"})) as port, \
             socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"POST /ingest HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         s.settimeout(5)
@@ -239,7 +218,7 @@ def test_a_broker_gone_mid_run_is_answered_503_within_the_broker_timeout(tmp_pat
         s = Settings(data_dir=tmp_path, broker=f"kafka://{b.bootstrap}", topic_prefix="gone")
         s.connectors.ingest_broker_timeout_s = 2.0
         ensure_topics(b.bootstrap, topic_specs(s))
-        with serving(build_app(s, {TOKEN: "desk"})) as port:
+        with served(build_app(s, {TOKEN: "desk"})) as port:
             url = f"http://127.0.0.1:{port}/ingest"
             assert httpx.post(url, content=json.dumps(event(1)), headers=AUTH, timeout=20).status_code == 202
             b.__exit__(None, None, None)
@@ -261,7 +240,7 @@ def test_a_repeated_event_id_with_other_content_in_one_request_is_dead_lettered(
     # it once: the third line was answered "accepted" and then dropped unseen.
     same = json.dumps(event(1))
     lines = [same, same, json.dumps(event(1, text="another picture's caption")), json.dumps(event(2))]
-    with serving(build_app(settings, {TOKEN: "desk"})) as port:
+    with served(build_app(settings, {TOKEN: "desk"})) as port:
         r = httpx.post(f"http://127.0.0.1:{port}/ingest", content="\n".join(lines), headers=AUTH, timeout=20)
     assert r.status_code == 202, r.text
     results = r.json()["results"]
