@@ -13,16 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 import httpx
 import pytest
 
 from streams.broker import EmbeddedBroker, ensure_topics, free_port
-from streams.ingest_server import MAX_BODY_PIECES, SHUTDOWN_GRACE_S, build_app, server_config
+from streams.ingest_server import MAX_BODY_PIECES, SHUTDOWN_GRACE_S, build_app
 from streams.records import DeadLetter, ImageEvent
 from streams.settings import Settings
 from streams.topics import topic_specs
