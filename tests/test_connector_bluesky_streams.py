@@ -28,6 +28,17 @@ A, B, C = ("bafkreiaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
            "bafkreicccccccccccccccccccccccccccccccccccccccccccccccccccc")
 
 
+def _mapped(tmp_path, frames: list, events: int):
+    """(sink, runner) of a default Bluesky run over ``frames``, once ``events`` events are out."""
+    s = settings_for(tmp_path)
+    sink = JsonlSink(io.StringIO(), keep=True)
+    runner = build_bluesky(s, sink, open_state(s, "bluesky"))
+    with JetstreamServer(frames) as server:
+        runner.url = server.url
+        asyncio.run(run_until(runner, lambda: len(sink.events) >= events))
+    return sink, runner
+
+
 def post(rkey: str, cids: list[str], *, op: str = "create", text: str = "flooding #breaking", did: str = DID,
          time_us: int = T0, created: str = "2024-11-30T10:00:00.000Z", embed: dict | None = None) -> str:
     """A Jetstream commit frame of an app.bsky.feed.post, as the relay sends
@@ -237,12 +248,7 @@ def test_a_handle_that_no_longer_verifies_is_not_attributed_to_later_posts(tmp_p
               identity("handle.invalid", time_us=T0 + 2), post("p2", [B], time_us=T0 + 3),
               identity("alice.example.com", time_us=T0 + 4), post("p3", [C], time_us=T0 + 5),
               identity(None, time_us=T0 + 6), post("p4", [A], time_us=T0 + 7)]
-    s = settings_for(tmp_path)
-    sink = JsonlSink(io.StringIO(), keep=True)
-    runner = build_bluesky(s, sink, open_state(s, "bluesky"))
-    with JetstreamServer(frames) as server:
-        runner.url = server.url
-        asyncio.run(run_until(runner, lambda: len(sink.events) >= 4))
+    sink, runner = _mapped(tmp_path, frames, 4)
     assert [(e.post_id.rsplit("/", 1)[1], e.account_handle) for e in sink.events] == [
         ("p1", "alice.bsky.social"), ("p2", None), ("p3", "alice.example.com"), ("p4", None)]
     assert runner.emitter.counts["identity"] == 4
@@ -305,12 +311,7 @@ def test_a_backdated_post_is_dated_when_the_network_first_carried_it(tmp_path):
               post("hours", [B], created="2024-11-30T07:00:00+01:00", time_us=relay + 1),  # 4 h before
               post("late", [C], created="2024-11-30T09:31:00Z", time_us=relay + 2),  # 30 min before: a slow PDS
               post("now", [A], did=OTHER, created="2024-11-30T10:00:49.700Z", time_us=relay + 3)]
-    s = settings_for(tmp_path)
-    sink = JsonlSink(io.StringIO(), keep=True)
-    runner = build_bluesky(s, sink, open_state(s, "bluesky"))
-    with JetstreamServer(frames) as server:
-        runner.url = server.url
-        asyncio.run(run_until(runner, lambda: len(sink.events) >= 4))
+    sink, runner = _mapped(tmp_path, frames, 4)
     at = {e.post_id.rsplit("/", 1)[1]: e.posted_at for e in sink.events}
     carried = datetime.fromtimestamp(relay / 1e6, timezone.utc)
     assert at["old"] == carried and abs((at["hours"] - carried).total_seconds()) < 1e-3
