@@ -23,8 +23,8 @@ from tests.connector_servers import mapped_frames
 # Address literals: the URL policy decides without DNS.
 PUBLIC_URL = "https://151.101.0.1/img/feed_fullsize/plain/{did}/{cid}@jpeg"  # passes
 PRIVATE_URL = "http://127.0.0.1/img/{did}/{cid}@jpeg"  # refused (loopback): dead-lettered
-BLOCK_S = 1.5  # how long the first send blocks, as kafka-python waiting for metadata
-MAX_GAP_S = 0.5  # a loop tick may come this late at most while a send blocks
+BLOCK_S = 2.0  # how long the first send blocks, as kafka-python waiting for metadata
+MAX_GAP_S = 1.0  # a loop tick may come this late at most while a send blocks (a loaded CI machine's ticks run late)
 
 
 class BlockingSink:
@@ -33,8 +33,10 @@ class BlockingSink:
     show as reordering. The one numbered ``fail_at`` raises, as kafka-python's
     KafkaTimeoutError would."""
 
-    def __init__(self, block_at: int = 0, fail_at: int | None = None):
+    def __init__(self, block_at: int = 0, fail_at: int | None = None,
+                 release: threading.Event | None = None):
         self.block_at, self.fail_at = block_at, fail_at
+        self.release = release  # when given, the blocking call waits for it instead of BLOCK_S
         self.sent: list[str] = []
         self.dead: list[str] = []
         self.calls = 0
@@ -42,7 +44,10 @@ class BlockingSink:
 
     def _call(self) -> None:
         self.threads.add(threading.get_ident())
-        time.sleep(BLOCK_S if self.calls == self.block_at else 0.01)
+        if self.calls == self.block_at and self.release is not None:
+            assert self.release.wait(30), "the test never released the blocked send"
+        else:
+            time.sleep(BLOCK_S if self.calls == self.block_at else 0.01)
         self.calls += 1
 
     def send(self, event) -> None:
@@ -179,23 +184,27 @@ def test_a_send_that_fails_after_blocking_rolls_back_as_before(tmp_path):
 
 
 def test_other_connectors_keep_running_while_one_send_blocks(tmp_path):
-    # Two connectors in one process: the one with a quick sink finishes its
-    # frames while the other's first send is still blocked.
+    # Two connectors in one process: the one with a quick sink finishes all
+    # its frames while the other's first send is still blocked (held until
+    # the quick one is done, so the test does not race a clock).
     frames = mapped_frames(PUBLIC_URL)
-    slow_sink, quick_sink = BlockingSink(), InstantSink()
+    release = threading.Event()
+    slow_sink, quick_sink = BlockingSink(release=release), InstantSink()
     slow, quick = make_emitter(tmp_path, slow_sink, "slow"), make_emitter(tmp_path, quick_sink, "quick")
 
-    async def main():
-        t0 = time.monotonic()
+    async def main() -> list[str]:
         slow_task = asyncio.create_task(apply_all(slow, frames)())
-        await asyncio.sleep(0.05)  # the slow connector's first send has begun
-        await apply_all(quick, frames)()
-        quick_done = time.monotonic() - t0
+        while not slow_sink.threads:  # its first send has begun
+            await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(apply_all(quick, frames)(), 30)
+            slow_sent_meanwhile = list(slow_sink.sent)
+        finally:
+            release.set()
         await slow_task
-        return quick_done
+        return slow_sent_meanwhile
 
-    quick_done = asyncio.run(main())
-    assert quick_done < 1.0  # its sends and state writes, not the other's SLOW send (1.5 s)
+    assert asyncio.run(main()) == []  # the slow connector was still in its first send throughout
     assert quick_sink.sent == slow_sink.sent == [e.event_id for m in frames for e in m.events]
 
 
