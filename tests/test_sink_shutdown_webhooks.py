@@ -213,8 +213,9 @@ def test_a_stopping_worker_delivers_the_alerts_it_holds_to_a_slow_receiver(scrip
         f"alerts the stopped worker held were left to the redelivery: {_deliveries(settings)}"
     assert all(r["valid"] for r in srv.requests)
     assert "webhook senders drained at stop: 2 delivered, 0 left queued" in log
-    # two answers of answer_s each, one after the other, plus the worker's own stop
-    assert stop_s < 2 * answer_s + 6, f"the stop took {stop_s:.1f} s"
+    # two answers of answer_s each, one after the other, plus the worker's own stop (which a loaded
+    # CI machine stretches by seconds)
+    assert stop_s < 2 * answer_s + 12, f"the stop took {stop_s:.1f} s"
 
 
 @slow
@@ -236,7 +237,8 @@ def test_a_hanging_receiver_holds_the_stop_only_for_the_grace_and_its_alerts_are
                                                  stop_grace_s=grace_s)
         stop_s = _stop(first)
         log = first.log_path.read_text(errors="replace")
-        assert grace_s - 0.5 <= stop_s < grace_s + 5, f"the stop took {stop_s:.1f} s (grace {grace_s:g} s)"
+        # bounded by the grace, far below the hook's 60 s timeout; a loaded machine adds seconds to the stop
+        assert grace_s - 0.5 <= stop_s < grace_s + 15, f"the stop took {stop_s:.1f} s (grace {grace_s:g} s)"
         assert "webhook senders drained at stop: 0 delivered, 2 left queued" in log
         assert set(_deliveries(settings).values()) == {"queued"}, "left for the redelivery, not lost nor failed"
 
