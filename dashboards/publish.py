@@ -82,20 +82,22 @@ def _datasource_exists(api: GrafanaApi, uid: str = DATASOURCE_UID) -> bool:
 
 
 _ENV = re.compile(r"\$\{?([A-Z_][A-Z0-9_]*)\}?")
+# Receiver settings that may resolve to nothing (then left out), by the setting, not the variable's name.
+_OPTIONAL_SETTINGS = frozenset({"authorization_credentials"})
 
 
 def resolved_receivers(env: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """The desk contact point's receivers as the HTTP API takes them, with
     the environment references of the provisioning file filled in here
-    (the API does not expand them). Receivers missing a variable are skipped."""
+    (the API does not expand them). Receivers missing a variable of a
+    required setting are skipped."""
     env = os.environ if env is None else env
     out, skipped = [], []
     for cp in rules.contact_points():
         for r in cp["receivers"]:
-            names = {m for v in r["settings"].values() if isinstance(v, str) for m in _ENV.findall(v)}
-            missing = sorted(n for n in names if not env.get(n))
-            # an optional bearer token may stay empty; the address itself may not
-            required = [n for n in missing if not n.endswith("_TOKEN")]
+            # an optional setting (the webhook's bearer token) may stay empty; the address itself may not
+            required = sorted({n for k, v in r["settings"].items() if k not in _OPTIONAL_SETTINGS and isinstance(v, str)
+                               for n in _ENV.findall(v) if not env.get(n)})
             if required:
                 skipped.append(f"{r['uid']} ({', '.join(required)} unset)")
                 continue

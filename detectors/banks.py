@@ -458,8 +458,6 @@ class BankStore:
         return self._cache
 
 
-
-
 class _Loaded:
     def __init__(self, types: list[type[SignalType]]) -> None:
         # per signal type, every entry's codes (pHash: with its views' codes)
@@ -585,7 +583,9 @@ _VIA_WORDS = _via_words()
 
 
 def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:
-    """Evidence per matching bank (its nearest entry); authentic banks ask fusion to suppress."""
+    """Evidence per matching bank (its nearest entry). An authentic bank's
+    item carries ``data["suppress"]``: the cluster engine then suppresses the
+    cluster's alerts (``streams.clustering``); fusion reads only its verdict."""
     out: list[Evidence] = []
     seen: set[str] = set()
     for m in matches:  # nearest first, so the first per bank is its best

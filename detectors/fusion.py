@@ -10,9 +10,9 @@ Rules, in order:
    item with the largest |contribution| (below) is kept, the rest dropped.
    Ten identical reposts are not ten times the evidence. An exact tie is
    broken by the item itself (larger weight, then higher effective score,
-   then detail, sha256, kind, data), never by list order: scores 0.75 and
-   0.25 at one weight kept whichever came first, so a merged cluster's
-   verdict depended on which side of the merge survived.
+   higher score, then detail, sha256, kind, data), never by list order:
+   scores 0.75 and 0.25 at one weight kept whichever came first, so a merged
+   cluster's verdict depended on which side of the merge survived.
 3. **Weighted log-odds.** Each kept item contributes
    ``weight * logit(clip(score, 0.01, 0.99))``; the fused score is the
    logistic of the sum (starting from even odds). Clipping bounds any single

@@ -1,6 +1,7 @@
 """Content-addressed image storage: image bytes never travel on topics, messages
-carry the sha256. A directory under the data dir here; in production the same
-interface fronts S3-compatible storage."""
+carry the sha256. One implementation, a directory under the data dir
+(``DirectoryBlobStore``; workers on several machines share it as a volume);
+another backend, S3-compatible storage say, would implement ``BlobStore``."""
 
 from __future__ import annotations
 

@@ -110,8 +110,6 @@ class EmbeddedBroker:
         runner starts beside it are told (``streams.runner.start_cluster``)."""
         return f"kafka://{self.bootstrap}"
 
-    faust_url = url  # older name
-
     def exited(self) -> str | None:
         """How the broker process ended (``exit 1``, ``signal 9``), None while
         it runs or before it started."""
@@ -422,8 +420,8 @@ def faust_broker_url(settings, url: str) -> str:
 
 def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 20.0, settings=None) -> None:
     """Create missing topics with explicit partition counts; existing ones are
-    left alone (a partition-count mismatch is logged: changing it would break
-    keyed state)."""
+    left alone, whatever their partition count (changing it would break keyed
+    state; a mismatch is not checked here)."""
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
     check_reachable(bootstrap)

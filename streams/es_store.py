@@ -7,8 +7,10 @@ keeps the highest revision), a ``deepwatch-sightings`` data stream (``_id`` =
 event id), and ``deepwatch-alerts``, ``deepwatch-dead-letters``,
 ``deepwatch-deliveries`` keyed by alert id, dead-letter key and (alert,
 target). Counts shown for a cluster (sightings, accounts, platforms, first
-and last seen) are computed from the sightings, merges resolved, exactly as
-the SQLite store computes them.
+and last seen) are computed from the sightings, merges resolved, as the
+SQLite store computes them: exactly, but for accounts past 40,000 distinct
+ones, which Elasticsearch's cardinality aggregation estimates
+(``_sighting_stats``).
 
 The connection and its error lines are ``streams.es_client``; the documents
 and the records read back from them, ``streams.es_docs``; what is put in

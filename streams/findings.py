@@ -475,8 +475,9 @@ def unstored_alerts(clusters: Iterable[tuple[str, int, Iterable[str]]],
     (``streams.clustering``: the survivor keeps the higher level): every
     level k <= L needs a stored alert of level k under the cluster or one
     merged into it. Only the engine's alerts count (id ``<cluster>:<level>``):
-    the desk's (``<cluster>:desk-fake``) and account alerts (``account:...``,
-    no cluster of that id) are never raised by the stream."""
+    the desk's (``<cluster>:desk-<verdict>``, with ``:<verdict id>`` when said
+    again) and account alerts (``account:...``, no cluster of that id) are
+    never raised by the stream."""
     levels: dict[str, set[int]] = {}
     for alert_id, cluster_id, level in stored:
         if alert_id == f"{cluster_id}:{level}":
@@ -835,11 +836,6 @@ def open_findings(store_url: str | None, data_dir: Path | str, settings: Any | N
     raise StoreURLError(
         f"unknown findings store {store_url!r}: use es://HOST:9200, https://HOST:9200 or sqlite:///PATH "
         "(leave --store out for the embedded SQLite file in --data-dir)")
-
-
-# The one line a findings address with user info is refused with when settings load or
-# ``--store`` is given (``check_store_url``), as ``streams.es_client.EsConfig`` refuses one:
-# secrets only in the variables meant for them.
 
 
 def check_store_url(value: str | None) -> str | None:

@@ -22,7 +22,7 @@ from streams.records import DeadLetter, payload_sha256
 from streams.settings import Settings
 from streams.validate import MAX_EVENT_BYTES, event_id_of
 
-MAX_MESSAGE_BYTES = MAX_EVENT_BYTES  # Kafka's default max.message.bytes; the worker's limit too
+MAX_MESSAGE_BYTES = MAX_EVENT_BYTES  # just under Kafka's default max.message.bytes (1 MiB + 12); the worker's limit too
 SETTLE_BYTES = 64 << 20  # ``produce_lines`` confirms delivery after this many bytes of events
 RUN_HEADER = "deepwatch-run"  # names the producing run, so completion is judged per run
 # No acknowledgement for this long while events wait for one: the broker is

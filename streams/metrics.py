@@ -46,8 +46,9 @@ for _outcome in ("delivered", "failed", "rejected"):
     WEBHOOKS.labels(_outcome)
 STAGE_SECONDS = Histogram(
     "deepwatch_stage_seconds",
-    "Seconds of work per stage: an event's (fetch, hashes, detectors, analyze, blob, serialize, send), a cluster "
-    "op's share of its batch (cluster), a model answer's (detect), a whole sink batch, retries included (sink)",
+    "Seconds of work per stage: an event's (fetch, hashes, detectors, analyze, blob, dedupe, serialize, send), "
+    "a cluster op's share of its batch (cluster), a model answer's (detect), a whole sink batch, retries included "
+    "(sink)",
     ["stage"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 STAGE_LAG = Histogram(

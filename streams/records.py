@@ -101,10 +101,10 @@ MAX_TEXT_CHARS = 10_000
 MAX_TAG_CHARS = 256
 # posted_at's UTC offset: the real ones span -12:00..+14:00.
 MAX_UTC_OFFSET = timedelta(hours=14)
-# How a posted_at string starts: a date, a separator pydantic takes ('T',
-# 't', space or '_') and hours:minutes.
 # C0 and C1 control characters and DEL: nothing an id holds
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# How a posted_at string starts: a date, a separator pydantic takes ('T',
+# 't', space or '_') and hours:minutes.
 _DATE_TIME_FORM = re.compile(r"\d{4}-\d{2}-\d{2}[Tt _]\d{2}:\d{2}", re.ASCII)
 
 

@@ -10,7 +10,7 @@ target's sender (``_Sender``: one queue and task per target, one alert at a
 time, in order); the alerts agent goes on with the next alert at once. A
 receiver that hangs or is down delays only its own target. A sender that
 stops (the worker does) leaves its alerts ``queued``: redelivery
-(``streams.webhooks``) sends them.
+(``streams.webhook_redelivery``) sends them.
 
 A worker that stops (SIGTERM, a rolling restart, the end of a replay) first
 gives its senders a grace period to deliver what they hold (``stop``: at

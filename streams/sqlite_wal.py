@@ -20,6 +20,8 @@ def enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
             db.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() > deadline:
+            # by result code (BUSY, LOCKED and their extended codes), not message text
+            busy = (getattr(e, "sqlite_errorname", None) or "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+            if not busy or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)

@@ -5,8 +5,8 @@ and every query command reads through; ``SqliteFindingsStore`` is the embedded
 default (one file in the data directory, full-text search with FTS5) and
 ``streams.es_store.EsFindingsStore`` the Elasticsearch one. Every write is an idempotent upsert keyed by something the
 stream already makes stable (cluster id + revision, event id, alert id, the
-source offset of a dead letter), so at-least-once delivery and replays change
-nothing.
+event behind a dead letter: ``dead_letter_identity``), so at-least-once
+delivery and replays change nothing.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             try:
                 yield db
             except sqlite3.OperationalError as e:
-                if str(e) == "interrupted" or deadline.passed():
+                if getattr(e, "sqlite_errorname", None) == "SQLITE_INTERRUPT" or deadline.passed():
                     raise SearchTimeout(deadline.timeout_s) from None
                 raise
         finally:
@@ -737,7 +737,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         rows = list(self._select(
             """SELECT event_id, cluster_id, sha256, platform, account_id, account_handle, post_url, posted_at, text,
                       hashtags, lang, engagement FROM sightings WHERE {where}""", ids))
-        rows.sort(key=lambda r: (-_julian(r[7]), r[0]))
+        rows.sort(key=lambda r: (-_epoch_s(r[7]), r[0]))
         return [self._sighting(row) for row in rows[:limit]]
 
     def sightings(self, *, cluster_ids: list[str] | None = None, account_id: str | None = None,
@@ -1011,7 +1011,7 @@ def _aware(ts: str) -> datetime:
     return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
 
 
-def _julian(ts: str) -> float:
+def _epoch_s(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 

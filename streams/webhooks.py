@@ -397,8 +397,9 @@ class WebhookError(Exception):
 
 class WebhookRejected(WebhookError):
     """The receiver (or its URL) refused this alert for good: a 4xx other than
-    408/429, a redirect, an invalid or refused address, a request the HTTP
-    client refuses to send. Recorded as ``rejected``, not ``failed``:
+    408/429, a 501 or 505 (``PERMANENT_5XX``), a redirect, an invalid or
+    refused address, a request the HTTP client refuses to send. Recorded as
+    ``rejected``, not ``failed``:
     redelivery skips it, so one alert a receiver will never take does not hold
     every later alert to it back forever. A 401/403 from a receiver whose
     clock is far off this worker's (``clock_skew_s``) is a plain

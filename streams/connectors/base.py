@@ -247,9 +247,10 @@ MAX_BACKOFF_EXPONENT = 1000  # 2.0 ** 1000 is still a float; initial_s * it reac
 
 
 class Backoff:
-    """Exponential backoff with full jitter (the AWS architecture blog's
-    variant): many clients reconnecting after one outage spread out instead
-    of stampeding the server together."""
+    """Exponential backoff with equal jitter (the AWS architecture blog's
+    name: a wait drawn between half the cap and the cap): many clients
+    reconnecting after one outage spread out instead of stampeding the
+    server together."""
 
     def __init__(self, initial_s: float = 1.0, max_s: float = 60.0, rng: random.Random | None = None):
         self.initial_s = initial_s

@@ -15,7 +15,8 @@ edit gives none.
 The app.bsky lexicon allows at most ``MAX_IMAGES`` images per post; a record
 is not checked against it by the relay, so a crafted post may carry thousands.
 Only the first ``MAX_IMAGES`` of a post (and of the post it quotes) become
-events; the rest are counted (``events_total{outcome="clipped"}``).
+events; the rest are counted
+(``deepwatch_connector_events_total{outcome="clipped"}``).
 """
 
 from __future__ import annotations

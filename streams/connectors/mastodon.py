@@ -14,7 +14,8 @@ Mastodon allows 4 attachments a status, and caps what it takes from other
 servers at 4 too, but servers that speak its API need not (Pleroma's limit is
 a setting), and a hostile instance can send a status with thousands: only the
 first ``MAX_IMAGES`` image attachments of a status (and of the status it
-quotes) become events; the rest are counted (``events_total{outcome="clipped"}``).
+quotes) become events; the rest are counted
+(``deepwatch_connector_events_total{outcome="clipped"}``).
 """
 
 from __future__ import annotations
