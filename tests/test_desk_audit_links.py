@@ -99,7 +99,7 @@ def test_a_search_for_a_bare_at_or_hash_says_it_has_no_name(desk, field, value):
 def test_api_without_its_slash_answers_in_the_apis_json_shape(desk):
     r = httpx.get(desk.url + "/api")
     assert r.status_code == 404 and r.headers["content-type"] == "application/json"
-    assert r.json() == {"error": "Not Found", "status": 404}
+    assert r.json() == {"error": "no API route /api; the routes are listed at /docs (/openapi.json)", "status": 404}
     r = httpx.post(desk.url + "/api")
     assert r.status_code in (404, 405) and r.json()["status"] == r.status_code
 

@@ -5,6 +5,7 @@ to read Elasticsearch instead of the embedded SQLite file in ``--data-dir``."""
 
 from __future__ import annotations
 
+import re
 import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -240,13 +241,15 @@ def clusters(
 
 
 def _when(value: Optional[str], flag: str, end_of_day: bool = False) -> Optional[datetime]:
-    """An ISO time (naive = UTC, as the desk reads times). A date alone is
+    """An ISO time (naive = UTC, as the desk reads times), or one as the desk
+    and these tables print it (``2026-11-20 10:04:15 UTC``). A date alone is
     that day's start, or with ``end_of_day`` (``--until``) its last instant
     (``through_day``)."""
     if value is None:
         return None
+    plain = re.sub(r"(?<=\d)\s*UTC$", "", value.strip(), flags=re.IGNORECASE)
     try:
-        ts = datetime.fromisoformat((through_day(value) if end_of_day else value).replace("Z", "+00:00"))
+        ts = datetime.fromisoformat((through_day(plain) if end_of_day else plain).replace("Z", "+00:00"))
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not an ISO 8601 time; use e.g. 2026-11-20T10:00:00Z or 2026-11-20",
                                  param_hint=flag) from None
@@ -258,8 +261,8 @@ def search(
     query: Optional[str] = typer.Argument(None, metavar="QUERY", help="Full text over post texts and hashtags: words are ANDed, \"quoted phrases\" kept together (at most 1000 characters)."),
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
     store_url: Optional[str] = StoreOpt,
-    since: Optional[str] = typer.Option(None, help="Only clusters with a sighting posted at or after this ISO time (naive = UTC)."),
-    until: Optional[str] = typer.Option(None, help="Only clusters with a sighting posted at or before this ISO time (a date alone: the end of that day)."),
+    since: Optional[str] = typer.Option(None, help="Only clusters with a sighting posted at or after this ISO time (naive = UTC; as the desk prints times too: 2026-11-20 10:04:15 UTC)."),
+    until: Optional[str] = typer.Option(None, help="Only clusters with a sighting posted at or before this ISO time (a date alone: the end of that day; as the desk prints times too)."),
     platform: Optional[str] = typer.Option(None, help="Only clusters seen on this platform."),
     account: Optional[str] = typer.Option(None, help="Only clusters posted by this account (id or @handle)."),
     hashtag: Optional[str] = typer.Option(None, help="Only clusters posted with this hashtag (with or without #)."),
@@ -413,13 +416,15 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
 
 def _table_time(at: str) -> str:
     """An alert's time in a table: a space between date and time, where a
-    narrow column breaks it ("2026-11-20T1" / "0:02:00Z" was cut mid-hour)."""
+    narrow column breaks it ("2026-11-20T1" / "0:02:00Z" was cut mid-hour),
+    to the second (a desk verdict's alert, stamped by the clock, showed its
+    microseconds beside the stream's whole seconds)."""
     text = str(at)
     if text.endswith("Z"):
         text = text[:-1]
     elif text.endswith("+00:00"):
         text = text[:-6]
-    return text.replace("T", " ", 1)
+    return re.sub(r"(:\d\d)\.\d+$", r"\1", text).replace("T", " ", 1)
 
 
 @app.command("dead-letters", rich_help_panel="Findings")

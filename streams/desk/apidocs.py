@@ -45,9 +45,32 @@ DOCS_SCRIPT = _inline_script_hash(DOCS_PAGE)  # the docs page's Content-Security
 SWAGGER_DIR = Path(importlib.util.find_spec("fastapi_swagger.resources").origin).parent
 
 
+# How the API is called with a token (docs/desk.md, "Who may do what"): declared
+# in the schema, so that /docs offers "Authorize" and its "Try it out" sends the
+# token. Without it the page had no way to send one: every write tried from it
+# was a 401 (or a 403 for want of a CSRF header, from a logged-in browser).
+BEARER_SCHEME = {"type": "http", "scheme": "bearer",
+                 "description": "a token from DEEPWATCH_DESK_TOKENS (role:name:token), sent as "
+                                "`Authorization: Bearer <token>`; an editor's token may record verdicts"}
+AUTH_NOTE = ("Reading is open to this machine when the desk listens on loopback, and needs a viewer "
+             "otherwise; recording a verdict always needs an editor. Scripts send a token from "
+             "DEEPWATCH_DESK_TOKENS as `Authorization: Bearer <token>` (\"Authorize\" on this page sends it with "
+             "\"Try it out\"). Errors are `{\"error\": \"...\", \"status\": N}`; lists page by `X-Next-Cursor`.")
+
+
+def schema_with_auth(schema: dict) -> dict:
+    """The app's OpenAPI schema saying how to authenticate: the bearer scheme,
+    optional for every operation (``{}``: no credential, as on an open
+    loopback desk), and the rules in the API's description."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = BEARER_SCHEME
+    schema["security"] = [{"bearer": []}, {}]
+    schema.setdefault("info", {})["description"] = AUTH_NOTE
+    return schema
+
+
 @router.get(OPENAPI_PATH, include_in_schema=False)
 def openapi(request: Request, _: Principal = Depends(reader)) -> JSONResponse:
-    return JSONResponse(request.app.openapi())
+    return JSONResponse(schema_with_auth(request.app.openapi()))
 
 
 @router.get(DOCS_PATH, include_in_schema=False)

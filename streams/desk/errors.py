@@ -28,6 +28,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 STORE_UNAVAILABLE = ("the findings store is not answering for now (restarting, overloaded or unreachable); "
                      "try again in a minute. The desk's log has the store's error")
 STORE_RETRY_AFTER_S = 30
+# The forms a since/until takes, as the filters' placeholders and the pages' own times show them.
+TIME_EXAMPLES = "2026-11-20, 2026-11-20 10:05 or 2026-11-20T10:05:00+01:00 (UTC unless an offset is given)"
 
 
 class _SearchStopped(HTTPException):
@@ -56,7 +58,11 @@ async def http_error(request: Request, exc: HTTPException):
     if wants_json(request):
         if exc.status_code == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse({"error": exc.detail, "status": exc.status_code}, exc.status_code, headers=headers)
+        detail = exc.detail
+        if exc.status_code == 404 and detail == "Not Found" and request.url.path.startswith("/api"):
+            # the router's own words for a path no route has: an analyst who typed /api got "Not Found" alone
+            detail = f"no API route {request.url.path}; the routes are listed at {DOCS_PATH} ({OPENAPI_PATH})"
+        return JSONResponse({"error": detail, "status": exc.status_code}, exc.status_code, headers=headers)
     # A page (or a form posted from one: a session that expired before an
     # editor pressed Record) goes to the login and back; a script with a
     # bearer token gets the 401 it can act on.
@@ -96,6 +102,10 @@ def _problem(err: dict[str, Any]) -> str:
     if err.get("type") == "json_invalid":
         return f"body: not valid JSON ({err.get('ctx', {}).get('error', err['msg'])} at character {err['loc'][-1]})"
     field = ".".join(str(x) for x in err["loc"] if x not in ("query", "body", "path"))
+    if err.get("type", "").startswith(("datetime_", "date_")):
+        # pydantic's words ("input is too short") said neither what was sent nor what would do
+        return (f"{field or err['loc'][0]}: {str(err.get('input'))[:64]!r} is not a date or time; write it as "
+                f"{TIME_EXAMPLES}")
     return f"{field or err['loc'][0]}: {err['msg']}"
 
 

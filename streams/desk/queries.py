@@ -23,8 +23,13 @@ QUEUE_FORM = ("q", "verdict", "platform", "since", "sort", "limit")
 SEARCH_FORM = ("q", "account", "hashtag", "platform", "since", "until", "verdict", "desk_verdict", "min_score", "sort",
                "limit")
 # A time whose "+01:00" offset was not percent-encoded arrives as " 01:00"
-# ("+" is a space in a query string): unambiguous, so read as meant.
-_UNENCODED_OFFSET = re.compile(r"(\d) (\d\d(?::?\d\d)?)$")
+# ("+" is a space in a query string): unambiguous after a time of day, so read
+# as meant. Only there: after a date it is the time ("2026-11-20 10:05", as
+# people type it, was read as the date at offset +10:05 and refused).
+_UNENCODED_OFFSET = re.compile(r"(\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d(?::?\d\d)?)$")
+# The desk shows every time as "2026-11-20 10:04:15 UTC" (views.when): one
+# copied from a page into a filter was refused ("unexpected extra characters").
+_UTC_SUFFIX = re.compile(r"(?<=\d)\s*UTC$", re.IGNORECASE)
 
 
 def cluster_query(verdict: Optional[str] = Query(None), platform: Optional[str] = Query(None),
@@ -33,7 +38,7 @@ def cluster_query(verdict: Optional[str] = Query(None), platform: Optional[str] 
                   cursor: Optional[str] = Query(None, description="the next page's cursor, from `X-Next-Cursor`")
                   ) -> ClusterQuery:
     try:
-        return ClusterQuery(verdict=verdict or None, platform=platform or None, since=since or None, q=q or None,
+        return ClusterQuery(verdict=verdict or None, platform=platform or None, since=_time_param(since), q=q or None,
                             sort=sort, limit=limit, cursor=cursor or None)
     except ValidationError as e:
         raise RequestValidationError([{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from None
@@ -155,11 +160,12 @@ def accounts_link(path: str, q: AccountQuery, cursor: str | None) -> str:
 
 def _time_param(value: Optional[str], end_of_day: bool = False) -> Optional[str]:
     """``since``/``until`` as sent, made what the analyst meant: an offset's
-    unencoded ``+`` read back, and a date alone for ``until`` the end of that
-    day (``through_day``)."""
+    unencoded ``+`` read back, a time as the pages print it (`` UTC`` at its
+    end: naive, which is UTC) read, and a date alone for ``until`` the end of
+    that day (``through_day``)."""
     if not value:
         return None
-    value = _UNENCODED_OFFSET.sub(r"\1+\2", value.strip())
+    value = _UTC_SUFFIX.sub("", _UNENCODED_OFFSET.sub(r"\1+\2", value.strip()))
     return through_day(value) if end_of_day else value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import datetime, timezone
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote
 
@@ -206,6 +207,49 @@ def web_link(url: object) -> bool:
     return isinstance(url, str) and url[:8].lower().startswith(("https://", "http://"))
 
 
+# How a lookup's match reads on the page, per ``via`` of
+# ``detectors.neardup.pairing.Via``: "sha256 d=0" and "phash_view d=7" told a
+# journalist nothing about how close the copy is.
+_MATCH_KIND = {"sha256": "the same file", "phash": "a near copy", "pdq": "a near copy",
+               "phash_mirror": "a mirrored copy", "pdq_mirror": "a mirrored copy",
+               "phash_view": "a crop or framed copy", "uniform": "a one-colour picture"}
+
+
+def match_words(via: object, distance: object) -> str:
+    """A match in words: what kind of copy it is and how close (``distance``
+    in the unit of its ``via``: hash bits, or grey levels for "uniform")."""
+    kind = _MATCH_KIND.get(str(via), f"a match by {via}")
+    if via == "sha256":
+        return f"{kind} (identical bytes)"
+    if via == "uniform":
+        return f"{kind}, {distance} grey levels apart"
+    bits, name = (256, "PDQ") if str(via).startswith("pdq") else (64, "pHash")
+    return f"{kind}: {distance} of {bits} {name} bits differ"
+
+
+def number(value: object) -> str:
+    """A figure as people read it: at most two decimals, no trailing zeros
+    (an evidence weight showed as 1.902209672327087)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "—" if value is None else str(value)
+    return f"{value:.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+
+
+def counted(n: object, noun: str) -> str:
+    """``n`` and its noun, singular for one: "1 sightings · 1 accounts" was how
+    a picture posted once read."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def status_phrase(status: object) -> str:
+    """An HTTP status's reason ("Not Found"), for the error page's heading: a
+    bare "404" told a reader nothing."""
+    try:
+        return HTTPStatus(int(str(status))).phrase
+    except ValueError:
+        return ""
+
+
 def register_filters(env) -> None:
     env.tests["web_link"] = web_link
     env.filters["isolated"] = isolated
@@ -214,4 +258,8 @@ def register_filters(env) -> None:
     env.filters["sparkline"] = sparkline
     env.filters["spread_chart"] = spread_chart
     env.filters["when"] = when
+    env.filters["match_words"] = match_words
+    env.filters["number"] = number
+    env.filters["status_phrase"] = status_phrase
+    env.filters["counted"] = counted
     env.globals["band"] = band
