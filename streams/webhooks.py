@@ -117,13 +117,15 @@ A receiver (Python)::
     SIGNATURES = ("X-Deepwatch-Signature", "X-Deepwatch-Signature-Previous")
 
     def verify(secret: bytes, headers, raw_body: bytes, max_age_s=300) -> bool:
-        ts = headers.get("X-Deepwatch-Timestamp", "")
+        # names in any case: HTTP/2, Lambda function URLs, dict(request.headers) in FastAPI give them lower-cased
+        h = {name.lower(): value for name, value in headers.items()}
+        ts = h.get("x-deepwatch-timestamp", "")
         # isascii too: str.isdigit() accepts "²" and "١", which int() refuses or reads
         if not (ts.isascii() and ts.isdigit()) or abs(time.time() - int(ts)) > max_age_s:
             return False  # stale: a replayed capture
         mac = hmac.new(secret, ts.encode() + b"." + raw_body, hashlib.sha256)
         mine = ("sha256=" + mac.hexdigest()).encode()
-        return any(hmac.compare_digest(mine, headers.get(h, "").encode()) for h in SIGNATURES)
+        return any(hmac.compare_digest(mine, h.get(name.lower(), "").encode()) for name in SIGNATURES)
 
 A receiver holding either key, the old or the new, verifies a delivery made
 during a rotation: it switches keys when it is ready, and needs no change

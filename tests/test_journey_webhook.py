@@ -12,6 +12,7 @@ from pathlib import Path
 
 from streams.settings import WebhookSettings
 from tests import test_webhooks
+from tests.test_webhook_rotation_ca import _documented_verifiers
 from tests.test_webhooks import ENV, SECRET, _alert, _deliver, _lo
 
 receiver = test_webhooks.receiver  # records each request's raw body and headers
@@ -50,14 +51,15 @@ def test_the_readme_receiver_verifies_a_real_delivery_in_any_header_case(receive
     [req] = srv.requests
     body, headers = req["body"], req["headers"]
     assert req["valid"]  # the library's own check agrees the delivery is genuine
-    verify = _readme_verify()
     shapes = {
         "as sent": headers,
         "lower-cased (HTTP/2, Lambda function URLs, dict(starlette headers))": {k.lower(): v for k, v in headers.items()},
         "http.server's self.headers": _as_message(headers),
     }
-    for shape, given in shapes.items():
-        assert verify(SECRET.encode(), given, body), shape
-        assert not verify(b"another subscriber's key", given, body), shape
-        assert not verify(SECRET.encode(), given, body.replace(b"0.93", b"0.10")), f"{shape}: tampered body"
+    # README's example and the one in streams.webhooks' docstring alike
+    for where, verify in {"README.md": _readme_verify(), **_documented_verifiers()}.items():
+        for shape, given in shapes.items():
+            assert verify(SECRET.encode(), given, body), (where, shape)
+            assert not verify(b"another subscriber's key", given, body), (where, shape)
+            assert not verify(SECRET.encode(), given, body.replace(b"0.93", b"0.10")), (where, shape, "tampered")
 
