@@ -131,7 +131,7 @@ def _old_account_doc(a: dict[str, Any], share: float, ai: set[str]) -> dict[str,
         "ai_pictures": len(a["ai_pics"]), "ai_share": round(share, 4),
         "first_seen": a["first_seen"], "last_seen": a["last_seen"], "platforms": sorted(a["platforms"]),
         "clusters": sorted(a["clusters"]), "ai_clusters": sorted(a["clusters"] & ai),
-        "cadence": {"posts_per_day": round(a["posts"] / span_days, 2),
+        "cadence": {"posts_per_day": round(a["posts"] / span_days, 2) if a["posts"] > 1 else None,
                     "median_gap_s": gaps[len(gaps) // 2] if gaps else None},
     }
 
@@ -242,6 +242,9 @@ def test_account_pages_equal_the_walk_over_every_sighting(source):
         assert got == want
     assert {a["handle"] for a in everyone if a["id"] in ("x/123", *TIES)} == {None}
     assert {a["cadence"]["median_gap_s"] for a in everyone if a["id"] in TIES} == {None}
+    # one post has no cadence (the one-hour floor read as "24 posts a day" in the API)
+    single = [a for a in everyone if a["posts"] == 1]
+    assert single and {source.account(a["id"])["cadence"]["posts_per_day"] for a in single} == {None}
     assert [a["id"] for a in everyone][-3:] == list(reversed(TIES))
 
 

@@ -915,7 +915,9 @@ def _account_doc(a: AccountAggregate, roots: dict[str, str], ai: set[str]) -> di
         "ai_pictures": a.ai_pictures, "ai_share": round(share, 4),
         "first_seen": a.first_seen, "last_seen": a.last_seen, "platforms": list(a.platforms),
         "clusters": sorted(clusters), "ai_clusters": sorted(clusters & ai),
-        "cadence": {"posts_per_day": round(a.posts / span_days, 2), "median_gap_s": a.median_gap_s},
+        # one post has no cadence: posts/day over the one-hour floor read as "24 a day" to an analyst
+        "cadence": {"posts_per_day": round(a.posts / span_days, 2) if a.posts > 1 else None,
+                    "median_gap_s": a.median_gap_s},
     }
 
 
