@@ -226,9 +226,14 @@ class BankStore:
     def _file_error(self, e: BaseException, verb: str) -> BankFileError:
         """A SQLite error opening, reading or writing the file, as one line naming it and the fix."""
         text = str(e)
-        if "locked" in text or "busy" in text:
+        # By SQLite's result code (primary: SQLITE_BUSY_SNAPSHOT is a BUSY), not
+        # its words: "cannot commit transaction - SQL statements in progress" is
+        # an SQLITE_BUSY too.
+        name = getattr(e, "sqlite_errorname", None) or ""
+        code = "_".join(name.split("_")[:2])
+        if code in ("SQLITE_BUSY", "SQLITE_LOCKED"):
             fix = "another deepwatch command is writing it; try again when it is done"
-        elif "not a database" in text or "malformed" in text:
+        elif code in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
             fix = "move it aside (deepwatch starts a new one) or restore it from a backup"
         elif self.read_only:
             fix = f"check that you may read it and {self.path.parent}, or pass the --data-dir that holds your banks"

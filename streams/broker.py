@@ -219,6 +219,10 @@ class TopicSpec:
     name: str
     partitions: int
     compacted: bool = False
+    # One consumer must own all of it (the cluster stage's ops and table):
+    # Kafka gives each partition of a group's topic its own owner, so a
+    # second partition is a second writer; ``ensure_topics`` refuses one.
+    single_writer: bool = False
 
 
 class BrokerError(RuntimeError):
@@ -418,10 +422,46 @@ def faust_broker_url(settings, url: str) -> str:
     return f"{scheme}://{bootstrap}"
 
 
+def _partition_counts(described: list[dict]) -> dict[str, int | None]:
+    """Topic name -> its partition count, from ``KafkaAdminClient.describe_topics``
+    (Metadata: one dict per topic, ``error_code`` and a ``partitions`` list).
+    None where the broker gave no count (an error for the topic, a leader not
+    elected yet): nothing is concluded from it."""
+    return {t["name"]: len(t["partitions"]) if t.get("error_code") == 0 and t.get("partitions") else None
+            for t in described if t.get("name")}
+
+
+def check_partition_counts(bootstrap: str, specs: list[TopicSpec], counts: dict[str, int | None]) -> None:
+    """Refuse (BrokerError, one line) an existing single-writer topic with more
+    than one partition; warn of any other existing topic whose count differs
+    from the spec's. Topics not in ``counts`` (to be created) and those whose
+    count is unknown (None) pass."""
+    refused = []
+    for s in specs:
+        count = counts.get(s.name)
+        if count is None or count == s.partitions:
+            continue
+        if s.single_writer and count > 1:
+            refused.append(
+                f"topic {s.name} has {count} partitions but must have exactly 1 (one worker decides all of it; "
+                f"each partition would get a writer of its own); with no worker running, delete it "
+                f"(kafka-topics.sh --bootstrap-server {bootstrap} --delete --topic {s.name}) so deepwatch "
+                "creates it again with 1, or give this deployment new topics (topic_prefix, app_id)")
+        else:
+            # Not changed here: records are placed by key hash modulo the
+            # count, so adding partitions would move keys (and their state)
+            # to other partitions, and Kafka cannot remove any.
+            log.warning("existing topic has a partition count other than configured; left as it is",
+                        extra={"topic": s.name, "partitions": count, "configured": s.partitions})
+    if refused:
+        raise BrokerError("; ".join(refused))
+
+
 def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 20.0, settings=None) -> None:
-    """Create missing topics with explicit partition counts; existing ones are
-    left alone, whatever their partition count (changing it would break keyed
-    state; a mismatch is not checked here)."""
+    """Create missing topics with explicit partition counts. Existing ones are
+    left as they are, but checked (``check_partition_counts``): a
+    single-writer topic with more than one partition is refused (BrokerError),
+    any other count than the spec's logged as a warning."""
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
     check_reachable(bootstrap)
@@ -440,7 +480,11 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 20.
                 raise
             time.sleep(0.2)
     try:
-        existing = set(admin.list_topics())
+        # Metadata for every topic (what list_topics reads too), with partitions;
+        # the embedded Tansu answers it like Kafka (tests/test_topic_partitions.py).
+        counts = _partition_counts(admin.describe_topics())
+        existing = set(counts)
+        check_partition_counts(bootstrap, specs, counts)
         replicas = settings.kafka.replication_factor if settings is not None else 1
         new = {
             s.name: {"num_partitions": s.partitions, "replication_factor": replicas,

@@ -765,11 +765,12 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
                 for m in h["_source"].get("members") or []}
 
     # -- picture lookups (deepwatch similar) -----------------------------------
-    def similar_candidates(self, sha256: str, hashes: Any, k: int = 20) -> list[dict[str, Any]]:
-        """Live clusters whose members are near IMAGE by bit-vector kNN
-        (Hamming on PDQ and pHash, mirrored and view hashes too) or share its
-        sha256. Only candidates: the caller applies the embedded matching
-        rule and ranking to their members (``streams.cli.bank``)."""
+    def similar_candidates(self, sha256: str, hashes: Any, k: int = 20) -> list[MemberRow]:
+        """Every member of the live clusters that have a member near the
+        picture by bit-vector kNN (Hamming on PDQ and pHash, mirrored and view
+        hashes too) or its sha256, cluster by cluster in the search's order.
+        Only candidates: the caller applies the embedded matching rule and
+        ranking to them (``streams.similar.similar_clusters``)."""
         knn = []
         for field, codes in (("members.pdq_bits", [hashes.pdq, hashes.pdq_mirror]),
                              ("members.phash_bits", [hashes.phash, hashes.phash_mirror, *(hashes.views or [])])):
@@ -782,7 +783,10 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
                             "must_not": [{"exists": {"field": "merged_into"}}]}},
             source=["cluster_id", "members.sha256", "members.phash", "members.pdq", "members.pdq_quality",
                      "members.views", "members.trimmed"])
-        return [h["_source"] for h in res["hits"]["hits"]]
+        # Live clusters only (the filters above): each one's own id is the surviving one.
+        return [MemberRow(doc["cluster_id"], m["sha256"], m["phash"], m["pdq"], m["pdq_quality"],
+                          m.get("views") or None, bool(m.get("trimmed")))
+                for doc in (h["_source"] for h in res["hits"]["hits"]) for m in doc.get("members") or []]
 
 
 # Each field of an order (``streams.cluster_search.SORT_ORDER``) as the cluster

@@ -59,6 +59,13 @@ TAG_GAP = " \ue000 "
 SEARCH_PROGRESS_STEPS = 20_000
 
 
+def _primary_code(e: BaseException) -> str | None:
+    """SQLite's primary result code of ``e`` (``SQLITE_READONLY`` for an
+    ``SQLITE_READONLY_DIRECTORY``); None for an error SQLite did not raise."""
+    name = getattr(e, "sqlite_errorname", None)
+    return "_".join(name.split("_")[:2]) if name else None
+
+
 class StoreError(OSError):
     """The findings file cannot be used (corrupt, another program's file, from
     a newer deepwatch, a row that does not read back); one line with the fix.
@@ -206,13 +213,16 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as e:
             self._db.close()
-            if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError) or "malformed" in str(e):
+            # By SQLite's result code, not its words: a "malformed JSON" (SQLITE_ERROR)
+            # is no damaged file, and the advice below is to move the file aside.
+            code = _primary_code(e)
+            if code in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
                 raise StoreError.of(f"findings store {str(self.path)!r} is not a readable SQLite database ({e}): "
                                     "move it aside (deepwatch starts a new one) or restore it from a backup", e) from None
             # SQLite writes to open a store (its write-ahead log), reads included
             fix = (": deepwatch needs write access to the file and its directory, reads included (SQLite's "
                    "write-ahead log); check their permissions, or copy the data dir somewhere writable"
-                   if "readonly" in str(e) or "unable to open" in str(e) else "")
+                   if code in ("SQLITE_READONLY", "SQLITE_CANTOPEN") else "")
             raise StoreError.of(f"cannot open findings store {str(self.path)!r}: {e}{fix}", e) from None
         except StoreError:
             self._db.close()

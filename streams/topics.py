@@ -24,11 +24,12 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     return [
         TopicSpec(t("events"), p),
         TopicSpec(t("dead-letters"), p),
-        TopicSpec(t("cluster-ops"), 1),  # the single ordered place where clusters are decided
+        TopicSpec(t("cluster-ops"), 1, single_writer=True),  # the single ordered place where clusters are decided
         TopicSpec(t("detect-requests"), p),
         TopicSpec(t("cluster-updates"), p),
         TopicSpec(t("alerts"), p),
-        TopicSpec(f"{settings.app_id}-{CLUSTER_TABLE}-changelog", 1, compacted=True),
+        # the cluster table's one partition, written by that single writer
+        TopicSpec(f"{settings.app_id}-{CLUSTER_TABLE}-changelog", 1, compacted=True, single_writer=True),
         TopicSpec(f"{settings.app_id}-__assignor-__leader", 1),
         TopicSpec(f"{settings.app_id}-detect-__assignor-__leader", 1),
         TopicSpec(f"{settings.app_id}{ANALYZE_GROUP_SUFFIX}-__assignor-__leader", 1),

@@ -206,3 +206,76 @@ def test_add_images_reads_under_the_limits_given(tmp_path):
     path = _save(_picture(1), tmp_path / "a.jpg")
     with pytest.raises(ImageRejected, match="over 100 bytes"):
         BankStore(tmp_path / "b.sqlite").add_images("x", "fake", [path], limits=DecodeLimits(max_bytes=100))
+
+
+# -- banks file errors judged by SQLite's result code (sqlite_errorname), each provoked for real ---------------
+def _damaged_header(path: Path) -> None:
+    store = BankStore(path)
+    store.close()
+    raw = bytearray(path.read_bytes())
+    raw[100:108] = b"\xff" * 8  # the schema table's page header (after the file header): page 1 unreadable
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, code", [
+    (lambda p: p.write_bytes(b"this is a text file, not a database\n" * 200), "SQLITE_NOTADB"),
+    (_damaged_header, "SQLITE_CORRUPT"),
+])
+def test_a_damaged_banks_file_says_move_it_aside(tmp_path, damage, code):
+    import sqlite3
+
+    from detectors.banks import BankFileError
+
+    path = tmp_path / "banks.sqlite"
+    damage(path)
+    with pytest.raises(sqlite3.DatabaseError) as raw:
+        sqlite3.connect(path).execute("SELECT name FROM sqlite_master").fetchall()
+    assert raw.value.sqlite_errorname == code
+    for read_only in (False, True):
+        with pytest.raises(BankFileError) as e:
+            BankStore(path, read_only=read_only)
+        assert "move it aside (deepwatch starts a new one) or restore it from a backup" in str(e.value), str(e.value)
+
+
+def test_a_banks_file_locked_by_a_writer_says_try_again(tmp_path):
+    import sqlite3
+
+    from detectors.banks import BankFileError
+
+    path = tmp_path / "banks.sqlite"
+    BankStore(path).close()
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")  # another command's write: readers and writers wait, then fail
+    try:
+        with pytest.raises(sqlite3.OperationalError) as raw:
+            sqlite3.connect(path, timeout=0).execute("SELECT name FROM sqlite_master").fetchall()
+        assert raw.value.sqlite_errorname == "SQLITE_BUSY"
+        with pytest.raises(BankFileError) as e:
+            BankStore(path)  # after the driver's 5 s wait
+        assert "another deepwatch command is writing it; try again when it is done" in str(e.value), str(e.value)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_a_busy_error_in_other_words_is_still_a_busy_file(tmp_path):
+    # SQLITE_BUSY is also "cannot commit transaction - SQL statements in
+    # progress": neither "locked" nor "busy" in its words.
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "scratch.sqlite", isolation_level=None)
+    db.execute("CREATE TABLE t (x)")
+    db.execute("BEGIN")
+    pending = db.execute("INSERT INTO t VALUES (1), (2) RETURNING x")
+    pending.fetchone()  # the INSERT is still running
+    with pytest.raises(sqlite3.OperationalError) as raw:
+        db.execute("COMMIT")
+    assert raw.value.sqlite_errorname == "SQLITE_BUSY" and "locked" not in str(raw.value)
+    db.close()
+    store = BankStore(tmp_path / "banks.sqlite")
+    try:
+        message = str(store._file_error(raw.value, "write"))
+    finally:
+        store.close()
+    assert "cannot write banks file" in message and "SQL statements in progress" in message
+    assert "another deepwatch command is writing it; try again when it is done" in message, message

@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from streams.cluster_search import ClusterQuery
+from streams.findings import MemberRow
 from streams.settings import Settings
 from tests.findings_fixture import fill, snapshots
 
@@ -113,7 +114,8 @@ def test_knn_finds_the_member(live):
     s, _ = live
     m = snapshots()[0].members[0]
     found = s.similar_candidates("0" * 64, ImageHashes(phash=m.phash, pdq=m.pdq, pdq_quality=100))
-    assert "c-fire" in [d["cluster_id"] for d in found]
+    assert all(isinstance(r, MemberRow) for r in found)
+    assert (m.sha256, m.phash, m.pdq) in {(r.sha256, r.phash, r.pdq) for r in found if r.cluster_id == "c-fire"}
 
 
 def test_platforms_stored_before_lower_casing_fold_on_a_real_cluster():

@@ -19,7 +19,7 @@ from streams import es_templates as T
 from streams.es_client import EsCompatError, EsConfig, EsError, client_major
 from streams.es_store import EsFindingsStore
 from streams.cluster_search import ClusterQuery
-from streams.findings import DeliveryState
+from streams.findings import DeliveryState, MemberRow
 from streams.settings import FindingsSettings, Settings
 from tests.desk_support import close_sources
 from tests.fake_es import FakeElasticsearch, error_body, rejected_execution
@@ -328,8 +328,14 @@ def test_similar_uses_bit_vector_knn(fake_es):
     q = ImageHashes(phash=m.phash, pdq=near_pdq, pdq_quality=100, pdq_mirror="f" * 64)
     n = len(fake_es.requests)
     found = s.similar_candidates("0" * 64, q)
-    assert [d["cluster_id"] for d in found][0] == "c-fire"
     [req] = [r for r in fake_es.requests[n:] if r.path.endswith("/_search")]
+    # typed rows, every member of each candidate cluster, as iter_members gives them (was: raw _source dicts)
+    assert found and all(isinstance(r, MemberRow) for r in found)
+    assert found[0].cluster_id == "c-fire"
+    fire = [r for r in s.iter_members() if r.cluster_id == "c-fire"]
+    by_sha = lambda r: r.sha256  # noqa: E731
+    assert sorted((r for r in found if r.cluster_id == "c-fire"), key=by_sha) == sorted(fire, key=by_sha)
+    assert m.sha256 in {r.sha256 for r in fire}
     knn = req.body["knn"]
     assert {"field": "members.pdq_bits", "query_vector": near_pdq, "k": 20, "num_candidates": 100,
             "filter": {"bool": {"must_not": [{"exists": {"field": "merged_into"}}]}}} in knn

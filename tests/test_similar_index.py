@@ -211,6 +211,26 @@ def test_a_replaced_store_file_is_indexed_again(tmp_path: Path):
     store.close()
 
 
+def test_members_after_pages_named_rows_that_still_unpack(tmp_path: Path):
+    """``members_after`` rows name their fields (they were bare 7-tuples,
+    read by position) and unpack as before, where the index is built."""
+    from streams.store_members import KeyedMember
+
+    d = tmp_path / "data"
+    store = open_store(d)
+    m = _member(DirectoryBlobStore(d / "blobs"), picture(4, (320, 240)))
+    store.apply_snapshots([*_noise(2), _snap("c-x", [m])])
+    first, *rest = store.members_after(0)
+    assert isinstance(first, KeyedMember) and len(rest) == 2
+    last = rest[-1]
+    assert (last.sha256, last.phash, last.pdq, last.pdq_quality, last.views, last.trimmed) == (
+        m.sha256, m.phash, m.pdq, m.pdq_quality, m.views, bool(m.trimmed))
+    key, sha, *_ = last
+    assert (key, sha) == (last.key, m.sha256) and store.member_key(last.key) == m.sha256
+    assert store.members_after(first.key, limit=1) == [rest[0]]
+    store.close()
+
+
 def test_indexing_reports_its_progress_over_every_member(tmp_path: Path):
     """`deepwatch similar`'s bar: the first lookup of a process indexes every
     member (seconds at a million) and says how far it is; a lookup with

@@ -403,3 +403,109 @@ def test_reading_a_few_clusters_resolves_their_merges_without_reading_every_clus
     db._roots_around({"c299"})
     assert statements and not any(s.strip().endswith("FROM clusters") for s in statements)  # no full read
     db.close()
+
+
+# -- opening errors judged by SQLite's result code (sqlite_errorname), each provoked for real --------------------
+def _damaged_page(path: Path) -> None:
+    SqliteFindingsStore(path).close()
+    raw = bytearray(path.read_bytes())
+    raw[100:108] = b"\xff" * 8  # the schema table's page header (after the file header): page 1 unreadable
+    path.write_bytes(bytes(raw))
+
+
+def _damaged_schema(path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE clusters (cluster_id TEXT PRIMARY KEY)")
+    db.commit()
+    db.close()
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"CREATE TABLE clusters", b"CREATX TABLE clusters"))
+
+
+@pytest.mark.parametrize("damage, code", [
+    (lambda p: p.write_bytes(b"this is a text file, not a database\n" * 200), "SQLITE_NOTADB"),
+    (_damaged_page, "SQLITE_CORRUPT"),
+    (_damaged_schema, "SQLITE_CORRUPT"),
+])
+def test_a_damaged_store_file_is_said_to_be_unreadable_by_its_result_code(tmp_path, damage, code):
+    from streams.store import StoreError
+
+    path = tmp_path / "findings.sqlite"
+    damage(path)
+    before = path.read_bytes()
+    with pytest.raises(StoreError) as e:
+        SqliteFindingsStore(path).close()
+    assert e.value.sqlite_errorname == code
+    assert "is not a readable SQLite database" in str(e.value) and "move it aside" in str(e.value), str(e.value)
+    assert path.read_bytes() == before
+
+
+def test_an_error_whose_words_sound_like_damage_is_not_called_damage(tmp_path, monkeypatch):
+    # SQLite's "malformed JSON" is an SQLITE_ERROR of a statement, not a damaged
+    # file: told "move it aside", an operator would set a good store aside.
+    import sqlite3
+
+    from streams.store import StoreError
+
+    path = tmp_path / "findings.sqlite"
+    SqliteFindingsStore(path).close()
+
+    def migrate(self, version):
+        self._db.execute("SELECT json('{')")  # raised by SQLite itself
+
+    monkeypatch.setattr(SqliteFindingsStore, "_migrate", migrate)
+    with pytest.raises(StoreError) as e:
+        SqliteFindingsStore(path)
+    assert e.value.sqlite_errorname == "SQLITE_ERROR" and "malformed JSON" in str(e.value)
+    assert "not a readable SQLite database" not in str(e.value) and "move it aside" not in str(e.value), str(e.value)
+    assert "write access" not in str(e.value)
+    with pytest.raises(sqlite3.OperationalError):  # the store itself is fine: only the statement failed
+        sqlite3.connect(path).execute("SELECT json('{')")
+    monkeypatch.undo()
+    SqliteFindingsStore(path).close()
+
+
+def test_a_store_in_a_read_only_directory_names_its_code_and_the_fix(tmp_path):
+    """Permissions do not bind root: as root the store opens as the
+    unprivileged ``nobody`` (setpriv), in a directory nobody may read but not
+    write, holding a store it may not write either."""
+    import json
+    import shutil
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="deepwatch-ro-"))
+    try:
+        shared.chmod(0o755)
+        data = shared / "data"
+        data.mkdir()
+        SqliteFindingsStore(data / "findings.sqlite").close()
+        for p in data.iterdir():
+            p.chmod(0o444)
+        data.chmod(0o555)
+        prefix: list[str] = []
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root without setpriv: cannot open the store as an unprivileged user")
+            prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        code = ("import json, sys\nfrom streams.store import SqliteFindingsStore, StoreError\n"
+                "try:\n    SqliteFindingsStore(sys.argv[1]).close()\n    print(json.dumps(None))\n"
+                "except StoreError as e:\n    print(json.dumps([e.sqlite_errorname, str(e)]))\n")
+        r = subprocess.run([*prefix, sys.executable, "-c", code, str(data / "findings.sqlite")], capture_output=True,
+                           text=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        if r.returncode != 0 and "Permission denied" in r.stderr:
+            pytest.skip("the checkout is not readable by an unprivileged user")
+        assert r.returncode == 0, r.stderr[-2000:]
+        answer = json.loads(r.stdout.strip().splitlines()[-1])
+        assert answer is not None, "the store opened in a read-only directory"
+        name, message = answer
+        # measured here: SQLITE_READONLY_DIRECTORY, an extended code (judged by its primary one)
+        assert name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")), answer
+        assert "deepwatch needs write access to the file and its directory" in message, message
+    finally:
+        for p in [shared, *shared.rglob("*")]:
+            if p.is_dir():
+                p.chmod(0o755)
+        shutil.rmtree(shared)
