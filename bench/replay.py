@@ -451,8 +451,9 @@ def main() -> None:
     ap.add_argument("--compare-repo", help="--filer: also run each flag-less replay with the code of this checkout "
                     "(e.g. `git archive OLD | tar -x -C DIR`), in the same run")
     ap.add_argument("--no-latency", action="store_true", help="--filer: skip the paced latency run")
-    ap.add_argument("--latency-fractions", type=float, nargs="+", default=[0.5, 0.8],
-                    help="--filer: paced latency runs at these fractions of the best replay's events/s")
+    ap.add_argument("--latency-fractions", type=float, nargs="*", default=[0.5, 0.8],
+                    help="--filer: paced latency runs at these fractions of the best replay's events/s (none given: "
+                         "only the run at the issue's load, 3x the naive pipeline's events/s)")
     ap.add_argument("--latency-workers", type=int, default=2, help="--filer: pipeline workers in the latency run")
     ap.add_argument("--cache", help="--filer: where the built feed is cached (default: the temp dir)")
     args = ap.parse_args()

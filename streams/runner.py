@@ -46,6 +46,9 @@ STOP_GRACE_S = {"detect": 2.0}
 # How long replay waits for the next model result, once every event is in,
 # before it stops waiting and reports the clusters still pending.
 MODELS_STALL_S = 60.0
+# How often ``wait_until_processed`` looks at the store: for the events, and,
+# once every event is accounted for, for the model results and alerts still due.
+EVENTS_POLL_S, DERIVED_POLL_S = 0.1, 0.02
 
 
 @dataclass
@@ -213,6 +216,12 @@ class Cluster:
         w = WorkerProcess(role, proc, log_path, port)
         self.workers.append(w)
         return w
+
+    def can_spawn_now(self) -> bool:
+        """Whether ``start_worker`` would start a worker at once: no zygote
+        (fresh processes), or one that has finished importing. While it still
+        imports, ``start_worker`` waits for it."""
+        return self.zygote is None or self.zygote.ready() or not self.zygote.alive()
 
     def wait_ready(self, timeout_s: float = 60.0, roles: tuple[str, ...] | None = None) -> float:
         """Wait until every worker (of ``roles``, default all) has joined its
@@ -539,7 +548,11 @@ def wait_until_processed(
                     log.warning("model results stopped arriving; not waiting for them any longer",
                                 extra={"clusters_pending": pending["models"], "stall_s": models_stall_s})
                     return True
-            time.sleep(0.1)
+                # What is left lands on its own (a few count queries a look): looked
+                # at more often, the command returns sooner after the last result.
+                time.sleep(DERIVED_POLL_S)
+                continue
+            time.sleep(EVENTS_POLL_S)
         return False
     finally:
         store.close()

@@ -173,3 +173,58 @@ def test_a_local_detect_worker_loads_its_models_first_and_lowers_itself_after(tm
         tids = [int(t) for t in os.listdir(f"/proc/{w.proc.pid}/task")]
         assert len(tids) > 1
         assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {runner.DETECT_NICE}
+
+
+_SLOW_IMPORTS = """
+import os, sys, time
+# only the interpreter that runs the zygote: the worker zygote of this test is slow to import
+if os.environ.get("DW_TEST_SLOW_ZYGOTE") and "streams.zygote" in " ".join(sys.orig_argv):
+    time.sleep(float(os.environ["DW_TEST_SLOW_ZYGOTE"]))
+"""
+
+
+@pytest.mark.slow
+def test_replay_produces_the_feed_while_the_zygote_still_imports(tmp_path, monkeypatch):
+    """The zygote's imports outlast replay's own and the broker's start (the
+    first spawn waited ~0.6 s for it on the filer's feed): the feed is
+    produced meanwhile, and the workers are forked once it is ready, instead
+    of producing after the spawn, beside the workers' own start-up. Every
+    event is still processed exactly once."""
+    from streams import ingest, runner
+    from streams.cli.pipeline import _replay
+    from streams.settings import Settings
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_IMPORTS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("DW_TEST_SLOW_ZYGOTE", "3")
+    feed, exp = build_feed(tmp_path / "feed", burst=4)
+
+    produced = [0]  # events handed to the broker so far
+    at_spawn: list[tuple[str, int]] = []
+    real_produce, real_start = ingest.produce_feed, runner.Cluster.start_worker
+
+    def produce_feed(*args, progress=None, **kwargs):
+        def counted(n: int) -> None:
+            produced[0] += n
+            if progress is not None:
+                progress(n)
+        return real_produce(*args, progress=counted, **kwargs)
+
+    def start_worker(self, role="pipeline", *args, **kwargs):
+        at_spawn.append((role, produced[0]))
+        return real_start(self, role, *args, **kwargs)
+
+    monkeypatch.setattr(ingest, "produce_feed", produce_feed)
+    monkeypatch.setattr(runner.Cluster, "start_worker", start_worker)
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.ingest.image_roots = [feed.parent.resolve()]
+    lines = [ln for ln in feed.read_text().splitlines() if ln.strip()]
+    summary = _replay(settings, feed, workers=2, timeout_s=240, live_table=False, wait_models=False)
+
+    # the whole feed went in while the zygote imported; then every worker was forked
+    assert at_spawn == [("detect", len(lines)), ("pipeline", len(lines)), ("pipeline", len(lines))]
+    assert summary.complete and summary.processed == summary.produced == len(lines)
+    assert sum(summary.dead_letters.values()) == len(exp.dead_letter_reasons)
+    assert summary.sightings == exp.events - len(exp.dead_letter_reasons) - 1  # the feed repeats one event
