@@ -381,7 +381,9 @@ def demo(
     sample = shlex.quote(str(feed_dir / "images" / "flood_q70.jpg"))
     err.print(
         f"\nExplore the findings:\n  {prog} clusters --data-dir {d}\n  {prog} alerts --data-dir {d} --format json\n"
-        f"  {prog} dead-letters --data-dir {d}\n  {prog} similar {sample} --data-dir {d}",
+        f"  {prog} dead-letters --data-dir {d}\n  {prog} similar {sample} --data-dir {d}\n"
+        f"The fact-check desk (read-only on this machine; a verdict needs an editor's login):\n"
+        f"  {prog} desk-user NAME --role editor --data-dir {d}\n  {prog} serve --data-dir {d}   # http://127.0.0.1:8080/",
         markup=False, highlight=False, soft_wrap=True,
     )
     raise typer.Exit(0 if summary.complete else 1)
