@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
-from streams.connectors.base import ConnectorState, Emitter, UrlPolicy
+from streams.connectors.base import ConnectorState, Emitter, RememberedPost, UrlPolicy
 from streams.connectors.bluesky import BlueskyMapper
 from streams.connectors.run import build_bluesky, build_mastodon, mastodon_stream_key, open_state
 from streams.connectors.sinks import JsonlSink
@@ -93,16 +93,16 @@ def test_a_post_with_thousands_of_images_gives_four_events_and_every_repost_and_
     assert sum("more than 4 images" in r.getMessage() for r in caplog.records) == 2
     # What is remembered for reposts and quotes is bounded: 4 URLs, the text as an event carries it.
     doc = state.recall(post_uri)
-    assert len(doc["images"]) == MAX_IMAGES and len(doc["text"]) == 10_000
-    assert len(json.dumps(doc)) < 20_000
+    assert len(doc.images) == MAX_IMAGES and len(doc.text) == 10_000
+    assert len(doc.model_dump_json()) < 20_000
 
 
 def test_a_post_remembered_with_more_images_before_the_clip_gives_four_per_repost():
     # A state file written by the old code may hold a post with thousands of URLs.
     st = ConnectorState(":memory:")
     uri = f"at://{DID}/app.bsky.feed.post/old"
-    st.remember(uri, {"post_url": None, "text": "t", "lang": None, "hashtags": [],
-                      "images": [f"https://93.184.215.14/{i}.jpg" for i in range(500)]})
+    st.remember(uri, RememberedPost(post_url=None, text="t", lang=None, hashtags=[],
+                                    images=[f"https://93.184.215.14/{i}.jpg" for i in range(500)]))
     m = BlueskyMapper(PUBLIC, recall=st.recall)
     r = m.map(_frame("rp", {"subject": {"uri": uri}}, collection="app.bsky.feed.repost", did="did:plc:r"))
     assert r.outcome == "repost" and len(r.events) == MAX_IMAGES and r.clipped == 500 - MAX_IMAGES

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.connectors.base import ConnectorState
+from streams.connectors.base import ConnectorState, RememberedPost
 from streams.connectors.bluesky import BlueskyMapper
 from streams.connectors.run import build_bluesky, open_state
 from streams.connectors.sinks import JsonlSink
@@ -562,8 +562,8 @@ def test_fields_the_mapper_does_not_read_cannot_make_a_post_malformed():
     # made the whole post (and its pictures) a bad_record.
     quoted = "at://did:plc:q/app.bsky.feed.post/q1"
     st = ConnectorState(":memory:")
-    st.remember(quoted, {"post_url": None, "text": "q", "lang": None, "hashtags": [],
-                         "images": ["https://cdn.example/q.jpg"]})
+    st.remember(quoted, RememberedPost(post_url=None, text="q", lang=None, hashtags=[],
+                                       images=["https://cdn.example/q.jpg"]))
     m = BlueskyMapper(CDN, recall=st.recall)
     doc = json.loads(_image_post("a", {}))
     img = doc["commit"]["record"]["embed"]["images"][0]

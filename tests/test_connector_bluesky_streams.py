@@ -14,6 +14,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from streams.connectors.base import RememberedPost
 from streams.connectors.run import bluesky_stream_key, build_bluesky, open_state, state_path
 from streams.connectors.sinks import JsonlSink
 from tests.connector_servers import JetstreamServer
@@ -326,13 +327,14 @@ def test_a_stream_of_its_own_collections_resumes_from_the_state_it_kept_before_t
     s = settings_for(tmp_path)
     saved = str(T0 + 10_000_000)
     old = open_state(s, "bluesky")
-    old.remember("at://did:plc:x/app.bsky.feed.post/p", {"images": ["https://cdn.example/a"]})
+    old.remember("at://did:plc:x/app.bsky.feed.post/p", RememberedPost(images=["https://cdn.example/a"]))
     old.commit("bluesky", saved)
     old.close()
     key = bluesky_stream_key(["app.bsky.feed.repost"], [])
     with caplog.at_level("WARNING", logger="deepwatch.connectors"):
         state = open_state(s, key)
-    assert state.cursor(key) == saved and state.recall("at://did:plc:x/app.bsky.feed.post/p") is not None
+    assert state.cursor(key) == saved
+    assert state.recall("at://did:plc:x/app.bsky.feed.post/p").images == ["https://cdn.example/a"]
     state.commit(key, str(T0 + 20_000_000))
     state.close()
     assert any("adopted" in r.getMessage() for r in caplog.records)

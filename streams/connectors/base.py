@@ -1,5 +1,5 @@
 """What every platform connector shares: the mapping result type, the state
-store (cursor, seen event ids, remembered image posts), backoff, rate
+store (cursor, seen event ids, remembered image posts: ``RememberedPost``), backoff, rate
 limiting, the image-URL policy and the emitter that ties them to a sink.
 
 Delivery contract (at least once): an event id is written to ``seen`` only in
@@ -15,7 +15,6 @@ may already hold those events, and the pipeline drops the repeats by event id.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import random
@@ -30,7 +29,8 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge
-from pydantic import BaseModel, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer,
+                      model_validator)
 
 from streams.fetch import FetchError, resolve_checked, target
 from streams.records import MAX_TAG_CHARS, DeadLetter, ImageEvent, payload_sha256
@@ -126,6 +126,70 @@ def clip_hashtags(tags: Iterable[str]) -> list[str]:
     return [t for t in tags if t and len(t) <= MAX_TAG_CHARS][:MAX_HASHTAGS]
 
 
+# The ``RememberedPost`` layout this code writes. 0: the plain JSON objects
+# written before the record carried a version (read as they are); 1: the same
+# fields, stamped ``schema_version``. A newer one is not read (``recall``):
+# what its fields mean here is not known.
+REMEMBERED_POST_VERSION = 1
+
+
+class RememberedPost(BaseModel):
+    """What a connector keeps of an image post (``ConnectorState.remember``,
+    the ``posts`` table) so that a later repost or quote of it becomes a
+    sighting of the same pictures, and an edit of it can be told from what it
+    showed before. Bounded by whoever makes it (Bluesky: at most its
+    ``MAX_IMAGES`` URLs, the text as an event carries it, the event's tag
+    bounds); read back as stored, since a post remembered by an older version
+    may hold more (each use clips what it takes).
+
+    ``schema_version`` is the version a post was stored at; one stored before
+    there was one reads as 0 and is written back, like every post, as
+    ``REMEMBERED_POST_VERSION``."""
+
+    # A stray key in an old row is no reason to lose the post; a newer
+    # version's keys do not get this far (``recall`` refuses the version).
+    model_config = ConfigDict(extra="ignore")
+    schema_version: int = Field(REMEMBERED_POST_VERSION, ge=0)
+    post_url: str | None = None  # the post's web page (a repost of it carries it too)
+    text: str = ""
+    lang: str | None = None
+    hashtags: list[str] = Field(default_factory=list)
+    images: list[str] = Field(default_factory=list)  # the image URLs its events carry, in the post's order
+    # Platform ids (Bluesky blob CIDs) of every picture the post has had an
+    # event for, oldest first, its edits' included: what an edit is compared
+    # with. Empty for a post remembered before edits were followed (its
+    # ``images`` are compared instead).
+    cids: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unversioned(cls, data: Any, info: ValidationInfo) -> Any:
+        # Only a stored post without a version is version 0 (one made in code
+        # is the current version). Version 0 was read leniently: ``cids`` of
+        # anything but a list of strings meant none.
+        if info.context == _STORED and isinstance(data, dict) and "schema_version" not in data:
+            cids = data.get("cids")
+            data = {**data, "schema_version": 0,
+                    "cids": [c for c in cids if isinstance(c, str)] if isinstance(cids, list) else []}
+        return data
+
+    @field_serializer("schema_version")
+    def _written_as_current(self, version: int) -> int:
+        return REMEMBERED_POST_VERSION
+
+    def dumps(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def loads(cls, raw: str | bytes) -> "RememberedPost":
+        """The post a ``posts`` row holds, at the version it was stored at
+        (ValidationError for one that cannot be read)."""
+        return cls.model_validate_json(raw, context=_STORED)
+
+
+_STORED = {"read": "stored"}  # validation context: a post read from a state file, which may predate versions
+
+
 @dataclass
 class Mapped:
     """What one platform frame means for deepwatch."""
@@ -133,7 +197,7 @@ class Mapped:
     outcome: str  # image_post, repost, quote, edit, no_image, filtered, delete, identity, other, unknown_subject
     events: list[ImageEvent] = field(default_factory=list)
     cursor: int | None = None  # platform position after this frame (Jetstream time_us, Mastodon status id)
-    remember: tuple[str, dict[str, Any]] | None = None  # (post id, what a repost needs) for later reposts/quotes
+    remember: tuple[str, RememberedPost] | None = None  # (post id, what a repost needs) for later reposts/quotes
     forget: str | None = None  # post id deleted on the platform (or edited to show no pictures)
     clipped: int = 0  # images left out: past the platform's per-post limit (a crafted post)
 
@@ -167,6 +231,7 @@ class ConnectorState:
         self._db.commit()
         self._pending: set[str] = set()
         self._handles_unsaved = False
+        self._unreadable_log = LogThrottle()  # a post reposted thousands of times would warn each time
 
     def close(self) -> None:
         self._db.close()
@@ -208,13 +273,35 @@ class ConnectorState:
         self._pending.clear()
         self._handles_unsaved = False
 
-    # Image posts remembered for reposts and quotes (written with the next commit).
-    def remember(self, post_id: str, doc: dict[str, Any]) -> None:
-        self._db.execute("INSERT OR REPLACE INTO posts (post_id, doc) VALUES (?, ?)", (post_id, json.dumps(doc)))
+    # Image posts remembered for reposts, quotes and edits (written with the next commit).
+    def remember(self, post_id: str, post: RememberedPost) -> None:
+        self._db.execute("INSERT OR REPLACE INTO posts (post_id, doc) VALUES (?, ?)", (post_id, post.dumps()))
 
-    def recall(self, post_id: str) -> dict[str, Any] | None:
+    def recall(self, post_id: str) -> RememberedPost | None:
+        """The post remembered as ``post_id``, or None: none is, or the one
+        stored cannot be read (not JSON, fields of the wrong shape, a version
+        newer than this code's), which is logged. Such a row ended the run
+        (a ValueError, TypeError or AttributeError out of the mapper) at the
+        first repost, quote or edit of its post, and again on every restart;
+        as None, the post is as good as not remembered, and an edit or a new
+        post under its id writes it anew."""
         row = self._db.execute("SELECT doc FROM posts WHERE post_id = ?", (post_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+        if row is None:
+            return None
+        try:
+            post = RememberedPost.loads(row[0])
+        except ValidationError as e:
+            problem = error_text(e, "(document)")
+        else:
+            if post.schema_version <= REMEMBERED_POST_VERSION:
+                return post
+            problem = (f"schema_version {post.schema_version} is newer than this deepwatch's "
+                       f"{REMEMBERED_POST_VERSION}")
+        if (suppressed := self._unreadable_log.allow()) is not None:
+            log.warning("a remembered post cannot be read; taken as not remembered", extra={
+                "post_id": post_id[:300], "problem": problem[:300], "state": str(self.path),
+                "suppressed": suppressed})
+        return None
 
     def forget(self, post_id: str) -> bool:
         return self._db.execute("DELETE FROM posts WHERE post_id = ?", (post_id,)).rowcount > 0

@@ -33,9 +33,9 @@ import websockets
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streams.connectors.atproto_identity import HandleResolver
-from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, LogThrottle, MalformedFrame, Mapped, Stopped,
-                                     clip_hashtags, error_text, host_of, parse_frame, rate_limit_wait, reconnect_loop,
-                                     unless_stopped)
+from streams.connectors.base import (RATE_LIMIT_WAITS, Backoff, Emitter, LogThrottle, MalformedFrame, Mapped,
+                                     RememberedPost, Stopped, clip_hashtags, error_text, host_of, parse_frame,
+                                     rate_limit_wait, reconnect_loop, unless_stopped)
 from streams.net_errors import network_reason
 from streams.records import MAX_TEXT_CHARS, MAX_UTC_OFFSET, ImageEvent
 from streams.settings import ConnectorSettings, IngestSettings
@@ -238,7 +238,7 @@ class BlueskyMapper:
     ``createdAt`` may be (the pipeline's ``ingest.max_future_skew_s``)."""
 
     def __init__(self, image_url: str, *, hashtags: list[str] | None = None,
-                 recall: Callable[[str], dict[str, Any] | None] = lambda _uri: None, handles_max: int = 100_000,
+                 recall: Callable[[str], RememberedPost | None] = lambda _uri: None, handles_max: int = 100_000,
                  max_future_skew_s: float = DEFAULT_FUTURE_SKEW_S, resolver: HandleResolver | None = None):
         self.image_url = image_url
         self.max_future_skew_s = max_future_skew_s
@@ -297,14 +297,14 @@ class BlueskyMapper:
             raise MalformedFrame("bad_record", f"{uri}: {error_text(e, '(record)')}") from None
         return Mapped("other", cursor=frame.time_us)
 
-    def _event(self, frame: Frame, event_id: str, post_id: str, url: str, doc: dict[str, Any],
+    def _event(self, frame: Frame, event_id: str, post_id: str, url: str, post: RememberedPost,
                created: str | None) -> ImageEvent:
         try:
             return ImageEvent(
-                event_id=event_id, platform=PLATFORM, post_id=post_id, post_url=doc.get("post_url"),
+                event_id=event_id, platform=PLATFORM, post_id=post_id, post_url=post.post_url,
                 account_id=frame.did, account_handle=self.handle_of(frame.did),
-                posted_at=_time(created, frame.time_us, self.max_future_skew_s), text=doc.get("text") or None,
-                lang=doc.get("lang"), hashtags=doc.get("hashtags", []), image={"url": url},
+                posted_at=_time(created, frame.time_us, self.max_future_skew_s), text=post.text or None,
+                lang=post.lang, hashtags=post.hashtags, image={"url": url},
             )
         except ValidationError as e:
             raise MalformedFrame("unmappable", f"{event_id}: {error_text(e, '(event)')}") from None
@@ -334,23 +334,22 @@ class BlueskyMapper:
         lang = (rec.langs or [None])[0]
         # What is remembered for reposts and quotes is bounded too: at most
         # MAX_IMAGES URLs, the text as an event carries it, at most 64 tags.
-        doc = {"post_url": post_url(uri), "text": _clip_text(rec.text),
-               "lang": lang if lang and len(lang) <= 16 else None,
-               "hashtags": tags, "images": [self.image_url.format(did=frame.did, cid=cid) for cid in own],
-               "cids": own}
+        images = [self.image_url.format(did=frame.did, cid=cid) for cid in own]
+        # The pictures the post has shown: an edit's are added to what it showed before.
+        cids = own if before is None else _bounded_cids([c for c in before.cids if c not in own] + own)
+        doc = RememberedPost(post_url=post_url(uri), text=_clip_text(rec.text),
+                             lang=lang if lang and len(lang) <= 16 else None, hashtags=tags, images=images, cids=cids)
         if before is None:
-            events = [self._event(frame, f"{uri}#{i}", uri, u, doc, rec.createdAt)
-                      for i, u in enumerate(doc["images"])]
+            events = [self._event(frame, f"{uri}#{i}", uri, u, doc, rec.createdAt) for i, u in enumerate(images)]
         else:
             # Only the pictures the post did not show before are new sightings:
             # ``#{i}`` already names the post's first picture at index i, so a
             # picture an edit swapped in is named by its blob CID, the same on
             # every replay of the edit. It has been visible since the edit, not
-            # since the post's createdAt.
-            shown = _shown_cids(before)
+            # since the post's createdAt. A post remembered before edits were
+            # followed has no ``cids``: its image URLs tell instead.
             events = [self._event(frame, f"{uri}#cid:{cid}", uri, u, doc, None)
-                      for cid, u in zip(own, doc["images"]) if cid not in shown and u not in before.get("images", [])]
-            doc["cids"] = _bounded_cids([c for c in shown if c not in own] + own)
+                      for cid, u in zip(own, images) if cid not in before.cids and u not in before.images]
         # A quote re-shares the quoted post's pictures: sightings of the same URLs.
         events += [self._event(frame, f"{uri}#q{i}", uri, u, doc, rec.createdAt) for i, u in enumerate(q_images)]
         outcome = "edit" if edit else "image_post" if own else "quote"
@@ -371,14 +370,6 @@ class BlueskyMapper:
 MAX_SHOWN_CIDS = 4 * MAX_IMAGES  # blob CIDs a remembered post keeps of what it has shown (its edits' pictures)
 
 
-def _shown_cids(doc: dict[str, Any]) -> list[str]:
-    """The blob CIDs of the pictures a remembered post has had events for,
-    oldest first. A post remembered before edits were followed has none
-    (only its image URLs, which the caller compares instead)."""
-    cids = doc.get("cids")
-    return [c for c in cids if isinstance(c, str)] if isinstance(cids, list) else []
-
-
 def _bounded_cids(cids: list[str]) -> list[str]:
     """``cids`` without repeats, the newest ``MAX_SHOWN_CIDS`` of them: a post
     edited over and over must not grow its remembered record without bound.
@@ -388,10 +379,10 @@ def _bounded_cids(cids: list[str]) -> list[str]:
     return out[::-1]
 
 
-def _clip_images(doc: dict[str, Any] | None) -> tuple[list[str], int]:
+def _clip_images(post: RememberedPost | None) -> tuple[list[str], int]:
     """A remembered post's image URLs, at most ``MAX_IMAGES`` (a post
     remembered before they were clipped may hold more), and how many were left out."""
-    images = list((doc or {}).get("images") or [])
+    images = post.images if post is not None else []
     return images[:MAX_IMAGES], max(0, len(images) - MAX_IMAGES)
 
 
