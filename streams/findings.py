@@ -41,8 +41,9 @@ from streams.cursors import NOT_A_CURSOR, decode_cursor, encode_cursor
 from streams.es_client import CREDENTIALS_IN_URL
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Engagement, SamplePost, SourceRef, Velocity
 
-if TYPE_CHECKING:  # the search language imports these records: ``streams.cluster_search``
+if TYPE_CHECKING:  # these modules import this one's records (``streams.cluster_search``, ``streams.store_members``)
     from streams.cluster_search import ClusterQuery, SearchCursor, SearchPage
+    from streams.store_members import KeyedMember
 
 MAX_RESULTS = 10_000  # one Elasticsearch result window; the same bound on SQLite
 SCORE_DECIMALS = 4  # a cluster's fake score as every record shows it
@@ -607,11 +608,62 @@ class StoreLifecycle(Protocol):
     """Closing the handle: whoever opened the store (``open_findings``) or
     was handed it to own (``streams.desk.source.FindingsSource``) closes it.
     Apart so that the roles a consumer reads or writes through say nothing
-    about who owns the connection. Nothing sets up or migrates here: SQLite
-    makes its tables when it opens, and the writers probe for
-    Elasticsearch's ``ensure_setup``."""
+    about who owns the connection. Nothing sets up or migrates here: that is
+    ``StoreSetup``, which only the writers need."""
 
     def close(self) -> None: ...
+
+
+class StoreSetup(Protocol):
+    """Putting the store's structures in place before the first write (the
+    sinks, ``deepwatch pipeline``). Apart from ``StoreLifecycle`` so that a
+    reader (the desk, a test's stand-in store) need not answer it."""
+
+    def ensure_setup(self) -> None:
+        """Elasticsearch: the ILM policy, templates, script and aliases;
+        SQLite: nothing (its file gets its tables when it opens). Idempotent."""
+        ...
+
+
+# Capabilities only some stores have: each reader checks for the one it can use
+# (isinstance, so a store's type says what it offers, not an attribute name
+# looked up by hand) and falls back on the FindingsStore interface without it.
+@runtime_checkable
+class ChangeCounter(Protocol):
+    """A cheap signal that the findings changed (SQLite's ``PRAGMA
+    data_version``): the desk caches its derived views until it moves.
+    Elasticsearch has none (``changes_since`` costs a search)."""
+
+    def data_version(self) -> int: ...
+
+
+@runtime_checkable
+class CandidateNominator(Protocol):
+    """A store that nominates the members a picture may match by an index of
+    its own (Elasticsearch: bit-vector kNN over its member documents)."""
+
+    def similar_candidates(self, sha256: str, hashes: Any, k: int = 20) -> list[MemberRow]: ...
+
+
+@runtime_checkable
+class KeyedMemberReader(MemberReader, Protocol):
+    """Members under keys in the order they were stored (SQLite: the members
+    table's rowids), so a process's hash index of them grows from the members
+    stored since it last looked, and the members of the clusters it lands in
+    are read by key (``streams.similar.near_members``)."""
+
+    def members_after(self, after: int, limit: int = 20_000) -> list[KeyedMember]: ...
+    def members_count_after(self, after: int) -> int: ...
+    def member_key(self, key: int) -> str | None: ...
+    def members_near(self, keys: Collection[int], sha256: str | None = None) -> list[MemberRow]: ...
+
+
+@runtime_checkable
+class MemberIndexFile(KeyedMemberReader, Protocol):
+    """A keyed member store in a file, beside which a copy of the process's
+    hash index of its members is kept (``streams.similar.index_file``)."""
+
+    path: Path
 
 
 class DeskReader(ClusterReader, MemberReader, StoreLifecycle, Protocol):
@@ -778,7 +830,7 @@ class ReplayAccounting(Protocol):
 # a consumer that needs less takes the roles it uses.
 @runtime_checkable
 class FindingsStore(SinkWriter, RedeliveryQueue, DeskReader, ClusterReader, MemberReader, AuditReader,
-                    RetentionReader, IdentityCheck, ReplayAccounting, StoreLifecycle, Protocol):
+                    RetentionReader, IdentityCheck, ReplayAccounting, StoreLifecycle, StoreSetup, Protocol):
     """What every findings backend provides. Writes are idempotent upserts
     keyed by what the stream already makes stable (cluster id + revision,
     event id, alert id, the event behind a dead letter)."""

@@ -28,6 +28,7 @@ from detectors.atomic_file import write_atomically
 from detectors.banks import Verdict, Via
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import DecodeLimits, ImageData, process_budget
+from streams.findings import CandidateNominator, KeyedMemberReader, MemberIndexFile
 from streams.settings import Settings
 
 if TYPE_CHECKING:
@@ -146,13 +147,12 @@ def similar_clusters(settings: Settings, picture: Picture, store: MemberReader |
     # when it clustered them, so the read side only asks "near any member?"
     index = ClusterIndex(**settings.dedupe.thresholds(), max_representative_distance=1 << 20)
     members: dict[str, list[tuple[str, ImageHashes]]] = {}
-    # probes, not the FindingsStore interface: each backend nominates candidates its own way, by
-    # an index the other lacks (Elasticsearch: kNN over its documents; SQLite: its members table's
-    # rowids, behind the process's hash index); any other store gives every member
-    candidates = getattr(store, "similar_candidates", None)
-    if candidates is not None:
-        rows: Iterable[MemberRow] = candidates(picture.sha256, picture.hashes)
-    elif hasattr(store, "members_near"):
+    # not the FindingsStore interface: each backend nominates candidates its own way, by an index
+    # the other lacks (Elasticsearch: kNN over its documents; SQLite: its members table's rowids,
+    # behind the process's hash index); any other store gives every member
+    if isinstance(store, CandidateNominator):
+        rows: Iterable[MemberRow] = store.similar_candidates(picture.sha256, picture.hashes)
+    elif isinstance(store, KeyedMemberReader):
         rows = near_members(settings, picture, store, progress)
     else:
         rows = store.iter_members()
@@ -164,7 +164,7 @@ def similar_clusters(settings: Settings, picture: Picture, store: MemberReader |
     return _on_pixels(settings, picture, index.lookup(picture.sha256, picture.hashes), members)
 
 
-def near_members(settings: Settings, picture: Picture, store: Any,
+def near_members(settings: Settings, picture: Picture, store: KeyedMemberReader,
                  progress: Progress | None = None) -> list[MemberRow]:
     """The members (``MemberRow``) of every cluster of a SQLite findings
     store that the picture's hashes may meet: each cluster with a member whose
@@ -217,7 +217,7 @@ class _MemberCodes:
         self.saved_last: int | None = None  # ``last`` when the copy on disk was loaded or saved
         self.saved_at = time.monotonic()  # when it was loaded, saved or started (``save_index``'s ``every_s``)
 
-    def refresh(self, store: Any, progress: Progress | None = None) -> None:
+    def refresh(self, store: KeyedMemberReader, progress: Progress | None = None) -> None:
         from detectors.neardup.pairing import S_FULL, SLOTS, is_framed, stored_phash_codes
         from detectors.neardup.hamming import HammingIndex
 
@@ -331,11 +331,10 @@ DESK_SAVE_EVERY_S = 600.0
 
 def index_file(store: Any, pdq_min_quality: int) -> Path | None:
     """Where the copy of a SQLite store's member index lives; None for other stores."""
-    # a probe: only the SQLite store has members in an order an index can grow from (``members_after``)
-    path = getattr(store, "path", None)
-    if not hasattr(store, "members_after") or not isinstance(path, Path):
+    # only the SQLite store has members in an order an index can grow from, in a file
+    if not isinstance(store, MemberIndexFile):
         return None
-    return path.with_name(f"{path.name}.member-index-q{pdq_min_quality}.npz")
+    return store.path.with_name(f"{store.path.name}.member-index-q{pdq_min_quality}.npz")
 
 
 def load_index(settings: Settings, store: Any) -> bool:

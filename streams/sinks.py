@@ -112,9 +112,8 @@ class Sinks:
         with self._open_lock:
             if self._store is None:
                 store = open_findings(self.settings.findings.url, self.settings.data_dir, self.settings)
-                # Elasticsearch: templates, ILM policy, script, aliases before the first write (a probe:
-                # SQLite has no such step, its file gets its tables when it opens)
-                getattr(store, "ensure_setup", lambda: None)()
+                # Elasticsearch: templates, ILM policy, script, aliases before the first write
+                store.ensure_setup()
                 self._store = store
         return self._store
 

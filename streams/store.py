@@ -303,6 +303,9 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             if self._udf_db is not None:
                 self._udf_db.close()
 
+    def ensure_setup(self) -> None:
+        """Nothing to do (``StoreSetup``): the tables were made, or migrated, when the file opened."""
+
     def _migrate(self, version: int) -> None:
         """Columns, indexes and stored values that changed after a store file
         of schema ``version`` may have been created."""

@@ -1063,6 +1063,34 @@ def test_what_subscribers_heard_last_is_the_desks_last_word(data, env, webhook):
     assert last == {"c-quiet": "desk-fake", "c-repost": "desk-fake"}
 
 
+def test_the_desk_alerts_sent_carry_the_verdict_that_raised_them(tmp_path):
+    """What a cluster's subscribers were told last is read from the audit
+    trail as a typed row (the verdict that raised each alert), not parsed back
+    out of the alert's id: alerts a verdict's effects list, and a ``fake``
+    verdict on the cluster whose effects were never recorded."""
+    from streams.desk.deskdb import DeskDB
+
+    db = DeskDB(tmp_path / "desk.sqlite")
+    try:
+        fake = db.add_verdict("c-quiet", "fake", "", "ed", "editor", {})
+        db.record_effects(fake.verdict_id, {"alerts": ["c-quiet:desk-fake", "c-repost:desk-fake"]})
+        review = db.add_verdict("c-quiet", "needs-review", "", "ed", "editor", {})
+        db.record_effects(review.verdict_id, {"alerts": []})
+        auth = db.add_verdict("c-repost", "authentic", "", "ed", "editor", {})
+        db.record_effects(auth.verdict_id, {"alerts": ["c-quiet:desk-authentic", "c-repost:desk-authentic"]})
+        unrecorded = db.add_verdict("c-quiet", "fake", "", "ed", "editor", {})  # its effects never recorded
+        sent = db.desk_alerts_sent("c-quiet")
+        assert [(a.alert_id, a.verdict, a.verdict_id) for a in sent] == [
+            ("c-quiet:desk-fake", "fake", fake.verdict_id),
+            ("c-quiet:desk-authentic", "authentic", auth.verdict_id),
+            ("c-quiet:desk-fake", "fake", unrecorded.verdict_id)]
+        assert [(a.alert_id, a.verdict) for a in db.desk_alerts_sent("c-repost", before=unrecorded.verdict_id)] == [
+            ("c-repost:desk-fake", "fake"), ("c-repost:desk-authentic", "authentic")]
+        assert db.desk_alerts_sent("c-quiet", before=fake.verdict_id) == []
+    finally:
+        db.close()
+
+
 def test_a_fake_verdict_whose_effects_were_not_recorded_is_still_corrected(data, env, webhook, monkeypatch):
     """The store failed after a fake verdict's alert went out, before its
     effects were recorded: the alert was never on record, so a later

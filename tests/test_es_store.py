@@ -695,6 +695,11 @@ def test_es_store_provides_the_whole_findings_interface(fake_es):
     assert len(methods) > 40
     missing = [m for m in methods if not hasattr(s, m)]
     assert missing == []
+    # its optional capabilities, by type: kNN candidates of its own; no cheap change counter, no keyed members
+    from streams.findings import CandidateNominator, ChangeCounter, KeyedMemberReader, MemberIndexFile
+
+    assert isinstance(s, CandidateNominator)
+    assert not any(isinstance(s, c) for c in (ChangeCounter, KeyedMemberReader, MemberIndexFile))
     s.close()
 
 

@@ -93,6 +93,9 @@ class _Counting:
         self.rows += len(out)
         return out
 
+    def members_count_after(self, after: int) -> int:
+        return self.store.members_count_after(after)
+
     def member_key(self, key: int):
         return self.store.member_key(key)
 

@@ -509,3 +509,22 @@ def test_a_store_in_a_read_only_directory_names_its_code_and_the_fix(tmp_path):
             if p.is_dir():
                 p.chmod(0o755)
         shutil.rmtree(shared)
+
+
+def test_the_sqlite_store_says_what_it_offers_beyond_the_interface_by_its_type(store):
+    """Readers check a store's optional capabilities by type (isinstance of a
+    runtime-checkable Protocol), not by looking up attribute names: SQLite
+    has a change counter and keyed members in a file, no kNN of its own, and
+    its set-up before the first write is nothing (its tables exist once it opens)."""
+    from streams.findings import (
+        CandidateNominator, ChangeCounter, FindingsStore, KeyedMemberReader, MemberIndexFile, StoreSetup,
+    )
+
+    assert isinstance(store, FindingsStore)
+    assert isinstance(store, ChangeCounter) and isinstance(store, KeyedMemberReader)
+    assert isinstance(store, MemberIndexFile) and store.path.is_file()
+    assert not isinstance(store, CandidateNominator)
+    setup: StoreSetup = store
+    setup.ensure_setup()
+    store.apply_snapshot(_snap("c1", 1))
+    assert store.cluster("c1") is not None

@@ -95,6 +95,14 @@ class OverlayRow(BaseModel):
     detail: str
 
 
+class SentDeskAlert(BaseModel):
+    """An alert a verdict raised for a cluster (``DeskDB.desk_alerts_sent``)."""
+
+    alert_id: str  # ``<cluster>:desk-<verdict>[:<verdict id>]``: the id the sinks know it by
+    verdict: DeskVerdict  # what it announced: the verdict that raised it
+    verdict_id: int
+
+
 class Session(BaseModel):
     user: str
     role: str
@@ -167,10 +175,11 @@ class DeskDB:
             self._db.execute("INSERT OR IGNORE INTO verdict_effects (verdict_id, effects) VALUES (?, ?)",
                              (verdict_id, json.dumps(effects, default=str)))
 
-    def desk_alerts_sent(self, cluster_id: str, *, before: int | None = None) -> list[str]:
-        """The ids of the alerts verdicts (those before verdict ``before``)
-        raised for ``cluster_id`` (``<cluster>:desk-<verdict>[:<verdict id>]``),
-        oldest first, whichever cluster the verdict was given on: a verdict's
+    def desk_alerts_sent(self, cluster_id: str, *, before: int | None = None) -> list[SentDeskAlert]:
+        """The alerts verdicts (those before verdict ``before``) raised for
+        ``cluster_id`` (ids ``<cluster>:desk-<verdict>[:<verdict id>]``), each
+        with the verdict that raised it (what it announced), oldest first,
+        whichever cluster the verdict was given on: a verdict's
         alerts cover every cluster it judged (its recorded effects). A ``fake``
         verdict on the cluster whose effects were never recorded (the store
         failed after its alert went out) counts as ``<cluster>:desk-fake``:
@@ -180,14 +189,17 @@ class DeskDB:
         last = before if before is not None else 2 ** 62
         with self._lock:
             rows = self._db.execute(
-                """SELECT e.verdict_id, a.key, a.value FROM verdict_effects e, json_each(e.effects, '$.alerts') a
+                """SELECT e.verdict_id, a.key, a.value, v.verdict
+                   FROM verdict_effects e JOIN verdicts v ON v.verdict_id = e.verdict_id, json_each(e.effects, '$.alerts') a
                    WHERE e.verdict_id < ?2 AND a.type = 'text' AND a.value LIKE ?1 ESCAPE '\\'
                    UNION ALL
-                   SELECT v.verdict_id, 0, v.cluster_id || ':desk-fake' FROM verdicts v
+                   SELECT v.verdict_id, 0, v.cluster_id || ':desk-fake', v.verdict FROM verdicts v
                    LEFT JOIN verdict_effects e ON e.verdict_id = v.verdict_id
                    WHERE v.verdict_id < ?2 AND v.cluster_id = ?3 AND v.verdict = 'fake' AND e.verdict_id IS NULL
                    ORDER BY 1, 2""", (prefix, last, cluster_id)).fetchall()
-        return [r[2] for r in rows if r[2].startswith(f"{cluster_id}:desk-")]  # LIKE folds ASCII case
+        return [SentDeskAlert(alert_id=alert_id, verdict=verdict, verdict_id=verdict_id)
+                for verdict_id, _, alert_id, verdict in rows
+                if alert_id.startswith(f"{cluster_id}:desk-")]  # LIKE folds ASCII case
 
     def history(self, cluster_ids: list[str]) -> list[VerdictRecord]:
         if not cluster_ids:

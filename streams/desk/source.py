@@ -39,7 +39,9 @@ from streams.cluster_search import (
     NEVER, Deadline, SearchCursor, SortKey, search_digest, sort_key, sort_order, sort_values, text_terms,
 )
 from streams.cursors import CURSOR_MAX_CHARS, NOT_A_CURSOR, decode_cursor, encode_cursor
-from streams.findings import MAX_MERGE_HOPS, MAX_RESULTS, AccountAggregate, AccountCursor, DeskReader, MemberRow
+from streams.findings import (
+    MAX_MERGE_HOPS, MAX_RESULTS, AccountAggregate, AccountCursor, ChangeCounter, DeskReader, MemberRow,
+)
 from streams.records import MAX_SAMPLE_POSTS, SamplePost
 from streams.settings import DeskSettings
 from streams.virality import WINDOW_1H, WINDOW_5M
@@ -216,11 +218,10 @@ class FindingsSource:
     def _store_version(self) -> Any:
         """A value that changes when the findings change: SQLite's data_version
         where the store has one, else a counter bumped every ``ttl_s``."""
-        # a probe, not the DeskReader interface: Elasticsearch has no cheap signal of a change
+        # not the DeskReader interface: Elasticsearch has no cheap signal of a change
         # (``changes_since`` says which clusters changed, at the cost of a search)
-        version = getattr(self.store, "data_version", None)
-        if version is not None:
-            return version()
+        if isinstance(self.store, ChangeCounter):
+            return self.store.data_version()
         now = time.monotonic()
         if now - self._ttl_at >= self.ttl_s:
             self._ttl_at, self._ttl_epoch = now, self._ttl_epoch + 1

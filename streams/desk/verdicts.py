@@ -207,14 +207,14 @@ class Verdicts:
             except LookupError:
                 continue
             sent = await asyncio.to_thread(self.desk.desk_alerts_sent, cid, before=rec.verdict_id)
-            said = _desk_verdict_of(sent[-1], cid) if sent else None
+            said = sent[-1].verdict if sent else None
             base = f"{cid}:desk-{rec.verdict}"
             if said == rec.verdict:
-                alert_id = sent[-1]  # said already: the sinks take it as a redelivery
+                alert_id = sent[-1].alert_id  # said already: the sinks take it as a redelivery
             elif rec.verdict == "authentic" and said is None and not (doc.get("alert_level") or 0) > 0:
                 continue  # nobody was told it was fake: nothing to correct
             else:
-                alert_id = base if base not in sent else f"{base}:{rec.verdict_id}"
+                alert_id = base if base not in {a.alert_id for a in sent} else f"{base}:{rec.verdict_id}"
             desk = doc.get("desk") or {}
             ev = desk_bank_evidence(rec.verdict, OverlayRow(cluster_id=cid, verdict=rec.verdict,
                                                             verdict_id=rec.verdict_id, source_cluster=rec.cluster_id,
@@ -235,9 +235,3 @@ class Verdicts:
             await self.alerts.raise_alert(alert)
             raised.append(alert.alert_id)
         return raised
-
-
-def _desk_verdict_of(alert_id: str, cluster_id: str) -> str:
-    """The verdict a desk alert's id names: ``<cluster>:desk-<verdict>``, or
-    ``...:<verdict id>`` when it was said again."""
-    return alert_id[len(cluster_id) + 1:].split(":")[0].removeprefix("desk-")
