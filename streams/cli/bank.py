@@ -251,7 +251,7 @@ def similar(
     from detectors.imagedata import ImageData, ImageRejected, ignore_pillow_warnings
     from streams import similar as lookup
     from streams.es_client import EsError
-    from streams.findings import StoreURLError, open_findings, sqlite_file
+    from streams.findings import KeyedMemberReader, StoreURLError, open_findings, sqlite_file
 
     fmt = "json" if as_json else fmt
     if fmt not in ("table", "json"):
@@ -282,7 +282,7 @@ def similar(
         except (StoreURLError, EsError) as e:
             raise typer.BadParameter(str(e), param_hint="--store") from None
     try:
-        if hasattr(store, "members_near"):  # a probe: only SQLite looks up through the process's own index
+        if isinstance(store, KeyedMemberReader):  # SQLite looks up through the process's own index
             # SQLite: the lookup first indexes every stored member (seconds at a million), or only those
             # stored since the copy the last run saved beside the store: a bar on stderr
             lookup.load_index(settings, store)

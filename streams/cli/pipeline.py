@@ -37,9 +37,7 @@ def _use_store(settings: Settings, store_url: Optional[str]) -> None:
 
         try:
             store = open_findings(settings.findings.url, settings.data_dir, settings)
-            # a probe: Elasticsearch puts its templates and indices in place; SQLite has no such step
-            # (its file gets its tables when it opens)
-            getattr(store, "ensure_setup", lambda: None)()
+            store.ensure_setup()  # Elasticsearch's templates and indices; nothing for SQLite
             store.close()
         except (StoreURLError, EsError) as e:
             raise typer.BadParameter(str(e), param_hint="--store") from None
