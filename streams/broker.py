@@ -427,8 +427,9 @@ def _partition_counts(described: list[dict]) -> dict[str, int | None]:
     (Metadata: one dict per topic, ``error_code`` and a ``partitions`` list).
     None where the broker gave no count (an error for the topic, a leader not
     elected yet): nothing is concluded from it."""
-    return {t["name"]: len(t["partitions"]) if t.get("error_code") == 0 and t.get("partitions") else None
-            for t in described if t.get("name")}
+    # kafka-python 3 names a topic "name", 2.x "topic" (pyproject allows both)
+    return {t.get("name") or t["topic"]: len(t["partitions"]) if t.get("error_code") == 0 and t.get("partitions")
+            else None for t in described if t.get("name") or t.get("topic")}
 
 
 def check_partition_counts(bootstrap: str, specs: list[TopicSpec], counts: dict[str, int | None]) -> None:

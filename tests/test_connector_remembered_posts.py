@@ -118,6 +118,8 @@ UNREADABLE = {
     "an image that is not a string": json.dumps({"text": "t", "images": [{"url": url(A)}], "cids": [A]}),
     "a newer version": json.dumps({"schema_version": REMEMBERED_POST_VERSION + 1, "text": "t",
                                    "images": [url(A)], "cids": [A]}),
+    "a newer version of another shape": json.dumps({"schema_version": REMEMBERED_POST_VERSION + 1,
+                                                    "images": "one"}),
 }
 
 
@@ -131,6 +133,8 @@ def test_an_unreadable_remembered_post_is_recalled_as_none_with_a_warning(tmp_pa
         assert state.recall(P1) is None
     warned = [r for r in caplog.records if "remembered post" in r.getMessage()]
     assert len(warned) == 1 and warned[0].post_id == P1
+    if "newer" in what:  # the version is the problem said, whatever the fields hold
+        assert "is newer than this deepwatch's" in warned[0].problem, warned[0].problem
     state.close()
 
 

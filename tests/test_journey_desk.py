@@ -144,6 +144,26 @@ def test_a_since_that_is_no_time_says_which_forms_are(desk):
         assert "is not a date or time; write it as 2026-11-20" in message, (path, message)
 
 
+def test_a_compact_date_is_that_date_and_another_number_is_refused(desk):
+    # pydantic read a number as seconds since 1970: since=20261130 matched
+    # every cluster (the CLI reads the day), and until=20261130 was that day.
+    later = {"c-persona3", "c-persona4"}
+    assert _ids(_get(desk, "/api/search?since=2026-11-30T15:00:00Z").json()) == later
+    day = _get(desk, "/api/search?since=20261130").json()
+    assert _ids(day) == _ids(_get(desk, "/api/search?since=2026-11-30").json())
+    assert _ids(_get(desk, "/api/clusters?since=20261130").json()) == _ids(
+        _get(desk, "/api/clusters?since=2026-11-30").json())
+    assert _ids(_get(desk, "/api/search?until=20261130").json()) == _ids(
+        _get(desk, "/api/search?until=2026-11-30").json())
+    assert _get(desk, "/api/clusters").json()  # the store has clusters, and none from 2099 on
+    assert _get(desk, "/api/clusters?since=20990101").json() == []
+    assert _get(desk, "/api/search?since=20990101").json() == []
+    for path in ("/api/search?since=1", "/api/clusters?since=1764514800", "/api/search?until=20261399"):
+        r = _get(desk, path)
+        assert r.status_code == 422, (path, r.text)
+        assert "is not a date or time; write it as 2026-11-20" in r.json()["error"], r.json()
+
+
 def test_the_picture_lookup_says_how_close_each_match_is(desk):
     # was: "sha256 d=0" / "phash d=4" in the match column
     server, data = desk
@@ -238,6 +258,9 @@ def test_an_analyst_records_a_verdict_from_the_api_docs_with_a_token(tmp_path):
         schema = httpx.get(server.url + "/openapi.json", timeout=60).json()
         assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
         assert {"bearer": []} in schema["security"] and {} in schema["security"]  # reading stays open on loopback
+        # the rules follow the API's own description, which stays
+        assert schema["info"]["description"].startswith("Fact-check desk: the queue of image clusters")
+        assert "Authorization: Bearer <token>" in schema["info"]["description"]
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
             try:

@@ -228,3 +228,46 @@ def test_replay_produces_the_feed_while_the_zygote_still_imports(tmp_path, monke
     assert summary.complete and summary.processed == summary.produced == len(lines)
     assert sum(summary.dead_letters.values()) == len(exp.dead_letter_reasons)
     assert summary.sightings == exp.events - len(exp.dead_letter_reasons) - 1  # the feed repeats one event
+
+
+@pytest.mark.slow
+def test_replay_forks_the_workers_mid_feed_once_the_zygote_is_ready(tmp_path, monkeypatch):
+    """The zygote ready while the feed is still going in: the workers are
+    forked from the producer's progress (between two events), not after the
+    whole feed, and every event is still processed exactly once. The
+    zygote's readiness is stood in for (ready from the half of the feed on)
+    so that the test does not race its imports."""
+    from streams import ingest, runner
+    from streams.cli.pipeline import _replay
+    from streams.settings import Settings
+
+    feed, exp = build_feed(tmp_path / "feed", burst=4)
+    lines = [ln for ln in feed.read_text().splitlines() if ln.strip()]
+    half = len(lines) // 2
+    produced = [0]
+    at_spawn: list[tuple[str, int]] = []
+    real_produce, real_start = ingest.produce_feed, runner.Cluster.start_worker
+
+    def produce_feed(*args, progress=None, **kwargs):
+        def counted(n: int) -> None:
+            produced[0] += n
+            if progress is not None:
+                progress(n)
+        return real_produce(*args, progress=counted, **kwargs)
+
+    def start_worker(self, role="pipeline", *args, **kwargs):
+        at_spawn.append((role, produced[0]))
+        return real_start(self, role, *args, **kwargs)
+
+    monkeypatch.setattr(ingest, "produce_feed", produce_feed)
+    monkeypatch.setattr(runner.Cluster, "start_worker", start_worker)
+    monkeypatch.setattr(runner.Cluster, "can_spawn_now", lambda self: produced[0] >= half)
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.ingest.image_roots = [feed.parent.resolve()]
+    summary = _replay(settings, feed, workers=2, timeout_s=240, live_table=False, wait_models=False)
+
+    assert 0 < half < len(lines)
+    assert at_spawn == [("detect", half), ("pipeline", half), ("pipeline", half)]
+    assert summary.complete and summary.processed == summary.produced == len(lines)
+    assert sum(summary.dead_letters.values()) == len(exp.dead_letter_reasons)
+    assert summary.sightings == exp.events - len(exp.dead_letter_reasons) - 1

@@ -100,3 +100,14 @@ def test_the_pipelines_own_cluster_ops_topic_with_two_partitions_is_refused(tmp_
         _create(b.bootstrap, {settings.topic("cluster-ops"): 2})
         with pytest.raises(BrokerError, match=f"topic {settings.topic('cluster-ops')} has 2 partitions"):
             ensure_topics(b.bootstrap, specs)
+
+
+def test_kafka_python_2_metadata_names_topics_too():
+    # kafka-python 2.x's describe_topics answers Metadata v1 as parsed dicts
+    # whose topic field is "topic" (3.x: "name"); pyproject allows both.
+    from streams.broker import _partition_counts
+
+    v2 = [{"error_code": 0, "topic": "a.cluster-ops", "is_internal": False,
+           "partitions": [{"error_code": 0, "partition": 0}, {"error_code": 0, "partition": 1}]},
+          {"error_code": 3, "topic": "a.gone", "is_internal": False, "partitions": []}]
+    assert _partition_counts(v2) == {"a.cluster-ops": 2, "a.gone": None}

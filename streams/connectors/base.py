@@ -167,6 +167,10 @@ class RememberedPost(BaseModel):
         # Only a stored post without a version is version 0 (one made in code
         # is the current version). Version 0 was read leniently: ``cids`` of
         # anything but a list of strings meant none.
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if isinstance(version, int) and version > REMEMBERED_POST_VERSION:
+            # said first: its fields may have another shape, which is not the problem to report
+            raise ValueError(f"schema_version {version} is newer than this deepwatch's {REMEMBERED_POST_VERSION}")
         if info.context == _STORED and isinstance(data, dict) and "schema_version" not in data:
             cids = data.get("cids")
             data = {**data, "schema_version": 0,
@@ -289,14 +293,9 @@ class ConnectorState:
         if row is None:
             return None
         try:
-            post = RememberedPost.loads(row[0])
-        except ValidationError as e:
+            return RememberedPost.loads(row[0])
+        except ValidationError as e:  # a newer version's included (``RememberedPost._unversioned``)
             problem = error_text(e, "(document)")
-        else:
-            if post.schema_version <= REMEMBERED_POST_VERSION:
-                return post
-            problem = (f"schema_version {post.schema_version} is newer than this deepwatch's "
-                       f"{REMEMBERED_POST_VERSION}")
         if (suppressed := self._unreadable_log.allow()) is not None:
             log.warning("a remembered post cannot be read; taken as not remembered", extra={
                 "post_id": post_id[:300], "problem": problem[:300], "state": str(self.path),

@@ -61,10 +61,12 @@ AUTH_NOTE = ("Reading is open to this machine when the desk listens on loopback,
 def schema_with_auth(schema: dict) -> dict:
     """The app's OpenAPI schema saying how to authenticate: the bearer scheme,
     optional for every operation (``{}``: no credential, as on an open
-    loopback desk), and the rules in the API's description."""
+    loopback desk), and the rules after the API's own description."""
     schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = BEARER_SCHEME
     schema["security"] = [{"bearer": []}, {}]
-    schema.setdefault("info", {})["description"] = AUTH_NOTE
+    info = schema.setdefault("info", {})
+    # after the app's own description (what the API is), not instead of it
+    info["description"] = f"{info.get('description') or ''}\n\n{AUTH_NOTE}".strip()
     return schema
 
 

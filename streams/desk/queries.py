@@ -6,7 +6,7 @@ checked values: nothing of a request is echoed as sent."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any, Optional
 from urllib.parse import urlencode
 
@@ -38,7 +38,8 @@ def cluster_query(verdict: Optional[str] = Query(None), platform: Optional[str] 
                   cursor: Optional[str] = Query(None, description="the next page's cursor, from `X-Next-Cursor`")
                   ) -> ClusterQuery:
     try:
-        return ClusterQuery(verdict=verdict or None, platform=platform or None, since=_time_param(since), q=q or None,
+        return ClusterQuery(verdict=verdict or None, platform=platform or None, since=_time_param(since, name="since"),
+                            q=q or None,
                             sort=sort, limit=limit, cursor=cursor or None)
     except ValidationError as e:
         raise RequestValidationError([{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from None
@@ -51,7 +52,8 @@ def store_query(q: Optional[str] = Query(None, max_length=1000, description='wor
                 min_score: Optional[str] = Query(None, description="0..1"), sort: Optional[str] = Query(None),
                 limit: int = Query(100)) -> StoreQuery:
     try:
-        query = StoreQuery(text=q, since=_time_param(since), until=_time_param(until, end_of_day=True),
+        query = StoreQuery(text=q, since=_time_param(since, name="since"),
+                           until=_time_param(until, end_of_day=True, name="until"),
                            platform=platform, account=account, hashtag=hashtag, verdict=verdict or None,
                            min_score=min_score or None, sort=sort or None, limit=limit)
     except ValidationError as e:
@@ -158,14 +160,26 @@ def accounts_link(path: str, q: AccountQuery, cursor: str | None) -> str:
     return path + "?" + urlencode(params if cursor is None else {**params, "cursor": cursor})
 
 
-def _time_param(value: Optional[str], end_of_day: bool = False) -> Optional[str]:
+def _time_param(value: Optional[str], end_of_day: bool = False, name: str = "since") -> Optional[str]:
     """``since``/``until`` as sent, made what the analyst meant: an offset's
     unencoded ``+`` read back, a time as the pages print it (`` UTC`` at its
-    end: naive, which is UTC) read, and a date alone for ``until`` the end of
-    that day (``through_day``)."""
+    end: naive, which is UTC) read, a compact date (``20261120``) read as
+    that date, and a date alone for ``until`` the end of that day
+    (``through_day``). Any other number is refused (422, ``name`` the
+    field): pydantic read it as seconds since 1970, so ``since=20990101``
+    matched every cluster while ``deepwatch search`` read the day."""
     if not value:
         return None
+    raw = value
     value = _UTC_SUFFIX.sub("", _UNENCODED_OFFSET.sub(r"\1+\2", value.strip()))
+    if value.isascii() and value.isdigit():
+        try:
+            value = date.fromisoformat(value).isoformat() if len(value) == 8 else ""
+        except ValueError:
+            value = ""
+        if not value:
+            raise RequestValidationError([{"type": "datetime_from_number", "loc": ("query", name),
+                                           "msg": "a number is not a date or time", "input": raw}])
     return through_day(value) if end_of_day else value
 
 
