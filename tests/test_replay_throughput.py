@@ -183,25 +183,12 @@ if os.environ.get("DW_TEST_SLOW_ZYGOTE") and "streams.zygote" in " ".join(sys.or
 """
 
 
-@pytest.mark.slow
-def test_replay_produces_the_feed_while_the_zygote_still_imports(tmp_path, monkeypatch):
-    """The zygote's imports outlast replay's own and the broker's start (the
-    first spawn waited ~0.6 s for it on the filer's feed): the feed is
-    produced meanwhile, and the workers are forked once it is ready, instead
-    of producing after the spawn, beside the workers' own start-up. Every
-    event is still processed exactly once."""
+def _count_spawns(monkeypatch) -> tuple[list[int], list[tuple[str, int]]]:
+    """Replay's producer and worker starts watched: ([events handed to the
+    broker so far], [(role, events produced when it was started)])."""
     from streams import ingest, runner
-    from streams.cli.pipeline import _replay
-    from streams.settings import Settings
 
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_SLOW_IMPORTS)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("DW_TEST_SLOW_ZYGOTE", "3")
-    feed, exp = build_feed(tmp_path / "feed", burst=4)
-
-    produced = [0]  # events handed to the broker so far
+    produced = [0]
     at_spawn: list[tuple[str, int]] = []
     real_produce, real_start = ingest.produce_feed, runner.Cluster.start_worker
 
@@ -218,6 +205,27 @@ def test_replay_produces_the_feed_while_the_zygote_still_imports(tmp_path, monke
 
     monkeypatch.setattr(ingest, "produce_feed", produce_feed)
     monkeypatch.setattr(runner.Cluster, "start_worker", start_worker)
+    return produced, at_spawn
+
+
+@pytest.mark.slow
+def test_replay_produces_the_feed_while_the_zygote_still_imports(tmp_path, monkeypatch):
+    """The zygote's imports outlast replay's own and the broker's start (the
+    first spawn waited ~0.6 s for it on the filer's feed): the feed is
+    produced meanwhile, and the workers are forked once it is ready, instead
+    of producing after the spawn, beside the workers' own start-up. Every
+    event is still processed exactly once."""
+    from streams.cli.pipeline import _replay
+    from streams.settings import Settings
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_IMPORTS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("DW_TEST_SLOW_ZYGOTE", "3")
+    feed, exp = build_feed(tmp_path / "feed", burst=4)
+
+    produced, at_spawn = _count_spawns(monkeypatch)
     settings = Settings(data_dir=tmp_path / "data")
     settings.ingest.image_roots = [feed.parent.resolve()]
     lines = [ln for ln in feed.read_text().splitlines() if ln.strip()]
@@ -237,30 +245,14 @@ def test_replay_forks_the_workers_mid_feed_once_the_zygote_is_ready(tmp_path, mo
     whole feed, and every event is still processed exactly once. The
     zygote's readiness is stood in for (ready from the half of the feed on)
     so that the test does not race its imports."""
-    from streams import ingest, runner
+    from streams import runner
     from streams.cli.pipeline import _replay
     from streams.settings import Settings
 
     feed, exp = build_feed(tmp_path / "feed", burst=4)
     lines = [ln for ln in feed.read_text().splitlines() if ln.strip()]
     half = len(lines) // 2
-    produced = [0]
-    at_spawn: list[tuple[str, int]] = []
-    real_produce, real_start = ingest.produce_feed, runner.Cluster.start_worker
-
-    def produce_feed(*args, progress=None, **kwargs):
-        def counted(n: int) -> None:
-            produced[0] += n
-            if progress is not None:
-                progress(n)
-        return real_produce(*args, progress=counted, **kwargs)
-
-    def start_worker(self, role="pipeline", *args, **kwargs):
-        at_spawn.append((role, produced[0]))
-        return real_start(self, role, *args, **kwargs)
-
-    monkeypatch.setattr(ingest, "produce_feed", produce_feed)
-    monkeypatch.setattr(runner.Cluster, "start_worker", start_worker)
+    produced, at_spawn = _count_spawns(monkeypatch)
     monkeypatch.setattr(runner.Cluster, "can_spawn_now", lambda self: produced[0] >= half)
     settings = Settings(data_dir=tmp_path / "data")
     settings.ingest.image_roots = [feed.parent.resolve()]
