@@ -229,6 +229,9 @@ def test_an_authentic_verdict_is_said_once_on_the_cluster_page(tmp_path):
         page = httpx.get(server.url + "/clusters/c-photo", timeout=60)
         said = unescape(page.text.split('id="suppressed">')[1].split("</p>")[0])
         assert said == "alerts suppressed: desk verdict authentic by ci-bot on cluster c-photo: photographer confirmed", said
+        # the API says it once too (the page shows what the cluster's document holds)
+        doc = httpx.get(server.url + "/api/clusters/c-photo", timeout=60).json()
+        assert doc["suppressed"] == "desk verdict authentic by ci-bot on cluster c-photo: photographer confirmed", doc
     finally:
         server.stop()
 

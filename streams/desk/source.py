@@ -960,7 +960,8 @@ def _apply_overlay(doc: dict[str, Any], row: OverlayRow | None) -> dict[str, Any
         doc["verdict"] = "likely-ai" if row.verdict == "fake" else "no-evidence"
         doc["evidence"] = [e.model_dump(exclude_none=True) for e in fused.evidence]
         if row.verdict == "authentic":
-            doc["suppressed"] = f"desk verdict authentic: {row.detail}"
+            # the row's detail says it already ("desk verdict authentic by <user> on cluster ...")
+            doc["suppressed"] = row.detail or "desk verdict authentic"
     doc["desk"] = desk
     return doc
 
