@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -103,3 +104,19 @@ def decoded_then_grown_mib(tmp_path: Path, make: str, work: str) -> int:
     assert run.returncode == 0, run.stderr[-2000:]
     return int(run.stdout.strip())
 
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Until ``url`` (a server's ``/healthz``) answers 200; fails with the
+    process's stderr if it exits first, or when ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode} before it answered: {proc.communicate()[1]}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer 200 within {timeout_s:g} s"
+        time.sleep(0.2)

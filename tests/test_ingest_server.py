@@ -24,6 +24,7 @@ from streams.ingest_server import TokenConfigError, build_app, load_tokens
 from streams.records import DeadLetter, ImageEvent
 from streams.settings import Settings
 from tests.connector_servers import read_topic
+from tests.support import wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "desk-token-0123456789abcdef"
@@ -393,14 +394,7 @@ def test_serve_ingest_create_topics_creates_them_as_a_worker_would(broker, tmp_p
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", proc)
         assert _topic_partitions(broker.bootstrap, [s.name for s in specs]) == {s.name: s.partitions for s in specs}
         r = httpx.post(f"http://127.0.0.1:{port}/ingest", headers=AUTH, content=json.dumps(event(1)), timeout=20)
         assert r.status_code == 202, r.text
@@ -446,13 +440,7 @@ def test_serve_ingest_command_end_to_end(broker, tmp_path):
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", proc)
         r = httpx.post(f"http://127.0.0.1:{port}/ingest", headers=AUTH,
                        content="\n".join(json.dumps(event(i)) for i in range(3)), timeout=20)
         assert r.status_code == 202 and r.json()["accepted"] == 3

@@ -24,6 +24,7 @@ from streams.records import DeadLetter, ImageEvent
 from streams.settings import Settings
 from streams.topics import topic_specs
 from tests.connector_servers import read_topic
+from tests.support import wait_healthy
 from tests.test_ingest_server import (  # noqa: F401 (broker and settings are fixtures)
     AUTH, OTHER, REPO, TOKEN, broker, event, open_request, served, settings)
 
@@ -269,14 +270,7 @@ def test_a_stop_waits_for_slow_bodies_at_most_the_grace(broker, tmp_path):
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     held = []
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline and proc.poll() is None, "serve-ingest did not start"
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", proc)
         body = json.dumps(event(1)).encode()
         held = [open_request(port, f"Content-Length: {len(body)}\r\n", body[:1]) for _ in range(3)]
         time.sleep(0.5)

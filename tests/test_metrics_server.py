@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -24,6 +23,7 @@ from streams import metrics
 from streams.broker import free_port
 from streams.ingest_server import build_app
 from streams.settings import Settings
+from tests.support import wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "desk-token-0123456789abcdef"
@@ -156,16 +156,7 @@ def test_serve_ingest_metrics_listen_on_its_host(tmp_path):
          "--broker", "kafka://127.0.0.1:1", "--metrics-port", str(metrics_port)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(f"http://127.0.0.1:{metrics_port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "serve-ingest did not start"
-            time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{metrics_port}/healthz", proc)
         assert get(metrics_port, "/metrics").startswith(b"HTTP/1.0 200")
         with socket.socket() as s:  # a wildcard bind answers on every loopback address, 127.0.0.1's on its own
             s.settimeout(5)

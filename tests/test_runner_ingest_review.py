@@ -16,6 +16,7 @@ import pytest
 
 from streams.broker import free_port
 from tests.connector_servers import read_topic
+from tests.support import wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "desk-token-0123456789abcdef"
@@ -66,15 +67,7 @@ def ingest_server(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SERVE, str(tmp_path), f"kafka://127.0.0.1:{dead}", str(port), "2.0"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "no start"
-            time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", proc)
         yield port
     finally:
         proc.terminate()
