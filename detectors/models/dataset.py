@@ -13,7 +13,8 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from collections import defaultdict
+from typing import Protocol, Sequence
 
 from PIL import Image
 
@@ -35,13 +36,38 @@ class _Listed(Protocol):
     label: int
 
 
-def repeat_row(s: _Listed, first: _Listed) -> dict[str, str]:
+def _repeat_row(s: _Listed, first: _Listed) -> dict[str, str]:
     """The report row of ``s``, listed after ``first`` with the same bytes: counted once under one
     label, left out (every copy) under two."""
     if s.label == first.label:
         return {"file": str(s.path), "same_as": str(first.path), "reason": "listed again: counted once"}
     return {"file": str(s.path), "same_as": str(first.path),
             "reason": f"labelled {s.label} here and {first.label} there: every copy left out"}
+
+
+def once_by_content(samples: Sequence[_Listed],
+                    digests: Sequence[str | None]) -> tuple[list[int], list[dict[str, str]]]:
+    """Which of ``samples`` to keep (their indexes), each picture once by content (``digests``,
+    sha256 of the bytes; None: not read, kept for its reader to report), and a report row
+    (``{"file", "same_as", "reason"}``) for each of the rest. A repeat (the same row again,
+    another spelling of its path, a copy under another name) was one more row in training and
+    one more picture in every metric; the same bytes under both labels cannot be scored either
+    way, so every copy is left out."""
+    copies: dict[str, list[_Listed]] = defaultdict(list)
+    for s, d in zip(samples, digests):
+        if d:
+            copies[d].append(s)
+    kept: list[int] = []
+    left: list[dict[str, str]] = []
+    for i, (s, d) in enumerate(zip(samples, digests)):
+        same = copies[d] if d else [s]
+        if same[0] is not s:
+            left.append(_repeat_row(s, same[0]))
+        elif len({c.label for c in same}) > 1:
+            left.append(_repeat_row(s, next(c for c in same if c.label != s.label)))
+        else:
+            kept.append(i)
+    return kept, left
 
 
 def image_files(root: Path) -> list[Path]:

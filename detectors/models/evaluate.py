@@ -66,7 +66,7 @@ import numpy as np
 from detectors.base import Detector, Evidence
 from detectors.imagedata import ImageData
 from detectors.fusion import LIKELY_AI, fuse
-from detectors.models.dataset import Sample, repeat_row, repost_bytes
+from detectors.models.dataset import Sample, once_by_content, repost_bytes
 from detectors.models.pixel_metrics import ranking
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,6 @@ def evaluate(
     import hashlib
 
     skipped: list[dict[str, str]] = []
-    duplicates: list[dict[str, str]] = []
     kept: list[tuple[Sample, bytes]] = []
     excluded = overlap = 0
     # Files a learned detector was trained or calibrated on, kept in the set: counted, so the
@@ -235,24 +234,15 @@ def evaluate(
     # another name) was scored and counted twice: its class weighed double in every metric.
     # The same bytes under both labels cannot be scored either way: every copy goes.
     read: list[tuple[Sample, bytes, str]] = []
-    copies: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         try:
             data = s.path.read_bytes()
         except OSError as e:
             skipped.append({"file": str(s.path), "reason": f"unreadable: {e}"})
             continue
-        digest = hashlib.sha256(data).hexdigest()
-        copies[digest].append(s)
-        read.append((s, data, digest))
-    for s, data, digest in read:
-        same = copies[digest]
-        if same[0] is not s:
-            duplicates.append(repeat_row(s, same[0]))
-            continue
-        if len({c.label for c in same}) > 1:
-            duplicates.append(repeat_row(s, next(c for c in same if c.label != s.label)))
-            continue
+        read.append((s, data, hashlib.sha256(data).hexdigest()))
+    once, duplicates = once_by_content([s for s, _, _ in read], [d for _, _, d in read])
+    for s, data, digest in (read[i] for i in once):
         if exclude_sha256 and digest in exclude_sha256:
             excluded += 1
             continue

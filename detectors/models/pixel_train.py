@@ -134,25 +134,11 @@ def unique_samples(samples: list[Sample]) -> tuple[list[Sample], list[dict[str, 
     another group could sit in a training fold while its twin is tested. The same bytes under
     both labels cannot be scored either way: every copy is left out and listed. Unreadable
     files are kept: ``extract`` reports them."""
-    from detectors.models.dataset import repeat_row
+    from detectors.models.dataset import once_by_content
     from detectors.models.pixel_data import file_sha256
 
-    copies: dict[str, list[Sample]] = {}
-    digests = [file_sha256(s.path) for s in samples]
-    for s, d in zip(samples, digests):
-        if d:
-            copies.setdefault(d, []).append(s)
-    kept: list[Sample] = []
-    left: list[dict[str, str]] = []
-    for s, d in zip(samples, digests):
-        same = copies.get(d) if d else None
-        if not same or (same[0] is s and len({c.label for c in same}) == 1):
-            kept.append(s)
-        elif same[0] is not s:
-            left.append(repeat_row(s, same[0]))
-        else:
-            left.append(repeat_row(s, next(c for c in same if c.label != s.label)))
-    return kept, left
+    kept, left = once_by_content(samples, [file_sha256(s.path) for s in samples])
+    return [samples[i] for i in kept], left
 
 
 def skipped_rows(skipped: list[tuple[Sample, str, str]]) -> list[dict[str, str]]:

@@ -671,8 +671,8 @@ def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int,
     except ValueError as e:  # a fold with one class: no honest number to give
         print_error(str(e))
         raise typer.Exit(1) from None
-    # the folds run, as cross_validate makes them: no more than there are groups (6 groups said "folds": 10)
-    folds = min(params.folds, len({s.group for s in samples}))
+    # the folds run, as cross_validate made them: no more than there are groups (6 groups said "folds": 10)
+    folds = int(cv.fold_of.max()) + 1
     report = {"schema": 1, "mode": "leave-generator-out", "group_by": group_by, "folds": folds,
               "dataset": [str(m) for m in manifests], "threshold": thr, "crops": crops,
               "train_variants": list(params.train_variants), "seed": seed,
