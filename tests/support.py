@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from streams.ingest import iter_lines
 
@@ -120,3 +120,18 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> N
             pass
         assert time.monotonic() < deadline, f"{url} did not answer 200 within {timeout_s:g} s"
         time.sleep(0.2)
+
+
+def labelled_pair(root: Path, g: int, i: int, size: tuple[int, int], rng: np.random.Generator, *,
+                  posterise: bool = False) -> tuple[str, str]:
+    """Synthetic labelled pictures for the pixel recipe's tests, generator family ``g``: a "real"
+    photo (plane waves + sensor-like noise, JPEG q90) and an "AI" picture (other waves blurred by
+    the family; ``posterise``: also quantised by it), written to ``root``; their file names."""
+    seed = 100 * g + i
+    real = np.asarray(picture(seed, size), float) + rng.normal(0, 9, (size[1], size[0], 3))
+    Image.fromarray(np.clip(real, 0, 255).astype(np.uint8)).save(root / f"real_{g}_{i}.jpg", quality=90)
+    ai = picture(seed + 50, size).filter(ImageFilter.GaussianBlur(1 + g))
+    if posterise:
+        ai = ai.quantize(32 + 16 * g).convert("RGB")
+    ai.save(root / f"ai_{g}_{i}.png")
+    return f"real_{g}_{i}.jpg", f"ai_{g}_{i}.png"

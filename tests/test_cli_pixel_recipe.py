@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 import streams.cli.detect  # noqa: F401
 import streams.cli.models  # noqa: F401
 from streams.cli.app import app
-from tests.support import picture
+from tests.support import labelled_pair, picture
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +29,7 @@ def manifest(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     for g in range(3):
         for i in range(4):
-            seed = 100 * g + i
-            # "real": plane waves + sensor-like noise; "AI": the same, blurred and posterised per generator
-            real = np.asarray(picture(seed, (360, 280)), float) + rng.normal(0, 9, (280, 360, 3))
-            Image.fromarray(np.clip(real, 0, 255).astype(np.uint8)).save(root / f"real_{g}_{i}.jpg", quality=90)
-            ai = picture(seed + 50, (360, 280)).filter(ImageFilter.GaussianBlur(1 + g)).quantize(32 + 16 * g).convert("RGB")
-            ai.save(root / f"ai_{g}_{i}.png")
+            labelled_pair(root, g, i, (360, 280), rng, posterise=True)
             cat = "portrait" if i % 2 else "landscape"
             rows += [f"real_{g}_{i}.jpg,0,camera,{cat},cam{g}/repo@1", f"ai_{g}_{i}.png,1,gen-{g} (demo),{cat},gen{g}@1"]
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")

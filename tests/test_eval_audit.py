@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import streams.cli.models  # noqa: F401  registers train/eval
 from streams.cli.app import app
-from tests.support import picture
+from tests.support import labelled_pair, picture
 
 
 def _sk_tpr_at(y: np.ndarray, p: np.ndarray, max_fpr: float) -> float:
@@ -150,10 +150,7 @@ def lgo_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     for g in range(3):
         for i in range(3):
-            seed = 100 * g + i
-            real = np.asarray(picture(seed, (300, 240)), float) + rng.normal(0, 9, (240, 300, 3))
-            Image.fromarray(np.clip(real, 0, 255).astype(np.uint8)).save(root / f"real_{g}_{i}.jpg", quality=90)
-            picture(seed + 50, (300, 240)).filter(ImageFilter.GaussianBlur(1 + g)).save(root / f"ai_{g}_{i}.png")
+            labelled_pair(root, g, i, (300, 240), rng)
     return root
 
 
