@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -286,7 +287,7 @@ def test_leave_generator_out_eval_turns_sklearns_convergence_warnings_into_one_l
         for fold in range(3):  # what a tiny fold's MLP fit says
             warnings.warn(f"Stochastic Optimizer: Maximum iterations (300) reached (fold {fold})", ConvergenceWarning)
         warnings.warn("something else", UserWarning)
-        return SimpleNamespace(oof={"reposted": None})
+        return SimpleNamespace(oof={"reposted": None}, fold_of=np.arange(3))  # a CvResult's fields the command reads
 
     monkeypatch.setattr(backbone, "Backbone", lambda name: None)
     monkeypatch.setattr(features, "extract", lambda *args, **kwargs: None)
