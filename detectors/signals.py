@@ -187,6 +187,13 @@ def signal_type(name: str) -> type[SignalType]:
         raise KeyError(f"unknown signal type {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
 
 
+def signal_type_of_via(via: str) -> type[SignalType] | None:
+    """The signal type a match's ``via`` was made with: one of its ``fields``
+    or its ``view_via``; None for a match that is not by hash ("sha256",
+    "uniform")."""
+    return next((st for st in _REGISTRY.values() if via in st.fields or via == st.view_via), None)
+
+
 def view_signal_type() -> type[SignalType] | None:
     """The signal type of ``ImageHashes.views`` (pHash), if one is registered."""
     return next((st for st in _REGISTRY.values() if st.has_views), None)

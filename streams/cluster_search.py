@@ -367,7 +367,7 @@ SORT_ORDER: dict[str, tuple[SortField, ...]] = {
 }
 assert set(SORT_ORDER) == set(SORT_KEYS)
 NEVER = -1e18  # the ``last_seen`` of a cluster without one, in epoch seconds: before any instant
-_VELOCITY_FIELDS = ("sightings_5m", "sightings_1h")
+VELOCITY_FIELDS = ("sightings_5m", "sightings_1h")  # the sort fields read from a record's velocity
 
 
 def sort_order(sort: str) -> tuple[SortField, ...]:
@@ -377,7 +377,7 @@ def sort_order(sort: str) -> tuple[SortField, ...]:
 
 def record_field(c: "ClusterRecord", name: str) -> Any:
     """``sort_key``'s field reader for a ``ClusterRecord``."""
-    return getattr(c.velocity, name) if name in _VELOCITY_FIELDS else getattr(c, name)
+    return getattr(c.velocity, name) if name in VELOCITY_FIELDS else getattr(c, name)
 
 
 def instant(ts: str | None) -> float:

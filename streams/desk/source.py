@@ -36,7 +36,8 @@ from detectors.fusion import Verdict, fuse
 from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.cluster_search import ClusterQuery as StoreQuery
 from streams.cluster_search import (
-    NEVER, Deadline, SearchCursor, SortKey, search_digest, sort_key, sort_order, sort_values, text_terms,
+    NEVER, VELOCITY_FIELDS, Deadline, SearchCursor, SortKey, search_digest, sort_key, sort_order, sort_values,
+    text_terms,
 )
 from streams.cursors import CURSOR_MAX_CHARS, NOT_A_CURSOR, decode_cursor, encode_cursor
 from streams.findings import (
@@ -897,7 +898,7 @@ def _left(deadline: Deadline | None) -> float | None:
 
 def _doc_field(d: dict[str, Any], name: str) -> Any:
     """``streams.cluster_search.sort_key``'s field reader for a desk document (the values shown)."""
-    return d["velocity"].get(name, 0) if name.startswith("sightings_") else d[name]
+    return d["velocity"].get(name, 0) if name in VELOCITY_FIELDS else d[name]
 
 
 def _is_ai(d: dict[str, Any]) -> bool:

@@ -10,6 +10,8 @@ from urllib.parse import quote
 
 from markupsafe import Markup
 
+from detectors.signals import signal_type_of_via
+
 from streams.desk.source import FindingsSource
 from streams.findings import account_page_path
 from streams.settings import Settings
@@ -209,22 +211,24 @@ def web_link(url: object) -> bool:
 
 # How a lookup's match reads on the page, per ``via`` of
 # ``detectors.neardup.pairing.Via``: "sha256 d=0" and "phash_view d=7" told a
-# journalist nothing about how close the copy is.
-_MATCH_KIND = {"sha256": "the same file", "phash": "a near copy", "pdq": "a near copy",
-               "phash_mirror": "a mirrored copy", "pdq_mirror": "a mirrored copy",
-               "phash_view": "a crop or framed copy", "uniform": "a one-colour picture"}
+# journalist nothing about how close the copy is. Hash matches are read from
+# their signal type (which field or view matched, its width and label).
 
 
 def match_words(via: object, distance: object) -> str:
     """A match in words: what kind of copy it is and how close (``distance``
-    in the unit of its ``via``: hash bits, or grey levels for "uniform")."""
-    kind = _MATCH_KIND.get(str(via), f"a match by {via}")
+    in the unit of its ``via``: bits of its signal type's hash, or grey levels
+    for "uniform")."""
     if via == "sha256":
-        return f"{kind} (identical bytes)"
+        return "the same file (identical bytes)"
     if via == "uniform":
-        return f"{kind}, {distance} grey levels apart"
-    bits, name = (256, "PDQ") if str(via).startswith("pdq") else (64, "pHash")
-    return f"{kind}: {distance} of {bits} {name} bits differ"
+        return f"a one-colour picture, {distance} grey levels apart"
+    st = signal_type_of_via(str(via))
+    if st is None:
+        return f"a match by {via}, distance {distance}"
+    kind = ("a crop or framed copy" if via == st.view_via
+            else "a mirrored copy" if st.fields.index(str(via)) > 0 else "a near copy")
+    return f"{kind}: {distance} of {st.bits} {st.label} bits differ"
 
 
 def number(value: object) -> str:
