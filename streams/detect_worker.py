@@ -14,6 +14,7 @@ answer is sent as soon as its picture is done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -36,6 +37,10 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 TAKE_BATCHES = 8  # requests taken at once: this many model batches (``detect.max_batch``)
+# How long a stopping detect role waits for a model batch still in flight,
+# whose answers have nowhere to go by then: the grace Faust's worker gives
+# leftover tasks (``streams.faust_tuning.PromptWorker``), not more.
+CLOSE_WAIT_S = 0.2
 
 
 def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int | None = None) -> faust.App:
@@ -97,17 +102,24 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
 
     @app.agent(requests)
     async def detect(stream):
-        await stage.run(stream)
+        try:
+            await stage.run(stream)
+        finally:
+            # Only when the app stops: an actor that crashed is restarted by its
+            # supervisor into the same models, which must still take pictures.
+            if app.should_stop:
+                await stage.close()
 
     return app
 
 
 class DetectStage:
     """The detect agent: requests taken in batches, answered (``answer``),
-    and acked once answered. ``batchers``: the loaded models, awaited as the
-    agent starts (they load in a thread while Faust starts); ``read``: a
-    picture's bytes by sha256 (the blob store); ``send_op``: hands one
-    ``ClusterOp`` to the cluster stage."""
+    and acked once answered; its models closed as the app stops (``close``).
+    ``batchers``: the loaded models, awaited as the agent starts (they load
+    in a thread while Faust starts); ``read``: a picture's bytes by sha256
+    (the blob store); ``send_op``: hands one ``ClusterOp`` to the cluster
+    stage."""
 
     def __init__(self, settings: Settings, batchers: Callable[[], Awaitable[list]], read: Callable[[str], bytes],
                  send_op: Callable[[bytes], Awaitable[object]]):
@@ -116,9 +128,10 @@ class DetectStage:
         self.batchers = batchers
         self.read = read
         self.send_op = send_op
+        self.loaded: list | None = None  # the models once ``run`` has them
 
     async def run(self, stream) -> None:
-        batchers = await self.batchers()
+        batchers = self.loaded = await self.batchers()
         cfg = self.cfg
         # Up to several model batches of requests at a time: a backlog (a
         # burst of new clusters) then coalesces a cluster's first request
@@ -150,6 +163,20 @@ class DetectStage:
             metrics.EVENTS.labels("detect", "coalesced").inc(len(raws) - answered)
             for e in events:
                 await stream.ack(e)
+
+    async def close(self) -> None:
+        """Close the models' batchers as the app stops (``MicroBatcher.close``:
+        its collector and its thread pools). The collector is a loop that ends
+        only when cancelled: left to the worker's leftover-task wait, it held
+        every stop of this role for that wait's whole 0.2 s (measured from the
+        worker logs; a replay waits for its slowest worker's stop). A batch
+        still in flight gets ``CLOSE_WAIT_S`` and is then cancelled. Models
+        still loading are left to end with the process."""
+        if not self.loaded:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(b.close() for b in self.loaded), return_exceptions=True),
+                                   CLOSE_WAIT_S)
 
 
 def _fatal(message: str) -> None:
