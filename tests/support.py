@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -135,3 +136,12 @@ def labelled_pair(root: Path, g: int, i: int, size: tuple[int, int], rng: np.ran
         ai = ai.quantize(32 + 16 * g).convert("RGB")
     ai.save(root / f"ai_{g}_{i}.png")
     return f"real_{g}_{i}.jpg", f"ai_{g}_{i}.png"
+
+
+def load_sitecustomize(tmp_path: Path, monkeypatch, code: str) -> None:
+    """Make every Python started from this test (workers, the zygote) run ``code`` first, as a
+    ``sitecustomize`` on its PYTHONPATH: how the tests look inside a real worker process."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(code)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))

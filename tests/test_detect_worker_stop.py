@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import threading
 from contextlib import ExitStack
 
@@ -26,6 +25,7 @@ from streams.detect_worker import DetectStage
 from streams.ingest import produce_feed
 from streams.settings import Settings
 from streams.store import open_store
+from tests.support import load_sitecustomize
 
 # Loaded by the zygote of the test's replay (PYTHONPATH) before it forks the
 # workers: each worker's log then says which tasks were left when it gathered
@@ -54,10 +54,7 @@ def _leftovers(log: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_a_detect_worker_that_ran_its_model_stops_with_no_task_left(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_REPORT_LEFTOVERS)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    load_sitecustomize(tmp_path, monkeypatch, _REPORT_LEFTOVERS)
     monkeypatch.setenv("DW_TEST_LEFTOVER_TASKS", "1")
     feed, exp = build_feed(tmp_path / "feed", burst=4)
     settings = Settings(data_dir=tmp_path / "data")  # the packaged pixel model, as replay runs it

@@ -18,6 +18,7 @@ from streams.demo_feed import build_feed
 from streams.detect_worker import answer, coalesce
 from streams.records import DetectRequest
 from streams.runner import WorkerProcess, process_age
+from tests.support import load_sitecustomize
 
 
 def req(cluster: str, sha: str) -> bytes:
@@ -218,10 +219,7 @@ def test_replay_produces_the_feed_while_the_zygote_still_imports(tmp_path, monke
     from streams.cli.pipeline import _replay
     from streams.settings import Settings
 
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_SLOW_IMPORTS)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    load_sitecustomize(tmp_path, monkeypatch, _SLOW_IMPORTS)
     monkeypatch.setenv("DW_TEST_SLOW_ZYGOTE", "3")
     feed, exp = build_feed(tmp_path / "feed", burst=4)
 
