@@ -111,3 +111,36 @@ def test_kafka_python_2_metadata_names_topics_too():
            "partitions": [{"error_code": 0, "partition": 0}, {"error_code": 0, "partition": 1}]},
           {"error_code": 3, "topic": "a.gone", "is_internal": False, "partitions": []}]
     assert _partition_counts(v2) == {"a.cluster-ops": 2, "a.gone": None}
+
+
+@pytest.mark.slow
+def test_a_workers_topic_warning_is_a_line_of_its_json_log(tmp_path):
+    """The check runs before the worker's own start, so it once logged through
+    Python's last resort: a bare text line without the topic or the counts."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    deepwatch = Path(sys.executable).with_name("deepwatch")
+    with EmbeddedBroker(tmp_path / "broker") as b:
+        _create(b.bootstrap, {"deepwatch.events": 2})
+        env = {**os.environ, "DEEPWATCH_LOG_FORMAT": "json", "DEEPWATCH_METRICS_PORT": "0"}
+        proc = subprocess.Popen([str(deepwatch), "worker", "--role", "analyze", "--broker", f"kafka://{b.bootstrap}",
+                                 "--data-dir", str(tmp_path / "data")],
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                line = proc.stderr.readline()
+                assert line, f"the worker ended ({proc.poll()}) before warning of the topic"
+                if "partition count" in line:
+                    break
+            doc = json.loads(line)
+            assert (doc["level"], doc["topic"], doc["partitions"], doc["configured"]) == \
+                ("warning", "deepwatch.events", 2, 4)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)

@@ -340,6 +340,10 @@ def serve_ingest(
     if metrics_port == port:
         fail(f"--metrics-port {metrics_port} is --port too; give metrics a port of their own")
     ensure_port_free(host, port, "pick another --port")
+    from streams import logs
+
+    # the topic check's warnings are the endpoint's log (JSON for a shipper), not Python's bare last-resort lines
+    logs.setup(settings.log_level, settings.log_format)
     if create_topics:
         create_missing_topics(settings, bootstrap_of(settings.broker))
     for warning in ingest_exposure_warnings(host, metrics_port, tls_proxy=settings.connectors.ingest_tls_proxy):

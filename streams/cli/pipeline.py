@@ -501,6 +501,10 @@ def worker(
         if not root.is_dir():
             raise typer.BadParameter(f"{root} is not a directory", param_hint="--image-root")
     settings.ingest.image_roots = [*settings.ingest.image_roots, *[r.resolve() for r in image_root]]
+    from streams import logs
+
+    # The topic check's warnings are the worker's log (JSON for a shipper), not Python's bare last-resort lines
+    logs.setup(settings.log_level, settings.log_format)
     if create_topics:
         create_missing_topics(settings, bootstrap_of(settings.broker))
     worker_mod.run(settings, role)
