@@ -448,3 +448,19 @@ def test_the_deploy_prometheus_scrapes_every_process_on_the_port_it_serves(broke
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/eck"])
+def test_a_node_drain_evicts_one_replica_at_a_time_and_never_blocks(overlay):
+    """Each Deployment of more than one replica has a PodDisruptionBudget letting one of its pods go
+    at a time (a drain took both analyze pods, or both ingest endpoints, at once); none of one
+    replica has a budget (it would block the drain for good) and no budget selects another's pods."""
+    docs = _rendered(overlay)
+    budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    for dep in (d for d in docs if d["kind"] == "Deployment"):
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        covering = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        if dep["spec"].get("replicas", 1) > 1:
+            assert [b["spec"].get("maxUnavailable") for b in covering] == [1], dep["metadata"]["name"]
+        else:
+            assert covering == [], dep["metadata"]["name"]
