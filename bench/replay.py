@@ -179,8 +179,8 @@ def latency(root: Path, settings: Settings, rate: float, pictures: int = 8, burs
     store = open_store(settings.data_dir)
     out = []
     for a in store.alerts():
-        t0 = datetime.fromisoformat(a["trigger_ingested_at"])
-        out.append((datetime.fromisoformat(a["created_at"]) - t0).total_seconds())
+        t0 = a.trigger_ingested_at
+        out.append((a.created_at - t0).total_seconds())
     return out, achieved
 
 
@@ -326,9 +326,9 @@ def paced_latency(feed: Path, root: Path, rate: float, workers: int, pictures: i
     store = open_store(s.data_dir)
     lat = []
     for a in store.alerts():
-        if a.get("trigger_ingested_at"):
-            t0 = datetime.fromisoformat(a["trigger_ingested_at"])
-            lat.append((datetime.fromisoformat(a["created_at"]) - t0).total_seconds())
+        if a.trigger_ingested_at:
+            t0 = a.trigger_ingested_at
+            lat.append((a.created_at - t0).total_seconds())
     return {"latencies": lat, "rate": achieved, "events": len(lines), "waits": waits}
 
 

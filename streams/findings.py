@@ -10,9 +10,10 @@ event id was already stored with (``sighting_identity``: duplicates and
 conflicting resends, exact and unbounded in time), and records each event
 it settles there (``mark_processed``), so a replayed offset is counted once.
 
-Read records also answer ``record["field"]`` / ``.get`` / ``.items()`` with
-their JSON-mode values, so callers written against the earlier dict rows keep
-working while new code uses attributes.
+Read records are read by attribute, as typed (a datetime, an enum, a nested
+model); none reads as a dict (``record["field"]``, ``.get``, ``.items()``,
+``"field" in record``). ``as_json()`` is the JSON object where one is wanted:
+an API answer, ``--format json``.
 
 The analyst search both stores answer (its query, orders, paging and time
 limit) is ``streams.cluster_search``; the page cursors clients carry,
@@ -69,28 +70,19 @@ def score_floor(min_score: float) -> float:
 
 
 class _ReadRecord(BaseModel):
-    """A typed store read that also reads like the JSON row it serialises to."""
+    """A typed store read, read by attribute; ``as_json`` is the JSON object
+    it serialises to."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     def as_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    # Mapping-style access over the JSON form (see module docstring).
-    def __getitem__(self, key: str) -> Any:
-        return self.as_json()[key]
-
     def __contains__(self, key: object) -> bool:
-        return key in self.as_json()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.as_json().get(key, default)
-
-    def keys(self):
-        return self.as_json().keys()
-
-    def items(self):
-        return self.as_json().items()
+        # pydantic iterates a model as (name, value) pairs: without this a check left over from the
+        # dict rows (``"suppressed" in record``) answered False, whatever the record holds
+        raise TypeError(f"a {type(self).__name__} is read by attribute, not by key: "
+                        f"getattr(record, {key!r}), or as_json() for its JSON object")
 
 
 R = TypeVar("R")

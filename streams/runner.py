@@ -625,13 +625,13 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
         dls: dict[str, int] = {}
         records = store.dead_letters()
         for d in records:
-            dls[f"{d['stage']}:{d['reason']}"] = dls.get(f"{d['stage']}:{d['reason']}", 0) + 1
+            dls[f"{d.stage}:{d.reason}"] = dls.get(f"{d.stage}:{d.reason}", 0) + 1
         alerts = store.alerts()
         latencies = []
         for a in alerts:
-            if a.get("trigger_ingested_at") and a.get("created_at"):
-                t0 = datetime.fromisoformat(a["trigger_ingested_at"])
-                t1 = datetime.fromisoformat(a["created_at"])
+            if a.trigger_ingested_at and a.created_at:
+                t0 = a.trigger_ingested_at
+                t1 = a.created_at
                 if started_at is None or t1 >= started_at:
                     latencies.append(round((t1 - t0).total_seconds(), 3))
         outcomes: dict[str, int] = {}

@@ -239,9 +239,9 @@ def test_a_burst_half_through_a_slow_producer_alerts_and_one_account_does_not(tm
     finally:
         store.close()
     assert dead == []
-    by_sightings = {c["sightings"]: c for c in clusters}
-    assert set(by_sightings) == {15, 12}, [(c["sightings"], c["verdict"]) for c in clusters]
-    assert all(c["verdict"] == "likely-ai" for c in clusters)
+    by_sightings = {c.sightings: c for c in clusters}
+    assert set(by_sightings) == {15, 12}, [(c.sightings, c.verdict) for c in clusters]
+    assert all(c.verdict == "likely-ai" for c in clusters)
     [alert] = alerts
-    assert alert["cluster_id"] == by_sightings[15]["id"]
-    assert alert["velocity"]["sightings_5m"] >= 10 and alert["accounts"] >= 10
+    assert alert.cluster_id == by_sightings[15].id
+    assert alert.velocity.sightings_5m >= 10 and alert.accounts >= 10

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from detectors.base import Evidence
+from streams.findings import ClusterRecord
 from streams.records import DeadLetter, SourceRef
 from tests.findings_fixture import TOPIC, fill, snapshots
 
@@ -66,9 +67,16 @@ def test_the_cluster_table_keeps_the_alert_column_at_80_columns(hostile_store):
 
     from streams.cli.query import cluster_table
 
-    row = {"id": "edfc825e5d1eef8f", "fake_score": 1.0, "verdict": "inconclusive", "alert_level": 3,
-           "evidence": [{"detail": "AUTOMATIC1111-style metadata in a PNG tEXt chunk"}], "sightings": 12345,
-           "accounts": 999, "velocity": {"sightings_5m": 120}, "members": [{}] * 12}
+    row = ClusterRecord.model_validate({
+        "id": "edfc825e5d1eef8f", "fake_score": 1.0, "verdict": "inconclusive", "alert_level": 3,
+        "evidence": [{"detector": "metadata", "score": 1.0,
+                      "detail": "AUTOMATIC1111-style metadata in a PNG tEXt chunk"}],
+        "sightings": 12345, "accounts": 999, "velocity": {"sightings_5m": 120},
+        "members": [{"sha256": f"{i:064x}", "phash": "0" * 16, "pdq": "0" * 64, "pdq_quality": 100, "event_id": f"e{i}"}
+                    for i in range(12)],
+        "platforms": ["x"], "first_seen": "2026-11-20T10:00:00+00:00", "last_seen": "2026-11-20T10:04:00+00:00",
+        "engagement": {}, "merged_from": [], "merged_into": None, "models_pending": False, "suppressed": None,
+        "stream_sightings": 12345, "revision": 1, "updated_at": None})
     console = Console(width=80, record=True)
     console.print(cluster_table([row]))
     text = console.export_text()

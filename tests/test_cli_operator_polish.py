@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from detectors.base import Evidence
 from streams.cli import app
+from streams.findings import ClusterRecord
 from tests.findings_fixture import fill, snapshots
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +62,18 @@ def store(tmp_path) -> str:
     return str(tmp_path)
 
 
-def _row(cid: str, **kw) -> dict:
+def _row(cid: str, **kw) -> ClusterRecord:
+    """A stored cluster as the table reads it; ``kw`` overrides fields, with
+    evidence and members given only by what the table shows of them."""
     row = {"id": cid, "fake_score": 0.2, "verdict": "no-evidence", "alert_level": 0, "evidence": [],
-           "sightings": 3, "accounts": 2, "velocity": {"sightings_5m": 1}, "members": [{}]}
-    return {**row, **kw}
+           "sightings": 3, "accounts": 2, "velocity": {"sightings_5m": 1}, "members": [{}], **kw}
+    return ClusterRecord.model_validate({
+        **row, "platforms": ["x"], "first_seen": "2026-11-20T10:00:00+00:00", "last_seen": "2026-11-20T10:04:00+00:00",
+        "engagement": {}, "merged_from": [], "merged_into": None, "models_pending": row.get("models_pending", False),
+        "suppressed": None, "stream_sightings": row["sightings"], "revision": 1, "updated_at": None,
+        "evidence": [{"detector": "metadata", "score": row["fake_score"], **e} for e in row["evidence"]],
+        "members": [{"sha256": f"{i:064x}", "phash": "0" * 16, "pdq": "0" * 64, "pdq_quality": 100,
+                     "event_id": f"{cid}-{i}", **m} for i, m in enumerate(row["members"])]})
 
 
 def _render(renderable, width: int = 80) -> str:

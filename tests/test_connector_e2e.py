@@ -153,14 +153,14 @@ def test_connectors_to_clusters_and_an_alert(tmp_path):
         store.close()
     assert dead == []
     assert len(clusters) == 2
-    fake = max(clusters, key=lambda c: c["sightings"])
-    assert fake["sightings"] == 14 and fake["accounts"] == 14
-    assert sorted(fake["platforms"]) == ["bluesky", "mastodon"]
-    assert fake["verdict"] == "likely-ai" and fake["fake_score"] >= 0.9
-    assert len(fake["members"]) == 2  # the PNG from the Bluesky CDN and the JPEG copy from Mastodon
-    assert any(m["event_id"].startswith(("at://did:plc:reposter", fake_uri)) for m in fake["members"])
-    photo = min(clusters, key=lambda c: c["sightings"])
-    assert photo["sightings"] == 1 and photo["verdict"] != "likely-ai"
+    fake = max(clusters, key=lambda c: c.sightings)
+    assert fake.sightings == 14 and fake.accounts == 14
+    assert sorted(fake.platforms) == ["bluesky", "mastodon"]
+    assert fake.verdict == "likely-ai" and fake.fake_score >= 0.9
+    assert len(fake.members) == 2  # the PNG from the Bluesky CDN and the JPEG copy from Mastodon
+    assert any(m.event_id.startswith(("at://did:plc:reposter", fake_uri)) for m in fake.members)
+    photo = min(clusters, key=lambda c: c.sightings)
+    assert photo.sightings == 1 and photo.verdict != "likely-ai"
     assert len(alerts) == 1
-    assert alerts[0]["cluster_id"] == fake["id"] and alerts[0]["velocity"]["sightings_5m"] >= 10
+    assert alerts[0].cluster_id == fake.id and alerts[0].velocity.sightings_5m >= 10
     assert len(cdn.hits) >= 3  # the worker really fetched the pictures from the (loopback) CDN

@@ -115,7 +115,7 @@ def test_a_redelivered_alert_message_leaves_settled_deliveries_alone(store):
 
     asyncio.run(redelivered())
     getattr(store, "refresh", lambda: None)()
-    assert {d["target"]: d["status"] for d in store.delivery_status([first.alert_id])[first.alert_id]} == {
+    assert {d.target: d.status for d in store.delivery_status([first.alert_id])[first.alert_id]} == {
         rejected: "rejected: HTTP 400 (the receiver refused the body)", delivered: "delivered",
         failed: "queued"}  # the failed one is still owed: sent again
     assert store.delivery_state(first.alert_id, rejected) is DeliveryState.REJECTED

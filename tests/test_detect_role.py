@@ -77,18 +77,18 @@ def test_models_run_once_per_cluster_in_their_own_role(tmp_path, model_dir):
     # when a clearly better copy (another image) joins it, never twice for one image.
     pairs = [(r.cluster_id, r.sha256) for r in requests]
     assert len(pairs) == len(set(pairs))
-    assert {c["id"] for c in clusters} <= {r.cluster_id for r in requests}
-    assert len(requests) <= sum(len(c["members"]) for c in clusters)
+    assert {c.id for c in clusters} <= {r.cluster_id for r in requests}
+    assert len(requests) <= sum(len(c.members) for c in clusters)
     # The detect stage's time is counted per answer, like every stage's per
     # event (it was per take of up to 4 x max_batch requests: a CPU worker's
     # backlog read as one 10-s stage and kept DeepwatchStageLatencyHigh firing).
     answered = len(requests) - seen.get("events:detect:coalesced", 0)
     assert seen.get("count:detect") == answered > 0, seen
-    assert sum(c["sightings"] for c in clusters) > 3 * len(clusters)  # many reposts, none of them asked about
+    assert sum(c.sightings for c in clusters) > 3 * len(clusters)  # many reposts, none of them asked about
     for c in clusters:
-        assert not c["models_pending"]
-        model_ev = [e for e in c["evidence"] if e["detector"] == "model:tiny"]
-        assert len(model_ev) == 1 and 0.0 <= model_ev[0]["score"] <= 1.0 and "calibrated" in model_ev[0]["detail"]
+        assert not c.models_pending
+        model_ev = [e for e in c.evidence if e.detector == "model:tiny"]
+        assert len(model_ev) == 1 and 0.0 <= model_ev[0].score <= 1.0 and "calibrated" in model_ev[0].detail
 
 
 @pytest.mark.slow

@@ -798,7 +798,7 @@ def test_failed_deliveries_order_gate_and_status_match_sqlite(fake_es, tmp_path)
              "gate_rejected": s.undelivered_before(other, "c-fire", 3),
              "gate": [s.undelivered_before(hook, "c-fire", 2), s.undelivered_before(hook, "c-fire", 1),
                       s.undelivered_before(other, "c-fire", 2), s.undelivered_before(hook, "c-pope", 5)],
-             "status": {k: sorted((d["target"], d["status"][:20]) for d in v) for k, v in s.delivery_status().items()}}
+             "status": {k: sorted((d.target, d.status[:20]) for d in v) for k, v in s.delivery_status().items()}}
         s.mark_delivered("c-fire:1", hook, DeliveryState.DELIVERED)  # the receiver came back
         getattr(s, "refresh", lambda: None)()
         r["gate_after"] = s.undelivered_before(hook, "c-fire", 2)
@@ -974,7 +974,7 @@ def test_delivered_is_never_set_back_by_a_slower_failed_attempt(fake_es, tmp_pat
         getattr(s, "refresh", lambda: None)()
         r["after"] = [s.delivered("c-fire:1", hook), [a.alert_id for a in s.failed_deliveries(hook)],
                       s.undelivered_before(hook, "c-fire", 2),
-                      {k: [(d["target"], d["status"]) for d in v] for k, v in s.delivery_status().items()}]
+                      {k: [(d.target, d.status) for d in v] for k, v in s.delivery_status().items()}]
         got[name] = r
         s.close()
     assert got["es"] == got["sqlite"]

@@ -43,7 +43,7 @@ def test_evicted_clusters_revive_and_counts_stay_exact(tmp_path):
     store = open_store(settings.data_dir)
     clusters, alerts = store.clusters(), store.alerts()
     assert len(clusters) == exp.distinct_pictures  # revived, never duplicated
-    assert sum(c["sightings"] for c in clusters) == exp.events - len(exp.dead_letter_reasons) - 1
+    assert sum(c.sightings for c in clusters) == exp.events - len(exp.dead_letter_reasons) - 1
     for c in clusters:
-        assert c["stream_sightings"] == c["sightings"], c["id"]
+        assert c.stream_sightings == c.sightings, c.id
     assert len(alerts) == 1

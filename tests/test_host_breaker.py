@@ -217,7 +217,7 @@ def test_in_the_pipeline_posts_at_a_tarpit_end_fast_and_the_others_are_all_seen(
     store = open_store(tmp_path / "data")
     try:
         seen = set(store.sighting_times())
-        dead = {d["event_id"]: d["reason"] for d in store.dead_letters()}
+        dead = {d.event_id: d.reason for d in store.dead_letters()}
     finally:
         store.close()
     assert seen == {f"ok{i}" for i in range(16)}

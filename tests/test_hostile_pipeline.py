@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from streams.findings import DeadLetterRecord
 from streams.store import open_store
 from tests.hostile import corpus
 from tests.support import slow_drip_url
@@ -135,18 +136,18 @@ def test_every_hostile_event_ends_as_exactly_one_outcome(hostile_run):
     sightings = set(store.sighting_times())
     dls = store.dead_letters()
     store.close()
-    by_id: dict[str, list[dict]] = {}
+    by_id: dict[str, list[DeadLetterRecord]] = {}
     for d in dls:
-        assert d["stage"] and d["reason"] and d["detail"]
-        by_id.setdefault(d["event_id"], []).append(d)
+        assert d.stage and d.reason and d.detail
+        by_id.setdefault(d.event_id, []).append(d)
     for key, outcome in exp["events"].items():
         eid = key.split("#")[0]
         if outcome == "sighting":
             assert eid in sightings, key
         else:
             _, stage, reason = outcome.split(":")
-            assert any((d["stage"], d["reason"]) == (stage, reason) for d in by_id.get(eid, [])), (key, by_id.get(eid))
-    anonymous = sorted(f"dead:{d['stage']}:{d['reason']}" for d in by_id.get(None, []))
+            assert any((d.stage, d.reason) == (stage, reason) for d in by_id.get(eid, [])), (key, by_id.get(eid))
+    anonymous = sorted(f"dead:{d.stage}:{d.reason}" for d in by_id.get(None, []))
     assert anonymous == sorted(exp["anonymous"])
     assert len(sightings) == sum(1 for o in exp["events"].values() if o == "sighting")
     assert len(dls) == lines - len(sightings)  # the ingest refusal is a dead letter too

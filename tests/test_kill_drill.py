@@ -97,7 +97,7 @@ def test_kill_9_and_receiver_outage_lose_nothing_and_count_nothing_twice(tmp_pat
         alerts = [Alert.model_validate(a.as_json()) for a in store.alerts()]
         assert max(a.level for a in alerts) >= 3, "the drill needs escalations to check their order"
         status = store.delivery_status()
-        assert all(s["status"] != "delivered" for a in alerts for s in status.get(a.alert_id, [])), \
+        assert all(s.status != "delivered" for a in alerts for s in status.get(a.alert_id, [])), \
             "nothing can have been delivered while the receiver was down"
 
         receiver = _Receiver(port)  # the receiver comes back
@@ -116,7 +116,7 @@ def test_kill_9_and_receiver_outage_lose_nothing_and_count_nothing_twice(tmp_pat
         # the status write follows the POST
         while time.monotonic() < deadline + 30:
             status = store.delivery_status()
-            if all(any(s["status"] == "delivered" for s in status.get(a.alert_id, [])) for a in alerts):
+            if all(any(s.status == "delivered" for s in status.get(a.alert_id, [])) for a in alerts):
                 break
             time.sleep(0.2)
 
@@ -133,11 +133,11 @@ def test_kill_9_and_receiver_outage_lose_nothing_and_count_nothing_twice(tmp_pat
             levels = [a.level for a in first_seen if a.cluster_id == cid]
             assert levels == sorted(levels) == list(range(1, len(levels) + 1)), (cid, levels)
         status = store.delivery_status()
-        assert all(any(s["status"] == "delivered" for s in status[a.alert_id]) for a in alerts)
+        assert all(any(s.status == "delivered" for s in status[a.alert_id]) for a in alerts)
 
         # Exactly once in the store; the stream's counts equal the store's.
         assert len({(a.cluster_id, a.level) for a in alerts}) == len(alerts)
         clusters = store.clusters()
-        assert sum(c["sightings"] for c in clusters) == events
+        assert sum(c.sightings for c in clusters) == events
         for c in clusters:
-            assert c["stream_sightings"] == c["sightings"], c["id"]
+            assert c.stream_sightings == c.sightings, c.id

@@ -70,14 +70,14 @@ def test_an_image_linking_two_clusters_merges_them(tmp_path, shared_data):
     everything = store.clusters(include_merged=True)
     assert len(live) == 1
     survivor = live[0]
-    merged = [c for c in everything if c["merged_into"]]
-    assert len(merged) == 1 and merged[0]["merged_into"] == survivor["id"]
-    assert survivor["id"] in {c["id"] for c in before} and survivor["merged_from"] == [merged[0]["id"]]
-    assert survivor["sightings"] == len(SEQUENCE) and len(survivor["members"]) == len(SEQUENCE)
-    assert survivor["stream_sightings"] == len(SEQUENCE)
-    state = ClusterState.loads(open_engine_state(settings.data_dir).get(survivor["id"]))
+    merged = [c for c in everything if c.merged_into]
+    assert len(merged) == 1 and merged[0].merged_into == survivor.id
+    assert survivor.id in {c.id for c in before} and survivor.merged_from == [merged[0].id]
+    assert survivor.sightings == len(SEQUENCE) and len(survivor.members) == len(SEQUENCE)
+    assert survivor.stream_sightings == len(SEQUENCE)
+    state = ClusterState.loads(open_engine_state(settings.data_dir).get(survivor.id))
     linker = ImageData((images / f"{names[SEQUENCE[-1]]}.jpg").read_bytes()).sha256
-    assert [(m.other, m.link_sha256) for m in state.merges] == [(merged[0]["id"], linker)]
+    assert [(m.other, m.link_sha256) for m in state.merges] == [(merged[0].id, linker)]
     audit = state.merges[0]
     assert audit.into_phash <= 10 and audit.other_phash <= 10
     assert audit.into_residual is not None and audit.other_residual is not None

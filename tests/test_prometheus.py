@@ -816,7 +816,7 @@ def test_worker_metrics_match_feed_and_prometheus_scrapes_them(tmp_path, generat
         assert dead[("fetch", "blocked_address")] == 1 and dead[("fetch", "path_not_allowed")] == 1
         store = open_store(data)
         try:
-            in_store = Counter((d["stage"], d["reason"]) for d in store.dead_letters())
+            in_store = Counter((d.stage, d.reason) for d in store.dead_letters())
             n_alerts = len(store.alerts())
         finally:
             store.close()

@@ -32,6 +32,6 @@ def test_stalled_events_are_resent_once_and_counted_once(tmp_path):
         assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=120, produced=produced, stall_s=3)
     store = open_store(settings.data_dir)
     clusters = store.clusters()
-    assert sum(c["sightings"] for c in clusters) == exp.events - len(exp.dead_letter_reasons) - 1
+    assert sum(c.sightings for c in clusters) == exp.events - len(exp.dead_letter_reasons) - 1
     for c in clusters:
-        assert c["stream_sightings"] == c["sightings"]
+        assert c.stream_sightings == c.sightings

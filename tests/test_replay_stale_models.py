@@ -106,6 +106,6 @@ def test_a_second_replay_asks_again_for_an_earlier_runs_pending_models_instead_o
     store = open_store(data)
     try:
         assert store.pending_work()["models"] == 0
-        assert not [c["cluster_id"] for c in store.clusters() if c["models_pending"]]
+        assert not [c.id for c in store.clusters() if c.models_pending]
     finally:
         store.close()

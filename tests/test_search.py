@@ -112,7 +112,7 @@ def test_search_returns_the_clusters_json_shape(store):
 
 def test_alerts_and_dead_letters_read_back_typed(store):
     [alert] = store.alerts()
-    assert alert.alert_id == "c-fire:1" and alert["cluster_id"] == "c-fire" and alert.velocity.sightings_5m == 9
+    assert alert.alert_id == "c-fire:1" and alert.cluster_id == "c-fire" and alert.velocity.sightings_5m == 9
     [dl] = store.dead_letters()
     assert (dl.stage, dl.reason, dl.source.offset) == ("fetch", "fetch_blocked", 7)
     assert store.processed_offsets("deepwatch.events") == {(0, i) for i in range(8)}

@@ -72,7 +72,7 @@ def _deliveries(settings: Settings) -> dict[str, str]:
     """alert id -> its one delivery's status."""
     store = open_store(settings.data_dir)
     try:
-        return {aid: ds[0]["status"] for aid, ds in store.delivery_status().items()}
+        return {aid: ds[0].status for aid, ds in store.delivery_status().items()}
     finally:
         store.close()
 
@@ -157,7 +157,7 @@ def test_stop_waits_no_longer_than_its_grace_and_takes_no_alert_after(scripted, 
         return took
 
     assert 0.45 <= asyncio.run(go()) < 1.5
-    assert {aid: ds[0]["status"] for aid, ds in store.delivery_status().items()} == {"c-1:1": "queued",
+    assert {aid: ds[0].status for aid, ds in store.delivery_status().items()} == {"c-1:1": "queued",
                                                                                      "c-2:1": "queued"}
     assert srv.alert_ids() == ["c-1:1"]
 
@@ -178,7 +178,7 @@ def test_stop_ends_with_the_held_deliveries_when_the_hooks_timeouts_end_them(scr
 
     assert asyncio.run(go()) < 2.5
     [d] = store.delivery_status()["c-1:1"]
-    assert d["status"].startswith("failed: ") and "no answer within 1 s" in d["status"]
+    assert d.status.startswith("failed: ") and "no answer within 1 s" in d.status
 
 
 # -- a real worker ------------------------------------------------------------------------------

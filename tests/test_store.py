@@ -66,7 +66,7 @@ def _alert(cid: str, level: int = 1) -> Alert:
 
 def _dump(store: SqliteFindingsStore) -> dict:
     """Everything a reader can see, minus the write-time column."""
-    clusters = [{k: v for k, v in c.items() if k != "updated_at"} for c in store.clusters(include_merged=True)]
+    clusters = [{k: v for k, v in c.as_json().items() if k != "updated_at"} for c in store.clusters(include_merged=True)]
     return {
         "clusters": clusters, "alerts": store.alerts(), "dead": store.dead_letters(),
         "processed": store.processed_offsets(TOPIC), "members": sorted(store.iter_members(), key=lambda m: m.sha256),
@@ -81,7 +81,7 @@ def test_same_snapshot_twice_changes_nothing(store):
     store.apply_snapshot(snap)
     assert _dump(store) == before
     [c] = store.clusters()
-    assert c["sightings"] == 1 and c["revision"] == 1 and len(c["members"]) == 1
+    assert c.sightings == 1 and c.revision == 1 and len(c.members) == 1
     assert store.processed_offsets(TOPIC) == {(0, 0)}
 
 
@@ -91,19 +91,19 @@ def test_older_revision_does_not_overwrite_newer(store):
     # revision 2 arrives late (reordering / replay): its cluster fields are stale...
     store.apply_snapshot(_snap("c1", 2, sighting=_sighting("e2", "b" * 64, 1), score=0.5))
     [c] = store.clusters()
-    assert c["revision"] == 3 and c["fake_score"] == 0.9
-    assert c["evidence"][0]["detail"] == "rev 3"
-    assert c["velocity"]["sightings_5m"] == 3
+    assert c.revision == 3 and c.fake_score == 0.9
+    assert c.evidence[0].detail == "rev 3"
+    assert c.velocity.sightings_5m == 3
     # ...but the sighting and member it carried are facts, and are kept.
-    assert c["sightings"] == 3
-    assert {m["sha256"] for m in c["members"]} == {"a" * 64, "b" * 64}
+    assert c.sightings == 3
+    assert {m.sha256 for m in c.members} == {"a" * 64, "b" * 64}
     assert store.processed_offsets(TOPIC) == {(0, 0), (0, 1), (0, 2)}
 
 
 def test_equal_revision_is_not_reapplied(store):
     store.apply_snapshot(_snap("c1", 2, score=0.3))
     store.apply_snapshot(_snap("c1", 2, score=0.8))  # a different body at the same revision: first one wins
-    assert store.clusters()[0]["fake_score"] == 0.3
+    assert store.clusters()[0].fake_score == 0.3
 
 
 def test_a_batch_ends_as_one_by_one(tmp_path):
@@ -184,7 +184,7 @@ def test_same_alert_twice_changes_nothing(store):
     assert store.add_alert(_alert("c1")) is True
     assert store.add_alert(_alert("c1")) is False
     assert store.add_alert(_alert("c1", level=2)) is True
-    assert [a["alert_id"] for a in store.alerts()] == ["c1:1", "c1:2"]
+    assert [a.alert_id for a in store.alerts()] == ["c1:1", "c1:2"]
 
 
 def test_delivery_status_upserts(store):
@@ -216,7 +216,7 @@ def test_one_platform_however_a_producer_spells_it(store):
     store.apply_snapshot(_snap("A", 2, sighting=_sighting("e2", "a" * 64, 1, account="u2", platform=" x ")))
     store.apply_snapshot(_snap("A", 3, sighting=_sighting("e3", "a" * 64, 2, account="u3", platform="BlueSky")))
     [a] = store.clusters()
-    assert a["platforms"] == ["bluesky", "x"]
+    assert a.platforms == ["bluesky", "x"]
     assert sorted(s.platform for s in store.cluster_sightings("A")) == ["bluesky", "x", "x"]
     with pytest.raises(ValueError, match="blank"):
         _sighting("e4", "a" * 64, 3, platform="  ")
@@ -231,15 +231,15 @@ def test_merged_cluster_sightings_count_toward_survivor(store):
     store.apply_snapshot(_snap("A", 2, merged_from=["B"]))
 
     [a] = store.clusters()
-    assert a["id"] == "A"
-    assert a["sightings"] == 3 and a["accounts"] == 3
-    assert a["platforms"] == ["bsky", "x"]
-    assert a["first_seen"] < a["last_seen"] and a["last_seen"].startswith("2026-11-20T10:09")
-    assert {m["sha256"] for m in a["members"]} == {"a" * 64, "b" * 64}
-    assert a["merged_from"] == ["B"]
+    assert a.id == "A"
+    assert a.sightings == 3 and a.accounts == 3
+    assert a.platforms == ["bsky", "x"]
+    assert a.first_seen < a.last_seen and a.last_seen.startswith("2026-11-20T10:09")
+    assert {m.sha256 for m in a.members} == {"a" * 64, "b" * 64}
+    assert a.merged_from == ["B"]
 
-    merged = {c["id"]: c for c in store.clusters(include_merged=True)}
-    assert merged["B"]["merged_into"] == "A" and merged["B"]["members"] == []
+    merged = {c.id: c for c in store.clusters(include_merged=True)}
+    assert merged["B"].merged_into == "A" and merged["B"].members == []
     assert {m.cluster_id for m in store.iter_members()} == {"A"}
 
 
@@ -250,7 +250,7 @@ def test_merge_chains_resolve_to_final_survivor(store):
     store.apply_snapshot(_snap("C", 2, merged_into="B"))
     store.apply_snapshot(_snap("B", 2, merged_into="A"))
     [a] = store.clusters()
-    assert a["id"] == "A" and a["sightings"] == 3
+    assert a.id == "A" and a.sightings == 3
     assert {m.cluster_id for m in store.iter_members()} == {"A"}
 
 
@@ -261,7 +261,7 @@ def test_store_shared_by_two_connections(tmp_path):
     try:
         w.apply_snapshot(_snap("c1", 1, sighting=_sighting("e1", "a" * 64, 0)))
         w.add_alert(_alert("c1"))
-        assert [c["id"] for c in r.clusters()] == ["c1"]
+        assert [c.id for c in r.clusters()] == ["c1"]
         assert len(r.alerts()) == 1
     finally:
         w.close()

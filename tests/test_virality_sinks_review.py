@@ -103,8 +103,8 @@ def test_a_read_only_findings_store_holds_alerts_and_dead_letters_until_it_can_w
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
 
     asyncio.run(scenario())
-    assert [a["alert_id"] for a in store.alerts()] == ["c1:1"]
-    assert [d["event_id"] for d in store.dead_letters()] == ["e9"]
+    assert [a.alert_id for a in store.alerts()] == ["c1:1"]
+    assert [d.event_id for d in store.dead_letters()] == ["e9"]
     assert metrics.SINK_BEHIND_SECONDS.collect()[0].samples[0].value == 0
     store.close()
 

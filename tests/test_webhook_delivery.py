@@ -284,7 +284,7 @@ def test_a_hanging_receiver_does_not_delay_another_targets_later_alerts(raw_rece
             fast_done = time.monotonic() - started
             slow_key = hook_key(slow_hook)
             assert [store.delivery_status()[a.alert_id] for a in alerts] and all(
-                {d["target"]: d["status"] for d in store.delivery_status()[a.alert_id]}[slow_key] == "queued"
+                {d.target: d.status for d in store.delivery_status()[a.alert_id]}[slow_key] == "queued"
                 for a in alerts[1:]), "the hanging target's later alerts wait in its own queue"
             await asyncio.wait_for(sinks.drain(), 20)
             return fast_done
@@ -296,7 +296,7 @@ def test_a_hanging_receiver_does_not_delay_another_targets_later_alerts(raw_rece
     assert fast_done < 2.5, f"the fast subscriber waited on the hanging one ({fast_done:.1f} s)"
     status = store.delivery_status()
     for a in alerts:
-        by_target = {d["target"]: d["status"] for d in status[a.alert_id]}
+        by_target = {d.target: d.status for d in status[a.alert_id]}
         assert by_target[hook_key(fast_hook)] == "delivered"
         assert by_target[hook_key(slow_hook)].startswith("failed: ") and "no answer within 3 s" in by_target[
             hook_key(slow_hook)]
@@ -363,7 +363,7 @@ def test_a_delivery_a_stopped_worker_left_is_sent_by_redelivery(raw_receiver, tm
     asyncio.run(stop_mid_delivery())
     assert sinks.deliveries.live(key) == set()
     [d] = store.delivery_status()["c-1:1"]
-    assert d["status"] == "queued"
+    assert d.status == "queued"
     assert store.pending_work()["alerts"] == 1 and store.pending_work()["deliveries"] == 1
     assert store.queued_deliveries(key, older_than_s=60) == [], "recent: a live sender may still have it"
 
@@ -393,7 +393,7 @@ def test_a_bounded_sink_returns_once_its_alerts_deliveries_are_done(scripted, tm
             await sinks.aclose()
 
     asyncio.run(go())
-    assert [d["status"] for d in sinks.store.delivery_status()["c-1:1"]] == ["delivered"]
+    assert [d.status for d in sinks.store.delivery_status()["c-1:1"]] == ["delivered"]
 
 
 def test_pending_work_counts_queued_deliveries_until_done(tmp_path):
@@ -548,7 +548,7 @@ def test_a_delivery_records_time_follows_its_status(tmp_path):
     time.sleep(0.02)
     store.mark_delivered("c-1:1", "http://h:1#00000000", DeliveryState.DELIVERED)
     [then] = store.delivery_status()["c-1:1"]
-    assert then["status"] == "delivered" and then["at"] > first["at"]
+    assert then.status == "delivered" and then.at > first.at
     time.sleep(0.02)
     store.mark_delivered("c-1:1", "http://h:1#00000000", DeliveryState.FAILED, "late")  # never back from delivered
     assert store.delivery_status()["c-1:1"] == [then]

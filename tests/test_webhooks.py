@@ -364,12 +364,12 @@ def test_a_token_in_the_url_never_reaches_errors_or_logs(receiver, monkeypatch, 
     with caplog.at_level(logging.INFO):
         asyncio.run(_sink_alert(sinks, _alert()))
     [status] = store.delivery_status()["c-1:1"]
-    assert status["status"].startswith(f"failed: http://127.0.0.1:{port}: HTTP 500")
+    assert status.status.startswith(f"failed: http://127.0.0.1:{port}: HTTP 500")
     # httpx's own request log names the full URL; streams.logs.setup keeps it at WARNING
     logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records if r.name != "httpx")
     assert "webhook delivery failed" in logged
     for secret in ("PASSW0RD", "T0KEN", "K3Y"):
-        assert secret not in status["status"] and secret not in logged, secret
+        assert secret not in status.status and secret not in logged, secret
 
 
 @pytest.fixture
@@ -469,7 +469,7 @@ def test_a_slow_receiver_does_not_hold_back_another(receiver, monkeypatch, tmp_p
     fast.before_answer = fast_got.set
     sinks, store = _sinks(tmp_path, _hook(slow, retries=0), _hook(fast, retries=0))
     asyncio.run(_sink_alert(sinks, _alert()))
-    assert [s["status"] for s in store.delivery_status()["c-1:1"]] == ["delivered", "delivered"]
+    assert [s.status for s in store.delivery_status()["c-1:1"]] == ["delivered", "delivered"]
     assert len(slow.requests) == len(fast.requests) == 1
 
 
@@ -490,7 +490,7 @@ def test_an_alert_a_receiver_rejects_for_good_does_not_block_the_later_ones(rece
     asyncio.run(_sink_alert(sinks, first))  # 400: rejected for good
     sinks._client = None
     asyncio.run(_sink_alert(sinks, later))  # 503: failed, to be tried again
-    statuses = {a: s[0]["status"] for a, s in store.delivery_status().items()}
+    statuses = {a: s[0].status for a, s in store.delivery_status().items()}
     assert statuses["c-1:1"].startswith("rejected: ") and statuses["c-2:1"].startswith("failed: ")
     assert [a.alert_id for a in store.failed_deliveries(hook_key(hook))] == ["c-2:1"]
 

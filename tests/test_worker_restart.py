@@ -14,6 +14,7 @@ import pytest
 
 from streams import runner
 from streams.demo_feed import build_feed
+from streams.findings import ClusterRecord
 from streams.ingest import produce_feed
 from streams.settings import Settings
 from streams.store import open_store
@@ -42,16 +43,16 @@ def wait_processed_at_least(settings: Settings, n: int, timeout: float = 120) ->
         store.close()
 
 
-def assert_exact(settings: Settings, expected_sightings: int) -> list[dict]:
+def assert_exact(settings: Settings, expected_sightings: int) -> list[ClusterRecord]:
     store = open_store(settings.data_dir)
     clusters = store.clusters()
     alerts = store.alerts()
     store.close()
-    assert sum(c["sightings"] for c in clusters) == expected_sightings
+    assert sum(c.sightings for c in clusters) == expected_sightings
     for c in clusters:
         # The stream's counts come from the recovered table; the store's from
         # idempotent rows. Any lost or replayed-twice op shows up here.
-        assert c["stream_sightings"] == c["sightings"], c["id"]
+        assert c.stream_sightings == c.sightings, c.id
     assert len(alerts) == 1
     return clusters
 
@@ -139,6 +140,6 @@ def test_event_in_flight_when_the_worker_dies_is_processed_by_the_next(tmp_path,
             assert runner.wait_until_processed(cluster, produced.offsets, timeout_s=120), \
                 "the event in flight at the kill was never processed"
     store = store_at(settings.data_dir)
-    dead = [d for d in store.dead_letters() if d["event_id"] == "slow-0"]
+    dead = [d for d in store.dead_letters() if d.event_id == "slow-0"]
     store.close()
-    assert len(dead) == 1 and dead[0]["stage"] == "fetch", dead
+    assert len(dead) == 1 and dead[0].stage == "fetch", dead

@@ -10,7 +10,7 @@ import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -30,6 +30,8 @@ from streams.cluster_search import (
 from streams.findings import (
     MAX_RESULTS, VERDICTS, ClusterRecord, FindingsStore, Page, StoreURLError, open_findings, sqlite_file,
 )
+
+R = TypeVar("R")
 
 # what `deepwatch search --sort` takes: the desk's and the API's sorts
 SEARCH_SORTS = (*SORT_KEYS, "relevance")
@@ -106,8 +108,9 @@ def _note_cut(rows: Page, what: str) -> None:
                   highlight=False, soft_wrap=True)
 
 
-def _emit(rows: list, fmt: str, title: str, columns: tuple[str, ...], cells: Callable[[dict], tuple]) -> None:
-    """JSON (the contract for tools) or a table (for people)."""
+def _emit(rows: list[R], fmt: str, title: str, columns: tuple[str, ...], cells: Callable[[R], tuple]) -> None:
+    """JSON (the contract for tools) or a table (for people): ``cells`` reads a
+    row as it is given (a store record's attributes, or a JSON object)."""
     if fmt == "json":
         print_json([r.as_json() if hasattr(r, "as_json") else r for r in rows])
         return
@@ -168,7 +171,7 @@ def count_cell(n: int) -> str:
     return f"{n // 1_000_000}M"
 
 
-def cluster_table(clusters: list, title: str = "Image clusters") -> Table:
+def cluster_table(clusters: list[ClusterRecord], title: str = "Image clusters") -> Table:
     # Fits 80 columns: no outer edge or column rules (the header rule stays),
     # one space between columns, numbers with short headers, and evidence
     # last, the one column that wraps, so it takes what is left (at least
@@ -186,21 +189,20 @@ def cluster_table(clusters: list, title: str = "Image clusters") -> Table:
         t.add_column(col, **kw)
     pending = False
     for c in clusters:
-        c = c.as_json() if hasattr(c, "as_json") else c  # once: each c[...] of a store record dumps it whole
-        color = {"likely-ai": "red", "inconclusive": "yellow"}.get(c["verdict"], "green")
-        ev = c["evidence"][0]["detail"] if c["evidence"] else "—"
+        color = {"likely-ai": "red", "inconclusive": "yellow"}.get(c.verdict, "green")
+        ev = c.evidence[0].detail if c.evidence else "—"
         if len(ev) > EVIDENCE_SHOWN:
             ev = ev[: EVIDENCE_SHOWN - 1] + "…"
-        alert = (Text("supp.") if c.get("suppressed") else
-                 Text(f"L{c['alert_level']}", style="bold red") if c.get("alert_level") else Text(""))
-        verdict = Text(c["verdict"], style=color)
-        if c.get("models_pending"):
+        alert = (Text("supp.") if c.suppressed else
+                 Text(f"L{c.alert_level}", style="bold red") if c.alert_level else Text(""))
+        verdict = Text(c.verdict, style=color)
+        if c.models_pending:
             pending = True
             verdict.append(PENDING_MARK, style="bold")
         t.add_row(
-            shown(c["id"]), Text(f"{c['fake_score']:.2f}", style=color), verdict, alert,
-            count_cell(c["sightings"]), count_cell(c["accounts"]), count_cell(c["velocity"].get("sightings_5m", 0)),
-            count_cell(len(c["members"])), FirstLines(shown(ev), EVIDENCE_LINES),
+            shown(c.id), Text(f"{c.fake_score:.2f}", style=color), verdict, alert,
+            count_cell(c.sightings), count_cell(c.accounts), count_cell(c.velocity.sightings_5m),
+            count_cell(len(c.members)), FirstLines(shown(ev), EVIDENCE_LINES),
         )
     if pending:
         t.caption = _PendingCaption()  # type: ignore[assignment]  # any renderable does
@@ -445,4 +447,4 @@ def dead_letters(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Co
     _note_cut(rows, "dead letters")
     _emit(rows, fmt, "Dead letters",
           ("event", "stage", "reason", "detail"),
-          lambda d: (d["event_id"] or "—", d["stage"], d["reason"], d["detail"]))
+          lambda d: (d.event_id or "—", d.stage, d.reason, d.detail))
