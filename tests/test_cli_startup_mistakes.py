@@ -561,3 +561,30 @@ def test_every_setting_in_the_reference_says_what_it_does():
     assert len(rows) > 100
     empty = [line.split(" | ")[0] for line in rows if line.rstrip().endswith("|  |")]
     assert not empty, f"settings without a meaning (a trailing `# ...` comment in streams/settings.py): {empty}"
+
+
+def test_a_worker_pointed_at_a_port_that_is_no_broker_says_so_in_one_line(tmp_path):
+    """The worker's log is set up before its topic check (so the check's warnings are log lines),
+    and the Kafka client's own complaints (a line per connection try) stay out of that one line."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+
+    def hang_up() -> None:  # accepts and closes: a port with something on it that is not Kafka
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        port = listener.getsockname()[1]
+        r = _cli("worker", "--role", "analyze", "--broker", f"kafka://127.0.0.1:{port}", "--data-dir", str(tmp_path),
+                 timeout=120)
+    finally:
+        listener.close()
+    assert f"127.0.0.1:{port} accepts connections but did not answer as a Kafka broker" in _one_error_line(r)

@@ -126,9 +126,17 @@ def fail(message: str) -> NoReturn:
 def create_missing_topics(settings: Settings, bootstrap: str, *, timeout_s: float = 20.0) -> None:
     """Create the missing topics with the workers' partition counts (what a
     worker does at start), or end the command with one line saying why."""
+    import logging
+
     from streams.broker import BrokerError, ensure_topics
     from streams.topics import topic_specs
 
+    # kafka-python logs each failed connection try (five lines for a port that is
+    # not a broker) once the process's log is set up; every failure here already
+    # ends in one line naming the fix, so its client is quiet for the check
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
     try:
         ensure_topics(bootstrap, topic_specs(settings), timeout_s=timeout_s, settings=settings)
     except BrokerError as e:
@@ -136,6 +144,8 @@ def create_missing_topics(settings: Settings, bootstrap: str, *, timeout_s: floa
     except Exception as e:  # a broker that answers the admin requests oddly: still one line
         fail(f"cannot create the topics on the broker at {bootstrap} ({type(e).__name__}: {e}); "
              "create them yourself and pass --no-create-topics")
+    finally:
+        kafka_log.setLevel(level)
 
 
 def write_out(path: Path, text: str) -> None:
