@@ -170,8 +170,9 @@ class DetectStage:
         only when cancelled: left to the worker's leftover-task wait, it held
         every stop of this role for that wait's whole 0.2 s (measured from the
         worker logs; a replay waits for its slowest worker's stop). A batch
-        still in flight gets ``CLOSE_WAIT_S`` and is then cancelled. Models
-        still loading are left to end with the process."""
+        still in flight gets ``CLOSE_WAIT_S``; then its wait is cancelled and
+        the pools shut, and a forward already running ends in its own thread.
+        Models still loading are left to end with the process."""
         if not self.loaded:
             return
         with contextlib.suppress(asyncio.TimeoutError):

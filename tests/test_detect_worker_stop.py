@@ -118,6 +118,9 @@ def test_closing_the_stage_does_not_wait_for_a_forward_still_running():
         asking.cancel()  # as the stopping agent cancels its analyses
         await stage.close()
         forward_ran_on = not model.finished.is_set()
+        for pool in (batcher._prep_pool, batcher._infer_pool):  # shut although close's wait was cut short
+            with pytest.raises(RuntimeError, match="after shutdown"):
+                pool.submit(print)
         model.release.set()
         left = {t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()}
         return left, forward_ran_on

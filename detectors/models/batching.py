@@ -215,16 +215,22 @@ class MicroBatcher:
             p.future.set_exception(e)
 
     async def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            try:
-                await self._runner
-            except asyncio.CancelledError:
-                pass
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
-        self._prep_pool.shutdown(wait=False, cancel_futures=True)
-        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the collector, wait for the batches in flight, and shut the
+        thread pools (queued work cancelled). Cancelled while it waits (a
+        stopping worker's bound on it), the pools are still shut; a forward
+        already running ends in its own thread."""
+        try:
+            if self._runner is not None:
+                self._runner.cancel()
+                try:
+                    await self._runner
+                except asyncio.CancelledError:
+                    pass
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+        finally:
+            self._prep_pool.shutdown(wait=False, cancel_futures=True)
+            self._infer_pool.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> "MicroBatcher":
         return self
