@@ -39,7 +39,8 @@ from streams.es_store_accounts import EsAccountQueries
 from streams.es_store_deliveries import EsDeliveryLog, ago, in_states
 from streams.es_store_setup import IndexSetup
 from streams.cluster_search import (
-    SORT_KEYS, ClusterQuery, Deadline, SearchCursor, SearchPage, SearchTimeout, sort_key, sort_order, text_terms,
+    SORT_KEYS, VELOCITY_FIELDS, ClusterQuery, Deadline, SearchCursor, SearchPage, SearchTimeout, sort_key, sort_order,
+    text_terms,
 )
 from streams.findings import (
     MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterRecord, DeadLetterRecord, DeliveryState, MemberRow, Page,
@@ -832,7 +833,7 @@ def _doc_field(doc: dict[str, Any], name: str) -> Any:
     its record shows where the document holds them (``record_from_doc``)."""
     if name == "id":
         return doc["cluster_id"]
-    if name in ("sightings_5m", "sightings_1h"):
+    if name in VELOCITY_FIELDS:
         return (doc.get("velocity") or {}).get(name) or 0
     if name == "fake_score":
         return shown_score(doc.get("fake_score") or 0.0)
