@@ -62,6 +62,7 @@ from detectors.neardup.pairing import (
 from detectors.neardup.hamming import HammingIndex
 from detectors.regular_file import open_regular
 from detectors.signals import PDQ, PHash, SignalType, signal_types
+from detectors.sqlite_errors import primary_code
 
 Verdict = Literal["fake", "authentic"]
 _TRUSTED = 100  # quality assumed for imported hashes (PDQ) that come without one
@@ -229,8 +230,7 @@ class BankStore:
         # By SQLite's result code (primary: SQLITE_BUSY_SNAPSHOT is a BUSY), not
         # its words: "cannot commit transaction - SQL statements in progress" is
         # an SQLITE_BUSY too.
-        name = getattr(e, "sqlite_errorname", None) or ""
-        code = "_".join(name.split("_")[:2])
+        code = primary_code(e)
         if code in ("SQLITE_BUSY", "SQLITE_LOCKED"):
             fix = "another deepwatch command is writing it; try again when it is done"
         elif code in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):

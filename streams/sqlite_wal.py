@@ -6,6 +6,8 @@ from __future__ import annotations
 import sqlite3
 import time
 
+from detectors.sqlite_errors import primary_code
+
 
 def enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
     """``PRAGMA journal_mode=WAL``, retried while another process holds the lock.
@@ -21,7 +23,7 @@ def enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
             return
         except sqlite3.OperationalError as e:
             # by result code (BUSY, LOCKED and their extended codes), not message text
-            busy = (getattr(e, "sqlite_errorname", None) or "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+            busy = primary_code(e) in ("SQLITE_BUSY", "SQLITE_LOCKED")
             if not busy or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)

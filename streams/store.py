@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from detectors.sqlite_errors import primary_code
 from streams.cluster_search import (
     SORT_KEYS, ClusterQuery, Deadline, SearchCursor, SearchPage, SearchTimeout, event_hashtags, sort_key, sort_order,
     text_terms,
@@ -57,13 +58,6 @@ TAG_GAP = " \ue000 "
 # SQLite virtual-machine steps between two looks at a search's deadline
 # (``_search_db``): well under a millisecond apart, a Python call each.
 SEARCH_PROGRESS_STEPS = 20_000
-
-
-def _primary_code(e: BaseException) -> str | None:
-    """SQLite's primary result code of ``e`` (``SQLITE_READONLY`` for an
-    ``SQLITE_READONLY_DIRECTORY``); None for an error SQLite did not raise."""
-    name = getattr(e, "sqlite_errorname", None)
-    return "_".join(name.split("_")[:2]) if name else None
 
 
 class StoreError(OSError):
@@ -215,7 +209,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             self._db.close()
             # By SQLite's result code, not its words: a "malformed JSON" (SQLITE_ERROR)
             # is no damaged file, and the advice below is to move the file aside.
-            code = _primary_code(e)
+            code = primary_code(e)
             if code in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
                 raise StoreError.of(f"findings store {str(self.path)!r} is not a readable SQLite database ({e}): "
                                     "move it aside (deepwatch starts a new one) or restore it from a backup", e) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from detectors.sqlite_errors import primary_code
 from streams.es_client import store_unavailable
 
 # SQLite primary result codes after which the same call may succeed: the file
@@ -33,9 +34,9 @@ def may_pass(e: object) -> bool:
     ``OperationalError``. Opening the SQLite findings store raises
     ``store.StoreError`` carrying the code. Elasticsearch's errors are
     judged by ``es_client.store_unavailable``."""
-    name = getattr(e, "sqlite_errorname", None)
-    if name is not None:
-        return "_".join(name.split("_")[:2]) in PASSING_SQLITE
+    code = primary_code(e)
+    if code is not None:
+        return code in PASSING_SQLITE
     if isinstance(e, sqlite3.Error):
         return isinstance(e, sqlite3.OperationalError)
     return isinstance(e, Exception) and store_unavailable(e)
