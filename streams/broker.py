@@ -451,9 +451,9 @@ def check_partition_counts(bootstrap: str, specs: list[TopicSpec], counts: dict[
         else:
             # Not changed here: records are placed by key hash modulo the
             # count, so adding partitions would move keys (and their state)
-            # to other partitions, and Kafka cannot remove any.
-            # the facts in the words too: a text log, or one written before the process's log is set up
-            # (`deepwatch ingest`), shows no extras
+            # to other partitions, and Kafka cannot remove any. The facts are
+            # in the words too: a text log, or one written before the
+            # process's log is set up (`deepwatch ingest`), shows no extras.
             log.warning("existing topic %s has %d partitions, configured %d; left as it is", s.name, count, s.partitions,
                         extra={"topic": s.name, "partitions": count, "configured": s.partitions})
     if refused:
