@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from streams.broker import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = {"DEEPWATCH_INGEST_TOKENS": "tip:0123456789abcdef0123"}
 
@@ -33,11 +35,6 @@ def _one_error_line(r: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _settings_json(env: dict[str, str]) -> dict:
     r = _cli("settings", "--format", "json", env=env)
@@ -53,7 +50,7 @@ def _settings_json(env: dict[str, str]) -> dict:
 ])
 def test_an_unknown_log_level_is_one_settings_line(tmp_path, args):
     # was logging's "ValueError: Unknown level: 'LOUD'" traceback once the command had started
-    extra = ["--port", str(_free_port())] if args[0] == "serve-ingest" else ["--data-dir", str(tmp_path)]
+    extra = ["--port", str(free_port())] if args[0] == "serve-ingest" else ["--data-dir", str(tmp_path)]
     line = _one_error_line(_cli(*args, *extra, env={**TOKENS, "DEEPWATCH_LOG_LEVEL": "LOUD"}))
     assert "log_level" in line and "'WARNING'" in line and "LOUD" in line, line
 
@@ -89,7 +86,7 @@ def test_an_unknown_device_is_refused_not_run_on_the_cpu():
 def test_an_infinite_timeout_is_one_settings_line_not_an_overflow():
     # was an OverflowError traceback from serve-ingest
     env = {**TOKENS, "DEEPWATCH_CONNECTORS__INGEST_BROKER_TIMEOUT_S": "inf"}
-    line = _one_error_line(_cli("serve-ingest", "--port", str(_free_port()), "--broker", "kafka://127.0.0.1:1", env=env))
+    line = _one_error_line(_cli("serve-ingest", "--port", str(free_port()), "--broker", "kafka://127.0.0.1:1", env=env))
     assert "connectors.ingest_broker_timeout_s" in line and "finite" in line, line
 
 
@@ -145,7 +142,7 @@ def test_a_token_list_variable_named_like_the_default_is_not_an_unknown_setting(
 # -- listen addresses ----------------------------------------------------------------
 def test_the_desk_refuses_its_own_port_as_the_metrics_port(tmp_path):
     # the metrics server took the port, then uvicorn failed to bind it: exit 3 after "metrics on port"
-    port = str(_free_port())
+    port = str(free_port())
     line = _one_error_line(_cli("serve", "--data-dir", str(tmp_path), "--port", port, "--metrics-port", port))
     assert line == f"error: --metrics-port {port} is --port too; give metrics a port of their own"
     r = _cli("serve", "--data-dir", str(tmp_path), "--port", port, env={"DEEPWATCH_METRICS_PORT": port})
@@ -158,7 +155,7 @@ def test_the_desk_refuses_its_own_port_as_the_metrics_port(tmp_path):
     ("192.0.2.1", "--host 192.0.2.1 is not an address of this machine"),  # [Errno 99], TEST-NET-1
 ])
 def test_a_listen_address_that_cannot_be_used_names_host_and_the_fix(tmp_path, args, host, says):
-    line = _one_error_line(_cli(*args, "--host", host, "--port", str(_free_port()),
+    line = _one_error_line(_cli(*args, "--host", host, "--port", str(free_port()),
                                 *(["--data-dir", str(tmp_path)] if args[0] in ("serve", "broker") else []), env=TOKENS))
     assert says in line and "0.0.0.0" in line and "Errno" not in line, line
 

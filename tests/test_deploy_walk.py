@@ -34,6 +34,7 @@ import httpx
 import pytest
 import yaml
 
+from streams.broker import free_port
 from tests.support import wait_healthy
 from tests.test_deploy import DEPLOY, K8S, _kustomize_resources, _pod_templates
 
@@ -121,11 +122,6 @@ def _pod_ip() -> str:
             return "127.0.0.1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
@@ -145,7 +141,7 @@ class Pod:
 
     def __init__(self, where: str, pod: dict, container: dict, root: Path, broker_url: str, es_url: str):
         self.where, self.pod, self.c, self.root = where, pod, container, root
-        self.ports = {p["containerPort"]: _free_port() for p in container.get("ports", [])}
+        self.ports = {p["containerPort"]: free_port() for p in container.get("ports", [])}
         self.port_names = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         self.mounts = sorted(container.get("volumeMounts", []), key=lambda m: m["mountPath"])
@@ -364,8 +360,6 @@ def test_the_deploy_prometheus_scrapes_every_process_on_the_port_it_serves(broke
     services -> the addresses the processes listen on here, the DNS name kept for its `role` relabel)
     and the generated rules: every deepwatch process is up in its job, each serves the heartbeat the
     loop-stalled rules read, and none of the rules about a missing process or loop is pending."""
-    from streams.broker import free_port
-
     workloads = {where.split("/")[1]: (where, pod, c) for where, pod, c in
                  _deepwatch_containers(_kustomize_resources(K8S / "base")) if where.startswith("Deployment/")}
     procs: dict[str, tuple[Pod, subprocess.Popen]] = {}
