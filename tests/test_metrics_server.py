@@ -31,6 +31,14 @@ TOKEN = "desk-token-0123456789abcdef"
 OTHER_CLIENT = "127.0.0.2"
 
 
+@pytest.fixture(autouse=True)
+def no_stale_heartbeat(monkeypatch):
+    # The beat is per process: a desk or ingest app an earlier test ran in this
+    # process beat and stopped, and 120 s later /healthz here said its loop was
+    # silent. These tests are about the port's slots and deadlines, not the beat.
+    monkeypatch.setattr(metrics, "_last_beat", None)
+
+
 def connect(port: int, source: str = "127.0.0.1", timeout: float = 5.0) -> socket.socket:
     s = socket.socket()
     s.settimeout(timeout)

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 
 from streams.cli import app  # registers every command group
 from streams.cli.query import clusters as clusters_command
+from streams.broker import free_port
 from streams.store import open_store
 from tests import findings_fixture
-from tests.test_cli_startup_mistakes import _free_port, _one_error_line
+from tests.test_cli_startup_mistakes import _one_error_line
 from tests.support import picture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def test_desk_user_checks_the_name_before_asking_for_a_password(tmp_path):
 
 def test_serve_refuses_a_broker_that_is_not_a_kafka_url_at_start(tmp_path):
     # was: the desk started, and every desk alert later logged "not published on the alerts topic"
-    line = _one_error_line(_cli("serve", "--data-dir", str(tmp_path), "--port", str(_free_port()),
+    line = _one_error_line(_cli("serve", "--data-dir", str(tmp_path), "--port", str(free_port()),
                                 "--broker", "localhost"))
     assert "--broker" in line and "HOST:PORT" in line, line
 
