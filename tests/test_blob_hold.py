@@ -30,6 +30,7 @@ from streams.records import ClusterOp, SourceRef
 from streams.settings import Settings
 from streams.stage import AnalyzeStage
 from tests.hostile import corpus
+from tests.support import load_sitecustomize
 
 
 class _Store:
@@ -213,16 +214,14 @@ if os.environ.get("TEST_BLOB_FAULTS_DIR"):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_through_the_pipeline_a_full_disk_holds_and_a_file_too_large_dead_letters(tmp_path):
+def test_through_the_pipeline_a_full_disk_holds_and_a_file_too_large_dead_letters(tmp_path, monkeypatch):
     import hashlib
     import subprocess
     import sys
 
     from streams.store import open_store
 
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    load_sitecustomize(tmp_path, monkeypatch, _SITECUSTOMIZE)
     faults = tmp_path / "faults"
     faults.mkdir()
     (faults / "enospc").write_text("3")
@@ -238,8 +237,7 @@ def test_through_the_pipeline_a_full_disk_holds_and_a_file_too_large_dead_letter
         "image": {"path": str(feed_dir / name)}}) for eid, name in (("held", "held.png"), ("big", "too_large.png")))
         + "\n")
     data = tmp_path / "data"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
-           "TEST_BLOB_FAULTS_DIR": str(faults)}
+    env = {**os.environ, "TEST_BLOB_FAULTS_DIR": str(faults)}
     r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "replay", str(feed), "--data-dir", str(data),
                         "--workers", "1", "--no-wait-models", "--json", "--timeout", "200"],
                        capture_output=True, text=True, env=env, timeout=280)

@@ -108,11 +108,12 @@ def _note_cut(rows: Page, what: str) -> None:
                   highlight=False, soft_wrap=True)
 
 
-def _emit(rows: list[R], fmt: str, title: str, columns: tuple[str, ...], cells: Callable[[R], tuple]) -> None:
-    """JSON (the contract for tools) or a table (for people): ``cells`` reads a
-    row as it is given (a store record's attributes, or a JSON object)."""
+def _emit(rows: list[R], fmt: str, title: str, columns: tuple[str, ...], cells: Callable[[R], tuple],
+          as_json: Callable[[R], object]) -> None:
+    """JSON (the contract for tools, each row by ``as_json``) or a table (for
+    people, each row by ``cells``)."""
     if fmt == "json":
-        print_json([r.as_json() if hasattr(r, "as_json") else r for r in rows])
+        print_json([as_json(r) for r in rows])
         return
     # the clusters table's compact style (no outer edge or column rules): the boxed one spent 17 of 80
     # columns on rules, and the time and cluster id of every alert wrapped ("2026-11-20T1 / 0:02:00Z")
@@ -413,7 +414,8 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
     _emit(rows, fmt, "Alerts",
           ("time (UTC)", "cluster", "level", "fake", "5m", "accts", "rule", "webhook"),
           lambda a: (_table_time(a["at"]), a["cluster_id"], str(a["level"]), f"{a['fake_score']:.2f}",
-                     str(a["velocity"]["sightings_5m"]), str(a["accounts"]), a["rule"], delivery(a)))
+                     str(a["velocity"]["sightings_5m"]), str(a["accounts"]), a["rule"], delivery(a)),
+          as_json=lambda a: a)
 
 
 def _table_time(at: str) -> str:
@@ -447,4 +449,4 @@ def dead_letters(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Co
     _note_cut(rows, "dead letters")
     _emit(rows, fmt, "Dead letters",
           ("event", "stage", "reason", "detail"),
-          lambda d: (d.event_id or "—", d.stage, d.reason, d.detail))
+          lambda d: (d.event_id or "—", d.stage, d.reason, d.detail), as_json=lambda d: d.as_json())
