@@ -61,7 +61,7 @@ from detectors.neardup.pairing import (
 )
 from detectors.neardup.hamming import HammingIndex
 from detectors.regular_file import open_regular
-from detectors.signals import PDQ, PHash, SignalType, signal_types
+from detectors.signals import PDQ, CopyKind, PHash, SignalType, describe_via, signal_types
 from detectors.sqlite_errors import primary_code
 
 Verdict = Literal["fake", "authentic"]
@@ -571,20 +571,28 @@ def _quality(text: str | None, where: str) -> int | None:
     return int(value)
 
 
-def _via_words() -> dict[str, tuple[str, str]]:
-    """How a match was made (``Via``), in a desk's words: the hash and its
-    distance, and what was compared: a signal type's fields are its full code
-    and its mirror's, and it may carry the views (``view_via``)."""
-    words = {"sha256": ("SHA-256", " (the same file)"), "uniform": ("grey level", " (a one-colour picture)")}
-    for st in signal_types():
-        for i, field in enumerate(st.fields):
-            words[field] = (st.label, " (mirrored)" if i else "")
-        if st.view_via:
-            words[st.view_via] = (st.label, " (crop/screenshot view)")
-    return words
+# what a match by hash compared, by its kind
+_COMPARED = {CopyKind.NEAR: "", CopyKind.MIRRORED: " (mirrored)", CopyKind.VIEW: " (crop/screenshot view)"}
 
 
-_VIA_WORDS = _via_words()
+def _via_words(via: str) -> tuple[str, str]:
+    """How a match was made, in evidence-detail words: what the distance is
+    a distance of ("PDQ", "SHA-256") and what was compared (" (mirrored)"),
+    from the via's description (``describe_via``), so a registered type is
+    worded by being registered. A via nothing registered reads is named as
+    it stands, as the desk names it (``BankMatch.via`` admits only the
+    index's vias, so only one added to ``Via`` and to no type's ``fields``
+    or ``view_via`` gets here): a bank hit is a fact-check, near-conclusive,
+    and is not to be lost -- nor the image's analysis fail -- over its words."""
+    d = describe_via(via)
+    match d.kind:
+        case CopyKind.SAME_FILE:
+            return "SHA-256", " (the same file)"
+        case CopyKind.ONE_COLOUR:
+            return "grey level", " (a one-colour picture)"
+        case CopyKind.UNKNOWN:
+            return via, ""
+    return str(d.label), _COMPARED[d.kind]  # a match by hash: its description carries the hash's label
 
 
 def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:
@@ -597,7 +605,7 @@ def bank_evidence(matches: list[BankMatch]) -> list[Evidence]:
         if m.bank in seen:
             continue
         seen.add(m.bank)
-        hash_name, how = _VIA_WORDS[m.via]
+        hash_name, how = _via_words(m.via)
         label = f" {m.label!r}" if m.label else ""
         out.append(
             Evidence(

@@ -11,7 +11,10 @@ the full and the mirrored code, ``values``), whether it carries a quality
 list names its column (``csv_aliases``) and how a person calls it (``label``).
 Consumers (bank import, validation and matching, op validation in
 ``streams.clustering``, the bank CLI's help) iterate over ``signal_types()``
-instead of naming "pdq" and "phash".
+instead of naming "pdq" and "phash". What a match's ``via`` says -- which
+kind of copy, by which type's hash -- is ``describe_via``'s, read from the
+registry: the desk (``streams.desk.views.match_words``) and bank evidence
+(``detectors.banks.bank_evidence``) word their text from it.
 
 PDQ (256 bit, with a quality) and pHash (64 bit, with views) are the two
 built-ins. Their *computation* stays one fused pass from one thumbnail
@@ -33,7 +36,9 @@ settings the default thresholds, which live here and nowhere else).
 from __future__ import annotations
 
 import abc
+import enum
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # annotations only: reading a record needs no hashing code
@@ -192,6 +197,44 @@ def signal_type_of_via(via: str) -> type[SignalType] | None:
     or its ``view_via``; None for a match that is not by hash ("sha256",
     "uniform")."""
     return next((st for st in _REGISTRY.values() if via in st.fields or via == st.view_via), None)
+
+
+class CopyKind(enum.Enum):
+    """What a match's ``via`` says the copy is."""
+
+    SAME_FILE = "same file"  # "sha256": identical bytes
+    ONE_COLOUR = "one colour"  # "uniform": two flat pictures, their grey levels compared
+    NEAR = "near"  # a signal type's full code (the first of its ``fields``)
+    MIRRORED = "mirrored"  # its mirror image's code (a later one of ``fields``)
+    VIEW = "view"  # its ``view_via``: a crop/screenshot view met the picture
+    UNKNOWN = "unknown"  # a via no registered type reads (a newer writer's, a type not registered here)
+
+
+@dataclass(frozen=True)
+class ViaDescription:
+    """How a match was made, as its wordings need it: the kind of copy and,
+    for a match by hash, the hash's ``label`` and ``bits`` (the distance's
+    unit and range); both None for the other kinds."""
+
+    via: str
+    kind: CopyKind
+    label: str | None = None
+    bits: int | None = None
+
+
+def describe_via(via: str) -> ViaDescription:
+    """``via`` described from the registry, so a type is described by being
+    registered. Never raises: a via nothing here reads is ``CopyKind.UNKNOWN``,
+    for its caller to name as it stands rather than pass off as some hash's bits."""
+    if via == "sha256":
+        return ViaDescription(via, CopyKind.SAME_FILE)
+    if via == "uniform":
+        return ViaDescription(via, CopyKind.ONE_COLOUR)
+    st = signal_type_of_via(via)
+    if st is None:
+        return ViaDescription(via, CopyKind.UNKNOWN)
+    kind = CopyKind.VIEW if via == st.view_via else CopyKind.MIRRORED if st.fields.index(via) else CopyKind.NEAR
+    return ViaDescription(via, kind, st.label, st.bits)
 
 
 def view_signal_type() -> type[SignalType] | None:

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 from markupsafe import Markup
 
-from detectors.signals import signal_type_of_via
+from detectors.signals import CopyKind, describe_via
 
 from streams.desk.source import FindingsSource
 from streams.findings import account_page_path
@@ -211,24 +211,27 @@ def web_link(url: object) -> bool:
 
 # How a lookup's match reads on the page, per ``via`` of
 # ``detectors.neardup.pairing.Via``: "sha256 d=0" and "phash_view d=7" told a
-# journalist nothing about how close the copy is. Hash matches are read from
-# their signal type (which field or view matched, its width and label).
+# journalist nothing about how close the copy is. The kind of copy, and a hash
+# match's label and width, come from the via's description
+# (``detectors.signals.describe_via``), as bank evidence's do.
+_KIND_WORDS = {CopyKind.NEAR: "a near copy", CopyKind.MIRRORED: "a mirrored copy",
+               CopyKind.VIEW: "a crop or framed copy"}
 
 
 def match_words(via: object, distance: object) -> str:
     """A match in words: what kind of copy it is and how close (``distance``
     in the unit of its ``via``: bits of its signal type's hash, or grey levels
-    for "uniform")."""
-    if via == "sha256":
-        return "the same file (identical bytes)"
-    if via == "uniform":
-        return f"a one-colour picture, {distance} grey levels apart"
-    st = signal_type_of_via(str(via))
-    if st is None:
-        return f"a match by {via}, distance {distance}"
-    kind = ("a crop or framed copy" if via == st.view_via
-            else "a mirrored copy" if st.fields.index(str(via)) > 0 else "a near copy")
-    return f"{kind}: {distance} of {st.bits} {st.label} bits differ"
+    for "uniform"). A via nothing registered reads (a newer writer's) is named
+    as it stands, not passed off as some hash's bits."""
+    d = describe_via(str(via))
+    match d.kind:
+        case CopyKind.SAME_FILE:
+            return "the same file (identical bytes)"
+        case CopyKind.ONE_COLOUR:
+            return f"a one-colour picture, {distance} grey levels apart"
+        case CopyKind.UNKNOWN:
+            return f"a match by {via}, distance {distance}"
+    return f"{_KIND_WORDS[d.kind]}: {distance} of {d.bits} {d.label} bits differ"
 
 
 def number(value: object) -> str:
