@@ -346,15 +346,15 @@ LIVENESS_RULES = {"DeepwatchWorkerDown", "DeepwatchNoWorkers", "DeepwatchWorkerL
                   "DeepwatchIngestLoopStalled"}
 
 
-@needs_root
-@pytest.mark.skipif(shutil.which("prometheus") is None,
-                    reason="prometheus is not installed (.ci/install-prometheus.sh)")
 def _epoch(rfc3339: str) -> float:
     """Prometheus's RFC 3339 time (nanoseconds, ``Z``) in seconds since 1970."""
     head, _, frac = rfc3339.rstrip("Z").partition(".")
     return datetime.fromisoformat(head).replace(tzinfo=timezone.utc).timestamp() + float(f"0.{frac or 0}")
 
 
+@needs_root
+@pytest.mark.skipif(shutil.which("prometheus") is None,
+                    reason="prometheus is not installed (.ci/install-prometheus.sh)")
 def test_the_deploy_prometheus_scrapes_every_process_on_the_port_it_serves(broker, fake_es, tmp_path):
     """deploy/prometheus/prometheus.yml with only its targets changed (DNS discovery of the compose
     services -> the addresses the processes listen on here, the DNS name kept for its `role` relabel)
