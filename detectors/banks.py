@@ -1,8 +1,9 @@
 """Banks of known pictures: hash lists of debunked fakes (and of authentic
 photos that keep getting called fake), matched against every new image.
 
-One SQLite file holds all banks. Entries come from images (``add_images``)
-or from hash lists as fact-checkers and hash-sharing programs exchange them
+One SQLite file holds all banks. Entries come from images (``add_images``;
+``add_image_bytes`` for pictures held elsewhere than in files) or from hash
+lists as fact-checkers and hash-sharing programs exchange them
 (``import_csv``: ThreatExchange-style ``pdq`` hex column, optional
 ``id``/``label``/``quality``, and/or a ``phash`` column). Matching uses the
 thresholds of clustering (``detectors.neardup.pair_match``): pHash or mirrored
@@ -42,11 +43,12 @@ them under the pair rule (``search_phash``), and a type with a quality
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -65,6 +67,7 @@ from detectors.signals import PDQ, CopyKind, PHash, SignalType, describe_via, si
 from detectors.sqlite_errors import primary_code
 
 Verdict = Literal["fake", "authentic"]
+_K = TypeVar("_K")  # what an add call's progress callback is told per picture (add_images: the file's path)
 _TRUSTED = 100  # quality assumed for imported hashes (PDQ) that come without one
 
 # The signal types a bank stores, and where: (hash column, quality column).
@@ -92,6 +95,11 @@ def _signal_cells(hashes: dict[str, str | None],
             cols.append(qcol)
             values.append(quality.get(st.name))
     return cols, values
+
+
+def _image_from(load: Callable[[], bytes], limits: DecodeLimits | None) -> ImageData:
+    return ImageData(load(), limits=limits)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS banks (
@@ -270,11 +278,43 @@ class BankStore:
         progress: Callable[[Path], None] | None = None,
         limits: DecodeLimits | None = None,
     ) -> int:
-        """Hash and add image files; returns how many were new (same bytes twice count once).
+        """Hash and add image files, each entry labelled with its file name;
+        returns how many were new (same bytes twice count once).
         ``limits``: the decode limits to read them under (the configured ones; default DecodeLimits()).
         All or nothing: a file that fails leaves the store as it was."""
+        def items() -> Iterator[tuple[str, Callable[[], ImageData], Path]]:
+            for p in paths:
+                p = Path(p)
+                yield p.name, functools.partial(ImageData.from_path, p, limits), p
+
+        return self._add_all_or_nothing(name, verdict, items(), progress)
+
+    def add_image_bytes(
+        self,
+        name: str,
+        verdict: Verdict,
+        items: Iterable[tuple[str, Callable[[], bytes]]],
+        *,
+        limits: DecodeLimits | None = None,
+    ) -> int:
+        """Hash and add pictures given as (label, loader) pairs, each entry
+        labelled ``label``; returns how many were new, as ``add_images`` does
+        for files, under the same ``limits`` and all or nothing. A loader is
+        called when its picture is hashed, and its bytes are let go before
+        the next is read: pictures from a blob store are banked one at a
+        time, whatever their number, with no temporary files."""
+        def decoded() -> Iterator[tuple[str, Callable[[], ImageData], str]]:
+            for label, load in items:
+                yield label, functools.partial(_image_from, load, limits), label
+
+        return self._add_all_or_nothing(name, verdict, decoded(), None)
+
+    def _add_all_or_nothing(self, name: str, verdict: Verdict,
+                            items: Iterable[tuple[str, Callable[[], ImageData], _K]],
+                            progress: Callable[[_K], None] | None) -> int:
+        """Add (label, image loader, progress key) items in one transaction (``_add_images``)."""
         try:
-            return self._add_images(name, verdict, paths, progress, limits)
+            return self._add_images(name, verdict, items, progress)
         except BaseException as e:
             # without this the half-written rows stay pending on the connection
             # and the next successful call on this store would commit them
@@ -283,40 +323,43 @@ class BankStore:
                 raise self._file_error(e, "write") from None
             raise
 
-    def _add_images(self, name: str, verdict: Verdict, paths: Iterable[str | Path],
-                    progress: Callable[[Path], None] | None, limits: DecodeLimits | None) -> int:
+    def _add_images(self, name: str, verdict: Verdict, items: Iterable[tuple[str, Callable[[], ImageData], _K]],
+                    progress: Callable[[_K], None] | None) -> int:
         self._ensure_bank(name, verdict)
         next_id = self._next_id(name)
         added = 0
-        for p in paths:
-            p = Path(p)
-            data = ImageData.from_path(p, limits=limits)
-            have = self._db.execute("SELECT rowid, record FROM entries WHERE bank = ? AND sha256 = ?",
-                                    (name, data.sha256)).fetchone()
-            if have is not None and have[1] is not None:
-                if progress:
-                    progress(p)
-                continue
-            h = compute_hashes(data)
-            record = h.model_dump_json() if h.thumb is not None else None  # kept for its pixels only
-            if have is not None:  # added before records were kept: now it can be verified on pixels
-                self._db.execute("UPDATE entries SET record = ? WHERE rowid = ?", (record, have[0]))
-                if progress:
-                    progress(p)
-                continue
-            cols, cells = _signal_cells({st.name: st.code(h) for st in _bank_types()},
-                                        {st.name: st.quality(h) for st in _bank_types() if st.has_quality})
-            cols += ["sha256", "views", "trimmed", "record"]  # views: the pHash views (``PHash.has_views``)
-            cells += [data.sha256, ",".join(h.views or []) or None, int(h.trimmed), record]
-            self._db.execute(f"INSERT INTO entries (bank, entry_id, label, {', '.join(cols)}) VALUES "
-                             f"({','.join('?' * (len(cols) + 3))})", [name, str(next_id), p.name, *cells])
-            next_id += 1
-            added += 1
+        for label, load, key in items:
+            # the picture is loaded inside the call and dropped when it returns:
+            # one picture's bytes held at a time
+            if self._add_image(name, str(next_id), label, load()):
+                next_id += 1
+                added += 1
             if progress:
-                progress(p)
+                progress(key)
         self._db.commit()
         self._cache = None
         return added
+
+    def _add_image(self, name: str, entry_id: str, label: str, data: ImageData) -> bool:
+        """Write one picture's entry as ``entry_id`` (uncommitted); False when
+        its bytes were in the bank already (an entry from before records were
+        kept gets its record now)."""
+        have = self._db.execute("SELECT rowid, record FROM entries WHERE bank = ? AND sha256 = ?",
+                                (name, data.sha256)).fetchone()
+        if have is not None and have[1] is not None:
+            return False
+        h = compute_hashes(data)
+        record = h.model_dump_json() if h.thumb is not None else None  # kept for its pixels only
+        if have is not None:  # added before records were kept: now it can be verified on pixels
+            self._db.execute("UPDATE entries SET record = ? WHERE rowid = ?", (record, have[0]))
+            return False
+        cols, cells = _signal_cells({st.name: st.code(h) for st in _bank_types()},
+                                    {st.name: st.quality(h) for st in _bank_types() if st.has_quality})
+        cols += ["sha256", "views", "trimmed", "record"]  # views: the pHash views (``PHash.has_views``)
+        cells += [data.sha256, ",".join(h.views or []) or None, int(h.trimmed), record]
+        self._db.execute(f"INSERT INTO entries (bank, entry_id, label, {', '.join(cols)}) VALUES "
+                         f"({','.join('?' * (len(cols) + 3))})", [name, entry_id, label, *cells])
+        return True
 
     def import_csv(self, name: str, csv_path: str | Path, verdict: Verdict) -> int:
         """Import a shared hash list; returns rows imported (re-imported ids are replaced).

@@ -102,7 +102,7 @@ def _seconds(duration: str) -> float:
 def test_every_deepwatch_service_runs_read_only_unprivileged_with_a_bounded_tmp(files):
     """As the Kubernetes pods' securityContext: a read-only root, the image's non-root user, no
     capabilities, no privilege gain; /tmp a size-bounded tmpfs (the detect role builds its int8
-    model in temporary files, a desk verdict writes its pictures there before banking; in memory,
+    model in temporary files, the desk spools a large lookup upload there; in memory,
     so unbounded it could take the service's whole mem_limit); and the caches kept by path on a
     writable volume, not on the read-only root nor on the tmpfs that a restart empties."""
     services = _services(COMPOSE_FILES[files])
@@ -320,8 +320,8 @@ def test_each_service_runs_as_compose_lays_it_out(name, broker, fake_es, root, t
 @walk.needs_root
 @needs_setpriv
 def test_a_desk_verdict_banks_its_pictures_under_compose(broker, fake_es, root, tmp_path):
-    """A "fake" verdict writes the cluster's pictures to temporary files before adding them to
-    the bank: under compose's read-only root that takes the desk's tmpfs, as its user."""
+    """A "fake" verdict banks the cluster's pictures under compose's read-only root, as the
+    service's user (the pictures are read from the blob store, not written to the tmpfs)."""
     from streams.es_store import EsFindingsStore
     from tests.desk_support import small_store
 

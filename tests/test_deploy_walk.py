@@ -88,8 +88,8 @@ def _rendered(overlay: str) -> list[dict]:
 
 @pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/eck"])
 def test_every_deepwatch_container_has_a_read_only_root_and_a_writable_tmp(overlay):
-    """The detect role builds its int8 model in temporary files and the desk writes a verdict's
-    pictures there before banking them: with the root read-only those need /tmp on a volume
+    """The detect role builds its int8 model in temporary files and the desk spools a large
+    lookup upload there: with the root read-only those need /tmp on a volume
     (they stopped with "No usable temporary directory" without one), and the caches kept by path
     must lie on a writable volume too."""
     found = _deepwatch_containers(_rendered(overlay))
@@ -279,8 +279,9 @@ def test_each_workload_runs_as_its_manifest_lays_it_out(where, broker, fake_es, 
 
 @needs_root
 def test_a_desk_verdict_banks_its_pictures_with_the_root_read_only(broker, fake_es, tmp_path):
-    """A "fake" verdict writes the cluster's pictures to temporary files before adding them to
-    the bank: with the desk's root read-only that needs its /tmp volume."""
+    """A "fake" verdict banks the cluster's pictures with the desk's root read-only (it wrote
+    them to temporary files first, and failed without a /tmp volume; now it reads them from
+    the blob store one at a time)."""
     from streams.es_store import EsFindingsStore
     from tests.desk_support import small_store
 

@@ -22,9 +22,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import sqlite3
-import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -123,19 +124,18 @@ class Verdicts:
                            source_cluster=rec.cluster_id, detail=detail)]
         added = 0
         if rec.verdict in DESK_BANKS and shas:
-            with tempfile.TemporaryDirectory(prefix="deepwatch-desk-") as tmp:
-                # add_images labels entries with the file name: name them after the cluster
-                paths = []
-                for sha in shas:
-                    p = Path(tmp) / f"cluster-{rec.cluster_id}-{sha[:12]}"
-                    p.write_bytes(self.blobs.get(sha))
-                    paths.append(p)
-                bank = self.settings.bank_store()
-                try:
-                    added = bank.add_images(DESK_BANKS[rec.verdict], rec.verdict, paths)
-                finally:
-                    bank.close()
-                matched = self._matching_clusters(paths, rec.verdict)
+            # Read from the blob store one at a time as each is hashed, not
+            # written out first: a viral cluster's recompressed reposts are
+            # thousands of files, more than a read-only root's /tmp holds.
+            # Entries are named after the cluster (the label a bank hit shows).
+            pictures = [(f"cluster-{rec.cluster_id}-{sha[:12]}", functools.partial(self.blobs.get, sha))
+                        for sha in shas]
+            bank = self.settings.bank_store()
+            try:
+                added = bank.add_image_bytes(DESK_BANKS[rec.verdict], rec.verdict, pictures)
+            finally:
+                bank.close()
+            matched = self._matching_clusters(pictures, rec.verdict)
             for cid in sorted(matched - {rec.cluster_id}):
                 rows.append(OverlayRow(cluster_id=cid, verdict=rec.verdict, verdict_id=rec.verdict_id,
                                        source_cluster=rec.cluster_id, detail=detail + f" (matches cluster {rec.cluster_id})"))
@@ -144,31 +144,40 @@ class Verdicts:
                 "clusters": [r.cluster_id for r in rows]}
 
     def _withdraw(self, shas: list[str], banks: list[str]) -> int:
-        """Remove these pictures from desk banks a new verdict contradicts.
+        """Remove these pictures from desk banks a new verdict contradicts,
+        all or none (one transaction), however many there are.
         BankStore has no delete: the desk owns these two banks' rows."""
         path = self.settings.banks_path
         if not shas or not banks or not path.exists():
             return 0
         db = sqlite3.connect(path, timeout=30)
         try:
+            # One variable per picture, and a statement takes at most the
+            # build's limit (999 before SQLite 3.32, 32766 after, whatever a
+            # distribution compiled in): chunks under the connection's own.
+            per = max(1, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - len(banks))
+            removed = 0
             with db:
-                cur = db.execute(
-                    f"DELETE FROM entries WHERE bank IN ({','.join('?' * len(banks))}) AND sha256 IN ({','.join('?' * len(shas))})",
-                    [*banks, *shas])
-            return cur.rowcount
+                for i in range(0, len(shas), per):
+                    chunk = shas[i:i + per]
+                    removed += db.execute(
+                        f"DELETE FROM entries WHERE bank IN ({','.join('?' * len(banks))}) "
+                        f"AND sha256 IN ({','.join('?' * len(chunk))})", [*banks, *chunk]).rowcount
+            return removed
         finally:
             db.close()
 
-    def _matching_clusters(self, paths: list[Path], verdict: str) -> set[str]:
-        """Stored clusters with a member matching the judged pictures, using a
-        private in-memory bank of just these pictures and the banks' own rule.
+    def _matching_clusters(self, pictures: list[tuple[str, Callable[[], bytes]]], verdict: str) -> set[str]:
+        """Stored clusters with a member matching the judged pictures ((label,
+        loader) pairs, read one at a time), using a private in-memory bank of
+        just these pictures and the banks' own rule.
         Stored members carry hashes but no thumbnail, so a member the hashes
         nominate is checked again on its pixels from the blob store, as a repost
         would be (``recorded_hashes``): a look-alike (one prompt's other seed)
         is not judged with it. A member with neither is taken on its hashes."""
         probe = BankStore(":memory:", **self.settings.dedupe.thresholds())
         try:
-            probe.add_images("probe", verdict, paths)
+            probe.add_image_bytes("probe", verdict, pictures)
             hits: set[str] = set()
             for m in self.source.iter_members():
                 if m.cluster_id in hits:
