@@ -38,8 +38,11 @@ def logged():
     clock = _Clock()
     handler.throttle.clock = clock
 
-    def lines() -> list[dict]:
-        return [json.loads(line) for line in buf.getvalue().splitlines()]
+    def lines(*loggers: str) -> list[dict]:
+        """The lines written, or only these loggers': a thread an earlier test in this process left
+        behind (a client retrying, a server closing) may log into the same root meanwhile."""
+        out = [json.loads(line) for line in buf.getvalue().splitlines()]
+        return [d for d in out if not loggers or d["logger"] in loggers]
 
     yield lines, clock, handler
     logging.captureWarnings(False)
@@ -59,7 +62,7 @@ def test_a_thousand_identical_aiokafka_lines_come_out_as_a_handful_with_the_coun
         conn.error("Unable connect to node with id %s: %s", 0, "[Errno 111] Connect call failed ('127.0.0.1', 9092)")
     clock.now += 10.0
     logging.getLogger("streams.app").info("worker going on")  # any later line brings out the last window's count
-    out = lines()
+    out = lines("aiokafka.conn", "streams.app")
     assert [(d["logger"], d["level"], d["msg"], d.get("repeats")) for d in out] == [
         ("aiokafka.conn", "error", text, None),  # the first
         ("aiokafka.conn", "error", f"847 more like this in the last 10 s: {text}", 847),  # the rest of 10 s
@@ -77,11 +80,11 @@ def test_a_flood_that_goes_on_writes_two_lines_per_window(logged):
     for _ in range(30 * 85):  # 30 s at 85 a second
         clock.now += 1 / 85
         log.warning("Unable to update metadata from [%s]", 0)
-    out = lines()
+    out = lines("aiokafka.cluster")
     assert 5 <= len(out) <= 7, [d["msg"] for d in out]
     counted = sum(d.get("repeats", 0) for d in out) + sum(1 for d in out if "repeats" not in d)
     handler.close()  # the worker's exit (logging.shutdown): the open window's count is written too
-    out = lines()
+    out = lines("aiokafka.cluster")
     assert sum(d.get("repeats", 0) for d in out) + sum(1 for d in out if "repeats" not in d) == 30 * 85
     assert counted < 30 * 85
 
@@ -90,7 +93,8 @@ def test_deepwatch_own_lines_are_never_held_back(logged):
     lines, clock, _ = logged
     for i in range(1000):
         logging.getLogger("streams.stage").error("blob store write failed (No space left on device)")
-    assert len(lines()) == 1000 and all("repeats" not in d for d in lines())
+    out = lines("streams.stage")
+    assert len(out) == 1000 and all("repeats" not in d for d in out), [d for d in lines() if d not in out][:5]
 
 
 def test_the_windows_kept_are_bounded(logged):
@@ -100,7 +104,7 @@ def test_the_windows_kept_are_bounded(logged):
         log.warning(f"fetch failed at offset {i}")
         log.warning(f"fetch failed at offset {i}")  # and one repeat of each
     assert len(handler.throttle._windows) == logs.THROTTLE_MAX_KEYS
-    out = lines()
+    out = lines("faust.transport")
     firsts = [d for d in out if "repeats" not in d]
     summaries = [d for d in out if "repeats" in d]
     assert len(firsts) == 5000  # distinct messages all written
@@ -114,7 +118,7 @@ def test_a_warning_from_a_library_is_a_json_line_not_raw_stderr(logged):
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.warn("Image size (96000000 pixels) exceeds limit", UserWarning)
-    [line] = lines()
+    [line] = lines("py.warnings")
     assert line["logger"] == "py.warnings" and line["level"] == "warning"
     assert "UserWarning: Image size (96000000 pixels) exceeds limit" in line["msg"]
 
@@ -134,7 +138,7 @@ def test_an_exception_no_one_catches_is_a_json_error_line(logged):
             raise ValueError("close failed")
 
     Finalizer()  # its __del__ raises where nothing can catch it
-    thread, unraisable = lines()
+    thread, unraisable = lines("streams.logs")
     assert thread["level"] == "error" and thread["msg"] == "uncaught exception in thread analyze-3"
     assert "RuntimeError: analyze thread broke" in thread["exc"]
     assert unraisable["level"] == "error" and "Exception ignored in" in unraisable["msg"]
