@@ -16,10 +16,21 @@ Heavy submodules (training, evaluation, fetching, vendors) are imported on use.
 
 from __future__ import annotations
 
-from detectors.models.batching import MicroBatcher
-from detectors.models.checkpoint import ModelCard, list_models
-from detectors.models.detector import BatchDetector, ModelDetector, load_detector
-from detectors.models.device import select_device
+import os
+
+# onnxruntime's Linux wheel (1.31) ships Microsoft's 1DS telemetry, on unless
+# opted out: its first session writes a persistent device id and an event cache
+# under $XDG_CACHE_HOME/Microsoft (the image's data volume) and uploads usage events. A newsroom's monitor must not
+# report its use to a third party, nor try to reach one from a closed network.
+# onnxruntime reads the opt-out once, as it initialises: here, the package every
+# use of it in deepwatch is imported through, before any of them. An operator
+# who sets the variable keeps their value.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from detectors.models.batching import MicroBatcher  # noqa: E402
+from detectors.models.checkpoint import ModelCard, list_models  # noqa: E402
+from detectors.models.detector import BatchDetector, ModelDetector, load_detector  # noqa: E402
+from detectors.models.device import select_device  # noqa: E402
 
 __all__ = [
     "BatchDetector",
