@@ -185,8 +185,12 @@ class ClusterRecord(_ReadRecord):
         return [e.model_dump(exclude_none=True) if isinstance(e, BaseModel) else e for e in v]
 
     def as_json(self) -> dict[str, Any]:
+        """The JSON object, plus ``members_total``: how many members the
+        cluster has, where a reader shows a page of ``members`` (the desk's
+        API, ``deepwatch clusters --members``)."""
         doc = self.model_dump(mode="json")
         doc["evidence"] = [e.model_dump(mode="json", exclude_none=True) for e in self.evidence]
+        doc["members_total"] = len(self.members)
         return doc
 
 

@@ -217,15 +217,19 @@ def clusters(
     store_url: Optional[str] = StoreOpt,
     include_merged: bool = typer.Option(False, help="Also list clusters that were merged into another (they carry merged_into)."),
     limit: Optional[int] = typer.Option(None, min=1, max=10_000, help="At most this many clusters, highest fake score first (1-10000)."),
+    members: Optional[int] = typer.Option(None, "--members", min=0, help="JSON: at most this many members a cluster, the first joined first (members_total has the count; default: every member; a viral picture's reposts are thousands of files)."),
     as_json: bool = JsonAlias,
 ) -> None:
     """List image clusters: fake score, verdict, evidence, spread and member images.
+
+    A viral picture's members are thousands of files: --members N lists the
+    first N of each cluster's, and members_total says how many it has.
 
     JSON form: an array of objects with id, fake_score, verdict, evidence
     (detector, score, detail), sightings, accounts, first_seen, last_seen and
     members (sha256, phash, pdq, event_id), plus velocity, engagement,
     platforms, merged_from, merged_into, models_pending, suppressed,
-    alert_level, stream_sightings, revision and updated_at.
+    alert_level, stream_sightings, revision, updated_at and members_total.
     """
     fmt = "json" if as_json else check_format(fmt)
     with _findings(data_dir, config, store_url) as store:
@@ -236,7 +240,11 @@ def clusters(
         err.print(f"showing the first {limit:,} clusters by fake score; there are more: --limit N for more, "
                   "or leave it out for all", highlight=False, soft_wrap=True)
     if fmt == "json":
-        print_json([r.as_json() for r in rows])
+        docs = [r.as_json() for r in rows]
+        if members is not None:
+            for d in docs:
+                d["members"] = d["members"][:members]
+        print_json(docs)
     else:
         Console().print(cluster_table(rows))
         if not rows:

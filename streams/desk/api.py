@@ -18,7 +18,10 @@ from streams.desk.guards import DeskRoute, api_editor, api_reader, reader
 from streams.desk.lookup import Lookup, Rejected
 from streams.desk.queries import account_query, accounts_link, cluster_query, desk_verdict_query, queue_link, \
     search_asked, search_cursor, search_link, store_query
-from streams.desk.source import AccountQuery, ClusterQuery, FindingsSource, NotFound
+from streams.desk.source import (
+    DETAIL_MEMBERS, LIST_MEMBERS, MAX_DETAIL_MEMBERS, AccountQuery, ClusterQuery, FindingsSource, NotAMember, NotFound,
+    members_page, state_page,
+)
 from streams.desk.state import Desk, desk_of
 from streams.desk.thumbs import ThumbBusy, ThumbError
 from streams.desk.verdicts import Conflict, VerdictIn
@@ -41,20 +44,38 @@ def api_clusters(request: Request, response: Response, q: ClusterQuery = Depends
     response.headers["X-Desk-View"] = view_header(source.view_window())
     if nxt is not None:
         next_page(response, queue_link("/api/clusters", q, nxt), nxt)
-    return rows
+    return [members_page(r, LIST_MEMBERS) for r in rows]
+
+
+def members_limit_query(members_limit: int = Query(
+        DETAIL_MEMBERS, ge=1, le=MAX_DETAIL_MEMBERS,
+        description=f"members the answer lists at once (default {DETAIL_MEMBERS}, at most {MAX_DETAIL_MEMBERS}); "
+                    "`members_total` says how many the cluster has")) -> int:
+    return members_limit
+
+
+def members_after_query(members_after: Optional[str] = Query(
+        None, pattern="^[0-9a-f]{64}$",
+        description="list the members after this one (a sha256): the `members_next` of the page before")
+) -> Optional[str]:
+    return members_after
 
 
 @router.get("/api/clusters/{cluster_id}", tags=["clusters"],
             summary="One cluster with members, sightings over time, evidence and verdict history")
-def api_cluster(request: Request, cluster_id: str, _: Principal = Depends(reader)) -> dict[str, Any]:
-    return cluster_detail(desk_of(request).source, cluster_id)
+def api_cluster(request: Request, cluster_id: str, _: Principal = Depends(reader),
+                members_limit: int = Depends(members_limit_query),
+                members_after: Optional[str] = Depends(members_after_query)) -> dict[str, Any]:
+    """`members` lists a page of the cluster's members (`members_limit`, first joined first), `members_total`
+    how many it has and `members_next` the `members_after` of the next page (null on the last)."""
+    return cluster_detail(desk_of(request).source, cluster_id, members_limit, members_after)
 
 
 @router.post("/api/clusters/{cluster_id}/verdict", tags=["verdicts"], status_code=201,
              summary="Record a verdict (editor): fake / authentic feed the banks; needs-review flags it")
 async def api_verdict(request: Request, cluster_id: str, body: VerdictIn,
                       who: Principal = Depends(api_editor)) -> dict[str, Any]:
-    return (await record_verdict(desk_of(request), cluster_id, body, who)).model_dump(mode="json")
+    return state_page((await record_verdict(desk_of(request), cluster_id, body, who)).model_dump(mode="json"))
 
 
 @router.get("/api/accounts", tags=["accounts"],
@@ -104,7 +125,8 @@ def api_search(request: Request, q: StoreQuery = Depends(store_query),
                                  "verdict, desk_verdict, min_score, or a sort alone to list every cluster")
     rows, nxt, cut = desk_of(request).source.analyst_search_page(q, desk_verdict, after)
     # the body stays the array
-    response = JSONResponse(rows, headers={"X-Result-Cut": "true"} if cut else None)
+    response = JSONResponse([members_page(r, LIST_MEMBERS) for r in rows],
+                            headers={"X-Result-Cut": "true"} if cut else None)
     if nxt is not None:
         next_page(response, search_link("/api/search", q, desk_verdict, nxt), nxt)
     return response
@@ -188,11 +210,18 @@ async def record_verdict(desk: Desk, cluster_id: str, body: VerdictIn, who: Prin
     return rec
 
 
-def cluster_detail(source: FindingsSource, cluster_id: str) -> dict[str, Any]:
+def cluster_detail(source: FindingsSource, cluster_id: str, members_limit: int = DETAIL_MEMBERS,
+                   members_after: str | None = None, full: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``source.detail_of`` the cluster (its document ``full`` when the caller read it already):
+    404 when there is none, 422 when ``members_after`` is none of its members."""
     try:
-        return source.detail(cluster_id)
+        if full is None:
+            full = source.cluster(cluster_id)
+        return source.detail_of(full, members_limit=members_limit, members_after=members_after)
     except NotFound:
         raise HTTPException(404, f"no cluster {cluster_id!r}") from None
+    except NotAMember as e:
+        raise HTTPException(422, str(e)) from None
 
 
 def next_page(response: Response, link: str, cursor: str) -> None:

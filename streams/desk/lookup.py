@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from detectors.imagedata import ImageRejected
 from streams import similar
-from streams.desk.source import FindingsSource, NotFound
+from streams.desk.source import LIST_MEMBERS, FindingsSource, NotFound, members_page
 from streams.settings import Settings
 
 # Room for the multipart envelope around the picture (boundaries, part
@@ -92,7 +92,7 @@ def lookup(settings: Settings, source: FindingsSource, data: bytes, *, preview: 
         if "cluster_id" in r:
             r["desk_url"] = f"{base}/clusters/{quote(r['cluster_id'], safe='')}"
             try:
-                r["cluster"] = source.cluster(r["cluster_id"])
+                r["cluster"] = members_page(source.cluster(r["cluster_id"]), LIST_MEMBERS)
             except NotFound:
                 r["cluster"] = None
         else:

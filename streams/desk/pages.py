@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from streams.desk import observe, views
-from streams.desk.api import account_in_query, cluster_detail, lookup_picture, record_verdict
+from streams.desk.api import account_in_query, cluster_detail, lookup_picture, members_after_query, \
+    record_verdict
 from streams.desk.auth import Principal, UserEntry, credential_of
 from streams.desk.guards import LOGIN_CSRF_COOKIE, SAFE_METHODS, SESSION_COOKIE, DeskRoute, editor_form, \
     login_form_csrf, principal, reader, reader_form
@@ -74,10 +75,21 @@ def queue(request: Request, q: ClusterQuery = Depends(cluster_query), partial: b
 
 
 @router.get("/clusters/{cluster_id}", response_class=HTMLResponse, include_in_schema=False)
-def cluster_page(request: Request, cluster_id: str, me: Principal = Depends(reader)):
+def cluster_page(request: Request, cluster_id: str, me: Principal = Depends(reader),
+                 members_after: Optional[str] = Depends(members_after_query)):
     desk = desk_of(request)
-    doc = cluster_detail(desk.source, cluster_id)
-    return page(request, "cluster.html", me, c=doc, banks=views.bank_entries_for(desk.settings, doc))
+    try:
+        full = desk.source.cluster(cluster_id)
+    except NotFound:
+        raise HTTPException(404, f"no cluster {cluster_id!r}") from None
+    # a page of its variants (``DETAIL_MEMBERS``), the next through ``members_after``; the
+    # bank entries of all of them
+    doc = cluster_detail(desk.source, cluster_id, members_after=members_after, full=full)
+    nxt = (f"/clusters/{quote(cluster_id, safe='')}?{urlencode({'members_after': doc['members_next']})}#members"
+           if doc["members_next"] else None)
+    first = f"/clusters/{quote(cluster_id, safe='')}#members" if members_after else None
+    return page(request, "cluster.html", me, c=doc, members_next_url=nxt, members_first_url=first,
+                banks=views.bank_entries_for(desk.settings, [m["sha256"] for m in full["members"]]))
 
 
 @router.post("/clusters/{cluster_id}/verdict", include_in_schema=False)

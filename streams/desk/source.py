@@ -52,6 +52,12 @@ from streams.virality import WINDOW_1H, WINDOW_5M
 CACHE_TTL_S = 5.0
 ACCOUNT_QUERIES_CACHED = 32  # distinct account queries (filters, one account's page) kept per findings version
 DETAIL_SIGHTINGS = 200  # a cluster's sightings its page and /api/clusters/{id} carry; viral ones have millions
+# A cluster's members (distinct files) its page and /api/clusters/{id} carry at once, and each cluster of a
+# list (/api/clusters, /api/search, /api/similar): a viral picture's recompressed reposts are thousands of
+# files, and its page asked for a thumbnail of every one (10,000 <img>, 3.6 MB of HTML; 2.8 MB of JSON a row).
+DETAIL_MEMBERS = 200
+MAX_DETAIL_MEMBERS = 1000  # the most ``members_limit`` asks for at once
+LIST_MEMBERS = 20
 # Above this share of the cached clusters changed, one full read is cheaper than reading them by id.
 INCREMENTAL_MAX_SHARE = 0.25
 # The view's defaults: the settings' own (``desk.view_days``, ``desk.max_view_clusters``; 0: no bound)
@@ -744,16 +750,26 @@ class FindingsSource:
             out[c["id"]] = [sum(col) for col in zip(*per_platform.values())] or out[c["id"]]
         return out
 
-    def detail(self, cluster_id: str, first: int = DETAIL_SIGHTINGS) -> dict[str, Any]:
-        """One cluster with its ``first`` sightings (oldest first: who posted
+    def detail(self, cluster_id: str, first: int = DETAIL_SIGHTINGS, *, members_limit: int = DETAIL_MEMBERS,
+               members_after: str | None = None) -> dict[str, Any]:
+        """``detail_of`` the cluster (``cluster``: ``NotFound`` when there is none)."""
+        return self.detail_of(self.cluster(cluster_id), first, members_limit=members_limit,
+                              members_after=members_after)
+
+    def detail_of(self, full: dict[str, Any], first: int = DETAIL_SIGHTINGS, *, members_limit: int = DETAIL_MEMBERS,
+                  members_after: str | None = None) -> dict[str, Any]:
+        """Cluster document ``full`` (``cluster``'s) with one page of its
+        members (``members_page``: ``members_limit`` after the member
+        ``members_after``), its ``first`` sightings (oldest first: who posted
         it first), its spread by platform over all of them, and its verdict
-        history."""
-        doc = dict(self.cluster(cluster_id))
-        ids = [cluster_id, *(doc.get("merged_from") or [])]
+        history, the cluster's state each verdict kept listing a page of its
+        members too (``members_total``: how many it had)."""
+        doc = members_page(full, members_limit, members_after)
+        ids = [full["id"], *(doc.get("merged_from") or [])]
         doc["sightings_detail"] = self.sightings(ids, limit=first)
         doc["sightings_detail_truncated"] = len(doc["sightings_detail"]) < doc["sightings"]
         doc["spread_by_platform"] = self._spread_by_platform(ids, doc["first_seen"], doc["last_seen"])
-        doc["verdict_history"] = [v.model_dump(mode="json") for v in self.desk.history([cluster_id])]
+        doc["verdict_history"] = [state_page(v.model_dump(mode="json")) for v in self.desk.history([full["id"]])]
         return doc
 
     def _spread_by_platform(self, ids: list[str], first: str | None, last: str | None,
@@ -827,6 +843,44 @@ class FindingsSource:
                  "ai_share": r.ai_pictures / r.pictures if r.pictures else 0.0, "posts": r.posts,
                  "last_seen": _ts(r.last_seen), "platforms": list(r.platforms)}
                 for r in self.store.account_windows(window, ai_ids, min_ai_pictures=min_ai_pictures)]
+
+
+class NotAMember(ValueError):
+    """``members_after`` names no member of the cluster."""
+
+
+def members_page(doc: dict[str, Any], limit: int, after: str | None = None) -> dict[str, Any]:
+    """A copy of cluster document ``doc`` whose ``members`` are ``limit`` of
+    its members, those after the member whose sha256 is ``after`` (None: from
+    the first), in the store's order (the picture that founded the cluster
+    first, as every list's thumbnail shows it), with ``members_total`` (how
+    many it has in all) and ``members_next`` (the ``after`` of the next page;
+    None: this page holds the last). ``doc`` is left whole: a verdict banks
+    every member of the view's document. A page after a given member, not at
+    an offset: a merge adds the merged cluster's (older) members among them.
+    ``NotAMember`` when ``after`` is none of them."""
+    members = doc.get("members") or []
+    start = 0
+    if after is not None:
+        start = next((i + 1 for i, m in enumerate(members) if m["sha256"] == after), -1)
+        if start < 0:
+            raise NotAMember(f"members_after: {after} is not a member of cluster {doc['id']}")
+    shown = members[start:start + max(limit, 0)]
+    more = start + len(shown) < len(members)
+    return {**doc, "members": shown, "members_total": len(members),
+            "members_next": shown[-1]["sha256"] if more and shown else None}
+
+
+def state_page(verdict: dict[str, Any]) -> dict[str, Any]:
+    """A verdict record (``VerdictRecord`` as JSON) whose ``cluster_state``
+    lists at most ``LIST_MEMBERS`` of the members it kept (the audit table
+    keeps them all), with ``members_total``: a page of a viral cluster's
+    history carried every verdict's 10,000 sha256s (670 KB each)."""
+    state = verdict.get("cluster_state")
+    if not isinstance(state, dict) or not isinstance(state.get("members"), list):
+        return verdict
+    return {**verdict, "cluster_state": {**state, "members": state["members"][:LIST_MEMBERS],
+                                         "members_total": len(state["members"])}}
 
 
 def _last_seen_s(d: dict[str, Any]) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import datetime, timezone
 from http import HTTPStatus
@@ -68,11 +69,14 @@ def _entries(settings: Settings, where: str, args: list[Any], limit: int = ENTRI
         db.close()
 
 
-def bank_entries_for(settings: Settings, doc: dict[str, Any]) -> list[dict[str, Any]]:
-    shas = [m["sha256"] for m in doc["members"]]
+def bank_entries_for(settings: Settings, shas: list[str]) -> list[dict[str, Any]]:
+    """The newest ``ENTRIES_PAGE`` bank entries of the pictures ``shas`` (a
+    cluster's members). One parameter, a JSON array, whatever their number: a
+    viral cluster's thousands of files, one ``?`` each, passed SQLite's bound
+    on a statement's parameters (32,766 by default, 999 before 3.32)."""
     if not shas:
         return []
-    return _entries(settings, f"e.sha256 IN ({','.join('?' * len(shas))})", shas)
+    return _entries(settings, "e.sha256 IN (SELECT value FROM json_each(?))", [json.dumps(list(shas))])
 
 
 def desk_entries(settings: Settings, before: int | None = None,
