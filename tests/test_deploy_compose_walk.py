@@ -182,10 +182,28 @@ class Service(walk.Pod):
             shutil.copyfile(path, self.host(target))
         uid, _, gid = str(svc.get("user") or _image("USER")).partition(":")
         self.uid_gid = int(uid), int(gid or uid)
+        for i, _ in enumerate(self.hidden_by_tmpfs()):  # made here: the root is read-only once mounted
+            (self.root / f".kept{i}").mkdir()
+
+    def hidden_by_tmpfs(self) -> list[tuple[Path, Path]]:
+        """(tmpfs path on the host, what the service runs from under it): the checkout and its
+        virtual environment, where a clone lies under /tmp. The image holds its code on the root;
+        here a tmpfs over /tmp would hide it (setpriv: no such file)."""
+        ours = {walk.REPO, walk.DEEPWATCH.parent.parent}
+        return [(self.host(path), p) for path in self.tmpfs for p in sorted(ours)
+                if p.is_relative_to(self.host(path)) and not any(p != q and p.is_relative_to(q) for q in ours)]
 
     def mount_script(self) -> str:
-        mounts = [f"mount -t tmpfs -o {shlex.quote(opts or 'rw')} tmpfs {shlex.quote(str(self.host(path)))}"
-                  for path, opts in self.tmpfs.items()]
+        mounts = []
+        for path, opts in self.tmpfs.items():
+            host = self.host(path)
+            kept = [(shlex.quote(str(self.root / f".kept{i}")), shlex.quote(str(p)))
+                    for i, (h, p) in enumerate(self.hidden_by_tmpfs()) if h == host]
+            # bound aside first, then again on the fresh tmpfs, read-only as the image's code is
+            mounts += [f"mount --bind {p} {aside}" for aside, p in kept]
+            mounts.append(f"mount -t tmpfs -o {shlex.quote(opts or 'rw')} tmpfs {shlex.quote(str(host))}")
+            mounts += [line for aside, p in kept
+                       for line in (f"mkdir -p {p}", f"mount --bind {aside} {p}", f"mount -o remount,bind,ro {p}")]
         script = super().mount_script()
         assert script.endswith('exec "$@"'), script
         return script.removesuffix('exec "$@"') + "\n".join(mounts + ['exec "$@"'])
