@@ -55,6 +55,21 @@ def test_an_unknown_log_level_is_one_settings_line(tmp_path, args):
     assert "log_level" in line and "'WARNING'" in line and "LOUD" in line, line
 
 
+def test_a_settings_mistake_is_said_without_loading_the_model_runtime(tmp_path):
+    # The one line waited 1.3 s of imports (torch, through the model modules) that only sorted
+    # the error into "the user's mistake" or "a bug": every mistake's answer, a typo's included.
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("DEEPWATCH_")}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "streams.cli", "worker", "--data-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**base, "PYTHONPATH": str(ROOT), "DEEPWATCH_LOG_LEVEL": "LOUD"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "streams.settings" in imported  # the check ran in this process
+    assert not {"torch", "onnxruntime", "detectors.models"} & imported, sorted(imported & {"torch", "onnxruntime"})
+    [line] = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert "log_level" in line, line
+
+
 def test_an_unknown_log_format_is_refused_not_taken_as_console():
     line = _one_error_line(_cli("settings", "--format", "json", env={"DEEPWATCH_LOG_FORMAT": "xml"}))
     assert "log_format" in line and "'json' or 'console'" in line, line
