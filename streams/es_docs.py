@@ -101,6 +101,45 @@ def sighting_doc(cluster_id: str, s: Sighting) -> dict[str, Any]:
     }
 
 
+def sighting_params(s: Sighting) -> dict[str, Any]:
+    """What a sighting adds to its cluster document's samples (the upsert script's ``params.sightings``)."""
+    ev = s.event
+    return {"text": (ev.text or "")[:2000] or None, "hashtags": hashtags(ev), "lang": ev.lang,
+            "account": ev.account_handle or ev.account_id, "post_url": ev.post_url}
+
+
+# the sample each sighting param adds to: its cap's key in ``T.CAPS`` (hashtags apart: a list)
+_SAMPLES = {"text": "texts", "lang": "languages", "account": "accounts", "post_url": "post_urls"}
+
+
+def batch_sightings(sightings: list[dict[str, Any]], caps: dict[str, int]) -> list[dict[str, Any]]:
+    """One cluster's ``sighting_params`` of a batch, in batch order, less what
+    the upsert script would not add: a value an earlier sighting of the batch
+    carries (already in the list, or refused because it was full, which it
+    still is), and a field's values past its ``cap``-th distinct one in the
+    batch (each of the first ``cap`` is in the list or refused for a full
+    one). The script stores the same samples from these as from all of them,
+    while the cluster's one update a batch carries at most the caps' worth
+    of values (a few KB of short posts), however many sightings the batch
+    has of it; a sighting left with nothing is dropped."""
+    seen: dict[str, set] = {k: set() for k in (*_SAMPLES, "hashtags")}
+    cap = {**{k: caps[c] for k, c in _SAMPLES.items()}, "hashtags": caps["hashtags"]}
+
+    def fresh(field: str, value: Any) -> bool:
+        if value is None or value == "" or value in seen[field] or len(seen[field]) >= cap[field]:
+            return False
+        seen[field].add(value)
+        return True
+
+    out = []
+    for p in sightings:
+        kept = {k: p.get(k) if fresh(k, p.get(k)) else None for k in _SAMPLES}
+        tags = [h for h in p.get("hashtags") or [] if fresh("hashtags", h)]
+        if tags or any(v is not None for v in kept.values()):
+            out.append({**kept, "hashtags": tags})
+    return out
+
+
 def cluster_doc(snap: ClusterSnapshot, picture_url: str | None = None) -> dict[str, Any]:
     evidence = [e.model_dump(mode="json", exclude_none=True) for e in snap.evidence]
     scores: dict[str, float] = {}

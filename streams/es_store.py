@@ -2,15 +2,15 @@
 SQLite file, for deployments with more than one node.
 
 Layout (``streams.es_templates``): one ``deepwatch-clusters`` document per
-cluster (``_id`` = cluster id, upserted by a stored painless script that
-keeps the highest revision), a ``deepwatch-sightings`` data stream (``_id`` =
-event id), and ``deepwatch-alerts``, ``deepwatch-dead-letters``,
-``deepwatch-deliveries`` keyed by alert id, dead-letter key and (alert,
-target). Counts shown for a cluster (sightings, accounts, platforms, first
-and last seen) are computed from the sightings, merges resolved, as the
-SQLite store computes them: exactly, but for accounts past 40,000 distinct
-ones, which Elasticsearch's cardinality aggregation estimates
-(``_sighting_stats``).
+cluster (``_id`` = cluster id, upserted once a sink batch by a stored
+painless script that keeps the highest revision: ``batch_actions``), a
+``deepwatch-sightings`` data stream (``_id`` = event id), and
+``deepwatch-alerts``, ``deepwatch-dead-letters``, ``deepwatch-deliveries``
+keyed by alert id, dead-letter key and (alert, target). Counts shown for a
+cluster (sightings, accounts, platforms, first and last seen) are computed
+from the sightings, merges resolved, as the SQLite store computes them:
+exactly, but for accounts past 40,000 distinct ones, which Elasticsearch's
+cardinality aggregation estimates (``_sighting_stats``).
 
 The connection and its error lines are ``streams.es_client``; the documents
 and the records read back from them, ``streams.es_docs``; what is put in
@@ -32,8 +32,8 @@ from streams import es_requests as R
 from streams import es_templates as T
 from streams.es_client import EsConfig, EsError, es_error_body, explain
 from streams.es_docs import (
-    SIGHTING_SOURCE, cluster_doc, dead_letter_doc, dead_letter_key, doc_id, hashtags, hex_bits, processed_action,
-    record_from_doc, sighting_doc, sighting_from_doc,
+    SIGHTING_SOURCE, batch_sightings, cluster_doc, dead_letter_doc, dead_letter_key, doc_id, hex_bits,
+    processed_action, record_from_doc, sighting_doc, sighting_from_doc, sighting_params,
 )
 from streams.es_store_accounts import EsAccountQueries
 from streams.es_store_deliveries import EsDeliveryLog, ago, in_states
@@ -113,29 +113,42 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
 
     # -- writes ---------------------------------------------------------------
     def cluster_actions(self, snap: ClusterSnapshot) -> list[tuple[dict, dict | None]]:
+        """One snapshot's actions (``batch_actions`` of it alone)."""
+        return self.batch_actions([snap])
+
+    def batch_actions(self, snaps: list[ClusterSnapshot]) -> list[tuple[dict, dict | None]]:
+        """A batch's actions: each sighting's ``create`` and processed marker,
+        in batch order, then one update per cluster with the batch's newest
+        revision of it (the first of equal ones, as the script keeps the
+        first it sees) and its sightings in batch order. A viral cluster
+        sighted 500 times a batch was 500 updates, each carrying the whole
+        document (its members) and each making Elasticsearch re-index it,
+        for one document kept; the samples the script adds are the same
+        either way (``batch_sightings``), so a batch redelivered, or split
+        differently, ends in the same documents."""
         n = self.names
         out: list[tuple[dict, dict | None]] = []
-        s = snap.new_sighting
-        if s is not None:
-            out.append(({"create": {"_index": n["sightings"], "_id": doc_id(s.event.event_id)}},
-                        sighting_doc(snap.cluster_id, s)))
-            # every offset, duplicates of an earlier event included: replay accounting
-            out.append(processed_action(n["processed"], s.source, "sighting", s.event.event_id))
-        sighting_params = None
-        if s is not None:
-            ev = s.event
-            sighting_params = {
-                "text": (ev.text or "")[:2000] or None,
-                "hashtags": hashtags(ev),
-                "lang": ev.lang, "account": ev.account_handle or ev.account_id, "post_url": ev.post_url,
-            }
-        out.append((
-            {"update": {"_index": n["clusters"], "_id": snap.cluster_id, "retry_on_conflict": 5}},
-            {"scripted_upsert": True, "upsert": {},
-             "script": {"id": T.SCRIPT_ID,
-                        "params": {"doc": cluster_doc(snap, self._picture_url(snap.cluster_id)),
-                                   "sighting": sighting_params, "caps": T.CAPS}}},
-        ))
+        newest: dict[str, ClusterSnapshot] = {}  # in order of first appearance
+        sightings: dict[str, list[dict]] = {}
+        for snap in snaps:
+            cid, s = snap.cluster_id, snap.new_sighting
+            params = sightings.setdefault(cid, [])
+            if s is not None:
+                out.append(({"create": {"_index": n["sightings"], "_id": doc_id(s.event.event_id)}},
+                            sighting_doc(cid, s)))
+                # every offset, duplicates of an earlier event included: replay accounting
+                out.append(processed_action(n["processed"], s.source, "sighting", s.event.event_id))
+                params.append(sighting_params(s))
+            if cid not in newest or snap.revision > newest[cid].revision:
+                newest[cid] = snap
+        for cid, snap in newest.items():
+            out.append((
+                {"update": {"_index": n["clusters"], "_id": cid, "retry_on_conflict": 5}},
+                {"scripted_upsert": True, "upsert": {},
+                 "script": {"id": T.SCRIPT_ID,
+                            "params": {"doc": cluster_doc(snap, self._picture_url(cid)),
+                                       "sightings": batch_sightings(sightings[cid], T.CAPS), "caps": T.CAPS}}},
+            ))
         return out
 
     def _picture_url(self, cluster_id: str) -> str | None:
@@ -149,7 +162,7 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
         self.ensure_setup()
         snaps = list(snaps)
         stored = self._stored_sightings([s.new_sighting.event.event_id for s in snaps if s.new_sighting is not None])
-        actions = [a for snap in snaps for a in self.cluster_actions(snap)
+        actions = [a for a in self.batch_actions(snaps)
                    if not (stored and "create" in a[0] and a[0]["create"]["_index"] == self.names["sightings"]
                            and a[1]["event_id"] in stored)]
         self.bulk.send(actions)

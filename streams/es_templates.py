@@ -14,6 +14,7 @@ expired by ILM): its next backing index is made from the new template
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 # bump with any mapping change (and reindex, see module docstring); 2: run on
@@ -29,7 +30,6 @@ from typing import Any
 # and alerts (an added field: in place; the clusters mapping is strict, so a v5
 # index refused every snapshot carrying it)
 MAPPING_VERSION = 6
-SCRIPT_ID = f"deepwatch-cluster-upsert-v{MAPPING_VERSION}"
 
 PDQ_BITS = 256
 PHASH_BITS = 64
@@ -371,9 +371,11 @@ def index_templates(prefix: str = "deepwatch") -> dict[str, dict[str, Any]]:
 
 
 # The revision guard and the bounded samples, in one stored script so every
-# writer (and Kibana) runs the same code. A stale revision never overwrites a
-# newer one; its sighting (if any) still adds to the samples, which are sets,
-# so redelivery changes nothing.
+# writer (and Kibana) runs the same code. One update per cluster and sink
+# batch: ``params.doc`` is the batch's newest revision of the cluster,
+# ``params.sightings`` its sightings in batch order (``es_docs.batch_sightings``).
+# A stale revision never overwrites a newer one; its sightings still add to the
+# samples, which are capped sets, so redelivery changes nothing.
 CLUSTER_UPSERT_SCRIPT = """
 void addCapped(Map src, String field, def value, int cap) {
   if (value == null || value == '') { return; }
@@ -385,12 +387,11 @@ def d = params.doc;
 boolean newer = ctx._source.revision == null || d.revision > ctx._source.revision;
 if (newer) {
   for (def e : d.entrySet()) { ctx._source[e.getKey()] = e.getValue(); }
-} else if (params.sighting == null) {
+} else if (params.sightings.isEmpty()) {
   ctx.op = 'noop';
   return;
 }
-def s = params.sighting;
-if (s != null) {
+for (def s : params.sightings) {
   addCapped(ctx._source, 'sample_texts', s.text, params.caps.texts);
   for (def h : s.hashtags) { addCapped(ctx._source, 'hashtags', h, params.caps.hashtags); }
   addCapped(ctx._source, 'languages', s.lang, params.caps.languages);
@@ -398,6 +399,17 @@ if (s != null) {
   addCapped(ctx._source, 'post_urls', s.post_url, params.caps.post_urls);
 }
 """.strip()
+
+# The stored script's id names its source (a digest), not ``MAPPING_VERSION``
+# (``deepwatch-cluster-upsert-v6`` and before): a changed script (its params
+# changed: ``sighting`` became ``sightings``) is a new id, so ``ensure_setup``
+# stores it beside the old one and never overwrites the script that workers of
+# the version before still name during a rolling upgrade (their updates would
+# fail on the params they send, and each of their starts would PUT the old
+# source back). Old ids are left in place (docs/elasticsearch.md, "Writes").
+# Tied to the mapping version, a script change without a mapping change kept
+# its id; tied to the source, it cannot.
+SCRIPT_ID = "deepwatch-cluster-upsert-" + hashlib.sha256(CLUSTER_UPSERT_SCRIPT.encode()).hexdigest()[:12]
 
 
 def stored_script() -> dict[str, Any]:

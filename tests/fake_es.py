@@ -45,9 +45,10 @@ THIS IS A FAKE, kept honest in these ways:
   the cluster's ``search.default_search_timeout`` is 200 ``timed_out: true``
   (``time_out_searches``, ``default_search_timeout``); and a request applied
   and answered only after the client stopped waiting (``stall_answers``).
-What it does NOT do: run painless (the one stored script deepwatch uses is
-emulated in Python by its id, the inline ones - the delivery guard - by their
-exact source; a different id or source is refused), analyse
+What it does NOT do: run painless (the one stored script deepwatch uses,
+the cluster upsert, is emulated in Python by its id and source, the inline
+ones - the delivery guard - by their exact source; a different id or source
+is refused, and so are params the script would fail on), analyse
 text with the full Unicode word-boundary rules (see "text analysis"; relevance
 is a plain tf-idf, not BM25), shards, replication or ILM transitions; a data
 stream rolls over only when told (``POST <stream>/_rollover``, at once, or
@@ -275,6 +276,7 @@ class Recorded:
     params: dict[str, list[str]]
     headers: dict[str, str]
     body: Any  # parsed JSON, list of NDJSON lines for _bulk, or None
+    size: int = 0  # bytes of the body as received
 
 
 @dataclass
@@ -467,7 +469,7 @@ class FakeElasticsearch:
                 body = [json.loads(line) for line in text.splitlines() if line.strip()]
             else:
                 body = json.loads(text)
-        rec = Recorded(method, path, params, lower, body)
+        rec = Recorded(method, path, params, lower, body, len(raw))
         with self.lock:
             self.requests.append(rec)
             if self.max_body_bytes is not None and len(raw) > self.max_body_bytes:
@@ -1311,14 +1313,21 @@ class _Err(Exception):
 
 # -- the one stored script, emulated ---------------------------------------------
 def _cluster_upsert(src: dict, params: dict) -> str:
-    """Python twin of streams.es_templates.CLUSTER_UPSERT_SCRIPT."""
+    """Python twin of streams.es_templates.CLUSTER_UPSERT_SCRIPT (stored as ``T.SCRIPT_ID``)."""
     d = params["doc"]
+    sightings = params.get("sightings")
+    if not isinstance(sightings, list) or not all(isinstance(s, dict) and isinstance(s.get("hashtags"), list)
+                                                  for s in sightings):
+        # painless: ``params.sightings.isEmpty()`` or ``for (def h : s.hashtags)`` on a null, or a
+        # loop over what is no list (the params of the script before, ``sighting``, among them)
+        raise _Err(400, {"type": "script_exception", "reason": "runtime error",
+                         "caused_by": {"type": "null_pointer_exception" if sightings is None else "class_cast_exception",
+                                       "reason": f"params.sightings: {type(sightings).__name__}"}})
     newer = src.get("revision") is None or d["revision"] > src["revision"]
     if newer:
         src.update(json.loads(json.dumps(d)))
-    elif params.get("sighting") is None:
+    elif not sightings:
         return "noop"
-    s = params.get("sighting")
     caps = params["caps"]
 
     def add(field: str, value: Any, cap: int) -> None:
@@ -1330,9 +1339,9 @@ def _cluster_upsert(src: dict, params: dict) -> str:
         if value not in lst and len(lst) < cap:
             lst.append(value)
 
-    if s is not None:
+    for s in sightings:
         add("sample_texts", s.get("text"), caps["texts"])
-        for h in s.get("hashtags") or []:
+        for h in s["hashtags"]:
             add("hashtags", h, caps["hashtags"])
         add("languages", s.get("lang"), caps["languages"])
         add("accounts_sample", s.get("account"), caps["accounts"])

@@ -104,7 +104,7 @@ def test_snapshot_is_one_bulk_request_of_sighting_create_and_guarded_cluster_ups
     assert update["script"]["id"] == T.SCRIPT_ID
     params = update["script"]["params"]
     assert params["doc"]["revision"] == 1 and params["doc"]["members"][0]["pdq_bits"] == snap.members[0].pdq
-    assert params["sighting"]["text"] == "Huge fire at the harbour right now"
+    assert [x["text"] for x in params["sightings"]] == ["Huge fire at the harbour right now"]
     s.close()
 
 
@@ -163,7 +163,7 @@ def test_partial_bulk_failure_retries_only_rejected_items(fake_es):
     s.apply_snapshots(snapshots()[:3])
     bulks = [r for r in fake_es.requests if r.path.endswith("/_bulk")]
     assert len(bulks) == 3
-    assert len(bulks[0].body) == 18  # 3 x (create sighting + processed marker + update cluster)
+    assert len(bulks[0].body) == 14  # 3 x (create sighting + processed marker), one update of their one cluster
     assert bulks[1].body == bulks[2].body and len(bulks[1].body) == 2  # only the rejected item, twice
     assert bulks[1].body[0] == {"create": {"_index": "deepwatch-sightings", "_id": "e2"}}
     assert sorted(fake_es.docs[fake_es.data_streams["deepwatch-sightings"]]) == ["e1", "e2", "e3"]
