@@ -117,17 +117,22 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
         return self.batch_actions([snap])
 
     def batch_actions(self, snaps: list[ClusterSnapshot]) -> list[tuple[dict, dict | None]]:
-        """A batch's actions: each sighting's ``create`` and processed marker,
-        in batch order, then one update per cluster with the batch's newest
+        """A batch's actions: each sighting's ``create`` in batch order, then
+        one update per cluster with the batch's newest
         revision of it (the first of equal ones, as the script keeps the
         first it sees) and its sightings in batch order. A viral cluster
         sighted 500 times a batch was 500 updates, each carrying the whole
         document (its members) and each making Elasticsearch re-index it,
         for one document kept; the samples the script adds are the same
         either way (``batch_sightings``), so a batch redelivered, or split
-        differently, ends in the same documents."""
+        differently, ends in the same documents. Then each sighting's
+        processed marker."""
         n = self.names
         out: list[tuple[dict, dict | None]] = []
+        # every offset, duplicates of an earlier event included: replay accounting. Written last,
+        # after the cluster updates (a bulk is cut into several requests): an offset counted as
+        # processed has its cluster written, as when each sighting's actions came together
+        processed: list[tuple[dict, dict | None]] = []
         newest: dict[str, ClusterSnapshot] = {}  # in order of first appearance
         sightings: dict[str, list[dict]] = {}
         for snap in snaps:
@@ -136,8 +141,7 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
             if s is not None:
                 out.append(({"create": {"_index": n["sightings"], "_id": doc_id(s.event.event_id)}},
                             sighting_doc(cid, s)))
-                # every offset, duplicates of an earlier event included: replay accounting
-                out.append(processed_action(n["processed"], s.source, "sighting", s.event.event_id))
+                processed.append(processed_action(n["processed"], s.source, "sighting", s.event.event_id))
                 params.append(sighting_params(s))
             if cid not in newest or snap.revision > newest[cid].revision:
                 newest[cid] = snap
@@ -149,7 +153,7 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
                             "params": {"doc": cluster_doc(snap, self._picture_url(cid)),
                                        "sightings": batch_sightings(sightings[cid], T.CAPS), "caps": T.CAPS}}},
             ))
-        return out
+        return out + processed
 
     def _picture_url(self, cluster_id: str) -> str | None:
         """The cluster's desk page under ``desk.public_url`` (None without one), as alerts link it."""

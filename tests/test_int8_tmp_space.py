@@ -27,7 +27,8 @@ pytest.importorskip("onnxruntime", reason="the int8 path needs onnxruntime")
 
 from detectors.models import pixel_backbone as pb  # noqa: E402
 from detectors.models import pixel_int8  # noqa: E402
-from detectors.models.pixel_int8 import MiB, TempSpaceError, build_int8, temp_space_needed  # noqa: E402
+from detectors.models.pixel_int8 import build_int8  # noqa: E402
+from detectors.models.temp_space import MiB, TempSpaceError, temp_space_needed  # noqa: E402
 from tests.test_deploy_walk import _can_unshare  # noqa: E402
 
 DEEPWATCH = Path(sys.executable).with_name("deepwatch")
@@ -197,3 +198,31 @@ def test_the_detect_role_on_a_small_tmpfs_ends_on_one_line_naming_the_fix(tmp_pa
         and "48.0 MiB free" in errors[0], errors[0]
     _fix_words(errors[0], str(tmp_path / "tmpfs"))
     assert "Wire format" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_two_builds_at_once_leave_the_optimizer_logger_as_it_was():
+    # Each step cuts the optimizer's logger off while it runs and puts back what it found; a second
+    # step entering meanwhile found the first's cut, put that back last, and the logger's records
+    # stopped reaching the process's log for good. One step holds it at a time now.
+    import logging
+    import threading
+
+    from detectors.models import temp_space
+
+    logger = logging.getLogger(temp_space._PREPROCESS_LOGGERS[0])
+    assert logger.propagate
+    first = temp_space.space_said(1)
+    first.__enter__()
+    second_done = threading.Event()
+
+    def second() -> None:
+        with temp_space.space_said(1):
+            pass
+        second_done.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert not second_done.wait(0.3), "a second step ran while the first held the logger"
+    first.__exit__(None, None, None)
+    t.join(10)
+    assert second_done.is_set() and logger.propagate and not logger.handlers

@@ -141,7 +141,7 @@ def test_a_clusters_api_answer_lists_a_page_of_members_and_pages_to_all(desk, me
             break
     assert seen == members and pages == 10
     bad = desk.get(f"/api/clusters/{VIRAL}", params={"members_after": "e" * 64}, headers=EDITOR)
-    assert bad.status_code == 422 and "not a member" in bad.text
+    assert bad.status_code == 422 and "no longer) a member" in bad.text and "without members_after" in bad.text
     assert desk.get(f"/api/clusters/{VIRAL}", params={"members_limit": 5000}, headers=EDITOR).status_code == 422
 
 
@@ -172,6 +172,12 @@ def test_the_cluster_page_shows_a_page_of_variants_and_links_the_next(desk, memb
     # the bank entry of its last file, on no page but the last, is listed on every page
     for page in (r, second):
         assert "cluster-other" in page.text.split('id="bank-entries"')[1]
+    # a "next variants" link whose variant the cluster no longer lists (an Elasticsearch document sheds its
+    # newest members) shows the first page and says so, not an error page
+    gone = desk.get(f"/clusters/{VIRAL}", params={"members_after": "e" * 64}, headers=EDITOR)
+    assert gone.status_code == 200 and 'id="members-stale"' in gone.text
+    assert re.findall(r'src="/thumb/([0-9a-f]{64})"', gone.text.split('id="members"')[1].split("</section>")[0]) \
+        == members[:DETAIL_MEMBERS]
 
 
 def test_bank_entries_of_thousands_of_files_are_one_parameter(viral_dir, members, monkeypatch):

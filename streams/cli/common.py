@@ -85,8 +85,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     # OSError: a file or address the user named is missing, unreadable or
     # unreachable; httpx.HTTPError: a URL the user gave cannot be fetched.
     types: list[type[BaseException]] = [UserError, SettingsError, BrokerError, OSError, httpx.HTTPError]
-    for module, name in (("detectors.models.fetch", "FetchError"), ("detectors.models.fetch", "ModelFetchError"),
-                         ("detectors.models.vendors", "VendorError"), ("detectors.models.checkpoint", "CheckpointError"),
+    for module, name in (("detectors.models.fetch", "FetchError"), ("detectors.models.vendors", "VendorError"),
                          ("kafka.errors", "NoBrokersAvailable"), ("streams.runner", "WorkerExited")):
         # Only from modules the command imported: an error of a module never imported cannot
         # have been raised. Importing them here took 1.3 s (torch, through the model modules)

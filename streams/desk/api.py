@@ -66,8 +66,9 @@ def members_after_query(members_after: Optional[str] = Query(
 def api_cluster(request: Request, cluster_id: str, _: Principal = Depends(reader),
                 members_limit: int = Depends(members_limit_query),
                 members_after: Optional[str] = Depends(members_after_query)) -> dict[str, Any]:
-    """`members` lists a page of the cluster's members (`members_limit`, first joined first), `members_total`
-    how many it has and `members_next` the `members_after` of the next page (null on the last)."""
+    """`members` lists a page of the cluster's members (`members_limit`, in the store's order: the founding
+    picture first), `members_total` how many it has and `members_next` the `members_after` of the next page
+    (null on the last)."""
     return cluster_detail(desk_of(request).source, cluster_id, members_limit, members_after)
 
 

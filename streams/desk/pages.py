@@ -84,11 +84,14 @@ def cluster_page(request: Request, cluster_id: str, me: Principal = Depends(read
         raise HTTPException(404, f"no cluster {cluster_id!r}") from None
     # a page of its variants (``DETAIL_MEMBERS``), the next through ``members_after``; the
     # bank entries of all of them
+    stale = members_after is not None and all(m["sha256"] != members_after for m in full["members"])
+    if stale:  # the link's variant is gone (a viral cluster's document sheds its newest copies): the first page
+        members_after = None
     doc = cluster_detail(desk.source, cluster_id, members_after=members_after, full=full)
     nxt = (f"/clusters/{quote(cluster_id, safe='')}?{urlencode({'members_after': doc['members_next']})}#members"
            if doc["members_next"] else None)
     first = f"/clusters/{quote(cluster_id, safe='')}#members" if members_after else None
-    return page(request, "cluster.html", me, c=doc, members_next_url=nxt, members_first_url=first,
+    return page(request, "cluster.html", me, c=doc, members_next_url=nxt, members_first_url=first, members_stale=stale,
                 banks=views.bank_entries_for(desk.settings, [m["sha256"] for m in full["members"]]))
 
 

@@ -750,12 +750,6 @@ class FindingsSource:
             out[c["id"]] = [sum(col) for col in zip(*per_platform.values())] or out[c["id"]]
         return out
 
-    def detail(self, cluster_id: str, first: int = DETAIL_SIGHTINGS, *, members_limit: int = DETAIL_MEMBERS,
-               members_after: str | None = None) -> dict[str, Any]:
-        """``detail_of`` the cluster (``cluster``: ``NotFound`` when there is none)."""
-        return self.detail_of(self.cluster(cluster_id), first, members_limit=members_limit,
-                              members_after=members_after)
-
     def detail_of(self, full: dict[str, Any], first: int = DETAIL_SIGHTINGS, *, members_limit: int = DETAIL_MEMBERS,
                   members_after: str | None = None) -> dict[str, Any]:
         """Cluster document ``full`` (``cluster``'s) with one page of its
@@ -864,7 +858,9 @@ def members_page(doc: dict[str, Any], limit: int, after: str | None = None) -> d
     if after is not None:
         start = next((i + 1 for i, m in enumerate(members) if m["sha256"] == after), -1)
         if start < 0:
-            raise NotAMember(f"members_after: {after} is not a member of cluster {doc['id']}")
+            # on Elasticsearch a viral cluster's document sheds its newest members: a cursor can go stale
+            raise NotAMember(f"members_after: {after} is not (or no longer) a member of cluster {doc['id']}; "
+                             "ask again without members_after for the first page")
     shown = members[start:start + max(limit, 0)]
     more = start + len(shown) < len(members)
     return {**doc, "members": shown, "members_total": len(members),
