@@ -552,14 +552,14 @@ def eval_cmd(
     detector, fused and per generator, on the files as given and re-posted
     (metadata stripped, JPEG q80, long side <= 1600 px). JSON shape: see
     detectors/models/evaluate.py."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    missing = [p for p in sources if not p.exists()]
+    if missing:  # said before the imports below (torch: about a second)
+        fail(f"{missing[0]} does not exist (give a manifest.csv or a folder)")
     from detectors.base import create_all
     from detectors.models.dataset import filter_generators, load_labelled
     from detectors.models.evaluate import VARIANTS, evaluate
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    missing = [p for p in sources if not p.exists()]
-    if missing:
-        fail(f"{missing[0]} does not exist (give a manifest.csv or a folder)")
     unknown = [v for v in variant if v not in VARIANTS]
     if unknown:
         fail(f"--variant {unknown[0]!r} is not one of {', '.join(VARIANTS)}")

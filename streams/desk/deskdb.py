@@ -215,14 +215,6 @@ class DeskDB:
                               at=datetime.fromisoformat(r[6]), cluster_state=json.loads(r[7]), effects=json.loads(r[8]))
                 for r in rows]
 
-    def latest_verdicts(self) -> dict[str, VerdictRecord]:
-        """Each judged cluster's latest verdict."""
-        out: dict[str, VerdictRecord] = {}
-        ids = [r[0] for r in self._db.execute("SELECT DISTINCT cluster_id FROM verdicts")]
-        for rec in self.history(ids):
-            out[rec.cluster_id] = rec
-        return out
-
     # -- overlay ---------------------------------------------------------------
     def set_overlay(self, rows: list[OverlayRow], clear_source: str) -> None:
         """Replace what the verdict on ``clear_source`` implied with ``rows``."""
