@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from pydantic import BaseModel
 
 from streams.topics import topic_specs
-from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics, free_port
+from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics
 from streams.ingest import Produced, produce_lines
 from streams.priority import renice_threads
 from streams.settings import Settings
@@ -52,14 +52,41 @@ MODELS_STALL_S = 60.0
 EVENTS_POLL_S, DERIVED_POLL_S = 0.1, 0.02
 
 
+# How long ``WorkerProcess.metrics_port`` waits for a starting worker to say its port.
+METRICS_PORT_WAIT_S = 60.0
+
+
 @dataclass
 class WorkerProcess:
     role: str
     proc: "subprocess.Popen | ZygoteChild"
     log_path: Path
-    metrics_port: int | None = None
+    # where the worker writes the metrics port it took (DEEPWATCH_METRICS_PORT_FILE); None: it serves none
+    port_file: Path | None = None
     expected_exit: bool = False
     spawned_at: float = field(default_factory=time.time)  # wall clock, comparable with log timestamps
+    _metrics_port: int | None = field(default=None, init=False, repr=False)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of the worker's /metrics, once it has said it (waited for while the worker
+        starts, at most ``METRICS_PORT_WAIT_S``); None when it serves none or died first. The
+        worker takes any free port itself: one picked here and handed over was taken by another
+        process in between on a busy machine, and the worker exited on "port in use"."""
+        if self._metrics_port is None and self.port_file is not None:
+            deadline = time.monotonic() + METRICS_PORT_WAIT_S
+            while True:
+                try:
+                    text = self.port_file.read_text().strip()
+                except OSError:  # not written yet
+                    text = ""
+                if text.isdigit():
+                    self._metrics_port = int(text)
+                    break
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        return self._metrics_port
 
     def stop(self, timeout: float = 20.0) -> None:
         self.terminate()
@@ -191,10 +218,11 @@ class Cluster:
         env = settings_env(self.settings, self.broker_url)
         for k, v in LOCAL_THREAD_ENV.items():
             env.setdefault(k, v)
-        port = None
+        port_file = None
         if metrics:
-            port = free_port()
-            env["DEEPWATCH_METRICS_PORT"] = str(port)
+            port_file = log_path.with_suffix(".port")
+            env["DEEPWATCH_METRICS_PORT"] = "0"  # any free one, said in port_file (WorkerProcess.metrics_port)
+            env["DEEPWATCH_METRICS_PORT_FILE"] = str(port_file)
         # The detect role loads its models at normal priority (a one-off
         # fraction of a second of CPU that, niced, took 6-8 s next to a
         # pipeline already at work) and lowers itself to DETECT_NICE after.
@@ -214,7 +242,7 @@ class Cluster:
                     [sys.executable, *SAFE_PATH, "-m", "streams.worker", *argv],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 )
-        w = WorkerProcess(role, proc, log_path, port)
+        w = WorkerProcess(role, proc, log_path, port_file)
         self.workers.append(w)
         return w
 
