@@ -314,12 +314,7 @@ def test_each_service_runs_as_compose_lays_it_out(name, broker, fake_es, root, t
             f"{name}: capabilities {status['CapEff'].strip()}, bounding set {status['CapBnd'].strip()}"
         assert status["NoNewPrivs"].strip() == "1", f"{name}: may gain privileges"
         if "detect" in svc["command"]:
-            # the models load after the healthcheck first passes; a failure to load ends the process
-            deadline = time.monotonic() + 240
-            while '"models loaded"' not in log.read_text():
-                assert proc.poll() is None, f"{name} exited with {proc.returncode}: {log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
+            walk.wait_models_loaded(name, proc, log)  # after the healthcheck first passes
             res = s.healthcheck()
             assert res.returncode == 0, (res.stderr, log.read_text()[-3000:])
         assert proc.poll() is None, log.read_text()[-3000:]

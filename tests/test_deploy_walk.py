@@ -229,6 +229,15 @@ class Pod:
         return out
 
 
+def wait_models_loaded(where: str, proc: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
+    """The detect role loads its models after its probes first answer; a failure to load ends the process."""
+    deadline = time.monotonic() + timeout_s
+    while '"models loaded"' not in log.read_text():
+        assert proc.poll() is None, f"{where} exited with {proc.returncode}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
 def _workloads() -> list:
     return [pytest.param(where, id=where.split("/")[1]) for where, _, _ in
             _deepwatch_containers(_kustomize_resources(K8S / "base"))]
@@ -253,12 +262,7 @@ def test_each_workload_runs_as_its_manifest_lays_it_out(where, broker, fake_es, 
         for url in urls:
             wait_healthy(url, proc, timeout_s=120)
         if "detect" in container["args"]:
-            # the models load after the probes first answer; a failure to load ends the process
-            deadline = time.monotonic() + 240
-            while '"models loaded"' not in log.read_text():
-                assert proc.poll() is None, f"{where} exited with {proc.returncode}: {log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
+            wait_models_loaded(where, proc, log)
         for url in urls:
             r = httpx.get(url, timeout=5)
             assert r.status_code == 200, (url, r.text)

@@ -212,13 +212,11 @@ async def record_verdict(desk: Desk, cluster_id: str, body: VerdictIn, who: Prin
 
 
 def cluster_detail(source: FindingsSource, cluster_id: str, members_limit: int = DETAIL_MEMBERS,
-                   members_after: str | None = None, full: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``source.detail_of`` the cluster (its document ``full`` when the caller read it already):
-    404 when there is none, 422 when ``members_after`` is none of its members."""
+                   members_after: str | None = None) -> dict[str, Any]:
+    """``source.detail_of`` the cluster: 404 when there is none, 422 when ``members_after`` is
+    none of its members."""
     try:
-        if full is None:
-            full = source.cluster(cluster_id)
-        return source.detail_of(full, members_limit=members_limit, members_after=members_after)
+        return source.detail_of(source.cluster(cluster_id), members_limit=members_limit, members_after=members_after)
     except NotFound:
         raise HTTPException(404, f"no cluster {cluster_id!r}") from None
     except NotAMember as e:

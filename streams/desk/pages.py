@@ -21,8 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from streams.desk import observe, views
-from streams.desk.api import account_in_query, cluster_detail, lookup_picture, members_after_query, \
-    record_verdict
+from streams.desk.api import account_in_query, lookup_picture, members_after_query, record_verdict
 from streams.desk.auth import Principal, UserEntry, credential_of
 from streams.desk.guards import LOGIN_CSRF_COOKIE, SAFE_METHODS, SESSION_COOKIE, DeskRoute, editor_form, \
     login_form_csrf, principal, reader, reader_form
@@ -30,7 +29,7 @@ from streams.desk.lookup import Rejected
 from streams.desk.queries import QUEUE_FORM, SEARCH_FORM, account_query, accounts_link, cluster_query, \
     desk_verdict_query, queue_form, queue_link, search_asked, search_cursor, search_form, search_link, \
     store_query
-from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery, NotFound
+from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery, NotAMember, NotFound
 from streams.desk.state import MAX_WAITING_LOGINS, Desk, desk_of
 from streams.desk.verdicts import VerdictIn
 from streams.cluster_search import ClusterQuery as StoreQuery
@@ -84,10 +83,10 @@ def cluster_page(request: Request, cluster_id: str, me: Principal = Depends(read
         raise HTTPException(404, f"no cluster {cluster_id!r}") from None
     # a page of its variants (``DETAIL_MEMBERS``), the next through ``members_after``; the
     # bank entries of all of them
-    stale = members_after is not None and all(m["sha256"] != members_after for m in full["members"])
-    if stale:  # the link's variant is gone (a viral cluster's document sheds its newest copies): the first page
-        members_after = None
-    doc = cluster_detail(desk.source, cluster_id, members_after=members_after, full=full)
+    try:
+        doc, stale = desk.source.detail_of(full, members_after=members_after), False
+    except NotAMember:  # the link's variant is gone (a viral cluster's document sheds its newest copies): the first page
+        doc, stale, members_after = desk.source.detail_of(full), True, None
     nxt = (f"/clusters/{quote(cluster_id, safe='')}?{urlencode({'members_after': doc['members_next']})}#members"
            if doc["members_next"] else None)
     first = f"/clusters/{quote(cluster_id, safe='')}#members" if members_after else None
