@@ -58,6 +58,10 @@ TAG_GAP = " \ue000 "
 # SQLite virtual-machine steps between two looks at a search's deadline
 # (``_search_db``): well under a millisecond apart, a Python call each.
 SEARCH_PROGRESS_STEPS = 20_000
+# Read connections kept open between snapshot reads (``_snapshot``): about as
+# many as the desk's threads reading at once; more are opened when needed and
+# closed after.
+IDLE_READERS = 4
 
 
 class StoreError(OSError):
@@ -224,6 +228,66 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         self._lock = threading.Lock()
         self._udf_db: sqlite3.Connection | None = None
         self._udf_lock = threading.Lock()
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._reading = threading.local()  # .db: the connection of this thread's ``_snapshot``
+
+    @property
+    def _rdb(self) -> sqlite3.Connection:
+        """The connection a read runs on: inside ``_snapshot``, this thread's
+        snapshot; outside one, the shared connection (each statement its own)."""
+        return getattr(self._reading, "db", None) or self._db
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction, so that every statement a read makes (through
+        ``_rdb``) sees the same committed state. In WAL mode each autocommit
+        statement sees the file as of its own start: a sighting committed
+        between two statements of one read was in ``last_seen`` but not in
+        the count, or a member was read without its cluster's row.
+
+        On a connection of its own (a few kept idle), not the shared one: a
+        transaction there would take in the statements other threads run on
+        it meanwhile, and a writer thread's ``BEGIN IMMEDIATE`` would fail
+        inside it. A WAL reader never blocks the writer (it only keeps a
+        checkpoint from passing its snapshot, while it lasts); the
+        transaction ends when the block does, however it ends. Nested in the
+        same thread: the outer read's snapshot."""
+        held = getattr(self._reading, "db", None)
+        if held is not None:
+            yield held
+            return
+        with self._readers_lock:
+            db = self._idle_readers.pop() if self._idle_readers else None
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("BEGIN")  # deferred: the snapshot is taken by the first SELECT
+        except BaseException:
+            db.close()
+            raise
+        self._reading.db = db
+        try:
+            yield db
+        finally:
+            self._reading.db = None
+            self._end_read(db)
+
+    def _end_read(self, db: sqlite3.Connection) -> None:
+        """End ``_snapshot``'s transaction on ``db`` and keep it for the next
+        read (closed if it cannot be ended, or enough are kept)."""
+        try:
+            if db.in_transaction:
+                db.execute("ROLLBACK")  # nothing was written: ends the read, releases the snapshot
+        except BaseException:
+            db.close()
+            raise
+        with self._readers_lock:
+            if not self._closed and len(self._idle_readers) < IDLE_READERS:
+                self._idle_readers.append(db)
+                return
+        db.close()
 
     @contextmanager
     def _with_functions(self) -> Iterator[sqlite3.Connection]:
@@ -296,6 +360,11 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         with self._udf_lock:
             if self._udf_db is not None:
                 self._udf_db.close()
+        with self._readers_lock:
+            self._closed = True
+            idle, self._idle_readers = self._idle_readers, []
+        for db in idle:
+            db.close()
 
     def ensure_setup(self) -> None:
         """Nothing to do (``StoreSetup``): the tables were made, or migrated, when the file opened."""
@@ -568,7 +637,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
     def _roots(self) -> dict[str, str]:
         """cluster id -> surviving cluster id, following merges (sightings keep
         the id they were recorded under; merges are resolved when reading)."""
-        into = dict(self._db.execute("SELECT cluster_id, merged_into FROM clusters").fetchall())
+        into = dict(self._rdb.execute("SELECT cluster_id, merged_into FROM clusters").fetchall())
         return {cid: surviving_cluster(cid, into) for cid in into}
 
     def _roots_around(self, ids: set[str]) -> dict[str, str]:
@@ -595,8 +664,8 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         chunk = sorted(ids)
         for i in range(0, len(chunk), 500):
             part = chunk[i:i + 500]
-            yield from self._db.execute("SELECT cluster_id, merged_into FROM clusters WHERE merged_into IN "
-                                        f"({','.join('?' * len(part))})", part)
+            yield from self._rdb.execute("SELECT cluster_id, merged_into FROM clusters WHERE merged_into IN "
+                                         f"({','.join('?' * len(part))})", part)
 
     def clusters(self, *, include_merged: bool = False, limit: int | None = None) -> list[ClusterRecord]:
         """Clusters, highest fake score first; counts, accounts, platforms and
@@ -605,10 +674,11 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             return self._cluster_records(self._cluster_rows(include_merged=include_merged))
         # The live table asks for the top few every refresh: build only those,
         # not every cluster of the store to keep the first `limit`.
-        ids = {cid for cid, in self._db.execute(
-            "SELECT cluster_id FROM clusters" + ("" if include_merged else " WHERE merged_into IS NULL")
-            + " ORDER BY fake_score DESC, cluster_id LIMIT ?", (int(limit),))}
-        return self.clusters_by_id(ids) if ids else []
+        with self._snapshot() as db:  # the top as of the records built
+            ids = {cid for cid, in db.execute(
+                "SELECT cluster_id FROM clusters" + ("" if include_merged else " WHERE merged_into IS NULL")
+                + " ORDER BY fake_score DESC, cluster_id LIMIT ?", (int(limit),))}
+            return self.clusters_by_id(ids) if ids else []
 
     def clusters_by_id(self, ids: set[str]) -> list[ClusterRecord]:
         """These clusters' records (merged ones too), built exactly as ``clusters`` builds them."""
@@ -673,9 +743,11 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         if limit:
             sql += " LIMIT ?"
             args.append(int(limit))
-        order = [cid for cid, in self._db.execute(sql, args)]
+        with self._snapshot() as db:  # the order as of the records built
+            order = [cid for cid, in db.execute(sql, args)]
+            rows = self._cluster_rows(only=set(order))
         at = {cid: i for i, cid in enumerate(order)}
-        return sorted(self._cluster_records(self._cluster_rows(only=set(order))), key=lambda c: at[c.id])
+        return sorted(self._cluster_records(rows), key=lambda c: at[c.id])
 
     def verdict_cluster_ids(self, verdict: str) -> dict[str, list[str]]:
         return {cid: json.loads(merged) for cid, merged in self._db.execute(
@@ -739,11 +811,12 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
 
     def cluster_sightings(self, cluster_id: str, *, limit: int = 200) -> list[SightingRecord]:
         """The cluster's posts, newest first, those of clusters merged into it included."""
-        roots = self._roots()
-        ids = {cid for cid, root in roots.items() if root == cluster_id} | {cluster_id}
-        rows = list(self._select(
-            """SELECT event_id, cluster_id, sha256, platform, account_id, account_handle, post_url, posted_at, text,
-                      hashtags, lang, engagement FROM sightings WHERE {where}""", ids))
+        with self._snapshot():  # the sightings of the clusters merged in as of the merges read
+            roots = self._roots()
+            ids = {cid for cid, root in roots.items() if root == cluster_id} | {cluster_id}
+            rows = list(self._select(
+                """SELECT event_id, cluster_id, sha256, platform, account_id, account_handle, post_url, posted_at,
+                          text, hashtags, lang, engagement FROM sightings WHERE {where}""", ids))
         rows.sort(key=lambda r: (-_epoch_s(r[7]), r[0]))
         return [self._sighting(row) for row in rows[:limit]]
 
@@ -854,16 +927,21 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
     def _select(self, sql: str, ids: set[str] | None, args: tuple = ()) -> Iterator[tuple]:
         """``sql`` with ``{where}`` as all rows, or only those whose cluster_id is in ``ids``."""
         if ids is None:
-            yield from self._db.execute(sql.format(where="1=1"), args)
+            yield from self._rdb.execute(sql.format(where="1=1"), args)
             return
         chunk = sorted(ids)
         for i in range(0, len(chunk), 500):
             part = chunk[i:i + 500]
-            yield from self._db.execute(sql.format(where=f"cluster_id IN ({','.join('?' * len(part))})"), (*args, *part))
+            yield from self._rdb.execute(sql.format(where=f"cluster_id IN ({','.join('?' * len(part))})"), (*args, *part))
 
     def _cluster_rows(self, *, include_merged: bool = False, only: set[str] | None = None) -> list[dict[str, Any]]:
         """Cluster rows as JSON-ready dicts; ``only`` = just these surviving
-        clusters (with everything merged into them)."""
+        clusters (with everything merged into them). Merges, sighting counts,
+        members and cluster rows are read in one snapshot (``_snapshot``)."""
+        with self._snapshot():
+            return self._cluster_rows_read(include_merged, only)
+
+    def _cluster_rows_read(self, include_merged: bool, only: set[str] | None) -> list[dict[str, Any]]:
         roots = self._roots() if only is None else self._roots_around(only)
         folded = None if only is None else only | {cid for cid, root in roots.items() if root in only}
         agg = self._sighting_stats(roots, folded)
@@ -923,7 +1001,8 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         cluster id: read into Python row by row, a viral cluster's 50,000
         sightings took ~0.25 s of every read of it (each desk refresh after
         one of its sightings). Distinct accounts over several recorded ids
-        (merges) are counted again across them, in one more query."""
+        (merges) are counted again across them, in one more query. Read in
+        the caller's ``_snapshot``: the queries count the same sightings."""
         agg: dict[str, dict[str, Any]] = {}
         at: dict[str, list[float]] = {}  # root -> [julian day of first, of last]: the instants, not the texts
         recorded: dict[str, list[str]] = {}  # root -> the ids its sightings were recorded under
@@ -944,15 +1023,13 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
                 "SELECT cluster_id, MAX(julianday(posted_at)), posted_at FROM sightings WHERE {where} "
                 "GROUP BY cluster_id", ids):
             root = roots.get(cid, cid)
-            if root not in agg:
-                continue  # its first sighting committed between the two reads: the next read counts it
             a, span = agg[root], at[root]
             if day > span[1]:
                 a["last"], span[1] = posted_at, day
         # an account may have posted under two of a root's ids: counted once, all such roots in one query
         merged = {cid: root for root, cids in recorded.items() if len(cids) > 1 for cid in cids}
         if merged:
-            for root, accounts in self._db.execute(
+            for root, accounts in self._rdb.execute(
                     "SELECT m.value, COUNT(DISTINCT s.account_id) FROM json_each(?) AS m "
                     "JOIN sightings AS s ON s.cluster_id = m.key GROUP BY m.value", (json.dumps(merged),)):
                 agg[root]["accounts"] = accounts
@@ -981,10 +1058,11 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         limit = read_limit(limit)
         if limit is None:
             return self._db.execute(f"SELECT {cols} FROM {table} ORDER BY {', '.join(order)}"), None
-        rows = self._db.execute(f"SELECT {cols} FROM {table} ORDER BY {', '.join(f'{c} DESC' for c in order)} LIMIT ?",
-                                (limit,)).fetchall()
-        rows.reverse()
-        total = len(rows) if len(rows) < limit else self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        with self._snapshot() as db:  # the count of the rows read, not of rows added since
+            rows = db.execute(f"SELECT {cols} FROM {table} ORDER BY {', '.join(f'{c} DESC' for c in order)} LIMIT ?",
+                              (limit,)).fetchall()
+            rows.reverse()
+            total = len(rows) if len(rows) < limit else db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
         return rows, total
 
     def _sighting(self, row: tuple) -> SightingRecord:
