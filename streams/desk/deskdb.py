@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from detectors.sqlite_errors import primary_code
 from streams.sqlite_wal import enable_wal
 
 log = logging.getLogger(__name__)
@@ -201,15 +202,48 @@ class DeskDB:
                 for verdict_id, _, alert_id, verdict in rows
                 if alert_id.startswith(f"{cluster_id}:desk-")]  # LIKE folds ASCII case
 
-    def history(self, cluster_ids: list[str]) -> list[VerdictRecord]:
+    def history(self, cluster_ids: list[str], *, members: int | None = None) -> list[VerdictRecord]:
+        """The verdicts given on ``cluster_ids``, oldest first. ``members``:
+        each ``cluster_state`` with only the first ``members`` of the members
+        it kept and ``members_total``, how many, as ``source.state_page``
+        pages them, cut by SQLite: a verdict on a viral cluster kept its
+        10,000 sha256s (670 KB), all read and parsed here for every view of
+        its page before. A state SQLite does not cut comes whole, for the
+        caller to page: no members; members other than text (SQLite would
+        write a number its own way); or, for the whole read, a state that is
+        no JSON to SQLite (Python's json writes NaN)."""
         if not cluster_ids:
             return []
+        if members is not None:
+            try:
+                return self._history(cluster_ids, members)
+            except sqlite3.OperationalError as e:
+                if primary_code(e) != "SQLITE_ERROR":  # "malformed JSON"; a busy file is no reason to read it all
+                    raise
+        return self._history(cluster_ids, None)
+
+    def _history(self, cluster_ids: list[str], members: int | None) -> list[VerdictRecord]:
         marks = ",".join("?" * len(cluster_ids))
+        args: list[Any] = [*cluster_ids]
+        if members is None:
+            state = "v.cluster_state"
+        else:
+            # total: NULL or 0 where members is no array (or none), cut only past that;
+            # head: the first members (json_each gives them in order), NULL if one is not text.
+            # Materialized: referenced twice, head would be worked out twice (each a parse of the state).
+            state = """(WITH p AS MATERIALIZED (
+                           SELECT cs, total, CASE WHEN total > 0 THEN (
+                               SELECT CASE WHEN SUM(m.type <> 'text') THEN NULL ELSE json_group_array(m.value) END
+                               FROM (SELECT type, value FROM json_each(cs, '$.members') LIMIT ?1) AS m) END AS head
+                           FROM (SELECT v.cluster_state AS cs, json_array_length(v.cluster_state, '$.members') AS total))
+                       SELECT CASE WHEN head IS NULL THEN cs
+                                   ELSE json_set(cs, '$.members', json(head), '$.members_total', total) END FROM p)"""
+            args.insert(0, members)  # ?1, before the ids' marks (numbered after it)
         rows = self._db.execute(
-            f"""SELECT v.verdict_id, v.cluster_id, v.verdict, v.note, v.user, v.role, v.at, v.cluster_state,
+            f"""SELECT v.verdict_id, v.cluster_id, v.verdict, v.note, v.user, v.role, v.at, {state},
                        COALESCE(e.effects, '{{}}')
                 FROM verdicts v LEFT JOIN verdict_effects e ON e.verdict_id = v.verdict_id
-                WHERE v.cluster_id IN ({marks}) ORDER BY v.verdict_id""", cluster_ids,
+                WHERE v.cluster_id IN ({marks}) ORDER BY v.verdict_id""", args,
         ).fetchall()
         return [VerdictRecord(verdict_id=r[0], cluster_id=r[1], verdict=r[2], note=r[3], user=r[4], role=r[5],
                               at=datetime.fromisoformat(r[6]), cluster_state=json.loads(r[7]), effects=json.loads(r[8]))

@@ -763,7 +763,8 @@ class FindingsSource:
         doc["sightings_detail"] = self.sightings(ids, limit=first)
         doc["sightings_detail_truncated"] = len(doc["sightings_detail"]) < doc["sightings"]
         doc["spread_by_platform"] = self._spread_by_platform(ids, doc["first_seen"], doc["last_seen"])
-        doc["verdict_history"] = [state_page(v.model_dump(mode="json")) for v in self.desk.history([full["id"]])]
+        doc["verdict_history"] = [state_page(v.model_dump(mode="json"))
+                                  for v in self.desk.history([full["id"]], members=LIST_MEMBERS)]
         return doc
 
     def _spread_by_platform(self, ids: list[str], first: str | None, last: str | None,
@@ -871,12 +872,13 @@ def state_page(verdict: dict[str, Any]) -> dict[str, Any]:
     """A verdict record (``VerdictRecord`` as JSON) whose ``cluster_state``
     lists at most ``LIST_MEMBERS`` of the members it kept (the audit table
     keeps them all), with ``members_total``: a page of a viral cluster's
-    history carried every verdict's 10,000 sha256s (670 KB each)."""
+    history carried every verdict's 10,000 sha256s (670 KB each). A state
+    ``DeskDB.history`` already cut keeps the ``members_total`` it counted."""
     state = verdict.get("cluster_state")
     if not isinstance(state, dict) or not isinstance(state.get("members"), list):
         return verdict
     return {**verdict, "cluster_state": {**state, "members": state["members"][:LIST_MEMBERS],
-                                         "members_total": len(state["members"])}}
+                                         "members_total": state.get("members_total", len(state["members"]))}}
 
 
 def _last_seen_s(d: dict[str, Any]) -> float | None:
