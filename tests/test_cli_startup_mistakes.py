@@ -70,6 +70,32 @@ def test_a_settings_mistake_is_said_without_loading_the_model_runtime(tmp_path):
     assert "log_level" in line, line
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--recipe", "pixel-probe", "--data", "{missing}"], "no manifest.csv at {missing}"),
+    (["--real", "{missing}", "--fake", "{folder}"], "--real {missing}: no such folder"),
+    (["--real", "{folder}", "--fake", "{missing}"], "--fake {missing}: no such folder"),
+    (["--manifest", "{missing}"], "--manifest {missing}: no such file"),
+    (["--real", "{folder}", "--fake", "{folder}", "--manifest", "{folder}"], "--manifest {folder}: no manifest.csv"),
+])
+def test_a_missing_training_set_is_said_without_loading_the_model_runtime(tmp_path, args, said):
+    # `train` imported torch (about 1.3 s) before it looked at its paths: a typo's answer waited for it
+    folder, missing = tmp_path / "pictures", tmp_path / "no-such-set"
+    folder.mkdir()
+    (folder / "real.jpg").write_bytes(b"\xff\xd8\xff\xd9")
+    paths = {"missing": missing, "folder": folder}
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("DEEPWATCH_")}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "streams.cli", "train",
+                        *(a.format(**paths) for a in args), "--data-dir", str(tmp_path / "data")],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT, env={**base, "PYTHONPATH": str(ROOT)})
+    imported = {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "streams.cli.models" in imported  # the command's own module answered
+    assert not {"torch", "onnxruntime", "detectors.models"} & imported, sorted(
+        imported & {"torch", "onnxruntime", "detectors.models"})
+    rest = "\n".join(line for line in r.stderr.splitlines() if not line.startswith("import time:"))
+    line = _one_error_line(subprocess.CompletedProcess(r.args, r.returncode, r.stdout, rest))
+    assert said.format(**paths) in line, line
+
+
 def test_an_unknown_log_format_is_refused_not_taken_as_console():
     line = _one_error_line(_cli("settings", "--format", "json", env={"DEEPWATCH_LOG_FORMAT": "xml"}))
     assert "log_format" in line and "'json' or 'console'" in line, line

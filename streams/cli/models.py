@@ -307,12 +307,14 @@ def train_cmd(
         return
     if recipe != "cnn":
         fail(f"unknown --recipe {recipe!r}; use cnn or pixel-probe")
+    # said before the imports below (torch: about a second), as eval says a missing set
+    _check_cnn_folders(real, fake)
+    if manifest is not None:
+        manifest = _manifest_file(manifest)
     from detectors.models.dataset import Sample, filter_generators, image_files, load_manifest, stable_fraction
     from detectors.models.train import TrainConfig, train_model
 
-    _check_cnn_options(real, fake, generators, real_fraction, arch, calibration, out)
-    if manifest is not None:
-        manifest = _manifest_file(manifest)
+    _check_cnn_options(generators, real_fraction, arch, calibration, out)
     samples: list[Sample] = []
     for d in real:
         samples += [Sample(p, 0) for p in image_files(d)]
@@ -408,20 +410,23 @@ def _manifest_file(manifest: Path) -> Path:
     return manifest
 
 
-def _check_cnn_options(real: list[Path], fake: list[Path], generators: str | None, real_fraction: float, arch: str,
-                       calibration: str, out: str) -> None:
-    """Mistakes the cnn recipe used to take quietly (a typo'd folder read as
-    empty, ``--calibration bogus`` trained as platt, ``--real-fraction 5`` as 1)
-    or only after loading everything (an unknown --arch, a bad --out name)."""
-    from detectors.models.checkpoint import validate_name
-    from detectors.models.nets import ARCHITECTURES
-
+def _check_cnn_folders(real: list[Path], fake: list[Path]) -> None:
+    """--real and --fake are folders: a typo'd one was read as empty."""
     for option, folders in (("--real", real), ("--fake", fake)):
         for d in folders:
             if d.is_file():
                 fail(f"{option} {d} is a file, not a folder: give the folder holding the images, e.g. {option} {d.parent}")
             if not d.is_dir():
                 fail(f"{option} {d}: no such folder")
+
+
+def _check_cnn_options(generators: str | None, real_fraction: float, arch: str, calibration: str, out: str) -> None:
+    """Mistakes the cnn recipe used to take quietly (``--calibration bogus``
+    trained as platt, ``--real-fraction 5`` as 1) or only after loading
+    everything (an unknown --arch, a bad --out name)."""
+    from detectors.models.checkpoint import validate_name
+    from detectors.models.nets import ARCHITECTURES
+
     _check_regex(generators, "--generators")
     if not 0.0 <= real_fraction <= 1.0:
         fail(f"--real-fraction {real_fraction:g} is not between 0 and 1")
