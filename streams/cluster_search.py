@@ -174,6 +174,19 @@ class ClusterQuery(BaseModel):
                 or self.cluster_ids is not None)
 
 
+def nameless_filter(q: ClusterQuery, account: str | None, hashtag: str | None) -> tuple[str, str, str] | None:
+    """The first name filter given with something in it (not blank) that
+    ``q`` normalised to no condition ("@" or "#" alone) as (field, what was
+    given, why it is refused), else None. Dropped, such a filter answered
+    every cluster, and beside another filter the answer of that one alone,
+    unsaid; the desk's API and ``deepwatch search`` refuse it with this why."""
+    for name, sent, kept, what in (("account", account, q.account, "an account id or @handle"),
+                                   ("hashtag", hashtag, q.hashtag, "a tag")):
+        if sent and sent.strip() and kept is None:
+            return name, sent, f"has no name in it: give {what}"
+    return None
+
+
 class SearchCursor(BaseModel):
     """A place in one search's order: the key the store ordered the last row
     shown by (``SearchPage.keys``: ascending, the cluster id left out) and

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import os
 import re
 import stat
@@ -350,8 +351,6 @@ def explain_source_error(e: Exception, environ: Mapping[str, str]) -> SettingsEr
     """pydantic-settings' "error parsing value for field ..." (a list or table
     setting whose environment value is not JSON) as one line naming the
     variable and the form it needs; it names only the top-level field."""
-    import json
-
     m = re.search(r'field "(\w+)"', str(e))
     field = m.group(1).upper() if m else ""
     for name, value in environ.items():
@@ -360,7 +359,7 @@ def explain_source_error(e: Exception, environ: Mapping[str, str]) -> SettingsEr
             continue
         try:
             json.loads(value)
-        except ValueError:
+        except ValueError as bad:
             path = upper[len("DEEPWATCH_"):].lower().replace("__", ".")
             info = dict(setting_paths()).get(path)
             kinds = {typing.get_origin(a) for a in (info.annotation, *typing.get_args(info.annotation))} if info else set()
@@ -370,9 +369,33 @@ def explain_source_error(e: Exception, environ: Mapping[str, str]) -> SettingsEr
                 example = '\'[{"key": "value"}]\''
             else:
                 example = '\'["a", "b"]\''
-            return SettingsError(f"invalid setting in the environment: {name} must be JSON, e.g. {name}={example} "
-                                 f"(got {value[:80]!r})")
+            got = "" if _may_hold_secrets(path, value) else f" (got {value[:80]!r})"
+            return SettingsError(f"invalid setting in the environment: {name} must be JSON, e.g. {name}={example}; "
+                                 f"{_json_mistake(bad, value)}{got}")
     return SettingsError(f"invalid setting in the environment: {e}; list and table settings take JSON values")
+
+
+def _may_hold_secrets(path: str, value: str) -> bool:
+    """Whether an environment value may hold a secret, so that an error never
+    quotes it: the webhooks' (a URL's path or query often holds the
+    subscriber's token, which ``explain`` never echoes either), whether as
+    ``alerts.webhooks`` or inside the whole ``alerts`` table, and any value
+    with a URL in it (a user:password, a token in a query)."""
+    return path == "alerts" or path.startswith("alerts.webhooks") or "://" in value
+
+
+def _json_mistake(bad: ValueError, value: str) -> str:
+    """Where a value is not JSON, from the parser's own message and place
+    (never the text there): "Expecting ',' delimiter at character 12 of 63"."""
+    if not isinstance(bad, json.JSONDecodeError):
+        return "it is not JSON"
+    if bad.pos >= len(value):
+        where = f"at the end of the value, after its {len(value)} characters"
+    elif "\n" in value:
+        where = f"at line {bad.lineno} column {bad.colno}"
+    else:
+        where = f"at character {bad.pos + 1} of {len(value)}"
+    return f"{bad.msg} {where}"
 
 
 def _comments(model: type[BaseModel]) -> dict[str, str]:

@@ -156,6 +156,34 @@ def test_cli_search_contract_and_mistakes(tmp_path):
     assert r.returncode == 2 and "no findings at" in _flat(r.stderr)
 
 
+def test_cli_search_refuses_a_name_filter_with_no_name_in_it(tmp_path):
+    """"#" or "@" alone normalised to no condition: `search --hashtag '#'`
+    listed every cluster, and beside --platform answered that filter alone,
+    exit 0 either way. Refused as the desk's API refuses it, naming the option."""
+    import json
+
+    from streams.store import open_store
+
+    s = open_store(tmp_path)
+    fill(s)
+    s.close()
+    d = str(tmp_path)
+    for args, option, fix in ((("--hashtag", "#"), "--hashtag", "give a tag"),
+                              (("--account", "@", "--sort", "score"), "--account", "give an account id or @handle"),
+                              (("--hashtag", " # ", "--platform", "bluesky"), "--hashtag", "give a tag"),
+                              (("storm", "--account", "@"), "--account", "give an account id or @handle")):
+        r = _cli("search", "--data-dir", d, "--format", "json", *args)
+        assert r.returncode == 2 and r.stdout == "", (args, r.returncode, r.stdout[:300])
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+        assert option in lines[0] and f"has no name in it: {fix}" in lines[0], (args, lines[0])
+    # a name is still a condition, with or without its sign
+    for args in (("--hashtag", "#Storm"), ("--hashtag", "storm"), ("--account", "@weather")):
+        r = _cli("search", "--data-dir", d, "--format", "json", *args)
+        assert r.returncode == 0, (args, r.stderr)
+        assert [c["id"] for c in json.loads(r.stdout)] == ["c-flood"], args
+
+
 def _flat(text: str) -> str:
     """rich's error panel, unwrapped: box drawing gone, whitespace collapsed."""
     import re

@@ -45,6 +45,28 @@ def test_a_list_or_table_setting_in_the_environment_that_is_not_json_is_one_line
     assert name in line and example in line, line
 
 
+@pytest.mark.parametrize("name, value, where", [
+    ("DEEPWATCH_ALERTS__WEBHOOKS", '[{"url":"https://hooks.example/T0KEN?key=K3Y"', "at the end of the value, after "
+                                                                                   "its 45 characters"),  # unclosed
+    ("DEEPWATCH_ALERTS__WEBHOOKS", "[{'url': 'https://hooks.example/T0KEN?key=K3Y'}]", "at character 3 of 48"),
+    ("DEEPWATCH_ALERTS", '{"webhooks": [{"url": "https://hooks.example/T0KEN?key=K3Y"}],}', "at character 63 of 63"),
+    ("DEEPWATCH_DETECT__VENDOR_URLS", '{"vendor:hive": https://svc:K3Y@hive.internal/T0KEN}', "at character 17 of 52"),
+    ("DEEPWATCH_ALERTS__WEBHOOKS", '[\n {"url": "https://hooks.example/T0KEN?key=K3Y"}\n,]', "at line 3 column 2"),
+])
+def test_a_value_that_is_not_json_is_never_quoted_where_it_may_hold_a_secret(name, value, where):
+    # The error quoted the first 80 characters of the value: a webhook URL's
+    # token and key (README: settings errors never quote webhook URLs). It says
+    # where the JSON went wrong instead.
+    line = _one_error_line(_cli("settings", "--format", "json", env={name: value}))
+    assert f"{name} must be JSON" in line and where in line, line
+    assert "T0KEN" not in line and "K3Y" not in line and "hooks.example" not in line and "got" not in line, line
+
+
+def test_a_value_that_is_not_json_and_holds_no_url_is_still_quoted():
+    line = _one_error_line(_cli("settings", "--format", "json", env={"DEEPWATCH_INGEST__IMAGE_ROOTS": "/srv/images"}))
+    assert line.endswith("; Expecting value at character 1 of 11 (got '/srv/images')"), line
+
+
 def test_settings_json_does_not_print_credentials_in_urls(tmp_path):
     # (credentials in findings.url are refused when settings load: tests/test_findings_consolidation.py)
     cfg = tmp_path / "d.toml"

@@ -189,13 +189,49 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
         stopping = time.monotonic()
     timings["shutdown"] = time.monotonic() - stopping
     summary.timings = {k: round(v, 3) for k, v in timings.items()}
+    # after the workers stopped: what their senders left is what stays until a redelivery
+    summary.run_alert_deliveries = _run_alert_deliveries(settings, started_at)
     return summary
 
 
-def _print_summary(summary, fmt_json: bool) -> None:
+# An alert sent to several hooks counts once, under its least settled
+# delivery: not tried yet, tried and still owed, refused for good, else delivered.
+_LEAST_SETTLED_FIRST = ("queued", "failed", "rejected", "delivered")
+# the order the summary says them in (``run_alert_deliveries``)
+_DELIVERY_STATES = ("delivered", "failed", "rejected", "queued")
+
+
+def _run_alert_deliveries(settings: Settings, started_at: datetime) -> dict[str, int]:
+    """This run's alerts (raised from ``started_at`` on) by where their
+    webhook deliveries stand, as ``_LEAST_SETTLED_FIRST`` counts them; an alert
+    without a delivery (no hook configured) is not counted. Replay sends each
+    alert once (with the hook's retries) and stops long before the first
+    redelivery round (``alerts.webhook_redeliver_s``): a delivery that failed
+    stays failed until a worker's redelivery sends it."""
+    from streams.findings import open_findings
+
+    counts = dict.fromkeys(_DELIVERY_STATES, 0)
+    if not settings.alerts.webhooks:
+        return counts
+    store = open_findings(settings.findings.url, settings.data_dir, settings)
+    try:
+        mine = [a.alert_id for a in store.alerts() if a.created_at and a.created_at >= started_at]
+        status = store.delivery_status(mine) if mine else {}
+    finally:
+        store.close()
+    for alert_id in mine:
+        states = {str(d.state) for d in status.get(alert_id, [])}
+        least = next((s for s in _LEAST_SETTLED_FIRST if s in states), None)
+        if least is not None:
+            counts[least] += 1
+    return counts
+
+
+def _print_summary(summary, fmt_json: bool, settings: Settings | None = None) -> None:
     if fmt_json:
         print_json(summary.__dict__)
         _warn_all_dead(summary)  # on stderr: the JSON stays clean
+        _warn_undelivered(summary, settings)
         return
     ended = summary.run_outcomes
     dl = ", ".join(f"{k}={v}" for k, v in sorted(summary.dead_letters.items())) or "none"
@@ -220,7 +256,12 @@ def _print_summary(summary, fmt_json: bool) -> None:
                   "evidence (a later replay into this data dir asks again)")
     if summary.alert_latency_s:
         err.print(f"event→alert latency of this run's alerts (s): {summary.alert_latency_s}")
+    sent = getattr(summary, "run_alert_deliveries", None) or {}
+    if any(sent.values()):
+        err.print("this run's alerts by webhook delivery: " + ", ".join(f"{sent[s]} {s}" for s in _DELIVERY_STATES),
+                  highlight=False)
     _warn_all_dead(summary)
+    _warn_undelivered(summary, settings)
 
 
 def _count(n: int, noun: str) -> str:
@@ -247,6 +288,30 @@ def _warn_all_dead(summary) -> None:
         why = f"most of them at {top}."
     err.print(f"warning: every event of this run was dead-lettered: {why} `deepwatch dead-letters` says why for "
               "each.", style="yellow", markup=False, highlight=False)
+
+
+def _warn_undelivered(summary, settings: Settings | None) -> None:
+    """A replay whose webhook deliveries did not all go through ended "done"
+    without a word, and nothing of it sends them again: say how many and
+    what does (``_run_alert_deliveries``)."""
+    sent = getattr(summary, "run_alert_deliveries", None) or {}
+    left = {s: sent[s] for s in _DELIVERY_STATES if s != "delivered" and sent.get(s)}
+    if not left:
+        return
+    n = sum(left.values())
+    where = ""
+    if settings is not None:  # the store this run wrote to, as `redeliver` is told of it
+        where = f" --data-dir {shlex.quote(str(settings.data_dir))}"
+        if settings.findings.url and settings.findings.url.strip():
+            where += f" --store {shlex.quote(settings.findings.url.strip())}"
+    prog = _prog()
+    how = ", ".join(f"{v} {k}" for k, v in left.items())
+    err.print(f"warning: {n} of this run's alerts {'was' if n == 1 else 'were'} not delivered to every webhook "
+              f"({how}): replay tries each once (with the hook's retries), not again; a `{prog} worker` on this "
+              f"store sends failed and queued ones (its leader's redelivery, every alerts.webhook_redeliver_s), "
+              f"`{prog} redeliver TARGET` queues rejected ones again, and `{prog} redeliver{where}` lists what "
+              "waits per target.",
+              style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
 # fetch's reasons for a local image path that cannot be read (streams.fetch)
@@ -330,7 +395,7 @@ def replay(
     settings.ingest.image_roots = roots + [r for r in settings.ingest.image_roots if r not in roots]
     summary = _replay(settings, feed, workers=workers or default_workers(settings), timeout_s=timeout,
                       live_table=False, wait_models=wait_models, split=split)
-    _print_summary(summary, json_summary)
+    _print_summary(summary, json_summary, settings)
     raise typer.Exit(0 if summary.complete else 1)
 
 
@@ -373,7 +438,7 @@ def demo(
     feed, _ = build_feed(feed_dir, burst=burst)
     settings.ingest.image_roots = [feed_dir.resolve()]
     summary = _replay(settings, feed, workers=1, timeout_s=600, live_table=True)
-    _print_summary(summary, False)
+    _print_summary(summary, False, settings)
     d = shlex.quote(str(settings.data_dir))
     prog = _prog()
     sample = shlex.quote(str(feed_dir / "images" / "flood_q70.jpg"))

@@ -25,7 +25,8 @@ from streams.cli.common import (
     json_text, print_json, settings_from, shown,
 )
 from streams.cluster_search import (
-    RELEVANCE_UNPAGED, SORT_KEYS, SORT_ORDER, ClusterQuery, SearchCursor, SearchTimeout, text_terms, through_day,
+    RELEVANCE_UNPAGED, SORT_KEYS, SORT_ORDER, ClusterQuery, SearchCursor, SearchTimeout, nameless_filter, text_terms,
+    through_day,
 )
 from streams.findings import (
     MAX_RESULTS, VERDICTS, ClusterRecord, FindingsStore, Page, StoreURLError, open_findings, sqlite_file,
@@ -325,6 +326,10 @@ def search(
         hint = "QUERY" if field == "text" else f"--{field.replace('_', '-')}" if field else "QUERY"
         got = f" (got {len(first['input']):,} characters)" if isinstance(first.get("input"), str) else ""
         raise typer.BadParameter(f"{first['msg'][0].lower()}{first['msg'][1:]}{got}", param_hint=hint) from None
+    nameless = nameless_filter(q, account, hashtag)
+    if nameless is not None:  # "#" alone was no condition: every cluster, or another filter's answer alone
+        name, sent, why = nameless
+        raise typer.BadParameter(f"{sent!r} {why}", param_hint=f"--{name}")
     if every and q.effective_sort == "relevance":
         fail(f"--all: {RELEVANCE_UNPAGED}, e.g. --sort last_seen")
     try:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from streams.desk.source import SEARCH_DESK_VERDICTS, AccountQuery, ClusterQuery
 from streams.cluster_search import ClusterQuery as StoreQuery
-from streams.cluster_search import SearchCursor, through_day
+from streams.cluster_search import SearchCursor, nameless_filter, through_day
 
 # The fields of the queue's and the search page's forms (``page_with_error`` refills them as sent).
 QUEUE_FORM = ("q", "verdict", "platform", "since", "sort", "limit")
@@ -66,11 +66,10 @@ def store_query(q: Optional[str] = Query(None, max_length=1000, description='wor
     # "@" or "#" alone normalises to no condition: the page answered a blank
     # (not even "no clusters match"), the API "give at least one of ...
     # account, hashtag", and beside another filter it was dropped unsaid.
-    for name, sent, kept, what in (("account", account, query.account, "an account id or @handle"),
-                                   ("hashtag", hashtag, query.hashtag, "a tag")):
-        if sent and sent.strip() and kept is None:
-            raise RequestValidationError([{"type": "value_error", "loc": ("query", name), "input": sent,
-                                           "msg": f"has no name in it: give {what}"}])
+    nameless = nameless_filter(query, account, hashtag)
+    if nameless is not None:
+        name, sent, why = nameless
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", name), "input": sent, "msg": why}])
     if query.since and query.until and _utc(query.since) > _utc(query.until):  # answered nothing, as if none matched
         raise RequestValidationError([{"type": "value_error", "loc": ("query", "since"), "input": since,
                                        "msg": f"since {since} is after until {until}; swap them"}])
