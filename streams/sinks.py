@@ -66,8 +66,8 @@ from streams.settings import FindingsSettings, Settings
 from streams.store_errors import may_pass
 from streams.findings import DeliveryState, FindingsStore, SinkWriter, open_findings
 from streams.webhooks import (
-    Deliveries, Target, WebhookError, WebhookHeld, aclose_clients, alert_spread, deliver, desk_url, failure_state,
-    hooks_by_key, longest_delivery_s, target_label, top_evidence,
+    Deliveries, Target, WebhookError, WebhookHeld, aclose_clients, alert_score, alert_spread, deliver, desk_url,
+    failure_state, hooks_by_key, longest_delivery_s, target_label, top_evidence,
 )
 
 log = logging.getLogger("deepwatch.alerts")
@@ -206,10 +206,10 @@ class Sinks:
             if self.settings.alerts.console:
                 top = top_evidence(alert)
                 link = desk_url(self.settings.desk.public_url, alert)
-                what = (f"CORRECTION cluster {alert.cluster_id}: the desk found it authentic" if alert.correction
+                what = (f"CORRECTION cluster {alert.cluster_id}" if alert.correction
                         else f"ALERT L{alert.level} cluster {alert.cluster_id}")
                 log.warning(
-                    f"{what}: fake score {alert.fake_score:.2f} ({alert.verdict}), "
+                    f"{what}: {alert_score(alert)}, "
                     f"{alert.velocity.sightings_5m} sightings in 5 min, {alert.accounts} accounts — {top}"
                     f"{alert_spread(alert)}" + (f"; desk: {link}" if link else ""),
                     extra={"alert_id": alert.alert_id, "cluster_id": alert.cluster_id},

@@ -264,10 +264,21 @@ def alert_summary(alert: Alert, desk_link: str | None = None) -> str:
     top = top_evidence(alert)
     # the desk found an alerted picture authentic: say so first, not "alert"
     what = "correction" if alert.correction else "escalation" if alert.level > 1 else "alert"
-    return (f"deepwatch {what} (level {alert.level}) for cluster {alert.cluster_id}: fake score "
-            f"{alert.fake_score:.2f} ({alert.verdict}), {alert.velocity.sightings_5m} sightings in 5 min, "
-            f"{alert.accounts} accounts; top evidence: {top}{alert_spread(alert)}"
-            + (f"; desk: {desk_link}" if desk_link else ""))
+    return (f"deepwatch {what} (level {alert.level}) for cluster {alert.cluster_id}: {alert_score(alert)}, "
+            f"{alert.velocity.sightings_5m} sightings in 5 min, {alert.accounts} accounts; top evidence: "
+            f"{top}{alert_spread(alert)}" + (f"; desk: {desk_link}" if desk_link else ""))
+
+
+def alert_score(alert: Alert) -> str:
+    """"fake score 0.91 (likely-ai)"; a correction's says the desk's
+    verdict first and the score as what it overruled: its score is what the
+    evidence fuses to, the desk's verdict among it (a generator's metadata
+    can keep it high), its verdict the desk's, and "fake score 0.96
+    (no-evidence)" after "found it authentic" read as a contradiction. For
+    the webhook summary line and the console line alike."""
+    if alert.correction:
+        return f"the desk found it authentic, overruling a fake score of {alert.fake_score:.2f}"
+    return f"fake score {alert.fake_score:.2f} ({alert.verdict})"
 
 
 def top_evidence(alert: Alert) -> str:

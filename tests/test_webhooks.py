@@ -672,6 +672,37 @@ def test_the_console_alert_line_says_since_when_where_and_a_post(receiver, monke
     assert line.endswith("; first seen 2026-12-06 04:10 UTC on bluesky, mastodon; post: https://bsky.app/p/1"), line
 
 
+def test_a_correction_says_the_desk_overruled_the_score_in_the_summary_and_on_the_console(receiver, monkeypatch,
+                                                                                           tmp_path, caplog):
+    # It read "the desk found it authentic: fake score 0.96 (no-evidence)": a
+    # correction keeps the evidence's score (a generator's metadata keeps it
+    # high) and the desk's verdict, said as if they were one finding.
+    import json
+
+    from streams.records import CORRECTION_RULE
+    from streams.webhooks import alert_summary
+
+    monkeypatch.setenv(ENV, SECRET)
+    srv = receiver(200)
+    sinks, _ = _sinks(tmp_path, _hook(srv, retries=0).model_copy(update={"summary": True}))
+    sinks.settings.alerts.console = True
+    correction = _alert().model_copy(update={"alert_id": "c-1:desk-authentic", "rule": CORRECTION_RULE,
+                                             "fake_score": 0.96, "verdict": "no-evidence"})
+    with caplog.at_level(logging.WARNING, logger="deepwatch.alerts"):
+        asyncio.run(_sink_alert(sinks, correction))
+    [line] = [m for m in (r.getMessage() for r in caplog.records if r.name == "deepwatch.alerts") if "cluster c-1" in m]
+    [req] = srv.requests
+    summary = json.loads(req["body"])["summary"]
+    said = "the desk found it authentic, overruling a fake score of 0.96, 14 sightings in 5 min, 15 accounts"
+    assert line.startswith(f"CORRECTION cluster c-1: {said} — AUTOMATIC1111 parameters"), line
+    assert summary.startswith(f"deepwatch correction (level 1) for cluster c-1: {said}; top evidence: "), summary
+    for text in (line, summary):
+        assert "fake score 0.96 (" not in text and "no-evidence" not in text, text
+    # an alert of the stream still says its score and verdict as it did
+    stream = alert_summary(_alert())
+    assert stream.startswith("deepwatch alert (level 1) for cluster c-1: fake score 0.93 (likely-ai), "), stream
+
+
 def test_text_read_from_a_picture_cannot_rewrite_the_summary_line():
     # A generator's "Model:" field carried ESC sequences and a CR: the console
     # ALERT line read "VERIFIED AUTHENTIC" on the operator's terminal.
