@@ -4,7 +4,7 @@ the routes scripts call, in the shapes of the CLI's ``--format json``."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from streams.desk import observe, views
 from streams.desk.accounts import check_accounts
+from streams.desk.apidocs import READ_ERRORS, DeskError, DeskValidationError, error_responses
 from streams.desk.auth import Principal
 from streams.desk.guards import DeskRoute, api_editor, api_reader, reader
 from streams.desk.lookup import Lookup, Rejected
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 router = APIRouter(route_class=DeskRoute)
 
 
-@router.get("/api/clusters", tags=["clusters"], summary="Clusters, in the `deepwatch clusters --format json` shape")
+@router.get("/api/clusters", tags=["clusters"], summary="Clusters, in the `deepwatch clusters --format json` shape",
+            responses=error_responses(*READ_ERRORS))
 def api_clusters(request: Request, response: Response, q: ClusterQuery = Depends(cluster_query),
                  _: Principal = Depends(reader)) -> list[dict[str, Any]]:
     """One page of the queue's order. When there are more, `X-Next-Cursor` carries the next page's `cursor` and
@@ -62,7 +64,10 @@ def members_after_query(members_after: Optional[str] = Query(
 
 
 @router.get("/api/clusters/{cluster_id}", tags=["clusters"],
-            summary="One cluster with members, sightings over time, evidence and verdict history")
+            summary="One cluster with members, sightings over time, evidence and verdict history",
+            responses=error_responses(*READ_ERRORS, 404, e404="no such cluster",
+                                      e422="bad `members_limit` or `members_after`, or a `members_after` that is "
+                                           "none of the cluster's members"))
 def api_cluster(request: Request, cluster_id: str, _: Principal = Depends(reader),
                 members_limit: int = Depends(members_limit_query),
                 members_after: Optional[str] = Depends(members_after_query)) -> dict[str, Any]:
@@ -73,14 +78,19 @@ def api_cluster(request: Request, cluster_id: str, _: Principal = Depends(reader
 
 
 @router.post("/api/clusters/{cluster_id}/verdict", tags=["verdicts"], status_code=201,
-             summary="Record a verdict (editor): fake / authentic feed the banks; needs-review flags it")
+             summary="Record a verdict (editor): fake / authentic feed the banks; needs-review flags it",
+             responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503, e404="no such cluster",
+                                       e413="the request body is over 64 KiB",
+                                       e503="the findings store is not answering (nothing recorded), or the verdict "
+                                            "was recorded and carrying out its effects failed (the error says which)"))
 async def api_verdict(request: Request, cluster_id: str, body: VerdictIn,
                       who: Principal = Depends(api_editor)) -> dict[str, Any]:
     return state_page((await record_verdict(desk_of(request), cluster_id, body, who)).model_dump(mode="json"))
 
 
 @router.get("/api/accounts", tags=["accounts"],
-            summary="Accounts with posts, pictures, AI share, first/last seen, platforms")
+            summary="Accounts with posts, pictures, AI share, first/last seen, platforms",
+            responses=error_responses(*READ_ERRORS))
 def api_accounts(request: Request, response: Response, q: AccountQuery = Depends(account_query),
                  _: Principal = Depends(reader)) -> list[dict[str, Any]]:
     """One page, best ranked first. When there are more, `X-Next-Cursor` carries the next page's `cursor` and
@@ -100,7 +110,8 @@ def account_in_query(account: Optional[str] = Query(
     return account
 
 
-@router.get("/api/accounts/{account_id:path}", tags=["accounts"], summary="One account with its recent posts")
+@router.get("/api/accounts/{account_id:path}", tags=["accounts"], summary="One account with its recent posts",
+            responses=error_responses(*READ_ERRORS, 404, e404="no such account"))
 def api_account(request: Request, account_id: str, _: Principal = Depends(reader),
                 in_query: Optional[str] = Depends(account_in_query)) -> dict[str, Any]:
     # "/api/accounts/?id=..": an id whose path a client resolves away ("." or "..")
@@ -112,7 +123,8 @@ def api_account(request: Request, account_id: str, _: Principal = Depends(reader
 
 
 @router.get("/api/search", tags=["clusters"],
-            summary="Analyst search of the findings store: full text over posts and hashtags plus filters")
+            summary="Analyst search of the findings store: full text over posts and hashtags plus filters",
+            responses=error_responses(*READ_ERRORS, e422="bad filters, or none at all (give a condition or a sort)"))
 def api_search(request: Request, q: StoreQuery = Depends(store_query),
                desk_verdict: Optional[str] = Depends(desk_verdict_query),
                after: Optional[SearchCursor] = Depends(search_cursor),
@@ -133,7 +145,8 @@ def api_search(request: Request, q: StoreQuery = Depends(store_query),
     return response
 
 
-@router.get("/api/banks", tags=["verdicts"], summary="Banks of known pictures and their sizes")
+@router.get("/api/banks", tags=["verdicts"], summary="Banks of known pictures and their sizes",
+            responses=error_responses(401, 403, 422))
 def api_banks(request: Request, _: Principal = Depends(reader)) -> list[dict[str, Any]]:
     return views.banks(desk_of(request).settings)
 
@@ -145,14 +158,23 @@ def pictures(thumb_px: int) -> APIRouter:
     pics = APIRouter(route_class=DeskRoute)
 
     @pics.get("/thumb/{sha256}", tags=["pictures"],
-              summary="A resized JPEG of a cluster member (never the original bytes)")
+              summary="A resized JPEG of a cluster member (never the original bytes)",
+              responses=error_responses(400, *READ_ERRORS, 404, e400="the name is not a sha256 hex digest",
+                                        e404="no cluster member with this sha256, or its picture cannot be read",
+                                        e503="thumbnailing is busy (try again after `Retry-After`), or the "
+                                             "findings store is not answering"))
     def thumb(request: Request, sha256: str, px: int = Query(thumb_px, ge=32, le=1024),
               _: Principal = Depends(reader)) -> Response:
         return thumbnail(desk_of(request), sha256, px)
 
     pics.post("/api/similar", tags=["pictures"],
-              summary="Have we seen this picture? Clusters and bank entries showing an uploaded image, nearest first"
-              )(api_similar)
+              summary="Have we seen this picture? Clusters and bank entries showing an uploaded image, nearest first",
+              responses=error_responses(
+                  401, 403, 413, 422, 503, models={422: Union[DeskValidationError, DeskError]},
+                  e413="the picture is over fetch.max_bytes (or decode.max_dimension): `reason` `too_large`",
+                  e422="no picture in the field `image` (`detail`), or one the desk does not look up (`reason`: "
+                       "`undecodable`, `empty`, `decompression_bomb`...)",
+                  e503="decoding is busy (`reason` `busy`) or the findings store is not answering"))(api_similar)
     return pics
 
 

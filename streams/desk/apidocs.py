@@ -13,9 +13,12 @@ import importlib.util
 import re
 from pathlib import Path
 
+from typing import Any, Optional, Union
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from streams.desk.auth import Principal
@@ -56,6 +59,65 @@ AUTH_NOTE = ("Reading is open to this machine when the desk listens on loopback,
              "otherwise; recording a verdict always needs an editor. Scripts send a token from "
              "DEEPWATCH_DESK_TOKENS as `Authorization: Bearer <token>` (\"Authorize\" on this page sends it with "
              "\"Try it out\"). Errors are `{\"error\": \"...\", \"status\": N}`; lists page by `X-Next-Cursor`.")
+
+
+class ErrorItem(BaseModel):
+    """One thing wrong with a request: where, and what, in a sentence."""
+
+    loc: list[Union[str, int]] = Field(description='where: `["query", "limit"]`, `["body", "verdict"]`, `["body"]`')
+    msg: str = Field(description="what is wrong with it, in words")
+
+
+class DeskError(BaseModel):
+    """Every error of the API and of ``/thumb`` (``errors.http_error``)."""
+
+    error: str = Field(description="what went wrong and, where there is one, what to do about it")
+    status: int = Field(description="the HTTP status, again")
+    reason: Optional[str] = Field(None, description="`POST /api/similar` only: why the upload is not a picture "
+                                                    "the desk looks up (`undecodable`, `too_large`, `busy`...)")
+
+
+class DeskValidationError(BaseModel):
+    """A 422: bad filters or body (``errors.bad_request``). A 422 the desk
+    raises itself (a search with no condition, a ``members_after`` that is
+    none of the cluster's members) has no ``detail``."""
+
+    error: str = Field(description="`bad request: ` and each problem as `field: what is wrong`")
+    status: int = Field(description="422")
+    detail: list[ErrorItem] = Field(default_factory=list, description="each problem, by field")
+
+
+# What each status means on the desk's API (docs/desk.md, the table's errors).
+ERRORS: dict[int, str] = {
+    400: "a body the JSON parser gives up on (nested thousands deep, bytes that are not UTF-8)",
+    401: "a login or a bearer token is needed: the error says why (`WWW-Authenticate: Bearer`)",
+    403: "refused: the role does not allow it, a CSRF token is missing or wrong, or the request came from another "
+         "site",
+    404: "no such cluster, account or member",
+    409: "a verdict on a merged-away cluster: give it on the cluster it merged into",
+    413: "the request body is too large (64 KiB; a picture: fetch.max_bytes)",
+    422: "bad filters or body; `detail` names each field",
+    503: "the findings store is not answering, or a search ran past findings.search_timeout_s; try again after "
+         "`Retry-After` where it is sent",
+}
+
+
+def error_responses(*codes: int, models: dict[int, Any] | None = None,
+                    **described: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route of the API: the desk's error shape
+    (``DeskError``; a 422, ``DeskValidationError``; else as ``models`` says
+    for a code) for each of ``codes``, described as ``ERRORS`` says or as
+    ``described`` (``e413=...``) words it for this route. The 422 replaces
+    FastAPI's own, which documents a body (``{"detail": [{"loc", "msg",
+    "type"}]}``) the desk never sends."""
+    default = {422: DeskValidationError}
+    return {code: {"model": (models or {}).get(code, default.get(code, DeskError)),
+                   "description": described.get(f"e{code}", ERRORS[code])} for code in codes}
+
+
+# Every reading route: a login needed (401), refused (403), bad filters (a query with a control character
+# too: 422), the store not answering (503).
+READ_ERRORS = (401, 403, 422, 503)
 
 
 def schema_with_auth(schema: dict) -> dict:

@@ -153,10 +153,23 @@ class DeskDB:
         if "credential" not in columns:  # a desk.sqlite from before: its sessions name no password, so none is valid
             self._db.execute("ALTER TABLE sessions ADD COLUMN credential TEXT NOT NULL DEFAULT ''")
         self._lock = threading.Lock()
-        self.version = 0  # bumped on every verdict: read caches key on it
+        # this connection's own writes (a verdict, its overlay rows): PRAGMA data_version moves only
+        # for commits by other connections, so a desk would not see its own verdicts without it
+        self._writes = 0
 
     def close(self) -> None:
         self._db.close()
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """A value that changes whenever the verdicts or the overlay may have
+        changed: read caches key on it. SQLite's ``PRAGMA data_version``
+        follows the commits of every other connection to ``desk.sqlite`` (a
+        second desk on the same data dir, another process or thread); the
+        counter follows this connection's own, which data_version does not
+        count. Another desk's logins move it too: a re-check of the overlay
+        (``FindingsSource._reoverlay``) that finds nothing changed is cheap."""
+        return self._db.execute("PRAGMA data_version").fetchone()[0], self._writes
 
     # -- verdicts -------------------------------------------------------------
     def add_verdict(self, cluster_id: str, verdict: str, note: str, user: str, role: str,
@@ -167,7 +180,7 @@ class DeskDB:
                 "INSERT INTO verdicts (cluster_id, verdict, note, user, role, at, cluster_state) VALUES (?,?,?,?,?,?,?)",
                 (cluster_id, verdict, note, user, role, at.isoformat(), json.dumps(cluster_state, default=str)),
             )
-            self.version += 1
+            self._writes += 1
         return VerdictRecord(verdict_id=cur.lastrowid, cluster_id=cluster_id, verdict=verdict, note=note, user=user,
                              role=role, at=at, cluster_state=cluster_state)
 
@@ -271,7 +284,7 @@ class DeskDB:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self.version += 1
+            self._writes += 1
 
     def overlay(self) -> dict[str, OverlayRow]:
         rows = self._db.execute("SELECT cluster_id, verdict, verdict_id, source_cluster, detail FROM overlay").fetchall()

@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 
 from streams.desk.auth import Principal
-from streams.desk.guards import bearer, principal
+from streams.desk.guards import bearer, principal, reader
 from streams.desk.apidocs import DOCS_PATH, DOCS_SCRIPT, OPENAPI_PATH
-from streams.desk.pages import login_url, page_with_error, return_to
+from streams.desk.pages import LoginRefused, login_url, page_with_error, return_to
 from streams.desk.state import desk_of
 from streams.cluster_search import SearchTimeout
 from streams.desk.verdicts import VerdictEffectsFailed
@@ -39,11 +39,26 @@ class _SearchStopped(HTTPException):
 
 def known(request: Request) -> Principal | None:
     """Who an error page is for, so its header does not show a logged-in
-    editor as logged out; None where that is itself the error."""
+    editor as logged out, nor an open loopback desk's reader as one who must
+    log in (``reader``: "read-only (loopback)", as on every other page);
+    None where that is itself the error."""
     try:
-        return principal(request)
+        return principal(request) or reader(request)
     except HTTPException:
         return None
+
+
+def error_page(request: Request, status: int, message: str, headers: dict[str, str] | None = None,
+               next_page: str | None = None):
+    """The error page: the message, and a link back: from the login, to the
+    login form (then on to ``next_page``, where the login was going: a
+    lockout's 429 led to the queue, away from the form to try again at),
+    else to the queue."""
+    back = (login_url(next_page or return_to(request)), "back to the login form") \
+        if request.url.path == "/login" else ("/", "back to the queue")
+    return desk_of(request).templates.TemplateResponse(
+        request, "error.html", {"status": status, "message": message, "me": known(request), "back": back},
+        status_code=status, headers=headers)
 
 
 def wants_json(request: Request) -> bool:
@@ -72,9 +87,8 @@ async def http_error(request: Request, exc: HTTPException):
         shown = page_with_error(request, exc.status_code, exc.detail)
         if shown is not None:
             return shown
-    return desk_of(request).templates.TemplateResponse(
-        request, "error.html", {"status": exc.status_code, "message": exc.detail, "me": known(request)},
-        status_code=exc.status_code, headers=headers)
+    return error_page(request, exc.status_code, exc.detail, headers,
+                      exc.next_page if isinstance(exc, LoginRefused) else None)
 
 
 async def search_timeout(request: Request, exc: SearchTimeout):
@@ -85,15 +99,28 @@ async def search_timeout(request: Request, exc: SearchTimeout):
 
 
 async def bad_request(request: Request, exc: RequestValidationError):
-    msg = "bad request: " + "; ".join(_problem(e) for e in exc.errors())
+    errors = _distinct(exc.errors())
+    msg = "bad request: " + "; ".join(_problem(e) for e in errors)
     if wants_json(request):
         return JSONResponse({"error": msg, "status": 422, "detail": [
-            {"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]}, 422)
+            {"loc": list(e["loc"]), "msg": _words(e)} for e in errors]}, 422)
     shown = page_with_error(request, 422, msg)
     if shown is not None:
         return shown
-    return desk_of(request).templates.TemplateResponse(
-        request, "error.html", {"status": 422, "message": msg, "me": known(request)}, status_code=422)
+    return error_page(request, 422, msg)
+
+
+def _distinct(errors: Any) -> list[dict[str, Any]]:
+    """``errors`` without repeats: a parameter two of a route's dependencies
+    read (``/search``'s ``limit``) was checked, and its problem told, twice."""
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for e in errors:
+        key = (tuple(e["loc"]), e.get("type"), e.get("msg"))
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
 
 
 def _problem(err: dict[str, Any]) -> str:
@@ -101,12 +128,45 @@ def _problem(err: dict[str, Any]) -> str:
     name, or ``body`` when the body as a whole is wrong (not JSON, not an object)."""
     if err.get("type") == "json_invalid":
         return f"body: not valid JSON ({err.get('ctx', {}).get('error', err['msg'])} at character {err['loc'][-1]})"
-    field = ".".join(str(x) for x in err["loc"] if x not in ("query", "body", "path"))
-    if err.get("type", "").startswith(("datetime_", "date_")):
+    field = ".".join(str(x) for x in err["loc"] if x not in ("query", "body", "path")) or str(err["loc"][0])
+    words = _words(err)
+    # a validator's sentence that names its field ("verdict must be one of ...") names it once, before the colon
+    return f"{field}: {words.removeprefix(field + ' ') if words.startswith(field + ' must ') else words}"
+
+
+# What a pattern a parameter must match is, in words (pydantic gave the regex itself).
+PATTERN_WORDS = {"^[0-9a-f]{64}$": "a sha256 (64 characters, 0-9 and a-f)"}
+# pydantic's prefixes before a validator's own sentence
+_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def _words(err: dict[str, Any]) -> str:
+    """What is wrong with one field, in a sentence for people: pydantic's
+    words where they say it (``Field required``), else the validator's own
+    sentence without pydantic's ``Value error,`` before it, and for a number,
+    a pattern, a choice or a time what was sent and what would do."""
+    kind, ctx = err.get("type", ""), err.get("ctx") or {}
+    sent = repr(str(err.get("input"))[:64])
+    if kind.startswith(("datetime_", "date_")):
         # pydantic's words ("input is too short") said neither what was sent nor what would do
-        return (f"{field or err['loc'][0]}: {str(err.get('input'))[:64]!r} is not a date or time; write it as "
-                f"{TIME_EXAMPLES}")
-    return f"{field or err['loc'][0]}: {err['msg']}"
+        return f"{sent} is not a date or time; write it as {TIME_EXAMPLES}"
+    if kind == "int_parsing":
+        return f"{sent} is not a whole number"
+    if kind == "float_parsing":
+        return f"{sent} is not a number"
+    if kind == "string_pattern_mismatch":
+        return f"{sent} is not {PATTERN_WORDS.get(str(ctx.get('pattern')), 'in the form this field takes')}"
+    if kind in ("literal_error", "enum") and "expected" in ctx:
+        return f"{sent} is not one of {ctx['expected']}"
+    bounds = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at most", "le"),
+              "greater_than": ("more than", "gt"), "less_than": ("less than", "lt")}
+    if kind in bounds and bounds[kind][1] in ctx:
+        return f"must be {bounds[kind][0]} {ctx[bounds[kind][1]]} ({sent} was sent)"
+    msg = str(err.get("msg", ""))
+    for prefix in _PREFIXES:
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg
 
 
 async def security_headers(request: Request, call_next):

@@ -216,13 +216,13 @@ async def login(request: Request, username: str = Form(..., max_length=64),
     if desk.logins_waiting >= MAX_WAITING_LOGINS:
         # before the rate limit counts it: a flood from elsewhere must not charge the editor's own attempt
         observe.LOGINS.labels("busy").inc()
-        raise HTTPException(503, "too many logins are being checked at once; try again in a few seconds",
-                            headers={"Retry-After": "5"})
+        raise LoginRefused(503, "too many logins are being checked at once; try again in a few seconds",
+                           headers={"Retry-After": "5"}, next_page=next)
     wait, stamp = desk.limiter.attempt(client, username)  # in memory, under a lock held for microseconds
     if stamp is None:
         observe.LOGINS.labels("rate_limited").inc()
-        raise HTTPException(429, f"too many failed logins; try again in {int(wait) + 1} s",
-                            headers={"Retry-After": str(int(wait) + 1)})
+        raise LoginRefused(429, f"too many failed logins; try again in {int(wait) + 1} s",
+                           headers={"Retry-After": str(int(wait) + 1)}, next_page=next)
     # On the desk's few password threads (``Desk.password_checks``): a flood of guesses waits there,
     # holding neither memory nor a request thread.
     desk.logins_waiting += 1
@@ -320,6 +320,16 @@ def return_to(request: Request) -> str:
     if request.method not in SAFE_METHODS:
         return "/" if path == "/logout" else path.removesuffix("/verdict")
     return path + ("?" + request.url.query if request.url.query else "")
+
+
+class LoginRefused(HTTPException):
+    """A login turned away before its password was checked (too many
+    failures, or too many checks at once): its error page leads back to
+    the login form, on to the page the login was for (``next_page``)."""
+
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str], next_page: str):
+        super().__init__(status_code, detail, headers=headers)
+        self.next_page = safe_next(next_page)
 
 
 def login_url(target: str) -> str:

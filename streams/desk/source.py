@@ -199,7 +199,7 @@ class FindingsSource:
         # the longest the store's side of one search may take (``findings.search_timeout_s``); None: no limit
         self.search_timeout_s = search_timeout_s
         self._lock = threading.Lock()
-        self._cache_key: tuple[Any, int] | None = None
+        self._cache_key: tuple[Any, Any] | None = None
         self._cache: dict[str, dict[str, Any]] = {}  # overlaid, with the stream's velocity
         # the overlay table ``_cache`` was made with, and the stream's own documents of the cached
         # clusters the overlay changed (``_apply_overlay``: every other ``_cache`` doc is the stream's):
@@ -214,7 +214,7 @@ class FindingsSource:
         self._cursor: Any = None  # the store's ``changes_since`` cursor of the cached read
         # account lists by query, while neither the findings nor the verdicts change
         # (counting every account costs a pass over the sightings in the store)
-        self._accounts_key: tuple[Any, int] | None = None
+        self._accounts_key: tuple[Any, Any] | None = None
         self._accounts: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
         self._ttl_epoch = 0
         self._ttl_at = 0.0
@@ -257,7 +257,8 @@ class FindingsSource:
         the clusters the window then leaves behind (the newest sighting
         moved, or the cap is passed) are dropped from it (``_trimmed``), so
         the view stays what a full read would give without one. When the
-        desk's verdicts changed (the desk database's version moved), the
+        desk's verdicts changed (the desk database's version moved: this
+        desk's or another's on the same data dir, ``DeskDB.version``), the
         overlay is applied again in place to the clusters whose rows changed
         (``_reoverlay``): a full read of the view at the 50,000-cluster cap
         took ~10 s on SQLite after every verdict. A full read happens at the
