@@ -14,9 +14,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from collections import defaultdict
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from detectors.imagedata import DecodeLimits
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".mpo"}
 REPOST_MAX_SIDE = 1600
@@ -157,17 +160,19 @@ def stable_fraction(path: Path, frac: float, salt: str = "") -> bool:
     return int.from_bytes(h[:8], "big") / 2**64 < frac
 
 
-def repost_bytes(data: bytes) -> bytes:
+def repost_bytes(data: bytes, limits: DecodeLimits | None = None) -> bytes:
     """What a social platform typically serves: metadata stripped, long side
     capped at 1600 px, 4:2:0 JPEG at quality 80. The one re-post of training,
-    ``deepwatch eval`` and the pixel probe's features alike."""
-    from detectors.imagedata import _eight_bit, upright
+    ``deepwatch eval`` and the pixel probe's features alike.
 
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    upright(img)  # as inference turns it: exif_transpose raised on a malformed tag beside the orientation
-    # Through _eight_bit: Pillow's own convert clips 16-bit samples, so a 16-bit greyscale PNG re-posted white.
-    return repost_rgb(_eight_bit(img).convert("RGB"))
+    Decoded through ``ImageData`` within ``limits`` (default ``DecodeLimits()``),
+    as the picture as published is: a file it refuses raises the same
+    ``ImageRejected``. A plain Pillow decode took a 657 KB 13000x13000 PNG that
+    the published variant refused to 1.6 GB, and the two variants scored
+    different sets of pictures."""
+    from detectors.imagedata import ImageData
+
+    return repost_rgb(ImageData(data, limits=limits).rgb)
 
 
 def repost_rgb(img: Image.Image) -> bytes:

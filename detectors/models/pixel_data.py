@@ -137,14 +137,12 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 
 
 def _open_rgb(data: bytes) -> Image.Image:
-    """Decoded, oriented RGB; 16-bit and float samples scaled to 8 bits first (``_eight_bit``):
-    Pillow's convert clips them, and a 16-bit greyscale PNG came out white."""
-    from detectors.imagedata import _eight_bit, upright
+    """Decoded, oriented RGB (``ImageData.rgb``: 16-bit and float samples scaled to 8 bits,
+    within the decode limits): a picture ``ImageData`` refuses raises its ``ImageRejected``
+    here too, instead of a plain Pillow decode of any size."""
+    from detectors.imagedata import ImageData
 
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    upright(img)  # as inference turns it: exif_transpose raised on a malformed tag beside the orientation
-    return _eight_bit(img).convert("RGB")
+    return ImageData(data).rgb
 
 
 # A JPEG at or below this estimated quality and within the re-post long side is taken as a
