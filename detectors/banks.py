@@ -148,6 +148,16 @@ class BankFileError(OSError):
     the file and the fix; an OSError, so the CLI answers it in one line."""
 
 
+class ImagesRejected(ValueError):
+    """``add_images`` with ``on_bad``: files could not be read or hashed, and
+    nothing was added (``keep_rest`` was not set). Each file and its error was
+    handed to ``on_bad`` already; ``count`` is how many."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} file{'' if count == 1 else 's'} could not be read or hashed; nothing added")
+        self.count = count
+
+
 _SQLITE_ERROR = sqlite3.Error  # bound here: a test may swap this module's sqlite3 for a stub
 _BANK_TABLES = {"banks", "entries", "sqlite_sequence"}  # sqlite_sequence: the AUTOINCREMENT counter
 
@@ -277,17 +287,28 @@ class BankStore:
         *,
         progress: Callable[[Path], None] | None = None,
         limits: DecodeLimits | None = None,
+        on_bad: Callable[[Path, Exception], None] | None = None,
+        keep_rest: bool = False,
     ) -> int:
         """Hash and add image files, each entry labelled with its file name;
         returns how many were new (same bytes twice count once).
         ``limits``: the decode limits to read them under (the configured ones; default DecodeLimits()).
-        All or nothing: a file that fails leaves the store as it was."""
+        All or nothing: a file that fails leaves the store as it was.
+
+        Without ``on_bad`` the first file that cannot be read or hashed raises.
+        With it, each such file (``ImageRejected``, ``ValueError``, ``OSError``
+        while reading, decoding or hashing it: a truncated JPEG passes the header
+        checks and fails only here) is handed to ``on_bad(path, error)`` and
+        the others are still hashed, so one pass finds every bad file; then,
+        if any was bad, nothing is added and ``ImagesRejected`` is raised,
+        unless ``keep_rest``, which adds the others. Either way one picture is
+        held at a time."""
         def items() -> Iterator[tuple[str, Callable[[], ImageData], Path]]:
             for p in paths:
                 p = Path(p)
                 yield p.name, functools.partial(ImageData.from_path, p, limits), p
 
-        return self._add_all_or_nothing(name, verdict, items(), progress)
+        return self._add_all_or_nothing(name, verdict, items(), progress, on_bad, keep_rest)
 
     def add_image_bytes(
         self,
@@ -311,10 +332,11 @@ class BankStore:
 
     def _add_all_or_nothing(self, name: str, verdict: Verdict,
                             items: Iterable[tuple[str, Callable[[], ImageData], _K]],
-                            progress: Callable[[_K], None] | None) -> int:
+                            progress: Callable[[_K], None] | None,
+                            on_bad: Callable[[_K, Exception], None] | None = None, keep_rest: bool = False) -> int:
         """Add (label, image loader, progress key) items in one transaction (``_add_images``)."""
         try:
-            return self._add_images(name, verdict, items, progress)
+            return self._add_images(name, verdict, items, progress, on_bad, keep_rest)
         except BaseException as e:
             # without this the half-written rows stay pending on the connection
             # and the next successful call on this store would commit them
@@ -324,18 +346,31 @@ class BankStore:
             raise
 
     def _add_images(self, name: str, verdict: Verdict, items: Iterable[tuple[str, Callable[[], ImageData], _K]],
-                    progress: Callable[[_K], None] | None) -> int:
+                    progress: Callable[[_K], None] | None,
+                    on_bad: Callable[[_K, Exception], None] | None = None, keep_rest: bool = False) -> int:
         self._ensure_bank(name, verdict)
         next_id = self._next_id(name)
         added = 0
+        bad = 0
         for label, load, key in items:
             # the picture is loaded inside the call and dropped when it returns:
             # one picture's bytes held at a time
-            if self._add_image(name, str(next_id), label, load()):
+            try:
+                new = self._add_image(name, str(next_id), label, load())
+            except (ValueError, OSError) as e:  # ImageRejected is a ValueError; SQLite errors are neither
+                if on_bad is None:
+                    raise
+                # the picture failed before its row was written: passing over it leaves nothing behind
+                on_bad(key, e)
+                bad += 1
+                new = False
+            if new:
                 next_id += 1
                 added += 1
             if progress:
                 progress(key)
+        if bad and not keep_rest:
+            raise ImagesRejected(bad)  # rolled back by _add_all_or_nothing
         self._db.commit()
         self._cache = None
         return added

@@ -9,7 +9,6 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 
 from detectors.regular_file import special_kind
 from detectors.signals import signal_types
@@ -18,6 +17,7 @@ from streams.cli.common import (
     Config, JsonAlias, check_banks, check_store_option, err, fail, note_empty, print_error, print_json, settings_from,
     shown,
 )
+from streams.cli.tables import fit, keyed_table
 from streams.settings import Settings
 
 bank_app = typer.Typer(
@@ -38,9 +38,9 @@ _DataDir = typer.Option(
     None, "--data-dir", "-d", help="Directory holding banks.sqlite and the findings (env DEEPWATCH_DATA_DIR; default ./deepwatch-data)."
 )
 _Verdict = typer.Option(
-    ..., "--verdict", help="'fake' (debunked pictures: matching images are flagged) or 'authentic' (verified photos: suppress alerts)."
+    ..., "--verdict", metavar="fake|authentic", help="'fake' (debunked pictures: matching images are flagged) or 'authentic' (verified photos: suppress alerts)."
 )
-_Format = typer.Option("table", "--format", "-f", help="Output format: table (for people) or json (a stable contract for tools).")
+_Format = typer.Option("table", "--format", "-f", metavar="table|json", help="Output format: table (for people) or json (a stable contract for tools).")
 
 
 def _say(message: str) -> None:
@@ -119,53 +119,48 @@ def add(
     file is named and nothing is added, unless --skip-bad adds the rest."""
     import sqlite3
 
-    from detectors.banks import BankFileError
-    from detectors.imagedata import ImageData, ImageRejected, ignore_pillow_warnings
+    from detectors.banks import BankFileError, ImagesRejected
+    from detectors.imagedata import ignore_pillow_warnings
 
     ignore_pillow_warnings()  # a file Pillow warns about is named in the one line that says what is wrong
     _check_verdict(verdict)
     files = _expand(paths)
     settings = _settings(config, data_dir)
-    limits = settings.decode_limits()
-    bad: list[str] = []
-    for f in files:  # header checks first: cheap, and they catch almost every bad file
-        try:
-            ImageData.from_path(f, limits=limits)
-        except (ImageRejected, OSError) as e:
-            bad.append(f"{f}: {e}")
-    if bad and not skip_bad:
-        for line in bad:
-            print_error(line)
-        _say(f"nothing added to {name!r}: {len(bad)} of {len(files)} file(s) unreadable; "
-             "remove them or pass --skip-bad to add the rest")
-        raise typer.Exit(2)
-    good = [f for f in files if not any(line.startswith(f"{f}: ") for line in bad)]
     store = _store(settings, then=f"; nothing added to {name!r}")
-    done: list[Path] = []
+    # Bad files are found while hashing, not by a header check first: a
+    # truncated JPEG has a sound header and fails only when decoded in full.
+    # One pass, one picture held at a time, every bad file named.
+    bad: list[str] = []
     try:
         _check_bank_verdict(store, name, verdict)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
                       disable=not err.is_terminal) as bar:  # off a terminal it left only a blank line
-            task = bar.add_task(escape(f"hashing into {name}"), total=len(good))
-
-            def step(p: Path) -> None:
-                done.append(p)
-                bar.advance(task)
-
-            added = store.add_images(name, verdict, good, progress=step, limits=limits)  # type: ignore[arg-type]
+            task = bar.add_task(escape(f"hashing into {name}"), total=len(files))
+            added = store.add_images(name, verdict, files, limits=settings.decode_limits(),  # type: ignore[arg-type]
+                                     progress=lambda _p: bar.advance(task), keep_rest=skip_bad,
+                                     on_bad=lambda p, e: bad.append(f"{p}: {e}"))
+    except ImagesRejected:
+        for line in bad:
+            print_error(line)
+        _say(f"nothing added to {name!r}: {len(bad)} of {_count(len(files), 'file')} unreadable; "
+             "remove them or pass --skip-bad to add the rest")
+        raise typer.Exit(2)
     except BankFileError as e:  # the banks file, not a picture, failed: no file to blame
         fail(f"{e}; nothing added to {name!r}")
     except sqlite3.Error as e:
         fail(f"cannot use banks file {settings.banks_path} ({e}); nothing added to {name!r}")
-    except (ImageRejected, ValueError, OSError) as e:
-        culprit = good[len(done)] if len(done) < len(good) else "?"
-        fail(f"{culprit}: {e}; nothing added to {name!r} (remove the file and run again)")
     finally:
         store.close()
     for line in bad:
         _say(f"skipped {line}")
-    _say(f"added {added} new image(s) to {name!r} ({len(good) - added} already there"
+    there = len(files) - len(bad) - added
+    _say(f"added {_count(added, 'new image')} to {name!r} ({there} already there"
          f"{f', {len(bad)} skipped' if bad else ''})")
+
+
+def _count(n: int, noun: str) -> str:
+    """"1 file", "2 files": what a person reads, not "1 file(s)"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _check_bank_verdict(store: Any, name: str, verdict: str) -> None:
@@ -182,7 +177,7 @@ def _check_bank_verdict(store: Any, name: str, verdict: str) -> None:
 def import_(
     name: str = typer.Argument(..., metavar="NAME", callback=_check_name, help="Bank name (letters, digits, . _ -; at most 64)."),
     csv_path: Path = typer.Argument(..., metavar="CSV", exists=True, dir_okay=False, help=_CSV_HELP),
-    verdict: str = typer.Option("fake", "--verdict", help="'fake' (default: shared lists are usually debunked material) or 'authentic'."),
+    verdict: str = typer.Option("fake", "--verdict", metavar="fake|authentic", help="'fake' (default: shared lists are usually debunked material) or 'authentic'."),
     data_dir: Optional[Path] = _DataDir,
     config: Optional[Path] = Config,
 ) -> None:
@@ -230,19 +225,21 @@ def list_(data_dir: Optional[Path] = _DataDir, fmt: str = _Format, config: Optio
     if fmt == "json":
         print_json([b.model_dump() for b in banks])
         return
-    table = Table("bank", "verdict", "entries")
+    table = keyed_table("bank", "verdict", "entries")
     for b in banks:
         table.add_row(shown(b.name), b.verdict, str(b.entries))
     from rich.console import Console
 
-    Console().print(table)
+    Console().print(fit(table))
+    if not banks and os.path.lexists(settings.banks_path):  # an empty boxed table alone read like a display fault
+        note_empty(f"no banks in {settings.banks_path} yet: `deepwatch bank add` or `deepwatch bank import` creates them")
 
 
 @app.command("similar")
 def similar(
     image: Path = typer.Argument(..., metavar="IMAGE", exists=True, dir_okay=False, help="Image file to look up."),
     data_dir: Optional[Path] = _DataDir,
-    fmt: str = typer.Option("json", "--format", "-f", help="json (an array, nearest first; [] when nothing is near) or table."),
+    fmt: str = typer.Option("json", "--format", "-f", metavar="json|table", help="json (an array, nearest first; [] when nothing is near) or table."),
     store_url: Optional[str] = typer.Option(None, "--store", callback=check_store_option, help="Findings store: es://HOST:9200 or https://HOST:9200 (bit-vector kNN); default the SQLite file in --data-dir."),
     config: Optional[Path] = Config,
     as_json: bool = JsonAlias,
@@ -303,7 +300,8 @@ def similar(
     if fmt == "json":
         print_json(rows)
         return
-    table = Table("kind", "id", "distance", "via", "verdict", "label")
+    # the id is kept whole: the cluster's (the desk's /clusters/ID) or the bank entry's
+    table = keyed_table("kind", "id", "distance", "via", "verdict", "label", key=1)
     for r in rows:
         kind = "cluster" if "cluster_id" in r else f"bank {r['bank']}"
         # bank names and labels (file names, imported CSV text) are untrusted: never markup nor control codes
@@ -311,6 +309,6 @@ def similar(
                       r.get("verdict") or "", shown(r.get("label") or ""))
     from rich.console import Console
 
-    Console().print(table)
+    Console().print(fit(table))
     if not rows:  # an empty table alone read like a display fault
         note_empty("nothing near this picture in the clusters or banks")
