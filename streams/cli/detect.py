@@ -240,7 +240,7 @@ def detect(
         OutputFormat.json, "--format", "-f", help="json: a JSON array on stdout, one object per file; table: a rich table."
     ),
     model: Optional[list[str]] = typer.Option(
-        None, "--model", "-m", help="Also run this learned model detector (repeatable), e.g. --model clip-linear."
+        None, "--model", "-m", metavar="NAME", help="Also run this learned model detector (repeatable), e.g. --model clip-linear."
     ),
     models: bool = typer.Option(
         True, "--models/--no-models",

@@ -13,13 +13,13 @@ from typing import Annotated, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
 from detectors.model_names import DEFAULT_PIXEL_MODEL
 from streams.cli.app import app
 from streams.cli.common import (
-    Config, DataDir, FormatOpt, JsonAlias, check_format, check_writable_dir, err, fail, print_error, settings_from,
+    Config, DataDir, JsonAlias, check_format, check_writable_dir, err, fail, print_error, settings_from,
 )
+from streams.cli.tables import TableOrJson, fit, keyed_table
 
 models_app = typer.Typer(
     help="Manage learned detector weights in the model dir (<data-dir>/models unless detect.model_dir is set).",
@@ -123,7 +123,7 @@ def fetch_cmd(
     ] = None,
     sha256: Annotated[Optional[str], typer.Option("--sha256", help="Expected sha256 of the weights file; mismatch = refused.")] = None,
     arch: Annotated[
-        Optional[str], typer.Option("--arch", help="Architecture (npr-r50|small-cnn|clip-probe) when no .json card sits next to the weights.")
+        Optional[str], typer.Option("--arch", metavar="npr-r50|small-cnn|clip-probe", help="Architecture (npr-r50|small-cnn|clip-probe) when no .json card sits next to the weights.")
     ] = None,
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Accept a pickled .pt/.pth (loaded weights-only, converted to safetensors).")
@@ -172,7 +172,7 @@ def list_cmd(
     data_dir: Optional[Path] = DataDir,
     model_dir: ModelDirOpt = None,
     config: Optional[Path] = Config,
-    fmt: str = FormatOpt,
+    fmt: str = TableOrJson,
     as_json: bool = JsonAlias,
 ) -> None:
     """List the models in the model dir with their architecture, calibration and training summary:
@@ -204,7 +204,8 @@ def list_cmd(
                   + (" (the packaged ones are listed below)" if heads else ""))
     if not cards and not heads:
         return
-    t = Table("name", "arch", "version", "input", "calibration", "threshold", "trained on", "held-out AUC")
+    t = keyed_table("name", "arch", "version", "input", "calibration", "threshold", "trained on", "held-out AUC",
+                    compact=True)
     for c in cards:
         tr = c.training
         t.add_row(c.name, c.arch, c.version, f"{c.input.size} {c.input.mode}", c.calibration.method,
@@ -213,11 +214,12 @@ def list_cmd(
     for name, path, card in heads:
         e = _pixel_entry(name, path, card)
         tr = card.trained_on
-        t.add_row(name + (" (packaged)" if e["packaged"] else ""), e["arch"], card.version,
+        # "(packaged)" on a line of its own: the name above it is what --model takes, whole
+        t.add_row(name + ("\n(packaged)" if e["packaged"] else ""), e["arch"], card.version,
                   f"{card.spec.crops} x 224 crop", card.calibration.method, f"{card.threshold:.3g}",
                   str(tr.get("n_ai", 0) + tr.get("n_real", 0)) if "n_ai" in tr else "?",
                   _fmt(e["held_out_auc"]) + " (leave-generator-out)" if e["held_out_auc"] is not None else "-")
-    Console().print(t)
+    Console().print(fit(t))
 
 
 def _pixel_entry(name: str, path: Path, card) -> dict:
@@ -234,8 +236,8 @@ def _pixel_entry(name: str, path: Path, card) -> dict:
 @app.command("train")
 def train_cmd(
     ctx: typer.Context,
-    real: Annotated[list[Path], typer.Option("--real", help="Folder of real photos (repeatable).")] = [],  # noqa: B006
-    fake: Annotated[list[Path], typer.Option("--fake", help="Folder of AI-generated images (repeatable).")] = [],  # noqa: B006
+    real: Annotated[list[Path], typer.Option("--real", metavar="DIR", help="Folder of real photos (repeatable).")] = [],  # noqa: B006
+    fake: Annotated[list[Path], typer.Option("--fake", metavar="DIR", help="Folder of AI-generated images (repeatable).")] = [],  # noqa: B006
     manifest: Annotated[
         Optional[Path], typer.Option("--manifest", help="manifest.csv (file,label,generator,...) instead of / besides folders.")
     ] = None,
@@ -245,21 +247,21 @@ def train_cmd(
     real_fraction: Annotated[
         float, typer.Option("--real-fraction", help="With --manifest, use this deterministic fraction of the real images (rest held out).")
     ] = 1.0,
-    arch: Annotated[str, typer.Option("--arch", help="npr-r50 | small-cnn | clip-probe (needs open_clip).")] = "npr-r50",
+    arch: Annotated[str, typer.Option("--arch", metavar="npr-r50|small-cnn|clip-probe", help="npr-r50 | small-cnn | clip-probe (needs open_clip).")] = "npr-r50",
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="cnn: passes over the training data.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="cnn: pictures per training step.")] = 16,
     lr: Annotated[float, typer.Option("--lr", callback=_above_zero("0.001"), help="cnn: learning rate (> 0).")] = 1e-3,
     input_size: Annotated[Optional[int], typer.Option("--input-size", min=32, max=2048, help="Square input side (default per arch; 32-2048).")] = None,
-    calibration: Annotated[str, typer.Option("--calibration", help="platt | temperature | none")] = "platt",
+    calibration: Annotated[str, typer.Option("--calibration", metavar="platt|temperature|none", help="platt | temperature | none")] = "platt",
     init_from: Annotated[Optional[str], typer.Option("--init-from", help="Fine-tune this model from the model dir.")] = None,
     out: Annotated[str, typer.Option("--out", help="Name to save the checkpoint as.")] = "detector",
     seed: Annotated[int, typer.Option("--seed", help="Random seed, for runs that can be repeated exactly.")] = 0,
     recipe: Annotated[
-        str, typer.Option("--recipe", help="cnn: train a network end to end (--arch); pixel-probe: a small head on the "
+        str, typer.Option("--recipe", metavar="cnn|pixel-probe", help="cnn: train a network end to end (--arch); pixel-probe: a small head on the "
                           "wheel-shipped EfficientNet-Lite2, judged by leave-generator-out CV (--data).")
     ] = "cnn",
     data: Annotated[
-        list[Path], typer.Option("--data", help="pixel-probe: manifest.csv or a folder holding one (repeatable).")
+        list[Path], typer.Option("--data", metavar="PATH", help="pixel-probe: manifest.csv or a folder holding one (repeatable).")
     ] = [],  # noqa: B006
     head_out: Annotated[
         Optional[Path], typer.Option("--head-out", help="pixel-probe: where to write the head (default <model-dir>/<out>.safetensors).")
@@ -269,7 +271,7 @@ def train_cmd(
     ] = None,
     probe_c: Annotated[float, typer.Option("--probe-c", callback=_above_zero("0.01"), help="pixel-probe: inverse L2 strength of the logistic head (> 0).")] = 0.01,
     crops: Annotated[int, typer.Option("--crops", min=1, max=5, help="pixel-probe: 224-px crops per picture (1-5; speed vs accuracy; the shipped head uses 3).")] = 3,
-    group_by: Annotated[str, typer.Option("--group-by", help="pixel-probe CV groups: generator | family.")] = "generator",
+    group_by: Annotated[str, typer.Option("--group-by", metavar="generator|family", help="pixel-probe CV groups: generator | family.")] = "generator",
     hidden: Annotated[
         int, typer.Option("--hidden", min=0, help="pixel-probe: hidden ReLU units of the head (0 = linear logistic regression).")
     ] = 64,
@@ -523,29 +525,29 @@ def eval_cmd(
     sources: Annotated[
         list[Path], typer.Argument(metavar="SOURCES", help="Labelled set(s): manifest.csv, a folder holding one, or a folder with real/ and ai/ (or fake/).")
     ],
-    model: Annotated[list[str], typer.Option("--model", help="Model (or vendor:NAME) to evaluate, repeatable.")] = [],  # noqa: B006
+    model: Annotated[list[str], typer.Option("--model", metavar="NAME", help="Model (or vendor:NAME) to evaluate, repeatable.")] = [],  # noqa: B006
     models: Annotated[bool, typer.Option(
         "--models/--no-models", help="Also evaluate the configured learned models (detect.models; default: the packaged "
         "pixel probe), as `deepwatch detect` runs them. --no-models: only --model and the cheap detectors.")] = True,
     cheap: Annotated[bool, typer.Option("--cheap/--no-cheap", help="Also run the cheap provenance detectors.")] = True,
-    format: Annotated[str, typer.Option("--format", help="json | table")] = "table",
+    format: Annotated[str, typer.Option("--format", metavar="table|json", help="json | table")] = "table",
     exclude_generators: Annotated[Optional[str], typer.Option("--exclude-generators", help="Regex: drop AI images of these generators.")] = None,
     generators: Annotated[Optional[str], typer.Option("--generators", help="Regex: keep only AI images of these generators.")] = None,
     exclude_trained: Annotated[
         bool, typer.Option("--exclude-trained", help="Drop files the evaluated models were trained or calibrated on.")
     ] = False,
-    variant: Annotated[list[str], typer.Option("--variant", help="original and/or reposted (default both).")] = [],  # noqa: B006
+    variant: Annotated[list[str], typer.Option("--variant", metavar="original|reposted", help="original and/or reposted (default both).")] = [],  # noqa: B006
     device: Annotated[str, typer.Option("--device", help="Device for learned models: auto, cpu, cuda, cuda:N or mps.")] = "auto",
     batch: Annotated[int, typer.Option("--batch", min=1, help="Pictures per learned-model batch.")] = 16,
     leave_generator_out: Annotated[
         bool, typer.Option("--leave-generator-out", help="Instead: cross-validate the pixel-probe recipe on these manifests, "
                            "holding out whole generators (and real-photo sources) per fold; per generator and category metrics.")
     ] = False,
-    group_by: Annotated[str, typer.Option("--group-by", help="With --leave-generator-out: generator | family.")] = "generator",
+    group_by: Annotated[str, typer.Option("--group-by", metavar="generator|family", help="With --leave-generator-out: generator | family.")] = "generator",
     crops: Annotated[int, typer.Option("--crops", min=1, max=5, help="With --leave-generator-out: crops per picture (1-5; the shipped head uses 3).")] = 3,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="With --leave-generator-out: backbone feature cache.")] = None,
     train_variant: Annotated[list[str], typer.Option(
-        "--train-variant", help="With --leave-generator-out: extra training copies besides the re-post: published, "
+        "--train-variant", metavar="VARIANT", help="With --leave-generator-out: extra training copies besides the re-post: published, "
         "aug<k> (crop, resize 0.5-1.0, blur, JPEG q60-95) or jpeg<k> (JPEG q60-95 + crop at native scale); held-out "
         "folds are always scored re-posted and as published.")] = [],  # noqa: B006
     seed: Annotated[int, typer.Option("--seed", help="With --leave-generator-out: fold shuffle and head seed.")] = 0,
@@ -691,12 +693,13 @@ def _eval_leave_generator_out(sources: list[Path], *, group_by: str, crops: int,
     con = Console()
     _print_left_out(con, report)
     for v, r in report["variants"].items():
-        t = Table("generator", "n AI", "AUC", "AP", "TPR@1%", "TPR@5%", title=f"{v} (leave-{group_by}-out)")
+        t = keyed_table("generator", "n AI", "AUC", "AP", "TPR@1%", "TPR@5%", title=f"{v} (leave-{group_by}-out)",
+                        compact=True)
         o = r["overall"]
         t.add_row("ALL", str(o["n_ai"]), *(_fmt(o[k]) for k in ("auc", "ap", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr")))
         for g, m in r["generators"].items():
             t.add_row(g, str(m["n_ai"]), *(_fmt(m[k]) for k in ("auc", "ap", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr")))
-        con.print(t)
+        con.print(fit(t))
 
 
 def _fmt(v: object) -> str:
@@ -722,11 +725,12 @@ def _print_table(report: dict) -> None:
               + (f", {report['excluded_trained']} excluded as training data" if report["excluded_trained"] else ""))
     _print_left_out(con, report)
     for vname, v in report["variants"].items():
-        t = Table("detector", "AUC", "AP", "acc", "recall", "FPR", "real >= 0.5", "thr", "coverage", title=f"{vname} (n={v['n']})")
+        t = keyed_table("detector", "AUC", "AP", "acc", "recall", "FPR", "real >= 0.5", "thr", "coverage",
+                        title=f"{vname} (n={v['n']})", compact=True)
         rows = dict(v["detectors"])
         if v.get("fused"):
             rows["fused"] = v["fused"]
         for name, m in rows.items():
             t.add_row(name, *(_fmt(m.get(k)) for k in ("auc", "average_precision", "accuracy", "recall", "fpr", "real_above_0.5",
                                                        "threshold", "coverage")))
-        con.print(t)
+        con.print(fit(t))

@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, print_json, settings_from
+from streams.cli.common import Config, DataDir, JsonAlias, check_format, err, fail, print_json, settings_from
 from streams.cli.query import StoreOpt, _findings
+from streams.cli.tables import TableOrJson
 
 _UNITS = {"d": 86400.0, "h": 3600.0}
 _MIN_S = 3600.0  # under an hour, a picture being analysed right now could lose its blob
@@ -43,7 +44,7 @@ def prune(
                                         "changed since: days or hours, e.g. 30d, 36h (at least 1h, at most 36500d)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be deleted; delete nothing."),
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, store_url: Optional[str] = StoreOpt,
-    fmt: str = FormatOpt, as_json: bool = JsonAlias,
+    fmt: str = TableOrJson, as_json: bool = JsonAlias,
 ) -> None:
     """Delete stored pictures nobody has posted for a while (blob retention).
 
@@ -84,8 +85,18 @@ def prune(
     if fmt == "json":
         print_json(report.as_json())
         return
+    from datetime import datetime
+
     verb = "would delete" if dry_run else "deleted"
-    Console(soft_wrap=True).print(f"{report.blobs:,} pictures: {verb} {report.deleted:,} ({report.deleted_bytes / 1e6:,.1f} MB with "
-              f"{report.analyses_deleted:,} analysis records and {report.leftovers_deleted:,} leftover temp files); "
-              f"kept {report.kept_recent:,} stored or seen since {report.cutoff} and {report.kept_active:,} in "
-              "clusters changed since", highlight=False)
+    # to the minute, for people: "2026-11-07T18:17:14.169177+00:00" read like a log line (JSON keeps it whole)
+    since = datetime.fromisoformat(report.cutoff).strftime("%Y-%m-%d %H:%M UTC")
+    Console(soft_wrap=True).print(
+        f"{_n(report.blobs, 'picture')}: {verb} {report.deleted:,} ({report.deleted_bytes / 1e6:,.1f} MB with "
+        f"{_n(report.analyses_deleted, 'analysis record')} and {_n(report.leftovers_deleted, 'leftover temp file')}); "
+        f"kept {report.kept_recent:,} stored or seen since {since} and {report.kept_active:,} in "
+        "clusters changed since", highlight=False)
+
+
+def _n(count: int, noun: str) -> str:
+    """"1 picture", "2,000 pictures"."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"

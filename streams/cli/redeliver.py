@@ -8,13 +8,13 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from streams.cli.app import app
 from streams.cli.common import (
-    Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, note_empty, print_json, settings_from,
+    Config, DataDir, JsonAlias, check_format, err, fail, note_empty, print_json, settings_from,
 )
 from streams.cli.query import StoreOpt, _findings
+from streams.cli.tables import TableOrJson, fit, keyed_table
 from streams.findings import UNDELIVERED
 
 
@@ -45,9 +45,9 @@ def redeliver(
     target: Optional[str] = typer.Argument(
         None, metavar="TARGET", help="Webhook target as `deepwatch redeliver` lists it (scheme://host:port#hash or hook:NAME), a "
                    "configured hook's URL or name, or scheme://host:port when only one target has it. Without it: list what waits per target."),
-    alert: Optional[list[str]] = typer.Option(None, "--alert", help="Only this alert id (repeatable)."),
+    alert: Optional[list[str]] = typer.Option(None, "--alert", metavar="ID", help="Only this alert id (repeatable)."),
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, store_url: Optional[str] = StoreOpt,
-    fmt: str = FormatOpt, as_json: bool = JsonAlias,
+    fmt: str = TableOrJson, as_json: bool = JsonAlias,
 ) -> None:
     """Webhook deliveries still waiting, and rejected ones queued again.
 
@@ -84,12 +84,13 @@ def redeliver(
             if fmt == "json":
                 print_json(rows)
                 return
-            t = Table(title="Webhook deliveries waiting")
-            for col in ("target", *(s.value for s in UNDELIVERED)):
-                t.add_column(col, overflow="fold", justify="left" if col == "target" else "right")
+            # the target is what `deepwatch redeliver TARGET` takes: kept whole on one line, to copy
+            t = keyed_table("target", *(s.value for s in UNDELIVERED), title="Webhook deliveries waiting")
+            for col in t.columns[1:]:
+                col.justify = "right"
             for r in rows:
                 t.add_row(r["target"], *(str(r[s.value]) for s in UNDELIVERED))
-            Console().print(t)
+            Console().print(fit(t))
             if not rows:
                 note_empty("no webhook deliveries waiting, and no webhooks configured (alerts.webhooks)")
             return
