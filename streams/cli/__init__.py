@@ -11,6 +11,7 @@ from streams.cli import serve  # noqa: F401,E402  (registration)
 from streams.cli import settings_cmd  # noqa: F401,E402  (registration)
 from streams.cli import redeliver  # noqa: F401,E402  (registration)
 from streams.cli import prune  # noqa: F401,E402  (registration)
+from streams.cli import desk_users  # noqa: F401,E402  (registration)
 
 
 def _one_line_summaries(typer_app) -> None:
