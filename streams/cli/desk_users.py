@@ -6,8 +6,6 @@ their password no longer logs in."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -38,12 +36,12 @@ def _users_file(config: Optional[Path], data_dir: Optional[Path]) -> Path:
     return _users_path(settings_from(config, data_dir=data_dir))
 
 
-def _read(path: Path) -> tuple[dict, list]:
-    """The users file as read and its entries; a broken file is one line naming it and the fix."""
-    from streams.desk.auth import _read_users
+def _users(path: Path) -> list:
+    """The users file's users; a broken or unreadable file is one line naming it and the fix."""
+    from streams.desk.auth import read_users
 
     try:
-        return _read_users(path)
+        return read_users(path)
     except ValueError as e:
         fail(f"{e}; fix or move the file, then run this again")
     except OSError as e:
@@ -61,7 +59,7 @@ def list_(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, f
     if fmt not in ("table", "json"):
         raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
     path = _users_file(config, data_dir)
-    users = _read(path)[1] if path.exists() else []
+    users = _users(path)
     if fmt == "json":
         print_json([{"name": u.name, "role": u.role} for u in users])
         return
@@ -84,29 +82,17 @@ def remove(
 
     Their password no longer logs in, and their open sessions end at their
     next request (the desk reads the file on each one)."""
+    from streams.desk.auth import remove_user
+
     path = _users_file(config, data_dir)
-    if not path.exists():
-        fail(f"no desk user {escaped(name)!r}: there is no users file {path} (`deepwatch desk-user` creates it)")
-    doc, users = _read(path)
-    if not any(u.name == name for u in users):
+    users = _users(path)
+    try:
+        removed = remove_user(path, name)
+    except (ValueError, OSError) as e:
+        fail(f"{e}; nothing was removed")
+    if not removed:
         known = ", ".join(u.name for u in users) or "none"
-        fail(f"no desk user {escaped(name)!r} in {path} (users: {escaped(known)}); "
-             "`deepwatch desk-users list` shows them")
-    doc["users"] = [u for u in doc.get("users", []) if u.get("name") != name]
-    _write(path, doc)
+        where = f"in {path}" if path.exists() else f"(there is no users file {path}; `deepwatch desk-user` creates it)"
+        fail(f"no desk user {escaped(name)!r} {where} (users: {escaped(known)}); `deepwatch desk-users list` shows them")
     err.print(f"removed {escaped(name)} from {path}; their open sessions end at their next request",
               markup=False, highlight=False, soft_wrap=True)
-
-
-def _write(path: Path, doc: dict) -> None:
-    """Replace the users file as ``streams.desk.auth.add_user`` does: mode 0600, through a
-    temporary file renamed over it, so the desk never reads half a file."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, path)
-    except OSError as e:
-        fail(f"cannot write the users file {path} ({e.strerror or e}): check the permissions of its directory; "
-             "nothing was removed")

@@ -159,6 +159,33 @@ def add_user(path: Path, name: str, role: str, password: str) -> None:
     kept = before.get("password") if before and verify_password(password, str(before.get("password", ""))) else None
     entry = UserEntry(name=name, role=role, password=kept or hash_password(password))
     doc["users"] = [u for u in doc.get("users", []) if u.get("name") != name] + [entry.model_dump()]
+    _write_users(path, doc)
+
+
+def read_users(path: Path) -> list[UserEntry]:
+    """The users in the users file (none when there is no file); ValueError
+    naming the file and the problem when it is not valid."""
+    return _read_users(path)[1] if path.exists() else []
+
+
+def remove_user(path: Path, name: str) -> bool:
+    """Remove one user from the users file, written as ``add_user`` writes it;
+    False when there is no such user (nothing written). Their password no
+    longer logs in, and their sessions end at their next request (the desk
+    reads the file on each one)."""
+    if not path.exists():
+        return False
+    doc, users = _read_users(path)
+    if not any(u.name == name for u in users):
+        return False
+    doc["users"] = [u for u in doc.get("users", []) if u.get("name") != name]
+    _write_users(path, doc)
+    return True
+
+
+def _write_users(path: Path, doc: dict) -> None:
+    """Replace the users file (mode 0600) through a temporary file renamed
+    over it, so the desk never reads half a file."""
     tmp = path.with_suffix(".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
