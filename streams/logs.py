@@ -161,6 +161,7 @@ class ThrottledHandler(logging.StreamHandler):
 
 def setup(level: str = "INFO", fmt: str = "json", stream=sys.stderr) -> None:
     handler = ThrottledHandler(stream)
+    handler.deepwatch_format = fmt  # what ``active_format`` reads
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -175,6 +176,40 @@ def setup(level: str = "INFO", fmt: str = "json", stream=sys.stderr) -> None:
     logging.captureWarnings(True)
     threading.excepthook = _log_thread_exception
     sys.unraisablehook = _log_unraisable
+
+
+def active_format(stream=None) -> str | None:
+    """The format (``json`` or ``console``) of the log ``setup`` installed,
+    when its handler is still the root's and writes to ``stream`` (default:
+    ``sys.stderr`` as it is now); None otherwise: a one-shot command, which
+    never sets one up, or a test that put the root's handlers back or
+    captures stderr apart from the log."""
+    stream = sys.stderr if stream is None else stream
+    for handler in logging.getLogger().handlers:
+        fmt = getattr(handler, "deepwatch_format", None)
+        if fmt and getattr(handler, "stream", None) is stream:
+            return fmt
+    return None
+
+
+def write(level: int, msg: str, *, logger: str = "deepwatch.cli", min_level: str = "INFO", **fields) -> None:
+    """One record of ``logger`` with ``fields`` as its keys: on the log when
+    ``setup`` made one on stderr (its format, its level); before that (a
+    service still checking its settings has a warning to give) as the JSON
+    line that log will write, on stderr, when ``level`` reaches
+    ``min_level`` (the settings' ``log_level``). ``fields`` must not reuse a
+    ``LogRecord`` attribute's name (``msg``, ``name``, ``args``)."""
+    log = logging.getLogger(logger)
+    if active_format() is not None:
+        log.log(level, msg, extra=fields)
+        return
+    threshold = logging.getLevelName(min_level.upper())
+    if isinstance(threshold, int) and level < threshold:
+        return
+    record = log.makeRecord(log.name, level, __file__, 0, msg, None, None, extra=fields)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler.handle(record)
 
 
 def _log_thread_exception(args: threading.ExceptHookArgs) -> None:

@@ -342,8 +342,10 @@ def test_serve_says_desk_on_with_the_port_it_listens_on(tmp_path):
     from tests.desk_support import small_store
 
     small_store(tmp_path)
+    # console: the readable lines (in a JSON log they are records, tests/test_json_log_lines.py)
     proc = subprocess.Popen([*CLI, "serve", "--data-dir", str(tmp_path), "--port", "0", "--metrics-port", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env())
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=_env(DEEPWATCH_LOG_FORMAT="console"))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
     reader.start()

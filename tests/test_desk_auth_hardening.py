@@ -140,7 +140,8 @@ def test_serve_warns_off_loopback_without_tls_and_a_trusted_proxys_https_is_beli
     """A real `deepwatch serve` on 0.0.0.0: one warning at start, naming what to
     set; behind a trusted TLS proxy (X-Forwarded-Proto: https, applied by
     uvicorn) no warning and no HTTPS message."""
-    desk = DeskServer(data, host="0.0.0.0")
+    console = {"DEEPWATCH_LOG_FORMAT": "console"}  # the readable lines (JSON records: tests/test_json_log_lines.py)
+    desk = DeskServer(data, host="0.0.0.0", env=console)
     try:
         r = httpx.post(f"http://127.0.0.1:{desk.port}/login", headers={"Host": "desk.example.org"},
                        data={"username": "alice", "password": PASSWORD, "csrf": "x" * 32}, timeout=30)
@@ -151,7 +152,7 @@ def test_serve_warns_off_loopback_without_tls_and_a_trusted_proxys_https_is_beli
     assert said.count("warning: the desk listens on 0.0.0.0 over plain http") == 1, said
     assert "desk.trusted_proxies" in said and "desk.public_url" in said and "--host 127.0.0.1" in said
 
-    desk = DeskServer(data, host="0.0.0.0", env={"DEEPWATCH_DESK__TRUSTED_PROXIES": '["127.0.0.1"]'})
+    desk = DeskServer(data, host="0.0.0.0", env={**console, "DEEPWATCH_DESK__TRUSTED_PROXIES": '["127.0.0.1"]'})
     try:
         proxied = {"Host": "desk.example.org", "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
         with httpx.Client(base_url=f"http://127.0.0.1:{desk.port}", headers=proxied, timeout=30) as c:
@@ -169,7 +170,7 @@ def test_serve_warns_off_loopback_without_tls_and_a_trusted_proxys_https_is_beli
     finally:
         desk.stop()
     assert "warning: the desk listens" not in desk.log.read_text()
-    desk = DeskServer(data)  # loopback: nothing to warn of
+    desk = DeskServer(data, env=console)  # loopback: nothing to warn of
     desk.stop()
     assert "warning: the desk listens" not in desk.log.read_text()
 

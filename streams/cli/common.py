@@ -106,7 +106,10 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def print_error(message: str) -> None:
     """``error: MESSAGE`` on stderr as one line: soft wrap, so a narrow
-    terminal or an 80-column log does not break it (a script greps it)."""
+    terminal or an 80-column log does not break it (a script greps it).
+    Plain in a service whose log is JSON too: a mistake is read by the person
+    who made it, at a terminal, and a log shipper keeps a line that is not
+    JSON as its text."""
     from rich.markup import escape
 
     # pydantic's wording leaked into the line, from Typer's check of a choice
@@ -114,6 +117,76 @@ def print_error(message: str) -> None:
     # from a settings validator ("invalid setting 'findings.url': Value error, ...")
     message = message.replace(": Value error, ", ": ")
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+# Commands that run until stopped (as their command path, less the program's
+# name): their stderr is a log, read by a supervisor or a log shipper.
+SERVICES = frozenset({"worker", "serve", "serve-ingest", "connect bluesky", "connect mastodon"})
+# The log format of the service this process runs, once its settings are
+# loaded (``settings_from``), with the stderr it was loaded under: a command
+# run in-process by a test (its own captured stderr) is not taken for it.
+_service_log: Optional[tuple[str, Any]] = None
+
+
+def json_log() -> bool:
+    """Whether what this process writes on stderr is a JSON log: a service
+    whose ``log_format`` is json, from the moment its settings are loaded,
+    or whose log ``streams.logs.setup`` made JSON."""
+    from streams import logs
+
+    active = logs.active_format()
+    if active is not None:
+        return active == "json"
+    return _service_log is not None and _service_log[0] == "json" and _service_log[1] is sys.stderr
+
+
+def service_log_format(settings: Settings) -> Optional[str]:
+    """``settings.log_format`` when the command running is a service
+    (``SERVICES``), None for a one-shot command (replay, demo: a person
+    reads their stderr, between progress bars)."""
+    try:
+        from typer._click.globals import get_current_context  # the click Typer vendors
+    except ImportError:
+        return None
+    ctx = get_current_context(silent=True)
+    names: list[str] = []
+    while ctx is not None and ctx.parent is not None:  # the root's name is the program's
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return settings.log_format if " ".join(reversed(names)) in SERVICES else None
+
+
+def say(text: str, *, fmt: Optional[str], msg: str, level: str = "info", style: str = "", min_level: str = "INFO",
+        **fields: Any) -> None:
+    """A line a long-running service gives on stderr: a warning about its
+    settings, where it listens. With ``fmt`` "json" (its ``log_format``) one
+    JSON record of its log (``streams.logs.write``): ``level``, the stable
+    ``msg`` a log shipper's rule can match, ``text`` as ``detail`` and
+    ``fields`` as keys, and nothing else on stderr. Otherwise (``console``,
+    or None from a one-shot command) ``text`` as the readable line it was,
+    after "warning: " for a warning."""
+    if fmt == "json":
+        import logging
+
+        from streams import logs
+
+        logs.write(logging.getLevelName(level.upper()), msg, min_level=min_level, detail=text, **fields)
+        return
+    prefix = "warning: " if level == "warning" else ""
+    err.print(prefix + text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def _say_stopped(word: str) -> None:
+    """"interrupted" or "terminated" as the command ends on Ctrl-C or
+    SIGTERM: a record in a service's JSON log (``json_log``)."""
+    if json_log():
+        import logging
+
+        from streams import logs
+
+        logs.write(logging.INFO, word)
+        return
+    err.print(word)
 
 
 def fail(message: str) -> NoReturn:
@@ -181,19 +254,19 @@ def run_cli(app: Any) -> None:
             shows.show = _usage_error  # each class has its own show
         app()
     except KeyboardInterrupt:
-        err.print("interrupted")
+        _say_stopped("interrupted")
         sys.exit(130)
     except SystemExit as e:
         # Typer turns Ctrl-C (and SIGTERM: ``Terminated``) into a silent exit
         # 130; a command that says more raises its own Exit, without a cause.
         stopped = e.__context__
         if e.code == 130 and isinstance(getattr(stopped, "__cause__", None), KeyboardInterrupt):
-            err.print("terminated" if isinstance(stopped.__cause__, Terminated) else "interrupted")
+            _say_stopped("terminated" if isinstance(stopped.__cause__, Terminated) else "interrupted")
         raise
     except Exception as e:
         stopped = interruption(e)
         if stopped is not None:  # a Ctrl-C that Python wrapped (streams.console.interruption)
-            err.print("terminated" if isinstance(stopped, Terminated) else "interrupted")
+            _say_stopped("terminated" if isinstance(stopped, Terminated) else "interrupted")
             sys.exit(130)
         if isinstance(e, user_error_types()):
             message = str(e) or type(e).__name__
@@ -244,8 +317,13 @@ def _usage_error(e: Any, file: Any = None) -> None:
 
 
 def settings_from(config: Optional[Path] = None, **overrides: Any) -> Settings:
-    """The settings a command runs with, its data dir checked (``check_data_dir``)."""
+    """The settings a command runs with, its data dir checked (``check_data_dir``).
+    A service's (``SERVICES``) log format holds from here on (``json_log``)."""
+    global _service_log
+
     settings = load_settings(config, **overrides)
+    fmt = service_log_format(settings)
+    _service_log = (fmt, sys.stderr) if fmt else None
     check_data_dir(settings, overrides.get("data_dir"))
     return settings
 
@@ -255,14 +333,21 @@ def check_alert_senders(settings: Settings) -> None:
     key in the environment and any CA bundle it names can verify (one line
     naming the variable or file, not a run whose alerts all end ``failed``), and a warning line when hooks on different
     hosts share one key (each subscriber could forge the others' alerts) or
-    a key rotation's retiring key is not set."""
+    a key rotation's retiring key is not set: in a service's JSON log, a
+    record each (``say``)."""
     from streams.webhooks import shared_secret_hooks, unset_previous_keys, unsigned_hooks, unusable_ca_bundles
 
     missing = unsigned_hooks(settings) + unusable_ca_bundles(settings)
     if missing:
         fail("; ".join(missing))
-    for line in shared_secret_hooks(settings) + unset_previous_keys(settings):  # warnings, not refusals
-        err.print(f"warning: {line}", markup=False, highlight=False)
+    fmt = service_log_format(settings)
+    # warnings, not refusals
+    for line in shared_secret_hooks(settings):
+        say(line, fmt=fmt, level="warning", msg="webhooks on different hosts share an HMAC key",
+            min_level=settings.log_level)
+    for line in unset_previous_keys(settings):
+        say(line, fmt=fmt, level="warning", msg="a webhook's previous_secret_env is not set",
+            min_level=settings.log_level)
 
 
 def check_data_dir(settings: Settings, given: Optional[Path]) -> None:

@@ -6,15 +6,15 @@ from __future__ import annotations
 import getpass
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
-from rich.markup import escape
 
 from detectors.printable import escaped
 from streams.cli.app import app
 from streams.cli.common import (
-    Config, DataDir, check_alert_senders, check_banks, check_store_option, check_writable_dir, err, fail, settings_from,
+    Config, DataDir, check_alert_senders, check_banks, check_store_option, check_writable_dir, err, fail, say,
+    settings_from,
 )
 from streams.http_deadlines import head_deadline_protocol
 
@@ -73,25 +73,32 @@ def serve(
     # last-resort lines, multi-line tracebacks in a JSON log shipper's stream.
     logs.setup(settings.log_level, settings.log_format)
     shown_host = f"[{host}]" if ":" in host else host
-    more: list[str] = []
+    fmt = settings.log_format
+    more: list[Callable[[], None]] = []
     if settings.metrics_port is not None:
         from streams import metrics
 
         # on the desk's address: a desk kept to loopback keeps its counters there too;
         # a port in use ends the command here, before the desk says it is on
         shown = metrics.serve(settings.metrics_port, host=host)
-        more.append(f"metrics on http://{shown_host}:{shown}/metrics")
+        url = f"http://{shown_host}:{shown}/metrics"
+        more.append(lambda: say(f"metrics on {url}", fmt=fmt, msg="metrics listening", style="dim", url=url, port=shown))
     proxies = settings.desk.trusted_proxies
     plain = plain_http_warning(host, settings)
     if plain:
-        err.print(f"warning: {plain}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+        say(plain, fmt=fmt, level="warning", msg="desk served over plain http off loopback", style="yellow")
     # Slow or piled-up clients: a request head must arrive within 10 s, and at
     # most DESK_CONNECTIONS are held open (well under a default 1,024 descriptors).
     config = uvicorn.Config(desk_app, host=host, port=port, log_level="warning", log_config=None, server_header=False,
                             proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) or None,
                             timeout_keep_alive=5, http=head_deadline_protocol(max_connections=DESK_CONNECTIONS))
-    _run_desk(config, lambda bound: f"desk on http://{shown_host}:{bound}/ (API docs at /docs); "
-                                    f"data in {settings.data_dir}", more)
+
+    def desk_on(bound: int) -> None:
+        url = f"http://{shown_host}:{bound}/"
+        say(f"desk on {url} (API docs at /docs); data in {settings.data_dir}", fmt=fmt, msg="desk listening",
+            style="dim", url=url, port=bound, docs=url + "docs", data_dir=str(settings.data_dir))
+
+    _run_desk(config, desk_on, more)
 
 
 def plain_http_warning(host: str, settings) -> str | None:
@@ -111,11 +118,11 @@ def plain_http_warning(host: str, settings) -> str | None:
             "(DEEPWATCH_DESK__TRUSTED_PROXIES) and set desk.public_url to its https address; or bind --host 127.0.0.1")
 
 
-def _run_desk(config, desk_line, more: list[str]) -> None:
-    """``uvicorn.run``, with ``desk_line(port it listens on)`` and ``more``
-    printed once the desk listens: "desk on ..." came before either port
-    was bound, and stood above the error line when the metrics port was
-    taken."""
+def _run_desk(config, desk_on: Callable[[int], None], more: list[Callable[[], None]]) -> None:
+    """``uvicorn.run``, calling ``desk_on(port it listens on)`` and then each
+    of ``more`` (the lines that say so) once the desk listens: "desk on ..."
+    came before either port was bound, and stood above the error line when
+    the metrics port was taken."""
     import sys
 
     import uvicorn
@@ -125,8 +132,9 @@ def _run_desk(config, desk_line, more: list[str]) -> None:
             await super().startup(sockets=sockets)
             if self.started:
                 bound = [s.getsockname()[1] for server in self.servers for s in (server.sockets or ())]
-                for line in [desk_line(bound[0] if bound else config.port), *more]:
-                    err.print(f"[dim]{escape(line)}[/]", highlight=False)
+                desk_on(bound[0] if bound else config.port)
+                for line in more:
+                    line()
 
     server = DeskServer(config)
     try:
