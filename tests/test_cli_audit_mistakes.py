@@ -79,8 +79,11 @@ def test_connect_bluesky_takes_a_trained_zstd_dictionary(tmp_path):
     good = tmp_path / "dict"
     samples = [b'{"kind":"commit","did":"did:plc:%d","time_us":%d}' % (i, i * 7) for i in range(400)]
     good.write_bytes(zstandard.train_dictionary(1024, samples).as_bytes())
-    r = _cli("connect", "bluesky", "--dry-run", "--duration", "0.5", "--zstd-dictionary", str(good),
-             "--jetstream-url", "ws://127.0.0.1:1/subscribe", "-d", str(tmp_path / "d"))
+    from tests.connector_servers import JetstreamServer
+
+    with JetstreamServer([]) as server:  # a connector that never connects ends 1: this one connects
+        r = _cli("connect", "bluesky", "--dry-run", "--duration", "0.5", "--zstd-dictionary", str(good),
+                 "--jetstream-url", server.url, "-d", str(tmp_path / "d"))
     assert r.returncode == 0, r.stderr
     assert "error:" not in r.stderr
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import typer
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, create_missing_topics, err, fail, settings_from
+from streams.cli.common import Config, DataDir, create_missing_topics, fail, say, settings_from
 from streams.settings import Settings
 
 log = logging.getLogger("deepwatch.connectors")
@@ -142,10 +142,8 @@ def _check_collections(collections: list[str]) -> list[str]:
     """``--collections``, checked before the connector starts: Jetstream
     answers a name that is not an NSID (``app.bsky.feed.post,app.bsky.feed.repost``
     given as one) or more than 100 of them with 400, which the connector took
-    for a passing refusal and retried for ever. Returns them stripped. Warns
-    when none of them covers posts: reposts and quotes become sightings only
-    of posts the same run read, so such a run produces nothing."""
-    from streams.connectors.bluesky import POST, wanted_collections
+    for a passing refusal and retried for ever. Returns them stripped."""
+    from streams.connectors.bluesky import wanted_collections
 
     given = [c.strip() for c in collections if c.strip()]
     for c in given:
@@ -156,23 +154,59 @@ def _check_collections(collections: list[str]) -> list[str]:
     if given and len(wanted_collections(given)) > MAX_COLLECTIONS:
         fail(f"--collections names {len(wanted_collections(given))} collections; Jetstream takes at most "
              f"{MAX_COLLECTIONS} (a prefix such as app.bsky.feed.* counts as one)")
-    if given and not any(c == POST or (c.endswith(".*") and POST.startswith(c[:-1])) for c in given):
-        err.print(f"warning: --collections leaves out {POST}: reposts and quotes become sightings only of image "
-                  "posts this run reads itself, so it will produce nothing", style="yellow", markup=False,
-                  highlight=False, soft_wrap=True)
     return given
 
 
-def _report(runners) -> None:
+def _warn_no_posts(collections: list[str], settings: Settings) -> None:
+    """A warning when ``--collections`` covers no posts: reposts and quotes
+    become sightings only of posts the same run read, so such a run
+    produces nothing."""
+    from streams.connectors.bluesky import POST
+
+    if collections and not any(c == POST or (c.endswith(".*") and POST.startswith(c[:-1])) for c in collections):
+        say(f"--collections leaves out {POST}: reposts and quotes become sightings only of image posts this run "
+            "reads itself, so it will produce nothing", fmt=settings.log_format, level="warning",
+            msg="--collections leaves out posts", style="yellow", min_level=settings.log_level, collections=collections)
+
+
+# How a connection attempt ended when it never got a stream: no connection
+# (refused, no DNS, timed out), or an answer that refused it (http_503, rate_limited).
+_NO_STREAM = re.compile(r"connect_failed|rate_limited|http_\d+")
+
+
+def _report(runners, settings: Settings) -> bool:
+    """The end-of-run line of each stream; True when a stream read nothing
+    because every attempt to connect failed (``Emitter.session_ends``; each
+    failure was logged as a warning, saying why): such a run ended "nothing
+    read" with exit 0, as a quiet stream would. An attempt that ended when the
+    run stopped may have connected (a quiet hashtag): never counted as a failure."""
+    from streams.connectors.base import host_of
+
+    failed = False
     for r in runners:
+        reasons = r.emitter.session_ends
         counts = ", ".join(f"{k}={v}" for k, v in sorted(r.emitter.counts.items())) or "nothing read"
-        err.print(f"[dim]{r.emitter.stream}: {counts}; cursor {r.emitter.cursor}[/]")
+        cursor = f"cursor {r.emitter.cursor}" if r.emitter.cursor is not None else "no cursor yet"
+        say(f"{r.emitter.stream}: {counts}; {cursor}", fmt=settings.log_format,
+            msg="connector stream ended", style="dim", stream=r.emitter.stream, counts=dict(r.emitter.counts),
+            cursor=r.emitter.cursor)
+        if r.emitter.counts or not reasons or not all(_NO_STREAM.fullmatch(x) for x in reasons):
+            continue
+        failed = True
+        host = host_of(getattr(r, "url", None) or getattr(r, "instance", ""))
+        n = sum(reasons.values())
+        tries = f"{n} {'try' if n == 1 else 'tries'}"
+        text = (f"{r.emitter.stream}: never connected to {host} ({tries}: {', '.join(sorted(reasons))}; the "
+                "warnings above say why); check the network, the address and any proxy")
+        say(("error: " if settings.log_format != "json" else "") + text, fmt=settings.log_format,
+            msg="connector never connected", level="error", stream=r.emitter.stream, host=host, reasons=dict(reasons))
+    return failed
 
 
 @connect_app.command("bluesky")
 def bluesky(
-    collections: List[str] = typer.Option([], "--collections", help="Jetstream wantedCollections (repeatable; default app.bsky.feed.post and app.bsky.feed.repost). Each set of collections keeps its own cursor in --data-dir."),
-    filter_hashtag: List[str] = typer.Option([], "--filter-hashtag", help="Keep only image posts carrying one of these hashtags (repeatable; case-insensitive)."),
+    collections: List[str] = typer.Option([], "--collections", metavar="NSID", help="Jetstream wantedCollections (repeatable; default app.bsky.feed.post and app.bsky.feed.repost). Each set of collections keeps its own cursor in --data-dir."),
+    filter_hashtag: List[str] = typer.Option([], "--filter-hashtag", metavar="TAG", help="Keep only image posts carrying one of these hashtags (repeatable; case-insensitive)."),
     broker: Optional[str] = BrokerOpt,
     jetstream_url: Optional[str] = typer.Option(None, "--jetstream-url", help="Jetstream /subscribe URL (default: connectors.jetstream_url)."),
     zstd_dictionary: Optional[Path] = typer.Option(None, "--zstd-dictionary", exists=True, dir_okay=False, help="Jetstream's zstd dictionary file: asks for compressed frames (about half the bandwidth)."),
@@ -187,6 +221,7 @@ def bluesky(
 
     collections = _check_collections(collections)
     settings = settings_from(config, data_dir=data_dir, broker=broker)
+    _warn_no_posts(collections, settings)  # in the log's format, which the settings give
     _check_url(jetstream_url or settings.connectors.jetstream_url,
                "--jetstream-url" if jetstream_url else "connectors.jetstream_url", ("ws", "wss", "http", "https"),
                "wss://jetstream2.us-east.bsky.network/subscribe")
@@ -209,16 +244,18 @@ def bluesky(
     try:
         asyncio.run(run_until_signalled([runner], duration))
     finally:
-        _report([runner])
+        never_connected = _report([runner], settings)
         sink.close()
         state.close()
+    if never_connected:
+        raise typer.Exit(1)
 
 
 @connect_app.command("mastodon")
 def mastodon(
     instance: str = typer.Option(..., "--instance", help="The instance, e.g. https://mastodon.social"),
-    hashtag: List[str] = typer.Option([], "--hashtag", help="Hashtag to stream (repeatable: one stream each; implies --timeline hashtag). With --timeline public/local/user: keep only statuses carrying one of them."),
-    timeline: Optional[str] = typer.Option(None, "--timeline", help="public | local | hashtag | user (default: hashtag with --hashtag, else public)."),
+    hashtag: List[str] = typer.Option([], "--hashtag", metavar="TAG", help="Hashtag to stream (repeatable: one stream each; implies --timeline hashtag). With --timeline public/local/user: keep only statuses carrying one of them."),
+    timeline: Optional[str] = typer.Option(None, "--timeline", metavar="public|local|hashtag|user", help="public | local | hashtag | user (default: hashtag with --hashtag, else public)."),
     token_env: Optional[str] = typer.Option(None, "--token-env", help="Name of the environment variable holding an access token (many instances require one for streaming)."),
     streaming_url: Optional[str] = typer.Option(None, "--streaming-url", help="Streaming server base URL (default: asked from /api/v1/instance)."),
     broker: Optional[str] = BrokerOpt,
@@ -292,10 +329,12 @@ def mastodon(
     except FatalStreamError as e:
         fail(str(e))
     finally:
-        _report(runners)
+        never_connected = _report(runners, settings)
         sink.close()
         for s in states:
             s.close()
+    if never_connected:
+        raise typer.Exit(1)
 
 
 @app.command("serve-ingest", rich_help_panel="Run")
@@ -347,7 +386,8 @@ def serve_ingest(
     if create_topics:
         create_missing_topics(settings, bootstrap_of(settings.broker))
     for warning in ingest_exposure_warnings(host, metrics_port, tls_proxy=settings.connectors.ingest_tls_proxy):
-        err.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+        say(warning, fmt=settings.log_format, level="warning", msg="ingest endpoint exposed off loopback",
+            style="yellow", min_level=settings.log_level)
     serve(settings, host, port, metrics_port=metrics_port)
 
 

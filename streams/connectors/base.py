@@ -15,6 +15,7 @@ may already hold those events, and the pipeline drops the repeats by event id.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import random
@@ -584,6 +585,9 @@ class Emitter:
         self._dirty = False
         self._last_checkpoint = time.monotonic()
         self.counts: dict[str, int] = {}
+        # How this stream's sessions ended, by reason ("connect_failed", "http_503", "stopped", ...;
+        # ``reconnect_loop``): a run that never got a stream is told from a quiet one by it.
+        self.session_ends: collections.Counter[str] = collections.Counter()
         # Sends not yet acknowledged, by outcome (produced, refused): counted
         # when a checkpoint confirms them, dropped by a rollback (the re-read
         # sends them again and they are counted then).
@@ -811,6 +815,7 @@ async def reconnect_loop(connector: str, session, emitter: Emitter, cfg: Connect
                 reason = "sink_failed"
                 log_.warning("broker did not acknowledge; resuming from the last checkpoint",
                              extra={"connector": connector, "error": str(e)[:300], "cursor": emitter.cursor})
+            emitter.session_ends[reason] += 1
             if stop.is_set():
                 break
             RECONNECTS.labels(connector, reason).inc()
