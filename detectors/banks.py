@@ -56,7 +56,7 @@ from pydantic import BaseModel
 from detectors.base import Detector, Evidence, EvidenceKind
 from detectors.hashing import ImageHashes, compute_hashes
 from detectors.imagedata import DecodeLimits, ImageData
-from detectors.neardup.clusters import ClusterIndex
+from detectors.neardup.clusters import FLAT_QUALITY, ClusterIndex
 from detectors.neardup.pairing import (
     PDQ_MIN_QUALITY, PDQ_THRESHOLD, PHASH_THRESHOLD, SLOTS, VIEW_THRESHOLD, Via, rank_key, search_phash,
     stored_phash_codes,
@@ -457,12 +457,19 @@ class BankStore:
                 if row not in best or key < best[row]:
                     best[row] = key
 
+        # A flat picture (a black frame) has a pHash of noise around zero: on hashes
+        # alone it met any entry of another flat picture, and a shared list holding
+        # 0000000000000000 made every black frame a known fake. As clusters do
+        # (``FLAT_QUALITY``), it meets only entries whose pixels the bank holds.
+        flat = hashes.pdq_quality is not None and hashes.pdq_quality < FLAT_QUALITY
         for st in _bank_types():
             if st.has_views:
                 # pHash is searched with its views under the pair rule (which
                 # view may meet which, ``search_phash``): that rule is the
                 # views' own, so the type that carries views goes through it
                 for row, d, via in search_phash(loaded.codes[st.name], hashes, threshold[st.name], self.view_threshold):
+                    if flat and row not in loaded.recorded:
+                        continue
                     key = (*rank_key(d, via, self.phash_threshold, self.pdq_threshold), d, via)
                     if row not in best or key < best[row]:
                         best[row] = key

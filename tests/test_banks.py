@@ -279,3 +279,20 @@ def test_a_busy_error_in_other_words_is_still_a_busy_file(tmp_path):
         store.close()
     assert "cannot write banks file" in message and "SQL statements in progress" in message
     assert "another deepwatch command is writing it; try again when it is done" in message, message
+
+
+def test_a_flat_picture_meets_no_hash_only_entry_but_a_banked_one_with_pixels(tmp_path):
+    # A shared list holding the pHash of a flat picture (0000000000000000, what any
+    # black frame hashes to) made every black frame a "known fake" at distance 0.
+    black, near_black = Image.new("RGB", (1280, 720), (0, 0, 0)), Image.new("RGB", (1280, 720), (3, 3, 3))
+    assert _hashes(black).phash == "0000000000000000" and _hashes(black).pdq_quality < 10
+    detailed = _hashes(_picture(7), 95)
+    csv = tmp_path / "shared.csv"
+    csv.write_text(f"phash,label\n0000000000000000,degenerate\n{detailed.phash},detailed\n")
+    store = BankStore(tmp_path / "b.sqlite")
+    assert store.import_csv("shared", csv, "fake") == 2
+    assert store.match(_hashes(black)) == [] and store.match(_hashes(near_black)) == []
+    assert [m.label for m in store.match(_hashes(_picture(7), 60))] == ["detailed"]  # pHash alone still matches
+    # a flat picture the bank holds the pixels of is met by its copies, as a cluster meets them
+    store.add_images("frames", "fake", [_save(black, tmp_path / "black.jpg")])
+    assert [m.bank for m in store.match(_hashes(black))] == ["frames"]
