@@ -91,11 +91,14 @@ def test_sqlite_limit_is_pushed_into_the_sql(tmp_path):
     from streams.store import open_store
 
     s = _fill(open_store(tmp_path))
+    s.dead_letters(limit=3)  # a cut read runs in a snapshot on a reader connection, kept for the next read
     sql: list[str] = []
-    s._db.set_trace_callback(sql.append)
+    for db in (s._db, *s._idle_readers):
+        db.set_trace_callback(sql.append)
     s.dead_letters(limit=3)
     s.alerts(limit=10)
-    s._db.set_trace_callback(None)
+    for db in (s._db, *s._idle_readers):
+        db.set_trace_callback(None)
     reads = [q for q in sql if q.lstrip().upper().startswith("SELECT")]
     assert "ORDER BY at DESC, dl_key DESC LIMIT 3" in reads[0]
     assert "COUNT(*)" in reads[1]  # cut: counted
