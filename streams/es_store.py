@@ -44,8 +44,8 @@ from streams.cluster_search import (
 )
 from streams.findings import (
     MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterRecord, DeadLetterRecord, DeliveryState, MemberRow, Page,
-    PostIdentity, SightingRecord, cluster_page_url, read_limit, score_floor, shown_score, surviving_cluster,
-    unstored_alerts,
+    PostIdentity, SightingRecord, StoredDeadLetter, cluster_page_url, plan_dead_letters, read_limit, score_floor,
+    shown_score, stored_at, superseded_by_sighting, surviving_cluster, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
 
@@ -165,10 +165,22 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
     def apply_snapshots(self, snaps: Iterable[ClusterSnapshot]) -> None:
         self.ensure_setup()
         snaps = list(snaps)
-        stored = self._stored_sightings([s.new_sighting.event.event_id for s in snaps if s.new_sighting is not None])
+        new = [s.new_sighting.event.event_id for s in snaps if s.new_sighting is not None]
+        stored = self._stored_sightings(new)
         actions = [a for a in self.batch_actions(snaps)
                    if not (stored and "create" in a[0] and a[0]["create"]["_index"] == self.names["sightings"]
                            and a[1]["event_id"] in stored)]
+        # One outcome per event, in the request that stores the sighting: the event's earlier
+        # failures go, and where each sat reads as a sighting (as the SQLite store does). A
+        # conflict (another post under the id) stays. Only failures already searchable are
+        # seen (the index's refresh interval, 1 s by default); one written in that moment stays.
+        rows, where = self._stored_dead_letters(sorted(set(new) - stored))
+        for row in rows:
+            if superseded_by_sighting(row.stage, row.reason):
+                actions.append(({"delete": {"_index": where[row.key], "_id": row.key}}, None))
+                if row.source is not None:
+                    actions.append(processed_action(self.names["processed"], row.source, "sighting", row.event_id,
+                                                    op="index"))
         self.bulk.send(actions)
 
     def _stored_sightings(self, event_ids: list[str]) -> set[str]:
@@ -189,14 +201,46 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
         return self.add_dead_letters([dl]) == 1
 
     def add_dead_letters(self, dls: Iterable[DeadLetter]) -> int:
+        """One document per failed event, as the SQLite store keeps one row
+        (``plan_dead_letters``), in one bulk request: a failure of an event
+        with a searchable sighting is not kept, an event's latest failure
+        replaces its earlier ones (deleted by id). Returns how many
+        documents were created."""
         self.ensure_setup()
-        actions: list = []
-        for dl in dls:
+        dls = list(dls)
+        ids = sorted({dl.event_id for dl in dls if dl.event_id is not None})
+        nameless = {dead_letter_key(dl) for dl in dls if dl.event_id is None}
+        rows, where = self._stored_dead_letters(ids, nameless)
+        plan = plan_dead_letters(dls, rows, self._stored_sightings(ids), key=doc_id)
+        actions: list = [({"delete": {"_index": where[row.key], "_id": row.key}}, None) for row in plan.delete]
+        for dl in plan.write:
             actions.append(({"create": {"_index": self.names["dead_letters"], "_id": dead_letter_key(dl)}}, dead_letter_doc(dl)))
-            if dl.source is not None:
-                actions.append(processed_action(self.names["processed"], dl.source, "dead_letter", dl.event_id))
+        for outcome, done in (("dead_letter", (*plan.write, *plan.older)), ("duplicate", plan.succeeded)):
+            actions += [processed_action(self.names["processed"], dl.source, outcome, dl.event_id)
+                        for dl in done if dl.source is not None]
         res = self.bulk.send(actions)
         return res.created_in.get(self.names["dead_letters"], 0)
+
+    def _stored_dead_letters(self, event_ids: list[str],
+                             keys: Iterable[str] = ()) -> tuple[list[StoredDeadLetter], dict[str, str]]:
+        """The dead letters of ``event_ids``, and those under the document ids
+        ``keys``, as searchable now, and each one's concrete index by id (a
+        delete names it: the alias may front several indices)."""
+        keys = sorted(keys)
+        out: list[StoredDeadLetter] = []
+        where: dict[str, str] = {}
+        for values, query_of in ((event_ids, lambda vs: {"terms": {"event_id": vs}}),
+                                 (keys, lambda vs: {"ids": {"values": vs}})):
+            for i in range(0, len(values), R.ID_CHUNK):
+                query = query_of(values[i:i + R.ID_CHUNK])
+                for h in self._scan(self.names["dead_letters"], query, [{"dl_key": "asc"}],
+                                    ["event_id", "stage", "reason", "at", "source"]):
+                    doc = h["_source"]
+                    where[h["_id"]] = h["_index"]
+                    out.append(StoredDeadLetter(h["_id"], doc.get("event_id"), doc["stage"], doc["reason"],
+                                                stored_at(doc.get("at")),
+                                                SourceRef.model_validate(doc["source"]) if doc.get("source") else None))
+        return out, where
 
     def add_alert(self, alert: Alert) -> bool:
         self.ensure_setup()

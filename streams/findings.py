@@ -29,7 +29,7 @@ from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from pathlib import Path
 from typing import (
-    TYPE_CHECKING, Any, Collection, Generic, Iterable, Iterator, Mapping, Protocol, TypeVar, get_args,
+    TYPE_CHECKING, Any, Callable, Collection, Generic, Iterable, Iterator, Mapping, Protocol, TypeVar, get_args,
     runtime_checkable,
 )
 from urllib.parse import quote, urlencode, urlsplit
@@ -400,6 +400,127 @@ def dead_letter_identity(dl: DeadLetter) -> str:
     return f"{ident}/{dl.stage}/{dl.reason}"
 
 
+# One outcome per event: the rules both stores apply when they write a
+# sighting or a dead letter (``plan_dead_letters``, ``superseded_by_sighting``).
+# A key stays ``dead_letter_identity`` (stored keys and document ids never
+# change); what an event is, across stages and reasons, is found by matching
+# a stored row's key against the identity the new dead letter would have had
+# with the row's stage and reason (``_same_event``), so rows written before
+# these rules are matched too.
+
+
+@dataclass(frozen=True)
+class StoredDeadLetter:
+    """What a store holds of one dead letter, as the write rules read it:
+    its stored ``key`` (``dead_letter_identity``, or for Elasticsearch its
+    ``doc_id``), the event it names, why, when, and where it sat."""
+
+    key: str
+    event_id: str | None
+    stage: str
+    reason: str
+    at: datetime
+    source: SourceRef | None
+
+
+@dataclass
+class DeadLetterPlan:
+    """What a batch of dead letters does to a store (``plan_dead_letters``).
+    ``write``: store under its key (none is stored there);
+    ``delete``: stored rows of the same events that an event's later failure
+    replaces; ``older``: failures older than the one stored for their event,
+    the same failure again, and the earlier of one event's failures within
+    the batch (accounted as dead letters, nothing written); ``succeeded``: failures of events the
+    store already holds as a sighting (accounted, never kept: the event
+    succeeded)."""
+
+    write: list[DeadLetter]
+    delete: list[StoredDeadLetter]
+    older: list[DeadLetter]
+    succeeded: list[DeadLetter]
+
+
+def superseded_by_sighting(stage: str, reason: str) -> bool:
+    """Whether a sighting stored under a dead letter's event id replaces it
+    (and keeps a later one out). Every failure of the event does (a fetch
+    that timed out, a host that was down: the event was tried again and got
+    through); a conflict does not: it is another post sent under an id a
+    stored sighting took (``streams.stage``), the only record of that post.
+
+    A different post sent under the id that failed before the conflict
+    check could see it (its picture could not be fetched) cannot be told
+    from a failed copy of the stored one: a sighting has no digest of its
+    message. It is taken for a failed copy."""
+    return not (stage == "dedupe" and reason == "conflict")
+
+
+def _at(dl_at: datetime) -> datetime:
+    return dl_at if dl_at.tzinfo else dl_at.replace(tzinfo=timezone.utc)
+
+
+def stored_at(text: str | None) -> datetime:
+    """A stored dead letter's ``at`` (``DeadLetter.at`` as ISO text) for
+    ``StoredDeadLetter``; one that does not read (edited by hand) as the
+    oldest time, so any new failure of its event replaces it rather than a
+    sink batch failing on it for good."""
+    try:
+        return _at(datetime.fromisoformat(text or ""))
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+
+
+def _same_event(dl: DeadLetter, row: StoredDeadLetter, key: Callable[[str], str]) -> bool:
+    """``row`` is a failure of the message ``dl`` failed on: the same event
+    id and payload digest (or, for a dead letter without a digest, the
+    same event id and none), whatever the stage and reason."""
+    if row.event_id != dl.event_id:
+        return False
+    as_row = dl.model_copy(update={"stage": row.stage, "reason": row.reason})
+    return key(dead_letter_identity(as_row)) == row.key
+
+
+def plan_dead_letters(dls: Iterable[DeadLetter], stored: Iterable[StoredDeadLetter], sighted: Collection[str],
+                      key: Callable[[str], str] = lambda k: k) -> DeadLetterPlan:
+    """One row per failed event in the store, whatever order copies of it
+    come in: ``dls`` to write, given the rows the store holds of their
+    events (``stored``: any superset, e.g. every row with one of their event
+    ids) and which of their event ids have a stored sighting (``sighted``).
+
+    A failure of an event stored as a sighting is not kept
+    (``superseded_by_sighting``). Failures of one event (same event id and
+    payload digest) are one row: the latest (``at``) replaces the others,
+    whatever their stage and reason; the same dead letter again (the same
+    stage and reason, even with a later ``at``: a redelivery built anew), or
+    an older one (a replay of the dead-letter topic), changes nothing. Two
+    different messages under one event id stay two rows
+    (``dead_letter_identity``). ``key`` maps an identity to the stored key."""
+    rows = list(stored)
+    latest: dict[tuple[str | None, str], DeadLetter] = {}
+    plan = DeadLetterPlan([], [], [], [])
+    for dl in dls:
+        if dl.event_id is not None and dl.event_id in sighted and superseded_by_sighting(dl.stage, dl.reason):
+            plan.succeeded.append(dl)
+            continue
+        # one event's failures within the batch: the latest stands for them (the first of equal times)
+        slot = (dl.event_id, dl.payload_sha256 or ("" if dl.event_id else key(dead_letter_identity(dl))))
+        have = latest.get(slot)
+        if have is None or _at(dl.at) > _at(have.at):
+            if have is not None:
+                plan.older.append(have)
+            latest[slot] = dl
+        else:
+            plan.older.append(dl)
+    for dl in latest.values():
+        mine = key(dead_letter_identity(dl))
+        same = [r for r in rows if _same_event(dl, r, key)]
+        if any(r.key == mine or _at(r.at) > _at(dl.at) for r in same):
+            plan.older.append(dl)  # this very failure is stored (a redelivery, built anew or not), or a later one
+            continue
+        plan.write.append(dl)
+        plan.delete.extend(r for r in same if r.key != mine)
+    return plan
+
+
 class DeliveryState(StrEnum):
     """Where the delivery of an alert to one webhook target stands. Every
     decision (what redelivery sends, what waits, what is counted) reads
@@ -530,7 +651,11 @@ class SinkWriter(Protocol):
     def apply_snapshot(self, snap: ClusterSnapshot) -> None: ...
     def apply_snapshots(self, snaps: Iterable[ClusterSnapshot]) -> None: ...
     def add_dead_letter(self, dl: DeadLetter) -> bool: ...
-    def add_dead_letters(self, dls: Iterable[DeadLetter]) -> int: ...
+    def add_dead_letters(self, dls: Iterable[DeadLetter]) -> int:
+        """Store dead letters one row per failed event (``plan_dead_letters``;
+        a sighting written by ``apply_snapshots`` supersedes its event's):
+        returns how many rows were written."""
+        ...
     def add_alert(self, alert: Alert) -> bool: ...
     def delivered(self, alert_id: str, target: str) -> bool: ...
     def delivery_state(self, alert_id: str, target: str) -> DeliveryState | None:
@@ -813,7 +938,9 @@ class ReplayAccounting(Protocol):
     def run_outcomes(self, run: str, topic: str) -> dict[tuple[int, int], tuple[str, str | None]]:
         """(partition, offset) -> (outcome, event id) of each event ``run``
         produced that has ended so far. Outcome: ``sighting``, ``duplicate``
-        (its post was already stored when it came) or ``dead_letter``. A post
+        (its post was already stored when it came) or ``dead_letter``; where
+        a dead letter sat that its event's sighting superseded reads
+        ``sighting``. A post
         repeated within the run may end either way (it depends on whether the
         first copy was stored yet); its event id tells."""
         ...

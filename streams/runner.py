@@ -29,7 +29,7 @@ from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics
 from streams.ingest import Produced, produce_lines
 from streams.priority import renice_threads
 from streams.settings import Settings
-from streams.findings import open_findings
+from streams.findings import IdentityCheck, open_findings
 from streams.zygote import LOCAL_THREAD_ENV, SAFE_PATH, Zygote, ZygoteChild, take_prestarted
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,21 @@ MODELS_STALL_S = 60.0
 # once every event is accounted for, for the model results and alerts still due
 # (at most, that is: a look that takes long waits twice as long before the next).
 EVENTS_POLL_S, DERIVED_POLL_S = 0.1, 0.02
+# ``wait_until_processed`` sends missing events again after this long without
+# progress at the least, and never before an event could still be in flight
+# (``resend_stall_s``): MARGIN_S beyond its fetch, for decoding, hashing and
+# the sinks. A resend of an event still being fetched was analysed twice.
+RESEND_STALL_MIN_S, RESEND_STALL_MARGIN_S = 20.0, 10.0
+
+
+def resend_stall_s(settings: Settings) -> float:
+    """How long replay waits without progress before it sends missing events
+    again: past the longest one event can be in flight, its whole fetch
+    (``fetch.total_timeout_s``, redirects and retries included) cut short by
+    the analyze stage's deadline (``ingest.event_deadline_s``), plus a
+    margin; never under ``RESEND_STALL_MIN_S``."""
+    in_flight = min(settings.fetch.total_timeout_s, settings.ingest.event_deadline_s)
+    return max(RESEND_STALL_MIN_S, in_flight + RESEND_STALL_MARGIN_S)
 
 
 # How long ``WorkerProcess.metrics_port`` waits for a starting worker to say its port.
@@ -483,7 +498,7 @@ class ReplaySummary:
 def wait_until_processed(
     cluster: Cluster, offsets: set[tuple[int, int]], *, timeout_s: float,
     on_progress: Callable[[int], None] | None = None, models: bool = False,
-    produced: Produced | None = None, stall_s: float = 20.0, marks: dict[str, float] | None = None,
+    produced: Produced | None = None, stall_s: float | None = None, marks: dict[str, float] | None = None,
     models_stall_s: float | None = None,
 ) -> bool:
     """True once every produced event is a sighting or a dead letter in the
@@ -495,7 +510,9 @@ def wait_until_processed(
     must not pass for this run's work.
 
     With ``produced`` given, events still missing after ``stall_s`` without
-    any progress are sent again, once. ``marks`` (if given) gets
+    any progress are sent again, once; by default (None) ``stall_s`` is
+    ``resend_stall_s`` of the cluster's settings, so an event still being
+    fetched is not sent again. ``marks`` (if given) gets
     ``events_done``: the monotonic time every event was accounted for.
     Workers re-read what Faust drops around an assignment and partitions
     that stall (``streams.safe_commits``, ``streams.stall_guard``); the
@@ -512,6 +529,8 @@ def wait_until_processed(
     idle, the model tail gets the cores."""
     if models_stall_s is None:
         models_stall_s = MODELS_STALL_S
+    if stall_s is None:
+        stall_s = resend_stall_s(cluster.settings)
     store = open_findings(cluster.settings.findings.url, cluster.settings.data_dir, cluster.settings)
     topic = cluster.settings.topic("events")
     deadline = time.monotonic() + timeout_s
@@ -667,17 +686,22 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
         if run is not None:
             topic = settings.topic("events")
             ended = store.run_outcomes(run, topic)
-            mine = [ended[o] for o in produced & ended.keys()]
+            kept = {(d.event_id, d.source.partition, d.source.offset) for d in records
+                    if d.source is not None and d.source.topic == topic}
+            mine = [_as_stored(store, ended[po], po, kept) for po in produced & ended.keys()]
             # this run's dead letters: by event id, or where a line had none by where it sat (a
             # dead letter is one per event across runs, and a fresh broker reuses offsets)
             dead_ids = {eid for outcome, eid in mine if outcome == "dead_letter" and eid}
-            dead_at = {po for po in produced & ended.keys() if ended[po][0] == "dead_letter" and not ended[po][1]}
+            dead_at = {po for po in produced & ended.keys() if ended[po] == ("dead_letter", None)}
             for d in records:
                 src = d.source
                 if d.event_id in dead_ids or (
                         src is not None and src.topic == topic and (src.partition, src.offset) in dead_at):
                     run_dls[f"{d.stage}:{d.reason}"] = run_dls.get(f"{d.stage}:{d.reason}", 0) + 1
-            posts = {eid for outcome, eid in mine if outcome == "sighting"}
+            # this run's posts: stored by any copy of its own, a resend's too (that copy's offset is not
+            # in ``produced``, and the original's reads "duplicate" when its failure came after)
+            run_posts = {eid for outcome, eid in ended.values() if outcome == "sighting"}
+            posts = {eid for outcome, eid in mine if outcome in ("sighting", "duplicate") and eid in run_posts}
             stored = sum(1 for outcome, _ in mine if outcome in ("sighting", "duplicate"))
             # a post repeated within the run counts once as new, its repeats as already stored,
             # however the race between its copies went
@@ -697,3 +721,19 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
         )
     finally:
         store.close()
+
+
+def _as_stored(store: IdentityCheck, ended: tuple[str, str | None], po: tuple[int, int],
+               kept: set[tuple[str | None, int, int]]) -> tuple[str, str | None]:
+    """How the event at ``po`` (``ended``: its recorded outcome and event id)
+    stands in the store now: a failure the event's sighting has since
+    replaced (one outcome per event: the sighting of a later copy deletes
+    it) reads as that sighting. The store rewrites where the failure it
+    deleted sat; this reads an earlier failure of the event, which a later
+    one replaced first, the same way. A dead letter stored from this offset
+    (``kept``: event id, partition, offset of each) stays one, a conflict
+    beside its id's sighting too; the store is asked only about the others."""
+    outcome, eid = ended
+    if outcome != "dead_letter" or eid is None or (eid, *po) in kept or store.sighting_identity(eid) is None:
+        return outcome, eid
+    return "sighting", eid

@@ -547,6 +547,17 @@ class BulkSink:
                         result.created += 1
                         result.created_in[index] = result.created_in.get(index, 0) + 1
                     metrics.SINK_ITEMS.labels(index, "ok").inc()
+                elif status == 404 and op == "delete":
+                    # already gone (a superseded dead letter another writer removed first): what was asked
+                    result.ok += 1
+                    metrics.SINK_ITEMS.labels(index, "ok").inc()
+                elif op == "delete" and status not in RETRYABLE_STATUS:
+                    # a superseded dead letter that may not be deleted (a role without the ``delete``
+                    # privilege: docs/elasticsearch.md): no event of its own to dead-letter; it stays
+                    # beside its event's newer outcome, said here
+                    log.error("superseded dead letter not deleted" + ("; grant the role the 'delete' index privilege"
+                                                                       if status == 403 else ""),
+                              extra={"action": action[0], "status": status, "error": r.get("error")})
                 elif status == 409 and op == "create" and id(action) in unanswered:
                     # created by this call's unanswered request: an alert stored so is a new alert
                     # (its console line and count), not a redelivered one

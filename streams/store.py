@@ -27,8 +27,9 @@ from streams.cluster_search import (
 )
 from streams.findings import (
     MAX_MERGE_HOPS, MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterRecord, DeadLetterRecord, DeliveryState,
-    FindingsStore, Page, PostIdentity, SightingRecord, dead_letter_identity, legacy_delivery, read_limit, score_floor,
-    shown_score, surviving_cluster, unstored_alerts,
+    FindingsStore, Page, PostIdentity, SightingRecord, StoredDeadLetter, dead_letter_identity, legacy_delivery,
+    plan_dead_letters, read_limit, score_floor, shown_score, stored_at, superseded_by_sighting, surviving_cluster,
+    unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
@@ -198,6 +199,18 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         try:
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
+            import os
+            import stat
+
+            # A file this user may not read and write (chmod 000, another user's 0600) in a writable
+            # directory: "it must be a file in a writable directory" sent people to the directory.
+            if self.path.is_file() and not os.access(self.path, os.R_OK | os.W_OK):
+                st = self.path.stat()
+                raise StoreError.of(
+                    f"cannot open findings store {str(self.path)!r} ({e}): this user (uid {os.geteuid()}) may not "
+                    f"read and write the file (mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}); give it "
+                    "read and write permission (chmod u+rw, or chown it to the user that runs deepwatch), or "
+                    "give --data-dir or --store another place", e) from None
             raise StoreError.of(f"cannot open findings store {str(self.path)!r} ({e}): it must be a file in a "
                                 "writable directory; give --data-dir or --store another place", e) from None
         try:
@@ -566,33 +579,59 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             (s.source.topic, s.source.partition, s.source.offset, "sighting", ev.event_id),
         )
         _record_run(db, s.source, "sighting", ev.event_id)
+        # One outcome per event: the event's earlier failures (a fetch that timed out before a
+        # redelivered copy got through) go, in this transaction; where each sat now reads as
+        # what the event became. A conflict (another post under this id) stays.
+        for row in _stored_dead_letters(db, [ev.event_id]):
+            if not superseded_by_sighting(row.stage, row.reason):
+                continue
+            db.execute("DELETE FROM dead_letters WHERE dl_key=?", (row.key,))
+            if row.source is not None:
+                _reaccount(db, row.source, "sighting")
 
     def add_dead_letter(self, dl: DeadLetter) -> bool:
         return self.add_dead_letters([dl]) > 0
 
     def add_dead_letters(self, dls: Iterable[DeadLetter]) -> int:
-        """A batch in one transaction; returns how many were new."""
+        """A batch in one transaction, one row per failed event
+        (``plan_dead_letters``): a failure of an event stored as a sighting
+        is not kept, an event's latest failure replaces its earlier ones.
+        Returns how many rows were written (new, or replacing an event's
+        earlier failure): 0 for the same dead letters again."""
+        dls = list(dls)
         with self._tx() as db:
-            return sum(self._insert_dead_letter(db, dl) for dl in dls)
+            ids = sorted({dl.event_id for dl in dls if dl.event_id is not None})
+            sighted = {eid for eid in ids
+                       if db.execute("SELECT 1 FROM sightings WHERE event_id=?", (eid,)).fetchone() is not None}
+            # a message without an event id is one row under its key: the same one again is that row
+            nameless = {dead_letter_identity(dl) for dl in dls if dl.event_id is None}
+            stored = [*_stored_dead_letters(db, ids), *_stored_dead_letters(db, (), keys=nameless)]
+            plan = plan_dead_letters(dls, stored, sighted)
+            for row in plan.delete:
+                db.execute("DELETE FROM dead_letters WHERE dl_key=?", (row.key,))
+            for dl in plan.write:
+                src = dl.source
+                db.execute(
+                    """INSERT INTO dead_letters (dl_key, event_id, stage, reason, detail, source, payload_excerpt, at)
+                       VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING""",
+                    (dead_letter_identity(dl), dl.event_id, dl.stage, dl.reason, dl.detail,
+                     src.model_dump_json() if src else None, dl.payload_excerpt, dl.at.isoformat()),
+                )
+            for dl in (*plan.write, *plan.older):
+                self._account(db, dl.source, "dead_letter", dl.event_id)
+            for dl in plan.succeeded:  # its post was stored when it came: as the analyze stage counts a repeat
+                self._account(db, dl.source, "duplicate", dl.event_id)
+            return len(plan.write)
 
     @staticmethod
-    def _insert_dead_letter(db: sqlite3.Connection, dl: DeadLetter) -> bool:
-        src = dl.source
-        key = dead_letter_identity(dl)  # what the event is, not where it sat (as Elasticsearch keys it)
-        cur = db.execute(
-            """INSERT INTO dead_letters (dl_key, event_id, stage, reason, detail, source, payload_excerpt, at)
-               VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING""",
-            (key, dl.event_id, dl.stage, dl.reason, dl.detail, src.model_dump_json() if src else None,
-             dl.payload_excerpt, dl.at.isoformat()),
-        )
+    def _account(db: sqlite3.Connection, src: SourceRef | None, outcome: str, event_id: str | None) -> None:
         if src is not None:
             db.execute(
                 """INSERT INTO processed (topic, partition, "offset", outcome, event_id) VALUES (?,?,?,?,?)
                    ON CONFLICT DO NOTHING""",
-                (src.topic, src.partition, src.offset, "dead_letter", dl.event_id),
+                (src.topic, src.partition, src.offset, outcome, event_id),
             )
-            _record_run(db, src, "dead_letter", dl.event_id)
-        return cur.rowcount > 0
+            _record_run(db, src, outcome, event_id)
 
     # -- per-run accounting and duplicate checks (issue 7) --------------------
     def mark_processed(self, source: SourceRef, outcome: str, event_id: str | None) -> None:
@@ -1183,6 +1222,29 @@ def _record_run(db: sqlite3.Connection, src: SourceRef, outcome: str, event_id: 
                ON CONFLICT DO NOTHING""",
             (src.run, src.topic, src.partition, src.offset, outcome, event_id),
         )
+
+
+def _stored_dead_letters(db: sqlite3.Connection, event_ids: Iterable[str],
+                         keys: Iterable[str] = ()) -> Iterator[StoredDeadLetter]:
+    """The dead letters stored of ``event_ids`` (the rows whose key starts
+    with "<event id>/", ``dead_letter_identity``: a range of the primary
+    key, so no index of its own) and those stored under ``keys``."""
+    cols = "SELECT dl_key, event_id, stage, reason, at, source FROM dead_letters WHERE "
+    queries = [(cols + "dl_key >= ? AND dl_key < ? AND event_id=?", (eid + "/", eid + "0", eid)) for eid in event_ids]
+    queries += [(cols + "dl_key=?", (key,)) for key in keys]
+    for sql, args in queries:
+        for key, event_id, stage, reason, at, source in db.execute(sql, args).fetchall():
+            yield StoredDeadLetter(key, event_id, stage, reason, stored_at(at),
+                                   SourceRef.model_validate_json(source) if source else None)
+
+
+def _reaccount(db: sqlite3.Connection, src: SourceRef, outcome: str) -> None:
+    """Where a superseded dead letter sat now reads as what its event became."""
+    db.execute("""UPDATE processed SET outcome=? WHERE topic=? AND partition=? AND "offset"=? AND outcome='dead_letter'""",
+               (outcome, src.topic, src.partition, src.offset))
+    if src.run:
+        db.execute("""UPDATE processed_runs SET outcome=? WHERE run=? AND topic=? AND partition=? AND "offset"=?
+                      AND outcome='dead_letter'""", (outcome, src.run, src.topic, src.partition, src.offset))
 
 
 class _Tx:
