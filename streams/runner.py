@@ -490,6 +490,10 @@ class ReplaySummary:
     # took with it): asked again by this run (``ask_models_again``) and waited
     # for like its own; ``models_pending`` counts those still waiting at the end.
     models_pending_at_start: int = 0
+    # This run's alerts by where their webhook deliveries stand (delivered, failed, rejected,
+    # queued; an alert sent to several hooks under its least settled), as the run ended: replay
+    # sends each once and ends before a redelivery round. Empty counts without webhooks.
+    run_alert_deliveries: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)

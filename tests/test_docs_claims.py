@@ -613,17 +613,19 @@ def test_every_alert_field_the_readme_names_is_in_the_alert_schema():
 
 # -- deepwatch replay's summary -----------------------------------------------------------
 def test_every_replay_summary_field_the_readme_names_is_in_the_summary():
-    """"**Summary fields** (`--format json`)": each is a ReplaySummary field, or
-    (`sighting`, `duplicate`, `dead_letter`) a key runner.py gives `run_outcomes`."""
+    """"**Summary fields** (`--format json`)": each is a ReplaySummary field, a
+    key runner.py gives `run_outcomes` (`sighting`, `duplicate`, `dead_letter`),
+    or a delivery state `run_alert_deliveries` counts (``DeliveryState``)."""
     from dataclasses import fields
 
+    from streams.findings import DeliveryState
     from streams.runner import ReplaySummary
 
     text = _read("README.md")
     start = text.index("**Summary fields**")
     part = text[start:text.index("**How it runs:**", start)]
     names = set(re.findall(r"`([a-z][a-z_]*)`", part))
-    summary = {f.name for f in fields(ReplaySummary)}
+    summary = {f.name for f in fields(ReplaySummary)} | {str(s) for s in DeliveryState}
     runner = (REPO / "streams" / "runner.py").read_text()
     assert {"run_outcomes", "ingest_seconds", "models_pending_at_start", "stage_seconds"} <= names
     assert not {n for n in names if n not in summary and f'"{n}"' not in runner}, sorted(names - summary)

@@ -256,7 +256,7 @@ def _print_summary(summary, fmt_json: bool, settings: Settings | None = None) ->
                   "evidence (a later replay into this data dir asks again)")
     if summary.alert_latency_s:
         err.print(f"event→alert latency of this run's alerts (s): {summary.alert_latency_s}")
-    sent = getattr(summary, "run_alert_deliveries", None) or {}
+    sent = summary.run_alert_deliveries
     if any(sent.values()):
         err.print("this run's alerts by webhook delivery: " + ", ".join(f"{sent[s]} {s}" for s in _DELIVERY_STATES),
                   highlight=False)
@@ -294,7 +294,7 @@ def _warn_undelivered(summary, settings: Settings | None) -> None:
     """A replay whose webhook deliveries did not all go through ended "done"
     without a word, and nothing of it sends them again: say how many and
     what does (``_run_alert_deliveries``)."""
-    sent = getattr(summary, "run_alert_deliveries", None) or {}
+    sent = summary.run_alert_deliveries
     left = {s: sent[s] for s in _DELIVERY_STATES if s != "delivered" and sent.get(s)}
     if not left:
         return
