@@ -160,3 +160,33 @@ def test_eval_and_train_name_the_bad_manifest_line(tmp_path: Path, body: str, sa
 def test_train_and_eval_options_are_checked_up_front(tmp_path: Path, args: list[str], says: str) -> None:
     r = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args] + ["--data-dir", str(tmp_path / "d")])
     assert r.exit_code == 2 and "error: " + says.format(tmp=tmp_path) in r.output, r.output
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded (what a hostile checkpoint holds)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_one_line_without_torchs_advice(tmp_path: Path) -> None:
+    # torch's refusal was ten lines and a warning, advising weights_only=False: for a hostile
+    # file, the advice to run it
+    import pickle
+    import subprocess
+    import sys
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"w": _RunsCode(marker)}, protocol=4))
+    r = subprocess.run([sys.executable, "-m", "streams.cli", "models", "fetch", "evil", "--url", str(evil),
+                        "--arch", "small-cnn", "--allow-pickle", "--data-dir", str(tmp_path / "d")],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("warning: no --sha256")]
+    assert len(lines) == 1 and lines[0].startswith("error: refused: the pickled checkpoint"), r.stderr
+    assert "weights_only" not in r.stderr and "UserWarning" not in r.stderr, r.stderr
+    assert not marker.exists() and not list((tmp_path / "d").rglob("evil*"))

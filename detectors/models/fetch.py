@@ -19,8 +19,10 @@ Nothing in deepwatch downloads weights on its own: this runs only from
 
 from __future__ import annotations
 
+import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote, urlparse
@@ -107,6 +109,10 @@ def _looks_pickled(path: Path, source: str) -> bool:
     return head[:2] == b"PK" or head[:1] == b"\x80" or Path(urlparse(source).path).suffix.lower() in PICKLE_SUFFIXES
 
 
+# What torch's weights-only unpickler found, from its message: "Unsupported global: GLOBAL posix.system", "Unsupported operand 149"
+_WEIGHTS_ONLY_WHY = re.compile(r"(Unsupported [^\n]*)")
+
+
 def _validate_safetensors(path: Path, source: str) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -120,9 +126,19 @@ def _validate_safetensors(path: Path, source: str) -> None:
 
 def _convert_pickle(part: Path, out: Path) -> None:
     try:
-        obj = torch.load(str(part), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns of a pickle protocol it did not write; the refusal below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(part), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own words advise weights_only=False, which would run what the file holds
+        why = _WEIGHTS_ONLY_WHY.search(str(e))
+        raise FetchError("refused: the pickled checkpoint holds more than tensors and plain containers"
+                         + (f" ({why.group(1).strip()})" if why else "")
+                         + ", which unpickling would run as code; nothing was stored. Ask its publisher for "
+                         "safetensors weights") from None
     except Exception as e:  # noqa: BLE001
-        raise FetchError(f"could not load pickled checkpoint with weights_only=True: {e}") from e
+        raise FetchError(f"could not load pickled checkpoint with weights_only=True: {str(e).splitlines()[0]}") from e
     # Common wrappers: {"model": sd}, {"state_dict": sd}; DataParallel's "module." prefix.
     for key in ("model", "state_dict", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
