@@ -127,6 +127,9 @@ def test_similar_leaves_out_look_alikes_on_their_pixels(tmp_path: Path):
     a.resize((240, 180)).save(tmp_path / "repost.jpg", quality=60)
     out = json.loads(_run("similar", str(tmp_path / "repost.jpg"), "--data-dir", str(d)).stdout)
     assert [r["cluster_id"] for r in out] == ["c-seed1"]
+    # the table's verdict column holds a cluster's stream verdict and score (it was empty for clusters)
+    table = _run("similar", str(tmp_path / "repost.jpg"), "--data-dir", str(d), "--format", "table").stdout
+    assert "c-seed1" in table and "no-evidence (0.20)" in table, table
 
 
 def test_names_that_look_like_markup_are_shown_as_typed(tmp_path: Path):

@@ -292,6 +292,10 @@ def similar(
         else:
             found = lookup.find(settings, picture, store)
         rows = lookup.as_json(found)
+        ids = {r["cluster_id"] for r in rows if "cluster_id" in r}
+        # the table's verdict column: a cluster's is the stream's (a row carries only the bank's)
+        stream_verdicts = ({c.id: f"{c.verdict} ({c.fake_score:.2f})" for c in store.clusters_by_id(ids)}
+                           if fmt != "json" and ids and store is not None else {})
     except EsError as e:
         fail(str(e))
     finally:
@@ -306,7 +310,7 @@ def similar(
         kind = "cluster" if "cluster_id" in r else f"bank {r['bank']}"
         # bank names and labels (file names, imported CSV text) are untrusted: never markup nor control codes
         table.add_row(shown(kind), shown(r.get("cluster_id") or r["entry_id"]), str(r["distance"]), r["via"],
-                      r.get("verdict") or "", shown(r.get("label") or ""))
+                      r.get("verdict") or stream_verdicts.get(r.get("cluster_id"), ""), shown(r.get("label") or ""))
     from rich.console import Console
 
     Console().print(fit(table))
