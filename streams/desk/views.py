@@ -117,7 +117,7 @@ def sparkline(counts: list[int], width: int = 120, height: int = 24) -> Markup:
     pts = " ".join(f"{i * step:.1f},{height - 2 - (c / top) * (height - 4):.1f}" for i, c in enumerate(counts))
     return Markup(
         f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="spread: {counts[-1]} sightings"><polyline fill="none" stroke="currentColor" '
+        f'aria-label="spread: {counts[-1]} sighting{"" if counts[-1] == 1 else "s"}"><polyline fill="none" stroke="currentColor" '
         f'stroke-width="1.5" points="{pts}"/></svg>'
     )
 
