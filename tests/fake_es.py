@@ -811,6 +811,14 @@ class FakeElasticsearch:
                 f.times -= 1
                 return {"_index": name, "_id": doc_id, "status": f.status, "error": f.error}
         try:
+            if op == "delete":  # docs-bulk: 200 "deleted", or 404 "not_found" (no error) for a document not there
+                index = self._resolve(name)
+                self._seq += 1
+                found = self.docs[index].pop(doc_id, None) is not None
+                version = self.meta[index].pop(doc_id, {"version": 0})["version"] + 1
+                return {"_index": index, "_id": doc_id, "_version": version,
+                        "result": "deleted" if found else "not_found", "_seq_no": self._seq, "_primary_term": 1,
+                        "status": 200 if found else 404}
             if name in self.rollover_on_write and name in self.data_streams:
                 self._rollover(name)  # a lazy rollover happens on the stream's next write
             index = self._resolve(name, auto_create_stream=True)

@@ -27,7 +27,7 @@ from detectors.base import Evidence
 from detectors.hashing import ImageHashes
 from streams.records import ClusterSnapshot, DeadLetter, Engagement, ImageEvent, Member, Sighting, SourceRef, Velocity
 from streams.records import payload_sha256
-from tests.fake_es import FakeElasticsearch, _Err
+from tests.fake_es import FakeElasticsearch
 
 T0 = datetime(2026, 11, 20, 10, 0, tzinfo=timezone.utc)
 TOPIC = "deepwatch.events"
@@ -36,37 +36,13 @@ MSG = b'{"event_id": "e1", "the": "message"}'  # what copies of e1 carry, byte f
 OTHER = b'{"event_id": "e1", "another": "post"}'  # a different post sent under the same id
 
 
-class DeletingFakeElasticsearch(FakeElasticsearch):
-    """The fake, answering bulk ``delete`` as Elasticsearch does
-    (docs-bulk): 200 "deleted" for a document that was there, 404
-    "not_found" (no error) for one that was not."""
-
-    def _bulk_item(self, op, meta, source):
-        if op != "delete":
-            return super()._bulk_item(op, meta, source)
-        name, doc_id = meta["_index"], meta["_id"]
-        for f in self.item_faults:  # as the fake's own items meet ``fail_items``
-            if f.times > 0 and f.match(op, meta, source):
-                f.times -= 1
-                return {"_index": name, "_id": doc_id, "status": f.status, "error": f.error}
-        try:
-            index = self._resolve(name)
-        except _Err as e:
-            return {"_index": name, "_id": doc_id, "status": e.status, "error": e.body.get("error", e.body)}
-        self._seq += 1
-        found = self.docs[index].pop(doc_id, None) is not None
-        version = self.meta[index].pop(doc_id, {"version": 0})["version"] + 1
-        return {"_index": index, "_id": doc_id, "_version": version, "result": "deleted" if found else "not_found",
-                "_seq_no": self._seq, "_primary_term": 1, "status": 200 if found else 404}
-
-
 @pytest.fixture
 def es_store():
     """The Elasticsearch store on the fake; the fake is its ``fake``."""
     from streams.es_store import EsFindingsStore
     from streams.settings import FindingsSettings, Settings
 
-    es = DeletingFakeElasticsearch().start()
+    es = FakeElasticsearch().start()
     settings = Settings(findings=FindingsSettings(retry_initial_s=0.001, retry_max_s=0.004))
     s = EsFindingsStore.from_url(es.url.replace("http://", "es://"), settings=settings)
     s.bulk.sleep = lambda _s: None
