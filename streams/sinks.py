@@ -588,6 +588,11 @@ class BulkSink:
                                   "script as an admin (docs/elasticsearch.md, \"The role deepwatch needs\")", hold=True)
                 else:
                     failed.append((action, r))
+            # a superseded dead letter's delete that still fails names no event: logged, never dead-lettered
+            # (a dead letter named after the deleted one's key was a third outcome of its event)
+            for action, r in [(a, r) for a, r in failed if _op(a) == "delete"]:
+                log.error("superseded dead letter not deleted", extra={"action": action[0], "error": r.get("error")})
+            failed = [(a, r) for a, r in failed if _op(a) != "delete"]
             if failed:
                 if dead_letters:
                     self._dead_letter(failed, result, me)
@@ -632,7 +637,9 @@ class BulkSink:
                 self._send_chunk(part, result, me, dead_letters=dead_letters, unanswered=unanswered)
             return True
         why = {"type": kind, "reason": f"the request of this action alone was refused (HTTP {status}): {error_reason(e)}"}
-        if dead_letters:
+        if _op(todo[0]) == "delete":  # a superseded dead letter's delete names no event of its own
+            log.error("superseded dead letter not deleted", extra={"action": todo[0][0], "error": why})
+        elif dead_letters:
             self._dead_letter([(todo[0], {"status": status, "error": why})], result, me)
         else:
             log.error("dead letter refused by the findings store; logged here only",
@@ -690,6 +697,11 @@ def _script_missing(r: dict[str, Any]) -> bool:
     err = r.get("error")
     return (isinstance(err, dict) and err.get("type") == "resource_not_found_exception"
             and "script" in str(err.get("reason") or ""))
+
+
+def _op(action: Action) -> str:
+    """The bulk operation of ``action``: create, index, update or delete."""
+    return next(iter(action[0]))
 
 
 def _index_key(action: Action) -> str:

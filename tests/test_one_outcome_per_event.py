@@ -197,6 +197,23 @@ def test_a_role_that_may_not_delete_leaves_the_dead_letter_and_dead_letters_noth
     assert "superseded dead letter not deleted; grant the role the 'delete' index privilege" in caplog.text
 
 
+def test_a_delete_refused_past_its_retries_dead_letters_nothing(es_store, caplog, monkeypatch):
+    """A superseded dead letter's delete answered 500 past the item retries
+    (or refused alone, 400) names no event: it was dead-lettered under the
+    deleted row's key, a third outcome of its event."""
+    import streams.sinks as sinks
+    from tests.fake_es import error_body
+
+    monkeypatch.setattr(sinks.BulkSink, "_backoff", lambda self, delay, why, n, me: delay)  # no waits between tries
+    store = es_store
+    assert store.add_dead_letters([_dead(0)]) == 1
+    store.fake.fail_items(lambda op, meta, source: op == "delete", 500,
+                          error_body("exception", "shard failure", 500)["error"], times=50)
+    store.apply_snapshots([_snap(4)])
+    assert _outcomes(store) == (1, [("e1", "fetch", "timeout")])
+    assert "superseded dead letter not deleted" in caplog.text
+
+
 def test_the_replay_summary_says_what_the_store_holds(tmp_path):
     """``summarize`` counts each event of the run by how it stands in the
     store: a resend (its offset not among those produced) stored the post
@@ -332,3 +349,11 @@ def test_replay_ends_every_event_as_one_outcome(tmp_path):
     assert summary["sightings"] == 1 and summary["dead_letters"] == {"fetch:timeout": 1}
     assert summary["run_outcomes"] == {"sighting": 1, "duplicate": 1, "dead_letter": 1}
     assert summary["run_dead_letters"] == {"fetch:timeout": 1}
+
+
+def test_a_row_stored_before_dead_letters_carried_a_digest_is_replaced_by_its_events_later_failure(store):
+    # rows of older versions are keyed event/stage/reason, without the message's digest
+    old = _dead(0).model_copy(update={"payload_sha256": None})
+    assert store.add_dead_letters([old]) == 1
+    assert store.add_dead_letters([_dead(5, "host_unavailable", minute=1)]) == 1
+    assert _outcomes(store) == (0, [("e1", "fetch", "host_unavailable")])
