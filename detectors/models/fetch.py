@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from detectors.models.checkpoint import ModelCard, paths, sha256_file, validate_name, write_card
 from detectors.models.nets import get_arch
 from detectors.netaddr import is_loopback
+from detectors.printable import escaped
 
 DEFAULT_MAX_BYTES = 4 * 1024**3
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
@@ -109,8 +110,10 @@ def _looks_pickled(path: Path, source: str) -> bool:
     return head[:2] == b"PK" or head[:1] == b"\x80" or Path(urlparse(source).path).suffix.lower() in PICKLE_SUFFIXES
 
 
-# What torch's weights-only unpickler found, from its message: "Unsupported global: GLOBAL posix.system", "Unsupported operand 149"
-_WEIGHTS_ONLY_WHY = re.compile(r"(Unsupported [^\n]*)")
+# What torch's weights-only unpickler refused, from its message: a global it would have
+# imported and called ("Unsupported global: GLOBAL posix.system was not an allowed global
+# ..."), the code a hostile pickle runs; anything else it could not read is no checkpoint.
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 def _validate_safetensors(path: Path, source: str) -> None:
@@ -131,12 +134,14 @@ def _convert_pickle(part: Path, out: Path) -> None:
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(str(part), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's own words advise weights_only=False, which would run what the file holds
-        why = _WEIGHTS_ONLY_WHY.search(str(e))
-        raise FetchError("refused: the pickled checkpoint holds more than tensors and plain containers"
-                         + (f" ({why.group(1).strip()})" if why else "")
-                         + ", which unpickling would run as code; nothing was stored. Ask its publisher for "
-                         "safetensors weights") from None
+        # torch's own words advise weights_only=False or allowlisting the global: running what the file holds
+        unsafe = _UNSAFE_GLOBAL.search(str(e))
+        if unsafe:  # the name comes from the file: shown escaped, never as terminal control codes
+            raise FetchError(f"refused: the pickled checkpoint calls {escaped(unsafe.group(1))} when loaded (code, "
+                             "not weights); nothing was stored. Ask its publisher for safetensors weights") from None
+        raise FetchError("not a weights-only checkpoint (corrupt, truncated, or pickled with instructions a "
+                         "weights-only load does not read); nothing was stored. Check the file, or ask its "
+                         "publisher for safetensors weights") from None
     except Exception as e:  # noqa: BLE001
         raise FetchError(f"could not load pickled checkpoint with weights_only=True: {str(e).splitlines()[0]}") from e
     # Common wrappers: {"model": sd}, {"state_dict": sd}; DataParallel's "module." prefix.
