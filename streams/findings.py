@@ -476,7 +476,11 @@ def _same_event(dl: DeadLetter, row: StoredDeadLetter, key: Callable[[str], str]
     if row.event_id != dl.event_id:
         return False
     as_row = dl.model_copy(update={"stage": row.stage, "reason": row.reason})
-    return key(dead_letter_identity(as_row)) == row.key
+    if key(dead_letter_identity(as_row)) == row.key:
+        return True
+    # a row written before dead letters carried their message's digest: keyed by event, stage and reason
+    return (dl.event_id is not None and dl.payload_sha256 is not None
+            and key(dead_letter_identity(as_row.model_copy(update={"payload_sha256": None}))) == row.key)
 
 
 def plan_dead_letters(dls: Iterable[DeadLetter], stored: Iterable[StoredDeadLetter], sighted: Collection[str],
@@ -940,7 +944,8 @@ class ReplayAccounting(Protocol):
         produced that has ended so far. Outcome: ``sighting``, ``duplicate``
         (its post was already stored when it came) or ``dead_letter``; where
         a dead letter sat that its event's sighting superseded reads
-        ``sighting``. A post
+        ``sighting`` (not where an earlier failure sat that a later one had
+        replaced first: ``runner.summarize`` reads those by event). A post
         repeated within the run may end either way (it depends on whether the
         first copy was stored yet); its event id tells."""
         ...
