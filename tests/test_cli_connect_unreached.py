@@ -64,3 +64,24 @@ def test_a_stream_that_sent_frames_reports_its_cursor_and_exits_0(tmp_path: Path
     assert r.returncode == 0, (r.returncode, r.stderr)
     assert _ended(r).endswith(f"; cursor {T0}") and "never connected" not in r.stderr
     assert len(r.stdout.splitlines()) == 1  # the mapped event
+
+
+def test_an_attempt_the_stop_cut_short_does_not_hide_a_run_that_never_connected():
+    # a host that drops packets: each attempt waits out its connect timeout, and the run's
+    # stop lands in one ("stopped"); the run still never connected
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from streams.cli.connect import _report
+    from streams.settings import Settings
+
+    def runner(ends: dict[str, int], connected: bool) -> SimpleNamespace:
+        emitter = SimpleNamespace(counts={}, cursor=None, stream="bluesky", session_ends=Counter(ends),
+                                  connected=connected)
+        return SimpleNamespace(emitter=emitter, url="wss://jetstream.example/subscribe")
+
+    console = Settings(log_format="console")
+    assert _report([runner({"connect_failed": 2, "stopped": 1}, connected=False)], console) is True
+    # connected once, then quiet (a session ended by the stop): nothing came, no failure
+    assert _report([runner({"connect_failed": 1, "stopped": 1}, connected=True)], console) is False
+    assert _report([runner({"stopped": 1}, connected=False)], console) is False

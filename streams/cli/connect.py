@@ -178,8 +178,9 @@ def _report(runners, settings: Settings) -> bool:
     """The end-of-run line of each stream; True when a stream read nothing
     because every attempt to connect failed (``Emitter.session_ends``; each
     failure was logged as a warning, saying why): such a run ended "nothing
-    read" with exit 0, as a quiet stream would. An attempt that ended when the
-    run stopped may have connected (a quiet hashtag): never counted as a failure."""
+    read" with exit 0, as a quiet stream would. A stream that connected once
+    (``Emitter.connected``) and read nothing had nothing come (a quiet
+    hashtag): no failure; nor one whose only attempt the stop cut short."""
     from streams.connectors.base import host_of
 
     failed = False
@@ -190,7 +191,9 @@ def _report(runners, settings: Settings) -> bool:
         say(f"{r.emitter.stream}: {counts}; {cursor}", fmt=settings.log_format,
             msg="connector stream ended", style="dim", stream=r.emitter.stream, counts=dict(r.emitter.counts),
             cursor=r.emitter.cursor)
-        if r.emitter.counts or not reasons or not all(_NO_STREAM.fullmatch(x) for x in reasons):
+        # an attempt cut short by the stop ("stopped") while connecting to a host that drops
+        # packets never connected either: the emitter says whether one did
+        if r.emitter.counts or r.emitter.connected or not any(_NO_STREAM.fullmatch(x) for x in reasons):
             continue
         failed = True
         host = host_of(getattr(r, "url", None) or getattr(r, "instance", ""))

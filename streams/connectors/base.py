@@ -586,8 +586,10 @@ class Emitter:
         self._last_checkpoint = time.monotonic()
         self.counts: dict[str, int] = {}
         # How this stream's sessions ended, by reason ("connect_failed", "http_503", "stopped", ...;
-        # ``reconnect_loop``): a run that never got a stream is told from a quiet one by it.
+        # ``reconnect_loop``), and whether one ever got a stream (set by the connector as it
+        # connects): a run that never connected is told from a quiet one by them.
         self.session_ends: collections.Counter[str] = collections.Counter()
+        self.connected = False
         # Sends not yet acknowledged, by outcome (produced, refused): counted
         # when a checkpoint confirms them, dropped by a rollback (the re-read
         # sends them again and they are counted then).

@@ -563,6 +563,7 @@ class BlueskyConnector:
                     user_agent_header="deepwatch-connector (+https://github.com/deepwatch)",
                 )), stop)
                 log.info("connected", extra={"connector": PLATFORM, "url": url})
+                self.emitter.connected = True
                 stopping = asyncio.ensure_future(stop.wait())
                 recv: asyncio.Future | None = None
                 try:

@@ -605,6 +605,7 @@ class MastodonConnector:
                     return f"http_{r.status_code}"
                 r.raise_for_status()
                 log.info("connected", extra={"connector": PLATFORM, "url": url})
+                self.emitter.connected = True
                 if not self.last_event_id and self.emitter.cursor is not None:
                     # Connected first, then backfill to the end before reading
                     # the stream (the server's pushes wait in the socket):
