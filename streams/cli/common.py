@@ -144,10 +144,8 @@ def service_log_format(settings: Settings) -> Optional[str]:
     """``settings.log_format`` when the command running is a service
     (``SERVICES``), None for a one-shot command (replay, demo: a person
     reads their stderr, between progress bars)."""
-    try:
-        from typer._click.globals import get_current_context  # the click Typer vendors
-    except ImportError:
-        return None
+    from typer._click.globals import get_current_context  # the click Typer vendors (pyproject's typer floor)
+
     ctx = get_current_context(silent=True)
     names: list[str] = []
     while ctx is not None and ctx.parent is not None:  # the root's name is the program's
