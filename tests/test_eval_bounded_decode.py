@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 import subprocess
 import sys
-import threading
 import zlib
 from pathlib import Path
 
@@ -66,21 +64,30 @@ def eval_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# Runs the CLI and writes its process's peak RSS (VmHWM, kB) as it ends. Not ``wait4``'s
+# ru_maxrss: Linux carries a forked child's parent's peak across exec, and a test worker
+# that grew to 1.5 GB before forking the CLI reported its own peak as the CLI's.
+_PEAK_WRAPPER = """
+import runpy, sys
+out, sys.argv = sys.argv[1], ["deepwatch", *sys.argv[2:]]
+try:
+    runpy.run_module("streams.cli", run_name="__main__")
+finally:
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    open(out, "w").write(hwm.split()[1])
+"""
+
+
 def _eval_peak_rss(eval_set: Path, data_dir: Path) -> tuple[dict, int]:
     """``deepwatch eval --no-models`` on the set in a process of its own: its JSON report and
-    its peak RSS in MiB (``wait4``'s usage of that one child)."""
+    its peak RSS in MiB (its own high-water mark, ``_PEAK_WRAPPER``)."""
+    peak = data_dir / "peak_kb.txt"
     with open(data_dir / "out.json", "wb") as out, open(data_dir / "err.txt", "wb") as err:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "deepwatch"), "eval", str(eval_set), "--no-models",
-                                 "--format", "json", "-d", str(data_dir)], stdout=out, stderr=err, cwd=ROOT)
-        timer = threading.Timer(300, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, str(peak), "eval", str(eval_set), "--no-models",
+                               "--format", "json", "-d", str(data_dir)], stdout=out, stderr=err, cwd=ROOT,
+                              timeout=300)
     assert proc.returncode == 0, (data_dir / "err.txt").read_text()[-3000:]
-    return json.loads((data_dir / "out.json").read_text()), usage.ru_maxrss >> 10
+    return json.loads((data_dir / "out.json").read_text()), int(peak.read_text()) >> 10
 
 
 def test_eval_refuses_bombs_in_both_variants_alike_within_bounded_memory(eval_set: Path, tmp_path: Path) -> None:
