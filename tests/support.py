@@ -90,16 +90,21 @@ del a
 """
 
 
+# A process's own peak RSS in kB, as Python source for a child's script: its VmHWM, not
+# ru_maxrss, which Linux carries from the forking parent across exec (a test worker's
+# 1.5 GB peak hid a child's growth below it).
+PEAK_RSS_KB = "lambda: int(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')).split()[1])"
+
+
 def decoded_then_grown_mib(tmp_path: Path, make: str, work: str) -> int:
     """How much a fresh Python process's peak memory grows (MiB) while it runs
     ``work`` on ``image``, an ImageData already decoded (``image.rgb``) from the
     picture ``make`` saved at ``path``: what work beside a decode costs, the
     decode itself left out. A process of its own, so the peak is this work's."""
-    script = "\n".join(["import resource, sys", "import numpy as np", "from PIL import Image",
-                        "from detectors.imagedata import ImageData", "path = sys.argv[1]", make,
-                        "image = ImageData(open(path, 'rb').read())", "image.rgb",
-                        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss", work,
-                        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) >> 10)"])
+    script = "\n".join(["import sys", "import numpy as np", "from PIL import Image",
+                        "from detectors.imagedata import ImageData", f"hwm = {PEAK_RSS_KB}", "path = sys.argv[1]",
+                        make, "image = ImageData(open(path, 'rb').read())", "image.rgb", "before = hwm()", work,
+                        "print((hwm() - before) >> 10)"])
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "picture.png")], capture_output=True,
                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr[-2000:]
