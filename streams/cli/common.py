@@ -66,7 +66,8 @@ class FirstLines:
 DataDir = typer.Option(None, "--data-dir", "-d", help="Directory for findings, blobs and logs (env DEEPWATCH_DATA_DIR; default ./deepwatch-data).")
 Config = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="TOML settings file (env DEEPWATCH_CONFIG). Environment variables override it.")
 Broker = typer.Option(None, "--broker", help="'embedded' (start a Tansu broker) or kafka://HOST:PORT[,HOST:PORT] for an external cluster.")
-FormatOpt = typer.Option("table", "--format", "-f", help="Output format: table (for people) or json (a stable contract for tools).")
+FormatOpt = typer.Option("table", "--format", "-f", metavar="table|json",
+                         help="Output format: table (for people) or json (a stable contract for tools).")
 JsonAlias = typer.Option(False, "--json", help="Same as --format json.")
 
 

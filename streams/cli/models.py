@@ -17,9 +17,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from detectors.model_names import DEFAULT_PIXEL_MODEL
 from streams.cli.app import app
 from streams.cli.common import (
-    Config, DataDir, JsonAlias, check_format, check_writable_dir, err, fail, print_error, settings_from,
+    Config, DataDir, FormatOpt, JsonAlias, check_format, check_writable_dir, err, fail, print_error, settings_from,
 )
-from streams.cli.tables import TableOrJson, fit, keyed_table
+from streams.cli.tables import fit, keyed_table
 
 models_app = typer.Typer(
     help="Manage learned detector weights in the model dir (<data-dir>/models unless detect.model_dir is set).",
@@ -172,7 +172,7 @@ def list_cmd(
     data_dir: Optional[Path] = DataDir,
     model_dir: ModelDirOpt = None,
     config: Optional[Path] = Config,
-    fmt: str = TableOrJson,
+    fmt: str = FormatOpt,
     as_json: bool = JsonAlias,
 ) -> None:
     """List the models in the model dir with their architecture, calibration and training summary:

@@ -12,9 +12,8 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, JsonAlias, check_format, err, fail, print_json, settings_from
+from streams.cli.common import Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, print_json, settings_from
 from streams.cli.query import StoreOpt, _findings
-from streams.cli.tables import TableOrJson
 
 _UNITS = {"d": 86400.0, "h": 3600.0}
 _MIN_S = 3600.0  # under an hour, a picture being analysed right now could lose its blob
@@ -44,7 +43,7 @@ def prune(
                                         "changed since: days or hours, e.g. 30d, 36h (at least 1h, at most 36500d)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be deleted; delete nothing."),
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, store_url: Optional[str] = StoreOpt,
-    fmt: str = TableOrJson, as_json: bool = JsonAlias,
+    fmt: str = FormatOpt, as_json: bool = JsonAlias,
 ) -> None:
     """Delete stored pictures nobody has posted for a while (blob retention).
 

@@ -11,10 +11,10 @@ from rich.console import Console
 
 from streams.cli.app import app
 from streams.cli.common import (
-    Config, DataDir, JsonAlias, check_format, err, fail, note_empty, print_json, settings_from,
+    Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, note_empty, print_json, settings_from,
 )
 from streams.cli.query import StoreOpt, _findings
-from streams.cli.tables import TableOrJson, fit, keyed_table
+from streams.cli.tables import fit, keyed_table
 from streams.findings import UNDELIVERED
 
 
@@ -47,7 +47,7 @@ def redeliver(
                    "configured hook's URL or name, or scheme://host:port when only one target has it. Without it: list what waits per target."),
     alert: Optional[list[str]] = typer.Option(None, "--alert", metavar="ID", help="Only this alert id (repeatable)."),
     data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, store_url: Optional[str] = StoreOpt,
-    fmt: str = TableOrJson, as_json: bool = JsonAlias,
+    fmt: str = FormatOpt, as_json: bool = JsonAlias,
 ) -> None:
     """Webhook deliveries still waiting, and rejected ones queued again.
 

@@ -7,15 +7,10 @@ columns give way: their text folds onto more lines, and short cells (numbers,
 
 from __future__ import annotations
 
-import typer
 from rich import box
 from rich.cells import cell_len
 from rich.table import Table
 from rich.text import Text
-
-# --format of a command with a table: "table|json" in --help, where it said "<str>"
-TableOrJson = typer.Option("table", "--format", "-f", metavar="table|json",
-                           help="Output format: table (for people) or json (a stable contract for tools).")
 
 # A cell this wide or narrower is kept on one line ("0.895", "authentic");
 # wider text folds. Eight columns of numbers then still fit 80 columns.
