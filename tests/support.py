@@ -96,14 +96,16 @@ del a
 PEAK_RSS_KB = "lambda: int(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')).split()[1])"
 
 
-def decoded_then_grown_mib(tmp_path: Path, make: str, work: str) -> int:
+def decoded_then_grown_mib(tmp_path: Path, make: str, work: str, imports: str = "") -> int:
     """How much a fresh Python process's peak memory grows (MiB) while it runs
     ``work`` on ``image``, an ImageData already decoded (``image.rgb``) from the
     picture ``make`` saved at ``path``: what work beside a decode costs, the
-    decode itself left out. A process of its own, so the peak is this work's."""
+    decode itself left out, and the modules ``imports`` loads before (an
+    import's tens of MiB read as the work's). A process of its own, so the
+    peak is this work's."""
     script = "\n".join(["import sys", "import numpy as np", "from PIL import Image",
                         "from detectors.imagedata import ImageData", f"hwm = {PEAK_RSS_KB}", "path = sys.argv[1]",
-                        make, "image = ImageData(open(path, 'rb').read())", "image.rgb", "before = hwm()", work,
+                        make, "image = ImageData(open(path, 'rb').read())", "image.rgb", imports, "before = hwm()", work,
                         "print((hwm() - before) >> 10)"])
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "picture.png")], capture_output=True,
                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])

@@ -236,8 +236,8 @@ def test_the_pixel_models_repost_adds_no_full_size_copy(tmp_path: Path):
     # peaked at 762 MiB in the detect role, 466 MiB without the copy). Here a
     # 5000x5000 RGB decode (95 MiB held) adds a 1600 px re-post and its JPEG.
     grown = decoded_then_grown_mib(tmp_path, GRADIENT_PNG.format(side=5000),
-                                   "from detectors.models.pixel_data import canonical\n"
-                                   "assert canonical(image).size == (1600, 1600)")
+                                   "assert canonical(image).size == (1600, 1600)",
+                                   imports="from detectors.models.pixel_data import canonical")
     assert grown < 60, grown  # MiB; a copy alone is 95
 
 
@@ -408,8 +408,8 @@ def test_stealth_reading_of_a_palette_picture_adds_no_full_size_rgba_copy(tmp_pa
     # 6000x4000: the RGBA copy alone is 92 MiB; the palette decode is 23.
     grown = decoded_then_grown_mib(
         tmp_path, 'Image.linear_gradient("L").resize((6000, 4000)).convert("P").save(path, transparency=0)',
-        "from detectors.plugins.stealth_pnginfo import StealthPngInfoDetector\n"
-        "assert StealthPngInfoDetector().analyze(image) == []")
+        "assert StealthPngInfoDetector().analyze(image) == []",
+        imports="from detectors.plugins.stealth_pnginfo import StealthPngInfoDetector")
     assert grown < 50, grown  # MiB
 
 

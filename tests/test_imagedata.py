@@ -245,8 +245,8 @@ def test_cheap_detectors_add_no_full_size_copy_of_a_large_picture(tmp_path):
     from tests.support import GRADIENT_PNG, decoded_then_grown_mib
 
     grown = decoded_then_grown_mib(tmp_path, GRADIENT_PNG.format(side=6000),
-                                   "from detectors.base import create_all\n"
-                                   "for d in create_all(cost='cheap'):\n    d.analyze(image)")
+                                   "for d in create_all(cost='cheap'):\n    d.analyze(image)",
+                                   imports="from detectors.base import create_all")
     assert grown < 150, grown  # MiB
 
 
