@@ -14,7 +14,7 @@ from detectors.regular_file import special_kind
 from detectors.signals import signal_types
 from streams.cli.app import app
 from streams.cli.common import (
-    Config, JsonAlias, check_banks, check_store_option, err, fail, note_empty, print_error, print_json, settings_from,
+    Config, JsonAlias, check_banks, check_store_option, counted, err, fail, note_empty, print_error, print_json, settings_from,
     shown,
 )
 from streams.cli.tables import fit, keyed_table
@@ -142,7 +142,7 @@ def add(
     except ImagesRejected:
         for line in bad:
             print_error(line)
-        _say(f"nothing added to {name!r}: {len(bad)} of {_count(len(files), 'file')} unreadable; "
+        _say(f"nothing added to {name!r}: {len(bad)} of {counted(len(files), 'file')} unreadable; "
              "remove them or pass --skip-bad to add the rest")
         raise typer.Exit(2)
     except BankFileError as e:  # the banks file, not a picture, failed: no file to blame
@@ -154,13 +154,8 @@ def add(
     for line in bad:
         _say(f"skipped {line}")
     there = len(files) - len(bad) - added
-    _say(f"added {_count(added, 'new image')} to {name!r} ({there} already there"
+    _say(f"added {counted(added, 'new image')} to {name!r} ({there} already there"
          f"{f', {len(bad)} skipped' if bad else ''})")
-
-
-def _count(n: int, noun: str) -> str:
-    """"1 file", "2 files": what a person reads, not "1 file(s)"."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _check_bank_verdict(store: Any, name: str, verdict: str) -> None:

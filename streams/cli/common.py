@@ -188,6 +188,11 @@ def _say_stopped(word: str) -> None:
     err.print(word)
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 file", "2,000 files": what a person reads, not "1 file(s)"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def fail(message: str) -> NoReturn:
     """End the command on a user mistake: one ``error:`` line, exit 2."""
     print_error(message)

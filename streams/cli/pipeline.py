@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from streams.cli.app import app
 from streams.cli.common import (
     Broker, Config, DataDir, check_alert_senders, check_banks, check_engine_state, check_writable_dir,
-    create_missing_topics, err, fail, print_json, settings_from, write_out,
+    counted, create_missing_topics, err, fail, print_json, settings_from, write_out,
 )
 from streams.cli.query import StoreOpt
 from streams.settings import Settings
@@ -246,8 +246,8 @@ def _print_summary(summary, fmt_json: bool, settings: Settings | None = None) ->
         f"{ended.get('duplicate', 0)} already stored, {ended.get('dead_letter', 0)} dead letters"
     )
     # the store's totals: earlier runs into the same data dir count too
-    err.print(f"data dir: {_count(summary.sightings, 'sighting')}, {_count(summary.clusters, 'cluster')}, "
-              f"{_count(summary.alerts, 'alert')}; dead letters: {dl} (`deepwatch dead-letters` lists them)")
+    err.print(f"data dir: {counted(summary.sightings, 'sighting')}, {counted(summary.clusters, 'cluster')}, "
+              f"{counted(summary.alerts, 'alert')}; dead letters: {dl} (`deepwatch dead-letters` lists them)")
     if summary.models_pending_at_start:
         err.print(f"{summary.models_pending_at_start} cluster(s) an earlier run left waiting for a model result "
                   "were asked again")
@@ -262,10 +262,6 @@ def _print_summary(summary, fmt_json: bool, settings: Settings | None = None) ->
                   highlight=False)
     _warn_all_dead(summary)
     _warn_undelivered(summary, settings)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _warn_all_dead(summary) -> None:

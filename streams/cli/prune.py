@@ -12,7 +12,9 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, print_json, settings_from
+from streams.cli.common import (
+    Config, DataDir, FormatOpt, JsonAlias, check_format, counted, err, fail, print_json, settings_from,
+)
 from streams.cli.query import StoreOpt, _findings
 
 _UNITS = {"d": 86400.0, "h": 3600.0}
@@ -90,12 +92,8 @@ def prune(
     # to the minute, for people: "2026-11-07T18:17:14.169177+00:00" read like a log line (JSON keeps it whole)
     since = datetime.fromisoformat(report.cutoff).strftime("%Y-%m-%d %H:%M UTC")
     Console(soft_wrap=True).print(
-        f"{_n(report.blobs, 'picture')}: {verb} {report.deleted:,} ({report.deleted_bytes / 1e6:,.1f} MB with "
-        f"{_n(report.analyses_deleted, 'analysis record')} and {_n(report.leftovers_deleted, 'leftover temp file')}); "
+        f"{counted(report.blobs, 'picture')}: {verb} {report.deleted:,} ({report.deleted_bytes / 1e6:,.1f} MB with "
+        f"{counted(report.analyses_deleted, 'analysis record')} and {counted(report.leftovers_deleted, 'leftover temp file')}); "
         f"kept {report.kept_recent:,} stored or seen since {since} and {report.kept_active:,} in "
         "clusters changed since", highlight=False)
 
-
-def _n(count: int, noun: str) -> str:
-    """"1 picture", "2,000 pictures"."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
