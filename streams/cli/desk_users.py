@@ -14,7 +14,9 @@ from rich.console import Console
 
 from detectors.printable import escaped
 from streams.cli.app import app
-from streams.cli.common import Config, DataDir, JsonAlias, err, fail, note_empty, print_json, settings_from, shown
+from streams.cli.common import (
+    Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, note_empty, print_json, settings_from, shown,
+)
 from streams.cli.tables import fit, keyed_table
 
 users_app = typer.Typer(
@@ -23,10 +25,6 @@ users_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(users_app, name="desk-users", rich_help_panel="Desk", short_help=users_app.info.help)
-
-_Format = typer.Option("table", "--format", "-f", metavar="table|json",
-                       help="table (for people) or json: an array of {name, role}.")
-
 
 def _users_file(config: Optional[Path], data_dir: Optional[Path]) -> Path:
     """The users file `deepwatch desk-user` writes and the desk reads (desk.users_file, else
@@ -49,15 +47,13 @@ def _users(path: Path) -> list:
 
 
 @users_app.command("list")
-def list_(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = _Format,
+def list_(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, fmt: str = FormatOpt,
           as_json: bool = JsonAlias) -> None:
     """The desk's users and their roles (never their password hashes).
 
     API tokens come from the desk's environment (desk.tokens_env), not from
     the users file, and are not listed."""
-    fmt = "json" if as_json else fmt
-    if fmt not in ("table", "json"):
-        raise typer.BadParameter("must be 'table' or 'json'", param_hint="--format")
+    fmt = "json" if as_json else check_format(fmt)  # json: an array of {name, role}
     path = _users_file(config, data_dir)
     users = _users(path)
     if fmt == "json":
