@@ -4,8 +4,8 @@ deepwatch, as code. ``python -m dashboards.build --out DIR`` writes them;
 
 # grafana-foundation-sdk publishes one build per Grafana version under an
 # epoch (a timestamp), so an unpinned install picks whichever built last (the
-# 10.1 types, at the time of writing). These are the Grafana 11.6 types.
-PINNED_SDK = "1769699379!11.6.0"
+# 10.1 types, at the time of writing): pyproject.toml pins the Grafana 11.6
+# types, and the generated artefacts are made with those.
 
 
 def sdk_version() -> str:

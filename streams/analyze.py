@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+from pydantic import BaseModel, ConfigDict
+
 from detectors.atomic_file import write_atomically
 from detectors.base import Detector, Evidence, EvidenceKind, create_all
 from detectors.freed_memory import TRIM_AFTER_BYTES, release_freed_memory
@@ -196,22 +198,13 @@ class Analyzer:
         return analysis_path(self._blob_root, sha256)
 
     def _load_cache(self, sha256: str) -> tuple[ImageHashes, list[Evidence]] | None:
-        path = self._cache_path(sha256)
-        try:
-            doc = json.loads(path.read_text())
-            return ImageHashes.model_validate(doc["hashes"]), [Evidence.model_validate(e) for e in doc["evidence"]]
-        except FileNotFoundError:
-            return None
-        except Exception:
-            path.unlink(missing_ok=True)  # stale format: recompute
-            return None
+        kept = read_analysis(self._cache_path(sha256))
+        return None if kept is None else (kept.hashes, kept.evidence)
 
     def _store_cache(self, sha256: str, hashes: ImageHashes, evidence: list[Evidence]) -> None:
-        path = self._cache_path(sha256)
         # Concurrent analyses of the same picture (a burst of reposts) each
         # write their own temp file; the last rename wins, same content.
-        doc = {"hashes": hashes.model_dump(), "evidence": [e.model_dump() for e in evidence]}
-        write_atomically(path, json.dumps(doc).encode())
+        write_analysis(self._cache_path(sha256), KeptAnalysis(hashes=hashes, evidence=evidence))
 
 
 # Bump when cheap detectors change what they compute, so cached analyses of
@@ -226,6 +219,45 @@ def analysis_path(blob_root: Path, sha256: str) -> Path:
     return blob_root / ANALYSIS_DIR / f"{sha256}.v{ANALYSIS_CACHE_VERSION}.h{HASHES_VERSION}.json"
 
 
+class KeptAnalysis(BaseModel):
+    """One picture's hash record and cheap evidence as the analyze stage
+    keeps it (``analysis_path``). ``schema_version`` is
+    ``ANALYSIS_CACHE_VERSION``, which the file name carries too: a file
+    written before the record said it (under the same name) is that version."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_version: int = ANALYSIS_CACHE_VERSION
+    hashes: ImageHashes
+    evidence: list[Evidence]
+
+
+def write_analysis(path: Path, kept: KeptAnalysis) -> None:
+    write_atomically(path, json.dumps(kept.model_dump()).encode())
+
+
+def read_analysis(path: Path) -> KeptAnalysis | None:
+    """The analysis kept at ``path``, the one reader of those files (the
+    analyze stage's cache, ``recorded_hashes``). None when there is none, or
+    it cannot be read now; one that does not read as this version's record
+    (damaged, an older format, another version) is None too and is removed,
+    so the next analysis of the picture writes it anew."""
+    try:
+        raw = path.read_bytes()
+    except OSError:  # none kept (FileNotFoundError), or not readable by this process: nothing known about it
+        return None
+    try:
+        kept = KeptAnalysis.model_validate(json.loads(raw))
+        if kept.schema_version == ANALYSIS_CACHE_VERSION:
+            return kept
+    except ValueError:  # not JSON, or not the record (pydantic's ValidationError is a ValueError)
+        pass
+    try:
+        path.unlink(missing_ok=True)  # stale or damaged: recompute
+    except OSError:  # a reader without write access to the blob store (the desk): the stage removes it
+        pass
+    return None
+
+
 def recorded_hashes(settings: Settings, sha256: str) -> ImageHashes | None:
     """A stored image's whole hash record, its 32x32 thumbnail included, for
     readers of the findings store (whose members carry hashes without it):
@@ -233,10 +265,9 @@ def recorded_hashes(settings: Settings, sha256: str) -> ImageHashes | None:
     bytes within the decode limits; None when neither is there or the bytes
     do not decode."""
     blob_root = Path(settings.data_dir) / "blobs"
-    try:
-        return ImageHashes.model_validate(json.loads(analysis_path(blob_root, sha256).read_text())["hashes"])
-    except (OSError, ValueError, KeyError):
-        pass
+    kept = read_analysis(analysis_path(blob_root, sha256))
+    if kept is not None:
+        return kept.hashes
     try:
         return compute_hashes(ImageData(DirectoryBlobStore(blob_root).get(sha256), limits=settings.decode_limits()))
     except (OSError, ImageRejected):

@@ -15,10 +15,8 @@ with idempotent sinks is the robust choice on any broker anyway).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
 
 import faust
 
@@ -31,23 +29,11 @@ from streams.engine_state import engine_state_path, lost_state, open_engine_stat
 from streams.faust_app import faust_app
 from streams.fetch import ImageFetcher
 from streams.host_breaker import HostBreaker
-from streams.records import DeadLetter, SourceRef, payload_sha256
+from streams.records import DeadLetter, SourceRef
 from streams.settings import Settings
 from streams.topics import ANALYZE_GROUP_SUFFIX, CLUSTER_TABLE
 
-if TYPE_CHECKING:
-    from streams.stage import Result
-
 log = logging.getLogger(__name__)
-
-
-def _dead_letter(stage: str, reason: str, detail: str, source: SourceRef, raw: bytes | None, event_id: str | None) -> DeadLetter:
-    excerpt = None
-    if raw is not None:
-        excerpt = raw[:512].decode("utf-8", "replace")
-    return DeadLetter(event_id=event_id, stage=stage, reason=reason, detail=detail, source=source, payload_excerpt=excerpt,
-                      payload_sha256=payload_sha256(raw) if raw is not None else None)
-
 
 
 def build_pipeline_app(settings: Settings, broker_url: str, *, analyze: bool = True, cluster: bool = True) -> faust.App:
@@ -90,7 +76,8 @@ def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_d
     a cluster op, an accounted duplicate or a dead letter with stage and
     reason; nothing an event does can end the agent or the worker."""
     from streams.findings import open_findings
-    from streams.stage import AnalyzeStage, SharedIds, once, run_of
+    from streams.shared_handle import once
+    from streams.stage import AnalyzeStage, SharedIds, hand_on, run_of
 
     events = app.topic(settings.topic("events"), value_serializer="raw", key_serializer="raw")
     data_dir = Path(settings.data_dir)
@@ -100,7 +87,7 @@ def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_d
     shared_ids = SharedIds(analyze_slots=ingest.analyze_concurrency)
     breaker = HostBreaker(settings.fetch.breaker_timeouts, settings.fetch.breaker_cooldown_s)  # and pause stalling hosts together
     # The store the sinks write (SQLite or Elasticsearch), opened in a thread
-    # on first use; ``once`` serialises its calls (see streams.stage.Serialized).
+    # on first use; ``once`` serialises its calls (see streams.shared_handle.Serialized).
     analyze_store = once(lambda: open_findings(settings.findings.url, settings.data_dir, settings))
 
     # More actors than analysis slots: an event waiting on its image host does not hold up the others.
@@ -127,44 +114,6 @@ def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_d
         finally:
             stage.close()
             await fetcher.aclose()
-
-
-DEAD_LETTER_TRIES = 3
-
-
-async def hand_on(result: Result, source: SourceRef, ops: Any, send_dead: SendDead,
-                  mark_duplicate: Callable[[SourceRef, str | None], None]) -> bool:
-    """Hand an analysed event's outcome on: its cluster op to ``ops``, an
-    exact duplicate to the store's accounting, a dead letter to its topic (an
-    op the broker refuses becomes one). True once the outcome has left the
-    worker: only then may the event be acked. A dead letter the broker
-    refuses ``DEAD_LETTER_TRIES`` times leaves the event unacked: its
-    partition's commits stop below it and the partition's next owner reads
-    it again, rather than the event being lost."""
-    try:
-        if result.op is not None:
-            with metrics.STAGE_SECONDS.labels("send").time():
-                await ops.send(key=b"ops", value=result.op)
-        elif result.duplicate:
-            await asyncio.to_thread(mark_duplicate, source, result.event_id)
-    except Exception as e:  # e.g. the broker refusing the message: still one dead letter
-        log.exception("analyze output failed", extra={"offset": source.offset})
-        result.dead = _dead_letter("cluster", "send_failed", f"{type(e).__name__}: {e}", source, None,
-                                   result.event_id)
-    if result.dead is None:
-        return True
-    for attempt in range(DEAD_LETTER_TRIES):
-        try:
-            await send_dead(result.dead)
-            return True
-        except Exception:  # the broker itself failing: retry, then say so, never crash
-            log.exception("dead letter not sent", extra={"offset": source.offset, "attempt": attempt})
-            if attempt + 1 < DEAD_LETTER_TRIES:
-                await asyncio.sleep(1.0)
-    log.error("event left unacked: neither its outcome nor its dead letter reached the broker; the partition's "
-              "next owner reads it again", extra={"topic": source.topic, "partition": source.partition,
-                                                  "offset": source.offset, "event_id": result.event_id})
-    return False
 
 
 def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.TopicT, dead: faust.TopicT,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streams.held_signals import HeldSignals
+from streams.plurals import counted
+from streams.private_files import owner_only, private_dir
 
 
 log = logging.getLogger(__name__)
@@ -127,8 +129,9 @@ class EmbeddedBroker:
             log_dir = self._temp_log_dir = Path(tempfile.mkdtemp(prefix="deepwatch-broker-"))
         else:
             log_dir = self._log_dir
-            log_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(log_dir)  # 0700 where deepwatch makes it
         self.log_path = log_dir / "tansu.log"
+        owner_only(self.log_path, "broker log")  # 0600: it may quote the records it refused
         for _ in range(PORT_TRIES - 1):
             try:
                 self._start_once(timeout_s)
@@ -501,8 +504,8 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout_s: float = 20.
                 pass  # another process won the race; same spec
             except KafkaError as e:  # more replicas than brokers, no ACL to create topics, ...
                 raise BrokerError(
-                    f"the broker at {bootstrap} refused to create {len(new)} topic(s) ({', '.join(sorted(new))}) "
-                    f"with {replicas} replica(s): {e}; set kafka.replication_factor to at most the number of "
+                    f"the broker at {bootstrap} refused to create {counted(len(new), 'topic')} ({', '.join(sorted(new))}) "
+                    f"with {counted(replicas, 'replica')}: {e}; set kafka.replication_factor to at most the number of "
                     "brokers, or create the topics yourself and run workers with --no-create-topics") from None
         for s in specs:
             if s.name in existing:

@@ -6,8 +6,8 @@ used to keep in a closure: the ``ClusterEngine`` (rebuilt from the changelog
 table after a rebalance), the table itself, seeding a fresh table from
 ``streams.engine_state`` (and asking the models again for the seeded
 clusters whose requests the old broker took with it), eviction to the cold
-tier and revival from it. The app only wires it: topics in, topics out, the
-rebalance signal.
+tier and revival from it. The app (``streams.app``) only wires it: topics
+in, topics out, the rebalance signal.
 
 Ops come in batches (``settings.batch``: up to ``cluster_max_ops``, or what
 arrived within ``cluster_within_s``). Each op is decoded and applied through
@@ -481,7 +481,6 @@ class ClusterStage:
             self._seeded.pop(cid, None)
 
     async def _dead(self, source: SourceRef, raw: bytes, reason: str, detail: str) -> None:
-        excerpt = raw[:512].decode("utf-8", "replace") if raw is not None else None
         event_id = None
         try:  # a sighting op that decodes names its event: the dead letter accounts for that event
             op = ClusterOp.loads(raw)
@@ -496,8 +495,7 @@ class ClusterStage:
             if event_id is not None:
                 detail = f"{detail} (cluster op at {source.topic}:{source.partition}:{source.offset})"
                 source = named or source
-        await self.send_dead(DeadLetter(event_id=event_id, stage="cluster", reason=reason, detail=detail,
-                                        source=source, payload_excerpt=excerpt))
+        await self.send_dead(DeadLetter.of("cluster", reason, detail, raw, source=source, event_id=event_id))
 
 
 # While a rebalance is under way, a rebuild waits this long between looks.

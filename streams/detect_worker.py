@@ -133,6 +133,9 @@ class DetectStage:
     async def run(self, stream) -> None:
         batchers = self.loaded = await self.batchers()
         cfg = self.cfg
+        # What ran, not what was configured: a vendor whose API key is unset was never loaded
+        # (``enabled_vendors``). Named as their evidence names them (``model:<name>``, ``vendor:<name>``).
+        ran = [b.detector.name for b in batchers]
         # Up to several model batches of requests at a time: a backlog (a
         # burst of new clusters) then coalesces a cluster's first request
         # with the one its better copy sent moments later (measured on the
@@ -149,7 +152,7 @@ class DetectStage:
 
             async def send(req: DetectRequest, evidence: list, error: str | None) -> None:
                 result = DetectionResult(cluster_id=req.cluster_id, sha256=req.sha256, evidence=evidence,
-                                         models=list(cfg.models), error=error)
+                                         models=list(ran), error=error)
                 await self.send_op(ClusterOp(kind="detection", detection=result).dumps())
 
             answered = await answer(

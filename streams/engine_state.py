@@ -17,8 +17,12 @@ give it:
 The findings store stays at the end of the flow (sinks write it, queries read
 it); the engine's index and counts never come from it. One check reads it:
 before the stage starts, ``lost_state`` compares its sightings with this
-file, to refuse starting over an engine state that was lost (clusters would
-be founded again for pictures the store already holds). ``EngineStateStore`` is the interface,
+file, to say when the engine state was lost (clusters would be founded again,
+their counts from zero, for pictures the store already holds). It is said
+loudly and nothing more: the cluster worker logs a WARNING (``streams.app``)
+and `deepwatch replay` prints a warning line before it starts
+(``streams.cli.pipeline``); neither refuses to start, since nothing here can
+rebuild the lost state. ``EngineStateStore`` is the interface,
 ``SqliteEngineState`` the embedded backend (one file in the data directory).
 Offsets in a state belong to the broker that wrote them: the stage clears
 them (``cluster_stage._fresh``) when it seeds a fresh broker from this file.
@@ -40,6 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+from streams.private_files import SQLITE_COMPANIONS, owner_only, private_dir
 from streams.sqlite_wal import enable_wal
 
 SCHEMA = """
@@ -96,7 +101,8 @@ class SqliteEngineState:
 
     def __init__(self, path: Path, *, state_version: int):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)  # 0700 where deepwatch makes it
+        owner_only(self.path, "engine state file", SQLITE_COMPANIONS)  # 0600, its -wal and -shm too
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._lock = threading.Lock()
         stored = self._db.execute("PRAGMA user_version").fetchone()[0]

@@ -72,7 +72,7 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
         self._ready = False
         self._server: dict[str, Any] | None = None
         from streams.settings import FindingsSettings
-        from streams.sinks import BulkSink
+        from streams.es_bulk import BulkSink
 
         fs = settings.findings if settings is not None else FindingsSettings()
         self.bulk = BulkSink(self.es, fs, dead_letters_index=self.names["dead_letters"],

@@ -75,6 +75,14 @@ class _ReadRecord(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Every read record says its shape's version in a field of its own, ``schema_version: int = 1``
+    # (an addition: none is renamed). A row stored before records were versioned carries none, or a
+    # reader hands on its document's missing one as None: it reads as version 1.
+    @field_validator("schema_version", mode="before", check_fields=False)
+    @classmethod
+    def _unversioned(cls, v: Any) -> Any:
+        return 1 if v is None else v
+
     def as_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -178,6 +186,7 @@ class ClusterRecord(_ReadRecord):
     stream_sightings: int  # the stream's own running count; equals ``sightings`` unless something was lost
     revision: int
     updated_at: str | None
+    schema_version: int = 1
 
     @field_validator("evidence", mode="before")
     @classmethod
@@ -230,6 +239,7 @@ class DeadLetterRecord(_ReadRecord):
     source: SourceRef | None
     payload_excerpt: str | None
     at: str
+    schema_version: int = 1
 
 
 class SightingRecord(_ReadRecord):
@@ -248,6 +258,7 @@ class SightingRecord(_ReadRecord):
     hashtags: list[str]
     lang: str | None
     engagement: Engagement
+    schema_version: int = 1
 
 
 class AccountAggregate(_ReadRecord):
@@ -267,6 +278,7 @@ class AccountAggregate(_ReadRecord):
     platforms: list[str]  # sorted
     cluster_ids: list[str]  # sorted, as recorded (not resolved through merges)
     median_gap_s: float | None  # between consecutive posts, to the millisecond; None with one post
+    schema_version: int = 1
 
 
 class AccountWindow(_ReadRecord):
@@ -279,6 +291,7 @@ class AccountWindow(_ReadRecord):
     posts: int
     platforms: list[str]  # sorted
     last_seen: str  # posted_at of its last post, as recorded
+    schema_version: int = 1
 
 
 @dataclass(frozen=True)
@@ -556,6 +569,7 @@ class DeliveryRecord(_ReadRecord):
     state: DeliveryState
     detail: str = ""
     at: str
+    schema_version: int = 1
 
     @computed_field
     @property
@@ -921,7 +935,7 @@ class IdentityCheck(Protocol):
     conflicting-resend check by event id), and the one thing it records
     there, a duplicate accounted as processed. Apart because it is the only
     use of the store away from the end of the flow, through a handle the
-    stage's threads share (``streams.stage.Serialized``)."""
+    stage's threads share (``streams.shared_handle.Serialized``)."""
 
     def mark_processed(self, source: SourceRef, outcome: str, event_id: str | None) -> None: ...
     def sighting_identity(self, event_id: str) -> PostIdentity | None: ...

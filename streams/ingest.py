@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from streams.held_signals import HeldSignals
-from streams.records import DeadLetter, payload_sha256
+from streams.records import DeadLetter
 from streams.settings import Settings
 from streams.validate import MAX_EVENT_BYTES, event_id_of
 
@@ -290,10 +290,9 @@ def produce_lines(
                 eid = event_id_of(line)
                 key = eid.encode() if eid else None
                 if len(line) > MAX_MESSAGE_BYTES:
-                    dl = DeadLetter(event_id=eid, stage="validate", reason="too_large",
-                                    detail=f"event is over {MAX_MESSAGE_BYTES} bytes; inline images are capped at ingest",
-                                    payload_excerpt=line[:512].decode("utf-8", "replace"),
-                                    payload_sha256=payload_sha256(line))
+                    dl = DeadLetter.of("validate", "too_large",
+                                       f"event is over {MAX_MESSAGE_BYTES} bytes; inline images are capped at ingest",
+                                       line, event_id=eid)
                     dead_futures.append(producer.send(settings.topic("dead-letters"), key=key, value=dl.dumps(),
                                                       headers=headers))
                     out.refused += 1

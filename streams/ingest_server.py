@@ -47,9 +47,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from starlette.requests import ClientDisconnect
 
 from streams.connectors.base import TokenBucket, UrlPolicy
-from streams.fetch import DNS_THREADS, FetchError
 from streams.http_deadlines import HEADER_TIMEOUT_S, head_deadline_protocol
-from streams.records import DeadLetter, payload_sha256
+from streams.records import DeadLetter
+from streams.safe_http import DNS_THREADS, FetchError
 from streams.settings import Settings
 from streams.tokens import MAKE_ONE, MIN_TOKEN_CHARS, TokenConfigError, presented, token_entries
 from streams.validate import InvalidEvent, parse_event
@@ -713,10 +713,8 @@ def build_app(settings: Settings, tokens: dict[str, str], *, sink_factory: Calla
         dead: list[DeadLetter] = []
 
         def reject(n: int, raw: bytes, event_id: str | None, stage: str, reason: str, detail: str) -> None:
-            dead.append(DeadLetter(event_id=event_id, stage=stage, reason=reason,
-                                   detail=f"HTTP ingest ({name}), line {n}: {detail}",
-                                   payload_excerpt=raw[:512].decode("utf-8", "replace"),
-                                   payload_sha256=payload_sha256(raw)))
+            dead.append(DeadLetter.of(stage, reason, f"HTTP ingest ({name}), line {n}: {detail}", raw,
+                                      event_id=event_id))
             results.append(LineResult(n, "dead_lettered", event_id, reason, detail))
 
         # Validated in a thread, not on the event loop: a request of eight 1 MB

@@ -120,7 +120,7 @@ class ImageEvent(_Record):
     platform: str = Field(min_length=1, max_length=64, description="stored in lower case: X and x are one platform")
     post_id: str | None = Field(default=None, max_length=256)
     post_url: str | None = Field(default=None, max_length=4096)
-    account_id: str = Field(min_length=1, max_length=256)
+    account_id: str = Field(min_length=1, max_length=256, json_schema_extra={"pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]+$"})
     account_handle: str | None = Field(default=None, max_length=256)
     # The pattern: what the date-time checks below require of the string's
     # start, for schema validators that do not assert "format".
@@ -141,12 +141,16 @@ class ImageEvent(_Record):
             raise ValueError("must not be blank")
         return value
 
-    @field_validator("event_id")
+    @field_validator("event_id", "account_id")
     @classmethod
     def _event_id_printable(cls, value: str) -> str:
         # An id is a key in every store, log line and terminal table: a C0/C1
         # control (ESC starting a terminal sequence, a newline) in one rewrote
         # the operator's screen and split log lines. No platform's ids hold any.
+        # An account id is also the desk's key for the account (its page's
+        # path, ``?id=``, the search's ``account=``): one with "\r\n" was
+        # stored, and its page could then not be opened (404, or 422 for a
+        # control in the query).
         if _CONTROL.search(value):
             raise ValueError("must not contain control characters")
         return value
@@ -282,6 +286,25 @@ class DeadLetter(_Record):
             if isinstance(data.get(key), str):
                 data[key] = _clip(data[key], limit)
         return data
+
+    @classmethod
+    def of(cls, stage: DeadLetterStage, reason: str, detail: str, raw: bytes | str | None, *,
+           source: SourceRef | None = None, event_id: str | None = None, excerpt: bool = True) -> "DeadLetter":
+        """The dead letter of the message ``raw``: its first 512 bytes (as
+        UTF-8, undecodable bytes replaced) in ``payload_excerpt`` (none when
+        not ``excerpt``), and the digest of the whole message in
+        ``payload_sha256``, which keeps two messages sharing their first bytes
+        two dead letters (``streams.findings.dead_letter_identity``). Only
+        the excerpt's bytes are decoded, whatever the message's size."""
+        shown = None
+        if raw is not None and excerpt:
+            head = raw[:512]
+            shown = head if isinstance(head, str) else bytes(head).decode("utf-8", "replace")
+        digest = None
+        if raw is not None:
+            digest = payload_sha256(raw if isinstance(raw, (bytes, str)) else bytes(raw))
+        return cls(event_id=event_id, stage=stage, reason=reason, detail=detail, source=source,
+                   payload_excerpt=shown, payload_sha256=digest)
 
 
 def payload_sha256(raw: bytes | str) -> str:

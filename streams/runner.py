@@ -28,6 +28,7 @@ from streams.topics import topic_specs
 from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics
 from streams.ingest import Produced, produce_lines
 from streams.priority import renice_threads
+from streams.private_files import owner_only, private_dir
 from streams.settings import Settings
 from streams.findings import IdentityCheck, open_findings
 from streams.zygote import LOCAL_THREAD_ENV, SAFE_PATH, Zygote, ZygoteChild, take_prestarted
@@ -244,8 +245,11 @@ class Cluster:
         args = ["--nice-after-load", str(DETECT_NICE)] if role == "detect" else []
         argv = ["--role", role, *args]
         proc: subprocess.Popen | ZygoteChild | None = None
+        # Made here, owner-only (0600), before either way of starting the worker opens it: a worker's log
+        # names the accounts, posts and URLs it handled. The zygote's child opens it moments later;
+        # readers of the log may look before.
+        owner_only(log_path, "worker log")
         if self.zygote is not None and self.zygote.alive():
-            log_path.touch()  # the child opens it moments later; readers of the log may look before
             try:
                 proc = self.zygote.spawn(argv, env, log_path)
             except RuntimeError as e:  # it failed to import or died: a fresh interpreter does the same job
@@ -361,7 +365,7 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
     it ends."""
     import fcntl
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)  # 0700 where deepwatch makes it: the findings, the engine state, the logs
     f = open(data_dir / ".deepwatch.lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -383,7 +387,7 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
 def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None = None) -> Cluster:
     stack.enter_context(data_dir_lock(Path(settings.data_dir)))
     log_dir = Path(log_dir or Path(settings.data_dir) / "logs")
-    log_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(log_dir)
     t0 = time.monotonic()
     # First: the zygote imports what every worker needs while the broker starts
     # (the console script may have started it already, while the CLI imported).

@@ -592,6 +592,32 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}.{name}"
 
 
+def setting_source(name: str) -> Literal["env", "toml"] | None:
+    """Where top-level setting ``name`` of ``Settings`` built now comes from,
+    asked of the sources ``Settings`` reads, in its own precedence
+    (``settings_customise_sources``): "env" (its ``DEEPWATCH_`` variable),
+    "toml" (the settings file, ``DEEPWATCH_CONFIG``), or None: neither gives
+    it, so it is the default, or an argument (a CLI flag) these do not see.
+    A source that cannot be read (already reported when the settings were
+    built) gives nothing."""
+    from pydantic_settings import DotEnvSettingsSource, EnvSettingsSource, InitSettingsSource, SecretsSettingsSource
+
+    sources = Settings.settings_customise_sources(
+        Settings, init_settings=InitSettingsSource(Settings, {}), env_settings=EnvSettingsSource(Settings),
+        dotenv_settings=DotEnvSettingsSource(Settings), file_secret_settings=SecretsSettingsSource(Settings))
+    for source in sources:
+        kind = ("env" if isinstance(source, EnvSettingsSource)
+                else "toml" if isinstance(source, TomlConfigSettingsSource) else None)
+        if kind is None:
+            continue
+        try:
+            if name in source():
+                return kind
+        except (PydanticSettingsError, OSError, ValueError):
+            continue
+    return None
+
+
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     """Build settings; ``config`` is a TOML file, ``overrides`` come from CLI flags
     (``None`` values are ignored so unset flags do not mask env/TOML)."""

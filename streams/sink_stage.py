@@ -10,7 +10,7 @@ A batch is acked only once stored (``noack_take``, as the cluster stage
 does). ``take`` acks what it handed out when the agent's loop ends, however it
 ends, so a worker stopped while its sink waited on a locked store committed
 the batch's offsets on its way out and the batch was never stored (the
-analyze agent lost events the same way, ``streams.app.hand_on``).
+analyze agent lost events the same way, ``streams.stage.hand_on``).
 
 A record that does not read (a newer writer's, a damaged one) is one dead
 letter (stage ``sink``) and the rest of its batch is stored

@@ -42,12 +42,11 @@ import errno
 import hashlib
 import io
 import logging
-import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from PIL import Image
 
@@ -58,10 +57,14 @@ from streams import metrics
 from streams.blobstore import write_may_pass
 from streams.findings import PostIdentity, reads_are_local
 from streams.recent import Recent
-from streams.records import ClusterOp, DeadLetter, Sighting, SourceRef, payload_sha256
+from streams.records import ClusterOp, DeadLetter, Sighting, SourceRef
 from streams.settings import Settings
+from streams.shared_handle import BUSY, Serialized
 from streams.store_errors import may_pass
 from streams.validate import MAX_EVENT_BYTES, parse_event
+
+if TYPE_CHECKING:
+    from streams.cluster_stage import SendDead
 
 log = logging.getLogger(__name__)
 
@@ -156,58 +159,6 @@ def run_of(headers: Any) -> str | None:
     except Exception:
         return None
     return None
-
-
-# ``Serialized.if_free``'s answer when the store is in use or not open yet:
-# nothing was asked; ask again where a wait holds no event loop (a thread).
-BUSY = object()
-
-
-class Serialized:
-    """One store connection shared by threads, used by one thread at a time.
-
-    sqlite3 serialises a connection with a mutex that a statement holds while
-    it waits out busy_timeout; a second thread touching the same connection
-    then waits on that mutex in a call that does not release the GIL, and the
-    whole worker (event loop included) freezes until the timeout (measured:
-    30 s stalls in the kill -9 drill). Taking this lock first avoids that.
-    The store is opened on first use, in the calling (worker) thread."""
-
-    def __init__(self, factory: Callable[[], Any]):
-        self._factory = factory
-        self._store: Any = None
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                if self._store is None:
-                    self._store = self._factory()
-                return getattr(self._store, name)(*args, **kwargs)
-
-        return call
-
-    def if_free(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """``name(*args, **kwargs)`` on the store if it can start at once (the
-        lock free, the store open), else ``BUSY`` without waiting. For the
-        event loop: a worker thread holds the lock through its call, which for
-        a write (``mark_processed``, a duplicate's accounting) may wait out
-        SQLite's 30 s busy_timeout while the sinks write, and opening the
-        store (its schema, WAL mode) can wait as long."""
-        if not self._lock.acquire(blocking=False):
-            return BUSY
-        try:
-            if self._store is None:
-                return BUSY
-            return getattr(self._store, name)(*args, **kwargs)
-        finally:
-            self._lock.release()
-
-
-def once(factory: Callable[[], Any]) -> Callable[[], Any]:
-    """A factory for one shared ``Serialized`` store."""
-    shared = Serialized(factory)
-    return lambda: shared
 
 
 class SharedIds:
@@ -456,9 +407,8 @@ class AnalyzeStage:
 
     def _dead(self, stage: str, reason: str, detail: str, source: SourceRef, raw: bytes, event_id: str | None) -> Result:
         metrics.EVENTS.labels(stage, "dead_letter").inc()
-        excerpt = bytes(raw[:512]).decode("utf-8", "replace") if stage == "validate" else None
-        return Result(dead=DeadLetter(event_id=event_id, stage=stage, reason=reason, detail=detail,
-                                      source=source, payload_excerpt=excerpt, payload_sha256=payload_sha256(raw)),
+        return Result(dead=DeadLetter.of(stage, reason, detail, raw, source=source, event_id=event_id,
+                                         excerpt=stage == "validate"),
                       event_id=event_id)
 
     def _check_event_time(self, posted_at: datetime, broker_ts: float | None,
@@ -696,3 +646,41 @@ class AnalyzeStage:
 
     def close(self) -> None:
         self._store = None  # shared (``once``); the process exit closes it
+
+
+DEAD_LETTER_TRIES = 3
+
+
+async def hand_on(result: Result, source: SourceRef, ops: Any, send_dead: SendDead,
+                  mark_duplicate: Callable[[SourceRef, str | None], None]) -> bool:
+    """Hand an analysed event's outcome on: its cluster op to ``ops``, an
+    exact duplicate to the store's accounting, a dead letter to its topic (an
+    op the broker refuses becomes one). True once the outcome has left the
+    worker: only then may the event be acked. A dead letter the broker
+    refuses ``DEAD_LETTER_TRIES`` times leaves the event unacked: its
+    partition's commits stop below it and the partition's next owner reads
+    it again, rather than the event being lost."""
+    try:
+        if result.op is not None:
+            with metrics.STAGE_SECONDS.labels("send").time():
+                await ops.send(key=b"ops", value=result.op)
+        elif result.duplicate:
+            await asyncio.to_thread(mark_duplicate, source, result.event_id)
+    except Exception as e:  # e.g. the broker refusing the message: still one dead letter
+        log.exception("analyze output failed", extra={"offset": source.offset})
+        result.dead = DeadLetter.of("cluster", "send_failed", f"{type(e).__name__}: {e}", None, source=source,
+                                    event_id=result.event_id)
+    if result.dead is None:
+        return True
+    for attempt in range(DEAD_LETTER_TRIES):
+        try:
+            await send_dead(result.dead)
+            return True
+        except Exception:  # the broker itself failing: retry, then say so, never crash
+            log.exception("dead letter not sent", extra={"offset": source.offset, "attempt": attempt})
+            if attempt + 1 < DEAD_LETTER_TRIES:
+                await asyncio.sleep(1.0)
+    log.error("event left unacked: neither its outcome nor its dead letter reached the broker; the partition's "
+              "next owner reads it again", extra={"topic": source.topic, "partition": source.partition,
+                                                  "offset": source.offset, "event_id": result.event_id})
+    return False

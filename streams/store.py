@@ -31,6 +31,7 @@ from streams.findings import (
     plan_dead_letters, read_limit, score_floor, shown_score, stored_at, superseded_by_sighting, surviving_cluster,
     unstored_alerts,
 )
+from streams.private_files import SQLITE_COMPANIONS, owner_only, private_dir
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
 from streams.store_accounts import AccountQueries
@@ -193,7 +194,10 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)  # 0700 where deepwatch makes it
+        # Owner-only (0600, its -wal and -shm too), not the umask's 0644: its alerts hold desk verdicts'
+        # notes and editors' names, its sightings the accounts and posts seen.
+        owner_only(self.path, "findings store", SQLITE_COMPANIONS)
         # Several worker processes share the file: WAL lets readers run during
         # writes and busy_timeout turns lock contention into a short wait.
         try:

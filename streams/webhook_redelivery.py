@@ -30,6 +30,7 @@ from streams import metrics
 from streams.findings import DeliveryState
 from streams.records import Alert
 from streams.settings import Settings
+from streams.shared_handle import once
 from streams.webhooks import (
     Deliveries, Target, WebhookError, WebhookHeld, WebhookRejected, aclose_clients, failure_state, hooks_by_key,
     legacy_keys, post, stranded_keys, target_label,
@@ -48,8 +49,6 @@ class Redeliverer:
     when not given)."""
 
     def __init__(self, settings: Settings, store_factory: Callable[[], Any], deliveries: Deliveries | None = None):
-        from streams.stage import once
-
         self.settings = settings
         self.deliveries = deliveries if deliveries is not None else Deliveries()
         self._db = once(store_factory)  # opened in a worker thread on first use, never on the event loop

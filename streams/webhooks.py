@@ -176,10 +176,10 @@ import httpx
 
 from detectors.printable import one_line
 from streams import metrics
-from streams.fetch import FetchError, Pinned, embedded_ipv4, pin  # embedded: IPv4-mapped, 6to4, Teredo, NAT64
-from streams.fetch import public_address, tls_context
 from streams.findings import UNDELIVERED, DeliveryState, account_page_url, cluster_page_url
 from streams.records import Alert, openable_url
+from streams.safe_http import FetchError, Pinned, embedded_ipv4, pin  # embedded: IPv4-mapped, 6to4, Teredo, NAT64
+from streams.safe_http import public_address, tls_context
 from streams.settings import TARGET_KEY_RE, Settings, WebhookSettings, hook_origin
 
 log = logging.getLogger(__name__)
@@ -743,7 +743,7 @@ def _refuse_metadata(host: str, addrs: list) -> None:
 def _refuse_private(host: str, addrs: list) -> None:
     """Without ``alerts.allow_private_webhooks``: metadata addresses, and
     every address that is not public (loopback, RFC 1918, unique-local,
-    CGNAT... the fetch stage's rule, ``streams.fetch``)."""
+    CGNAT... the fetch stage's rule, ``streams.safe_http``)."""
     _refuse_metadata(host, addrs)
     refused = [str(a) for a in addrs if not public_address(a)]
     if refused:
@@ -755,7 +755,7 @@ async def _pinned(target: Target) -> Pinned:
     """The target's URL resolved once (on the fetch stage's DNS threads),
     checked (``Target.allow_private``: metadata addresses only, else every
     address that is not public) and pinned to the checked address
-    (``streams.fetch.pin``): a DNS answer that changes between the check and
+    (``streams.safe_http.pin``): a DNS answer that changes between the check and
     the connection (rebinding) cannot slip a refused address in."""
     try:
         return await pin(target.hook.url, _refuse_metadata if target.allow_private else _refuse_private)

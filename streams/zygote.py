@@ -100,7 +100,7 @@ def preload() -> None:
     from faust import fixups, stores
     from faust.transport import drivers
 
-    from streams.fetch import tls_context
+    from streams.safe_http import tls_context
 
     for registry, name in ((drivers.TRANSPORTS, "aiokafka"), (stores.STORES, "memory"), (fixups.FIXUPS, "django")):
         registry.get_alias(name)  # the first lookup reads the entry points

@@ -62,3 +62,12 @@ def backend(request, tmp_path) -> tuple[Path, str | None]:
     small_store(tmp_path, EsFindingsStore.from_url(es.url))
     assert not (tmp_path / "findings.sqlite").exists()  # the desk must not fall back to a SQLite file
     yield tmp_path, es.url
+
+
+@pytest.fixture
+def umask_022():
+    """The common umask, under which a file made without a mode of its own is
+    readable by every local user (``streams.private_files``)."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)

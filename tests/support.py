@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -152,3 +153,8 @@ def load_sitecustomize(tmp_path: Path, monkeypatch, code: str) -> None:
     site.mkdir()
     (site / "sitecustomize.py").write_text(code)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+
+
+def mode_of(path: Path) -> int:
+    """A file's permission bits (``0o600``)."""
+    return stat.S_IMODE(path.stat().st_mode)

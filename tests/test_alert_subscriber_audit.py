@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from streams import fetch, webhooks
+from streams import safe_http, webhooks
 from streams.findings import DeliveryState
 from streams.settings import WebhookSettings
 from streams.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, Deliveries, WebhookRejected, verify
@@ -123,12 +123,12 @@ def tls_receiver(pki):
 @pytest.fixture
 def dns(monkeypatch):
     """What ``NAME`` resolves to, as the system resolver would answer it
-    (``streams.fetch.resolve``, the one resolver webhook delivery uses);
+    (``streams.safe_http.resolve``, the one resolver webhook delivery uses);
     every lookup is counted. ``OTHER`` resolves to loopback too."""
     answer = {"addrs": [ipaddress.ip_address("127.0.0.1")], "lookups": 0}
-    real = fetch.resolve
+    real = safe_http.resolve
 
-    async def resolve(host: str, port: int, timeout_s: float = fetch.DNS_TIMEOUT_S):
+    async def resolve(host: str, port: int, timeout_s: float = safe_http.DNS_TIMEOUT_S):
         if host == OTHER:
             return [ipaddress.ip_address("127.0.0.1")]
         if host != NAME:
@@ -136,7 +136,7 @@ def dns(monkeypatch):
         answer["lookups"] += 1
         return list(answer["addrs"])
 
-    monkeypatch.setattr(fetch, "resolve", resolve)
+    monkeypatch.setattr(safe_http, "resolve", resolve)
     return answer
 
 

@@ -82,6 +82,35 @@ def test_the_default_data_dir_being_a_file_says_so(tmp_path):
     assert "deepwatch-data (the default) is a file" in line, line
 
 
+@pytest.mark.parametrize("how", ["--config", "DEEPWATCH_CONFIG"])
+@pytest.mark.parametrize("in_file", [False, True])
+def test_the_data_dir_says_whether_the_settings_file_gave_it(tmp_path, how, in_file):
+    # a settings file without data_dir read "(data_dir in the settings file)" for the default
+    (tmp_path / "deepwatch-data").write_text("")
+    cfg = tmp_path / "deepwatch.toml"
+    cfg.write_text('log_level = "INFO"\n' + ('data_dir = "deepwatch-data"\n' if in_file else ""))
+    args, env = (["--config", str(cfg)], None) if how == "--config" else ([], {"DEEPWATCH_CONFIG": str(cfg)})
+    line = _one_error_line(_cli("clusters", *args, env=env, cwd=tmp_path))
+    said = "(data_dir in the settings file)" if in_file else "(the default)"
+    assert f"deepwatch-data {said} is a file" in line, line
+
+
+def test_setting_source_asks_the_settings_sources(tmp_path, monkeypatch):
+    from streams.settings import setting_source
+
+    for k in [k for k in os.environ if k.upper().startswith("DEEPWATCH_")]:
+        monkeypatch.delenv(k)
+    cfg = tmp_path / "deepwatch.toml"
+    cfg.write_text('log_level = "INFO"\n')
+    assert setting_source("data_dir") is None
+    monkeypatch.setenv("DEEPWATCH_CONFIG", str(cfg))
+    assert setting_source("data_dir") is None and setting_source("log_level") == "toml"
+    cfg.write_text('data_dir = "elsewhere"\n')
+    assert setting_source("data_dir") == "toml"
+    monkeypatch.setenv("DEEPWATCH_DATA_DIR", str(tmp_path))
+    assert setting_source("data_dir") == "env"  # the environment before the file, as Settings reads them
+
+
 def test_a_data_dir_that_does_not_exist_yet_is_still_fine(tmp_path):
     from streams.cli.common import check_data_dir
     from streams.settings import Settings

@@ -8,7 +8,7 @@ account's identity changes: almost every Bluesky event went out without
 standing in for the PLC directory, did:web hosts and handle hosts
 (tests/connector_servers.py ``IdentityServer``), hostile ones included; host
 names are pointed at them by standing in for the fetch stage's resolver
-(``streams.fetch._getaddrinfo``)."""
+(``streams.safe_http._getaddrinfo``)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ import time
 
 from prometheus_client import REGISTRY
 
-from streams import fetch
+from streams import safe_http
 from streams.connectors.atproto_identity import HandleResolver
 from streams.connectors.run import build_bluesky, build_mastodon, open_state
 from streams.connectors.sinks import JsonlSink
-from streams.fetch import IPAddress, refuse_private
+from streams.safe_http import IPAddress, refuse_private
 from tests.connector_servers import (FRAMES, Answer, IdentityServer, JetstreamServer, MastodonScript, MastodonServer,
                                      did_answer, json_answer, plc_document, sse_events)
 from tests.test_connector_bluesky import run_until as bluesky_run_until
@@ -49,7 +49,7 @@ def stand_in_dns(monkeypatch, *more: str) -> None:
         if host in names:
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    monkeypatch.setattr(fetch, "_getaddrinfo", lookup)
+    monkeypatch.setattr(safe_http, "_getaddrinfo", lookup)
 
 
 def here_is_public(host: str, addrs: list[IPAddress]) -> None:

@@ -25,12 +25,22 @@ DEPLOY = REPO / "deploy"
 
 
 # -- drift --------------------------------------------------------------------
-def test_generated_artefacts_are_up_to_date():
-    from dashboards import PINNED_SDK, sdk_version
+def _pinned_sdk() -> str:
+    """The grafana-foundation-sdk version pyproject.toml pins (``==``): the one the artefacts are generated with."""
+    import tomllib
 
-    if sdk_version() != PINNED_SDK:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    [pin] = [d.split("==", 1)[1].strip() for d in deps if re.match(r"grafana-foundation-sdk\s*==", d)]
+    return pin
+
+
+def test_generated_artefacts_are_up_to_date():
+    from dashboards import sdk_version
+
+    pinned = _pinned_sdk()
+    if sdk_version() != pinned:
         pytest.skip(f"grafana-foundation-sdk {sdk_version()} is installed, the artefacts are generated with the pinned "
-                    f"{PINNED_SDK} (pyproject.toml); its defaults differ, so a byte comparison would only show that")
+                    f"{pinned} (pyproject.toml); its defaults differ, so a byte comparison would only show that")
     rendered = build.render()
     on_disk = {str(p.relative_to(build.GENERATED)): p.read_text(encoding="utf-8")
                for p in build.GENERATED.rglob("*") if p.is_file()}

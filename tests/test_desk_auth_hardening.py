@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from streams.desk.deskdb import DeskDB, OverlayRow
 from streams.desk.source import _apply_overlay, desk_bank_evidence
 from streams.settings import Settings
 from tests.desk_support import REPO, DeskServer, free_port, small_store
+from tests.support import mode_of
 
 PASSWORD = "correct horse battery"
 HTTPS_SAYS = ("needs HTTPS off loopback", "desk.trusted_proxies", "desk.public_url", "--host 127.0.0.1")
@@ -161,9 +161,10 @@ def test_serve_warns_off_loopback_without_tls_and_a_trusted_proxys_https_is_beli
             r = c.post("/login", data={"username": "alice", "password": PASSWORD, "csrf": form_token(page.text)},
                        headers={"Cookie": ""})
             assert r.status_code == 403 and RELOAD in error_of(r)
-            # the same proxy's plain-http listener: a login is told why it cannot work
+            # the same proxy's plain-http listener: the page says before a password is typed (the proxy's
+            # word, though TLS is configured), and a login is told why it cannot work
             plain = {"X-Forwarded-Proto": "http"}
-            assert 'id="login-error"' not in c.get("/login", headers=plain).text  # TLS is configured
+            assert all(s in error_of(c.get("/login", headers=plain)) for s in HTTPS_SAYS)
             r = c.post("/login", data={"username": "alice", "password": PASSWORD, "csrf": "x" * 32},
                        headers={**plain, "Cookie": ""})
             assert r.status_code == 403 and all(s in error_of(r) for s in HTTPS_SAYS)
@@ -293,17 +294,6 @@ def test_a_login_ends_the_session_the_browser_presented(data):
 
 
 # ------------------------------------------------------------- 4. owner-only files
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
-
-
 def test_the_desk_database_and_thumbnail_cache_are_owner_only(data, umask_022):
     # They followed the umask (0644, 0755): verdict notes, user names and each
     # session's CSRF token were readable by every local user.
@@ -311,10 +301,10 @@ def test_the_desk_database_and_thumbnail_cache_are_owner_only(data, umask_022):
         assert login(c, "alice").status_code == 303  # a session written: the WAL is in use
         member = c.get("/api/clusters/c-viral").json()["members"][0]["sha256"]
         assert c.get(f"/thumb/{member}").status_code == 200
-        files = {p.name: _mode(p) for p in data.glob("desk.sqlite*")}
+        files = {p.name: mode_of(p) for p in data.glob("desk.sqlite*")}
         assert files == {"desk.sqlite": 0o600, "desk.sqlite-wal": 0o600, "desk.sqlite-shm": 0o600}, files
-        assert _mode(data / "desk" / "thumbs") == 0o700
-    assert _mode(data / "desk-users.json") == 0o600  # as it was
+        assert mode_of(data / "desk" / "thumbs") == 0o700
+    assert mode_of(data / "desk-users.json") == 0o600  # as it was
 
 
 def test_a_desk_database_and_cache_made_before_are_narrowed_at_start(tmp_path, umask_022):
@@ -325,7 +315,7 @@ def test_a_desk_database_and_cache_made_before_are_narrowed_at_start(tmp_path, u
         os.chmod(p, 0o644)  # as a desk before this one left them
     os.chmod(tmp_path / "desk" / "thumbs", 0o755)
     db2 = DeskDB(tmp_path / "desk.sqlite")
-    assert {p.name: _mode(p) for p in tmp_path.glob("desk.sqlite*")} == dict.fromkeys(
+    assert {p.name: mode_of(p) for p in tmp_path.glob("desk.sqlite*")} == dict.fromkeys(
         ("desk.sqlite", "desk.sqlite-wal", "desk.sqlite-shm"), 0o600)
     assert db2.session("nope") is None
     db.close()
@@ -333,7 +323,7 @@ def test_a_desk_database_and_cache_made_before_are_narrowed_at_start(tmp_path, u
     from streams.desk.thumbs import Thumbnails
 
     Thumbnails(tmp_path / "blobs", tmp_path / "desk" / "thumbs", max_bytes=1 << 20)
-    assert _mode(tmp_path / "desk" / "thumbs") == 0o700
+    assert mode_of(tmp_path / "desk" / "thumbs") == 0o700
 
 
 # ------------------------------------------------------------- 5. no server header on serve-ingest

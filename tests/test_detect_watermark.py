@@ -117,3 +117,24 @@ def test_a_picture_decoded_at_reduced_scale_is_read_in_its_decoded_band(monkeypa
     assert InvisibleWatermarkDetector().analyze(image) == []
     [band] = bands
     assert band.shape[1] == 2000 and band.max(axis=(0, 2)).min() > 0  # no column of padding
+
+
+def test_the_plugin_reads_marks_through_detect_marks(clean: np.ndarray, monkeypatch) -> None:
+    # one path: what these tests call (detect_marks) is what the analyze stage runs
+    marked = _encode(clean, "bytes", b"StableDiffusionV1")
+    calls = []
+    real = watermark.detect_marks
+    monkeypatch.setattr(watermark, "detect_marks", lambda rgb, **kw: calls.append((rgb, kw)) or real(rgb, **kw))
+    [ev] = InvisibleWatermarkDetector().analyze(_png(marked))
+    [(rgb, kw)] = calls
+    assert kw == {"size": (768, 512)} and ev.data["marks"] == real(marked) == real(Image.fromarray(marked))
+
+
+def test_too_small_a_picture_is_left_on_its_own_size(monkeypatch) -> None:
+    small = _photo_like(200, 300)  # 60,000 pixels < MIN_PIXELS: the encoder refuses to mark one
+    bands = []
+    monkeypatch.setattr(watermark, "marks_in_band", lambda band: bands.append(band.shape) or [])
+    assert detect_marks(small) == [] and InvisibleWatermarkDetector().analyze(_png(small)) == []
+    assert bands == []  # never read
+    # a reduced-scale decode of a large picture is read: the picture's own size decides
+    assert detect_marks(Image.fromarray(small), size=(3000, 2000)) == [] and bands == [(200, 300, 3)]

@@ -828,7 +828,8 @@ def test_analyze_stage_duplicate_check_reads_the_elasticsearch_findings(fake_es,
 
     from streams.analyze import Analyzer
     from streams.findings import open_findings
-    from streams.stage import AnalyzeStage, once
+    from streams.shared_handle import once
+    from streams.stage import AnalyzeStage
     from tests.test_hardening import SRC, _Fetcher, _raw
     from tests.hostile import corpus
 
@@ -1129,7 +1130,7 @@ def test_an_outage_or_refused_credentials_hold_the_batch_they_do_not_drop_it(fak
 def test_one_writer_catching_up_does_not_reset_anothers_behind_clock():
     from prometheus_client import REGISTRY
 
-    from streams.sinks import BEHIND
+    from streams.es_bulk import BEHIND
 
     import time
 

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import streams.fetch as fetch_mod
-from streams.fetch import FetchError, ImageFetcher
+import streams.safe_http as safe_http
+from streams.fetch import ImageFetcher
 from streams.records import ImageEvent
+from streams.safe_http import FetchError
 from streams.settings import FetchSettings, IngestSettings
 
 
@@ -210,12 +211,12 @@ def test_redirect_hop_to_blocked_address_refused(server, monkeypatch):
     # Let the test server stand in for a public host: 127.0.0.1 passes the
     # address check, everything else keeps the real policy. The redirect to
     # the cloud metadata address must then be refused at the second hop.
-    real = fetch_mod.public_address
+    real = safe_http.public_address
 
     def allowed(ip):
         return ip == ipaddress.ip_address("127.0.0.1") or real(ip)
 
-    monkeypatch.setattr(fetch_mod, "public_address", allowed)
+    monkeypatch.setattr(safe_http, "public_address", allowed)
     err = _fail(_event(url=_url(server, "/to-metadata")), FetchSettings(retries=0))
     assert err.reason == "blocked_address"
     assert "169.254.169.254" in err.detail
@@ -490,27 +491,27 @@ def test_slow_dns_lookups_hold_only_dns_threads(monkeypatch):
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    pool = fetch_mod._DnsPool(4, 2)
-    monkeypatch.setattr(fetch_mod, "DNS_POOL", pool)
+    pool = safe_http._DnsPool(4, 2)
+    monkeypatch.setattr(safe_http, "DNS_POOL", pool)
 
     async def main() -> None:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))
-        slow = await asyncio.gather(*(fetch_mod.resolve_checked(f"h{i}.tarpit.test", 443, False, timeout_s=0.3)
+        slow = await asyncio.gather(*(safe_http.resolve_checked(f"h{i}.tarpit.test", 443, False, timeout_s=0.3)
                                       for i in range(3)), return_exceptions=True)
         assert [(e.reason, e.retryable, "0.3s" in e.detail) for e in slow] == [("dns_failure", True, True)] * 3
         # the three lookups still hold three DNS threads, none of the default pool's
         started = time.monotonic()
         await asyncio.wait_for(asyncio.to_thread(lambda: None), 1.0)
         assert time.monotonic() - started < 0.5
-        assert await fetch_mod.resolve_checked("cdn.good.test", 443, False, timeout_s=2) == "93.184.216.34"
+        assert await safe_http.resolve_checked("cdn.good.test", 443, False, timeout_s=2) == "93.184.216.34"
         # the fourth thread and both queue places taken: the next lookup is not queued
-        more = [asyncio.ensure_future(fetch_mod.resolve_checked(f"m{i}.tarpit.test", 443, False, timeout_s=5))
+        more = [asyncio.ensure_future(safe_http.resolve_checked(f"m{i}.tarpit.test", 443, False, timeout_s=5))
                 for i in range(3)]
         await asyncio.sleep(0.05)
         assert pool.pending == 6
         started = time.monotonic()
         with pytest.raises(FetchError) as busy:
-            await fetch_mod.resolve_checked("cdn.good.test", 443, False, timeout_s=5)
+            await safe_http.resolve_checked("cdn.good.test", 443, False, timeout_s=5)
         assert time.monotonic() - started < 0.5
         assert busy.value.reason == "dns_failure" and busy.value.retryable
         assert "all 6 DNS lookups are busy" in busy.value.detail
@@ -518,7 +519,7 @@ def test_slow_dns_lookups_hold_only_dns_threads(monkeypatch):
         for f in more:
             with pytest.raises(FetchError, match="cannot resolve m.\\.tarpit\\.test: gave up"):
                 await f
-        assert await fetch_mod.resolve_checked("cdn.good.test", 443, False) == "93.184.216.34"
+        assert await safe_http.resolve_checked("cdn.good.test", 443, False) == "93.184.216.34"
 
     try:
         asyncio.run(main())

@@ -1,5 +1,5 @@
 """The analyze agent acks an event only once its outcome has left the worker
-(``streams.app.hand_on``): a cluster op sent, a duplicate accounted, or a dead
+(``streams.stage.hand_on``): a cluster op sent, a duplicate accounted, or a dead
 letter sent. The agent itself runs on the real broker in the pipeline tests;
 here the broker's refusals are what is driven."""
 
@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
-from streams.app import DEAD_LETTER_TRIES, hand_on
 from streams.records import DeadLetter, SourceRef
-from streams.stage import Result
+from streams.stage import DEAD_LETTER_TRIES, Result, hand_on
 
 SOURCE = SourceRef(topic="deepwatch.events", partition=1, offset=42)
 

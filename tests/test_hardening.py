@@ -23,9 +23,10 @@ import pytest
 from PIL import Image
 
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected, process_budget
-from streams.fetch import FetchError, ImageFetcher, public_address
+from streams.fetch import ImageFetcher
 from streams.findings import PostIdentity
 from streams.records import DeadLetter, ImageEvent, SourceRef
+from streams.safe_http import FetchError, public_address
 from streams.settings import FetchSettings, IngestSettings, Settings
 from streams.stage import AnalyzeStage
 from streams.validate import MAX_EVENT_BYTES, InvalidEvent, event_id_of, parse_event
@@ -201,7 +202,7 @@ def test_a_resolver_that_never_answers_is_given_up_on(monkeypatch):
     # deadline: a resolver that hung held the stream (or the request) for as
     # long as the system resolver's retries took.
     from streams.connectors.base import UrlPolicy
-    from streams.fetch import FetchError, resolve_checked
+    from streams.safe_http import FetchError, resolve_checked
     from streams.settings import Settings
 
     released = threading.Event()
@@ -232,7 +233,7 @@ def test_the_url_policy_reads_a_url_as_the_fetcher_sends_it(monkeypatch):
     breaker parsed URLs with ``urlsplit``, the request with httpx: a tab in
     the host was dropped by one (a lookup of "images.example.org.evil", no
     verdict, the event accepted) and refused by the other (a ``bad_url``
-    dead letter only at the fetch stage). Both read ``fetch.target`` now."""
+    dead letter only at the fetch stage). Both read ``safe_http.target`` now."""
     from streams.connectors.base import UrlPolicy
 
     looked_up = []

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from streams.fetch import FetchError, ImageFetcher
+from streams.fetch import ImageFetcher
 from streams.host_breaker import MAX_COOLDOWN_S, HostBreaker, HostUnavailable
 from streams.records import ImageEvent
+from streams.safe_http import FetchError
 from streams.settings import FetchSettings, IngestSettings
 from tests.connector_servers import ImageServer
 from tests.test_fetch import PNG

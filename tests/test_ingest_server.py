@@ -241,7 +241,7 @@ def test_url_checks_run_together_within_one_deadline(tmp_path, monkeypatch):
     a quarter of an hour. Now each distinct host is checked once, several at
     a time, all within the request's deadline; a line whose check did not
     finish is accepted with a reason that says so (the fetch stage checks it)."""
-    import streams.fetch as fetch_mod
+    import streams.safe_http as safe_http
 
     release = threading.Event()
     asked: list[str] = []
@@ -255,7 +255,7 @@ def test_url_checks_run_together_within_one_deadline(tmp_path, monkeypatch):
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(fetch_mod, "DNS_POOL", fetch_mod._DnsPool(8, 32))
+    monkeypatch.setattr(safe_http, "DNS_POOL", safe_http._DnsPool(8, 32))
     sink = _ListSink()
     settings = Settings(data_dir=tmp_path)
     app = build_app(settings, {TOKEN: "desk"}, sink_factory=lambda: sink, missing_topics=lambda: [],

@@ -33,7 +33,8 @@ from streams.findings import PostIdentity
 from streams.records import ClusterOp, SourceRef
 from streams.settings import Settings
 import streams.stage as stage_mod
-from streams.stage import AnalyzeStage, once
+from streams.shared_handle import once
+from streams.stage import AnalyzeStage
 from tests.hostile import corpus
 from tests.test_analyze_inline import thread_hops
 
@@ -118,7 +119,7 @@ async def _ticking(work):
 
 
 def _write_in_a_thread(shared) -> threading.Thread:
-    """A duplicate's accounting (``app.hand_on``), holding the store's lock for ``HOLD_S``."""
+    """A duplicate's accounting (``stage.hand_on``), holding the store's lock for ``HOLD_S``."""
     writer = threading.Thread(target=shared.mark_processed, args=(_source(99), "duplicate", "e99"), name="writer")
     writer.start()
     assert shared._store.writing.wait(10)  # it has the lock

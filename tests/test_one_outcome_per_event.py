@@ -201,10 +201,10 @@ def test_a_delete_refused_past_its_retries_dead_letters_nothing(es_store, caplog
     """A superseded dead letter's delete answered 500 past the item retries
     (or refused alone, 400) names no event: it was dead-lettered under the
     deleted row's key, a third outcome of its event."""
-    import streams.sinks as sinks
+    import streams.es_bulk as es_bulk
     from tests.fake_es import error_body
 
-    monkeypatch.setattr(sinks.BulkSink, "_backoff", lambda self, delay, why, n, me: delay)  # no waits between tries
+    monkeypatch.setattr(es_bulk.BulkSink, "_backoff", lambda self, delay, why, n, me: delay)  # no waits between tries
     store = es_store
     assert store.add_dead_letters([_dead(0)]) == 1
     store.fake.fail_items(lambda op, meta, source: op == "delete", 500,

@@ -1214,7 +1214,7 @@ def test_a_sink_dead_letters_reason_label_is_bounded_whatever_the_store_answers(
         "a4": (400, {"type": "Not An ES Type: <html>", "reason": "odd"}),
         "a5": (400, {"type": "document_parsing_exception", "reason": "failed to parse [a5]"}),
     }
-    from streams.sinks import ITEM_MAX_ATTEMPTS
+    from streams.es_bulk import ITEM_MAX_ATTEMPTS
 
     for doc_id, (status, error) in refusals.items():
         fake_es.fail_items(lambda op, meta, src, i=doc_id: meta.get("_id") == i, status, error, times=ITEM_MAX_ATTEMPTS)

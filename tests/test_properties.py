@@ -15,8 +15,9 @@ from PIL import Image
 
 from detectors.hashing import compute_hashes
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected
-from streams.fetch import FetchError, ImageFetcher
+from streams.fetch import ImageFetcher
 from streams.records import ImageEvent
+from streams.safe_http import FetchError
 from streams.settings import FetchSettings, IngestSettings
 from streams.validate import InvalidEvent, event_id_of, parse_event
 

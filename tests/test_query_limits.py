@@ -176,7 +176,8 @@ def test_commands_show_the_newest_n_and_say_so_on_stderr(where):
     assert r.returncode == 0, r.stderr
     docs = json.loads(r.stdout)  # still one JSON array on stdout
     assert [d["event_id"] for d in docs] == ["bad-4", "bad-5", "bad-6"]
-    assert set(docs[0]) == {"event_id", "stage", "reason", "detail", "source", "payload_excerpt", "at"}
+    # the original fields, plus the record's version (an addition)
+    assert set(docs[0]) == {"event_id", "stage", "reason", "detail", "source", "payload_excerpt", "at", "schema_version"}
     assert "showing the newest 3 of 7" in r.stderr
 
     r = deepwatch("dead-letters", *where, "--limit", "0", "--json")

@@ -1,4 +1,4 @@
-"""The bulk sink (streams.sinks.BulkSink) against requests refused as a
+"""The bulk sink (streams.es_bulk.BulkSink) against requests refused as a
 whole and items that fail every time: nothing is acked unstored, a refused
 action alone becomes a dead letter, and one bad document does not stop the
 sink for good."""
@@ -10,9 +10,9 @@ import asyncio
 import pytest
 
 from streams import es_templates as T
+from streams.es_bulk import ITEM_MAX_ATTEMPTS
 from streams.es_client import EsError
 from streams.settings import FindingsSettings, Settings
-from streams.sinks import ITEM_MAX_ATTEMPTS
 from tests.fake_es import rejected_execution
 from tests.findings_fixture import snapshots
 from tests.test_es_store import _store

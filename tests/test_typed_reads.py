@@ -2,7 +2,9 @@
 the dict rows it replaced (``record["field"]``, ``.get``, ``.keys()``,
 ``.items()`` each dumped the whole record to JSON, and a misspelt key was
 found only at run time); ``as_json`` gives the JSON object where one is
-wanted (the CLI's and the API's answers)."""
+wanted (the CLI's and the API's answers); and each is versioned
+(``schema_version``), a row stored before records were versioned reading as
+version 1."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ from datetime import timedelta
 
 import pytest
 
-from streams.findings import DeliveryState, _ReadRecord
+from streams.findings import (
+    AccountAggregate, AccountWindow, AlertRecord, ClusterRecord, DeadLetterRecord, DeliveryRecord, DeliveryState,
+    SightingRecord, _ReadRecord,
+)
 from streams.records import Alert, Velocity
 from tests.findings_fixture import T0, fill, filled_store
 
@@ -77,3 +82,45 @@ def test_the_replay_summary_reads_alerts_and_dead_letters_by_attribute(tmp_path)
     later = summarize(settings, events=0, produced=set(), refused=0, seconds=1.0, complete=True,
                       started_at=T0 + timedelta(seconds=4))
     assert later.alert_latency_s == []  # raised before this run started
+
+
+# ------------------------------------------------------------- versions
+EVERY_RECORD = {ClusterRecord, AlertRecord, DeadLetterRecord, SightingRecord, AccountAggregate, AccountWindow,
+                DeliveryRecord}
+
+
+def test_every_read_record_type_is_versioned():
+    assert set(_ReadRecord.__subclasses__()) == EVERY_RECORD  # a new read record is added here, versioned
+    for cls in EVERY_RECORD:
+        field = cls.model_fields.get("schema_version")
+        assert field is not None and field.default == 1, cls.__name__
+
+
+def test_each_record_carries_its_version_read_back(store):
+    records = [r for rs in _every_read(store).values() for r in rs]
+    assert {type(r) for r in records} == EVERY_RECORD  # the store gave one of each to check
+    for rec in records:
+        assert rec.schema_version == 1, type(rec).__name__
+        assert rec.as_json()["schema_version"] == 1, type(rec).__name__
+
+
+def test_an_unversioned_es_document_still_reads(fake_es, tmp_path, request):
+    """Documents stored before they carried a version (or whose version the
+    read leaves out of ``_source``) read as version 1."""
+    for s in filled_store(request, tmp_path, "es", write=_write):
+        for docs in fake_es.docs.values():
+            for doc in docs.values():
+                if isinstance(doc, dict):
+                    doc.pop("schema_version", None)
+        records = [r for rs in _every_read(s).values() for r in rs]
+        assert {type(r) for r in records} == EVERY_RECORD
+        assert all(r.schema_version == 1 for r in records)
+
+
+@pytest.mark.parametrize("version", [None, 1])
+def test_a_row_without_a_version_validates(version):
+    row = {"target": HOOK, "state": "failed", "detail": "HTTP 503", "at": "2026-01-01T00:00:00+00:00"}
+    if version is not None:
+        row["schema_version"] = version
+    assert DeliveryRecord.model_validate(row).schema_version == 1
+    assert DeliveryRecord.model_validate({**row, "schema_version": None}).schema_version == 1

@@ -152,7 +152,8 @@ def test_a_relative_path_not_found_says_which_root_it_was_taken_from(tmp_path):
     # whose --image-root is elsewhere, dead-lettered every event as "'images/a.png' does not exist"
     import asyncio
 
-    from streams.fetch import FetchError, ImageFetcher
+    from streams.fetch import ImageFetcher
+    from streams.safe_http import FetchError
     from streams.records import ImageEvent
     from streams.settings import FetchSettings, IngestSettings
 

@@ -422,7 +422,7 @@ def test_the_checked_address_is_the_one_connected_to(receiver, monkeypatch, fake
 
 
 def test_an_idn_receiver_name_is_resolved_and_sent_in_punycode(receiver, monkeypatch, fake_dns):
-    """The webhook resolver is the fetch stage's (streams.fetch.pin): the
+    """The webhook resolver is the fetch stage's (streams.safe_http.pin): the
     name is resolved, and sent in the Host header and TLS, as its IDNA
     (punycode) form; it was resolved as Unicode and its TLS name was Unicode."""
     monkeypatch.setenv(ENV, SECRET)

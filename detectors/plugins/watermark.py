@@ -101,12 +101,26 @@ def top_band(rgb: np.ndarray) -> np.ndarray:
     return rgb[: band_rows(w, h)]
 
 
-def detect_marks(rgb: np.ndarray) -> list[dict[str, object]]:
-    """Every known mark found in an RGB uint8 array."""
-    h, w = rgb.shape[:2]
-    if h * w < MIN_PIXELS:
+def detect_marks(rgb: np.ndarray | Image.Image, *, size: tuple[int, int] | None = None) -> list[dict[str, object]]:
+    """Every known mark found in a picture's stored pixel grid: an RGB uint8
+    array, or an RGB image, of which only the top band (``band_rows``)
+    becomes an array (the whole picture as one would be one more full-size
+    copy, outside the decode budget). ``size``: the picture's own (width,
+    height) where ``rgb`` is a reduced-scale decode of it (``ImageData``):
+    a picture smaller than ``MIN_PIXELS`` carries no mark to find. The band
+    is cut from what was decoded, at its own width. The plugin's one path
+    (``InvisibleWatermarkDetector.analyze``)."""
+    if isinstance(rgb, np.ndarray):
+        h, w = rgb.shape[:2]
+    else:
+        w, h = rgb.size
+    full_w, full_h = size or (w, h)
+    if full_w * full_h < MIN_PIXELS:
         return []
-    return marks_in_band(top_band(rgb))
+    if isinstance(rgb, np.ndarray):
+        return marks_in_band(top_band(rgb))
+    rows = band_rows(w, h)
+    return marks_in_band(np.asarray(rgb.crop((0, 0, w, rows)) if rows < h else rgb))
 
 
 def marks_in_band(band: np.ndarray) -> list[dict[str, object]]:
@@ -148,16 +162,12 @@ class InvisibleWatermarkDetector(Detector):
     cost = "cheap"
 
     def analyze(self, image: ImageData) -> list[Evidence]:
-        w, h = image.size
-        if w * h < MIN_PIXELS or jpeg_erased_mark(image.header):
+        if jpeg_erased_mark(image.header):
             return []
-        # The mark lives in the stored pixel grid, which an EXIF rotation would move.
-        # Only the top band is read: as an array, the whole picture would be one
-        # more full-size copy, outside the decode budget.
-        pixels = image.pixels(oriented=False)
-        w, h = pixels.size  # a large JPEG is decoded at a reduced scale (``ImageData``): its band is of those
-        rows = band_rows(w, h)
-        found = marks_in_band(np.asarray(pixels.crop((0, 0, w, rows)) if rows < h else pixels))
+        # The mark lives in the stored pixel grid, which an EXIF rotation would move. A large JPEG
+        # is decoded at a reduced scale (``ImageData``): its band is of those pixels. Too small a
+        # picture is left there (``MIN_PIXELS``), on its own size: decoding one costs little.
+        found = detect_marks(image.pixels(oriented=False), size=image.size)
         if not found:
             return []
         best = min(found, key=lambda f: f["bit_errors"])

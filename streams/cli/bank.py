@@ -14,9 +14,10 @@ from detectors.regular_file import special_kind
 from detectors.signals import signal_types
 from streams.cli.app import app
 from streams.cli.common import (
-    Config, JsonAlias, check_banks, check_store_option, counted, err, fail, note_empty, print_error, print_json, settings_from,
+    Config, JsonAlias, check_banks, check_store_option, err, fail, note_empty, print_error, print_json, settings_from,
     shown,
 )
+from streams.plurals import counted
 from streams.cli.tables import fit, keyed_table
 from streams.settings import Settings
 

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from detectors.printable import escaped
 from streams.console import interruption, received
-from streams.settings import Settings, load_settings
+from streams.settings import Settings, load_settings, setting_source
 
 # Soft wrap: a summary or hint line stays one line in an 80-column log (rich
 # wraps at 80 off a terminal), so it can be grepped and copied whole.
@@ -188,9 +188,6 @@ def _say_stopped(word: str) -> None:
     err.print(word)
 
 
-def counted(n: int, noun: str) -> str:
-    """"1 file", "2,000 files": what a person reads, not "1 file(s)"."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def fail(message: str) -> NoReturn:
@@ -373,9 +370,9 @@ def check_data_dir(settings: Settings, given: Optional[Path]) -> None:
             probe = probe.parent
         except (OSError, ValueError):
             return
-    source = ("from DEEPWATCH_DATA_DIR" if os.environ.get("DEEPWATCH_DATA_DIR")
-              # load_settings puts --config there too
-              else "data_dir in the settings file" if os.environ.get("DEEPWATCH_CONFIG") else "the default")
+    # asked of the settings' own sources (the settings file is --config's too), not guessed from the environment
+    source = {"env": "from DEEPWATCH_DATA_DIR", "toml": "data_dir in the settings file"}.get(
+        setting_source("data_dir") or "", "the default")
     if stat.S_ISDIR(mode):
         if probe != path:
             _check_creatable(path, probe, given, source)

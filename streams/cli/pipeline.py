@@ -20,8 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from streams.cli.app import app
 from streams.cli.common import (
     Broker, Config, DataDir, check_alert_senders, check_banks, check_engine_state, check_writable_dir,
-    counted, create_missing_topics, err, fail, print_json, settings_from, write_out,
+    create_missing_topics, err, fail, print_json, settings_from, write_out,
 )
+from streams.plurals import counted
 from streams.cli.query import StoreOpt
 from streams.settings import Settings
 

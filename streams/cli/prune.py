@@ -13,8 +13,9 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from streams.cli.app import app
 from streams.cli.common import (
-    Config, DataDir, FormatOpt, JsonAlias, check_format, counted, err, fail, print_json, settings_from,
+    Config, DataDir, FormatOpt, JsonAlias, check_format, err, fail, print_json, settings_from,
 )
+from streams.plurals import counted
 from streams.cli.query import StoreOpt, _findings
 
 _UNITS = {"d": 86400.0, "h": 3600.0}

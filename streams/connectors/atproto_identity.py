@@ -49,7 +49,7 @@ import httpx
 from prometheus_client import Counter
 
 from streams.connectors.base import ConnectorState, TokenBucket, rate_limit_wait
-from streams.fetch import BoundedBody, FetchError, IPAddress, pin, refuse_private, target, tls_context
+from streams.safe_http import BoundedBody, FetchError, IPAddress, pin, refuse_private, target, tls_context
 
 log = logging.getLogger("deepwatch.connectors.identity")
 

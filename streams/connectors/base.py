@@ -33,8 +33,8 @@ from prometheus_client import Counter, Gauge
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer,
                       model_validator)
 
-from streams.fetch import FetchError, resolve_checked, target
-from streams.records import MAX_TAG_CHARS, DeadLetter, ImageEvent, payload_sha256
+from streams.records import MAX_TAG_CHARS, DeadLetter, ImageEvent
+from streams.safe_http import FetchError, resolve_checked, target
 from streams.settings import ConnectorSettings, FetchSettings
 
 M = TypeVar("M", bound=BaseModel)
@@ -467,7 +467,7 @@ class UrlPolicy:
     @staticmethod
     def key(url: str) -> str:
         """What the verdict on ``url`` depends on (the host and port it
-        makes the fetcher contact, ``fetch.target``), or the URL itself
+        makes the fetcher contact, ``safe_http.target``), or the URL itself
         when it has none: a refusal quoting it is its own."""
         try:
             return target(url).key
@@ -650,12 +650,10 @@ class Emitter:
                 continue
             refused = await self.policy.check(ev.image.url) if ev.image.url else None
             if refused is not None:
-                raw = ev.dumps()
                 try:
-                    await _in_send_thread(self.sink.dead_letter, DeadLetter(
-                        event_id=ev.event_id, stage="fetch", reason=refused.reason,
-                        detail=f"refused by the {self.connector} connector: {refused.detail}",
-                        payload_excerpt=raw[:512].decode("utf-8", "replace"), payload_sha256=payload_sha256(raw),
+                    await _in_send_thread(self.sink.dead_letter, DeadLetter.of(
+                        "fetch", refused.reason, f"refused by the {self.connector} connector: {refused.detail}",
+                        ev.dumps(), event_id=ev.event_id,
                     ))
                 except Exception as e:
                     self._rollback()

@@ -45,12 +45,6 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 _MAXMEM = 64 * 1024 * 1024
 
 
-class AuthError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
 class Principal(BaseModel):
     user: str
     role: Role

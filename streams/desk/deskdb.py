@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import secrets
 import sqlite3
 import threading
@@ -23,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from detectors.sqlite_errors import primary_code
+from streams.private_files import SQLITE_COMPANIONS, owner_only, private_dir
 from streams.sqlite_wal import enable_wal
 
 log = logging.getLogger(__name__)
@@ -123,27 +123,14 @@ def _owner_only(path: Path) -> None:
     user names and each session's CSRF token, and SQLite gives its -wal and
     -shm files the database file's permissions. A new file is created so (not
     at the umask's 0644); an existing one (-wal, -shm) with group or other
-    bits is narrowed, or a warning says why not."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
-    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        try:
-            if os.stat(p).st_mode & 0o077:
-                os.chmod(p, 0o600)
-        except FileNotFoundError:
-            continue
-        except OSError as e:  # not its owner: it still opens, readable by whom its mode says
-            # in the text: serve sets logging up after the desk is made, and a bare message lost its fields
-            log.warning(f"cannot make the desk database {p} owner-only (chmod 600: {e.strerror or e})",
-                        extra={"path": str(p), "error": e.strerror or str(e)})
+    bits is narrowed, or a warning says why not (``streams.private_files``)."""
+    owner_only(path, "desk database", SQLITE_COMPANIONS)
 
 
 class DeskDB:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)  # 0700 where deepwatch makes it (the data dir, at a desk's first start)
         _owner_only(self.path)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         enable_wal(self._db)

@@ -199,7 +199,10 @@ def login_form(request: Request, next: str = "/"):
     # Said before a password is typed: a login over plain http off loopback
     # cannot work. Not where TLS is configured (a TLS terminator that adds
     # no header looks like plain http here): a refused login says it then.
-    notice = None if desk.tls_configured else desk.why_no_login_cookie(request)
+    # Where a proxy says its client elsewhere came over plain http, though,
+    # TLS is configured in name only: said whatever the settings.
+    notice = desk.plain_http_through_proxy(request) or (
+        None if desk.tls_configured else desk.why_no_login_cookie(request))
     resp = desk.templates.TemplateResponse(request, "login.html", {"me": None, "signed_in": signed_in(request),
                                                                    "csrf": token, "next": safe_next(next),
                                                                    "error": notice, "has_users": len(desk.users) > 0})
@@ -213,6 +216,12 @@ async def login(request: Request, username: str = Form(..., max_length=64),
                 expected: str = Depends(login_form_csrf)):
     desk = desk_of(request)
     client = request.client.host if request.client else "unknown"
+    clear = desk.plain_http_through_proxy(request)
+    if clear:
+        # A proxy says this came over plain http from elsewhere: no password
+        # checked, no session cookie sent back in clear (the form's cookie,
+        # which a browser keeps over http, let it this far).
+        raise LoginRefused(403, clear, headers={}, next_page=next)
     if desk.logins_waiting >= MAX_WAITING_LOGINS:
         # before the rate limit counts it: a flood from elsewhere must not charge the editor's own attempt
         observe.LOGINS.labels("busy").inc()

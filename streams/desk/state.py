@@ -116,7 +116,12 @@ class Desk:
         https). None where https is in use (uvicorn's scheme, which a trusted
         proxy's X-Forwarded-Proto sets; or such a header from a proxy the desk
         does not trust, which the browser's https page then reached it
-        through) or the cookie could have been kept."""
+        through) or the cookie could have been kept. A proxy saying its
+        client elsewhere came over plain http is refused on loopback too
+        (``plain_http_through_proxy``)."""
+        proxied = self.plain_http_through_proxy(request)
+        if proxied:
+            return proxied
         if self.loopback or request.url.scheme == "https" or _says_https(request):
             return None
         if is_loopback(host_name(request.headers.get("host", ""))):
@@ -127,6 +132,28 @@ class Desk:
                 "address in desk.trusted_proxies (its X-Forwarded-Proto: https is then believed) and set "
                 "desk.public_url to the https address people use; or run the desk on a loopback address "
                 "(--host 127.0.0.1) to use it from this machine only")
+
+    def plain_http_through_proxy(self, request: Request) -> str | None:
+        """Why no login is taken over this request although the desk may
+        be on loopback: a proxy says, in ``X-Forwarded-Proto: http`` (or
+        ``Forwarded: proto=http``), that its client reached it over plain
+        http, and that client is elsewhere (not a loopback address after a
+        trusted proxy's X-Forwarded-For, which uvicorn applies): the password
+        and the session cookie would cross the network in clear. None
+        otherwise: over https, without such a header (a TLS terminator that
+        adds none cannot be told from plain http), or for a client on this
+        machine (or a test harness's, which is no IP address)."""
+        if request.url.scheme == "https" or not _says_http(request):
+            return None
+        client = request.client.host if request.client else ""
+        if not _is_ip(client) or is_loopback(client):
+            return None
+        return ("this desk needs HTTPS off loopback: the reverse proxy in front of it says this request came from "
+                f"{client} over plain http (X-Forwarded-Proto: http), where the password and the session cookie "
+                "would cross the network in clear, so the desk takes no login over it. Serve https at the proxy "
+                "(listed in desk.trusted_proxies, whose X-Forwarded-Proto: https is then believed) and set "
+                "desk.public_url to the https address people use; or use the desk from this machine only "
+                "(--host 127.0.0.1, no proxy)")
 
     def why_login(self, request: Request) -> str | None:
         """Why this request may not read without a login (None: it may).
@@ -184,6 +211,16 @@ def _says_https(request: Request) -> bool:
     proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
     forwarded = request.headers.get("forwarded", "").lower().replace(" ", "").replace('"', "")
     return proto == "https" or any(p == "proto=https" for p in re.split(r"[;,]", forwarded))
+
+
+def _says_http(request: Request) -> bool:
+    """Whether a proxy's header says the client's request came over plain
+    http (``X-Forwarded-Proto: http`` or ``Forwarded: proto=http``; the
+    first proxy's word where several are listed), believed or not."""
+    proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    forwarded = request.headers.get("forwarded", "").lower().replace(" ", "").replace('"', "")
+    first = forwarded.split(",")[0]
+    return proto == "http" or (not proto and any(p == "proto=http" for p in first.split(";")))
 
 
 def _is_ip(host: str) -> bool:

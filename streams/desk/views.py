@@ -15,6 +15,7 @@ from detectors.signals import CopyKind, describe_via
 
 from streams.desk.source import FindingsSource
 from streams.findings import account_page_path
+from streams.plurals import counted
 from streams.settings import Settings
 
 # The cluster view the set was made from, held (not its id(): a freed view's
@@ -117,7 +118,7 @@ def sparkline(counts: list[int], width: int = 120, height: int = 24) -> Markup:
     pts = " ".join(f"{i * step:.1f},{height - 2 - (c / top) * (height - 4):.1f}" for i, c in enumerate(counts))
     return Markup(
         f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="spread: {counts[-1]} sighting{"" if counts[-1] == 1 else "s"}"><polyline fill="none" stroke="currentColor" '
+        f'aria-label="spread: {counted(counts[-1], "sighting")}"><polyline fill="none" stroke="currentColor" '
         f'stroke-width="1.5" points="{pts}"/></svg>'
     )
 
@@ -246,12 +247,6 @@ def number(value: object) -> str:
     return f"{value:.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
 
 
-def counted(n: object, noun: str) -> str:
-    """``n`` and its noun, singular for one: "1 sightings · 1 accounts" was how
-    a picture posted once read."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def status_phrase(status: object) -> str:
     """An HTTP status's reason ("Not Found"), for the error page's heading: a
     bare "404" told a reader nothing."""
@@ -272,5 +267,5 @@ def register_filters(env) -> None:
     env.filters["match_words"] = match_words
     env.filters["number"] = number
     env.filters["status_phrase"] = status_phrase
-    env.filters["counted"] = counted
+    env.filters["counted"] = counted  # "1 sighting", "2,000 sightings" (``streams.plurals``)
     env.globals["band"] = band
