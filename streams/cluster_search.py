@@ -351,8 +351,11 @@ def normalize_hashtag(tag: str) -> str:
     whitespace inside, as people write them (``#NewYork``). The schema lets
     an event carry "new york"; kept with its space, SQLite's space-separated
     hashtag list read it back as two tags ("new" and "york") where
-    Elasticsearch kept one."""
-    return "".join(unicodedata.normalize("NFC", tag.strip().lstrip("#").lower()).split())
+    Elasticsearch kept one. Control characters (NUL, ESC, C1) are dropped:
+    the desk and the CLI refuse them in a search, so a tag that kept them
+    could never be found."""
+    tag = unicodedata.normalize("NFC", tag.strip().lstrip("#").lower())
+    return "".join(c for c in "".join(tag.split()) if unicodedata.category(c) != "Cc")
 
 
 def event_hashtags(ev: Any) -> list[str]:
