@@ -26,7 +26,7 @@ from detectors.freed_memory import TRIM_AFTER_BYTES, release_freed_memory
 from detectors.hashing import HASHES_VERSION, ImageHashes, compute_hashes
 from detectors.imagedata import ImageData, ImageRejected, process_budget
 from streams import metrics
-from streams.blobstore import DirectoryBlobStore
+from streams.blobstore import DirectoryBlobStore, blob_dir
 from streams.recent import Recent
 from streams.records import ImageEvent, ImageRef, Sighting, SourceRef
 from streams.settings import Settings
@@ -264,7 +264,7 @@ def recorded_hashes(settings: Settings, sha256: str) -> ImageHashes | None:
     the one the analyze stage kept, else computed again from the blob-store
     bytes within the decode limits; None when neither is there or the bytes
     do not decode."""
-    blob_root = Path(settings.data_dir) / "blobs"
+    blob_root = blob_dir(settings.data_dir)
     kept = read_analysis(analysis_path(blob_root, sha256))
     if kept is not None:
         return kept.hashes

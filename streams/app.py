@@ -22,7 +22,7 @@ import faust
 
 from streams import metrics
 from streams.analyze import Analyzer
-from streams.blobstore import DirectoryBlobStore
+from streams.blobstore import DirectoryBlobStore, blob_dir
 from streams.cluster_stage import ClusterStage, SendDead
 from streams.clustering import blob_pixels
 from streams.engine_state import engine_state_path, lost_state, open_engine_state
@@ -81,7 +81,7 @@ def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_d
 
     events = app.topic(settings.topic("events"), value_serializer="raw", key_serializer="raw")
     data_dir = Path(settings.data_dir)
-    blobs = DirectoryBlobStore(data_dir / "blobs")
+    blobs = DirectoryBlobStore(blob_dir(data_dir))
     ingest = settings.ingest
     # one per worker: its analyze actors judge same-id events in turn and share the analysis slots
     shared_ids = SharedIds(analyze_slots=ingest.analyze_concurrency)
@@ -94,7 +94,7 @@ def _analyze_stage(app: faust.App, settings: Settings, ops: faust.TopicT, send_d
     @app.agent(events, concurrency=max(ingest.fetch_concurrency, ingest.analyze_concurrency))
     async def analyze(stream):
         fetcher = ImageFetcher(settings.fetch, settings.ingest, blobs, breaker)
-        stage = AnalyzeStage(settings, fetcher, Analyzer(settings, data_dir / "blobs"), blobs.put,
+        stage = AnalyzeStage(settings, fetcher, Analyzer(settings, blob_dir(data_dir)), blobs.put,
                              analyze_store, shared_ids)
         # Acks are ours (``noack``): an event is acked once its outcome is
         # handed on. A stopping worker (SIGTERM, a rolling restart) cancels this
@@ -143,7 +143,7 @@ def _cluster_stage_and_sinks(app: faust.App, settings: Settings, ops: faust.Topi
         log.warning(lost, extra={"engine_state": str(engine_state_path(settings.data_dir))})
     stage = ClusterStage(settings, table, open_engine_state(settings.data_dir), updates=updates,
                          detect_requests=detect_requests, alerts=alerts, send_dead=send_dead,
-                         pixels=blob_pixels(DirectoryBlobStore(Path(settings.data_dir) / "blobs")))
+                         pixels=blob_pixels(DirectoryBlobStore(blob_dir(settings.data_dir))))
     app.on_rebalance_complete.connect(stage.on_rebalance)
 
     @app.agent(ops)

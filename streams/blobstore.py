@@ -1,7 +1,10 @@
 """Content-addressed image storage: image bytes never travel on topics, messages
 carry the sha256. One implementation, a directory under the data dir
-(``DirectoryBlobStore``; workers on several machines share it as a volume);
-another backend, S3-compatible storage say, would implement ``BlobStore``."""
+(``DirectoryBlobStore``, in ``blob_dir``; workers on several machines share it
+as a volume). The stages read and write through ``BlobStore``, but retention
+(``streams.retention``, ``deepwatch prune``), the desk's thumbnails and the
+analysis cache beside the pictures read the directory itself: another
+backend, S3-compatible storage say, would need those moved onto it too."""
 
 from __future__ import annotations
 
@@ -25,6 +28,11 @@ PASSING_WRITE_ERRNOS = frozenset({
     errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM,
     errno.EAGAIN, errno.EBUSY, errno.ESTALE, errno.ETIMEDOUT,
 })
+
+
+def blob_dir(data_dir: str | Path) -> Path:
+    """Where the data dir keeps its pictures."""
+    return Path(data_dir) / "blobs"
 
 
 def write_may_pass(e: OSError) -> bool:

@@ -21,7 +21,6 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Awaitable, Callable
 
 import faust
@@ -30,7 +29,7 @@ from detectors.imagedata import DecodeLimits, ImageData
 from streams import metrics
 from streams.faust_app import faust_app
 from streams.priority import renice_threads
-from streams.blobstore import DirectoryBlobStore
+from streams.blobstore import DirectoryBlobStore, blob_dir
 from streams.records import ClusterOp, DetectionResult, DetectRequest
 from streams.settings import Settings
 
@@ -51,7 +50,7 @@ def build_detect_app(settings: Settings, broker_url: str, nice_after_load: int |
     t = settings.topic
     requests = app.topic(t("detect-requests"), value_serializer="raw", key_serializer="raw")
     ops = app.topic(t("cluster-ops"), value_serializer="raw", key_serializer="raw", partitions=1)
-    blobs = DirectoryBlobStore(Path(settings.data_dir) / "blobs")
+    blobs = DirectoryBlobStore(blob_dir(settings.data_dir))
 
     def load_batchers() -> list:
         started = time.perf_counter()

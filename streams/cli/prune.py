@@ -67,10 +67,11 @@ def prune(
     except ValueError as e:
         fail(str(e))
     from streams.analyze import analysis_path
+    from streams.blobstore import blob_dir
     from streams.retention import prune as run_prune
 
     settings = settings_from(config, data_dir=data_dir)
-    blob_root = Path(settings.data_dir) / "blobs"
+    blob_root = blob_dir(settings.data_dir)
     if not blob_root.is_dir():
         fail(f"no blob store at {blob_root}: check --data-dir (DEEPWATCH_DATA_DIR)")
     current = analysis_path(blob_root, "x").name[1:]  # the version suffix this code's workers read

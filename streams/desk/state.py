@@ -18,6 +18,7 @@ from fastapi.templating import Jinja2Templates
 
 from detectors.netaddr import is_loopback
 from streams import similar
+from streams.blobstore import blob_dir
 from streams.desk.alerting import AlertPath
 from streams.desk.auth import LoginLimiter, Users, tokens_from_env
 from streams.desk.deskdb import DeskDB
@@ -91,7 +92,7 @@ class Desk:
         self.alerts = AlertPath(settings)
         self.verdicts = Verdicts(settings, self.source, self.db, self.alerts)
         self.account_check: asyncio.Future | None = None  # the timer's check in flight, if any
-        self.thumbs = Thumbnails(data / "blobs", data / "desk" / "thumbs",
+        self.thumbs = Thumbnails(blob_dir(data), data / "desk" / "thumbs",
                                  max_bytes=settings.desk.thumb_cache_mb * 1024 * 1024, limits=settings.decode_limits(),
                                  sizes=(*THUMB_SIZES, settings.desk.thumb_px))
 

@@ -27,7 +27,6 @@ import re
 import sqlite3
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -36,7 +35,7 @@ from detectors.banks import BankStore
 from detectors.base import Evidence
 from detectors.hashing import ImageHashes
 from streams.analyze import recorded_hashes
-from streams.blobstore import DirectoryBlobStore
+from streams.blobstore import DirectoryBlobStore, blob_dir
 from streams.desk.alerting import AlertPath
 from streams.desk.auth import Principal
 from streams.desk.deskdb import DeskDB, DeskVerdict, OverlayRow, VerdictRecord
@@ -88,7 +87,7 @@ class VerdictEffectsFailed(Exception):
 class Verdicts:
     def __init__(self, settings: Settings, source: FindingsSource, desk: DeskDB, alerts: AlertPath):
         self.settings, self.source, self.desk, self.alerts = settings, source, desk, alerts
-        self.blobs = DirectoryBlobStore(Path(settings.data_dir) / "blobs")
+        self.blobs = DirectoryBlobStore(blob_dir(settings.data_dir))
         self._lock = asyncio.Lock()  # one verdict at a time: bank and overlay rewrites must not interleave
 
     async def record(self, cluster_id: str, body: VerdictIn, who: Principal) -> VerdictRecord:
