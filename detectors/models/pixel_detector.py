@@ -110,6 +110,13 @@ def _prior_clause(card) -> str:
 BUILTIN = {DEFAULT_PIXEL_MODEL: DEFAULT_HEAD}
 
 
+def packaged_name(name: str) -> str | None:
+    """The packaged model ``name`` stands for (``detect.models`` lists it
+    bare or as its evidence names it, ``model:<name>``), or None."""
+    bare = name.removeprefix("model:")
+    return bare if bare in BUILTIN else None
+
+
 class PixelProbeDetector(StagedDetector):
     cost: ClassVar[Cost] = "model"
     kind: ClassVar[EvidenceKind] = EvidenceKind.MODEL

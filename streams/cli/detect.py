@@ -109,7 +109,7 @@ def load_model_detectors(
     ``strict`` (``deepwatch eval``: a report without it would measure something else)."""
     try:
         from detectors.models import load_detector  # lazy: torch is heavy and optional for cheap runs
-        from detectors.models.pixel_detector import BUILTIN
+        from detectors.models.pixel_detector import packaged_name
         from detectors.models.vendors import VENDORS, enabled_vendors
     except ImportError as e:
         raise typer.BadParameter(
@@ -133,7 +133,7 @@ def load_model_detectors(
             loaded.append(load_detector(name, model_dir=model_dir, device=device, head=head, amp=amp,
                                         vendor_urls=vendor_urls))
         except LOAD_ERRORS as e:
-            if head is not None and name.removeprefix("model:") in BUILTIN:
+            if head is not None and packaged_name(name) is not None:
                 raise UserError(
                     f"detect.pixel_head {head} (from the settings or DEEPWATCH_DETECT__PIXEL_HEAD) did not load: {e}; "
                     "fix or unset it to use the packaged head"
