@@ -9,6 +9,7 @@ disk, so an exact repost costs a digest and a lookup, not a second decode.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 
 
 ANALYSES_REMEMBERED = 2_000  # ~5 KB each: about 10 MB per analyze stage
+
+# A failed write of the analysis cache is logged at most this often per errno:
+# on a full disk every analysis fails to write it.
+CACHE_WARN_EVERY_S = 60.0
+_cache_warned: dict[int, tuple[float, int]] = {}  # errno -> (when last logged, failures since)
+_cache_warned_lock = threading.Lock()
 
 
 class Analysis(NamedTuple):
@@ -204,7 +211,16 @@ class Analyzer:
     def _store_cache(self, sha256: str, hashes: ImageHashes, evidence: list[Evidence]) -> None:
         # Concurrent analyses of the same picture (a burst of reposts) each
         # write their own temp file; the last rename wins, same content.
-        write_analysis(self._cache_path(sha256), KeptAnalysis(hashes=hashes, evidence=evidence))
+        # The cache only saves a repost's decode: a write that fails (the
+        # disk full, a quota, a read-only remount) is logged and the event
+        # goes on; its blob write, next, holds it while the disk stays full
+        # (``streams.stage``). It was the event's dead letter:
+        # "decode:internal_error OSError: [Errno 28] No space left on device".
+        path = self._cache_path(sha256)
+        try:
+            write_analysis(path, KeptAnalysis(hashes=hashes, evidence=evidence))
+        except OSError as e:
+            _warn_cache_write(path, e)
 
 
 # Bump when cheap detectors change what they compute, so cached analyses of
@@ -272,6 +288,24 @@ def recorded_hashes(settings: Settings, sha256: str) -> ImageHashes | None:
         return compute_hashes(ImageData(DirectoryBlobStore(blob_root).get(sha256), limits=settings.decode_limits()))
     except (OSError, ImageRejected):
         return None
+
+
+def _warn_cache_write(path: Path, e: OSError) -> None:
+    """Log a failed analysis cache write, once per ``CACHE_WARN_EVERY_S``
+    per errno, with how many failed since the last line."""
+    code, now = e.errno or 0, time.monotonic()
+    with _cache_warned_lock:
+        last, failed = _cache_warned.get(code, (-CACHE_WARN_EVERY_S, 0))
+        failed += 1
+        if now - last < CACHE_WARN_EVERY_S:
+            _cache_warned[code] = (last, failed)
+            return
+        _cache_warned[code] = (now, 0)
+    log.warning(f"analysis cache write failed ({e.strerror or e}; {e.filename or path}); the events go on without "
+                "it (a repost is analysed again): free space on the data dir's disk (or lift its quota, remount it "
+                "read-write)",
+                extra={"path": str(e.filename or path), "errno": errno.errorcode.get(code, str(code)),
+                       "failed": failed, "every_s": CACHE_WARN_EVERY_S})
 
 
 def _on_event_loop() -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -58,6 +59,50 @@ _NO_ANSWER = "without sending a response"
 # Statuses whose Location is followed; any other 3xx (300, 304, 305) is an
 # answer without an image, not a redirect.
 _REDIRECTS = (301, 302, 303, 307, 308)
+
+
+# Errnos of a connection the host ended (reset, aborted, a write to a closed
+# one): said as such, whichever call met it.
+_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE})
+
+
+def _root_os_error(e: BaseException) -> OSError | None:
+    """The innermost ``OSError`` with an errno among ``e``'s causes (httpx
+    wraps httpcore's error, which wraps anyio's, which wraps the socket's)."""
+    found, seen = None, 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 16:
+        if isinstance(cur, OSError) and cur.errno:
+            found = cur
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
+    return found
+
+
+def transport_cause(e: httpx.TransportError) -> str:
+    """What happened to the connection, in words, never empty: "connection
+    refused (ECONNREFUSED)", "connection reset by the host while reading the
+    answer (ECONNRESET)", ... (``e`` itself often says nothing)."""
+    root = _root_os_error(e)
+    code = errno.errorcode.get(root.errno, "") if root is not None and root.errno else ""
+    if isinstance(e, httpx.ConnectError):
+        if code == "ECONNREFUSED":
+            said = "connection refused"
+        elif root is not None and root.errno in _RESET_ERRNOS:
+            said = "connection reset by the host while connecting"
+        elif root is not None and root.strerror:  # no route to host, network unreachable, ...
+            said = root.strerror[:1].lower() + root.strerror[1:]
+        else:
+            said = str(e)  # a TLS handshake's failure says what it is
+    elif isinstance(e, (httpx.ReadError, httpx.WriteError)):
+        doing = "reading the answer" if isinstance(e, httpx.ReadError) else "sending the request"
+        if root is None or root.errno in _RESET_ERRNOS:
+            said = f"connection {'reset by the host' if root is not None else 'lost'} while {doing}"
+        else:
+            said = f"{root.strerror or root} while {doing}"
+    else:
+        said = str(e)
+    said = (said or (str(root) if root is not None else "") or type(e).__name__)[:300]
+    return f"{said} ({code})" if code and code not in said else said
 
 
 def _allow_any(host: str, addrs: list[IPAddress]) -> None:
@@ -248,9 +293,15 @@ class ImageFetcher:
                                  retryable=True) from None
             # The server answered, with something that is not HTTP: asking
             # again gets the same answer.
-            raise FetchError("bad_response", f"{current} sent a malformed HTTP response: {str(e)[:200]}") from None
+            raise FetchError("bad_response", f"{current} sent a malformed HTTP response: "
+                                             f"{(str(e) or type(e).__name__)[:200]}") from None
         except httpx.TransportError as e:
-            raise FetchError("unreachable", f"cannot connect to {current}: {e}", retryable=True) from None
+            # A refused connect and a connection the host reset after reading
+            # the request both land here; httpx's ReadError says nothing
+            # (str() is empty: it read "cannot connect to URL: "), its cause does.
+            said = transport_cause(e)
+            where = f"cannot connect to {current}" if isinstance(e, httpx.ConnectError) else f"fetching {current}"
+            raise FetchError("unreachable", f"{where}: {said}", retryable=True) from None
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError, ValueError) as e:
             raise FetchError("bad_url", f"invalid URL {current[:200]!r}: {e}") from None
 
