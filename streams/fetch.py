@@ -55,6 +55,10 @@ def sniff_image_type(data: bytes) -> str | None:
 # (a server restarting, a kept-alive connection it dropped as it was reused):
 # worth another try, unlike an answer that is not HTTP.
 _NO_ANSWER = "without sending a response"
+# h11's words for a connection closed (FIN, not reset) before the body its
+# Content-Length promised: a host restarting or dropping connections, which
+# asking again may get past; not a malformed answer.
+_CUT_BODY = "without sending complete message body"
 
 # Statuses whose Location is followed; any other 3xx (300, 304, 305) is an
 # answer without an image, not a redirect.
@@ -290,6 +294,10 @@ class ImageFetcher:
         except httpx.RemoteProtocolError as e:
             if _NO_ANSWER in str(e):
                 raise FetchError("unreachable", f"{current} closed the connection without answering",
+                                 retryable=True) from None
+            if _CUT_BODY in str(e):
+                raise FetchError("unreachable", f"{current} closed the connection partway through the answer "
+                                                f"({str(e).partition('(')[2].rstrip(')') or 'body cut short'})",
                                  retryable=True) from None
             # The server answered, with something that is not HTTP: asking
             # again gets the same answer.

@@ -28,10 +28,11 @@ LOOPBACK_OK = FetchSettings(allow_private_networks=True, retries=0, read_timeout
 
 class _Resetting:
     """A loopback server that accepts, reads the request (``read``), may send
-    ``send``, then resets the connection (SO_LINGER 0: an RST, not a FIN)."""
+    ``send``, then resets the connection (SO_LINGER 0: an RST, not a FIN), or
+    closes it (a FIN) when not ``reset``."""
 
-    def __init__(self, read: bool = True, send: bytes = b""):
-        self.read, self.send, self.accepted = read, send, 0
+    def __init__(self, read: bool = True, send: bytes = b"", reset: bool = True):
+        self.read, self.send, self.reset, self.accepted = read, send, reset, 0
         self.stopped = threading.Event()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -55,7 +56,8 @@ class _Resetting:
                     conn.recv(65536)
                 if self.send:
                     conn.sendall(self.send)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                if self.reset:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             finally:
                 conn.close()
 
@@ -111,6 +113,17 @@ def test_a_reset_partway_through_the_answer_says_so(resetting, send):
     err = _fail(url)
     assert err.reason == "unreachable"
     assert err.detail == f"fetching {url}: connection reset by the host while reading the answer (ECONNRESET)"
+
+
+def test_a_body_cut_short_by_a_closed_connection_is_retried(resetting):
+    # a FIN before the promised Content-Length: a host restarting, not a malformed answer; it read
+    # bad_response "sent a malformed HTTP response: peer closed connection ..." and was never retried
+    srv = resetting(send=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc", reset=False)
+    url = f"http://127.0.0.1:{srv.port}/cut.png"
+    err = _fail(url, LOOPBACK_OK.model_copy(update={"retries": 1}))
+    assert err.reason == "unreachable" and err.retryable
+    assert err.detail == f"{url} closed the connection partway through the answer (received 3 bytes, expected 100)"
+    assert srv.accepted == 2
 
 
 def test_a_refused_connection_says_refused():
