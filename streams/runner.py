@@ -498,16 +498,39 @@ class ReplaySummary:
     # queued; an alert sent to several hooks under its least settled), as the run ended: replay
     # sends each once and ends before a redelivery round. Empty counts without webhooks.
     run_alert_deliveries: dict[str, int] = field(default_factory=dict)
+    # Events replay sent again after the stream stood still (``Resends``); it waits for both copies
+    # of each to end. ``resent_unsettled``: those with a copy that had not ended when it stopped
+    # waiting for it; the counts above are taken after the workers stopped, and hold what the
+    # other copy had done by then. With --broker, a copy left in the topic is read by the next
+    # worker of the group and may still change its event's outcome (a dead letter to a sighting).
+    resent: int = 0
+    resent_unsettled: int = 0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
+
+
+@dataclass
+class Resends:
+    """What ``wait_until_processed`` sent again, as it stopped waiting.
+    ``events``: events it sent again after a stall (each once). Such an
+    event has two copies in the pipeline, the original and the resend; the
+    first to end makes it count as ended, and the other may still change
+    its outcome (a sighting replaces the event's dead letter: one outcome
+    per event), so the wait goes on until both have ended. ``unsettled``:
+    of those events, the ones with a copy that had not ended when the wait
+    gave up on it (``stall_s`` without any outcome landing): lost in a
+    worker (why it was sent again), or still on its way."""
+
+    events: int = 0
+    unsettled: int = 0
 
 
 def wait_until_processed(
     cluster: Cluster, offsets: set[tuple[int, int]], *, timeout_s: float,
     on_progress: Callable[[int], None] | None = None, models: bool = False,
     produced: Produced | None = None, stall_s: float | None = None, marks: dict[str, float] | None = None,
-    models_stall_s: float | None = None,
+    models_stall_s: float | None = None, resends: Resends | None = None,
 ) -> bool:
     """True once every produced event is a sighting or a dead letter in the
     store, and the derived work (alerts, model results) has landed too.
@@ -525,7 +548,13 @@ def wait_until_processed(
     Workers re-read what Faust drops around an assignment and partitions
     that stall (``streams.safe_commits``, ``streams.stall_guard``); the
     resend is the last safety net behind them, and costs nothing: every
-    stage is idempotent on the event id.
+    stage is idempotent on the event id. An event sent again counts as
+    ended once either copy has, but the wait is over only once both have
+    (or no outcome at all landed for ``stall_s``: a copy lost in a worker
+    never ends): the copy that ends last may still change the event's
+    outcome, and a summary taken before it said a dead letter that a
+    sighting replaced a moment later. ``resends`` (if given) gets what was
+    sent again and what of it had not ended (``Resends``).
 
     With ``models``, every cluster waiting for a model result is waited
     for, until none is left or none has landed for ``models_stall_s``
@@ -549,7 +578,17 @@ def wait_until_processed(
     done_set: set[tuple[int, int]] = set()
     resent: set[tuple[int, int]] = set()  # originals sent again
     resent_as: dict[tuple[int, int], tuple[int, int]] = {}  # a resend's offset -> its original's
+    # copies of resent events (originals and resends) not ended yet, and when an outcome last landed
+    open_copies: dict[tuple[int, int], tuple[int, int]] = {}  # a copy's offset -> its original's
+    last_landed = time.monotonic()
+    gave_up = False
     reniced = False
+
+    def settled() -> None:
+        if resends is not None:
+            resends.events = len(resent)
+            resends.unsettled = len(set(open_copies.values()))
+
     try:
         while time.monotonic() < deadline:
             cluster.check_workers()
@@ -558,6 +597,10 @@ def wait_until_processed(
             else:
                 new, high = store.processed_since(topic, high)
             seen |= new
+            if new:
+                last_landed = time.monotonic()
+                for po in new:
+                    open_copies.pop(po, None)
             # Counted as rows arrive, not by scanning every offset each poll
             # (a million-event feed would cost the poll loop a core).
             for po in new:
@@ -586,12 +629,24 @@ def wait_until_processed(
                         resent_as[po] = original_at[at]
                         if po in seen:
                             done_set.add(original_at[at])
+                        else:
+                            open_copies[po] = original_at[at]
+                    open_copies.update((o, o) for o in missing if o not in seen)
                     resent.update(missing)
                     last_change = time.monotonic()
             if done == len(offsets):
                 now = time.monotonic()
                 if marks is not None:
                     marks.setdefault("events_done", now)
+                if open_copies and not gave_up:
+                    if now - last_landed <= stall_s:
+                        time.sleep(EVENTS_POLL_S)  # the other copy of an event sent again may still change it
+                        continue
+                    gave_up = True
+                    log.warning("copies of events sent again did not end; not waiting for them any longer (their "
+                                "events are counted by the copy that ended)",
+                                extra={"events": len(set(open_copies.values())), "stall_s": stall_s,
+                                       "offsets": sorted(open_copies)[:20]})
                 if models and not reniced:
                     reniced = True
                     cluster.renice("detect", 0)  # the pipeline is idle now: the models get the cores
@@ -599,12 +654,14 @@ def wait_until_processed(
                 pending = store.pending_work()
                 looked_s = time.monotonic() - looked
                 if pending["alerts"] == 0 and (not models or pending["models"] == 0):
+                    settled()
                     return True
                 if pending["models"] != last_models:
                     last_models, models_change = pending["models"], now
                 elif pending["alerts"] == 0 and now - models_change > models_stall_s:
                     log.warning("model results stopped arriving; not waiting for them any longer",
                                 extra={"clusters_pending": pending["models"], "stall_s": models_stall_s})
+                    settled()
                     return True
                 # What is left lands on its own: looked at more often, the command
                 # returns sooner after the last result. A look scans the clusters
@@ -614,6 +671,7 @@ def wait_until_processed(
                 time.sleep(max(DERIVED_POLL_S, 2 * looked_s))
                 continue
             time.sleep(EVENTS_POLL_S)
+        settled()
         return False
     finally:
         store.close()

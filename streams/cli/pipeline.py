@@ -170,25 +170,34 @@ def _replay(settings: Settings, feed: Path, *, workers: int, timeout_s: float, l
                 live.update(render())
 
         marks: dict[str, float] = {}
+        resends = runner.Resends()
         complete = runner.wait_until_processed(
             cluster, produced.offsets, timeout_s=timeout_s, on_progress=on_progress, models=models and wait_models,
-            produced=produced, marks=marks,
+            produced=produced, marks=marks, resends=resends,
         )
         seconds = time.monotonic() - started
         if live is not None:
             live.update(render())
-        summary = runner.summarize(settings, produced.lines, produced.offsets, produced.refused, seconds, complete,
-                                   run=produced.run, ingest_seconds=marks.get("events_done", started + seconds) - started,
-                                   started_at=started_at)
-        summary.stage_seconds = cluster.stage_seconds()
-        summary.workers = workers
-        summary.models_pending_at_start = pending_at_start
+        stage_seconds = cluster.stage_seconds()  # from the workers' /metrics: while they run
         for w in cluster.workers:
             for phase, secs in w.log_times().items():
                 key = f"{w.role}_{phase}"
                 timings[key] = max(timings.get(key, 0.0), secs)
         stopping = time.monotonic()
-    timings["shutdown"] = time.monotonic() - stopping
+        # The workers stop before the summary counts the store: what they still end while
+        # stopping (an op or a batch in hand) lands first. Counted before, a copy of an event
+        # landing then changed the store under a summary already taken.
+        cluster.stop()
+        stopped = time.monotonic()
+        summary = runner.summarize(settings, produced.lines, produced.offsets, produced.refused, seconds, complete,
+                                   run=produced.run, ingest_seconds=marks.get("events_done", started + seconds) - started,
+                                   started_at=started_at)
+        summarized_s = time.monotonic() - stopped
+        summary.stage_seconds = stage_seconds
+        summary.workers = workers
+        summary.models_pending_at_start = pending_at_start
+        summary.resent, summary.resent_unsettled = resends.events, resends.unsettled
+    timings["shutdown"] = time.monotonic() - stopping - summarized_s
     summary.timings = {k: round(v, 3) for k, v in timings.items()}
     # after the workers stopped: what their senders left is what stays until a redelivery
     summary.run_alert_deliveries = _run_alert_deliveries(settings, started_at)
@@ -233,6 +242,7 @@ def _print_summary(summary, fmt_json: bool, settings: Settings | None = None) ->
         print_json(summary.__dict__)
         _warn_all_dead(summary)  # on stderr: the JSON stays clean
         _warn_undelivered(summary, settings)
+        _warn_unsettled(summary, settings)
         return
     ended = summary.run_outcomes
     dl = ", ".join(f"{k}={v}" for k, v in sorted(summary.dead_letters.items())) or "none"
@@ -261,8 +271,13 @@ def _print_summary(summary, fmt_json: bool, settings: Settings | None = None) ->
     if any(sent.values()):
         err.print("this run's alerts by webhook delivery: " + ", ".join(f"{sent[s]} {s}" for s in _DELIVERY_STATES),
                   highlight=False)
+    resent = getattr(summary, "resent", 0)
+    if resent and not getattr(summary, "resent_unsettled", 0):
+        err.print(f"{counted(resent, 'event')} stood still and {'was' if resent == 1 else 'were'} sent again "
+                  "(each still ends once); both copies of each ended before these counts", highlight=False)
     _warn_all_dead(summary)
     _warn_undelivered(summary, settings)
+    _warn_unsettled(summary, settings)
 
 
 def _warn_all_dead(summary) -> None:
@@ -309,6 +324,23 @@ def _warn_undelivered(summary, settings: Settings | None) -> None:
               f"`{prog} redeliver TARGET` queues rejected ones again, and `{prog} redeliver{where}` lists what "
               "waits per target.",
               style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
+def _warn_unsettled(summary, settings: Settings | None) -> None:
+    """Events replay sent again with a copy that never ended while it
+    waited (``runner.Resends``): counted by the copy that did, which the
+    other may still change (one outcome per event: a sighting replaces the
+    event's dead letter) where it is left in a broker that outlives replay."""
+    left = getattr(summary, "resent_unsettled", 0)
+    if not left:
+        return
+    external = settings is not None and settings.broker != "embedded"
+    then = ("they stay in the broker's events topic, where a later worker of the group may still read them and "
+            "change these counts (a dead letter replaced by the event's sighting)" if external else
+            "the embedded broker stopped with them, so nothing changes these counts any more")
+    err.print(f"warning: {left} of the {summary.resent} event(s) replay sent again after a stall had a copy that "
+              f"never ended (lost in a worker, or still queued when replay stopped waiting): each is counted by "
+              f"the copy that ended; {then}.", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
 # fetch's reasons for a local image path that cannot be read (streams.fetch)
