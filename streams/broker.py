@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -76,6 +77,40 @@ def _listening(pid: int, host: str, port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def _die_with_parent(parent: int):
+    """A ``preexec_fn`` for the broker process on Linux: the kernel sends it
+    SIGTERM (Tansu exits at once on it) when the thread that started it dies,
+    however that ends (``kill -9`` of ``deepwatch broker`` or of a replay).
+    Otherwise ``process_group=0`` keeps it out of the reach of the signals
+    its parent got, and an orphaned broker held its port (a restarted
+    ``deepwatch broker`` found it taken; old workers went on talking to the
+    orphan). None where ``prctl`` is missing (not Linux): left as it was.
+
+    The kernel knows the *thread* that forked, not the process: ``start``
+    runs on the main thread in every caller (``deepwatch broker``,
+    ``runner.start_cluster``), which lives as long as the process."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def preexec() -> None:  # in the child, between fork and exec: nothing that could take a lock
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: the signal will never come
+            os._exit(1)
+
+    return preexec
 
 
 def _tansu_binary() -> str:
@@ -168,8 +203,10 @@ class EmbeddedBroker:
                 # worker unable to commit or flush while it stops (measured: replay
                 # took 30-35 s to end after Ctrl-C). Whoever started it stops it
                 # (``stop``) after its workers.
+                # And dies with us (``_die_with_parent``): its own group no
+                # longer hears our signals, so a ``kill -9`` of us orphaned it.
                 self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                              process_group=0)
+                                              process_group=0, preexec_fn=_die_with_parent(os.getpid()))
             self._wait_listening(timeout_s, log_from)
         except PortTaken:
             self._proc = None

@@ -84,6 +84,19 @@ LIVENESS_S = 120.0
 LOOP_HEARTBEAT = Gauge("deepwatch_loop_heartbeat_timestamp_seconds",
                        "Unix time of the worker event loop's last heartbeat")
 _last_beat: float | None = None  # monotonic; None: no heartbeat yet (starting, or a process without one)
+# Why the worker is going away (a crash, a consumer that died, a stop), once it
+# is: /healthz answers 503 from then on. Its event loop may well go on beating
+# while the app stops (a detect worker whose broker vanished took 60 s), and a
+# probe must not read that as a worker at work.
+_stopping: str | None = None
+
+
+def stopping(reason: str) -> None:
+    """The worker has begun to stop, or crashed (``reason``: why, one line);
+    the first reason given is kept."""
+    global _stopping
+    if _stopping is None:
+        _stopping = reason
 
 
 def beat() -> None:
@@ -107,6 +120,8 @@ async def beat_forever() -> None:
 
 def liveness() -> tuple[int, str]:
     """(HTTP status, text) for /healthz."""
+    if _stopping is not None:
+        return 503, f"stopping: {_stopping}"
     if _last_beat is None:
         return 200, "ok: no heartbeat yet"
     age = time.monotonic() - _last_beat

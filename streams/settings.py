@@ -373,6 +373,7 @@ class KafkaSettings(_Section):
     quirks: Literal["auto", "tansu", "none"] = "auto"  # the embedded broker's workarounds: auto = when the broker is Tansu
     # 1 suits the single-node embedded broker; managed services may refuse fewer than 3.
     replication_factor: int = Field(1, ge=1, le=32)  # copies of each topic deepwatch creates; 3 on a production cluster
+    broker_lost_s: float = Field(60.0, gt=0)  # a worker whose brokers take no connection this long exits 1, for its supervisor to restart
 
 
 class ConnectorSettings(_Section):

@@ -46,6 +46,65 @@ def settle_heap() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
+# A worker whose broker has taken no connection for this long stops (exit 1,
+# one line saying so: ``streams.faust_tuning.tell_crash``) for its supervisor
+# to restart; a restarted worker then fails fast at start-up, naming the
+# address, until the broker is back. Without it an idle worker retried for
+# good, /healthz 200, while a busy one crashed within seconds (its first
+# end-offset lookup, ``streams.stall_guard``). Long enough for a broker to
+# restart (``kafka.broker_lost_s``, 60 s).
+BROKER_PROBE_S = 2.0
+
+
+def consumer_connected(app) -> bool | None:
+    """Whether the worker's Kafka consumer holds a live connection (aiokafka's
+    client, in the consumer thread: read only); None where it cannot tell."""
+    try:
+        conns = app.consumer._thread._consumer._client._conns
+        return any(c.connected() for c in list(conns.values()))
+    except Exception:  # noqa: BLE001 - not started, stopping, or another aiokafka: then probe
+        return None
+
+
+class BrokerWatch:
+    """Whether the broker is still there; ``check`` (a Faust timer) raises
+    ``BrokerUnreachable`` once it has not been for ``lost_s``. While the
+    consumer holds a live connection nothing is asked; otherwise whether any
+    bootstrap address takes a TCP connection (opened and closed at once: a
+    TLS listener may log each, so only then)."""
+
+    def __init__(self, bootstrap: str, lost_s: float):
+        self.bootstrap, self.lost_s = bootstrap, lost_s
+        self.since: float | None = None  # monotonic: when it was first found unreachable
+
+    async def reachable(self) -> bool:
+        import asyncio
+
+        from streams.broker import _hostport
+
+        for h in self.bootstrap.split(","):
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(*_hostport(h)), BROKER_PROBE_S)
+            except (OSError, asyncio.TimeoutError):
+                continue
+            writer.close()
+            return True
+        return False
+
+    async def check(self, connected: bool | None = None) -> None:
+        import time
+
+        from streams.faust_tuning import BrokerUnreachable
+
+        if connected or await self.reachable():
+            self.since = None
+            return
+        now = time.monotonic()
+        self.since = self.since if self.since is not None else now
+        if now - self.since >= self.lost_s:
+            raise BrokerUnreachable(f"no connection to {self.bootstrap} for {now - self.since:.0f} s")
+
+
 def faust_broker_url(settings: Settings) -> str:
     from streams.broker import BrokerError, faust_broker_url as resolve
 
@@ -84,6 +143,12 @@ def run(settings: Settings, role: str, nice_after_load: int | None = None) -> No
     async def heartbeat() -> None:  # on the event loop: /healthz goes 503 when these stop
         metrics.beat()
 
+    watch = BrokerWatch(broker.partition("://")[2], settings.kafka.broker_lost_s)
+
+    @app.timer(interval=metrics.HEARTBEAT_S)
+    async def broker_watch() -> None:  # raising here crashes the app: the worker stops, exit 1
+        await watch.check(consumer_connected(app))
+
     if settings.metrics_port is not None:
         port = metrics.serve(settings.metrics_port)
         log.info("metrics listening", extra={"port": port, "role": role})
@@ -103,6 +168,13 @@ def run(settings: Settings, role: str, nice_after_load: int | None = None) -> No
         code: object = 0
     except SystemExit as e:
         code = e.code
+    if worker.crash_reason is not None:
+        # mode re-raises the crash (a traceback, "We experienced a crash!")
+        # and exits 1; the operator gets one line of why and what to do.
+        from streams.faust_tuning import EXIT_CRASHED, tell_crash
+
+        tell_crash(worker.crash_reason, worker.broker_address(), role=role)
+        code = code or EXIT_CRASHED
     _exit_now(code)
 
 

@@ -373,7 +373,7 @@ def test_cli_produces_to_the_broker_with_metrics_and_a_saved_cursor(tmp_path):
     with EmbeddedBroker(tmp_path / "broker") as broker, JetstreamServer(frames) as server:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streams.cli.__main__", "connect", "bluesky", "--jetstream-url", server.url,
-             "--broker", f"kafka://{broker.bootstrap}", "--data-dir", str(tmp_path / "d"), "--duration", "20",
+             "--broker", f"kafka://{broker.bootstrap}", "--data-dir", str(tmp_path / "d"), "--duration", "120",
              "--metrics-port", str(port)],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
@@ -381,14 +381,16 @@ def test_cli_produces_to_the_broker_with_metrics_and_a_saved_cursor(tmp_path):
         try:
             produced = 'deepwatch_connector_events_total{connector="bluesky",outcome="produced"} 12.0'
             text = ""
-            deadline = time.monotonic() + 40
+            # the test stops it (SIGTERM); --duration only bounds a run the test lost: on a loaded
+            # machine 20 s ended it before its metrics were read once
+            deadline = time.monotonic() + 90
             while produced not in text and time.monotonic() < deadline and proc.poll() is None:
                 try:
                     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.3)
-            assert produced in text
+            assert produced in text, f"exit {proc.poll()}; metrics: {text[-500:]!r}"
             assert 'deepwatch_connector_frames_total{connector="bluesky",outcome="repost",stream="bluesky"} 2.0' in text
         finally:
             proc.send_signal(signal.SIGTERM)
