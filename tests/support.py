@@ -158,3 +158,16 @@ def load_sitecustomize(tmp_path: Path, monkeypatch, code: str) -> None:
 def mode_of(path: Path) -> int:
     """A file's permission bits (``0o600``)."""
     return stat.S_IMODE(path.stat().st_mode)
+
+
+def start_broker_cli(data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """`deepwatch broker --port 0` started in the foreground: the process and
+    the kafka:// URL it printed first (its stderr in the failure when it
+    printed none)."""
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli.__main__", "broker", "--port", "0",
+                             "--data-dir", str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = proc.stdout.readline().strip()
+    if not url.startswith("kafka://127.0.0.1:"):
+        proc.kill()
+        raise AssertionError((url, proc.communicate(timeout=10)[1]))
+    return proc, url

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import start_broker_cli
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 
 
@@ -73,11 +75,8 @@ def _kill_and_check(parent: subprocess.Popen, port: int) -> None:
 
 @pytest.mark.slow
 def test_kill_9_of_deepwatch_broker_takes_tansu_and_its_port_with_it(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "streams.cli.__main__", "broker", "--port", "0",
-                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, url = start_broker_cli(tmp_path)
     try:
-        url = proc.stdout.readline().strip()
-        assert url.startswith("kafka://127.0.0.1:"), (url, proc.stderr.read() if proc.poll() is not None else "")
         _kill_and_check(proc, int(url.rpartition(":")[2]))
     finally:
         if proc.poll() is None:

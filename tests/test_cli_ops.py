@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.hostile import corpus
+from tests.support import start_broker_cli
 
 
 def deepwatch(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -103,11 +104,8 @@ def test_settings_reference_command(tmp_path):
 def test_broker_command_runs_in_the_foreground_and_prints_its_url(tmp_path):
     from kafka import KafkaAdminClient
 
-    proc = subprocess.Popen([sys.executable, "-m", "streams.cli.__main__", "broker", "--port", "0",
-                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, url = start_broker_cli(tmp_path)
     try:
-        url = proc.stdout.readline().strip()
-        assert url.startswith("kafka://127.0.0.1:"), (url, proc.stderr.read() if proc.poll() is not None else "")
         admin = KafkaAdminClient(bootstrap_servers=url.removeprefix("kafka://"), client_id="t")
         try:
             assert "deepwatch.events" in admin.list_topics()  # topics are created up front
