@@ -495,7 +495,12 @@ class ClusterStage:
             if event_id is not None:
                 detail = f"{detail} (cluster op at {source.topic}:{source.partition}:{source.offset})"
                 source = named or source
-        await self.send_dead(DeadLetter.of("cluster", reason, detail, raw, source=source, event_id=event_id))
+        # The digest tells apart ops that name no event. An op that names one
+        # is not digested: its bytes hold where that copy of the event sat
+        # and when it was fetched, so each copy (a replay's resend, a
+        # redelivery) would be a dead letter of its own for one event.
+        await self.send_dead(DeadLetter.of("cluster", reason, detail, raw, source=source, event_id=event_id,
+                                           digest=event_id is None))
 
 
 # While a rebalance is under way, a rebuild waits this long between looks.

@@ -289,22 +289,24 @@ class DeadLetter(_Record):
 
     @classmethod
     def of(cls, stage: DeadLetterStage, reason: str, detail: str, raw: bytes | str | None, *,
-           source: SourceRef | None = None, event_id: str | None = None, excerpt: bool = True) -> "DeadLetter":
+           source: SourceRef | None = None, event_id: str | None = None, excerpt: bool = True,
+           digest: bool = True) -> "DeadLetter":
         """The dead letter of the message ``raw``: its first 512 bytes (as
         UTF-8, undecodable bytes replaced) in ``payload_excerpt`` (none when
         not ``excerpt``), and the digest of the whole message in
-        ``payload_sha256``, which keeps two messages sharing their first bytes
-        two dead letters (``streams.findings.dead_letter_identity``). Only
-        the excerpt's bytes are decoded, whatever the message's size."""
+        ``payload_sha256`` (none when not ``digest``), which keeps two
+        messages sharing their first bytes two dead letters
+        (``streams.findings.dead_letter_identity``). Only the excerpt's bytes
+        are decoded, whatever the message's size."""
         shown = None
         if raw is not None and excerpt:
             head = raw[:512]
             shown = head if isinstance(head, str) else bytes(head).decode("utf-8", "replace")
-        digest = None
-        if raw is not None:
-            digest = payload_sha256(raw if isinstance(raw, (bytes, str)) else bytes(raw))
+        sha = None
+        if raw is not None and digest:
+            sha = payload_sha256(raw if isinstance(raw, (bytes, str)) else bytes(raw))
         return cls(event_id=event_id, stage=stage, reason=reason, detail=detail, source=source,
-                   payload_excerpt=shown, payload_sha256=digest)
+                   payload_excerpt=shown, payload_sha256=sha)
 
 
 def payload_sha256(raw: bytes | str) -> str:

@@ -48,3 +48,25 @@ def test_the_builder_sets_the_excerpt_and_the_digest():
     assert none.payload_excerpt is None and none.payload_sha256 is None
     # text is digested as UTF-8
     assert DeadLetter.of("sink", "x", "y", "abc").payload_sha256 == payload_sha256(b"abc")
+
+
+def test_two_copies_of_one_events_cluster_op_are_one_dead_letter(tmp_path):
+    """An op that names its event is not digested: its bytes hold where that
+    copy sat and when it was fetched, so a replay's resend of the event (a
+    second copy, another offset) was a second dead letter for one event."""
+    import json
+
+    stage, _topics, dead = stage_for(Settings(data_dir=tmp_path), {})
+    copies = [json.dumps({"kind": "sighting", "sighting": {
+        "event": {"event_id": "e1"}, "source": {"topic": "deepwatch.events", "partition": 0, "offset": offset},
+        "fetched_at": f"2026-12-07T10:00:0{offset}+00:00"}}).encode() for offset in (4, 9)]
+    run(stage, copies)
+    assert [(d.event_id, d.payload_sha256) for d in dead] == [("e1", None), ("e1", None)]
+    assert dead_letter_identity(dead[0]) == dead_letter_identity(dead[1])
+    store = SqliteFindingsStore(tmp_path / "findings.sqlite")
+    try:
+        for d in dead:
+            store.add_dead_letter(d)
+        assert len(store.dead_letters()) == 1
+    finally:
+        store.close()
