@@ -121,3 +121,19 @@ def test_no_refusal_where_the_proxy_does_not_say_plain_http_from_elsewhere(data,
         page, r = _login(c, header)
         assert 'id="login-error"' not in page.text
         assert r.status_code == 303 and _session(r), _text(r)[:2000]
+
+
+def test_tls_ended_before_the_proxy_with_an_https_public_url_logs_in(data):
+    # browser -> https load balancer (10.0.0.5) -> nginx on this machine (X-Forwarded-Proto $scheme: http)
+    # -> desk: refused, although people reached it over https. An https desk.public_url says so; its
+    # session cookie is Secure, so no browser sends it over plain http
+    chain = {"X-Forwarded-Proto": "http", "X-Forwarded-For": "203.0.113.9, 10.0.0.5"}
+    with _client(data, "127.0.0.1", "203.0.113.9", trusted_proxies=["127.0.0.1"],
+                 public_url="https://desk.example.org") as c:
+        page, r = _login(c, chain)
+        assert 'id="login-error"' not in page.text
+        assert r.status_code == 303 and "secure" in _session(r).lower(), _text(r)[:2000]
+    # without it, the refusal names the setting that tells the desk so
+    with _client(data, "127.0.0.1", "203.0.113.9", trusted_proxies=["127.0.0.1"]) as c:
+        _, r = _login(c, chain)
+        assert r.status_code == 403 and "load balancer" in _text(r)

@@ -70,7 +70,8 @@ class Desk:
         # Off loopback, or where people reach the desk over https: the session
         # cookie is Secure and HSTS is sent (``secure``).
         self.loopback = loopback
-        self.secure_cookies = not loopback or (settings.desk.public_url or "").lower().startswith("https:")
+        self.public_https = (settings.desk.public_url or "").lower().startswith("https:")
+        self.secure_cookies = not loopback or self.public_https
         self.tls_configured = tls_configured(settings.desk)
         self.lookups = lookups
         self.picture_lookup = picture_lookup
@@ -142,9 +143,15 @@ class Desk:
         trusted proxy's X-Forwarded-For, which uvicorn applies): the password
         and the session cookie would cross the network in clear. None
         otherwise: over https, without such a header (a TLS terminator that
-        adds none cannot be told from plain http), or for a client on this
-        machine (or a test harness's, which is no IP address)."""
-        if request.url.scheme == "https" or not _says_http(request):
+        adds none cannot be told from plain http), for a client on this
+        machine (or a test harness's, which is no IP address), or where
+        ``desk.public_url`` is https: people reach the desk over https and its
+        cookies are Secure (no browser sends them over plain http), so the
+        http the proxy names is a hop behind the TLS terminator (a load
+        balancer in front of nginx, whose ``$scheme`` says http).
+        Where cookies are Secure anyway (bound off loopback),
+        ``why_no_login_cookie`` says the rest."""
+        if request.url.scheme == "https" or not _says_http(request) or self.public_https:
             return None
         client = request.client.host if request.client else ""
         if not _is_ip(client) or is_loopback(client):
@@ -153,7 +160,8 @@ class Desk:
                 f"{client} over plain http (X-Forwarded-Proto: http), where the password and the session cookie "
                 "would cross the network in clear, so the desk takes no login over it. Serve https at the proxy "
                 "(listed in desk.trusted_proxies, whose X-Forwarded-Proto: https is then believed) and set "
-                "desk.public_url to the https address people use; or use the desk from this machine only "
+                "desk.public_url to the https address people use (where TLS ends at a load balancer before "
+                "this proxy, that setting is what tells the desk so); or use the desk from this machine only "
                 "(--host 127.0.0.1, no proxy)")
 
     def why_login(self, request: Request) -> str | None:
