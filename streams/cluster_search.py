@@ -354,8 +354,8 @@ def normalize_hashtag(tag: str) -> str:
     Elasticsearch kept one. Control characters (NUL, ESC, C1) are dropped:
     the desk and the CLI refuse them in a search, so a tag that kept them
     could never be found."""
-    tag = unicodedata.normalize("NFC", tag.strip().lstrip("#").lower())
-    return "".join(c for c in "".join(tag.split()) if unicodedata.category(c) != "Cc")
+    kept = "".join(c for c in tag if unicodedata.category(c) != "Cc")  # first: "#\x00#rome" is "rome"
+    return "".join(unicodedata.normalize("NFC", kept.strip().lstrip("#").lower()).split())
 
 
 def event_hashtags(ev: Any) -> list[str]:

@@ -26,6 +26,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from setproctitle import getproctitle, setproctitle
 from faust.worker import Worker
 
+from detectors.printable import one_line
 from streams import metrics
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class BrokerUnreachable(ConnectionError):
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
+    text = one_line(str(e))  # controls escaped: it goes into /healthz and the crash line
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 

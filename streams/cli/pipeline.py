@@ -338,7 +338,7 @@ def _warn_unsettled(summary, settings: Settings | None) -> None:
     then = ("they stay in the broker's events topic, where a later worker of the group may still read them and "
             "change these counts (a dead letter replaced by the event's sighting)" if external else
             "the embedded broker stopped with them, so nothing changes these counts any more")
-    err.print(f"warning: {left} of the {summary.resent} event(s) replay sent again after a stall had a copy that "
+    err.print(f"warning: {left} of the {counted(summary.resent, 'event')} replay sent again after a stall had a copy that "
               f"never ended (lost in a worker, or still queued when replay stopped waiting): each is counted by "
               f"the copy that ended; {then}.", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
