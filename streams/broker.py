@@ -292,15 +292,24 @@ def _hostport(h: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def check_reachable(bootstrap: str, timeout_s: float = 3.0) -> None:
-    """Fail fast, naming the address, instead of a client's 30 s of retries."""
+def unreachable(bootstrap: str, timeout_s: float = 3.0) -> list[str]:
+    """Why no bootstrap address takes a TCP connection ("host:port: why",
+    one for each), or [] as soon as one does (opened and closed at once)."""
     errors = []
     for h in bootstrap.split(","):
         try:
             socket.create_connection(_hostport(h), timeout_s).close()
-            return
+            return []
         except OSError as e:
             errors.append(f"{h}: {e.strerror or e}")
+    return errors
+
+
+def check_reachable(bootstrap: str, timeout_s: float = 3.0) -> None:
+    """Fail fast, naming the address, instead of a client's 30 s of retries."""
+    errors = unreachable(bootstrap, timeout_s)
+    if not errors:
+        return
     raise BrokerError(
         f"cannot reach the Kafka broker at {bootstrap} ({'; '.join(errors)}); "
         "start one with `deepwatch broker` or pass --broker kafka://HOST:PORT of a running one")

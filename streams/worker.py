@@ -10,10 +10,12 @@ standby replica on the others.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 import sys
+import time
 
 from detectors.imagedata import ignore_pillow_warnings
 from streams import logs, metrics
@@ -70,30 +72,22 @@ class BrokerWatch:
     """Whether the broker is still there; ``check`` (a Faust timer) raises
     ``BrokerUnreachable`` once it has not been for ``lost_s``. While the
     consumer holds a live connection nothing is asked; otherwise whether any
-    bootstrap address takes a TCP connection (opened and closed at once: a
-    TLS listener may log each, so only then)."""
+    bootstrap address takes a TCP connection (``streams.broker.unreachable``,
+    in a thread; a TLS listener may log each, so only then)."""
 
     def __init__(self, bootstrap: str, lost_s: float):
         self.bootstrap, self.lost_s = bootstrap, lost_s
         self.since: float | None = None  # monotonic: when it was first found unreachable
+        self.why = ""  # what the last look found, for the line the worker stops with
 
     async def reachable(self) -> bool:
-        import asyncio
+        from streams.broker import unreachable
 
-        from streams.broker import _hostport
-
-        for h in self.bootstrap.split(","):
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(*_hostport(h)), BROKER_PROBE_S)
-            except (OSError, asyncio.TimeoutError):
-                continue
-            writer.close()
-            return True
-        return False
+        errors = await asyncio.to_thread(unreachable, self.bootstrap, BROKER_PROBE_S)
+        self.why = "; ".join(errors)
+        return not errors
 
     async def check(self, connected: bool | None = None) -> None:
-        import time
-
         from streams.faust_tuning import BrokerUnreachable
 
         if connected or await self.reachable():
@@ -102,7 +96,7 @@ class BrokerWatch:
         now = time.monotonic()
         self.since = self.since if self.since is not None else now
         if now - self.since >= self.lost_s:
-            raise BrokerUnreachable(f"no connection to {self.bootstrap} for {now - self.since:.0f} s")
+            raise BrokerUnreachable(f"no connection to {self.bootstrap} for {now - self.since:.0f} s: {self.why}")
 
 
 def faust_broker_url(settings: Settings) -> str:

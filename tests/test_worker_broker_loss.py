@@ -174,3 +174,32 @@ def test_a_worker_whose_broker_is_gone_exits_nonzero_with_one_line(tmp_path):
     assert "note" not in told[0], told
     assert told[0]["cause"] == "broker_unreachable" and told[0]["broker"] == broker.bootstrap, told
     assert "Error while stopping child" not in "\n".join(x["msg"] for x in lines if "TimeoutError" in x.get("msg", ""))
+
+
+def test_the_broker_watch_counts_from_the_first_miss_and_forgets_it_on_a_connection(monkeypatch):
+    import socket
+
+    from streams import worker
+
+    with socket.socket() as gone:
+        gone.bind(("127.0.0.1", 0))
+        bootstrap = f"127.0.0.1:{gone.getsockname()[1]}"  # bound, never listening: refused
+    now = [100.0]
+    monkeypatch.setattr(worker.time, "monotonic", lambda: now[0])
+    watch = worker.BrokerWatch(bootstrap, lost_s=60)
+    asyncio.run(watch.check(connected=None))
+    assert watch.since == 100.0 and watch.why.startswith(f"{bootstrap}: ")
+    now[0] = 150.0
+    asyncio.run(watch.check(connected=False))  # 50 s: not yet
+    asyncio.run(watch.check(connected=True))  # the consumer's connection is back: nothing asked, forgotten
+    assert watch.since is None
+    asyncio.run(watch.check(connected=False))
+    now[0] = 210.0
+    with pytest.raises(BrokerUnreachable, match=f"no connection to {bootstrap} for 60 s: {bootstrap}: "):
+        asyncio.run(watch.check(connected=False))
+    with socket.socket() as up:  # a listener takes the connection: reachable
+        up.bind(("127.0.0.1", 0))
+        up.listen(1)
+        listening = worker.BrokerWatch(f"127.0.0.1:{up.getsockname()[1]}", lost_s=60)
+        asyncio.run(listening.check(connected=False))
+        assert listening.since is None and listening.why == ""
