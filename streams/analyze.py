@@ -28,6 +28,7 @@ from detectors.hashing import HASHES_VERSION, ImageHashes, compute_hashes
 from detectors.imagedata import ImageData, ImageRejected, process_budget
 from streams import metrics
 from streams.blobstore import DirectoryBlobStore, blob_dir
+from streams.private_files import private_dir
 from streams.recent import Recent
 from streams.records import ImageEvent, ImageRef, Sighting, SourceRef
 from streams.settings import Settings
@@ -59,7 +60,8 @@ class Analyzer:
         self.limits = settings.decode_limits()
         self.detectors: list[Detector] = create_all(cost="cheap", names=settings.detect.cheap)
         self._blob_root = blob_root
-        (blob_root / ANALYSIS_DIR).mkdir(parents=True, exist_ok=True)
+        # 0700 where made here; its files are 0600 (``write_analysis``)
+        private_dir(blob_root / ANALYSIS_DIR)
         # A viral picture is reposted byte for byte within minutes: its
         # analysis is kept in memory too, not only read back from disk.
         self._recent = Recent(ANALYSES_REMEMBERED)
@@ -248,6 +250,9 @@ class KeptAnalysis(BaseModel):
 
 
 def write_analysis(path: Path, kept: KeptAnalysis) -> None:
+    """``kept`` at ``path``, 0600 from its first byte (``write_atomically``'s
+    temp file is ``mkstemp``'s): which pictures were seen, and their
+    thumbnails, are not for other local users."""
     write_atomically(path, json.dumps(kept.model_dump()).encode())
 
 

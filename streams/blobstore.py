@@ -4,7 +4,14 @@ carry the sha256. One implementation, a directory under the data dir
 as a volume). The stages read and write through ``BlobStore``, but retention
 (``streams.retention``, ``deepwatch prune``), the desk's thumbnails and the
 analysis cache beside the pictures read the directory itself: another
-backend, S3-compatible storage say, would need those moved onto it too."""
+backend, S3-compatible storage say, would need those moved onto it too.
+
+Owner-only: the pictures are whatever the monitored feeds linked to, and
+their names (sha256) say which pictures were seen, so the store's
+directories are made 0700 and its files 0600 (``write_atomically``'s temp
+file is ``mkstemp``'s 0600 from its first byte, and the rename keeps it;
+blobs were always written so). A store made wider before is narrowed at a
+worker's start (``streams.worker``, ``streams.private_files.own_dir``)."""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from detectors.atomic_file import write_atomically
+from streams.private_files import private_dir
 
 
 # Why a blob write can fail and later succeed with the very same bytes: the
@@ -49,7 +57,7 @@ class BlobStore(Protocol):
 class DirectoryBlobStore:
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)  # 0700 where made here, the data dir too if missing
 
     def _path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -71,6 +79,11 @@ class DirectoryBlobStore:
         except FileNotFoundError:
             pass
         try:
+            # Its shard directories 0700 before the write makes them at the
+            # umask's 0755: a root 0700 hides them already, but where it
+            # stays wider (another user's, with a warning) the names of the
+            # pictures seen are still not listed.
+            private_dir(path.parent)
             write_atomically(path, data)  # a concurrent reader never sees a half-written blob
         except OSError as e:
             if e.filename is None:  # a failed write() names no file: the blob's path says where

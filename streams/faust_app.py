@@ -12,6 +12,7 @@ import faust
 
 from streams.broker import faust_credentials
 from streams.faust_tuning import TABLE_MANAGER
+from streams.private_files import own_dir, private_dir
 from streams.settings import Settings
 from streams.stall_guard import install as install_stall_guard
 from streams.tansu_compat import HEARTBEAT_INTERVAL_S, SESSION_TIMEOUT_S
@@ -22,8 +23,12 @@ def faust_app(app_id: str, settings: Settings, broker_url: str) -> faust.App:
     ``broker_url`` (``tansu://``: the embedded broker's quirks,
     ``streams.tansu_compat``)."""
     tansu = broker_url.startswith("tansu://")
-    datadir = Path(settings.data_dir) / "faust" / app_id
-    datadir.mkdir(parents=True, exist_ok=True)
+    # Faust makes its own files and directories under ``datadir`` (``v1/tables``;
+    # the table state with a RocksDB store) at the umask's modes and is not
+    # ours to change: ``faust/`` 0700 before the app starts, narrowed if made
+    # wider before, is enough, for nothing under it can be reached then.
+    datadir = own_dir(Path(settings.data_dir) / "faust", "Faust state directory") / app_id
+    private_dir(datadir)
     app = faust.App(
         app_id,
         broker=broker_url,

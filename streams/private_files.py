@@ -12,14 +12,17 @@ too; SQLite creates them with the database file's own mode.
 
 ``private_dir`` makes a directory (and any missing parents) 0700; a
 directory that already exists is left as it is: the data directory may be
-one its user made, or shares, on purpose (the desk's own thumbnail cache,
-which is deepwatch's alone, is narrowed by ``streams.desk.thumbs``)."""
+one its user made, or shares, on purpose. ``own_dir`` is for a directory
+that is deepwatch's alone (the blob store with its analysis cache, Faust's
+state, the desk's thumbnail cache): made the same way, and one found with
+group or other bits is narrowed to 0700 as ``narrow`` narrows a file."""
 
 from __future__ import annotations
 
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -48,20 +51,39 @@ def narrow(path: Path | str, what: str) -> None:
     """An existing regular file with group or other bits made 0600, if this
     process owns it; else a warning that says why not. A directory, a
     missing file and an owner-only file are left alone."""
+    _narrow(path, what, stat.S_ISREG, 0o600)
+
+
+def own_dir(path: Path | str, what: str) -> Path:
+    """``path``, a directory deepwatch alone writes and reads, as a 0700
+    directory: made with its missing parents as ``private_dir`` makes them;
+    there already with group or other bits, narrowed to 0700 if this process
+    owns it, else a warning that says why not (it is still used). Only
+    ``path`` itself: nothing under a 0700 directory can be reached by other
+    users, so a blob store of a million pictures is not walked at each start.
+    Raises what ``private_dir`` raises."""
+    path = private_dir(path)
+    _narrow(path, what, stat.S_ISDIR, 0o700)
+    return path
+
+
+def _narrow(path: Path | str, what: str, is_kind: Callable[[int], bool], mode: int) -> None:
+    """``narrow`` for a file or a directory: ``is_kind`` (``stat.S_ISREG``,
+    ``stat.S_ISDIR``) picks which, ``mode`` is what it is narrowed to."""
     try:
         st = os.stat(path)
     except OSError:
         return
-    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o077:
+    if not is_kind(st.st_mode) or not st.st_mode & 0o077:
         return
     if st.st_uid != os.geteuid():
         why = f"owned by uid {st.st_uid}, not this user (uid {os.geteuid()})"
     else:
         try:
-            os.chmod(path, 0o600)
+            os.chmod(path, mode)
             return
         except OSError as e:
-            why = f"chmod 600: {e.strerror or e}"
+            why = f"chmod {mode:o}: {e.strerror or e}"
     # in the text: a log that is not set up yet (the desk's, at start) drops the extra fields
     log.warning(f"cannot make the {what} {path} owner-only ({why}); it stays {stat.filemode(st.st_mode)}",
                 extra={"path": str(path), "error": why})

@@ -579,7 +579,14 @@ class Settings(BaseSettings):
         """The banks of known pictures, matching with the configured rule
         (``read_only``: an existing file, opened for reading only)."""
         from detectors.banks import BankStore
+        from streams.private_files import SQLITE_COMPANIONS, owner_only, private_dir
 
+        if not read_only:  # here, not in detectors/ (no deployment policy there): desks' hash lists and thumbnails
+            try:
+                private_dir(self.banks_path.parent)
+            except OSError:  # BankStore's own mkdir says why, in its words
+                pass
+            owner_only(self.banks_path, "banks file", SQLITE_COMPANIONS)
         return BankStore(self.banks_path, read_only=read_only, **self.dedupe.thresholds())
 
     def decode_limits(self):

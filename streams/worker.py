@@ -19,6 +19,8 @@ import time
 
 from detectors.imagedata import ignore_pillow_warnings
 from streams import logs, metrics
+from streams.blobstore import blob_dir
+from streams.private_files import owner_only, own_dir
 from streams.settings import Settings, load_settings
 from streams.topics import PIPELINE_ROLES, ROLES
 
@@ -120,6 +122,10 @@ def run(settings: Settings, role: str, nice_after_load: int | None = None) -> No
         # (measured: ~15% more events/s at 1 ms, bench/replay.py --filer).
         sys.setswitchinterval(PIPELINE_SWITCH_INTERVAL_S)
     broker = faust_broker_url(settings)
+    # The pictures and their analyses: 0700 (the data dir too, where made
+    # here), and a blob store made at the umask's 0755 before narrowed once,
+    # here, rather than by each of its many openers (``streams.blobstore``).
+    own_dir(blob_dir(settings.data_dir), "blob store")
     if role in PIPELINE_ROLES:
         from streams.app import build_pipeline_app
 
@@ -148,6 +154,7 @@ def run(settings: Settings, role: str, nice_after_load: int | None = None) -> No
         log.info("metrics listening", extra={"port": port, "role": role})
         port_file = os.environ.get("DEEPWATCH_METRICS_PORT_FILE")
         if port_file:
+            owner_only(port_file, "metrics port file")  # beside the 0600 logs, as they are
             with open(port_file, "w") as f:
                 f.write(str(port))
     from streams.faust_tuning import PromptWorker

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from streams.settings import Settings
 from tests.desk_support import REPO
 from tests.support import mode_of
 
@@ -133,3 +134,16 @@ def test_a_replay_leaves_its_store_state_and_logs_owner_only(tmp_path, umask_022
     assert (data / "findings.sqlite").exists()
     assert any(p.name.startswith("worker-pipeline") for p in data.glob("logs/*.log"))
     assert (data / "logs" / "tansu.log").exists()
+
+
+def test_a_banks_file_is_created_owner_only_in_a_data_dir_deepwatch_makes_0700(tmp_path, umask_022):
+    """The banks hold desks' hash lists (ids, labels, maybe under sharing
+    agreements) and thumbnails of banked pictures: as private as findings."""
+    data = tmp_path / "new" / "data"
+    store = Settings(data_dir=data).bank_store()
+    try:
+        assert store.list_banks() == []
+    finally:
+        store.close()
+    assert {p.name: mode_of(p) for p in data.iterdir() if p.is_file()} == {"banks.sqlite": 0o600}
+    assert mode_of(data) == 0o700

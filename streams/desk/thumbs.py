@@ -26,6 +26,7 @@ from pathlib import Path
 from detectors.freed_memory import TRIM_AFTER_BYTES, release_freed_memory
 from detectors.imagedata import DecodeLimits, ImageData, ImageRejected, process_budget
 from streams.blobstore import DirectoryBlobStore
+from streams.private_files import own_dir, owner_only
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,10 @@ class Thumbnails:
         them the defaults, with ``max_pixels`` when given."""
         self.blobs = DirectoryBlobStore(blob_root)
         self.cache_dir = Path(cache_dir)
-        # Owner-only (0700), not the umask's 0755: which pictures the desk shows is not for other local users.
-        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.cache_dir.stat().st_mode & 0o077:  # made before, at the umask's mode
-            try:
-                self.cache_dir.chmod(0o700)
-            except OSError as e:  # not its owner: the cache still works
-                log.warning(f"cannot make the thumbnail cache {self.cache_dir} owner-only (chmod 700: "
-                            f"{e.strerror or e})", extra={"path": str(self.cache_dir), "error": e.strerror or str(e)})
+        # Owner-only (0700, and ``desk/`` above it where made here), not the umask's 0755: which pictures the
+        # desk shows is not for other local users. One made wider before is narrowed; thumbnails in it made
+        # 0644 before are left, for none can be reached through it now (``streams.private_files.own_dir``).
+        own_dir(self.cache_dir, "thumbnail cache")
         self.max_bytes = max_bytes
         if limits is None:
             limits = DecodeLimits(max_pixels=max_pixels) if max_pixels is not None else DecodeLimits()
@@ -149,6 +146,7 @@ class Thumbnails:
     def _store(self, path: Path, data: bytes) -> None:
         tmp = path.with_suffix(f".tmp{threading.get_ident()}")
         try:
+            owner_only(tmp, "thumbnail")  # 0600 from its first byte, as the blob store's files
             tmp.write_bytes(data)
             # Another process on the same cache (a desk restarted over a
             # running one) can rename onto the same thumbnail: count only what
