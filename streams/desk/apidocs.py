@@ -44,6 +44,10 @@ DOCS_PAGE = get_swagger_ui_html(openapi_url=OPENAPI_PATH, title="deepwatch desk 
                                 swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
                                 swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon-32x32.png",
                                 swagger_ui_parameters={"validatorUrl": None}).body
+# FastAPI's page names no language (a screen reader guesses its voice), and Swagger UI's badges and links fail
+# contrast: the desk's own stylesheet after Swagger's darkens them (static/docs.css). Before the script's hash.
+DOCS_PAGE = DOCS_PAGE.replace(b"<html>", b'<html lang="en">', 1).replace(
+    b"</title>", b'</title>\n    <link type="text/css" rel="stylesheet" href="/static/docs.css">', 1)
 DOCS_SCRIPT = _inline_script_hash(DOCS_PAGE)  # the docs page's Content-Security-Policy allows it
 SWAGGER_DIR = Path(importlib.util.find_spec("fastapi_swagger.resources").origin).parent
 

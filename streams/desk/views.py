@@ -142,7 +142,9 @@ def spread_chart(spread: dict[str, Any], width: int = 640, height: int = 160) ->
     n = spread["buckets"]
     step = (width - 20) / max(n - 1, 1)
     parts = [f'<svg class="chart" width="{width}" height="{height + 20}" viewBox="0 0 {width} {height + 20}" role="img" '
-             f'aria-label="spread over time by platform">',
+             # role="img" hides the legend from a screen reader: the label carries its totals
+             f'aria-label="spread over time by platform: '
+             f'{_esc(", ".join(f"{k} {v[-1]}" for k, v in sorted(series.items())))} sightings">',
              f'<line x1="10" y1="{height}" x2="{width - 10}" y2="{height}" stroke="#999"/>']
     legend_x = 10
     for i, (platform, counts) in enumerate(sorted(series.items())):

@@ -20,3 +20,18 @@
   }
   setInterval(refresh, every);
 })();
+
+// A table wider than its box scrolls inside it (a phone, a narrow window):
+// the keyboard can scroll it only once it can focus it, so such a box is a
+// tab stop while it is too wide, and only then (no stray stops on a laptop).
+(function () {
+  function mark() {
+    for (const box of document.querySelectorAll("main table, main .table-scroll")) {
+      const wide = box.scrollWidth > box.clientWidth + 1;
+      if (wide && !box.hasAttribute("tabindex")) box.setAttribute("tabindex", "0");
+      else if (!wide && box.getAttribute("tabindex") === "0") box.removeAttribute("tabindex");
+    }
+  }
+  mark();
+  window.addEventListener("resize", mark);
+})();
