@@ -38,6 +38,7 @@ from streams.es_docs import (
 from streams.es_store_accounts import EsAccountQueries
 from streams.es_store_deliveries import EsDeliveryLog, ago, in_states
 from streams.es_store_setup import IndexSetup
+from streams.es_store_summary import EsSummaryQueries
 from streams.cluster_search import (
     SORT_KEYS, VELOCITY_FIELDS, ClusterQuery, Deadline, SearchCursor, SearchPage, SearchTimeout, sort_key, sort_order,
     text_terms,
@@ -60,7 +61,7 @@ def _epoch_ms(ts: str) -> int:
     return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
 
 
-class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
+class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries, EsSummaryQueries):
     changes_margin_ms = PROCESSED_MARGIN_MS  # how far before its cursor ``changes_since`` looks again
 
     def __init__(self, config: EsConfig, *, prefix: str = "deepwatch", settings: Any | None = None, client: Any = None):
@@ -762,7 +763,22 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
         return out, newest
 
     def count_sightings(self) -> int:
-        res = self._search(self.names["sightings"], size=0, query={"match_all": {}}, track_total_hits=True)
+        return self._count(self.names["sightings"], {"match_all": {}})
+
+    def count_alerts(self) -> int:
+        return self._count(self.names["alerts"], {"match_all": {}})
+
+    def count_clusters(self) -> int:
+        return self._count(self.names["clusters"], _live())
+
+    def count_models_pending(self) -> int:
+        res = self._search(self.names["clusters"], size=0, query=_live(), aggs={
+            "models_pending": {"filter": {"term": {"models_pending": True}}},
+        })
+        return int(((res.get("aggregations") or {}).get("models_pending") or {}).get("doc_count") or 0)
+
+    def _count(self, index: str, query: dict[str, Any]) -> int:
+        res = self._search(index, size=0, query=query, track_total_hits=True)
         return int(res["hits"]["total"]["value"])
 
     def pending_work(self) -> dict[str, int]:
@@ -770,11 +786,7 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries):
         and alerts the cluster engine raised that are not stored
         (``unstored_alerts``: per cluster that raised any, merged-away ones
         too, read with the alerts of it and of what merged into it)."""
-        res = self._search(self.names["clusters"], size=0, query=_live(), aggs={
-            "models_pending": {"filter": {"term": {"models_pending": True}}},
-        })
-        aggs = res.get("aggregations") or {}
-        pending = int((aggs.get("models_pending") or {}).get("doc_count") or 0)
+        pending = self.count_models_pending()
         raised = [(h["_source"]["cluster_id"], h["_source"].get("alert_level") or 0, h["_source"].get("merged_from") or [])
                   for h in self._scan(self.names["clusters"], {"range": {"alert_level": {"gt": 0}}},
                                       [{"cluster_id": "asc"}], ["cluster_id", "alert_level", "merged_from"])]

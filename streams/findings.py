@@ -965,6 +965,39 @@ class ReplayAccounting(Protocol):
         ...
     def pending_work(self) -> dict[str, int]: ...
     def count_sightings(self) -> int: ...
+    # The replay summary's reads (``runner.summarize``): counted by the store, or looked up by
+    # what the run itself holds (its event ids, offsets, start time), so the summary costs the
+    # run's size, not the store's (an earlier run's millions of rows stay where they are).
+    def count_alerts(self) -> int:
+        """How many alerts are stored (``alerts().total``), counted."""
+        ...
+    def count_clusters(self) -> int:
+        """How many clusters ``clusters()`` lists (those not merged away), counted."""
+        ...
+    def count_models_pending(self) -> int:
+        """``pending_work()["models"]`` alone: the surviving clusters whose
+        model results are not in yet, counted (``pending_work`` also reads
+        every alerting cluster and its alerts)."""
+        ...
+    def dead_letter_counts(self) -> dict[str, int]:
+        """``"stage:reason"`` -> how many dead letters are stored with that
+        stage and reason, counted by the store, each in the order of its
+        oldest dead letter (``dead_letters``' order)."""
+        ...
+    def dead_letters_of(self, event_ids: Collection[str], topic: str,
+                        offsets: Collection[tuple[int, int]]) -> list[DeadLetterRecord]:
+        """The stored dead letters of ``event_ids``, and those whose source is
+        one of ``offsets`` ((partition, offset)) of ``topic``, each once, in
+        ``dead_letters``' order: looked up by id and by source, in chunks."""
+        ...
+    def alerts_created_since(self, since: datetime | None) -> list[AlertRecord]:
+        """The alerts created at or after ``since`` (None: all), in
+        ``alerts``' order: selected by the store on their creation time."""
+        ...
+    def processed_among(self, topic: str, offsets: Collection[tuple[int, int]]) -> set[tuple[int, int]]:
+        """Those of ``offsets`` that have ended (``processed_offsets(topic) &
+        offsets``): looked up, in chunks."""
+        ...
 
 
 # The union of the roles: what ``open_findings`` returns and both backends

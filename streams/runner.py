@@ -366,6 +366,8 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
     import fcntl
 
     private_dir(data_dir)  # 0700 where deepwatch makes it: the findings, the engine state, the logs
+    # 0600: another local user who could open it could flock it too, and hold off every run here
+    owner_only(data_dir / ".deepwatch.lock", "lock file")
     f = open(data_dir / ".deepwatch.lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -692,7 +694,7 @@ def ask_models_again(cluster: Cluster) -> int:
     settings = cluster.settings
     store = open_findings(settings.findings.url, settings.data_dir, settings)
     try:
-        pending = store.pending_work()["models"]
+        pending = store.count_models_pending()
     finally:
         store.close()
     if not pending:
@@ -732,16 +734,15 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
               started_at: datetime | None = None) -> ReplaySummary:
     """The run's summary. ``alert_latency_s`` holds the alerts raised from
     ``started_at`` on (when given): this run's, not those an earlier run left
-    in the data dir; the counts are the store's totals."""
+    in the data dir; the counts are the store's totals. The store counts
+    them, and answers for this run's alerts, events and dead letters by
+    their time, offsets and ids: what the summary reads is the run's size,
+    whatever earlier runs left in the store."""
     store = open_findings(settings.findings.url, settings.data_dir, settings)
     try:
-        dls: dict[str, int] = {}
-        records = store.dead_letters()
-        for d in records:
-            dls[f"{d.stage}:{d.reason}"] = dls.get(f"{d.stage}:{d.reason}", 0) + 1
-        alerts = store.alerts()
+        dls = store.dead_letter_counts()
         latencies = []
-        for a in alerts:
+        for a in store.alerts_created_since(started_at):
             if a.trigger_ingested_at and a.created_at:
                 t0 = a.trigger_ingested_at
                 t1 = a.created_at
@@ -752,13 +753,18 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
         if run is not None:
             topic = settings.topic("events")
             ended = store.run_outcomes(run, topic)
+            done = produced & ended.keys()
+            # the dead letters this run may have left: of its failed events, and where those
+            # without an event id sat; what follows reads only these
+            dead_at = {po for po in done if ended[po] == ("dead_letter", None)}
+            records = store.dead_letters_of({ended[po][1] for po in done if ended[po][0] == "dead_letter"
+                                             and ended[po][1]}, topic, dead_at)
             kept = {(d.event_id, d.source.partition, d.source.offset) for d in records
                     if d.source is not None and d.source.topic == topic}
-            mine = [_as_stored(store, ended[po], po, kept) for po in produced & ended.keys()]
+            mine = [_as_stored(store, ended[po], po, kept) for po in done]
             # this run's dead letters: by event id, or where a line had none by where it sat (a
             # dead letter is one per event across runs, and a fresh broker reuses offsets)
             dead_ids = {eid for outcome, eid in mine if outcome == "dead_letter" and eid}
-            dead_at = {po for po in produced & ended.keys() if ended[po] == ("dead_letter", None)}
             for d in records:
                 src = d.source
                 if d.event_id in dead_ids or (
@@ -775,15 +781,15 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
                         "dead_letter": sum(1 for outcome, _ in mine if outcome == "dead_letter")}
             processed = len(mine)
         else:
-            processed = len(produced & store.processed_offsets(settings.topic("events")))
+            processed = len(store.processed_among(settings.topic("events"), produced))
         return ReplaySummary(
             events=events, produced=len(produced), refused_at_ingest=refused, processed=processed,
-            sightings=store.count_sightings(), dead_letters=dls, clusters=len(store.clusters()),
-            alerts=len(alerts), seconds=round(seconds, 2),
+            sightings=store.count_sightings(), dead_letters=dls, clusters=store.count_clusters(),
+            alerts=store.count_alerts(), seconds=round(seconds, 2),
             events_per_second=round(len(produced) / (ingest_seconds or seconds), 1) if seconds else 0.0,
             alert_latency_s=latencies, complete=complete,
             ingest_seconds=None if ingest_seconds is None else round(ingest_seconds, 2),
-            models_pending=store.pending_work()["models"], run_outcomes=outcomes, run_dead_letters=run_dls,
+            models_pending=store.count_models_pending(), run_outcomes=outcomes, run_dead_letters=run_dls,
         )
     finally:
         store.close()

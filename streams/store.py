@@ -16,9 +16,9 @@ import sqlite3
 import threading
 import unicodedata
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 from detectors.sqlite_errors import primary_code
 from streams.cluster_search import (
@@ -414,6 +414,12 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         # (``members_near``) without scanning every cluster
         self._db.execute("CREATE INDEX IF NOT EXISTS clusters_merged_into ON clusters(merged_into) "
                          "WHERE merged_into IS NOT NULL")
+        # the replay summary reads a run's alerts by creation time, and its dead letters by where
+        # they sat (``alerts_created_since``, ``dead_letters_of``): without these, a read of the
+        # whole table per summary, however many rows earlier runs left
+        self._db.execute("CREATE INDEX IF NOT EXISTS alerts_created_instant ON alerts(julianday(created_at))")
+        self._db.execute(f"CREATE INDEX IF NOT EXISTS dead_letters_source ON dead_letters({_DL_SOURCE}) "
+                         "WHERE source IS NOT NULL")
         if version < 3:
             self._fold_platforms()
         self._ensure_fts()
@@ -1084,14 +1090,86 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
                      for alert_id, doc in rows], total)
 
     def dead_letters(self, *, limit: int | None = None) -> Page[DeadLetterRecord]:
-        cols = ["event_id", "stage", "reason", "detail", "source", "payload_excerpt", "at"]
-        rows, total = self._newest("dead_letters", f"dl_key, {', '.join(cols)}", ("at", "dl_key"), limit)
-        out = []
-        for key, *row in rows:
-            d = dict(zip(cols, row))
-            out.append(self._valid("dead letter", key, lambda: DeadLetterRecord.model_validate(
-                dict(d, source=json.loads(d["source"]) if d["source"] else None))))
-        return Page(out, total)
+        rows, total = self._newest("dead_letters", f"dl_key, {', '.join(_DL_COLS)}", ("at", "dl_key"), limit)
+        return Page([self._dead_letter(key, row) for key, *row in rows], total)
+
+    def _dead_letter(self, key: str, row: Iterable[Any]) -> DeadLetterRecord:
+        d = dict(zip(_DL_COLS, row))
+        return self._valid("dead letter", key, lambda: DeadLetterRecord.model_validate(
+            dict(d, source=json.loads(d["source"]) if d["source"] else None)))
+
+    # -- the replay summary's reads (``ReplayAccounting``) ---------------------
+    def count_alerts(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM alerts").fetchone()[0]
+
+    def count_clusters(self) -> int:
+        """As ``clusters()`` keeps them: no merge, or an empty one. Each term
+        is answered by a partial index (``clusters_live_verdict``,
+        ``clusters_merged_into``), not by reading the cluster rows."""
+        with self._snapshot() as db:
+            return sum(db.execute(f"SELECT COUNT(*) FROM clusters WHERE {where}").fetchone()[0]
+                       for where in ("merged_into IS NULL", "merged_into = ''"))
+
+    def count_models_pending(self) -> int:
+        return self._db.execute(
+            "SELECT COUNT(*) FROM clusters WHERE models_pending=1 AND merged_into IS NULL"
+        ).fetchone()[0]
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        # char(1) sorts before any character of a stored time: the text order of (at, dl_key)
+        rows = self._db.execute("SELECT stage, reason, COUNT(*) FROM dead_letters GROUP BY stage, reason "
+                                "ORDER BY MIN(at || char(1) || dl_key)")
+        out: dict[str, int] = {}
+        for stage, reason, n in rows:
+            out[f"{stage}:{reason}"] = out.get(f"{stage}:{reason}", 0) + n
+        return out
+
+    def dead_letters_of(self, event_ids: Collection[str], topic: str,
+                        offsets: Collection[tuple[int, int]]) -> list[DeadLetterRecord]:
+        """By event id as ``_stored_dead_letters`` finds them (a range of the
+        primary key: an event's rows are keyed "<event id>/..."), by source
+        through the ``dead_letters_source`` index."""
+        cols = f"SELECT dl_key, {', '.join(_DL_COLS)} FROM dead_letters WHERE "
+        found: dict[str, tuple] = {}
+        with self._snapshot() as db:
+            for eid in sorted(set(event_ids)):
+                for key, *row in db.execute(cols + "dl_key >= ? AND dl_key < ? AND event_id = ?",
+                                            (eid + "/", eid + "0", eid)):
+                    found[key] = tuple(row)
+            wanted = sorted(f"{p}/{o}/{topic}" for p, o in set(offsets))
+            for i in range(0, len(wanted), _CHUNK):
+                part = wanted[i:i + _CHUNK]
+                for key, *row in db.execute(cols + f"source IS NOT NULL AND {_DL_SOURCE} IN "
+                                            f"({','.join('?' * len(part))})", part):
+                    found[key] = tuple(row)
+        at = _DL_COLS.index("at")
+        return [self._dead_letter(key, row) for key, row in sorted(found.items(), key=lambda kv: (kv[1][at], kv[0]))]
+
+    def alerts_created_since(self, since: datetime | None) -> list[AlertRecord]:
+        """Selected through ``alerts_created_instant`` a second early (an
+        instant there is to the millisecond), then by each record's own time."""
+        if since is None:
+            return list(self.alerts())
+        bound = (since - timedelta(seconds=1)).isoformat()
+        rows = sorted(self._db.execute("SELECT created_at, alert_id, doc FROM alerts "
+                                       "WHERE julianday(created_at) >= julianday(?)", (bound,)).fetchall())
+        records = [self._valid("alert", alert_id, lambda: AlertRecord.model_validate_json(doc))
+                   for _created, alert_id, doc in rows]
+        return [a for a in records if a.created_at >= since]
+
+    def processed_among(self, topic: str, offsets: Collection[tuple[int, int]]) -> set[tuple[int, int]]:
+        by_partition: dict[int, list[int]] = {}
+        for p, o in sorted(set(offsets)):
+            by_partition.setdefault(p, []).append(o)
+        out: set[tuple[int, int]] = set()
+        with self._snapshot() as db:
+            for p, offs in by_partition.items():
+                for i in range(0, len(offs), _CHUNK):
+                    part = offs[i:i + _CHUNK]
+                    out.update((p, o) for o, in db.execute(
+                        f'SELECT "offset" FROM processed WHERE topic=? AND partition=? AND "offset" IN '
+                        f"({','.join('?' * len(part))})", (topic, p, *part)))
+        return out
 
     def _newest(self, table: str, cols: str, order: tuple[str, ...], limit: int | None) -> tuple[Iterable[tuple], int | None]:
         """Rows of ``table`` in ``order`` (ascending) and how many there are in
@@ -1129,9 +1207,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
     def pending_work(self) -> dict[str, int]:
         """Work the stream still owes the store: model results not yet in, and
         alerts the cluster engine raised that the alert sink has not stored."""
-        pending_models = self._db.execute(
-            "SELECT COUNT(*) FROM clusters WHERE models_pending=1 AND merged_into IS NULL"
-        ).fetchone()[0]
+        pending_models = self.count_models_pending()
         # per cluster that raised any (merged-away ones too), the levels not
         # stored under it or a cluster merged into it (``unstored_alerts``)
         raised = [(cid, level, json.loads(merged_from)) for cid, level, merged_from in self._db.execute(
@@ -1150,6 +1226,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))
 
 
+_DL_COLS = ("event_id", "stage", "reason", "detail", "source", "payload_excerpt", "at")
 _SIGHTING_COLS = ("event_id", "cluster_id", "sha256", "platform", "account_id", "account_handle", "post_url",
                   "posted_at", "text", "hashtags", "lang", "engagement")
 
@@ -1217,6 +1294,13 @@ def _sql_after(after: SearchCursor) -> tuple[str, list[Any]]:
 
 
 _JULIAN_EPOCH = 2440587.5  # the julian day of 1970-01-01T00:00Z
+# A dead letter's source as "partition/offset/topic" (the numbers first: a topic is the part
+# that could hold a "/"), the key of the ``dead_letters_source`` index; a query must repeat
+# this text to be answered by it. A source that is not JSON (a row changed by hand) is NULL
+# there, not an error that would stop every open of the store while the index is built.
+_DL_SOURCE = ("(CASE WHEN json_valid(source) THEN json_extract(source, '$.partition') || '/' || "
+              "json_extract(source, '$.offset') || '/' || json_extract(source, '$.topic') END)")
+_CHUNK = 500  # values per IN (...): well under SQLite's 32,766 host parameters
 
 
 def _record_run(db: sqlite3.Connection, src: SourceRef, outcome: str, event_id: str | None) -> None:

@@ -225,7 +225,7 @@ def _run_alert_deliveries(settings: Settings, started_at: datetime) -> dict[str,
         return counts
     store = open_findings(settings.findings.url, settings.data_dir, settings)
     try:
-        mine = [a.alert_id for a in store.alerts() if a.created_at and a.created_at >= started_at]
+        mine = [a.alert_id for a in store.alerts_created_since(started_at)]
         status = store.delivery_status(mine) if mine else {}
     finally:
         store.close()
