@@ -6,7 +6,9 @@ names and the text of posts, none of it for other local users.
 ``owner_only`` is called before a file is opened: a file it makes is 0600
 from its first byte (not the umask's 0644), and one found with group or
 other bits, which this process owns, is narrowed to 0600; one owned by
-another user is left as it is, with a warning (it still opens). For an
+another user is left as it is, with a warning (it still opens). A
+narrowing is logged as a warning too: it takes access away from whoever
+read the file through its group before. For an
 SQLite database its ``-wal``, ``-shm`` and ``-journal`` files are narrowed
 too; SQLite creates them with the database file's own mode.
 
@@ -81,6 +83,12 @@ def _narrow(path: Path | str, what: str, is_kind: Callable[[int], bool], mode: i
     else:
         try:
             os.chmod(path, mode)
+            # Said, not done silently: a reader under another user of a shared group (a desk, an analyst's
+            # script) loses access here, most likely at an upgrade from a deepwatch that left it wider.
+            log.warning(f"made the {what} {path} owner-only ({stat.filemode(st.st_mode)} -> "
+                        f"{stat.filemode(st.st_mode & ~0o7777 | mode)}): other local users, a shared group "
+                        "too, can no longer read it; run what reads it as this user",
+                        extra={"path": str(path), "was": stat.filemode(st.st_mode)})
             return
         except OSError as e:
             why = f"chmod {mode:o}: {e.strerror or e}"

@@ -59,14 +59,19 @@ def test_each_store_is_created_owner_only_in_a_data_dir_deepwatch_makes_0700(tmp
     assert mode_of(data) == 0o700 and mode_of(data.parent) == 0o700
 
 
-def test_files_made_wider_before_are_narrowed_and_a_users_own_directory_is_left_alone(tmp_path, umask_022):
+def test_files_made_wider_before_are_narrowed_and_a_users_own_directory_is_left_alone(tmp_path, umask_022, caplog):
     data = tmp_path / "mine"
     data.mkdir(mode=0o755)  # the user's own data dir: shared on purpose, perhaps
     first = _use_all(data)
     try:
         for p in data.iterdir():
             os.chmod(p, 0o644)  # as deepwatch before this one left them
-        second = _use_all(data)
+        with caplog.at_level(logging.WARNING, logger="streams.private_files"):
+            second = _use_all(data)
+        # each narrowing said (an upgrade takes a shared group's access away), naming the file and both modes
+        said = [r.getMessage() for r in caplog.records if r.name == "streams.private_files"]
+        assert len(said) == len(ALL) and all("owner-only (-rw-r--r-- -> -rw-------)" in m for m in said), said
+        assert any(str(data / "findings.sqlite") + " " in m for m in said)
         assert {p.name: mode_of(p) for p in data.iterdir() if p.is_file()} == dict.fromkeys(ALL, 0o600)
         _close(second)
     finally:
