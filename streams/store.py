@@ -196,8 +196,11 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         self.path = Path(path)
         private_dir(self.path.parent)  # 0700 where deepwatch makes it
         # Owner-only (0600, its -wal and -shm too), not the umask's 0644: its alerts hold desk verdicts'
-        # notes and editors' names, its sightings the accounts and posts seen.
-        owner_only(self.path, "findings store", SQLITE_COMPANIONS)
+        # notes and editors' names, its sightings the accounts and posts seen. A new file is made so here;
+        # one there before is narrowed once it reads as a findings store (``_check_kind``, below): another
+        # program's database given by mistake is refused and left as it was, its mode too.
+        if not self.path.exists():
+            owner_only(self.path, "findings store")
         # Several worker processes share the file: WAL lets readers run during
         # writes and busy_timeout turns lock contention into a short wait.
         try:
@@ -220,6 +223,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         try:
             self._db.execute("PRAGMA busy_timeout=30000")
             self._check_kind()  # first: WAL mode would persist in another program's file
+            owner_only(self.path, "findings store", SQLITE_COMPANIONS)
             enable_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)

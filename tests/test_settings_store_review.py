@@ -110,10 +110,12 @@ def test_another_programs_database_is_refused_and_left_alone(tmp_path):
     db.execute("CREATE TABLE banks (name TEXT)")
     db.commit()
     db.close()
+    os.chmod(other, 0o644)
     line = _one_error_line(_cli("clusters", "--store", f"sqlite://{other}"))
     assert "not a deepwatch findings store" in line, line
     tables = {n for n, in sqlite3.connect(other).execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables == {"banks"}  # no findings tables quietly added to it
+    assert other.stat().st_mode & 0o777 == 0o644  # nor made owner-only as if it were one
 
 
 def test_a_store_from_a_newer_deepwatch_is_refused(tmp_path):
