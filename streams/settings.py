@@ -514,7 +514,7 @@ class BatchSettings(_Section):
 
 class Settings(BaseSettings):
     # env_parse_none_str: an empty variable unsets a setting that may be unset
-    # (settings_check._check_not_empty refuses it for the others)
+    # (settings_check._empty_mistake refuses it for the others)
     model_config = SettingsConfigDict(env_prefix="DEEPWATCH_", env_nested_delimiter="__", extra="ignore",
                                       allow_inf_nan=False, env_parse_none_str="")  # inf/nan: as in _Section
 
@@ -608,22 +608,35 @@ def setting_source(name: str) -> Literal["env", "toml"] | None:
     it, so it is the default, or an argument (a CLI flag) these do not see.
     A source that cannot be read (already reported when the settings were
     built) gives nothing."""
+    for kind, values in source_values():
+        if name in values:
+            return kind
+    return None
+
+
+def source_values() -> list[tuple[Literal["env", "toml"], dict[str, Any]]]:
+    """What the environment and the settings file each give ``Settings`` now,
+    as nested dicts (``{"alerts": {"min_fake_score": "1.5"}}``), highest
+    precedence first, so that a refusal can say where each value came from
+    (``settings_check.origin``). A source that cannot be read gives nothing:
+    its own error is reported already."""
     from pydantic_settings import DotEnvSettingsSource, EnvSettingsSource, InitSettingsSource, SecretsSettingsSource
 
     sources = Settings.settings_customise_sources(
         Settings, init_settings=InitSettingsSource(Settings, {}), env_settings=EnvSettingsSource(Settings),
         dotenv_settings=DotEnvSettingsSource(Settings), file_secret_settings=SecretsSettingsSource(Settings))
+    out: list[tuple[Literal["env", "toml"], dict[str, Any]]] = []
     for source in sources:
-        kind = ("env" if isinstance(source, EnvSettingsSource)
-                else "toml" if isinstance(source, TomlConfigSettingsSource) else None)
+        kind: Literal["env", "toml"] | None = (
+            "env" if isinstance(source, EnvSettingsSource)
+            else "toml" if isinstance(source, TomlConfigSettingsSource) else None)
         if kind is None:
             continue
         try:
-            if name in source():
-                return kind
+            out.append((kind, source()))
         except (PydanticSettingsError, OSError, ValueError):
             continue
-    return None
+    return out
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
@@ -631,20 +644,32 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     (``None`` values are ignored so unset flags do not mask env/TOML)."""
     if config is not None:
         os.environ["DEEPWATCH_CONFIG"] = str(config)
-    from streams.settings_check import check_environment, check_toml_file, explain, explain_source_error
+    from streams.settings_check import (SettingsError, environment_mistakes, explain_lines, explain_source_error,
+                                        refusal, toml_mistakes)
 
     # The model ignores extra keys (the environment holds unrelated
-    # DEEPWATCH_ variables, which check_environment judges): a misspelt
+    # DEEPWATCH_ variables, which environment_mistakes judges): a misspelt
     # override from a CLI flag would be dropped silently.
     unknown = sorted(set(overrides) - set(Settings.model_fields))
     if unknown:
         raise TypeError(f"load_settings: no such setting {', '.join(map(repr, unknown))}")
-    check_environment(os.environ)
+    # Every mistake in one refusal: an operator upgrading with three outdated
+    # keys fixed one a run. The model ignores the variables and top-level
+    # keys refused here, so its own errors are still worth collecting.
+    by_name = environment_mistakes(os.environ)
+    mistakes = [message for _, message in by_name]
     if os.environ.get("DEEPWATCH_CONFIG"):
-        check_toml_file(Path(os.environ["DEEPWATCH_CONFIG"]))
+        try:
+            mistakes += toml_mistakes(Path(os.environ["DEEPWATCH_CONFIG"]))
+        except SettingsError as e:  # not a readable TOML file: there is nothing more to check
+            raise refusal([*mistakes, str(e)]) from None
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings(**given)
     except ValidationError as e:
-        raise explain(e) from None
+        mistakes += explain_lines(e, given, reported=frozenset(name.upper() for name, _ in by_name))
     except PydanticSettingsError as e:
-        raise explain_source_error(e, os.environ) from None
+        mistakes.append(str(explain_source_error(e, os.environ)))
+    if mistakes:
+        raise refusal(mistakes)
+    return settings

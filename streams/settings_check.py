@@ -99,10 +99,29 @@ SECRET_SUFFIXES = ("_SECRET", "_TOKEN", "_TOKENS", "_KEY", "_PASSWORD")
 # Settings files are a few KB. A bound keeps a device such as /dev/zero, or a
 # huge file named by mistake, from being read until memory runs out.
 MAX_SETTINGS_FILE_BYTES = 1 << 20
+# A refusal lists every mistake, so that three outdated keys take one run to
+# fix, not three; a garbage file (a log named by mistake) must not flood the
+# terminal, though: past this many, a count of the rest.
+MAX_LISTED_MISTAKES = 20
 
 
 class SettingsError(ValueError):
-    """A settings mistake, with the fix in the message (one line)."""
+    """A settings mistake, with the fix in the message: one line, or for
+    several (``refusal``) a heading line and a line per mistake."""
+
+
+def refusal(messages: list[str]) -> SettingsError:
+    """One ``SettingsError`` for every mistake found: a single one as its own
+    line, as ever (scripts and tests compare it), several under a heading,
+    one line each, at most ``MAX_LISTED_MISTAKES`` of them."""
+    unique = list(dict.fromkeys(messages))  # one cause can surface twice (a key, then its value)
+    if len(unique) == 1:
+        return SettingsError(unique[0])
+    shown = unique[:MAX_LISTED_MISTAKES]
+    lines = [f"{len(unique)} settings mistakes, each with its fix:", *(f"  {m}" for m in shown)]
+    if len(unique) > len(shown):
+        lines.append(f"  and {len(unique) - len(shown)} more")
+    return SettingsError("\n".join(lines))
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
@@ -198,45 +217,70 @@ def _toml_hint(key: str, value: Any) -> str:
 
 
 def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse every unknown, renamed or empty ``DEEPWATCH_*`` setting variable."""
+    mistakes = environment_mistakes(environ)
+    if mistakes:
+        raise refusal([message for _, message in mistakes])
+
+
+def environment_mistakes(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Each unknown, renamed or empty ``DEEPWATCH_*`` setting variable, as
+    (its name, the message saying what to do), in the environment's order."""
     from streams.settings import Settings
 
     top = {name.upper() for name in Settings.model_fields}
     sections = {name.upper() for name, f in Settings.model_fields.items() if _model_of(f.annotation)}
     fields = {_env_name(p): f for p, f in setting_paths()}
+    out: list[tuple[str, str]] = []
     for name, value in environ.items():
         upper = name.upper()
         if not upper.startswith("DEEPWATCH_") or upper in NON_SETTING_ENV or upper.endswith(SECRET_SUFFIXES):
             continue
         if upper in RENAMED_ENV:
             setting, how = RENAMED_ENV[upper]
-            raise SettingsError(f"{name} is no longer read: it is the setting {setting} now; set {how}, "
-                                f"and unset {name}")
+            out.append((name, f"{name} is no longer read: it is the setting {setting} now; set {how}, "
+                              f"and unset {name}"))
+            continue
         rest = upper[len("DEEPWATCH_"):]
+        field = None
         if "__" not in rest:
             if rest in top:
                 # a whole section may be given as JSON (DEEPWATCH_FETCH='{...}')
-                _check_not_empty(name, value, Settings.model_fields[rest.lower()])
-                continue
+                field = Settings.model_fields[rest.lower()]
         elif rest.split("__", 1)[0] in sections and upper in fields:
-            _check_not_empty(name, value, fields[upper])
+            field = fields[upper]
+        if field is not None:
+            empty = _empty_mistake(name, value, field)
+            if empty:
+                out.append((name, empty))
             continue
         near = closest_env(name)
         hint = f"; did you mean {near}?" if near else "; see `deepwatch settings`"
-        raise SettingsError(f"unknown setting in the environment: {name}{hint}")
+        out.append((name, f"unknown setting in the environment: {name}{hint}"))
+    return out
 
 
-def _check_not_empty(name: str, value: str, field: Any) -> None:
+def _empty_mistake(name: str, value: str, field: Any) -> str | None:
     """One rule for a variable set to nothing (``DEEPWATCH_DATA_DIR=``): it
     unsets a setting that may be unset (its default is None, e.g.
     desk.public_url), and is an error naming the variable for any other
     (data_dir became ".", broker an error that did not say where it came from)."""
     if value.strip() or type(None) in typing.get_args(field.annotation):
-        return
-    raise SettingsError(f"{name} is set but empty: give it a value, or unset it (`unset {name}`) for the default")
+        return None
+    return f"{name} is set but empty: give it a value, or unset it (`unset {name}`) for the default"
 
 
 def check_toml_file(path: Path) -> None:
-    """The settings file must exist, be a regular file of at most
+    """Refuse the settings file as ``toml_mistakes`` finds it, every mistake at once."""
+    mistakes = toml_mistakes(path)
+    if mistakes:
+        raise refusal(mistakes)
+
+
+def toml_mistakes(path: Path) -> list[str]:
+    """Each unknown top-level key of the settings file; a file that cannot
+    be read as TOML at all raises ``SettingsError`` (nothing more to check).
+    The settings file must exist, be a regular file of at most
     ``MAX_SETTINGS_FILE_BYTES``, parse and name only known top-level
     settings (sections reject unknown keys themselves; the top level cannot,
     since it also receives ``DEEPWATCH_*`` variables that are not settings).
@@ -271,10 +315,12 @@ def check_toml_file(path: Path) -> None:
                             "see `deepwatch settings` for the keys and deploy/deepwatch.toml for an example") from None
     from streams.settings import Settings
 
+    out = []
     for key, value in doc.items():
         if key not in Settings.model_fields:
             what = f"table [{key}]" if _is_table(value) else f"setting {key!r}"
-            raise SettingsError(f"unknown {what} in {str(path)!r}{_toml_hint(key, value)}")
+            out.append(f"unknown {what} in {str(path)!r}{_toml_hint(key, value)}")
+    return out
 
 
 def redact_userinfo(text: str) -> str:
@@ -282,27 +328,145 @@ def redact_userinfo(text: str) -> str:
     return re.sub(r"(://|,)[^/@?#,\s]*@", r"\1***@", text)
 
 
-def explain(e: ValidationError) -> SettingsError:
-    """Turn pydantic's multi-line report into one line with the fix."""
-    for err in e.errors():
-        if err["type"] == "extra_forbidden":
-            entry = _list_entry(err["loc"])
-            if entry is not None:
-                return SettingsError(entry)
-            path = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
-            near = closest(path)
-            hint = f"; did you mean {near!r} (env {_env_name(near)})?" if near else "; see `deepwatch settings`"
-            return SettingsError(f"unknown setting {path!r} (in the TOML file or DEEPWATCH_* environment){hint}")
-    err = e.errors()[0]
+class Origin(typing.NamedTuple):
+    """Where a value the settings refused came from."""
+
+    text: str  # "in PATH: [section] key" or "in the environment: DEEPWATCH_X__Y"
+    variable: str | None  # the environment variable, as set, when it is one
+
+
+def explain(e: ValidationError, overrides: Mapping[str, Any] | None = None) -> SettingsError:
+    """Turn pydantic's multi-line report into one line per mistake with the
+    fix and where the value came from (``explain_lines``)."""
+    return refusal(explain_lines(e, overrides))
+
+
+def explain_lines(e: ValidationError, overrides: Mapping[str, Any] | None = None,
+                  reported: frozenset[str] = frozenset()) -> list[str]:
+    """A line per error of ``Settings``' validation, unknown keys first (the
+    likeliest cause of the rest: an outdated file). ``overrides``: the values
+    given as arguments (CLI flags), whose errors come from no file or variable;
+    ``reported``: variables already refused by name (``environment_mistakes``),
+    whose value's error would say the same again."""
+    from streams.settings import source_values
+
+    sources = source_values()
+    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")  # stable: pydantic's order
+    out = []
+    for err in errors:
+        where = origin(err["loc"], sources, overrides or {})
+        if where is not None and where.variable is not None and where.variable.upper() in reported:
+            continue
+        out.append(_explain_one(err, where))
+    return out
+
+
+def _explain_one(err: Any, where: Origin | None) -> str:
+    if err["type"] == "extra_forbidden":
+        entry = _list_entry(err["loc"], where)
+        if entry is not None:
+            return entry
+        path = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        near = closest(path)
+        hint = f"; did you mean {near!r} (env {_env_name(near)})?" if near else "; see `deepwatch settings`"
+        return f"unknown setting {path!r} ({where.text if where else _EITHER}){hint}"
     path = ".".join(str(p) for p in err["loc"])
+    set_in = f"; set {where.text}" if where else ""
     if "webhooks" in err["loc"]:
         # a webhook URL often holds the subscriber's token in its path or query: never echoed,
         # not even a part of it; the message names hosts (scheme://host:port) at most
-        return SettingsError(f"invalid setting {path!r}: {hide_urls(err['msg'])}")
-    return SettingsError(f"invalid setting {path!r}: {err['msg']} (got {redact_userinfo(str(err.get('input')))[:80]!r})")
+        return f"invalid setting {path!r}: {hide_urls(err['msg'])}{set_in}"
+    return f"invalid setting {path!r}: {err['msg']} (got {redact_userinfo(str(err.get('input')))[:80]!r}){set_in}"
 
 
-def _list_entry(loc: tuple[Any, ...]) -> str | None:
+# An unknown key's source, where no source is found to hold it
+_EITHER = "in the TOML file or DEEPWATCH_* environment"
+
+
+def origin(loc: tuple[Any, ...], sources: list[tuple[str, dict[str, Any]]],
+           overrides: Mapping[str, Any]) -> Origin | None:
+    """Where the value at pydantic's ``loc`` came from: the first of
+    ``sources`` (``settings.source_values``: highest precedence first) that
+    holds it, named as the settings file's path and key or the variable. None
+    for an argument (``overrides``), a default, or an error of the whole model."""
+    if not loc or (loc[0] in overrides and overrides[loc[0]] is not None):
+        return None
+    for kind, values in sources:
+        if not _holds(values, loc):
+            continue
+        if kind == "toml":
+            return Origin(f"in {os.environ.get('DEEPWATCH_CONFIG', 'the settings file')}: {_toml_place(loc, values)}",
+                          None)
+        variable = _variable_of(loc)
+        return Origin(f"in the environment: {variable}" if variable else "in the environment", variable)
+    return None
+
+
+def _holds(values: Any, loc: tuple[Any, ...]) -> bool:
+    """Whether a source's values (nested dicts and lists) hold ``loc``: a
+    table both sources add keys to holds only the keys each gave."""
+    node = values
+    for part in loc:
+        if isinstance(node, dict):
+            if part not in node:
+                return False
+            node = node[part]
+        elif isinstance(node, list):
+            if not isinstance(part, int) or not 0 <= part < len(node):
+                return False
+            node = node[part]
+        else:
+            return True  # inside a value the source gave whole (an item of its list)
+    return True
+
+
+def _toml_place(loc: tuple[Any, ...], doc: dict[str, Any]) -> str:
+    """``loc`` as written in the settings file: ``log_level``, ``[alerts]
+    min_fake_score``, ``[[alerts.webhooks]] (entry 1) url``, ``[alerts]``."""
+    tables: list[str] = []
+    entry: int | None = None
+    key: str | None = None
+    node: Any = doc
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(part, int):
+            if not (isinstance(node, list) and node and all(isinstance(v, dict) for v in node)):
+                break  # an item of a value (detect.cheap[1]): its key says where
+            entry, node = part, node[part] if 0 <= part < len(node) else {}
+            continue
+        child = node.get(part) if isinstance(node, dict) else None
+        if isinstance(child, dict) or (_is_table(child) and not last):
+            tables.append(str(part))
+            entry, node = None, child
+            continue
+        if _is_table(child):  # a whole list of tables
+            return f"[[{'.'.join([*tables, str(part)])}]]"
+        key = str(part)
+        break
+    if key is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        key = json.dumps(key)
+    if not tables:
+        return key or ""
+    header = f"[[{'.'.join(tables)}]] (entry {entry + 1})" if entry is not None else f"[{'.'.join(tables)}]"
+    return f"{header} {key}" if key else header
+
+
+def _variable_of(loc: tuple[Any, ...]) -> str | None:
+    """The ``DEEPWATCH_*`` variable, as set, that gave the value at ``loc``:
+    the closest one over it (``DEEPWATCH_DETECT__DEVICE``, else a whole
+    ``DEEPWATCH_DETECT`` in JSON), or for a table those that set its keys."""
+    names = [str(p) for p in loc[:next((i for i, p in enumerate(loc) if isinstance(p, int)), len(loc))]]
+    given = {name.upper(): name for name in os.environ if name.upper().startswith("DEEPWATCH_")}
+    for n in range(len(names), 0, -1):
+        found = given.get("DEEPWATCH_" + "__".join(names[:n]).upper())
+        if found:
+            return found
+    under = sorted(name for upper, name in given.items()
+                   if names and upper.startswith("DEEPWATCH_" + "__".join(names).upper() + "__"))
+    return ", ".join(under[:3]) + (", ..." if len(under) > 3 else "") if under else None
+
+
+def _list_entry(loc: tuple[Any, ...], where: Origin | None = None) -> str | None:
     """The message for an unknown key inside one entry of a list of tables
     (``[[alerts.webhooks]] secret = ...``): the entry's own fields are what
     it may hold; the list's path ("did you mean 'alerts.webhooks'") was no
@@ -336,7 +500,7 @@ def _list_entry(loc: tuple[Any, ...]) -> str | None:
         why = (f" (it names the environment variable that holds the {key}: secrets are never settings)"
                if near[0].endswith("_env") else "")
         hint = f"; did you mean {near[0]!r}{why}?"
-    return (f"unknown setting {key!r} in {'.'.join(parts)} (in the TOML file or DEEPWATCH_* environment){hint} "
+    return (f"unknown setting {key!r} in {'.'.join(parts)} ({where.text if where else _EITHER}){hint} "
             f"Each {list_path} entry takes: {', '.join(fields)}")
 
 
@@ -444,6 +608,8 @@ def reference_markdown() -> str:
         "(`--config` or `DEEPWATCH_CONFIG`), defaults. Nested keys use `__` in the environment",
         "(`DEEPWATCH_ALERTS__MIN_FAKE_SCORE=0.8`) and a table in TOML (`[alerts] min_fake_score = 0.8`).",
         "An unknown `DEEPWATCH_*` variable or TOML key is a startup error naming the closest valid key.",
+        f"Every mistake is reported at once (one line each, the first {MAX_LISTED_MISTAKES} of them), each naming",
+        "where its value came from: the settings file's path and `[section] key`, or the environment variable.",
         "Secrets are never settings: a setting names the environment variable that holds them.",
         "",
         "| setting | environment | type | default | meaning |",
