@@ -1,5 +1,6 @@
 """Structured logging: one JSON object per line (for log shippers) or a
-readable console form; ``extra={...}`` fields are kept as keys.
+readable console form; ``extra={...}`` fields are kept, as keys (JSON) or
+as ``key=value`` after the message (console, ``ConsoleFormatter``).
 
 Third-party loggers (``THROTTLED``: aiokafka, kafka-python, Faust and its
 ``mode`` runtime) are rate limited: a broker that goes away made aiokafka log
@@ -22,6 +23,8 @@ import time
 from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Callable
+
+from detectors.printable import one_line
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 # Extras other libraries attach for their own console formatters, not for a
@@ -46,11 +49,47 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        doc.update({k: v for k, v in vars(record).items()
-                    if k not in _STD and k not in _DROPPED and not k.startswith("_")})
+        doc.update(_extras(record))
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)
+
+
+# fields the console line's message says already: a throttle summary's count of repeats
+_SAID = frozenset({"repeats"})
+
+
+def _extras(record: logging.LogRecord) -> dict[str, object]:
+    return {k: v for k, v in vars(record).items() if k not in _STD and k not in _DROPPED and not k.startswith("_")}
+
+
+class ConsoleFormatter(logging.Formatter):
+    """The readable form: time, level, logger and message, then the record's
+    ``extra`` fields as `` key=value`` (the reason a line is about), on one
+    line: control characters escaped and line breaks made spaces
+    (``detectors.printable.one_line``: a value can come from a feed), a value
+    holding a space (or none at all) in double quotes, a list or mapping as
+    compact JSON."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # before any traceback ``format`` appends: the fields belong to the line they explain
+        line = super().formatMessage(record)
+        extras = _extras(record)
+        if not extras:
+            return line
+        return line + "".join(f" {k}={_console_value(v)}" for k, v in extras.items() if k not in _SAID)
+
+
+def _console_value(value: object) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        text = json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+    else:
+        text = value if isinstance(value, str) else str(value)  # a number, None, an exception, a path
+    text = one_line(text)
+    return text if text and " " not in text else '"' + text.replace('"', '\\"') + '"'
 
 
 class _Window:
@@ -162,7 +201,7 @@ class ThrottledHandler(logging.StreamHandler):
 def setup(level: str = "INFO", fmt: str = "json", stream=sys.stderr) -> None:
     handler = ThrottledHandler(stream)
     handler.deepwatch_format = fmt  # what ``active_format`` reads
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
