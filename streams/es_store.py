@@ -45,8 +45,8 @@ from streams.cluster_search import (
 )
 from streams.findings import (
     MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterRecord, DeadLetterRecord, DeliveryState, MemberRow, Page,
-    PostIdentity, SightingRecord, StoredDeadLetter, cluster_page_url, plan_dead_letters, read_limit, score_floor,
-    shown_score, stored_at, superseded_by_sighting, surviving_cluster, unstored_alerts,
+    PostIdentity, SightingRecord, StoredDeadLetter, cluster_page_url, legacy_dead_letter_identity, plan_dead_letters,
+    read_limit, score_floor, shown_score, stored_at, superseded_by_sighting, surviving_cluster, unstored_alerts,
 )
 from streams.records import Alert, ClusterSnapshot, DeadLetter, SourceRef
 
@@ -211,6 +211,8 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries, EsSummaryQuer
         dls = list(dls)
         ids = sorted({dl.event_id for dl in dls if dl.event_id is not None})
         nameless = {dead_letter_key(dl) for dl in dls if dl.event_id is None}
+        # and the id an older store gave such a message, without its digest
+        nameless |= {doc_id(k) for dl in dls if dl.event_id is None and (k := legacy_dead_letter_identity(dl))}
         rows, where = self._stored_dead_letters(ids, nameless)
         plan = plan_dead_letters(dls, rows, self._stored_sightings(ids), key=doc_id)
         actions: list = [({"delete": {"_index": where[row.key], "_id": row.key}}, None) for row in plan.delete]

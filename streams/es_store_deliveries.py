@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Collection, Iterator
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Sequence
 
 from streams import es_requests as R
 from streams.es_client import EsConfig, explain
 from streams.es_docs import alert_from_doc, doc_id, now
-from streams.findings import UNDELIVERED, DeliveryRecord, DeliveryState, legacy_delivery, requeued_detail
+from streams.findings import (
+    UNDELIVERED, DeliveryRecord, DeliveryState, legacy_delivery, requeued_detail,
+    without_webhook_urls,
+)
 from streams.records import Alert
 
 if TYPE_CHECKING:
@@ -68,15 +71,21 @@ class EsDeliveryLog:
         except Exception as e:
             raise explain(e, self.config.url) from None
 
-    def mark_delivered(self, alert_id: str, target: str, state: DeliveryState, detail: str = "") -> None:
+    def mark_delivered(self, alert_id: str, target: str, state: DeliveryState, detail: str = "",
+                       moved_from: Sequence[str] = ()) -> None:
         """Record a delivery attempt's outcome (its state, and why in
         ``status``), never moving a record away from ``delivered``: a slow
         attempt that failed, recorded after a redelivery that succeeded,
         would have the alert sent again. One update with the guard in
         painless (``ctx.op = 'noop'``) and the first record as its
-        ``upsert``, so the check and the write are one step on the shard."""
+        ``upsert``, so the check and the write are one step on the shard.
+        The alert's documents under ``moved_from`` (its hook's earlier
+        keys) are deleted in the same bulk request: one record per alert
+        and hook."""
         self.ensure_setup()
-        self.bulk.send([self._delivery_action(alert_id, target, DeliveryState(state), detail)])
+        self.bulk.send([self._delivery_action(alert_id, target, DeliveryState(state), detail),
+                        *(({"delete": {"_index": self.names["deliveries"], "_id": self._delivery_id(alert_id, t)}},
+                           None) for t in dict.fromkeys(moved_from) if t != target)])
 
     def _delivery_action(self, alert_id: str, target: str, state: DeliveryState, detail: str) -> tuple[dict, dict]:
         at = now()
@@ -230,8 +239,11 @@ def _delivery_of(src: dict[str, Any]) -> tuple[DeliveryState, str]:
     has no ``state``: its ``status`` is then the old text holding both, read
     by ``legacy_delivery`` (such documents are not rewritten)."""
     if src.get("state") is None:
-        return legacy_delivery(src.get("status") or "")
-    return DeliveryState(src["state"]), src.get("status") or ""
+        state, why = legacy_delivery(src.get("status") or "")
+    else:
+        state, why = DeliveryState(src["state"]), src.get("status") or ""
+    # an old document's why may hold its target's whole URL, token and all ("<url>: HTTP 503")
+    return state, without_webhook_urls(why, src.get("target") or "")
 
 
 def in_states(states: Collection[DeliveryState]) -> dict[str, Any]:

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from pathlib import Path
 from typing import (
-    TYPE_CHECKING, Any, Callable, Collection, Generic, Iterable, Iterator, Mapping, Protocol, TypeVar, get_args,
-    runtime_checkable,
+    TYPE_CHECKING, Any, Callable, Collection, Generic, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar,
+    get_args, runtime_checkable,
 )
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -413,6 +414,18 @@ def dead_letter_identity(dl: DeadLetter) -> str:
     return f"{ident}/{dl.stage}/{dl.reason}"
 
 
+def legacy_dead_letter_identity(dl: DeadLetter) -> str | None:
+    """The key a store written before dead letters carried their message's
+    digest holds ``dl``'s failure under (``dead_letter_identity`` without
+    ``payload_sha256``: event id, or the digest of the excerpt, then stage
+    and reason), or None for a dead letter without a digest, whose key is
+    that already. The stores look rows of events without an id up by key,
+    so they ask for this one too (``_same_event`` matches it)."""
+    if dl.payload_sha256 is None:
+        return None
+    return dead_letter_identity(dl.model_copy(update={"payload_sha256": None}))
+
+
 # One outcome per event: the rules both stores apply when they write a
 # sighting or a dead letter (``plan_dead_letters``, ``superseded_by_sighting``).
 # A key stays ``dead_letter_identity`` (stored keys and document ids never
@@ -485,15 +498,18 @@ def stored_at(text: str | None) -> datetime:
 def _same_event(dl: DeadLetter, row: StoredDeadLetter, key: Callable[[str], str]) -> bool:
     """``row`` is a failure of the message ``dl`` failed on: the same event
     id and payload digest (or, for a dead letter without a digest, the
-    same event id and none), whatever the stage and reason."""
+    same event id and none), whatever the stage and reason; or a row an
+    older store keyed without the digest (``legacy_dead_letter_identity``)."""
     if row.event_id != dl.event_id:
         return False
     as_row = dl.model_copy(update={"stage": row.stage, "reason": row.reason})
     if key(dead_letter_identity(as_row)) == row.key:
         return True
-    # a row written before dead letters carried their message's digest: keyed by event, stage and reason
-    return (dl.event_id is not None and dl.payload_sha256 is not None
-            and key(dead_letter_identity(as_row.model_copy(update={"payload_sha256": None}))) == row.key)
+    # a row written before dead letters carried their message's digest: keyed by event (or, without an
+    # event id, the digest of the excerpt), stage and reason; a message past the excerpt shares that key
+    # with any other sharing its first 512 bytes, which the older store already kept as one row
+    legacy = legacy_dead_letter_identity(as_row)
+    return legacy is not None and key(legacy) == row.key
 
 
 def plan_dead_letters(dls: Iterable[DeadLetter], stored: Iterable[StoredDeadLetter], sighted: Collection[str],
@@ -594,9 +610,38 @@ def legacy_delivery(status: str) -> tuple[DeliveryState, str]:
     old readers counted it."""
     head, _, why = status.partition(": ")
     try:
-        return DeliveryState(head), why
+        return DeliveryState(head), without_webhook_urls(why)
     except ValueError:
-        return DeliveryState.FAILED, status
+        return DeliveryState.FAILED, without_webhook_urls(status)
+
+
+# A URL in a delivery's why: up to a space, quote or angle bracket (what ends one in
+# an exception's text); trailing punctuation is the sentence's ("<url>: HTTP 503").
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_URL_TAIL = ":,.;)"
+
+
+def without_webhook_urls(text: str, *urls: str) -> str:
+    """``text`` (a delivery's why) with every URL in it shown as its
+    target's label (``streams.webhooks.target_label``: scheme, host and
+    port): ``urls`` (a record's own target URL) wherever they appear, then
+    anything else shaped like one. deepwatch before targets were keyed
+    wrote the whole webhook URL into each delivery's status ("failed:
+    http://host/hook?token=...: HTTP 503"), a token with it; every reader of
+    old records (``legacy_delivery``, the stores' migration and reads) puts
+    them through this, so no command, page, log or metric shows one. Text
+    written since holds labels only and comes back unchanged."""
+    from streams.webhooks import target_label  # webhooks imports this module
+
+    for url in urls:
+        if url and "://" in url:
+            text = text.replace(url, target_label(url))
+
+    def label(m: re.Match[str]) -> str:
+        url = m.group(0).rstrip(_URL_TAIL)
+        return target_label(url) + m.group(0)[len(url):]
+
+    return _URL_IN_TEXT.sub(label, text) if "://" in text else text
 
 
 def unstored_alerts(clusters: Iterable[tuple[str, int, Iterable[str]]],
@@ -680,9 +725,12 @@ class SinkWriter(Protocol):
         """The recorded state of the delivery of ``alert_id`` to ``target``
         (None: none recorded), read as written (no refresh delay)."""
         ...
-    def mark_delivered(self, alert_id: str, target: str, state: DeliveryState, detail: str = "") -> None:
+    def mark_delivered(self, alert_id: str, target: str, state: DeliveryState, detail: str = "",
+                       moved_from: Sequence[str] = ()) -> None:
         """Record a delivery's state and why (``DeliveryRecord``), never
-        moving it away from ``delivered``."""
+        moving it away from ``delivered``; the alert's records under
+        ``moved_from`` (its hook's earlier keys) go with it, so each alert
+        has one record per hook."""
         ...
 
 

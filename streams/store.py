@@ -27,9 +27,10 @@ from streams.cluster_search import (
 )
 from streams.findings import (
     MAX_MERGE_HOPS, MAX_RESULTS, QUEUED_RECENT_S, AlertRecord, ClusterRecord, DeadLetterRecord, DeliveryState,
-    FindingsStore, Page, PostIdentity, SightingRecord, StoredDeadLetter, dead_letter_identity, legacy_delivery,
+    FindingsStore, Page, PostIdentity, SightingRecord, StoredDeadLetter, dead_letter_identity,
+    legacy_dead_letter_identity, legacy_delivery,
     plan_dead_letters, read_limit, score_floor, shown_score, stored_at, superseded_by_sighting, surviving_cluster,
-    unstored_alerts,
+    unstored_alerts, without_webhook_urls,
 )
 from streams.private_files import SQLITE_COMPANIONS, owner_only, private_dir
 from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
@@ -432,15 +433,25 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
 
     def _key_delivery_targets(self) -> None:
         """Delivery records written before targets were keyed named the whole
-        webhook URL (a token in it, often): rename them to its
-        ``target_key``, once."""
+        webhook URL (a token in it, often), and so did their status text
+        ("failed: <url>: HTTP 503"): rename them to its ``target_key`` and
+        show the URL in their status as its label
+        (``findings.without_webhook_urls``), once. Rows keyed by a version
+        that kept that text (the token still in it) get their status
+        cleaned too; reads clean it meanwhile (``DeliveryLog._record``)."""
         from streams.webhooks import target_key
 
         legacy = [t for t, in self._db.execute("SELECT DISTINCT target FROM deliveries") if target_key(t) != t]
-        if not legacy:
+        # every row that may show a URL: labels ("http://host:port: HTTP 503") are
+        # picked too, and left as they are
+        shown = [(new, alert_id, target) for alert_id, target, status in self._db.execute(
+                     "SELECT alert_id, target, status FROM deliveries WHERE instr(status, '://') > 0")
+                 if (new := without_webhook_urls(status, target)) != status]
+        if not legacy and not shown:
             return
         try:
             with _Tx(self._db, threading.Lock()) as db:  # opening: no other thread has this connection yet
+                db.executemany("UPDATE deliveries SET status=? WHERE alert_id=? AND target=?", shown)
                 for target in legacy:
                     db.execute("UPDATE OR IGNORE deliveries SET target=? WHERE target=?", (target_key(target), target))
                     db.execute("DELETE FROM deliveries WHERE target=?", (target,))  # a keyed record was there already
@@ -618,7 +629,9 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
             sighted = {eid for eid in ids
                        if db.execute("SELECT 1 FROM sightings WHERE event_id=?", (eid,)).fetchone() is not None}
             # a message without an event id is one row under its key: the same one again is that row
-            nameless = {dead_letter_identity(dl) for dl in dls if dl.event_id is None}
+            # (or the row an older store keyed it by, without the digest)
+            nameless = {k for dl in dls if dl.event_id is None
+                        for k in (dead_letter_identity(dl), legacy_dead_letter_identity(dl)) if k is not None}
             stored = [*_stored_dead_letters(db, ids), *_stored_dead_letters(db, (), keys=nameless)]
             plan = plan_dead_letters(dls, stored, sighted)
             for row in plan.delete:

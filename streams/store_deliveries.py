@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import TYPE_CHECKING, Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
-from streams.findings import UNDELIVERED, DeliveryRecord, DeliveryState, legacy_delivery, requeued_detail
+from streams.findings import (
+    UNDELIVERED, DeliveryRecord, DeliveryState, legacy_delivery, requeued_detail,
+    without_webhook_urls,
+)
 from streams.records import Alert
 
 
@@ -102,6 +105,8 @@ class DeliveryLog:
         if state is None:  # written by a schema-1 worker still running beside this one (``_derive_delivery_states``)
             legacy, status = legacy_delivery(status)
             state = legacy.value
+        else:  # a file whose old rows a writer has not cleaned yet (``_key_delivery_targets``): never show a token
+            status = without_webhook_urls(status)
         return self._valid("delivery", f"{alert_id} to {target}",
                            lambda: DeliveryRecord(target=target, state=state, detail=status, at=at))
 
@@ -115,10 +120,15 @@ class DeliveryLog:
         ).fetchone()
         return self._record(alert_id, target, *row).state if row else None
 
-    def mark_delivered(self, alert_id: str, target: str, state: DeliveryState, detail: str = "") -> None:
+    def mark_delivered(self, alert_id: str, target: str, state: DeliveryState, detail: str = "",
+                       moved_from: Sequence[str] = ()) -> None:
         """Record a delivery's state, why (``status``) and when (``at``,
-        updated with them); never moving it away from ``delivered``."""
+        updated with them); never moving it away from ``delivered``. The
+        alert's records under ``moved_from`` (its hook's earlier keys) go
+        in the same transaction: one record per alert and hook."""
         with self._tx() as db:
+            db.executemany("DELETE FROM deliveries WHERE alert_id=? AND target=?",
+                           [(alert_id, t) for t in moved_from if t != target])
             db.execute(
                 # never back from delivered: a slow attempt that failed after the
                 # redelivery loop's succeeded would have the receiver sent it again

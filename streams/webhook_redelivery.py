@@ -14,8 +14,9 @@ target (it looks down; the next round tries again). While an older alert of a
 cluster is undelivered, a newer live one queues behind it rather than
 overtaking it (``Redeliverer.earlier_pending``, the live senders' ordering
 gate). Rejected deliveries wait for ``deepwatch redeliver TARGET``; records
-kept under a hook's earlier keys are redelivered as its own, and keys no hook
-serves are named in a warning (``Redeliverer.warn_stranded``).
+kept under a hook's earlier keys are redelivered as its own and moved onto
+its key as they are (one record per alert and hook), and keys no hook serves
+are named in a warning (``Redeliverer.warn_stranded``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from streams.settings import Settings
 from streams.shared_handle import once
 from streams.webhooks import (
     Deliveries, Target, WebhookError, WebhookHeld, WebhookRejected, aclose_clients, failure_state, hooks_by_key,
-    legacy_keys, post, stranded_keys, target_label,
+    legacy_keys, post, refused_receivers, stranded_keys, target_key, target_label,
 )
 
 log = logging.getLogger("streams.webhooks")  # one logger for every webhook line, live or redelivered
@@ -114,10 +115,11 @@ class Redeliverer:
         return sorted(found.values(), key=lambda p: (p[0].created_at, p[0].level, p[0].alert_id))[:REDELIVERY_PAGE]
 
     async def _mark(self, alert: Alert, key: str, also: tuple[str, ...], state: DeliveryState, detail: str = "") -> None:
-        def mark() -> None:
-            for target in (key, *also):
-                self._db().mark_delivered(alert.alert_id, target, state, detail)
-        await asyncio.to_thread(mark)
+        """Record the outcome under the hook's key and move the alert's
+        records under its earlier keys (``also``) onto it: written under
+        both, each old alert counted twice per hook (the redeliver summary,
+        the undelivered gauge, `deepwatch alerts`) for one POST."""
+        await asyncio.to_thread(lambda: self._db().mark_delivered(alert.alert_id, key, state, detail, moved_from=also))
 
     async def _round(self, key: str, target: Target) -> int:
         try:
@@ -192,13 +194,18 @@ class Redeliverer:
         that no configured hook serves, and how to hand them to one."""
         stranded = stranded_keys(self.settings, counts)
         if stranded and stranded != self._stranded:
-            waiting = {k: sum(counts[k].values()) for k in stranded}
+            waiting: dict[str, int] = {}
+            for k in stranded:
+                # an Elasticsearch document from before targets were keyed names its whole URL
+                # (a token in it, often): named by that URL's key, never the URL
+                shown = target_key(k)
+                waiting[shown] = waiting.get(shown, 0) + sum(counts[k].values())
             log.warning(
                 "undelivered webhook alerts are kept under target keys no configured hook serves: "
                 + ", ".join(f"{k} ({n})" for k, n in waiting.items())
                 + "; nothing sends them. To hand them to a hook, add the key to its "
                   "alerts.webhooks[].previous_keys (`deepwatch redeliver` lists the keys)",
-                extra={"targets": stranded})
+                extra={"targets": list(waiting)})
         self._stranded = stranded
         return stranded
 
@@ -213,12 +220,27 @@ class Redeliverer:
             self._client = self._client_loop = None
 
 
+async def warn_refused_receivers(settings: Settings) -> list[str]:
+    """Log a warning per configured hook whose receiver address every
+    delivery would refuse (``webhooks.refused_receivers``); returns the lines."""
+    try:
+        lines = await refused_receivers(settings)
+    except Exception:  # a check at start; deliveries say the same per alert
+        log.exception("checking the webhook receivers' addresses failed")
+        return []
+    for line in lines:
+        log.warning(line)
+    return lines
+
+
 def install_redelivery(app: Any, settings: Settings, deliveries: Deliveries) -> Redeliverer | None:
     """Register the redelivery timer on a Faust app (leader worker only, so
     two workers do not both resend), the undelivered gauge's timer (every
-    worker: each exports the same counts from the shared store) and the
-    ordering gate for the live deliveries that share ``deliveries`` (the
-    worker's ``streams.sinks.Sinks``)."""
+    worker: each exports the same counts from the shared store), a warning
+    at start per hook whose receiver address is refused
+    (``warn_refused_receivers``) and the ordering gate for the live
+    deliveries that share ``deliveries`` (the worker's
+    ``streams.sinks.Sinks``)."""
     if not settings.alerts.webhooks:
         return None
     from streams.findings import open_findings
@@ -246,5 +268,11 @@ def install_redelivery(app: Any, settings: Settings, deliveries: Deliveries) -> 
         # at start, not one period later: deliveries a URL or name change left
         # behind are named (``Redeliverer.warn_stranded``), and the gauge set
         await redeliverer.refresh_gauge()  # logs its own failures
+
+    @app.task
+    async def check_refused_webhook_receivers() -> None:
+        # at start: a receiver on a private address without alerts.allow_private_webhooks
+        # otherwise turns every alert into a rejected one with nothing said
+        await warn_refused_receivers(settings)
 
     return redeliverer

@@ -98,7 +98,9 @@ metadata addresses are never contacted, whether the URL names one or its host
 resolves to one (the address checked is the one connected to); loopback,
 private and other non-public addresses only with
 ``alerts.allow_private_webhooks`` (else the delivery is ``rejected``, saying
-so). Logs, errors, delivery statuses and the command line name a target as
+so and that the alerts rejected for it need ``deepwatch redeliver KEY`` once
+the setting is on; a worker warns at start about each hook refused so,
+``refused_receivers``). Logs, errors, delivery statuses and the command line name a target as
 ``scheme://host[:port]`` only, since webhook URLs often carry a token; the
 findings store and metrics key it by the hook's identity (``hook_key``):
 ``hook:<name>`` for a hook with a ``name``, else ``scheme://host[:port]#<8
@@ -552,7 +554,8 @@ async def post(target: Target, alert: Alert, client: httpx.AsyncClient, deliveri
         except TimeoutError:
             last = f"no answer within {hook.timeout_s:g} s"
         except _Refused as e:
-            raise WebhookRejected(f"{shown}: refused: {e}") from None
+            hint = requeue_hint(key) if isinstance(e, _Private) else ""
+            raise WebhookRejected(f"{shown}: refused: {e}{hint}") from None
         except _Unresolved as e:
             last = str(e)  # "cannot resolve HOST: ...", "resolving HOST took longer than ..."
         except _BadUrl:  # a name IDNA cannot encode, a NUL byte: the detail may quote the URL (a token)
@@ -727,6 +730,11 @@ class _Refused(Exception):
     """A receiver address that is never contacted; retrying does not help."""
 
 
+class _Private(_Refused):
+    """A non-public receiver address, refused only because
+    ``alerts.allow_private_webhooks`` is off: the setting is the fix."""
+
+
 def _metadata_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     inner = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else []
     return any(a in net for a in (ip, *inner) for net in _METADATA_NETS if a.version == net.version)
@@ -747,8 +755,54 @@ def _refuse_private(host: str, addrs: list) -> None:
     _refuse_metadata(host, addrs)
     refused = [str(a) for a in addrs if not public_address(a)]
     if refused:
-        raise _Refused(f"{host} resolves to non-public address {', '.join(refused)} (loopback or private network); "
+        raise _Private(f"{host} resolves to non-public address {', '.join(refused)} (loopback or private network); "
                        "set alerts.allow_private_webhooks = true to deliver to it")
+
+
+def requeue_hint(key: str) -> str:
+    """What an alert rejected for a non-public receiver address needs once
+    ``alerts.allow_private_webhooks`` is set: said in its stored reason and
+    in the start-up warning (``refused_receivers``).
+
+    Not retried on its own once the setting allows the address: decisions
+    read a delivery's state, never the text of why (``DeliveryState``), so
+    telling these rejections from a receiver's 403 would need a state of
+    their own, which a worker of an older version beside this one would
+    misread; and the alerts may be days old by then, which the operator
+    should choose to send or not."""
+    return (f"; alerts rejected for this are not sent again on their own: once the setting allows the address, "
+            f"`deepwatch redeliver {key}` queues them again")
+
+
+async def refused_receivers(settings: Settings) -> list[str]:
+    """One line per configured hook whose receiver address every delivery
+    would refuse (a non-public address without
+    ``alerts.allow_private_webhooks``, a link-local or metadata one ever),
+    checked as a delivery checks it (``_pinned``; a literal address needs
+    no DNS), every hook at once within one DNS timeout. Such a hook's every
+    alert would be recorded ``rejected`` with nothing said at start: the
+    worker warns with these (``webhook_redelivery.install_redelivery``). A
+    name that does not resolve now is left to the deliveries (it may
+    later)."""
+    async def check(i: int, target: Target) -> str | None:
+        if _url_problem(target.hook.url):
+            return None  # every delivery says so, rejected as an invalid URL
+        try:
+            await _pinned(target)
+        except _Refused as e:
+            fix = requeue_hint(target.key) if isinstance(e, _Private) else "; change the hook's url"
+            return (f"alerts.webhooks[{i}] ({target_label(target.hook.url)}, {target.key}): every delivery is "
+                    f"refused, each alert recorded rejected: {e}{fix}")
+        except (_Unresolved, _BadUrl):
+            return None
+        return None
+
+    seen: dict[str, tuple[int, Target]] = {}
+    for i, hook in enumerate(settings.alerts.webhooks):
+        target = Target(hook, settings.desk.public_url, settings.alerts.allow_private_webhooks)
+        seen.setdefault(target.key, (i, target))
+    lines = await asyncio.gather(*(check(i, t) for i, t in seen.values()))
+    return [line for line in lines if line]
 
 
 async def _pinned(target: Target) -> Pinned:

@@ -334,9 +334,14 @@ def check_alert_senders(settings: Settings) -> None:
     key in the environment and any CA bundle it names can verify (one line
     naming the variable or file, not a run whose alerts all end ``failed``), and a warning line when hooks on different
     hosts share one key (each subscriber could forge the others' alerts) or
-    a key rotation's retiring key is not set: in a service's JSON log, a
-    record each (``say``)."""
-    from streams.webhooks import shared_secret_hooks, unset_previous_keys, unsigned_hooks, unusable_ca_bundles
+    a key rotation's retiring key is not set, or a hook's receiver address
+    is one every delivery would refuse (``refused_receivers``): in a
+    service's JSON log, a record each (``say``)."""
+    import asyncio
+
+    from streams.webhooks import (
+        refused_receivers, shared_secret_hooks, unset_previous_keys, unsigned_hooks, unusable_ca_bundles,
+    )
 
     missing = unsigned_hooks(settings) + unusable_ca_bundles(settings)
     if missing:
@@ -348,6 +353,10 @@ def check_alert_senders(settings: Settings) -> None:
             min_level=settings.log_level)
     for line in unset_previous_keys(settings):
         say(line, fmt=fmt, level="warning", msg="a webhook's previous_secret_env is not set",
+            min_level=settings.log_level)
+    # on the console before the run, not only in a worker's log: every alert of such a hook ends rejected
+    for line in asyncio.run(refused_receivers(settings)) if settings.alerts.webhooks else ():
+        say(line, fmt=fmt, level="warning", msg="a webhook's receiver address is refused",
             min_level=settings.log_level)
 
 

@@ -29,7 +29,8 @@ from streams.cluster_search import (
     through_day,
 )
 from streams.findings import (
-    MAX_RESULTS, VERDICTS, ClusterRecord, FindingsStore, Page, StoreURLError, open_findings, sqlite_file,
+    MAX_RESULTS, VERDICTS, ClusterRecord, DeliveryRecord, FindingsStore, Page, StoreURLError, open_findings,
+    sqlite_file,
 )
 
 R = TypeVar("R")
@@ -417,7 +418,7 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
     with _findings(data_dir, config, store_url) as store:
         found = store.alerts(limit=limit)
         status = store.delivery_status([a.alert_id for a in found] if limit else None)
-        rows = [dict(a.as_json(), deliveries=[d.as_json() for d in status.get(a.alert_id, [])]) for a in found]
+        rows = [dict(a.as_json(), deliveries=[_delivery_json(d) for d in status.get(a.alert_id, [])]) for a in found]
     _note_cut(found, "alerts")
 
     def delivery(a: dict) -> str:
@@ -429,6 +430,16 @@ def alerts(data_dir: Optional[Path] = DataDir, config: Optional[Path] = Config, 
           lambda a: (_table_time(a["at"]), a["cluster_id"], str(a["level"]), f"{a['fake_score']:.2f}",
                      str(a["velocity"]["sightings_5m"]), str(a["accounts"]), a["rule"], delivery(a)),
           as_json=lambda a: a)
+
+
+def _delivery_json(d: DeliveryRecord) -> dict:
+    """A delivery as `deepwatch alerts` shows it: an Elasticsearch document
+    from before targets were keyed still names its target by the whole
+    webhook URL (a token in it, often), shown as that URL's key
+    (``target_key``: the name `deepwatch redeliver` takes)."""
+    from streams.webhooks import target_key
+
+    return dict(d.as_json(), target=target_key(d.target))
 
 
 def _table_time(at: str) -> str:

@@ -71,15 +71,22 @@ def redeliver(
     settings = settings_from(config, data_dir=data_dir)
     with _findings(data_dir, config, store_url) as store:
         counts = store.undelivered_counts()
-        from streams.webhooks import hooks_by_key, legacy_keys
+        from streams.webhooks import hooks_by_key, legacy_keys, target_key
 
         hooks = hooks_by_key(settings)
         # a configured hook's earlier keys (``legacy_keys``: before a rename, or from an older
         # version) are counted and requeued as the hook's own
         owner = {name: key for key, target in hooks.items() for name in legacy_keys(target.hook)}
-        known = sorted({*(owner.get(t, t) for t in store.delivery_targets()), *hooks})
+        recorded = store.delivery_targets()
+
+        def shown(t: str) -> str:
+            # an Elasticsearch document from before targets were keyed names its whole URL
+            # (a token in it, often): listed, counted and named by that URL's key
+            return owner.get(t) or target_key(t)
+
+        known = sorted({*(shown(t) for t in recorded), *hooks})
         if target is None:
-            rows = [{"target": k, **{s.value: sum(c.get(s, 0) for t, c in counts.items() if owner.get(t, t) == k)
+            rows = [{"target": k, **{s.value: sum(c.get(s, 0) for t, c in counts.items() if shown(t) == k)
                                      for s in UNDELIVERED}} for k in known]
             if fmt == "json":
                 print_json(rows)
@@ -96,7 +103,8 @@ def redeliver(
             return
         key = _resolve(target, known, hooks)
         # a configured hook's deliveries kept under its earlier keys (``legacy_keys``) are its own too
-        names = (key, *(legacy_keys(hooks[key].hook) if key in hooks else ()))
+        names = tuple(dict.fromkeys((key, *(legacy_keys(hooks[key].hook) if key in hooks else ()),
+                                     *(t for t in recorded if shown(t) == key))))
         if alert:
             # a mistyped id (or one never sent to this target) requeued nothing and said "0 rejected
             # deliveries ... queued again", exit 0
