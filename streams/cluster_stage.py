@@ -50,6 +50,17 @@ whole batch applied again after a backoff, until it is written
 lost valid events for good, and a replay's resend made some of them sightings
 as well.
 
+An op a newer deepwatch wrote (``records.NewerSchema``: a ``schema_version``
+this one does not know) is not dead-lettered: the ops before it are applied
+and sent, then the stage holds it (``_hold_newer``): one critical line, and
+the batch stays unacked, so uncommitted, until this worker stops or the
+partition moves -- an upgraded worker applies it and the ops after it, in
+order, and the ops before it again (``applied_offset`` makes that a no-op).
+Not a dead letter: that keeps 512 bytes of the op and nothing sends a dead
+letter again, so the event was lost; not skipped either: the single writer
+applies ops in offset order. Fields a newer writer added within a version
+are ignored (``ClusterOp.loads``): such an op applies as ever.
+
 The index is rebuilt (after a rebalance, a failed op or batch) off the event
 loop, in a thread, before the ops that need it (``_ensure_engine``): at
 scale a rebuild takes minutes, and on the loop it held commits, the broker
@@ -73,7 +84,8 @@ from detectors.neardup.localized import PixelSource
 from streams import metrics
 from streams.clustering import ClusterEngine, ClusterState, InvalidOp, Outcome, fit, model_request
 from streams.engine_state import SqliteEngineState
-from streams.records import ClusterOp, DeadLetter, DetectRequest, SourceRef, named_event
+from streams.held_records import hold_newer
+from streams.records import ClusterOp, DeadLetter, DetectRequest, NewerSchema, SourceRef, named_event
 from streams.settings import Settings
 from streams.store_errors import may_pass
 
@@ -130,6 +142,7 @@ class ClusterStage:
         # which nothing else here would say (``MODELS_OVERDUE_S``).
         self._unanswered_since: float | None = None
         self._overdue_said = False
+        self._newer: NewerSchema | None = None  # why ``_apply_all`` stopped at a newer writer's op
 
     # -- state ----------------------------------------------------------------
     async def on_rebalance(self, sender: Any = None, **kwargs: Any) -> None:
@@ -333,7 +346,7 @@ class ClusterStage:
                 continue
             outs += done
             failed += dead
-            if not todo:
+            if not todo or self._newer is not None:
                 break
         for out in outs:
             for snap in out.snapshots:
@@ -360,6 +373,17 @@ class ClusterStage:
             metrics.STAGE_SECONDS.labels("cluster").observe(share)
         for out in outs:
             metrics.EVENTS.labels("cluster", "duplicate" if out.duplicate_event else "ok").inc()
+        if self._newer is not None:
+            await self._hold_newer(app, rebalances, todo)
+
+    async def _hold_newer(self, app: Any, rebalances: int | None, held: list[tuple[bytes, Any]]) -> None:
+        """Hold ``held`` (its first op a newer deepwatch's: module docstring)
+        until this worker stops (cancelled here: the batch stays unacked) or
+        the partition moves to another worker (returns: acking then commits
+        nothing, ``_still_owned``)."""
+        error, self._newer = self._newer, None
+        await hold_newer("cluster op", held[0][1], {"ops": len(held)}, error,
+                         lambda: _still_owned(app, rebalances, held))
 
     async def _ask(self, req: DetectRequest) -> None:
         await self.detect_requests.send(key=req.cluster_id.encode(), value=req.dumps())
@@ -391,7 +415,9 @@ class ClusterStage:
         left to apply: an op that failed half-way makes the index stale
         (written up to it), and the rest of the batch is handed back, to be
         applied once ``handle_batch`` rebuilt the index off the event loop
-        (rebuilt here, through ``engine``, it held the loop)."""
+        (rebuilt here, through ``engine``, it held the loop). An op of a
+        newer writer ends the batch there too, setting ``_newer``: it and
+        the ops after it are handed back, for ``handle_batch`` to hold."""
         written: list[Outcome] = []
         unwritten: list[tuple[tuple[bytes, Any], Outcome]] = []  # applied since the last flush
         failed: list[tuple[tuple[bytes, Any], str, str]] = []
@@ -405,6 +431,7 @@ class ClusterStage:
             unwritten.clear()
 
         self._pending, self._live, self._away = {}, {}, set()
+        self._newer = None
         done = 0  # items attempted so far
         try:
             for value, msg in items:
@@ -420,6 +447,10 @@ class ClusterStage:
                     if op.kind == "detection":
                         self._answered()
                     writes = {cid: fit(st) for cid, st in out.writes.items()}
+                except NewerSchema as e:  # held, with the ops after it (``handle_batch``); none of it applied
+                    self._newer = e
+                    done -= 1
+                    break
                 except Exception as e:  # a bug or a poison op must not stop the single writer
                     if may_pass(e):
                         raise  # the store, not the op (reading an archived state): the batch is held
@@ -451,8 +482,10 @@ class ClusterStage:
                 raise  # handle_batch holds the batch and applies it again
             log.exception("cluster batch not written", extra={"ops": len(items)})
             detail = f"{type(e).__name__}: {e}"
-            failed += ([(item, "internal_error", detail) for item, _ in unwritten]
-                       + [(item, "internal_error", detail) for item in items[done:]])
+            failed += [(item, "internal_error", detail) for item, _ in unwritten]
+            if self._newer is not None:  # still held, not dead-lettered: it was never applied
+                return written, failed, items[done:]
+            failed += [(item, "internal_error", detail) for item in items[done:]]
             return written, failed, []
         return written, failed, items[done:]
 

@@ -9,6 +9,12 @@ last is answered (a cluster waits for one result, and the last request names
 its best copy), and a picture requested by several clusters is analysed once.
 The micro-batcher then hands the model batches of ``detect.max_batch``; each
 answer is sent as soon as its picture is done.
+
+A request a newer deepwatch wrote at a ``schema_version`` this one does not
+know (``records.NewerSchema``) holds its batch unacked, with one critical
+line (``streams.held_records``), until this worker stops or the partition moves: an
+upgraded worker answers it. Dropped like an unreadable one, its cluster
+waited for a model result for good.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from streams import metrics
 from streams.faust_app import faust_app
 from streams.priority import renice_threads
 from streams.blobstore import DirectoryBlobStore, blob_dir
-from streams.records import ClusterOp, DetectionResult, DetectRequest
+from streams.held_records import hold_newer, owned
+from streams.records import ClusterOp, DetectionResult, DetectRequest, NewerSchema
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -154,8 +161,15 @@ class DetectStage:
                                          models=list(ran), error=error)
                 await self.send_op(ClusterOp(kind="detection", detection=result).dumps())
 
-            answered = await answer(
-                raws, lambda sha: analyse_picture(sha, lambda: self.read(sha), batchers, self.limits), send)
+            try:
+                answered = await answer(
+                    raws, lambda sha: analyse_picture(sha, lambda: self.read(sha), batchers, self.limits), send)
+            except NewerSchema as e:  # ``coalesce`` raises it before any request is answered
+                await hold_newer("detect requests", events[0].message, {"requests": len(events)}, e,
+                                 lambda: owned(stream, events))
+                for ev in events:  # the partitions moved: acking commits nothing
+                    await stream.ack(ev)
+                continue
             # Seconds per answer, as every other stage counts per event: per
             # take, a CPU worker's backlog of 64 pictures read as a 10-s stage
             # and kept DeepwatchStageLatencyHigh firing (its lag shows the backlog).
@@ -246,14 +260,18 @@ def coalesce(raws: list[bytes]) -> list[DetectRequest]:
     """The requests of a batch worth answering: the last one per cluster, in
     the order of those last requests. A cluster waits for one result
     (``models_pending`` is a flag), and its last request names its best copy.
-    Unreadable requests are logged and dropped: nothing waits for them."""
+    Unreadable requests are logged and dropped: nothing waits for them. A
+    newer deepwatch's request raises ``NewerSchema`` (module docstring)."""
     latest: dict[str, DetectRequest] = {}
     for raw in raws:
         try:
             req = DetectRequest.loads(raw)
+        except NewerSchema:
+            raise
         except Exception:
             log.exception("unreadable detect request", extra={"excerpt": bytes(raw[:200]).decode("utf-8", "replace")})
             continue
         latest.pop(req.cluster_id, None)  # re-inserted below: answers keep the order of the last requests
         latest[req.cluster_id] = req
     return list(latest.values())
+

@@ -74,7 +74,10 @@ class _ReadRecord(BaseModel):
     """A typed store read, read by attribute; ``as_json`` is the JSON object
     it serialises to."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Fields it does not know are ignored: a rollback reads rows a newer deepwatch stored, with the
+    # fields it added (the forward-compatibility rule of ``streams.records``); refused, each such row
+    # read as "changed outside deepwatch", and redelivery stopped at it.
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     # Every read record says its shape's version in a field of its own, ``schema_version: int = 1``
     # (an addition: none is renamed). A row stored before records were versioned carries none, or a

@@ -1,7 +1,29 @@
 """Typed, versioned records for every message on a deepwatch topic.
 
-Every record carries ``schema_version``; consumers accept the versions they
-know and dead-letter the rest rather than guessing. The input event's JSON
+Every record carries ``schema_version``. The input event (``ImageEvent``,
+from producers outside deepwatch) is checked by ``streams.validate``: an
+unknown version is dead-lettered there. The records on deepwatch's own
+topics follow the forward-compatibility rule of Kafka and Protobuf schemas,
+so that two versions of deepwatch can share a broker (a rolling upgrade, a
+rollback) without losing events:
+
+* Within a ``schema_version`` fields are only added, each with a default,
+  and a reader ignores the fields it does not know (``_Record.loads``):
+  a worker one release behind reads what the newer one wrote, less the new
+  fields. A writer that adds a field older readers must not ignore (one that
+  changes what the others mean) bumps ``schema_version`` instead.
+* A record whose ``schema_version`` (its own or a nested record's) is newer
+  than this code knows is neither guessed at nor dead-lettered:
+  ``loads`` raises ``NewerSchema`` ("written by a newer deepwatch: upgrade
+  this worker") and the stage that read it holds it unacked, uncommitted
+  (``streams.cluster_stage``, ``streams.sink_stage``,
+  ``streams.detect_worker``), for an upgraded worker to process. A dead
+  letter would have lost it: it keeps only the first 512 bytes, and no tool
+  sends a dead letter's record again.
+
+The models themselves stay strict (``extra="forbid"``): a record this code
+builds with a misspelt field fails where it is built. Only ``loads``, the
+read path, lets unknown fields pass. The input event's JSON
 Schema is published at ``streams/schemas/event-v1.schema.json`` (regenerate
 with ``deepwatch schema``) so producers outside this code base can validate;
 an alert webhook's body at ``streams/schemas/alert-v1.schema.json``
@@ -14,9 +36,12 @@ import hashlib
 import re
 import unicodedata
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal, get_args
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from detectors.base import Evidence
 from detectors.fusion import Verdict
@@ -27,15 +52,58 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class NewerSchema(Exception):
+    """A record written by a newer deepwatch, at a ``schema_version`` this
+    one does not know (the module docstring's rule). Not a ``ValueError``,
+    unlike a record that does not validate: readers that dead-letter what
+    does not read must not dead-letter this one, which is valid, only newer."""
+
+    def __init__(self, record: str, version: int, known: int):
+        super().__init__(f"{record} record at schema_version {version} (this deepwatch reads up to {known}): "
+                         "written by a newer deepwatch: upgrade this worker")
+        self.record, self.version, self.known = record, version, known
+
+
+_KNOWN_VERSION: dict[type, int] = {}  # record class -> the highest ``schema_version`` it reads
+
+
 class _Record(BaseModel):
+    # Strict where this code builds a record (a misspelt field fails there);
+    # ``loads`` is the forward-compatible read path (module docstring).
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("schema_version", mode="before", check_fields=False)
+    @classmethod
+    def _not_newer(cls, value: Any) -> Any:
+        if type(value) is not int:  # a bool, or no number: the field's own type refuses it
+            return value
+        known = _KNOWN_VERSION.get(cls)
+        if known is None:  # once per class: this runs for every record read (three per cluster op)
+            known = _KNOWN_VERSION[cls] = max(get_args(cls.model_fields["schema_version"].annotation))
+        if value > known:
+            raise PydanticCustomError("newer_schema", "schema_version {version} is newer than this deepwatch "
+                                      "reads ({known})", {"version": value, "known": known, "record": cls.__name__})
+        return value
 
     def dumps(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
     def loads(cls, raw: bytes | str):
-        return cls.model_validate_json(raw)
+        """The record ``raw`` holds, read forward-compatibly: fields this code
+        does not know (a newer writer's, within the same ``schema_version``)
+        are ignored at any depth (pydantic's ``extra`` for this validation
+        alone); ``NewerSchema`` for a record (or a record in it) at a newer
+        ``schema_version``; pydantic's ``ValidationError`` for anything else
+        that does not read."""
+        try:
+            return cls.model_validate_json(raw, extra="ignore")
+        except ValidationError as e:
+            for err in e.errors():
+                if err["type"] == "newer_schema":
+                    ctx = err.get("ctx") or {}
+                    raise NewerSchema(ctx.get("record", cls.__name__), ctx.get("version"), ctx.get("known")) from None
+            raise
 
 
 # --------------------------------------------------------------------------

@@ -12,9 +12,15 @@ ends, so a worker stopped while its sink waited on a locked store committed
 the batch's offsets on its way out and the batch was never stored (the
 analyze agent lost events the same way, ``streams.stage.hand_on``).
 
-A record that does not read (a newer writer's, a damaged one) is one dead
+A record that does not read (a damaged one) is one dead
 letter (stage ``sink``) and the rest of its batch is stored
 (``streams.sinks.unreadable``): it neither loses the batch nor holds it.
+One a newer deepwatch wrote at a ``schema_version`` this one does not know
+(``records.NewerSchema``) is valid, only newer: its batch is held, unacked,
+with one critical line (``streams.held_records``), until this worker stops or the
+partition moves, so an upgraded worker stores it. Dead-lettered, it was
+lost: a dead letter keeps 512 bytes of it and nothing sends one again.
+Fields a newer writer added within a version are ignored (``records``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import asyncio
 from typing import Any, Awaitable, Callable
 
 from streams import metrics
+from streams.held_records import hold_newer, owned
+from streams.records import NewerSchema
 from streams.settings import Settings
 from streams.sinks import Sinks
 
@@ -52,6 +60,10 @@ class SinkStage:
             await write([e.value for e in events])
         except asyncio.CancelledError:
             raise  # a stop: left unacked, so uncommitted; the partition's next owner stores them
+        except NewerSchema as e:
+            # returns once its partitions moved: acking commits nothing
+            await hold_newer("sink batch", events[0].message, {"records": len(events)}, e,
+                             lambda: owned(stream, events))
         except Exception:
             # A crash (not a store that cannot write: ``Sinks`` retries that;
             # nor a record that does not read: ``Sinks`` dead-letters it and
@@ -63,3 +75,4 @@ class SinkStage:
             raise
         for e in events:
             await stream.ack(e)
+

@@ -129,9 +129,10 @@ class Sinks:
 
     async def snapshots(self, raws: list[bytes]) -> None:
         """One batch in one store call (one bulk request on Elasticsearch).
-        Each record is read on its own: one that does not read (a newer
-        writer's, a damaged one) is dead-lettered (``unreadable``) and the
-        rest of the batch is stored."""
+        Each record is read on its own: one that does not read (a damaged
+        one) is dead-lettered (``unreadable``) and the rest of the batch is
+        stored; a newer deepwatch's raises ``NewerSchema``, for the stage to
+        hold its batch (``streams.held_records``)."""
         snaps, bad = _read(ClusterSnapshot, "snapshot", raws)
         if snaps:
             await self._write("snapshots", len(snaps), lambda store: store.apply_snapshots(snaps))

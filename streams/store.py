@@ -1103,7 +1103,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
 
     def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
         rows, total = self._newest("alerts", "alert_id, doc", ("created_at", "alert_id"), limit)
-        return Page([self._valid("alert", alert_id, lambda: AlertRecord.model_validate_json(doc))
+        return Page([self._valid("alert", alert_id, lambda: _alert_record(doc))
                      for alert_id, doc in rows], total)
 
     def dead_letters(self, *, limit: int | None = None) -> Page[DeadLetterRecord]:
@@ -1170,7 +1170,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         bound = (since - timedelta(seconds=1)).isoformat()
         rows = sorted(self._db.execute("SELECT created_at, alert_id, doc FROM alerts "
                                        "WHERE julianday(created_at) >= julianday(?)", (bound,)).fetchall())
-        records = [self._valid("alert", alert_id, lambda: AlertRecord.model_validate_json(doc))
+        records = [self._valid("alert", alert_id, lambda: _alert_record(doc))
                    for _created, alert_id, doc in rows]
         return [a for a in records if a.created_at >= since]
 
@@ -1241,6 +1241,13 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
 
     def sighting_times(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT event_id, posted_at FROM sightings"))
+
+
+def _alert_record(doc: str) -> AlertRecord:
+    """A stored alert's record, read as its topic record is (``Alert.loads``):
+    fields a newer deepwatch added are dropped (a rollback), at any depth, not
+    kept as this version's extras."""
+    return AlertRecord.model_validate_json(Alert.loads(doc).dumps())
 
 
 _DL_COLS = ("event_id", "stage", "reason", "detail", "source", "payload_excerpt", "at")

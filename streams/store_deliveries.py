@@ -37,7 +37,7 @@ class DeliveryLog:
                WHERE d.target=? AND d.state=? ORDER BY a.created_at, a.level, a.alert_id LIMIT ?""",
             (target, DeliveryState.FAILED.value, -1 if limit is None else limit),
         ).fetchall()
-        return [self._valid("alert", alert_id, lambda: Alert.model_validate_json(doc)) for alert_id, doc in rows]
+        return [self._valid("alert", alert_id, lambda: Alert.loads(doc)) for alert_id, doc in rows]
 
     def queued_deliveries(self, target: str, *, older_than_s: float, limit: int | None = None) -> list[Alert]:
         """Alerts queued for ``target`` more than ``older_than_s`` ago and not
@@ -50,7 +50,7 @@ class DeliveryLog:
             (target, DeliveryState.QUEUED.value, f"-{max(0.0, older_than_s):.3f} seconds",
              -1 if limit is None else limit),
         ).fetchall()
-        return [self._valid("alert", alert_id, lambda: Alert.model_validate_json(doc)) for alert_id, doc in rows]
+        return [self._valid("alert", alert_id, lambda: Alert.loads(doc)) for alert_id, doc in rows]
 
     def undelivered_before(self, target: str, cluster_id: str, level: int) -> bool:
         """Whether an earlier alert of ``cluster_id`` still awaits delivery to
