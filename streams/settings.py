@@ -526,7 +526,7 @@ class Settings(BaseSettings):
     app_id: str = "deepwatch"  # the Faust app id: consumer groups and internal topics; one per deployment on a broker
     metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics on workers; 0 = any free port
     log_level: LogLevel = "INFO"  # in any case; WARN and FATAL are taken as WARNING and CRITICAL
-    log_format: LogFormat = "json"  # json: one object per line, for log shippers; console: readable lines
+    log_format: LogFormat = "json"  # json: one object per line, for log shippers; console: readable lines, each record's fields as key=value
     # Forked from one process that imported the pipeline once (streams.zygote:
     # about a second of CPU less per worker), or each a fresh interpreter.
     # `deepwatch worker` is always a process of its own.
