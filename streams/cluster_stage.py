@@ -383,7 +383,7 @@ class ClusterStage:
         nothing, ``_still_owned``)."""
         error, self._newer = self._newer, None
         await hold_newer("cluster op", held[0][1], {"ops": len(held)}, error,
-                         lambda: _still_owned(app, rebalances, held))
+                         lambda: bool(_still_owned(app, rebalances, held)))
 
     async def _ask(self, req: DetectRequest) -> None:
         await self.detect_requests.send(key=req.cluster_id.encode(), value=req.dumps())
@@ -447,7 +447,10 @@ class ClusterStage:
                     if op.kind == "detection":
                         self._answered()
                     writes = {cid: fit(st) for cid, st in out.writes.items()}
-                except NewerSchema as e:  # held, with the ops after it (``handle_batch``); none of it applied
+                except NewerSchema as e:
+                    # held, with the ops after it (``handle_batch``). None of it applied: only
+                    # ``ClusterOp.loads`` raises it (a newer stored state is ``NewerStateVersion``,
+                    # ``clustering``), before the engine sees the op
                     self._newer = e
                     done -= 1
                     break

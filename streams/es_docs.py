@@ -71,8 +71,10 @@ def processed_action(index: str, source: Any, outcome: str, event_id: str | None
 
 
 def alert_from_doc(doc: dict[str, Any]) -> Alert:
-    """The ``Alert`` message back from its stored document (``add_alert``)."""
-    return Alert.model_validate({k: v for k, v in doc.items() if k not in ("@timestamp", "evidence_summary")})
+    """The ``Alert`` message back from its stored document (``add_alert``),
+    read as its topic record is (``Alert.from_doc``): a rollback reads the
+    alerts a newer deepwatch stored, less the fields it added."""
+    return Alert.from_doc({k: v for k, v in doc.items() if k not in ("@timestamp", "evidence_summary")})
 
 
 SIGHTING_SOURCE = {"excludes": ["@timestamp", "schema_version", "account_handle_norm", "source"]}

@@ -1017,8 +1017,8 @@ class ReplayAccounting(Protocol):
     def pending_work(self) -> dict[str, int]: ...
     def count_sightings(self) -> int: ...
     # The replay summary's reads (``runner.summarize``): counted by the store, or looked up by
-    # what the run itself holds (its event ids, offsets, start time), so the summary costs the
-    # run's size, not the store's (an earlier run's millions of rows stay where they are).
+    # what the run itself holds (its event ids, offsets, start time), so the summary's memory is the
+    # run's size, not the store's (an earlier run's millions of rows are counted, not read).
     def count_alerts(self) -> int:
         """How many alerts are stored (``alerts().total``), counted."""
         ...

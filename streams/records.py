@@ -3,21 +3,22 @@
 Every record carries ``schema_version``. The input event (``ImageEvent``,
 from producers outside deepwatch) is checked by ``streams.validate``: an
 unknown version is dead-lettered there. The records on deepwatch's own
-topics follow the forward-compatibility rule of Kafka and Protobuf schemas,
-so that two versions of deepwatch can share a broker (a rolling upgrade, a
+topics are forward compatible (as Kafka schema registries define it), so
+that two versions of deepwatch can share a broker (a rolling upgrade, a
 rollback) without losing events:
 
 * Within a ``schema_version`` fields are only added, each with a default,
   and a reader ignores the fields it does not know (``_Record.loads``):
   a worker one release behind reads what the newer one wrote, less the new
-  fields. A writer that adds a field older readers must not ignore (one that
+  fields. Unlike Protobuf it does not keep them: what such a worker writes
+  on (a cluster's state and snapshot, an alert) lacks them, until a newer
+  worker writes that record again. A writer that adds a field older readers must not ignore (one that
   changes what the others mean) bumps ``schema_version`` instead.
 * A record whose ``schema_version`` (its own or a nested record's) is newer
   than this code knows is neither guessed at nor dead-lettered:
   ``loads`` raises ``NewerSchema`` ("written by a newer deepwatch: upgrade
   this worker") and the stage that read it holds it unacked, uncommitted
-  (``streams.cluster_stage``, ``streams.sink_stage``,
-  ``streams.detect_worker``), for an upgraded worker to process. A dead
+  (``streams.held_records``), for an upgraded worker to process. A dead
   letter would have lost it: it keeps only the first 512 bytes, and no tool
   sends a dead letter's record again.
 
@@ -99,11 +100,24 @@ class _Record(BaseModel):
         try:
             return cls.model_validate_json(raw, extra="ignore")
         except ValidationError as e:
-            for err in e.errors():
-                if err["type"] == "newer_schema":
-                    ctx = err.get("ctx") or {}
-                    raise NewerSchema(ctx.get("record", cls.__name__), ctx.get("version"), ctx.get("known")) from None
-            raise
+            raise _newer(e, cls) from None
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]):
+        """``loads`` for a record already parsed (an Elasticsearch ``_source``)."""
+        try:
+            return cls.model_validate(doc, extra="ignore")
+        except ValidationError as e:
+            raise _newer(e, cls) from None
+
+
+def _newer(e: ValidationError, cls: type) -> Exception:
+    """``NewerSchema`` where ``e`` is a newer ``schema_version``'s refusal, else ``e``."""
+    for err in e.errors():
+        if err["type"] == "newer_schema":
+            ctx = err.get("ctx") or {}
+            return NewerSchema(ctx.get("record", cls.__name__), ctx.get("version"), ctx.get("known"))
+    return e
 
 
 # --------------------------------------------------------------------------

@@ -736,8 +736,9 @@ def summarize(settings: Settings, events: int, produced: set[tuple[int, int]], r
     ``started_at`` on (when given): this run's, not those an earlier run left
     in the data dir; the counts are the store's totals. The store counts
     them, and answers for this run's alerts, events and dead letters by
-    their time, offsets and ids: what the summary reads is the run's size,
-    whatever earlier runs left in the store."""
+    their time, offsets and ids: what the summary holds in memory is the
+    run's size, whatever earlier runs left in the store (the counts still
+    scan: SQLite groups the dead letters and counts the live clusters)."""
     store = open_findings(settings.findings.url, settings.data_dir, settings)
     try:
         dls = store.dead_letter_counts()

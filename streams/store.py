@@ -33,7 +33,7 @@ from streams.findings import (
     unstored_alerts, without_webhook_urls,
 )
 from streams.private_files import SQLITE_COMPANIONS, owner_only, private_dir
-from streams.records import Alert, ClusterSnapshot, DeadLetter, Sighting, SourceRef
+from streams.records import Alert, ClusterSnapshot, DeadLetter, NewerSchema, Sighting, SourceRef
 from streams.sqlite_wal import enable_wal
 from streams.store_accounts import AccountQueries
 from streams.store_deliveries import DeliveryLog
@@ -436,9 +436,11 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         webhook URL (a token in it, often), and so did their status text
         ("failed: <url>: HTTP 503"): rename them to its ``target_key`` and
         show the URL in their status as its label
-        (``findings.without_webhook_urls``), once. Rows keyed by a version
-        that kept that text (the token still in it) get their status
-        cleaned too; reads clean it meanwhile (``DeliveryLog._record``)."""
+        (``findings.without_webhook_urls``). Rows keyed by a version that
+        kept that text (the token still in it) get their status cleaned
+        too; reads clean it meanwhile (``DeliveryLog._record``). Runs at
+        each writer's open: a scan of the deliveries (one row per alert and
+        hook, so small), which writes nothing once no row shows a URL."""
         from streams.webhooks import target_key
 
         legacy = [t for t, in self._db.execute("SELECT DISTINCT target FROM deliveries") if target_key(t) != t]
@@ -758,9 +760,14 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
     def _valid(self, kind: str, key: Any, build: Any) -> Any:
         """``build()``, a typed record from a stored row; a row that does not
         validate (edited by hand, or damaged) is one clear error naming it,
-        not a pydantic or JSON traceback."""
+        not a pydantic or JSON traceback; so is a row a newer deepwatch
+        stored at a ``schema_version`` this one does not read."""
         try:
             return build()
+        except NewerSchema as e:
+            raise StoreError(f"findings store {str(self.path)!r}: {kind} {str(key)!r} was stored by a newer deepwatch "
+                             f"(schema_version {e.version}; this one reads up to {e.known}): upgrade deepwatch, or "
+                             "read the store with the version that wrote it") from None
         except (ValueError, TypeError) as e:
             errors = getattr(e, "errors", None)
             if callable(errors):
