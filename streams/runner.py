@@ -28,7 +28,7 @@ from streams.topics import topic_specs
 from streams.broker import EmbeddedBroker, bootstrap_of, ensure_topics
 from streams.ingest import Produced, produce_lines
 from streams.priority import renice_threads
-from streams.private_files import owner_only, private_dir
+from streams.private_files import own_dir, owner_only, private_dir
 from streams.settings import Settings
 from streams.findings import IdentityCheck, open_findings
 from streams.zygote import LOCAL_THREAD_ENV, SAFE_PATH, Zygote, ZygoteChild, take_prestarted
@@ -388,8 +388,12 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
 
 def start_cluster(settings: Settings, stack: ExitStack, *, log_dir: Path | None = None) -> Cluster:
     stack.enter_context(data_dir_lock(Path(settings.data_dir)))
-    log_dir = Path(log_dir or Path(settings.data_dir) / "logs")
-    private_dir(log_dir)
+    if log_dir is None:
+        # the data dir's own: narrowed when an older deepwatch left it 0755, which hides the 0644 logs
+        # it wrote there too (they are not walked one by one)
+        log_dir = own_dir(Path(settings.data_dir) / "logs", "log directory")
+    else:
+        private_dir(log_dir)
     t0 = time.monotonic()
     # First: the zygote imports what every worker needs while the broker starts
     # (the console script may have started it already, while the CLI imported).

@@ -75,12 +75,22 @@ class StoreError(OSError):
     at open passes, a corrupt file does not: ``store_errors.may_pass``)."""
 
     sqlite_errorname: str | None = None
+    passes_after_upgrade = False  # ``NewerStore``: held, not a dead letter (``store_errors.may_pass``)
 
     @classmethod
     def of(cls, message: str, e: sqlite3.Error) -> "StoreError":
         err = cls(message)
         err.sqlite_errorname = getattr(e, "sqlite_errorname", None)
         return err
+
+
+class NewerStore(StoreError):
+    """The findings file was migrated by a newer deepwatch. A worker of this
+    version that meets it mid-run (a rolling upgrade: the newer cluster
+    worker migrated the file its analyze workers share) holds its events
+    until it is upgraded: as dead letters, every event it read was lost."""
+
+    passes_after_upgrade = True
 
 
 SCHEMA = """
@@ -370,7 +380,7 @@ class SqliteFindingsStore(DeliveryLog, AccountQueries, MemberQueries):
         that CREATE TABLE IF NOT EXISTS would quietly add findings tables to."""
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StoreError(f"findings store {str(self.path)!r} was written by a newer deepwatch (schema {version}; "
+            raise NewerStore(f"findings store {str(self.path)!r} was written by a newer deepwatch (schema {version}; "
                              f"this one reads up to {SCHEMA_VERSION}): upgrade deepwatch, or use another --data-dir")
         tables = {name for name, in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables and not tables & {"clusters", "sightings", "processed"}:

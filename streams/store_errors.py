@@ -33,7 +33,11 @@ def may_pass(e: object) -> bool:
     than by SQLite carries no code and passes when it is an
     ``OperationalError``. Opening the SQLite findings store raises
     ``store.StoreError`` carrying the code. Elasticsearch's errors are
-    judged by ``es_client.store_unavailable``."""
+    judged by ``es_client.store_unavailable``. A findings file a newer
+    deepwatch migrated (``store.NewerStore``) passes too: the worker holds
+    until it is upgraded (one line with the fix, as every hold logs)."""
+    if getattr(e, "passes_after_upgrade", False):  # a file a newer deepwatch migrated: passes once upgraded
+        return True
     code = primary_code(e)
     if code is not None:
         return code in PASSING_SQLITE

@@ -175,6 +175,18 @@ def test_an_unavailable_elasticsearch_holds_the_event(tmp_path, monkeypatch, err
     assert store.calls == 3 and _failures() - before == 2
 
 
+def test_a_findings_file_a_newer_deepwatch_migrated_holds_the_event(tmp_path):
+    """A rolling upgrade: the newer cluster worker migrated the findings file the older analyze workers
+    share, which then refused it: every event they read was a dedupe:internal_error dead letter."""
+    from streams.store import NewerStore
+
+    newer = "findings store 'f' was written by a newer deepwatch (schema 4; this one reads up to 3): upgrade deepwatch"
+    store = Scripted(NewerStore(newer), NewerStore(newer))
+    result = _process(_stage(tmp_path, store, lookup_retry_s=0.05, inline_max_pixels=0), _event(0, "small.png"))
+    assert result.dead is None and ClusterOp.loads(result.op).sighting.event.event_id == "e0"
+    assert store.calls == 3
+
+
 def test_a_corrupt_database_is_one_dead_letter_at_once(tmp_path):
     store = OnFile(_corrupt(tmp_path / "findings.sqlite"))
     before = _failures()

@@ -57,6 +57,8 @@ def test_a_replay_into_a_users_0755_data_dir_leaves_nothing_there_for_other_user
     # as an earlier deepwatch left them, at the umask's modes
     (data / "blobs" / "ab" / "cd").mkdir(parents=True)
     (data / "faust").mkdir()
+    (data / "logs").mkdir()
+    (data / "logs" / "worker-pipeline-0-1.log").write_text("an older run's log\n")  # 0644, never opened again
     r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "replay", "feed.jsonl", "--data-dir", str(data),
                         "--workers", "1", "--no-wait-models"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -64,7 +66,7 @@ def test_a_replay_into_a_users_0755_data_dir_leaves_nothing_there_for_other_user
     assert mode_of(data) == 0o755
     assert readable_by_others(data) == []  # the runners' lock too: one another user could open, it could flock
     files = {p: mode_of(p) for p in data.rglob("*") if p.is_file()}
-    assert {str(p.relative_to(data)) for p, m in files.items() if m != 0o600} == set()
+    assert {str(p.relative_to(data)) for p, m in files.items() if m != 0o600} == {"logs/worker-pipeline-0-1.log"}
     blobs = [p for p in files if p.parent.parent.parent.name == "blobs"]
     analyses = [p for p in files if p.parent.name == "analysis"]
     ports = [p for p in files if p.suffix == ".port"]
