@@ -179,12 +179,10 @@ class BulkSink:
                     result.ok += 1
                     metrics.SINK_ITEMS.labels(index, "ok").inc()
                 elif op == "delete" and status not in RETRYABLE_STATUS:
-                    # a superseded dead letter that may not be deleted (a role without the ``delete``
-                    # privilege: docs/elasticsearch.md): no event of its own to dead-letter; it stays
-                    # beside its event's newer outcome, said here
-                    log.error("superseded dead letter not deleted" + ("; grant the role the 'delete' index privilege"
-                                                                       if status == 403 else ""),
-                              extra={"action": action[0], "status": status, "error": r.get("error")})
+                    # a superseded dead letter or moved delivery record that may not be deleted (a role
+                    # without the ``delete`` privilege: docs/elasticsearch.md): no event of its own to
+                    # dead-letter; it stays beside its newer record, said here
+                    _not_deleted(action, r.get("error"), status)
                 elif status == 409 and op == "create" and id(action) in unanswered:
                     # created by this call's unanswered request: an alert stored so is a new alert
                     # (its console line and count), not a redelivered one
@@ -215,10 +213,10 @@ class BulkSink:
                                   "script as an admin (docs/elasticsearch.md, \"The role deepwatch needs\")", hold=True)
                 else:
                     failed.append((action, r))
-            # a superseded dead letter's delete that still fails names no event: logged, never dead-lettered
-            # (a dead letter named after the deleted one's key was a third outcome of its event)
+            # a delete that still fails names no event: logged, never dead-lettered (a dead
+            # letter named after the deleted one's key was a third outcome of its event)
             for action, r in [(a, r) for a, r in failed if _op(a) == "delete"]:
-                log.error("superseded dead letter not deleted", extra={"action": action[0], "error": r.get("error")})
+                _not_deleted(action, r.get("error"), r.get("status"))
             failed = [(a, r) for a, r in failed if _op(a) != "delete"]
             if failed:
                 if dead_letters:
@@ -264,8 +262,8 @@ class BulkSink:
                 self._send_chunk(part, result, me, dead_letters=dead_letters, unanswered=unanswered)
             return True
         why = {"type": kind, "reason": f"the request of this action alone was refused (HTTP {status}): {error_reason(e)}"}
-        if _op(todo[0]) == "delete":  # a superseded dead letter's delete names no event of its own
-            log.error("superseded dead letter not deleted", extra={"action": todo[0][0], "error": why})
+        if _op(todo[0]) == "delete":  # a delete names no event of its own
+            _not_deleted(todo[0], why, status)
         elif dead_letters:
             self._dead_letter([(todo[0], {"status": status, "error": why})], result, me)
         else:
@@ -329,6 +327,21 @@ def _script_missing(r: dict[str, Any]) -> bool:
 def _op(action: Action) -> str:
     """The bulk operation of ``action``: create, index, update or delete."""
     return next(iter(action[0]))
+
+
+# what a bulk request deletes, by its index's name (``es_templates.index_names``; a dead letter
+# is deleted from its backing index, ``.ds-<prefix>-dead-letters-...``)
+_DELETED = {"-dead-letters": "superseded dead letter", "-deliveries": "delivery record moved to its hook's key"}
+
+
+def _not_deleted(action: Action, error: Any, status: int | None = None) -> None:
+    """Log a delete that did not go through, naming what it was for (its
+    index and document id): the document stays beside its newer record."""
+    meta = next(iter(action[0].values()))
+    index = str(meta.get("_index", "?"))
+    kind = next((k for part, k in _DELETED.items() if part in index), "findings document")
+    log.error(f"{kind} not deleted" + ("; grant the role the 'delete' index privilege" if status == 403 else ""),
+              extra={"index": index, "id": meta.get("_id"), "status": status, "error": error})
 
 
 def _index_key(action: Action) -> str:

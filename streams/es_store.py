@@ -38,7 +38,9 @@ from streams.es_docs import (
 from streams.es_store_accounts import EsAccountQueries
 from streams.es_store_deliveries import EsDeliveryLog, ago, in_states
 from streams.es_store_setup import IndexSetup
-from streams.es_store_summary import EsSummaryQueries
+from streams.es_store_summary import (
+    ALERT_ORDER, ALERT_SOURCE, DEAD_LETTER_ORDER, DEAD_LETTER_SOURCE, EsSummaryQueries,
+)
 from streams.cluster_search import (
     SORT_KEYS, VELOCITY_FIELDS, ClusterQuery, Deadline, SearchCursor, SearchPage, SearchTimeout, sort_key, sort_order,
     text_terms,
@@ -688,24 +690,23 @@ class EsFindingsStore(IndexSetup, EsDeliveryLog, EsAccountQueries, EsSummaryQuer
         return out
 
     def alerts(self, *, limit: int | None = None) -> Page[AlertRecord]:
-        hits = self._newest(self.names["alerts"], ("created_at", "alert_id"),
-                            {"excludes": ["@timestamp", "evidence_summary"]}, limit)
+        hits = self._newest(self.names["alerts"], ALERT_ORDER, ALERT_SOURCE, limit)
         return Page([AlertRecord.model_validate(h["_source"]) for h in hits], hits.total)
 
     def dead_letters(self, *, limit: int | None = None) -> Page[DeadLetterRecord]:
-        hits = self._newest(self.names["dead_letters"], ("@timestamp", "dl_key"),
-                            {"excludes": ["@timestamp", "dl_key", "schema_version"]}, limit)
+        hits = self._newest(self.names["dead_letters"], DEAD_LETTER_ORDER, DEAD_LETTER_SOURCE, limit)
         return Page([DeadLetterRecord.model_validate(h["_source"]) for h in hits], hits.total)
 
-    def _newest(self, index: str, fields: tuple[str, ...], source: Any, limit: int | None) -> Page[dict[str, Any]]:
-        """Every hit of ``index`` ascending on ``fields``; with ``limit`` only
+    def _newest(self, index: str, order: list[dict[str, str]], source: Any,
+                limit: int | None) -> Page[dict[str, Any]]:
+        """Every hit of ``index`` in ``order`` (ascending fields); with ``limit`` only
         the last ``limit``: read newest first, ``size`` at most a page and
         ``search_after`` beyond it (never past index.max_result_window), the
         exact total from the first page (``track_total_hits``)."""
         limit = read_limit(limit)
         if limit is None:
-            return Page(self._scan(index, {"match_all": {}}, [{f: "asc"} for f in fields], source))
-        sort = [{f: "desc"} for f in fields]
+            return Page(self._scan(index, {"match_all": {}}, order, source))
+        sort = [{f: "desc"} for by in order for f in by]
         out: list[dict[str, Any]] = []
         total, after = 0, None
         while len(out) < limit:

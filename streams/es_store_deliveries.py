@@ -81,14 +81,25 @@ class EsDeliveryLog:
         ``upsert``, so the check and the write are one step on the shard.
         The alert's documents under ``moved_from`` (its hook's earlier
         keys) are deleted in the same bulk request: one record per alert
-        and hook."""
+        and hook; one of them that is ``delivered`` (read by id, real-time)
+        is the record kept (its why and when)."""
         self.ensure_setup()
-        self.bulk.send([self._delivery_action(alert_id, target, DeliveryState(state), detail),
+        state, at = DeliveryState(state), None
+        moved = [t for t in dict.fromkeys(moved_from) if t != target]
+        # a moved record that says delivered wins over this outcome: the alert, read as
+        # undelivered under the hook's key, would be sent again
+        for t in moved:
+            doc = self._delivery_doc(alert_id, t)
+            if doc is not None and _delivery_of(doc)[0] is DeliveryState.DELIVERED:
+                state, detail, at = DeliveryState.DELIVERED, _delivery_of(doc)[1], doc.get("at")
+                break
+        self.bulk.send([self._delivery_action(alert_id, target, state, detail, at),
                         *(({"delete": {"_index": self.names["deliveries"], "_id": self._delivery_id(alert_id, t)}},
-                           None) for t in dict.fromkeys(moved_from) if t != target)])
+                           None) for t in moved)])
 
-    def _delivery_action(self, alert_id: str, target: str, state: DeliveryState, detail: str) -> tuple[dict, dict]:
-        at = now()
+    def _delivery_action(self, alert_id: str, target: str, state: DeliveryState, detail: str,
+                         at: str | None = None) -> tuple[dict, dict]:
+        at = at or now()
         return (
             {"update": {"_index": self.names["deliveries"], "_id": self._delivery_id(alert_id, target),
                         "retry_on_conflict": 5}},

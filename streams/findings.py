@@ -733,7 +733,8 @@ class SinkWriter(Protocol):
         """Record a delivery's state and why (``DeliveryRecord``), never
         moving it away from ``delivered``; the alert's records under
         ``moved_from`` (its hook's earlier keys) go with it, so each alert
-        has one record per hook."""
+        has one record per hook; one of those that reads ``delivered`` is
+        the one kept (the alert was sent)."""
         ...
 
 

@@ -68,8 +68,10 @@ class ConsoleFormatter(logging.Formatter):
     ``extra`` fields as `` key=value`` (the reason a line is about), on one
     line: control characters escaped and line breaks made spaces
     (``detectors.printable.one_line``: a value can come from a feed), a value
-    holding a space (or none at all) in double quotes, a list or mapping as
-    compact JSON."""
+    holding a space, ``"`` or ``=``, one that had to be escaped, and an empty
+    one in double quotes (``\\`` and ``"`` escaped inside them, so a
+    backslash there is always an escape), a list or mapping as compact
+    JSON (in quotes only when it holds a space)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -85,11 +87,17 @@ class ConsoleFormatter(logging.Formatter):
 
 def _console_value(value: object) -> str:
     if isinstance(value, (list, tuple, dict)):
+        # JSON escapes its own quotes and backslashes: bare unless a space would end it early
         text = json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+        special = " "
     else:
         text = value if isinstance(value, str) else str(value)  # a number, None, an exception, a path
-    text = one_line(text)
-    return text if text and " " not in text else '"' + text.replace('"', '\\"') + '"'
+        special = ' "='
+    # as logfmt: a value left bare is read as it stands, up to the next space
+    if text and one_line(text) == text and not any(c in text for c in special):
+        return text
+    # backslashes first, so an escape ``one_line`` writes (``\x1b``) is told from the text "\x1b"
+    return '"' + one_line(text.replace("\\", "\\\\")).replace('"', '\\"') + '"'
 
 
 class _Window:

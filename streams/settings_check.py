@@ -270,13 +270,6 @@ def _empty_mistake(name: str, value: str, field: Any) -> str | None:
     return f"{name} is set but empty: give it a value, or unset it (`unset {name}`) for the default"
 
 
-def check_toml_file(path: Path) -> None:
-    """Refuse the settings file as ``toml_mistakes`` finds it, every mistake at once."""
-    mistakes = toml_mistakes(path)
-    if mistakes:
-        raise refusal(mistakes)
-
-
 def toml_mistakes(path: Path) -> list[str]:
     """Each unknown top-level key of the settings file; a file that cannot
     be read as TOML at all raises ``SettingsError`` (nothing more to check).
@@ -333,12 +326,6 @@ class Origin(typing.NamedTuple):
 
     text: str  # "in PATH: [section] key" or "in the environment: DEEPWATCH_X__Y"
     variable: str | None  # the environment variable, as set, when it is one
-
-
-def explain(e: ValidationError, overrides: Mapping[str, Any] | None = None) -> SettingsError:
-    """Turn pydantic's multi-line report into one line per mistake with the
-    fix and where the value came from (``explain_lines``)."""
-    return refusal(explain_lines(e, overrides))
 
 
 def explain_lines(e: ValidationError, overrides: Mapping[str, Any] | None = None,
@@ -542,7 +529,7 @@ def explain_source_error(e: Exception, environ: Mapping[str, str]) -> SettingsEr
 def _may_hold_secrets(path: str, value: str) -> bool:
     """Whether an environment value may hold a secret, so that an error never
     quotes it: the webhooks' (a URL's path or query often holds the
-    subscriber's token, which ``explain`` never echoes either), whether as
+    subscriber's token, which ``explain_lines`` never echoes either), whether as
     ``alerts.webhooks`` or inside the whole ``alerts`` table, and any value
     with a URL in it (a user:password, a token in a query)."""
     return path == "alerts" or path.startswith("alerts.webhooks") or "://" in value

@@ -125,20 +125,38 @@ class DeliveryLog:
         """Record a delivery's state, why (``status``) and when (``at``,
         updated with them); never moving it away from ``delivered``. The
         alert's records under ``moved_from`` (its hook's earlier keys) go
-        in the same transaction: one record per alert and hook."""
+        in the same transaction: one record per alert and hook; one of them
+        that is ``delivered`` is the record kept (its why and when)."""
+        state, at = DeliveryState(state), None
         with self._tx() as db:
-            db.executemany("DELETE FROM deliveries WHERE alert_id=? AND target=?",
-                           [(alert_id, t) for t in moved_from if t != target])
+            moved = [t for t in dict.fromkeys(moved_from) if t != target]
+            rows = _of_targets(db, alert_id, moved)
+            # a moved record that says delivered wins over this outcome: the alert, read as
+            # undelivered under the hook's key, would be sent again
+            kept = next((r for r in (self._record(alert_id, *row) for row in rows)
+                         if r.state is DeliveryState.DELIVERED), None)
+            if kept is not None:
+                state, detail, at = kept.state, kept.detail, kept.at
+            db.executemany("DELETE FROM deliveries WHERE alert_id=? AND target=?", [(alert_id, t) for t in moved])
             db.execute(
                 # never back from delivered: a slow attempt that failed after the
                 # redelivery loop's succeeded would have the receiver sent it again
                 # (a row without a state: a schema-1 worker's, whose "delivered" was its whole status)
-                """INSERT INTO deliveries (alert_id, target, state, status) VALUES (?,?,?,?)
+                """INSERT INTO deliveries (alert_id, target, state, status, at)
+                   VALUES (?,?,?,?, COALESCE(?, strftime('%Y-%m-%dT%H:%M:%fZ','now')))
                    ON CONFLICT(alert_id, target) DO UPDATE SET state=excluded.state, status=excluded.status,
                                                                 at=excluded.at
                    WHERE COALESCE(deliveries.state, deliveries.status) IS NOT ?""",
-                (alert_id, target, DeliveryState(state).value, detail, DeliveryState.DELIVERED.value),
+                (alert_id, target, state.value, detail, at, DeliveryState.DELIVERED.value),
             )
+
+
+def _of_targets(db: sqlite3.Connection, alert_id: str, targets: list[str]) -> list[Any]:
+    """(target, state, status, at) of the alert's records under ``targets``."""
+    if not targets:
+        return []
+    return db.execute("SELECT target, state, status, at FROM deliveries WHERE alert_id=? "
+                      "AND target IN (SELECT value FROM json_each(?))", (alert_id, json.dumps(targets))).fetchall()
 
 
 def _of_alerts(db: sqlite3.Connection, sql: str, args: list[Any], alert_ids: list[str] | None) -> list[Any]:

@@ -99,3 +99,28 @@ def test_a_line_the_cli_writes_through_the_console_log_keeps_its_fields(lines, c
     logs.write(logging.WARNING, "hook refused", target="hook:main", reason="non-public address")
     err = capsys.readouterr().err.splitlines()
     assert err and err[-1].endswith('hook refused target=hook:main reason="non-public address"'), err
+
+
+def _field(lines, value) -> str:
+    buf = lines()
+    logging.getLogger("streams.app").warning("seen", extra={"v": value})
+    [line] = buf.getvalue().splitlines()
+    return line.split(" seen v=", 1)[1]
+
+
+@pytest.mark.parametrize("value, shown", [
+    ('a"b', r'"a\"b"'),  # a quote alone: bare it would read as the start of a quoted value
+    ('"x"', r'"\"x\""'),
+    ("k=v", '"k=v"'),  # bare, a reader would take it as a second field
+    ("", '""'),
+    ("plain", "plain"),
+    (r"C:\temp", r"C:\temp"),  # bare: read as it stands
+    ("C:\\temp dir", r'"C:\\temp dir"'),  # quoted: a backslash is escaped
+    ("\\x1b", r"\x1b"),  # the text, bare
+    ("\x1b", r'"\x1b"'),  # the control character, escaped: quoted, so it is told from the text
+    ("a\\\x1b", r'"a\\\x1b"'),
+    (["a b", 'c"'], r'"[\"a b\",\"c\\\"\"]"'),  # JSON with a space: quoted, its escapes escaped
+    ({"k": "v=1"}, '{"k":"v=1"}'),  # compact JSON without a space stays bare
+])
+def test_values_are_quoted_and_escaped_so_a_reader_can_take_them_back(lines, value, shown):
+    assert _field(lines, value) == shown

@@ -305,3 +305,81 @@ def test_the_stranded_warning_names_an_old_url_target_by_its_key(tmp_path, caplo
     [said] = [r for r in caplog.records if "no configured hook serves" in r.getMessage()]
     assert f"{target_key(OLD_URL)} (2)" in said.getMessage() and said.targets == [target_key(OLD_URL)]
     assert "SECRET123" not in said.getMessage()
+
+
+# -- review: a record moved onto the hook's key keeps a delivered state ----------------------------
+@pytest.mark.parametrize("outcome", [DeliveryState.FAILED, DeliveryState.REJECTED])
+def test_a_delivered_record_under_an_earlier_key_wins_the_move(store, outcome):
+    """An alert delivered under the hook's earlier key and then marked
+    failed (or rejected) under its key, moving the earlier record: the
+    one record left says delivered (with the earlier record's time), so
+    redelivery never sends the alert again."""
+    a = _two_clusters()[0]
+    store.add_alert(a)
+    store.mark_delivered(a.alert_id, "old-key", DeliveryState.FAILED, "HTTP 503")
+    store.mark_delivered(a.alert_id, "older-key", DeliveryState.DELIVERED, "HTTP 200")
+    _refresh(store)
+    at = {d.target: d.at for d in store.delivery_status([a.alert_id])[a.alert_id]}["older-key"]
+
+    store.mark_delivered(a.alert_id, "hook:main", outcome, "HTTP 503", moved_from=("old-key", "older-key"))
+    _refresh(store)
+    assert store.delivery_state(a.alert_id, "hook:main") is DeliveryState.DELIVERED
+    assert [(d.target, d.state, d.at) for d in store.delivery_status([a.alert_id])[a.alert_id]] == [
+        ("hook:main", DeliveryState.DELIVERED, at)]
+    assert store.failed_deliveries("hook:main") == []
+    assert store.undelivered_counts() == {}
+
+
+def test_a_move_without_a_delivered_record_keeps_the_new_outcome(store):
+    """The earlier keys' records, none delivered, go; the new outcome is the one record."""
+    a = _two_clusters()[0]
+    store.add_alert(a)
+    store.mark_delivered(a.alert_id, "old-key", DeliveryState.REJECTED, "HTTP 403")
+    store.mark_delivered(a.alert_id, "hook:main", DeliveryState.FAILED, "HTTP 503", moved_from=("old-key",))
+    _refresh(store)
+    assert [(d.target, d.state, d.detail) for d in store.delivery_status([a.alert_id])[a.alert_id]] == [
+        ("hook:main", DeliveryState.FAILED, "HTTP 503")]
+
+
+def test_an_old_workers_delivered_row_wins_the_move(tmp_path):
+    """A schema-1 worker's row (no state, "delivered" its whole status) under an earlier key counts as delivered."""
+    from streams.store import open_store
+
+    s = open_store(tmp_path)
+    try:
+        a = _two_clusters()[0]
+        s.add_alert(a)
+        with s._tx() as db:
+            db.execute("INSERT INTO deliveries (alert_id, target, state, status) VALUES (?, ?, NULL, 'delivered')",
+                       (a.alert_id, "old-key"))
+        s.mark_delivered(a.alert_id, "hook:main", DeliveryState.FAILED, "HTTP 503", moved_from=("old-key",))
+        assert s.delivery_state(a.alert_id, "hook:main") is DeliveryState.DELIVERED
+        assert s.failed_deliveries("hook:main") == []
+    finally:
+        s.close()
+
+
+def test_a_refused_move_of_a_delivery_record_is_logged_as_one(fake_es, caplog):
+    """A role without ``delete``: the earlier key's record stays, and the log
+    says it is a delivery record (its index and id), not a dead letter."""
+    from streams.es_store import EsFindingsStore
+    from tests.fake_es import error_body
+
+    store = EsFindingsStore.from_url(fake_es.url.replace("http://", "es://"),
+                                     settings=Settings(findings=FindingsSettings(retry_initial_s=0.001)))
+    try:
+        a = _two_clusters()[0]
+        store.add_alert(a)
+        store.mark_delivered(a.alert_id, "old-key", DeliveryState.FAILED, "HTTP 503")
+        fake_es.fail_items(lambda op, meta, source: op == "delete", 403,
+                           error_body("security_exception", "action [indices:data/write/delete] is unauthorized",
+                                      403)["error"])
+        with caplog.at_level(logging.ERROR, logger="deepwatch.alerts"):
+            store.mark_delivered(a.alert_id, "hook:main", DeliveryState.FAILED, "HTTP 503", moved_from=("old-key",))
+        [rec] = [r for r in caplog.records if "not deleted" in r.getMessage()]
+        assert rec.getMessage() == ("delivery record moved to its hook's key not deleted; "
+                                    "grant the role the 'delete' index privilege")
+        assert rec.index == store.names["deliveries"] and rec.id == store._delivery_id(a.alert_id, "old-key")
+        assert "dead letter" not in caplog.text
+    finally:
+        store.close()
