@@ -586,7 +586,10 @@ class Settings(BaseSettings):
                 private_dir(self.banks_path.parent)
             except OSError:  # BankStore's own mkdir says why, in its words
                 pass
-            owner_only(self.banks_path, "banks file", SQLITE_COMPANIONS)
+            # another user's file is left to BankStore, whose error says why it cannot be written
+            # (a warning about its mode first was a second line of a one-line mistake)
+            if not self.banks_path.exists() or self.banks_path.stat().st_uid == os.geteuid():
+                owner_only(self.banks_path, "banks file", SQLITE_COMPANIONS)
         return BankStore(self.banks_path, read_only=read_only, **self.dedupe.thresholds())
 
     def decode_limits(self):
