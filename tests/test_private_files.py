@@ -115,7 +115,8 @@ def test_owner_only_leaves_a_directory_in_the_files_place_and_a_closed_file_alon
         private_dir(tmp_path / "f")
 
 
-def test_a_replay_leaves_its_store_state_and_logs_owner_only(tmp_path, umask_022):
+def replay_two_pictures(tmp_path: Path, data: Path) -> None:
+    """``deepwatch replay`` of a two-picture feed (made in ``tmp_path``) into ``data``, as a user runs it."""
     from PIL import Image
 
     (tmp_path / "images").mkdir()
@@ -125,11 +126,15 @@ def test_a_replay_leaves_its_store_state_and_logs_owner_only(tmp_path, umask_022
         lines.append(json.dumps({"event_id": f"e{i}", "platform": "x", "account_id": "acct",
                                  "posted_at": "2026-12-01T10:00:00Z", "image": {"path": f"images/p{i}.jpg"}}))
     (tmp_path / "feed.jsonl").write_text("\n".join(lines) + "\n")
-    data = tmp_path / "data"
     r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "replay", "feed.jsonl", "--data-dir", str(data),
                         "--workers", "1", "--no-wait-models"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0 and "2 new sightings" in r.stderr, r.stderr[-3000:]
+
+
+def test_a_replay_leaves_its_store_state_and_logs_owner_only(tmp_path, umask_022):
+    data = tmp_path / "data"
+    replay_two_pictures(tmp_path, data)
     assert mode_of(data) == 0o700 and mode_of(data / "logs") == 0o700
     wide = {str(p.relative_to(data)): oct(mode_of(p)) for pattern in ("findings.sqlite*", "engine-state.sqlite*",
                                                                       "logs/*.log")

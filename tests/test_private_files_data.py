@@ -11,18 +11,16 @@ already (``mkstemp``): that is pinned here too."""
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.desk_support import REPO, jpeg
+from tests.desk_support import jpeg
 from tests.support import mode_of, picture
+from tests.test_private_files import replay_two_pictures
 
 def _reachable(root: Path, path: Path) -> bool:
     """Whether group or other may search every directory from ``root`` down to ``path``'s parent."""
@@ -43,15 +41,6 @@ def readable_by_others(root: Path) -> list[str]:
 
 
 def test_a_replay_into_a_users_0755_data_dir_leaves_nothing_there_for_other_users(tmp_path, umask_022):
-    from PIL import Image
-
-    (tmp_path / "images").mkdir()
-    lines = []
-    for i in range(2):
-        Image.new("RGB", (160, 120), (40 + 90 * i, 20, 200 - 80 * i)).save(tmp_path / "images" / f"p{i}.jpg")
-        lines.append(json.dumps({"event_id": f"e{i}", "platform": "x", "account_id": "acct",
-                                 "posted_at": "2026-12-01T10:00:00Z", "image": {"path": f"images/p{i}.jpg"}}))
-    (tmp_path / "feed.jsonl").write_text("\n".join(lines) + "\n")
     data = tmp_path / "data"
     data.mkdir(mode=0o755)  # the user's own, kept as it is: what is under it must protect itself
     # as an earlier deepwatch left them, at the umask's modes
@@ -59,10 +48,7 @@ def test_a_replay_into_a_users_0755_data_dir_leaves_nothing_there_for_other_user
     (data / "faust").mkdir()
     (data / "logs").mkdir()
     (data / "logs" / "worker-pipeline-0-1.log").write_text("an older run's log\n")  # 0644, never opened again
-    r = subprocess.run([sys.executable, "-m", "streams.cli.__main__", "replay", "feed.jsonl", "--data-dir", str(data),
-                        "--workers", "1", "--no-wait-models"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert r.returncode == 0 and "2 new sightings" in r.stderr, r.stderr[-3000:]
+    replay_two_pictures(tmp_path, data)
     assert mode_of(data) == 0o755
     assert readable_by_others(data) == []  # the runners' lock too: one another user could open, it could flock
     files = {p: mode_of(p) for p in data.rglob("*") if p.is_file()}

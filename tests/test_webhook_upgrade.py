@@ -20,6 +20,7 @@ from streams.settings import FindingsSettings, Settings, WebhookSettings
 from streams.webhooks import Deliveries, Target, WebhookRejected, post, target_key
 from tests.findings_fixture import alerts
 from tests import test_webhook_delivery
+from tests.test_delivery_records import store  # noqa: F401 - the fixture: each test on SQLite and the fake ES
 from tests.test_webhook_delivery import _redeliver, _settings, _url
 from tests.test_webhooks import ENV, SECRET, _alert
 
@@ -32,22 +33,6 @@ LABEL = "http://127.0.0.1:45639"
 @pytest.fixture(autouse=True)
 def _webhook_secret(monkeypatch):
     monkeypatch.setenv(ENV, SECRET)
-
-
-@pytest.fixture(params=["sqlite", "es"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        from streams.store import open_store
-
-        s = open_store(tmp_path)
-    else:
-        from streams.es_store import EsFindingsStore
-
-        es = request.getfixturevalue("fake_es")
-        s = EsFindingsStore.from_url(es.url.replace("http://", "es://"),
-                                     settings=Settings(findings=FindingsSettings(retry_initial_s=0.001)))
-    yield s
-    s.close()
 
 
 def _two_clusters() -> list:
