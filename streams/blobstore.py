@@ -82,8 +82,10 @@ class DirectoryBlobStore:
             # Its shard directories 0700 before the write makes them at the
             # umask's 0755: a root 0700 hides them already, but where it
             # stays wider (another user's, with a warning) the names of the
-            # pictures seen are still not listed.
-            private_dir(path.parent)
+            # pictures seen are still not listed. Only when missing: most
+            # new pictures land in a shard made before (one stat, not a mkdir).
+            if not path.parent.is_dir():
+                private_dir(path.parent)
             write_atomically(path, data)  # a concurrent reader never sees a half-written blob
         except OSError as e:
             if e.filename is None:  # a failed write() names no file: the blob's path says where

@@ -338,7 +338,7 @@ def _not_deleted(action: Action, error: Any, status: int | None = None) -> None:
     """Log a delete that did not go through, naming what it was for (its
     index and document id): the document stays beside its newer record."""
     meta = next(iter(action[0].values()))
-    index = str(meta.get("_index", "?"))
+    index = _index_key(action)
     kind = next((k for part, k in _DELETED.items() if part in index), "findings document")
     log.error(f"{kind} not deleted" + ("; grant the role the 'delete' index privilege" if status == 403 else ""),
               extra={"index": index, "id": meta.get("_id"), "status": status, "error": error})

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
@@ -618,12 +617,6 @@ def legacy_delivery(status: str) -> tuple[DeliveryState, str]:
         return DeliveryState.FAILED, without_webhook_urls(status)
 
 
-# A URL in a delivery's why: up to a space, quote or angle bracket (what ends one in
-# an exception's text); trailing punctuation is the sentence's ("<url>: HTTP 503").
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-_URL_TAIL = ":,.;)"
-
-
 def without_webhook_urls(text: str, *urls: str) -> str:
     """``text`` (a delivery's why) with every URL in it shown as its
     target's label (``streams.webhooks.target_label``: scheme, host and
@@ -634,17 +627,12 @@ def without_webhook_urls(text: str, *urls: str) -> str:
     old records (``legacy_delivery``, the stores' migration and reads) puts
     them through this, so no command, page, log or metric shows one. Text
     written since holds labels only and comes back unchanged."""
-    from streams.webhooks import target_label  # webhooks imports this module
+    from streams.webhooks import hide_urls, target_label  # webhooks imports this module
 
     for url in urls:
         if url and "://" in url:
             text = text.replace(url, target_label(url))
-
-    def label(m: re.Match[str]) -> str:
-        url = m.group(0).rstrip(_URL_TAIL)
-        return target_label(url) + m.group(0)[len(url):]
-
-    return _URL_IN_TEXT.sub(label, text) if "://" in text else text
+    return hide_urls(text)
 
 
 def unstored_alerts(clusters: Iterable[tuple[str, int, Iterable[str]]],

@@ -217,7 +217,10 @@ def _toml_hint(key: str, value: Any) -> str:
 
 
 def check_environment(environ: Mapping[str, str]) -> None:
-    """Refuse every unknown, renamed or empty ``DEEPWATCH_*`` setting variable."""
+    """Refuse every unknown, renamed or empty ``DEEPWATCH_*`` setting variable
+    (``load_settings`` gathers ``environment_mistakes`` with the rest; this is
+    the check alone, for an environment checked on its own: the compose and
+    Kubernetes files' in tests/test_deploy.py and tests/test_dashboards.py)."""
     mistakes = environment_mistakes(environ)
     if mistakes:
         raise refusal([message for _, message in mistakes])
@@ -362,6 +365,8 @@ def _explain_one(err: Any, where: Origin | None) -> str:
     if "webhooks" in err["loc"]:
         # a webhook URL often holds the subscriber's token in its path or query: never echoed,
         # not even a part of it; the message names hosts (scheme://host:port) at most
+        from streams.webhooks import hide_urls  # webhooks imports the settings
+
         return f"invalid setting {path!r}: {hide_urls(err['msg'])}{set_in}"
     return f"invalid setting {path!r}: {err['msg']} (got {redact_userinfo(str(err.get('input')))[:80]!r}){set_in}"
 
@@ -489,13 +494,6 @@ def _list_entry(loc: tuple[Any, ...], where: Origin | None = None) -> str | None
         hint = f"; did you mean {near[0]!r}{why}?"
     return (f"unknown setting {key!r} in {'.'.join(parts)} ({where.text if where else _EITHER}){hint} "
             f"Each {list_path} entry takes: {', '.join(fields)}")
-
-
-def hide_urls(text: str) -> str:
-    """``text`` with every URL in it as its ``scheme://host[:port]`` only."""
-    from streams.webhooks import target_label
-
-    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]*[^\s'\":.,;)]", lambda m: target_label(m.group(0)), text)
 
 
 def explain_source_error(e: Exception, environ: Mapping[str, str]) -> SettingsError:

@@ -166,6 +166,7 @@ import logging
 import math
 import os
 import ssl
+import re
 import time
 import weakref
 from dataclasses import dataclass
@@ -310,6 +311,17 @@ def failure_state(e: WebhookError) -> DeliveryState:
     not wait for it) or failed (tried again, and later alerts of its cluster
     queue behind it)."""
     return DeliveryState.REJECTED if isinstance(e, WebhookRejected) else DeliveryState.FAILED
+
+
+# A URL in free text (an exception's, a stored delivery's why): up to a space, quote or angle bracket;
+# a trailing ":,.;)" is the sentence's ("<url>: HTTP 503")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>:.,;)]")
+
+
+def hide_urls(text: str) -> str:
+    """``text`` with every URL in it as its label (``target_label``:
+    scheme, host and port): a webhook URL often carries a token."""
+    return _URL_IN_TEXT.sub(lambda m: target_label(m.group(0)), text) if "://" in text else text
 
 
 def target_label(url: str) -> str:
