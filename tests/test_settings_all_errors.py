@@ -15,6 +15,7 @@ import pytest
 
 from streams.settings import load_settings, setting_source
 from streams.settings_check import MAX_LISTED_MISTAKES, SettingsError
+from tests.test_settings_tls_and_vendor_urls import _toml, environ  # noqa: F401 - environ: the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,19 +29,9 @@ device = "gpu"
 """
 
 
-@pytest.fixture
-def environ(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """No DEEPWATCH_* variable of the machine running the tests."""
-    for key in [k for k in os.environ if k.upper().startswith("DEEPWATCH_")]:
-        monkeypatch.delenv(key)
-    return monkeypatch
-
-
 def _config(tmp_path: Path, text: str, environ: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "deepwatch.toml"
-    path.write_text(text)
-    environ.setenv("DEEPWATCH_CONFIG", str(path))  # as --config does, undone after the test
-    return path
+    _toml(tmp_path, text, environ)  # as --config does, undone after the test
+    return tmp_path / "deepwatch.toml"
 
 
 def _refusal(*args, **overrides) -> list[str]:
